@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian packages kvfabric needs to build, test and run its benchmarks, where they are
+# missing. As root it runs apt-get; otherwise it prints the exact apt-get line and fails.
+# docs/dependencies.md says why each package is there.
+set -euo pipefail
+
+pkgs=(
+  build-essential cmake pkg-config git
+  clang clang-format
+  libxxhash-dev liblz4-dev libzmq3-dev libjansson-dev libmsgpack-dev libmicrohttpd-dev
+  libopenblas-dev libibverbs-dev librdmacm-dev libcmocka-dev
+  python3 python3-xxhash python3-msgpack
+  redis-server gnuplot-nox iproute2
+)
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+line="apt-get install -y --no-install-recommends ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "kvfabric: missing packages: ${missing[*]}" >&2
+  echo "kvfabric: run as root:  apt-get update && $line" >&2
+  exit 1
+fi
+echo "kvfabric: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,52 @@
+/*
+ * Logging with levels and timestamps. A kvf_log is owned by whoever owns the context it hangs off
+ * (a daemon's main, a client handle); there is no global logger. Lines go to stderr by default:
+ *   2026-11-22T06:03:29.123Z INFO  kvf-store: listening on 127.0.0.1:7400
+ * A NULL kvf_log logs warnings and errors to stderr.
+ */
+#ifndef KVF_CORE_LOG_H
+#define KVF_CORE_LOG_H
+
+#include <stdarg.h>
+
+typedef enum kvf_log_level {
+    KVF_LOG_DEBUG = 0,
+    KVF_LOG_INFO = 1,
+    KVF_LOG_WARN = 2,
+    KVF_LOG_ERROR = 3,
+    KVF_LOG_OFF = 4,
+} kvf_log_level;
+
+/* Receives one formatted line without its newline. */
+typedef void (*kvf_log_sink)(void *ud, kvf_log_level level, const char *line);
+
+typedef struct kvf_log {
+    kvf_log_level level; /* lines below this level are dropped */
+    const char *name;    /* borrowed; the component name printed in each line */
+    kvf_log_sink sink;   /* NULL: stderr */
+    void *ud;
+} kvf_log;
+
+/* Parses "debug", "info", "warn", "error" or "off". Returns 0 or -1. */
+int kvf__log_level_parse(const char *s, kvf_log_level *out);
+const char *kvf__log_level_name(kvf_log_level level);
+
+void kvf__log_write(const kvf_log *lg, kvf_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void kvf__log_vwrite(const kvf_log *lg, kvf_log_level level, const char *fmt, va_list ap);
+
+static inline int kvf__log_enabled(const kvf_log *lg, kvf_log_level level)
+{
+    return level >= (lg ? lg->level : KVF_LOG_WARN);
+}
+
+#define kvf_debug(lg, ...)                                  \
+    do {                                                    \
+        if (kvf__log_enabled(lg, KVF_LOG_DEBUG))            \
+            kvf__log_write(lg, KVF_LOG_DEBUG, __VA_ARGS__); \
+    } while (0)
+#define kvf_info(lg, ...)  kvf__log_write(lg, KVF_LOG_INFO, __VA_ARGS__)
+#define kvf_warn(lg, ...)  kvf__log_write(lg, KVF_LOG_WARN, __VA_ARGS__)
+#define kvf_error(lg, ...) kvf__log_write(lg, KVF_LOG_ERROR, __VA_ARGS__)
+
+#endif

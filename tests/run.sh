@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# kvfabric's test suite, as CI runs it: installs missing dependencies, checks formatting, then
+# builds and runs every test twice, in the release build (build/) and under ASan+UBSan
+# (build/asan), then the libFuzzer targets for a bounded time where clang is present.
+# Exits non-zero on the first failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+jobs=$(nproc 2>/dev/null || echo 2)
+fuzz_seconds=${KVF_FUZZ_SECONDS:-60}
+
+step() { printf '\n==== %s\n' "$*"; }
+
+step "dependencies"
+cluster/deps.sh
+
+step "clang-format check"
+mapfile -t sources < <(git ls-files '*.c' '*.h' 2>/dev/null || find . -name '*.[ch]' -not -path './build/*')
+clang-format --dry-run --Werror "${sources[@]}"
+echo "${#sources[@]} files formatted"
+
+step "release build (build/)"
+cmake --preset default -DKVF_WERROR=ON >/dev/null
+cmake --build build -j "$jobs"
+step "release tests"
+(cd build && ctest --output-on-failure -j "$jobs")
+
+step "ASan + UBSan build (build/asan)"
+cmake --preset asan -DKVF_WERROR=ON >/dev/null
+cmake --build build/asan -j "$jobs"
+step "ASan + UBSan tests"
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+(cd build/asan && ctest --output-on-failure -j "$jobs")
+
+if [ -d tests/fuzz ] && ls tests/fuzz/*.c >/dev/null 2>&1 && command -v clang >/dev/null; then
+  step "fuzzing (${fuzz_seconds}s per target)"
+  cmake --preset fuzz -DKVF_WERROR=ON >/dev/null
+  cmake --build build/fuzz -j "$jobs" --target fuzz_targets
+  for t in build/fuzz/tests/fuzz_*; do
+    [ -x "$t" ] || continue
+    corpus="build/fuzz/corpus/$(basename "$t")"
+    mkdir -p "$corpus"
+    "$t" -max_total_time="$fuzz_seconds" -print_final_stats=1 "$corpus" "$root/tests/fuzz/seeds/$(basename "$t")" 2>&1 | tail -5
+  done
+fi
+
+step "all suites passed"
