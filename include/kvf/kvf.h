@@ -11,6 +11,7 @@
 #include "kvf/export.h"
 #include "kvf/error.h"
 #include "kvf/layout.h"
+#include "kvf/client.h"
 
 #define KVF_VERSION_MAJOR  0
 #define KVF_VERSION_MINOR  1

@@ -1,0 +1,142 @@
+/*
+ * kvf/client.h - the storage client: batched, asynchronous operations against one or many
+ * kvf-store nodes over TCP.
+ *
+ * A client connects to a list of nodes and places each key on one of them by rendezvous hashing
+ * (highest random weight: a node joining or leaving moves only the keys it gains or held). It
+ * opens several connections per node and stripes large batches across them. One I/O thread per
+ * client drives every connection; operations are submitted from any thread and complete through a
+ * callback (run on the I/O thread) or kvf_op_wait().
+ *
+ * Every operation has a deadline. A node that is down, slower than the deadline, or that returns
+ * an object whose checksum does not verify makes the keys it holds fail with a per-key status
+ * (KVF_ECONNREFUSED, KVF_ETIMEDOUT, KVF_ECHECKSUM ...), which a cache treats as a miss; the bytes
+ * of such a key in the caller's buffer are unspecified and must not be used. A failed submission
+ * never runs its callback.
+ */
+#ifndef KVF_CLIENT_H
+#define KVF_CLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/export.h"
+#include "kvf/layout.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvf_client kvf_client;
+typedef struct kvf_op kvf_op;
+
+/* Most nodes one client talks to. */
+#define KVF_CLIENT_MAX_NODES 256
+
+typedef struct kvf_client_opts {
+    const char *const *nodes; /* input: "host:port" of each node; borrowed during open */
+    size_t n_nodes;           /* input: 1..KVF_CLIENT_MAX_NODES */
+    uint64_t ns;              /* input: namespace of every key (kvf_keyspace.seed); nonzero */
+    int conns_per_node;       /* input: connections per node for striping; 0: 4 */
+    int connect_timeout_ms;   /* input: 0: 1000 */
+    int deadline_ms;          /* input: default deadline of an operation; 0: 5000 */
+    uint64_t stripe_bytes;    /* input: smallest stripe worth its own connection; 0: 4 MiB */
+} kvf_client_opts;
+
+/* Opens a client and connects to every node (a node that does not answer is retried later and
+ * fails its keys meanwhile). err gets one line on failure. Caller owns the result; free with
+ * kvf_client_close(). Returns 0, KVF_EINVAL (bad options or address), or KVF_ENOMEM. */
+KVF_API int kvf_client_open(kvf_client **out, const kvf_client_opts *opts, char *err,
+                            size_t errlen);
+/* Fails every operation still in flight with KVF_ECANCELED (running their callbacks), stops the
+ * I/O thread and frees the client. Accepts NULL and clears *c. */
+KVF_API void kvf_client_close(kvf_client **c);
+
+/* The node index a key is placed on. */
+KVF_API size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key);
+KVF_API size_t kvf_client_node_count(const kvf_client *c);
+
+/* Completion callback: runs once on the client's I/O thread when every key of op has a status.
+ * status is 0 when the operation ran (per-key results say what happened to each key), or the
+ * error that ended it as a whole. It must not block; it may call kvf_op_free(). */
+typedef void (*kvf_op_cb)(kvf_op *op, int status, void *ud);
+/* Layer callback of a streamed get: layer l of every key that hit is in its buffer and verified. */
+typedef void (*kvf_layer_cb)(kvf_op *op, uint32_t layer, void *ud);
+
+/* Flags of kvf_client_get_async. */
+#define KVF_GET_STREAM 0x1u /* ask for layer-major streaming and call layer_cb per layer */
+
+/* Arguments of the batched operations. Arrays are borrowed and, with the buffers, must stay valid
+ * and unchanged until the operation completes. */
+typedef struct kvf_batch {
+    size_t n;                /* input: number of keys */
+    const kvf_key *keys;     /* input: n keys */
+    const void *const *objs; /* put input: n objects (kvf object format) */
+    const uint64_t *lens;    /* put input: their lengths */
+    void *const *bufs;       /* get input: n destination buffers */
+    const uint64_t *caps;    /* get input: their capacities */
+    uint64_t *out_lens;      /* get output: bytes written to each buffer (may be NULL) */
+    int *status;             /* output: per-key status (required) */
+    uint32_t flags;          /* get input: KVF_GET_* */
+    int deadline_ms;         /* input: 0 for the client's default */
+    kvf_op_cb cb;            /* input: completion callback, or NULL to use kvf_op_wait() */
+    kvf_layer_cb layer_cb;   /* input: streamed get, per layer (may be NULL) */
+    void *ud;                /* input: passed to the callbacks */
+} kvf_batch;
+
+/* Puts objects. Per-key status: 0 stored, KVF_EEXIST already there (not sent again: the client
+ * first admits the batch and sends only what the node reserved), KVF_ENOSPC node full of pinned
+ * or referenced data, KVF_ECHECKSUM/KVF_EPROTO object rejected, or a transport error. The client
+ * sends the caller's object buffers without copying them. */
+KVF_API int kvf_client_put_async(kvf_client *c, const kvf_batch *b, kvf_op **op);
+/* Gets objects into the caller's buffers and verifies them. Per-key status: 0 (out_lens set),
+ * KVF_ENOENT miss, KVF_E2BIG buffer too small, KVF_ECHECKSUM, KVF_ELAYOUT, or a transport error. */
+KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op);
+
+/* Waits for op to complete and returns its status. */
+KVF_API int kvf_op_wait(kvf_op *op);
+/* Frees a completed op. Accepts NULL and clears *op. Freeing an op still in flight is an error
+ * that is refused (the op stays valid) with KVF_EBUSY. */
+KVF_API int kvf_op_free(kvf_op **op);
+
+/* Synchronous forms: submit, wait, free. Return the operation's status; per-key results in
+ * b->status. */
+KVF_API int kvf_client_put(kvf_client *c, const kvf_batch *b);
+KVF_API int kvf_client_get(kvf_client *c, const kvf_batch *b);
+
+/* Which of n keys exist, one round trip per node. present[i] gets 1 or 0 (0 also when the node is
+ * unreachable). */
+KVF_API int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
+                              int deadline_ms);
+/* The number of leading keys of a prefix chain that are stored (on whichever node each lives). */
+KVF_API int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
+                                     int deadline_ms);
+/* Evict, pin (with a lease) and unpin: per-key status as the nodes answer. */
+KVF_API int kvf_client_evict(kvf_client *c, size_t n, const kvf_key *keys, int *status,
+                             int deadline_ms);
+KVF_API int kvf_client_pin(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms,
+                           int *status, int deadline_ms);
+KVF_API int kvf_client_unpin(kvf_client *c, size_t n, const kvf_key *keys, int *status,
+                             int deadline_ms);
+/* Recompresses stored objects with a codec ("none", "lz4", "shuffle-lz4") on their nodes. */
+KVF_API int kvf_client_compress(kvf_client *c, size_t n, const kvf_key *keys, const char *codec,
+                                int *status, int deadline_ms);
+/* Clears the client's namespace on every node; *removed (may be NULL) gets the total. */
+KVF_API int kvf_client_clear(kvf_client *c, uint64_t *removed, int deadline_ms);
+/* Asks node node_idx to push the given keys to the node at addr ("host:port"); per-key status. */
+KVF_API int kvf_client_copy(kvf_client *c, size_t node_idx, const char *addr, size_t n,
+                            const kvf_key *keys, int *status, int deadline_ms);
+/* A node's statistics as a JSON object text. Caller owns *json; free with free(). */
+KVF_API int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int deadline_ms);
+
+/* Transfer counters of the client since it opened. */
+typedef struct kvf_client_counters {
+    uint64_t bytes_sent, bytes_received;
+    uint64_t requests, failed_keys, reconnects;
+} kvf_client_counters;
+KVF_API void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

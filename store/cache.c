@@ -1,0 +1,840 @@
+/*
+ * The cache: an open-addressing index (linear probing with backward-shift deletion, Knuth TAOCP
+ * vol. 3, 6.4, algorithm R) over a preallocated entry array, the TLSF arena, and eviction policies
+ * behind an ops table:
+ *   lru     one recency list; hits move an entry to the head, victims come from the tail.
+ *   s3fifo  "FIFO queues are all you need for cache eviction", J. Yang et al., SOSP 2023: a small
+ *           FIFO (10% of the bytes) that filters one-hit wonders, a main FIFO with lazy promotion
+ *           (a 2-bit frequency, reinsertion instead of moves on hit), and a ghost of recently
+ *           evicted keys whose return goes straight to the main queue.
+ * Nothing here allocates after kvf__cache_open().
+ */
+#include "cache.h"
+
+#include "kvf/error.h"
+
+#include "arena.h"
+
+#include <assert.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+enum { ST_FREE = 0, ST_RESERVED, ST_READY, ST_GONE };
+enum { Q_NONE = 0, Q_MAIN, Q_SMALL };
+
+#define NONE KVF_CACHE_NONE
+
+typedef struct entry {
+    kvf_key key;
+    uint64_t ns;
+    uint64_t off; /* arena offset of the data */
+    uint64_t len;
+    uint64_t owner;       /* reservations: the connection that made it */
+    uint64_t deadline_ns; /* reserved: expiry; ready: end of the pin lease */
+    uint32_t refs;        /* readers (ready) or the writer's hold (reserved) */
+    uint32_t pins;
+    uint32_t prev, next; /* policy queue links; next also links the free list */
+    uint8_t state;
+    uint8_t queue;
+    uint8_t freq;
+    uint8_t pad;
+} entry;
+
+typedef struct queue {
+    uint32_t head, tail;
+    uint64_t count, bytes;
+} queue;
+
+typedef struct evict_ops evict_ops;
+
+struct kvf_cache {
+    pthread_mutex_t mu;
+    pthread_t holder;
+    int held;
+    const evict_ops *policy;
+    const kvf_clock *clock;
+    uint64_t reserve_ns;
+    uint8_t *mem;
+    uint64_t mem_size;
+    kvf_arena *arena;
+    entry *e;
+    uint32_t n_entries;
+    uint32_t free_head;
+    uint32_t *table; /* eid + 1, 0 = empty */
+    uint64_t mask;
+    queue q_main, q_small;
+    uint64_t *ghost;
+    uint64_t ghost_mask;
+    uint32_t sweep;
+    kvf_cache_stats st;
+};
+
+struct evict_ops {
+    const char *name;
+    void (*insert)(kvf_cache *c, uint32_t i);
+    void (*touch)(kvf_cache *c, uint32_t i);
+    void (*unlink)(kvf_cache *c, uint32_t i);
+    int (*victim)(kvf_cache *c, uint32_t *out);
+};
+
+static void assert_locked(const kvf_cache *c)
+{
+    assert(c->held && pthread_equal(c->holder, pthread_self()));
+    (void)c;
+}
+
+static uint64_t now(const kvf_cache *c)
+{
+    return kvf__clock_now(c->clock);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Queues (doubly linked through entry indices) */
+
+static void q_push_head(kvf_cache *c, queue *q, uint32_t i, uint8_t which)
+{
+    entry *x = &c->e[i];
+    x->prev = NONE;
+    x->next = q->head;
+    if (q->head != NONE)
+        c->e[q->head].prev = i;
+    q->head = i;
+    if (q->tail == NONE)
+        q->tail = i;
+    q->count++;
+    q->bytes += x->len;
+    x->queue = which;
+}
+
+static void q_remove(kvf_cache *c, queue *q, uint32_t i)
+{
+    entry *x = &c->e[i];
+    if (x->prev != NONE)
+        c->e[x->prev].next = x->next;
+    else
+        q->head = x->next;
+    if (x->next != NONE)
+        c->e[x->next].prev = x->prev;
+    else
+        q->tail = x->prev;
+    x->prev = x->next = NONE;
+    q->count--;
+    q->bytes -= x->len;
+    x->queue = Q_NONE;
+}
+
+static queue *q_of(kvf_cache *c, const entry *x)
+{
+    return x->queue == Q_SMALL ? &c->q_small : &c->q_main;
+}
+
+static int evictable(const kvf_cache *c, const entry *x, uint64_t t)
+{
+    return x->state == ST_READY && x->refs == 0 && !(x->pins && x->deadline_ns > t);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* LRU */
+
+static void lru_insert(kvf_cache *c, uint32_t i)
+{
+    q_push_head(c, &c->q_main, i, Q_MAIN);
+}
+
+static void lru_touch(kvf_cache *c, uint32_t i)
+{
+    q_remove(c, &c->q_main, i);
+    q_push_head(c, &c->q_main, i, Q_MAIN);
+}
+
+static void lru_unlink(kvf_cache *c, uint32_t i)
+{
+    q_remove(c, &c->q_main, i);
+}
+
+static int lru_victim(kvf_cache *c, uint32_t *out)
+{
+    uint64_t t = now(c);
+    /* Entries that cannot go now (pinned, being read) rotate to the head, so a pinned tail does
+     * not make every allocation rescan it; one full pass bounds the work. */
+    for (uint64_t n = c->q_main.count; n > 0; n--) {
+        uint32_t i = c->q_main.tail;
+        if (evictable(c, &c->e[i], t)) {
+            *out = i;
+            return 0;
+        }
+        lru_touch(c, i);
+    }
+    return KVF_ENOSPC;
+}
+
+static const evict_ops lru_ops = {
+    .name = "lru",
+    .insert = lru_insert,
+    .touch = lru_touch,
+    .unlink = lru_unlink,
+    .victim = lru_victim,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* S3-FIFO */
+
+static uint64_t ghost_fp(const entry *x)
+{
+    uint64_t h = x->key.lo ^ (x->ns * 0x9E3779B97F4A7C15ull);
+    return h ? h : 1;
+}
+
+static void s3_insert(kvf_cache *c, uint32_t i)
+{
+    entry *x = &c->e[i];
+    uint64_t fp = ghost_fp(x);
+    x->freq = 0;
+    if (c->ghost[fp & c->ghost_mask] == fp) {
+        c->ghost[fp & c->ghost_mask] = 0;
+        q_push_head(c, &c->q_main, i, Q_MAIN);
+    } else {
+        q_push_head(c, &c->q_small, i, Q_SMALL);
+    }
+}
+
+static void s3_touch(kvf_cache *c, uint32_t i)
+{
+    entry *x = &c->e[i];
+    if (x->freq < 3)
+        x->freq++;
+}
+
+static void s3_unlink(kvf_cache *c, uint32_t i)
+{
+    q_remove(c, q_of(c, &c->e[i]), i);
+}
+
+static int s3_victim(kvf_cache *c, uint32_t *out)
+{
+    uint64_t t = now(c);
+    uint64_t small_target = c->mem_size / 10;
+    /* Each entry is looked at most 5 times (one pass through the small queue, up to 3 frequency
+     * decrements and one final look in the main queue) before the scan gives up. */
+    uint64_t budget = 5 * (c->q_small.count + c->q_main.count) + 1;
+    while (budget--) {
+        int from_small =
+            c->q_small.count && (c->q_small.bytes >= small_target || c->q_main.count == 0);
+        queue *q = from_small ? &c->q_small : &c->q_main;
+        if (q->tail == NONE)
+            return KVF_ENOSPC;
+        uint32_t i = q->tail;
+        entry *x = &c->e[i];
+        if (!evictable(c, x, t)) {
+            q_remove(c, q, i);
+            q_push_head(c, q, i, from_small ? Q_SMALL : Q_MAIN);
+            continue;
+        }
+        if (from_small) {
+            if (x->freq >= 1) {
+                q_remove(c, q, i);
+                x->freq = 0;
+                q_push_head(c, &c->q_main, i, Q_MAIN);
+                continue;
+            }
+            uint64_t fp = ghost_fp(x);
+            c->ghost[fp & c->ghost_mask] = fp;
+            *out = i;
+            return 0;
+        }
+        if (x->freq > 0) {
+            x->freq--;
+            q_remove(c, q, i);
+            q_push_head(c, q, i, Q_MAIN);
+            continue;
+        }
+        *out = i;
+        return 0;
+    }
+    return KVF_ENOSPC;
+}
+
+static const evict_ops s3fifo_ops = {
+    .name = "s3fifo",
+    .insert = s3_insert,
+    .touch = s3_touch,
+    .unlink = s3_unlink,
+    .victim = s3_victim,
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Index */
+
+static uint64_t hash_of(uint64_t ns, const kvf_key *k)
+{
+    uint64_t h = k->lo ^ (k->hi * 0xC2B2AE3D27D4EB4Full) ^ (ns * 0x9E3779B97F4A7C15ull);
+    h ^= h >> 31;
+    h *= 0xD6E8FEB86659FD93ull;
+    h ^= h >> 32;
+    return h;
+}
+
+/* Returns the slot holding (ns, key), or the empty slot where it would go (*found 0). */
+static uint64_t slot_find(const kvf_cache *c, uint64_t ns, const kvf_key *k, int *found)
+{
+    uint64_t s = hash_of(ns, k) & c->mask;
+    for (;;) {
+        uint32_t v = c->table[s];
+        if (v == 0) {
+            *found = 0;
+            return s;
+        }
+        const entry *x = &c->e[v - 1];
+        if (x->ns == ns && kvf_key_eq(&x->key, k)) {
+            *found = 1;
+            return s;
+        }
+        s = (s + 1) & c->mask;
+    }
+}
+
+static void slot_delete(kvf_cache *c, uint64_t i)
+{
+    uint64_t j = i;
+    for (;;) {
+        j = (j + 1) & c->mask;
+        uint32_t v = c->table[j];
+        if (v == 0)
+            break;
+        const entry *x = &c->e[v - 1];
+        uint64_t home = hash_of(x->ns, &x->key) & c->mask;
+        /* Move v back into the hole unless its home lies cyclically in (i, j]. */
+        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            c->table[i] = v;
+            i = j;
+        }
+    }
+    c->table[i] = 0;
+}
+
+static uint32_t lookup(const kvf_cache *c, uint64_t ns, const kvf_key *k)
+{
+    int found;
+    uint64_t s = slot_find(c, ns, k, &found);
+    return found ? c->table[s] - 1 : NONE;
+}
+
+static void index_remove(kvf_cache *c, uint32_t i)
+{
+    int found;
+    uint64_t s = slot_find(c, c->e[i].ns, &c->e[i].key, &found);
+    assert(found && c->table[s] == i + 1);
+    slot_delete(c, s);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Entries */
+
+static void entry_free(kvf_cache *c, uint32_t i)
+{
+    entry *x = &c->e[i];
+    kvf__arena_free(c->arena, x->off);
+    memset(x, 0, sizeof *x);
+    x->state = ST_FREE;
+    x->prev = NONE;
+    x->next = c->free_head;
+    c->free_head = i;
+    c->st.entries--;
+}
+
+/* Unlinks a ready entry from the index and its queue; frees it now, or marks it gone for its last
+ * reader to free. */
+static void entry_remove(kvf_cache *c, uint32_t i)
+{
+    entry *x = &c->e[i];
+    assert(x->state == ST_READY);
+    c->policy->unlink(c, i);
+    index_remove(c, i);
+    c->st.ready_bytes -= x->len;
+    if (x->pins)
+        c->st.pinned--;
+    x->pins = 0;
+    if (x->refs) {
+        x->state = ST_GONE;
+        return;
+    }
+    entry_free(c, i);
+}
+
+static int evict_one(kvf_cache *c)
+{
+    uint32_t v;
+    if (c->policy->victim(c, &v) != 0)
+        return KVF_ENOSPC;
+    entry_remove(c, v);
+    c->st.evictions++;
+    return 0;
+}
+
+/* Allocates len bytes, evicting until it fits or nothing more can go. */
+static int alloc_evicting(kvf_cache *c, uint64_t len, uint64_t *off)
+{
+    for (;;) {
+        if (kvf__arena_alloc(c->arena, len, off) == 0)
+            return 0;
+        if (evict_one(c) != 0)
+            return KVF_ENOSPC;
+    }
+}
+
+int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
+                              uint64_t owner, int hold, uint32_t *eid, uint8_t **dst)
+{
+    assert_locked(c);
+    if (len == 0 || len > c->mem_size / 2)
+        return KVF_E2BIG;
+    int found;
+    uint64_t s = slot_find(c, ns, key, &found);
+    if (found) {
+        c->st.duplicates++;
+        return KVF_EEXIST;
+    }
+    if (c->free_head == NONE && evict_one(c) != 0) {
+        c->st.rejected_full++;
+        return KVF_ENOSPC;
+    }
+    uint64_t off;
+    if (alloc_evicting(c, len, &off) != 0) {
+        c->st.rejected_full++;
+        return KVF_ENOSPC;
+    }
+    /* Eviction may have moved index slots: find the insertion slot again. */
+    s = slot_find(c, ns, key, &found);
+    uint32_t i = c->free_head;
+    entry *x = &c->e[i];
+    c->free_head = x->next;
+    memset(x, 0, sizeof *x);
+    x->key = *key;
+    x->ns = ns;
+    x->off = off;
+    x->len = len;
+    x->owner = owner;
+    x->state = ST_RESERVED;
+    x->refs = hold ? 1 : 0;
+    x->prev = x->next = NONE;
+    x->deadline_ns = now(c) + c->reserve_ns;
+    c->table[s] = i + 1;
+    c->st.entries++;
+    c->st.reserved++;
+    *eid = i;
+    *dst = c->mem + off;
+    return 0;
+}
+
+int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
+                            uint64_t owner, uint32_t *eid, uint8_t **dst)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE)
+        return KVF_ENOENT;
+    entry *x = &c->e[i];
+    if (x->state != ST_RESERVED || x->owner != owner || x->refs)
+        return KVF_ENOENT;
+    if (x->len != len)
+        return KVF_EINVAL;
+    x->refs = 1;
+    *eid = i;
+    *dst = c->mem + x->off;
+    return 0;
+}
+
+int kvf__cache_commit_locked(kvf_cache *c, uint32_t i, uint64_t owner)
+{
+    assert_locked(c);
+    entry *x = &c->e[i];
+    if (i >= c->n_entries || x->state != ST_RESERVED || x->owner != owner)
+        return KVF_ENOENT;
+    x->state = ST_READY;
+    x->refs = 0;
+    x->deadline_ns = 0;
+    x->owner = 0;
+    c->st.reserved--;
+    c->st.ready_bytes += x->len;
+    c->st.puts++;
+    c->policy->insert(c, i);
+    return 0;
+}
+
+static void abort_entry(kvf_cache *c, uint32_t i)
+{
+    index_remove(c, i);
+    c->st.reserved--;
+    entry_free(c, i);
+}
+
+void kvf__cache_abort_locked(kvf_cache *c, uint32_t i, uint64_t owner)
+{
+    assert_locked(c);
+    if (i >= c->n_entries || c->e[i].state != ST_RESERVED || c->e[i].owner != owner)
+        return;
+    abort_entry(c, i);
+}
+
+void kvf__cache_abort_owner_locked(kvf_cache *c, uint64_t owner)
+{
+    assert_locked(c);
+    if (!c->st.reserved)
+        return;
+    for (uint32_t i = 0; i < c->n_entries; i++) {
+        entry *x = &c->e[i];
+        if (x->state == ST_RESERVED && x->owner == owner && x->refs == 0)
+            abort_entry(c, i);
+    }
+}
+
+int kvf__cache_acquire_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t *eid,
+                              const uint8_t **data, uint64_t *len)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE || c->e[i].state != ST_READY) {
+        c->st.misses++;
+        return KVF_ENOENT;
+    }
+    entry *x = &c->e[i];
+    if (x->refs++ == 0)
+        c->st.referenced++;
+    c->policy->touch(c, i);
+    c->st.hits++;
+    *eid = i;
+    *data = c->mem + x->off;
+    *len = x->len;
+    return 0;
+}
+
+void kvf__cache_release_locked(kvf_cache *c, uint32_t i)
+{
+    assert_locked(c);
+    entry *x = &c->e[i];
+    assert(x->refs > 0 && (x->state == ST_READY || x->state == ST_GONE));
+    if (--x->refs)
+        return;
+    c->st.referenced--;
+    if (x->state == ST_GONE)
+        entry_free(c, i);
+}
+
+int kvf__cache_contains_locked(kvf_cache *c, uint64_t ns, const kvf_key *key)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    return i != NONE && c->e[i].state == ST_READY;
+}
+
+int kvf__cache_remove_locked(kvf_cache *c, uint64_t ns, const kvf_key *key)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE || c->e[i].state != ST_READY)
+        return KVF_ENOENT;
+    entry *x = &c->e[i];
+    if (x->pins && x->deadline_ns > now(c))
+        return KVF_EBUSY;
+    entry_remove(c, i);
+    c->st.removed++;
+    return 0;
+}
+
+int kvf__cache_pin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t lease_ms)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE || c->e[i].state != ST_READY)
+        return KVF_ENOENT;
+    entry *x = &c->e[i];
+    uint64_t t = now(c);
+    if (!x->pins)
+        c->st.pinned++;
+    else if (x->deadline_ns <= t)
+        x->pins = 0; /* an expired lease's pins do not count any more */
+    x->pins++;
+    uint64_t until = t + (uint64_t)lease_ms * 1000000u;
+    if (until > x->deadline_ns)
+        x->deadline_ns = until;
+    return 0;
+}
+
+int kvf__cache_unpin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE || c->e[i].state != ST_READY)
+        return KVF_ENOENT;
+    entry *x = &c->e[i];
+    if (!x->pins)
+        return KVF_EINVAL;
+    if (x->deadline_ns <= now(c)) {
+        x->pins = 0;
+        x->deadline_ns = 0;
+        c->st.pinned--;
+        c->st.expired_pins++;
+        return KVF_EINVAL;
+    }
+    if (--x->pins == 0) {
+        x->deadline_ns = 0;
+        c->st.pinned--;
+    }
+    return 0;
+}
+
+uint64_t kvf__cache_clear_locked(kvf_cache *c, uint64_t ns, int all)
+{
+    assert_locked(c);
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < c->n_entries; i++) {
+        entry *x = &c->e[i];
+        if (x->state == ST_READY && (all || x->ns == ns)) {
+            entry_remove(c, i);
+            n++;
+        }
+    }
+    c->st.cleared += n;
+    return n;
+}
+
+int kvf__cache_swap_begin_locked(kvf_cache *c, uint32_t i, uint64_t len, uint64_t *newoff,
+                                 uint8_t **dst)
+{
+    assert_locked(c);
+    entry *x = &c->e[i];
+    if (x->state != ST_READY || x->refs == 0)
+        return KVF_EINVAL;
+    if (len == 0 || len > c->mem_size / 2)
+        return KVF_E2BIG;
+    if (alloc_evicting(c, len, newoff) != 0)
+        return KVF_ENOSPC;
+    *dst = c->mem + *newoff;
+    return 0;
+}
+
+int kvf__cache_swap_locked(kvf_cache *c, uint32_t i, uint64_t newoff, uint64_t len)
+{
+    assert_locked(c);
+    entry *x = &c->e[i];
+    if (x->state != ST_READY || x->refs != 1) {
+        kvf__arena_free(c->arena, newoff);
+        return KVF_EBUSY;
+    }
+    kvf__arena_free(c->arena, x->off);
+    queue *q = x->queue == Q_NONE ? NULL : q_of(c, x);
+    if (q)
+        q->bytes = q->bytes - x->len + len;
+    c->st.ready_bytes = c->st.ready_bytes - x->len + len;
+    x->off = newoff;
+    x->len = len;
+    return 0;
+}
+
+void kvf__cache_swap_abort_locked(kvf_cache *c, uint64_t newoff)
+{
+    assert_locked(c);
+    kvf__arena_free(c->arena, newoff);
+}
+
+void kvf__cache_tick_locked(kvf_cache *c, uint32_t max_steps)
+{
+    assert_locked(c);
+    uint64_t t = now(c);
+    for (uint32_t s = 0; s < max_steps && s < c->n_entries; s++) {
+        uint32_t i = c->sweep;
+        c->sweep = (c->sweep + 1) % c->n_entries;
+        entry *x = &c->e[i];
+        if (x->state == ST_READY && x->pins && x->deadline_ns <= t) {
+            x->pins = 0;
+            x->deadline_ns = 0;
+            c->st.pinned--;
+            c->st.expired_pins++;
+        } else if (x->state == ST_RESERVED && x->refs == 0 && x->deadline_ns <= t) {
+            abort_entry(c, i);
+            c->st.expired_reservations++;
+        }
+    }
+}
+
+void kvf__cache_stats_locked(kvf_cache *c, kvf_cache_stats *st)
+{
+    assert_locked(c);
+    kvf_arena_stats as;
+    kvf__arena_stats_get(c->arena, &as);
+    *st = c->st;
+    st->memory = as.size;
+    st->used = as.used;
+    st->free = as.free;
+    st->free_blocks = as.free_blocks;
+    st->max_entries = c->n_entries;
+    st->policy = c->policy->name;
+}
+
+int kvf__cache_check_locked(kvf_cache *c)
+{
+    assert_locked(c);
+    if (kvf__arena_check(c->arena) != 0)
+        return -1;
+    uint64_t live = 0, ready_bytes = 0, reserved = 0, in_q = 0, indexed = 0;
+    for (uint32_t i = 0; i < c->n_entries; i++) {
+        entry *x = &c->e[i];
+        if (x->state == ST_FREE)
+            continue;
+        live++;
+        if (x->state == ST_READY) {
+            ready_bytes += x->len;
+            if (x->queue == Q_NONE)
+                return -1;
+            in_q++;
+        }
+        if (x->state == ST_RESERVED)
+            reserved++;
+        if (x->state != ST_GONE) {
+            if (lookup(c, x->ns, &x->key) != i)
+                return -1;
+            indexed++;
+        }
+    }
+    uint64_t slots = 0;
+    for (uint64_t s = 0; s <= c->mask; s++)
+        slots += c->table[s] != 0;
+    if (slots != indexed || live != c->st.entries || ready_bytes != c->st.ready_bytes ||
+        reserved != c->st.reserved || in_q != c->q_main.count + c->q_small.count)
+        return -1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+void kvf__cache_lock(kvf_cache *c)
+{
+    pthread_mutex_lock(&c->mu);
+    c->holder = pthread_self();
+    c->held = 1;
+}
+
+void kvf__cache_unlock(kvf_cache *c)
+{
+    c->held = 0;
+    pthread_mutex_unlock(&c->mu);
+}
+
+uint8_t *kvf__cache_base(kvf_cache *c)
+{
+    return c->mem;
+}
+
+int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    const evict_ops *policy = &lru_ops;
+    if (o->evict && strcmp(o->evict, "s3fifo") == 0)
+        policy = &s3fifo_ops;
+    else if (o->evict && strcmp(o->evict, "lru") != 0) {
+        snprintf(err, errlen, "unknown eviction policy \"%s\" (lru or s3fifo)", o->evict);
+        return KVF_EINVAL;
+    }
+    if (o->memory < (1u << 20)) {
+        snprintf(err, errlen, "memory: %llu bytes is below the minimum of 1 MiB",
+                 (unsigned long long)o->memory);
+        return KVF_EINVAL;
+    }
+    uint64_t n = o->max_entries ? o->max_entries : o->memory / (16u << 10);
+    if (n < 1024)
+        n = 1024;
+    if (n > (1u << 26)) {
+        snprintf(err, errlen, "max entries: %llu is above the limit of %u", (unsigned long long)n,
+                 1u << 26);
+        return KVF_EINVAL;
+    }
+    kvf_cache *c = calloc(1, sizeof *c);
+    if (!c) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    int rc = KVF_ENOMEM;
+    c->policy = policy;
+    c->clock = o->clock;
+    c->reserve_ns = (uint64_t)(o->reserve_ms ? o->reserve_ms : 30000) * 1000000u;
+    c->mem_size = o->memory & ~(uint64_t)(KVF_ARENA_ALIGN - 1);
+    c->n_entries = (uint32_t)n;
+    c->q_main.head = c->q_main.tail = c->q_small.head = c->q_small.tail = NONE;
+    pthread_mutex_init(&c->mu, NULL);
+
+    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+#ifdef MAP_POPULATE
+    if (o->prefault)
+        flags |= MAP_POPULATE;
+#endif
+    void *mem = mmap(NULL, c->mem_size, PROT_READ | PROT_WRITE, flags, -1, 0);
+    if (mem == MAP_FAILED) {
+        snprintf(err, errlen, "cannot map an arena of %llu bytes", (unsigned long long)c->mem_size);
+        goto out_free;
+    }
+    c->mem = mem;
+    if (o->lock_memory && mlock(mem, c->mem_size) != 0) {
+        snprintf(err, errlen, "mlock of %llu bytes failed (raise the memlock limit)",
+                 (unsigned long long)c->mem_size);
+        rc = KVF_EACCES;
+        goto out_unmap;
+    }
+    if (kvf__arena_new(&c->arena, mem, c->mem_size) != 0) {
+        snprintf(err, errlen, "arena setup failed");
+        rc = KVF_EINVAL;
+        goto out_unmap;
+    }
+    c->e = calloc(n, sizeof *c->e);
+    uint64_t tcap = 1;
+    while (tcap < 2 * n)
+        tcap <<= 1;
+    c->table = calloc(tcap, sizeof *c->table);
+    c->mask = tcap - 1;
+    uint64_t gcap = 1;
+    while (gcap < n)
+        gcap <<= 1;
+    c->ghost = calloc(gcap, sizeof *c->ghost);
+    c->ghost_mask = gcap - 1;
+    if (!c->e || !c->table || !c->ghost) {
+        snprintf(err, errlen, "out of memory for %llu entries", (unsigned long long)n);
+        goto out_tables;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        c->e[i].next = i + 1 < n ? i + 1 : NONE;
+        c->e[i].prev = NONE;
+    }
+    c->free_head = 0;
+    *out = c;
+    return 0;
+
+out_tables:
+    free(c->e);
+    free(c->table);
+    free(c->ghost);
+    kvf__arena_destroy(&c->arena);
+out_unmap:
+    munmap(mem, c->mem_size);
+out_free:
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+    return rc;
+}
+
+void kvf__cache_close(kvf_cache **cp)
+{
+    if (!cp || !*cp)
+        return;
+    kvf_cache *c = *cp;
+    free(c->e);
+    free(c->table);
+    free(c->ghost);
+    kvf__arena_destroy(&c->arena);
+    munmap(c->mem, c->mem_size);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+    *cp = NULL;
+}

@@ -1,0 +1,114 @@
+/*
+ * The storage node's cache: the arena, the index of (namespace, key) -> entry, entry states,
+ * read references, pins with leases, and eviction. docs/store.md gives the design and its reasons.
+ *
+ * Entry states: reserved (being written, invisible) -> ready (visible) -> gone (unlinked; its
+ * block is freed when the last reference drops). Eviction takes only ready entries that have no
+ * reference and no pin whose lease is still running; reserved entries are never in an eviction
+ * queue.
+ *
+ * Locking: one mutex guards everything here. Functions named *_locked must be called with it held
+ * (kvf__cache_lock); they assert it. Data is copied into or out of entries outside the lock: a
+ * reservation (held by its writer) or a reference keeps the block in place meanwhile. Lock order:
+ * the cache lock is taken last, after any lock of a connection or event loop.
+ */
+#ifndef KVF_STORE_CACHE_H
+#define KVF_STORE_CACHE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/layout.h"
+
+#include "clock.h"
+
+typedef struct kvf_cache kvf_cache;
+
+#define KVF_CACHE_NONE UINT32_MAX
+
+typedef struct kvf_cache_opts {
+    uint64_t memory;        /* arena bytes */
+    uint32_t max_entries;   /* 0: memory / 16 KiB, at least 1024 */
+    const char *evict;      /* "lru" (default) or "s3fifo" */
+    const kvf_clock *clock; /* NULL: the monotonic clock */
+    uint32_t reserve_ms;    /* how long an admitted, unwritten reservation lives; 0: 30 s */
+    int prefault;           /* touch every arena page at start, so RSS is taken up front */
+    int lock_memory;        /* mlock the arena (RDMA registration wants it) */
+} kvf_cache_opts;
+
+typedef struct kvf_cache_stats {
+    uint64_t memory, used, free, free_blocks;
+    uint64_t entries, ready_bytes, reserved, pinned, referenced;
+    uint64_t max_entries;
+    uint64_t hits, misses, puts, duplicates, evictions, removed, rejected_full;
+    uint64_t expired_pins, expired_reservations, cleared;
+    const char *policy;
+} kvf_cache_stats;
+
+/* Caller owns the result; free with kvf__cache_close(). err gets one line on failure. */
+int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *opts, char *err, size_t errlen);
+void kvf__cache_close(kvf_cache **c);
+
+void kvf__cache_lock(kvf_cache *c);
+void kvf__cache_unlock(kvf_cache *c);
+
+/* The arena's base address: entry data lives at base + offset. */
+uint8_t *kvf__cache_base(kvf_cache *c);
+
+/* Reserves len bytes for (ns, key) on behalf of owner, evicting as needed. The reservation is
+ * invisible to readers until committed. With hold, the caller also holds it (it is being written
+ * now and cannot expire) and must drop that hold with kvf__cache_commit_locked or
+ * kvf__cache_abort_locked. Returns 0 with *eid and *dst, KVF_EEXIST when the key is ready or
+ * reserved already, KVF_E2BIG when len exceeds the arena, KVF_ENOSPC when nothing evictable
+ * makes room. */
+int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
+                              uint64_t owner, int hold, uint32_t *eid, uint8_t **dst);
+/* Finds owner's un-held reservation of (ns, key) and holds it for writing. Returns 0, KVF_ENOENT
+ * (none: expired, aborted, or another owner's), or KVF_EINVAL when len differs. */
+int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
+                            uint64_t owner, uint32_t *eid, uint8_t **dst);
+/* Makes a held reservation visible. Returns 0, or KVF_ENOENT when it is no longer owner's. */
+int kvf__cache_commit_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
+/* Drops a reservation (held or not) of owner's and frees its block. */
+void kvf__cache_abort_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
+/* Drops every reservation of owner's that is not held (a connection that went away). */
+void kvf__cache_abort_owner_locked(kvf_cache *c, uint64_t owner);
+
+/* Takes a read reference on a ready entry and counts a hit (or a miss). Returns 0 with data and
+ * length, or KVF_ENOENT. The block stays in place until kvf__cache_release_locked. */
+int kvf__cache_acquire_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t *eid,
+                              const uint8_t **data, uint64_t *len);
+void kvf__cache_release_locked(kvf_cache *c, uint32_t eid);
+
+/* Whether (ns, key) is ready; counts nothing. */
+int kvf__cache_contains_locked(kvf_cache *c, uint64_t ns, const kvf_key *key);
+/* Removes a ready entry: 0, KVF_ENOENT, or KVF_EBUSY while a pin's lease runs. A referenced entry
+ * is unlinked now and freed when its last reader is done. */
+int kvf__cache_remove_locked(kvf_cache *c, uint64_t ns, const kvf_key *key);
+/* Adds a pin and extends the lease to at least now + lease_ms. 0 or KVF_ENOENT. */
+int kvf__cache_pin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t lease_ms);
+/* Drops one pin. 0, KVF_ENOENT, or KVF_EINVAL when the entry holds no pin. */
+int kvf__cache_unpin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key);
+/* Removes every ready entry of ns (of every namespace with all), pinned ones too. Reservations
+ * are left to complete. Returns the number removed. */
+uint64_t kvf__cache_clear_locked(kvf_cache *c, uint64_t ns, int all);
+
+/* Replaces the data of a ready entry that the caller holds the only reference to: reserves a new
+ * block of len bytes (evicting others as needed). The caller copies into *dst outside the lock and
+ * then calls kvf__cache_swap_locked, or kvf__cache_swap_abort_locked. */
+int kvf__cache_swap_begin_locked(kvf_cache *c, uint32_t eid, uint64_t len, uint64_t *newoff,
+                                 uint8_t **dst);
+/* Points the entry at the new block and frees the old one. KVF_EBUSY (new block freed) when the
+ * entry was removed or gained readers meanwhile. */
+int kvf__cache_swap_locked(kvf_cache *c, uint32_t eid, uint64_t newoff, uint64_t len);
+void kvf__cache_swap_abort_locked(kvf_cache *c, uint64_t newoff);
+
+/* Background maintenance in bounded steps: expires pins whose lease ended and reservations nobody
+ * wrote in time, looking at no more than max_steps entries per call. */
+void kvf__cache_tick_locked(kvf_cache *c, uint32_t max_steps);
+
+void kvf__cache_stats_locked(kvf_cache *c, kvf_cache_stats *st);
+/* Full consistency check (index, lists, arena). For tests; O(entries). Returns 0 or -1. */
+int kvf__cache_check_locked(kvf_cache *c);
+
+#endif

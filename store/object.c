@@ -1,0 +1,320 @@
+/*
+ * Object encoding, verification and the codecs. LZ4 is liblz4's block format; byte shuffling
+ * (grouping byte i of every 16-bit element, as HDF5's and Blosc's shuffle filters do) is ours.
+ */
+#include "object.h"
+
+#include "kvf/error.h"
+
+#include "bytes.h"
+
+#include <lz4.h>
+#include <string.h>
+#include <xxhash.h>
+
+static const char *const codec_names[] = {
+#define XX(e, num, name) [num] = name,
+    KVF_CODEC_MAP(XX)
+#undef XX
+};
+
+const char *kvf__codec_name(uint32_t codec)
+{
+    return codec < KVF_CODEC_COUNT_ ? codec_names[codec] : NULL;
+}
+
+int kvf__codec_parse(const char *name, kvf_codec *out)
+{
+    for (uint32_t i = 0; i < KVF_CODEC_COUNT_; i++) {
+        if (strcmp(name, codec_names[i]) == 0) {
+            *out = (kvf_codec)i;
+            return 0;
+        }
+    }
+    return KVF_EINVAL;
+}
+
+size_t kvf__codec_bound(size_t n)
+{
+    return n > (size_t)LZ4_MAX_INPUT_SIZE ? 0 : (size_t)LZ4_compressBound((int)n);
+}
+
+static void shuffle2(const uint8_t *src, uint8_t *dst, size_t n)
+{
+    size_t half = n / 2;
+    for (size_t i = 0; i < half; i++) {
+        dst[i] = src[2 * i];
+        dst[half + i] = src[2 * i + 1];
+    }
+}
+
+static void unshuffle2(const uint8_t *src, uint8_t *dst, size_t n)
+{
+    size_t half = n / 2;
+    for (size_t i = 0; i < half; i++) {
+        dst[2 * i] = src[i];
+        dst[2 * i + 1] = src[half + i];
+    }
+}
+
+int kvf__codec_compress(kvf_codec c, const void *src, size_t n, void *dst, size_t cap, size_t *out,
+                        void *scratch)
+{
+    if (n > (size_t)LZ4_MAX_INPUT_SIZE || cap > (size_t)INT32_MAX)
+        return KVF_E2BIG;
+    const char *in = src;
+    switch (c) {
+    case KVF_CODEC_NONE:
+        if (cap < n)
+            return KVF_E2BIG;
+        memcpy(dst, src, n);
+        *out = n;
+        return 0;
+    case KVF_CODEC_SHUFFLE_LZ4:
+        if (n % 2 || !scratch)
+            return KVF_EINVAL;
+        shuffle2(src, scratch, n);
+        in = scratch;
+        /* fall through */
+    case KVF_CODEC_LZ4: {
+        int w = LZ4_compress_default(in, dst, (int)n, (int)cap);
+        if (w <= 0 || (size_t)w >= n)
+            return KVF_E2BIG;
+        *out = (size_t)w;
+        return 0;
+    }
+    default:
+        return KVF_EINVAL;
+    }
+}
+
+int kvf__codec_decompress(kvf_codec c, const void *src, size_t n, void *dst, size_t raw_n,
+                          void *scratch)
+{
+    if (n > (size_t)INT32_MAX || raw_n > (size_t)INT32_MAX)
+        return KVF_E2BIG;
+    switch (c) {
+    case KVF_CODEC_NONE:
+        if (n != raw_n)
+            return KVF_ECHECKSUM;
+        memcpy(dst, src, n);
+        return 0;
+    case KVF_CODEC_LZ4: {
+        int r = LZ4_decompress_safe(src, dst, (int)n, (int)raw_n);
+        return r == (int)raw_n ? 0 : KVF_ECHECKSUM;
+    }
+    case KVF_CODEC_SHUFFLE_LZ4: {
+        if (raw_n % 2 || !scratch)
+            return KVF_EINVAL;
+        int r = LZ4_decompress_safe(src, scratch, (int)n, (int)raw_n);
+        if (r != (int)raw_n)
+            return KVF_ECHECKSUM;
+        unshuffle2(scratch, dst, raw_n);
+        return 0;
+    }
+    default:
+        return KVF_EINVAL;
+    }
+}
+
+kvf_obj_seg kvf__obj_seg(const kvf_obj_info *info, uint32_t l)
+{
+    const uint8_t *p = info->seg_table + 24 * (size_t)l;
+    kvf_obj_seg s = {
+        .raw_len = kvf__get_u32(p),
+        .stored_len = kvf__get_u32(p + 4),
+        .stored_xxh = kvf__get_u64(p + 8),
+        .raw_xxh = kvf__get_u64(p + 16),
+    };
+    return s;
+}
+
+int kvf__obj_parse(const void *buf, size_t len, kvf_obj_info *info)
+{
+    const uint8_t *p = buf;
+    if (len < 72 || kvf__get_u32(p) != KVF_OBJ_MAGIC || kvf__get_u16(p + 4) != KVF_OBJ_VERSION)
+        return KVF_EPROTO;
+    uint32_t layers = kvf__get_u32(p + 36);
+    if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS)
+        return KVF_EPROTO;
+    uint32_t hlen = kvf__obj_header_len(layers);
+    if (len < hlen)
+        return KVF_EPROTO;
+    size_t table_end = 64 + 24 * (size_t)layers;
+    if (XXH3_64bits(p, table_end) != kvf__get_u64(p + table_end))
+        return KVF_ECHECKSUM;
+    info->codec = kvf__get_u16(p + 6);
+    info->layout_fp = kvf__get_u64(p + 8);
+    info->key.lo = kvf__get_u64(p + 16);
+    info->key.hi = kvf__get_u64(p + 24);
+    info->tokens = kvf__get_u32(p + 32);
+    info->layers = layers;
+    info->raw_bytes = kvf__get_u64(p + 40);
+    info->stored_bytes = kvf__get_u64(p + 48);
+    info->header_len = hlen;
+    info->seg_table = p + 64;
+    if (info->codec >= KVF_CODEC_COUNT_ || kvf__get_u64(p + 56) != 0)
+        return KVF_EPROTO;
+    uint64_t raw = 0, stored = 0;
+    for (uint32_t l = 0; l < layers; l++) {
+        kvf_obj_seg s = kvf__obj_seg(info, l);
+        if (s.stored_len == 0 || s.stored_len > s.raw_len)
+            return KVF_EPROTO;
+        if (info->codec == KVF_CODEC_NONE && s.stored_len != s.raw_len)
+            return KVF_EPROTO;
+        raw += s.raw_len;
+        stored += s.stored_len;
+    }
+    if (raw != info->raw_bytes || stored != info->stored_bytes)
+        return KVF_EPROTO;
+    return 0;
+}
+
+int kvf__obj_verify(const void *buf, size_t len, kvf_obj_info *info)
+{
+    int rc = kvf__obj_parse(buf, len, info);
+    if (rc)
+        return rc;
+    if ((uint64_t)len != info->header_len + info->stored_bytes)
+        return KVF_EPROTO;
+    const uint8_t *seg = (const uint8_t *)buf + info->header_len;
+    for (uint32_t l = 0; l < info->layers; l++) {
+        kvf_obj_seg s = kvf__obj_seg(info, l);
+        if (XXH3_64bits(seg, s.stored_len) != s.stored_xxh)
+            return KVF_ECHECKSUM;
+        seg += s.stored_len;
+    }
+    return 0;
+}
+
+static void write_header(uint8_t *d, const kvf_key *key, uint64_t fp, uint32_t tokens,
+                         uint32_t layers, kvf_codec codec, uint64_t raw, uint64_t stored)
+{
+    memset(d, 0, kvf__obj_header_len(layers));
+    kvf__put_u32(d, KVF_OBJ_MAGIC);
+    kvf__put_u16(d + 4, KVF_OBJ_VERSION);
+    kvf__put_u16(d + 6, (uint16_t)codec);
+    kvf__put_u64(d + 8, fp);
+    kvf__put_u64(d + 16, key->lo);
+    kvf__put_u64(d + 24, key->hi);
+    kvf__put_u32(d + 32, tokens);
+    kvf__put_u32(d + 36, layers);
+    kvf__put_u64(d + 40, raw);
+    kvf__put_u64(d + 48, stored);
+}
+
+static void seal_header(uint8_t *d, uint32_t layers)
+{
+    size_t table_end = 64 + 24 * (size_t)layers;
+    kvf__put_u64(d + table_end, XXH3_64bits(d, table_end));
+}
+
+static void put_seg(uint8_t *d, uint32_t l, const kvf_obj_seg *s)
+{
+    uint8_t *p = d + 64 + 24 * (size_t)l;
+    kvf__put_u32(p, s->raw_len);
+    kvf__put_u32(p + 4, s->stored_len);
+    kvf__put_u64(p + 8, s->stored_xxh);
+    kvf__put_u64(p + 16, s->raw_xxh);
+}
+
+/* Stores one raw segment at out, compressed when that helps; fills s. */
+static int store_seg(kvf_codec codec, const void *raw, uint32_t n, uint8_t *out, size_t room,
+                     kvf_obj_seg *s, void *scratch)
+{
+    size_t w = 0;
+    s->raw_len = n;
+    s->raw_xxh = XXH3_64bits(raw, n);
+    int rc = codec == KVF_CODEC_NONE
+                 ? KVF_E2BIG
+                 : kvf__codec_compress(codec, raw, n, out, room < n ? room : n - 1, &w, scratch);
+    if (rc == KVF_E2BIG) {
+        if (room < n)
+            return KVF_E2BIG;
+        memcpy(out, raw, n);
+        w = n;
+    } else if (rc) {
+        return rc;
+    }
+    s->stored_len = (uint32_t)w;
+    s->stored_xxh = w == n ? s->raw_xxh : XXH3_64bits(out, w);
+    return 0;
+}
+
+int kvf__obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uint32_t layers,
+                    const void *const *segs, uint64_t seg_bytes, kvf_codec codec, void *dst,
+                    size_t cap, size_t *out_len, void *scratch)
+{
+    if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || seg_bytes == 0 || seg_bytes > UINT32_MAX ||
+        (unsigned)codec >= KVF_CODEC_COUNT_)
+        return KVF_EINVAL;
+    uint32_t hlen = kvf__obj_header_len(layers);
+    if (cap < kvf__obj_raw_size(layers, seg_bytes))
+        return KVF_E2BIG;
+    uint8_t *d = dst;
+    write_header(d, key, layout_fp, tokens, layers, codec, (uint64_t)layers * seg_bytes, 0);
+    size_t off = hlen;
+    for (uint32_t l = 0; l < layers; l++) {
+        kvf_obj_seg s;
+        int rc = store_seg(codec, segs[l], (uint32_t)seg_bytes, d + off, cap - off, &s, scratch);
+        if (rc)
+            return rc;
+        put_seg(d, l, &s);
+        off += s.stored_len;
+    }
+    kvf__put_u64(d + 48, off - hlen);
+    seal_header(d, layers);
+    *out_len = off;
+    return 0;
+}
+
+int kvf__obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stored, void *dst,
+                        void *scratch)
+{
+    if (XXH3_64bits(stored, seg->stored_len) != seg->stored_xxh)
+        return KVF_ECHECKSUM;
+    int rc;
+    if (seg->stored_len == seg->raw_len) {
+        memcpy(dst, stored, seg->raw_len);
+        rc = 0;
+    } else {
+        rc = kvf__codec_decompress((kvf_codec)codec, stored, seg->stored_len, dst, seg->raw_len,
+                                   scratch);
+    }
+    if (rc == 0 && XXH3_64bits(dst, seg->raw_len) != seg->raw_xxh)
+        rc = KVF_ECHECKSUM;
+    return rc;
+}
+
+int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, size_t cap,
+                    size_t *out_len, void *scratch, void *scratch2)
+{
+    kvf_obj_info in;
+    int rc = kvf__obj_verify(src, len, &in);
+    if (rc)
+        return rc;
+    uint8_t *d = dst;
+    if (cap < in.header_len)
+        return KVF_E2BIG;
+    write_header(d, &in.key, in.layout_fp, in.tokens, in.layers, codec, in.raw_bytes, 0);
+    const uint8_t *seg = (const uint8_t *)src + in.header_len;
+    size_t off = in.header_len;
+    for (uint32_t l = 0; l < in.layers; l++) {
+        kvf_obj_seg s = kvf__obj_seg(&in, l);
+        /* Decode into scratch2 (raw), then store with the new codec. */
+        rc = kvf__obj_decode_seg(in.codec, &s, seg, scratch2, scratch);
+        if (rc)
+            return rc;
+        kvf_obj_seg ns;
+        rc = store_seg(codec, scratch2, s.raw_len, d + off, cap - off, &ns, scratch);
+        if (rc)
+            return rc;
+        put_seg(d, l, &ns);
+        off += ns.stored_len;
+        seg += s.stored_len;
+    }
+    kvf__put_u64(d + 48, off - in.header_len);
+    seal_header(d, in.layers);
+    *out_len = off;
+    return 0;
+}

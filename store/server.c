@@ -1,0 +1,1510 @@
+/*
+ * The storage node's server (docs/protocol.md, docs/store.md).
+ *
+ * Threads: N event loops, each with its own poller, wake pipe and connections. All loops watch the
+ * listening socket (nonblocking accept: a loop that loses the race gets EAGAIN). COPY requests run
+ * on a short-lived worker thread that pushes the objects with the client library and hands its
+ * reply back to the loop through the loop's inbox.
+ *
+ * A connection reads frames with a small state machine:
+ *   HDR   40 header bytes, validated before anything else is read;
+ *   BODY  a control payload, or the item table of a PUT/COMMIT, into the connection's buffer;
+ *   DATA  PUT/COMMIT object bytes, straight into each item's reserved arena block (or discarded
+ *         when the item was refused), verified and committed one by one.
+ * Replies queue in order and are written with sendmsg scatter-gather; GET replies point into the
+ * arena and hold read references until their last byte is written.
+ *
+ * Lock order: loop inbox lock, then the cache lock. No function holds the cache lock while doing
+ * I/O or copying object bytes.
+ */
+#include "server.h"
+
+#include "kvf/client.h"
+#include "kvf/error.h"
+
+#include "bytes.h"
+#include "object.h"
+#include "poller.h"
+#include "tcp.h"
+#include "wire.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define READ_BUDGET    (16u << 20)    /* bytes read from one connection per readiness event */
+#define OUT_HIGH_WATER (512ull << 20) /* stop reading a connection whose replies pile up */
+#define SCRATCH_BYTES  (1u << 20)
+#define TICK_NS        100000000ull
+#define TICK_STEPS     4096u
+
+enum { R_HDR, R_BODY, R_DATA };
+
+typedef struct out_msg {
+    struct out_msg *next;
+    struct iovec *iov;
+    int iovcnt, first;
+    uint32_t *refs;
+    uint32_t nrefs;
+    uint8_t *buf;
+} out_msg;
+
+typedef struct put_item {
+    uint8_t *dst; /* NULL: discard this item's bytes */
+    uint64_t len;
+    uint32_t eid;
+    int32_t status;
+    uint8_t held;
+} put_item;
+
+typedef struct loop loop;
+
+typedef struct conn {
+    struct conn *next, *prev;
+    loop *lp;
+    int fd;
+    uint64_t id;
+    uint64_t ns_bound;
+    int rstate;
+    uint8_t hdr[KVF_WIRE_HEADER_LEN];
+    size_t hdr_got;
+    kvf_wire_hdr h;
+    uint8_t *rbuf;
+    size_t rcap;
+    uint64_t rgot, rneed;
+    put_item *items;
+    uint32_t icap, n_items, cur;
+    uint64_t cur_got;
+    int req_err;
+    out_msg *oh, *ot;
+    uint64_t out_bytes;
+    int closing;
+    uint32_t events;
+    int pending_jobs; /* COPY jobs not yet answered */
+} conn;
+
+typedef struct deferred {
+    struct deferred *next;
+    uint64_t conn_id;
+    out_msg *msg;
+} deferred;
+
+struct loop {
+    kvf_server *srv;
+    int idx;
+    kvf_poller *poller;
+    int wake[2];
+    pthread_t th;
+    conn *conns;
+    pthread_mutex_t inbox_mu;
+    deferred *inbox;
+    uint8_t *scratch;
+    uint64_t last_tick;
+};
+
+struct kvf_server {
+    kvf_server_opts o;
+    char host[256];
+    int lfd;
+    uint16_t port;
+    loop *loops;
+    int nloops;
+    atomic_int stopping;
+    atomic_uint_fast64_t next_conn_id;
+    atomic_int jobs; /* COPY workers running */
+    /* counters */
+    atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
+    atomic_uint_fast64_t reqs[16];
+};
+
+static const char wake_byte = 'w';
+
+/* ------------------------------------------------------------------------------------------ */
+/* Messages */
+
+static out_msg *msg_new(int niov, uint32_t nrefs, size_t buflen)
+{
+    size_t sz = sizeof(out_msg) + (size_t)niov * sizeof(struct iovec) + nrefs * sizeof(uint32_t);
+    sz = (sz + 15) & ~(size_t)15;
+    out_msg *m = malloc(sz + buflen);
+    if (!m)
+        return NULL;
+    memset(m, 0, sizeof *m);
+    m->iov = (struct iovec *)(m + 1);
+    m->refs = (uint32_t *)(m->iov + niov);
+    m->buf = (uint8_t *)m + sz;
+    return m;
+}
+
+static void msg_release_refs(kvf_server *s, out_msg *m)
+{
+    if (!m->nrefs)
+        return;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < m->nrefs; i++)
+        kvf__cache_release_locked(s->o.cache, m->refs[i]);
+    kvf__cache_unlock(s->o.cache);
+    m->nrefs = 0;
+}
+
+static void hdr_reply(uint8_t *out, const kvf_wire_hdr *req, int status, uint32_t flags,
+                      uint32_t count, uint64_t payload_len)
+{
+    kvf_wire_hdr h = {
+        .version = KVF_WIRE_VERSION,
+        .opcode = req->opcode,
+        .flags = KVF_WF_REPLY | flags,
+        .status = status,
+        .request_id = req->request_id,
+        .item_count = count,
+        .payload_len = payload_len,
+    };
+    kvf__wire_hdr_encode(out, &h);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Connection plumbing */
+
+static void conn_set_events(conn *c)
+{
+    uint32_t ev = 0;
+    if (!c->closing && c->out_bytes < OUT_HIGH_WATER)
+        ev |= KVF_POLL_IN;
+    if (c->oh)
+        ev |= KVF_POLL_OUT;
+    if (ev != c->events) {
+        kvf__poller_mod(c->lp->poller, c->fd, ev, c);
+        c->events = ev;
+    }
+}
+
+static void conn_destroy(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    kvf__poller_del(c->lp->poller, c->fd);
+    close(c->fd);
+    kvf__cache_lock(s->o.cache);
+    /* Held reservations of an unfinished PUT/COMMIT, then un-held ADMIT reservations. */
+    if (c->rstate == R_DATA)
+        for (uint32_t i = c->cur; i < c->n_items; i++)
+            if (c->items[i].held)
+                kvf__cache_abort_locked(s->o.cache, c->items[i].eid, c->id);
+    kvf__cache_abort_owner_locked(s->o.cache, c->id);
+    kvf__cache_unlock(s->o.cache);
+    while (c->oh) {
+        out_msg *m = c->oh;
+        c->oh = m->next;
+        msg_release_refs(s, m);
+        free(m);
+    }
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        c->lp->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    free(c->rbuf);
+    free(c->items);
+    free(c);
+    atomic_fetch_sub(&s->n_conns, 1);
+}
+
+static void conn_queue(conn *c, out_msg *m)
+{
+    uint64_t total = 0;
+    for (int i = 0; i < m->iovcnt; i++)
+        total += m->iov[i].iov_len;
+    c->out_bytes += total;
+    m->next = NULL;
+    if (c->ot)
+        c->ot->next = m;
+    else
+        c->oh = m;
+    c->ot = m;
+}
+
+/* Writes what the socket takes. Returns -1 when the connection was destroyed. */
+static int conn_flush(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    while (c->oh) {
+        out_msg *m = c->oh;
+        size_t done = 0;
+        int rc = kvf__sock_writev(c->fd, m->iov + m->first, m->iovcnt - m->first, &done);
+        if (rc == KVF_EAGAIN)
+            break;
+        if (rc) {
+            conn_destroy(c);
+            return -1;
+        }
+        atomic_fetch_add(&s->bytes_out, done);
+        c->out_bytes -= done;
+        m->first = kvf__iov_advance(m->iov, m->iovcnt, m->first, done);
+        if (m->first < m->iovcnt)
+            break;
+        c->oh = m->next;
+        if (!c->oh)
+            c->ot = NULL;
+        msg_release_refs(s, m);
+        free(m);
+    }
+    if (!c->oh && c->closing && !c->pending_jobs) {
+        conn_destroy(c);
+        return -1;
+    }
+    conn_set_events(c);
+    return 0;
+}
+
+/* Queues a reply with a copied payload. */
+static int reply_copy(conn *c, int status, uint32_t flags, uint32_t count, const void *payload,
+                      size_t len)
+{
+    out_msg *m = msg_new(1, 0, KVF_WIRE_HEADER_LEN + len);
+    if (!m)
+        return KVF_ENOMEM;
+    hdr_reply(m->buf, &c->h, status, flags, count, len);
+    if (len)
+        memcpy(m->buf + KVF_WIRE_HEADER_LEN, payload, len);
+    m->iov[0].iov_base = m->buf;
+    m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + len;
+    m->iovcnt = 1;
+    conn_queue(c, m);
+    return 0;
+}
+
+static void reply_error(conn *c, int status, int fatal, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* An error reply carries one line of text naming the problem. A fatal one closes the connection
+ * once it is written, and stops reading from it now. */
+static void reply_error(conn *c, int status, int fatal, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        n = 0;
+    if ((size_t)n >= sizeof msg)
+        n = sizeof msg - 1;
+    kvf_server *s = c->lp->srv;
+    if (fatal) {
+        atomic_fetch_add(&s->proto_errors, 1);
+        kvf_warn(s->o.log, "connection %" PRIu64 ": %s: %s", c->id, kvf_err_name(status), msg);
+        c->closing = 1;
+    }
+    reply_copy(c, status, fatal ? KVF_WF_FATAL : 0, 0, msg, (size_t)n);
+}
+
+static int ensure_rbuf(conn *c, size_t n)
+{
+    if (c->rcap >= n)
+        return 0;
+    size_t cap = c->rcap ? c->rcap : 4096;
+    while (cap < n)
+        cap *= 2;
+    uint8_t *p = realloc(c->rbuf, cap);
+    if (!p)
+        return KVF_ENOMEM;
+    c->rbuf = p;
+    c->rcap = cap;
+    return 0;
+}
+
+static int ensure_items(conn *c, uint32_t n)
+{
+    if (c->icap >= n)
+        return 0;
+    put_item *p = realloc(c->items, (size_t)n * sizeof *p);
+    if (!p)
+        return KVF_ENOMEM;
+    c->items = p;
+    c->icap = n;
+    return 0;
+}
+
+/* Checks a data request's namespace against the one bound by HELLO. */
+static int ns_ok(conn *c, uint64_t ns)
+{
+    return ns != 0 && (c->ns_bound == 0 || c->ns_bound == ns);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Control requests */
+
+static void do_hello(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    const uint8_t *p = c->rbuf;
+    uint32_t vmin = kvf__get_u32(p), vmax = kvf__get_u32(p + 4);
+    uint64_t ns = kvf__get_u64(p + 8);
+    uint64_t caps = kvf__get_u64(p + 16);
+    if (vmin > KVF_WIRE_VERSION || vmax < KVF_WIRE_VERSION) {
+        reply_error(c, KVF_EVERSION, 1, "client speaks versions %u..%u, this node speaks %u", vmin,
+                    vmax, KVF_WIRE_VERSION);
+        return;
+    }
+    c->ns_bound = ns;
+    uint8_t r[48];
+    kvf__put_u32(r, KVF_WIRE_VERSION);
+    kvf__put_u32(r + 4, s->o.max_items);
+    kvf__put_u64(r + 8, caps & KVF_CAP_ALL);
+    kvf__put_u64(r + 16, s->o.max_request);
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    kvf__put_u64(r + 24, st.memory);
+    kvf__put_u64(r + 32, s->o.node_id);
+    kvf__put_u64(r + 40, 0);
+    reply_copy(c, 0, 0, 0, r, sizeof r);
+}
+
+static void do_get(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    const uint8_t *keys = c->rbuf + 8;
+    out_msg *m = msg_new((int)n + 1, n, KVF_WIRE_HEADER_LEN + 16 * (size_t)n);
+    if (!m) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu32 " items", n);
+        return;
+    }
+    uint8_t *table = m->buf + KVF_WIRE_HEADER_LEN;
+    uint64_t data = 0;
+    int k = 1;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
+        uint32_t eid;
+        const uint8_t *p;
+        uint64_t len;
+        int rc = kvf__cache_acquire_locked(s->o.cache, kvf__get_u64(c->rbuf), &key, &eid, &p, &len);
+        kvf__put_u32(table + 16 * (size_t)i, (uint32_t)rc);
+        kvf__put_u32(table + 16 * (size_t)i + 4, 0);
+        kvf__put_u64(table + 16 * (size_t)i + 8, rc ? 0 : len);
+        if (rc)
+            continue;
+        m->iov[k].iov_base = (void *)p;
+        m->iov[k].iov_len = len;
+        k++;
+        m->refs[m->nrefs++] = eid;
+        data += len;
+    }
+    kvf__cache_unlock(s->o.cache);
+    hdr_reply(m->buf, &c->h, 0, 0, n, 16 * (uint64_t)n + data);
+    m->iov[0].iov_base = m->buf;
+    m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 16 * (size_t)n;
+    m->iovcnt = k;
+    conn_queue(c, m);
+}
+
+/* Layer-major streamed GET: a first frame with the table and every hit's object header, then one
+ * frame per layer with that layer's segment of every hit. References ride on the last frame. */
+static void do_get_stream(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    const uint8_t *keys = c->rbuf + 8;
+    uint32_t *eids = malloc((size_t)n * sizeof *eids);
+    const uint8_t **ptrs = malloc((size_t)n * sizeof *ptrs);
+    kvf_obj_info *infos = malloc((size_t)n * sizeof *infos);
+    int32_t *st = malloc((size_t)n * sizeof *st);
+    out_msg *first = NULL;
+    if (!eids || !ptrs || !infos || !st)
+        goto out_nomem;
+    uint32_t layers = 0, hits = 0;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
+        uint64_t len;
+        st[i] = kvf__cache_acquire_locked(s->o.cache, kvf__get_u64(c->rbuf), &key, &eids[i],
+                                          &ptrs[i], &len);
+        if (st[i])
+            continue;
+        /* Stored objects were verified when they were put; the parse re-checks the header. */
+        if (kvf__obj_parse(ptrs[i], len, &infos[i]) != 0 || (layers && infos[i].layers != layers)) {
+            kvf__cache_release_locked(s->o.cache, eids[i]);
+            st[i] = KVF_ELAYOUT;
+            continue;
+        }
+        layers = infos[i].layers;
+        hits++;
+    }
+    kvf__cache_unlock(s->o.cache);
+
+    first = msg_new((int)hits + 1, 0, KVF_WIRE_HEADER_LEN + 16 * (size_t)n);
+    if (!first)
+        goto out_release;
+    uint8_t *table = first->buf + KVF_WIRE_HEADER_LEN;
+    uint64_t hdr_bytes = 0;
+    int k = 1;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *row = table + 16 * (size_t)i;
+        kvf__put_u32(row, (uint32_t)st[i]);
+        kvf__put_u32(row + 4, st[i] ? 0 : infos[i].header_len);
+        kvf__put_u64(row + 8, st[i] ? 0 : infos[i].stored_bytes);
+        if (st[i])
+            continue;
+        first->iov[k].iov_base = (void *)ptrs[i];
+        first->iov[k].iov_len = infos[i].header_len;
+        hdr_bytes += infos[i].header_len;
+        k++;
+    }
+    hdr_reply(first->buf, &c->h, 0, hits ? KVF_WF_MORE : 0, n, 16 * (uint64_t)n + hdr_bytes);
+    first->iov[0].iov_base = first->buf;
+    first->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 16 * (size_t)n;
+    first->iovcnt = k;
+
+    /* Build every layer frame before queueing any, so a failure leaves nothing half-queued. */
+    out_msg **lm = calloc(layers ? layers : 1, sizeof *lm);
+    if (!lm)
+        goto out_first;
+    uint64_t *segoff = calloc(n, sizeof *segoff);
+    if (!segoff) {
+        free(lm);
+        goto out_first;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        if (!st[i])
+            segoff[i] = infos[i].header_len;
+    for (uint32_t l = 0; l < layers; l++) {
+        int last = l + 1 == layers;
+        lm[l] = msg_new((int)hits + 1, last ? hits : 0, KVF_WIRE_HEADER_LEN + 8);
+        if (!lm[l]) {
+            for (uint32_t j = 0; j < l; j++)
+                free(lm[j]);
+            free(lm);
+            free(segoff);
+            goto out_first;
+        }
+        out_msg *m = lm[l];
+        uint64_t bytes = 8;
+        int kk = 1;
+        for (uint32_t i = 0; i < n; i++) {
+            if (st[i])
+                continue;
+            kvf_obj_seg sg = kvf__obj_seg(&infos[i], l);
+            m->iov[kk].iov_base = (void *)(ptrs[i] + segoff[i]);
+            m->iov[kk].iov_len = sg.stored_len;
+            segoff[i] += sg.stored_len;
+            bytes += sg.stored_len;
+            kk++;
+            if (last)
+                m->refs[m->nrefs++] = eids[i];
+        }
+        hdr_reply(m->buf, &c->h, 0, last ? 0 : KVF_WF_MORE, hits, bytes);
+        kvf__put_u32(m->buf + KVF_WIRE_HEADER_LEN, l);
+        kvf__put_u32(m->buf + KVF_WIRE_HEADER_LEN + 4, 0);
+        m->iov[0].iov_base = m->buf;
+        m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 8;
+        m->iovcnt = kk;
+    }
+    conn_queue(c, first);
+    for (uint32_t l = 0; l < layers; l++)
+        conn_queue(c, lm[l]);
+    free(lm);
+    free(segoff);
+    free(eids);
+    free(ptrs);
+    free(infos);
+    free(st);
+    return;
+
+out_first:
+    free(first);
+out_release:
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++)
+        if (!st[i])
+            kvf__cache_release_locked(s->o.cache, eids[i]);
+    kvf__cache_unlock(s->o.cache);
+out_nomem:
+    free(eids);
+    free(ptrs);
+    free(infos);
+    free(st);
+    reply_error(c, KVF_ENOMEM, 0, "out of memory for a streamed reply of %" PRIu32 " items", n);
+}
+
+/* EXISTS and LOOKUP: a bitmap, and for LOOKUP first the count of leading hits. */
+static void do_exists(conn *c, int lookup)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    size_t bm = (n + 7) / 8;
+    size_t off = lookup ? 8 : 0;
+    uint8_t *r = calloc(1, off + bm);
+    if (!r) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    uint32_t leading = 0;
+    int run = 1;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 16 * (size_t)i);
+        int hit = kvf__cache_contains_locked(s->o.cache, ns, &key);
+        if (hit)
+            r[off + i / 8] |= (uint8_t)(1u << (i % 8));
+        run = run && hit;
+        leading += (uint32_t)run;
+    }
+    kvf__cache_unlock(s->o.cache);
+    if (lookup) {
+        kvf__put_u32(r, leading);
+        kvf__put_u32(r + 4, 0);
+    }
+    reply_copy(c, 0, 0, n, r, off + bm);
+    free(r);
+}
+
+/* EVICT, PIN, UNPIN, ADMIT: one status per key. */
+static void do_per_key(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    int32_t *st = malloc((size_t)n * 4);
+    if (!st) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    uint32_t lease_ms = 0;
+    const uint8_t *p = c->rbuf + 8;
+    size_t stride = 16;
+    if (c->h.opcode == KVF_OP_PIN) {
+        lease_ms = kvf__get_u32(c->rbuf + 8);
+        p = c->rbuf + 16;
+    } else if (c->h.opcode == KVF_OP_ADMIT) {
+        stride = 24;
+    }
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        kvf_key key = kvf__wire_key_get(p + stride * i);
+        switch (c->h.opcode) {
+        case KVF_OP_EVICT:
+            st[i] = kvf__cache_remove_locked(s->o.cache, ns, &key);
+            break;
+        case KVF_OP_PIN:
+            st[i] = kvf__cache_pin_locked(s->o.cache, ns, &key, lease_ms);
+            break;
+        case KVF_OP_UNPIN:
+            st[i] = kvf__cache_unpin_locked(s->o.cache, ns, &key);
+            break;
+        case KVF_OP_ADMIT: {
+            uint64_t len = kvf__get_u64(p + stride * i + 16);
+            uint32_t eid;
+            uint8_t *dst;
+            st[i] = len > s->o.max_request ? KVF_E2BIG
+                                           : kvf__cache_reserve_locked(s->o.cache, ns, &key, len,
+                                                                       c->id, 0, &eid, &dst);
+            break;
+        }
+        default:
+            st[i] = KVF_EPROTO;
+        }
+    }
+    kvf__cache_unlock(s->o.cache);
+    uint8_t *r = (uint8_t *)st;
+    for (uint32_t i = 0; i < n; i++)
+        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)st[i]);
+    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
+    free(st);
+}
+
+static void do_clear(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    int all = (c->h.flags & KVF_WF_ALL_NS) != 0;
+    if (!all && !ns_ok(c, ns)) {
+        reply_error(c, KVF_ENAMESPACE, 0,
+                    "clear of namespace %016" PRIx64 " on a connection bound to %016" PRIx64, ns,
+                    c->ns_bound);
+        return;
+    }
+    if (all && c->ns_bound) {
+        reply_error(c, KVF_EACCES, 0, "a connection bound to a namespace cannot clear all");
+        return;
+    }
+    kvf__cache_lock(s->o.cache);
+    uint64_t removed = kvf__cache_clear_locked(s->o.cache, ns, all);
+    kvf__cache_unlock(s->o.cache);
+    kvf_info(s->o.log, "cleared %" PRIu64 " entries (%s)", removed,
+             all ? "all namespaces" : "one namespace");
+    uint8_t r[8];
+    kvf__put_u64(r, removed);
+    reply_copy(c, 0, 0, 0, r, 8);
+}
+
+static void do_stats(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    json_t *o = json_object();
+    json_t *req = json_object();
+    if (!o || !req) {
+        json_decref(o);
+        json_decref(req);
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+#define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
+    SET("node_id", s->o.node_id);
+    SET("memory", st.memory);
+    SET("used", st.used);
+    SET("free", st.free);
+    SET("free_blocks", st.free_blocks);
+    SET("entries", st.entries);
+    SET("max_entries", st.max_entries);
+    SET("ready_bytes", st.ready_bytes);
+    SET("reserved", st.reserved);
+    SET("pinned", st.pinned);
+    SET("referenced", st.referenced);
+    SET("hits", st.hits);
+    SET("misses", st.misses);
+    SET("puts", st.puts);
+    SET("duplicates", st.duplicates);
+    SET("evictions", st.evictions);
+    SET("removed", st.removed);
+    SET("rejected_full", st.rejected_full);
+    SET("expired_pins", st.expired_pins);
+    SET("expired_reservations", st.expired_reservations);
+    SET("cleared", st.cleared);
+    SET("connections", atomic_load(&s->n_conns));
+    SET("accepted", atomic_load(&s->n_accepted));
+    SET("bytes_in", atomic_load(&s->bytes_in));
+    SET("bytes_out", atomic_load(&s->bytes_out));
+    SET("protocol_errors", atomic_load(&s->proto_errors));
+    SET("threads", s->nloops);
+    SET("max_request", s->o.max_request);
+#undef SET
+    json_object_set_new(o, "policy", json_string(st.policy));
+    json_object_set_new(o, "transport", json_string("tcp"));
+    for (unsigned op = 1; op < 16; op++) {
+        const char *name = kvf__wire_opcode_name(op);
+        if (name)
+            json_object_set_new(req, name, json_integer((json_int_t)atomic_load(&s->reqs[op])));
+    }
+    json_object_set_new(o, "requests", req);
+    char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(o);
+    if (!text) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    reply_copy(c, 0, 0, 0, text, strlen(text));
+    free(text);
+}
+
+/* COMPRESS and DECOMPRESS: each object is re-encoded into a new block and swapped in. Runs on the
+ * loop thread: it is a management operation, and it bounds its work by the batch. */
+static void do_recode(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    uint32_t codec = c->h.opcode == KVF_OP_DECOMPRESS ? KVF_CODEC_NONE : kvf__get_u32(c->rbuf + 8);
+    if (codec >= KVF_CODEC_COUNT_) {
+        reply_error(c, KVF_EINVAL, 0, "unknown codec %" PRIu32, codec);
+        return;
+    }
+    int32_t *st = malloc((size_t)n * 4);
+    if (!st) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    uint8_t *tmp = NULL, *scratch = NULL, *scratch2 = NULL;
+    size_t tmpcap = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        kvf_key key = kvf__wire_key_get(c->rbuf + 16 + 16 * (size_t)i);
+        uint32_t eid;
+        const uint8_t *p;
+        uint64_t len;
+        kvf__cache_lock(s->o.cache);
+        st[i] = kvf__cache_acquire_locked(s->o.cache, ns, &key, &eid, &p, &len);
+        kvf__cache_unlock(s->o.cache);
+        if (st[i])
+            continue;
+        kvf_obj_info info;
+        int rc = kvf__obj_parse(p, len, &info);
+        size_t need = rc ? 0 : kvf__obj_raw_size(info.layers, 0) + info.raw_bytes;
+        if (!rc && need > tmpcap) {
+            uint32_t maxseg = 0;
+            for (uint32_t l = 0; l < info.layers; l++)
+                if (kvf__obj_seg(&info, l).raw_len > maxseg)
+                    maxseg = kvf__obj_seg(&info, l).raw_len;
+            free(tmp);
+            free(scratch);
+            free(scratch2);
+            tmp = malloc(need);
+            scratch = malloc((size_t)maxseg + kvf__codec_bound(maxseg));
+            scratch2 = malloc((size_t)maxseg + 64);
+            tmpcap = (tmp && scratch && scratch2) ? need : 0;
+            if (!tmpcap)
+                rc = KVF_ENOMEM;
+        }
+        size_t out = 0;
+        if (!rc)
+            rc = kvf__obj_recode(p, len, (kvf_codec)codec, tmp, tmpcap, &out, scratch, scratch2);
+        uint64_t newoff = 0;
+        uint8_t *dst = NULL;
+        kvf__cache_lock(s->o.cache);
+        if (!rc)
+            rc = kvf__cache_swap_begin_locked(s->o.cache, eid, out, &newoff, &dst);
+        kvf__cache_unlock(s->o.cache);
+        if (!rc)
+            memcpy(dst, tmp, out);
+        kvf__cache_lock(s->o.cache);
+        if (!rc)
+            rc = kvf__cache_swap_locked(s->o.cache, eid, newoff, out);
+        kvf__cache_release_locked(s->o.cache, eid);
+        kvf__cache_unlock(s->o.cache);
+        st[i] = rc;
+    }
+    free(tmp);
+    free(scratch);
+    free(scratch2);
+    uint8_t *r = (uint8_t *)st;
+    for (uint32_t i = 0; i < n; i++)
+        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)st[i]);
+    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
+    free(st);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* COPY: a worker thread pushes referenced objects to another node with the client library. */
+
+typedef struct copy_job {
+    kvf_server *srv;
+    loop *lp;
+    uint64_t conn_id;
+    kvf_wire_hdr h;
+    uint64_t ns;
+    char addr[KVF_WIRE_MAX_ADDR + 1];
+    int deadline_ms;
+    uint32_t n;
+    kvf_key *keys;
+    uint32_t *eids;
+    const void **objs;
+    uint64_t *lens;
+    int *status;
+} copy_job;
+
+static void loop_post(loop *lp, uint64_t conn_id, out_msg *m)
+{
+    deferred *d = malloc(sizeof *d);
+    if (!d) {
+        msg_release_refs(lp->srv, m);
+        free(m);
+        return;
+    }
+    d->conn_id = conn_id;
+    d->msg = m;
+    pthread_mutex_lock(&lp->inbox_mu);
+    d->next = lp->inbox;
+    lp->inbox = d;
+    pthread_mutex_unlock(&lp->inbox_mu);
+    ssize_t w = write(lp->wake[1], &wake_byte, 1);
+    (void)w; /* a full pipe already holds a wake-up */
+}
+
+static void *copy_worker(void *arg)
+{
+    copy_job *j = arg;
+    kvf_server *s = j->srv;
+    const char *nodes[1] = {j->addr};
+    kvf_client_opts co = {
+        .nodes = nodes,
+        .n_nodes = 1,
+        .ns = j->ns,
+        .conns_per_node = 2,
+        .deadline_ms = j->deadline_ms,
+    };
+    char err[256] = "";
+    kvf_client *cl = NULL;
+    int rc = kvf_client_open(&cl, &co, err, sizeof err);
+    /* Only the hits are sent; misses keep their KVF_ENOENT. */
+    uint32_t h = 0;
+    for (uint32_t i = 0; i < j->n; i++) {
+        if (j->status[i])
+            continue;
+        j->keys[h] = j->keys[i];
+        j->objs[h] = j->objs[i];
+        j->lens[h] = j->lens[i];
+        j->eids[h] = j->eids[i];
+        h++;
+    }
+    int *hst = calloc(h ? h : 1, sizeof *hst);
+    if (!rc && h && hst) {
+        kvf_batch b = {.n = h,
+                       .keys = j->keys,
+                       .objs = j->objs,
+                       .lens = j->lens,
+                       .status = hst,
+                       .deadline_ms = j->deadline_ms};
+        rc = kvf_client_put(cl, &b);
+    } else if (!rc && !hst) {
+        rc = KVF_ENOMEM;
+    }
+    kvf_client_close(&cl);
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < h; i++)
+        kvf__cache_release_locked(s->o.cache, j->eids[i]);
+    kvf__cache_unlock(s->o.cache);
+    /* Spread the hits' statuses back over the request's order. */
+    uint32_t k = 0;
+    out_msg *m = msg_new(1, 0, KVF_WIRE_HEADER_LEN + 4 * (size_t)j->n + 256);
+    if (m) {
+        if (rc) {
+            int n = snprintf((char *)m->buf + KVF_WIRE_HEADER_LEN, 256, "copy to %s: %s%s%s",
+                             j->addr, kvf_strerror(rc), err[0] ? ": " : "", err);
+            hdr_reply(m->buf, &j->h, rc, 0, 0, (uint64_t)n);
+            m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + (size_t)n;
+        } else {
+            for (uint32_t i = 0; i < j->n; i++) {
+                int st = j->status[i] ? j->status[i] : hst[k++];
+                kvf__put_u32(m->buf + KVF_WIRE_HEADER_LEN + 4 * (size_t)i, (uint32_t)st);
+            }
+            hdr_reply(m->buf, &j->h, 0, 0, j->n, 4 * (uint64_t)j->n);
+            m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 4 * (size_t)j->n;
+        }
+        m->iov[0].iov_base = m->buf;
+        m->iovcnt = 1;
+        loop_post(j->lp, j->conn_id, m);
+    } else {
+        loop_post(j->lp, j->conn_id, NULL);
+    }
+    free(hst);
+    free(j->keys);
+    free(j->eids);
+    free(j->objs);
+    free(j->lens);
+    free(j->status);
+    free(j);
+    atomic_fetch_sub(&s->jobs, 1);
+    return NULL;
+}
+
+static void do_copy(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    uint32_t alen = kvf__get_u32(c->rbuf + 8);
+    uint32_t deadline_ms = kvf__get_u32(c->rbuf + 12);
+    const uint8_t *keys = c->rbuf + 16 + ((alen + 7u) & ~7u);
+    copy_job *j = calloc(1, sizeof *j);
+    if (!j)
+        goto out_nomem;
+    j->keys = calloc(n, sizeof *j->keys);
+    j->eids = calloc(n, sizeof *j->eids);
+    j->objs = calloc(n, sizeof *j->objs);
+    j->lens = calloc(n, sizeof *j->lens);
+    j->status = calloc(n, sizeof *j->status);
+    if (!j->keys || !j->eids || !j->objs || !j->lens || !j->status)
+        goto out_free;
+    memcpy(j->addr, c->rbuf + 16, alen);
+    j->addr[alen] = '\0';
+    char host[256];
+    uint16_t port;
+    if (kvf__addr_parse(j->addr, host, sizeof host, &port) != 0) {
+        reply_error(c, KVF_EINVAL, 0, "copy: bad target address \"%s\"", j->addr);
+        goto out_free_quiet;
+    }
+    j->srv = s;
+    j->lp = c->lp;
+    j->conn_id = c->id;
+    j->h = c->h;
+    j->ns = kvf__get_u64(c->rbuf);
+    j->n = n;
+    j->deadline_ms = deadline_ms ? (int)deadline_ms : 10000;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        j->keys[i] = kvf__wire_key_get(keys + 16 * (size_t)i);
+        const uint8_t *p;
+        j->status[i] =
+            kvf__cache_acquire_locked(s->o.cache, j->ns, &j->keys[i], &j->eids[i], &p, &j->lens[i]);
+        j->objs[i] = p;
+    }
+    kvf__cache_unlock(s->o.cache);
+    pthread_t th;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    atomic_fetch_add(&s->jobs, 1);
+    c->pending_jobs++;
+    if (pthread_create(&th, &attr, copy_worker, j) != 0) {
+        atomic_fetch_sub(&s->jobs, 1);
+        c->pending_jobs--;
+        kvf__cache_lock(s->o.cache);
+        for (uint32_t i = 0; i < n; i++)
+            if (!j->status[i])
+                kvf__cache_release_locked(s->o.cache, j->eids[i]);
+        kvf__cache_unlock(s->o.cache);
+        pthread_attr_destroy(&attr);
+        reply_error(c, KVF_EAGAIN, 0, "copy: cannot start a worker thread");
+        goto out_free_quiet;
+    }
+    pthread_attr_destroy(&attr);
+    return;
+
+out_free:
+    reply_error(c, KVF_ENOMEM, 0, "out of memory");
+out_free_quiet:
+    free(j->keys);
+    free(j->eids);
+    free(j->objs);
+    free(j->lens);
+    free(j->status);
+    free(j);
+    return;
+out_nomem:
+    reply_error(c, KVF_ENOMEM, 0, "out of memory");
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* PUT and COMMIT */
+
+static void put_begin(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    char msg[200];
+    int rc = kvf__wire_put_table_check(&c->h, c->rbuf, msg, sizeof msg);
+    if (rc) {
+        reply_error(c, rc, 1, "%s", msg);
+        return;
+    }
+    uint32_t n = c->h.item_count;
+    if (ensure_items(c, n) != 0) {
+        reply_error(c, KVF_ENOMEM, 1, "out of memory for %" PRIu32 " items", n);
+        return;
+    }
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    c->req_err = ns_ok(c, ns) ? 0 : KVF_ENAMESPACE;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *row = c->rbuf + 8 + 24 * (size_t)i;
+        kvf_key key = kvf__wire_key_get(row);
+        put_item *it = &c->items[i];
+        it->len = kvf__get_u64(row + 16);
+        it->dst = NULL;
+        it->held = 0;
+        if (c->req_err) {
+            it->status = c->req_err;
+        } else if (c->h.opcode == KVF_OP_PUT) {
+            it->status = kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id, 1,
+                                                   &it->eid, &it->dst);
+        } else {
+            it->status =
+                kvf__cache_claim_locked(s->o.cache, ns, &key, it->len, c->id, &it->eid, &it->dst);
+        }
+        if (it->status == 0)
+            it->held = 1;
+        else
+            it->dst = NULL;
+    }
+    kvf__cache_unlock(s->o.cache);
+    c->n_items = n;
+    c->cur = 0;
+    c->cur_got = 0;
+    c->rstate = R_DATA;
+}
+
+static void put_item_done(conn *c, put_item *it)
+{
+    kvf_server *s = c->lp->srv;
+    if (!it->held)
+        return;
+    int rc = 0;
+    if (s->o.verify_puts) {
+        kvf_obj_info info;
+        rc = kvf__obj_verify(it->dst, it->len, &info);
+        if (!rc) {
+            kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 24 * (size_t)(it - c->items));
+            if (!kvf_key_eq(&key, &info.key))
+                rc = KVF_EPROTO;
+        }
+    }
+    kvf__cache_lock(s->o.cache);
+    if (rc)
+        kvf__cache_abort_locked(s->o.cache, it->eid, c->id);
+    else
+        rc = kvf__cache_commit_locked(s->o.cache, it->eid, c->id);
+    kvf__cache_unlock(s->o.cache);
+    it->held = 0;
+    it->status = rc;
+}
+
+static void put_finish(conn *c)
+{
+    uint32_t n = c->n_items;
+    c->rstate = R_HDR;
+    c->hdr_got = 0;
+    c->n_items = 0;
+    if (c->req_err) {
+        reply_error(c, c->req_err, 0,
+                    "namespace of the request differs from the one bound by hello (%016" PRIx64 ")",
+                    c->ns_bound);
+        return;
+    }
+    uint8_t *r = malloc(4 * (size_t)n);
+    if (!r) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)c->items[i].status);
+    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
+    free(r);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Frame reading */
+
+static void on_header(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    char msg[200];
+    kvf_wire_limits lim = {
+        .max_request = s->o.max_request, .max_items = s->o.max_items, .expect_reply = 0};
+    int rc = kvf__wire_hdr_decode(c->hdr, &lim, &c->h, msg, sizeof msg);
+    if (rc) {
+        reply_error(c, rc, 1, "%s", msg);
+        return;
+    }
+    atomic_fetch_add(&s->reqs[c->h.opcode & 15], 1);
+    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
+        c->rneed = kvf__wire_put_table_len(c->h.item_count);
+    else
+        c->rneed = c->h.payload_len;
+    if (ensure_rbuf(c, c->rneed ? c->rneed : 1) != 0) {
+        reply_error(c, KVF_ENOMEM, 1, "out of memory for a payload of %" PRIu64 " bytes", c->rneed);
+        return;
+    }
+    c->rgot = 0;
+    c->rstate = R_BODY;
+}
+
+static void on_body(conn *c)
+{
+    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT) {
+        put_begin(c);
+        return;
+    }
+    c->rstate = R_HDR;
+    c->hdr_got = 0;
+    if (c->h.opcode == KVF_OP_COPY) {
+        uint64_t need;
+        if (kvf__wire_control_len(&c->h, c->rbuf, &need) != 0 || need != c->h.payload_len) {
+            reply_error(c, KVF_EPROTO, 1,
+                        "copy payload of %" PRIu64 " bytes does not match its address and %" PRIu32
+                        " keys",
+                        c->h.payload_len, c->h.item_count);
+            return;
+        }
+    }
+    if (c->h.opcode != KVF_OP_HELLO && c->h.opcode != KVF_OP_STATS && c->h.opcode != KVF_OP_CLEAR &&
+        !ns_ok(c, kvf__get_u64(c->rbuf))) {
+        reply_error(c, KVF_ENAMESPACE, 0,
+                    "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64 ")",
+                    kvf__get_u64(c->rbuf), c->ns_bound);
+        return;
+    }
+    switch (c->h.opcode) {
+    case KVF_OP_HELLO:
+        do_hello(c);
+        break;
+    case KVF_OP_GET:
+        if (c->h.flags & KVF_WF_STREAM)
+            do_get_stream(c);
+        else
+            do_get(c);
+        break;
+    case KVF_OP_EXISTS:
+        do_exists(c, 0);
+        break;
+    case KVF_OP_LOOKUP:
+        do_exists(c, 1);
+        break;
+    case KVF_OP_ADMIT:
+    case KVF_OP_EVICT:
+    case KVF_OP_PIN:
+    case KVF_OP_UNPIN:
+        do_per_key(c);
+        break;
+    case KVF_OP_CLEAR:
+        do_clear(c);
+        break;
+    case KVF_OP_STATS:
+        do_stats(c);
+        break;
+    case KVF_OP_COPY:
+        do_copy(c);
+        break;
+    case KVF_OP_COMPRESS:
+    case KVF_OP_DECOMPRESS:
+        do_recode(c);
+        break;
+    default:
+        reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
+    }
+}
+
+static void on_eof(conn *c)
+{
+    if (c->rstate == R_HDR && c->hdr_got == 0) {
+        c->closing = 1;
+        return;
+    }
+    uint64_t got, want;
+    if (c->rstate == R_HDR) {
+        got = c->hdr_got;
+        want = KVF_WIRE_HEADER_LEN;
+    } else if (c->rstate == R_BODY) {
+        got = KVF_WIRE_HEADER_LEN + c->rgot;
+        want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
+    } else {
+        uint64_t sent = kvf__wire_put_table_len(c->h.item_count) + c->cur_got;
+        for (uint32_t i = 0; i < c->cur; i++)
+            sent += c->items[i].len;
+        got = KVF_WIRE_HEADER_LEN + sent;
+        want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
+    }
+    reply_error(c, KVF_EPROTO, 1,
+                "truncated frame: the peer closed after %" PRIu64 " of %" PRIu64 " bytes", got,
+                want);
+}
+
+/* Reads and handles frames until the socket is drained or the budget is spent. Returns -1 when
+ * the connection was destroyed. */
+static int conn_on_readable(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint64_t budget = READ_BUDGET;
+    while (budget > 0 && !c->closing && c->out_bytes < OUT_HIGH_WATER) {
+        void *dst;
+        size_t want;
+        if (c->rstate == R_HDR) {
+            dst = c->hdr + c->hdr_got;
+            want = KVF_WIRE_HEADER_LEN - c->hdr_got;
+        } else if (c->rstate == R_BODY) {
+            if (c->rgot == c->rneed) {
+                on_body(c);
+                continue;
+            }
+            dst = c->rbuf + c->rgot;
+            want = c->rneed - c->rgot;
+        } else {
+            if (c->cur == c->n_items) {
+                put_finish(c);
+                continue;
+            }
+            put_item *it = &c->items[c->cur];
+            want = it->len - c->cur_got;
+            if (it->dst) {
+                dst = it->dst + c->cur_got;
+            } else {
+                dst = c->lp->scratch;
+                if (want > SCRATCH_BYTES)
+                    want = SCRATCH_BYTES;
+            }
+        }
+        if (want > budget)
+            want = budget;
+        size_t got = 0;
+        int rc = kvf__sock_read(c->fd, dst, want, &got);
+        if (rc == KVF_EAGAIN)
+            break;
+        if (rc) {
+            conn_destroy(c);
+            return -1;
+        }
+        if (got == 0) {
+            on_eof(c);
+            break;
+        }
+        atomic_fetch_add(&s->bytes_in, got);
+        budget -= got;
+        if (c->rstate == R_HDR) {
+            c->hdr_got += got;
+            if (c->hdr_got == KVF_WIRE_HEADER_LEN)
+                on_header(c);
+        } else if (c->rstate == R_BODY) {
+            c->rgot += got;
+            if (c->rgot == c->rneed)
+                on_body(c);
+        } else {
+            c->cur_got += got;
+            put_item *it = &c->items[c->cur];
+            if (c->cur_got == it->len) {
+                put_item_done(c, it);
+                c->cur++;
+                c->cur_got = 0;
+                if (c->cur == c->n_items)
+                    put_finish(c);
+            }
+        }
+    }
+    return conn_flush(c);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Loops */
+
+static void loop_accept(loop *lp)
+{
+    kvf_server *s = lp->srv;
+    for (int i = 0; i < 64; i++) {
+        int fd;
+        int rc = kvf__tcp_accept(s->lfd, &fd);
+        if (rc == KVF_EAGAIN)
+            return;
+        if (rc) {
+            kvf_warn(s->o.log, "accept: %s", kvf_strerror(rc));
+            return;
+        }
+        conn *c = calloc(1, sizeof *c);
+        if (!c) {
+            close(fd);
+            return;
+        }
+        c->fd = fd;
+        c->lp = lp;
+        c->id = atomic_fetch_add(&s->next_conn_id, 1);
+        c->events = KVF_POLL_IN;
+        if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
+            close(fd);
+            free(c);
+            return;
+        }
+        c->next = lp->conns;
+        if (lp->conns)
+            lp->conns->prev = c;
+        lp->conns = c;
+        atomic_fetch_add(&s->n_conns, 1);
+        atomic_fetch_add(&s->n_accepted, 1);
+        kvf_debug(s->o.log, "loop %d: connection %" PRIu64 " accepted", lp->idx, c->id);
+    }
+}
+
+static void loop_drain_inbox(loop *lp)
+{
+    char buf[64];
+    while (read(lp->wake[0], buf, sizeof buf) > 0) {
+    }
+    pthread_mutex_lock(&lp->inbox_mu);
+    deferred *d = lp->inbox;
+    lp->inbox = NULL;
+    pthread_mutex_unlock(&lp->inbox_mu);
+    while (d) {
+        deferred *next = d->next;
+        conn *c = lp->conns;
+        while (c && c->id != d->conn_id)
+            c = c->next;
+        if (c) {
+            c->pending_jobs--;
+            if (d->msg)
+                conn_queue(c, d->msg);
+            conn_flush(c);
+        } else if (d->msg) {
+            msg_release_refs(lp->srv, d->msg);
+            free(d->msg);
+        }
+        free(d);
+        d = next;
+    }
+}
+
+static void *loop_main(void *arg)
+{
+    loop *lp = arg;
+    kvf_server *s = lp->srv;
+    static const int listener_tag = 0, wake_tag = 0;
+    kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag);
+    kvf__poller_add(lp->poller, lp->wake[0], KVF_POLL_IN, (void *)&wake_tag);
+    kvf_poll_event evs[64];
+    while (!atomic_load(&s->stopping)) {
+        int n = kvf__poller_wait(lp->poller, evs, 64, 100);
+        if (n < 0) {
+            kvf_error(s->o.log, "loop %d: poll: %s", lp->idx, kvf_strerror(n));
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (evs[i].ud == &listener_tag) {
+                loop_accept(lp);
+                continue;
+            }
+            if (evs[i].ud == &wake_tag) {
+                loop_drain_inbox(lp);
+                continue;
+            }
+            conn *c = evs[i].ud;
+            /* A connection destroyed earlier in this batch cannot appear again: each fd is
+             * reported once per wait. */
+            if ((evs[i].events & KVF_POLL_OUT) && conn_flush(c) < 0)
+                continue;
+            if (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR))
+                conn_on_readable(c);
+        }
+        if (lp->idx == 0) {
+            uint64_t t = kvf__now_ns();
+            if (t - lp->last_tick >= TICK_NS) {
+                lp->last_tick = t;
+                kvf__cache_lock(s->o.cache);
+                kvf__cache_tick_locked(s->o.cache, TICK_STEPS);
+                kvf__cache_unlock(s->o.cache);
+            }
+        }
+    }
+    return NULL;
+}
+
+int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!o->cache) {
+        snprintf(err, errlen, "server: no cache");
+        return KVF_EINVAL;
+    }
+    kvf_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    s->o = *o;
+    snprintf(s->host, sizeof s->host, "%s", o->host ? o->host : "127.0.0.1");
+    s->o.host = s->host;
+    if (!s->o.threads)
+        s->o.threads = 1;
+    if (!s->o.max_request)
+        s->o.max_request = 256ull << 20;
+    if (!s->o.max_items || s->o.max_items > KVF_WIRE_MAX_ITEMS)
+        s->o.max_items = KVF_WIRE_MAX_ITEMS;
+    atomic_init(&s->next_conn_id, 1);
+    int rc = kvf__tcp_listen(s->host, o->port, 512, &s->lfd, &s->port, err, errlen);
+    if (rc) {
+        free(s);
+        return rc;
+    }
+    s->nloops = s->o.threads;
+    s->loops = calloc((size_t)s->nloops, sizeof *s->loops);
+    if (!s->loops) {
+        rc = KVF_ENOMEM;
+        goto out_close;
+    }
+    for (int i = 0; i < s->nloops; i++) {
+        loop *lp = &s->loops[i];
+        lp->srv = s;
+        lp->idx = i;
+        lp->wake[0] = lp->wake[1] = -1;
+        pthread_mutex_init(&lp->inbox_mu, NULL);
+        rc = kvf__poller_open(&lp->poller, o->poller);
+        if (rc) {
+            snprintf(err, errlen, "poller \"%s\": %s", o->poller ? o->poller : "default",
+                     kvf_strerror(rc));
+            goto out_close;
+        }
+        lp->scratch = malloc(SCRATCH_BYTES);
+        if (!lp->scratch || pipe(lp->wake) != 0) {
+            snprintf(err, errlen, "loop setup: %s", strerror(errno));
+            rc = KVF_ENOMEM;
+            goto out_close;
+        }
+        for (int k = 0; k < 2; k++) {
+            fcntl(lp->wake[k], F_SETFL, fcntl(lp->wake[k], F_GETFL) | O_NONBLOCK);
+            fcntl(lp->wake[k], F_SETFD, FD_CLOEXEC);
+        }
+    }
+    *out = s;
+    return 0;
+
+out_close:
+    kvf__server_close(&s);
+    return rc;
+}
+
+uint16_t kvf__server_port(const kvf_server *s)
+{
+    return s->port;
+}
+
+int kvf__server_run(kvf_server *s)
+{
+    int started = 0;
+    for (int i = 1; i < s->nloops; i++) {
+        if (pthread_create(&s->loops[i].th, NULL, loop_main, &s->loops[i]) != 0)
+            break;
+        started = i;
+    }
+    loop_main(&s->loops[0]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(s->loops[i].th, NULL);
+    return 0;
+}
+
+void kvf__server_stop(kvf_server *s)
+{
+    atomic_store(&s->stopping, 1);
+    for (int i = 0; i < s->nloops; i++) {
+        if (s->loops[i].wake[1] >= 0) {
+            ssize_t w = write(s->loops[i].wake[1], &wake_byte, 1);
+            (void)w;
+        }
+    }
+}
+
+void kvf__server_close(kvf_server **sp)
+{
+    if (!sp || !*sp)
+        return;
+    kvf_server *s = *sp;
+    atomic_store(&s->stopping, 1);
+    /* COPY workers finish within their deadline; wait for them so none touches freed state. */
+    for (int i = 0; i < 600 && atomic_load(&s->jobs) > 0; i++)
+        usleep(50000);
+    for (int i = 0; s->loops && i < s->nloops; i++) {
+        loop *lp = &s->loops[i];
+        while (lp->conns)
+            conn_destroy(lp->conns);
+        if (lp->poller) {
+            pthread_mutex_lock(&lp->inbox_mu);
+            deferred *d = lp->inbox;
+            lp->inbox = NULL;
+            pthread_mutex_unlock(&lp->inbox_mu);
+            while (d) {
+                deferred *next = d->next;
+                if (d->msg) {
+                    msg_release_refs(s, d->msg);
+                    free(d->msg);
+                }
+                free(d);
+                d = next;
+            }
+        }
+        kvf__poller_close(&lp->poller);
+        for (int k = 0; k < 2; k++)
+            if (lp->wake[k] >= 0)
+                close(lp->wake[k]);
+        free(lp->scratch);
+        pthread_mutex_destroy(&lp->inbox_mu);
+    }
+    free(s->loops);
+    if (s->lfd >= 0)
+        close(s->lfd);
+    free(s);
+    *sp = NULL;
+}

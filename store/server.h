@@ -1,0 +1,46 @@
+/*
+ * The storage node's network server: event-loop threads serving the wire protocol of
+ * docs/protocol.md over TCP against one kvf_cache.
+ *
+ * Each loop thread owns a poller and the connections it accepted; a connection never moves. Object
+ * bytes are received straight into reserved arena blocks and sent straight from referenced ones
+ * with scatter-gather writes, so the data path copies nothing in user space. A bad frame gets an
+ * error reply naming the problem, then its connection closes; nothing else changes.
+ */
+#ifndef KVF_STORE_SERVER_H
+#define KVF_STORE_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "cache.h"
+#include "log.h"
+
+typedef struct kvf_server kvf_server;
+
+typedef struct kvf_server_opts {
+    const char *host;     /* listen address; NULL: 127.0.0.1 */
+    uint16_t port;        /* 0: any free port */
+    int threads;          /* event-loop threads; 0: 1 */
+    uint64_t max_request; /* largest PUT/COMMIT payload; 0: 256 MiB */
+    uint32_t max_items;   /* most items per request; 0: KVF_WIRE_MAX_ITEMS */
+    int verify_puts;      /* verify object headers and checksums before committing */
+    const char *poller;   /* poller back-end; NULL: the best available */
+    uint64_t node_id;     /* reported by HELLO and STATS */
+    kvf_cache *cache;     /* borrowed; must outlive the server */
+    const kvf_log *log;   /* borrowed; may be NULL */
+} kvf_server_opts;
+
+/* Binds the listener. Caller owns the result; free with kvf__server_close(). */
+int kvf__server_open(kvf_server **out, const kvf_server_opts *opts, char *err, size_t errlen);
+/* The port bound. */
+uint16_t kvf__server_port(const kvf_server *s);
+/* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */
+int kvf__server_run(kvf_server *s);
+/* Asks the loops to stop. Safe from any thread and from a signal handler (it only writes to
+ * pipes). */
+void kvf__server_stop(kvf_server *s);
+/* Closes every connection (dropping their reservations and references) and frees the server. */
+void kvf__server_close(kvf_server **s);
+
+#endif

@@ -1,0 +1,293 @@
+#include "tcp.h"
+
+#include "kvf/error.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#ifndef IOV_MAX
+#define IOV_MAX 1024
+#endif
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is set on the socket instead */
+#endif
+
+static int errmsg(char *err, size_t errlen, int code, const char *what, const char *host,
+                  uint16_t port, const char *why)
+{
+    if (err && errlen)
+        snprintf(err, errlen, "%s %s:%u: %s", what, host, port, why);
+    return code;
+}
+
+int kvf__addr_parse(const char *addr, char *host, size_t hostlen, uint16_t *port)
+{
+    if (!addr)
+        return KVF_EINVAL;
+    const char *colon;
+    const char *h = addr;
+    size_t hl;
+    if (addr[0] == '[') {
+        const char *end = strchr(addr, ']');
+        if (!end || end[1] != ':')
+            return KVF_EINVAL;
+        h = addr + 1;
+        hl = (size_t)(end - h);
+        colon = end + 1;
+    } else {
+        colon = strrchr(addr, ':');
+        if (!colon)
+            return KVF_EINVAL;
+        hl = (size_t)(colon - addr);
+    }
+    if (hl == 0 || hl >= hostlen)
+        return KVF_EINVAL;
+    char *endp;
+    errno = 0;
+    unsigned long p = strtoul(colon + 1, &endp, 10);
+    if (errno || *endp || endp == colon + 1 || p > 65535)
+        return KVF_EINVAL;
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port = (uint16_t)p;
+    return 0;
+}
+
+static int set_nonblock_cloexec(int fd)
+{
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return kvf_err_from_errno(errno);
+    int fdfl = fcntl(fd, F_GETFD);
+    if (fdfl < 0 || fcntl(fd, F_SETFD, fdfl | FD_CLOEXEC) < 0)
+        return kvf_err_from_errno(errno);
+    return 0;
+}
+
+int kvf__tcp_tune(int fd)
+{
+    int one = 1;
+    int buf = (int)KVF_TCP_SOCKBUF;
+    /* Buffer sizes are requests the kernel may clamp (net.core.*mem_max): not an error. */
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buf, sizeof buf);
+#ifdef SO_NOSIGPIPE
+    setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof one);
+#endif
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) < 0)
+        return kvf_err_from_errno(errno);
+    return set_nonblock_cloexec(fd);
+}
+
+static int resolve(const char *host, uint16_t port, int passive, struct addrinfo **res)
+{
+    struct addrinfo hints;
+    char ps[8];
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = passive ? AI_PASSIVE : 0;
+    snprintf(ps, sizeof ps, "%u", port);
+    return getaddrinfo(host, ps, &hints, res);
+}
+
+int kvf__tcp_listen(const char *host, uint16_t port, int backlog, int *fd, uint16_t *bound,
+                    char *err, size_t errlen)
+{
+    struct addrinfo *res;
+    int gai = resolve(host, port, 1, &res);
+    if (gai)
+        return errmsg(err, errlen, KVF_EADDRNOTAVAIL, "resolve", host, port, gai_strerror(gai));
+    int rc = KVF_EADDRNOTAVAIL;
+    int s = -1;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (s < 0) {
+            rc = errmsg(err, errlen, kvf_err_from_errno(errno), "socket", host, port,
+                        strerror(errno));
+            continue;
+        }
+        int one = 1;
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        if (bind(s, ai->ai_addr, ai->ai_addrlen) < 0 || listen(s, backlog) < 0) {
+            rc = errmsg(err, errlen, kvf_err_from_errno(errno), "listen", host, port,
+                        strerror(errno));
+            close(s);
+            s = -1;
+            continue;
+        }
+        rc = set_nonblock_cloexec(s);
+        if (rc) {
+            close(s);
+            s = -1;
+            continue;
+        }
+        break;
+    }
+    freeaddrinfo(res);
+    if (s < 0)
+        return rc;
+    struct sockaddr_storage ss;
+    socklen_t sl = sizeof ss;
+    if (getsockname(s, (struct sockaddr *)&ss, &sl) == 0) {
+        if (ss.ss_family == AF_INET)
+            *bound = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+        else if (ss.ss_family == AF_INET6)
+            *bound = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    }
+    *fd = s;
+    return 0;
+}
+
+int kvf__tcp_accept(int lfd, int *fd)
+{
+    int s = accept(lfd, NULL, NULL);
+    if (s < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED)
+            return KVF_EAGAIN;
+        return kvf_err_from_errno(errno);
+    }
+    int rc = kvf__tcp_tune(s);
+    if (rc) {
+        close(s);
+        return rc;
+    }
+    *fd = s;
+    return 0;
+}
+
+int kvf__tcp_connect(const char *host, uint16_t port, int timeout_ms, int *fd, char *err,
+                     size_t errlen)
+{
+    struct addrinfo *res;
+    int gai = resolve(host, port, 0, &res);
+    if (gai)
+        return errmsg(err, errlen, KVF_EHOSTUNREACH, "resolve", host, port, gai_strerror(gai));
+    int rc = KVF_ECONNREFUSED;
+    int s = -1;
+    for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+        s = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (s < 0) {
+            rc = errmsg(err, errlen, kvf_err_from_errno(errno), "socket", host, port,
+                        strerror(errno));
+            continue;
+        }
+        rc = kvf__tcp_tune(s);
+        if (rc) {
+            close(s);
+            s = -1;
+            continue;
+        }
+        if (connect(s, ai->ai_addr, ai->ai_addrlen) == 0)
+            break;
+        if (errno != EINPROGRESS) {
+            rc = errmsg(err, errlen, kvf_err_from_errno(errno), "connect", host, port,
+                        strerror(errno));
+            close(s);
+            s = -1;
+            continue;
+        }
+        struct pollfd pfd = {.fd = s, .events = POLLOUT, .revents = 0};
+        int pr;
+        do {
+            pr = poll(&pfd, 1, timeout_ms);
+        } while (pr < 0 && errno == EINTR);
+        int soerr = 0;
+        socklen_t sl = sizeof soerr;
+        if (pr == 0) {
+            rc = errmsg(err, errlen, KVF_ETIMEDOUT, "connect", host, port, "timed out");
+        } else if (pr < 0 || getsockopt(s, SOL_SOCKET, SO_ERROR, &soerr, &sl) < 0) {
+            rc = errmsg(err, errlen, kvf_err_from_errno(errno), "connect", host, port,
+                        strerror(errno));
+        } else if (soerr) {
+            rc = errmsg(err, errlen, kvf_err_from_errno(soerr), "connect", host, port,
+                        strerror(soerr));
+        } else {
+            break;
+        }
+        close(s);
+        s = -1;
+    }
+    freeaddrinfo(res);
+    if (s < 0)
+        return rc;
+    *fd = s;
+    return 0;
+}
+
+int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done)
+{
+    size_t total = 0;
+    *done = 0;
+    while (iovcnt > 0) {
+        int n = iovcnt > IOV_MAX ? IOV_MAX : iovcnt;
+        struct msghdr mh;
+        memset(&mh, 0, sizeof mh);
+        mh.msg_iov = (struct iovec *)iov;
+        mh.msg_iovlen = (size_t)n;
+        ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                return total ? 0 : KVF_EAGAIN;
+            return kvf_err_from_errno(errno);
+        }
+        total += (size_t)w;
+        *done = total;
+        size_t want = 0;
+        for (int i = 0; i < n; i++)
+            want += iov[i].iov_len;
+        if ((size_t)w < want)
+            return 0;
+        iov += n;
+        iovcnt -= n;
+    }
+    return 0;
+}
+
+int kvf__sock_read(int fd, void *buf, size_t len, size_t *got)
+{
+    *got = 0;
+    for (;;) {
+        ssize_t r = recv(fd, buf, len, 0);
+        if (r >= 0) {
+            *got = (size_t)r;
+            return 0;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return KVF_EAGAIN;
+        return kvf_err_from_errno(errno);
+    }
+}
+
+int kvf__iov_advance(struct iovec *iov, int iovcnt, int first, size_t n)
+{
+    while (first < iovcnt && n) {
+        if (n >= iov[first].iov_len) {
+            n -= iov[first].iov_len;
+            iov[first].iov_len = 0;
+            first++;
+        } else {
+            iov[first].iov_base = (char *)iov[first].iov_base + n;
+            iov[first].iov_len -= n;
+            n = 0;
+        }
+    }
+    while (first < iovcnt && iov[first].iov_len == 0)
+        first++;
+    return first;
+}

@@ -1,0 +1,43 @@
+/*
+ * TCP sockets: listening, connecting with a deadline, tuning, and scatter-gather I/O that never
+ * raises SIGPIPE. The only place in kvfabric that reads errno on sockets; every failure comes back
+ * as a KVF_E* code, with one line of context in err for setup calls.
+ */
+#ifndef KVF_TRANSPORT_TCP_H
+#define KVF_TRANSPORT_TCP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+/* Socket buffer size asked for on data connections: large enough for a 16 MiB transfer to stream
+ * without waiting on every window. */
+#define KVF_TCP_SOCKBUF (8u << 20)
+
+/* Splits "host:port" (or "[v6]:port") into host and port. Returns 0 or KVF_EINVAL. */
+int kvf__addr_parse(const char *addr, char *host, size_t hostlen, uint16_t *port);
+
+/* Listens on host:port (port 0: any free port), nonblocking. *bound gets the port bound. */
+int kvf__tcp_listen(const char *host, uint16_t port, int backlog, int *fd, uint16_t *bound,
+                    char *err, size_t errlen);
+/* Accepts one connection, tuned and nonblocking. Returns 0, KVF_EAGAIN when none is waiting, or
+ * another KVF_E* code. */
+int kvf__tcp_accept(int lfd, int *fd);
+/* Connects to host:port within timeout_ms; the socket comes back tuned and nonblocking. */
+int kvf__tcp_connect(const char *host, uint16_t port, int timeout_ms, int *fd, char *err,
+                     size_t errlen);
+/* TCP_NODELAY, KVF_TCP_SOCKBUF buffers, nonblocking, close-on-exec, no SIGPIPE. */
+int kvf__tcp_tune(int fd);
+
+/* Writes as much of iov as the socket takes now, in calls of at most IOV_MAX vectors. *done gets
+ * the bytes written. Returns 0 (all or part written), KVF_EAGAIN when nothing could be written,
+ * or the error (KVF_EPIPE, KVF_ECONNRESET ...). */
+int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done);
+/* Reads up to len bytes. *got gets the count; 0 with return 0 means the peer closed. Returns 0,
+ * KVF_EAGAIN, or the error. */
+int kvf__sock_read(int fd, void *buf, size_t len, size_t *got);
+
+/* Advances an iovec array past n bytes; returns the new first index and adjusts that entry. */
+int kvf__iov_advance(struct iovec *iov, int iovcnt, int first, size_t n);
+
+#endif
