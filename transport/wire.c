@@ -83,7 +83,9 @@ int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_l
         return bad(msg, msglen, KVF_EVERSION,
                    "unsupported protocol version %u (this node speaks %u)", h->version,
                    KVF_WIRE_VERSION);
-    if (!kvf__wire_opcode_name(h->opcode))
+    /* A fatal reply echoes whatever opcode the bad frame carried, known or not. */
+    int fatal_reply = (h->flags & KVF_WF_REPLY) && (h->flags & KVF_WF_FATAL) && lim->expect_reply;
+    if (!kvf__wire_opcode_name(h->opcode) && !fatal_reply)
         return bad(msg, msglen, KVF_EPROTO, "unknown opcode %u", h->opcode);
     if (h->flags & ~KVF_WF_KNOWN)
         return bad(msg, msglen, KVF_EPROTO, "unknown flags 0x%" PRIx32, h->flags & ~KVF_WF_KNOWN);

@@ -1,0 +1,855 @@
+/*
+ * Integration tests of kvf-store: real daemons on loopback (port 0, so tests never collide), driven
+ * through the public client API and, for malformed input, through raw sockets. Every daemon is
+ * stopped with SIGTERM at the end of its test and must exit 0 (a clean shutdown); every wait is
+ * bounded.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+#include <time.h>
+#include <unistd.h>
+
+#include "kvf/kvf.h"
+
+#include "bytes.h"
+#include "clock.h"
+#include "object.h"
+#include "tcp.h"
+#include "wire.h"
+
+#ifndef KVF_STORE_BIN
+#error "KVF_STORE_BIN must name the kvf-store binary"
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* Daemons */
+
+typedef struct daemon_t {
+    pid_t pid;
+    uint16_t port;
+    char addr[64];
+} daemon_t;
+
+/* Every daemon started and not yet stopped, so a failing test (cmocka unwinds it with longjmp)
+ * still leaves no process behind: the group teardown and an atexit handler kill them. */
+static pid_t live[32];
+
+static void track(pid_t pid, int add)
+{
+    for (int i = 0; i < 32; i++) {
+        if (add ? live[i] == 0 : live[i] == pid) {
+            live[i] = add ? pid : 0;
+            return;
+        }
+    }
+}
+
+static void kill_all(void)
+{
+    for (int i = 0; i < 32; i++) {
+        if (live[i] > 0) {
+            kill(live[i], SIGCONT);
+            kill(live[i], SIGKILL);
+            waitpid(live[i], NULL, 0);
+            live[i] = 0;
+        }
+    }
+}
+
+static int teardown_daemons(void **state)
+{
+    (void)state;
+    kill_all();
+    return 0;
+}
+
+static void daemon_start(daemon_t *d, const char *memory, const char *extra)
+{
+    int pfd[2];
+    assert_int_equal(pipe(pfd), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+#ifdef __linux__
+        prctl(PR_SET_PDEATHSIG, SIGKILL); /* die with the test, whatever happens to it */
+#endif
+        dup2(pfd[1], 1);
+        close(pfd[0]);
+        close(pfd[1]);
+        char *argv[16];
+        int k = 0;
+        argv[k++] = (char *)KVF_STORE_BIN;
+        argv[k++] = (char *)"--listen";
+        argv[k++] = (char *)"127.0.0.1:0";
+        argv[k++] = (char *)"--memory";
+        argv[k++] = (char *)memory;
+        argv[k++] = (char *)"--log-level";
+        argv[k++] = (char *)"warn";
+        char extra_buf[256];
+        if (extra) {
+            snprintf(extra_buf, sizeof extra_buf, "%s", extra);
+            for (char *t = strtok(extra_buf, " "); t && k < 15; t = strtok(NULL, " "))
+                argv[k++] = t;
+        }
+        argv[k] = NULL;
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(pfd[1]);
+    track(pid, 1);
+    char line[512];
+    size_t got = 0;
+    struct pollfd p = {.fd = pfd[0], .events = POLLIN};
+    while (got < sizeof line - 1 && !memchr(line, '\n', got)) {
+        if (poll(&p, 1, 10000) <= 0)
+            break;
+        ssize_t r = read(pfd[0], line + got, sizeof line - 1 - got);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(pfd[0]);
+    line[got] = '\0';
+    char *at = strstr(line, "listen=127.0.0.1:");
+    if (!at)
+        fail_msg("kvf-store did not print its ready line: \"%s\"", line);
+    d->pid = pid;
+    d->port = (uint16_t)atoi(at + strlen("listen=127.0.0.1:"));
+    snprintf(d->addr, sizeof d->addr, "127.0.0.1:%u", d->port);
+}
+
+/* Stops a daemon with SIGTERM and checks that it exits 0 within 10 s. */
+static void daemon_stop(daemon_t *d)
+{
+    if (d->pid <= 0)
+        return;
+    kill(d->pid, SIGTERM);
+    int status = 0;
+    for (int i = 0; i < 1000; i++) {
+        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
+            track(d->pid, 0);
+            d->pid = 0;
+            assert_true(WIFEXITED(status));
+            assert_int_equal(WEXITSTATUS(status), 0);
+            return;
+        }
+        usleep(10000);
+    }
+    kill(d->pid, SIGKILL);
+    waitpid(d->pid, &status, 0);
+    track(d->pid, 0);
+    d->pid = 0;
+    fail_msg("kvf-store did not stop within 10 s of SIGTERM");
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Objects: a small layout, content derived from the key so every byte can be checked. */
+
+#define LAYERS 4
+#define SEG    4096
+
+static const uint64_t NS = 0x5eed5eed5eed5eedull;
+
+static kvf_key key_of(uint64_t i)
+{
+    kvf_key k = {.lo = i * 0x9E3779B97F4A7C15ull + 12345, .hi = i ^ 0xabcdef};
+    return k;
+}
+
+static void fill(uint8_t *p, size_t n, uint64_t seed, int smooth)
+{
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+        p[i] = smooth ? (uint8_t)((i & 1) ? 0x3c + ((seed >> 62) & 1) : seed >> 56)
+                      : (uint8_t)(seed >> 56);
+    }
+}
+
+/* Builds the object of key i with seg bytes per layer. Caller frees. */
+static uint8_t *make_obj(uint64_t i, size_t seg, int smooth, uint64_t *len)
+{
+    uint8_t *raw = malloc(seg * LAYERS);
+    const void *segs[LAYERS];
+    for (int l = 0; l < LAYERS; l++) {
+        fill(raw + l * seg, seg, i * 131 + (uint64_t)l, smooth);
+        segs[l] = raw + l * seg;
+    }
+    size_t cap = kvf__obj_raw_size(LAYERS, seg);
+    uint8_t *obj = malloc(cap);
+    kvf_key k = key_of(i);
+    size_t out;
+    assert_int_equal(
+        kvf__obj_encode(&k, 7, 64, LAYERS, segs, seg, KVF_CODEC_NONE, obj, cap, &out, NULL), 0);
+    free(raw);
+    *len = out;
+    return obj;
+}
+
+/* Checks a fetched object against the content of key i. */
+static void check_obj(uint64_t i, const uint8_t *obj, uint64_t len, size_t seg, int smooth)
+{
+    kvf_obj_info info;
+    assert_int_equal(kvf__obj_verify(obj, len, &info), 0);
+    kvf_key k = key_of(i);
+    assert_true(kvf_key_eq(&info.key, &k));
+    uint8_t *want = malloc(seg), *got = malloc(seg), *scratch = malloc(seg);
+    const uint8_t *p = obj + info.header_len;
+    for (uint32_t l = 0; l < LAYERS; l++) {
+        kvf_obj_seg s = kvf__obj_seg(&info, l);
+        assert_int_equal(kvf__obj_decode_seg(info.codec, &s, p, got, scratch), 0);
+        fill(want, seg, i * 131 + l, smooth);
+        assert_memory_equal(want, got, seg);
+        p += s.stored_len;
+    }
+    free(want);
+    free(got);
+    free(scratch);
+}
+
+static kvf_client *client_open(daemon_t *ds, int n, int deadline_ms)
+{
+    const char *nodes[8];
+    for (int i = 0; i < n; i++)
+        nodes[i] = ds[i].addr;
+    kvf_client_opts o = {.nodes = nodes,
+                         .n_nodes = (size_t)n,
+                         .ns = NS,
+                         .conns_per_node = 3,
+                         .deadline_ms = deadline_ms,
+                         .stripe_bytes = 64 * 1024};
+    kvf_client *c = NULL;
+    char err[256];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    return c;
+}
+
+/* Puts keys [from, from + n) and returns how many stored (0) or were there (EEXIST). */
+static size_t put_range(kvf_client *c, uint64_t from, size_t n, size_t seg, int smooth, int *st_out)
+{
+    kvf_key *keys = malloc(n * sizeof *keys);
+    uint8_t **objs = malloc(n * sizeof *objs);
+    uint64_t *lens = malloc(n * sizeof *lens);
+    int *st = st_out ? st_out : malloc(n * sizeof *st);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(from + i);
+        objs[i] = make_obj(from + i, seg, smooth, &lens[i]);
+    }
+    kvf_batch b = {
+        .n = n, .keys = keys, .objs = (const void *const *)objs, .lens = lens, .status = st};
+    assert_int_equal(kvf_client_put(c, &b), 0);
+    size_t ok = 0;
+    for (size_t i = 0; i < n; i++) {
+        ok += st[i] == 0 || st[i] == KVF_EEXIST;
+        free(objs[i]);
+    }
+    free(keys);
+    free(objs);
+    free(lens);
+    if (!st_out)
+        free(st);
+    return ok;
+}
+
+typedef struct layer_log {
+    uint32_t seen[64];
+    int n;
+} layer_log;
+
+static void on_layer(kvf_op *op, uint32_t layer, void *ud)
+{
+    (void)op;
+    layer_log *lg = ud;
+    if (lg->n < 64)
+        lg->seen[lg->n++] = layer;
+}
+
+/* Gets keys [from, from + n), checks every hit, returns the number of hits. */
+static size_t get_range(kvf_client *c, uint64_t from, size_t n, size_t seg, int smooth,
+                        uint32_t flags, int *st_out)
+{
+    kvf_key *keys = malloc(n * sizeof *keys);
+    size_t cap = kvf__obj_raw_size(LAYERS, seg);
+    uint8_t *mem = malloc(cap * n);
+    void **bufs = malloc(n * sizeof *bufs);
+    uint64_t *caps = malloc(n * sizeof *caps), *lens = calloc(n, sizeof *lens);
+    int *st = st_out ? st_out : malloc(n * sizeof *st);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(from + i);
+        bufs[i] = mem + i * cap;
+        caps[i] = cap;
+    }
+    layer_log lg = {.n = 0};
+    kvf_batch b = {.n = n,
+                   .keys = keys,
+                   .bufs = (void *const *)bufs,
+                   .caps = caps,
+                   .out_lens = lens,
+                   .status = st,
+                   .flags = flags,
+                   .layer_cb = on_layer,
+                   .ud = &lg};
+    assert_int_equal(kvf_client_get(c, &b), 0);
+    size_t hits = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (st[i] == 0) {
+            check_obj(from + i, bufs[i], lens[i], seg, smooth);
+            hits++;
+        }
+    }
+    if (flags & KVF_GET_STREAM) {
+        /* Layers are reported once each, in order. */
+        if (hits) {
+            assert_int_equal(lg.n, LAYERS);
+            for (int l = 0; l < LAYERS; l++)
+                assert_int_equal(lg.seen[l], l);
+        }
+    }
+    free(keys);
+    free(mem);
+    free(bufs);
+    free(caps);
+    free(lens);
+    if (!st_out)
+        free(st);
+    return hits;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Raw sockets for malformed input */
+
+static int raw_connect(const daemon_t *d)
+{
+    int fd;
+    char err[128];
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", d->port, 2000, &fd, err, sizeof err), 0);
+    /* Back to blocking with a receive timeout: every read below is bounded. */
+    int fl = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    struct timeval tv = {.tv_sec = 5, .tv_usec = 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+static void raw_send(int fd, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    while (n) {
+        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+        assert_true(w > 0);
+        b += w;
+        n -= (size_t)w;
+    }
+}
+
+static int raw_read_full(int fd, void *p, size_t n)
+{
+    uint8_t *b = p;
+    while (n) {
+        ssize_t r = recv(fd, b, n, 0);
+        if (r <= 0)
+            return -1;
+        b += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* Reads one reply; returns its status and copies the error text. */
+static int raw_reply(int fd, kvf_wire_hdr *h, char *text, size_t textlen)
+{
+    uint8_t hb[KVF_WIRE_HEADER_LEN];
+    assert_int_equal(raw_read_full(fd, hb, sizeof hb), 0);
+    kvf_wire_limits lim = {.max_request = 1ull << 40, .expect_reply = 1};
+    char msg[200];
+    if (kvf__wire_hdr_decode(hb, &lim, h, msg, sizeof msg) != 0)
+        fail_msg("reply header: %s", msg);
+    if (text) {
+        size_t n = h->payload_len < textlen - 1 ? h->payload_len : textlen - 1;
+        assert_int_equal(raw_read_full(fd, text, n), 0);
+        text[n] = '\0';
+    }
+    return h->status;
+}
+
+/* After a fatal error the server closes: the next read sees EOF. */
+static void expect_closed(int fd)
+{
+    char c;
+    assert_int_equal(recv(fd, &c, 1, 0), 0);
+    close(fd);
+}
+
+static void frame(uint8_t *out, uint16_t op, uint32_t flags, uint64_t id, uint32_t n, uint64_t plen)
+{
+    kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
+                      .opcode = op,
+                      .flags = flags,
+                      .request_id = id,
+                      .item_count = n,
+                      .payload_len = plen};
+    kvf__wire_hdr_encode(out, &h);
+}
+
+static void expect_fatal(const daemon_t *d, const void *bytes, size_t n, int shut, int code,
+                         const char *words)
+{
+    int fd = raw_connect(d);
+    raw_send(fd, bytes, n);
+    if (shut)
+        shutdown(fd, SHUT_WR);
+    kvf_wire_hdr h;
+    char text[300];
+    int st = raw_reply(fd, &h, text, sizeof text);
+    if (st != code || !strstr(text, words))
+        fail_msg("expected %s \"%s\", got %s \"%s\"", kvf_err_name(code), words, kvf_err_name(st),
+                 text);
+    assert_true(h.flags & KVF_WF_FATAL);
+    expect_closed(fd);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tests */
+
+static void test_daemon_round_trip_thousands(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "128M", "--threads 2");
+    kvf_client *c = client_open(&d, 1, 10000);
+    for (uint64_t b = 0; b < 3000; b += 500)
+        assert_int_equal(put_range(c, b, 500, SEG, 0, NULL), 500);
+    for (uint64_t b = 0; b < 3000; b += 750)
+        assert_int_equal(get_range(c, b, 750, SEG, 0, 0, NULL), 750);
+    /* Streamed, layer-major. */
+    assert_int_equal(get_range(c, 100, 200, SEG, 0, KVF_GET_STREAM, NULL), 200);
+    /* Misses are reported per key; a second put sends nothing and reports EEXIST. */
+    int st[100];
+    assert_int_equal(get_range(c, 2995, 10, SEG, 0, 0, st), 5);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(st[i], 0);
+    for (int i = 5; i < 10; i++)
+        assert_int_equal(st[i], KVF_ENOENT);
+    kvf_client_counters before, after;
+    kvf_client_counters_get(c, &before);
+    assert_int_equal(put_range(c, 0, 100, SEG, 0, st), 100);
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(st[i], KVF_EEXIST);
+    kvf_client_counters_get(c, &after);
+    print_message("second put of 100 objects sent %llu bytes\n",
+                  (unsigned long long)(after.bytes_sent - before.bytes_sent));
+    assert_true(after.bytes_sent - before.bytes_sent < 100 * 64); /* keys only, no objects */
+    /* A buffer that is too small is a per-key E2BIG, not an overflow. */
+    kvf_key k = key_of(1);
+    uint8_t small[100];
+    void *bufs[1] = {small};
+    uint64_t caps[1] = {sizeof small};
+    int s1;
+    kvf_batch b = {.n = 1, .keys = &k, .bufs = bufs, .caps = caps, .status = &s1};
+    assert_int_equal(kvf_client_get(c, &b), 0);
+    assert_int_equal(s1, KVF_E2BIG);
+    char *json = NULL;
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    assert_non_null(strstr(json, "\"entries\":3000"));
+    free(json);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+/* Eviction under pressure never drops a pinned entry, nor one a slow reader still references. */
+static void test_daemon_eviction_keeps_pinned_and_referenced(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "64M", NULL);
+    kvf_client *c = client_open(&d, 1, 20000);
+    size_t big = 6u << 20; /* 4 layers x 6 MiB = 24 MiB object */
+    assert_int_equal(put_range(c, 1, 1, big, 0, NULL), 1);
+    assert_int_equal(put_range(c, 2, 1, SEG, 0, NULL), 1);
+    kvf_key pinned = key_of(2);
+    int st;
+    assert_int_equal(kvf_client_pin(c, 1, &pinned, 60000, &st, 2000), 0);
+    assert_int_equal(st, 0);
+    /* A raw GET of the 24 MiB object that we do not read yet: the server holds a reference until
+     * its last byte is written. */
+    int fd = raw_connect(&d);
+    uint8_t req[KVF_WIRE_HEADER_LEN + 24];
+    frame(req, KVF_OP_GET, 0, 1, 1, 24);
+    kvf__put_u64(req + KVF_WIRE_HEADER_LEN, NS);
+    kvf_key bk = key_of(1);
+    kvf__wire_key_put(req + KVF_WIRE_HEADER_LEN + 8, &bk);
+    raw_send(fd, req, sizeof req);
+    usleep(200000);
+    /* 200 MiB of other objects through the 64 MiB arena. */
+    for (uint64_t i = 0; i < 50; i++)
+        put_range(c, 1000 + i * 10, 10, 100 * 1024, 0, NULL);
+    char *json;
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    assert_null(strstr(json, "\"evictions\":0,"));
+    free(json);
+    assert_int_equal(get_range(c, 2, 1, SEG, 0, 0, NULL), 1);
+    /* Now read the held object: every byte intact. */
+    kvf_wire_hdr h;
+    assert_int_equal(raw_reply(fd, &h, NULL, 0), 0);
+    uint8_t table[16];
+    assert_int_equal(raw_read_full(fd, table, 16), 0);
+    assert_int_equal((int32_t)kvf__get_u32(table), 0);
+    uint64_t len = kvf__get_u64(table + 8);
+    uint8_t *obj = malloc(len);
+    assert_int_equal(raw_read_full(fd, obj, len), 0);
+    check_obj(1, obj, len, big, 0);
+    free(obj);
+    close(fd);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+static void test_daemon_lease_expiry_and_clear(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "32M", NULL);
+    kvf_client *c = client_open(&d, 1, 5000);
+    assert_int_equal(put_range(c, 0, 20, SEG, 0, NULL), 20);
+    kvf_key k = key_of(3);
+    int st;
+    assert_int_equal(kvf_client_pin(c, 1, &k, 300, &st, 2000), 0);
+    assert_int_equal(st, 0);
+    assert_int_equal(kvf_client_evict(c, 1, &k, &st, 2000), 0);
+    assert_int_equal(st, KVF_EBUSY);
+    usleep(600000);
+    assert_int_equal(kvf_client_evict(c, 1, &k, &st, 2000), 0);
+    assert_int_equal(st, 0);
+    assert_int_equal(kvf_client_evict(c, 1, &k, &st, 2000), 0);
+    assert_int_equal(st, KVF_ENOENT);
+    size_t hits;
+    kvf_key chain[6];
+    for (int i = 0; i < 6; i++)
+        chain[i] = key_of((uint64_t)i);
+    assert_int_equal(kvf_client_lookup_prefix(c, 6, chain, &hits, 2000), 0);
+    assert_int_equal(hits, 3); /* 0, 1, 2 then the evicted 3 */
+    uint64_t removed = 0;
+    assert_int_equal(kvf_client_clear(c, &removed, 2000), 0);
+    assert_int_equal(removed, 19);
+    assert_int_equal(get_range(c, 0, 20, SEG, 0, 0, NULL), 0);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+static void test_daemon_copy_between_nodes(void **state)
+{
+    (void)state;
+    daemon_t d[2];
+    daemon_start(&d[0], "32M", NULL);
+    daemon_start(&d[1], "32M", NULL);
+    kvf_client *a = client_open(&d[0], 1, 5000);
+    kvf_client *b = client_open(&d[1], 1, 5000);
+    assert_int_equal(put_range(a, 0, 50, SEG, 0, NULL), 50);
+    assert_int_equal(get_range(b, 0, 50, SEG, 0, 0, NULL), 0);
+    kvf_key keys[52];
+    int st[52];
+    for (int i = 0; i < 52; i++)
+        keys[i] = key_of((uint64_t)i);
+    assert_int_equal(kvf_client_copy(a, 0, d[1].addr, 52, keys, st, 10000), 0);
+    for (int i = 0; i < 50; i++)
+        assert_int_equal(st[i], 0);
+    assert_int_equal(st[50], KVF_ENOENT);
+    assert_int_equal(get_range(b, 0, 50, SEG, 0, 0, NULL), 50);
+    /* Copying again finds them present. */
+    assert_int_equal(kvf_client_copy(a, 0, d[1].addr, 5, keys, st, 10000), 0);
+    assert_int_equal(st[0], KVF_EEXIST);
+    /* A dead target fails the copy with a clear status, and the source keeps serving. */
+    daemon_stop(&d[1]);
+    int rc = kvf_client_copy(a, 0, d[1].addr, 5, keys, st, 3000);
+    assert_int_equal(rc, 0);
+    assert_true(st[0] == KVF_ECONNREFUSED || st[0] == KVF_ECONNRESET);
+    assert_int_equal(get_range(a, 0, 50, SEG, 0, 0, NULL), 50);
+    kvf_client_close(&a);
+    kvf_client_close(&b);
+    daemon_stop(&d[0]);
+}
+
+typedef struct worker_arg {
+    daemon_t *d;
+    uint64_t base;
+    int ok;
+} worker_arg;
+
+static void *worker(void *p)
+{
+    worker_arg *w = p;
+    kvf_client *c = client_open(w->d, 1, 20000);
+    w->ok =
+        put_range(c, w->base, 150, SEG, 0, NULL) == 150 &&
+        get_range(c, w->base, 150, SEG, 0, (w->base / 1000) % 2 ? KVF_GET_STREAM : 0, NULL) == 150;
+    kvf_client_close(&c);
+    return NULL;
+}
+
+static void test_daemon_concurrent_clients(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "128M", "--threads 2");
+    enum { T = 8 };
+    pthread_t th[T];
+    worker_arg wa[T];
+    for (int i = 0; i < T; i++) {
+        wa[i] = (worker_arg){.d = &d, .base = 100000 + (uint64_t)i * 1000, .ok = 0};
+        assert_int_equal(pthread_create(&th[i], NULL, worker, &wa[i]), 0);
+    }
+    for (int i = 0; i < T; i++) {
+        pthread_join(th[i], NULL);
+        assert_true(wa[i].ok);
+    }
+    daemon_stop(&d);
+}
+
+/* The bad-input list: each gets a clear error and nothing else changes. */
+static void test_daemon_bad_input_is_contained(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "16M", "--max-request 1M");
+    kvf_client *c = client_open(&d, 1, 5000);
+    assert_int_equal(put_range(c, 0, 30, SEG, 0, NULL), 30);
+    uint8_t f[4096];
+
+    /* Wrong magic. */
+    frame(f, KVF_OP_STATS, 0, 1, 0, 0);
+    f[0] = 'Z';
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN, 0, KVF_EPROTO, "bad magic");
+    /* Unknown version. */
+    frame(f, KVF_OP_STATS, 0, 1, 0, 0);
+    kvf__put_u16(f + 4, 7);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN, 0, KVF_EVERSION, "version 7");
+    /* Unknown opcode. */
+    frame(f, 99, 0, 1, 0, 0);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN, 0, KVF_EPROTO, "unknown opcode 99");
+    /* Lengths that disagree. */
+    frame(f, KVF_OP_GET, 0, 1, 3, 8 + 16);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN, 0, KVF_EPROTO, "needs a payload");
+    /* Item count over the limit. */
+    frame(f, KVF_OP_GET, 0, 1, 100000, 8 + 16 * 100000ull);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN, 0, KVF_E2BIG, "exceed the limit");
+    /* A request over --max-request. */
+    frame(f, KVF_OP_PUT, 0, 1, 1, 2u << 20);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN, 0, KVF_E2BIG, "exceeds the node's limit");
+    /* PUT item lengths that do not add up to the payload. */
+    frame(f, KVF_OP_PUT, 0, 1, 1, 8 + 24 + 100);
+    kvf__put_u64(f + KVF_WIRE_HEADER_LEN, NS);
+    memset(f + KVF_WIRE_HEADER_LEN + 8, 1, 16);
+    kvf__put_u64(f + KVF_WIRE_HEADER_LEN + 24, 99);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN + 32, 0, KVF_EPROTO, "sum to 99");
+    /* Truncated frames: header, then payload. */
+    frame(f, KVF_OP_STATS, 0, 1, 0, 0);
+    expect_fatal(&d, f, 20, 1, KVF_EPROTO, "truncated frame");
+    frame(f, KVF_OP_GET, 0, 1, 1, 24);
+    expect_fatal(&d, f, KVF_WIRE_HEADER_LEN + 10, 1, KVF_EPROTO, "after 50 of 64 bytes");
+
+    /* Keys of another namespace: bound by HELLO, then a GET of another: refused, and the
+     * connection goes on serving. */
+    int fd = raw_connect(&d);
+    frame(f, KVF_OP_HELLO, 0, 1, 0, 24);
+    kvf__put_u32(f + 40, 1);
+    kvf__put_u32(f + 44, 1);
+    kvf__put_u64(f + 48, NS);
+    kvf__put_u64(f + 56, 0);
+    raw_send(fd, f, 64);
+    kvf_wire_hdr h;
+    char text[300];
+    assert_int_equal(raw_reply(fd, &h, text, 49), 0);
+    frame(f, KVF_OP_GET, 0, 2, 1, 24);
+    kvf__put_u64(f + 40, NS + 1);
+    kvf_key k0 = key_of(0);
+    kvf__wire_key_put(f + 48, &k0);
+    raw_send(fd, f, 64);
+    assert_int_equal(raw_reply(fd, &h, text, sizeof text), KVF_ENAMESPACE);
+    assert_non_null(strstr(text, "namespace"));
+    assert_false(h.flags & KVF_WF_FATAL);
+    frame(f, KVF_OP_EXISTS, 0, 3, 1, 24);
+    kvf__put_u64(f + 40, NS);
+    kvf__wire_key_put(f + 48, &k0);
+    raw_send(fd, f, 64);
+    assert_int_equal(raw_reply(fd, &h, text, 2), 0);
+    assert_int_equal(text[0] & 1, 1);
+    close(fd);
+
+    /* A client that disconnects in the middle of a put: nothing of it becomes visible, and the
+     * key can be put again. */
+    uint64_t olen;
+    uint8_t *obj = make_obj(500, SEG, 0, &olen);
+    fd = raw_connect(&d);
+    frame(f, KVF_OP_PUT, 0, 9, 1, 8 + 24 + olen);
+    kvf__put_u64(f + 40, NS);
+    kvf_key k500 = key_of(500);
+    kvf__wire_key_put(f + 48, &k500);
+    kvf__put_u64(f + 64, olen);
+    raw_send(fd, f, 72);
+    raw_send(fd, obj, olen / 2);
+    close(fd);
+    usleep(100000);
+    assert_int_equal(get_range(c, 500, 1, SEG, 0, 0, NULL), 0);
+    /* A put whose object fails its checksum is refused per key. */
+    fd = raw_connect(&d);
+    obj[olen - 1] ^= 1;
+    raw_send(fd, f, 72);
+    raw_send(fd, obj, olen);
+    assert_int_equal(raw_reply(fd, &h, NULL, 0), 0);
+    uint8_t st4[4];
+    assert_int_equal(raw_read_full(fd, st4, 4), 0);
+    assert_int_equal((int32_t)kvf__get_u32(st4), KVF_ECHECKSUM);
+    close(fd);
+    obj[olen - 1] ^= 1;
+    free(obj);
+    assert_int_equal(put_range(c, 500, 1, SEG, 0, NULL), 1);
+    assert_int_equal(get_range(c, 500, 1, SEG, 0, 0, NULL), 1);
+
+    /* A put that finds the arena full of pinned entries: ENOSPC, and the pinned data stays. */
+    kvf_key pk[200];
+    int pst[200];
+    for (int i = 0; i < 200; i++)
+        pk[i] = key_of(1000 + (uint64_t)i);
+    size_t stored = 0;
+    for (int i = 0; i < 200; i++) {
+        int s;
+        put_range(c, 1000 + (uint64_t)i, 1, 100 * 1024, 0, &s);
+        if (s != 0) {
+            assert_int_equal(s, KVF_ENOSPC);
+            break;
+        }
+        assert_int_equal(kvf_client_pin(c, 1, &pk[i], 60000, &pst[i], 2000), 0);
+        assert_int_equal(pst[i], 0);
+        stored++;
+    }
+    assert_true(stored > 20 && stored < 200); /* 400 KiB objects in a 16 MiB arena */
+    assert_int_equal(get_range(c, 1000, stored, 100 * 1024, 0, 0, NULL), stored);
+
+    /* Through all of it, the daemon served everyone, and counted the protocol errors. */
+    char *json;
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    /* Nine malformed frames and one put cut off mid-transfer. */
+    if (!strstr(json, "\"protocol_errors\":10,"))
+        fail_msg("stats: %s", json);
+    free(json);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+/* A node that stops answering costs its keys, bounded by the deadline; a dead node likewise. */
+static void test_daemon_deadline_and_dead_node(void **state)
+{
+    (void)state;
+    daemon_t d[2];
+    daemon_start(&d[0], "32M", NULL);
+    daemon_start(&d[1], "32M", NULL);
+    kvf_client *c = client_open(d, 2, 400);
+    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    kill(d[1].pid, SIGSTOP);
+    int st[60];
+    uint64_t t0 = kvf__now_ns();
+    size_t hits = get_range(c, 0, 60, SEG, 0, 0, st);
+    uint64_t ms = (kvf__now_ns() - t0) / 1000000u;
+    assert_true(ms < 3000);
+    size_t timed_out = 0;
+    for (int i = 0; i < 60; i++)
+        timed_out += st[i] == KVF_ETIMEDOUT;
+    assert_true(hits > 0 && timed_out > 0 && hits + timed_out == 60);
+    kill(d[1].pid, SIGCONT);
+    daemon_stop(&d[1]);
+    hits = get_range(c, 0, 60, SEG, 0, 0, st);
+    size_t refused = 0;
+    for (int i = 0; i < 60; i++)
+        refused += st[i] == KVF_ECONNREFUSED || st[i] == KVF_ECONNRESET;
+    assert_int_equal(hits + refused, 60);
+    assert_true(refused > 0);
+    kvf_client_close(&c);
+    daemon_stop(&d[0]);
+}
+
+static void test_daemon_compress_and_placement(void **state)
+{
+    (void)state;
+    daemon_t d[3];
+    for (int i = 0; i < 3; i++)
+        daemon_start(&d[i], "32M", i == 1 ? "--evict s3fifo" : NULL);
+    kvf_client *c = client_open(d, 3, 10000);
+    assert_int_equal(put_range(c, 0, 90, SEG, 1, NULL), 90);
+    /* Every node got a share. */
+    int per[3] = {0, 0, 0};
+    for (uint64_t i = 0; i < 90; i++) {
+        kvf_key k = key_of(i);
+        per[kvf_client_node_of(c, &k)]++;
+    }
+    for (int i = 0; i < 3; i++)
+        assert_true(per[i] >= 15);
+    kvf_key keys[90];
+    int st[90];
+    for (int i = 0; i < 90; i++)
+        keys[i] = key_of((uint64_t)i);
+    size_t hits;
+    assert_int_equal(kvf_client_lookup_prefix(c, 90, keys, &hits, 2000), 0);
+    assert_int_equal(hits, 90);
+    char *json;
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    const char *rb = strstr(json, "\"ready_bytes\":");
+    assert_non_null(rb);
+    uint64_t before = strtoull(rb + 14, NULL, 10);
+    free(json);
+    assert_int_equal(kvf_client_compress(c, 90, keys, "shuffle-lz4", st, 10000), 0);
+    for (int i = 0; i < 90; i++)
+        assert_int_equal(st[i], 0);
+    assert_int_equal(get_range(c, 0, 90, SEG, 1, KVF_GET_STREAM, NULL), 90);
+    assert_int_equal(get_range(c, 0, 90, SEG, 1, 0, NULL), 90);
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    rb = strstr(json, "\"ready_bytes\":");
+    assert_non_null(rb);
+    uint64_t after = strtoull(rb + 14, NULL, 10);
+    free(json);
+    print_message("node 0 holds %llu bytes raw, %llu compressed\n", (unsigned long long)before,
+                  (unsigned long long)after);
+    assert_true(after < before * 9 / 10);
+    assert_int_equal(kvf_client_compress(c, 90, keys, "none", st, 10000), 0);
+    assert_int_equal(get_range(c, 0, 90, SEG, 1, 0, NULL), 90);
+    kvf_client_close(&c);
+    for (int i = 0; i < 3; i++)
+        daemon_stop(&d[i]);
+}
+
+int main(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    atexit(kill_all);
+    const char *filter = getenv("KVF_TEST_FILTER");
+    if (filter)
+        cmocka_set_test_filter(filter);
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_daemon_round_trip_thousands, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_eviction_keeps_pinned_and_referenced,
+                                  teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_lease_expiry_and_clear, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_copy_between_nodes, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_concurrent_clients, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_bad_input_is_contained, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_deadline_and_dead_node, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_compress_and_placement, teardown_daemons),
+    };
+    return cmocka_run_group_tests_name("store_daemon", tests, NULL, NULL);
+}

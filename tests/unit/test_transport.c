@@ -1,0 +1,362 @@
+/*
+ * Unit tests of the transport module: frame header encoding and every validation rule, the item
+ * table checks, the pollers (each back-end built here), TCP helpers and iovec arithmetic.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "kvf/kvf.h"
+
+#include "bytes.h"
+#include "poller.h"
+#include "tcp.h"
+#include "wire.h"
+
+static const kvf_wire_limits server_lim = {.max_request = 1 << 20, .max_items = 1024};
+
+static kvf_wire_hdr req(uint16_t op, uint32_t n, uint64_t len)
+{
+    kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
+                      .opcode = op,
+                      .request_id = 77,
+                      .item_count = n,
+                      .payload_len = len};
+    return h;
+}
+
+static int decode(const kvf_wire_hdr *h, const kvf_wire_limits *lim, char *msg)
+{
+    uint8_t b[KVF_WIRE_HEADER_LEN];
+    kvf__wire_hdr_encode(b, h);
+    kvf_wire_hdr out;
+    return kvf__wire_hdr_decode(b, lim, &out, msg, 200);
+}
+
+static void test_transport_wire_round_trip(void **state)
+{
+    (void)state;
+    kvf_wire_hdr h = req(KVF_OP_GET, 3, 8 + 48);
+    h.flags = KVF_WF_STREAM;
+    h.request_id = 0x0102030405060708ull;
+    uint8_t b[KVF_WIRE_HEADER_LEN];
+    kvf__wire_hdr_encode(b, &h);
+    /* Little-endian on the wire, whatever the host. */
+    assert_int_equal(b[0], 'K');
+    assert_int_equal(b[1], 'V');
+    assert_int_equal(b[2], 'F');
+    assert_int_equal(b[3], '1');
+    assert_int_equal(b[16], 0x08);
+    assert_int_equal(b[23], 0x01);
+    kvf_wire_hdr o;
+    char msg[200];
+    assert_int_equal(kvf__wire_hdr_decode(b, &server_lim, &o, msg, sizeof msg), 0);
+    assert_int_equal(o.opcode, KVF_OP_GET);
+    assert_int_equal(o.flags, KVF_WF_STREAM);
+    assert_true(o.request_id == h.request_id);
+    assert_int_equal(o.item_count, 3);
+    assert_int_equal(o.payload_len, 56);
+    kvf_key k = {.lo = 0x1122334455667788ull, .hi = 0x99aabbccddeeff00ull};
+    uint8_t kb[16];
+    kvf__wire_key_put(kb, &k);
+    assert_int_equal(kb[0], 0x88);
+    assert_int_equal(kb[15], 0x99);
+    kvf_key r = kvf__wire_key_get(kb);
+    assert_true(kvf_key_eq(&k, &r));
+    assert_string_equal(kvf__wire_opcode_name(KVF_OP_COMPRESS), "compress");
+    assert_null(kvf__wire_opcode_name(99));
+}
+
+/* Every header rule, each with the code and the words of its message. */
+static void test_transport_wire_rejects_bad_headers(void **state)
+{
+    (void)state;
+    char msg[200];
+    uint8_t b[KVF_WIRE_HEADER_LEN];
+    kvf_wire_hdr o;
+    kvf_wire_hdr h = req(KVF_OP_GET, 1, 24);
+
+    kvf__wire_hdr_encode(b, &h);
+    b[0] = 'X';
+    assert_int_equal(kvf__wire_hdr_decode(b, &server_lim, &o, msg, sizeof msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "bad magic"));
+
+    h.version = 9;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EVERSION);
+    assert_non_null(strstr(msg, "version 9"));
+    h.version = KVF_WIRE_VERSION;
+
+    h.opcode = 200;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "unknown opcode 200"));
+    h.opcode = KVF_OP_GET;
+
+    h.flags = 0x100;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "unknown flags"));
+    h.flags = KVF_WF_REPLY;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "reply flag"));
+    h.flags = KVF_WF_MORE;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    h.flags = KVF_WF_ALL_NS;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    h.flags = 0;
+
+    h.status = -3;
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    h.status = 0;
+
+    kvf__wire_hdr_encode(b, &h);
+    b[28] = 1; /* reserved */
+    assert_int_equal(kvf__wire_hdr_decode(b, &server_lim, &o, msg, sizeof msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "reserved"));
+
+    h = req(KVF_OP_GET, 2000, 8 + 16 * 2000);
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_E2BIG);
+    assert_non_null(strstr(msg, "exceed the limit"));
+
+    h = req(KVF_OP_GET, 2, 8 + 16); /* lengths disagree with the item count */
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "needs a payload of 40 bytes"));
+
+    h = req(KVF_OP_GET, 0, 8);
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "no items"));
+
+    h = req(KVF_OP_STATS, 1, 0);
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+
+    h = req(KVF_OP_PUT, 1, 2u << 20); /* over max_request */
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_E2BIG);
+    assert_non_null(strstr(msg, "exceeds the node's limit"));
+
+    h = req(KVF_OP_PUT, 4, 8 + 24 * 4); /* no room for any data */
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "shorter than its table"));
+
+    h = req(KVF_OP_COPY, 1, 8);
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+
+    h = req(KVF_OP_EXISTS, 1, (uint64_t)KVF_WIRE_MAX_CONTROL + 1);
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_E2BIG);
+
+    /* On a client: replies must carry the flag and a known status. */
+    kvf_wire_limits cl = {.max_request = 1 << 20, .expect_reply = 1};
+    h = req(KVF_OP_GET, 1, 24);
+    assert_int_equal(decode(&h, &cl, msg), KVF_EPROTO);
+    h.flags = KVF_WF_REPLY;
+    h.status = -1234;
+    assert_int_equal(decode(&h, &cl, msg), KVF_EPROTO);
+    h.status = KVF_ENOENT;
+    assert_int_equal(decode(&h, &cl, msg), 0);
+
+    /* Valid requests of every opcode pass. */
+    const struct {
+        uint16_t op;
+        uint32_t n;
+        uint64_t len;
+    } ok[] = {{KVF_OP_HELLO, 0, 24},         {KVF_OP_STATS, 0, 0},
+              {KVF_OP_CLEAR, 0, 8},          {KVF_OP_ADMIT, 2, 56},
+              {KVF_OP_GET, 2, 40},           {KVF_OP_EXISTS, 1, 24},
+              {KVF_OP_LOOKUP, 1, 24},        {KVF_OP_EVICT, 1, 24},
+              {KVF_OP_PIN, 1, 32},           {KVF_OP_UNPIN, 1, 24},
+              {KVF_OP_COMPRESS, 1, 32},      {KVF_OP_DECOMPRESS, 1, 32},
+              {KVF_OP_PUT, 1, 8 + 24 + 100}, {KVF_OP_COMMIT, 1, 8 + 24 + 1},
+              {KVF_OP_COPY, 1, 48}};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        h = req(ok[i].op, ok[i].n, ok[i].len);
+        if (decode(&h, &server_lim, msg) != 0)
+            fail_msg("opcode %u: %s", ok[i].op, msg);
+    }
+}
+
+static void test_transport_wire_put_table(void **state)
+{
+    (void)state;
+    uint8_t t[8 + 24 * 3];
+    memset(t, 0, sizeof t);
+    kvf__put_u64(t + 8 + 16, 100);
+    kvf__put_u64(t + 8 + 24 + 16, 50);
+    kvf__put_u64(t + 8 + 48 + 16, 10);
+    kvf_wire_hdr h = req(KVF_OP_PUT, 3, sizeof t + 160);
+    char msg[200];
+    assert_int_equal(kvf__wire_put_table_check(&h, t, msg, sizeof msg), 0);
+    h.payload_len = sizeof t + 161;
+    assert_int_equal(kvf__wire_put_table_check(&h, t, msg, sizeof msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "sum to 160"));
+    h.payload_len = sizeof t + 159;
+    assert_int_equal(kvf__wire_put_table_check(&h, t, msg, sizeof msg), KVF_EPROTO);
+    kvf__put_u64(t + 8 + 24 + 16, 0);
+    h.payload_len = sizeof t + 110;
+    assert_int_equal(kvf__wire_put_table_check(&h, t, msg, sizeof msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "length 0"));
+    /* A length near 2^64 must not wrap the sum. */
+    kvf__put_u64(t + 8 + 24 + 16, UINT64_MAX - 50);
+    assert_int_equal(kvf__wire_put_table_check(&h, t, msg, sizeof msg), KVF_EPROTO);
+}
+
+static void poller_basics(const char *name)
+{
+    kvf_poller *p;
+    int rc = kvf__poller_open(&p, name);
+    assert_int_equal(rc, 0);
+    assert_string_equal(kvf__poller_name(p), name);
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    int tag = 5;
+    assert_int_equal(kvf__poller_add(p, sv[0], KVF_POLL_IN, &tag), 0);
+    kvf_poll_event ev[4];
+    assert_int_equal(kvf__poller_wait(p, ev, 4, 10), 0);
+    assert_int_equal(write(sv[1], "x", 1), 1);
+    assert_int_equal(kvf__poller_wait(p, ev, 4, 1000), 1);
+    assert_ptr_equal(ev[0].ud, &tag);
+    assert_true(ev[0].events & KVF_POLL_IN);
+    /* Level-triggered: still readable until read. */
+    assert_int_equal(kvf__poller_wait(p, ev, 4, 0), 1);
+    char c;
+    assert_int_equal(read(sv[0], &c, 1), 1);
+    assert_int_equal(kvf__poller_wait(p, ev, 4, 0), 0);
+    assert_int_equal(kvf__poller_mod(p, sv[0], KVF_POLL_OUT, &tag), 0);
+    assert_int_equal(kvf__poller_wait(p, ev, 4, 1000), 1);
+    assert_true(ev[0].events & KVF_POLL_OUT);
+    assert_int_equal(kvf__poller_del(p, sv[0]), 0);
+    assert_int_equal(kvf__poller_wait(p, ev, 4, 0), 0);
+    close(sv[1]);
+    close(sv[0]);
+    kvf__poller_close(&p);
+    assert_null(p);
+    kvf__poller_close(&p);
+}
+
+static void test_transport_poller_backends(void **state)
+{
+    (void)state;
+    kvf_poller *p;
+    assert_int_equal(kvf__poller_open(&p, NULL), 0);
+#ifdef __linux__
+    assert_string_equal(kvf__poller_name(p), "epoll");
+    poller_basics("epoll");
+#endif
+    kvf__poller_close(&p);
+    poller_basics("poll");
+    assert_int_equal(kvf__poller_open(&p, "no-such-poller"), KVF_ENOTSUP);
+}
+
+static void test_transport_tcp_helpers(void **state)
+{
+    (void)state;
+    char host[64];
+    uint16_t port;
+    assert_int_equal(kvf__addr_parse("127.0.0.1:7400", host, sizeof host, &port), 0);
+    assert_string_equal(host, "127.0.0.1");
+    assert_int_equal(port, 7400);
+    assert_int_equal(kvf__addr_parse("[::1]:9", host, sizeof host, &port), 0);
+    assert_string_equal(host, "::1");
+    assert_int_equal(kvf__addr_parse("localhost", host, sizeof host, &port), KVF_EINVAL);
+    assert_int_equal(kvf__addr_parse("h:70000", host, sizeof host, &port), KVF_EINVAL);
+    assert_int_equal(kvf__addr_parse(":80", host, sizeof host, &port), KVF_EINVAL);
+    assert_int_equal(kvf__addr_parse("h:8x", host, sizeof host, &port), KVF_EINVAL);
+
+    int lfd, cfd, afd;
+    uint16_t bound = 0;
+    char err[256];
+    assert_int_equal(kvf__tcp_listen("127.0.0.1", 0, 8, &lfd, &bound, err, sizeof err), 0);
+    assert_true(bound > 0);
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", bound, 1000, &cfd, err, sizeof err), 0);
+    int rc;
+    for (int i = 0; i < 100 && (rc = kvf__tcp_accept(lfd, &afd)) == KVF_EAGAIN; i++)
+        usleep(1000);
+    assert_int_equal(rc, 0);
+    /* Scatter-gather write of more vectors than IOV_MAX. */
+    enum { NV = 3000 };
+    static char data[NV];
+    static struct iovec iov[NV];
+    for (int i = 0; i < NV; i++) {
+        data[i] = (char)i;
+        iov[i].iov_base = &data[i];
+        iov[i].iov_len = 1;
+    }
+    size_t done = 0;
+    int first = 0;
+    while (first < NV) {
+        rc = kvf__sock_writev(cfd, iov + first, NV - first, &done);
+        assert_true(rc == 0 || rc == KVF_EAGAIN);
+        first = kvf__iov_advance(iov, NV, first, done);
+    }
+    char got[NV];
+    size_t have = 0;
+    for (int i = 0; i < 1000 && have < NV; i++) {
+        size_t g;
+        rc = kvf__sock_read(afd, got + have, NV - have, &g);
+        if (rc == KVF_EAGAIN) {
+            usleep(1000);
+            continue;
+        }
+        assert_int_equal(rc, 0);
+        have += g;
+    }
+    assert_int_equal(have, NV);
+    assert_memory_equal(got, data, NV);
+    close(cfd);
+    size_t g = 99;
+    for (int i = 0; i < 1000; i++) {
+        rc = kvf__sock_read(afd, got, 1, &g);
+        if (rc != KVF_EAGAIN)
+            break;
+        usleep(1000);
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(g, 0); /* peer closed */
+    /* Writing to a closed peer reports an error instead of raising SIGPIPE. */
+    struct iovec one = {.iov_base = data, .iov_len = 1};
+    for (int i = 0; i < 100 && rc == 0; i++)
+        rc = kvf__sock_writev(afd, &one, 1, &done);
+    assert_true(rc == KVF_EPIPE || rc == KVF_ECONNRESET);
+    close(afd);
+    /* Port taken. */
+    int l2;
+    uint16_t b2;
+    assert_int_equal(kvf__tcp_listen("127.0.0.1", bound, 8, &l2, &b2, err, sizeof err),
+                     KVF_EADDRINUSE);
+    assert_non_null(strstr(err, "listen 127.0.0.1"));
+    close(lfd);
+    /* Nobody listening any more. */
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", bound, 1000, &cfd, err, sizeof err),
+                     KVF_ECONNREFUSED);
+    assert_non_null(strstr(err, "connect 127.0.0.1"));
+}
+
+static void test_transport_iov_advance(void **state)
+{
+    (void)state;
+    char a[10], b[5], c[7];
+    struct iovec v[3] = {{a, 10}, {b, 5}, {c, 7}};
+    int f = kvf__iov_advance(v, 3, 0, 12);
+    assert_int_equal(f, 1);
+    assert_ptr_equal(v[1].iov_base, b + 2);
+    assert_int_equal(v[1].iov_len, 3);
+    f = kvf__iov_advance(v, 3, f, 3);
+    assert_int_equal(f, 2);
+    f = kvf__iov_advance(v, 3, f, 7);
+    assert_int_equal(f, 3);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_transport_wire_round_trip),
+        cmocka_unit_test(test_transport_wire_rejects_bad_headers),
+        cmocka_unit_test(test_transport_wire_put_table),
+        cmocka_unit_test(test_transport_poller_backends),
+        cmocka_unit_test(test_transport_tcp_helpers),
+        cmocka_unit_test(test_transport_iov_advance),
+    };
+    return cmocka_run_group_tests_name("transport", tests, NULL, NULL);
+}
