@@ -8,7 +8,7 @@ pkgs=(
   build-essential cmake pkg-config git
   clang clang-format
   libxxhash-dev liblz4-dev libzmq3-dev libjansson-dev libmsgpack-dev libmicrohttpd-dev
-  libopenblas-dev libibverbs-dev librdmacm-dev libcmocka-dev
+  libopenblas-dev libibverbs-dev librdmacm-dev libcmocka-dev libhiredis-dev
   python3 python3-xxhash python3-msgpack
   redis-server gnuplot-nox iproute2
 )

@@ -30,12 +30,14 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
 #define MAX_CONNS_PER_NODE 16
@@ -58,8 +60,9 @@ struct kvf_op {
     uint32_t opcode;
     kvf_batch b;
     uint64_t deadline_ns;
-    int pending;    /* requests not yet finished */
-    int completing; /* all requests finished; signalled at the end of the I/O iteration */
+    int pending;          /* requests not yet finished */
+    int completing;       /* all requests finished; signalled at the end of the I/O iteration */
+    atomic_int done_flag; /* mirrors done, readable without the mutex */
     struct kvf_op *next_completed;
     int target; /* control ops: -1 by placement, -2 every node, else one node */
     int done;
@@ -106,6 +109,9 @@ struct creq {
     uint32_t layers_delivered;
     uint64_t *segoff;   /* stream: running offset in each item's buffer */
     kvf_obj_info *info; /* stream: parsed headers */
+    kvf_obj_info cur;   /* plain GET: the current item's header */
+    uint32_t cur_seg;
+    uint64_t cur_off, cur_len;
 };
 
 struct cconn {
@@ -125,6 +131,8 @@ struct cconn {
     uint8_t *rdst;
     uint64_t rleft;
     int (*on_read)(cconn *cn);
+    int hashing;      /* hash bytes as they arrive into rdst (segment checksums) */
+    XXH3_state_t *xs; /* allocated once per connection */
     char errtext[MAX_ERR_TEXT];
     uint64_t bytes_pending_items;
 };
@@ -277,6 +285,7 @@ static void flush_completed(kvf_client *c)
         }
         pthread_mutex_lock(&op->mu);
         op->done = 1;
+        atomic_store_explicit(&op->done_flag, 1, memory_order_release);
         pthread_cond_broadcast(&op->cv);
         pthread_mutex_unlock(&op->mu);
     }
@@ -370,7 +379,7 @@ static void cn_reset(kvf_client *c, cconn *cn, int status)
 }
 
 static int cn_connect(kvf_client *c, cconn *cn);
-
+static int cn_write(kvf_client *c, cconn *cn);
 static void send_hello(kvf_client *c, cconn *cn);
 
 /* Queues r on its connection, connecting first if needed. */
@@ -388,7 +397,9 @@ static void cn_submit(kvf_client *c, creq *r)
         }
     }
     q_push(&cn->sq_head, &cn->sq_tail, r);
-    cn_set_events(c, cn);
+    /* Write now rather than on the next poll round: a small request leaves at once. */
+    if (cn_write(c, cn) != 0)
+        cn_reset(c, cn, KVF_ECONNRESET);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -537,6 +548,18 @@ static void rd_expect(cconn *cn, void *dst, uint64_t len, int (*fn)(cconn *))
     cn->rdst = dst;
     cn->rleft = len;
     cn->on_read = fn;
+    cn->hashing = 0;
+}
+
+/* As rd_expect, hashing the bytes as they land, while they are still in cache; the handler
+ * compares XXH3_64bits_digest(cn->xs) with the expected checksum. */
+static void rd_expect_hashed(cconn *cn, void *dst, uint64_t len, int (*fn)(cconn *))
+{
+    rd_expect(cn, dst, len, fn);
+    if (dst) {
+        XXH3_64bits_reset(cn->xs);
+        cn->hashing = 1;
+    }
 }
 
 static void rd_next_frame(cconn *cn)
@@ -677,8 +700,102 @@ static int rd_stats(cconn *cn)
     return 0;
 }
 
-/* GET, not streamed: the table, then each hit's object into its buffer. */
-static int rd_get_item(cconn *cn);
+/* GET, not streamed: the table, then each hit's object into its buffer: the fixed header, the
+ * rest of the header, then each segment, hashed as it arrives and checked against the header. */
+static int rd_get_start_item(cconn *cn);
+
+static uint64_t item_len(const creq *r, uint32_t i)
+{
+    return kvf__get_u64(r->rtab + 16 * (size_t)i + 8);
+}
+
+static void item_fail(creq *r, int status)
+{
+    kvf_op *op = r->op;
+    op->b.status[r->idx[r->item]] = status;
+    count_failed(op->cl, 1);
+}
+
+static int rd_get_item_end(cconn *cn)
+{
+    creq *r = cn->rreq;
+    r->item++;
+    return rd_get_start_item(cn);
+}
+
+/* Drops the rest of the current item (it already has its failure status). */
+static int rd_get_skip_rest(cconn *cn)
+{
+    creq *r = cn->rreq;
+    rd_expect(cn, NULL, r->cur_len - r->cur_off, rd_get_item_end);
+    return 0;
+}
+
+static int rd_get_next_seg(cconn *cn);
+
+static int rd_get_seg_done(cconn *cn)
+{
+    creq *r = cn->rreq;
+    kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
+    r->cur_off += sg.stored_len;
+    if (XXH3_64bits_digest(cn->xs) != sg.stored_xxh) {
+        item_fail(r, KVF_ECHECKSUM);
+        return rd_get_skip_rest(cn);
+    }
+    r->cur_seg++;
+    return rd_get_next_seg(cn);
+}
+
+static int rd_get_next_seg(cconn *cn)
+{
+    creq *r = cn->rreq;
+    kvf_op *op = r->op;
+    uint32_t k = r->idx[r->item];
+    if (r->cur_seg == r->cur.layers) {
+        op->b.status[k] = 0;
+        if (op->b.out_lens)
+            op->b.out_lens[k] = r->cur_len;
+        return rd_get_item_end(cn);
+    }
+    kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
+    rd_expect_hashed(cn, (uint8_t *)op->b.bufs[k] + r->cur_off, sg.stored_len, rd_get_seg_done);
+    return 0;
+}
+
+static int rd_get_hdr_rest(cconn *cn)
+{
+    creq *r = cn->rreq;
+    kvf_op *op = r->op;
+    uint32_t k = r->idx[r->item];
+    uint8_t *buf = op->b.bufs[k];
+    uint32_t hlen = kvf__obj_header_len(kvf__get_u32(buf + 36));
+    r->cur_off = hlen;
+    int rc = kvf__obj_parse(buf, hlen, &r->cur);
+    if (rc == 0 && (r->cur.header_len + r->cur.stored_bytes != r->cur_len ||
+                    !kvf_key_eq(&r->cur.key, &op->b.keys[k])))
+        rc = KVF_ECHECKSUM;
+    if (rc) {
+        item_fail(r, KVF_ECHECKSUM);
+        return rd_get_skip_rest(cn);
+    }
+    r->cur_seg = 0;
+    return rd_get_next_seg(cn);
+}
+
+static int rd_get_hdr_fixed(cconn *cn)
+{
+    creq *r = cn->rreq;
+    kvf_op *op = r->op;
+    uint8_t *buf = op->b.bufs[r->idx[r->item]];
+    uint32_t layers = kvf__get_u32(buf + 36);
+    r->cur_off = 64;
+    if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || kvf__obj_header_len(layers) > r->cur_len) {
+        item_fail(r, KVF_ECHECKSUM);
+        return rd_get_skip_rest(cn);
+    }
+    rd_expect(cn, buf + 64, kvf__obj_header_len(layers) - 64, rd_get_hdr_rest);
+    return 0;
+}
 
 static int rd_get_start_item(cconn *cn)
 {
@@ -686,46 +803,31 @@ static int rd_get_start_item(cconn *cn)
     kvf_op *op = r->op;
     while (r->item < r->n) {
         uint32_t i = r->item;
-        const uint8_t *row = r->rtab + 16 * (size_t)i;
-        int st = (int)(int32_t)kvf__get_u32(row);
-        uint64_t len = kvf__get_u64(row + 8);
+        int st = (int)(int32_t)kvf__get_u32(r->rtab + 16 * (size_t)i);
+        uint64_t len = item_len(r, i);
         uint32_t k = r->idx[i];
         op->b.status[k] = st;
         if (st != 0) {
             r->item++;
             continue;
         }
+        r->cur_len = len;
+        r->cur_off = 0;
         if (len > op->b.caps[k]) {
             op->b.status[k] = KVF_E2BIG;
-            rd_expect(cn, NULL, len, rd_get_item);
+            rd_expect(cn, NULL, len, rd_get_item_end);
+        } else if (len < 72) {
+            item_fail(r, KVF_ECHECKSUM);
+            rd_expect(cn, NULL, len, rd_get_item_end);
         } else {
-            rd_expect(cn, op->b.bufs[k], len, rd_get_item);
+            /* Until its last segment verifies, the item is not a hit. */
+            op->b.status[k] = 1;
+            rd_expect(cn, op->b.bufs[k], 64, rd_get_hdr_fixed);
         }
         return 0;
     }
     reply_done(cn, r);
     return 0;
-}
-
-static int rd_get_item(cconn *cn)
-{
-    creq *r = cn->rreq;
-    kvf_op *op = r->op;
-    uint32_t k = r->idx[r->item];
-    uint64_t len = kvf__get_u64(r->rtab + 16 * (size_t)r->item + 8);
-    if (op->b.status[k] == 0) {
-        kvf_obj_info info;
-        int rc = kvf__obj_verify(op->b.bufs[k], len, &info);
-        if (rc == 0 && !kvf_key_eq(&info.key, &op->b.keys[k]))
-            rc = KVF_ECHECKSUM;
-        op->b.status[k] = rc;
-        if (op->b.out_lens)
-            op->b.out_lens[k] = rc ? 0 : len;
-        if (rc)
-            count_failed(op->cl, 1);
-    }
-    r->item++;
-    return rd_get_start_item(cn);
 }
 
 static int rd_get_table(cconn *cn)
@@ -848,9 +950,9 @@ static int rd_layer_next(cconn *cn)
             continue;
         }
         kvf_obj_seg sg = kvf__obj_seg(&r->info[i], r->layer);
-        if (op->b.status[k] == 0 || op->b.status[k] == KVF_ECHECKSUM)
-            rd_expect(cn, op->b.status[k] == 0 ? (uint8_t *)op->b.bufs[k] + r->segoff[i] : NULL,
-                      sg.stored_len, rd_layer_seg);
+        if (op->b.status[k] == 0)
+            rd_expect_hashed(cn, (uint8_t *)op->b.bufs[k] + r->segoff[i], sg.stored_len,
+                             rd_layer_seg);
         else
             rd_expect(cn, NULL, sg.stored_len, rd_layer_seg);
         return 0;
@@ -884,8 +986,7 @@ static int rd_layer_seg(cconn *cn)
     uint32_t k = r->idx[i];
     kvf_obj_seg sg = kvf__obj_seg(&r->info[i], r->layer);
     if (op->b.status[k] == 0) {
-        const uint8_t *seg = (const uint8_t *)op->b.bufs[k] + r->segoff[i];
-        if (XXH3_64bits(seg, sg.stored_len) != sg.stored_xxh) {
+        if (XXH3_64bits_digest(cn->xs) != sg.stored_xxh) {
             op->b.status[k] = KVF_ECHECKSUM;
             count_failed(op->cl, 1);
         }
@@ -1032,6 +1133,8 @@ static int cn_read(kvf_client *c, cconn *cn)
         c->counters.bytes_received += got;
         pthread_mutex_unlock(&c->cmu);
         budget -= got;
+        if (cn->hashing)
+            XXH3_64bits_update(cn->xs, cn->rdst, got);
         if (cn->rdst)
             cn->rdst += got;
         cn->rleft -= got;
@@ -1361,20 +1464,34 @@ static int op_split(kvf_client *c, kvf_op *op)
         }
         if (rc)
             break;
-        /* Fill stripes in key order, moving on when one holds its share of the bytes. */
-        uint64_t per = bytes / (uint64_t)stripes + 1, acc = 0;
-        int s = 0;
+        /* Stripe s takes the keys whose cumulative bytes fall in its s-th share, so equal
+         * objects spread evenly; there are never more stripes than keys. */
+        uint64_t acc = 0;
         for (size_t i = 0; i < n; i++) {
             if (node_of[i] != nd)
                 continue;
             uint64_t w = op->kind == OPK_PUT   ? op->b.lens[i]
                          : op->kind == OPK_GET ? op->b.caps[i]
                                                : 0;
-            if (s + 1 < stripes && acc >= per * (uint64_t)(s + 1) && rq[s]->n > 0)
-                s++;
+            int s = bytes ? (int)((acc * (uint64_t)stripes) / bytes) : 0;
+            if (s >= stripes)
+                s = stripes - 1;
             rq[s]->idx[rq[s]->n++] = (uint32_t)i;
             acc += w;
         }
+        /* A stripe left empty (uneven sizes) is dropped: a request carries at least one key. */
+        int kept = 0;
+        for (int k = 0; k < stripes; k++) {
+            if (rq[k]->n == 0 && count[nd] > 0) {
+                op->n_reqs--;
+                req_free(rq[k]);
+                continue;
+            }
+            rq[kept++] = rq[k];
+        }
+        for (int k = 0; k < kept; k++)
+            op->reqs[op->n_reqs - kept + k] = rq[k];
+        stripes = kept;
         for (int k = 0; k < stripes && !rc; k++)
             rc = req_build(c, rq[k]);
     }
@@ -1470,6 +1587,10 @@ int kvf_op_wait(kvf_op *op)
 {
     if (!op)
         return KVF_EINVAL;
+    /* Short operations (lookups) complete within tens of microseconds: yielding a few times
+     * before sleeping saves the condition variable's wake-up on the way back. */
+    for (int i = 0; i < 64 && !atomic_load_explicit(&op->done_flag, memory_order_acquire); i++)
+        sched_yield();
     pthread_mutex_lock(&op->mu);
     while (!op->done)
         pthread_cond_wait(&op->cv, &op->mu);
@@ -1742,6 +1863,11 @@ int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_
             N->conns[k].nd = N;
             N->conns[k].idx = k;
             N->conns[k].fd = -1;
+            if (k < c->conns && !(N->conns[k].xs = XXH3_createState())) {
+                snprintf(err, errlen, "out of memory");
+                rc = KVF_ENOMEM;
+                goto out_free;
+            }
         }
     }
     rc = kvf__poller_open(&c->poller, NULL);
@@ -1782,6 +1908,9 @@ out_free:
     for (int k = 0; k < 2; k++)
         if (c->wake[k] >= 0)
             close(c->wake[k]);
+    for (size_t i = 0; c->nodes && i < c->n_nodes; i++)
+        for (int k = 0; k < MAX_CONNS_PER_NODE; k++)
+            XXH3_freeState(c->nodes[i].conns[k].xs);
     free(c->nodes);
     free(c->scratch);
     pthread_mutex_destroy(&c->mu);
@@ -1804,6 +1933,9 @@ void kvf_client_close(kvf_client **cp)
     kvf__poller_close(&c->poller);
     close(c->wake[0]);
     close(c->wake[1]);
+    for (size_t i = 0; i < c->n_nodes; i++)
+        for (int k = 0; k < MAX_CONNS_PER_NODE; k++)
+            XXH3_freeState(c->nodes[i].conns[k].xs);
     free(c->nodes);
     free(c->scratch);
     pthread_mutex_destroy(&c->mu);

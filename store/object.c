@@ -318,3 +318,11 @@ int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, siz
     *out_len = off;
     return 0;
 }
+
+void kvf__obj_rekey(void *obj, const kvf_key *key)
+{
+    uint8_t *d = obj;
+    kvf__put_u64(d + 16, key->lo);
+    kvf__put_u64(d + 24, key->hi);
+    seal_header(d, kvf__get_u32(d + 36));
+}

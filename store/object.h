@@ -101,6 +101,10 @@ int kvf__obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uin
 int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, size_t cap,
                     size_t *out_len, void *scratch, void *scratch2);
 
+/* Replaces the key in an object's header and reseals the header checksum (segments are
+ * untouched). For tools that store one payload under many keys. */
+void kvf__obj_rekey(void *obj, const kvf_key *key);
+
 /* Verifies one stored segment and decodes it into dst (seg.raw_len bytes). */
 int kvf__obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stored, void *dst,
                         void *scratch);

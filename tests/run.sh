@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # kvfabric's test suite, as CI runs it: installs missing dependencies, checks formatting, then
 # builds and runs every test twice, in the release build (build/) and under ASan+UBSan
-# (build/asan), then the libFuzzer targets for a bounded time where clang is present.
+# (build/asan) and ThreadSanitizer (build/tsan), then the libFuzzer targets for a bounded time
+# where clang is present.
 # Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,15 +34,21 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd build/asan && ctest --output-on-failure -j "$jobs")
 
+step "ThreadSanitizer build (build/tsan)"
+cmake --preset tsan -DKVF_WERROR=ON >/dev/null
+cmake --build build/tsan -j "$jobs"
+step "ThreadSanitizer tests"
+(cd build/tsan && TSAN_OPTIONS=halt_on_error=1 ctest --output-on-failure -j "$jobs")
+
 if [ -d tests/fuzz ] && ls tests/fuzz/*.c >/dev/null 2>&1 && command -v clang >/dev/null; then
   step "fuzzing (${fuzz_seconds}s per target)"
   cmake --preset fuzz -DKVF_WERROR=ON >/dev/null
   cmake --build build/fuzz -j "$jobs" --target fuzz_targets
   for t in build/fuzz/tests/fuzz_*; do
-    [ -x "$t" ] || continue
+    [ -f "$t" ] && [ -x "$t" ] || continue
     corpus="build/fuzz/corpus/$(basename "$t")"
     mkdir -p "$corpus"
-    "$t" -max_total_time="$fuzz_seconds" -print_final_stats=1 "$corpus" "$root/tests/fuzz/seeds/$(basename "$t")" 2>&1 | tail -5
+    "$t" -max_total_time="$fuzz_seconds" "$corpus" "$root/tests/fuzz/seeds/$(basename "$t")" 2>&1 | tail -2
   done
 fi
 

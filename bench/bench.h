@@ -1,0 +1,10 @@
+/*
+ * kvf-bench subcommands. Each prints a human table and, with --json, one JSON object as its last
+ * line; each measures the ceiling and the peer in the same run and reports ratios.
+ */
+#ifndef KVF_BENCH_H
+#define KVF_BENCH_H
+
+int bench_store_main(int argc, char **argv);
+
+#endif

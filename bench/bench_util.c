@@ -1,0 +1,251 @@
+#include "bench_util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <hiredis/hiredis.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+#include <netinet/in.h>
+
+double bench_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+double bench_quantile(double *v, size_t n, double q)
+{
+    if (n == 0)
+        return 0;
+    qsort(v, n, sizeof *v, cmp_double);
+    size_t i = (size_t)(q * (double)(n - 1) + 0.5);
+    return v[i < n ? i : n - 1];
+}
+
+double bench_rss_mib(pid_t pid)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return -1;
+    double kb = -1;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %lf kB", &kb) == 1)
+            break;
+    fclose(f);
+    return kb < 0 ? -1 : kb / 1024.0;
+}
+
+void bench_progress(const char *bench, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "[%s] ", bench);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+}
+
+const char *bench_find_bin(const char *name, const char *rel)
+{
+    static char out[2 * PATH_MAX];
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+        self[n] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            *slash = '\0';
+            snprintf(out, sizeof out, "%s/%s", self, rel);
+            if (access(out, X_OK) == 0)
+                return out;
+            snprintf(out, sizeof out, "%s/%s", self, name);
+            if (access(out, X_OK) == 0)
+                return out;
+        }
+    }
+    snprintf(out, sizeof out, "%s", name);
+    return out;
+}
+
+static pid_t spawn(char *const argv[], int *out_fd)
+{
+    int pfd[2];
+    if (pipe(pfd) != 0)
+        return -1;
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+#ifdef __linux__
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+#endif
+        dup2(pfd[1], 1);
+        close(pfd[0]);
+        close(pfd[1]);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    close(pfd[1]);
+    *out_fd = pfd[0];
+    return pid;
+}
+
+int bench_start_store(bench_proc *p, const char *bin, const char *memory, const char *extra)
+{
+    char *argv[24];
+    int k = 0;
+    char extra_buf[512];
+    argv[k++] = (char *)bin;
+    argv[k++] = (char *)"--listen";
+    argv[k++] = (char *)"127.0.0.1:0";
+    argv[k++] = (char *)"--memory";
+    argv[k++] = (char *)memory;
+    argv[k++] = (char *)"--log-level";
+    argv[k++] = (char *)"warn";
+    if (extra) {
+        snprintf(extra_buf, sizeof extra_buf, "%s", extra);
+        for (char *t = strtok(extra_buf, " "); t && k < 23; t = strtok(NULL, " "))
+            argv[k++] = t;
+    }
+    argv[k] = NULL;
+    int fd;
+    p->pid = spawn(argv, &fd);
+    if (p->pid < 0)
+        return -1;
+    char line[512];
+    size_t got = 0;
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    while (got < sizeof line - 1 && !memchr(line, '\n', got) && poll(&pf, 1, 20000) > 0) {
+        ssize_t r = read(fd, line + got, sizeof line - 1 - got);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(fd);
+    line[got] = '\0';
+    char *at = strstr(line, "listen=127.0.0.1:");
+    if (!at) {
+        fprintf(stderr, "kvf-bench: %s did not become ready\n", bin);
+        bench_stop(p);
+        return -1;
+    }
+    p->port = (uint16_t)atoi(at + strlen("listen=127.0.0.1:"));
+    return 0;
+}
+
+/* A free loopback port: bind to 0, read it back, release it. */
+static uint16_t free_port(void)
+{
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t sl = sizeof a;
+    uint16_t port = 0;
+    if (s >= 0 && bind(s, (struct sockaddr *)&a, sizeof a) == 0 &&
+        getsockname(s, (struct sockaddr *)&a, &sl) == 0)
+        port = ntohs(a.sin_port);
+    if (s >= 0)
+        close(s);
+    return port;
+}
+
+int bench_start_redis(bench_proc *p)
+{
+    p->port = free_port();
+    char port[16];
+    snprintf(port, sizeof port, "%u", p->port);
+    char *argv[] = {(char *)"redis-server",
+                    (char *)"--port",
+                    port,
+                    (char *)"--bind",
+                    (char *)"127.0.0.1",
+                    (char *)"--save",
+                    (char *)"",
+                    (char *)"--appendonly",
+                    (char *)"no",
+                    (char *)"--protected-mode",
+                    (char *)"no",
+                    (char *)"--loglevel",
+                    (char *)"warning",
+                    NULL};
+    int fd;
+    p->pid = spawn(argv, &fd);
+    if (p->pid < 0)
+        return -1;
+    close(fd);
+    /* Ready when it answers PING; give up after 10 s. */
+    for (int i = 0; i < 200; i++) {
+        struct timeval tv = {0, 200000};
+        redisContext *c = redisConnectWithTimeout("127.0.0.1", p->port, tv);
+        if (c && !c->err) {
+            redisReply *r = redisCommand(c, "PING");
+            int ok = r && r->type == REDIS_REPLY_STATUS;
+            freeReplyObject(r);
+            redisFree(c);
+            if (ok)
+                return 0;
+        } else if (c) {
+            redisFree(c);
+        }
+        int st;
+        if (waitpid(p->pid, &st, WNOHANG) == p->pid) {
+            p->pid = 0;
+            return -1; /* exited: not installed or failed */
+        }
+        usleep(50000);
+    }
+    bench_stop(p);
+    return -1;
+}
+
+void bench_stop(bench_proc *p)
+{
+    if (p->pid <= 0)
+        return;
+    kill(p->pid, SIGTERM);
+    for (int i = 0; i < 500; i++) {
+        if (waitpid(p->pid, NULL, WNOHANG) == p->pid) {
+            p->pid = 0;
+            return;
+        }
+        usleep(10000);
+    }
+    kill(p->pid, SIGKILL);
+    waitpid(p->pid, NULL, 0);
+    p->pid = 0;
+}
+
+void bench_emit(json_t *result, int json)
+{
+    if (!json)
+        return;
+    char *t = json_dumps(result, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(6));
+    if (t) {
+        printf("%s\n", t);
+        free(t);
+    }
+}

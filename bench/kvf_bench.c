@@ -1,0 +1,30 @@
+/*
+ * kvf-bench: kvfabric's benchmarks. `kvf-bench SUBCOMMAND --help` for each.
+ */
+#include "bench.h"
+
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+static const struct {
+    const char *name;
+    int (*main)(int argc, char **argv);
+    const char *what;
+} subs[] = {
+    {"store", bench_store_main, "storage node vs the TCP ceiling and Redis"},
+};
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    if (argc >= 2) {
+        for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++)
+            if (!strcmp(argv[1], subs[i].name))
+                return subs[i].main(argc - 2, argv + 2);
+    }
+    fprintf(stderr, "usage: kvf-bench SUBCOMMAND [options]\n");
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++)
+        fprintf(stderr, "  %-10s %s\n", subs[i].name, subs[i].what);
+    return 2;
+}

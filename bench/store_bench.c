@@ -1,0 +1,607 @@
+/*
+ * kvf-bench store: the storage node against the physical ceiling and the peer, in one run.
+ *
+ *   1. ceiling: raw loopback TCP, 16 MiB blocking writes, one stream and as many as kvfabric uses;
+ *   2. kvfabric batched GET and PUT of 256 x 64 KiB objects and of 16 MiB objects (client-side
+ *      checksum verification included: it is what an engine gets);
+ *   3. Redis (the remote backend LMCache users run most) GET and SET of the same bytes, pipelined,
+ *      through hiredis;
+ *   4. lookup-prefix latency of 128 keys, p50 and p99;
+ *   5. the store's idle RSS against its arena.
+ * Every figure is measured here, now: labelled real. Ratios are taken within the run, because
+ * absolute rates drift on shared machines.
+ */
+#include "bench.h"
+#include "bench_util.h"
+
+#include "kvf/kvf.h"
+
+#include "bytes.h"
+#include "object.h"
+#include "tcp.h"
+#include "wire.h"
+
+#include <fcntl.h>
+
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define LAYERS 4
+
+typedef struct opts {
+    int quick, json, streams, store_threads;
+    double secs;
+    const char *memory;
+    const char *store_bin;
+    const char *transport;
+} opts;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Ceiling: raw loopback TCP */
+
+typedef struct ceil_arg {
+    int fd;
+    double secs;
+    uint64_t bytes;
+    uint8_t *buf;
+    size_t len;
+} ceil_arg;
+
+static void *ceil_send(void *p)
+{
+    ceil_arg *a = p;
+    double end = bench_now() + a->secs;
+    while (bench_now() < end) {
+        size_t off = 0;
+        while (off < a->len) {
+            ssize_t w = send(a->fd, a->buf + off, a->len - off, MSG_NOSIGNAL);
+            if (w <= 0)
+                return NULL;
+            off += (size_t)w;
+        }
+    }
+    shutdown(a->fd, SHUT_WR);
+    return NULL;
+}
+
+static void *ceil_recv(void *p)
+{
+    ceil_arg *a = p;
+    for (;;) {
+        ssize_t r = recv(a->fd, a->buf, a->len, 0);
+        if (r <= 0)
+            break;
+        a->bytes += (uint64_t)r;
+    }
+    return NULL;
+}
+
+static void sock_bufs(int fd)
+{
+    int sz = 8 << 20, one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* GB/s of n concurrent loopback streams of 16 MiB writes. */
+static double tcp_ceiling(int n, double secs)
+{
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t sl = sizeof a;
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 64) ||
+        getsockname(l, (struct sockaddr *)&a, &sl))
+        return 0;
+    ceil_arg snd[16], rcv[16];
+    pthread_t ts[16], tr[16];
+    size_t len = 16u << 20;
+    for (int i = 0; i < n; i++) {
+        int c = socket(AF_INET, SOCK_STREAM, 0);
+        sock_bufs(c);
+        if (connect(c, (struct sockaddr *)&a, sizeof a) != 0)
+            return 0;
+        int s = accept(l, NULL, NULL);
+        sock_bufs(s);
+        snd[i] = (ceil_arg){.fd = c, .secs = secs, .buf = malloc(len), .len = len};
+        rcv[i] = (ceil_arg){.fd = s, .buf = malloc(len), .len = len};
+        memset(snd[i].buf, i + 1, len);
+    }
+    double t0 = bench_now();
+    for (int i = 0; i < n; i++) {
+        pthread_create(&tr[i], NULL, ceil_recv, &rcv[i]);
+        pthread_create(&ts[i], NULL, ceil_send, &snd[i]);
+    }
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        pthread_join(ts[i], NULL);
+        pthread_join(tr[i], NULL);
+        total += rcv[i].bytes;
+        close(snd[i].fd);
+        close(rcv[i].fd);
+        free(snd[i].buf);
+        free(rcv[i].buf);
+    }
+    double dt = bench_now() - t0;
+    close(l);
+    return (double)total / dt / 1e9;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Workloads: n objects of `bytes` each (4 layers), with keys that PUT can renew. */
+
+typedef struct workload {
+    size_t n;
+    uint64_t obj_bytes; /* object size on the wire */
+    kvf_key *keys;
+    uint8_t **objs;
+    uint64_t *lens;
+    uint8_t **bufs;
+    uint64_t *caps;
+    uint64_t *out_lens;
+    int *st;
+} workload;
+
+static kvf_key wkey(uint64_t round, size_t i)
+{
+    kvf_key k = {.lo = (round << 20) ^ (uint64_t)i ^ 0x1234567890abcdefull,
+                 .hi = round * 0x9E3779B97F4A7C15ull + i};
+    return k;
+}
+
+static void wl_init(workload *w, size_t n, uint64_t payload)
+{
+    memset(w, 0, sizeof *w);
+    w->n = n;
+    uint64_t seg = payload / LAYERS;
+    w->keys = calloc(n, sizeof *w->keys);
+    w->objs = calloc(n, sizeof *w->objs);
+    w->lens = calloc(n, sizeof *w->lens);
+    w->bufs = calloc(n, sizeof *w->bufs);
+    w->caps = calloc(n, sizeof *w->caps);
+    w->out_lens = calloc(n, sizeof *w->out_lens);
+    w->st = calloc(n, sizeof *w->st);
+    uint8_t *raw = malloc(payload);
+    for (uint64_t i = 0; i < payload; i++)
+        raw[i] = (uint8_t)(i * 2654435761u >> 13);
+    const void *segs[LAYERS];
+    for (int l = 0; l < LAYERS; l++)
+        segs[l] = raw + (uint64_t)l * seg;
+    size_t cap = kvf__obj_raw_size(LAYERS, seg);
+    for (size_t i = 0; i < n; i++) {
+        w->keys[i] = wkey(0, i);
+        w->objs[i] = malloc(cap);
+        size_t out;
+        kvf__obj_encode(&w->keys[i], 1, 256, LAYERS, segs, seg, KVF_CODEC_NONE, w->objs[i], cap,
+                        &out, NULL);
+        w->lens[i] = out;
+        w->bufs[i] = malloc(cap);
+        w->caps[i] = cap;
+    }
+    w->obj_bytes = w->lens[0];
+    free(raw);
+}
+
+static void wl_rekey(workload *w, uint64_t round)
+{
+    for (size_t i = 0; i < w->n; i++) {
+        w->keys[i] = wkey(round, i);
+        kvf__obj_rekey(w->objs[i], &w->keys[i]);
+    }
+}
+
+static void wl_free(workload *w)
+{
+    for (size_t i = 0; i < w->n; i++) {
+        free(w->objs[i]);
+        free(w->bufs[i]);
+    }
+    free(w->keys);
+    free(w->objs);
+    free(w->lens);
+    free(w->bufs);
+    free(w->caps);
+    free(w->out_lens);
+    free(w->st);
+}
+
+/* GB/s of batched kvfabric GETs (verified) or PUTs (fresh keys every round). */
+static double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors)
+{
+    uint64_t bytes = 0, round = 1000;
+    double t0 = bench_now(), end = t0 + secs;
+    *errors = 0;
+    if (!put) {
+        wl_rekey(w, 0);
+        kvf_batch b = {.n = w->n,
+                       .keys = w->keys,
+                       .objs = (const void *const *)w->objs,
+                       .lens = w->lens,
+                       .status = w->st};
+        kvf_client_put(c, &b);
+    }
+    int iters = 0;
+    while (bench_now() < end || iters == 0) {
+        kvf_batch b = {.n = w->n, .keys = w->keys, .status = w->st};
+        int rc;
+        if (put) {
+            wl_rekey(w, round++);
+            b.objs = (const void *const *)w->objs;
+            b.lens = w->lens;
+            rc = kvf_client_put(c, &b);
+        } else {
+            b.bufs = (void *const *)w->bufs;
+            b.caps = w->caps;
+            b.out_lens = w->out_lens;
+            rc = kvf_client_get(c, &b);
+        }
+        for (size_t i = 0; i < w->n; i++) {
+            if (rc || w->st[i])
+                (*errors)++;
+            else
+                bytes += w->lens[i];
+        }
+        iters++;
+    }
+    return (double)bytes / (bench_now() - t0) / 1e9;
+}
+
+/* GB/s of pipelined Redis GETs (copied into the destination, as a connector must) or SETs. */
+static double redis_rate(redisContext *rc, workload *w, int set, double secs, int *errors)
+{
+    uint64_t bytes = 0;
+    char key[32];
+    *errors = 0;
+    double t0 = bench_now(), end = t0 + secs;
+    if (!set) {
+        for (size_t i = 0; i < w->n; i++) {
+            int kl = snprintf(key, sizeof key, "kvf:%zu", i);
+            redisAppendCommand(rc, "SET %b %b", key, (size_t)kl, w->objs[i], (size_t)w->lens[i]);
+        }
+        for (size_t i = 0; i < w->n; i++) {
+            redisReply *r;
+            if (redisGetReply(rc, (void **)&r) != REDIS_OK)
+                return 0;
+            freeReplyObject(r);
+        }
+    }
+    int iters = 0;
+    while (bench_now() < end || iters == 0) {
+        for (size_t i = 0; i < w->n; i++) {
+            int kl = snprintf(key, sizeof key, "kvf:%zu", i);
+            if (set)
+                redisAppendCommand(rc, "SET %b %b", key, (size_t)kl, w->objs[i],
+                                   (size_t)w->lens[i]);
+            else
+                redisAppendCommand(rc, "GET %b", key, (size_t)kl);
+        }
+        for (size_t i = 0; i < w->n; i++) {
+            redisReply *r;
+            if (redisGetReply(rc, (void **)&r) != REDIS_OK)
+                return 0;
+            if (set) {
+                if (r->type == REDIS_REPLY_STATUS)
+                    bytes += w->lens[i];
+                else
+                    (*errors)++;
+            } else if (r->type == REDIS_REPLY_STRING && r->len <= w->caps[i]) {
+                memcpy(w->bufs[i], r->str, r->len);
+                bytes += r->len;
+            } else {
+                (*errors)++;
+            }
+            freeReplyObject(r);
+        }
+        iters++;
+    }
+    return (double)bytes / (bench_now() - t0) / 1e9;
+}
+
+/* The latency ceiling: the same LOOKUP frame over one blocking socket, no client library: what
+ * the kernel, the loopback and the store's own handling cost. Fills lat (us). */
+static int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat)
+{
+    int fd;
+    char err[128];
+    if (kvf__tcp_connect("127.0.0.1", port, 2000, &fd, err, sizeof err) != 0)
+        return -1;
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    uint8_t f[KVF_WIRE_HEADER_LEN + 8 + 16 * 128];
+    kvf__put_u64(f + KVF_WIRE_HEADER_LEN, ns);
+    for (int i = 0; i < 128; i++)
+        kvf__wire_key_put(f + KVF_WIRE_HEADER_LEN + 8 + 16 * i, &keys[i]);
+    for (int i = 0; i < iters; i++) {
+        kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
+                          .opcode = KVF_OP_LOOKUP,
+                          .request_id = (uint64_t)i + 1,
+                          .item_count = 128,
+                          .payload_len = 8 + 16 * 128};
+        kvf__wire_hdr_encode(f, &h);
+        double t = bench_now();
+        if (send(fd, f, sizeof f, MSG_NOSIGNAL) != (ssize_t)sizeof f)
+            break;
+        uint8_t r[KVF_WIRE_HEADER_LEN + 8 + 16];
+        size_t got = 0;
+        while (got < sizeof r) {
+            ssize_t x = recv(fd, r + got, sizeof r - got, 0);
+            if (x <= 0) {
+                close(fd);
+                return -1;
+            }
+            got += (size_t)x;
+        }
+        lat[i] = (bench_now() - t) * 1e6;
+    }
+    close(fd);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+static void row(const char *what, double gbps, double vs_ceiling, double vs_peer)
+{
+    printf("  %-34s %8.2f GB/s", what, gbps);
+    if (vs_ceiling > 0)
+        printf("   %5.2f x ceiling", vs_ceiling);
+    if (vs_peer > 0)
+        printf("   %5.2f x redis", vs_peer);
+    printf("\n");
+}
+
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.streams = 4, .store_threads = 1, .memory = "1G", .transport = "tcp"};
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--quick"))
+            o->quick = 1;
+        else if (!strcmp(a, "--json"))
+            o->json = 1;
+        else if (!strcmp(a, "--streams") && v)
+            o->streams = atoi(argv[++i]);
+        else if (!strcmp(a, "--store-threads") && v)
+            o->store_threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--memory") && v)
+            o->memory = argv[++i];
+        else if (!strcmp(a, "--store-bin") && v)
+            o->store_bin = argv[++i];
+        else if (!strcmp(a, "--transport") && v)
+            o->transport = argv[++i];
+        else {
+            fprintf(
+                stderr,
+                "kvf-bench store: unknown option %s\n"
+                "usage: kvf-bench store [--quick] [--json] [--streams N] "
+                "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--transport tcp|rdma]\n",
+                a);
+            return -1;
+        }
+    }
+    if (o->streams < 1 || o->streams > 16) {
+        fprintf(stderr, "kvf-bench store: --streams must be 1..16\n");
+        return -1;
+    }
+    o->secs = o->quick ? 1.5 : 4.0;
+    if (!o->store_bin)
+        o->store_bin = bench_find_bin("kvf-store", "../store/kvf-store");
+    return 0;
+}
+
+int bench_store_main(int argc, char **argv)
+{
+    opts o;
+    if (parse(argc, argv, &o) != 0)
+        return 2;
+    json_t *res = json_object();
+    json_object_set_new(res, "bench", json_string("store"));
+    json_object_set_new(res, "quick", json_boolean(o.quick));
+    if (strcmp(o.transport, "tcp") != 0) {
+        /* RDMA lands with its own issue; until then, and on hosts without a device, it is
+         * infeasible here and says why. */
+        json_object_set_new(res, "transport", json_string(o.transport));
+        json_object_set_new(res, "label", json_string("backend_infeasible"));
+        json_object_set_new(res, "reason", json_string("transport not available in this build"));
+        printf("kvf-bench store --transport %s: backend_infeasible: transport not available in "
+               "this build\n",
+               o.transport);
+        bench_emit(res, o.json);
+        json_decref(res);
+        return 0;
+    }
+    json_object_set_new(res, "transport", json_string("tcp"));
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "cores", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
+
+    bench_progress("store", "TCP ceiling: 1 and %d loopback streams, %.1f s each", o.streams,
+                   o.secs);
+    double c1 = tcp_ceiling(1, o.secs);
+    double cn = tcp_ceiling(o.streams, o.secs);
+    double ceiling = c1 > cn ? c1 : cn;
+
+    bench_proc store = {0};
+    char extra[64];
+    snprintf(extra, sizeof extra, "--threads %d", o.store_threads);
+    if (bench_start_store(&store, o.store_bin, o.memory, extra) != 0) {
+        json_decref(res);
+        return 1;
+    }
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", store.port);
+    const char *nodes[1] = {addr};
+    kvf_client_opts co = {.nodes = nodes,
+                          .n_nodes = 1,
+                          .ns = 0xbe4c4b17ull,
+                          .conns_per_node = o.streams,
+                          .deadline_ms = 30000};
+    kvf_client *cl = NULL;
+    char err[256];
+    if (kvf_client_open(&cl, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench store: %s\n", err);
+        bench_stop(&store);
+        json_decref(res);
+        return 1;
+    }
+    workload small, large;
+    wl_init(&small, 256, 64 * 1024);
+    wl_init(&large, 4, 16u << 20);
+    int e1, e2, e3, e4;
+    bench_progress("store", "kvfabric GET/PUT, 256 x 64 KiB and 4 x 16 MiB batches");
+    double kg64 = kvf_rate(cl, &small, 0, o.secs, &e1);
+    double kp64 = kvf_rate(cl, &small, 1, o.secs, &e2);
+    double kg16 = kvf_rate(cl, &large, 0, o.secs, &e3);
+    double kp16 = kvf_rate(cl, &large, 1, o.secs, &e4);
+    int kvf_errors = e1 + e2 + e3 + e4;
+
+    bench_progress("store", "lookup-prefix of 128 keys");
+    workload chain;
+    wl_init(&chain, 128, 4 * 1024);
+    kvf_batch pb = {.n = 128,
+                    .keys = chain.keys,
+                    .objs = (const void *const *)chain.objs,
+                    .lens = chain.lens,
+                    .status = chain.st};
+    kvf_client_put(cl, &pb);
+    int iters = o.quick ? 1000 : 5000;
+    double *lat = malloc((size_t)iters * sizeof *lat);
+    size_t hits = 0;
+    for (int i = 0; i < iters; i++) {
+        double t = bench_now();
+        kvf_client_lookup_prefix(cl, 128, chain.keys, &hits, 5000);
+        lat[i] = (bench_now() - t) * 1e6;
+    }
+    double p50 = bench_quantile(lat, (size_t)iters, 0.5),
+           p99 = bench_quantile(lat, (size_t)iters, 0.99);
+    double raw50 = 0, raw99 = 0;
+    if (raw_lookup_rtt(store.port, co.ns, chain.keys, iters, lat) == 0) {
+        raw50 = bench_quantile(lat, (size_t)iters, 0.5);
+        raw99 = bench_quantile(lat, (size_t)iters, 0.99);
+    }
+    free(lat);
+    wl_free(&chain);
+    kvf_client_close(&cl);
+    usleep(300000);
+    double rss = bench_rss_mib(store.pid);
+    bench_stop(&store);
+
+    bench_proc redis = {0};
+    double rg64 = 0, rs64 = 0, rg16 = 0, rs16 = 0;
+    int redis_ok = bench_start_redis(&redis) == 0;
+    int redis_errors = 0;
+    if (redis_ok) {
+        bench_progress("store", "Redis GET/SET of the same bytes, pipelined (hiredis)");
+        struct timeval tv = {30, 0};
+        redisContext *rc = redisConnectWithTimeout("127.0.0.1", redis.port, tv);
+        if (rc && !rc->err) {
+            int r1, r2, r3, r4;
+            rs64 = redis_rate(rc, &small, 1, o.secs, &r1);
+            rg64 = redis_rate(rc, &small, 0, o.secs, &r2);
+            rs16 = redis_rate(rc, &large, 1, o.secs, &r3);
+            rg16 = redis_rate(rc, &large, 0, o.secs, &r4);
+            redis_errors = r1 + r2 + r3 + r4;
+        } else {
+            redis_ok = 0;
+        }
+        if (rc)
+            redisFree(rc);
+        bench_stop(&redis);
+    } else {
+        bench_progress("store", "redis-server not available: peer figures omitted");
+    }
+    wl_free(&small);
+    wl_free(&large);
+
+    /* Headline figures are the smaller of the two sizes, and ratios are taken size by size. */
+    double kget = kg64 < kg16 ? kg64 : kg16, kput = kp64 < kp16 ? kp64 : kp16;
+    double rget = rg64 > rg16 ? rg64 : rg16, rset = rs64 > rs16 ? rs64 : rs16;
+    double gvr64 = rg64 > 0 ? kg64 / rg64 : 0, gvr16 = rg16 > 0 ? kg16 / rg16 : 0;
+    double pvr64 = rs64 > 0 ? kp64 / rs64 : 0, pvr16 = rs16 > 0 ? kp16 / rs16 : 0;
+    double get_vs_redis = gvr64 < gvr16 ? gvr64 : gvr16;
+    double put_vs_redis = pvr64 < pvr16 ? pvr64 : pvr16;
+    double arena_mib = 0;
+    {
+        uint64_t m = 0;
+        char u = 0;
+        if (sscanf(o.memory, "%" SCNu64 "%c", &m, &u) >= 1)
+            arena_mib = (double)m * (u == 'G' || u == 'g'   ? 1024
+                                     : u == 'M' || u == 'm' ? 1
+                                                            : 1.0 / 1048576);
+    }
+
+    printf("kvf-bench store: real, TCP loopback, %ld cores, %d stream(s)%s\n",
+           sysconf(_SC_NPROCESSORS_ONLN), o.streams, o.quick ? ", quick" : "");
+    row("TCP ceiling, 1 stream", c1, 0, 0);
+    char label[64];
+    snprintf(label, sizeof label, "TCP ceiling, %d streams", o.streams);
+    row(label, cn, 0, 0);
+    row("kvf GET 256 x 64 KiB", kg64, kg64 / ceiling, gvr64);
+    row("kvf PUT 256 x 64 KiB", kp64, kp64 / ceiling, pvr64);
+    row("kvf GET 4 x 16 MiB", kg16, kg16 / ceiling, gvr16);
+    row("kvf PUT 4 x 16 MiB", kp16, kp16 / ceiling, pvr16);
+    if (redis_ok) {
+        row("redis GET 256 x 64 KiB", rg64, rg64 / ceiling, 0);
+        row("redis SET 256 x 64 KiB", rs64, rs64 / ceiling, 0);
+        row("redis GET 4 x 16 MiB", rg16, rg16 / ceiling, 0);
+        row("redis SET 4 x 16 MiB", rs16, rs16 / ceiling, 0);
+    }
+    printf("  %-34s p50 %.1f us, p99 %.1f us (%zu hits)\n", "kvf lookup-prefix, 128 keys", p50, p99,
+           hits);
+    printf("  %-34s p50 %.1f us, p99 %.1f us\n", "raw socket round trip, same frame", raw50, raw99);
+    printf("  %-34s %.1f MiB (arena %.0f MiB + %.1f MiB)\n", "kvf-store idle RSS", rss, arena_mib,
+           rss - arena_mib);
+    if (kvf_errors || redis_errors)
+        printf("  errors: kvfabric %d, redis %d keys failed\n", kvf_errors, redis_errors);
+
+#define NUM(k, v) json_object_set_new(res, k, json_real(v))
+    NUM("tcp_ceiling_gbps", ceiling);
+    NUM("tcp_ceiling_1stream_gbps", c1);
+    NUM("tcp_ceiling_nstream_gbps", cn);
+    json_object_set_new(res, "streams", json_integer(o.streams));
+    json_object_set_new(res, "store_threads", json_integer(o.store_threads));
+    NUM("kvf_get_gbps", kget);
+    NUM("kvf_put_gbps", kput);
+    NUM("kvf_get_64k_gbps", kg64);
+    NUM("kvf_put_64k_gbps", kp64);
+    NUM("kvf_get_16m_gbps", kg16);
+    NUM("kvf_put_16m_gbps", kp16);
+    if (redis_ok) {
+        NUM("redis_get_gbps", rget);
+        NUM("redis_set_gbps", rset);
+        NUM("redis_get_64k_gbps", rg64);
+        NUM("redis_set_64k_gbps", rs64);
+        NUM("redis_get_16m_gbps", rg16);
+        NUM("redis_set_16m_gbps", rs16);
+        NUM("get_vs_redis", get_vs_redis);
+        NUM("put_vs_redis", put_vs_redis);
+    } else {
+        json_object_set_new(res, "redis_get_gbps", json_null());
+        json_object_set_new(res, "redis_set_gbps", json_null());
+        json_object_set_new(res, "get_vs_redis", json_null());
+        json_object_set_new(res, "put_vs_redis", json_null());
+    }
+    NUM("get_vs_ceiling", kget / ceiling);
+    NUM("put_vs_ceiling", kput / ceiling);
+    NUM("lookup128_p50_us", p50);
+    NUM("lookup128_p99_us", p99);
+    NUM("lookup128_raw_p50_us", raw50);
+    NUM("lookup128_raw_p99_us", raw99);
+    NUM("lookup_p50_vs_raw", raw50 > 0 ? p50 / raw50 : 0);
+    NUM("store_rss_mib", rss);
+    NUM("store_arena_mib", arena_mib);
+    json_object_set_new(res, "kvf_errors", json_integer(kvf_errors));
+    json_object_set_new(res, "redis_errors", json_integer(redis_errors));
+#undef NUM
+    bench_emit(res, o.json);
+    json_decref(res);
+    return kvf_errors ? 1 : 0;
+}
