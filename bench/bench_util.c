@@ -249,3 +249,44 @@ void bench_emit(json_t *result, int json)
         free(t);
     }
 }
+
+int bench_plot_bars(const char *png, const char *title, const char *ylabel, const char *const *labels,
+                    const double *values, const int *groups, size_t n)
+{
+    char dat[] = "/tmp/kvf-bench-plot-XXXXXX";
+    int fd = mkstemp(dat);
+    if (fd < 0)
+        return -1;
+    FILE *f = fdopen(fd, "w");
+    for (size_t i = 0; i < n; i++)
+        fprintf(f, "%zu \"%s\" %.4f %d\n", i, labels[i], values[i], groups[i]);
+    fclose(f);
+    FILE *g = popen("gnuplot", "w");
+    if (!g) {
+        unlink(dat);
+        return -1;
+    }
+    fprintf(g,
+            "set terminal pngcairo size 1000,520 font 'sans,10'\n"
+            "set output '%s'\n"
+            "set title '%s'\n"
+            "set ylabel '%s'\n"
+            "set style fill solid 0.85 border -1\n"
+            "set boxwidth 0.7\n"
+            "set grid ytics\n"
+            "set yrange [0:*]\n"
+            "set xtics rotate by -30 left\n"
+            "set key off\n"
+            "set palette defined (0 '#888888', 1 '#1f77b4', 2 '#d62728')\n"
+            "unset colorbox\n"
+            "plot '%s' using 1:3:4:xtic(2) with boxes lc palette, "
+            "'' using 1:3:(sprintf('%%.2f',$3)) with labels offset 0,0.7\n",
+            png, title, ylabel, dat);
+    int rc = pclose(g);
+    unlink(dat);
+    if (rc != 0) {
+        fprintf(stderr, "kvf-bench: gnuplot failed; is gnuplot installed?\n");
+        return -1;
+    }
+    return 0;
+}

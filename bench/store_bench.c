@@ -42,6 +42,7 @@ typedef struct opts {
     const char *memory;
     const char *store_bin;
     const char *transport;
+    const char *plot;
 } opts;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -376,6 +377,8 @@ static int parse(int argc, char **argv, opts *o)
             o->memory = argv[++i];
         else if (!strcmp(a, "--store-bin") && v)
             o->store_bin = argv[++i];
+        else if (!strcmp(a, "--plot") && v)
+            o->plot = argv[++i];
         else if (!strcmp(a, "--transport") && v)
             o->transport = argv[++i];
         else {
@@ -383,7 +386,8 @@ static int parse(int argc, char **argv, opts *o)
                 stderr,
                 "kvf-bench store: unknown option %s\n"
                 "usage: kvf-bench store [--quick] [--json] [--streams N] "
-                "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--transport tcp|rdma]\n",
+                "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
+                            "[--transport tcp|rdma]\n",
                 a);
             return -1;
         }
@@ -562,6 +566,20 @@ int bench_store_main(int argc, char **argv)
     if (kvf_errors || redis_errors)
         printf("  errors: kvfabric %d, redis %d keys failed\n", kvf_errors, redis_errors);
 
+    if (o.plot) {
+        const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams",
+                                "kvf GET 256x64K",      "kvf PUT 256x64K",
+                                "kvf GET 4x16M",        "kvf PUT 4x16M",
+                                "redis GET 256x64K",    "redis SET 256x64K",
+                                "redis GET 4x16M",      "redis SET 4x16M"};
+        double vals[] = {c1, cn, kg64, kp64, kg16, kp16, rg64, rs64, rg16, rs16};
+        int groups[] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
+        size_t n = redis_ok ? 10 : 6;
+        if (bench_plot_bars(o.plot, "kvf-bench store: loopback TCP, real (ceiling grey, kvfabric blue, Redis red)",
+                            "GB/s", labels, vals, groups, n) == 0)
+            printf("  plot: %s\n", o.plot);
+    }
+
 #define NUM(k, v) json_object_set_new(res, k, json_real(v))
     NUM("tcp_ceiling_gbps", ceiling);
     NUM("tcp_ceiling_1stream_gbps", c1);
@@ -590,6 +608,7 @@ int bench_store_main(int argc, char **argv)
         json_object_set_new(res, "put_vs_redis", json_null());
     }
     NUM("get_vs_ceiling", kget / ceiling);
+    NUM("get_vs_1stream_ceiling", kget / c1);
     NUM("put_vs_ceiling", kput / ceiling);
     NUM("lookup128_p50_us", p50);
     NUM("lookup128_p99_us", p99);
