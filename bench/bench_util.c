@@ -250,8 +250,8 @@ void bench_emit(json_t *result, int json)
     }
 }
 
-int bench_plot_bars(const char *png, const char *title, const char *ylabel, const char *const *labels,
-                    const double *values, const int *groups, size_t n)
+int bench_plot_bars(const char *png, const char *title, const char *ylabel,
+                    const char *const *labels, const double *values, const int *groups, size_t n)
 {
     char dat[] = "/tmp/kvf-bench-plot-XXXXXX";
     int fd = mkstemp(dat);

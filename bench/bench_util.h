@@ -39,8 +39,8 @@ void bench_progress(const char *bench, const char *fmt, ...) __attribute__((form
 
 /* Draws a bar chart of n labelled values (GB/s) to a PNG with gnuplot. Returns 0, or -1 when
  * gnuplot is missing or fails (a message on stderr). */
-int bench_plot_bars(const char *png, const char *title, const char *ylabel, const char *const *labels,
-                    const double *values, const int *groups, size_t n);
+int bench_plot_bars(const char *png, const char *title, const char *ylabel,
+                    const char *const *labels, const double *values, const int *groups, size_t n);
 
 /* Prints the human table rows collected and, with json, the object as one line. */
 void bench_emit(json_t *result, int json);

@@ -382,13 +382,12 @@ static int parse(int argc, char **argv, opts *o)
         else if (!strcmp(a, "--transport") && v)
             o->transport = argv[++i];
         else {
-            fprintf(
-                stderr,
-                "kvf-bench store: unknown option %s\n"
-                "usage: kvf-bench store [--quick] [--json] [--streams N] "
-                "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
-                            "[--transport tcp|rdma]\n",
-                a);
+            fprintf(stderr,
+                    "kvf-bench store: unknown option %s\n"
+                    "usage: kvf-bench store [--quick] [--json] [--streams N] "
+                    "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
+                    "[--transport tcp|rdma]\n",
+                    a);
             return -1;
         }
     }
@@ -567,16 +566,17 @@ int bench_store_main(int argc, char **argv)
         printf("  errors: kvfabric %d, redis %d keys failed\n", kvf_errors, redis_errors);
 
     if (o.plot) {
-        const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams",
-                                "kvf GET 256x64K",      "kvf PUT 256x64K",
-                                "kvf GET 4x16M",        "kvf PUT 4x16M",
-                                "redis GET 256x64K",    "redis SET 256x64K",
-                                "redis GET 4x16M",      "redis SET 4x16M"};
+        const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams", "kvf GET 256x64K",
+                                "kvf PUT 256x64K",      "kvf GET 4x16M",         "kvf PUT 4x16M",
+                                "redis GET 256x64K",    "redis SET 256x64K",     "redis GET 4x16M",
+                                "redis SET 4x16M"};
         double vals[] = {c1, cn, kg64, kp64, kg16, kp16, rg64, rs64, rg16, rs16};
         int groups[] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
         size_t n = redis_ok ? 10 : 6;
-        if (bench_plot_bars(o.plot, "kvf-bench store: loopback TCP, real (ceiling grey, kvfabric blue, Redis red)",
-                            "GB/s", labels, vals, groups, n) == 0)
+        if (bench_plot_bars(
+                o.plot,
+                "kvf-bench store: loopback TCP, real (ceiling grey, kvfabric blue, Redis red)",
+                "GB/s", labels, vals, groups, n) == 0)
             printf("  plot: %s\n", o.plot);
     }
 
