@@ -305,6 +305,16 @@ static void reply_error(conn *c, int status, int fatal, const char *fmt, ...)
     reply_copy(c, status, fatal ? KVF_WF_FATAL : 0, 0, msg, (size_t)n);
 }
 
+/* Replies with one i32 status per key. Takes ownership of st (encoded in place, then freed). */
+static void reply_statuses(conn *c, int32_t *st, uint32_t n)
+{
+    uint8_t *r = (uint8_t *)st;
+    for (uint32_t i = 0; i < n; i++)
+        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)st[i]);
+    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
+    free(st);
+}
+
 static int ensure_rbuf(conn *c, size_t n)
 {
     if (c->rcap >= n)
@@ -616,11 +626,7 @@ static void do_per_key(conn *c)
         }
     }
     kvf__cache_unlock(s->o.cache);
-    uint8_t *r = (uint8_t *)st;
-    for (uint32_t i = 0; i < n; i++)
-        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)st[i]);
-    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
-    free(st);
+    reply_statuses(c, st, n);
 }
 
 static void do_clear(conn *c)
@@ -779,11 +785,7 @@ static void do_recode(conn *c)
     free(tmp);
     free(scratch);
     free(scratch2);
-    uint8_t *r = (uint8_t *)st;
-    for (uint32_t i = 0; i < n; i++)
-        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)st[i]);
-    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
-    free(st);
+    reply_statuses(c, st, n);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1061,15 +1063,14 @@ static void put_finish(conn *c)
                     c->ns_bound);
         return;
     }
-    uint8_t *r = malloc(4 * (size_t)n);
-    if (!r) {
+    int32_t *st = malloc(4 * (size_t)n);
+    if (!st) {
         reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     for (uint32_t i = 0; i < n; i++)
-        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)c->items[i].status);
-    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
-    free(r);
+        st[i] = c->items[i].status;
+    reply_statuses(c, st, n);
 }
 
 /* ------------------------------------------------------------------------------------------ */
