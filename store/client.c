@@ -112,6 +112,8 @@ struct creq {
     kvf_obj_info cur;   /* plain GET: the current item's header */
     uint32_t cur_seg;
     uint64_t cur_off, cur_len;
+    uint64_t seg_start; /* plain GET: where the current segment starts in the object */
+    int cur_state;      /* plain GET: 0 header pending, 1 in segments, 2 failed */
 };
 
 struct cconn {
@@ -131,7 +133,10 @@ struct cconn {
     uint8_t *rdst;
     uint64_t rleft;
     int (*on_read)(cconn *cn);
-    int hashing;      /* hash bytes as they arrive into rdst (segment checksums) */
+    int hashing; /* hash bytes as they arrive into rdst (segment checksums) */
+    /* Called with each run of bytes as it lands in rdst (plain GET objects): parses and hashes
+     * while the bytes are in cache, without splitting the reads. */
+    void (*on_bytes)(cconn *cn, size_t n);
     XXH3_state_t *xs; /* allocated once per connection */
     char errtext[MAX_ERR_TEXT];
     uint64_t bytes_pending_items;
@@ -549,6 +554,7 @@ static void rd_expect(cconn *cn, void *dst, uint64_t len, int (*fn)(cconn *))
     cn->rleft = len;
     cn->on_read = fn;
     cn->hashing = 0;
+    cn->on_bytes = NULL;
 }
 
 /* As rd_expect, hashing the bytes as they land, while they are still in cache; the handler
@@ -723,78 +729,72 @@ static int rd_get_item_end(cconn *cn)
     return rd_get_start_item(cn);
 }
 
-/* Drops the rest of the current item (it already has its failure status). */
-static int rd_get_skip_rest(cconn *cn)
-{
-    creq *r = cn->rreq;
-    rd_expect(cn, NULL, r->cur_len - r->cur_off, rd_get_item_end);
-    return 0;
-}
-
-static int rd_get_next_seg(cconn *cn);
-
-static int rd_get_seg_done(cconn *cn)
-{
-    creq *r = cn->rreq;
-    kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
-    r->cur_off += sg.stored_len;
-    if (XXH3_64bits_digest(cn->xs) != sg.stored_xxh) {
-        item_fail(r, KVF_ECHECKSUM);
-        return rd_get_skip_rest(cn);
-    }
-    r->cur_seg++;
-    return rd_get_next_seg(cn);
-}
-
-static int rd_get_next_seg(cconn *cn)
-{
-    creq *r = cn->rreq;
-    kvf_op *op = r->op;
-    uint32_t k = r->idx[r->item];
-    if (r->cur_seg == r->cur.layers) {
-        op->b.status[k] = 0;
-        if (op->b.out_lens)
-            op->b.out_lens[k] = r->cur_len;
-        return rd_get_item_end(cn);
-    }
-    kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
-    rd_expect_hashed(cn, (uint8_t *)op->b.bufs[k] + r->cur_off, sg.stored_len, rd_get_seg_done);
-    return 0;
-}
-
-static int rd_get_hdr_rest(cconn *cn)
+/* Consumes the n bytes of the current object that just landed at offset cur_off of its buffer:
+ * parses the header once it is complete, then hashes segment by segment and checks each
+ * checksum at its end. A failure stops the work; the rest of the object still lands, unused. */
+static void get_item_bytes(cconn *cn, size_t n)
 {
     creq *r = cn->rreq;
     kvf_op *op = r->op;
     uint32_t k = r->idx[r->item];
     uint8_t *buf = op->b.bufs[k];
-    uint32_t hlen = kvf__obj_header_len(kvf__get_u32(buf + 36));
-    r->cur_off = hlen;
-    int rc = kvf__obj_parse(buf, hlen, &r->cur);
-    if (rc == 0 && (r->cur.header_len + r->cur.stored_bytes != r->cur_len ||
-                    !kvf_key_eq(&r->cur.key, &op->b.keys[k])))
-        rc = KVF_ECHECKSUM;
-    if (rc) {
-        item_fail(r, KVF_ECHECKSUM);
-        return rd_get_skip_rest(cn);
+    uint64_t pos = r->cur_off, end = r->cur_off + n;
+    r->cur_off = end;
+    while (pos < end && r->cur_state != 2) {
+        if (r->cur_state == 0) {
+            if (end < 64)
+                return;
+            uint32_t layers = kvf__get_u32(buf + 36);
+            uint32_t hlen = kvf__obj_header_len(layers);
+            if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || hlen > r->cur_len) {
+                r->cur_state = 2;
+                return;
+            }
+            if (end < hlen)
+                return;
+            if (kvf__obj_parse(buf, hlen, &r->cur) != 0 ||
+                r->cur.header_len + r->cur.stored_bytes != r->cur_len ||
+                !kvf_key_eq(&r->cur.key, &op->b.keys[k])) {
+                r->cur_state = 2;
+                return;
+            }
+            r->cur_state = 1;
+            r->cur_seg = 0;
+            r->seg_start = hlen;
+            pos = hlen;
+            XXH3_64bits_reset(cn->xs);
+            continue;
+        }
+        kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
+        uint64_t seg_end = r->seg_start + sg.stored_len;
+        uint64_t take = (end < seg_end ? end : seg_end) - pos;
+        XXH3_64bits_update(cn->xs, buf + pos, take);
+        pos += take;
+        if (pos == seg_end) {
+            if (XXH3_64bits_digest(cn->xs) != sg.stored_xxh) {
+                r->cur_state = 2;
+                return;
+            }
+            r->cur_seg++;
+            r->seg_start = seg_end;
+            XXH3_64bits_reset(cn->xs);
+        }
     }
-    r->cur_seg = 0;
-    return rd_get_next_seg(cn);
 }
 
-static int rd_get_hdr_fixed(cconn *cn)
+static int rd_get_item_done(cconn *cn)
 {
     creq *r = cn->rreq;
     kvf_op *op = r->op;
-    uint8_t *buf = op->b.bufs[r->idx[r->item]];
-    uint32_t layers = kvf__get_u32(buf + 36);
-    r->cur_off = 64;
-    if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || kvf__obj_header_len(layers) > r->cur_len) {
+    uint32_t k = r->idx[r->item];
+    if (r->cur_state == 1 && r->cur_seg == r->cur.layers) {
+        op->b.status[k] = 0;
+        if (op->b.out_lens)
+            op->b.out_lens[k] = r->cur_len;
+    } else {
         item_fail(r, KVF_ECHECKSUM);
-        return rd_get_skip_rest(cn);
     }
-    rd_expect(cn, buf + 64, kvf__obj_header_len(layers) - 64, rd_get_hdr_rest);
-    return 0;
+    return rd_get_item_end(cn);
 }
 
 static int rd_get_start_item(cconn *cn)
@@ -822,7 +822,9 @@ static int rd_get_start_item(cconn *cn)
         } else {
             /* Until its last segment verifies, the item is not a hit. */
             op->b.status[k] = 1;
-            rd_expect(cn, op->b.bufs[k], 64, rd_get_hdr_fixed);
+            r->cur_state = 0;
+            rd_expect(cn, op->b.bufs[k], len, rd_get_item_done);
+            cn->on_bytes = get_item_bytes;
         }
         return 0;
     }
@@ -1135,6 +1137,8 @@ static int cn_read(kvf_client *c, cconn *cn)
         budget -= got;
         if (cn->hashing)
             XXH3_64bits_update(cn->xs, cn->rdst, got);
+        else if (cn->on_bytes)
+            cn->on_bytes(cn, got);
         if (cn->rdst)
             cn->rdst += got;
         cn->rleft -= got;
