@@ -326,3 +326,19 @@ void kvf__obj_rekey(void *obj, const kvf_key *key)
     kvf__put_u64(d + 24, key->hi);
     seal_header(d, kvf__get_u32(d + 36));
 }
+
+void kvf__obj_seal_raw(void *obj, const kvf_key *key, uint64_t layout_fp, uint32_t tokens,
+                       uint32_t layers, uint64_t seg_bytes, const uint64_t *seg_xxh)
+{
+    uint8_t *d = obj;
+    uint64_t total = (uint64_t)layers * seg_bytes;
+    write_header(d, key, layout_fp, tokens, layers, KVF_CODEC_NONE, total, total);
+    for (uint32_t l = 0; l < layers; l++) {
+        kvf_obj_seg s = {.raw_len = (uint32_t)seg_bytes,
+                         .stored_len = (uint32_t)seg_bytes,
+                         .stored_xxh = seg_xxh[l],
+                         .raw_xxh = seg_xxh[l]};
+        put_seg(d, l, &s);
+    }
+    seal_header(d, layers);
+}

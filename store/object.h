@@ -101,6 +101,12 @@ int kvf__obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uin
 int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, size_t cap,
                     size_t *out_len, void *scratch, void *scratch2);
 
+/* Writes the header of an uncompressed object whose layers segments of seg_bytes each are already
+ * in place after it (at kvf__obj_header_len(layers)), given their XXH3-64 checksums. Lets a
+ * producer gather segments straight into the object buffer and hash them as it goes. */
+void kvf__obj_seal_raw(void *obj, const kvf_key *key, uint64_t layout_fp, uint32_t tokens,
+                       uint32_t layers, uint64_t seg_bytes, const uint64_t *seg_xxh);
+
 /* Replaces the key in an object's header and reseals the header checksum (segments are
  * untouched). For tools that store one payload under many keys. */
 void kvf__obj_rekey(void *obj, const kvf_key *key);

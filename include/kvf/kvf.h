@@ -12,6 +12,7 @@
 #include "kvf/error.h"
 #include "kvf/layout.h"
 #include "kvf/client.h"
+#include "kvf/connector.h"
 
 #define KVF_VERSION_MAJOR  0
 #define KVF_VERSION_MINOR  1

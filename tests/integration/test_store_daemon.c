@@ -28,136 +28,13 @@
 
 #include "kvf/kvf.h"
 
+#include "harness.h"
+
 #include "bytes.h"
 #include "clock.h"
 #include "object.h"
 #include "tcp.h"
 #include "wire.h"
-
-#ifndef KVF_STORE_BIN
-#error "KVF_STORE_BIN must name the kvf-store binary"
-#endif
-
-/* ------------------------------------------------------------------------------------------ */
-/* Daemons */
-
-typedef struct daemon_t {
-    pid_t pid;
-    uint16_t port;
-    char addr[64];
-} daemon_t;
-
-/* Every daemon started and not yet stopped, so a failing test (cmocka unwinds it with longjmp)
- * still leaves no process behind: the group teardown and an atexit handler kill them. */
-static pid_t live[32];
-
-static void track(pid_t pid, int add)
-{
-    for (int i = 0; i < 32; i++) {
-        if (add ? live[i] == 0 : live[i] == pid) {
-            live[i] = add ? pid : 0;
-            return;
-        }
-    }
-}
-
-static void kill_all(void)
-{
-    for (int i = 0; i < 32; i++) {
-        if (live[i] > 0) {
-            kill(live[i], SIGCONT);
-            kill(live[i], SIGKILL);
-            waitpid(live[i], NULL, 0);
-            live[i] = 0;
-        }
-    }
-}
-
-static int teardown_daemons(void **state)
-{
-    (void)state;
-    kill_all();
-    return 0;
-}
-
-static void daemon_start(daemon_t *d, const char *memory, const char *extra)
-{
-    int pfd[2];
-    assert_int_equal(pipe(pfd), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-#ifdef __linux__
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* die with the test, whatever happens to it */
-#endif
-        dup2(pfd[1], 1);
-        close(pfd[0]);
-        close(pfd[1]);
-        char *argv[16];
-        int k = 0;
-        argv[k++] = (char *)KVF_STORE_BIN;
-        argv[k++] = (char *)"--listen";
-        argv[k++] = (char *)"127.0.0.1:0";
-        argv[k++] = (char *)"--memory";
-        argv[k++] = (char *)memory;
-        argv[k++] = (char *)"--log-level";
-        argv[k++] = (char *)"warn";
-        char extra_buf[256];
-        if (extra) {
-            snprintf(extra_buf, sizeof extra_buf, "%s", extra);
-            for (char *t = strtok(extra_buf, " "); t && k < 15; t = strtok(NULL, " "))
-                argv[k++] = t;
-        }
-        argv[k] = NULL;
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    close(pfd[1]);
-    track(pid, 1);
-    char line[512];
-    size_t got = 0;
-    struct pollfd p = {.fd = pfd[0], .events = POLLIN};
-    while (got < sizeof line - 1 && !memchr(line, '\n', got)) {
-        if (poll(&p, 1, 10000) <= 0)
-            break;
-        ssize_t r = read(pfd[0], line + got, sizeof line - 1 - got);
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
-    close(pfd[0]);
-    line[got] = '\0';
-    char *at = strstr(line, "listen=127.0.0.1:");
-    if (!at)
-        fail_msg("kvf-store did not print its ready line: \"%s\"", line);
-    d->pid = pid;
-    d->port = (uint16_t)atoi(at + strlen("listen=127.0.0.1:"));
-    snprintf(d->addr, sizeof d->addr, "127.0.0.1:%u", d->port);
-}
-
-/* Stops a daemon with SIGTERM and checks that it exits 0 within 10 s. */
-static void daemon_stop(daemon_t *d)
-{
-    if (d->pid <= 0)
-        return;
-    kill(d->pid, SIGTERM);
-    int status = 0;
-    for (int i = 0; i < 1000; i++) {
-        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
-            track(d->pid, 0);
-            d->pid = 0;
-            assert_true(WIFEXITED(status));
-            assert_int_equal(WEXITSTATUS(status), 0);
-            return;
-        }
-        usleep(10000);
-    }
-    kill(d->pid, SIGKILL);
-    waitpid(d->pid, &status, 0);
-    track(d->pid, 0);
-    d->pid = 0;
-    fail_msg("kvf-store did not stop within 10 s of SIGTERM");
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Objects: a small layout, content derived from the key so every byte can be checked. */
@@ -835,11 +712,7 @@ static void test_daemon_compress_and_placement(void **state)
 
 int main(void)
 {
-    signal(SIGPIPE, SIG_IGN);
-    atexit(kill_all);
-    const char *filter = getenv("KVF_TEST_FILTER");
-    if (filter)
-        cmocka_set_test_filter(filter);
+    harness_init();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_daemon_round_trip_thousands, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_eviction_keeps_pinned_and_referenced,

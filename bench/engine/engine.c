@@ -1,0 +1,530 @@
+/*
+ * The reference engine's forward pass (bench/engine/engine.h). A Llama-style decoder: pre-norm
+ * RMSNorm ("Root Mean Square Layer Normalization", Zhang and Sennrich, 2019), rotary embeddings
+ * ("RoFormer", Su et al., 2021) on Q and K, grouped-query attention ("GQA", Ainslie et al., 2023)
+ * and a SwiGLU MLP ("GLU Variants Improve Transformer", Shazeer, 2020). All math is f32.
+ *
+ * Attention for a block of queries multiplies them against every key up to the block's end at
+ * once (a GEMM per KV head), masks the future, and softmaxes row by row. The keys and values of a
+ * layer are kept contiguous per KV head in scratch while the layer runs, filled from the paged
+ * cache for the prefix and appended block by block; the paged cache is the copy that persists and
+ * the one the connector moves.
+ */
+#include "engine.h"
+
+#include "kvf/error.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct layer_w {
+    float *wq, *wk, *wv, *wo, *wg, *wu, *wd, *n1, *n2;
+} layer_w;
+
+struct kvfe_engine {
+    kvfe_model m;
+    kvfe_opts o;
+    uint32_t B; /* block rows: divides chunk_tokens, aligned to absolute positions */
+    uint32_t hd, kvh, nh, group;
+    float *embed, *norm_f;
+    layer_w *lw;
+    /* paged KV cache: per layer K and V planes */
+    uint8_t **kplane, **vplane;
+    size_t page_bytes, page_stride;
+    uint32_t num_pages;
+    uint32_t *page_of; /* page id of each page index of the sequence */
+    /* sequence */
+    uint32_t *tokens;
+    size_t len;
+    /* scratch */
+    float *x, *h, *q, *k, *v, *att, *o_, *g, *u, *scores, *kc, *vc, *logits;
+    float *rope_cos, *rope_sin;
+    kvf_xfer *pending_save;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int kvfe_model_preset(const char *name, kvfe_model *m)
+{
+    memset(m, 0, sizeof *m);
+    if (kvf_layout_preset(name, &m->layout) != 0)
+        return KVF_ENOENT;
+    if (strcmp(name, "ref-tiny") == 0) {
+        m->vocab = 512;
+        m->n_heads = 4;
+        m->ffn = 256;
+    } else if (strcmp(name, "ref-100m") == 0) {
+        m->vocab = 32000;
+        m->n_heads = 12;
+        m->ffn = 2048;
+    } else {
+        return KVF_ENOENT;
+    }
+    m->hidden = m->n_heads * m->layout.head_dim;
+    m->rope_theta = 10000.0f;
+    m->norm_eps = 1e-5f;
+    return 0;
+}
+
+const kvfe_model *kvfe_model_of(const kvfe_engine *e)
+{
+    return &e->m;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Weights from a seed */
+
+static uint64_t splitmix(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+static float *rand_tensor(size_t n, float scale, uint64_t *seed)
+{
+    float *p = malloc(n * sizeof *p);
+    if (!p)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        p[i] = ((float)(splitmix(seed) >> 40) / (float)(1u << 24) * 2.0f - 1.0f) * scale;
+    return p;
+}
+
+static float *ones(size_t n)
+{
+    float *p = malloc(n * sizeof *p);
+    if (p)
+        for (size_t i = 0; i < n; i++)
+            p[i] = 1.0f;
+    return p;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Kernels */
+
+static void rmsnorm(float *out, const float *x, const float *w, size_t rows, size_t dim, float eps)
+{
+    for (size_t r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float ss = 0.0f;
+        for (size_t i = 0; i < dim; i++)
+            ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (size_t i = 0; i < dim; i++)
+            out[r * dim + i] = xr[i] * inv * w[i];
+    }
+}
+
+/* out[rows][n] = in[rows][k] * w[k][n] */
+static void matmul(float *out, const float *in, const float *w, size_t rows, size_t k, size_t n)
+{
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)rows, (int)n, (int)k, 1.0f, in,
+                (int)k, w, (int)n, 0.0f, out, (int)n);
+}
+
+/* Rotates pairs (2i, 2i+1) of every head of rows at positions pos0.. */
+static void rope(const kvfe_engine *e, float *x, size_t rows, size_t heads, size_t pos0)
+{
+    uint32_t hd = e->hd;
+    for (size_t r = 0; r < rows; r++) {
+        const float *cs = e->rope_cos + (pos0 + r) * (hd / 2);
+        const float *sn = e->rope_sin + (pos0 + r) * (hd / 2);
+        for (size_t h = 0; h < heads; h++) {
+            float *v = x + (r * heads + h) * hd;
+            for (uint32_t i = 0; i < hd / 2; i++) {
+                float a = v[2 * i], b = v[2 * i + 1];
+                v[2 * i] = a * cs[i] - b * sn[i];
+                v[2 * i + 1] = a * sn[i] + b * cs[i];
+            }
+        }
+    }
+}
+
+static float *kv_row(kvfe_engine *e, uint8_t **planes, uint32_t layer, size_t pos)
+{
+    uint32_t pt = e->m.layout.page_tokens;
+    uint32_t page = e->page_of[pos / pt];
+    return (float *)(planes[layer] + (size_t)page * e->page_stride) + (pos % pt) * e->kvh * e->hd;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* One layer over rows [start, n) */
+
+static void layer_forward(kvfe_engine *e, uint32_t l, size_t start, size_t n)
+{
+    const kvfe_model *m = &e->m;
+    const layer_w *w = &e->lw[l];
+    uint32_t hd = e->hd, kvh = e->kvh, nh = e->nh, H = m->hidden;
+    size_t kvdim = (size_t)kvh * hd, qdim = (size_t)nh * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+
+    /* The prefix's keys and values, from the paged cache into contiguous scratch. */
+    for (size_t p = 0; p < start; p++) {
+        const float *kr = kv_row(e, e->kplane, l, p), *vr = kv_row(e, e->vplane, l, p);
+        for (uint32_t g = 0; g < kvh; g++) {
+            memcpy(e->kc + ((size_t)g * e->o.max_tokens + p) * hd, kr + g * hd, hd * sizeof(float));
+            memcpy(e->vc + ((size_t)g * e->o.max_tokens + p) * hd, vr + g * hd, hd * sizeof(float));
+        }
+    }
+
+    size_t b0 = start;
+    while (b0 < n) {
+        size_t b1 = (b0 / e->B + 1) * e->B;
+        if (b1 > n)
+            b1 = n;
+        size_t T = b1 - b0;
+        float *x = e->x + (b0 - start) * H;
+        rmsnorm(e->h, x, w->n1, T, H, m->norm_eps);
+        matmul(e->q, e->h, w->wq, T, H, qdim);
+        matmul(e->k, e->h, w->wk, T, H, kvdim);
+        matmul(e->v, e->h, w->wv, T, H, kvdim);
+        rope(e, e->q, T, nh, b0);
+        rope(e, e->k, T, kvh, b0);
+        for (size_t t = 0; t < T; t++) {
+            size_t pos = b0 + t;
+            memcpy(kv_row(e, e->kplane, l, pos), e->k + t * kvdim, kvdim * sizeof(float));
+            memcpy(kv_row(e, e->vplane, l, pos), e->v + t * kvdim, kvdim * sizeof(float));
+            for (uint32_t g = 0; g < kvh; g++) {
+                memcpy(e->kc + ((size_t)g * e->o.max_tokens + pos) * hd, e->k + t * kvdim + g * hd,
+                       hd * sizeof(float));
+                memcpy(e->vc + ((size_t)g * e->o.max_tokens + pos) * hd, e->v + t * kvdim + g * hd,
+                       hd * sizeof(float));
+            }
+        }
+        /* Attention: per query head, scores against keys [0, b1), causal mask, softmax, values. */
+        for (uint32_t h = 0; h < nh; h++) {
+            uint32_t g = h / e->group;
+            const float *K = e->kc + (size_t)g * e->o.max_tokens * hd;
+            const float *V = e->vc + (size_t)g * e->o.max_tokens * hd;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)b1, (int)hd, scale,
+                        e->q + h * hd, (int)qdim, K, (int)hd, 0.0f, e->scores, (int)b1);
+            for (size_t t = 0; t < T; t++) {
+                float *s = e->scores + t * b1;
+                size_t last = b0 + t;
+                float mx = s[0];
+                for (size_t j = 1; j <= last; j++)
+                    if (s[j] > mx)
+                        mx = s[j];
+                float sum = 0.0f;
+                for (size_t j = 0; j <= last; j++) {
+                    s[j] = expf(s[j] - mx);
+                    sum += s[j];
+                }
+                float inv = 1.0f / sum;
+                for (size_t j = 0; j <= last; j++)
+                    s[j] *= inv;
+                for (size_t j = last + 1; j < b1; j++)
+                    s[j] = 0.0f;
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)hd, (int)b1, 1.0f,
+                        e->scores, (int)b1, V, (int)hd, 0.0f, e->att + h * hd, (int)qdim);
+        }
+        matmul(e->o_, e->att, w->wo, T, qdim, H);
+        for (size_t i = 0; i < T * H; i++)
+            x[i] += e->o_[i];
+        /* SwiGLU MLP. */
+        rmsnorm(e->h, x, w->n2, T, H, m->norm_eps);
+        matmul(e->g, e->h, w->wg, T, H, m->ffn);
+        matmul(e->u, e->h, w->wu, T, H, m->ffn);
+        for (size_t i = 0; i < T * m->ffn; i++) {
+            float a = e->g[i];
+            e->g[i] = a / (1.0f + expf(-a)) * e->u[i];
+        }
+        matmul(e->o_, e->g, w->wd, T, m->ffn, H);
+        for (size_t i = 0; i < T * H; i++)
+            x[i] += e->o_[i];
+        b0 = b1;
+    }
+}
+
+static void finish(kvfe_engine *e, size_t last_row, kvfe_result *r)
+{
+    uint32_t H = e->m.hidden;
+    rmsnorm(e->h, e->x + last_row * H, e->norm_f, 1, H, e->m.norm_eps);
+    /* Tied embeddings: logits = h . E^T. */
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)e->m.vocab, (int)H, 1.0f, e->embed, (int)H, e->h,
+                1, 0.0f, e->logits, 1);
+    uint32_t best = 0;
+    for (uint32_t i = 1; i < e->m.vocab; i++)
+        if (e->logits[i] > e->logits[best])
+            best = i;
+    r->next_token = best;
+    r->logits = e->logits;
+}
+
+static void embed_rows(kvfe_engine *e, size_t start, size_t n)
+{
+    uint32_t H = e->m.hidden;
+    for (size_t p = start; p < n; p++)
+        memcpy(e->x + (p - start) * H, e->embed + (size_t)(e->tokens[p] % e->m.vocab) * H,
+               H * sizeof(float));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+int kvfe_flush(kvfe_engine *e)
+{
+    if (!e->pending_save)
+        return 0;
+    int rc = kvf_xfer_wait(e->pending_save);
+    kvf_xfer_free(&e->pending_save);
+    return rc;
+}
+
+int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r)
+{
+    memset(r, 0, sizeof *r);
+    if (n == 0 || n >= e->o.max_tokens)
+        return KVF_EINVAL;
+    double t0 = now_s();
+    kvfe_flush(e);
+    memcpy(e->tokens, tokens, n * sizeof *tokens);
+    e->len = n;
+    const kvf_layout *L = &e->m.layout;
+    uint32_t C = L->chunk_tokens, P = L->page_tokens;
+    kvf_connector *cn = e->o.cn;
+
+    size_t hit = 0;
+    if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0) {
+        size_t max_hit = (n - 1) / C * C; /* at least one token is computed, for the logits */
+        hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
+    }
+    kvf_xfer *load = NULL;
+    if (hit && kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
+        hit = 0;
+    size_t full = n / C * C;
+    kvf_xfer *save = NULL;
+    if (cn && e->o.save && full > hit &&
+        kvf_connector_save(cn, tokens, full, hit / C, e->page_of, full / P, &save) != 0)
+        save = NULL;
+
+    double wait = 0, compute = 0;
+    for (;;) {
+        size_t start = hit;
+        embed_rows(e, start, n);
+        int failed = 0;
+        for (uint32_t l = 0; l < L->layers; l++) {
+            if (load) {
+                double w0 = now_s();
+                int rc = kvf_xfer_wait_layer(load, l);
+                wait += now_s() - w0;
+                if (rc) {
+                    r->load_error = rc;
+                    failed = 1;
+                    break;
+                }
+            }
+            double c0 = now_s();
+            layer_forward(e, l, start, n);
+            compute += now_s() - c0;
+            if (save)
+                kvf_xfer_layer_done(save, l);
+        }
+        if (!failed) {
+            r->loaded_tokens = hit;
+            break;
+        }
+        /* The store could not deliver every layer: recompute everything from the start. Once
+         * cancel returns no worker writes these pages any more; the save restarts from chunk 0
+         * so a chunk that was bad in the store is replaced. */
+        kvf_xfer_cancel(load);
+        kvf_xfer_free(&load);
+        if (save) {
+            kvf_xfer_cancel(save);
+            kvf_xfer_free(&save);
+        }
+        hit = 0;
+        if (cn && e->o.save && full > 0 &&
+            kvf_connector_save(cn, tokens, full, 0, e->page_of, full / P, &save) != 0)
+            save = NULL;
+    }
+    if (load)
+        kvf_xfer_free(&load);
+    e->pending_save = save;
+    finish(e, n - 1 - hit, r);
+    r->compute_seconds = compute;
+    r->wait_seconds = wait;
+    r->seconds = now_s() - t0;
+    return 0;
+}
+
+int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r)
+{
+    memset(r, 0, sizeof *r);
+    if (e->len == 0 || e->len + 1 >= e->o.max_tokens)
+        return KVF_EINVAL;
+    double t0 = now_s();
+    size_t pos = e->len;
+    e->tokens[pos] = token;
+    e->len++;
+    embed_rows(e, pos, pos + 1);
+    for (uint32_t l = 0; l < e->m.layout.layers; l++)
+        layer_forward(e, l, pos, pos + 1);
+    finish(e, 0, r);
+    r->seconds = r->compute_seconds = now_s() - t0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+void kvfe_close(kvfe_engine **ep)
+{
+    if (!ep || !*ep)
+        return;
+    kvfe_engine *e = *ep;
+    kvfe_flush(e);
+    if (e->lw) {
+        for (uint32_t l = 0; l < e->m.layout.layers; l++) {
+            layer_w *w = &e->lw[l];
+            free(w->wq), free(w->wk), free(w->wv), free(w->wo), free(w->wg), free(w->wu);
+            free(w->wd), free(w->n1), free(w->n2);
+            if (e->kplane)
+                free(e->kplane[l]);
+            if (e->vplane)
+                free(e->vplane[l]);
+        }
+    }
+    free(e->lw), free(e->kplane), free(e->vplane), free(e->embed), free(e->norm_f);
+    free(e->page_of), free(e->tokens);
+    free(e->x), free(e->h), free(e->q), free(e->k), free(e->v), free(e->att), free(e->o_);
+    free(e->g), free(e->u), free(e->scores), free(e->kc), free(e->vc), free(e->logits);
+    free(e->rope_cos), free(e->rope_sin);
+    free(e);
+    *ep = NULL;
+}
+
+int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    kvfe_engine *e = calloc(1, sizeof *e);
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    e->o = *o;
+    if (kvfe_model_preset(o->model, &e->m) != 0) {
+        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny or ref-100m)", o->model);
+        free(e);
+        return KVF_ENOENT;
+    }
+    const kvfe_model *m = &e->m;
+    const kvf_layout *L = &m->layout;
+    e->hd = L->head_dim;
+    e->kvh = L->kv_heads;
+    e->nh = m->n_heads;
+    e->group = e->nh / e->kvh;
+    uint32_t C = L->chunk_tokens;
+    e->B = C <= 128 ? C : 128;
+    while (C % e->B)
+        e->B /= 2;
+    if (!e->o.max_tokens)
+        e->o.max_tokens = 4096;
+    uint32_t maxT = e->o.max_tokens;
+    uint32_t H = m->hidden, F = m->ffn, hd = e->hd;
+    size_t qdim = (size_t)e->nh * hd, kvdim = (size_t)e->kvh * hd;
+
+    uint64_t seed = o->seed ? o->seed : 1;
+    float sh = 0.5f * sqrtf(3.0f / (float)H), sf = 0.5f * sqrtf(3.0f / (float)F);
+    e->embed = rand_tensor((size_t)m->vocab * H, 0.5f, &seed);
+    e->norm_f = ones(H);
+    e->lw = calloc(L->layers, sizeof *e->lw);
+    e->kplane = calloc(L->layers, sizeof *e->kplane);
+    e->vplane = calloc(L->layers, sizeof *e->vplane);
+    e->page_bytes = (size_t)L->page_tokens * kvdim * sizeof(float);
+    e->page_stride = e->page_bytes + o->page_pad;
+    e->num_pages = (maxT + L->page_tokens - 1) / L->page_tokens;
+    int ok = e->embed && e->norm_f && e->lw && e->kplane && e->vplane;
+    for (uint32_t l = 0; ok && l < L->layers; l++) {
+        layer_w *w = &e->lw[l];
+        w->wq = rand_tensor((size_t)H * qdim, sh, &seed);
+        w->wk = rand_tensor((size_t)H * kvdim, sh, &seed);
+        w->wv = rand_tensor((size_t)H * kvdim, sh, &seed);
+        w->wo = rand_tensor(qdim * H, sh, &seed);
+        w->wg = rand_tensor((size_t)H * F, sh, &seed);
+        w->wu = rand_tensor((size_t)H * F, sh, &seed);
+        w->wd = rand_tensor((size_t)F * H, sf, &seed);
+        w->n1 = ones(H);
+        w->n2 = ones(H);
+        e->kplane[l] = calloc(e->num_pages, e->page_stride);
+        e->vplane[l] = calloc(e->num_pages, e->page_stride);
+        ok = w->wq && w->wk && w->wv && w->wo && w->wg && w->wu && w->wd && w->n1 && w->n2 &&
+             e->kplane[l] && e->vplane[l];
+    }
+    e->page_of = malloc(e->num_pages * sizeof *e->page_of);
+    e->tokens = malloc(maxT * sizeof *e->tokens);
+    e->x = malloc((size_t)maxT * H * sizeof(float));
+    size_t B = e->B;
+    e->h = malloc(B * (H > F ? H : F) * sizeof(float));
+    e->q = malloc(B * qdim * sizeof(float));
+    e->k = malloc(B * kvdim * sizeof(float));
+    e->v = malloc(B * kvdim * sizeof(float));
+    e->att = malloc(B * qdim * sizeof(float));
+    e->o_ = malloc(B * H * sizeof(float));
+    e->g = malloc(B * F * sizeof(float));
+    e->u = malloc(B * F * sizeof(float));
+    e->scores = malloc(B * (size_t)maxT * sizeof(float));
+    e->kc = malloc((size_t)e->kvh * maxT * hd * sizeof(float));
+    e->vc = malloc((size_t)e->kvh * maxT * hd * sizeof(float));
+    e->logits = malloc(m->vocab * sizeof(float));
+    e->rope_cos = malloc((size_t)maxT * (hd / 2) * sizeof(float));
+    e->rope_sin = malloc((size_t)maxT * (hd / 2) * sizeof(float));
+    ok = ok && e->page_of && e->tokens && e->x && e->h && e->q && e->k && e->v && e->att && e->o_ &&
+         e->g && e->u && e->scores && e->kc && e->vc && e->logits && e->rope_cos && e->rope_sin;
+    if (!ok) {
+        snprintf(err, errlen, "engine: out of memory for model %s", o->model);
+        kvfe_close(&e);
+        return KVF_ENOMEM;
+    }
+    for (uint32_t p = 0; p < maxT; p++) {
+        for (uint32_t i = 0; i < hd / 2; i++) {
+            double f = pow((double)m->rope_theta, -2.0 * i / (double)hd);
+            e->rope_cos[(size_t)p * (hd / 2) + i] = (float)cos(p * f);
+            e->rope_sin[(size_t)p * (hd / 2) + i] = (float)sin(p * f);
+        }
+    }
+    /* Page of each page index: identity, or a seeded permutation so that a sequence's pages are
+     * scattered over the cache as they are in a serving engine. */
+    for (uint32_t i = 0; i < e->num_pages; i++)
+        e->page_of[i] = i;
+    if (o->page_shuffle) {
+        uint64_t s = o->page_shuffle;
+        for (uint32_t i = e->num_pages - 1; i > 0; i--) {
+            uint32_t j = (uint32_t)(splitmix(&s) % (i + 1));
+            uint32_t t = e->page_of[i];
+            e->page_of[i] = e->page_of[j];
+            e->page_of[j] = t;
+        }
+    }
+    if (o->cn) {
+        kvf_kv_layer *reg = calloc(L->layers, sizeof *reg);
+        if (!reg) {
+            kvfe_close(&e);
+            return KVF_ENOMEM;
+        }
+        for (uint32_t l = 0; l < L->layers; l++)
+            reg[l] = (kvf_kv_layer){.k_base = e->kplane[l],
+                                    .v_base = e->vplane[l],
+                                    .page_stride = e->page_stride,
+                                    .num_pages = e->num_pages,
+                                    .kind = KVF_MEM_HOST};
+        int rc = kvf_connector_register(o->cn, reg, L->layers, err, errlen);
+        free(reg);
+        if (rc) {
+            kvfe_close(&e);
+            return rc;
+        }
+    }
+    *out = e;
+    return 0;
+}

@@ -1,0 +1,133 @@
+/*
+ * kvf/connector.h - the library an inference engine links to reuse KV cache across requests and
+ * nodes.
+ *
+ * The engine registers its paged KV memory (the connector never allocates engine KV). Before a
+ * prefill it asks how many leading tokens are cached (lookup), starts an asynchronous load of
+ * them into its own pages, and runs its forward pass layer by layer, waiting only for the layer it
+ * is about to compute (wait_layer): layer 0 can run while later layers are still on the wire.
+ * After computing a layer it tells the connector (layer_done), which gathers that layer's pages
+ * into staging while the engine computes the next one; when the last layer is in, the chunks are
+ * sent to the storage nodes in large batches.
+ *
+ * Pages are moved in whole-chunk batches (a chunk is chunk_tokens tokens, all layers), never page
+ * by page. Worker threads do the gather and scatter copies and the I/O; the engine's thread only
+ * waits. A store that is down, slower than the deadline, or that returns a bad checksum makes its
+ * chunks a miss: wait_layer reports the failure and the engine recomputes. The engine never
+ * receives a wrong byte and never waits past the deadline.
+ *
+ * Layout of one page in a layer's K (or V) plane: [page_tokens][heads_per_rank][head_dim], as in
+ * vLLM's FlashAttention backend; a latent (MLA) layout has one plane.
+ */
+#ifndef KVF_CONNECTOR_H
+#define KVF_CONNECTOR_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/export.h"
+#include "kvf/layout.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvf_connector kvf_connector;
+typedef struct kvf_xfer kvf_xfer;
+
+typedef enum kvf_mem_kind {
+    KVF_MEM_HOST = 0,    /* ordinary host memory */
+    KVF_MEM_UNIFIED = 1, /* unified memory (Apple Silicon, CUDA managed): host-addressable */
+    KVF_MEM_CUDA = 2,    /* device memory: needs a CUDA build of libkvf */
+} kvf_mem_kind;
+
+/* One layer's KV planes in the engine's memory. */
+typedef struct kvf_kv_layer {
+    void *k_base;       /* input: page 0 of the K plane (the latent plane for MLA) */
+    void *v_base;       /* input: page 0 of the V plane; NULL for a latent layout */
+    size_t page_stride; /* input: bytes from one page to the next, at least the page size */
+    uint32_t num_pages; /* input: pages in each plane */
+    kvf_mem_kind kind;  /* input */
+} kvf_kv_layer;
+
+typedef struct kvf_connector_opts {
+    const char *const *nodes; /* input: storage nodes "host:port"; borrowed during open */
+    size_t n_nodes;           /* input */
+    kvf_layout layout;        /* input: the engine's KV layout (validated) */
+    const char *salt;         /* input: tenant salt of the key namespace (may be NULL) */
+    size_t staging_bytes; /* input: initial size of each of the two staging regions; 0: 32 MiB */
+    int workers;          /* input: gather/scatter worker threads; 0: 2 */
+    int deadline_ms;      /* input: deadline of every transfer; 0: 5000 */
+    int conns_per_node;   /* input: connections per storage node; 0: 4 */
+} kvf_connector_opts;
+
+/* Opens a connector. err gets one line on failure. Caller owns the result; free with
+ * kvf_connector_close(). Returns 0, KVF_EINVAL (bad layout or options), KVF_ENOMEM. */
+KVF_API int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *opts, char *err,
+                               size_t errlen);
+/* Fails every transfer in flight (KVF_ECANCELED), waits for the workers and clears *cn. Transfers
+ * not yet freed may still be waited on and must still be freed with kvf_xfer_free(); the last one
+ * freed releases the connector's memory. Accepts NULL. */
+KVF_API void kvf_connector_close(kvf_connector **cn);
+
+/* Registers the engine's KV memory: one entry per layer of the layout. Borrowed: the memory must
+ * stay valid until close or the next registration. Returns 0, KVF_EINVAL (layer count, a NULL
+ * base, a stride below the page size, V plane given for a latent layout or missing otherwise),
+ * KVF_ENOTSUP (KVF_MEM_CUDA in a build without CUDA), or KVF_EBUSY (transfers in flight). */
+KVF_API int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32_t n_layers,
+                                   char *err, size_t errlen);
+
+/* The number of leading tokens of tokens[0..n) that are cached, a multiple of chunk_tokens. One
+ * round trip per storage node. Nodes that do not answer count as misses. */
+KVF_API int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                 size_t *cached);
+
+/* Starts loading the KV of tokens[0..n) into the engine's pages. n must be a multiple of
+ * chunk_tokens; page_ids lists the engine page of every page_tokens tokens (n / page_tokens
+ * entries, each < num_pages). Returns 0 and *x, or KVF_EINVAL / KVF_ERANGE (page ids), KVF_ECLOSED,
+ * KVF_ENOMEM. Caller owns *x; free with kvf_xfer_free() once it completed. tokens and page_ids are
+ * copied. */
+KVF_API int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                               const uint32_t *page_ids, size_t n_pages, kvf_xfer **x);
+/* Starts saving the KV of chunks first_chunk.. of tokens[0..n) (n a multiple of chunk_tokens, the
+ * chunks before first_chunk being already cached) from the engine's pages, layer by layer as the
+ * engine reports them done. page_ids covers all of tokens[0..n). Same errors as load. */
+KVF_API int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                               size_t first_chunk, const uint32_t *page_ids, size_t n_pages,
+                               kvf_xfer **x);
+
+/* Load: waits until layer l of every chunk is in the engine's pages. Returns 0, or the failure
+ * that makes this layer unusable (KVF_ENOENT: a chunk is no longer stored; KVF_ECHECKSUM;
+ * KVF_ETIMEDOUT; KVF_ECONNREFUSED; KVF_ECANCELED): the engine must recompute. */
+KVF_API int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer);
+/* Save: the engine finished writing layer l of the pages being saved; the connector may gather it
+ * now. Layers may be reported in any order, each once. */
+KVF_API int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer);
+/* Waits for the whole transfer. A load returns 0 when every chunk arrived; a save returns 0 when
+ * its batch was stored (per-chunk refusals such as KVF_EEXIST are counted in the stats, not
+ * errors). */
+KVF_API int kvf_xfer_wait(kvf_xfer *x);
+/* Tokens of a completed load that arrived in a leading run of whole chunks, all layers verified:
+ * an engine that saw a failure may keep these and recompute the rest. */
+KVF_API size_t kvf_xfer_loaded_tokens(const kvf_xfer *x);
+/* Stops a transfer: pending work is dropped, and once this returns no worker writes into the
+ * engine's pages for it. Waits return KVF_ECANCELED afterwards. */
+KVF_API void kvf_xfer_cancel(kvf_xfer *x);
+/* Frees a transfer, waiting for it to finish first (cancel it to make that quick). Accepts NULL
+ * and clears *x. */
+KVF_API void kvf_xfer_free(kvf_xfer **x);
+
+typedef struct kvf_connector_stats {
+    uint64_t loads, saves;           /* transfers started */
+    uint64_t load_bytes, save_bytes; /* object bytes moved */
+    uint64_t batches;                /* storage-client batches (one per transfer) */
+    uint64_t chunks_loaded, chunks_saved, chunks_missed, chunks_existing;
+    uint64_t gather_ns, scatter_ns; /* worker time copying pages */
+    uint64_t wait_ns;               /* engine time blocked in wait_layer / wait */
+} kvf_connector_stats;
+KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,46 @@
+/*
+ * Shared by the integration tests: real kvf-store daemons on loopback (port 0) that die with the
+ * test process whatever happens to it, and a TCP proxy that can slow down, corrupt or cut the
+ * traffic between a client and a daemon.
+ */
+#ifndef KVF_TEST_HARNESS_H
+#define KVF_TEST_HARNESS_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+typedef struct daemon_t {
+    pid_t pid;
+    uint16_t port;
+    char addr[64];
+} daemon_t;
+
+/* Ignores SIGPIPE, kills leftover daemons at exit, and applies KVF_TEST_FILTER (a cmocka test
+ * name pattern) when set. Call first in main. */
+void harness_init(void);
+/* Starts kvf-store with --memory memory and extra flags; fails the test if it is not ready in
+ * 10 s. */
+void daemon_start(daemon_t *d, const char *memory, const char *extra);
+/* SIGTERM; the daemon must exit 0 within 10 s. */
+void daemon_stop(daemon_t *d);
+/* SIGKILL, no checks. */
+void daemon_kill(daemon_t *d);
+/* cmocka teardown: kills every daemon the test left running. */
+int teardown_daemons(void **state);
+
+typedef struct proxy proxy;
+typedef struct proxy_opts {
+    uint16_t upstream;  /* daemon port */
+    double bytes_per_s; /* server-to-client rate limit; 0: none */
+    int64_t corrupt_at; /* flip one byte at this offset of a server-to-client stream; -1 */
+    int64_t cut_at;     /* drop a connection once it carried this many server-to-client
+                         * bytes, as a node that dies mid-reply does; 0: never */
+} proxy_opts;
+/* Starts a proxy on a free loopback port; its address is proxy_addr(). Fails the test on error. */
+proxy *proxy_start(const proxy_opts *o);
+const char *proxy_addr(const proxy *p);
+/* Whether the corruption was applied. */
+int proxy_corrupted(const proxy *p);
+void proxy_stop(proxy **p);
+
+#endif

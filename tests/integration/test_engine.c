@@ -1,0 +1,325 @@
+/*
+ * The reference engine with the connector against a real kvf-store:
+ *  - reuse is exact: for several prompt and hit lengths, logits and generated tokens with KV
+ *    loaded through the store are bit-identical to a full recompute;
+ *  - a chunk corrupted on the wire and a store killed mid-load both fall back to recompute, with
+ *    identical results, bounded by the deadline;
+ *  - overlap is real: through a slow link, layer 0 is usable long before the last layer arrives.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kvf/kvf.h"
+
+#include "engine.h"
+#include "harness.h"
+
+#define MODEL "ref-tiny"
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void prompt(uint32_t *t, size_t n, uint64_t seed)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t z = seed * 1000003u + i * 2654435761u + 17;
+        z ^= z >> 29;
+        z *= 0xbf58476d1ce4e5b9ull;
+        t[i] = (uint32_t)((z ^ (z >> 32)) % 512);
+    }
+}
+
+static kvf_connector *connector(const char *addr, int deadline_ms)
+{
+    kvfe_model m;
+    assert_int_equal(kvfe_model_preset(MODEL, &m), 0);
+    const char *nodes[1] = {addr};
+    kvf_connector_opts o = {
+        .nodes = nodes, .n_nodes = 1, .layout = m.layout, .deadline_ms = deadline_ms};
+    kvf_connector *cn;
+    char err[256];
+    if (kvf_connector_open(&cn, &o, err, sizeof err) != 0)
+        fail_msg("connector: %s", err);
+    return cn;
+}
+
+static kvfe_engine *engine(kvf_connector *cn, uint64_t shuffle)
+{
+    kvfe_opts o = {.model = MODEL,
+                   .seed = 42,
+                   .max_tokens = 1100,
+                   .cn = cn,
+                   .save = 1,
+                   .page_shuffle = shuffle,
+                   .page_pad = shuffle ? 48 : 0};
+    kvfe_engine *e;
+    char err[256];
+    if (kvfe_open(&e, &o, err, sizeof err) != 0)
+        fail_msg("engine: %s", err);
+    return e;
+}
+
+typedef struct run {
+    float logits[512];
+    uint32_t tokens[6];
+    size_t loaded;
+    int load_error;
+} run;
+
+/* Prefill then 5 greedy decode steps; records the prefill logits and the 6 tokens. */
+static void run_prompt(kvfe_engine *e, const uint32_t *t, size_t n, run *out)
+{
+    kvfe_result r;
+    assert_int_equal(kvfe_prefill(e, t, n, &r), 0);
+    memcpy(out->logits, r.logits, sizeof out->logits);
+    out->loaded = r.loaded_tokens;
+    out->load_error = r.load_error;
+    out->tokens[0] = r.next_token;
+    for (int g = 1; g < 6; g++) {
+        kvfe_result d;
+        assert_int_equal(kvfe_decode(e, out->tokens[g - 1], &d), 0);
+        out->tokens[g] = d.next_token;
+    }
+    kvfe_flush(e);
+}
+
+static void assert_same(const run *a, const run *b)
+{
+    assert_memory_equal(a->logits, b->logits, sizeof a->logits);
+    assert_memory_equal(a->tokens, b->tokens, sizeof a->tokens);
+}
+
+static void clear_store(const char *addr)
+{
+    kvfe_model m;
+    kvfe_model_preset(MODEL, &m);
+    kvf_keyspace ks;
+    kvf_keyspace_init(&ks, &m.layout, NULL, 0);
+    const char *nodes[1] = {addr};
+    kvf_client_opts o = {.nodes = nodes, .n_nodes = 1, .ns = ks.seed};
+    kvf_client *c;
+    char err[200];
+    assert_int_equal(kvf_client_open(&c, &o, err, sizeof err), 0);
+    assert_int_equal(kvf_client_clear(c, NULL, 2000), 0);
+    kvf_client_close(&c);
+}
+
+static void test_engine_reuse_is_exact(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "256M", NULL);
+    kvfe_engine *ref = engine(NULL, 0);
+    kvf_connector *cn = connector(d.addr, 5000);
+    kvfe_engine *e = engine(cn, 7); /* scattered, padded pages: not the reference's layout */
+    static uint32_t t[1024];
+    const size_t lens[] = {130, 300, 513, 1000};
+    const size_t hits[] = {64, 128, 256, 512, 960};
+    int checked = 0;
+    for (size_t li = 0; li < sizeof lens / sizeof lens[0]; li++) {
+        size_t n = lens[li];
+        prompt(t, n, 1000 + li);
+        run full, reused;
+        run_prompt(ref, t, n, &full);
+        for (size_t hi = 0; hi < sizeof hits / sizeof hits[0]; hi++) {
+            size_t h = hits[hi];
+            if (h >= n)
+                continue;
+            clear_store(d.addr);
+            /* Warm the store with a prompt of h tokens that shares the prefix. */
+            run warm;
+            run_prompt(e, t, h + 5, &warm);
+            run_prompt(e, t, n, &reused);
+            assert_int_equal(reused.load_error, 0);
+            assert_int_equal(reused.loaded, (h + 5) / 64 * 64);
+            assert_same(&full, &reused);
+            checked++;
+        }
+        /* And the prompt again, its own chunks now all cached. */
+        run again;
+        run_prompt(e, t, n, &again);
+        assert_int_equal(again.loaded, (n - 1) / 64 * 64);
+        assert_same(&full, &again);
+    }
+    assert_true(checked >= 10);
+    kvf_connector_stats st;
+    kvf_connector_stats_get(cn, &st);
+    assert_true(st.chunks_loaded > 50);
+    assert_true(st.chunks_saved > 20);
+    assert_true(st.gather_ns > 0 && st.scatter_ns > 0);
+    kvfe_close(&e);
+    kvfe_close(&ref);
+    kvf_connector_close(&cn);
+    daemon_stop(&d);
+}
+
+/* Warm the store with a prompt through a direct connection; returns the reference run. */
+static void warm_store(const daemon_t *d, const uint32_t *t, size_t n, run *full)
+{
+    kvfe_engine *ref = engine(NULL, 0);
+    run_prompt(ref, t, n, full);
+    kvfe_close(&ref);
+    kvf_connector *cn = connector(d->addr, 5000);
+    kvfe_engine *e = engine(cn, 3);
+    run w;
+    run_prompt(e, t, n, &w);
+    assert_same(full, &w);
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+}
+
+static void test_engine_corrupted_chunk_recomputes(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "256M", NULL);
+    static uint32_t t[600];
+    prompt(t, 600, 77);
+    run full;
+    warm_store(&d, t, 600, &full);
+    /* One byte flipped deep in the stream that carries the load. */
+    proxy_opts po = {.upstream = d.port, .corrupt_at = 40000, .cut_at = 0};
+    proxy *px = proxy_start(&po);
+    kvf_connector *cn = connector(proxy_addr(px), 5000);
+    kvfe_engine *e = engine(cn, 11);
+    run r;
+    run_prompt(e, t, 600, &r);
+    assert_true(proxy_corrupted(px));
+    assert_int_not_equal(r.load_error, 0);
+    assert_int_equal(r.loaded, 0);
+    assert_same(&full, &r);
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+    proxy_stop(&px);
+    daemon_stop(&d);
+}
+
+typedef struct bg {
+    kvfe_engine *e;
+    const uint32_t *t;
+    size_t n;
+    run r;
+    double seconds;
+} bg;
+
+static void *bg_prefill(void *p)
+{
+    bg *b = p;
+    double t0 = now_s();
+    run_prompt(b->e, b->t, b->n, &b->r);
+    b->seconds = now_s() - t0;
+    return NULL;
+}
+
+static void test_engine_killed_store_recomputes(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "256M", NULL);
+    static uint32_t t[600];
+    prompt(t, 600, 99);
+    run full;
+    warm_store(&d, t, 600, &full);
+    /* The node dies mid-reply: the daemon is killed and its link drops after 300 KB of the
+     * 1.2 MB load (on loopback the daemon's last bytes would otherwise still be delivered). */
+    proxy_opts po = {.upstream = d.port, .bytes_per_s = 2e6, .corrupt_at = -1, .cut_at = 300000};
+    proxy *px = proxy_start(&po);
+    kvf_connector *cn = connector(proxy_addr(px), 3000);
+    kvfe_engine *e = engine(cn, 5);
+    bg b = {.e = e, .t = t, .n = 600};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, bg_prefill, &b), 0);
+    usleep(120000); /* the 1 MiB load needs about 500 ms at 2 MB/s */
+    daemon_kill(&d);
+    pthread_join(th, NULL);
+    assert_int_not_equal(b.r.load_error, 0);
+    assert_same(&full, &b.r);
+    assert_true(b.seconds < 4.0); /* bounded by the deadline, never a hang */
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+    proxy_stop(&px);
+}
+
+static void test_engine_overlap_layer0_before_last(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "256M", NULL);
+    static uint32_t t[600];
+    prompt(t, 600, 5);
+    run full;
+    warm_store(&d, t, 600, &full);
+    proxy_opts po = {.upstream = d.port, .bytes_per_s = 4e6, .corrupt_at = -1, .cut_at = 0};
+    proxy *px = proxy_start(&po);
+    kvf_connector *cn = connector(proxy_addr(px), 10000);
+    kvfe_model m;
+    kvfe_model_preset(MODEL, &m);
+    /* Pages of our own: 512 tokens = 32 pages per layer. */
+    uint32_t L = m.layout.layers, pages = 32;
+    size_t page = kvf_layout_bytes_per_token_layer(&m.layout) / 2 * m.layout.page_tokens;
+    kvf_kv_layer reg[8];
+    for (uint32_t l = 0; l < L; l++)
+        reg[l] = (kvf_kv_layer){.k_base = calloc(pages, page),
+                                .v_base = calloc(pages, page),
+                                .page_stride = page,
+                                .num_pages = pages,
+                                .kind = KVF_MEM_HOST};
+    char err[200];
+    assert_int_equal(kvf_connector_register(cn, reg, L, err, sizeof err), 0);
+    uint32_t ids[32];
+    for (uint32_t i = 0; i < 32; i++)
+        ids[i] = 31 - i;
+    size_t cached;
+    assert_int_equal(kvf_connector_lookup(cn, t, 600, &cached), 0);
+    assert_int_equal(cached, 576);
+    kvf_xfer *x;
+    double t0 = now_s();
+    assert_int_equal(kvf_connector_load(cn, t, 512, ids, 32, &x), 0);
+    double at[8];
+    for (uint32_t l = 0; l < L; l++) {
+        assert_int_equal(kvf_xfer_wait_layer(x, l), 0);
+        at[l] = now_s() - t0;
+    }
+    assert_int_equal(kvf_xfer_wait(x), 0);
+    assert_int_equal(kvf_xfer_loaded_tokens(x), 512);
+    print_message("layers ready after %.0f %.0f %.0f %.0f ms\n", at[0] * 1e3, at[1] * 1e3,
+                  at[2] * 1e3, at[3] * 1e3);
+    /* 1 MiB at 4 MB/s: the last layer needs about 260 ms; layer 0 is a quarter of the bytes. */
+    assert_true(at[L - 1] > 0.15);
+    assert_true(at[0] < 0.6 * at[L - 1]);
+    kvf_xfer_free(&x);
+    kvf_connector_close(&cn);
+    for (uint32_t l = 0; l < L; l++) {
+        free(reg[l].k_base);
+        free(reg[l].v_base);
+    }
+    proxy_stop(&px);
+    daemon_stop(&d);
+}
+
+int main(void)
+{
+    harness_init();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_engine_reuse_is_exact, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_corrupted_chunk_recomputes, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_killed_store_recomputes, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_overlap_layer0_before_last, teardown_daemons),
+    };
+    return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
+}

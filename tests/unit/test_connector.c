@@ -1,0 +1,261 @@
+/*
+ * Unit tests of the connector module: page-map gather/scatter round trips over odd shapes
+ * (partial pages never exist: a chunk is whole pages, but odd page sizes, strides with padding,
+ * scattered page ids, many layers, latent layouts), registration checks, and argument checks of
+ * the transfer calls. Transfers against a real store are in tests/integration/test_engine.c.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvf/kvf.h"
+
+#include "pagemap.h"
+
+static uint64_t rng = 0x1234567;
+
+static uint32_t rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return (uint32_t)(rng >> 11);
+}
+
+typedef struct cache {
+    kvf_kv_layer *reg;
+    uint32_t layers;
+} cache;
+
+static cache cache_new(const kvf_layout *l, uint32_t pages, size_t pad, int fill)
+{
+    cache c = {.layers = l->layers};
+    uint32_t planes = l->kind == KVF_KV_LATENT ? 1 : 2;
+    size_t page_bytes = kvf_layout_bytes_per_token_layer(l) / planes * l->page_tokens;
+    c.reg = calloc(l->layers, sizeof *c.reg);
+    for (uint32_t i = 0; i < l->layers; i++) {
+        size_t stride = page_bytes + pad;
+        uint8_t *k = malloc(stride * pages), *v = planes == 2 ? malloc(stride * pages) : NULL;
+        for (size_t b = 0; b < stride * pages; b++) {
+            k[b] = fill ? (uint8_t)rnd() : 0;
+            if (v)
+                v[b] = fill ? (uint8_t)rnd() : 0;
+        }
+        c.reg[i] = (kvf_kv_layer){.k_base = k,
+                                  .v_base = v,
+                                  .page_stride = stride,
+                                  .num_pages = pages,
+                                  .kind = KVF_MEM_HOST};
+    }
+    return c;
+}
+
+static void cache_free(cache *c)
+{
+    for (uint32_t i = 0; i < c->layers; i++) {
+        free(c->reg[i].k_base);
+        free(c->reg[i].v_base);
+    }
+    free(c->reg);
+}
+
+/* Gathers chunks from scattered pages of one cache and scatters them into other pages of a second
+ * cache; every page row must arrive, and padding between pages must stay untouched. */
+static void round_trip(kvf_layout l, size_t pad)
+{
+    char err[200];
+    assert_int_equal(kvf_layout_validate(&l, err, sizeof err), 0);
+    uint32_t pages = 64;
+    cache a = cache_new(&l, pages, pad, 1), b = cache_new(&l, pages, pad, 0);
+    kvf__pagemap pa = {0}, pb = {0};
+    assert_int_equal(kvf__pagemap_init(&pa, &l, a.reg, l.layers, err, sizeof err), 0);
+    assert_int_equal(kvf__pagemap_init(&pb, &l, b.reg, l.layers, err, sizeof err), 0);
+    assert_int_equal(pa.seg_bytes, kvf_layout_segment_bytes(&l));
+    uint32_t ppc = pa.pages_per_chunk;
+    uint32_t *src = malloc(ppc * sizeof *src), *dst = malloc(ppc * sizeof *dst);
+    uint8_t *seg = malloc(pa.seg_bytes);
+    /* Distinct random pages on both sides. */
+    uint32_t perm[64];
+    for (uint32_t i = 0; i < pages; i++)
+        perm[i] = i;
+    for (uint32_t i = pages - 1; i > 0; i--) {
+        uint32_t j = rnd() % (i + 1), t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    for (uint32_t p = 0; p < ppc; p++) {
+        src[p] = perm[p];
+        dst[p] = perm[pages - 1 - p];
+    }
+    for (uint32_t layer = 0; layer < l.layers; layer++) {
+        kvf__pagemap_gather(&pa, layer, seg, src);
+        kvf__pagemap_scatter(&pb, layer, seg, dst);
+    }
+    uint32_t planes = l.kind == KVF_KV_LATENT ? 1 : 2;
+    for (uint32_t layer = 0; layer < l.layers; layer++) {
+        for (uint32_t pl = 0; pl < planes; pl++) {
+            uint8_t *ab = pl ? a.reg[layer].v_base : a.reg[layer].k_base;
+            uint8_t *bb = pl ? b.reg[layer].v_base : b.reg[layer].k_base;
+            size_t stride = a.reg[layer].page_stride;
+            for (uint32_t p = 0; p < ppc; p++) {
+                assert_memory_equal(bb + dst[p] * stride, ab + src[p] * stride, pa.page_bytes);
+                /* padding after the page row stays as it was (zero) */
+                for (size_t q = pa.page_bytes; q < stride; q++)
+                    assert_int_equal(bb[dst[p] * stride + q], 0);
+            }
+            /* Pages that were not part of the chunk stay untouched. */
+            for (uint32_t p = ppc; p < pages - ppc; p++)
+                for (size_t q = 0; q < stride; q++)
+                    assert_int_equal(bb[perm[p] * stride + q], 0);
+        }
+    }
+    /* The segment is K rows of every token, then V: token t of K starts at t * row bytes. */
+    kvf__pagemap_gather(&pa, 0, seg, src);
+    size_t row = kvf_layout_bytes_per_token_layer(&l) / planes;
+    uint32_t t = l.chunk_tokens - 1;
+    assert_memory_equal(seg + (size_t)t * row,
+                        (uint8_t *)a.reg[0].k_base + src[t / l.page_tokens] * a.reg[0].page_stride +
+                            (t % l.page_tokens) * row,
+                        row);
+    free(src);
+    free(dst);
+    free(seg);
+    kvf__pagemap_free(&pa);
+    kvf__pagemap_free(&pb);
+    cache_free(&a);
+    cache_free(&b);
+}
+
+static void test_connector_pagemap_round_trips(void **state)
+{
+    (void)state;
+    kvf_layout l;
+    assert_int_equal(kvf_layout_preset("ref-tiny", &l), 0);
+    round_trip(l, 0);
+    round_trip(l, 40);
+    /* Odd shapes: 3-token pages, 3 heads of 5 f16 values, 12-token chunks, 37 layers. */
+    l.page_tokens = 3;
+    l.chunk_tokens = 12;
+    l.kv_heads = 3;
+    l.head_dim = 5;
+    l.dtype = KVF_DTYPE_F16;
+    l.layers = 37;
+    round_trip(l, 7);
+    /* Latent (MLA) layout: one plane. */
+    assert_int_equal(kvf_layout_preset("deepseek-v3", &l), 0);
+    l.layers = 3;
+    l.chunk_tokens = 32;
+    round_trip(l, 0);
+    /* Tensor-parallel slice: 8 heads over 4 ranks, 2 per rank. */
+    assert_int_equal(kvf_layout_preset("llama-3.1-8b", &l), 0);
+    l.layers = 2;
+    l.chunk_tokens = 32;
+    l.tp_size = 4;
+    l.tp_rank = 2;
+    round_trip(l, 0);
+}
+
+static void test_connector_register_rejects_bad_memory(void **state)
+{
+    (void)state;
+    kvf_layout l;
+    assert_int_equal(kvf_layout_preset("ref-tiny", &l), 0);
+    cache c = cache_new(&l, 8, 0, 0);
+    kvf__pagemap pm = {0};
+    char err[200];
+    assert_int_equal(kvf__pagemap_init(&pm, &l, c.reg, l.layers - 1, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "layers given"));
+    c.reg[1].page_stride -= 1;
+    assert_int_equal(kvf__pagemap_init(&pm, &l, c.reg, l.layers, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "stride"));
+    c.reg[1].page_stride += 1;
+    void *v = c.reg[2].v_base;
+    c.reg[2].v_base = NULL;
+    assert_int_equal(kvf__pagemap_init(&pm, &l, c.reg, l.layers, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "no V plane"));
+    c.reg[2].v_base = v;
+    c.reg[3].kind = KVF_MEM_CUDA;
+    assert_int_equal(kvf__pagemap_init(&pm, &l, c.reg, l.layers, err, sizeof err), KVF_ENOTSUP);
+    assert_non_null(strstr(err, "CUDA"));
+    c.reg[3].kind = KVF_MEM_HOST;
+    c.reg[0].num_pages = 0;
+    assert_int_equal(kvf__pagemap_init(&pm, &l, c.reg, l.layers, err, sizeof err), KVF_EINVAL);
+    c.reg[0].num_pages = 8;
+    assert_int_equal(kvf__pagemap_init(&pm, &l, c.reg, l.layers, err, sizeof err), 0);
+    kvf__pagemap_free(&pm);
+    /* A latent layout must not be given a V plane. */
+    kvf_layout lat;
+    assert_int_equal(kvf_layout_preset("deepseek-v3", &lat), 0);
+    lat.layers = 4;
+    assert_int_equal(kvf__pagemap_init(&pm, &lat, c.reg, 4, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "latent"));
+    cache_free(&c);
+}
+
+/* Argument checks need no store: the client connects lazily and a refused node is not an error
+ * at open. */
+static void test_connector_transfer_arguments(void **state)
+{
+    (void)state;
+    kvf_layout l;
+    assert_int_equal(kvf_layout_preset("ref-tiny", &l), 0);
+    const char *nodes[1] = {"127.0.0.1:1"};
+    kvf_connector_opts o = {.nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 300};
+    kvf_connector *cn;
+    char err[200];
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    uint32_t tokens[256] = {0}, pages[16];
+    for (int i = 0; i < 16; i++)
+        pages[i] = (uint32_t)i;
+    kvf_xfer *x = NULL;
+    /* Not registered yet. */
+    assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x), KVF_EINVAL);
+    cache c = cache_new(&l, 8, 0, 0);
+    assert_int_equal(kvf_connector_register(cn, c.reg, l.layers, err, sizeof err), 0);
+    /* Token count not a multiple of the chunk; page count that disagrees; page out of range. */
+    assert_int_equal(kvf_connector_load(cn, tokens, 100, pages, 8, &x), KVF_EINVAL);
+    assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 7, &x), KVF_EINVAL);
+    pages[3] = 8;
+    assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x), KVF_ERANGE);
+    pages[3] = 3;
+    assert_int_equal(kvf_connector_save(cn, tokens, 128, 3, pages, 8, &x), KVF_EINVAL);
+    /* A load from a node that refuses: every layer fails, bounded by the deadline. */
+    assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x), 0);
+    int rc = kvf_xfer_wait_layer(x, 0);
+    assert_true(rc == KVF_ECONNREFUSED || rc == KVF_ECONNRESET || rc == KVF_ETIMEDOUT);
+    assert_int_not_equal(kvf_xfer_wait(x), 0);
+    assert_int_equal(kvf_xfer_loaded_tokens(x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), KVF_EINVAL); /* not a save */
+    kvf_xfer_free(&x);
+    assert_null(x);
+    size_t cached = 99;
+    kvf_connector_lookup(cn, tokens, 256, &cached);
+    assert_int_equal(cached, 0);
+    /* A save whose layers are reported twice, then cancelled. */
+    assert_int_equal(kvf_connector_save(cn, tokens, 128, 0, pages, 8, &x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), KVF_EINVAL);
+    assert_int_equal(kvf_xfer_layer_done(x, 9), KVF_EINVAL);
+    kvf_xfer_cancel(x);
+    assert_int_equal(kvf_xfer_wait(x), KVF_ECANCELED);
+    /* Closing with a transfer not yet freed: the transfer stays usable until freed. */
+    kvf_connector_close(&cn);
+    assert_null(cn);
+    kvf_xfer_free(&x);
+    cache_free(&c);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_connector_pagemap_round_trips),
+        cmocka_unit_test(test_connector_register_rejects_bad_memory),
+        cmocka_unit_test(test_connector_transfer_arguments),
+    };
+    return cmocka_run_group_tests_name("connector", tests, NULL, NULL);
+}
