@@ -6,5 +6,6 @@
 #define KVF_BENCH_H
 
 int bench_store_main(int argc, char **argv);
+int bench_connector_main(int argc, char **argv);
 
 #endif

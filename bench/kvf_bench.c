@@ -13,6 +13,7 @@ static const struct {
     const char *what;
 } subs[] = {
     {"store", bench_store_main, "storage node vs the TCP ceiling and Redis"},
+    {"connector", bench_connector_main, "page moves vs memcpy; engine TTFT vs full recompute"},
 };
 
 int main(int argc, char **argv)

@@ -314,7 +314,16 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
         size_t start = hit;
         embed_rows(e, start, n);
         int failed = 0;
-        for (uint32_t l = 0; l < L->layers; l++) {
+        if (load && e->o.no_overlap) {
+            double w0 = now_s();
+            int rc = kvf_xfer_wait(load);
+            wait += now_s() - w0;
+            if (rc) {
+                r->load_error = rc;
+                failed = 1;
+            }
+        }
+        for (uint32_t l = 0; !failed && l < L->layers; l++) {
             if (load) {
                 double w0 = now_s();
                 int rc = kvf_xfer_wait_layer(load, l);

@@ -38,6 +38,7 @@ typedef struct kvfe_opts {
     kvf_connector *cn;     /* borrowed; NULL: no KV reuse */
     int save;              /* save new chunks through cn */
     uint64_t page_shuffle; /* nonzero: pages of a sequence are a seeded permutation */
+    int no_overlap;        /* wait for the whole load before computing (for comparison) */
 } kvfe_opts;
 
 typedef struct kvfe_result {
