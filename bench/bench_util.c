@@ -261,6 +261,11 @@ int bench_plot_bars(const char *png, const char *title, const char *ylabel,
     for (size_t i = 0; i < n; i++)
         fprintf(f, "%zu \"%s\" %.4f %d\n", i, labels[i], values[i], groups[i]);
     fclose(f);
+    double vmax = 0;
+    for (size_t i = 0; i < n; i++)
+        if (values[i] > vmax)
+            vmax = values[i];
+    const char *fmt = vmax >= 100 ? "%%.0f" : "%%.2f";
     FILE *g = popen("gnuplot", "w");
     if (!g) {
         unlink(dat);
@@ -279,9 +284,10 @@ int bench_plot_bars(const char *png, const char *title, const char *ylabel,
             "set key off\n"
             "set palette defined (0 '#888888', 1 '#1f77b4', 2 '#d62728')\n"
             "unset colorbox\n"
+            "set cbrange [0:2]\n"
             "plot '%s' using 1:3:4:xtic(2) with boxes lc palette, "
-            "'' using 1:3:(sprintf('%%.2f',$3)) with labels offset 0,0.7\n",
-            png, title, ylabel, dat);
+            "'' using 1:3:(sprintf('%s',$3)) with labels offset 0,0.7\n",
+            png, title, ylabel, dat, fmt);
     int rc = pclose(g);
     unlink(dat);
     if (rc != 0) {

@@ -1,0 +1,824 @@
+/*
+ * The scheduler core (include/kvf/sched.h, docs/scheduler.md).
+ *
+ * Index: one open-addressing table (linear probing, backward-shift deletion) maps a block hash to
+ * its holders: engine instances (with a tier) and storage nodes. Block hashes are the index's
+ * own: XXH3-64 over (parent hash, block size, the block's token ids), chained from 0, so equal
+ * hashes mean equal token prefixes at one block size. A second table maps (instance, engine
+ * block hash) to the index's hash, to follow the engine's parents and removals.
+ *
+ * Matching walks the request's blocks in order, keeping the set of holders that have held every
+ * block so far; each holder's prefix ends where it drops out. The cost is the sum of that set's
+ * sizes, not instances x blocks.
+ *
+ * Policies: round robin, least loaded, longest prefix, Dynamo's KV-router cost (prefill blocks
+ * after overlap, weighted, plus active blocks), and kvfabric's cost model: expected queue wait +
+ * load of store-cached tokens at the measured bandwidth + prefill of the rest (linear and
+ * quadratic terms).
+ */
+#include "kvf/sched.h"
+
+#include "kvf/error.h"
+
+#include "bytes.h"
+
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xxhash.h>
+
+#define HOLDER_STORE 0x80000000u
+#define INLINE_HOLDERS 4
+#define MAX_BLOCK_SIZES 8
+
+typedef struct bent {
+    uint64_t h; /* 0: empty slot */
+    uint16_t n, cap;
+    uint32_t pad;
+    union {
+        uint32_t inl[INLINE_HOLDERS];
+        uint32_t *heap;
+    } u;
+} bent;
+
+typedef struct ement {
+    uint64_t key; /* mix of (instance, engine hash); 0: empty */
+    uint64_t ours;
+} ement;
+
+typedef struct inst {
+    kvf_instance_info info;
+    kvf_instance_load load;
+    uint64_t blocks; /* blocks it holds in the index */
+} inst;
+
+struct kvf_sched {
+    kvf_sched_opts o;
+    bent *bt;
+    uint64_t bmask, bcount;
+    ement *et;
+    uint64_t emask, ecount;
+    inst *inst;
+    size_t n_inst;
+    uint32_t rr;
+    kvf_index_stats st;
+    /* per place() scratch */
+    uint64_t *hashes;
+    size_t hcap;
+    uint32_t *depth;
+    int *alive, *alive2;
+};
+
+static const char *const policy_names[] = {
+#define XX(e, name) name,
+    KVF_POLICY_MAP(XX)
+#undef XX
+};
+
+const char *kvf_policy_name(kvf_policy p)
+{
+    return (unsigned)p < KVF_POLICY_COUNT_ ? policy_names[p] : "?";
+}
+
+int kvf_policy_parse(const char *name, kvf_policy *out)
+{
+    for (int i = 0; i < KVF_POLICY_COUNT_; i++) {
+        if (strcmp(name, policy_names[i]) == 0) {
+            *out = (kvf_policy)i;
+            return 0;
+        }
+    }
+    return KVF_EINVAL;
+}
+
+const char *kvf_label_name(kvf_label l)
+{
+    switch (l) {
+    case KVF_LABEL_REAL:
+        return "real";
+    case KVF_LABEL_BACKEND_INFEASIBLE:
+        return "backend_infeasible";
+    case KVF_LABEL_SIMULATED:
+        return "simulated";
+    }
+    return "?";
+}
+
+void kvf_sched_cost_defaults(kvf_sched_cost *c)
+{
+    /* llama-3.1-8b, bf16, on one H200-class GPU: about 10k prefill tokens/s at short contexts,
+     * attention growing with the square of the context; 128 KiB of KV per token; a 100 Gb/s
+     * store link (12.5 GB/s); 12 ms per output token plus 0.1 ms per other active sequence. */
+    c->prefill_tokens_per_s = 10000.0;
+    c->prefill_attn_s_per_tok2 = 2.0e-10;
+    c->load_bytes_per_s = 12.5e9;
+    c->kv_bytes_per_token = 131072.0;
+    c->tpot_base_s = 0.012;
+    c->tpot_per_seq_s = 0.0001;
+    c->disagg_threshold_tokens = 512;
+    c->handoff_bytes_per_s = 25e9;
+    c->reject_factor = 0;
+    c->klpm_k = 8;
+}
+
+int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!o) {
+        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
+        return KVF_EINVAL;
+    }
+    if (!json_is_object(o)) {
+        snprintf(err, errlen, "%s: expected a JSON object", path);
+        json_decref(o);
+        return KVF_EINVAL;
+    }
+    static const struct {
+        const char *name;
+        size_t off;
+    } f[] = {
+        {"prefill_tokens_per_s", offsetof(kvf_sched_cost, prefill_tokens_per_s)},
+        {"prefill_attn_s_per_tok2", offsetof(kvf_sched_cost, prefill_attn_s_per_tok2)},
+        {"load_bytes_per_s", offsetof(kvf_sched_cost, load_bytes_per_s)},
+        {"kv_bytes_per_token", offsetof(kvf_sched_cost, kv_bytes_per_token)},
+        {"tpot_base_s", offsetof(kvf_sched_cost, tpot_base_s)},
+        {"tpot_per_seq_s", offsetof(kvf_sched_cost, tpot_per_seq_s)},
+        {"disagg_threshold_tokens", offsetof(kvf_sched_cost, disagg_threshold_tokens)},
+        {"handoff_bytes_per_s", offsetof(kvf_sched_cost, handoff_bytes_per_s)},
+        {"reject_factor", offsetof(kvf_sched_cost, reject_factor)},
+    };
+    const char *k;
+    json_t *v;
+    int rc = 0;
+    json_object_foreach(o, k, v)
+    {
+        if (strcmp(k, "klpm_k") == 0 && json_is_integer(v) && json_integer_value(v) >= 0) {
+            c->klpm_k = (uint32_t)json_integer_value(v);
+            continue;
+        }
+        size_t i;
+        for (i = 0; i < sizeof f / sizeof f[0]; i++)
+            if (strcmp(k, f[i].name) == 0)
+                break;
+        if (i == sizeof f / sizeof f[0] || !json_is_number(v) || json_number_value(v) < 0) {
+            snprintf(err, errlen, "%s: %s: unknown key or not a non-negative number", path, k);
+            rc = KVF_EINVAL;
+            break;
+        }
+        *(double *)((char *)c + f[i].off) = json_number_value(v);
+    }
+    json_decref(o);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Hash tables */
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x ? x : 1;
+}
+
+static int grow_blocks(kvf_sched *s);
+
+static bent *bfind(kvf_sched *s, uint64_t h, int create)
+{
+    if (create && (s->bcount + 1) * 4 > (s->bmask + 1) * 3 && grow_blocks(s) != 0)
+        return NULL;
+    uint64_t i = mix64(h) & s->bmask;
+    for (;;) {
+        bent *e = &s->bt[i];
+        if (e->h == h)
+            return e;
+        if (e->h == 0) {
+            if (!create)
+                return NULL;
+            memset(e, 0, sizeof *e);
+            e->h = h;
+            e->cap = INLINE_HOLDERS;
+            s->bcount++;
+            s->st.blocks++;
+            return e;
+        }
+        i = (i + 1) & s->bmask;
+    }
+}
+
+static uint32_t *holders(bent *e)
+{
+    return e->cap > INLINE_HOLDERS ? e->u.heap : e->u.inl;
+}
+
+static void bdelete(kvf_sched *s, bent *e)
+{
+    if (e->cap > INLINE_HOLDERS)
+        free(e->u.heap);
+    uint64_t i = (uint64_t)(e - s->bt);
+    uint64_t j = i;
+    for (;;) {
+        j = (j + 1) & s->bmask;
+        bent *n = &s->bt[j];
+        if (n->h == 0)
+            break;
+        uint64_t home = mix64(n->h) & s->bmask;
+        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            s->bt[i] = *n;
+            i = j;
+        }
+    }
+    memset(&s->bt[i], 0, sizeof s->bt[i]);
+    s->bcount--;
+    s->st.blocks--;
+}
+
+static int grow_blocks(kvf_sched *s)
+{
+    uint64_t ncap = (s->bmask + 1) * 2;
+    bent *old = s->bt;
+    uint64_t oldn = s->bmask + 1;
+    bent *nt = calloc(ncap, sizeof *nt);
+    if (!nt)
+        return KVF_ENOMEM;
+    s->bt = nt;
+    s->bmask = ncap - 1;
+    for (uint64_t i = 0; i < oldn; i++) {
+        if (!old[i].h)
+            continue;
+        uint64_t j = mix64(old[i].h) & s->bmask;
+        while (nt[j].h)
+            j = (j + 1) & s->bmask;
+        nt[j] = old[i];
+    }
+    free(old);
+    return 0;
+}
+
+static int holder_add(kvf_sched *s, bent *e, uint32_t who, uint32_t tier)
+{
+    uint32_t *h = holders(e);
+    uint32_t v = who | (tier << 24);
+    for (uint16_t i = 0; i < e->n; i++) {
+        if ((h[i] & ~(0x7fu << 24)) == who) {
+            h[i] = v; /* tier update */
+            return 0;
+        }
+    }
+    if (e->n == e->cap) {
+        uint16_t ncap = (uint16_t)(e->cap * 2);
+        uint32_t *nh = malloc(ncap * sizeof *nh);
+        if (!nh)
+            return KVF_ENOMEM;
+        memcpy(nh, h, e->n * sizeof *nh);
+        if (e->cap > INLINE_HOLDERS)
+            free(e->u.heap);
+        e->u.heap = nh;
+        e->cap = ncap;
+        h = nh;
+    }
+    h[e->n++] = v;
+    s->st.holdings++;
+    return 1;
+}
+
+/* Removes who from e; deletes e when nobody holds it. Returns 1 if it was there. */
+static int holder_del(kvf_sched *s, bent *e, uint32_t who)
+{
+    uint32_t *h = holders(e);
+    for (uint16_t i = 0; i < e->n; i++) {
+        if ((h[i] & ~(0x7fu << 24)) == who) {
+            h[i] = h[--e->n];
+            s->st.holdings--;
+            if (e->n == 0)
+                bdelete(s, e);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static uint64_t ekey(int idx, uint64_t engine_hash)
+{
+    return mix64(engine_hash * 0x9E3779B97F4A7C15ull ^ ((uint64_t)idx + 1) * 0xC2B2AE3D27D4EB4Full);
+}
+
+static int grow_emap(kvf_sched *s);
+
+static ement *efind(kvf_sched *s, uint64_t key, int create)
+{
+    if (create && (s->ecount + 1) * 4 > (s->emask + 1) * 3 && grow_emap(s) != 0)
+        return NULL;
+    uint64_t i = key & s->emask;
+    for (;;) {
+        ement *e = &s->et[i];
+        if (e->key == key)
+            return e;
+        if (e->key == 0) {
+            if (!create)
+                return NULL;
+            e->key = key;
+            s->ecount++;
+            return e;
+        }
+        i = (i + 1) & s->emask;
+    }
+}
+
+static void edelete(kvf_sched *s, ement *e)
+{
+    uint64_t i = (uint64_t)(e - s->et), j = i;
+    for (;;) {
+        j = (j + 1) & s->emask;
+        ement *n = &s->et[j];
+        if (n->key == 0)
+            break;
+        uint64_t home = n->key & s->emask;
+        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            s->et[i] = *n;
+            i = j;
+        }
+    }
+    s->et[i].key = 0;
+    s->ecount--;
+}
+
+static int grow_emap(kvf_sched *s)
+{
+    uint64_t ncap = (s->emask + 1) * 2, oldn = s->emask + 1;
+    ement *old = s->et, *nt = calloc(ncap, sizeof *nt);
+    if (!nt)
+        return KVF_ENOMEM;
+    s->et = nt;
+    s->emask = ncap - 1;
+    for (uint64_t i = 0; i < oldn; i++) {
+        if (!old[i].key)
+            continue;
+        uint64_t j = old[i].key & s->emask;
+        while (nt[j].key)
+            j = (j + 1) & s->emask;
+        nt[j] = old[i];
+    }
+    free(old);
+    return 0;
+}
+
+/* The index's hash of a block: over its parent's hash, the block size and its tokens. */
+static uint64_t block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens)
+{
+    XXH3_state_t st;
+    uint8_t head[12];
+    kvf__put_u64(head, parent);
+    kvf__put_u32(head + 8, block_tokens);
+    XXH3_64bits_reset(&st);
+    XXH3_64bits_update(&st, head, sizeof head);
+    XXH3_64bits_update(&st, tokens, (size_t)block_tokens * 4);
+    uint64_t h = XXH3_64bits_digest(&st);
+    return h ? h : 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Instances and events */
+
+int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o)
+{
+    *out = NULL;
+    kvf_sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return KVF_ENOMEM;
+    s->o = *o;
+    if (!s->o.store_chunk_tokens)
+        s->o.store_chunk_tokens = 256;
+    if (s->o.cost.prefill_tokens_per_s <= 0)
+        kvf_sched_cost_defaults(&s->o.cost);
+    uint64_t want = s->o.expected_blocks ? s->o.expected_blocks : (1u << 20);
+    uint64_t cap = 1024;
+    while (cap * 3 / 4 < want)
+        cap *= 2;
+    s->bt = calloc(cap, sizeof *s->bt);
+    s->bmask = cap - 1;
+    s->et = calloc(cap, sizeof *s->et);
+    s->emask = cap - 1;
+    s->inst = calloc(KVF_SCHED_MAX_INSTANCES, sizeof *s->inst);
+    s->depth = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->depth);
+    s->alive = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive);
+    s->alive2 = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive2);
+    if (!s->bt || !s->et || !s->inst || !s->depth || !s->alive || !s->alive2) {
+        kvf_sched_destroy(&s);
+        return KVF_ENOMEM;
+    }
+    *out = s;
+    return 0;
+}
+
+void kvf_sched_destroy(kvf_sched **sp)
+{
+    if (!sp || !*sp)
+        return;
+    kvf_sched *s = *sp;
+    if (s->bt)
+        for (uint64_t i = 0; i <= s->bmask; i++)
+            if (s->bt[i].h && s->bt[i].cap > INLINE_HOLDERS)
+                free(s->bt[i].u.heap);
+    free(s->bt);
+    free(s->et);
+    free(s->inst);
+    free(s->hashes);
+    free(s->depth);
+    free(s->alive);
+    free(s->alive2);
+    free(s);
+    *sp = NULL;
+}
+
+void kvf_sched_set_policy(kvf_sched *s, kvf_policy p)
+{
+    s->o.policy = p;
+}
+
+int kvf_sched_instance_find(const kvf_sched *s, const char *id)
+{
+    for (size_t i = 0; i < s->n_inst; i++)
+        if (strcmp(s->inst[i].info.id, id) == 0)
+            return (int)i;
+    return -1;
+}
+
+int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx)
+{
+    if (!info->id[0] || strnlen(info->id, sizeof info->id) == sizeof info->id ||
+        (info->role & KVF_ROLE_BOTH) == 0 || (info->role & ~KVF_ROLE_BOTH) ||
+        info->block_tokens == 0 || info->block_tokens > 65536)
+        return KVF_EINVAL;
+    int i = kvf_sched_instance_find(s, info->id);
+    if (i < 0) {
+        if (s->n_inst == KVF_SCHED_MAX_INSTANCES)
+            return KVF_ENOSPC;
+        i = (int)s->n_inst++;
+        memset(&s->inst[i], 0, sizeof s->inst[i]);
+    }
+    s->inst[i].info = *info;
+    if (idx)
+        *idx = i;
+    return 0;
+}
+
+size_t kvf_sched_instance_count(const kvf_sched *s)
+{
+    return s->n_inst;
+}
+
+const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx)
+{
+    return idx >= 0 && (size_t)idx < s->n_inst ? &s->inst[idx].info : NULL;
+}
+
+int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load)
+{
+    if (idx < 0 || (size_t)idx >= s->n_inst)
+        return KVF_ENOENT;
+    s->inst[idx].load = *load;
+    return 0;
+}
+
+int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks,
+                           int has_parent, uint64_t engine_parent, const uint32_t *tokens,
+                           size_t n_tokens, uint32_t block_tokens, kvf_tier tier)
+{
+    if (idx < 0 || (size_t)idx >= s->n_inst)
+        return KVF_ENOENT;
+    if (block_tokens == 0 || n_tokens != (size_t)n_blocks * block_tokens ||
+        (tier != KVF_TIER_DEVICE && tier != KVF_TIER_HOST))
+        return KVF_EINVAL;
+    s->st.events++;
+    uint64_t parent = 0;
+    if (has_parent) {
+        ement *pe = efind(s, ekey(idx, engine_parent), 0);
+        if (!pe)
+            return KVF_ENOENT; /* its prefix is unknown here: these blocks cannot be matched */
+        parent = pe->ours;
+    }
+    for (size_t b = 0; b < n_blocks; b++) {
+        uint64_t h = block_hash(parent, block_tokens, tokens + b * block_tokens);
+        bent *e = bfind(s, h, 1);
+        ement *m = efind(s, ekey(idx, engine_hashes[b]), 1);
+        if (!e || !m)
+            return KVF_ENOMEM;
+        int added = holder_add(s, e, (uint32_t)idx, tier);
+        if (added < 0)
+            return added;
+        s->inst[idx].blocks += (uint64_t)added;
+        m->ours = h;
+        parent = h;
+    }
+    return 0;
+}
+
+int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks)
+{
+    if (idx < 0 || (size_t)idx >= s->n_inst)
+        return KVF_ENOENT;
+    s->st.events++;
+    for (size_t b = 0; b < n_blocks; b++) {
+        ement *m = efind(s, ekey(idx, engine_hashes[b]), 0);
+        if (!m) {
+            s->st.unknown_removals++;
+            continue;
+        }
+        bent *e = bfind(s, m->ours, 0);
+        if (e && holder_del(s, e, (uint32_t)idx))
+            s->inst[idx].blocks--;
+        edelete(s, m);
+    }
+    return 0;
+}
+
+int kvf_sched_all_cleared(kvf_sched *s, int idx)
+{
+    if (idx < 0 || (size_t)idx >= s->n_inst)
+        return KVF_ENOENT;
+    s->st.events++;
+    /* Rare (an engine reset): a full pass. Deleting shifts entries back into the current slot,
+     * so the slot is examined again before moving on. */
+    for (uint64_t i = 0; i <= s->bmask;) {
+        bent *e = &s->bt[i];
+        if (e->h && holder_del(s, e, (uint32_t)idx)) {
+            s->inst[idx].blocks--;
+            continue;
+        }
+        i++;
+    }
+    return 0;
+}
+
+int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted)
+{
+    if (node < 0 || node >= KVF_SCHED_MAX_STORES)
+        return KVF_EINVAL;
+    s->st.events++;
+    uint32_t who = HOLDER_STORE | (uint32_t)node;
+    for (size_t i = 0; i < n; i++) {
+        uint64_t h = mix64(keys[i].lo ^ keys[i].hi);
+        if (admitted) {
+            bent *e = bfind(s, h, 1);
+            if (!e || holder_add(s, e, who, 0) < 0)
+                return KVF_ENOMEM;
+        } else {
+            bent *e = bfind(s, h, 0);
+            if (e)
+                holder_del(s, e, who);
+        }
+    }
+    return 0;
+}
+
+void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st)
+{
+    *st = s->st;
+    st->bytes = (s->bmask + 1) * sizeof(bent) + (s->emask + 1) * sizeof(ement);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Matching */
+
+/* Fills depth[i] with the cached prefix, in blocks of bt tokens, of every instance i whose block
+ * size is bt. Returns the number of the request's full blocks. */
+static size_t match_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, size_t n)
+{
+    size_t nb = n / bt;
+    if (nb > s->hcap) {
+        uint64_t *h = realloc(s->hashes, nb * sizeof *h);
+        if (!h)
+            return 0;
+        s->hashes = h;
+        s->hcap = nb;
+    }
+    uint64_t parent = 0;
+    for (size_t b = 0; b < nb; b++)
+        parent = s->hashes[b] = block_hash(parent, bt, tokens + b * bt);
+    if (nb == 0)
+        return 0;
+    bent *e = bfind(s, s->hashes[0], 0);
+    if (!e)
+        return nb;
+    int na = 0;
+    uint32_t *h = holders(e);
+    for (uint16_t i = 0; i < e->n; i++) {
+        if (h[i] & HOLDER_STORE)
+            continue;
+        int who = (int)(h[i] & 0xffffffu);
+        if (s->inst[who].info.block_tokens != bt)
+            continue;
+        s->alive[na++] = who;
+        s->depth[who] = 1;
+    }
+    for (size_t b = 1; b < nb && na > 0; b++) {
+        e = bfind(s, s->hashes[b], 0);
+        if (!e)
+            break;
+        h = holders(e);
+        int nn = 0;
+        for (int a = 0; a < na; a++) {
+            for (uint16_t i = 0; i < e->n; i++) {
+                if ((h[i] & 0xffffffu) == (uint32_t)s->alive[a] && !(h[i] & HOLDER_STORE)) {
+                    s->alive2[nn++] = s->alive[a];
+                    s->depth[s->alive[a]]++;
+                    break;
+                }
+            }
+        }
+        int *t = s->alive;
+        s->alive = s->alive2;
+        s->alive2 = t;
+        na = nn;
+    }
+    return nb;
+}
+
+size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n)
+{
+    if (idx < 0 || (size_t)idx >= s->n_inst)
+        return 0;
+    memset(s->depth, 0, s->n_inst * sizeof *s->depth);
+    uint32_t bt = s->inst[idx].info.block_tokens;
+    match_blocks(s, bt, tokens, n);
+    return (size_t)s->depth[idx] * bt;
+}
+
+/* Leading chunks of the request held by any storage node. */
+static size_t match_store(kvf_sched *s, const kvf_key *keys, size_t n)
+{
+    size_t run = 0;
+    for (; run < n; run++) {
+        bent *e = bfind(s, mix64(keys[run].lo ^ keys[run].hi), 0);
+        int any = 0;
+        for (uint16_t i = 0; e && i < e->n && !any; i++)
+            any = (holders(e)[i] & HOLDER_STORE) != 0;
+        if (!any)
+            break;
+    }
+    return run;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Placement */
+
+static double prefill_seconds(const kvf_sched_cost *c, double n, double cached)
+{
+    if (cached > n)
+        cached = n;
+    return (n - cached) / c->prefill_tokens_per_s +
+           c->prefill_attn_s_per_tok2 * (n * n - cached * cached) / 2.0;
+}
+
+static double queue_seconds(const kvf_sched_cost *c, const inst *in)
+{
+    return in->load.queued_prefill_tokens / c->prefill_tokens_per_s;
+}
+
+int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
+{
+    memset(res, 0, sizeof *res);
+    res->prefill = res->decode = -1;
+    if (!req->tokens && req->n_tokens)
+        return KVF_EINVAL;
+    const kvf_sched_cost *c = &s->o.cost;
+    /* Match once per distinct block size. */
+    memset(s->depth, 0, s->n_inst * sizeof *s->depth);
+    uint32_t sizes[MAX_BLOCK_SIZES];
+    int nsizes = 0;
+    for (size_t i = 0; i < s->n_inst; i++) {
+        uint32_t bt = s->inst[i].info.block_tokens;
+        int seen = 0;
+        for (int k = 0; k < nsizes; k++)
+            seen |= sizes[k] == bt;
+        if (!seen && nsizes < MAX_BLOCK_SIZES) {
+            sizes[nsizes++] = bt;
+            match_blocks(s, bt, req->tokens, req->n_tokens);
+        }
+    }
+    size_t store_tokens = req->chunk_keys
+                              ? match_store(s, req->chunk_keys, req->n_chunks) * s->o.store_chunk_tokens
+                              : 0;
+    if (store_tokens > req->n_tokens)
+        store_tokens = req->n_tokens;
+
+    double n = (double)req->n_tokens;
+    int best = -1;
+    double best_score = INFINITY, best_ttft = INFINITY;
+    size_t candidates = 0;
+    for (size_t i = 0; i < s->n_inst; i++) {
+        inst *in = &s->inst[i];
+        if (!(in->info.role & KVF_ROLE_PREFILL))
+            continue;
+        candidates++;
+        double dev = (double)s->depth[i] * in->info.block_tokens;
+        double cached = dev > (double)store_tokens ? dev : (double)store_tokens;
+        double load_s = dev >= cached ? 0 : (cached - dev) * c->kv_bytes_per_token / c->load_bytes_per_s;
+        double ttft = queue_seconds(c, in) + load_s + prefill_seconds(c, n, cached);
+        double score;
+        switch (s->o.policy) {
+        case KVF_POLICY_ROUND_ROBIN:
+            score = (double)((i + s->n_inst - s->rr % s->n_inst) % s->n_inst);
+            break;
+        case KVF_POLICY_LEAST_LOADED:
+            score = in->load.queued_prefill_tokens;
+            break;
+        case KVF_POLICY_LONGEST_PREFIX:
+            score = -dev * 1e9 + in->load.queued_prefill_tokens;
+            break;
+        case KVF_POLICY_DYNAMO_COST: {
+            /* Dynamo's KV router: overlap-weighted prefill blocks plus active blocks. */
+            double bt = in->info.block_tokens;
+            score = (n - dev) / bt + (double)in->load.used_blocks +
+                    in->load.queued_prefill_tokens / bt;
+            break;
+        }
+        case KVF_POLICY_KVF_COST:
+        default:
+            score = ttft;
+        }
+        if (score < best_score) {
+            best_score = score;
+            best = (int)i;
+            best_ttft = ttft;
+        }
+    }
+    if (best < 0)
+        return KVF_ENOENT;
+    if (s->o.policy == KVF_POLICY_ROUND_ROBIN)
+        s->rr++;
+    (void)candidates;
+
+    /* Decode: the most KV headroom, then the fewest active sequences. */
+    int dec = -1;
+    double dscore = INFINITY;
+    double need = n + req->output_tokens;
+    for (size_t i = 0; i < s->n_inst; i++) {
+        inst *in = &s->inst[i];
+        if (!(in->info.role & KVF_ROLE_DECODE))
+            continue;
+        double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
+                             in->info.block_tokens;
+        double sc = (free_tokens >= need ? 0 : 1e12) - free_tokens + in->load.active_decodes * 1e3;
+        if (sc < dscore) {
+            dscore = sc;
+            dec = (int)i;
+        }
+    }
+    inst *p = &s->inst[best];
+    double dev = (double)s->depth[best] * p->info.block_tokens;
+    double cached = dev > (double)store_tokens ? dev : (double)store_tokens;
+    /* Conditional disaggregation: a short uncached suffix is cheaper to prefill where it will
+     * decode than to hand off. */
+    if (dec >= 0 && dec != best && (s->inst[dec].info.role & KVF_ROLE_PREFILL) &&
+        n - cached < c->disagg_threshold_tokens) {
+        inst *d = &s->inst[dec];
+        double ddev = (double)s->depth[dec] * d->info.block_tokens;
+        double dc = ddev > (double)store_tokens ? ddev : (double)store_tokens;
+        double dl = ddev >= dc ? 0 : (dc - ddev) * c->kv_bytes_per_token / c->load_bytes_per_s;
+        best = dec;
+        p = d;
+        dev = ddev;
+        cached = dc;
+        best_ttft = queue_seconds(c, d) + dl + prefill_seconds(c, n, dc);
+        res->colocated = 1;
+    }
+    res->prefill = best;
+    res->decode = dec >= 0 ? dec : best;
+    res->cached_device = (size_t)dev;
+    res->cached_store = cached > dev ? (size_t)(cached - dev) : 0;
+    res->queue_s = queue_seconds(c, p);
+    res->load_s = res->cached_store * c->kv_bytes_per_token / c->load_bytes_per_s;
+    res->prefill_s = prefill_seconds(c, n, cached);
+    res->expected_ttft_s = best_ttft;
+    if (req->slo_ttft_s > 0 && c->reject_factor > 0 &&
+        best_ttft > req->slo_ttft_s * c->reject_factor) {
+        res->rejected = 1;
+        return 0;
+    }
+    /* The plan. Loads and saves go through kvfabric's TCP store path, which this build runs;
+     * the handoff to a separate decode instance goes through a store (save, then load). */
+    if (res->cached_store)
+        res->actions[res->n_actions++] = (kvf_action){KVF_ACT_LOAD_FROM_STORE, best,
+                                                      res->cached_store, res->load_s,
+                                                      KVF_LABEL_REAL};
+    res->actions[res->n_actions++] =
+        (kvf_action){KVF_ACT_PREFILL, best, req->n_tokens - (size_t)cached, res->prefill_s,
+                     KVF_LABEL_REAL};
+    res->actions[res->n_actions++] = (kvf_action){KVF_ACT_SAVE_TO_STORE, best, req->n_tokens, 0,
+                                                  KVF_LABEL_REAL};
+    if (res->decode != best)
+        res->actions[res->n_actions++] =
+            (kvf_action){KVF_ACT_HANDOFF, res->decode, req->n_tokens,
+                         n * c->kv_bytes_per_token / c->handoff_bytes_per_s, KVF_LABEL_REAL};
+    return 0;
+}
