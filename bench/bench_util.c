@@ -265,7 +265,7 @@ int bench_plot_bars(const char *png, const char *title, const char *ylabel,
     for (size_t i = 0; i < n; i++)
         if (values[i] > vmax)
             vmax = values[i];
-    const char *fmt = vmax >= 100 ? "%%.0f" : "%%.2f";
+    const char *fmt = vmax >= 100 ? "%.0f" : "%.2f";
     FILE *g = popen("gnuplot", "w");
     if (!g) {
         unlink(dat);
