@@ -27,10 +27,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
-#define HOLDER_STORE 0x80000000u
-#define INLINE_HOLDERS 4
+#define HOLDER_STORE    0x80000000u
+#define INLINE_HOLDERS  4
 #define MAX_BLOCK_SIZES 8
 
 typedef struct bent {
@@ -705,9 +706,9 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
             match_blocks(s, bt, req->tokens, req->n_tokens);
         }
     }
-    size_t store_tokens = req->chunk_keys
-                              ? match_store(s, req->chunk_keys, req->n_chunks) * s->o.store_chunk_tokens
-                              : 0;
+    size_t store_tokens =
+        req->chunk_keys ? match_store(s, req->chunk_keys, req->n_chunks) * s->o.store_chunk_tokens
+                        : 0;
     if (store_tokens > req->n_tokens)
         store_tokens = req->n_tokens;
 
@@ -722,7 +723,8 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         candidates++;
         double dev = (double)s->depth[i] * in->info.block_tokens;
         double cached = dev > (double)store_tokens ? dev : (double)store_tokens;
-        double load_s = dev >= cached ? 0 : (cached - dev) * c->kv_bytes_per_token / c->load_bytes_per_s;
+        double load_s =
+            dev >= cached ? 0 : (cached - dev) * c->kv_bytes_per_token / c->load_bytes_per_s;
         double ttft = queue_seconds(c, in) + load_s + prefill_seconds(c, n, cached);
         double score;
         switch (s->o.policy) {
@@ -738,8 +740,8 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         case KVF_POLICY_DYNAMO_COST: {
             /* Dynamo's KV router: overlap-weighted prefill blocks plus active blocks. */
             double bt = in->info.block_tokens;
-            score = (n - dev) / bt + (double)in->load.used_blocks +
-                    in->load.queued_prefill_tokens / bt;
+            score =
+                (n - dev) / bt + (double)in->load.used_blocks + in->load.queued_prefill_tokens / bt;
             break;
         }
         case KVF_POLICY_KVF_COST:
@@ -808,14 +810,12 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     /* The plan. Loads and saves go through kvfabric's TCP store path, which this build runs;
      * the handoff to a separate decode instance goes through a store (save, then load). */
     if (res->cached_store)
-        res->actions[res->n_actions++] = (kvf_action){KVF_ACT_LOAD_FROM_STORE, best,
-                                                      res->cached_store, res->load_s,
-                                                      KVF_LABEL_REAL};
+        res->actions[res->n_actions++] = (kvf_action){
+            KVF_ACT_LOAD_FROM_STORE, best, res->cached_store, res->load_s, KVF_LABEL_REAL};
+    res->actions[res->n_actions++] = (kvf_action){
+        KVF_ACT_PREFILL, best, req->n_tokens - (size_t)cached, res->prefill_s, KVF_LABEL_REAL};
     res->actions[res->n_actions++] =
-        (kvf_action){KVF_ACT_PREFILL, best, req->n_tokens - (size_t)cached, res->prefill_s,
-                     KVF_LABEL_REAL};
-    res->actions[res->n_actions++] = (kvf_action){KVF_ACT_SAVE_TO_STORE, best, req->n_tokens, 0,
-                                                  KVF_LABEL_REAL};
+        (kvf_action){KVF_ACT_SAVE_TO_STORE, best, req->n_tokens, 0, KVF_LABEL_REAL};
     if (res->decode != best)
         res->actions[res->n_actions++] =
             (kvf_action){KVF_ACT_HANDOFF, res->decode, req->n_tokens,

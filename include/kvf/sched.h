@@ -42,11 +42,11 @@ typedef enum kvf_tier {
 } kvf_tier;
 
 /* Placement policies, compared on the same input. */
-#define KVF_POLICY_MAP(XX)                                                                         \
-    XX(ROUND_ROBIN, "round_robin")                                                                 \
-    XX(LEAST_LOADED, "least_loaded")                                                               \
-    XX(LONGEST_PREFIX, "longest_prefix")                                                           \
-    XX(DYNAMO_COST, "dynamo_cost")                                                                 \
+#define KVF_POLICY_MAP(XX)               \
+    XX(ROUND_ROBIN, "round_robin")       \
+    XX(LEAST_LOADED, "least_loaded")     \
+    XX(LONGEST_PREFIX, "longest_prefix") \
+    XX(DYNAMO_COST, "dynamo_cost")       \
     XX(KVF_COST, "kvf_cost")
 
 typedef enum kvf_policy {
@@ -62,16 +62,16 @@ KVF_API int kvf_policy_parse(const char *name, kvf_policy *out);
 /* The cost model's constants. Defaults (kvf_sched_cost_defaults) describe llama-3.1-8b on one
  * H200-class GPU with a 100 Gb/s store link; a calibration file overrides them. */
 typedef struct kvf_sched_cost {
-    double prefill_tokens_per_s;   /* linear prefill throughput of one instance */
+    double prefill_tokens_per_s;    /* linear prefill throughput of one instance */
     double prefill_attn_s_per_tok2; /* quadratic attention term: seconds per token^2 */
-    double load_bytes_per_s;       /* store -> engine bandwidth */
-    double kv_bytes_per_token;     /* of the model served */
-    double tpot_base_s;            /* decode time per output token, one active sequence */
-    double tpot_per_seq_s;         /* added per other active sequence */
+    double load_bytes_per_s;        /* store -> engine bandwidth */
+    double kv_bytes_per_token;      /* of the model served */
+    double tpot_base_s;             /* decode time per output token, one active sequence */
+    double tpot_per_seq_s;          /* added per other active sequence */
     double disagg_threshold_tokens; /* prefill on the decode instance below this suffix */
-    double handoff_bytes_per_s;    /* prefill -> decode KV handoff */
-    double reject_factor;          /* reject when the best estimate exceeds SLO x this (0: never) */
-    uint32_t klpm_k;               /* k of k-LPM queue ordering (0: FIFO) */
+    double handoff_bytes_per_s;     /* prefill -> decode KV handoff */
+    double reject_factor; /* reject when the best estimate exceeds SLO x this (0: never) */
+    uint32_t klpm_k;      /* k of k-LPM queue ordering (0: FIFO) */
 } kvf_sched_cost;
 
 KVF_API void kvf_sched_cost_defaults(kvf_sched_cost *c);
@@ -81,8 +81,8 @@ KVF_API int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, 
 typedef struct kvf_sched_opts {
     kvf_policy policy;
     kvf_sched_cost cost;
-    uint32_t store_chunk_tokens;   /* chunk size of the stores' keys (0: 256) */
-    size_t expected_blocks;        /* index capacity hint (0: 1M) */
+    uint32_t store_chunk_tokens; /* chunk size of the stores' keys (0: 256) */
+    size_t expected_blocks;      /* index capacity hint (0: 1M) */
 } kvf_sched_opts;
 
 /* Caller owns the result; free with kvf_sched_destroy(). */
@@ -94,11 +94,11 @@ KVF_API void kvf_sched_set_policy(kvf_sched *s, kvf_policy p);
 typedef struct kvf_instance_info {
     char id[64];
     kvf_role role;
-    uint32_t block_tokens;       /* the engine's KV block size (vLLM block_size) */
-    uint64_t capacity_blocks;    /* KV memory, in blocks */
-    char endpoint[128];          /* where requests go */
-    char events[128];            /* ZeroMQ PUB endpoint of its KV events (may be empty) */
-    char capabilities[512];      /* capability record (JSON), passed through */
+    uint32_t block_tokens;    /* the engine's KV block size (vLLM block_size) */
+    uint64_t capacity_blocks; /* KV memory, in blocks */
+    char endpoint[128];       /* where requests go */
+    char events[128];         /* ZeroMQ PUB endpoint of its KV events (may be empty) */
+    char capabilities[512];   /* capability record (JSON), passed through */
 } kvf_instance_info;
 
 KVF_API int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx);
@@ -145,30 +145,31 @@ typedef enum kvf_action_kind {
 
 typedef struct kvf_action {
     kvf_action_kind kind;
-    int instance;         /* where it runs */
+    int instance; /* where it runs */
     size_t tokens;
-    double seconds;       /* the cost model's estimate */
+    double seconds; /* the cost model's estimate */
     kvf_label label;
 } kvf_action;
 
 typedef struct kvf_place_req {
-    const uint32_t *tokens;  /* prompt token ids */
+    const uint32_t *tokens; /* prompt token ids */
     size_t n_tokens;
-    const kvf_key *chunk_keys; /* the prompt's kvfabric chunk keys, for store matches (may be NULL) */
+    const kvf_key
+        *chunk_keys; /* the prompt's kvfabric chunk keys, for store matches (may be NULL) */
     size_t n_chunks;
-    uint32_t output_tokens;  /* expected decode length (0: unknown) */
-    double slo_ttft_s;       /* 0: none */
+    uint32_t output_tokens; /* expected decode length (0: unknown) */
+    double slo_ttft_s;      /* 0: none */
 } kvf_place_req;
 
 typedef struct kvf_place_res {
-    int prefill;             /* instance index, or -1 when rejected */
+    int prefill; /* instance index, or -1 when rejected */
     int decode;
-    size_t cached_device;    /* tokens held by the prefill instance itself */
-    size_t cached_store;     /* further tokens loadable from the stores */
+    size_t cached_device; /* tokens held by the prefill instance itself */
+    size_t cached_store;  /* further tokens loadable from the stores */
     double expected_ttft_s;
     double queue_s, prefill_s, load_s;
     int rejected;
-    int colocated;           /* prefill runs on the decode instance (conditional disaggregation) */
+    int colocated; /* prefill runs on the decode instance (conditional disaggregation) */
     kvf_action actions[4];
     int n_actions;
 } kvf_place_res;
@@ -181,11 +182,11 @@ KVF_API int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_re
 KVF_API size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n);
 
 typedef struct kvf_index_stats {
-    uint64_t blocks;          /* distinct (block hash) entries */
-    uint64_t holdings;        /* (block, holder) pairs */
-    uint64_t events;          /* events applied */
+    uint64_t blocks;           /* distinct (block hash) entries */
+    uint64_t holdings;         /* (block, holder) pairs */
+    uint64_t events;           /* events applied */
     uint64_t unknown_removals; /* removals of blocks never stored */
-    uint64_t bytes;           /* memory held by the index */
+    uint64_t bytes;            /* memory held by the index */
 } kvf_index_stats;
 KVF_API void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st);
 
