@@ -715,12 +715,14 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     double n = (double)req->n_tokens;
     int best = -1;
     double best_score = INFINITY, best_ttft = INFINITY;
-    size_t candidates = 0;
+    size_t ncand = 0, k = 0;
+    for (size_t i = 0; i < s->n_inst; i++)
+        ncand += (s->inst[i].info.role & KVF_ROLE_PREFILL) != 0;
     for (size_t i = 0; i < s->n_inst; i++) {
         inst *in = &s->inst[i];
         if (!(in->info.role & KVF_ROLE_PREFILL))
             continue;
-        candidates++;
+        size_t ordinal = k++;
         double dev = (double)s->depth[i] * in->info.block_tokens;
         double cached = dev > (double)store_tokens ? dev : (double)store_tokens;
         double load_s =
@@ -729,7 +731,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         double score;
         switch (s->o.policy) {
         case KVF_POLICY_ROUND_ROBIN:
-            score = (double)((i + s->n_inst - s->rr % s->n_inst) % s->n_inst);
+            score = (double)((ordinal + ncand - s->rr % ncand) % ncand);
             break;
         case KVF_POLICY_LEAST_LOADED:
             score = in->load.queued_prefill_tokens;
@@ -758,7 +760,6 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         return KVF_ENOENT;
     if (s->o.policy == KVF_POLICY_ROUND_ROBIN)
         s->rr++;
-    (void)candidates;
 
     /* Decode: the most KV headroom, then the fewest active sequences. */
     int dec = -1;
@@ -792,10 +793,10 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         dev = ddev;
         cached = dc;
         best_ttft = queue_seconds(c, d) + dl + prefill_seconds(c, n, dc);
-        res->colocated = 1;
     }
     res->prefill = best;
     res->decode = dec >= 0 ? dec : best;
+    res->colocated = res->prefill == res->decode;
     res->cached_device = (size_t)dev;
     res->cached_store = cached > dev ? (size_t)(cached - dev) : 0;
     res->queue_s = queue_seconds(c, p);

@@ -1,0 +1,360 @@
+/*
+ * Unit tests of the scheduler core: the prefix index (the index hashes tokens itself; engine hashes
+ * only link parents and removals), event decoding of both encodings against vectors made by an
+ * independent encoder (tests/sched_vectors.py, python3-msgpack), sequence gaps, and each placement
+ * policy on hand-built states.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "kvf/kvf.h"
+#include "kvf/sched.h"
+
+#include "events.h"
+
+static const char *vectors_path;
+
+static kvf_sched *new_sched(kvf_policy p)
+{
+    kvf_sched_opts o = {.policy = p};
+    kvf_sched_cost_defaults(&o.cost);
+    kvf_sched *s;
+    assert_int_equal(kvf_sched_new(&s, &o), 0);
+    return s;
+}
+
+static int add(kvf_sched *s, const char *id, kvf_role role, uint32_t bt, uint64_t cap)
+{
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    snprintf(in.id, sizeof in.id, "%s", id);
+    in.role = role;
+    in.block_tokens = bt;
+    in.capacity_blocks = cap;
+    int idx;
+    assert_int_equal(kvf_sched_instance_add(s, &in, &idx), 0);
+    return idx;
+}
+
+static void seq(uint32_t *t, size_t n, uint32_t from)
+{
+    for (size_t i = 0; i < n; i++)
+        t[i] = from + (uint32_t)i;
+}
+
+static void test_sched_index_matches_tokens_not_engine_hashes(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    int a = add(s, "a", KVF_ROLE_BOTH, 4, 1000), b = add(s, "b", KVF_ROLE_BOTH, 4, 1000);
+    uint32_t t[32];
+    seq(t, 32, 1);
+    uint64_t ha[4] = {11, 12, 13, 14}, hb[2] = {900, 901};
+    assert_int_equal(kvf_sched_block_stored(s, a, ha, 4, 0, 0, t, 16, 4, KVF_TIER_DEVICE), 0);
+    /* b holds the same first two blocks under entirely different engine hashes. */
+    assert_int_equal(kvf_sched_block_stored(s, b, hb, 2, 0, 0, t, 8, 4, KVF_TIER_DEVICE), 0);
+    assert_int_equal(kvf_sched_match(s, a, t, 32), 16);
+    assert_int_equal(kvf_sched_match(s, b, t, 32), 8);
+    /* A different first token: nobody matches, the chain is prefix-sensitive. */
+    uint32_t u[32];
+    memcpy(u, t, sizeof u);
+    u[0] = 999;
+    assert_int_equal(kvf_sched_match(s, a, u, 32), 0);
+    /* The same block contents after a different prefix do not match either. */
+    u[0] = 1;
+    u[2] = 777;
+    assert_int_equal(kvf_sched_match(s, a, u, 32), 0);
+    /* Extending a's chain by parent hash. */
+    uint64_t h5 = 15;
+    assert_int_equal(kvf_sched_block_stored(s, a, &h5, 1, 1, 14, t + 16, 4, 4, KVF_TIER_DEVICE), 0);
+    assert_int_equal(kvf_sched_match(s, a, t, 32), 20);
+    /* A parent the index never saw: refused, those blocks cannot be matched. */
+    uint64_t h9 = 99;
+    assert_int_equal(kvf_sched_block_stored(s, a, &h9, 1, 1, 12345, t, 4, 4, KVF_TIER_DEVICE),
+                     KVF_ENOENT);
+    /* Removal of a middle block cuts the prefix there; unknown removals are counted. */
+    uint64_t r = 12, unknown = 424242;
+    assert_int_equal(kvf_sched_block_removed(s, a, &r, 1), 0);
+    assert_int_equal(kvf_sched_match(s, a, t, 32), 4);
+    assert_int_equal(kvf_sched_block_removed(s, a, &unknown, 1), 0);
+    kvf_index_stats st;
+    kvf_sched_index_stats(s, &st);
+    assert_int_equal(st.unknown_removals, 1);
+    assert_int_equal(kvf_sched_match(s, b, t, 32), 8);
+    assert_int_equal(kvf_sched_all_cleared(s, b), 0);
+    assert_int_equal(kvf_sched_match(s, b, t, 32), 0);
+    /* Bad input. */
+    assert_int_equal(kvf_sched_block_stored(s, 77, ha, 1, 0, 0, t, 4, 4, KVF_TIER_DEVICE),
+                     KVF_ENOENT);
+    assert_int_equal(kvf_sched_block_stored(s, a, ha, 2, 0, 0, t, 7, 4, KVF_TIER_DEVICE),
+                     KVF_EINVAL);
+    kvf_instance_info bad;
+    memset(&bad, 0, sizeof bad);
+    assert_int_equal(kvf_sched_instance_add(s, &bad, NULL), KVF_EINVAL);
+    kvf_sched_destroy(&s);
+    assert_null(s);
+}
+
+/* Many blocks: the table grows and every chain still matches. */
+static void test_sched_index_grows(void **state)
+{
+    (void)state;
+    kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST, .expected_blocks = 100};
+    kvf_sched_cost_defaults(&o.cost);
+    kvf_sched *s;
+    assert_int_equal(kvf_sched_new(&s, &o), 0);
+    int a = add(s, "a", KVF_ROLE_BOTH, 16, 1 << 20);
+    static uint32_t t[16 * 64];
+    uint64_t h[64];
+    for (uint32_t seqn = 0; seqn < 300; seqn++) {
+        seq(t, 16 * 64, seqn * 100000);
+        for (int i = 0; i < 64; i++)
+            h[i] = seqn * 1000u + (uint64_t)i + 1;
+        assert_int_equal(kvf_sched_block_stored(s, a, h, 64, 0, 0, t, 16 * 64, 16, KVF_TIER_DEVICE),
+                         0);
+    }
+    kvf_index_stats st;
+    kvf_sched_index_stats(s, &st);
+    assert_int_equal(st.blocks, 300 * 64);
+    for (uint32_t seqn = 0; seqn < 300; seqn += 37) {
+        seq(t, 16 * 64, seqn * 100000);
+        assert_int_equal(kvf_sched_match(s, a, t, 16 * 64), 16 * 64);
+    }
+    kvf_sched_destroy(&s);
+}
+
+static void test_sched_events_both_encodings(void **state)
+{
+    (void)state;
+    FILE *f = fopen(vectors_path, "rb");
+    if (!f)
+        fail_msg("cannot read the vectors file %s", vectors_path ? vectors_path : "(none)");
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    int i0 = add(s, "i0", KVF_ROLE_BOTH, 4, 1000), i1 = add(s, "i1", KVF_ROLE_BOTH, 4, 1000);
+    int i2 = add(s, "i2", KVF_ROLE_BOTH, 4, 1000);
+    assert_int_equal(i2, 2);
+    kvf_ingest_stats st;
+    memset(&st, 0, sizeof st);
+    uint8_t hdr[8];
+    int batches = 0;
+    while (fread(hdr, 1, 8, f) == 8) {
+        uint32_t src = hdr[0] | hdr[1] << 8 | hdr[2] << 16 | (uint32_t)hdr[3] << 24;
+        uint32_t len = hdr[4] | hdr[5] << 8 | hdr[6] << 16 | (uint32_t)hdr[7] << 24;
+        uint8_t *p = malloc(len);
+        assert_int_equal(fread(p, 1, len, f), len);
+        kvf_event_source es = {.instance = src >= 1000 ? -1 : (int)src,
+                               .store = src >= 1000 ? (int)(src - 1000) : -1};
+        char err[200] = "";
+        assert_int_equal(kvf_sched_ingest(s, &es, p, len, &st, err, sizeof err), 0);
+        free(p);
+        batches++;
+        if (batches == 3) {
+            /* After the first three batches: i0 holds 4 blocks, i1 the first 2 (as host). */
+            uint32_t t[16];
+            seq(t, 16, 1);
+            assert_int_equal(kvf_sched_match(s, i0, t, 16), 16);
+            assert_int_equal(kvf_sched_match(s, i1, t, 16), 8);
+        }
+    }
+    fclose(f);
+    assert_int_equal(batches, 8);
+    uint32_t t[16];
+    seq(t, 16, 1);
+    assert_int_equal(kvf_sched_match(s, i0, t, 16), 4); /* block 102 removed */
+    assert_int_equal(kvf_sched_match(s, i1, t, 16), 4); /* its -5 block removed */
+    assert_int_equal(kvf_sched_match(s, i2, t, 16), 0); /* cleared */
+    assert_int_equal(st.malformed, 1);
+    assert_int_equal(st.unknown_types, 1);
+    assert_int_equal(st.chunks, 3);
+    /* The store still holds the first key, not the second. */
+    kvf_key k[2];
+    for (int i = 0; i < 2; i++) {
+        uint8_t b[16];
+        for (int j = 0; j < 16; j++)
+            b[j] = (uint8_t)(16 * i + j);
+        memcpy(&k[i].lo, b, 8);
+        memcpy(&k[i].hi, b + 8, 8);
+    }
+    kvf_place_req rq = {.tokens = t, .n_tokens = 16, .chunk_keys = k, .n_chunks = 2};
+    kvf_place_res rs;
+    kvf_sched_set_policy(s, KVF_POLICY_KVF_COST);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    /* Garbage is an error for the batch, not a crash. */
+    kvf_event_source es = {.instance = 0, .store = -1};
+    char err[200];
+    static const uint8_t junk[] = {0xc1, 0x00, 0x01};
+    assert_int_equal(kvf_sched_ingest(s, &es, junk, sizeof junk, &st, err, sizeof err), KVF_EPROTO);
+    static const uint8_t notbatch[] = {0x93, 0x01, 0x02, 0x03}; /* [1, 2, 3] */
+    assert_int_equal(kvf_sched_ingest(s, &es, notbatch, sizeof notbatch, &st, err, sizeof err),
+                     KVF_EPROTO);
+    kvf_sched_destroy(&s);
+}
+
+static void test_sched_sequence_gaps(void **state)
+{
+    (void)state;
+    kvf_seq_tracker t = {0};
+    uint8_t b[8] = {0};
+    uint64_t from = 0;
+    b[7] = 5;
+    assert_int_equal(kvf_seq_check(&t, b, &from), 0);
+    b[7] = 6;
+    assert_int_equal(kvf_seq_check(&t, b, &from), 0);
+    b[7] = 9;
+    assert_int_equal(kvf_seq_check(&t, b, &from), 1);
+    assert_int_equal(from, 7);
+    assert_int_equal(t.missed, 2);
+    b[6] = 1; /* 265: big-endian */
+    assert_int_equal(kvf_seq_check(&t, b, &from), 1);
+    assert_int_equal(from, 10);
+}
+
+/* Two prefill instances: "hot" holds the prompt's prefix but is busy; "cold" is idle. */
+static void test_sched_policies_on_a_hand_built_state(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_ROUND_ROBIN);
+    int hot = add(s, "hot", KVF_ROLE_PREFILL, 16, 100000);
+    int cold = add(s, "cold", KVF_ROLE_PREFILL, 16, 100000);
+    int dec = add(s, "dec", KVF_ROLE_DECODE, 16, 100000);
+    static uint32_t t[8192];
+    seq(t, 8192, 5);
+    uint64_t h[448];
+    for (int i = 0; i < 448; i++)
+        h[i] = (uint64_t)i + 1;
+    /* hot holds 7168 of the 8192 tokens. */
+    assert_int_equal(kvf_sched_block_stored(s, hot, h, 448, 0, 0, t, 7168, 16, KVF_TIER_DEVICE), 0);
+    kvf_instance_load busy = {.queued_prefill_tokens = 4000, .used_blocks = 5000};
+    kvf_instance_load idle = {0};
+    kvf_sched_instance_load(s, hot, &busy);
+    kvf_sched_instance_load(s, cold, &idle);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 8192, .output_tokens = 100};
+    kvf_place_res rs;
+    int picks[2] = {0, 0};
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+        picks[rs.prefill == hot]++;
+    }
+    assert_int_equal(picks[0], 2); /* round robin alternates */
+    kvf_sched_set_policy(s, KVF_POLICY_LEAST_LOADED);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.prefill, cold);
+    kvf_sched_set_policy(s, KVF_POLICY_LONGEST_PREFIX);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.prefill, hot);
+    assert_int_equal(rs.cached_device, 7168);
+    kvf_sched_set_policy(s, KVF_POLICY_KVF_COST);
+    kvf_sched_place(s, &rq, &rs);
+    /* 4000 queued tokens cost 0.4 s; recomputing 7168 tokens costs more: go to the cache. */
+    assert_int_equal(rs.prefill, hot);
+    assert_int_equal(rs.decode, dec);
+    assert_true(rs.expected_ttft_s > 0.4 && rs.expected_ttft_s < 1.0);
+    /* Every planned action says whether it is real. */
+    assert_true(rs.n_actions >= 3);
+    for (int i = 0; i < rs.n_actions; i++)
+        assert_int_equal(rs.actions[i].label, KVF_LABEL_REAL);
+    /* A much busier cache-holder loses to the idle one under the cost model, but not under
+     * longest prefix. */
+    busy.queued_prefill_tokens = 200000;
+    kvf_sched_instance_load(s, hot, &busy);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.prefill, cold);
+    kvf_sched_set_policy(s, KVF_POLICY_LONGEST_PREFIX);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.prefill, hot);
+    /* Dynamo's cost: prefill blocks after overlap plus active blocks. hot: 64 + 5000 + 12500,
+     * cold: 512 + 0: cold. */
+    kvf_sched_set_policy(s, KVF_POLICY_DYNAMO_COST);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.prefill, cold);
+    /* Early rejection when the best estimate misses the SLO by the reject factor. */
+    kvf_sched_destroy(&s);
+    kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST};
+    kvf_sched_cost_defaults(&o.cost);
+    o.cost.reject_factor = 1.0;
+    assert_int_equal(kvf_sched_new(&s, &o), 0);
+    add(s, "only", KVF_ROLE_BOTH, 16, 100000);
+    rq.slo_ttft_s = 0.1;
+    kvf_sched_place(s, &rq, &rs);
+    assert_true(rs.rejected);
+    rq.slo_ttft_s = 10;
+    kvf_sched_place(s, &rq, &rs);
+    assert_false(rs.rejected);
+    kvf_sched_destroy(&s);
+}
+
+/* A short uncached suffix is prefilled where it will decode. */
+static void test_sched_conditional_disaggregation(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    int p = add(s, "p", KVF_ROLE_PREFILL, 16, 100000);
+    int d = add(s, "d", KVF_ROLE_BOTH, 16, 100000);
+    kvf_instance_load busy = {.queued_prefill_tokens = 1000};
+    kvf_sched_instance_load(s, d, &busy);
+    static uint32_t t[4096];
+    seq(t, 4096, 1);
+    uint64_t h[250];
+    for (int i = 0; i < 250; i++)
+        h[i] = (uint64_t)i + 1;
+    assert_int_equal(kvf_sched_block_stored(s, d, h, 250, 0, 0, t, 4000, 16, KVF_TIER_DEVICE), 0);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 4096};
+    kvf_place_res rs;
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.decode, d);
+    assert_int_equal(rs.prefill, d); /* 96 uncached tokens: no handoff */
+    assert_true(rs.colocated);
+    (void)p;
+    kvf_sched_destroy(&s);
+}
+
+static void test_sched_cost_file(void **state)
+{
+    (void)state;
+    char path[] = "/tmp/kvf-cost-XXXXXX";
+    int fd = mkstemp(path);
+    const char *j = "{\"prefill_tokens_per_s\": 5000, \"klpm_k\": 4}";
+    assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
+    close(fd);
+    kvf_sched_cost c;
+    kvf_sched_cost_defaults(&c);
+    char err[200];
+    assert_int_equal(kvf_sched_cost_load(path, &c, err, sizeof err), 0);
+    assert_true(c.prefill_tokens_per_s == 5000);
+    assert_int_equal(c.klpm_k, 4);
+    fd = open(path, O_WRONLY | O_TRUNC);
+    const char *b = "{\"speed\": 1}";
+    assert_int_equal(write(fd, b, strlen(b)), (ssize_t)strlen(b));
+    close(fd);
+    assert_int_equal(kvf_sched_cost_load(path, &c, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "speed"));
+    unlink(path);
+    kvf_policy pol;
+    assert_int_equal(kvf_policy_parse("dynamo_cost", &pol), 0);
+    assert_int_equal(pol, KVF_POLICY_DYNAMO_COST);
+    assert_int_equal(kvf_policy_parse("random", &pol), KVF_EINVAL);
+}
+
+int main(int argc, char **argv)
+{
+    vectors_path = argc > 1 ? argv[1] : NULL;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_sched_index_matches_tokens_not_engine_hashes),
+        cmocka_unit_test(test_sched_index_grows),
+        cmocka_unit_test(test_sched_events_both_encodings),
+        cmocka_unit_test(test_sched_sequence_gaps),
+        cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
+        cmocka_unit_test(test_sched_conditional_disaggregation),
+        cmocka_unit_test(test_sched_cost_file),
+    };
+    return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
+}
