@@ -14,6 +14,7 @@ static const struct {
 } subs[] = {
     {"store", bench_store_main, "storage node vs the TCP ceiling and Redis"},
     {"connector", bench_connector_main, "page moves vs memcpy; engine TTFT vs full recompute"},
+    {"sched", bench_sched_main, "trace replay through the scheduler (simulated); place() latency"},
 };
 
 int main(int argc, char **argv)

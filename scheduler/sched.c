@@ -27,12 +27,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
 #define HOLDER_STORE    0x80000000u
 #define INLINE_HOLDERS  4
 #define MAX_BLOCK_SIZES 8
+#define PREFETCH_AHEAD  16 /* blocks whose index slots are fetched ahead of the match walk */
 
 typedef struct bent {
     uint64_t h; /* 0: empty slot */
@@ -372,17 +372,25 @@ static int grow_emap(kvf_sched *s)
     return 0;
 }
 
-/* The index's hash of a block: over its parent's hash, the block size and its tokens. */
+/* The index's hash of a block: XXH3-64 of its tokens, seeded with the parent's hash and the block
+ * size, so the hash depends on the whole prefix. One-shot hashing: a 16-token block is 64 bytes,
+ * where the streaming API's set-up would cost more than the hash itself. Internal to the index
+ * (not a published format). */
 static uint64_t block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens)
 {
-    XXH3_state_t st;
-    uint8_t head[12];
-    kvf__put_u64(head, parent);
-    kvf__put_u32(head + 8, block_tokens);
-    XXH3_64bits_reset(&st);
-    XXH3_64bits_update(&st, head, sizeof head);
-    XXH3_64bits_update(&st, tokens, (size_t)block_tokens * 4);
-    uint64_t h = XXH3_64bits_digest(&st);
+    uint64_t seed = parent ^ ((uint64_t)block_tokens * 0x9E3779B97F4A7C15ull);
+    uint64_t h;
+    if (kvf__host_is_le()) {
+        h = XXH3_64bits_withSeed(tokens, (size_t)block_tokens * 4, seed);
+    } else {
+        uint8_t *tmp = malloc((size_t)block_tokens * 4);
+        if (!tmp)
+            return 1;
+        for (uint32_t i = 0; i < block_tokens; i++)
+            kvf__put_u32(tmp + 4 * i, tokens[i]);
+        h = XXH3_64bits_withSeed(tmp, (size_t)block_tokens * 4, seed);
+        free(tmp);
+    }
     return h ? h : 1;
 }
 
@@ -607,6 +615,10 @@ static size_t match_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, si
         parent = s->hashes[b] = block_hash(parent, bt, tokens + b * bt);
     if (nb == 0)
         return 0;
+    /* Every block's slot is known now: start fetching the first few, so that the walk below
+     * overlaps its cache misses instead of taking them one after another. */
+    for (size_t b = 0; b < nb && b < PREFETCH_AHEAD; b++)
+        __builtin_prefetch(&s->bt[mix64(s->hashes[b]) & s->bmask]);
     bent *e = bfind(s, s->hashes[0], 0);
     if (!e)
         return nb;
@@ -622,6 +634,8 @@ static size_t match_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, si
         s->depth[who] = 1;
     }
     for (size_t b = 1; b < nb && na > 0; b++) {
+        if (b + PREFETCH_AHEAD < nb)
+            __builtin_prefetch(&s->bt[mix64(s->hashes[b + PREFETCH_AHEAD]) & s->bmask]);
         e = bfind(s, s->hashes[b], 0);
         if (!e)
             break;
@@ -680,8 +694,12 @@ static double prefill_seconds(const kvf_sched_cost *c, double n, double cached)
            c->prefill_attn_s_per_tok2 * (n * n - cached * cached) / 2.0;
 }
 
+/* Expected wait behind an instance's queue: its cache-aware estimate when known, else its raw
+ * queued tokens at the prefill rate (an upper bound: cache hits only shorten it). */
 static double queue_seconds(const kvf_sched_cost *c, const inst *in)
 {
+    if (in->load.queued_prefill_s > 0)
+        return in->load.queued_prefill_s;
     return in->load.queued_prefill_tokens / c->prefill_tokens_per_s;
 }
 

@@ -108,7 +108,10 @@ KVF_API const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int 
 
 /* Load reports (from the engines or the simulator). */
 typedef struct kvf_instance_load {
-    double queued_prefill_tokens; /* tokens waiting to be prefilled */
+    double queued_prefill_tokens; /* prompt tokens waiting or still being prefilled (what an
+                                   * engine reports about its queue) */
+    double queued_prefill_s;      /* the same work in expected seconds, cache hits taken into
+                                   * account, when the reporter knows it; 0: unknown */
     uint32_t active_decodes;      /* sequences decoding */
     uint64_t used_blocks;         /* KV blocks in use */
 } kvf_instance_load;

@@ -1,0 +1,844 @@
+/*
+ * kvf-bench sched: trace replay at cluster scale through the real prefix index and placement code,
+ * with a prefill/decode/transfer cost model. Every figure it prints is simulated and labelled so.
+ *
+ *   kvf-bench sched --trace FILE --instances N --policy P[,P...] [--time-scale X | --find-rate]
+ *                   [--slo-ttft S] [--cost FILE] [--device-blocks B] [--store-blocks B]
+ *                   [--max-requests M] [--json] [--decision-latency]
+ *
+ * The trace is Mooncake's format: one JSON object per line with timestamp (ms), input_length,
+ * output_length and hash_ids (one id per 512-token block, prefix-chained). Each id becomes 512
+ * deterministic token ids, so shared ids mean shared prefixes, and the index hashes the tokens
+ * itself as it would an engine's.
+ *
+ * The simulated cluster: N instances, each with a prefill queue served one request at a time and a
+ * KV cache of --device-blocks 512-token blocks (LRU), publishing stored and removed blocks to the
+ * index as an engine's KV events would; and a shared kvfabric store of --store-blocks blocks
+ * (LRU) that every prefill saves to and loads from. Prefill time follows the cost model (linear
+ * and quadratic terms over the uncached tokens); a store load overlaps the prefill layer by layer,
+ * so it costs max(prefill, load); decode time per token grows with the instance's active decodes.
+ * Under kvf_cost the queues are ordered k-LPM (the longest cached prefix among the oldest k
+ * requests first, every k-th pick the oldest, so no request starves).
+ */
+#include "bench.h"
+#include "bench_util.h"
+
+#include "kvf/kvf.h"
+#include "kvf/sched.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 512
+
+typedef struct req {
+    double arrival; /* trace time, s */
+    double arr_s;   /* arrival in the simulation (trace time / scale) */
+    uint32_t in_len, out_len;
+    uint32_t n_ids;
+    uint64_t *ids;
+    /* results */
+    double start, ttft, tpot;
+    double est_s; /* the scheduler's prefill estimate at placement */
+    int inst, rejected, done;
+    size_t dev_hit, store_hit;
+} req;
+
+typedef struct lru_node {
+    uint64_t id;
+    int32_t prev, next;
+} lru_node;
+
+/* An LRU set of block ids with a hash index: the device caches and the store. */
+typedef struct lru {
+    lru_node *n;
+    uint64_t *keys; /* open addressing: id + 1, 0 empty */
+    int32_t *slot;
+    uint64_t mask;
+    uint32_t cap, used;
+    int32_t head, tail, free_head;
+} lru;
+
+typedef struct inst_state {
+    int idx;
+    lru cache;
+    int *queue;
+    size_t qh, qt, qcap;
+    uint32_t picks;
+    double busy_until;
+    int running;           /* request index or -1 */
+    double queued_est_s;   /* estimated prefill seconds of the queued requests */
+    double queued_raw_tok; /* their prompt tokens */
+    uint32_t active_decodes;
+    double *decode_ends; /* min-heap would be nicer; a small array suffices */
+    size_t n_dec, cap_dec;
+} inst_state;
+
+typedef struct sim {
+    kvf_sched *s;
+    kvf_sched_cost cost;
+    kvf_policy policy;
+    req *r;
+    size_t n;
+    inst_state *in;
+    int ni;
+    lru store;
+    uint32_t *tok;
+    size_t tokcap;
+    kvf_key *keys;
+    size_t keycap;
+    double slo;
+} sim;
+
+/* ------------------------------------------------------------------------------------------ */
+/* LRU */
+
+static int lru_init(lru *l, uint32_t cap)
+{
+    memset(l, 0, sizeof *l);
+    l->cap = cap;
+    uint64_t t = 16;
+    while (t < (uint64_t)cap * 2)
+        t <<= 1;
+    l->mask = t - 1;
+    l->n = malloc((size_t)cap * sizeof *l->n);
+    l->keys = calloc(t, sizeof *l->keys);
+    l->slot = malloc(t * sizeof *l->slot);
+    if (!l->n || !l->keys || !l->slot)
+        return -1;
+    l->head = l->tail = -1;
+    for (uint32_t i = 0; i < cap; i++)
+        l->n[i].next = i + 1 < cap ? (int32_t)i + 1 : -1;
+    l->free_head = cap ? 0 : -1;
+    return 0;
+}
+
+static void lru_free(lru *l)
+{
+    free(l->n);
+    free(l->keys);
+    free(l->slot);
+}
+
+static uint64_t hmix(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return x;
+}
+
+static int64_t lru_find(const lru *l, uint64_t id)
+{
+    uint64_t i = hmix(id) & l->mask;
+    while (l->keys[i]) {
+        if (l->keys[i] == id + 1)
+            return (int64_t)i;
+        i = (i + 1) & l->mask;
+    }
+    return -1;
+}
+
+static void unlink_node(lru *l, int32_t k)
+{
+    lru_node *x = &l->n[k];
+    if (x->prev >= 0)
+        l->n[x->prev].next = x->next;
+    else
+        l->head = x->next;
+    if (x->next >= 0)
+        l->n[x->next].prev = x->prev;
+    else
+        l->tail = x->prev;
+}
+
+static void push_front(lru *l, int32_t k)
+{
+    l->n[k].prev = -1;
+    l->n[k].next = l->head;
+    if (l->head >= 0)
+        l->n[l->head].prev = k;
+    l->head = k;
+    if (l->tail < 0)
+        l->tail = k;
+}
+
+static void table_del(lru *l, uint64_t i)
+{
+    uint64_t j = i;
+    for (;;) {
+        j = (j + 1) & l->mask;
+        if (!l->keys[j])
+            break;
+        uint64_t home = hmix(l->keys[j] - 1) & l->mask;
+        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            l->keys[i] = l->keys[j];
+            l->slot[i] = l->slot[j];
+            i = j;
+        }
+    }
+    l->keys[i] = 0;
+}
+
+/* Touches id (inserting it); returns the id evicted to make room, or UINT64_MAX. */
+static uint64_t lru_touch(lru *l, uint64_t id)
+{
+    int64_t t = lru_find(l, id);
+    if (t >= 0) {
+        int32_t k = l->slot[t];
+        unlink_node(l, k);
+        push_front(l, k);
+        return UINT64_MAX;
+    }
+    uint64_t evicted = UINT64_MAX;
+    int32_t k;
+    if (l->free_head >= 0) {
+        k = l->free_head;
+        l->free_head = l->n[k].next;
+        l->used++;
+    } else {
+        k = l->tail;
+        evicted = l->n[k].id;
+        unlink_node(l, k);
+        table_del(l, (uint64_t)lru_find(l, evicted));
+    }
+    l->n[k].id = id;
+    push_front(l, k);
+    uint64_t i = hmix(id) & l->mask;
+    while (l->keys[i])
+        i = (i + 1) & l->mask;
+    l->keys[i] = id + 1;
+    l->slot[i] = k;
+    return evicted;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Trace */
+
+static int load_trace(const char *path, size_t max, req **out, size_t *n, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s: cannot open", path);
+        return -1;
+    }
+    size_t cap = 16384, k = 0;
+    req *r = calloc(cap, sizeof *r);
+    char *line = NULL;
+    size_t lcap = 0;
+    ssize_t len;
+    long lineno = 0;
+    while ((len = getline(&line, &lcap, f)) > 0 && (!max || k < max)) {
+        lineno++;
+        if (len <= 1)
+            continue;
+        json_error_t je;
+        json_t *o = json_loads(line, 0, &je);
+        json_t *ts = o ? json_object_get(o, "timestamp") : NULL;
+        json_t *il = o ? json_object_get(o, "input_length") : NULL;
+        json_t *ol = o ? json_object_get(o, "output_length") : NULL;
+        json_t *ids = o ? json_object_get(o, "hash_ids") : NULL;
+        if (!o || !json_is_number(ts) || !json_is_integer(il) || !json_is_integer(ol) ||
+            !json_is_array(ids) || json_integer_value(il) <= 0) {
+            snprintf(err, errlen, "%s:%ld: not a trace record (%s)", path, lineno,
+                     o ? "missing or mistyped field" : je.text);
+            json_decref(o);
+            free(line);
+            fclose(f);
+            free(r);
+            return -1;
+        }
+        if (k == cap) {
+            cap *= 2;
+            r = realloc(r, cap * sizeof *r);
+        }
+        req *q = &r[k++];
+        memset(q, 0, sizeof *q);
+        q->arrival = json_number_value(ts) / 1000.0;
+        q->in_len = (uint32_t)json_integer_value(il);
+        q->out_len = (uint32_t)json_integer_value(ol);
+        q->n_ids = (uint32_t)json_array_size(ids);
+        q->ids = malloc((q->n_ids ? q->n_ids : 1) * sizeof *q->ids);
+        for (uint32_t i = 0; i < q->n_ids; i++)
+            q->ids[i] = (uint64_t)json_integer_value(json_array_get(ids, i));
+        json_decref(o);
+    }
+    free(line);
+    fclose(f);
+    *out = r;
+    *n = k;
+    return 0;
+}
+
+/* Token ids of a request: block i of 512 tokens derives from hash id i alone. */
+static void tokens_of(sim *S, const req *q)
+{
+    size_t n = q->in_len;
+    if (n > S->tokcap) {
+        S->tok = realloc(S->tok, n * sizeof *S->tok);
+        S->tokcap = n;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint64_t id = q->ids[i / BLOCK < q->n_ids ? i / BLOCK : q->n_ids - 1];
+        uint64_t z = id * 0x9E3779B97F4A7C15ull + (i % BLOCK) + 1;
+        z ^= z >> 29;
+        z *= 0xbf58476d1ce4e5b9ull;
+        S->tok[i] = (uint32_t)((z ^ (z >> 32)) % 100000);
+    }
+    size_t nk = q->n_ids;
+    if (nk > S->keycap) {
+        S->keys = realloc(S->keys, nk * sizeof *S->keys);
+        S->keycap = nk;
+    }
+    for (size_t i = 0; i < nk; i++) {
+        S->keys[i].lo = q->ids[i];
+        S->keys[i].hi = 0x5707E;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Simulation */
+
+static double prefill_time(const kvf_sched_cost *c, double n, double cached)
+{
+    if (cached > n)
+        cached = n;
+    return (n - cached) / c->prefill_tokens_per_s +
+           c->prefill_attn_s_per_tok2 * (n * n - cached * cached) / 2.0;
+}
+
+/* An instance reports its outstanding prefill work two ways: raw prompt tokens (queued, plus the
+ * running request's share still to do), which is what a serving engine reports and what
+ * least_loaded and dynamo_cost use; and in expected seconds with cache hits counted, which only a
+ * cache-aware scheduler knows (it placed the requests) and kvf_cost uses. */
+static void report_load(sim *S, inst_state *I, double now)
+{
+    double left = I->running >= 0 && I->busy_until > now ? I->busy_until - now : 0;
+    double raw_left = 0;
+    if (I->running >= 0 && I->busy_until > now) {
+        req *q = &S->r[I->running];
+        double total = I->busy_until - q->start;
+        raw_left = total > 0 ? q->in_len * left / total : 0;
+    }
+    kvf_instance_load L = {.queued_prefill_tokens = I->queued_raw_tok + raw_left,
+                           .queued_prefill_s = I->queued_est_s + left,
+                           .active_decodes = I->active_decodes,
+                           .used_blocks = I->cache.used};
+    kvf_sched_instance_load(S->s, I->idx, &L);
+}
+
+static void q_push(inst_state *I, int r)
+{
+    if (I->qt == I->qcap) {
+        size_t live = I->qt - I->qh;
+        if (I->qh > I->qcap / 2) {
+            memmove(I->queue, I->queue + I->qh, live * sizeof *I->queue);
+        } else {
+            I->qcap = I->qcap ? I->qcap * 2 : 64;
+            I->queue = realloc(I->queue, I->qcap * sizeof *I->queue);
+            memmove(I->queue, I->queue + I->qh, live * sizeof *I->queue);
+        }
+        I->qh = 0;
+        I->qt = live;
+    }
+    I->queue[I->qt++] = r;
+}
+
+/* Picks the next request of an instance's queue: FIFO, or k-LPM under kvf_cost. */
+static int q_pick(sim *S, inst_state *I)
+{
+    if (I->qh == I->qt)
+        return -1;
+    size_t k = S->policy == KVF_POLICY_KVF_COST ? S->cost.klpm_k : 0;
+    size_t best = I->qh;
+    if (k > 1 && (++I->picks % k) != 0) {
+        size_t bestlen = 0;
+        for (size_t j = I->qh; j < I->qt && j < I->qh + k; j++) {
+            req *q = &S->r[I->queue[j]];
+            tokens_of(S, q);
+            size_t m = kvf_sched_match(S->s, I->idx, S->tok, q->in_len);
+            if (m > bestlen) {
+                bestlen = m;
+                best = j;
+            }
+        }
+    }
+    int r = I->queue[best];
+    memmove(I->queue + best, I->queue + best + 1, (I->qt - best - 1) * sizeof *I->queue);
+    I->qt--;
+    return r;
+}
+
+static void start_next(sim *S, inst_state *I, double now)
+{
+    int r = q_pick(S, I);
+    if (r < 0) {
+        I->running = -1;
+        return;
+    }
+    req *q = &S->r[r];
+    tokens_of(S, q);
+    size_t dev = kvf_sched_match(S->s, I->idx, S->tok, q->in_len);
+    size_t sh = 0;
+    while (sh < q->n_ids && sh * BLOCK < q->in_len && lru_find(&S->store, q->ids[sh]) >= 0 &&
+           (sh + 1) * BLOCK <= q->in_len)
+        sh++;
+    size_t st = sh * BLOCK;
+    size_t cached = dev > st ? dev : st;
+    if (cached >= q->in_len)
+        cached = q->in_len - 1;
+    double pf = prefill_time(&S->cost, q->in_len, (double)cached);
+    double ld = cached > dev
+                    ? (double)(cached - dev) * S->cost.kv_bytes_per_token / S->cost.load_bytes_per_s
+                    : 0;
+    double service = pf > ld ? pf : ld; /* the load overlaps the prefill layer by layer */
+    q->start = now;
+    q->dev_hit = dev < cached ? dev : cached;
+    q->store_hit = cached > dev ? cached - dev : 0;
+    I->running = r;
+    I->busy_until = now + service;
+    I->queued_est_s -= q->est_s;
+    I->queued_raw_tok -= q->in_len;
+}
+
+/* A prefill finished: the instance caches the blocks (publishing events), the store saves the
+ * chunks, and decode starts. */
+static void finish(sim *S, inst_state *I, double now)
+{
+    req *q = &S->r[I->running];
+    q->ttft = now - q->arr_s;
+    q->done = 1;
+    size_t full = q->in_len / BLOCK;
+    if (full > q->n_ids)
+        full = q->n_ids;
+    if (full) {
+        tokens_of(S, q);
+        kvf_sched_block_stored(S->s, I->idx, q->ids, full, 0, 0, S->tok, full * BLOCK, BLOCK,
+                               KVF_TIER_DEVICE);
+        for (size_t b = 0; b < full; b++) {
+            uint64_t ev = lru_touch(&I->cache, q->ids[b]);
+            if (ev != UINT64_MAX)
+                kvf_sched_block_removed(S->s, I->idx, &ev, 1);
+            lru_touch(&S->store, q->ids[b]);
+        }
+    }
+    /* Decode: per-token time grows with the sequences decoding on this instance. */
+    size_t live = 0;
+    for (size_t i = 0; i < I->n_dec; i++)
+        if (I->decode_ends[i] > now)
+            I->decode_ends[live++] = I->decode_ends[i];
+    I->n_dec = live;
+    q->tpot = S->cost.tpot_base_s + S->cost.tpot_per_seq_s * (double)I->n_dec;
+    if (I->n_dec == I->cap_dec) {
+        I->cap_dec = I->cap_dec ? I->cap_dec * 2 : 64;
+        I->decode_ends = realloc(I->decode_ends, I->cap_dec * sizeof *I->decode_ends);
+    }
+    I->decode_ends[I->n_dec++] = now + q->tpot * q->out_len;
+    I->active_decodes = (uint32_t)I->n_dec;
+    start_next(S, I, now);
+    report_load(S, I, now);
+}
+
+typedef struct result {
+    kvf_policy policy;
+    double scale;
+    double ttft_p50, ttft_p90, ttft_p99, tpot_mean, slo_attain, throughput;
+    double dev_hit_rate, store_hit_rate;
+    size_t rejected, completed;
+    double wall_s;
+} result;
+
+static int run(req *reqs, size_t n, int ninst, kvf_policy pol, const kvf_sched_cost *cost,
+               double scale, double slo, uint32_t dev_blocks, uint32_t store_blocks, result *out)
+{
+    double t0 = bench_now();
+    sim S;
+    memset(&S, 0, sizeof S);
+    S.policy = pol;
+    S.cost = *cost;
+    S.r = reqs;
+    S.n = n;
+    S.ni = ninst;
+    S.slo = slo;
+    kvf_sched_opts so = {.policy = pol,
+                         .cost = *cost,
+                         .store_chunk_tokens = BLOCK,
+                         .expected_blocks = (size_t)dev_blocks * (size_t)ninst / 2 + 1024};
+    if (kvf_sched_new(&S.s, &so) != 0)
+        return -1;
+    S.in = calloc((size_t)ninst, sizeof *S.in);
+    lru_init(&S.store, store_blocks);
+    for (int i = 0; i < ninst; i++) {
+        kvf_instance_info info;
+        memset(&info, 0, sizeof info);
+        snprintf(info.id, sizeof info.id, "sim-%d", i);
+        info.role = KVF_ROLE_BOTH;
+        info.block_tokens = BLOCK;
+        info.capacity_blocks = dev_blocks;
+        kvf_sched_instance_add(S.s, &info, &S.in[i].idx);
+        lru_init(&S.in[i].cache, dev_blocks);
+        S.in[i].running = -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        reqs[i].done = reqs[i].rejected = 0;
+        reqs[i].ttft = 0;
+    }
+    /* Event loop: the next event is either the next arrival or the earliest prefill end. */
+    size_t next = 0;
+    for (;;) {
+        double ta = next < n ? reqs[next].arrival / scale : INFINITY;
+        int fi = -1;
+        double tf = INFINITY;
+        for (int i = 0; i < ninst; i++)
+            if (S.in[i].running >= 0 && S.in[i].busy_until < tf) {
+                tf = S.in[i].busy_until;
+                fi = i;
+            }
+        if (ta == INFINITY && fi < 0)
+            break;
+        if (fi >= 0 && tf <= ta) {
+            finish(&S, &S.in[fi], tf);
+            continue;
+        }
+        req *q = &reqs[next];
+        size_t ri = next++;
+        q->arr_s = ta;
+        tokens_of(&S, q);
+        size_t nk = q->in_len / BLOCK < q->n_ids ? q->in_len / BLOCK : q->n_ids;
+        kvf_place_req pr = {.tokens = S.tok,
+                            .n_tokens = q->in_len,
+                            .chunk_keys = S.keys,
+                            .n_chunks = nk,
+                            .output_tokens = q->out_len,
+                            .slo_ttft_s = slo};
+        kvf_place_res res;
+        if (kvf_sched_place(S.s, &pr, &res) != 0 || res.rejected) {
+            q->rejected = 1;
+            continue;
+        }
+        inst_state *I = &S.in[res.prefill];
+        q->inst = res.prefill;
+        double now = ta;
+        q_push(I, (int)ri);
+        q->est_s = res.prefill_s;
+        I->queued_est_s += q->est_s;
+        I->queued_raw_tok += q->in_len;
+        if (I->running < 0)
+            start_next(&S, I, now);
+        report_load(&S, I, now);
+    }
+    /* Collect. */
+    double *tt = malloc(n * sizeof *tt);
+    size_t k = 0, ok = 0;
+    double tpot = 0, dev_tok = 0, st_tok = 0, in_tok = 0, last = 0;
+    for (size_t i = 0; i < n; i++) {
+        req *q = &reqs[i];
+        in_tok += q->in_len;
+        if (q->rejected || !q->done)
+            continue;
+        double arr = q->arr_s, t = q->ttft;
+        tt[k++] = t;
+        ok += slo <= 0 || t <= slo;
+        tpot += q->tpot;
+        dev_tok += (double)q->dev_hit;
+        st_tok += (double)q->store_hit;
+        if (arr + t > last)
+            last = arr + t;
+    }
+    memset(out, 0, sizeof *out);
+    out->policy = pol;
+    out->scale = scale;
+    out->completed = k;
+    for (size_t i = 0; i < n; i++)
+        out->rejected += reqs[i].rejected;
+    out->ttft_p50 = bench_quantile(tt, k, 0.5);
+    out->ttft_p90 = bench_quantile(tt, k, 0.9);
+    out->ttft_p99 = bench_quantile(tt, k, 0.99);
+    out->tpot_mean = k ? tpot / (double)k : 0;
+    out->slo_attain = n ? (double)ok / (double)n : 0;
+    out->throughput = last > 0 ? (double)k / last : 0;
+    out->dev_hit_rate = in_tok > 0 ? dev_tok / in_tok : 0;
+    out->store_hit_rate = in_tok > 0 ? st_tok / in_tok : 0;
+    free(tt);
+    for (int i = 0; i < ninst; i++) {
+        lru_free(&S.in[i].cache);
+        free(S.in[i].queue);
+        free(S.in[i].decode_ends);
+    }
+    free(S.in);
+    lru_free(&S.store);
+    free(S.tok);
+    free(S.keys);
+    kvf_sched_destroy(&S.s);
+    out->wall_s = bench_now() - t0;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decision latency: place() with 1M indexed blocks over 256 instances. */
+
+static int decision_latency(json_t *res, int quick)
+{
+    kvf_sched_opts so = {.policy = KVF_POLICY_KVF_COST, .expected_blocks = 1u << 21};
+    kvf_sched_cost_defaults(&so.cost);
+    kvf_sched *s;
+    if (kvf_sched_new(&s, &so) != 0)
+        return -1;
+    const int ninst = 256, bt = 16;
+    for (int i = 0; i < ninst; i++) {
+        kvf_instance_info info;
+        memset(&info, 0, sizeof info);
+        snprintf(info.id, sizeof info.id, "inst-%d", i);
+        info.role = KVF_ROLE_BOTH;
+        info.block_tokens = bt;
+        info.capacity_blocks = 100000;
+        kvf_sched_instance_add(s, &info, NULL);
+    }
+    /* 1M blocks: 2,000 prefixes of 512 blocks (8K tokens), each held by 1-4 instances, whole or
+     * in part. */
+    const int prefixes = 2000, blocks = 512;
+    uint32_t *t = malloc((size_t)blocks * bt * sizeof *t);
+    uint64_t *h = malloc((size_t)blocks * sizeof *h);
+    uint64_t rng = 7;
+    size_t total = 0;
+    for (int p = 0; p < prefixes; p++) {
+        for (int i = 0; i < blocks * bt; i++)
+            t[i] = (uint32_t)(p * 7919 + i * 31) % 50000;
+        int holders = 1 + (int)(p % 4);
+        for (int k = 0; k < holders; k++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            int inst = (int)((rng >> 33) % ninst);
+            int nb = blocks / (k + 1);
+            for (int i = 0; i < nb; i++)
+                h[i] = ((uint64_t)p << 20) ^ ((uint64_t)inst << 40) ^ (uint64_t)i;
+            kvf_sched_block_stored(s, inst, h, (size_t)nb, 0, 0, t, (size_t)nb * bt, bt,
+                                   KVF_TIER_DEVICE);
+        }
+        total += blocks;
+    }
+    kvf_index_stats st;
+    kvf_sched_index_stats(s, &st);
+    int iters = quick ? 2000 : 10000;
+    double *lat = malloc((size_t)iters * sizeof *lat);
+    for (int it = 0; it < iters; it++) {
+        int p = (int)((uint64_t)it * 2654435761u % prefixes);
+        for (int i = 0; i < blocks * bt; i++)
+            t[i] = (uint32_t)(p * 7919 + i * 31) % 50000;
+        kvf_instance_load L = {.queued_prefill_tokens = (double)(it % 5000)};
+        kvf_sched_instance_load(s, it % ninst, &L);
+        kvf_place_req rq = {.tokens = t, .n_tokens = (size_t)blocks * bt, .output_tokens = 256};
+        kvf_place_res rs;
+        double t0 = bench_now();
+        kvf_sched_place(s, &rq, &rs);
+        lat[it] = (bench_now() - t0) * 1e6;
+    }
+    double p50 = bench_quantile(lat, (size_t)iters, 0.5),
+           p99 = bench_quantile(lat, (size_t)iters, 0.99);
+    printf("kvf-bench sched --decision-latency: real (place() on this machine)\n");
+    printf("  index: %" PRIu64 " blocks, %" PRIu64 " holdings, %d instances, %.0f MiB\n", st.blocks,
+           st.holdings, ninst, (double)st.bytes / 1048576.0);
+    printf("  place() of an 8192-token request: p50 %.1f us, p99 %.1f us (%d calls)\n", p50, p99,
+           iters);
+    json_object_set_new(res, "decision_label", json_string("real"));
+    json_object_set_new(res, "index_blocks", json_integer((json_int_t)st.blocks));
+    json_object_set_new(res, "index_instances", json_integer(ninst));
+    json_object_set_new(res, "place_p50_us", json_real(p50));
+    json_object_set_new(res, "place_p99_us", json_real(p99));
+    free(lat);
+    free(t);
+    free(h);
+    kvf_sched_destroy(&s);
+    (void)total;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+static void print_result(const result *r)
+{
+    printf("  %-15s %7.2f %8.2f %8.2f %8.2f %8.1f %6.1f%% %6.1f%% %7.1f%% %7.2f %6zu\n",
+           kvf_policy_name(r->policy), r->scale, r->ttft_p50, r->ttft_p90, r->ttft_p99,
+           r->tpot_mean * 1e3, r->dev_hit_rate * 100, r->store_hit_rate * 100, r->slo_attain * 100,
+           r->throughput, r->rejected);
+}
+
+static json_t *result_json(const result *r)
+{
+    return json_pack("{s:s,s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I,s:I}", "policy",
+                     kvf_policy_name(r->policy), "label", "simulated", "time_scale", r->scale,
+                     "ttft_p50_s", r->ttft_p50, "ttft_p90_s", r->ttft_p90, "ttft_p99_s",
+                     r->ttft_p99, "tpot_ms", r->tpot_mean * 1e3, "device_hit_rate", r->dev_hit_rate,
+                     "store_hit_rate", r->store_hit_rate, "slo_attainment", r->slo_attain,
+                     "throughput_rps", r->throughput, "rejected", (json_int_t)r->rejected,
+                     "completed", (json_int_t)r->completed);
+}
+
+int bench_sched_main(int argc, char **argv)
+{
+    const char *trace = NULL, *costf = NULL,
+               *policies = "round_robin,least_loaded,longest_prefix,dynamo_cost,kvf_cost";
+    int ninst = 16, json = 0, find = 0, dl = 0, quick = 0;
+    double scale = 1.0, slo = 10.0;
+    size_t maxr = 0;
+    uint32_t dev_blocks = 1800, store_blocks = 400000;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--json"))
+            json = 1;
+        else if (!strcmp(a, "--quick"))
+            quick = 1;
+        else if (!strcmp(a, "--find-rate"))
+            find = 1;
+        else if (!strcmp(a, "--decision-latency"))
+            dl = 1;
+        else if (v && !strcmp(a, "--trace"))
+            trace = argv[++i];
+        else if (v && !strcmp(a, "--instances"))
+            ninst = atoi(argv[++i]);
+        else if (v && !strcmp(a, "--policy"))
+            policies = argv[++i];
+        else if (v && !strcmp(a, "--time-scale"))
+            scale = atof(argv[++i]);
+        else if (v && !strcmp(a, "--slo-ttft"))
+            slo = atof(argv[++i]);
+        else if (v && !strcmp(a, "--cost"))
+            costf = argv[++i];
+        else if (v && !strcmp(a, "--max-requests"))
+            maxr = (size_t)atol(argv[++i]);
+        else if (v && !strcmp(a, "--device-blocks"))
+            dev_blocks = (uint32_t)atol(argv[++i]);
+        else if (v && !strcmp(a, "--store-blocks"))
+            store_blocks = (uint32_t)atol(argv[++i]);
+        else {
+            fprintf(stderr,
+                    "usage: kvf-bench sched --trace FILE [--instances N] [--policy P[,P...]]\n"
+                    "       [--time-scale X | --find-rate] [--slo-ttft S] [--cost FILE]\n"
+                    "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
+                    "       kvf-bench sched --decision-latency [--quick] [--json]\n");
+            return 2;
+        }
+    }
+    json_t *res = json_object();
+    json_object_set_new(res, "bench", json_string("sched"));
+    if (dl) {
+        int rc = decision_latency(res, quick);
+        bench_emit(res, json);
+        json_decref(res);
+        return rc ? 1 : 0;
+    }
+    if (!trace || ninst < 1 || ninst > KVF_SCHED_MAX_INSTANCES || scale <= 0) {
+        fprintf(stderr, "kvf-bench sched: --trace FILE is required; --instances 1..%d\n",
+                KVF_SCHED_MAX_INSTANCES);
+        json_decref(res);
+        return 2;
+    }
+    kvf_sched_cost cost;
+    kvf_sched_cost_defaults(&cost);
+    char err[256];
+    if (costf && kvf_sched_cost_load(costf, &cost, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench sched: %s\n", err);
+        json_decref(res);
+        return 2;
+    }
+    req *reqs;
+    size_t n;
+    if (load_trace(trace, maxr, &reqs, &n, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench sched: %s\n", err);
+        json_decref(res);
+        return 2;
+    }
+    kvf_policy pols[KVF_POLICY_COUNT_];
+    int np = 0;
+    char *dup = strdup(policies);
+    for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+        if (np == KVF_POLICY_COUNT_ || kvf_policy_parse(t, &pols[np]) != 0) {
+            fprintf(stderr, "kvf-bench sched: unknown policy \"%s\"\n", t);
+            free(dup);
+            json_decref(res);
+            return 2;
+        }
+        np++;
+    }
+    free(dup);
+    bench_progress("sched", "%zu requests, %d instances, SLO TTFT %.1f s (simulated)", n, ninst,
+                   slo);
+    if (find) {
+        /* The arrival rate at which round robin attains 50% of the SLO: bisection on the time
+         * scale (arrivals come scale times faster). */
+        double lo = 0.05, hi = 64;
+        result r;
+        for (int it = 0; it < 14; it++) {
+            double mid = sqrt(lo * hi);
+            run(reqs, n, ninst, KVF_POLICY_ROUND_ROBIN, &cost, mid, slo, dev_blocks, store_blocks,
+                &r);
+            bench_progress("sched", "round_robin at %.3fx the trace rate: %.1f%% within SLO", mid,
+                           r.slo_attain * 100);
+            if (r.slo_attain > 0.5)
+                lo = mid;
+            else
+                hi = mid;
+            if (hi / lo < 1.03)
+                break;
+        }
+        scale = sqrt(lo * hi);
+    }
+    printf("kvf-bench sched: SIMULATED replay of %s through the real index and policies\n", trace);
+    printf("  %zu requests, %d instances, time scale %.3f, SLO TTFT %.1f s, device cache %u "
+           "blocks, store %u blocks\n",
+           n, ninst, scale, slo, dev_blocks, store_blocks);
+    printf("  %-15s %7s %8s %8s %8s %8s %7s %7s %8s %7s %6s\n", "policy", "scale", "ttft p50",
+           "p90", "p99", "tpot ms", "dev hit", "store", "in SLO", "req/s", "reject");
+    json_t *arr = json_array();
+    result rs[KVF_POLICY_COUNT_];
+    for (int p = 0; p < np; p++) {
+        run(reqs, n, ninst, pols[p], &cost, scale, slo, dev_blocks, store_blocks, &rs[p]);
+        print_result(&rs[p]);
+        json_array_append_new(arr, result_json(&rs[p]));
+    }
+    json_object_set_new(res, "label", json_string("simulated"));
+    json_object_set_new(res, "trace", json_string(trace));
+    json_object_set_new(res, "requests", json_integer((json_int_t)n));
+    json_object_set_new(res, "instances", json_integer(ninst));
+    json_object_set_new(res, "time_scale", json_real(scale));
+    json_object_set_new(res, "slo_ttft_s", json_real(slo));
+    json_object_set_new(res, "policies", arr);
+    /* Ratios against round robin and least loaded, where both ran. */
+    int irr = -1, ill = -1, ikv = -1;
+    for (int p = 0; p < np; p++) {
+        if (pols[p] == KVF_POLICY_ROUND_ROBIN)
+            irr = p;
+        if (pols[p] == KVF_POLICY_LEAST_LOADED)
+            ill = p;
+        if (pols[p] == KVF_POLICY_KVF_COST)
+            ikv = p;
+    }
+    if (ikv >= 0) {
+        int best = 1;
+        for (int p = 0; p < np; p++)
+            best &= rs[p].slo_attain <= rs[ikv].slo_attain;
+        json_object_set_new(res, "kvf_cost_best_slo", json_boolean(best));
+        if (irr >= 0)
+            json_object_set_new(res, "p90_rr_over_kvf",
+                                json_real(rs[irr].ttft_p90 / rs[ikv].ttft_p90));
+        if (ill >= 0)
+            json_object_set_new(res, "p90_ll_over_kvf",
+                                json_real(rs[ill].ttft_p90 / rs[ikv].ttft_p90));
+        printf("  kvf_cost: best SLO attainment: %s", best ? "yes" : "no");
+        if (irr >= 0)
+            printf("; p90 TTFT %.2fx lower than round_robin", rs[irr].ttft_p90 / rs[ikv].ttft_p90);
+        if (ill >= 0)
+            printf(", %.2fx lower than least_loaded", rs[ill].ttft_p90 / rs[ikv].ttft_p90);
+        printf("\n");
+    }
+    for (size_t i = 0; i < n; i++)
+        free(reqs[i].ids);
+    free(reqs);
+    bench_emit(res, json);
+    json_decref(res);
+    return 0;
+}
