@@ -70,7 +70,7 @@ void harness_init(void)
         cmocka_set_test_filter(filter);
 }
 
-void daemon_start(daemon_t *d, const char *memory, const char *extra)
+void proc_start(daemon_t *d, char *const argv[])
 {
     int pfd[2];
     assert_int_equal(pipe(pfd), 0);
@@ -83,22 +83,6 @@ void daemon_start(daemon_t *d, const char *memory, const char *extra)
         dup2(pfd[1], 1);
         close(pfd[0]);
         close(pfd[1]);
-        char *argv[16];
-        int k = 0;
-        argv[k++] = (char *)KVF_STORE_BIN;
-        argv[k++] = (char *)"--listen";
-        argv[k++] = (char *)"127.0.0.1:0";
-        argv[k++] = (char *)"--memory";
-        argv[k++] = (char *)memory;
-        argv[k++] = (char *)"--log-level";
-        argv[k++] = (char *)"warn";
-        char extra_buf[256];
-        if (extra) {
-            snprintf(extra_buf, sizeof extra_buf, "%s", extra);
-            for (char *t = strtok(extra_buf, " "); t && k < 15; t = strtok(NULL, " "))
-                argv[k++] = t;
-        }
-        argv[k] = NULL;
         execv(argv[0], argv);
         _exit(127);
     }
@@ -119,10 +103,31 @@ void daemon_start(daemon_t *d, const char *memory, const char *extra)
     line[got] = '\0';
     char *at = strstr(line, "listen=127.0.0.1:");
     if (!at)
-        fail_msg("kvf-store did not print its ready line: \"%s\"", line);
+        fail_msg("%s did not print its ready line: \"%s\"", argv[0], line);
     d->pid = pid;
     d->port = (uint16_t)atoi(at + strlen("listen=127.0.0.1:"));
     snprintf(d->addr, sizeof d->addr, "127.0.0.1:%u", d->port);
+}
+
+void daemon_start(daemon_t *d, const char *memory, const char *extra)
+{
+    char *argv[16];
+    int k = 0;
+    argv[k++] = (char *)KVF_STORE_BIN;
+    argv[k++] = (char *)"--listen";
+    argv[k++] = (char *)"127.0.0.1:0";
+    argv[k++] = (char *)"--memory";
+    argv[k++] = (char *)memory;
+    argv[k++] = (char *)"--log-level";
+    argv[k++] = (char *)"warn";
+    char extra_buf[256];
+    if (extra) {
+        snprintf(extra_buf, sizeof extra_buf, "%s", extra);
+        for (char *t = strtok(extra_buf, " "); t && k < 15; t = strtok(NULL, " "))
+            argv[k++] = t;
+    }
+    argv[k] = NULL;
+    proc_start(d, argv);
 }
 
 void daemon_stop(daemon_t *d)

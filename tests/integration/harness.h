@@ -21,6 +21,9 @@ void harness_init(void);
 /* Starts kvf-store with --memory memory and extra flags; fails the test if it is not ready in
  * 10 s. */
 void daemon_start(daemon_t *d, const char *memory, const char *extra);
+/* Starts any program that prints "listen=HOST:PORT" on stdout when ready (argv[0] a path); same
+ * guarantees as daemon_start. */
+void proc_start(daemon_t *d, char *const argv[]);
 /* SIGTERM; the daemon must exit 0 within 10 s. */
 void daemon_stop(daemon_t *d);
 /* SIGKILL, no checks. */

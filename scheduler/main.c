@@ -1,0 +1,725 @@
+/*
+ * kvf-sched: the cache-aware scheduler schedd (docs/scheduler.md).
+ *
+ *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
+ *             [--store-events ENDPOINT[,...]] [--log-level L]
+ *
+ * HTTP/JSON (libmicrohttpd, one internal polling thread; jansson):
+ *   POST /v1/instances            register or update an engine instance
+ *   GET  /v1/instances            list them, with their load and indexed blocks
+ *   POST /v1/instances/ID/load    an engine's load report
+ *   POST /v1/place                place a request
+ *   GET  /v1/index/stats          index and event-ingestion counters
+ *   GET  /metrics                 Prometheus text format
+ * KV events arrive on ZeroMQ SUB sockets, one per registered publisher, on an events thread. One
+ * mutex serialises the scheduler core between the two threads.
+ */
+#include "kvf/kvf.h"
+#include "kvf/sched.h"
+
+#include "events.h"
+#include "log.h"
+#include "tcp.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <microhttpd.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#define MAX_BODY (16u << 20)
+#define MAX_SUBS 1024
+
+typedef struct sub {
+    void *sock;
+    kvf_event_source src;
+    char endpoint[128];
+    kvf_seq_tracker seq;
+} sub;
+
+typedef struct schedd {
+    kvf_sched *s;
+    pthread_mutex_t mu;
+    kvf_log lg;
+    void *zctx;
+    sub subs[MAX_SUBS];
+    int n_subs;
+    /* subscriptions requested by the HTTP thread, made by the events thread */
+    kvf_event_source pending_src[MAX_SUBS];
+    char pending_ep[MAX_SUBS][128];
+    int n_pending;
+    kvf_ingest_stats ingest;
+    uint64_t seq_gaps, seq_missed, http_requests, http_errors, placements, rejections;
+    atomic_int stop;
+} schedd;
+
+static schedd *g_daemon;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (g_daemon)
+        atomic_store(&g_daemon->stop, 1);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Events thread */
+
+static void subscribe_locked(schedd *d, const kvf_event_source *src, const char *ep)
+{
+    if (!ep[0] || d->n_pending == MAX_SUBS)
+        return;
+    d->pending_src[d->n_pending] = *src;
+    snprintf(d->pending_ep[d->n_pending], sizeof d->pending_ep[0], "%s", ep);
+    d->n_pending++;
+}
+
+static void *events_main(void *arg)
+{
+    schedd *d = arg;
+    zmq_pollitem_t items[MAX_SUBS];
+    while (!atomic_load(&d->stop)) {
+        pthread_mutex_lock(&d->mu);
+        for (int i = 0; i < d->n_pending && d->n_subs < MAX_SUBS; i++) {
+            void *sk = zmq_socket(d->zctx, ZMQ_SUB);
+            int zero = 0;
+            zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
+            zmq_setsockopt(sk, ZMQ_SUBSCRIBE, "", 0);
+            if (zmq_connect(sk, d->pending_ep[i]) != 0) {
+                kvf_warn(&d->lg, "events: cannot connect to %s: %s", d->pending_ep[i],
+                         zmq_strerror(zmq_errno()));
+                zmq_close(sk);
+                continue;
+            }
+            sub *sb = &d->subs[d->n_subs++];
+            memset(sb, 0, sizeof *sb);
+            sb->sock = sk;
+            sb->src = d->pending_src[i];
+            snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
+            kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
+        }
+        d->n_pending = 0;
+        int n = d->n_subs;
+        for (int i = 0; i < n; i++)
+            items[i] = (zmq_pollitem_t){.socket = d->subs[i].sock, .events = ZMQ_POLLIN};
+        pthread_mutex_unlock(&d->mu);
+        if (n == 0) {
+            usleep(50000);
+            continue;
+        }
+        if (zmq_poll(items, n, 100) <= 0)
+            continue;
+        for (int i = 0; i < n; i++) {
+            if (!(items[i].revents & ZMQ_POLLIN))
+                continue;
+            /* A batch: [topic,] sequence (8 bytes big-endian), payload. */
+            zmq_msg_t parts[4];
+            int np = 0, more = 1;
+            while (more && np < 4) {
+                zmq_msg_init(&parts[np]);
+                if (zmq_msg_recv(&parts[np], d->subs[i].sock, ZMQ_DONTWAIT) < 0) {
+                    zmq_msg_close(&parts[np]);
+                    break;
+                }
+                more = zmq_msg_more(&parts[np]);
+                np++;
+            }
+            while (more) { /* drop the rest of an oversized message */
+                zmq_msg_t x;
+                zmq_msg_init(&x);
+                if (zmq_msg_recv(&x, d->subs[i].sock, ZMQ_DONTWAIT) < 0)
+                    more = 0;
+                else
+                    more = zmq_msg_more(&x);
+                zmq_msg_close(&x);
+            }
+            pthread_mutex_lock(&d->mu);
+            if (np < 2 || zmq_msg_size(&parts[np - 2]) != 8) {
+                d->ingest.malformed++;
+                kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
+                         d->subs[i].endpoint, np);
+            } else {
+                uint64_t from;
+                if (kvf_seq_check(&d->subs[i].seq, zmq_msg_data(&parts[np - 2]), &from)) {
+                    d->seq_gaps++;
+                    d->seq_missed = 0;
+                    for (int k = 0; k < n; k++)
+                        d->seq_missed += d->subs[k].seq.missed;
+                    kvf_warn(&d->lg,
+                             "events from %s: sequence gap, batches from %" PRIu64
+                             " lost; the index may miss blocks until they are stored again",
+                             d->subs[i].endpoint, from);
+                }
+                char err[256] = "";
+                uint64_t malformed = d->ingest.malformed;
+                int rc =
+                    kvf_sched_ingest(d->s, &d->subs[i].src, zmq_msg_data(&parts[np - 1]),
+                                     zmq_msg_size(&parts[np - 1]), &d->ingest, err, sizeof err);
+                if (rc)
+                    d->ingest.malformed++;
+                if (rc || d->ingest.malformed != malformed)
+                    kvf_warn(&d->lg, "events from %s: %s", d->subs[i].endpoint,
+                             err[0] ? err : kvf_strerror(rc));
+            }
+            pthread_mutex_unlock(&d->mu);
+            for (int k = 0; k < np; k++)
+                zmq_msg_close(&parts[k]);
+        }
+    }
+    for (int i = 0; i < d->n_subs; i++)
+        zmq_close(d->subs[i].sock);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* HTTP */
+
+typedef struct body {
+    char *buf;
+    size_t len;
+    int too_big;
+} body;
+
+static enum MHD_Result send_json(struct MHD_Connection *c, unsigned status, json_t *o)
+{
+    char *t = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(6));
+    json_decref(o);
+    if (!t)
+        return MHD_NO;
+    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(t), t, MHD_RESPMEM_MUST_FREE);
+    MHD_add_response_header(r, "Content-Type", "application/json");
+    enum MHD_Result ret = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result send_error(schedd *d, struct MHD_Connection *c, unsigned status,
+                                  const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static enum MHD_Result send_error(schedd *d, struct MHD_Connection *c, unsigned status,
+                                  const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    d->http_errors++;
+    return send_json(c, status, json_pack("{s:s}", "error", msg));
+}
+
+static const char *role_name(kvf_role r)
+{
+    return r == KVF_ROLE_PREFILL ? "prefill" : r == KVF_ROLE_DECODE ? "decode" : "both";
+}
+
+static int get_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
+                   size_t errlen)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v) {
+        if (required)
+            snprintf(err, errlen, "\"%s\" is required", k);
+        return required ? -1 : 0;
+    }
+    if (!json_is_string(v) || json_string_length(v) >= n) {
+        snprintf(err, errlen, "\"%s\" must be a string shorter than %zu bytes", k, n);
+        return -1;
+    }
+    snprintf(out, n, "%s", json_string_value(v));
+    return 0;
+}
+
+static enum MHD_Result post_instance(schedd *d, struct MHD_Connection *c, json_t *o)
+{
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    char err[256] = "", role[16] = "both";
+    if (get_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
+        get_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
+        get_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
+        get_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
+        return send_error(d, c, 400, "%s", err);
+    if (!strcmp(role, "prefill"))
+        in.role = KVF_ROLE_PREFILL;
+    else if (!strcmp(role, "decode"))
+        in.role = KVF_ROLE_DECODE;
+    else if (!strcmp(role, "both"))
+        in.role = KVF_ROLE_BOTH;
+    else
+        return send_error(d, c, 400, "\"role\" must be prefill, decode or both");
+    json_t *bt = json_object_get(o, "block_tokens"), *cap = json_object_get(o, "capacity_blocks");
+    in.block_tokens = bt ? (uint32_t)json_integer_value(bt) : 16;
+    in.capacity_blocks = cap ? (uint64_t)json_integer_value(cap) : 0;
+    if ((bt && !json_is_integer(bt)) || (cap && !json_is_integer(cap)))
+        return send_error(d, c, 400, "block_tokens and capacity_blocks must be integers");
+    json_t *caps = json_object_get(o, "capabilities");
+    if (caps) {
+        char *t = json_dumps(caps, JSON_COMPACT);
+        if (!t || strlen(t) >= sizeof in.capabilities) {
+            free(t);
+            return send_error(d, c, 400, "capabilities record too large");
+        }
+        snprintf(in.capabilities, sizeof in.capabilities, "%s", t);
+        free(t);
+    }
+    int idx;
+    pthread_mutex_lock(&d->mu);
+    int rc = kvf_sched_instance_add(d->s, &in, &idx);
+    if (!rc) {
+        kvf_event_source src = {.instance = idx, .store = -1};
+        subscribe_locked(d, &src, in.events);
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (rc)
+        return send_error(d, c, 400,
+                          "cannot register \"%s\": %s (block_tokens 1..65536, up to %d instances)",
+                          in.id, kvf_strerror(rc), KVF_SCHED_MAX_INSTANCES);
+    kvf_info(&d->lg, "instance %s registered (%s, %u-token blocks)", in.id, role_name(in.role),
+             in.block_tokens);
+    return send_json(c, 201, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
+}
+
+static enum MHD_Result get_instances(schedd *d, struct MHD_Connection *c)
+{
+    json_t *arr = json_array();
+    pthread_mutex_lock(&d->mu);
+    for (size_t i = 0; i < kvf_sched_instance_count(d->s); i++) {
+        const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
+        json_array_append_new(arr,
+                              json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", in->id, "role",
+                                        role_name(in->role), "endpoint", in->endpoint, "events",
+                                        in->events, "block_tokens", (int)in->block_tokens,
+                                        "capacity_blocks", (json_int_t)in->capacity_blocks));
+    }
+    pthread_mutex_unlock(&d->mu);
+    return send_json(c, 200, json_pack("{s:o}", "instances", arr));
+}
+
+static enum MHD_Result post_load(schedd *d, struct MHD_Connection *c, const char *id, json_t *o)
+{
+    kvf_instance_load L = {0};
+    json_t *q = json_object_get(o, "queued_prefill_tokens"),
+           *a = json_object_get(o, "active_decodes"), *u = json_object_get(o, "used_blocks");
+    if ((q && !json_is_number(q)) || (a && !json_is_integer(a)) || (u && !json_is_integer(u)))
+        return send_error(d, c, 400, "load fields must be numbers");
+    L.queued_prefill_tokens = q ? json_number_value(q) : 0;
+    L.active_decodes = a ? (uint32_t)json_integer_value(a) : 0;
+    L.used_blocks = u ? (uint64_t)json_integer_value(u) : 0;
+    pthread_mutex_lock(&d->mu);
+    int idx = kvf_sched_instance_find(d->s, id);
+    if (idx >= 0)
+        kvf_sched_instance_load(d->s, idx, &L);
+    pthread_mutex_unlock(&d->mu);
+    if (idx < 0)
+        return send_error(d, c, 404, "unknown instance \"%s\"", id);
+    return send_json(c, 200, json_pack("{s:b}", "ok", 1));
+}
+
+static const char *action_name(kvf_action_kind k)
+{
+    switch (k) {
+    case KVF_ACT_LOAD_FROM_STORE:
+        return "load_from_store";
+    case KVF_ACT_PREFILL:
+        return "prefill";
+    case KVF_ACT_SAVE_TO_STORE:
+        return "save_to_store";
+    case KVF_ACT_HANDOFF:
+        return "handoff_through_store";
+    }
+    return "?";
+}
+
+static enum MHD_Result post_place(schedd *d, struct MHD_Connection *c, json_t *o)
+{
+    json_t *toks = json_object_get(o, "tokens");
+    if (!json_is_array(toks) || json_array_size(toks) == 0)
+        return send_error(d, c, 400, "\"tokens\" must be a non-empty array of token ids");
+    size_t n = json_array_size(toks);
+    uint32_t *t = malloc(n * sizeof *t);
+    json_t *ks = json_object_get(o, "chunk_keys");
+    size_t nk = json_is_array(ks) ? json_array_size(ks) : 0;
+    kvf_key *keys = nk ? malloc(nk * sizeof *keys) : NULL;
+    if (!t || (nk && !keys)) {
+        free(t);
+        free(keys);
+        return send_error(d, c, 500, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_array_get(toks, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+            json_integer_value(v) > UINT32_MAX) {
+            free(t);
+            free(keys);
+            return send_error(d, c, 400, "tokens[%zu] is not a 32-bit token id", i);
+        }
+        t[i] = (uint32_t)json_integer_value(v);
+    }
+    for (size_t i = 0; i < nk; i++) {
+        json_t *v = json_array_get(ks, i);
+        if (!json_is_string(v) || kvf_key_from_hex(json_string_value(v), &keys[i]) != 0) {
+            free(t);
+            free(keys);
+            return send_error(d, c, 400, "chunk_keys[%zu] is not 32 hex digits", i);
+        }
+    }
+    json_t *ot = json_object_get(o, "output_tokens"), *slo = json_object_get(o, "slo_ttft_ms");
+    kvf_place_req rq = {.tokens = t,
+                        .n_tokens = n,
+                        .chunk_keys = keys,
+                        .n_chunks = nk,
+                        .output_tokens = json_is_integer(ot) ? (uint32_t)json_integer_value(ot) : 0,
+                        .slo_ttft_s = json_is_number(slo) ? json_number_value(slo) / 1e3 : 0};
+    kvf_place_res rs;
+    pthread_mutex_lock(&d->mu);
+    int rc = kvf_sched_place(d->s, &rq, &rs);
+    d->placements++;
+    d->rejections += rc == 0 && rs.rejected;
+    const kvf_instance_info *pi = rc ? NULL : kvf_sched_instance_get(d->s, rs.prefill);
+    const kvf_instance_info *di = rc ? NULL : kvf_sched_instance_get(d->s, rs.decode);
+    json_t *out = NULL;
+    if (!rc) {
+        json_t *acts = json_array();
+        for (int i = 0; i < rs.n_actions; i++) {
+            const kvf_instance_info *ai = kvf_sched_instance_get(d->s, rs.actions[i].instance);
+            json_array_append_new(
+                acts, json_pack("{s:s,s:s,s:I,s:f,s:s}", "action", action_name(rs.actions[i].kind),
+                                "instance", ai ? ai->id : "", "tokens",
+                                (json_int_t)rs.actions[i].tokens, "seconds", rs.actions[i].seconds,
+                                "label", kvf_label_name(rs.actions[i].label)));
+        }
+        out =
+            json_pack("{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill",
+                      pi ? pi->id : "", "prefill_endpoint", pi ? pi->endpoint : "", "decode",
+                      di ? di->id : "", "decode_endpoint", di ? di->endpoint : "", "cached_tokens",
+                      "device", (json_int_t)rs.cached_device, "store", (json_int_t)rs.cached_store,
+                      "expected_ttft_ms", rs.expected_ttft_s * 1e3, "rejected", rs.rejected,
+                      "colocated", rs.colocated, "actions", acts, "label", "simulated");
+    }
+    pthread_mutex_unlock(&d->mu);
+    free(t);
+    free(keys);
+    if (rc)
+        return send_error(d, c, 503, "no instance can serve this request: %s", kvf_strerror(rc));
+    /* The TTFT figure is the cost model's estimate: labelled simulated; the actions' labels say
+     * whether each can run here. */
+    return send_json(c, rs.rejected ? 429 : 200, out);
+}
+
+static enum MHD_Result get_stats(schedd *d, struct MHD_Connection *c, int prometheus)
+{
+    kvf_index_stats st;
+    pthread_mutex_lock(&d->mu);
+    kvf_sched_index_stats(d->s, &st);
+    kvf_ingest_stats in = d->ingest;
+    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, nreq = d->http_requests,
+             nerr = d->http_errors, pl = d->placements, rj = d->rejections;
+    size_t ni = kvf_sched_instance_count(d->s);
+    int subs = d->n_subs;
+    pthread_mutex_unlock(&d->mu);
+    if (!prometheus)
+        return send_json(
+            c, 200,
+            json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
+                      (json_int_t)st.blocks, "holdings", (json_int_t)st.holdings, "events",
+                      (json_int_t)st.events, "unknown_removals", (json_int_t)st.unknown_removals,
+                      "bytes", (json_int_t)st.bytes, "batches", (json_int_t)in.batches,
+                      "blocks_stored", (json_int_t)in.stored, "blocks_removed",
+                      (json_int_t)in.removed, "chunks", (json_int_t)in.chunks, "malformed",
+                      (json_int_t)in.malformed, "unknown_parents", (json_int_t)in.unknown_parents,
+                      "unknown_types", (json_int_t)in.unknown_types, "sequence_gaps",
+                      (json_int_t)gaps, "batches_missed", (json_int_t)missed, "subscriptions", subs,
+                      "instances", (json_int_t)ni));
+    char *t = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&t, &len);
+    if (!f)
+        return MHD_NO;
+    fprintf(
+        f,
+        "# HELP kvf_sched_blocks Distinct KV blocks in the prefix index.\n"
+        "# TYPE kvf_sched_blocks gauge\nkvf_sched_blocks %" PRIu64 "\n"
+        "# HELP kvf_sched_holdings Block holdings (block x holder).\n"
+        "# TYPE kvf_sched_holdings gauge\nkvf_sched_holdings %" PRIu64 "\n"
+        "# HELP kvf_sched_instances Registered engine instances.\n"
+        "# TYPE kvf_sched_instances gauge\nkvf_sched_instances %zu\n"
+        "# HELP kvf_sched_event_batches_total KV event batches ingested.\n"
+        "# TYPE kvf_sched_event_batches_total counter\nkvf_sched_event_batches_total %" PRIu64 "\n"
+        "# HELP kvf_sched_events_malformed_total Events skipped as malformed.\n"
+        "# TYPE kvf_sched_events_malformed_total counter\nkvf_sched_events_malformed_total %" PRIu64
+        "\n"
+        "# HELP kvf_sched_sequence_gaps_total Gaps in publishers' sequence numbers.\n"
+        "# TYPE kvf_sched_sequence_gaps_total counter\nkvf_sched_sequence_gaps_total %" PRIu64 "\n"
+        "# HELP kvf_sched_placements_total place() calls.\n"
+        "# TYPE kvf_sched_placements_total counter\nkvf_sched_placements_total %" PRIu64 "\n"
+        "# HELP kvf_sched_rejections_total Requests rejected early (SLO).\n"
+        "# TYPE kvf_sched_rejections_total counter\nkvf_sched_rejections_total %" PRIu64 "\n"
+        "# HELP kvf_sched_http_requests_total HTTP requests served.\n"
+        "# TYPE kvf_sched_http_requests_total counter\nkvf_sched_http_requests_total %" PRIu64 "\n"
+        "# HELP kvf_sched_http_errors_total HTTP requests answered with an error.\n"
+        "# TYPE kvf_sched_http_errors_total counter\nkvf_sched_http_errors_total %" PRIu64 "\n",
+        st.blocks, st.holdings, ni, in.batches, in.malformed, gaps, pl, rj, nreq, nerr);
+    fclose(f);
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, t, MHD_RESPMEM_MUST_FREE);
+    MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4");
+    enum MHD_Result ret = MHD_queue_response(c, 200, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    schedd *d = cls;
+    body *b = *con_cls;
+    if (!b) {
+        b = calloc(1, sizeof *b);
+        if (!b)
+            return MHD_NO;
+        *con_cls = b;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        if (b->len + *upload_size > MAX_BODY) {
+            b->too_big = 1;
+        } else {
+            char *nb = realloc(b->buf, b->len + *upload_size + 1);
+            if (!nb)
+                return MHD_NO;
+            b->buf = nb;
+            memcpy(b->buf + b->len, upload, *upload_size);
+            b->len += *upload_size;
+            b->buf[b->len] = '\0';
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    pthread_mutex_lock(&d->mu);
+    d->http_requests++;
+    pthread_mutex_unlock(&d->mu);
+    int is_post = !strcmp(method, "POST"), is_get = !strcmp(method, "GET");
+    if (is_get && !strcmp(url, "/metrics"))
+        return get_stats(d, c, 1);
+    if (is_get && !strcmp(url, "/v1/index/stats"))
+        return get_stats(d, c, 0);
+    if (is_get && !strcmp(url, "/v1/instances"))
+        return get_instances(d, c);
+    if (!is_post)
+        return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
+                          url);
+    if (b->too_big)
+        return send_error(d, c, 413, "body larger than %u bytes", MAX_BODY);
+    json_error_t je;
+    json_t *o = b->len ? json_loadb(b->buf, b->len, JSON_REJECT_DUPLICATES, &je) : NULL;
+    if (!o || !json_is_object(o)) {
+        json_decref(o);
+        return send_error(d, c, 400, "body is not a JSON object%s%s", b->len ? ": " : "",
+                          b->len ? je.text : "");
+    }
+    enum MHD_Result ret;
+    size_t ul = strlen(url);
+    if (!strcmp(url, "/v1/instances"))
+        ret = post_instance(d, c, o);
+    else if (!strcmp(url, "/v1/place"))
+        ret = post_place(d, c, o);
+    else if (!strncmp(url, "/v1/instances/", 14) && ul > 19 && !strcmp(url + ul - 5, "/load")) {
+        char id[64];
+        size_t idl = ul - 14 - 5;
+        if (idl >= sizeof id) {
+            ret = send_error(d, c, 404, "unknown instance");
+        } else {
+            memcpy(id, url + 14, idl);
+            id[idl] = '\0';
+            ret = post_load(d, c, id, o);
+        }
+    } else {
+        ret = send_error(d, c, 404, "POST %s: not served", url);
+    }
+    json_decref(o);
+    return ret;
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)c;
+    (void)toe;
+    body *b = *con_cls;
+    if (b) {
+        free(b->buf);
+        free(b);
+    }
+    *con_cls = NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+static int load_config(schedd *d, const char *path, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!o) {
+        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
+        return -1;
+    }
+    json_t *ins = json_object_get(o, "instances");
+    size_t i;
+    json_t *v;
+    int rc = 0;
+    json_array_foreach(ins, i, v)
+    {
+        kvf_instance_info in;
+        memset(&in, 0, sizeof in);
+        char role[16] = "both";
+        if (get_str(v, "id", in.id, sizeof in.id, 1, err, errlen) ||
+            get_str(v, "role", role, sizeof role, 0, err, errlen) ||
+            get_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, errlen) ||
+            get_str(v, "events", in.events, sizeof in.events, 0, err, errlen)) {
+            rc = -1;
+            break;
+        }
+        in.role = !strcmp(role, "prefill")  ? KVF_ROLE_PREFILL
+                  : !strcmp(role, "decode") ? KVF_ROLE_DECODE
+                                            : KVF_ROLE_BOTH;
+        json_t *bt = json_object_get(v, "block_tokens");
+        in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
+        int idx;
+        if (kvf_sched_instance_add(d->s, &in, &idx) != 0) {
+            snprintf(err, errlen, "%s: instance %zu is invalid", path, i);
+            rc = -1;
+            break;
+        }
+        kvf_event_source src = {.instance = idx, .store = -1};
+        subscribe_locked(d, &src, in.events);
+    }
+    json_decref(o);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    const char *listen = "127.0.0.1:7500", *policy = "kvf_cost", *costf = NULL, *config = NULL,
+               *stores = NULL;
+    static schedd d;
+    d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help")) {
+            printf("usage: kvf-sched [--listen HOST:PORT] [--policy round_robin|least_loaded|"
+                   "longest_prefix|dynamo_cost|kvf_cost]\n"
+                   "                 [--cost FILE] [--config FILE] [--store-events EP[,EP...]] "
+                   "[--log-level L]\n");
+            return 0;
+        }
+        if (!v) {
+            fprintf(stderr, "kvf-sched: %s needs a value (see --help)\n", a);
+            return 2;
+        }
+        i++;
+        if (!strcmp(a, "--listen"))
+            listen = v;
+        else if (!strcmp(a, "--policy"))
+            policy = v;
+        else if (!strcmp(a, "--cost"))
+            costf = v;
+        else if (!strcmp(a, "--config"))
+            config = v;
+        else if (!strcmp(a, "--store-events"))
+            stores = v;
+        else if (!strcmp(a, "--log-level")) {
+            if (kvf__log_level_parse(v, &d.lg.level) != 0) {
+                fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "kvf-sched: unknown option %s (see --help)\n", a);
+            return 2;
+        }
+    }
+    kvf_sched_opts so = {0};
+    if (kvf_policy_parse(policy, &so.policy) != 0) {
+        fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", policy);
+        return 2;
+    }
+    kvf_sched_cost_defaults(&so.cost);
+    char err[256];
+    if (costf && kvf_sched_cost_load(costf, &so.cost, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        return 2;
+    }
+    char host[256];
+    uint16_t port;
+    if (kvf__addr_parse(listen, host, sizeof host, &port) != 0) {
+        fprintf(stderr, "kvf-sched: --listen: expected HOST:PORT\n");
+        return 2;
+    }
+    if (kvf_sched_new(&d.s, &so) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        return 1;
+    }
+    pthread_mutex_init(&d.mu, NULL);
+    if (config && load_config(&d, config, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        return 2;
+    }
+    if (stores) {
+        char *dup = strdup(stores);
+        int node = 0;
+        for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+            kvf_event_source src = {.instance = -1, .store = node++};
+            subscribe_locked(&d, &src, t);
+        }
+        free(dup);
+    }
+    /* The HTTP socket is ours (port 0 resolves to a free one), handed to libmicrohttpd. */
+    int lfd;
+    uint16_t bound;
+    if (kvf__tcp_listen(host, port, 128, &lfd, &bound, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        return 1;
+    }
+    struct MHD_Daemon *mhd =
+        MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, 0, NULL, NULL, on_request, &d,
+                         MHD_OPTION_LISTEN_SOCKET, lfd, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
+                         &d, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_END);
+    if (!mhd) {
+        fprintf(stderr, "kvf-sched: cannot start the HTTP server\n");
+        return 1;
+    }
+    d.zctx = zmq_ctx_new();
+    pthread_t ev;
+    pthread_create(&ev, NULL, events_main, &d);
+    g_daemon = &d;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+    printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound,
+           kvf_policy_name(so.policy), (int)getpid());
+    fflush(stdout);
+    kvf_info(&d.lg, "serving HTTP on %s:%u, policy %s", host, bound, kvf_policy_name(so.policy));
+    while (!atomic_load(&d.stop))
+        usleep(50000);
+    kvf_info(&d.lg, "stopping");
+    MHD_stop_daemon(mhd);
+    pthread_join(ev, NULL);
+    zmq_ctx_term(d.zctx);
+    kvf_sched_destroy(&d.s);
+    pthread_mutex_destroy(&d.mu);
+    kvf_info(&d.lg, "stopped");
+    return 0;
+}

@@ -1,0 +1,217 @@
+/*
+ * kvf-sched over HTTP and ZeroMQ: a real daemon on loopback, an engine instance that publishes KV
+ * events in vLLM's format (a ZeroMQ PUB socket of this test, msgpack-c encoding), placements that
+ * follow the published blocks, and bad input (malformed JSON, unknown instances and paths, invalid
+ * tokens, garbage msgpack, sequence gaps) that gets clear errors while the daemon keeps serving.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <fcntl.h>
+#include <msgpack.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "kvf/kvf.h"
+
+#include "harness.h"
+#include "tcp.h"
+
+#ifndef KVF_SCHED_BIN
+#error "KVF_SCHED_BIN must name the kvf-sched binary"
+#endif
+
+/* One HTTP/1.1 request with Connection: close; returns the status and copies the body. */
+static int http(const daemon_t *d, const char *method, const char *path, const char *body,
+                char *out, size_t outlen)
+{
+    int fd;
+    char err[128];
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", d->port, 2000, &fd, err, sizeof err), 0);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    struct timeval tv = {.tv_sec = 5, .tv_usec = 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    char req[8192];
+    int n = snprintf(req, sizeof req,
+                     "%s %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                     "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                     method, path, body ? strlen(body) : 0, body ? body : "");
+    assert_true(n > 0 && (size_t)n < sizeof req);
+    assert_int_equal(send(fd, req, (size_t)n, MSG_NOSIGNAL), n);
+    static char resp[1 << 16];
+    size_t got = 0;
+    for (;;) {
+        ssize_t r = recv(fd, resp + got, sizeof resp - 1 - got, 0);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(fd);
+    resp[got] = '\0';
+    int status = 0;
+    sscanf(resp, "HTTP/1.%*d %d", &status);
+    const char *b = strstr(resp, "\r\n\r\n");
+    snprintf(out, outlen, "%s", b ? b + 4 : "");
+    return status;
+}
+
+/* A vLLM-format batch: [ts, [["BlockStored", hashes, parent, tokens, block_size, lora, medium]]].
+ */
+static void pack_stored(msgpack_sbuffer *sb, uint64_t first_hash, int blocks, uint32_t bt,
+                        uint32_t token0)
+{
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, 3);
+    msgpack_pack_double(&pk, 1.5);
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_array(&pk, 7);
+    msgpack_pack_str(&pk, 11);
+    msgpack_pack_str_body(&pk, "BlockStored", 11);
+    msgpack_pack_array(&pk, (size_t)blocks);
+    for (int i = 0; i < blocks; i++)
+        msgpack_pack_uint64(&pk, first_hash + (uint64_t)i);
+    msgpack_pack_nil(&pk);
+    msgpack_pack_array(&pk, (size_t)blocks * bt);
+    for (uint32_t i = 0; i < (uint32_t)blocks * bt; i++)
+        msgpack_pack_uint32(&pk, token0 + i);
+    msgpack_pack_uint32(&pk, bt);
+    msgpack_pack_nil(&pk);
+    msgpack_pack_str(&pk, 3);
+    msgpack_pack_str_body(&pk, "GPU", 3);
+    msgpack_pack_int(&pk, 0);
+}
+
+static void publish(void *pub, uint64_t seq, const void *payload, size_t len)
+{
+    uint8_t s[8];
+    for (int i = 0; i < 8; i++)
+        s[i] = (uint8_t)(seq >> (56 - 8 * i));
+    zmq_send(pub, "kv-events", 9, ZMQ_SNDMORE);
+    zmq_send(pub, s, 8, ZMQ_SNDMORE);
+    zmq_send(pub, payload, len, 0);
+}
+
+static long stat_of(const daemon_t *d, const char *key)
+{
+    char body[4096], want[64];
+    assert_int_equal(http(d, "GET", "/v1/index/stats", NULL, body, sizeof body), 200);
+    snprintf(want, sizeof want, "\"%s\":", key);
+    const char *p = strstr(body, want);
+    return p ? strtol(p + strlen(want), NULL, 10) : -1;
+}
+
+static void test_sched_daemon_events_and_placement(void **state)
+{
+    (void)state;
+    char *argv[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
+                    (char *)"--log-level", (char *)"error",    NULL};
+    daemon_t d;
+    proc_start(&d, argv);
+    void *ctx = zmq_ctx_new();
+    void *pub = zmq_socket(ctx, ZMQ_PUB);
+    int zero = 0;
+    zmq_setsockopt(pub, ZMQ_LINGER, &zero, sizeof zero);
+    assert_int_equal(zmq_bind(pub, "tcp://127.0.0.1:*"), 0);
+    char ep[128];
+    size_t epl = sizeof ep;
+    zmq_getsockopt(pub, ZMQ_LAST_ENDPOINT, ep, &epl);
+
+    char body[8192], out[8192];
+    snprintf(body, sizeof body,
+             "{\"id\":\"hot\",\"role\":\"both\",\"block_tokens\":16,\"capacity_blocks\":10000,"
+             "\"events\":\"%s\",\"endpoint\":\"127.0.0.1:9001\"}",
+             ep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"cold\",\"role\":\"both\",\"block_tokens\":16,"
+                          "\"capacity_blocks\":10000,\"endpoint\":\"127.0.0.1:9002\"}",
+                          out, sizeof out),
+                     201);
+    assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"hot\""));
+
+    /* 64 blocks of 16 tokens (1024 tokens from id 100): published until the daemon's subscription
+     * is up (ZeroMQ drops what a subscriber has not joined for yet), bounded to 5 s. */
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_stored(&sb, 5000, 64, 16, 100);
+    uint64_t seq = 1;
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 64; i++) {
+        publish(pub, seq++, sb.data, sb.size);
+        usleep(50000);
+    }
+    msgpack_sbuffer_destroy(&sb);
+    assert_int_equal(stat_of(&d, "blocks"), 64);
+
+    /* A request sharing those 1024 tokens goes where they are cached. */
+    char *p = body;
+    p += sprintf(p, "{\"output_tokens\":64,\"tokens\":[");
+    for (int i = 0; i < 1200; i++)
+        p += sprintf(p, "%s%d", i ? "," : "", 100 + i);
+    sprintf(p, "]}");
+    assert_int_equal(http(&d, "POST", "/v1/place", body, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"prefill\":\"hot\""));
+    assert_non_null(strstr(out, "\"device\":1024"));
+    assert_non_null(strstr(out, "\"label\":\"real\""));
+
+    /* Garbage and a sequence gap: logged and counted, the daemon goes on. */
+    static const uint8_t junk[] = {0xc1, 0xc1, 0xc1};
+    long malformed = stat_of(&d, "malformed");
+    publish(pub, seq + 10, junk, sizeof junk);
+    for (int i = 0; i < 100 && stat_of(&d, "malformed") == malformed; i++)
+        usleep(20000);
+    assert_true(stat_of(&d, "malformed") > malformed);
+    assert_true(stat_of(&d, "sequence_gaps") >= 1);
+
+    /* Bad HTTP input: each a clear error, nothing else changes. */
+    assert_int_equal(http(&d, "POST", "/v1/place", "{not json", out, sizeof out), 400);
+    assert_non_null(strstr(out, "JSON"));
+    assert_int_equal(http(&d, "POST", "/v1/place", "{\"tokens\":[1,-2]}", out, sizeof out), 400);
+    assert_non_null(strstr(out, "tokens[1]"));
+    assert_int_equal(http(&d, "POST", "/v1/place", "{\"tokens\":[]}", out, sizeof out), 400);
+    assert_int_equal(http(&d, "POST", "/v1/instances/nobody/load", "{\"queued_prefill_tokens\":5}",
+                          out, sizeof out),
+                     404);
+    assert_non_null(strstr(out, "nobody"));
+    assert_int_equal(http(&d, "POST", "/v1/instances", "{\"role\":\"both\"}", out, sizeof out),
+                     400);
+    assert_non_null(strstr(out, "is required"));
+    assert_int_equal(
+        http(&d, "POST", "/v1/instances", "{\"id\":\"x\",\"role\":\"boss\"}", out, sizeof out),
+        400);
+    assert_int_equal(http(&d, "GET", "/nowhere", NULL, out, sizeof out), 404);
+    assert_int_equal(http(&d, "DELETE", "/v1/place", NULL, out, sizeof out), 405);
+    /* A busy cache holder loses to an idle instance once its queue outweighs the cache. */
+    assert_int_equal(http(&d, "POST", "/v1/instances/hot/load",
+                          "{\"queued_prefill_tokens\":500000,\"used_blocks\":100}", out,
+                          sizeof out),
+                     200);
+    assert_int_equal(http(&d, "POST", "/v1/place", body, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"prefill\":\"cold\""));
+    assert_int_equal(http(&d, "GET", "/metrics", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "kvf_sched_blocks 64"));
+    assert_non_null(strstr(out, "kvf_sched_placements_total 2"));
+
+    zmq_close(pub);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
+int main(void)
+{
+    harness_init();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_sched_daemon_events_and_placement, teardown_daemons),
+    };
+    return cmocka_run_group_tests_name("sched_daemon", tests, NULL, NULL);
+}
