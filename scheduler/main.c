@@ -40,8 +40,10 @@
 
 typedef struct sub {
     void *sock;
+    void *replay; /* DEALER to the publisher's replay socket, or NULL */
     kvf_event_source src;
     char endpoint[128];
+    char replay_ep[128];
     kvf_seq_tracker seq;
 } sub;
 
@@ -55,9 +57,10 @@ typedef struct schedd {
     /* subscriptions requested by the HTTP thread, made by the events thread */
     kvf_event_source pending_src[MAX_SUBS];
     char pending_ep[MAX_SUBS][128];
+    char pending_replay[MAX_SUBS][128];
     int n_pending;
     kvf_ingest_stats ingest;
-    uint64_t seq_gaps, seq_missed, http_requests, http_errors, placements, rejections;
+    uint64_t seq_gaps, seq_missed, replayed, http_requests, http_errors, placements, rejections;
     atomic_int stop;
 } schedd;
 
@@ -73,13 +76,68 @@ static void on_signal(int sig)
 /* ------------------------------------------------------------------------------------------ */
 /* Events thread */
 
-static void subscribe_locked(schedd *d, const kvf_event_source *src, const char *ep)
+static void subscribe_locked(schedd *d, const kvf_event_source *src, const char *ep,
+                             const char *replay)
 {
     if (!ep[0] || d->n_pending == MAX_SUBS)
         return;
     d->pending_src[d->n_pending] = *src;
     snprintf(d->pending_ep[d->n_pending], sizeof d->pending_ep[0], "%s", ep);
+    snprintf(d->pending_replay[d->n_pending], sizeof d->pending_replay[0], "%s",
+             replay ? replay : "");
     d->n_pending++;
+}
+
+/* Asks a publisher's replay socket for the batches from `from` on and applies those before
+ * `upto` (the batch that revealed the gap, applied by the caller). vLLM's replay protocol: the
+ * request is the 8-byte big-endian first sequence number; each answer is (sequence, payload), and
+ * an empty payload ends the replay. Bounded: 200 ms of silence ends it too. Called with d->mu
+ * held. */
+static void replay_locked(schedd *d, sub *sb, uint64_t from, uint64_t upto)
+{
+    uint8_t req[8];
+    for (int i = 0; i < 8; i++)
+        req[i] = (uint8_t)(from >> (56 - 8 * i));
+    if (zmq_send(sb->replay, "", 0, ZMQ_SNDMORE) < 0 || zmq_send(sb->replay, req, 8, 0) < 0)
+        return;
+    uint64_t got = 0;
+    for (int guard = 0; guard < 100000; guard++) {
+        zmq_pollitem_t it = {.socket = sb->replay, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 200) <= 0)
+            break;
+        zmq_msg_t parts[3];
+        int np = 0, more = 1;
+        while (more && np < 3) {
+            zmq_msg_init(&parts[np]);
+            if (zmq_msg_recv(&parts[np], sb->replay, 0) < 0) {
+                zmq_msg_close(&parts[np]);
+                break;
+            }
+            more = zmq_msg_more(&parts[np]);
+            np++;
+        }
+        int end = np < 3 || zmq_msg_size(&parts[2]) == 0 || zmq_msg_size(&parts[1]) != 8;
+        if (!end) {
+            const uint8_t *p = zmq_msg_data(&parts[1]);
+            uint64_t seq = 0;
+            for (int i = 0; i < 8; i++)
+                seq = (seq << 8) | p[i];
+            if (seq >= from && seq < upto) {
+                char err[256] = "";
+                kvf_sched_ingest(d->s, &sb->src, zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]),
+                                 &d->ingest, err, sizeof err);
+                got++;
+            }
+            end = seq + 1 >= upto;
+        }
+        for (int k = 0; k < np; k++)
+            zmq_msg_close(&parts[k]);
+        if (end)
+            break;
+    }
+    d->replayed += got;
+    kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
+             sb->endpoint, got, upto - from);
 }
 
 static void *events_main(void *arg)
@@ -104,6 +162,16 @@ static void *events_main(void *arg)
             sb->sock = sk;
             sb->src = d->pending_src[i];
             snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
+            snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
+            if (sb->replay_ep[0]) {
+                sb->replay = zmq_socket(d->zctx, ZMQ_DEALER);
+                zmq_setsockopt(sb->replay, ZMQ_LINGER, &zero, sizeof zero);
+                if (zmq_connect(sb->replay, sb->replay_ep) != 0) {
+                    kvf_warn(&d->lg, "events: cannot connect to replay %s", sb->replay_ep);
+                    zmq_close(sb->replay);
+                    sb->replay = NULL;
+                }
+            }
             kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
         }
         d->n_pending = 0;
@@ -154,9 +222,14 @@ static void *events_main(void *arg)
                     for (int k = 0; k < n; k++)
                         d->seq_missed += d->subs[k].seq.missed;
                     kvf_warn(&d->lg,
-                             "events from %s: sequence gap, batches from %" PRIu64
-                             " lost; the index may miss blocks until they are stored again",
-                             d->subs[i].endpoint, from);
+                             "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64
+                             " missed%s",
+                             d->subs[i].endpoint, from, d->subs[i].seq.last - 1,
+                             d->subs[i].replay ? "; asking the replay socket"
+                                               : "; no replay socket, the index may miss blocks "
+                                                 "until they are stored again");
+                    if (d->subs[i].replay)
+                        replay_locked(d, &d->subs[i], from, d->subs[i].seq.last);
                 }
                 char err[256] = "";
                 uint64_t malformed = d->ingest.malformed;
@@ -174,8 +247,11 @@ static void *events_main(void *arg)
                 zmq_msg_close(&parts[k]);
         }
     }
-    for (int i = 0; i < d->n_subs; i++)
+    for (int i = 0; i < d->n_subs; i++) {
         zmq_close(d->subs[i].sock);
+        if (d->subs[i].replay)
+            zmq_close(d->subs[i].replay);
+    }
     return NULL;
 }
 
@@ -242,8 +318,9 @@ static enum MHD_Result post_instance(schedd *d, struct MHD_Connection *c, json_t
 {
     kvf_instance_info in;
     memset(&in, 0, sizeof in);
-    char err[256] = "", role[16] = "both";
-    if (get_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
+    char err[256] = "", role[16] = "both", replay[128] = "";
+    if (get_str(o, "replay", replay, sizeof replay, 0, err, sizeof err) ||
+        get_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
         get_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
         get_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
         get_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
@@ -276,7 +353,7 @@ static enum MHD_Result post_instance(schedd *d, struct MHD_Connection *c, json_t
     int rc = kvf_sched_instance_add(d->s, &in, &idx);
     if (!rc) {
         kvf_event_source src = {.instance = idx, .store = -1};
-        subscribe_locked(d, &src, in.events);
+        subscribe_locked(d, &src, in.events, replay);
     }
     pthread_mutex_unlock(&d->mu);
     if (rc)
@@ -421,24 +498,25 @@ static enum MHD_Result get_stats(schedd *d, struct MHD_Connection *c, int promet
     pthread_mutex_lock(&d->mu);
     kvf_sched_index_stats(d->s, &st);
     kvf_ingest_stats in = d->ingest;
-    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, nreq = d->http_requests,
-             nerr = d->http_errors, pl = d->placements, rj = d->rejections;
+    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, replayed = d->replayed,
+             nreq = d->http_requests, nerr = d->http_errors, pl = d->placements, rj = d->rejections;
     size_t ni = kvf_sched_instance_count(d->s);
     int subs = d->n_subs;
     pthread_mutex_unlock(&d->mu);
     if (!prometheus)
         return send_json(
             c, 200,
-            json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
-                      (json_int_t)st.blocks, "holdings", (json_int_t)st.holdings, "events",
-                      (json_int_t)st.events, "unknown_removals", (json_int_t)st.unknown_removals,
-                      "bytes", (json_int_t)st.bytes, "batches", (json_int_t)in.batches,
-                      "blocks_stored", (json_int_t)in.stored, "blocks_removed",
-                      (json_int_t)in.removed, "chunks", (json_int_t)in.chunks, "malformed",
-                      (json_int_t)in.malformed, "unknown_parents", (json_int_t)in.unknown_parents,
-                      "unknown_types", (json_int_t)in.unknown_types, "sequence_gaps",
-                      (json_int_t)gaps, "batches_missed", (json_int_t)missed, "subscriptions", subs,
-                      "instances", (json_int_t)ni));
+            json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}",
+                      "blocks", (json_int_t)st.blocks, "holdings", (json_int_t)st.holdings,
+                      "events", (json_int_t)st.events, "unknown_removals",
+                      (json_int_t)st.unknown_removals, "bytes", (json_int_t)st.bytes, "batches",
+                      (json_int_t)in.batches, "blocks_stored", (json_int_t)in.stored,
+                      "blocks_removed", (json_int_t)in.removed, "chunks", (json_int_t)in.chunks,
+                      "malformed", (json_int_t)in.malformed, "unknown_parents",
+                      (json_int_t)in.unknown_parents, "unknown_types", (json_int_t)in.unknown_types,
+                      "sequence_gaps", (json_int_t)gaps, "batches_missed", (json_int_t)missed,
+                      "batches_replayed", (json_int_t)replayed, "subscriptions", subs, "instances",
+                      (json_int_t)ni));
     char *t = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&t, &len);
@@ -602,7 +680,9 @@ static int load_config(schedd *d, const char *path, char *err, size_t errlen)
             break;
         }
         kvf_event_source src = {.instance = idx, .store = -1};
-        subscribe_locked(d, &src, in.events);
+        char replay[128] = "";
+        get_str(v, "replay", replay, sizeof replay, 0, err, errlen);
+        subscribe_locked(d, &src, in.events, replay);
     }
     json_decref(o);
     return rc;
@@ -679,7 +759,7 @@ int main(int argc, char **argv)
         int node = 0;
         for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
             kvf_event_source src = {.instance = -1, .store = node++};
-            subscribe_locked(&d, &src, t);
+            subscribe_locked(&d, &src, t, NULL);
         }
         free(dup);
     }

@@ -202,6 +202,72 @@ static void test_sched_daemon_events_and_placement(void **state)
     assert_non_null(strstr(out, "kvf_sched_blocks 64"));
     assert_non_null(strstr(out, "kvf_sched_placements_total 2"));
 
+    /* A publisher with a replay socket: a skipped batch is asked for and recovered. */
+    void *pub2 = zmq_socket(ctx, ZMQ_PUB), *router = zmq_socket(ctx, ZMQ_ROUTER);
+    zmq_setsockopt(pub2, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(router, ZMQ_LINGER, &zero, sizeof zero);
+    assert_int_equal(zmq_bind(pub2, "tcp://127.0.0.1:*"), 0);
+    assert_int_equal(zmq_bind(router, "tcp://127.0.0.1:*"), 0);
+    char ep2[128], rep[128];
+    size_t l2 = sizeof ep2, lr = sizeof rep;
+    zmq_getsockopt(pub2, ZMQ_LAST_ENDPOINT, ep2, &l2);
+    zmq_getsockopt(router, ZMQ_LAST_ENDPOINT, rep, &lr);
+    snprintf(body, sizeof body,
+             "{\"id\":\"rep\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep2, rep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    msgpack_sbuffer a, b2, c3;
+    msgpack_sbuffer_init(&a);
+    msgpack_sbuffer_init(&b2);
+    msgpack_sbuffer_init(&c3);
+    pack_stored(&a, 100000, 8, 16, 20000);
+    pack_stored(&b2, 200000, 8, 16, 30000);
+    pack_stored(&c3, 300000, 8, 16, 40000);
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 72; i++) {
+        publish(pub2, 1, a.data, a.size);
+        usleep(50000);
+    }
+    assert_int_equal(stat_of(&d, "blocks"), 72);
+    publish(pub2, 3, c3.data, c3.size); /* batch 2 never published live */
+    int served = 0;
+    for (int i = 0; i < 40 && !served; i++) {
+        zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 50) <= 0)
+            continue;
+        zmq_msg_t id, delim, seqm;
+        zmq_msg_init(&id);
+        zmq_msg_init(&delim);
+        zmq_msg_init(&seqm);
+        zmq_msg_recv(&id, router, 0);
+        zmq_msg_recv(&delim, router, 0);
+        zmq_msg_recv(&seqm, router, 0);
+        assert_int_equal(zmq_msg_size(&seqm), 8);
+        assert_int_equal(((uint8_t *)zmq_msg_data(&seqm))[7], 2); /* from batch 2 */
+        uint8_t s2[8] = {0, 0, 0, 0, 0, 0, 0, 2}, end[8];
+        memset(end, 0xff, sizeof end);
+        zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, s2, 8, ZMQ_SNDMORE);
+        zmq_send(router, b2.data, b2.size, 0);
+        zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, end, 8, ZMQ_SNDMORE);
+        zmq_send(router, "", 0, 0);
+        zmq_msg_close(&id);
+        zmq_msg_close(&delim);
+        zmq_msg_close(&seqm);
+        served = 1;
+    }
+    assert_true(served);
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 88; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "blocks"), 88);
+    assert_int_equal(stat_of(&d, "batches_replayed"), 1);
+    msgpack_sbuffer_destroy(&a);
+    msgpack_sbuffer_destroy(&b2);
+    msgpack_sbuffer_destroy(&c3);
+    zmq_close(pub2);
+    zmq_close(router);
+
     zmq_close(pub);
     zmq_ctx_term(ctx);
     daemon_stop(&d);
