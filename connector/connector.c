@@ -390,6 +390,18 @@ static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
     pthread_mutex_unlock(&cn->mu);
 }
 
+/* The storage client finished x's batch: record the outcome and complete x once its page work is
+ * done too. */
+static void transfer_finished(kvf_xfer *x, int result, size_t loaded_tokens)
+{
+    pthread_mutex_lock(&x->mu);
+    x->result = result;
+    x->loaded_tokens = loaded_tokens;
+    x->transfer_done = 1;
+    maybe_done_locked(x);
+    pthread_mutex_unlock(&x->mu);
+}
+
 static void on_load_done(kvf_op *op, int status, void *ud)
 {
     (void)op;
@@ -413,12 +425,7 @@ static void on_load_done(kvf_op *op, int status, void *ud)
     cn->st.chunks_missed += missed;
     cn->st.load_bytes += ok * cn->obj_bytes;
     pthread_mutex_unlock(&cn->mu);
-    pthread_mutex_lock(&x->mu);
-    x->result = first_err;
-    x->loaded_tokens = lead * cn->l.chunk_tokens;
-    x->transfer_done = 1;
-    maybe_done_locked(x);
-    pthread_mutex_unlock(&x->mu);
+    transfer_finished(x, first_err, lead * cn->l.chunk_tokens);
 }
 
 static void on_save_done(kvf_op *op, int status, void *ud)
@@ -441,11 +448,7 @@ static void on_save_done(kvf_op *op, int status, void *ud)
     cn->st.chunks_existing += existing;
     cn->st.save_bytes += saved * cn->obj_bytes;
     pthread_mutex_unlock(&cn->mu);
-    pthread_mutex_lock(&x->mu);
-    x->result = first_err;
-    x->transfer_done = 1;
-    maybe_done_locked(x);
-    pthread_mutex_unlock(&x->mu);
+    transfer_finished(x, first_err, 0);
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -52,6 +52,18 @@ static inline int kvf__host_is_le(void)
     return b == 1;
 }
 
+/* MurmurHash3's 64-bit finalizer (fmix64): spreads every input bit over the output. Used to turn
+ * keys that are already hashes, or small integers, into table slots and placement scores. */
+static inline uint64_t kvf__fmix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x;
+}
+
 /* A bounded append-only byte writer; overflow is sticky and checked once at the end. */
 typedef struct kvf__wbuf {
     uint8_t *p;

@@ -178,13 +178,10 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
 /* ------------------------------------------------------------------------------------------ */
 /* Hash tables */
 
+/* Table slots and keys are never 0 (0 marks an empty slot). */
 static uint64_t mix64(uint64_t x)
 {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
+    x = kvf__fmix64(x);
     return x ? x : 1;
 }
 

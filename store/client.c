@@ -175,22 +175,12 @@ static const char wake_byte = 'w';
 /* ------------------------------------------------------------------------------------------ */
 /* Placement */
 
-static uint64_t mix(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
-    return x;
-}
-
 size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
 {
     size_t best = 0;
     uint64_t bs = 0;
     for (size_t i = 0; i < c->n_nodes; i++) {
-        uint64_t s = mix(key->lo ^ mix(key->hi ^ c->nodes[i].seed));
+        uint64_t s = kvf__fmix64(key->lo ^ kvf__fmix64(key->hi ^ c->nodes[i].seed));
         if (i == 0 || s > bs) {
             bs = s;
             best = i;

@@ -212,7 +212,7 @@ static void test_connector_transfer_arguments(void **state)
     uint32_t tokens[256] = {0}, pages[16];
     for (int i = 0; i < 16; i++)
         pages[i] = (uint32_t)i;
-    kvf_xfer *x = NULL;
+    kvf_xfer *x = NULL, *x2 = NULL;
     /* Not registered yet. */
     assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x), KVF_EINVAL);
     cache c = cache_new(&l, 8, 0, 0);
@@ -246,6 +246,10 @@ static void test_connector_transfer_arguments(void **state)
     /* Closing with a transfer not yet freed: the transfer stays usable until freed. */
     kvf_connector_close(&cn);
     assert_null(cn);
+    /* A closed connector is a cleared handle: every call refuses it. */
+    assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x2), KVF_EINVAL);
+    assert_int_equal(kvf_connector_save(cn, tokens, 128, 0, pages, 8, &x2), KVF_EINVAL);
+    assert_int_equal(kvf_connector_lookup(cn, tokens, 128, &cached), KVF_EINVAL);
     kvf_xfer_free(&x);
     cache_free(&c);
 }
