@@ -56,6 +56,7 @@ struct kvf_connector {
     kvf__pagemap pm;
     int registered;
     uint64_t obj_bytes; /* raw object size of a chunk */
+    uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
     uint32_t hdr_len;
     int deadline_ms;
     pthread_mutex_t mu;
@@ -300,7 +301,7 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
 static void *worker_main(void *arg)
 {
     kvf_connector *cn = arg;
-    uint8_t *scratch = malloc(cn->pm.seg_bytes), *scratch2 = malloc(cn->pm.seg_bytes);
+    uint8_t *scratch = malloc(cn->seg_bytes), *scratch2 = malloc(cn->seg_bytes);
     for (;;) {
         pthread_mutex_lock(&cn->mu);
         while (!cn->qh && !cn->closing)
@@ -731,15 +732,17 @@ int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32
 {
     if (!cn)
         return KVF_EINVAL;
+    /* Under the connector lock: workers read the page map for tasks they take under it. */
     pthread_mutex_lock(&cn->mu);
-    int busy = cn->inflight > 0;
-    pthread_mutex_unlock(&cn->mu);
-    if (busy) {
+    int rc;
+    if (cn->inflight > 0) {
         snprintf(err, errlen, "register: transfers are in flight");
-        return KVF_EBUSY;
+        rc = KVF_EBUSY;
+    } else {
+        rc = kvf__pagemap_init(&cn->pm, &cn->l, layers, n_layers, err, errlen);
+        cn->registered = rc == 0;
     }
-    int rc = kvf__pagemap_init(&cn->pm, &cn->l, layers, n_layers, err, errlen);
-    cn->registered = rc == 0;
+    pthread_mutex_unlock(&cn->mu);
     return rc;
 }
 
@@ -777,7 +780,7 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     }
     cn->hdr_len = kvf__obj_header_len(cn->l.layers);
     cn->obj_bytes = kvf__obj_raw_size(cn->l.layers, kvf_layout_segment_bytes(&cn->l));
-    cn->pm.seg_bytes = kvf_layout_segment_bytes(&cn->l);
+    cn->seg_bytes = kvf_layout_segment_bytes(&cn->l);
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
     cn->nworkers = o->workers > 0 ? o->workers : 2;
     pthread_mutex_init(&cn->mu, NULL);
