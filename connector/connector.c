@@ -24,6 +24,8 @@
 #include "object.h"
 #include "pagemap.h"
 
+#include <curl/curl.h>
+#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -753,6 +755,88 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
     pthread_mutex_unlock(&cn->mu);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Storage nodes from the scheduler */
+
+typedef struct fetch_buf {
+    char *p;
+    size_t n;
+} fetch_buf;
+
+static size_t fetch_write(char *data, size_t size, size_t nmemb, void *ud)
+{
+    fetch_buf *b = ud;
+    size_t add = size * nmemb;
+    if (b->n + add > (1u << 20))
+        return 0; /* a store list is small: refuse anything larger */
+    char *np = realloc(b->p, b->n + add + 1);
+    if (!np)
+        return 0;
+    memcpy(np + b->n, data, add);
+    b->p = np;
+    b->n += add;
+    b->p[b->n] = '\0';
+    return add;
+}
+
+/* GET http://sched/v1/stores with libcurl. Fills nodes (strings the caller frees). */
+static int nodes_from_sched(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
+                            size_t errlen)
+{
+    char url[300];
+    snprintf(url, sizeof url, "http://%s/v1/stores", sched);
+    CURL *cu = curl_easy_init();
+    if (!cu) {
+        snprintf(err, errlen, "connector: cannot start an HTTP client");
+        return KVF_ENOMEM;
+    }
+    fetch_buf b = {0};
+    curl_easy_setopt(cu, CURLOPT_URL, url);
+    curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, fetch_write);
+    curl_easy_setopt(cu, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(cu, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+    curl_easy_setopt(cu, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http");
+    CURLcode cc = curl_easy_perform(cu);
+    long status = 0;
+    curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, &status);
+    curl_easy_cleanup(cu);
+    int rc = 0;
+    json_t *o = NULL;
+    if (cc != CURLE_OK || status != 200) {
+        snprintf(err, errlen, "connector: scheduler %s: %s", url,
+                 cc != CURLE_OK ? curl_easy_strerror(cc) : "unexpected HTTP status");
+        rc = KVF_ECONNREFUSED;
+        goto out;
+    }
+    json_error_t je;
+    o = json_loadb(b.p ? b.p : "", b.n, 0, &je);
+    json_t *arr = o ? json_object_get(o, "stores") : NULL;
+    size_t m = json_is_array(arr) ? json_array_size(arr) : 0;
+    if (m == 0 || m > KVF_CLIENT_MAX_NODES) {
+        snprintf(err, errlen,
+                 "connector: scheduler %s lists no storage node (start kvf-sched "
+                 "with --stores)",
+                 sched);
+        rc = KVF_ECONNREFUSED;
+        goto out;
+    }
+    *nodes = calloc(m, sizeof **nodes);
+    if (!*nodes) {
+        rc = KVF_ENOMEM;
+        goto out;
+    }
+    for (size_t i = 0; i < m; i++) {
+        json_t *v = json_array_get(arr, i);
+        (*nodes)[i] = strdup(json_is_string(v) ? json_string_value(v) : "");
+    }
+    *n = m;
+out:
+    json_decref(o);
+    free(b.p);
+    return rc;
+}
+
 int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -792,7 +876,19 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
         .conns_per_node = o->conns_per_node,
         .deadline_ms = cn->deadline_ms,
     };
+    char **fetched = NULL;
+    size_t n_fetched = 0;
+    if (o->n_nodes == 0 && o->sched) {
+        rc = nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
+        if (rc)
+            goto out_free;
+        co.nodes = (const char *const *)fetched;
+        co.n_nodes = n_fetched;
+    }
     rc = kvf_client_open(&cn->cl, &co, err, errlen);
+    for (size_t i = 0; i < n_fetched; i++)
+        free(fetched[i]);
+    free(fetched);
     if (rc)
         goto out_free;
     if (o->staging_bytes) {

@@ -61,6 +61,7 @@ typedef struct schedd {
     int n_pending;
     kvf_ingest_stats ingest;
     uint64_t seq_gaps, seq_missed, replayed, http_requests, http_errors, placements, rejections;
+    char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
     atomic_int stop;
 } schedd;
 
@@ -492,6 +493,17 @@ static enum MHD_Result post_place(schedd *d, struct MHD_Connection *c, json_t *o
     return send_json(c, rs.rejected ? 429 : 200, out);
 }
 
+/* The storage nodes' data addresses, for connectors that are given only the scheduler. */
+static enum MHD_Result get_stores(schedd *d, struct MHD_Connection *c)
+{
+    json_t *arr = json_array();
+    char buf[sizeof d->stores];
+    snprintf(buf, sizeof buf, "%s", d->stores);
+    for (char *sv = NULL, *t = strtok_r(buf, ",", &sv); t; t = strtok_r(NULL, ",", &sv))
+        json_array_append_new(arr, json_string(t));
+    return send_json(c, 200, json_pack("{s:o}", "stores", arr));
+}
+
 static enum MHD_Result get_stats(schedd *d, struct MHD_Connection *c, int prometheus)
 {
     kvf_index_stats st;
@@ -593,6 +605,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return get_stats(d, c, 0);
     if (is_get && !strcmp(url, "/v1/instances"))
         return get_instances(d, c);
+    if (is_get && !strcmp(url, "/v1/stores"))
+        return get_stores(d, c);
     if (!is_post)
         return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
                           url);
@@ -699,8 +713,8 @@ int main(int argc, char **argv)
         if (!strcmp(a, "--help")) {
             printf("usage: kvf-sched [--listen HOST:PORT] [--policy round_robin|least_loaded|"
                    "longest_prefix|dynamo_cost|kvf_cost]\n"
-                   "                 [--cost FILE] [--config FILE] [--store-events EP[,EP...]] "
-                   "[--log-level L]\n");
+                   "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
+                   "                 [--store-events EP[,EP...]] [--log-level L]\n");
             return 0;
         }
         if (!v) {
@@ -718,7 +732,13 @@ int main(int argc, char **argv)
             config = v;
         else if (!strcmp(a, "--store-events"))
             stores = v;
-        else if (!strcmp(a, "--log-level")) {
+        else if (!strcmp(a, "--stores")) {
+            if (strlen(v) >= sizeof d.stores) {
+                fprintf(stderr, "kvf-sched: --stores: list too long\n");
+                return 2;
+            }
+            snprintf(d.stores, sizeof d.stores, "%s", v);
+        } else if (!strcmp(a, "--log-level")) {
             if (kvf__log_level_parse(v, &d.lg.level) != 0) {
                 fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");
                 return 2;

@@ -52,7 +52,9 @@ typedef struct kvf_kv_layer {
 
 typedef struct kvf_connector_opts {
     const char *const *nodes; /* input: storage nodes "host:port"; borrowed during open */
-    size_t n_nodes;           /* input */
+    size_t n_nodes;           /* input: 0 to ask the scheduler for them */
+    const char *sched;        /* input: kvf-sched's HTTP address "host:port", used when n_nodes
+                               * is 0: the storage nodes come from its GET /v1/stores */
     kvf_layout layout;        /* input: the engine's KV layout (validated) */
     const char *salt;         /* input: tenant salt of the key namespace (may be NULL) */
     size_t staging_bytes; /* input: initial size of each of the two staging regions; 0: 32 MiB */
@@ -61,8 +63,10 @@ typedef struct kvf_connector_opts {
     int conns_per_node;   /* input: connections per storage node; 0: 4 */
 } kvf_connector_opts;
 
-/* Opens a connector. err gets one line on failure. Caller owns the result; free with
- * kvf_connector_close(). Returns 0, KVF_EINVAL (bad layout or options), KVF_ENOMEM. */
+/* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.
+ * err gets one line on failure. Caller owns the result; free with kvf_connector_close(). Returns
+ * 0, KVF_EINVAL (bad layout or options), KVF_ECONNREFUSED (the scheduler did not answer or lists
+ * no node), KVF_ENOMEM. */
 KVF_API int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *opts, char *err,
                                size_t errlen);
 /* Fails every transfer in flight (KVF_ECANCELED), waits for the workers and clears *cn. Transfers

@@ -273,11 +273,78 @@ static void test_sched_daemon_events_and_placement(void **state)
     daemon_stop(&d);
 }
 
+/* A connector given only the scheduler's address finds the storage nodes through it. */
+static void test_sched_daemon_connector_finds_stores(void **state)
+{
+    (void)state;
+    daemon_t store, sched, bare;
+    daemon_start(&store, "64M", NULL);
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--stores",
+                    store.addr,
+                    (char *)"--log-level",
+                    (char *)"error",
+                    NULL};
+    proc_start(&sched, argv);
+    char *argv2[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
+                     (char *)"--log-level", (char *)"error",    NULL};
+    proc_start(&bare, argv2);
+    char out[1024];
+    assert_int_equal(http(&sched, "GET", "/v1/stores", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, store.addr));
+
+    kvf_layout l;
+    assert_int_equal(kvf_layout_preset("ref-tiny", &l), 0);
+    kvf_connector_opts o = {.sched = bare.addr, .layout = l, .deadline_ms = 2000};
+    kvf_connector *cn = NULL;
+    char err[256] = "";
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), KVF_ECONNREFUSED);
+    assert_non_null(strstr(err, "no storage node"));
+    o.sched = sched.addr;
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    /* Pages of our own: one chunk (4 pages of 16 tokens) per layer. */
+    size_t page = kvf_layout_bytes_per_token_layer(&l) / 2 * l.page_tokens;
+    kvf_kv_layer reg[4];
+    for (uint32_t i = 0; i < l.layers; i++) {
+        reg[i] = (kvf_kv_layer){.k_base = malloc(4 * page),
+                                .v_base = malloc(4 * page),
+                                .page_stride = page,
+                                .num_pages = 4,
+                                .kind = KVF_MEM_HOST};
+        memset(reg[i].k_base, (int)i + 1, 4 * page);
+        memset(reg[i].v_base, (int)i + 101, 4 * page);
+    }
+    assert_int_equal(kvf_connector_register(cn, reg, l.layers, err, sizeof err), 0);
+    uint32_t tokens[64], ids[4] = {0, 1, 2, 3};
+    for (int i = 0; i < 64; i++)
+        tokens[i] = (uint32_t)(i * 7 + 3);
+    kvf_xfer *x;
+    assert_int_equal(kvf_connector_save(cn, tokens, 64, 0, ids, 4, &x), 0);
+    for (uint32_t i = 0; i < l.layers; i++)
+        assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+    assert_int_equal(kvf_xfer_wait(x), 0);
+    kvf_xfer_free(&x);
+    size_t cached = 0;
+    assert_int_equal(kvf_connector_lookup(cn, tokens, 64, &cached), 0);
+    assert_int_equal(cached, 64);
+    kvf_connector_close(&cn);
+    for (uint32_t i = 0; i < l.layers; i++) {
+        free(reg[i].k_base);
+        free(reg[i].v_base);
+    }
+    daemon_stop(&bare);
+    daemon_stop(&sched);
+    daemon_stop(&store);
+}
+
 int main(void)
 {
     harness_init();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_sched_daemon_events_and_placement, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_connector_finds_stores, teardown_daemons),
     };
     return cmocka_run_group_tests_name("sched_daemon", tests, NULL, NULL);
 }
