@@ -59,6 +59,7 @@ struct kvf_connector {
     int registered;
     uint64_t obj_bytes; /* raw object size of a chunk */
     uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
+    kvf_caps local, remote; /* the engine's capability record and the storage node's */
     uint32_t hdr_len;
     int deadline_ms;
     pthread_mutex_t mu;
@@ -561,10 +562,21 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     return 0;
 }
 
+/* Asks the classifier; a remote action that is not real here is refused. */
+static int gate(kvf_connector *cn, kvf_action_id a)
+{
+    kvf_verdict v;
+    if (kvf_classify(a, &cn->local, &cn->remote, 0, &v) != 0)
+        return KVF_EINVAL;
+    return v.label == KVF_FEAS_REAL ? 0 : KVF_EINFEASIBLE;
+}
+
 int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
     kvf_xfer *x;
+    if (cn && gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
+        return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
     if (rc)
         return rc;
@@ -597,6 +609,8 @@ int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n, size
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
     kvf_xfer *x;
+    if (cn && gate(cn, KVF_ACTION_STORE) != 0)
+        return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 1, &x);
     if (rc)
         return rc;
@@ -715,6 +729,8 @@ int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, si
     if (!cn || !cached || (n && !tokens))
         return KVF_EINVAL;
     *cached = 0;
+    if (gate(cn, KVF_ACTION_LOOKUP) != 0)
+        return KVF_EINFEASIBLE;
     size_t nc = n / cn->l.chunk_tokens;
     if (nc == 0)
         return 0;
@@ -734,6 +750,23 @@ int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32
 {
     if (!cn)
         return KVF_EINVAL;
+    /* The memory the engine registers is what its KV lives in: the classifier decides whether
+     * this build's transfer path can reach it. */
+    if (layers && n_layers) {
+        kvf_caps probe = cn->local;
+        probe.mem_kinds = 0;
+        for (uint32_t i = 0; i < n_layers; i++)
+            probe.mem_kinds |= layers[i].kind == KVF_MEM_CUDA      ? KVF_MEMK_CUDA
+                               : layers[i].kind == KVF_MEM_UNIFIED ? KVF_MEMK_UNIFIED
+                                                                   : KVF_MEMK_HOST;
+        kvf_verdict v;
+        kvf_classify(KVF_ACTION_STORE, &probe, &cn->remote, 0, &v);
+        if (v.label != KVF_FEAS_REAL) {
+            snprintf(err, errlen, "register: %s (%s)", v.why, kvf_feas_reason_name(v.reason));
+            return KVF_EINFEASIBLE;
+        }
+        cn->local.mem_kinds = probe.mem_kinds;
+    }
     /* Under the connector lock: workers read the page map for tasks they take under it. */
     pthread_mutex_lock(&cn->mu);
     int rc;
@@ -865,6 +898,11 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     cn->hdr_len = kvf__obj_header_len(cn->l.layers);
     cn->obj_bytes = kvf__obj_raw_size(cn->l.layers, kvf_layout_segment_bytes(&cn->l));
     cn->seg_bytes = kvf_layout_segment_bytes(&cn->l);
+    if (o->caps)
+        cn->local = *o->caps;
+    else
+        kvf_caps_builtin("reference", &cn->local);
+    kvf_caps_builtin("kvf-store", &cn->remote);
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
     cn->nworkers = o->workers > 0 ? o->workers : 2;
     pthread_mutex_init(&cn->mu, NULL);

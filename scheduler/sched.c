@@ -19,6 +19,7 @@
 #include "kvf/sched.h"
 
 #include "kvf/error.h"
+#include "kvf/feasibility.h"
 
 #include "bytes.h"
 
@@ -51,6 +52,8 @@ typedef struct ement {
 
 typedef struct inst {
     kvf_instance_info info;
+    kvf_caps caps; /* from the registration's capability record, or the reference engine's */
+    int can_load;  /* the classifier lets it load store-cached KV */
     kvf_instance_load load;
     uint64_t blocks; /* blocks it holds in the index */
 } inst;
@@ -65,6 +68,7 @@ struct kvf_sched {
     size_t n_inst;
     uint32_t rr;
     kvf_index_stats st;
+    kvf_caps store_caps;
     /* per place() scratch */
     uint64_t *hashes;
     size_t hcap;
@@ -417,6 +421,7 @@ int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o)
     s->depth = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->depth);
     s->alive = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive);
     s->alive2 = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive2);
+    kvf_caps_builtin("kvf-store", &s->store_caps);
     if (!s->bt || !s->et || !s->inst || !s->depth || !s->alive || !s->alive2) {
         kvf_sched_destroy(&s);
         return KVF_ENOMEM;
@@ -464,6 +469,15 @@ int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx
         (info->role & KVF_ROLE_BOTH) == 0 || (info->role & ~KVF_ROLE_BOTH) ||
         info->block_tokens == 0 || info->block_tokens > 65536)
         return KVF_EINVAL;
+    kvf_caps caps;
+    if (info->capabilities[0]) {
+        char err[200];
+        if (kvf_caps_from_json(info->capabilities, strlen(info->capabilities), &caps, err,
+                               sizeof err) != 0)
+            return KVF_EINVAL;
+    } else {
+        kvf_caps_builtin("reference", &caps);
+    }
     int i = kvf_sched_instance_find(s, info->id);
     if (i < 0) {
         if (s->n_inst == KVF_SCHED_MAX_INSTANCES)
@@ -472,6 +486,11 @@ int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx
         memset(&s->inst[i], 0, sizeof s->inst[i]);
     }
     s->inst[i].info = *info;
+    s->inst[i].caps = caps;
+    kvf_verdict v;
+    kvf_classify(caps.layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE, &caps,
+                 &s->store_caps, 0, &v);
+    s->inst[i].can_load = v.label == KVF_FEAS_REAL;
     if (idx)
         *idx = i;
     return 0;
@@ -683,6 +702,19 @@ static size_t match_store(kvf_sched *s, const kvf_key *keys, size_t n)
 /* ------------------------------------------------------------------------------------------ */
 /* Placement */
 
+/* The plan's labels share the classifier's numbering. */
+_Static_assert((int)KVF_LABEL_REAL == (int)KVF_FEAS_REAL &&
+                   (int)KVF_LABEL_BACKEND_INFEASIBLE == (int)KVF_FEAS_BACKEND_INFEASIBLE &&
+                   (int)KVF_LABEL_SIMULATED == (int)KVF_FEAS_SIMULATED,
+               "plan labels and feasibility labels must agree");
+
+static kvf_label label_of(kvf_action_id a, const kvf_caps *l, const kvf_caps *r)
+{
+    kvf_verdict v;
+    kvf_classify(a, l, r, 0, &v);
+    return (kvf_label)v.label;
+}
+
 static double prefill_seconds(const kvf_sched_cost *c, double n, double cached)
 {
     if (cached > n)
@@ -739,7 +771,9 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
             continue;
         size_t ordinal = k++;
         double dev = (double)s->depth[i] * in->info.block_tokens;
-        double cached = dev > (double)store_tokens ? dev : (double)store_tokens;
+        /* Store-cached tokens count only where the classifier lets the instance load them. */
+        double st = in->can_load ? (double)store_tokens : 0;
+        double cached = dev > st ? dev : st;
         double load_s =
             dev >= cached ? 0 : (cached - dev) * c->kv_bytes_per_token / c->load_bytes_per_s;
         double ttft = queue_seconds(c, in) + load_s + prefill_seconds(c, n, cached);
@@ -784,6 +818,10 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         inst *in = &s->inst[i];
         if (!(in->info.role & KVF_ROLE_DECODE))
             continue;
+        /* Another instance decodes only if the KV can be handed to it. */
+        if ((int)i != best &&
+            label_of(KVF_ACTION_PD_HANDOFF_STORE, &s->inst[best].caps, &in->caps) != KVF_LABEL_REAL)
+            continue;
         double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
                              in->info.block_tokens;
         double sc = (free_tokens >= need ? 0 : 1e12) - free_tokens + in->load.active_decodes * 1e3;
@@ -794,20 +832,24 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     }
     inst *p = &s->inst[best];
     double dev = (double)s->depth[best] * p->info.block_tokens;
-    double cached = dev > (double)store_tokens ? dev : (double)store_tokens;
+    double pst = p->can_load ? (double)store_tokens : 0;
+    double cached = dev > pst ? dev : pst;
     /* Conditional disaggregation: a short uncached suffix is cheaper to prefill where it will
-     * decode than to hand off. */
-    if (dec >= 0 && dec != best && (s->inst[dec].info.role & KVF_ROLE_PREFILL) &&
-        n - cached < c->disagg_threshold_tokens) {
+     * decode than to hand off. "Short" is judged on the decode instance itself, with what it can
+     * reach: its own cache and, if its record allows the load, the stores. */
+    if (dec >= 0 && dec != best && (s->inst[dec].info.role & KVF_ROLE_PREFILL)) {
         inst *d = &s->inst[dec];
         double ddev = (double)s->depth[dec] * d->info.block_tokens;
-        double dc = ddev > (double)store_tokens ? ddev : (double)store_tokens;
-        double dl = ddev >= dc ? 0 : (dc - ddev) * c->kv_bytes_per_token / c->load_bytes_per_s;
-        best = dec;
-        p = d;
-        dev = ddev;
-        cached = dc;
-        best_ttft = queue_seconds(c, d) + dl + prefill_seconds(c, n, dc);
+        double dst = d->can_load ? (double)store_tokens : 0;
+        double dc = ddev > dst ? ddev : dst;
+        if (n - dc < c->disagg_threshold_tokens) {
+            double dl = ddev >= dc ? 0 : (dc - ddev) * c->kv_bytes_per_token / c->load_bytes_per_s;
+            best = dec;
+            p = d;
+            dev = ddev;
+            cached = dc;
+            best_ttft = queue_seconds(c, d) + dl + prefill_seconds(c, n, dc);
+        }
     }
     res->prefill = best;
     res->decode = dec >= 0 ? dec : best;
@@ -823,18 +865,22 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         res->rejected = 1;
         return 0;
     }
-    /* The plan. Loads and saves go through kvfabric's TCP store path, which this build runs;
-     * the handoff to a separate decode instance goes through a store (save, then load). */
+    /* The plan, each action labelled by the classifier against the instances' records and the
+     * storage node's. */
+    const kvf_caps *pc = &s->inst[best].caps, *dc = &s->inst[res->decode].caps;
     if (res->cached_store)
         res->actions[res->n_actions++] = (kvf_action){
-            KVF_ACT_LOAD_FROM_STORE, best, res->cached_store, res->load_s, KVF_LABEL_REAL};
+            KVF_ACT_LOAD_FROM_STORE, best, res->cached_store, res->load_s,
+            label_of(pc->layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE, pc,
+                     &s->store_caps)};
     res->actions[res->n_actions++] = (kvf_action){
         KVF_ACT_PREFILL, best, req->n_tokens - (size_t)cached, res->prefill_s, KVF_LABEL_REAL};
-    res->actions[res->n_actions++] =
-        (kvf_action){KVF_ACT_SAVE_TO_STORE, best, req->n_tokens, 0, KVF_LABEL_REAL};
+    res->actions[res->n_actions++] = (kvf_action){KVF_ACT_SAVE_TO_STORE, best, req->n_tokens, 0,
+                                                  label_of(KVF_ACTION_STORE, pc, &s->store_caps)};
     if (res->decode != best)
         res->actions[res->n_actions++] =
             (kvf_action){KVF_ACT_HANDOFF, res->decode, req->n_tokens,
-                         n * c->kv_bytes_per_token / c->handoff_bytes_per_s, KVF_LABEL_REAL};
+                         n * c->kv_bytes_per_token / c->handoff_bytes_per_s,
+                         label_of(KVF_ACTION_PD_HANDOFF_STORE, pc, dc)};
     return 0;
 }

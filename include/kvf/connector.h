@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include "kvf/export.h"
+#include "kvf/feasibility.h"
 #include "kvf/layout.h"
 
 #ifdef __cplusplus
@@ -61,6 +62,10 @@ typedef struct kvf_connector_opts {
     int workers;          /* input: gather/scatter worker threads; 0: 2 */
     int deadline_ms;      /* input: deadline of every transfer; 0: 5000 */
     int conns_per_node;   /* input: connections per storage node; 0: 4 */
+    const kvf_caps *caps; /* input: the engine's capability record (NULL: the reference
+                           * engine's); every remote action is classified against it and the
+                           * storage node's, and an infeasible one is refused with
+                           * KVF_EINFEASIBLE */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.
@@ -77,7 +82,8 @@ KVF_API void kvf_connector_close(kvf_connector **cn);
 /* Registers the engine's KV memory: one entry per layer of the layout. Borrowed: the memory must
  * stay valid until close or the next registration. Returns 0, KVF_EINVAL (layer count, a NULL
  * base, a stride below the page size, V plane given for a latent layout or missing otherwise),
- * KVF_ENOTSUP (KVF_MEM_CUDA in a build without CUDA), or KVF_EBUSY (transfers in flight). */
+ * KVF_EINFEASIBLE (memory this build's transfer path cannot reach, e.g. CUDA device memory; err
+ * has the classifier's reason), or KVF_EBUSY (transfers in flight). */
 KVF_API int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32_t n_layers,
                                    char *err, size_t errlen);
 
@@ -89,8 +95,9 @@ KVF_API int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size
 /* Starts loading the KV of tokens[0..n) into the engine's pages. n must be a multiple of
  * chunk_tokens; page_ids lists the engine page of every page_tokens tokens (n / page_tokens
  * entries, each < num_pages). Returns 0 and *x, or KVF_EINVAL / KVF_ERANGE (page ids), KVF_ECLOSED,
- * KVF_ENOMEM. Caller owns *x; free with kvf_xfer_free() once it completed. tokens and page_ids are
- * copied. */
+ * KVF_ENOMEM, or KVF_EINFEASIBLE when the engine's record rules a layerwise load out (no paged
+ * layout or no per-layer hook). Caller owns *x; free with kvf_xfer_free() once it completed.
+ * tokens and page_ids are copied. */
 KVF_API int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                const uint32_t *page_ids, size_t n_pages, kvf_xfer **x);
 /* Starts saving the KV of chunks first_chunk.. of tokens[0..n) (n a multiple of chunk_tokens, the

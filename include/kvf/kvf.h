@@ -13,6 +13,7 @@
 #include "kvf/layout.h"
 #include "kvf/client.h"
 #include "kvf/connector.h"
+#include "kvf/feasibility.h"
 
 #define KVF_VERSION_MAJOR  0
 #define KVF_VERSION_MINOR  1

@@ -224,6 +224,12 @@ static void test_connector_transfer_arguments(void **state)
     assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x), KVF_ERANGE);
     pages[3] = 3;
     assert_int_equal(kvf_connector_save(cn, tokens, 128, 3, pages, 8, &x), KVF_EINVAL);
+    /* CUDA device memory: the classifier rules it out for this build, with its reason. */
+    c.reg[1].kind = KVF_MEM_CUDA;
+    assert_int_equal(kvf_connector_register(cn, c.reg, l.layers, err, sizeof err), KVF_EINFEASIBLE);
+    assert_non_null(strstr(err, "CUDA device memory"));
+    c.reg[1].kind = KVF_MEM_HOST;
+    assert_int_equal(kvf_connector_register(cn, c.reg, l.layers, err, sizeof err), 0);
     /* A load from a node that refuses: every layer fails, bounded by the deadline. */
     assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x), 0);
     int rc = kvf_xfer_wait_layer(x, 0);
@@ -246,6 +252,21 @@ static void test_connector_transfer_arguments(void **state)
     /* Closing with a transfer not yet freed: the transfer stays usable until freed. */
     kvf_connector_close(&cn);
     assert_null(cn);
+    /* An engine whose record has no per-layer hook (mlx-lm) cannot load layerwise: refused by
+     * the classifier before anything moves; a save is still fine. */
+    kvf_caps mlx;
+    assert_int_equal(kvf_caps_builtin("mlx-lm", &mlx), 0);
+    kvf_connector_opts om = o;
+    om.caps = &mlx;
+    kvf_connector *cm;
+    assert_int_equal(kvf_connector_open(&cm, &om, err, sizeof err), 0);
+    c.reg[0].kind = c.reg[1].kind = c.reg[2].kind = c.reg[3].kind = KVF_MEM_UNIFIED;
+    assert_int_equal(kvf_connector_register(cm, c.reg, l.layers, err, sizeof err), 0);
+    assert_int_equal(kvf_connector_load(cm, tokens, 128, pages, 8, &x2), KVF_EINFEASIBLE);
+    assert_int_equal(kvf_connector_save(cm, tokens, 128, 0, pages, 8, &x2), 0);
+    kvf_xfer_cancel(x2);
+    kvf_xfer_free(&x2);
+    kvf_connector_close(&cm);
     /* A closed connector is a cleared handle: every call refuses it. */
     assert_int_equal(kvf_connector_load(cn, tokens, 128, pages, 8, &x2), KVF_EINVAL);
     assert_int_equal(kvf_connector_save(cn, tokens, 128, 0, pages, 8, &x2), KVF_EINVAL);

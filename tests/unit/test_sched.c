@@ -317,6 +317,64 @@ static void test_sched_conditional_disaggregation(void **state)
     kvf_sched_destroy(&s);
 }
 
+/* Plans carry the classifier's labels; an instance that cannot load from the store gets no
+ * credit for what the store holds. */
+static void test_sched_plans_are_classified(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    snprintf(in.id, sizeof in.id, "gpu");
+    in.role = KVF_ROLE_BOTH;
+    in.block_tokens = 16;
+    in.capacity_blocks = 100000;
+    /* vLLM's record: KV in CUDA memory, which this build's transfer path cannot reach. */
+    snprintf(in.capabilities, sizeof in.capabilities, "{\"base\":\"vllm\"}");
+    int g;
+    assert_int_equal(kvf_sched_instance_add(s, &in, &g), 0);
+    static uint32_t t[1024];
+    seq(t, 1024, 1);
+    kvf_key keys[4];
+    for (int i = 0; i < 4; i++) {
+        keys[i].lo = (uint64_t)i + 100;
+        keys[i].hi = 7;
+    }
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys, 4, 1), 0);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 1024, .chunk_keys = keys, .n_chunks = 4};
+    kvf_place_res rs;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.prefill, g);
+    assert_int_equal(rs.cached_store, 0);
+    int saw_save = 0;
+    for (int i = 0; i < rs.n_actions; i++) {
+        if (rs.actions[i].kind == KVF_ACT_SAVE_TO_STORE) {
+            saw_save = 1;
+            assert_int_equal(rs.actions[i].label, KVF_LABEL_BACKEND_INFEASIBLE);
+        }
+        if (rs.actions[i].kind == KVF_ACT_PREFILL)
+            assert_int_equal(rs.actions[i].label, KVF_LABEL_REAL);
+    }
+    assert_true(saw_save);
+    /* The reference engine's record: the store's 1024 tokens count (up to the last token). */
+    memset(in.capabilities, 0, sizeof in.capabilities);
+    snprintf(in.id, sizeof in.id, "cpu");
+    int c;
+    assert_int_equal(kvf_sched_instance_add(s, &in, &c), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.prefill, c);
+    assert_int_equal(rs.cached_store, 1024);
+    /* The KV cannot be handed to the CUDA-memory instance: it decodes where it was prefilled. */
+    assert_int_equal(rs.decode, c);
+    for (int i = 0; i < rs.n_actions; i++)
+        assert_int_equal(rs.actions[i].label, KVF_LABEL_REAL);
+    /* A record that does not parse is refused at registration. */
+    snprintf(in.id, sizeof in.id, "bad");
+    snprintf(in.capabilities, sizeof in.capabilities, "{\"base\":\"nonesuch\"}");
+    assert_int_equal(kvf_sched_instance_add(s, &in, NULL), KVF_EINVAL);
+    kvf_sched_destroy(&s);
+}
+
 static void test_sched_cost_file(void **state)
 {
     (void)state;
@@ -354,6 +412,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_sequence_gaps),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
         cmocka_unit_test(test_sched_conditional_disaggregation),
+        cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
     };
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
