@@ -8,6 +8,10 @@
  *   kvf evict | pin [--lease-ms N] | unpin | compress --codec C   --node ... [chunks]
  *   kvf clear   --node ... [--model M] [--salt S]
  *   kvf keys    [chunks]                   print the chunk keys of a token sequence
+ *   kvf estimate --model M --tokens N [--batch B] [--memory SIZE]   KV memory a workload needs
+ *   kvf classify --local L --remote R [--state S.json]   every remote action's feasibility label,
+ *                                      reason and score, and the optimality gap (L, R: a built-in
+ *                                      record name or a capability record JSON file)
  *
  * [chunks] names a token sequence and its namespace: --model PRESET|layout.json (default
  * ref-tiny), --salt TENANT, and either --tokens-file F (whitespace- or comma-separated token ids)
@@ -36,6 +40,8 @@ typedef struct args {
     long synthetic;
     uint64_t seed;
     const char *codec;
+    const char *local, *remote, *state;
+    uint64_t tokens, batch, memory;
     uint32_t lease_ms;
     int json;
     int deadline_ms;
@@ -44,17 +50,20 @@ typedef struct args {
 
 static void usage(FILE *f)
 {
-    fprintf(f, "usage: kvf COMMAND [options]\n"
-               "commands: stats put get lookup evict pin unpin compress clear keys\n"
-               "  --node HOST:PORT[,HOST:PORT...]  storage nodes (repeatable)\n"
-               "  --model PRESET|FILE.json         layout (default ref-tiny)\n"
-               "  --salt TENANT                    tenant salt of the key namespace\n"
-               "  --synthetic N [--seed S]         N deterministic tokens with synthetic KV\n"
-               "  --tokens-file FILE               token ids, separated by spaces or commas\n"
-               "  --codec none|lz4|shuffle-lz4     put/compress codec (default none)\n"
-               "  --lease-ms N                     pin lease (default 30000)\n"
-               "  --deadline-ms N                  per-operation deadline (default 5000)\n"
-               "  --json                           one JSON object on stdout\n");
+    fprintf(f,
+            "usage: kvf COMMAND [options]\n"
+            "commands: stats put get lookup evict pin unpin compress clear keys estimate classify\n"
+            "  --node HOST:PORT[,HOST:PORT...]  storage nodes (repeatable)\n"
+            "  --model PRESET|FILE.json         layout (default ref-tiny)\n"
+            "  --salt TENANT                    tenant salt of the key namespace\n"
+            "  --synthetic N [--seed S]         N deterministic tokens with synthetic KV\n"
+            "  --tokens-file FILE               token ids, separated by spaces or commas\n"
+            "  --codec none|lz4|shuffle-lz4     put/compress codec (default none)\n"
+            "  --lease-ms N                     pin lease (default 30000)\n"
+            "  --deadline-ms N                  per-operation deadline (default 5000)\n"
+            "  --tokens N [--batch B] [--memory SIZE]   estimate: workload and budget\n"
+            "  --local L --remote R [--state S.json]   classify: capability records\n"
+            "  --json                           one JSON object on stdout\n");
 }
 
 static uint64_t splitmix(uint64_t *s)
@@ -519,6 +528,167 @@ static int cmd_keys(const args *a, const chunks *ch)
     return 0;
 }
 
+/* Parses "512M", "80G", "1048576". Returns 0 or -1. */
+static int parse_size(const char *s, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || end == s)
+        return -1;
+    uint64_t mul = 1;
+    char u = (char)(*end | 0x20);
+    if (*end) {
+        mul = u == 'k'   ? 1ull << 10
+              : u == 'm' ? 1ull << 20
+              : u == 'g' ? 1ull << 30
+              : u == 't' ? 1ull << 40
+                         : 0;
+        if (!mul || (end[1] && strcmp(end + 1, "iB") && strcmp(end + 1, "B")))
+            return -1;
+    }
+    if (v > UINT64_MAX / mul)
+        return -1;
+    *out = v * mul;
+    return 0;
+}
+
+static int cmd_estimate(const args *a)
+{
+    kvf_layout l;
+    char err[256];
+    if (kvf_layout_resolve(a->model, &l, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf: --model: %s\n", err);
+        return 2;
+    }
+    if (a->tokens == 0) {
+        fprintf(stderr, "kvf: estimate needs --tokens N\n");
+        return 2;
+    }
+    uint64_t batch = a->batch ? a->batch : 1;
+    kvf_estimate e;
+    if (kvf_layout_estimate(&l, a->tokens, batch, a->memory, &e) != 0) {
+        fprintf(stderr, "kvf: estimate: the numbers overflow 64 bits\n");
+        return 2;
+    }
+    if (a->json) {
+        printf("{\"model\":\"%s\",\"tokens\":%" PRIu64 ",\"batch\":%" PRIu64
+               ",\"bytes_per_token\":%" PRIu64 ",\"bytes_per_chunk\":%" PRIu64
+               ",\"chunk_tokens\":%u,\"bytes_per_sequence\":%" PRIu64 ",\"bytes_total\":%" PRIu64
+               ",\"memory\":%" PRIu64 ",\"tokens_fit\":%" PRIu64 ",\"sequences_fit\":%" PRIu64
+               ",\"label\":\"real\"}\n",
+               l.model_id, a->tokens, batch, e.bytes_per_token, e.bytes_per_chunk, l.chunk_tokens,
+               e.bytes_per_sequence, e.bytes_total, a->memory, e.tokens_fit, e.sequences_fit);
+        return 0;
+    }
+    printf("%s (%u layers, %u KV heads x %u, %s, %s, TP %u of %u)\n", l.model_id, l.layers,
+           l.kv_heads, l.head_dim, kvf_dtype_name(l.dtype),
+           l.kind == KVF_KV_LATENT ? "latent" : "K+V", l.tp_rank, l.tp_size);
+    printf("  KV per token     %" PRIu64 " bytes (%.1f KiB)\n", e.bytes_per_token,
+           (double)e.bytes_per_token / 1024);
+    printf("  KV per chunk     %" PRIu64 " bytes (%u tokens, %.1f MiB)\n", e.bytes_per_chunk,
+           l.chunk_tokens, (double)e.bytes_per_chunk / 1048576);
+    printf("  one sequence     %" PRIu64 " tokens: %.2f GiB, %" PRIu64 " full chunks\n", a->tokens,
+           (double)e.bytes_per_sequence / 1073741824.0, e.chunks_per_sequence);
+    printf("  batch of %-7" PRIu64 " %.2f GiB\n", batch, (double)e.bytes_total / 1073741824.0);
+    if (a->memory)
+        printf("  in %.1f GiB      %" PRIu64 " tokens, %" PRIu64 " sequences of %" PRIu64
+               " tokens\n",
+               (double)a->memory / 1073741824.0, e.tokens_fit, e.sequences_fit, a->tokens);
+    return 0;
+}
+
+static int cmd_classify(const args *a)
+{
+    kvf_caps l, r;
+    char err[256];
+    if (!a->local || !a->remote) {
+        fprintf(stderr, "kvf: classify needs --local and --remote (built-in: mlx-lm vllm "
+                        "llama.cpp reference kvf-store, or a JSON file)\n");
+        return 2;
+    }
+    if (kvf_caps_load(a->local, &l, err, sizeof err) != 0 ||
+        kvf_caps_load(a->remote, &r, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf: %s\n", err);
+        return 2;
+    }
+    kvf_gap_state st;
+    kvf_gap_state_defaults(&st);
+    if (a->state) {
+        json_error_t je;
+        json_t *o = json_load_file(a->state, 0, &je);
+        if (!o || !json_is_object(o)) {
+            fprintf(stderr, "kvf: --state: %s: %s\n", a->state, o ? "expected an object" : je.text);
+            json_decref(o);
+            return 2;
+        }
+        static const struct {
+            const char *k;
+            size_t off;
+        } f[] = {{"prompt_tokens", offsetof(kvf_gap_state, prompt_tokens)},
+                 {"cached_tokens", offsetof(kvf_gap_state, cached_tokens)},
+                 {"kv_bytes_per_token", offsetof(kvf_gap_state, kv_bytes_per_token)},
+                 {"prefill_tokens_per_s", offsetof(kvf_gap_state, prefill_tokens_per_s)},
+                 {"tcp_bytes_per_s", offsetof(kvf_gap_state, tcp_bytes_per_s)},
+                 {"rdma_bytes_per_s", offsetof(kvf_gap_state, rdma_bytes_per_s)},
+                 {"memory_pressure", offsetof(kvf_gap_state, memory_pressure)}};
+        const char *k;
+        json_t *v;
+        json_object_foreach(o, k, v)
+        {
+            size_t i;
+            for (i = 0; i < sizeof f / sizeof f[0]; i++)
+                if (!strcmp(k, f[i].k))
+                    break;
+            if (i == sizeof f / sizeof f[0] || !json_is_number(v)) {
+                fprintf(stderr, "kvf: --state: %s: unknown key or not a number\n", k);
+                json_decref(o);
+                return 2;
+            }
+            *(double *)((char *)&st + f[i].off) = json_number_value(v);
+        }
+        json_decref(o);
+    }
+    kvf_gap g;
+    kvf_optimality_gap(&l, &r, &st, &g);
+    json_t *arr = json_array();
+    if (!a->json)
+        printf("%-20s %-19s %-26s %9s  %s\n", "action", "label", "reason", "score s", "why");
+    for (int i = 0; i < KVF_ACTION_COUNT_; i++) {
+        kvf_verdict v;
+        kvf_classify((kvf_action_id)i, &l, &r, 0, &v);
+        double sc = kvf_action_score((kvf_action_id)i, &st);
+        if (a->json)
+            json_array_append_new(
+                arr, json_pack("{s:s,s:s,s:s,s:f,s:s}", "action", kvf_action_name((kvf_action_id)i),
+                               "label", kvf_feas_label_name(v.label), "reason",
+                               kvf_feas_reason_name(v.reason), "score_s", sc, "why", v.why));
+        else
+            printf("%-20s %-19s %-26s %9.3f  %s\n", kvf_action_name((kvf_action_id)i),
+                   kvf_feas_label_name(v.label), kvf_feas_reason_name(v.reason), sc, v.why);
+    }
+    if (a->json) {
+        json_t *o = json_pack("{s:s,s:s,s:o,s:s,s:s,s:f,s:f,s:f,s:s}", "local", l.name, "remote",
+                              r.name, "actions", arr, "best_action", kvf_action_name(g.best_all),
+                              "best_feasible_action",
+                              g.have_feasible ? kvf_action_name(g.best_feasible) : "none",
+                              "score_best_s", g.score_all, "score_best_feasible_s",
+                              g.score_feasible, "gap_s", g.gap, "score_label", "simulated");
+        char *t = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+        printf("%s\n", t);
+        free(t);
+        json_decref(o);
+    } else {
+        json_decref(arr);
+        printf("best action %s (%.3f s saved); best real action %s (%.3f s); gap %.3f s "
+               "(scores simulated by the cost model)\n",
+               kvf_action_name(g.best_all), g.score_all,
+               g.have_feasible ? kvf_action_name(g.best_feasible) : "none", g.score_feasible,
+               g.gap);
+    }
+    return 0;
+}
+
 static int add_nodes(args *a, const char *list)
 {
     char *dup = strdup(list), *save = NULL;
@@ -543,8 +713,9 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     a.cmd = argv[1];
-    static const char *const cmds[] = {"stats", "put",   "get",      "lookup", "evict",
-                                       "pin",   "unpin", "compress", "clear",  "keys"};
+    static const char *const cmds[] = {"stats", "put",  "get",      "lookup",
+                                       "evict", "pin",  "unpin",    "compress",
+                                       "clear", "keys", "estimate", "classify"};
     int known = 0;
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         known |= !strcmp(a.cmd, cmds[i]);
@@ -587,6 +758,21 @@ int main(int argc, char **argv)
             a.lease_ms = (uint32_t)strtoul(v, &end, 10);
         } else if (!strcmp(o, "--deadline-ms")) {
             a.deadline_ms = (int)strtol(v, &end, 10);
+        } else if (!strcmp(o, "--local")) {
+            a.local = v;
+        } else if (!strcmp(o, "--remote")) {
+            a.remote = v;
+        } else if (!strcmp(o, "--state")) {
+            a.state = v;
+        } else if (!strcmp(o, "--tokens")) {
+            a.tokens = strtoull(v, &end, 10);
+        } else if (!strcmp(o, "--batch")) {
+            a.batch = strtoull(v, &end, 10);
+        } else if (!strcmp(o, "--memory")) {
+            if (parse_size(v, &a.memory) != 0) {
+                fprintf(stderr, "kvf: --memory: cannot parse size \"%s\"\n", v);
+                return 2;
+            }
         } else if (!strcmp(o, "--conns")) {
             a.conns = (int)strtol(v, &end, 10);
         } else {
@@ -598,6 +784,10 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (!strcmp(a.cmd, "classify"))
+        return cmd_classify(&a);
+    if (!strcmp(a.cmd, "estimate"))
+        return cmd_estimate(&a);
     int need_tokens = strcmp(a.cmd, "stats") && strcmp(a.cmd, "clear");
     chunks ch;
     if (load_chunks(&a, &ch, need_tokens) != 0)

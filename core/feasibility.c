@@ -140,7 +140,7 @@ int kvf_classify(kvf_action_id a, const kvf_caps *l, const kvf_caps *r, int allo
     case KVF_ACTION_PREFETCH:
         denied = rule_store(r, v) || rule_transfer(l, r, v) ||
                  (!l->async_load &&
-                  deny(v, KVF_FEAS_NO_EXTERNAL_CONNECTOR,
+                  deny(v, KVF_FEAS_NO_ASYNC_LOAD,
                        "%s cannot load KV while it computes (no asynchronous load)", name_of(l)));
         break;
     case KVF_ACTION_LOOKUP:

@@ -466,3 +466,26 @@ int kvf_layout_to_json(const kvf_layout *l, char *buf, size_t buflen)
                      l->tp_rank, l->tp_size, fp);
     return n < 0 ? KVF_EIO : n;
 }
+
+int kvf_layout_estimate(const kvf_layout *l, uint64_t tokens, uint64_t batch, uint64_t memory,
+                        kvf_estimate *e)
+{
+    if (kvf_layout_validate(l, NULL, 0) != 0 || !e)
+        return KVF_EINVAL;
+    memset(e, 0, sizeof *e);
+    uint64_t bpt = kvf_layout_bytes_per_token(l);
+    e->bytes_per_token = bpt;
+    e->bytes_per_chunk = kvf_layout_chunk_bytes(l);
+    e->chunks_per_sequence = tokens / l->chunk_tokens;
+    if (tokens && bpt > UINT64_MAX / tokens)
+        return KVF_EOVERFLOW;
+    e->bytes_per_sequence = bpt * tokens;
+    if (batch && e->bytes_per_sequence > UINT64_MAX / batch)
+        return KVF_EOVERFLOW;
+    e->bytes_total = e->bytes_per_sequence * batch;
+    if (memory) {
+        e->tokens_fit = memory / bpt;
+        e->sequences_fit = e->bytes_per_sequence ? memory / e->bytes_per_sequence : 0;
+    }
+    return 0;
+}

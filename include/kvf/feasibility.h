@@ -105,6 +105,7 @@ KVF_API const char *kvf_feas_label_name(kvf_feas_label l);
     XX(NO_LAYERWISE_HOOK, "no_layerwise_hook")          \
     XX(NO_PAGED_LAYOUT, "no_paged_layout")              \
     XX(NO_EXTERNAL_CONNECTOR, "no_external_connector")  \
+    XX(NO_ASYNC_LOAD, "no_async_load")                  \
     XX(NO_QUANTIZATION, "no_kv_quantization")           \
     XX(QUANT_WITH_ROTATING, "quantized_rotating_cache") \
     XX(NO_TRIM, "no_trim")                              \

@@ -113,6 +113,22 @@ KVF_API int kvf_layout_resolve(const char *spec, kvf_layout *out, char *err, siz
  * counting the NUL, or a negative KVF_E* code; output is truncated when buflen is too small. */
 KVF_API int kvf_layout_to_json(const kvf_layout *l, char *buf, size_t buflen);
 
+/* The KV memory a workload needs under a layout, and what fits in a budget. */
+typedef struct kvf_estimate {
+    uint64_t bytes_per_token; /* all layers, this rank */
+    uint64_t bytes_per_chunk;
+    uint64_t chunks_per_sequence; /* full chunks of one sequence */
+    uint64_t bytes_per_sequence;  /* tokens x bytes per token */
+    uint64_t bytes_total;         /* x batch */
+    uint64_t tokens_fit;          /* tokens that fit in memory (0 when no budget was given) */
+    uint64_t sequences_fit;       /* sequences of `tokens` that fit */
+} kvf_estimate;
+
+/* Fills *e for `batch` sequences of `tokens` tokens and a memory budget (0: none). Returns 0,
+ * KVF_EINVAL for an invalid layout, or KVF_EOVERFLOW. */
+KVF_API int kvf_layout_estimate(const kvf_layout *l, uint64_t tokens, uint64_t batch,
+                                uint64_t memory, kvf_estimate *e);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Chunk keys                                                                                  */
 
