@@ -9,6 +9,7 @@
  *   kvf clear   --node ... [--model M] [--salt S]
  *   kvf keys    [chunks]                   print the chunk keys of a token sequence
  *   kvf estimate --model M --tokens N [--batch B] [--memory SIZE]   KV memory a workload needs
+ *   kvf probe    [--engine NAME]           this host's capability record, by executing tiny actions
  *   kvf classify --local L --remote R [--state S.json]   every remote action's feasibility label,
  *                                      reason and score, and the optimality gap (L, R: a built-in
  *                                      record name or a capability record JSON file)
@@ -22,6 +23,7 @@
 #include "kvf/kvf.h"
 
 #include "object.h"
+#include "probe.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -40,7 +42,7 @@ typedef struct args {
     long synthetic;
     uint64_t seed;
     const char *codec;
-    const char *local, *remote, *state;
+    const char *local, *remote, *state, *engine;
     uint64_t tokens, batch, memory;
     uint32_t lease_ms;
     int json;
@@ -52,7 +54,8 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: kvf COMMAND [options]\n"
-            "commands: stats put get lookup evict pin unpin compress clear keys estimate classify\n"
+            "commands: stats put get lookup evict pin unpin compress clear keys estimate classify "
+            "probe\n"
             "  --node HOST:PORT[,HOST:PORT...]  storage nodes (repeatable)\n"
             "  --model PRESET|FILE.json         layout (default ref-tiny)\n"
             "  --salt TENANT                    tenant salt of the key namespace\n"
@@ -689,6 +692,44 @@ static int cmd_classify(const args *a)
     return 0;
 }
 
+static int cmd_probe(const args *a)
+{
+    kvf_probe_report r;
+    kvf__probe_host(&r, a->engine);
+    char *rec = kvf_caps_to_json(&r.caps);
+    if (!rec)
+        return 1;
+    if (a->json) {
+        json_t *steps = json_array();
+        for (int i = 0; i < r.n_steps; i++)
+            json_array_append_new(steps, json_pack("{s:s,s:b,s:s}", "probe", r.steps[i].name, "ok",
+                                                   r.steps[i].ok, "detail", r.steps[i].detail));
+        json_t *rj = json_loads(rec, 0, NULL);
+        const kvf_telemetry *t = &r.telemetry;
+        json_t *o = json_pack(
+            "{s:o,s:o,s:{s:I,s:I,s:b,s:f,s:f,s:b,s:I,s:I,s:f},s:s}", "record", rj, "probes", steps,
+            "telemetry", "mem_total", (json_int_t)t->mem_total, "mem_available",
+            (json_int_t)t->mem_available, "have_psi", t->have_psi, "psi_some_avg10",
+            t->psi_some_avg10, "psi_full_avg10", t->psi_full_avg10, "have_cgroup", t->have_cgroup,
+            "cgroup_limit",
+            (json_int_t)(t->cgroup_limit == UINT64_MAX ? -1 : (json_int_t)t->cgroup_limit),
+            "cgroup_usage", (json_int_t)t->cgroup_usage, "pressure", kvf_telemetry_pressure(t),
+            "label", "real");
+        char *txt = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+        printf("%s\n", txt);
+        free(txt);
+        json_decref(o);
+    } else {
+        for (int i = 0; i < r.n_steps; i++)
+            printf("%-10s %-4s %s\n", r.steps[i].name, r.steps[i].ok ? "ok" : "no",
+                   r.steps[i].detail);
+        printf("pressure   %.2f (0 idle .. 1 exhausted)\nrecord     %s\n",
+               kvf_telemetry_pressure(&r.telemetry), rec);
+    }
+    free(rec);
+    return 0;
+}
+
 static int add_nodes(args *a, const char *list)
 {
     char *dup = strdup(list), *save = NULL;
@@ -713,9 +754,9 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     a.cmd = argv[1];
-    static const char *const cmds[] = {"stats", "put",  "get",      "lookup",
-                                       "evict", "pin",  "unpin",    "compress",
-                                       "clear", "keys", "estimate", "classify"};
+    static const char *const cmds[] = {"stats",    "put",      "get",      "lookup", "evict",
+                                       "pin",      "unpin",    "compress", "clear",  "keys",
+                                       "estimate", "classify", "probe"};
     int known = 0;
     for (size_t i = 0; i < sizeof cmds / sizeof cmds[0]; i++)
         known |= !strcmp(a.cmd, cmds[i]);
@@ -758,6 +799,8 @@ int main(int argc, char **argv)
             a.lease_ms = (uint32_t)strtoul(v, &end, 10);
         } else if (!strcmp(o, "--deadline-ms")) {
             a.deadline_ms = (int)strtol(v, &end, 10);
+        } else if (!strcmp(o, "--engine")) {
+            a.engine = v;
         } else if (!strcmp(o, "--local")) {
             a.local = v;
         } else if (!strcmp(o, "--remote")) {
@@ -786,6 +829,8 @@ int main(int argc, char **argv)
     }
     if (!strcmp(a.cmd, "classify"))
         return cmd_classify(&a);
+    if (!strcmp(a.cmd, "probe"))
+        return cmd_probe(&a);
     if (!strcmp(a.cmd, "estimate"))
         return cmd_estimate(&a);
     int need_tokens = strcmp(a.cmd, "stats") && strcmp(a.cmd, "clear");

@@ -14,6 +14,7 @@
 #include "kvf/client.h"
 #include "kvf/connector.h"
 #include "kvf/feasibility.h"
+#include "kvf/telemetry.h"
 
 #define KVF_VERSION_MAJOR  0
 #define KVF_VERSION_MINOR  1

@@ -1,0 +1,136 @@
+#include "probe.h"
+
+#include "kvf/error.h"
+
+#include "tcp.h"
+
+#include <dlfcn.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#ifdef KVF_HAVE_VERBS
+#include <infiniband/verbs.h>
+#endif
+
+static void step(kvf_probe_report *r, const char *name, int ok, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void step(kvf_probe_report *r, const char *name, int ok, const char *fmt, ...)
+{
+    if (r->n_steps == (int)(sizeof r->steps / sizeof r->steps[0]))
+        return;
+    kvf_probe_step *s = &r->steps[r->n_steps++];
+    s->name = name;
+    s->ok = ok;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(s->detail, sizeof s->detail, fmt, ap);
+    va_end(ap);
+}
+
+static void probe_rdma(kvf_probe_report *r)
+{
+#ifdef KVF_HAVE_VERBS
+    r->verbs_built = 1;
+    int n = 0;
+    struct ibv_device **list = ibv_get_device_list(&n);
+    if (!list) {
+        step(r, "rdma", 0, "libibverbs lists no device (no RDMA hardware or driver)");
+        return;
+    }
+    r->rdma_listed = n;
+    for (int i = 0; i < n; i++) {
+        struct ibv_context *ctx = ibv_open_device(list[i]);
+        if (ctx) {
+            r->rdma_opened++;
+            ibv_close_device(ctx);
+        }
+    }
+    ibv_free_device_list(list);
+    step(r, "rdma", r->rdma_opened > 0,
+         "%d device(s) listed, %d opened; one-sided RDMA needs a "
+         "peer to verify and is not claimed",
+         n, r->rdma_opened);
+#else
+    step(r, "rdma", 0, "this build has no libibverbs: RDMA not probed");
+#endif
+}
+
+typedef int (*cu_init_fn)(unsigned);
+typedef int (*cu_count_fn)(int *);
+
+static void probe_cuda(kvf_probe_report *r)
+{
+    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        step(r, "cuda", 0, "no CUDA driver (libcuda.so.1 not found)");
+        return;
+    }
+    cu_init_fn init = (cu_init_fn)dlsym(h, "cuInit");
+    cu_count_fn count = (cu_count_fn)dlsym(h, "cuDeviceGetCount");
+    int n = 0;
+    if (init && count && init(0) == 0 && count(&n) == 0) {
+        r->cuda_devices = n;
+        step(r, "cuda", n > 0, "CUDA driver present, %d device(s)", n);
+    } else {
+        step(r, "cuda", 0, "CUDA driver present but cuInit failed");
+    }
+    dlclose(h);
+}
+
+int kvf__probe_host(kvf_probe_report *r, const char *engine)
+{
+    memset(r, 0, sizeof *r);
+    kvf_caps *c = &r->caps;
+    struct utsname u;
+    uname(&u);
+    snprintf(c->name, sizeof c->name, "probe:%.56s", u.nodename);
+    snprintf(c->platform, sizeof c->platform, "%s",
+             !strcmp(u.sysname, "Darwin") ? "macos" : "linux");
+#if defined(__APPLE__) && defined(__aarch64__)
+    c->apple_silicon = 1;
+#endif
+    snprintf(c->engine, sizeof c->engine, "%s", engine ? engine : "");
+    /* TCP: bind a listener on loopback. */
+    int fd;
+    uint16_t port = 0;
+    char err[160];
+    if (kvf__tcp_listen("127.0.0.1", 0, 4, &fd, &port, err, sizeof err) == 0) {
+        close(fd);
+        c->transports |= KVF_TRANSPORT_TCP;
+        step(r, "tcp", 1, "listener bound on 127.0.0.1:%u", port);
+    } else {
+        step(r, "tcp", 0, "%s", err);
+    }
+    probe_rdma(r);
+    c->rdma_devices = r->rdma_opened;
+    if (r->rdma_opened)
+        c->transports |= KVF_TRANSPORT_RDMA;
+    c->rdma_one_sided = 0; /* not verified without a peer */
+    /* Locked memory: staging and RDMA registration need it. */
+    size_t n = 64 * 1024;
+    void *buf = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf != MAP_FAILED && mlock(buf, n) == 0) {
+        munlock(buf, n);
+        step(r, "mlock", 1, "locked and unlocked %zu bytes", n);
+    } else {
+        step(r, "mlock", 0, "cannot lock memory (memlock limit)");
+    }
+    if (buf != MAP_FAILED)
+        munmap(buf, n);
+    probe_cuda(r);
+    /* This build moves host and unified memory; KV in CUDA memory needs the GPU build. */
+    c->mem_kinds = KVF_MEMK_HOST;
+    c->xfer_mem_kinds = KVF_MEMK_HOST | KVF_MEMK_UNIFIED;
+    int trc = kvf_telemetry_read(&r->telemetry);
+    step(r, "telemetry", trc == 0, "MemAvailable %llu MiB, PSI %s, cgroup %s",
+         (unsigned long long)(r->telemetry.mem_available >> 20),
+         r->telemetry.have_psi ? "readable" : "absent",
+         r->telemetry.have_cgroup ? "readable" : "absent");
+    return 0;
+}
