@@ -24,6 +24,7 @@
 
 #include "object.h"
 #include "probe.h"
+#include "units.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -531,31 +532,6 @@ static int cmd_keys(const args *a, const chunks *ch)
     return 0;
 }
 
-/* Parses "512M", "80G", "1048576". Returns 0 or -1. */
-static int parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s)
-        return -1;
-    uint64_t mul = 1;
-    char u = (char)(*end | 0x20);
-    if (*end) {
-        mul = u == 'k'   ? 1ull << 10
-              : u == 'm' ? 1ull << 20
-              : u == 'g' ? 1ull << 30
-              : u == 't' ? 1ull << 40
-                         : 0;
-        if (!mul || (end[1] && strcmp(end + 1, "iB") && strcmp(end + 1, "B")))
-            return -1;
-    }
-    if (v > UINT64_MAX / mul)
-        return -1;
-    *out = v * mul;
-    return 0;
-}
-
 static int cmd_estimate(const args *a)
 {
     kvf_layout l;
@@ -812,7 +788,7 @@ int main(int argc, char **argv)
         } else if (!strcmp(o, "--batch")) {
             a.batch = strtoull(v, &end, 10);
         } else if (!strcmp(o, "--memory")) {
-            if (parse_size(v, &a.memory) != 0) {
+            if (kvf__parse_size(v, &a.memory) != 0) {
                 fprintf(stderr, "kvf: --memory: cannot parse size \"%s\"\n", v);
                 return 2;
             }

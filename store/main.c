@@ -14,6 +14,7 @@
 #include "log.h"
 #include "server.h"
 #include "tcp.h"
+#include "units.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -31,38 +32,6 @@ static void on_signal(int sig)
     (void)sig;
     if (g_server)
         kvf__server_stop(g_server);
-}
-
-/* Parses "512M", "4G", "1048576", "64KiB". Returns 0 or -1. */
-static int parse_size(const char *s, uint64_t *out)
-{
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(s, &end, 10);
-    if (errno || end == s)
-        return -1;
-    uint64_t mul = 1;
-    if (*end) {
-        char u = (char)(*end | 0x20);
-        mul = u == 'k'   ? 1ull << 10
-              : u == 'm' ? 1ull << 20
-              : u == 'g' ? 1ull << 30
-              : u == 't' ? 1ull << 40
-                         : 0;
-        if (!mul)
-            return -1;
-        end++;
-        if (*end == 'i' || *end == 'I')
-            end++;
-        if (*end == 'b' || *end == 'B')
-            end++;
-        if (*end)
-            return -1;
-    }
-    if (v > UINT64_MAX / mul)
-        return -1;
-    *out = v * mul;
-    return 0;
 }
 
 static void usage(FILE *f)
@@ -113,12 +82,12 @@ int main(int argc, char **argv)
         } else if (!strcmp(a, "--listen")) {
             listen = v;
         } else if (!strcmp(a, "--memory")) {
-            if (parse_size(v, &memory) != 0) {
+            if (kvf__parse_size(v, &memory) != 0) {
                 fprintf(stderr, "kvf-store: --memory: cannot parse size \"%s\"\n", v);
                 return 2;
             }
         } else if (!strcmp(a, "--max-request")) {
-            if (parse_size(v, &max_request) != 0 || max_request < 4096) {
+            if (kvf__parse_size(v, &max_request) != 0 || max_request < 4096) {
                 fprintf(stderr, "kvf-store: --max-request: bad size \"%s\" (at least 4K)\n", v);
                 return 2;
             }

@@ -20,6 +20,7 @@
 #include "alloc.h"
 #include "clock.h"
 #include "log.h"
+#include "units.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors */
@@ -680,6 +681,34 @@ static void test_core_allocator_seam(void **state)
     kvf__free(NULL, d);
 }
 
+static void test_core_parse_size(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *s;
+        uint64_t v;
+    } ok[] = {{"0", 0},
+              {"1048576", 1048576},
+              {"64k", 64ull << 10},
+              {"64KiB", 64ull << 10},
+              {"512M", 512ull << 20},
+              {"512MB", 512ull << 20},
+              {"4G", 4ull << 30},
+              {"2t", 2ull << 40}};
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        uint64_t v = 1;
+        assert_int_equal(kvf__parse_size(ok[i].s, &v), 0);
+        assert_true(v == ok[i].v);
+    }
+    static const char *const bad[] = {
+        "", "M", "-1", "1x", "4GiBs", "1.5G", " 4G", "99999999999999999999", "16777216T"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        uint64_t v = 7;
+        assert_int_equal(kvf__parse_size(bad[i], &v), -1);
+        assert_true(v == 7);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -701,6 +730,7 @@ int main(void)
         cmocka_unit_test(test_core_log_levels_and_format),
         cmocka_unit_test(test_core_clock),
         cmocka_unit_test(test_core_allocator_seam),
+        cmocka_unit_test(test_core_parse_size),
     };
     return cmocka_run_group_tests_name("core", tests, NULL, NULL);
 }
