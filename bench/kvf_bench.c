@@ -15,6 +15,8 @@ static const struct {
     {"store", bench_store_main, "storage node vs the TCP ceiling and Redis"},
     {"connector", bench_connector_main, "page moves vs memcpy; engine TTFT vs full recompute"},
     {"sched", bench_sched_main, "trace replay through the scheduler (simulated); place() latency"},
+    {"soak", bench_soak_main,
+     "store under churn while the host is pushed to a memory-pressure target"},
 };
 
 int main(int argc, char **argv)

@@ -1,0 +1,714 @@
+/*
+ * kvf-bench soak: a storage node under put/get/evict churn while the host is driven toward a
+ * memory-pressure target.
+ *
+ *   1. rest: churn with no ballast, to measure the store's latency at this host's own pressure;
+ *   2. pressure: this process maps and touches anonymous "ballast" in 64 MiB pieces until
+ *      kvf_telemetry_pressure() reaches the target (or --ballast-max, or a floor of free memory,
+ *      stops it), releasing pieces when it overshoots;
+ *   3. throughout: batched PUTs of fresh objects, batched GETs of recent ones, explicit evictions;
+ *      every object read back is checked against the XXH3 of the bytes that were put, and an
+ *      object that was evicted must never come back. Once a second: telemetry, the store's RSS
+ *      and put/get latency go into a timeline.
+ * Fails (exit 1) on a wrong byte, a resurrected object, a transport error, or store RSS that grows
+ * beyond its arena. The ratio it reports is GET p99 under pressure over GET p99 at rest, both
+ * measured in this run.
+ */
+#include "bench.h"
+#include "bench_util.h"
+
+#include "kvf/kvf.h"
+
+#include "bytes.h"
+#include "object.h"
+#include "units.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#define LAYERS        4
+#define BALLAST_PIECE (64ull << 20)
+#define MAX_PIECES    4096
+#define MAX_SAMPLES   4096
+#define MAX_LAT       65536
+
+typedef struct opts {
+    double duration, target;
+    uint64_t memory, object, ballast_max, floor;
+    int batch, json;
+    const char *memory_arg;
+    const char *store_bin;
+    const char *png;
+} opts;
+
+typedef struct slot {
+    uint64_t id;   /* UINT64_MAX: empty */
+    uint64_t hash; /* XXH3 of the object put */
+    int evicted;
+} slot;
+
+typedef struct sample {
+    double t, avail_mib, psi_some, psi_full, pressure, ballast_mib, store_rss_mib;
+    double put_p50, put_p99, get_p50, get_p99, put_gbps, get_gbps;
+    uint64_t hits, misses;
+    int phase; /* 0 rest, 1 pressure */
+} sample;
+
+typedef struct ballast {
+    void *piece[MAX_PIECES];
+    int n; /* owned by the ballast thread */
+    const opts *o;
+    _Atomic int active, stop;
+    _Atomic uint64_t bytes; /* read by the sampler */
+    pthread_t th;
+} ballast;
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: kvf-bench soak [--duration S] [--target-pressure P] [--memory SIZE] "
+               "[--object SIZE] [--batch N] [--ballast-max SIZE] [--floor SIZE] [--png FILE] "
+               "[--json] [--store-bin PATH]\n"
+               "  --duration S          seconds in all, a fifth of them at rest (default 30)\n"
+               "  --target-pressure P   kvf_telemetry_pressure() to reach, 0 < P <= 0.95 (0.5)\n"
+               "  --memory SIZE         the store's arena (256M)\n"
+               "  --object SIZE         bytes of one object (1M); --batch objects per request "
+               "(16)\n"
+               "  --ballast-max SIZE    most ballast to map (8G); --floor SIZE: MemAvailable "
+               "never\n"
+               "                        pushed below this (1G)\n");
+}
+
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.duration = 30,
+                .target = 0.5,
+                .memory_arg = "256M",
+                .object = 1u << 20,
+                .batch = 16,
+                .ballast_max = 8ull << 30,
+                .floor = 1ull << 30};
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        int bad = 0;
+        if (!strcmp(a, "--json"))
+            o->json = 1;
+        else if (!strcmp(a, "--duration") && v)
+            bad = sscanf(argv[++i], "%lf", &o->duration) != 1;
+        else if (!strcmp(a, "--target-pressure") && v)
+            bad = sscanf(argv[++i], "%lf", &o->target) != 1;
+        else if (!strcmp(a, "--memory") && v)
+            o->memory_arg = argv[++i];
+        else if (!strcmp(a, "--object") && v)
+            bad = kvf__parse_size(argv[++i], &o->object) != 0;
+        else if (!strcmp(a, "--batch") && v)
+            o->batch = atoi(argv[++i]);
+        else if (!strcmp(a, "--ballast-max") && v)
+            bad = kvf__parse_size(argv[++i], &o->ballast_max) != 0;
+        else if (!strcmp(a, "--floor") && v)
+            bad = kvf__parse_size(argv[++i], &o->floor) != 0;
+        else if (!strcmp(a, "--png") && v)
+            o->png = argv[++i];
+        else if (!strcmp(a, "--store-bin") && v)
+            o->store_bin = argv[++i];
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 1;
+        } else {
+            fprintf(stderr, "kvf-bench soak: unknown option %s\n", a);
+            usage(stderr);
+            return -1;
+        }
+        if (bad) {
+            fprintf(stderr, "kvf-bench soak: cannot parse %s %s\n", a, argv[i]);
+            return -1;
+        }
+    }
+    const char *why = NULL;
+    if (kvf__parse_size(o->memory_arg, &o->memory) != 0 || o->memory < (16u << 20))
+        why = "--memory must be a size of at least 16M";
+    else if (!(o->duration >= 2 && o->duration <= 86400))
+        why = "--duration must be 2..86400 seconds";
+    else if (!(o->target > 0 && o->target <= 0.95))
+        why = "--target-pressure must be in (0, 0.95]";
+    else if (o->object < 4096 || o->object > (64u << 20) || o->object % LAYERS)
+        why = "--object must be 4K..64M and a multiple of 4";
+    else if (o->batch < 1 || o->batch > 256)
+        why = "--batch must be 1..256";
+    else if (o->object * (uint64_t)o->batch * 4 > o->memory)
+        why = "--memory must hold at least four batches";
+    else if (o->ballast_max / BALLAST_PIECE > MAX_PIECES)
+        why = "--ballast-max is at most 256G";
+    if (why) {
+        fprintf(stderr, "kvf-bench soak: %s\n", why);
+        return -1;
+    }
+    if (!o->store_bin)
+        o->store_bin = bench_find_bin("kvf-store", "../store/kvf-store");
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Ballast */
+
+static uint64_t ballast_bytes(ballast *b)
+{
+    return atomic_load(&b->bytes);
+}
+
+/* Moves the ballast toward the target: adds or drops up to 1 GiB a step. Pieces are written, so
+ * they are resident (not the shared zero page); transparent huge pages, where the kernel allows
+ * them, make that about three times faster than MAP_POPULATE on 4 KiB pages. */
+static void ballast_step(ballast *b, const kvf_telemetry *t)
+{
+    const opts *o = b->o;
+    double p = kvf_telemetry_pressure(t);
+    uint64_t base =
+        t->have_cgroup && t->cgroup_limit < t->mem_total ? t->cgroup_limit : t->mem_total;
+    uint64_t have = (uint64_t)b->n * BALLAST_PIECE;
+    if (p < o->target) {
+        uint64_t want = (uint64_t)((o->target - p) * (double)base);
+        uint64_t room = t->mem_available > o->floor ? t->mem_available - o->floor : 0;
+        uint64_t left = o->ballast_max > have ? o->ballast_max - have : 0;
+        want = want < room ? want : room;
+        want = want < left ? want : left;
+        want = want < (1ull << 30) ? want : (1ull << 30);
+        for (uint64_t k = 0; k < want / BALLAST_PIECE && b->n < MAX_PIECES; k++) {
+            void *m = mmap(NULL, BALLAST_PIECE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                           -1, 0);
+            if (m == MAP_FAILED)
+                break;
+            madvise(m, BALLAST_PIECE, MADV_HUGEPAGE);
+            memset(m, 0xa5, BALLAST_PIECE);
+            b->piece[b->n++] = m;
+            atomic_store(&b->bytes, (uint64_t)b->n * BALLAST_PIECE);
+        }
+    } else if (p > o->target + 0.03) {
+        uint64_t drop = (uint64_t)((p - o->target) * (double)base);
+        for (uint64_t k = 0; k < drop / BALLAST_PIECE + 1 && b->n > 0; k++)
+            munmap(b->piece[--b->n], BALLAST_PIECE);
+    }
+    atomic_store(&b->bytes, (uint64_t)b->n * BALLAST_PIECE);
+}
+
+/* The ballast thread: steps every 100 ms while active, so the churn never waits on page faults. */
+static void *ballast_main(void *arg)
+{
+    ballast *b = arg;
+    while (!atomic_load(&b->stop)) {
+        kvf_telemetry t;
+        if (atomic_load(&b->active) && kvf_telemetry_read(&t) == 0)
+            ballast_step(b, &t);
+        usleep(100 * 1000);
+    }
+    while (b->n > 0)
+        munmap(b->piece[--b->n], BALLAST_PIECE);
+    atomic_store(&b->bytes, 0);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Objects: the payload of object id is a window of a random buffer chosen by id, so every object
+ * differs and none costs more than a copy to make. */
+
+static kvf_key soak_key(uint64_t id)
+{
+    kvf_key k = {.lo = kvf__fmix64(id ^ 0x50a4c0ffeeull), .hi = id};
+    return k;
+}
+
+static void make_object(uint64_t id, const uint8_t *base, uint64_t seg, uint8_t *dst, size_t cap,
+                        uint64_t *len)
+{
+    kvf_key k = soak_key(id);
+    uint64_t off = (kvf__fmix64(id) % (seg * LAYERS)) & ~63ull;
+    const void *segs[LAYERS];
+    for (int l = 0; l < LAYERS; l++)
+        segs[l] = base + off + (uint64_t)l * seg;
+    size_t out = 0;
+    kvf__obj_encode(&k, 1, 512, LAYERS, segs, seg, KVF_CODEC_NONE, dst, cap, &out, NULL);
+    *len = out;
+}
+
+static double pct(double *v, size_t n, double q)
+{
+    return n ? bench_quantile(v, n, q) : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Plot */
+
+static int plot(const char *png, const sample *s, int n, double target)
+{
+    char dat[] = "/tmp/kvf-bench-soak-XXXXXX";
+    int fd = mkstemp(dat);
+    if (fd < 0)
+        return -1;
+    FILE *f = fdopen(fd, "w");
+    for (int i = 0; i < n; i++)
+        fprintf(f, "%.2f %.4f %.4f %.3f %.3f %.3f %.1f\n", s[i].t, s[i].pressure,
+                s[i].psi_some / 100.0, s[i].ballast_mib / 1024.0, s[i].get_p99, s[i].put_p99,
+                s[i].store_rss_mib);
+    fclose(f);
+    FILE *g = popen("gnuplot", "w");
+    if (!g) {
+        unlink(dat);
+        return -1;
+    }
+    fprintf(g,
+            "set terminal pngcairo size 1000,720 font 'sans,10'\n"
+            "set output '%s'\n"
+            "set multiplot layout 2,1 title 'kvf-bench soak: store under put/get/evict churn "
+            "while the host is pushed to pressure %.2f'\n"
+            "set grid\n"
+            "set key top left\n"
+            "set ylabel 'pressure (0..1)'\n"
+            "set yrange [0:1]\n"
+            "set y2label 'ballast (GiB)'\n"
+            "set y2tics\n"
+            "set ytics nomirror\n"
+            "plot '%s' using 1:2 with lines lw 2 title 'kvf pressure', "
+            "'' using 1:3 with lines title 'PSI some avg10 / 100', "
+            "%.3f with lines dt 2 lc rgb '#888888' title 'target', "
+            "'' using 1:4 axes x1y2 with steps lc rgb '#2ca02c' title 'ballast GiB'\n"
+            "unset y2label\n"
+            "unset y2tics\n"
+            "set ytics mirror\n"
+            "set yrange [0:*]\n"
+            "set xlabel 'seconds'\n"
+            "set ylabel 'p99 latency of a batch (ms)'\n"
+            "plot '%s' using 1:5 with linespoints pt 7 ps 0.5 title 'GET p99', "
+            "'' using 1:6 with linespoints pt 5 ps 0.5 title 'PUT p99'\n"
+            "unset multiplot\n",
+            png, target, dat, target, dat);
+    int rc = pclose(g);
+    unlink(dat);
+    if (rc != 0) {
+        fprintf(stderr, "kvf-bench soak: gnuplot failed; is gnuplot installed?\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct churn {
+    const opts *o;
+    kvf_client *cl;
+    uint8_t *base;
+    uint64_t seg, window, next_id;
+    slot *ring;
+    size_t cap;
+    uint8_t **objs, **bufs;
+    uint64_t *lens, *caps, *out_lens;
+    kvf_key *keys;
+    int *st;
+    uint64_t rng;
+    /* totals */
+    uint64_t verified, verified_bytes, mismatches, resurrected, errors, misses, evicted, puts;
+    /* this second */
+    double put_lat[MAX_LAT], get_lat[MAX_LAT];
+    size_t n_put, n_get;
+    uint64_t put_bytes, get_bytes, sec_hits, sec_misses;
+} churn;
+
+static uint64_t rnd(churn *c)
+{
+    c->rng = c->rng * 6364136223846793005ull + 1442695040888963407ull;
+    return kvf__fmix64(c->rng);
+}
+
+static slot *slot_of(churn *c, uint64_t id)
+{
+    return &c->ring[id % c->window];
+}
+
+/* Runs a batched put or get and records its latency in this second's samples. */
+static int timed(churn *c, const kvf_batch *req, int put)
+{
+    double t0 = bench_now();
+    int rc = put ? kvf_client_put(c->cl, req) : kvf_client_get(c->cl, req);
+    double ms = (bench_now() - t0) * 1e3;
+    double *lat = put ? c->put_lat : c->get_lat;
+    size_t *n = put ? &c->n_put : &c->n_get;
+    if (*n < MAX_LAT)
+        lat[(*n)++] = ms;
+    return rc;
+}
+
+static void churn_put(churn *c)
+{
+    int b = c->o->batch;
+    for (int i = 0; i < b; i++) {
+        uint64_t id = c->next_id + (uint64_t)i;
+        c->keys[i] = soak_key(id);
+        make_object(id, c->base, c->seg, c->objs[i], c->cap, &c->lens[i]);
+    }
+    kvf_batch req = {.n = (size_t)b,
+                     .keys = c->keys,
+                     .objs = (const void *const *)c->objs,
+                     .lens = c->lens,
+                     .status = c->st};
+    int rc = timed(c, &req, 1);
+    for (int i = 0; i < b; i++) {
+        uint64_t id = c->next_id + (uint64_t)i;
+        slot *s = slot_of(c, id);
+        if (rc == 0 && c->st[i] == 0) {
+            *s = (slot){.id = id, .hash = XXH3_64bits(c->objs[i], c->lens[i])};
+            c->put_bytes += c->lens[i];
+            c->puts++;
+        } else {
+            *s = (slot){.id = UINT64_MAX};
+            if (c->st[i] != KVF_ENOSPC)
+                c->errors++;
+        }
+    }
+    c->next_id += (uint64_t)b;
+}
+
+/* n ids among the recent window that the ring still describes. */
+static int pick(churn *c, uint64_t *ids, int n)
+{
+    uint64_t lo = c->next_id > c->window ? c->next_id - c->window : 0;
+    int k = 0;
+    if (c->next_id == lo)
+        return 0;
+    for (int tries = 0; tries < 4 * n && k < n; tries++) {
+        uint64_t id = lo + rnd(c) % (c->next_id - lo);
+        slot *s = slot_of(c, id);
+        if (s->id != id)
+            continue;
+        int dup = 0;
+        for (int j = 0; j < k; j++)
+            dup |= ids[j] == id;
+        if (!dup)
+            ids[k++] = id;
+    }
+    return k;
+}
+
+static void churn_get(churn *c)
+{
+    uint64_t ids[256];
+    int n = pick(c, ids, c->o->batch);
+    if (n == 0)
+        return;
+    for (int i = 0; i < n; i++)
+        c->keys[i] = soak_key(ids[i]);
+    kvf_batch req = {.n = (size_t)n,
+                     .keys = c->keys,
+                     .bufs = (void *const *)c->bufs,
+                     .caps = c->caps,
+                     .out_lens = c->out_lens,
+                     .status = c->st};
+    int rc = timed(c, &req, 0);
+    for (int i = 0; i < n; i++) {
+        slot *s = slot_of(c, ids[i]);
+        if (rc != 0) {
+            c->errors++;
+        } else if (c->st[i] == 0) {
+            if (s->evicted)
+                c->resurrected++;
+            else if (XXH3_64bits(c->bufs[i], c->out_lens[i]) != s->hash)
+                c->mismatches++;
+            else {
+                c->verified++;
+                c->verified_bytes += c->out_lens[i];
+                c->get_bytes += c->out_lens[i];
+                c->sec_hits++;
+            }
+        } else if (c->st[i] == KVF_ENOENT) {
+            c->misses++;
+            c->sec_misses++;
+            s->id = UINT64_MAX; /* gone (evicted by the store): stop asking */
+        } else {
+            c->errors++;
+        }
+    }
+}
+
+static void churn_evict(churn *c)
+{
+    uint64_t ids[256];
+    int n = pick(c, ids, c->o->batch / 4 + 1);
+    for (int i = 0; i < n; i++)
+        c->keys[i] = soak_key(ids[i]);
+    if (n == 0 || kvf_client_evict(c->cl, (size_t)n, c->keys, c->st, 0) != 0) {
+        c->errors += n > 0;
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        if (c->st[i] == 0 || c->st[i] == KVF_ENOENT) {
+            slot_of(c, ids[i])->evicted = 1;
+            c->evicted += c->st[i] == 0;
+        }
+}
+
+static int churn_init(churn *c, const opts *o, kvf_client *cl)
+{
+    memset(c, 0, sizeof *c);
+    c->o = o;
+    c->cl = cl;
+    c->seg = o->object / LAYERS;
+    c->cap = kvf__obj_raw_size(LAYERS, c->seg);
+    c->window = 2 * (o->memory / o->object) + (uint64_t)o->batch;
+    c->rng = 0x5eed;
+    c->base = malloc(2 * o->object);
+    c->ring = malloc(c->window * sizeof *c->ring);
+    int b = o->batch;
+    c->objs = calloc((size_t)b, sizeof *c->objs);
+    c->bufs = calloc((size_t)b, sizeof *c->bufs);
+    c->lens = calloc((size_t)b, sizeof *c->lens);
+    c->caps = calloc((size_t)b, sizeof *c->caps);
+    c->out_lens = calloc((size_t)b, sizeof *c->out_lens);
+    c->keys = calloc((size_t)b, sizeof *c->keys);
+    c->st = calloc((size_t)b, sizeof *c->st);
+    if (!c->base || !c->ring || !c->objs || !c->bufs || !c->lens || !c->caps || !c->out_lens ||
+        !c->keys || !c->st)
+        return -1;
+    for (uint64_t i = 0; i < 2 * o->object; i++)
+        c->base[i] = (uint8_t)(rnd(c) >> 56);
+    for (uint64_t i = 0; i < c->window; i++)
+        c->ring[i] = (slot){.id = UINT64_MAX};
+    for (int i = 0; i < b; i++) {
+        c->objs[i] = malloc(c->cap);
+        c->bufs[i] = malloc(c->cap);
+        c->caps[i] = c->cap;
+        if (!c->objs[i] || !c->bufs[i])
+            return -1;
+    }
+    return 0;
+}
+
+static void churn_free(churn *c)
+{
+    for (int i = 0; c->o && c->objs && i < c->o->batch; i++) {
+        free(c->objs[i]);
+        free(c->bufs[i]);
+    }
+    free(c->base);
+    free(c->ring);
+    free(c->objs);
+    free(c->bufs);
+    free(c->lens);
+    free(c->caps);
+    free(c->out_lens);
+    free(c->keys);
+    free(c->st);
+}
+
+static void take_sample(churn *c, sample *s, double t, double dt, ballast *b,
+                        const kvf_telemetry *tel, pid_t store, int phase)
+{
+    *s = (sample){.t = t,
+                  .avail_mib = (double)tel->mem_available / 1048576.0,
+                  .psi_some = tel->psi_some_avg10,
+                  .psi_full = tel->psi_full_avg10,
+                  .pressure = kvf_telemetry_pressure(tel),
+                  .ballast_mib = (double)ballast_bytes(b) / 1048576.0,
+                  .store_rss_mib = bench_rss_mib(store),
+                  .put_p50 = pct(c->put_lat, c->n_put, 0.5),
+                  .put_p99 = pct(c->put_lat, c->n_put, 0.99),
+                  .get_p50 = pct(c->get_lat, c->n_get, 0.5),
+                  .get_p99 = pct(c->get_lat, c->n_get, 0.99),
+                  .put_gbps = (double)c->put_bytes / dt / 1e9,
+                  .get_gbps = (double)c->get_bytes / dt / 1e9,
+                  .hits = c->sec_hits,
+                  .misses = c->sec_misses,
+                  .phase = phase};
+    c->n_put = c->n_get = 0;
+    c->put_bytes = c->get_bytes = c->sec_hits = c->sec_misses = 0;
+}
+
+static json_t *sample_json(const sample *s)
+{
+    return json_pack("{s:f, s:s, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, s:f, "
+                     "s:I, s:I}",
+                     "t", s->t, "phase", s->phase ? "pressure" : "rest", "mem_available_mib",
+                     s->avail_mib, "psi_some_avg10", s->psi_some, "psi_full_avg10", s->psi_full,
+                     "pressure", s->pressure, "ballast_mib", s->ballast_mib, "store_rss_mib",
+                     s->store_rss_mib, "put_p50_ms", s->put_p50, "put_p99_ms", s->put_p99,
+                     "get_p50_ms", s->get_p50, "get_p99_ms", s->get_p99, "put_gbps", s->put_gbps,
+                     "get_gbps", s->get_gbps, "hits", (json_int_t)s->hits, "misses",
+                     (json_int_t)s->misses);
+}
+
+/* The median over samples of one phase of a per-second figure. */
+static double phase_median(const sample *s, int n, int phase, size_t field_off)
+{
+    double v[MAX_SAMPLES];
+    size_t k = 0;
+    for (int i = 0; i < n; i++)
+        if (s[i].phase == phase)
+            v[k++] = *(const double *)((const char *)&s[i] + field_off);
+    return pct(v, k, 0.5);
+}
+
+int bench_soak_main(int argc, char **argv)
+{
+    opts o;
+    int prc = parse(argc, argv, &o);
+    if (prc != 0)
+        return prc > 0 ? 0 : 2;
+    kvf_telemetry tel;
+    if (kvf_telemetry_read(&tel) != 0) {
+        fprintf(stderr, "kvf-bench soak: cannot read this host's memory telemetry\n");
+        return 1;
+    }
+    bench_proc store = {0};
+    if (bench_start_store(&store, o.store_bin, o.memory_arg, NULL) != 0)
+        return 1;
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", store.port);
+    const char *nodes[1] = {addr};
+    kvf_client_opts co = {
+        .nodes = nodes, .n_nodes = 1, .ns = 0x50a4ull, .conns_per_node = 2, .deadline_ms = 30000};
+    kvf_client *cl = NULL;
+    char err[256];
+    if (kvf_client_open(&cl, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench soak: %s\n", err);
+        bench_stop(&store);
+        return 1;
+    }
+    int ok = 0;
+    churn *c = calloc(1, sizeof *c);
+    sample *samples = calloc(MAX_SAMPLES, sizeof *samples);
+    ballast *bal = calloc(1, sizeof *bal);
+    if (!c || !samples || !bal || churn_init(c, &o, cl) != 0) {
+        fprintf(stderr, "kvf-bench soak: out of memory\n");
+        goto out;
+    }
+    bal->o = &o;
+    if (pthread_create(&bal->th, NULL, ballast_main, bal) != 0) {
+        fprintf(stderr, "kvf-bench soak: cannot start the ballast thread\n");
+        goto out;
+    }
+    double rest = o.duration / 5;
+    bench_progress("soak",
+                   "store arena %s, %" PRIu64 " KiB objects in batches of %d; %.0f s at rest, "
+                   "then %.0f s at pressure %.2f (now %.2f)",
+                   o.memory_arg, o.object >> 10, o.batch, rest, o.duration - rest, o.target,
+                   kvf_telemetry_pressure(&tel));
+    printf("  %6s %6s %9s %7s %8s %9s %9s %8s %8s %8s %8s %6s %6s\n", "t(s)", "phase", "avail MiB",
+           "PSI%", "pressure", "ballast", "store RSS", "put p99", "get p99", "put GB/s", "get GB/s",
+           "hits", "misses");
+    int ns = 0, iter = 0;
+    double t0 = bench_now(), last = t0, reached_at = -1;
+    while (bench_now() - t0 < o.duration && ns < MAX_SAMPLES) {
+        churn_put(c);
+        churn_get(c);
+        if (++iter % 4 == 0)
+            churn_evict(c);
+        double now = bench_now();
+        if (now - last < 1.0)
+            continue;
+        int phase = last - t0 >= rest; /* a sample belongs to the phase its second began in */
+        kvf_telemetry_read(&tel);
+        take_sample(c, &samples[ns], now - t0, now - last, bal, &tel, store.pid, phase);
+        const sample *s = &samples[ns++];
+        if (phase && reached_at < 0 && s->pressure >= o.target - 0.02)
+            reached_at = s->t;
+        printf("  %6.1f %6s %9.0f %7.2f %8.3f %7.0fM %8.0fM %6.1fms %6.1fms %8.2f %8.2f %6" PRIu64
+               " %6" PRIu64 "\n",
+               s->t, phase ? "press" : "rest", s->avail_mib, s->psi_some, s->pressure,
+               s->ballast_mib, s->store_rss_mib, s->put_p99, s->get_p99, s->put_gbps, s->get_gbps,
+               s->hits, s->misses);
+        fflush(stdout);
+        if (now - t0 >= rest)
+            atomic_store(&bal->active, 1);
+        last = bench_now();
+    }
+    atomic_store(&bal->stop, 1);
+    pthread_join(bal->th, NULL);
+
+    /* RSS: the arena is preallocated, so after the first second the store must not grow beyond
+     * its arena plus bookkeeping; a leak under churn shows as steady growth. */
+    double rss_first = ns ? samples[0].store_rss_mib : -1, rss_max = 0, ballast_max_mib = 0;
+    double pressure_max = 0;
+    for (int i = 0; i < ns; i++) {
+        rss_max = samples[i].store_rss_mib > rss_max ? samples[i].store_rss_mib : rss_max;
+        if (samples[i].ballast_mib > ballast_max_mib)
+            ballast_max_mib = samples[i].ballast_mib;
+        if (samples[i].pressure > pressure_max)
+            pressure_max = samples[i].pressure;
+    }
+    double arena_mib = (double)o.memory / 1048576.0;
+    int rss_bounded = ns > 0 && rss_max <= arena_mib + 128 && rss_max - rss_first <= 32;
+    double get_rest = phase_median(samples, ns, 0, offsetof(sample, get_p99));
+    double get_press = phase_median(samples, ns, 1, offsetof(sample, get_p99));
+    double put_rest = phase_median(samples, ns, 0, offsetof(sample, put_p99));
+    double put_press = phase_median(samples, ns, 1, offsetof(sample, put_p99));
+    ok = c->mismatches == 0 && c->resurrected == 0 && c->errors == 0 && rss_bounded &&
+         c->verified > 0;
+
+    printf("\n  verified %" PRIu64 " objects (%.2f GiB) read back: %" PRIu64 " wrong, %" PRIu64
+           " resurrected after evict; %" PRIu64 " misses (evicted by the store), %" PRIu64
+           " explicit evictions, %" PRIu64 " errors\n",
+           c->verified, (double)c->verified_bytes / (1u << 30), c->mismatches, c->resurrected,
+           c->misses, c->evicted, c->errors);
+    printf("  store RSS %.0f MiB first, %.0f MiB max, arena %.0f MiB: %s\n", rss_first, rss_max,
+           arena_mib, rss_bounded ? "bounded" : "NOT bounded");
+    printf("  pressure target %.2f: %s (max %.3f, ballast up to %.0f MiB)\n", o.target,
+           reached_at >= 0 ? "reached" : "not reached", pressure_max, ballast_max_mib);
+    printf("  GET p99 median %.2f ms at rest, %.2f ms under pressure (%.2f x); PUT p99 %.2f / "
+           "%.2f ms\n",
+           get_rest, get_press, get_rest > 0 ? get_press / get_rest : 0, put_rest, put_press);
+
+    json_t *res = json_object();
+    json_object_set_new(res, "bench", json_string("soak"));
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "config",
+                        json_pack("{s:f, s:f, s:s, s:I, s:i, s:I, s:I}", "duration_s", o.duration,
+                                  "target_pressure", o.target, "memory", o.memory_arg,
+                                  "object_bytes", (json_int_t)o.object, "batch", o.batch,
+                                  "ballast_max_bytes", (json_int_t)o.ballast_max, "floor_bytes",
+                                  (json_int_t)o.floor));
+    json_t *tl = json_array();
+    for (int i = 0; i < ns; i++)
+        json_array_append_new(tl, sample_json(&samples[i]));
+    json_object_set_new(res, "timeline", tl);
+    json_object_set_new(
+        res, "summary",
+        json_pack("{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, s:b, s:b, s:f, s:f, "
+                  "s:f, s:f, s:f, s:f, s:b}",
+                  "puts", (json_int_t)c->puts, "verified", (json_int_t)c->verified,
+                  "verified_bytes", (json_int_t)c->verified_bytes, "checksum_mismatches",
+                  (json_int_t)c->mismatches, "resurrected", (json_int_t)c->resurrected, "errors",
+                  (json_int_t)c->errors, "misses", (json_int_t)c->misses, "explicit_evictions",
+                  (json_int_t)c->evicted, "store_rss_first_mib", rss_first, "store_rss_max_mib",
+                  rss_max, "arena_mib", arena_mib, "rss_bounded", rss_bounded, "target_reached",
+                  reached_at >= 0, "reached_at_s", reached_at, "pressure_max", pressure_max,
+                  "ballast_max_mib", ballast_max_mib, "get_p99_rest_ms", get_rest,
+                  "get_p99_pressure_ms", get_press, "get_p99_pressure_vs_rest",
+                  get_rest > 0 ? get_press / get_rest : 0.0, "ok", ok));
+    if (!json_object_get(res, "summary") || !json_object_get(res, "config")) {
+        fprintf(stderr, "kvf-bench soak: internal error: cannot build the JSON result\n");
+        ok = 0;
+    }
+    if (o.png) {
+        if (plot(o.png, samples, ns, o.target) == 0) {
+            bench_progress("soak", "plot written to %s", o.png);
+            json_object_set_new(res, "png", json_string(o.png));
+        }
+    }
+    bench_emit(res, o.json);
+    json_decref(res);
+out:
+    if (c)
+        churn_free(c);
+    free(c);
+    free(samples);
+    free(bal);
+    kvf_client_close(&cl);
+    bench_stop(&store);
+    if (!ok)
+        fprintf(stderr, "kvf-bench soak: FAILED (see the summary above)\n");
+    return ok ? 0 : 1;
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Runs `kvf-bench soak` briefly and checks what it claims: every object read back verified, none
+resurrected after eviction, no errors, store RSS bounded, a timeline with both phases, ballast that
+grew to its cap and no further; and that bad options are refused with a message and exit 2.
+
+usage: soak_check.py KVF_BENCH
+"""
+import json
+import subprocess
+import sys
+
+
+def fail(msg):
+    print("soak_check: FAIL: " + msg)
+    sys.exit(1)
+
+
+def main():
+    bench = sys.argv[1]
+    for bad in (["--target-pressure", "2"], ["--memory", "8M"], ["--object", "1.5M"],
+                ["--duration", "1"], ["--no-such-option"]):
+        p = subprocess.run([bench, "soak"] + bad, capture_output=True, text=True, timeout=30)
+        if p.returncode != 2 or "kvf-bench soak:" not in p.stderr:
+            fail("options %s: exit %d, stderr %r" % (bad, p.returncode, p.stderr))
+    cmd = [bench, "soak", "--duration", "5", "--target-pressure", "0.95", "--memory", "64M",
+           "--object", "256K", "--batch", "8", "--ballast-max", "128M", "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    sys.stdout.write(p.stdout[-3000:])
+    if p.returncode != 0:
+        fail("exit %d: %s" % (p.returncode, p.stderr[-2000:]))
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    s = res["summary"]
+    if res["label"] != "real" or not s["ok"]:
+        fail("summary not ok: %r" % s)
+    if s["verified"] <= 0 or s["checksum_mismatches"] or s["resurrected"] or s["errors"]:
+        fail("verification: %r" % s)
+    if s["misses"] <= 0:
+        fail("the window is twice the arena, so the store must have evicted something: %r" % s)
+    if not s["rss_bounded"] or s["store_rss_max_mib"] > s["arena_mib"] + 128:
+        fail("store RSS: %r" % s)
+    if s["ballast_max_mib"] != 128 or s["target_reached"]:
+        fail("ballast must stop at --ballast-max 128M short of pressure 0.95: %r" % s)
+    tl = res["timeline"]
+    phases = {x["phase"] for x in tl}
+    if len(tl) < 3 or phases != {"rest", "pressure"}:
+        fail("timeline: %d samples, phases %r" % (len(tl), phases))
+    if any(x["ballast_mib"] > 0 for x in tl if x["phase"] == "rest"):
+        fail("ballast during the rest phase")
+    if any(x["pressure"] < 0 or x["pressure"] > 1 for x in tl):
+        fail("pressure out of 0..1")
+    print("soak_check: ok (%d objects verified, %d misses, ballast %d MiB)"
+          % (s["verified"], s["misses"], s["ballast_max_mib"]))
+
+
+if __name__ == "__main__":
+    main()
