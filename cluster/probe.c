@@ -83,6 +83,33 @@ static void probe_cuda(kvf_probe_report *r)
     dlclose(h);
 }
 
+/* The engine's features come from its built-in record (its public API): a host probe cannot run
+ * an engine. kvf-mlx-probe executes mlx-lm's; the other engines' are declared. */
+static void probe_engine(kvf_probe_report *r, const char *engine)
+{
+    kvf_caps *c = &r->caps, e;
+    if (!engine || !*engine)
+        return;
+    snprintf(c->engine, sizeof c->engine, "%s", engine);
+    if (kvf_caps_builtin(engine, &e) != 0 || !e.engine[0]) {
+        step(r, "engine", 0, "%s: no built-in engine record; only the name is recorded", engine);
+        return;
+    }
+    c->mem_kinds = e.mem_kinds;
+    c->paged = e.paged;
+    c->layerwise_hooks = e.layerwise_hooks;
+    c->async_load = e.async_load;
+    c->external_connector = e.external_connector;
+    c->quant_bits = e.quant_bits;
+    c->quant_groups = e.quant_groups;
+    c->trim = e.trim;
+    c->partial_evict = e.partial_evict;
+    c->trim_can_fail = e.trim_can_fail;
+    c->rotating_cache = e.rotating_cache;
+    c->rotating_with_quant = e.rotating_with_quant;
+    step(r, "engine", 1, "%s features from its built-in record (public API), not executed", engine);
+}
+
 int kvf__probe_host(kvf_probe_report *r, const char *engine)
 {
     memset(r, 0, sizeof *r);
@@ -95,7 +122,6 @@ int kvf__probe_host(kvf_probe_report *r, const char *engine)
 #if defined(__APPLE__) && defined(__aarch64__)
     c->apple_silicon = 1;
 #endif
-    snprintf(c->engine, sizeof c->engine, "%s", engine ? engine : "");
     /* TCP: bind a listener on loopback. */
     int fd;
     uint16_t port = 0;
@@ -127,6 +153,7 @@ int kvf__probe_host(kvf_probe_report *r, const char *engine)
     /* This build moves host and unified memory; KV in CUDA memory needs the GPU build. */
     c->mem_kinds = KVF_MEMK_HOST;
     c->xfer_mem_kinds = KVF_MEMK_HOST | KVF_MEMK_UNIFIED;
+    probe_engine(r, engine);
     int trc = kvf_telemetry_read(&r->telemetry);
     step(r, "telemetry", trc == 0, "MemAvailable %llu MiB, PSI %s, cgroup %s",
          (unsigned long long)(r->telemetry.mem_available >> 20),

@@ -35,7 +35,22 @@ static void test_probe_record_matches_what_it_found(void **state)
     kvf_verdict v;
     kvf_classify(KVF_ACTION_RDMA_READ, &r.caps, &store, 0, &v);
     assert_int_equal(v.label, KVF_FEAS_BACKEND_INFEASIBLE);
-    assert_int_equal(v.reason, r.rdma_opened ? KVF_FEAS_NO_RDMA_DEVICE : KVF_FEAS_NO_RDMA_DEVICE);
+    assert_int_equal(v.reason, KVF_FEAS_NO_RDMA_DEVICE); /* the store's record has no RDMA */
+    /* The engine's features come from its built-in record, and a step says so. */
+    kvf_caps ref;
+    kvf_caps_builtin("reference", &ref);
+    assert_string_equal(r.caps.engine, "reference");
+    assert_int_equal(r.caps.paged, ref.paged);
+    assert_int_equal(r.caps.layerwise_hooks, 1);
+    assert_int_equal(r.caps.async_load, ref.async_load);
+    int seen = 0;
+    for (int i = 0; i < r.n_steps; i++)
+        if (!strcmp(r.steps[i].name, "engine")) {
+            seen = 1;
+            assert_true(r.steps[i].ok);
+            assert_non_null(strstr(r.steps[i].detail, "not executed"));
+        }
+    assert_true(seen);
     /* The probed record round-trips through JSON. */
     char *t = kvf_caps_to_json(&r.caps);
     kvf_caps back;
@@ -43,6 +58,25 @@ static void test_probe_record_matches_what_it_found(void **state)
     assert_int_equal(kvf_caps_from_json(t, strlen(t), &back, err, sizeof err), 0);
     assert_memory_equal(&back, &r.caps, sizeof back);
     free(t);
+}
+
+static void test_probe_unknown_engine_records_only_the_name(void **state)
+{
+    (void)state;
+    kvf_probe_report r, bare;
+    assert_int_equal(kvf__probe_host(&r, "no-such-engine"), 0);
+    assert_int_equal(kvf__probe_host(&bare, NULL), 0);
+    assert_string_equal(r.caps.engine, "no-such-engine");
+    assert_string_equal(bare.caps.engine, "");
+    assert_int_equal(r.caps.paged, 0);
+    assert_int_equal(r.caps.layerwise_hooks, 0);
+    assert_int_equal(r.caps.mem_kinds, KVF_MEMK_HOST);
+    int failed = 0;
+    for (int i = 0; i < r.n_steps; i++)
+        failed |= !strcmp(r.steps[i].name, "engine") && !r.steps[i].ok;
+    assert_true(failed);
+    for (int i = 0; i < bare.n_steps; i++)
+        assert_string_not_equal(bare.steps[i].name, "engine");
 }
 
 static void test_probe_telemetry_is_consistent(void **state)
@@ -74,6 +108,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_probe_record_matches_what_it_found),
+        cmocka_unit_test(test_probe_unknown_engine_records_only_the_name),
         cmocka_unit_test(test_probe_telemetry_is_consistent),
     };
     return cmocka_run_group_tests_name("probe", tests, NULL, NULL);
