@@ -44,17 +44,33 @@ static void probe_rdma(kvf_probe_report *r)
         return;
     }
     r->rdma_listed = n;
-    for (int i = 0; i < n; i++) {
+    /* A device counts when it opens and registers a small locked buffer for remote access: that
+     * is what a one-sided transfer needs from this side. */
+    size_t len = 64 * 1024;
+    void *buf = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    for (int i = 0; i < n && buf != MAP_FAILED; i++) {
         struct ibv_context *ctx = ibv_open_device(list[i]);
-        if (ctx) {
+        if (!ctx)
+            continue;
+        struct ibv_pd *pd = ibv_alloc_pd(ctx);
+        struct ibv_mr *mr = pd ? ibv_reg_mr(pd, buf, len,
+                                            IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ |
+                                                IBV_ACCESS_REMOTE_WRITE)
+                               : NULL;
+        if (mr) {
             r->rdma_opened++;
-            ibv_close_device(ctx);
+            ibv_dereg_mr(mr);
         }
+        if (pd)
+            ibv_dealloc_pd(pd);
+        ibv_close_device(ctx);
     }
+    if (buf != MAP_FAILED)
+        munmap(buf, len);
     ibv_free_device_list(list);
     step(r, "rdma", r->rdma_opened > 0,
-         "%d device(s) listed, %d opened; one-sided RDMA needs a "
-         "peer to verify and is not claimed",
+         "%d device(s) listed, %d opened and registered 64 KiB; one-sided RDMA needs a peer to "
+         "verify and is not claimed",
          n, r->rdma_opened);
 #else
     step(r, "rdma", 0, "this build has no libibverbs: RDMA not probed");

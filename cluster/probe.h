@@ -18,7 +18,8 @@ typedef struct kvf_probe_step {
 typedef struct kvf_probe_report {
     kvf_caps caps;
     kvf_telemetry telemetry;
-    int rdma_listed, rdma_opened;
+    int rdma_listed;
+    int rdma_opened; /* devices that opened and registered a buffer for remote access */
     int cuda_devices;
     int verbs_built; /* libkvf was built with libibverbs */
     kvf_probe_step steps[8];
