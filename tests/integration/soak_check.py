@@ -36,7 +36,8 @@ def main():
         fail("verification: %r" % s)
     if s["misses"] <= 0:
         fail("the window is twice the arena, so the store must have evicted something: %r" % s)
-    if not s["rss_bounded"] or s["store_rss_max_mib"] > s["arena_mib"] + 128:
+    if (not s["rss_bounded"] or s["store_rss_idle_mib"] < s["arena_mib"]
+            or s["store_rss_max_mib"] > s["store_rss_idle_mib"] + 64):
         fail("store RSS: %r" % s)
     if s["ballast_max_mib"] != 128 or s["target_reached"]:
         fail("ballast must stop at --ballast-max 128M short of pressure 0.95: %r" % s)
