@@ -1558,12 +1558,15 @@ static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind
     kvf_op *op = op_new(c, kind, opcode, b);
     if (!op)
         return KVF_ENOMEM;
+    /* *out is set before the I/O thread can see the op: a completion callback may run, and its
+     * owner free the memory *out lives in, before op_submit() returns. */
+    *out = op;
     rc = op_submit(c, op);
     if (rc) {
+        *out = NULL;
         op_destroy(op);
         return rc;
     }
-    *out = op;
     return 0;
 }
 

@@ -92,6 +92,9 @@ KVF_API int kvf_client_put_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
 /* Gets objects into the caller's buffers and verifies them. Per-key status: 0 (out_lens set),
  * KVF_ENOENT miss, KVF_E2BIG buffer too small, KVF_ECHECKSUM, KVF_ELAYOUT, or a transport error. */
 KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op);
+/* Both write *op before the operation reaches the I/O thread and never touch it afterwards (unless
+ * submission fails, when *op is reset to NULL): the completion callback may run, and free the
+ * memory that *op lives in, before the call returns. */
 
 /* Waits for op to complete and returns its status. */
 KVF_API int kvf_op_wait(kvf_op *op);
