@@ -44,6 +44,9 @@ typedef struct args {
     uint64_t seed;
     const char *codec;
     const char *local, *remote, *state, *engine;
+    const char *calib[4];
+    int n_calib;
+    int live_pressure;
     uint64_t tokens, batch, memory;
     uint32_t lease_ms;
     int json;
@@ -53,21 +56,25 @@ typedef struct args {
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kvf COMMAND [options]\n"
-            "commands: stats put get lookup evict pin unpin compress clear keys estimate classify "
-            "probe\n"
-            "  --node HOST:PORT[,HOST:PORT...]  storage nodes (repeatable)\n"
-            "  --model PRESET|FILE.json         layout (default ref-tiny)\n"
-            "  --salt TENANT                    tenant salt of the key namespace\n"
-            "  --synthetic N [--seed S]         N deterministic tokens with synthetic KV\n"
-            "  --tokens-file FILE               token ids, separated by spaces or commas\n"
-            "  --codec none|lz4|shuffle-lz4     put/compress codec (default none)\n"
-            "  --lease-ms N                     pin lease (default 30000)\n"
-            "  --deadline-ms N                  per-operation deadline (default 5000)\n"
-            "  --tokens N [--batch B] [--memory SIZE]   estimate: workload and budget\n"
-            "  --local L --remote R [--state S.json]   classify: capability records\n"
-            "  --json                           one JSON object on stdout\n");
+    fprintf(
+        f,
+        "usage: kvf COMMAND [options]\n"
+        "commands: stats put get lookup evict pin unpin compress clear keys estimate classify "
+        "probe\n"
+        "  --node HOST:PORT[,HOST:PORT...]  storage nodes (repeatable)\n"
+        "  --model PRESET|FILE.json         layout (default ref-tiny)\n"
+        "  --salt TENANT                    tenant salt of the key namespace\n"
+        "  --synthetic N [--seed S]         N deterministic tokens with synthetic KV\n"
+        "  --tokens-file FILE               token ids, separated by spaces or commas\n"
+        "  --codec none|lz4|shuffle-lz4     put/compress codec (default none)\n"
+        "  --lease-ms N                     pin lease (default 30000)\n"
+        "  --deadline-ms N                  per-operation deadline (default 5000)\n"
+        "  --tokens N [--batch B] [--memory SIZE]   estimate: workload and budget\n"
+        "  --local L --remote R [--state S.json]   classify: capability records\n"
+        "  --calibration BENCH.json         classify: constants from a kvf-bench store or\n"
+        "                                   connector --json result (repeatable)\n"
+        "  --live-pressure                  classify: memory pressure from this host's telemetry\n"
+        "  --json                           one JSON object on stdout\n");
 }
 
 static uint64_t splitmix(uint64_t *s)
@@ -577,6 +584,56 @@ static int cmd_estimate(const args *a)
     return 0;
 }
 
+/* Applies a kvf-bench --json result to the gap's constants: a store run gives the TCP bandwidth
+ * (kvf_get_gbps, what an engine's load gets), a connector run the model's KV bytes per token and
+ * its effective prefill rate (8192 tokens over ttft_full_ms_8k, attention included). Returns 0, or
+ * -1 with a message in err. */
+static int apply_calibration(const char *path, kvf_gap_state *st, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *o = json_load_file(path, 0, &je);
+    if (!o || !json_is_object(o)) {
+        snprintf(err, errlen, "%s: %s", path, o ? "expected a JSON object" : je.text);
+        json_decref(o);
+        return -1;
+    }
+    const char *bench = json_string_value(json_object_get(o, "bench"));
+    const char *label = json_string_value(json_object_get(o, "label"));
+    int rc = -1;
+    if (!bench || !label || strcmp(label, "real") != 0) {
+        snprintf(err, errlen, "%s: not a kvf-bench result labelled real", path);
+    } else if (!strcmp(bench, "store")) {
+        double g = json_number_value(json_object_get(o, "kvf_get_gbps"));
+        if (!(g > 0))
+            snprintf(err, errlen, "%s: no positive kvf_get_gbps", path);
+        else {
+            st->tcp_bytes_per_s = g * 1e9;
+            rc = 0;
+        }
+    } else if (!strcmp(bench, "connector")) {
+        double ms = json_number_value(json_object_get(o, "ttft_full_ms_8k"));
+        const char *model = json_string_value(json_object_get(o, "ttft_model"));
+        kvf_layout l;
+        char inner[200];
+        if (!(ms > 0) || !model)
+            snprintf(err, errlen, "%s: needs ttft_full_ms_8k and ttft_model", path);
+        else if (kvf_layout_resolve(model, &l, inner, sizeof inner) != 0)
+            snprintf(err, errlen, "%s: ttft_model: %s", path, inner);
+        else {
+            st->prefill_tokens_per_s = 8192.0 / (ms / 1e3);
+            st->kv_bytes_per_token = (double)kvf_layout_bytes_per_token(&l);
+            rc = 0;
+        }
+    } else {
+        snprintf(err, errlen,
+                 "%s: a kvf-bench %s result has no constants for the gap (store or "
+                 "connector)",
+                 path, bench);
+    }
+    json_decref(o);
+    return rc;
+}
+
 static int cmd_classify(const args *a)
 {
     kvf_caps l, r;
@@ -593,6 +650,11 @@ static int cmd_classify(const args *a)
     }
     kvf_gap_state st;
     kvf_gap_state_defaults(&st);
+    for (int i = 0; i < a->n_calib; i++)
+        if (apply_calibration(a->calib[i], &st, err, sizeof err) != 0) {
+            fprintf(stderr, "kvf: --calibration: %s\n", err);
+            return 2;
+        }
     if (a->state) {
         json_error_t je;
         json_t *o = json_load_file(a->state, 0, &je);
@@ -628,6 +690,14 @@ static int cmd_classify(const args *a)
         }
         json_decref(o);
     }
+    if (a->live_pressure) {
+        kvf_telemetry t;
+        if (kvf_telemetry_read(&t) != 0) {
+            fprintf(stderr, "kvf: --live-pressure: cannot read this host's telemetry\n");
+            return 2;
+        }
+        st.memory_pressure = kvf_telemetry_pressure(&t);
+    }
     kvf_gap g;
     kvf_optimality_gap(&l, &r, &st, &g);
     json_t *arr = json_array();
@@ -653,12 +723,23 @@ static int cmd_classify(const args *a)
                               g.have_feasible ? kvf_action_name(g.best_feasible) : "none",
                               "score_best_s", g.score_all, "score_best_feasible_s",
                               g.score_feasible, "gap_s", g.gap, "score_label", "simulated");
+        json_object_set_new(o, "state",
+                            json_pack("{s:f,s:f,s:f,s:f,s:f,s:f,s:f}", "prompt_tokens",
+                                      st.prompt_tokens, "cached_tokens", st.cached_tokens,
+                                      "kv_bytes_per_token", st.kv_bytes_per_token,
+                                      "prefill_tokens_per_s", st.prefill_tokens_per_s,
+                                      "tcp_bytes_per_s", st.tcp_bytes_per_s, "rdma_bytes_per_s",
+                                      st.rdma_bytes_per_s, "memory_pressure", st.memory_pressure));
         char *t = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
         printf("%s\n", t);
         free(t);
         json_decref(o);
     } else {
         json_decref(arr);
+        printf("state: %.0f-token prompt, %.0f cached, %.0f B/token, prefill %.0f tok/s, TCP %.2f "
+               "GB/s, RDMA %.1f GB/s, pressure %.2f\n",
+               st.prompt_tokens, st.cached_tokens, st.kv_bytes_per_token, st.prefill_tokens_per_s,
+               st.tcp_bytes_per_s / 1e9, st.rdma_bytes_per_s / 1e9, st.memory_pressure);
         printf("best action %s (%.3f s saved); best real action %s (%.3f s); gap %.3f s "
                "(scores simulated by the cost model)\n",
                kvf_action_name(g.best_all), g.score_all,
@@ -748,6 +829,10 @@ int main(int argc, char **argv)
             a.json = 1;
             continue;
         }
+        if (!strcmp(o, "--live-pressure")) {
+            a.live_pressure = 1;
+            continue;
+        }
         if (!v) {
             fprintf(stderr, "kvf: %s needs a value\n", o);
             return 2;
@@ -783,6 +868,12 @@ int main(int argc, char **argv)
             a.remote = v;
         } else if (!strcmp(o, "--state")) {
             a.state = v;
+        } else if (!strcmp(o, "--calibration")) {
+            if (a.n_calib == (int)(sizeof a.calib / sizeof a.calib[0])) {
+                fprintf(stderr, "kvf: at most 4 --calibration files\n");
+                return 2;
+            }
+            a.calib[a.n_calib++] = v;
         } else if (!strcmp(o, "--tokens")) {
             a.tokens = strtoull(v, &end, 10);
         } else if (!strcmp(o, "--batch")) {
