@@ -1,10 +1,11 @@
 #include "bench_util.h"
 
+#include "proc.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <hiredis/hiredis.h>
 #include <limits.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -14,9 +15,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 
 #include <netinet/in.h>
 
@@ -89,69 +87,14 @@ const char *bench_find_bin(const char *name, const char *rel)
     return out;
 }
 
-static pid_t spawn(char *const argv[], int *out_fd)
-{
-    int pfd[2];
-    if (pipe(pfd) != 0)
-        return -1;
-    pid_t pid = fork();
-    if (pid < 0)
-        return -1;
-    if (pid == 0) {
-#ifdef __linux__
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-#endif
-        dup2(pfd[1], 1);
-        close(pfd[0]);
-        close(pfd[1]);
-        execvp(argv[0], argv);
-        _exit(127);
-    }
-    close(pfd[1]);
-    *out_fd = pfd[0];
-    return pid;
-}
-
 int bench_start_store(bench_proc *p, const char *bin, const char *memory, const char *extra)
 {
-    char *argv[24];
-    int k = 0;
-    char extra_buf[512];
-    argv[k++] = (char *)bin;
-    argv[k++] = (char *)"--listen";
-    argv[k++] = (char *)"127.0.0.1:0";
-    argv[k++] = (char *)"--memory";
-    argv[k++] = (char *)memory;
-    argv[k++] = (char *)"--log-level";
-    argv[k++] = (char *)"warn";
-    if (extra) {
-        snprintf(extra_buf, sizeof extra_buf, "%s", extra);
-        for (char *t = strtok(extra_buf, " "); t && k < 23; t = strtok(NULL, " "))
-            argv[k++] = t;
-    }
-    argv[k] = NULL;
-    int fd;
-    p->pid = spawn(argv, &fd);
-    if (p->pid < 0)
-        return -1;
-    char line[512];
-    size_t got = 0;
-    struct pollfd pf = {.fd = fd, .events = POLLIN};
-    while (got < sizeof line - 1 && !memchr(line, '\n', got) && poll(&pf, 1, 20000) > 0) {
-        ssize_t r = read(fd, line + got, sizeof line - 1 - got);
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
-    close(fd);
-    line[got] = '\0';
-    char *at = strstr(line, "listen=127.0.0.1:");
-    if (!at) {
-        fprintf(stderr, "kvf-bench: %s did not become ready\n", bin);
-        bench_stop(p);
+    char err[640];
+    p->pid = kvf__proc_start_store(bin, memory, extra, 20000, &p->port, err, sizeof err);
+    if (p->pid < 0) {
+        fprintf(stderr, "kvf-bench: %s\n", err);
         return -1;
     }
-    p->port = (uint16_t)atoi(at + strlen("listen=127.0.0.1:"));
     return 0;
 }
 
@@ -193,7 +136,7 @@ int bench_start_redis(bench_proc *p)
                     (char *)"warning",
                     NULL};
     int fd;
-    p->pid = spawn(argv, &fd);
+    p->pid = kvf__proc_spawn(argv, &fd);
     if (p->pid < 0)
         return -1;
     close(fd);

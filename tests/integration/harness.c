@@ -1,5 +1,7 @@
 #include "harness.h"
 
+#include "proc.h"
+
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -20,9 +22,6 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 
 #ifndef KVF_STORE_BIN
 #error "KVF_STORE_BIN must name the kvf-store binary"
@@ -70,64 +69,30 @@ void harness_init(void)
         cmocka_set_test_filter(filter);
 }
 
+static void started(daemon_t *d, pid_t pid, uint16_t port, const char *err)
+{
+    if (pid < 0)
+        fail_msg("%s", err);
+    track(pid, 1);
+    d->pid = pid;
+    d->port = port;
+    snprintf(d->addr, sizeof d->addr, "127.0.0.1:%u", d->port);
+}
+
 void proc_start(daemon_t *d, char *const argv[])
 {
-    int pfd[2];
-    assert_int_equal(pipe(pfd), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-#ifdef __linux__
-        prctl(PR_SET_PDEATHSIG, SIGKILL); /* die with the test, whatever happens to it */
-#endif
-        dup2(pfd[1], 1);
-        close(pfd[0]);
-        close(pfd[1]);
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    close(pfd[1]);
-    track(pid, 1);
-    char line[512];
-    size_t got = 0;
-    struct pollfd p = {.fd = pfd[0], .events = POLLIN};
-    while (got < sizeof line - 1 && !memchr(line, '\n', got)) {
-        if (poll(&p, 1, 10000) <= 0)
-            break;
-        ssize_t r = read(pfd[0], line + got, sizeof line - 1 - got);
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-    }
-    close(pfd[0]);
-    line[got] = '\0';
-    char *at = strstr(line, "listen=127.0.0.1:");
-    if (!at)
-        fail_msg("%s did not print its ready line: \"%s\"", argv[0], line);
-    d->pid = pid;
-    d->port = (uint16_t)atoi(at + strlen("listen=127.0.0.1:"));
-    snprintf(d->addr, sizeof d->addr, "127.0.0.1:%u", d->port);
+    char err[640];
+    uint16_t port = 0;
+    pid_t pid = kvf__proc_start_daemon(argv, 10000, &port, err, sizeof err);
+    started(d, pid, port, err);
 }
 
 void daemon_start(daemon_t *d, const char *memory, const char *extra)
 {
-    char *argv[16];
-    int k = 0;
-    argv[k++] = (char *)KVF_STORE_BIN;
-    argv[k++] = (char *)"--listen";
-    argv[k++] = (char *)"127.0.0.1:0";
-    argv[k++] = (char *)"--memory";
-    argv[k++] = (char *)memory;
-    argv[k++] = (char *)"--log-level";
-    argv[k++] = (char *)"warn";
-    char extra_buf[256];
-    if (extra) {
-        snprintf(extra_buf, sizeof extra_buf, "%s", extra);
-        for (char *t = strtok(extra_buf, " "); t && k < 15; t = strtok(NULL, " "))
-            argv[k++] = t;
-    }
-    argv[k] = NULL;
-    proc_start(d, argv);
+    char err[640];
+    uint16_t port = 0;
+    pid_t pid = kvf__proc_start_store(KVF_STORE_BIN, memory, extra, 10000, &port, err, sizeof err);
+    started(d, pid, port, err);
 }
 
 void daemon_stop(daemon_t *d)

@@ -1,0 +1,29 @@
+/*
+ * Starting kvfabric daemons as child processes, for the benchmarks and the integration tests: a
+ * daemon started with "--listen 127.0.0.1:0" prints one ready line naming the port it bound
+ * ("... listen=127.0.0.1:PORT ..."); these helpers start it, wait for that line and parse it.
+ * Children die with their parent on Linux (PR_SET_PDEATHSIG), so a crashed caller leaves none.
+ */
+#ifndef KVF_CLUSTER_PROC_H
+#define KVF_CLUSTER_PROC_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Starts argv[0] (searched in PATH when it has no slash) with its stdout on a pipe, whose read end
+ * goes to *out_fd. Returns the pid, or -1. */
+pid_t kvf__proc_spawn(char *const argv[], int *out_fd);
+
+/* Starts a daemon and waits up to timeout_ms for its ready line. Returns the pid with *port set,
+ * or -1 with the reason (and what the daemon printed) in err; a child that did not become ready
+ * is killed and reaped. */
+pid_t kvf__proc_start_daemon(char *const argv[], int timeout_ms, uint16_t *port, char *err,
+                             size_t errlen);
+
+/* kvf-store at bin on 127.0.0.1:0 with --memory memory, warnings only, and extra (options
+ * separated by spaces, or NULL). As kvf__proc_start_daemon. */
+pid_t kvf__proc_start_store(const char *bin, const char *memory, const char *extra, int timeout_ms,
+                            uint16_t *port, char *err, size_t errlen);
+
+#endif
