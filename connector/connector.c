@@ -870,6 +870,26 @@ out:
     return rc;
 }
 
+/* Tells the workers to finish the tasks already queued and exit, and joins them. */
+static void stop_workers(kvf_connector *cn)
+{
+    pthread_mutex_lock(&cn->mu);
+    cn->closing = 1;
+    pthread_cond_broadcast(&cn->cv);
+    pthread_mutex_unlock(&cn->mu);
+    for (int i = 0; i < cn->nworkers; i++)
+        pthread_join(cn->th[i], NULL);
+    free(cn->th);
+    cn->th = NULL;
+}
+
+static void unmap_regions(kvf_connector *cn)
+{
+    for (int i = 0; i < 2; i++)
+        if (cn->regions[i].mem)
+            munmap(cn->regions[i].mem, cn->regions[i].cap);
+}
+
 int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -953,18 +973,10 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     return 0;
 
 out_workers:
-    pthread_mutex_lock(&cn->mu);
-    cn->closing = 1;
-    pthread_cond_broadcast(&cn->cv);
-    pthread_mutex_unlock(&cn->mu);
-    for (int i = 0; i < cn->nworkers; i++)
-        pthread_join(cn->th[i], NULL);
-    free(cn->th);
+    stop_workers(cn);
 out_client:
     kvf_client_close(&cn->cl);
-    for (int i = 0; i < 2; i++)
-        if (cn->regions[i].mem)
-            munmap(cn->regions[i].mem, cn->regions[i].cap);
+    unmap_regions(cn);
 out_free:
     pthread_mutex_destroy(&cn->mu);
     pthread_cond_destroy(&cn->cv);
@@ -974,9 +986,7 @@ out_free:
 
 static void connector_free(kvf_connector *cn)
 {
-    for (int i = 0; i < 2; i++)
-        if (cn->regions[i].mem)
-            munmap(cn->regions[i].mem, cn->regions[i].cap);
+    unmap_regions(cn);
     kvf__pagemap_free(&cn->pm);
     pthread_mutex_destroy(&cn->mu);
     pthread_cond_destroy(&cn->cv);
@@ -992,14 +1002,7 @@ void kvf_connector_close(kvf_connector **cnp)
     /* Closing the client fails every transfer in flight (their callbacks run), and the workers
      * finish the tasks already queued before they exit. */
     kvf_client_close(&cn->cl);
-    pthread_mutex_lock(&cn->mu);
-    cn->closing = 1;
-    pthread_cond_broadcast(&cn->cv);
-    pthread_mutex_unlock(&cn->mu);
-    for (int i = 0; i < cn->nworkers; i++)
-        pthread_join(cn->th[i], NULL);
-    free(cn->th);
-    cn->th = NULL;
+    stop_workers(cn);
     /* Transfers the engine has not freed yet keep the connector alive until they are. */
     pthread_mutex_lock(&cn->mu);
     cn->closed = 1;
