@@ -55,13 +55,11 @@ class LiveMLX:
     """Executes the actions against the installed mlx and mlx-lm."""
 
     def __init__(self):
-        import mlx.core as mx  # noqa: F401  (ImportError is reported by main)
-        import mlx_lm
+        import mlx.core as mx  # an ImportError is reported by main
         from mlx_lm.models import cache
 
         self.mx = mx
         self.cache = cache
-        self.mlx_lm = mlx_lm
 
     def facts(self):
         import importlib.metadata as md
