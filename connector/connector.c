@@ -21,10 +21,10 @@
 
 #include "bytes.h"
 #include "clock.h"
+#include "http.h"
 #include "object.h"
 #include "pagemap.h"
 
-#include <curl/curl.h>
 #include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -791,59 +791,24 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
 /* ------------------------------------------------------------------------------------------ */
 /* Storage nodes from the scheduler */
 
-typedef struct fetch_buf {
-    char *p;
-    size_t n;
-} fetch_buf;
-
-static size_t fetch_write(char *data, size_t size, size_t nmemb, void *ud)
-{
-    fetch_buf *b = ud;
-    size_t add = size * nmemb;
-    if (b->n + add > (1u << 20))
-        return 0; /* a store list is small: refuse anything larger */
-    char *np = realloc(b->p, b->n + add + 1);
-    if (!np)
-        return 0;
-    memcpy(np + b->n, data, add);
-    b->p = np;
-    b->n += add;
-    b->p[b->n] = '\0';
-    return add;
-}
-
-/* GET http://sched/v1/stores with libcurl. Fills nodes (strings the caller frees). */
+/* GET http://sched/v1/stores. Fills nodes (strings the caller frees). */
 static int nodes_from_sched(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
                             size_t errlen)
 {
     char url[300];
     snprintf(url, sizeof url, "http://%s/v1/stores", sched);
-    CURL *cu = curl_easy_init();
-    if (!cu) {
-        snprintf(err, errlen, "connector: cannot start an HTTP client");
-        return KVF_ENOMEM;
-    }
-    fetch_buf b = {0};
-    curl_easy_setopt(cu, CURLOPT_URL, url);
-    curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, fetch_write);
-    curl_easy_setopt(cu, CURLOPT_WRITEDATA, &b);
-    curl_easy_setopt(cu, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
-    curl_easy_setopt(cu, CURLOPT_NOSIGNAL, 1L);
-    curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http");
-    CURLcode cc = curl_easy_perform(cu);
-    long status = 0;
-    curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, &status);
-    curl_easy_cleanup(cu);
-    int rc = 0;
+    long status;
     json_t *o = NULL;
-    if (cc != CURLE_OK || status != 200) {
-        snprintf(err, errlen, "connector: scheduler %s: %s", url,
-                 cc != CURLE_OK ? curl_easy_strerror(cc) : "unexpected HTTP status");
+    int rc = kvf__http_call("GET", url, NULL, timeout_ms, &status, &o, err, errlen);
+    if (rc == 0 && status != 200) {
+        snprintf(err, errlen, "connector: scheduler %s: HTTP status %ld", url, status);
         rc = KVF_ECONNREFUSED;
+    }
+    if (rc) {
+        if (rc != KVF_ENOMEM)
+            rc = KVF_ECONNREFUSED;
         goto out;
     }
-    json_error_t je;
-    o = json_loadb(b.p ? b.p : "", b.n, 0, &je);
     json_t *arr = o ? json_object_get(o, "stores") : NULL;
     size_t m = json_is_array(arr) ? json_array_size(arr) : 0;
     if (m == 0 || m > KVF_CLIENT_MAX_NODES) {
@@ -866,7 +831,6 @@ static int nodes_from_sched(const char *sched, char ***nodes, size_t *n, int tim
     *n = m;
 out:
     json_decref(o);
-    free(b.p);
     return rc;
 }
 

@@ -18,6 +18,7 @@
 #include "kvf/sched.h"
 
 #include "events.h"
+#include "http.h"
 #include "log.h"
 #include "tcp.h"
 
@@ -25,7 +26,6 @@
 #include <stdarg.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <microhttpd.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -60,7 +60,8 @@ typedef struct schedd {
     char pending_replay[MAX_SUBS][128];
     int n_pending;
     kvf_ingest_stats ingest;
-    uint64_t seq_gaps, seq_missed, replayed, http_requests, http_errors, placements, rejections;
+    uint64_t seq_gaps, seq_missed, replayed, placements, rejections;
+    kvf__httpd *httpd;
     char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
     atomic_int stop;
 } schedd;
@@ -259,38 +260,25 @@ static void *events_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* HTTP */
 
-typedef struct body {
-    char *buf;
-    size_t len;
-    int too_big;
-} body;
-
-static enum MHD_Result send_json(struct MHD_Connection *c, unsigned status, json_t *o)
+static unsigned send_json(kvf__http_reply *c, unsigned status, json_t *o)
 {
-    char *t = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(6));
-    json_decref(o);
-    if (!t)
-        return MHD_NO;
-    struct MHD_Response *r = MHD_create_response_from_buffer(strlen(t), t, MHD_RESPMEM_MUST_FREE);
-    MHD_add_response_header(r, "Content-Type", "application/json");
-    enum MHD_Result ret = MHD_queue_response(c, status, r);
-    MHD_destroy_response(r);
-    return ret;
+    c->json = o;
+    return status;
 }
 
-static enum MHD_Result send_error(schedd *d, struct MHD_Connection *c, unsigned status,
-                                  const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+static unsigned send_error(schedd *d, kvf__http_reply *c, unsigned status, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
-static enum MHD_Result send_error(schedd *d, struct MHD_Connection *c, unsigned status,
-                                  const char *fmt, ...)
+static unsigned send_error(schedd *d, kvf__http_reply *c, unsigned status, const char *fmt, ...)
 {
+    (void)d;
     char msg[512];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    d->http_errors++;
-    return send_json(c, status, json_pack("{s:s}", "error", msg));
+    c->json = json_pack("{s:s}", "error", msg);
+    return status;
 }
 
 static const char *role_name(kvf_role r)
@@ -315,7 +303,7 @@ static int get_str(json_t *o, const char *k, char *out, size_t n, int required, 
     return 0;
 }
 
-static enum MHD_Result post_instance(schedd *d, struct MHD_Connection *c, json_t *o)
+static unsigned post_instance(schedd *d, kvf__http_reply *c, json_t *o)
 {
     kvf_instance_info in;
     memset(&in, 0, sizeof in);
@@ -366,7 +354,7 @@ static enum MHD_Result post_instance(schedd *d, struct MHD_Connection *c, json_t
     return send_json(c, 201, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
 }
 
-static enum MHD_Result get_instances(schedd *d, struct MHD_Connection *c)
+static unsigned get_instances(schedd *d, kvf__http_reply *c)
 {
     json_t *arr = json_array();
     pthread_mutex_lock(&d->mu);
@@ -382,7 +370,7 @@ static enum MHD_Result get_instances(schedd *d, struct MHD_Connection *c)
     return send_json(c, 200, json_pack("{s:o}", "instances", arr));
 }
 
-static enum MHD_Result post_load(schedd *d, struct MHD_Connection *c, const char *id, json_t *o)
+static unsigned post_load(schedd *d, kvf__http_reply *c, const char *id, json_t *o)
 {
     kvf_instance_load L = {0};
     json_t *q = json_object_get(o, "queued_prefill_tokens"),
@@ -417,7 +405,7 @@ static const char *action_name(kvf_action_kind k)
     return "?";
 }
 
-static enum MHD_Result post_place(schedd *d, struct MHD_Connection *c, json_t *o)
+static unsigned post_place(schedd *d, kvf__http_reply *c, json_t *o)
 {
     json_t *toks = json_object_get(o, "tokens");
     if (!json_is_array(toks) || json_array_size(toks) == 0)
@@ -494,7 +482,7 @@ static enum MHD_Result post_place(schedd *d, struct MHD_Connection *c, json_t *o
 }
 
 /* The storage nodes' data addresses, for connectors that are given only the scheduler. */
-static enum MHD_Result get_stores(schedd *d, struct MHD_Connection *c)
+static unsigned get_stores(schedd *d, kvf__http_reply *c)
 {
     json_t *arr = json_array();
     char buf[sizeof d->stores];
@@ -504,17 +492,18 @@ static enum MHD_Result get_stores(schedd *d, struct MHD_Connection *c)
     return send_json(c, 200, json_pack("{s:o}", "stores", arr));
 }
 
-static enum MHD_Result get_stats(schedd *d, struct MHD_Connection *c, int prometheus)
+static unsigned get_stats(schedd *d, kvf__http_reply *c, int prometheus)
 {
     kvf_index_stats st;
     pthread_mutex_lock(&d->mu);
     kvf_sched_index_stats(d->s, &st);
     kvf_ingest_stats in = d->ingest;
-    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, replayed = d->replayed,
-             nreq = d->http_requests, nerr = d->http_errors, pl = d->placements, rj = d->rejections;
+    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, replayed = d->replayed, nreq, nerr,
+             pl = d->placements, rj = d->rejections;
     size_t ni = kvf_sched_instance_count(d->s);
     int subs = d->n_subs;
     pthread_mutex_unlock(&d->mu);
+    kvf__httpd_counts(d->httpd, &nreq, &nerr);
     if (!prometheus)
         return send_json(
             c, 200,
@@ -533,7 +522,7 @@ static enum MHD_Result get_stats(schedd *d, struct MHD_Connection *c, int promet
     size_t len = 0;
     FILE *f = open_memstream(&t, &len);
     if (!f)
-        return MHD_NO;
+        return send_error(d, c, 500, "out of memory");
     fprintf(
         f,
         "# HELP kvf_sched_blocks Distinct KV blocks in the prefix index.\n"
@@ -559,101 +548,43 @@ static enum MHD_Result get_stats(schedd *d, struct MHD_Connection *c, int promet
         "# TYPE kvf_sched_http_errors_total counter\nkvf_sched_http_errors_total %" PRIu64 "\n",
         st.blocks, st.holdings, ni, in.batches, in.malformed, gaps, pl, rj, nreq, nerr);
     fclose(f);
-    struct MHD_Response *r = MHD_create_response_from_buffer(len, t, MHD_RESPMEM_MUST_FREE);
-    MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4");
-    enum MHD_Result ret = MHD_queue_response(c, 200, r);
-    MHD_destroy_response(r);
-    return ret;
+    c->text = t;
+    c->text_len = len;
+    c->content_type = "text/plain; version=0.0.4";
+    return 200;
 }
 
-static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
-                                  const char *method, const char *version, const char *upload,
-                                  size_t *upload_size, void **con_cls)
+static unsigned on_request(void *cls, const char *method, const char *url, json_t *o,
+                           kvf__http_reply *c)
 {
-    (void)version;
     schedd *d = cls;
-    body *b = *con_cls;
-    if (!b) {
-        b = calloc(1, sizeof *b);
-        if (!b)
-            return MHD_NO;
-        *con_cls = b;
-        return MHD_YES;
-    }
-    if (*upload_size) {
-        if (b->len + *upload_size > MAX_BODY) {
-            b->too_big = 1;
-        } else {
-            char *nb = realloc(b->buf, b->len + *upload_size + 1);
-            if (!nb)
-                return MHD_NO;
-            b->buf = nb;
-            memcpy(b->buf + b->len, upload, *upload_size);
-            b->len += *upload_size;
-            b->buf[b->len] = '\0';
-        }
-        *upload_size = 0;
-        return MHD_YES;
-    }
-    pthread_mutex_lock(&d->mu);
-    d->http_requests++;
-    pthread_mutex_unlock(&d->mu);
-    int is_post = !strcmp(method, "POST"), is_get = !strcmp(method, "GET");
-    if (is_get && !strcmp(url, "/metrics"))
-        return get_stats(d, c, 1);
-    if (is_get && !strcmp(url, "/v1/index/stats"))
-        return get_stats(d, c, 0);
-    if (is_get && !strcmp(url, "/v1/instances"))
-        return get_instances(d, c);
-    if (is_get && !strcmp(url, "/v1/stores"))
-        return get_stores(d, c);
-    if (!is_post)
+    if (!o) { /* a GET */
+        if (!strcmp(url, "/metrics"))
+            return get_stats(d, c, 1);
+        if (!strcmp(url, "/v1/index/stats"))
+            return get_stats(d, c, 0);
+        if (!strcmp(url, "/v1/instances"))
+            return get_instances(d, c);
+        if (!strcmp(url, "/v1/stores"))
+            return get_stores(d, c);
         return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
                           url);
-    if (b->too_big)
-        return send_error(d, c, 413, "body larger than %u bytes", MAX_BODY);
-    json_error_t je;
-    json_t *o = b->len ? json_loadb(b->buf, b->len, JSON_REJECT_DUPLICATES, &je) : NULL;
-    if (!o || !json_is_object(o)) {
-        json_decref(o);
-        return send_error(d, c, 400, "body is not a JSON object%s%s", b->len ? ": " : "",
-                          b->len ? je.text : "");
     }
-    enum MHD_Result ret;
     size_t ul = strlen(url);
     if (!strcmp(url, "/v1/instances"))
-        ret = post_instance(d, c, o);
-    else if (!strcmp(url, "/v1/place"))
-        ret = post_place(d, c, o);
-    else if (!strncmp(url, "/v1/instances/", 14) && ul > 19 && !strcmp(url + ul - 5, "/load")) {
+        return post_instance(d, c, o);
+    if (!strcmp(url, "/v1/place"))
+        return post_place(d, c, o);
+    if (!strncmp(url, "/v1/instances/", 14) && ul > 19 && !strcmp(url + ul - 5, "/load")) {
         char id[64];
         size_t idl = ul - 14 - 5;
-        if (idl >= sizeof id) {
-            ret = send_error(d, c, 404, "unknown instance");
-        } else {
-            memcpy(id, url + 14, idl);
-            id[idl] = '\0';
-            ret = post_load(d, c, id, o);
-        }
-    } else {
-        ret = send_error(d, c, 404, "POST %s: not served", url);
+        if (idl >= sizeof id)
+            return send_error(d, c, 404, "unknown instance");
+        memcpy(id, url + 14, idl);
+        id[idl] = '\0';
+        return post_load(d, c, id, o);
     }
-    json_decref(o);
-    return ret;
-}
-
-static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
-                         enum MHD_RequestTerminationCode toe)
-{
-    (void)cls;
-    (void)c;
-    (void)toe;
-    body *b = *con_cls;
-    if (b) {
-        free(b->buf);
-        free(b);
-    }
-    *con_cls = NULL;
+    return send_error(d, c, 404, "POST %s: not served", url);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -783,19 +714,10 @@ int main(int argc, char **argv)
         }
         free(dup);
     }
-    /* The HTTP socket is ours (port 0 resolves to a free one), handed to libmicrohttpd. */
-    int lfd;
     uint16_t bound;
-    if (kvf__tcp_listen(host, port, 128, &lfd, &bound, err, sizeof err) != 0) {
+    if (kvf__httpd_start(&d.httpd, host, port, 0, MAX_BODY, on_request, &d, &bound, err,
+                         sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
-        return 1;
-    }
-    struct MHD_Daemon *mhd =
-        MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD, 0, NULL, NULL, on_request, &d,
-                         MHD_OPTION_LISTEN_SOCKET, lfd, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
-                         &d, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30, MHD_OPTION_END);
-    if (!mhd) {
-        fprintf(stderr, "kvf-sched: cannot start the HTTP server\n");
         return 1;
     }
     d.zctx = zmq_ctx_new();
@@ -815,7 +737,7 @@ int main(int argc, char **argv)
     while (!atomic_load(&d.stop))
         usleep(50000);
     kvf_info(&d.lg, "stopping");
-    MHD_stop_daemon(mhd);
+    kvf__httpd_stop(&d.httpd);
     pthread_join(ev, NULL);
     zmq_ctx_term(d.zctx);
     kvf_sched_destroy(&d.s);

@@ -1,0 +1,88 @@
+/*
+ * The HTTP/JSON client (libcurl) and the error body shared with the server side (http.h).
+ */
+#include "http.h"
+
+#include "kvf/error.h"
+
+#include <curl/curl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_REPLY (64u << 20)
+
+typedef struct rbuf {
+    char *p;
+    size_t n;
+} rbuf;
+
+static size_t on_data(char *data, size_t size, size_t nmemb, void *ud)
+{
+    rbuf *b = ud;
+    size_t add = size * nmemb;
+    if (b->n + add > MAX_REPLY)
+        return 0;
+    char *np = realloc(b->p, b->n + add + 1);
+    if (!np)
+        return 0;
+    memcpy(np + b->n, data, add);
+    b->p = np;
+    b->n += add;
+    b->p[b->n] = '\0';
+    return add;
+}
+
+int kvf__http_call(const char *method, const char *url, json_t *body, int timeout_ms, long *status,
+                   json_t **reply, char *err, size_t errlen)
+{
+    if (reply)
+        *reply = NULL;
+    *status = 0;
+    CURL *cu = curl_easy_init();
+    char *text = body ? json_dumps(body, JSON_COMPACT) : NULL;
+    if (!cu || (body && !text)) {
+        curl_easy_cleanup(cu);
+        free(text);
+        snprintf(err, errlen, "%s %s: out of memory", method, url);
+        return KVF_ENOMEM;
+    }
+    rbuf b = {0};
+    struct curl_slist *hdr = NULL;
+    curl_easy_setopt(cu, CURLOPT_URL, url);
+    curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, on_data);
+    curl_easy_setopt(cu, CURLOPT_WRITEDATA, &b);
+    curl_easy_setopt(cu, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
+    curl_easy_setopt(cu, CURLOPT_NOSIGNAL, 1L);
+    curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http");
+    if (!strcmp(method, "POST")) {
+        hdr = curl_slist_append(hdr, "Content-Type: application/json");
+        curl_easy_setopt(cu, CURLOPT_HTTPHEADER, hdr);
+        curl_easy_setopt(cu, CURLOPT_POSTFIELDS, text ? text : "{}");
+    }
+    CURLcode cc = curl_easy_perform(cu);
+    curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, status);
+    curl_easy_cleanup(cu);
+    curl_slist_free_all(hdr);
+    free(text);
+    int rc = 0;
+    if (cc != CURLE_OK) {
+        snprintf(err, errlen, "%s %s: %s", method, url, curl_easy_strerror(cc));
+        rc = cc == CURLE_OPERATION_TIMEDOUT ? KVF_ETIMEDOUT : KVF_ECONNREFUSED;
+    } else if (reply && b.n) {
+        *reply = json_loadb(b.p, b.n, 0, NULL);
+    }
+    free(b.p);
+    return rc;
+}
+
+json_t *kvf__http_error(const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    return json_pack("{s:s}", "error", msg);
+}

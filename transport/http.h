@@ -1,0 +1,50 @@
+/*
+ * HTTP/JSON between kvfabric's processes: the client side (libcurl) used by the connector, the
+ * engines and the trace driver, and the server side (libmicrohttpd) used by kvf-sched and by
+ * kvf-engine's serving mode. Bodies are JSON objects (jansson).
+ */
+#ifndef KVF_TRANSPORT_HTTP_H
+#define KVF_TRANSPORT_HTTP_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Sends method ("GET" or "POST") to url with body (may be NULL; borrowed) and waits up to
+ * timeout_ms. On a reply, *status is its HTTP status and *reply its JSON body (NULL when empty or
+ * not JSON; caller owns it; reply may be NULL to drop it). Replies over 64 MiB are refused.
+ * Returns 0 on any HTTP reply, or KVF_ECONNREFUSED / KVF_ETIMEDOUT / KVF_ENOMEM with one line in
+ * err. */
+int kvf__http_call(const char *method, const char *url, json_t *body, int timeout_ms, long *status,
+                   json_t **reply, char *err, size_t errlen);
+
+/* What a handler answers: a JSON body, or a text body (malloc'd, with its content type). */
+typedef struct kvf__http_reply {
+    json_t *json; /* owned by the server afterwards; NULL for none */
+    char *text;   /* owned by the server afterwards (free()); used when json is NULL */
+    size_t text_len;
+    const char *content_type; /* of text; static */
+} kvf__http_reply;
+
+/* A handler answers one request: body is the parsed JSON object of a POST (NULL for a GET). It
+ * fills *out and returns the HTTP status. */
+typedef unsigned (*kvf__http_handler)(void *ctx, const char *method, const char *url, json_t *body,
+                                      kvf__http_reply *out);
+
+typedef struct kvf__httpd kvf__httpd;
+
+/* Serves HTTP on host:port (0: a free port, written to *bound) with one thread per connection
+ * when thread_per_conn (handlers may block) or one polling thread otherwise. Bodies over max_body
+ * get 413, bodies that are not JSON objects get 400, both without calling the handler. Returns
+ * 0, or a KVF_E* code with one line in err. */
+int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thread_per_conn,
+                     size_t max_body, kvf__http_handler h, void *ctx, uint16_t *bound, char *err,
+                     size_t errlen);
+/* Requests answered and those answered with a status of 400 or more. */
+void kvf__httpd_counts(kvf__httpd *d, uint64_t *requests, uint64_t *errors);
+/* Stops serving, waits for the handlers running and frees. Accepts NULL and clears *d. */
+void kvf__httpd_stop(kvf__httpd **d);
+/* A JSON error body {"error": message}. */
+json_t *kvf__http_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+#endif

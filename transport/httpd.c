@@ -1,0 +1,180 @@
+/*
+ * The HTTP/JSON server side (http.h) over libmicrohttpd: reads the body of a request, parses it,
+ * calls the handler and sends its JSON reply.
+ */
+#include "http.h"
+
+#include "kvf/error.h"
+#include "tcp.h"
+
+#include <microhttpd.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+struct kvf__httpd {
+    struct MHD_Daemon *mhd;
+    kvf__http_handler h;
+    void *ctx;
+    size_t max_body;
+    atomic_uint_fast64_t requests, errors;
+};
+
+typedef struct body {
+    char *buf;
+    size_t len;
+    int too_big;
+} body;
+
+static enum MHD_Result send_reply(kvf__httpd *d, struct MHD_Connection *c, unsigned status,
+                                  kvf__http_reply *o)
+{
+    atomic_fetch_add(&d->requests, 1);
+    if (status >= 400)
+        atomic_fetch_add(&d->errors, 1);
+    char *t = o->text;
+    size_t len = o->text_len;
+    const char *type = o->content_type ? o->content_type : "text/plain";
+    if (o->json) {
+        free(t);
+        t = json_dumps(o->json, JSON_COMPACT | JSON_SORT_KEYS | JSON_REAL_PRECISION(9));
+        len = t ? strlen(t) : 0;
+        type = "application/json";
+        json_decref(o->json);
+    }
+    struct MHD_Response *r =
+        t ? MHD_create_response_from_buffer(len, t, MHD_RESPMEM_MUST_FREE)
+          : MHD_create_response_from_buffer(0, (void *)"", MHD_RESPMEM_PERSISTENT);
+    if (!r) {
+        free(t);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, "Content-Type", type);
+    enum MHD_Result ret = MHD_queue_response(c, status, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
+static enum MHD_Result send_error(kvf__httpd *d, struct MHD_Connection *c, unsigned status,
+                                  json_t *e)
+{
+    kvf__http_reply o = {.json = e};
+    return send_reply(d, c, status, &o);
+}
+
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
+                                  const char *method, const char *version, const char *upload,
+                                  size_t *upload_size, void **con_cls)
+{
+    (void)version;
+    kvf__httpd *d = cls;
+    body *b = *con_cls;
+    if (!b) {
+        if (!(b = calloc(1, sizeof *b)))
+            return MHD_NO;
+        *con_cls = b;
+        return MHD_YES;
+    }
+    if (*upload_size) {
+        if (b->too_big || b->len + *upload_size > d->max_body) {
+            b->too_big = 1;
+        } else {
+            char *nb = realloc(b->buf, b->len + *upload_size + 1);
+            if (!nb)
+                return MHD_NO;
+            b->buf = nb;
+            memcpy(b->buf + b->len, upload, *upload_size);
+            b->len += *upload_size;
+            b->buf[b->len] = '\0';
+        }
+        *upload_size = 0;
+        return MHD_YES;
+    }
+    json_t *in = NULL;
+    if (!strcmp(method, "POST")) {
+        if (b->too_big)
+            return send_error(d, c, 413,
+                              kvf__http_error("body larger than %zu bytes", d->max_body));
+        json_error_t je;
+        in = b->len ? json_loadb(b->buf, b->len, JSON_REJECT_DUPLICATES, &je) : NULL;
+        if (!in || !json_is_object(in)) {
+            json_decref(in);
+            return send_error(d, c, 400,
+                              kvf__http_error("body is not a JSON object%s%s", b->len ? ": " : "",
+                                              b->len ? je.text : ""));
+        }
+    } else if (strcmp(method, "GET") != 0) {
+        return send_error(d, c, 405, kvf__http_error("%s %s: not served", method, url));
+    }
+    kvf__http_reply out = {0};
+    unsigned status = d->h(d->ctx, method, url, in, &out);
+    json_decref(in);
+    return send_reply(d, c, status, &out);
+}
+
+static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
+                         enum MHD_RequestTerminationCode toe)
+{
+    (void)cls;
+    (void)c;
+    (void)toe;
+    body *b = *con_cls;
+    if (b) {
+        free(b->buf);
+        free(b);
+    }
+    *con_cls = NULL;
+}
+
+int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thread_per_conn,
+                     size_t max_body, kvf__http_handler h, void *ctx, uint16_t *bound, char *err,
+                     size_t errlen)
+{
+    *out = NULL;
+    kvf__httpd *d = calloc(1, sizeof *d);
+    if (!d) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    d->h = h;
+    d->ctx = ctx;
+    d->max_body = max_body;
+    /* The socket is ours (port 0 resolves to a free one), handed to libmicrohttpd. */
+    int lfd;
+    int rc = kvf__tcp_listen(host, port, 128, &lfd, bound, err, errlen);
+    if (rc) {
+        free(d);
+        return rc;
+    }
+    unsigned flags = thread_per_conn
+                         ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD
+                         : MHD_USE_INTERNAL_POLLING_THREAD;
+    d->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET, lfd,
+                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, d,
+                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_END);
+    if (!d->mhd) {
+        close(lfd);
+        free(d);
+        snprintf(err, errlen, "cannot start the HTTP server on %s:%u", host, (unsigned)*bound);
+        return KVF_EIO;
+    }
+    *out = d;
+    return 0;
+}
+
+void kvf__httpd_counts(kvf__httpd *d, uint64_t *requests, uint64_t *errors)
+{
+    *requests = atomic_load(&d->requests);
+    *errors = atomic_load(&d->errors);
+}
+
+void kvf__httpd_stop(kvf__httpd **dp)
+{
+    if (!dp || !*dp)
+        return;
+    MHD_stop_daemon((*dp)->mhd);
+    free(*dp);
+    *dp = NULL;
+}
