@@ -65,28 +65,6 @@ void bench_progress(const char *bench, const char *fmt, ...)
     va_end(ap);
 }
 
-const char *bench_find_bin(const char *name, const char *rel)
-{
-    static char out[2 * PATH_MAX];
-    char self[PATH_MAX];
-    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
-    if (n > 0) {
-        self[n] = '\0';
-        char *slash = strrchr(self, '/');
-        if (slash) {
-            *slash = '\0';
-            snprintf(out, sizeof out, "%s/%s", self, rel);
-            if (access(out, X_OK) == 0)
-                return out;
-            snprintf(out, sizeof out, "%s/%s", self, name);
-            if (access(out, X_OK) == 0)
-                return out;
-        }
-    }
-    snprintf(out, sizeof out, "%s", name);
-    return out;
-}
-
 int bench_start_store(bench_proc *p, const char *bin, const char *memory, const char *extra)
 {
     char err[640];

@@ -30,9 +30,6 @@ double bench_now(void); /* seconds, monotonic */
 double bench_quantile(double *v, size_t n, double q);
 /* Resident set size of pid in MiB, or -1. */
 double bench_rss_mib(pid_t pid);
-/* Finds the path of a sibling binary ("../store/kvf-store" relative to this executable, then the
- * same directory, then PATH). Returns a static buffer. */
-const char *bench_find_bin(const char *name, const char *rel);
 
 /* Progress on stderr: "[store] message". */
 void bench_progress(const char *bench, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

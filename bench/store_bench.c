@@ -13,6 +13,7 @@
  */
 #include "bench.h"
 #include "bench_util.h"
+#include "proc.h"
 
 #include "kvf/kvf.h"
 
@@ -397,7 +398,7 @@ static int parse(int argc, char **argv, opts *o)
     }
     o->secs = o->quick ? 1.5 : 4.0;
     if (!o->store_bin)
-        o->store_bin = bench_find_bin("kvf-store", "../store/kvf-store");
+        o->store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
     return 0;
 }
 

@@ -22,6 +22,7 @@
  */
 #include "kvf/kvf.h"
 
+#include "cluster.h"
 #include "object.h"
 #include "probe.h"
 #include "units.h"
@@ -61,6 +62,7 @@ static void usage(FILE *f)
         "usage: kvf COMMAND [options]\n"
         "commands: stats put get lookup evict pin unpin compress clear keys estimate classify "
         "probe\n"
+        "          cluster up|down|status --config FILE [--netns] [--json]\n"
         "  --node HOST:PORT[,HOST:PORT...]  storage nodes (repeatable)\n"
         "  --model PRESET|FILE.json         layout (default ref-tiny)\n"
         "  --salt TENANT                    tenant salt of the key namespace\n"
@@ -806,6 +808,8 @@ static int add_nodes(args *a, const char *list)
 int main(int argc, char **argv)
 {
     args a = {.model = "ref-tiny", .lease_ms = 30000, .deadline_ms = 5000, .conns = 2};
+    if (argc >= 2 && !strcmp(argv[1], "cluster"))
+        return kvf_cluster_main(argc - 1, argv + 1);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;

@@ -1,5 +1,8 @@
 #include "proc.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -102,4 +105,93 @@ pid_t kvf__proc_start_store(const char *bin, const char *memory, const char *ext
     }
     argv[k] = NULL;
     return kvf__proc_start_daemon(argv, timeout_ms, port, err, errlen);
+}
+
+const char *kvf__proc_find_bin(const char *name, const char *rel)
+{
+    static char out[2 * PATH_MAX];
+    char self[PATH_MAX];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n > 0) {
+        self[n] = '\0';
+        char *slash = strrchr(self, '/');
+        if (slash) {
+            *slash = '\0';
+            snprintf(out, sizeof out, "%s/%s", self, rel);
+            if (access(out, X_OK) == 0)
+                return out;
+            snprintf(out, sizeof out, "%s/%s", self, name);
+            if (access(out, X_OK) == 0)
+                return out;
+        }
+    }
+    snprintf(out, sizeof out, "%s", name);
+    return out;
+}
+
+pid_t kvf__proc_spawn_detached(char *const argv[], const char *log_path, char *const env[],
+                               char *err, size_t errlen)
+{
+    int fd = open(log_path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        snprintf(err, errlen, "%s: %s", log_path, strerror(errno));
+        return -1;
+    }
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(err, errlen, "fork: %s", strerror(errno));
+        close(fd);
+        return -1;
+    }
+    if (pid == 0) {
+        setsid();
+        int null = open("/dev/null", O_RDONLY);
+        if (null >= 0)
+            dup2(null, 0);
+        dup2(fd, 1);
+        dup2(fd, 2);
+        for (size_t i = 0; env && env[i]; i++)
+            putenv(env[i]);
+        execvp(argv[0], argv);
+        fprintf(stderr, "cannot start %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(fd);
+    return pid;
+}
+
+int kvf__proc_wait_ready(pid_t pid, const char *log_path, int timeout_ms, const volatile int *stop,
+                         char *addr, size_t addrlen, char *err, size_t errlen)
+{
+    char buf[8192], last[256] = "";
+    for (int waited = 0; waited <= timeout_ms; waited += 20) {
+        FILE *f = fopen(log_path, "r");
+        while (f && fgets(buf, sizeof buf, f)) {
+            const char *at = strstr(buf, " ready listen=");
+            if (at) {
+                at += strlen(" ready listen=");
+                size_t n = strcspn(at, " \n");
+                snprintf(addr, addrlen, "%.*s", (int)n, at);
+                fclose(f);
+                return 0;
+            }
+            buf[strcspn(buf, "\n")] = '\0';
+            snprintf(last, sizeof last, "%.200s", buf);
+        }
+        if (f)
+            fclose(f);
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid || kill(pid, 0) != 0) {
+            snprintf(err, errlen, "exited before it was ready; its log ends with: \"%s\"", last);
+            return -1;
+        }
+        if (stop && *stop) {
+            snprintf(err, errlen, "interrupted while waiting for it to be ready");
+            return -1;
+        }
+        usleep(20000);
+    }
+    snprintf(err, errlen, "printed no ready line within %d ms; its log ends with: \"%s\"",
+             timeout_ms, last);
+    return -1;
 }

@@ -26,4 +26,21 @@ pid_t kvf__proc_start_daemon(char *const argv[], int timeout_ms, uint16_t *port,
 pid_t kvf__proc_start_store(const char *bin, const char *memory, const char *extra, int timeout_ms,
                             uint16_t *port, char *err, size_t errlen);
 
+/* Finds the path of a sibling binary: rel ("../store/kvf-store") relative to this executable's
+ * directory (a build tree), then name in that directory (an install), then name alone (PATH).
+ * Returns a static buffer. */
+const char *kvf__proc_find_bin(const char *name, const char *rel);
+
+/* Starts argv[0] in a session of its own (it outlives the caller), with stdout and stderr
+ * appended to log_path and the environment variables of env ("NAME=VALUE", NULL-terminated; may
+ * be NULL) added. Returns the pid, or -1 with the reason in err. */
+pid_t kvf__proc_spawn_detached(char *const argv[], const char *log_path, char *const env[],
+                               char *err, size_t errlen);
+
+/* Waits up to timeout_ms for pid to print its ready line into log_path, and copies the address
+ * after "listen=" into addr. *stop (may be NULL) set from a signal handler ends the wait early.
+ * Returns 0, or -1 with the reason (and the log's last line) in err. */
+int kvf__proc_wait_ready(pid_t pid, const char *log_path, int timeout_ms, const volatile int *stop,
+                         char *addr, size_t addrlen, char *err, size_t errlen);
+
 #endif

@@ -1,5 +1,6 @@
 #include "log.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -66,4 +67,15 @@ void kvf__log_write(const kvf_log *lg, kvf_log_level level, const char *fmt, ...
     va_start(ap, fmt);
     kvf__log_vwrite(lg, level, fmt, ap);
     va_end(ap);
+}
+
+void kvf__daemon_signals(void (*on_stop)(int))
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
 }

@@ -49,4 +49,8 @@ static inline int kvf__log_enabled(const kvf_log *lg, kvf_log_level level)
 #define kvf_warn(lg, ...)  kvf__log_write(lg, KVF_LOG_WARN, __VA_ARGS__)
 #define kvf_error(lg, ...) kvf__log_write(lg, KVF_LOG_ERROR, __VA_ARGS__)
 
+/* A daemon's signals: SIGTERM and SIGINT call on_stop (which should only set a flag), SIGPIPE is
+ * ignored (a peer that goes away is an error return, not a death). */
+void kvf__daemon_signals(void (*on_stop)(int));
+
 #endif

@@ -724,12 +724,7 @@ int main(int argc, char **argv)
     pthread_t ev;
     pthread_create(&ev, NULL, events_main, &d);
     g_daemon = &d;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    kvf__daemon_signals(on_signal);
     printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound,
            kvf_policy_name(so.policy), (int)getpid());
     fflush(stdout);

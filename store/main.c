@@ -159,13 +159,7 @@ int main(int argc, char **argv)
         return 1;
     }
     g_server = srv;
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    kvf__daemon_signals(on_signal);
 
     kvf_cache_stats st;
     kvf__cache_lock(cache);

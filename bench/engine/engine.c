@@ -44,6 +44,7 @@ struct kvfe_engine {
     float *x, *h, *q, *k, *v, *att, *o_, *g, *u, *scores, *kc, *vc, *logits;
     float *rope_cos, *rope_sin;
     kvf_xfer *pending_save;
+    int reuse_off, save_off; /* per request (kvfe_set_reuse) */
 };
 
 static double now_s(void)
@@ -289,24 +290,42 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
         return KVF_EINVAL;
     double t0 = now_s();
     kvfe_flush(e);
-    memcpy(e->tokens, tokens, n * sizeof *tokens);
-    e->len = n;
     const kvf_layout *L = &e->m.layout;
     uint32_t C = L->chunk_tokens, P = L->page_tokens;
-    kvf_connector *cn = e->o.cn;
+    kvf_connector *cn = e->reuse_off ? NULL : e->o.cn;
+    size_t max_hit = (n - 1) / C * C; /* at least one token is computed, for the logits */
+
+    /* Device tier: the previous sequence's KV is still in the pages; whole chunks of it that the
+     * new prompt starts with are kept (rows are aligned to absolute positions, so they are the
+     * bytes a recompute would write). */
+    size_t dev = 0;
+    if (e->o.keep_prefix && !e->reuse_off) {
+        while (dev < e->len && dev < n && e->tokens[dev] == tokens[dev])
+            dev++;
+        dev = dev / C * C;
+        dev = dev < max_hit ? dev : max_hit;
+    }
+    memcpy(e->tokens, tokens, n * sizeof *tokens);
+    e->len = n;
 
     size_t hit = 0;
-    if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0) {
-        size_t max_hit = (n - 1) / C * C; /* at least one token is computed, for the logits */
+    if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0)
         hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
-    }
     kvf_xfer *load = NULL;
-    if (hit && kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
+    if (hit <= dev) /* the pages already hold at least as much */
         hit = 0;
-    size_t full = n / C * C;
+    else if (kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
+        hit = 0;
+    if (!hit && dev) {
+        hit = dev;
+        r->device_tokens = dev;
+    }
+    /* Chunks kept from the device tier may not be in the store (evicted, or computed with reuse
+     * off): the save starts at chunk 0 then, and the store answers "exists" for those it has. */
+    size_t full = n / C * C, save_from = r->device_tokens ? 0 : hit;
     kvf_xfer *save = NULL;
-    if (cn && e->o.save && full > hit &&
-        kvf_connector_save(cn, tokens, full, hit / C, e->page_of, full / P, &save) != 0)
+    if (cn && e->o.save && !e->save_off && full > save_from &&
+        kvf_connector_save(cn, tokens, full, save_from / C, e->page_of, full / P, &save) != 0)
         save = NULL;
 
     double wait = 0, compute = 0;
@@ -341,7 +360,7 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
                 kvf_xfer_layer_done(save, l);
         }
         if (!failed) {
-            r->loaded_tokens = hit;
+            r->loaded_tokens = load ? hit : 0;
             break;
         }
         /* The store could not deliver every layer: recompute everything from the start. Once
@@ -354,7 +373,8 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
             kvf_xfer_free(&save);
         }
         hit = 0;
-        if (cn && e->o.save && full > 0 &&
+        r->device_tokens = 0;
+        if (cn && e->o.save && !e->save_off && full > 0 &&
             kvf_connector_save(cn, tokens, full, 0, e->page_of, full / P, &save) != 0)
             save = NULL;
     }
@@ -366,6 +386,12 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     r->wait_seconds = wait;
     r->seconds = now_s() - t0;
     return 0;
+}
+
+void kvfe_set_reuse(kvfe_engine *e, int load, int save)
+{
+    e->reuse_off = !load;
+    e->save_off = !save;
 }
 
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r)

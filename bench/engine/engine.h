@@ -39,6 +39,7 @@ typedef struct kvfe_opts {
     int save;              /* save new chunks through cn */
     uint64_t page_shuffle; /* nonzero: pages of a sequence are a seeded permutation */
     int no_overlap;        /* wait for the whole load before computing (for comparison) */
+    int keep_prefix;       /* reuse the previous sequence's KV for a prompt that starts with it */
 } kvfe_opts;
 
 typedef struct kvfe_result {
@@ -46,6 +47,7 @@ typedef struct kvfe_result {
     const float *logits;    /* vocab values; borrowed, valid until the next call */
     size_t cached_tokens;   /* tokens the lookup found */
     size_t loaded_tokens;   /* tokens whose KV came from the store (0 after a fallback) */
+    size_t device_tokens;   /* tokens whose KV was still in the pages (keep_prefix) */
     int load_error;         /* 0, or the failure that forced a recompute */
     double seconds;         /* wall time of the call */
     double compute_seconds; /* time in the forward pass proper */
@@ -62,6 +64,9 @@ const kvfe_model *kvfe_model_of(const kvfe_engine *e);
  * Returns 0 or a KVF_E* code; a failed load is not an error (it is recomputed and reported in
  * r->load_error). */
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
+/* From the next prefill on: look up and load through the connector (load), save new chunks
+ * (save). Both on at open when a connector is given. */
+void kvfe_set_reuse(kvfe_engine *e, int load, int save);
 /* Appends one token to the sequence and computes the next. */
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r);
 /* Waits for the save started by the last prefill, if any. Returns its status. */

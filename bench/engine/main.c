@@ -9,6 +9,7 @@
  * how much of the prompt came from the store, and the generated tokens.
  */
 #include "engine.h"
+#include "serve.h"
 
 #include "kvf/kvf.h"
 
@@ -26,6 +27,9 @@ static uint32_t prompt_token(uint64_t seed, size_t i, uint32_t vocab)
 
 int main(int argc, char **argv)
 {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--serve"))
+            return kvfe_serve_main(argc, argv);
     const char *model = "ref-tiny", *store = NULL;
     long prompt = 200, gen = 8;
     uint64_t seed = 1, pseed = 7;

@@ -1,0 +1,629 @@
+/*
+ * kvf-engine's serving mode: the reference engine behind HTTP/JSON, registered with kvf-sched,
+ * publishing its KV events, and moving KV through the connector (docs/operations.md).
+ *
+ *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
+ *              [--advertise HOST:PORT] [--sched HOST:PORT] [--store HOST:PORT[,...]]
+ *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
+ *
+ * Requests (POST, JSON bodies; token ids as arrays of integers):
+ *   /v1/prefill   {id, tokens}                     prefill with the cached prefix loaded and the
+ *                                                  new chunks saved; answers the first token
+ *   /v1/decode    {id, tokens, first_token, max_tokens, expect_cached}
+ *                                                  the decode half of a disaggregated request:
+ *                                                  waits for the prefill's chunks (the handoff),
+ *                                                  loads them, checks the first token, decodes
+ *   /v1/generate  {id, tokens, max_tokens, reuse}  prefill and decode here (colocated); reuse
+ *                                                  false runs without the cache layer
+ *   GET /v1/health                                 id, role, queue and connector figures
+ *
+ * One sequence runs at a time (the reference engine has one); requests wait in arrival order and
+ * the queue is reported to kvf-sched as the engine's load. The KV of the last sequence stays in
+ * the engine's pages: a prompt that starts with it keeps those chunks (device tier), and the
+ * events say so: BlockStored for a new sequence's blocks, BlockRemoved for the blocks it replaced,
+ * in vLLM's format (ZeroMQ PUB, [topic, 8-byte big-endian sequence, msgpack [ts, events, 0]]).
+ */
+#include "engine.h"
+#include "serve.h"
+
+#include "http.h"
+#include "kvf/kvf.h"
+#include "log.h"
+#include "tcp.h"
+
+#include <msgpack.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+#include <zmq.h>
+
+#define MAX_BODY (64u << 20)
+
+typedef struct srv {
+    kvfe_model m;
+    kvfe_engine *e;
+    kvf_connector *cn;
+    kvf_log lg;
+    char id[64], role[16], model[32], sched[160], endpoint[160], events[160];
+    uint32_t max_tokens;
+    /* arrival-order queue: a request runs when serving reaches its ticket */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t next_ticket, serving;
+    double queued_prefill_tokens;
+    uint32_t active_decodes;
+    uint64_t requests, failures, first_token_mismatches;
+    double busy_s;
+    /* load reports to kvf-sched, sent by their own thread */
+    pthread_cond_t report_cv;
+    int report_dirty;
+    /* KV events (under the engine's turn: only the running request publishes) */
+    void *zctx, *pub;
+    uint64_t seq;
+    uint64_t *held; /* engine block hashes of the blocks in the pages */
+    size_t n_held, cap_held;
+    atomic_int stop;
+} srv;
+
+static atomic_int g_stop;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    atomic_store(&g_stop, 1);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Load reports */
+
+static void mark_dirty_locked(srv *S)
+{
+    S->report_dirty = 1;
+    pthread_cond_signal(&S->report_cv);
+}
+
+static void *reporter_main(void *arg)
+{
+    srv *S = arg;
+    char url[256], err[256];
+    snprintf(url, sizeof url, "http://%s/v1/instances/%s/load", S->sched, S->id);
+    pthread_mutex_lock(&S->mu);
+    while (!atomic_load(&S->stop)) {
+        if (!S->report_dirty) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_nsec += 200 * 1000000L;
+            if (ts.tv_nsec >= 1000000000L) {
+                ts.tv_sec++;
+                ts.tv_nsec -= 1000000000L;
+            }
+            pthread_cond_timedwait(&S->report_cv, &S->mu, &ts);
+            continue;
+        }
+        S->report_dirty = 0;
+        json_t *body = json_pack("{s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
+                                 "active_decodes", (int)S->active_decodes, "used_blocks",
+                                 (json_int_t)(S->n_held));
+        pthread_mutex_unlock(&S->mu);
+        long status;
+        if (kvf__http_call("POST", url, body, 2000, &status, NULL, err, sizeof err) != 0 ||
+            status != 200)
+            kvf_warn(&S->lg, "load report to kvf-sched: %s", status ? "refused" : err);
+        json_decref(body);
+        pthread_mutex_lock(&S->mu);
+    }
+    pthread_mutex_unlock(&S->mu);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* KV events */
+
+static void pack_str(msgpack_packer *pk, const char *s)
+{
+    size_t n = strlen(s);
+    msgpack_pack_str(pk, n);
+    msgpack_pack_str_body(pk, s, n);
+}
+
+/* Publishes what the pages hold now that they hold tokens[0..n): the blocks of the previous
+ * sequence that differ are removed, the new ones stored. */
+static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
+{
+    uint32_t P = S->m.layout.page_tokens;
+    size_t nb = n / P;
+    uint64_t *nh = malloc((nb ? nb : 1) * sizeof *nh);
+    if (!nh)
+        return;
+    uint64_t parent = 0;
+    for (size_t b = 0; b < nb; b++)
+        parent = nh[b] = XXH3_64bits_withSeed(tokens + b * P, P * sizeof *tokens, parent);
+    size_t common = 0;
+    while (common < nb && common < S->n_held && nh[common] == S->held[common])
+        common++;
+    if (S->pub && (common < S->n_held || common < nb)) {
+        msgpack_sbuffer sb;
+        msgpack_sbuffer_init(&sb);
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+        int n_ev = (common < S->n_held) + (common < nb);
+        msgpack_pack_array(&pk, 3);
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
+        msgpack_pack_array(&pk, (size_t)n_ev);
+        if (common < S->n_held) {
+            msgpack_pack_array(&pk, 3);
+            pack_str(&pk, "BlockRemoved");
+            msgpack_pack_array(&pk, S->n_held - common);
+            for (size_t b = common; b < S->n_held; b++)
+                msgpack_pack_uint64(&pk, S->held[b]);
+            pack_str(&pk, "GPU");
+        }
+        if (common < nb) {
+            msgpack_pack_array(&pk, 7);
+            pack_str(&pk, "BlockStored");
+            msgpack_pack_array(&pk, nb - common);
+            for (size_t b = common; b < nb; b++)
+                msgpack_pack_uint64(&pk, nh[b]);
+            if (common)
+                msgpack_pack_uint64(&pk, nh[common - 1]);
+            else
+                msgpack_pack_nil(&pk);
+            msgpack_pack_array(&pk, (nb - common) * P);
+            for (size_t t = common * P; t < nb * P; t++)
+                msgpack_pack_uint32(&pk, tokens[t]);
+            msgpack_pack_uint32(&pk, P);
+            msgpack_pack_nil(&pk); /* lora_id */
+            pack_str(&pk, "GPU");
+        }
+        msgpack_pack_int(&pk, 0); /* data_parallel_rank */
+        uint8_t seq[8];
+        uint64_t v = ++S->seq;
+        for (int i = 7; i >= 0; i--, v >>= 8)
+            seq[i] = (uint8_t)v;
+        zmq_send(S->pub, "kv-events", 9, ZMQ_SNDMORE);
+        zmq_send(S->pub, seq, 8, ZMQ_SNDMORE);
+        zmq_send(S->pub, sb.data, sb.size, 0);
+        msgpack_sbuffer_destroy(&sb);
+    }
+    free(S->held);
+    S->held = nh;
+    S->n_held = S->cap_held = nb;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Requests */
+
+typedef struct job {
+    const char *kind; /* prefill, decode, generate */
+    uint32_t *tokens;
+    size_t n;
+    uint32_t max_tokens, first_token, expect_cached;
+    int has_first, reuse;
+} job;
+
+/* Reads the body into a job. Returns 0 or an HTTP status with *reply set. */
+static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
+{
+    json_t *t = json_object_get(o, "tokens");
+    if (!json_is_array(t) || json_array_size(t) == 0) {
+        reply->json = kvf__http_error("\"tokens\" must be a non-empty array of token ids");
+        return 400;
+    }
+    j->n = json_array_size(t);
+    json_t *mt = json_object_get(o, "max_tokens"), *ft = json_object_get(o, "first_token"),
+           *ec = json_object_get(o, "expect_cached"), *ru = json_object_get(o, "reuse");
+    if ((mt && !json_is_integer(mt)) || (ft && !json_is_integer(ft)) ||
+        (ec && !json_is_integer(ec)) || (ru && !json_is_boolean(ru))) {
+        reply->json = kvf__http_error("max_tokens, first_token and expect_cached are integers, "
+                                      "reuse a boolean");
+        return 400;
+    }
+    j->max_tokens = mt ? (uint32_t)json_integer_value(mt) : 1;
+    j->has_first = ft != NULL;
+    j->first_token = ft ? (uint32_t)json_integer_value(ft) : 0;
+    j->expect_cached = ec ? (uint32_t)json_integer_value(ec) : 0;
+    j->reuse = ru ? json_is_true(ru) : 1;
+    if (mt && (json_integer_value(mt) < 1 || json_integer_value(mt) > 1 << 20)) {
+        reply->json = kvf__http_error("max_tokens must be 1..1048576");
+        return 400;
+    }
+    if (j->n + j->max_tokens + 1 > S->max_tokens) {
+        reply->json = kvf__http_error("prompt of %zu tokens + %u to generate exceed this engine's "
+                                      "KV capacity of %u tokens (--max-tokens)",
+                                      j->n, j->max_tokens, S->max_tokens);
+        return 413;
+    }
+    j->tokens = malloc(j->n * sizeof *j->tokens);
+    if (!j->tokens) {
+        reply->json = kvf__http_error("out of memory");
+        return 500;
+    }
+    for (size_t i = 0; i < j->n; i++) {
+        json_t *v = json_array_get(t, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+            json_integer_value(v) > UINT32_MAX) {
+            free(j->tokens);
+            j->tokens = NULL;
+            reply->json = kvf__http_error("tokens[%zu] is not a 32-bit token id", i);
+            return 400;
+        }
+        j->tokens[i] = (uint32_t)json_integer_value(v);
+    }
+    return 0;
+}
+
+/* The decode half's handoff: the prefill's save may still be landing; wait (bounded) until the
+ * stores hold what it announced, then load whatever is there. */
+static double await_handoff(srv *S, const job *j, size_t *cached)
+{
+    double t0 = now_s();
+    *cached = 0;
+    if (!S->cn || !j->expect_cached)
+        return 0;
+    for (int i = 0; i < 400; i++) {
+        if (kvf_connector_lookup(S->cn, j->tokens, j->n, cached) == 0 &&
+            *cached >= j->expect_cached)
+            break;
+        usleep(i < 20 ? 500 : 5000);
+    }
+    return now_s() - t0;
+}
+
+static json_t *run_job(srv *S, const job *j, double queue_s)
+{
+    kvf_connector_stats st0, st1;
+    if (S->cn)
+        kvf_connector_stats_get(S->cn, &st0);
+    int is_prefill = !strcmp(j->kind, "prefill"), is_decode = !strcmp(j->kind, "decode");
+    kvfe_set_reuse(S->e, j->reuse && S->cn, j->reuse && S->cn && !is_decode);
+    size_t store_cached = 0;
+    double handoff_s = is_decode ? await_handoff(S, j, &store_cached) : 0;
+    kvfe_result r;
+    int rc = kvfe_prefill(S->e, j->tokens, j->n, &r);
+    if (rc)
+        return kvf__http_error("prefill: %s", kvf_strerror(rc));
+    publish_blocks(S, j->tokens, j->n);
+    /* The first token: the prefill's own, or for a decode the one the prefill engine chose
+     * (this engine computed it again from the handed-off KV: they must agree). */
+    int mismatch = is_decode && j->has_first && r.next_token != j->first_token;
+    uint32_t last = is_decode && j->has_first ? j->first_token : r.next_token;
+    json_t *toks = json_array(), *itl = json_array();
+    json_array_append_new(toks, json_integer(last));
+    double decode_s = 0;
+    for (uint32_t g = 1; !is_prefill && g < j->max_tokens; g++) {
+        kvfe_result d;
+        if (kvfe_decode(S->e, last, &d) != 0)
+            break;
+        last = d.next_token;
+        json_array_append_new(toks, json_integer(last));
+        json_array_append_new(itl, json_real(d.seconds));
+        decode_s += d.seconds;
+    }
+    if (S->cn)
+        kvf_connector_stats_get(S->cn, &st1);
+    uint32_t C = S->m.layout.chunk_tokens;
+    json_t *out = json_pack(
+        "{s:s,s:s,s:o,s:o,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:s,s:b,s:s}", "engine", S->id,
+        "kind", j->kind, "tokens", toks, "itl_s", itl, "prompt_tokens", (json_int_t)j->n,
+        "device_tokens", (json_int_t)r.device_tokens, "loaded_tokens", (json_int_t)r.loaded_tokens,
+        "saved_tokens",
+        (json_int_t)(is_prefill || (!is_decode && j->reuse && S->cn) ? j->n / C * C : 0), "queue_s",
+        queue_s, "prefill_s", r.seconds, "compute_s", r.compute_seconds, "wait_s", r.wait_seconds,
+        "decode_s", decode_s, "handoff_s", handoff_s, "load_error", kvf_err_name(r.load_error),
+        "first_token_mismatch", mismatch, "label", "real");
+    if (S->cn) {
+        json_object_set_new(out, "load_bytes",
+                            json_integer((json_int_t)(st1.load_bytes - st0.load_bytes)));
+        json_object_set_new(out, "transport", json_string("tcp"));
+    }
+    if (mismatch) {
+        kvf_error(&S->lg, "request: the decode's first token %u differs from the prefill's %u",
+                  r.next_token, j->first_token);
+        pthread_mutex_lock(&S->mu);
+        S->first_token_mismatches++;
+        pthread_mutex_unlock(&S->mu);
+    }
+    return out;
+}
+
+static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply *reply)
+{
+    job j = {.kind = kind};
+    unsigned st = parse_job(S, o, &j, reply);
+    if (st)
+        return st;
+    int is_prefill = !strcmp(kind, "prefill"), is_decode = !strcmp(kind, "decode");
+    double t_arrive = now_s();
+    pthread_mutex_lock(&S->mu);
+    uint64_t ticket = S->next_ticket++;
+    if (!is_decode)
+        S->queued_prefill_tokens += (double)j.n;
+    if (!is_prefill)
+        S->active_decodes++;
+    mark_dirty_locked(S);
+    while (S->serving != ticket && !atomic_load(&S->stop))
+        pthread_cond_wait(&S->cv, &S->mu);
+    pthread_mutex_unlock(&S->mu);
+    double t_start = now_s();
+    json_t *out = atomic_load(&S->stop) ? kvf__http_error("engine stopping")
+                                        : run_job(S, &j, t_start - t_arrive);
+    int ok = json_object_get(out, "error") == NULL;
+    pthread_mutex_lock(&S->mu);
+    S->serving++;
+    S->requests++;
+    S->failures += !ok;
+    S->busy_s += now_s() - t_start;
+    if (!is_decode)
+        S->queued_prefill_tokens -= (double)j.n;
+    if (!is_prefill)
+        S->active_decodes--;
+    mark_dirty_locked(S);
+    pthread_cond_broadcast(&S->cv);
+    pthread_mutex_unlock(&S->mu);
+    free(j.tokens);
+    reply->json = out;
+    return ok ? 200 : 500;
+}
+
+static unsigned on_request(void *ctx, const char *method, const char *url, json_t *body,
+                           kvf__http_reply *reply)
+{
+    srv *S = ctx;
+    if (!body) {
+        if (strcmp(url, "/v1/health") != 0) {
+            reply->json = kvf__http_error("GET %s: not served", url);
+            return 404;
+        }
+        kvf_connector_stats cs = {0};
+        if (S->cn)
+            kvf_connector_stats_get(S->cn, &cs);
+        pthread_mutex_lock(&S->mu);
+        reply->json = json_pack(
+            "{s:s,s:s,s:s,s:I,s:I,s:I,s:f,s:i,s:I,s:f,s:{s:I,s:I,s:I,s:I,s:I,s:I},s:b}", "id",
+            S->id, "role", S->role, "model", S->model, "requests", (json_int_t)S->requests,
+            "failures", (json_int_t)S->failures, "first_token_mismatches",
+            (json_int_t)S->first_token_mismatches, "queued_prefill_tokens",
+            S->queued_prefill_tokens, "active_decodes", (int)S->active_decodes, "waiting",
+            (json_int_t)(S->next_ticket - S->serving), "busy_s", S->busy_s, "connector",
+            "load_bytes", (json_int_t)cs.load_bytes, "save_bytes", (json_int_t)cs.save_bytes,
+            "chunks_loaded", (json_int_t)cs.chunks_loaded, "chunks_saved",
+            (json_int_t)cs.chunks_saved, "chunks_missed", (json_int_t)cs.chunks_missed,
+            "chunks_existing", (json_int_t)cs.chunks_existing, "cache_layer", S->cn != NULL);
+        pthread_mutex_unlock(&S->mu);
+        return 200;
+    }
+    if (!strcmp(url, "/v1/prefill") || !strcmp(url, "/v1/decode") || !strcmp(url, "/v1/generate"))
+        return handle_job(S, url + 4, body, reply);
+    reply->json = kvf__http_error("POST %s: not served (prefill, decode, generate)", url);
+    return 404;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+static int register_with_sched(srv *S, char *err, size_t errlen)
+{
+    kvf_caps caps;
+    char *cj = kvf_caps_builtin("reference", &caps) == 0 ? kvf_caps_to_json(&caps) : NULL;
+    json_t *cjo = cj ? json_loads(cj, 0, NULL) : NULL;
+    free(cj);
+    json_t *body =
+        json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", S->id, "role", S->role, "endpoint",
+                  S->endpoint, "events", S->events, "block_tokens", (int)S->m.layout.page_tokens,
+                  "capacity_blocks", (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
+    if (cjo)
+        json_object_set_new(body, "capabilities", cjo);
+    char url[256];
+    snprintf(url, sizeof url, "http://%s/v1/instances", S->sched);
+    long status = 0;
+    json_t *reply = NULL;
+    int rc = 0;
+    for (int attempt = 0; attempt < 50; attempt++) {
+        json_decref(reply);
+        reply = NULL;
+        rc = kvf__http_call("POST", url, body, 2000, &status, &reply, err, errlen);
+        if (rc == 0)
+            break;
+        usleep(100000); /* the scheduler may still be starting */
+    }
+    if (rc == 0 && status != 201 && status != 200) {
+        json_t *e = json_object_get(reply, "error");
+        snprintf(err, errlen, "kvf-sched refused the registration (HTTP %ld): %s", status,
+                 json_is_string(e) ? json_string_value(e) : "no reason given");
+        rc = KVF_EINVAL;
+    }
+    json_decref(reply);
+    json_decref(body);
+    return rc;
+}
+
+static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, const char *what)
+{
+    if (kvf__addr_parse(spec, host, hl, port) != 0) {
+        fprintf(stderr, "kvf-engine: %s: expected HOST:PORT, got \"%s\"\n", what, spec);
+        return -1;
+    }
+    return 0;
+}
+
+int kvfe_serve_main(int argc, char **argv)
+{
+    static srv S;
+    const char *model = "ref-tiny", *listen = "127.0.0.1:0", *advertise = NULL, *store = NULL,
+               *events = NULL, *id = "", *role = "both", *sched = "", *seed_s = "1",
+               *max_tokens_s = "16384", *level = "info";
+    const struct {
+        const char *name;
+        const char **value;
+    } opts[] = {{"--id", &id},          {"--role", &role},
+                {"--listen", &listen},  {"--advertise", &advertise},
+                {"--sched", &sched},    {"--store", &store},
+                {"--events", &events},  {"--model", &model},
+                {"--seed", &seed_s},    {"--max-tokens", &max_tokens_s},
+                {"--log-level", &level}};
+    S.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-engine"};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--serve"))
+            continue;
+        if (!v) {
+            fprintf(stderr, "kvf-engine: %s needs a value (see the top of docs/operations.md)\n",
+                    a);
+            return 2;
+        }
+        i++;
+        const char **dst = NULL;
+        for (size_t k = 0; k < sizeof opts / sizeof opts[0]; k++)
+            if (!strcmp(a, opts[k].name))
+                dst = opts[k].value;
+        if (!dst) {
+            fprintf(stderr, "kvf-engine: unknown option %s\n", a);
+            return 2;
+        }
+        *dst = v;
+    }
+    if (kvf__log_level_parse(level, &S.lg.level) != 0) {
+        fprintf(stderr, "kvf-engine: --log-level %s: expected debug, info, warn or error\n", level);
+        return 2;
+    }
+    snprintf(S.id, sizeof S.id, "%s", id);
+    snprintf(S.role, sizeof S.role, "%s", role);
+    snprintf(S.sched, sizeof S.sched, "%s", sched);
+    uint64_t seed = strtoull(seed_s, NULL, 10);
+    long max_tokens = strtol(max_tokens_s, NULL, 10);
+    if (!S.id[0] ||
+        (strcmp(S.role, "prefill") && strcmp(S.role, "decode") && strcmp(S.role, "both"))) {
+        fprintf(stderr, "kvf-engine --serve: --id and --role prefill|decode|both are required\n");
+        return 2;
+    }
+    if (max_tokens < 256 || max_tokens > 1 << 20) {
+        fprintf(stderr, "kvf-engine: --max-tokens must be 256..1048576\n");
+        return 2;
+    }
+    S.max_tokens = (uint32_t)max_tokens;
+    snprintf(S.model, sizeof S.model, "%s", model);
+    if (kvfe_model_preset(model, &S.m) != 0) {
+        fprintf(stderr, "kvf-engine: unknown model %s\n", model);
+        return 2;
+    }
+    char host[128];
+    uint16_t port;
+    if (split_addr(listen, host, sizeof host, &port, "--listen") != 0)
+        return 2;
+    char err[512];
+    /* The connector: the stores given, or the ones the scheduler lists. */
+    if (store || S.sched[0]) {
+        char *dup = store ? strdup(store) : NULL, *nodes[64];
+        size_t n_nodes = 0;
+        for (char *sv = NULL, *t = dup ? strtok_r(dup, ",", &sv) : NULL; t && n_nodes < 64;
+             t = strtok_r(NULL, ",", &sv))
+            nodes[n_nodes++] = t;
+        kvf_connector_opts co = {.nodes = (const char *const *)nodes,
+                                 .n_nodes = n_nodes,
+                                 .sched = S.sched[0] ? S.sched : NULL,
+                                 .layout = S.m.layout};
+        int rc = kvf_connector_open(&S.cn, &co, err, sizeof err);
+        free(dup);
+        if (rc) {
+            fprintf(stderr, "kvf-engine: %s\n", err);
+            return 1;
+        }
+    }
+    kvfe_opts eo = {.model = model,
+                    .seed = seed,
+                    .max_tokens = S.max_tokens,
+                    .cn = S.cn,
+                    .save = 1,
+                    .page_shuffle = 99,
+                    .keep_prefix = 1};
+    if (kvfe_open(&S.e, &eo, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-engine: %s\n", err);
+        kvf_connector_close(&S.cn);
+        return 1;
+    }
+    pthread_mutex_init(&S.mu, NULL);
+    pthread_cond_init(&S.cv, NULL);
+    pthread_cond_init(&S.report_cv, NULL);
+    S.zctx = zmq_ctx_new();
+    if (events) {
+        char eh[128];
+        uint16_t ep;
+        if (split_addr(events, eh, sizeof eh, &ep, "--events") != 0)
+            return 2;
+        S.pub = zmq_socket(S.zctx, ZMQ_PUB);
+        int zero = 0;
+        zmq_setsockopt(S.pub, ZMQ_LINGER, &zero, sizeof zero);
+        char bind[200];
+        if (ep)
+            snprintf(bind, sizeof bind, "tcp://%s:%u", eh, (unsigned)ep);
+        else
+            snprintf(bind, sizeof bind, "tcp://%s:*", eh);
+        size_t bl = sizeof S.events;
+        if (zmq_bind(S.pub, bind) != 0 ||
+            zmq_getsockopt(S.pub, ZMQ_LAST_ENDPOINT, S.events, &bl) != 0) {
+            fprintf(stderr, "kvf-engine: --events %s: %s\n", events, zmq_strerror(zmq_errno()));
+            return 1;
+        }
+    }
+    kvf__httpd *httpd;
+    uint16_t bound;
+    if (kvf__httpd_start(&httpd, host, port, 1, MAX_BODY, on_request, &S, &bound, err,
+                         sizeof err) != 0) {
+        fprintf(stderr, "kvf-engine: %s\n", err);
+        return 1;
+    }
+    if (advertise)
+        snprintf(S.endpoint, sizeof S.endpoint, "%s", advertise);
+    else
+        snprintf(S.endpoint, sizeof S.endpoint, "%s:%u", host, (unsigned)bound);
+    pthread_t reporter;
+    int have_reporter = 0;
+    if (S.sched[0]) {
+        if (register_with_sched(&S, err, sizeof err) != 0) {
+            fprintf(stderr, "kvf-engine: %s\n", err);
+            kvf__httpd_stop(&httpd);
+            return 1;
+        }
+        have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
+    }
+    kvf__daemon_signals(on_signal);
+    printf("kvf-engine ready listen=%s:%u id=%s role=%s model=%s events=%s cache_layer=%s "
+           "pid=%d\n",
+           host, (unsigned)bound, S.id, S.role, model, S.events[0] ? S.events : "-",
+           S.cn ? "on" : "off", (int)getpid());
+    fflush(stdout);
+    kvf_info(&S.lg, "serving %s as %s on %s:%u", model, S.role, host, (unsigned)bound);
+    while (!atomic_load(&g_stop))
+        usleep(50000);
+    kvf_info(&S.lg, "stopping");
+    pthread_mutex_lock(&S.mu);
+    atomic_store(&S.stop, 1);
+    pthread_cond_broadcast(&S.cv);
+    pthread_cond_broadcast(&S.report_cv);
+    pthread_mutex_unlock(&S.mu);
+    kvf__httpd_stop(&httpd);
+    if (have_reporter)
+        pthread_join(reporter, NULL);
+    kvfe_close(&S.e);
+    kvf_connector_close(&S.cn);
+    if (S.pub)
+        zmq_close(S.pub);
+    zmq_ctx_term(S.zctx);
+    free(S.held);
+    kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);
+    return 0;
+}

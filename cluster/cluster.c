@@ -1,0 +1,673 @@
+/*
+ * kvf cluster up|down|status --config cluster.json [--netns] [--json]: a kvfabric cluster on one
+ * machine (docs/operations.md).
+ *
+ * up starts N kvf-store, one kvf-sched and P prefill and D decode kvf-engine processes, each
+ * waited for by its ready line, and writes what it started to RUN_DIR/state.json; down stops them
+ * (SIGTERM, then SIGKILL after 5 s) and removes what up made; status says which are alive and
+ * what each serves. With --netns every process is a host of its own: a network namespace joined to
+ * the others through a bridge by a veth pair, its link shaped with tc (bandwidth with tbf; latency
+ * with netem where the kernel has it), and this host reaches them through one more veth. A
+ * failure or Ctrl-C during up undoes everything up did.
+ */
+#include "cluster.h"
+#include "proc.h"
+
+#include "http.h"
+#include "kvf/kvf.h"
+#include "tcp.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define MAX_PROCS 64
+#define READY_MS  30000
+
+typedef struct cfg {
+    char name[16], model[32], store_memory[32], policy[32], run_dir[512];
+    int stores, prefill, decode, store_threads;
+    long max_tokens;
+    /* --netns */
+    char subnet[32], rate[32];
+    double delay_ms;
+} cfg;
+
+typedef struct proc {
+    char name[32], kind[16], addr[160], log[600], ns[64];
+    pid_t pid;
+} proc;
+
+static volatile int g_interrupted;
+
+static void on_interrupt(int sig)
+{
+    (void)sig;
+    g_interrupted = 1;
+}
+
+static int fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "kvf cluster: ");
+    vfprintf(stderr, fmt, ap);
+    fprintf(stderr, "\n");
+    va_end(ap);
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Configuration */
+
+static int get_int(json_t *o, const char *k, int def, int lo, int hi, int *out)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v) {
+        *out = def;
+        return 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
+        return -fail("config: \"%s\" must be an integer in %d..%d", k, lo, hi);
+    *out = (int)json_integer_value(v);
+    return 0;
+}
+
+static int get_str(json_t *o, const char *k, const char *def, char *out, size_t n)
+{
+    json_t *v = json_object_get(o, k);
+    if (v && (!json_is_string(v) || strlen(json_string_value(v)) >= n))
+        return -fail("config: \"%s\" must be a string of at most %zu bytes", k, n - 1);
+    snprintf(out, n, "%s", v ? json_string_value(v) : def);
+    return 0;
+}
+
+static int load_cfg(const char *path, cfg *c)
+{
+    memset(c, 0, sizeof *c);
+    json_error_t je;
+    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!o || !json_is_object(o)) {
+        json_decref(o);
+        return fail("%s:%d: %s", path, je.line, o ? "not a JSON object" : je.text);
+    }
+    int max_tokens = 16384, rc = 0;
+    json_t *ns = json_object_get(o, "netns");
+    if (ns && !json_is_object(ns))
+        rc = fail("config: \"netns\" must be an object");
+    double delay = 0;
+    json_t *dv = ns ? json_object_get(ns, "delay_ms") : NULL;
+    if (dv && (!json_is_number(dv) || json_number_value(dv) < 0 || json_number_value(dv) > 1000))
+        rc = fail("config: netns.delay_ms must be a number of milliseconds in 0..1000");
+    delay = dv ? json_number_value(dv) : 0;
+    if (rc || get_str(o, "name", "local", c->name, sizeof c->name) ||
+        get_str(o, "model", "ref-tiny", c->model, sizeof c->model) ||
+        get_str(o, "store_memory", "256M", c->store_memory, sizeof c->store_memory) ||
+        get_str(o, "policy", "kvf_cost", c->policy, sizeof c->policy) ||
+        get_str(o, "run_dir", "", c->run_dir, sizeof c->run_dir) ||
+        get_int(o, "stores", 1, 1, 16, &c->stores) ||
+        get_int(o, "prefill", 1, 1, 16, &c->prefill) ||
+        get_int(o, "decode", 1, 1, 16, &c->decode) ||
+        get_int(o, "store_threads", 1, 1, 64, &c->store_threads) ||
+        get_int(o, "engine_max_tokens", 16384, 256, 1 << 20, &max_tokens) ||
+        (ns && get_str(ns, "subnet", "10.77.0", c->subnet, sizeof c->subnet)) ||
+        (ns && get_str(ns, "rate", "", c->rate, sizeof c->rate))) {
+        json_decref(o);
+        return 1;
+    }
+    json_decref(o);
+    if (!ns)
+        snprintf(c->subnet, sizeof c->subnet, "10.77.0");
+    c->max_tokens = max_tokens;
+    c->delay_ms = delay;
+    for (const char *p = c->name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) || p - c->name >= 8)
+            return fail("config: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
+                        "network interfaces)");
+    if (!c->name[0])
+        return fail("config: \"name\" is empty");
+    for (const char *p = c->rate; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.'))
+            return fail("config: netns.rate is a tc rate such as 10gbit or 500mbit");
+    int dots = 0;
+    for (const char *p = c->subnet; *p; p++) {
+        if (*p == '.')
+            dots++;
+        else if (*p < '0' || *p > '9')
+            dots = 99;
+    }
+    if (dots != 2)
+        return fail("config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
+    if (c->stores + c->prefill + c->decode + 1 > 200)
+        return fail("config: too many processes");
+    if (!c->run_dir[0])
+        snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Network namespaces */
+
+static FILE *g_cmdlog;
+
+/* Runs a shell command, its output appended to the run directory's netns.log. Every name put
+ * into one is checked first (a-z, 0-9, '.', '-'). */
+static int sh(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static int sh(const char *fmt, ...)
+{
+    char cmd[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(cmd, sizeof cmd, fmt, ap);
+    va_end(ap);
+    if (g_cmdlog) {
+        fprintf(g_cmdlog, "$ %s\n", cmd);
+        fflush(g_cmdlog);
+    }
+    char full[1200];
+    snprintf(full, sizeof full, "%s >>%s 2>&1", cmd, g_cmdlog ? "\"$KVF_CMDLOG\"" : "/dev/null");
+    int st = system(full);
+    return WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : -1;
+}
+
+static void ns_name(const cfg *c, const char *host, char *out, size_t n)
+{
+    snprintf(out, n, "kvf-%s-%s", c->name, host);
+}
+
+static void netns_down(const cfg *c, const proc *p, int np)
+{
+    char ns[64];
+    for (int i = 0; i < np; i++)
+        if (p[i].ns[0])
+            sh("ip netns del %s", p[i].ns);
+    ns_name(c, "hub", ns, sizeof ns);
+    sh("ip netns del %s", ns);
+    sh("ip link del kvr-%s", c->name);
+}
+
+/* Makes the hub (a bridge) and this host's veth into it. */
+static int netns_hub(const cfg *c, char *shaping, size_t sl)
+{
+    char hub[64];
+    ns_name(c, "hub", hub, sizeof hub);
+    if (sh("ip netns add %s", hub) != 0)
+        return fail("cannot create network namespaces here (this needs root or CAP_SYS_ADMIN and "
+                    "iproute2; the commands and their output are in the run directory's "
+                    "netns.log)");
+    if (sh("ip -n %s link add br0 type bridge", hub) || sh("ip -n %s link set br0 up", hub) ||
+        sh("ip -n %s link set lo up", hub) ||
+        sh("ip link add kvr-%s type veth peer name vroot netns %s", c->name, hub) ||
+        sh("ip -n %s link set vroot master br0 up", hub) ||
+        sh("ip addr add %s.254/24 dev kvr-%s", c->subnet, c->name) ||
+        sh("ip link set kvr-%s up", c->name))
+        return fail("cannot build the bridge between the namespaces (see netns.log)");
+    snprintf(shaping, sl, "%s%s%s", c->rate[0] ? c->rate : "unshaped bandwidth",
+             c->delay_ms > 0 ? ", delay " : "", c->delay_ms > 0 ? "requested" : "");
+    return 0;
+}
+
+/* Makes host k's namespace, its veth into the hub and its shaping. */
+static int netns_host(const cfg *c, proc *p, int k, char *shaping, size_t sl)
+{
+    char hub[64];
+    ns_name(c, "hub", hub, sizeof hub);
+    ns_name(c, p->name, p->ns, sizeof p->ns);
+    if (sh("ip netns add %s", p->ns) ||
+        sh("ip link add eth0 netns %s type veth peer name v%d netns %s", p->ns, k, hub) ||
+        sh("ip -n %s link set v%d master br0 up", hub, k) ||
+        sh("ip -n %s addr add %s.%d/24 dev eth0", p->ns, c->subnet, k) ||
+        sh("ip -n %s link set eth0 up", p->ns) || sh("ip -n %s link set lo up", p->ns))
+        return fail("cannot make the namespace of %s (see netns.log)", p->name);
+    if (c->delay_ms > 0) {
+        char rate[64] = "";
+        if (c->rate[0])
+            snprintf(rate, sizeof rate, " rate %s", c->rate);
+        if (sh("tc -n %s qdisc add dev eth0 root netem delay %.3fms%s", p->ns, c->delay_ms, rate) ==
+            0) {
+            snprintf(shaping, sl, "%s, %.3f ms each way out of every host (netem)",
+                     c->rate[0] ? c->rate : "unshaped bandwidth", c->delay_ms);
+            return 0;
+        }
+        snprintf(shaping, sl, "%s (tbf); latency NOT emulated: this kernel has no sch_netem",
+                 c->rate[0] ? c->rate : "unshaped bandwidth");
+    } else if (c->rate[0]) {
+        snprintf(shaping, sl, "%s (tbf), no added latency", c->rate);
+    }
+    if (c->rate[0] && sh("tc -n %s qdisc replace dev eth0 root tbf rate %s burst 1mb latency 50ms",
+                         p->ns, c->rate) != 0)
+        return fail("tc refused rate %s on %s (see netns.log)", c->rate, p->name);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* State */
+
+static void state_path(const cfg *c, char *out, size_t n)
+{
+    snprintf(out, n, "%s/state.json", c->run_dir);
+}
+
+static int write_state(const cfg *c, const proc *p, int np, int netns, const char *shaping)
+{
+    json_t *arr = json_array(), *stores = json_array(), *engines = json_array();
+    const char *sched = "";
+    for (int i = 0; i < np; i++) {
+        json_array_append_new(arr, json_pack("{s:s,s:s,s:i,s:s,s:s,s:s}", "name", p[i].name, "kind",
+                                             p[i].kind, "pid", (int)p[i].pid, "addr", p[i].addr,
+                                             "log", p[i].log, "netns", p[i].ns));
+        if (!strcmp(p[i].kind, "store"))
+            json_array_append_new(stores, json_string(p[i].addr));
+        else if (!strcmp(p[i].kind, "sched"))
+            sched = p[i].addr;
+        else
+            json_array_append_new(engines, json_string(p[i].addr));
+    }
+    json_t *o =
+        json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:b,s:s,s:s}", "name", c->name, "model", c->model,
+                  "sched", sched, "stores", stores, "engines", engines, "procs", arr, "netns",
+                  netns, "shaping", shaping ? shaping : "", "policy", c->policy);
+    char path[600], tmp[620];
+    state_path(c, path, sizeof path);
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    int rc = json_dump_file(o, tmp, JSON_INDENT(2)) == 0 && rename(tmp, path) == 0 ? 0 : -1;
+    json_decref(o);
+    return rc ? fail("cannot write %s", path) : 0;
+}
+
+static int read_state(const cfg *c, proc *p, int *np, int *netns)
+{
+    char path[600];
+    state_path(c, path, sizeof path);
+    json_t *o = json_load_file(path, 0, NULL);
+    *np = 0;
+    *netns = 0;
+    if (!o)
+        return -1;
+    json_t *arr = json_object_get(o, "procs");
+    *netns = json_is_true(json_object_get(o, "netns"));
+    for (size_t i = 0; i < json_array_size(arr) && *np < MAX_PROCS; i++) {
+        json_t *v = json_array_get(arr, i);
+        proc *q = &p[(*np)++];
+        memset(q, 0, sizeof *q);
+        snprintf(q->name, sizeof q->name, "%s", json_string_value(json_object_get(v, "name")));
+        snprintf(q->kind, sizeof q->kind, "%s", json_string_value(json_object_get(v, "kind")));
+        snprintf(q->addr, sizeof q->addr, "%s", json_string_value(json_object_get(v, "addr")));
+        snprintf(q->log, sizeof q->log, "%s", json_string_value(json_object_get(v, "log")));
+        const char *ns = json_string_value(json_object_get(v, "netns"));
+        snprintf(q->ns, sizeof q->ns, "%s", ns ? ns : "");
+        q->pid = (pid_t)json_integer_value(json_object_get(v, "pid"));
+    }
+    json_decref(o);
+    return 0;
+}
+
+/* A pid from the state file is ours only while its command line is one of our programs. */
+static int ours_alive(pid_t pid)
+{
+    if (pid <= 0 || kill(pid, 0) != 0)
+        return 0;
+    char path[64], cmd[256] = "";
+    snprintf(path, sizeof path, "/proc/%d/cmdline", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return 1; /* no /proc: trust the pid */
+    size_t n = fread(cmd, 1, sizeof cmd - 1, f);
+    fclose(f);
+    cmd[n] = '\0';
+    return strstr(cmd, "kvf-") != NULL;
+}
+
+static void stop_procs(proc *p, int np)
+{
+    for (int i = np - 1; i >= 0; i--)
+        if (ours_alive(p[i].pid))
+            kill(p[i].pid, SIGTERM);
+    for (int t = 0; t < 250; t++) {
+        int alive = 0;
+        for (int i = 0; i < np; i++) {
+            if (p[i].pid > 0)
+                waitpid(p[i].pid, NULL, WNOHANG);
+            alive += ours_alive(p[i].pid);
+        }
+        if (!alive)
+            return;
+        usleep(20000);
+    }
+    for (int i = 0; i < np; i++)
+        if (ours_alive(p[i].pid)) {
+            fprintf(stderr, "kvf cluster: %s (pid %d) ignored SIGTERM for 5 s: killed\n", p[i].name,
+                    (int)p[i].pid);
+            kill(p[i].pid, SIGKILL);
+            waitpid(p[i].pid, NULL, 0);
+        }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* up */
+
+static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const env[])
+{
+    char *argv[48];
+    int k = 0;
+    if (p->ns[0]) {
+        argv[k++] = (char *)"ip";
+        argv[k++] = (char *)"netns";
+        argv[k++] = (char *)"exec";
+        argv[k++] = p->ns;
+    }
+    for (int i = 0; i < n_args && k < 47; i++)
+        argv[k++] = args[i];
+    argv[k] = NULL;
+    snprintf(p->log, sizeof p->log, "%s/%s.log", c->run_dir, p->name);
+    unlink(p->log);
+    char err[512];
+    p->pid = kvf__proc_spawn_detached(argv, p->log, env, err, sizeof err);
+    if (p->pid < 0)
+        return fail("%s: %s", p->name, err);
+    if (kvf__proc_wait_ready(p->pid, p->log, READY_MS, &g_interrupted, p->addr, sizeof p->addr, err,
+                             sizeof err) != 0)
+        return fail("%s (%s) %s", p->name, p->log, err);
+    printf("  %-10s %-7s %-22s pid %-7d log %s\n", p->name, p->kind, p->addr, (int)p->pid, p->log);
+    fflush(stdout);
+    return 0;
+}
+
+static int mkdirs(const char *path)
+{
+    char buf[600];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *s = buf + 1; *s; s++) {
+        if (*s != '/')
+            continue;
+        *s = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return -1;
+        *s = '/';
+    }
+    return mkdir(buf, 0755) != 0 && errno != EEXIST ? -1 : 0;
+}
+
+static int cmd_up(const cfg *c, int netns)
+{
+    proc p[MAX_PROCS];
+    int np = 0, was_netns;
+    if (read_state(c, p, &np, &was_netns) == 0) {
+        for (int i = 0; i < np; i++)
+            if (ours_alive(p[i].pid))
+                return fail("cluster \"%s\" is already up (%s/state.json); run kvf cluster down "
+                            "first",
+                            c->name, c->run_dir);
+    }
+    np = 0;
+    if (mkdirs(c->run_dir) != 0)
+        return fail("cannot create %s: %s", c->run_dir, strerror(errno));
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_interrupt;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    char cmdlog[620], shaping[256] = "";
+    snprintf(cmdlog, sizeof cmdlog, "%s/netns.log", c->run_dir);
+    if (netns) {
+        g_cmdlog = fopen(cmdlog, "w");
+        setenv("KVF_CMDLOG", cmdlog, 1);
+        netns_down(c, p, 0); /* leftovers of a crashed run of the same name */
+        if (netns_hub(c, shaping, sizeof shaping) != 0) {
+            netns_down(c, p, 0);
+            return 1;
+        }
+    }
+    const char *store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
+    char store_path[1024], sched_path[1024], engine_path[1024];
+    snprintf(store_path, sizeof store_path, "%s", store_bin);
+    snprintf(sched_path, sizeof sched_path, "%s",
+             kvf__proc_find_bin("kvf-sched", "../scheduler/kvf-sched"));
+    snprintf(engine_path, sizeof engine_path, "%s",
+             kvf__proc_find_bin("kvf-engine", "../bench/kvf-engine"));
+    printf("kvf cluster up \"%s\": %d store(s), 1 scheduler, %d prefill and %d decode engine(s), "
+           "model %s, %s\n",
+           c->name, c->stores, c->prefill, c->decode, c->model,
+           netns ? "one network namespace per host" : "loopback");
+    int host = 1, rc = 0;
+    char listen[64], events[64], threads[16], maxt[24], stores[2048] = "", sched[160] = "";
+    snprintf(threads, sizeof threads, "%d", c->store_threads);
+    snprintf(maxt, sizeof maxt, "%ld", c->max_tokens);
+    /* Each process: its namespace (with --netns), then the program. */
+#define HOST_SETUP(pp)                                                          \
+    do {                                                                        \
+        if (netns) {                                                            \
+            if (netns_host(c, (pp), host, shaping, sizeof shaping) != 0) {      \
+                rc = 1;                                                         \
+                goto undo;                                                      \
+            }                                                                   \
+            snprintf(listen, sizeof listen, "%s.%d:%d", c->subnet, host, 7400); \
+            snprintf(events, sizeof events, "%s.%d:7401", c->subnet, host);     \
+        } else {                                                                \
+            snprintf(listen, sizeof listen, "127.0.0.1:0");                     \
+            snprintf(events, sizeof events, "127.0.0.1:0");                     \
+        }                                                                       \
+        host++;                                                                 \
+    } while (0)
+    for (int i = 0; i < c->stores && !g_interrupted; i++) {
+        proc *q = &p[np++];
+        memset(q, 0, sizeof *q);
+        snprintf(q->name, sizeof q->name, "store%d", i);
+        snprintf(q->kind, sizeof q->kind, "store");
+        HOST_SETUP(q);
+        char *args[] = {store_path,  "--listen", listen,        "--memory", (char *)c->store_memory,
+                        "--threads", threads,    "--log-level", "info"};
+        if (start_one(c, q, args, 9, NULL) != 0) {
+            rc = 1;
+            goto undo;
+        }
+        size_t l = strlen(stores);
+        snprintf(stores + l, sizeof stores - l, "%s%s", l ? "," : "", q->addr);
+    }
+    if (!g_interrupted) {
+        proc *q = &p[np++];
+        memset(q, 0, sizeof *q);
+        snprintf(q->name, sizeof q->name, "sched");
+        snprintf(q->kind, sizeof q->kind, "sched");
+        HOST_SETUP(q);
+        char *args[] = {sched_path,        "--listen", listen, "--policy",
+                        (char *)c->policy, "--stores", stores};
+        if (start_one(c, q, args, 7, NULL) != 0) {
+            rc = 1;
+            goto undo;
+        }
+        snprintf(sched, sizeof sched, "%s", q->addr);
+    }
+    static char *const engine_env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
+    for (int i = 0; i < c->prefill + c->decode && !g_interrupted; i++) {
+        proc *q = &p[np++];
+        memset(q, 0, sizeof *q);
+        int pre = i < c->prefill;
+        snprintf(q->name, sizeof q->name, "%s%d", pre ? "prefill" : "decode",
+                 pre ? i : i - c->prefill);
+        snprintf(q->kind, sizeof q->kind, "%s", pre ? "prefill" : "decode");
+        HOST_SETUP(q);
+        char *args[] = {engine_path, "--serve",        "--id",         q->name, "--role",   q->kind,
+                        "--listen",  listen,           "--sched",      sched,   "--events", events,
+                        "--model",   (char *)c->model, "--max-tokens", maxt};
+        if (start_one(c, q, args, 16, engine_env) != 0) {
+            rc = 1;
+            goto undo;
+        }
+    }
+#undef HOST_SETUP
+    if (g_interrupted) {
+        fprintf(stderr, "kvf cluster: interrupted: undoing\n");
+        rc = 130;
+        goto undo;
+    }
+    if (write_state(c, p, np, netns, shaping) != 0) {
+        rc = 1;
+        goto undo;
+    }
+    printf("cluster \"%s\" is up: scheduler http://%s, state in %s/state.json%s%s\n", c->name,
+           sched, c->run_dir, shaping[0] ? "; links: " : "", shaping);
+    if (g_cmdlog)
+        fclose(g_cmdlog);
+    return 0;
+undo:
+    stop_procs(p, np);
+    if (netns)
+        netns_down(c, p, np);
+    if (g_cmdlog)
+        fclose(g_cmdlog);
+    g_cmdlog = NULL;
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* down, status */
+
+static int cmd_down(const cfg *c)
+{
+    proc p[MAX_PROCS];
+    int np, netns;
+    if (read_state(c, p, &np, &netns) != 0) {
+        printf("kvf cluster down: no cluster \"%s\" is up (no %s/state.json)\n", c->name,
+               c->run_dir);
+        return 0;
+    }
+    int alive = 0;
+    for (int i = 0; i < np; i++)
+        alive += ours_alive(p[i].pid);
+    stop_procs(p, np);
+    if (netns)
+        netns_down(c, p, np);
+    char path[600];
+    state_path(c, path, sizeof path);
+    unlink(path);
+    printf("kvf cluster down \"%s\": stopped %d of %d processes (the others had already "
+           "exited)%s; logs stay in %s\n",
+           c->name, alive, np, netns ? ", removed the network namespaces" : "", c->run_dir);
+    return 0;
+}
+
+/* One line of what a process serves, from its own API. */
+static void probe(const proc *q, char *out, size_t n, json_t **detail)
+{
+    char url[256], err[256];
+    long status = 0;
+    json_t *r = NULL;
+    *detail = NULL;
+    if (!strcmp(q->kind, "store")) {
+        char host[160];
+        uint16_t port;
+        int fd = -1;
+        if (kvf__addr_parse(q->addr, host, sizeof host, &port) == 0 &&
+            kvf__tcp_connect(host, port, 2000, &fd, err, sizeof err) == 0) {
+            close(fd);
+            snprintf(out, n, "accepting connections");
+        } else {
+            snprintf(out, n, "NOT accepting connections");
+        }
+        return;
+    }
+    snprintf(url, sizeof url, "http://%s%s", q->addr,
+             strcmp(q->kind, "sched") ? "/v1/health" : "/v1/index/stats");
+    if (kvf__http_call("GET", url, NULL, 2000, &status, &r, err, sizeof err) != 0 ||
+        status != 200 || !r) {
+        snprintf(out, n, "NOT answering %.200s", url);
+        json_decref(r);
+        return;
+    }
+    if (!strcmp(q->kind, "sched"))
+        snprintf(out, n, "%lld instances, %lld blocks indexed, %lld event batches",
+                 (long long)json_integer_value(json_object_get(r, "instances")),
+                 (long long)json_integer_value(json_object_get(r, "blocks")),
+                 (long long)json_integer_value(json_object_get(r, "batches")));
+    else
+        snprintf(out, n, "%lld requests served, %lld waiting",
+                 (long long)json_integer_value(json_object_get(r, "requests")),
+                 (long long)json_integer_value(json_object_get(r, "waiting")));
+    *detail = r;
+}
+
+static int cmd_status(const cfg *c, int json)
+{
+    proc p[MAX_PROCS];
+    int np, netns;
+    if (read_state(c, p, &np, &netns) != 0) {
+        if (json)
+            printf("{\"name\":\"%s\",\"up\":false}\n", c->name);
+        else
+            printf("cluster \"%s\": not up (no %s/state.json)\n", c->name, c->run_dir);
+        return 3;
+    }
+    int alive_all = 1;
+    json_t *arr = json_array();
+    if (!json)
+        printf("cluster \"%s\" (%s):\n", c->name, netns ? "network namespaces" : "loopback");
+    for (int i = 0; i < np; i++) {
+        int alive = ours_alive(p[i].pid);
+        alive_all &= alive;
+        char what[256] = "";
+        json_t *detail = NULL;
+        if (alive)
+            probe(&p[i], what, sizeof what, &detail);
+        if (json)
+            json_array_append_new(arr, json_pack("{s:s,s:s,s:s,s:i,s:b,s:s,s:o*}", "name",
+                                                 p[i].name, "kind", p[i].kind, "addr", p[i].addr,
+                                                 "pid", (int)p[i].pid, "alive", alive, "status",
+                                                 what, "detail", detail));
+        else {
+            printf("  %-10s %-7s %-22s pid %-7d %s %s\n", p[i].name, p[i].kind, p[i].addr,
+                   (int)p[i].pid, alive ? "up  " : "DOWN", what);
+            json_decref(detail);
+        }
+    }
+    if (json) {
+        json_t *o = json_pack("{s:s,s:b,s:b,s:o}", "name", c->name, "up", alive_all, "netns", netns,
+                              "procs", arr);
+        char *t = json_dumps(o, JSON_COMPACT);
+        printf("%s\n", t);
+        free(t);
+        json_decref(o);
+    } else {
+        json_decref(arr);
+    }
+    return alive_all ? 0 : 1;
+}
+
+int kvf_cluster_main(int argc, char **argv)
+{
+    const char *config = NULL, *sub = argc > 1 ? argv[1] : "";
+    int netns = 0, json = 0;
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--netns"))
+            netns = 1;
+        else if (!strcmp(argv[i], "--json"))
+            json = 1;
+        else if (!strcmp(argv[i], "--config") && i + 1 < argc)
+            config = argv[++i];
+        else
+            return fail("unknown option %s (usage: kvf cluster up|down|status --config FILE "
+                        "[--netns] [--json])",
+                        argv[i]) +
+                   1;
+    }
+    if (strcmp(sub, "up") && strcmp(sub, "down") && strcmp(sub, "status"))
+        return fail("usage: kvf cluster up|down|status --config FILE [--netns] [--json]") + 1;
+    if (!config)
+        return fail("--config FILE is required (see cluster/demo.json)") + 1;
+    cfg c;
+    if (load_cfg(config, &c) != 0)
+        return 2;
+    if (!strcmp(sub, "up"))
+        return cmd_up(&c, netns);
+    if (!strcmp(sub, "down"))
+        return cmd_down(&c);
+    return cmd_status(&c, json);
+}
