@@ -9,5 +9,6 @@ int bench_store_main(int argc, char **argv);
 int bench_connector_main(int argc, char **argv);
 int bench_sched_main(int argc, char **argv);
 int bench_soak_main(int argc, char **argv);
+int bench_e2e_main(int argc, char **argv);
 
 #endif

@@ -17,6 +17,8 @@ static const struct {
     {"sched", bench_sched_main, "trace replay through the scheduler (simulated); place() latency"},
     {"soak", bench_soak_main,
      "store under churn while the host is pushed to a memory-pressure target"},
+    {"e2e", bench_e2e_main,
+     "trace replay on a running cluster with and without kvfabric (real end to end)"},
 };
 
 int main(int argc, char **argv)

@@ -22,6 +22,7 @@
  */
 #include "bench.h"
 #include "bench_util.h"
+#include "trace.h"
 
 #include "kvf/kvf.h"
 #include "kvf/sched.h"
@@ -33,7 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define BLOCK 512
+#define BLOCK BENCH_TRACE_BLOCK
 
 typedef struct req {
     double arrival; /* trace time, s */
@@ -222,56 +223,24 @@ static uint64_t lru_touch(lru *l, uint64_t id)
 
 static int load_trace(const char *path, size_t max, req **out, size_t *n, char *err, size_t errlen)
 {
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        snprintf(err, errlen, "%s: cannot open", path);
+    bench_trace_rec *t;
+    if (bench_trace_load(path, 0, max, &t, n, err, errlen) != 0)
+        return -1;
+    req *r = calloc(*n ? *n : 1, sizeof *r);
+    if (!r) {
+        bench_trace_free(t, *n);
+        snprintf(err, errlen, "out of memory");
         return -1;
     }
-    size_t cap = 16384, k = 0;
-    req *r = calloc(cap, sizeof *r);
-    char *line = NULL;
-    size_t lcap = 0;
-    ssize_t len;
-    long lineno = 0;
-    while ((len = getline(&line, &lcap, f)) > 0 && (!max || k < max)) {
-        lineno++;
-        if (len <= 1)
-            continue;
-        json_error_t je;
-        json_t *o = json_loads(line, 0, &je);
-        json_t *ts = o ? json_object_get(o, "timestamp") : NULL;
-        json_t *il = o ? json_object_get(o, "input_length") : NULL;
-        json_t *ol = o ? json_object_get(o, "output_length") : NULL;
-        json_t *ids = o ? json_object_get(o, "hash_ids") : NULL;
-        if (!o || !json_is_number(ts) || !json_is_integer(il) || !json_is_integer(ol) ||
-            !json_is_array(ids) || json_integer_value(il) <= 0) {
-            snprintf(err, errlen, "%s:%ld: not a trace record (%s)", path, lineno,
-                     o ? "missing or mistyped field" : je.text);
-            json_decref(o);
-            free(line);
-            fclose(f);
-            free(r);
-            return -1;
-        }
-        if (k == cap) {
-            cap *= 2;
-            r = realloc(r, cap * sizeof *r);
-        }
-        req *q = &r[k++];
-        memset(q, 0, sizeof *q);
-        q->arrival = json_number_value(ts) / 1000.0;
-        q->in_len = (uint32_t)json_integer_value(il);
-        q->out_len = (uint32_t)json_integer_value(ol);
-        q->n_ids = (uint32_t)json_array_size(ids);
-        q->ids = malloc((q->n_ids ? q->n_ids : 1) * sizeof *q->ids);
-        for (uint32_t i = 0; i < q->n_ids; i++)
-            q->ids[i] = (uint64_t)json_integer_value(json_array_get(ids, i));
-        json_decref(o);
+    for (size_t i = 0; i < *n; i++) {
+        r[i].arrival = t[i].arrival;
+        r[i].in_len = t[i].in_len;
+        r[i].out_len = t[i].out_len;
+        r[i].n_ids = t[i].n_ids;
+        r[i].ids = t[i].ids; /* moved */
     }
-    free(line);
-    fclose(f);
+    free(t);
     *out = r;
-    *n = k;
     return 0;
 }
 
@@ -285,10 +254,7 @@ static void tokens_of(sim *S, const req *q)
     }
     for (size_t i = 0; i < n; i++) {
         uint64_t id = q->ids[i / BLOCK < q->n_ids ? i / BLOCK : q->n_ids - 1];
-        uint64_t z = id * 0x9E3779B97F4A7C15ull + (i % BLOCK) + 1;
-        z ^= z >> 29;
-        z *= 0xbf58476d1ce4e5b9ull;
-        S->tok[i] = (uint32_t)((z ^ (z >> 32)) % 100000);
+        S->tok[i] = bench_trace_token(id, i % BLOCK, 100000);
     }
     size_t nk = q->n_ids;
     if (nk > S->keycap) {

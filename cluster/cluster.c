@@ -472,15 +472,33 @@ static int cmd_up(const cfg *c, int netns)
         size_t l = strlen(stores);
         snprintf(stores + l, sizeof stores - l, "%s%s", l ? "," : "", q->addr);
     }
+    /* The scheduler's cost model, measured on this host by an engine of the model served. */
+    char cost[700];
+    snprintf(cost, sizeof cost, "%s/cost.json", c->run_dir);
+    if (!g_interrupted) {
+        char *cal[] = {engine_path, "--calibrate", cost, "--model", (char *)c->model, NULL};
+        char clog[700], cerr[256];
+        snprintf(clog, sizeof clog, "%s/calibrate.log", c->run_dir);
+        unlink(clog);
+        static char *const cal_env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
+        pid_t cp = kvf__proc_spawn_detached(cal, clog, cal_env, cerr, sizeof cerr);
+        int cst = -1;
+        if (cp < 0 || waitpid(cp, &cst, 0) != cp || !WIFEXITED(cst) || WEXITSTATUS(cst) != 0) {
+            fail("calibrating the cost model failed (%s)", clog);
+            rc = 1;
+            goto undo;
+        }
+        printf("  cost model: %s (measured here; %s)\n", cost, clog);
+    }
     if (!g_interrupted) {
         proc *q = &p[np++];
         memset(q, 0, sizeof *q);
         snprintf(q->name, sizeof q->name, "sched");
         snprintf(q->kind, sizeof q->kind, "sched");
         HOST_SETUP(q);
-        char *args[] = {sched_path,        "--listen", listen, "--policy",
-                        (char *)c->policy, "--stores", stores};
-        if (start_one(c, q, args, 7, NULL) != 0) {
+        char *args[] = {sched_path, "--listen", listen,   "--policy", (char *)c->policy,
+                        "--stores", stores,     "--cost", cost};
+        if (start_one(c, q, args, 9, NULL) != 0) {
             rc = 1;
             goto undo;
         }

@@ -835,9 +835,10 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     double pst = p->can_load ? (double)store_tokens : 0;
     double cached = dev > pst ? dev : pst;
     /* Conditional disaggregation: a short uncached suffix is cheaper to prefill where it will
-     * decode than to hand off. "Short" is judged on the decode instance itself, with what it can
+     * decode than to hand off, and every engine can prefill (a decode-only instance takes only
+     * these short ones). "Short" is judged on the decode instance itself, with what it can
      * reach: its own cache and, if its record allows the load, the stores. */
-    if (dec >= 0 && dec != best && (s->inst[dec].info.role & KVF_ROLE_PREFILL)) {
+    if (dec >= 0 && dec != best) {
         inst *d = &s->inst[dec];
         double ddev = (double)s->depth[dec] * d->info.block_tokens;
         double dst = d->can_load ? (double)store_tokens : 0;
@@ -865,6 +866,13 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         res->rejected = 1;
         return 0;
     }
+    /* Until the engines report again, count what was just sent to them, so that a burst of
+     * requests spreads instead of piling onto the instance that looked idlest. The next load
+     * report replaces these figures with the engine's own. */
+    p->load.queued_prefill_tokens += n;
+    if (p->load.queued_prefill_s > 0)
+        p->load.queued_prefill_s += res->prefill_s;
+    s->inst[res->decode].load.active_decodes++;
     /* The plan, each action labelled by the classifier against the instances' records and the
      * storage node's. */
     const kvf_caps *pc = &s->inst[best].caps, *dc = &s->inst[res->decode].caps;

@@ -219,6 +219,13 @@ static void test_sched_sequence_gaps(void **state)
 }
 
 /* Two prefill instances: "hot" holds the prompt's prefix but is busy; "cold" is idle. */
+static void report(kvf_sched *s, int a, const kvf_instance_load *la, int b,
+                   const kvf_instance_load *lb)
+{
+    kvf_sched_instance_load(s, a, la);
+    kvf_sched_instance_load(s, b, lb);
+}
+
 static void test_sched_policies_on_a_hand_built_state(void **state)
 {
     (void)state;
@@ -245,14 +252,18 @@ static void test_sched_policies_on_a_hand_built_state(void **state)
         picks[rs.prefill == hot]++;
     }
     assert_int_equal(picks[0], 2); /* round robin alternates */
+    /* place() counts what it sends until the engines report again: report before each. */
     kvf_sched_set_policy(s, KVF_POLICY_LEAST_LOADED);
+    report(s, hot, &busy, cold, &idle);
     kvf_sched_place(s, &rq, &rs);
     assert_int_equal(rs.prefill, cold);
     kvf_sched_set_policy(s, KVF_POLICY_LONGEST_PREFIX);
+    report(s, hot, &busy, cold, &idle);
     kvf_sched_place(s, &rq, &rs);
     assert_int_equal(rs.prefill, hot);
     assert_int_equal(rs.cached_device, 7168);
     kvf_sched_set_policy(s, KVF_POLICY_KVF_COST);
+    report(s, hot, &busy, cold, &idle);
     kvf_sched_place(s, &rq, &rs);
     /* 4000 queued tokens cost 0.4 s; recomputing 7168 tokens costs more: go to the cache. */
     assert_int_equal(rs.prefill, hot);
@@ -265,17 +276,32 @@ static void test_sched_policies_on_a_hand_built_state(void **state)
     /* A much busier cache-holder loses to the idle one under the cost model, but not under
      * longest prefix. */
     busy.queued_prefill_tokens = 200000;
-    kvf_sched_instance_load(s, hot, &busy);
+    report(s, hot, &busy, cold, &idle);
     kvf_sched_place(s, &rq, &rs);
     assert_int_equal(rs.prefill, cold);
     kvf_sched_set_policy(s, KVF_POLICY_LONGEST_PREFIX);
+    report(s, hot, &busy, cold, &idle);
     kvf_sched_place(s, &rq, &rs);
     assert_int_equal(rs.prefill, hot);
     /* Dynamo's cost: prefill blocks after overlap plus active blocks. hot: 64 + 5000 + 12500,
      * cold: 512 + 0: cold. */
     kvf_sched_set_policy(s, KVF_POLICY_DYNAMO_COST);
+    report(s, hot, &busy, cold, &idle);
     kvf_sched_place(s, &rq, &rs);
     assert_int_equal(rs.prefill, cold);
+    /* A burst before any load report: what place() sent is counted, so equal idle instances
+     * take turns instead of one taking everything. */
+    kvf_sched_set_policy(s, KVF_POLICY_KVF_COST);
+    kvf_instance_load idle2 = {0};
+    report(s, hot, &idle2, cold, &idle);
+    static uint32_t cold_t[2048];
+    seq(cold_t, 2048, 77);
+    kvf_place_req burst = {.tokens = cold_t, .n_tokens = 2048, .output_tokens = 10};
+    int first;
+    kvf_sched_place(s, &burst, &rs);
+    first = rs.prefill;
+    kvf_sched_place(s, &burst, &rs);
+    assert_int_not_equal(rs.prefill, first);
     /* Early rejection when the best estimate misses the SLO by the reject factor. */
     kvf_sched_destroy(&s);
     kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST};
@@ -313,7 +339,20 @@ static void test_sched_conditional_disaggregation(void **state)
     assert_int_equal(rs.decode, d);
     assert_int_equal(rs.prefill, d); /* 96 uncached tokens: no handoff */
     assert_true(rs.colocated);
-    (void)p;
+    /* A decode-only instance prefills a short suffix too; a long one goes to the prefill
+     * instance and is handed off. */
+    int d2 = add(s, "d2", KVF_ROLE_DECODE, 16, 1000000);
+    kvf_sched_block_stored(s, d2, h, 250, 0, 0, t, 4000, 16, KVF_TIER_DEVICE);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.decode, d2);
+    assert_int_equal(rs.prefill, d2);
+    static uint32_t cold[4096];
+    seq(cold, 4096, 99);
+    kvf_place_req rc = {.tokens = cold, .n_tokens = 4096};
+    kvf_sched_place(s, &rc, &rs);
+    assert_int_equal(rs.decode, d2);
+    assert_int_equal(rs.prefill, p);
+    assert_false(rs.colocated);
     kvf_sched_destroy(&s);
 }
 
