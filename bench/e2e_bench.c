@@ -279,7 +279,7 @@ static void serve_request(run *R, rec *q)
 out:
     if (rc) {
         q->failed = 1;
-        snprintf(q->err, sizeof q->err, "%s", err);
+        snprintf(q->err, sizeof q->err, "%.150s", err);
     }
     q->done = 1;
     atomic_fetch_add(&R->n_done, 1);
@@ -705,7 +705,7 @@ static int run_mode(run *R, const char *tag)
 int bench_e2e_main(int argc, char **argv)
 {
     const char *config = NULL, *state = NULL, *modes = "kvf,baseline", *out_dir = NULL;
-    const char *trace = "../shared/data/traces/conversation_trace.jsonl";
+    const char *trace = "data/traces/conversation_head1600.jsonl";
     long start = 0, warmup = 0, max_req = 200, block = 64, max_in = 4096, max_out = 64, conc = 64;
     double scale = 1, slo_ms = 0;
     int json = 0;
@@ -915,6 +915,15 @@ int bench_e2e_main(int argc, char **argv)
         sm[k].load_bytes = l1 - l0;
         sm[k].save_bytes = s1 - s0;
         json_object_set_new(summaries, R->mode, summary_json(&sm[k], R->mode));
+    }
+    for (int k = 0; k < n_runs; k++) {
+        int shown = 0;
+        for (size_t i = 0; i < n && shown < 3; i++)
+            if (runs[k].r[i].failed) {
+                fprintf(stderr, "kvf-bench e2e: %s: request %zu failed: %s\n", runs[k].mode, i,
+                        runs[k].r[i].err);
+                shown++;
+            }
     }
     /* Tokens compared request by request. */
     size_t compared = 0, differ = 0;

@@ -140,7 +140,7 @@ static void pack_str(msgpack_packer *pk, const char *s)
 }
 
 /* Publishes what the pages hold now that they hold tokens[0..n): the blocks of the previous
- * sequence that differ are removed, the new ones stored. */
+ * sequence that differ are removed, the new ones stored. Only the running request calls it. */
 static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
 {
     uint32_t P = S->m.layout.page_tokens;
@@ -200,9 +200,11 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
         zmq_send(S->pub, sb.data, sb.size, 0);
         msgpack_sbuffer_destroy(&sb);
     }
+    pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */
     free(S->held);
     S->held = nh;
     S->n_held = S->cap_held = nb;
+    pthread_mutex_unlock(&S->mu);
 }
 
 /* ------------------------------------------------------------------------------------------ */

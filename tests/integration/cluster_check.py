@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""A tiny kvfabric cluster end to end: `kvf cluster up` (1 store, kvf-sched, 1 prefill and 1 decode
+engine), a dozen trace requests through `kvf-bench e2e` with kvfabric and again colocated without
+it (the generated tokens must be identical request by request, and the cache layer must have
+served part of the prompts), the engine's HTTP API on bad input, `kvf cluster status`, and
+`kvf cluster down` leaving no process behind. With --netns the same runs with every process in a
+network namespace of its own; where namespaces cannot be made the test says why and is skipped
+(exit 77).
+
+usage: cluster_check.py KVF KVF_BENCH TRACE [--netns]
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+SKIP = 77
+
+
+def fail(msg):
+    print("cluster_check: FAIL: " + msg)
+    sys.exit(1)
+
+
+def run(args, timeout, expect=0):
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if expect is not None and p.returncode != expect:
+        fail("%s: exit %d (wanted %d)\nstdout: %s\nstderr: %s"
+             % (" ".join(args), p.returncode, expect, p.stdout[-3000:], p.stderr[-3000:]))
+    return p
+
+
+def http(method, url, body=None):
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def netns_possible():
+    probe = "kvf-probe-%d" % os.getpid()
+    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        return p.stderr.strip() or "ip netns add failed"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def main():
+    kvf, bench, trace = sys.argv[1], sys.argv[2], sys.argv[3]
+    netns = "--netns" in sys.argv[4:]
+    if netns:
+        why = netns_possible()
+        if why:
+            print("cluster_check: SKIP: cannot create network namespaces here: %s" % why)
+            sys.exit(SKIP)
+    with tempfile.TemporaryDirectory() as d:
+        name = "ct%d" % (os.getpid() % 100000)
+        cfg = {"name": name, "stores": 1, "prefill": 1, "decode": 1, "store_memory": "128M",
+               "engine_max_tokens": 4096, "run_dir": os.path.join(d, "run"),
+               "netns": {"subnet": "10.79.%d" % (os.getpid() % 200 + 20), "rate": "1gbit"}}
+        config = os.path.join(d, "cluster.json")
+        with open(config, "w") as f:
+            json.dump(cfg, f)
+
+        # Configuration errors are refused with the field named, and start nothing.
+        bad = os.path.join(d, "bad.json")
+        with open(bad, "w") as f:
+            json.dump({"name": "x", "stores": 0}, f)
+        p = run([kvf, "cluster", "up", "--config", bad], 30, expect=2)
+        if "stores" not in p.stderr:
+            fail("a bad config must name the field: %r" % p.stderr)
+
+        up = [kvf, "cluster", "up", "--config", config] + (["--netns"] if netns else [])
+        run(up, 120)
+        try:
+            with open(os.path.join(cfg["run_dir"], "state.json")) as f:
+                state = json.load(f)
+            pids = [pr["pid"] for pr in state["procs"]]
+            if len(pids) != 4 or not all(alive(x) for x in pids):
+                fail("kvf cluster up: expected 4 live processes, state %r" % state["procs"])
+            # A second up of the same cluster is refused.
+            run(up, 30, expect=1)
+            st = json.loads(run([kvf, "cluster", "status", "--config", config, "--json"], 30).stdout)
+            if not st["up"] or len(st["procs"]) != 4:
+                fail("kvf cluster status: %r" % st)
+
+            # A dozen requests, with kvfabric and without; tokens compared by the bench.
+            p = run([bench, "e2e", "--config", config, "--trace", trace, "--max-requests", "12",
+                     "--time-scale", "4", "--max-input", "1024", "--max-output", "16",
+                     "--out", os.path.join(d, "e2e"), "--json"], 300, expect=None)
+            if p.returncode != 0:
+                fail("kvf-bench e2e exit %d\n%s\n%s" % (p.returncode, p.stdout[-3000:],
+                                                       p.stderr[-3000:]))
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            kv, bl = res["summary"]["kvf"], res["summary"]["baseline"]
+            if res["tokens_compared"] != 12 or res["tokens_differ"] != 0:
+                fail("generated tokens: %d compared, %d differ" % (res["tokens_compared"],
+                                                                   res["tokens_differ"]))
+            if kv["completed"] != 12 or bl["completed"] != 12 or kv["first_token_mismatches"]:
+                fail("requests: %r / %r" % (kv, bl))
+            if kv["hit_rate_device"] + kv["hit_rate_store"] <= 0 or kv["bytes_loaded"] <= 0:
+                fail("the cache layer served nothing: %r" % kv)
+            if bl["hit_rate_device"] != 0 or bl["hit_rate_store"] != 0 or bl["bytes_loaded"]:
+                fail("the run without kvfabric used the cache: %r" % bl)
+            for k in ("records.csv", "records.json", "summary.json"):
+                if not os.path.getsize(os.path.join(d, "e2e", k)):
+                    fail("%s is empty" % k)
+            with open(os.path.join(d, "e2e", "records.csv")) as f:
+                if len(f.read().strip().splitlines()) != 1 + 24:
+                    fail("records.csv: want a header and 24 records")
+
+            # The engine's API on bad input: clear errors, and it keeps serving.
+            eng = next(pr for pr in state["procs"] if pr["kind"] == "prefill")["addr"]
+            base = "http://" + eng
+            for body, code in ((b"{not json", 400), ({"tokens": []}, 400),
+                               ({"tokens": [1, -2]}, 400), ({"tokens": [1] * 5000}, 413),
+                               ({"tokens": [1, 2], "max_tokens": "x"}, 400)):
+                got, rep = http("POST", base + "/v1/generate", body)
+                if got != code or "error" not in (rep or {}):
+                    fail("engine: %r gave %d %r, wanted %d with an error" % (body, got, rep, code))
+            got, _ = http("POST", base + "/v1/nothing", {"tokens": [1]})
+            if got != 404:
+                fail("engine: unknown path gave %d" % got)
+            got, rep = http("POST", base + "/v1/generate", {"tokens": list(range(100)),
+                                                            "max_tokens": 3})
+            if got != 200 or len(rep["tokens"]) != 3:
+                fail("engine after bad input: %d %r" % (got, rep))
+            got, h = http("GET", base + "/v1/health")
+            if got != 200 or h["failures"] != 0:
+                fail("engine health: %d %r" % (got, h))
+        finally:
+            p = run([kvf, "cluster", "down", "--config", config], 60)
+        deadline = time.time() + 10
+        while any(alive(x) for x in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        if any(alive(x) for x in pids):
+            fail("kvf cluster down left processes: %r" % [x for x in pids if alive(x)])
+        if os.path.exists(os.path.join(cfg["run_dir"], "state.json")):
+            fail("kvf cluster down left its state file")
+        if netns:
+            ns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            if ("kvf-%s-" % name) in ns:
+                fail("kvf cluster down left namespaces: %s" % ns)
+        run([kvf, "cluster", "status", "--config", config], 30, expect=3)
+    print("cluster_check: OK (%s): 12 requests, identical tokens, cache hit %.1f%% device + "
+          "%.1f%% store" % ("network namespaces" if netns else "loopback",
+                            kv["hit_rate_device"] * 100, kv["hit_rate_store"] * 100))
+
+
+if __name__ == "__main__":
+    main()
