@@ -70,10 +70,22 @@ typedef struct rec {
     size_t device_tokens, loaded_tokens;
     uint64_t tokens_hash;
     uint32_t n_generated;
+    size_t cross_tokens; /* loaded tokens that another engine computed */
 } rec;
+
+/* Which engine computed each chunk first, from the driver's own records, to count cross-engine
+ * reuse: a prefix loaded by one engine that another engine computed. */
+typedef struct owners {
+    pthread_mutex_t mu;
+    uint64_t *key; /* XXH64 of the chunk key, low bit set; 0: empty */
+    const engine_ref **eng;
+    size_t mask, used;
+    uint32_t chunk_tokens;
+} owners;
 
 typedef struct run {
     const char *mode; /* "kvf" or "baseline" */
+    owners *own;
     rec *r;
     size_t n;
     engine_ref *eng;
@@ -181,8 +193,45 @@ static int call_engine(engine_ref *e, const char *path, json_t *body, json_t **r
 }
 
 /* The prefill engine's figures: where the prompt's KV came from and how long it waited. */
-static void take_prefill(rec *q, const engine_ref *pe, const engine_ref *de, json_t *rep)
+static size_t owner_slot(const owners *o, uint64_t h)
 {
+    size_t i = (size_t)h & o->mask;
+    while (o->key[i] && o->key[i] != h)
+        i = (i + 1) & o->mask;
+    return i;
+}
+
+/* Records that e computed chunks [0, saved / chunk) of q (those not recorded yet), and returns how
+ * many of the n_loaded tokens q loaded were computed by another engine. */
+static size_t note_chunks(owners *o, const rec *q, const engine_ref *e, size_t n_loaded,
+                          size_t saved)
+{
+    if (!o)
+        return 0;
+    json_t *keys = json_loads(q->keys_hex, 0, NULL);
+    size_t cross = 0, nk = json_array_size(keys);
+    pthread_mutex_lock(&o->mu);
+    for (size_t c = 0; c < nk; c++) {
+        const char *hex = json_string_value(json_array_get(keys, c));
+        uint64_t h = XXH64(hex, strlen(hex), 0) | 1;
+        size_t i = owner_slot(o, h);
+        if (c < n_loaded / o->chunk_tokens && o->key[i] && o->eng[i] != e)
+            cross += o->chunk_tokens;
+        if (c < saved / o->chunk_tokens && !o->key[i] && o->used < o->mask / 2) {
+            o->key[i] = h;
+            o->eng[i] = e;
+            o->used++;
+        }
+    }
+    pthread_mutex_unlock(&o->mu);
+    json_decref(keys);
+    return cross;
+}
+
+static void take_prefill(run *R, rec *q, const engine_ref *pe, const engine_ref *de, json_t *rep)
+{
+    q->cross_tokens = note_chunks(R->own, q, pe, (size_t)num(rep, "loaded_tokens"),
+                                  (size_t)num(rep, "saved_tokens"));
     snprintf(q->prefill, sizeof q->prefill, "%s", pe->id);
     snprintf(q->decode, sizeof q->decode, "%s", de->id);
     q->device_tokens = (size_t)num(rep, "device_tokens");
@@ -201,7 +250,7 @@ static int generate(run *R, rec *q, engine_ref *e, int reuse, char *err, size_t 
     if (call_engine(e, "/v1/generate", body, &rep, err, errlen) != 0)
         return -1;
     double t = now_s() - R->t0;
-    take_prefill(q, e, e, rep);
+    take_prefill(R, q, e, e, rep);
     take_reply(q, rep);
     q->e2e = t - q->arrival;
     q->ttft = q->e2e - num(rep, "decode_s");
@@ -260,7 +309,7 @@ static void serve_request(run *R, rec *q)
     if (rc)
         goto out;
     q->ttft = now_s() - R->t0 - q->arrival;
-    take_prefill(q, pe, de, rep);
+    take_prefill(R, q, pe, de, rep);
     json_int_t first_token = json_integer_value(json_array_get(json_object_get(rep, "tokens"), 0));
     json_int_t saved = (json_int_t)num(rep, "saved_tokens");
     json_decref(rep);
@@ -309,7 +358,8 @@ static void *worker_main(void *arg)
 
 typedef struct summary {
     double ttft_p50, ttft_p90, ttft_p99, itl_mean, itl_p99, e2e_p50, rps, device_hit, store_hit;
-    double wall_s, slo_attainment;
+    double wall_s, slo_attainment, cross_hit;
+    size_t cross_requests;
     size_t done, failed, rejected, colocated, mismatches;
     uint64_t load_bytes, save_bytes;
 } summary;
@@ -320,7 +370,7 @@ static void summarize(const run *R, summary *s)
     double *tt = malloc((R->n + 1) * sizeof *tt), *e2 = malloc((R->n + 1) * sizeof *e2);
     double *it = malloc((R->n + 1) * sizeof *it);
     size_t k = 0, ki = 0;
-    double prompt = 0, dev = 0, st = 0, last = 0, itl_sum = 0, itl_n = 0;
+    double prompt = 0, dev = 0, st = 0, cross = 0, last = 0, itl_sum = 0, itl_n = 0;
     size_t met = 0;
     for (size_t i = 0; i < R->n; i++) {
         const rec *q = &R->r[i];
@@ -336,6 +386,8 @@ static void summarize(const run *R, summary *s)
         prompt += (double)q->n;
         dev += (double)q->device_tokens;
         st += (double)q->loaded_tokens;
+        cross += (double)q->cross_tokens;
+        s->cross_requests += q->cross_tokens > 0;
         last = q->finish > last ? q->finish : last;
         if (q->itl_n) {
             it[ki++] = q->itl_max;
@@ -351,6 +403,7 @@ static void summarize(const run *R, summary *s)
         s->e2e_p50 = bench_quantile(e2, k, 0.5);
         s->device_hit = dev / prompt;
         s->store_hit = st / prompt;
+        s->cross_hit = cross / prompt;
         s->slo_attainment = (double)met / (double)R->n;
     }
     s->itl_mean = itl_n ? itl_sum / itl_n : 0;
@@ -382,7 +435,7 @@ static void engine_bytes(run *R, uint64_t *load, uint64_t *save)
 
 static json_t *summary_json(const summary *s, const char *mode)
 {
-    return json_pack(
+    json_t *o = json_pack(
         "{s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
         "s:s,s:s}",
         "mode", mode, "ttft_p50_s", s->ttft_p50, "ttft_p90_s", s->ttft_p90, "ttft_p99_s",
@@ -393,6 +446,9 @@ static json_t *summary_json(const summary *s, const char *mode)
         (json_int_t)s->colocated, "first_token_mismatches", (json_int_t)s->mismatches,
         "bytes_loaded", (json_int_t)s->load_bytes, "bytes_saved", (json_int_t)s->save_bytes,
         "transport", strcmp(mode, "kvf") ? "none (cache layer off)" : "tcp", "label", "real");
+    json_object_set_new(o, "hit_rate_cross_engine", json_real(s->cross_hit));
+    json_object_set_new(o, "cross_engine_requests", json_integer((json_int_t)s->cross_requests));
+    return o;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -606,6 +662,7 @@ typedef struct warm {
     int stride, first;
     atomic_size_t *done;
     atomic_int *failed;
+    owners *own;
 } warm;
 
 static void *warm_main(void *arg)
@@ -615,15 +672,19 @@ static void *warm_main(void *arg)
         json_t *body = json_pack("{s:o}", "tokens", tokens_json(w->r[i].tokens, w->r[i].n));
         long st;
         char err[256];
-        if (post(w->e->endpoint, "/v1/prefill", body, &st, NULL, err, sizeof err) != 0 || st != 200)
+        json_t *rep = NULL;
+        if (post(w->e->endpoint, "/v1/prefill", body, &st, &rep, err, sizeof err) != 0 || st != 200)
             atomic_fetch_add(w->failed, 1);
+        else
+            note_chunks(w->own, &w->r[i], w->e, 0, (size_t)num(rep, "saved_tokens"));
+        json_decref(rep);
         json_decref(body);
         atomic_fetch_add(w->done, 1);
     }
     return NULL;
 }
 
-static int warm_up(rec *r, size_t n, engine_ref *eng, int n_eng)
+static int warm_up(rec *r, size_t n, engine_ref *eng, int n_eng, owners *own)
 {
     pthread_t th[MAX_ENGINES];
     warm w[MAX_ENGINES];
@@ -632,7 +693,8 @@ static int warm_up(rec *r, size_t n, engine_ref *eng, int n_eng)
     int k = 0;
     for (int i = 0; i < n_eng; i++)
         if (strcmp(eng[i].role, "decode") != 0)
-            w[k++] = (warm){.r = r, .n = n, .e = &eng[i], .done = &done, .failed = &failed};
+            w[k++] =
+                (warm){.r = r, .n = n, .e = &eng[i], .done = &done, .failed = &failed, .own = own};
     for (int i = 0; i < k; i++) {
         w[i].stride = k;
         w[i].first = i;
@@ -863,6 +925,11 @@ int bench_e2e_main(int argc, char **argv)
                    "%zu requests of %s from #%ld, %ld tokens per trace block, %.0f s of arrivals "
                    "(time scale %.2f), %zu prompts cut to %ld tokens; %d engines via kvf-sched %s",
                    n, trace, start, block, span, scale, truncated, max_in, n_eng, sched);
+    /* Who computed which chunk, for the cross-engine reuse figure (warm-up and kvf run). */
+    owners own = {.mask = (1u << 20) - 1, .chunk_tokens = m.layout.chunk_tokens};
+    pthread_mutex_init(&own.mu, NULL);
+    own.key = calloc(own.mask + 1, sizeof *own.key);
+    own.eng = calloc(own.mask + 1, sizeof *own.eng);
     /* The runs. */
     run runs[2];
     int n_runs = 0;
@@ -887,6 +954,7 @@ int bench_e2e_main(int argc, char **argv)
             R->r[i].keys_hex = base[i].keys_hex;
         }
         R->eng = eng;
+        R->own = strcmp(R->mode, "kvf") ? NULL : &own;
         R->n_eng = n_eng;
         snprintf(R->sched, sizeof R->sched, "%s", sched);
         R->slo_s = slo_ms / 1e3;
@@ -899,7 +967,7 @@ int bench_e2e_main(int argc, char **argv)
         if (!strcmp(R->mode, "kvf")) {
             if (clear_stores(json_object_get(st, "stores"), &m.layout, err, sizeof err) != 0)
                 bench_progress("e2e", "warning: %s", err);
-            if (n_warm && warm_up(warm_r, n_warm, eng, n_eng) != 0)
+            if (n_warm && warm_up(warm_r, n_warm, eng, n_eng, &own) != 0)
                 bench_progress("e2e", "warning: some warm-up requests failed");
         }
         uint64_t l0, s0, l1, s1;
@@ -943,12 +1011,17 @@ int bench_e2e_main(int argc, char **argv)
     printf("\nkvf-bench e2e: %zu requests, %d engines, model %s, %s, all figures real\n", n, n_eng,
            model, json_is_true(json_object_get(st, "netns")) ? "network namespaces" : "loopback");
     printf("%-10s %9s %9s %9s %9s %9s %8s %8s %8s %9s %6s\n", "mode", "TTFT p50", "p90", "p99",
-           "ITL mean", "ITL p99", "req/s", "hit dev", "hit str", "loaded", "failed");
+           "ITL mean", "ITL p99", "req/s", "hit dev", "hit str", "MB in", "failed");
     for (int k = 0; k < n_runs; k++)
         printf("%-10s %8.3fs %8.3fs %8.3fs %7.2fms %7.2fms %8.2f %7.1f%% %7.1f%% %8.1fM %6zu\n",
                runs[k].mode, sm[k].ttft_p50, sm[k].ttft_p90, sm[k].ttft_p99, sm[k].itl_mean * 1e3,
                sm[k].itl_p99 * 1e3, sm[k].rps, sm[k].device_hit * 100, sm[k].store_hit * 100,
                (double)sm[k].load_bytes / 1e6, sm[k].failed + sm[k].rejected);
+    for (int k = 0; k < n_runs; k++)
+        if (!strcmp(runs[k].mode, "kvf"))
+            printf("cross-engine reuse: %zu requests loaded a prefix another engine computed "
+                   "(%.1f%% of all prompt tokens); the KV moved over TCP\n",
+                   sm[k].cross_requests, sm[k].cross_hit * 100);
     json_t *res =
         json_pack("{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s}", "bench", "e2e", "summary",
                   summaries, "engines", n_eng, "requests", (json_int_t)n, "start",
@@ -989,5 +1062,8 @@ int bench_e2e_main(int argc, char **argv)
         free(warm_r[i].keys_hex);
     }
     free(warm_r);
+    free(own.key);
+    free(own.eng);
+    pthread_mutex_destroy(&own.mu);
     return failed ? 1 : 0;
 }
