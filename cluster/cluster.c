@@ -381,6 +381,25 @@ static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const
     return 0;
 }
 
+/* The value after key (" events=") on a process's ready line, up to the next space. */
+static int log_field(const char *log, const char *key, char *out, size_t n)
+{
+    FILE *f = fopen(log, "r");
+    char line[2048];
+    int rc = -1;
+    while (f && rc && fgets(line, sizeof line, f)) {
+        const char *at = strstr(line, " ready listen=") ? strstr(line, key) : NULL;
+        if (at && strncmp(at + strlen(key), "-", 1) != 0) {
+            at += strlen(key);
+            snprintf(out, n, "%.*s", (int)strcspn(at, " \n"), at);
+            rc = 0;
+        }
+    }
+    if (f)
+        fclose(f);
+    return rc;
+}
+
 static int mkdirs(const char *path)
 {
     char buf[600];
@@ -439,6 +458,7 @@ static int cmd_up(const cfg *c, int netns)
            netns ? "one network namespace per host" : "loopback");
     int host = 1, rc = 0;
     char listen[64], events[64], threads[16], maxt[24], stores[2048] = "", sched[160] = "";
+    char store_events[2048] = "";
     snprintf(threads, sizeof threads, "%d", c->store_threads);
     snprintf(maxt, sizeof maxt, "%ld", c->max_tokens);
     /* Each process: its namespace (with --netns), then the program. */
@@ -463,11 +483,20 @@ static int cmd_up(const cfg *c, int netns)
         snprintf(q->name, sizeof q->name, "store%d", i);
         snprintf(q->kind, sizeof q->kind, "store");
         HOST_SETUP(q);
+        char node[16];
+        snprintf(node, sizeof node, "%d", i);
         char *args[] = {store_path,  "--listen", listen,        "--memory", (char *)c->store_memory,
-                        "--threads", threads,    "--log-level", "info"};
-        if (start_one(c, q, args, 9, NULL) != 0) {
+                        "--threads", threads,    "--log-level", "info",     "--events",
+                        events,      "--node",   node};
+        if (start_one(c, q, args, 13, NULL) != 0) {
             rc = 1;
             goto undo;
+        }
+        /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
+        char ep[160];
+        if (log_field(q->log, " events=", ep, sizeof ep) == 0) {
+            size_t el = strlen(store_events);
+            snprintf(store_events + el, sizeof store_events - el, "%s%s", el ? "," : "", ep);
         }
         size_t l = strlen(stores);
         snprintf(stores + l, sizeof stores - l, "%s%s", l ? "," : "", q->addr);
@@ -496,9 +525,14 @@ static int cmd_up(const cfg *c, int netns)
         snprintf(q->name, sizeof q->name, "sched");
         snprintf(q->kind, sizeof q->kind, "sched");
         HOST_SETUP(q);
-        char *args[] = {sched_path, "--listen", listen,   "--policy", (char *)c->policy,
-                        "--stores", stores,     "--cost", cost};
-        if (start_one(c, q, args, 9, NULL) != 0) {
+        kvf_layout lay;
+        char chunk[16];
+        snprintf(chunk, sizeof chunk, "%u",
+                 kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
+        char *args[] = {sched_path, "--listen",       listen,      "--policy", (char *)c->policy,
+                        "--stores", stores,           "--cost",    cost,       "--chunk-tokens",
+                        chunk,      "--store-events", store_events};
+        if (start_one(c, q, args, store_events[0] ? 13 : 11, NULL) != 0) {
             rc = 1;
             goto undo;
         }

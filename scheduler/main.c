@@ -2,7 +2,7 @@
  * kvf-sched: the cache-aware scheduler schedd (docs/scheduler.md).
  *
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
- *             [--store-events ENDPOINT[,...]] [--log-level L]
+ *             [--store-events ENDPOINT[,...]] [--chunk-tokens N] [--log-level L]
  *
  * HTTP/JSON (libmicrohttpd, one internal polling thread; jansson):
  *   POST /v1/instances            register or update an engine instance
@@ -635,6 +635,7 @@ static int load_config(schedd *d, const char *path, char *err, size_t errlen)
 
 int main(int argc, char **argv)
 {
+    long chunk_tokens = 256; /* the stores' chunk size, for store matches */
     const char *listen = "127.0.0.1:7500", *policy = "kvf_cost", *costf = NULL, *config = NULL,
                *stores = NULL;
     static schedd d;
@@ -645,7 +646,8 @@ int main(int argc, char **argv)
             printf("usage: kvf-sched [--listen HOST:PORT] [--policy round_robin|least_loaded|"
                    "longest_prefix|dynamo_cost|kvf_cost]\n"
                    "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
-                   "                 [--store-events EP[,EP...]] [--log-level L]\n");
+                   "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
+                   "[--log-level L]\n");
             return 0;
         }
         if (!v) {
@@ -663,6 +665,8 @@ int main(int argc, char **argv)
             config = v;
         else if (!strcmp(a, "--store-events"))
             stores = v;
+        else if (!strcmp(a, "--chunk-tokens"))
+            chunk_tokens = strtol(v, NULL, 10);
         else if (!strcmp(a, "--stores")) {
             if (strlen(v) >= sizeof d.stores) {
                 fprintf(stderr, "kvf-sched: --stores: list too long\n");
@@ -679,7 +683,11 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    kvf_sched_opts so = {0};
+    if (chunk_tokens < 1 || chunk_tokens > 65536) {
+        fprintf(stderr, "kvf-sched: --chunk-tokens must be 1..65536\n");
+        return 2;
+    }
+    kvf_sched_opts so = {.store_chunk_tokens = (uint32_t)chunk_tokens};
     if (kvf_policy_parse(policy, &so.policy) != 0) {
         fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", policy);
         return 2;

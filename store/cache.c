@@ -52,6 +52,8 @@ typedef struct evict_ops evict_ops;
 
 struct kvf_cache {
     pthread_mutex_t mu;
+    void (*on_change)(void *ctx, int admitted, const kvf_key *key);
+    void *on_change_ctx;
     pthread_t holder;
     int held;
     const evict_ops *policy;
@@ -352,6 +354,8 @@ static void entry_remove(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
     assert(x->state == ST_READY);
+    if (c->on_change)
+        c->on_change(c->on_change_ctx, 0, &x->key);
     c->policy->unlink(c, i);
     index_remove(c, i);
     c->st.ready_bytes -= x->len;
@@ -462,6 +466,8 @@ int kvf__cache_commit_locked(kvf_cache *c, uint32_t i, uint64_t owner)
     c->st.ready_bytes += x->len;
     c->st.puts++;
     c->policy->insert(c, i);
+    if (c->on_change)
+        c->on_change(c->on_change_ctx, 1, &x->key);
     return 0;
 }
 
@@ -760,6 +766,8 @@ int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t 
     int rc = KVF_ENOMEM;
     c->policy = policy;
     c->clock = o->clock;
+    c->on_change = o->on_change;
+    c->on_change_ctx = o->on_change_ctx;
     c->reserve_ns = (uint64_t)(o->reserve_ms ? o->reserve_ms : 30000) * 1000000u;
     c->mem_size = o->memory & ~(uint64_t)(KVF_ARENA_ALIGN - 1);
     c->n_entries = (uint32_t)n;

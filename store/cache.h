@@ -34,6 +34,10 @@ typedef struct kvf_cache_opts {
     uint32_t reserve_ms;    /* how long an admitted, unwritten reservation lives; 0: 30 s */
     int prefault;           /* touch every arena page at start, so RSS is taken up front */
     int lock_memory;        /* mlock the arena (RDMA registration wants it) */
+    /* Called under the cache's lock when an entry becomes readable (admitted 1) and when a
+     * readable one leaves (0: evicted, removed, cleared); must be quick. May be NULL. */
+    void (*on_change)(void *ctx, int admitted, const kvf_key *key);
+    void *on_change_ctx;
 } kvf_cache_opts;
 
 typedef struct kvf_cache_stats {

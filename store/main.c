@@ -12,6 +12,7 @@
 
 #include "cache.h"
 #include "log.h"
+#include "publish.h"
 #include "server.h"
 #include "tcp.h"
 #include "units.h"
@@ -36,19 +37,22 @@ static void on_signal(int sig)
 
 static void usage(FILE *f)
 {
-    fprintf(f,
-            "usage: kvf-store [options]\n"
-            "  --listen HOST:PORT    address to serve (default 127.0.0.1:7400; port 0 picks one)\n"
-            "  --memory SIZE         arena size, e.g. 512M, 4G (default 1G)\n"
-            "  --threads N           event-loop threads (default 1)\n"
-            "  --evict lru|s3fifo    eviction policy (default lru)\n"
-            "  --max-request SIZE    largest put request (default 256M)\n"
-            "  --max-entries N       index capacity (default memory / 16 KiB)\n"
-            "  --log-level L         debug, info, warn, error (default info)\n"
-            "  --no-verify           do not verify object checksums on put\n"
-            "  --poller NAME         epoll or poll (default: best available)\n"
-            "  --lock-memory         mlock the arena\n"
-            "  --no-prefault         do not touch the arena's pages at start\n");
+    fprintf(
+        f,
+        "usage: kvf-store [options]\n"
+        "  --listen HOST:PORT    address to serve (default 127.0.0.1:7400; port 0 picks one)\n"
+        "  --memory SIZE         arena size, e.g. 512M, 4G (default 1G)\n"
+        "  --threads N           event-loop threads (default 1)\n"
+        "  --evict lru|s3fifo    eviction policy (default lru)\n"
+        "  --max-request SIZE    largest put request (default 256M)\n"
+        "  --max-entries N       index capacity (default memory / 16 KiB)\n"
+        "  --log-level L         debug, info, warn, error (default info)\n"
+        "  --no-verify           do not verify object checksums on put\n"
+        "  --poller NAME         epoll or poll (default: best available)\n"
+        "  --lock-memory         mlock the arena\n"
+        "  --no-prefault         do not touch the arena's pages at start\n"
+        "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
+        "  --node N              this store's number in kvf-sched's --store-events (default 0)\n");
 }
 
 int main(int argc, char **argv)
@@ -56,7 +60,8 @@ int main(int argc, char **argv)
     const char *listen = "127.0.0.1:7400";
     uint64_t memory = 1ull << 30, max_request = 256ull << 20;
     long threads = 1, max_entries = 0;
-    const char *evict = "lru", *poller = NULL;
+    const char *evict = "lru", *poller = NULL, *events = NULL;
+    long node = 0;
     int verify = 1, lock_memory = 0, prefault = 1;
     kvf_log lg = {.level = KVF_LOG_INFO, .name = "kvf-store"};
 
@@ -105,6 +110,14 @@ int main(int argc, char **argv)
             }
         } else if (!strcmp(a, "--evict")) {
             evict = v;
+        } else if (!strcmp(a, "--events")) {
+            events = v;
+        } else if (!strcmp(a, "--node")) {
+            node = strtol(v, NULL, 10);
+            if (node < 0 || node > 255) {
+                fprintf(stderr, "kvf-store: --node: %s is not in 0..255\n", v);
+                return 2;
+            }
         } else if (!strcmp(a, "--poller")) {
             poller = v;
         } else if (!strcmp(a, "--log-level")) {
@@ -126,8 +139,23 @@ int main(int argc, char **argv)
         return 2;
     }
 
-    char err[256] = "";
+    char err[256] = "", ev_ep[160] = "-";
+    kvf__pub *pub = NULL;
+    if (events) {
+        char eh[256];
+        uint16_t ep;
+        if (kvf__addr_parse(events, eh, sizeof eh, &ep) != 0) {
+            fprintf(stderr, "kvf-store: --events: expected HOST:PORT, got \"%s\"\n", events);
+            return 2;
+        }
+        if (kvf__pub_open(&pub, eh, ep, (int)node, ev_ep, sizeof ev_ep, err, sizeof err) != 0) {
+            fprintf(stderr, "kvf-store: %s\n", err);
+            return 1;
+        }
+    }
     kvf_cache_opts co = {
+        .on_change = pub ? kvf__pub_note : NULL,
+        .on_change_ctx = pub,
         .memory = memory,
         .max_entries = (uint32_t)max_entries,
         .evict = evict,
@@ -166,8 +194,8 @@ int main(int argc, char **argv)
     kvf__cache_stats_locked(cache, &st);
     kvf__cache_unlock(cache);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
-           " evict=%s threads=%ld pid=%d\n",
-           host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, threads,
+           " evict=%s threads=%ld events=%s node=%ld pid=%d\n",
+           host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, threads, ev_ep, node,
            (int)getpid());
     fflush(stdout);
     kvf_info(&lg, "serving %s:%u with %" PRIu64 " MiB, %s eviction, %ld thread(s)", host,
@@ -178,6 +206,7 @@ int main(int argc, char **argv)
     g_server = NULL;
     kvf__server_close(&srv);
     kvf__cache_close(&cache);
+    kvf__pub_close(&pub);
     kvf_info(&lg, "stopped");
     return 0;
 }

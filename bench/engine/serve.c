@@ -26,7 +26,9 @@
 #include "engine.h"
 #include "serve.h"
 
+#include "clock.h"
 #include "http.h"
+#include "kvevents.h"
 #include "kvf/kvf.h"
 #include "log.h"
 #include "tcp.h"
@@ -103,14 +105,7 @@ static void *reporter_main(void *arg)
     pthread_mutex_lock(&S->mu);
     while (!atomic_load(&S->stop)) {
         if (!S->report_dirty) {
-            struct timespec ts;
-            clock_gettime(CLOCK_REALTIME, &ts);
-            ts.tv_nsec += 200 * 1000000L;
-            if (ts.tv_nsec >= 1000000000L) {
-                ts.tv_sec++;
-                ts.tv_nsec -= 1000000000L;
-            }
-            pthread_cond_timedwait(&S->report_cv, &S->mu, &ts);
+            kvf__cond_wait_ms(&S->report_cv, &S->mu, 200);
             continue;
         }
         S->report_dirty = 0;
@@ -191,13 +186,7 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
             pack_str(&pk, "GPU");
         }
         msgpack_pack_int(&pk, 0); /* data_parallel_rank */
-        uint8_t seq[8];
-        uint64_t v = ++S->seq;
-        for (int i = 7; i >= 0; i--, v >>= 8)
-            seq[i] = (uint8_t)v;
-        zmq_send(S->pub, "kv-events", 9, ZMQ_SNDMORE);
-        zmq_send(S->pub, seq, 8, ZMQ_SNDMORE);
-        zmq_send(S->pub, sb.data, sb.size, 0);
+        kvf__kv_events_send(S->pub, "kv-events", ++S->seq, sb.data, sb.size);
         msgpack_sbuffer_destroy(&sb);
     }
     pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */

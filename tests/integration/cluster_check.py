@@ -130,6 +130,12 @@ def main():
                 if len(f.read().strip().splitlines()) != 1 + 24:
                     fail("records.csv: want a header and 24 records")
 
+            # kvf-sched heard the store's chunk events and the engines' KV events.
+            got, ix = http("GET", "http://%s/v1/index/stats" % state["sched"])
+            if got != 200 or ix["subscriptions"] != 3 or ix["chunks"] <= 0 or \
+                    ix["blocks_stored"] <= 0 or ix["malformed"] or ix["sequence_gaps"]:
+                fail("kvf-sched's event ingestion: %d %r" % (got, ix))
+
             # The engine's API on bad input: clear errors, and it keeps serving.
             eng = next(pr for pr in state["procs"] if pr["kind"] == "prefill")["addr"]
             base = "http://" + eng

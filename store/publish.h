@@ -1,0 +1,28 @@
+/*
+ * A storage node's chunk events for kvf-sched (docs/scheduler.md, "KV events"): ZeroMQ PUB with
+ * vLLM's framing ([topic, 8-byte big-endian sequence, msgpack [ts, events, 0]]) and kvfabric's
+ * events ["ChunksAdmitted", node, [16-byte keys]] and ["ChunksEvicted", node, keys], in the order
+ * the cache made the changes. A thread of its own sends a batch every 20 ms; the cache only
+ * appends to a buffer.
+ */
+#ifndef KVF_STORE_PUBLISH_H
+#define KVF_STORE_PUBLISH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/layout.h"
+
+typedef struct kvf__pub kvf__pub;
+
+/* Binds a PUB socket on host:port (0: a free port) and starts the sender. node is this store's
+ * number in kvf-sched's --store-events list. *endpoint gets the bound "tcp://HOST:PORT". */
+int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, char *endpoint,
+                  size_t eplen, char *err, size_t errlen);
+/* Notes a change (thread-safe; the cache's on_change hook). Beyond 1M pending changes they are
+ * dropped and the sequence skips one, so the subscriber sees a gap. */
+void kvf__pub_note(void *pub, int admitted, const kvf_key *key);
+/* Sends what is pending, stops the sender and frees. Accepts NULL; clears *p. */
+void kvf__pub_close(kvf__pub **p);
+
+#endif
