@@ -512,7 +512,19 @@ static int cmd_up(const cfg *c, int netns)
         static char *const cal_env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
         pid_t cp = kvf__proc_spawn_detached(cal, clog, cal_env, cerr, sizeof cerr);
         int cst = -1;
-        if (cp < 0 || waitpid(cp, &cst, 0) != cp || !WIFEXITED(cst) || WEXITSTATUS(cst) != 0) {
+        pid_t w = -1;
+        while (cp > 0 && (w = waitpid(cp, &cst, 0)) < 0 && errno == EINTR && !g_interrupted)
+            ;
+        if (cp > 0 && w != cp) { /* interrupted: the calibration is one of ours to stop */
+            kill(cp, SIGKILL);
+            waitpid(cp, NULL, 0);
+        }
+        if (g_interrupted) {
+            fprintf(stderr, "kvf cluster: interrupted: undoing\n");
+            rc = 130;
+            goto undo;
+        }
+        if (cp < 0 || w != cp || !WIFEXITED(cst) || WEXITSTATUS(cst) != 0) {
             fail("calibrating the cost model failed (%s)", clog);
             rc = 1;
             goto undo;

@@ -92,6 +92,32 @@ def main():
             fail("a bad config must name the field: %r" % p.stderr)
 
         up = [kvf, "cluster", "up", "--config", config] + (["--netns"] if netns else [])
+
+        # Ctrl-C while up is still starting things: what it started is stopped, nothing stays.
+        pr = subprocess.Popen(up, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started = []
+        deadline = time.time() + 60
+        for line in pr.stdout:
+            if " pid " in line:
+                started.append(int(line.split(" pid ")[1].split()[0]))
+                if line.strip().startswith("store0"):
+                    pr.send_signal(2)
+                    break
+            if time.time() > deadline:
+                break
+        out, err = pr.communicate(timeout=60)
+        if pr.returncode != 130 or "interrupted" not in err or not started:
+            fail("Ctrl-C during up: exit %d, started %r, stderr %r" % (pr.returncode, started, err))
+        deadline = time.time() + 10
+        while any(alive(x) for x in started) and time.time() < deadline:
+            time.sleep(0.1)
+        if any(alive(x) for x in started):
+            fail("Ctrl-C during up left processes: %r" % started)
+        if os.path.exists(os.path.join(cfg["run_dir"], "state.json")):
+            fail("Ctrl-C during up left a state file")
+        if netns and ("kvf-%s-" % name) in subprocess.run(["ip", "netns", "list"],
+                                                         capture_output=True, text=True).stdout:
+            fail("Ctrl-C during up left network namespaces")
         run(up, 120)
         try:
             with open(os.path.join(cfg["run_dir"], "state.json")) as f:
