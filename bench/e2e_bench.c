@@ -97,6 +97,7 @@ typedef struct run {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int concurrency;
+    char transport[16], transport_why[240]; /* as the engines report them */
 } run;
 
 static double now_s(void)
@@ -232,6 +233,14 @@ static void take_prefill(run *R, rec *q, const engine_ref *pe, const engine_ref 
 {
     q->cross_tokens = note_chunks(R->own, q, pe, (size_t)num(rep, "loaded_tokens"),
                                   (size_t)num(rep, "saved_tokens"));
+    const char *tr = json_string_value(json_object_get(rep, "transport"));
+    const char *why = json_string_value(json_object_get(rep, "transport_reason"));
+    pthread_mutex_lock(&R->mu);
+    if (tr && !R->transport[0]) {
+        snprintf(R->transport, sizeof R->transport, "%s", tr);
+        snprintf(R->transport_why, sizeof R->transport_why, "%s", why ? why : "");
+    }
+    pthread_mutex_unlock(&R->mu);
     snprintf(q->prefill, sizeof q->prefill, "%s", pe->id);
     snprintf(q->decode, sizeof q->decode, "%s", de->id);
     q->device_tokens = (size_t)num(rep, "device_tokens");
@@ -433,8 +442,9 @@ static void engine_bytes(run *R, uint64_t *load, uint64_t *save)
     }
 }
 
-static json_t *summary_json(const summary *s, const char *mode)
+static json_t *summary_json(const summary *s, const run *R)
 {
+    const char *mode = R->mode;
     json_t *o = json_pack(
         "{s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
         "s:s,s:s}",
@@ -445,7 +455,9 @@ static json_t *summary_json(const summary *s, const char *mode)
         (json_int_t)s->failed, "rejected", (json_int_t)s->rejected, "colocated",
         (json_int_t)s->colocated, "first_token_mismatches", (json_int_t)s->mismatches,
         "bytes_loaded", (json_int_t)s->load_bytes, "bytes_saved", (json_int_t)s->save_bytes,
-        "transport", strcmp(mode, "kvf") ? "none (cache layer off)" : "tcp", "label", "real");
+        "transport", R->transport[0] ? R->transport : "none (cache layer off)", "label", "real");
+    if (R->transport_why[0])
+        json_object_set_new(o, "transport_reason", json_string(R->transport_why));
     json_object_set_new(o, "hit_rate_cross_engine", json_real(s->cross_hit));
     json_object_set_new(o, "cross_engine_requests", json_integer((json_int_t)s->cross_requests));
     return o;
@@ -982,7 +994,7 @@ int bench_e2e_main(int argc, char **argv)
         summarize(R, &sm[k]);
         sm[k].load_bytes = l1 - l0;
         sm[k].save_bytes = s1 - s0;
-        json_object_set_new(summaries, R->mode, summary_json(&sm[k], R->mode));
+        json_object_set_new(summaries, R->mode, summary_json(&sm[k], R));
     }
     for (int k = 0; k < n_runs; k++) {
         int shown = 0;
@@ -1020,8 +1032,9 @@ int bench_e2e_main(int argc, char **argv)
     for (int k = 0; k < n_runs; k++)
         if (!strcmp(runs[k].mode, "kvf"))
             printf("cross-engine reuse: %zu requests loaded a prefix another engine computed "
-                   "(%.1f%% of all prompt tokens); the KV moved over TCP\n",
-                   sm[k].cross_requests, sm[k].cross_hit * 100);
+                   "(%.1f%% of all prompt tokens)\ntransport of every transfer: %s (%s)\n",
+                   sm[k].cross_requests, sm[k].cross_hit * 100,
+                   runs[k].transport[0] ? runs[k].transport : "none", runs[k].transport_why);
     json_t *res =
         json_pack("{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s}", "bench", "e2e", "summary",
                   summaries, "engines", n_eng, "requests", (json_int_t)n, "start",

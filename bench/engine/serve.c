@@ -320,7 +320,12 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
     if (S->cn) {
         json_object_set_new(out, "load_bytes",
                             json_integer((json_int_t)(st1.load_bytes - st0.load_bytes)));
-        json_object_set_new(out, "transport", json_string("tcp"));
+    }
+    if (S->cn && j->reuse) { /* KV moved through kvfabric: say how */
+        char why[240];
+        json_object_set_new(out, "transport",
+                            json_string(kvf_connector_transport(S->cn, why, sizeof why)));
+        json_object_set_new(out, "transport_reason", json_string(why));
     }
     if (mismatch) {
         kvf_error(&S->lg, "request: the decode's first token %u differs from the prefill's %u",

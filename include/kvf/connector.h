@@ -138,6 +138,12 @@ typedef struct kvf_connector_stats {
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 
+/* The transport this connector's transfers use ("tcp" or "rdma"), decided at open: RDMA only
+ * where the feasibility classifier finds one-sided RDMA real between the engine's record and the
+ * storage node's and this host has a device, and the storage node serves it. why gets the reason
+ * for the choice (may be NULL). */
+KVF_API const char *kvf_connector_transport(const kvf_connector *cn, char *why, size_t len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -197,6 +197,34 @@ static void test_connector_register_rejects_bad_memory(void **state)
     cache_free(&c);
 }
 
+/* The transport is chosen at open and says why: the reference engine's record has no RDMA, so
+ * the classifier rules one-sided reads out on the engine's side; an engine record with RDMA is
+ * ruled out on the storage node's side (kvf-store's record: it serves no RDMA yet). */
+static void test_connector_transport_says_why(void **state)
+{
+    (void)state;
+    kvf_layout l;
+    assert_int_equal(kvf_layout_preset("ref-tiny", &l), 0);
+    const char *nodes[1] = {"127.0.0.1:1"};
+    kvf_connector_opts o = {.nodes = nodes, .n_nodes = 1, .layout = l};
+    kvf_connector *cn;
+    char err[200], why[240];
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    assert_string_equal(kvf_connector_transport(cn, why, sizeof why), "tcp");
+    assert_non_null(strstr(why, "rdma_read is backend_infeasible"));
+    kvf_connector_close(&cn);
+    kvf_caps rich;
+    assert_int_equal(kvf_caps_builtin("vllm", &rich), 0);
+    rich.transports |= KVF_TRANSPORT_RDMA;
+    rich.rdma_devices = 1;
+    rich.rdma_one_sided = 1;
+    o.caps = &rich;
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    assert_string_equal(kvf_connector_transport(cn, why, sizeof why), "tcp");
+    assert_non_null(strstr(why, "rdma_read is backend_infeasible: kvf-store"));
+    kvf_connector_close(&cn);
+}
+
 /* Argument checks need no store: the client connects lazily and a refused node is not an error
  * at open. */
 static void test_connector_transfer_arguments(void **state)
@@ -281,6 +309,7 @@ int main(void)
         cmocka_unit_test(test_connector_pagemap_round_trips),
         cmocka_unit_test(test_connector_register_rejects_bad_memory),
         cmocka_unit_test(test_connector_transfer_arguments),
+        cmocka_unit_test(test_connector_transport_says_why),
     };
     return cmocka_run_group_tests_name("connector", tests, NULL, NULL);
 }
