@@ -1022,13 +1022,15 @@ int bench_e2e_main(int argc, char **argv)
     /* The table. */
     printf("\nkvf-bench e2e: %zu requests, %d engines, model %s, %s, all figures real\n", n, n_eng,
            model, json_is_true(json_object_get(st, "netns")) ? "network namespaces" : "loopback");
-    printf("%-10s %9s %9s %9s %9s %9s %8s %8s %8s %9s %6s\n", "mode", "TTFT p50", "p90", "p99",
-           "ITL mean", "ITL p99", "req/s", "hit dev", "hit str", "MB in", "failed");
+    printf("%-10s %9s %9s %9s %9s %9s %8s %8s %8s %9s %9s %6s\n", "mode", "TTFT p50", "p90", "p99",
+           "ITL mean", "ITL p99", "req/s", "hit dev", "hit str", "MB in", "MB out", "failed");
     for (int k = 0; k < n_runs; k++)
-        printf("%-10s %8.3fs %8.3fs %8.3fs %7.2fms %7.2fms %8.2f %7.1f%% %7.1f%% %8.1fM %6zu\n",
-               runs[k].mode, sm[k].ttft_p50, sm[k].ttft_p90, sm[k].ttft_p99, sm[k].itl_mean * 1e3,
-               sm[k].itl_p99 * 1e3, sm[k].rps, sm[k].device_hit * 100, sm[k].store_hit * 100,
-               (double)sm[k].load_bytes / 1e6, sm[k].failed + sm[k].rejected);
+        printf(
+            "%-10s %8.3fs %8.3fs %8.3fs %7.2fms %7.2fms %8.2f %7.1f%% %7.1f%% %8.1fM %8.1fM %6zu\n",
+            runs[k].mode, sm[k].ttft_p50, sm[k].ttft_p90, sm[k].ttft_p99, sm[k].itl_mean * 1e3,
+            sm[k].itl_p99 * 1e3, sm[k].rps, sm[k].device_hit * 100, sm[k].store_hit * 100,
+            (double)sm[k].load_bytes / 1e6, (double)sm[k].save_bytes / 1e6,
+            sm[k].failed + sm[k].rejected);
     for (int k = 0; k < n_runs; k++)
         if (!strcmp(runs[k].mode, "kvf"))
             printf("cross-engine reuse: %zu requests loaded a prefix another engine computed "
