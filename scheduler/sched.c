@@ -74,6 +74,8 @@ struct kvf_sched {
     size_t hcap;
     uint32_t *depth;
     int *alive, *alive2;
+    uint32_t *stamp; /* per instance: the walk step that last saw it hold the block */
+    uint32_t step;
 };
 
 static const char *const policy_names[] = {
@@ -421,8 +423,9 @@ int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o)
     s->depth = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->depth);
     s->alive = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive);
     s->alive2 = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive2);
+    s->stamp = calloc(KVF_SCHED_MAX_INSTANCES, sizeof *s->stamp);
     kvf_caps_builtin("kvf-store", &s->store_caps);
-    if (!s->bt || !s->et || !s->inst || !s->depth || !s->alive || !s->alive2) {
+    if (!s->bt || !s->et || !s->inst || !s->depth || !s->alive || !s->alive2 || !s->stamp) {
         kvf_sched_destroy(&s);
         return KVF_ENOMEM;
     }
@@ -446,6 +449,7 @@ void kvf_sched_destroy(kvf_sched **sp)
     free(s->depth);
     free(s->alive);
     free(s->alive2);
+    free(s->stamp);
     free(s);
     *sp = NULL;
 }
@@ -656,14 +660,21 @@ static size_t match_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, si
         if (!e)
             break;
         h = holders(e);
+        /* Mark this block's holders, then keep the instances still alive that are marked: linear
+         * in holders + alive, where comparing every pair was quadratic for a prefix that
+         * hundreds of instances hold. */
+        if (++s->step == 0) {
+            memset(s->stamp, 0, KVF_SCHED_MAX_INSTANCES * sizeof *s->stamp);
+            s->step = 1;
+        }
+        for (uint16_t i = 0; i < e->n; i++)
+            if (!(h[i] & HOLDER_STORE))
+                s->stamp[h[i] & 0xffffffu] = s->step;
         int nn = 0;
         for (int a = 0; a < na; a++) {
-            for (uint16_t i = 0; i < e->n; i++) {
-                if ((h[i] & 0xffffffu) == (uint32_t)s->alive[a] && !(h[i] & HOLDER_STORE)) {
-                    s->alive2[nn++] = s->alive[a];
-                    s->depth[s->alive[a]]++;
-                    break;
-                }
+            if (s->stamp[s->alive[a]] == s->step) {
+                s->alive2[nn++] = s->alive[a];
+                s->depth[s->alive[a]]++;
             }
         }
         int *t = s->alive;
@@ -818,17 +829,19 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         inst *in = &s->inst[i];
         if (!(in->info.role & KVF_ROLE_DECODE))
             continue;
-        /* Another instance decodes only if the KV can be handed to it. */
-        if ((int)i != best &&
-            label_of(KVF_ACTION_PD_HANDOFF_STORE, &s->inst[best].caps, &in->caps) != KVF_LABEL_REAL)
-            continue;
         double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
                              in->info.block_tokens;
         double sc = (free_tokens >= need ? 0 : 1e12) - free_tokens + in->load.active_decodes * 1e3;
-        if (sc < dscore) {
-            dscore = sc;
-            dec = (int)i;
-        }
+        if (sc >= dscore)
+            continue;
+        /* Another instance decodes only if the KV can be handed to it. Asked only of a candidate
+         * that would win: the classifier writes a sentence per call, and a place() over hundreds
+         * of instances must not pay for hundreds of them. */
+        if ((int)i != best &&
+            label_of(KVF_ACTION_PD_HANDOFF_STORE, &s->inst[best].caps, &in->caps) != KVF_LABEL_REAL)
+            continue;
+        dscore = sc;
+        dec = (int)i;
     }
     inst *p = &s->inst[best];
     double dev = (double)s->depth[best] * p->info.block_tokens;
