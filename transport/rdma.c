@@ -68,6 +68,13 @@ int kvf__rdma_transfer(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n
     return KVF_ENOTSUP;
 }
 
+int kvf__rdma_transfer_progress(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n,
+                                int timeout_ms, void (*progress)(void *ctx, size_t done), void *ctx)
+{
+    (void)progress, (void)ctx;
+    return kvf__rdma_transfer(c, write, ops, n, timeout_ms);
+}
+
 int kvf__rdma_broken(const kvf__rdma_conn *c)
 {
     (void)c;
@@ -576,6 +583,12 @@ static void fail_from(kvf__rdma_op *ops, size_t from, size_t n, int err)
 
 int kvf__rdma_transfer(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n, int timeout_ms)
 {
+    return kvf__rdma_transfer_progress(c, write, ops, n, timeout_ms, NULL, NULL);
+}
+
+int kvf__rdma_transfer_progress(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n,
+                                int timeout_ms, void (*progress)(void *ctx, size_t done), void *ctx)
+{
     if (!n)
         return 0;
     if (c->broken) {
@@ -672,6 +685,8 @@ int kvf__rdma_transfer(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n
                 ops[i].status = 0;
             outstanding -= j + 1 - retired;
             retired = j + 1;
+            if (progress)
+                progress(ctx, retired);
         }
     }
     pthread_mutex_unlock(&d->xfer);

@@ -65,6 +65,14 @@ int kvf__rdma_register(kvf__rdma_conn *c, void *addr, size_t len, int remote, ui
  * with it. A completion error breaks the connection (kvf__rdma_broken): the caller closes it,
  * connects again and counts the failed ops as misses. Returns 0 or the first failure. */
 int kvf__rdma_transfer(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n, int timeout_ms);
+/* The same, calling progress(ctx, done) each time the ops completed in order reach a new count
+ * (done ops, all successful): a layer-major batch (layer 0 of every chunk, then layer 1, ...)
+ * tells its caller layer by layer that a layer has landed, so the engine computes layer l while
+ * later layers are still on the wire. progress runs on the transferring thread while the device
+ * is busy: keep it short (set a flag, signal a condition). progress may be NULL. */
+int kvf__rdma_transfer_progress(kvf__rdma_conn *c, int write, kvf__rdma_op *ops, size_t n,
+                                int timeout_ms, void (*progress)(void *ctx, size_t done),
+                                void *ctx);
 int kvf__rdma_broken(const kvf__rdma_conn *c);
 /* Disconnects and frees in order: queue pair, memory registrations, then the device's CQ and PD
  * when no other connection uses them, the cm id, the event channel. Accepts NULL; clears *c. */

@@ -698,6 +698,67 @@ static void test_rdma_post_failure_and_timeout(void **state)
     kvf__rdma_close(&c);
 }
 
+/* A layer-major batch reports its progress as completions arrive, so layers land in order. */
+typedef struct layers_seen {
+    size_t calls, last, per_layer;
+    int landed[8];
+    int order[8], n_order;
+} layers_seen;
+
+static void on_progress(void *ctx, size_t done)
+{
+    layers_seen *ls = ctx;
+    assert_true(done > ls->last); /* only forward */
+    ls->last = done;
+    ls->calls++;
+    for (size_t l = 0; l < 8 && (l + 1) * ls->per_layer <= done; l++)
+        if (!ls->landed[l]) {
+            ls->landed[l] = 1;
+            ls->order[ls->n_order++] = (int)l;
+        }
+}
+
+static void test_rdma_layerwise_progress(void **state)
+{
+    (void)state;
+    mock_reset();
+    kvf__rdma_conn *c = connect_ok(8, 5, 8);
+    enum { LAYERS = 4, CHUNKS = 5, N = LAYERS * CHUNKS };
+    static uint8_t buf[N * 256];
+    kvf__rdma_op ops[N];
+    for (int l = 0; l < LAYERS; l++) /* layer-major: layer 0 of every chunk first */
+        for (int k = 0; k < CHUNKS; k++)
+            ops[l * CHUNKS + k] = (kvf__rdma_op){.local = buf + (l * CHUNKS + k) * 256,
+                                                 .remote = 0x10000u * (uint64_t)k + 256u * l,
+                                                 .rkey = 5,
+                                                 .len = 256};
+    assert_int_equal(kvf__rdma_register(c, buf, sizeof buf, 0, NULL, NULL), 0);
+    layers_seen ls = {.per_layer = CHUNKS};
+    assert_int_equal(kvf__rdma_transfer_progress(c, 0, ops, N, 1000, on_progress, &ls), 0);
+    assert_int_equal(ls.last, N);
+    assert_int_equal(ls.n_order, LAYERS);
+    for (int l = 0; l < LAYERS; l++)
+        assert_int_equal(ls.order[l], l);
+    /* Every report is a signalled completion: progress is as fine as the signalling. */
+    size_t signalled = 0;
+    for (int i = 0; i < M.n_wr; i++)
+        signalled += (size_t)M.wr[i].signalled;
+    assert_int_equal(ls.calls, signalled);
+    /* After an error no further progress is reported, and never past the failed op. */
+    kvf__rdma_close(&c);
+    mock_reset();
+    c = connect_ok(8, 5, 8);
+    assert_int_equal(kvf__rdma_register(c, buf, sizeof buf, 0, NULL, NULL), 0);
+    M.err_at = 12;
+    M.err_status = IBV_WC_REM_ACCESS_ERR;
+    layers_seen ls2 = {.per_layer = CHUNKS};
+    assert_int_equal(kvf__rdma_transfer_progress(c, 0, ops, N, 1000, on_progress, &ls2),
+                     KVF_EACCES);
+    assert_true(ls2.last <= 12);
+    assert_int_equal(ls2.n_order, 2); /* layers 0 and 1 landed; layer 2 did not */
+    kvf__rdma_close(&c);
+}
+
 /* Two connections on one device share its PD, CQ and registrations; the last one out frees
  * them. */
 static void test_rdma_one_pd_and_cq_per_device(void **state)
@@ -740,6 +801,7 @@ int main(void)
         cmocka_unit_test(test_rdma_completion_error_breaks_the_connection),
         cmocka_unit_test(test_rdma_post_failure_and_timeout),
         cmocka_unit_test(test_rdma_one_pd_and_cq_per_device),
+        cmocka_unit_test(test_rdma_layerwise_progress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
