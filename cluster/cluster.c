@@ -326,24 +326,34 @@ static int ours_alive(pid_t pid)
     return strstr(cmd, "kvf-") != NULL;
 }
 
-static void stop_procs(proc *p, int np)
+/* Whether p is to be stopped: a child of this process (up undoing itself: it may not have
+ * reached exec yet, so its command line proves nothing), or a pid whose command line is still
+ * ours (down, from the state file). */
+static int alive_to_stop(const proc *p, int children)
+{
+    if (!children)
+        return ours_alive(p->pid);
+    return p->pid > 0 && waitpid(p->pid, NULL, WNOHANG) == 0;
+}
+
+static void stop_procs(proc *p, int np, int children)
 {
     for (int i = np - 1; i >= 0; i--)
-        if (ours_alive(p[i].pid))
+        if (alive_to_stop(&p[i], children))
             kill(p[i].pid, SIGTERM);
     for (int t = 0; t < 250; t++) {
         int alive = 0;
         for (int i = 0; i < np; i++) {
-            if (p[i].pid > 0)
+            if (!children && p[i].pid > 0)
                 waitpid(p[i].pid, NULL, WNOHANG);
-            alive += ours_alive(p[i].pid);
+            alive += alive_to_stop(&p[i], children);
         }
         if (!alive)
             return;
         usleep(20000);
     }
     for (int i = 0; i < np; i++)
-        if (ours_alive(p[i].pid)) {
+        if (alive_to_stop(&p[i], children)) {
             fprintf(stderr, "kvf cluster: %s (pid %d) ignored SIGTERM for 5 s: killed\n", p[i].name,
                     (int)p[i].pid);
             kill(p[i].pid, SIGKILL);
@@ -583,7 +593,11 @@ static int cmd_up(const cfg *c, int netns)
         fclose(g_cmdlog);
     return 0;
 undo:
-    stop_procs(p, np);
+    if (g_interrupted && rc != 130) { /* Ctrl-C, whichever step noticed it first */
+        fprintf(stderr, "kvf cluster: interrupted: undoing\n");
+        rc = 130;
+    }
+    stop_procs(p, np, 1);
     if (netns)
         netns_down(c, p, np);
     if (g_cmdlog)
@@ -607,7 +621,7 @@ static int cmd_down(const cfg *c)
     int alive = 0;
     for (int i = 0; i < np; i++)
         alive += ours_alive(p[i].pid);
-    stop_procs(p, np);
+    stop_procs(p, np, 0);
     if (netns)
         netns_down(c, p, np);
     char path[600];
