@@ -144,6 +144,10 @@ struct kvf__rdma_conn {
     uint32_t qdepth, signal_every, chain_max;
     int connected, broken;
     kvf__rdma_stats st;
+    struct ibv_send_wr *wr; /* one chain's requests and gather entries, made once */
+    struct ibv_sge *sge;
+    struct ibv_mr *hot; /* the registration the last op fell in: most ops of a batch share
+                         * one staging region, and then need neither the lock nor a search */
 };
 
 struct kvf__rdma_listener {
@@ -341,10 +345,16 @@ static struct rdma_conn_param conn_param(void)
 static kvf__rdma_conn *conn_new(const kvf__rdma_opts *o)
 {
     kvf__rdma_conn *c = calloc(1, sizeof *c);
-    if (c) {
-        c->qdepth = o->queue_depth;
-        c->signal_every = o->signal_every;
-        c->chain_max = o->chain_max;
+    if (!c)
+        return NULL;
+    c->qdepth = o->queue_depth;
+    c->signal_every = o->signal_every;
+    c->chain_max = o->chain_max;
+    c->wr = calloc(c->chain_max, sizeof *c->wr);
+    c->sge = calloc(c->chain_max, sizeof *c->sge);
+    if (!c->wr || !c->sge) {
+        free(c->wr), free(c->sge), free(c);
+        return NULL;
     }
     return c;
 }
@@ -501,6 +511,7 @@ void kvf__rdma_close(kvf__rdma_conn **cp)
         rdma_destroy_id(c->id);
     if (c->ch)
         rdma_destroy_event_channel(c->ch);
+    free(c->wr), free(c->sge);
     free(c);
     *cp = NULL;
 }
@@ -568,6 +579,24 @@ int kvf__rdma_register(kvf__rdma_conn *c, void *addr, size_t len, int remote, ui
 /* ------------------------------------------------------------------------------------------ */
 /* Batched one-sided transfers */
 
+/* The local key of op's range: the last registration used when it covers the range, otherwise
+ * the cache's (registering on a miss). */
+static int local_key(kvf__rdma_conn *c, const kvf__rdma_op *op, uint32_t *lkey)
+{
+    uintptr_t a = (uintptr_t)op->local;
+    struct ibv_mr *m = c->hot;
+    if (!m || a < (uintptr_t)m->addr || a + op->len > (uintptr_t)m->addr + m->length) {
+        pthread_mutex_lock(&g_devs_mu);
+        m = mr_get(c->d, op->local, op->len, 0);
+        pthread_mutex_unlock(&g_devs_mu);
+        if (!m)
+            return errno == ENOMEM ? KVF_ENOMEM : KVF_EIO;
+        c->hot = m;
+    }
+    *lkey = m->lkey;
+    return 0;
+}
+
 static double mono_ms(void)
 {
     struct timespec ts;
@@ -595,22 +624,18 @@ int kvf__rdma_transfer_progress(kvf__rdma_conn *c, int write, kvf__rdma_op *ops,
         fail_from(ops, 0, n, KVF_ECONNRESET);
         return KVF_ECONNRESET;
     }
-    uint32_t *lkeys = malloc(n * sizeof *lkeys);
-    struct ibv_send_wr *wr = calloc(c->chain_max, sizeof *wr);
-    struct ibv_sge *sge = calloc(c->chain_max, sizeof *sge);
-    if (!lkeys || !wr || !sge) {
-        free(lkeys), free(wr), free(sge);
-        fail_from(ops, 0, n, KVF_ENOMEM);
-        return KVF_ENOMEM;
-    }
+    /* Every local range registered before anything is posted: a registration that fails then
+     * fails the batch whole, with nothing in flight. */
+    uint32_t lkey;
     for (size_t i = 0; i < n; i++) {
-        int rc = kvf__rdma_register(c, ops[i].local, ops[i].len, 0, &lkeys[i], NULL);
+        int rc = local_key(c, &ops[i], &lkey);
         if (rc) {
-            free(lkeys), free(wr), free(sge);
             fail_from(ops, 0, n, rc);
             return rc;
         }
     }
+    struct ibv_send_wr *wr = c->wr;
+    struct ibv_sge *sge = c->sge;
     dev *d = c->d;
     pthread_mutex_lock(&d->xfer);
     uint64_t gen = (uint64_t)(++d->gen) << 32;
@@ -629,8 +654,9 @@ int kvf__rdma_transfer_progress(kvf__rdma_conn *c, int write, kvf__rdma_op *ops,
             for (size_t i = 0; i < k; i++) {
                 size_t j = next + i;
                 int sig = (j + 1) % c->signal_every == 0 || i + 1 == k;
+                local_key(c, &ops[j], &lkey); /* registered above: found, never made */
                 sge[i] = (struct ibv_sge){
-                    .addr = (uintptr_t)ops[j].local, .length = ops[j].len, .lkey = lkeys[j]};
+                    .addr = (uintptr_t)ops[j].local, .length = ops[j].len, .lkey = lkey};
                 wr[i] = (struct ibv_send_wr){
                     .wr_id = gen | j,
                     .next = i + 1 < k ? &wr[i + 1] : NULL,
@@ -694,7 +720,6 @@ int kvf__rdma_transfer_progress(kvf__rdma_conn *c, int write, kvf__rdma_op *ops,
         c->broken = 1;
         fail_from(ops, retired, n, rc);
     }
-    free(lkeys), free(wr), free(sge);
     return rc;
 }
 
