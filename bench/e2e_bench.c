@@ -60,7 +60,8 @@ typedef struct rec {
     uint32_t *tokens;
     size_t n;
     uint32_t out_tokens;
-    char *keys_hex; /* JSON array text of its chunk keys */
+    kvf_key *keys; /* its chunk keys */
+    size_t n_keys;
     /* what happened, per mode */
     int done, failed, rejected, colocated, mismatch;
     char err[160], prefill[64], decode[64];
@@ -77,7 +78,7 @@ typedef struct rec {
  * reuse: a prefix loaded by one engine that another engine computed. */
 typedef struct owners {
     pthread_mutex_t mu;
-    uint64_t *key; /* XXH64 of the chunk key, low bit set; 0: empty */
+    uint64_t *key; /* the chunk key folded to 64 bits, low bit set; 0: empty */
     const engine_ref **eng;
     size_t mask, used;
     uint32_t chunk_tokens;
@@ -209,12 +210,10 @@ static size_t note_chunks(owners *o, const rec *q, const engine_ref *e, size_t n
 {
     if (!o)
         return 0;
-    json_t *keys = json_loads(q->keys_hex, 0, NULL);
-    size_t cross = 0, nk = json_array_size(keys);
+    size_t cross = 0;
     pthread_mutex_lock(&o->mu);
-    for (size_t c = 0; c < nk; c++) {
-        const char *hex = json_string_value(json_array_get(keys, c));
-        uint64_t h = XXH64(hex, strlen(hex), 0) | 1;
+    for (size_t c = 0; c < q->n_keys; c++) {
+        uint64_t h = (q->keys[c].lo ^ q->keys[c].hi) | 1; /* keys are hashes already */
         size_t i = owner_slot(o, h);
         if (c < n_loaded / o->chunk_tokens && o->key[i] && o->eng[i] != e)
             cross += o->chunk_tokens;
@@ -225,7 +224,6 @@ static size_t note_chunks(owners *o, const rec *q, const engine_ref *e, size_t n
         }
     }
     pthread_mutex_unlock(&o->mu);
-    json_decref(keys);
     return cross;
 }
 
@@ -277,10 +275,13 @@ static void serve_request(run *R, rec *q)
         goto out;
     }
     /* kvf: place, prefill, hand off, decode */
-    json_error_t je;
-    json_t *keys = json_loads(q->keys_hex, 0, &je);
+    json_t *keys = json_array();
+    for (size_t k = 0; k < q->n_keys; k++) {
+        char hex[33];
+        json_array_append_new(keys, json_string(kvf_key_to_hex(&q->keys[k], hex)));
+    }
     json_t *body = json_pack("{s:o,s:o,s:i}", "tokens", tokens_json(q->tokens, q->n), "chunk_keys",
-                             keys ? keys : json_array(), "output_tokens", (int)q->out_tokens);
+                             keys, "output_tokens", (int)q->out_tokens);
     if (R->slo_s > 0)
         json_object_set_new(body, "slo_ttft_ms", json_real(R->slo_s * 1e3));
     long st;
@@ -651,17 +652,9 @@ static int build_request(const bench_trace_rec *tr, long block, long max_in, lon
         uint64_t id = tr->ids[b < tr->n_ids ? b : tr->n_ids - 1];
         q->tokens[t] = bench_trace_token(id, t % (size_t)block, m->vocab);
     }
-    size_t nk = q->n / m->layout.chunk_tokens, got = 0;
-    kvf_key *keys = malloc((nk ? nk : 1) * sizeof *keys);
-    kvf_keys_compute(ks, q->tokens, q->n, keys, nk, &got, NULL);
-    json_t *ka = json_array();
-    for (size_t k = 0; k < got; k++) {
-        char hex[33];
-        json_array_append_new(ka, json_string(kvf_key_to_hex(&keys[k], hex)));
-    }
-    q->keys_hex = json_dumps(ka, JSON_COMPACT);
-    json_decref(ka);
-    free(keys);
+    size_t nk = q->n / m->layout.chunk_tokens;
+    q->keys = malloc((nk ? nk : 1) * sizeof *q->keys);
+    kvf_keys_compute(ks, q->tokens, q->n, q->keys, nk, &q->n_keys, NULL);
     return want > q->n;
 }
 
@@ -963,7 +956,8 @@ int bench_e2e_main(int argc, char **argv)
             R->r[i].tokens = base[i].tokens;
             R->r[i].n = base[i].n;
             R->r[i].out_tokens = base[i].out_tokens;
-            R->r[i].keys_hex = base[i].keys_hex;
+            R->r[i].keys = base[i].keys;
+            R->r[i].n_keys = base[i].n_keys;
         }
         R->eng = eng;
         R->own = strcmp(R->mode, "kvf") ? NULL : &own;
@@ -1069,12 +1063,12 @@ int bench_e2e_main(int argc, char **argv)
         free(runs[k].r);
     for (size_t i = 0; i < n; i++) {
         free(base[i].tokens);
-        free(base[i].keys_hex);
+        free(base[i].keys);
     }
     free(base);
     for (size_t i = 0; i < n_warm; i++) {
         free(warm_r[i].tokens);
-        free(warm_r[i].keys_hex);
+        free(warm_r[i].keys);
     }
     free(warm_r);
     free(own.key);

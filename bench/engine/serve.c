@@ -69,7 +69,7 @@ typedef struct srv {
     void *zctx, *pub;
     uint64_t seq;
     uint64_t *held; /* engine block hashes of the blocks in the pages */
-    size_t n_held, cap_held;
+    size_t n_held;
     atomic_int stop;
 } srv;
 
@@ -192,7 +192,7 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
     pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */
     free(S->held);
     S->held = nh;
-    S->n_held = S->cap_held = nb;
+    S->n_held = nb;
     pthread_mutex_unlock(&S->mu);
 }
 
@@ -281,7 +281,9 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
     if (S->cn)
         kvf_connector_stats_get(S->cn, &st0);
     int is_prefill = !strcmp(j->kind, "prefill"), is_decode = !strcmp(j->kind, "decode");
-    kvfe_set_reuse(S->e, j->reuse && S->cn, j->reuse && S->cn && !is_decode);
+    /* A decode loads what its prefill saved and saves nothing itself. */
+    int saving = j->reuse && S->cn && !is_decode;
+    kvfe_set_reuse(S->e, j->reuse && S->cn, saving);
     size_t store_cached = 0;
     double handoff_s = is_decode ? await_handoff(S, j, &store_cached) : 0;
     kvfe_result r;
@@ -312,11 +314,10 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
         "{s:s,s:s,s:o,s:o,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:s,s:b,s:s}", "engine", S->id,
         "kind", j->kind, "tokens", toks, "itl_s", itl, "prompt_tokens", (json_int_t)j->n,
         "device_tokens", (json_int_t)r.device_tokens, "loaded_tokens", (json_int_t)r.loaded_tokens,
-        "saved_tokens",
-        (json_int_t)(is_prefill || (!is_decode && j->reuse && S->cn) ? j->n / C * C : 0), "queue_s",
-        queue_s, "prefill_s", r.seconds, "compute_s", r.compute_seconds, "wait_s", r.wait_seconds,
-        "decode_s", decode_s, "handoff_s", handoff_s, "load_error", kvf_err_name(r.load_error),
-        "first_token_mismatch", mismatch, "label", "real");
+        "saved_tokens", (json_int_t)(saving ? j->n / C * C : 0), "queue_s", queue_s, "prefill_s",
+        r.seconds, "compute_s", r.compute_seconds, "wait_s", r.wait_seconds, "decode_s", decode_s,
+        "handoff_s", handoff_s, "load_error", kvf_err_name(r.load_error), "first_token_mismatch",
+        mismatch, "label", "real");
     if (S->cn) {
         json_object_set_new(out, "load_bytes",
                             json_integer((json_int_t)(st1.load_bytes - st0.load_bytes)));
