@@ -42,6 +42,7 @@ typedef struct cfg {
 
 typedef struct proc {
     char name[32], kind[16], addr[160], log[600], ns[64];
+    char ready[512]; /* its ready line: listen=, events=, ... */
     pid_t pid;
 } proc;
 
@@ -383,31 +384,36 @@ static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const
     p->pid = kvf__proc_spawn_detached(argv, p->log, env, err, sizeof err);
     if (p->pid < 0)
         return fail("%s: %s", p->name, err);
-    if (kvf__proc_wait_ready(p->pid, p->log, READY_MS, &g_interrupted, p->addr, sizeof p->addr, err,
-                             sizeof err) != 0)
+    if (kvf__proc_wait_ready(p->pid, p->log, READY_MS, &g_interrupted, p->ready, sizeof p->ready,
+                             err, sizeof err) != 0)
         return fail("%s (%s) %s", p->name, p->log, err);
+    if (kvf__proc_ready_field(p->ready, "listen", p->addr, sizeof p->addr) != 0)
+        return fail("%s (%s): its ready line names no address: \"%s\"", p->name, p->log, p->ready);
     printf("  %-10s %-7s %-22s pid %-7d log %s\n", p->name, p->kind, p->addr, (int)p->pid, p->log);
     fflush(stdout);
     return 0;
 }
 
-/* The value after key (" events=") on a process's ready line, up to the next space. */
-static int log_field(const char *log, const char *key, char *out, size_t n)
+/* The next process, and its host: with --netns a namespace of its own at address number *np,
+ * listening on port 7400 (events on 7401); otherwise loopback, the process choosing its ports.
+ * Returns NULL when the namespace cannot be made. */
+static proc *add_proc(const cfg *c, proc *p, int *np, const char *name, const char *kind, int netns,
+                      char *shaping, size_t sl, char listen[64], char events[64])
 {
-    FILE *f = fopen(log, "r");
-    char line[2048];
-    int rc = -1;
-    while (f && rc && fgets(line, sizeof line, f)) {
-        const char *at = strstr(line, " ready listen=") ? strstr(line, key) : NULL;
-        if (at && strncmp(at + strlen(key), "-", 1) != 0) {
-            at += strlen(key);
-            snprintf(out, n, "%.*s", (int)strcspn(at, " \n"), at);
-            rc = 0;
-        }
+    proc *q = &p[(*np)++];
+    memset(q, 0, sizeof *q);
+    snprintf(q->name, sizeof q->name, "%s", name);
+    snprintf(q->kind, sizeof q->kind, "%s", kind);
+    if (!netns) {
+        snprintf(listen, 64, "127.0.0.1:0");
+        snprintf(events, 64, "127.0.0.1:0");
+        return q;
     }
-    if (f)
-        fclose(f);
-    return rc;
+    if (netns_host(c, q, *np, shaping, sl) != 0)
+        return NULL;
+    snprintf(listen, 64, "%s.%d:7400", c->subnet, *np);
+    snprintf(events, 64, "%s.%d:7401", c->subnet, *np);
+    return q;
 }
 
 static int mkdirs(const char *path)
@@ -466,35 +472,21 @@ static int cmd_up(const cfg *c, int netns)
            "model %s, %s\n",
            c->name, c->stores, c->prefill, c->decode, c->model,
            netns ? "one network namespace per host" : "loopback");
-    int host = 1, rc = 0;
+    int rc = 0;
     char listen[64], events[64], threads[16], maxt[24], stores[2048] = "", sched[160] = "";
     char store_events[2048] = "";
     snprintf(threads, sizeof threads, "%d", c->store_threads);
     snprintf(maxt, sizeof maxt, "%ld", c->max_tokens);
-    /* Each process: its namespace (with --netns), then the program. */
-#define HOST_SETUP(pp)                                                          \
-    do {                                                                        \
-        if (netns) {                                                            \
-            if (netns_host(c, (pp), host, shaping, sizeof shaping) != 0) {      \
-                rc = 1;                                                         \
-                goto undo;                                                      \
-            }                                                                   \
-            snprintf(listen, sizeof listen, "%s.%d:%d", c->subnet, host, 7400); \
-            snprintf(events, sizeof events, "%s.%d:7401", c->subnet, host);     \
-        } else {                                                                \
-            snprintf(listen, sizeof listen, "127.0.0.1:0");                     \
-            snprintf(events, sizeof events, "127.0.0.1:0");                     \
-        }                                                                       \
-        host++;                                                                 \
-    } while (0)
     for (int i = 0; i < c->stores && !g_interrupted; i++) {
-        proc *q = &p[np++];
-        memset(q, 0, sizeof *q);
-        snprintf(q->name, sizeof q->name, "store%d", i);
-        snprintf(q->kind, sizeof q->kind, "store");
-        HOST_SETUP(q);
-        char node[16];
+        char node[16], name[32];
         snprintf(node, sizeof node, "%d", i);
+        snprintf(name, sizeof name, "store%d", i);
+        proc *q =
+            add_proc(c, p, &np, name, "store", netns, shaping, sizeof shaping, listen, events);
+        if (!q) {
+            rc = 1;
+            goto undo;
+        }
         char *args[] = {store_path,  "--listen", listen,        "--memory", (char *)c->store_memory,
                         "--threads", threads,    "--log-level", "info",     "--events",
                         events,      "--node",   node};
@@ -504,7 +496,7 @@ static int cmd_up(const cfg *c, int netns)
         }
         /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
         char ep[160];
-        if (log_field(q->log, " events=", ep, sizeof ep) == 0) {
+        if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0) {
             size_t el = strlen(store_events);
             snprintf(store_events + el, sizeof store_events - el, "%s%s", el ? "," : "", ep);
         }
@@ -542,11 +534,12 @@ static int cmd_up(const cfg *c, int netns)
         printf("  cost model: %s (measured here; %s)\n", cost, clog);
     }
     if (!g_interrupted) {
-        proc *q = &p[np++];
-        memset(q, 0, sizeof *q);
-        snprintf(q->name, sizeof q->name, "sched");
-        snprintf(q->kind, sizeof q->kind, "sched");
-        HOST_SETUP(q);
+        proc *q =
+            add_proc(c, p, &np, "sched", "sched", netns, shaping, sizeof shaping, listen, events);
+        if (!q) {
+            rc = 1;
+            goto undo;
+        }
         kvf_layout lay;
         char chunk[16];
         snprintf(chunk, sizeof chunk, "%u",
@@ -562,13 +555,15 @@ static int cmd_up(const cfg *c, int netns)
     }
     static char *const engine_env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
     for (int i = 0; i < c->prefill + c->decode && !g_interrupted; i++) {
-        proc *q = &p[np++];
-        memset(q, 0, sizeof *q);
         int pre = i < c->prefill;
-        snprintf(q->name, sizeof q->name, "%s%d", pre ? "prefill" : "decode",
-                 pre ? i : i - c->prefill);
-        snprintf(q->kind, sizeof q->kind, "%s", pre ? "prefill" : "decode");
-        HOST_SETUP(q);
+        char name[32];
+        snprintf(name, sizeof name, "%s%d", pre ? "prefill" : "decode", pre ? i : i - c->prefill);
+        proc *q = add_proc(c, p, &np, name, pre ? "prefill" : "decode", netns, shaping,
+                           sizeof shaping, listen, events);
+        if (!q) {
+            rc = 1;
+            goto undo;
+        }
         char *args[] = {engine_path, "--serve",        "--id",         q->name, "--role",   q->kind,
                         "--listen",  listen,           "--sched",      sched,   "--events", events,
                         "--model",   (char *)c->model, "--max-tokens", maxt};
@@ -577,7 +572,6 @@ static int cmd_up(const cfg *c, int netns)
             goto undo;
         }
     }
-#undef HOST_SETUP
     if (g_interrupted) {
         fprintf(stderr, "kvf cluster: interrupted: undoing\n");
         rc = 130;

@@ -160,18 +160,32 @@ pid_t kvf__proc_spawn_detached(char *const argv[], const char *log_path, char *c
     return pid;
 }
 
+int kvf__proc_ready_field(const char *line, const char *key, char *out, size_t n)
+{
+    size_t kl = strlen(key);
+    for (const char *at = strstr(line, key); at; at = strstr(at + 1, key)) {
+        if (at == line || at[-1] != ' ' || at[kl] != '=')
+            continue;
+        at += kl + 1;
+        size_t vl = strcspn(at, " \n");
+        if (vl == 0 || (vl == 1 && at[0] == '-'))
+            return -1;
+        snprintf(out, n, "%.*s", (int)vl, at);
+        return 0;
+    }
+    return -1;
+}
+
 int kvf__proc_wait_ready(pid_t pid, const char *log_path, int timeout_ms, const volatile int *stop,
-                         char *addr, size_t addrlen, char *err, size_t errlen)
+                         char *line, size_t linelen, char *err, size_t errlen)
 {
     char buf[8192], last[256] = "";
     for (int waited = 0; waited <= timeout_ms; waited += 20) {
         FILE *f = fopen(log_path, "r");
         while (f && fgets(buf, sizeof buf, f)) {
-            const char *at = strstr(buf, " ready listen=");
-            if (at) {
-                at += strlen(" ready listen=");
-                size_t n = strcspn(at, " \n");
-                snprintf(addr, addrlen, "%.*s", (int)n, at);
+            if (strstr(buf, " ready listen=")) {
+                buf[strcspn(buf, "\n")] = '\0';
+                snprintf(line, linelen, "%s", buf);
                 fclose(f);
                 return 0;
             }

@@ -37,10 +37,13 @@ const char *kvf__proc_find_bin(const char *name, const char *rel);
 pid_t kvf__proc_spawn_detached(char *const argv[], const char *log_path, char *const env[],
                                char *err, size_t errlen);
 
-/* Waits up to timeout_ms for pid to print its ready line into log_path, and copies the address
- * after "listen=" into addr. *stop (may be NULL) set from a signal handler ends the wait early.
- * Returns 0, or -1 with the reason (and the log's last line) in err. */
+/* Waits up to timeout_ms for pid to print its ready line ("NAME ready listen=ADDR key=value ...")
+ * into log_path, and copies that line into line. *stop (may be NULL) set from a signal handler
+ * ends the wait early. Returns 0, or -1 with the reason (and the log's last line) in err. */
 int kvf__proc_wait_ready(pid_t pid, const char *log_path, int timeout_ms, const volatile int *stop,
-                         char *addr, size_t addrlen, char *err, size_t errlen);
+                         char *line, size_t linelen, char *err, size_t errlen);
+/* The value of key ("listen", "events") on a ready line. Returns 0, or -1 when the line has none
+ * (or says "-"). */
+int kvf__proc_ready_field(const char *line, const char *key, char *out, size_t n);
 
 #endif
