@@ -3,7 +3,7 @@
  *
  *   kvf-store [--listen HOST:PORT] [--memory SIZE] [--threads N] [--evict lru|s3fifo]
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
- *             [--poller epoll|poll] [--lock-memory]
+ *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
  * once it accepts connections; SIGTERM and SIGINT stop it cleanly.
@@ -52,7 +52,10 @@ static void usage(FILE *f)
         "  --lock-memory         mlock the arena\n"
         "  --no-prefault         do not touch the arena's pages at start\n"
         "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
-        "  --node N              this store's number in kvf-sched's --store-events (default 0)\n");
+        "  --node N              this store's number in kvf-sched's --store-events (default 0)\n"
+        "  --rdma off|auto|HOST:PORT\n"
+        "                        serve RDMA descriptors over rdma_cm: auto (default) where this\n"
+        "                        host has a device, on the listen address and a free port\n");
 }
 
 int main(int argc, char **argv)
@@ -60,7 +63,7 @@ int main(int argc, char **argv)
     const char *listen = "127.0.0.1:7400";
     uint64_t memory = 1ull << 30, max_request = 256ull << 20;
     long threads = 1, max_entries = 0;
-    const char *evict = "lru", *poller = NULL, *events = NULL;
+    const char *evict = "lru", *poller = NULL, *events = NULL, *rdma = "auto";
     long node = 0;
     int verify = 1, lock_memory = 0, prefault = 1;
     kvf_log lg = {.level = KVF_LOG_INFO, .name = "kvf-store"};
@@ -112,6 +115,8 @@ int main(int argc, char **argv)
             evict = v;
         } else if (!strcmp(a, "--events")) {
             events = v;
+        } else if (!strcmp(a, "--rdma")) {
+            rdma = v;
         } else if (!strcmp(a, "--node")) {
             node = strtol(v, NULL, 10);
             if (node < 0 || node > 255) {
@@ -176,6 +181,7 @@ int main(int argc, char **argv)
         .verify_puts = verify,
         .poller = poller,
         .node_id = (uint64_t)getpid(),
+        .rdma = rdma,
         .cache = cache,
         .log = &lg,
     };
@@ -193,10 +199,17 @@ int main(int argc, char **argv)
     kvf__cache_lock(cache);
     kvf__cache_stats_locked(cache, &st);
     kvf__cache_unlock(cache);
+    const char *rdma_why;
+    uint16_t rdma_port = kvf__server_rdma_port(srv, &rdma_why);
+    char rdma_text[16] = "off";
+    if (rdma_port)
+        snprintf(rdma_text, sizeof rdma_text, "%u", rdma_port);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
-           " evict=%s threads=%ld events=%s node=%ld pid=%d\n",
+           " evict=%s threads=%ld events=%s node=%ld rdma=%s pid=%d\n",
            host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, threads, ev_ep, node,
-           (int)getpid());
+           rdma_text, (int)getpid());
+    if (!rdma_port)
+        kvf_info(&lg, "rdma off: %s", rdma_why);
     fflush(stdout);
     kvf_info(&lg, "serving %s:%u with %" PRIu64 " MiB, %s eviction, %ld thread(s)", host,
              kvf__server_port(srv), st.memory >> 20, st.policy, threads);

@@ -25,6 +25,7 @@
 #include "bytes.h"
 #include "object.h"
 #include "poller.h"
+#include "rdma_serve.h"
 #include "tcp.h"
 #include "wire.h"
 
@@ -66,6 +67,20 @@ typedef struct put_item {
 
 typedef struct loop loop;
 
+/* Read references an RDMA_GET handed out as descriptors: held until RDMA_RELEASE, the lease's
+ * end, or the connection's. */
+typedef struct rlease {
+    struct rlease *next;
+    uint64_t id;
+    uint64_t expires_ns;
+    uint32_t n;
+    uint32_t eids[];
+} rlease;
+
+#define RDMA_LEASE_DEFAULT_MS 10000u
+#define RDMA_LEASE_MAX_MS     60000u
+#define RDMA_GET_MAX_REPLY    (256ull << 20)
+
 typedef struct conn {
     struct conn *next, *prev;
     loop *lp;
@@ -88,6 +103,7 @@ typedef struct conn {
     int closing;
     uint32_t events;
     int pending_jobs; /* COPY jobs not yet answered */
+    rlease *leases;   /* RDMA_GET descriptors still leased */
 } conn;
 
 typedef struct deferred {
@@ -121,7 +137,12 @@ struct kvf_server {
     atomic_int jobs; /* COPY workers running */
     /* counters */
     atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
-    atomic_uint_fast64_t reqs[16];
+    atomic_uint_fast64_t reqs[32];
+    /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
+    kvf__rserve *rdma;
+    char rdma_why[200];
+    atomic_uint_fast64_t next_lease, rdma_leased, rdma_released, rdma_expired, rdma_reserved,
+        rdma_committed;
 };
 
 static const char wake_byte = 'w';
@@ -197,6 +218,13 @@ static void conn_destroy(conn *c)
             if (c->items[i].held)
                 kvf__cache_abort_locked(s->o.cache, c->items[i].eid, c->id);
     kvf__cache_abort_owner_locked(s->o.cache, c->id);
+    while (c->leases) {
+        rlease *l = c->leases;
+        c->leases = l->next;
+        for (uint32_t i = 0; i < l->n; i++)
+            kvf__cache_release_locked(s->o.cache, l->eids[i]);
+        free(l);
+    }
     kvf__cache_unlock(s->o.cache);
     while (c->oh) {
         out_msg *m = c->oh;
@@ -367,7 +395,7 @@ static void do_hello(conn *c)
     uint8_t r[48];
     kvf__put_u32(r, KVF_WIRE_VERSION);
     kvf__put_u32(r + 4, s->o.max_items);
-    kvf__put_u64(r + 8, caps & KVF_CAP_ALL);
+    kvf__put_u64(r + 8, caps & KVF_CAP_ALL & (s->rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA));
     kvf__put_u64(r + 16, s->o.max_request);
     kvf_cache_stats st;
     kvf__cache_lock(s->o.cache);
@@ -375,7 +403,8 @@ static void do_hello(conn *c)
     kvf__cache_unlock(s->o.cache);
     kvf__put_u64(r + 24, st.memory);
     kvf__put_u64(r + 32, s->o.node_id);
-    kvf__put_u64(r + 40, 0);
+    kvf__put_u32(r + 40, s->rdma ? kvf__rserve_port(s->rdma) : 0);
+    kvf__put_u32(r + 44, 0);
     reply_copy(c, 0, 0, 0, r, sizeof r);
 }
 
@@ -700,8 +729,28 @@ static void do_stats(conn *c)
     SET("max_request", s->o.max_request);
 #undef SET
     json_object_set_new(o, "policy", json_string(st.policy));
-    json_object_set_new(o, "transport", json_string("tcp"));
-    for (unsigned op = 1; op < 16; op++) {
+    json_object_set_new(o, "transport", json_string(s->rdma ? "tcp+rdma" : "tcp"));
+    json_t *rd = json_object();
+    if (rd) {
+        uint64_t open = 0, accepted = 0;
+        if (s->rdma)
+            kvf__rserve_counts(s->rdma, &open, &accepted);
+        json_object_set_new(rd, "served", json_boolean(s->rdma != NULL));
+        if (!s->rdma)
+            json_object_set_new(rd, "why_not", json_string(s->rdma_why));
+        json_object_set_new(rd, "port", json_integer(s->rdma ? kvf__rserve_port(s->rdma) : 0));
+#define RSET(k, v) json_object_set_new(rd, k, json_integer((json_int_t)(v)))
+        RSET("connections", open);
+        RSET("accepted", accepted);
+        RSET("leases", atomic_load(&s->rdma_leased));
+        RSET("released", atomic_load(&s->rdma_released));
+        RSET("expired", atomic_load(&s->rdma_expired));
+        RSET("reserved", atomic_load(&s->rdma_reserved));
+        RSET("committed", atomic_load(&s->rdma_committed));
+#undef RSET
+        json_object_set_new(o, "rdma", rd);
+    }
+    for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
         if (name)
             json_object_set_new(req, name, json_integer((json_int_t)atomic_load(&s->reqs[op])));
@@ -806,6 +855,263 @@ typedef struct copy_job {
     uint64_t *lens;
     int *status;
 } copy_job;
+
+/* ------------------------------------------------------------------------------------------ */
+/* RDMA descriptors (docs/protocol.md, docs/rdma.md): object bytes move by the client's one-sided
+ * READs and WRITEs; these requests hand out where they are and make written ones visible. */
+
+static int rdma_served(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    if (s->rdma)
+        return 1;
+    reply_error(c, KVF_ENOTSUP, 0, "this node serves no RDMA: %s", s->rdma_why);
+    return 0;
+}
+
+/* Releases the references of every lease of c that ended by t. Cache lock held. */
+static void leases_expire(conn *c, uint64_t t)
+{
+    kvf_server *s = c->lp->srv;
+    for (rlease **pp = &c->leases; *pp;) {
+        rlease *l = *pp;
+        if (l->expires_ns > t) {
+            pp = &l->next;
+            continue;
+        }
+        for (uint32_t i = 0; i < l->n; i++)
+            kvf__cache_release_locked(s->o.cache, l->eids[i]);
+        atomic_fetch_add(&s->rdma_expired, 1);
+        *pp = l->next;
+        free(l);
+    }
+}
+
+/* RDMA_GET: a read reference on every hit under one lease, and each hit's address, length and
+ * object header; the client READs the segments itself and verifies them against the header. */
+static void do_rdma_get(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    if (!rdma_served(c))
+        return;
+    uint32_t n = c->h.item_count;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    uint32_t lease_ms = kvf__get_u32(c->rbuf + 8);
+    lease_ms = lease_ms ? lease_ms : RDMA_LEASE_DEFAULT_MS;
+    lease_ms = lease_ms < RDMA_LEASE_MAX_MS ? lease_ms : RDMA_LEASE_MAX_MS;
+    const uint8_t *keys = c->rbuf + 16;
+    rlease *l = malloc(sizeof *l + (size_t)n * 4);
+    const uint8_t **ptr = malloc((size_t)(n ? n : 1) * sizeof *ptr);
+    uint64_t *len = malloc((size_t)(n ? n : 1) * sizeof *len);
+    int32_t *st = malloc((size_t)(n ? n : 1) * sizeof *st);
+    uint32_t *hlen = malloc((size_t)(n ? n : 1) * sizeof *hlen);
+    uint8_t *r = NULL;
+    if (!l || !ptr || !len || !st || !hlen) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory for %" PRIu32 " descriptors", n);
+        goto out;
+    }
+    l->n = 0;
+    uint64_t total = 16 + 24 * (uint64_t)n;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
+        uint32_t eid;
+        st[i] = kvf__cache_acquire_locked(s->o.cache, ns, &key, &eid, &ptr[i], &len[i]);
+        if (st[i])
+            continue;
+        /* Stored objects were verified when they came in; the header length is read from it. */
+        uint32_t layers = len[i] >= 40 ? kvf__get_u32(ptr[i] + 36) : 0;
+        hlen[i] = kvf__obj_header_len(layers);
+        if (layers == 0 || hlen[i] > len[i] || total + hlen[i] > RDMA_GET_MAX_REPLY) {
+            kvf__cache_release_locked(s->o.cache, eid);
+            st[i] = layers == 0 || hlen[i] > len[i] ? KVF_EPROTO : KVF_E2BIG;
+            continue;
+        }
+        l->eids[l->n++] = eid;
+        total += hlen[i];
+    }
+    kvf__cache_unlock(s->o.cache);
+    r = malloc(total);
+    if (!r) {
+        kvf__cache_lock(s->o.cache);
+        for (uint32_t i = 0; i < l->n; i++)
+            kvf__cache_release_locked(s->o.cache, l->eids[i]);
+        kvf__cache_unlock(s->o.cache);
+        reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu64 " bytes", total);
+        goto out;
+    }
+    l->id = atomic_fetch_add(&s->next_lease, 1) + 1;
+    l->expires_ns = kvf__now_ns() + (uint64_t)lease_ms * 1000000u;
+    kvf__put_u64(r, l->n ? l->id : 0);
+    kvf__put_u32(r + 8, kvf__rserve_rkey(s->rdma));
+    kvf__put_u32(r + 12, lease_ms);
+    uint8_t *h = r + 16 + 24 * (size_t)n;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *e = r + 16 + 24 * (size_t)i;
+        kvf__put_u32(e, (uint32_t)st[i]);
+        kvf__put_u32(e + 4, st[i] ? 0 : hlen[i]);
+        kvf__put_u64(e + 8, st[i] ? 0 : (uint64_t)(uintptr_t)ptr[i]);
+        kvf__put_u64(e + 16, st[i] ? 0 : len[i]);
+        if (st[i])
+            continue;
+        memcpy(h, ptr[i], hlen[i]);
+        h += hlen[i];
+    }
+    if (l->n) {
+        l->next = c->leases;
+        c->leases = l;
+        l = NULL;
+        atomic_fetch_add(&s->rdma_leased, 1);
+    }
+    reply_copy(c, 0, 0, n, r, total);
+out:
+    free(l), free(ptr), free(len), free(st), free(hlen), free(r);
+}
+
+/* RDMA_RELEASE: the client read what it wanted; the references go. */
+static void do_rdma_release(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint64_t id = kvf__get_u64(c->rbuf + 8), released = 0;
+    kvf__cache_lock(s->o.cache);
+    for (rlease **pp = &c->leases; *pp; pp = &(*pp)->next) {
+        rlease *l = *pp;
+        if (l->id != id)
+            continue;
+        for (uint32_t i = 0; i < l->n; i++)
+            kvf__cache_release_locked(s->o.cache, l->eids[i]);
+        released = l->n;
+        *pp = l->next;
+        free(l);
+        atomic_fetch_add(&s->rdma_released, 1);
+        break;
+    }
+    kvf__cache_unlock(s->o.cache);
+    uint8_t r[8];
+    kvf__put_u64(r, released);
+    reply_copy(c, 0, 0, 0, r, 8);
+}
+
+/* RDMA_RESERVE: as ADMIT, answering where each reserved block is; the client WRITEs the objects
+ * there and sends RDMA_COMMIT. A reservation belongs to this connection and lives 30 s. */
+static void do_rdma_reserve(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    if (!rdma_served(c))
+        return;
+    uint32_t n = c->h.item_count;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    size_t rlen = 8 + 16 * (size_t)n;
+    uint8_t *r = malloc(rlen);
+    if (!r) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    kvf__put_u32(r, kvf__rserve_rkey(s->rdma));
+    kvf__put_u32(r + 4, 0);
+    uint64_t reserved = 0;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *it = c->rbuf + 8 + 24 * (size_t)i;
+        kvf_key key = kvf__wire_key_get(it);
+        uint64_t len = kvf__get_u64(it + 16);
+        uint32_t eid;
+        uint8_t *dst = NULL;
+        int rc = len == 0 ? KVF_EINVAL
+                 : len > s->o.max_request
+                     ? KVF_E2BIG
+                     : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id, 0, &eid, &dst);
+        kvf__put_u32(r + 8 + 16 * (size_t)i, (uint32_t)rc);
+        kvf__put_u32(r + 12 + 16 * (size_t)i, 0);
+        kvf__put_u64(r + 16 + 16 * (size_t)i, rc ? 0 : (uint64_t)(uintptr_t)dst);
+        reserved += rc == 0;
+    }
+    kvf__cache_unlock(s->o.cache);
+    atomic_fetch_add(&s->rdma_reserved, reserved);
+    reply_copy(c, 0, 0, n, r, rlen);
+    free(r);
+}
+
+/* RDMA_COMMIT: each reserved object the client wrote is verified where it lies (header, key,
+ * every segment's checksum: one-sided writes are not trusted), then made visible; one that fails
+ * (a write that never landed, or landed in part) is dropped with its reservation. */
+static void do_rdma_commit(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint32_t n = c->h.item_count;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    int32_t *st = malloc((size_t)(n ? n : 1) * 4);
+    if (!st) {
+        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    uint64_t committed = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *it = c->rbuf + 8 + 24 * (size_t)i;
+        kvf_key key = kvf__wire_key_get(it);
+        uint64_t len = kvf__get_u64(it + 16);
+        uint32_t eid;
+        uint8_t *dst;
+        kvf__cache_lock(s->o.cache);
+        int rc = kvf__cache_claim_locked(s->o.cache, ns, &key, len, c->id, &eid, &dst);
+        kvf__cache_unlock(s->o.cache);
+        if (rc) {
+            st[i] = rc;
+            continue;
+        }
+        kvf_obj_info info;
+        rc = kvf__obj_verify(dst, len, &info);
+        if (!rc && !kvf_key_eq(&key, &info.key))
+            rc = KVF_EPROTO;
+        kvf__cache_lock(s->o.cache);
+        if (rc)
+            kvf__cache_abort_locked(s->o.cache, eid, c->id);
+        else
+            rc = kvf__cache_commit_locked(s->o.cache, eid, c->id);
+        kvf__cache_unlock(s->o.cache);
+        st[i] = rc;
+        committed += rc == 0;
+    }
+    atomic_fetch_add(&s->rdma_committed, committed);
+    reply_statuses(c, st, n);
+}
+
+/* Opens the RDMA listener that opts ask for. "auto" without a device is no error: the reason is
+ * kept for HELLO's capabilities, STATS and the log. */
+static int rdma_open(kvf_server *s, const char *spec, char *err, size_t errlen)
+{
+    snprintf(s->rdma_why, sizeof s->rdma_why, "not asked for (--rdma off)");
+    if (!spec || !strcmp(spec, "off"))
+        return 0;
+    char host[256];
+    uint16_t port = 0;
+    int autom = !strcmp(spec, "auto");
+    if (autom) {
+        snprintf(host, sizeof host, "%s", s->host);
+    } else if (kvf__addr_parse(spec, host, sizeof host, &port) != 0) {
+        snprintf(err, errlen, "rdma: expected off, auto or HOST:PORT, not \"%s\"", spec);
+        return KVF_EINVAL;
+    }
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    char why[200] = "";
+    int rc = kvf__rserve_open(host, port, kvf__cache_base(s->o.cache), st.memory, s->o.log,
+                              &s->rdma, why, sizeof why);
+    if (!rc) {
+        kvf_info(s->o.log, "rdma: serving %s:%u, arena of %" PRIu64 " MiB registered", host,
+                 kvf__rserve_port(s->rdma), st.memory >> 20);
+        return 0;
+    }
+    snprintf(s->rdma_why, sizeof s->rdma_why, "%s", why);
+    if (!autom) {
+        snprintf(err, errlen, "%s", why);
+        return rc;
+    }
+    kvf_info(s->o.log, "rdma: not served: %s", why);
+    return 0;
+}
 
 static void loop_post(loop *lp, uint64_t conn_id, out_msg *m)
 {
@@ -1087,7 +1393,7 @@ static void on_header(conn *c)
         reply_error(c, rc, 1, "%s", msg);
         return;
     }
-    atomic_fetch_add(&s->reqs[c->h.opcode & 15], 1);
+    atomic_fetch_add(&s->reqs[c->h.opcode & 31], 1);
     if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
         c->rneed = kvf__wire_put_table_len(c->h.item_count);
     else
@@ -1159,6 +1465,18 @@ static void on_body(conn *c)
     case KVF_OP_COMPRESS:
     case KVF_OP_DECOMPRESS:
         do_recode(c);
+        break;
+    case KVF_OP_RDMA_GET:
+        do_rdma_get(c);
+        break;
+    case KVF_OP_RDMA_RELEASE:
+        do_rdma_release(c);
+        break;
+    case KVF_OP_RDMA_RESERVE:
+        do_rdma_reserve(c);
+        break;
+    case KVF_OP_RDMA_COMMIT:
+        do_rdma_commit(c);
         break;
     default:
         reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
@@ -1361,14 +1679,15 @@ static void *loop_main(void *arg)
             if (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR))
                 conn_on_readable(c);
         }
-        if (lp->idx == 0) {
-            uint64_t t = kvf__now_ns();
-            if (t - lp->last_tick >= TICK_NS) {
-                lp->last_tick = t;
-                kvf__cache_lock(s->o.cache);
+        uint64_t t = kvf__now_ns();
+        if (t - lp->last_tick >= TICK_NS) {
+            lp->last_tick = t;
+            kvf__cache_lock(s->o.cache);
+            if (lp->idx == 0)
                 kvf__cache_tick_locked(s->o.cache, TICK_STEPS);
-                kvf__cache_unlock(s->o.cache);
-            }
+            for (conn *c = lp->conns; c; c = c->next)
+                leases_expire(c, t);
+            kvf__cache_unlock(s->o.cache);
         }
     }
     return NULL;
@@ -1401,6 +1720,9 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
         free(s);
         return rc;
     }
+    s->o.rdma = NULL;
+    if ((rc = rdma_open(s, o->rdma, err, errlen)))
+        goto out_close;
     s->nloops = s->o.threads;
     s->loops = calloc((size_t)s->nloops, sizeof *s->loops);
     if (!s->loops) {
@@ -1441,6 +1763,13 @@ out_close:
 uint16_t kvf__server_port(const kvf_server *s)
 {
     return s->port;
+}
+
+uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why)
+{
+    if (why)
+        *why = s->rdma ? "" : s->rdma_why;
+    return s->rdma ? kvf__rserve_port(s->rdma) : 0;
 }
 
 int kvf__server_run(kvf_server *s)
@@ -1504,6 +1833,7 @@ void kvf__server_close(kvf_server **sp)
         pthread_mutex_destroy(&lp->inbox_mu);
     }
     free(s->loops);
+    kvf__rserve_close(&s->rdma); /* after the connections: no descriptor is leased any more */
     if (s->lfd >= 0)
         close(s->lfd);
     free(s);

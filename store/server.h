@@ -27,14 +27,19 @@ typedef struct kvf_server_opts {
     int verify_puts;      /* verify object headers and checksums before committing */
     const char *poller;   /* poller back-end; NULL: the best available */
     uint64_t node_id;     /* reported by HELLO and STATS */
-    kvf_cache *cache;     /* borrowed; must outlive the server */
-    const kvf_log *log;   /* borrowed; may be NULL */
+    /* RDMA: NULL or "off": none; "auto": on the listen address, any free port, where this host
+     * has a device (otherwise none, with the reason logged); "HOST:PORT": there, or fail. */
+    const char *rdma;
+    kvf_cache *cache;   /* borrowed; must outlive the server */
+    const kvf_log *log; /* borrowed; may be NULL */
 } kvf_server_opts;
 
 /* Binds the listener. Caller owns the result; free with kvf__server_close(). */
 int kvf__server_open(kvf_server **out, const kvf_server_opts *opts, char *err, size_t errlen);
 /* The port bound. */
 uint16_t kvf__server_port(const kvf_server *s);
+/* The RDMA port served (0: none), and why none when none (may be NULL). */
+uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why);
 /* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */
 int kvf__server_run(kvf_server *s);
 /* Asks the loops to stop. Safe from any thread and from a signal handler (it only writes to

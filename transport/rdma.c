@@ -47,6 +47,21 @@ int kvf__rdma_accept(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **out
     return no_rdma(err, errlen);
 }
 
+int kvf__rdma_listener_register(kvf__rdma_listener *l, void *addr, size_t len, uint32_t *rkey,
+                                char *err, size_t errlen)
+{
+    (void)l, (void)addr, (void)len, (void)rkey;
+    return no_rdma(err, errlen);
+}
+
+int kvf__rdma_listener_poll(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **accepted,
+                            kvf__rdma_conn **gone, char *err, size_t errlen)
+{
+    (void)l, (void)timeout_ms;
+    *accepted = *gone = NULL;
+    return no_rdma(err, errlen);
+}
+
 void kvf__rdma_listener_close(kvf__rdma_listener **l)
 {
     if (l)
@@ -154,6 +169,7 @@ struct kvf__rdma_listener {
     struct rdma_event_channel *ch;
     struct rdma_cm_id *id;
     kvf__rdma_opts o;
+    dev *d; /* held while a region is registered through the listener */
 };
 
 static void opts_fill(kvf__rdma_opts *d, const kvf__rdma_opts *o)
@@ -450,14 +466,14 @@ int kvf__rdma_listen(const char *host, uint16_t port, const kvf__rdma_opts *oin,
     return 0;
 }
 
-int kvf__rdma_accept(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **out, char *err,
+static struct ibv_mr *mr_get(dev *d, void *addr, size_t len, int remote);
+
+/* Accepts the connection request of id: its queue pair, the accept, the ESTABLISHED event. The
+ * id's context becomes the connection, so that its DISCONNECTED event names it. */
+static int accept_id(kvf__rdma_listener *l, struct rdma_cm_id *id, kvf__rdma_conn **out, char *err,
                      size_t errlen)
 {
-    *out = NULL;
-    struct rdma_cm_id *id = NULL;
-    int rc = wait_event(l->ch, RDMA_CM_EVENT_CONNECT_REQUEST, timeout_ms, &id, err, errlen);
-    if (rc)
-        return rc;
+    int rc;
     kvf__rdma_conn *c = conn_new(&l->o);
     if (!c) {
         rdma_reject(id, NULL, 0);
@@ -465,6 +481,7 @@ int kvf__rdma_accept(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **out
         return KVF_ENOMEM;
     }
     c->id = id;
+    id->context = c;
     struct rdma_conn_param cp = conn_param();
     if ((rc = make_qp(c, err, errlen)))
         goto fail;
@@ -483,11 +500,76 @@ fail:
     return rc;
 }
 
+int kvf__rdma_accept(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **out, char *err,
+                     size_t errlen)
+{
+    *out = NULL;
+    struct rdma_cm_id *id = NULL;
+    int rc = wait_event(l->ch, RDMA_CM_EVENT_CONNECT_REQUEST, timeout_ms, &id, err, errlen);
+    if (rc)
+        return rc;
+    return accept_id(l, id, out, err, errlen);
+}
+
+int kvf__rdma_listener_register(kvf__rdma_listener *l, void *addr, size_t len, uint32_t *rkey,
+                                char *err, size_t errlen)
+{
+    if (!l->id->verbs) {
+        snprintf(err, errlen,
+                 "rdma: the listening address belongs to no RDMA device (listen on the address of "
+                 "the RDMA interface, not the wildcard)");
+        return KVF_ENODEV;
+    }
+    if (!l->d && !(l->d = dev_get(l->id->verbs, err, errlen)))
+        return KVF_ENOMEM;
+    pthread_mutex_lock(&g_devs_mu);
+    struct ibv_mr *mr = mr_get(l->d, addr, len, 1);
+    pthread_mutex_unlock(&g_devs_mu);
+    if (!mr) {
+        int e = errno;
+        snprintf(err, errlen, "rdma: cannot register %zu bytes: %s (memlock limit? ulimit -l)", len,
+                 strerror(e));
+        return e == ENOMEM ? KVF_ENOMEM : KVF_EIO;
+    }
+    *rkey = mr->rkey;
+    return 0;
+}
+
+int kvf__rdma_listener_poll(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **accepted,
+                            kvf__rdma_conn **gone, char *err, size_t errlen)
+{
+    *accepted = *gone = NULL;
+    struct pollfd pf = {.fd = l->ch->fd, .events = POLLIN};
+    if (poll(&pf, 1, timeout_ms) <= 0)
+        return KVF_ETIMEDOUT;
+    struct rdma_cm_event *ev;
+    if (rdma_get_cm_event(l->ch, &ev) != 0) {
+        snprintf(err, errlen, "rdma: reading the event channel: %s", strerror(errno));
+        return KVF_EIO;
+    }
+    enum rdma_cm_event_type type = ev->event;
+    struct rdma_cm_id *id = ev->id;
+    rdma_ack_cm_event(ev);
+    switch (type) {
+    case RDMA_CM_EVENT_CONNECT_REQUEST:
+        return accept_id(l, id, accepted, err, errlen);
+    case RDMA_CM_EVENT_DISCONNECTED:
+        /* An accepted connection's id carries the connection; the listener's own does not. */
+        if (id != l->id)
+            *gone = id->context;
+        return 0;
+    default:
+        return 0; /* established, timewait exit, ...: nothing to do */
+    }
+}
+
 void kvf__rdma_listener_close(kvf__rdma_listener **lp)
 {
     if (!lp || !*lp)
         return;
     kvf__rdma_listener *l = *lp;
+    if (l->d)
+        dev_put(l->d);
     if (l->id)
         rdma_destroy_id(l->id);
     if (l->ch)

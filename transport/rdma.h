@@ -53,6 +53,18 @@ int kvf__rdma_listen(const char *host, uint16_t port, const kvf__rdma_opts *o,
 /* Waits up to timeout_ms for one connection request and accepts it. */
 int kvf__rdma_accept(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **out, char *err,
                      size_t errlen);
+/* Registers [addr, addr+len) for remote read and write on the listener's device, once, and keeps
+ * the device open until the listener closes: the storage node's arena, whose rkey it hands to
+ * clients in its descriptors. The listener must be bound to an address an RDMA device owns (not
+ * the wildcard). Returns 0 with *rkey, KVF_ENODEV, KVF_ENOMEM or KVF_EIO; err gets one line. */
+int kvf__rdma_listener_register(kvf__rdma_listener *l, void *addr, size_t len, uint32_t *rkey,
+                                char *err, size_t errlen);
+/* Waits up to timeout_ms for one event on the listener and handles it: a connection request is
+ * accepted (*accepted), a peer that disconnected names its connection (*gone: the caller closes
+ * it). Returns 0 (an event handled, possibly neither), KVF_ETIMEDOUT (none came), or the error of
+ * a failed accept. */
+int kvf__rdma_listener_poll(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_conn **accepted,
+                            kvf__rdma_conn **gone, char *err, size_t errlen);
 void kvf__rdma_listener_close(kvf__rdma_listener **l);
 
 /* Registers [addr, addr+len) with the connection's device, once: a range inside one already

@@ -60,7 +60,8 @@ static int is_data_op(uint32_t op)
 /* Ops whose requests carry no items. */
 static int is_itemless_op(uint32_t op)
 {
-    return op == KVF_OP_HELLO || op == KVF_OP_CLEAR || op == KVF_OP_STATS;
+    return op == KVF_OP_HELLO || op == KVF_OP_CLEAR || op == KVF_OP_STATS ||
+           op == KVF_OP_RDMA_RELEASE;
 }
 
 int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_limits *lim,
@@ -173,7 +174,12 @@ int kvf__wire_control_len(const kvf_wire_hdr *h, const uint8_t *payload, uint64_
     case KVF_OP_CLEAR:
         *need = 8;
         return 0;
+    case KVF_OP_RDMA_RELEASE:
+        *need = 16;
+        return 0;
     case KVF_OP_ADMIT:
+    case KVF_OP_RDMA_RESERVE:
+    case KVF_OP_RDMA_COMMIT:
         *need = 8 + 24 * n;
         return 0;
     case KVF_OP_GET:
@@ -186,6 +192,7 @@ int kvf__wire_control_len(const kvf_wire_hdr *h, const uint8_t *payload, uint64_
     case KVF_OP_PIN:
     case KVF_OP_COMPRESS:
     case KVF_OP_DECOMPRESS:
+    case KVF_OP_RDMA_GET:
         *need = 16 + 16 * n;
         return 0;
     case KVF_OP_COPY: {

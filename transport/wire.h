@@ -29,22 +29,26 @@
 #define KVF_WIRE_MAX_ADDR 255u
 
 /* XX(name, number, text). Numbers are on the wire: never reuse or renumber. */
-#define KVF_OPCODE_MAP(XX)       \
-    XX(HELLO, 1, "hello")        \
-    XX(PUT, 2, "put")            \
-    XX(ADMIT, 3, "admit")        \
-    XX(COMMIT, 4, "commit")      \
-    XX(GET, 5, "get")            \
-    XX(EXISTS, 6, "exists")      \
-    XX(LOOKUP, 7, "lookup")      \
-    XX(EVICT, 8, "evict")        \
-    XX(PIN, 9, "pin")            \
-    XX(UNPIN, 10, "unpin")       \
-    XX(CLEAR, 11, "clear")       \
-    XX(STATS, 12, "stats")       \
-    XX(COPY, 13, "copy")         \
-    XX(COMPRESS, 14, "compress") \
-    XX(DECOMPRESS, 15, "decompress")
+#define KVF_OPCODE_MAP(XX)               \
+    XX(HELLO, 1, "hello")                \
+    XX(PUT, 2, "put")                    \
+    XX(ADMIT, 3, "admit")                \
+    XX(COMMIT, 4, "commit")              \
+    XX(GET, 5, "get")                    \
+    XX(EXISTS, 6, "exists")              \
+    XX(LOOKUP, 7, "lookup")              \
+    XX(EVICT, 8, "evict")                \
+    XX(PIN, 9, "pin")                    \
+    XX(UNPIN, 10, "unpin")               \
+    XX(CLEAR, 11, "clear")               \
+    XX(STATS, 12, "stats")               \
+    XX(COPY, 13, "copy")                 \
+    XX(COMPRESS, 14, "compress")         \
+    XX(DECOMPRESS, 15, "decompress")     \
+    XX(RDMA_GET, 16, "rdma_get")         \
+    XX(RDMA_RELEASE, 17, "rdma_release") \
+    XX(RDMA_RESERVE, 18, "rdma_reserve") \
+    XX(RDMA_COMMIT, 19, "rdma_commit")
 
 typedef enum kvf_opcode {
 #define KVF_OP_ENUM_(name, num, text) KVF_OP_##name = num,
@@ -61,11 +65,12 @@ typedef enum kvf_opcode {
 #define KVF_WF_KNOWN  0x1fu
 
 /* Capabilities, negotiated by HELLO. */
-#define KVF_CAP_STREAM   0x1ull /* layer-major streamed GET */
-#define KVF_CAP_TWOPHASE 0x2ull /* ADMIT + COMMIT */
-#define KVF_CAP_LZ4      0x4ull /* codecs lz4 and shuffled lz4 */
-#define KVF_CAP_COPY     0x8ull /* COPY to another node */
-#define KVF_CAP_ALL      0xfull
+#define KVF_CAP_STREAM   0x1ull  /* layer-major streamed GET */
+#define KVF_CAP_TWOPHASE 0x2ull  /* ADMIT + COMMIT */
+#define KVF_CAP_LZ4      0x4ull  /* codecs lz4 and shuffled lz4 */
+#define KVF_CAP_COPY     0x8ull  /* COPY to another node */
+#define KVF_CAP_RDMA     0x10ull /* RDMA descriptors (RDMA_GET ... RDMA_COMMIT) over rdma_cm */
+#define KVF_CAP_ALL      0x1full
 
 typedef struct kvf_wire_hdr {
     uint16_t version;

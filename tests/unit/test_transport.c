@@ -169,7 +169,9 @@ static void test_transport_wire_rejects_bad_headers(void **state)
               {KVF_OP_PIN, 1, 32},           {KVF_OP_UNPIN, 1, 24},
               {KVF_OP_COMPRESS, 1, 32},      {KVF_OP_DECOMPRESS, 1, 32},
               {KVF_OP_PUT, 1, 8 + 24 + 100}, {KVF_OP_COMMIT, 1, 8 + 24 + 1},
-              {KVF_OP_COPY, 1, 48}};
+              {KVF_OP_COPY, 1, 48},          {KVF_OP_RDMA_GET, 2, 48},
+              {KVF_OP_RDMA_RELEASE, 0, 16},  {KVF_OP_RDMA_RESERVE, 1, 32},
+              {KVF_OP_RDMA_COMMIT, 2, 56}};
     for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
         h = req(ok[i].op, ok[i].n, ok[i].len);
         if (decode(&h, &server_lim, msg) != 0)
