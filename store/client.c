@@ -20,6 +20,7 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "client_priv.h"
 #include "clock.h"
 #include "object.h"
 #include "poller.h"
@@ -70,6 +71,14 @@ struct kvf_op {
     int freed_by_cb;
     pthread_mutex_t mu;
     pthread_cond_t cv;
+    const char *transport; /* "tcp" or "rdma": how its bytes moved */
+    /* raw control requests (client_priv.h): the payload sent, the reply payload received */
+    const uint8_t *raw_req;
+    size_t raw_len;
+    uint32_t raw_count;
+    uint8_t *raw_rep;
+    size_t raw_rep_len;
+    int conn; /* control ops: the node's connection to use; -1: the next in turn */
     /* control extras */
     uint32_t lease_ms, codec;
     uint8_t *present;
@@ -149,6 +158,9 @@ struct node {
     uint64_t seed;
     cconn conns[MAX_CONNS_PER_NODE];
     atomic_int rr; /* next connection to stripe onto */
+    /* what HELLO said: capabilities and the RDMA port (0: none) */
+    atomic_uint_fast64_t caps;
+    atomic_uint rdma_port;
 };
 
 struct kvf_client {
@@ -168,6 +180,8 @@ struct kvf_client {
     uint8_t *scratch;
     pthread_mutex_t cmu; /* counters */
     kvf_client_counters counters;
+    kvf__crdma *rd; /* the RDMA data path, or NULL: every transfer is TCP */
+    char transport_why[240];
 };
 
 static const char wake_byte = 'w';
@@ -262,27 +276,33 @@ static void op_complete(kvf_op *op)
     c->completed = op;
 }
 
+/* Marks op done and runs its callback or wakes its waiter. */
+static void op_signal(kvf_op *op)
+{
+    kvf_op_cb cb = op->b.cb;
+    void *ud = op->b.ud;
+    int result = op->result;
+    if (cb) {
+        /* With a callback the caller may free op inside it; nobody waits on it. */
+        pthread_mutex_lock(&op->mu);
+        op->done = 1;
+        pthread_mutex_unlock(&op->mu);
+        cb(op, result, ud);
+        return;
+    }
+    pthread_mutex_lock(&op->mu);
+    op->done = 1;
+    atomic_store_explicit(&op->done_flag, 1, memory_order_release);
+    pthread_cond_broadcast(&op->cv);
+    pthread_mutex_unlock(&op->mu);
+}
+
 static void flush_completed(kvf_client *c)
 {
     while (c->completed) {
         kvf_op *op = c->completed;
         c->completed = op->next_completed;
-        kvf_op_cb cb = op->b.cb;
-        void *ud = op->b.ud;
-        int result = op->result;
-        if (cb) {
-            /* With a callback the caller may free op inside it; nobody waits on it. */
-            pthread_mutex_lock(&op->mu);
-            op->done = 1;
-            pthread_mutex_unlock(&op->mu);
-            cb(op, result, ud);
-            continue;
-        }
-        pthread_mutex_lock(&op->mu);
-        op->done = 1;
-        atomic_store_explicit(&op->done_flag, 1, memory_order_release);
-        pthread_cond_broadcast(&op->cv);
-        pthread_mutex_unlock(&op->mu);
+        op_signal(op);
     }
 }
 
@@ -441,6 +461,21 @@ static int req_build(kvf_client *c, creq *r)
     free(r->iov);
     r->buf = NULL;
     r->iov = NULL;
+    if (op->raw_req) {
+        /* A raw control request: the payload is the caller's, whole. */
+        r->buf = malloc(KVF_WIRE_HEADER_LEN + op->raw_len);
+        r->iov = calloc(1, sizeof *r->iov);
+        if (!r->buf || !r->iov)
+            return KVF_ENOMEM;
+        memcpy(r->buf + KVF_WIRE_HEADER_LEN, op->raw_req, op->raw_len);
+        put_hdr(r->buf, r->opcode, 0, r->id, op->raw_count, op->raw_len);
+        r->flags = 0;
+        r->iov[0] = (struct iovec){r->buf, KVF_WIRE_HEADER_LEN + op->raw_len};
+        r->iovcnt = 1;
+        r->first = 0;
+        r->sending = 0;
+        return 0;
+    }
     switch (r->opcode) {
     case KVF_OP_COMMIT:
         plen = kvf__wire_put_table_len(r->n_commit);
@@ -605,6 +640,8 @@ static int rd_hello(cconn *cn)
     uint32_t ver = kvf__get_u32(r->rtab);
     if (ver != KVF_WIRE_VERSION)
         return KVF_EVERSION;
+    atomic_store(&cn->nd->caps, kvf__get_u64(r->rtab + 8));
+    atomic_store(&cn->nd->rdma_port, kvf__get_u32(r->rtab + 40) & 0xffffu);
     cn->state = CS_UP;
     cn->backoff = 0;
     reply_done(cn, r);
@@ -678,6 +715,19 @@ static int rd_clear(cconn *cn)
 {
     creq *r = cn->rreq;
     r->op->removed += kvf__get_u64(r->rtab);
+    reply_done(cn, r);
+    return 0;
+}
+
+/* Raw control replies (RDMA descriptors): the payload goes to the op whole. */
+static int rd_raw(cconn *cn)
+{
+    creq *r = cn->rreq;
+    kvf_op *op = r->op;
+    free(op->raw_rep);
+    op->raw_rep = r->rtab;
+    op->raw_rep_len = r->rtab_len;
+    r->rtab = NULL;
     reply_done(cn, r);
     return 0;
 }
@@ -1066,6 +1116,11 @@ static int rd_header(cconn *cn)
         return plen != 8 ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_clear);
     case KVF_OP_STATS:
         return plen > (1u << 20) ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_stats);
+    case KVF_OP_RDMA_GET:
+    case KVF_OP_RDMA_RELEASE:
+    case KVF_OP_RDMA_RESERVE:
+    case KVF_OP_RDMA_COMMIT:
+        return plen > KVF_CLIENT_RAW_MAX ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_raw);
     case KVF_OP_GET:
         if (r->flags & KVF_WF_STREAM) {
             if (!r->rtab) {
@@ -1378,6 +1433,7 @@ static kvf_op *op_new(kvf_client *c, int kind, uint32_t opcode, const kvf_batch 
         return NULL;
     op->cl = c;
     op->target = -1;
+    op->conn = -1;
     op->kind = kind;
     op->opcode = opcode;
     op->b = *b;
@@ -1394,6 +1450,7 @@ static void op_destroy(kvf_op *op)
         req_free(op->reqs[i]);
     free(op->reqs);
     free(op->json);
+    free(op->raw_rep);
     pthread_mutex_destroy(&op->mu);
     pthread_cond_destroy(&op->cv);
     free(op);
@@ -1447,7 +1504,7 @@ static int op_split(kvf_client *c, kvf_op *op)
         }
         node *N = &c->nodes[nd];
         creq *rq[MAX_CONNS_PER_NODE] = {0};
-        int base = atomic_fetch_add(&N->rr, stripes);
+        int base = op->conn >= 0 ? op->conn : atomic_fetch_add(&N->rr, stripes);
         for (int s = 0; s < stripes && !rc; s++) {
             cconn *cn = &N->conns[(unsigned)(base + s) % (unsigned)c->conns];
             rq[s] = req_new(op, cn, op->opcode, (uint32_t)count[nd]);
@@ -1561,7 +1618,8 @@ static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind
     /* *out is set before the I/O thread can see the op: a completion callback may run, and its
      * owner free the memory *out lives in, before op_submit() returns. */
     *out = op;
-    rc = op_submit(c, op);
+    op->transport = c->rd ? "rdma" : "tcp";
+    rc = c->rd ? kvf__crdma_submit(c->rd, op) : op_submit(c, op);
     if (rc) {
         *out = NULL;
         op_destroy(op);
@@ -1807,6 +1865,121 @@ void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* The internal interface of client_priv.h (the RDMA data path) */
+
+int kvf__client_raw(kvf_client *c, size_t node_idx, int conn, uint32_t opcode, uint32_t count,
+                    const void *payload, size_t plen, uint8_t **reply, size_t *rlen,
+                    int deadline_ms)
+{
+    *reply = NULL;
+    *rlen = 0;
+    kvf_batch b = {.deadline_ms = deadline_ms};
+    kvf_op *op = op_new(c, OPK_CTRL, opcode, &b);
+    if (!op)
+        return KVF_ENOMEM;
+    op->target = (int)node_idx;
+    op->conn = conn >= 0 ? conn % c->conns : -1;
+    op->raw_req = payload;
+    op->raw_len = plen;
+    op->raw_count = count;
+    int rc = op_submit(c, op);
+    if (rc) {
+        op_destroy(op);
+        return rc;
+    }
+    rc = kvf_op_wait(op);
+    if (!rc) {
+        *reply = op->raw_rep;
+        *rlen = op->raw_rep_len;
+        op->raw_rep = NULL;
+    }
+    op_destroy(op);
+    return rc;
+}
+
+void kvf__client_node(const kvf_client *c, size_t i, const char **host, uint16_t *rdma_port,
+                      uint64_t *caps)
+{
+    node *N = &c->nodes[i];
+    *host = N->host;
+    *rdma_port = (uint16_t)atomic_load(&N->rdma_port);
+    *caps = atomic_load(&N->caps);
+}
+
+uint64_t kvf__client_ns(const kvf_client *c)
+{
+    return c->o.ns;
+}
+
+const kvf_batch *kvf__op_batch(const kvf_op *op)
+{
+    return &op->b;
+}
+
+int kvf__op_is_get(const kvf_op *op)
+{
+    return op->kind == OPK_GET;
+}
+
+uint64_t kvf__op_deadline_ns(const kvf_op *op)
+{
+    return op->deadline_ns;
+}
+
+void kvf__op_finish(kvf_op *op, int result)
+{
+    op->result = result;
+    op_signal(op);
+}
+
+void kvf__client_count(kvf_client *c, uint64_t requests, uint64_t sent, uint64_t received,
+                       uint64_t failed, uint64_t reconnects)
+{
+    pthread_mutex_lock(&c->cmu);
+    c->counters.requests += requests;
+    c->counters.bytes_sent += sent;
+    c->counters.bytes_received += received;
+    c->counters.failed_keys += failed;
+    c->counters.reconnects += reconnects;
+    pthread_mutex_unlock(&c->cmu);
+}
+
+const char *kvf_op_transport(const kvf_op *op)
+{
+    return op && op->transport ? op->transport : "tcp";
+}
+
+const char *kvf_client_transport(const kvf_client *c, char *why, size_t len)
+{
+    if (why)
+        snprintf(why, len, "%s", c->transport_why);
+    return c->rd ? "rdma" : "tcp";
+}
+
+/* The data path: RDMA where asked for (or "auto") and possible with every node, TCP otherwise,
+ * with the reason. "rdma" that is not possible fails the open. */
+static int transport_choose(kvf_client *c, const char *mode)
+{
+    if (!mode || !*mode)
+        mode = "auto";
+    if (!strcmp(mode, "tcp")) {
+        snprintf(c->transport_why, sizeof c->transport_why, "tcp: asked for");
+        return 0;
+    }
+    if (strcmp(mode, "auto") && strcmp(mode, "rdma")) {
+        snprintf(c->transport_why, sizeof c->transport_why,
+                 "transport must be auto, tcp or rdma, not \"%s\"", mode);
+        return KVF_EINVAL;
+    }
+    char why[200] = "";
+    int rc = kvf__crdma_open(c, c->o.connect_timeout_ms, &c->rd, why, sizeof why);
+    snprintf(c->transport_why, sizeof c->transport_why, "%s%s", c->rd ? "rdma: " : "tcp: ", why);
+    if (!c->rd && !strcmp(mode, "rdma"))
+        return rc ? rc : KVF_ENOTSUP;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* Open and close */
 
 int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_t errlen)
@@ -1892,6 +2065,12 @@ int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_
         rc = KVF_EAGAIN;
         goto out_free;
     }
+    rc = transport_choose(c, o->transport);
+    if (rc) {
+        snprintf(err, errlen, "%s", c->transport_why);
+        kvf_client_close(&c);
+        return rc;
+    }
     *out = c;
     return 0;
 
@@ -1921,6 +2100,7 @@ void kvf_client_close(kvf_client **cp)
     if (!cp || !*cp)
         return;
     kvf_client *c = *cp;
+    kvf__crdma_close(&c->rd); /* its requests still need the I/O thread */
     pthread_mutex_lock(&c->mu);
     c->stop = 1;
     pthread_mutex_unlock(&c->mu);

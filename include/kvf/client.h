@@ -41,6 +41,10 @@ typedef struct kvf_client_opts {
     int connect_timeout_ms;   /* input: 0: 1000 */
     int deadline_ms;          /* input: default deadline of an operation; 0: 5000 */
     uint64_t stripe_bytes;    /* input: smallest stripe worth its own connection; 0: 4 MiB */
+    /* input: data path of gets and puts: "auto" (NULL): RDMA where this host has a device and
+     * every node serves it, TCP otherwise; "tcp"; "rdma" (open fails where it is not possible).
+     * Control requests always travel over TCP. */
+    const char *transport;
 } kvf_client_opts;
 
 /* Opens a client and connects to every node (a node that does not answer is retried later and
@@ -131,6 +135,11 @@ KVF_API int kvf_client_copy(kvf_client *c, size_t node_idx, const char *addr, si
                             const kvf_key *keys, int *status, int deadline_ms);
 /* A node's statistics as a JSON object text. Caller owns *json; free with free(). */
 KVF_API int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int deadline_ms);
+
+/* The client's data path, "rdma" or "tcp"; why (may be NULL) gets the reason it was chosen. */
+KVF_API const char *kvf_client_transport(const kvf_client *c, char *why, size_t len);
+/* How an operation's bytes moved: "rdma" or "tcp". */
+KVF_API const char *kvf_op_transport(const kvf_op *op);
 
 /* Transfer counters of the client since it opened. */
 typedef struct kvf_client_counters {

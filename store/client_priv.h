@@ -1,0 +1,47 @@
+/*
+ * What the client's RDMA data path (client_rdma.c) and the rest of the client (client.c) share.
+ * Not a public interface.
+ */
+#ifndef KVF_STORE_CLIENT_PRIV_H
+#define KVF_STORE_CLIENT_PRIV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/client.h"
+
+/* Largest reply payload of a raw control request (an RDMA_GET answers with object headers). */
+#define KVF_CLIENT_RAW_MAX (256ull << 20)
+
+/* Sends one control request with the given payload to node `node` over TCP, on its connection
+ * `conn` (-1: the next in turn; requests about a reservation must use the connection that made
+ * it), and waits for its reply. Returns 0 with the reply payload (caller frees *reply), or the
+ * error the node answered or the transport met. */
+int kvf__client_raw(kvf_client *c, size_t node, int conn, uint32_t opcode, uint32_t count,
+                    const void *payload, size_t plen, uint8_t **reply, size_t *rlen,
+                    int deadline_ms);
+/* Node i's host and what its HELLO said (RDMA port, capabilities); zeros before the reply. */
+void kvf__client_node(const kvf_client *c, size_t i, const char **host, uint16_t *rdma_port,
+                      uint64_t *caps);
+uint64_t kvf__client_ns(const kvf_client *c);
+void kvf__client_count(kvf_client *c, uint64_t requests, uint64_t sent, uint64_t received,
+                       uint64_t failed, uint64_t reconnects);
+
+const kvf_batch *kvf__op_batch(const kvf_op *op);
+int kvf__op_is_get(const kvf_op *op);
+uint64_t kvf__op_deadline_ns(const kvf_op *op);
+/* Completes an op handed to the RDMA path: runs its callback or wakes its waiter. */
+void kvf__op_finish(kvf_op *op, int result);
+
+/* The RDMA data path: a worker thread that runs gets and puts with descriptors over TCP and
+ * one-sided transfers over RDMA. */
+typedef struct kvf__crdma kvf__crdma;
+/* Opens it when this host has a device and every node offers RDMA (asked within probe_ms) and
+ * accepts a connection; otherwise *out stays NULL and why says what was missing (the client then
+ * uses TCP). */
+int kvf__crdma_open(kvf_client *c, int probe_ms, kvf__crdma **out, char *why, size_t whylen);
+int kvf__crdma_submit(kvf__crdma *r, kvf_op *op);
+/* Finishes the op in progress, fails queued ones with KVF_ECANCELED, closes the connections. */
+void kvf__crdma_close(kvf__crdma **r);
+
+#endif

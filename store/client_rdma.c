@@ -1,0 +1,608 @@
+/*
+ * The client's RDMA data path (client_priv.h, docs/rdma.md).
+ *
+ * One worker thread runs gets and puts in submission order. For each node of a batch:
+ *   get: RDMA_GET over TCP leases the hits and answers (address, length, header) for each; the
+ *        worker copies the headers, READs the segments in one batched transfer (layer-major for a
+ *        streamed get, so layers land and are reported in order), verifies every segment's
+ *        checksum against the header, and releases the lease once the op is complete;
+ *   put: RDMA_RESERVE reserves blocks and answers their addresses; the worker WRITEs the objects
+ *        and sends RDMA_COMMIT, on which the node verifies each object before it becomes visible.
+ * A transfer error makes the keys it touched misses, and the connection is rebuilt on the next
+ * use. Nothing read is handed out unverified: a lease that ended before the READ completed (its
+ * block reused) shows as a checksum mismatch, and the key is a miss.
+ */
+#include "client_priv.h"
+
+#include "kvf/error.h"
+
+#include "bytes.h"
+#include "clock.h"
+#include "object.h"
+#include "rdma.h"
+#include "wire.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define XXH_STATIC_LINKING_ONLY
+#include <xxhash.h>
+
+#define RETRY_NS (1000ull * 1000000u) /* a node whose RDMA connect failed is retried after */
+
+typedef struct rnode {
+    const char *host;
+    uint16_t port;
+    kvf__rdma_conn *rc;
+    uint64_t retry_at;
+    char err[200];
+} rnode;
+
+typedef struct qent {
+    struct qent *next;
+    kvf_op *op;
+} qent;
+
+struct kvf__crdma {
+    kvf_client *c;
+    size_t n;
+    rnode *nodes;
+    pthread_t th;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stop;
+    qent *head, *tail;
+};
+
+/* One node's share of a get. */
+typedef struct gshare {
+    size_t node;
+    uint32_t n;
+    uint32_t *idx; /* batch indices */
+} gshare;
+
+static int left_ms(const kvf_op *op)
+{
+    uint64_t t = kvf__now_ns(), d = kvf__op_deadline_ns(op);
+    return d > t ? (int)((d - t) / 1000000u) + 1 : 1;
+}
+
+/* The node's RDMA connection, made (again) if needed. 0 or the connect error. */
+static int conn_get(kvf__crdma *r, rnode *nd, int timeout_ms, uint64_t *reconnects)
+{
+    if (nd->rc && !kvf__rdma_broken(nd->rc))
+        return 0;
+    kvf__rdma_close(&nd->rc);
+    uint64_t t = kvf__now_ns();
+    if (t < nd->retry_at)
+        return KVF_ECONNREFUSED;
+    kvf__rdma_opts o = {.timeout_ms = timeout_ms < 2000 ? timeout_ms : 2000};
+    int rc = kvf__rdma_connect(nd->host, nd->port, &o, &nd->rc, nd->err, sizeof nd->err);
+    if (rc) {
+        nd->retry_at = t + RETRY_NS;
+        return rc;
+    }
+    (*reconnects)++;
+    (void)r;
+    return 0;
+}
+
+static void fail_keys(const kvf_batch *b, const uint32_t *idx, uint32_t n, int st, uint64_t *failed)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        b->status[idx[i]] = st;
+        (*failed)++;
+    }
+}
+
+/* A streamed get's layer reports: the ops of layer l end at ends[l]; each layer that lands is
+ * verified in every hit and then reported. */
+typedef struct layer_track {
+    kvf_op *op;
+    const kvf_batch *b;
+    const uint32_t *hit; /* batch index of each hit */
+    kvf_obj_info *info;
+    const uint32_t *seg_off; /* hit h's segment l starts at seg_off[h * L + l] */
+    uint32_t n_hits, L;
+    const size_t *ends;
+    uint32_t next; /* next layer to verify */
+    int report;    /* call layer_cb (the last share of the op) */
+    uint32_t *fired;
+} layer_track;
+
+static void verify_layer(layer_track *t, uint32_t l)
+{
+    for (uint32_t h = 0; h < t->n_hits; h++) {
+        int *st = &t->b->status[t->hit[h]];
+        if (*st)
+            continue;
+        kvf_obj_seg sg = kvf__obj_seg(&t->info[h], l);
+        const uint8_t *p = (const uint8_t *)t->b->bufs[t->hit[h]] + t->seg_off[h * t->L + l];
+        if (XXH3_64bits(p, sg.stored_len) != sg.stored_xxh)
+            *st = KVF_ECHECKSUM;
+    }
+}
+
+static void on_progress(void *ctx, size_t done)
+{
+    layer_track *t = ctx;
+    while (t->next < t->L && done >= t->ends[t->next]) {
+        verify_layer(t, t->next);
+        if (t->report && t->b->layer_cb && *t->fired == t->next) {
+            t->b->layer_cb(t->op, t->next, t->b->ud);
+            (*t->fired)++;
+        }
+        t->next++;
+    }
+}
+
+/* One node's share of a get. Leases to release go to *lease. */
+static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint32_t *layers,
+                      uint32_t *fired, uint64_t *lease, uint64_t cnt[5])
+{
+    const kvf_batch *b = kvf__op_batch(op);
+    rnode *nd = &r->nodes[g->node];
+    int stream = (b->flags & KVF_GET_STREAM) != 0;
+    int rc = conn_get(r, nd, left_ms(op), &cnt[4]);
+    if (rc) {
+        fail_keys(b, g->idx, g->n, rc, &cnt[3]);
+        return;
+    }
+    uint64_t ns = kvf__client_ns(r->c);
+    size_t plen = 16 + 16 * (size_t)g->n;
+    uint8_t *req = malloc(plen), *rep = NULL;
+    size_t rlen = 0;
+    if (!req) {
+        fail_keys(b, g->idx, g->n, KVF_ENOMEM, &cnt[3]);
+        return;
+    }
+    kvf__put_u64(req, ns);
+    /* The lease outlives the op's deadline: the op ends first, then releases it. */
+    kvf__put_u32(req + 8, (uint32_t)left_ms(op) * 2 + 1000);
+    kvf__put_u32(req + 12, 0);
+    for (uint32_t i = 0; i < g->n; i++)
+        kvf__wire_key_put(req + 16 + 16 * (size_t)i, &b->keys[g->idx[i]]);
+    rc = kvf__client_raw(r->c, g->node, 0, KVF_OP_RDMA_GET, g->n, req, plen, &rep, &rlen,
+                         left_ms(op));
+    free(req);
+    cnt[0]++;
+    if (rc || rlen < 16 + 24 * (size_t)g->n) {
+        fail_keys(b, g->idx, g->n, rc ? rc : KVF_EPROTO, &cnt[3]);
+        free(rep);
+        return;
+    }
+    *lease = kvf__get_u64(rep);
+    uint32_t rkey = kvf__get_u32(rep + 8);
+    /* Headers into the buffers, parsed and checked; then the transfer's ops. */
+    uint32_t *hit = calloc(g->n ? g->n : 1, sizeof *hit);
+    kvf_obj_info *info = calloc(g->n ? g->n : 1, sizeof *info);
+    uint64_t *addr = calloc(g->n ? g->n : 1, sizeof *addr);
+    uint32_t n_hits = 0, L = 0;
+    size_t off = 16 + 24 * (size_t)g->n;
+    int bad = !hit || !info || !addr;
+    for (uint32_t i = 0; i < g->n && !bad; i++) {
+        const uint8_t *e = rep + 16 + 24 * (size_t)i;
+        uint32_t k = g->idx[i];
+        int st = (int)(int32_t)kvf__get_u32(e);
+        uint32_t hl = kvf__get_u32(e + 4);
+        uint64_t a = kvf__get_u64(e + 8), len = kvf__get_u64(e + 16);
+        if (!kvf_err_is_known(st)) {
+            bad = 1;
+            break;
+        }
+        b->status[k] = st;
+        if (st) {
+            cnt[3]++;
+            continue;
+        }
+        if (hl > rlen - off || hl > len) {
+            bad = 1;
+            break;
+        }
+        const uint8_t *hdr = rep + off;
+        off += hl;
+        if (len > b->caps[k]) {
+            b->status[k] = KVF_E2BIG;
+            continue;
+        }
+        memcpy(b->bufs[k], hdr, hl);
+        kvf_obj_info *in = &info[n_hits];
+        if (kvf__obj_parse(b->bufs[k], hl, in) != 0 || in->header_len != hl ||
+            hl + in->stored_bytes != len || !kvf_key_eq(&in->key, &b->keys[k])) {
+            b->status[k] = KVF_EPROTO;
+            continue;
+        }
+        if (stream && *layers && in->layers != *layers) {
+            b->status[k] = KVF_ELAYOUT;
+            continue;
+        }
+        if (stream && !*layers)
+            *layers = in->layers;
+        if (b->out_lens)
+            b->out_lens[k] = len;
+        addr[n_hits] = a;
+        hit[n_hits++] = k;
+    }
+    if (bad) {
+        fail_keys(b, g->idx, g->n, KVF_EPROTO, &cnt[3]);
+        n_hits = 0;
+    }
+    L = stream ? *layers : 0;
+    /* Ops: one per hit for a plain get (the segments, contiguous after the header); one per
+     * segment, layer by layer across the hits, for a streamed one. */
+    size_t n_ops = stream ? (size_t)n_hits * L : n_hits;
+    kvf__rdma_op *ops = calloc(n_ops ? n_ops : 1, sizeof *ops);
+    uint32_t *seg_off = calloc((size_t)(n_hits ? n_hits : 1) * (L ? L : 1), sizeof *seg_off);
+    size_t *ends = calloc(L ? L : 1, sizeof *ends);
+    uint32_t *op_hit = calloc(n_ops ? n_ops : 1, sizeof *op_hit);
+    if (!ops || !seg_off || !ends || !op_hit) {
+        fail_keys(b, hit, n_hits, KVF_ENOMEM, &cnt[3]);
+        n_hits = n_ops = 0;
+    }
+    for (uint32_t h = 0; stream && h < n_hits; h++) {
+        uint32_t o = info[h].header_len;
+        for (uint32_t l = 0; l < L; l++) {
+            seg_off[h * L + l] = o;
+            o += kvf__obj_seg(&info[h], l).stored_len;
+        }
+    }
+    size_t j = 0;
+    for (uint32_t l = 0; stream && l < L; l++) {
+        for (uint32_t h = 0; h < n_hits; h++, j++) {
+            uint32_t so = seg_off[h * L + l];
+            ops[j] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[hit[h]] + so,
+                                    .remote = addr[h] + so,
+                                    .rkey = rkey,
+                                    .len = kvf__obj_seg(&info[h], l).stored_len};
+            op_hit[j] = h;
+        }
+        ends[l] = j;
+    }
+    for (uint32_t h = 0; !stream && h < n_hits; h++) {
+        uint32_t hl = info[h].header_len;
+        ops[h] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[hit[h]] + hl,
+                                .remote = addr[h] + hl,
+                                .rkey = rkey,
+                                .len = (uint32_t)info[h].stored_bytes};
+        op_hit[h] = h;
+    }
+    layer_track t = {.op = op,
+                     .b = b,
+                     .hit = hit,
+                     .info = info,
+                     .seg_off = seg_off,
+                     .n_hits = n_hits,
+                     .L = L,
+                     .ends = ends,
+                     .report = last,
+                     .fired = fired};
+    if (n_ops) {
+        kvf__rdma_transfer_progress(nd->rc, 0, ops, n_ops, left_ms(op), stream ? on_progress : NULL,
+                                    &t);
+        for (size_t i = 0; i < n_ops; i++) {
+            int *st = &b->status[hit[op_hit[i]]];
+            if (ops[i].status && *st == 0) {
+                *st = ops[i].status; /* a miss; the connection is rebuilt on next use */
+                cnt[3]++;
+            }
+            if (!ops[i].status)
+                cnt[2] += ops[i].len;
+        }
+    }
+    /* A plain get is verified whole; a streamed one layer by layer as it landed (any layer a
+     * failed transfer never reported is already failed above). */
+    for (uint32_t h = 0; !stream && h < n_hits; h++) {
+        int *st = &b->status[hit[h]];
+        if (*st == 0 && kvf__obj_verify(b->bufs[hit[h]], info[h].header_len + info[h].stored_bytes,
+                                        &info[h]) != 0) {
+            *st = KVF_ECHECKSUM;
+            cnt[3]++;
+        }
+    }
+    free(ops), free(seg_off), free(ends), free(op_hit), free(hit), free(info), free(addr);
+    free(rep);
+}
+
+static void release(kvf__crdma *r, size_t node, uint64_t lease)
+{
+    uint8_t req[16], *rep = NULL;
+    size_t rlen;
+    kvf__put_u64(req, kvf__client_ns(r->c));
+    kvf__put_u64(req + 8, lease);
+    kvf__client_raw(r->c, node, 0, KVF_OP_RDMA_RELEASE, 0, req, sizeof req, &rep, &rlen, 2000);
+    free(rep);
+}
+
+/* Splits a batch by node: shares[k] for each node with keys, in node order. */
+static gshare *split(kvf__crdma *r, const kvf_batch *b, size_t *n_shares)
+{
+    gshare *g = calloc(r->n, sizeof *g);
+    uint32_t *idx = malloc((b->n ? b->n : 1) * sizeof *idx);
+    size_t *node_of = malloc((b->n ? b->n : 1) * sizeof *node_of);
+    if (!g || !idx || !node_of) {
+        free(g), free(idx), free(node_of);
+        return NULL;
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        node_of[i] = kvf_client_node_of(r->c, &b->keys[i]);
+        g[node_of[i]].n++;
+    }
+    uint32_t at = 0;
+    for (size_t k = 0; k < r->n; k++) {
+        g[k].node = k;
+        g[k].idx = idx + at;
+        at += g[k].n;
+        g[k].n = 0;
+    }
+    for (size_t i = 0; i < b->n; i++) {
+        gshare *s = &g[node_of[i]];
+        s->idx[s->n++] = (uint32_t)i;
+    }
+    free(node_of);
+    size_t m = 0;
+    for (size_t k = 0; k < r->n; k++)
+        if (g[k].n)
+            g[m++] = g[k];
+    *n_shares = m;
+    if (m == 0)
+        g[0].idx = idx; /* kept for freeing */
+    return g;
+}
+
+static void free_shares(gshare *g)
+{
+    if (g)
+        free(g[0].idx); /* the first share's indices start the one array of all */
+    free(g);
+}
+
+/* One node's share of a put. */
+static void put_share(kvf__crdma *r, kvf_op *op, const gshare *g, uint64_t cnt[5])
+{
+    const kvf_batch *b = kvf__op_batch(op);
+    rnode *nd = &r->nodes[g->node];
+    int rc = conn_get(r, nd, left_ms(op), &cnt[4]);
+    if (rc) {
+        fail_keys(b, g->idx, g->n, rc, &cnt[3]);
+        return;
+    }
+    size_t plen = 8 + 24 * (size_t)g->n;
+    uint8_t *req = malloc(plen), *rep = NULL;
+    kvf__rdma_op *ops = calloc(g->n, sizeof *ops);
+    uint32_t *which = calloc(g->n, sizeof *which);
+    size_t rlen = 0;
+    if (!req || !ops || !which) {
+        fail_keys(b, g->idx, g->n, KVF_ENOMEM, &cnt[3]);
+        goto out;
+    }
+    kvf__put_u64(req, kvf__client_ns(r->c));
+    for (uint32_t i = 0; i < g->n; i++) {
+        kvf__wire_key_put(req + 8 + 24 * (size_t)i, &b->keys[g->idx[i]]);
+        kvf__put_u64(req + 8 + 24 * (size_t)i + 16, b->lens[g->idx[i]]);
+    }
+    rc = kvf__client_raw(r->c, g->node, 0, KVF_OP_RDMA_RESERVE, g->n, req, plen, &rep, &rlen,
+                         left_ms(op));
+    cnt[0]++;
+    if (rc || rlen != 8 + 16 * (size_t)g->n) {
+        fail_keys(b, g->idx, g->n, rc ? rc : KVF_EPROTO, &cnt[3]);
+        goto out;
+    }
+    uint32_t rkey = kvf__get_u32(rep), n_ops = 0;
+    for (uint32_t i = 0; i < g->n; i++) {
+        uint32_t k = g->idx[i];
+        int st = (int)(int32_t)kvf__get_u32(rep + 8 + 16 * (size_t)i);
+        b->status[k] = kvf_err_is_known(st) ? st : KVF_EPROTO;
+        if (st) {
+            cnt[3] += st != KVF_EEXIST;
+            continue;
+        }
+        if (b->lens[k] > UINT32_MAX) {
+            b->status[k] = KVF_E2BIG;
+            continue;
+        }
+        ops[n_ops] = (kvf__rdma_op){.local = (void *)b->objs[k],
+                                    .remote = kvf__get_u64(rep + 16 + 16 * (size_t)i),
+                                    .rkey = rkey,
+                                    .len = (uint32_t)b->lens[k]};
+        which[n_ops++] = k;
+    }
+    if (n_ops)
+        kvf__rdma_transfer(nd->rc, 1, ops, n_ops, left_ms(op));
+    /* Commit every reserved key, written or not: the node verifies each and drops what did not
+     * land whole, with its reservation. */
+    for (uint32_t i = 0; i < n_ops; i++) {
+        kvf__wire_key_put(req + 8 + 24 * (size_t)i, &b->keys[which[i]]);
+        kvf__put_u64(req + 8 + 24 * (size_t)i + 16, b->lens[which[i]]);
+        cnt[1] += ops[i].status ? 0 : ops[i].len;
+    }
+    free(rep);
+    rep = NULL;
+    if (!n_ops)
+        goto out;
+    rc = kvf__client_raw(r->c, g->node, 0, KVF_OP_RDMA_COMMIT, n_ops, req, 8 + 24 * (size_t)n_ops,
+                         &rep, &rlen, left_ms(op));
+    cnt[0]++;
+    for (uint32_t i = 0; i < n_ops; i++) {
+        int st = rc                  ? rc
+                 : rlen != 4 * n_ops ? KVF_EPROTO
+                                     : (int)(int32_t)kvf__get_u32(rep + 4 * (size_t)i);
+        /* A write that failed reports the transfer's error, not the verification's. */
+        b->status[which[i]] = ops[i].status ? ops[i].status : st;
+        cnt[3] += b->status[which[i]] != 0;
+    }
+out:
+    free(req), free(rep), free(ops), free(which);
+}
+
+/* Runs a get or a put node by node; a get's leases are released once the op completed, off its
+ * critical path. */
+static int run(kvf__crdma *r, kvf_op *op)
+{
+    const kvf_batch *b = kvf__op_batch(op);
+    int get = kvf__op_is_get(op);
+    size_t m;
+    gshare *g = split(r, b, &m);
+    uint64_t *leases = g ? calloc(m ? m : 1, sizeof *leases) : NULL;
+    if (!leases) {
+        free_shares(g);
+        return KVF_ENOMEM;
+    }
+    uint64_t cnt[5] = {0}; /* requests, sent, received, failed, reconnects */
+    uint32_t layers = 0, fired = 0;
+    for (size_t k = 0; k < m; k++) {
+        if (get)
+            get_share(r, op, &g[k], k + 1 == m, &layers, &fired, &leases[k], cnt);
+        else
+            put_share(r, op, &g[k], cnt);
+    }
+    /* Layers not reported yet (earlier shares, or the last share had no hit): all landed. */
+    while (get && b->layer_cb && (b->flags & KVF_GET_STREAM) && fired < layers)
+        b->layer_cb(op, fired++, b->ud);
+    kvf__client_count(r->c, cnt[0], cnt[1], cnt[2], cnt[3], cnt[4]);
+    kvf__op_finish(op, 0);
+    for (size_t k = 0; k < m; k++)
+        if (leases[k])
+            release(r, g[k].node, leases[k]);
+    free(leases);
+    free_shares(g);
+    return 0;
+}
+
+static void *worker(void *arg)
+{
+    kvf__crdma *r = arg;
+    for (;;) {
+        pthread_mutex_lock(&r->mu);
+        while (!r->head && !r->stop)
+            pthread_cond_wait(&r->cv, &r->mu);
+        qent *q = r->head;
+        if (q) {
+            r->head = q->next;
+            if (!r->head)
+                r->tail = NULL;
+        }
+        int stop = r->stop;
+        pthread_mutex_unlock(&r->mu);
+        if (!q && stop)
+            break;
+        kvf_op *op = q->op;
+        free(q);
+        if (stop) {
+            const kvf_batch *b = kvf__op_batch(op);
+            for (size_t i = 0; i < b->n; i++)
+                b->status[i] = KVF_ECANCELED;
+            kvf__op_finish(op, KVF_ECANCELED);
+            continue;
+        }
+        int rc = run(r, op);
+        if (rc)
+            kvf__op_finish(op, rc);
+    }
+    return NULL;
+}
+
+int kvf__crdma_submit(kvf__crdma *r, kvf_op *op)
+{
+    const kvf_batch *b = kvf__op_batch(op);
+    for (size_t i = 0; i < b->n; i++)
+        b->status[i] = 0;
+    qent *q = malloc(sizeof *q);
+    if (!q)
+        return KVF_ENOMEM;
+    q->op = op;
+    q->next = NULL;
+    pthread_mutex_lock(&r->mu);
+    if (r->stop) {
+        pthread_mutex_unlock(&r->mu);
+        free(q);
+        return KVF_ECLOSED;
+    }
+    if (r->tail)
+        r->tail->next = q;
+    else
+        r->head = q;
+    r->tail = q;
+    pthread_cond_signal(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    return 0;
+}
+
+int kvf__crdma_open(kvf_client *c, int probe_ms, kvf__crdma **out, char *why, size_t whylen)
+{
+    *out = NULL;
+    if (!kvf__rdma_available(why, whylen))
+        return strstr(why, "build") ? KVF_ENOTSUP : KVF_ENODEV;
+    size_t n = kvf_client_node_count(c);
+    /* A round trip to each node: its HELLO (capabilities, RDMA port) has been read by then. */
+    for (size_t i = 0; i < n; i++) {
+        uint8_t *rep = NULL;
+        size_t rlen;
+        int rc = kvf__client_raw(c, i, 0, KVF_OP_STATS, 0, NULL, 0, &rep, &rlen, probe_ms);
+        free(rep);
+        if (rc) {
+            snprintf(why, whylen, "node %zu did not answer: %s", i, kvf_strerror(rc));
+            return rc;
+        }
+    }
+    kvf__crdma *r = calloc(1, sizeof *r);
+    if (!r || !(r->nodes = calloc(n, sizeof *r->nodes))) {
+        free(r);
+        snprintf(why, whylen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    r->c = c;
+    r->n = n;
+    int rc = 0;
+    for (size_t i = 0; i < n && !rc; i++) {
+        uint64_t caps;
+        kvf__client_node(c, i, &r->nodes[i].host, &r->nodes[i].port, &caps);
+        if (!(caps & KVF_CAP_RDMA) || !r->nodes[i].port) {
+            snprintf(why, whylen, "node %s serves no RDMA", r->nodes[i].host);
+            rc = KVF_ENOTSUP;
+            break;
+        }
+        kvf__rdma_opts o = {0};
+        if ((rc = kvf__rdma_connect(r->nodes[i].host, r->nodes[i].port, &o, &r->nodes[i].rc,
+                                    r->nodes[i].err, sizeof r->nodes[i].err)))
+            snprintf(why, whylen, "node %s: %s", r->nodes[i].host, r->nodes[i].err);
+    }
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    if (!rc && pthread_create(&r->th, NULL, worker, r) != 0) {
+        snprintf(why, whylen, "cannot start the RDMA worker");
+        rc = KVF_EAGAIN;
+    }
+    if (rc) {
+        for (size_t i = 0; i < n; i++)
+            kvf__rdma_close(&r->nodes[i].rc);
+        pthread_mutex_destroy(&r->mu);
+        pthread_cond_destroy(&r->cv);
+        free(r->nodes);
+        free(r);
+        return rc;
+    }
+    snprintf(why, whylen, "every node serves RDMA and this host has a device");
+    *out = r;
+    return 0;
+}
+
+void kvf__crdma_close(kvf__crdma **rp)
+{
+    if (!rp || !*rp)
+        return;
+    kvf__crdma *r = *rp;
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->th, NULL);
+    for (size_t i = 0; i < r->n; i++)
+        kvf__rdma_close(&r->nodes[i].rc);
+    pthread_mutex_destroy(&r->mu);
+    pthread_cond_destroy(&r->cv);
+    free(r->nodes);
+    free(r);
+    *rp = NULL;
+}

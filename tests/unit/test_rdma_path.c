@@ -1,0 +1,942 @@
+/*
+ * The RDMA data path end to end, in one process, over a fake fabric (no machine here has an RDMA
+ * device): a real storage node (cache, server, RDMA listener) and real clients talk TCP on
+ * loopback for control, while the verbs and rdma_cm calls are wrapped at link time by a fake that
+ * connects queue pairs in process and carries out READs and WRITEs with memcpy, checking every
+ * lkey and rkey against the registrations. The tests check what the issue asks of the data path:
+ * gets by descriptors under a lease, puts by reservation, WRITE and commit with nothing visible
+ * before the commit, layer-by-layer completion of streamed gets, checksums catching bytes
+ * overwritten after a lease ended, completion errors turning into misses and a rebuilt
+ * connection, and the fall back to TCP where a node does not serve RDMA.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include "kvf/client.h"
+#include "kvf/error.h"
+
+#include "cache.h"
+#include "client_priv.h"
+#include "object.h"
+#include "server.h"
+#include "wire.h"
+
+#include <fcntl.h>
+#include <infiniband/verbs.h>
+#include <jansson.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <rdma/rdma_cma.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* The fake fabric */
+
+#define MAX_MRS 256
+#define MAX_EVS 64
+#define MAX_WC  8192
+
+typedef struct fchan {
+    struct rdma_event_channel ch; /* fd: a pipe's read end, readable while events wait */
+    int wfd;
+    struct rdma_cm_event *evs[MAX_EVS];
+    int n;
+} fchan;
+
+typedef struct fid {
+    struct rdma_cm_id id;
+    struct fid *peer;
+    uint16_t port; /* bound (listener) or resolved (active side) */
+    int listening, gone;
+    int in_error; /* its queue pair failed a request: every later one is flushed */
+    struct ibv_qp qp;
+} fid;
+
+/* A hook on every work request before it is carried out: returns a completion status to fail
+ * it with (IBV_WC_SUCCESS: carry it out). After the copy, `after` may alter what landed. */
+typedef enum ibv_wc_status (*wr_hook)(int opcode, void *local, uint64_t remote, uint32_t len,
+                                      long index);
+typedef void (*wr_after)(int opcode, void *local, uint32_t len, long index);
+
+static struct {
+    pthread_mutex_t mu;
+    struct ibv_context ctx;
+    struct ibv_pd pd;
+    struct ibv_cq cq;
+    struct ibv_mr *mrs[MAX_MRS];
+    uint32_t next_key;
+    fid *listeners[8];
+    struct ibv_wc wc[MAX_WC];
+    int wc_head, wc_n;
+    long reads, writes, read_bytes, write_bytes, connects, errors;
+    wr_hook hook;
+    wr_after after;
+} F = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void ev_push(fchan *c, enum rdma_cm_event_type type, fid *id)
+{
+    struct rdma_cm_event *ev = calloc(1, sizeof *ev);
+    assert_non_null(ev);
+    ev->event = type;
+    ev->id = &id->id;
+    assert_true(c->n < MAX_EVS);
+    c->evs[c->n++] = ev;
+    assert_int_equal(write(c->wfd, "e", 1), 1);
+}
+
+static struct ibv_mr *mr_covering(uint32_t key, int remote, uint64_t addr, uint32_t len)
+{
+    for (int i = 0; i < MAX_MRS; i++) {
+        struct ibv_mr *m = F.mrs[i];
+        if (m && (remote ? m->rkey : m->lkey) == key && addr >= (uintptr_t)m->addr &&
+            addr + len <= (uintptr_t)m->addr + m->length)
+            return m;
+    }
+    return NULL;
+}
+
+static void wc_push(uint64_t wr_id, enum ibv_wc_status st)
+{
+    assert_true(F.wc_n < MAX_WC);
+    F.wc[(F.wc_head + F.wc_n++) % MAX_WC] = (struct ibv_wc){.wr_id = wr_id, .status = st};
+}
+
+static long g_wr_index;
+
+static int fab_post_send(struct ibv_qp *qp, struct ibv_send_wr *wr, struct ibv_send_wr **bad)
+{
+    (void)bad;
+    fid *me = qp->qp_context;
+    pthread_mutex_lock(&F.mu);
+    for (; wr; wr = wr->next) {
+        struct ibv_sge *sg = wr->sg_list;
+        long index = g_wr_index++;
+        enum ibv_wc_status st = IBV_WC_SUCCESS;
+        if (me->in_error || !me->peer || me->peer->gone)
+            st = IBV_WC_WR_FLUSH_ERR;
+        else if (!mr_covering(sg->lkey, 0, sg->addr, sg->length))
+            st = IBV_WC_LOC_PROT_ERR;
+        else if (!mr_covering(wr->wr.rdma.rkey, 1, wr->wr.rdma.remote_addr, sg->length))
+            st = IBV_WC_REM_ACCESS_ERR;
+        else if (F.hook)
+            st = F.hook(wr->opcode, (void *)(uintptr_t)sg->addr, wr->wr.rdma.remote_addr,
+                        sg->length, index);
+        if (st == IBV_WC_SUCCESS) {
+            void *remote = (void *)(uintptr_t)wr->wr.rdma.remote_addr;
+            void *local = (void *)(uintptr_t)sg->addr;
+            if (wr->opcode == IBV_WR_RDMA_READ) {
+                memcpy(local, remote, sg->length);
+                F.reads++;
+                F.read_bytes += sg->length;
+            } else {
+                memcpy(remote, local, sg->length);
+                F.writes++;
+                F.write_bytes += sg->length;
+            }
+            if (F.after)
+                F.after(wr->opcode, local, sg->length, index);
+            if (wr->send_flags & IBV_SEND_SIGNALED)
+                wc_push(wr->wr_id, st);
+        } else {
+            if (st != IBV_WC_WR_FLUSH_ERR)
+                F.errors++;
+            me->in_error = 1; /* the queue pair went to the error state */
+            wc_push(wr->wr_id, st);
+        }
+    }
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+
+static int fab_poll_cq(struct ibv_cq *cq, int num, struct ibv_wc *wc)
+{
+    (void)cq;
+    pthread_mutex_lock(&F.mu);
+    int got = 0;
+    while (got < num && F.wc_n) {
+        wc[got++] = F.wc[F.wc_head];
+        F.wc_head = (F.wc_head + 1) % MAX_WC;
+        F.wc_n--;
+    }
+    pthread_mutex_unlock(&F.mu);
+    return got;
+}
+
+static void fabric_reset(void)
+{
+    pthread_mutex_lock(&F.mu);
+    F.ctx.ops.post_send = fab_post_send;
+    F.ctx.ops.poll_cq = fab_poll_cq;
+    F.pd.context = &F.ctx;
+    F.cq.context = &F.ctx;
+    F.reads = F.writes = F.read_bytes = F.write_bytes = F.errors = 0;
+    F.hook = NULL;
+    F.after = NULL;
+    g_wr_index = 0;
+    pthread_mutex_unlock(&F.mu);
+}
+
+/* Wrapped library functions. */
+#define WRAP(ret, name, ...)        \
+    ret __wrap_##name(__VA_ARGS__); \
+    ret __wrap_##name(__VA_ARGS__)
+
+static struct ibv_device fake_dev;
+WRAP(struct ibv_device **, ibv_get_device_list, int *n)
+{
+    struct ibv_device **l = calloc(2, sizeof *l);
+    l[0] = &fake_dev;
+    *n = 1;
+    return l;
+}
+WRAP(void, ibv_free_device_list, struct ibv_device **l)
+{
+    free(l);
+}
+WRAP(struct ibv_pd *, ibv_alloc_pd, struct ibv_context *c)
+{
+    (void)c;
+    return &F.pd;
+}
+WRAP(int, ibv_dealloc_pd, struct ibv_pd *pd)
+{
+    (void)pd;
+    return 0;
+}
+WRAP(struct ibv_cq *, ibv_create_cq, struct ibv_context *c, int cqe, void *ctx,
+     struct ibv_comp_channel *ch, int vec)
+{
+    (void)c, (void)cqe, (void)ctx, (void)ch, (void)vec;
+    return &F.cq;
+}
+WRAP(int, ibv_destroy_cq, struct ibv_cq *cq)
+{
+    (void)cq;
+    return 0;
+}
+static struct ibv_mr *fab_reg(void *addr, size_t len, int access)
+{
+    pthread_mutex_lock(&F.mu);
+    struct ibv_mr *mr = calloc(1, sizeof *mr);
+    mr->addr = addr;
+    mr->length = len;
+    mr->lkey = ++F.next_key;
+    mr->rkey = (access & IBV_ACCESS_REMOTE_READ) ? 0x10000u + F.next_key : 0;
+    int i = 0;
+    while (i < MAX_MRS && F.mrs[i])
+        i++;
+    assert_true(i < MAX_MRS);
+    F.mrs[i] = mr;
+    pthread_mutex_unlock(&F.mu);
+    return mr;
+}
+WRAP(struct ibv_mr *, ibv_reg_mr, struct ibv_pd *pd, void *addr, size_t len, int access)
+{
+    (void)pd;
+    return fab_reg(addr, len, access);
+}
+WRAP(struct ibv_mr *, ibv_reg_mr_iova2, struct ibv_pd *pd, void *addr, size_t len, uint64_t iova,
+     unsigned int access)
+{
+    (void)pd, (void)iova;
+    return fab_reg(addr, len, (int)access);
+}
+WRAP(int, ibv_dereg_mr, struct ibv_mr *mr)
+{
+    pthread_mutex_lock(&F.mu);
+    for (int i = 0; i < MAX_MRS; i++)
+        if (F.mrs[i] == mr)
+            F.mrs[i] = NULL;
+    pthread_mutex_unlock(&F.mu);
+    free(mr);
+    return 0;
+}
+WRAP(struct rdma_event_channel *, rdma_create_event_channel, void)
+{
+    fchan *c = calloc(1, sizeof *c);
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    fcntl(p[0], F_SETFL, O_NONBLOCK);
+    c->ch.fd = p[0];
+    c->wfd = p[1];
+    return &c->ch;
+}
+WRAP(void, rdma_destroy_event_channel, struct rdma_event_channel *ch)
+{
+    fchan *c = (fchan *)ch;
+    for (int i = 0; i < c->n; i++)
+        free(c->evs[i]);
+    close(c->ch.fd);
+    close(c->wfd);
+    free(c);
+}
+WRAP(int, rdma_create_id, struct rdma_event_channel *ch, struct rdma_cm_id **id, void *ctx,
+     enum rdma_port_space ps)
+{
+    (void)ps;
+    fid *f = calloc(1, sizeof *f);
+    f->id.channel = ch;
+    f->id.context = ctx;
+    *id = &f->id;
+    return 0;
+}
+WRAP(int, rdma_destroy_id, struct rdma_cm_id *id)
+{
+    fid *f = (fid *)id;
+    pthread_mutex_lock(&F.mu);
+    for (int i = 0; i < 8; i++)
+        if (F.listeners[i] == f)
+            F.listeners[i] = NULL;
+    if (f->peer && f->peer->peer == f)
+        f->peer->peer = NULL;
+    pthread_mutex_unlock(&F.mu);
+    free(f);
+    return 0;
+}
+WRAP(int, rdma_bind_addr, struct rdma_cm_id *id, struct sockaddr *addr)
+{
+    fid *f = (fid *)id;
+    static uint16_t next_port = 20000;
+    uint16_t p = ntohs(((struct sockaddr_in *)addr)->sin_port);
+    f->port = p ? p : next_port++;
+    id->verbs = &F.ctx; /* bound to an address that an RDMA device owns */
+    return 0;
+}
+WRAP(int, rdma_listen, struct rdma_cm_id *id, int backlog)
+{
+    (void)backlog;
+    fid *f = (fid *)id;
+    pthread_mutex_lock(&F.mu);
+    for (int i = 0; i < 8; i++)
+        if (!F.listeners[i]) {
+            F.listeners[i] = f;
+            break;
+        }
+    f->listening = 1;
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(uint16_t, rdma_get_src_port, struct rdma_cm_id *id)
+{
+    return htons(((fid *)id)->port);
+}
+WRAP(int, rdma_resolve_addr, struct rdma_cm_id *id, struct sockaddr *src, struct sockaddr *dst,
+     int ms)
+{
+    (void)src, (void)ms;
+    fid *f = (fid *)id;
+    f->port = ntohs(((struct sockaddr_in *)dst)->sin_port);
+    id->verbs = &F.ctx;
+    pthread_mutex_lock(&F.mu);
+    ev_push((fchan *)id->channel, RDMA_CM_EVENT_ADDR_RESOLVED, f);
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(int, rdma_resolve_route, struct rdma_cm_id *id, int ms)
+{
+    (void)ms;
+    pthread_mutex_lock(&F.mu);
+    ev_push((fchan *)id->channel, RDMA_CM_EVENT_ROUTE_RESOLVED, (fid *)id);
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(int, rdma_get_cm_event, struct rdma_event_channel *ch, struct rdma_cm_event **ev)
+{
+    fchan *c = (fchan *)ch;
+    pthread_mutex_lock(&F.mu);
+    if (c->n == 0) {
+        pthread_mutex_unlock(&F.mu);
+        return -1;
+    }
+    *ev = c->evs[0];
+    memmove(c->evs, c->evs + 1, (size_t)--c->n * sizeof c->evs[0]);
+    char b;
+    assert_int_equal(read(c->ch.fd, &b, 1), 1);
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(int, rdma_ack_cm_event, struct rdma_cm_event *ev)
+{
+    free(ev);
+    return 0;
+}
+WRAP(int, rdma_create_qp, struct rdma_cm_id *id, struct ibv_pd *pd, struct ibv_qp_init_attr *a)
+{
+    (void)pd, (void)a;
+    fid *f = (fid *)id;
+    f->qp.context = &F.ctx;
+    f->qp.qp_context = f;
+    id->qp = &f->qp;
+    return 0;
+}
+WRAP(void, rdma_destroy_qp, struct rdma_cm_id *id)
+{
+    id->qp = NULL;
+}
+WRAP(int, rdma_connect, struct rdma_cm_id *id, struct rdma_conn_param *p)
+{
+    (void)p;
+    fid *f = (fid *)id;
+    pthread_mutex_lock(&F.mu);
+    fid *l = NULL;
+    for (int i = 0; i < 8; i++)
+        if (F.listeners[i] && F.listeners[i]->port == f->port)
+            l = F.listeners[i];
+    if (!l) {
+        ev_push((fchan *)id->channel, RDMA_CM_EVENT_REJECTED, f);
+    } else {
+        fid *child = calloc(1, sizeof *child);
+        child->id.channel = l->id.channel;
+        child->id.context = l->id.context;
+        child->id.verbs = &F.ctx;
+        child->peer = f;
+        f->peer = child;
+        F.connects++;
+        ev_push((fchan *)l->id.channel, RDMA_CM_EVENT_CONNECT_REQUEST, child);
+    }
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(int, rdma_accept, struct rdma_cm_id *id, struct rdma_conn_param *p)
+{
+    (void)p;
+    fid *child = (fid *)id;
+    pthread_mutex_lock(&F.mu);
+    ev_push((fchan *)id->channel, RDMA_CM_EVENT_ESTABLISHED, child);
+    if (child->peer)
+        ev_push((fchan *)child->peer->id.channel, RDMA_CM_EVENT_ESTABLISHED, child->peer);
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(int, rdma_reject, struct rdma_cm_id *id, const void *d, uint8_t n)
+{
+    (void)d, (void)n;
+    fid *child = (fid *)id;
+    pthread_mutex_lock(&F.mu);
+    if (child->peer)
+        ev_push((fchan *)child->peer->id.channel, RDMA_CM_EVENT_REJECTED, child->peer);
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+WRAP(int, rdma_disconnect, struct rdma_cm_id *id)
+{
+    fid *f = (fid *)id;
+    pthread_mutex_lock(&F.mu);
+    f->gone = 1;
+    if (f->peer && !f->peer->gone)
+        ev_push((fchan *)f->peer->id.channel, RDMA_CM_EVENT_DISCONNECTED, f->peer);
+    pthread_mutex_unlock(&F.mu);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* A storage node in this process */
+
+#define NS     0x5eedull
+#define LAYERS 6
+#define SEG    4096u
+
+typedef struct node {
+    kvf_cache *cache;
+    kvf_server *srv;
+    pthread_t th;
+    char addr[64];
+} node;
+
+static void *srv_main(void *arg)
+{
+    kvf__server_run(arg);
+    return NULL;
+}
+
+static void node_start(node *n, const char *rdma)
+{
+    char err[256];
+    kvf_cache_opts co = {.memory = 64u << 20};
+    assert_int_equal(kvf__cache_open(&n->cache, &co, err, sizeof err), 0);
+    kvf_server_opts so = {.host = "127.0.0.1", .verify_puts = 1, .rdma = rdma, .cache = n->cache};
+    int rc = kvf__server_open(&n->srv, &so, err, sizeof err);
+    if (rc)
+        fail_msg("server: %s", err);
+    snprintf(n->addr, sizeof n->addr, "127.0.0.1:%u", kvf__server_port(n->srv));
+    assert_int_equal(pthread_create(&n->th, NULL, srv_main, n->srv), 0);
+}
+
+static void node_stop(node *n)
+{
+    kvf__server_stop(n->srv);
+    pthread_join(n->th, NULL);
+    kvf__server_close(&n->srv);
+    kvf__cache_close(&n->cache);
+}
+
+static kvf_client *client(const node *n, const char *transport)
+{
+    const char *nodes[1] = {n->addr};
+    kvf_client_opts o = {
+        .nodes = nodes, .n_nodes = 1, .ns = NS, .conns_per_node = 2, .transport = transport};
+    kvf_client *c = NULL;
+    char err[256];
+    int rc = kvf_client_open(&c, &o, err, sizeof err);
+    if (rc)
+        fail_msg("client (%s): %s", transport, err);
+    return c;
+}
+
+/* The node's statistics, one integer by path "a" or "a.b". */
+static long stat_of(kvf_client *c, const char *k1, const char *k2)
+{
+    char *text = NULL;
+    assert_int_equal(kvf_client_stats(c, 0, &text, 2000), 0);
+    json_t *o = json_loads(text, 0, NULL);
+    free(text);
+    assert_non_null(o);
+    json_t *v = json_object_get(o, k1);
+    if (k2)
+        v = json_object_get(v, k2);
+    assert_non_null(v);
+    long r = (long)json_integer_value(v);
+    json_decref(o);
+    return r;
+}
+
+/* n objects of LAYERS x SEG bytes, contents from their index. */
+typedef struct objs {
+    size_t n;
+    kvf_key *keys;
+    void **obj;
+    const void **cobj;
+    uint64_t *len;
+    void **buf;
+    uint64_t *cap, *out;
+    int *st;
+} objs;
+
+static void objs_make(objs *o, size_t n, uint32_t salt)
+{
+    o->n = n;
+    o->keys = calloc(n, sizeof *o->keys);
+    o->obj = calloc(n, sizeof *o->obj);
+    o->cobj = calloc(n, sizeof *o->cobj);
+    o->len = calloc(n, sizeof *o->len);
+    o->buf = calloc(n, sizeof *o->buf);
+    o->cap = calloc(n, sizeof *o->cap);
+    o->out = calloc(n, sizeof *o->out);
+    o->st = calloc(n, sizeof *o->st);
+    uint8_t *seg = malloc((size_t)LAYERS * SEG);
+    for (size_t i = 0; i < n; i++) {
+        o->keys[i] = (kvf_key){.lo = 0x1000 + i + ((uint64_t)salt << 32), .hi = 0xabc + salt};
+        for (size_t b = 0; b < (size_t)LAYERS * SEG; b++)
+            seg[b] = (uint8_t)(b * 7 + i * 13 + salt);
+        const void *segs[LAYERS];
+        for (int l = 0; l < LAYERS; l++)
+            segs[l] = seg + (size_t)l * SEG;
+        size_t cap = kvf__obj_raw_size(LAYERS, SEG), got;
+        o->obj[i] = malloc(cap);
+        assert_int_equal(kvf__obj_encode(&o->keys[i], 1, 16, LAYERS, segs, SEG, KVF_CODEC_NONE,
+                                         o->obj[i], cap, &got, NULL),
+                         0);
+        o->cobj[i] = o->obj[i];
+        o->len[i] = got;
+        o->buf[i] = calloc(1, cap);
+        o->cap[i] = cap;
+    }
+    free(seg);
+}
+
+static void objs_free(objs *o)
+{
+    for (size_t i = 0; i < o->n; i++)
+        free(o->obj[i]), free(o->buf[i]);
+    free(o->keys), free(o->obj), free(o->cobj), free(o->len), free(o->buf), free(o->cap);
+    free(o->out), free(o->st);
+}
+
+static int do_put(kvf_client *c, objs *o, const char **transport)
+{
+    kvf_batch b = {.n = o->n, .keys = o->keys, .objs = o->cobj, .lens = o->len, .status = o->st};
+    kvf_op *op;
+    assert_int_equal(kvf_client_put_async(c, &b, &op), 0);
+    int rc = kvf_op_wait(op);
+    if (transport)
+        *transport = kvf_op_transport(op);
+    kvf_op_free(&op);
+    return rc;
+}
+
+static int do_get(kvf_client *c, objs *o, uint32_t flags, kvf_layer_cb cb, void *ud)
+{
+    for (size_t i = 0; i < o->n; i++)
+        memset(o->buf[i], 0, o->cap[i]);
+    kvf_batch b = {.n = o->n,
+                   .keys = o->keys,
+                   .bufs = o->buf,
+                   .caps = o->cap,
+                   .out_lens = o->out,
+                   .status = o->st,
+                   .flags = flags,
+                   .layer_cb = cb,
+                   .ud = ud};
+    return kvf_client_get(c, &b);
+}
+
+/* A node serving RDMA, an RDMA client, and n objects put through it. */
+static void stored(node *n, kvf_client **c, objs *o, size_t count, uint32_t salt)
+{
+    fabric_reset();
+    node_start(n, "127.0.0.1:0");
+    *c = client(n, "rdma");
+    objs_make(o, count, salt);
+    assert_int_equal(do_put(*c, o, NULL), 0);
+    for (size_t i = 0; i < count; i++)
+        assert_int_equal(o->st[i], 0);
+}
+
+static void finish(node *n, kvf_client **c, objs *o)
+{
+    kvf_client_close(c);
+    objs_free(o);
+    node_stop(n);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tests */
+
+/* Puts by reservation, WRITE and commit; gets by descriptor and READ; the bytes are right, they
+ * moved over the fabric, a TCP client reads the same, and every lease was released. */
+static void test_put_get(void **state)
+{
+    (void)state;
+    fabric_reset();
+    node n;
+    node_start(&n, "127.0.0.1:0");
+    kvf_client *c = client(&n, "rdma");
+    char why[240];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "rdma");
+    objs o;
+    objs_make(&o, 40, 1);
+    const char *tr = NULL;
+    assert_int_equal(do_put(c, &o, &tr), 0);
+    assert_string_equal(tr, "rdma");
+    for (size_t i = 0; i < o.n; i++)
+        assert_int_equal(o.st[i], 0);
+    assert_int_equal(F.writes, 40);
+    /* Put again: every key is there already, nothing is written. */
+    assert_int_equal(do_put(c, &o, NULL), 0);
+    for (size_t i = 0; i < o.n; i++)
+        assert_int_equal(o.st[i], KVF_EEXIST);
+    assert_int_equal(F.writes, 40);
+
+    assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0);
+    for (size_t i = 0; i < o.n; i++) {
+        assert_int_equal(o.st[i], 0);
+        assert_int_equal(o.out[i], o.len[i]);
+        assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+    }
+    assert_int_equal(F.reads, 40); /* one READ per object: its segments, after the header */
+    kvf_client_counters cc;
+    kvf_client_counters_get(c, &cc);
+    assert_true(cc.bytes_received >= 40 * (uint64_t)LAYERS * SEG);
+
+    kvf_client *t = client(&n, "tcp");
+    assert_string_equal(kvf_client_transport(t, NULL, 0), "tcp");
+    assert_int_equal(do_get(t, &o, 0, NULL, NULL), 0);
+    for (size_t i = 0; i < o.n; i++)
+        assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+    assert_int_equal(stat_of(t, "rdma", "committed"), 40);
+    /* Leases are released right after the op completes: poll briefly for the release. */
+    for (int i = 0; i < 100 && stat_of(t, "referenced", NULL) != 0; i++)
+        usleep(10000);
+    assert_int_equal(stat_of(t, "referenced", NULL), 0);
+    assert_int_equal(stat_of(t, "rdma", "released"), 1);
+    /* The RDMA client goes: the node sees its disconnect and closes its side. */
+    assert_int_equal(stat_of(t, "rdma", "connections"), 1);
+    kvf_client_close(&c);
+    for (int i = 0; i < 100 && stat_of(t, "rdma", "connections") != 0; i++)
+        usleep(10000);
+    assert_int_equal(stat_of(t, "rdma", "connections"), 0);
+    assert_int_equal(stat_of(t, "rdma", "accepted"), 1);
+    kvf_client_close(&t);
+    objs_free(&o);
+    node_stop(&n);
+}
+
+/* A streamed get READs layer by layer across the batch and reports each layer once it landed and
+ * verified, in order. */
+typedef struct layer_seen {
+    objs *o;
+    uint32_t next;
+    int bad;
+} layer_seen;
+
+static void on_layer(kvf_op *op, uint32_t l, void *ud)
+{
+    (void)op;
+    layer_seen *s = ud;
+    if (l != s->next++)
+        s->bad = 1;
+    /* Layer l of every object is in place now. */
+    uint32_t h = kvf__obj_header_len(LAYERS);
+    for (size_t i = 0; i < s->o->n; i++)
+        if (memcmp((uint8_t *)s->o->buf[i] + h + (size_t)l * SEG,
+                   (uint8_t *)s->o->obj[i] + h + (size_t)l * SEG, SEG) != 0)
+            s->bad = 1;
+}
+
+static long g_order_bad, g_last_l;
+static void check_layer_major(int opcode, void *local, uint32_t len, long index)
+{
+    (void)opcode, (void)local, (void)len;
+    /* 10 objects: requests 0..9 are layer 0, 10..19 layer 1, ... */
+    long l = index / 10;
+    if (l < g_last_l)
+        g_order_bad = 1;
+    g_last_l = l;
+}
+
+static void test_stream_layers(void **state)
+{
+    (void)state;
+    node n;
+    kvf_client *c;
+    objs o;
+    stored(&n, &c, &o, 10, 2);
+    fabric_reset();
+    g_order_bad = 0;
+    g_last_l = 0;
+    F.after = check_layer_major;
+    layer_seen s = {.o = &o};
+    assert_int_equal(do_get(c, &o, KVF_GET_STREAM, on_layer, &s), 0);
+    assert_int_equal(s.next, LAYERS);
+    assert_false(s.bad);
+    assert_false(g_order_bad);
+    assert_int_equal(F.reads, 10 * LAYERS);
+    for (size_t i = 0; i < o.n; i++) {
+        assert_int_equal(o.st[i], 0);
+        assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+    }
+    finish(&n, &c, &o);
+}
+
+/* Bytes overwritten after a lease ended (the block reused under the READ) fail the checksum: the
+ * key is a miss, never a wrong byte; the others are fine. */
+static void overwrite_third(int opcode, void *local, uint32_t len, long index)
+{
+    if (opcode == IBV_WR_RDMA_READ && index == 3)
+        memset((uint8_t *)local + len / 2, 0x5a, 64);
+}
+
+static void test_overwritten_is_miss(void **state)
+{
+    (void)state;
+    node n;
+    kvf_client *c;
+    objs o;
+    stored(&n, &c, &o, 8, 3);
+    for (int stream = 0; stream < 2; stream++) {
+        fabric_reset();
+        F.after = overwrite_third;
+        layer_seen s = {.o = &o};
+        assert_int_equal(do_get(c, &o, stream ? KVF_GET_STREAM : 0, NULL, &s), 0);
+        for (size_t i = 0; i < o.n; i++) {
+            if (!stream && i == 3) {
+                assert_int_equal(o.st[i], KVF_ECHECKSUM);
+                continue;
+            }
+            if (stream && i == 3) { /* layer 0 of object 3 */
+                assert_int_equal(o.st[i], KVF_ECHECKSUM);
+                continue;
+            }
+            assert_int_equal(o.st[i], 0);
+            assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+        }
+    }
+    finish(&n, &c, &o);
+}
+
+/* A lease the client never releases ends on the node: the references go. */
+static void test_lease_expires(void **state)
+{
+    (void)state;
+    node n;
+    kvf_client *c;
+    objs o;
+    stored(&n, &c, &o, 4, 4);
+    uint8_t req[16 + 16 * 4], *rep = NULL;
+    size_t rlen;
+    memset(req, 0, sizeof req);
+    memcpy(req, &(uint64_t){NS}, 8); /* little-endian host */
+    uint32_t lease_ms = 150;
+    memcpy(req + 8, &lease_ms, 4);
+    for (int i = 0; i < 4; i++)
+        kvf__wire_key_put(req + 16 + 16 * i, &o.keys[i]);
+    assert_int_equal(
+        kvf__client_raw(c, 0, -1, KVF_OP_RDMA_GET, 4, req, sizeof req, &rep, &rlen, 2000), 0);
+    assert_true(rlen > 16 + 24 * 4);
+    free(rep);
+    assert_int_equal(stat_of(c, "referenced", NULL), 4);
+    for (int i = 0; i < 100 && stat_of(c, "referenced", NULL) != 0; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(c, "referenced", NULL), 0);
+    assert_int_equal(stat_of(c, "rdma", "expired"), 1);
+    /* Releasing a lease that is gone releases nothing and breaks nothing. */
+    uint8_t rel[16] = {0};
+    memcpy(rel, &(uint64_t){NS}, 8);
+    rel[8] = 1;
+    assert_int_equal(
+        kvf__client_raw(c, 0, -1, KVF_OP_RDMA_RELEASE, 0, rel, sizeof rel, &rep, &rlen, 2000), 0);
+    assert_int_equal(rlen, 8);
+    assert_int_equal(rep[0], 0);
+    free(rep);
+    finish(&n, &c, &o);
+}
+
+/* A completion error (remote access) fails the requests from it on: those keys are misses, the
+ * ones before it stand; the connection is rebuilt and the next get succeeds whole. */
+static enum ibv_wc_status fail_fifth(int opcode, void *local, uint64_t remote, uint32_t len,
+                                     long index)
+{
+    (void)opcode, (void)local, (void)remote, (void)len;
+    return index == 5 ? IBV_WC_REM_ACCESS_ERR : IBV_WC_SUCCESS;
+}
+
+static void test_completion_error(void **state)
+{
+    (void)state;
+    node n;
+    kvf_client *c;
+    objs o;
+    stored(&n, &c, &o, 12, 5);
+    fabric_reset();
+    F.hook = fail_fifth;
+    long connects = F.connects;
+    assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0);
+    for (size_t i = 0; i < o.n; i++) {
+        if (i < 5) {
+            assert_int_equal(o.st[i], 0);
+            assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+        } else {
+            assert_int_equal(o.st[i], KVF_EACCES);
+        }
+    }
+    F.hook = NULL;
+    assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0);
+    for (size_t i = 0; i < o.n; i++) {
+        assert_int_equal(o.st[i], 0);
+        assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+    }
+    assert_int_equal(F.connects, connects + 1);
+    finish(&n, &c, &o);
+}
+
+/* Nothing written is visible before its commit; a write that fails leaves nothing behind. */
+static kvf_client *g_observer;
+static objs *g_put;
+static long g_visible_early;
+static enum ibv_wc_status observe_write(int opcode, void *local, uint64_t remote, uint32_t len,
+                                        long index)
+{
+    (void)local, (void)remote, (void)len;
+    if (opcode != IBV_WR_RDMA_WRITE)
+        return IBV_WC_SUCCESS;
+    uint8_t present = 1;
+    /* The fabric lock is held: the observer's TCP client does not touch the fabric. */
+    assert_int_equal(kvf_client_exists(g_observer, 1, &g_put->keys[index], &present, 2000), 0);
+    g_visible_early += present;
+    return index == 2 ? IBV_WC_RETRY_EXC_ERR : IBV_WC_SUCCESS;
+}
+
+static void test_put_commit(void **state)
+{
+    (void)state;
+    fabric_reset();
+    node n;
+    node_start(&n, "127.0.0.1:0");
+    kvf_client *c = client(&n, "rdma");
+    g_observer = client(&n, "tcp");
+    objs o;
+    objs_make(&o, 6, 6);
+    g_put = &o;
+    g_visible_early = 0;
+    F.hook = observe_write;
+    assert_int_equal(do_put(c, &o, NULL), 0);
+    F.hook = NULL;
+    assert_int_equal(g_visible_early, 0);
+    uint8_t present[6];
+    assert_int_equal(kvf_client_exists(g_observer, 6, o.keys, present, 2000), 0);
+    for (int i = 0; i < 6; i++) {
+        /* the failed request and every one after it fail with its error */
+        assert_int_equal(o.st[i], i < 2 ? 0 : KVF_ETIMEDOUT);
+        assert_int_equal(present[i], i < 2);
+    }
+    /* No reservation lingers: the failed keys go in on the next put, over a new connection. */
+    assert_int_equal(do_put(c, &o, NULL), 0);
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(o.st[i], i < 2 ? KVF_EEXIST : 0);
+    assert_int_equal(do_get(g_observer, &o, 0, NULL, NULL), 0);
+    for (size_t i = 0; i < o.n; i++)
+        assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+    assert_int_equal(stat_of(g_observer, "reserved", NULL), 0);
+    kvf_client_close(&g_observer);
+    finish(&n, &c, &o);
+}
+
+/* A node that serves no RDMA: "auto" uses TCP and says why, "rdma" refuses to open; the
+ * descriptor requests get a clear, non-fatal error. */
+static void test_fallback(void **state)
+{
+    (void)state;
+    fabric_reset();
+    node n;
+    node_start(&n, "off");
+    kvf_client *c = client(&n, "auto");
+    char why[240];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "tcp");
+    assert_non_null(strstr(why, "serves no RDMA"));
+    objs o;
+    objs_make(&o, 3, 7);
+    const char *tr;
+    assert_int_equal(do_put(c, &o, &tr), 0);
+    assert_string_equal(tr, "tcp");
+    assert_int_equal(F.writes, 0);
+    uint8_t req[16 + 16] = {0}, *rep = NULL;
+    size_t rlen;
+    memcpy(req, &(uint64_t){NS}, 8);
+    kvf__wire_key_put(req + 16, &o.keys[0]);
+    assert_int_equal(
+        kvf__client_raw(c, 0, -1, KVF_OP_RDMA_GET, 1, req, sizeof req, &rep, &rlen, 2000),
+        KVF_ENOTSUP);
+    assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0); /* the connection still serves */
+    assert_memory_equal(o.buf[0], o.obj[0], o.len[0]);
+    kvf_client_close(&c);
+    const char *nodes[1] = {n.addr};
+    kvf_client_opts co = {.nodes = nodes, .n_nodes = 1, .ns = NS, .transport = "rdma"};
+    char err[256];
+    assert_int_equal(kvf_client_open(&c, &co, err, sizeof err), KVF_ENOTSUP);
+    assert_non_null(strstr(err, "serves no RDMA"));
+    co.transport = "carrier-pigeon";
+    assert_int_equal(kvf_client_open(&c, &co, err, sizeof err), KVF_EINVAL);
+    objs_free(&o);
+    node_stop(&n);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_put_get),
+        cmocka_unit_test(test_stream_layers),
+        cmocka_unit_test(test_overwritten_is_miss),
+        cmocka_unit_test(test_lease_expires),
+        cmocka_unit_test(test_completion_error),
+        cmocka_unit_test(test_put_commit),
+        cmocka_unit_test(test_fallback),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
