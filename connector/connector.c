@@ -24,7 +24,6 @@
 #include "http.h"
 #include "object.h"
 #include "pagemap.h"
-#include "rdma.h"
 
 #include <jansson.h>
 #include <pthread.h>
@@ -564,30 +563,38 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     return 0;
 }
 
-/* RDMA where the classifier finds one-sided reads real between the two records, this host has a
- * device, and the storage node serves RDMA; TCP otherwise, with the first of those that fails as
- * the reason. The storage node's RDMA data path is not built yet (docs/rdma.md), so today the
- * answer is always TCP: the reason says which condition decided it. */
-static void choose_transport(kvf_connector *cn)
+/* The storage node's record as it is once the node said in its HELLO that it serves RDMA. */
+static kvf_caps remote_with_rdma(const kvf_connector *cn)
+{
+    kvf_caps r = cn->remote;
+    r.transports |= KVF_TRANSPORT_RDMA;
+    r.rdma_devices = r.rdma_devices > 0 ? r.rdma_devices : 1;
+    r.rdma_one_sided = 1;
+    return r;
+}
+
+/* The client's transport: "tcp" where the classifier does not find one-sided reads real between
+ * the engine's record and a storage node that serves RDMA (the engine's side is what fails; the
+ * reason is kept), otherwise "auto": the client then uses RDMA where this host has a device and
+ * every node serves it, and says why not. */
+static const char *choose_transport(kvf_connector *cn)
 {
     kvf_verdict v;
-    char dev[160] = "";
-    if (kvf_classify(KVF_ACTION_RDMA_READ, &cn->local, &cn->remote, 0, &v) == 0 &&
-        v.label != KVF_FEAS_REAL)
+    kvf_caps r = remote_with_rdma(cn);
+    if (kvf_classify(KVF_ACTION_RDMA_READ, &cn->local, &r, 0, &v) == 0 &&
+        v.label != KVF_FEAS_REAL) {
         snprintf(cn->transport_why, sizeof cn->transport_why, "tcp: rdma_read is %s: %s",
                  kvf_feas_label_name(v.label), v.why);
-    else if (!kvf__rdma_available(dev, sizeof dev))
-        snprintf(cn->transport_why, sizeof cn->transport_why, "tcp: %s", dev);
-    else
-        snprintf(cn->transport_why, sizeof cn->transport_why,
-                 "tcp: RDMA is possible on both sides but the storage node does not serve it yet");
+        return "tcp";
+    }
+    return "auto";
 }
 
 const char *kvf_connector_transport(const kvf_connector *cn, char *why, size_t len)
 {
     if (why)
         snprintf(why, len, "%s", cn->transport_why);
-    return "tcp";
+    return cn->cl ? kvf_client_transport(cn->cl, NULL, 0) : "tcp";
 }
 
 /* Asks the classifier; a remote action that is not real here is refused. */
@@ -915,7 +922,7 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     else
         kvf_caps_builtin("reference", &cn->local);
     kvf_caps_builtin("kvf-store", &cn->remote);
-    choose_transport(cn);
+    const char *transport = choose_transport(cn);
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
     cn->nworkers = o->workers > 0 ? o->workers : 2;
     pthread_mutex_init(&cn->mu, NULL);
@@ -926,6 +933,7 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
         .ns = cn->ks.seed,
         .conns_per_node = o->conns_per_node,
         .deadline_ms = cn->deadline_ms,
+        .transport = transport,
     };
     char **fetched = NULL;
     size_t n_fetched = 0;
@@ -942,6 +950,9 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     free(fetched);
     if (rc)
         goto out_free;
+    if (strcmp(transport, "tcp") != 0 &&
+        !strcmp(kvf_client_transport(cn->cl, cn->transport_why, sizeof cn->transport_why), "rdma"))
+        cn->remote = remote_with_rdma(cn); /* every node said so */
     if (o->staging_bytes) {
         for (int i = 0; i < 2; i++) {
             cn->regions[i].mem = map_locked(o->staging_bytes);
