@@ -292,7 +292,11 @@ int __wrap_rdma_get_cm_event(struct rdma_event_channel *ch, struct rdma_cm_event
     logc("rdma_get_cm_event");
     assert_true(M.next_event < M.n_events);
     M.ev = (struct rdma_cm_event){.event = M.events[M.next_event++]};
-    M.ev.id = M.ev.event == RDMA_CM_EVENT_CONNECT_REQUEST ? &M.child : &M.id;
+    /* Requests and disconnects on a listener's channel are about the accepted id. */
+    M.ev.id =
+        M.ev.event == RDMA_CM_EVENT_CONNECT_REQUEST || M.ev.event == RDMA_CM_EVENT_DISCONNECTED
+            ? &M.child
+            : &M.id;
     *ev = &M.ev;
     return 0;
 }
@@ -555,6 +559,56 @@ static void test_rdma_listen_and_accept(void **state)
     expect_log(ldown, 2, mark + 5);
 }
 
+/* The storage node's side: the arena registered once on the listener's device (remote read and
+ * write), connections accepted by polling the listener, a disconnect naming its connection, and
+ * the listener releasing the registration and the device last. */
+static void test_rdma_listener_registers_and_polls(void **state)
+{
+    (void)state;
+    mock_reset();
+    kvf__rdma_listener *l;
+    uint16_t port = 0;
+    char err[256];
+    static uint8_t arena[1 << 16];
+    assert_int_equal(kvf__rdma_listen("10.0.0.1", 0, NULL, &l, &port, err, sizeof err), 0);
+    int mark = M.n_log;
+    uint32_t rkey = 0;
+    assert_int_equal(kvf__rdma_listener_register(l, arena, sizeof arena, &rkey, err, sizeof err),
+                     0);
+    static const char *const rseq[] = {"ibv_alloc_pd", "ibv_create_cq", "ibv_reg_mr"};
+    expect_log(rseq, 3, mark);
+    assert_int_equal(rkey, M.mrs[0].rkey);
+    assert_true(rkey != 0); /* registered for remote access */
+    /* Registering again reuses it. */
+    assert_int_equal(kvf__rdma_listener_register(l, arena, 4096, &rkey, err, sizeof err), 0);
+    assert_int_equal(M.n_mrs, 1);
+
+    /* A request: accepted on the same device (no second PD or CQ). */
+    kvf__rdma_conn *in = NULL, *gone = NULL;
+    mark = M.n_log;
+    script(3, RDMA_CM_EVENT_CONNECT_REQUEST, RDMA_CM_EVENT_ESTABLISHED, RDMA_CM_EVENT_DISCONNECTED);
+    assert_int_equal(kvf__rdma_listener_poll(l, 100, &in, &gone, err, sizeof err), 0);
+    assert_non_null(in);
+    assert_null(gone);
+    static const char *const aseq[] = {"rdma_get_cm_event", "rdma_ack_cm_event",
+                                       "rdma_create_qp",    "rdma_accept",
+                                       "rdma_get_cm_event", "rdma_ack_cm_event"};
+    expect_log(aseq, 6, mark);
+    /* The peer disconnects: the event names the connection. */
+    assert_int_equal(kvf__rdma_listener_poll(l, 100, &in, &gone, err, sizeof err), 0);
+    assert_null(in);
+    assert_non_null(gone);
+    mark = M.n_log;
+    kvf__rdma_close(&gone);
+    static const char *const cdown[] = {"rdma_disconnect", "rdma_destroy_qp", "rdma_destroy_id"};
+    expect_log(cdown, 3, mark); /* the device stays: the listener holds it */
+    mark = M.n_log;
+    kvf__rdma_listener_close(&l);
+    static const char *const ldown[] = {"ibv_dereg_mr", "ibv_destroy_cq", "ibv_dealloc_pd",
+                                        "rdma_destroy_id", "rdma_destroy_event_channel"};
+    expect_log(ldown, 5, mark);
+}
+
 /* 45 reads, queue depth 8, a signal every 4, chains of at most 6. */
 static void test_rdma_read_chains_signalling_and_depth(void **state)
 {
@@ -796,6 +850,7 @@ int main(void)
         cmocka_unit_test(test_rdma_connect_and_teardown_order),
         cmocka_unit_test(test_rdma_connect_errors_release_everything),
         cmocka_unit_test(test_rdma_listen_and_accept),
+        cmocka_unit_test(test_rdma_listener_registers_and_polls),
         cmocka_unit_test(test_rdma_read_chains_signalling_and_depth),
         cmocka_unit_test(test_rdma_write_and_registration_cache),
         cmocka_unit_test(test_rdma_completion_error_breaks_the_connection),
