@@ -110,6 +110,7 @@ typedef struct deferred {
     struct deferred *next;
     uint64_t conn_id;
     out_msg *msg;
+    int fd; /* >= 0: a connection accepted by another loop, handed to this one */
 } deferred;
 
 struct loop {
@@ -134,7 +135,8 @@ struct kvf_server {
     int nloops;
     atomic_int stopping;
     atomic_uint_fast64_t next_conn_id;
-    atomic_int jobs; /* COPY workers running */
+    atomic_int jobs;       /* COPY workers running */
+    atomic_uint next_loop; /* the loop the next accepted connection goes to */
     /* counters */
     atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
     atomic_uint_fast64_t reqs[32];
@@ -1123,6 +1125,7 @@ static void loop_post(loop *lp, uint64_t conn_id, out_msg *m)
     }
     d->conn_id = conn_id;
     d->msg = m;
+    d->fd = -1;
     pthread_mutex_lock(&lp->inbox_mu);
     d->next = lp->inbox;
     lp->inbox = d;
@@ -1584,6 +1587,36 @@ static int conn_on_readable(conn *c)
 /* ------------------------------------------------------------------------------------------ */
 /* Loops */
 
+/* Makes fd one of lp's connections. */
+static void loop_adopt(loop *lp, int fd)
+{
+    kvf_server *s = lp->srv;
+    conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->fd = fd;
+    c->lp = lp;
+    c->id = atomic_fetch_add(&s->next_conn_id, 1);
+    c->events = KVF_POLL_IN;
+    if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
+        close(fd);
+        free(c);
+        return;
+    }
+    c->next = lp->conns;
+    if (lp->conns)
+        lp->conns->prev = c;
+    lp->conns = c;
+    atomic_fetch_add(&s->n_conns, 1);
+    atomic_fetch_add(&s->n_accepted, 1);
+    kvf_debug(s->o.log, "loop %d: connection %" PRIu64 " accepted", lp->idx, c->id);
+}
+
+/* Accepts what is pending and deals the connections out to the loops in turn: whichever loop
+ * wins the accept, a client's several connections land on different loops and their transfers
+ * run in parallel. */
 static void loop_accept(loop *lp)
 {
     kvf_server *s = lp->srv;
@@ -1596,27 +1629,19 @@ static void loop_accept(loop *lp)
             kvf_warn(s->o.log, "accept: %s", kvf_strerror(rc));
             return;
         }
-        conn *c = calloc(1, sizeof *c);
-        if (!c) {
-            close(fd);
-            return;
+        loop *to = &s->loops[atomic_fetch_add(&s->next_loop, 1) % (unsigned)s->nloops];
+        deferred *d = to == lp ? NULL : malloc(sizeof *d);
+        if (!d) {
+            loop_adopt(lp, fd);
+            continue;
         }
-        c->fd = fd;
-        c->lp = lp;
-        c->id = atomic_fetch_add(&s->next_conn_id, 1);
-        c->events = KVF_POLL_IN;
-        if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
-            close(fd);
-            free(c);
-            return;
-        }
-        c->next = lp->conns;
-        if (lp->conns)
-            lp->conns->prev = c;
-        lp->conns = c;
-        atomic_fetch_add(&s->n_conns, 1);
-        atomic_fetch_add(&s->n_accepted, 1);
-        kvf_debug(s->o.log, "loop %d: connection %" PRIu64 " accepted", lp->idx, c->id);
+        *d = (deferred){.fd = fd};
+        pthread_mutex_lock(&to->inbox_mu);
+        d->next = to->inbox;
+        to->inbox = d;
+        pthread_mutex_unlock(&to->inbox_mu);
+        ssize_t w = write(to->wake[1], &wake_byte, 1);
+        (void)w;
     }
 }
 
@@ -1631,6 +1656,12 @@ static void loop_drain_inbox(loop *lp)
     pthread_mutex_unlock(&lp->inbox_mu);
     while (d) {
         deferred *next = d->next;
+        if (d->fd >= 0) {
+            loop_adopt(lp, d->fd);
+            free(d);
+            d = next;
+            continue;
+        }
         conn *c = lp->conns;
         while (c && c->id != d->conn_id)
             c = c->next;
@@ -1821,6 +1852,8 @@ void kvf__server_close(kvf_server **sp)
                     msg_release_refs(s, d->msg);
                     free(d->msg);
                 }
+                if (d->fd >= 0)
+                    close(d->fd);
                 free(d);
                 d = next;
             }
