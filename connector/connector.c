@@ -20,6 +20,7 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "hash.h"
 #include "clock.h"
 #include "http.h"
 #include "object.h"
@@ -32,7 +33,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <xxhash.h>
 
 #define DEFAULT_STAGING (32u << 20)
 
@@ -262,7 +262,7 @@ static void do_gather(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
     for (size_t c = from; c < to; c++) {
         uint8_t *seg = x->stage + c * cn->obj_bytes + cn->hdr_len + layer * cn->pm.seg_bytes;
         kvf__pagemap_gather(&cn->pm, layer, seg, x->page_ids + c * ppc);
-        x->seg_xxh[c * L + layer] = XXH3_64bits(seg, cn->pm.seg_bytes);
+        x->seg_xxh[c * L + layer] = kvf__xxh3(seg, cn->pm.seg_bytes);
     }
 }
 

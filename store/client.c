@@ -20,6 +20,7 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "hash.h"
 #include "client_priv.h"
 #include "clock.h"
 #include "object.h"
@@ -38,11 +39,10 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-#define XXH_STATIC_LINKING_ONLY
-#include <xxhash.h>
 
 #define MAX_CONNS_PER_NODE 16
 #define SCRATCH_BYTES      (1u << 20)
+#define HASH_CHUNK         (256u << 10)
 #define MAX_ERR_TEXT       4096u
 #define BACKOFF_MIN_NS     100000000ull
 #define BACKOFF_MAX_NS     2000000000ull
@@ -182,6 +182,10 @@ struct kvf_client {
     kvf_client_counters counters;
     kvf__crdma *rd; /* the RDMA data path, or NULL: every transfer is TCP */
     char transport_why[240];
+    /* I/O threads: shards[0] is this client; the others are clients of their own, each with its
+     * share of the connections, that large gets and puts are split across */
+    kvf_client *shards[KVF_CLIENT_MAX_SHARDS];
+    int n_shards;
 };
 
 static const char wake_byte = 'w';
@@ -808,7 +812,7 @@ static void get_item_bytes(cconn *cn, size_t n)
         kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
         uint64_t seg_end = r->seg_start + sg.stored_len;
         uint64_t take = (end < seg_end ? end : seg_end) - pos;
-        XXH3_64bits_update(cn->xs, buf + pos, take);
+        kvf__xxh3_update(cn->xs, buf + pos, take);
         pos += take;
         if (pos == seg_end) {
             if (XXH3_64bits_digest(cn->xs) != sg.stored_xxh) {
@@ -1158,6 +1162,10 @@ static int cn_read(kvf_client *c, cconn *cn)
         }
         uint8_t *dst = cn->rdst;
         size_t want = cn->rleft > budget ? budget : cn->rleft;
+        /* Bytes that are hashed as they land are read in pieces that stay in the cache for the
+         * hash: hashing a large read afterwards would fetch it from memory again. */
+        if ((cn->hashing || cn->on_bytes) && want > HASH_CHUNK)
+            want = HASH_CHUNK;
         if (!dst) {
             dst = c->scratch;
             if (want > SCRATCH_BYTES)
@@ -1181,7 +1189,7 @@ static int cn_read(kvf_client *c, cconn *cn)
         pthread_mutex_unlock(&c->cmu);
         budget -= got;
         if (cn->hashing)
-            XXH3_64bits_update(cn->xs, cn->rdst, got);
+            kvf__xxh3_update(cn->xs, cn->rdst, got);
         else if (cn->on_bytes)
             cn->on_bytes(cn, got);
         if (cn->rdst)
@@ -1606,6 +1614,18 @@ static int validate_batch(const kvf_batch *b, int kind)
     return 0;
 }
 
+/* A batch is split across the I/O threads when it is large enough to keep more than one busy:
+ * at least two stripes' worth of bytes, and two keys. */
+static int worth_sharding(const kvf_client *c, const kvf_batch *b, int kind)
+{
+    if (c->n_shards < 2 || b->n < 2)
+        return 0;
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < b->n; i++)
+        bytes += kind == OPK_PUT ? b->lens[i] : b->caps[i];
+    return bytes >= 2 * c->o.stripe_bytes;
+}
+
 static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind, uint32_t opcode)
 {
     *out = NULL;
@@ -1619,7 +1639,12 @@ static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind
      * owner free the memory *out lives in, before op_submit() returns. */
     *out = op;
     op->transport = c->rd ? "rdma" : "tcp";
-    rc = c->rd ? kvf__crdma_submit(c->rd, op) : op_submit(c, op);
+    if (c->rd)
+        rc = kvf__crdma_submit(c->rd, op);
+    else if (worth_sharding(c, b, kind))
+        rc = kvf__shards_submit(c->shards, c->n_shards, op, kind == OPK_GET);
+    else
+        rc = op_submit(c, op);
     if (rc) {
         *out = NULL;
         op_destroy(op);
@@ -1859,9 +1884,17 @@ int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int deadline_m
 
 void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out)
 {
-    pthread_mutex_lock(&c->cmu);
-    *out = c->counters;
-    pthread_mutex_unlock(&c->cmu);
+    memset(out, 0, sizeof *out);
+    for (int i = 0; i < (c->n_shards ? c->n_shards : 1); i++) {
+        kvf_client *s = c->n_shards ? c->shards[i] : c;
+        pthread_mutex_lock(&s->cmu);
+        out->bytes_sent += s->counters.bytes_sent;
+        out->bytes_received += s->counters.bytes_received;
+        out->requests += s->counters.requests;
+        out->failed_keys += s->counters.failed_keys;
+        out->reconnects += s->counters.reconnects;
+        pthread_mutex_unlock(&s->cmu);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1982,7 +2015,9 @@ static int transport_choose(kvf_client *c, const char *mode)
 /* ------------------------------------------------------------------------------------------ */
 /* Open and close */
 
-int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_t errlen)
+/* One shard: its I/O thread and connections; the first also chooses the data path. */
+static int shard_open(kvf_client **out, const kvf_client_opts *o, int first, char *err,
+                      size_t errlen)
 {
     *out = NULL;
     if (!o || !o->nodes || o->n_nodes == 0 || o->n_nodes > KVF_CLIENT_MAX_NODES || o->ns == 0) {
@@ -2065,7 +2100,7 @@ int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_
         rc = KVF_EAGAIN;
         goto out_free;
     }
-    rc = transport_choose(c, o->transport);
+    rc = first ? transport_choose(c, o->transport) : 0;
     if (rc) {
         snprintf(err, errlen, "%s", c->transport_why);
         kvf_client_close(&c);
@@ -2095,11 +2130,48 @@ out_free:
     return rc;
 }
 
+int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!o) {
+        snprintf(err, errlen, "client: no options");
+        return KVF_EINVAL;
+    }
+    /* I/O threads: one unless asked; each gets its share of the connections. On a host with
+     * few cores the storage node's threads and the client's compete, and one client thread
+     * measured faster (docs/benchmarks.md). */
+    int conns = o->conns_per_node > 0 ? o->conns_per_node : 4;
+    conns = conns < MAX_CONNS_PER_NODE ? conns : MAX_CONNS_PER_NODE;
+    int k = o->io_threads > 0 ? o->io_threads : 1;
+    k = k < KVF_CLIENT_MAX_SHARDS ? k : KVF_CLIENT_MAX_SHARDS;
+    k = k < conns ? k : conns;
+    kvf_client_opts so = *o;
+    so.conns_per_node = conns / k;
+    kvf_client *c = NULL;
+    int rc = shard_open(&c, &so, 1, err, errlen);
+    if (rc)
+        return rc;
+    c->shards[0] = c;
+    c->n_shards = 1;
+    so.transport = "tcp";
+    for (int i = 1; i < k && !c->rd; i++) {
+        if ((rc = shard_open(&c->shards[i], &so, 0, err, errlen))) {
+            kvf_client_close(&c);
+            return rc;
+        }
+        c->n_shards++;
+    }
+    *out = c;
+    return 0;
+}
+
 void kvf_client_close(kvf_client **cp)
 {
     if (!cp || !*cp)
         return;
     kvf_client *c = *cp;
+    for (int i = 1; i < c->n_shards; i++)
+        kvf_client_close(&c->shards[i]);
     kvf__crdma_close(&c->rd); /* its requests still need the I/O thread */
     pthread_mutex_lock(&c->mu);
     c->stop = 1;

@@ -33,6 +33,14 @@ uint64_t kvf__op_deadline_ns(const kvf_op *op);
 /* Completes an op handed to the RDMA path: runs its callback or wakes its waiter. */
 void kvf__op_finish(kvf_op *op, int result);
 
+/* I/O threads: a client opens this many shards at most (client_shards.c). */
+#define KVF_CLIENT_MAX_SHARDS 8
+
+/* Splits the get (get 1) or put in parent's batch into one child op per shard (shards[0..n)),
+ * by bytes, and completes parent when the last child completes. 0 or KVF_ENOMEM (nothing
+ * submitted). */
+int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, int get);
+
 /* The RDMA data path: a worker thread that runs gets and puts with descriptors over TCP and
  * one-sided transfers over RDMA. */
 typedef struct kvf__crdma kvf__crdma;

@@ -17,6 +17,7 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "hash.h"
 #include "clock.h"
 #include "object.h"
 #include "rdma.h"
@@ -26,9 +27,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define XXH_STATIC_LINKING_ONLY
-#include <xxhash.h>
 
 #define RETRY_NS (1000ull * 1000000u) /* a node whose RDMA connect failed is retried after */
 
@@ -120,7 +118,7 @@ static void verify_layer(layer_track *t, uint32_t l)
             continue;
         kvf_obj_seg sg = kvf__obj_seg(&t->info[h], l);
         const uint8_t *p = (const uint8_t *)t->b->bufs[t->hit[h]] + t->seg_off[h * t->L + l];
-        if (XXH3_64bits(p, sg.stored_len) != sg.stored_xxh)
+        if (kvf__xxh3(p, sg.stored_len) != sg.stored_xxh)
             *st = KVF_ECHECKSUM;
     }
 }

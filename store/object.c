@@ -7,10 +7,10 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "hash.h"
 
 #include <lz4.h>
 #include <string.h>
-#include <xxhash.h>
 
 static const char *const codec_names[] = {
 #define XX(e, num, name) [num] = name,
@@ -141,7 +141,7 @@ int kvf__obj_parse(const void *buf, size_t len, kvf_obj_info *info)
     if (len < hlen)
         return KVF_EPROTO;
     size_t table_end = 64 + 24 * (size_t)layers;
-    if (XXH3_64bits(p, table_end) != kvf__get_u64(p + table_end))
+    if (kvf__xxh3(p, table_end) != kvf__get_u64(p + table_end))
         return KVF_ECHECKSUM;
     info->codec = kvf__get_u16(p + 6);
     info->layout_fp = kvf__get_u64(p + 8);
@@ -180,7 +180,7 @@ int kvf__obj_verify(const void *buf, size_t len, kvf_obj_info *info)
     const uint8_t *seg = (const uint8_t *)buf + info->header_len;
     for (uint32_t l = 0; l < info->layers; l++) {
         kvf_obj_seg s = kvf__obj_seg(info, l);
-        if (XXH3_64bits(seg, s.stored_len) != s.stored_xxh)
+        if (kvf__xxh3(seg, s.stored_len) != s.stored_xxh)
             return KVF_ECHECKSUM;
         seg += s.stored_len;
     }
@@ -206,7 +206,7 @@ static void write_header(uint8_t *d, const kvf_key *key, uint64_t fp, uint32_t t
 static void seal_header(uint8_t *d, uint32_t layers)
 {
     size_t table_end = 64 + 24 * (size_t)layers;
-    kvf__put_u64(d + table_end, XXH3_64bits(d, table_end));
+    kvf__put_u64(d + table_end, kvf__xxh3(d, table_end));
 }
 
 static void put_seg(uint8_t *d, uint32_t l, const kvf_obj_seg *s)
@@ -224,7 +224,7 @@ static int store_seg(kvf_codec codec, const void *raw, uint32_t n, uint8_t *out,
 {
     size_t w = 0;
     s->raw_len = n;
-    s->raw_xxh = XXH3_64bits(raw, n);
+    s->raw_xxh = kvf__xxh3(raw, n);
     int rc = codec == KVF_CODEC_NONE
                  ? KVF_E2BIG
                  : kvf__codec_compress(codec, raw, n, out, room < n ? room : n - 1, &w, scratch);
@@ -237,7 +237,7 @@ static int store_seg(kvf_codec codec, const void *raw, uint32_t n, uint8_t *out,
         return rc;
     }
     s->stored_len = (uint32_t)w;
-    s->stored_xxh = w == n ? s->raw_xxh : XXH3_64bits(out, w);
+    s->stored_xxh = w == n ? s->raw_xxh : kvf__xxh3(out, w);
     return 0;
 }
 
@@ -271,7 +271,7 @@ int kvf__obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uin
 int kvf__obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stored, void *dst,
                         void *scratch)
 {
-    if (XXH3_64bits(stored, seg->stored_len) != seg->stored_xxh)
+    if (kvf__xxh3(stored, seg->stored_len) != seg->stored_xxh)
         return KVF_ECHECKSUM;
     int rc;
     if (seg->stored_len == seg->raw_len) {
@@ -281,7 +281,7 @@ int kvf__obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stor
         rc = kvf__codec_decompress((kvf_codec)codec, stored, seg->stored_len, dst, seg->raw_len,
                                    scratch);
     }
-    if (rc == 0 && XXH3_64bits(dst, seg->raw_len) != seg->raw_xxh)
+    if (rc == 0 && kvf__xxh3(dst, seg->raw_len) != seg->raw_xxh)
         rc = KVF_ECHECKSUM;
     return rc;
 }

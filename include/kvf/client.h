@@ -1,12 +1,12 @@
 /*
  * kvf/client.h - the storage client: batched, asynchronous operations against one or many
- * kvf-store nodes over TCP.
+ * kvf-store nodes over TCP, with object bytes over RDMA where both sides have it (docs/rdma.md).
  *
  * A client connects to a list of nodes and places each key on one of them by rendezvous hashing
  * (highest random weight: a node joining or leaving moves only the keys it gains or held). It
- * opens several connections per node and stripes large batches across them. One I/O thread per
- * client drives every connection; operations are submitted from any thread and complete through a
- * callback (run on the I/O thread) or kvf_op_wait().
+ * opens several connections per node and stripes large batches across them. An I/O thread (or
+ * several: io_threads) drives the connections; operations are submitted from any thread and
+ * complete through a callback (run on an I/O thread) or kvf_op_wait().
  *
  * Every operation has a deadline. A node that is down, slower than the deadline, or that returns
  * an object whose checksum does not verify makes the keys it holds fail with a per-key status
@@ -45,6 +45,10 @@ typedef struct kvf_client_opts {
      * every node serves it, TCP otherwise; "tcp"; "rdma" (open fails where it is not possible).
      * Control requests always travel over TCP. */
     const char *transport;
+    /* input: I/O threads that large gets and puts (two stripes' worth of bytes or more) are
+     * split across, each with its share of conns_per_node (at most that many threads); 0: 1.
+     * More help where cores outnumber the streams; on two cores one measured faster. */
+    int io_threads;
 } kvf_client_opts;
 
 /* Opens a client and connects to every node (a node that does not answer is retried later and

@@ -110,7 +110,8 @@ static kvf_client *client_open(daemon_t *ds, int n, int deadline_ms)
                          .ns = NS,
                          .conns_per_node = 3,
                          .deadline_ms = deadline_ms,
-                         .stripe_bytes = 64 * 1024};
+                         .stripe_bytes = 64 * 1024,
+                         .io_threads = 3}; /* large batches split over 3 I/O threads */
     kvf_client *c = NULL;
     char err[256];
     if (kvf_client_open(&c, &o, err, sizeof err) != 0)

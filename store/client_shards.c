@@ -1,0 +1,205 @@
+/*
+ * A client's I/O threads (client_priv.h). Each shard is a client of its own: an I/O thread, a
+ * poller and its share of the connections to every node. A large get or put is split into one
+ * child op per shard, by bytes, so that receiving (and verifying) runs on as many cores as there
+ * are shards; the caller's op completes when the last child does. Layer callbacks of a streamed
+ * get fire for layer l once every child has delivered it, in order, one at a time.
+ */
+#include "client_priv.h"
+
+#include "kvf/error.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct agg agg;
+
+typedef struct child {
+    agg *a;
+    uint32_t *idx; /* parent index of each of this child's keys */
+    kvf_batch b;
+    kvf_key *keys;
+    const void **objs;
+    uint64_t *lens;
+    void **bufs;
+    uint64_t *caps, *out_lens;
+    int *st;
+    uint32_t layers; /* layers delivered */
+    int done;
+    kvf_op *op;
+} child;
+
+struct agg {
+    kvf_op *parent;
+    const kvf_batch *pb;
+    pthread_mutex_t mu;
+    int left, result;
+    uint32_t fired, max_layers;
+    int n;
+    child ch[KVF_CLIENT_MAX_SHARDS];
+};
+
+static void child_free(child *k)
+{
+    free(k->idx), free(k->keys), free(k->objs), free(k->lens), free(k->bufs), free(k->caps);
+    free(k->out_lens), free(k->st);
+}
+
+/* Fires the parent's layers that every unfinished child has delivered. Lock held. */
+static void fire(agg *a)
+{
+    uint32_t front = UINT32_MAX;
+    for (int i = 0; i < a->n; i++)
+        if (!a->ch[i].done && a->ch[i].layers < front)
+            front = a->ch[i].layers;
+    while (a->pb->layer_cb && a->fired < front && a->fired < a->max_layers)
+        a->pb->layer_cb(a->parent, a->fired++, a->pb->ud);
+}
+
+static void on_layer(kvf_op *op, uint32_t l, void *ud)
+{
+    (void)op;
+    child *k = ud;
+    agg *a = k->a;
+    pthread_mutex_lock(&a->mu);
+    if (l + 1 > k->layers)
+        k->layers = l + 1;
+    if (l + 1 > a->max_layers)
+        a->max_layers = l + 1;
+    fire(a);
+    pthread_mutex_unlock(&a->mu);
+}
+
+/* A child ended (or never started: op NULL, status its error): its results go to the parent's
+ * arrays; the last one completes the parent. */
+static void child_end(child *k, int status)
+{
+    agg *a = k->a;
+    pthread_mutex_lock(&a->mu);
+    for (uint32_t i = 0; i < k->b.n; i++) {
+        a->pb->status[k->idx[i]] = k->op ? k->st[i] : status;
+        if (a->pb->out_lens && k->op)
+            a->pb->out_lens[k->idx[i]] = k->out_lens[i];
+    }
+    if (status && !a->result)
+        a->result = status;
+    k->done = 1;
+    fire(a);
+    int last = --a->left == 0;
+    pthread_mutex_unlock(&a->mu);
+    if (!last)
+        return;
+    kvf_op *parent = a->parent;
+    int result = a->result;
+    for (int i = 0; i < a->n; i++) {
+        kvf_op_free(&a->ch[i].op);
+        child_free(&a->ch[i]);
+    }
+    pthread_mutex_destroy(&a->mu);
+    free(a);
+    kvf__op_finish(parent, result); /* may free parent: nothing of it is used after */
+}
+
+static void on_done(kvf_op *op, int status, void *ud)
+{
+    (void)op;
+    child_end(ud, status);
+}
+
+static int child_make(child *k, const kvf_batch *pb, int get, size_t from, size_t to)
+{
+    size_t n = to - from;
+    k->idx = malloc(n * sizeof *k->idx);
+    k->keys = malloc(n * sizeof *k->keys);
+    k->st = calloc(n, sizeof *k->st);
+    if (get) {
+        k->bufs = malloc(n * sizeof *k->bufs);
+        k->caps = malloc(n * sizeof *k->caps);
+        k->out_lens = calloc(n, sizeof *k->out_lens);
+    } else {
+        k->objs = malloc(n * sizeof *k->objs);
+        k->lens = malloc(n * sizeof *k->lens);
+    }
+    if (!k->idx || !k->keys || !k->st || (get && (!k->bufs || !k->caps || !k->out_lens)) ||
+        (!get && (!k->objs || !k->lens)))
+        return KVF_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        k->idx[i] = (uint32_t)(from + i);
+        k->keys[i] = pb->keys[from + i];
+        if (get) {
+            k->bufs[i] = pb->bufs[from + i];
+            k->caps[i] = pb->caps[from + i];
+        } else {
+            k->objs[i] = pb->objs[from + i];
+            k->lens[i] = pb->lens[from + i];
+        }
+    }
+    k->b = (kvf_batch){.n = n,
+                       .keys = k->keys,
+                       .objs = k->objs,
+                       .lens = k->lens,
+                       .bufs = (void *const *)k->bufs,
+                       .caps = k->caps,
+                       .out_lens = k->out_lens,
+                       .status = k->st,
+                       .flags = pb->flags,
+                       .deadline_ms = pb->deadline_ms,
+                       .cb = on_done,
+                       .layer_cb = pb->layer_cb ? on_layer : NULL,
+                       .ud = k};
+    return 0;
+}
+
+int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, int get)
+{
+    const kvf_batch *pb = kvf__op_batch(parent);
+    agg *a = calloc(1, sizeof *a);
+    if (!a)
+        return KVF_ENOMEM;
+    a->parent = parent;
+    a->pb = pb;
+    pthread_mutex_init(&a->mu, NULL);
+    /* Contiguous ranges of about equal bytes, at least one key each. */
+    uint64_t total = 0, acc = 0;
+    for (size_t i = 0; i < pb->n; i++)
+        total += get ? pb->caps[i] : pb->lens[i];
+    size_t from = 0;
+    int rc = 0;
+    for (int s = 0; s < n_shards && from < pb->n && !rc; s++) {
+        size_t to = from;
+        uint64_t goal = total * (uint64_t)(s + 1) / (uint64_t)n_shards;
+        while (to < pb->n && (to == from || acc < goal) && pb->n - to > (size_t)0) {
+            acc += get ? pb->caps[to] : pb->lens[to];
+            to++;
+        }
+        if (s + 1 == n_shards)
+            to = pb->n;
+        child *k = &a->ch[a->n++];
+        k->a = a;
+        rc = child_make(k, pb, get, from, to);
+        from = to;
+    }
+    if (rc) {
+        for (int i = 0; i < a->n; i++)
+            child_free(&a->ch[i]);
+        pthread_mutex_destroy(&a->mu);
+        free(a);
+        return rc;
+    }
+    /* One more than the children until every one is submitted: none can complete the parent
+     * before the last submission. */
+    a->left = a->n + 1;
+    int n = a->n;
+    for (int i = 0; i < n; i++) {
+        child *k = &a->ch[i];
+        int src = get ? kvf_client_get_async(shards[i], &k->b, &k->op)
+                      : kvf_client_put_async(shards[i], &k->b, &k->op);
+        if (src)
+            child_end(k, src); /* its keys fail with the error; the parent still completes */
+    }
+    /* The guard: a child of one key per shard is done at once in the worst case. */
+    child guard = {.a = a};
+    child_end(&guard, 0);
+    return 0;
+}
