@@ -93,6 +93,9 @@ typedef struct sim {
     kvf_key *keys;
     size_t keycap;
     double slo;
+    size_t *pick_cached; /* q_pick's scratch */
+    double *pick_work;
+    size_t pick_cap;
 } sim;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -316,23 +319,45 @@ static void q_push(inst_state *I, int r)
 }
 
 /* Picks the next request of an instance's queue: FIFO, or k-LPM under kvf_cost. */
+/* What a prefill of q on I would find cached: its own cache's prefix (*dev) or the store's,
+ * whichever is longer, short of the whole prompt (its last token is always computed). */
+static size_t cached_tokens(sim *S, inst_state *I, req *q, size_t *dev_out)
+{
+    tokens_of(S, q);
+    size_t dev = kvf_sched_match(S->s, I->idx, S->tok, q->in_len);
+    size_t sh = 0;
+    while (sh < q->n_ids && (sh + 1) * BLOCK <= q->in_len && lru_find(&S->store, q->ids[sh]) >= 0)
+        sh++;
+    size_t cached = dev > sh * BLOCK ? dev : sh * BLOCK;
+    if (cached >= q->in_len)
+        cached = q->in_len - 1;
+    if (dev_out)
+        *dev_out = dev;
+    return cached;
+}
+
+/* The waiting request an instance runs next: FIFO, except under kvf_cost, which orders the oldest
+ * klpm_k by the scheduler's rule (kvf_sched_queue_pick) on what each would find cached. */
 static int q_pick(sim *S, inst_state *I)
 {
     if (I->qh == I->qt)
         return -1;
     size_t k = S->policy == KVF_POLICY_KVF_COST ? S->cost.klpm_k : 0;
     size_t best = I->qh;
-    if (k > 1 && (++I->picks % k) != 0) {
-        size_t bestlen = 0;
-        for (size_t j = I->qh; j < I->qt && j < I->qh + k; j++) {
-            req *q = &S->r[I->queue[j]];
-            tokens_of(S, q);
-            size_t m = kvf_sched_match(S->s, I->idx, S->tok, q->in_len);
-            if (m > bestlen) {
-                bestlen = m;
-                best = j;
-            }
+    if (k > 1) {
+        size_t n = I->qt - I->qh < k ? I->qt - I->qh : k;
+        if (n > S->pick_cap) {
+            S->pick_cap = n;
+            S->pick_cached = realloc(S->pick_cached, n * sizeof *S->pick_cached);
+            S->pick_work = realloc(S->pick_work, n * sizeof *S->pick_work);
         }
+        for (size_t j = 0; j < n; j++) {
+            req *q = &S->r[I->queue[I->qh + j]];
+            size_t cached = cached_tokens(S, I, q, NULL);
+            S->pick_cached[j] = cached;
+            S->pick_work[j] = prefill_time(&S->cost, q->in_len, (double)cached);
+        }
+        best += kvf_sched_queue_pick(&S->cost, S->pick_cached, S->pick_work, n, I->picks++);
     }
     int r = I->queue[best];
     memmove(I->queue + best, I->queue + best + 1, (I->qt - best - 1) * sizeof *I->queue);
@@ -348,16 +373,8 @@ static void start_next(sim *S, inst_state *I, double now)
         return;
     }
     req *q = &S->r[r];
-    tokens_of(S, q);
-    size_t dev = kvf_sched_match(S->s, I->idx, S->tok, q->in_len);
-    size_t sh = 0;
-    while (sh < q->n_ids && sh * BLOCK < q->in_len && lru_find(&S->store, q->ids[sh]) >= 0 &&
-           (sh + 1) * BLOCK <= q->in_len)
-        sh++;
-    size_t st = sh * BLOCK;
-    size_t cached = dev > st ? dev : st;
-    if (cached >= q->in_len)
-        cached = q->in_len - 1;
+    size_t dev;
+    size_t cached = cached_tokens(S, I, q, &dev);
     double pf = prefill_time(&S->cost, q->in_len, (double)cached);
     double ld = cached > dev
                     ? (double)(cached - dev) * S->cost.kv_bytes_per_token / S->cost.load_bytes_per_s
@@ -537,6 +554,8 @@ static int run(req *reqs, size_t n, int ninst, kvf_policy pol, const kvf_sched_c
         free(S.in[i].decode_ends);
     }
     free(S.in);
+    free(S.pick_cached);
+    free(S.pick_work);
     lru_free(&S.store);
     free(S.tok);
     free(S.keys);

@@ -127,7 +127,8 @@ void kvf_sched_cost_defaults(kvf_sched_cost *c)
     c->disagg_threshold_tokens = 512;
     c->handoff_bytes_per_s = 25e9;
     c->reject_factor = 0;
-    c->klpm_k = 8;
+    c->klpm_k = 128;
+    c->queue_by_work = 1;
 }
 
 int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen)
@@ -164,6 +165,11 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
     {
         if (strcmp(k, "klpm_k") == 0 && json_is_integer(v) && json_integer_value(v) >= 0) {
             c->klpm_k = (uint32_t)json_integer_value(v);
+            continue;
+        }
+        if (strcmp(k, "queue_by_work") == 0 && json_is_integer(v) &&
+            (json_integer_value(v) == 0 || json_integer_value(v) == 1)) {
+            c->queue_by_work = (uint32_t)json_integer_value(v);
             continue;
         }
         size_t i;
@@ -736,6 +742,20 @@ static double prefill_seconds(const kvf_sched_cost *c, double n, double cached)
 
 /* Expected wait behind an instance's queue: its cache-aware estimate when known, else its raw
  * queued tokens at the prefill rate (an upper bound: cache hits only shorten it). */
+size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached, const double *work_s,
+                            size_t n, uint64_t pick)
+{
+    size_t k = c->klpm_k;
+    if (n < 2 || k < 2 || pick % k == k - 1)
+        return 0;
+    size_t best = 0;
+    for (size_t j = 1; j < n && j < k; j++) {
+        if (c->queue_by_work ? work_s[j] < work_s[best] : cached[j] > cached[best])
+            best = j;
+    }
+    return best;
+}
+
 static double queue_seconds(const kvf_sched_cost *c, const inst *in)
 {
     if (in->load.queued_prefill_s > 0)

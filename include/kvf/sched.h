@@ -70,11 +70,24 @@ typedef struct kvf_sched_cost {
     double tpot_per_seq_s;          /* added per other active sequence */
     double disagg_threshold_tokens; /* prefill on the decode instance below this suffix */
     double handoff_bytes_per_s;     /* prefill -> decode KV handoff */
-    double reject_factor; /* reject when the best estimate exceeds SLO x this (0: never) */
-    uint32_t klpm_k;      /* k of k-LPM queue ordering (0: FIFO) */
+    double reject_factor;   /* reject when the best estimate exceeds SLO x this (0: never) */
+    uint32_t klpm_k;        /* window of the waiting-queue ordering, and every k-th pick is the
+                             * oldest (0: FIFO) */
+    uint32_t queue_by_work; /* the ordering's criterion: 1 (default) the least uncached prefill
+                             * work, 0 the longest cached prefix (k-LPM) */
 } kvf_sched_cost;
 
 KVF_API void kvf_sched_cost_defaults(kvf_sched_cost *c);
+
+/* The waiting-queue ordering kvf_cost asks of an instance: which of its waiting requests runs
+ * next. The n waiting requests are given oldest first, each with its cached prompt tokens (device
+ * or store, whichever is longer) and its uncached prefill work in seconds. Among the oldest
+ * klpm_k, the one with the least work (queue_by_work) or the longest cached prefix (k-LPM) runs,
+ * except that every klpm_k-th pick (pick counts an instance's picks) takes the oldest, so that no
+ * request waits behind more than klpm_k others that came after it. Returns an index < n (0 for
+ * n = 0). */
+KVF_API size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached,
+                                    const double *work_s, size_t n, uint64_t pick);
 /* Reads a calibration file: a JSON object with any of the fields above. */
 KVF_API int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen);
 

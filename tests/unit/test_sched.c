@@ -414,12 +414,48 @@ static void test_sched_plans_are_classified(void **state)
     kvf_sched_destroy(&s);
 }
 
+/* The waiting-queue rule: within the oldest k, the least work (or the longest cached prefix),
+ * and every k-th pick the oldest, so nothing waits behind more than k later arrivals. */
+static void test_sched_queue_pick(void **state)
+{
+    (void)state;
+    kvf_sched_cost c;
+    kvf_sched_cost_defaults(&c);
+    assert_int_equal(c.queue_by_work, 1);
+    c.klpm_k = 4;
+    /* Oldest first; the fifth is outside the window of 4 (it would win on either criterion). */
+    const size_t cached[] = {10, 900, 20, 5, 9000};
+    const double work[] = {3.0, 1.0, 0.5, 0.7, 0.05};
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 0), 2); /* least work in window */
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 3), 0); /* the k-th: the oldest */
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 7), 0);
+    c.queue_by_work = 0;
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 1), 1); /* k-LPM: longest prefix */
+    c.klpm_k = 0;
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 1), 0); /* FIFO */
+    c.klpm_k = 4;
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 1, 1), 0);
+    assert_int_equal(kvf_sched_queue_pick(&c, NULL, NULL, 0, 1), 0);
+    /* Starvation bound: with a stream of ever-shorter arrivals, the oldest still runs within k
+     * picks. */
+    c.queue_by_work = 1;
+    double w[4];
+    size_t cc[4] = {0};
+    int oldest_ran = 0;
+    for (uint64_t pick = 0; pick < 4 && !oldest_ran; pick++) {
+        for (int i = 0; i < 4; i++)
+            w[i] = i == 0 ? 100.0 : 1.0 / (double)(pick * 4 + (uint64_t)i + 1);
+        oldest_ran = kvf_sched_queue_pick(&c, cc, w, 4, pick) == 0;
+    }
+    assert_true(oldest_ran);
+}
+
 static void test_sched_cost_file(void **state)
 {
     (void)state;
     char path[] = "/tmp/kvf-cost-XXXXXX";
     int fd = mkstemp(path);
-    const char *j = "{\"prefill_tokens_per_s\": 5000, \"klpm_k\": 4}";
+    const char *j = "{\"prefill_tokens_per_s\": 5000, \"klpm_k\": 4, \"queue_by_work\": 0}";
     assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
     close(fd);
     kvf_sched_cost c;
@@ -428,6 +464,7 @@ static void test_sched_cost_file(void **state)
     assert_int_equal(kvf_sched_cost_load(path, &c, err, sizeof err), 0);
     assert_true(c.prefill_tokens_per_s == 5000);
     assert_int_equal(c.klpm_k, 4);
+    assert_int_equal(c.queue_by_work, 0);
     fd = open(path, O_WRONLY | O_TRUNC);
     const char *b = "{\"speed\": 1}";
     assert_int_equal(write(fd, b, strlen(b)), (ssize_t)strlen(b));
@@ -453,6 +490,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_conditional_disaggregation),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
+        cmocka_unit_test(test_sched_queue_pick),
     };
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }
