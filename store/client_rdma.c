@@ -68,7 +68,7 @@ static int left_ms(const kvf_op *op)
 }
 
 /* The node's RDMA connection, made (again) if needed. 0 or the connect error. */
-static int conn_get(kvf__crdma *r, rnode *nd, int timeout_ms, uint64_t *reconnects)
+static int conn_get(rnode *nd, int timeout_ms, uint64_t *reconnects)
 {
     if (nd->rc && !kvf__rdma_broken(nd->rc))
         return 0;
@@ -83,7 +83,6 @@ static int conn_get(kvf__crdma *r, rnode *nd, int timeout_ms, uint64_t *reconnec
         return rc;
     }
     (*reconnects)++;
-    (void)r;
     return 0;
 }
 
@@ -143,7 +142,7 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
     const kvf_batch *b = kvf__op_batch(op);
     rnode *nd = &r->nodes[g->node];
     int stream = (b->flags & KVF_GET_STREAM) != 0;
-    int rc = conn_get(r, nd, left_ms(op), &cnt[4]);
+    int rc = conn_get(nd, left_ms(op), &cnt[4]);
     if (rc) {
         fail_keys(b, g->idx, g->n, rc, &cnt[3]);
         return;
@@ -361,7 +360,7 @@ static void put_share(kvf__crdma *r, kvf_op *op, const gshare *g, uint64_t cnt[5
 {
     const kvf_batch *b = kvf__op_batch(op);
     rnode *nd = &r->nodes[g->node];
-    int rc = conn_get(r, nd, left_ms(op), &cnt[4]);
+    int rc = conn_get(nd, left_ms(op), &cnt[4]);
     if (rc) {
         fail_keys(b, g->idx, g->n, rc, &cnt[3]);
         return;
@@ -531,7 +530,7 @@ int kvf__crdma_open(kvf_client *c, int probe_ms, kvf__crdma **out, char *why, si
 {
     *out = NULL;
     if (!kvf__rdma_available(why, whylen))
-        return strstr(why, "build") ? KVF_ENOTSUP : KVF_ENODEV;
+        return kvf__rdma_built() ? KVF_ENODEV : KVF_ENOTSUP;
     size_t n = kvf_client_node_count(c);
     /* A round trip to each node: its HELLO (capabilities, RDMA port) has been read by then. */
     for (size_t i = 0; i < n; i++) {

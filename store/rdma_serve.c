@@ -11,7 +11,6 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define POLL_MS   200
 #define MAX_CONNS 1024
@@ -82,7 +81,7 @@ int kvf__rserve_open(const char *host, uint16_t port, void *arena, size_t len, c
 {
     *out = NULL;
     if (!kvf__rdma_available(err, errlen))
-        return strstr(err, "build") ? KVF_ENOTSUP : KVF_ENODEV;
+        return kvf__rdma_built() ? KVF_ENODEV : KVF_ENOTSUP;
     kvf__rserve *r = calloc(1, sizeof *r);
     if (!r) {
         snprintf(err, errlen, "out of memory");

@@ -17,6 +17,11 @@ int kvf__rdma_available(char *reason, size_t len)
     return 0;
 }
 
+int kvf__rdma_built(void)
+{
+    return 0;
+}
+
 static int no_rdma(char *err, size_t errlen)
 {
     snprintf(err, errlen, "this build has no RDMA (libibverbs/librdmacm headers absent)");
@@ -205,6 +210,11 @@ int kvf__rdma_wc_error(int s)
     default:
         return KVF_EIO;
     }
+}
+
+int kvf__rdma_built(void)
+{
+    return 1;
 }
 
 int kvf__rdma_available(char *reason, size_t len)

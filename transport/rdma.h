@@ -40,6 +40,8 @@ typedef struct kvf__rdma_op {
  * gets what is missing: "this build has no RDMA (libibverbs/librdmacm headers absent)" or "no
  * RDMA device". */
 int kvf__rdma_available(char *reason, size_t len);
+/* Whether this build has the RDMA transport (the headers were there). */
+int kvf__rdma_built(void);
 
 /* Connects to an RDMA listener at host:port (resolve address, resolve route, create the queue
  * pair on the device's PD and CQ, connect). Returns 0, KVF_ENODEV (no RDMA device or route),
