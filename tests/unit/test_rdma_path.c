@@ -888,6 +888,79 @@ static void test_put_commit(void **state)
     finish(&n, &c, &o);
 }
 
+/* Descriptor requests that make no sense get per-key errors and change nothing: a commit of a
+ * key never reserved, or with another length than reserved; a reservation of 0 bytes or over the
+ * node's limit; a reservation on another connection. Stored data stays exact. */
+static uint8_t *table(const kvf_key *keys, const uint64_t *lens, size_t n, size_t *len)
+{
+    *len = 8 + 24 * n;
+    uint8_t *p = calloc(1, *len);
+    uint64_t ns = NS;
+    memcpy(p, &ns, 8); /* little-endian host */
+    for (size_t i = 0; i < n; i++) {
+        kvf__wire_key_put(p + 8 + 24 * i, &keys[i]);
+        memcpy(p + 8 + 24 * i + 16, &lens[i], 8);
+    }
+    return p;
+}
+
+static int32_t status_at(const uint8_t *rep, size_t off)
+{
+    int32_t v;
+    memcpy(&v, rep + off, 4);
+    return v;
+}
+
+static void test_bad_descriptors(void **state)
+{
+    (void)state;
+    node n;
+    kvf_client *c;
+    objs o;
+    stored(&n, &c, &o, 2, 8);
+    kvf_key fresh[3] = {{.lo = 77, .hi = 1}, {.lo = 78, .hi = 1}, {.lo = 79, .hi = 1}};
+    uint64_t lens[3] = {0, (uint64_t)1 << 40, 4096};
+    size_t plen, rlen;
+    uint8_t *req = table(fresh, lens, 3, &plen), *rep = NULL;
+    assert_int_equal(kvf__client_raw(c, 0, 0, KVF_OP_RDMA_RESERVE, 3, req, plen, &rep, &rlen, 2000),
+                     0);
+    assert_int_equal(rlen, 8 + 16 * 3);
+    assert_int_equal(status_at(rep, 8), KVF_EINVAL);     /* 0 bytes */
+    assert_int_equal(status_at(rep, 8 + 16), KVF_E2BIG); /* over the limit */
+    assert_int_equal(status_at(rep, 8 + 32), 0);         /* reserved */
+    free(rep), free(req);
+    /* Commit: a key never reserved, the reserved one with another length, then on another
+     * connection (the reservation is not its). */
+    uint64_t clen[2] = {4096, 8192};
+    kvf_key ck[2] = {fresh[0], fresh[2]};
+    req = table(ck, clen, 2, &plen);
+    assert_int_equal(kvf__client_raw(c, 0, 0, KVF_OP_RDMA_COMMIT, 2, req, plen, &rep, &rlen, 2000),
+                     0);
+    assert_int_equal(status_at(rep, 0), KVF_ENOENT);
+    assert_int_equal(status_at(rep, 4), KVF_EINVAL);
+    free(rep), free(req);
+    req = table(&fresh[2], &lens[2], 1, &plen);
+    assert_int_equal(kvf__client_raw(c, 0, 1, KVF_OP_RDMA_COMMIT, 1, req, plen, &rep, &rlen, 2000),
+                     0);
+    assert_int_equal(status_at(rep, 0), KVF_ENOENT);
+    free(rep);
+    /* The right connection and length, but nothing was written there: verification refuses it
+     * and the reservation goes. */
+    assert_int_equal(kvf__client_raw(c, 0, 0, KVF_OP_RDMA_COMMIT, 1, req, plen, &rep, &rlen, 2000),
+                     0);
+    int32_t st = status_at(rep, 0);
+    assert_true(st == KVF_EPROTO || st == KVF_ECHECKSUM);
+    free(rep), free(req);
+    assert_int_equal(stat_of(c, "reserved", NULL), 0);
+    uint8_t present[3];
+    assert_int_equal(kvf_client_exists(c, 3, fresh, present, 2000), 0);
+    assert_int_equal(present[0] + present[1] + present[2], 0);
+    assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0);
+    for (size_t i = 0; i < o.n; i++)
+        assert_memory_equal(o.buf[i], o.obj[i], o.len[i]);
+    finish(&n, &c, &o);
+}
+
 /* A node that serves no RDMA: "auto" uses TCP and says why, "rdma" refuses to open; the
  * descriptor requests get a clear, non-fatal error. */
 static void test_fallback(void **state)
@@ -936,6 +1009,7 @@ int main(void)
         cmocka_unit_test(test_lease_expires),
         cmocka_unit_test(test_completion_error),
         cmocka_unit_test(test_put_commit),
+        cmocka_unit_test(test_bad_descriptors),
         cmocka_unit_test(test_fallback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
