@@ -566,8 +566,8 @@ static int cmd_up(const cfg *c, int netns)
         }
         char *args[] = {engine_path, "--serve",        "--id",         q->name, "--role",   q->kind,
                         "--listen",  listen,           "--sched",      sched,   "--events", events,
-                        "--model",   (char *)c->model, "--max-tokens", maxt};
-        if (start_one(c, q, args, 16, engine_env) != 0) {
+                        "--model",   (char *)c->model, "--max-tokens", maxt,    "--cost",   cost};
+        if (start_one(c, q, args, 18, engine_env) != 0) {
             rc = 1;
             goto undo;
         }

@@ -30,6 +30,7 @@
 #include "http.h"
 #include "kvevents.h"
 #include "kvf/kvf.h"
+#include "kvf/sched.h"
 #include "log.h"
 #include "tcp.h"
 
@@ -54,10 +55,22 @@ typedef struct srv {
     kvf_log lg;
     char id[64], role[16], model[32], sched[160], endpoint[160], events[160];
     uint32_t max_tokens;
-    /* arrival-order queue: a request runs when serving reaches its ticket */
+    /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
+     * least remaining work among the oldest klpm_k, every klpm_k-th pick the oldest) or in
+     * arrival order (--queue fifo). Oldest first. */
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    uint64_t next_ticket, serving;
+    struct waiter {
+        uint64_t id;
+        size_t cached;
+        double work_s;
+    } * wait;
+    size_t n_wait, cap_wait;
+    size_t *pick_cached; /* kvf_sched_queue_pick's arguments, cap_wait long */
+    double *pick_work;
+    uint64_t next_id, running; /* the job holding the engine (0: none) */
+    uint64_t picks;
+    kvf_sched_cost qcost;
     double queued_prefill_tokens;
     uint32_t active_decodes;
     uint64_t requests, failures, first_token_mismatches;
@@ -338,6 +351,50 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
     return out;
 }
 
+/* Hands the engine to the next waiting job if it is free. Lock held. */
+static void dispatch_locked(srv *S)
+{
+    if (S->running || S->n_wait == 0)
+        return;
+    for (size_t i = 0; i < S->n_wait; i++) {
+        S->pick_cached[i] = S->wait[i].cached;
+        S->pick_work[i] = S->wait[i].work_s;
+    }
+    size_t i = kvf_sched_queue_pick(&S->qcost, S->pick_cached, S->pick_work, S->n_wait, S->picks++);
+    S->running = S->wait[i].id;
+    memmove(&S->wait[i], &S->wait[i + 1], (S->n_wait - i - 1) * sizeof *S->wait);
+    S->n_wait--;
+    pthread_cond_broadcast(&S->cv);
+}
+
+/* Queues a job and waits until it holds the engine. 0, or KVF_ENOMEM / KVF_ECANCELED (stopping). */
+static int wait_turn(srv *S, size_t cached, double work_s)
+{
+    pthread_mutex_lock(&S->mu);
+    if (S->n_wait == S->cap_wait) {
+        size_t cap = S->cap_wait ? S->cap_wait * 2 : 64;
+        struct waiter *w = realloc(S->wait, cap * sizeof *w);
+        size_t *pc = realloc(S->pick_cached, cap * sizeof *pc);
+        double *pw = realloc(S->pick_work, cap * sizeof *pw);
+        S->wait = w ? w : S->wait;
+        S->pick_cached = pc ? pc : S->pick_cached;
+        S->pick_work = pw ? pw : S->pick_work;
+        if (!w || !pc || !pw) {
+            pthread_mutex_unlock(&S->mu);
+            return KVF_ENOMEM;
+        }
+        S->cap_wait = cap;
+    }
+    uint64_t id = ++S->next_id;
+    S->wait[S->n_wait++] = (struct waiter){id, cached, work_s};
+    dispatch_locked(S);
+    while (S->running != id && !atomic_load(&S->stop))
+        pthread_cond_wait(&S->cv, &S->mu);
+    int rc = S->running == id ? 0 : KVF_ECANCELED;
+    pthread_mutex_unlock(&S->mu);
+    return rc;
+}
+
 static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply *reply)
 {
     job j = {.kind = kind};
@@ -346,22 +403,35 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         return st;
     int is_prefill = !strcmp(kind, "prefill"), is_decode = !strcmp(kind, "decode");
     double t_arrive = now_s();
+    /* The job's work for the queue's order: the prefill of what no cache holds (a decode brings
+     * its prefix by handoff; others ask the stores), then the tokens it generates. */
+    size_t cached = is_decode ? j.expect_cached : 0;
+    if (!is_decode && j.reuse && S->cn && S->qcost.klpm_k > 1)
+        kvf_connector_lookup(S->cn, j.tokens, j.n, &cached);
+    cached = cached < j.n ? cached : j.n;
+    const kvf_sched_cost *qc = &S->qcost;
+    double un = (double)(j.n - cached), nn = (double)j.n, cc = (double)cached;
+    double work = un / qc->prefill_tokens_per_s +
+                  qc->prefill_attn_s_per_tok2 * (nn * nn - cc * cc) / 2.0 +
+                  (is_prefill ? 0 : (double)j.max_tokens * qc->tpot_base_s);
     pthread_mutex_lock(&S->mu);
-    uint64_t ticket = S->next_ticket++;
     if (!is_decode)
         S->queued_prefill_tokens += (double)j.n;
     if (!is_prefill)
         S->active_decodes++;
     mark_dirty_locked(S);
-    while (S->serving != ticket && !atomic_load(&S->stop))
-        pthread_cond_wait(&S->cv, &S->mu);
     pthread_mutex_unlock(&S->mu);
+    int turn = wait_turn(S, cached, work);
     double t_start = now_s();
-    json_t *out = atomic_load(&S->stop) ? kvf__http_error("engine stopping")
-                                        : run_job(S, &j, t_start - t_arrive);
+    json_t *out = turn ? kvf__http_error("engine %s", turn == KVF_ENOMEM ? "out of memory for its "
+                                                                           "queue"
+                                                                         : "stopping")
+                       : run_job(S, &j, t_start - t_arrive);
     int ok = json_object_get(out, "error") == NULL;
     pthread_mutex_lock(&S->mu);
-    S->serving++;
+    if (!turn)
+        S->running = 0;
+    dispatch_locked(S);
     S->requests++;
     S->failures += !ok;
     S->busy_s += now_s() - t_start;
@@ -396,11 +466,11 @@ static unsigned on_request(void *ctx, const char *method, const char *url, json_
             "failures", (json_int_t)S->failures, "first_token_mismatches",
             (json_int_t)S->first_token_mismatches, "queued_prefill_tokens",
             S->queued_prefill_tokens, "active_decodes", (int)S->active_decodes, "waiting",
-            (json_int_t)(S->next_ticket - S->serving), "busy_s", S->busy_s, "connector",
-            "load_bytes", (json_int_t)cs.load_bytes, "save_bytes", (json_int_t)cs.save_bytes,
-            "chunks_loaded", (json_int_t)cs.chunks_loaded, "chunks_saved",
-            (json_int_t)cs.chunks_saved, "chunks_missed", (json_int_t)cs.chunks_missed,
-            "chunks_existing", (json_int_t)cs.chunks_existing, "cache_layer", S->cn != NULL);
+            (json_int_t)S->n_wait, "busy_s", S->busy_s, "connector", "load_bytes",
+            (json_int_t)cs.load_bytes, "save_bytes", (json_int_t)cs.save_bytes, "chunks_loaded",
+            (json_int_t)cs.chunks_loaded, "chunks_saved", (json_int_t)cs.chunks_saved,
+            "chunks_missed", (json_int_t)cs.chunks_missed, "chunks_existing",
+            (json_int_t)cs.chunks_existing, "cache_layer", S->cn != NULL);
         pthread_mutex_unlock(&S->mu);
         return 200;
     }
@@ -462,16 +532,17 @@ int kvfe_serve_main(int argc, char **argv)
     static srv S;
     const char *model = "ref-tiny", *listen = "127.0.0.1:0", *advertise = NULL, *store = NULL,
                *events = NULL, *id = "", *role = "both", *sched = "", *seed_s = "1",
-               *max_tokens_s = "16384", *level = "info";
+               *max_tokens_s = "16384", *level = "info", *queue = "work", *cost = NULL;
     const struct {
         const char *name;
         const char **value;
-    } opts[] = {{"--id", &id},          {"--role", &role},
-                {"--listen", &listen},  {"--advertise", &advertise},
-                {"--sched", &sched},    {"--store", &store},
-                {"--events", &events},  {"--model", &model},
-                {"--seed", &seed_s},    {"--max-tokens", &max_tokens_s},
-                {"--log-level", &level}};
+    } opts[] = {{"--id", &id},           {"--role", &role},
+                {"--listen", &listen},   {"--advertise", &advertise},
+                {"--sched", &sched},     {"--store", &store},
+                {"--events", &events},   {"--model", &model},
+                {"--seed", &seed_s},     {"--max-tokens", &max_tokens_s},
+                {"--log-level", &level}, {"--queue", &queue},
+                {"--cost", &cost}};
     S.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-engine"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -512,6 +583,22 @@ int kvfe_serve_main(int argc, char **argv)
         return 2;
     }
     S.max_tokens = (uint32_t)max_tokens;
+    /* The queue's order and the cost constants its work estimates use (the calibration file
+     * kvf cluster writes for kvf-sched, when given). */
+    kvf_sched_cost_defaults(&S.qcost);
+    if (cost) {
+        char cerr[300];
+        if (kvf_sched_cost_load(cost, &S.qcost, cerr, sizeof cerr) != 0) {
+            fprintf(stderr, "kvf-engine: --cost: %s\n", cerr);
+            return 2;
+        }
+    }
+    if (!strcmp(queue, "fifo")) {
+        S.qcost.klpm_k = 0;
+    } else if (strcmp(queue, "work") != 0) {
+        fprintf(stderr, "kvf-engine: --queue must be work or fifo\n");
+        return 2;
+    }
     snprintf(S.model, sizeof S.model, "%s", model);
     if (kvfe_model_preset(model, &S.m) != 0) {
         fprintf(stderr, "kvf-engine: unknown model %s\n", model);
@@ -621,6 +708,7 @@ int kvfe_serve_main(int argc, char **argv)
         zmq_close(S.pub);
     zmq_ctx_term(S.zctx);
     free(S.held);
+    free(S.wait), free(S.pick_cached), free(S.pick_work);
     kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);
     return 0;
 }
