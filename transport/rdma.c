@@ -286,27 +286,41 @@ static void dev_put(dev *d)
 /* ------------------------------------------------------------------------------------------ */
 /* Connection management */
 
-/* Waits for the next event on ch, which must be `want`. *ev_id gets the event's id (for a
- * connection request). */
-static int wait_event(struct rdma_event_channel *ch, enum rdma_cm_event_type want, int timeout_ms,
-                      struct rdma_cm_id **ev_id, char *err, size_t errlen)
+/* Reads the next event of ch, waiting up to timeout_ms: its type, status and id (acknowledged).
+ * 0, KVF_ETIMEDOUT (err untouched) or KVF_EIO. */
+static int next_event(struct rdma_event_channel *ch, int timeout_ms, enum rdma_cm_event_type *type,
+                      int *status, struct rdma_cm_id **id, char *err, size_t errlen)
 {
     struct pollfd pf = {.fd = ch->fd, .events = POLLIN};
-    int pr = poll(&pf, 1, timeout_ms);
-    if (pr <= 0) {
-        snprintf(err, errlen, "rdma: no %s within %d ms", rdma_event_str(want), timeout_ms);
+    if (poll(&pf, 1, timeout_ms) <= 0)
         return KVF_ETIMEDOUT;
-    }
     struct rdma_cm_event *ev;
     if (rdma_get_cm_event(ch, &ev) != 0) {
         snprintf(err, errlen, "rdma: reading the event channel: %s", strerror(errno));
         return KVF_EIO;
     }
-    enum rdma_cm_event_type got = ev->event;
-    int status = ev->status;
-    if (ev_id)
-        *ev_id = ev->id;
+    *type = ev->event;
+    *status = ev->status;
+    *id = ev->id;
     rdma_ack_cm_event(ev);
+    return 0;
+}
+
+/* Waits for the next event on ch, which must be `want`. *ev_id gets the event's id (for a
+ * connection request). */
+static int wait_event(struct rdma_event_channel *ch, enum rdma_cm_event_type want, int timeout_ms,
+                      struct rdma_cm_id **ev_id, char *err, size_t errlen)
+{
+    enum rdma_cm_event_type got;
+    int status;
+    struct rdma_cm_id *id;
+    int rc = next_event(ch, timeout_ms, &got, &status, &id, err, errlen);
+    if (rc == KVF_ETIMEDOUT)
+        snprintf(err, errlen, "rdma: no %s within %d ms", rdma_event_str(want), timeout_ms);
+    if (rc)
+        return rc;
+    if (ev_id)
+        *ev_id = id;
     if (got == want)
         return 0;
     snprintf(err, errlen, "rdma: %s (status %d) while waiting for %s", rdma_event_str(got), status,
@@ -549,17 +563,12 @@ int kvf__rdma_listener_poll(kvf__rdma_listener *l, int timeout_ms, kvf__rdma_con
                             kvf__rdma_conn **gone, char *err, size_t errlen)
 {
     *accepted = *gone = NULL;
-    struct pollfd pf = {.fd = l->ch->fd, .events = POLLIN};
-    if (poll(&pf, 1, timeout_ms) <= 0)
-        return KVF_ETIMEDOUT;
-    struct rdma_cm_event *ev;
-    if (rdma_get_cm_event(l->ch, &ev) != 0) {
-        snprintf(err, errlen, "rdma: reading the event channel: %s", strerror(errno));
-        return KVF_EIO;
-    }
-    enum rdma_cm_event_type type = ev->event;
-    struct rdma_cm_id *id = ev->id;
-    rdma_ack_cm_event(ev);
+    enum rdma_cm_event_type type;
+    int status;
+    struct rdma_cm_id *id;
+    int rc = next_event(l->ch, timeout_ms, &type, &status, &id, err, errlen);
+    if (rc)
+        return rc;
     switch (type) {
     case RDMA_CM_EVENT_CONNECT_REQUEST:
         return accept_id(l, id, accepted, err, errlen);
