@@ -51,6 +51,7 @@ typedef struct opts {
 } opts;
 
 #define ROUNDS_MAX 5
+#define BENCH_NS   0xbe4c4b17ull /* the namespace of every key the benchmark stores */
 
 /* One round's rates, GB/s. */
 typedef struct round_fig {
@@ -421,6 +422,43 @@ static int parse(int argc, char **argv, opts *o)
     return 0;
 }
 
+/* Starts a kvf-store (extra: its flags) and opens a client of the given transport to it at
+ * host. 0, or -1 with the reason printed. */
+static int kvf_open(const opts *o, const char *host, const char *extra, const char *transport,
+                    bench_proc *store, kvf_client **cl)
+{
+    if (bench_start_store(store, o->store_bin, o->memory, extra) != 0)
+        return -1;
+    char addr[300];
+    snprintf(addr, sizeof addr, "%s:%u", host, store->port);
+    const char *nodes[1] = {addr};
+    kvf_client_opts co = {.nodes = nodes,
+                          .n_nodes = 1,
+                          .ns = BENCH_NS,
+                          .conns_per_node = o->streams,
+                          .deadline_ms = 30000,
+                          .transport = transport,
+                          .io_threads = o->io_threads};
+    char err[256];
+    if (kvf_client_open(cl, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench store: %s\n", err);
+        bench_stop(store);
+        return -1;
+    }
+    return 0;
+}
+
+/* kvfabric's four rates into f (GET and PUT of both workloads); returns the keys that failed. */
+static int kvf_rates(kvf_client *cl, workload *small, workload *large, double secs, round_fig *f)
+{
+    int e[4];
+    f->kg64 = kvf_rate(cl, small, 0, secs, &e[0]);
+    f->kp64 = kvf_rate(cl, small, 1, secs, &e[1]);
+    f->kg16 = kvf_rate(cl, large, 0, secs, &e[2]);
+    f->kp16 = kvf_rate(cl, large, 1, secs, &e[3]);
+    return e[0] + e[1] + e[2] + e[3];
+}
+
 /* --transport rdma on a host with a device: a storage node serving RDMA on the RDMA interface's
  * address, and the same GET and PUT batches with every byte moved by one-sided READs and WRITEs.
  * The ceiling is the fabric's, which perftest measures (ib_read_bw, docs/rdma.md): this program
@@ -436,34 +474,16 @@ static int rdma_bench(const opts *o, json_t *res)
     char extra[400];
     snprintf(extra, sizeof extra, "--threads %d --listen %s:0 --rdma auto", o->store_threads,
              o->rdma_host);
-    if (bench_start_store(&store, o->store_bin, o->memory, extra) != 0)
-        return 1;
-    char addr[300];
-    snprintf(addr, sizeof addr, "%s:%u", o->rdma_host, store.port);
-    const char *nodes[1] = {addr};
-    kvf_client_opts co = {.nodes = nodes,
-                          .n_nodes = 1,
-                          .ns = 0xbe4c4b17ull,
-                          .conns_per_node = o->streams,
-                          .deadline_ms = 30000,
-                          .transport = "rdma",
-                          .io_threads = o->io_threads};
     kvf_client *cl = NULL;
-    char err[256];
-    if (kvf_client_open(&cl, &co, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench store: %s\n", err);
-        bench_stop(&store);
+    if (kvf_open(o, o->rdma_host, extra, "rdma", &store, &cl) != 0)
         return 1;
-    }
     workload small, large;
     wl_init(&small, 256, 64 * 1024);
     wl_init(&large, 4, 16u << 20);
-    int e1, e2, e3, e4;
     bench_progress("store", "kvfabric GET/PUT over RDMA, 256 x 64 KiB and 4 x 16 MiB batches");
-    double kg64 = kvf_rate(cl, &small, 0, o->secs, &e1);
-    double kp64 = kvf_rate(cl, &small, 1, o->secs, &e2);
-    double kg16 = kvf_rate(cl, &large, 0, o->secs, &e3);
-    double kp16 = kvf_rate(cl, &large, 1, o->secs, &e4);
+    round_fig f = {0};
+    int errors = kvf_rates(cl, &small, &large, o->secs, &f);
+    double kg64 = f.kg64, kp64 = f.kp64, kg16 = f.kg16, kp16 = f.kp16;
     kvf_client_close(&cl);
     bench_stop(&store);
     wl_free(&small);
@@ -478,12 +498,14 @@ static int rdma_bench(const opts *o, json_t *res)
     json_object_set_new(res, "label", json_string("real"));
     json_object_set_new(res, "kvf_get_gbps", json_real(kg64 < kg16 ? kg64 : kg16));
     json_object_set_new(res, "kvf_put_gbps", json_real(kp64 < kp16 ? kp64 : kp16));
-    json_object_set_new(res, "kvf_get16m_gbps", json_real(kg16));
-    json_object_set_new(res, "kvf_put16m_gbps", json_real(kp16));
-    json_object_set_new(res, "errors", json_integer(e1 + e2 + e3 + e4));
+    json_object_set_new(res, "kvf_get_64k_gbps", json_real(kg64));
+    json_object_set_new(res, "kvf_put_64k_gbps", json_real(kp64));
+    json_object_set_new(res, "kvf_get_16m_gbps", json_real(kg16));
+    json_object_set_new(res, "kvf_put_16m_gbps", json_real(kp16));
+    json_object_set_new(res, "kvf_errors", json_integer(errors));
     json_object_set_new(res, "ceiling", json_string("measure with ib_read_bw (docs/rdma.md)"));
     bench_emit(res, o->json);
-    return e1 + e2 + e3 + e4 ? 1 : 0;
+    return errors ? 1 : 0;
 }
 
 int bench_store_main(int argc, char **argv)
@@ -521,25 +543,8 @@ int bench_store_main(int argc, char **argv)
     bench_proc store = {0};
     char extra[64];
     snprintf(extra, sizeof extra, "--threads %d --rdma off", o.store_threads);
-    if (bench_start_store(&store, o.store_bin, o.memory, extra) != 0) {
-        json_decref(res);
-        return 1;
-    }
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%u", store.port);
-    const char *nodes[1] = {addr};
-    kvf_client_opts co = {.nodes = nodes,
-                          .n_nodes = 1,
-                          .ns = 0xbe4c4b17ull,
-                          .conns_per_node = o.streams,
-                          .deadline_ms = 30000,
-                          .transport = "tcp",
-                          .io_threads = o.io_threads};
     kvf_client *cl = NULL;
-    char err[256];
-    if (kvf_client_open(&cl, &co, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench store: %s\n", err);
-        bench_stop(&store);
+    if (kvf_open(&o, "127.0.0.1", extra, "tcp", &store, &cl) != 0) {
         json_decref(res);
         return 1;
     }
@@ -574,12 +579,8 @@ int bench_store_main(int argc, char **argv)
                        r + 1, o.rounds, o.streams, o.secs);
         f->c1 = tcp_ceiling(1, o.secs);
         f->cn = tcp_ceiling(o.streams, o.secs);
+        kvf_errors += kvf_rates(cl, &small, &large, o.secs, f);
         int e[4];
-        f->kg64 = kvf_rate(cl, &small, 0, o.secs, &e[0]);
-        f->kp64 = kvf_rate(cl, &small, 1, o.secs, &e[1]);
-        f->kg16 = kvf_rate(cl, &large, 0, o.secs, &e[2]);
-        f->kp16 = kvf_rate(cl, &large, 1, o.secs, &e[3]);
-        kvf_errors += e[0] + e[1] + e[2] + e[3];
         if (redis_ok) {
             f->rs64 = redis_rate(rc, &small, 1, o.secs, &e[0]);
             f->rg64 = redis_rate(rc, &small, 0, o.secs, &e[1]);
@@ -613,7 +614,7 @@ int bench_store_main(int argc, char **argv)
     double p50 = bench_quantile(lat, (size_t)iters, 0.5),
            p99 = bench_quantile(lat, (size_t)iters, 0.99);
     double raw50 = 0, raw99 = 0;
-    if (raw_lookup_rtt(store.port, co.ns, chain.keys, iters, lat) == 0) {
+    if (raw_lookup_rtt(store.port, BENCH_NS, chain.keys, iters, lat) == 0) {
         raw50 = bench_quantile(lat, (size_t)iters, 0.5);
         raw99 = bench_quantile(lat, (size_t)iters, 0.99);
     }
