@@ -1626,7 +1626,10 @@ static int worth_sharding(const kvf_client *c, const kvf_batch *b, int kind)
     return bytes >= 2 * c->o.stripe_bytes;
 }
 
-static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind, uint32_t opcode)
+/* may_shard 0: the op runs on c's own I/O thread (a shard's share of a split op, which must not
+ * be split again: the first shard is the client itself). */
+static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind, uint32_t opcode,
+                       int may_shard)
 {
     *out = NULL;
     int rc = c ? validate_batch(b, kind) : KVF_EINVAL;
@@ -1641,7 +1644,7 @@ static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind
     op->transport = c->rd ? "rdma" : "tcp";
     if (c->rd)
         rc = kvf__crdma_submit(c->rd, op);
-    else if (worth_sharding(c, b, kind))
+    else if (may_shard && worth_sharding(c, b, kind))
         rc = kvf__shards_submit(c->shards, c->n_shards, op, kind == OPK_GET);
     else
         rc = op_submit(c, op);
@@ -1655,12 +1658,18 @@ static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind
 
 int kvf_client_put_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
 {
-    return submit_kind(c, b, op, OPK_PUT, KVF_OP_ADMIT);
+    return submit_kind(c, b, op, OPK_PUT, KVF_OP_ADMIT, 1);
 }
 
 int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
 {
-    return submit_kind(c, b, op, OPK_GET, KVF_OP_GET);
+    return submit_kind(c, b, op, OPK_GET, KVF_OP_GET, 1);
+}
+
+int kvf__client_submit_own(kvf_client *c, const kvf_batch *b, kvf_op **op, int get)
+{
+    return get ? submit_kind(c, b, op, OPK_GET, KVF_OP_GET, 0)
+               : submit_kind(c, b, op, OPK_PUT, KVF_OP_ADMIT, 0);
 }
 
 int kvf_op_wait(kvf_op *op)
@@ -1706,7 +1715,7 @@ static int run_sync(kvf_client *c, const kvf_batch *b, int kind, uint32_t opcode
     kvf_batch bb = *b;
     bb.cb = NULL;
     kvf_op *op;
-    int rc = submit_kind(c, &bb, &op, kind, opcode);
+    int rc = submit_kind(c, &bb, &op, kind, opcode, 1);
     if (rc)
         return rc;
     rc = kvf_op_wait(op);
@@ -1895,6 +1904,18 @@ void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out)
         out->reconnects += s->counters.reconnects;
         pthread_mutex_unlock(&s->cmu);
     }
+}
+
+int kvf__client_shard_counters(kvf_client *c, int i, kvf_client_counters *out)
+{
+    int n = c->n_shards ? c->n_shards : 1;
+    if (i < 0 || i >= n)
+        return KVF_EINVAL;
+    kvf_client *s = c->n_shards ? c->shards[i] : c;
+    pthread_mutex_lock(&s->cmu);
+    *out = s->counters;
+    pthread_mutex_unlock(&s->cmu);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */

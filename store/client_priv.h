@@ -40,6 +40,11 @@ void kvf__op_finish(kvf_op *op, int result);
  * by bytes, and completes parent when the last child completes. 0 or KVF_ENOMEM (nothing
  * submitted). */
 int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, int get);
+/* kvf_client_get_async (get 1) or kvf_client_put_async on c's own I/O thread and connections,
+ * never split across shards: how a shard takes its share of a split op. */
+int kvf__client_submit_own(kvf_client *c, const kvf_batch *b, kvf_op **op, int get);
+/* The counters of shard i alone (0 is the client itself): 0, or KVF_EINVAL past the last. */
+int kvf__client_shard_counters(kvf_client *c, int i, kvf_client_counters *out);
 
 /* The RDMA data path: a worker thread that runs gets and puts with descriptors over TCP and
  * one-sided transfers over RDMA. */

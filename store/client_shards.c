@@ -193,8 +193,7 @@ int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, 
     int n = a->n;
     for (int i = 0; i < n; i++) {
         child *k = &a->ch[i];
-        int src = get ? kvf_client_get_async(shards[i], &k->b, &k->op)
-                      : kvf_client_put_async(shards[i], &k->b, &k->op);
+        int src = kvf__client_submit_own(shards[i], &k->b, &k->op, get);
         if (src)
             child_end(k, src); /* its keys fail with the error; the parent still completes */
     }

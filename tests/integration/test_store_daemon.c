@@ -31,6 +31,7 @@
 #include "harness.h"
 
 #include "bytes.h"
+#include "client_priv.h"
 #include "clock.h"
 #include "object.h"
 #include "tcp.h"
@@ -352,6 +353,36 @@ static void test_daemon_round_trip_thousands(void **state)
 }
 
 /* Eviction under pressure never drops a pinned entry, nor one a slow reader still references. */
+/* A large batch is shared out evenly over the client's I/O threads: each receives about a third
+ * of a get of 3 threads (the first thread's share is not split a second time). */
+static void test_daemon_io_threads_share_large_batches(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "128M", "--threads 2");
+    kvf_client *c = client_open(&d, 1, 10000);
+    assert_int_equal(put_range(c, 0, 600, SEG, 0, NULL), 600);
+    kvf_client_counters before[3], after[3], none;
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(kvf__client_shard_counters(c, i, &before[i]), 0);
+    assert_int_equal(kvf__client_shard_counters(c, 3, &none), KVF_EINVAL);
+    for (int r = 0; r < 4; r++)
+        assert_int_equal(get_range(c, 0, 600, SEG, 0, 0, NULL), 600);
+    uint64_t got[3], total = 0;
+    for (int i = 0; i < 3; i++) {
+        assert_int_equal(kvf__client_shard_counters(c, i, &after[i]), 0);
+        got[i] = after[i].bytes_received - before[i].bytes_received;
+        total += got[i];
+    }
+    assert_true(total > 4 * 600 * (uint64_t)SEG);
+    for (int i = 0; i < 3; i++)
+        if (got[i] * 100 < total * 28 || got[i] * 100 > total * 39)
+            fail_msg("I/O thread %d received %.1f%% of the bytes (want about a third)", i,
+                     100.0 * (double)got[i] / (double)total);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
 static void test_daemon_eviction_keeps_pinned_and_referenced(void **state)
 {
     (void)state;
@@ -716,6 +747,7 @@ int main(void)
     harness_init();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_daemon_round_trip_thousands, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_io_threads_share_large_batches, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_eviction_keeps_pinned_and_referenced,
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_lease_expiry_and_clear, teardown_daemons),
