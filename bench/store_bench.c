@@ -9,7 +9,8 @@
  *   4. lookup-prefix latency of 128 keys, p50 and p99;
  *   5. the store's idle RSS against its arena.
  * Every figure is measured here, now: labelled real. Ratios are taken within the run, because
- * absolute rates drift on shared machines.
+ * absolute rates drift on shared machines: each kvfabric rate is bracketed by the N-stream
+ * ceiling measured just before and just after it, and compared with their mean.
  */
 #include "bench.h"
 #include "bench_util.h"
@@ -50,13 +51,14 @@ typedef struct opts {
     const char *plot;
 } opts;
 
-#define ROUNDS_MAX 5
+#define ROUNDS_MAX 11
 #define BENCH_NS   0xbe4c4b17ull /* the namespace of every key the benchmark stores */
 
 /* One round's rates, GB/s. */
 typedef struct round_fig {
-    double c1, cn;                 /* TCP ceiling, 1 and N streams */
-    double kg64, kp64, kg16, kp16; /* kvfabric GET/PUT, 64 KiB and 16 MiB objects */
+    double c1, cn;                 /* TCP ceiling, 1 and N streams (cn: mean of cb) */
+    double cb[5];                  /* N-stream ceiling before, between and after the kvf rates */
+    double kg16, kg64, kp16, kp64; /* kvfabric GET/PUT, 16 MiB and 64 KiB objects, in that order */
     double rg64, rs64, rg16, rs16; /* Redis GET/SET */
 } round_fig;
 
@@ -159,6 +161,7 @@ static double tcp_ceiling(int n, double secs)
 
 typedef struct workload {
     size_t n;
+    uint64_t payload;   /* bytes of one object's segments */
     uint64_t obj_bytes; /* object size on the wire */
     kvf_key *keys;
     uint8_t **objs;
@@ -169,10 +172,12 @@ typedef struct workload {
     int *st;
 } workload;
 
-static kvf_key wkey(uint64_t round, size_t i)
+/* Key i of a workload's round. The payload size is part of the key: workloads of different
+ * sizes never name the same object (a GET of one must not find the other's objects). */
+static kvf_key wkey(uint64_t payload, uint64_t round, size_t i)
 {
     kvf_key k = {.lo = (round << 20) ^ (uint64_t)i ^ 0x1234567890abcdefull,
-                 .hi = round * 0x9E3779B97F4A7C15ull + i};
+                 .hi = round * 0x9E3779B97F4A7C15ull + i + (payload << 32)};
     return k;
 }
 
@@ -180,6 +185,7 @@ static void wl_init(workload *w, size_t n, uint64_t payload)
 {
     memset(w, 0, sizeof *w);
     w->n = n;
+    w->payload = payload;
     uint64_t seg = payload / LAYERS;
     w->keys = calloc(n, sizeof *w->keys);
     w->objs = calloc(n, sizeof *w->objs);
@@ -196,7 +202,7 @@ static void wl_init(workload *w, size_t n, uint64_t payload)
         segs[l] = raw + (uint64_t)l * seg;
     size_t cap = kvf__obj_raw_size(LAYERS, seg);
     for (size_t i = 0; i < n; i++) {
-        w->keys[i] = wkey(0, i);
+        w->keys[i] = wkey(w->payload, 0, i);
         w->objs[i] = malloc(cap);
         size_t out;
         kvf__obj_encode(&w->keys[i], 1, 256, LAYERS, segs, seg, KVF_CODEC_NONE, w->objs[i], cap,
@@ -212,7 +218,7 @@ static void wl_init(workload *w, size_t n, uint64_t payload)
 static void wl_rekey(workload *w, uint64_t round)
 {
     for (size_t i = 0; i < w->n; i++) {
-        w->keys[i] = wkey(round, i);
+        w->keys[i] = wkey(w->payload, round, i);
         kvf__obj_rekey(w->objs[i], &w->keys[i]);
     }
 }
@@ -237,9 +243,9 @@ static double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *er
 {
     static uint64_t round = 1000; /* PUT keys are fresh across calls too */
     uint64_t bytes = 0;
-    double t0 = bench_now(), end = t0 + secs;
     *errors = 0;
     if (!put) {
+        /* The objects a GET reads are stored first, outside the timed part. */
         wl_rekey(w, 0);
         kvf_batch b = {.n = w->n,
                        .keys = w->keys,
@@ -248,6 +254,7 @@ static double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *er
                        .status = w->st};
         kvf_client_put(c, &b);
     }
+    double t0 = bench_now(), end = t0 + secs;
     int iters = 0;
     while (bench_now() < end || iters == 0) {
         kvf_batch b = {.n = w->n, .keys = w->keys, .status = w->st};
@@ -280,8 +287,7 @@ static double redis_rate(redisContext *rc, workload *w, int set, double secs, in
     uint64_t bytes = 0;
     char key[32];
     *errors = 0;
-    double t0 = bench_now(), end = t0 + secs;
-    if (!set) {
+    if (!set) { /* the values a GET reads are stored first, outside the timed part */
         for (size_t i = 0; i < w->n; i++) {
             int kl = snprintf(key, sizeof key, "kvf:%zu", i);
             redisAppendCommand(rc, "SET %b %b", key, (size_t)kl, w->objs[i], (size_t)w->lens[i]);
@@ -293,6 +299,7 @@ static double redis_rate(redisContext *rc, workload *w, int set, double secs, in
             freeReplyObject(r);
         }
     }
+    double t0 = bench_now(), end = t0 + secs;
     int iters = 0;
     while (bench_now() < end || iters == 0) {
         for (size_t i = 0; i < w->n; i++) {
@@ -415,8 +422,10 @@ static int parse(int argc, char **argv, opts *o)
         fprintf(stderr, "kvf-bench store: --streams must be 1..16\n");
         return -1;
     }
-    o->secs = o->quick ? 0.6 : 1.5;
-    o->rounds = o->quick ? 3 : 5;
+    /* Many short rounds rather than a few long ones: the machine's speed moves within a second,
+     * and a median of more rounds moves less. Odd counts: the median is the middle round. */
+    o->secs = o->quick ? 0.4 : 0.5;
+    o->rounds = o->quick ? 5 : 11;
     if (!o->store_bin)
         o->store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
     return 0;
@@ -448,15 +457,39 @@ static int kvf_open(const opts *o, const char *host, const char *extra, const ch
     return 0;
 }
 
-/* kvfabric's four rates into f (GET and PUT of both workloads); returns the keys that failed. */
-static int kvf_rates(kvf_client *cl, workload *small, workload *large, double secs, round_fig *f)
+/* kvfabric's four rates into f (GET and PUT of both workloads); returns the keys that failed.
+ * With streams > 0 the N-stream TCP ceiling is measured before the first rate, between each two
+ * and after the last (f->cb): the machine's speed moves within a second here, and a rate compared
+ * with the ceilings on either side of it sees the same neighbours (f->cn is their mean). */
+static int kvf_rates(kvf_client *cl, workload *small, workload *large, double secs, int streams,
+                     round_fig *f)
 {
-    int e[4];
-    f->kg64 = kvf_rate(cl, small, 0, secs, &e[0]);
-    f->kp64 = kvf_rate(cl, small, 1, secs, &e[1]);
-    f->kg16 = kvf_rate(cl, large, 0, secs, &e[2]);
-    f->kp16 = kvf_rate(cl, large, 1, secs, &e[3]);
-    return e[0] + e[1] + e[2] + e[3];
+    double *rate[4] = {&f->kg16, &f->kg64, &f->kp16, &f->kp64};
+    workload *w[4] = {large, small, large, small};
+    int errors = 0;
+    for (int i = 0; i < 4; i++) {
+        if (streams)
+            f->cb[i] = tcp_ceiling(streams, secs);
+        int e;
+        *rate[i] = kvf_rate(cl, w[i], i >= 2, secs, &e);
+        errors += e;
+    }
+    if (streams) {
+        f->cb[4] = tcp_ceiling(streams, secs);
+        f->cn = 0;
+        for (int i = 0; i < 5; i++)
+            f->cn += f->cb[i] / 5;
+    }
+    return errors;
+}
+
+/* The ceiling a kvf rate of f is compared with (0..3: GET 16 MiB, GET 64 KiB, PUT 16 MiB, PUT
+ * 64 KiB): the mean of the N-stream ceilings measured just before and after it, or the 1-stream
+ * ceiling of the round where that was higher. */
+static double ceiling_of(const round_fig *f, int i)
+{
+    double b = (f->cb[i] + f->cb[i + 1]) / 2;
+    return b > f->c1 ? b : f->c1;
 }
 
 /* --transport rdma on a host with a device: a storage node serving RDMA on the RDMA interface's
@@ -482,7 +515,7 @@ static int rdma_bench(const opts *o, json_t *res)
     wl_init(&large, 4, 16u << 20);
     bench_progress("store", "kvfabric GET/PUT over RDMA, 256 x 64 KiB and 4 x 16 MiB batches");
     round_fig f = {0};
-    int errors = kvf_rates(cl, &small, &large, o->secs, &f);
+    int errors = kvf_rates(cl, &small, &large, o->secs, 0, &f);
     double kg64 = f.kg64, kp64 = f.kp64, kg16 = f.kg16, kp16 = f.kp16;
     kvf_client_close(&cl);
     bench_stop(&store);
@@ -565,21 +598,21 @@ int bench_store_main(int argc, char **argv)
     wl_init(&small, 256, 64 * 1024);
     wl_init(&large, 4, 16u << 20);
 
-    /* Rounds: the ceiling, kvfabric and Redis one after another, again and again. This machine is
-     * shared: a figure of one round and its ceiling of the same round see the same neighbours, so
-     * the ratios are taken round by round and their median reported (the rates too). */
+    /* Rounds: the ceiling, kvfabric (each rate between two ceilings) and Redis one after another,
+     * again and again. This machine is shared: a figure and the ceilings measured on either side
+     * of it see the same neighbours, so the ratios are taken figure by figure, round by round,
+     * and their median reported (the rates too). */
     round_fig fig[ROUNDS_MAX];
     int kvf_errors = 0, redis_errors = 0;
     for (int r = 0; r < o.rounds; r++) {
         round_fig *f = &fig[r];
         memset(f, 0, sizeof *f);
         bench_progress("store",
-                       "round %d/%d: TCP ceiling (1 and %d streams), kvfabric, Redis, "
-                       "%.1f s each",
+                       "round %d/%d: TCP ceiling (1 and %d streams), kvfabric between "
+                       "ceilings, Redis, %.1f s each",
                        r + 1, o.rounds, o.streams, o.secs);
         f->c1 = tcp_ceiling(1, o.secs);
-        f->cn = tcp_ceiling(o.streams, o.secs);
-        kvf_errors += kvf_rates(cl, &small, &large, o.secs, f);
+        kvf_errors += kvf_rates(cl, &small, &large, o.secs, o.streams, f);
         int e[4];
         if (redis_ok) {
             f->rs64 = redis_rate(rc, &small, 1, o.secs, &e[0]);
@@ -654,9 +687,13 @@ int bench_store_main(int argc, char **argv)
     double ceiling = MAX2(c1, cn);
     double kget = MIN2(kg64, kg16), kput = MIN2(kp64, kp16);
     double rget = MAX2(rg64, rg16), rset = MAX2(rs64, rs16);
-    double get_vs_ceiling, put_vs_ceiling, get_vs_1stream;
-    MED(get_vs_ceiling, MIN2(f->kg64, f->kg16) / MAX2(f->c1, f->cn));
-    MED(put_vs_ceiling, MIN2(f->kp64, f->kp16) / MAX2(f->c1, f->cn));
+    double get_vs_ceiling, put_vs_ceiling, get_vs_1stream, gc16, gc64, pc16, pc64;
+    MED(gc16, f->kg16 / ceiling_of(f, 0));
+    MED(gc64, f->kg64 / ceiling_of(f, 1));
+    MED(pc16, f->kp16 / ceiling_of(f, 2));
+    MED(pc64, f->kp64 / ceiling_of(f, 3));
+    MED(get_vs_ceiling, MIN2(f->kg16 / ceiling_of(f, 0), f->kg64 / ceiling_of(f, 1)));
+    MED(put_vs_ceiling, MIN2(f->kp16 / ceiling_of(f, 2), f->kp64 / ceiling_of(f, 3)));
     MED(get_vs_1stream, MIN2(f->kg64, f->kg16) / f->c1);
     double gvr64 = 0, gvr16 = 0, pvr64 = 0, pvr16 = 0, get_vs_redis = 0, put_vs_redis = 0;
     if (redis_ok) {
@@ -669,8 +706,8 @@ int bench_store_main(int argc, char **argv)
     }
     json_t *gr = json_array();
     for (int r = 0; r < o.rounds; r++)
-        json_array_append_new(
-            gr, json_real(MIN2(fig[r].kg64, fig[r].kg16) / MAX2(fig[r].c1, fig[r].cn)));
+        json_array_append_new(gr, json_real(MIN2(fig[r].kg16 / ceiling_of(&fig[r], 0),
+                                                 fig[r].kg64 / ceiling_of(&fig[r], 1))));
     json_object_set_new(res, "get_vs_ceiling_rounds", gr);
     json_object_set_new(res, "rounds", json_integer(o.rounds));
 #undef MED
@@ -690,10 +727,10 @@ int bench_store_main(int argc, char **argv)
     char label[64];
     snprintf(label, sizeof label, "TCP ceiling, %d streams", o.streams);
     row(label, cn, 0, 0);
-    row("kvf GET 256 x 64 KiB", kg64, kg64 / ceiling, gvr64);
-    row("kvf PUT 256 x 64 KiB", kp64, kp64 / ceiling, pvr64);
-    row("kvf GET 4 x 16 MiB", kg16, kg16 / ceiling, gvr16);
-    row("kvf PUT 4 x 16 MiB", kp16, kp16 / ceiling, pvr16);
+    row("kvf GET 256 x 64 KiB", kg64, gc64, gvr64);
+    row("kvf PUT 256 x 64 KiB", kp64, pc64, pvr64);
+    row("kvf GET 4 x 16 MiB", kg16, gc16, gvr16);
+    row("kvf PUT 4 x 16 MiB", kp16, pc16, pvr16);
     if (redis_ok) {
         row("redis GET 256 x 64 KiB", rg64, rg64 / ceiling, 0);
         row("redis SET 256 x 64 KiB", rs64, rs64 / ceiling, 0);
