@@ -383,6 +383,36 @@ static void test_daemon_io_threads_share_large_batches(void **state)
     daemon_stop(&d);
 }
 
+/* Large objects that arrive in small pieces at uneven times (a rate-limited proxy relays 16 KiB
+ * at a time): the client waits for a large piece of a payload at once (SO_RCVLOWAT), never for
+ * more than the payload still owes, so the last piece of every reply is read without a stall. */
+static void test_daemon_large_objects_arrive_in_pieces(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "64M", NULL);
+    proxy_opts po = {.upstream = d.port, .bytes_per_s = 40e6, .corrupt_at = -1};
+    proxy *px = proxy_start(&po);
+    const char *nodes[1] = {proxy_addr(px)};
+    kvf_client_opts o = {
+        .nodes = nodes, .n_nodes = 1, .ns = NS, .conns_per_node = 2, .deadline_ms = 4000};
+    kvf_client *c = NULL;
+    char err[256];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    enum { BIG = 77 * 1024 }; /* 308 KiB objects: past one wake-up's worth, not two */
+    assert_int_equal(put_range(c, 7000, 5, BIG, 0, NULL), 5);
+    for (int r = 0; r < 3; r++) {
+        uint64_t t0 = kvf__now_ns();
+        assert_int_equal(get_range(c, 7000, 5, BIG, 0, r == 1 ? KVF_GET_STREAM : 0, NULL), 5);
+        assert_int_equal(get_range(c, 7000 + (uint64_t)r, 1, BIG, 0, 0, NULL), 1);
+        assert_true((kvf__now_ns() - t0) / 1000000u < 3000);
+    }
+    kvf_client_close(&c);
+    proxy_stop(&px);
+    daemon_stop(&d);
+}
+
 static void test_daemon_eviction_keeps_pinned_and_referenced(void **state)
 {
     (void)state;
@@ -748,6 +778,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_daemon_round_trip_thousands, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_io_threads_share_large_batches, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_large_objects_arrive_in_pieces, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_eviction_keeps_pinned_and_referenced,
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_lease_expiry_and_clear, teardown_daemons),
