@@ -43,13 +43,9 @@
 #define MAX_CONNS_PER_NODE 16
 #define SCRATCH_BYTES      (1u << 20)
 #define HASH_CHUNK         (256u << 10)
-/* While a large payload is arriving the socket reports readable only once this much of it (or
- * all that is left, or the end of the stream) is there: a quarter of the wake-ups and reads. */
-#define LOWAT_MAX      (256u << 10)
-#define LOWAT_MIN      (64u << 10)
-#define MAX_ERR_TEXT   4096u
-#define BACKOFF_MIN_NS 100000000ull
-#define BACKOFF_MAX_NS 2000000000ull
+#define MAX_ERR_TEXT       4096u
+#define BACKOFF_MIN_NS     100000000ull
+#define BACKOFF_MAX_NS     2000000000ull
 
 enum { OPK_PUT, OPK_GET, OPK_CTRL };
 enum { CS_DOWN, CS_UP };
@@ -151,7 +147,7 @@ struct cconn {
      * while the bytes are in cache, without splitting the reads. */
     void (*on_bytes)(cconn *cn, size_t n);
     XXH3_state_t *xs; /* allocated once per connection */
-    int lowat;        /* SO_RCVLOWAT set on fd (1: the default) */
+    kvf_lowat lowat;  /* receive low-water mark of fd */
     char errtext[MAX_ERR_TEXT];
     uint64_t bytes_pending_items;
 };
@@ -1150,20 +1146,10 @@ static int rd_header(cconn *cn)
     }
 }
 
-/* Before waiting for more of a large payload: wake when LOWAT_MAX bytes of it are there, not at
- * each segment. Never more than the payload still owed, so the wait always ends (the end of the
- * stream and errors wake it regardless). Headers and small payloads keep the default of 1. */
+/* Before waiting for more: a large payload's reader wakes once a large piece of it is there. */
 static void cn_set_lowat(cconn *cn)
 {
-#ifdef SO_RCVLOWAT
-    int want = 1;
-    if (cn->rdst && cn->rleft >= LOWAT_MIN)
-        want = (int)(cn->rleft < LOWAT_MAX ? cn->rleft : LOWAT_MAX);
-    if (want != cn->lowat && setsockopt(cn->fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0)
-        cn->lowat = want;
-#else
-    (void)cn;
-#endif
+    kvf__sock_lowat(cn->fd, &cn->lowat, cn->rdst ? cn->rleft : 0);
 }
 
 /* Reads what the socket has and runs the read steps. Returns 0 or the error that breaks the
@@ -1308,7 +1294,7 @@ static int cn_connect(kvf_client *c, cconn *cn)
         return rc;
     }
     cn->fd = fd;
-    cn->lowat = 1;
+    kvf__sock_lowat_init(fd, &cn->lowat);
     cn->state = CS_UP;
     cn->events = KVF_POLL_IN;
     if (kvf__poller_add(c->poller, fd, KVF_POLL_IN, cn) != 0) {

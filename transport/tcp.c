@@ -274,6 +274,38 @@ int kvf__sock_read(int fd, void *buf, size_t len, size_t *got)
     }
 }
 
+#define LOWAT_MAX (256u << 10)
+#define LOWAT_MIN (64u << 10)
+
+void kvf__sock_lowat_init(int fd, kvf_lowat *lw)
+{
+    lw->cur = 1;
+    lw->cap = 0;
+#ifdef SO_RCVLOWAT
+    /* A mark near the receive buffer's size could wait on bytes the window never lets the peer
+     * send: a quarter of it at most (the kernel clamps buffers to net.core.rmem_max). */
+    int rcv = 0;
+    socklen_t l = sizeof rcv;
+    if (getsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, &l) == 0 && rcv / 4 >= (int)LOWAT_MIN)
+        lw->cap = rcv / 4 < (int)LOWAT_MAX ? rcv / 4 : (int)LOWAT_MAX;
+#else
+    (void)fd;
+#endif
+}
+
+void kvf__sock_lowat(int fd, kvf_lowat *lw, uint64_t owed)
+{
+#ifdef SO_RCVLOWAT
+    int want = 1;
+    if (lw->cap && owed >= LOWAT_MIN)
+        want = owed < (uint64_t)lw->cap ? (int)owed : lw->cap;
+    if (want != lw->cur && setsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &want, sizeof want) == 0)
+        lw->cur = want;
+#else
+    (void)fd, (void)lw, (void)owed;
+#endif
+}
+
 int kvf__iov_advance(struct iovec *iov, int iovcnt, int first, size_t n)
 {
     while (first < iovcnt && n) {

@@ -37,6 +37,19 @@ int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done);
  * KVF_EAGAIN, or the error. */
 int kvf__sock_read(int fd, void *buf, size_t len, size_t *got);
 
+/* Receive low-water mark: while a large payload arrives, the socket reports readable once a large
+ * piece of it is there rather than per segment (fewer wake-ups and reads). The state of one
+ * socket; kvf__sock_lowat_init() when it is opened. */
+typedef struct kvf_lowat {
+    int cur; /* SO_RCVLOWAT now set (1: the default) */
+    int cap; /* the most ever asked: a quarter of the receive buffer, 256 KiB at most; 0: off */
+} kvf_lowat;
+void kvf__sock_lowat_init(int fd, kvf_lowat *lw);
+/* Before waiting on fd: owed is what the peer still owes of the step being read (a payload's
+ * rest). Asks for min(owed, cap) when owed is at least 64 KiB, else 1. Never more than owed, so
+ * the wait always ends; the end of the stream and errors wake it regardless. */
+void kvf__sock_lowat(int fd, kvf_lowat *lw, uint64_t owed);
+
 /* Advances an iovec array past n bytes; returns the new first index and adjusts that entry. */
 int kvf__iov_advance(struct iovec *iov, int iovcnt, int first, size_t n);
 

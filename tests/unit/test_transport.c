@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <poll.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -335,6 +336,75 @@ static void test_transport_tcp_helpers(void **state)
     assert_non_null(strstr(err, "connect 127.0.0.1"));
 }
 
+static int sock_lowat(int fd)
+{
+    int v = -1;
+    socklen_t l = sizeof v;
+    assert_int_equal(getsockopt(fd, SOL_SOCKET, SO_RCVLOWAT, &v, &l), 0);
+    return v;
+}
+
+static int readable(int fd)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    return poll(&pf, 1, 20) == 1 && (pf.revents & POLLIN);
+}
+
+/* The receive low-water mark: asked only for large rests, never above what is owed or a quarter
+ * of the receive buffer, and the socket then reports readable once that much is there. */
+static void test_transport_receive_low_water(void **state)
+{
+    (void)state;
+    int lfd, cfd, afd, rc;
+    uint16_t bound = 0;
+    char err[256];
+    assert_int_equal(kvf__tcp_listen("127.0.0.1", 0, 8, &lfd, &bound, err, sizeof err), 0);
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", bound, 1000, &cfd, err, sizeof err), 0);
+    for (int i = 0; i < 100 && (rc = kvf__tcp_accept(lfd, &afd)) == KVF_EAGAIN; i++)
+        usleep(1000);
+    assert_int_equal(rc, 0);
+    kvf_lowat lw;
+    kvf__sock_lowat_init(afd, &lw);
+    int rcv = 0;
+    socklen_t l = sizeof rcv;
+    assert_int_equal(getsockopt(afd, SOL_SOCKET, SO_RCVBUF, &rcv, &l), 0);
+    int cap = rcv / 4 < (256 << 10) ? rcv / 4 : (256 << 10);
+    assert_int_equal(lw.cap, cap >= (64 << 10) ? cap : 0);
+    if (lw.cap) {
+        kvf__sock_lowat(afd, &lw, 1000); /* small rests keep the default */
+        assert_int_equal(sock_lowat(afd), 1);
+        kvf__sock_lowat(afd, &lw, 100 << 10); /* the rest owed, when under the cap */
+        assert_int_equal(sock_lowat(afd), 100 << 10);
+        kvf__sock_lowat(afd, &lw, 64ull << 20); /* the cap */
+        assert_int_equal(sock_lowat(afd), lw.cap);
+        kvf__sock_lowat(afd, &lw, 100 << 10);
+        static char buf[100 << 10];
+        size_t done = 0;
+        struct iovec v = {buf, 60 << 10};
+        assert_int_equal(kvf__sock_writev(cfd, &v, 1, &done), 0);
+        assert_int_equal(done, 60 << 10);
+        assert_false(readable(afd)); /* 60 of the 100 KiB owed */
+        v = (struct iovec){buf, 40 << 10};
+        assert_int_equal(kvf__sock_writev(cfd, &v, 1, &done), 0);
+        int ok = 0;
+        for (int i = 0; i < 50 && !ok; i++)
+            ok = readable(afd);
+        assert_true(ok);
+        kvf__sock_lowat(afd, &lw, 0);
+        assert_int_equal(sock_lowat(afd), 1);
+    }
+    /* A small receive buffer turns the mark off: the window could never fill it. */
+    int small = 16 << 10;
+    assert_int_equal(setsockopt(afd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    kvf__sock_lowat_init(afd, &lw);
+    assert_int_equal(lw.cap, 0);
+    kvf__sock_lowat(afd, &lw, 64ull << 20);
+    assert_int_equal(sock_lowat(afd), 1);
+    close(cfd);
+    close(afd);
+    close(lfd);
+}
+
 static void test_transport_iov_advance(void **state)
 {
     (void)state;
@@ -358,6 +428,7 @@ int main(void)
         cmocka_unit_test(test_transport_wire_put_table),
         cmocka_unit_test(test_transport_poller_backends),
         cmocka_unit_test(test_transport_tcp_helpers),
+        cmocka_unit_test(test_transport_receive_low_water),
         cmocka_unit_test(test_transport_iov_advance),
     };
     return cmocka_run_group_tests_name("transport", tests, NULL, NULL);
