@@ -1,6 +1,7 @@
 /*
  * Unit tests of the transport module: frame header encoding and every validation rule, the item
- * table checks, the pollers (each back-end built here), TCP helpers and iovec arithmetic.
+ * table checks, the pollers (each back-end built here), TCP helpers, the receive low-water mark,
+ * the HTTP client's connection reuse and iovec arithmetic.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -9,6 +10,10 @@
 #include <cmocka.h>
 
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -16,6 +21,7 @@
 #include "kvf/kvf.h"
 
 #include "bytes.h"
+#include "http.h"
 #include "poller.h"
 #include "tcp.h"
 #include "wire.h"
@@ -405,6 +411,135 @@ static void test_transport_receive_low_water(void **state)
     close(lfd);
 }
 
+/* A minimal HTTP/1.1 server on a raw socket: answers each request {"n": its number} and counts
+ * the connections it accepted; it drops the connection after the request numbered close_after
+ * (without saying so), as a restarted server would. */
+typedef struct mini_http {
+    int lfd;
+    uint16_t port;
+    _Atomic int stop, accepts, requests;
+    int close_after;
+    pthread_t th;
+} mini_http;
+
+static void *mini_http_main(void *arg)
+{
+    mini_http *m = arg;
+    int c = -1;
+    char buf[8192];
+    size_t have = 0;
+    while (!atomic_load(&m->stop)) {
+        struct pollfd pf[2] = {{.fd = m->lfd, .events = POLLIN}, {.fd = c, .events = POLLIN}};
+        if (poll(pf, c >= 0 ? 2 : 1, 20) <= 0)
+            continue;
+        if (pf[0].revents & POLLIN) {
+            int n = accept(m->lfd, NULL, NULL);
+            if (n >= 0) {
+                if (c >= 0)
+                    close(c);
+                c = n;
+                have = 0;
+                atomic_fetch_add(&m->accepts, 1);
+            }
+            continue;
+        }
+        ssize_t r = recv(c, buf + have, sizeof buf - 1 - have, 0);
+        if (r <= 0) {
+            close(c);
+            c = -1;
+            continue;
+        }
+        have += (size_t)r;
+        buf[have] = '\0';
+        char *end = strstr(buf, "\r\n\r\n");
+        if (!end)
+            continue;
+        const char *cl = strstr(buf, "Content-Length:");
+        size_t body = cl && cl < end ? strtoul(cl + 15, NULL, 10) : 0;
+        size_t need = (size_t)(end + 4 - buf) + body;
+        if (have < need)
+            continue;
+        int k = atomic_fetch_add(&m->requests, 1) + 1;
+        char rep[160], js[32];
+        int jl = snprintf(js, sizeof js, "{\"n\": %d}", k);
+        int rl = snprintf(rep, sizeof rep,
+                          "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                          "Content-Length: %d\r\n\r\n%s",
+                          jl, js);
+        assert_int_equal(send(c, rep, (size_t)rl, MSG_NOSIGNAL), rl);
+        memmove(buf, buf + need, have - need);
+        have -= need;
+        if (k == m->close_after) {
+            close(c);
+            c = -1;
+            have = 0;
+        }
+    }
+    if (c >= 0)
+        close(c);
+    return NULL;
+}
+
+static void mini_http_call(mini_http *m, const char *method, int want_n)
+{
+    char url[64], err[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/x", m->port);
+    json_t *body = !strcmp(method, "POST") ? json_pack("{s:i}", "k", want_n) : NULL, *reply = NULL;
+    long status = 0;
+    assert_int_equal(kvf__http_call(method, url, body, 2000, &status, &reply, err, sizeof err), 0);
+    assert_int_equal(status, 200);
+    assert_non_null(reply);
+    assert_int_equal(json_integer_value(json_object_get(reply, "n")), want_n);
+    json_decref(reply);
+    json_decref(body);
+}
+
+static void *other_thread_call(void *arg)
+{
+    mini_http_call(arg, "GET", 6);
+    return NULL;
+}
+
+/* One thread's calls to one server reuse one connection; a connection the server dropped is
+ * replaced, and the call on it still answered; another thread has its own. */
+static void test_transport_http_client_reuses_connections(void **state)
+{
+    (void)state;
+    mini_http m = {.close_after = 3};
+    char err[256];
+    assert_int_equal(kvf__tcp_listen("127.0.0.1", 0, 8, &m.lfd, &m.port, err, sizeof err), 0);
+    assert_int_equal(pthread_create(&m.th, NULL, mini_http_main, &m), 0);
+    mini_http_call(&m, "GET", 1);
+    mini_http_call(&m, "POST", 2);
+    mini_http_call(&m, "POST", 3);
+    assert_int_equal(atomic_load(&m.accepts), 1);
+    usleep(50000); /* the server has dropped the connection by now */
+    mini_http_call(&m, "POST", 4);
+    mini_http_call(&m, "GET", 5);
+    assert_int_equal(atomic_load(&m.accepts), 2);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, other_thread_call, &m), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(atomic_load(&m.accepts), 3);
+    /* A server that is gone: the call fails with a clear error, and the next one to a live
+     * server works again. */
+    char url[64];
+    long status = 0;
+    json_t *reply = NULL;
+    int dead;
+    uint16_t dead_port;
+    assert_int_equal(kvf__tcp_listen("127.0.0.1", 0, 8, &dead, &dead_port, err, sizeof err), 0);
+    close(dead);
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/x", dead_port);
+    assert_int_equal(kvf__http_call("GET", url, NULL, 1000, &status, &reply, err, sizeof err),
+                     KVF_ECONNREFUSED);
+    assert_null(reply);
+    mini_http_call(&m, "GET", 7);
+    atomic_store(&m.stop, 1);
+    pthread_join(m.th, NULL);
+    close(m.lfd);
+}
+
 static void test_transport_iov_advance(void **state)
 {
     (void)state;
@@ -429,6 +564,7 @@ int main(void)
         cmocka_unit_test(test_transport_poller_backends),
         cmocka_unit_test(test_transport_tcp_helpers),
         cmocka_unit_test(test_transport_receive_low_water),
+        cmocka_unit_test(test_transport_http_client_reuses_connections),
         cmocka_unit_test(test_transport_iov_advance),
     };
     return cmocka_run_group_tests_name("transport", tests, NULL, NULL);
