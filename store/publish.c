@@ -15,6 +15,9 @@
 #include <time.h>
 #include <zmq.h>
 
+/* Changes waiting for the sender, at most; more are dropped and the sequence skips a number. Both
+ * buffers are taken at this size when the publisher opens (address space: pages become resident
+ * as a burst first reaches them), so noting a change never allocates under the cache's lock. */
 #define MAX_PENDING (1u << 20)
 
 typedef struct change {
@@ -28,8 +31,8 @@ struct kvf__pub {
     pthread_t th;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    change *pending;
-    size_t n, cap;
+    change *pending, *spare; /* the cache appends to pending; the sender sends the other */
+    size_t n;
     int dropped, stop;
     uint64_t seq;
 };
@@ -38,15 +41,7 @@ void kvf__pub_note(void *pv, int admitted, const kvf_key *key)
 {
     kvf__pub *p = pv;
     pthread_mutex_lock(&p->mu);
-    if (p->n == p->cap && p->cap < MAX_PENDING) {
-        size_t cap = p->cap ? p->cap * 2 : 1024;
-        change *nc = realloc(p->pending, cap * sizeof *nc);
-        if (nc) {
-            p->pending = nc;
-            p->cap = cap;
-        }
-    }
-    if (p->n < p->cap)
+    if (p->n < MAX_PENDING)
         p->pending[p->n++] = (change){*key, (uint8_t)(admitted != 0)};
     else
         p->dropped = 1;
@@ -101,8 +96,6 @@ static void send_batch(kvf__pub *p, const change *c, size_t n, int dropped)
 static void *sender_main(void *arg)
 {
     kvf__pub *p = arg;
-    change *mine = NULL;
-    size_t mine_cap = 0;
     pthread_mutex_lock(&p->mu);
     for (;;) {
         if (!p->n && !p->stop) {
@@ -112,15 +105,13 @@ static void *sender_main(void *arg)
         if (!p->n && p->stop)
             break;
         /* Swap buffers: the cache keeps appending while this batch is sent. */
-        change *batch = p->pending;
-        size_t n = p->n, batch_cap = p->cap;
+        change *mine = p->pending;
+        size_t n = p->n;
         int dropped = p->dropped;
-        p->pending = mine;
-        p->cap = mine_cap;
+        p->pending = p->spare;
+        p->spare = mine;
         p->n = 0;
         p->dropped = 0;
-        mine = batch;
-        mine_cap = batch_cap;
         pthread_mutex_unlock(&p->mu);
         for (size_t off = 0; off < n; off += 4096) /* bounded messages */
             send_batch(p, mine + off, n - off < 4096 ? n - off : 4096, dropped && off == 0);
@@ -129,7 +120,6 @@ static void *sender_main(void *arg)
             break;
     }
     pthread_mutex_unlock(&p->mu);
-    free(mine);
     return NULL;
 }
 
@@ -138,8 +128,17 @@ int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, cha
 {
     *out = NULL;
     kvf__pub *p = calloc(1, sizeof *p);
-    if (!p)
+    if (p) {
+        p->pending = malloc(MAX_PENDING * sizeof *p->pending);
+        p->spare = malloc(MAX_PENDING * sizeof *p->spare);
+    }
+    if (!p || !p->pending || !p->spare) {
+        if (p)
+            free(p->pending), free(p->spare);
+        free(p);
+        snprintf(err, errlen, "events: out of memory");
         return KVF_ENOMEM;
+    }
     p->node = node;
     p->zctx = zmq_ctx_new();
     p->sock = p->zctx ? zmq_socket(p->zctx, ZMQ_PUB) : NULL;
@@ -158,6 +157,7 @@ int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, cha
             zmq_close(p->sock);
         if (p->zctx)
             zmq_ctx_term(p->zctx);
+        free(p->pending), free(p->spare);
         free(p);
         return KVF_EADDRINUSE;
     }
@@ -166,6 +166,7 @@ int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, cha
     if (pthread_create(&p->th, NULL, sender_main, p) != 0) {
         zmq_close(p->sock);
         zmq_ctx_term(p->zctx);
+        free(p->pending), free(p->spare);
         free(p);
         return KVF_ENOMEM;
     }
@@ -188,6 +189,7 @@ void kvf__pub_close(kvf__pub **pp)
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
     free(p->pending);
+    free(p->spare);
     free(p);
     *pp = NULL;
 }
