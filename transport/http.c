@@ -53,16 +53,14 @@ static void handle_key_make(void)
     pthread_key_create(&handle_key, handle_free);
 }
 
-/* The calling thread's handle, reset to defaults (its live connections stay); NULL without memory.
- * Freed when the thread exits. */
+/* The calling thread's handle, with default options (each call resets it when done; its live
+ * connections stay); NULL without memory. Freed when the thread exits. */
 static CURL *thread_handle(void)
 {
     pthread_once(&handle_once, handle_key_make);
     CURL *cu = pthread_getspecific(handle_key);
-    if (cu) {
-        curl_easy_reset(cu);
+    if (cu)
         return cu;
-    }
     cu = curl_easy_init();
     if (cu && pthread_setspecific(handle_key, cu) != 0) {
         curl_easy_cleanup(cu);
@@ -99,9 +97,9 @@ int kvf__http_call(const char *method, const char *url, json_t *body, int timeou
     }
     CURLcode cc = curl_easy_perform(cu);
     curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, status);
-    /* The handle outlives the call: nothing of this call's may stay pointed to by it. */
-    curl_easy_setopt(cu, CURLOPT_HTTPHEADER, NULL);
-    curl_easy_setopt(cu, CURLOPT_WRITEDATA, NULL);
+    /* The handle outlives the call: back to defaults, so that none of this call's header list,
+     * body or reply buffer (all freed below) stays pointed to by it. */
+    curl_easy_reset(cu);
     curl_slist_free_all(hdr);
     free(text);
     int rc = 0;
