@@ -101,23 +101,29 @@ static void check_obj(uint64_t i, const uint8_t *obj, uint64_t len, size_t seg, 
     free(scratch);
 }
 
-static kvf_client *client_open(daemon_t *ds, int n, int deadline_ms)
+/* A client of the nodes at addrs with o's other options (nodes and namespace filled in). */
+static kvf_client *client_open_at(const char **addrs, int n, kvf_client_opts o)
 {
-    const char *nodes[8];
-    for (int i = 0; i < n; i++)
-        nodes[i] = ds[i].addr;
-    kvf_client_opts o = {.nodes = nodes,
-                         .n_nodes = (size_t)n,
-                         .ns = NS,
-                         .conns_per_node = 3,
-                         .deadline_ms = deadline_ms,
-                         .stripe_bytes = 64 * 1024,
-                         .io_threads = 3}; /* large batches split over 3 I/O threads */
+    o.nodes = addrs;
+    o.n_nodes = (size_t)n;
+    o.ns = NS;
     kvf_client *c = NULL;
     char err[256];
     if (kvf_client_open(&c, &o, err, sizeof err) != 0)
         fail_msg("client open: %s", err);
     return c;
+}
+
+static kvf_client *client_open(daemon_t *ds, int n, int deadline_ms)
+{
+    const char *nodes[8];
+    for (int i = 0; i < n; i++)
+        nodes[i] = ds[i].addr;
+    return client_open_at(nodes, n,
+                          (kvf_client_opts){.conns_per_node = 3,
+                                            .deadline_ms = deadline_ms,
+                                            .stripe_bytes = 64 * 1024,
+                                            .io_threads = 3}); /* large batches over 3 threads */
 }
 
 /* Puts keys [from, from + n) and returns how many stored (0) or were there (EEXIST). */
@@ -394,12 +400,8 @@ static void test_daemon_large_objects_arrive_in_pieces(void **state)
     proxy_opts po = {.upstream = d.port, .bytes_per_s = 40e6, .corrupt_at = -1};
     proxy *px = proxy_start(&po);
     const char *nodes[1] = {proxy_addr(px)};
-    kvf_client_opts o = {
-        .nodes = nodes, .n_nodes = 1, .ns = NS, .conns_per_node = 2, .deadline_ms = 4000};
-    kvf_client *c = NULL;
-    char err[256];
-    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
-        fail_msg("client open: %s", err);
+    kvf_client *c =
+        client_open_at(nodes, 1, (kvf_client_opts){.conns_per_node = 2, .deadline_ms = 4000});
     enum { BIG = 77 * 1024 }; /* 308 KiB objects: past one wake-up's worth, not two */
     assert_int_equal(put_range(c, 7000, 5, BIG, 0, NULL), 5);
     for (int r = 0; r < 3; r++) {
