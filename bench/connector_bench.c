@@ -286,7 +286,7 @@ int bench_connector_main(int argc, char **argv)
     if (!o.model)
         o.model = o.quick ? "ref-tiny" : "ref-100m";
     if (!o.store_bin)
-        o.store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
+        o.store_bin = kvf__proc_find_bin("kvf-store");
     env ev = {.model = o.model};
     if (kvfe_model_preset(o.model, &ev.m) != 0) {
         fprintf(stderr, "kvf-bench connector: unknown model %s\n", o.model);

@@ -25,7 +25,7 @@
 #include "trace.h"
 
 #include "kvf/kvf.h"
-#include "kvf/sched.h"
+#include "scheduler.h"
 
 #include <inttypes.h>
 #include <jansson.h>

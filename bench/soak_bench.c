@@ -22,7 +22,7 @@
 #include "kvf/kvf.h"
 
 #include "bytes.h"
-#include "object.h"
+#include "kvf/object.h"
 #include "units.h"
 
 #include <inttypes.h>
@@ -157,7 +157,7 @@ static int parse(int argc, char **argv, opts *o)
         return -1;
     }
     if (!o->store_bin)
-        o->store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
+        o->store_bin = kvf__proc_find_bin("kvf-store");
     return 0;
 }
 
@@ -239,7 +239,7 @@ static void make_object(uint64_t id, const uint8_t *base, uint64_t seg, uint8_t 
     for (int l = 0; l < LAYERS; l++)
         segs[l] = base + off + (uint64_t)l * seg;
     size_t out = 0;
-    kvf__obj_encode(&k, 1, 512, LAYERS, segs, seg, KVF_CODEC_NONE, dst, cap, &out, NULL);
+    kvf_obj_encode(&k, 1, 512, LAYERS, segs, seg, KVF_CODEC_NONE, dst, cap, &out, NULL);
     *len = out;
 }
 
@@ -463,7 +463,7 @@ static int churn_init(churn *c, const opts *o, kvf_client *cl)
     c->o = o;
     c->cl = cl;
     c->seg = o->object / LAYERS;
-    c->cap = kvf__obj_raw_size(LAYERS, c->seg);
+    c->cap = kvf_obj_raw_size(LAYERS, c->seg);
     c->window = 2 * (o->memory / o->object) + (uint64_t)o->batch;
     c->rng = 0x5eed;
     c->base = malloc(2 * o->object);

@@ -20,7 +20,7 @@
 #include "kvf/kvf.h"
 
 #include "bytes.h"
-#include "object.h"
+#include "kvf/object.h"
 #include "tcp.h"
 #include "wire.h"
 
@@ -200,13 +200,13 @@ static void wl_init(workload *w, size_t n, uint64_t payload)
     const void *segs[LAYERS];
     for (int l = 0; l < LAYERS; l++)
         segs[l] = raw + (uint64_t)l * seg;
-    size_t cap = kvf__obj_raw_size(LAYERS, seg);
+    size_t cap = kvf_obj_raw_size(LAYERS, seg);
     for (size_t i = 0; i < n; i++) {
         w->keys[i] = wkey(w->payload, 0, i);
         w->objs[i] = malloc(cap);
         size_t out;
-        kvf__obj_encode(&w->keys[i], 1, 256, LAYERS, segs, seg, KVF_CODEC_NONE, w->objs[i], cap,
-                        &out, NULL);
+        kvf_obj_encode(&w->keys[i], 1, 256, LAYERS, segs, seg, KVF_CODEC_NONE, w->objs[i], cap,
+                       &out, NULL);
         w->lens[i] = out;
         w->bufs[i] = malloc(cap);
         w->caps[i] = cap;
@@ -219,7 +219,7 @@ static void wl_rekey(workload *w, uint64_t round)
 {
     for (size_t i = 0; i < w->n; i++) {
         w->keys[i] = wkey(w->payload, round, i);
-        kvf__obj_rekey(w->objs[i], &w->keys[i]);
+        kvf_obj_rekey(w->objs[i], &w->keys[i]);
     }
 }
 
@@ -427,7 +427,7 @@ static int parse(int argc, char **argv, opts *o)
     o->secs = o->quick ? 0.4 : 0.5;
     o->rounds = o->quick ? 5 : 11;
     if (!o->store_bin)
-        o->store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
+        o->store_bin = kvf__proc_find_bin("kvf-store");
     return 0;
 }
 

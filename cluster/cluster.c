@@ -461,13 +461,11 @@ static int cmd_up(const cfg *c, int netns)
             return 1;
         }
     }
-    const char *store_bin = kvf__proc_find_bin("kvf-store", "../store/kvf-store");
+    const char *store_bin = kvf__proc_find_bin("kvf-store");
     char store_path[1024], sched_path[1024], engine_path[1024];
     snprintf(store_path, sizeof store_path, "%s", store_bin);
-    snprintf(sched_path, sizeof sched_path, "%s",
-             kvf__proc_find_bin("kvf-sched", "../scheduler/kvf-sched"));
-    snprintf(engine_path, sizeof engine_path, "%s",
-             kvf__proc_find_bin("kvf-engine", "../bench/kvf-engine"));
+    snprintf(sched_path, sizeof sched_path, "%s", kvf__proc_find_bin("kvf-sched"));
+    snprintf(engine_path, sizeof engine_path, "%s", kvf__proc_find_bin("kvf-engine"));
     printf("kvf cluster up \"%s\": %d store(s), 1 scheduler, %d prefill and %d decode engine(s), "
            "model %s, %s\n",
            c->name, c->stores, c->prefill, c->decode, c->model,

@@ -23,7 +23,7 @@
 #include "kvf/kvf.h"
 
 #include "cluster.h"
-#include "object.h"
+#include "bytes.h"
 #include "probe.h"
 #include "units.h"
 
@@ -79,20 +79,12 @@ static void usage(FILE *f)
         "  --json                           one JSON object on stdout\n");
 }
 
-static uint64_t splitmix(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* Token i of a synthetic sequence depends only on (seed, i), so sequences of different lengths
  * with one seed share their prefix. */
 static uint32_t synthetic_token(uint64_t seed, size_t i)
 {
     uint64_t s = seed * 0x100000001b3ull + i;
-    return (uint32_t)(splitmix(&s) % 32000u);
+    return (uint32_t)(kvf__splitmix64(&s) % 32000u);
 }
 
 /* Deterministic KV bytes for layer l of the chunk with key k: smooth values, as real KV tensors
@@ -103,7 +95,7 @@ static void synthetic_segment(const kvf_key *k, uint32_t l, kvf_dtype dt, uint8_
     uint64_t s = k->lo ^ (k->hi * 31) ^ ((uint64_t)l << 48);
     size_t esz = kvf_layout_dtype_size(dt);
     for (size_t i = 0; i + esz <= bytes; i += esz) {
-        uint64_t r = splitmix(&s);
+        uint64_t r = kvf__splitmix64(&s);
         float v = ((float)(r & 0xffff) - 32768.0f) / 16384.0f * 0.5f;
         uint32_t bits;
         memcpy(&bits, &v, 4);
@@ -261,7 +253,7 @@ static int build_object(const chunks *ch, size_t i, kvf_codec codec, uint8_t **o
 {
     const kvf_layout *l = &ch->layout;
     uint64_t seg = kvf_layout_segment_bytes(l);
-    size_t cap = kvf__obj_raw_size(l->layers, seg);
+    size_t cap = kvf_obj_raw_size(l->layers, seg);
     uint8_t *raw = malloc((size_t)seg * l->layers);
     uint8_t *scratch = malloc(seg);
     const void **segs = malloc(l->layers * sizeof *segs);
@@ -273,8 +265,8 @@ static int build_object(const chunks *ch, size_t i, kvf_codec codec, uint8_t **o
             segs[k] = raw + (size_t)k * seg;
         }
         size_t out;
-        rc = kvf__obj_encode(&ch->keys[i], ch->ks.layout_fp, l->chunk_tokens, l->layers, segs, seg,
-                             codec, *obj, cap, &out, scratch);
+        rc = kvf_obj_encode(&ch->keys[i], ch->ks.layout_fp, l->chunk_tokens, l->layers, segs, seg,
+                            codec, *obj, cap, &out, scratch);
         *len = out;
     }
     free(raw);
@@ -291,7 +283,7 @@ static int build_object(const chunks *ch, size_t i, kvf_codec codec, uint8_t **o
 static int check_object(const chunks *ch, size_t i, const uint8_t *obj, uint64_t len)
 {
     kvf_obj_info info;
-    int rc = kvf__obj_verify(obj, len, &info);
+    int rc = kvf_obj_verify(obj, len, &info);
     if (rc)
         return rc;
     const kvf_layout *l = &ch->layout;
@@ -302,12 +294,12 @@ static int check_object(const chunks *ch, size_t i, const uint8_t *obj, uint64_t
     rc = (want && got && scratch) ? 0 : KVF_ENOMEM;
     const uint8_t *p = obj + info.header_len;
     for (uint32_t k = 0; k < l->layers && !rc; k++) {
-        kvf_obj_seg s = kvf__obj_seg(&info, k);
+        kvf_obj_seg s = kvf_obj_seg_at(&info, k);
         if (s.raw_len != seg) {
             rc = KVF_ELAYOUT;
             break;
         }
-        rc = kvf__obj_decode_seg(info.codec, &s, p, got, scratch);
+        rc = kvf_obj_decode_seg(info.codec, &s, p, got, scratch);
         synthetic_segment(&ch->keys[i], k, l->dtype, want, seg);
         if (!rc && memcmp(want, got, seg) != 0)
             rc = KVF_ECHECKSUM;
@@ -358,7 +350,7 @@ static void print_statuses(const args *a, const chunks *ch, const int *st, const
 static int cmd_put(const args *a, kvf_client *cl, const chunks *ch)
 {
     kvf_codec codec = KVF_CODEC_NONE;
-    if (a->codec && kvf__codec_parse(a->codec, &codec) != 0) {
+    if (a->codec && kvf_codec_parse(a->codec, &codec) != 0) {
         fprintf(stderr, "kvf: --codec: expected none, lz4 or shuffle-lz4\n");
         return 2;
     }
@@ -384,7 +376,7 @@ static int cmd_put(const args *a, kvf_client *cl, const chunks *ch)
         print_statuses(a, ch, st, "stored");
         if (!a->json)
             printf("put: %" PRIu64 " KV bytes as %" PRIu64 " object bytes (%s)\n", raw, stored,
-                   kvf__codec_name(codec));
+                   kvf_codec_name(codec));
     } else {
         fprintf(stderr, "kvf: put: %s\n", kvf_strerror(rc));
     }
@@ -401,7 +393,7 @@ static int cmd_put(const args *a, kvf_client *cl, const chunks *ch)
 
 static int cmd_get(const args *a, kvf_client *cl, const chunks *ch)
 {
-    uint64_t cap = kvf__obj_raw_size(ch->layout.layers, kvf_layout_segment_bytes(&ch->layout));
+    uint64_t cap = kvf_obj_raw_size(ch->layout.layers, kvf_layout_segment_bytes(&ch->layout));
     uint8_t *mem = malloc(cap * ch->n);
     void **bufs = calloc(ch->n, sizeof *bufs);
     uint64_t *caps = calloc(ch->n, sizeof *caps), *lens = calloc(ch->n, sizeof *lens);

@@ -107,7 +107,7 @@ pid_t kvf__proc_start_store(const char *bin, const char *memory, const char *ext
     return kvf__proc_start_daemon(argv, timeout_ms, port, err, errlen);
 }
 
-const char *kvf__proc_find_bin(const char *name, const char *rel)
+const char *kvf__proc_find_bin(const char *name)
 {
     static char out[2 * PATH_MAX];
     char self[PATH_MAX];
@@ -117,9 +117,6 @@ const char *kvf__proc_find_bin(const char *name, const char *rel)
         char *slash = strrchr(self, '/');
         if (slash) {
             *slash = '\0';
-            snprintf(out, sizeof out, "%s/%s", self, rel);
-            if (access(out, X_OK) == 0)
-                return out;
             snprintf(out, sizeof out, "%s/%s", self, name);
             if (access(out, X_OK) == 0)
                 return out;

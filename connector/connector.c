@@ -23,7 +23,7 @@
 #include "hash.h"
 #include "clock.h"
 #include "http.h"
-#include "object.h"
+#include "kvf/object.h"
 #include "pagemap.h"
 
 #include <jansson.h>
@@ -227,7 +227,7 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
         }
         const uint8_t *obj = x->stage + c * cn->obj_bytes;
         kvf_obj_info info;
-        int rc = kvf__obj_parse(obj, cn->hdr_len, &info);
+        int rc = kvf_obj_parse(obj, cn->hdr_len, &info);
         if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
             info.tokens != cn->l.chunk_tokens) {
             failed++;
@@ -235,8 +235,8 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
         }
         uint64_t off = info.header_len;
         for (uint32_t k = 0; k < layer; k++)
-            off += kvf__obj_seg(&info, k).stored_len;
-        kvf_obj_seg sg = kvf__obj_seg(&info, layer);
+            off += kvf_obj_seg_at(&info, k).stored_len;
+        kvf_obj_seg sg = kvf_obj_seg_at(&info, layer);
         if (sg.raw_len != cn->pm.seg_bytes) {
             failed++;
             continue;
@@ -244,7 +244,7 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
         const uint8_t *seg = obj + off;
         if (sg.stored_len != sg.raw_len) {
             /* Compressed: decode (verifying both checksums) before touching engine pages. */
-            if (kvf__obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
+            if (kvf_obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
                 failed++;
                 continue;
             }
@@ -274,8 +274,8 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
     uint32_t L = cn->l.layers;
     for (size_t c = 0; c < x->n_chunks; c++) {
         uint8_t *obj = x->stage + c * cn->obj_bytes;
-        kvf__obj_seal_raw(obj, &x->keys[c], cn->ks.layout_fp, cn->l.chunk_tokens, L,
-                          cn->pm.seg_bytes, x->seg_xxh + c * L);
+        kvf_obj_seal_raw(obj, &x->keys[c], cn->ks.layout_fp, cn->l.chunk_tokens, L,
+                         cn->pm.seg_bytes, x->seg_xxh + c * L);
         x->bufs[c] = obj;
         x->lens[c] = cn->obj_bytes;
     }
@@ -914,8 +914,8 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
         free(cn);
         return rc;
     }
-    cn->hdr_len = kvf__obj_header_len(cn->l.layers);
-    cn->obj_bytes = kvf__obj_raw_size(cn->l.layers, kvf_layout_segment_bytes(&cn->l));
+    cn->hdr_len = kvf_obj_header_len(cn->l.layers);
+    cn->obj_bytes = kvf_obj_raw_size(cn->l.layers, kvf_layout_segment_bytes(&cn->l));
     cn->seg_bytes = kvf_layout_segment_bytes(&cn->l);
     if (o->caps)
         cn->local = *o->caps;

@@ -1,10 +1,14 @@
 /*
- * The error space: names and messages generated from KVF_ERRNO_MAP, and the one errno
- * translation table of the project.
+ * The error space: names and messages generated from KVF_ERRNO_MAP, the one errno translation
+ * table of the project, and kvf__errf (errf.h).
  */
 #include "kvf/error.h"
 
+#include "errf.h"
+
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 
 const char *kvf_strerror(int err)
 {
@@ -129,4 +133,15 @@ int kvf_err_from_errno(int errnum)
     default:
         return KVF_EUNKNOWN;
     }
+}
+
+int kvf__errf(char *err, size_t errlen, int code, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return code;
 }

@@ -5,14 +5,14 @@
 #include "kvf/layout.h"
 #include "kvf/error.h"
 
-#include "alloc.h"
 #include "bytes.h"
+#include "errf.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 
@@ -27,20 +27,6 @@
 #define MAX_TP           1024u
 #define MAX_CHUNK_BYTES  (1ull << 32)
 #define MAX_JSON_FILE    (1u << 20)
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int fail(char *err, size_t errlen, const char *fmt, ...)
-{
-    if (err && errlen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, errlen, fmt, ap);
-        va_end(ap);
-    }
-    return KVF_EINVAL;
-}
 
 static const struct {
     const char *name;
@@ -95,60 +81,66 @@ static uint64_t chunk_bytes_unchecked(const kvf_layout *l)
 int kvf_layout_validate(const kvf_layout *l, char *err, size_t errlen)
 {
     if (!l)
-        return fail(err, errlen, "layout: NULL");
+        return kvf__errf(err, errlen, KVF_EINVAL, "layout: NULL");
     size_t idlen = strnlen(l->model_id, sizeof l->model_id);
     if (idlen == 0)
-        return fail(err, errlen, "model_id: empty");
+        return kvf__errf(err, errlen, KVF_EINVAL, "model_id: empty");
     if (idlen == sizeof l->model_id)
-        return fail(err, errlen, "model_id: longer than %u bytes or not NUL-terminated",
-                    KVF_MODEL_ID_MAX);
+        return kvf__errf(err, errlen, KVF_EINVAL,
+                         "model_id: longer than %u bytes or not NUL-terminated", KVF_MODEL_ID_MAX);
     for (size_t i = 0; i < idlen; i++)
         if (!model_id_char_ok(l->model_id[i]))
-            return fail(err, errlen,
-                        "model_id: character 0x%02x at %zu is not one of A-Z a-z 0-9 . _ - / : +",
-                        (unsigned char)l->model_id[i], i);
+            return kvf__errf(
+                err, errlen, KVF_EINVAL,
+                "model_id: character 0x%02x at %zu is not one of A-Z a-z 0-9 . _ - / : +",
+                (unsigned char)l->model_id[i], i);
     if (l->layers == 0 || l->layers > MAX_LAYERS)
-        return fail(err, errlen, "layers: %" PRIu32 " is not in 1..%u", l->layers, MAX_LAYERS);
+        return kvf__errf(err, errlen, KVF_EINVAL, "layers: %" PRIu32 " is not in 1..%u", l->layers,
+                         MAX_LAYERS);
     if (l->kv_heads == 0 || l->kv_heads > MAX_HEADS)
-        return fail(err, errlen, "kv_heads: %" PRIu32 " is not in 1..%u", l->kv_heads, MAX_HEADS);
+        return kvf__errf(err, errlen, KVF_EINVAL, "kv_heads: %" PRIu32 " is not in 1..%u",
+                         l->kv_heads, MAX_HEADS);
     if (l->head_dim == 0 || l->head_dim > MAX_HEAD_DIM)
-        return fail(err, errlen, "head_dim: %" PRIu32 " is not in 1..%u", l->head_dim,
-                    MAX_HEAD_DIM);
+        return kvf__errf(err, errlen, KVF_EINVAL, "head_dim: %" PRIu32 " is not in 1..%u",
+                         l->head_dim, MAX_HEAD_DIM);
     if ((unsigned)l->dtype >= KVF_DTYPE_COUNT_)
-        return fail(err, errlen, "dtype: unknown value %d", (int)l->dtype);
+        return kvf__errf(err, errlen, KVF_EINVAL, "dtype: unknown value %d", (int)l->dtype);
     if (l->kind != KVF_KV_SEPARATE && l->kind != KVF_KV_LATENT)
-        return fail(err, errlen, "kind: unknown value %d (0 = separate K and V, 1 = latent)",
-                    (int)l->kind);
+        return kvf__errf(err, errlen, KVF_EINVAL,
+                         "kind: unknown value %d (0 = separate K and V, 1 = latent)", (int)l->kind);
     if (l->kind == KVF_KV_LATENT && l->kv_heads != 1)
-        return fail(err, errlen, "kv_heads: a latent (MLA) layout has 1 head, not %" PRIu32,
-                    l->kv_heads);
+        return kvf__errf(err, errlen, KVF_EINVAL,
+                         "kv_heads: a latent (MLA) layout has 1 head, not %" PRIu32, l->kv_heads);
     if (l->page_tokens == 0 || l->page_tokens > MAX_PAGE_TOKENS)
-        return fail(err, errlen, "page_tokens: %" PRIu32 " is not in 1..%u", l->page_tokens,
-                    MAX_PAGE_TOKENS);
+        return kvf__errf(err, errlen, KVF_EINVAL, "page_tokens: %" PRIu32 " is not in 1..%u",
+                         l->page_tokens, MAX_PAGE_TOKENS);
     if (l->chunk_tokens == 0 || l->chunk_tokens > MAX_CHUNK_TOKENS)
-        return fail(err, errlen, "chunk_tokens: %" PRIu32 " is not in 1..%u", l->chunk_tokens,
-                    MAX_CHUNK_TOKENS);
+        return kvf__errf(err, errlen, KVF_EINVAL, "chunk_tokens: %" PRIu32 " is not in 1..%u",
+                         l->chunk_tokens, MAX_CHUNK_TOKENS);
     if (l->chunk_tokens % l->page_tokens != 0)
-        return fail(err, errlen,
-                    "chunk_tokens: %" PRIu32 " is not a multiple of page_tokens (%" PRIu32 ")",
-                    l->chunk_tokens, l->page_tokens);
+        return kvf__errf(err, errlen, KVF_EINVAL,
+                         "chunk_tokens: %" PRIu32 " is not a multiple of page_tokens (%" PRIu32 ")",
+                         l->chunk_tokens, l->page_tokens);
     if (l->tp_size == 0 || l->tp_size > MAX_TP)
-        return fail(err, errlen, "tp_size: %" PRIu32 " is not in 1..%u", l->tp_size, MAX_TP);
+        return kvf__errf(err, errlen, KVF_EINVAL, "tp_size: %" PRIu32 " is not in 1..%u",
+                         l->tp_size, MAX_TP);
     if (l->tp_rank >= l->tp_size)
-        return fail(err, errlen, "tp_rank: %" PRIu32 " is not below tp_size (%" PRIu32 ")",
-                    l->tp_rank, l->tp_size);
+        return kvf__errf(err, errlen, KVF_EINVAL,
+                         "tp_rank: %" PRIu32 " is not below tp_size (%" PRIu32 ")", l->tp_rank,
+                         l->tp_size);
     if (l->kind == KVF_KV_SEPARATE) {
         int splits = l->kv_heads % l->tp_size == 0;
         int replicates = l->kv_heads < l->tp_size && l->tp_size % l->kv_heads == 0;
         if (!splits && !replicates)
-            return fail(err, errlen,
-                        "kv_heads: %" PRIu32 " heads cannot be split over tp_size %" PRIu32
-                        " (one must divide the other)",
-                        l->kv_heads, l->tp_size);
+            return kvf__errf(err, errlen, KVF_EINVAL,
+                             "kv_heads: %" PRIu32 " heads cannot be split over tp_size %" PRIu32
+                             " (one must divide the other)",
+                             l->kv_heads, l->tp_size);
     }
     uint64_t cb = chunk_bytes_unchecked(l);
     if (cb > MAX_CHUNK_BYTES)
-        return fail(err, errlen, "chunk_tokens: a chunk of %" PRIu64 " bytes exceeds 4 GiB", cb);
+        return kvf__errf(err, errlen, KVF_EINVAL,
+                         "chunk_tokens: a chunk of %" PRIu64 " bytes exceeds 4 GiB", cb);
     return 0;
 }
 
@@ -271,10 +263,11 @@ int kvf_layout_preset(const char *name, kvf_layout *out)
 static int json_u32(json_t *v, const char *key, uint32_t *out, char *err, size_t errlen)
 {
     if (!json_is_integer(v))
-        return fail(err, errlen, "%s: expected an integer", key);
+        return kvf__errf(err, errlen, KVF_EINVAL, "%s: expected an integer", key);
     json_int_t x = json_integer_value(v);
     if (x < 0 || x > (json_int_t)UINT32_MAX)
-        return fail(err, errlen, "%s: %" JSON_INTEGER_FORMAT " is out of range", key, x);
+        return kvf__errf(err, errlen, KVF_EINVAL, "%s: %" JSON_INTEGER_FORMAT " is out of range",
+                         key, x);
     *out = (uint32_t)x;
     return 0;
 }
@@ -284,8 +277,8 @@ int kvf_layout_from_json(const char *text, size_t len, kvf_layout *out, char *er
     json_error_t jerr;
     json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     if (!root)
-        return fail(err, errlen, "layout JSON: line %d column %d: %s", jerr.line, jerr.column,
-                    jerr.text);
+        return kvf__errf(err, errlen, KVF_EINVAL, "layout JSON: line %d column %d: %s", jerr.line,
+                         jerr.column, jerr.text);
     int rc = 0;
     kvf_layout l;
     memset(&l, 0, sizeof l);
@@ -295,17 +288,18 @@ int kvf_layout_from_json(const char *text, size_t len, kvf_layout *out, char *er
     l.dtype = KVF_DTYPE_BF16;
 
     if (!json_is_object(root)) {
-        rc = fail(err, errlen, "layout JSON: expected an object");
+        rc = kvf__errf(err, errlen, KVF_EINVAL, "layout JSON: expected an object");
         goto out_decref;
     }
     json_t *preset = json_object_get(root, "preset");
     if (preset) {
         if (!json_is_string(preset)) {
-            rc = fail(err, errlen, "preset: expected a string");
+            rc = kvf__errf(err, errlen, KVF_EINVAL, "preset: expected a string");
             goto out_decref;
         }
         if (kvf_layout_preset(json_string_value(preset), &l) != 0) {
-            rc = fail(err, errlen, "preset: unknown preset \"%s\"", json_string_value(preset));
+            rc = kvf__errf(err, errlen, KVF_EINVAL, "preset: unknown preset \"%s\"",
+                           json_string_value(preset));
             goto out_decref;
         }
     }
@@ -317,18 +311,19 @@ int kvf_layout_from_json(const char *text, size_t len, kvf_layout *out, char *er
             continue;
         if (strcmp(key, "model_id") == 0) {
             if (!json_is_string(v)) {
-                rc = fail(err, errlen, "model_id: expected a string");
+                rc = kvf__errf(err, errlen, KVF_EINVAL, "model_id: expected a string");
                 goto out_decref;
             }
             if (json_string_length(v) > KVF_MODEL_ID_MAX) {
-                rc = fail(err, errlen, "model_id: longer than %u bytes", KVF_MODEL_ID_MAX);
+                rc = kvf__errf(err, errlen, KVF_EINVAL, "model_id: longer than %u bytes",
+                               KVF_MODEL_ID_MAX);
                 goto out_decref;
             }
             snprintf(l.model_id, sizeof l.model_id, "%s", json_string_value(v));
         } else if (strcmp(key, "dtype") == 0) {
             if (!json_is_string(v) || kvf_dtype_parse(json_string_value(v), &l.dtype) != 0) {
-                rc =
-                    fail(err, errlen, "dtype: expected one of f32 f16 bf16 fp8_e4m3 fp8_e5m2 int8");
+                rc = kvf__errf(err, errlen, KVF_EINVAL,
+                               "dtype: expected one of f32 f16 bf16 fp8_e4m3 fp8_e5m2 int8");
                 goto out_decref;
             }
         } else if (strcmp(key, "kind") == 0) {
@@ -338,7 +333,7 @@ int kvf_layout_from_json(const char *text, size_t len, kvf_layout *out, char *er
             } else if (strcmp(s, "latent") == 0) {
                 l.kind = KVF_KV_LATENT;
             } else {
-                rc = fail(err, errlen, "kind: expected \"kv\" or \"latent\"");
+                rc = kvf__errf(err, errlen, KVF_EINVAL, "kind: expected \"kv\" or \"latent\"");
                 goto out_decref;
             }
         } else {
@@ -359,7 +354,7 @@ int kvf_layout_from_json(const char *text, size_t len, kvf_layout *out, char *er
                 if (strcmp(key, u32s[i].name) == 0)
                     break;
             if (i == sizeof u32s / sizeof u32s[0]) {
-                rc = fail(err, errlen, "layout JSON: unknown key \"%s\"", key);
+                rc = kvf__errf(err, errlen, KVF_EINVAL, "layout JSON: unknown key \"%s\"", key);
                 goto out_decref;
             }
             rc = json_u32(v, key, (uint32_t *)((char *)&l + u32s[i].off), err, errlen);
@@ -378,8 +373,8 @@ int kvf_layout_from_json(const char *text, size_t len, kvf_layout *out, char *er
         kvf_layout_fingerprint(&l, &fp);
         snprintf(want, sizeof want, "%016" PRIx64, fp);
         if (!json_is_string(fpv) || strcmp(json_string_value(fpv), want) != 0) {
-            rc =
-                fail(err, errlen, "fingerprint: does not match the layout (expected \"%s\")", want);
+            rc = kvf__errf(err, errlen, KVF_EINVAL,
+                           "fingerprint: does not match the layout (expected \"%s\")", want);
             goto out_decref;
         }
     }
@@ -413,7 +408,7 @@ int kvf_layout_load_json(const char *path, kvf_layout *out, char *err, size_t er
         goto out_close;
     }
     size_t size = (size_t)st.st_size;
-    char *buf = kvf__alloc(NULL, size + 1);
+    char *buf = malloc(size + 1);
     if (!buf) {
         rc = KVF_ENOMEM;
         goto out_close;
@@ -429,7 +424,7 @@ int kvf_layout_load_json(const char *path, kvf_layout *out, char *err, size_t er
     if (rc && err && errlen)
         snprintf(err, errlen, "%s: %s", path, inner);
 out_free:
-    kvf__free(NULL, buf);
+    free(buf);
 out_close:
     fclose(f);
     return rc;

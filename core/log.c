@@ -8,13 +8,6 @@
 
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR", "OFF"};
 
-const char *kvf__log_level_name(kvf_log_level level)
-{
-    if ((unsigned)level > KVF_LOG_OFF)
-        return "?";
-    return level_names[level];
-}
-
 int kvf__log_level_parse(const char *s, kvf_log_level *out)
 {
     static const char *const lower[] = {"debug", "info", "warn", "error", "off"};

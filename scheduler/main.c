@@ -15,9 +15,11 @@
  * mutex serialises the scheduler core between the two threads.
  */
 #include "kvf/kvf.h"
-#include "kvf/sched.h"
+#include "scheduler.h"
 
-#include "events.h"
+#include "ingest.h"
+#include "kvevents.h"
+#include "pubsub.h"
 #include "http.h"
 #include "log.h"
 #include "tcp.h"
@@ -33,14 +35,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include <zmq.h>
 
 #define MAX_BODY (16u << 20)
-#define MAX_SUBS 1024
+#define MAX_SUBS KVF_ZSUBS_MAX
 
 typedef struct sub {
-    void *sock;
-    void *replay; /* DEALER to the publisher's replay socket, or NULL */
     kvf_event_source src;
     char endpoint[128];
     char replay_ep[128];
@@ -51,7 +50,7 @@ typedef struct schedd {
     kvf_sched *s;
     pthread_mutex_t mu;
     kvf_log lg;
-    void *zctx;
+    kvf__zsubs *zs; /* the subscriber sockets, one per entry of subs (same index) */
     sub subs[MAX_SUBS];
     int n_subs;
     /* subscriptions requested by the HTTP thread, made by the events thread */
@@ -95,46 +94,25 @@ static void subscribe_locked(schedd *d, const kvf_event_source *src, const char 
  * request is the 8-byte big-endian first sequence number; each answer is (sequence, payload), and
  * an empty payload ends the replay. Bounded: 200 ms of silence ends it too. Called with d->mu
  * held. */
-static void replay_locked(schedd *d, sub *sb, uint64_t from, uint64_t upto)
+static void replay_locked(schedd *d, int i, uint64_t from, uint64_t upto)
 {
-    uint8_t req[8];
-    for (int i = 0; i < 8; i++)
-        req[i] = (uint8_t)(from >> (56 - 8 * i));
-    if (zmq_send(sb->replay, "", 0, ZMQ_SNDMORE) < 0 || zmq_send(sb->replay, req, 8, 0) < 0)
+    sub *sb = &d->subs[i];
+    if (kvf__zsubs_replay_ask(d->zs, i, from) != 0)
         return;
     uint64_t got = 0;
     for (int guard = 0; guard < 100000; guard++) {
-        zmq_pollitem_t it = {.socket = sb->replay, .events = ZMQ_POLLIN};
-        if (zmq_poll(&it, 1, 200) <= 0)
+        kvf__zmsg m;
+        if (kvf__zsubs_replay_recv(d->zs, i, 200, &m) != 0)
             break;
-        zmq_msg_t parts[3];
-        int np = 0, more = 1;
-        while (more && np < 3) {
-            zmq_msg_init(&parts[np]);
-            if (zmq_msg_recv(&parts[np], sb->replay, 0) < 0) {
-                zmq_msg_close(&parts[np]);
-                break;
-            }
-            more = zmq_msg_more(&parts[np]);
-            np++;
+        if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
+            break;
+        uint64_t seq = kvf__kve_seq_get(m.seq);
+        if (seq >= from && seq < upto) {
+            char err[256] = "";
+            kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
+            got++;
         }
-        int end = np < 3 || zmq_msg_size(&parts[2]) == 0 || zmq_msg_size(&parts[1]) != 8;
-        if (!end) {
-            const uint8_t *p = zmq_msg_data(&parts[1]);
-            uint64_t seq = 0;
-            for (int i = 0; i < 8; i++)
-                seq = (seq << 8) | p[i];
-            if (seq >= from && seq < upto) {
-                char err[256] = "";
-                kvf_sched_ingest(d->s, &sb->src, zmq_msg_data(&parts[2]), zmq_msg_size(&parts[2]),
-                                 &d->ingest, err, sizeof err);
-                got++;
-            }
-            end = seq + 1 >= upto;
-        }
-        for (int k = 0; k < np; k++)
-            zmq_msg_close(&parts[k]);
-        if (end)
+        if (seq + 1 >= upto)
             break;
     }
     d->replayed += got;
@@ -142,117 +120,89 @@ static void replay_locked(schedd *d, sub *sb, uint64_t from, uint64_t upto)
              sb->endpoint, got, upto - from);
 }
 
+/* Makes the subscriptions the HTTP thread asked for. Called with d->mu held. */
+static void subscribe_pending_locked(schedd *d)
+{
+    for (int i = 0; i < d->n_pending && d->n_subs < MAX_SUBS; i++) {
+        char err[256] = "";
+        int idx;
+        if (kvf__zsubs_add(d->zs, d->pending_ep[i], d->pending_replay[i], &idx, err, sizeof err) !=
+            0) {
+            kvf_warn(&d->lg, "%s", err);
+            continue;
+        }
+        if (err[0])
+            kvf_warn(&d->lg, "%s", err);
+        sub *sb = &d->subs[idx];
+        memset(sb, 0, sizeof *sb);
+        sb->src = d->pending_src[i];
+        snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
+        snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
+        d->n_subs = idx + 1;
+        kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
+    }
+    d->n_pending = 0;
+}
+
+/* One batch from publisher i: [topic,] sequence (8 bytes big-endian), payload. A gap in the
+ * sequence asks the publisher's replay socket for what was missed first. Called with d->mu
+ * held. */
+static void on_batch_locked(schedd *d, int i, const kvf__zmsg *m)
+{
+    sub *sb = &d->subs[i];
+    if (m->frames < 2 || m->seq_len != 8) {
+        d->ingest.malformed++;
+        kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
+                 sb->endpoint, m->frames);
+        return;
+    }
+    uint64_t from;
+    if (kvf_seq_check(&sb->seq, m->seq, &from)) {
+        int replay = kvf__zsubs_has_replay(d->zs, i);
+        d->seq_gaps++;
+        d->seq_missed = 0;
+        for (int k = 0; k < d->n_subs; k++)
+            d->seq_missed += d->subs[k].seq.missed;
+        kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
+                 sb->endpoint, from, sb->seq.last - 1,
+                 replay ? "; asking the replay socket"
+                        : "; no replay socket, the index may miss blocks until they are stored "
+                          "again");
+        if (replay)
+            replay_locked(d, i, from, sb->seq.last);
+    }
+    char err[256] = "";
+    uint64_t malformed = d->ingest.malformed;
+    int rc = kvf_sched_ingest(d->s, &sb->src, m->payload, m->len, &d->ingest, err, sizeof err);
+    if (rc)
+        d->ingest.malformed++;
+    if (rc || d->ingest.malformed != malformed)
+        kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
+}
+
 static void *events_main(void *arg)
 {
     schedd *d = arg;
-    zmq_pollitem_t items[MAX_SUBS];
+    uint8_t ready[MAX_SUBS];
     while (!atomic_load(&d->stop)) {
         pthread_mutex_lock(&d->mu);
-        for (int i = 0; i < d->n_pending && d->n_subs < MAX_SUBS; i++) {
-            void *sk = zmq_socket(d->zctx, ZMQ_SUB);
-            int zero = 0;
-            zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
-            zmq_setsockopt(sk, ZMQ_SUBSCRIBE, "", 0);
-            if (zmq_connect(sk, d->pending_ep[i]) != 0) {
-                kvf_warn(&d->lg, "events: cannot connect to %s: %s", d->pending_ep[i],
-                         zmq_strerror(zmq_errno()));
-                zmq_close(sk);
-                continue;
-            }
-            sub *sb = &d->subs[d->n_subs++];
-            memset(sb, 0, sizeof *sb);
-            sb->sock = sk;
-            sb->src = d->pending_src[i];
-            snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
-            snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
-            if (sb->replay_ep[0]) {
-                sb->replay = zmq_socket(d->zctx, ZMQ_DEALER);
-                zmq_setsockopt(sb->replay, ZMQ_LINGER, &zero, sizeof zero);
-                if (zmq_connect(sb->replay, sb->replay_ep) != 0) {
-                    kvf_warn(&d->lg, "events: cannot connect to replay %s", sb->replay_ep);
-                    zmq_close(sb->replay);
-                    sb->replay = NULL;
-                }
-            }
-            kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
-        }
-        d->n_pending = 0;
+        subscribe_pending_locked(d);
         int n = d->n_subs;
-        for (int i = 0; i < n; i++)
-            items[i] = (zmq_pollitem_t){.socket = d->subs[i].sock, .events = ZMQ_POLLIN};
         pthread_mutex_unlock(&d->mu);
         if (n == 0) {
             usleep(50000);
             continue;
         }
-        if (zmq_poll(items, n, 100) <= 0)
+        if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
             continue;
         for (int i = 0; i < n; i++) {
-            if (!(items[i].revents & ZMQ_POLLIN))
+            kvf__zmsg m;
+            if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)
                 continue;
-            /* A batch: [topic,] sequence (8 bytes big-endian), payload. */
-            zmq_msg_t parts[4];
-            int np = 0, more = 1;
-            while (more && np < 4) {
-                zmq_msg_init(&parts[np]);
-                if (zmq_msg_recv(&parts[np], d->subs[i].sock, ZMQ_DONTWAIT) < 0) {
-                    zmq_msg_close(&parts[np]);
-                    break;
-                }
-                more = zmq_msg_more(&parts[np]);
-                np++;
-            }
-            while (more) { /* drop the rest of an oversized message */
-                zmq_msg_t x;
-                zmq_msg_init(&x);
-                if (zmq_msg_recv(&x, d->subs[i].sock, ZMQ_DONTWAIT) < 0)
-                    more = 0;
-                else
-                    more = zmq_msg_more(&x);
-                zmq_msg_close(&x);
-            }
             pthread_mutex_lock(&d->mu);
-            if (np < 2 || zmq_msg_size(&parts[np - 2]) != 8) {
-                d->ingest.malformed++;
-                kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
-                         d->subs[i].endpoint, np);
-            } else {
-                uint64_t from;
-                if (kvf_seq_check(&d->subs[i].seq, zmq_msg_data(&parts[np - 2]), &from)) {
-                    d->seq_gaps++;
-                    d->seq_missed = 0;
-                    for (int k = 0; k < n; k++)
-                        d->seq_missed += d->subs[k].seq.missed;
-                    kvf_warn(&d->lg,
-                             "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64
-                             " missed%s",
-                             d->subs[i].endpoint, from, d->subs[i].seq.last - 1,
-                             d->subs[i].replay ? "; asking the replay socket"
-                                               : "; no replay socket, the index may miss blocks "
-                                                 "until they are stored again");
-                    if (d->subs[i].replay)
-                        replay_locked(d, &d->subs[i], from, d->subs[i].seq.last);
-                }
-                char err[256] = "";
-                uint64_t malformed = d->ingest.malformed;
-                int rc =
-                    kvf_sched_ingest(d->s, &d->subs[i].src, zmq_msg_data(&parts[np - 1]),
-                                     zmq_msg_size(&parts[np - 1]), &d->ingest, err, sizeof err);
-                if (rc)
-                    d->ingest.malformed++;
-                if (rc || d->ingest.malformed != malformed)
-                    kvf_warn(&d->lg, "events from %s: %s", d->subs[i].endpoint,
-                             err[0] ? err : kvf_strerror(rc));
-            }
+            on_batch_locked(d, i, &m);
             pthread_mutex_unlock(&d->mu);
-            for (int k = 0; k < np; k++)
-                zmq_msg_close(&parts[k]);
         }
-    }
-    for (int i = 0; i < d->n_subs; i++) {
-        zmq_close(d->subs[i].sock);
-        if (d->subs[i].replay)
-            zmq_close(d->subs[i].replay);
     }
     return NULL;
 }
@@ -728,7 +678,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvf-sched: %s\n", err);
         return 1;
     }
-    d.zctx = zmq_ctx_new();
+    if (kvf__zsubs_open(&d.zs) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        kvf__httpd_stop(&d.httpd);
+        return 1;
+    }
     pthread_t ev;
     pthread_create(&ev, NULL, events_main, &d);
     g_daemon = &d;
@@ -742,7 +696,7 @@ int main(int argc, char **argv)
     kvf_info(&d.lg, "stopping");
     kvf__httpd_stop(&d.httpd);
     pthread_join(ev, NULL);
-    zmq_ctx_term(d.zctx);
+    kvf__zsubs_close(&d.zs);
     kvf_sched_destroy(&d.s);
     pthread_mutex_destroy(&d.mu);
     kvf_info(&d.lg, "stopped");

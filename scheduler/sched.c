@@ -16,7 +16,7 @@
  * load of store-cached tokens at the measured bandwidth + prefill of the rest (linear and
  * quadratic terms).
  */
-#include "kvf/sched.h"
+#include "scheduler.h"
 
 #include "kvf/error.h"
 #include "kvf/feasibility.h"

@@ -177,11 +177,6 @@ void kvf__arena_destroy(kvf_arena **a)
     *a = NULL;
 }
 
-void *kvf__arena_base(const kvf_arena *a)
-{
-    return a->base;
-}
-
 int kvf__arena_alloc(kvf_arena *a, uint64_t n, uint64_t *off)
 {
     if (n == 0 || n > a->size)

@@ -39,6 +39,5 @@ void kvf__arena_stats_get(const kvf_arena *a, kvf_arena_stats *st);
 /* Walks every block and checks the invariants (sizes, links, coalescing, free lists). Returns 0
  * or -1. For tests. */
 int kvf__arena_check(const kvf_arena *a);
-void *kvf__arena_base(const kvf_arena *a);
 
 #endif

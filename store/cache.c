@@ -641,12 +641,6 @@ int kvf__cache_swap_locked(kvf_cache *c, uint32_t i, uint64_t newoff, uint64_t l
     return 0;
 }
 
-void kvf__cache_swap_abort_locked(kvf_cache *c, uint64_t newoff)
-{
-    assert_locked(c);
-    kvf__arena_free(c->arena, newoff);
-}
-
 void kvf__cache_tick_locked(kvf_cache *c, uint32_t max_steps)
 {
     assert_locked(c);

@@ -99,13 +99,12 @@ uint64_t kvf__cache_clear_locked(kvf_cache *c, uint64_t ns, int all);
 
 /* Replaces the data of a ready entry that the caller holds the only reference to: reserves a new
  * block of len bytes (evicting others as needed). The caller copies into *dst outside the lock and
- * then calls kvf__cache_swap_locked, or kvf__cache_swap_abort_locked. */
+ * then calls kvf__cache_swap_locked. */
 int kvf__cache_swap_begin_locked(kvf_cache *c, uint32_t eid, uint64_t len, uint64_t *newoff,
                                  uint8_t **dst);
 /* Points the entry at the new block and frees the old one. KVF_EBUSY (new block freed) when the
  * entry was removed or gained readers meanwhile. */
 int kvf__cache_swap_locked(kvf_cache *c, uint32_t eid, uint64_t newoff, uint64_t len);
-void kvf__cache_swap_abort_locked(kvf_cache *c, uint64_t newoff);
 
 /* Background maintenance in bounded steps: expires pins whose lease ended and reservations nobody
  * wrote in time, looking at no more than max_steps entries per call. */

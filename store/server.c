@@ -23,7 +23,8 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
-#include "object.h"
+#include "kvf/object.h"
+#include "codec.h"
 #include "poller.h"
 #include "rdma_serve.h"
 #include "tcp.h"
@@ -473,7 +474,7 @@ static void do_get_stream(conn *c)
         if (st[i])
             continue;
         /* Stored objects were verified when they were put; the parse re-checks the header. */
-        if (kvf__obj_parse(ptrs[i], len, &infos[i]) != 0 || (layers && infos[i].layers != layers)) {
+        if (kvf_obj_parse(ptrs[i], len, &infos[i]) != 0 || (layers && infos[i].layers != layers)) {
             kvf__cache_release_locked(s->o.cache, eids[i]);
             st[i] = KVF_ELAYOUT;
             continue;
@@ -534,7 +535,7 @@ static void do_get_stream(conn *c)
         for (uint32_t i = 0; i < n; i++) {
             if (st[i])
                 continue;
-            kvf_obj_seg sg = kvf__obj_seg(&infos[i], l);
+            kvf_obj_seg sg = kvf_obj_seg_at(&infos[i], l);
             m->iov[kk].iov_base = (void *)(ptrs[i] + segoff[i]);
             m->iov[kk].iov_len = sg.stored_len;
             segoff[i] += sg.stored_len;
@@ -798,13 +799,13 @@ static void do_recode(conn *c)
         if (st[i])
             continue;
         kvf_obj_info info;
-        int rc = kvf__obj_parse(p, len, &info);
-        size_t need = rc ? 0 : kvf__obj_raw_size(info.layers, 0) + info.raw_bytes;
+        int rc = kvf_obj_parse(p, len, &info);
+        size_t need = rc ? 0 : kvf_obj_raw_size(info.layers, 0) + info.raw_bytes;
         if (!rc && need > tmpcap) {
             uint32_t maxseg = 0;
             for (uint32_t l = 0; l < info.layers; l++)
-                if (kvf__obj_seg(&info, l).raw_len > maxseg)
-                    maxseg = kvf__obj_seg(&info, l).raw_len;
+                if (kvf_obj_seg_at(&info, l).raw_len > maxseg)
+                    maxseg = kvf_obj_seg_at(&info, l).raw_len;
             free(tmp);
             free(scratch);
             free(scratch2);
@@ -817,7 +818,7 @@ static void do_recode(conn *c)
         }
         size_t out = 0;
         if (!rc)
-            rc = kvf__obj_recode(p, len, (kvf_codec)codec, tmp, tmpcap, &out, scratch, scratch2);
+            rc = kvf_obj_recode(p, len, (kvf_codec)codec, tmp, tmpcap, &out, scratch, scratch2);
         uint64_t newoff = 0;
         uint8_t *dst = NULL;
         kvf__cache_lock(s->o.cache);
@@ -923,7 +924,7 @@ static void do_rdma_get(conn *c)
             continue;
         /* Stored objects were verified when they came in; the header length is read from it. */
         uint32_t layers = len[i] >= 40 ? kvf__get_u32(ptr[i] + 36) : 0;
-        hlen[i] = kvf__obj_header_len(layers);
+        hlen[i] = kvf_obj_header_len(layers);
         if (layers == 0 || hlen[i] > len[i] || total + hlen[i] > RDMA_GET_MAX_REPLY) {
             kvf__cache_release_locked(s->o.cache, eid);
             st[i] = layers == 0 || hlen[i] > len[i] ? KVF_EPROTO : KVF_E2BIG;
@@ -1062,7 +1063,7 @@ static void do_rdma_commit(conn *c)
             continue;
         }
         kvf_obj_info info;
-        rc = kvf__obj_verify(dst, len, &info);
+        rc = kvf_obj_verify(dst, len, &info);
         if (!rc && !kvf_key_eq(&key, &info.key))
             rc = KVF_EPROTO;
         kvf__cache_lock(s->o.cache);
@@ -1343,7 +1344,7 @@ static void put_item_done(conn *c, put_item *it)
     int rc = 0;
     if (s->o.verify_puts) {
         kvf_obj_info info;
-        rc = kvf__obj_verify(it->dst, it->len, &info);
+        rc = kvf_obj_verify(it->dst, it->len, &info);
         if (!rc) {
             kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 24 * (size_t)(it - c->items));
             if (!kvf_key_eq(&key, &info.key))

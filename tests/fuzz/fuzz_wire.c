@@ -10,7 +10,7 @@
 
 #include "kvf/kvf.h"
 
-#include "object.h"
+#include "kvf/object.h"
 #include "wire.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -52,13 +52,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         }
     }
     kvf_obj_info info;
-    if (kvf__obj_parse(data, size, &info) == 0) {
+    if (kvf_obj_parse(data, size, &info) == 0) {
         /* A parsed header's segment table lies inside the input. */
         if (info.header_len > size)
             __builtin_trap();
         for (uint32_t l = 0; l < info.layers; l++)
-            (void)kvf__obj_seg(&info, l);
+            (void)kvf_obj_seg_at(&info, l);
     }
-    (void)kvf__obj_verify(data, size, &info);
+    (void)kvf_obj_verify(data, size, &info);
     return 0;
 }

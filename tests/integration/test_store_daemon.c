@@ -31,9 +31,9 @@
 #include "harness.h"
 
 #include "bytes.h"
-#include "client_priv.h"
+#include "client_int.h"
 #include "clock.h"
-#include "object.h"
+#include "kvf/object.h"
 #include "tcp.h"
 #include "wire.h"
 
@@ -69,12 +69,12 @@ static uint8_t *make_obj(uint64_t i, size_t seg, int smooth, uint64_t *len)
         fill(raw + l * seg, seg, i * 131 + (uint64_t)l, smooth);
         segs[l] = raw + l * seg;
     }
-    size_t cap = kvf__obj_raw_size(LAYERS, seg);
+    size_t cap = kvf_obj_raw_size(LAYERS, seg);
     uint8_t *obj = malloc(cap);
     kvf_key k = key_of(i);
     size_t out;
     assert_int_equal(
-        kvf__obj_encode(&k, 7, 64, LAYERS, segs, seg, KVF_CODEC_NONE, obj, cap, &out, NULL), 0);
+        kvf_obj_encode(&k, 7, 64, LAYERS, segs, seg, KVF_CODEC_NONE, obj, cap, &out, NULL), 0);
     free(raw);
     *len = out;
     return obj;
@@ -84,14 +84,14 @@ static uint8_t *make_obj(uint64_t i, size_t seg, int smooth, uint64_t *len)
 static void check_obj(uint64_t i, const uint8_t *obj, uint64_t len, size_t seg, int smooth)
 {
     kvf_obj_info info;
-    assert_int_equal(kvf__obj_verify(obj, len, &info), 0);
+    assert_int_equal(kvf_obj_verify(obj, len, &info), 0);
     kvf_key k = key_of(i);
     assert_true(kvf_key_eq(&info.key, &k));
     uint8_t *want = malloc(seg), *got = malloc(seg), *scratch = malloc(seg);
     const uint8_t *p = obj + info.header_len;
     for (uint32_t l = 0; l < LAYERS; l++) {
-        kvf_obj_seg s = kvf__obj_seg(&info, l);
-        assert_int_equal(kvf__obj_decode_seg(info.codec, &s, p, got, scratch), 0);
+        kvf_obj_seg s = kvf_obj_seg_at(&info, l);
+        assert_int_equal(kvf_obj_decode_seg(info.codec, &s, p, got, scratch), 0);
         fill(want, seg, i * 131 + l, smooth);
         assert_memory_equal(want, got, seg);
         p += s.stored_len;
@@ -171,7 +171,7 @@ static size_t get_range(kvf_client *c, uint64_t from, size_t n, size_t seg, int 
                         uint32_t flags, int *st_out)
 {
     kvf_key *keys = malloc(n * sizeof *keys);
-    size_t cap = kvf__obj_raw_size(LAYERS, seg);
+    size_t cap = kvf_obj_raw_size(LAYERS, seg);
     uint8_t *mem = malloc(cap * n);
     void **bufs = malloc(n * sizeof *bufs);
     uint64_t *caps = malloc(n * sizeof *caps), *lens = calloc(n, sizeof *lens);

@@ -10,15 +10,14 @@
 
 #include "kvf/kvf.h"
 
+#include "bytes.h"
+
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
 static uint32_t rnd(void)
 {
-    /* splitmix64: a fixed, portable sequence so that failures reproduce. */
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (uint32_t)((z ^ (z >> 31)) >> 16);
+    /* A fixed, portable sequence, so that failures reproduce. */
+    return (uint32_t)(kvf__splitmix64(&rng_state) >> 16);
 }
 
 static int emit(const kvf_layout *l, const char *salt, size_t salt_len, const uint32_t *t, size_t n,

@@ -1,7 +1,7 @@
 /*
  * Unit tests of the core module: the error space, layouts (every validation failure), the layout
  * fingerprint, chunk keys (golden vectors from docs/keys.md, the prefix property, namespace
- * separation), logging, clocks and the allocator seam.
+ * separation), logging and clocks.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -17,7 +17,6 @@
 
 #include "kvf/kvf.h"
 
-#include "alloc.h"
 #include "clock.h"
 #include "log.h"
 #include "units.h"
@@ -569,7 +568,7 @@ static void test_core_keys_hex_round_trip(void **state)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Log, clock, allocator */
+/* Log and clock */
 
 struct captured {
     int lines;
@@ -626,61 +625,6 @@ static void test_core_clock(void **state)
     assert_true(kvf__clock_now(kvf__clock_monotonic()) >= b);
 }
 
-struct counting {
-    int allocs, frees, fail_at;
-};
-
-static void *count_alloc(void *ud, size_t size)
-{
-    struct counting *c = ud;
-    if (c->fail_at && ++c->allocs == c->fail_at)
-        return NULL;
-    if (!c->fail_at)
-        c->allocs++;
-    return malloc(size);
-}
-
-static void *count_realloc(void *ud, void *p, size_t size)
-{
-    (void)ud;
-    return realloc(p, size);
-}
-
-static void count_free(void *ud, void *p)
-{
-    struct counting *c = ud;
-    c->frees++;
-    free(p);
-}
-
-static void test_core_allocator_seam(void **state)
-{
-    (void)state;
-    struct counting c = {0};
-    kvf_allocator a = {count_alloc, count_realloc, count_free, &c};
-    void *p = kvf__alloc(&a, 10);
-    char *q = kvf__calloc(&a, 4, 8);
-    assert_non_null(p);
-    assert_non_null(q);
-    for (int i = 0; i < 32; i++)
-        assert_int_equal(q[i], 0);
-    assert_null(kvf__calloc(&a, SIZE_MAX / 2, 4)); /* overflow is refused, not wrapped */
-    kvf__free(&a, p);
-    kvf__free(&a, q);
-    kvf__free(&a, NULL);
-    assert_int_equal(c.allocs, 2);
-    assert_int_equal(c.frees, 2);
-    struct counting f = {.fail_at = 2};
-    kvf_allocator fa = {count_alloc, count_realloc, count_free, &f};
-    void *x = kvf__alloc(&fa, 1);
-    assert_non_null(x);
-    assert_null(kvf__alloc(&fa, 1));
-    kvf__free(&fa, x);
-    void *d = kvf__alloc(NULL, 5);
-    assert_non_null(d);
-    kvf__free(NULL, d);
-}
-
 static void test_core_parse_size(void **state)
 {
     (void)state;
@@ -729,7 +673,6 @@ int main(void)
         cmocka_unit_test(test_core_keys_hex_round_trip),
         cmocka_unit_test(test_core_log_levels_and_format),
         cmocka_unit_test(test_core_clock),
-        cmocka_unit_test(test_core_allocator_seam),
         cmocka_unit_test(test_core_parse_size),
     };
     return cmocka_run_group_tests_name("core", tests, NULL, NULL);

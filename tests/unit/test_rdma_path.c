@@ -20,8 +20,8 @@
 #include "kvf/error.h"
 
 #include "cache.h"
-#include "client_priv.h"
-#include "object.h"
+#include "client_int.h"
+#include "kvf/object.h"
 #include "server.h"
 #include "wire.h"
 
@@ -538,10 +538,10 @@ static void objs_make(objs *o, size_t n, uint32_t salt)
         const void *segs[LAYERS];
         for (int l = 0; l < LAYERS; l++)
             segs[l] = seg + (size_t)l * SEG;
-        size_t cap = kvf__obj_raw_size(LAYERS, SEG), got;
+        size_t cap = kvf_obj_raw_size(LAYERS, SEG), got;
         o->obj[i] = malloc(cap);
-        assert_int_equal(kvf__obj_encode(&o->keys[i], 1, 16, LAYERS, segs, SEG, KVF_CODEC_NONE,
-                                         o->obj[i], cap, &got, NULL),
+        assert_int_equal(kvf_obj_encode(&o->keys[i], 1, 16, LAYERS, segs, SEG, KVF_CODEC_NONE,
+                                        o->obj[i], cap, &got, NULL),
                          0);
         o->cobj[i] = o->obj[i];
         o->len[i] = got;
@@ -683,7 +683,7 @@ static void on_layer(kvf_op *op, uint32_t l, void *ud)
     if (l != s->next++)
         s->bad = 1;
     /* Layer l of every object is in place now. */
-    uint32_t h = kvf__obj_header_len(LAYERS);
+    uint32_t h = kvf_obj_header_len(LAYERS);
     for (size_t i = 0; i < s->o->n; i++)
         if (memcmp((uint8_t *)s->o->buf[i] + h + (size_t)l * SEG,
                    (uint8_t *)s->o->obj[i] + h + (size_t)l * SEG, SEG) != 0)

@@ -17,9 +17,9 @@
 #include <unistd.h>
 
 #include "kvf/kvf.h"
-#include "kvf/sched.h"
+#include "scheduler.h"
 
-#include "events.h"
+#include "ingest.h"
 
 static const char *vectors_path;
 

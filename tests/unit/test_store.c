@@ -1,6 +1,6 @@
 /*
  * Unit tests of the store module: the TLSF arena, the cache (index, states, references, pins and
- * leases on a fake clock, reservations, both eviction policies), objects and codecs.
+ * leases on a fake clock, reservations, both eviction policies).
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -16,7 +16,6 @@
 #include "arena.h"
 #include "cache.h"
 #include "clock.h"
-#include "object.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Arena */
@@ -459,146 +458,6 @@ static void test_store_cache_open_errors(void **state)
     assert_non_null(strstr(err, "minimum"));
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Objects and codecs */
-
-static void make_bf16(uint8_t *p, size_t n, uint64_t seed)
-{
-    for (size_t i = 0; i + 1 < n; i += 2) {
-        seed = seed * 6364136223846793005ull + 1442695040888963407ull;
-        float v = (float)((int)(seed >> 48) - 32768) / 65536.0f;
-        uint32_t b;
-        memcpy(&b, &v, 4);
-        p[i] = (uint8_t)(b >> 16);
-        p[i + 1] = (uint8_t)(b >> 24);
-    }
-}
-
-static void test_store_codecs_round_trip(void **state)
-{
-    (void)state;
-    size_t n = 1 << 16;
-    uint8_t *src = malloc(n), *dst = malloc(kvf__codec_bound(n)), *back = malloc(n),
-            *scratch = malloc(n);
-    make_bf16(src, n, 1);
-    size_t lz = 0, sh = 0;
-    /* Plain LZ4 finds no 4-byte matches in bf16 values with random mantissas: it must not win. */
-    int lzrc = kvf__codec_compress(KVF_CODEC_LZ4, src, n, dst, kvf__codec_bound(n), &lz, NULL);
-    if (lzrc == KVF_E2BIG)
-        lz = n;
-    else
-        assert_int_equal(lzrc, 0);
-    /* On data with repeats it round-trips. */
-    uint8_t *rep = malloc(n);
-    for (size_t i = 0; i < n; i++)
-        rep[i] = (uint8_t)(i % 251 < 100 ? 7 : i % 13);
-    size_t rl;
-    assert_int_equal(
-        kvf__codec_compress(KVF_CODEC_LZ4, rep, n, dst, kvf__codec_bound(n), &rl, NULL), 0);
-    assert_true(rl < n / 4);
-    assert_int_equal(kvf__codec_decompress(KVF_CODEC_LZ4, dst, rl, back, n, NULL), 0);
-    assert_memory_equal(rep, back, n);
-    free(rep);
-    assert_int_equal(
-        kvf__codec_compress(KVF_CODEC_SHUFFLE_LZ4, src, n, dst, kvf__codec_bound(n), &sh, scratch),
-        0);
-    memset(back, 0, n);
-    assert_int_equal(kvf__codec_decompress(KVF_CODEC_SHUFFLE_LZ4, dst, sh, back, n, scratch), 0);
-    assert_memory_equal(src, back, n);
-    /* Byte shuffling is what makes 16-bit KV compress: it must beat plain LZ4 here. */
-    assert_true(sh < lz);
-    assert_true(sh < n * 85 / 100);
-    /* Corrupt input never decodes to the wrong length silently. */
-    dst[sh / 2] ^= 0xff;
-    int rc = kvf__codec_decompress(KVF_CODEC_SHUFFLE_LZ4, dst, sh / 2, back, n, scratch);
-    assert_int_equal(rc, KVF_ECHECKSUM);
-    /* Incompressible data is refused (and stored raw by the object encoder). */
-    for (size_t i = 0; i < n; i++)
-        src[i] = (uint8_t)(xorshift() >> 24);
-    assert_int_equal(kvf__codec_compress(KVF_CODEC_LZ4, src, n, dst, n, &lz, NULL), KVF_E2BIG);
-    kvf_codec c;
-    assert_int_equal(kvf__codec_parse("shuffle-lz4", &c), 0);
-    assert_int_equal(c, KVF_CODEC_SHUFFLE_LZ4);
-    assert_int_equal(kvf__codec_parse("zstd", &c), KVF_EINVAL);
-    assert_string_equal(kvf__codec_name(KVF_CODEC_LZ4), "lz4");
-    free(src);
-    free(dst);
-    free(back);
-    free(scratch);
-}
-
-static void test_store_object_encode_verify_corrupt(void **state)
-{
-    (void)state;
-    enum { L = 5, SEG = 4096 };
-    uint8_t raw[L][SEG];
-    const void *segs[L];
-    for (int l = 0; l < L; l++) {
-        make_bf16(raw[l], SEG, (uint64_t)l + 10);
-        segs[l] = raw[l];
-    }
-    kvf_key key = {.lo = 1, .hi = 2};
-    size_t cap = kvf__obj_raw_size(L, SEG);
-    uint8_t *obj = malloc(cap), *scratch = malloc(SEG), *out = malloc(SEG);
-    for (int codec = 0; codec < KVF_CODEC_COUNT_; codec++) {
-        size_t len;
-        assert_int_equal(kvf__obj_encode(&key, 0xfeed, 64, L, segs, SEG, (kvf_codec)codec, obj, cap,
-                                         &len, scratch),
-                         0);
-        kvf_obj_info info;
-        assert_int_equal(kvf__obj_verify(obj, len, &info), 0);
-        assert_int_equal(info.layers, L);
-        assert_int_equal(info.codec, codec);
-        assert_true(info.layout_fp == 0xfeed);
-        assert_true(kvf_key_eq(&info.key, &key));
-        assert_int_equal(info.raw_bytes, L * SEG);
-        if (codec == KVF_CODEC_SHUFFLE_LZ4)
-            assert_true(len < cap * 9 / 10);
-        const uint8_t *p = obj + info.header_len;
-        for (uint32_t l = 0; l < L; l++) {
-            kvf_obj_seg s = kvf__obj_seg(&info, l);
-            assert_int_equal(kvf__obj_decode_seg(info.codec, &s, p, out, scratch), 0);
-            assert_memory_equal(out, raw[l], SEG);
-            p += s.stored_len;
-        }
-        /* Every single-byte corruption, header or payload, is caught. */
-        for (size_t at = 0; at < len; at += 97) {
-            obj[at] ^= 0x40;
-            assert_int_not_equal(kvf__obj_verify(obj, len, &info), 0);
-            obj[at] ^= 0x40;
-        }
-        assert_int_equal(kvf__obj_verify(obj, len - 1, &info), KVF_EPROTO);
-        /* Recode to every codec and back keeps the content. */
-        uint8_t *re = malloc(cap), *s2 = malloc(SEG);
-        size_t rlen;
-        for (int to = 0; to < KVF_CODEC_COUNT_; to++) {
-            assert_int_equal(kvf__obj_recode(obj, len, (kvf_codec)to, re, cap, &rlen, scratch, s2),
-                             0);
-            assert_int_equal(kvf__obj_verify(re, rlen, &info), 0);
-            assert_int_equal(info.codec, to);
-            const uint8_t *q = re + info.header_len;
-            for (uint32_t l = 0; l < L; l++) {
-                kvf_obj_seg s = kvf__obj_seg(&info, l);
-                assert_int_equal(kvf__obj_decode_seg(info.codec, &s, q, out, scratch), 0);
-                assert_memory_equal(out, raw[l], SEG);
-                q += s.stored_len;
-            }
-        }
-        free(re);
-        free(s2);
-    }
-    size_t len;
-    assert_int_equal(
-        kvf__obj_encode(&key, 1, 64, 0, segs, SEG, KVF_CODEC_NONE, obj, cap, &len, scratch),
-        KVF_EINVAL);
-    assert_int_equal(
-        kvf__obj_encode(&key, 1, 64, L, segs, SEG, KVF_CODEC_NONE, obj, cap - 1, &len, scratch),
-        KVF_E2BIG);
-    free(obj);
-    free(scratch);
-    free(out);
-}
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -613,8 +472,6 @@ int main(void)
         cmocka_unit_test(test_store_cache_s3fifo_resists_scans),
         cmocka_unit_test(test_store_cache_swap),
         cmocka_unit_test(test_store_cache_open_errors),
-        cmocka_unit_test(test_store_codecs_round_trip),
-        cmocka_unit_test(test_store_object_encode_verify_corrupt),
     };
     return cmocka_run_group_tests_name("store", tests, NULL, NULL);
 }

@@ -29,7 +29,6 @@ typedef struct kvf_log {
 
 /* Parses "debug", "info", "warn", "error" or "off". Returns 0 or -1. */
 int kvf__log_level_parse(const char *s, kvf_log_level *out);
-const char *kvf__log_level_name(kvf_log_level level);
 
 void kvf__log_write(const kvf_log *lg, kvf_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

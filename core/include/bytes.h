@@ -64,6 +64,17 @@ static inline uint64_t kvf__fmix64(uint64_t x)
     return x;
 }
 
+/* SplitMix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators", 2014):
+ * advances *state and returns the next value of a fixed, portable sequence. Seeds synthetic
+ * tokens, KV bytes and weights, so that every run and every language reproduces them. */
+static inline uint64_t kvf__splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
 /* A bounded append-only byte writer; overflow is sticky and checked once at the end. */
 typedef struct kvf__wbuf {
     uint8_t *p;

@@ -58,7 +58,6 @@ typedef struct kvfe_result {
 int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen);
 /* Waits for a pending save, then frees. Accepts NULL and clears *e. */
 void kvfe_close(kvfe_engine **e);
-const kvfe_model *kvfe_model_of(const kvfe_engine *e);
 
 /* Starts a new sequence with a prompt of n tokens (1 <= n < max_tokens) and runs its prefill.
  * Returns 0 or a KVF_E* code; a failed load is not an error (it is recomputed and reported in

@@ -12,14 +12,14 @@
  * use. Nothing read is handed out unverified: a lease that ended before the READ completed (its
  * block reused) shows as a checksum mismatch, and the key is a miss.
  */
-#include "client_priv.h"
+#include "client_int.h"
 
 #include "kvf/error.h"
 
 #include "bytes.h"
 #include "hash.h"
 #include "clock.h"
-#include "object.h"
+#include "kvf/object.h"
 #include "rdma.h"
 #include "wire.h"
 
@@ -115,7 +115,7 @@ static void verify_layer(layer_track *t, uint32_t l)
         int *st = &t->b->status[t->hit[h]];
         if (*st)
             continue;
-        kvf_obj_seg sg = kvf__obj_seg(&t->info[h], l);
+        kvf_obj_seg sg = kvf_obj_seg_at(&t->info[h], l);
         const uint8_t *p = (const uint8_t *)t->b->bufs[t->hit[h]] + t->seg_off[h * t->L + l];
         if (kvf__xxh3(p, sg.stored_len) != sg.stored_xxh)
             *st = KVF_ECHECKSUM;
@@ -206,7 +206,7 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
         }
         memcpy(b->bufs[k], hdr, hl);
         kvf_obj_info *in = &info[n_hits];
-        if (kvf__obj_parse(b->bufs[k], hl, in) != 0 || in->header_len != hl ||
+        if (kvf_obj_parse(b->bufs[k], hl, in) != 0 || in->header_len != hl ||
             hl + in->stored_bytes != len || !kvf_key_eq(&in->key, &b->keys[k])) {
             b->status[k] = KVF_EPROTO;
             continue;
@@ -242,7 +242,7 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
         uint32_t o = info[h].header_len;
         for (uint32_t l = 0; l < L; l++) {
             seg_off[h * L + l] = o;
-            o += kvf__obj_seg(&info[h], l).stored_len;
+            o += kvf_obj_seg_at(&info[h], l).stored_len;
         }
     }
     size_t j = 0;
@@ -252,7 +252,7 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
             ops[j] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[hit[h]] + so,
                                     .remote = addr[h] + so,
                                     .rkey = rkey,
-                                    .len = kvf__obj_seg(&info[h], l).stored_len};
+                                    .len = kvf_obj_seg_at(&info[h], l).stored_len};
             op_hit[j] = h;
         }
         ends[l] = j;
@@ -292,8 +292,8 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
      * failed transfer never reported is already failed above). */
     for (uint32_t h = 0; !stream && h < n_hits; h++) {
         int *st = &b->status[hit[h]];
-        if (*st == 0 && kvf__obj_verify(b->bufs[hit[h]], info[h].header_len + info[h].stored_bytes,
-                                        &info[h]) != 0) {
+        if (*st == 0 && kvf_obj_verify(b->bufs[hit[h]], info[h].header_len + info[h].stored_bytes,
+                                       &info[h]) != 0) {
             *st = KVF_ECHECKSUM;
             cnt[3]++;
         }

@@ -13,16 +13,16 @@
 
 #include "kvf/kvf.h"
 
+#include "bytes.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 static uint32_t prompt_token(uint64_t seed, size_t i, uint32_t vocab)
 {
-    uint64_t z = seed * 0x100000001b3ull + i + 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return (uint32_t)((z ^ (z >> 31)) % vocab);
+    uint64_t s = seed * 0x100000001b3ull + i;
+    return (uint32_t)(kvf__splitmix64(&s) % vocab);
 }
 
 /* Times prefills from scratch at several lengths and a run of decode steps, fits the scheduler's

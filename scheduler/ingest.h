@@ -8,7 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kvf/sched.h"
+#include "scheduler.h"
 
 /* Who published a batch: an engine instance (index) or a storage node (number); the other -1. */
 typedef struct kvf_event_source {

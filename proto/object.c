@@ -2,7 +2,9 @@
  * Object encoding, verification and the codecs. LZ4 is liblz4's block format; byte shuffling
  * (grouping byte i of every 16-bit element, as HDF5's and Blosc's shuffle filters do) is ours.
  */
-#include "object.h"
+#include "kvf/object.h"
+
+#include "codec.h"
 
 #include "kvf/error.h"
 
@@ -18,12 +20,12 @@ static const char *const codec_names[] = {
 #undef XX
 };
 
-const char *kvf__codec_name(uint32_t codec)
+const char *kvf_codec_name(uint32_t codec)
 {
     return codec < KVF_CODEC_COUNT_ ? codec_names[codec] : NULL;
 }
 
-int kvf__codec_parse(const char *name, kvf_codec *out)
+int kvf_codec_parse(const char *name, kvf_codec *out)
 {
     for (uint32_t i = 0; i < KVF_CODEC_COUNT_; i++) {
         if (strcmp(name, codec_names[i]) == 0) {
@@ -117,7 +119,7 @@ int kvf__codec_decompress(kvf_codec c, const void *src, size_t n, void *dst, siz
     }
 }
 
-kvf_obj_seg kvf__obj_seg(const kvf_obj_info *info, uint32_t l)
+kvf_obj_seg kvf_obj_seg_at(const kvf_obj_info *info, uint32_t l)
 {
     const uint8_t *p = info->seg_table + 24 * (size_t)l;
     kvf_obj_seg s = {
@@ -129,7 +131,7 @@ kvf_obj_seg kvf__obj_seg(const kvf_obj_info *info, uint32_t l)
     return s;
 }
 
-int kvf__obj_parse(const void *buf, size_t len, kvf_obj_info *info)
+int kvf_obj_parse(const void *buf, size_t len, kvf_obj_info *info)
 {
     const uint8_t *p = buf;
     if (len < 72 || kvf__get_u32(p) != KVF_OBJ_MAGIC || kvf__get_u16(p + 4) != KVF_OBJ_VERSION)
@@ -137,7 +139,7 @@ int kvf__obj_parse(const void *buf, size_t len, kvf_obj_info *info)
     uint32_t layers = kvf__get_u32(p + 36);
     if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS)
         return KVF_EPROTO;
-    uint32_t hlen = kvf__obj_header_len(layers);
+    uint32_t hlen = kvf_obj_header_len(layers);
     if (len < hlen)
         return KVF_EPROTO;
     size_t table_end = 64 + 24 * (size_t)layers;
@@ -157,7 +159,7 @@ int kvf__obj_parse(const void *buf, size_t len, kvf_obj_info *info)
         return KVF_EPROTO;
     uint64_t raw = 0, stored = 0;
     for (uint32_t l = 0; l < layers; l++) {
-        kvf_obj_seg s = kvf__obj_seg(info, l);
+        kvf_obj_seg s = kvf_obj_seg_at(info, l);
         if (s.stored_len == 0 || s.stored_len > s.raw_len)
             return KVF_EPROTO;
         if (info->codec == KVF_CODEC_NONE && s.stored_len != s.raw_len)
@@ -170,16 +172,16 @@ int kvf__obj_parse(const void *buf, size_t len, kvf_obj_info *info)
     return 0;
 }
 
-int kvf__obj_verify(const void *buf, size_t len, kvf_obj_info *info)
+int kvf_obj_verify(const void *buf, size_t len, kvf_obj_info *info)
 {
-    int rc = kvf__obj_parse(buf, len, info);
+    int rc = kvf_obj_parse(buf, len, info);
     if (rc)
         return rc;
     if ((uint64_t)len != info->header_len + info->stored_bytes)
         return KVF_EPROTO;
     const uint8_t *seg = (const uint8_t *)buf + info->header_len;
     for (uint32_t l = 0; l < info->layers; l++) {
-        kvf_obj_seg s = kvf__obj_seg(info, l);
+        kvf_obj_seg s = kvf_obj_seg_at(info, l);
         if (kvf__xxh3(seg, s.stored_len) != s.stored_xxh)
             return KVF_ECHECKSUM;
         seg += s.stored_len;
@@ -190,7 +192,7 @@ int kvf__obj_verify(const void *buf, size_t len, kvf_obj_info *info)
 static void write_header(uint8_t *d, const kvf_key *key, uint64_t fp, uint32_t tokens,
                          uint32_t layers, kvf_codec codec, uint64_t raw, uint64_t stored)
 {
-    memset(d, 0, kvf__obj_header_len(layers));
+    memset(d, 0, kvf_obj_header_len(layers));
     kvf__put_u32(d, KVF_OBJ_MAGIC);
     kvf__put_u16(d + 4, KVF_OBJ_VERSION);
     kvf__put_u16(d + 6, (uint16_t)codec);
@@ -241,15 +243,15 @@ static int store_seg(kvf_codec codec, const void *raw, uint32_t n, uint8_t *out,
     return 0;
 }
 
-int kvf__obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uint32_t layers,
-                    const void *const *segs, uint64_t seg_bytes, kvf_codec codec, void *dst,
-                    size_t cap, size_t *out_len, void *scratch)
+int kvf_obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uint32_t layers,
+                   const void *const *segs, uint64_t seg_bytes, kvf_codec codec, void *dst,
+                   size_t cap, size_t *out_len, void *scratch)
 {
     if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || seg_bytes == 0 || seg_bytes > UINT32_MAX ||
         (unsigned)codec >= KVF_CODEC_COUNT_)
         return KVF_EINVAL;
-    uint32_t hlen = kvf__obj_header_len(layers);
-    if (cap < kvf__obj_raw_size(layers, seg_bytes))
+    uint32_t hlen = kvf_obj_header_len(layers);
+    if (cap < kvf_obj_raw_size(layers, seg_bytes))
         return KVF_E2BIG;
     uint8_t *d = dst;
     write_header(d, key, layout_fp, tokens, layers, codec, (uint64_t)layers * seg_bytes, 0);
@@ -268,8 +270,8 @@ int kvf__obj_encode(const kvf_key *key, uint64_t layout_fp, uint32_t tokens, uin
     return 0;
 }
 
-int kvf__obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stored, void *dst,
-                        void *scratch)
+int kvf_obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stored, void *dst,
+                       void *scratch)
 {
     if (kvf__xxh3(stored, seg->stored_len) != seg->stored_xxh)
         return KVF_ECHECKSUM;
@@ -286,11 +288,11 @@ int kvf__obj_decode_seg(uint32_t codec, const kvf_obj_seg *seg, const void *stor
     return rc;
 }
 
-int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, size_t cap,
-                    size_t *out_len, void *scratch, void *scratch2)
+int kvf_obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, size_t cap,
+                   size_t *out_len, void *scratch, void *scratch2)
 {
     kvf_obj_info in;
-    int rc = kvf__obj_verify(src, len, &in);
+    int rc = kvf_obj_verify(src, len, &in);
     if (rc)
         return rc;
     uint8_t *d = dst;
@@ -300,9 +302,9 @@ int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, siz
     const uint8_t *seg = (const uint8_t *)src + in.header_len;
     size_t off = in.header_len;
     for (uint32_t l = 0; l < in.layers; l++) {
-        kvf_obj_seg s = kvf__obj_seg(&in, l);
+        kvf_obj_seg s = kvf_obj_seg_at(&in, l);
         /* Decode into scratch2 (raw), then store with the new codec. */
-        rc = kvf__obj_decode_seg(in.codec, &s, seg, scratch2, scratch);
+        rc = kvf_obj_decode_seg(in.codec, &s, seg, scratch2, scratch);
         if (rc)
             return rc;
         kvf_obj_seg ns;
@@ -319,7 +321,7 @@ int kvf__obj_recode(const void *src, size_t len, kvf_codec codec, void *dst, siz
     return 0;
 }
 
-void kvf__obj_rekey(void *obj, const kvf_key *key)
+void kvf_obj_rekey(void *obj, const kvf_key *key)
 {
     uint8_t *d = obj;
     kvf__put_u64(d + 16, key->lo);
@@ -327,8 +329,8 @@ void kvf__obj_rekey(void *obj, const kvf_key *key)
     seal_header(d, kvf__get_u32(d + 36));
 }
 
-void kvf__obj_seal_raw(void *obj, const kvf_key *key, uint64_t layout_fp, uint32_t tokens,
-                       uint32_t layers, uint64_t seg_bytes, const uint64_t *seg_xxh)
+void kvf_obj_seal_raw(void *obj, const kvf_key *key, uint64_t layout_fp, uint32_t tokens,
+                      uint32_t layers, uint64_t seg_bytes, const uint64_t *seg_xxh)
 {
     uint8_t *d = obj;
     uint64_t total = (uint64_t)layers * seg_bytes;

@@ -6,24 +6,9 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "errf.h"
 
 #include <inttypes.h>
-#include <stdarg.h>
-#include <stdio.h>
-
-static int bad(char *msg, size_t msglen, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static int bad(char *msg, size_t msglen, int code, const char *fmt, ...)
-{
-    if (msg && msglen) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(msg, msglen, fmt, ap);
-        va_end(ap);
-    }
-    return code;
-}
 
 const char *kvf__wire_opcode_name(uint32_t opcode)
 {
@@ -78,85 +63,89 @@ int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_l
     h->payload_len = kvf__get_u64(in + 32);
 
     if (magic != KVF_WIRE_MAGIC)
-        return bad(msg, msglen, KVF_EPROTO, "bad magic 0x%08" PRIx32 " (expected 0x%08x)", magic,
-                   KVF_WIRE_MAGIC);
+        return kvf__errf(msg, msglen, KVF_EPROTO, "bad magic 0x%08" PRIx32 " (expected 0x%08x)",
+                         magic, KVF_WIRE_MAGIC);
     if (h->version != KVF_WIRE_VERSION)
-        return bad(msg, msglen, KVF_EVERSION,
-                   "unsupported protocol version %u (this node speaks %u)", h->version,
-                   KVF_WIRE_VERSION);
+        return kvf__errf(msg, msglen, KVF_EVERSION,
+                         "unsupported protocol version %u (this node speaks %u)", h->version,
+                         KVF_WIRE_VERSION);
     /* A fatal reply echoes whatever opcode the bad frame carried, known or not. */
     int fatal_reply = (h->flags & KVF_WF_REPLY) && (h->flags & KVF_WF_FATAL) && lim->expect_reply;
     if (!kvf__wire_opcode_name(h->opcode) && !fatal_reply)
-        return bad(msg, msglen, KVF_EPROTO, "unknown opcode %u", h->opcode);
+        return kvf__errf(msg, msglen, KVF_EPROTO, "unknown opcode %u", h->opcode);
     if (h->flags & ~KVF_WF_KNOWN)
-        return bad(msg, msglen, KVF_EPROTO, "unknown flags 0x%" PRIx32, h->flags & ~KVF_WF_KNOWN);
+        return kvf__errf(msg, msglen, KVF_EPROTO, "unknown flags 0x%" PRIx32,
+                         h->flags & ~KVF_WF_KNOWN);
     if (reserved != 0)
-        return bad(msg, msglen, KVF_EPROTO, "reserved header field is %" PRIu32 ", not 0",
-                   reserved);
+        return kvf__errf(msg, msglen, KVF_EPROTO, "reserved header field is %" PRIu32 ", not 0",
+                         reserved);
     int is_reply = (h->flags & KVF_WF_REPLY) != 0;
     if (is_reply != (lim->expect_reply != 0))
-        return bad(msg, msglen, KVF_EPROTO,
-                   is_reply ? "reply flag set on a request" : "reply flag missing on a reply");
+        return kvf__errf(msg, msglen, KVF_EPROTO,
+                         is_reply ? "reply flag set on a request"
+                                  : "reply flag missing on a reply");
     if (is_reply) {
         if (!kvf_err_is_known(h->status))
-            return bad(msg, msglen, KVF_EPROTO, "unknown status %" PRId32, h->status);
+            return kvf__errf(msg, msglen, KVF_EPROTO, "unknown status %" PRId32, h->status);
     } else {
         if (h->status != 0)
-            return bad(msg, msglen, KVF_EPROTO, "status %" PRId32 " set on a request", h->status);
+            return kvf__errf(msg, msglen, KVF_EPROTO, "status %" PRId32 " set on a request",
+                             h->status);
         if (h->flags & (KVF_WF_MORE | KVF_WF_FATAL))
-            return bad(msg, msglen, KVF_EPROTO, "reply-only flags on a request");
+            return kvf__errf(msg, msglen, KVF_EPROTO, "reply-only flags on a request");
         if ((h->flags & KVF_WF_STREAM) && h->opcode != KVF_OP_GET)
-            return bad(msg, msglen, KVF_EPROTO, "stream flag on %s",
-                       kvf__wire_opcode_name(h->opcode));
+            return kvf__errf(msg, msglen, KVF_EPROTO, "stream flag on %s",
+                             kvf__wire_opcode_name(h->opcode));
         if ((h->flags & KVF_WF_ALL_NS) && h->opcode != KVF_OP_CLEAR)
-            return bad(msg, msglen, KVF_EPROTO, "all-namespaces flag on %s",
-                       kvf__wire_opcode_name(h->opcode));
+            return kvf__errf(msg, msglen, KVF_EPROTO, "all-namespaces flag on %s",
+                             kvf__wire_opcode_name(h->opcode));
     }
     uint32_t max_items = lim->max_items ? lim->max_items : KVF_WIRE_MAX_ITEMS;
     if (max_items > KVF_WIRE_MAX_ITEMS)
         max_items = KVF_WIRE_MAX_ITEMS;
     if (h->item_count > max_items)
-        return bad(msg, msglen, KVF_E2BIG, "%" PRIu32 " items exceed the limit of %" PRIu32,
-                   h->item_count, max_items);
+        return kvf__errf(msg, msglen, KVF_E2BIG, "%" PRIu32 " items exceed the limit of %" PRIu32,
+                         h->item_count, max_items);
     if (is_reply) {
         if (h->payload_len > lim->max_request)
-            return bad(msg, msglen, KVF_E2BIG, "reply of %" PRIu64 " bytes exceeds %" PRIu64,
-                       h->payload_len, lim->max_request);
+            return kvf__errf(msg, msglen, KVF_E2BIG, "reply of %" PRIu64 " bytes exceeds %" PRIu64,
+                             h->payload_len, lim->max_request);
         return 0;
     }
     if (is_itemless_op(h->opcode) && h->item_count != 0)
-        return bad(msg, msglen, KVF_EPROTO, "%s carries no items, got %" PRIu32,
-                   kvf__wire_opcode_name(h->opcode), h->item_count);
+        return kvf__errf(msg, msglen, KVF_EPROTO, "%s carries no items, got %" PRIu32,
+                         kvf__wire_opcode_name(h->opcode), h->item_count);
     if (!is_itemless_op(h->opcode) && h->item_count == 0)
-        return bad(msg, msglen, KVF_EPROTO, "%s with no items", kvf__wire_opcode_name(h->opcode));
+        return kvf__errf(msg, msglen, KVF_EPROTO, "%s with no items",
+                         kvf__wire_opcode_name(h->opcode));
     if (is_data_op(h->opcode)) {
         uint64_t table = kvf__wire_put_table_len(h->item_count);
         if (h->payload_len > lim->max_request)
-            return bad(msg, msglen, KVF_E2BIG,
-                       "request of %" PRIu64 " bytes exceeds the node's limit of %" PRIu64,
-                       h->payload_len, lim->max_request);
+            return kvf__errf(msg, msglen, KVF_E2BIG,
+                             "request of %" PRIu64 " bytes exceeds the node's limit of %" PRIu64,
+                             h->payload_len, lim->max_request);
         if (h->payload_len < table + h->item_count)
-            return bad(msg, msglen, KVF_EPROTO,
-                       "payload of %" PRIu64 " bytes is shorter than its table of %" PRIu32
-                       " items",
-                       h->payload_len, h->item_count);
+            return kvf__errf(msg, msglen, KVF_EPROTO,
+                             "payload of %" PRIu64 " bytes is shorter than its table of %" PRIu32
+                             " items",
+                             h->payload_len, h->item_count);
         return 0;
     }
     if (h->payload_len > KVF_WIRE_MAX_CONTROL)
-        return bad(msg, msglen, KVF_E2BIG, "%s payload of %" PRIu64 " bytes is too large",
-                   kvf__wire_opcode_name(h->opcode), h->payload_len);
+        return kvf__errf(msg, msglen, KVF_E2BIG, "%s payload of %" PRIu64 " bytes is too large",
+                         kvf__wire_opcode_name(h->opcode), h->payload_len);
     /* COPY's exact length depends on its address, checked once the payload is in. */
     if (h->opcode != KVF_OP_COPY) {
         uint64_t need = 0;
         kvf__wire_control_len(h, NULL, &need);
         if (h->payload_len != need)
-            return bad(msg, msglen, KVF_EPROTO,
-                       "%s with %" PRIu32 " items needs a payload of %" PRIu64
-                       " bytes, not %" PRIu64,
-                       kvf__wire_opcode_name(h->opcode), h->item_count, need, h->payload_len);
+            return kvf__errf(msg, msglen, KVF_EPROTO,
+                             "%s with %" PRIu32 " items needs a payload of %" PRIu64
+                             " bytes, not %" PRIu64,
+                             kvf__wire_opcode_name(h->opcode), h->item_count, need, h->payload_len);
     } else if (h->payload_len < 16) {
-        return bad(msg, msglen, KVF_EPROTO, "copy payload of %" PRIu64 " bytes is truncated",
-                   h->payload_len);
+        return kvf__errf(msg, msglen, KVF_EPROTO, "copy payload of %" PRIu64 " bytes is truncated",
+                         h->payload_len);
     }
     return 0;
 }
@@ -216,15 +205,15 @@ int kvf__wire_put_table_check(const kvf_wire_hdr *h, const uint8_t *table, char 
     for (uint32_t i = 0; i < h->item_count; i++) {
         uint64_t len = kvf__get_u64(table + 8 + 24 * (size_t)i + 16);
         if (len == 0)
-            return bad(msg, msglen, KVF_EPROTO, "item %" PRIu32 " has length 0", i);
+            return kvf__errf(msg, msglen, KVF_EPROTO, "item %" PRIu32 " has length 0", i);
         if (len > rest - sum)
-            return bad(msg, msglen, KVF_EPROTO,
-                       "item lengths exceed the payload (item %" PRIu32 ")", i);
+            return kvf__errf(msg, msglen, KVF_EPROTO,
+                             "item lengths exceed the payload (item %" PRIu32 ")", i);
         sum += len;
     }
     if (sum != rest)
-        return bad(msg, msglen, KVF_EPROTO,
-                   "item lengths sum to %" PRIu64 " bytes but the payload carries %" PRIu64, sum,
-                   rest);
+        return kvf__errf(msg, msglen, KVF_EPROTO,
+                         "item lengths sum to %" PRIu64 " bytes but the payload carries %" PRIu64,
+                         sum, rest);
     return 0;
 }

@@ -29,12 +29,12 @@
 #include "clock.h"
 #include "http.h"
 #include "kvevents.h"
+#include "pubsub.h"
 #include "kvf/kvf.h"
-#include "kvf/sched.h"
+#include "scheduler.h"
 #include "log.h"
 #include "tcp.h"
 
-#include <msgpack.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -44,7 +44,6 @@
 #include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
-#include <zmq.h>
 
 #define MAX_BODY (64u << 20)
 
@@ -79,7 +78,7 @@ typedef struct srv {
     pthread_cond_t report_cv;
     int report_dirty;
     /* KV events (under the engine's turn: only the running request publishes) */
-    void *zctx, *pub;
+    kvf__zpub *pub;
     uint64_t seq;
     uint64_t *held; /* engine block hashes of the blocks in the pages */
     size_t n_held;
@@ -140,13 +139,6 @@ static void *reporter_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* KV events */
 
-static void pack_str(msgpack_packer *pk, const char *s)
-{
-    size_t n = strlen(s);
-    msgpack_pack_str(pk, n);
-    msgpack_pack_str_body(pk, s, n);
-}
-
 /* Publishes what the pages hold now that they hold tokens[0..n): the blocks of the previous
  * sequence that differ are removed, the new ones stored. Only the running request calls it. */
 static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
@@ -163,44 +155,21 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
     while (common < nb && common < S->n_held && nh[common] == S->held[common])
         common++;
     if (S->pub && (common < S->n_held || common < nb)) {
-        msgpack_sbuffer sb;
-        msgpack_sbuffer_init(&sb);
-        msgpack_packer pk;
-        msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-        int n_ev = (common < S->n_held) + (common < nb);
-        msgpack_pack_array(&pk, 3);
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9);
-        msgpack_pack_array(&pk, (size_t)n_ev);
-        if (common < S->n_held) {
-            msgpack_pack_array(&pk, 3);
-            pack_str(&pk, "BlockRemoved");
-            msgpack_pack_array(&pk, S->n_held - common);
-            for (size_t b = common; b < S->n_held; b++)
-                msgpack_pack_uint64(&pk, S->held[b]);
-            pack_str(&pk, "GPU");
-        }
-        if (common < nb) {
-            msgpack_pack_array(&pk, 7);
-            pack_str(&pk, "BlockStored");
-            msgpack_pack_array(&pk, nb - common);
-            for (size_t b = common; b < nb; b++)
-                msgpack_pack_uint64(&pk, nh[b]);
-            if (common)
-                msgpack_pack_uint64(&pk, nh[common - 1]);
-            else
-                msgpack_pack_nil(&pk);
-            msgpack_pack_array(&pk, (nb - common) * P);
-            for (size_t t = common * P; t < nb * P; t++)
-                msgpack_pack_uint32(&pk, tokens[t]);
-            msgpack_pack_uint32(&pk, P);
-            msgpack_pack_nil(&pk); /* lora_id */
-            pack_str(&pk, "GPU");
-        }
-        msgpack_pack_int(&pk, 0); /* data_parallel_rank */
-        kvf__kv_events_send(S->pub, "kv-events", ++S->seq, sb.data, sb.size);
-        msgpack_sbuffer_destroy(&sb);
+        kvf__kve_enc *e = NULL;
+        const void *data;
+        size_t len;
+        int rc = kvf__kve_enc_begin(&e, (common < S->n_held) + (common < nb));
+        if (!rc && common < S->n_held)
+            kvf__kve_enc_block_removed(e, S->held + common, S->n_held - common, "GPU");
+        if (!rc && common < nb)
+            kvf__kve_enc_block_stored(e, nh + common, nb - common, common > 0,
+                                      common ? nh[common - 1] : 0, tokens + common * P, P, "GPU");
+        if (!rc)
+            rc = kvf__kve_enc_end(e, &data, &len);
+        ++S->seq; /* a batch that could not be encoded leaves a gap the subscriber sees */
+        if (!rc)
+            kvf__zpub_send(S->pub, "kv-events", S->seq, data, len);
+        kvf__kve_enc_free(&e);
     }
     pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */
     free(S->held);
@@ -642,24 +611,13 @@ int kvfe_serve_main(int argc, char **argv)
     pthread_mutex_init(&S.mu, NULL);
     pthread_cond_init(&S.cv, NULL);
     pthread_cond_init(&S.report_cv, NULL);
-    S.zctx = zmq_ctx_new();
     if (events) {
         char eh[128];
         uint16_t ep;
         if (split_addr(events, eh, sizeof eh, &ep, "--events") != 0)
             return 2;
-        S.pub = zmq_socket(S.zctx, ZMQ_PUB);
-        int zero = 0;
-        zmq_setsockopt(S.pub, ZMQ_LINGER, &zero, sizeof zero);
-        char bind[200];
-        if (ep)
-            snprintf(bind, sizeof bind, "tcp://%s:%u", eh, (unsigned)ep);
-        else
-            snprintf(bind, sizeof bind, "tcp://%s:*", eh);
-        size_t bl = sizeof S.events;
-        if (zmq_bind(S.pub, bind) != 0 ||
-            zmq_getsockopt(S.pub, ZMQ_LAST_ENDPOINT, S.events, &bl) != 0) {
-            fprintf(stderr, "kvf-engine: --events %s: %s\n", events, zmq_strerror(zmq_errno()));
+        if (kvf__zpub_open(&S.pub, eh, ep, 0, S.events, sizeof S.events, err, sizeof err) != 0) {
+            fprintf(stderr, "kvf-engine: --events %s: %s\n", events, err);
             return 1;
         }
     }
@@ -704,9 +662,7 @@ int kvfe_serve_main(int argc, char **argv)
         pthread_join(reporter, NULL);
     kvfe_close(&S.e);
     kvf_connector_close(&S.cn);
-    if (S.pub)
-        zmq_close(S.pub);
-    zmq_ctx_term(S.zctx);
+    kvf__zpub_close(&S.pub);
     free(S.held);
     free(S.wait), free(S.pick_cached), free(S.pick_work);
     kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);

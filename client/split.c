@@ -5,7 +5,7 @@
  * are shards; the caller's op completes when the last child does. Layer callbacks of a streamed
  * get fire for layer l once every child has delivered it, in order, one at a time.
  */
-#include "client_priv.h"
+#include "client_int.h"
 
 #include "kvf/error.h"
 

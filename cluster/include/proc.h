@@ -26,10 +26,10 @@ pid_t kvf__proc_start_daemon(char *const argv[], int timeout_ms, uint16_t *port,
 pid_t kvf__proc_start_store(const char *bin, const char *memory, const char *extra, int timeout_ms,
                             uint16_t *port, char *err, size_t errlen);
 
-/* Finds the path of a sibling binary: rel ("../store/kvf-store") relative to this executable's
- * directory (a build tree), then name in that directory (an install), then name alone (PATH).
- * Returns a static buffer. */
-const char *kvf__proc_find_bin(const char *name, const char *rel);
+/* Finds the path of a sibling program: name in this executable's directory (CMake puts every
+ * executable of the project in one folder, bin/, of the build tree as of an install), else name
+ * alone (searched in PATH). Returns a static buffer. */
+const char *kvf__proc_find_bin(const char *name);
 
 /* Starts argv[0] in a session of its own (it outlives the caller), with stdout and stderr
  * appended to log_path and the environment variables of env ("NAME=VALUE", NULL-terminated; may

@@ -14,6 +14,8 @@
 
 #include "kvf/error.h"
 
+#include "bytes.h"
+
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -76,21 +78,8 @@ int kvfe_model_preset(const char *name, kvfe_model *m)
     return 0;
 }
 
-const kvfe_model *kvfe_model_of(const kvfe_engine *e)
-{
-    return &e->m;
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* Weights from a seed */
-
-static uint64_t splitmix(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 static float *rand_tensor(size_t n, float scale, uint64_t *seed)
 {
@@ -98,7 +87,7 @@ static float *rand_tensor(size_t n, float scale, uint64_t *seed)
     if (!p)
         return NULL;
     for (size_t i = 0; i < n; i++)
-        p[i] = ((float)(splitmix(seed) >> 40) / (float)(1u << 24) * 2.0f - 1.0f) * scale;
+        p[i] = ((float)(kvf__splitmix64(seed) >> 40) / (float)(1u << 24) * 2.0f - 1.0f) * scale;
     return p;
 }
 
@@ -535,7 +524,7 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
     if (o->page_shuffle) {
         uint64_t s = o->page_shuffle;
         for (uint32_t i = e->num_pages - 1; i > 0; i--) {
-            uint32_t j = (uint32_t)(splitmix(&s) % (i + 1));
+            uint32_t j = (uint32_t)(kvf__splitmix64(&s) % (i + 1));
             uint32_t t = e->page_of[i];
             e->page_of[i] = e->page_of[j];
             e->page_of[j] = t;

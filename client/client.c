@@ -21,9 +21,9 @@
 
 #include "bytes.h"
 #include "hash.h"
-#include "client_priv.h"
+#include "client_int.h"
 #include "clock.h"
-#include "object.h"
+#include "kvf/object.h"
 #include "poller.h"
 #include "tcp.h"
 #include "wire.h"
@@ -790,14 +790,14 @@ static void get_item_bytes(cconn *cn, size_t n)
             if (end < 64)
                 return;
             uint32_t layers = kvf__get_u32(buf + 36);
-            uint32_t hlen = kvf__obj_header_len(layers);
+            uint32_t hlen = kvf_obj_header_len(layers);
             if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || hlen > r->cur_len) {
                 r->cur_state = 2;
                 return;
             }
             if (end < hlen)
                 return;
-            if (kvf__obj_parse(buf, hlen, &r->cur) != 0 ||
+            if (kvf_obj_parse(buf, hlen, &r->cur) != 0 ||
                 r->cur.header_len + r->cur.stored_bytes != r->cur_len ||
                 !kvf_key_eq(&r->cur.key, &op->b.keys[k])) {
                 r->cur_state = 2;
@@ -810,7 +810,7 @@ static void get_item_bytes(cconn *cn, size_t n)
             XXH3_64bits_reset(cn->xs);
             continue;
         }
-        kvf_obj_seg sg = kvf__obj_seg(&r->cur, r->cur_seg);
+        kvf_obj_seg sg = kvf_obj_seg_at(&r->cur, r->cur_seg);
         uint64_t seg_end = r->seg_start + sg.stored_len;
         uint64_t take = (end < seg_end ? end : seg_end) - pos;
         kvf__xxh3_update(cn->xs, buf + pos, take);
@@ -946,7 +946,7 @@ static int rd_stream_hdr(cconn *cn)
     uint32_t k = r->idx[i];
     uint32_t hlen = kvf__get_u32(r->rtab + 16 * (size_t)i + 4);
     if (op->b.status[k] == 0) {
-        int rc = kvf__obj_parse(op->b.bufs[k], hlen, &r->info[i]);
+        int rc = kvf_obj_parse(op->b.bufs[k], hlen, &r->info[i]);
         if (rc == 0 && (r->info[i].header_len != hlen ||
                         r->info[i].stored_bytes != kvf__get_u64(r->rtab + 16 * (size_t)i + 8) ||
                         !kvf_key_eq(&r->info[i].key, &op->b.keys[k])))
@@ -996,7 +996,7 @@ static int rd_layer_next(cconn *cn)
             r->item++;
             continue;
         }
-        kvf_obj_seg sg = kvf__obj_seg(&r->info[i], r->layer);
+        kvf_obj_seg sg = kvf_obj_seg_at(&r->info[i], r->layer);
         if (op->b.status[k] == 0)
             rd_expect_hashed(cn, (uint8_t *)op->b.bufs[k] + r->segoff[i], sg.stored_len,
                              rd_layer_seg);
@@ -1031,7 +1031,7 @@ static int rd_layer_seg(cconn *cn)
     kvf_op *op = r->op;
     uint32_t i = r->item;
     uint32_t k = r->idx[i];
-    kvf_obj_seg sg = kvf__obj_seg(&r->info[i], r->layer);
+    kvf_obj_seg sg = kvf_obj_seg_at(&r->info[i], r->layer);
     if (op->b.status[k] == 0) {
         if (XXH3_64bits_digest(cn->xs) != sg.stored_xxh) {
             op->b.status[k] = KVF_ECHECKSUM;
@@ -1052,7 +1052,7 @@ static int rd_layer_prefix(cconn *cn)
     uint32_t hits = 0;
     for (uint32_t i = 0; i < r->n; i++) {
         if (kvf__get_u32(r->rtab + 16 * (size_t)i) == 0) {
-            want += kvf__obj_seg(&r->info[i], r->layer).stored_len;
+            want += kvf_obj_seg_at(&r->info[i], r->layer).stored_len;
             hits++;
         }
     }
@@ -1861,7 +1861,7 @@ int kvf_client_compress(kvf_client *c, size_t n, const kvf_key *keys, const char
                         int *status, int deadline_ms)
 {
     kvf_codec cd;
-    if (!codec || kvf__codec_parse(codec, &cd) != 0)
+    if (!codec || kvf_codec_parse(codec, &cd) != 0)
         return KVF_EINVAL;
     ctrl_args a = {.codec = (uint32_t)cd};
     return ctrl(c, KVF_OP_COMPRESS, -1, n, keys, status, deadline_ms, &a);

@@ -1,0 +1,97 @@
+/*
+ * KV events (docs/scheduler.md, "KV events"): the msgpack batches that engines and kvfabric's
+ * storage nodes publish and kvf-sched reads, encoded and decoded here and nowhere else (msgpack-c).
+ *
+ * A batch is [ts, events, data_parallel_rank] (or a map with "ts", "events", ...). vLLM's events
+ * are msgspec's array_like tagged structs ["BlockStored", block_hashes, parent_block_hash,
+ * token_ids, block_size, lora_id, medium], ["BlockRemoved", block_hashes, medium] and
+ * ["AllBlocksCleared"] (trailing fields with default values may be omitted); newer publishers send
+ * maps instead, with a "type" field and named fields. Block hashes are integers (signed or
+ * unsigned 64-bit) or bytes; bytes are reduced to 64 bits with XXH3, which keeps them opaque and
+ * distinct. kvfabric's storage nodes publish ["ChunksAdmitted", node, keys], ["ChunksEvicted",
+ * node, keys] and ["ChunksCleared", node] (or maps with "type", "node" and "keys"), keys being
+ * 16-byte binaries (docs/keys.md's wire form).
+ *
+ * On ZeroMQ each batch travels as [topic, 8-byte big-endian sequence number, payload]
+ * (transport/include/pubsub.h).
+ */
+#ifndef KVF_PROTO_KVEVENTS_H
+#define KVF_PROTO_KVEVENTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/layout.h"
+
+typedef enum kvf_kve_type {
+    KVF_KVE_BLOCK_STORED,
+    KVF_KVE_BLOCK_REMOVED,
+    KVF_KVE_ALL_CLEARED,
+    KVF_KVE_CHUNKS_ADMITTED,
+    KVF_KVE_CHUNKS_EVICTED,
+    KVF_KVE_CHUNKS_CLEARED,
+    KVF_KVE_UNKNOWN, /* a kind this version does not know: skipped by readers */
+} kvf_kve_type;
+
+/* One decoded event. Arrays are borrowed: valid during the callback that receives it. */
+typedef struct kvf_kve {
+    kvf_kve_type type;
+    const char *type_name; /* as published (not NUL-terminated: type_len bytes) */
+    size_t type_len;
+    /* BlockStored, BlockRemoved */
+    const uint64_t *hashes;
+    size_t n_hashes;
+    /* BlockStored: the parent block (has_parent 0: the first block of a sequence), the token ids
+     * of every block (n_hashes * block_size) and the tier the blocks are in */
+    int has_parent;
+    uint64_t parent;
+    const uint32_t *tokens;
+    size_t n_tokens;
+    uint32_t block_size;
+    int host_tier; /* medium "CPU": the engine's host offload; otherwise its device memory */
+    /* Chunks*: the publishing storage node's number and the chunk keys */
+    uint64_t node;
+    const kvf_key *keys;
+    size_t n_keys;
+} kvf_kve;
+
+/* Called for each event of a batch, in order. Return 0 to go on, KVF_EPROTO to count the event as
+ * malformed (with the reason in err) and go on, any other code to stop the batch with it. */
+typedef int (*kvf_kve_fn)(void *ud, const kvf_kve *ev, char *err, size_t errlen);
+
+/* Decodes one batch (either encoding) and calls fn for each event. A malformed event is skipped:
+ * *malformed (may be NULL) counts it and err keeps the last reason. Returns 0, KVF_EPROTO for a
+ * payload that is not a batch at all (not msgpack, trailing bytes, no events array), KVF_ENOMEM,
+ * or the code fn stopped with. */
+int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, uint64_t *malformed,
+                    char *err, size_t errlen);
+
+/* An encoder of one batch, in the array encoding, as vLLM's publishers write it. */
+typedef struct kvf__kve_enc kvf__kve_enc;
+
+/* Starts a batch of exactly n_events events, stamped with the wall clock. Caller owns *out; free
+ * with kvf__kve_enc_free(). 0 or KVF_ENOMEM. */
+int kvf__kve_enc_begin(kvf__kve_enc **out, size_t n_events);
+/* ["BlockStored", hashes, parent or nil, tokens (n_hashes * block_size), block_size, nil, medium]
+ */
+void kvf__kve_enc_block_stored(kvf__kve_enc *e, const uint64_t *hashes, size_t n_hashes,
+                               int has_parent, uint64_t parent, const uint32_t *tokens,
+                               uint32_t block_size, const char *medium);
+/* ["BlockRemoved", hashes, medium] */
+void kvf__kve_enc_block_removed(kvf__kve_enc *e, const uint64_t *hashes, size_t n_hashes,
+                                const char *medium);
+/* ["ChunksAdmitted" or "ChunksEvicted", node, keys as 16-byte binaries] */
+void kvf__kve_enc_chunks(kvf__kve_enc *e, int admitted, uint64_t node, const kvf_key *keys,
+                         size_t n_keys);
+/* Ends the batch (data_parallel_rank 0). *data and *len: the payload, borrowed until free.
+ * Returns 0, or KVF_ENOMEM when any part could not be written, or KVF_EINVAL when the events
+ * written are not the n_events announced. */
+int kvf__kve_enc_end(kvf__kve_enc *e, const void **data, size_t *len);
+/* Accepts NULL; clears *e. */
+void kvf__kve_enc_free(kvf__kve_enc **e);
+
+/* The 8-byte big-endian sequence number frame. */
+uint64_t kvf__kve_seq_get(const void *be8);
+void kvf__kve_seq_put(void *be8, uint64_t seq);
+
+#endif

@@ -1,0 +1,95 @@
+/*
+ * KV event ingestion (ingest.h): events decoded by proto/kvevents.h applied to the scheduler's
+ * index, and the sequence numbers of each publisher checked for gaps.
+ */
+#include "ingest.h"
+
+#include "kvf/error.h"
+
+#include "errf.h"
+#include "kvevents.h"
+
+typedef struct ingest_ctx {
+    kvf_sched *s;
+    const kvf_event_source *src;
+    kvf_ingest_stats *st;
+} ingest_ctx;
+
+static int is_engine_event(kvf_kve_type t)
+{
+    return t == KVF_KVE_BLOCK_STORED || t == KVF_KVE_BLOCK_REMOVED || t == KVF_KVE_ALL_CLEARED;
+}
+
+/* Applies one decoded event to the index, after checking that its kind matches its publisher. */
+static int apply(void *ud, const kvf_kve *ev, char *err, size_t errlen)
+{
+    ingest_ctx *x = ud;
+    const kvf_event_source *src = x->src;
+    kvf_ingest_stats *st = x->st;
+    int rc;
+    if (is_engine_event(ev->type) && src->instance < 0)
+        return kvf__errf(err, errlen, KVF_EPROTO,
+                         "engine event from a publisher registered as a store");
+    switch (ev->type) {
+    case KVF_KVE_BLOCK_STORED:
+        rc = kvf_sched_block_stored(x->s, src->instance, ev->hashes, ev->n_hashes, ev->has_parent,
+                                    ev->parent, ev->tokens, ev->n_tokens, ev->block_size,
+                                    ev->host_tier ? KVF_TIER_HOST : KVF_TIER_DEVICE);
+        if (rc == KVF_ENOENT) {
+            st->unknown_parents++;
+            return 0;
+        }
+        st->stored += ev->n_hashes;
+        return rc;
+    case KVF_KVE_BLOCK_REMOVED:
+        st->removed += ev->n_hashes;
+        return kvf_sched_block_removed(x->s, src->instance, ev->hashes, ev->n_hashes);
+    case KVF_KVE_ALL_CLEARED:
+        st->cleared++;
+        return kvf_sched_all_cleared(x->s, src->instance);
+    case KVF_KVE_CHUNKS_ADMITTED:
+    case KVF_KVE_CHUNKS_EVICTED:
+        if (src->store < 0)
+            return kvf__errf(err, errlen, KVF_EPROTO,
+                             "store event from a publisher registered as an engine");
+        if (ev->node != (uint64_t)src->store)
+            return kvf__errf(err, errlen, KVF_EPROTO, "%.*s: node %llu is not publisher %d",
+                             (int)ev->type_len, ev->type_name, (unsigned long long)ev->node,
+                             src->store);
+        st->chunks += ev->n_keys;
+        return kvf_sched_store_chunks(x->s, src->store, ev->keys, ev->n_keys,
+                                      ev->type == KVF_KVE_CHUNKS_ADMITTED);
+    case KVF_KVE_CHUNKS_CLEARED:
+        st->cleared++;
+        return 0; /* the store's own accounting follows with evictions; nothing to drop here */
+    default:
+        st->unknown_types++;
+        return 0; /* newer event kinds are skipped, not fatal */
+    }
+}
+
+int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payload, size_t len,
+                     kvf_ingest_stats *st, char *err, size_t errlen)
+{
+    ingest_ctx x = {.s = s, .src = src, .st = st};
+    int rc = kvf__kve_decode(payload, len, apply, &x, &st->malformed, err, errlen);
+    if (rc != KVF_EPROTO) /* a batch, whatever its events were */
+        st->batches++;
+    return rc;
+}
+
+int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from)
+{
+    uint64_t seq = kvf__kve_seq_get(seq8);
+    int gap = 0;
+    if (t->seen && seq > t->last + 1) {
+        *missing_from = t->last + 1;
+        t->gaps++;
+        t->missed += seq - t->last - 1;
+        gap = 1;
+    }
+    if (!t->seen || seq > t->last)
+        t->last = seq;
+    t->seen = 1;
+    return gap;
+}

@@ -1,0 +1,73 @@
+/*
+ * KV event streams over ZeroMQ (libzmq), the way vLLM publishes them and kvf-sched reads them:
+ * each batch is one multipart message [topic, 8-byte big-endian sequence number, payload] on a PUB
+ * socket; a subscriber that sees a gap in the sequence may ask the publisher's replay socket
+ * (ROUTER) for the batches it missed through a DEALER. This file owns the sockets' lifecycle and
+ * turns libzmq's -1/zmq_errno() convention into KVF_E* codes; what the payload means is
+ * proto/kvevents.h's business.
+ */
+#ifndef KVF_TRANSPORT_PUBSUB_H
+#define KVF_TRANSPORT_PUBSUB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* A PUB socket with its own ZeroMQ context. */
+typedef struct kvf__zpub kvf__zpub;
+
+/* Binds a PUB socket on host:port (port 0: a free port) that keeps unsent messages for at most
+ * linger_ms when closed. *endpoint gets the bound "tcp://HOST:PORT". Returns 0, KVF_EADDRINUSE
+ * (cannot bind) or KVF_ENOMEM, with one line in err. Caller owns *out; free with
+ * kvf__zpub_close(). */
+int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_ms, char *endpoint,
+                   size_t eplen, char *err, size_t errlen);
+/* Sends one batch [topic, seq as 8 bytes big-endian, payload]. Returns 0 or KVF_EIO. One thread
+ * at a time (ZeroMQ sockets are not thread-safe). */
+int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len);
+/* Closes the socket and its context. Accepts NULL; clears *p. */
+void kvf__zpub_close(kvf__zpub **p);
+
+/* A set of SUB sockets (one per publisher, each with an optional DEALER to its replay socket)
+ * polled together by one thread. */
+typedef struct kvf__zsubs kvf__zsubs;
+
+/* The frames of one received message. Borrowed: valid until the next kvf__zsubs_recv() (a
+ * message of a subscription) or kvf__zsubs_replay_recv() (an answer of a replay socket). */
+typedef struct kvf__zmsg {
+    int frames;      /* frames the message had (more than 3 are received and dropped) */
+    const void *seq; /* the second-to-last frame of the first three, or NULL */
+    size_t seq_len;
+    const void *payload; /* the last frame of the first three */
+    size_t len;
+} kvf__zmsg;
+
+#define KVF_ZSUBS_MAX 1024
+
+/* Caller owns *out; free with kvf__zsubs_close(). 0 or KVF_ENOMEM. */
+int kvf__zsubs_open(kvf__zsubs **out);
+/* Subscribes to every topic of the publisher at endpoint ("tcp://HOST:PORT"), and connects to
+ * its replay socket when replay is not NULL or empty (a replay socket that cannot be reached is
+ * left out, with the reason in err, and the subscription still made). *idx gets the publisher's
+ * number in the set. Returns 0, KVF_E2BIG (KVF_ZSUBS_MAX reached) or KVF_ECONNREFUSED (cannot
+ * connect) with one line in err. */
+int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
+                   size_t errlen);
+/* Whether publisher idx has a replay socket. */
+int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx);
+/* Waits up to timeout_ms for messages; ready[i] (KVF_ZSUBS_MAX entries) gets 1 for each
+ * publisher that has one. Returns how many are ready (0 on a timeout), or KVF_EIO. */
+int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready);
+/* Receives one message of publisher idx without waiting: 0 with *m, KVF_EAGAIN when none is
+ * there, or KVF_EIO. */
+int kvf__zsubs_recv(kvf__zsubs *s, int idx, kvf__zmsg *m);
+/* Asks publisher idx's replay socket for the batches from sequence number `from` on (vLLM's
+ * replay protocol: the request is `from` as 8 bytes big-endian). 0, KVF_ENOTCONN (no replay
+ * socket) or KVF_EIO. */
+int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from);
+/* Receives one answer of the replay socket, waiting up to timeout_ms: 0 with *m (an answer is
+ * [sequence, payload]; an empty payload ends the replay), KVF_ETIMEDOUT, or KVF_EIO. */
+int kvf__zsubs_replay_recv(kvf__zsubs *s, int idx, int timeout_ms, kvf__zmsg *m);
+/* Closes every socket and the context. Accepts NULL; clears *s. */
+void kvf__zsubs_close(kvf__zsubs **s);
+
+#endif

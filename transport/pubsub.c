@@ -1,0 +1,251 @@
+/* KV event streams over ZeroMQ (pubsub.h). */
+#include "pubsub.h"
+
+#include "kvf/error.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+struct kvf__zpub {
+    void *ctx, *sock;
+};
+
+static void seq_put(uint8_t be[8], uint64_t seq)
+{
+    for (int i = 7; i >= 0; i--, seq >>= 8)
+        be[i] = (uint8_t)seq;
+}
+
+int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_ms, char *endpoint,
+                   size_t eplen, char *err, size_t errlen)
+{
+    *out = NULL;
+    kvf__zpub *p = calloc(1, sizeof *p);
+    if (!p || !(p->ctx = zmq_ctx_new()) || !(p->sock = zmq_socket(p->ctx, ZMQ_PUB))) {
+        snprintf(err, errlen, "events: cannot make a ZeroMQ socket: %s",
+                 p ? zmq_strerror(zmq_errno()) : "out of memory");
+        kvf__zpub_close(&p);
+        return KVF_ENOMEM;
+    }
+    char bind[300];
+    if (port)
+        snprintf(bind, sizeof bind, "tcp://%s:%u", host, (unsigned)port);
+    else
+        snprintf(bind, sizeof bind, "tcp://%s:*", host);
+    size_t el = eplen;
+    if (zmq_setsockopt(p->sock, ZMQ_LINGER, &linger_ms, sizeof linger_ms) != 0 ||
+        zmq_bind(p->sock, bind) != 0 ||
+        zmq_getsockopt(p->sock, ZMQ_LAST_ENDPOINT, endpoint, &el) != 0) {
+        snprintf(err, errlen, "events: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
+        kvf__zpub_close(&p);
+        return KVF_EADDRINUSE;
+    }
+    *out = p;
+    return 0;
+}
+
+int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len)
+{
+    uint8_t be[8];
+    seq_put(be, seq);
+    if (zmq_send(p->sock, topic, strlen(topic), ZMQ_SNDMORE) < 0 ||
+        zmq_send(p->sock, be, 8, ZMQ_SNDMORE) < 0 || zmq_send(p->sock, payload, len, 0) < 0)
+        return KVF_EIO;
+    return 0;
+}
+
+void kvf__zpub_close(kvf__zpub **pp)
+{
+    if (!pp || !*pp)
+        return;
+    kvf__zpub *p = *pp;
+    if (p->sock)
+        zmq_close(p->sock);
+    if (p->ctx)
+        zmq_ctx_term(p->ctx);
+    free(p);
+    *pp = NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Subscribers */
+
+#define KEEP_FRAMES 3
+
+typedef struct zsub {
+    void *sock;
+    void *replay; /* DEALER to the publisher's replay socket, or NULL */
+} zsub;
+
+struct kvf__zsubs {
+    void *ctx;
+    zsub subs[KVF_ZSUBS_MAX];
+    int n;
+    /* The last message received from a subscription (slot 0) and from a replay socket (slot 1),
+     * each kept until the next one of its kind: a replay runs while a batch is in hand. */
+    zmq_msg_t parts[2][KEEP_FRAMES];
+    int held[2];
+};
+
+int kvf__zsubs_open(kvf__zsubs **out)
+{
+    *out = NULL;
+    kvf__zsubs *s = calloc(1, sizeof *s);
+    if (!s)
+        return KVF_ENOMEM;
+    if (!(s->ctx = zmq_ctx_new())) {
+        free(s);
+        return KVF_ENOMEM;
+    }
+    *out = s;
+    return 0;
+}
+
+static void release_msg(kvf__zsubs *s, int slot)
+{
+    for (int k = 0; k < s->held[slot]; k++)
+        zmq_msg_close(&s->parts[slot][k]);
+    s->held[slot] = 0;
+}
+
+static void *socket_to(void *ctx, int type, const char *endpoint)
+{
+    void *sk = zmq_socket(ctx, type);
+    if (!sk)
+        return NULL;
+    int zero = 0;
+    zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
+    if (type == ZMQ_SUB)
+        zmq_setsockopt(sk, ZMQ_SUBSCRIBE, "", 0);
+    if (zmq_connect(sk, endpoint) != 0) {
+        zmq_close(sk);
+        return NULL;
+    }
+    return sk;
+}
+
+int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
+                   size_t errlen)
+{
+    if (s->n == KVF_ZSUBS_MAX) {
+        snprintf(err, errlen, "events: %d publishers already", KVF_ZSUBS_MAX);
+        return KVF_E2BIG;
+    }
+    zsub *z = &s->subs[s->n];
+    if (!(z->sock = socket_to(s->ctx, ZMQ_SUB, endpoint))) {
+        snprintf(err, errlen, "events: cannot connect to %s: %s", endpoint,
+                 zmq_strerror(zmq_errno()));
+        return KVF_ECONNREFUSED;
+    }
+    z->replay = NULL;
+    if (replay && replay[0] && !(z->replay = socket_to(s->ctx, ZMQ_DEALER, replay)))
+        snprintf(err, errlen, "events: cannot connect to the replay socket %s: %s", replay,
+                 zmq_strerror(zmq_errno()));
+    *idx = s->n++;
+    return 0;
+}
+
+int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx)
+{
+    return s->subs[idx].replay != NULL;
+}
+
+int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready)
+{
+    zmq_pollitem_t items[KVF_ZSUBS_MAX];
+    for (int i = 0; i < s->n; i++)
+        items[i] = (zmq_pollitem_t){.socket = s->subs[i].sock, .events = ZMQ_POLLIN};
+    int n = zmq_poll(items, s->n, timeout_ms);
+    if (n < 0)
+        return zmq_errno() == EINTR ? 0 : KVF_EIO;
+    for (int i = 0; i < s->n; i++)
+        ready[i] = (items[i].revents & ZMQ_POLLIN) != 0;
+    return n;
+}
+
+/* Receives one multipart message into slot, keeping its first KEEP_FRAMES frames and dropping
+ * the rest. flags: ZMQ_DONTWAIT or 0. */
+static int recv_msg(kvf__zsubs *s, int slot, void *sock, int flags, kvf__zmsg *m)
+{
+    release_msg(s, slot);
+    zmq_msg_t *parts = s->parts[slot];
+    int more = 1, frames = 0, held = 0;
+    while (more) {
+        zmq_msg_t drop, *part = held < KEEP_FRAMES ? &parts[held] : &drop;
+        zmq_msg_init(part);
+        if (zmq_msg_recv(part, sock, frames ? 0 : flags) < 0) {
+            int e = zmq_errno();
+            zmq_msg_close(part);
+            if (frames == 0)
+                return e == EAGAIN ? KVF_EAGAIN : KVF_EIO;
+            break;
+        }
+        more = zmq_msg_more(part);
+        frames++;
+        if (part == &drop)
+            zmq_msg_close(&drop);
+        else
+            held++;
+    }
+    s->held[slot] = held;
+    memset(m, 0, sizeof *m);
+    m->frames = frames;
+    if (held >= 2) {
+        m->seq = zmq_msg_data(&parts[held - 2]);
+        m->seq_len = zmq_msg_size(&parts[held - 2]);
+    }
+    m->payload = zmq_msg_data(&parts[held - 1]);
+    m->len = zmq_msg_size(&parts[held - 1]);
+    return 0;
+}
+
+int kvf__zsubs_recv(kvf__zsubs *s, int idx, kvf__zmsg *m)
+{
+    return recv_msg(s, 0, s->subs[idx].sock, ZMQ_DONTWAIT, m);
+}
+
+int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from)
+{
+    void *r = s->subs[idx].replay;
+    if (!r)
+        return KVF_ENOTCONN;
+    uint8_t req[8];
+    seq_put(req, from);
+    if (zmq_send(r, "", 0, ZMQ_SNDMORE) < 0 || zmq_send(r, req, 8, 0) < 0)
+        return KVF_EIO;
+    return 0;
+}
+
+int kvf__zsubs_replay_recv(kvf__zsubs *s, int idx, int timeout_ms, kvf__zmsg *m)
+{
+    void *r = s->subs[idx].replay;
+    if (!r)
+        return KVF_ENOTCONN;
+    zmq_pollitem_t it = {.socket = r, .events = ZMQ_POLLIN};
+    int n = zmq_poll(&it, 1, timeout_ms);
+    if (n < 0)
+        return KVF_EIO;
+    if (n == 0)
+        return KVF_ETIMEDOUT;
+    return recv_msg(s, 1, r, 0, m);
+}
+
+void kvf__zsubs_close(kvf__zsubs **sp)
+{
+    if (!sp || !*sp)
+        return;
+    kvf__zsubs *s = *sp;
+    release_msg(s, 0);
+    release_msg(s, 1);
+    for (int i = 0; i < s->n; i++) {
+        zmq_close(s->subs[i].sock);
+        if (s->subs[i].replay)
+            zmq_close(s->subs[i].replay);
+    }
+    zmq_ctx_term(s->ctx);
+    free(s);
+    *sp = NULL;
+}
