@@ -1,60 +1,300 @@
 /*
- * What the client's RDMA data path (client_rdma.c) and the rest of the client (client.c) share.
- * Not a public interface.
+ * The storage client's insides (include/kvf/client.h is its contract). Not a public interface.
+ *
+ * An op is one user call. A client owns one or more I/O engines (kvf__io): each is a thread with
+ * a poller, a submission queue and its share of the connections to every node. An op runs on one
+ * engine, which splits it into requests, one per (node, stripe), each carried by one of its
+ * connections; a large get or put is first split into one child op per engine (tcp_path.c). The
+ * data path of gets and puts is chosen once, at open, and called through an ops table
+ * (kvf__path_ops): TCP on the engines, or RDMA (rdma_path.c), whose control requests travel on
+ * the engines too.
+ *
+ * The files depend on each other in one direction, from the top down:
+ *   client.c    open, close, put and get, counters (the public calls)
+ *   ctrl.c      the control calls (exists, lookup, evict, pin, stats, copy ...)
+ *   tcp_path.c  rdma_path.c   the two data paths behind kvf__path_ops
+ *   io.c        an I/O engine: its thread, connecting, deadlines, submission, raw requests
+ *   reply.c     reading replies into the caller's buffers, verifying as they land
+ *   conn.c      a connection's queues and its send side
+ *   frame.c     building request frames; splitting an op into requests
+ *   op.c        the op lifecycle and completion; place.c  where a key lives
+ *
+ * Locks: an engine's `mu` guards its submission queue and stop flag, its `cmu` its counters; an
+ * op's `mu` its completion. Each is taken alone (none is held while another is taken). Everything
+ * else of an engine (connections, requests, active ops) belongs to its I/O thread.
  */
-#ifndef KVF_STORE_CLIENT_PRIV_H
-#define KVF_STORE_CLIENT_PRIV_H
+#ifndef KVF_CLIENT_INT_H
+#define KVF_CLIENT_INT_H
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/uio.h>
 
 #include "kvf/client.h"
+#include "kvf/object.h"
+
+#include "hash.h"
+#include "poller.h"
+#include "tcp.h"
+#include "wire.h"
 
 /* Largest reply payload of a raw control request (an RDMA_GET answers with object headers). */
 #define KVF_CLIENT_RAW_MAX (256ull << 20)
+/* I/O engines of one client, at most. */
+#define KVF_CLIENT_MAX_IO 8
+/* Connections to one node, at most (shared among the engines). */
+#define KVF_CLIENT_MAX_CONNS    16
+#define KVF_CLIENT_MAX_ERR_TEXT 4096u
+/* An engine's buffer for reply bytes that are read and dropped. */
+#define KVF_CLIENT_SCRATCH (1u << 20)
 
+enum { KVF__OPK_PUT, KVF__OPK_GET, KVF__OPK_CTRL };
+
+typedef struct kvf__io kvf__io;
+typedef struct kvf__req kvf__req;
+typedef struct kvf__conn kvf__conn;
+typedef struct kvf__node kvf__node;
+
+struct kvf_op {
+    kvf_client *cl;
+    kvf__io *io; /* the engine it runs on (NULL on the RDMA path) */
+    struct kvf_op *next_active, *prev_active;
+    int kind;
+    uint32_t opcode;
+    kvf_batch b;
+    uint64_t deadline_ns;
+    int pending;          /* requests not yet finished */
+    int completing;       /* all requests finished; signalled at the end of the I/O iteration */
+    atomic_int done_flag; /* mirrors done, readable without the mutex */
+    struct kvf_op *next_completed;
+    int target; /* control ops: -1 by placement, -2 every node, else one node */
+    int done;
+    int result;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    const char *transport; /* "tcp" or "rdma": how its bytes moved */
+    /* raw control requests (kvf__io_raw): the payload sent, the reply payload received */
+    const uint8_t *raw_req;
+    size_t raw_len;
+    uint32_t raw_count;
+    uint8_t *raw_rep;
+    size_t raw_rep_len;
+    int conn; /* control ops: the node's connection to use; -1: the next in turn */
+    /* control extras */
+    uint32_t lease_ms, codec;
+    uint8_t *present;
+    uint64_t removed;
+    char *json;
+    char addr[KVF_WIRE_MAX_ADDR + 1];
+    /* streamed get */
+    uint32_t layers; /* layer count once a header arrived */
+    uint32_t layers_fired;
+    kvf__req **reqs; /* every request of the op, for the layer frontier */
+    int n_reqs;
+};
+
+/* One request: the keys of one op that one connection carries, and its reply's reading state. */
+struct kvf__req {
+    kvf__req *next;
+    kvf_op *op;
+    kvf__conn *cn;
+    uint32_t opcode;
+    uint32_t flags;
+    uint64_t id;
+    uint32_t n;
+    uint32_t *idx; /* op item indices */
+    uint8_t *buf;  /* header + payload built for sending */
+    struct iovec *iov;
+    int iovcnt, first;
+    int sending; /* some bytes written */
+    int finished;
+    int phase;            /* put: 0 admit, 1 commit */
+    uint32_t *commit_map; /* commit: request item -> index into idx */
+    uint32_t n_commit;
+    /* reply state */
+    uint8_t *rtab;
+    uint64_t rtab_len;
+    uint32_t item;  /* GET: current item */
+    uint32_t layer; /* stream: frames seen after the first */
+    uint32_t layers_delivered;
+    uint64_t *segoff;   /* stream: running offset in each item's buffer */
+    kvf_obj_info *info; /* stream: parsed headers */
+    kvf_obj_info cur;   /* plain GET: the current item's header */
+    uint32_t cur_seg;
+    uint64_t cur_off, cur_len;
+    uint64_t seg_start; /* plain GET: where the current segment starts in the object */
+    int cur_state;      /* plain GET: 0 header pending, 1 in segments, 2 failed */
+};
+
+enum { KVF__CS_DOWN, KVF__CS_UP };
+
+/* One TCP connection of an engine to a node. */
+struct kvf__conn {
+    kvf__io *io;
+    kvf__node *nd;
+    int idx;
+    int fd;
+    int state;
+    uint64_t retry_at;
+    uint64_t backoff;
+    kvf__req *sq_head, *sq_tail; /* to send */
+    kvf__req *fl_head, *fl_tail; /* in flight */
+    uint32_t events;
+    /* reply reader: the next rleft bytes go to rdst (NULL: discarded), then on_read runs */
+    uint8_t hdr[KVF_WIRE_HEADER_LEN];
+    kvf_wire_hdr h;
+    kvf__req *rreq;
+    uint8_t *rdst;
+    uint64_t rleft;
+    int (*on_read)(kvf__conn *cn);
+    int hashing; /* hash bytes as they arrive into rdst (segment checksums) */
+    /* Called with each run of bytes as it lands in rdst (plain GET objects): parses and hashes
+     * while the bytes are in cache, without splitting the reads. */
+    void (*on_bytes)(kvf__conn *cn, size_t n);
+    XXH3_state_t *xs; /* allocated once per connection */
+    kvf_lowat lowat;  /* receive low-water mark of fd */
+    char errtext[KVF_CLIENT_MAX_ERR_TEXT];
+};
+
+/* A storage node, as every engine of the client sees it. */
+struct kvf__node {
+    char host[256];
+    uint16_t port;
+    char addr[280];
+    uint64_t seed;
+    /* what HELLO said: capabilities and the RDMA port (0: none) */
+    atomic_uint_fast64_t caps;
+    atomic_uint rdma_port;
+};
+
+/* An I/O engine: a thread that owns its connections (conns per node) and drives them. */
+struct kvf__io {
+    kvf_client *cl;
+    int conns;      /* connections per node */
+    kvf__conn *cn;  /* n_nodes x conns, node by node */
+    atomic_int *rr; /* per node: the next connection to stripe onto */
+    kvf_poller *poller;
+    int wake[2];
+    pthread_t th;
+    int started;
+    int stop;
+    pthread_mutex_t mu; /* guards the submission queue and stop */
+    kvf__req *subq_head, *subq_tail;
+    kvf_op *active;
+    kvf_op *completed;   /* completed on this iteration: signalled at its end */
+    uint8_t *scratch;    /* where discarded reply bytes go */
+    pthread_mutex_t cmu; /* counters */
+    kvf_client_counters counters;
+};
+
+/* A data path: how the gets and puts of a client move. Chosen at open. */
+typedef struct kvf__path_ops {
+    const char *name; /* "tcp" or "rdma", as kvf_client_transport() reports */
+    /* Runs a validated get or put; completes op once, by kvf__op_finish() or the engines.
+     * Returns 0, or an error with op untouched (the caller frees it). */
+    int (*submit)(kvf_client *c, kvf_op *op);
+    /* Finishes what is in progress and fails what is queued with KVF_ECANCELED. */
+    void (*close)(kvf_client *c);
+} kvf__path_ops;
+
+struct kvf_client {
+    kvf_client_opts o; /* o.nodes is not kept */
+    kvf__node *nodes;
+    size_t n_nodes;
+    kvf__io *io[KVF_CLIENT_MAX_IO];
+    int n_io;
+    atomic_uint_fast64_t next_id; /* request ids */
+    const kvf__path_ops *path;
+    struct kvf__rdma_path *rdma; /* the RDMA path's state, when it is the path */
+    char transport_why[240];
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* op.c: ops, requests and their accounting */
+
+kvf_op *kvf__op_new(kvf_client *c, kvf__io *io, int kind, uint32_t opcode, const kvf_batch *b);
+void kvf__op_destroy(kvf_op *op);
+/* Marks op done with result and runs its callback or wakes its waiter. The callback may free op:
+ * nothing of it is used after. */
+void kvf__op_finish(kvf_op *op, int result);
+/* 0, or KVF_EINVAL for a batch that cannot be sent as a get or put. */
+int kvf__op_validate(const kvf_batch *b, int kind);
+/* Puts leave 1 ("reserved") on keys whose commit never ran: they become KVF_ETIMEDOUT. */
+void kvf__op_put_fixup(const kvf_batch *b);
+void kvf__req_free(kvf__req *r);
+/* Marks a request finished (its items carry their statuses); the last one completes its op,
+ * which the engine signals at the end of its iteration (kvf__io_flush_completed). */
+void kvf__req_finish(kvf__req *r);
+/* Fails every item of r that has no final status yet, then finishes it. */
+void kvf__req_fail(kvf__req *r, int status);
+/* The layer frontier of a streamed get: reports the layers every unfinished request delivered. */
+void kvf__op_stream_progress(kvf_op *op);
+/* Signals the ops that completed on this iteration of the engine's thread. */
+void kvf__io_flush_completed(kvf__io *io);
+void kvf__io_count(kvf__io *io, uint64_t requests, uint64_t sent, uint64_t received,
+                   uint64_t failed, uint64_t reconnects);
+
+/* ------------------------------------------------------------------------------------------ */
+/* frame.c: requests and their frames */
+
+kvf__req *kvf__req_new(kvf_op *op, kvf__conn *cn, uint32_t opcode, uint32_t n);
+/* Builds r's frame: header plus payload in r->buf, plus object iovecs for COMMIT. */
+int kvf__req_build(kvf_client *c, kvf__req *r);
+/* Splits op's keys into requests on io's connections: by node, and for puts and gets by stripes
+ * of about stripe_bytes over the node's connections. Control ops use one connection per node. */
+int kvf__op_split(kvf__io *io, kvf_op *op);
+
+/* ------------------------------------------------------------------------------------------ */
+/* conn.c: a connection's queues and its send side */
+
+void kvf__cn_set_events(kvf__conn *cn);
+void kvf__req_push(kvf__req **head, kvf__req **tail, kvf__req *r);
+/* Takes r off the in-flight list (or the send queue); nothing when it is not there. */
+void kvf__cn_unflight(kvf__conn *cn, kvf__req *r);
+int kvf__cn_unqueue(kvf__conn *cn, kvf__req *r);
+/* Writes what the send queue holds, as far as the socket takes it. 0 or the socket's error. */
+int kvf__cn_write(kvf__conn *cn);
+
+/* ------------------------------------------------------------------------------------------ */
+/* reply.c: reading replies */
+
+/* The next bytes on cn are a frame header. */
+void kvf__rd_next_frame(kvf__conn *cn);
+/* Reads what the socket has and runs the read steps. Returns 0 or the error that breaks the
+ * connection. */
+int kvf__cn_read(kvf__conn *cn);
+
+/* ------------------------------------------------------------------------------------------ */
+/* io.c: I/O engines */
+
+/* Opens an engine with conns connections per node and connects them (a node that refuses is
+ * retried on demand), then starts its thread. */
+int kvf__io_open(kvf_client *c, int conns, kvf__io **out, char *err, size_t errlen);
+/* Stops the thread, failing whatever is left with KVF_ECANCELED, and frees. Accepts NULL. */
+void kvf__io_close(kvf__io **io);
+/* Splits op into requests and hands them to the engine's thread. An empty op completes at once
+ * on the caller's thread. Returns 0 or an error with op untouched. */
+int kvf__io_submit(kvf__io *io, kvf_op *op);
 /* Sends one control request with the given payload to node `node` over TCP, on its connection
  * `conn` (-1: the next in turn; requests about a reservation must use the connection that made
  * it), and waits for its reply. Returns 0 with the reply payload (caller frees *reply), or the
  * error the node answered or the transport met. */
-int kvf__client_raw(kvf_client *c, size_t node, int conn, uint32_t opcode, uint32_t count,
-                    const void *payload, size_t plen, uint8_t **reply, size_t *rlen,
-                    int deadline_ms);
-/* Node i's host and what its HELLO said (RDMA port, capabilities); zeros before the reply. */
-void kvf__client_node(const kvf_client *c, size_t i, const char **host, uint16_t *rdma_port,
-                      uint64_t *caps);
-uint64_t kvf__client_ns(const kvf_client *c);
-void kvf__client_count(kvf_client *c, uint64_t requests, uint64_t sent, uint64_t received,
-                       uint64_t failed, uint64_t reconnects);
+int kvf__io_raw(kvf__io *io, size_t node, int conn, uint32_t opcode, uint32_t count,
+                const void *payload, size_t plen, uint8_t **reply, size_t *rlen, int deadline_ms);
 
-const kvf_batch *kvf__op_batch(const kvf_op *op);
-int kvf__op_is_get(const kvf_op *op);
-uint64_t kvf__op_deadline_ns(const kvf_op *op);
-/* Completes an op handed to the RDMA path: runs its callback or wakes its waiter. */
-void kvf__op_finish(kvf_op *op, int result);
+/* ------------------------------------------------------------------------------------------ */
+/* The data paths */
 
-/* I/O threads: a client opens this many shards at most (client_shards.c). */
-#define KVF_CLIENT_MAX_SHARDS 8
+extern const kvf__path_ops kvf__path_tcp;
+extern const kvf__path_ops kvf__path_rdma;
+/* Opens the RDMA path when this host has a device and every node offers RDMA (asked within
+ * probe_ms) and accepts a connection: c->rdma is set. Otherwise returns the reason's code with
+ * why saying what was missing (the client then uses TCP). */
+int kvf__path_rdma_open(kvf_client *c, int probe_ms, char *why, size_t whylen);
 
-/* Splits the get (get 1) or put in parent's batch into one child op per shard (shards[0..n)),
- * by bytes, and completes parent when the last child completes. 0 or KVF_ENOMEM (nothing
- * submitted). */
-int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, int get);
-/* kvf_client_get_async (get 1) or kvf_client_put_async on c's own I/O thread and connections,
- * never split across shards: how a shard takes its share of a split op. */
-int kvf__client_submit_own(kvf_client *c, const kvf_batch *b, kvf_op **op, int get);
-/* The counters of shard i alone (0 is the client itself): 0, or KVF_EINVAL past the last. */
-int kvf__client_shard_counters(kvf_client *c, int i, kvf_client_counters *out);
-
-/* The RDMA data path: a worker thread that runs gets and puts with descriptors over TCP and
- * one-sided transfers over RDMA. */
-typedef struct kvf__crdma kvf__crdma;
-/* Opens it when this host has a device and every node offers RDMA (asked within probe_ms) and
- * accepts a connection; otherwise *out stays NULL and why says what was missing (the client then
- * uses TCP). */
-int kvf__crdma_open(kvf_client *c, int probe_ms, kvf__crdma **out, char *why, size_t whylen);
-int kvf__crdma_submit(kvf__crdma *r, kvf_op *op);
-/* Finishes the op in progress, fails queued ones with KVF_ECANCELED, closes the connections. */
-void kvf__crdma_close(kvf__crdma **r);
+/* The counters of engine i alone: 0, or KVF_EINVAL past the last. For tests. */
+int kvf__client_io_counters(kvf_client *c, int i, kvf_client_counters *out);
 
 #endif

@@ -1,5 +1,5 @@
 /*
- * The client's RDMA data path (client_priv.h, docs/rdma.md).
+ * The RDMA data path (kvf__path_rdma; docs/rdma.md).
  *
  * One worker thread runs gets and puts in submission order. For each node of a batch:
  *   get: RDMA_GET over TCP leases the hits and answers (address, length, header) for each; the
@@ -19,6 +19,7 @@
 #include "bytes.h"
 #include "hash.h"
 #include "clock.h"
+#include "errf.h"
 #include "kvf/object.h"
 #include "rdma.h"
 #include "wire.h"
@@ -43,7 +44,7 @@ typedef struct qent {
     kvf_op *op;
 } qent;
 
-struct kvf__crdma {
+struct kvf__rdma_path {
     kvf_client *c;
     size_t n;
     rnode *nodes;
@@ -63,7 +64,7 @@ typedef struct gshare {
 
 static int left_ms(const kvf_op *op)
 {
-    uint64_t t = kvf__now_ns(), d = kvf__op_deadline_ns(op);
+    uint64_t t = kvf__now_ns(), d = op->deadline_ns;
     return d > t ? (int)((d - t) / 1000000u) + 1 : 1;
 }
 
@@ -135,69 +136,51 @@ static void on_progress(void *ctx, size_t done)
     }
 }
 
-/* One node's share of a get. Leases to release go to *lease. */
-static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint32_t *layers,
-                      uint32_t *fired, uint64_t *lease, uint64_t cnt[5])
+/* One node's hits under a read lease: each one's batch index, parsed header and remote address. */
+typedef struct hits {
+    uint32_t n;
+    uint32_t *idx;
+    kvf_obj_info *info;
+    uint64_t *addr;
+    uint32_t rkey;
+} hits;
+
+static void hits_free(hits *h)
 {
-    const kvf_batch *b = kvf__op_batch(op);
-    rnode *nd = &r->nodes[g->node];
+    free(h->idx), free(h->info), free(h->addr);
+}
+
+/* Reads an RDMA_GET reply: per key (status, header length, address, length), then the headers.
+ * Each hit's header goes into its buffer and is checked against the key (and, streamed, against
+ * the layer count of the op's other hits); misses and refusals get their status. Returns 0, or
+ * KVF_EPROTO for a reply that cannot be trusted, or KVF_ENOMEM. */
+static int read_leases(const kvf_op *op, const gshare *g, const uint8_t *rep, size_t rlen,
+                       uint32_t *layers, hits *h, uint64_t cnt[5])
+{
+    const kvf_batch *b = &op->b;
     int stream = (b->flags & KVF_GET_STREAM) != 0;
-    int rc = conn_get(nd, left_ms(op), &cnt[4]);
-    if (rc) {
-        fail_keys(b, g->idx, g->n, rc, &cnt[3]);
-        return;
-    }
-    uint64_t ns = kvf__client_ns(r->c);
-    size_t plen = 16 + 16 * (size_t)g->n;
-    uint8_t *req = malloc(plen), *rep = NULL;
-    size_t rlen = 0;
-    if (!req) {
-        fail_keys(b, g->idx, g->n, KVF_ENOMEM, &cnt[3]);
-        return;
-    }
-    kvf__put_u64(req, ns);
-    /* The lease outlives the op's deadline: the op ends first, then releases it. */
-    kvf__put_u32(req + 8, (uint32_t)left_ms(op) * 2 + 1000);
-    kvf__put_u32(req + 12, 0);
-    for (uint32_t i = 0; i < g->n; i++)
-        kvf__wire_key_put(req + 16 + 16 * (size_t)i, &b->keys[g->idx[i]]);
-    rc = kvf__client_raw(r->c, g->node, 0, KVF_OP_RDMA_GET, g->n, req, plen, &rep, &rlen,
-                         left_ms(op));
-    free(req);
-    cnt[0]++;
-    if (rc || rlen < 16 + 24 * (size_t)g->n) {
-        fail_keys(b, g->idx, g->n, rc ? rc : KVF_EPROTO, &cnt[3]);
-        free(rep);
-        return;
-    }
-    *lease = kvf__get_u64(rep);
-    uint32_t rkey = kvf__get_u32(rep + 8);
-    /* Headers into the buffers, parsed and checked; then the transfer's ops. */
-    uint32_t *hit = calloc(g->n ? g->n : 1, sizeof *hit);
-    kvf_obj_info *info = calloc(g->n ? g->n : 1, sizeof *info);
-    uint64_t *addr = calloc(g->n ? g->n : 1, sizeof *addr);
-    uint32_t n_hits = 0, L = 0;
+    h->rkey = kvf__get_u32(rep + 8);
+    h->idx = calloc(g->n ? g->n : 1, sizeof *h->idx);
+    h->info = calloc(g->n ? g->n : 1, sizeof *h->info);
+    h->addr = calloc(g->n ? g->n : 1, sizeof *h->addr);
+    if (!h->idx || !h->info || !h->addr)
+        return KVF_ENOMEM;
     size_t off = 16 + 24 * (size_t)g->n;
-    int bad = !hit || !info || !addr;
-    for (uint32_t i = 0; i < g->n && !bad; i++) {
+    for (uint32_t i = 0; i < g->n; i++) {
         const uint8_t *e = rep + 16 + 24 * (size_t)i;
         uint32_t k = g->idx[i];
         int st = (int)(int32_t)kvf__get_u32(e);
         uint32_t hl = kvf__get_u32(e + 4);
         uint64_t a = kvf__get_u64(e + 8), len = kvf__get_u64(e + 16);
-        if (!kvf_err_is_known(st)) {
-            bad = 1;
-            break;
-        }
+        if (!kvf_err_is_known(st))
+            return KVF_EPROTO;
         b->status[k] = st;
         if (st) {
             cnt[3]++;
             continue;
         }
-        if (hl > rlen - off || hl > len) {
-            bad = 1;
-            break;
-        }
+        if (hl > rlen - off || hl > len)
+            return KVF_EPROTO;
         const uint8_t *hdr = rep + off;
         off += hl;
         if (len > b->caps[k]) {
@@ -205,7 +188,7 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
             continue;
         }
         memcpy(b->bufs[k], hdr, hl);
-        kvf_obj_info *in = &info[n_hits];
+        kvf_obj_info *in = &h->info[h->n];
         if (kvf_obj_parse(b->bufs[k], hl, in) != 0 || in->header_len != hl ||
             hl + in->stored_bytes != len || !kvf_key_eq(&in->key, &b->keys[k])) {
             b->status[k] = KVF_EPROTO;
@@ -219,101 +202,172 @@ static void get_share(kvf__crdma *r, kvf_op *op, const gshare *g, int last, uint
             *layers = in->layers;
         if (b->out_lens)
             b->out_lens[k] = len;
-        addr[n_hits] = a;
-        hit[n_hits++] = k;
+        h->addr[h->n] = a;
+        h->idx[h->n++] = k;
     }
-    if (bad) {
-        fail_keys(b, g->idx, g->n, KVF_EPROTO, &cnt[3]);
-        n_hits = 0;
+    return 0;
+}
+
+/* Asks node g->node for read leases on g's keys. *lease gets the lease to release (also when the
+ * reply was then found wrong). Returns 0, or an error that fails every key of the share. */
+static int lease_share(struct kvf__rdma_path *r, kvf_op *op, const gshare *g, uint32_t *layers,
+                       uint64_t *lease, hits *h, uint64_t cnt[5])
+{
+    const kvf_batch *b = &op->b;
+    size_t plen = 16 + 16 * (size_t)g->n;
+    uint8_t *req = malloc(plen), *rep = NULL;
+    size_t rlen = 0;
+    if (!req)
+        return KVF_ENOMEM;
+    kvf__put_u64(req, r->c->o.ns);
+    /* The lease outlives the op's deadline: the op ends first, then releases it. */
+    kvf__put_u32(req + 8, (uint32_t)left_ms(op) * 2 + 1000);
+    kvf__put_u32(req + 12, 0);
+    for (uint32_t i = 0; i < g->n; i++)
+        kvf__wire_key_put(req + 16 + 16 * (size_t)i, &b->keys[g->idx[i]]);
+    int rc = kvf__io_raw(r->c->io[0], g->node, 0, KVF_OP_RDMA_GET, g->n, req, plen, &rep, &rlen,
+                         left_ms(op));
+    free(req);
+    cnt[0]++;
+    if (!rc && rlen < 16 + 24 * (size_t)g->n)
+        rc = KVF_EPROTO;
+    if (!rc) {
+        *lease = kvf__get_u64(rep);
+        rc = read_leases(op, g, rep, rlen, layers, h, cnt);
     }
-    L = stream ? *layers : 0;
-    /* Ops: one per hit for a plain get (the segments, contiguous after the header); one per
-     * segment, layer by layer across the hits, for a streamed one. */
-    size_t n_ops = stream ? (size_t)n_hits * L : n_hits;
-    kvf__rdma_op *ops = calloc(n_ops ? n_ops : 1, sizeof *ops);
-    uint32_t *seg_off = calloc((size_t)(n_hits ? n_hits : 1) * (L ? L : 1), sizeof *seg_off);
-    size_t *ends = calloc(L ? L : 1, sizeof *ends);
-    uint32_t *op_hit = calloc(n_ops ? n_ops : 1, sizeof *op_hit);
-    if (!ops || !seg_off || !ends || !op_hit) {
-        fail_keys(b, hit, n_hits, KVF_ENOMEM, &cnt[3]);
-        n_hits = n_ops = 0;
+    free(rep);
+    return rc;
+}
+
+/* The READs of a share's hits: one per hit for a plain get (its segments, contiguous after the
+ * header); one per segment, layer by layer across the hits, for a streamed one of L layers, the
+ * reads of layers 0..l ending at ends[l]. */
+typedef struct reads {
+    kvf__rdma_op *ops;
+    uint32_t *op_hit;  /* the hit each read is for */
+    uint32_t *seg_off; /* hit h's segment l starts at seg_off[h * L + l] */
+    size_t *ends;
+    size_t n;
+} reads;
+
+static void reads_free(reads *rd)
+{
+    free(rd->ops), free(rd->op_hit), free(rd->seg_off), free(rd->ends);
+}
+
+static int plan_reads(const kvf_batch *b, const hits *h, int stream, uint32_t L, reads *rd)
+{
+    size_t n_ops = stream ? (size_t)h->n * L : h->n;
+    rd->ops = calloc(n_ops ? n_ops : 1, sizeof *rd->ops);
+    rd->op_hit = calloc(n_ops ? n_ops : 1, sizeof *rd->op_hit);
+    rd->seg_off = calloc((size_t)(h->n ? h->n : 1) * (L ? L : 1), sizeof *rd->seg_off);
+    rd->ends = calloc(L ? L : 1, sizeof *rd->ends);
+    if (!rd->ops || !rd->op_hit || !rd->seg_off || !rd->ends)
+        return KVF_ENOMEM;
+    rd->n = n_ops;
+    for (uint32_t x = 0; !stream && x < h->n; x++) {
+        uint32_t hl = h->info[x].header_len;
+        rd->ops[x] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[h->idx[x]] + hl,
+                                    .remote = h->addr[x] + hl,
+                                    .rkey = h->rkey,
+                                    .len = (uint32_t)h->info[x].stored_bytes};
+        rd->op_hit[x] = x;
     }
-    for (uint32_t h = 0; stream && h < n_hits; h++) {
-        uint32_t o = info[h].header_len;
+    for (uint32_t x = 0; stream && x < h->n; x++) {
+        uint32_t o = h->info[x].header_len;
         for (uint32_t l = 0; l < L; l++) {
-            seg_off[h * L + l] = o;
-            o += kvf_obj_seg_at(&info[h], l).stored_len;
+            rd->seg_off[x * L + l] = o;
+            o += kvf_obj_seg_at(&h->info[x], l).stored_len;
         }
     }
     size_t j = 0;
     for (uint32_t l = 0; stream && l < L; l++) {
-        for (uint32_t h = 0; h < n_hits; h++, j++) {
-            uint32_t so = seg_off[h * L + l];
-            ops[j] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[hit[h]] + so,
-                                    .remote = addr[h] + so,
-                                    .rkey = rkey,
-                                    .len = kvf_obj_seg_at(&info[h], l).stored_len};
-            op_hit[j] = h;
+        for (uint32_t x = 0; x < h->n; x++, j++) {
+            uint32_t so = rd->seg_off[x * L + l];
+            rd->ops[j] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[h->idx[x]] + so,
+                                        .remote = h->addr[x] + so,
+                                        .rkey = h->rkey,
+                                        .len = kvf_obj_seg_at(&h->info[x], l).stored_len};
+            rd->op_hit[j] = x;
         }
-        ends[l] = j;
+        rd->ends[l] = j;
     }
-    for (uint32_t h = 0; !stream && h < n_hits; h++) {
-        uint32_t hl = info[h].header_len;
-        ops[h] = (kvf__rdma_op){.local = (uint8_t *)b->bufs[hit[h]] + hl,
-                                .remote = addr[h] + hl,
-                                .rkey = rkey,
-                                .len = (uint32_t)info[h].stored_bytes};
-        op_hit[h] = h;
+    return 0;
+}
+
+/* One node's share of a get: leases, then one batched transfer of READs, then verification (a
+ * streamed get's layers as they land, reported when `last` is the op's last share). The lease to
+ * release goes to *lease. */
+static void get_share(struct kvf__rdma_path *r, kvf_op *op, const gshare *g, int last,
+                      uint32_t *layers, uint32_t *fired, uint64_t *lease, uint64_t cnt[5])
+{
+    const kvf_batch *b = &op->b;
+    rnode *nd = &r->nodes[g->node];
+    int stream = (b->flags & KVF_GET_STREAM) != 0;
+    hits h = {0};
+    reads rd = {0};
+    int rc = conn_get(nd, left_ms(op), &cnt[4]);
+    if (!rc)
+        rc = lease_share(r, op, g, layers, lease, &h, cnt);
+    if (rc) {
+        fail_keys(b, g->idx, g->n, rc, &cnt[3]);
+        goto out;
+    }
+    uint32_t L = stream ? *layers : 0;
+    if (plan_reads(b, &h, stream, L, &rd) != 0) {
+        fail_keys(b, h.idx, h.n, KVF_ENOMEM, &cnt[3]);
+        goto out;
     }
     layer_track t = {.op = op,
                      .b = b,
-                     .hit = hit,
-                     .info = info,
-                     .seg_off = seg_off,
-                     .n_hits = n_hits,
+                     .hit = h.idx,
+                     .info = h.info,
+                     .seg_off = rd.seg_off,
+                     .n_hits = h.n,
                      .L = L,
-                     .ends = ends,
+                     .ends = rd.ends,
                      .report = last,
                      .fired = fired};
-    if (n_ops) {
-        kvf__rdma_transfer_progress(nd->rc, 0, ops, n_ops, left_ms(op), stream ? on_progress : NULL,
-                                    &t);
-        for (size_t i = 0; i < n_ops; i++) {
-            int *st = &b->status[hit[op_hit[i]]];
-            if (ops[i].status && *st == 0) {
-                *st = ops[i].status; /* a miss; the connection is rebuilt on next use */
-                cnt[3]++;
-            }
-            if (!ops[i].status)
-                cnt[2] += ops[i].len;
+    if (rd.n)
+        kvf__rdma_transfer_progress(nd->rc, 0, rd.ops, rd.n, left_ms(op),
+                                    stream ? on_progress : NULL, &t);
+    for (size_t i = 0; i < rd.n; i++) {
+        int *st = &b->status[h.idx[rd.op_hit[i]]];
+        if (rd.ops[i].status && *st == 0) {
+            *st = rd.ops[i].status; /* a miss; the connection is rebuilt on next use */
+            cnt[3]++;
         }
+        if (!rd.ops[i].status)
+            cnt[2] += rd.ops[i].len;
     }
     /* A plain get is verified whole; a streamed one layer by layer as it landed (any layer a
      * failed transfer never reported is already failed above). */
-    for (uint32_t h = 0; !stream && h < n_hits; h++) {
-        int *st = &b->status[hit[h]];
-        if (*st == 0 && kvf_obj_verify(b->bufs[hit[h]], info[h].header_len + info[h].stored_bytes,
-                                       &info[h]) != 0) {
+    for (uint32_t x = 0; !stream && x < h.n; x++) {
+        int *st = &b->status[h.idx[x]];
+        if (*st == 0 &&
+            kvf_obj_verify(b->bufs[h.idx[x]], h.info[x].header_len + h.info[x].stored_bytes,
+                           &h.info[x]) != 0) {
             *st = KVF_ECHECKSUM;
             cnt[3]++;
         }
     }
-    free(ops), free(seg_off), free(ends), free(op_hit), free(hit), free(info), free(addr);
-    free(rep);
+out:
+    reads_free(&rd);
+    hits_free(&h);
 }
 
-static void release(kvf__crdma *r, size_t node, uint64_t lease)
+static void release(struct kvf__rdma_path *r, size_t node, uint64_t lease)
 {
     uint8_t req[16], *rep = NULL;
     size_t rlen;
-    kvf__put_u64(req, kvf__client_ns(r->c));
+    kvf__put_u64(req, r->c->o.ns);
     kvf__put_u64(req + 8, lease);
-    kvf__client_raw(r->c, node, 0, KVF_OP_RDMA_RELEASE, 0, req, sizeof req, &rep, &rlen, 2000);
+    kvf__io_raw(r->c->io[0], node, 0, KVF_OP_RDMA_RELEASE, 0, req, sizeof req, &rep, &rlen, 2000);
     free(rep);
 }
 
 /* Splits a batch by node: shares[k] for each node with keys, in node order. */
-static gshare *split(kvf__crdma *r, const kvf_batch *b, size_t *n_shares)
+static gshare *split(struct kvf__rdma_path *r, const kvf_batch *b, size_t *n_shares)
 {
     gshare *g = calloc(r->n, sizeof *g);
     uint32_t *idx = malloc((b->n ? b->n : 1) * sizeof *idx);
@@ -356,9 +410,9 @@ static void free_shares(gshare *g)
 }
 
 /* One node's share of a put. */
-static void put_share(kvf__crdma *r, kvf_op *op, const gshare *g, uint64_t cnt[5])
+static void put_share(struct kvf__rdma_path *r, kvf_op *op, const gshare *g, uint64_t cnt[5])
 {
-    const kvf_batch *b = kvf__op_batch(op);
+    const kvf_batch *b = &op->b;
     rnode *nd = &r->nodes[g->node];
     int rc = conn_get(nd, left_ms(op), &cnt[4]);
     if (rc) {
@@ -374,13 +428,13 @@ static void put_share(kvf__crdma *r, kvf_op *op, const gshare *g, uint64_t cnt[5
         fail_keys(b, g->idx, g->n, KVF_ENOMEM, &cnt[3]);
         goto out;
     }
-    kvf__put_u64(req, kvf__client_ns(r->c));
+    kvf__put_u64(req, r->c->o.ns);
     for (uint32_t i = 0; i < g->n; i++) {
         kvf__wire_key_put(req + 8 + 24 * (size_t)i, &b->keys[g->idx[i]]);
         kvf__put_u64(req + 8 + 24 * (size_t)i + 16, b->lens[g->idx[i]]);
     }
-    rc = kvf__client_raw(r->c, g->node, 0, KVF_OP_RDMA_RESERVE, g->n, req, plen, &rep, &rlen,
-                         left_ms(op));
+    rc = kvf__io_raw(r->c->io[0], g->node, 0, KVF_OP_RDMA_RESERVE, g->n, req, plen, &rep, &rlen,
+                     left_ms(op));
     cnt[0]++;
     if (rc || rlen != 8 + 16 * (size_t)g->n) {
         fail_keys(b, g->idx, g->n, rc ? rc : KVF_EPROTO, &cnt[3]);
@@ -418,8 +472,8 @@ static void put_share(kvf__crdma *r, kvf_op *op, const gshare *g, uint64_t cnt[5
     rep = NULL;
     if (!n_ops)
         goto out;
-    rc = kvf__client_raw(r->c, g->node, 0, KVF_OP_RDMA_COMMIT, n_ops, req, 8 + 24 * (size_t)n_ops,
-                         &rep, &rlen, left_ms(op));
+    rc = kvf__io_raw(r->c->io[0], g->node, 0, KVF_OP_RDMA_COMMIT, n_ops, req,
+                     8 + 24 * (size_t)n_ops, &rep, &rlen, left_ms(op));
     cnt[0]++;
     for (uint32_t i = 0; i < n_ops; i++) {
         int st = rc                  ? rc
@@ -435,10 +489,10 @@ out:
 
 /* Runs a get or a put node by node; a get's leases are released once the op completed, off its
  * critical path. */
-static int run(kvf__crdma *r, kvf_op *op)
+static int run(struct kvf__rdma_path *r, kvf_op *op)
 {
-    const kvf_batch *b = kvf__op_batch(op);
-    int get = kvf__op_is_get(op);
+    const kvf_batch *b = &op->b;
+    int get = op->kind == KVF__OPK_GET;
     size_t m;
     gshare *g = split(r, b, &m);
     uint64_t *leases = g ? calloc(m ? m : 1, sizeof *leases) : NULL;
@@ -457,7 +511,7 @@ static int run(kvf__crdma *r, kvf_op *op)
     /* Layers not reported yet (earlier shares, or the last share had no hit): all landed. */
     while (get && b->layer_cb && (b->flags & KVF_GET_STREAM) && fired < layers)
         b->layer_cb(op, fired++, b->ud);
-    kvf__client_count(r->c, cnt[0], cnt[1], cnt[2], cnt[3], cnt[4]);
+    kvf__io_count(r->c->io[0], cnt[0], cnt[1], cnt[2], cnt[3], cnt[4]);
     kvf__op_finish(op, 0);
     for (size_t k = 0; k < m; k++)
         if (leases[k])
@@ -469,7 +523,7 @@ static int run(kvf__crdma *r, kvf_op *op)
 
 static void *worker(void *arg)
 {
-    kvf__crdma *r = arg;
+    struct kvf__rdma_path *r = arg;
     for (;;) {
         pthread_mutex_lock(&r->mu);
         while (!r->head && !r->stop)
@@ -487,7 +541,7 @@ static void *worker(void *arg)
         kvf_op *op = q->op;
         free(q);
         if (stop) {
-            const kvf_batch *b = kvf__op_batch(op);
+            const kvf_batch *b = &op->b;
             for (size_t i = 0; i < b->n; i++)
                 b->status[i] = KVF_ECANCELED;
             kvf__op_finish(op, KVF_ECANCELED);
@@ -500,9 +554,10 @@ static void *worker(void *arg)
     return NULL;
 }
 
-int kvf__crdma_submit(kvf__crdma *r, kvf_op *op)
+static int rdma_submit(kvf_client *c, kvf_op *op)
 {
-    const kvf_batch *b = kvf__op_batch(op);
+    struct kvf__rdma_path *r = c->rdma;
+    const kvf_batch *b = &op->b;
     for (size_t i = 0; i < b->n; i++)
         b->status[i] = 0;
     qent *q = malloc(sizeof *q);
@@ -526,80 +581,93 @@ int kvf__crdma_submit(kvf__crdma *r, kvf_op *op)
     return 0;
 }
 
-int kvf__crdma_open(kvf_client *c, int probe_ms, kvf__crdma **out, char *why, size_t whylen)
+static void rdma_free(struct kvf__rdma_path *r)
 {
-    *out = NULL;
-    if (!kvf__rdma_available(why, whylen))
-        return kvf__rdma_built() ? KVF_ENODEV : KVF_ENOTSUP;
-    size_t n = kvf_client_node_count(c);
-    /* A round trip to each node: its HELLO (capabilities, RDMA port) has been read by then. */
-    for (size_t i = 0; i < n; i++) {
-        uint8_t *rep = NULL;
-        size_t rlen;
-        int rc = kvf__client_raw(c, i, 0, KVF_OP_STATS, 0, NULL, 0, &rep, &rlen, probe_ms);
-        free(rep);
-        if (rc) {
-            snprintf(why, whylen, "node %zu did not answer: %s", i, kvf_strerror(rc));
-            return rc;
-        }
-    }
-    kvf__crdma *r = calloc(1, sizeof *r);
-    if (!r || !(r->nodes = calloc(n, sizeof *r->nodes))) {
-        free(r);
-        snprintf(why, whylen, "out of memory");
-        return KVF_ENOMEM;
-    }
-    r->c = c;
-    r->n = n;
-    int rc = 0;
-    for (size_t i = 0; i < n && !rc; i++) {
-        uint64_t caps;
-        kvf__client_node(c, i, &r->nodes[i].host, &r->nodes[i].port, &caps);
-        if (!(caps & KVF_CAP_RDMA) || !r->nodes[i].port) {
-            snprintf(why, whylen, "node %s serves no RDMA", r->nodes[i].host);
-            rc = KVF_ENOTSUP;
-            break;
-        }
-        kvf__rdma_opts o = {0};
-        if ((rc = kvf__rdma_connect(r->nodes[i].host, r->nodes[i].port, &o, &r->nodes[i].rc,
-                                    r->nodes[i].err, sizeof r->nodes[i].err)))
-            snprintf(why, whylen, "node %s: %s", r->nodes[i].host, r->nodes[i].err);
-    }
-    pthread_mutex_init(&r->mu, NULL);
-    pthread_cond_init(&r->cv, NULL);
-    if (!rc && pthread_create(&r->th, NULL, worker, r) != 0) {
-        snprintf(why, whylen, "cannot start the RDMA worker");
-        rc = KVF_EAGAIN;
-    }
-    if (rc) {
-        for (size_t i = 0; i < n; i++)
-            kvf__rdma_close(&r->nodes[i].rc);
-        pthread_mutex_destroy(&r->mu);
-        pthread_cond_destroy(&r->cv);
-        free(r->nodes);
-        free(r);
-        return rc;
-    }
-    snprintf(why, whylen, "every node serves RDMA and this host has a device");
-    *out = r;
-    return 0;
-}
-
-void kvf__crdma_close(kvf__crdma **rp)
-{
-    if (!rp || !*rp)
-        return;
-    kvf__crdma *r = *rp;
-    pthread_mutex_lock(&r->mu);
-    r->stop = 1;
-    pthread_cond_broadcast(&r->cv);
-    pthread_mutex_unlock(&r->mu);
-    pthread_join(r->th, NULL);
     for (size_t i = 0; i < r->n; i++)
         kvf__rdma_close(&r->nodes[i].rc);
     pthread_mutex_destroy(&r->mu);
     pthread_cond_destroy(&r->cv);
     free(r->nodes);
     free(r);
-    *rp = NULL;
 }
+
+/* A round trip to each node: its HELLO (capabilities, RDMA port) has been read by then. */
+static int ask_nodes(kvf_client *c, int probe_ms, char *why, size_t whylen)
+{
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        uint8_t *rep = NULL;
+        size_t rlen;
+        int rc = kvf__io_raw(c->io[0], i, 0, KVF_OP_STATS, 0, NULL, 0, &rep, &rlen, probe_ms);
+        free(rep);
+        if (rc)
+            return kvf__errf(why, whylen, rc, "node %zu did not answer: %s", i, kvf_strerror(rc));
+    }
+    return 0;
+}
+
+/* Connects to every node's RDMA port. 0, or the first node's failure with the reason in why. */
+static int connect_nodes(struct kvf__rdma_path *r, char *why, size_t whylen)
+{
+    for (size_t i = 0; i < r->n; i++) {
+        kvf__node *N = &r->c->nodes[i];
+        rnode *nd = &r->nodes[i];
+        nd->host = N->host;
+        nd->port = (uint16_t)atomic_load(&N->rdma_port);
+        if (!(atomic_load(&N->caps) & KVF_CAP_RDMA) || !nd->port)
+            return kvf__errf(why, whylen, KVF_ENOTSUP, "node %s serves no RDMA", nd->host);
+        kvf__rdma_opts o = {0};
+        int rc = kvf__rdma_connect(nd->host, nd->port, &o, &nd->rc, nd->err, sizeof nd->err);
+        if (rc)
+            return kvf__errf(why, whylen, rc, "node %s: %s", nd->host, nd->err);
+    }
+    return 0;
+}
+
+int kvf__path_rdma_open(kvf_client *c, int probe_ms, char *why, size_t whylen)
+{
+    if (!kvf__rdma_available(why, whylen))
+        return kvf__rdma_built() ? KVF_ENODEV : KVF_ENOTSUP;
+    int rc = ask_nodes(c, probe_ms, why, whylen);
+    if (rc)
+        return rc;
+    struct kvf__rdma_path *r = calloc(1, sizeof *r);
+    if (!r || !(r->nodes = calloc(c->n_nodes, sizeof *r->nodes))) {
+        free(r);
+        return kvf__errf(why, whylen, KVF_ENOMEM, "out of memory");
+    }
+    r->c = c;
+    r->n = c->n_nodes;
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    rc = connect_nodes(r, why, whylen);
+    if (!rc && pthread_create(&r->th, NULL, worker, r) != 0)
+        rc = kvf__errf(why, whylen, KVF_EAGAIN, "cannot start the RDMA worker");
+    if (rc) {
+        rdma_free(r);
+        return rc;
+    }
+    snprintf(why, whylen, "every node serves RDMA and this host has a device");
+    c->rdma = r;
+    return 0;
+}
+
+/* Finishes the op in progress, fails queued ones with KVF_ECANCELED, closes the connections. */
+static void rdma_close(kvf_client *c)
+{
+    struct kvf__rdma_path *r = c->rdma;
+    if (!r)
+        return;
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    pthread_join(r->th, NULL);
+    rdma_free(r);
+    c->rdma = NULL;
+}
+
+const kvf__path_ops kvf__path_rdma = {
+    .name = "rdma",
+    .submit = rdma_submit,
+    .close = rdma_close,
+};

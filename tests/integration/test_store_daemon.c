@@ -370,13 +370,13 @@ static void test_daemon_io_threads_share_large_batches(void **state)
     assert_int_equal(put_range(c, 0, 600, SEG, 0, NULL), 600);
     kvf_client_counters before[3], after[3], none;
     for (int i = 0; i < 3; i++)
-        assert_int_equal(kvf__client_shard_counters(c, i, &before[i]), 0);
-    assert_int_equal(kvf__client_shard_counters(c, 3, &none), KVF_EINVAL);
+        assert_int_equal(kvf__client_io_counters(c, i, &before[i]), 0);
+    assert_int_equal(kvf__client_io_counters(c, 3, &none), KVF_EINVAL);
     for (int r = 0; r < 4; r++)
         assert_int_equal(get_range(c, 0, 600, SEG, 0, 0, NULL), 600);
     uint64_t got[3], total = 0;
     for (int i = 0; i < 3; i++) {
-        assert_int_equal(kvf__client_shard_counters(c, i, &after[i]), 0);
+        assert_int_equal(kvf__client_io_counters(c, i, &after[i]), 0);
         got[i] = after[i].bytes_received - before[i].bytes_received;
         total += got[i];
     }

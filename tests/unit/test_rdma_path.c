@@ -774,7 +774,7 @@ static void test_lease_expires(void **state)
     for (int i = 0; i < 4; i++)
         kvf__wire_key_put(req + 16 + 16 * i, &o.keys[i]);
     assert_int_equal(
-        kvf__client_raw(c, 0, -1, KVF_OP_RDMA_GET, 4, req, sizeof req, &rep, &rlen, 2000), 0);
+        kvf__io_raw(c->io[0], 0, -1, KVF_OP_RDMA_GET, 4, req, sizeof req, &rep, &rlen, 2000), 0);
     assert_true(rlen > 16 + 24 * 4);
     free(rep);
     assert_int_equal(stat_of(c, "referenced", NULL), 4);
@@ -787,7 +787,8 @@ static void test_lease_expires(void **state)
     memcpy(rel, &(uint64_t){NS}, 8);
     rel[8] = 1;
     assert_int_equal(
-        kvf__client_raw(c, 0, -1, KVF_OP_RDMA_RELEASE, 0, rel, sizeof rel, &rep, &rlen, 2000), 0);
+        kvf__io_raw(c->io[0], 0, -1, KVF_OP_RDMA_RELEASE, 0, rel, sizeof rel, &rep, &rlen, 2000),
+        0);
     assert_int_equal(rlen, 8);
     assert_int_equal(rep[0], 0);
     free(rep);
@@ -918,8 +919,8 @@ static void test_bad_descriptors(void **state)
     uint64_t lens[3] = {0, (uint64_t)1 << 40, 4096};
     size_t plen, rlen;
     uint8_t *req = table(fresh, lens, 3, &plen), *rep = NULL;
-    assert_int_equal(kvf__client_raw(c, 0, 0, KVF_OP_RDMA_RESERVE, 3, req, plen, &rep, &rlen, 2000),
-                     0);
+    assert_int_equal(
+        kvf__io_raw(c->io[0], 0, 0, KVF_OP_RDMA_RESERVE, 3, req, plen, &rep, &rlen, 2000), 0);
     assert_int_equal(rlen, 8 + 16 * 3);
     assert_int_equal(status_at(rep, 8), KVF_EINVAL);     /* 0 bytes */
     assert_int_equal(status_at(rep, 8 + 16), KVF_E2BIG); /* over the limit */
@@ -930,20 +931,20 @@ static void test_bad_descriptors(void **state)
     uint64_t clen[2] = {4096, 8192};
     kvf_key ck[2] = {fresh[0], fresh[2]};
     req = table(ck, clen, 2, &plen);
-    assert_int_equal(kvf__client_raw(c, 0, 0, KVF_OP_RDMA_COMMIT, 2, req, plen, &rep, &rlen, 2000),
-                     0);
+    assert_int_equal(
+        kvf__io_raw(c->io[0], 0, 0, KVF_OP_RDMA_COMMIT, 2, req, plen, &rep, &rlen, 2000), 0);
     assert_int_equal(status_at(rep, 0), KVF_ENOENT);
     assert_int_equal(status_at(rep, 4), KVF_EINVAL);
     free(rep), free(req);
     req = table(&fresh[2], &lens[2], 1, &plen);
-    assert_int_equal(kvf__client_raw(c, 0, 1, KVF_OP_RDMA_COMMIT, 1, req, plen, &rep, &rlen, 2000),
-                     0);
+    assert_int_equal(
+        kvf__io_raw(c->io[0], 0, 1, KVF_OP_RDMA_COMMIT, 1, req, plen, &rep, &rlen, 2000), 0);
     assert_int_equal(status_at(rep, 0), KVF_ENOENT);
     free(rep);
     /* The right connection and length, but nothing was written there: verification refuses it
      * and the reservation goes. */
-    assert_int_equal(kvf__client_raw(c, 0, 0, KVF_OP_RDMA_COMMIT, 1, req, plen, &rep, &rlen, 2000),
-                     0);
+    assert_int_equal(
+        kvf__io_raw(c->io[0], 0, 0, KVF_OP_RDMA_COMMIT, 1, req, plen, &rep, &rlen, 2000), 0);
     int32_t st = status_at(rep, 0);
     assert_true(st == KVF_EPROTO || st == KVF_ECHECKSUM);
     free(rep), free(req);
@@ -980,7 +981,7 @@ static void test_fallback(void **state)
     memcpy(req, &(uint64_t){NS}, 8);
     kvf__wire_key_put(req + 16, &o.keys[0]);
     assert_int_equal(
-        kvf__client_raw(c, 0, -1, KVF_OP_RDMA_GET, 1, req, sizeof req, &rep, &rlen, 2000),
+        kvf__io_raw(c->io[0], 0, -1, KVF_OP_RDMA_GET, 1, req, sizeof req, &rep, &rlen, 2000),
         KVF_ENOTSUP);
     assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0); /* the connection still serves */
     assert_memory_equal(o.buf[0], o.obj[0], o.len[0]);

@@ -1,9 +1,9 @@
 /*
- * A client's I/O threads (client_priv.h). Each shard is a client of its own: an I/O thread, a
- * poller and its share of the connections to every node. A large get or put is split into one
- * child op per shard, by bytes, so that receiving (and verifying) runs on as many cores as there
- * are shards; the caller's op completes when the last child does. Layer callbacks of a streamed
- * get fire for layer l once every child has delivered it, in order, one at a time.
+ * The TCP data path (kvf__path_tcp): gets and puts run on the client's I/O engines. A batch large
+ * enough to keep more than one engine busy is split into one child op per engine, by bytes, so
+ * that receiving (and verifying) runs on as many cores as there are engines; the caller's op
+ * completes when the last child does. Layer callbacks of a streamed get fire for layer l once
+ * every child has delivered it, in order, one at a time. Other ops run whole on the first engine.
  */
 #include "client_int.h"
 
@@ -37,7 +37,7 @@ struct agg {
     int left, result;
     uint32_t fired, max_layers;
     int n;
-    child ch[KVF_CLIENT_MAX_SHARDS];
+    child ch[KVF_CLIENT_MAX_IO];
 };
 
 static void child_free(child *k)
@@ -151,29 +151,31 @@ static int child_make(child *k, const kvf_batch *pb, int get, size_t from, size_
     return 0;
 }
 
-int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, int get)
+/* Splits parent's batch into one child op per engine: contiguous ranges of about equal bytes,
+ * at least one key each. Returns 0 or KVF_ENOMEM (nothing submitted). */
+static int split_submit(kvf_client *c, kvf_op *parent)
 {
-    const kvf_batch *pb = kvf__op_batch(parent);
+    const kvf_batch *pb = &parent->b;
+    int get = parent->kind == KVF__OPK_GET;
     agg *a = calloc(1, sizeof *a);
     if (!a)
         return KVF_ENOMEM;
     a->parent = parent;
     a->pb = pb;
     pthread_mutex_init(&a->mu, NULL);
-    /* Contiguous ranges of about equal bytes, at least one key each. */
     uint64_t total = 0, acc = 0;
     for (size_t i = 0; i < pb->n; i++)
         total += get ? pb->caps[i] : pb->lens[i];
     size_t from = 0;
     int rc = 0;
-    for (int s = 0; s < n_shards && from < pb->n && !rc; s++) {
+    for (int s = 0; s < c->n_io && from < pb->n && !rc; s++) {
         size_t to = from;
-        uint64_t goal = total * (uint64_t)(s + 1) / (uint64_t)n_shards;
-        while (to < pb->n && (to == from || acc < goal) && pb->n - to > (size_t)0) {
+        uint64_t goal = total * (uint64_t)(s + 1) / (uint64_t)c->n_io;
+        while (to < pb->n && (to == from || acc < goal)) {
             acc += get ? pb->caps[to] : pb->lens[to];
             to++;
         }
-        if (s + 1 == n_shards)
+        if (s + 1 == c->n_io)
             to = pb->n;
         child *k = &a->ch[a->n++];
         k->a = a;
@@ -193,12 +195,52 @@ int kvf__shards_submit(kvf_client *const *shards, int n_shards, kvf_op *parent, 
     int n = a->n;
     for (int i = 0; i < n; i++) {
         child *k = &a->ch[i];
-        int src = kvf__client_submit_own(shards[i], &k->b, &k->op, get);
-        if (src)
+        k->op = kvf__op_new(c, c->io[i], parent->kind, parent->opcode, &k->b);
+        int src = k->op ? 0 : KVF_ENOMEM;
+        if (k->op) {
+            k->op->transport = "tcp";
+            if ((src = kvf__io_submit(c->io[i], k->op)) != 0)
+                kvf__op_destroy(k->op);
+        }
+        if (src) {
+            k->op = NULL;
             child_end(k, src); /* its keys fail with the error; the parent still completes */
+        }
     }
-    /* The guard: a child of one key per shard is done at once in the worst case. */
+    /* The guard: a child of one key per engine is done at once in the worst case. */
     child guard = {.a = a};
     child_end(&guard, 0);
     return 0;
 }
+
+/* A batch is split across the engines when it is large enough to keep more than one busy: at
+ * least two stripes' worth of bytes, and two keys. */
+static int worth_splitting(const kvf_client *c, const kvf_op *op)
+{
+    const kvf_batch *b = &op->b;
+    if (c->n_io < 2 || b->n < 2)
+        return 0;
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < b->n; i++)
+        bytes += op->kind == KVF__OPK_PUT ? b->lens[i] : b->caps[i];
+    return bytes >= 2 * c->o.stripe_bytes;
+}
+
+static int tcp_submit(kvf_client *c, kvf_op *op)
+{
+    if (worth_splitting(c, op))
+        return split_submit(c, op);
+    op->io = c->io[0];
+    return kvf__io_submit(op->io, op);
+}
+
+static void tcp_close(kvf_client *c)
+{
+    (void)c; /* the engines belong to the client, which closes them */
+}
+
+const kvf__path_ops kvf__path_tcp = {
+    .name = "tcp",
+    .submit = tcp_submit,
+    .close = tcp_close,
+};

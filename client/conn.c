@@ -1,0 +1,83 @@
+/*
+ * A connection's queues and its send side (client_int.h). A request waits on the send queue
+ * until its last byte is written, then on the in-flight list until its reply is read. The engine's
+ * thread owns both.
+ */
+#include "client_int.h"
+
+#include "kvf/error.h"
+
+void kvf__cn_set_events(kvf__conn *cn)
+{
+    if (cn->fd < 0)
+        return;
+    uint32_t ev = KVF_POLL_IN;
+    if (cn->sq_head)
+        ev |= KVF_POLL_OUT;
+    if (ev != cn->events) {
+        kvf__poller_mod(cn->io->poller, cn->fd, ev, cn);
+        cn->events = ev;
+    }
+}
+
+void kvf__req_push(kvf__req **h, kvf__req **t, kvf__req *r)
+{
+    r->next = NULL;
+    if (*t)
+        (*t)->next = r;
+    else
+        *h = r;
+    *t = r;
+}
+
+/* Unlinks r from the list that head and tail bound; 1 when it was there. */
+static int unlink_req(kvf__req **head, kvf__req **tail, kvf__req *r)
+{
+    kvf__req **pp = head;
+    kvf__req *prev = NULL;
+    while (*pp && *pp != r) {
+        prev = *pp;
+        pp = &(*pp)->next;
+    }
+    if (!*pp)
+        return 0;
+    *pp = r->next;
+    if (*tail == r)
+        *tail = prev;
+    r->next = NULL;
+    return 1;
+}
+
+void kvf__cn_unflight(kvf__conn *cn, kvf__req *r)
+{
+    unlink_req(&cn->fl_head, &cn->fl_tail, r);
+}
+
+int kvf__cn_unqueue(kvf__conn *cn, kvf__req *r)
+{
+    return unlink_req(&cn->sq_head, &cn->sq_tail, r);
+}
+
+int kvf__cn_write(kvf__conn *cn)
+{
+    while (cn->sq_head) {
+        kvf__req *r = cn->sq_head;
+        size_t done = 0;
+        int rc = kvf__sock_writev(cn->fd, r->iov + r->first, r->iovcnt - r->first, &done);
+        if (rc == KVF_EAGAIN)
+            break;
+        if (rc)
+            return rc;
+        r->sending = 1;
+        kvf__io_count(cn->io, 0, done, 0, 0, 0);
+        r->first = kvf__iov_advance(r->iov, r->iovcnt, r->first, done);
+        if (r->first < r->iovcnt)
+            break;
+        cn->sq_head = r->next;
+        if (!cn->sq_head)
+            cn->sq_tail = NULL;
+        kvf__req_push(&cn->fl_head, &cn->fl_tail, r);
+    }
+    kvf__cn_set_events(cn);
+    return 0;
+}

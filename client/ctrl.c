@@ -1,0 +1,164 @@
+/*
+ * The control calls of include/kvf/client.h: one request per node that holds keys of the batch
+ * (or to every node, or to one), on the first I/O engine, waited for by the caller.
+ */
+#include "client_int.h"
+
+#include "kvf/error.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A control op: submitted like a batch, with extras set before submission. target: -1 places
+ * keys by hashing, -2 sends to every node, k sends everything to node k. */
+typedef struct ctrl_args {
+    uint8_t *present;
+    uint32_t lease_ms, codec;
+    const char *addr;
+    uint64_t removed;
+    char *json;
+} ctrl_args;
+
+static int ctrl(kvf_client *c, uint32_t opcode, int target, size_t n, const kvf_key *keys,
+                int *status, int deadline_ms, ctrl_args *a)
+{
+    if (!c || (n && (!keys || !status)) || n > KVF_WIRE_MAX_ITEMS)
+        return KVF_EINVAL;
+    if (target >= 0 && (size_t)target >= c->n_nodes)
+        return KVF_EINVAL;
+    kvf_batch b = {.n = n, .keys = keys, .status = status, .deadline_ms = deadline_ms};
+    kvf_op *op = kvf__op_new(c, c->io[0], KVF__OPK_CTRL, opcode, &b);
+    if (!op)
+        return KVF_ENOMEM;
+    op->target = target;
+    if (a) {
+        op->present = a->present;
+        op->lease_ms = a->lease_ms;
+        op->codec = a->codec;
+        if (a->addr)
+            snprintf(op->addr, sizeof op->addr, "%s", a->addr);
+    }
+    int rc = kvf__io_submit(c->io[0], op);
+    if (rc) {
+        kvf__op_destroy(op);
+        return rc;
+    }
+    rc = kvf_op_wait(op);
+    if (a) {
+        a->removed = op->removed;
+        a->json = op->json;
+        op->json = NULL;
+    }
+    kvf__op_destroy(op);
+    return rc;
+}
+
+int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
+                      int deadline_ms)
+{
+    if (!present && n)
+        return KVF_EINVAL;
+    int *st = calloc(n ? n : 1, sizeof *st);
+    if (!st)
+        return KVF_ENOMEM;
+    if (n)
+        memset(present, 0, n);
+    ctrl_args a = {.present = present};
+    int rc = ctrl(c, KVF_OP_EXISTS, -1, n, keys, st, deadline_ms, &a);
+    /* An unreachable node's keys are not present. */
+    for (size_t i = 0; i < n; i++)
+        if (st[i] != 0)
+            present[i] = 0;
+    free(st);
+    return rc;
+}
+
+int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
+                             int deadline_ms)
+{
+    if (!c || !hits)
+        return KVF_EINVAL;
+    *hits = 0;
+    uint8_t *present = calloc(n ? n : 1, 1);
+    int *st = calloc(n ? n : 1, sizeof *st);
+    if (!present || !st) {
+        free(present);
+        free(st);
+        return KVF_ENOMEM;
+    }
+    /* One node answers LOOKUP; several answer EXISTS for their share. Either way one round trip
+     * per node, in parallel, and the leading run is counted here. */
+    ctrl_args a = {.present = present};
+    uint32_t opcode = c->n_nodes == 1 ? KVF_OP_LOOKUP : KVF_OP_EXISTS;
+    int rc = ctrl(c, opcode, -1, n, keys, st, deadline_ms, &a);
+    size_t h = 0;
+    while (h < n && present[h] && st[h] == 0)
+        h++;
+    *hits = h;
+    free(present);
+    free(st);
+    return rc;
+}
+
+int kvf_client_evict(kvf_client *c, size_t n, const kvf_key *keys, int *status, int deadline_ms)
+{
+    return ctrl(c, KVF_OP_EVICT, -1, n, keys, status, deadline_ms, NULL);
+}
+
+int kvf_client_pin(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms, int *status,
+                   int deadline_ms)
+{
+    ctrl_args a = {.lease_ms = lease_ms};
+    return ctrl(c, KVF_OP_PIN, -1, n, keys, status, deadline_ms, &a);
+}
+
+int kvf_client_unpin(kvf_client *c, size_t n, const kvf_key *keys, int *status, int deadline_ms)
+{
+    return ctrl(c, KVF_OP_UNPIN, -1, n, keys, status, deadline_ms, NULL);
+}
+
+int kvf_client_compress(kvf_client *c, size_t n, const kvf_key *keys, const char *codec,
+                        int *status, int deadline_ms)
+{
+    kvf_codec cd;
+    if (!codec || kvf_codec_parse(codec, &cd) != 0)
+        return KVF_EINVAL;
+    ctrl_args a = {.codec = (uint32_t)cd};
+    return ctrl(c, KVF_OP_COMPRESS, -1, n, keys, status, deadline_ms, &a);
+}
+
+int kvf_client_clear(kvf_client *c, uint64_t *removed, int deadline_ms)
+{
+    ctrl_args a = {0};
+    int rc = ctrl(c, KVF_OP_CLEAR, -2, 0, NULL, NULL, deadline_ms, &a);
+    if (removed)
+        *removed = a.removed;
+    return rc;
+}
+
+int kvf_client_copy(kvf_client *c, size_t node_idx, const char *addr, size_t n, const kvf_key *keys,
+                    int *status, int deadline_ms)
+{
+    char host[256];
+    uint16_t port;
+    if (!addr || strlen(addr) > KVF_WIRE_MAX_ADDR ||
+        kvf__addr_parse(addr, host, sizeof host, &port) != 0 || n == 0)
+        return KVF_EINVAL;
+    ctrl_args a = {.addr = addr};
+    return ctrl(c, KVF_OP_COPY, (int)node_idx, n, keys, status, deadline_ms, &a);
+}
+
+int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int deadline_ms)
+{
+    if (!json)
+        return KVF_EINVAL;
+    *json = NULL;
+    ctrl_args a = {0};
+    int rc = ctrl(c, KVF_OP_STATS, (int)node_idx, 0, NULL, NULL, deadline_ms, &a);
+    if (rc == 0)
+        *json = a.json;
+    else
+        free(a.json);
+    return rc;
+}

@@ -1,0 +1,284 @@
+/*
+ * Requests and their frames (docs/protocol.md): an op's keys split into requests over an engine's
+ * connections, and each request's header and payload built for sending. A COMMIT's objects are
+ * sent from the caller's buffers through iovecs, never copied.
+ */
+#include "client_int.h"
+
+#include "kvf/error.h"
+
+#include "bytes.h"
+#include "clock.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+kvf__req *kvf__req_new(kvf_op *op, kvf__conn *cn, uint32_t opcode, uint32_t n)
+{
+    kvf__req *r = calloc(1, sizeof *r);
+    if (!r)
+        return NULL;
+    r->idx = calloc(n ? n : 1, sizeof *r->idx);
+    if (!r->idx) {
+        free(r);
+        return NULL;
+    }
+    r->op = op;
+    r->cn = cn;
+    r->opcode = opcode;
+    return r;
+}
+
+static void put_hdr(uint8_t *p, uint32_t opcode, uint32_t flags, uint64_t id, uint32_t n,
+                    uint64_t payload)
+{
+    kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
+                      .opcode = (uint16_t)opcode,
+                      .flags = flags,
+                      .request_id = id,
+                      .item_count = n,
+                      .payload_len = payload};
+    kvf__wire_hdr_encode(p, &h);
+}
+
+/* A raw control request: the payload is the caller's, whole. */
+static int build_raw(kvf__req *r)
+{
+    kvf_op *op = r->op;
+    r->buf = malloc(KVF_WIRE_HEADER_LEN + op->raw_len);
+    r->iov = calloc(1, sizeof *r->iov);
+    if (!r->buf || !r->iov)
+        return KVF_ENOMEM;
+    memcpy(r->buf + KVF_WIRE_HEADER_LEN, op->raw_req, op->raw_len);
+    put_hdr(r->buf, r->opcode, 0, r->id, op->raw_count, op->raw_len);
+    r->flags = 0;
+    r->iov[0] = (struct iovec){r->buf, KVF_WIRE_HEADER_LEN + op->raw_len};
+    r->iovcnt = 1;
+    return 0;
+}
+
+/* The payload that r's opcode carries in r->buf (a COMMIT's objects follow in iovecs). */
+static size_t payload_len(const kvf__req *r)
+{
+    size_t n = r->n;
+    switch (r->opcode) {
+    case KVF_OP_COMMIT:
+        return kvf__wire_put_table_len(r->n_commit);
+    case KVF_OP_ADMIT:
+        return 8 + 24 * n;
+    case KVF_OP_PIN:
+    case KVF_OP_COMPRESS:
+        return 16 + 16 * n;
+    case KVF_OP_COPY:
+        return 16 + ((strlen(r->op->addr) + 7) & ~(size_t)7) + 16 * n;
+    case KVF_OP_CLEAR:
+        return 8;
+    case KVF_OP_STATS:
+        return 0;
+    case KVF_OP_HELLO:
+        return 24;
+    default:
+        return 8 + 16 * n;
+    }
+}
+
+/* COMMIT: the table of what was reserved, then the objects from the caller's buffers. Returns
+ * the objects' bytes. */
+static uint64_t fill_commit(kvf__req *r, uint8_t *p, uint64_t ns)
+{
+    const kvf_batch *b = &r->op->b;
+    uint64_t data = 0;
+    kvf__put_u64(p, ns);
+    for (uint32_t i = 0; i < r->n_commit; i++) {
+        uint32_t k = r->idx[r->commit_map[i]];
+        kvf__wire_key_put(p + 8 + 24 * (size_t)i, &b->keys[k]);
+        kvf__put_u64(p + 8 + 24 * (size_t)i + 16, b->lens[k]);
+        r->iov[1 + i].iov_base = (void *)b->objs[k];
+        r->iov[1 + i].iov_len = b->lens[k];
+        data += b->lens[k];
+    }
+    return data;
+}
+
+/* Requests that carry a namespace and keys (with a lease, codec or address before them, or each
+ * key's length after it for ADMIT). */
+static void fill_keys(kvf__req *r, uint8_t *p, uint64_t ns)
+{
+    kvf_op *op = r->op;
+    kvf__put_u64(p, ns);
+    uint8_t *keys = p + 8;
+    size_t stride = 16;
+    if (r->opcode == KVF_OP_PIN || r->opcode == KVF_OP_COMPRESS) {
+        kvf__put_u32(p + 8, r->opcode == KVF_OP_PIN ? op->lease_ms : op->codec);
+        keys = p + 16;
+    } else if (r->opcode == KVF_OP_COPY) {
+        uint32_t alen = (uint32_t)strlen(op->addr);
+        kvf__put_u32(p + 8, alen);
+        uint64_t t = kvf__now_ns();
+        uint64_t left = op->deadline_ns > t ? op->deadline_ns - t : 1;
+        kvf__put_u32(p + 12, (uint32_t)(left / 1000000u) + 1);
+        memcpy(p + 16, op->addr, alen);
+        keys = p + 16 + ((alen + 7) & ~7u);
+    } else if (r->opcode == KVF_OP_ADMIT) {
+        stride = 24;
+    }
+    for (uint32_t i = 0; i < r->n; i++) {
+        uint32_t k = r->idx[i];
+        kvf__wire_key_put(keys + stride * i, &op->b.keys[k]);
+        if (r->opcode == KVF_OP_ADMIT)
+            kvf__put_u64(keys + stride * i + 16, op->b.lens[k]);
+    }
+}
+
+int kvf__req_build(kvf_client *c, kvf__req *r)
+{
+    kvf_op *op = r->op;
+    uint64_t ns = c->o.ns;
+    r->id = atomic_fetch_add(&c->next_id, 1) + 1;
+    free(r->buf);
+    free(r->iov);
+    r->buf = NULL;
+    r->iov = NULL;
+    r->first = 0;
+    r->sending = 0;
+    if (op->raw_req)
+        return build_raw(r);
+    size_t plen = payload_len(r);
+    r->buf = calloc(1, KVF_WIRE_HEADER_LEN + plen);
+    int niov = 1 + (r->opcode == KVF_OP_COMMIT ? (int)r->n_commit : 0);
+    r->iov = calloc((size_t)niov, sizeof *r->iov);
+    if (!r->buf || !r->iov)
+        return KVF_ENOMEM;
+    uint8_t *p = r->buf + KVF_WIRE_HEADER_LEN;
+    uint64_t data = 0;
+    uint32_t count = r->n, flags = 0;
+    switch (r->opcode) {
+    case KVF_OP_HELLO:
+        kvf__put_u32(p, KVF_WIRE_VERSION);
+        kvf__put_u32(p + 4, KVF_WIRE_VERSION);
+        kvf__put_u64(p + 8, ns);
+        kvf__put_u64(p + 16, KVF_CAP_ALL);
+        count = 0;
+        break;
+    case KVF_OP_STATS:
+        count = 0;
+        break;
+    case KVF_OP_CLEAR:
+        kvf__put_u64(p, ns);
+        count = 0;
+        break;
+    case KVF_OP_COMMIT:
+        data = fill_commit(r, p, ns);
+        count = r->n_commit;
+        break;
+    default:
+        fill_keys(r, p, ns);
+        if (r->opcode == KVF_OP_GET && (op->b.flags & KVF_GET_STREAM))
+            flags |= KVF_WF_STREAM;
+    }
+    put_hdr(r->buf, r->opcode, flags, r->id, count, plen + data);
+    r->flags = flags;
+    r->iov[0].iov_base = r->buf;
+    r->iov[0].iov_len = KVF_WIRE_HEADER_LEN + plen;
+    r->iovcnt = niov;
+    return 0;
+}
+
+/* The bytes a key weighs in striping: a put's object, a get's buffer; nothing for control. */
+static uint64_t weight(const kvf_op *op, size_t i)
+{
+    return op->kind == KVF__OPK_PUT ? op->b.lens[i] : op->kind == KVF__OPK_GET ? op->b.caps[i] : 0;
+}
+
+/* How many requests a node's share of `keys` keys and `bytes` bytes is cut into: one per
+ * stripe_bytes, at most one per connection and one per key; control ops take one. */
+static int stripes_of(const kvf__io *io, const kvf_op *op, uint64_t bytes, size_t keys)
+{
+    if (op->kind == KVF__OPK_CTRL || io->conns <= 1)
+        return 1;
+    int stripes = (int)(bytes / io->cl->o.stripe_bytes);
+    if (stripes < 1)
+        stripes = 1;
+    if (stripes > io->conns)
+        stripes = io->conns;
+    if ((size_t)stripes > keys)
+        stripes = (int)keys;
+    return stripes;
+}
+
+/* Node nd's share of op: its `count` keys in requests on consecutive connections of the node. */
+static int split_node(kvf__io *io, kvf_op *op, size_t nd, const size_t *node_of, size_t count)
+{
+    size_t n = op->b.n;
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < n; i++)
+        if (node_of[i] == nd)
+            bytes += weight(op, i);
+    int stripes = stripes_of(io, op, bytes, count);
+    kvf__req *rq[KVF_CLIENT_MAX_CONNS] = {0};
+    int base = op->conn >= 0 ? op->conn : atomic_fetch_add(&io->rr[nd], stripes);
+    for (int s = 0; s < stripes; s++) {
+        kvf__conn *cn =
+            &io->cn[nd * (size_t)io->conns + (unsigned)(base + s) % (unsigned)io->conns];
+        if (!(rq[s] = kvf__req_new(op, cn, op->opcode, (uint32_t)count)))
+            return KVF_ENOMEM;
+        op->reqs[op->n_reqs++] = rq[s];
+    }
+    /* Stripe s takes the keys whose cumulative bytes fall in its s-th share, so equal objects
+     * spread evenly; there are never more stripes than keys. */
+    uint64_t acc = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (node_of[i] != nd)
+            continue;
+        int s = bytes ? (int)((acc * (uint64_t)stripes) / bytes) : 0;
+        if (s >= stripes)
+            s = stripes - 1;
+        rq[s]->idx[rq[s]->n++] = (uint32_t)i;
+        acc += weight(op, i);
+    }
+    /* A stripe left empty (uneven sizes) is dropped: a request carries at least one key. */
+    int kept = 0;
+    for (int k = 0; k < stripes; k++) {
+        if (rq[k]->n == 0 && count > 0) {
+            op->n_reqs--;
+            kvf__req_free(rq[k]);
+            continue;
+        }
+        rq[kept++] = rq[k];
+    }
+    for (int k = 0; k < kept; k++)
+        op->reqs[op->n_reqs - kept + k] = rq[k];
+    for (int k = 0; k < kept; k++) {
+        int rc = kvf__req_build(io->cl, rq[k]);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
+int kvf__op_split(kvf__io *io, kvf_op *op)
+{
+    kvf_client *c = io->cl;
+    size_t n = op->b.n;
+    size_t *node_of = malloc((n ? n : 1) * sizeof *node_of);
+    size_t *count = calloc(c->n_nodes, sizeof *count);
+    op->reqs = calloc(c->n_nodes * (size_t)io->conns, sizeof *op->reqs);
+    int rc = KVF_ENOMEM;
+    if (!node_of || !count || !op->reqs)
+        goto out_free;
+    for (size_t i = 0; i < n; i++) {
+        node_of[i] = op->target >= 0 ? (size_t)op->target : kvf_client_node_of(c, &op->b.keys[i]);
+        count[node_of[i]]++;
+    }
+    rc = 0;
+    for (size_t nd = 0; nd < c->n_nodes && !rc; nd++) {
+        int chosen = op->target == -2 || op->target == (int)nd;
+        if (count[nd] || (n == 0 && chosen))
+            rc = split_node(io, op, nd, node_of, count[nd]);
+    }
+    op->pending = op->n_reqs;
+out_free:
+    free(node_of);
+    free(count);
+    return rc;
+}

@@ -1,0 +1,438 @@
+/*
+ * I/O engines (client_int.h): one thread each, driving its connections with a poller. User threads
+ * hand it requests through a locked queue and a wake pipe and wait on their op; the thread writes
+ * requests, reads replies, fails what passed its deadline, and signals completed ops at the end
+ * of each iteration. A connection that breaks fails what it carries and is made again on demand,
+ * after a backoff when the node refused or timed out.
+ */
+#include "client_int.h"
+
+#include "kvf/error.h"
+
+#include "clock.h"
+#include "errf.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define BACKOFF_MIN_NS 100000000ull
+#define BACKOFF_MAX_NS 2000000000ull
+
+static const char wake_byte = 'w';
+
+static int cn_connect(kvf__io *io, kvf__conn *cn);
+
+/* Closes the connection and fails every request on it. */
+static void cn_reset(kvf__io *io, kvf__conn *cn, int status)
+{
+    if (cn->fd >= 0) {
+        kvf__poller_del(io->poller, cn->fd);
+        close(cn->fd);
+        cn->fd = -1;
+    }
+    uint64_t t = kvf__now_ns();
+    cn->backoff = cn->backoff ? cn->backoff * 2 : BACKOFF_MIN_NS;
+    if (cn->backoff > BACKOFF_MAX_NS)
+        cn->backoff = BACKOFF_MAX_NS;
+    cn->retry_at = status == KVF_ECONNREFUSED || status == KVF_ETIMEDOUT ? t + cn->backoff : t;
+    cn->state = KVF__CS_DOWN;
+    cn->events = 0;
+    cn->rreq = NULL;
+    kvf__req *lists[2] = {cn->fl_head, cn->sq_head};
+    cn->fl_head = cn->fl_tail = cn->sq_head = cn->sq_tail = NULL;
+    for (int k = 0; k < 2; k++) {
+        for (kvf__req *r = lists[k]; r;) {
+            kvf__req *next = r->next;
+            r->next = NULL;
+            kvf__req_fail(r, status);
+            r = next;
+        }
+    }
+}
+
+/* Queues r on its connection, connecting first if needed. */
+static void cn_submit(kvf__io *io, kvf__req *r)
+{
+    kvf__conn *cn = r->cn;
+    if (cn->state == KVF__CS_DOWN) {
+        if (kvf__now_ns() < cn->retry_at) {
+            kvf__req_fail(r, KVF_ECONNREFUSED);
+            return;
+        }
+        if (cn_connect(io, cn) != 0) {
+            kvf__req_fail(r, KVF_ECONNREFUSED);
+            return;
+        }
+    }
+    kvf__req_push(&cn->sq_head, &cn->sq_tail, r);
+    /* Write now rather than on the next poll round: a small request leaves at once. */
+    if (kvf__cn_write(cn) != 0)
+        cn_reset(io, cn, KVF_ECONNRESET);
+}
+
+static void hello_done(kvf_op *op, int status, void *ud)
+{
+    (void)status;
+    kvf_op_free(&op);
+    free(ud);
+}
+
+/* Each connection opens with a HELLO that binds it to the client's namespace. It is pipelined:
+ * requests queue behind it without waiting for its reply. */
+static void send_hello(kvf__io *io, kvf__conn *cn)
+{
+    kvf_op *op = calloc(1, sizeof *op);
+    int *st = calloc(1, sizeof *st);
+    kvf__req *r = op ? kvf__req_new(op, cn, KVF_OP_HELLO, 0) : NULL;
+    if (!op || !st || !r) {
+        free(op);
+        free(st);
+        kvf__req_free(r);
+        return;
+    }
+    op->cl = io->cl;
+    op->io = io;
+    op->kind = KVF__OPK_CTRL;
+    op->target = (int)(cn->nd - io->cl->nodes);
+    op->b.status = st;
+    op->b.cb = hello_done;
+    op->b.ud = st;
+    op->pending = 1;
+    op->reqs = calloc(1, sizeof *op->reqs);
+    pthread_mutex_init(&op->mu, NULL);
+    pthread_cond_init(&op->cv, NULL);
+    if (!op->reqs || kvf__req_build(io->cl, r) != 0) {
+        kvf__req_free(r);
+        free(op->reqs);
+        free(op);
+        free(st);
+        return;
+    }
+    op->reqs[0] = r;
+    op->n_reqs = 1;
+    op->deadline_ns = UINT64_MAX;
+    kvf__req_push(&cn->sq_head, &cn->sq_tail, r);
+}
+
+static int cn_connect(kvf__io *io, kvf__conn *cn)
+{
+    char err[256];
+    int fd;
+    /* The connect itself is bounded by the connect timeout; the node is on loopback or a LAN. */
+    int rc = kvf__tcp_connect(cn->nd->host, cn->nd->port, io->cl->o.connect_timeout_ms, &fd, err,
+                              sizeof err);
+    if (rc) {
+        uint64_t t = kvf__now_ns();
+        cn->backoff = cn->backoff ? cn->backoff * 2 : BACKOFF_MIN_NS;
+        if (cn->backoff > BACKOFF_MAX_NS)
+            cn->backoff = BACKOFF_MAX_NS;
+        cn->retry_at = t + cn->backoff;
+        return rc;
+    }
+    cn->fd = fd;
+    kvf__sock_lowat_init(fd, &cn->lowat);
+    cn->state = KVF__CS_UP;
+    cn->events = KVF_POLL_IN;
+    if (kvf__poller_add(io->poller, fd, KVF_POLL_IN, cn) != 0) {
+        close(fd);
+        cn->fd = -1;
+        cn->state = KVF__CS_DOWN;
+        return KVF_ENOMEM;
+    }
+    kvf__rd_next_frame(cn);
+    kvf__io_count(io, 0, 0, 0, 0, 1);
+    send_hello(io, cn);
+    kvf__cn_set_events(cn);
+    return 0;
+}
+
+static void op_activate(kvf__io *io, kvf_op *op)
+{
+    op->next_active = io->active;
+    op->prev_active = NULL;
+    if (io->active)
+        io->active->prev_active = op;
+    io->active = op;
+}
+
+static kvf_op *first_expired(kvf__io *io, uint64_t t)
+{
+    for (kvf_op *op = io->active; op; op = op->next_active)
+        if (op->deadline_ns <= t)
+            return op;
+    return NULL;
+}
+
+/* Fails every request of each op past its deadline. Requests not yet written are dropped; a
+ * request partly written or awaiting its reply cannot be taken back, so its connection is reset
+ * (failing what else it carries). Each pass completes the op it handles, which leaves the active
+ * list, so the scan restarts from the head and ends. */
+static void check_deadlines(kvf__io *io)
+{
+    uint64_t t = kvf__now_ns();
+    kvf_op *op;
+    while ((op = first_expired(io, t)) != NULL) {
+        for (int i = 0; i < op->n_reqs && !op->completing; i++) {
+            kvf__req *r = op->reqs[i];
+            if (!r || r->finished)
+                continue;
+            kvf__conn *cn = r->cn;
+            if (!r->sending && kvf__cn_unqueue(cn, r)) {
+                kvf__req_fail(r, KVF_ETIMEDOUT);
+                continue;
+            }
+            cn_reset(io, cn, KVF_ETIMEDOUT);
+        }
+    }
+}
+
+static int next_timeout_ms(kvf__io *io)
+{
+    uint64_t t = kvf__now_ns(), best = UINT64_MAX;
+    for (kvf_op *op = io->active; op; op = op->next_active)
+        if (op->deadline_ns < best)
+            best = op->deadline_ns;
+    if (best == UINT64_MAX)
+        return 100;
+    if (best <= t)
+        return 0;
+    uint64_t ms = (best - t) / 1000000u + 1;
+    return ms > 100 ? 100 : (int)ms;
+}
+
+static void drain_submissions(kvf__io *io)
+{
+    char buf[64];
+    while (read(io->wake[0], buf, sizeof buf) > 0) {
+    }
+    pthread_mutex_lock(&io->mu);
+    kvf__req *r = io->subq_head;
+    io->subq_head = io->subq_tail = NULL;
+    pthread_mutex_unlock(&io->mu);
+    while (r) {
+        kvf__req *next = r->next;
+        r->next = NULL;
+        kvf_op *op = r->op;
+        if (!op->next_active && !op->prev_active && io->active != op)
+            op_activate(io, op);
+        cn_submit(io, r);
+        r = next;
+    }
+}
+
+static void *io_main(void *arg)
+{
+    kvf__io *io = arg;
+    static const int wake_tag = 0;
+    kvf__poller_add(io->poller, io->wake[0], KVF_POLL_IN, (void *)&wake_tag);
+    kvf_poll_event evs[64];
+    for (;;) {
+        pthread_mutex_lock(&io->mu);
+        int stop = io->stop;
+        pthread_mutex_unlock(&io->mu);
+        if (stop)
+            break;
+        int n = kvf__poller_wait(io->poller, evs, 64, next_timeout_ms(io));
+        for (int i = 0; i < n; i++) {
+            if (evs[i].ud == &wake_tag) {
+                drain_submissions(io);
+                continue;
+            }
+            kvf__conn *cn = evs[i].ud;
+            if (cn->fd < 0)
+                continue;
+            int rc = 0;
+            if (evs[i].events & KVF_POLL_OUT)
+                rc = kvf__cn_write(cn);
+            if (!rc && (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR)))
+                rc = kvf__cn_read(cn);
+            if (rc)
+                cn_reset(io, cn, rc == KVF_EPROTO ? KVF_EPROTO : KVF_ECONNRESET);
+        }
+        check_deadlines(io);
+        kvf__io_flush_completed(io);
+    }
+    /* Closing: fail whatever is left. */
+    drain_submissions(io);
+    for (size_t i = 0; i < io->cl->n_nodes * (size_t)io->conns; i++)
+        cn_reset(io, &io->cn[i], KVF_ECANCELED);
+    kvf__io_flush_completed(io);
+    return NULL;
+}
+
+int kvf__io_submit(kvf__io *io, kvf_op *op)
+{
+    for (size_t i = 0; i < op->b.n; i++)
+        op->b.status[i] = 0;
+    int rc = kvf__op_split(io, op);
+    if (rc)
+        return rc;
+    if (op->n_reqs == 0) {
+        /* Nothing to send (an empty batch): it completes at once, on the caller's thread. */
+        pthread_mutex_lock(&op->mu);
+        op->done = 1;
+        pthread_mutex_unlock(&op->mu);
+        if (op->b.cb)
+            op->b.cb(op, 0, op->b.ud);
+        return 0;
+    }
+    kvf__io_count(io, (uint64_t)op->n_reqs, 0, 0, 0, 0);
+    pthread_mutex_lock(&io->mu);
+    if (io->stop) {
+        pthread_mutex_unlock(&io->mu);
+        return KVF_ECLOSED;
+    }
+    for (int i = 0; i < op->n_reqs; i++) {
+        kvf__req *r = op->reqs[i];
+        r->next = NULL;
+        if (io->subq_tail)
+            io->subq_tail->next = r;
+        else
+            io->subq_head = r;
+        io->subq_tail = r;
+    }
+    pthread_mutex_unlock(&io->mu);
+    ssize_t w = write(io->wake[1], &wake_byte, 1);
+    (void)w;
+    return 0;
+}
+
+int kvf__io_raw(kvf__io *io, size_t node_idx, int conn, uint32_t opcode, uint32_t count,
+                const void *payload, size_t plen, uint8_t **reply, size_t *rlen, int deadline_ms)
+{
+    *reply = NULL;
+    *rlen = 0;
+    kvf_batch b = {.deadline_ms = deadline_ms};
+    kvf_op *op = kvf__op_new(io->cl, io, KVF__OPK_CTRL, opcode, &b);
+    if (!op)
+        return KVF_ENOMEM;
+    op->target = (int)node_idx;
+    op->conn = conn >= 0 ? conn % io->conns : -1;
+    op->raw_req = payload;
+    op->raw_len = plen;
+    op->raw_count = count;
+    int rc = kvf__io_submit(io, op);
+    if (rc) {
+        kvf__op_destroy(op);
+        return rc;
+    }
+    rc = kvf_op_wait(op);
+    if (!rc) {
+        *reply = op->raw_rep;
+        *rlen = op->raw_rep_len;
+        op->raw_rep = NULL;
+    }
+    kvf__op_destroy(op);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Open and close */
+
+static void io_free(kvf__io *io)
+{
+    size_t n = io->cl->n_nodes * (size_t)io->conns;
+    for (size_t i = 0; io->cn && i < n; i++)
+        XXH3_freeState(io->cn[i].xs);
+    kvf__poller_close(&io->poller);
+    for (int k = 0; k < 2; k++)
+        if (io->wake[k] >= 0)
+            close(io->wake[k]);
+    free(io->cn);
+    free(io->rr);
+    free(io->scratch);
+    pthread_mutex_destroy(&io->mu);
+    pthread_mutex_destroy(&io->cmu);
+    free(io);
+}
+
+/* The engine's connections (not yet connected), its poller and its wake pipe. */
+static int io_alloc(kvf__io *io, char *err, size_t errlen)
+{
+    kvf_client *c = io->cl;
+    size_t n = c->n_nodes * (size_t)io->conns;
+    io->cn = calloc(n, sizeof *io->cn);
+    io->rr = calloc(c->n_nodes, sizeof *io->rr);
+    io->scratch = malloc(KVF_CLIENT_SCRATCH);
+    if (!io->cn || !io->rr || !io->scratch)
+        return kvf__errf(err, errlen, KVF_ENOMEM, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        kvf__conn *cn = &io->cn[i];
+        cn->io = io;
+        cn->nd = &c->nodes[i / (size_t)io->conns];
+        cn->idx = (int)(i % (size_t)io->conns);
+        cn->fd = -1;
+        if (!(cn->xs = XXH3_createState()))
+            return kvf__errf(err, errlen, KVF_ENOMEM, "out of memory");
+    }
+    int rc = kvf__poller_open(&io->poller, NULL);
+    if (rc)
+        return kvf__errf(err, errlen, rc, "poller: %s", kvf_strerror(rc));
+    if (pipe(io->wake) != 0) {
+        io->wake[0] = io->wake[1] = -1;
+        return kvf__errf(err, errlen, kvf_err_from_errno(errno), "pipe: %s", strerror(errno));
+    }
+    for (int k = 0; k < 2; k++) {
+        fcntl(io->wake[k], F_SETFL, fcntl(io->wake[k], F_GETFL) | O_NONBLOCK);
+        fcntl(io->wake[k], F_SETFD, FD_CLOEXEC);
+    }
+    return 0;
+}
+
+int kvf__io_open(kvf_client *c, int conns, kvf__io **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    kvf__io *io = calloc(1, sizeof *io);
+    if (!io)
+        return kvf__errf(err, errlen, KVF_ENOMEM, "out of memory");
+    io->cl = c;
+    io->conns = conns;
+    io->wake[0] = io->wake[1] = -1;
+    pthread_mutex_init(&io->mu, NULL);
+    pthread_mutex_init(&io->cmu, NULL);
+    int rc = io_alloc(io, err, errlen);
+    if (rc)
+        goto out_free;
+    /* Connect up front, so that a first operation does not pay for it; a node that refuses is
+     * retried on demand. */
+    for (size_t i = 0; i < c->n_nodes; i++)
+        for (int k = 0; k < conns; k++)
+            if (cn_connect(io, &io->cn[i * (size_t)conns + k]) != 0)
+                break;
+    if (pthread_create(&io->th, NULL, io_main, io) != 0) {
+        rc = kvf__errf(err, errlen, KVF_EAGAIN, "cannot start the I/O thread");
+        goto out_reset;
+    }
+    io->started = 1;
+    *out = io;
+    return 0;
+
+out_reset:
+    for (size_t i = 0; i < c->n_nodes * (size_t)conns; i++)
+        if (io->cn[i].fd >= 0)
+            cn_reset(io, &io->cn[i], KVF_ECANCELED);
+    kvf__io_flush_completed(io);
+out_free:
+    io_free(io);
+    return rc;
+}
+
+void kvf__io_close(kvf__io **iop)
+{
+    if (!iop || !*iop)
+        return;
+    kvf__io *io = *iop;
+    pthread_mutex_lock(&io->mu);
+    io->stop = 1;
+    pthread_mutex_unlock(&io->mu);
+    ssize_t w = write(io->wake[1], &wake_byte, 1);
+    (void)w;
+    if (io->started)
+        pthread_join(io->th, NULL);
+    io_free(io);
+    *iop = NULL;
+}
