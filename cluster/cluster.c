@@ -711,7 +711,7 @@ static int cmd_status(const cfg *c, int json)
     return alive_all ? 0 : 1;
 }
 
-int kvf_cluster_main(int argc, char **argv)
+int kvf__cli_cluster(int argc, char **argv)
 {
     const char *config = NULL, *sub = argc > 1 ? argv[1] : "";
     int netns = 0, json = 0;

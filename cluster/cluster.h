@@ -3,6 +3,6 @@
 #define KVF_CLUSTER_CLUSTER_H
 
 /* argv[0] is "cluster". Returns the exit status. */
-int kvf_cluster_main(int argc, char **argv);
+int kvf__cli_cluster(int argc, char **argv);
 
 #endif
