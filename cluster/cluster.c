@@ -11,6 +11,8 @@
  * failure or Ctrl-C during up undoes everything up did.
  */
 #include "cluster.h"
+
+#include "cli_common.h"
 #include "proc.h"
 
 #include "http.h"
@@ -711,33 +713,87 @@ static int cmd_status(const cfg *c, int json)
     return alive_all ? 0 : 1;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Options */
+
+#define SYNOPSIS "kvf cluster up|down|status --config FILE [--netns] [--json]"
+
+enum {
+    OPT_CONFIG = KVF__CLI_OPT_OWN,
+    OPT_NETNS,
+};
+
+static const struct option cluster_opts[] = {
+    {"config", required_argument, NULL, OPT_CONFIG},
+    {"netns", no_argument, NULL, OPT_NETNS},
+    KVF__CLI_OPTS_JSON,
+    KVF__CLI_OPTS_HELP,
+    KVF__CLI_OPTS_END,
+};
+
+static const char cluster_usage[] =
+    "usage: " SYNOPSIS "\n"
+    "Starts (up), stops (down) or inspects (status) a kvfabric cluster on this machine: the\n"
+    "stores, kvf-sched, and the prefill and decode engines that FILE asks for.\n"
+    "  --config FILE                    the cluster, as JSON (see cluster/demo.json)\n"
+    "  --netns                          up: every process in a network namespace of its own,\n"
+    "                                   its link shaped as FILE says (needs root)\n"
+    "  --json                           status: one JSON object on stdout\n"
+    "exit status: 0 done (status: every process is up), 1 a step failed (status: a process\n"
+    "             is down), 2 a usage or configuration error, 3 status: no cluster is up,\n"
+    "             130 up was interrupted and undid what it had done\n";
+
+typedef struct cluster_args {
+    const char *action; /* up, down or status */
+    const char *config;
+    int netns, json;
+} cluster_args;
+
+/* argv[0] is "cluster", argv[1] the action, the options follow. */
+static int parse_cluster(int argc, char **argv, cluster_args *a)
+{
+    const char *v;
+    int c;
+    a->action = argc > 1 ? argv[1] : "";
+    if (!strcmp(a->action, "--help") || !strcmp(a->action, "-h")) {
+        fputs(cluster_usage, stdout);
+        return 0;
+    }
+    if (strcmp(a->action, "up") && strcmp(a->action, "down") && strcmp(a->action, "status"))
+        return fail("usage: " SYNOPSIS) + 1;
+    while ((c = kvf__cli_next_opt(argc - 1, argv + 1, cluster_opts, &v)) != 0) {
+        if (c == 'h') {
+            fputs(cluster_usage, stdout);
+            return 0;
+        } else if (c == OPT_CONFIG) {
+            a->config = v;
+        } else if (c == OPT_NETNS) {
+            a->netns = 1;
+        } else if (c == KVF__CLI_OPT_JSON) {
+            a->json = 1;
+        } else if (c == KVF__CLI_OPT_NOVALUE) {
+            return fail("%s needs a value (usage: " SYNOPSIS ")", v) + 1;
+        } else {
+            return fail("unknown option %s (usage: " SYNOPSIS ")", v) + 1;
+        }
+    }
+    if (!a->config)
+        return fail("--config FILE is required (see cluster/demo.json)") + 1;
+    return KVF__CLI_RUN;
+}
+
 int kvf__cli_cluster(int argc, char **argv)
 {
-    const char *config = NULL, *sub = argc > 1 ? argv[1] : "";
-    int netns = 0, json = 0;
-    for (int i = 2; i < argc; i++) {
-        if (!strcmp(argv[i], "--netns"))
-            netns = 1;
-        else if (!strcmp(argv[i], "--json"))
-            json = 1;
-        else if (!strcmp(argv[i], "--config") && i + 1 < argc)
-            config = argv[++i];
-        else
-            return fail("unknown option %s (usage: kvf cluster up|down|status --config FILE "
-                        "[--netns] [--json])",
-                        argv[i]) +
-                   1;
-    }
-    if (strcmp(sub, "up") && strcmp(sub, "down") && strcmp(sub, "status"))
-        return fail("usage: kvf cluster up|down|status --config FILE [--netns] [--json]") + 1;
-    if (!config)
-        return fail("--config FILE is required (see cluster/demo.json)") + 1;
+    cluster_args a = {0};
+    int rc = parse_cluster(argc, argv, &a);
+    if (rc != KVF__CLI_RUN)
+        return rc;
     cfg c;
-    if (load_cfg(config, &c) != 0)
+    if (load_cfg(a.config, &c) != 0)
         return 2;
-    if (!strcmp(sub, "up"))
-        return cmd_up(&c, netns);
-    if (!strcmp(sub, "down"))
+    if (!strcmp(a.action, "up"))
+        return cmd_up(&c, a.netns);
+    if (!strcmp(a.action, "down"))
         return cmd_down(&c);
-    return cmd_status(&c, json);
+    return cmd_status(&c, a.json);
 }
