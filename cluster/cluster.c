@@ -93,6 +93,35 @@ static int get_str(json_t *o, const char *k, const char *def, char *out, size_t 
     return 0;
 }
 
+/* Checks what the JSON types cannot: the names that go into shell commands and interface names,
+ * and the number of processes; fills in the default run directory. Returns 0, or 1 after
+ * printing the field at fault. */
+static int check_cfg(cfg *c)
+{
+    for (const char *p = c->name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) || p - c->name >= 8)
+            return fail("config: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
+                        "network interfaces)");
+    if (!c->name[0])
+        return fail("config: \"name\" is empty");
+    for (const char *p = c->rate; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.'))
+            return fail("config: netns.rate is a tc rate such as 10gbit or 500mbit");
+    int dots = 0;
+    for (const char *p = c->subnet; *p; p++) {
+        if (*p == '.')
+            dots++;
+        else if (*p < '0' || *p > '9')
+            dots = 99;
+    }
+    if (dots != 2)
+        return fail("config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
+    if (c->stores + c->prefill + c->decode + 1 > 200)
+        return fail("config: too many processes");
+    if (!c->run_dir[0])
+        snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
+    return 0;
+}
 static int load_cfg(const char *path, cfg *c)
 {
     memset(c, 0, sizeof *c);
@@ -131,29 +160,7 @@ static int load_cfg(const char *path, cfg *c)
         snprintf(c->subnet, sizeof c->subnet, "10.77.0");
     c->max_tokens = max_tokens;
     c->delay_ms = delay;
-    for (const char *p = c->name; *p; p++)
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) || p - c->name >= 8)
-            return fail("config: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
-                        "network interfaces)");
-    if (!c->name[0])
-        return fail("config: \"name\" is empty");
-    for (const char *p = c->rate; *p; p++)
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.'))
-            return fail("config: netns.rate is a tc rate such as 10gbit or 500mbit");
-    int dots = 0;
-    for (const char *p = c->subnet; *p; p++) {
-        if (*p == '.')
-            dots++;
-        else if (*p < '0' || *p > '9')
-            dots = 99;
-    }
-    if (dots != 2)
-        return fail("config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
-    if (c->stores + c->prefill + c->decode + 1 > 200)
-        return fail("config: too many processes");
-    if (!c->run_dir[0])
-        snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
-    return 0;
+    return check_cfg(c);
 }
 
 /* ------------------------------------------------------------------------------------------ */
