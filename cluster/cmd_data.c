@@ -492,32 +492,34 @@ static void print_usage(const data_cmd *cmd)
            cmd->needs_store ? "1 a request failed, " : "", cmd->exit_help ? cmd->exit_help : "");
 }
 
-/* Fills opts (room for 16) with the command's options, as data_cmd says. */
+#define N_OF(a)     (sizeof(a) / sizeof((a)[0]))
+#define MAX_OPTIONS 16 /* a data command has at most 12, the terminating entry included */
+
+static size_t add_options(struct option *opts, size_t n, const struct option *group, size_t k)
+{
+    memcpy(opts + n, group, k * sizeof *group);
+    return n + k;
+}
+
+/* Fills opts (room for MAX_OPTIONS) with the command's options, as data_cmd says. */
 static void make_options(const data_cmd *cmd, struct option *opts)
 {
-    static const struct option store[] = {KVF__CLI_OPTS_STORE}, ns[] = {KVF__CLI_OPTS_NAMESPACE},
+    static const struct option ns[] = {KVF__CLI_OPTS_NAMESPACE}, store[] = {KVF__CLI_OPTS_STORE},
                                tokens[] = {KVF__CLI_OPTS_TOKENS},
-                               common[] = {KVF__CLI_OPTS_JSON, KVF__CLI_OPTS_HELP,
-                                           KVF__CLI_OPTS_END};
-    size_t n = 0;
-    memcpy(opts + n, ns, sizeof ns);
-    n += sizeof ns / sizeof ns[0];
-    if (cmd->needs_store) {
-        memcpy(opts + n, store, sizeof store);
-        n += sizeof store / sizeof store[0];
-    }
-    if (cmd->needs_tokens) {
-        memcpy(opts + n, tokens, sizeof tokens);
-        n += sizeof tokens / sizeof tokens[0];
-    }
+                               end[] = {KVF__CLI_OPTS_JSON, KVF__CLI_OPTS_HELP, KVF__CLI_OPTS_END};
+    size_t n = add_options(opts, 0, ns, N_OF(ns));
+    if (cmd->needs_store)
+        n = add_options(opts, n, store, N_OF(store));
+    if (cmd->needs_tokens)
+        n = add_options(opts, n, tokens, N_OF(tokens));
     if (cmd->own.name)
-        opts[n++] = cmd->own;
-    memcpy(opts + n, common, sizeof common);
+        n = add_options(opts, n, &cmd->own, 1);
+    add_options(opts, n, end, N_OF(end));
 }
 
 static int parse(const data_cmd *cmd, int argc, char **argv, data_args *a)
 {
-    struct option opts[16];
+    struct option opts[MAX_OPTIONS];
     const char *v;
     uint64_t n;
     int c;
