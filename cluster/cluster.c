@@ -11,6 +11,8 @@
  * failure or Ctrl-C during up undoes everything up did.
  */
 #include "cluster.h"
+
+#include "cli_common.h"
 #include "proc.h"
 
 #include "http.h"
@@ -91,6 +93,35 @@ static int get_str(json_t *o, const char *k, const char *def, char *out, size_t 
     return 0;
 }
 
+/* Checks what the JSON types cannot: the names that go into shell commands and interface names,
+ * and the number of processes; fills in the default run directory. Returns 0, or 1 after
+ * printing the field at fault. */
+static int check_cfg(cfg *c)
+{
+    for (const char *p = c->name; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) || p - c->name >= 8)
+            return fail("config: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
+                        "network interfaces)");
+    if (!c->name[0])
+        return fail("config: \"name\" is empty");
+    for (const char *p = c->rate; *p; p++)
+        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.'))
+            return fail("config: netns.rate is a tc rate such as 10gbit or 500mbit");
+    int dots = 0;
+    for (const char *p = c->subnet; *p; p++) {
+        if (*p == '.')
+            dots++;
+        else if (*p < '0' || *p > '9')
+            dots = 99;
+    }
+    if (dots != 2)
+        return fail("config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
+    if (c->stores + c->prefill + c->decode + 1 > 200)
+        return fail("config: too many processes");
+    if (!c->run_dir[0])
+        snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
+    return 0;
+}
 static int load_cfg(const char *path, cfg *c)
 {
     memset(c, 0, sizeof *c);
@@ -129,29 +160,7 @@ static int load_cfg(const char *path, cfg *c)
         snprintf(c->subnet, sizeof c->subnet, "10.77.0");
     c->max_tokens = max_tokens;
     c->delay_ms = delay;
-    for (const char *p = c->name; *p; p++)
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) || p - c->name >= 8)
-            return fail("config: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
-                        "network interfaces)");
-    if (!c->name[0])
-        return fail("config: \"name\" is empty");
-    for (const char *p = c->rate; *p; p++)
-        if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.'))
-            return fail("config: netns.rate is a tc rate such as 10gbit or 500mbit");
-    int dots = 0;
-    for (const char *p = c->subnet; *p; p++) {
-        if (*p == '.')
-            dots++;
-        else if (*p < '0' || *p > '9')
-            dots = 99;
-    }
-    if (dots != 2)
-        return fail("config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
-    if (c->stores + c->prefill + c->decode + 1 > 200)
-        return fail("config: too many processes");
-    if (!c->run_dir[0])
-        snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
-    return 0;
+    return check_cfg(c);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -216,12 +225,11 @@ static int netns_hub(const cfg *c, char *shaping, size_t sl)
     return 0;
 }
 
-/* Makes host k's namespace, its veth into the hub and its shaping. */
+/* Makes host k's namespace (named p->ns), its veth into the hub and its shaping. */
 static int netns_host(const cfg *c, proc *p, int k, char *shaping, size_t sl)
 {
     char hub[64];
     ns_name(c, "hub", hub, sizeof hub);
-    ns_name(c, p->name, p->ns, sizeof p->ns);
     if (sh("ip netns add %s", p->ns) ||
         sh("ip link add eth0 netns %s type veth peer name v%d netns %s", p->ns, k, hub) ||
         sh("ip -n %s link set v%d master br0 up", hub, k) ||
@@ -365,6 +373,25 @@ static void stop_procs(proc *p, int np, int children)
 /* ------------------------------------------------------------------------------------------ */
 /* up */
 
+/* Exit status of an up that Ctrl-C (or SIGTERM) interrupted. */
+#define INTERRUPTED 130
+
+/* What up has started so far, and what its later steps need from the earlier ones. */
+typedef struct launch {
+    const cfg *c;
+    int netns;
+    proc p[MAX_PROCS]; /* started, in order; undo stops them in reverse */
+    int np;
+    char shaping[256]; /* how the links are shaped (--netns), for the last line and state.json */
+    char store_bin[1024], sched_bin[1024], engine_bin[1024];
+    char stores[2048];       /* the stores' addresses, comma-separated */
+    char store_events[2048]; /* their chunk-event endpoints, in the same order */
+    char cost[700];          /* the cost model calibrate measured */
+    char sched[160];         /* kvf-sched's address */
+} launch;
+
+/* Starts p as args (in p's namespace when it has one), its output in RUN_DIR/NAME.log, and waits
+ * for its ready line, whose listen= becomes p->addr. Returns 0, or 1 after printing why. */
 static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const env[])
 {
     char *argv[48];
@@ -394,26 +421,33 @@ static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const
     return 0;
 }
 
-/* The next process, and its host: with --netns a namespace of its own at address number *np,
+/* The next process, and its host: with --netns a namespace of its own at address number L->np,
  * listening on port 7400 (events on 7401); otherwise loopback, the process choosing its ports.
  * Returns NULL when the namespace cannot be made. */
-static proc *add_proc(const cfg *c, proc *p, int *np, const char *name, const char *kind, int netns,
-                      char *shaping, size_t sl, char listen[64], char events[64])
+static proc *add_proc(launch *L, const char *name, const char *kind, char listen[64],
+                      char events[64])
 {
-    proc *q = &p[(*np)++];
+    proc *q = &L->p[L->np++];
     memset(q, 0, sizeof *q);
     snprintf(q->name, sizeof q->name, "%s", name);
     snprintf(q->kind, sizeof q->kind, "%s", kind);
-    if (!netns) {
+    if (!L->netns) {
         snprintf(listen, 64, "127.0.0.1:0");
         snprintf(events, 64, "127.0.0.1:0");
         return q;
     }
-    if (netns_host(c, q, *np, shaping, sl) != 0)
+    ns_name(L->c, name, q->ns, sizeof q->ns);
+    if (netns_host(L->c, q, L->np, L->shaping, sizeof L->shaping) != 0)
         return NULL;
-    snprintf(listen, 64, "%s.%d:7400", c->subnet, *np);
-    snprintf(events, 64, "%s.%d:7401", c->subnet, *np);
+    snprintf(listen, 64, "%s.%d:7400", L->c->subnet, L->np);
+    snprintf(events, 64, "%s.%d:7401", L->c->subnet, L->np);
     return q;
+}
+
+static void append_to_list(char *list, size_t n, const char *item)
+{
+    size_t l = strlen(list);
+    snprintf(list + l, n - l, "%s%s", l ? "," : "", item);
 }
 
 static int mkdirs(const char *path)
@@ -431,167 +465,223 @@ static int mkdirs(const char *path)
     return mkdir(buf, 0755) != 0 && errno != EEXIST ? -1 : 0;
 }
 
-static int cmd_up(const cfg *c, int netns)
+/* Refuses a cluster whose state file names processes that are still alive. */
+static int refuse_if_up(const cfg *c)
 {
     proc p[MAX_PROCS];
-    int np = 0, was_netns;
-    if (read_state(c, p, &np, &was_netns) == 0) {
-        for (int i = 0; i < np; i++)
-            if (ours_alive(p[i].pid))
-                return fail("cluster \"%s\" is already up (%s/state.json); run kvf cluster down "
-                            "first",
-                            c->name, c->run_dir);
-    }
-    np = 0;
-    if (mkdirs(c->run_dir) != 0)
-        return fail("cannot create %s: %s", c->run_dir, strerror(errno));
+    int np = 0, netns;
+    if (read_state(c, p, &np, &netns) != 0)
+        return 0;
+    for (int i = 0; i < np; i++)
+        if (ours_alive(p[i].pid))
+            return fail("cluster \"%s\" is already up (%s/state.json); run kvf cluster down first",
+                        c->name, c->run_dir);
+    return 0;
+}
+
+/* Ctrl-C and SIGTERM set g_interrupted instead of ending up, so that it can undo what it did. */
+static void catch_interrupts(void)
+{
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_interrupt;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
-    char cmdlog[620], shaping[256] = "";
-    snprintf(cmdlog, sizeof cmdlog, "%s/netns.log", c->run_dir);
-    if (netns) {
-        g_cmdlog = fopen(cmdlog, "w");
-        setenv("KVF_CMDLOG", cmdlog, 1);
-        netns_down(c, p, 0); /* leftovers of a crashed run of the same name */
-        if (netns_hub(c, shaping, sizeof shaping) != 0) {
-            netns_down(c, p, 0);
-            return 1;
-        }
-    }
-    const char *store_bin = kvf__proc_find_bin("kvf-store");
-    char store_path[1024], sched_path[1024], engine_path[1024];
-    snprintf(store_path, sizeof store_path, "%s", store_bin);
-    snprintf(sched_path, sizeof sched_path, "%s", kvf__proc_find_bin("kvf-sched"));
-    snprintf(engine_path, sizeof engine_path, "%s", kvf__proc_find_bin("kvf-engine"));
+}
+
+/* The steps of up, in order. Each returns 0, 1 after printing why it failed, or INTERRUPTED;
+ * the first that does not return 0 ends up, and undo() reverses what the earlier ones did. */
+
+/* With --netns: the command log, and the hub that joins the hosts' namespaces. */
+static int begin_netns(launch *L)
+{
+    if (!L->netns)
+        return 0;
+    char cmdlog[620];
+    snprintf(cmdlog, sizeof cmdlog, "%s/netns.log", L->c->run_dir);
+    g_cmdlog = fopen(cmdlog, "w");
+    setenv("KVF_CMDLOG", cmdlog, 1);
+    netns_down(L->c, L->p, 0); /* leftovers of a crashed run of the same name */
+    return netns_hub(L->c, L->shaping, sizeof L->shaping);
+}
+
+/* Finds the daemons' programs and says what up is about to start. */
+static int announce(launch *L)
+{
+    const cfg *c = L->c;
+    snprintf(L->store_bin, sizeof L->store_bin, "%s", kvf__proc_find_bin("kvf-store"));
+    snprintf(L->sched_bin, sizeof L->sched_bin, "%s", kvf__proc_find_bin("kvf-sched"));
+    snprintf(L->engine_bin, sizeof L->engine_bin, "%s", kvf__proc_find_bin("kvf-engine"));
     printf("kvf cluster up \"%s\": %d store(s), 1 scheduler, %d prefill and %d decode engine(s), "
            "model %s, %s\n",
            c->name, c->stores, c->prefill, c->decode, c->model,
-           netns ? "one network namespace per host" : "loopback");
-    int rc = 0;
-    char listen[64], events[64], threads[16], maxt[24], stores[2048] = "", sched[160] = "";
-    char store_events[2048] = "";
+           L->netns ? "one network namespace per host" : "loopback");
+    return 0;
+}
+
+static int start_store(launch *L, int i)
+{
+    const cfg *c = L->c;
+    char node[16], name[32], threads[16], listen[64], events[64], ep[160];
+    snprintf(node, sizeof node, "%d", i);
+    snprintf(name, sizeof name, "store%d", i);
     snprintf(threads, sizeof threads, "%d", c->store_threads);
+    proc *q = add_proc(L, name, "store", listen, events);
+    if (!q)
+        return 1;
+    char *args[] = {L->store_bin, "--listen", listen,        "--memory", (char *)c->store_memory,
+                    "--threads",  threads,    "--log-level", "info",     "--events",
+                    events,       "--node",   node};
+    if (start_one(c, q, args, 13, NULL) != 0)
+        return 1;
+    /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
+    if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
+        append_to_list(L->store_events, sizeof L->store_events, ep);
+    append_to_list(L->stores, sizeof L->stores, q->addr);
+    return 0;
+}
+
+static int start_stores(launch *L)
+{
+    for (int i = 0; i < L->c->stores; i++) {
+        if (g_interrupted)
+            return INTERRUPTED;
+        if (start_store(L, i) != 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Waits for the calibration run pid to exit, unless Ctrl-C comes first: then it is one of ours to
+ * stop. Returns 0 with its wait status in *status, or -1 when it did not exit by itself. */
+static int wait_calibration(pid_t pid, int *status)
+{
+    pid_t w;
+    while ((w = waitpid(pid, status, 0)) < 0 && errno == EINTR && !g_interrupted)
+        ;
+    if (w == pid)
+        return 0;
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    return -1;
+}
+
+/* The scheduler's cost model, measured on this host by an engine of the model served
+ * (kvf-engine --calibrate), into L->cost. */
+static int calibrate(launch *L)
+{
+    static char *const env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
+    const cfg *c = L->c;
+    if (g_interrupted)
+        return INTERRUPTED;
+    char log[700], err[256];
+    snprintf(L->cost, sizeof L->cost, "%s/cost.json", c->run_dir);
+    snprintf(log, sizeof log, "%s/calibrate.log", c->run_dir);
+    unlink(log);
+    char *args[] = {L->engine_bin, "--calibrate", L->cost, "--model", (char *)c->model, NULL};
+    pid_t pid = kvf__proc_spawn_detached(args, log, env, err, sizeof err);
+    int st = 0;
+    int exited = pid > 0 && wait_calibration(pid, &st) == 0;
+    if (g_interrupted)
+        return INTERRUPTED;
+    if (!exited || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        return fail("calibrating the cost model failed (%s)", log);
+    printf("  cost model: %s (measured here; %s)\n", L->cost, log);
+    return 0;
+}
+
+static int start_sched(launch *L)
+{
+    const cfg *c = L->c;
+    if (g_interrupted)
+        return INTERRUPTED;
+    char listen[64], events[64], chunk[16];
+    proc *q = add_proc(L, "sched", "sched", listen, events);
+    if (!q)
+        return 1;
+    kvf_layout lay;
+    snprintf(chunk, sizeof chunk, "%u",
+             kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
+    char *args[] = {L->sched_bin, "--listen",       listen,         "--policy", (char *)c->policy,
+                    "--stores",   L->stores,        "--cost",       L->cost,    "--chunk-tokens",
+                    chunk,        "--store-events", L->store_events};
+    /* The last two arguments only when a store publishes events. */
+    if (start_one(c, q, args, L->store_events[0] ? 13 : 11, NULL) != 0)
+        return 1;
+    snprintf(L->sched, sizeof L->sched, "%s", q->addr);
+    return 0;
+}
+
+/* Engine i: the prefill engines first, then the decode engines. */
+static int start_engine(launch *L, int i)
+{
+    static char *const env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
+    const cfg *c = L->c;
+    int pre = i < c->prefill;
+    char name[32], listen[64], events[64], maxt[24];
+    snprintf(name, sizeof name, "%s%d", pre ? "prefill" : "decode", pre ? i : i - c->prefill);
     snprintf(maxt, sizeof maxt, "%ld", c->max_tokens);
-    for (int i = 0; i < c->stores && !g_interrupted; i++) {
-        char node[16], name[32];
-        snprintf(node, sizeof node, "%d", i);
-        snprintf(name, sizeof name, "store%d", i);
-        proc *q =
-            add_proc(c, p, &np, name, "store", netns, shaping, sizeof shaping, listen, events);
-        if (!q) {
-            rc = 1;
-            goto undo;
-        }
-        char *args[] = {store_path,  "--listen", listen,        "--memory", (char *)c->store_memory,
-                        "--threads", threads,    "--log-level", "info",     "--events",
-                        events,      "--node",   node};
-        if (start_one(c, q, args, 13, NULL) != 0) {
-            rc = 1;
-            goto undo;
-        }
-        /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
-        char ep[160];
-        if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0) {
-            size_t el = strlen(store_events);
-            snprintf(store_events + el, sizeof store_events - el, "%s%s", el ? "," : "", ep);
-        }
-        size_t l = strlen(stores);
-        snprintf(stores + l, sizeof stores - l, "%s%s", l ? "," : "", q->addr);
+    proc *q = add_proc(L, name, pre ? "prefill" : "decode", listen, events);
+    if (!q)
+        return 1;
+    char *args[] = {L->engine_bin, "--serve",        "--id",         q->name,  "--role",   q->kind,
+                    "--listen",    listen,           "--sched",      L->sched, "--events", events,
+                    "--model",     (char *)c->model, "--max-tokens", maxt,     "--cost",   L->cost};
+    return start_one(c, q, args, 18, env);
+}
+
+static int start_engines(launch *L)
+{
+    for (int i = 0; i < L->c->prefill + L->c->decode; i++) {
+        if (g_interrupted)
+            return INTERRUPTED;
+        if (start_engine(L, i) != 0)
+            return 1;
     }
-    /* The scheduler's cost model, measured on this host by an engine of the model served. */
-    char cost[700];
-    snprintf(cost, sizeof cost, "%s/cost.json", c->run_dir);
-    if (!g_interrupted) {
-        char *cal[] = {engine_path, "--calibrate", cost, "--model", (char *)c->model, NULL};
-        char clog[700], cerr[256];
-        snprintf(clog, sizeof clog, "%s/calibrate.log", c->run_dir);
-        unlink(clog);
-        static char *const cal_env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
-        pid_t cp = kvf__proc_spawn_detached(cal, clog, cal_env, cerr, sizeof cerr);
-        int cst = -1;
-        pid_t w = -1;
-        while (cp > 0 && (w = waitpid(cp, &cst, 0)) < 0 && errno == EINTR && !g_interrupted)
-            ;
-        if (cp > 0 && w != cp) { /* interrupted: the calibration is one of ours to stop */
-            kill(cp, SIGKILL);
-            waitpid(cp, NULL, 0);
-        }
-        if (g_interrupted) {
-            fprintf(stderr, "kvf cluster: interrupted: undoing\n");
-            rc = 130;
-            goto undo;
-        }
-        if (cp < 0 || w != cp || !WIFEXITED(cst) || WEXITSTATUS(cst) != 0) {
-            fail("calibrating the cost model failed (%s)", clog);
-            rc = 1;
-            goto undo;
-        }
-        printf("  cost model: %s (measured here; %s)\n", cost, clog);
-    }
-    if (!g_interrupted) {
-        proc *q =
-            add_proc(c, p, &np, "sched", "sched", netns, shaping, sizeof shaping, listen, events);
-        if (!q) {
-            rc = 1;
-            goto undo;
-        }
-        kvf_layout lay;
-        char chunk[16];
-        snprintf(chunk, sizeof chunk, "%u",
-                 kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
-        char *args[] = {sched_path, "--listen",       listen,      "--policy", (char *)c->policy,
-                        "--stores", stores,           "--cost",    cost,       "--chunk-tokens",
-                        chunk,      "--store-events", store_events};
-        if (start_one(c, q, args, store_events[0] ? 13 : 11, NULL) != 0) {
-            rc = 1;
-            goto undo;
-        }
-        snprintf(sched, sizeof sched, "%s", q->addr);
-    }
-    static char *const engine_env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
-    for (int i = 0; i < c->prefill + c->decode && !g_interrupted; i++) {
-        int pre = i < c->prefill;
-        char name[32];
-        snprintf(name, sizeof name, "%s%d", pre ? "prefill" : "decode", pre ? i : i - c->prefill);
-        proc *q = add_proc(c, p, &np, name, pre ? "prefill" : "decode", netns, shaping,
-                           sizeof shaping, listen, events);
-        if (!q) {
-            rc = 1;
-            goto undo;
-        }
-        char *args[] = {engine_path, "--serve",        "--id",         q->name, "--role",   q->kind,
-                        "--listen",  listen,           "--sched",      sched,   "--events", events,
-                        "--model",   (char *)c->model, "--max-tokens", maxt,    "--cost",   cost};
-        if (start_one(c, q, args, 18, engine_env) != 0) {
-            rc = 1;
-            goto undo;
-        }
-    }
+    return 0;
+}
+
+static int record_state(launch *L)
+{
+    if (g_interrupted)
+        return INTERRUPTED;
+    return write_state(L->c, L->p, L->np, L->netns, L->shaping);
+}
+
+static int (*const up_steps[])(launch *L) = {
+    begin_netns, announce, start_stores, calibrate, start_sched, start_engines, record_state,
+};
+
+/* Stops what up started and removes what it made. Returns the exit status: INTERRUPTED after
+ * Ctrl-C, whichever step noticed it first, else rc. */
+static int undo(launch *L, int rc)
+{
     if (g_interrupted) {
         fprintf(stderr, "kvf cluster: interrupted: undoing\n");
-        rc = 130;
-        goto undo;
+        rc = INTERRUPTED;
     }
-    if (write_state(c, p, np, netns, shaping) != 0) {
-        rc = 1;
-        goto undo;
-    }
-    printf("cluster \"%s\" is up: scheduler http://%s, state in %s/state.json%s%s\n", c->name,
-           sched, c->run_dir, shaping[0] ? "; links: " : "", shaping);
-    if (g_cmdlog)
-        fclose(g_cmdlog);
-    return 0;
-undo:
-    if (g_interrupted && rc != 130) { /* Ctrl-C, whichever step noticed it first */
-        fprintf(stderr, "kvf cluster: interrupted: undoing\n");
-        rc = 130;
-    }
-    stop_procs(p, np, 1);
-    if (netns)
-        netns_down(c, p, np);
+    stop_procs(L->p, L->np, 1);
+    if (L->netns)
+        netns_down(L->c, L->p, L->np);
+    return rc;
+}
+
+static int cmd_up(const cfg *c, int netns)
+{
+    if (refuse_if_up(c) != 0)
+        return 1;
+    if (mkdirs(c->run_dir) != 0)
+        return fail("cannot create %s: %s", c->run_dir, strerror(errno));
+    catch_interrupts();
+    launch L = {.c = c, .netns = netns};
+    int rc = 0;
+    for (size_t i = 0; i < sizeof up_steps / sizeof up_steps[0] && !rc; i++)
+        rc = up_steps[i](&L);
+    if (rc)
+        rc = undo(&L, rc);
+    else
+        printf("cluster \"%s\" is up: scheduler http://%s, state in %s/state.json%s%s\n", c->name,
+               L.sched, c->run_dir, L.shaping[0] ? "; links: " : "", L.shaping);
     if (g_cmdlog)
         fclose(g_cmdlog);
     g_cmdlog = NULL;
@@ -711,33 +801,87 @@ static int cmd_status(const cfg *c, int json)
     return alive_all ? 0 : 1;
 }
 
-int kvf_cluster_main(int argc, char **argv)
+/* ------------------------------------------------------------------------------------------ */
+/* Options */
+
+#define SYNOPSIS "kvf cluster up|down|status --config FILE [--netns] [--json]"
+
+enum {
+    OPT_CONFIG = KVF__CLI_OPT_OWN,
+    OPT_NETNS,
+};
+
+static const struct option cluster_opts[] = {
+    {"config", required_argument, NULL, OPT_CONFIG},
+    {"netns", no_argument, NULL, OPT_NETNS},
+    KVF__CLI_OPTS_JSON,
+    KVF__CLI_OPTS_HELP,
+    KVF__CLI_OPTS_END,
+};
+
+static const char cluster_usage[] =
+    "usage: " SYNOPSIS "\n"
+    "Starts (up), stops (down) or inspects (status) a kvfabric cluster on this machine: the\n"
+    "stores, kvf-sched, and the prefill and decode engines that FILE asks for.\n"
+    "  --config FILE                    the cluster, as JSON (see cluster/demo.json)\n"
+    "  --netns                          up: every process in a network namespace of its own,\n"
+    "                                   its link shaped as FILE says (needs root)\n"
+    "  --json                           status: one JSON object on stdout\n"
+    "exit status: 0 done (status: every process is up), 1 a step failed (status: a process\n"
+    "             is down), 2 a usage or configuration error, 3 status: no cluster is up,\n"
+    "             130 up was interrupted and undid what it had done\n";
+
+typedef struct cluster_args {
+    const char *action; /* up, down or status */
+    const char *config;
+    int netns, json;
+} cluster_args;
+
+/* argv[0] is "cluster", argv[1] the action, the options follow. */
+static int parse_cluster(int argc, char **argv, cluster_args *a)
 {
-    const char *config = NULL, *sub = argc > 1 ? argv[1] : "";
-    int netns = 0, json = 0;
-    for (int i = 2; i < argc; i++) {
-        if (!strcmp(argv[i], "--netns"))
-            netns = 1;
-        else if (!strcmp(argv[i], "--json"))
-            json = 1;
-        else if (!strcmp(argv[i], "--config") && i + 1 < argc)
-            config = argv[++i];
-        else
-            return fail("unknown option %s (usage: kvf cluster up|down|status --config FILE "
-                        "[--netns] [--json])",
-                        argv[i]) +
-                   1;
+    const char *v;
+    int c;
+    a->action = argc > 1 ? argv[1] : "";
+    if (!strcmp(a->action, "--help") || !strcmp(a->action, "-h")) {
+        fputs(cluster_usage, stdout);
+        return 0;
     }
-    if (strcmp(sub, "up") && strcmp(sub, "down") && strcmp(sub, "status"))
-        return fail("usage: kvf cluster up|down|status --config FILE [--netns] [--json]") + 1;
-    if (!config)
+    if (strcmp(a->action, "up") && strcmp(a->action, "down") && strcmp(a->action, "status"))
+        return fail("usage: " SYNOPSIS) + 1;
+    while ((c = kvf__cli_next_opt(argc - 1, argv + 1, cluster_opts, &v)) != 0) {
+        if (c == 'h') {
+            fputs(cluster_usage, stdout);
+            return 0;
+        } else if (c == OPT_CONFIG) {
+            a->config = v;
+        } else if (c == OPT_NETNS) {
+            a->netns = 1;
+        } else if (c == KVF__CLI_OPT_JSON) {
+            a->json = 1;
+        } else if (c == KVF__CLI_OPT_NOVALUE) {
+            return fail("%s needs a value (usage: " SYNOPSIS ")", v) + 1;
+        } else {
+            return fail("unknown option %s (usage: " SYNOPSIS ")", v) + 1;
+        }
+    }
+    if (!a->config)
         return fail("--config FILE is required (see cluster/demo.json)") + 1;
+    return KVF__CLI_RUN;
+}
+
+int kvf__cli_cluster(int argc, char **argv)
+{
+    cluster_args a = {0};
+    int rc = parse_cluster(argc, argv, &a);
+    if (rc != KVF__CLI_RUN)
+        return rc;
     cfg c;
-    if (load_cfg(config, &c) != 0)
+    if (load_cfg(a.config, &c) != 0)
         return 2;
-    if (!strcmp(sub, "up"))
-        return cmd_up(&c, netns);
-    if (!strcmp(sub, "down"))
+    if (!strcmp(a.action, "up"))
+        return cmd_up(&c, a.netns);
+    if (!strcmp(a.action, "down"))
         return cmd_down(&c);
-    return cmd_status(&c, json);
+    return cmd_status(&c, a.json);
 }

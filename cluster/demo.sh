@@ -25,7 +25,7 @@ cmake --preset default >/dev/null
 cmake --build build -j "$jobs" --target kvf-store kvf-sched kvf-engine kvf_cli kvf-bench >/dev/null
 
 config=cluster/demo.json
-kvf=build/cluster/kvf
+kvf=build/bin/kvf
 down() { "$kvf" cluster down --config "$config" || true; }
 trap down EXIT
 trap 'exit 130' INT TERM
@@ -39,7 +39,7 @@ echo "==== starting the cluster ($config)"
 # the run without kvfabric has none). Each 512-token trace block becomes 64 tokens and each
 # output 1/8 of its length (at most 64), so the 2-core reference engines keep up.
 echo "==== replaying the trace with and without kvfabric"
-build/bench/kvf-bench e2e --config "$config" --trace data/traces/conversation_head1600.jsonl \
+build/bin/kvf-bench e2e --config "$config" --trace data/traces/conversation_head1600.jsonl \
   --start 1000 --warmup 500 --max-requests 400 --time-scale 3 --block-tokens 64 \
   --max-input 4096 --max-output 64 --out build/cluster/demo/e2e "${extra[@]}"
 
