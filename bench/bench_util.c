@@ -1,6 +1,7 @@
 #include "bench_util.h"
 
 #include "proc.h"
+#include "units.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -17,6 +18,56 @@
 #include <unistd.h>
 
 #include <netinet/in.h>
+
+/* Reads value into opt's variable. Returns 0, or -1 where a checked kind's value does not parse. */
+static int read_value(const bench_opt *opt, const char *value)
+{
+    switch (opt->kind) {
+    case BENCH_OPT_FLAG:
+        *opt->flag = 1;
+        return 0;
+    case BENCH_OPT_STR:
+        *opt->str = value;
+        return 0;
+    case BENCH_OPT_INT:
+        *opt->i = atoi(value);
+        return 0;
+    case BENCH_OPT_LONG:
+        *opt->l = atol(value);
+        return 0;
+    case BENCH_OPT_REAL:
+        *opt->d = atof(value);
+        return 0;
+    case BENCH_OPT_REAL_CHECKED:
+        return sscanf(value, "%lf", opt->d) == 1 ? 0 : -1;
+    case BENCH_OPT_SIZE:
+        return kvf__parse_size(value, opt->size);
+    }
+    return -1;
+}
+
+int bench_opts_parse(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
+                     const char **unknown)
+{
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        const bench_opt *opt = NULL;
+        for (size_t k = 0; k < n && !opt; k++)
+            if (!strcmp(a, table[k].name) && (table[k].kind == BENCH_OPT_FLAG || v))
+                opt = &table[k];
+        if (!opt) {
+            *unknown = a;
+            return BENCH_OPTS_UNKNOWN;
+        }
+        if (opt->kind != BENCH_OPT_FLAG)
+            i++;
+        if (read_value(opt, v) != 0) {
+            fprintf(stderr, "kvf-bench %s: cannot parse %s %s\n", bench, a, v);
+            return BENCH_OPTS_BAD_VALUE;
+        }
+    }
+    return 0;
+}
 
 double bench_now(void)
 {
@@ -68,9 +119,32 @@ void bench_progress(const char *bench, const char *fmt, ...)
 int bench_start_store(bench_proc *p, const char *bin, const char *memory, const char *extra)
 {
     char err[640];
+    if (!bin)
+        bin = kvf__proc_find_bin("kvf-store");
     p->pid = kvf__proc_start_store(bin, memory, extra, 20000, &p->port, err, sizeof err);
     if (p->pid < 0) {
         fprintf(stderr, "kvf-bench: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+int bench_store_client_open(const char *bench, bench_proc *store, const char *bin,
+                            const char *memory, const char *extra, const char *host,
+                            const kvf_client_opts *co, kvf_client **cl)
+{
+    if (bench_start_store(store, bin, memory, extra) != 0)
+        return -1;
+    char addr[300];
+    snprintf(addr, sizeof addr, "%s:%u", host, store->port);
+    const char *nodes[1] = {addr};
+    kvf_client_opts one = *co;
+    one.nodes = nodes;
+    one.n_nodes = 1;
+    char err[256];
+    if (kvf_client_open(cl, &one, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench %s: %s\n", bench, err);
+        bench_stop(store);
         return -1;
     }
     return 0;
@@ -158,6 +232,18 @@ void bench_stop(bench_proc *p)
     kill(p->pid, SIGKILL);
     waitpid(p->pid, NULL, 0);
     p->pid = 0;
+}
+
+json_t *bench_result_new(const char *bench)
+{
+    json_t *res = json_object();
+    json_object_set_new(res, "bench", json_string(bench));
+    return res;
+}
+
+void bench_json_real(json_t *result, const char *key, double v)
+{
+    json_object_set_new(result, key, json_real(v));
 }
 
 void bench_emit(json_t *result, int json)

@@ -1,24 +1,72 @@
 /*
- * Helpers shared by the kvf-bench subcommands: starting daemons on free loopback ports, timing,
- * percentiles, reading a process's RSS, and a JSON result that every figure goes into with its
- * label (real, simulated or backend_infeasible).
+ * Helpers shared by the kvf-bench subcommands: reading their options from a table, starting
+ * daemons on free loopback ports, timing, percentiles, reading a process's RSS, and a JSON result
+ * that every figure goes into with its label (real, simulated or backend_infeasible).
  */
 #ifndef KVF_BENCH_UTIL_H
 #define KVF_BENCH_UTIL_H
+
+#include "kvf/client.h"
 
 #include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
+/* How an option's value is read. The unchecked kinds keep the C library's reading (a value that is
+ * not a number reads as 0), which is how the subcommands that use them have always read their
+ * options; the checked kinds refuse such a value. */
+typedef enum bench_opt_kind {
+    BENCH_OPT_FLAG,         /* no value: sets *flag to 1 */
+    BENCH_OPT_STR,          /* *str, borrowed from argv */
+    BENCH_OPT_INT,          /* *i, unchecked (atoi) */
+    BENCH_OPT_LONG,         /* *l, unchecked (atol) */
+    BENCH_OPT_REAL,         /* *d, unchecked (atof) */
+    BENCH_OPT_REAL_CHECKED, /* *d, checked */
+    BENCH_OPT_SIZE,         /* *size, a byte count such as 256M (kvf__parse_size), checked */
+} bench_opt_kind;
+
+/* One option of a subcommand: its name ("--streams") and, by its kind, the variable its value
+ * goes into. */
+typedef struct bench_opt {
+    const char *name;
+    bench_opt_kind kind;
+    union {
+        int *flag, *i;
+        long *l;
+        double *d;
+        const char **str;
+        uint64_t *size;
+    };
+} bench_opt;
+
+#define BENCH_OPTS_UNKNOWN   (-1)
+#define BENCH_OPTS_BAD_VALUE (-2)
+
+/* Reads argv against the n options of table, in order, each value into its variable. Returns 0;
+ * or BENCH_OPTS_UNKNOWN with *unknown set to the first argument that names no option of table (or
+ * names one that takes a value and has none), so that the caller words its usage its own way; or
+ * BENCH_OPTS_BAD_VALUE after "kvf-bench BENCH: cannot parse NAME VALUE" on stderr, where a checked
+ * value does not parse. The values read before a failure stay written. */
+int bench_opts_parse(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
+                     const char **unknown);
+
 typedef struct bench_proc {
     pid_t pid;
     uint16_t port;
 } bench_proc;
 
-/* Starts kvf-store (found beside this binary, or --store-bin) on 127.0.0.1:0 and waits for its
+/* Starts kvf-store (bin; NULL: the one beside this binary) on 127.0.0.1:0 and waits for its
  * ready line. Returns 0 or -1 with a message on stderr. */
 int bench_start_store(bench_proc *p, const char *bin, const char *memory, const char *extra);
+/* Starts kvf-store as bench_start_store() does and opens a client to it at host (an address of
+ * the store's; the port is the one it listens on), with co's options but its node list, which
+ * becomes that one store. Returns 0, or -1 with the reason on stderr ("kvf-bench BENCH: ..." where
+ * the client fails) and no store left running. The caller owns both: kvf_client_close(), then
+ * bench_stop(). */
+int bench_store_client_open(const char *bench, bench_proc *store, const char *bin,
+                            const char *memory, const char *extra, const char *host,
+                            const kvf_client_opts *co, kvf_client **cl);
 /* Starts redis-server with persistence off on a free loopback port and waits until it answers.
  * Returns 0, or -1 when redis-server is missing or does not start. */
 int bench_start_redis(bench_proc *p);
@@ -39,7 +87,12 @@ void bench_progress(const char *bench, const char *fmt, ...) __attribute__((form
 int bench_plot_bars(const char *png, const char *title, const char *ylabel,
                     const char *const *labels, const double *values, const int *groups, size_t n);
 
-/* Prints the human table rows collected and, with json, the object as one line. */
+/* A result object opening with "bench": bench, as every subcommand's does. Caller owns the
+ * result; free with json_decref(). */
+json_t *bench_result_new(const char *bench);
+/* Sets key of result to the number v. */
+void bench_json_real(json_t *result, const char *key, double v);
+/* Prints the object as one line, with json; nothing without. */
 void bench_emit(json_t *result, int json);
 
 #endif

@@ -14,7 +14,6 @@
  */
 #include "bench.h"
 #include "bench_util.h"
-#include "proc.h"
 #include "engine.h"
 
 #include "kvf/kvf.h"
@@ -124,13 +123,49 @@ static void make_prompt(uint32_t *t, size_t n, uint32_t vocab)
     }
 }
 
+/* What the engine runs share: the model, the local kvf-store, the connector the engines load and
+ * save through, and a client that clears and evicts chunks between runs. */
 typedef struct env {
     const char *model;
     kvfe_model m;
-    char addr[64];
+    bench_proc store;
     kvf_connector *cn;
     kvf_client *cl;
 } env;
+
+/* Starts the local kvf-store (3 GiB; bin NULL: the one beside this binary) and opens the
+ * connector and the client to it. Returns 0, or -1 with the reason on stderr and no store left
+ * running. */
+static int env_open(env *ev, const char *bin)
+{
+    kvf_keyspace ks;
+    kvf_keyspace_init(&ks, &ev->m.layout, NULL, 0);
+    kvf_client_opts clo = {.ns = ks.seed};
+    if (bench_store_client_open("connector", &ev->store, bin, "3G", NULL, "127.0.0.1", &clo,
+                                &ev->cl) != 0)
+        return -1;
+    char addr[64], err[256];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", ev->store.port);
+    const char *nodes[1] = {addr};
+    kvf_connector_opts co = {
+        .nodes = nodes, .n_nodes = 1, .layout = ev->m.layout, .deadline_ms = 30000};
+    if (kvf_connector_open(&ev->cn, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench connector: %s\n", err);
+        goto out_close_client;
+    }
+    return 0;
+out_close_client:
+    kvf_client_close(&ev->cl);
+    bench_stop(&ev->store);
+    return -1;
+}
+
+static void env_close(env *ev)
+{
+    kvf_client_close(&ev->cl);
+    kvf_connector_close(&ev->cn);
+    bench_stop(&ev->store);
+}
 
 static kvfe_engine *engine_new(env *ev, int with_cn, int no_overlap, uint32_t max_tokens)
 {
@@ -260,90 +295,54 @@ static overlap_res overlap(env *ev, size_t n)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Options and reporting */
 
-int bench_connector_main(int argc, char **argv)
+static void usage(void)
 {
-    opts o = {.model = NULL};
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--quick"))
-            o.quick = 1;
-        else if (!strcmp(a, "--json"))
-            o.json = 1;
-        else if (!strcmp(a, "--model") && v)
-            o.model = argv[++i];
-        else if (!strcmp(a, "--store-bin") && v)
-            o.store_bin = argv[++i];
-        else if (!strcmp(a, "--plot") && v)
-            o.plot = argv[++i];
-        else {
-            fprintf(stderr,
-                    "usage: kvf-bench connector [--quick] [--json] [--model ref-tiny|ref-100m] "
+    fprintf(stderr, "usage: kvf-bench connector [--quick] [--json] [--model ref-tiny|ref-100m] "
                     "[--store-bin PATH] [--plot FILE.png]\n");
-            return 2;
-        }
-    }
-    if (!o.model)
-        o.model = o.quick ? "ref-tiny" : "ref-100m";
-    if (!o.store_bin)
-        o.store_bin = kvf__proc_find_bin("kvf-store");
-    env ev = {.model = o.model};
-    if (kvfe_model_preset(o.model, &ev.m) != 0) {
-        fprintf(stderr, "kvf-bench connector: unknown model %s\n", o.model);
-        return 2;
-    }
-    json_t *res = json_object();
-    json_object_set_new(res, "bench", json_string("connector"));
-    json_object_set_new(res, "label", json_string("real"));
-    json_object_set_new(res, "quick", json_boolean(o.quick));
-    json_object_set_new(res, "ttft_model", json_string(o.model));
-    json_object_set_new(res, "transport", json_string("tcp"));
+}
 
-    bench_progress("connector", "memcpy, gather and scatter of 256 random 64 KiB pages");
-    pages_res pr = page_moves(o.quick ? 1.0 : 3.0);
-
-    bench_proc store = {0};
-    if (bench_start_store(&store, o.store_bin, "3G", NULL) != 0) {
-        json_decref(res);
-        return 1;
+/* Reads the options into o; the model follows --quick unless named. Returns 0, or -1 with the
+ * usage on stderr. */
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.model = NULL};
+    const bench_opt table[] = {
+        {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
+        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
+        {"--model", BENCH_OPT_STR, .str = &o->model},
+        {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
+        {"--plot", BENCH_OPT_STR, .str = &o->plot},
+    };
+    const char *unknown;
+    if (bench_opts_parse("connector", table, sizeof table / sizeof table[0], argc, argv,
+                         &unknown) != 0) {
+        usage();
+        return -1;
     }
-    snprintf(ev.addr, sizeof ev.addr, "127.0.0.1:%u", store.port);
-    const char *nodes[1] = {ev.addr};
-    kvf_connector_opts co = {
-        .nodes = nodes, .n_nodes = 1, .layout = ev.m.layout, .deadline_ms = 30000};
-    char err[256];
-    kvf_keyspace ks;
-    kvf_keyspace_init(&ks, &ev.m.layout, NULL, 0);
-    kvf_client_opts clo = {.nodes = nodes, .n_nodes = 1, .ns = ks.seed};
-    if (kvf_connector_open(&ev.cn, &co, err, sizeof err) != 0 ||
-        kvf_client_open(&ev.cl, &clo, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench connector: %s\n", err);
-        bench_stop(&store);
-        json_decref(res);
-        return 1;
-    }
-    overlap_res ov = overlap(&ev, 2048);
-    ttft_row rows[2] = {ttft(&ev, 2048), ttft(&ev, 8192)};
-    kvf_connector_stats cs;
-    kvf_connector_stats_get(ev.cn, &cs);
-    kvf_client_close(&ev.cl);
-    kvf_connector_close(&ev.cn);
-    bench_stop(&store);
+    if (!o->model)
+        o->model = o->quick ? "ref-tiny" : "ref-100m";
+    return 0;
+}
 
+static void print_report(const opts *o, const pages_res *pr, const overlap_res *ov,
+                         const ttft_row rows[2])
+{
     printf("kvf-bench connector: real, %ld cores%s\n", sysconf(_SC_NPROCESSORS_ONLN),
-           o.quick ? ", quick (TTFT on ref-tiny)" : "");
-    printf("  %-44s %7.2f GB/s\n", "memcpy ceiling, 16 MiB", pr.memcpy_gbps);
+           o->quick ? ", quick (TTFT on ref-tiny)" : "");
+    printf("  %-44s %7.2f GB/s\n", "memcpy ceiling, 16 MiB", pr->memcpy_gbps);
     printf("  %-44s %7.2f GB/s   %.2f x memcpy\n", "gather, 256 random 64 KiB pages",
-           pr.gather_gbps, pr.gather_gbps / pr.memcpy_gbps);
+           pr->gather_gbps, pr->gather_gbps / pr->memcpy_gbps);
     printf("  %-44s %7.2f GB/s   %.2f x memcpy\n", "scatter, 256 random 64 KiB pages",
-           pr.scatter_gbps, pr.scatter_gbps / pr.memcpy_gbps);
-    printf("  %s, %zu tokens, %zu cached:\n", o.model, ov.tokens, ov.cached);
-    printf("    %-42s %7.1f ms\n", "prefill with layerwise overlap", ov.overlapped_s * 1e3);
+           pr->scatter_gbps, pr->scatter_gbps / pr->memcpy_gbps);
+    printf("  %s, %zu tokens, %zu cached:\n", o->model, ov->tokens, ov->cached);
+    printf("    %-42s %7.1f ms\n", "prefill with layerwise overlap", ov->overlapped_s * 1e3);
     printf("    %-42s %7.1f ms (transfer %.1f ms + compute %.1f ms)\n",
-           "prefill with the whole load first", ov.serial_s * 1e3, ov.transfer_s * 1e3,
-           ov.compute_s * 1e3);
-    printf("    %-42s %7.2f\n", "overlap efficiency", ov.efficiency);
-    printf("  TTFT of kvf-engine %s (speedup against a full recompute):\n", o.model);
+           "prefill with the whole load first", ov->serial_s * 1e3, ov->transfer_s * 1e3,
+           ov->compute_s * 1e3);
+    printf("    %-42s %7.2f\n", "overlap efficiency", ov->efficiency);
+    printf("  TTFT of kvf-engine %s (speedup against a full recompute):\n", o->model);
     printf("    %-8s %12s %12s %12s %12s %10s\n", "tokens", "recompute", "0% cached", "50% cached",
            "90% cached", "identical");
     for (int i = 0; i < 2; i++)
@@ -351,57 +350,97 @@ int bench_connector_main(int argc, char **argv)
                rows[i].full_s * 1e3, rows[i].t0_s * 1e3, rows[i].full_s / rows[i].t0_s,
                rows[i].t50_s * 1e3, rows[i].full_s / rows[i].t50_s, rows[i].t90_s * 1e3,
                rows[i].full_s / rows[i].t90_s, rows[i].identical ? "yes" : "NO");
+}
 
-    if (o.plot) {
-        const char *labels[] = {"recompute 2K", "50% cached 2K", "90% cached 2K",
-                                "recompute 8K", "50% cached 8K", "90% cached 8K"};
-        double vals[] = {rows[0].full_s * 1e3, rows[0].t50_s * 1e3, rows[0].t90_s * 1e3,
-                         rows[1].full_s * 1e3, rows[1].t50_s * 1e3, rows[1].t90_s * 1e3};
-        int groups[] = {0, 1, 1, 0, 1, 1};
-        char title[160];
-        snprintf(title, sizeof title,
-                 "kvf-engine %s time to first token, real (recompute grey, kvfabric blue)",
-                 o.model);
-        if (bench_plot_bars(o.plot, title, "TTFT (ms)", labels, vals, groups, 6) == 0)
-            printf("  plot: %s\n", o.plot);
-    }
+/* The TTFT bars of both prompt sizes to png; says so on stdout once written. */
+static void plot_ttft(const char *png, const char *model, const ttft_row rows[2])
+{
+    const char *labels[] = {"recompute 2K", "50% cached 2K", "90% cached 2K",
+                            "recompute 8K", "50% cached 8K", "90% cached 8K"};
+    double vals[] = {rows[0].full_s * 1e3, rows[0].t50_s * 1e3, rows[0].t90_s * 1e3,
+                     rows[1].full_s * 1e3, rows[1].t50_s * 1e3, rows[1].t90_s * 1e3};
+    int groups[] = {0, 1, 1, 0, 1, 1};
+    char title[160];
+    snprintf(title, sizeof title,
+             "kvf-engine %s time to first token, real (recompute grey, kvfabric blue)", model);
+    if (bench_plot_bars(png, title, "TTFT (ms)", labels, vals, groups, 6) == 0)
+        printf("  plot: %s\n", png);
+}
 
-#define NUM(k, v) json_object_set_new(res, k, json_real(v))
-    NUM("memcpy_gbps", pr.memcpy_gbps);
-    NUM("gather_gbps", pr.gather_gbps);
-    NUM("scatter_gbps", pr.scatter_gbps);
-    NUM("gather_vs_memcpy", pr.gather_gbps / pr.memcpy_gbps);
-    NUM("scatter_vs_memcpy", pr.scatter_gbps / pr.memcpy_gbps);
-    NUM("overlap_prefill_ms", ov.overlapped_s * 1e3);
-    NUM("serial_prefill_ms", ov.serial_s * 1e3);
-    NUM("transfer_ms", ov.transfer_s * 1e3);
-    NUM("compute_ms", ov.compute_s * 1e3);
-    NUM("overlap_efficiency", ov.efficiency);
+static void add_figures(json_t *res, const pages_res *pr, const overlap_res *ov,
+                        const ttft_row rows[2], const kvf_connector_stats *cs)
+{
+    bench_json_real(res, "memcpy_gbps", pr->memcpy_gbps);
+    bench_json_real(res, "gather_gbps", pr->gather_gbps);
+    bench_json_real(res, "scatter_gbps", pr->scatter_gbps);
+    bench_json_real(res, "gather_vs_memcpy", pr->gather_gbps / pr->memcpy_gbps);
+    bench_json_real(res, "scatter_vs_memcpy", pr->scatter_gbps / pr->memcpy_gbps);
+    bench_json_real(res, "overlap_prefill_ms", ov->overlapped_s * 1e3);
+    bench_json_real(res, "serial_prefill_ms", ov->serial_s * 1e3);
+    bench_json_real(res, "transfer_ms", ov->transfer_s * 1e3);
+    bench_json_real(res, "compute_ms", ov->compute_s * 1e3);
+    bench_json_real(res, "overlap_efficiency", ov->efficiency);
     const char *sz[2] = {"2k", "8k"};
     for (int i = 0; i < 2; i++) {
         char k[64];
         snprintf(k, sizeof k, "ttft_full_ms_%s", sz[i]);
-        NUM(k, rows[i].full_s * 1e3);
+        bench_json_real(res, k, rows[i].full_s * 1e3);
         snprintf(k, sizeof k, "ttft_0pct_ms_%s", sz[i]);
-        NUM(k, rows[i].t0_s * 1e3);
+        bench_json_real(res, k, rows[i].t0_s * 1e3);
         snprintf(k, sizeof k, "ttft_50pct_ms_%s", sz[i]);
-        NUM(k, rows[i].t50_s * 1e3);
+        bench_json_real(res, k, rows[i].t50_s * 1e3);
         snprintf(k, sizeof k, "ttft_90pct_ms_%s", sz[i]);
-        NUM(k, rows[i].t90_s * 1e3);
+        bench_json_real(res, k, rows[i].t90_s * 1e3);
         snprintf(k, sizeof k, "ttft_speedup_0pct_%s", sz[i]);
-        NUM(k, rows[i].full_s / rows[i].t0_s);
+        bench_json_real(res, k, rows[i].full_s / rows[i].t0_s);
         snprintf(k, sizeof k, "ttft_speedup_50pct_%s", sz[i]);
-        NUM(k, rows[i].full_s / rows[i].t50_s);
+        bench_json_real(res, k, rows[i].full_s / rows[i].t50_s);
         snprintf(k, sizeof k, "ttft_speedup_90pct_%s", sz[i]);
-        NUM(k, rows[i].full_s / rows[i].t90_s);
+        bench_json_real(res, k, rows[i].full_s / rows[i].t90_s);
         snprintf(k, sizeof k, "logits_identical_%s", sz[i]);
         json_object_set_new(res, k, json_boolean(rows[i].identical));
     }
-    json_object_set_new(res, "connector_batches", json_integer((json_int_t)cs.batches));
-    json_object_set_new(res, "connector_load_bytes", json_integer((json_int_t)cs.load_bytes));
-    json_object_set_new(res, "connector_save_bytes", json_integer((json_int_t)cs.save_bytes));
-#undef NUM
+    json_object_set_new(res, "connector_batches", json_integer((json_int_t)cs->batches));
+    json_object_set_new(res, "connector_load_bytes", json_integer((json_int_t)cs->load_bytes));
+    json_object_set_new(res, "connector_save_bytes", json_integer((json_int_t)cs->save_bytes));
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+int bench_connector_main(int argc, char **argv)
+{
+    opts o;
+    if (parse(argc, argv, &o) != 0)
+        return 2;
+    env ev = {.model = o.model};
+    if (kvfe_model_preset(o.model, &ev.m) != 0) {
+        fprintf(stderr, "kvf-bench connector: unknown model %s\n", o.model);
+        return 2;
+    }
+    int rc = 1;
+    json_t *res = bench_result_new("connector");
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "quick", json_boolean(o.quick));
+    json_object_set_new(res, "ttft_model", json_string(o.model));
+    json_object_set_new(res, "transport", json_string("tcp"));
+
+    bench_progress("connector", "memcpy, gather and scatter of 256 random 64 KiB pages");
+    pages_res pr = page_moves(o.quick ? 1.0 : 3.0);
+    if (env_open(&ev, o.store_bin) != 0)
+        goto out_decref_res;
+    overlap_res ov = overlap(&ev, 2048);
+    ttft_row rows[2] = {ttft(&ev, 2048), ttft(&ev, 8192)};
+    kvf_connector_stats cs;
+    kvf_connector_stats_get(ev.cn, &cs);
+    env_close(&ev);
+
+    print_report(&o, &pr, &ov, rows);
+    if (o.plot)
+        plot_ttft(o.plot, o.model, rows);
+    add_figures(res, &pr, &ov, rows, &cs);
     bench_emit(res, o.json);
+    rc = rows[0].identical && rows[1].identical ? 0 : 1;
+out_decref_res:
     json_decref(res);
-    return rows[0].identical && rows[1].identical ? 0 : 1;
+    return rc;
 }

@@ -436,97 +436,149 @@ typedef struct result {
     double wall_s;
 } result;
 
-static int run(req *reqs, size_t n, int ninst, kvf_policy pol, const kvf_sched_cost *cost,
-               double scale, double slo, uint32_t dev_blocks, uint32_t store_blocks, result *out)
+/* One replay's inputs, shared by every policy and time scale it runs at. The requests' result
+ * fields are rewritten by each run. */
+typedef struct replay {
+    req *r;
+    size_t n;
+    int ninst;
+    kvf_sched_cost cost;
+    double slo;
+    uint32_t dev_blocks, store_blocks;
+} replay;
+
+/* A fresh simulated cluster for rp under policy pol: a scheduler with rp->ninst instances, their
+ * device caches and the store, all empty, and every request not yet seen. Returns 0, or -1 where
+ * the scheduler cannot be made. */
+static int sim_open(sim *S, replay *rp, kvf_policy pol)
 {
-    double t0 = bench_now();
-    sim S;
-    memset(&S, 0, sizeof S);
-    S.policy = pol;
-    S.cost = *cost;
-    S.r = reqs;
-    S.n = n;
-    S.ni = ninst;
-    S.slo = slo;
+    memset(S, 0, sizeof *S);
+    S->policy = pol;
+    S->cost = rp->cost;
+    S->r = rp->r;
+    S->n = rp->n;
+    S->ni = rp->ninst;
+    S->slo = rp->slo;
     kvf_sched_opts so = {.policy = pol,
-                         .cost = *cost,
+                         .cost = rp->cost,
                          .store_chunk_tokens = BLOCK,
-                         .expected_blocks = (size_t)dev_blocks * (size_t)ninst / 2 + 1024};
-    if (kvf_sched_new(&S.s, &so) != 0)
+                         .expected_blocks = (size_t)rp->dev_blocks * (size_t)rp->ninst / 2 + 1024};
+    if (kvf_sched_new(&S->s, &so) != 0)
         return -1;
-    S.in = calloc((size_t)ninst, sizeof *S.in);
-    lru_init(&S.store, store_blocks);
-    for (int i = 0; i < ninst; i++) {
+    S->in = calloc((size_t)rp->ninst, sizeof *S->in);
+    lru_init(&S->store, rp->store_blocks);
+    for (int i = 0; i < rp->ninst; i++) {
         kvf_instance_info info;
         memset(&info, 0, sizeof info);
         snprintf(info.id, sizeof info.id, "sim-%d", i);
         info.role = KVF_ROLE_BOTH;
         info.block_tokens = BLOCK;
-        info.capacity_blocks = dev_blocks;
-        kvf_sched_instance_add(S.s, &info, &S.in[i].idx);
-        lru_init(&S.in[i].cache, dev_blocks);
-        S.in[i].running = -1;
+        info.capacity_blocks = rp->dev_blocks;
+        kvf_sched_instance_add(S->s, &info, &S->in[i].idx);
+        lru_init(&S->in[i].cache, rp->dev_blocks);
+        S->in[i].running = -1;
     }
-    for (size_t i = 0; i < n; i++) {
-        reqs[i].done = reqs[i].rejected = 0;
-        reqs[i].ttft = 0;
+    for (size_t i = 0; i < rp->n; i++) {
+        rp->r[i].done = rp->r[i].rejected = 0;
+        rp->r[i].ttft = 0;
     }
-    /* Event loop: the next event is either the next arrival or the earliest prefill end. */
+    return 0;
+}
+
+static void sim_close(sim *S)
+{
+    for (int i = 0; i < S->ni; i++) {
+        lru_free(&S->in[i].cache);
+        free(S->in[i].queue);
+        free(S->in[i].decode_ends);
+    }
+    free(S->in);
+    free(S->pick_cached);
+    free(S->pick_work);
+    lru_free(&S->store);
+    free(S->tok);
+    free(S->keys);
+    kvf_sched_destroy(&S->s);
+}
+
+/* Request ri arrives at now: the scheduler places it, or rejects it, and it joins the prefill
+ * queue of the instance it was placed on. */
+static void arrive(sim *S, size_t ri, double now)
+{
+    req *q = &S->r[ri];
+    q->arr_s = now;
+    tokens_of(S, q);
+    size_t nk = q->in_len / BLOCK < q->n_ids ? q->in_len / BLOCK : q->n_ids;
+    kvf_place_req pr = {.tokens = S->tok,
+                        .n_tokens = q->in_len,
+                        .chunk_keys = S->keys,
+                        .n_chunks = nk,
+                        .output_tokens = q->out_len,
+                        .slo_ttft_s = S->slo};
+    kvf_place_res res;
+    if (kvf_sched_place(S->s, &pr, &res) != 0 || res.rejected) {
+        q->rejected = 1;
+        return;
+    }
+    inst_state *I = &S->in[res.prefill];
+    q->inst = res.prefill;
+    q_push(I, (int)ri);
+    q->est_s = res.prefill_s;
+    I->queued_est_s += q->est_s;
+    I->queued_raw_tok += q->in_len;
+    if (I->running < 0)
+        start_next(S, I, now);
+    report_load(S, I, now);
+}
+
+/* The instance whose running prefill ends first, with that time in *t; -1 when none runs. */
+static int first_to_finish(const sim *S, double *t)
+{
+    int fi = -1;
+    *t = INFINITY;
+    for (int i = 0; i < S->ni; i++)
+        if (S->in[i].running >= 0 && S->in[i].busy_until < *t) {
+            *t = S->in[i].busy_until;
+            fi = i;
+        }
+    return fi;
+}
+
+/* The event loop, with arrivals scale times faster than the trace's: the next event is either
+ * the next arrival or the earliest prefill end, until neither is left. */
+static void simulate(sim *S, double scale)
+{
     size_t next = 0;
     for (;;) {
-        double ta = next < n ? reqs[next].arrival / scale : INFINITY;
-        int fi = -1;
-        double tf = INFINITY;
-        for (int i = 0; i < ninst; i++)
-            if (S.in[i].running >= 0 && S.in[i].busy_until < tf) {
-                tf = S.in[i].busy_until;
-                fi = i;
-            }
+        double ta = next < S->n ? S->r[next].arrival / scale : INFINITY;
+        double tf;
+        int fi = first_to_finish(S, &tf);
         if (ta == INFINITY && fi < 0)
             break;
         if (fi >= 0 && tf <= ta) {
-            finish(&S, &S.in[fi], tf);
+            finish(S, &S->in[fi], tf);
             continue;
         }
-        req *q = &reqs[next];
-        size_t ri = next++;
-        q->arr_s = ta;
-        tokens_of(&S, q);
-        size_t nk = q->in_len / BLOCK < q->n_ids ? q->in_len / BLOCK : q->n_ids;
-        kvf_place_req pr = {.tokens = S.tok,
-                            .n_tokens = q->in_len,
-                            .chunk_keys = S.keys,
-                            .n_chunks = nk,
-                            .output_tokens = q->out_len,
-                            .slo_ttft_s = slo};
-        kvf_place_res res;
-        if (kvf_sched_place(S.s, &pr, &res) != 0 || res.rejected) {
-            q->rejected = 1;
-            continue;
-        }
-        inst_state *I = &S.in[res.prefill];
-        q->inst = res.prefill;
-        double now = ta;
-        q_push(I, (int)ri);
-        q->est_s = res.prefill_s;
-        I->queued_est_s += q->est_s;
-        I->queued_raw_tok += q->in_len;
-        if (I->running < 0)
-            start_next(&S, I, now);
-        report_load(&S, I, now);
+        arrive(S, next++, ta);
     }
-    /* Collect. */
+}
+
+/* The figures of a finished simulation into out (all but wall_s). */
+static void collect(const sim *S, kvf_policy pol, double scale, result *out)
+{
+    const req *reqs = S->r;
+    size_t n = S->n;
     double *tt = malloc(n * sizeof *tt);
     size_t k = 0, ok = 0;
     double tpot = 0, dev_tok = 0, st_tok = 0, in_tok = 0, last = 0;
     for (size_t i = 0; i < n; i++) {
-        req *q = &reqs[i];
+        const req *q = &reqs[i];
         in_tok += q->in_len;
         if (q->rejected || !q->done)
             continue;
         double arr = q->arr_s, t = q->ttft;
         tt[k++] = t;
-        ok += slo <= 0 || t <= slo;
+        ok += S->slo <= 0 || t <= S->slo;
         tpot += q->tpot;
         dev_tok += (double)q->dev_hit;
         st_tok += (double)q->store_hit;
@@ -548,18 +600,19 @@ static int run(req *reqs, size_t n, int ninst, kvf_policy pol, const kvf_sched_c
     out->dev_hit_rate = in_tok > 0 ? dev_tok / in_tok : 0;
     out->store_hit_rate = in_tok > 0 ? st_tok / in_tok : 0;
     free(tt);
-    for (int i = 0; i < ninst; i++) {
-        lru_free(&S.in[i].cache);
-        free(S.in[i].queue);
-        free(S.in[i].decode_ends);
-    }
-    free(S.in);
-    free(S.pick_cached);
-    free(S.pick_work);
-    lru_free(&S.store);
-    free(S.tok);
-    free(S.keys);
-    kvf_sched_destroy(&S.s);
+}
+
+/* Replays rp under policy pol with arrivals scale times faster than the trace's, into out.
+ * Returns 0, or -1 (out untouched) where the scheduler cannot be made. */
+static int run(replay *rp, kvf_policy pol, double scale, result *out)
+{
+    double t0 = bench_now();
+    sim S;
+    if (sim_open(&S, rp, pol) != 0)
+        return -1;
+    simulate(&S, scale);
+    collect(&S, pol, scale, out);
+    sim_close(&S);
     out->wall_s = bench_now() - t0;
     return 0;
 }
@@ -643,6 +696,119 @@ static int decision_latency(json_t *res, int quick)
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* Options and reporting */
+
+typedef struct opts {
+    const char *trace, *cost_file, *policies;
+    int instances, json, find_rate, decision_latency, quick;
+    double time_scale, slo;
+    long max_requests, device_blocks, store_blocks;
+} opts;
+
+/* Reads the options into o. Returns 0, or -1 with the usage on stderr. */
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.policies = "round_robin,least_loaded,longest_prefix,dynamo_cost,kvf_cost",
+                .instances = 16,
+                .time_scale = 1.0,
+                .slo = 10.0,
+                .device_blocks = 1800,
+                .store_blocks = 400000};
+    const bench_opt table[] = {
+        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
+        {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
+        {"--find-rate", BENCH_OPT_FLAG, .flag = &o->find_rate},
+        {"--decision-latency", BENCH_OPT_FLAG, .flag = &o->decision_latency},
+        {"--trace", BENCH_OPT_STR, .str = &o->trace},
+        {"--instances", BENCH_OPT_INT, .i = &o->instances},
+        {"--policy", BENCH_OPT_STR, .str = &o->policies},
+        {"--time-scale", BENCH_OPT_REAL, .d = &o->time_scale},
+        {"--slo-ttft", BENCH_OPT_REAL, .d = &o->slo},
+        {"--cost", BENCH_OPT_STR, .str = &o->cost_file},
+        {"--max-requests", BENCH_OPT_LONG, .l = &o->max_requests},
+        {"--device-blocks", BENCH_OPT_LONG, .l = &o->device_blocks},
+        {"--store-blocks", BENCH_OPT_LONG, .l = &o->store_blocks},
+    };
+    const char *unknown;
+    if (bench_opts_parse("sched", table, sizeof table / sizeof table[0], argc, argv, &unknown) !=
+        0) {
+        fprintf(stderr,
+                "usage: kvf-bench sched --trace FILE [--instances N] [--policy P[,P...]]\n"
+                "       [--time-scale X | --find-rate] [--slo-ttft S] [--cost FILE]\n"
+                "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
+                "       kvf-bench sched --decision-latency [--quick] [--json]\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* The policies named in list (comma-separated) into pols, *np of them. Returns 0, or -1 with the
+ * name not known on stderr. */
+static int parse_policies(const char *list, kvf_policy pols[KVF_POLICY_COUNT_], int *np)
+{
+    int rc = 0;
+    *np = 0;
+    char *dup = strdup(list);
+    for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+        if (*np == KVF_POLICY_COUNT_ || kvf_policy_parse(t, &pols[*np]) != 0) {
+            fprintf(stderr, "kvf-bench sched: unknown policy \"%s\"\n", t);
+            rc = -1;
+            break;
+        }
+        (*np)++;
+    }
+    free(dup);
+    return rc;
+}
+
+/* The replay's inputs from o: the cost model (--cost, else the defaults) and the trace. Returns
+ * 0, or -1 with the reason on stderr. Caller frees the requests with replay_free(). */
+static int replay_load(const opts *o, replay *rp)
+{
+    *rp = (replay){.ninst = o->instances,
+                   .slo = o->slo,
+                   .dev_blocks = (uint32_t)o->device_blocks,
+                   .store_blocks = (uint32_t)o->store_blocks};
+    kvf_sched_cost_defaults(&rp->cost);
+    char err[256];
+    if (o->cost_file && kvf_sched_cost_load(o->cost_file, &rp->cost, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench sched: %s\n", err);
+        return -1;
+    }
+    if (load_trace(o->trace, (size_t)o->max_requests, &rp->r, &rp->n, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench sched: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+static void replay_free(replay *rp)
+{
+    for (size_t i = 0; i < rp->n; i++)
+        free(rp->r[i].ids);
+    free(rp->r);
+}
+
+/* The time scale at which round robin attains 50% of the SLO: bisection on the scale (arrivals
+ * come scale times faster). */
+static double find_rate(replay *rp)
+{
+    double lo = 0.05, hi = 64;
+    result r;
+    for (int it = 0; it < 14; it++) {
+        double mid = sqrt(lo * hi);
+        run(rp, KVF_POLICY_ROUND_ROBIN, mid, &r);
+        bench_progress("sched", "round_robin at %.3fx the trace rate: %.1f%% within SLO", mid,
+                       r.slo_attain * 100);
+        if (r.slo_attain > 0.5)
+            lo = mid;
+        else
+            hi = mid;
+        if (hi / lo < 1.03)
+            break;
+    }
+    return sqrt(lo * hi);
+}
 
 static void print_result(const result *r)
 {
@@ -663,136 +829,10 @@ static json_t *result_json(const result *r)
                      "completed", (json_int_t)r->completed);
 }
 
-int bench_sched_main(int argc, char **argv)
+/* kvf_cost against round robin and least loaded, where they ran: whether it has the best SLO
+ * attainment and how much lower its p90 TTFT is, printed and into res. */
+static void compare_kvf_cost(json_t *res, const kvf_policy *pols, const result *rs, int np)
 {
-    const char *trace = NULL, *costf = NULL,
-               *policies = "round_robin,least_loaded,longest_prefix,dynamo_cost,kvf_cost";
-    int ninst = 16, json = 0, find = 0, dl = 0, quick = 0;
-    double scale = 1.0, slo = 10.0;
-    size_t maxr = 0;
-    uint32_t dev_blocks = 1800, store_blocks = 400000;
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--json"))
-            json = 1;
-        else if (!strcmp(a, "--quick"))
-            quick = 1;
-        else if (!strcmp(a, "--find-rate"))
-            find = 1;
-        else if (!strcmp(a, "--decision-latency"))
-            dl = 1;
-        else if (v && !strcmp(a, "--trace"))
-            trace = argv[++i];
-        else if (v && !strcmp(a, "--instances"))
-            ninst = atoi(argv[++i]);
-        else if (v && !strcmp(a, "--policy"))
-            policies = argv[++i];
-        else if (v && !strcmp(a, "--time-scale"))
-            scale = atof(argv[++i]);
-        else if (v && !strcmp(a, "--slo-ttft"))
-            slo = atof(argv[++i]);
-        else if (v && !strcmp(a, "--cost"))
-            costf = argv[++i];
-        else if (v && !strcmp(a, "--max-requests"))
-            maxr = (size_t)atol(argv[++i]);
-        else if (v && !strcmp(a, "--device-blocks"))
-            dev_blocks = (uint32_t)atol(argv[++i]);
-        else if (v && !strcmp(a, "--store-blocks"))
-            store_blocks = (uint32_t)atol(argv[++i]);
-        else {
-            fprintf(stderr,
-                    "usage: kvf-bench sched --trace FILE [--instances N] [--policy P[,P...]]\n"
-                    "       [--time-scale X | --find-rate] [--slo-ttft S] [--cost FILE]\n"
-                    "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
-                    "       kvf-bench sched --decision-latency [--quick] [--json]\n");
-            return 2;
-        }
-    }
-    json_t *res = json_object();
-    json_object_set_new(res, "bench", json_string("sched"));
-    if (dl) {
-        int rc = decision_latency(res, quick);
-        bench_emit(res, json);
-        json_decref(res);
-        return rc ? 1 : 0;
-    }
-    if (!trace || ninst < 1 || ninst > KVF_SCHED_MAX_INSTANCES || scale <= 0) {
-        fprintf(stderr, "kvf-bench sched: --trace FILE is required; --instances 1..%d\n",
-                KVF_SCHED_MAX_INSTANCES);
-        json_decref(res);
-        return 2;
-    }
-    kvf_sched_cost cost;
-    kvf_sched_cost_defaults(&cost);
-    char err[256];
-    if (costf && kvf_sched_cost_load(costf, &cost, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench sched: %s\n", err);
-        json_decref(res);
-        return 2;
-    }
-    req *reqs;
-    size_t n;
-    if (load_trace(trace, maxr, &reqs, &n, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench sched: %s\n", err);
-        json_decref(res);
-        return 2;
-    }
-    kvf_policy pols[KVF_POLICY_COUNT_];
-    int np = 0;
-    char *dup = strdup(policies);
-    for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
-        if (np == KVF_POLICY_COUNT_ || kvf_policy_parse(t, &pols[np]) != 0) {
-            fprintf(stderr, "kvf-bench sched: unknown policy \"%s\"\n", t);
-            free(dup);
-            json_decref(res);
-            return 2;
-        }
-        np++;
-    }
-    free(dup);
-    bench_progress("sched", "%zu requests, %d instances, SLO TTFT %.1f s (simulated)", n, ninst,
-                   slo);
-    if (find) {
-        /* The arrival rate at which round robin attains 50% of the SLO: bisection on the time
-         * scale (arrivals come scale times faster). */
-        double lo = 0.05, hi = 64;
-        result r;
-        for (int it = 0; it < 14; it++) {
-            double mid = sqrt(lo * hi);
-            run(reqs, n, ninst, KVF_POLICY_ROUND_ROBIN, &cost, mid, slo, dev_blocks, store_blocks,
-                &r);
-            bench_progress("sched", "round_robin at %.3fx the trace rate: %.1f%% within SLO", mid,
-                           r.slo_attain * 100);
-            if (r.slo_attain > 0.5)
-                lo = mid;
-            else
-                hi = mid;
-            if (hi / lo < 1.03)
-                break;
-        }
-        scale = sqrt(lo * hi);
-    }
-    printf("kvf-bench sched: SIMULATED replay of %s through the real index and policies\n", trace);
-    printf("  %zu requests, %d instances, time scale %.3f, SLO TTFT %.1f s, device cache %u "
-           "blocks, store %u blocks\n",
-           n, ninst, scale, slo, dev_blocks, store_blocks);
-    printf("  %-15s %7s %8s %8s %8s %8s %7s %7s %8s %7s %6s\n", "policy", "scale", "ttft p50",
-           "p90", "p99", "tpot ms", "dev hit", "store", "in SLO", "req/s", "reject");
-    json_t *arr = json_array();
-    result rs[KVF_POLICY_COUNT_];
-    for (int p = 0; p < np; p++) {
-        run(reqs, n, ninst, pols[p], &cost, scale, slo, dev_blocks, store_blocks, &rs[p]);
-        print_result(&rs[p]);
-        json_array_append_new(arr, result_json(&rs[p]));
-    }
-    json_object_set_new(res, "label", json_string("simulated"));
-    json_object_set_new(res, "trace", json_string(trace));
-    json_object_set_new(res, "requests", json_integer((json_int_t)n));
-    json_object_set_new(res, "instances", json_integer(ninst));
-    json_object_set_new(res, "time_scale", json_real(scale));
-    json_object_set_new(res, "slo_ttft_s", json_real(slo));
-    json_object_set_new(res, "policies", arr);
-    /* Ratios against round robin and least loaded, where both ran. */
     int irr = -1, ill = -1, ikv = -1;
     for (int p = 0; p < np; p++) {
         if (pols[p] == KVF_POLICY_ROUND_ROBIN)
@@ -802,28 +842,86 @@ int bench_sched_main(int argc, char **argv)
         if (pols[p] == KVF_POLICY_KVF_COST)
             ikv = p;
     }
-    if (ikv >= 0) {
-        int best = 1;
-        for (int p = 0; p < np; p++)
-            best &= rs[p].slo_attain <= rs[ikv].slo_attain;
-        json_object_set_new(res, "kvf_cost_best_slo", json_boolean(best));
-        if (irr >= 0)
-            json_object_set_new(res, "p90_rr_over_kvf",
-                                json_real(rs[irr].ttft_p90 / rs[ikv].ttft_p90));
-        if (ill >= 0)
-            json_object_set_new(res, "p90_ll_over_kvf",
-                                json_real(rs[ill].ttft_p90 / rs[ikv].ttft_p90));
-        printf("  kvf_cost: best SLO attainment: %s", best ? "yes" : "no");
-        if (irr >= 0)
-            printf("; p90 TTFT %.2fx lower than round_robin", rs[irr].ttft_p90 / rs[ikv].ttft_p90);
-        if (ill >= 0)
-            printf(", %.2fx lower than least_loaded", rs[ill].ttft_p90 / rs[ikv].ttft_p90);
-        printf("\n");
+    if (ikv < 0)
+        return;
+    int best = 1;
+    for (int p = 0; p < np; p++)
+        best &= rs[p].slo_attain <= rs[ikv].slo_attain;
+    json_object_set_new(res, "kvf_cost_best_slo", json_boolean(best));
+    if (irr >= 0)
+        bench_json_real(res, "p90_rr_over_kvf", rs[irr].ttft_p90 / rs[ikv].ttft_p90);
+    if (ill >= 0)
+        bench_json_real(res, "p90_ll_over_kvf", rs[ill].ttft_p90 / rs[ikv].ttft_p90);
+    printf("  kvf_cost: best SLO attainment: %s", best ? "yes" : "no");
+    if (irr >= 0)
+        printf("; p90 TTFT %.2fx lower than round_robin", rs[irr].ttft_p90 / rs[ikv].ttft_p90);
+    if (ill >= 0)
+        printf(", %.2fx lower than least_loaded", rs[ill].ttft_p90 / rs[ikv].ttft_p90);
+    printf("\n");
+}
+
+/* Replays rp under each of the np policies at one time scale, with the table printed and the
+ * figures in res. */
+static void replay_policies(const opts *o, replay *rp, const kvf_policy *pols, int np, double scale,
+                            json_t *res)
+{
+    printf("kvf-bench sched: SIMULATED replay of %s through the real index and policies\n",
+           o->trace);
+    printf("  %zu requests, %d instances, time scale %.3f, SLO TTFT %.1f s, device cache %u "
+           "blocks, store %u blocks\n",
+           rp->n, rp->ninst, scale, rp->slo, rp->dev_blocks, rp->store_blocks);
+    printf("  %-15s %7s %8s %8s %8s %8s %7s %7s %8s %7s %6s\n", "policy", "scale", "ttft p50",
+           "p90", "p99", "tpot ms", "dev hit", "store", "in SLO", "req/s", "reject");
+    json_t *arr = json_array();
+    result rs[KVF_POLICY_COUNT_];
+    for (int p = 0; p < np; p++) {
+        run(rp, pols[p], scale, &rs[p]);
+        print_result(&rs[p]);
+        json_array_append_new(arr, result_json(&rs[p]));
     }
-    for (size_t i = 0; i < n; i++)
-        free(reqs[i].ids);
-    free(reqs);
-    bench_emit(res, json);
+    json_object_set_new(res, "label", json_string("simulated"));
+    json_object_set_new(res, "trace", json_string(o->trace));
+    json_object_set_new(res, "requests", json_integer((json_int_t)rp->n));
+    json_object_set_new(res, "instances", json_integer(rp->ninst));
+    bench_json_real(res, "time_scale", scale);
+    bench_json_real(res, "slo_ttft_s", rp->slo);
+    json_object_set_new(res, "policies", arr);
+    compare_kvf_cost(res, pols, rs, np);
+}
+
+int bench_sched_main(int argc, char **argv)
+{
+    opts o;
+    if (parse(argc, argv, &o) != 0)
+        return 2;
+    int rc = 2;
+    json_t *res = bench_result_new("sched");
+    if (o.decision_latency) {
+        rc = decision_latency(res, o.quick) ? 1 : 0;
+        bench_emit(res, o.json);
+        goto out_decref_res;
+    }
+    if (!o.trace || o.instances < 1 || o.instances > KVF_SCHED_MAX_INSTANCES || o.time_scale <= 0) {
+        fprintf(stderr, "kvf-bench sched: --trace FILE is required; --instances 1..%d\n",
+                KVF_SCHED_MAX_INSTANCES);
+        goto out_decref_res;
+    }
+    replay rp;
+    if (replay_load(&o, &rp) != 0)
+        goto out_decref_res;
+    kvf_policy pols[KVF_POLICY_COUNT_];
+    int np;
+    if (parse_policies(o.policies, pols, &np) != 0)
+        goto out_free_replay;
+    bench_progress("sched", "%zu requests, %d instances, SLO TTFT %.1f s (simulated)", rp.n,
+                   rp.ninst, rp.slo);
+    double scale = o.find_rate ? find_rate(&rp) : o.time_scale;
+    replay_policies(&o, &rp, pols, np, scale, res);
+    bench_emit(res, o.json);
+    rc = 0;
+out_free_replay:
+    replay_free(&rp);
+out_decref_res:
     json_decref(res);
-    return 0;
+    return rc;
 }

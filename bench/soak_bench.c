@@ -17,7 +17,6 @@
  */
 #include "bench.h"
 #include "bench_util.h"
-#include "proc.h"
 
 #include "kvf/kvf.h"
 
@@ -89,54 +88,10 @@ static void usage(FILE *f)
                "  --rss-slack SIZE      most the store's RSS may grow over its idle RSS (64M)\n");
 }
 
-static int parse(int argc, char **argv, opts *o)
+/* The options' limits, and the arena's size read from --memory. Returns 0, or -1 with the limit
+ * that o breaks on stderr. */
+static int check(opts *o)
 {
-    *o = (opts){.duration = 30,
-                .target = 0.5,
-                .memory_arg = "256M",
-                .object = 1u << 20,
-                .batch = 16,
-                .ballast_max = 8ull << 30,
-                .floor = 1ull << 30,
-                .rss_slack = 64ull << 20};
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int bad = 0;
-        if (!strcmp(a, "--json"))
-            o->json = 1;
-        else if (!strcmp(a, "--duration") && v)
-            bad = sscanf(argv[++i], "%lf", &o->duration) != 1;
-        else if (!strcmp(a, "--target-pressure") && v)
-            bad = sscanf(argv[++i], "%lf", &o->target) != 1;
-        else if (!strcmp(a, "--memory") && v)
-            o->memory_arg = argv[++i];
-        else if (!strcmp(a, "--object") && v)
-            bad = kvf__parse_size(argv[++i], &o->object) != 0;
-        else if (!strcmp(a, "--batch") && v)
-            o->batch = atoi(argv[++i]);
-        else if (!strcmp(a, "--ballast-max") && v)
-            bad = kvf__parse_size(argv[++i], &o->ballast_max) != 0;
-        else if (!strcmp(a, "--floor") && v)
-            bad = kvf__parse_size(argv[++i], &o->floor) != 0;
-        else if (!strcmp(a, "--rss-slack") && v)
-            bad = kvf__parse_size(argv[++i], &o->rss_slack) != 0;
-        else if (!strcmp(a, "--png") && v)
-            o->png = argv[++i];
-        else if (!strcmp(a, "--store-bin") && v)
-            o->store_bin = argv[++i];
-        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 1;
-        } else {
-            fprintf(stderr, "kvf-bench soak: unknown option %s\n", a);
-            usage(stderr);
-            return -1;
-        }
-        if (bad) {
-            fprintf(stderr, "kvf-bench soak: cannot parse %s %s\n", a, argv[i]);
-            return -1;
-        }
-    }
     const char *why = NULL;
     if (kvf__parse_size(o->memory_arg, &o->memory) != 0 || o->memory < (16u << 20))
         why = "--memory must be a size of at least 16M";
@@ -156,9 +111,45 @@ static int parse(int argc, char **argv, opts *o)
         fprintf(stderr, "kvf-bench soak: %s\n", why);
         return -1;
     }
-    if (!o->store_bin)
-        o->store_bin = kvf__proc_find_bin("kvf-store");
     return 0;
+}
+
+/* Reads and checks the options. Returns 0; 1 after --help (the usage on stdout); or -1 with the
+ * reason on stderr. */
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.duration = 30,
+                .target = 0.5,
+                .memory_arg = "256M",
+                .object = 1u << 20,
+                .batch = 16,
+                .ballast_max = 8ull << 30,
+                .floor = 1ull << 30,
+                .rss_slack = 64ull << 20};
+    const bench_opt table[] = {
+        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
+        {"--duration", BENCH_OPT_REAL_CHECKED, .d = &o->duration},
+        {"--target-pressure", BENCH_OPT_REAL_CHECKED, .d = &o->target},
+        {"--memory", BENCH_OPT_STR, .str = &o->memory_arg},
+        {"--object", BENCH_OPT_SIZE, .size = &o->object},
+        {"--batch", BENCH_OPT_INT, .i = &o->batch},
+        {"--ballast-max", BENCH_OPT_SIZE, .size = &o->ballast_max},
+        {"--floor", BENCH_OPT_SIZE, .size = &o->floor},
+        {"--rss-slack", BENCH_OPT_SIZE, .size = &o->rss_slack},
+        {"--png", BENCH_OPT_STR, .str = &o->png},
+        {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
+    };
+    const char *unknown;
+    int rc = bench_opts_parse("soak", table, sizeof table / sizeof table[0], argc, argv, &unknown);
+    if (rc == BENCH_OPTS_UNKNOWN && (!strcmp(unknown, "--help") || !strcmp(unknown, "-h"))) {
+        usage(stdout);
+        return 1;
+    }
+    if (rc == BENCH_OPTS_UNKNOWN) {
+        fprintf(stderr, "kvf-bench soak: unknown option %s\n", unknown);
+        usage(stderr);
+    }
+    return rc == 0 ? check(o) : -1;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -557,6 +548,169 @@ static double phase_median(const sample *s, int n, int phase, size_t field_off)
     return pct(v, k, 0.5);
 }
 
+/* The plan on stderr (tel: the host as it is before the soak) and the timeline's header. */
+static void announce(const opts *o, const kvf_telemetry *tel)
+{
+    double rest = o->duration / 5;
+    bench_progress("soak",
+                   "store arena %s, %" PRIu64 " KiB objects in batches of %d; %.0f s at rest, "
+                   "then %.0f s at pressure %.2f (now %.2f)",
+                   o->memory_arg, o->object >> 10, o->batch, rest, o->duration - rest, o->target,
+                   kvf_telemetry_pressure(tel));
+    printf("  %6s %6s %9s %7s %8s %9s %9s %8s %8s %8s %8s %6s %6s\n", "t(s)", "phase", "avail MiB",
+           "PSI%", "pressure", "ballast", "store RSS", "put p99", "get p99", "put GB/s", "get GB/s",
+           "hits", "misses");
+}
+
+/* The soak itself: churn for o->duration seconds, the first fifth at rest and the rest with the
+ * ballast thread pushing toward the target, with a sample taken (and printed as a row) once a
+ * second. tel holds the telemetry read last. Returns the samples taken; *reached_at is when the
+ * pressure first came within 0.02 of the target, or -1. */
+static int churn_phases(churn *c, ballast *bal, kvf_telemetry *tel, pid_t store, sample *samples,
+                        double *reached_at)
+{
+    const opts *o = c->o;
+    double rest = o->duration / 5;
+    int ns = 0, iter = 0;
+    double t0 = bench_now(), last = t0;
+    *reached_at = -1;
+    while (bench_now() - t0 < o->duration && ns < MAX_SAMPLES) {
+        churn_put(c);
+        churn_get(c);
+        if (++iter % 4 == 0)
+            churn_evict(c);
+        double now = bench_now();
+        if (now - last < 1.0)
+            continue;
+        int phase = last - t0 >= rest; /* a sample belongs to the phase its second began in */
+        kvf_telemetry_read(tel);
+        take_sample(c, &samples[ns], now - t0, now - last, bal, tel, store, phase);
+        const sample *s = &samples[ns++];
+        if (phase && *reached_at < 0 && s->pressure >= o->target - 0.02)
+            *reached_at = s->t;
+        printf("  %6.1f %6s %9.0f %7.2f %8.3f %7.0fM %8.0fM %6.1fms %6.1fms %8.2f %8.2f %6" PRIu64
+               " %6" PRIu64 "\n",
+               s->t, phase ? "press" : "rest", s->avail_mib, s->psi_some, s->pressure,
+               s->ballast_mib, s->store_rss_mib, s->put_p99, s->get_p99, s->put_gbps, s->get_gbps,
+               s->hits, s->misses);
+        fflush(stdout);
+        if (now - t0 >= rest)
+            atomic_store(&bal->active, 1);
+        last = bench_now();
+    }
+    return ns;
+}
+
+/* What the run comes to, from its samples and the churn's totals. */
+typedef struct summary {
+    double rss_idle, rss_first, rss_max, arena_mib; /* MiB */
+    double ballast_max_mib, pressure_max, reached_at;
+    double get_rest, get_press, put_rest, put_press; /* medians of the per-second p99s, ms */
+    int rss_bounded, ok;
+} summary;
+
+static void summarize(const opts *o, const churn *c, const sample *s, int ns, double rss_idle,
+                      double reached_at, summary *sum)
+{
+    *sum = (summary){.rss_idle = rss_idle,
+                     .rss_first = ns ? s[0].store_rss_mib : -1,
+                     .arena_mib = (double)o->memory / 1048576.0,
+                     .reached_at = reached_at};
+    for (int i = 0; i < ns; i++) {
+        sum->rss_max = s[i].store_rss_mib > sum->rss_max ? s[i].store_rss_mib : sum->rss_max;
+        if (s[i].ballast_mib > sum->ballast_max_mib)
+            sum->ballast_max_mib = s[i].ballast_mib;
+        if (s[i].pressure > sum->pressure_max)
+            sum->pressure_max = s[i].pressure;
+    }
+    /* RSS: the arena is preallocated and touched, so churn must not grow the store much beyond its
+     * idle RSS; a leak under churn shows as steady growth after the first second. */
+    sum->rss_bounded = ns > 0 && rss_idle > 0 &&
+                       sum->rss_max - rss_idle <= (double)o->rss_slack / 1048576.0 &&
+                       sum->rss_max - sum->rss_first <= 32;
+    sum->get_rest = phase_median(s, ns, 0, offsetof(sample, get_p99));
+    sum->get_press = phase_median(s, ns, 1, offsetof(sample, get_p99));
+    sum->put_rest = phase_median(s, ns, 0, offsetof(sample, put_p99));
+    sum->put_press = phase_median(s, ns, 1, offsetof(sample, put_p99));
+    sum->ok = c->mismatches == 0 && c->resurrected == 0 && c->errors == 0 && sum->rss_bounded &&
+              c->verified > 0;
+}
+
+static void print_summary(const opts *o, const churn *c, const summary *sum)
+{
+    printf("\n  verified %" PRIu64 " objects (%.2f GiB) read back: %" PRIu64 " wrong, %" PRIu64
+           " resurrected after evict; %" PRIu64 " misses (evicted by the store), %" PRIu64
+           " explicit evictions, %" PRIu64 " errors\n",
+           c->verified, (double)c->verified_bytes / (1u << 30), c->mismatches, c->resurrected,
+           c->misses, c->evicted, c->errors);
+    printf("  store RSS %.0f MiB idle, %.0f MiB after 1 s, %.0f MiB max (arena %.0f MiB): %s\n",
+           sum->rss_idle, sum->rss_first, sum->rss_max, sum->arena_mib,
+           sum->rss_bounded ? "bounded" : "NOT bounded");
+    printf("  pressure target %.2f: %s (max %.3f, ballast up to %.0f MiB)\n", o->target,
+           sum->reached_at >= 0 ? "reached" : "not reached", sum->pressure_max,
+           sum->ballast_max_mib);
+    printf("  GET p99 median %.2f ms at rest, %.2f ms under pressure (%.2f x); PUT p99 %.2f / "
+           "%.2f ms\n",
+           sum->get_rest, sum->get_press, sum->get_rest > 0 ? sum->get_press / sum->get_rest : 0,
+           sum->put_rest, sum->put_press);
+}
+
+/* The JSON result: the options, the timeline and the summary. Caller owns it (json_decref()). */
+static json_t *result_json(const opts *o, const churn *c, const sample *s, int ns,
+                           const summary *sum)
+{
+    json_t *res = bench_result_new("soak");
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "config",
+                        json_pack("{s:f, s:f, s:s, s:I, s:i, s:I, s:I, s:I}", "duration_s",
+                                  o->duration, "target_pressure", o->target, "memory",
+                                  o->memory_arg, "object_bytes", (json_int_t)o->object, "batch",
+                                  o->batch, "ballast_max_bytes", (json_int_t)o->ballast_max,
+                                  "floor_bytes", (json_int_t)o->floor, "rss_slack_bytes",
+                                  (json_int_t)o->rss_slack));
+    json_t *tl = json_array();
+    for (int i = 0; i < ns; i++)
+        json_array_append_new(tl, sample_json(&s[i]));
+    json_object_set_new(res, "timeline", tl);
+    json_object_set_new(
+        res, "summary",
+        json_pack(
+            "{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:b, s:b, s:f, s:f, "
+            "s:f, s:f, s:f, s:f, s:b}",
+            "puts", (json_int_t)c->puts, "verified", (json_int_t)c->verified, "verified_bytes",
+            (json_int_t)c->verified_bytes, "checksum_mismatches", (json_int_t)c->mismatches,
+            "resurrected", (json_int_t)c->resurrected, "errors", (json_int_t)c->errors, "misses",
+            (json_int_t)c->misses, "explicit_evictions", (json_int_t)c->evicted,
+            "store_rss_idle_mib", sum->rss_idle, "store_rss_first_mib", sum->rss_first,
+            "store_rss_max_mib", sum->rss_max, "arena_mib", sum->arena_mib, "rss_bounded",
+            sum->rss_bounded, "target_reached", sum->reached_at >= 0, "reached_at_s",
+            sum->reached_at, "pressure_max", sum->pressure_max, "ballast_max_mib",
+            sum->ballast_max_mib, "get_p99_rest_ms", sum->get_rest, "get_p99_pressure_ms",
+            sum->get_press, "get_p99_pressure_vs_rest",
+            sum->get_rest > 0 ? sum->get_press / sum->get_rest : 0.0, "ok", sum->ok));
+    return res;
+}
+
+/* Prints the summary, plots the timeline where asked and emits the JSON result. Returns whether
+ * the soak passed: sum->ok, and a JSON result that could be built. */
+static int report(const opts *o, const churn *c, const sample *s, int ns, const summary *sum)
+{
+    int ok = sum->ok;
+    print_summary(o, c, sum);
+    json_t *res = result_json(o, c, s, ns, sum);
+    if (!json_object_get(res, "summary") || !json_object_get(res, "config")) {
+        fprintf(stderr, "kvf-bench soak: internal error: cannot build the JSON result\n");
+        ok = 0;
+    }
+    if (o->png && plot(o->png, s, ns, o->target) == 0) {
+        bench_progress("soak", "plot written to %s", o->png);
+        json_object_set_new(res, "png", json_string(o->png));
+    }
+    bench_emit(res, o->json);
+    json_decref(res);
+    return ok;
+}
+
 int bench_soak_main(int argc, char **argv)
 {
     opts o;
@@ -569,20 +723,11 @@ int bench_soak_main(int argc, char **argv)
         return 1;
     }
     bench_proc store = {0};
-    if (bench_start_store(&store, o.store_bin, o.memory_arg, NULL) != 0)
-        return 1;
-    char addr[64];
-    snprintf(addr, sizeof addr, "127.0.0.1:%u", store.port);
-    const char *nodes[1] = {addr};
-    kvf_client_opts co = {
-        .nodes = nodes, .n_nodes = 1, .ns = 0x50a4ull, .conns_per_node = 2, .deadline_ms = 30000};
     kvf_client *cl = NULL;
-    char err[256];
-    if (kvf_client_open(&cl, &co, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench soak: %s\n", err);
-        bench_stop(&store);
+    kvf_client_opts co = {.ns = 0x50a4ull, .conns_per_node = 2, .deadline_ms = 30000};
+    if (bench_store_client_open("soak", &store, o.store_bin, o.memory_arg, NULL, "127.0.0.1", &co,
+                                &cl) != 0)
         return 1;
-    }
     /* The store's RSS before any churn: its arena (touched at start) plus its runtime, and under
      * a sanitizer that runtime's shadow memory. Growth beyond it is what the soak bounds. */
     double rss_idle = bench_rss_mib(store.pid);
@@ -592,127 +737,22 @@ int bench_soak_main(int argc, char **argv)
     ballast *bal = calloc(1, sizeof *bal);
     if (!c || !samples || !bal || churn_init(c, &o, cl) != 0) {
         fprintf(stderr, "kvf-bench soak: out of memory\n");
-        goto out;
+        goto out_free_churn;
     }
     bal->o = &o;
     if (pthread_create(&bal->th, NULL, ballast_main, bal) != 0) {
         fprintf(stderr, "kvf-bench soak: cannot start the ballast thread\n");
-        goto out;
+        goto out_free_churn;
     }
-    double rest = o.duration / 5;
-    bench_progress("soak",
-                   "store arena %s, %" PRIu64 " KiB objects in batches of %d; %.0f s at rest, "
-                   "then %.0f s at pressure %.2f (now %.2f)",
-                   o.memory_arg, o.object >> 10, o.batch, rest, o.duration - rest, o.target,
-                   kvf_telemetry_pressure(&tel));
-    printf("  %6s %6s %9s %7s %8s %9s %9s %8s %8s %8s %8s %6s %6s\n", "t(s)", "phase", "avail MiB",
-           "PSI%", "pressure", "ballast", "store RSS", "put p99", "get p99", "put GB/s", "get GB/s",
-           "hits", "misses");
-    int ns = 0, iter = 0;
-    double t0 = bench_now(), last = t0, reached_at = -1;
-    while (bench_now() - t0 < o.duration && ns < MAX_SAMPLES) {
-        churn_put(c);
-        churn_get(c);
-        if (++iter % 4 == 0)
-            churn_evict(c);
-        double now = bench_now();
-        if (now - last < 1.0)
-            continue;
-        int phase = last - t0 >= rest; /* a sample belongs to the phase its second began in */
-        kvf_telemetry_read(&tel);
-        take_sample(c, &samples[ns], now - t0, now - last, bal, &tel, store.pid, phase);
-        const sample *s = &samples[ns++];
-        if (phase && reached_at < 0 && s->pressure >= o.target - 0.02)
-            reached_at = s->t;
-        printf("  %6.1f %6s %9.0f %7.2f %8.3f %7.0fM %8.0fM %6.1fms %6.1fms %8.2f %8.2f %6" PRIu64
-               " %6" PRIu64 "\n",
-               s->t, phase ? "press" : "rest", s->avail_mib, s->psi_some, s->pressure,
-               s->ballast_mib, s->store_rss_mib, s->put_p99, s->get_p99, s->put_gbps, s->get_gbps,
-               s->hits, s->misses);
-        fflush(stdout);
-        if (now - t0 >= rest)
-            atomic_store(&bal->active, 1);
-        last = bench_now();
-    }
+    announce(&o, &tel);
+    double reached_at;
+    int ns = churn_phases(c, bal, &tel, store.pid, samples, &reached_at);
     atomic_store(&bal->stop, 1);
     pthread_join(bal->th, NULL);
-
-    /* RSS: the arena is preallocated and touched, so churn must not grow the store much beyond its
-     * idle RSS; a leak under churn shows as steady growth after the first second. */
-    double rss_first = ns ? samples[0].store_rss_mib : -1, rss_max = 0, ballast_max_mib = 0;
-    double pressure_max = 0;
-    for (int i = 0; i < ns; i++) {
-        rss_max = samples[i].store_rss_mib > rss_max ? samples[i].store_rss_mib : rss_max;
-        if (samples[i].ballast_mib > ballast_max_mib)
-            ballast_max_mib = samples[i].ballast_mib;
-        if (samples[i].pressure > pressure_max)
-            pressure_max = samples[i].pressure;
-    }
-    double arena_mib = (double)o.memory / 1048576.0;
-    int rss_bounded = ns > 0 && rss_idle > 0 &&
-                      rss_max - rss_idle <= (double)o.rss_slack / 1048576.0 &&
-                      rss_max - rss_first <= 32;
-    double get_rest = phase_median(samples, ns, 0, offsetof(sample, get_p99));
-    double get_press = phase_median(samples, ns, 1, offsetof(sample, get_p99));
-    double put_rest = phase_median(samples, ns, 0, offsetof(sample, put_p99));
-    double put_press = phase_median(samples, ns, 1, offsetof(sample, put_p99));
-    ok = c->mismatches == 0 && c->resurrected == 0 && c->errors == 0 && rss_bounded &&
-         c->verified > 0;
-
-    printf("\n  verified %" PRIu64 " objects (%.2f GiB) read back: %" PRIu64 " wrong, %" PRIu64
-           " resurrected after evict; %" PRIu64 " misses (evicted by the store), %" PRIu64
-           " explicit evictions, %" PRIu64 " errors\n",
-           c->verified, (double)c->verified_bytes / (1u << 30), c->mismatches, c->resurrected,
-           c->misses, c->evicted, c->errors);
-    printf("  store RSS %.0f MiB idle, %.0f MiB after 1 s, %.0f MiB max (arena %.0f MiB): %s\n",
-           rss_idle, rss_first, rss_max, arena_mib, rss_bounded ? "bounded" : "NOT bounded");
-    printf("  pressure target %.2f: %s (max %.3f, ballast up to %.0f MiB)\n", o.target,
-           reached_at >= 0 ? "reached" : "not reached", pressure_max, ballast_max_mib);
-    printf("  GET p99 median %.2f ms at rest, %.2f ms under pressure (%.2f x); PUT p99 %.2f / "
-           "%.2f ms\n",
-           get_rest, get_press, get_rest > 0 ? get_press / get_rest : 0, put_rest, put_press);
-
-    json_t *res = json_object();
-    json_object_set_new(res, "bench", json_string("soak"));
-    json_object_set_new(res, "label", json_string("real"));
-    json_object_set_new(res, "config",
-                        json_pack("{s:f, s:f, s:s, s:I, s:i, s:I, s:I, s:I}", "duration_s",
-                                  o.duration, "target_pressure", o.target, "memory", o.memory_arg,
-                                  "object_bytes", (json_int_t)o.object, "batch", o.batch,
-                                  "ballast_max_bytes", (json_int_t)o.ballast_max, "floor_bytes",
-                                  (json_int_t)o.floor, "rss_slack_bytes", (json_int_t)o.rss_slack));
-    json_t *tl = json_array();
-    for (int i = 0; i < ns; i++)
-        json_array_append_new(tl, sample_json(&samples[i]));
-    json_object_set_new(res, "timeline", tl);
-    json_object_set_new(
-        res, "summary",
-        json_pack(
-            "{s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:f, s:f, s:f, s:b, s:b, s:f, s:f, "
-            "s:f, s:f, s:f, s:f, s:b}",
-            "puts", (json_int_t)c->puts, "verified", (json_int_t)c->verified, "verified_bytes",
-            (json_int_t)c->verified_bytes, "checksum_mismatches", (json_int_t)c->mismatches,
-            "resurrected", (json_int_t)c->resurrected, "errors", (json_int_t)c->errors, "misses",
-            (json_int_t)c->misses, "explicit_evictions", (json_int_t)c->evicted,
-            "store_rss_idle_mib", rss_idle, "store_rss_first_mib", rss_first, "store_rss_max_mib",
-            rss_max, "arena_mib", arena_mib, "rss_bounded", rss_bounded, "target_reached",
-            reached_at >= 0, "reached_at_s", reached_at, "pressure_max", pressure_max,
-            "ballast_max_mib", ballast_max_mib, "get_p99_rest_ms", get_rest, "get_p99_pressure_ms",
-            get_press, "get_p99_pressure_vs_rest", get_rest > 0 ? get_press / get_rest : 0.0, "ok",
-            ok));
-    if (!json_object_get(res, "summary") || !json_object_get(res, "config")) {
-        fprintf(stderr, "kvf-bench soak: internal error: cannot build the JSON result\n");
-        ok = 0;
-    }
-    if (o.png) {
-        if (plot(o.png, samples, ns, o.target) == 0) {
-            bench_progress("soak", "plot written to %s", o.png);
-            json_object_set_new(res, "png", json_string(o.png));
-        }
-    }
-    bench_emit(res, o.json);
-    json_decref(res);
-out:
+    summary sum;
+    summarize(&o, c, samples, ns, rss_idle, reached_at, &sum);
+    ok = report(&o, c, samples, ns, &sum);
+out_free_churn:
     if (c)
         churn_free(c);
     free(c);

@@ -15,7 +15,6 @@
 #include "bench.h"
 #include "bench_util.h"
 #include "rdma.h"
-#include "proc.h"
 
 #include "kvf/kvf.h"
 
@@ -386,37 +385,28 @@ static void row(const char *what, double gbps, double vs_ceiling, double vs_peer
 static int parse(int argc, char **argv, opts *o)
 {
     *o = (opts){.streams = 4, .store_threads = 1, .memory = "1G", .transport = "tcp"};
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--quick"))
-            o->quick = 1;
-        else if (!strcmp(a, "--json"))
-            o->json = 1;
-        else if (!strcmp(a, "--streams") && v)
-            o->streams = atoi(argv[++i]);
-        else if (!strcmp(a, "--store-threads") && v)
-            o->store_threads = atoi(argv[++i]);
-        else if (!strcmp(a, "--memory") && v)
-            o->memory = argv[++i];
-        else if (!strcmp(a, "--store-bin") && v)
-            o->store_bin = argv[++i];
-        else if (!strcmp(a, "--plot") && v)
-            o->plot = argv[++i];
-        else if (!strcmp(a, "--transport") && v)
-            o->transport = argv[++i];
-        else if (!strcmp(a, "--io-threads") && v)
-            o->io_threads = atoi(argv[++i]);
-        else if (!strcmp(a, "--rdma-host") && v)
-            o->rdma_host = argv[++i];
-        else {
-            fprintf(stderr,
-                    "kvf-bench store: unknown option %s\n"
-                    "usage: kvf-bench store [--quick] [--json] [--streams N] "
-                    "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
-                    "[--io-threads N] [--transport tcp|rdma] [--rdma-host IP]\n",
-                    a);
-            return -1;
-        }
+    const bench_opt table[] = {
+        {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
+        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
+        {"--streams", BENCH_OPT_INT, .i = &o->streams},
+        {"--store-threads", BENCH_OPT_INT, .i = &o->store_threads},
+        {"--memory", BENCH_OPT_STR, .str = &o->memory},
+        {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
+        {"--plot", BENCH_OPT_STR, .str = &o->plot},
+        {"--transport", BENCH_OPT_STR, .str = &o->transport},
+        {"--io-threads", BENCH_OPT_INT, .i = &o->io_threads},
+        {"--rdma-host", BENCH_OPT_STR, .str = &o->rdma_host},
+    };
+    const char *unknown;
+    if (bench_opts_parse("store", table, sizeof table / sizeof table[0], argc, argv, &unknown) !=
+        0) {
+        fprintf(stderr,
+                "kvf-bench store: unknown option %s\n"
+                "usage: kvf-bench store [--quick] [--json] [--streams N] "
+                "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
+                "[--io-threads N] [--transport tcp|rdma] [--rdma-host IP]\n",
+                unknown);
+        return -1;
     }
     if (o->streams < 1 || o->streams > 16) {
         fprintf(stderr, "kvf-bench store: --streams must be 1..16\n");
@@ -426,8 +416,6 @@ static int parse(int argc, char **argv, opts *o)
      * and a median of more rounds moves less. Odd counts: the median is the middle round. */
     o->secs = o->quick ? 0.4 : 0.5;
     o->rounds = o->quick ? 5 : 11;
-    if (!o->store_bin)
-        o->store_bin = kvf__proc_find_bin("kvf-store");
     return 0;
 }
 
@@ -436,25 +424,12 @@ static int parse(int argc, char **argv, opts *o)
 static int kvf_open(const opts *o, const char *host, const char *extra, const char *transport,
                     bench_proc *store, kvf_client **cl)
 {
-    if (bench_start_store(store, o->store_bin, o->memory, extra) != 0)
-        return -1;
-    char addr[300];
-    snprintf(addr, sizeof addr, "%s:%u", host, store->port);
-    const char *nodes[1] = {addr};
-    kvf_client_opts co = {.nodes = nodes,
-                          .n_nodes = 1,
-                          .ns = BENCH_NS,
+    kvf_client_opts co = {.ns = BENCH_NS,
                           .conns_per_node = o->streams,
                           .deadline_ms = 30000,
                           .transport = transport,
                           .io_threads = o->io_threads};
-    char err[256];
-    if (kvf_client_open(cl, &co, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-bench store: %s\n", err);
-        bench_stop(store);
-        return -1;
-    }
-    return 0;
+    return bench_store_client_open("store", store, o->store_bin, o->memory, extra, host, &co, cl);
 }
 
 /* kvfabric's four rates into f (GET and PUT of both workloads); returns the keys that failed.
@@ -541,92 +516,69 @@ static int rdma_bench(const opts *o, json_t *res)
     return errors ? 1 : 0;
 }
 
-int bench_store_main(int argc, char **argv)
+/* ------------------------------------------------------------------------------------------ */
+/* TCP: the rounds, the lookup latency and the idle RSS, then their summary */
+
+/* Starts redis-server and connects to it. Returns the connection, or NULL (and no redis-server
+ * left running) where redis-server is missing or does not answer. */
+static redisContext *redis_open(bench_proc *redis)
 {
-    opts o;
-    if (parse(argc, argv, &o) != 0)
-        return 2;
-    json_t *res = json_object();
-    json_object_set_new(res, "bench", json_string("store"));
-    json_object_set_new(res, "quick", json_boolean(o.quick));
-    char why[160] = "";
-    if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
-        json_object_set_new(res, "transport", json_string("rdma"));
-        int rc = rdma_bench(&o, res);
-        json_decref(res);
-        return rc;
-    }
-    if (strcmp(o.transport, "tcp") != 0) {
-        /* RDMA needs a device on this host and a build with the RDMA headers: why says which is
-         * missing. */
-        if (strcmp(o.transport, "rdma") != 0)
-            snprintf(why, sizeof why, "unknown transport \"%s\" (tcp or rdma)", o.transport);
-        json_object_set_new(res, "transport", json_string(o.transport));
-        json_object_set_new(res, "label", json_string("backend_infeasible"));
-        json_object_set_new(res, "reason", json_string(why));
-        printf("kvf-bench store --transport %s: backend_infeasible: %s\n", o.transport, why);
-        bench_emit(res, o.json);
-        json_decref(res);
-        return 0;
-    }
-    json_object_set_new(res, "transport", json_string("tcp"));
-    json_object_set_new(res, "label", json_string("real"));
-    json_object_set_new(res, "cores", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
-
-    bench_proc store = {0};
-    char extra[64];
-    snprintf(extra, sizeof extra, "--threads %d --rdma off", o.store_threads);
-    kvf_client *cl = NULL;
-    if (kvf_open(&o, "127.0.0.1", extra, "tcp", &store, &cl) != 0) {
-        json_decref(res);
-        return 1;
-    }
-    bench_proc redis = {0};
-    redisContext *rc = NULL;
-    int redis_ok = bench_start_redis(&redis) == 0;
-    if (redis_ok) {
-        struct timeval tv = {30, 0};
-        rc = redisConnectWithTimeout("127.0.0.1", redis.port, tv);
-        if (!rc || rc->err) {
-            redis_ok = 0;
-            bench_stop(&redis);
-        }
-    } else {
+    if (bench_start_redis(redis) != 0) {
         bench_progress("store", "redis-server not available: peer figures omitted");
+        return NULL;
     }
-    workload small, large;
-    wl_init(&small, 256, 64 * 1024);
-    wl_init(&large, 4, 16u << 20);
+    struct timeval tv = {30, 0};
+    redisContext *rc = redisConnectWithTimeout("127.0.0.1", redis->port, tv);
+    if (!rc || rc->err) {
+        if (rc)
+            redisFree(rc);
+        bench_stop(redis);
+        return NULL;
+    }
+    return rc;
+}
 
-    /* Rounds: the ceiling, kvfabric (each rate between two ceilings) and Redis one after another,
-     * again and again. This machine is shared: a figure and the ceilings measured on either side
-     * of it see the same neighbours, so the ratios are taken figure by figure, round by round,
-     * and their median reported (the rates too). */
+/* What a TCP run measured. */
+typedef struct tcp_run {
     round_fig fig[ROUNDS_MAX];
-    int kvf_errors = 0, redis_errors = 0;
-    for (int r = 0; r < o.rounds; r++) {
-        round_fig *f = &fig[r];
+    int redis_ok;                 /* Redis ran: its rates in fig are measured, not zero */
+    int kvf_errors, redis_errors; /* keys that failed */
+    double lookup_p50, lookup_p99, raw_p50, raw_p99; /* us */
+    size_t lookup_hits;
+    double rss_mib; /* the store's, idle after the run */
+} tcp_run;
+
+/* Rounds: the ceiling, kvfabric (each rate between two ceilings) and Redis (rc; NULL: none) one
+ * after another, again and again. This machine is shared: a figure and the ceilings measured on
+ * either side of it see the same neighbours, so the ratios are taken figure by figure, round by
+ * round, and their median reported (the rates too). */
+static void measure_rounds(const opts *o, kvf_client *cl, redisContext *rc, workload *small,
+                           workload *large, tcp_run *run)
+{
+    for (int r = 0; r < o->rounds; r++) {
+        round_fig *f = &run->fig[r];
         memset(f, 0, sizeof *f);
         bench_progress("store",
                        "round %d/%d: TCP ceiling (1 and %d streams), kvfabric between "
                        "ceilings, Redis, %.1f s each",
-                       r + 1, o.rounds, o.streams, o.secs);
-        f->c1 = tcp_ceiling(1, o.secs);
-        kvf_errors += kvf_rates(cl, &small, &large, o.secs, o.streams, f);
+                       r + 1, o->rounds, o->streams, o->secs);
+        f->c1 = tcp_ceiling(1, o->secs);
+        run->kvf_errors += kvf_rates(cl, small, large, o->secs, o->streams, f);
         int e[4];
-        if (redis_ok) {
-            f->rs64 = redis_rate(rc, &small, 1, o.secs, &e[0]);
-            f->rg64 = redis_rate(rc, &small, 0, o.secs, &e[1]);
-            f->rs16 = redis_rate(rc, &large, 1, o.secs, &e[2]);
-            f->rg16 = redis_rate(rc, &large, 0, o.secs, &e[3]);
-            redis_errors += e[0] + e[1] + e[2] + e[3];
+        if (rc) {
+            f->rs64 = redis_rate(rc, small, 1, o->secs, &e[0]);
+            f->rg64 = redis_rate(rc, small, 0, o->secs, &e[1]);
+            f->rs16 = redis_rate(rc, large, 1, o->secs, &e[2]);
+            f->rg16 = redis_rate(rc, large, 0, o->secs, &e[3]);
+            run->redis_errors += e[0] + e[1] + e[2] + e[3];
         }
     }
-    if (rc)
-        redisFree(rc);
-    if (redis_ok)
-        bench_stop(&redis);
+}
 
+/* Latency of lookup-prefix of 128 stored keys through the client, and of the same frame over a
+ * raw socket to the store at port (the ceiling; 0 where it fails), into run. */
+static void lookup_latency(const opts *o, kvf_client *cl, uint16_t port, tcp_run *run)
+{
     bench_progress("store", "lookup-prefix of 128 keys");
     workload chain;
     wl_init(&chain, 128, 4 * 1024);
@@ -636,172 +588,264 @@ int bench_store_main(int argc, char **argv)
                     .lens = chain.lens,
                     .status = chain.st};
     kvf_client_put(cl, &pb);
-    int iters = o.quick ? 1000 : 5000;
+    int iters = o->quick ? 1000 : 5000;
     double *lat = malloc((size_t)iters * sizeof *lat);
-    size_t hits = 0;
     for (int i = 0; i < iters; i++) {
         double t = bench_now();
-        kvf_client_lookup_prefix(cl, 128, chain.keys, &hits, 5000);
+        kvf_client_lookup_prefix(cl, 128, chain.keys, &run->lookup_hits, 5000);
         lat[i] = (bench_now() - t) * 1e6;
     }
-    double p50 = bench_quantile(lat, (size_t)iters, 0.5),
-           p99 = bench_quantile(lat, (size_t)iters, 0.99);
-    double raw50 = 0, raw99 = 0;
-    if (raw_lookup_rtt(store.port, BENCH_NS, chain.keys, iters, lat) == 0) {
-        raw50 = bench_quantile(lat, (size_t)iters, 0.5);
-        raw99 = bench_quantile(lat, (size_t)iters, 0.99);
+    run->lookup_p50 = bench_quantile(lat, (size_t)iters, 0.5);
+    run->lookup_p99 = bench_quantile(lat, (size_t)iters, 0.99);
+    if (raw_lookup_rtt(port, BENCH_NS, chain.keys, iters, lat) == 0) {
+        run->raw_p50 = bench_quantile(lat, (size_t)iters, 0.5);
+        run->raw_p99 = bench_quantile(lat, (size_t)iters, 0.99);
     }
     free(lat);
     wl_free(&chain);
-    kvf_client_close(&cl);
-    usleep(300000);
-    double rss = bench_rss_mib(store.pid);
-    bench_stop(&store);
-    wl_free(&small);
-    wl_free(&large);
+}
 
-    /* Rates: medians over the rounds. Ratios: per round, then the median. Headline figures are
-     * the smaller of the two sizes (kvfabric) against the larger (ceiling, Redis). */
-    double v[ROUNDS_MAX];
-#define MED(out, expr)                                  \
-    do {                                                \
-        for (int r_ = 0; r_ < o.rounds; r_++) {         \
-            const round_fig *f = &fig[r_];              \
-            v[r_] = (expr);                             \
-        }                                               \
-        out = bench_quantile(v, (size_t)o.rounds, 0.5); \
-    } while (0)
 #define MIN2(a, b) ((a) < (b) ? (a) : (b))
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
+
+/* A run's figures: rates are medians over the rounds (GB/s); ratios are taken per round, then
+ * the median. Headline figures are the smaller of the two sizes (kvfabric) against the larger
+ * (ceiling, Redis). Ratios to Redis are 0 where Redis did not run. */
+typedef struct summary {
     double c1, cn, kg64, kp64, kg16, kp16, rg64, rs64, rg16, rs16;
-    MED(c1, f->c1);
-    MED(cn, f->cn);
-    MED(kg64, f->kg64);
-    MED(kp64, f->kp64);
-    MED(kg16, f->kg16);
-    MED(kp16, f->kp16);
-    MED(rg64, f->rg64);
-    MED(rs64, f->rs64);
-    MED(rg16, f->rg16);
-    MED(rs16, f->rs16);
-    double ceiling = MAX2(c1, cn);
-    double kget = MIN2(kg64, kg16), kput = MIN2(kp64, kp16);
-    double rget = MAX2(rg64, rg16), rset = MAX2(rs64, rs16);
-    double get_vs_ceiling, put_vs_ceiling, get_vs_1stream, gc16, gc64, pc16, pc64;
-    MED(gc16, f->kg16 / ceiling_of(f, 0));
-    MED(gc64, f->kg64 / ceiling_of(f, 1));
-    MED(pc16, f->kp16 / ceiling_of(f, 2));
-    MED(pc64, f->kp64 / ceiling_of(f, 3));
-    MED(get_vs_ceiling, MIN2(f->kg16 / ceiling_of(f, 0), f->kg64 / ceiling_of(f, 1)));
-    MED(put_vs_ceiling, MIN2(f->kp16 / ceiling_of(f, 2), f->kp64 / ceiling_of(f, 3)));
-    MED(get_vs_1stream, MIN2(f->kg64, f->kg16) / f->c1);
-    double gvr64 = 0, gvr16 = 0, pvr64 = 0, pvr16 = 0, get_vs_redis = 0, put_vs_redis = 0;
-    if (redis_ok) {
-        MED(gvr64, f->kg64 / f->rg64);
-        MED(gvr16, f->kg16 / f->rg16);
-        MED(pvr64, f->kp64 / f->rs64);
-        MED(pvr16, f->kp16 / f->rs16);
-        MED(get_vs_redis, MIN2(f->kg64 / f->rg64, f->kg16 / f->rg16));
-        MED(put_vs_redis, MIN2(f->kp64 / f->rs64, f->kp16 / f->rs16));
+    double ceiling, kget, kput, rget, rset;
+    double gc16, gc64, pc16, pc64; /* each kvfabric rate over the ceiling it is compared with */
+    double get_vs_ceiling, put_vs_ceiling, get_vs_1stream;
+    double gvr64, gvr16, pvr64, pvr16, get_vs_redis, put_vs_redis;
+} summary;
+
+static void summarize(const tcp_run *run, int rounds, summary *s)
+{
+    double v[ROUNDS_MAX];
+#define MED(out, expr)                                \
+    do {                                              \
+        for (int r_ = 0; r_ < rounds; r_++) {         \
+            const round_fig *f = &run->fig[r_];       \
+            v[r_] = (expr);                           \
+        }                                             \
+        out = bench_quantile(v, (size_t)rounds, 0.5); \
+    } while (0)
+    memset(s, 0, sizeof *s);
+    MED(s->c1, f->c1);
+    MED(s->cn, f->cn);
+    MED(s->kg64, f->kg64);
+    MED(s->kp64, f->kp64);
+    MED(s->kg16, f->kg16);
+    MED(s->kp16, f->kp16);
+    MED(s->rg64, f->rg64);
+    MED(s->rs64, f->rs64);
+    MED(s->rg16, f->rg16);
+    MED(s->rs16, f->rs16);
+    s->ceiling = MAX2(s->c1, s->cn);
+    s->kget = MIN2(s->kg64, s->kg16), s->kput = MIN2(s->kp64, s->kp16);
+    s->rget = MAX2(s->rg64, s->rg16), s->rset = MAX2(s->rs64, s->rs16);
+    MED(s->gc16, f->kg16 / ceiling_of(f, 0));
+    MED(s->gc64, f->kg64 / ceiling_of(f, 1));
+    MED(s->pc16, f->kp16 / ceiling_of(f, 2));
+    MED(s->pc64, f->kp64 / ceiling_of(f, 3));
+    MED(s->get_vs_ceiling, MIN2(f->kg16 / ceiling_of(f, 0), f->kg64 / ceiling_of(f, 1)));
+    MED(s->put_vs_ceiling, MIN2(f->kp16 / ceiling_of(f, 2), f->kp64 / ceiling_of(f, 3)));
+    MED(s->get_vs_1stream, MIN2(f->kg64, f->kg16) / f->c1);
+    if (run->redis_ok) {
+        MED(s->gvr64, f->kg64 / f->rg64);
+        MED(s->gvr16, f->kg16 / f->rg16);
+        MED(s->pvr64, f->kp64 / f->rs64);
+        MED(s->pvr16, f->kp16 / f->rs16);
+        MED(s->get_vs_redis, MIN2(f->kg64 / f->rg64, f->kg16 / f->rg16));
+        MED(s->put_vs_redis, MIN2(f->kp64 / f->rs64, f->kp16 / f->rs16));
     }
-    json_t *gr = json_array();
-    for (int r = 0; r < o.rounds; r++)
-        json_array_append_new(gr, json_real(MIN2(fig[r].kg16 / ceiling_of(&fig[r], 0),
-                                                 fig[r].kg64 / ceiling_of(&fig[r], 1))));
-    json_object_set_new(res, "get_vs_ceiling_rounds", gr);
-    json_object_set_new(res, "rounds", json_integer(o.rounds));
 #undef MED
-    double arena_mib = 0;
-    {
-        uint64_t m = 0;
-        char u = 0;
-        if (sscanf(o.memory, "%" SCNu64 "%c", &m, &u) >= 1)
-            arena_mib = (double)m * (u == 'G' || u == 'g'   ? 1024
-                                     : u == 'M' || u == 'm' ? 1
-                                                            : 1.0 / 1048576);
-    }
+}
 
+/* MiB of a size such as --memory's ("1G", "512M", or bytes); 0 where it does not read as one. */
+static double size_mib(const char *size)
+{
+    uint64_t m = 0;
+    char u = 0;
+    if (sscanf(size, "%" SCNu64 "%c", &m, &u) < 1)
+        return 0;
+    return (double)m * (u == 'G' || u == 'g' ? 1024 : u == 'M' || u == 'm' ? 1 : 1.0 / 1048576);
+}
+
+static void print_tcp(const opts *o, const tcp_run *run, const summary *s)
+{
     printf("kvf-bench store: real, TCP loopback, %ld cores, %d stream(s), median of %d rounds%s\n",
-           sysconf(_SC_NPROCESSORS_ONLN), o.streams, o.rounds, o.quick ? ", quick" : "");
-    row("TCP ceiling, 1 stream", c1, 0, 0);
+           sysconf(_SC_NPROCESSORS_ONLN), o->streams, o->rounds, o->quick ? ", quick" : "");
+    row("TCP ceiling, 1 stream", s->c1, 0, 0);
     char label[64];
-    snprintf(label, sizeof label, "TCP ceiling, %d streams", o.streams);
-    row(label, cn, 0, 0);
-    row("kvf GET 256 x 64 KiB", kg64, gc64, gvr64);
-    row("kvf PUT 256 x 64 KiB", kp64, pc64, pvr64);
-    row("kvf GET 4 x 16 MiB", kg16, gc16, gvr16);
-    row("kvf PUT 4 x 16 MiB", kp16, pc16, pvr16);
-    if (redis_ok) {
-        row("redis GET 256 x 64 KiB", rg64, rg64 / ceiling, 0);
-        row("redis SET 256 x 64 KiB", rs64, rs64 / ceiling, 0);
-        row("redis GET 4 x 16 MiB", rg16, rg16 / ceiling, 0);
-        row("redis SET 4 x 16 MiB", rs16, rs16 / ceiling, 0);
+    snprintf(label, sizeof label, "TCP ceiling, %d streams", o->streams);
+    row(label, s->cn, 0, 0);
+    row("kvf GET 256 x 64 KiB", s->kg64, s->gc64, s->gvr64);
+    row("kvf PUT 256 x 64 KiB", s->kp64, s->pc64, s->pvr64);
+    row("kvf GET 4 x 16 MiB", s->kg16, s->gc16, s->gvr16);
+    row("kvf PUT 4 x 16 MiB", s->kp16, s->pc16, s->pvr16);
+    if (run->redis_ok) {
+        row("redis GET 256 x 64 KiB", s->rg64, s->rg64 / s->ceiling, 0);
+        row("redis SET 256 x 64 KiB", s->rs64, s->rs64 / s->ceiling, 0);
+        row("redis GET 4 x 16 MiB", s->rg16, s->rg16 / s->ceiling, 0);
+        row("redis SET 4 x 16 MiB", s->rs16, s->rs16 / s->ceiling, 0);
     }
-    printf("  %-34s p50 %.1f us, p99 %.1f us (%zu hits)\n", "kvf lookup-prefix, 128 keys", p50, p99,
-           hits);
-    printf("  %-34s p50 %.1f us, p99 %.1f us\n", "raw socket round trip, same frame", raw50, raw99);
-    printf("  %-34s %.1f MiB (arena %.0f MiB + %.1f MiB)\n", "kvf-store idle RSS", rss, arena_mib,
-           rss - arena_mib);
-    if (kvf_errors || redis_errors)
-        printf("  errors: kvfabric %d, redis %d keys failed\n", kvf_errors, redis_errors);
+    printf("  %-34s p50 %.1f us, p99 %.1f us (%zu hits)\n", "kvf lookup-prefix, 128 keys",
+           run->lookup_p50, run->lookup_p99, run->lookup_hits);
+    printf("  %-34s p50 %.1f us, p99 %.1f us\n", "raw socket round trip, same frame", run->raw_p50,
+           run->raw_p99);
+    double arena_mib = size_mib(o->memory);
+    printf("  %-34s %.1f MiB (arena %.0f MiB + %.1f MiB)\n", "kvf-store idle RSS", run->rss_mib,
+           arena_mib, run->rss_mib - arena_mib);
+    if (run->kvf_errors || run->redis_errors)
+        printf("  errors: kvfabric %d, redis %d keys failed\n", run->kvf_errors, run->redis_errors);
+}
 
-    if (o.plot) {
-        const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams", "kvf GET 256x64K",
-                                "kvf PUT 256x64K",      "kvf GET 4x16M",         "kvf PUT 4x16M",
-                                "redis GET 256x64K",    "redis SET 256x64K",     "redis GET 4x16M",
-                                "redis SET 4x16M"};
-        double vals[] = {c1, cn, kg64, kp64, kg16, kp16, rg64, rs64, rg16, rs16};
-        int groups[] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
-        size_t n = redis_ok ? 10 : 6;
-        if (bench_plot_bars(
-                o.plot,
-                "kvf-bench store: loopback TCP, real (ceiling grey, kvfabric blue, Redis red)",
-                "GB/s", labels, vals, groups, n) == 0)
-            printf("  plot: %s\n", o.plot);
+/* The rates as bars to png (Redis's where it ran); says so on stdout once written. */
+static void plot_tcp(const char *png, int redis_ok, const summary *s)
+{
+    const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams", "kvf GET 256x64K",
+                            "kvf PUT 256x64K",      "kvf GET 4x16M",         "kvf PUT 4x16M",
+                            "redis GET 256x64K",    "redis SET 256x64K",     "redis GET 4x16M",
+                            "redis SET 4x16M"};
+    double vals[] = {s->c1,   s->cn,   s->kg64, s->kp64, s->kg16,
+                     s->kp16, s->rg64, s->rs64, s->rg16, s->rs16};
+    int groups[] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
+    size_t n = redis_ok ? 10 : 6;
+    if (bench_plot_bars(
+            png, "kvf-bench store: loopback TCP, real (ceiling grey, kvfabric blue, Redis red)",
+            "GB/s", labels, vals, groups, n) == 0)
+        printf("  plot: %s\n", png);
+}
+
+static void add_tcp_figures(json_t *res, const opts *o, const tcp_run *run, const summary *s)
+{
+    json_t *gr = json_array();
+    for (int r = 0; r < o->rounds; r++) {
+        const round_fig *f = &run->fig[r];
+        json_array_append_new(
+            gr, json_real(MIN2(f->kg16 / ceiling_of(f, 0), f->kg64 / ceiling_of(f, 1))));
     }
-
-#define NUM(k, v) json_object_set_new(res, k, json_real(v))
-    NUM("tcp_ceiling_gbps", ceiling);
-    NUM("tcp_ceiling_1stream_gbps", c1);
-    NUM("tcp_ceiling_nstream_gbps", cn);
-    json_object_set_new(res, "streams", json_integer(o.streams));
-    json_object_set_new(res, "store_threads", json_integer(o.store_threads));
-    json_object_set_new(res, "io_threads", json_integer(o.io_threads));
-    NUM("kvf_get_gbps", kget);
-    NUM("kvf_put_gbps", kput);
-    NUM("kvf_get_64k_gbps", kg64);
-    NUM("kvf_put_64k_gbps", kp64);
-    NUM("kvf_get_16m_gbps", kg16);
-    NUM("kvf_put_16m_gbps", kp16);
-    if (redis_ok) {
-        NUM("redis_get_gbps", rget);
-        NUM("redis_set_gbps", rset);
-        NUM("redis_get_64k_gbps", rg64);
-        NUM("redis_set_64k_gbps", rs64);
-        NUM("redis_get_16m_gbps", rg16);
-        NUM("redis_set_16m_gbps", rs16);
-        NUM("get_vs_redis", get_vs_redis);
-        NUM("put_vs_redis", put_vs_redis);
+    json_object_set_new(res, "get_vs_ceiling_rounds", gr);
+    json_object_set_new(res, "rounds", json_integer(o->rounds));
+    bench_json_real(res, "tcp_ceiling_gbps", s->ceiling);
+    bench_json_real(res, "tcp_ceiling_1stream_gbps", s->c1);
+    bench_json_real(res, "tcp_ceiling_nstream_gbps", s->cn);
+    json_object_set_new(res, "streams", json_integer(o->streams));
+    json_object_set_new(res, "store_threads", json_integer(o->store_threads));
+    json_object_set_new(res, "io_threads", json_integer(o->io_threads));
+    bench_json_real(res, "kvf_get_gbps", s->kget);
+    bench_json_real(res, "kvf_put_gbps", s->kput);
+    bench_json_real(res, "kvf_get_64k_gbps", s->kg64);
+    bench_json_real(res, "kvf_put_64k_gbps", s->kp64);
+    bench_json_real(res, "kvf_get_16m_gbps", s->kg16);
+    bench_json_real(res, "kvf_put_16m_gbps", s->kp16);
+    if (run->redis_ok) {
+        bench_json_real(res, "redis_get_gbps", s->rget);
+        bench_json_real(res, "redis_set_gbps", s->rset);
+        bench_json_real(res, "redis_get_64k_gbps", s->rg64);
+        bench_json_real(res, "redis_set_64k_gbps", s->rs64);
+        bench_json_real(res, "redis_get_16m_gbps", s->rg16);
+        bench_json_real(res, "redis_set_16m_gbps", s->rs16);
+        bench_json_real(res, "get_vs_redis", s->get_vs_redis);
+        bench_json_real(res, "put_vs_redis", s->put_vs_redis);
     } else {
         json_object_set_new(res, "redis_get_gbps", json_null());
         json_object_set_new(res, "redis_set_gbps", json_null());
         json_object_set_new(res, "get_vs_redis", json_null());
         json_object_set_new(res, "put_vs_redis", json_null());
     }
-    NUM("get_vs_ceiling", get_vs_ceiling);
-    NUM("get_vs_1stream_ceiling", get_vs_1stream);
-    NUM("put_vs_ceiling", put_vs_ceiling);
-    NUM("lookup128_p50_us", p50);
-    NUM("lookup128_p99_us", p99);
-    NUM("lookup128_raw_p50_us", raw50);
-    NUM("lookup128_raw_p99_us", raw99);
-    NUM("lookup_p50_vs_raw", raw50 > 0 ? p50 / raw50 : 0);
-    NUM("store_rss_mib", rss);
-    NUM("store_arena_mib", arena_mib);
-    json_object_set_new(res, "kvf_errors", json_integer(kvf_errors));
-    json_object_set_new(res, "redis_errors", json_integer(redis_errors));
-#undef NUM
-    bench_emit(res, o.json);
+    bench_json_real(res, "get_vs_ceiling", s->get_vs_ceiling);
+    bench_json_real(res, "get_vs_1stream_ceiling", s->get_vs_1stream);
+    bench_json_real(res, "put_vs_ceiling", s->put_vs_ceiling);
+    bench_json_real(res, "lookup128_p50_us", run->lookup_p50);
+    bench_json_real(res, "lookup128_p99_us", run->lookup_p99);
+    bench_json_real(res, "lookup128_raw_p50_us", run->raw_p50);
+    bench_json_real(res, "lookup128_raw_p99_us", run->raw_p99);
+    bench_json_real(res, "lookup_p50_vs_raw",
+                    run->raw_p50 > 0 ? run->lookup_p50 / run->raw_p50 : 0);
+    bench_json_real(res, "store_rss_mib", run->rss_mib);
+    bench_json_real(res, "store_arena_mib", size_mib(o->memory));
+    json_object_set_new(res, "kvf_errors", json_integer(run->kvf_errors));
+    json_object_set_new(res, "redis_errors", json_integer(run->redis_errors));
+}
+
+/* --transport tcp: the rounds of rates on one loopback store and a Redis beside it (where
+ * redis-server is installed), the lookup latency and the store's idle RSS, printed and into res.
+ * Returns the exit status: 1 where the store does not start or kvfabric failed keys. */
+static int tcp_bench(const opts *o, json_t *res)
+{
+    json_object_set_new(res, "transport", json_string("tcp"));
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "cores", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
+    bench_proc store = {0};
+    char extra[64];
+    snprintf(extra, sizeof extra, "--threads %d --rdma off", o->store_threads);
+    kvf_client *cl = NULL;
+    if (kvf_open(o, "127.0.0.1", extra, "tcp", &store, &cl) != 0)
+        return 1;
+    tcp_run run = {0};
+    bench_proc redis = {0};
+    redisContext *rc = redis_open(&redis);
+    run.redis_ok = rc != NULL;
+    workload small, large;
+    wl_init(&small, 256, 64 * 1024);
+    wl_init(&large, 4, 16u << 20);
+    measure_rounds(o, cl, rc, &small, &large, &run);
+    if (rc) {
+        redisFree(rc);
+        bench_stop(&redis);
+    }
+    lookup_latency(o, cl, store.port, &run);
+    kvf_client_close(&cl);
+    usleep(300000);
+    run.rss_mib = bench_rss_mib(store.pid);
+    bench_stop(&store);
+    wl_free(&small);
+    wl_free(&large);
+
+    summary s;
+    summarize(&run, o->rounds, &s);
+    print_tcp(o, &run, &s);
+    if (o->plot)
+        plot_tcp(o->plot, run.redis_ok, &s);
+    add_tcp_figures(res, o, &run, &s);
+    bench_emit(res, o->json);
+    return run.kvf_errors ? 1 : 0;
+}
+
+/* A transport that this host cannot run (why says what it lacks) or that does not exist, reported
+ * as backend_infeasible, which is a result and not a failure. */
+static void report_infeasible(const opts *o, const char *why, json_t *res)
+{
+    json_object_set_new(res, "transport", json_string(o->transport));
+    json_object_set_new(res, "label", json_string("backend_infeasible"));
+    json_object_set_new(res, "reason", json_string(why));
+    printf("kvf-bench store --transport %s: backend_infeasible: %s\n", o->transport, why);
+    bench_emit(res, o->json);
+}
+
+int bench_store_main(int argc, char **argv)
+{
+    opts o;
+    if (parse(argc, argv, &o) != 0)
+        return 2;
+    json_t *res = bench_result_new("store");
+    json_object_set_new(res, "quick", json_boolean(o.quick));
+    int rc = 0;
+    char why[160] = "";
+    if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
+        json_object_set_new(res, "transport", json_string("rdma"));
+        rc = rdma_bench(&o, res);
+    } else if (!strcmp(o.transport, "tcp")) {
+        rc = tcp_bench(&o, res);
+    } else {
+        /* RDMA needs a device on this host and a build with the RDMA headers: why says which is
+         * missing. */
+        if (strcmp(o.transport, "rdma") != 0)
+            snprintf(why, sizeof why, "unknown transport \"%s\" (tcp or rdma)", o.transport);
+        report_infeasible(&o, why, res);
+    }
     json_decref(res);
-    return kvf_errors ? 1 : 0;
+    return rc;
 }
