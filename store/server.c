@@ -1,10 +1,6 @@
 /*
- * The storage node's server (docs/protocol.md, docs/store.md).
- *
- * Threads: N event loops, each with its own poller, wake pipe and connections. All loops watch the
- * listening socket (nonblocking accept: a loop that loses the race gets EAGAIN). COPY requests run
- * on a short-lived worker thread that pushes the objects with the client library and hands its
- * reply back to the loop through the loop's inbox.
+ * The storage node's server (docs/protocol.md, docs/store.md). Its threads and lock order are
+ * described in server_int.h.
  *
  * A connection reads frames with a small state machine:
  *   HDR   40 header bytes, validated before anything else is read;
@@ -13,11 +9,8 @@
  *         when the item was refused), verified and committed one by one.
  * Replies queue in order and are written with sendmsg scatter-gather; GET replies point into the
  * arena and hold read references until their last byte is written.
- *
- * Lock order: loop inbox lock, then the cache lock. No function holds the cache lock while doing
- * I/O or copying object bytes.
  */
-#include "server.h"
+#include "server_int.h"
 
 #include "kvf/client.h"
 #include "kvf/error.h"
@@ -41,112 +34,13 @@
 #include <string.h>
 #include <unistd.h>
 
-#define READ_BUDGET    (16u << 20)    /* bytes read from one connection per readiness event */
-#define OUT_HIGH_WATER (512ull << 20) /* stop reading a connection whose replies pile up */
-#define SCRATCH_BYTES  (1u << 20)
-#define TICK_NS        100000000ull
-#define TICK_STEPS     4096u
-
-enum { R_HDR, R_BODY, R_DATA };
-
-typedef struct out_msg {
-    struct out_msg *next;
-    struct iovec *iov;
-    int iovcnt, first;
-    uint32_t *refs;
-    uint32_t nrefs;
-    uint8_t *buf;
-} out_msg;
-
-typedef struct put_item {
-    uint8_t *dst; /* NULL: discard this item's bytes */
-    uint64_t len;
-    uint32_t eid;
-    int32_t status;
-    uint8_t held;
-} put_item;
-
-typedef struct loop loop;
-
-/* Read references an RDMA_GET handed out as descriptors: held until RDMA_RELEASE, the lease's
- * end, or the connection's. */
-typedef struct rlease {
-    struct rlease *next;
-    uint64_t id;
-    uint64_t expires_ns;
-    uint32_t n;
-    uint32_t eids[];
-} rlease;
+#define READ_BUDGET (16u << 20) /* bytes read from one connection per readiness event */
+#define TICK_NS     100000000ull
+#define TICK_STEPS  4096u
 
 #define RDMA_LEASE_DEFAULT_MS 10000u
 #define RDMA_LEASE_MAX_MS     60000u
 #define RDMA_GET_MAX_REPLY    (256ull << 20)
-
-typedef struct conn {
-    struct conn *next, *prev;
-    loop *lp;
-    int fd;
-    uint64_t id;
-    uint64_t ns_bound;
-    int rstate;
-    uint8_t hdr[KVF_WIRE_HEADER_LEN];
-    size_t hdr_got;
-    kvf_wire_hdr h;
-    uint8_t *rbuf;
-    size_t rcap;
-    uint64_t rgot, rneed;
-    put_item *items;
-    uint32_t icap, n_items, cur;
-    uint64_t cur_got;
-    int req_err;
-    out_msg *oh, *ot;
-    uint64_t out_bytes;
-    int closing;
-    uint32_t events;
-    int pending_jobs; /* COPY jobs not yet answered */
-    rlease *leases;   /* RDMA_GET descriptors still leased */
-} conn;
-
-typedef struct deferred {
-    struct deferred *next;
-    uint64_t conn_id;
-    out_msg *msg;
-    int fd; /* >= 0: a connection accepted by another loop, handed to this one */
-} deferred;
-
-struct loop {
-    kvf_server *srv;
-    int idx;
-    kvf_poller *poller;
-    int wake[2];
-    pthread_t th;
-    conn *conns;
-    pthread_mutex_t inbox_mu;
-    deferred *inbox;
-    uint8_t *scratch;
-    uint64_t last_tick;
-};
-
-struct kvf_server {
-    kvf_server_opts o;
-    char host[256];
-    int lfd;
-    uint16_t port;
-    loop *loops;
-    int nloops;
-    atomic_int stopping;
-    atomic_uint_fast64_t next_conn_id;
-    atomic_int jobs;       /* COPY workers running */
-    atomic_uint next_loop; /* the loop the next accepted connection goes to */
-    /* counters */
-    atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
-    atomic_uint_fast64_t reqs[32];
-    /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
-    kvf__rserve *rdma;
-    char rdma_why[200];
-    atomic_uint_fast64_t next_lease, rdma_leased, rdma_released, rdma_expired, rdma_reserved,
-        rdma_committed;
-};
 
 static const char wake_byte = 'w';
 

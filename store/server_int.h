@@ -1,0 +1,133 @@
+/*
+ * The storage node server's private header: the state its files share (loops, connections, queued
+ * replies, RDMA leases) and the functions they call across files. Only the server's own files
+ * include it; store/server.h is the interface for everyone else.
+ *
+ * Threads: N event loops, each with its own poller, wake pipe and connections. All loops watch the
+ * listening socket (nonblocking accept: a loop that loses the race gets EAGAIN). COPY requests run
+ * on a short-lived worker thread that pushes the objects with the client library and hands its
+ * reply back to the loop through the loop's inbox.
+ *
+ * Lock order: loop inbox lock, then the cache lock. No function holds the cache lock while doing
+ * I/O or copying object bytes.
+ */
+#ifndef KVF_STORE_SERVER_INT_H
+#define KVF_STORE_SERVER_INT_H
+
+#include "server.h"
+
+#include "poller.h"
+#include "rdma_serve.h"
+#include "wire.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#define OUT_HIGH_WATER (512ull << 20) /* stop reading a connection whose replies pile up */
+#define SCRATCH_BYTES  (1u << 20)     /* a loop's sink for the bytes of refused PUT items */
+
+/* Where a connection's next bytes go (server_frame.c). */
+enum { R_HDR, R_BODY, R_DATA };
+
+/* One reply frame (or several) queued on a connection: iovecs into buf and into the arena, and
+ * the read references that keep those arena bytes in place until the last of them is written. */
+typedef struct out_msg {
+    struct out_msg *next;
+    struct iovec *iov;
+    int iovcnt, first;
+    uint32_t *refs;
+    uint32_t nrefs;
+    uint8_t *buf;
+} out_msg;
+
+typedef struct put_item {
+    uint8_t *dst; /* NULL: discard this item's bytes */
+    uint64_t len;
+    uint32_t eid;
+    int32_t status;
+    uint8_t held;
+} put_item;
+
+typedef struct loop loop;
+
+/* Read references an RDMA_GET handed out as descriptors: held until RDMA_RELEASE, the lease's
+ * end, or the connection's. */
+typedef struct rlease {
+    struct rlease *next;
+    uint64_t id;
+    uint64_t expires_ns;
+    uint32_t n;
+    uint32_t eids[];
+} rlease;
+
+typedef struct conn {
+    struct conn *next, *prev;
+    loop *lp;
+    int fd;
+    uint64_t id;
+    uint64_t ns_bound;
+    int rstate;
+    uint8_t hdr[KVF_WIRE_HEADER_LEN];
+    size_t hdr_got;
+    kvf_wire_hdr h;
+    uint8_t *rbuf;
+    size_t rcap;
+    uint64_t rgot, rneed;
+    put_item *items;
+    uint32_t icap, n_items, cur;
+    uint64_t cur_got;
+    int req_err;
+    out_msg *oh, *ot;
+    uint64_t out_bytes;
+    int closing;
+    uint32_t events;
+    int pending_jobs; /* COPY jobs not yet answered */
+    rlease *leases;   /* RDMA_GET descriptors still leased */
+} conn;
+
+/* An entry of a loop's inbox: a COPY worker's reply for a connection, or a connection accepted by
+ * another loop. */
+typedef struct deferred {
+    struct deferred *next;
+    uint64_t conn_id;
+    out_msg *msg;
+    int fd; /* >= 0: a connection accepted by another loop, handed to this one */
+} deferred;
+
+struct loop {
+    kvf_server *srv;
+    int idx;
+    kvf_poller *poller;
+    int wake[2];
+    pthread_t th;
+    conn *conns;
+    pthread_mutex_t inbox_mu;
+    deferred *inbox;
+    uint8_t *scratch;
+    uint64_t last_tick;
+};
+
+struct kvf_server {
+    kvf_server_opts o;
+    char host[256];
+    int lfd;
+    uint16_t port;
+    loop *loops;
+    int nloops;
+    atomic_int stopping;
+    atomic_uint_fast64_t next_conn_id;
+    atomic_int jobs;       /* COPY workers running */
+    atomic_uint next_loop; /* the loop the next accepted connection goes to */
+    /* counters */
+    atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
+    atomic_uint_fast64_t reqs[32];
+    /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
+    kvf__rserve *rdma;
+    char rdma_why[200];
+    atomic_uint_fast64_t next_lease, rdma_leased, rdma_released, rdma_expired, rdma_reserved,
+        rdma_committed;
+};
+
+#endif
