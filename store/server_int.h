@@ -130,4 +130,51 @@ struct kvf_server {
         rdma_committed;
 };
 
+/* server_conn.c: a connection's life on its loop. */
+
+/* Makes fd one of lp's connections, watched for reading. On failure fd is closed. */
+void kvf__conn_adopt(loop *lp, int fd);
+/* Closes c and frees it with everything it holds: the reservations of a PUT in progress and
+ * those its ADMITs made, its RDMA leases, and its queued replies with their read references. */
+void kvf__conn_destroy(conn *c);
+/* Releases the references of every lease of c that ended by t. Cache lock held. */
+void kvf__conn_leases_expire_locked(conn *c, uint64_t t);
+/* Whether a data request's namespace is allowed: nonzero, and the one bound by HELLO if any. */
+int kvf__conn_ns_ok(const conn *c, uint64_t ns);
+/* Drops the read references m holds (taking the cache lock); m itself stays the caller's. */
+void kvf__msg_release_refs(kvf_server *s, out_msg *m);
+
+/* server_reply.c: reply frames and the output queue. */
+
+/* A message with room for niov iovecs, nrefs references and buflen bytes of its own, all zeroed
+ * but the buffer. Caller owns the result; free with free() after kvf__msg_release_refs(). */
+out_msg *kvf__msg_new(int niov, uint32_t nrefs, size_t buflen);
+/* Encodes the header of a reply to req into out. */
+void kvf__reply_hdr(uint8_t *out, const kvf_wire_hdr *req, int status, uint32_t flags,
+                    uint32_t count, uint64_t payload_len);
+/* Appends m to c's output queue. Takes ownership of m. */
+void kvf__conn_queue(conn *c, out_msg *m);
+/* Writes what the socket takes, then closes c if it is closing and has nothing left to send or
+ * wait for. Returns -1 when the connection was destroyed, else 0. */
+int kvf__conn_flush(conn *c);
+/* Queues a reply to c's current request with a copy of payload. Returns 0 or KVF_ENOMEM. */
+int kvf__reply_copy(conn *c, int status, uint32_t flags, uint32_t count, const void *payload,
+                    size_t len);
+/* An error reply carries one line of text naming the problem. A fatal one closes the connection
+ * once it is written, and stops reading from it now. */
+void kvf__reply_error(conn *c, int status, int fatal, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Replies with one i32 status per key. Takes ownership of st (encoded in place, then freed). */
+void kvf__reply_statuses(conn *c, int32_t *st, uint32_t n);
+
+/* server_inbox.c: handing a loop work from other threads. Safe from any thread. */
+
+/* Wakes lp's poll. */
+void kvf__inbox_wake(loop *lp);
+/* Puts d in lp's inbox and wakes lp. Takes ownership of d. */
+void kvf__inbox_push(loop *lp, deferred *d);
+/* Hands lp a reply m (NULL: none could be built) for its connection conn_id, which may have
+ * closed meanwhile. Takes ownership of m. */
+void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m);
+
 #endif

@@ -42,204 +42,6 @@
 #define RDMA_LEASE_MAX_MS     60000u
 #define RDMA_GET_MAX_REPLY    (256ull << 20)
 
-static const char wake_byte = 'w';
-
-/* ------------------------------------------------------------------------------------------ */
-/* Messages */
-
-static out_msg *msg_new(int niov, uint32_t nrefs, size_t buflen)
-{
-    size_t sz = sizeof(out_msg) + (size_t)niov * sizeof(struct iovec) + nrefs * sizeof(uint32_t);
-    sz = (sz + 15) & ~(size_t)15;
-    out_msg *m = malloc(sz + buflen);
-    if (!m)
-        return NULL;
-    memset(m, 0, sizeof *m);
-    m->iov = (struct iovec *)(m + 1);
-    m->refs = (uint32_t *)(m->iov + niov);
-    m->buf = (uint8_t *)m + sz;
-    return m;
-}
-
-static void msg_release_refs(kvf_server *s, out_msg *m)
-{
-    if (!m->nrefs)
-        return;
-    kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < m->nrefs; i++)
-        kvf__cache_release_locked(s->o.cache, m->refs[i]);
-    kvf__cache_unlock(s->o.cache);
-    m->nrefs = 0;
-}
-
-static void hdr_reply(uint8_t *out, const kvf_wire_hdr *req, int status, uint32_t flags,
-                      uint32_t count, uint64_t payload_len)
-{
-    kvf_wire_hdr h = {
-        .version = KVF_WIRE_VERSION,
-        .opcode = req->opcode,
-        .flags = KVF_WF_REPLY | flags,
-        .status = status,
-        .request_id = req->request_id,
-        .item_count = count,
-        .payload_len = payload_len,
-    };
-    kvf__wire_hdr_encode(out, &h);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Connection plumbing */
-
-static void conn_set_events(conn *c)
-{
-    uint32_t ev = 0;
-    if (!c->closing && c->out_bytes < OUT_HIGH_WATER)
-        ev |= KVF_POLL_IN;
-    if (c->oh)
-        ev |= KVF_POLL_OUT;
-    if (ev != c->events) {
-        kvf__poller_mod(c->lp->poller, c->fd, ev, c);
-        c->events = ev;
-    }
-}
-
-static void conn_destroy(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    kvf__poller_del(c->lp->poller, c->fd);
-    close(c->fd);
-    kvf__cache_lock(s->o.cache);
-    /* Held reservations of an unfinished PUT/COMMIT, then un-held ADMIT reservations. */
-    if (c->rstate == R_DATA)
-        for (uint32_t i = c->cur; i < c->n_items; i++)
-            if (c->items[i].held)
-                kvf__cache_abort_locked(s->o.cache, c->items[i].eid, c->id);
-    kvf__cache_abort_owner_locked(s->o.cache, c->id);
-    while (c->leases) {
-        rlease *l = c->leases;
-        c->leases = l->next;
-        for (uint32_t i = 0; i < l->n; i++)
-            kvf__cache_release_locked(s->o.cache, l->eids[i]);
-        free(l);
-    }
-    kvf__cache_unlock(s->o.cache);
-    while (c->oh) {
-        out_msg *m = c->oh;
-        c->oh = m->next;
-        msg_release_refs(s, m);
-        free(m);
-    }
-    if (c->prev)
-        c->prev->next = c->next;
-    else
-        c->lp->conns = c->next;
-    if (c->next)
-        c->next->prev = c->prev;
-    free(c->rbuf);
-    free(c->items);
-    free(c);
-    atomic_fetch_sub(&s->n_conns, 1);
-}
-
-static void conn_queue(conn *c, out_msg *m)
-{
-    uint64_t total = 0;
-    for (int i = 0; i < m->iovcnt; i++)
-        total += m->iov[i].iov_len;
-    c->out_bytes += total;
-    m->next = NULL;
-    if (c->ot)
-        c->ot->next = m;
-    else
-        c->oh = m;
-    c->ot = m;
-}
-
-/* Writes what the socket takes. Returns -1 when the connection was destroyed. */
-static int conn_flush(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    while (c->oh) {
-        out_msg *m = c->oh;
-        size_t done = 0;
-        int rc = kvf__sock_writev(c->fd, m->iov + m->first, m->iovcnt - m->first, &done);
-        if (rc == KVF_EAGAIN)
-            break;
-        if (rc) {
-            conn_destroy(c);
-            return -1;
-        }
-        atomic_fetch_add(&s->bytes_out, done);
-        c->out_bytes -= done;
-        m->first = kvf__iov_advance(m->iov, m->iovcnt, m->first, done);
-        if (m->first < m->iovcnt)
-            break;
-        c->oh = m->next;
-        if (!c->oh)
-            c->ot = NULL;
-        msg_release_refs(s, m);
-        free(m);
-    }
-    if (!c->oh && c->closing && !c->pending_jobs) {
-        conn_destroy(c);
-        return -1;
-    }
-    conn_set_events(c);
-    return 0;
-}
-
-/* Queues a reply with a copied payload. */
-static int reply_copy(conn *c, int status, uint32_t flags, uint32_t count, const void *payload,
-                      size_t len)
-{
-    out_msg *m = msg_new(1, 0, KVF_WIRE_HEADER_LEN + len);
-    if (!m)
-        return KVF_ENOMEM;
-    hdr_reply(m->buf, &c->h, status, flags, count, len);
-    if (len)
-        memcpy(m->buf + KVF_WIRE_HEADER_LEN, payload, len);
-    m->iov[0].iov_base = m->buf;
-    m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + len;
-    m->iovcnt = 1;
-    conn_queue(c, m);
-    return 0;
-}
-
-static void reply_error(conn *c, int status, int fatal, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-/* An error reply carries one line of text naming the problem. A fatal one closes the connection
- * once it is written, and stops reading from it now. */
-static void reply_error(conn *c, int status, int fatal, const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        n = 0;
-    if ((size_t)n >= sizeof msg)
-        n = sizeof msg - 1;
-    kvf_server *s = c->lp->srv;
-    if (fatal) {
-        atomic_fetch_add(&s->proto_errors, 1);
-        kvf_warn(s->o.log, "connection %" PRIu64 ": %s: %s", c->id, kvf_err_name(status), msg);
-        c->closing = 1;
-    }
-    reply_copy(c, status, fatal ? KVF_WF_FATAL : 0, 0, msg, (size_t)n);
-}
-
-/* Replies with one i32 status per key. Takes ownership of st (encoded in place, then freed). */
-static void reply_statuses(conn *c, int32_t *st, uint32_t n)
-{
-    uint8_t *r = (uint8_t *)st;
-    for (uint32_t i = 0; i < n; i++)
-        kvf__put_u32(r + 4 * (size_t)i, (uint32_t)st[i]);
-    reply_copy(c, 0, 0, n, r, 4 * (size_t)n);
-    free(st);
-}
-
 static int ensure_rbuf(conn *c, size_t n)
 {
     if (c->rcap >= n)
@@ -267,12 +69,6 @@ static int ensure_items(conn *c, uint32_t n)
     return 0;
 }
 
-/* Checks a data request's namespace against the one bound by HELLO. */
-static int ns_ok(conn *c, uint64_t ns)
-{
-    return ns != 0 && (c->ns_bound == 0 || c->ns_bound == ns);
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* Control requests */
 
@@ -284,8 +80,8 @@ static void do_hello(conn *c)
     uint64_t ns = kvf__get_u64(p + 8);
     uint64_t caps = kvf__get_u64(p + 16);
     if (vmin > KVF_WIRE_VERSION || vmax < KVF_WIRE_VERSION) {
-        reply_error(c, KVF_EVERSION, 1, "client speaks versions %u..%u, this node speaks %u", vmin,
-                    vmax, KVF_WIRE_VERSION);
+        kvf__reply_error(c, KVF_EVERSION, 1, "client speaks versions %u..%u, this node speaks %u",
+                         vmin, vmax, KVF_WIRE_VERSION);
         return;
     }
     c->ns_bound = ns;
@@ -302,7 +98,7 @@ static void do_hello(conn *c)
     kvf__put_u64(r + 32, s->o.node_id);
     kvf__put_u32(r + 40, s->rdma ? kvf__rserve_port(s->rdma) : 0);
     kvf__put_u32(r + 44, 0);
-    reply_copy(c, 0, 0, 0, r, sizeof r);
+    kvf__reply_copy(c, 0, 0, 0, r, sizeof r);
 }
 
 static void do_get(conn *c)
@@ -310,9 +106,9 @@ static void do_get(conn *c)
     kvf_server *s = c->lp->srv;
     uint32_t n = c->h.item_count;
     const uint8_t *keys = c->rbuf + 8;
-    out_msg *m = msg_new((int)n + 1, n, KVF_WIRE_HEADER_LEN + 16 * (size_t)n);
+    out_msg *m = kvf__msg_new((int)n + 1, n, KVF_WIRE_HEADER_LEN + 16 * (size_t)n);
     if (!m) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu32 " items", n);
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu32 " items", n);
         return;
     }
     uint8_t *table = m->buf + KVF_WIRE_HEADER_LEN;
@@ -337,11 +133,11 @@ static void do_get(conn *c)
         data += len;
     }
     kvf__cache_unlock(s->o.cache);
-    hdr_reply(m->buf, &c->h, 0, 0, n, 16 * (uint64_t)n + data);
+    kvf__reply_hdr(m->buf, &c->h, 0, 0, n, 16 * (uint64_t)n + data);
     m->iov[0].iov_base = m->buf;
     m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 16 * (size_t)n;
     m->iovcnt = k;
-    conn_queue(c, m);
+    kvf__conn_queue(c, m);
 }
 
 /* Layer-major streamed GET: a first frame with the table and every hit's object header, then one
@@ -378,7 +174,7 @@ static void do_get_stream(conn *c)
     }
     kvf__cache_unlock(s->o.cache);
 
-    first = msg_new((int)hits + 1, 0, KVF_WIRE_HEADER_LEN + 16 * (size_t)n);
+    first = kvf__msg_new((int)hits + 1, 0, KVF_WIRE_HEADER_LEN + 16 * (size_t)n);
     if (!first)
         goto out_release;
     uint8_t *table = first->buf + KVF_WIRE_HEADER_LEN;
@@ -396,7 +192,7 @@ static void do_get_stream(conn *c)
         hdr_bytes += infos[i].header_len;
         k++;
     }
-    hdr_reply(first->buf, &c->h, 0, hits ? KVF_WF_MORE : 0, n, 16 * (uint64_t)n + hdr_bytes);
+    kvf__reply_hdr(first->buf, &c->h, 0, hits ? KVF_WF_MORE : 0, n, 16 * (uint64_t)n + hdr_bytes);
     first->iov[0].iov_base = first->buf;
     first->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 16 * (size_t)n;
     first->iovcnt = k;
@@ -415,7 +211,7 @@ static void do_get_stream(conn *c)
             segoff[i] = infos[i].header_len;
     for (uint32_t l = 0; l < layers; l++) {
         int last = l + 1 == layers;
-        lm[l] = msg_new((int)hits + 1, last ? hits : 0, KVF_WIRE_HEADER_LEN + 8);
+        lm[l] = kvf__msg_new((int)hits + 1, last ? hits : 0, KVF_WIRE_HEADER_LEN + 8);
         if (!lm[l]) {
             for (uint32_t j = 0; j < l; j++)
                 free(lm[j]);
@@ -438,16 +234,16 @@ static void do_get_stream(conn *c)
             if (last)
                 m->refs[m->nrefs++] = eids[i];
         }
-        hdr_reply(m->buf, &c->h, 0, last ? 0 : KVF_WF_MORE, hits, bytes);
+        kvf__reply_hdr(m->buf, &c->h, 0, last ? 0 : KVF_WF_MORE, hits, bytes);
         kvf__put_u32(m->buf + KVF_WIRE_HEADER_LEN, l);
         kvf__put_u32(m->buf + KVF_WIRE_HEADER_LEN + 4, 0);
         m->iov[0].iov_base = m->buf;
         m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 8;
         m->iovcnt = kk;
     }
-    conn_queue(c, first);
+    kvf__conn_queue(c, first);
     for (uint32_t l = 0; l < layers; l++)
-        conn_queue(c, lm[l]);
+        kvf__conn_queue(c, lm[l]);
     free(lm);
     free(segoff);
     free(eids);
@@ -469,7 +265,8 @@ out_nomem:
     free(ptrs);
     free(infos);
     free(st);
-    reply_error(c, KVF_ENOMEM, 0, "out of memory for a streamed reply of %" PRIu32 " items", n);
+    kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for a streamed reply of %" PRIu32 " items",
+                     n);
 }
 
 /* EXISTS and LOOKUP: a bitmap, and for LOOKUP first the count of leading hits. */
@@ -481,7 +278,7 @@ static void do_exists(conn *c, int lookup)
     size_t off = lookup ? 8 : 0;
     uint8_t *r = calloc(1, off + bm);
     if (!r) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     uint64_t ns = kvf__get_u64(c->rbuf);
@@ -501,7 +298,7 @@ static void do_exists(conn *c, int lookup)
         kvf__put_u32(r, leading);
         kvf__put_u32(r + 4, 0);
     }
-    reply_copy(c, 0, 0, n, r, off + bm);
+    kvf__reply_copy(c, 0, 0, n, r, off + bm);
     free(r);
 }
 
@@ -513,7 +310,7 @@ static void do_per_key(conn *c)
     uint64_t ns = kvf__get_u64(c->rbuf);
     int32_t *st = malloc((size_t)n * 4);
     if (!st) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     uint32_t lease_ms = 0;
@@ -552,7 +349,7 @@ static void do_per_key(conn *c)
         }
     }
     kvf__cache_unlock(s->o.cache);
-    reply_statuses(c, st, n);
+    kvf__reply_statuses(c, st, n);
 }
 
 static void do_clear(conn *c)
@@ -560,14 +357,14 @@ static void do_clear(conn *c)
     kvf_server *s = c->lp->srv;
     uint64_t ns = kvf__get_u64(c->rbuf);
     int all = (c->h.flags & KVF_WF_ALL_NS) != 0;
-    if (!all && !ns_ok(c, ns)) {
-        reply_error(c, KVF_ENAMESPACE, 0,
-                    "clear of namespace %016" PRIx64 " on a connection bound to %016" PRIx64, ns,
-                    c->ns_bound);
+    if (!all && !kvf__conn_ns_ok(c, ns)) {
+        kvf__reply_error(c, KVF_ENAMESPACE, 0,
+                         "clear of namespace %016" PRIx64 " on a connection bound to %016" PRIx64,
+                         ns, c->ns_bound);
         return;
     }
     if (all && c->ns_bound) {
-        reply_error(c, KVF_EACCES, 0, "a connection bound to a namespace cannot clear all");
+        kvf__reply_error(c, KVF_EACCES, 0, "a connection bound to a namespace cannot clear all");
         return;
     }
     kvf__cache_lock(s->o.cache);
@@ -577,7 +374,7 @@ static void do_clear(conn *c)
              all ? "all namespaces" : "one namespace");
     uint8_t r[8];
     kvf__put_u64(r, removed);
-    reply_copy(c, 0, 0, 0, r, 8);
+    kvf__reply_copy(c, 0, 0, 0, r, 8);
 }
 
 static void do_stats(conn *c)
@@ -592,7 +389,7 @@ static void do_stats(conn *c)
     if (!o || !req) {
         json_decref(o);
         json_decref(req);
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
 #define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
@@ -656,10 +453,10 @@ static void do_stats(conn *c)
     char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
     json_decref(o);
     if (!text) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
-    reply_copy(c, 0, 0, 0, text, strlen(text));
+    kvf__reply_copy(c, 0, 0, 0, text, strlen(text));
     free(text);
 }
 
@@ -672,12 +469,12 @@ static void do_recode(conn *c)
     uint64_t ns = kvf__get_u64(c->rbuf);
     uint32_t codec = c->h.opcode == KVF_OP_DECOMPRESS ? KVF_CODEC_NONE : kvf__get_u32(c->rbuf + 8);
     if (codec >= KVF_CODEC_COUNT_) {
-        reply_error(c, KVF_EINVAL, 0, "unknown codec %" PRIu32, codec);
+        kvf__reply_error(c, KVF_EINVAL, 0, "unknown codec %" PRIu32, codec);
         return;
     }
     int32_t *st = malloc((size_t)n * 4);
     if (!st) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     uint8_t *tmp = NULL, *scratch = NULL, *scratch2 = NULL;
@@ -731,7 +528,7 @@ static void do_recode(conn *c)
     free(tmp);
     free(scratch);
     free(scratch2);
-    reply_statuses(c, st, n);
+    kvf__reply_statuses(c, st, n);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -762,26 +559,8 @@ static int rdma_served(conn *c)
     kvf_server *s = c->lp->srv;
     if (s->rdma)
         return 1;
-    reply_error(c, KVF_ENOTSUP, 0, "this node serves no RDMA: %s", s->rdma_why);
+    kvf__reply_error(c, KVF_ENOTSUP, 0, "this node serves no RDMA: %s", s->rdma_why);
     return 0;
-}
-
-/* Releases the references of every lease of c that ended by t. Cache lock held. */
-static void leases_expire(conn *c, uint64_t t)
-{
-    kvf_server *s = c->lp->srv;
-    for (rlease **pp = &c->leases; *pp;) {
-        rlease *l = *pp;
-        if (l->expires_ns > t) {
-            pp = &l->next;
-            continue;
-        }
-        for (uint32_t i = 0; i < l->n; i++)
-            kvf__cache_release_locked(s->o.cache, l->eids[i]);
-        atomic_fetch_add(&s->rdma_expired, 1);
-        *pp = l->next;
-        free(l);
-    }
 }
 
 /* RDMA_GET: a read reference on every hit under one lease, and each hit's address, length and
@@ -804,7 +583,7 @@ static void do_rdma_get(conn *c)
     uint32_t *hlen = malloc((size_t)(n ? n : 1) * sizeof *hlen);
     uint8_t *r = NULL;
     if (!l || !ptr || !len || !st || !hlen) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory for %" PRIu32 " descriptors", n);
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for %" PRIu32 " descriptors", n);
         goto out;
     }
     l->n = 0;
@@ -834,7 +613,7 @@ static void do_rdma_get(conn *c)
         for (uint32_t i = 0; i < l->n; i++)
             kvf__cache_release_locked(s->o.cache, l->eids[i]);
         kvf__cache_unlock(s->o.cache);
-        reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu64 " bytes", total);
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu64 " bytes", total);
         goto out;
     }
     l->id = atomic_fetch_add(&s->next_lease, 1) + 1;
@@ -860,7 +639,7 @@ static void do_rdma_get(conn *c)
         l = NULL;
         atomic_fetch_add(&s->rdma_leased, 1);
     }
-    reply_copy(c, 0, 0, n, r, total);
+    kvf__reply_copy(c, 0, 0, n, r, total);
 out:
     free(l), free(ptr), free(len), free(st), free(hlen), free(r);
 }
@@ -886,7 +665,7 @@ static void do_rdma_release(conn *c)
     kvf__cache_unlock(s->o.cache);
     uint8_t r[8];
     kvf__put_u64(r, released);
-    reply_copy(c, 0, 0, 0, r, 8);
+    kvf__reply_copy(c, 0, 0, 0, r, 8);
 }
 
 /* RDMA_RESERVE: as ADMIT, answering where each reserved block is; the client WRITEs the objects
@@ -901,7 +680,7 @@ static void do_rdma_reserve(conn *c)
     size_t rlen = 8 + 16 * (size_t)n;
     uint8_t *r = malloc(rlen);
     if (!r) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     kvf__put_u32(r, kvf__rserve_rkey(s->rdma));
@@ -925,7 +704,7 @@ static void do_rdma_reserve(conn *c)
     }
     kvf__cache_unlock(s->o.cache);
     atomic_fetch_add(&s->rdma_reserved, reserved);
-    reply_copy(c, 0, 0, n, r, rlen);
+    kvf__reply_copy(c, 0, 0, n, r, rlen);
     free(r);
 }
 
@@ -939,7 +718,7 @@ static void do_rdma_commit(conn *c)
     uint64_t ns = kvf__get_u64(c->rbuf);
     int32_t *st = malloc((size_t)(n ? n : 1) * 4);
     if (!st) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     uint64_t committed = 0;
@@ -970,7 +749,7 @@ static void do_rdma_commit(conn *c)
         committed += rc == 0;
     }
     atomic_fetch_add(&s->rdma_committed, committed);
-    reply_statuses(c, st, n);
+    kvf__reply_statuses(c, st, n);
 }
 
 /* Opens the RDMA listener that opts ask for. "auto" without a device is no error: the reason is
@@ -1008,25 +787,6 @@ static int rdma_open(kvf_server *s, const char *spec, char *err, size_t errlen)
     }
     kvf_info(s->o.log, "rdma: not served: %s", why);
     return 0;
-}
-
-static void loop_post(loop *lp, uint64_t conn_id, out_msg *m)
-{
-    deferred *d = malloc(sizeof *d);
-    if (!d) {
-        msg_release_refs(lp->srv, m);
-        free(m);
-        return;
-    }
-    d->conn_id = conn_id;
-    d->msg = m;
-    d->fd = -1;
-    pthread_mutex_lock(&lp->inbox_mu);
-    d->next = lp->inbox;
-    lp->inbox = d;
-    pthread_mutex_unlock(&lp->inbox_mu);
-    ssize_t w = write(lp->wake[1], &wake_byte, 1);
-    (void)w; /* a full pipe already holds a wake-up */
 }
 
 static void *copy_worker(void *arg)
@@ -1074,26 +834,26 @@ static void *copy_worker(void *arg)
     kvf__cache_unlock(s->o.cache);
     /* Spread the hits' statuses back over the request's order. */
     uint32_t k = 0;
-    out_msg *m = msg_new(1, 0, KVF_WIRE_HEADER_LEN + 4 * (size_t)j->n + 256);
+    out_msg *m = kvf__msg_new(1, 0, KVF_WIRE_HEADER_LEN + 4 * (size_t)j->n + 256);
     if (m) {
         if (rc) {
             int n = snprintf((char *)m->buf + KVF_WIRE_HEADER_LEN, 256, "copy to %s: %s%s%s",
                              j->addr, kvf_strerror(rc), err[0] ? ": " : "", err);
-            hdr_reply(m->buf, &j->h, rc, 0, 0, (uint64_t)n);
+            kvf__reply_hdr(m->buf, &j->h, rc, 0, 0, (uint64_t)n);
             m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + (size_t)n;
         } else {
             for (uint32_t i = 0; i < j->n; i++) {
                 int st = j->status[i] ? j->status[i] : hst[k++];
                 kvf__put_u32(m->buf + KVF_WIRE_HEADER_LEN + 4 * (size_t)i, (uint32_t)st);
             }
-            hdr_reply(m->buf, &j->h, 0, 0, j->n, 4 * (uint64_t)j->n);
+            kvf__reply_hdr(m->buf, &j->h, 0, 0, j->n, 4 * (uint64_t)j->n);
             m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + 4 * (size_t)j->n;
         }
         m->iov[0].iov_base = m->buf;
         m->iovcnt = 1;
-        loop_post(j->lp, j->conn_id, m);
+        kvf__inbox_post(j->lp, j->conn_id, m);
     } else {
-        loop_post(j->lp, j->conn_id, NULL);
+        kvf__inbox_post(j->lp, j->conn_id, NULL);
     }
     free(hst);
     free(j->keys);
@@ -1128,7 +888,7 @@ static void do_copy(conn *c)
     char host[256];
     uint16_t port;
     if (kvf__addr_parse(j->addr, host, sizeof host, &port) != 0) {
-        reply_error(c, KVF_EINVAL, 0, "copy: bad target address \"%s\"", j->addr);
+        kvf__reply_error(c, KVF_EINVAL, 0, "copy: bad target address \"%s\"", j->addr);
         goto out_free_quiet;
     }
     j->srv = s;
@@ -1162,14 +922,14 @@ static void do_copy(conn *c)
                 kvf__cache_release_locked(s->o.cache, j->eids[i]);
         kvf__cache_unlock(s->o.cache);
         pthread_attr_destroy(&attr);
-        reply_error(c, KVF_EAGAIN, 0, "copy: cannot start a worker thread");
+        kvf__reply_error(c, KVF_EAGAIN, 0, "copy: cannot start a worker thread");
         goto out_free_quiet;
     }
     pthread_attr_destroy(&attr);
     return;
 
 out_free:
-    reply_error(c, KVF_ENOMEM, 0, "out of memory");
+    kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
 out_free_quiet:
     free(j->keys);
     free(j->eids);
@@ -1179,7 +939,7 @@ out_free_quiet:
     free(j);
     return;
 out_nomem:
-    reply_error(c, KVF_ENOMEM, 0, "out of memory");
+    kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1191,16 +951,16 @@ static void put_begin(conn *c)
     char msg[200];
     int rc = kvf__wire_put_table_check(&c->h, c->rbuf, msg, sizeof msg);
     if (rc) {
-        reply_error(c, rc, 1, "%s", msg);
+        kvf__reply_error(c, rc, 1, "%s", msg);
         return;
     }
     uint32_t n = c->h.item_count;
     if (ensure_items(c, n) != 0) {
-        reply_error(c, KVF_ENOMEM, 1, "out of memory for %" PRIu32 " items", n);
+        kvf__reply_error(c, KVF_ENOMEM, 1, "out of memory for %" PRIu32 " items", n);
         return;
     }
     uint64_t ns = kvf__get_u64(c->rbuf);
-    c->req_err = ns_ok(c, ns) ? 0 : KVF_ENAMESPACE;
+    c->req_err = kvf__conn_ns_ok(c, ns) ? 0 : KVF_ENAMESPACE;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *row = c->rbuf + 8 + 24 * (size_t)i;
@@ -1262,19 +1022,20 @@ static void put_finish(conn *c)
     c->hdr_got = 0;
     c->n_items = 0;
     if (c->req_err) {
-        reply_error(c, c->req_err, 0,
-                    "namespace of the request differs from the one bound by hello (%016" PRIx64 ")",
-                    c->ns_bound);
+        kvf__reply_error(c, c->req_err, 0,
+                         "namespace of the request differs from the one bound by hello (%016" PRIx64
+                         ")",
+                         c->ns_bound);
         return;
     }
     int32_t *st = malloc(4 * (size_t)n);
     if (!st) {
-        reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     for (uint32_t i = 0; i < n; i++)
         st[i] = c->items[i].status;
-    reply_statuses(c, st, n);
+    kvf__reply_statuses(c, st, n);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1288,7 +1049,7 @@ static void on_header(conn *c)
         .max_request = s->o.max_request, .max_items = s->o.max_items, .expect_reply = 0};
     int rc = kvf__wire_hdr_decode(c->hdr, &lim, &c->h, msg, sizeof msg);
     if (rc) {
-        reply_error(c, rc, 1, "%s", msg);
+        kvf__reply_error(c, rc, 1, "%s", msg);
         return;
     }
     atomic_fetch_add(&s->reqs[c->h.opcode & 31], 1);
@@ -1297,7 +1058,8 @@ static void on_header(conn *c)
     else
         c->rneed = c->h.payload_len;
     if (ensure_rbuf(c, c->rneed ? c->rneed : 1) != 0) {
-        reply_error(c, KVF_ENOMEM, 1, "out of memory for a payload of %" PRIu64 " bytes", c->rneed);
+        kvf__reply_error(c, KVF_ENOMEM, 1, "out of memory for a payload of %" PRIu64 " bytes",
+                         c->rneed);
         return;
     }
     c->rgot = 0;
@@ -1315,18 +1077,19 @@ static void on_body(conn *c)
     if (c->h.opcode == KVF_OP_COPY) {
         uint64_t need;
         if (kvf__wire_control_len(&c->h, c->rbuf, &need) != 0 || need != c->h.payload_len) {
-            reply_error(c, KVF_EPROTO, 1,
-                        "copy payload of %" PRIu64 " bytes does not match its address and %" PRIu32
-                        " keys",
-                        c->h.payload_len, c->h.item_count);
+            kvf__reply_error(c, KVF_EPROTO, 1,
+                             "copy payload of %" PRIu64
+                             " bytes does not match its address and %" PRIu32 " keys",
+                             c->h.payload_len, c->h.item_count);
             return;
         }
     }
     if (c->h.opcode != KVF_OP_HELLO && c->h.opcode != KVF_OP_STATS && c->h.opcode != KVF_OP_CLEAR &&
-        !ns_ok(c, kvf__get_u64(c->rbuf))) {
-        reply_error(c, KVF_ENAMESPACE, 0,
-                    "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64 ")",
-                    kvf__get_u64(c->rbuf), c->ns_bound);
+        !kvf__conn_ns_ok(c, kvf__get_u64(c->rbuf))) {
+        kvf__reply_error(c, KVF_ENAMESPACE, 0,
+                         "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64
+                         ")",
+                         kvf__get_u64(c->rbuf), c->ns_bound);
         return;
     }
     switch (c->h.opcode) {
@@ -1377,7 +1140,7 @@ static void on_body(conn *c)
         do_rdma_commit(c);
         break;
     default:
-        reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
+        kvf__reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
     }
 }
 
@@ -1401,9 +1164,9 @@ static void on_eof(conn *c)
         got = KVF_WIRE_HEADER_LEN + sent;
         want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
     }
-    reply_error(c, KVF_EPROTO, 1,
-                "truncated frame: the peer closed after %" PRIu64 " of %" PRIu64 " bytes", got,
-                want);
+    kvf__reply_error(c, KVF_EPROTO, 1,
+                     "truncated frame: the peer closed after %" PRIu64 " of %" PRIu64 " bytes", got,
+                     want);
 }
 
 /* Reads and handles frames until the socket is drained or the budget is spent. Returns -1 when
@@ -1447,7 +1210,7 @@ static int conn_on_readable(conn *c)
         if (rc == KVF_EAGAIN)
             break;
         if (rc) {
-            conn_destroy(c);
+            kvf__conn_destroy(c);
             return -1;
         }
         if (got == 0) {
@@ -1476,38 +1239,11 @@ static int conn_on_readable(conn *c)
             }
         }
     }
-    return conn_flush(c);
+    return kvf__conn_flush(c);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Loops */
-
-/* Makes fd one of lp's connections. */
-static void loop_adopt(loop *lp, int fd)
-{
-    kvf_server *s = lp->srv;
-    conn *c = calloc(1, sizeof *c);
-    if (!c) {
-        close(fd);
-        return;
-    }
-    c->fd = fd;
-    c->lp = lp;
-    c->id = atomic_fetch_add(&s->next_conn_id, 1);
-    c->events = KVF_POLL_IN;
-    if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
-        close(fd);
-        free(c);
-        return;
-    }
-    c->next = lp->conns;
-    if (lp->conns)
-        lp->conns->prev = c;
-    lp->conns = c;
-    atomic_fetch_add(&s->n_conns, 1);
-    atomic_fetch_add(&s->n_accepted, 1);
-    kvf_debug(s->o.log, "loop %d: connection %" PRIu64 " accepted", lp->idx, c->id);
-}
 
 /* Accepts what is pending and deals the connections out to the loops in turn: whichever loop
  * wins the accept, a client's several connections land on different loops and their transfers
@@ -1527,16 +1263,11 @@ static void loop_accept(loop *lp)
         loop *to = &s->loops[atomic_fetch_add(&s->next_loop, 1) % (unsigned)s->nloops];
         deferred *d = to == lp ? NULL : malloc(sizeof *d);
         if (!d) {
-            loop_adopt(lp, fd);
+            kvf__conn_adopt(lp, fd);
             continue;
         }
         *d = (deferred){.fd = fd};
-        pthread_mutex_lock(&to->inbox_mu);
-        d->next = to->inbox;
-        to->inbox = d;
-        pthread_mutex_unlock(&to->inbox_mu);
-        ssize_t w = write(to->wake[1], &wake_byte, 1);
-        (void)w;
+        kvf__inbox_push(to, d);
     }
 }
 
@@ -1552,7 +1283,7 @@ static void loop_drain_inbox(loop *lp)
     while (d) {
         deferred *next = d->next;
         if (d->fd >= 0) {
-            loop_adopt(lp, d->fd);
+            kvf__conn_adopt(lp, d->fd);
             free(d);
             d = next;
             continue;
@@ -1563,10 +1294,10 @@ static void loop_drain_inbox(loop *lp)
         if (c) {
             c->pending_jobs--;
             if (d->msg)
-                conn_queue(c, d->msg);
-            conn_flush(c);
+                kvf__conn_queue(c, d->msg);
+            kvf__conn_flush(c);
         } else if (d->msg) {
-            msg_release_refs(lp->srv, d->msg);
+            kvf__msg_release_refs(lp->srv, d->msg);
             free(d->msg);
         }
         free(d);
@@ -1600,7 +1331,7 @@ static void *loop_main(void *arg)
             conn *c = evs[i].ud;
             /* A connection destroyed earlier in this batch cannot appear again: each fd is
              * reported once per wait. */
-            if ((evs[i].events & KVF_POLL_OUT) && conn_flush(c) < 0)
+            if ((evs[i].events & KVF_POLL_OUT) && kvf__conn_flush(c) < 0)
                 continue;
             if (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR))
                 conn_on_readable(c);
@@ -1612,7 +1343,7 @@ static void *loop_main(void *arg)
             if (lp->idx == 0)
                 kvf__cache_tick_locked(s->o.cache, TICK_STEPS);
             for (conn *c = lp->conns; c; c = c->next)
-                leases_expire(c, t);
+                kvf__conn_leases_expire_locked(c, t);
             kvf__cache_unlock(s->o.cache);
         }
     }
@@ -1716,10 +1447,8 @@ void kvf__server_stop(kvf_server *s)
 {
     atomic_store(&s->stopping, 1);
     for (int i = 0; i < s->nloops; i++) {
-        if (s->loops[i].wake[1] >= 0) {
-            ssize_t w = write(s->loops[i].wake[1], &wake_byte, 1);
-            (void)w;
-        }
+        if (s->loops[i].wake[1] >= 0)
+            kvf__inbox_wake(&s->loops[i]);
     }
 }
 
@@ -1735,7 +1464,7 @@ void kvf__server_close(kvf_server **sp)
     for (int i = 0; s->loops && i < s->nloops; i++) {
         loop *lp = &s->loops[i];
         while (lp->conns)
-            conn_destroy(lp->conns);
+            kvf__conn_destroy(lp->conns);
         if (lp->poller) {
             pthread_mutex_lock(&lp->inbox_mu);
             deferred *d = lp->inbox;
@@ -1744,7 +1473,7 @@ void kvf__server_close(kvf_server **sp)
             while (d) {
                 deferred *next = d->next;
                 if (d->msg) {
-                    msg_release_refs(s, d->msg);
+                    kvf__msg_release_refs(s, d->msg);
                     free(d->msg);
                 }
                 if (d->fd >= 0)
