@@ -177,4 +177,11 @@ void kvf__inbox_push(loop *lp, deferred *d);
  * closed meanwhile. Takes ownership of m. */
 void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m);
 
+/* Request handlers. Each answers the request whose header is c->h and whose payload (for PUT and
+ * COMMIT, the item table) is in c->rbuf, validated by the frame reader (server_frame.c). Each
+ * queues its reply, or an error reply, and reports nothing back. */
+
+/* server_get.c: GET, plain or layer-major streamed (KVF_WF_STREAM). */
+void kvf__req_get(conn *c);
+
 #endif
