@@ -184,4 +184,22 @@ void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m);
 /* server_get.c: GET, plain or layer-major streamed (KVF_WF_STREAM). */
 void kvf__req_get(conn *c);
 
+/* server_keys.c: which keys are stored, and per-key changes. */
+/* EXISTS: a bitmap of the keys stored. */
+void kvf__req_exists(conn *c);
+/* LOOKUP: the count of leading hits, then the bitmap of EXISTS. */
+void kvf__req_lookup(conn *c);
+/* EVICT, PIN, UNPIN and ADMIT: one status per key. */
+void kvf__req_per_key(conn *c);
+
+/* server_node.c: the node as a whole. */
+/* HELLO: checks the client's versions, binds c to its namespace and answers the node's limits,
+ * capabilities and RDMA port. Not bound by a namespace. */
+void kvf__req_hello(conn *c);
+/* CLEAR: removes every entry of the namespace named, or of all (KVF_WF_ALL_NS, refused on a
+ * connection bound to a namespace), pinned ones included. */
+void kvf__req_clear(conn *c);
+/* STATS: the cache's and the server's counters as one JSON object. */
+void kvf__req_stats(conn *c);
+
 #endif

@@ -72,226 +72,6 @@ static int ensure_items(conn *c, uint32_t n)
 /* ------------------------------------------------------------------------------------------ */
 /* Control requests */
 
-static void do_hello(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    const uint8_t *p = c->rbuf;
-    uint32_t vmin = kvf__get_u32(p), vmax = kvf__get_u32(p + 4);
-    uint64_t ns = kvf__get_u64(p + 8);
-    uint64_t caps = kvf__get_u64(p + 16);
-    if (vmin > KVF_WIRE_VERSION || vmax < KVF_WIRE_VERSION) {
-        kvf__reply_error(c, KVF_EVERSION, 1, "client speaks versions %u..%u, this node speaks %u",
-                         vmin, vmax, KVF_WIRE_VERSION);
-        return;
-    }
-    c->ns_bound = ns;
-    uint8_t r[48];
-    kvf__put_u32(r, KVF_WIRE_VERSION);
-    kvf__put_u32(r + 4, s->o.max_items);
-    kvf__put_u64(r + 8, caps & KVF_CAP_ALL & (s->rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA));
-    kvf__put_u64(r + 16, s->o.max_request);
-    kvf_cache_stats st;
-    kvf__cache_lock(s->o.cache);
-    kvf__cache_stats_locked(s->o.cache, &st);
-    kvf__cache_unlock(s->o.cache);
-    kvf__put_u64(r + 24, st.memory);
-    kvf__put_u64(r + 32, s->o.node_id);
-    kvf__put_u32(r + 40, s->rdma ? kvf__rserve_port(s->rdma) : 0);
-    kvf__put_u32(r + 44, 0);
-    kvf__reply_copy(c, 0, 0, 0, r, sizeof r);
-}
-
-/* EXISTS and LOOKUP: a bitmap, and for LOOKUP first the count of leading hits. */
-static void do_exists(conn *c, int lookup)
-{
-    kvf_server *s = c->lp->srv;
-    uint32_t n = c->h.item_count;
-    size_t bm = (n + 7) / 8;
-    size_t off = lookup ? 8 : 0;
-    uint8_t *r = calloc(1, off + bm);
-    if (!r) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-    uint64_t ns = kvf__get_u64(c->rbuf);
-    uint32_t leading = 0;
-    int run = 1;
-    kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < n; i++) {
-        kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 16 * (size_t)i);
-        int hit = kvf__cache_contains_locked(s->o.cache, ns, &key);
-        if (hit)
-            r[off + i / 8] |= (uint8_t)(1u << (i % 8));
-        run = run && hit;
-        leading += (uint32_t)run;
-    }
-    kvf__cache_unlock(s->o.cache);
-    if (lookup) {
-        kvf__put_u32(r, leading);
-        kvf__put_u32(r + 4, 0);
-    }
-    kvf__reply_copy(c, 0, 0, n, r, off + bm);
-    free(r);
-}
-
-/* EVICT, PIN, UNPIN, ADMIT: one status per key. */
-static void do_per_key(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    uint32_t n = c->h.item_count;
-    uint64_t ns = kvf__get_u64(c->rbuf);
-    int32_t *st = malloc((size_t)n * 4);
-    if (!st) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-    uint32_t lease_ms = 0;
-    const uint8_t *p = c->rbuf + 8;
-    size_t stride = 16;
-    if (c->h.opcode == KVF_OP_PIN) {
-        lease_ms = kvf__get_u32(c->rbuf + 8);
-        p = c->rbuf + 16;
-    } else if (c->h.opcode == KVF_OP_ADMIT) {
-        stride = 24;
-    }
-    kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < n; i++) {
-        kvf_key key = kvf__wire_key_get(p + stride * i);
-        switch (c->h.opcode) {
-        case KVF_OP_EVICT:
-            st[i] = kvf__cache_remove_locked(s->o.cache, ns, &key);
-            break;
-        case KVF_OP_PIN:
-            st[i] = kvf__cache_pin_locked(s->o.cache, ns, &key, lease_ms);
-            break;
-        case KVF_OP_UNPIN:
-            st[i] = kvf__cache_unpin_locked(s->o.cache, ns, &key);
-            break;
-        case KVF_OP_ADMIT: {
-            uint64_t len = kvf__get_u64(p + stride * i + 16);
-            uint32_t eid;
-            uint8_t *dst;
-            st[i] = len > s->o.max_request ? KVF_E2BIG
-                                           : kvf__cache_reserve_locked(s->o.cache, ns, &key, len,
-                                                                       c->id, 0, &eid, &dst);
-            break;
-        }
-        default:
-            st[i] = KVF_EPROTO;
-        }
-    }
-    kvf__cache_unlock(s->o.cache);
-    kvf__reply_statuses(c, st, n);
-}
-
-static void do_clear(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    uint64_t ns = kvf__get_u64(c->rbuf);
-    int all = (c->h.flags & KVF_WF_ALL_NS) != 0;
-    if (!all && !kvf__conn_ns_ok(c, ns)) {
-        kvf__reply_error(c, KVF_ENAMESPACE, 0,
-                         "clear of namespace %016" PRIx64 " on a connection bound to %016" PRIx64,
-                         ns, c->ns_bound);
-        return;
-    }
-    if (all && c->ns_bound) {
-        kvf__reply_error(c, KVF_EACCES, 0, "a connection bound to a namespace cannot clear all");
-        return;
-    }
-    kvf__cache_lock(s->o.cache);
-    uint64_t removed = kvf__cache_clear_locked(s->o.cache, ns, all);
-    kvf__cache_unlock(s->o.cache);
-    kvf_info(s->o.log, "cleared %" PRIu64 " entries (%s)", removed,
-             all ? "all namespaces" : "one namespace");
-    uint8_t r[8];
-    kvf__put_u64(r, removed);
-    kvf__reply_copy(c, 0, 0, 0, r, 8);
-}
-
-static void do_stats(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    kvf_cache_stats st;
-    kvf__cache_lock(s->o.cache);
-    kvf__cache_stats_locked(s->o.cache, &st);
-    kvf__cache_unlock(s->o.cache);
-    json_t *o = json_object();
-    json_t *req = json_object();
-    if (!o || !req) {
-        json_decref(o);
-        json_decref(req);
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-#define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
-    SET("node_id", s->o.node_id);
-    SET("memory", st.memory);
-    SET("used", st.used);
-    SET("free", st.free);
-    SET("free_blocks", st.free_blocks);
-    SET("entries", st.entries);
-    SET("max_entries", st.max_entries);
-    SET("ready_bytes", st.ready_bytes);
-    SET("reserved", st.reserved);
-    SET("pinned", st.pinned);
-    SET("referenced", st.referenced);
-    SET("hits", st.hits);
-    SET("misses", st.misses);
-    SET("puts", st.puts);
-    SET("duplicates", st.duplicates);
-    SET("evictions", st.evictions);
-    SET("removed", st.removed);
-    SET("rejected_full", st.rejected_full);
-    SET("expired_pins", st.expired_pins);
-    SET("expired_reservations", st.expired_reservations);
-    SET("cleared", st.cleared);
-    SET("connections", atomic_load(&s->n_conns));
-    SET("accepted", atomic_load(&s->n_accepted));
-    SET("bytes_in", atomic_load(&s->bytes_in));
-    SET("bytes_out", atomic_load(&s->bytes_out));
-    SET("protocol_errors", atomic_load(&s->proto_errors));
-    SET("threads", s->nloops);
-    SET("max_request", s->o.max_request);
-#undef SET
-    json_object_set_new(o, "policy", json_string(st.policy));
-    json_object_set_new(o, "transport", json_string(s->rdma ? "tcp+rdma" : "tcp"));
-    json_t *rd = json_object();
-    if (rd) {
-        uint64_t open = 0, accepted = 0;
-        if (s->rdma)
-            kvf__rserve_counts(s->rdma, &open, &accepted);
-        json_object_set_new(rd, "served", json_boolean(s->rdma != NULL));
-        if (!s->rdma)
-            json_object_set_new(rd, "why_not", json_string(s->rdma_why));
-        json_object_set_new(rd, "port", json_integer(s->rdma ? kvf__rserve_port(s->rdma) : 0));
-#define RSET(k, v) json_object_set_new(rd, k, json_integer((json_int_t)(v)))
-        RSET("connections", open);
-        RSET("accepted", accepted);
-        RSET("leases", atomic_load(&s->rdma_leased));
-        RSET("released", atomic_load(&s->rdma_released));
-        RSET("expired", atomic_load(&s->rdma_expired));
-        RSET("reserved", atomic_load(&s->rdma_reserved));
-        RSET("committed", atomic_load(&s->rdma_committed));
-#undef RSET
-        json_object_set_new(o, "rdma", rd);
-    }
-    for (unsigned op = 1; op < 32; op++) {
-        const char *name = kvf__wire_opcode_name(op);
-        if (name)
-            json_object_set_new(req, name, json_integer((json_int_t)atomic_load(&s->reqs[op])));
-    }
-    json_object_set_new(o, "requests", req);
-    char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
-    json_decref(o);
-    if (!text) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-    kvf__reply_copy(c, 0, 0, 0, text, strlen(text));
-    free(text);
-}
-
 /* COMPRESS and DECOMPRESS: each object is re-encoded into a new block and swapped in. Runs on the
  * loop thread: it is a management operation, and it bounds its work by the batch. */
 static void do_recode(conn *c)
@@ -926,28 +706,28 @@ static void on_body(conn *c)
     }
     switch (c->h.opcode) {
     case KVF_OP_HELLO:
-        do_hello(c);
+        kvf__req_hello(c);
         break;
     case KVF_OP_GET:
         kvf__req_get(c);
         break;
     case KVF_OP_EXISTS:
-        do_exists(c, 0);
+        kvf__req_exists(c);
         break;
     case KVF_OP_LOOKUP:
-        do_exists(c, 1);
+        kvf__req_lookup(c);
         break;
     case KVF_OP_ADMIT:
     case KVF_OP_EVICT:
     case KVF_OP_PIN:
     case KVF_OP_UNPIN:
-        do_per_key(c);
+        kvf__req_per_key(c);
         break;
     case KVF_OP_CLEAR:
-        do_clear(c);
+        kvf__req_clear(c);
         break;
     case KVF_OP_STATS:
-        do_stats(c);
+        kvf__req_stats(c);
         break;
     case KVF_OP_COPY:
         do_copy(c);
