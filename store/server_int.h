@@ -202,4 +202,10 @@ void kvf__req_clear(conn *c);
 /* STATS: the cache's and the server's counters as one JSON object. */
 void kvf__req_stats(conn *c);
 
+/* server_copy.c: COPY, run by a worker thread that posts its reply to the loop's inbox. */
+void kvf__req_copy(conn *c);
+
+/* server_recode.c: COMPRESS and DECOMPRESS, re-encoding each object on the loop thread. */
+void kvf__req_recode(conn *c);
+
 #endif
