@@ -208,4 +208,11 @@ void kvf__req_copy(conn *c);
 /* server_recode.c: COMPRESS and DECOMPRESS, re-encoding each object on the loop thread. */
 void kvf__req_recode(conn *c);
 
+/* server_rdma_desc.c: the RDMA descriptor requests. Each answers KVF_ENOTSUP where the node
+ * serves no RDMA, but RDMA_RELEASE and RDMA_COMMIT, which only finish what was handed out. */
+void kvf__req_rdma_get(conn *c);
+void kvf__req_rdma_release(conn *c);
+void kvf__req_rdma_reserve(conn *c);
+void kvf__req_rdma_commit(conn *c);
+
 #endif

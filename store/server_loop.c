@@ -38,10 +38,6 @@
 #define TICK_NS     100000000ull
 #define TICK_STEPS  4096u
 
-#define RDMA_LEASE_DEFAULT_MS 10000u
-#define RDMA_LEASE_MAX_MS     60000u
-#define RDMA_GET_MAX_REPLY    (256ull << 20)
-
 static int ensure_rbuf(conn *c, size_t n)
 {
     if (c->rcap >= n)
@@ -71,208 +67,6 @@ static int ensure_items(conn *c, uint32_t n)
 
 /* ------------------------------------------------------------------------------------------ */
 /* Control requests */
-
-/* ------------------------------------------------------------------------------------------ */
-/* RDMA descriptors (docs/protocol.md, docs/rdma.md): object bytes move by the client's one-sided
- * READs and WRITEs; these requests hand out where they are and make written ones visible. */
-
-static int rdma_served(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    if (s->rdma)
-        return 1;
-    kvf__reply_error(c, KVF_ENOTSUP, 0, "this node serves no RDMA: %s", s->rdma_why);
-    return 0;
-}
-
-/* RDMA_GET: a read reference on every hit under one lease, and each hit's address, length and
- * object header; the client READs the segments itself and verifies them against the header. */
-static void do_rdma_get(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    if (!rdma_served(c))
-        return;
-    uint32_t n = c->h.item_count;
-    uint64_t ns = kvf__get_u64(c->rbuf);
-    uint32_t lease_ms = kvf__get_u32(c->rbuf + 8);
-    lease_ms = lease_ms ? lease_ms : RDMA_LEASE_DEFAULT_MS;
-    lease_ms = lease_ms < RDMA_LEASE_MAX_MS ? lease_ms : RDMA_LEASE_MAX_MS;
-    const uint8_t *keys = c->rbuf + 16;
-    rlease *l = malloc(sizeof *l + (size_t)n * 4);
-    const uint8_t **ptr = malloc((size_t)(n ? n : 1) * sizeof *ptr);
-    uint64_t *len = malloc((size_t)(n ? n : 1) * sizeof *len);
-    int32_t *st = malloc((size_t)(n ? n : 1) * sizeof *st);
-    uint32_t *hlen = malloc((size_t)(n ? n : 1) * sizeof *hlen);
-    uint8_t *r = NULL;
-    if (!l || !ptr || !len || !st || !hlen) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for %" PRIu32 " descriptors", n);
-        goto out;
-    }
-    l->n = 0;
-    uint64_t total = 16 + 24 * (uint64_t)n;
-    kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < n; i++) {
-        kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
-        uint32_t eid;
-        st[i] = kvf__cache_acquire_locked(s->o.cache, ns, &key, &eid, &ptr[i], &len[i]);
-        if (st[i])
-            continue;
-        /* Stored objects were verified when they came in; the header length is read from it. */
-        uint32_t layers = len[i] >= 40 ? kvf__get_u32(ptr[i] + 36) : 0;
-        hlen[i] = kvf_obj_header_len(layers);
-        if (layers == 0 || hlen[i] > len[i] || total + hlen[i] > RDMA_GET_MAX_REPLY) {
-            kvf__cache_release_locked(s->o.cache, eid);
-            st[i] = layers == 0 || hlen[i] > len[i] ? KVF_EPROTO : KVF_E2BIG;
-            continue;
-        }
-        l->eids[l->n++] = eid;
-        total += hlen[i];
-    }
-    kvf__cache_unlock(s->o.cache);
-    r = malloc(total);
-    if (!r) {
-        kvf__cache_lock(s->o.cache);
-        for (uint32_t i = 0; i < l->n; i++)
-            kvf__cache_release_locked(s->o.cache, l->eids[i]);
-        kvf__cache_unlock(s->o.cache);
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu64 " bytes", total);
-        goto out;
-    }
-    l->id = atomic_fetch_add(&s->next_lease, 1) + 1;
-    l->expires_ns = kvf__now_ns() + (uint64_t)lease_ms * 1000000u;
-    kvf__put_u64(r, l->n ? l->id : 0);
-    kvf__put_u32(r + 8, kvf__rserve_rkey(s->rdma));
-    kvf__put_u32(r + 12, lease_ms);
-    uint8_t *h = r + 16 + 24 * (size_t)n;
-    for (uint32_t i = 0; i < n; i++) {
-        uint8_t *e = r + 16 + 24 * (size_t)i;
-        kvf__put_u32(e, (uint32_t)st[i]);
-        kvf__put_u32(e + 4, st[i] ? 0 : hlen[i]);
-        kvf__put_u64(e + 8, st[i] ? 0 : (uint64_t)(uintptr_t)ptr[i]);
-        kvf__put_u64(e + 16, st[i] ? 0 : len[i]);
-        if (st[i])
-            continue;
-        memcpy(h, ptr[i], hlen[i]);
-        h += hlen[i];
-    }
-    if (l->n) {
-        l->next = c->leases;
-        c->leases = l;
-        l = NULL;
-        atomic_fetch_add(&s->rdma_leased, 1);
-    }
-    kvf__reply_copy(c, 0, 0, n, r, total);
-out:
-    free(l), free(ptr), free(len), free(st), free(hlen), free(r);
-}
-
-/* RDMA_RELEASE: the client read what it wanted; the references go. */
-static void do_rdma_release(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    uint64_t id = kvf__get_u64(c->rbuf + 8), released = 0;
-    kvf__cache_lock(s->o.cache);
-    for (rlease **pp = &c->leases; *pp; pp = &(*pp)->next) {
-        rlease *l = *pp;
-        if (l->id != id)
-            continue;
-        for (uint32_t i = 0; i < l->n; i++)
-            kvf__cache_release_locked(s->o.cache, l->eids[i]);
-        released = l->n;
-        *pp = l->next;
-        free(l);
-        atomic_fetch_add(&s->rdma_released, 1);
-        break;
-    }
-    kvf__cache_unlock(s->o.cache);
-    uint8_t r[8];
-    kvf__put_u64(r, released);
-    kvf__reply_copy(c, 0, 0, 0, r, 8);
-}
-
-/* RDMA_RESERVE: as ADMIT, answering where each reserved block is; the client WRITEs the objects
- * there and sends RDMA_COMMIT. A reservation belongs to this connection and lives 30 s. */
-static void do_rdma_reserve(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    if (!rdma_served(c))
-        return;
-    uint32_t n = c->h.item_count;
-    uint64_t ns = kvf__get_u64(c->rbuf);
-    size_t rlen = 8 + 16 * (size_t)n;
-    uint8_t *r = malloc(rlen);
-    if (!r) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-    kvf__put_u32(r, kvf__rserve_rkey(s->rdma));
-    kvf__put_u32(r + 4, 0);
-    uint64_t reserved = 0;
-    kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *it = c->rbuf + 8 + 24 * (size_t)i;
-        kvf_key key = kvf__wire_key_get(it);
-        uint64_t len = kvf__get_u64(it + 16);
-        uint32_t eid;
-        uint8_t *dst = NULL;
-        int rc = len == 0 ? KVF_EINVAL
-                 : len > s->o.max_request
-                     ? KVF_E2BIG
-                     : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id, 0, &eid, &dst);
-        kvf__put_u32(r + 8 + 16 * (size_t)i, (uint32_t)rc);
-        kvf__put_u32(r + 12 + 16 * (size_t)i, 0);
-        kvf__put_u64(r + 16 + 16 * (size_t)i, rc ? 0 : (uint64_t)(uintptr_t)dst);
-        reserved += rc == 0;
-    }
-    kvf__cache_unlock(s->o.cache);
-    atomic_fetch_add(&s->rdma_reserved, reserved);
-    kvf__reply_copy(c, 0, 0, n, r, rlen);
-    free(r);
-}
-
-/* RDMA_COMMIT: each reserved object the client wrote is verified where it lies (header, key,
- * every segment's checksum: one-sided writes are not trusted), then made visible; one that fails
- * (a write that never landed, or landed in part) is dropped with its reservation. */
-static void do_rdma_commit(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    uint32_t n = c->h.item_count;
-    uint64_t ns = kvf__get_u64(c->rbuf);
-    int32_t *st = malloc((size_t)(n ? n : 1) * 4);
-    if (!st) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-    uint64_t committed = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *it = c->rbuf + 8 + 24 * (size_t)i;
-        kvf_key key = kvf__wire_key_get(it);
-        uint64_t len = kvf__get_u64(it + 16);
-        uint32_t eid;
-        uint8_t *dst;
-        kvf__cache_lock(s->o.cache);
-        int rc = kvf__cache_claim_locked(s->o.cache, ns, &key, len, c->id, &eid, &dst);
-        kvf__cache_unlock(s->o.cache);
-        if (rc) {
-            st[i] = rc;
-            continue;
-        }
-        kvf_obj_info info;
-        rc = kvf_obj_verify(dst, len, &info);
-        if (!rc && !kvf_key_eq(&key, &info.key))
-            rc = KVF_EPROTO;
-        kvf__cache_lock(s->o.cache);
-        if (rc)
-            kvf__cache_abort_locked(s->o.cache, eid, c->id);
-        else
-            rc = kvf__cache_commit_locked(s->o.cache, eid, c->id);
-        kvf__cache_unlock(s->o.cache);
-        st[i] = rc;
-        committed += rc == 0;
-    }
-    atomic_fetch_add(&s->rdma_committed, committed);
-    kvf__reply_statuses(c, st, n);
-}
 
 /* Opens the RDMA listener that opts ask for. "auto" without a device is no error: the reason is
  * kept for HELLO's capabilities, STATS and the log. */
@@ -494,16 +288,16 @@ static void on_body(conn *c)
         kvf__req_recode(c);
         break;
     case KVF_OP_RDMA_GET:
-        do_rdma_get(c);
+        kvf__req_rdma_get(c);
         break;
     case KVF_OP_RDMA_RELEASE:
-        do_rdma_release(c);
+        kvf__req_rdma_release(c);
         break;
     case KVF_OP_RDMA_RESERVE:
-        do_rdma_reserve(c);
+        kvf__req_rdma_reserve(c);
         break;
     case KVF_OP_RDMA_COMMIT:
-        do_rdma_commit(c);
+        kvf__req_rdma_commit(c);
         break;
     default:
         kvf__reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
