@@ -215,4 +215,15 @@ void kvf__req_rdma_release(conn *c);
 void kvf__req_rdma_reserve(conn *c);
 void kvf__req_rdma_commit(conn *c);
 
+/* server_put.c: PUT and COMMIT, whose object bytes the frame reader receives between these. */
+/* Checks the item table and reserves (PUT) or claims (COMMIT) a block per item, then sets the
+ * reader to receive the items' bytes. A bad table gets a fatal error reply. */
+void kvf__req_put_begin(conn *c);
+/* The last byte of it landed: verifies it (where the server verifies puts) and commits it, or
+ * drops its reservation. */
+void kvf__req_put_item_done(conn *c, put_item *it);
+/* Every item's bytes arrived: answers one status per item (or, for a request of another
+ * namespace than the one bound, one error) and sets the reader to the next header. */
+void kvf__req_put_finish(conn *c);
+
 #endif
