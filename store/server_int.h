@@ -226,4 +226,9 @@ void kvf__req_put_item_done(conn *c, put_item *it);
  * namespace than the one bound, one error) and sets the reader to the next header. */
 void kvf__req_put_finish(conn *c);
 
+/* server_frame.c: the frame reader. */
+/* Reads and handles c's frames until its socket is drained, a budget of bytes is spent or its
+ * replies pile up, then flushes c. Returns -1 when the connection was destroyed, else 0. */
+int kvf__frame_on_readable(conn *c);
+
 #endif

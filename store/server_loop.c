@@ -1,60 +1,29 @@
 /*
- * The storage node's server (docs/protocol.md, docs/store.md). Its threads and lock order are
- * described in server_int.h.
- *
- * A connection reads frames with a small state machine:
- *   HDR   40 header bytes, validated before anything else is read;
- *   BODY  a control payload, or the item table of a PUT/COMMIT, into the connection's buffer;
- *   DATA  PUT/COMMIT object bytes, straight into each item's reserved arena block (or discarded
- *         when the item was refused), verified and committed one by one.
- * Replies queue in order and are written with sendmsg scatter-gather; GET replies point into the
- * arena and hold read references until their last byte is written.
+ * The storage node's server (docs/protocol.md, docs/store.md): its event loops, which accept
+ * connections, deal them out, drain their inboxes and run the periodic tick, and the server's
+ * open, run, stop and close. Its threads and lock order are described in server_int.h.
  */
 #include "server_int.h"
 
-#include "kvf/client.h"
 #include "kvf/error.h"
 
-#include "bytes.h"
-#include "kvf/object.h"
-#include "codec.h"
+#include "cache.h"
+#include "clock.h"
 #include "poller.h"
 #include "rdma_serve.h"
 #include "tcp.h"
-#include "wire.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <jansson.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define READ_BUDGET (16u << 20) /* bytes read from one connection per readiness event */
-#define TICK_NS     100000000ull
-#define TICK_STEPS  4096u
-
-static int ensure_rbuf(conn *c, size_t n)
-{
-    if (c->rcap >= n)
-        return 0;
-    size_t cap = c->rcap ? c->rcap : 4096;
-    while (cap < n)
-        cap *= 2;
-    uint8_t *p = realloc(c->rbuf, cap);
-    if (!p)
-        return KVF_ENOMEM;
-    c->rbuf = p;
-    c->rcap = cap;
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Control requests */
+#define TICK_NS    100000000ull
+#define TICK_STEPS 4096u
 
 /* Opens the RDMA listener that opts ask for. "auto" without a device is no error: the reason is
  * kept for HELLO's capabilities, STATS and the log. */
@@ -92,210 +61,6 @@ static int rdma_open(kvf_server *s, const char *spec, char *err, size_t errlen)
     kvf_info(s->o.log, "rdma: not served: %s", why);
     return 0;
 }
-
-/* ------------------------------------------------------------------------------------------ */
-/* Frame reading */
-
-static void on_header(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    char msg[200];
-    kvf_wire_limits lim = {
-        .max_request = s->o.max_request, .max_items = s->o.max_items, .expect_reply = 0};
-    int rc = kvf__wire_hdr_decode(c->hdr, &lim, &c->h, msg, sizeof msg);
-    if (rc) {
-        kvf__reply_error(c, rc, 1, "%s", msg);
-        return;
-    }
-    atomic_fetch_add(&s->reqs[c->h.opcode & 31], 1);
-    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
-        c->rneed = kvf__wire_put_table_len(c->h.item_count);
-    else
-        c->rneed = c->h.payload_len;
-    if (ensure_rbuf(c, c->rneed ? c->rneed : 1) != 0) {
-        kvf__reply_error(c, KVF_ENOMEM, 1, "out of memory for a payload of %" PRIu64 " bytes",
-                         c->rneed);
-        return;
-    }
-    c->rgot = 0;
-    c->rstate = R_BODY;
-}
-
-static void on_body(conn *c)
-{
-    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT) {
-        kvf__req_put_begin(c);
-        return;
-    }
-    c->rstate = R_HDR;
-    c->hdr_got = 0;
-    if (c->h.opcode == KVF_OP_COPY) {
-        uint64_t need;
-        if (kvf__wire_control_len(&c->h, c->rbuf, &need) != 0 || need != c->h.payload_len) {
-            kvf__reply_error(c, KVF_EPROTO, 1,
-                             "copy payload of %" PRIu64
-                             " bytes does not match its address and %" PRIu32 " keys",
-                             c->h.payload_len, c->h.item_count);
-            return;
-        }
-    }
-    if (c->h.opcode != KVF_OP_HELLO && c->h.opcode != KVF_OP_STATS && c->h.opcode != KVF_OP_CLEAR &&
-        !kvf__conn_ns_ok(c, kvf__get_u64(c->rbuf))) {
-        kvf__reply_error(c, KVF_ENAMESPACE, 0,
-                         "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64
-                         ")",
-                         kvf__get_u64(c->rbuf), c->ns_bound);
-        return;
-    }
-    switch (c->h.opcode) {
-    case KVF_OP_HELLO:
-        kvf__req_hello(c);
-        break;
-    case KVF_OP_GET:
-        kvf__req_get(c);
-        break;
-    case KVF_OP_EXISTS:
-        kvf__req_exists(c);
-        break;
-    case KVF_OP_LOOKUP:
-        kvf__req_lookup(c);
-        break;
-    case KVF_OP_ADMIT:
-    case KVF_OP_EVICT:
-    case KVF_OP_PIN:
-    case KVF_OP_UNPIN:
-        kvf__req_per_key(c);
-        break;
-    case KVF_OP_CLEAR:
-        kvf__req_clear(c);
-        break;
-    case KVF_OP_STATS:
-        kvf__req_stats(c);
-        break;
-    case KVF_OP_COPY:
-        kvf__req_copy(c);
-        break;
-    case KVF_OP_COMPRESS:
-    case KVF_OP_DECOMPRESS:
-        kvf__req_recode(c);
-        break;
-    case KVF_OP_RDMA_GET:
-        kvf__req_rdma_get(c);
-        break;
-    case KVF_OP_RDMA_RELEASE:
-        kvf__req_rdma_release(c);
-        break;
-    case KVF_OP_RDMA_RESERVE:
-        kvf__req_rdma_reserve(c);
-        break;
-    case KVF_OP_RDMA_COMMIT:
-        kvf__req_rdma_commit(c);
-        break;
-    default:
-        kvf__reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
-    }
-}
-
-static void on_eof(conn *c)
-{
-    if (c->rstate == R_HDR && c->hdr_got == 0) {
-        c->closing = 1;
-        return;
-    }
-    uint64_t got, want;
-    if (c->rstate == R_HDR) {
-        got = c->hdr_got;
-        want = KVF_WIRE_HEADER_LEN;
-    } else if (c->rstate == R_BODY) {
-        got = KVF_WIRE_HEADER_LEN + c->rgot;
-        want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
-    } else {
-        uint64_t sent = kvf__wire_put_table_len(c->h.item_count) + c->cur_got;
-        for (uint32_t i = 0; i < c->cur; i++)
-            sent += c->items[i].len;
-        got = KVF_WIRE_HEADER_LEN + sent;
-        want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
-    }
-    kvf__reply_error(c, KVF_EPROTO, 1,
-                     "truncated frame: the peer closed after %" PRIu64 " of %" PRIu64 " bytes", got,
-                     want);
-}
-
-/* Reads and handles frames until the socket is drained or the budget is spent. Returns -1 when
- * the connection was destroyed. */
-static int conn_on_readable(conn *c)
-{
-    kvf_server *s = c->lp->srv;
-    uint64_t budget = READ_BUDGET;
-    while (budget > 0 && !c->closing && c->out_bytes < OUT_HIGH_WATER) {
-        void *dst;
-        size_t want;
-        if (c->rstate == R_HDR) {
-            dst = c->hdr + c->hdr_got;
-            want = KVF_WIRE_HEADER_LEN - c->hdr_got;
-        } else if (c->rstate == R_BODY) {
-            if (c->rgot == c->rneed) {
-                on_body(c);
-                continue;
-            }
-            dst = c->rbuf + c->rgot;
-            want = c->rneed - c->rgot;
-        } else {
-            if (c->cur == c->n_items) {
-                kvf__req_put_finish(c);
-                continue;
-            }
-            put_item *it = &c->items[c->cur];
-            want = it->len - c->cur_got;
-            if (it->dst) {
-                dst = it->dst + c->cur_got;
-            } else {
-                dst = c->lp->scratch;
-                if (want > SCRATCH_BYTES)
-                    want = SCRATCH_BYTES;
-            }
-        }
-        if (want > budget)
-            want = budget;
-        size_t got = 0;
-        int rc = kvf__sock_read(c->fd, dst, want, &got);
-        if (rc == KVF_EAGAIN)
-            break;
-        if (rc) {
-            kvf__conn_destroy(c);
-            return -1;
-        }
-        if (got == 0) {
-            on_eof(c);
-            break;
-        }
-        atomic_fetch_add(&s->bytes_in, got);
-        budget -= got;
-        if (c->rstate == R_HDR) {
-            c->hdr_got += got;
-            if (c->hdr_got == KVF_WIRE_HEADER_LEN)
-                on_header(c);
-        } else if (c->rstate == R_BODY) {
-            c->rgot += got;
-            if (c->rgot == c->rneed)
-                on_body(c);
-        } else {
-            c->cur_got += got;
-            put_item *it = &c->items[c->cur];
-            if (c->cur_got == it->len) {
-                kvf__req_put_item_done(c, it);
-                c->cur++;
-                c->cur_got = 0;
-                if (c->cur == c->n_items)
-                    kvf__req_put_finish(c);
-            }
-        }
-    }
-    return kvf__conn_flush(c);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Loops */
 
 /* Accepts what is pending and deals the connections out to the loops in turn: whichever loop
  * wins the accept, a client's several connections land on different loops and their transfers
@@ -386,7 +151,7 @@ static void *loop_main(void *arg)
             if ((evs[i].events & KVF_POLL_OUT) && kvf__conn_flush(c) < 0)
                 continue;
             if (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR))
-                conn_on_readable(c);
+                kvf__frame_on_readable(c);
         }
         uint64_t t = kvf__now_ns();
         if (t - lp->last_tick >= TICK_NS) {
