@@ -61,15 +61,62 @@ static void on_header(conn *c)
     c->rstate = R_BODY;
 }
 
+/* One row per opcode: the handler of a request whose body has been read, and whether the body
+ * must name the namespace bound by HELLO, which is checked here before the handler runs. HELLO
+ * and STATS name none; CLEAR checks its own, as it may name every namespace; PUT and COMMIT check
+ * theirs once their table is read, as their object bytes must still be read past. */
+typedef struct op_row {
+    uint16_t opcode;
+    void (*handler)(conn *c);
+    uint8_t needs_ns;
+} op_row;
+
+static const op_row ops[] = {
+    {.opcode = KVF_OP_HELLO, .handler = kvf__req_hello, .needs_ns = 0},
+    {.opcode = KVF_OP_PUT, .handler = kvf__req_put_begin, .needs_ns = 0},
+    {.opcode = KVF_OP_ADMIT, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_COMMIT, .handler = kvf__req_put_begin, .needs_ns = 0},
+    {.opcode = KVF_OP_GET, .handler = kvf__req_get, .needs_ns = 1},
+    {.opcode = KVF_OP_EXISTS, .handler = kvf__req_exists, .needs_ns = 1},
+    {.opcode = KVF_OP_LOOKUP, .handler = kvf__req_lookup, .needs_ns = 1},
+    {.opcode = KVF_OP_EVICT, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_PIN, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_UNPIN, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_CLEAR, .handler = kvf__req_clear, .needs_ns = 0},
+    {.opcode = KVF_OP_STATS, .handler = kvf__req_stats, .needs_ns = 0},
+    {.opcode = KVF_OP_COPY, .handler = kvf__req_copy, .needs_ns = 1},
+    {.opcode = KVF_OP_COMPRESS, .handler = kvf__req_recode, .needs_ns = 1},
+    {.opcode = KVF_OP_DECOMPRESS, .handler = kvf__req_recode, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_GET, .handler = kvf__req_rdma_get, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_RELEASE, .handler = kvf__req_rdma_release, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_RESERVE, .handler = kvf__req_rdma_reserve, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_COMMIT, .handler = kvf__req_rdma_commit, .needs_ns = 1},
+};
+
+/* The row of opcode, or NULL. Rows are few (one per opcode) and looked up once per request, so a
+ * scan serves. */
+static const op_row *op_row_of(uint16_t opcode)
+{
+    for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
+        if (ops[i].opcode == opcode)
+            return &ops[i];
+    return NULL;
+}
+
+/* The body of c's request has been read: the reader goes back to headers (PUT and COMMIT set it
+ * to their data), and the request goes to its opcode's handler. */
 static void on_body(conn *c)
 {
-    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT) {
-        kvf__req_put_begin(c);
-        return;
-    }
+    uint16_t opcode = c->h.opcode;
+    const op_row *op = op_row_of(opcode);
     c->rstate = R_HDR;
     c->hdr_got = 0;
-    if (c->h.opcode == KVF_OP_COPY) {
+    if (!op) {
+        kvf__reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", opcode);
+        return;
+    }
+    /* COPY's length depends on the address it carries, so the header could not check it. */
+    if (opcode == KVF_OP_COPY) {
         uint64_t need;
         if (kvf__wire_control_len(&c->h, c->rbuf, &need) != 0 || need != c->h.payload_len) {
             kvf__reply_error(c, KVF_EPROTO, 1,
@@ -79,61 +126,14 @@ static void on_body(conn *c)
             return;
         }
     }
-    if (c->h.opcode != KVF_OP_HELLO && c->h.opcode != KVF_OP_STATS && c->h.opcode != KVF_OP_CLEAR &&
-        !kvf__conn_ns_ok(c, kvf__get_u64(c->rbuf))) {
+    if (op->needs_ns && !kvf__conn_ns_ok(c, kvf__get_u64(c->rbuf))) {
         kvf__reply_error(c, KVF_ENAMESPACE, 0,
                          "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64
                          ")",
                          kvf__get_u64(c->rbuf), c->ns_bound);
         return;
     }
-    switch (c->h.opcode) {
-    case KVF_OP_HELLO:
-        kvf__req_hello(c);
-        break;
-    case KVF_OP_GET:
-        kvf__req_get(c);
-        break;
-    case KVF_OP_EXISTS:
-        kvf__req_exists(c);
-        break;
-    case KVF_OP_LOOKUP:
-        kvf__req_lookup(c);
-        break;
-    case KVF_OP_ADMIT:
-    case KVF_OP_EVICT:
-    case KVF_OP_PIN:
-    case KVF_OP_UNPIN:
-        kvf__req_per_key(c);
-        break;
-    case KVF_OP_CLEAR:
-        kvf__req_clear(c);
-        break;
-    case KVF_OP_STATS:
-        kvf__req_stats(c);
-        break;
-    case KVF_OP_COPY:
-        kvf__req_copy(c);
-        break;
-    case KVF_OP_COMPRESS:
-    case KVF_OP_DECOMPRESS:
-        kvf__req_recode(c);
-        break;
-    case KVF_OP_RDMA_GET:
-        kvf__req_rdma_get(c);
-        break;
-    case KVF_OP_RDMA_RELEASE:
-        kvf__req_rdma_release(c);
-        break;
-    case KVF_OP_RDMA_RESERVE:
-        kvf__req_rdma_reserve(c);
-        break;
-    case KVF_OP_RDMA_COMMIT:
-        kvf__req_rdma_commit(c);
-        break;
-    default:
-        kvf__reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", c->h.opcode);
-    }
+    op->handler(c);
 }
 
 static void on_eof(conn *c)
