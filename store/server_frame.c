@@ -36,6 +36,8 @@ static int ensure_rbuf(conn *c, size_t n)
     return 0;
 }
 
+/* c's 40 header bytes are in: a valid header sets c to read its body (for PUT and COMMIT, only
+ * the item table); a bad one gets a fatal error reply. */
 static void on_header(conn *c)
 {
     kvf_server *s = c->lp->srv;
@@ -136,6 +138,8 @@ static void on_body(conn *c)
     op->handler(c);
 }
 
+/* The peer closed c. Between frames that is a goodbye: c closes once its replies are written.
+ * Inside a frame it is a truncated frame, answered with a fatal error naming how far it got. */
 static void on_eof(conn *c)
 {
     if (c->rstate == R_HDR && c->hdr_got == 0) {
@@ -161,6 +165,63 @@ static void on_eof(conn *c)
                      want);
 }
 
+/* Where c's next bytes go, at most how many, in *dst and *want. Returns 1 instead when the
+ * state's bytes are all in but not yet handled (a body of 0 bytes, a PUT of 0 items): they are
+ * handled now, and the caller asks again. */
+static int next_target(conn *c, void **dst, size_t *want)
+{
+    if (c->rstate == R_HDR) {
+        *dst = c->hdr + c->hdr_got;
+        *want = KVF_WIRE_HEADER_LEN - c->hdr_got;
+    } else if (c->rstate == R_BODY) {
+        if (c->rgot == c->rneed) {
+            on_body(c);
+            return 1;
+        }
+        *dst = c->rbuf + c->rgot;
+        *want = c->rneed - c->rgot;
+    } else {
+        if (c->cur == c->n_items) {
+            kvf__req_put_finish(c);
+            return 1;
+        }
+        put_item *it = &c->items[c->cur];
+        *want = it->len - c->cur_got;
+        if (it->dst) {
+            *dst = it->dst + c->cur_got;
+        } else {
+            *dst = c->lp->scratch;
+            if (*want > SCRATCH_BYTES)
+                *want = SCRATCH_BYTES;
+        }
+    }
+    return 0;
+}
+
+/* got bytes arrived where next_target() said: a state whose bytes are complete is handled. */
+static void took(conn *c, size_t got)
+{
+    if (c->rstate == R_HDR) {
+        c->hdr_got += got;
+        if (c->hdr_got == KVF_WIRE_HEADER_LEN)
+            on_header(c);
+    } else if (c->rstate == R_BODY) {
+        c->rgot += got;
+        if (c->rgot == c->rneed)
+            on_body(c);
+    } else {
+        c->cur_got += got;
+        put_item *it = &c->items[c->cur];
+        if (c->cur_got == it->len) {
+            kvf__req_put_item_done(c, it);
+            c->cur++;
+            c->cur_got = 0;
+            if (c->cur == c->n_items)
+                kvf__req_put_finish(c);
+        }
+    }
+}
+
 int kvf__frame_on_readable(conn *c)
 {
     kvf_server *s = c->lp->srv;
@@ -168,31 +229,8 @@ int kvf__frame_on_readable(conn *c)
     while (budget > 0 && !c->closing && c->out_bytes < OUT_HIGH_WATER) {
         void *dst;
         size_t want;
-        if (c->rstate == R_HDR) {
-            dst = c->hdr + c->hdr_got;
-            want = KVF_WIRE_HEADER_LEN - c->hdr_got;
-        } else if (c->rstate == R_BODY) {
-            if (c->rgot == c->rneed) {
-                on_body(c);
-                continue;
-            }
-            dst = c->rbuf + c->rgot;
-            want = c->rneed - c->rgot;
-        } else {
-            if (c->cur == c->n_items) {
-                kvf__req_put_finish(c);
-                continue;
-            }
-            put_item *it = &c->items[c->cur];
-            want = it->len - c->cur_got;
-            if (it->dst) {
-                dst = it->dst + c->cur_got;
-            } else {
-                dst = c->lp->scratch;
-                if (want > SCRATCH_BYTES)
-                    want = SCRATCH_BYTES;
-            }
-        }
+        if (next_target(c, &dst, &want))
+            continue;
         if (want > budget)
             want = budget;
         size_t got = 0;
@@ -209,25 +247,7 @@ int kvf__frame_on_readable(conn *c)
         }
         atomic_fetch_add(&s->bytes_in, got);
         budget -= got;
-        if (c->rstate == R_HDR) {
-            c->hdr_got += got;
-            if (c->hdr_got == KVF_WIRE_HEADER_LEN)
-                on_header(c);
-        } else if (c->rstate == R_BODY) {
-            c->rgot += got;
-            if (c->rgot == c->rneed)
-                on_body(c);
-        } else {
-            c->cur_got += got;
-            put_item *it = &c->items[c->cur];
-            if (c->cur_got == it->len) {
-                kvf__req_put_item_done(c, it);
-                c->cur++;
-                c->cur_got = 0;
-                if (c->cur == c->n_items)
-                    kvf__req_put_finish(c);
-            }
-        }
+        took(c, got);
     }
     return kvf__conn_flush(c);
 }
