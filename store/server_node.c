@@ -70,6 +70,68 @@ void kvf__req_clear(conn *c)
     kvf__reply_copy(c, 0, 0, 0, r, 8);
 }
 
+/* The cache's figures st and the server's counters, as members of o. */
+static void stats_figures(json_t *o, kvf_server *s, const kvf_cache_stats *st)
+{
+#define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
+    SET("node_id", s->o.node_id);
+    SET("memory", st->memory);
+    SET("used", st->used);
+    SET("free", st->free);
+    SET("free_blocks", st->free_blocks);
+    SET("entries", st->entries);
+    SET("max_entries", st->max_entries);
+    SET("ready_bytes", st->ready_bytes);
+    SET("reserved", st->reserved);
+    SET("pinned", st->pinned);
+    SET("referenced", st->referenced);
+    SET("hits", st->hits);
+    SET("misses", st->misses);
+    SET("puts", st->puts);
+    SET("duplicates", st->duplicates);
+    SET("evictions", st->evictions);
+    SET("removed", st->removed);
+    SET("rejected_full", st->rejected_full);
+    SET("expired_pins", st->expired_pins);
+    SET("expired_reservations", st->expired_reservations);
+    SET("cleared", st->cleared);
+    SET("connections", atomic_load(&s->n_conns));
+    SET("accepted", atomic_load(&s->n_accepted));
+    SET("bytes_in", atomic_load(&s->bytes_in));
+    SET("bytes_out", atomic_load(&s->bytes_out));
+    SET("protocol_errors", atomic_load(&s->proto_errors));
+    SET("threads", s->nloops);
+    SET("max_request", s->o.max_request);
+#undef SET
+    json_object_set_new(o, "policy", json_string(st->policy));
+    json_object_set_new(o, "transport", json_string(s->rdma ? "tcp+rdma" : "tcp"));
+}
+
+/* The RDMA side's figures (or why it is not served) as a new object; NULL when out of memory. */
+static json_t *stats_rdma(kvf_server *s)
+{
+    json_t *rd = json_object();
+    if (!rd)
+        return NULL;
+    uint64_t open = 0, accepted = 0;
+    if (s->rdma)
+        kvf__rserve_counts(s->rdma, &open, &accepted);
+    json_object_set_new(rd, "served", json_boolean(s->rdma != NULL));
+    if (!s->rdma)
+        json_object_set_new(rd, "why_not", json_string(s->rdma_why));
+    json_object_set_new(rd, "port", json_integer(s->rdma ? kvf__rserve_port(s->rdma) : 0));
+#define RSET(k, v) json_object_set_new(rd, k, json_integer((json_int_t)(v)))
+    RSET("connections", open);
+    RSET("accepted", accepted);
+    RSET("leases", atomic_load(&s->rdma_leased));
+    RSET("released", atomic_load(&s->rdma_released));
+    RSET("expired", atomic_load(&s->rdma_expired));
+    RSET("reserved", atomic_load(&s->rdma_reserved));
+    RSET("committed", atomic_load(&s->rdma_committed));
+#undef RSET
+    return rd;
+}
+
 void kvf__req_stats(conn *c)
 {
     kvf_server *s = c->lp->srv;
@@ -85,58 +147,10 @@ void kvf__req_stats(conn *c)
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
-#define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
-    SET("node_id", s->o.node_id);
-    SET("memory", st.memory);
-    SET("used", st.used);
-    SET("free", st.free);
-    SET("free_blocks", st.free_blocks);
-    SET("entries", st.entries);
-    SET("max_entries", st.max_entries);
-    SET("ready_bytes", st.ready_bytes);
-    SET("reserved", st.reserved);
-    SET("pinned", st.pinned);
-    SET("referenced", st.referenced);
-    SET("hits", st.hits);
-    SET("misses", st.misses);
-    SET("puts", st.puts);
-    SET("duplicates", st.duplicates);
-    SET("evictions", st.evictions);
-    SET("removed", st.removed);
-    SET("rejected_full", st.rejected_full);
-    SET("expired_pins", st.expired_pins);
-    SET("expired_reservations", st.expired_reservations);
-    SET("cleared", st.cleared);
-    SET("connections", atomic_load(&s->n_conns));
-    SET("accepted", atomic_load(&s->n_accepted));
-    SET("bytes_in", atomic_load(&s->bytes_in));
-    SET("bytes_out", atomic_load(&s->bytes_out));
-    SET("protocol_errors", atomic_load(&s->proto_errors));
-    SET("threads", s->nloops);
-    SET("max_request", s->o.max_request);
-#undef SET
-    json_object_set_new(o, "policy", json_string(st.policy));
-    json_object_set_new(o, "transport", json_string(s->rdma ? "tcp+rdma" : "tcp"));
-    json_t *rd = json_object();
-    if (rd) {
-        uint64_t open = 0, accepted = 0;
-        if (s->rdma)
-            kvf__rserve_counts(s->rdma, &open, &accepted);
-        json_object_set_new(rd, "served", json_boolean(s->rdma != NULL));
-        if (!s->rdma)
-            json_object_set_new(rd, "why_not", json_string(s->rdma_why));
-        json_object_set_new(rd, "port", json_integer(s->rdma ? kvf__rserve_port(s->rdma) : 0));
-#define RSET(k, v) json_object_set_new(rd, k, json_integer((json_int_t)(v)))
-        RSET("connections", open);
-        RSET("accepted", accepted);
-        RSET("leases", atomic_load(&s->rdma_leased));
-        RSET("released", atomic_load(&s->rdma_released));
-        RSET("expired", atomic_load(&s->rdma_expired));
-        RSET("reserved", atomic_load(&s->rdma_reserved));
-        RSET("committed", atomic_load(&s->rdma_committed));
-#undef RSET
+    stats_figures(o, s, &st);
+    json_t *rd = stats_rdma(s);
+    if (rd)
         json_object_set_new(o, "rdma", rd);
-    }
     for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
         if (name)
