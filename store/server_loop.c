@@ -167,6 +167,33 @@ static void *loop_main(void *arg)
     return NULL;
 }
 
+/* Sets up loop i of s: its inbox lock, poller (back-end poller), scratch buffer and nonblocking
+ * wake pipe. Returns 0, or the error with one line in err; kvf__server_close() undoes what was
+ * done either way. */
+static int loop_init(kvf_server *s, int i, const char *poller, char *err, size_t errlen)
+{
+    loop *lp = &s->loops[i];
+    lp->srv = s;
+    lp->idx = i;
+    lp->wake[0] = lp->wake[1] = -1;
+    pthread_mutex_init(&lp->inbox_mu, NULL);
+    int rc = kvf__poller_open(&lp->poller, poller);
+    if (rc) {
+        snprintf(err, errlen, "poller \"%s\": %s", poller ? poller : "default", kvf_strerror(rc));
+        return rc;
+    }
+    lp->scratch = malloc(SCRATCH_BYTES);
+    if (!lp->scratch || pipe(lp->wake) != 0) {
+        snprintf(err, errlen, "loop setup: %s", strerror(errno));
+        return KVF_ENOMEM;
+    }
+    for (int k = 0; k < 2; k++) {
+        fcntl(lp->wake[k], F_SETFL, fcntl(lp->wake[k], F_GETFL) | O_NONBLOCK);
+        fcntl(lp->wake[k], F_SETFD, FD_CLOEXEC);
+    }
+    return 0;
+}
+
 int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -203,29 +230,9 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
         rc = KVF_ENOMEM;
         goto out_close;
     }
-    for (int i = 0; i < s->nloops; i++) {
-        loop *lp = &s->loops[i];
-        lp->srv = s;
-        lp->idx = i;
-        lp->wake[0] = lp->wake[1] = -1;
-        pthread_mutex_init(&lp->inbox_mu, NULL);
-        rc = kvf__poller_open(&lp->poller, o->poller);
-        if (rc) {
-            snprintf(err, errlen, "poller \"%s\": %s", o->poller ? o->poller : "default",
-                     kvf_strerror(rc));
+    for (int i = 0; i < s->nloops; i++)
+        if ((rc = loop_init(s, i, o->poller, err, errlen)))
             goto out_close;
-        }
-        lp->scratch = malloc(SCRATCH_BYTES);
-        if (!lp->scratch || pipe(lp->wake) != 0) {
-            snprintf(err, errlen, "loop setup: %s", strerror(errno));
-            rc = KVF_ENOMEM;
-            goto out_close;
-        }
-        for (int k = 0; k < 2; k++) {
-            fcntl(lp->wake[k], F_SETFL, fcntl(lp->wake[k], F_GETFL) | O_NONBLOCK);
-            fcntl(lp->wake[k], F_SETFD, FD_CLOEXEC);
-        }
-    }
     *out = s;
     return 0;
 

@@ -35,6 +35,69 @@ static int rdma_served(conn *c)
     return 0;
 }
 
+/* What an RDMA_GET took for its n keys: each key's status, and for each hit its object's
+ * address, length and header length; the lease l holds the hits' references. */
+typedef struct rget {
+    uint32_t n;
+    rlease *l;
+    const uint8_t **ptr;
+    uint64_t *len;
+    int32_t *st;
+    uint32_t *hlen;
+} rget;
+
+/* Takes a read reference on each key's object into g->l, while the reply stays within
+ * RDMA_GET_MAX_REPLY (KVF_E2BIG beyond); an object whose header cannot be read is let go with
+ * KVF_EPROTO. Returns the reply's length. */
+static uint64_t rget_acquire(conn *c, rget *g)
+{
+    kvf_server *s = c->lp->srv;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    const uint8_t *keys = c->rbuf + 16;
+    uint64_t total = 16 + 24 * (uint64_t)g->n;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < g->n; i++) {
+        kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
+        uint32_t eid;
+        g->st[i] = kvf__cache_acquire_locked(s->o.cache, ns, &key, &eid, &g->ptr[i], &g->len[i]);
+        if (g->st[i])
+            continue;
+        /* Stored objects were verified when they came in; the header length is read from it. */
+        uint32_t layers = g->len[i] >= 40 ? kvf__get_u32(g->ptr[i] + 36) : 0;
+        g->hlen[i] = kvf_obj_header_len(layers);
+        if (layers == 0 || g->hlen[i] > g->len[i] || total + g->hlen[i] > RDMA_GET_MAX_REPLY) {
+            kvf__cache_release_locked(s->o.cache, eid);
+            g->st[i] = layers == 0 || g->hlen[i] > g->len[i] ? KVF_EPROTO : KVF_E2BIG;
+            continue;
+        }
+        g->l->eids[g->l->n++] = eid;
+        total += g->hlen[i];
+    }
+    kvf__cache_unlock(s->o.cache);
+    return total;
+}
+
+/* Writes the reply into r: the lease's id (0: nothing leased), the arena's rkey and the lease's
+ * length, one descriptor per key, then every hit's object header. */
+static void rget_encode(kvf_server *s, const rget *g, uint32_t lease_ms, uint8_t *r)
+{
+    kvf__put_u64(r, g->l->n ? g->l->id : 0);
+    kvf__put_u32(r + 8, kvf__rserve_rkey(s->rdma));
+    kvf__put_u32(r + 12, lease_ms);
+    uint8_t *h = r + 16 + 24 * (size_t)g->n;
+    for (uint32_t i = 0; i < g->n; i++) {
+        uint8_t *e = r + 16 + 24 * (size_t)i;
+        kvf__put_u32(e, (uint32_t)g->st[i]);
+        kvf__put_u32(e + 4, g->st[i] ? 0 : g->hlen[i]);
+        kvf__put_u64(e + 8, g->st[i] ? 0 : (uint64_t)(uintptr_t)g->ptr[i]);
+        kvf__put_u64(e + 16, g->st[i] ? 0 : g->len[i]);
+        if (g->st[i])
+            continue;
+        memcpy(h, g->ptr[i], g->hlen[i]);
+        h += g->hlen[i];
+    }
+}
+
 /* RDMA_GET: a read reference on every hit under one lease, and each hit's address, length and
  * object header; the client READs the segments itself and verifies them against the header. */
 void kvf__req_rdma_get(conn *c)
@@ -43,77 +106,45 @@ void kvf__req_rdma_get(conn *c)
     if (!rdma_served(c))
         return;
     uint32_t n = c->h.item_count;
-    uint64_t ns = kvf__get_u64(c->rbuf);
     uint32_t lease_ms = kvf__get_u32(c->rbuf + 8);
     lease_ms = lease_ms ? lease_ms : RDMA_LEASE_DEFAULT_MS;
     lease_ms = lease_ms < RDMA_LEASE_MAX_MS ? lease_ms : RDMA_LEASE_MAX_MS;
-    const uint8_t *keys = c->rbuf + 16;
-    rlease *l = malloc(sizeof *l + (size_t)n * 4);
-    const uint8_t **ptr = malloc((size_t)(n ? n : 1) * sizeof *ptr);
-    uint64_t *len = malloc((size_t)(n ? n : 1) * sizeof *len);
-    int32_t *st = malloc((size_t)(n ? n : 1) * sizeof *st);
-    uint32_t *hlen = malloc((size_t)(n ? n : 1) * sizeof *hlen);
+    rget g = {
+        .n = n,
+        .l = malloc(sizeof *g.l + (size_t)n * 4),
+        .ptr = malloc((size_t)(n ? n : 1) * sizeof *g.ptr),
+        .len = malloc((size_t)(n ? n : 1) * sizeof *g.len),
+        .st = malloc((size_t)(n ? n : 1) * sizeof *g.st),
+        .hlen = malloc((size_t)(n ? n : 1) * sizeof *g.hlen),
+    };
     uint8_t *r = NULL;
-    if (!l || !ptr || !len || !st || !hlen) {
+    if (!g.l || !g.ptr || !g.len || !g.st || !g.hlen) {
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for %" PRIu32 " descriptors", n);
-        goto out;
+        goto out_free;
     }
-    l->n = 0;
-    uint64_t total = 16 + 24 * (uint64_t)n;
-    kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < n; i++) {
-        kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
-        uint32_t eid;
-        st[i] = kvf__cache_acquire_locked(s->o.cache, ns, &key, &eid, &ptr[i], &len[i]);
-        if (st[i])
-            continue;
-        /* Stored objects were verified when they came in; the header length is read from it. */
-        uint32_t layers = len[i] >= 40 ? kvf__get_u32(ptr[i] + 36) : 0;
-        hlen[i] = kvf_obj_header_len(layers);
-        if (layers == 0 || hlen[i] > len[i] || total + hlen[i] > RDMA_GET_MAX_REPLY) {
-            kvf__cache_release_locked(s->o.cache, eid);
-            st[i] = layers == 0 || hlen[i] > len[i] ? KVF_EPROTO : KVF_E2BIG;
-            continue;
-        }
-        l->eids[l->n++] = eid;
-        total += hlen[i];
-    }
-    kvf__cache_unlock(s->o.cache);
+    g.l->n = 0;
+    uint64_t total = rget_acquire(c, &g);
     r = malloc(total);
     if (!r) {
         kvf__cache_lock(s->o.cache);
-        for (uint32_t i = 0; i < l->n; i++)
-            kvf__cache_release_locked(s->o.cache, l->eids[i]);
+        for (uint32_t i = 0; i < g.l->n; i++)
+            kvf__cache_release_locked(s->o.cache, g.l->eids[i]);
         kvf__cache_unlock(s->o.cache);
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for a reply of %" PRIu64 " bytes", total);
-        goto out;
+        goto out_free;
     }
-    l->id = atomic_fetch_add(&s->next_lease, 1) + 1;
-    l->expires_ns = kvf__now_ns() + (uint64_t)lease_ms * 1000000u;
-    kvf__put_u64(r, l->n ? l->id : 0);
-    kvf__put_u32(r + 8, kvf__rserve_rkey(s->rdma));
-    kvf__put_u32(r + 12, lease_ms);
-    uint8_t *h = r + 16 + 24 * (size_t)n;
-    for (uint32_t i = 0; i < n; i++) {
-        uint8_t *e = r + 16 + 24 * (size_t)i;
-        kvf__put_u32(e, (uint32_t)st[i]);
-        kvf__put_u32(e + 4, st[i] ? 0 : hlen[i]);
-        kvf__put_u64(e + 8, st[i] ? 0 : (uint64_t)(uintptr_t)ptr[i]);
-        kvf__put_u64(e + 16, st[i] ? 0 : len[i]);
-        if (st[i])
-            continue;
-        memcpy(h, ptr[i], hlen[i]);
-        h += hlen[i];
-    }
-    if (l->n) {
-        l->next = c->leases;
-        c->leases = l;
-        l = NULL;
+    g.l->id = atomic_fetch_add(&s->next_lease, 1) + 1;
+    g.l->expires_ns = kvf__now_ns() + (uint64_t)lease_ms * 1000000u;
+    rget_encode(s, &g, lease_ms, r);
+    if (g.l->n) {
+        g.l->next = c->leases;
+        c->leases = g.l;
+        g.l = NULL;
         atomic_fetch_add(&s->rdma_leased, 1);
     }
     kvf__reply_copy(c, 0, 0, n, r, total);
-out:
-    free(l), free(ptr), free(len), free(st), free(hlen), free(r);
+out_free:
+    free(g.l), free(g.ptr), free(g.len), free(g.st), free(g.hlen), free(r);
 }
 
 /* RDMA_RELEASE: the client read what it wanted; the references go. */
