@@ -177,9 +177,10 @@ void kvf__inbox_push(loop *lp, deferred *d);
  * closed meanwhile. Takes ownership of m. */
 void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m);
 
-/* Request handlers. Each answers the request whose header is c->h and whose payload (for PUT and
- * COMMIT, the item table) is in c->rbuf, validated by the frame reader (server_frame.c). Each
- * queues its reply, or an error reply, and reports nothing back. */
+/* Request handlers, one per row of the frame reader's opcode table (server_frame.c). Each serves
+ * the request whose header is c->h and whose payload (for PUT and COMMIT, the item table) is in
+ * c->rbuf, checked by the reader, and queues its reply or an error reply; a COPY's reply comes
+ * later through the inbox, a PUT's once its bytes are in. */
 
 /* server_get.c: GET, plain or layer-major streamed (KVF_WF_STREAM). */
 void kvf__req_get(conn *c);

@@ -1,7 +1,7 @@
 /*
- * The storage node server's requests about keys of a namespace: EXISTS and LOOKUP (which are
- * stored), and EVICT, PIN, UNPIN and ADMIT (one status per key). Each holds the cache lock once
- * for its whole batch and moves no object bytes.
+ * The storage node server's requests about keys of a namespace: EXISTS and LOOKUP (which keys
+ * are stored), and EVICT, PIN, UNPIN and ADMIT (one status per key). Each holds the cache lock
+ * once for its whole batch and moves no object bytes.
  */
 #include "server_int.h"
 
