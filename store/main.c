@@ -58,143 +58,184 @@ static void usage(FILE *f)
         "                        host has a device, on the listen address and a free port\n");
 }
 
-int main(int argc, char **argv)
-{
-    const char *listen = "127.0.0.1:7400";
-    uint64_t memory = 1ull << 30, max_request = 256ull << 20;
-    long threads = 1, max_entries = 0;
-    const char *evict = "lru", *poller = NULL, *events = NULL, *rdma = "auto";
-    long node = 0;
-    int verify = 1, lock_memory = 0, prefault = 1;
-    kvf_log lg = {.level = KVF_LOG_INFO, .name = "kvf-store"};
+/* The daemon's settings: the command line's, over the defaults of store_cfg_default(). */
+typedef struct store_cfg {
+    const char *listen;
+    char host[256]; /* --listen, split */
+    uint16_t port;
+    uint64_t memory, max_request;
+    long threads, max_entries, node;
+    const char *evict, *poller, *events, *rdma;
+    int verify, lock_memory, prefault;
+    kvf_log lg;
+} store_cfg;
 
+static store_cfg store_cfg_default(void)
+{
+    return (store_cfg){
+        .listen = "127.0.0.1:7400",
+        .memory = 1ull << 30,
+        .max_request = 256ull << 20,
+        .threads = 1,
+        .evict = "lru",
+        .rdma = "auto",
+        .verify = 1,
+        .prefault = 1,
+        .lg = {.level = KVF_LOG_INFO, .name = "kvf-store"},
+    };
+}
+
+/* Sets the option a that takes the value v. Returns 0, or 2 (the exit status of bad usage) after
+ * saying what is wrong. */
+static int parse_value(store_cfg *cfg, const char *a, const char *v)
+{
+    if (!strcmp(a, "--listen")) {
+        cfg->listen = v;
+    } else if (!strcmp(a, "--memory")) {
+        if (kvf__parse_size(v, &cfg->memory) != 0) {
+            fprintf(stderr, "kvf-store: --memory: cannot parse size \"%s\"\n", v);
+            return 2;
+        }
+    } else if (!strcmp(a, "--max-request")) {
+        if (kvf__parse_size(v, &cfg->max_request) != 0 || cfg->max_request < 4096) {
+            fprintf(stderr, "kvf-store: --max-request: bad size \"%s\" (at least 4K)\n", v);
+            return 2;
+        }
+    } else if (!strcmp(a, "--threads")) {
+        cfg->threads = strtol(v, NULL, 10);
+        if (cfg->threads < 1 || cfg->threads > 64) {
+            fprintf(stderr, "kvf-store: --threads: %s is not in 1..64\n", v);
+            return 2;
+        }
+    } else if (!strcmp(a, "--max-entries")) {
+        cfg->max_entries = strtol(v, NULL, 10);
+        if (cfg->max_entries < 1) {
+            fprintf(stderr, "kvf-store: --max-entries: bad value \"%s\"\n", v);
+            return 2;
+        }
+    } else if (!strcmp(a, "--evict")) {
+        cfg->evict = v;
+    } else if (!strcmp(a, "--events")) {
+        cfg->events = v;
+    } else if (!strcmp(a, "--rdma")) {
+        cfg->rdma = v;
+    } else if (!strcmp(a, "--node")) {
+        cfg->node = strtol(v, NULL, 10);
+        if (cfg->node < 0 || cfg->node > 255) {
+            fprintf(stderr, "kvf-store: --node: %s is not in 0..255\n", v);
+            return 2;
+        }
+    } else if (!strcmp(a, "--poller")) {
+        cfg->poller = v;
+    } else if (!strcmp(a, "--log-level")) {
+        if (kvf__log_level_parse(v, &cfg->lg.level) != 0) {
+            fprintf(stderr, "kvf-store: --log-level: expected debug, info, warn or error\n");
+            return 2;
+        }
+    } else {
+        fprintf(stderr, "kvf-store: unknown option %s (see --help)\n", a);
+        return 2;
+    }
+    return 0;
+}
+
+/* Reads the command line into cfg. Returns -1 to go on and serve, or the exit status to stop
+ * with: 0 after --help, 2 for bad usage (said on stderr). */
+static int parse_args(int argc, char **argv, store_cfg *cfg)
+{
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        int takes = 1;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;
         } else if (!strcmp(a, "--no-verify")) {
-            verify = 0;
-            takes = 0;
+            cfg->verify = 0;
         } else if (!strcmp(a, "--lock-memory")) {
-            lock_memory = 1;
-            takes = 0;
+            cfg->lock_memory = 1;
         } else if (!strcmp(a, "--no-prefault")) {
-            prefault = 0;
-            takes = 0;
+            cfg->prefault = 0;
         } else if (!v) {
             fprintf(stderr, "kvf-store: %s needs a value (see --help)\n", a);
             return 2;
-        } else if (!strcmp(a, "--listen")) {
-            listen = v;
-        } else if (!strcmp(a, "--memory")) {
-            if (kvf__parse_size(v, &memory) != 0) {
-                fprintf(stderr, "kvf-store: --memory: cannot parse size \"%s\"\n", v);
-                return 2;
-            }
-        } else if (!strcmp(a, "--max-request")) {
-            if (kvf__parse_size(v, &max_request) != 0 || max_request < 4096) {
-                fprintf(stderr, "kvf-store: --max-request: bad size \"%s\" (at least 4K)\n", v);
-                return 2;
-            }
-        } else if (!strcmp(a, "--threads")) {
-            threads = strtol(v, NULL, 10);
-            if (threads < 1 || threads > 64) {
-                fprintf(stderr, "kvf-store: --threads: %s is not in 1..64\n", v);
-                return 2;
-            }
-        } else if (!strcmp(a, "--max-entries")) {
-            max_entries = strtol(v, NULL, 10);
-            if (max_entries < 1) {
-                fprintf(stderr, "kvf-store: --max-entries: bad value \"%s\"\n", v);
-                return 2;
-            }
-        } else if (!strcmp(a, "--evict")) {
-            evict = v;
-        } else if (!strcmp(a, "--events")) {
-            events = v;
-        } else if (!strcmp(a, "--rdma")) {
-            rdma = v;
-        } else if (!strcmp(a, "--node")) {
-            node = strtol(v, NULL, 10);
-            if (node < 0 || node > 255) {
-                fprintf(stderr, "kvf-store: --node: %s is not in 0..255\n", v);
-                return 2;
-            }
-        } else if (!strcmp(a, "--poller")) {
-            poller = v;
-        } else if (!strcmp(a, "--log-level")) {
-            if (kvf__log_level_parse(v, &lg.level) != 0) {
-                fprintf(stderr, "kvf-store: --log-level: expected debug, info, warn or error\n");
-                return 2;
-            }
-        } else {
-            fprintf(stderr, "kvf-store: unknown option %s (see --help)\n", a);
+        } else if (parse_value(cfg, a, v) != 0) {
             return 2;
+        } else {
+            i++;
         }
-        i += takes;
     }
-
-    char host[256];
-    uint16_t port;
-    if (kvf__addr_parse(listen, host, sizeof host, &port) != 0) {
-        fprintf(stderr, "kvf-store: --listen: expected HOST:PORT, got \"%s\"\n", listen);
+    if (kvf__addr_parse(cfg->listen, cfg->host, sizeof cfg->host, &cfg->port) != 0) {
+        fprintf(stderr, "kvf-store: --listen: expected HOST:PORT, got \"%s\"\n", cfg->listen);
         return 2;
     }
+    return -1;
+}
 
-    char err[256] = "", ev_ep[160] = "-";
-    kvf__pub *pub = NULL;
-    if (events) {
-        char eh[256];
-        uint16_t ep;
-        if (kvf__addr_parse(events, eh, sizeof eh, &ep) != 0) {
-            fprintf(stderr, "kvf-store: --events: expected HOST:PORT, got \"%s\"\n", events);
-            return 2;
-        }
-        if (kvf__pub_open(&pub, eh, ep, (int)node, ev_ep, sizeof ev_ep, err, sizeof err) != 0) {
-            fprintf(stderr, "kvf-store: %s\n", err);
-            return 1;
-        }
+/* Opens the chunk-event publisher that --events asks for (none without it); *endpoint gets its
+ * bound address. Returns 0, or the exit status: 2 for a bad address, 1 when it cannot open. */
+static int open_events(const store_cfg *cfg, kvf__pub **pub, char *endpoint, size_t eplen)
+{
+    if (!cfg->events)
+        return 0;
+    char host[256], err[256] = "";
+    uint16_t port;
+    if (kvf__addr_parse(cfg->events, host, sizeof host, &port) != 0) {
+        fprintf(stderr, "kvf-store: --events: expected HOST:PORT, got \"%s\"\n", cfg->events);
+        return 2;
     }
+    if (kvf__pub_open(pub, host, port, (int)cfg->node, endpoint, eplen, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-store: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
+/* Opens the cache, its changes noted to pub (may be NULL). Returns 0, or 1 after saying why. */
+static int open_cache(const store_cfg *cfg, kvf__pub *pub, kvf_cache **cache)
+{
+    char err[256] = "";
     kvf_cache_opts co = {
         .on_change = pub ? kvf__pub_note : NULL,
         .on_change_ctx = pub,
-        .memory = memory,
-        .max_entries = (uint32_t)max_entries,
-        .evict = evict,
-        .prefault = prefault,
-        .lock_memory = lock_memory,
+        .memory = cfg->memory,
+        .max_entries = (uint32_t)cfg->max_entries,
+        .evict = cfg->evict,
+        .prefault = cfg->prefault,
+        .lock_memory = cfg->lock_memory,
     };
-    kvf_cache *cache = NULL;
-    int rc = kvf__cache_open(&cache, &co, err, sizeof err);
-    if (rc) {
+    if (kvf__cache_open(cache, &co, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-store: %s\n", err);
         return 1;
     }
-    kvf_server_opts so = {
-        .host = host,
-        .port = port,
-        .threads = (int)threads,
-        .max_request = max_request,
-        .verify_puts = verify,
-        .poller = poller,
-        .node_id = (uint64_t)getpid(),
-        .rdma = rdma,
-        .cache = cache,
-        .log = &lg,
-    };
-    kvf_server *srv = NULL;
-    rc = kvf__server_open(&srv, &so, err, sizeof err);
-    if (rc) {
-        fprintf(stderr, "kvf-store: %s\n", err);
-        kvf__cache_close(&cache);
-        return 1;
-    }
-    g_server = srv;
-    kvf__daemon_signals(on_signal);
+    return 0;
+}
 
+/* Binds the server over cache. Returns 0, or 1 after saying why. */
+static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf_server **srv)
+{
+    char err[256] = "";
+    kvf_server_opts so = {
+        .host = cfg->host,
+        .port = cfg->port,
+        .threads = (int)cfg->threads,
+        .max_request = cfg->max_request,
+        .verify_puts = cfg->verify,
+        .poller = cfg->poller,
+        .node_id = (uint64_t)getpid(),
+        .rdma = cfg->rdma,
+        .cache = cache,
+        .log = &cfg->lg,
+    };
+    if (kvf__server_open(srv, &so, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-store: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
+/* Prints the ready line on stdout (scripts and tests wait for it) and logs what is served. */
+static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, const char *ev_ep)
+{
     kvf_cache_stats st;
     kvf__cache_lock(cache);
     kvf__cache_stats_locked(cache, &st);
@@ -206,20 +247,44 @@ int main(int argc, char **argv)
         snprintf(rdma_text, sizeof rdma_text, "%u", rdma_port);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
            " evict=%s threads=%ld events=%s node=%ld rdma=%s pid=%d\n",
-           host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, threads, ev_ep, node,
-           rdma_text, (int)getpid());
+           cfg->host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, cfg->threads,
+           ev_ep, cfg->node, rdma_text, (int)getpid());
     if (!rdma_port)
-        kvf_info(&lg, "rdma off: %s", rdma_why);
+        kvf_info(&cfg->lg, "rdma off: %s", rdma_why);
     fflush(stdout);
-    kvf_info(&lg, "serving %s:%u with %" PRIu64 " MiB, %s eviction, %ld thread(s)", host,
-             kvf__server_port(srv), st.memory >> 20, st.policy, threads);
+    kvf_info(&cfg->lg, "serving %s:%u with %" PRIu64 " MiB, %s eviction, %ld thread(s)", cfg->host,
+             kvf__server_port(srv), st.memory >> 20, st.policy, cfg->threads);
+}
+
+int main(int argc, char **argv)
+{
+    store_cfg cfg = store_cfg_default();
+    int status = parse_args(argc, argv, &cfg);
+    if (status >= 0)
+        return status;
+    char ev_ep[160] = "-";
+    kvf__pub *pub = NULL;
+    kvf_cache *cache = NULL;
+    kvf_server *srv = NULL;
+    if ((status = open_events(&cfg, &pub, ev_ep, sizeof ev_ep)))
+        goto out_close_pub;
+    if ((status = open_cache(&cfg, pub, &cache)))
+        goto out_close_pub;
+    if ((status = open_server(&cfg, cache, &srv)))
+        goto out_close_cache;
+    g_server = srv;
+    kvf__daemon_signals(on_signal);
+    announce(&cfg, srv, cache, ev_ep);
 
     kvf__server_run(srv);
-    kvf_info(&lg, "stopping");
+    kvf_info(&cfg.lg, "stopping");
     g_server = NULL;
     kvf__server_close(&srv);
+out_close_cache:
     kvf__cache_close(&cache);
+out_close_pub:
     kvf__pub_close(&pub);
-    kvf_info(&lg, "stopped");
-    return 0;
+    if (!status)
+        kvf_info(&cfg.lg, "stopped");
+    return status;
 }

@@ -1,0 +1,253 @@
+/*
+ * The storage node server's frame reader (docs/protocol.md). A connection reads frames with a
+ * small state machine:
+ *   HDR   40 header bytes, validated before anything else is read;
+ *   BODY  a control payload, or the item table of a PUT/COMMIT, into the connection's buffer;
+ *   DATA  PUT/COMMIT object bytes, straight into each item's reserved arena block (or discarded
+ *         when the item was refused), verified and committed one by one (server_put.c).
+ * A complete body goes to its opcode's handler. A bad frame gets a fatal error reply: the
+ * connection is read no further and closes once the reply is written.
+ */
+#include "server_int.h"
+
+#include "kvf/error.h"
+
+#include "bytes.h"
+#include "tcp.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+
+#define READ_BUDGET (16u << 20) /* bytes read from one connection per readiness event */
+
+/* Grows c's payload buffer to n bytes, keeping it across requests. */
+static int ensure_rbuf(conn *c, size_t n)
+{
+    if (c->rcap >= n)
+        return 0;
+    size_t cap = c->rcap ? c->rcap : 4096;
+    while (cap < n)
+        cap *= 2;
+    uint8_t *p = realloc(c->rbuf, cap);
+    if (!p)
+        return KVF_ENOMEM;
+    c->rbuf = p;
+    c->rcap = cap;
+    return 0;
+}
+
+/* c's 40 header bytes are in: a valid header sets c to read its body (for PUT and COMMIT, only
+ * the item table); a bad one gets a fatal error reply. */
+static void on_header(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    char msg[200];
+    kvf_wire_limits lim = {
+        .max_request = s->o.max_request, .max_items = s->o.max_items, .expect_reply = 0};
+    int rc = kvf__wire_hdr_decode(c->hdr, &lim, &c->h, msg, sizeof msg);
+    if (rc) {
+        kvf__reply_error(c, rc, 1, "%s", msg);
+        return;
+    }
+    atomic_fetch_add(&s->reqs[c->h.opcode & 31], 1);
+    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
+        c->rneed = kvf__wire_put_table_len(c->h.item_count);
+    else
+        c->rneed = c->h.payload_len;
+    if (ensure_rbuf(c, c->rneed ? c->rneed : 1) != 0) {
+        kvf__reply_error(c, KVF_ENOMEM, 1, "out of memory for a payload of %" PRIu64 " bytes",
+                         c->rneed);
+        return;
+    }
+    c->rgot = 0;
+    c->rstate = R_BODY;
+}
+
+/* One row per opcode: the handler of a request whose body has been read, and whether the body
+ * must name the namespace bound by HELLO, which is checked here before the handler runs. HELLO
+ * and STATS name none; CLEAR checks its own, as it may name every namespace; PUT and COMMIT check
+ * theirs once their table is read, as their object bytes must still be read past. */
+typedef struct op_row {
+    uint16_t opcode;
+    void (*handler)(conn *c);
+    uint8_t needs_ns;
+} op_row;
+
+static const op_row ops[] = {
+    {.opcode = KVF_OP_HELLO, .handler = kvf__req_hello, .needs_ns = 0},
+    {.opcode = KVF_OP_PUT, .handler = kvf__req_put_begin, .needs_ns = 0},
+    {.opcode = KVF_OP_ADMIT, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_COMMIT, .handler = kvf__req_put_begin, .needs_ns = 0},
+    {.opcode = KVF_OP_GET, .handler = kvf__req_get, .needs_ns = 1},
+    {.opcode = KVF_OP_EXISTS, .handler = kvf__req_exists, .needs_ns = 1},
+    {.opcode = KVF_OP_LOOKUP, .handler = kvf__req_lookup, .needs_ns = 1},
+    {.opcode = KVF_OP_EVICT, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_PIN, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_UNPIN, .handler = kvf__req_per_key, .needs_ns = 1},
+    {.opcode = KVF_OP_CLEAR, .handler = kvf__req_clear, .needs_ns = 0},
+    {.opcode = KVF_OP_STATS, .handler = kvf__req_stats, .needs_ns = 0},
+    {.opcode = KVF_OP_COPY, .handler = kvf__req_copy, .needs_ns = 1},
+    {.opcode = KVF_OP_COMPRESS, .handler = kvf__req_recode, .needs_ns = 1},
+    {.opcode = KVF_OP_DECOMPRESS, .handler = kvf__req_recode, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_GET, .handler = kvf__req_rdma_get, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_RELEASE, .handler = kvf__req_rdma_release, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_RESERVE, .handler = kvf__req_rdma_reserve, .needs_ns = 1},
+    {.opcode = KVF_OP_RDMA_COMMIT, .handler = kvf__req_rdma_commit, .needs_ns = 1},
+};
+
+/* The row of opcode, or NULL. Rows are few (one per opcode) and looked up once per request, so a
+ * scan serves. */
+static const op_row *op_row_of(uint16_t opcode)
+{
+    for (size_t i = 0; i < sizeof ops / sizeof *ops; i++)
+        if (ops[i].opcode == opcode)
+            return &ops[i];
+    return NULL;
+}
+
+/* The body of c's request has been read: the reader goes back to headers (PUT and COMMIT set it
+ * to their data), and the request goes to its opcode's handler. */
+static void on_body(conn *c)
+{
+    uint16_t opcode = c->h.opcode;
+    const op_row *op = op_row_of(opcode);
+    c->rstate = R_HDR;
+    c->hdr_got = 0;
+    if (!op) {
+        kvf__reply_error(c, KVF_EPROTO, 1, "opcode %u is not served", opcode);
+        return;
+    }
+    /* COPY's length depends on the address it carries, so the header could not check it. */
+    if (opcode == KVF_OP_COPY) {
+        uint64_t need;
+        if (kvf__wire_control_len(&c->h, c->rbuf, &need) != 0 || need != c->h.payload_len) {
+            kvf__reply_error(c, KVF_EPROTO, 1,
+                             "copy payload of %" PRIu64
+                             " bytes does not match its address and %" PRIu32 " keys",
+                             c->h.payload_len, c->h.item_count);
+            return;
+        }
+    }
+    if (op->needs_ns && !kvf__conn_ns_ok(c, kvf__get_u64(c->rbuf))) {
+        kvf__reply_error(c, KVF_ENAMESPACE, 0,
+                         "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64
+                         ")",
+                         kvf__get_u64(c->rbuf), c->ns_bound);
+        return;
+    }
+    op->handler(c);
+}
+
+/* The peer closed c. Between frames that is a goodbye: c closes once its replies are written.
+ * Inside a frame it is a truncated frame, answered with a fatal error naming how far it got. */
+static void on_eof(conn *c)
+{
+    if (c->rstate == R_HDR && c->hdr_got == 0) {
+        c->closing = 1;
+        return;
+    }
+    uint64_t got, want;
+    if (c->rstate == R_HDR) {
+        got = c->hdr_got;
+        want = KVF_WIRE_HEADER_LEN;
+    } else if (c->rstate == R_BODY) {
+        got = KVF_WIRE_HEADER_LEN + c->rgot;
+        want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
+    } else {
+        uint64_t sent = kvf__wire_put_table_len(c->h.item_count) + c->cur_got;
+        for (uint32_t i = 0; i < c->cur; i++)
+            sent += c->items[i].len;
+        got = KVF_WIRE_HEADER_LEN + sent;
+        want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
+    }
+    kvf__reply_error(c, KVF_EPROTO, 1,
+                     "truncated frame: the peer closed after %" PRIu64 " of %" PRIu64 " bytes", got,
+                     want);
+}
+
+/* Where c's next bytes go, at most how many, in *dst and *want. Returns 1 instead when the
+ * state's bytes are all in but not yet handled (a body of 0 bytes, a PUT of 0 items): they are
+ * handled now, and the caller asks again. */
+static int next_target(conn *c, void **dst, size_t *want)
+{
+    if (c->rstate == R_HDR) {
+        *dst = c->hdr + c->hdr_got;
+        *want = KVF_WIRE_HEADER_LEN - c->hdr_got;
+    } else if (c->rstate == R_BODY) {
+        if (c->rgot == c->rneed) {
+            on_body(c);
+            return 1;
+        }
+        *dst = c->rbuf + c->rgot;
+        *want = c->rneed - c->rgot;
+    } else {
+        if (c->cur == c->n_items) {
+            kvf__req_put_finish(c);
+            return 1;
+        }
+        put_item *it = &c->items[c->cur];
+        *want = it->len - c->cur_got;
+        if (it->dst) {
+            *dst = it->dst + c->cur_got;
+        } else {
+            *dst = c->lp->scratch;
+            if (*want > SCRATCH_BYTES)
+                *want = SCRATCH_BYTES;
+        }
+    }
+    return 0;
+}
+
+/* got bytes arrived where next_target() said: a state whose bytes are complete is handled. */
+static void took(conn *c, size_t got)
+{
+    if (c->rstate == R_HDR) {
+        c->hdr_got += got;
+        if (c->hdr_got == KVF_WIRE_HEADER_LEN)
+            on_header(c);
+    } else if (c->rstate == R_BODY) {
+        c->rgot += got;
+        if (c->rgot == c->rneed)
+            on_body(c);
+    } else {
+        c->cur_got += got;
+        put_item *it = &c->items[c->cur];
+        if (c->cur_got == it->len) {
+            kvf__req_put_item_done(c, it);
+            c->cur++;
+            c->cur_got = 0;
+            if (c->cur == c->n_items)
+                kvf__req_put_finish(c);
+        }
+    }
+}
+
+int kvf__frame_on_readable(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint64_t budget = READ_BUDGET;
+    while (budget > 0 && !c->closing && c->out_bytes < OUT_HIGH_WATER) {
+        void *dst;
+        size_t want;
+        if (next_target(c, &dst, &want))
+            continue;
+        if (want > budget)
+            want = budget;
+        size_t got = 0;
+        int rc = kvf__sock_read(c->fd, dst, want, &got);
+        if (rc == KVF_EAGAIN)
+            break;
+        if (rc) {
+            kvf__conn_destroy(c);
+            return -1;
+        }
+        if (got == 0) {
+            on_eof(c);
+            break;
+        }
+        atomic_fetch_add(&s->bytes_in, got);
+        budget -= got;
+        took(c, got);
+    }
+    return kvf__conn_flush(c);
+}

@@ -1,0 +1,235 @@
+/*
+ * The storage node server's private header: the state its files share (loops, connections, queued
+ * replies, RDMA leases) and the functions they call across files. Only the server's own files
+ * include it; store/server.h is the interface for everyone else.
+ *
+ * Threads: N event loops, each with its own poller, wake pipe and connections. All loops watch the
+ * listening socket (nonblocking accept: a loop that loses the race gets EAGAIN). COPY requests run
+ * on a short-lived worker thread that pushes the objects with the client library and hands its
+ * reply back to the loop through the loop's inbox.
+ *
+ * Lock order: loop inbox lock, then the cache lock. No function holds the cache lock while doing
+ * I/O or copying object bytes.
+ */
+#ifndef KVF_STORE_SERVER_INT_H
+#define KVF_STORE_SERVER_INT_H
+
+#include "server.h"
+
+#include "poller.h"
+#include "rdma_serve.h"
+#include "wire.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#define OUT_HIGH_WATER (512ull << 20) /* stop reading a connection whose replies pile up */
+#define SCRATCH_BYTES  (1u << 20)     /* a loop's sink for the bytes of refused PUT items */
+
+/* Where a connection's next bytes go (server_frame.c). */
+enum { R_HDR, R_BODY, R_DATA };
+
+/* One reply frame (or several) queued on a connection: iovecs into buf and into the arena, and
+ * the read references that keep those arena bytes in place until the last of them is written. */
+typedef struct out_msg {
+    struct out_msg *next;
+    struct iovec *iov;
+    int iovcnt, first;
+    uint32_t *refs;
+    uint32_t nrefs;
+    uint8_t *buf;
+} out_msg;
+
+typedef struct put_item {
+    uint8_t *dst; /* NULL: discard this item's bytes */
+    uint64_t len;
+    uint32_t eid;
+    int32_t status;
+    uint8_t held;
+} put_item;
+
+typedef struct loop loop;
+
+/* Read references an RDMA_GET handed out as descriptors: held until RDMA_RELEASE, the lease's
+ * end, or the connection's. */
+typedef struct rlease {
+    struct rlease *next;
+    uint64_t id;
+    uint64_t expires_ns;
+    uint32_t n;
+    uint32_t eids[];
+} rlease;
+
+typedef struct conn {
+    struct conn *next, *prev;
+    loop *lp;
+    int fd;
+    uint64_t id;
+    uint64_t ns_bound;
+    int rstate;
+    uint8_t hdr[KVF_WIRE_HEADER_LEN];
+    size_t hdr_got;
+    kvf_wire_hdr h;
+    uint8_t *rbuf;
+    size_t rcap;
+    uint64_t rgot, rneed;
+    put_item *items;
+    uint32_t icap, n_items, cur;
+    uint64_t cur_got;
+    int req_err;
+    out_msg *oh, *ot;
+    uint64_t out_bytes;
+    int closing;
+    uint32_t events;
+    int pending_jobs; /* COPY jobs not yet answered */
+    rlease *leases;   /* RDMA_GET descriptors still leased */
+} conn;
+
+/* An entry of a loop's inbox: a COPY worker's reply for a connection, or a connection accepted by
+ * another loop. */
+typedef struct deferred {
+    struct deferred *next;
+    uint64_t conn_id;
+    out_msg *msg;
+    int fd; /* >= 0: a connection accepted by another loop, handed to this one */
+} deferred;
+
+struct loop {
+    kvf_server *srv;
+    int idx;
+    kvf_poller *poller;
+    int wake[2];
+    pthread_t th;
+    conn *conns;
+    pthread_mutex_t inbox_mu;
+    deferred *inbox;
+    uint8_t *scratch;
+    uint64_t last_tick;
+};
+
+struct kvf_server {
+    kvf_server_opts o;
+    char host[256];
+    int lfd;
+    uint16_t port;
+    loop *loops;
+    int nloops;
+    atomic_int stopping;
+    atomic_uint_fast64_t next_conn_id;
+    atomic_int jobs;       /* COPY workers running */
+    atomic_uint next_loop; /* the loop the next accepted connection goes to */
+    /* counters */
+    atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
+    atomic_uint_fast64_t reqs[32];
+    /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
+    kvf__rserve *rdma;
+    char rdma_why[200];
+    atomic_uint_fast64_t next_lease, rdma_leased, rdma_released, rdma_expired, rdma_reserved,
+        rdma_committed;
+};
+
+/* server_conn.c: a connection's life on its loop. */
+
+/* Makes fd one of lp's connections, watched for reading. On failure fd is closed. */
+void kvf__conn_adopt(loop *lp, int fd);
+/* Closes c and frees it with everything it holds: the reservations of a PUT in progress and
+ * those its ADMITs made, its RDMA leases, and its queued replies with their read references. */
+void kvf__conn_destroy(conn *c);
+/* Releases the references of every lease of c that ended by t. Cache lock held. */
+void kvf__conn_leases_expire_locked(conn *c, uint64_t t);
+/* Whether a data request's namespace is allowed: nonzero, and the one bound by HELLO if any. */
+int kvf__conn_ns_ok(const conn *c, uint64_t ns);
+/* Drops the read references m holds (taking the cache lock); m itself stays the caller's. */
+void kvf__msg_release_refs(kvf_server *s, out_msg *m);
+
+/* server_reply.c: reply frames and the output queue. */
+
+/* A message with room for niov iovecs, nrefs references and buflen bytes of its own, all zeroed
+ * but the buffer. Caller owns the result; free with free() after kvf__msg_release_refs(). */
+out_msg *kvf__msg_new(int niov, uint32_t nrefs, size_t buflen);
+/* Encodes the header of a reply to req into out. */
+void kvf__reply_hdr(uint8_t *out, const kvf_wire_hdr *req, int status, uint32_t flags,
+                    uint32_t count, uint64_t payload_len);
+/* Appends m to c's output queue. Takes ownership of m. */
+void kvf__conn_queue(conn *c, out_msg *m);
+/* Writes what the socket takes, then closes c if it is closing and has nothing left to send or
+ * wait for. Returns -1 when the connection was destroyed, else 0. */
+int kvf__conn_flush(conn *c);
+/* Queues a reply to c's current request with a copy of payload. Returns 0 or KVF_ENOMEM. */
+int kvf__reply_copy(conn *c, int status, uint32_t flags, uint32_t count, const void *payload,
+                    size_t len);
+/* An error reply carries one line of text naming the problem. A fatal one closes the connection
+ * once it is written, and stops reading from it now. */
+void kvf__reply_error(conn *c, int status, int fatal, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+/* Replies with one i32 status per key. Takes ownership of st (encoded in place, then freed). */
+void kvf__reply_statuses(conn *c, int32_t *st, uint32_t n);
+
+/* server_inbox.c: handing a loop work from other threads. Safe from any thread. */
+
+/* Wakes lp's poll. */
+void kvf__inbox_wake(loop *lp);
+/* Puts d in lp's inbox and wakes lp. Takes ownership of d. */
+void kvf__inbox_push(loop *lp, deferred *d);
+/* Hands lp a reply m (NULL: none could be built) for its connection conn_id, which may have
+ * closed meanwhile. Takes ownership of m. */
+void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m);
+
+/* Request handlers, one per row of the frame reader's opcode table (server_frame.c). Each serves
+ * the request whose header is c->h and whose payload (for PUT and COMMIT, the item table) is in
+ * c->rbuf, checked by the reader, and queues its reply or an error reply; a COPY's reply comes
+ * later through the inbox, a PUT's once its bytes are in. */
+
+/* server_get.c: GET, plain or layer-major streamed (KVF_WF_STREAM). */
+void kvf__req_get(conn *c);
+
+/* server_keys.c: which keys are stored, and per-key changes. */
+/* EXISTS: a bitmap of the keys stored. */
+void kvf__req_exists(conn *c);
+/* LOOKUP: the count of leading hits, then the bitmap of EXISTS. */
+void kvf__req_lookup(conn *c);
+/* EVICT, PIN, UNPIN and ADMIT: one status per key. */
+void kvf__req_per_key(conn *c);
+
+/* server_node.c: the node as a whole. */
+/* HELLO: checks the client's versions, binds c to its namespace and answers the node's limits,
+ * capabilities and RDMA port. Not bound by a namespace. */
+void kvf__req_hello(conn *c);
+/* CLEAR: removes every entry of the namespace named, or of all (KVF_WF_ALL_NS, refused on a
+ * connection bound to a namespace), pinned ones included. */
+void kvf__req_clear(conn *c);
+/* STATS: the cache's and the server's counters as one JSON object. */
+void kvf__req_stats(conn *c);
+
+/* server_copy.c: COPY, run by a worker thread that posts its reply to the loop's inbox. */
+void kvf__req_copy(conn *c);
+
+/* server_recode.c: COMPRESS and DECOMPRESS, re-encoding each object on the loop thread. */
+void kvf__req_recode(conn *c);
+
+/* server_rdma_desc.c: the RDMA descriptor requests. Each answers KVF_ENOTSUP where the node
+ * serves no RDMA, but RDMA_RELEASE and RDMA_COMMIT, which only finish what was handed out. */
+void kvf__req_rdma_get(conn *c);
+void kvf__req_rdma_release(conn *c);
+void kvf__req_rdma_reserve(conn *c);
+void kvf__req_rdma_commit(conn *c);
+
+/* server_put.c: PUT and COMMIT, whose object bytes the frame reader receives between these. */
+/* Checks the item table and reserves (PUT) or claims (COMMIT) a block per item, then sets the
+ * reader to receive the items' bytes. A bad table gets a fatal error reply. */
+void kvf__req_put_begin(conn *c);
+/* The last byte of it landed: verifies it (where the server verifies puts) and commits it, or
+ * drops its reservation. */
+void kvf__req_put_item_done(conn *c, put_item *it);
+/* Every item's bytes arrived: answers one status per item (or, for a request of another
+ * namespace than the one bound, one error) and sets the reader to the next header. */
+void kvf__req_put_finish(conn *c);
+
+/* server_frame.c: the frame reader. */
+/* Reads and handles c's frames until its socket is drained, a budget of bytes is spent or its
+ * replies pile up, then flushes c. Returns -1 when the connection was destroyed, else 0. */
+int kvf__frame_on_readable(conn *c);
+
+#endif

@@ -1,0 +1,322 @@
+/*
+ * The storage node's server (docs/protocol.md, docs/store.md): its event loops, which accept
+ * connections, deal them out, drain their inboxes and run the periodic tick, and the server's
+ * open, run, stop and close. Its threads and lock order are described in server_int.h.
+ */
+#include "server_int.h"
+
+#include "kvf/error.h"
+
+#include "cache.h"
+#include "clock.h"
+#include "poller.h"
+#include "rdma_serve.h"
+#include "tcp.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define TICK_NS    100000000ull
+#define TICK_STEPS 4096u
+
+/* Opens the RDMA listener that opts ask for. "auto" without a device is no error: the reason is
+ * kept for HELLO's capabilities, STATS and the log. */
+static int rdma_open(kvf_server *s, const char *spec, char *err, size_t errlen)
+{
+    snprintf(s->rdma_why, sizeof s->rdma_why, "not asked for (--rdma off)");
+    if (!spec || !strcmp(spec, "off"))
+        return 0;
+    char host[256];
+    uint16_t port = 0;
+    int autom = !strcmp(spec, "auto");
+    if (autom) {
+        snprintf(host, sizeof host, "%s", s->host);
+    } else if (kvf__addr_parse(spec, host, sizeof host, &port) != 0) {
+        snprintf(err, errlen, "rdma: expected off, auto or HOST:PORT, not \"%s\"", spec);
+        return KVF_EINVAL;
+    }
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    char why[200] = "";
+    int rc = kvf__rserve_open(host, port, kvf__cache_base(s->o.cache), st.memory, s->o.log,
+                              &s->rdma, why, sizeof why);
+    if (!rc) {
+        kvf_info(s->o.log, "rdma: serving %s:%u, arena of %" PRIu64 " MiB registered", host,
+                 kvf__rserve_port(s->rdma), st.memory >> 20);
+        return 0;
+    }
+    snprintf(s->rdma_why, sizeof s->rdma_why, "%s", why);
+    if (!autom) {
+        snprintf(err, errlen, "%s", why);
+        return rc;
+    }
+    kvf_info(s->o.log, "rdma: not served: %s", why);
+    return 0;
+}
+
+/* Accepts what is pending and deals the connections out to the loops in turn: whichever loop
+ * wins the accept, a client's several connections land on different loops and their transfers
+ * run in parallel. */
+static void loop_accept(loop *lp)
+{
+    kvf_server *s = lp->srv;
+    for (int i = 0; i < 64; i++) {
+        int fd;
+        int rc = kvf__tcp_accept(s->lfd, &fd);
+        if (rc == KVF_EAGAIN)
+            return;
+        if (rc) {
+            kvf_warn(s->o.log, "accept: %s", kvf_strerror(rc));
+            return;
+        }
+        loop *to = &s->loops[atomic_fetch_add(&s->next_loop, 1) % (unsigned)s->nloops];
+        deferred *d = to == lp ? NULL : malloc(sizeof *d);
+        if (!d) {
+            kvf__conn_adopt(lp, fd);
+            continue;
+        }
+        *d = (deferred){.fd = fd};
+        kvf__inbox_push(to, d);
+    }
+}
+
+static void loop_drain_inbox(loop *lp)
+{
+    char buf[64];
+    while (read(lp->wake[0], buf, sizeof buf) > 0) {
+    }
+    pthread_mutex_lock(&lp->inbox_mu);
+    deferred *d = lp->inbox;
+    lp->inbox = NULL;
+    pthread_mutex_unlock(&lp->inbox_mu);
+    while (d) {
+        deferred *next = d->next;
+        if (d->fd >= 0) {
+            kvf__conn_adopt(lp, d->fd);
+            free(d);
+            d = next;
+            continue;
+        }
+        conn *c = lp->conns;
+        while (c && c->id != d->conn_id)
+            c = c->next;
+        if (c) {
+            c->pending_jobs--;
+            if (d->msg)
+                kvf__conn_queue(c, d->msg);
+            kvf__conn_flush(c);
+        } else if (d->msg) {
+            kvf__msg_release_refs(lp->srv, d->msg);
+            free(d->msg);
+        }
+        free(d);
+        d = next;
+    }
+}
+
+static void *loop_main(void *arg)
+{
+    loop *lp = arg;
+    kvf_server *s = lp->srv;
+    static const int listener_tag = 0, wake_tag = 0;
+    kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag);
+    kvf__poller_add(lp->poller, lp->wake[0], KVF_POLL_IN, (void *)&wake_tag);
+    kvf_poll_event evs[64];
+    while (!atomic_load(&s->stopping)) {
+        int n = kvf__poller_wait(lp->poller, evs, 64, 100);
+        if (n < 0) {
+            kvf_error(s->o.log, "loop %d: poll: %s", lp->idx, kvf_strerror(n));
+            break;
+        }
+        for (int i = 0; i < n; i++) {
+            if (evs[i].ud == &listener_tag) {
+                loop_accept(lp);
+                continue;
+            }
+            if (evs[i].ud == &wake_tag) {
+                loop_drain_inbox(lp);
+                continue;
+            }
+            conn *c = evs[i].ud;
+            /* A connection destroyed earlier in this batch cannot appear again: each fd is
+             * reported once per wait. */
+            if ((evs[i].events & KVF_POLL_OUT) && kvf__conn_flush(c) < 0)
+                continue;
+            if (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR))
+                kvf__frame_on_readable(c);
+        }
+        uint64_t t = kvf__now_ns();
+        if (t - lp->last_tick >= TICK_NS) {
+            lp->last_tick = t;
+            kvf__cache_lock(s->o.cache);
+            if (lp->idx == 0)
+                kvf__cache_tick_locked(s->o.cache, TICK_STEPS);
+            for (conn *c = lp->conns; c; c = c->next)
+                kvf__conn_leases_expire_locked(c, t);
+            kvf__cache_unlock(s->o.cache);
+        }
+    }
+    return NULL;
+}
+
+/* Sets up loop i of s: its inbox lock, poller (back-end poller), scratch buffer and nonblocking
+ * wake pipe. Returns 0, or the error with one line in err; kvf__server_close() undoes what was
+ * done either way. */
+static int loop_init(kvf_server *s, int i, const char *poller, char *err, size_t errlen)
+{
+    loop *lp = &s->loops[i];
+    lp->srv = s;
+    lp->idx = i;
+    lp->wake[0] = lp->wake[1] = -1;
+    pthread_mutex_init(&lp->inbox_mu, NULL);
+    int rc = kvf__poller_open(&lp->poller, poller);
+    if (rc) {
+        snprintf(err, errlen, "poller \"%s\": %s", poller ? poller : "default", kvf_strerror(rc));
+        return rc;
+    }
+    lp->scratch = malloc(SCRATCH_BYTES);
+    if (!lp->scratch || pipe(lp->wake) != 0) {
+        snprintf(err, errlen, "loop setup: %s", strerror(errno));
+        return KVF_ENOMEM;
+    }
+    for (int k = 0; k < 2; k++) {
+        fcntl(lp->wake[k], F_SETFL, fcntl(lp->wake[k], F_GETFL) | O_NONBLOCK);
+        fcntl(lp->wake[k], F_SETFD, FD_CLOEXEC);
+    }
+    return 0;
+}
+
+int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (!o->cache) {
+        snprintf(err, errlen, "server: no cache");
+        return KVF_EINVAL;
+    }
+    kvf_server *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    s->o = *o;
+    snprintf(s->host, sizeof s->host, "%s", o->host ? o->host : "127.0.0.1");
+    s->o.host = s->host;
+    if (!s->o.threads)
+        s->o.threads = 1;
+    if (!s->o.max_request)
+        s->o.max_request = 256ull << 20;
+    if (!s->o.max_items || s->o.max_items > KVF_WIRE_MAX_ITEMS)
+        s->o.max_items = KVF_WIRE_MAX_ITEMS;
+    atomic_init(&s->next_conn_id, 1);
+    int rc = kvf__tcp_listen(s->host, o->port, 512, &s->lfd, &s->port, err, errlen);
+    if (rc) {
+        free(s);
+        return rc;
+    }
+    s->o.rdma = NULL;
+    if ((rc = rdma_open(s, o->rdma, err, errlen)))
+        goto out_close;
+    s->nloops = s->o.threads;
+    s->loops = calloc((size_t)s->nloops, sizeof *s->loops);
+    if (!s->loops) {
+        rc = KVF_ENOMEM;
+        goto out_close;
+    }
+    for (int i = 0; i < s->nloops; i++)
+        if ((rc = loop_init(s, i, o->poller, err, errlen)))
+            goto out_close;
+    *out = s;
+    return 0;
+
+out_close:
+    kvf__server_close(&s);
+    return rc;
+}
+
+uint16_t kvf__server_port(const kvf_server *s)
+{
+    return s->port;
+}
+
+uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why)
+{
+    if (why)
+        *why = s->rdma ? "" : s->rdma_why;
+    return s->rdma ? kvf__rserve_port(s->rdma) : 0;
+}
+
+int kvf__server_run(kvf_server *s)
+{
+    int started = 0;
+    for (int i = 1; i < s->nloops; i++) {
+        if (pthread_create(&s->loops[i].th, NULL, loop_main, &s->loops[i]) != 0)
+            break;
+        started = i;
+    }
+    loop_main(&s->loops[0]);
+    for (int i = 1; i <= started; i++)
+        pthread_join(s->loops[i].th, NULL);
+    return 0;
+}
+
+void kvf__server_stop(kvf_server *s)
+{
+    atomic_store(&s->stopping, 1);
+    for (int i = 0; i < s->nloops; i++) {
+        if (s->loops[i].wake[1] >= 0)
+            kvf__inbox_wake(&s->loops[i]);
+    }
+}
+
+void kvf__server_close(kvf_server **sp)
+{
+    if (!sp || !*sp)
+        return;
+    kvf_server *s = *sp;
+    atomic_store(&s->stopping, 1);
+    /* COPY workers finish within their deadline; wait for them so none touches freed state. */
+    for (int i = 0; i < 600 && atomic_load(&s->jobs) > 0; i++)
+        usleep(50000);
+    for (int i = 0; s->loops && i < s->nloops; i++) {
+        loop *lp = &s->loops[i];
+        while (lp->conns)
+            kvf__conn_destroy(lp->conns);
+        if (lp->poller) {
+            pthread_mutex_lock(&lp->inbox_mu);
+            deferred *d = lp->inbox;
+            lp->inbox = NULL;
+            pthread_mutex_unlock(&lp->inbox_mu);
+            while (d) {
+                deferred *next = d->next;
+                if (d->msg) {
+                    kvf__msg_release_refs(s, d->msg);
+                    free(d->msg);
+                }
+                if (d->fd >= 0)
+                    close(d->fd);
+                free(d);
+                d = next;
+            }
+        }
+        kvf__poller_close(&lp->poller);
+        for (int k = 0; k < 2; k++)
+            if (lp->wake[k] >= 0)
+                close(lp->wake[k]);
+        free(lp->scratch);
+        pthread_mutex_destroy(&lp->inbox_mu);
+    }
+    free(s->loops);
+    kvf__rserve_close(&s->rdma); /* after the connections: no descriptor is leased any more */
+    if (s->lfd >= 0)
+        close(s->lfd);
+    free(s);
+    *sp = NULL;
+}

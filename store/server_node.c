@@ -1,0 +1,168 @@
+/*
+ * The storage node server's requests about the node as a whole: HELLO (versions, limits and
+ * capabilities, and the namespace a connection binds), CLEAR (every entry of a namespace, or of
+ * all) and STATS (the cache's and the server's counters as one JSON object).
+ */
+#include "server_int.h"
+
+#include "kvf/error.h"
+
+#include "bytes.h"
+#include "cache.h"
+#include "rdma_serve.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdlib.h>
+#include <string.h>
+
+void kvf__req_hello(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    const uint8_t *p = c->rbuf;
+    uint32_t vmin = kvf__get_u32(p), vmax = kvf__get_u32(p + 4);
+    uint64_t ns = kvf__get_u64(p + 8);
+    uint64_t caps = kvf__get_u64(p + 16);
+    if (vmin > KVF_WIRE_VERSION || vmax < KVF_WIRE_VERSION) {
+        kvf__reply_error(c, KVF_EVERSION, 1, "client speaks versions %u..%u, this node speaks %u",
+                         vmin, vmax, KVF_WIRE_VERSION);
+        return;
+    }
+    c->ns_bound = ns;
+    uint8_t r[48];
+    kvf__put_u32(r, KVF_WIRE_VERSION);
+    kvf__put_u32(r + 4, s->o.max_items);
+    kvf__put_u64(r + 8, caps & KVF_CAP_ALL & (s->rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA));
+    kvf__put_u64(r + 16, s->o.max_request);
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    kvf__put_u64(r + 24, st.memory);
+    kvf__put_u64(r + 32, s->o.node_id);
+    kvf__put_u32(r + 40, s->rdma ? kvf__rserve_port(s->rdma) : 0);
+    kvf__put_u32(r + 44, 0);
+    kvf__reply_copy(c, 0, 0, 0, r, sizeof r);
+}
+
+void kvf__req_clear(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    int all = (c->h.flags & KVF_WF_ALL_NS) != 0;
+    if (!all && !kvf__conn_ns_ok(c, ns)) {
+        kvf__reply_error(c, KVF_ENAMESPACE, 0,
+                         "clear of namespace %016" PRIx64 " on a connection bound to %016" PRIx64,
+                         ns, c->ns_bound);
+        return;
+    }
+    if (all && c->ns_bound) {
+        kvf__reply_error(c, KVF_EACCES, 0, "a connection bound to a namespace cannot clear all");
+        return;
+    }
+    kvf__cache_lock(s->o.cache);
+    uint64_t removed = kvf__cache_clear_locked(s->o.cache, ns, all);
+    kvf__cache_unlock(s->o.cache);
+    kvf_info(s->o.log, "cleared %" PRIu64 " entries (%s)", removed,
+             all ? "all namespaces" : "one namespace");
+    uint8_t r[8];
+    kvf__put_u64(r, removed);
+    kvf__reply_copy(c, 0, 0, 0, r, 8);
+}
+
+/* The cache's figures st and the server's counters, as members of o. */
+static void stats_figures(json_t *o, kvf_server *s, const kvf_cache_stats *st)
+{
+#define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
+    SET("node_id", s->o.node_id);
+    SET("memory", st->memory);
+    SET("used", st->used);
+    SET("free", st->free);
+    SET("free_blocks", st->free_blocks);
+    SET("entries", st->entries);
+    SET("max_entries", st->max_entries);
+    SET("ready_bytes", st->ready_bytes);
+    SET("reserved", st->reserved);
+    SET("pinned", st->pinned);
+    SET("referenced", st->referenced);
+    SET("hits", st->hits);
+    SET("misses", st->misses);
+    SET("puts", st->puts);
+    SET("duplicates", st->duplicates);
+    SET("evictions", st->evictions);
+    SET("removed", st->removed);
+    SET("rejected_full", st->rejected_full);
+    SET("expired_pins", st->expired_pins);
+    SET("expired_reservations", st->expired_reservations);
+    SET("cleared", st->cleared);
+    SET("connections", atomic_load(&s->n_conns));
+    SET("accepted", atomic_load(&s->n_accepted));
+    SET("bytes_in", atomic_load(&s->bytes_in));
+    SET("bytes_out", atomic_load(&s->bytes_out));
+    SET("protocol_errors", atomic_load(&s->proto_errors));
+    SET("threads", s->nloops);
+    SET("max_request", s->o.max_request);
+#undef SET
+    json_object_set_new(o, "policy", json_string(st->policy));
+    json_object_set_new(o, "transport", json_string(s->rdma ? "tcp+rdma" : "tcp"));
+}
+
+/* The RDMA side's figures (or why it is not served) as a new object; NULL when out of memory. */
+static json_t *stats_rdma(kvf_server *s)
+{
+    json_t *rd = json_object();
+    if (!rd)
+        return NULL;
+    uint64_t open = 0, accepted = 0;
+    if (s->rdma)
+        kvf__rserve_counts(s->rdma, &open, &accepted);
+    json_object_set_new(rd, "served", json_boolean(s->rdma != NULL));
+    if (!s->rdma)
+        json_object_set_new(rd, "why_not", json_string(s->rdma_why));
+    json_object_set_new(rd, "port", json_integer(s->rdma ? kvf__rserve_port(s->rdma) : 0));
+#define RSET(k, v) json_object_set_new(rd, k, json_integer((json_int_t)(v)))
+    RSET("connections", open);
+    RSET("accepted", accepted);
+    RSET("leases", atomic_load(&s->rdma_leased));
+    RSET("released", atomic_load(&s->rdma_released));
+    RSET("expired", atomic_load(&s->rdma_expired));
+    RSET("reserved", atomic_load(&s->rdma_reserved));
+    RSET("committed", atomic_load(&s->rdma_committed));
+#undef RSET
+    return rd;
+}
+
+void kvf__req_stats(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    json_t *o = json_object();
+    json_t *req = json_object();
+    if (!o || !req) {
+        json_decref(o);
+        json_decref(req);
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    stats_figures(o, s, &st);
+    json_t *rd = stats_rdma(s);
+    if (rd)
+        json_object_set_new(o, "rdma", rd);
+    for (unsigned op = 1; op < 32; op++) {
+        const char *name = kvf__wire_opcode_name(op);
+        if (name)
+            json_object_set_new(req, name, json_integer((json_int_t)atomic_load(&s->reqs[op])));
+    }
+    json_object_set_new(o, "requests", req);
+    char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(o);
+    if (!text) {
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    kvf__reply_copy(c, 0, 0, 0, text, strlen(text));
+    free(text);
+}

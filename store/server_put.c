@@ -1,0 +1,123 @@
+/*
+ * PUT and COMMIT on the storage node's server. The frame reader (server_frame.c) reads the item
+ * table; kvf__req_put_begin() then reserves a block per item (PUT) or claims the block an ADMIT
+ * reserved (COMMIT), the reader receives each item's bytes straight into its block (or discards
+ * them where the item was refused), kvf__req_put_item_done() verifies and commits each item as its
+ * last byte lands, and kvf__req_put_finish() answers one status per item.
+ */
+#include "server_int.h"
+
+#include "kvf/error.h"
+#include "kvf/object.h"
+
+#include "bytes.h"
+#include "cache.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+
+/* Grows c's item array to n items, keeping it across requests. */
+static int ensure_items(conn *c, uint32_t n)
+{
+    if (c->icap >= n)
+        return 0;
+    put_item *p = realloc(c->items, (size_t)n * sizeof *p);
+    if (!p)
+        return KVF_ENOMEM;
+    c->items = p;
+    c->icap = n;
+    return 0;
+}
+
+void kvf__req_put_begin(conn *c)
+{
+    kvf_server *s = c->lp->srv;
+    char msg[200];
+    int rc = kvf__wire_put_table_check(&c->h, c->rbuf, msg, sizeof msg);
+    if (rc) {
+        kvf__reply_error(c, rc, 1, "%s", msg);
+        return;
+    }
+    uint32_t n = c->h.item_count;
+    if (ensure_items(c, n) != 0) {
+        kvf__reply_error(c, KVF_ENOMEM, 1, "out of memory for %" PRIu32 " items", n);
+        return;
+    }
+    uint64_t ns = kvf__get_u64(c->rbuf);
+    c->req_err = kvf__conn_ns_ok(c, ns) ? 0 : KVF_ENAMESPACE;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *row = c->rbuf + 8 + 24 * (size_t)i;
+        kvf_key key = kvf__wire_key_get(row);
+        put_item *it = &c->items[i];
+        it->len = kvf__get_u64(row + 16);
+        it->dst = NULL;
+        it->held = 0;
+        if (c->req_err) {
+            it->status = c->req_err;
+        } else if (c->h.opcode == KVF_OP_PUT) {
+            it->status = kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id, 1,
+                                                   &it->eid, &it->dst);
+        } else {
+            it->status =
+                kvf__cache_claim_locked(s->o.cache, ns, &key, it->len, c->id, &it->eid, &it->dst);
+        }
+        if (it->status == 0)
+            it->held = 1;
+        else
+            it->dst = NULL;
+    }
+    kvf__cache_unlock(s->o.cache);
+    c->n_items = n;
+    c->cur = 0;
+    c->cur_got = 0;
+    c->rstate = R_DATA;
+}
+
+void kvf__req_put_item_done(conn *c, put_item *it)
+{
+    kvf_server *s = c->lp->srv;
+    if (!it->held)
+        return;
+    int rc = 0;
+    if (s->o.verify_puts) {
+        kvf_obj_info info;
+        rc = kvf_obj_verify(it->dst, it->len, &info);
+        if (!rc) {
+            kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 24 * (size_t)(it - c->items));
+            if (!kvf_key_eq(&key, &info.key))
+                rc = KVF_EPROTO;
+        }
+    }
+    kvf__cache_lock(s->o.cache);
+    if (rc)
+        kvf__cache_abort_locked(s->o.cache, it->eid, c->id);
+    else
+        rc = kvf__cache_commit_locked(s->o.cache, it->eid, c->id);
+    kvf__cache_unlock(s->o.cache);
+    it->held = 0;
+    it->status = rc;
+}
+
+void kvf__req_put_finish(conn *c)
+{
+    uint32_t n = c->n_items;
+    c->rstate = R_HDR;
+    c->hdr_got = 0;
+    c->n_items = 0;
+    if (c->req_err) {
+        kvf__reply_error(c, c->req_err, 0,
+                         "namespace of the request differs from the one bound by hello (%016" PRIx64
+                         ")",
+                         c->ns_bound);
+        return;
+    }
+    int32_t *st = malloc(4 * (size_t)n);
+    if (!st) {
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        st[i] = c->items[i].status;
+    kvf__reply_statuses(c, st, n);
+}
