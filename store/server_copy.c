@@ -35,6 +35,8 @@ typedef struct copy_job {
     const void **objs;
     uint64_t *lens;
     int *status;
+    deferred *done; /* the inbox entry that carries the reply back: taken with the job, so that
+                     * the connection always learns its COPY ended */
 } copy_job;
 
 /* Frees j and its arrays. */
@@ -45,6 +47,7 @@ static void copy_job_free(copy_job *j)
     free(j->objs);
     free(j->lens);
     free(j->status);
+    free(j->done);
     free(j);
 }
 
@@ -59,7 +62,8 @@ static copy_job *copy_job_new(uint32_t n)
     j->objs = calloc(n, sizeof *j->objs);
     j->lens = calloc(n, sizeof *j->lens);
     j->status = calloc(n, sizeof *j->status);
-    if (!j->keys || !j->eids || !j->objs || !j->lens || !j->status) {
+    j->done = calloc(1, sizeof *j->done);
+    if (!j->keys || !j->eids || !j->objs || !j->lens || !j->status || !j->done) {
         copy_job_free(j);
         return NULL;
     }
@@ -119,6 +123,7 @@ static out_msg *copy_reply(const copy_job *j, int rc, const char *err, const int
     if (rc) {
         int n = snprintf((char *)m->buf + KVF_WIRE_HEADER_LEN, 256, "copy to %s: %s%s%s", j->addr,
                          kvf_strerror(rc), err[0] ? ": " : "", err);
+        n = n < 0 ? 0 : n > 255 ? 255 : n; /* what did not fit was cut off */
         kvf__reply_hdr(m->buf, &j->h, rc, 0, 0, (uint64_t)n);
         m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + (size_t)n;
     } else {
@@ -148,7 +153,8 @@ static void *copy_worker(void *arg)
     for (uint32_t i = 0; i < h; i++)
         kvf__cache_release_locked(s->o.cache, j->eids[i]);
     kvf__cache_unlock(s->o.cache);
-    kvf__inbox_post(j->lp, j->conn_id, copy_reply(j, rc, err, hst));
+    kvf__inbox_post(j->lp, j->conn_id, copy_reply(j, rc, err, hst), j->done);
+    j->done = NULL;
     free(hst);
     copy_job_free(j);
     atomic_fetch_sub(&s->jobs, 1);

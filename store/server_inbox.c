@@ -6,7 +6,6 @@
  */
 #include "server_int.h"
 
-#include <stdlib.h>
 #include <unistd.h>
 
 static const char wake_byte = 'w';
@@ -26,14 +25,8 @@ void kvf__inbox_push(loop *lp, deferred *d)
     kvf__inbox_wake(lp);
 }
 
-void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m)
+void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m, deferred *d)
 {
-    deferred *d = malloc(sizeof *d);
-    if (!d) {
-        kvf__msg_release_refs(lp->srv, m);
-        free(m);
-        return;
-    }
     d->conn_id = conn_id;
     d->msg = m;
     d->fd = -1;

@@ -174,8 +174,9 @@ void kvf__inbox_wake(loop *lp);
 /* Puts d in lp's inbox and wakes lp. Takes ownership of d. */
 void kvf__inbox_push(loop *lp, deferred *d);
 /* Hands lp a reply m (NULL: none could be built) for its connection conn_id, which may have
- * closed meanwhile. Takes ownership of m. */
-void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m);
+ * closed meanwhile, in the inbox entry d, taken when the work began so that posting never fails.
+ * Takes ownership of m and d. */
+void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m, deferred *d);
 
 /* Request handlers, one per row of the frame reader's opcode table (server_frame.c). Each serves
  * the request whose header is c->h and whose payload (for PUT and COMMIT, the item table) is in

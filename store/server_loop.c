@@ -167,16 +167,12 @@ static void *loop_main(void *arg)
     return NULL;
 }
 
-/* Sets up loop i of s: its inbox lock, poller (back-end poller), scratch buffer and nonblocking
- * wake pipe. Returns 0, or the error with one line in err; kvf__server_close() undoes what was
- * done either way. */
+/* Sets up loop i of s: its poller (back-end poller), scratch buffer and nonblocking wake pipe.
+ * Returns 0, or the error with one line in err; kvf__server_close() undoes what was done either
+ * way. */
 static int loop_init(kvf_server *s, int i, const char *poller, char *err, size_t errlen)
 {
     loop *lp = &s->loops[i];
-    lp->srv = s;
-    lp->idx = i;
-    lp->wake[0] = lp->wake[1] = -1;
-    pthread_mutex_init(&lp->inbox_mu, NULL);
     int rc = kvf__poller_open(&lp->poller, poller);
     if (rc) {
         snprintf(err, errlen, "poller \"%s\": %s", poller ? poller : "default", kvf_strerror(rc));
@@ -229,6 +225,15 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
     if (!s->loops) {
         rc = KVF_ENOMEM;
         goto out_close;
+    }
+    /* Every loop is closable before any is set up: kvf__server_close() then undoes a setup that
+     * failed half way. */
+    for (int i = 0; i < s->nloops; i++) {
+        loop *lp = &s->loops[i];
+        lp->srv = s;
+        lp->idx = i;
+        lp->wake[0] = lp->wake[1] = -1;
+        pthread_mutex_init(&lp->inbox_mu, NULL);
     }
     for (int i = 0; i < s->nloops; i++)
         if ((rc = loop_init(s, i, o->poller, err, errlen)))

@@ -1,6 +1,6 @@
 /*
  * Unit tests of the store module: the TLSF arena, the cache (index, states, references, pins and
- * leases on a fake clock, reservations, both eviction policies).
+ * leases on a fake clock, reservations, both eviction policies), and the server's setup failures.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -15,6 +16,7 @@
 
 #include "arena.h"
 #include "cache.h"
+#include "server.h"
 #include "clock.h"
 
 /* ------------------------------------------------------------------------------------------ */
@@ -457,6 +459,26 @@ static void test_store_cache_open_errors(void **state)
     assert_int_equal(kvf__cache_open(&c, &o, err, sizeof err), KVF_EINVAL);
     assert_non_null(strstr(err, "minimum"));
 }
+/* ------------------------------------------------------------------------------------------ */
+/* Server */
+
+/* Regression: when a loop's setup failed, the loops after it still held the wake-pipe
+ * descriptors 0 of calloc, and closing the server closed descriptor 0 (stdin) twice. */
+static void test_store_server_failed_open_closes_only_its_own(void **state)
+{
+    (void)state;
+    if (fcntl(0, F_GETFD) == -1) /* descriptor 0 must be open for the check to mean anything */
+        assert_int_equal(open("/dev/null", O_RDONLY), 0);
+    fixture *f = fx_open(4u << 20, "lru", 0);
+    kvf_server_opts o = {.threads = 4, .poller = "no-such-poller", .cache = f->c};
+    kvf_server *s = NULL;
+    char err[200] = "";
+    assert_int_not_equal(kvf__server_open(&s, &o, err, sizeof err), 0);
+    assert_null(s);
+    assert_non_null(strstr(err, "no-such-poller"));
+    assert_int_not_equal(fcntl(0, F_GETFD), -1);
+    fx_close(f);
+}
 
 int main(void)
 {
@@ -472,6 +494,7 @@ int main(void)
         cmocka_unit_test(test_store_cache_s3fifo_resists_scans),
         cmocka_unit_test(test_store_cache_swap),
         cmocka_unit_test(test_store_cache_open_errors),
+        cmocka_unit_test(test_store_server_failed_open_closes_only_its_own),
     };
     return cmocka_run_group_tests_name("store", tests, NULL, NULL);
 }
