@@ -466,6 +466,10 @@ static int sim_open(sim *S, replay *rp, kvf_policy pol)
     if (kvf_sched_new(&S->s, &so) != 0)
         return -1;
     S->in = calloc((size_t)rp->ninst, sizeof *S->in);
+    if (!S->in) {
+        kvf_sched_destroy(&S->s);
+        return -1;
+    }
     lru_init(&S->store, rp->store_blocks);
     for (int i = 0; i < rp->ninst; i++) {
         kvf_instance_info info;
@@ -790,14 +794,15 @@ static void replay_free(replay *rp)
 }
 
 /* The time scale at which round robin attains 50% of the SLO: bisection on the scale (arrivals
- * come scale times faster). */
-static double find_rate(replay *rp)
+ * come scale times faster). 0 with *scale, or -1 when a replay could not run. */
+static int find_rate(replay *rp, double *scale)
 {
     double lo = 0.05, hi = 64;
     result r;
     for (int it = 0; it < 14; it++) {
         double mid = sqrt(lo * hi);
-        run(rp, KVF_POLICY_ROUND_ROBIN, mid, &r);
+        if (run(rp, KVF_POLICY_ROUND_ROBIN, mid, &r) != 0)
+            return -1;
         bench_progress("sched", "round_robin at %.3fx the trace rate: %.1f%% within SLO", mid,
                        r.slo_attain * 100);
         if (r.slo_attain > 0.5)
@@ -807,7 +812,8 @@ static double find_rate(replay *rp)
         if (hi / lo < 1.03)
             break;
     }
-    return sqrt(lo * hi);
+    *scale = sqrt(lo * hi);
+    return 0;
 }
 
 static void print_result(const result *r)
@@ -861,8 +867,8 @@ static void compare_kvf_cost(json_t *res, const kvf_policy *pols, const result *
 }
 
 /* Replays rp under each of the np policies at one time scale, with the table printed and the
- * figures in res. */
-static void replay_policies(const opts *o, replay *rp, const kvf_policy *pols, int np, double scale,
+ * figures in res. 0, or -1 when a replay could not run. */
+static int replay_policies(const opts *o, replay *rp, const kvf_policy *pols, int np, double scale,
                             json_t *res)
 {
     printf("kvf-bench sched: SIMULATED replay of %s through the real index and policies\n",
@@ -875,7 +881,10 @@ static void replay_policies(const opts *o, replay *rp, const kvf_policy *pols, i
     json_t *arr = json_array();
     result rs[KVF_POLICY_COUNT_];
     for (int p = 0; p < np; p++) {
-        run(rp, pols[p], scale, &rs[p]);
+        if (run(rp, pols[p], scale, &rs[p]) != 0) {
+            json_decref(arr);
+            return -1;
+        }
         print_result(&rs[p]);
         json_array_append_new(arr, result_json(&rs[p]));
     }
@@ -887,6 +896,7 @@ static void replay_policies(const opts *o, replay *rp, const kvf_policy *pols, i
     bench_json_real(res, "slo_ttft_s", rp->slo);
     json_object_set_new(res, "policies", arr);
     compare_kvf_cost(res, pols, rs, np);
+    return 0;
 }
 
 int bench_sched_main(int argc, char **argv)
@@ -915,8 +925,13 @@ int bench_sched_main(int argc, char **argv)
         goto out_free_replay;
     bench_progress("sched", "%zu requests, %d instances, SLO TTFT %.1f s (simulated)", rp.n,
                    rp.ninst, rp.slo);
-    double scale = o.find_rate ? find_rate(&rp) : o.time_scale;
-    replay_policies(&o, &rp, pols, np, scale, res);
+    double scale = o.time_scale;
+    if ((o.find_rate && find_rate(&rp, &scale) != 0) ||
+        replay_policies(&o, &rp, pols, np, scale, res) != 0) {
+        fprintf(stderr, "kvf-bench sched: the simulation could not start: out of memory\n");
+        rc = 1;
+        goto out_free_replay;
+    }
     bench_emit(res, o.json);
     rc = 0;
 out_free_replay:
