@@ -30,6 +30,7 @@
 #include "kvf/client.h"
 #include "kvf/kvf.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <pthread.h>
@@ -38,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -74,9 +76,8 @@ typedef struct run {
     kvfe_router *rt; /* borrowed */
     double slo_s;
     double t0;
-    atomic_size_t next_released, next_taken, n_done;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
+    atomic_size_t next_taken, n_done;
+    pthread_mutex_t mu; /* transport, transport_why */
     int concurrency;
     char transport[16], transport_why[240]; /* as the engines report them */
 } run;
@@ -184,23 +185,20 @@ static void serve_request(run *R, rec *q)
     atomic_fetch_add(&R->n_done, 1);
 }
 
+/* A worker of a run: it takes the next request in arrival order, waits for its arrival and
+ * serves it, so that requests go out in order, none early, at most --concurrency at once. */
 static void *worker_main(void *arg)
 {
     run *R = arg;
-    for (;;) {
-        pthread_mutex_lock(&R->mu);
-        while (atomic_load(&R->next_taken) >= atomic_load(&R->next_released) &&
-               atomic_load(&R->next_taken) < R->n)
-            pthread_cond_wait(&R->cv, &R->mu);
-        size_t i = atomic_load(&R->next_taken);
-        if (i >= R->n) {
-            pthread_mutex_unlock(&R->mu);
-            return NULL;
-        }
-        atomic_store(&R->next_taken, i + 1);
-        pthread_mutex_unlock(&R->mu);
+    for (size_t i; (i = atomic_fetch_add(&R->next_taken, 1)) < R->n;) {
+        double at = R->t0 + R->r[i].arrival;
+        struct timespec ts = {.tv_sec = (time_t)at,
+                              .tv_nsec = (long)((at - (double)(time_t)at) * 1e9)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
         serve_request(R, &R->r[i]);
     }
+    return NULL;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -520,42 +518,28 @@ static void usage(void)
             "                     [--out DIR] [--json]\n");
 }
 
-static int run_mode(run *R, const char *tag)
+/* Replays the run's requests at their arrival times, with a progress line every 5 s. */
+static void run_mode(run *R, const char *tag)
 {
     pthread_t th[256];
-    int nth = R->concurrency;
     pthread_mutex_init(&R->mu, NULL);
-    pthread_cond_init(&R->cv, NULL);
-    for (int i = 0; i < nth; i++)
-        pthread_create(&th[i], NULL, worker_main, R);
     R->t0 = bench_now();
-    double last_progress = R->t0;
-    size_t released = 0;
-    while (atomic_load(&R->n_done) < R->n) {
-        double t = bench_now() - R->t0;
-        size_t before = released;
-        while (released < R->n && R->r[released].arrival <= t)
-            released++;
-        if (released != before) {
-            pthread_mutex_lock(&R->mu);
-            atomic_store(&R->next_released, released);
-            pthread_cond_broadcast(&R->cv);
-            pthread_mutex_unlock(&R->mu);
-        }
-        if (bench_now() - last_progress >= 5) {
-            last_progress = bench_now();
-            size_t d = atomic_load(&R->n_done);
-            bench_progress("e2e", "%s: %.0f s, %zu/%zu arrived, %zu done, %zu in flight", tag, t,
-                           released, R->n, d, released - d);
-        }
-        double next = released < R->n ? R->r[released].arrival - (bench_now() - R->t0) : 0.05;
-        usleep((useconds_t)(next < 0.0005 ? 500 : next > 0.05 ? 50000 : next * 1e6));
+    for (int i = 0; i < R->concurrency; i++)
+        pthread_create(&th[i], NULL, worker_main, R);
+    for (double last = R->t0; atomic_load(&R->n_done) < R->n; usleep(50000)) {
+        if (bench_now() - last < 5)
+            continue;
+        last = bench_now();
+        double t = last - R->t0;
+        size_t arrived = 0, d = atomic_load(&R->n_done);
+        while (arrived < R->n && R->r[arrived].arrival <= t)
+            arrived++;
+        bench_progress("e2e", "%s: %.0f s, %zu/%zu arrived, %zu done, %zu in flight", tag, t,
+                       arrived, R->n, d, arrived - d);
     }
-    for (int i = 0; i < nth; i++)
+    for (int i = 0; i < R->concurrency; i++)
         pthread_join(th[i], NULL);
     pthread_mutex_destroy(&R->mu);
-    pthread_cond_destroy(&R->cv);
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
