@@ -215,7 +215,7 @@ static int call_engine(kvfe_router *r, const kvfe_router_engine *e, const char *
     return rc;
 }
 
-/* Takes the prefill's figures from its reply (a prefill's or a generate's) and tells the caller. */
+/* Takes the prefill's figures from its reply (a prefill's or a generate's). */
 static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe_router_engine *de,
                          json_t *rep)
 {
@@ -263,6 +263,7 @@ static void clear_outputs(kvfe_route *q)
     memset((char *)q + from, 0, sizeof *q - from);
 }
 
+/* Tells the caller that the prefill's outputs are in. */
 static void prefilled(kvfe_route *q)
 {
     if (q->on_prefill)
