@@ -3,20 +3,17 @@
  * with kvfabric and without it, and reports what each request saw. Every figure is measured on
  * real processes and labelled real.
  *
- *   kvf-bench e2e --config CLUSTER.json | --state RUN_DIR/state.json
- *                 [--trace FILE] [--start N] [--max-requests N] [--time-scale X]
- *                 [--block-tokens B] [--max-input T] [--max-output T] [--slo-ttft-ms M]
- *                 [--concurrency C] [--modes kvf,baseline] [--out DIR] [--json]
+ * Options: usage() below, and docs/operations.md.
  *
  * Each trace hash id becomes B deterministic token ids (B = 512 is the trace's own block; less
  * scales every request down by 512/B, keeping which requests share which prefix), so shared ids
  * mean shared prefixes. Request i is sent at its trace time divided by --time-scale.
  *
- * kvf mode: the driver asks kvf-sched for a placement, sends the prompt to the prefill engine
- * (which loads the cached prefix, computes the rest and saves the new chunks) and then to the
- * decode engine (which takes the KV over from the stores and decodes); a placement that runs the
- * prefill on the decode instance is sent there whole. TTFT is the time from the request's arrival
- * to the first token in the driver's hands.
+ * kvf mode: the engine module's router (engine/include/router.h) asks kvf-sched for a placement,
+ * sends the prompt to the prefill engine (which loads the cached prefix, computes the rest and
+ * saves the new chunks) and then to the decode engine (which takes the KV over from the stores
+ * and decodes); a placement that runs the prefill on the decode instance is sent there whole.
+ * TTFT is the time from the request's arrival to the first token in the driver's hands.
  * baseline: the cache layer off: every prompt goes whole to the engine with the fewest requests
  * outstanding, which prefills from scratch and decodes (colocated). Its TTFT is the arrival to the
  * reply less the decode time the engine reports.
@@ -27,50 +24,37 @@
 #include "bench.h"
 #include "bench_util.h"
 #include "engine.h"
+#include "router.h"
 #include "trace.h"
 
-#include "http.h"
 #include "kvf/client.h"
 #include "kvf/kvf.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <xxhash.h>
 
-#define MAX_ENGINES     64
-#define HTTP_TIMEOUT_MS 600000
-
-typedef struct engine_ref {
-    char id[64], role[16], endpoint[160];
-    atomic_int outstanding;
-} engine_ref;
-
+/* A request and, per mode, what happened to it: the route keeps what kvf-sched and the engines
+ * said, the rest is what the driver measured. */
 typedef struct rec {
-    /* the request */
-    double arrival; /* s from the start of the run */
-    uint32_t *tokens;
-    size_t n;
-    uint32_t out_tokens;
-    kvf_key *keys; /* its chunk keys */
-    size_t n_keys;
-    /* what happened, per mode */
-    int done, failed, rejected, colocated, mismatch;
-    char err[160], prefill[64], decode[64];
-    double ttft, e2e, finish, handoff, itl_sum, itl_max;
-    double queue_s, prefill_s; /* the prefill engine's: waiting for its turn, then prefilling */
-    uint32_t itl_n;
-    size_t device_tokens, loaded_tokens;
+    double arrival;   /* s from the start of the run */
+    uint32_t *tokens; /* the prompt; rt.tokens borrows it */
+    kvf_key *keys;    /* its chunk keys; rt.keys borrows them */
+    kvfe_route rt;    /* the request (n, n_keys, max_tokens) and what serving it gave */
+    int failed;
+    char err[160];
+    double ttft, e2e, finish, itl_sum, itl_max;
+    uint32_t itl_n, n_generated;
     uint64_t tokens_hash;
-    uint32_t n_generated;
     size_t cross_tokens; /* loaded tokens that another engine computed */
 } rec;
 
@@ -79,7 +63,7 @@ typedef struct rec {
 typedef struct owners {
     pthread_mutex_t mu;
     uint64_t *key; /* the chunk key folded to 64 bits, low bit set; 0: empty */
-    const engine_ref **eng;
+    const kvfe_router_engine **eng;
     size_t mask, used;
     uint32_t chunk_tokens;
 } owners;
@@ -89,112 +73,18 @@ typedef struct run {
     owners *own;
     rec *r;
     size_t n;
-    engine_ref *eng;
-    int n_eng;
-    char sched[160];
+    kvfe_router *rt; /* borrowed */
     double slo_s;
     double t0;
-    atomic_size_t next_released, next_taken, n_done;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
+    atomic_size_t next_taken, n_done;
+    pthread_mutex_t mu; /* transport, transport_why */
     int concurrency;
     char transport[16], transport_why[240]; /* as the engines report them */
 } run;
 
-static double now_s(void)
-{
-    return bench_now();
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* One request */
 
-static json_t *tokens_json(const uint32_t *t, size_t n)
-{
-    json_t *a = json_array();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(a, json_integer(t[i]));
-    return a;
-}
-
-static int post(const char *addr, const char *path, json_t *body, long *status, json_t **reply,
-                char *err, size_t errlen)
-{
-    char url[256];
-    snprintf(url, sizeof url, "http://%s%s", addr, path);
-    return kvf__http_call("POST", url, body, HTTP_TIMEOUT_MS, status, reply, err, errlen);
-}
-
-static double num(json_t *o, const char *k)
-{
-    json_t *v = json_object_get(o, k);
-    return json_is_number(v) ? json_number_value(v) : 0;
-}
-
-/* Takes the generated tokens and the engine's figures from a reply. */
-static void take_reply(rec *q, json_t *rep)
-{
-    json_t *toks = json_object_get(rep, "tokens"), *itl = json_object_get(rep, "itl_s");
-    XXH64_state_t *h = XXH64_createState();
-    XXH64_reset(h, 0);
-    for (size_t i = 0; i < json_array_size(toks); i++) {
-        uint32_t t = (uint32_t)json_integer_value(json_array_get(toks, i));
-        XXH64_update(h, &t, sizeof t);
-        q->n_generated++;
-    }
-    q->tokens_hash = XXH64_digest(h);
-    XXH64_freeState(h);
-    for (size_t i = 0; i < json_array_size(itl); i++) {
-        double v = json_number_value(json_array_get(itl, i));
-        q->itl_sum += v;
-        q->itl_max = v > q->itl_max ? v : q->itl_max;
-        q->itl_n++;
-    }
-    if (json_is_true(json_object_get(rep, "first_token_mismatch")))
-        q->mismatch = 1;
-}
-
-static const engine_ref *least_outstanding(run *R)
-{
-    engine_ref *best = &R->eng[0];
-    for (int i = 1; i < R->n_eng; i++)
-        if (atomic_load(&R->eng[i].outstanding) < atomic_load(&best->outstanding))
-            best = &R->eng[i];
-    return best;
-}
-
-static engine_ref *engine_by_id(run *R, const char *id)
-{
-    for (int i = 0; i < R->n_eng; i++)
-        if (!strcmp(R->eng[i].id, id))
-            return &R->eng[i];
-    return NULL;
-}
-
-/* Sends a request to an engine, counting it as outstanding there. Returns 0 with the reply, or
- * -1 with the reason. */
-static int call_engine(engine_ref *e, const char *path, json_t *body, json_t **rep, char *err,
-                       size_t errlen)
-{
-    long st;
-    atomic_fetch_add(&e->outstanding, 1);
-    int rc = post(e->endpoint, path, body, &st, rep, err, errlen);
-    atomic_fetch_sub(&e->outstanding, 1);
-    json_decref(body);
-    if (!rc && st != 200) {
-        json_t *m = json_object_get(*rep, "error");
-        snprintf(err, errlen, "%s: HTTP %ld: %s", e->id, st,
-                 json_is_string(m) ? json_string_value(m) : "");
-        rc = -1;
-    }
-    if (rc) {
-        json_decref(*rep);
-        *rep = NULL;
-    }
-    return rc ? -1 : 0;
-}
-
-/* The prefill engine's figures: where the prompt's KV came from and how long it waited. */
 static size_t owner_slot(const owners *o, uint64_t h)
 {
     size_t i = (size_t)h & o->mask;
@@ -205,14 +95,14 @@ static size_t owner_slot(const owners *o, uint64_t h)
 
 /* Records that e computed chunks [0, saved / chunk) of q (those not recorded yet), and returns how
  * many of the n_loaded tokens q loaded were computed by another engine. */
-static size_t note_chunks(owners *o, const rec *q, const engine_ref *e, size_t n_loaded,
+static size_t note_chunks(owners *o, const rec *q, const kvfe_router_engine *e, size_t n_loaded,
                           size_t saved)
 {
     if (!o)
         return 0;
     size_t cross = 0;
     pthread_mutex_lock(&o->mu);
-    for (size_t c = 0; c < q->n_keys; c++) {
+    for (size_t c = 0; c < q->rt.n_keys; c++) {
         uint64_t h = (q->keys[c].lo ^ q->keys[c].hi) | 1; /* keys are hashes already */
         size_t i = owner_slot(o, h);
         if (c < n_loaded / o->chunk_tokens && o->key[i] && o->eng[i] != e)
@@ -227,140 +117,88 @@ static size_t note_chunks(owners *o, const rec *q, const engine_ref *e, size_t n
     return cross;
 }
 
-static void take_prefill(run *R, rec *q, const engine_ref *pe, const engine_ref *de, json_t *rep)
+/* A request of a run, as its route's on_prefill sees it. */
+typedef struct routed {
+    run *R;
+    rec *q;
+    int baseline; /* the run without kvfabric */
+} routed;
+
+/* Notes the chunks the prefill engine computed as soon as it answers, so that they count for the
+ * requests prefilled while this one decodes, and the transport its KV moved by. */
+static void take_prefill(const kvfe_route *rt, void *arg)
 {
-    q->cross_tokens = note_chunks(R->own, q, pe, (size_t)num(rep, "loaded_tokens"),
-                                  (size_t)num(rep, "saved_tokens"));
-    const char *tr = json_string_value(json_object_get(rep, "transport"));
-    const char *why = json_string_value(json_object_get(rep, "transport_reason"));
+    routed *s = arg;
+    run *R = s->R;
+    rec *q = s->q;
+    if (!s->baseline && !rt->colocated)
+        q->ttft = rt->first_token_at - R->t0 - q->arrival;
+    q->cross_tokens = note_chunks(R->own, q, rt->prefill, rt->loaded_tokens, rt->saved_tokens);
     pthread_mutex_lock(&R->mu);
-    if (tr && !R->transport[0]) {
-        snprintf(R->transport, sizeof R->transport, "%s", tr);
-        snprintf(R->transport_why, sizeof R->transport_why, "%s", why ? why : "");
+    if (rt->transport[0] && !R->transport[0]) {
+        snprintf(R->transport, sizeof R->transport, "%s", rt->transport);
+        snprintf(R->transport_why, sizeof R->transport_why, "%s", rt->transport_reason);
     }
     pthread_mutex_unlock(&R->mu);
-    snprintf(q->prefill, sizeof q->prefill, "%s", pe->id);
-    snprintf(q->decode, sizeof q->decode, "%s", de->id);
-    q->device_tokens = (size_t)num(rep, "device_tokens");
-    q->loaded_tokens = (size_t)num(rep, "loaded_tokens");
-    q->queue_s = num(rep, "queue_s");
-    q->prefill_s = num(rep, "prefill_s");
 }
 
-/* Sends the whole request to one engine (colocated). Its first token is known only with the
- * reply: TTFT is the reply's time less the decode time the engine reports. */
-static int generate(run *R, rec *q, engine_ref *e, int reuse, char *err, size_t errlen)
+/* Takes the generated tokens and the decode's figures of a request served. A request sent whole
+ * has its first token only with the reply: TTFT is the reply's time less the decode time the
+ * engine reports. */
+static void take_reply(const routed *s)
 {
-    json_t *body = json_pack("{s:o,s:i,s:b}", "tokens", tokens_json(q->tokens, q->n), "max_tokens",
-                             (int)q->out_tokens, "reuse", reuse);
-    json_t *rep = NULL;
-    if (call_engine(e, "/v1/generate", body, &rep, err, errlen) != 0)
-        return -1;
-    double t = now_s() - R->t0;
-    take_prefill(R, q, e, e, rep);
-    take_reply(q, rep);
+    rec *q = s->q;
+    const kvfe_route *rt = &q->rt;
+    q->n_generated = (uint32_t)rt->n_generated;
+    q->tokens_hash = XXH64(rt->generated, rt->n_generated * sizeof *rt->generated, 0);
+    for (size_t i = 0; i < rt->n_itl; i++) {
+        double v = rt->itl_s[i];
+        q->itl_sum += v;
+        q->itl_max = v > q->itl_max ? v : q->itl_max;
+        q->itl_n++;
+    }
+    double t = rt->done_at - s->R->t0;
     q->e2e = t - q->arrival;
-    q->ttft = q->e2e - num(rep, "decode_s");
     q->finish = t;
-    json_decref(rep);
-    return 0;
+    if (s->baseline || rt->colocated)
+        q->ttft = q->e2e - rt->decode_s;
 }
 
+/* kvf: placed by kvf-sched, prefilled, handed off and decoded; baseline: sent whole to the engine
+ * with the fewest requests outstanding, without the cache layer. */
 static void serve_request(run *R, rec *q)
 {
-    char err[256] = "";
-    int rc = 0;
-    if (!strcmp(R->mode, "baseline")) {
-        rc = generate(R, q, (engine_ref *)least_outstanding(R), 0, err, sizeof err);
-        goto out;
-    }
-    /* kvf: place, prefill, hand off, decode */
-    json_t *keys = json_array();
-    for (size_t k = 0; k < q->n_keys; k++) {
-        char hex[33];
-        json_array_append_new(keys, json_string(kvf_key_to_hex(&q->keys[k], hex)));
-    }
-    json_t *body = json_pack("{s:o,s:o,s:i}", "tokens", tokens_json(q->tokens, q->n), "chunk_keys",
-                             keys, "output_tokens", (int)q->out_tokens);
-    if (R->slo_s > 0)
-        json_object_set_new(body, "slo_ttft_ms", json_real(R->slo_s * 1e3));
-    long st;
-    json_t *pl = NULL;
-    rc = post(R->sched, "/v1/place", body, &st, &pl, err, sizeof err);
-    json_decref(body);
-    if (!rc && st == 429) {
-        q->rejected = 1;
-        json_decref(pl);
-        goto out;
-    }
-    if (!rc && st != 200) {
-        snprintf(err, sizeof err, "kvf-sched: HTTP %ld", st);
-        rc = -1;
-    }
-    engine_ref *pe = rc ? NULL : engine_by_id(R, json_string_value(json_object_get(pl, "prefill")));
-    engine_ref *de = rc ? NULL : engine_by_id(R, json_string_value(json_object_get(pl, "decode")));
-    q->colocated = !rc && json_is_true(json_object_get(pl, "colocated"));
-    json_decref(pl);
-    if (!rc && (!pe || !de)) {
-        snprintf(err, sizeof err,
-                 "kvf-sched placed the request on an engine the driver does "
-                 "not know");
-        rc = -1;
-    }
-    if (rc)
-        goto out;
-    if (q->colocated) {
-        rc = generate(R, q, de, 1, err, sizeof err);
-        goto out;
-    }
-    json_t *rep = NULL;
-    rc = call_engine(pe, "/v1/prefill", json_pack("{s:o}", "tokens", tokens_json(q->tokens, q->n)),
-                     &rep, err, sizeof err);
-    if (rc)
-        goto out;
-    q->ttft = now_s() - R->t0 - q->arrival;
-    take_prefill(R, q, pe, de, rep);
-    json_int_t first_token = json_integer_value(json_array_get(json_object_get(rep, "tokens"), 0));
-    json_int_t saved = (json_int_t)num(rep, "saved_tokens");
-    json_decref(rep);
-    body = json_pack("{s:o,s:I,s:i,s:I}", "tokens", tokens_json(q->tokens, q->n), "first_token",
-                     first_token, "max_tokens", (int)q->out_tokens, "expect_cached", saved);
-    rep = NULL;
-    rc = call_engine(de, "/v1/decode", body, &rep, err, sizeof err);
-    if (!rc) {
-        q->handoff = num(rep, "handoff_s");
-        take_reply(q, rep);
-        double t = now_s() - R->t0;
-        q->e2e = t - q->arrival;
-        q->finish = t;
-    }
-    json_decref(rep);
-out:
-    if (rc) {
+    int baseline = !strcmp(R->mode, "baseline");
+    routed s = {.R = R, .q = q, .baseline = baseline};
+    q->rt.slo_ttft_ms = R->slo_s > 0 ? R->slo_s * 1e3 : 0;
+    q->rt.on_prefill = take_prefill;
+    q->rt.arg = &s;
+    int rc =
+        baseline ? kvfe_router_generate(R->rt, NULL, 0, &q->rt) : kvfe_router_serve(R->rt, &q->rt);
+    if (!rc)
+        take_reply(&s);
+    else if (!q->rt.rejected) {
         q->failed = 1;
-        snprintf(q->err, sizeof q->err, "%.150s", err);
+        snprintf(q->err, sizeof q->err, "%.150s", q->rt.err);
     }
-    q->done = 1;
+    kvfe_route_release(&q->rt);
     atomic_fetch_add(&R->n_done, 1);
 }
 
+/* A worker of a run: it takes the next request in arrival order, waits for its arrival and
+ * serves it, so that requests go out in order, none early, at most --concurrency at once. */
 static void *worker_main(void *arg)
 {
     run *R = arg;
-    for (;;) {
-        pthread_mutex_lock(&R->mu);
-        while (atomic_load(&R->next_taken) >= atomic_load(&R->next_released) &&
-               atomic_load(&R->next_taken) < R->n)
-            pthread_cond_wait(&R->cv, &R->mu);
-        size_t i = atomic_load(&R->next_taken);
-        if (i >= R->n) {
-            pthread_mutex_unlock(&R->mu);
-            return NULL;
-        }
-        atomic_store(&R->next_taken, i + 1);
-        pthread_mutex_unlock(&R->mu);
+    for (size_t i; (i = atomic_fetch_add(&R->next_taken, 1)) < R->n;) {
+        double at = R->t0 + R->r[i].arrival;
+        struct timespec ts = {.tv_sec = (time_t)at,
+                              .tv_nsec = (long)((at - (double)(time_t)at) * 1e9)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
         serve_request(R, &R->r[i]);
     }
+    return NULL;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -385,17 +223,17 @@ static void summarize(const run *R, summary *s)
     for (size_t i = 0; i < R->n; i++) {
         const rec *q = &R->r[i];
         s->failed += q->failed;
-        s->rejected += q->rejected;
-        if (q->failed || q->rejected)
+        s->rejected += q->rt.rejected;
+        if (q->failed || q->rt.rejected)
             continue;
-        s->colocated += q->colocated;
-        s->mismatches += q->mismatch;
+        s->colocated += q->rt.colocated;
+        s->mismatches += q->rt.first_token_mismatch;
         tt[k] = q->ttft;
         e2[k++] = q->e2e;
         met += R->slo_s <= 0 || q->ttft <= R->slo_s;
-        prompt += (double)q->n;
-        dev += (double)q->device_tokens;
-        st += (double)q->loaded_tokens;
+        prompt += (double)q->rt.n;
+        dev += (double)q->rt.device_tokens;
+        st += (double)q->rt.loaded_tokens;
         cross += (double)q->cross_tokens;
         s->cross_requests += q->cross_tokens > 0;
         last = q->finish > last ? q->finish : last;
@@ -423,24 +261,6 @@ static void summarize(const run *R, summary *s)
     free(tt);
     free(e2);
     free(it);
-}
-
-/* Connector byte counters summed over the engines (GET /v1/health). */
-static void engine_bytes(run *R, uint64_t *load, uint64_t *save)
-{
-    *load = *save = 0;
-    for (int i = 0; i < R->n_eng; i++) {
-        char url[256], err[256];
-        snprintf(url, sizeof url, "http://%s/v1/health", R->eng[i].endpoint);
-        long st;
-        json_t *o = NULL;
-        if (kvf__http_call("GET", url, NULL, 5000, &st, &o, err, sizeof err) == 0 && o) {
-            json_t *c = json_object_get(o, "connector");
-            *load += (uint64_t)json_integer_value(json_object_get(c, "load_bytes"));
-            *save += (uint64_t)json_integer_value(json_object_get(c, "save_bytes"));
-        }
-        json_decref(o);
-    }
 }
 
 static json_t *summary_json(const summary *s, const run *R)
@@ -481,29 +301,31 @@ static void write_records(const char *dir, run *runs, int n_runs)
     for (int m = 0; m < n_runs; m++) {
         for (size_t i = 0; i < runs[m].n; i++) {
             const rec *q = &runs[m].r[i];
+            const kvfe_route *rt = &q->rt;
+            const char *pe = rt->prefill ? rt->prefill->id : "",
+                       *de = rt->decode ? rt->decode->id : "";
             double itl = q->itl_n ? q->itl_sum / q->itl_n : 0;
             if (f)
                 fprintf(f,
                         "%s,%zu,%.6f,%zu,%u,%s,%s,%d,%zu,%zu,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%u,"
                         "%016" PRIx64 ",%d,\"%s\"\n",
-                        runs[m].mode, i, q->arrival, q->n, q->out_tokens, q->prefill, q->decode,
-                        q->colocated, q->device_tokens, q->loaded_tokens, q->ttft, q->queue_s,
-                        q->prefill_s, q->e2e, itl, q->handoff, q->n_generated, q->tokens_hash,
-                        q->rejected, q->err);
+                        runs[m].mode, i, q->arrival, rt->n, rt->max_tokens, pe, de, rt->colocated,
+                        rt->device_tokens, rt->loaded_tokens, q->ttft, rt->queue_s, rt->prefill_s,
+                        q->e2e, itl, rt->handoff_s, q->n_generated, q->tokens_hash, rt->rejected,
+                        q->err);
             char hash[20];
             snprintf(hash, sizeof hash, "%016" PRIx64, q->tokens_hash);
             json_array_append_new(
-                all,
-                json_pack("{s:s,s:I,s:f,s:I,s:i,s:s,s:s,s:b,s:I,s:I,s:f,s:f,s:f,s:f,s:i,"
-                          "s:s,s:b,s:s,s:s}",
-                          "mode", runs[m].mode, "request", (json_int_t)i, "arrival_s", q->arrival,
-                          "prompt_tokens", (json_int_t)q->n, "output_tokens", (int)q->out_tokens,
-                          "prefill", q->prefill, "decode", q->decode, "colocated", q->colocated,
-                          "device_tokens", (json_int_t)q->device_tokens, "store_tokens",
-                          (json_int_t)q->loaded_tokens, "ttft_s", q->ttft, "e2e_s", q->e2e,
-                          "itl_mean_s", itl, "handoff_s", q->handoff, "generated",
-                          (int)q->n_generated, "tokens_xxh64", hash, "rejected", q->rejected,
-                          "error", q->err, "label", "real"));
+                all, json_pack("{s:s,s:I,s:f,s:I,s:i,s:s,s:s,s:b,s:I,s:I,s:f,s:f,s:f,s:f,s:i,"
+                               "s:s,s:b,s:s,s:s}",
+                               "mode", runs[m].mode, "request", (json_int_t)i, "arrival_s",
+                               q->arrival, "prompt_tokens", (json_int_t)rt->n, "output_tokens",
+                               (int)rt->max_tokens, "prefill", pe, "decode", de, "colocated",
+                               rt->colocated, "device_tokens", (json_int_t)rt->device_tokens,
+                               "store_tokens", (json_int_t)rt->loaded_tokens, "ttft_s", q->ttft,
+                               "e2e_s", q->e2e, "itl_mean_s", itl, "handoff_s", rt->handoff_s,
+                               "generated", (int)q->n_generated, "tokens_xxh64", hash, "rejected",
+                               rt->rejected, "error", q->err, "label", "real"));
         }
     }
     if (f)
@@ -534,7 +356,7 @@ static int plot(const char *dir, run *runs, int n_runs, double bin_s)
         double *v = malloc((runs[m].n + 1) * sizeof *v);
         size_t k = 0;
         for (size_t i = 0; i < runs[m].n; i++)
-            if (!runs[m].r[i].failed && !runs[m].r[i].rejected)
+            if (!runs[m].r[i].failed && !runs[m].r[i].rt.rejected)
                 v[k++] = runs[m].r[i].ttft;
         bench_quantile(v, k, 0.5); /* sorts */
         for (size_t i = 0; f && i < k; i++)
@@ -561,7 +383,7 @@ static int plot(const char *dir, run *runs, int n_runs, double bin_s)
         size_t nb = (size_t)(end / bin_s) + 1;
         double *b = calloc(nb, sizeof *b);
         for (size_t i = 0; b && i < runs[m].n; i++)
-            if (!runs[m].r[i].failed && !runs[m].r[i].rejected)
+            if (!runs[m].r[i].failed && !runs[m].r[i].rt.rejected)
                 b[(size_t)(runs[m].r[i].finish / bin_s)] += 1;
         snprintf(dat, sizeof dat, "%s/throughput_%s.dat", dir, runs[m].mode);
         FILE *f = fopen(dat, "w");
@@ -579,38 +401,6 @@ static int plot(const char *dir, run *runs, int n_runs, double bin_s)
 
 /* ------------------------------------------------------------------------------------------ */
 /* Setup */
-
-static int discover(const char *sched, engine_ref *eng, int *n, char *err, size_t errlen)
-{
-    char url[256];
-    snprintf(url, sizeof url, "http://%s/v1/instances", sched);
-    long st;
-    json_t *o = NULL;
-    int rc = kvf__http_call("GET", url, NULL, 5000, &st, &o, err, errlen);
-    if (rc || st != 200) {
-        if (!rc)
-            snprintf(err, errlen, "%s: HTTP %ld", url, st);
-        json_decref(o);
-        return -1;
-    }
-    json_t *arr = json_object_get(o, "instances");
-    *n = 0;
-    for (size_t i = 0; i < json_array_size(arr) && *n < MAX_ENGINES; i++) {
-        json_t *v = json_array_get(arr, i);
-        engine_ref *e = &eng[(*n)++];
-        snprintf(e->id, sizeof e->id, "%s", json_string_value(json_object_get(v, "id")));
-        snprintf(e->role, sizeof e->role, "%s", json_string_value(json_object_get(v, "role")));
-        snprintf(e->endpoint, sizeof e->endpoint, "%s",
-                 json_string_value(json_object_get(v, "endpoint")));
-        atomic_store(&e->outstanding, 0);
-    }
-    json_decref(o);
-    if (*n == 0) {
-        snprintf(err, errlen, "kvf-sched at %s has no engine registered", sched);
-        return -1;
-    }
-    return 0;
-}
 
 /* Clears kvfabric's chunks of this model from the stores, so a run starts cold. */
 static int clear_stores(json_t *stores, const kvf_layout *L, char *err, size_t errlen)
@@ -642,83 +432,80 @@ static int build_request(const bench_trace_rec *tr, long block, long max_in, lon
                          const kvfe_model *m, const kvf_keyspace *ks, rec *q)
 {
     size_t want = ((size_t)tr->in_len * (size_t)block + BENCH_TRACE_BLOCK - 1) / BENCH_TRACE_BLOCK;
-    q->n = want < (size_t)max_in ? want : (size_t)max_in;
-    q->n = q->n ? q->n : 1;
+    size_t n = want < (size_t)max_in ? want : (size_t)max_in;
+    n = n ? n : 1;
     size_t o = ((size_t)tr->out_len * (size_t)block + BENCH_TRACE_BLOCK - 1) / BENCH_TRACE_BLOCK;
-    q->out_tokens = (uint32_t)(o < 1 ? 1 : o > (size_t)max_out ? (size_t)max_out : o);
-    q->tokens = malloc(q->n * sizeof *q->tokens);
-    for (size_t t = 0; t < q->n; t++) {
+    uint32_t out = (uint32_t)(o < 1 ? 1 : o > (size_t)max_out ? (size_t)max_out : o);
+    q->tokens = malloc(n * sizeof *q->tokens);
+    for (size_t t = 0; t < n; t++) {
         size_t b = t / (size_t)block;
         uint64_t id = tr->ids[b < tr->n_ids ? b : tr->n_ids - 1];
         q->tokens[t] = bench_trace_token(id, t % (size_t)block, m->vocab);
     }
-    size_t nk = q->n / m->layout.chunk_tokens;
+    size_t nk = n / m->layout.chunk_tokens, n_keys;
     q->keys = malloc((nk ? nk : 1) * sizeof *q->keys);
-    kvf_keys_compute(ks, q->tokens, q->n, q->keys, nk, &q->n_keys, NULL);
-    return want > q->n;
+    kvf_keys_compute(ks, q->tokens, n, q->keys, nk, &n_keys, NULL);
+    q->rt = (kvfe_route){
+        .tokens = q->tokens, .n = n, .keys = q->keys, .n_keys = n_keys, .max_tokens = out};
+    return want > n;
 }
 
 /* Warm-up: the requests before the measured window are prefilled (not measured) on the prefill
- * engines, so the stores hold what a running deployment's would. One thread per engine. */
+ * engines, so the stores hold what a running deployment's would. One thread per engine, for the
+ * first MAX_WARM prefill engines: thread t of k prefills requests t, t + k, t + 2k, ... */
+#define MAX_WARM 64
+
 typedef struct warm {
+    kvfe_router *rt;
     rec *r;
     size_t n;
-    engine_ref *e;
-    int stride, first;
-    atomic_size_t *done;
-    atomic_int *failed;
     owners *own;
+    const kvfe_router_engine *eng[MAX_WARM];
+    int k;
+    atomic_int next_thread;
+    atomic_size_t done;
+    atomic_int failed;
 } warm;
 
 static void *warm_main(void *arg)
 {
     warm *w = arg;
-    for (size_t i = (size_t)w->first; i < w->n; i += (size_t)w->stride) {
-        json_t *body = json_pack("{s:o}", "tokens", tokens_json(w->r[i].tokens, w->r[i].n));
-        long st;
-        char err[256];
-        json_t *rep = NULL;
-        if (post(w->e->endpoint, "/v1/prefill", body, &st, &rep, err, sizeof err) != 0 || st != 200)
-            atomic_fetch_add(w->failed, 1);
+    int t = atomic_fetch_add(&w->next_thread, 1);
+    for (size_t i = (size_t)t; i < w->n; i += (size_t)w->k) {
+        kvfe_route *q = &w->r[i].rt;
+        if (kvfe_router_prefill(w->rt, w->eng[t], q) != 0)
+            atomic_fetch_add(&w->failed, 1);
         else
-            note_chunks(w->own, &w->r[i], w->e, 0, (size_t)num(rep, "saved_tokens"));
-        json_decref(rep);
-        json_decref(body);
-        atomic_fetch_add(w->done, 1);
+            note_chunks(w->own, &w->r[i], w->eng[t], 0, q->saved_tokens);
+        kvfe_route_release(q);
+        atomic_fetch_add(&w->done, 1);
     }
     return NULL;
 }
 
-static int warm_up(rec *r, size_t n, engine_ref *eng, int n_eng, owners *own)
+static int warm_up(rec *r, size_t n, kvfe_router *rt, owners *own)
 {
-    pthread_t th[MAX_ENGINES];
-    warm w[MAX_ENGINES];
-    atomic_size_t done = 0;
-    atomic_int failed = 0;
-    int k = 0;
-    for (int i = 0; i < n_eng; i++)
-        if (strcmp(eng[i].role, "decode") != 0)
-            w[k++] =
-                (warm){.r = r, .n = n, .e = &eng[i], .done = &done, .failed = &failed, .own = own};
-    for (int i = 0; i < k; i++) {
-        w[i].stride = k;
-        w[i].first = i;
-        pthread_create(&th[i], NULL, warm_main, &w[i]);
-    }
+    pthread_t th[MAX_WARM];
+    warm w = {.rt = rt, .r = r, .n = n, .own = own};
+    for (size_t i = 0; i < kvfe_router_engine_count(rt) && w.k < MAX_WARM; i++)
+        if (strcmp(kvfe_router_engine_at(rt, i)->role, "decode") != 0)
+            w.eng[w.k++] = kvfe_router_engine_at(rt, i);
+    for (int i = 0; i < w.k; i++)
+        pthread_create(&th[i], NULL, warm_main, &w);
     double t0 = bench_now(), last = t0;
-    while (atomic_load(&done) < n) {
+    while (atomic_load(&w.done) < n) {
         usleep(100000);
         if (bench_now() - last >= 5) {
             last = bench_now();
-            bench_progress("e2e", "warm-up: %zu/%zu prefilled (%.0f s)", atomic_load(&done), n,
+            bench_progress("e2e", "warm-up: %zu/%zu prefilled (%.0f s)", atomic_load(&w.done), n,
                            last - t0);
         }
     }
-    for (int i = 0; i < k; i++)
+    for (int i = 0; i < w.k; i++)
         pthread_join(th[i], NULL);
     bench_progress("e2e", "warm-up: %zu requests prefilled into the stores in %.1f s, %d failed", n,
-                   bench_now() - t0, atomic_load(&failed));
-    return atomic_load(&failed) ? -1 : 0;
+                   bench_now() - t0, atomic_load(&w.failed));
+    return atomic_load(&w.failed) ? -1 : 0;
 }
 
 static void usage(void)
@@ -731,96 +518,123 @@ static void usage(void)
             "                     [--out DIR] [--json]\n");
 }
 
-static int run_mode(run *R, const char *tag)
+/* Replays the run's requests at their arrival times, with a progress line every 5 s. */
+static void run_mode(run *R, const char *tag)
 {
     pthread_t th[256];
-    int nth = R->concurrency;
     pthread_mutex_init(&R->mu, NULL);
-    pthread_cond_init(&R->cv, NULL);
-    for (int i = 0; i < nth; i++)
+    R->t0 = bench_now();
+    for (int i = 0; i < R->concurrency; i++)
         pthread_create(&th[i], NULL, worker_main, R);
-    R->t0 = now_s();
-    double last_progress = R->t0;
-    size_t released = 0;
-    while (atomic_load(&R->n_done) < R->n) {
-        double t = now_s() - R->t0;
-        size_t before = released;
-        while (released < R->n && R->r[released].arrival <= t)
-            released++;
-        if (released != before) {
-            pthread_mutex_lock(&R->mu);
-            atomic_store(&R->next_released, released);
-            pthread_cond_broadcast(&R->cv);
-            pthread_mutex_unlock(&R->mu);
-        }
-        if (now_s() - last_progress >= 5) {
-            last_progress = now_s();
-            size_t d = atomic_load(&R->n_done);
-            bench_progress("e2e", "%s: %.0f s, %zu/%zu arrived, %zu done, %zu in flight", tag, t,
-                           released, R->n, d, released - d);
-        }
-        double next = released < R->n ? R->r[released].arrival - (now_s() - R->t0) : 0.05;
-        usleep((useconds_t)(next < 0.0005 ? 500 : next > 0.05 ? 50000 : next * 1e6));
+    for (double last = R->t0; atomic_load(&R->n_done) < R->n; usleep(50000)) {
+        if (bench_now() - last < 5)
+            continue;
+        last = bench_now();
+        double t = last - R->t0;
+        size_t arrived = 0, d = atomic_load(&R->n_done);
+        while (arrived < R->n && R->r[arrived].arrival <= t)
+            arrived++;
+        bench_progress("e2e", "%s: %.0f s, %zu/%zu arrived, %zu done, %zu in flight", tag, t,
+                       arrived, R->n, d, arrived - d);
     }
-    for (int i = 0; i < nth; i++)
+    for (int i = 0; i < R->concurrency; i++)
         pthread_join(th[i], NULL);
     pthread_mutex_destroy(&R->mu);
-    pthread_cond_destroy(&R->cv);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The command */
+
+#define PROCEED (-1) /* a step's answer when the command goes on; otherwise its exit status */
+
+typedef struct opts {
+    const char *config, *state, *trace, *modes, *out_dir;
+    long start, warmup, max_req, block, max_in, max_out, conc;
+    double scale, slo_ms;
+    int json;
+} opts;
+
+/* The options that take a value: where each goes in opts, read as a string (s), an integer (l)
+ * or a number (d). */
+static const struct {
+    const char *name;
+    char kind;
+    size_t at;
+} options[] = {{"--config", 's', offsetof(opts, config)},
+               {"--state", 's', offsetof(opts, state)},
+               {"--trace", 's', offsetof(opts, trace)},
+               {"--modes", 's', offsetof(opts, modes)},
+               {"--out", 's', offsetof(opts, out_dir)},
+               {"--start", 'l', offsetof(opts, start)},
+               {"--warmup", 'l', offsetof(opts, warmup)},
+               {"--max-requests", 'l', offsetof(opts, max_req)},
+               {"--block-tokens", 'l', offsetof(opts, block)},
+               {"--max-input", 'l', offsetof(opts, max_in)},
+               {"--max-output", 'l', offsetof(opts, max_out)},
+               {"--concurrency", 'l', offsetof(opts, conc)},
+               {"--time-scale", 'd', offsetof(opts, scale)},
+               {"--slo-ttft-ms", 'd', offsetof(opts, slo_ms)}};
+
+/* Everything one kvf-bench e2e holds; bench_e2e_main() releases what was acquired. */
+typedef struct e2e {
+    opts o;
+    char state_path[600], od[620];
+    const char *out_dir; /* o.out_dir, or od */
+    json_t *st;          /* the cluster's state file */
+    const char *model;   /* in st */
+    kvfe_model m;
+    char sched[160];
+    kvfe_router *rt;
+    rec *base, *warm_r; /* the measured requests and the warm-up's */
+    size_t n, n_warm, truncated;
+    double span; /* s of arrivals */
+    owners own;
+    run runs[2];
+    int n_runs;
+    summary sm[2];
+} e2e;
+
+/* Sets option a to v. Returns whether a takes a value; *end is where a number stopped. */
+static int set_opt(opts *o, const char *a, const char *v, char **end)
+{
+    for (size_t k = 0; k < sizeof options / sizeof options[0]; k++) {
+        char *p = (char *)o + options[k].at;
+        if (strcmp(a, options[k].name) != 0)
+            continue;
+        if (options[k].kind == 's')
+            *(const char **)p = v;
+        else if (options[k].kind == 'l')
+            *(long *)p = strtol(v, end, 10);
+        else
+            *(double *)p = strtod(v, end);
+        return 1;
+    }
     return 0;
 }
 
-int bench_e2e_main(int argc, char **argv)
+static int parse_opts(int argc, char **argv, opts *o)
 {
-    const char *config = NULL, *state = NULL, *modes = "kvf,baseline", *out_dir = NULL;
-    const char *trace = "data/traces/conversation_head1600.jsonl";
-    long start = 0, warmup = 0, max_req = 200, block = 64, max_in = 4096, max_out = 64, conc = 64;
-    double scale = 1, slo_ms = 0;
-    int json = 0;
-    const struct {
-        const char *name;
-        const char **v;
-    } sopt[] = {{"--config", &config},
-                {"--state", &state},
-                {"--trace", &trace},
-                {"--modes", &modes},
-                {"--out", &out_dir}};
-    const struct {
-        const char *name;
-        long *v;
-    } lopt[] = {{"--start", &start},        {"--warmup", &warmup},    {"--max-requests", &max_req},
-                {"--block-tokens", &block}, {"--max-input", &max_in}, {"--max-output", &max_out},
-                {"--concurrency", &conc}};
-    const struct {
-        const char *name;
-        double *v;
-    } dopt[] = {{"--time-scale", &scale}, {"--slo-ttft-ms", &slo_ms}};
+    *o = (opts){.trace = "data/traces/conversation_head1600.jsonl",
+                .modes = "kvf,baseline",
+                .max_req = 200,
+                .block = 64,
+                .max_in = 4096,
+                .max_out = 64,
+                .conc = 64,
+                .scale = 1};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
         if (!strcmp(a, "--json")) {
-            json = 1;
+            o->json = 1;
             continue;
         }
-        if (!strcmp(a, "--help")) {
+        if (!strcmp(a, "--help") || !v) {
             usage();
-            return 0;
-        }
-        if (!v) {
-            usage();
-            return 2;
+            return strcmp(a, "--help") ? 2 : 0;
         }
         i++;
-        int known = 0;
-        for (size_t k = 0; k < sizeof sopt / sizeof sopt[0]; k++)
-            if (!strcmp(a, sopt[k].name))
-                *sopt[k].v = v, known = 1;
-        for (size_t k = 0; k < sizeof lopt / sizeof lopt[0]; k++)
-            if (!strcmp(a, lopt[k].name))
-                *lopt[k].v = strtol(v, &end, 10), known = 1;
-        for (size_t k = 0; k < sizeof dopt / sizeof dopt[0]; k++)
-            if (!strcmp(a, dopt[k].name))
-                *dopt[k].v = strtod(v, &end), known = 1;
-        if (!known) {
+        if (!set_opt(o, a, v, &end)) {
             fprintf(stderr, "kvf-bench e2e: unknown option %s\n", a);
             usage();
             return 2;
@@ -830,249 +644,302 @@ int bench_e2e_main(int argc, char **argv)
             return 2;
         }
     }
-    if (warmup > start)
-        warmup = start; /* the requests before --start, as many as there are */
-    if (start < 0 || warmup < 0 || max_req < 1 || block < 1 || block > 4096 || max_in < 64 ||
-        max_out < 1 || conc < 1 || conc > 256 || !(scale > 0) || slo_ms < 0) {
+    if (o->warmup > o->start)
+        o->warmup = o->start; /* the requests before --start, as many as there are */
+    if (o->start < 0 || o->warmup < 0 || o->max_req < 1 || o->block < 1 || o->block > 4096 ||
+        o->max_in < 64 || o->max_out < 1 || o->conc < 1 || o->conc > 256 || !(o->scale > 0) ||
+        o->slo_ms < 0) {
         fprintf(stderr, "kvf-bench e2e: --max-requests >= 1, --block-tokens 1..4096, "
                         "--max-input >= 64, --max-output >= 1, --concurrency 1..256, "
                         "--time-scale > 0\n");
         return 2;
     }
-    /* The cluster: its state file (written by kvf cluster up). */
-    char state_path[600];
-    if (state)
-        snprintf(state_path, sizeof state_path, "%s", state);
-    else if (config) {
-        json_t *c = json_load_file(config, 0, NULL);
-        const char *rd = c ? json_string_value(json_object_get(c, "run_dir")) : NULL;
-        const char *nm = c ? json_string_value(json_object_get(c, "name")) : NULL;
-        if (rd)
-            snprintf(state_path, sizeof state_path, "%s/state.json", rd);
-        else
-            snprintf(state_path, sizeof state_path, "build/cluster/%s/state.json",
-                     nm ? nm : "local");
-        json_decref(c);
-    } else {
+    return PROCEED;
+}
+
+/* Reads the cluster's state file (written by kvf cluster up: --state, or the one in the run
+ * folder of --config, build/cluster/NAME/ when it names none) for the model and kvf-sched, opens
+ * the router over kvf-sched's engines and makes the output folder (beside the state file unless
+ * --out names one). */
+static int open_cluster(e2e *E)
+{
+    json_t *c = E->o.state || !E->o.config ? NULL : json_load_file(E->o.config, 0, NULL);
+    const char *rd = json_string_value(json_object_get(c, "run_dir"));
+    const char *nm = json_string_value(json_object_get(c, "name"));
+    if (E->o.state)
+        snprintf(E->state_path, sizeof E->state_path, "%s", E->o.state);
+    else if (rd)
+        snprintf(E->state_path, sizeof E->state_path, "%s/state.json", rd);
+    else
+        snprintf(E->state_path, sizeof E->state_path, "build/cluster/%s/state.json",
+                 nm ? nm : "local");
+    json_decref(c);
+    if (!E->o.state && !E->o.config) {
         usage();
         return 2;
     }
     json_error_t je;
-    json_t *st = json_load_file(state_path, 0, &je);
-    if (!st) {
+    E->st = json_load_file(E->state_path, 0, &je);
+    if (!E->st) {
         fprintf(stderr, "kvf-bench e2e: %s: %s (is the cluster up? kvf cluster up --config ...)\n",
-                state_path, je.text);
+                E->state_path, je.text);
         return 1;
     }
-    const char *model = json_string_value(json_object_get(st, "model"));
-    kvfe_model m;
-    if (!model || kvfe_model_preset(model, &m) != 0) {
-        fprintf(stderr, "kvf-bench e2e: %s names no model this driver knows\n", state_path);
-        json_decref(st);
+    E->model = json_string_value(json_object_get(E->st, "model"));
+    if (!E->model || kvfe_model_preset(E->model, &E->m) != 0) {
+        fprintf(stderr, "kvf-bench e2e: %s names no model this driver knows\n", E->state_path);
         return 1;
     }
-    char sched[160], err[512];
-    snprintf(sched, sizeof sched, "%s", json_string_value(json_object_get(st, "sched")));
-    engine_ref eng[MAX_ENGINES];
-    int n_eng;
-    if (discover(sched, eng, &n_eng, err, sizeof err) != 0) {
+    char err[512];
+    snprintf(E->sched, sizeof E->sched, "%s", json_string_value(json_object_get(E->st, "sched")));
+    if (kvfe_router_open(&E->rt, E->sched, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-bench e2e: %s\n", err);
-        json_decref(st);
         return 1;
     }
-    if (!out_dir) {
-        static char od[620];
-        char *slash = strrchr(state_path, '/');
-        snprintf(od, sizeof od, "%.*s/e2e", slash ? (int)(slash - state_path) : 1,
-                 slash ? state_path : ".");
-        out_dir = od;
-    }
-    mkdir(out_dir, 0755);
-    /* The requests. */
+    char *slash = strrchr(E->state_path, '/');
+    snprintf(E->od, sizeof E->od, "%.*s/e2e", slash ? (int)(slash - E->state_path) : 1,
+             slash ? E->state_path : ".");
+    E->out_dir = E->o.out_dir ? E->o.out_dir : E->od;
+    mkdir(E->out_dir, 0755);
+    return PROCEED;
+}
+
+/* Reads max trace records from skip on as requests; *out holds at least one (caller frees with
+ * free_requests()). Returns the number of prompts cut at --max-input, or -1 (said on stderr). */
+static long load_requests(const e2e *E, size_t skip, size_t max, rec **out, size_t *n)
+{
+    const opts *o = &E->o;
     bench_trace_rec *tr;
-    size_t n;
-    if (bench_trace_load(trace, (size_t)start, (size_t)max_req, &tr, &n, err, sizeof err) != 0) {
+    char err[512];
+    if (bench_trace_load(o->trace, skip, max, &tr, n, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-bench e2e: %s\n", err);
-        json_decref(st);
-        return 1;
+        return -1;
     }
-    if (n == 0) {
-        fprintf(stderr, "kvf-bench e2e: %s has no request from %ld on\n", trace, start);
-        json_decref(st);
-        return 1;
-    }
-    rec *base = calloc(n, sizeof *base);
     kvf_keyspace ks;
-    kvf_keyspace_init(&ks, &m.layout, NULL, 0);
-    size_t truncated = 0;
-    double t_first = tr[0].arrival;
-    for (size_t i = 0; i < n; i++) {
-        truncated += build_request(&tr[i], block, max_in, max_out, &m, &ks, &base[i]);
-        base[i].arrival = (tr[i].arrival - t_first) / scale;
+    kvf_keyspace_init(&ks, &E->m.layout, NULL, 0);
+    long cut = 0;
+    *out = calloc(*n ? *n : 1, sizeof **out);
+    for (size_t i = 0; *out && i < *n; i++) {
+        cut += build_request(&tr[i], o->block, o->max_in, o->max_out, &E->m, &ks, &(*out)[i]);
+        (*out)[i].arrival = (tr[i].arrival - tr[0].arrival) / o->scale;
     }
-    bench_trace_free(tr, n);
-    /* The warm-up requests: the ones before the window. */
-    size_t n_warm = 0;
-    rec *warm_r = NULL;
-    if (warmup > 0) {
-        if (bench_trace_load(trace, (size_t)(start - warmup), (size_t)warmup, &tr, &n_warm, err,
-                             sizeof err) != 0) {
-            fprintf(stderr, "kvf-bench e2e: %s\n", err);
-            return 1;
-        }
-        warm_r = calloc(n_warm ? n_warm : 1, sizeof *warm_r);
-        for (size_t i = 0; i < n_warm; i++)
-            build_request(&tr[i], block, max_in, max_out, &m, &ks, &warm_r[i]);
-        bench_trace_free(tr, n_warm);
+    bench_trace_free(tr, *n);
+    if (!*out)
+        fprintf(stderr, "kvf-bench e2e: out of memory for %zu requests\n", *n);
+    return *out ? cut : -1;
+}
+
+static void free_requests(rec *r, size_t n)
+{
+    for (size_t i = 0; r && i < n; i++) {
+        free(r[i].tokens);
+        free(r[i].keys);
     }
-    double span = base[n - 1].arrival;
+    free(r);
+}
+
+/* The measured requests (--start, --max-requests) and the warm-up's (the --warmup before them). */
+static int load_workload(e2e *E)
+{
+    const opts *o = &E->o;
+    long cut = load_requests(E, (size_t)o->start, (size_t)o->max_req, &E->base, &E->n);
+    if (cut >= 0 && E->n == 0)
+        fprintf(stderr, "kvf-bench e2e: %s has no request from %ld on\n", o->trace, o->start);
+    if (cut < 0 || E->n == 0)
+        return 1;
+    if (o->warmup > 0 && load_requests(E, (size_t)(o->start - o->warmup), (size_t)o->warmup,
+                                       &E->warm_r, &E->n_warm) < 0)
+        return 1;
+    E->truncated = (size_t)cut;
+    E->span = E->base[E->n - 1].arrival;
     bench_progress("e2e",
                    "%zu requests of %s from #%ld, %ld tokens per trace block, %.0f s of arrivals "
-                   "(time scale %.2f), %zu prompts cut to %ld tokens; %d engines via kvf-sched %s",
-                   n, trace, start, block, span, scale, truncated, max_in, n_eng, sched);
-    /* Who computed which chunk, for the cross-engine reuse figure (warm-up and kvf run). */
-    owners own = {.mask = (1u << 20) - 1, .chunk_tokens = m.layout.chunk_tokens};
-    pthread_mutex_init(&own.mu, NULL);
-    own.key = calloc(own.mask + 1, sizeof *own.key);
-    own.eng = calloc(own.mask + 1, sizeof *own.eng);
-    /* The runs. */
-    run runs[2];
-    int n_runs = 0;
+                   "(time scale %.2f), %zu prompts cut to %ld tokens; %zu engines via kvf-sched %s",
+                   E->n, o->trace, o->start, o->block, E->span, o->scale, E->truncated, o->max_in,
+                   kvfe_router_engine_count(E->rt), E->sched);
+    return PROCEED;
+}
+
+/* One run per mode of --modes (kvf, baseline), each with its own records of the same requests.
+ * Who computed which chunk is kept for the cross-engine reuse figure (warm-up and kvf run). */
+static int init_runs(e2e *E)
+{
+    E->own.mask = (1u << 20) - 1;
+    E->own.chunk_tokens = E->m.layout.chunk_tokens;
+    E->own.key = calloc(E->own.mask + 1, sizeof *E->own.key);
+    E->own.eng = calloc(E->own.mask + 1, sizeof *E->own.eng);
     char mbuf[64];
-    snprintf(mbuf, sizeof mbuf, "%s", modes);
-    for (char *sv = NULL, *t = strtok_r(mbuf, ",", &sv); t && n_runs < 2;
+    snprintf(mbuf, sizeof mbuf, "%s", E->o.modes);
+    for (char *sv = NULL, *t = strtok_r(mbuf, ",", &sv); t && E->n_runs < 2;
          t = strtok_r(NULL, ",", &sv)) {
         if (strcmp(t, "kvf") && strcmp(t, "baseline")) {
             fprintf(stderr, "kvf-bench e2e: --modes takes kvf and baseline\n");
             return 2;
         }
-        run *R = &runs[n_runs++];
-        memset(R, 0, sizeof *R);
+        run *R = &E->runs[E->n_runs++];
         R->mode = strcmp(t, "kvf") ? "baseline" : "kvf";
-        R->n = n;
-        R->r = calloc(n, sizeof *R->r);
-        for (size_t i = 0; i < n; i++) {
-            R->r[i].arrival = base[i].arrival;
-            R->r[i].tokens = base[i].tokens;
-            R->r[i].n = base[i].n;
-            R->r[i].out_tokens = base[i].out_tokens;
-            R->r[i].keys = base[i].keys;
-            R->r[i].n_keys = base[i].n_keys;
+        R->n = E->n;
+        R->r = calloc(E->n, sizeof *R->r);
+        if (R->r) /* the requests, with nothing happened yet */
+            memcpy(R->r, E->base, E->n * sizeof *R->r);
+        R->rt = E->rt;
+        R->own = strcmp(R->mode, "kvf") ? NULL : &E->own;
+        R->slo_s = E->o.slo_ms / 1e3;
+        R->concurrency = (int)E->o.conc;
+        if (!R->r || !E->own.key || !E->own.eng) {
+            fprintf(stderr, "kvf-bench e2e: out of memory for the %s run\n", R->mode);
+            return 1;
         }
-        R->eng = eng;
-        R->own = strcmp(R->mode, "kvf") ? NULL : &own;
-        R->n_eng = n_eng;
-        snprintf(R->sched, sizeof R->sched, "%s", sched);
-        R->slo_s = slo_ms / 1e3;
-        R->concurrency = (int)conc;
     }
-    json_t *summaries = json_object();
-    summary sm[2];
-    for (int k = 0; k < n_runs; k++) {
-        run *R = &runs[k];
+    return PROCEED;
+}
+
+/* Runs each mode and summarizes it; the kvf run starts from cleared stores and the warm-up. */
+static int run_all(e2e *E)
+{
+    char err[512];
+    for (int k = 0; k < E->n_runs; k++) {
+        run *R = &E->runs[k];
         if (!strcmp(R->mode, "kvf")) {
-            if (clear_stores(json_object_get(st, "stores"), &m.layout, err, sizeof err) != 0)
+            if (clear_stores(json_object_get(E->st, "stores"), &E->m.layout, err, sizeof err) != 0)
                 bench_progress("e2e", "warning: %s", err);
-            if (n_warm && warm_up(warm_r, n_warm, eng, n_eng, &own) != 0)
+            if (E->n_warm && warm_up(E->warm_r, E->n_warm, E->rt, &E->own) != 0)
                 bench_progress("e2e", "warning: some warm-up requests failed");
         }
         uint64_t l0, s0, l1, s1;
-        engine_bytes(R, &l0, &s0);
-        bench_progress("e2e", "run %d/%d: %s", k + 1, n_runs,
+        kvfe_router_kv_bytes(E->rt, &l0, &s0);
+        bench_progress("e2e", "run %d/%d: %s", k + 1, E->n_runs,
                        strcmp(R->mode, "kvf") ? "without kvfabric (colocated, every prefill from "
                                                 "scratch)"
                                               : "with kvfabric (placed by kvf-sched, "
                                                 "disaggregated, prefix cache in the stores)");
         run_mode(R, R->mode);
-        engine_bytes(R, &l1, &s1);
-        summarize(R, &sm[k]);
-        sm[k].load_bytes = l1 - l0;
-        sm[k].save_bytes = s1 - s0;
-        json_object_set_new(summaries, R->mode, summary_json(&sm[k], R));
+        kvfe_router_kv_bytes(E->rt, &l1, &s1);
+        summarize(R, &E->sm[k]);
+        E->sm[k].load_bytes = l1 - l0;
+        E->sm[k].save_bytes = s1 - s0;
     }
-    for (int k = 0; k < n_runs; k++) {
+    return PROCEED;
+}
+
+/* Says why the first three failed requests of each run failed, and compares the generated tokens
+ * of the two runs request by request, where both served it. */
+static void check_runs(const e2e *E, size_t *compared, size_t *differ)
+{
+    *compared = *differ = 0;
+    for (int k = 0; k < E->n_runs; k++) {
         int shown = 0;
-        for (size_t i = 0; i < n && shown < 3; i++)
-            if (runs[k].r[i].failed) {
-                fprintf(stderr, "kvf-bench e2e: %s: request %zu failed: %s\n", runs[k].mode, i,
-                        runs[k].r[i].err);
+        for (size_t i = 0; i < E->n && shown < 3; i++)
+            if (E->runs[k].r[i].failed) {
+                fprintf(stderr, "kvf-bench e2e: %s: request %zu failed: %s\n", E->runs[k].mode, i,
+                        E->runs[k].r[i].err);
                 shown++;
             }
     }
-    /* Tokens compared request by request. */
-    size_t compared = 0, differ = 0;
-    if (n_runs == 2) {
-        for (size_t i = 0; i < n; i++) {
-            const rec *a = &runs[0].r[i], *b = &runs[1].r[i];
-            if (a->failed || b->failed || a->rejected || b->rejected)
-                continue;
-            compared++;
-            differ += a->tokens_hash != b->tokens_hash || a->n_generated != b->n_generated;
-        }
+    for (size_t i = 0; E->n_runs == 2 && i < E->n; i++) {
+        const rec *a = &E->runs[0].r[i], *b = &E->runs[1].r[i];
+        if (a->failed || b->failed || a->rt.rejected || b->rt.rejected)
+            continue;
+        (*compared)++;
+        *differ += a->tokens_hash != b->tokens_hash || a->n_generated != b->n_generated;
     }
-    write_records(out_dir, runs, n_runs);
-    double bin = span / 20 > 1 ? span / 20 : 1;
-    int plotted = plot(out_dir, runs, n_runs, bin) == 0;
-    /* The table. */
-    printf("\nkvf-bench e2e: %zu requests, %d engines, model %s, %s, all figures real\n", n, n_eng,
-           model, json_is_true(json_object_get(st, "netns")) ? "network namespaces" : "loopback");
+}
+
+static void print_table(const e2e *E)
+{
+    const summary *sm = E->sm;
+    printf("\nkvf-bench e2e: %zu requests, %zu engines, model %s, %s, all figures real\n", E->n,
+           kvfe_router_engine_count(E->rt), E->model,
+           json_is_true(json_object_get(E->st, "netns")) ? "network namespaces" : "loopback");
     printf("%-10s %9s %9s %9s %9s %9s %8s %8s %8s %9s %9s %6s\n", "mode", "TTFT p50", "p90", "p99",
            "ITL mean", "ITL p99", "req/s", "hit dev", "hit str", "MB in", "MB out", "failed");
-    for (int k = 0; k < n_runs; k++)
+    for (int k = 0; k < E->n_runs; k++)
         printf(
             "%-10s %8.3fs %8.3fs %8.3fs %7.2fms %7.2fms %8.2f %7.1f%% %7.1f%% %8.1fM %8.1fM %6zu\n",
-            runs[k].mode, sm[k].ttft_p50, sm[k].ttft_p90, sm[k].ttft_p99, sm[k].itl_mean * 1e3,
+            E->runs[k].mode, sm[k].ttft_p50, sm[k].ttft_p90, sm[k].ttft_p99, sm[k].itl_mean * 1e3,
             sm[k].itl_p99 * 1e3, sm[k].rps, sm[k].device_hit * 100, sm[k].store_hit * 100,
             (double)sm[k].load_bytes / 1e6, (double)sm[k].save_bytes / 1e6,
             sm[k].failed + sm[k].rejected);
-    for (int k = 0; k < n_runs; k++)
-        if (!strcmp(runs[k].mode, "kvf"))
+    for (int k = 0; k < E->n_runs; k++)
+        if (!strcmp(E->runs[k].mode, "kvf"))
             printf("cross-engine reuse: %zu requests loaded a prefix another engine computed "
                    "(%.1f%% of all prompt tokens)\ntransport of every transfer: %s (%s)\n",
                    sm[k].cross_requests, sm[k].cross_hit * 100,
-                   runs[k].transport[0] ? runs[k].transport : "none", runs[k].transport_why);
-    json_t *res =
-        json_pack("{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s}", "bench", "e2e", "summary",
-                  summaries, "engines", n_eng, "requests", (json_int_t)n, "start",
-                  (json_int_t)start, "warmup", (json_int_t)n_warm, "block_tokens",
-                  (json_int_t)block, "time_scale", scale, "tokens_compared", (json_int_t)compared,
-                  "tokens_differ", (json_int_t)differ, "out", out_dir, "label", "real");
-    if (n_runs == 2) {
-        const summary *kv = !strcmp(runs[0].mode, "kvf") ? &sm[0] : &sm[1];
-        const summary *bl = kv == &sm[0] ? &sm[1] : &sm[0];
-        double ratio = bl->ttft_p50 > 0 ? kv->ttft_p50 / bl->ttft_p50 : 0;
-        json_object_set_new(res, "ttft_p50_ratio", json_real(ratio));
-        json_object_set_new(res, "ttft_p50_target_met", json_boolean(ratio > 0 && ratio <= 0.5));
-        printf("TTFT p50 with kvfabric / without: %.3f (target <= 0.5: %s); generated tokens "
-               "identical in %zu of %zu requests compared\n",
-               ratio, ratio > 0 && ratio <= 0.5 ? "met" : "NOT met", compared - differ, compared);
-    }
-    printf("records: %s/records.csv, %s/records.json; plots: %s\n", out_dir, out_dir,
+                   E->runs[k].transport[0] ? E->runs[k].transport : "none",
+                   E->runs[k].transport_why);
+}
+
+/* The result object; with both runs, it also prints TTFT p50 with kvfabric over without against
+ * the target of 0.5. */
+static json_t *result_json(const e2e *E, size_t compared, size_t differ)
+{
+    json_t *summaries = json_object();
+    for (int k = 0; k < E->n_runs; k++)
+        json_object_set_new(summaries, E->runs[k].mode, summary_json(&E->sm[k], &E->runs[k]));
+    json_t *res = json_pack(
+        "{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s}", "bench", "e2e", "summary", summaries,
+        "engines", (int)kvfe_router_engine_count(E->rt), "requests", (json_int_t)E->n, "start",
+        (json_int_t)E->o.start, "warmup", (json_int_t)E->n_warm, "block_tokens",
+        (json_int_t)E->o.block, "time_scale", E->o.scale, "tokens_compared", (json_int_t)compared,
+        "tokens_differ", (json_int_t)differ, "out", E->out_dir, "label", "real");
+    if (E->n_runs != 2)
+        return res;
+    const summary *kv = !strcmp(E->runs[0].mode, "kvf") ? &E->sm[0] : &E->sm[1];
+    const summary *bl = kv == &E->sm[0] ? &E->sm[1] : &E->sm[0];
+    double ratio = bl->ttft_p50 > 0 ? kv->ttft_p50 / bl->ttft_p50 : 0;
+    json_object_set_new(res, "ttft_p50_ratio", json_real(ratio));
+    json_object_set_new(res, "ttft_p50_target_met", json_boolean(ratio > 0 && ratio <= 0.5));
+    printf("TTFT p50 with kvfabric / without: %.3f (target <= 0.5: %s); generated tokens "
+           "identical in %zu of %zu requests compared\n",
+           ratio, ratio > 0 && ratio <= 0.5 ? "met" : "NOT met", compared - differ, compared);
+    return res;
+}
+
+/* Writes the records, plots, table and summary. Returns the exit status: 1 when a request failed,
+ * a first token differed between prefill and decode, or the runs generated different tokens. */
+static int report(e2e *E)
+{
+    size_t compared, differ;
+    check_runs(E, &compared, &differ);
+    write_records(E->out_dir, E->runs, E->n_runs);
+    double bin = E->span / 20 > 1 ? E->span / 20 : 1;
+    int plotted = plot(E->out_dir, E->runs, E->n_runs, bin) == 0;
+    print_table(E);
+    json_t *res = result_json(E, compared, differ);
+    printf("records: %s/records.csv, %s/records.json; plots: %s\n", E->out_dir, E->out_dir,
            plotted ? "ttft_cdf.png, throughput.png" : "not drawn (gnuplot missing or failed)");
     char sp[700];
-    snprintf(sp, sizeof sp, "%s/summary.json", out_dir);
+    snprintf(sp, sizeof sp, "%s/summary.json", E->out_dir);
     json_dump_file(res, sp, JSON_INDENT(2));
-    bench_emit(res, json);
-    int failed = 0;
-    for (int k = 0; k < n_runs; k++)
-        failed += (int)sm[k].failed + (int)sm[k].mismatches;
-    failed += (int)differ;
+    bench_emit(res, E->o.json);
     json_decref(res);
-    json_decref(st);
-    for (int k = 0; k < n_runs; k++)
-        free(runs[k].r);
-    for (size_t i = 0; i < n; i++) {
-        free(base[i].tokens);
-        free(base[i].keys);
-    }
-    free(base);
-    for (size_t i = 0; i < n_warm; i++) {
-        free(warm_r[i].tokens);
-        free(warm_r[i].keys);
-    }
-    free(warm_r);
-    free(own.key);
-    free(own.eng);
-    pthread_mutex_destroy(&own.mu);
+    size_t failed = differ;
+    for (int k = 0; k < E->n_runs; k++)
+        failed += E->sm[k].failed + E->sm[k].mismatches;
     return failed ? 1 : 0;
+}
+
+int bench_e2e_main(int argc, char **argv)
+{
+    static int (*const steps[])(e2e *) = {open_cluster, load_workload, init_runs, run_all, report};
+    e2e *E = calloc(1, sizeof *E);
+    if (!E) {
+        fprintf(stderr, "kvf-bench e2e: out of memory\n");
+        return 1;
+    }
+    pthread_mutex_init(&E->own.mu, NULL);
+    int rc = parse_opts(argc, argv, &E->o);
+    for (size_t i = 0; rc == PROCEED && i < sizeof steps / sizeof steps[0]; i++)
+        rc = steps[i](E);
+    for (int k = 0; k < E->n_runs; k++)
+        free(E->runs[k].r);
+    free_requests(E->base, E->n);
+    free_requests(E->warm_r, E->n_warm);
+    free(E->own.key);
+    free(E->own.eng);
+    pthread_mutex_destroy(&E->own.mu);
+    kvfe_router_close(&E->rt);
+    json_decref(E->st);
+    free(E);
+    return rc;
 }

@@ -1,5 +1,5 @@
 /*
- * The reference engine's forward pass (bench/engine/engine.h). A Llama-style decoder: pre-norm
+ * The reference engine's forward pass (engine/include/engine.h). A Llama-style decoder: pre-norm
  * RMSNorm ("Root Mean Square Layer Normalization", Zhang and Sennrich, 2019), rotary embeddings
  * ("RoFormer", Su et al., 2021) on Q and K, grouped-query attention ("GQA", Ainslie et al., 2023)
  * and a SwiGLU MLP ("GLU Variants Improve Transformer", Shazeer, 2020). All math is f32.
@@ -151,23 +151,99 @@ static float *kv_row(kvfe_engine *e, uint8_t **planes, uint32_t layer, size_t po
 /* ------------------------------------------------------------------------------------------ */
 /* One layer over rows [start, n) */
 
+/* The prefix's keys and values of layer l, from the paged cache into contiguous scratch. */
+static void gather_prefix(kvfe_engine *e, uint32_t l, size_t start)
+{
+    uint32_t hd = e->hd;
+    for (size_t p = 0; p < start; p++) {
+        const float *kr = kv_row(e, e->kplane, l, p), *vr = kv_row(e, e->vplane, l, p);
+        for (uint32_t g = 0; g < e->kvh; g++) {
+            memcpy(e->kc + ((size_t)g * e->o.max_tokens + p) * hd, kr + g * hd, hd * sizeof(float));
+            memcpy(e->vc + ((size_t)g * e->o.max_tokens + p) * hd, vr + g * hd, hd * sizeof(float));
+        }
+    }
+}
+
+/* Writes the block's new keys and values (rows b0 .. b0 + T) to the paged cache of layer l and to
+ * the contiguous scratch. */
+static void append_kv(kvfe_engine *e, uint32_t l, size_t b0, size_t T)
+{
+    uint32_t hd = e->hd;
+    size_t kvdim = (size_t)e->kvh * hd;
+    for (size_t t = 0; t < T; t++) {
+        size_t pos = b0 + t;
+        memcpy(kv_row(e, e->kplane, l, pos), e->k + t * kvdim, kvdim * sizeof(float));
+        memcpy(kv_row(e, e->vplane, l, pos), e->v + t * kvdim, kvdim * sizeof(float));
+        for (uint32_t g = 0; g < e->kvh; g++) {
+            memcpy(e->kc + ((size_t)g * e->o.max_tokens + pos) * hd, e->k + t * kvdim + g * hd,
+                   hd * sizeof(float));
+            memcpy(e->vc + ((size_t)g * e->o.max_tokens + pos) * hd, e->v + t * kvdim + g * hd,
+                   hd * sizeof(float));
+        }
+    }
+}
+
+/* Attention of the block's queries (rows b0 .. b1): per query head, scores against keys [0, b1),
+ * causal mask, softmax, values; into e->att. */
+static void attention(kvfe_engine *e, size_t b0, size_t b1)
+{
+    uint32_t hd = e->hd;
+    size_t T = b1 - b0, qdim = (size_t)e->nh * hd;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (uint32_t h = 0; h < e->nh; h++) {
+        uint32_t g = h / e->group;
+        const float *K = e->kc + (size_t)g * e->o.max_tokens * hd;
+        const float *V = e->vc + (size_t)g * e->o.max_tokens * hd;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)b1, (int)hd, scale,
+                    e->q + h * hd, (int)qdim, K, (int)hd, 0.0f, e->scores, (int)b1);
+        for (size_t t = 0; t < T; t++) {
+            float *s = e->scores + t * b1;
+            size_t last = b0 + t;
+            float mx = s[0];
+            for (size_t j = 1; j <= last; j++)
+                if (s[j] > mx)
+                    mx = s[j];
+            float sum = 0.0f;
+            for (size_t j = 0; j <= last; j++) {
+                s[j] = expf(s[j] - mx);
+                sum += s[j];
+            }
+            float inv = 1.0f / sum;
+            for (size_t j = 0; j <= last; j++)
+                s[j] *= inv;
+            for (size_t j = last + 1; j < b1; j++)
+                s[j] = 0.0f;
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)hd, (int)b1, 1.0f,
+                    e->scores, (int)b1, V, (int)hd, 0.0f, e->att + h * hd, (int)qdim);
+    }
+}
+
+/* The SwiGLU MLP of T rows x, added to them. */
+static void mlp(kvfe_engine *e, const layer_w *w, float *x, size_t T)
+{
+    const kvfe_model *m = &e->m;
+    uint32_t H = m->hidden;
+    rmsnorm(e->h, x, w->n2, T, H, m->norm_eps);
+    matmul(e->g, e->h, w->wg, T, H, m->ffn);
+    matmul(e->u, e->h, w->wu, T, H, m->ffn);
+    for (size_t i = 0; i < T * m->ffn; i++) {
+        float a = e->g[i];
+        e->g[i] = a / (1.0f + expf(-a)) * e->u[i];
+    }
+    matmul(e->o_, e->g, w->wd, T, m->ffn, H);
+    for (size_t i = 0; i < T * H; i++)
+        x[i] += e->o_[i];
+}
+
 static void layer_forward(kvfe_engine *e, uint32_t l, size_t start, size_t n)
 {
     const kvfe_model *m = &e->m;
     const layer_w *w = &e->lw[l];
     uint32_t hd = e->hd, kvh = e->kvh, nh = e->nh, H = m->hidden;
     size_t kvdim = (size_t)kvh * hd, qdim = (size_t)nh * hd;
-    float scale = 1.0f / sqrtf((float)hd);
 
-    /* The prefix's keys and values, from the paged cache into contiguous scratch. */
-    for (size_t p = 0; p < start; p++) {
-        const float *kr = kv_row(e, e->kplane, l, p), *vr = kv_row(e, e->vplane, l, p);
-        for (uint32_t g = 0; g < kvh; g++) {
-            memcpy(e->kc + ((size_t)g * e->o.max_tokens + p) * hd, kr + g * hd, hd * sizeof(float));
-            memcpy(e->vc + ((size_t)g * e->o.max_tokens + p) * hd, vr + g * hd, hd * sizeof(float));
-        }
-    }
-
+    gather_prefix(e, l, start);
     size_t b0 = start;
     while (b0 < n) {
         size_t b1 = (b0 / e->B + 1) * e->B;
@@ -181,59 +257,12 @@ static void layer_forward(kvfe_engine *e, uint32_t l, size_t start, size_t n)
         matmul(e->v, e->h, w->wv, T, H, kvdim);
         rope(e, e->q, T, nh, b0);
         rope(e, e->k, T, kvh, b0);
-        for (size_t t = 0; t < T; t++) {
-            size_t pos = b0 + t;
-            memcpy(kv_row(e, e->kplane, l, pos), e->k + t * kvdim, kvdim * sizeof(float));
-            memcpy(kv_row(e, e->vplane, l, pos), e->v + t * kvdim, kvdim * sizeof(float));
-            for (uint32_t g = 0; g < kvh; g++) {
-                memcpy(e->kc + ((size_t)g * e->o.max_tokens + pos) * hd, e->k + t * kvdim + g * hd,
-                       hd * sizeof(float));
-                memcpy(e->vc + ((size_t)g * e->o.max_tokens + pos) * hd, e->v + t * kvdim + g * hd,
-                       hd * sizeof(float));
-            }
-        }
-        /* Attention: per query head, scores against keys [0, b1), causal mask, softmax, values. */
-        for (uint32_t h = 0; h < nh; h++) {
-            uint32_t g = h / e->group;
-            const float *K = e->kc + (size_t)g * e->o.max_tokens * hd;
-            const float *V = e->vc + (size_t)g * e->o.max_tokens * hd;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)T, (int)b1, (int)hd, scale,
-                        e->q + h * hd, (int)qdim, K, (int)hd, 0.0f, e->scores, (int)b1);
-            for (size_t t = 0; t < T; t++) {
-                float *s = e->scores + t * b1;
-                size_t last = b0 + t;
-                float mx = s[0];
-                for (size_t j = 1; j <= last; j++)
-                    if (s[j] > mx)
-                        mx = s[j];
-                float sum = 0.0f;
-                for (size_t j = 0; j <= last; j++) {
-                    s[j] = expf(s[j] - mx);
-                    sum += s[j];
-                }
-                float inv = 1.0f / sum;
-                for (size_t j = 0; j <= last; j++)
-                    s[j] *= inv;
-                for (size_t j = last + 1; j < b1; j++)
-                    s[j] = 0.0f;
-            }
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)T, (int)hd, (int)b1, 1.0f,
-                        e->scores, (int)b1, V, (int)hd, 0.0f, e->att + h * hd, (int)qdim);
-        }
+        append_kv(e, l, b0, T);
+        attention(e, b0, b1);
         matmul(e->o_, e->att, w->wo, T, qdim, H);
         for (size_t i = 0; i < T * H; i++)
             x[i] += e->o_[i];
-        /* SwiGLU MLP. */
-        rmsnorm(e->h, x, w->n2, T, H, m->norm_eps);
-        matmul(e->g, e->h, w->wg, T, H, m->ffn);
-        matmul(e->u, e->h, w->wu, T, H, m->ffn);
-        for (size_t i = 0; i < T * m->ffn; i++) {
-            float a = e->g[i];
-            e->g[i] = a / (1.0f + expf(-a)) * e->u[i];
-        }
-        matmul(e->o_, e->g, w->wd, T, m->ffn, H);
-        for (size_t i = 0; i < T * H; i++)
-            x[i] += e->o_[i];
+        mlp(e, w, x, T);
         b0 = b1;
     }
 }
@@ -272,6 +301,66 @@ int kvfe_flush(kvfe_engine *e)
     return rc;
 }
 
+/* Whole chunks of the previous sequence's KV that a prompt of n tokens starts with, at most
+ * max_hit tokens: the device tier, kept in the pages (rows are aligned to absolute positions, so
+ * they are the bytes a recompute would write). */
+static size_t device_prefix(const kvfe_engine *e, const uint32_t *tokens, size_t n, size_t max_hit)
+{
+    size_t dev = 0;
+    if (!e->o.keep_prefix || e->reuse_off)
+        return 0;
+    while (dev < e->len && dev < n && e->tokens[dev] == tokens[dev])
+        dev++;
+    dev = dev / e->m.layout.chunk_tokens * e->m.layout.chunk_tokens;
+    return dev < max_hit ? dev : max_hit;
+}
+
+/* Starts saving the chunks of tokens[from, full) through cn when this prefill saves, layer by
+ * layer as the layers are marked done. Returns the transfer, or NULL when nothing is saved. */
+static kvf_xfer *start_save(kvfe_engine *e, kvf_connector *cn, const uint32_t *tokens, size_t full,
+                            size_t from)
+{
+    const kvf_layout *L = &e->m.layout;
+    kvf_xfer *save = NULL;
+    if (cn && e->o.save && !e->save_off && full > from &&
+        kvf_connector_save(cn, tokens, full, from / L->chunk_tokens, e->page_of,
+                           full / L->page_tokens, &save) != 0)
+        save = NULL;
+    return save;
+}
+
+/* Runs every layer over rows [start, n), each once its layer of load (may be NULL) has arrived,
+ * and marks each done for save (may be NULL). Returns 0, or the load's failure, also put in
+ * r->load_error, when a layer of it did not arrive. */
+static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvf_xfer *save,
+                      kvfe_result *r)
+{
+    embed_rows(e, start, n);
+    int rc = 0;
+    if (load && e->o.no_overlap) {
+        double w0 = now_s();
+        rc = kvf_xfer_wait(load);
+        r->wait_seconds += now_s() - w0;
+    }
+    for (uint32_t l = 0; !rc && l < e->m.layout.layers; l++) {
+        if (load) {
+            double w0 = now_s();
+            rc = kvf_xfer_wait_layer(load, l);
+            r->wait_seconds += now_s() - w0;
+            if (rc)
+                break;
+        }
+        double c0 = now_s();
+        layer_forward(e, l, start, n);
+        r->compute_seconds += now_s() - c0;
+        if (save)
+            kvf_xfer_layer_done(save, l);
+    }
+    if (rc)
+        r->load_error = rc;
+    return rc;
+}
+
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r)
 {
     memset(r, 0, sizeof *r);
@@ -283,17 +372,7 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     uint32_t C = L->chunk_tokens, P = L->page_tokens;
     kvf_connector *cn = e->reuse_off ? NULL : e->o.cn;
     size_t max_hit = (n - 1) / C * C; /* at least one token is computed, for the logits */
-
-    /* Device tier: the previous sequence's KV is still in the pages; whole chunks of it that the
-     * new prompt starts with are kept (rows are aligned to absolute positions, so they are the
-     * bytes a recompute would write). */
-    size_t dev = 0;
-    if (e->o.keep_prefix && !e->reuse_off) {
-        while (dev < e->len && dev < n && e->tokens[dev] == tokens[dev])
-            dev++;
-        dev = dev / C * C;
-        dev = dev < max_hit ? dev : max_hit;
-    }
+    size_t dev = device_prefix(e, tokens, n, max_hit);
     memcpy(e->tokens, tokens, n * sizeof *tokens);
     e->len = n;
 
@@ -311,47 +390,9 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     }
     /* Chunks kept from the device tier may not be in the store (evicted, or computed with reuse
      * off): the save starts at chunk 0 then, and the store answers "exists" for those it has. */
-    size_t full = n / C * C, save_from = r->device_tokens ? 0 : hit;
-    kvf_xfer *save = NULL;
-    if (cn && e->o.save && !e->save_off && full > save_from &&
-        kvf_connector_save(cn, tokens, full, save_from / C, e->page_of, full / P, &save) != 0)
-        save = NULL;
-
-    double wait = 0, compute = 0;
-    for (;;) {
-        size_t start = hit;
-        embed_rows(e, start, n);
-        int failed = 0;
-        if (load && e->o.no_overlap) {
-            double w0 = now_s();
-            int rc = kvf_xfer_wait(load);
-            wait += now_s() - w0;
-            if (rc) {
-                r->load_error = rc;
-                failed = 1;
-            }
-        }
-        for (uint32_t l = 0; !failed && l < L->layers; l++) {
-            if (load) {
-                double w0 = now_s();
-                int rc = kvf_xfer_wait_layer(load, l);
-                wait += now_s() - w0;
-                if (rc) {
-                    r->load_error = rc;
-                    failed = 1;
-                    break;
-                }
-            }
-            double c0 = now_s();
-            layer_forward(e, l, start, n);
-            compute += now_s() - c0;
-            if (save)
-                kvf_xfer_layer_done(save, l);
-        }
-        if (!failed) {
-            r->loaded_tokens = load ? hit : 0;
-            break;
-        }
+    size_t full = n / C * C;
+    kvf_xfer *save = start_save(e, cn, tokens, full, r->device_tokens ? 0 : hit);
+    while (run_layers(e, hit, n, load, save, r) != 0) {
         /* The store could not deliver every layer: recompute everything from the start. Once
          * cancel returns no worker writes these pages any more; the save restarts from chunk 0
          * so a chunk that was bad in the store is replaced. */
@@ -363,16 +404,13 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
         }
         hit = 0;
         r->device_tokens = 0;
-        if (cn && e->o.save && !e->save_off && full > 0 &&
-            kvf_connector_save(cn, tokens, full, 0, e->page_of, full / P, &save) != 0)
-            save = NULL;
+        save = start_save(e, cn, tokens, full, 0);
     }
+    r->loaded_tokens = load ? hit : 0;
     if (load)
         kvf_xfer_free(&load);
     e->pending_save = save;
     finish(e, n - 1 - hit, r);
-    r->compute_seconds = compute;
-    r->wait_seconds = wait;
     r->seconds = now_s() - t0;
     return 0;
 }
@@ -428,25 +466,13 @@ void kvfe_close(kvfe_engine **ep)
     *ep = NULL;
 }
 
-int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
+/* The shapes of the model's tensors and of the row blocks (B divides chunk_tokens, at most 128). */
+static void set_shapes(kvfe_engine *e)
 {
-    *out = NULL;
-    kvfe_engine *e = calloc(1, sizeof *e);
-    if (!e) {
-        snprintf(err, errlen, "out of memory");
-        return KVF_ENOMEM;
-    }
-    e->o = *o;
-    if (kvfe_model_preset(o->model, &e->m) != 0) {
-        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny or ref-100m)", o->model);
-        free(e);
-        return KVF_ENOENT;
-    }
-    const kvfe_model *m = &e->m;
-    const kvf_layout *L = &m->layout;
+    const kvf_layout *L = &e->m.layout;
     e->hd = L->head_dim;
     e->kvh = L->kv_heads;
-    e->nh = m->n_heads;
+    e->nh = e->m.n_heads;
     e->group = e->nh / e->kvh;
     uint32_t C = L->chunk_tokens;
     e->B = C <= 128 ? C : 128;
@@ -454,11 +480,17 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
         e->B /= 2;
     if (!e->o.max_tokens)
         e->o.max_tokens = 4096;
-    uint32_t maxT = e->o.max_tokens;
-    uint32_t H = m->hidden, F = m->ffn, hd = e->hd;
-    size_t qdim = (size_t)e->nh * hd, kvdim = (size_t)e->kvh * hd;
+}
 
-    uint64_t seed = o->seed ? o->seed : 1;
+/* The weights, drawn from the seed in a fixed order, and the paged KV planes of every layer.
+ * Returns whether every allocation succeeded (kvfe_close() frees what did). */
+static int alloc_weights(kvfe_engine *e)
+{
+    const kvfe_model *m = &e->m;
+    const kvf_layout *L = &m->layout;
+    uint32_t H = m->hidden, F = m->ffn;
+    size_t qdim = (size_t)e->nh * e->hd, kvdim = (size_t)e->kvh * e->hd;
+    uint64_t seed = e->o.seed ? e->o.seed : 1;
     float sh = 0.5f * sqrtf(3.0f / (float)H), sf = 0.5f * sqrtf(3.0f / (float)F);
     e->embed = rand_tensor((size_t)m->vocab * H, 0.5f, &seed);
     e->norm_f = ones(H);
@@ -466,8 +498,8 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
     e->kplane = calloc(L->layers, sizeof *e->kplane);
     e->vplane = calloc(L->layers, sizeof *e->vplane);
     e->page_bytes = (size_t)L->page_tokens * kvdim * sizeof(float);
-    e->page_stride = e->page_bytes + o->page_pad;
-    e->num_pages = (maxT + L->page_tokens - 1) / L->page_tokens;
+    e->page_stride = e->page_bytes + e->o.page_pad;
+    e->num_pages = (e->o.max_tokens + L->page_tokens - 1) / L->page_tokens;
     int ok = e->embed && e->norm_f && e->lw && e->kplane && e->vplane;
     for (uint32_t l = 0; ok && l < L->layers; l++) {
         layer_w *w = &e->lw[l];
@@ -485,10 +517,19 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
         ok = w->wq && w->wk && w->wv && w->wo && w->wg && w->wu && w->wd && w->n1 && w->n2 &&
              e->kplane[l] && e->vplane[l];
     }
+    return ok;
+}
+
+/* The sequence's page map and tokens and the scratch of one row block. Returns whether every
+ * allocation succeeded (kvfe_close() frees what did). */
+static int alloc_scratch(kvfe_engine *e)
+{
+    size_t maxT = e->o.max_tokens, B = e->B, hd = e->hd;
+    size_t H = e->m.hidden, F = e->m.ffn;
+    size_t qdim = (size_t)e->nh * hd, kvdim = (size_t)e->kvh * hd;
     e->page_of = malloc(e->num_pages * sizeof *e->page_of);
     e->tokens = malloc(maxT * sizeof *e->tokens);
-    e->x = malloc((size_t)maxT * H * sizeof(float));
-    size_t B = e->B;
+    e->x = malloc(maxT * H * sizeof(float));
     e->h = malloc(B * (H > F ? H : F) * sizeof(float));
     e->q = malloc(B * qdim * sizeof(float));
     e->k = malloc(B * kvdim * sizeof(float));
@@ -497,32 +538,32 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
     e->o_ = malloc(B * H * sizeof(float));
     e->g = malloc(B * F * sizeof(float));
     e->u = malloc(B * F * sizeof(float));
-    e->scores = malloc(B * (size_t)maxT * sizeof(float));
-    e->kc = malloc((size_t)e->kvh * maxT * hd * sizeof(float));
-    e->vc = malloc((size_t)e->kvh * maxT * hd * sizeof(float));
-    e->logits = malloc(m->vocab * sizeof(float));
-    e->rope_cos = malloc((size_t)maxT * (hd / 2) * sizeof(float));
-    e->rope_sin = malloc((size_t)maxT * (hd / 2) * sizeof(float));
-    ok = ok && e->page_of && e->tokens && e->x && e->h && e->q && e->k && e->v && e->att && e->o_ &&
-         e->g && e->u && e->scores && e->kc && e->vc && e->logits && e->rope_cos && e->rope_sin;
-    if (!ok) {
-        snprintf(err, errlen, "engine: out of memory for model %s", o->model);
-        kvfe_close(&e);
-        return KVF_ENOMEM;
-    }
-    for (uint32_t p = 0; p < maxT; p++) {
+    e->scores = malloc(B * maxT * sizeof(float));
+    e->kc = malloc(e->kvh * maxT * hd * sizeof(float));
+    e->vc = malloc(e->kvh * maxT * hd * sizeof(float));
+    e->logits = malloc(e->m.vocab * sizeof(float));
+    e->rope_cos = malloc(maxT * (hd / 2) * sizeof(float));
+    e->rope_sin = malloc(maxT * (hd / 2) * sizeof(float));
+    return e->page_of && e->tokens && e->x && e->h && e->q && e->k && e->v && e->att && e->o_ &&
+           e->g && e->u && e->scores && e->kc && e->vc && e->logits && e->rope_cos && e->rope_sin;
+}
+
+/* The rotary tables, and the page of each page index: identity, or a seeded permutation so that
+ * a sequence's pages are scattered over the cache as they are in a serving engine. */
+static void fill_tables(kvfe_engine *e)
+{
+    uint32_t hd = e->hd;
+    for (uint32_t p = 0; p < e->o.max_tokens; p++) {
         for (uint32_t i = 0; i < hd / 2; i++) {
-            double f = pow((double)m->rope_theta, -2.0 * i / (double)hd);
+            double f = pow((double)e->m.rope_theta, -2.0 * i / (double)hd);
             e->rope_cos[(size_t)p * (hd / 2) + i] = (float)cos(p * f);
             e->rope_sin[(size_t)p * (hd / 2) + i] = (float)sin(p * f);
         }
     }
-    /* Page of each page index: identity, or a seeded permutation so that a sequence's pages are
-     * scattered over the cache as they are in a serving engine. */
     for (uint32_t i = 0; i < e->num_pages; i++)
         e->page_of[i] = i;
-    if (o->page_shuffle) {
-        uint64_t s = o->page_shuffle;
+    if (e->o.page_shuffle) {
+        uint64_t s = e->o.page_shuffle;
         for (uint32_t i = e->num_pages - 1; i > 0; i--) {
             uint32_t j = (uint32_t)(kvf__splitmix64(&s) % (i + 1));
             uint32_t t = e->page_of[i];
@@ -530,25 +571,57 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
             e->page_of[j] = t;
         }
     }
-    if (o->cn) {
-        kvf_kv_layer *reg = calloc(L->layers, sizeof *reg);
-        if (!reg) {
-            kvfe_close(&e);
-            return KVF_ENOMEM;
-        }
-        for (uint32_t l = 0; l < L->layers; l++)
-            reg[l] = (kvf_kv_layer){.k_base = e->kplane[l],
-                                    .v_base = e->vplane[l],
-                                    .page_stride = e->page_stride,
-                                    .num_pages = e->num_pages,
-                                    .kind = KVF_MEM_HOST};
-        int rc = kvf_connector_register(o->cn, reg, L->layers, err, errlen);
-        free(reg);
-        if (rc) {
-            kvfe_close(&e);
-            return rc;
-        }
+}
+
+/* Registers the KV planes of every layer with the connector, which moves KV to and from them. */
+static int register_pages(kvfe_engine *e, char *err, size_t errlen)
+{
+    const kvf_layout *L = &e->m.layout;
+    kvf_kv_layer *reg = calloc(L->layers, sizeof *reg);
+    if (!reg)
+        return KVF_ENOMEM;
+    for (uint32_t l = 0; l < L->layers; l++)
+        reg[l] = (kvf_kv_layer){.k_base = e->kplane[l],
+                                .v_base = e->vplane[l],
+                                .page_stride = e->page_stride,
+                                .num_pages = e->num_pages,
+                                .kind = KVF_MEM_HOST};
+    int rc = kvf_connector_register(e->o.cn, reg, L->layers, err, errlen);
+    free(reg);
+    return rc;
+}
+
+int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    int rc = 0;
+    kvfe_engine *e = calloc(1, sizeof *e);
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
     }
+    e->o = *o;
+    if (kvfe_model_preset(o->model, &e->m) != 0) {
+        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny or ref-100m)", o->model);
+        rc = KVF_ENOENT;
+        goto out_close;
+    }
+    set_shapes(e);
+    int ok = alloc_weights(e);
+    ok = ok && alloc_scratch(e);
+    if (!ok) {
+        snprintf(err, errlen, "engine: out of memory for model %s", o->model);
+        rc = KVF_ENOMEM;
+        goto out_close;
+    }
+    fill_tables(e);
+    if (o->cn)
+        rc = register_pages(e, err, errlen);
+    if (rc)
+        goto out_close;
     *out = e;
     return 0;
+out_close:
+    kvfe_close(&e);
+    return rc;
 }

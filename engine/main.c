@@ -97,6 +97,174 @@ static int calibrate(const char *model, const char *out)
     return 0;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* One prompt */
+
+#define PROCEED (-1) /* a step's answer when the program goes on; otherwise its exit status */
+
+typedef struct prompt_opts {
+    const char *model, *store;
+    long prompt, gen;
+    uint64_t seed, pseed;
+    int json, save;
+} prompt_opts;
+
+/* What the prefill of the prompt and the decode after it gave. */
+typedef struct prompt_result {
+    double ttft, decode_s;
+    size_t loaded;
+    int load_error, save_rc;
+    uint32_t *out; /* the generated tokens; owned */
+} prompt_result;
+
+static int parse_prompt_opts(int argc, char **argv, prompt_opts *o)
+{
+    *o = (prompt_opts){
+        .model = "ref-tiny", .prompt = 200, .gen = 8, .seed = 1, .pseed = 7, .save = 1};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--json")) {
+            o->json = 1;
+        } else if (!strcmp(a, "--no-save")) {
+            o->save = 0;
+        } else if (v && !strcmp(a, "--model")) {
+            o->model = argv[++i];
+        } else if (v && !strcmp(a, "--store")) {
+            o->store = argv[++i];
+        } else if (v && !strcmp(a, "--prompt")) {
+            o->prompt = strtol(argv[++i], NULL, 10);
+        } else if (v && !strcmp(a, "--gen")) {
+            o->gen = strtol(argv[++i], NULL, 10);
+        } else if (v && !strcmp(a, "--seed")) {
+            o->seed = strtoull(argv[++i], NULL, 10);
+        } else if (v && !strcmp(a, "--prefix-seed")) {
+            o->pseed = strtoull(argv[++i], NULL, 10);
+        } else {
+            fprintf(stderr, "usage: kvf-engine --model ref-tiny|ref-100m [--store HOST:PORT] "
+                            "[--prompt N] [--prefix-seed S] [--seed S] [--gen G] [--no-save] "
+                            "[--json]\n");
+            return 2;
+        }
+    }
+    return PROCEED;
+}
+
+/* A connector to the stores of store (HOST:PORT[,...]); *nodes_buf holds their names and must
+ * outlive the connector (caller frees). Returns 0 or -1 with the reason on stderr. */
+static int open_connector(const char *store, const kvf_layout *L, char **nodes_buf,
+                          kvf_connector **cn)
+{
+    char err[256], *nodes[64];
+    size_t n_nodes = 0;
+    *nodes_buf = strdup(store);
+    for (char *s = NULL, *t = *nodes_buf ? strtok_r(*nodes_buf, ",", &s) : NULL; t && n_nodes < 64;
+         t = strtok_r(NULL, ",", &s))
+        nodes[n_nodes++] = t;
+    kvf_connector_opts co = {.nodes = (const char *const *)nodes, .n_nodes = n_nodes, .layout = *L};
+    if (kvf_connector_open(cn, &co, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-engine: %s\n", err);
+        return -1;
+    }
+    return 0;
+}
+
+/* Prefills the prompt and decodes greedily until gen tokens are out. Returns 0 or the prefill's
+ * KVF_E* code. */
+static int run_prompt(kvfe_engine *e, const prompt_opts *o, uint32_t vocab, prompt_result *res)
+{
+    uint32_t *tokens = malloc((size_t)o->prompt * sizeof *tokens);
+    for (long i = 0; i < o->prompt; i++)
+        tokens[i] = prompt_token(o->pseed, (size_t)i, vocab);
+    kvfe_result r;
+    int rc = kvfe_prefill(e, tokens, (size_t)o->prompt, &r);
+    free(tokens);
+    if (rc)
+        return rc;
+    res->ttft = r.seconds;
+    res->loaded = r.loaded_tokens;
+    res->load_error = r.load_error;
+    res->out = calloc((size_t)o->gen + 1, sizeof *res->out);
+    res->out[0] = r.next_token;
+    for (long g = 1; g < o->gen; g++) {
+        kvfe_result d;
+        kvfe_decode(e, res->out[g - 1], &d);
+        res->out[g] = d.next_token;
+        res->decode_s += d.seconds;
+    }
+    res->save_rc = kvfe_flush(e);
+    return 0;
+}
+
+static void print_result(const prompt_opts *o, const prompt_result *r)
+{
+    if (o->json) {
+        printf("{\"model\":\"%s\",\"prompt_tokens\":%ld,\"loaded_tokens\":%zu,\"ttft_s\":%.6f,"
+               "\"decode_s\":%.6f,\"load_error\":\"%s\",\"save\":\"%s\",\"label\":\"real\","
+               "\"tokens\":[",
+               o->model, o->prompt, r->loaded, r->ttft, r->decode_s, kvf_err_name(r->load_error),
+               kvf_err_name(r->save_rc));
+        for (long g = 0; g < o->gen; g++)
+            printf("%s%u", g ? "," : "", r->out[g]);
+        printf("]}\n");
+        return;
+    }
+    printf("kvf-engine %s: prompt %ld tokens, %zu loaded from kvfabric, TTFT %.1f ms%s%s\n",
+           o->model, o->prompt, r->loaded, r->ttft * 1e3, r->load_error ? ", load failed: " : "",
+           r->load_error ? kvf_strerror(r->load_error) : "");
+    printf("generated:");
+    for (long g = 0; g < o->gen; g++)
+        printf(" %u", r->out[g]);
+    printf("\n");
+}
+
+/* Runs the engine on one prompt, with the stores of --store when given. */
+static int prompt_main(int argc, char **argv)
+{
+    prompt_opts o;
+    kvfe_model m;
+    int rc = parse_prompt_opts(argc, argv, &o);
+    if (rc != PROCEED)
+        return rc;
+    if (kvfe_model_preset(o.model, &m) != 0) {
+        fprintf(stderr, "kvf-engine: unknown model %s\n", o.model);
+        return 2;
+    }
+    if (o.prompt < 1 || o.gen < 0 || o.prompt + o.gen + 1 > 65536) {
+        fprintf(stderr, "kvf-engine: --prompt must be >= 1 and prompt + gen <= 65535\n");
+        return 2;
+    }
+    char err[256], *nodes = NULL;
+    kvf_connector *cn = NULL;
+    kvfe_engine *e;
+    prompt_result r = {0};
+    rc = 1;
+    if (o.store && open_connector(o.store, &m.layout, &nodes, &cn) != 0)
+        goto out_free_nodes;
+    kvfe_opts eo = {.model = o.model,
+                    .seed = o.seed,
+                    .max_tokens = (uint32_t)(o.prompt + o.gen + 1),
+                    .cn = cn,
+                    .save = o.save,
+                    .page_shuffle = 99};
+    if (kvfe_open(&e, &eo, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-engine: %s\n", err);
+        goto out_close_connector;
+    }
+    int prc = run_prompt(e, &o, m.vocab, &r);
+    if (prc)
+        fprintf(stderr, "kvf-engine: prefill: %s\n", kvf_strerror(prc));
+    else
+        print_result(&o, &r);
+    rc = prc ? 1 : 0;
+    free(r.out);
+    kvfe_close(&e);
+out_close_connector:
+    kvf_connector_close(&cn);
+out_free_nodes:
+    free(nodes);
+    return rc;
+}
+
 int main(int argc, char **argv)
 {
     for (int i = 1; i < argc; i++)
@@ -110,116 +278,5 @@ int main(int argc, char **argv)
                     model = argv[k + 1];
             return calibrate(model, argv[i + 1]);
         }
-    const char *model = "ref-tiny", *store = NULL;
-    long prompt = 200, gen = 8;
-    uint64_t seed = 1, pseed = 7;
-    int json = 0, save = 1;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--json")) {
-            json = 1;
-        } else if (!strcmp(a, "--no-save")) {
-            save = 0;
-        } else if (v && !strcmp(a, "--model")) {
-            model = argv[++i];
-        } else if (v && !strcmp(a, "--store")) {
-            store = argv[++i];
-        } else if (v && !strcmp(a, "--prompt")) {
-            prompt = strtol(argv[++i], NULL, 10);
-        } else if (v && !strcmp(a, "--gen")) {
-            gen = strtol(argv[++i], NULL, 10);
-        } else if (v && !strcmp(a, "--seed")) {
-            seed = strtoull(argv[++i], NULL, 10);
-        } else if (v && !strcmp(a, "--prefix-seed")) {
-            pseed = strtoull(argv[++i], NULL, 10);
-        } else {
-            fprintf(stderr, "usage: kvf-engine --model ref-tiny|ref-100m [--store HOST:PORT] "
-                            "[--prompt N] [--prefix-seed S] [--seed S] [--gen G] [--no-save] "
-                            "[--json]\n");
-            return 2;
-        }
-    }
-    kvfe_model m;
-    if (kvfe_model_preset(model, &m) != 0) {
-        fprintf(stderr, "kvf-engine: unknown model %s\n", model);
-        return 2;
-    }
-    if (prompt < 1 || gen < 0 || prompt + gen + 1 > 65536) {
-        fprintf(stderr, "kvf-engine: --prompt must be >= 1 and prompt + gen <= 65535\n");
-        return 2;
-    }
-    char err[256];
-    kvf_connector *cn = NULL;
-    char *nodes[64];
-    size_t n_nodes = 0;
-    char *dup = store ? strdup(store) : NULL;
-    if (dup) {
-        for (char *s = NULL, *t = strtok_r(dup, ",", &s); t && n_nodes < 64;
-             t = strtok_r(NULL, ",", &s))
-            nodes[n_nodes++] = t;
-        kvf_connector_opts co = {
-            .nodes = (const char *const *)nodes, .n_nodes = n_nodes, .layout = m.layout};
-        if (kvf_connector_open(&cn, &co, err, sizeof err) != 0) {
-            fprintf(stderr, "kvf-engine: %s\n", err);
-            return 1;
-        }
-    }
-    kvfe_opts eo = {.model = model,
-                    .seed = seed,
-                    .max_tokens = (uint32_t)(prompt + gen + 1),
-                    .cn = cn,
-                    .save = save,
-                    .page_shuffle = 99};
-    kvfe_engine *e;
-    if (kvfe_open(&e, &eo, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-engine: %s\n", err);
-        kvf_connector_close(&cn);
-        return 1;
-    }
-    uint32_t *tokens = malloc((size_t)prompt * sizeof *tokens);
-    for (long i = 0; i < prompt; i++)
-        tokens[i] = prompt_token(pseed, (size_t)i, m.vocab);
-    kvfe_result r;
-    int rc = kvfe_prefill(e, tokens, (size_t)prompt, &r);
-    if (rc) {
-        fprintf(stderr, "kvf-engine: prefill: %s\n", kvf_strerror(rc));
-        return 1;
-    }
-    double ttft = r.seconds;
-    size_t loaded = r.loaded_tokens;
-    int load_error = r.load_error;
-    uint32_t *out = calloc((size_t)gen + 1, sizeof *out);
-    out[0] = r.next_token;
-    double decode_s = 0;
-    for (long g = 1; g < gen; g++) {
-        kvfe_result d;
-        kvfe_decode(e, out[g - 1], &d);
-        out[g] = d.next_token;
-        decode_s += d.seconds;
-    }
-    int save_rc = kvfe_flush(e);
-    if (json) {
-        printf("{\"model\":\"%s\",\"prompt_tokens\":%ld,\"loaded_tokens\":%zu,\"ttft_s\":%.6f,"
-               "\"decode_s\":%.6f,\"load_error\":\"%s\",\"save\":\"%s\",\"label\":\"real\","
-               "\"tokens\":[",
-               model, prompt, loaded, ttft, decode_s, kvf_err_name(load_error),
-               kvf_err_name(save_rc));
-        for (long g = 0; g < gen; g++)
-            printf("%s%u", g ? "," : "", out[g]);
-        printf("]}\n");
-    } else {
-        printf("kvf-engine %s: prompt %ld tokens, %zu loaded from kvfabric, TTFT %.1f ms%s%s\n",
-               model, prompt, loaded, ttft * 1e3, load_error ? ", load failed: " : "",
-               load_error ? kvf_strerror(load_error) : "");
-        printf("generated:");
-        for (long g = 0; g < gen; g++)
-            printf(" %u", out[g]);
-        printf("\n");
-    }
-    free(out);
-    free(tokens);
-    kvfe_close(&e);
-    kvf_connector_close(&cn);
-    free(dup);
-    return 0;
+    return prompt_main(argc, argv);
 }

@@ -53,6 +53,8 @@ typedef struct srv {
     kvf_connector *cn;
     kvf_log lg;
     char id[64], role[16], model[32], sched[160], endpoint[160], events[160];
+    char host[128]; /* --listen's */
+    uint16_t port;
     uint32_t max_tokens;
     /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
      * least remaining work among the oldest klpm_k, every klpm_k-th pick the oldest) or in
@@ -257,6 +259,24 @@ static double await_handoff(srv *S, const job *j, size_t *cached)
     return now_s() - t0;
 }
 
+/* Decodes greedily after first until toks holds max_tokens tokens, appending each step's time to
+ * itl; a step that fails ends the sequence there. Returns the decode time. */
+static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *toks, json_t *itl)
+{
+    double decode_s = 0;
+    uint32_t last = first;
+    for (uint32_t g = 1; g < max_tokens; g++) {
+        kvfe_result d;
+        if (kvfe_decode(S->e, last, &d) != 0)
+            break;
+        last = d.next_token;
+        json_array_append_new(toks, json_integer(last));
+        json_array_append_new(itl, json_real(d.seconds));
+        decode_s += d.seconds;
+    }
+    return decode_s;
+}
+
 static json_t *run_job(srv *S, const job *j, double queue_s)
 {
     kvf_connector_stats st0, st1;
@@ -279,16 +299,7 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
     uint32_t last = is_decode && j->has_first ? j->first_token : r.next_token;
     json_t *toks = json_array(), *itl = json_array();
     json_array_append_new(toks, json_integer(last));
-    double decode_s = 0;
-    for (uint32_t g = 1; !is_prefill && g < j->max_tokens; g++) {
-        kvfe_result d;
-        if (kvfe_decode(S->e, last, &d) != 0)
-            break;
-        last = d.next_token;
-        json_array_append_new(toks, json_integer(last));
-        json_array_append_new(itl, json_real(d.seconds));
-        decode_s += d.seconds;
-    }
+    double decode_s = is_prefill ? 0 : decode_rest(S, last, j->max_tokens, toks, itl);
     if (S->cn)
         kvf_connector_stats_get(S->cn, &st1);
     uint32_t C = S->m.layout.chunk_tokens;
@@ -496,23 +507,38 @@ static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, c
     return 0;
 }
 
-int kvfe_serve_main(int argc, char **argv)
+/* ------------------------------------------------------------------------------------------ */
+/* Starting and stopping */
+
+#define PROCEED (-1) /* a step's answer when the server goes on; otherwise its exit status */
+
+/* kvf-engine --serve's options as given; the strings are argv's. */
+typedef struct serve_opts {
+    const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
+        *level, *queue, *cost;
+} serve_opts;
+
+static int parse_args(int argc, char **argv, serve_opts *o)
 {
-    static srv S;
-    const char *model = "ref-tiny", *listen = "127.0.0.1:0", *advertise = NULL, *store = NULL,
-               *events = NULL, *id = "", *role = "both", *sched = "", *seed_s = "1",
-               *max_tokens_s = "16384", *level = "info", *queue = "work", *cost = NULL;
+    *o = (serve_opts){.model = "ref-tiny",
+                      .listen = "127.0.0.1:0",
+                      .id = "",
+                      .role = "both",
+                      .sched = "",
+                      .seed = "1",
+                      .max_tokens = "16384",
+                      .level = "info",
+                      .queue = "work"};
     const struct {
         const char *name;
         const char **value;
-    } opts[] = {{"--id", &id},           {"--role", &role},
-                {"--listen", &listen},   {"--advertise", &advertise},
-                {"--sched", &sched},     {"--store", &store},
-                {"--events", &events},   {"--model", &model},
-                {"--seed", &seed_s},     {"--max-tokens", &max_tokens_s},
-                {"--log-level", &level}, {"--queue", &queue},
-                {"--cost", &cost}};
-    S.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-engine"};
+    } opts[] = {{"--id", &o->id},           {"--role", &o->role},
+                {"--listen", &o->listen},   {"--advertise", &o->advertise},
+                {"--sched", &o->sched},     {"--store", &o->store},
+                {"--events", &o->events},   {"--model", &o->model},
+                {"--seed", &o->seed},       {"--max-tokens", &o->max_tokens},
+                {"--log-level", &o->level}, {"--queue", &o->queue},
+                {"--cost", &o->cost}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--serve"))
@@ -533,17 +559,45 @@ int kvfe_serve_main(int argc, char **argv)
         }
         *dst = v;
     }
-    if (kvf__log_level_parse(level, &S.lg.level) != 0) {
-        fprintf(stderr, "kvf-engine: --log-level %s: expected debug, info, warn or error\n", level);
+    return PROCEED;
+}
+
+/* The queue's order and the cost constants its work estimates use (the calibration file kvf
+ * cluster writes for kvf-sched, when given). */
+static int configure_queue(srv *S, const char *queue, const char *cost)
+{
+    kvf_sched_cost_defaults(&S->qcost);
+    if (cost) {
+        char cerr[300];
+        if (kvf_sched_cost_load(cost, &S->qcost, cerr, sizeof cerr) != 0) {
+            fprintf(stderr, "kvf-engine: --cost: %s\n", cerr);
+            return 2;
+        }
+    }
+    if (!strcmp(queue, "fifo")) {
+        S->qcost.klpm_k = 0;
+    } else if (strcmp(queue, "work") != 0) {
+        fprintf(stderr, "kvf-engine: --queue must be work or fifo\n");
         return 2;
     }
-    snprintf(S.id, sizeof S.id, "%s", id);
-    snprintf(S.role, sizeof S.role, "%s", role);
-    snprintf(S.sched, sizeof S.sched, "%s", sched);
-    uint64_t seed = strtoull(seed_s, NULL, 10);
-    long max_tokens = strtol(max_tokens_s, NULL, 10);
-    if (!S.id[0] ||
-        (strcmp(S.role, "prefill") && strcmp(S.role, "decode") && strcmp(S.role, "both"))) {
+    return PROCEED;
+}
+
+/* Checks the options and takes the server's identity, capacity, queue rule, model and listening
+ * address from them. */
+static int configure(srv *S, const serve_opts *o)
+{
+    if (kvf__log_level_parse(o->level, &S->lg.level) != 0) {
+        fprintf(stderr, "kvf-engine: --log-level %s: expected debug, info, warn or error\n",
+                o->level);
+        return 2;
+    }
+    snprintf(S->id, sizeof S->id, "%s", o->id);
+    snprintf(S->role, sizeof S->role, "%s", o->role);
+    snprintf(S->sched, sizeof S->sched, "%s", o->sched);
+    long max_tokens = strtol(o->max_tokens, NULL, 10);
+    if (!S->id[0] ||
+        (strcmp(S->role, "prefill") && strcmp(S->role, "decode") && strcmp(S->role, "both"))) {
         fprintf(stderr, "kvf-engine --serve: --id and --role prefill|decode|both are required\n");
         return 2;
     }
@@ -551,120 +605,163 @@ int kvfe_serve_main(int argc, char **argv)
         fprintf(stderr, "kvf-engine: --max-tokens must be 256..1048576\n");
         return 2;
     }
-    S.max_tokens = (uint32_t)max_tokens;
-    /* The queue's order and the cost constants its work estimates use (the calibration file
-     * kvf cluster writes for kvf-sched, when given). */
-    kvf_sched_cost_defaults(&S.qcost);
-    if (cost) {
-        char cerr[300];
-        if (kvf_sched_cost_load(cost, &S.qcost, cerr, sizeof cerr) != 0) {
-            fprintf(stderr, "kvf-engine: --cost: %s\n", cerr);
-            return 2;
-        }
-    }
-    if (!strcmp(queue, "fifo")) {
-        S.qcost.klpm_k = 0;
-    } else if (strcmp(queue, "work") != 0) {
-        fprintf(stderr, "kvf-engine: --queue must be work or fifo\n");
+    S->max_tokens = (uint32_t)max_tokens;
+    int rc = configure_queue(S, o->queue, o->cost);
+    if (rc != PROCEED)
+        return rc;
+    snprintf(S->model, sizeof S->model, "%s", o->model);
+    if (kvfe_model_preset(o->model, &S->m) != 0) {
+        fprintf(stderr, "kvf-engine: unknown model %s\n", o->model);
         return 2;
     }
-    snprintf(S.model, sizeof S.model, "%s", model);
-    if (kvfe_model_preset(model, &S.m) != 0) {
-        fprintf(stderr, "kvf-engine: unknown model %s\n", model);
+    if (split_addr(o->listen, S->host, sizeof S->host, &S->port, "--listen") != 0)
         return 2;
-    }
-    char host[128];
-    uint16_t port;
-    if (split_addr(listen, host, sizeof host, &port, "--listen") != 0)
-        return 2;
+    return PROCEED;
+}
+
+/* Opens the connector (to the stores given, or to the ones kvf-sched lists; none without either)
+ * and the engine over it. Returns 0 or the exit status. */
+static int open_engine(srv *S, const serve_opts *o)
+{
     char err[512];
-    /* The connector: the stores given, or the ones the scheduler lists. */
-    if (store || S.sched[0]) {
-        char *dup = store ? strdup(store) : NULL, *nodes[64];
+    if (o->store || S->sched[0]) {
+        char *dup = o->store ? strdup(o->store) : NULL, *nodes[64];
         size_t n_nodes = 0;
         for (char *sv = NULL, *t = dup ? strtok_r(dup, ",", &sv) : NULL; t && n_nodes < 64;
              t = strtok_r(NULL, ",", &sv))
             nodes[n_nodes++] = t;
         kvf_connector_opts co = {.nodes = (const char *const *)nodes,
                                  .n_nodes = n_nodes,
-                                 .sched = S.sched[0] ? S.sched : NULL,
-                                 .layout = S.m.layout};
-        int rc = kvf_connector_open(&S.cn, &co, err, sizeof err);
+                                 .sched = S->sched[0] ? S->sched : NULL,
+                                 .layout = S->m.layout};
+        int rc = kvf_connector_open(&S->cn, &co, err, sizeof err);
         free(dup);
         if (rc) {
             fprintf(stderr, "kvf-engine: %s\n", err);
             return 1;
         }
     }
-    kvfe_opts eo = {.model = model,
-                    .seed = seed,
-                    .max_tokens = S.max_tokens,
-                    .cn = S.cn,
+    kvfe_opts eo = {.model = o->model,
+                    .seed = strtoull(o->seed, NULL, 10),
+                    .max_tokens = S->max_tokens,
+                    .cn = S->cn,
                     .save = 1,
                     .page_shuffle = 99,
                     .keep_prefix = 1};
-    if (kvfe_open(&S.e, &eo, err, sizeof err) != 0) {
+    if (kvfe_open(&S->e, &eo, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: %s\n", err);
-        kvf_connector_close(&S.cn);
+        kvf_connector_close(&S->cn);
         return 1;
     }
-    pthread_mutex_init(&S.mu, NULL);
-    pthread_cond_init(&S.cv, NULL);
-    pthread_cond_init(&S.report_cv, NULL);
-    if (events) {
-        char eh[128];
-        uint16_t ep;
-        if (split_addr(events, eh, sizeof eh, &ep, "--events") != 0)
-            return 2;
-        if (kvf__zpub_open(&S.pub, eh, ep, 0, S.events, sizeof S.events, err, sizeof err) != 0) {
-            fprintf(stderr, "kvf-engine: --events %s: %s\n", events, err);
-            return 1;
-        }
+    return 0;
+}
+
+/* The KV events publisher on --events, when given; S->events gets its bound address. */
+static int open_events(srv *S, const char *events)
+{
+    char eh[128], err[512];
+    uint16_t ep;
+    if (!events)
+        return 0;
+    if (split_addr(events, eh, sizeof eh, &ep, "--events") != 0)
+        return 2;
+    if (kvf__zpub_open(&S->pub, eh, ep, 0, S->events, sizeof S->events, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-engine: --events %s: %s\n", events, err);
+        return 1;
     }
-    kvf__httpd *httpd;
-    uint16_t bound;
-    if (kvf__httpd_start(&httpd, host, port, 1, MAX_BODY, on_request, &S, &bound, err,
+    return 0;
+}
+
+/* Serves HTTP on the listening address; S->endpoint gets --advertise, or the address bound. */
+static int start_http(srv *S, const char *advertise, kvf__httpd **httpd, uint16_t *bound)
+{
+    char err[512];
+    if (kvf__httpd_start(httpd, S->host, S->port, 1, MAX_BODY, on_request, S, bound, err,
                          sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: %s\n", err);
         return 1;
     }
     if (advertise)
-        snprintf(S.endpoint, sizeof S.endpoint, "%s", advertise);
+        snprintf(S->endpoint, sizeof S->endpoint, "%s", advertise);
     else
-        snprintf(S.endpoint, sizeof S.endpoint, "%s:%u", host, (unsigned)bound);
-    pthread_t reporter;
-    int have_reporter = 0;
-    if (S.sched[0]) {
-        if (register_with_sched(&S, err, sizeof err) != 0) {
-            fprintf(stderr, "kvf-engine: %s\n", err);
-            kvf__httpd_stop(&httpd);
-            return 1;
-        }
-        have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
-    }
+        snprintf(S->endpoint, sizeof S->endpoint, "%s:%u", S->host, (unsigned)*bound);
+    return 0;
+}
+
+/* Tells the waiting requests and the reporter that the server stops. */
+static void stop_serving(srv *S)
+{
+    pthread_mutex_lock(&S->mu);
+    atomic_store(&S->stop, 1);
+    pthread_cond_broadcast(&S->cv);
+    pthread_cond_broadcast(&S->report_cv);
+    pthread_mutex_unlock(&S->mu);
+}
+
+/* Says the server is ready (the line kvf cluster waits for) and serves until SIGTERM or SIGINT. */
+static void serve_until_signal(srv *S, uint16_t bound)
+{
     kvf__daemon_signals(on_signal);
     printf("kvf-engine ready listen=%s:%u id=%s role=%s model=%s events=%s cache_layer=%s "
            "pid=%d\n",
-           host, (unsigned)bound, S.id, S.role, model, S.events[0] ? S.events : "-",
-           S.cn ? "on" : "off", (int)getpid());
+           S->host, (unsigned)bound, S->id, S->role, S->model, S->events[0] ? S->events : "-",
+           S->cn ? "on" : "off", (int)getpid());
     fflush(stdout);
-    kvf_info(&S.lg, "serving %s as %s on %s:%u", model, S.role, host, (unsigned)bound);
+    kvf_info(&S->lg, "serving %s as %s on %s:%u", S->model, S->role, S->host, (unsigned)bound);
     while (!atomic_load(&g_stop))
         usleep(50000);
-    kvf_info(&S.lg, "stopping");
-    pthread_mutex_lock(&S.mu);
-    atomic_store(&S.stop, 1);
-    pthread_cond_broadcast(&S.cv);
-    pthread_cond_broadcast(&S.report_cv);
-    pthread_mutex_unlock(&S.mu);
+    kvf_info(&S->lg, "stopping");
+}
+
+int kvfe_serve_main(int argc, char **argv)
+{
+    static srv S;
+    serve_opts o;
+    kvf__httpd *httpd = NULL;
+    uint16_t bound = 0;
+    pthread_t reporter;
+    int have_reporter = 0;
+    S.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-engine"};
+    int rc = parse_args(argc, argv, &o);
+    if (rc == PROCEED)
+        rc = configure(&S, &o);
+    if (rc != PROCEED)
+        return rc;
+    rc = open_engine(&S, &o);
+    if (rc)
+        return rc;
+    pthread_mutex_init(&S.mu, NULL);
+    pthread_cond_init(&S.cv, NULL);
+    pthread_cond_init(&S.report_cv, NULL);
+    rc = open_events(&S, o.events);
+    if (rc)
+        goto out_close_engine;
+    rc = start_http(&S, o.advertise, &httpd, &bound);
+    if (rc)
+        goto out_close_events;
+    if (S.sched[0]) {
+        char err[512];
+        if (register_with_sched(&S, err, sizeof err) != 0) {
+            fprintf(stderr, "kvf-engine: %s\n", err);
+            rc = 1;
+            goto out_stop_http;
+        }
+        have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
+    }
+    serve_until_signal(&S, bound);
+out_stop_http:
+    stop_serving(&S);
     kvf__httpd_stop(&httpd);
     if (have_reporter)
         pthread_join(reporter, NULL);
+out_close_events:
+    kvf__zpub_close(&S.pub);
+out_close_engine:
     kvfe_close(&S.e);
     kvf_connector_close(&S.cn);
-    kvf__zpub_close(&S.pub);
     free(S.held);
     free(S.wait), free(S.pick_cached), free(S.pick_work);
-    kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);
-    return 0;
+    if (!rc)
+        kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);
+    return rc;
 }

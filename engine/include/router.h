@@ -1,0 +1,121 @@
+/*
+ * The router of a cluster of kvf-engine servers: it turns one request into the calls that serve
+ * it. It asks kvf-sched where to run the request (POST /v1/place with the prompt, its chunk keys
+ * and its output length), sends the prompt to the prefill engine (/v1/prefill: the cached prefix
+ * is loaded, the rest computed, the new chunks saved, the first token answered), then hands the
+ * request to the decode engine (/v1/decode with the first token and the number of tokens the
+ * prefill saved, which the decode engine waits for in the stores before it loads them). When
+ * kvf-sched places prefill and decode on one engine the request goes there whole (/v1/generate).
+ * The engines' HTTP API is kvf-engine --serve's (engine/serve.c).
+ *
+ * A router is opened on kvf-sched's address and lists the engines registered there once; engines
+ * that register later are not known to it. Calls on one router may run concurrently from any
+ * number of threads; each engine call waits up to KVFE_ROUTER_TIMEOUT_MS.
+ */
+#ifndef KVF_ENGINE_ROUTER_H
+#define KVF_ENGINE_ROUTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/layout.h"
+
+/* How long one call to kvf-sched or an engine may take: an engine serves one sequence at a time,
+ * so a request can wait minutes in its queue under load. */
+#define KVFE_ROUTER_TIMEOUT_MS 600000
+
+typedef struct kvfe_router kvfe_router;
+
+/* An engine as kvf-sched lists it. */
+typedef struct kvfe_router_engine {
+    char id[64];        /* its instance id */
+    char role[16];      /* prefill, decode or both */
+    char endpoint[160]; /* HOST:PORT of its HTTP API */
+} kvfe_router_engine;
+
+typedef struct kvfe_route kvfe_route;
+
+/* Called on the calling thread once the prefill's reply has been taken into the route (the
+ * prefill fields below are filled), before the decode is sent; for a request sent whole, once its
+ * reply has been taken. Not called when the prefill fails. */
+typedef void (*kvfe_route_cb)(const kvfe_route *q, void *arg);
+
+/* One request and what serving it gave. Caller-allocated. kvfe_router_serve(),
+ * kvfe_router_generate() and kvfe_router_prefill() read the input fields, clear the output fields
+ * and fill them as the request goes; when a call fails, the outputs of the steps that completed
+ * stay filled. They do not free what the route still holds: release it (kvfe_route_release())
+ * before using it again. */
+struct kvfe_route {
+    /* input: the request; borrowed for the call */
+    const uint32_t *tokens; /* the prompt */
+    size_t n;               /* its length, >= 1 */
+    const kvf_key *keys;    /* its chunk keys, for the placement */
+    size_t n_keys;
+    uint32_t max_tokens;      /* tokens to generate, the first one included */
+    double slo_ttft_ms;       /* sent with the placement when > 0 */
+    kvfe_route_cb on_prefill; /* may be NULL */
+    void *arg;                /* passed to on_prefill */
+
+    /* output of the placement */
+    int rejected;  /* kvf-sched turned the request away (HTTP 429) */
+    int colocated; /* kvf-sched placed prefill and decode on one engine */
+
+    /* output of the prefill (for a colocated request, of the generate) */
+    const kvfe_router_engine *prefill; /* borrowed; valid until kvfe_router_close() */
+    const kvfe_router_engine *decode;  /* borrowed; valid until kvfe_router_close() */
+    double first_token_at;             /* CLOCK_MONOTONIC seconds when its reply arrived */
+    size_t device_tokens;              /* prompt tokens whose KV was still in the engine's pages */
+    size_t loaded_tokens;              /* prompt tokens whose KV came from the stores */
+    size_t saved_tokens;               /* prompt tokens the engine saves to the stores */
+    double queue_s;                    /* the engine's wait before the request's turn */
+    double prefill_s;                  /* the engine's prefill time */
+    char transport[16];                /* how KV moved through kvfabric; empty: it did not */
+    char transport_reason[240];        /* why that transport */
+
+    /* output of the decode (for a colocated request, of the generate) */
+    double done_at;      /* CLOCK_MONOTONIC seconds when the last reply arrived */
+    uint32_t *generated; /* the generated tokens; caller owns, free with kvfe_route_release() */
+    size_t n_generated;
+    double *itl_s; /* each decode step's time; caller owns, free with kvfe_route_release() */
+    size_t n_itl;
+    double decode_s;          /* the engine's decode time after the first token */
+    double handoff_s;         /* the decode engine's wait for the prefill's chunks in the stores */
+    int first_token_mismatch; /* the decode engine computed another first token than the prefill */
+
+    char err[256]; /* why the call failed, one line; empty on success */
+};
+
+/* Lists the engines registered with kvf-sched at sched (HOST:PORT) and opens a router over them.
+ * Returns 0, KVF_ENOENT when none is registered, or the HTTP call's KVF_E* code, with one line in
+ * err. Caller owns the result; free with kvfe_router_close(). */
+int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t errlen);
+/* Frees the router; calls on it must have returned. Accepts NULL and clears *r. */
+void kvfe_router_close(kvfe_router **r);
+
+/* The number of engines the router knows (at least 1). */
+size_t kvfe_router_engine_count(const kvfe_router *r);
+/* Engine i (0 <= i < kvfe_router_engine_count()). Borrowed; valid until kvfe_router_close(). */
+const kvfe_router_engine *kvfe_router_engine_at(const kvfe_router *r, size_t i);
+
+/* Serves q through kvf-sched's placement: prefill then decode, or generate when colocated.
+ * Returns 0; KVF_EAGAIN with q->rejected set when kvf-sched rejects the request; KVF_ENOENT when
+ * it places the request on an engine the router does not know; KVF_EINVAL, KVF_E2BIG or KVF_EIO
+ * when kvf-sched or an engine answers with an error status; KVF_ENOMEM; or the HTTP call's code.
+ * The reason is in q->err. */
+int kvfe_router_serve(kvfe_router *r, kvfe_route *q);
+/* Sends q whole to engine e (NULL: the engine with the fewest calls of this router outstanding),
+ * which prefills and decodes it: with the cache layer when reuse, or from scratch without it.
+ * Returns as kvfe_router_serve(). */
+int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, int reuse, kvfe_route *q);
+/* Prefills q's prompt on engine e, which saves its new chunks to the stores; only the prefill's
+ * outputs are filled. Returns as kvfe_router_serve(). */
+int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_route *q);
+/* Frees q's generated tokens and decode step times and clears those fields. Accepts NULL. */
+void kvfe_route_release(kvfe_route *q);
+
+/* The bytes the engines' connectors have loaded from and saved to the stores since they started,
+ * summed over the engines (GET /v1/health); an engine that does not answer within 5 s adds
+ * nothing. */
+void kvfe_router_kv_bytes(kvfe_router *r, uint64_t *load, uint64_t *save);
+
+#endif

@@ -1,0 +1,419 @@
+/*
+ * The router (engine/include/router.h): kvf-sched's placement turned into calls to kvf-engine
+ * servers (docs/operations.md, "The disaggregated flow").
+ *
+ * The router keeps the list of engines kvf-sched gave at open, read-only afterwards, and one
+ * counter per engine of its calls in flight there; the counters are atomics, so calls from many
+ * threads share a router without a lock. HTTP connections are kept per calling thread by the
+ * HTTP client (transport/include/http.h).
+ */
+#include "router.h"
+
+#include "http.h"
+#include "kvf/kvf.h"
+
+#include <jansson.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* kvf-sched's instance list and an engine's health answer at once: they do no work. */
+#define QUICK_TIMEOUT_MS 5000
+
+struct kvfe_router {
+    char sched[160];
+    kvfe_router_engine *eng;
+    atomic_int *outstanding; /* calls in flight per engine, indexed as eng */
+    size_t n_eng;
+};
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static double num(json_t *o, const char *k)
+{
+    json_t *v = json_object_get(o, k);
+    return json_is_number(v) ? json_number_value(v) : 0;
+}
+
+/* The code for an HTTP error status of kvf-sched or an engine: the request was refused as bad
+ * (4xx), too large (413), or failed there (anything else). */
+static int status_code(long status)
+{
+    if (status == 413)
+        return KVF_E2BIG;
+    return status >= 400 && status < 500 ? KVF_EINVAL : KVF_EIO;
+}
+
+static int post(const char *addr, const char *path, json_t *body, long *status, json_t **reply,
+                char *err, size_t errlen)
+{
+    char url[256];
+    snprintf(url, sizeof url, "http://%s%s", addr, path);
+    return kvf__http_call("POST", url, body, KVFE_ROUTER_TIMEOUT_MS, status, reply, err, errlen);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Opening: kvf-sched's instances */
+
+static void copy_str(char *dst, size_t len, json_t *o, const char *k)
+{
+    const char *s = json_string_value(json_object_get(o, k));
+    snprintf(dst, len, "%s", s ? s : "");
+}
+
+/* Fills r's engine table from GET /v1/instances. */
+static int list_engines(kvfe_router *r, char *err, size_t errlen)
+{
+    char url[256];
+    snprintf(url, sizeof url, "http://%s/v1/instances", r->sched);
+    long st;
+    json_t *o = NULL;
+    int rc = kvf__http_call("GET", url, NULL, QUICK_TIMEOUT_MS, &st, &o, err, errlen);
+    if (!rc && st != 200) {
+        snprintf(err, errlen, "%s: HTTP %ld", url, st);
+        rc = status_code(st);
+    }
+    json_t *arr = json_object_get(o, "instances");
+    size_t n = json_array_size(arr);
+    if (!rc && n == 0) {
+        snprintf(err, errlen, "kvf-sched at %s has no engine registered", r->sched);
+        rc = KVF_ENOENT;
+    }
+    if (rc)
+        goto out_decref;
+    r->eng = calloc(n, sizeof *r->eng);
+    r->outstanding = calloc(n, sizeof *r->outstanding);
+    if (!r->eng || !r->outstanding) {
+        snprintf(err, errlen, "out of memory for %zu engines", n);
+        rc = KVF_ENOMEM;
+        goto out_decref;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_array_get(arr, i);
+        copy_str(r->eng[i].id, sizeof r->eng[i].id, v, "id");
+        copy_str(r->eng[i].role, sizeof r->eng[i].role, v, "role");
+        copy_str(r->eng[i].endpoint, sizeof r->eng[i].endpoint, v, "endpoint");
+        atomic_init(&r->outstanding[i], 0);
+    }
+    r->n_eng = n;
+out_decref:
+    json_decref(o);
+    return rc;
+}
+
+int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t errlen)
+{
+    *out = NULL;
+    kvfe_router *r = calloc(1, sizeof *r);
+    if (!r) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    snprintf(r->sched, sizeof r->sched, "%s", sched);
+    int rc = list_engines(r, err, errlen);
+    if (rc) {
+        kvfe_router_close(&r);
+        return rc;
+    }
+    *out = r;
+    return 0;
+}
+
+void kvfe_router_close(kvfe_router **rp)
+{
+    if (!rp || !*rp)
+        return;
+    free((*rp)->eng);
+    free((*rp)->outstanding);
+    free(*rp);
+    *rp = NULL;
+}
+
+size_t kvfe_router_engine_count(const kvfe_router *r)
+{
+    return r->n_eng;
+}
+
+const kvfe_router_engine *kvfe_router_engine_at(const kvfe_router *r, size_t i)
+{
+    return &r->eng[i];
+}
+
+void kvfe_router_kv_bytes(kvfe_router *r, uint64_t *load, uint64_t *save)
+{
+    *load = *save = 0;
+    for (size_t i = 0; i < r->n_eng; i++) {
+        char url[256], err[256];
+        snprintf(url, sizeof url, "http://%s/v1/health", r->eng[i].endpoint);
+        long st;
+        json_t *o = NULL;
+        if (kvf__http_call("GET", url, NULL, QUICK_TIMEOUT_MS, &st, &o, err, sizeof err) == 0 &&
+            o) {
+            json_t *c = json_object_get(o, "connector");
+            *load += (uint64_t)json_integer_value(json_object_get(c, "load_bytes"));
+            *save += (uint64_t)json_integer_value(json_object_get(c, "save_bytes"));
+        }
+        json_decref(o);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Calls to engines */
+
+static json_t *tokens_json(const uint32_t *t, size_t n)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(a, json_integer(t[i]));
+    return a;
+}
+
+static atomic_int *outstanding_of(kvfe_router *r, const kvfe_router_engine *e)
+{
+    return &r->outstanding[e - r->eng];
+}
+
+/* The engine with the fewest calls of this router in flight; the first listed on a tie. */
+static const kvfe_router_engine *least_outstanding(kvfe_router *r)
+{
+    size_t best = 0;
+    for (size_t i = 1; i < r->n_eng; i++)
+        if (atomic_load(&r->outstanding[i]) < atomic_load(&r->outstanding[best]))
+            best = i;
+    return &r->eng[best];
+}
+
+/* Sends body (taken: it is released here) to engine e, counting the call as outstanding there
+ * while it runs. Returns 0 with *rep set (caller owns it), or a KVF_E* code with q->err set and
+ * *rep NULL. */
+static int call_engine(kvfe_router *r, const kvfe_router_engine *e, const char *path, json_t *body,
+                       json_t **rep, kvfe_route *q)
+{
+    long st;
+    atomic_int *out = outstanding_of(r, e);
+    atomic_fetch_add(out, 1);
+    int rc = post(e->endpoint, path, body, &st, rep, q->err, sizeof q->err);
+    atomic_fetch_sub(out, 1);
+    json_decref(body);
+    if (!rc && st != 200) {
+        json_t *m = json_object_get(*rep, "error");
+        snprintf(q->err, sizeof q->err, "%s: HTTP %ld: %s", e->id, st,
+                 json_is_string(m) ? json_string_value(m) : "");
+        rc = status_code(st);
+    }
+    if (rc) {
+        json_decref(*rep);
+        *rep = NULL;
+    }
+    return rc;
+}
+
+/* Takes the prefill's figures from its reply (a prefill's or a generate's). */
+static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe_router_engine *de,
+                         json_t *rep)
+{
+    const char *tr = json_string_value(json_object_get(rep, "transport"));
+    const char *why = json_string_value(json_object_get(rep, "transport_reason"));
+    q->prefill = pe;
+    q->decode = de;
+    q->device_tokens = (size_t)num(rep, "device_tokens");
+    q->loaded_tokens = (size_t)num(rep, "loaded_tokens");
+    q->saved_tokens = (size_t)num(rep, "saved_tokens");
+    q->queue_s = num(rep, "queue_s");
+    q->prefill_s = num(rep, "prefill_s");
+    snprintf(q->transport, sizeof q->transport, "%s", tr ? tr : "");
+    snprintf(q->transport_reason, sizeof q->transport_reason, "%s", why ? why : "");
+}
+
+/* Takes the generated tokens and the decode's figures from its reply (a decode's or a
+ * generate's). Returns 0 or KVF_ENOMEM. */
+static int take_decode(kvfe_route *q, json_t *rep)
+{
+    json_t *toks = json_object_get(rep, "tokens"), *itl = json_object_get(rep, "itl_s");
+    size_t nt = json_array_size(toks), ni = json_array_size(itl);
+    q->generated = malloc((nt ? nt : 1) * sizeof *q->generated);
+    q->itl_s = malloc((ni ? ni : 1) * sizeof *q->itl_s);
+    if (!q->generated || !q->itl_s) {
+        kvfe_route_release(q);
+        snprintf(q->err, sizeof q->err, "out of memory for a reply of %zu tokens", nt);
+        return KVF_ENOMEM;
+    }
+    for (size_t i = 0; i < nt; i++)
+        q->generated[i] = (uint32_t)json_integer_value(json_array_get(toks, i));
+    for (size_t i = 0; i < ni; i++)
+        q->itl_s[i] = json_number_value(json_array_get(itl, i));
+    q->n_generated = nt;
+    q->n_itl = ni;
+    q->decode_s = num(rep, "decode_s");
+    q->first_token_mismatch = json_is_true(json_object_get(rep, "first_token_mismatch"));
+    return 0;
+}
+
+/* Clears q's outputs; a route that still holds generated tokens leaks them (release it first). */
+static void clear_outputs(kvfe_route *q)
+{
+    size_t from = offsetof(kvfe_route, rejected);
+    memset((char *)q + from, 0, sizeof *q - from);
+}
+
+/* Tells the caller that the prefill's outputs are in. */
+static void prefilled(kvfe_route *q)
+{
+    if (q->on_prefill)
+        q->on_prefill(q, q->arg);
+}
+
+/* Sends q whole to e (/v1/generate) and takes the reply, which brings the first token with the
+ * others. */
+static int generate_on(kvfe_router *r, const kvfe_router_engine *e, int reuse, json_t *toks,
+                       kvfe_route *q)
+{
+    json_t *body = json_pack("{s:O,s:i,s:b}", "tokens", toks, "max_tokens", (int)q->max_tokens,
+                             "reuse", reuse);
+    json_t *rep = NULL;
+    int rc = call_engine(r, e, "/v1/generate", body, &rep, q);
+    if (rc)
+        return rc;
+    q->first_token_at = q->done_at = now_s();
+    take_prefill(q, e, e, rep);
+    rc = take_decode(q, rep);
+    json_decref(rep);
+    if (!rc)
+        prefilled(q);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Serving */
+
+/* Asks kvf-sched where to run q. Returns 0 with *pe and *de set, or a KVF_E* code. */
+static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_engine **pe,
+                 const kvfe_router_engine **de)
+{
+    json_t *keys = json_array();
+    for (size_t k = 0; k < q->n_keys; k++) {
+        char hex[33];
+        json_array_append_new(keys, json_string(kvf_key_to_hex(&q->keys[k], hex)));
+    }
+    json_t *body = json_pack("{s:O,s:o,s:i}", "tokens", toks, "chunk_keys", keys, "output_tokens",
+                             (int)q->max_tokens);
+    if (q->slo_ttft_ms > 0)
+        json_object_set_new(body, "slo_ttft_ms", json_real(q->slo_ttft_ms));
+    long st;
+    json_t *pl = NULL;
+    int rc = post(r->sched, "/v1/place", body, &st, &pl, q->err, sizeof q->err);
+    json_decref(body);
+    if (!rc && st == 429) {
+        q->rejected = 1;
+        rc = KVF_EAGAIN;
+    } else if (!rc && st != 200) {
+        snprintf(q->err, sizeof q->err, "kvf-sched: HTTP %ld", st);
+        rc = status_code(st);
+    }
+    if (rc)
+        goto out_decref;
+    *pe = NULL;
+    *de = NULL;
+    const char *pid = json_string_value(json_object_get(pl, "prefill"));
+    const char *did = json_string_value(json_object_get(pl, "decode"));
+    for (size_t i = 0; i < r->n_eng; i++) {
+        *pe = pid && !strcmp(r->eng[i].id, pid) ? &r->eng[i] : *pe;
+        *de = did && !strcmp(r->eng[i].id, did) ? &r->eng[i] : *de;
+    }
+    q->colocated = json_is_true(json_object_get(pl, "colocated"));
+    if (!*pe || !*de) {
+        snprintf(q->err, sizeof q->err,
+                 "kvf-sched placed the request on an engine the driver does not know");
+        rc = KVF_ENOENT;
+    }
+out_decref:
+    json_decref(pl);
+    return rc;
+}
+
+/* Prefills on pe, then hands the request over to de: the decode engine is told the first token
+ * and how many tokens the prefill saves, and waits for them in the stores. */
+static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
+                               const kvfe_router_engine *de, json_t *toks, kvfe_route *q)
+{
+    json_t *rep = NULL;
+    int rc = call_engine(r, pe, "/v1/prefill", json_pack("{s:O}", "tokens", toks), &rep, q);
+    if (rc)
+        return rc;
+    q->first_token_at = now_s();
+    take_prefill(q, pe, de, rep);
+    json_int_t first_token = json_integer_value(json_array_get(json_object_get(rep, "tokens"), 0));
+    json_decref(rep);
+    prefilled(q);
+    json_t *body =
+        json_pack("{s:O,s:I,s:i,s:I}", "tokens", toks, "first_token", first_token, "max_tokens",
+                  (int)q->max_tokens, "expect_cached", (json_int_t)q->saved_tokens);
+    rep = NULL;
+    rc = call_engine(r, de, "/v1/decode", body, &rep, q);
+    if (rc)
+        return rc;
+    q->done_at = now_s();
+    q->handoff_s = num(rep, "handoff_s");
+    rc = take_decode(q, rep);
+    json_decref(rep);
+    return rc;
+}
+
+int kvfe_router_serve(kvfe_router *r, kvfe_route *q)
+{
+    clear_outputs(q);
+    json_t *toks = tokens_json(q->tokens, q->n);
+    const kvfe_router_engine *pe, *de;
+    int rc = place(r, toks, q, &pe, &de);
+    if (rc)
+        goto out_decref;
+    if (q->colocated)
+        rc = generate_on(r, de, 1, toks, q);
+    else
+        rc = prefill_then_decode(r, pe, de, toks, q);
+out_decref:
+    json_decref(toks);
+    return rc;
+}
+
+int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, int reuse, kvfe_route *q)
+{
+    clear_outputs(q);
+    json_t *toks = tokens_json(q->tokens, q->n);
+    int rc = generate_on(r, e ? e : least_outstanding(r), reuse, toks, q);
+    json_decref(toks);
+    return rc;
+}
+
+int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_route *q)
+{
+    clear_outputs(q);
+    json_t *rep = NULL;
+    int rc = call_engine(r, e, "/v1/prefill",
+                         json_pack("{s:o}", "tokens", tokens_json(q->tokens, q->n)), &rep, q);
+    if (rc)
+        return rc;
+    q->first_token_at = now_s();
+    take_prefill(q, e, e, rep);
+    json_decref(rep);
+    prefilled(q);
+    return 0;
+}
+
+void kvfe_route_release(kvfe_route *q)
+{
+    if (!q)
+        return;
+    free(q->generated);
+    free(q->itl_s);
+    q->generated = NULL;
+    q->itl_s = NULL;
+    q->n_generated = q->n_itl = 0;
+}
