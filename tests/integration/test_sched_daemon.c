@@ -110,6 +110,149 @@ static long stat_of(const daemon_t *d, const char *key)
     return p ? strtol(p + strlen(want), NULL, 10) : -1;
 }
 
+/* A PUB socket of this test, bound on loopback; *ep gets its endpoint. */
+static void *pub_open(void *ctx, int type, char *ep, size_t eplen)
+{
+    void *sk = zmq_socket(ctx, type);
+    int zero = 0;
+    zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
+    assert_int_equal(zmq_bind(sk, "tcp://127.0.0.1:*"), 0);
+    zmq_getsockopt(sk, ZMQ_LAST_ENDPOINT, ep, &eplen);
+    return sk;
+}
+
+/* Publishes sb's batch as seq until the daemon's index holds `blocks` blocks: ZeroMQ drops what a
+ * subscriber has not joined for yet, so the first batches may be lost. Bounded to 5 s. */
+static void publish_until(daemon_t *d, void *pub, uint64_t seq, const msgpack_sbuffer *sb,
+                          long blocks)
+{
+    for (int i = 0; i < 100 && stat_of(d, "blocks") < blocks; i++) {
+        publish(pub, seq, sb->data, sb->size);
+        usleep(50000);
+    }
+    assert_int_equal(stat_of(d, "blocks"), blocks);
+}
+
+/* Instance "hot" publishes 64 blocks of 16 tokens (1024 tokens from id 100); "cold" none. */
+static void register_and_index(daemon_t *d, void *pub, const char *ep)
+{
+    char body[1024], out[8192];
+    snprintf(body, sizeof body,
+             "{\"id\":\"hot\",\"role\":\"both\",\"block_tokens\":16,\"capacity_blocks\":10000,"
+             "\"events\":\"%s\",\"endpoint\":\"127.0.0.1:9001\"}",
+             ep);
+    assert_int_equal(http(d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    assert_int_equal(http(d, "POST", "/v1/instances",
+                          "{\"id\":\"cold\",\"role\":\"both\",\"block_tokens\":16,"
+                          "\"capacity_blocks\":10000,\"endpoint\":\"127.0.0.1:9002\"}",
+                          out, sizeof out),
+                     201);
+    assert_int_equal(http(d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"hot\""));
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_stored(&sb, 5000, 64, 16, 100);
+    publish_until(d, pub, 1, &sb, 64);
+    msgpack_sbuffer_destroy(&sb);
+}
+
+/* Garbage and a sequence gap: logged and counted, the daemon goes on. */
+static void garbage_is_counted(daemon_t *d, void *pub)
+{
+    static const uint8_t junk[] = {0xc1, 0xc1, 0xc1};
+    long malformed = stat_of(d, "malformed");
+    publish(pub, 12, junk, sizeof junk);
+    for (int i = 0; i < 100 && stat_of(d, "malformed") == malformed; i++)
+        usleep(20000);
+    assert_true(stat_of(d, "malformed") > malformed);
+    assert_true(stat_of(d, "sequence_gaps") >= 1);
+}
+
+/* Bad HTTP input: each a clear error, nothing else changes. */
+static void bad_http_input(daemon_t *d)
+{
+    char out[8192];
+    assert_int_equal(http(d, "POST", "/v1/place", "{not json", out, sizeof out), 400);
+    assert_non_null(strstr(out, "JSON"));
+    assert_int_equal(http(d, "POST", "/v1/place", "{\"tokens\":[1,-2]}", out, sizeof out), 400);
+    assert_non_null(strstr(out, "tokens[1]"));
+    assert_int_equal(http(d, "POST", "/v1/place", "{\"tokens\":[]}", out, sizeof out), 400);
+    assert_int_equal(http(d, "POST", "/v1/instances/nobody/load", "{\"queued_prefill_tokens\":5}",
+                          out, sizeof out),
+                     404);
+    assert_non_null(strstr(out, "nobody"));
+    assert_int_equal(http(d, "POST", "/v1/instances", "{\"role\":\"both\"}", out, sizeof out), 400);
+    assert_non_null(strstr(out, "is required"));
+    assert_int_equal(
+        http(d, "POST", "/v1/instances", "{\"id\":\"x\",\"role\":\"boss\"}", out, sizeof out), 400);
+    assert_int_equal(http(d, "GET", "/nowhere", NULL, out, sizeof out), 404);
+    assert_int_equal(http(d, "DELETE", "/v1/place", NULL, out, sizeof out), 405);
+}
+
+/* Answers the daemon's replay request on router: batch 2 (b2), then the end of the replay. */
+static int serve_replay(void *router, const msgpack_sbuffer *b2)
+{
+    zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
+    if (zmq_poll(&it, 1, 50) <= 0)
+        return 0;
+    zmq_msg_t id, delim, seqm;
+    zmq_msg_init(&id);
+    zmq_msg_init(&delim);
+    zmq_msg_init(&seqm);
+    zmq_msg_recv(&id, router, 0);
+    zmq_msg_recv(&delim, router, 0);
+    zmq_msg_recv(&seqm, router, 0);
+    assert_int_equal(zmq_msg_size(&seqm), 8);
+    assert_int_equal(((uint8_t *)zmq_msg_data(&seqm))[7], 2); /* from batch 2 */
+    uint8_t s2[8] = {0, 0, 0, 0, 0, 0, 0, 2}, end[8];
+    memset(end, 0xff, sizeof end);
+    zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+    zmq_send(router, "", 0, ZMQ_SNDMORE);
+    zmq_send(router, s2, 8, ZMQ_SNDMORE);
+    zmq_send(router, b2->data, b2->size, 0);
+    zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+    zmq_send(router, "", 0, ZMQ_SNDMORE);
+    zmq_send(router, end, 8, ZMQ_SNDMORE);
+    zmq_send(router, "", 0, 0);
+    zmq_msg_close(&id);
+    zmq_msg_close(&delim);
+    zmq_msg_close(&seqm);
+    return 1;
+}
+
+/* A publisher with a replay socket: a skipped batch is asked for and recovered. */
+static void replay_recovers_gap(daemon_t *d, void *ctx)
+{
+    char ep2[128], rep[128], body[512], out[8192];
+    void *pub2 = pub_open(ctx, ZMQ_PUB, ep2, sizeof ep2);
+    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    snprintf(body, sizeof body,
+             "{\"id\":\"rep\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep2, rep);
+    assert_int_equal(http(d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    msgpack_sbuffer a, b2, c3;
+    msgpack_sbuffer_init(&a);
+    msgpack_sbuffer_init(&b2);
+    msgpack_sbuffer_init(&c3);
+    pack_stored(&a, 100000, 8, 16, 20000);
+    pack_stored(&b2, 200000, 8, 16, 30000);
+    pack_stored(&c3, 300000, 8, 16, 40000);
+    publish_until(d, pub2, 1, &a, 72);
+    publish(pub2, 3, c3.data, c3.size); /* batch 2 never published live */
+    int served = 0;
+    for (int i = 0; i < 40 && !served; i++)
+        served = serve_replay(router, &b2);
+    assert_true(served);
+    for (int i = 0; i < 100 && stat_of(d, "blocks") < 88; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(d, "blocks"), 88);
+    assert_int_equal(stat_of(d, "batches_replayed"), 1);
+    msgpack_sbuffer_destroy(&a);
+    msgpack_sbuffer_destroy(&b2);
+    msgpack_sbuffer_destroy(&c3);
+    zmq_close(pub2);
+    zmq_close(router);
+}
+
 static void test_sched_daemon_events_and_placement(void **state)
 {
     (void)state;
@@ -118,42 +261,12 @@ static void test_sched_daemon_events_and_placement(void **state)
     daemon_t d;
     proc_start(&d, argv);
     void *ctx = zmq_ctx_new();
-    void *pub = zmq_socket(ctx, ZMQ_PUB);
-    int zero = 0;
-    zmq_setsockopt(pub, ZMQ_LINGER, &zero, sizeof zero);
-    assert_int_equal(zmq_bind(pub, "tcp://127.0.0.1:*"), 0);
     char ep[128];
-    size_t epl = sizeof ep;
-    zmq_getsockopt(pub, ZMQ_LAST_ENDPOINT, ep, &epl);
-
-    char body[8192], out[8192];
-    snprintf(body, sizeof body,
-             "{\"id\":\"hot\",\"role\":\"both\",\"block_tokens\":16,\"capacity_blocks\":10000,"
-             "\"events\":\"%s\",\"endpoint\":\"127.0.0.1:9001\"}",
-             ep);
-    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
-    assert_int_equal(http(&d, "POST", "/v1/instances",
-                          "{\"id\":\"cold\",\"role\":\"both\",\"block_tokens\":16,"
-                          "\"capacity_blocks\":10000,\"endpoint\":\"127.0.0.1:9002\"}",
-                          out, sizeof out),
-                     201);
-    assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
-    assert_non_null(strstr(out, "\"hot\""));
-
-    /* 64 blocks of 16 tokens (1024 tokens from id 100): published until the daemon's subscription
-     * is up (ZeroMQ drops what a subscriber has not joined for yet), bounded to 5 s. */
-    msgpack_sbuffer sb;
-    msgpack_sbuffer_init(&sb);
-    pack_stored(&sb, 5000, 64, 16, 100);
-    uint64_t seq = 1;
-    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 64; i++) {
-        publish(pub, seq++, sb.data, sb.size);
-        usleep(50000);
-    }
-    msgpack_sbuffer_destroy(&sb);
-    assert_int_equal(stat_of(&d, "blocks"), 64);
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    register_and_index(&d, pub, ep);
 
     /* A request sharing those 1024 tokens goes where they are cached. */
+    char body[8192], out[8192];
     char *p = body;
     p += sprintf(p, "{\"output_tokens\":64,\"tokens\":[");
     for (int i = 0; i < 1200; i++)
@@ -164,33 +277,9 @@ static void test_sched_daemon_events_and_placement(void **state)
     assert_non_null(strstr(out, "\"device\":1024"));
     assert_non_null(strstr(out, "\"label\":\"real\""));
 
-    /* Garbage and a sequence gap: logged and counted, the daemon goes on. */
-    static const uint8_t junk[] = {0xc1, 0xc1, 0xc1};
-    long malformed = stat_of(&d, "malformed");
-    publish(pub, seq + 10, junk, sizeof junk);
-    for (int i = 0; i < 100 && stat_of(&d, "malformed") == malformed; i++)
-        usleep(20000);
-    assert_true(stat_of(&d, "malformed") > malformed);
-    assert_true(stat_of(&d, "sequence_gaps") >= 1);
+    garbage_is_counted(&d, pub);
+    bad_http_input(&d);
 
-    /* Bad HTTP input: each a clear error, nothing else changes. */
-    assert_int_equal(http(&d, "POST", "/v1/place", "{not json", out, sizeof out), 400);
-    assert_non_null(strstr(out, "JSON"));
-    assert_int_equal(http(&d, "POST", "/v1/place", "{\"tokens\":[1,-2]}", out, sizeof out), 400);
-    assert_non_null(strstr(out, "tokens[1]"));
-    assert_int_equal(http(&d, "POST", "/v1/place", "{\"tokens\":[]}", out, sizeof out), 400);
-    assert_int_equal(http(&d, "POST", "/v1/instances/nobody/load", "{\"queued_prefill_tokens\":5}",
-                          out, sizeof out),
-                     404);
-    assert_non_null(strstr(out, "nobody"));
-    assert_int_equal(http(&d, "POST", "/v1/instances", "{\"role\":\"both\"}", out, sizeof out),
-                     400);
-    assert_non_null(strstr(out, "is required"));
-    assert_int_equal(
-        http(&d, "POST", "/v1/instances", "{\"id\":\"x\",\"role\":\"boss\"}", out, sizeof out),
-        400);
-    assert_int_equal(http(&d, "GET", "/nowhere", NULL, out, sizeof out), 404);
-    assert_int_equal(http(&d, "DELETE", "/v1/place", NULL, out, sizeof out), 405);
     /* A busy cache holder loses to an idle instance once its queue outweighs the cache. */
     assert_int_equal(http(&d, "POST", "/v1/instances/hot/load",
                           "{\"queued_prefill_tokens\":500000,\"used_blocks\":100}", out,
@@ -202,72 +291,7 @@ static void test_sched_daemon_events_and_placement(void **state)
     assert_non_null(strstr(out, "kvf_sched_blocks 64"));
     assert_non_null(strstr(out, "kvf_sched_placements_total 2"));
 
-    /* A publisher with a replay socket: a skipped batch is asked for and recovered. */
-    void *pub2 = zmq_socket(ctx, ZMQ_PUB), *router = zmq_socket(ctx, ZMQ_ROUTER);
-    zmq_setsockopt(pub2, ZMQ_LINGER, &zero, sizeof zero);
-    zmq_setsockopt(router, ZMQ_LINGER, &zero, sizeof zero);
-    assert_int_equal(zmq_bind(pub2, "tcp://127.0.0.1:*"), 0);
-    assert_int_equal(zmq_bind(router, "tcp://127.0.0.1:*"), 0);
-    char ep2[128], rep[128];
-    size_t l2 = sizeof ep2, lr = sizeof rep;
-    zmq_getsockopt(pub2, ZMQ_LAST_ENDPOINT, ep2, &l2);
-    zmq_getsockopt(router, ZMQ_LAST_ENDPOINT, rep, &lr);
-    snprintf(body, sizeof body,
-             "{\"id\":\"rep\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep2, rep);
-    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
-    msgpack_sbuffer a, b2, c3;
-    msgpack_sbuffer_init(&a);
-    msgpack_sbuffer_init(&b2);
-    msgpack_sbuffer_init(&c3);
-    pack_stored(&a, 100000, 8, 16, 20000);
-    pack_stored(&b2, 200000, 8, 16, 30000);
-    pack_stored(&c3, 300000, 8, 16, 40000);
-    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 72; i++) {
-        publish(pub2, 1, a.data, a.size);
-        usleep(50000);
-    }
-    assert_int_equal(stat_of(&d, "blocks"), 72);
-    publish(pub2, 3, c3.data, c3.size); /* batch 2 never published live */
-    int served = 0;
-    for (int i = 0; i < 40 && !served; i++) {
-        zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
-        if (zmq_poll(&it, 1, 50) <= 0)
-            continue;
-        zmq_msg_t id, delim, seqm;
-        zmq_msg_init(&id);
-        zmq_msg_init(&delim);
-        zmq_msg_init(&seqm);
-        zmq_msg_recv(&id, router, 0);
-        zmq_msg_recv(&delim, router, 0);
-        zmq_msg_recv(&seqm, router, 0);
-        assert_int_equal(zmq_msg_size(&seqm), 8);
-        assert_int_equal(((uint8_t *)zmq_msg_data(&seqm))[7], 2); /* from batch 2 */
-        uint8_t s2[8] = {0, 0, 0, 0, 0, 0, 0, 2}, end[8];
-        memset(end, 0xff, sizeof end);
-        zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
-        zmq_send(router, "", 0, ZMQ_SNDMORE);
-        zmq_send(router, s2, 8, ZMQ_SNDMORE);
-        zmq_send(router, b2.data, b2.size, 0);
-        zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
-        zmq_send(router, "", 0, ZMQ_SNDMORE);
-        zmq_send(router, end, 8, ZMQ_SNDMORE);
-        zmq_send(router, "", 0, 0);
-        zmq_msg_close(&id);
-        zmq_msg_close(&delim);
-        zmq_msg_close(&seqm);
-        served = 1;
-    }
-    assert_true(served);
-    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 88; i++)
-        usleep(20000);
-    assert_int_equal(stat_of(&d, "blocks"), 88);
-    assert_int_equal(stat_of(&d, "batches_replayed"), 1);
-    msgpack_sbuffer_destroy(&a);
-    msgpack_sbuffer_destroy(&b2);
-    msgpack_sbuffer_destroy(&c3);
-    zmq_close(pub2);
-    zmq_close(router);
-
+    replay_recovers_gap(&d, ctx);
     zmq_close(pub);
     zmq_ctx_term(ctx);
     daemon_stop(&d);
