@@ -1,22 +1,9 @@
 /*
- * The connector (include/kvf/connector.h, docs/connector.md).
- *
- * Threads: the engine's thread calls the API and waits; the storage client's I/O thread reports
- * transfer progress (a layer of every chunk verified, a batch done); a pool of worker threads does
- * the page copies. The I/O thread never copies engine memory: it only queues work.
- *
- * Load: one layer-streamed GET of every chunk into a staging region (object format, one buffer
- * per chunk); as layer l of every chunk arrives, workers scatter its segments into the engine's
- * pages and layer l is marked ready. Save: as the engine finishes layer l, workers gather that
- * layer's pages of every chunk into staging and hash it; after the last layer the headers are
- * sealed and the batch is put (two-phase: chunks already stored are not sent again).
- *
- * Lock order: connector lock (task queue, staging regions, stats), then a transfer's lock. The
- * client's callbacks take them in that order too; nothing here holds either across I/O.
+ * The connector (include/kvf/connector.h, docs/connector.md). Threads, data path and lock order
+ * are described in connector_int.h.
  */
 #include "kvf/connector.h"
 
-#include "kvf/client.h"
 #include "kvf/error.h"
 
 #include "bytes.h"
@@ -24,11 +11,9 @@
 #include "clock.h"
 #include "http.h"
 #include "kvf/object.h"
-#include "pagemap.h"
+#include "connector_int.h"
 
 #include <jansson.h>
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,72 +23,12 @@
 
 enum { LS_PENDING = 1 }; /* layer state: 1 pending, 0 ready, < 0 failed with that code */
 
-typedef struct task {
-    struct task *next;
+typedef struct kvf__task {
+    struct kvf__task *next;
     kvf_xfer *x;
     uint32_t layer;
     size_t from, to; /* chunk range [from, to) of the transfer */
 } task;
-
-typedef struct region {
-    uint8_t *mem;
-    size_t cap;
-    int busy;
-} region;
-
-struct kvf_connector {
-    kvf_layout l;
-    kvf_keyspace ks;
-    kvf_client *cl;
-    kvf__pagemap pm;
-    int registered;
-    uint64_t obj_bytes; /* raw object size of a chunk */
-    uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
-    kvf_caps local, remote;  /* the engine's capability record and the storage node's */
-    char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
-    uint32_t hdr_len;
-    int deadline_ms;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    task *qh, *qt;
-    pthread_t *th;
-    int nworkers;
-    int closing;
-    int inflight;      /* transfers not yet freed */
-    int closed;        /* close has run; the last transfer freed releases the connector */
-    region regions[2]; /* 0: loads, 1: saves */
-    kvf_connector_stats st;
-};
-
-struct kvf_xfer {
-    kvf_connector *cn;
-    int is_save;
-    size_t n_chunks;    /* chunks moved */
-    size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
-    kvf_key *keys;
-    uint32_t *page_ids; /* pages of the moved chunks only */
-    uint8_t *stage;
-    int region; /* index of the staging region held, or -1 for a private buffer */
-    void **bufs;
-    uint64_t *caps, *lens;
-    int *status;
-    atomic_uint *verified; /* load: layers verified per chunk, written by the I/O thread */
-    uint64_t *seg_xxh;     /* save: [chunk][layer] checksums of the gathered segments */
-    kvf_op *op;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int *layer_state;            /* LS_PENDING, 0, or a failure code */
-    uint32_t *layer_tasks;       /* tasks not yet finished per layer */
-    int *layer_failed;           /* a chunk of this layer failed in its scatter */
-    uint32_t layers_done;        /* save: layers gathered */
-    int layer_reported_done_all; /* save: put submitted */
-    int pending_tasks;
-    int transfer_done; /* the client op completed (or none is needed) */
-    int done;          /* transfer_done and no task pending */
-    int result;
-    int cancelled;
-    size_t loaded_tokens;
-};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Staging */
@@ -123,7 +48,7 @@ static void *map_locked(size_t n)
  * one so that a load and a save, or two loads, can overlap. Called with cn->mu held. */
 static int stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which)
 {
-    region *r = &cn->regions[which];
+    kvf__region *r = &cn->regions[which];
     if (!r->busy) {
         if (r->cap < n) {
             size_t cap = r->cap ? r->cap : DEFAULT_STAGING;

@@ -1,0 +1,94 @@
+/*
+ * What the files of the connector share; not a public interface (that is include/kvf/connector.h).
+ *
+ * Threads: the engine's thread calls the API and waits; the storage client's I/O thread reports
+ * transfer progress (a layer of every chunk verified, a batch done); a pool of worker threads does
+ * the page copies. The I/O thread never copies engine memory: it only queues work.
+ *
+ * Load: one layer-streamed GET of every chunk into a staging region (object format, one buffer
+ * per chunk); as layer l of every chunk arrives, workers scatter its segments into the engine's
+ * pages and layer l is marked ready. Save: as the engine finishes layer l, workers gather that
+ * layer's pages of every chunk into staging and hash it; after the last layer the headers are
+ * sealed and the batch is put (two-phase: chunks already stored are not sent again).
+ *
+ * Lock order: connector lock (kvf_connector.mu: task queue, staging regions, stats, transfers in
+ * flight), then a transfer's lock (kvf_xfer.mu). The client's callbacks take them in that order
+ * too; nothing here holds either across I/O.
+ */
+#ifndef KVF_CONNECTOR_INT_H
+#define KVF_CONNECTOR_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/connector.h"
+#include "kvf/client.h"
+
+#include "pagemap.h"
+
+/* A staging region: one mapping reused by one transfer at a time. */
+typedef struct kvf__region {
+    uint8_t *mem;
+    size_t cap;
+    int busy;
+} kvf__region;
+
+struct kvf__task; /* a queued page task */
+
+struct kvf_connector {
+    kvf_layout l;
+    kvf_keyspace ks;
+    kvf_client *cl;
+    kvf__pagemap pm;
+    int registered;
+    uint64_t obj_bytes; /* raw object size of a chunk */
+    uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
+    kvf_caps local, remote;  /* the engine's capability record and the storage node's */
+    char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
+    uint32_t hdr_len;
+    int deadline_ms;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct kvf__task *qh, *qt;
+    pthread_t *th;
+    int nworkers;
+    int closing;
+    int inflight;           /* transfers not yet freed */
+    int closed;             /* close has run; the last transfer freed releases the connector */
+    kvf__region regions[2]; /* 0: loads, 1: saves */
+    kvf_connector_stats st;
+};
+
+struct kvf_xfer {
+    kvf_connector *cn;
+    int is_save;
+    size_t n_chunks;    /* chunks moved */
+    size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
+    kvf_key *keys;
+    uint32_t *page_ids; /* pages of the moved chunks only */
+    uint8_t *stage;
+    int region; /* index of the staging region held, or -1 for a private buffer */
+    void **bufs;
+    uint64_t *caps, *lens;
+    int *status;
+    atomic_uint *verified; /* load: layers verified per chunk, written by the I/O thread */
+    uint64_t *seg_xxh;     /* save: [chunk][layer] checksums of the gathered segments */
+    kvf_op *op;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int *layer_state;            /* 1 pending, 0 ready, < 0 failed with that code */
+    uint32_t *layer_tasks;       /* tasks not yet finished per layer */
+    int *layer_failed;           /* a chunk of this layer failed in its scatter */
+    uint32_t layers_done;        /* save: layers gathered */
+    int layer_reported_done_all; /* save: put submitted */
+    int pending_tasks;
+    int transfer_done; /* the client op completed (or none is needed) */
+    int done;          /* transfer_done and no task pending */
+    int result;
+    int cancelled;
+    size_t loaded_tokens;
+};
+
+#endif
