@@ -89,6 +89,36 @@ struct kvf_xfer {
     int result;
     int cancelled;
     size_t loaded_tokens;
+    /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
+     * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
+     * `layer` failed their scatter, or the task was `skipped` because the transfer was cancelled.
+     * Set when the transfer is made, so that the pool never calls up into xfer.c. */
+    void (*task_end)(kvf_xfer *x, uint32_t layer, int failed, int skipped);
 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* workers.c: the worker pool and the staging regions */
+
+/* Maps both staging regions at `bytes` each (0: each is mapped by the first transfer that needs
+ * it). A region that cannot be mapped now is mapped on demand. */
+void kvf__stage_init(kvf_connector *cn, size_t bytes);
+/* Gives x a staging buffer of n bytes: region `which` (0: loads, 1: saves) when free, grown as
+ * needed, else a private one so that a load and a save, or two loads, can overlap. Called with
+ * cn->mu held. 0 or KVF_ENOMEM. */
+int kvf__stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which);
+/* Gives back x's staging buffer of n bytes (none held: nothing). Called with cn->mu held. */
+void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n);
+/* Unmaps both regions; no transfer may hold one. */
+void kvf__stage_fini(kvf_connector *cn);
+
+/* Starts cn->nworkers workers. Returns 0, or KVF_ENOMEM or KVF_EAGAIN with one line in err and
+ * no worker left running. */
+int kvf__pool_start(kvf_connector *cn, char *err, size_t errlen);
+/* Queues layer `layer` of every chunk of x, in at most one task per worker, and counts the tasks
+ * in x's pending_tasks and layer_tasks; a task that cannot be allocated fails the layer with
+ * KVF_ENOMEM. Called with cn->mu held; takes x->mu. */
+void kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer);
+/* Has the workers finish the tasks already queued and exit, and joins them. */
+void kvf__pool_stop(kvf_connector *cn);
 
 #endif

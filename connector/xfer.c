@@ -17,73 +17,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-
-#define DEFAULT_STAGING (32u << 20)
 
 enum { LS_PENDING = 1 }; /* layer state: 1 pending, 0 ready, < 0 failed with that code */
-
-typedef struct kvf__task {
-    struct kvf__task *next;
-    kvf_xfer *x;
-    uint32_t layer;
-    size_t from, to; /* chunk range [from, to) of the transfer */
-} task;
-
-/* ------------------------------------------------------------------------------------------ */
-/* Staging */
-
-static void *map_locked(size_t n)
-{
-    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    /* Locked where the memlock limit allows: staging must not be paged out under a transfer.
-     * Beyond the limit it still works, unlocked. */
-    (void)mlock(p, n);
-    return p;
-}
-
-/* Gives x a staging buffer of n bytes: its region when free (grown as needed), else a private
- * one so that a load and a save, or two loads, can overlap. Called with cn->mu held. */
-static int stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which)
-{
-    kvf__region *r = &cn->regions[which];
-    if (!r->busy) {
-        if (r->cap < n) {
-            size_t cap = r->cap ? r->cap : DEFAULT_STAGING;
-            while (cap < n)
-                cap *= 2;
-            void *p = map_locked(cap);
-            if (!p)
-                return KVF_ENOMEM;
-            if (r->mem)
-                munmap(r->mem, r->cap);
-            r->mem = p;
-            r->cap = cap;
-        }
-        r->busy = 1;
-        x->stage = r->mem;
-        x->region = which;
-        return 0;
-    }
-    x->stage = map_locked(n ? n : 1);
-    if (!x->stage)
-        return KVF_ENOMEM;
-    x->region = -1;
-    return 0;
-}
-
-static void stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n)
-{
-    if (!x->stage)
-        return;
-    if (x->region >= 0)
-        cn->regions[x->region].busy = 0;
-    else
-        munmap(x->stage, n ? n : 1);
-    x->stage = NULL;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Completion bookkeeping */
@@ -100,95 +35,6 @@ static void maybe_done_locked(kvf_xfer *x)
             x->layer_state[l] = x->result ? x->result : KVF_EIO;
     x->done = 1;
     pthread_cond_broadcast(&x->cv);
-}
-
-static void enqueue_layer_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
-{
-    size_t n = x->n_chunks;
-    size_t parts = (size_t)cn->nworkers < n ? (size_t)cn->nworkers : n;
-    if (parts == 0)
-        parts = 1;
-    for (size_t p = 0; p < parts; p++) {
-        task *t = malloc(sizeof *t);
-        if (!t) {
-            /* No memory for the work item: the layer fails, the engine recomputes. */
-            pthread_mutex_lock(&x->mu);
-            x->layer_failed[layer] = KVF_ENOMEM;
-            pthread_mutex_unlock(&x->mu);
-            continue;
-        }
-        t->x = x;
-        t->layer = layer;
-        t->from = n * p / parts;
-        t->to = n * (p + 1) / parts;
-        t->next = NULL;
-        pthread_mutex_lock(&x->mu);
-        x->pending_tasks++;
-        x->layer_tasks[layer]++;
-        pthread_mutex_unlock(&x->mu);
-        if (cn->qt)
-            cn->qt->next = t;
-        else
-            cn->qh = t;
-        cn->qt = t;
-    }
-    pthread_cond_broadcast(&cn->cv);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Workers */
-
-/* Scatters layer `layer` of chunks [from, to) of a load into the engine's pages. Returns the
- * number of chunks that failed. */
-static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to,
-                      uint8_t *scratch, uint8_t *scratch2)
-{
-    int failed = 0;
-    uint32_t ppc = cn->pm.pages_per_chunk;
-    for (size_t c = from; c < to; c++) {
-        if (atomic_load(&x->verified[c]) <= layer) {
-            failed++;
-            continue;
-        }
-        const uint8_t *obj = x->stage + c * cn->obj_bytes;
-        kvf_obj_info info;
-        int rc = kvf_obj_parse(obj, cn->hdr_len, &info);
-        if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
-            info.tokens != cn->l.chunk_tokens) {
-            failed++;
-            continue;
-        }
-        uint64_t off = info.header_len;
-        for (uint32_t k = 0; k < layer; k++)
-            off += kvf_obj_seg_at(&info, k).stored_len;
-        kvf_obj_seg sg = kvf_obj_seg_at(&info, layer);
-        if (sg.raw_len != cn->pm.seg_bytes) {
-            failed++;
-            continue;
-        }
-        const uint8_t *seg = obj + off;
-        if (sg.stored_len != sg.raw_len) {
-            /* Compressed: decode (verifying both checksums) before touching engine pages. */
-            if (kvf_obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
-                failed++;
-                continue;
-            }
-            seg = scratch;
-        }
-        kvf__pagemap_scatter(&cn->pm, layer, seg, x->page_ids + c * ppc);
-    }
-    return failed;
-}
-
-static void do_gather(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to)
-{
-    uint32_t ppc = cn->pm.pages_per_chunk;
-    uint32_t L = cn->l.layers;
-    for (size_t c = from; c < to; c++) {
-        uint8_t *seg = x->stage + c * cn->obj_bytes + cn->hdr_len + layer * cn->pm.seg_bytes;
-        kvf__pagemap_gather(&cn->pm, layer, seg, x->page_ids + c * ppc);
-        x->seg_xxh[c * L + layer] = kvf__xxh3(seg, cn->pm.seg_bytes);
-    }
 }
 
 static void on_save_done(kvf_op *op, int status, void *ud);
@@ -227,79 +73,40 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
     }
 }
 
-static void *worker_main(void *arg)
+/* The pool's report that one of x's tasks ended (x->task_end). When the last task of a layer ends,
+ * the layer's state is decided and its waiters woken; when a save's last layer is gathered, the
+ * batch is put. */
+static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
 {
-    kvf_connector *cn = arg;
-    uint8_t *scratch = malloc(cn->seg_bytes), *scratch2 = malloc(cn->seg_bytes);
-    for (;;) {
-        pthread_mutex_lock(&cn->mu);
-        while (!cn->qh && !cn->closing)
-            pthread_cond_wait(&cn->cv, &cn->mu);
-        if (!cn->qh) {
-            pthread_mutex_unlock(&cn->mu);
-            break;
+    kvf_connector *cn = x->cn;
+    int submit = 0;
+    pthread_mutex_lock(&x->mu);
+    if (failed && !x->layer_failed[layer])
+        x->layer_failed[layer] = KVF_ECHECKSUM;
+    if (--x->layer_tasks[layer] == 0 && !skipped) {
+        if (x->is_save) {
+            x->layer_state[layer] = 0;
+            if (++x->layers_done == cn->l.layers && !x->cancelled)
+                submit = 1;
+        } else {
+            /* A chunk that did not arrive makes the layer unusable as a whole. */
+            int bad = x->layer_failed[layer];
+            for (size_t c = 0; !bad && c < x->n_chunks; c++)
+                if (atomic_load(&x->verified[c]) <= layer)
+                    bad = x->status[c] ? x->status[c] : KVF_ENOENT;
+            x->layer_state[layer] = bad;
         }
-        task *t = cn->qh;
-        cn->qh = t->next;
-        if (!cn->qh)
-            cn->qt = NULL;
-        pthread_mutex_unlock(&cn->mu);
-
-        kvf_xfer *x = t->x;
-        pthread_mutex_lock(&x->mu);
-        int skip = x->cancelled;
-        pthread_mutex_unlock(&x->mu);
-        int failed = 0;
-        uint64_t t0 = kvf__now_ns();
-        if (!skip) {
-            if (x->is_save)
-                do_gather(cn, x, t->layer, t->from, t->to);
-            else if (!scratch || !scratch2)
-                failed = (int)(t->to - t->from);
-            else
-                failed = do_scatter(cn, x, t->layer, t->from, t->to, scratch, scratch2);
-        }
-        uint64_t dt = kvf__now_ns() - t0;
-        pthread_mutex_lock(&cn->mu);
-        if (x->is_save)
-            cn->st.gather_ns += dt;
-        else
-            cn->st.scatter_ns += dt;
-        pthread_mutex_unlock(&cn->mu);
-
-        int submit = 0;
-        pthread_mutex_lock(&x->mu);
-        if (failed && !x->layer_failed[t->layer])
-            x->layer_failed[t->layer] = KVF_ECHECKSUM;
-        if (--x->layer_tasks[t->layer] == 0 && !skip) {
-            if (x->is_save) {
-                x->layer_state[t->layer] = 0;
-                if (++x->layers_done == cn->l.layers && !x->cancelled)
-                    submit = 1;
-            } else {
-                /* A chunk that did not arrive makes the layer unusable as a whole. */
-                int bad = x->layer_failed[t->layer];
-                for (size_t c = 0; !bad && c < x->n_chunks; c++)
-                    if (atomic_load(&x->verified[c]) <= t->layer)
-                        bad = x->status[c] ? x->status[c] : KVF_ENOENT;
-                x->layer_state[t->layer] = bad;
-            }
-            pthread_cond_broadcast(&x->cv);
-        }
-        x->pending_tasks--;
-        if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks) {
-            x->result = KVF_ECANCELED;
-            x->transfer_done = 1;
-        }
-        maybe_done_locked(x);
-        pthread_mutex_unlock(&x->mu);
-        free(t);
-        if (submit)
-            submit_save(cn, x);
+        pthread_cond_broadcast(&x->cv);
     }
-    free(scratch);
-    free(scratch2);
-    return NULL;
+    x->pending_tasks--;
+    if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks) {
+        x->result = KVF_ECANCELED;
+        x->transfer_done = 1;
+    }
+    maybe_done_locked(x);
+    pthread_mutex_unlock(&x->mu);
+    if (submit)
+        submit_save(cn, x);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -316,7 +123,7 @@ static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
         if (x->status[c] == 0)
             atomic_store(&x->verified[c], layer + 1);
     pthread_mutex_lock(&cn->mu);
-    enqueue_layer_locked(cn, x, layer);
+    kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
 }
 
@@ -391,7 +198,7 @@ static void xfer_destroy(kvf_xfer *x)
     kvf_connector *cn = x->cn;
     kvf_op_free(&x->op);
     pthread_mutex_lock(&cn->mu);
-    stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
+    kvf__stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
     int last = --cn->inflight == 0 && cn->closed;
     pthread_mutex_unlock(&cn->mu);
     if (last)
@@ -436,6 +243,7 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     x->n_chunks = moved;
     x->first_chunk = first_chunk;
     x->region = -1;
+    x->task_end = task_end;
     pthread_mutex_init(&x->mu, NULL);
     pthread_cond_init(&x->cv, NULL);
     size_t m = moved ? moved : 1;
@@ -469,8 +277,8 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
            moved * cn->pm.pages_per_chunk * sizeof *x->page_ids);
     pthread_mutex_lock(&cn->mu);
     cn->inflight++;
-    int rc =
-        cn->closing ? KVF_ECLOSED : stage_acquire_locked(cn, x, moved * cn->obj_bytes, is_save);
+    int rc = cn->closing ? KVF_ECLOSED
+                         : kvf__stage_acquire_locked(cn, x, moved * cn->obj_bytes, is_save);
     if (is_save)
         cn->st.saves++;
     else
@@ -603,7 +411,7 @@ int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer)
         rc = KVF_EINVAL; /* reported twice */
     pthread_mutex_unlock(&x->mu);
     if (!rc)
-        enqueue_layer_locked(cn, x, layer);
+        kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
     return rc;
 }
@@ -794,26 +602,6 @@ out:
     return rc;
 }
 
-/* Tells the workers to finish the tasks already queued and exit, and joins them. */
-static void stop_workers(kvf_connector *cn)
-{
-    pthread_mutex_lock(&cn->mu);
-    cn->closing = 1;
-    pthread_cond_broadcast(&cn->cv);
-    pthread_mutex_unlock(&cn->mu);
-    for (int i = 0; i < cn->nworkers; i++)
-        pthread_join(cn->th[i], NULL);
-    free(cn->th);
-    cn->th = NULL;
-}
-
-static void unmap_regions(kvf_connector *cn)
-{
-    for (int i = 0; i < 2; i++)
-        if (cn->regions[i].mem)
-            munmap(cn->regions[i].mem, cn->regions[i].cap);
-}
-
 int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -878,34 +666,16 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     if (strcmp(transport, "tcp") != 0 &&
         !strcmp(kvf_client_transport(cn->cl, cn->transport_why, sizeof cn->transport_why), "rdma"))
         cn->remote = remote_with_rdma(cn); /* every node said so */
-    if (o->staging_bytes) {
-        for (int i = 0; i < 2; i++) {
-            cn->regions[i].mem = map_locked(o->staging_bytes);
-            cn->regions[i].cap = cn->regions[i].mem ? o->staging_bytes : 0;
-        }
-    }
-    cn->th = calloc((size_t)cn->nworkers, sizeof *cn->th);
-    if (!cn->th) {
-        rc = KVF_ENOMEM;
-        snprintf(err, errlen, "out of memory");
+    kvf__stage_init(cn, o->staging_bytes);
+    rc = kvf__pool_start(cn, err, errlen);
+    if (rc)
         goto out_client;
-    }
-    for (int i = 0; i < cn->nworkers; i++) {
-        if (pthread_create(&cn->th[i], NULL, worker_main, cn) != 0) {
-            cn->nworkers = i;
-            rc = KVF_EAGAIN;
-            snprintf(err, errlen, "cannot start worker threads");
-            goto out_workers;
-        }
-    }
     *out = cn;
     return 0;
 
-out_workers:
-    stop_workers(cn);
 out_client:
     kvf_client_close(&cn->cl);
-    unmap_regions(cn);
+    kvf__stage_fini(cn);
 out_free:
     pthread_mutex_destroy(&cn->mu);
     pthread_cond_destroy(&cn->cv);
@@ -915,7 +685,7 @@ out_free:
 
 static void connector_free(kvf_connector *cn)
 {
-    unmap_regions(cn);
+    kvf__stage_fini(cn);
     kvf__pagemap_free(&cn->pm);
     pthread_mutex_destroy(&cn->mu);
     pthread_cond_destroy(&cn->cv);
@@ -931,7 +701,7 @@ void kvf_connector_close(kvf_connector **cnp)
     /* Closing the client fails every transfer in flight (their callbacks run), and the workers
      * finish the tasks already queued before they exit. */
     kvf_client_close(&cn->cl);
-    stop_workers(cn);
+    kvf__pool_stop(cn);
     /* Transfers the engine has not freed yet keep the connector alive until they are. */
     pthread_mutex_lock(&cn->mu);
     cn->closed = 1;
