@@ -97,6 +97,16 @@ struct kvf_xfer {
 };
 
 /* ------------------------------------------------------------------------------------------ */
+/* connector.c: the handle */
+
+/* Asks the classifier whether action a is real between the engine's capability record and the
+ * storage node's. Returns 0, KVF_EINFEASIBLE, or KVF_EINVAL for an action it does not know. */
+int kvf__connector_gate(kvf_connector *cn, kvf_action_id a);
+/* Releases a closed connector that no transfer holds any more: called by close, or by the last
+ * transfer freed after it. */
+void kvf__connector_free(kvf_connector *cn);
+
+/* ------------------------------------------------------------------------------------------ */
 /* workers.c: the worker pool and the staging regions */
 
 /* Maps both staging regions at `bytes` each (0: each is mapped by the first transfer that needs

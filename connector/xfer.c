@@ -1,20 +1,19 @@
 /*
- * The connector (include/kvf/connector.h, docs/connector.md). Threads, data path and lock order
- * are described in connector_int.h.
+ * The connector's transfers (include/kvf/connector.h): loads and saves of a sequence's chunks,
+ * their per-layer waits and cancel, and the storage client's callbacks (on its I/O thread) that
+ * report a layer verified or a batch done. A transfer is done when its client op has completed
+ * (or none is needed) and the pool has reported its last task through task_end; a layer that
+ * never arrived then fails with the transfer's error. The handle is in connector.c, the worker
+ * pool and staging in workers.c, the threads and the lock order in connector_int.h.
  */
 #include "kvf/connector.h"
 
 #include "kvf/error.h"
-
-#include "bytes.h"
-#include "hash.h"
-#include "clock.h"
-#include "http.h"
 #include "kvf/object.h"
+
+#include "clock.h"
 #include "connector_int.h"
 
-#include <jansson.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -191,8 +190,6 @@ static void on_save_done(kvf_op *op, int status, void *ud)
 /* ------------------------------------------------------------------------------------------ */
 /* Transfers */
 
-static void connector_free(kvf_connector *cn);
-
 static void xfer_destroy(kvf_xfer *x)
 {
     kvf_connector *cn = x->cn;
@@ -202,7 +199,7 @@ static void xfer_destroy(kvf_xfer *x)
     int last = --cn->inflight == 0 && cn->closed;
     pthread_mutex_unlock(&cn->mu);
     if (last)
-        connector_free(cn);
+        kvf__connector_free(cn);
     free(x->keys);
     free(x->page_ids);
     free(x->bufs);
@@ -296,54 +293,11 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     return 0;
 }
 
-/* The storage node's record as it is once the node said in its HELLO that it serves RDMA. */
-static kvf_caps remote_with_rdma(const kvf_connector *cn)
-{
-    kvf_caps r = cn->remote;
-    r.transports |= KVF_TRANSPORT_RDMA;
-    r.rdma_devices = r.rdma_devices > 0 ? r.rdma_devices : 1;
-    r.rdma_one_sided = 1;
-    return r;
-}
-
-/* The client's transport: "tcp" where the classifier does not find one-sided reads real between
- * the engine's record and a storage node that serves RDMA (the engine's side is what fails; the
- * reason is kept), otherwise "auto": the client then uses RDMA where this host has a device and
- * every node serves it, and says why not. */
-static const char *choose_transport(kvf_connector *cn)
-{
-    kvf_verdict v;
-    kvf_caps r = remote_with_rdma(cn);
-    if (kvf_classify(KVF_ACTION_RDMA_READ, &cn->local, &r, 0, &v) == 0 &&
-        v.label != KVF_FEAS_REAL) {
-        snprintf(cn->transport_why, sizeof cn->transport_why, "tcp: rdma_read is %s: %s",
-                 kvf_feas_label_name(v.label), v.why);
-        return "tcp";
-    }
-    return "auto";
-}
-
-const char *kvf_connector_transport(const kvf_connector *cn, char *why, size_t len)
-{
-    if (why)
-        snprintf(why, len, "%s", cn->transport_why);
-    return cn->cl ? kvf_client_transport(cn->cl, NULL, 0) : "tcp";
-}
-
-/* Asks the classifier; a remote action that is not real here is refused. */
-static int gate(kvf_connector *cn, kvf_action_id a)
-{
-    kvf_verdict v;
-    if (kvf_classify(a, &cn->local, &cn->remote, 0, &v) != 0)
-        return KVF_EINVAL;
-    return v.label == KVF_FEAS_REAL ? 0 : KVF_EINFEASIBLE;
-}
-
 int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
     kvf_xfer *x;
-    if (cn && gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
+    if (cn && kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
         return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
     if (rc)
@@ -377,7 +331,7 @@ int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n, size
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
     kvf_xfer *x;
-    if (cn && gate(cn, KVF_ACTION_STORE) != 0)
+    if (cn && kvf__connector_gate(cn, KVF_ACTION_STORE) != 0)
         return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 1, &x);
     if (rc)
@@ -487,226 +441,4 @@ void kvf_xfer_free(kvf_xfer **xp)
         kvf_op_wait(x->op);
     xfer_destroy(x);
     *xp = NULL;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Connector */
-
-int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t *cached)
-{
-    if (!cn || !cached || (n && !tokens))
-        return KVF_EINVAL;
-    *cached = 0;
-    if (gate(cn, KVF_ACTION_LOOKUP) != 0)
-        return KVF_EINFEASIBLE;
-    size_t nc = n / cn->l.chunk_tokens;
-    if (nc == 0)
-        return 0;
-    kvf_key *keys = malloc(nc * sizeof *keys);
-    if (!keys)
-        return KVF_ENOMEM;
-    size_t nk, hits = 0;
-    kvf_keys_compute(&cn->ks, tokens, n, keys, nc, &nk, NULL);
-    int rc = kvf_client_lookup_prefix(cn->cl, nk, keys, &hits, cn->deadline_ms);
-    free(keys);
-    *cached = hits * cn->l.chunk_tokens;
-    return rc;
-}
-
-int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32_t n_layers,
-                           char *err, size_t errlen)
-{
-    if (!cn)
-        return KVF_EINVAL;
-    /* The memory the engine registers is what its KV lives in: the classifier decides whether
-     * this build's transfer path can reach it. */
-    if (layers && n_layers) {
-        kvf_caps probe = cn->local;
-        probe.mem_kinds = 0;
-        for (uint32_t i = 0; i < n_layers; i++)
-            probe.mem_kinds |= layers[i].kind == KVF_MEM_CUDA      ? KVF_MEMK_CUDA
-                               : layers[i].kind == KVF_MEM_UNIFIED ? KVF_MEMK_UNIFIED
-                                                                   : KVF_MEMK_HOST;
-        kvf_verdict v;
-        kvf_classify(KVF_ACTION_STORE, &probe, &cn->remote, 0, &v);
-        if (v.label != KVF_FEAS_REAL) {
-            snprintf(err, errlen, "register: %s (%s)", v.why, kvf_feas_reason_name(v.reason));
-            return KVF_EINFEASIBLE;
-        }
-        cn->local.mem_kinds = probe.mem_kinds;
-    }
-    /* Under the connector lock: workers read the page map for tasks they take under it. */
-    pthread_mutex_lock(&cn->mu);
-    int rc;
-    if (cn->inflight > 0) {
-        snprintf(err, errlen, "register: transfers are in flight");
-        rc = KVF_EBUSY;
-    } else {
-        rc = kvf__pagemap_init(&cn->pm, &cn->l, layers, n_layers, err, errlen);
-        cn->registered = rc == 0;
-    }
-    pthread_mutex_unlock(&cn->mu);
-    return rc;
-}
-
-void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
-{
-    pthread_mutex_lock(&cn->mu);
-    *out = cn->st;
-    pthread_mutex_unlock(&cn->mu);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Storage nodes from the scheduler */
-
-/* GET http://sched/v1/stores. Fills nodes (strings the caller frees). */
-static int nodes_from_sched(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
-                            size_t errlen)
-{
-    char url[300];
-    snprintf(url, sizeof url, "http://%s/v1/stores", sched);
-    long status;
-    json_t *o = NULL;
-    int rc = kvf__http_call("GET", url, NULL, timeout_ms, &status, &o, err, errlen);
-    if (rc == 0 && status != 200) {
-        snprintf(err, errlen, "connector: scheduler %s: HTTP status %ld", url, status);
-        rc = KVF_ECONNREFUSED;
-    }
-    if (rc) {
-        if (rc != KVF_ENOMEM)
-            rc = KVF_ECONNREFUSED;
-        goto out;
-    }
-    json_t *arr = o ? json_object_get(o, "stores") : NULL;
-    size_t m = json_is_array(arr) ? json_array_size(arr) : 0;
-    if (m == 0 || m > KVF_CLIENT_MAX_NODES) {
-        snprintf(err, errlen,
-                 "connector: scheduler %s lists no storage node (start kvf-sched "
-                 "with --stores)",
-                 sched);
-        rc = KVF_ECONNREFUSED;
-        goto out;
-    }
-    *nodes = calloc(m, sizeof **nodes);
-    if (!*nodes) {
-        rc = KVF_ENOMEM;
-        goto out;
-    }
-    for (size_t i = 0; i < m; i++) {
-        json_t *v = json_array_get(arr, i);
-        (*nodes)[i] = strdup(json_is_string(v) ? json_string_value(v) : "");
-    }
-    *n = m;
-out:
-    json_decref(o);
-    return rc;
-}
-
-int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *err, size_t errlen)
-{
-    *out = NULL;
-    if (!o) {
-        snprintf(err, errlen, "connector: no options");
-        return KVF_EINVAL;
-    }
-    char lerr[200];
-    if (kvf_layout_validate(&o->layout, lerr, sizeof lerr) != 0) {
-        snprintf(err, errlen, "connector: layout: %s", lerr);
-        return KVF_EINVAL;
-    }
-    kvf_connector *cn = calloc(1, sizeof *cn);
-    if (!cn) {
-        snprintf(err, errlen, "out of memory");
-        return KVF_ENOMEM;
-    }
-    cn->l = o->layout;
-    size_t salt_len = o->salt ? strlen(o->salt) : 0;
-    int rc = kvf_keyspace_init(&cn->ks, &cn->l, o->salt, salt_len);
-    if (rc) {
-        snprintf(err, errlen, "connector: salt longer than %u bytes", KVF_SALT_MAX);
-        free(cn);
-        return rc;
-    }
-    cn->hdr_len = kvf_obj_header_len(cn->l.layers);
-    cn->obj_bytes = kvf_obj_raw_size(cn->l.layers, kvf_layout_segment_bytes(&cn->l));
-    cn->seg_bytes = kvf_layout_segment_bytes(&cn->l);
-    if (o->caps)
-        cn->local = *o->caps;
-    else
-        kvf_caps_builtin("reference", &cn->local);
-    kvf_caps_builtin("kvf-store", &cn->remote);
-    const char *transport = choose_transport(cn);
-    cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
-    cn->nworkers = o->workers > 0 ? o->workers : 2;
-    pthread_mutex_init(&cn->mu, NULL);
-    pthread_cond_init(&cn->cv, NULL);
-    kvf_client_opts co = {
-        .nodes = o->nodes,
-        .n_nodes = o->n_nodes,
-        .ns = cn->ks.seed,
-        .conns_per_node = o->conns_per_node,
-        .deadline_ms = cn->deadline_ms,
-        .transport = transport,
-    };
-    char **fetched = NULL;
-    size_t n_fetched = 0;
-    if (o->n_nodes == 0 && o->sched) {
-        rc = nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
-        if (rc)
-            goto out_free;
-        co.nodes = (const char *const *)fetched;
-        co.n_nodes = n_fetched;
-    }
-    rc = kvf_client_open(&cn->cl, &co, err, errlen);
-    for (size_t i = 0; i < n_fetched; i++)
-        free(fetched[i]);
-    free(fetched);
-    if (rc)
-        goto out_free;
-    if (strcmp(transport, "tcp") != 0 &&
-        !strcmp(kvf_client_transport(cn->cl, cn->transport_why, sizeof cn->transport_why), "rdma"))
-        cn->remote = remote_with_rdma(cn); /* every node said so */
-    kvf__stage_init(cn, o->staging_bytes);
-    rc = kvf__pool_start(cn, err, errlen);
-    if (rc)
-        goto out_client;
-    *out = cn;
-    return 0;
-
-out_client:
-    kvf_client_close(&cn->cl);
-    kvf__stage_fini(cn);
-out_free:
-    pthread_mutex_destroy(&cn->mu);
-    pthread_cond_destroy(&cn->cv);
-    free(cn);
-    return rc;
-}
-
-static void connector_free(kvf_connector *cn)
-{
-    kvf__stage_fini(cn);
-    kvf__pagemap_free(&cn->pm);
-    pthread_mutex_destroy(&cn->mu);
-    pthread_cond_destroy(&cn->cv);
-    free(cn);
-}
-
-void kvf_connector_close(kvf_connector **cnp)
-{
-    if (!cnp || !*cnp)
-        return;
-    kvf_connector *cn = *cnp;
-    *cnp = NULL;
-    /* Closing the client fails every transfer in flight (their callbacks run), and the workers
-     * finish the tasks already queued before they exit. */
-    kvf_client_close(&cn->cl);
-    kvf__pool_stop(cn);
-    /* Transfers the engine has not freed yet keep the connector alive until they are. */
-    pthread_mutex_lock(&cn->mu);
-    cn->closed = 1;
-    int last = cn->inflight == 0;
-    pthread_mutex_unlock(&cn->mu);
-    if (last)
-        connector_free(cn);
 }
