@@ -216,25 +216,15 @@ static void xfer_destroy(kvf_xfer *x)
     free(x);
 }
 
-/* Common checks and allocation of a load or save of tokens[0..n). */
-static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
-                    const uint32_t *page_ids, size_t n_pages, int is_save, kvf_xfer **out)
+/* Allocates a transfer of `moved` chunks out of a sequence of `total`, every layer pending; NULL
+ * when out of memory. */
+static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_t first_chunk,
+                            int is_save)
 {
-    *out = NULL;
-    if (!cn || !tokens || !page_ids || !out)
-        return KVF_EINVAL;
-    uint32_t C = cn->l.chunk_tokens, P = cn->l.page_tokens;
-    if (!cn->registered || n == 0 || n % C != 0 || n_pages != n / P || first_chunk > n / C)
-        return KVF_EINVAL;
-    for (size_t i = 0; i < n_pages; i++)
-        if (page_ids[i] >= cn->pm.num_pages)
-            return KVF_ERANGE;
-    size_t total = n / C;
-    size_t moved = total - first_chunk;
     uint32_t L = cn->l.layers;
     kvf_xfer *x = calloc(1, sizeof *x);
     if (!x)
-        return KVF_ENOMEM;
+        return NULL;
     x->cn = cn;
     x->is_save = is_save;
     x->n_chunks = moved;
@@ -258,14 +248,36 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     if (!x->keys || !x->page_ids || !x->bufs || !x->caps || !x->lens || !x->status ||
         !x->verified || (is_save && !x->seg_xxh) || !x->layer_state || !x->layer_tasks ||
         !x->layer_failed) {
+        /* xfer_destroy counts the transfer out of cn->inflight: count it in first. */
         pthread_mutex_lock(&cn->mu);
         cn->inflight++;
         pthread_mutex_unlock(&cn->mu);
         xfer_destroy(x);
-        return KVF_ENOMEM;
+        return NULL;
     }
     for (uint32_t l = 0; l < L; l++)
         x->layer_state[l] = LS_PENDING;
+    return x;
+}
+
+/* Common checks and allocation of a load or save of tokens[0..n). */
+static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
+                    const uint32_t *page_ids, size_t n_pages, int is_save, kvf_xfer **out)
+{
+    *out = NULL;
+    if (!cn || !tokens || !page_ids || !out)
+        return KVF_EINVAL;
+    uint32_t C = cn->l.chunk_tokens, P = cn->l.page_tokens;
+    if (!cn->registered || n == 0 || n % C != 0 || n_pages != n / P || first_chunk > n / C)
+        return KVF_EINVAL;
+    for (size_t i = 0; i < n_pages; i++)
+        if (page_ids[i] >= cn->pm.num_pages)
+            return KVF_ERANGE;
+    size_t total = n / C;
+    size_t moved = total - first_chunk;
+    kvf_xfer *x = xfer_alloc(cn, total, moved, first_chunk, is_save);
+    if (!x)
+        return KVF_ENOMEM;
     size_t nk;
     kvf_keys_compute(&cn->ks, tokens, n, x->keys, total, &nk, NULL);
     /* Only the moved chunks' keys and pages are kept. */
