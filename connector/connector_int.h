@@ -78,11 +78,10 @@ struct kvf_xfer {
     kvf_op *op;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int *layer_state;            /* 1 pending, 0 ready, < 0 failed with that code */
-    uint32_t *layer_tasks;       /* tasks not yet finished per layer */
-    int *layer_failed;           /* a chunk of this layer failed in its scatter */
-    uint32_t layers_done;        /* save: layers gathered */
-    int layer_reported_done_all; /* save: put submitted */
+    int *layer_state;      /* 1 pending, 0 ready, < 0 failed with that code */
+    uint32_t *layer_tasks; /* tasks not yet finished per layer */
+    int *layer_failed;     /* a chunk of this layer failed in its scatter */
+    uint32_t layers_done;  /* save: layers gathered */
     int pending_tasks;
     int transfer_done; /* the client op completed (or none is needed) */
     int done;          /* transfer_done and no task pending */
