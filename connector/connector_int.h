@@ -1,6 +1,17 @@
 /*
  * What the files of the connector share; not a public interface (that is include/kvf/connector.h).
  *
+ * The files, each using only the ones below it:
+ *   xfer.c       loads, saves, their per-layer waits and cancel, the storage client's callbacks,
+ *                and when a layer or a transfer is done;
+ *   connector.c  the handle: open, close, registration, lookup, stats, the transport choice and
+ *                the feasibility gate;
+ *   workers.c    the worker pool (page tasks: scatter for loads, gather and hash for saves) and
+ *                the staging regions;
+ *   pagemap.c    the page map, the only code that reads or writes the engine's KV memory.
+ * The pool reports each finished task through the transfer's task_end, set by xfer.c, and the
+ * storage client reports through the callbacks xfer.c gives it: nothing calls up.
+ *
  * Threads: the engine's thread calls the API and waits; the storage client's I/O thread reports
  * transfer progress (a layer of every chunk verified, a batch done); a pool of worker threads does
  * the page copies. The I/O thread never copies engine memory: it only queues work.
@@ -38,30 +49,35 @@ typedef struct kvf__region {
 struct kvf__task; /* a queued page task */
 
 struct kvf_connector {
+    /* Set at open (connector.c). */
     kvf_layout l;
     kvf_keyspace ks;
     kvf_client *cl;
-    kvf__pagemap pm;
-    int registered;
     uint64_t obj_bytes; /* raw object size of a chunk */
     uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
-    kvf_caps local, remote;  /* the engine's capability record and the storage node's */
+    kvf_caps local, remote;  /* the engine's capability record (its mem_kinds from registration)
+                              * and the storage node's */
     char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
     uint32_t hdr_len;
     int deadline_ms;
+    /* Set by registration, under mu and with no transfer in flight (connector.c). */
+    kvf__pagemap pm;
+    int registered;
+    /* The connector lock, and what it guards. */
     pthread_mutex_t mu;
-    pthread_cond_t cv;
-    struct kvf__task *qh, *qt;
-    pthread_t *th;
+    pthread_cond_t cv;         /* a task was queued, or the pool is closing */
+    struct kvf__task *qh, *qt; /* the task queue (workers.c) */
+    pthread_t *th;             /* the workers, started at open (workers.c) */
     int nworkers;
-    int closing;
+    int closing;            /* no new transfer; the workers exit once the queue is empty */
     int inflight;           /* transfers not yet freed */
     int closed;             /* close has run; the last transfer freed releases the connector */
-    kvf__region regions[2]; /* 0: loads, 1: saves */
+    kvf__region regions[2]; /* 0: loads, 1: saves (workers.c) */
     kvf_connector_stats st;
 };
 
 struct kvf_xfer {
+    /* Set when the transfer is made (xfer.c). */
     kvf_connector *cn;
     int is_save;
     size_t n_chunks;    /* chunks moved */
@@ -70,14 +86,21 @@ struct kvf_xfer {
     uint32_t *page_ids; /* pages of the moved chunks only */
     uint8_t *stage;
     int region; /* index of the staging region held, or -1 for a private buffer */
+    /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
+     * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
+     * `layer` failed their scatter, or the task was `skipped` because the transfer was cancelled.
+     * Set when the transfer is made, so that the pool never calls up into xfer.c. */
+    void (*task_end)(kvf_xfer *x, uint32_t layer, int failed, int skipped);
+    /* The client batch's arrays, and what the client and the workers write. */
     void **bufs;
     uint64_t *caps, *lens;
     int *status;
     atomic_uint *verified; /* load: layers verified per chunk, written by the I/O thread */
     uint64_t *seg_xxh;     /* save: [chunk][layer] checksums of the gathered segments */
-    kvf_op *op;
+    kvf_op *op;            /* the client's op, once the batch is submitted */
+    /* The transfer's lock, and what it guards. */
     pthread_mutex_t mu;
-    pthread_cond_t cv;
+    pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled */
     int *layer_state;      /* 1 pending, 0 ready, < 0 failed with that code */
     uint32_t *layer_tasks; /* tasks not yet finished per layer */
     int *layer_failed;     /* a chunk of this layer failed in its scatter */
@@ -88,11 +111,6 @@ struct kvf_xfer {
     int result;
     int cancelled;
     size_t loaded_tokens;
-    /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
-     * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
-     * `layer` failed their scatter, or the task was `skipped` because the transfer was cancelled.
-     * Set when the transfer is made, so that the pool never calls up into xfer.c. */
-    void (*task_end)(kvf_xfer *x, uint32_t layer, int failed, int skipped);
 };
 
 /* ------------------------------------------------------------------------------------------ */
