@@ -1,567 +1,26 @@
 /*
- * The connector (include/kvf/connector.h, docs/connector.md).
- *
- * Threads: the engine's thread calls the API and waits; the storage client's I/O thread reports
- * transfer progress (a layer of every chunk verified, a batch done); a pool of worker threads does
- * the page copies. The I/O thread never copies engine memory: it only queues work.
- *
- * Load: one layer-streamed GET of every chunk into a staging region (object format, one buffer
- * per chunk); as layer l of every chunk arrives, workers scatter its segments into the engine's
- * pages and layer l is marked ready. Save: as the engine finishes layer l, workers gather that
- * layer's pages of every chunk into staging and hash it; after the last layer the headers are
- * sealed and the batch is put (two-phase: chunks already stored are not sent again).
- *
- * Lock order: connector lock (task queue, staging regions, stats), then a transfer's lock. The
- * client's callbacks take them in that order too; nothing here holds either across I/O.
+ * The connector's handle (include/kvf/connector.h, docs/connector.md): open and close, the
+ * engine's KV registration, lookup and stats, and what every remote action is held against: the
+ * transport the storage client uses and the feasibility gate. Transfers are in xfer.c, the worker
+ * pool and staging in workers.c, the threads and the lock order in connector_int.h.
  */
 #include "kvf/connector.h"
 
 #include "kvf/client.h"
 #include "kvf/error.h"
-
-#include "bytes.h"
-#include "hash.h"
-#include "clock.h"
-#include "http.h"
 #include "kvf/object.h"
-#include "pagemap.h"
+
+#include "http.h"
+#include "connector_int.h"
 
 #include <jansson.h>
 #include <pthread.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-
-#define DEFAULT_STAGING (32u << 20)
-
-enum { LS_PENDING = 1 }; /* layer state: 1 pending, 0 ready, < 0 failed with that code */
-
-typedef struct task {
-    struct task *next;
-    kvf_xfer *x;
-    uint32_t layer;
-    size_t from, to; /* chunk range [from, to) of the transfer */
-} task;
-
-typedef struct region {
-    uint8_t *mem;
-    size_t cap;
-    int busy;
-} region;
-
-struct kvf_connector {
-    kvf_layout l;
-    kvf_keyspace ks;
-    kvf_client *cl;
-    kvf__pagemap pm;
-    int registered;
-    uint64_t obj_bytes; /* raw object size of a chunk */
-    uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
-    kvf_caps local, remote;  /* the engine's capability record and the storage node's */
-    char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
-    uint32_t hdr_len;
-    int deadline_ms;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    task *qh, *qt;
-    pthread_t *th;
-    int nworkers;
-    int closing;
-    int inflight;      /* transfers not yet freed */
-    int closed;        /* close has run; the last transfer freed releases the connector */
-    region regions[2]; /* 0: loads, 1: saves */
-    kvf_connector_stats st;
-};
-
-struct kvf_xfer {
-    kvf_connector *cn;
-    int is_save;
-    size_t n_chunks;    /* chunks moved */
-    size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
-    kvf_key *keys;
-    uint32_t *page_ids; /* pages of the moved chunks only */
-    uint8_t *stage;
-    int region; /* index of the staging region held, or -1 for a private buffer */
-    void **bufs;
-    uint64_t *caps, *lens;
-    int *status;
-    atomic_uint *verified; /* load: layers verified per chunk, written by the I/O thread */
-    uint64_t *seg_xxh;     /* save: [chunk][layer] checksums of the gathered segments */
-    kvf_op *op;
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int *layer_state;            /* LS_PENDING, 0, or a failure code */
-    uint32_t *layer_tasks;       /* tasks not yet finished per layer */
-    int *layer_failed;           /* a chunk of this layer failed in its scatter */
-    uint32_t layers_done;        /* save: layers gathered */
-    int layer_reported_done_all; /* save: put submitted */
-    int pending_tasks;
-    int transfer_done; /* the client op completed (or none is needed) */
-    int done;          /* transfer_done and no task pending */
-    int result;
-    int cancelled;
-    size_t loaded_tokens;
-};
 
 /* ------------------------------------------------------------------------------------------ */
-/* Staging */
-
-static void *map_locked(size_t n)
-{
-    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED)
-        return NULL;
-    /* Locked where the memlock limit allows: staging must not be paged out under a transfer.
-     * Beyond the limit it still works, unlocked. */
-    (void)mlock(p, n);
-    return p;
-}
-
-/* Gives x a staging buffer of n bytes: its region when free (grown as needed), else a private
- * one so that a load and a save, or two loads, can overlap. Called with cn->mu held. */
-static int stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which)
-{
-    region *r = &cn->regions[which];
-    if (!r->busy) {
-        if (r->cap < n) {
-            size_t cap = r->cap ? r->cap : DEFAULT_STAGING;
-            while (cap < n)
-                cap *= 2;
-            void *p = map_locked(cap);
-            if (!p)
-                return KVF_ENOMEM;
-            if (r->mem)
-                munmap(r->mem, r->cap);
-            r->mem = p;
-            r->cap = cap;
-        }
-        r->busy = 1;
-        x->stage = r->mem;
-        x->region = which;
-        return 0;
-    }
-    x->stage = map_locked(n ? n : 1);
-    if (!x->stage)
-        return KVF_ENOMEM;
-    x->region = -1;
-    return 0;
-}
-
-static void stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n)
-{
-    if (!x->stage)
-        return;
-    if (x->region >= 0)
-        cn->regions[x->region].busy = 0;
-    else
-        munmap(x->stage, n ? n : 1);
-    x->stage = NULL;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Completion bookkeeping */
-
-/* Called with x->mu held whenever a task ends or the transfer completes. */
-static void maybe_done_locked(kvf_xfer *x)
-{
-    if (x->done || !x->transfer_done || x->pending_tasks)
-        return;
-    /* Layers that never arrived fail with the transfer's error. */
-    uint32_t L = x->cn->l.layers;
-    for (uint32_t l = 0; l < L; l++)
-        if (x->layer_state[l] == LS_PENDING)
-            x->layer_state[l] = x->result ? x->result : KVF_EIO;
-    x->done = 1;
-    pthread_cond_broadcast(&x->cv);
-}
-
-static void enqueue_layer_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
-{
-    size_t n = x->n_chunks;
-    size_t parts = (size_t)cn->nworkers < n ? (size_t)cn->nworkers : n;
-    if (parts == 0)
-        parts = 1;
-    for (size_t p = 0; p < parts; p++) {
-        task *t = malloc(sizeof *t);
-        if (!t) {
-            /* No memory for the work item: the layer fails, the engine recomputes. */
-            pthread_mutex_lock(&x->mu);
-            x->layer_failed[layer] = KVF_ENOMEM;
-            pthread_mutex_unlock(&x->mu);
-            continue;
-        }
-        t->x = x;
-        t->layer = layer;
-        t->from = n * p / parts;
-        t->to = n * (p + 1) / parts;
-        t->next = NULL;
-        pthread_mutex_lock(&x->mu);
-        x->pending_tasks++;
-        x->layer_tasks[layer]++;
-        pthread_mutex_unlock(&x->mu);
-        if (cn->qt)
-            cn->qt->next = t;
-        else
-            cn->qh = t;
-        cn->qt = t;
-    }
-    pthread_cond_broadcast(&cn->cv);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Workers */
-
-/* Scatters layer `layer` of chunks [from, to) of a load into the engine's pages. Returns the
- * number of chunks that failed. */
-static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to,
-                      uint8_t *scratch, uint8_t *scratch2)
-{
-    int failed = 0;
-    uint32_t ppc = cn->pm.pages_per_chunk;
-    for (size_t c = from; c < to; c++) {
-        if (atomic_load(&x->verified[c]) <= layer) {
-            failed++;
-            continue;
-        }
-        const uint8_t *obj = x->stage + c * cn->obj_bytes;
-        kvf_obj_info info;
-        int rc = kvf_obj_parse(obj, cn->hdr_len, &info);
-        if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
-            info.tokens != cn->l.chunk_tokens) {
-            failed++;
-            continue;
-        }
-        uint64_t off = info.header_len;
-        for (uint32_t k = 0; k < layer; k++)
-            off += kvf_obj_seg_at(&info, k).stored_len;
-        kvf_obj_seg sg = kvf_obj_seg_at(&info, layer);
-        if (sg.raw_len != cn->pm.seg_bytes) {
-            failed++;
-            continue;
-        }
-        const uint8_t *seg = obj + off;
-        if (sg.stored_len != sg.raw_len) {
-            /* Compressed: decode (verifying both checksums) before touching engine pages. */
-            if (kvf_obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
-                failed++;
-                continue;
-            }
-            seg = scratch;
-        }
-        kvf__pagemap_scatter(&cn->pm, layer, seg, x->page_ids + c * ppc);
-    }
-    return failed;
-}
-
-static void do_gather(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to)
-{
-    uint32_t ppc = cn->pm.pages_per_chunk;
-    uint32_t L = cn->l.layers;
-    for (size_t c = from; c < to; c++) {
-        uint8_t *seg = x->stage + c * cn->obj_bytes + cn->hdr_len + layer * cn->pm.seg_bytes;
-        kvf__pagemap_gather(&cn->pm, layer, seg, x->page_ids + c * ppc);
-        x->seg_xxh[c * L + layer] = kvf__xxh3(seg, cn->pm.seg_bytes);
-    }
-}
-
-static void on_save_done(kvf_op *op, int status, void *ud);
-
-/* All layers gathered: seal every chunk's header and put the batch. */
-static void submit_save(kvf_connector *cn, kvf_xfer *x)
-{
-    uint32_t L = cn->l.layers;
-    for (size_t c = 0; c < x->n_chunks; c++) {
-        uint8_t *obj = x->stage + c * cn->obj_bytes;
-        kvf_obj_seal_raw(obj, &x->keys[c], cn->ks.layout_fp, cn->l.chunk_tokens, L,
-                         cn->pm.seg_bytes, x->seg_xxh + c * L);
-        x->bufs[c] = obj;
-        x->lens[c] = cn->obj_bytes;
-    }
-    kvf_batch b = {
-        .n = x->n_chunks,
-        .keys = x->keys,
-        .objs = (const void *const *)x->bufs,
-        .lens = x->lens,
-        .status = x->status,
-        .deadline_ms = cn->deadline_ms,
-        .cb = on_save_done,
-        .ud = x,
-    };
-    pthread_mutex_lock(&cn->mu);
-    cn->st.batches++;
-    pthread_mutex_unlock(&cn->mu);
-    int rc = kvf_client_put_async(cn->cl, &b, &x->op);
-    if (rc) {
-        pthread_mutex_lock(&x->mu);
-        x->result = rc;
-        x->transfer_done = 1;
-        maybe_done_locked(x);
-        pthread_mutex_unlock(&x->mu);
-    }
-}
-
-static void *worker_main(void *arg)
-{
-    kvf_connector *cn = arg;
-    uint8_t *scratch = malloc(cn->seg_bytes), *scratch2 = malloc(cn->seg_bytes);
-    for (;;) {
-        pthread_mutex_lock(&cn->mu);
-        while (!cn->qh && !cn->closing)
-            pthread_cond_wait(&cn->cv, &cn->mu);
-        if (!cn->qh) {
-            pthread_mutex_unlock(&cn->mu);
-            break;
-        }
-        task *t = cn->qh;
-        cn->qh = t->next;
-        if (!cn->qh)
-            cn->qt = NULL;
-        pthread_mutex_unlock(&cn->mu);
-
-        kvf_xfer *x = t->x;
-        pthread_mutex_lock(&x->mu);
-        int skip = x->cancelled;
-        pthread_mutex_unlock(&x->mu);
-        int failed = 0;
-        uint64_t t0 = kvf__now_ns();
-        if (!skip) {
-            if (x->is_save)
-                do_gather(cn, x, t->layer, t->from, t->to);
-            else if (!scratch || !scratch2)
-                failed = (int)(t->to - t->from);
-            else
-                failed = do_scatter(cn, x, t->layer, t->from, t->to, scratch, scratch2);
-        }
-        uint64_t dt = kvf__now_ns() - t0;
-        pthread_mutex_lock(&cn->mu);
-        if (x->is_save)
-            cn->st.gather_ns += dt;
-        else
-            cn->st.scatter_ns += dt;
-        pthread_mutex_unlock(&cn->mu);
-
-        int submit = 0;
-        pthread_mutex_lock(&x->mu);
-        if (failed && !x->layer_failed[t->layer])
-            x->layer_failed[t->layer] = KVF_ECHECKSUM;
-        if (--x->layer_tasks[t->layer] == 0 && !skip) {
-            if (x->is_save) {
-                x->layer_state[t->layer] = 0;
-                if (++x->layers_done == cn->l.layers && !x->cancelled)
-                    submit = 1;
-            } else {
-                /* A chunk that did not arrive makes the layer unusable as a whole. */
-                int bad = x->layer_failed[t->layer];
-                for (size_t c = 0; !bad && c < x->n_chunks; c++)
-                    if (atomic_load(&x->verified[c]) <= t->layer)
-                        bad = x->status[c] ? x->status[c] : KVF_ENOENT;
-                x->layer_state[t->layer] = bad;
-            }
-            pthread_cond_broadcast(&x->cv);
-        }
-        x->pending_tasks--;
-        if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks) {
-            x->result = KVF_ECANCELED;
-            x->transfer_done = 1;
-        }
-        maybe_done_locked(x);
-        pthread_mutex_unlock(&x->mu);
-        free(t);
-        if (submit)
-            submit_save(cn, x);
-    }
-    free(scratch);
-    free(scratch2);
-    return NULL;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Client callbacks (on the client's I/O thread) */
-
-static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
-{
-    (void)op;
-    kvf_xfer *x = ud;
-    kvf_connector *cn = x->cn;
-    if (layer >= cn->l.layers)
-        return;
-    for (size_t c = 0; c < x->n_chunks; c++)
-        if (x->status[c] == 0)
-            atomic_store(&x->verified[c], layer + 1);
-    pthread_mutex_lock(&cn->mu);
-    enqueue_layer_locked(cn, x, layer);
-    pthread_mutex_unlock(&cn->mu);
-}
-
-/* The storage client finished x's batch: record the outcome and complete x once its page work is
- * done too. */
-static void transfer_finished(kvf_xfer *x, int result, size_t loaded_tokens)
-{
-    pthread_mutex_lock(&x->mu);
-    x->result = result;
-    x->loaded_tokens = loaded_tokens;
-    x->transfer_done = 1;
-    maybe_done_locked(x);
-    pthread_mutex_unlock(&x->mu);
-}
-
-static void on_load_done(kvf_op *op, int status, void *ud)
-{
-    (void)op;
-    kvf_xfer *x = ud;
-    kvf_connector *cn = x->cn;
-    size_t ok = 0, lead = 0, missed = 0;
-    int first_err = status;
-    for (size_t c = 0; c < x->n_chunks; c++) {
-        if (x->status[c] == 0 && atomic_load(&x->verified[c]) == cn->l.layers) {
-            ok++;
-            if (lead == c)
-                lead++;
-        } else {
-            missed++;
-            if (!first_err)
-                first_err = x->status[c] ? x->status[c] : KVF_ECHECKSUM;
-        }
-    }
-    pthread_mutex_lock(&cn->mu);
-    cn->st.chunks_loaded += ok;
-    cn->st.chunks_missed += missed;
-    cn->st.load_bytes += ok * cn->obj_bytes;
-    pthread_mutex_unlock(&cn->mu);
-    transfer_finished(x, first_err, lead * cn->l.chunk_tokens);
-}
-
-static void on_save_done(kvf_op *op, int status, void *ud)
-{
-    (void)op;
-    kvf_xfer *x = ud;
-    kvf_connector *cn = x->cn;
-    size_t saved = 0, existing = 0;
-    int first_err = status;
-    for (size_t c = 0; c < x->n_chunks; c++) {
-        if (x->status[c] == 0)
-            saved++;
-        else if (x->status[c] == KVF_EEXIST)
-            existing++;
-        else if (!first_err)
-            first_err = x->status[c];
-    }
-    pthread_mutex_lock(&cn->mu);
-    cn->st.chunks_saved += saved;
-    cn->st.chunks_existing += existing;
-    cn->st.save_bytes += saved * cn->obj_bytes;
-    pthread_mutex_unlock(&cn->mu);
-    transfer_finished(x, first_err, 0);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Transfers */
-
-static void connector_free(kvf_connector *cn);
-
-static void xfer_destroy(kvf_xfer *x)
-{
-    kvf_connector *cn = x->cn;
-    kvf_op_free(&x->op);
-    pthread_mutex_lock(&cn->mu);
-    stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
-    int last = --cn->inflight == 0 && cn->closed;
-    pthread_mutex_unlock(&cn->mu);
-    if (last)
-        connector_free(cn);
-    free(x->keys);
-    free(x->page_ids);
-    free(x->bufs);
-    free(x->caps);
-    free(x->lens);
-    free(x->status);
-    free(x->verified);
-    free(x->seg_xxh);
-    free(x->layer_state);
-    free(x->layer_tasks);
-    free(x->layer_failed);
-    pthread_mutex_destroy(&x->mu);
-    pthread_cond_destroy(&x->cv);
-    free(x);
-}
-
-/* Common checks and allocation of a load or save of tokens[0..n). */
-static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
-                    const uint32_t *page_ids, size_t n_pages, int is_save, kvf_xfer **out)
-{
-    *out = NULL;
-    if (!cn || !tokens || !page_ids || !out)
-        return KVF_EINVAL;
-    uint32_t C = cn->l.chunk_tokens, P = cn->l.page_tokens;
-    if (!cn->registered || n == 0 || n % C != 0 || n_pages != n / P || first_chunk > n / C)
-        return KVF_EINVAL;
-    for (size_t i = 0; i < n_pages; i++)
-        if (page_ids[i] >= cn->pm.num_pages)
-            return KVF_ERANGE;
-    size_t total = n / C;
-    size_t moved = total - first_chunk;
-    uint32_t L = cn->l.layers;
-    kvf_xfer *x = calloc(1, sizeof *x);
-    if (!x)
-        return KVF_ENOMEM;
-    x->cn = cn;
-    x->is_save = is_save;
-    x->n_chunks = moved;
-    x->first_chunk = first_chunk;
-    x->region = -1;
-    pthread_mutex_init(&x->mu, NULL);
-    pthread_cond_init(&x->cv, NULL);
-    size_t m = moved ? moved : 1;
-    x->keys = calloc(total ? total : 1, sizeof *x->keys);
-    x->page_ids = malloc(m * cn->pm.pages_per_chunk * sizeof *x->page_ids);
-    x->bufs = calloc(m, sizeof *x->bufs);
-    x->caps = calloc(m, sizeof *x->caps);
-    x->lens = calloc(m, sizeof *x->lens);
-    x->status = calloc(m, sizeof *x->status);
-    x->verified = calloc(m, sizeof *x->verified);
-    x->seg_xxh = is_save ? calloc(m * L, sizeof *x->seg_xxh) : NULL;
-    x->layer_state = malloc(L * sizeof *x->layer_state);
-    x->layer_tasks = calloc(L, sizeof *x->layer_tasks);
-    x->layer_failed = calloc(L, sizeof *x->layer_failed);
-    if (!x->keys || !x->page_ids || !x->bufs || !x->caps || !x->lens || !x->status ||
-        !x->verified || (is_save && !x->seg_xxh) || !x->layer_state || !x->layer_tasks ||
-        !x->layer_failed) {
-        pthread_mutex_lock(&cn->mu);
-        cn->inflight++;
-        pthread_mutex_unlock(&cn->mu);
-        xfer_destroy(x);
-        return KVF_ENOMEM;
-    }
-    for (uint32_t l = 0; l < L; l++)
-        x->layer_state[l] = LS_PENDING;
-    size_t nk;
-    kvf_keys_compute(&cn->ks, tokens, n, x->keys, total, &nk, NULL);
-    /* Only the moved chunks' keys and pages are kept. */
-    memmove(x->keys, x->keys + first_chunk, moved * sizeof *x->keys);
-    memcpy(x->page_ids, page_ids + first_chunk * cn->pm.pages_per_chunk,
-           moved * cn->pm.pages_per_chunk * sizeof *x->page_ids);
-    pthread_mutex_lock(&cn->mu);
-    cn->inflight++;
-    int rc =
-        cn->closing ? KVF_ECLOSED : stage_acquire_locked(cn, x, moved * cn->obj_bytes, is_save);
-    if (is_save)
-        cn->st.saves++;
-    else
-        cn->st.loads++;
-    pthread_mutex_unlock(&cn->mu);
-    if (rc) {
-        xfer_destroy(x);
-        return rc;
-    }
-    for (size_t c = 0; c < moved; c++) {
-        x->bufs[c] = x->stage + c * cn->obj_bytes;
-        x->caps[c] = cn->obj_bytes;
-    }
-    *out = x;
-    return 0;
-}
+/* Transport and feasibility */
 
 /* The storage node's record as it is once the node said in its HELLO that it serves RDMA. */
 static kvf_caps remote_with_rdma(const kvf_connector *cn)
@@ -597,8 +56,7 @@ const char *kvf_connector_transport(const kvf_connector *cn, char *why, size_t l
     return cn->cl ? kvf_client_transport(cn->cl, NULL, 0) : "tcp";
 }
 
-/* Asks the classifier; a remote action that is not real here is refused. */
-static int gate(kvf_connector *cn, kvf_action_id a)
+int kvf__connector_gate(kvf_connector *cn, kvf_action_id a)
 {
     kvf_verdict v;
     if (kvf_classify(a, &cn->local, &cn->remote, 0, &v) != 0)
@@ -606,165 +64,15 @@ static int gate(kvf_connector *cn, kvf_action_id a)
     return v.label == KVF_FEAS_REAL ? 0 : KVF_EINFEASIBLE;
 }
 
-int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
-                       const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
-{
-    kvf_xfer *x;
-    if (cn && gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
-        return KVF_EINFEASIBLE;
-    int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
-    if (rc)
-        return rc;
-    kvf_batch b = {
-        .n = x->n_chunks,
-        .keys = x->keys,
-        .bufs = x->bufs,
-        .caps = x->caps,
-        .out_lens = x->lens,
-        .status = x->status,
-        .flags = KVF_GET_STREAM,
-        .deadline_ms = cn->deadline_ms,
-        .cb = on_load_done,
-        .layer_cb = on_load_layer,
-        .ud = x,
-    };
-    pthread_mutex_lock(&cn->mu);
-    cn->st.batches++;
-    pthread_mutex_unlock(&cn->mu);
-    rc = kvf_client_get_async(cn->cl, &b, &x->op);
-    if (rc) {
-        xfer_destroy(x);
-        return rc;
-    }
-    *out = x;
-    return 0;
-}
-
-int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
-                       const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
-{
-    kvf_xfer *x;
-    if (cn && gate(cn, KVF_ACTION_STORE) != 0)
-        return KVF_EINFEASIBLE;
-    int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 1, &x);
-    if (rc)
-        return rc;
-    if (x->n_chunks == 0) {
-        /* Nothing new to save: complete at once; layer_done calls are accepted and ignored. */
-        pthread_mutex_lock(&x->mu);
-        x->transfer_done = 1;
-        for (uint32_t l = 0; l < cn->l.layers; l++)
-            x->layer_state[l] = 0;
-        maybe_done_locked(x);
-        pthread_mutex_unlock(&x->mu);
-    }
-    *out = x;
-    return 0;
-}
-
-int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer)
-{
-    if (!x || !x->is_save || layer >= x->cn->l.layers)
-        return KVF_EINVAL;
-    kvf_connector *cn = x->cn;
-    if (x->n_chunks == 0)
-        return 0;
-    pthread_mutex_lock(&cn->mu);
-    pthread_mutex_lock(&x->mu);
-    int rc = 0;
-    if (x->cancelled)
-        rc = KVF_ECANCELED;
-    else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
-        rc = KVF_EINVAL; /* reported twice */
-    pthread_mutex_unlock(&x->mu);
-    if (!rc)
-        enqueue_layer_locked(cn, x, layer);
-    pthread_mutex_unlock(&cn->mu);
-    return rc;
-}
-
-int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer)
-{
-    if (!x || x->is_save || layer >= x->cn->l.layers)
-        return KVF_EINVAL;
-    uint64_t t0 = kvf__now_ns();
-    pthread_mutex_lock(&x->mu);
-    while (x->layer_state[layer] == LS_PENDING && !x->cancelled)
-        pthread_cond_wait(&x->cv, &x->mu);
-    int rc = x->cancelled ? KVF_ECANCELED : x->layer_state[layer];
-    pthread_mutex_unlock(&x->mu);
-    uint64_t dt = kvf__now_ns() - t0;
-    pthread_mutex_lock(&x->cn->mu);
-    x->cn->st.wait_ns += dt;
-    pthread_mutex_unlock(&x->cn->mu);
-    return rc;
-}
-
-int kvf_xfer_wait(kvf_xfer *x)
-{
-    if (!x)
-        return KVF_EINVAL;
-    uint64_t t0 = kvf__now_ns();
-    pthread_mutex_lock(&x->mu);
-    while (!x->done)
-        pthread_cond_wait(&x->cv, &x->mu);
-    int rc = x->cancelled ? KVF_ECANCELED : x->result;
-    pthread_mutex_unlock(&x->mu);
-    uint64_t dt = kvf__now_ns() - t0;
-    pthread_mutex_lock(&x->cn->mu);
-    x->cn->st.wait_ns += dt;
-    pthread_mutex_unlock(&x->cn->mu);
-    return rc;
-}
-
-size_t kvf_xfer_loaded_tokens(const kvf_xfer *x)
-{
-    return x && !x->is_save ? x->loaded_tokens : 0;
-}
-
-void kvf_xfer_cancel(kvf_xfer *x)
-{
-    if (!x)
-        return;
-    pthread_mutex_lock(&x->mu);
-    x->cancelled = 1;
-    /* Queued tasks are skipped; wait for any in progress, so no page is written after this. */
-    while (x->pending_tasks)
-        pthread_cond_wait(&x->cv, &x->mu);
-    if (x->is_save && !x->op && !x->transfer_done) {
-        x->result = KVF_ECANCELED;
-        x->transfer_done = 1;
-        maybe_done_locked(x);
-    }
-    pthread_cond_broadcast(&x->cv);
-    pthread_mutex_unlock(&x->mu);
-}
-
-void kvf_xfer_free(kvf_xfer **xp)
-{
-    if (!xp || !*xp)
-        return;
-    kvf_xfer *x = *xp;
-    pthread_mutex_lock(&x->mu);
-    while (!x->done)
-        pthread_cond_wait(&x->cv, &x->mu);
-    pthread_mutex_unlock(&x->mu);
-    /* The client op may still be signalling its own completion: wait for that too. */
-    if (x->op)
-        kvf_op_wait(x->op);
-    xfer_destroy(x);
-    *xp = NULL;
-}
-
 /* ------------------------------------------------------------------------------------------ */
-/* Connector */
+/* Lookup, registration, stats */
 
 int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t *cached)
 {
     if (!cn || !cached || (n && !tokens))
         return KVF_EINVAL;
     *cached = 0;
-    if (gate(cn, KVF_ACTION_LOOKUP) != 0)
+    if (kvf__connector_gate(cn, KVF_ACTION_LOOKUP) != 0)
         return KVF_EINFEASIBLE;
     size_t nc = n / cn->l.chunk_tokens;
     if (nc == 0)
@@ -824,7 +132,7 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Storage nodes from the scheduler */
+/* Open and close */
 
 /* GET http://sched/v1/stores. Fills nodes (strings the caller frees). */
 static int nodes_from_sched(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
@@ -869,24 +177,39 @@ out:
     return rc;
 }
 
-/* Tells the workers to finish the tasks already queued and exit, and joins them. */
-static void stop_workers(kvf_connector *cn)
+/* Opens cn's storage client with `transport`, on the nodes given or, with none, on the ones the
+ * scheduler lists; cn->remote gains RDMA when every node serves it and the client uses it. */
+static int open_client(kvf_connector *cn, const kvf_connector_opts *o, const char *transport,
+                       char *err, size_t errlen)
 {
-    pthread_mutex_lock(&cn->mu);
-    cn->closing = 1;
-    pthread_cond_broadcast(&cn->cv);
-    pthread_mutex_unlock(&cn->mu);
-    for (int i = 0; i < cn->nworkers; i++)
-        pthread_join(cn->th[i], NULL);
-    free(cn->th);
-    cn->th = NULL;
-}
-
-static void unmap_regions(kvf_connector *cn)
-{
-    for (int i = 0; i < 2; i++)
-        if (cn->regions[i].mem)
-            munmap(cn->regions[i].mem, cn->regions[i].cap);
+    int rc;
+    kvf_client_opts co = {
+        .nodes = o->nodes,
+        .n_nodes = o->n_nodes,
+        .ns = cn->ks.seed,
+        .conns_per_node = o->conns_per_node,
+        .deadline_ms = cn->deadline_ms,
+        .transport = transport,
+    };
+    char **fetched = NULL;
+    size_t n_fetched = 0;
+    if (o->n_nodes == 0 && o->sched) {
+        rc = nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
+        if (rc)
+            return rc;
+        co.nodes = (const char *const *)fetched;
+        co.n_nodes = n_fetched;
+    }
+    rc = kvf_client_open(&cn->cl, &co, err, errlen);
+    for (size_t i = 0; i < n_fetched; i++)
+        free(fetched[i]);
+    free(fetched);
+    if (rc)
+        return rc;
+    if (strcmp(transport, "tcp") != 0 &&
+        !strcmp(kvf_client_transport(cn->cl, cn->transport_why, sizeof cn->transport_why), "rdma"))
+        cn->remote = remote_with_rdma(cn); /* every node said so */
+    return 0;
 }
 
 int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *err, size_t errlen)
@@ -927,60 +250,19 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     cn->nworkers = o->workers > 0 ? o->workers : 2;
     pthread_mutex_init(&cn->mu, NULL);
     pthread_cond_init(&cn->cv, NULL);
-    kvf_client_opts co = {
-        .nodes = o->nodes,
-        .n_nodes = o->n_nodes,
-        .ns = cn->ks.seed,
-        .conns_per_node = o->conns_per_node,
-        .deadline_ms = cn->deadline_ms,
-        .transport = transport,
-    };
-    char **fetched = NULL;
-    size_t n_fetched = 0;
-    if (o->n_nodes == 0 && o->sched) {
-        rc = nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
-        if (rc)
-            goto out_free;
-        co.nodes = (const char *const *)fetched;
-        co.n_nodes = n_fetched;
-    }
-    rc = kvf_client_open(&cn->cl, &co, err, errlen);
-    for (size_t i = 0; i < n_fetched; i++)
-        free(fetched[i]);
-    free(fetched);
+    rc = open_client(cn, o, transport, err, errlen);
     if (rc)
         goto out_free;
-    if (strcmp(transport, "tcp") != 0 &&
-        !strcmp(kvf_client_transport(cn->cl, cn->transport_why, sizeof cn->transport_why), "rdma"))
-        cn->remote = remote_with_rdma(cn); /* every node said so */
-    if (o->staging_bytes) {
-        for (int i = 0; i < 2; i++) {
-            cn->regions[i].mem = map_locked(o->staging_bytes);
-            cn->regions[i].cap = cn->regions[i].mem ? o->staging_bytes : 0;
-        }
-    }
-    cn->th = calloc((size_t)cn->nworkers, sizeof *cn->th);
-    if (!cn->th) {
-        rc = KVF_ENOMEM;
-        snprintf(err, errlen, "out of memory");
+    kvf__stage_init(cn, o->staging_bytes);
+    rc = kvf__pool_start(cn, err, errlen);
+    if (rc)
         goto out_client;
-    }
-    for (int i = 0; i < cn->nworkers; i++) {
-        if (pthread_create(&cn->th[i], NULL, worker_main, cn) != 0) {
-            cn->nworkers = i;
-            rc = KVF_EAGAIN;
-            snprintf(err, errlen, "cannot start worker threads");
-            goto out_workers;
-        }
-    }
     *out = cn;
     return 0;
 
-out_workers:
-    stop_workers(cn);
 out_client:
     kvf_client_close(&cn->cl);
-    unmap_regions(cn);
+    kvf__stage_fini(cn);
 out_free:
     pthread_mutex_destroy(&cn->mu);
     pthread_cond_destroy(&cn->cv);
@@ -988,9 +270,9 @@ out_free:
     return rc;
 }
 
-static void connector_free(kvf_connector *cn)
+void kvf__connector_free(kvf_connector *cn)
 {
-    unmap_regions(cn);
+    kvf__stage_fini(cn);
     kvf__pagemap_free(&cn->pm);
     pthread_mutex_destroy(&cn->mu);
     pthread_cond_destroy(&cn->cv);
@@ -1006,12 +288,12 @@ void kvf_connector_close(kvf_connector **cnp)
     /* Closing the client fails every transfer in flight (their callbacks run), and the workers
      * finish the tasks already queued before they exit. */
     kvf_client_close(&cn->cl);
-    stop_workers(cn);
+    kvf__pool_stop(cn);
     /* Transfers the engine has not freed yet keep the connector alive until they are. */
     pthread_mutex_lock(&cn->mu);
     cn->closed = 1;
     int last = cn->inflight == 0;
     pthread_mutex_unlock(&cn->mu);
     if (last)
-        connector_free(cn);
+        kvf__connector_free(cn);
 }

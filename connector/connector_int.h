@@ -1,0 +1,151 @@
+/*
+ * What the files of the connector share; not a public interface (that is include/kvf/connector.h).
+ *
+ * The files, each using only the ones below it:
+ *   xfer.c       loads, saves, their per-layer waits and cancel, the storage client's callbacks,
+ *                and when a layer or a transfer is done;
+ *   connector.c  the handle: open, close, registration, lookup, stats, the transport choice and
+ *                the feasibility gate;
+ *   workers.c    the worker pool (page tasks: scatter for loads, gather and hash for saves) and
+ *                the staging regions;
+ *   pagemap.c    the page map, the only code that reads or writes the engine's KV memory.
+ * The pool reports each finished task through the transfer's task_end, set by xfer.c, and the
+ * storage client reports through the callbacks xfer.c gives it: nothing calls up.
+ *
+ * Threads: the engine's thread calls the API and waits; the storage client's I/O thread reports
+ * transfer progress (a layer of every chunk verified, a batch done); a pool of worker threads does
+ * the page copies. The I/O thread never copies engine memory: it only queues work.
+ *
+ * Load: one layer-streamed GET of every chunk into a staging region (object format, one buffer
+ * per chunk); as layer l of every chunk arrives, workers scatter its segments into the engine's
+ * pages and layer l is marked ready. Save: as the engine finishes layer l, workers gather that
+ * layer's pages of every chunk into staging and hash it; after the last layer the headers are
+ * sealed and the batch is put (two-phase: chunks already stored are not sent again).
+ *
+ * Lock order: connector lock (kvf_connector.mu: task queue, staging regions, stats, transfers in
+ * flight), then a transfer's lock (kvf_xfer.mu). The client's callbacks take them in that order
+ * too; nothing here holds either across I/O.
+ */
+#ifndef KVF_CONNECTOR_INT_H
+#define KVF_CONNECTOR_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvf/connector.h"
+#include "kvf/client.h"
+
+#include "pagemap.h"
+
+/* A staging region: one mapping reused by one transfer at a time. */
+typedef struct kvf__region {
+    uint8_t *mem;
+    size_t cap;
+    int busy;
+} kvf__region;
+
+struct kvf__task; /* a queued page task */
+
+struct kvf_connector {
+    /* Set at open (connector.c). */
+    kvf_layout l;
+    kvf_keyspace ks;
+    kvf_client *cl;
+    uint64_t obj_bytes; /* raw object size of a chunk */
+    uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
+    kvf_caps local, remote;  /* the engine's capability record (its mem_kinds from registration)
+                              * and the storage node's */
+    char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
+    uint32_t hdr_len;
+    int deadline_ms;
+    /* Set by registration, under mu and with no transfer in flight (connector.c). */
+    kvf__pagemap pm;
+    int registered;
+    /* The connector lock, and what it guards. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;         /* a task was queued, or the pool is closing */
+    struct kvf__task *qh, *qt; /* the task queue (workers.c) */
+    pthread_t *th;             /* the workers, started at open (workers.c) */
+    int nworkers;
+    int closing;            /* no new transfer; the workers exit once the queue is empty */
+    int inflight;           /* transfers not yet freed */
+    int closed;             /* close has run; the last transfer freed releases the connector */
+    kvf__region regions[2]; /* 0: loads, 1: saves (workers.c) */
+    kvf_connector_stats st;
+};
+
+struct kvf_xfer {
+    /* Set when the transfer is made (xfer.c). */
+    kvf_connector *cn;
+    int is_save;
+    size_t n_chunks;    /* chunks moved */
+    size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
+    kvf_key *keys;
+    uint32_t *page_ids; /* pages of the moved chunks only */
+    uint8_t *stage;
+    int region; /* index of the staging region held, or -1 for a private buffer */
+    /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
+     * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
+     * `layer` failed their scatter, or the task was `skipped` because the transfer was cancelled.
+     * Set when the transfer is made, so that the pool never calls up into xfer.c. */
+    void (*task_end)(kvf_xfer *x, uint32_t layer, int failed, int skipped);
+    /* The client batch's arrays, and what the client and the workers write. */
+    void **bufs;
+    uint64_t *caps, *lens;
+    int *status;
+    atomic_uint *verified; /* load: layers verified per chunk, written by the I/O thread */
+    uint64_t *seg_xxh;     /* save: [chunk][layer] checksums of the gathered segments */
+    kvf_op *op;            /* the client's op, once the batch is submitted */
+    /* The transfer's lock, and what it guards. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled */
+    int *layer_state;      /* 1 pending, 0 ready, < 0 failed with that code */
+    uint32_t *layer_tasks; /* tasks not yet finished per layer */
+    int *layer_failed;     /* a chunk of this layer failed in its scatter */
+    uint32_t layers_done;  /* save: layers gathered */
+    int pending_tasks;
+    int transfer_done; /* the client op completed (or none is needed) */
+    int done;          /* transfer_done and no task pending */
+    int result;
+    int cancelled;
+    size_t loaded_tokens;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* connector.c: the handle */
+
+/* Asks the classifier whether action a is real between the engine's capability record and the
+ * storage node's. Returns 0, KVF_EINFEASIBLE, or KVF_EINVAL for an action it does not know. */
+int kvf__connector_gate(kvf_connector *cn, kvf_action_id a);
+/* Releases a closed connector that no transfer holds any more: called by close, or by the last
+ * transfer freed after it. */
+void kvf__connector_free(kvf_connector *cn);
+
+/* ------------------------------------------------------------------------------------------ */
+/* workers.c: the worker pool and the staging regions */
+
+/* Maps both staging regions at `bytes` each (0: each is mapped by the first transfer that needs
+ * it). A region that cannot be mapped now is mapped on demand. */
+void kvf__stage_init(kvf_connector *cn, size_t bytes);
+/* Gives x a staging buffer of n bytes: region `which` (0: loads, 1: saves) when free, grown as
+ * needed, else a private one so that a load and a save, or two loads, can overlap. Called with
+ * cn->mu held. 0 or KVF_ENOMEM. */
+int kvf__stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which);
+/* Gives back x's staging buffer of n bytes (none held: nothing). Called with cn->mu held. */
+void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n);
+/* Unmaps both regions; no transfer may hold one. */
+void kvf__stage_fini(kvf_connector *cn);
+
+/* Starts cn->nworkers workers. Returns 0, or KVF_ENOMEM or KVF_EAGAIN with one line in err and
+ * no worker left running. */
+int kvf__pool_start(kvf_connector *cn, char *err, size_t errlen);
+/* Queues layer `layer` of every chunk of x, in at most one task per worker, and counts the tasks
+ * in x's pending_tasks and layer_tasks; a task that cannot be allocated fails the layer with
+ * KVF_ENOMEM. Called with cn->mu held; takes x->mu. */
+void kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer);
+/* Has the workers finish the tasks already queued and exit, and joins them. */
+void kvf__pool_stop(kvf_connector *cn);
+
+#endif

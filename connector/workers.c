@@ -1,0 +1,280 @@
+/*
+ * The connector's worker pool and its staging regions.
+ *
+ * Workers take page tasks (one layer of a range of a transfer's chunks) from the connector's
+ * queue: a load's task checks and decodes each chunk's segment in staging and scatters it into
+ * the engine's pages, a save's task gathers the pages into staging and hashes the segment. The
+ * copies themselves are the page map's (pagemap.c); the outcome of every task is reported through
+ * the transfer's task_end, which decides what it means for the transfer.
+ *
+ * Staging is two regions, one for loads and one for saves, grown on demand and reused across
+ * transfers; a transfer that finds its region busy gets a private mapping.
+ */
+#include "kvf/connector.h"
+
+#include "kvf/error.h"
+#include "kvf/object.h"
+
+#include "clock.h"
+#include "hash.h"
+#include "connector_int.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
+#define DEFAULT_STAGING (32u << 20)
+
+typedef struct kvf__task {
+    struct kvf__task *next;
+    kvf_xfer *x;
+    uint32_t layer;
+    size_t from, to; /* chunk range [from, to) of the transfer */
+} task;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Staging */
+
+static void *map_pinned(size_t n)
+{
+    void *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return NULL;
+    /* Locked where the memlock limit allows: staging must not be paged out under a transfer.
+     * Beyond the limit it still works, unlocked. */
+    (void)mlock(p, n);
+    return p;
+}
+
+void kvf__stage_init(kvf_connector *cn, size_t bytes)
+{
+    if (!bytes)
+        return;
+    for (int i = 0; i < 2; i++) {
+        cn->regions[i].mem = map_pinned(bytes);
+        cn->regions[i].cap = cn->regions[i].mem ? bytes : 0;
+    }
+}
+
+int kvf__stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which)
+{
+    kvf__region *r = &cn->regions[which];
+    if (!r->busy) {
+        if (r->cap < n) {
+            size_t cap = r->cap ? r->cap : DEFAULT_STAGING;
+            while (cap < n)
+                cap *= 2;
+            void *p = map_pinned(cap);
+            if (!p)
+                return KVF_ENOMEM;
+            if (r->mem)
+                munmap(r->mem, r->cap);
+            r->mem = p;
+            r->cap = cap;
+        }
+        r->busy = 1;
+        x->stage = r->mem;
+        x->region = which;
+        return 0;
+    }
+    x->stage = map_pinned(n ? n : 1);
+    if (!x->stage)
+        return KVF_ENOMEM;
+    x->region = -1;
+    return 0;
+}
+
+void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n)
+{
+    if (!x->stage)
+        return;
+    if (x->region >= 0)
+        cn->regions[x->region].busy = 0;
+    else
+        munmap(x->stage, n ? n : 1);
+    x->stage = NULL;
+}
+
+void kvf__stage_fini(kvf_connector *cn)
+{
+    for (int i = 0; i < 2; i++)
+        if (cn->regions[i].mem)
+            munmap(cn->regions[i].mem, cn->regions[i].cap);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The task queue */
+
+void kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
+{
+    size_t n = x->n_chunks;
+    size_t parts = (size_t)cn->nworkers < n ? (size_t)cn->nworkers : n;
+    if (parts == 0)
+        parts = 1;
+    for (size_t p = 0; p < parts; p++) {
+        task *t = malloc(sizeof *t);
+        if (!t) {
+            /* No memory for the work item: the layer fails, the engine recomputes. */
+            pthread_mutex_lock(&x->mu);
+            x->layer_failed[layer] = KVF_ENOMEM;
+            pthread_mutex_unlock(&x->mu);
+            continue;
+        }
+        t->x = x;
+        t->layer = layer;
+        t->from = n * p / parts;
+        t->to = n * (p + 1) / parts;
+        t->next = NULL;
+        pthread_mutex_lock(&x->mu);
+        x->pending_tasks++;
+        x->layer_tasks[layer]++;
+        pthread_mutex_unlock(&x->mu);
+        if (cn->qt)
+            cn->qt->next = t;
+        else
+            cn->qh = t;
+        cn->qt = t;
+    }
+    pthread_cond_broadcast(&cn->cv);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Workers */
+
+/* Scatters layer `layer` of chunks [from, to) of a load into the engine's pages. Returns the
+ * number of chunks that failed. */
+static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to,
+                      uint8_t *scratch, uint8_t *scratch2)
+{
+    int failed = 0;
+    uint32_t ppc = cn->pm.pages_per_chunk;
+    for (size_t c = from; c < to; c++) {
+        if (atomic_load(&x->verified[c]) <= layer) {
+            failed++;
+            continue;
+        }
+        const uint8_t *obj = x->stage + c * cn->obj_bytes;
+        kvf_obj_info info;
+        int rc = kvf_obj_parse(obj, cn->hdr_len, &info);
+        if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
+            info.tokens != cn->l.chunk_tokens) {
+            failed++;
+            continue;
+        }
+        uint64_t off = info.header_len;
+        for (uint32_t k = 0; k < layer; k++)
+            off += kvf_obj_seg_at(&info, k).stored_len;
+        kvf_obj_seg sg = kvf_obj_seg_at(&info, layer);
+        if (sg.raw_len != cn->pm.seg_bytes) {
+            failed++;
+            continue;
+        }
+        const uint8_t *seg = obj + off;
+        if (sg.stored_len != sg.raw_len) {
+            /* Compressed: decode (verifying both checksums) before touching engine pages. */
+            if (kvf_obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
+                failed++;
+                continue;
+            }
+            seg = scratch;
+        }
+        kvf__pagemap_scatter(&cn->pm, layer, seg, x->page_ids + c * ppc);
+    }
+    return failed;
+}
+
+static void do_gather(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to)
+{
+    uint32_t ppc = cn->pm.pages_per_chunk;
+    uint32_t L = cn->l.layers;
+    for (size_t c = from; c < to; c++) {
+        uint8_t *seg = x->stage + c * cn->obj_bytes + cn->hdr_len + layer * cn->pm.seg_bytes;
+        kvf__pagemap_gather(&cn->pm, layer, seg, x->page_ids + c * ppc);
+        x->seg_xxh[c * L + layer] = kvf__xxh3(seg, cn->pm.seg_bytes);
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    kvf_connector *cn = arg;
+    uint8_t *scratch = malloc(cn->seg_bytes), *scratch2 = malloc(cn->seg_bytes);
+    for (;;) {
+        pthread_mutex_lock(&cn->mu);
+        while (!cn->qh && !cn->closing)
+            pthread_cond_wait(&cn->cv, &cn->mu);
+        if (!cn->qh) {
+            pthread_mutex_unlock(&cn->mu);
+            break;
+        }
+        task *t = cn->qh;
+        cn->qh = t->next;
+        if (!cn->qh)
+            cn->qt = NULL;
+        pthread_mutex_unlock(&cn->mu);
+
+        kvf_xfer *x = t->x;
+        pthread_mutex_lock(&x->mu);
+        int skip = x->cancelled;
+        pthread_mutex_unlock(&x->mu);
+        int failed = 0;
+        uint64_t t0 = kvf__now_ns();
+        if (!skip) {
+            if (x->is_save)
+                do_gather(cn, x, t->layer, t->from, t->to);
+            else if (!scratch || !scratch2)
+                failed = (int)(t->to - t->from);
+            else
+                failed = do_scatter(cn, x, t->layer, t->from, t->to, scratch, scratch2);
+        }
+        uint64_t dt = kvf__now_ns() - t0;
+        pthread_mutex_lock(&cn->mu);
+        if (x->is_save)
+            cn->st.gather_ns += dt;
+        else
+            cn->st.scatter_ns += dt;
+        pthread_mutex_unlock(&cn->mu);
+
+        uint32_t layer = t->layer;
+        free(t);
+        /* The transfer may be freed as soon as this returns: x is not touched after it. */
+        x->task_end(x, layer, failed, skip);
+    }
+    free(scratch);
+    free(scratch2);
+    return NULL;
+}
+
+int kvf__pool_start(kvf_connector *cn, char *err, size_t errlen)
+{
+    int rc;
+    cn->th = calloc((size_t)cn->nworkers, sizeof *cn->th);
+    if (!cn->th) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    for (int i = 0; i < cn->nworkers; i++) {
+        if (pthread_create(&cn->th[i], NULL, worker_main, cn) != 0) {
+            cn->nworkers = i;
+            rc = KVF_EAGAIN;
+            snprintf(err, errlen, "cannot start worker threads");
+            goto out_stop_workers;
+        }
+    }
+    return 0;
+
+out_stop_workers:
+    kvf__pool_stop(cn);
+    return rc;
+}
+
+void kvf__pool_stop(kvf_connector *cn)
+{
+    pthread_mutex_lock(&cn->mu);
+    cn->closing = 1;
+    pthread_cond_broadcast(&cn->cv);
+    pthread_mutex_unlock(&cn->mu);
+    for (int i = 0; i < cn->nworkers; i++)
+        pthread_join(cn->th[i], NULL);
+    free(cn->th);
+    cn->th = NULL;
+}

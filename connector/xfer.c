@@ -1,0 +1,456 @@
+/*
+ * The connector's transfers (include/kvf/connector.h): loads and saves of a sequence's chunks,
+ * their per-layer waits and cancel, and the storage client's callbacks (on its I/O thread) that
+ * report a layer verified or a batch done. A transfer is done when its client op has completed
+ * (or none is needed) and the pool has reported its last task through task_end; a layer that
+ * never arrived then fails with the transfer's error. The handle is in connector.c, the worker
+ * pool and staging in workers.c, the threads and the lock order in connector_int.h.
+ */
+#include "kvf/connector.h"
+
+#include "kvf/error.h"
+#include "kvf/object.h"
+
+#include "clock.h"
+#include "connector_int.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+enum { LS_PENDING = 1 }; /* layer state: 1 pending, 0 ready, < 0 failed with that code */
+
+/* ------------------------------------------------------------------------------------------ */
+/* Completion bookkeeping */
+
+/* Called with x->mu held whenever a task ends or the transfer completes. */
+static void maybe_done_locked(kvf_xfer *x)
+{
+    if (x->done || !x->transfer_done || x->pending_tasks)
+        return;
+    /* Layers that never arrived fail with the transfer's error. */
+    uint32_t L = x->cn->l.layers;
+    for (uint32_t l = 0; l < L; l++)
+        if (x->layer_state[l] == LS_PENDING)
+            x->layer_state[l] = x->result ? x->result : KVF_EIO;
+    x->done = 1;
+    pthread_cond_broadcast(&x->cv);
+}
+
+static void on_save_done(kvf_op *op, int status, void *ud);
+
+/* All layers gathered: seal every chunk's header and put the batch. */
+static void submit_save(kvf_connector *cn, kvf_xfer *x)
+{
+    uint32_t L = cn->l.layers;
+    for (size_t c = 0; c < x->n_chunks; c++) {
+        uint8_t *obj = x->stage + c * cn->obj_bytes;
+        kvf_obj_seal_raw(obj, &x->keys[c], cn->ks.layout_fp, cn->l.chunk_tokens, L,
+                         cn->pm.seg_bytes, x->seg_xxh + c * L);
+        x->bufs[c] = obj;
+        x->lens[c] = cn->obj_bytes;
+    }
+    kvf_batch b = {
+        .n = x->n_chunks,
+        .keys = x->keys,
+        .objs = (const void *const *)x->bufs,
+        .lens = x->lens,
+        .status = x->status,
+        .deadline_ms = cn->deadline_ms,
+        .cb = on_save_done,
+        .ud = x,
+    };
+    pthread_mutex_lock(&cn->mu);
+    cn->st.batches++;
+    pthread_mutex_unlock(&cn->mu);
+    int rc = kvf_client_put_async(cn->cl, &b, &x->op);
+    if (rc) {
+        pthread_mutex_lock(&x->mu);
+        x->result = rc;
+        x->transfer_done = 1;
+        maybe_done_locked(x);
+        pthread_mutex_unlock(&x->mu);
+    }
+}
+
+/* The pool's report that one of x's tasks ended (x->task_end). When the last task of a layer ends,
+ * the layer's state is decided and its waiters woken; when a save's last layer is gathered, the
+ * batch is put. */
+static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
+{
+    kvf_connector *cn = x->cn;
+    int submit = 0;
+    pthread_mutex_lock(&x->mu);
+    if (failed && !x->layer_failed[layer])
+        x->layer_failed[layer] = KVF_ECHECKSUM;
+    if (--x->layer_tasks[layer] == 0 && !skipped) {
+        if (x->is_save) {
+            x->layer_state[layer] = 0;
+            if (++x->layers_done == cn->l.layers && !x->cancelled)
+                submit = 1;
+        } else {
+            /* A chunk that did not arrive makes the layer unusable as a whole. */
+            int bad = x->layer_failed[layer];
+            for (size_t c = 0; !bad && c < x->n_chunks; c++)
+                if (atomic_load(&x->verified[c]) <= layer)
+                    bad = x->status[c] ? x->status[c] : KVF_ENOENT;
+            x->layer_state[layer] = bad;
+        }
+        pthread_cond_broadcast(&x->cv);
+    }
+    x->pending_tasks--;
+    if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks) {
+        x->result = KVF_ECANCELED;
+        x->transfer_done = 1;
+    }
+    maybe_done_locked(x);
+    pthread_mutex_unlock(&x->mu);
+    if (submit)
+        submit_save(cn, x);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Client callbacks (on the client's I/O thread) */
+
+static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
+{
+    (void)op;
+    kvf_xfer *x = ud;
+    kvf_connector *cn = x->cn;
+    if (layer >= cn->l.layers)
+        return;
+    for (size_t c = 0; c < x->n_chunks; c++)
+        if (x->status[c] == 0)
+            atomic_store(&x->verified[c], layer + 1);
+    pthread_mutex_lock(&cn->mu);
+    kvf__pool_enqueue_locked(cn, x, layer);
+    pthread_mutex_unlock(&cn->mu);
+}
+
+/* The storage client finished x's batch: record the outcome and complete x once its page work is
+ * done too. */
+static void transfer_finished(kvf_xfer *x, int result, size_t loaded_tokens)
+{
+    pthread_mutex_lock(&x->mu);
+    x->result = result;
+    x->loaded_tokens = loaded_tokens;
+    x->transfer_done = 1;
+    maybe_done_locked(x);
+    pthread_mutex_unlock(&x->mu);
+}
+
+static void on_load_done(kvf_op *op, int status, void *ud)
+{
+    (void)op;
+    kvf_xfer *x = ud;
+    kvf_connector *cn = x->cn;
+    size_t ok = 0, lead = 0, missed = 0;
+    int first_err = status;
+    for (size_t c = 0; c < x->n_chunks; c++) {
+        if (x->status[c] == 0 && atomic_load(&x->verified[c]) == cn->l.layers) {
+            ok++;
+            if (lead == c)
+                lead++;
+        } else {
+            missed++;
+            if (!first_err)
+                first_err = x->status[c] ? x->status[c] : KVF_ECHECKSUM;
+        }
+    }
+    pthread_mutex_lock(&cn->mu);
+    cn->st.chunks_loaded += ok;
+    cn->st.chunks_missed += missed;
+    cn->st.load_bytes += ok * cn->obj_bytes;
+    pthread_mutex_unlock(&cn->mu);
+    transfer_finished(x, first_err, lead * cn->l.chunk_tokens);
+}
+
+static void on_save_done(kvf_op *op, int status, void *ud)
+{
+    (void)op;
+    kvf_xfer *x = ud;
+    kvf_connector *cn = x->cn;
+    size_t saved = 0, existing = 0;
+    int first_err = status;
+    for (size_t c = 0; c < x->n_chunks; c++) {
+        if (x->status[c] == 0)
+            saved++;
+        else if (x->status[c] == KVF_EEXIST)
+            existing++;
+        else if (!first_err)
+            first_err = x->status[c];
+    }
+    pthread_mutex_lock(&cn->mu);
+    cn->st.chunks_saved += saved;
+    cn->st.chunks_existing += existing;
+    cn->st.save_bytes += saved * cn->obj_bytes;
+    pthread_mutex_unlock(&cn->mu);
+    transfer_finished(x, first_err, 0);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Transfers */
+
+static void xfer_destroy(kvf_xfer *x)
+{
+    kvf_connector *cn = x->cn;
+    kvf_op_free(&x->op);
+    pthread_mutex_lock(&cn->mu);
+    kvf__stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
+    int last = --cn->inflight == 0 && cn->closed;
+    pthread_mutex_unlock(&cn->mu);
+    if (last)
+        kvf__connector_free(cn);
+    free(x->keys);
+    free(x->page_ids);
+    free(x->bufs);
+    free(x->caps);
+    free(x->lens);
+    free(x->status);
+    free(x->verified);
+    free(x->seg_xxh);
+    free(x->layer_state);
+    free(x->layer_tasks);
+    free(x->layer_failed);
+    pthread_mutex_destroy(&x->mu);
+    pthread_cond_destroy(&x->cv);
+    free(x);
+}
+
+/* Allocates a transfer of `moved` chunks out of a sequence of `total`, every layer pending; NULL
+ * when out of memory. */
+static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_t first_chunk,
+                            int is_save)
+{
+    uint32_t L = cn->l.layers;
+    kvf_xfer *x = calloc(1, sizeof *x);
+    if (!x)
+        return NULL;
+    x->cn = cn;
+    x->is_save = is_save;
+    x->n_chunks = moved;
+    x->first_chunk = first_chunk;
+    x->region = -1;
+    x->task_end = task_end;
+    pthread_mutex_init(&x->mu, NULL);
+    pthread_cond_init(&x->cv, NULL);
+    size_t m = moved ? moved : 1;
+    x->keys = calloc(total ? total : 1, sizeof *x->keys);
+    x->page_ids = malloc(m * cn->pm.pages_per_chunk * sizeof *x->page_ids);
+    x->bufs = calloc(m, sizeof *x->bufs);
+    x->caps = calloc(m, sizeof *x->caps);
+    x->lens = calloc(m, sizeof *x->lens);
+    x->status = calloc(m, sizeof *x->status);
+    x->verified = calloc(m, sizeof *x->verified);
+    x->seg_xxh = is_save ? calloc(m * L, sizeof *x->seg_xxh) : NULL;
+    x->layer_state = malloc(L * sizeof *x->layer_state);
+    x->layer_tasks = calloc(L, sizeof *x->layer_tasks);
+    x->layer_failed = calloc(L, sizeof *x->layer_failed);
+    if (!x->keys || !x->page_ids || !x->bufs || !x->caps || !x->lens || !x->status ||
+        !x->verified || (is_save && !x->seg_xxh) || !x->layer_state || !x->layer_tasks ||
+        !x->layer_failed) {
+        /* xfer_destroy counts the transfer out of cn->inflight: count it in first. */
+        pthread_mutex_lock(&cn->mu);
+        cn->inflight++;
+        pthread_mutex_unlock(&cn->mu);
+        xfer_destroy(x);
+        return NULL;
+    }
+    for (uint32_t l = 0; l < L; l++)
+        x->layer_state[l] = LS_PENDING;
+    return x;
+}
+
+/* Common checks and allocation of a load or save of tokens[0..n). */
+static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
+                    const uint32_t *page_ids, size_t n_pages, int is_save, kvf_xfer **out)
+{
+    *out = NULL;
+    if (!cn || !tokens || !page_ids || !out)
+        return KVF_EINVAL;
+    uint32_t C = cn->l.chunk_tokens, P = cn->l.page_tokens;
+    if (!cn->registered || n == 0 || n % C != 0 || n_pages != n / P || first_chunk > n / C)
+        return KVF_EINVAL;
+    for (size_t i = 0; i < n_pages; i++)
+        if (page_ids[i] >= cn->pm.num_pages)
+            return KVF_ERANGE;
+    size_t total = n / C;
+    size_t moved = total - first_chunk;
+    kvf_xfer *x = xfer_alloc(cn, total, moved, first_chunk, is_save);
+    if (!x)
+        return KVF_ENOMEM;
+    size_t nk;
+    kvf_keys_compute(&cn->ks, tokens, n, x->keys, total, &nk, NULL);
+    /* Only the moved chunks' keys and pages are kept. */
+    memmove(x->keys, x->keys + first_chunk, moved * sizeof *x->keys);
+    memcpy(x->page_ids, page_ids + first_chunk * cn->pm.pages_per_chunk,
+           moved * cn->pm.pages_per_chunk * sizeof *x->page_ids);
+    pthread_mutex_lock(&cn->mu);
+    cn->inflight++;
+    int rc = cn->closing ? KVF_ECLOSED
+                         : kvf__stage_acquire_locked(cn, x, moved * cn->obj_bytes, is_save);
+    if (is_save)
+        cn->st.saves++;
+    else
+        cn->st.loads++;
+    pthread_mutex_unlock(&cn->mu);
+    if (rc) {
+        xfer_destroy(x);
+        return rc;
+    }
+    for (size_t c = 0; c < moved; c++) {
+        x->bufs[c] = x->stage + c * cn->obj_bytes;
+        x->caps[c] = cn->obj_bytes;
+    }
+    *out = x;
+    return 0;
+}
+
+int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                       const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
+{
+    kvf_xfer *x;
+    if (cn && kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
+        return KVF_EINFEASIBLE;
+    int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
+    if (rc)
+        return rc;
+    kvf_batch b = {
+        .n = x->n_chunks,
+        .keys = x->keys,
+        .bufs = x->bufs,
+        .caps = x->caps,
+        .out_lens = x->lens,
+        .status = x->status,
+        .flags = KVF_GET_STREAM,
+        .deadline_ms = cn->deadline_ms,
+        .cb = on_load_done,
+        .layer_cb = on_load_layer,
+        .ud = x,
+    };
+    pthread_mutex_lock(&cn->mu);
+    cn->st.batches++;
+    pthread_mutex_unlock(&cn->mu);
+    rc = kvf_client_get_async(cn->cl, &b, &x->op);
+    if (rc) {
+        xfer_destroy(x);
+        return rc;
+    }
+    *out = x;
+    return 0;
+}
+
+int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
+                       const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
+{
+    kvf_xfer *x;
+    if (cn && kvf__connector_gate(cn, KVF_ACTION_STORE) != 0)
+        return KVF_EINFEASIBLE;
+    int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 1, &x);
+    if (rc)
+        return rc;
+    if (x->n_chunks == 0) {
+        /* Nothing new to save: complete at once; layer_done calls are accepted and ignored. */
+        pthread_mutex_lock(&x->mu);
+        x->transfer_done = 1;
+        for (uint32_t l = 0; l < cn->l.layers; l++)
+            x->layer_state[l] = 0;
+        maybe_done_locked(x);
+        pthread_mutex_unlock(&x->mu);
+    }
+    *out = x;
+    return 0;
+}
+
+int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer)
+{
+    if (!x || !x->is_save || layer >= x->cn->l.layers)
+        return KVF_EINVAL;
+    kvf_connector *cn = x->cn;
+    if (x->n_chunks == 0)
+        return 0;
+    pthread_mutex_lock(&cn->mu);
+    pthread_mutex_lock(&x->mu);
+    int rc = 0;
+    if (x->cancelled)
+        rc = KVF_ECANCELED;
+    else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
+        rc = KVF_EINVAL; /* reported twice */
+    pthread_mutex_unlock(&x->mu);
+    if (!rc)
+        kvf__pool_enqueue_locked(cn, x, layer);
+    pthread_mutex_unlock(&cn->mu);
+    return rc;
+}
+
+int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer)
+{
+    if (!x || x->is_save || layer >= x->cn->l.layers)
+        return KVF_EINVAL;
+    uint64_t t0 = kvf__now_ns();
+    pthread_mutex_lock(&x->mu);
+    while (x->layer_state[layer] == LS_PENDING && !x->cancelled)
+        pthread_cond_wait(&x->cv, &x->mu);
+    int rc = x->cancelled ? KVF_ECANCELED : x->layer_state[layer];
+    pthread_mutex_unlock(&x->mu);
+    uint64_t dt = kvf__now_ns() - t0;
+    pthread_mutex_lock(&x->cn->mu);
+    x->cn->st.wait_ns += dt;
+    pthread_mutex_unlock(&x->cn->mu);
+    return rc;
+}
+
+int kvf_xfer_wait(kvf_xfer *x)
+{
+    if (!x)
+        return KVF_EINVAL;
+    uint64_t t0 = kvf__now_ns();
+    pthread_mutex_lock(&x->mu);
+    while (!x->done)
+        pthread_cond_wait(&x->cv, &x->mu);
+    int rc = x->cancelled ? KVF_ECANCELED : x->result;
+    pthread_mutex_unlock(&x->mu);
+    uint64_t dt = kvf__now_ns() - t0;
+    pthread_mutex_lock(&x->cn->mu);
+    x->cn->st.wait_ns += dt;
+    pthread_mutex_unlock(&x->cn->mu);
+    return rc;
+}
+
+size_t kvf_xfer_loaded_tokens(const kvf_xfer *x)
+{
+    return x && !x->is_save ? x->loaded_tokens : 0;
+}
+
+void kvf_xfer_cancel(kvf_xfer *x)
+{
+    if (!x)
+        return;
+    pthread_mutex_lock(&x->mu);
+    x->cancelled = 1;
+    /* Queued tasks are skipped; wait for any in progress, so no page is written after this. */
+    while (x->pending_tasks)
+        pthread_cond_wait(&x->cv, &x->mu);
+    if (x->is_save && !x->op && !x->transfer_done) {
+        x->result = KVF_ECANCELED;
+        x->transfer_done = 1;
+        maybe_done_locked(x);
+    }
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+}
+
+void kvf_xfer_free(kvf_xfer **xp)
+{
+    if (!xp || !*xp)
+        return;
+    kvf_xfer *x = *xp;
+    pthread_mutex_lock(&x->mu);
+    while (!x->done)
+        pthread_cond_wait(&x->cv, &x->mu);
+    pthread_mutex_unlock(&x->mu);
+    /* The client op may still be signalling its own completion: wait for that too. */
+    if (x->op)
+        kvf_op_wait(x->op);
+    xfer_destroy(x);
+    *xp = NULL;
+}
