@@ -79,41 +79,6 @@ struct kvf_sched {
     uint32_t step;
 };
 
-static const char *const policy_names[] = {
-#define XX(e, name) name,
-    KVF_POLICY_MAP(XX)
-#undef XX
-};
-
-const char *kvf_policy_name(kvf_policy p)
-{
-    return (unsigned)p < KVF_POLICY_COUNT_ ? policy_names[p] : "?";
-}
-
-int kvf_policy_parse(const char *name, kvf_policy *out)
-{
-    for (int i = 0; i < KVF_POLICY_COUNT_; i++) {
-        if (strcmp(name, policy_names[i]) == 0) {
-            *out = (kvf_policy)i;
-            return 0;
-        }
-    }
-    return KVF_EINVAL;
-}
-
-const char *kvf_label_name(kvf_label l)
-{
-    switch (l) {
-    case KVF_LABEL_REAL:
-        return "real";
-    case KVF_LABEL_BACKEND_INFEASIBLE:
-        return "backend_infeasible";
-    case KVF_LABEL_SIMULATED:
-        return "simulated";
-    }
-    return "?";
-}
-
 void kvf_sched_cost_defaults(kvf_sched_cost *c)
 {
     /* llama-3.1-8b, bf16, on one H200-class GPU: about 10k prefill tokens/s at short contexts,
