@@ -16,7 +16,7 @@
  * load of store-cached tokens at the measured bandwidth + prefill of the rest (linear and
  * quadratic terms).
  */
-#include "scheduler.h"
+#include "sched_int.h"
 
 #include "kvf/error.h"
 #include "kvf/feasibility.h"
@@ -78,80 +78,6 @@ struct kvf_sched {
     uint32_t *stamp; /* per instance: the walk step that last saw it hold the block */
     uint32_t step;
 };
-
-void kvf_sched_cost_defaults(kvf_sched_cost *c)
-{
-    /* llama-3.1-8b, bf16, on one H200-class GPU: about 10k prefill tokens/s at short contexts,
-     * attention growing with the square of the context; 128 KiB of KV per token; a 100 Gb/s
-     * store link (12.5 GB/s); 12 ms per output token plus 0.1 ms per other active sequence. */
-    c->prefill_tokens_per_s = 10000.0;
-    c->prefill_attn_s_per_tok2 = 2.0e-10;
-    c->load_bytes_per_s = 12.5e9;
-    c->kv_bytes_per_token = 131072.0;
-    c->tpot_base_s = 0.012;
-    c->tpot_per_seq_s = 0.0001;
-    c->disagg_threshold_tokens = 512;
-    c->handoff_bytes_per_s = 25e9;
-    c->reject_factor = 0;
-    c->klpm_k = 128;
-    c->queue_by_work = 1;
-}
-
-int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen)
-{
-    json_error_t je;
-    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!o) {
-        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
-        return KVF_EINVAL;
-    }
-    if (!json_is_object(o)) {
-        snprintf(err, errlen, "%s: expected a JSON object", path);
-        json_decref(o);
-        return KVF_EINVAL;
-    }
-    static const struct {
-        const char *name;
-        size_t off;
-    } f[] = {
-        {"prefill_tokens_per_s", offsetof(kvf_sched_cost, prefill_tokens_per_s)},
-        {"prefill_attn_s_per_tok2", offsetof(kvf_sched_cost, prefill_attn_s_per_tok2)},
-        {"load_bytes_per_s", offsetof(kvf_sched_cost, load_bytes_per_s)},
-        {"kv_bytes_per_token", offsetof(kvf_sched_cost, kv_bytes_per_token)},
-        {"tpot_base_s", offsetof(kvf_sched_cost, tpot_base_s)},
-        {"tpot_per_seq_s", offsetof(kvf_sched_cost, tpot_per_seq_s)},
-        {"disagg_threshold_tokens", offsetof(kvf_sched_cost, disagg_threshold_tokens)},
-        {"handoff_bytes_per_s", offsetof(kvf_sched_cost, handoff_bytes_per_s)},
-        {"reject_factor", offsetof(kvf_sched_cost, reject_factor)},
-    };
-    const char *k;
-    json_t *v;
-    int rc = 0;
-    json_object_foreach(o, k, v)
-    {
-        if (strcmp(k, "klpm_k") == 0 && json_is_integer(v) && json_integer_value(v) >= 0) {
-            c->klpm_k = (uint32_t)json_integer_value(v);
-            continue;
-        }
-        if (strcmp(k, "queue_by_work") == 0 && json_is_integer(v) &&
-            (json_integer_value(v) == 0 || json_integer_value(v) == 1)) {
-            c->queue_by_work = (uint32_t)json_integer_value(v);
-            continue;
-        }
-        size_t i;
-        for (i = 0; i < sizeof f / sizeof f[0]; i++)
-            if (strcmp(k, f[i].name) == 0)
-                break;
-        if (i == sizeof f / sizeof f[0] || !json_is_number(v) || json_number_value(v) < 0) {
-            snprintf(err, errlen, "%s: %s: unknown key or not a non-negative number", path, k);
-            rc = KVF_EINVAL;
-            break;
-        }
-        *(double *)((char *)c + f[i].off) = json_number_value(v);
-    }
-    json_decref(o);
-    return rc;
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Hash tables */
@@ -720,37 +646,6 @@ static kvf_label label_of(kvf_action_id a, const kvf_caps *l, const kvf_caps *r)
     return (kvf_label)v.label;
 }
 
-static double prefill_seconds(const kvf_sched_cost *c, double n, double cached)
-{
-    if (cached > n)
-        cached = n;
-    return (n - cached) / c->prefill_tokens_per_s +
-           c->prefill_attn_s_per_tok2 * (n * n - cached * cached) / 2.0;
-}
-
-/* Expected wait behind an instance's queue: its cache-aware estimate when known, else its raw
- * queued tokens at the prefill rate (an upper bound: cache hits only shorten it). */
-size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached, const double *work_s,
-                            size_t n, uint64_t pick)
-{
-    size_t k = c->klpm_k;
-    if (n < 2 || k < 2 || pick % k == k - 1)
-        return 0;
-    size_t best = 0;
-    for (size_t j = 1; j < n && j < k; j++) {
-        if (c->queue_by_work ? work_s[j] < work_s[best] : cached[j] > cached[best])
-            best = j;
-    }
-    return best;
-}
-
-static double queue_seconds(const kvf_sched_cost *c, const inst *in)
-{
-    if (in->load.queued_prefill_s > 0)
-        return in->load.queued_prefill_s;
-    return in->load.queued_prefill_tokens / c->prefill_tokens_per_s;
-}
-
 int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
 {
     memset(res, 0, sizeof *res);
@@ -793,9 +688,9 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         /* Store-cached tokens count only where the classifier lets the instance load them. */
         double st = in->can_load ? (double)store_tokens : 0;
         double cached = dev > st ? dev : st;
-        double load_s =
-            dev >= cached ? 0 : (cached - dev) * c->kv_bytes_per_token / c->load_bytes_per_s;
-        double ttft = queue_seconds(c, in) + load_s + prefill_seconds(c, n, cached);
+        double load_s = dev >= cached ? 0 : kvf__sched_load_s(c, cached - dev);
+        double ttft =
+            kvf__sched_queue_s(c, &in->load) + load_s + kvf__sched_prefill_s(c, n, cached);
         double score;
         switch (s->o.policy) {
         case KVF_POLICY_ROUND_ROBIN:
@@ -865,12 +760,12 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         double dst = d->can_load ? (double)store_tokens : 0;
         double dc = ddev > dst ? ddev : dst;
         if (n - dc < c->disagg_threshold_tokens) {
-            double dl = ddev >= dc ? 0 : (dc - ddev) * c->kv_bytes_per_token / c->load_bytes_per_s;
+            double dl = ddev >= dc ? 0 : kvf__sched_load_s(c, dc - ddev);
             best = dec;
             p = d;
             dev = ddev;
             cached = dc;
-            best_ttft = queue_seconds(c, d) + dl + prefill_seconds(c, n, dc);
+            best_ttft = kvf__sched_queue_s(c, &d->load) + dl + kvf__sched_prefill_s(c, n, dc);
         }
     }
     res->prefill = best;
@@ -878,9 +773,9 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     res->colocated = res->prefill == res->decode;
     res->cached_device = (size_t)dev;
     res->cached_store = cached > dev ? (size_t)(cached - dev) : 0;
-    res->queue_s = queue_seconds(c, p);
-    res->load_s = res->cached_store * c->kv_bytes_per_token / c->load_bytes_per_s;
-    res->prefill_s = prefill_seconds(c, n, cached);
+    res->queue_s = kvf__sched_queue_s(c, &p->load);
+    res->load_s = kvf__sched_load_s(c, (double)res->cached_store);
+    res->prefill_s = kvf__sched_prefill_s(c, n, cached);
     res->expected_ttft_s = best_ttft;
     if (req->slo_ttft_s > 0 && c->reject_factor > 0 &&
         best_ttft > req->slo_ttft_s * c->reject_factor) {
@@ -908,8 +803,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
                                                   label_of(KVF_ACTION_STORE, pc, &s->store_caps)};
     if (res->decode != best)
         res->actions[res->n_actions++] =
-            (kvf_action){KVF_ACT_HANDOFF, res->decode, req->n_tokens,
-                         n * c->kv_bytes_per_token / c->handoff_bytes_per_s,
+            (kvf_action){KVF_ACT_HANDOFF, res->decode, req->n_tokens, kvf__sched_handoff_s(c, n),
                          label_of(KVF_ACTION_PD_HANDOFF_STORE, pc, dc)};
     return 0;
 }
