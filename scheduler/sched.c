@@ -7,9 +7,7 @@
  * hashes mean equal token prefixes at one block size. A second table maps (instance, engine
  * block hash) to the index's hash, to follow the engine's parents and removals.
  *
- * Matching walks the request's blocks in order, keeping the set of holders that have held every
- * block so far; each holder's prefix ends where it drops out. The cost is the sum of that set's
- * sizes, not instances x blocks.
+ * Matching against the index is in match.c.
  *
  * Policies: round robin, least loaded, longest prefix, Dynamo's KV-router cost (prefill blocks
  * after overlap, weighted, plus active blocks), and kvfabric's cost model: expected queue wait +
@@ -23,20 +21,16 @@
 
 #include "bytes.h"
 
-#include <jansson.h>
 #include <math.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <xxhash.h>
 
-#define HOLDER_STORE    0x80000000u
-#define INLINE_HOLDERS  4
-#define MAX_BLOCK_SIZES 8
-#define PREFETCH_AHEAD  16 /* blocks whose index slots are fetched ahead of the match walk */
+#define INLINE_HOLDERS 4
 
-typedef struct bent {
+/* A block's entry in the block table. */
+typedef struct kvf__sched_bent {
     uint64_t h; /* 0: empty slot */
     uint16_t n, cap;
     uint32_t pad;
@@ -46,38 +40,11 @@ typedef struct bent {
     } u;
 } bent;
 
-typedef struct ement {
+/* An entry of the engine-hash map. */
+typedef struct kvf__sched_ement {
     uint64_t key; /* mix of (instance, engine hash); 0: empty */
     uint64_t ours;
 } ement;
-
-typedef struct inst {
-    kvf_instance_info info;
-    kvf_caps caps; /* from the registration's capability record, or the reference engine's */
-    int can_load;  /* the classifier lets it load store-cached KV */
-    kvf_instance_load load;
-    uint64_t blocks; /* blocks it holds in the index */
-} inst;
-
-struct kvf_sched {
-    kvf_sched_opts o;
-    bent *bt;
-    uint64_t bmask, bcount;
-    ement *et;
-    uint64_t emask, ecount;
-    inst *inst;
-    size_t n_inst;
-    uint32_t rr;
-    kvf_index_stats st;
-    kvf_caps store_caps;
-    /* per place() scratch */
-    uint64_t *hashes;
-    size_t hcap;
-    uint32_t *depth;
-    int *alive, *alive2;
-    uint32_t *stamp; /* per instance: the walk step that last saw it hold the block */
-    uint32_t step;
-};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Hash tables */
@@ -299,7 +266,7 @@ static int grow_emap(kvf_sched *s)
  * size, so the hash depends on the whole prefix. One-shot hashing: a 16-token block is 64 bytes,
  * where the streaming API's set-up would cost more than the hash itself. Internal to the index
  * (not a published format). */
-static uint64_t block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens)
+uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens)
 {
     uint64_t seed = parent ^ ((uint64_t)block_tokens * 0x9E3779B97F4A7C15ull);
     uint64_t h;
@@ -456,7 +423,7 @@ int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes,
         parent = pe->ours;
     }
     for (size_t b = 0; b < n_blocks; b++) {
-        uint64_t h = block_hash(parent, block_tokens, tokens + b * block_tokens);
+        uint64_t h = kvf__sched_block_hash(parent, block_tokens, tokens + b * block_tokens);
         bent *e = bfind(s, h, 1);
         ement *m = efind(s, ekey(idx, engine_hashes[b]), 1);
         if (!e || !m)
@@ -513,7 +480,7 @@ int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n
     if (node < 0 || node >= KVF_SCHED_MAX_STORES)
         return KVF_EINVAL;
     s->st.events++;
-    uint32_t who = HOLDER_STORE | (uint32_t)node;
+    uint32_t who = KVF_SCHED_HOLDER_STORE | (uint32_t)node;
     for (size_t i = 0; i < n; i++) {
         uint64_t h = mix64(keys[i].lo ^ keys[i].hi);
         if (admitted) {
@@ -535,99 +502,27 @@ void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st)
     st->bytes = (s->bmask + 1) * sizeof(bent) + (s->emask + 1) * sizeof(ement);
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Matching */
-
-/* Fills depth[i] with the cached prefix, in blocks of bt tokens, of every instance i whose block
- * size is bt. Returns the number of the request's full blocks. */
-static size_t match_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, size_t n)
+const uint32_t *kvf__sched_holders(kvf_sched *s, uint64_t h, uint16_t *n)
 {
-    size_t nb = n / bt;
-    if (nb > s->hcap) {
-        uint64_t *h = realloc(s->hashes, nb * sizeof *h);
-        if (!h)
-            return 0;
-        s->hashes = h;
-        s->hcap = nb;
-    }
-    uint64_t parent = 0;
-    for (size_t b = 0; b < nb; b++)
-        parent = s->hashes[b] = block_hash(parent, bt, tokens + b * bt);
-    if (nb == 0)
-        return 0;
-    /* Every block's slot is known now: start fetching the first few, so that the walk below
-     * overlaps its cache misses instead of taking them one after another. */
-    for (size_t b = 0; b < nb && b < PREFETCH_AHEAD; b++)
-        __builtin_prefetch(&s->bt[mix64(s->hashes[b]) & s->bmask]);
-    bent *e = bfind(s, s->hashes[0], 0);
+    bent *e = bfind(s, h, 0);
     if (!e)
-        return nb;
-    int na = 0;
-    uint32_t *h = holders(e);
-    for (uint16_t i = 0; i < e->n; i++) {
-        if (h[i] & HOLDER_STORE)
-            continue;
-        int who = (int)(h[i] & 0xffffffu);
-        if (s->inst[who].info.block_tokens != bt)
-            continue;
-        s->alive[na++] = who;
-        s->depth[who] = 1;
-    }
-    for (size_t b = 1; b < nb && na > 0; b++) {
-        if (b + PREFETCH_AHEAD < nb)
-            __builtin_prefetch(&s->bt[mix64(s->hashes[b + PREFETCH_AHEAD]) & s->bmask]);
-        e = bfind(s, s->hashes[b], 0);
-        if (!e)
-            break;
-        h = holders(e);
-        /* Mark this block's holders, then keep the instances still alive that are marked: linear
-         * in holders + alive, where comparing every pair was quadratic for a prefix that
-         * hundreds of instances hold. */
-        if (++s->step == 0) {
-            memset(s->stamp, 0, KVF_SCHED_MAX_INSTANCES * sizeof *s->stamp);
-            s->step = 1;
-        }
-        for (uint16_t i = 0; i < e->n; i++)
-            if (!(h[i] & HOLDER_STORE))
-                s->stamp[h[i] & 0xffffffu] = s->step;
-        int nn = 0;
-        for (int a = 0; a < na; a++) {
-            if (s->stamp[s->alive[a]] == s->step) {
-                s->alive2[nn++] = s->alive[a];
-                s->depth[s->alive[a]]++;
-            }
-        }
-        int *t = s->alive;
-        s->alive = s->alive2;
-        s->alive2 = t;
-        na = nn;
-    }
-    return nb;
+        return NULL;
+    *n = e->n;
+    return holders(e);
 }
 
-size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n)
+void kvf__sched_prefetch(const kvf_sched *s, uint64_t h)
 {
-    if (idx < 0 || (size_t)idx >= s->n_inst)
-        return 0;
-    memset(s->depth, 0, s->n_inst * sizeof *s->depth);
-    uint32_t bt = s->inst[idx].info.block_tokens;
-    match_blocks(s, bt, tokens, n);
-    return (size_t)s->depth[idx] * bt;
+    __builtin_prefetch(&s->bt[mix64(h) & s->bmask]);
 }
 
-/* Leading chunks of the request held by any storage node. */
-static size_t match_store(kvf_sched *s, const kvf_key *keys, size_t n)
+int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key)
 {
-    size_t run = 0;
-    for (; run < n; run++) {
-        bent *e = bfind(s, mix64(keys[run].lo ^ keys[run].hi), 0);
-        int any = 0;
-        for (uint16_t i = 0; e && i < e->n && !any; i++)
-            any = (holders(e)[i] & HOLDER_STORE) != 0;
-        if (!any)
-            break;
-    }
-    return run;
+    bent *e = bfind(s, mix64(key->lo ^ key->hi), 0);
+    int any = 0;
+    for (uint16_t i = 0; e && i < e->n && !any; i++)
+        any = (holders(e)[i] & KVF_SCHED_HOLDER_STORE) != 0;
+    return any;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -653,23 +548,11 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     if (!req->tokens && req->n_tokens)
         return KVF_EINVAL;
     const kvf_sched_cost *c = &s->o.cost;
-    /* Match once per distinct block size. */
-    memset(s->depth, 0, s->n_inst * sizeof *s->depth);
-    uint32_t sizes[MAX_BLOCK_SIZES];
-    int nsizes = 0;
-    for (size_t i = 0; i < s->n_inst; i++) {
-        uint32_t bt = s->inst[i].info.block_tokens;
-        int seen = 0;
-        for (int k = 0; k < nsizes; k++)
-            seen |= sizes[k] == bt;
-        if (!seen && nsizes < MAX_BLOCK_SIZES) {
-            sizes[nsizes++] = bt;
-            match_blocks(s, bt, req->tokens, req->n_tokens);
-        }
-    }
+    kvf__sched_match_sizes(s, req->tokens, req->n_tokens);
     size_t store_tokens =
-        req->chunk_keys ? match_store(s, req->chunk_keys, req->n_chunks) * s->o.store_chunk_tokens
-                        : 0;
+        req->chunk_keys
+            ? kvf__sched_match_store(s, req->chunk_keys, req->n_chunks) * s->o.store_chunk_tokens
+            : 0;
     if (store_tokens > req->n_tokens)
         store_tokens = req->n_tokens;
 
@@ -680,7 +563,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     for (size_t i = 0; i < s->n_inst; i++)
         ncand += (s->inst[i].info.role & KVF_ROLE_PREFILL) != 0;
     for (size_t i = 0; i < s->n_inst; i++) {
-        inst *in = &s->inst[i];
+        kvf__sched_inst *in = &s->inst[i];
         if (!(in->info.role & KVF_ROLE_PREFILL))
             continue;
         size_t ordinal = k++;
@@ -729,7 +612,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     double dscore = INFINITY;
     double need = n + req->output_tokens;
     for (size_t i = 0; i < s->n_inst; i++) {
-        inst *in = &s->inst[i];
+        kvf__sched_inst *in = &s->inst[i];
         if (!(in->info.role & KVF_ROLE_DECODE))
             continue;
         double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
@@ -746,7 +629,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         dscore = sc;
         dec = (int)i;
     }
-    inst *p = &s->inst[best];
+    kvf__sched_inst *p = &s->inst[best];
     double dev = (double)s->depth[best] * p->info.block_tokens;
     double pst = p->can_load ? (double)store_tokens : 0;
     double cached = dev > pst ? dev : pst;
@@ -755,7 +638,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
      * these short ones). "Short" is judged on the decode instance itself, with what it can
      * reach: its own cache and, if its record allows the load, the stores. */
     if (dec >= 0 && dec != best) {
-        inst *d = &s->inst[dec];
+        kvf__sched_inst *d = &s->inst[dec];
         double ddev = (double)s->depth[dec] * d->info.block_tokens;
         double dst = d->can_load ? (double)store_tokens : 0;
         double dc = ddev > dst ? ddev : dst;

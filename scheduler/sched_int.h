@@ -10,6 +10,67 @@
 
 #include "scheduler.h"
 
+#include "kvf/feasibility.h"
+
+/* A holder in the block table is an engine instance (its index, with its tier in bits 24..30) or
+ * a storage node (its number, with this bit set). */
+#define KVF_SCHED_HOLDER_STORE 0x80000000u
+#define KVF_SCHED_HOLDER_WHO   0xffffffu /* the instance index or node number of a holder */
+
+/* An engine instance as the scheduler knows it. */
+typedef struct kvf__sched_inst {
+    kvf_instance_info info;
+    kvf_caps caps; /* from the registration's capability record, or the reference engine's */
+    int can_load;  /* the classifier lets it load store-cached KV */
+    kvf_instance_load load;
+    uint64_t blocks; /* blocks it holds in the index */
+} kvf__sched_inst;
+
+struct kvf_sched {
+    kvf_sched_opts o;
+    /* The index (index.c): the block table maps a block hash to its holders, the engine-hash map
+     * (instance, engine block hash) to the block hash. Entries are defined there. */
+    struct kvf__sched_bent *bt;
+    uint64_t bmask, bcount;
+    struct kvf__sched_ement *et;
+    uint64_t emask, ecount;
+    kvf__sched_inst *inst; /* registered in order, KVF_SCHED_MAX_INSTANCES of room */
+    size_t n_inst;
+    uint32_t rr; /* round robin's turn */
+    kvf_index_stats st;
+    kvf_caps store_caps; /* the storage nodes' capability record */
+    /* The prefix walk's scratch (match.c), reused by every place(). */
+    uint64_t *hashes; /* the request's block hashes, hcap of room */
+    size_t hcap;
+    uint32_t *depth;     /* per instance: its cached prefix, in its own blocks */
+    int *alive, *alive2; /* instances holding every block so far; the next step's */
+    uint32_t *stamp;     /* per instance: the walk step that last saw it hold the block */
+    uint32_t step;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* The index (index.c) */
+
+/* The index's hash of a block: XXH3-64 of its tokens, seeded with the parent's hash and the block
+ * size, so the hash depends on the whole prefix. Never 0. */
+uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens);
+/* The holders of block h, *n of them, or NULL when the index has no entry for it. Borrowed; valid
+ * until the index next changes. */
+const uint32_t *kvf__sched_holders(kvf_sched *s, uint64_t h, uint16_t *n);
+/* Starts fetching block h's table slot into the cache, for a lookup soon after. */
+void kvf__sched_prefetch(const kvf_sched *s, uint64_t h);
+/* Whether any storage node holds the chunk. */
+int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Matching (match.c) */
+
+/* Sets s->depth[i] to the cached prefix, in its own blocks, of every instance i: one walk per
+ * distinct block size among the instances (the first 8 sizes). */
+void kvf__sched_match_sizes(kvf_sched *s, const uint32_t *tokens, size_t n);
+/* The number of leading chunks of the request that some storage node holds. */
+size_t kvf__sched_match_store(kvf_sched *s, const kvf_key *keys, size_t n);
+
 /* ------------------------------------------------------------------------------------------ */
 /* The cost model's estimates (cost.c), in seconds. */
 
