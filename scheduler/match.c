@@ -9,11 +9,35 @@
  */
 #include "sched_int.h"
 
+#include "kvf/error.h"
+
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_BLOCK_SIZES 8  /* distinct engine block sizes matched per request; more are ignored */
 #define PREFETCH_AHEAD  16 /* blocks whose index slots are fetched ahead of the match walk */
+
+int kvf__sched_walk_open(kvf_sched *s)
+{
+    s->depth = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->depth);
+    s->alive = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive);
+    s->alive2 = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive2);
+    s->stamp = calloc(KVF_SCHED_MAX_INSTANCES, sizeof *s->stamp);
+    return s->depth && s->alive && s->alive2 && s->stamp ? 0 : KVF_ENOMEM;
+}
+
+void kvf__sched_walk_close(kvf_sched *s)
+{
+    free(s->hashes);
+    free(s->depth);
+    free(s->alive);
+    free(s->alive2);
+    free(s->stamp);
+    s->hashes = NULL;
+    s->depth = NULL;
+    s->stamp = NULL;
+    s->alive = s->alive2 = NULL;
+}
 
 /* The index hashes of the request's full blocks of bt tokens, into s->hashes. Returns their
  * number, or 0 when the scratch cannot grow. */

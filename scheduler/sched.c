@@ -285,20 +285,11 @@ uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uin
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Instances and events */
+/* The tables' life */
 
-int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o)
+int kvf__sched_index_open(kvf_sched *s, size_t expected_blocks)
 {
-    *out = NULL;
-    kvf_sched *s = calloc(1, sizeof *s);
-    if (!s)
-        return KVF_ENOMEM;
-    s->o = *o;
-    if (!s->o.store_chunk_tokens)
-        s->o.store_chunk_tokens = 256;
-    if (s->o.cost.prefill_tokens_per_s <= 0)
-        kvf_sched_cost_defaults(&s->o.cost);
-    uint64_t want = s->o.expected_blocks ? s->o.expected_blocks : (1u << 20);
+    uint64_t want = expected_blocks ? expected_blocks : (1u << 20);
     uint64_t cap = 1024;
     while (cap * 3 / 4 < want)
         cap *= 2;
@@ -306,104 +297,23 @@ int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o)
     s->bmask = cap - 1;
     s->et = table_alloc(cap, sizeof *s->et);
     s->emask = cap - 1;
-    s->inst = calloc(KVF_SCHED_MAX_INSTANCES, sizeof *s->inst);
-    s->depth = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->depth);
-    s->alive = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive);
-    s->alive2 = calloc(KVF_SCHED_MAX_INSTANCES + KVF_SCHED_MAX_STORES, sizeof *s->alive2);
-    s->stamp = calloc(KVF_SCHED_MAX_INSTANCES, sizeof *s->stamp);
-    kvf_caps_builtin("kvf-store", &s->store_caps);
-    if (!s->bt || !s->et || !s->inst || !s->depth || !s->alive || !s->alive2 || !s->stamp) {
-        kvf_sched_destroy(&s);
-        return KVF_ENOMEM;
-    }
-    *out = s;
-    return 0;
+    return s->bt && s->et ? 0 : KVF_ENOMEM;
 }
 
-void kvf_sched_destroy(kvf_sched **sp)
+void kvf__sched_index_close(kvf_sched *s)
 {
-    if (!sp || !*sp)
-        return;
-    kvf_sched *s = *sp;
     if (s->bt)
         for (uint64_t i = 0; i <= s->bmask; i++)
             if (s->bt[i].h && s->bt[i].cap > INLINE_HOLDERS)
                 free(s->bt[i].u.heap);
     free(s->bt);
     free(s->et);
-    free(s->inst);
-    free(s->hashes);
-    free(s->depth);
-    free(s->alive);
-    free(s->alive2);
-    free(s->stamp);
-    free(s);
-    *sp = NULL;
+    s->bt = NULL;
+    s->et = NULL;
 }
 
-void kvf_sched_set_policy(kvf_sched *s, kvf_policy p)
-{
-    s->o.policy = p;
-}
-
-int kvf_sched_instance_find(const kvf_sched *s, const char *id)
-{
-    for (size_t i = 0; i < s->n_inst; i++)
-        if (strcmp(s->inst[i].info.id, id) == 0)
-            return (int)i;
-    return -1;
-}
-
-int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx)
-{
-    if (!info->id[0] || strnlen(info->id, sizeof info->id) == sizeof info->id ||
-        (info->role & KVF_ROLE_BOTH) == 0 || (info->role & ~KVF_ROLE_BOTH) ||
-        info->block_tokens == 0 || info->block_tokens > 65536)
-        return KVF_EINVAL;
-    kvf_caps caps;
-    if (info->capabilities[0]) {
-        char err[200];
-        if (kvf_caps_from_json(info->capabilities, strlen(info->capabilities), &caps, err,
-                               sizeof err) != 0)
-            return KVF_EINVAL;
-    } else {
-        kvf_caps_builtin("reference", &caps);
-    }
-    int i = kvf_sched_instance_find(s, info->id);
-    if (i < 0) {
-        if (s->n_inst == KVF_SCHED_MAX_INSTANCES)
-            return KVF_ENOSPC;
-        i = (int)s->n_inst++;
-        memset(&s->inst[i], 0, sizeof s->inst[i]);
-    }
-    s->inst[i].info = *info;
-    s->inst[i].caps = caps;
-    kvf_verdict v;
-    kvf_classify(caps.layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE, &caps,
-                 &s->store_caps, 0, &v);
-    s->inst[i].can_load = v.label == KVF_FEAS_REAL;
-    if (idx)
-        *idx = i;
-    return 0;
-}
-
-size_t kvf_sched_instance_count(const kvf_sched *s)
-{
-    return s->n_inst;
-}
-
-const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx)
-{
-    return idx >= 0 && (size_t)idx < s->n_inst ? &s->inst[idx].info : NULL;
-}
-
-int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load)
-{
-    if (idx < 0 || (size_t)idx >= s->n_inst)
-        return KVF_ENOENT;
-    s->inst[idx].load = *load;
-    return 0;
-}
+/* ------------------------------------------------------------------------------------------ */
+/* Events */
 
 int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks,
                            int has_parent, uint64_t engine_parent, const uint32_t *tokens,

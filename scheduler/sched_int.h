@@ -51,6 +51,11 @@ struct kvf_sched {
 /* ------------------------------------------------------------------------------------------ */
 /* The index (index.c) */
 
+/* Allocates the index's two tables for about expected_blocks blocks (0: 1M); they grow by
+ * doubling. 0 or KVF_ENOMEM (the caller closes what was allocated). */
+int kvf__sched_index_open(kvf_sched *s, size_t expected_blocks);
+/* Frees the tables and every holder list. Accepts tables never opened. */
+void kvf__sched_index_close(kvf_sched *s);
 /* The index's hash of a block: XXH3-64 of its tokens, seeded with the parent's hash and the block
  * size, so the hash depends on the whole prefix. Never 0. */
 uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens);
@@ -65,6 +70,11 @@ int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
 /* ------------------------------------------------------------------------------------------ */
 /* Matching (match.c) */
 
+/* Allocates the walk's scratch for KVF_SCHED_MAX_INSTANCES instances: 0 or KVF_ENOMEM (the
+ * caller closes what was allocated). */
+int kvf__sched_walk_open(kvf_sched *s);
+/* Frees the scratch. Accepts a partly opened one. */
+void kvf__sched_walk_close(kvf_sched *s);
 /* Sets s->depth[i] to the cached prefix, in its own blocks, of every instance i: one walk per
  * distinct block size among the instances (the first 8 sizes). */
 void kvf__sched_match_sizes(kvf_sched *s, const uint32_t *tokens, size_t n);
