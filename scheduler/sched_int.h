@@ -95,4 +95,35 @@ double kvf__sched_load_s(const kvf_sched_cost *c, double tokens);
 /* Handing `tokens` tokens of KV from the prefill instance to the decode instance. */
 double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens);
 
+/* ------------------------------------------------------------------------------------------ */
+/* Placement (place.c) and its policies (policy.c) */
+
+/* What running a request's prefill on one instance would find cached and cost: the cost model's
+ * figures, in tokens and seconds. */
+typedef struct kvf__sched_est {
+    double device; /* prompt tokens held in the instance's own memory */
+    double cached; /* the longer of that and what it may load from the stores */
+    double load_s; /* loading the stores' part beyond its own */
+    double ttft_s; /* queue wait + load + prefill of the rest */
+} kvf__sched_est;
+
+/* A prefill candidate as a policy sees it. */
+typedef struct kvf__sched_cand {
+    const kvf__sched_inst *in;
+    kvf__sched_est est;
+    double prompt;  /* the request's tokens */
+    size_t ordinal; /* its rank among the prefill instances, in registration order */
+    size_t count;   /* the number of prefill instances */
+} kvf__sched_cand;
+
+/* A placement policy: the score it gives a prefill candidate (the lowest wins, the first of
+ * equal scores), and what it notes once it has chosen (may be NULL). */
+typedef struct kvf__sched_policy {
+    double (*score)(const kvf_sched *s, const kvf__sched_cand *c);
+    void (*placed)(kvf_sched *s);
+} kvf__sched_policy;
+
+/* The policy p names; kvf_cost's for a number outside kvf_policy. */
+const kvf__sched_policy *kvf__sched_policy_of(kvf_policy p);
+
 #endif
