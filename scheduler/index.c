@@ -1,13 +1,14 @@
 /*
- * The scheduler core (include/kvf/sched.h, docs/scheduler.md).
+ * The prefix index (docs/scheduler.md, "The index"): which engine instance holds which KV block,
+ * and which storage node holds which chunk.
  *
- * Index: one open-addressing table (linear probing, backward-shift deletion) maps a block hash to
- * its holders: engine instances (with a tier) and storage nodes. Block hashes are the index's
- * own: XXH3-64 over (parent hash, block size, the block's token ids), chained from 0, so equal
- * hashes mean equal token prefixes at one block size. A second table maps (instance, engine
- * block hash) to the index's hash, to follow the engine's parents and removals.
- *
- * Matching against the index is in match.c.
+ * One open-addressing table (linear probing, backward-shift deletion) maps a block hash to its
+ * holders: engine instances (with a tier) and storage nodes. Block hashes are the index's own:
+ * XXH3-64 over (parent hash, block size, the block's token ids), chained from 0, so equal hashes
+ * mean equal token prefixes at one block size. A store chunk's entry is keyed by its chunk key,
+ * mixed. A second table maps (instance, engine block hash) to the index's hash, to follow the
+ * engine's parents and removals. Engines' and stores' events change the tables here; matching
+ * (match.c) reads them through the lookups at the end.
  */
 #include "sched_int.h"
 
@@ -404,6 +405,9 @@ void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st)
     *st = s->st;
     st->bytes = (s->bmask + 1) * sizeof(bent) + (s->emask + 1) * sizeof(ement);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Lookups for the prefix walk */
 
 const uint32_t *kvf__sched_holders(kvf_sched *s, uint64_t h, uint16_t *n)
 {
