@@ -1,5 +1,5 @@
 /*
- * kvf-sched: the cache-aware scheduler schedd (docs/scheduler.md).
+ * kvf-sched: the cache-aware scheduler daemon (docs/scheduler.md).
  *
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
  *             [--store-events ENDPOINT[,...]] [--chunk-tokens N] [--log-level L]
@@ -14,14 +14,10 @@
  * KV events arrive on ZeroMQ SUB sockets, one per registered publisher, on an events thread. One
  * mutex serialises the scheduler core between the two threads.
  */
-#include "kvf/kvf.h"
-#include "scheduler.h"
+#include "daemon.h"
 
-#include "ingest.h"
-#include "kvevents.h"
-#include "pubsub.h"
-#include "http.h"
-#include "log.h"
+#include "kvf/kvf.h"
+
 #include "tcp.h"
 
 #include <errno.h>
@@ -37,174 +33,14 @@
 #include <unistd.h>
 
 #define MAX_BODY (16u << 20)
-#define MAX_SUBS KVF_ZSUBS_MAX
 
-typedef struct sub {
-    kvf_event_source src;
-    char endpoint[128];
-    char replay_ep[128];
-    kvf_seq_tracker seq;
-} sub;
-
-typedef struct schedd {
-    kvf_sched *s;
-    pthread_mutex_t mu;
-    kvf_log lg;
-    kvf__zsubs *zs; /* the subscriber sockets, one per entry of subs (same index) */
-    sub subs[MAX_SUBS];
-    int n_subs;
-    /* subscriptions requested by the HTTP thread, made by the events thread */
-    kvf_event_source pending_src[MAX_SUBS];
-    char pending_ep[MAX_SUBS][128];
-    char pending_replay[MAX_SUBS][128];
-    int n_pending;
-    kvf_ingest_stats ingest;
-    uint64_t seq_gaps, seq_missed, replayed, placements, rejections;
-    kvf__httpd *httpd;
-    char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
-    atomic_int stop;
-} schedd;
-
-static schedd *g_daemon;
+static kvf__sched_daemon *g_daemon;
 
 static void on_signal(int sig)
 {
     (void)sig;
     if (g_daemon)
         atomic_store(&g_daemon->stop, 1);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Events thread */
-
-static void subscribe_locked(schedd *d, const kvf_event_source *src, const char *ep,
-                             const char *replay)
-{
-    if (!ep[0] || d->n_pending == MAX_SUBS)
-        return;
-    d->pending_src[d->n_pending] = *src;
-    snprintf(d->pending_ep[d->n_pending], sizeof d->pending_ep[0], "%s", ep);
-    snprintf(d->pending_replay[d->n_pending], sizeof d->pending_replay[0], "%s",
-             replay ? replay : "");
-    d->n_pending++;
-}
-
-/* Asks a publisher's replay socket for the batches from `from` on and applies those before
- * `upto` (the batch that revealed the gap, applied by the caller). vLLM's replay protocol: the
- * request is the 8-byte big-endian first sequence number; each answer is (sequence, payload), and
- * an empty payload ends the replay. Bounded: 200 ms of silence ends it too. Called with d->mu
- * held. */
-static void replay_locked(schedd *d, int i, uint64_t from, uint64_t upto)
-{
-    sub *sb = &d->subs[i];
-    if (kvf__zsubs_replay_ask(d->zs, i, from) != 0)
-        return;
-    uint64_t got = 0;
-    for (int guard = 0; guard < 100000; guard++) {
-        kvf__zmsg m;
-        if (kvf__zsubs_replay_recv(d->zs, i, 200, &m) != 0)
-            break;
-        if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
-            break;
-        uint64_t seq = kvf__kve_seq_get(m.seq);
-        if (seq >= from && seq < upto) {
-            char err[256] = "";
-            kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
-            got++;
-        }
-        if (seq + 1 >= upto)
-            break;
-    }
-    d->replayed += got;
-    kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
-             sb->endpoint, got, upto - from);
-}
-
-/* Makes the subscriptions the HTTP thread asked for. Called with d->mu held. */
-static void subscribe_pending_locked(schedd *d)
-{
-    for (int i = 0; i < d->n_pending && d->n_subs < MAX_SUBS; i++) {
-        char err[256] = "";
-        int idx;
-        if (kvf__zsubs_add(d->zs, d->pending_ep[i], d->pending_replay[i], &idx, err, sizeof err) !=
-            0) {
-            kvf_warn(&d->lg, "%s", err);
-            continue;
-        }
-        if (err[0])
-            kvf_warn(&d->lg, "%s", err);
-        sub *sb = &d->subs[idx];
-        memset(sb, 0, sizeof *sb);
-        sb->src = d->pending_src[i];
-        snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
-        snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
-        d->n_subs = idx + 1;
-        kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
-    }
-    d->n_pending = 0;
-}
-
-/* One batch from publisher i: [topic,] sequence (8 bytes big-endian), payload. A gap in the
- * sequence asks the publisher's replay socket for what was missed first. Called with d->mu
- * held. */
-static void on_batch_locked(schedd *d, int i, const kvf__zmsg *m)
-{
-    sub *sb = &d->subs[i];
-    if (m->frames < 2 || m->seq_len != 8) {
-        d->ingest.malformed++;
-        kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
-                 sb->endpoint, m->frames);
-        return;
-    }
-    uint64_t from;
-    if (kvf_seq_check(&sb->seq, m->seq, &from)) {
-        int replay = kvf__zsubs_has_replay(d->zs, i);
-        d->seq_gaps++;
-        d->seq_missed = 0;
-        for (int k = 0; k < d->n_subs; k++)
-            d->seq_missed += d->subs[k].seq.missed;
-        kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
-                 sb->endpoint, from, sb->seq.last - 1,
-                 replay ? "; asking the replay socket"
-                        : "; no replay socket, the index may miss blocks until they are stored "
-                          "again");
-        if (replay)
-            replay_locked(d, i, from, sb->seq.last);
-    }
-    char err[256] = "";
-    uint64_t malformed = d->ingest.malformed;
-    int rc = kvf_sched_ingest(d->s, &sb->src, m->payload, m->len, &d->ingest, err, sizeof err);
-    if (rc)
-        d->ingest.malformed++;
-    if (rc || d->ingest.malformed != malformed)
-        kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
-}
-
-static void *events_main(void *arg)
-{
-    schedd *d = arg;
-    uint8_t ready[MAX_SUBS];
-    while (!atomic_load(&d->stop)) {
-        pthread_mutex_lock(&d->mu);
-        subscribe_pending_locked(d);
-        int n = d->n_subs;
-        pthread_mutex_unlock(&d->mu);
-        if (n == 0) {
-            usleep(50000);
-            continue;
-        }
-        if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
-            continue;
-        for (int i = 0; i < n; i++) {
-            kvf__zmsg m;
-            if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)
-                continue;
-            pthread_mutex_lock(&d->mu);
-            on_batch_locked(d, i, &m);
-            pthread_mutex_unlock(&d->mu);
-        }
-    }
-    return NULL;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -216,10 +52,11 @@ static unsigned send_json(kvf__http_reply *c, unsigned status, json_t *o)
     return status;
 }
 
-static unsigned send_error(schedd *d, kvf__http_reply *c, unsigned status, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+static unsigned send_error(kvf__sched_daemon *d, kvf__http_reply *c, unsigned status,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
-static unsigned send_error(schedd *d, kvf__http_reply *c, unsigned status, const char *fmt, ...)
+static unsigned send_error(kvf__sched_daemon *d, kvf__http_reply *c, unsigned status,
+                           const char *fmt, ...)
 {
     (void)d;
     char msg[512];
@@ -253,7 +90,7 @@ static int get_str(json_t *o, const char *k, char *out, size_t n, int required, 
     return 0;
 }
 
-static unsigned post_instance(schedd *d, kvf__http_reply *c, json_t *o)
+static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
 {
     kvf_instance_info in;
     memset(&in, 0, sizeof in);
@@ -292,7 +129,7 @@ static unsigned post_instance(schedd *d, kvf__http_reply *c, json_t *o)
     int rc = kvf_sched_instance_add(d->s, &in, &idx);
     if (!rc) {
         kvf_event_source src = {.instance = idx, .store = -1};
-        subscribe_locked(d, &src, in.events, replay);
+        kvf__sched_subscribe_locked(d, &src, in.events, replay);
     }
     pthread_mutex_unlock(&d->mu);
     if (rc)
@@ -304,7 +141,7 @@ static unsigned post_instance(schedd *d, kvf__http_reply *c, json_t *o)
     return send_json(c, 201, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
 }
 
-static unsigned get_instances(schedd *d, kvf__http_reply *c)
+static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
 {
     json_t *arr = json_array();
     pthread_mutex_lock(&d->mu);
@@ -320,7 +157,7 @@ static unsigned get_instances(schedd *d, kvf__http_reply *c)
     return send_json(c, 200, json_pack("{s:o}", "instances", arr));
 }
 
-static unsigned post_load(schedd *d, kvf__http_reply *c, const char *id, json_t *o)
+static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *id, json_t *o)
 {
     kvf_instance_load L = {0};
     json_t *q = json_object_get(o, "queued_prefill_tokens"),
@@ -355,7 +192,7 @@ static const char *action_name(kvf_action_kind k)
     return "?";
 }
 
-static unsigned post_place(schedd *d, kvf__http_reply *c, json_t *o)
+static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
 {
     json_t *toks = json_object_get(o, "tokens");
     if (!json_is_array(toks) || json_array_size(toks) == 0)
@@ -432,7 +269,7 @@ static unsigned post_place(schedd *d, kvf__http_reply *c, json_t *o)
 }
 
 /* The storage nodes' data addresses, for connectors that are given only the scheduler. */
-static unsigned get_stores(schedd *d, kvf__http_reply *c)
+static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
 {
     json_t *arr = json_array();
     char buf[sizeof d->stores];
@@ -442,7 +279,7 @@ static unsigned get_stores(schedd *d, kvf__http_reply *c)
     return send_json(c, 200, json_pack("{s:o}", "stores", arr));
 }
 
-static unsigned get_stats(schedd *d, kvf__http_reply *c, int prometheus)
+static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int prometheus)
 {
     kvf_index_stats st;
     pthread_mutex_lock(&d->mu);
@@ -507,7 +344,7 @@ static unsigned get_stats(schedd *d, kvf__http_reply *c, int prometheus)
 static unsigned on_request(void *cls, const char *method, const char *url, json_t *o,
                            kvf__http_reply *c)
 {
-    schedd *d = cls;
+    kvf__sched_daemon *d = cls;
     if (!o) { /* a GET */
         if (!strcmp(url, "/metrics"))
             return get_stats(d, c, 1);
@@ -539,7 +376,7 @@ static unsigned on_request(void *cls, const char *method, const char *url, json_
 
 /* ------------------------------------------------------------------------------------------ */
 
-static int load_config(schedd *d, const char *path, char *err, size_t errlen)
+static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
 {
     json_error_t je;
     json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
@@ -577,7 +414,7 @@ static int load_config(schedd *d, const char *path, char *err, size_t errlen)
         kvf_event_source src = {.instance = idx, .store = -1};
         char replay[128] = "";
         get_str(v, "replay", replay, sizeof replay, 0, err, errlen);
-        subscribe_locked(d, &src, in.events, replay);
+        kvf__sched_subscribe_locked(d, &src, in.events, replay);
     }
     json_decref(o);
     return rc;
@@ -588,7 +425,7 @@ int main(int argc, char **argv)
     long chunk_tokens = 256; /* the stores' chunk size, for store matches */
     const char *listen = "127.0.0.1:7500", *policy = "kvf_cost", *costf = NULL, *config = NULL,
                *stores = NULL;
-    static schedd d;
+    static kvf__sched_daemon d;
     d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -668,7 +505,7 @@ int main(int argc, char **argv)
         int node = 0;
         for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
             kvf_event_source src = {.instance = -1, .store = node++};
-            subscribe_locked(&d, &src, t, NULL);
+            kvf__sched_subscribe_locked(&d, &src, t, NULL);
         }
         free(dup);
     }
@@ -684,7 +521,7 @@ int main(int argc, char **argv)
         return 1;
     }
     pthread_t ev;
-    pthread_create(&ev, NULL, events_main, &d);
+    pthread_create(&ev, NULL, kvf__sched_events_main, &d);
     g_daemon = &d;
     kvf__daemon_signals(on_signal);
     printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound,
