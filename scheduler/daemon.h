@@ -65,4 +65,16 @@ void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *s
  * until d->stop is set. arg is the daemon. */
 void *kvf__sched_events_main(void *arg);
 
+/* ------------------------------------------------------------------------------------------ */
+/* The HTTP API (http_api.c) */
+
+/* The HTTP server's handler (a kvf__http_handler): answers one request; cls is the daemon. */
+unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, json_t *o,
+                               kvf__http_reply *c);
+/* Copies the string member k of o into out (n bytes). A missing member is an error only when
+ * required. Returns 0, or -1 with the reason in err (a member that is not a string shorter than
+ * n). */
+int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
+                        size_t errlen);
+
 #endif

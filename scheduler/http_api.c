@@ -1,50 +1,28 @@
 /*
- * kvf-sched: the cache-aware scheduler daemon (docs/scheduler.md).
+ * kvf-sched's HTTP API (docs/scheduler.md, "HTTP API"): its routes and their JSON, served by
+ * libmicrohttpd's one polling thread (transport/httpd.c) with jansson bodies.
  *
- *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
- *             [--store-events ENDPOINT[,...]] [--chunk-tokens N] [--log-level L]
- *
- * HTTP/JSON (libmicrohttpd, one internal polling thread; jansson):
  *   POST /v1/instances            register or update an engine instance
- *   GET  /v1/instances            list them, with their load and indexed blocks
+ *   GET  /v1/instances            list them
+ *   GET  /v1/stores               the storage nodes' data addresses (--stores)
  *   POST /v1/instances/ID/load    an engine's load report
  *   POST /v1/place                place a request
  *   GET  /v1/index/stats          index and event-ingestion counters
  *   GET  /metrics                 Prometheus text format
- * KV events arrive on ZeroMQ SUB sockets, one per registered publisher, on an events thread. One
- * mutex serialises the scheduler core between the two threads.
+ *
+ * Every route that reads or changes the scheduler holds the daemon's lock (daemon.h) while it
+ * does; bad input gets a 4xx reply with {"error": "..."} and changes nothing.
  */
 #include "daemon.h"
 
 #include "kvf/kvf.h"
 
-#include "tcp.h"
-
-#include <errno.h>
-#include <stdarg.h>
 #include <inttypes.h>
 #include <jansson.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdatomic.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-
-#define MAX_BODY (16u << 20)
-
-static kvf__sched_daemon *g_daemon;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    if (g_daemon)
-        atomic_store(&g_daemon->stop, 1);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* HTTP */
 
 static unsigned send_json(kvf__http_reply *c, unsigned status, json_t *o)
 {
@@ -73,8 +51,8 @@ static const char *role_name(kvf_role r)
     return r == KVF_ROLE_PREFILL ? "prefill" : r == KVF_ROLE_DECODE ? "decode" : "both";
 }
 
-static int get_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
-                   size_t errlen)
+int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
+                        size_t errlen)
 {
     json_t *v = json_object_get(o, k);
     if (!v) {
@@ -95,11 +73,11 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
     kvf_instance_info in;
     memset(&in, 0, sizeof in);
     char err[256] = "", role[16] = "both", replay[128] = "";
-    if (get_str(o, "replay", replay, sizeof replay, 0, err, sizeof err) ||
-        get_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
-        get_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
-        get_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
-        get_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
+    if (kvf__sched_json_str(o, "replay", replay, sizeof replay, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
+        kvf__sched_json_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
         return send_error(d, c, 400, "%s", err);
     if (!strcmp(role, "prefill"))
         in.role = KVF_ROLE_PREFILL;
@@ -341,8 +319,8 @@ static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int promethe
     return 200;
 }
 
-static unsigned on_request(void *cls, const char *method, const char *url, json_t *o,
-                           kvf__http_reply *c)
+unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, json_t *o,
+                               kvf__http_reply *c)
 {
     kvf__sched_daemon *d = cls;
     if (!o) { /* a GET */
@@ -372,170 +350,4 @@ static unsigned on_request(void *cls, const char *method, const char *url, json_
         return post_load(d, c, id, o);
     }
     return send_error(d, c, 404, "POST %s: not served", url);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-
-static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
-{
-    json_error_t je;
-    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!o) {
-        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
-        return -1;
-    }
-    json_t *ins = json_object_get(o, "instances");
-    size_t i;
-    json_t *v;
-    int rc = 0;
-    json_array_foreach(ins, i, v)
-    {
-        kvf_instance_info in;
-        memset(&in, 0, sizeof in);
-        char role[16] = "both";
-        if (get_str(v, "id", in.id, sizeof in.id, 1, err, errlen) ||
-            get_str(v, "role", role, sizeof role, 0, err, errlen) ||
-            get_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, errlen) ||
-            get_str(v, "events", in.events, sizeof in.events, 0, err, errlen)) {
-            rc = -1;
-            break;
-        }
-        in.role = !strcmp(role, "prefill")  ? KVF_ROLE_PREFILL
-                  : !strcmp(role, "decode") ? KVF_ROLE_DECODE
-                                            : KVF_ROLE_BOTH;
-        json_t *bt = json_object_get(v, "block_tokens");
-        in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
-        int idx;
-        if (kvf_sched_instance_add(d->s, &in, &idx) != 0) {
-            snprintf(err, errlen, "%s: instance %zu is invalid", path, i);
-            rc = -1;
-            break;
-        }
-        kvf_event_source src = {.instance = idx, .store = -1};
-        char replay[128] = "";
-        get_str(v, "replay", replay, sizeof replay, 0, err, errlen);
-        kvf__sched_subscribe_locked(d, &src, in.events, replay);
-    }
-    json_decref(o);
-    return rc;
-}
-
-int main(int argc, char **argv)
-{
-    long chunk_tokens = 256; /* the stores' chunk size, for store matches */
-    const char *listen = "127.0.0.1:7500", *policy = "kvf_cost", *costf = NULL, *config = NULL,
-               *stores = NULL;
-    static kvf__sched_daemon d;
-    d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--help")) {
-            printf("usage: kvf-sched [--listen HOST:PORT] [--policy round_robin|least_loaded|"
-                   "longest_prefix|dynamo_cost|kvf_cost]\n"
-                   "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
-                   "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
-                   "[--log-level L]\n");
-            return 0;
-        }
-        if (!v) {
-            fprintf(stderr, "kvf-sched: %s needs a value (see --help)\n", a);
-            return 2;
-        }
-        i++;
-        if (!strcmp(a, "--listen"))
-            listen = v;
-        else if (!strcmp(a, "--policy"))
-            policy = v;
-        else if (!strcmp(a, "--cost"))
-            costf = v;
-        else if (!strcmp(a, "--config"))
-            config = v;
-        else if (!strcmp(a, "--store-events"))
-            stores = v;
-        else if (!strcmp(a, "--chunk-tokens"))
-            chunk_tokens = strtol(v, NULL, 10);
-        else if (!strcmp(a, "--stores")) {
-            if (strlen(v) >= sizeof d.stores) {
-                fprintf(stderr, "kvf-sched: --stores: list too long\n");
-                return 2;
-            }
-            snprintf(d.stores, sizeof d.stores, "%s", v);
-        } else if (!strcmp(a, "--log-level")) {
-            if (kvf__log_level_parse(v, &d.lg.level) != 0) {
-                fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");
-                return 2;
-            }
-        } else {
-            fprintf(stderr, "kvf-sched: unknown option %s (see --help)\n", a);
-            return 2;
-        }
-    }
-    if (chunk_tokens < 1 || chunk_tokens > 65536) {
-        fprintf(stderr, "kvf-sched: --chunk-tokens must be 1..65536\n");
-        return 2;
-    }
-    kvf_sched_opts so = {.store_chunk_tokens = (uint32_t)chunk_tokens};
-    if (kvf_policy_parse(policy, &so.policy) != 0) {
-        fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", policy);
-        return 2;
-    }
-    kvf_sched_cost_defaults(&so.cost);
-    char err[256];
-    if (costf && kvf_sched_cost_load(costf, &so.cost, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-sched: %s\n", err);
-        return 2;
-    }
-    char host[256];
-    uint16_t port;
-    if (kvf__addr_parse(listen, host, sizeof host, &port) != 0) {
-        fprintf(stderr, "kvf-sched: --listen: expected HOST:PORT\n");
-        return 2;
-    }
-    if (kvf_sched_new(&d.s, &so) != 0) {
-        fprintf(stderr, "kvf-sched: out of memory\n");
-        return 1;
-    }
-    pthread_mutex_init(&d.mu, NULL);
-    if (config && load_config(&d, config, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-sched: %s\n", err);
-        return 2;
-    }
-    if (stores) {
-        char *dup = strdup(stores);
-        int node = 0;
-        for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
-            kvf_event_source src = {.instance = -1, .store = node++};
-            kvf__sched_subscribe_locked(&d, &src, t, NULL);
-        }
-        free(dup);
-    }
-    uint16_t bound;
-    if (kvf__httpd_start(&d.httpd, host, port, 0, MAX_BODY, on_request, &d, &bound, err,
-                         sizeof err) != 0) {
-        fprintf(stderr, "kvf-sched: %s\n", err);
-        return 1;
-    }
-    if (kvf__zsubs_open(&d.zs) != 0) {
-        fprintf(stderr, "kvf-sched: out of memory\n");
-        kvf__httpd_stop(&d.httpd);
-        return 1;
-    }
-    pthread_t ev;
-    pthread_create(&ev, NULL, kvf__sched_events_main, &d);
-    g_daemon = &d;
-    kvf__daemon_signals(on_signal);
-    printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound,
-           kvf_policy_name(so.policy), (int)getpid());
-    fflush(stdout);
-    kvf_info(&d.lg, "serving HTTP on %s:%u, policy %s", host, bound, kvf_policy_name(so.policy));
-    while (!atomic_load(&d.stop))
-        usleep(50000);
-    kvf_info(&d.lg, "stopping");
-    kvf__httpd_stop(&d.httpd);
-    pthread_join(ev, NULL);
-    kvf__zsubs_close(&d.zs);
-    kvf_sched_destroy(&d.s);
-    pthread_mutex_destroy(&d.mu);
-    kvf_info(&d.lg, "stopped");
-    return 0;
 }

@@ -1,0 +1,252 @@
+/*
+ * kvf-sched: the cache-aware scheduler daemon (docs/scheduler.md).
+ *
+ *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
+ *             [--stores HOST:PORT[,...]] [--store-events ENDPOINT[,...]] [--chunk-tokens N]
+ *             [--log-level L]
+ *
+ * Startup: the command line, the cost model's calibration file, the cluster file's instances and
+ * the stores' event publishers; then the HTTP server (http_api.c) and the events thread
+ * (subscriber.c) until SIGTERM or SIGINT. The daemon's state and its lock are in daemon.h.
+ */
+#include "daemon.h"
+
+#include "kvf/kvf.h"
+
+#include "tcp.h"
+
+#include <jansson.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define MAX_BODY (16u << 20) /* the largest request body the HTTP server accepts */
+
+/* The command line's settings that are not the daemon's state. */
+typedef struct cmdline {
+    long chunk_tokens; /* the stores' chunk size, for store matches */
+    const char *listen, *policy, *cost, *config, *store_events;
+} cmdline;
+
+static kvf__sched_daemon *g_daemon;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (g_daemon)
+        atomic_store(&g_daemon->stop, 1);
+}
+
+/* Reads the command line into *cl, and --stores and --log-level into d. Returns -1 to go on, or
+ * the status to exit with: 0 after --help, 2 for a bad option. */
+static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help")) {
+            printf("usage: kvf-sched [--listen HOST:PORT] [--policy round_robin|least_loaded|"
+                   "longest_prefix|dynamo_cost|kvf_cost]\n"
+                   "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
+                   "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
+                   "[--log-level L]\n");
+            return 0;
+        }
+        if (!v) {
+            fprintf(stderr, "kvf-sched: %s needs a value (see --help)\n", a);
+            return 2;
+        }
+        i++;
+        if (!strcmp(a, "--listen"))
+            cl->listen = v;
+        else if (!strcmp(a, "--policy"))
+            cl->policy = v;
+        else if (!strcmp(a, "--cost"))
+            cl->cost = v;
+        else if (!strcmp(a, "--config"))
+            cl->config = v;
+        else if (!strcmp(a, "--store-events"))
+            cl->store_events = v;
+        else if (!strcmp(a, "--chunk-tokens"))
+            cl->chunk_tokens = strtol(v, NULL, 10);
+        else if (!strcmp(a, "--stores")) {
+            if (strlen(v) >= sizeof d->stores) {
+                fprintf(stderr, "kvf-sched: --stores: list too long\n");
+                return 2;
+            }
+            snprintf(d->stores, sizeof d->stores, "%s", v);
+        } else if (!strcmp(a, "--log-level")) {
+            if (kvf__log_level_parse(v, &d->lg.level) != 0) {
+                fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");
+                return 2;
+            }
+        } else {
+            fprintf(stderr, "kvf-sched: unknown option %s (see --help)\n", a);
+            return 2;
+        }
+    }
+    return -1;
+}
+
+/* The scheduler's options and the address to listen on, from the command line's settings.
+ * Returns 0, or 2 with the reason printed. */
+static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, size_t hostlen,
+                          uint16_t *port)
+{
+    if (cl->chunk_tokens < 1 || cl->chunk_tokens > 65536) {
+        fprintf(stderr, "kvf-sched: --chunk-tokens must be 1..65536\n");
+        return 2;
+    }
+    *so = (kvf_sched_opts){.store_chunk_tokens = (uint32_t)cl->chunk_tokens};
+    if (kvf_policy_parse(cl->policy, &so->policy) != 0) {
+        fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", cl->policy);
+        return 2;
+    }
+    kvf_sched_cost_defaults(&so->cost);
+    char err[256];
+    if (cl->cost && kvf_sched_cost_load(cl->cost, &so->cost, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        return 2;
+    }
+    if (kvf__addr_parse(cl->listen, host, hostlen, port) != 0) {
+        fprintf(stderr, "kvf-sched: --listen: expected HOST:PORT\n");
+        return 2;
+    }
+    return 0;
+}
+
+/* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
+ * "replay", "block_tokens"}, ...]}) and asks for their events. An unknown role is "both". Called
+ * before the events thread starts. Returns 0, or -1 with the reason in err. */
+static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!o) {
+        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
+        return -1;
+    }
+    json_t *ins = json_object_get(o, "instances");
+    size_t i;
+    json_t *v;
+    int rc = 0;
+    json_array_foreach(ins, i, v)
+    {
+        kvf_instance_info in;
+        memset(&in, 0, sizeof in);
+        char role[16] = "both";
+        if (kvf__sched_json_str(v, "id", in.id, sizeof in.id, 1, err, errlen) ||
+            kvf__sched_json_str(v, "role", role, sizeof role, 0, err, errlen) ||
+            kvf__sched_json_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, errlen) ||
+            kvf__sched_json_str(v, "events", in.events, sizeof in.events, 0, err, errlen)) {
+            rc = -1;
+            break;
+        }
+        in.role = !strcmp(role, "prefill")  ? KVF_ROLE_PREFILL
+                  : !strcmp(role, "decode") ? KVF_ROLE_DECODE
+                                            : KVF_ROLE_BOTH;
+        json_t *bt = json_object_get(v, "block_tokens");
+        in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
+        int idx;
+        if (kvf_sched_instance_add(d->s, &in, &idx) != 0) {
+            snprintf(err, errlen, "%s: instance %zu is invalid", path, i);
+            rc = -1;
+            break;
+        }
+        kvf_event_source src = {.instance = idx, .store = -1};
+        char replay[128] = "";
+        kvf__sched_json_str(v, "replay", replay, sizeof replay, 0, err, errlen);
+        kvf__sched_subscribe_locked(d, &src, in.events, replay);
+    }
+    json_decref(o);
+    return rc;
+}
+
+/* Asks for the events of the storage nodes in list (comma-separated endpoints), numbered in the
+ * list's order. Called before the events thread starts. */
+static void subscribe_stores(kvf__sched_daemon *d, const char *list)
+{
+    char *dup = strdup(list);
+    int node = 0;
+    for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+        kvf_event_source src = {.instance = -1, .store = node++};
+        kvf__sched_subscribe_locked(d, &src, t, NULL);
+    }
+    free(dup);
+}
+
+/* Says the daemon is ready (the line its launchers wait for) and waits for SIGTERM or SIGINT. */
+static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bound,
+                            kvf_policy policy)
+{
+    g_daemon = d;
+    kvf__daemon_signals(on_signal);
+    printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound, kvf_policy_name(policy),
+           (int)getpid());
+    fflush(stdout);
+    kvf_info(&d->lg, "serving HTTP on %s:%u, policy %s", host, bound, kvf_policy_name(policy));
+    while (!atomic_load(&d->stop))
+        usleep(50000);
+    kvf_info(&d->lg, "stopping");
+}
+
+/* Serves HTTP and the events until a signal, then stops them: HTTP first, then the events thread,
+ * then its sockets. Returns the exit status: 0, or 1 when either could not start. */
+static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_policy policy)
+{
+    int rc = 1;
+    char err[256];
+    uint16_t bound;
+    if (kvf__zsubs_open(&d->zs) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        goto out;
+    }
+    if (kvf__httpd_start(&d->httpd, host, port, 0, MAX_BODY, kvf__sched_http_route, d, &bound, err,
+                         sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        goto out_close_zsubs;
+    }
+    pthread_t ev;
+    pthread_create(&ev, NULL, kvf__sched_events_main, d);
+    wait_for_signal(d, host, bound, policy);
+    kvf__httpd_stop(&d->httpd);
+    pthread_join(ev, NULL);
+    rc = 0;
+out_close_zsubs:
+    kvf__zsubs_close(&d->zs);
+out:
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    static kvf__sched_daemon d;
+    d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
+    cmdline cl = {.chunk_tokens = 256, .listen = "127.0.0.1:7500", .policy = "kvf_cost"};
+    int rc = parse_args(argc, argv, &cl, &d);
+    if (rc >= 0)
+        return rc;
+    kvf_sched_opts so;
+    char host[256], err[256];
+    uint16_t port;
+    if ((rc = scheduler_opts(&cl, &so, host, sizeof host, &port)) != 0)
+        return rc;
+    if (kvf_sched_new(&d.s, &so) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        return 1;
+    }
+    pthread_mutex_init(&d.mu, NULL);
+    if (cl.config && load_config(&d, cl.config, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        return 2;
+    }
+    if (cl.store_events)
+        subscribe_stores(&d, cl.store_events);
+    if ((rc = serve(&d, host, port, so.policy)) != 0)
+        return rc;
+    kvf_sched_destroy(&d.s);
+    pthread_mutex_destroy(&d.mu);
+    kvf_info(&d.lg, "stopped");
+    return 0;
+}
