@@ -170,79 +170,105 @@ static const char *action_name(kvf_action_kind k)
     return "?";
 }
 
-static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+/* A placement request as its body gives it; the arrays are the caller's to free. */
+typedef struct place_body {
+    uint32_t *tokens;
+    kvf_key *keys;
+    kvf_place_req rq;
+} place_body;
+
+/* Reads a placement request's body into *b. Returns 0, or the HTTP status to answer (400 for bad
+ * input, 500 when out of memory) with the reason in err. */
+static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errlen)
 {
     json_t *toks = json_object_get(o, "tokens");
-    if (!json_is_array(toks) || json_array_size(toks) == 0)
-        return send_error(d, c, 400, "\"tokens\" must be a non-empty array of token ids");
+    if (!json_is_array(toks) || json_array_size(toks) == 0) {
+        snprintf(err, errlen, "\"tokens\" must be a non-empty array of token ids");
+        return 400;
+    }
     size_t n = json_array_size(toks);
-    uint32_t *t = malloc(n * sizeof *t);
     json_t *ks = json_object_get(o, "chunk_keys");
     size_t nk = json_is_array(ks) ? json_array_size(ks) : 0;
-    kvf_key *keys = nk ? malloc(nk * sizeof *keys) : NULL;
-    if (!t || (nk && !keys)) {
-        free(t);
-        free(keys);
-        return send_error(d, c, 500, "out of memory");
+    b->tokens = malloc(n * sizeof *b->tokens);
+    b->keys = nk ? malloc(nk * sizeof *b->keys) : NULL;
+    if (!b->tokens || (nk && !b->keys)) {
+        snprintf(err, errlen, "out of memory");
+        return 500;
     }
     for (size_t i = 0; i < n; i++) {
         json_t *v = json_array_get(toks, i);
         if (!json_is_integer(v) || json_integer_value(v) < 0 ||
             json_integer_value(v) > UINT32_MAX) {
-            free(t);
-            free(keys);
-            return send_error(d, c, 400, "tokens[%zu] is not a 32-bit token id", i);
+            snprintf(err, errlen, "tokens[%zu] is not a 32-bit token id", i);
+            return 400;
         }
-        t[i] = (uint32_t)json_integer_value(v);
+        b->tokens[i] = (uint32_t)json_integer_value(v);
     }
     for (size_t i = 0; i < nk; i++) {
         json_t *v = json_array_get(ks, i);
-        if (!json_is_string(v) || kvf_key_from_hex(json_string_value(v), &keys[i]) != 0) {
-            free(t);
-            free(keys);
-            return send_error(d, c, 400, "chunk_keys[%zu] is not 32 hex digits", i);
+        if (!json_is_string(v) || kvf_key_from_hex(json_string_value(v), &b->keys[i]) != 0) {
+            snprintf(err, errlen, "chunk_keys[%zu] is not 32 hex digits", i);
+            return 400;
         }
     }
     json_t *ot = json_object_get(o, "output_tokens"), *slo = json_object_get(o, "slo_ttft_ms");
-    kvf_place_req rq = {.tokens = t,
+    b->rq =
+        (kvf_place_req){.tokens = b->tokens,
                         .n_tokens = n,
-                        .chunk_keys = keys,
+                        .chunk_keys = b->keys,
                         .n_chunks = nk,
                         .output_tokens = json_is_integer(ot) ? (uint32_t)json_integer_value(ot) : 0,
                         .slo_ttft_s = json_is_number(slo) ? json_number_value(slo) / 1e3 : 0};
+    return 0;
+}
+
+/* The reply to a placement: the instances by id and endpoint, the cached tokens per tier, the
+ * expected TTFT and the plan. The TTFT figure is the cost model's estimate: labelled simulated;
+ * the actions' labels say whether each can run here. Called with d->mu held. */
+static json_t *plan_json_locked(const kvf_sched *s, const kvf_place_res *rs)
+{
+    const kvf_instance_info *pi = kvf_sched_instance_get(s, rs->prefill);
+    const kvf_instance_info *di = kvf_sched_instance_get(s, rs->decode);
+    json_t *acts = json_array();
+    for (int i = 0; i < rs->n_actions; i++) {
+        const kvf_action *a = &rs->actions[i];
+        const kvf_instance_info *ai = kvf_sched_instance_get(s, a->instance);
+        json_array_append_new(acts, json_pack("{s:s,s:s,s:I,s:f,s:s}", "action",
+                                              action_name(a->kind), "instance", ai ? ai->id : "",
+                                              "tokens", (json_int_t)a->tokens, "seconds",
+                                              a->seconds, "label", kvf_label_name(a->label)));
+    }
+    return json_pack("{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill",
+                     pi ? pi->id : "", "prefill_endpoint", pi ? pi->endpoint : "", "decode",
+                     di ? di->id : "", "decode_endpoint", di ? di->endpoint : "", "cached_tokens",
+                     "device", (json_int_t)rs->cached_device, "store", (json_int_t)rs->cached_store,
+                     "expected_ttft_ms", rs->expected_ttft_s * 1e3, "rejected", rs->rejected,
+                     "colocated", rs->colocated, "actions", acts, "label", "simulated");
+}
+
+static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+{
+    place_body b = {0};
+    char err[256];
+    unsigned status = place_body_read(o, &b, err, sizeof err);
+    if (status) {
+        free(b.tokens);
+        free(b.keys);
+        return send_error(d, c, status, "%s", err);
+    }
     kvf_place_res rs;
+    json_t *out = NULL;
     pthread_mutex_lock(&d->mu);
-    int rc = kvf_sched_place(d->s, &rq, &rs);
+    int rc = kvf_sched_place(d->s, &b.rq, &rs);
     d->placements++;
     d->rejections += rc == 0 && rs.rejected;
-    const kvf_instance_info *pi = rc ? NULL : kvf_sched_instance_get(d->s, rs.prefill);
-    const kvf_instance_info *di = rc ? NULL : kvf_sched_instance_get(d->s, rs.decode);
-    json_t *out = NULL;
-    if (!rc) {
-        json_t *acts = json_array();
-        for (int i = 0; i < rs.n_actions; i++) {
-            const kvf_instance_info *ai = kvf_sched_instance_get(d->s, rs.actions[i].instance);
-            json_array_append_new(
-                acts, json_pack("{s:s,s:s,s:I,s:f,s:s}", "action", action_name(rs.actions[i].kind),
-                                "instance", ai ? ai->id : "", "tokens",
-                                (json_int_t)rs.actions[i].tokens, "seconds", rs.actions[i].seconds,
-                                "label", kvf_label_name(rs.actions[i].label)));
-        }
-        out =
-            json_pack("{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill",
-                      pi ? pi->id : "", "prefill_endpoint", pi ? pi->endpoint : "", "decode",
-                      di ? di->id : "", "decode_endpoint", di ? di->endpoint : "", "cached_tokens",
-                      "device", (json_int_t)rs.cached_device, "store", (json_int_t)rs.cached_store,
-                      "expected_ttft_ms", rs.expected_ttft_s * 1e3, "rejected", rs.rejected,
-                      "colocated", rs.colocated, "actions", acts, "label", "simulated");
-    }
+    if (!rc)
+        out = plan_json_locked(d->s, &rs);
     pthread_mutex_unlock(&d->mu);
-    free(t);
-    free(keys);
+    free(b.tokens);
+    free(b.keys);
     if (rc)
         return send_error(d, c, 503, "no instance can serve this request: %s", kvf_strerror(rc));
-    /* The TTFT figure is the cost model's estimate: labelled simulated; the actions' labels say
-     * whether each can run here. */
     return send_json(c, rs.rejected ? 429 : 200, out);
 }
 
@@ -257,37 +283,51 @@ static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
     return send_json(c, 200, json_pack("{s:o}", "stores", arr));
 }
 
-static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int prometheus)
+/* The counters /v1/index/stats and /metrics report, taken at one moment. */
+typedef struct stats {
+    kvf_index_stats index;
+    kvf_ingest_stats ingest;
+    uint64_t gaps, missed, replayed, placements, rejections;
+    uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
+    size_t instances;
+    int subs;
+} stats;
+
+static void stats_take(kvf__sched_daemon *d, stats *st)
 {
-    kvf_index_stats st;
     pthread_mutex_lock(&d->mu);
-    kvf_sched_index_stats(d->s, &st);
-    kvf_ingest_stats in = d->ingest;
-    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, replayed = d->replayed, nreq, nerr,
-             pl = d->placements, rj = d->rejections;
-    size_t ni = kvf_sched_instance_count(d->s);
-    int subs = d->n_subs;
+    kvf_sched_index_stats(d->s, &st->index);
+    st->ingest = d->ingest;
+    st->gaps = d->seq_gaps;
+    st->missed = d->seq_missed;
+    st->replayed = d->replayed;
+    st->placements = d->placements;
+    st->rejections = d->rejections;
+    st->instances = kvf_sched_instance_count(d->s);
+    st->subs = d->n_subs;
     pthread_mutex_unlock(&d->mu);
-    kvf__httpd_counts(d->httpd, &nreq, &nerr);
-    if (!prometheus)
-        return send_json(
-            c, 200,
-            json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}",
-                      "blocks", (json_int_t)st.blocks, "holdings", (json_int_t)st.holdings,
-                      "events", (json_int_t)st.events, "unknown_removals",
-                      (json_int_t)st.unknown_removals, "bytes", (json_int_t)st.bytes, "batches",
-                      (json_int_t)in.batches, "blocks_stored", (json_int_t)in.stored,
-                      "blocks_removed", (json_int_t)in.removed, "chunks", (json_int_t)in.chunks,
-                      "malformed", (json_int_t)in.malformed, "unknown_parents",
-                      (json_int_t)in.unknown_parents, "unknown_types", (json_int_t)in.unknown_types,
-                      "sequence_gaps", (json_int_t)gaps, "batches_missed", (json_int_t)missed,
-                      "batches_replayed", (json_int_t)replayed, "subscriptions", subs, "instances",
-                      (json_int_t)ni));
-    char *t = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&t, &len);
-    if (!f)
-        return send_error(d, c, 500, "out of memory");
+    kvf__httpd_counts(d->httpd, &st->requests, &st->errors);
+}
+
+static json_t *stats_json(const stats *st)
+{
+    const kvf_index_stats *x = &st->index;
+    const kvf_ingest_stats *in = &st->ingest;
+    return json_pack(
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
+        (json_int_t)x->blocks, "holdings", (json_int_t)x->holdings, "events", (json_int_t)x->events,
+        "unknown_removals", (json_int_t)x->unknown_removals, "bytes", (json_int_t)x->bytes,
+        "batches", (json_int_t)in->batches, "blocks_stored", (json_int_t)in->stored,
+        "blocks_removed", (json_int_t)in->removed, "chunks", (json_int_t)in->chunks, "malformed",
+        (json_int_t)in->malformed, "unknown_parents", (json_int_t)in->unknown_parents,
+        "unknown_types", (json_int_t)in->unknown_types, "sequence_gaps", (json_int_t)st->gaps,
+        "batches_missed", (json_int_t)st->missed, "batches_replayed", (json_int_t)st->replayed,
+        "subscriptions", st->subs, "instances", (json_int_t)st->instances);
+}
+
+/* The counters in Prometheus's text format. */
+static void stats_metrics(FILE *f, const stats *st)
+{
     fprintf(
         f,
         "# HELP kvf_sched_blocks Distinct KV blocks in the prefix index.\n"
@@ -311,7 +351,22 @@ static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int promethe
         "# TYPE kvf_sched_http_requests_total counter\nkvf_sched_http_requests_total %" PRIu64 "\n"
         "# HELP kvf_sched_http_errors_total HTTP requests answered with an error.\n"
         "# TYPE kvf_sched_http_errors_total counter\nkvf_sched_http_errors_total %" PRIu64 "\n",
-        st.blocks, st.holdings, ni, in.batches, in.malformed, gaps, pl, rj, nreq, nerr);
+        st->index.blocks, st->index.holdings, st->instances, st->ingest.batches,
+        st->ingest.malformed, st->gaps, st->placements, st->rejections, st->requests, st->errors);
+}
+
+static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int prometheus)
+{
+    stats st;
+    stats_take(d, &st);
+    if (!prometheus)
+        return send_json(c, 200, stats_json(&st));
+    char *t = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&t, &len);
+    if (!f)
+        return send_error(d, c, 500, "out of memory");
+    stats_metrics(f, &st);
     fclose(f);
     c->text = t;
     c->text_len = len;
