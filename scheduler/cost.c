@@ -123,3 +123,12 @@ double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens)
 {
     return tokens * c->kv_bytes_per_token / c->handoff_bytes_per_s;
 }
+
+void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
+                         double device, double store, kvf__sched_est *e)
+{
+    e->device = device;
+    e->cached = device > store ? device : store;
+    e->load_s = device >= e->cached ? 0 : kvf__sched_load_s(c, e->cached - device);
+    e->ttft_s = kvf__sched_queue_s(c, load) + e->load_s + kvf__sched_prefill_s(c, n, e->cached);
+}

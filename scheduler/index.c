@@ -21,18 +21,7 @@
 #include <sys/mman.h>
 #include <xxhash.h>
 
-#define INLINE_HOLDERS 4
-
-/* A block's entry in the block table. */
-typedef struct kvf__sched_bent {
-    uint64_t h; /* 0: empty slot */
-    uint16_t n, cap;
-    uint32_t pad;
-    union {
-        uint32_t inl[INLINE_HOLDERS];
-        uint32_t *heap;
-    } u;
-} bent;
+typedef kvf__sched_bent bent;
 
 /* An entry of the engine-hash map. */
 typedef struct kvf__sched_ement {
@@ -43,20 +32,13 @@ typedef struct kvf__sched_ement {
 /* ------------------------------------------------------------------------------------------ */
 /* Hash tables */
 
-/* Table slots and keys are never 0 (0 marks an empty slot). */
-static uint64_t mix64(uint64_t x)
-{
-    x = kvf__fmix64(x);
-    return x ? x : 1;
-}
-
 static int grow_blocks(kvf_sched *s);
 
 static bent *bfind(kvf_sched *s, uint64_t h, int create)
 {
     if (create && (s->bcount + 1) * 4 > (s->bmask + 1) * 3 && grow_blocks(s) != 0)
         return NULL;
-    uint64_t i = mix64(h) & s->bmask;
+    uint64_t i = kvf__sched_mix(h) & s->bmask;
     for (;;) {
         bent *e = &s->bt[i];
         if (e->h == h)
@@ -66,7 +48,7 @@ static bent *bfind(kvf_sched *s, uint64_t h, int create)
                 return NULL;
             memset(e, 0, sizeof *e);
             e->h = h;
-            e->cap = INLINE_HOLDERS;
+            e->cap = KVF_SCHED_INLINE_HOLDERS;
             s->bcount++;
             s->st.blocks++;
             return e;
@@ -75,14 +57,9 @@ static bent *bfind(kvf_sched *s, uint64_t h, int create)
     }
 }
 
-static uint32_t *holders(bent *e)
-{
-    return e->cap > INLINE_HOLDERS ? e->u.heap : e->u.inl;
-}
-
 static void bdelete(kvf_sched *s, bent *e)
 {
-    if (e->cap > INLINE_HOLDERS)
+    if (e->cap > KVF_SCHED_INLINE_HOLDERS)
         free(e->u.heap);
     uint64_t i = (uint64_t)(e - s->bt);
     uint64_t j = i;
@@ -91,7 +68,7 @@ static void bdelete(kvf_sched *s, bent *e)
         bent *n = &s->bt[j];
         if (n->h == 0)
             break;
-        uint64_t home = mix64(n->h) & s->bmask;
+        uint64_t home = kvf__sched_mix(n->h) & s->bmask;
         int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
         if (!stays) {
             s->bt[i] = *n;
@@ -138,7 +115,7 @@ static int grow_blocks(kvf_sched *s)
     for (uint64_t i = 0; i < oldn; i++) {
         if (!old[i].h)
             continue;
-        uint64_t j = mix64(old[i].h) & s->bmask;
+        uint64_t j = kvf__sched_mix(old[i].h) & s->bmask;
         while (nt[j].h)
             j = (j + 1) & s->bmask;
         nt[j] = old[i];
@@ -149,7 +126,7 @@ static int grow_blocks(kvf_sched *s)
 
 static int holder_add(kvf_sched *s, bent *e, uint32_t who, uint32_t tier)
 {
-    uint32_t *h = holders(e);
+    uint32_t *h = kvf__sched_bent_holders(e);
     uint32_t v = who | (tier << 24);
     for (uint16_t i = 0; i < e->n; i++) {
         if ((h[i] & ~(0x7fu << 24)) == who) {
@@ -163,7 +140,7 @@ static int holder_add(kvf_sched *s, bent *e, uint32_t who, uint32_t tier)
         if (!nh)
             return KVF_ENOMEM;
         memcpy(nh, h, e->n * sizeof *nh);
-        if (e->cap > INLINE_HOLDERS)
+        if (e->cap > KVF_SCHED_INLINE_HOLDERS)
             free(e->u.heap);
         e->u.heap = nh;
         e->cap = ncap;
@@ -177,7 +154,7 @@ static int holder_add(kvf_sched *s, bent *e, uint32_t who, uint32_t tier)
 /* Removes who from e; deletes e when nobody holds it. Returns 1 if it was there. */
 static int holder_del(kvf_sched *s, bent *e, uint32_t who)
 {
-    uint32_t *h = holders(e);
+    uint32_t *h = kvf__sched_bent_holders(e);
     for (uint16_t i = 0; i < e->n; i++) {
         if ((h[i] & ~(0x7fu << 24)) == who) {
             h[i] = h[--e->n];
@@ -192,7 +169,8 @@ static int holder_del(kvf_sched *s, bent *e, uint32_t who)
 
 static uint64_t ekey(int idx, uint64_t engine_hash)
 {
-    return mix64(engine_hash * 0x9E3779B97F4A7C15ull ^ ((uint64_t)idx + 1) * 0xC2B2AE3D27D4EB4Full);
+    return kvf__sched_mix(engine_hash * 0x9E3779B97F4A7C15ull ^
+                          ((uint64_t)idx + 1) * 0xC2B2AE3D27D4EB4Full);
 }
 
 static int grow_emap(kvf_sched *s);
@@ -260,7 +238,7 @@ static int grow_emap(kvf_sched *s)
  * size, so the hash depends on the whole prefix. One-shot hashing: a 16-token block is 64 bytes,
  * where the streaming API's set-up would cost more than the hash itself. Internal to the index
  * (not a published format). */
-uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens)
+static uint64_t block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens)
 {
     uint64_t seed = parent ^ ((uint64_t)block_tokens * 0x9E3779B97F4A7C15ull);
     uint64_t h;
@@ -276,6 +254,13 @@ uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uin
         free(tmp);
     }
     return h ? h : 1;
+}
+
+void kvf__sched_chain_hash(uint64_t parent, uint32_t bt, const uint32_t *tokens, size_t nb,
+                           uint64_t *out)
+{
+    for (size_t b = 0; b < nb; b++)
+        parent = out[b] = block_hash(parent, bt, tokens + b * bt);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -298,7 +283,7 @@ void kvf__sched_index_close(kvf_sched *s)
 {
     if (s->bt)
         for (uint64_t i = 0; i <= s->bmask; i++)
-            if (s->bt[i].h && s->bt[i].cap > INLINE_HOLDERS)
+            if (s->bt[i].h && s->bt[i].cap > KVF_SCHED_INLINE_HOLDERS)
                 free(s->bt[i].u.heap);
     free(s->bt);
     free(s->et);
@@ -327,7 +312,7 @@ int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes,
         parent = pe->ours;
     }
     for (size_t b = 0; b < n_blocks; b++) {
-        uint64_t h = kvf__sched_block_hash(parent, block_tokens, tokens + b * block_tokens);
+        uint64_t h = block_hash(parent, block_tokens, tokens + b * block_tokens);
         bent *e = bfind(s, h, 1);
         ement *m = efind(s, ekey(idx, engine_hashes[b]), 1);
         if (!e || !m)
@@ -386,7 +371,7 @@ int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n
     s->st.events++;
     uint32_t who = KVF_SCHED_HOLDER_STORE | (uint32_t)node;
     for (size_t i = 0; i < n; i++) {
-        uint64_t h = mix64(keys[i].lo ^ keys[i].hi);
+        uint64_t h = kvf__sched_mix(keys[i].lo ^ keys[i].hi);
         if (admitted) {
             bent *e = bfind(s, h, 1);
             if (!e || holder_add(s, e, who, 0) < 0)
@@ -407,27 +392,13 @@ void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Lookups for the prefix walk */
-
-const uint32_t *kvf__sched_holders(kvf_sched *s, uint64_t h, uint16_t *n)
-{
-    bent *e = bfind(s, h, 0);
-    if (!e)
-        return NULL;
-    *n = e->n;
-    return holders(e);
-}
-
-void kvf__sched_prefetch(const kvf_sched *s, uint64_t h)
-{
-    __builtin_prefetch(&s->bt[mix64(h) & s->bmask]);
-}
+/* Lookups for matching */
 
 int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key)
 {
-    bent *e = bfind(s, mix64(key->lo ^ key->hi), 0);
+    bent *e = bfind(s, kvf__sched_mix(key->lo ^ key->hi), 0);
     int any = 0;
     for (uint16_t i = 0; e && i < e->n && !any; i++)
-        any = (holders(e)[i] & KVF_SCHED_HOLDER_STORE) != 0;
+        any = (kvf__sched_bent_holders(e)[i] & KVF_SCHED_HOLDER_STORE) != 0;
     return any;
 }

@@ -51,9 +51,7 @@ static size_t hash_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, siz
         s->hashes = h;
         s->hcap = nb;
     }
-    uint64_t parent = 0;
-    for (size_t b = 0; b < nb; b++)
-        parent = s->hashes[b] = kvf__sched_block_hash(parent, bt, tokens + b * bt);
+    kvf__sched_chain_hash(0, bt, tokens, nb, s->hashes);
     return nb;
 }
 
@@ -61,10 +59,12 @@ static size_t hash_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, siz
  * at depth 1. Returns the number alive. */
 static int walk_start(kvf_sched *s, uint32_t bt)
 {
-    uint16_t n;
-    const uint32_t *h = kvf__sched_holders(s, s->hashes[0], &n);
+    kvf__sched_bent *e = kvf__sched_block_find(s, s->hashes[0]);
+    if (!e)
+        return 0;
+    const uint32_t *h = kvf__sched_bent_holders(e);
     int na = 0;
-    for (uint16_t i = 0; h && i < n; i++) {
+    for (uint16_t i = 0; i < e->n; i++) {
         if (h[i] & KVF_SCHED_HOLDER_STORE)
             continue;
         int who = (int)(h[i] & KVF_SCHED_HOLDER_WHO);
@@ -112,16 +112,15 @@ static void match_blocks(kvf_sched *s, uint32_t bt, const uint32_t *tokens, size
     /* Every block's slot is known now: start fetching the first few, so that the walk below
      * overlaps its cache misses instead of taking them one after another. */
     for (size_t b = 0; b < nb && b < PREFETCH_AHEAD; b++)
-        kvf__sched_prefetch(s, s->hashes[b]);
+        __builtin_prefetch(kvf__sched_block_slot(s, s->hashes[b]));
     int na = walk_start(s, bt);
     for (size_t b = 1; b < nb && na > 0; b++) {
         if (b + PREFETCH_AHEAD < nb)
-            kvf__sched_prefetch(s, s->hashes[b + PREFETCH_AHEAD]);
-        uint16_t nh;
-        const uint32_t *h = kvf__sched_holders(s, s->hashes[b], &nh);
-        if (!h)
+            __builtin_prefetch(kvf__sched_block_slot(s, s->hashes[b + PREFETCH_AHEAD]));
+        kvf__sched_bent *e = kvf__sched_block_find(s, s->hashes[b]);
+        if (!e)
             break;
-        na = walk_step(s, h, nh, na);
+        na = walk_step(s, kvf__sched_bent_holders(e), e->n, na);
     }
 }
 

@@ -44,14 +44,9 @@ static size_t store_prefix(kvf_sched *s, const kvf_place_req *req)
 static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, kvf__sched_est *e)
 {
     const kvf__sched_inst *in = &s->inst[i];
-    const kvf_sched_cost *c = &s->o.cost;
-    e->device = (double)s->depth[i] * in->info.block_tokens;
     /* Store-cached tokens count only where the classifier lets the instance load them. */
-    double st = in->can_load ? (double)store_tokens : 0;
-    e->cached = e->device > st ? e->device : st;
-    e->load_s = e->device >= e->cached ? 0 : kvf__sched_load_s(c, e->cached - e->device);
-    e->ttft_s =
-        kvf__sched_queue_s(c, &in->load) + e->load_s + kvf__sched_prefill_s(c, n, e->cached);
+    kvf__sched_estimate(&s->o.cost, &in->load, n, (double)s->depth[i] * in->info.block_tokens,
+                        in->can_load ? (double)store_tokens : 0, e);
 }
 
 /* The prefill instance the policy chooses among those with the prefill role, and its estimate in

@@ -12,10 +12,25 @@
 
 #include "kvf/feasibility.h"
 
+#include "bytes.h"
+
 /* A holder in the block table is an engine instance (its index, with its tier in bits 24..30) or
  * a storage node (its number, with this bit set). */
 #define KVF_SCHED_HOLDER_STORE 0x80000000u
 #define KVF_SCHED_HOLDER_WHO   0xffffffu /* the instance index or node number of a holder */
+
+#define KVF_SCHED_INLINE_HOLDERS 4 /* holders kept in a block's entry; more go to the heap */
+
+/* A block's entry in the block table (index.c). */
+typedef struct kvf__sched_bent {
+    uint64_t h; /* 0: empty slot */
+    uint16_t n, cap;
+    uint32_t pad;
+    union {
+        uint32_t inl[KVF_SCHED_INLINE_HOLDERS];
+        uint32_t *heap;
+    } u;
+} kvf__sched_bent;
 
 /* An engine instance as the scheduler knows it. */
 typedef struct kvf__sched_inst {
@@ -29,8 +44,8 @@ typedef struct kvf__sched_inst {
 struct kvf_sched {
     kvf_sched_opts o;
     /* The index (index.c): the block table maps a block hash to its holders, the engine-hash map
-     * (instance, engine block hash) to the block hash. Entries are defined there. */
-    struct kvf__sched_bent *bt;
+     * (instance, engine block hash) to the block hash (its entries are defined there). */
+    kvf__sched_bent *bt;
     uint64_t bmask, bcount;
     struct kvf__sched_ement *et;
     uint64_t emask, ecount;
@@ -56,16 +71,52 @@ struct kvf_sched {
 int kvf__sched_index_open(kvf_sched *s, size_t expected_blocks);
 /* Frees the tables and every holder list. Accepts tables never opened. */
 void kvf__sched_index_close(kvf_sched *s);
-/* The index's hash of a block: XXH3-64 of its tokens, seeded with the parent's hash and the block
- * size, so the hash depends on the whole prefix. Never 0. */
-uint64_t kvf__sched_block_hash(uint64_t parent, uint32_t block_tokens, const uint32_t *tokens);
-/* The holders of block h, *n of them, or NULL when the index has no entry for it. Borrowed; valid
- * until the index next changes. */
-const uint32_t *kvf__sched_holders(kvf_sched *s, uint64_t h, uint16_t *n);
-/* Starts fetching block h's table slot into the cache, for a lookup soon after. */
-void kvf__sched_prefetch(const kvf_sched *s, uint64_t h);
+/* The index's hashes of nb consecutive blocks of bt tokens each, chained from parent's hash (0
+ * for a prompt's first block), into out. Never 0. */
+void kvf__sched_chain_hash(uint64_t parent, uint32_t bt, const uint32_t *tokens, size_t nb,
+                           uint64_t *out);
 /* Whether any storage node holds the chunk. */
 int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Block lookups, inline because the prefix walk (match.c) makes one for every block of every
+ * request: as calls into index.c they cost place() a fifth more instructions. */
+
+/* A table slot's hash of a key: never 0, which marks an empty slot. */
+static inline uint64_t kvf__sched_mix(uint64_t x)
+{
+    x = kvf__fmix64(x);
+    return x ? x : 1;
+}
+
+/* Block h's entry, or NULL when the index has none. Borrowed; valid until the index next
+ * changes. */
+static inline kvf__sched_bent *kvf__sched_block_find(const kvf_sched *s, uint64_t h)
+{
+    uint64_t i = kvf__sched_mix(h) & s->bmask;
+    for (;;) {
+        kvf__sched_bent *e = &s->bt[i];
+        if (e->h == h)
+            return e;
+        if (e->h == 0)
+            return NULL;
+        i = (i + 1) & s->bmask;
+    }
+}
+
+/* Block h's home slot in the table, where its lookup starts: what the walk prefetches. The caller
+ * writes __builtin_prefetch() itself: GCC 12 drops a prefetch that is the only effect of an
+ * inlined function, and the call with it. */
+static inline const kvf__sched_bent *kvf__sched_block_slot(const kvf_sched *s, uint64_t h)
+{
+    return &s->bt[kvf__sched_mix(h) & s->bmask];
+}
+
+/* The e->n holders of a block (KVF_SCHED_HOLDER_*). */
+static inline uint32_t *kvf__sched_bent_holders(kvf__sched_bent *e)
+{
+    return e->cap > KVF_SCHED_INLINE_HOLDERS ? e->u.heap : e->u.inl;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Matching (match.c) */
@@ -95,9 +146,6 @@ double kvf__sched_load_s(const kvf_sched_cost *c, double tokens);
 /* Handing `tokens` tokens of KV from the prefill instance to the decode instance. */
 double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens);
 
-/* ------------------------------------------------------------------------------------------ */
-/* Placement (place.c) and its policies (policy.c) */
-
 /* What running a request's prefill on one instance would find cached and cost: the cost model's
  * figures, in tokens and seconds. */
 typedef struct kvf__sched_est {
@@ -106,6 +154,15 @@ typedef struct kvf__sched_est {
     double load_s; /* loading the stores' part beyond its own */
     double ttft_s; /* queue wait + load + prefill of the rest */
 } kvf__sched_est;
+
+/* What prefilling an n-token prompt would find and cost on an instance with this load that holds
+ * `device` of its tokens in its own memory and may load `store` from the stores (0 where it may
+ * not load). */
+void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
+                         double device, double store, kvf__sched_est *e);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Placement (place.c) and its policies (policy.c) */
 
 /* A prefill candidate as a policy sees it. */
 typedef struct kvf__sched_cand {
