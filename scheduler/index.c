@@ -2,13 +2,14 @@
  * The prefix index (docs/scheduler.md, "The index"): which engine instance holds which KV block,
  * and which storage node holds which chunk.
  *
- * One open-addressing table (linear probing, backward-shift deletion) maps a block hash to its
- * holders: engine instances (with a tier) and storage nodes. Block hashes are the index's own:
- * XXH3-64 over (parent hash, block size, the block's token ids), chained from 0, so equal hashes
- * mean equal token prefixes at one block size. A store chunk's entry is keyed by its chunk key,
- * mixed. A second table maps (instance, engine block hash) to the index's hash, to follow the
- * engine's parents and removals. Engines' and stores' events change the tables here; matching
- * (match.c) reads them through the lookups at the end.
+ * One open-addressing table (linear probing, backward-shift deletion: Knuth, TAOCP vol. 3, 6.4,
+ * algorithm R) maps a block hash to its holders: engine instances (with a tier) and storage nodes.
+ * Block hashes are the index's own: XXH3-64 over (parent hash, block size, the block's token ids),
+ * chained from 0, so equal hashes mean equal token prefixes at one block size. A store chunk's
+ * entry is keyed by its chunk key, mixed. A second table maps (instance, engine block hash) to the
+ * index's hash, to follow the engine's parents and removals. Engines' and stores' events change the
+ * tables here; matching (match.c) reads them through the block lookups that sched_int.h inlines
+ * and the chunk lookup at the end.
  */
 #include "sched_int.h"
 
