@@ -1,71 +1,36 @@
 /*
- * kvf-sched: the cache-aware scheduler schedd (docs/scheduler.md).
+ * kvf-sched: the cache-aware scheduler daemon (docs/scheduler.md).
  *
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
- *             [--store-events ENDPOINT[,...]] [--chunk-tokens N] [--log-level L]
+ *             [--stores HOST:PORT[,...]] [--store-events ENDPOINT[,...]] [--chunk-tokens N]
+ *             [--log-level L]
  *
- * HTTP/JSON (libmicrohttpd, one internal polling thread; jansson):
- *   POST /v1/instances            register or update an engine instance
- *   GET  /v1/instances            list them, with their load and indexed blocks
- *   POST /v1/instances/ID/load    an engine's load report
- *   POST /v1/place                place a request
- *   GET  /v1/index/stats          index and event-ingestion counters
- *   GET  /metrics                 Prometheus text format
- * KV events arrive on ZeroMQ SUB sockets, one per registered publisher, on an events thread. One
- * mutex serialises the scheduler core between the two threads.
+ * Startup: the command line, the cost model's calibration file, the cluster file's instances and
+ * the stores' event publishers; then the HTTP server (http_api.c) and the events thread
+ * (subscriber.c) until SIGTERM or SIGINT. The daemon's state and its lock are in daemon.h.
  */
-#include "kvf/kvf.h"
-#include "scheduler.h"
+#include "daemon.h"
 
-#include "ingest.h"
-#include "kvevents.h"
-#include "pubsub.h"
-#include "http.h"
-#include "log.h"
+#include "kvf/kvf.h"
+
 #include "tcp.h"
 
-#include <errno.h>
-#include <stdarg.h>
-#include <inttypes.h>
 #include <jansson.h>
-#include <pthread.h>
 #include <signal.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define MAX_BODY (16u << 20)
-#define MAX_SUBS KVF_ZSUBS_MAX
+#define MAX_BODY (16u << 20) /* the largest request body the HTTP server accepts */
 
-typedef struct sub {
-    kvf_event_source src;
-    char endpoint[128];
-    char replay_ep[128];
-    kvf_seq_tracker seq;
-} sub;
+/* The command line's settings that are not the daemon's state. */
+typedef struct cmdline {
+    long chunk_tokens; /* the stores' chunk size, for store matches */
+    const char *listen, *policy, *cost, *config, *store_events;
+} cmdline;
 
-typedef struct schedd {
-    kvf_sched *s;
-    pthread_mutex_t mu;
-    kvf_log lg;
-    kvf__zsubs *zs; /* the subscriber sockets, one per entry of subs (same index) */
-    sub subs[MAX_SUBS];
-    int n_subs;
-    /* subscriptions requested by the HTTP thread, made by the events thread */
-    kvf_event_source pending_src[MAX_SUBS];
-    char pending_ep[MAX_SUBS][128];
-    char pending_replay[MAX_SUBS][128];
-    int n_pending;
-    kvf_ingest_stats ingest;
-    uint64_t seq_gaps, seq_missed, replayed, placements, rejections;
-    kvf__httpd *httpd;
-    char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
-    atomic_int stop;
-} schedd;
-
-static schedd *g_daemon;
+static kvf__sched_daemon *g_daemon;
 
 static void on_signal(int sig)
 {
@@ -74,522 +39,10 @@ static void on_signal(int sig)
         atomic_store(&g_daemon->stop, 1);
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Events thread */
-
-static void subscribe_locked(schedd *d, const kvf_event_source *src, const char *ep,
-                             const char *replay)
+/* Reads the command line into *cl, and --stores and --log-level into d. Returns -1 to go on, or
+ * the status to exit with: 0 after --help, 2 for a bad option. */
+static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
 {
-    if (!ep[0] || d->n_pending == MAX_SUBS)
-        return;
-    d->pending_src[d->n_pending] = *src;
-    snprintf(d->pending_ep[d->n_pending], sizeof d->pending_ep[0], "%s", ep);
-    snprintf(d->pending_replay[d->n_pending], sizeof d->pending_replay[0], "%s",
-             replay ? replay : "");
-    d->n_pending++;
-}
-
-/* Asks a publisher's replay socket for the batches from `from` on and applies those before
- * `upto` (the batch that revealed the gap, applied by the caller). vLLM's replay protocol: the
- * request is the 8-byte big-endian first sequence number; each answer is (sequence, payload), and
- * an empty payload ends the replay. Bounded: 200 ms of silence ends it too. Called with d->mu
- * held. */
-static void replay_locked(schedd *d, int i, uint64_t from, uint64_t upto)
-{
-    sub *sb = &d->subs[i];
-    if (kvf__zsubs_replay_ask(d->zs, i, from) != 0)
-        return;
-    uint64_t got = 0;
-    for (int guard = 0; guard < 100000; guard++) {
-        kvf__zmsg m;
-        if (kvf__zsubs_replay_recv(d->zs, i, 200, &m) != 0)
-            break;
-        if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
-            break;
-        uint64_t seq = kvf__kve_seq_get(m.seq);
-        if (seq >= from && seq < upto) {
-            char err[256] = "";
-            kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
-            got++;
-        }
-        if (seq + 1 >= upto)
-            break;
-    }
-    d->replayed += got;
-    kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
-             sb->endpoint, got, upto - from);
-}
-
-/* Makes the subscriptions the HTTP thread asked for. Called with d->mu held. */
-static void subscribe_pending_locked(schedd *d)
-{
-    for (int i = 0; i < d->n_pending && d->n_subs < MAX_SUBS; i++) {
-        char err[256] = "";
-        int idx;
-        if (kvf__zsubs_add(d->zs, d->pending_ep[i], d->pending_replay[i], &idx, err, sizeof err) !=
-            0) {
-            kvf_warn(&d->lg, "%s", err);
-            continue;
-        }
-        if (err[0])
-            kvf_warn(&d->lg, "%s", err);
-        sub *sb = &d->subs[idx];
-        memset(sb, 0, sizeof *sb);
-        sb->src = d->pending_src[i];
-        snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
-        snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
-        d->n_subs = idx + 1;
-        kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
-    }
-    d->n_pending = 0;
-}
-
-/* One batch from publisher i: [topic,] sequence (8 bytes big-endian), payload. A gap in the
- * sequence asks the publisher's replay socket for what was missed first. Called with d->mu
- * held. */
-static void on_batch_locked(schedd *d, int i, const kvf__zmsg *m)
-{
-    sub *sb = &d->subs[i];
-    if (m->frames < 2 || m->seq_len != 8) {
-        d->ingest.malformed++;
-        kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
-                 sb->endpoint, m->frames);
-        return;
-    }
-    uint64_t from;
-    if (kvf_seq_check(&sb->seq, m->seq, &from)) {
-        int replay = kvf__zsubs_has_replay(d->zs, i);
-        d->seq_gaps++;
-        d->seq_missed = 0;
-        for (int k = 0; k < d->n_subs; k++)
-            d->seq_missed += d->subs[k].seq.missed;
-        kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
-                 sb->endpoint, from, sb->seq.last - 1,
-                 replay ? "; asking the replay socket"
-                        : "; no replay socket, the index may miss blocks until they are stored "
-                          "again");
-        if (replay)
-            replay_locked(d, i, from, sb->seq.last);
-    }
-    char err[256] = "";
-    uint64_t malformed = d->ingest.malformed;
-    int rc = kvf_sched_ingest(d->s, &sb->src, m->payload, m->len, &d->ingest, err, sizeof err);
-    if (rc)
-        d->ingest.malformed++;
-    if (rc || d->ingest.malformed != malformed)
-        kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
-}
-
-static void *events_main(void *arg)
-{
-    schedd *d = arg;
-    uint8_t ready[MAX_SUBS];
-    while (!atomic_load(&d->stop)) {
-        pthread_mutex_lock(&d->mu);
-        subscribe_pending_locked(d);
-        int n = d->n_subs;
-        pthread_mutex_unlock(&d->mu);
-        if (n == 0) {
-            usleep(50000);
-            continue;
-        }
-        if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
-            continue;
-        for (int i = 0; i < n; i++) {
-            kvf__zmsg m;
-            if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)
-                continue;
-            pthread_mutex_lock(&d->mu);
-            on_batch_locked(d, i, &m);
-            pthread_mutex_unlock(&d->mu);
-        }
-    }
-    return NULL;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* HTTP */
-
-static unsigned send_json(kvf__http_reply *c, unsigned status, json_t *o)
-{
-    c->json = o;
-    return status;
-}
-
-static unsigned send_error(schedd *d, kvf__http_reply *c, unsigned status, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
-static unsigned send_error(schedd *d, kvf__http_reply *c, unsigned status, const char *fmt, ...)
-{
-    (void)d;
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    c->json = json_pack("{s:s}", "error", msg);
-    return status;
-}
-
-static const char *role_name(kvf_role r)
-{
-    return r == KVF_ROLE_PREFILL ? "prefill" : r == KVF_ROLE_DECODE ? "decode" : "both";
-}
-
-static int get_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
-                   size_t errlen)
-{
-    json_t *v = json_object_get(o, k);
-    if (!v) {
-        if (required)
-            snprintf(err, errlen, "\"%s\" is required", k);
-        return required ? -1 : 0;
-    }
-    if (!json_is_string(v) || json_string_length(v) >= n) {
-        snprintf(err, errlen, "\"%s\" must be a string shorter than %zu bytes", k, n);
-        return -1;
-    }
-    snprintf(out, n, "%s", json_string_value(v));
-    return 0;
-}
-
-static unsigned post_instance(schedd *d, kvf__http_reply *c, json_t *o)
-{
-    kvf_instance_info in;
-    memset(&in, 0, sizeof in);
-    char err[256] = "", role[16] = "both", replay[128] = "";
-    if (get_str(o, "replay", replay, sizeof replay, 0, err, sizeof err) ||
-        get_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
-        get_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
-        get_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
-        get_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
-        return send_error(d, c, 400, "%s", err);
-    if (!strcmp(role, "prefill"))
-        in.role = KVF_ROLE_PREFILL;
-    else if (!strcmp(role, "decode"))
-        in.role = KVF_ROLE_DECODE;
-    else if (!strcmp(role, "both"))
-        in.role = KVF_ROLE_BOTH;
-    else
-        return send_error(d, c, 400, "\"role\" must be prefill, decode or both");
-    json_t *bt = json_object_get(o, "block_tokens"), *cap = json_object_get(o, "capacity_blocks");
-    in.block_tokens = bt ? (uint32_t)json_integer_value(bt) : 16;
-    in.capacity_blocks = cap ? (uint64_t)json_integer_value(cap) : 0;
-    if ((bt && !json_is_integer(bt)) || (cap && !json_is_integer(cap)))
-        return send_error(d, c, 400, "block_tokens and capacity_blocks must be integers");
-    json_t *caps = json_object_get(o, "capabilities");
-    if (caps) {
-        char *t = json_dumps(caps, JSON_COMPACT);
-        if (!t || strlen(t) >= sizeof in.capabilities) {
-            free(t);
-            return send_error(d, c, 400, "capabilities record too large");
-        }
-        snprintf(in.capabilities, sizeof in.capabilities, "%s", t);
-        free(t);
-    }
-    int idx;
-    pthread_mutex_lock(&d->mu);
-    int rc = kvf_sched_instance_add(d->s, &in, &idx);
-    if (!rc) {
-        kvf_event_source src = {.instance = idx, .store = -1};
-        subscribe_locked(d, &src, in.events, replay);
-    }
-    pthread_mutex_unlock(&d->mu);
-    if (rc)
-        return send_error(d, c, 400,
-                          "cannot register \"%s\": %s (block_tokens 1..65536, up to %d instances)",
-                          in.id, kvf_strerror(rc), KVF_SCHED_MAX_INSTANCES);
-    kvf_info(&d->lg, "instance %s registered (%s, %u-token blocks)", in.id, role_name(in.role),
-             in.block_tokens);
-    return send_json(c, 201, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
-}
-
-static unsigned get_instances(schedd *d, kvf__http_reply *c)
-{
-    json_t *arr = json_array();
-    pthread_mutex_lock(&d->mu);
-    for (size_t i = 0; i < kvf_sched_instance_count(d->s); i++) {
-        const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
-        json_array_append_new(arr,
-                              json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", in->id, "role",
-                                        role_name(in->role), "endpoint", in->endpoint, "events",
-                                        in->events, "block_tokens", (int)in->block_tokens,
-                                        "capacity_blocks", (json_int_t)in->capacity_blocks));
-    }
-    pthread_mutex_unlock(&d->mu);
-    return send_json(c, 200, json_pack("{s:o}", "instances", arr));
-}
-
-static unsigned post_load(schedd *d, kvf__http_reply *c, const char *id, json_t *o)
-{
-    kvf_instance_load L = {0};
-    json_t *q = json_object_get(o, "queued_prefill_tokens"),
-           *a = json_object_get(o, "active_decodes"), *u = json_object_get(o, "used_blocks");
-    if ((q && !json_is_number(q)) || (a && !json_is_integer(a)) || (u && !json_is_integer(u)))
-        return send_error(d, c, 400, "load fields must be numbers");
-    L.queued_prefill_tokens = q ? json_number_value(q) : 0;
-    L.active_decodes = a ? (uint32_t)json_integer_value(a) : 0;
-    L.used_blocks = u ? (uint64_t)json_integer_value(u) : 0;
-    pthread_mutex_lock(&d->mu);
-    int idx = kvf_sched_instance_find(d->s, id);
-    if (idx >= 0)
-        kvf_sched_instance_load(d->s, idx, &L);
-    pthread_mutex_unlock(&d->mu);
-    if (idx < 0)
-        return send_error(d, c, 404, "unknown instance \"%s\"", id);
-    return send_json(c, 200, json_pack("{s:b}", "ok", 1));
-}
-
-static const char *action_name(kvf_action_kind k)
-{
-    switch (k) {
-    case KVF_ACT_LOAD_FROM_STORE:
-        return "load_from_store";
-    case KVF_ACT_PREFILL:
-        return "prefill";
-    case KVF_ACT_SAVE_TO_STORE:
-        return "save_to_store";
-    case KVF_ACT_HANDOFF:
-        return "handoff_through_store";
-    }
-    return "?";
-}
-
-static unsigned post_place(schedd *d, kvf__http_reply *c, json_t *o)
-{
-    json_t *toks = json_object_get(o, "tokens");
-    if (!json_is_array(toks) || json_array_size(toks) == 0)
-        return send_error(d, c, 400, "\"tokens\" must be a non-empty array of token ids");
-    size_t n = json_array_size(toks);
-    uint32_t *t = malloc(n * sizeof *t);
-    json_t *ks = json_object_get(o, "chunk_keys");
-    size_t nk = json_is_array(ks) ? json_array_size(ks) : 0;
-    kvf_key *keys = nk ? malloc(nk * sizeof *keys) : NULL;
-    if (!t || (nk && !keys)) {
-        free(t);
-        free(keys);
-        return send_error(d, c, 500, "out of memory");
-    }
-    for (size_t i = 0; i < n; i++) {
-        json_t *v = json_array_get(toks, i);
-        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-            json_integer_value(v) > UINT32_MAX) {
-            free(t);
-            free(keys);
-            return send_error(d, c, 400, "tokens[%zu] is not a 32-bit token id", i);
-        }
-        t[i] = (uint32_t)json_integer_value(v);
-    }
-    for (size_t i = 0; i < nk; i++) {
-        json_t *v = json_array_get(ks, i);
-        if (!json_is_string(v) || kvf_key_from_hex(json_string_value(v), &keys[i]) != 0) {
-            free(t);
-            free(keys);
-            return send_error(d, c, 400, "chunk_keys[%zu] is not 32 hex digits", i);
-        }
-    }
-    json_t *ot = json_object_get(o, "output_tokens"), *slo = json_object_get(o, "slo_ttft_ms");
-    kvf_place_req rq = {.tokens = t,
-                        .n_tokens = n,
-                        .chunk_keys = keys,
-                        .n_chunks = nk,
-                        .output_tokens = json_is_integer(ot) ? (uint32_t)json_integer_value(ot) : 0,
-                        .slo_ttft_s = json_is_number(slo) ? json_number_value(slo) / 1e3 : 0};
-    kvf_place_res rs;
-    pthread_mutex_lock(&d->mu);
-    int rc = kvf_sched_place(d->s, &rq, &rs);
-    d->placements++;
-    d->rejections += rc == 0 && rs.rejected;
-    const kvf_instance_info *pi = rc ? NULL : kvf_sched_instance_get(d->s, rs.prefill);
-    const kvf_instance_info *di = rc ? NULL : kvf_sched_instance_get(d->s, rs.decode);
-    json_t *out = NULL;
-    if (!rc) {
-        json_t *acts = json_array();
-        for (int i = 0; i < rs.n_actions; i++) {
-            const kvf_instance_info *ai = kvf_sched_instance_get(d->s, rs.actions[i].instance);
-            json_array_append_new(
-                acts, json_pack("{s:s,s:s,s:I,s:f,s:s}", "action", action_name(rs.actions[i].kind),
-                                "instance", ai ? ai->id : "", "tokens",
-                                (json_int_t)rs.actions[i].tokens, "seconds", rs.actions[i].seconds,
-                                "label", kvf_label_name(rs.actions[i].label)));
-        }
-        out =
-            json_pack("{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill",
-                      pi ? pi->id : "", "prefill_endpoint", pi ? pi->endpoint : "", "decode",
-                      di ? di->id : "", "decode_endpoint", di ? di->endpoint : "", "cached_tokens",
-                      "device", (json_int_t)rs.cached_device, "store", (json_int_t)rs.cached_store,
-                      "expected_ttft_ms", rs.expected_ttft_s * 1e3, "rejected", rs.rejected,
-                      "colocated", rs.colocated, "actions", acts, "label", "simulated");
-    }
-    pthread_mutex_unlock(&d->mu);
-    free(t);
-    free(keys);
-    if (rc)
-        return send_error(d, c, 503, "no instance can serve this request: %s", kvf_strerror(rc));
-    /* The TTFT figure is the cost model's estimate: labelled simulated; the actions' labels say
-     * whether each can run here. */
-    return send_json(c, rs.rejected ? 429 : 200, out);
-}
-
-/* The storage nodes' data addresses, for connectors that are given only the scheduler. */
-static unsigned get_stores(schedd *d, kvf__http_reply *c)
-{
-    json_t *arr = json_array();
-    char buf[sizeof d->stores];
-    snprintf(buf, sizeof buf, "%s", d->stores);
-    for (char *sv = NULL, *t = strtok_r(buf, ",", &sv); t; t = strtok_r(NULL, ",", &sv))
-        json_array_append_new(arr, json_string(t));
-    return send_json(c, 200, json_pack("{s:o}", "stores", arr));
-}
-
-static unsigned get_stats(schedd *d, kvf__http_reply *c, int prometheus)
-{
-    kvf_index_stats st;
-    pthread_mutex_lock(&d->mu);
-    kvf_sched_index_stats(d->s, &st);
-    kvf_ingest_stats in = d->ingest;
-    uint64_t gaps = d->seq_gaps, missed = d->seq_missed, replayed = d->replayed, nreq, nerr,
-             pl = d->placements, rj = d->rejections;
-    size_t ni = kvf_sched_instance_count(d->s);
-    int subs = d->n_subs;
-    pthread_mutex_unlock(&d->mu);
-    kvf__httpd_counts(d->httpd, &nreq, &nerr);
-    if (!prometheus)
-        return send_json(
-            c, 200,
-            json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}",
-                      "blocks", (json_int_t)st.blocks, "holdings", (json_int_t)st.holdings,
-                      "events", (json_int_t)st.events, "unknown_removals",
-                      (json_int_t)st.unknown_removals, "bytes", (json_int_t)st.bytes, "batches",
-                      (json_int_t)in.batches, "blocks_stored", (json_int_t)in.stored,
-                      "blocks_removed", (json_int_t)in.removed, "chunks", (json_int_t)in.chunks,
-                      "malformed", (json_int_t)in.malformed, "unknown_parents",
-                      (json_int_t)in.unknown_parents, "unknown_types", (json_int_t)in.unknown_types,
-                      "sequence_gaps", (json_int_t)gaps, "batches_missed", (json_int_t)missed,
-                      "batches_replayed", (json_int_t)replayed, "subscriptions", subs, "instances",
-                      (json_int_t)ni));
-    char *t = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&t, &len);
-    if (!f)
-        return send_error(d, c, 500, "out of memory");
-    fprintf(
-        f,
-        "# HELP kvf_sched_blocks Distinct KV blocks in the prefix index.\n"
-        "# TYPE kvf_sched_blocks gauge\nkvf_sched_blocks %" PRIu64 "\n"
-        "# HELP kvf_sched_holdings Block holdings (block x holder).\n"
-        "# TYPE kvf_sched_holdings gauge\nkvf_sched_holdings %" PRIu64 "\n"
-        "# HELP kvf_sched_instances Registered engine instances.\n"
-        "# TYPE kvf_sched_instances gauge\nkvf_sched_instances %zu\n"
-        "# HELP kvf_sched_event_batches_total KV event batches ingested.\n"
-        "# TYPE kvf_sched_event_batches_total counter\nkvf_sched_event_batches_total %" PRIu64 "\n"
-        "# HELP kvf_sched_events_malformed_total Events skipped as malformed.\n"
-        "# TYPE kvf_sched_events_malformed_total counter\nkvf_sched_events_malformed_total %" PRIu64
-        "\n"
-        "# HELP kvf_sched_sequence_gaps_total Gaps in publishers' sequence numbers.\n"
-        "# TYPE kvf_sched_sequence_gaps_total counter\nkvf_sched_sequence_gaps_total %" PRIu64 "\n"
-        "# HELP kvf_sched_placements_total place() calls.\n"
-        "# TYPE kvf_sched_placements_total counter\nkvf_sched_placements_total %" PRIu64 "\n"
-        "# HELP kvf_sched_rejections_total Requests rejected early (SLO).\n"
-        "# TYPE kvf_sched_rejections_total counter\nkvf_sched_rejections_total %" PRIu64 "\n"
-        "# HELP kvf_sched_http_requests_total HTTP requests served.\n"
-        "# TYPE kvf_sched_http_requests_total counter\nkvf_sched_http_requests_total %" PRIu64 "\n"
-        "# HELP kvf_sched_http_errors_total HTTP requests answered with an error.\n"
-        "# TYPE kvf_sched_http_errors_total counter\nkvf_sched_http_errors_total %" PRIu64 "\n",
-        st.blocks, st.holdings, ni, in.batches, in.malformed, gaps, pl, rj, nreq, nerr);
-    fclose(f);
-    c->text = t;
-    c->text_len = len;
-    c->content_type = "text/plain; version=0.0.4";
-    return 200;
-}
-
-static unsigned on_request(void *cls, const char *method, const char *url, json_t *o,
-                           kvf__http_reply *c)
-{
-    schedd *d = cls;
-    if (!o) { /* a GET */
-        if (!strcmp(url, "/metrics"))
-            return get_stats(d, c, 1);
-        if (!strcmp(url, "/v1/index/stats"))
-            return get_stats(d, c, 0);
-        if (!strcmp(url, "/v1/instances"))
-            return get_instances(d, c);
-        if (!strcmp(url, "/v1/stores"))
-            return get_stores(d, c);
-        return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
-                          url);
-    }
-    size_t ul = strlen(url);
-    if (!strcmp(url, "/v1/instances"))
-        return post_instance(d, c, o);
-    if (!strcmp(url, "/v1/place"))
-        return post_place(d, c, o);
-    if (!strncmp(url, "/v1/instances/", 14) && ul > 19 && !strcmp(url + ul - 5, "/load")) {
-        char id[64];
-        size_t idl = ul - 14 - 5;
-        if (idl >= sizeof id)
-            return send_error(d, c, 404, "unknown instance");
-        memcpy(id, url + 14, idl);
-        id[idl] = '\0';
-        return post_load(d, c, id, o);
-    }
-    return send_error(d, c, 404, "POST %s: not served", url);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-
-static int load_config(schedd *d, const char *path, char *err, size_t errlen)
-{
-    json_error_t je;
-    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
-    if (!o) {
-        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
-        return -1;
-    }
-    json_t *ins = json_object_get(o, "instances");
-    size_t i;
-    json_t *v;
-    int rc = 0;
-    json_array_foreach(ins, i, v)
-    {
-        kvf_instance_info in;
-        memset(&in, 0, sizeof in);
-        char role[16] = "both";
-        if (get_str(v, "id", in.id, sizeof in.id, 1, err, errlen) ||
-            get_str(v, "role", role, sizeof role, 0, err, errlen) ||
-            get_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, errlen) ||
-            get_str(v, "events", in.events, sizeof in.events, 0, err, errlen)) {
-            rc = -1;
-            break;
-        }
-        in.role = !strcmp(role, "prefill")  ? KVF_ROLE_PREFILL
-                  : !strcmp(role, "decode") ? KVF_ROLE_DECODE
-                                            : KVF_ROLE_BOTH;
-        json_t *bt = json_object_get(v, "block_tokens");
-        in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
-        int idx;
-        if (kvf_sched_instance_add(d->s, &in, &idx) != 0) {
-            snprintf(err, errlen, "%s: instance %zu is invalid", path, i);
-            rc = -1;
-            break;
-        }
-        kvf_event_source src = {.instance = idx, .store = -1};
-        char replay[128] = "";
-        get_str(v, "replay", replay, sizeof replay, 0, err, errlen);
-        subscribe_locked(d, &src, in.events, replay);
-    }
-    json_decref(o);
-    return rc;
-}
-
-int main(int argc, char **argv)
-{
-    long chunk_tokens = 256; /* the stores' chunk size, for store matches */
-    const char *listen = "127.0.0.1:7500", *policy = "kvf_cost", *costf = NULL, *config = NULL,
-               *stores = NULL;
-    static schedd d;
-    d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help")) {
@@ -606,25 +59,25 @@ int main(int argc, char **argv)
         }
         i++;
         if (!strcmp(a, "--listen"))
-            listen = v;
+            cl->listen = v;
         else if (!strcmp(a, "--policy"))
-            policy = v;
+            cl->policy = v;
         else if (!strcmp(a, "--cost"))
-            costf = v;
+            cl->cost = v;
         else if (!strcmp(a, "--config"))
-            config = v;
+            cl->config = v;
         else if (!strcmp(a, "--store-events"))
-            stores = v;
+            cl->store_events = v;
         else if (!strcmp(a, "--chunk-tokens"))
-            chunk_tokens = strtol(v, NULL, 10);
+            cl->chunk_tokens = strtol(v, NULL, 10);
         else if (!strcmp(a, "--stores")) {
-            if (strlen(v) >= sizeof d.stores) {
+            if (strlen(v) >= sizeof d->stores) {
                 fprintf(stderr, "kvf-sched: --stores: list too long\n");
                 return 2;
             }
-            snprintf(d.stores, sizeof d.stores, "%s", v);
+            snprintf(d->stores, sizeof d->stores, "%s", v);
         } else if (!strcmp(a, "--log-level")) {
-            if (kvf__log_level_parse(v, &d.lg.level) != 0) {
+            if (kvf__log_level_parse(v, &d->lg.level) != 0) {
                 fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");
                 return 2;
             }
@@ -633,70 +86,165 @@ int main(int argc, char **argv)
             return 2;
         }
     }
-    if (chunk_tokens < 1 || chunk_tokens > 65536) {
+    return -1;
+}
+
+/* The scheduler's options and the address to listen on, from the command line's settings.
+ * Returns 0, or 2 with the reason printed. */
+static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, size_t hostlen,
+                          uint16_t *port)
+{
+    if (cl->chunk_tokens < 1 || cl->chunk_tokens > 65536) {
         fprintf(stderr, "kvf-sched: --chunk-tokens must be 1..65536\n");
         return 2;
     }
-    kvf_sched_opts so = {.store_chunk_tokens = (uint32_t)chunk_tokens};
-    if (kvf_policy_parse(policy, &so.policy) != 0) {
-        fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", policy);
+    *so = (kvf_sched_opts){.store_chunk_tokens = (uint32_t)cl->chunk_tokens};
+    if (kvf_policy_parse(cl->policy, &so->policy) != 0) {
+        fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", cl->policy);
         return 2;
     }
-    kvf_sched_cost_defaults(&so.cost);
+    kvf_sched_cost_defaults(&so->cost);
     char err[256];
-    if (costf && kvf_sched_cost_load(costf, &so.cost, err, sizeof err) != 0) {
+    if (cl->cost && kvf_sched_cost_load(cl->cost, &so->cost, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
         return 2;
     }
-    char host[256];
-    uint16_t port;
-    if (kvf__addr_parse(listen, host, sizeof host, &port) != 0) {
+    if (kvf__addr_parse(cl->listen, host, hostlen, port) != 0) {
         fprintf(stderr, "kvf-sched: --listen: expected HOST:PORT\n");
         return 2;
     }
+    return 0;
+}
+
+/* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
+ * "replay", "block_tokens"}, ...]}) and asks for their events. An unknown role is "both". Called
+ * before the events thread starts. Returns 0, or -1 with the reason in err. */
+static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
+{
+    json_error_t je;
+    json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+    if (!o) {
+        snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
+        return -1;
+    }
+    json_t *ins = json_object_get(o, "instances");
+    size_t i;
+    json_t *v;
+    int rc = 0;
+    json_array_foreach(ins, i, v)
+    {
+        kvf_instance_info in;
+        memset(&in, 0, sizeof in);
+        char role[16] = "both";
+        if (kvf__sched_json_str(v, "id", in.id, sizeof in.id, 1, err, errlen) ||
+            kvf__sched_json_str(v, "role", role, sizeof role, 0, err, errlen) ||
+            kvf__sched_json_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, errlen) ||
+            kvf__sched_json_str(v, "events", in.events, sizeof in.events, 0, err, errlen)) {
+            rc = -1;
+            break;
+        }
+        in.role = !strcmp(role, "prefill")  ? KVF_ROLE_PREFILL
+                  : !strcmp(role, "decode") ? KVF_ROLE_DECODE
+                                            : KVF_ROLE_BOTH;
+        json_t *bt = json_object_get(v, "block_tokens");
+        in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
+        int idx;
+        if (kvf_sched_instance_add(d->s, &in, &idx) != 0) {
+            snprintf(err, errlen, "%s: instance %zu is invalid", path, i);
+            rc = -1;
+            break;
+        }
+        kvf_event_source src = {.instance = idx, .store = -1};
+        char replay[128] = "";
+        kvf__sched_json_str(v, "replay", replay, sizeof replay, 0, err, errlen);
+        kvf__sched_subscribe_locked(d, &src, in.events, replay);
+    }
+    json_decref(o);
+    return rc;
+}
+
+/* Asks for the events of the storage nodes in list (comma-separated endpoints), numbered in the
+ * list's order. Called before the events thread starts. */
+static void subscribe_stores(kvf__sched_daemon *d, const char *list)
+{
+    char *dup = strdup(list);
+    int node = 0;
+    for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+        kvf_event_source src = {.instance = -1, .store = node++};
+        kvf__sched_subscribe_locked(d, &src, t, NULL);
+    }
+    free(dup);
+}
+
+/* Says the daemon is ready (the line its launchers wait for) and waits for SIGTERM or SIGINT. */
+static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bound,
+                            kvf_policy policy)
+{
+    g_daemon = d;
+    kvf__daemon_signals(on_signal);
+    printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound, kvf_policy_name(policy),
+           (int)getpid());
+    fflush(stdout);
+    kvf_info(&d->lg, "serving HTTP on %s:%u, policy %s", host, bound, kvf_policy_name(policy));
+    while (!atomic_load(&d->stop))
+        usleep(50000);
+    kvf_info(&d->lg, "stopping");
+}
+
+/* Serves HTTP and the events until a signal, then stops them: HTTP first, then the events thread,
+ * then its sockets. Returns the exit status: 0, or 1 when either could not start. */
+static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_policy policy)
+{
+    int rc = 1;
+    char err[256];
+    uint16_t bound;
+    if (kvf__zsubs_open(&d->zs) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        goto out;
+    }
+    if (kvf__httpd_start(&d->httpd, host, port, 0, MAX_BODY, kvf__sched_http_route, d, &bound, err,
+                         sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: %s\n", err);
+        goto out_close_zsubs;
+    }
+    pthread_t ev;
+    pthread_create(&ev, NULL, kvf__sched_events_main, d);
+    wait_for_signal(d, host, bound, policy);
+    kvf__httpd_stop(&d->httpd);
+    pthread_join(ev, NULL);
+    rc = 0;
+out_close_zsubs:
+    kvf__zsubs_close(&d->zs);
+out:
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    static kvf__sched_daemon d;
+    d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
+    cmdline cl = {.chunk_tokens = 256, .listen = "127.0.0.1:7500", .policy = "kvf_cost"};
+    int rc = parse_args(argc, argv, &cl, &d);
+    if (rc >= 0)
+        return rc;
+    kvf_sched_opts so;
+    char host[256], err[256];
+    uint16_t port;
+    if ((rc = scheduler_opts(&cl, &so, host, sizeof host, &port)) != 0)
+        return rc;
     if (kvf_sched_new(&d.s, &so) != 0) {
         fprintf(stderr, "kvf-sched: out of memory\n");
         return 1;
     }
     pthread_mutex_init(&d.mu, NULL);
-    if (config && load_config(&d, config, err, sizeof err) != 0) {
+    if (cl.config && load_config(&d, cl.config, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
         return 2;
     }
-    if (stores) {
-        char *dup = strdup(stores);
-        int node = 0;
-        for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
-            kvf_event_source src = {.instance = -1, .store = node++};
-            subscribe_locked(&d, &src, t, NULL);
-        }
-        free(dup);
-    }
-    uint16_t bound;
-    if (kvf__httpd_start(&d.httpd, host, port, 0, MAX_BODY, on_request, &d, &bound, err,
-                         sizeof err) != 0) {
-        fprintf(stderr, "kvf-sched: %s\n", err);
-        return 1;
-    }
-    if (kvf__zsubs_open(&d.zs) != 0) {
-        fprintf(stderr, "kvf-sched: out of memory\n");
-        kvf__httpd_stop(&d.httpd);
-        return 1;
-    }
-    pthread_t ev;
-    pthread_create(&ev, NULL, events_main, &d);
-    g_daemon = &d;
-    kvf__daemon_signals(on_signal);
-    printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound,
-           kvf_policy_name(so.policy), (int)getpid());
-    fflush(stdout);
-    kvf_info(&d.lg, "serving HTTP on %s:%u, policy %s", host, bound, kvf_policy_name(so.policy));
-    while (!atomic_load(&d.stop))
-        usleep(50000);
-    kvf_info(&d.lg, "stopping");
-    kvf__httpd_stop(&d.httpd);
-    pthread_join(ev, NULL);
-    kvf__zsubs_close(&d.zs);
+    if (cl.store_events)
+        subscribe_stores(&d, cl.store_events);
+    if ((rc = serve(&d, host, port, so.policy)) != 0)
+        return rc;
     kvf_sched_destroy(&d.s);
     pthread_mutex_destroy(&d.mu);
     kvf_info(&d.lg, "stopped");

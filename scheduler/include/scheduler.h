@@ -1,5 +1,5 @@
 /*
- * kvf/sched.h - the cache-aware scheduler's core: the global prefix index and placement.
+ * scheduler.h - the cache-aware scheduler's core: the global prefix index and placement.
  *
  * The index knows which engine instance holds which KV blocks in its own memory (from the
  * engines' KV events) and which storage node holds which chunks (from store events). Engine block
@@ -9,8 +9,10 @@
  * estimates each candidate's time to first token, and returns a plan whose every action carries
  * a feasibility label.
  *
- * The daemon kvf-sched serves this over HTTP/JSON and feeds the index from ZeroMQ; kvf-bench
- * sched replays traces through the same code. Not thread-safe: the daemon serialises access.
+ * This is the interface of the static library kvf_sched_core, not part of libkvf and not
+ * installed: the daemon kvf-sched serves it over HTTP/JSON and feeds the index from ZeroMQ, the
+ * reference engine orders its waiting queue with its cost model, and kvf-bench sched replays
+ * traces through the same code. Not thread-safe: the daemon serialises access.
  */
 #ifndef KVF_SCHED_H
 #define KVF_SCHED_H
@@ -18,7 +20,6 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "kvf/export.h"
 #include "kvf/layout.h"
 
 #ifdef __cplusplus
@@ -56,8 +57,8 @@ typedef enum kvf_policy {
         KVF_POLICY_COUNT_
 } kvf_policy;
 
-KVF_API const char *kvf_policy_name(kvf_policy p);
-KVF_API int kvf_policy_parse(const char *name, kvf_policy *out);
+const char *kvf_policy_name(kvf_policy p);
+int kvf_policy_parse(const char *name, kvf_policy *out);
 
 /* The cost model's constants. Defaults (kvf_sched_cost_defaults) describe llama-3.1-8b on one
  * H200-class GPU with a 100 Gb/s store link; a calibration file overrides them. */
@@ -77,7 +78,7 @@ typedef struct kvf_sched_cost {
                              * work, 0 the longest cached prefix (k-LPM) */
 } kvf_sched_cost;
 
-KVF_API void kvf_sched_cost_defaults(kvf_sched_cost *c);
+void kvf_sched_cost_defaults(kvf_sched_cost *c);
 
 /* The waiting-queue ordering kvf_cost asks of an instance: which of its waiting requests runs
  * next. The n waiting requests are given oldest first, each with its cached prompt tokens (device
@@ -86,10 +87,10 @@ KVF_API void kvf_sched_cost_defaults(kvf_sched_cost *c);
  * except that every klpm_k-th pick (pick counts an instance's picks) takes the oldest, so that no
  * request waits behind more than klpm_k others that came after it. Returns an index < n (0 for
  * n = 0). */
-KVF_API size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached,
-                                    const double *work_s, size_t n, uint64_t pick);
+size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached, const double *work_s,
+                            size_t n, uint64_t pick);
 /* Reads a calibration file: a JSON object with any of the fields above. */
-KVF_API int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen);
+int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen);
 
 typedef struct kvf_sched_opts {
     kvf_policy policy;
@@ -99,9 +100,9 @@ typedef struct kvf_sched_opts {
 } kvf_sched_opts;
 
 /* Caller owns the result; free with kvf_sched_destroy(). */
-KVF_API int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o);
-KVF_API void kvf_sched_destroy(kvf_sched **s);
-KVF_API void kvf_sched_set_policy(kvf_sched *s, kvf_policy p);
+int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o);
+void kvf_sched_destroy(kvf_sched **s);
+void kvf_sched_set_policy(kvf_sched *s, kvf_policy p);
 
 /* Instances. An id is any string up to 63 bytes; re-registering updates. */
 typedef struct kvf_instance_info {
@@ -114,10 +115,10 @@ typedef struct kvf_instance_info {
     char capabilities[512];   /* capability record (JSON), passed through */
 } kvf_instance_info;
 
-KVF_API int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx);
-KVF_API int kvf_sched_instance_find(const kvf_sched *s, const char *id);
-KVF_API size_t kvf_sched_instance_count(const kvf_sched *s);
-KVF_API const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx);
+int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx);
+int kvf_sched_instance_find(const kvf_sched *s, const char *id);
+size_t kvf_sched_instance_count(const kvf_sched *s);
+const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx);
 
 /* Load reports (from the engines or the simulator). */
 typedef struct kvf_instance_load {
@@ -128,20 +129,17 @@ typedef struct kvf_instance_load {
     uint32_t active_decodes;      /* sequences decoding */
     uint64_t used_blocks;         /* KV blocks in use */
 } kvf_instance_load;
-KVF_API int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load);
+int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load);
 
 /* KV events, after decoding. Engine block hashes are opaque. */
-KVF_API int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes,
-                                   size_t n_blocks, int has_parent, uint64_t engine_parent,
-                                   const uint32_t *tokens, size_t n_tokens, uint32_t block_tokens,
-                                   kvf_tier tier);
-KVF_API int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes,
-                                    size_t n_blocks);
-KVF_API int kvf_sched_all_cleared(kvf_sched *s, int idx);
+int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks,
+                           int has_parent, uint64_t engine_parent, const uint32_t *tokens,
+                           size_t n_tokens, uint32_t block_tokens, kvf_tier tier);
+int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks);
+int kvf_sched_all_cleared(kvf_sched *s, int idx);
 /* Store events: a node admitted or evicted chunks (kvfabric chunk keys). Nodes are numbered by
  * the caller (0..KVF_SCHED_MAX_STORES-1). */
-KVF_API int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n,
-                                   int admitted);
+int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted);
 
 /* Feasibility label of a planned action (the classifier's, once wired; until then `real` only
  * for what this build can execute). */
@@ -150,7 +148,7 @@ typedef enum kvf_label {
     KVF_LABEL_BACKEND_INFEASIBLE = 1,
     KVF_LABEL_SIMULATED = 2,
 } kvf_label;
-KVF_API const char *kvf_label_name(kvf_label l);
+const char *kvf_label_name(kvf_label l);
 
 typedef enum kvf_action_kind {
     KVF_ACT_LOAD_FROM_STORE,
@@ -192,10 +190,10 @@ typedef struct kvf_place_res {
 
 /* Places a request. Returns 0 (res->rejected says whether it was refused), or KVF_ENOENT when no
  * instance can serve. */
-KVF_API int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res);
+int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res);
 
 /* The longest cached prefix of the request on one instance, in tokens. */
-KVF_API size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n);
+size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n);
 
 typedef struct kvf_index_stats {
     uint64_t blocks;           /* distinct (block hash) entries */
@@ -204,7 +202,7 @@ typedef struct kvf_index_stats {
     uint64_t unknown_removals; /* removals of blocks never stored */
     uint64_t bytes;            /* memory held by the index */
 } kvf_index_stats;
-KVF_API void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st);
+void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,80 @@
+/*
+ * What the files of the daemon kvf-sched share: its state, the events thread (subscriber.c) and
+ * the HTTP routes (http_api.c). main.c starts and stops them. Not a public interface.
+ *
+ * Lock order: there is one lock, mu. It serialises the scheduler core (not thread-safe) between
+ * the HTTP thread and the events thread, and guards every field below that either thread writes
+ * after startup, except stop. Functions named _locked expect it held, or run before the events
+ * thread starts.
+ */
+#ifndef KVF_SCHED_DAEMON_H
+#define KVF_SCHED_DAEMON_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include "scheduler.h"
+
+#include "http.h"
+#include "ingest.h"
+#include "log.h"
+#include "pubsub.h"
+
+#define KVF_SCHED_MAX_SUBS KVF_ZSUBS_MAX
+
+/* A publisher of KV events the events thread subscribes to. */
+typedef struct kvf__sched_sub {
+    kvf_event_source src;
+    char endpoint[128];
+    char replay_ep[128];
+    kvf_seq_tracker seq;
+} kvf__sched_sub;
+
+typedef struct kvf__sched_daemon {
+    kvf_sched *s;
+    pthread_mutex_t mu;
+    kvf_log lg;
+    /* The events thread's (subscriber.c). */
+    kvf__zsubs *zs; /* the subscriber sockets, one per entry of subs (same index) */
+    kvf__sched_sub subs[KVF_SCHED_MAX_SUBS];
+    int n_subs;
+    /* subscriptions requested by the HTTP thread, made by the events thread */
+    kvf_event_source pending_src[KVF_SCHED_MAX_SUBS];
+    char pending_ep[KVF_SCHED_MAX_SUBS][128];
+    char pending_replay[KVF_SCHED_MAX_SUBS][128];
+    int n_pending;
+    kvf_ingest_stats ingest;
+    uint64_t seq_gaps, seq_missed, replayed;
+    /* The HTTP thread's (http_api.c). */
+    uint64_t placements, rejections;
+    kvf__httpd *httpd;
+    char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
+    atomic_int stop;
+} kvf__sched_daemon;
+
+/* ------------------------------------------------------------------------------------------ */
+/* The events thread (subscriber.c) */
+
+/* Asks the events thread to subscribe to the KV events that endpoint ep publishes for src (and
+ * to ask replay, if not NULL or empty, for missed batches). An empty ep asks nothing; beyond
+ * KVF_SCHED_MAX_SUBS pending requests the rest are dropped. */
+void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *src, const char *ep,
+                                 const char *replay);
+/* The events thread: makes the subscriptions asked for and applies every batch that arrives
+ * until d->stop is set. arg is the daemon. */
+void *kvf__sched_events_main(void *arg);
+
+/* ------------------------------------------------------------------------------------------ */
+/* The HTTP API (http_api.c) */
+
+/* The HTTP server's handler (a kvf__http_handler): answers one request; cls is the daemon. */
+unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, json_t *o,
+                               kvf__http_reply *c);
+/* Copies the string member k of o into out (n bytes). A missing member is an error only when
+ * required. Returns 0, or -1 with the reason in err (a member that is not a string shorter than
+ * n). */
+int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
+                        size_t errlen);
+
+#endif

@@ -1,0 +1,408 @@
+/*
+ * kvf-sched's HTTP API (docs/scheduler.md, "HTTP API"): its routes and their JSON, served by
+ * libmicrohttpd's one polling thread (transport/httpd.c) with jansson bodies.
+ *
+ *   POST /v1/instances            register or update an engine instance
+ *   GET  /v1/instances            list them
+ *   GET  /v1/stores               the storage nodes' data addresses (--stores)
+ *   POST /v1/instances/ID/load    an engine's load report
+ *   POST /v1/place                place a request
+ *   GET  /v1/index/stats          index and event-ingestion counters
+ *   GET  /metrics                 Prometheus text format
+ *
+ * Every route that reads or changes the scheduler holds the daemon's lock (daemon.h) while it
+ * does; bad input gets a 4xx reply with {"error": "..."} and changes nothing.
+ */
+#include "daemon.h"
+
+#include "kvf/kvf.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static unsigned send_json(kvf__http_reply *c, unsigned status, json_t *o)
+{
+    c->json = o;
+    return status;
+}
+
+static unsigned send_error(kvf__sched_daemon *d, kvf__http_reply *c, unsigned status,
+                           const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static unsigned send_error(kvf__sched_daemon *d, kvf__http_reply *c, unsigned status,
+                           const char *fmt, ...)
+{
+    (void)d;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    c->json = json_pack("{s:s}", "error", msg);
+    return status;
+}
+
+static const char *role_name(kvf_role r)
+{
+    return r == KVF_ROLE_PREFILL ? "prefill" : r == KVF_ROLE_DECODE ? "decode" : "both";
+}
+
+int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
+                        size_t errlen)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v) {
+        if (required)
+            snprintf(err, errlen, "\"%s\" is required", k);
+        return required ? -1 : 0;
+    }
+    if (!json_is_string(v) || json_string_length(v) >= n) {
+        snprintf(err, errlen, "\"%s\" must be a string shorter than %zu bytes", k, n);
+        return -1;
+    }
+    snprintf(out, n, "%s", json_string_value(v));
+    return 0;
+}
+
+static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+{
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    char err[256] = "", role[16] = "both", replay[128] = "";
+    if (kvf__sched_json_str(o, "replay", replay, sizeof replay, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
+        kvf__sched_json_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
+        return send_error(d, c, 400, "%s", err);
+    if (!strcmp(role, "prefill"))
+        in.role = KVF_ROLE_PREFILL;
+    else if (!strcmp(role, "decode"))
+        in.role = KVF_ROLE_DECODE;
+    else if (!strcmp(role, "both"))
+        in.role = KVF_ROLE_BOTH;
+    else
+        return send_error(d, c, 400, "\"role\" must be prefill, decode or both");
+    json_t *bt = json_object_get(o, "block_tokens"), *cap = json_object_get(o, "capacity_blocks");
+    in.block_tokens = bt ? (uint32_t)json_integer_value(bt) : 16;
+    in.capacity_blocks = cap ? (uint64_t)json_integer_value(cap) : 0;
+    if ((bt && !json_is_integer(bt)) || (cap && !json_is_integer(cap)))
+        return send_error(d, c, 400, "block_tokens and capacity_blocks must be integers");
+    json_t *caps = json_object_get(o, "capabilities");
+    if (caps) {
+        char *t = json_dumps(caps, JSON_COMPACT);
+        if (!t || strlen(t) >= sizeof in.capabilities) {
+            free(t);
+            return send_error(d, c, 400, "capabilities record too large");
+        }
+        snprintf(in.capabilities, sizeof in.capabilities, "%s", t);
+        free(t);
+    }
+    int idx;
+    pthread_mutex_lock(&d->mu);
+    int rc = kvf_sched_instance_add(d->s, &in, &idx);
+    if (!rc) {
+        kvf_event_source src = {.instance = idx, .store = -1};
+        kvf__sched_subscribe_locked(d, &src, in.events, replay);
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (rc)
+        return send_error(d, c, 400,
+                          "cannot register \"%s\": %s (block_tokens 1..65536, up to %d instances)",
+                          in.id, kvf_strerror(rc), KVF_SCHED_MAX_INSTANCES);
+    kvf_info(&d->lg, "instance %s registered (%s, %u-token blocks)", in.id, role_name(in.role),
+             in.block_tokens);
+    return send_json(c, 201, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
+}
+
+static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
+{
+    json_t *arr = json_array();
+    pthread_mutex_lock(&d->mu);
+    for (size_t i = 0; i < kvf_sched_instance_count(d->s); i++) {
+        const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
+        json_array_append_new(arr,
+                              json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", in->id, "role",
+                                        role_name(in->role), "endpoint", in->endpoint, "events",
+                                        in->events, "block_tokens", (int)in->block_tokens,
+                                        "capacity_blocks", (json_int_t)in->capacity_blocks));
+    }
+    pthread_mutex_unlock(&d->mu);
+    return send_json(c, 200, json_pack("{s:o}", "instances", arr));
+}
+
+static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *id, json_t *o)
+{
+    kvf_instance_load L = {0};
+    json_t *q = json_object_get(o, "queued_prefill_tokens"),
+           *a = json_object_get(o, "active_decodes"), *u = json_object_get(o, "used_blocks");
+    if ((q && !json_is_number(q)) || (a && !json_is_integer(a)) || (u && !json_is_integer(u)))
+        return send_error(d, c, 400, "load fields must be numbers");
+    L.queued_prefill_tokens = q ? json_number_value(q) : 0;
+    L.active_decodes = a ? (uint32_t)json_integer_value(a) : 0;
+    L.used_blocks = u ? (uint64_t)json_integer_value(u) : 0;
+    pthread_mutex_lock(&d->mu);
+    int idx = kvf_sched_instance_find(d->s, id);
+    if (idx >= 0)
+        kvf_sched_instance_load(d->s, idx, &L);
+    pthread_mutex_unlock(&d->mu);
+    if (idx < 0)
+        return send_error(d, c, 404, "unknown instance \"%s\"", id);
+    return send_json(c, 200, json_pack("{s:b}", "ok", 1));
+}
+
+static const char *action_name(kvf_action_kind k)
+{
+    switch (k) {
+    case KVF_ACT_LOAD_FROM_STORE:
+        return "load_from_store";
+    case KVF_ACT_PREFILL:
+        return "prefill";
+    case KVF_ACT_SAVE_TO_STORE:
+        return "save_to_store";
+    case KVF_ACT_HANDOFF:
+        return "handoff_through_store";
+    }
+    return "?";
+}
+
+/* A placement request as its body gives it; the arrays are the caller's to free. */
+typedef struct place_body {
+    uint32_t *tokens;
+    kvf_key *keys;
+    kvf_place_req rq;
+} place_body;
+
+/* Reads a placement request's body into *b. Returns 0, or the HTTP status to answer (400 for bad
+ * input, 500 when out of memory) with the reason in err. */
+static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errlen)
+{
+    json_t *toks = json_object_get(o, "tokens");
+    if (!json_is_array(toks) || json_array_size(toks) == 0) {
+        snprintf(err, errlen, "\"tokens\" must be a non-empty array of token ids");
+        return 400;
+    }
+    size_t n = json_array_size(toks);
+    json_t *ks = json_object_get(o, "chunk_keys");
+    size_t nk = json_is_array(ks) ? json_array_size(ks) : 0;
+    b->tokens = malloc(n * sizeof *b->tokens);
+    b->keys = nk ? malloc(nk * sizeof *b->keys) : NULL;
+    if (!b->tokens || (nk && !b->keys)) {
+        snprintf(err, errlen, "out of memory");
+        return 500;
+    }
+    for (size_t i = 0; i < n; i++) {
+        json_t *v = json_array_get(toks, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+            json_integer_value(v) > UINT32_MAX) {
+            snprintf(err, errlen, "tokens[%zu] is not a 32-bit token id", i);
+            return 400;
+        }
+        b->tokens[i] = (uint32_t)json_integer_value(v);
+    }
+    for (size_t i = 0; i < nk; i++) {
+        json_t *v = json_array_get(ks, i);
+        if (!json_is_string(v) || kvf_key_from_hex(json_string_value(v), &b->keys[i]) != 0) {
+            snprintf(err, errlen, "chunk_keys[%zu] is not 32 hex digits", i);
+            return 400;
+        }
+    }
+    json_t *ot = json_object_get(o, "output_tokens"), *slo = json_object_get(o, "slo_ttft_ms");
+    b->rq =
+        (kvf_place_req){.tokens = b->tokens,
+                        .n_tokens = n,
+                        .chunk_keys = b->keys,
+                        .n_chunks = nk,
+                        .output_tokens = json_is_integer(ot) ? (uint32_t)json_integer_value(ot) : 0,
+                        .slo_ttft_s = json_is_number(slo) ? json_number_value(slo) / 1e3 : 0};
+    return 0;
+}
+
+/* The reply to a placement: the instances by id and endpoint, the cached tokens per tier, the
+ * expected TTFT and the plan. The TTFT figure is the cost model's estimate: labelled simulated;
+ * the actions' labels say whether each can run here. Called with d->mu held. */
+static json_t *plan_json_locked(const kvf_sched *s, const kvf_place_res *rs)
+{
+    const kvf_instance_info *pi = kvf_sched_instance_get(s, rs->prefill);
+    const kvf_instance_info *di = kvf_sched_instance_get(s, rs->decode);
+    json_t *acts = json_array();
+    for (int i = 0; i < rs->n_actions; i++) {
+        const kvf_action *a = &rs->actions[i];
+        const kvf_instance_info *ai = kvf_sched_instance_get(s, a->instance);
+        json_array_append_new(acts, json_pack("{s:s,s:s,s:I,s:f,s:s}", "action",
+                                              action_name(a->kind), "instance", ai ? ai->id : "",
+                                              "tokens", (json_int_t)a->tokens, "seconds",
+                                              a->seconds, "label", kvf_label_name(a->label)));
+    }
+    return json_pack("{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill",
+                     pi ? pi->id : "", "prefill_endpoint", pi ? pi->endpoint : "", "decode",
+                     di ? di->id : "", "decode_endpoint", di ? di->endpoint : "", "cached_tokens",
+                     "device", (json_int_t)rs->cached_device, "store", (json_int_t)rs->cached_store,
+                     "expected_ttft_ms", rs->expected_ttft_s * 1e3, "rejected", rs->rejected,
+                     "colocated", rs->colocated, "actions", acts, "label", "simulated");
+}
+
+static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+{
+    place_body b = {0};
+    char err[256];
+    unsigned status = place_body_read(o, &b, err, sizeof err);
+    if (status) {
+        free(b.tokens);
+        free(b.keys);
+        return send_error(d, c, status, "%s", err);
+    }
+    kvf_place_res rs;
+    json_t *out = NULL;
+    pthread_mutex_lock(&d->mu);
+    int rc = kvf_sched_place(d->s, &b.rq, &rs);
+    d->placements++;
+    d->rejections += rc == 0 && rs.rejected;
+    if (!rc)
+        out = plan_json_locked(d->s, &rs);
+    pthread_mutex_unlock(&d->mu);
+    free(b.tokens);
+    free(b.keys);
+    if (rc)
+        return send_error(d, c, 503, "no instance can serve this request: %s", kvf_strerror(rc));
+    return send_json(c, rs.rejected ? 429 : 200, out);
+}
+
+/* The storage nodes' data addresses, for connectors that are given only the scheduler. */
+static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
+{
+    json_t *arr = json_array();
+    char buf[sizeof d->stores];
+    snprintf(buf, sizeof buf, "%s", d->stores);
+    for (char *sv = NULL, *t = strtok_r(buf, ",", &sv); t; t = strtok_r(NULL, ",", &sv))
+        json_array_append_new(arr, json_string(t));
+    return send_json(c, 200, json_pack("{s:o}", "stores", arr));
+}
+
+/* The counters /v1/index/stats and /metrics report, taken at one moment. */
+typedef struct stats {
+    kvf_index_stats index;
+    kvf_ingest_stats ingest;
+    uint64_t gaps, missed, replayed, placements, rejections;
+    uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
+    size_t instances;
+    int subs;
+} stats;
+
+static void stats_take(kvf__sched_daemon *d, stats *st)
+{
+    pthread_mutex_lock(&d->mu);
+    kvf_sched_index_stats(d->s, &st->index);
+    st->ingest = d->ingest;
+    st->gaps = d->seq_gaps;
+    st->missed = d->seq_missed;
+    st->replayed = d->replayed;
+    st->placements = d->placements;
+    st->rejections = d->rejections;
+    st->instances = kvf_sched_instance_count(d->s);
+    st->subs = d->n_subs;
+    pthread_mutex_unlock(&d->mu);
+    kvf__httpd_counts(d->httpd, &st->requests, &st->errors);
+}
+
+static json_t *stats_json(const stats *st)
+{
+    const kvf_index_stats *x = &st->index;
+    const kvf_ingest_stats *in = &st->ingest;
+    return json_pack(
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
+        (json_int_t)x->blocks, "holdings", (json_int_t)x->holdings, "events", (json_int_t)x->events,
+        "unknown_removals", (json_int_t)x->unknown_removals, "bytes", (json_int_t)x->bytes,
+        "batches", (json_int_t)in->batches, "blocks_stored", (json_int_t)in->stored,
+        "blocks_removed", (json_int_t)in->removed, "chunks", (json_int_t)in->chunks, "malformed",
+        (json_int_t)in->malformed, "unknown_parents", (json_int_t)in->unknown_parents,
+        "unknown_types", (json_int_t)in->unknown_types, "sequence_gaps", (json_int_t)st->gaps,
+        "batches_missed", (json_int_t)st->missed, "batches_replayed", (json_int_t)st->replayed,
+        "subscriptions", st->subs, "instances", (json_int_t)st->instances);
+}
+
+/* The counters in Prometheus's text format. */
+static void stats_metrics(FILE *f, const stats *st)
+{
+    fprintf(
+        f,
+        "# HELP kvf_sched_blocks Distinct KV blocks in the prefix index.\n"
+        "# TYPE kvf_sched_blocks gauge\nkvf_sched_blocks %" PRIu64 "\n"
+        "# HELP kvf_sched_holdings Block holdings (block x holder).\n"
+        "# TYPE kvf_sched_holdings gauge\nkvf_sched_holdings %" PRIu64 "\n"
+        "# HELP kvf_sched_instances Registered engine instances.\n"
+        "# TYPE kvf_sched_instances gauge\nkvf_sched_instances %zu\n"
+        "# HELP kvf_sched_event_batches_total KV event batches ingested.\n"
+        "# TYPE kvf_sched_event_batches_total counter\nkvf_sched_event_batches_total %" PRIu64 "\n"
+        "# HELP kvf_sched_events_malformed_total Events skipped as malformed.\n"
+        "# TYPE kvf_sched_events_malformed_total counter\nkvf_sched_events_malformed_total %" PRIu64
+        "\n"
+        "# HELP kvf_sched_sequence_gaps_total Gaps in publishers' sequence numbers.\n"
+        "# TYPE kvf_sched_sequence_gaps_total counter\nkvf_sched_sequence_gaps_total %" PRIu64 "\n"
+        "# HELP kvf_sched_placements_total place() calls.\n"
+        "# TYPE kvf_sched_placements_total counter\nkvf_sched_placements_total %" PRIu64 "\n"
+        "# HELP kvf_sched_rejections_total Requests rejected early (SLO).\n"
+        "# TYPE kvf_sched_rejections_total counter\nkvf_sched_rejections_total %" PRIu64 "\n"
+        "# HELP kvf_sched_http_requests_total HTTP requests served.\n"
+        "# TYPE kvf_sched_http_requests_total counter\nkvf_sched_http_requests_total %" PRIu64 "\n"
+        "# HELP kvf_sched_http_errors_total HTTP requests answered with an error.\n"
+        "# TYPE kvf_sched_http_errors_total counter\nkvf_sched_http_errors_total %" PRIu64 "\n",
+        st->index.blocks, st->index.holdings, st->instances, st->ingest.batches,
+        st->ingest.malformed, st->gaps, st->placements, st->rejections, st->requests, st->errors);
+}
+
+static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int prometheus)
+{
+    stats st;
+    stats_take(d, &st);
+    if (!prometheus)
+        return send_json(c, 200, stats_json(&st));
+    char *t = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&t, &len);
+    if (!f)
+        return send_error(d, c, 500, "out of memory");
+    stats_metrics(f, &st);
+    fclose(f);
+    c->text = t;
+    c->text_len = len;
+    c->content_type = "text/plain; version=0.0.4";
+    return 200;
+}
+
+unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, json_t *o,
+                               kvf__http_reply *c)
+{
+    kvf__sched_daemon *d = cls;
+    if (!o) { /* a GET */
+        if (!strcmp(url, "/metrics"))
+            return get_stats(d, c, 1);
+        if (!strcmp(url, "/v1/index/stats"))
+            return get_stats(d, c, 0);
+        if (!strcmp(url, "/v1/instances"))
+            return get_instances(d, c);
+        if (!strcmp(url, "/v1/stores"))
+            return get_stores(d, c);
+        return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
+                          url);
+    }
+    size_t ul = strlen(url);
+    if (!strcmp(url, "/v1/instances"))
+        return post_instance(d, c, o);
+    if (!strcmp(url, "/v1/place"))
+        return post_place(d, c, o);
+    if (!strncmp(url, "/v1/instances/", 14) && ul > 19 && !strcmp(url + ul - 5, "/load")) {
+        char id[64];
+        size_t idl = ul - 14 - 5;
+        if (idl >= sizeof id)
+            return send_error(d, c, 404, "unknown instance");
+        memcpy(id, url + 14, idl);
+        id[idl] = '\0';
+        return post_load(d, c, id, o);
+    }
+    return send_error(d, c, 404, "POST %s: not served", url);
+}

@@ -1,0 +1,115 @@
+/*
+ * The scheduler's life and its engine instances: the handle that owns the index, the instances
+ * and the prefix walk's scratch; registration (checked, and its capability record classified once
+ * for whether the instance can load from the stores), lookup by id, and load reports.
+ */
+#include "sched_int.h"
+
+#include "kvf/error.h"
+#include "kvf/feasibility.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o)
+{
+    *out = NULL;
+    kvf_sched *s = calloc(1, sizeof *s);
+    if (!s)
+        return KVF_ENOMEM;
+    s->o = *o;
+    if (!s->o.store_chunk_tokens)
+        s->o.store_chunk_tokens = 256;
+    if (s->o.cost.prefill_tokens_per_s <= 0)
+        kvf_sched_cost_defaults(&s->o.cost);
+    kvf_caps_builtin("kvf-store", &s->store_caps);
+    if (kvf__sched_index_open(s, s->o.expected_blocks) != 0)
+        goto out_destroy;
+    s->inst = calloc(KVF_SCHED_MAX_INSTANCES, sizeof *s->inst);
+    if (!s->inst)
+        goto out_destroy;
+    if (kvf__sched_walk_open(s) != 0)
+        goto out_destroy;
+    *out = s;
+    return 0;
+
+out_destroy: /* kvf_sched_destroy() takes a partly built scheduler */
+    kvf_sched_destroy(&s);
+    return KVF_ENOMEM;
+}
+
+void kvf_sched_destroy(kvf_sched **sp)
+{
+    if (!sp || !*sp)
+        return;
+    kvf_sched *s = *sp;
+    kvf__sched_walk_close(s);
+    free(s->inst);
+    kvf__sched_index_close(s);
+    free(s);
+    *sp = NULL;
+}
+
+void kvf_sched_set_policy(kvf_sched *s, kvf_policy p)
+{
+    s->o.policy = p;
+}
+
+int kvf_sched_instance_find(const kvf_sched *s, const char *id)
+{
+    for (size_t i = 0; i < s->n_inst; i++)
+        if (strcmp(s->inst[i].info.id, id) == 0)
+            return (int)i;
+    return -1;
+}
+
+int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx)
+{
+    if (!info->id[0] || strnlen(info->id, sizeof info->id) == sizeof info->id ||
+        (info->role & KVF_ROLE_BOTH) == 0 || (info->role & ~KVF_ROLE_BOTH) ||
+        info->block_tokens == 0 || info->block_tokens > 65536)
+        return KVF_EINVAL;
+    kvf_caps caps;
+    if (info->capabilities[0]) {
+        char err[200];
+        if (kvf_caps_from_json(info->capabilities, strlen(info->capabilities), &caps, err,
+                               sizeof err) != 0)
+            return KVF_EINVAL;
+    } else {
+        kvf_caps_builtin("reference", &caps);
+    }
+    int i = kvf_sched_instance_find(s, info->id);
+    if (i < 0) {
+        if (s->n_inst == KVF_SCHED_MAX_INSTANCES)
+            return KVF_ENOSPC;
+        i = (int)s->n_inst++;
+        memset(&s->inst[i], 0, sizeof s->inst[i]);
+    }
+    s->inst[i].info = *info;
+    s->inst[i].caps = caps;
+    kvf_verdict v;
+    kvf_classify(caps.layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE, &caps,
+                 &s->store_caps, 0, &v);
+    s->inst[i].can_load = v.label == KVF_FEAS_REAL;
+    if (idx)
+        *idx = i;
+    return 0;
+}
+
+size_t kvf_sched_instance_count(const kvf_sched *s)
+{
+    return s->n_inst;
+}
+
+const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx)
+{
+    return idx >= 0 && (size_t)idx < s->n_inst ? &s->inst[idx].info : NULL;
+}
+
+int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load)
+{
+    if (idx < 0 || (size_t)idx >= s->n_inst)
+        return KVF_ENOENT;
+    s->inst[idx].load = *load;
+    return 0;
+}

@@ -1,0 +1,210 @@
+/*
+ * Placement (docs/scheduler.md, "Placement"): which instance prefills a request, which decodes
+ * it, and the plan of actions between them, each labelled by the feasibility classifier.
+ *
+ * In order: match the prompt against the index; estimate every prefill instance and let the
+ * policy in force (policy.c) choose among them; choose the decode instance by free KV memory;
+ * move a short prefill to the decode instance (conditional disaggregation); reject early when the
+ * estimate misses the SLO by too much; count what was sent until the engines report again; write
+ * the plan.
+ */
+#include "sched_int.h"
+
+#include "kvf/error.h"
+#include "kvf/feasibility.h"
+
+#include <math.h>
+#include <string.h>
+
+/* The plan's labels share the classifier's numbering. */
+_Static_assert((int)KVF_LABEL_REAL == (int)KVF_FEAS_REAL &&
+                   (int)KVF_LABEL_BACKEND_INFEASIBLE == (int)KVF_FEAS_BACKEND_INFEASIBLE &&
+                   (int)KVF_LABEL_SIMULATED == (int)KVF_FEAS_SIMULATED,
+               "plan labels and feasibility labels must agree");
+
+static kvf_label label_of(kvf_action_id a, const kvf_caps *l, const kvf_caps *r)
+{
+    kvf_verdict v;
+    kvf_classify(a, l, r, 0, &v);
+    return (kvf_label)v.label;
+}
+
+/* The request's leading tokens that some storage node holds, in whole chunks, at most the
+ * prompt. */
+static size_t store_prefix(kvf_sched *s, const kvf_place_req *req)
+{
+    size_t tokens = req->chunk_keys ? kvf__sched_match_store(s, req->chunk_keys, req->n_chunks) *
+                                          s->o.store_chunk_tokens
+                                    : 0;
+    return tokens > req->n_tokens ? req->n_tokens : tokens;
+}
+
+/* What instance i would find and cost prefilling the n-token prompt, after the match (s->depth)
+ * and with store_tokens loadable from the stores. */
+static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, kvf__sched_est *e)
+{
+    const kvf__sched_inst *in = &s->inst[i];
+    /* Store-cached tokens count only where the classifier lets the instance load them. */
+    kvf__sched_estimate(&s->o.cost, &in->load, n, (double)s->depth[i] * in->info.block_tokens,
+                        in->can_load ? (double)store_tokens : 0, e);
+}
+
+/* The prefill instance the policy chooses among those with the prefill role, and its estimate in
+ * *best_est; -1 when there is none. */
+static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, double n,
+                          size_t store_tokens, kvf__sched_est *best_est)
+{
+    kvf__sched_cand cand = {.prompt = n};
+    for (size_t i = 0; i < s->n_inst; i++)
+        cand.count += (s->inst[i].info.role & KVF_ROLE_PREFILL) != 0;
+    int best = -1;
+    double best_score = INFINITY;
+    for (size_t i = 0; i < s->n_inst; i++) {
+        if (!(s->inst[i].info.role & KVF_ROLE_PREFILL))
+            continue;
+        cand.in = &s->inst[i];
+        estimate(s, (int)i, n, store_tokens, &cand.est);
+        double score = policy->score(s, &cand);
+        cand.ordinal++;
+        if (score < best_score) {
+            best_score = score;
+            best = (int)i;
+            *best_est = cand.est;
+        }
+    }
+    return best;
+}
+
+/* The decode instance, among those with the decode role: first one whose free KV memory holds the
+ * request's `need` tokens (prompt and output), and among those the most free tokens less 1,000
+ * per active decode. An instance other than the prefill instance decodes only if the KV can be
+ * handed to it. -1 when none can. */
+static int choose_decode(const kvf_sched *s, int prefill, double need)
+{
+    int dec = -1;
+    double dscore = INFINITY;
+    for (size_t i = 0; i < s->n_inst; i++) {
+        const kvf__sched_inst *in = &s->inst[i];
+        if (!(in->info.role & KVF_ROLE_DECODE))
+            continue;
+        double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
+                             in->info.block_tokens;
+        double sc = (free_tokens >= need ? 0 : 1e12) - free_tokens + in->load.active_decodes * 1e3;
+        if (sc >= dscore)
+            continue;
+        /* Asked only of a candidate that would win: the classifier writes a sentence per call,
+         * and a place() over hundreds of instances must not pay for hundreds of them. */
+        if ((int)i != prefill && label_of(KVF_ACTION_PD_HANDOFF_STORE, &s->inst[prefill].caps,
+                                          &in->caps) != KVF_LABEL_REAL)
+            continue;
+        dscore = sc;
+        dec = (int)i;
+    }
+    return dec;
+}
+
+/* Conditional disaggregation: a short uncached suffix is cheaper to prefill where it will decode
+ * than to hand off, and every engine can prefill (a decode-only instance takes only these short
+ * ones). "Short" is judged on the decode instance itself, with what it can reach: its own cache
+ * and, if its record allows the load, the stores. Returns the instance that prefills, with its
+ * estimate in *e. */
+static int colocate_short_suffix(const kvf_sched *s, int prefill, int decode, double n,
+                                 size_t store_tokens, kvf__sched_est *e)
+{
+    if (decode < 0 || decode == prefill)
+        return prefill;
+    kvf__sched_est d;
+    estimate(s, decode, n, store_tokens, &d);
+    if (n - d.cached < s->o.cost.disagg_threshold_tokens) {
+        *e = d;
+        return decode;
+    }
+    return prefill;
+}
+
+/* The result's instances and the cost model's figures, from the prefill instance's estimate. */
+static void set_estimates(const kvf_sched *s, double n, int prefill, int decode,
+                          const kvf__sched_est *e, kvf_place_res *res)
+{
+    const kvf_sched_cost *c = &s->o.cost;
+    res->prefill = prefill;
+    res->decode = decode;
+    res->colocated = prefill == decode;
+    res->cached_device = (size_t)e->device;
+    res->cached_store = e->cached > e->device ? (size_t)(e->cached - e->device) : 0;
+    res->queue_s = kvf__sched_queue_s(c, &s->inst[prefill].load);
+    res->load_s = kvf__sched_load_s(c, (double)res->cached_store);
+    res->prefill_s = kvf__sched_prefill_s(c, n, e->cached);
+    res->expected_ttft_s = e->ttft_s;
+}
+
+/* Until the engines report again, counts what was just sent to them, so that a burst of requests
+ * spreads instead of piling onto the instance that looked idlest. The next load report replaces
+ * these figures with the engine's own. */
+static void note_sent(kvf_sched *s, const kvf_place_res *res, double n)
+{
+    kvf__sched_inst *p = &s->inst[res->prefill];
+    p->load.queued_prefill_tokens += n;
+    if (p->load.queued_prefill_s > 0)
+        p->load.queued_prefill_s += res->prefill_s;
+    s->inst[res->decode].load.active_decodes++;
+}
+
+static void add_action(kvf_place_res *res, kvf_action_kind kind, int instance, size_t tokens,
+                       double seconds, kvf_label label)
+{
+    res->actions[res->n_actions++] = (kvf_action){
+        .kind = kind, .instance = instance, .tokens = tokens, .seconds = seconds, .label = label};
+}
+
+/* The plan, each action labelled by the classifier against the instances' records and the
+ * storage node's: load what the stores hold beyond the prefill instance's cache, prefill the
+ * rest, save the prompt's KV, and hand it to the decode instance when that is another. */
+static void write_plan(const kvf_sched *s, const kvf_place_req *req, double n, double cached,
+                       kvf_place_res *res)
+{
+    int p = res->prefill;
+    const kvf_caps *pc = &s->inst[p].caps, *dc = &s->inst[res->decode].caps;
+    if (res->cached_store)
+        add_action(res, KVF_ACT_LOAD_FROM_STORE, p, res->cached_store, res->load_s,
+                   label_of(pc->layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE,
+                            pc, &s->store_caps));
+    add_action(res, KVF_ACT_PREFILL, p, req->n_tokens - (size_t)cached, res->prefill_s,
+               KVF_LABEL_REAL);
+    add_action(res, KVF_ACT_SAVE_TO_STORE, p, req->n_tokens, 0,
+               label_of(KVF_ACTION_STORE, pc, &s->store_caps));
+    if (res->decode != p)
+        add_action(res, KVF_ACT_HANDOFF, res->decode, req->n_tokens,
+                   kvf__sched_handoff_s(&s->o.cost, n),
+                   label_of(KVF_ACTION_PD_HANDOFF_STORE, pc, dc));
+}
+
+int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
+{
+    memset(res, 0, sizeof *res);
+    res->prefill = res->decode = -1;
+    if (!req->tokens && req->n_tokens)
+        return KVF_EINVAL;
+    const kvf_sched_cost *c = &s->o.cost;
+    const kvf__sched_policy *policy = kvf__sched_policy_of(s->o.policy);
+    double n = (double)req->n_tokens;
+    kvf__sched_match_sizes(s, req->tokens, req->n_tokens);
+    size_t store_tokens = store_prefix(s, req);
+    kvf__sched_est e;
+    int prefill = choose_prefill(s, policy, n, store_tokens, &e);
+    if (prefill < 0)
+        return KVF_ENOENT;
+    if (policy->placed)
+        policy->placed(s);
+    int decode = choose_decode(s, prefill, n + req->output_tokens);
+    prefill = colocate_short_suffix(s, prefill, decode, n, store_tokens, &e);
+    set_estimates(s, n, prefill, decode >= 0 ? decode : prefill, &e, res);
+    if (req->slo_ttft_s > 0 && c->reject_factor > 0 &&
+        e.ttft_s > req->slo_ttft_s * c->reject_factor) {
+        res->rejected = 1;
+        return 0;
+    }
+    note_sent(s, res, n);
+    write_plan(s, req, n, e.cached, res);
+    return 0;
+}

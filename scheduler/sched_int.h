@@ -1,0 +1,186 @@
+/*
+ * What the files of the scheduler core share (docs/scheduler.md). Not a public interface: the
+ * daemon, the engine, the replay and the tests use scheduler.h.
+ */
+#ifndef KVF_SCHED_INT_H
+#define KVF_SCHED_INT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "scheduler.h"
+
+#include "kvf/feasibility.h"
+
+#include "bytes.h"
+
+/* A holder in the block table is an engine instance (its index, with its tier in bits 24..30) or
+ * a storage node (its number, with this bit set). */
+#define KVF_SCHED_HOLDER_STORE 0x80000000u
+#define KVF_SCHED_HOLDER_WHO   0xffffffu /* the instance index or node number of a holder */
+
+#define KVF_SCHED_INLINE_HOLDERS 4 /* holders kept in a block's entry; more go to the heap */
+
+/* A block's entry in the block table (index.c). */
+typedef struct kvf__sched_bent {
+    uint64_t h; /* 0: empty slot */
+    uint16_t n, cap;
+    uint32_t pad;
+    union {
+        uint32_t inl[KVF_SCHED_INLINE_HOLDERS];
+        uint32_t *heap;
+    } u;
+} kvf__sched_bent;
+
+/* An engine instance as the scheduler knows it. */
+typedef struct kvf__sched_inst {
+    kvf_instance_info info;
+    kvf_caps caps; /* from the registration's capability record, or the reference engine's */
+    int can_load;  /* the classifier lets it load store-cached KV */
+    kvf_instance_load load;
+    uint64_t blocks; /* blocks it holds in the index */
+} kvf__sched_inst;
+
+struct kvf_sched {
+    kvf_sched_opts o;
+    /* The index (index.c): the block table maps a block hash to its holders, the engine-hash map
+     * (instance, engine block hash) to the block hash (its entries are defined there). */
+    kvf__sched_bent *bt;
+    uint64_t bmask, bcount;
+    struct kvf__sched_ement *et;
+    uint64_t emask, ecount;
+    kvf__sched_inst *inst; /* registered in order, KVF_SCHED_MAX_INSTANCES of room */
+    size_t n_inst;
+    uint32_t rr; /* round robin's turn */
+    kvf_index_stats st;
+    kvf_caps store_caps; /* the storage nodes' capability record */
+    /* The prefix walk's scratch (match.c), reused by every place(). */
+    uint64_t *hashes; /* the request's block hashes, hcap of room */
+    size_t hcap;
+    uint32_t *depth;     /* per instance: its cached prefix, in its own blocks */
+    int *alive, *alive2; /* instances holding every block so far; the next step's */
+    uint32_t *stamp;     /* per instance: the walk step that last saw it hold the block */
+    uint32_t step;
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* The index (index.c) */
+
+/* Allocates the index's two tables for about expected_blocks blocks (0: 1M); they grow by
+ * doubling. 0 or KVF_ENOMEM (the caller closes what was allocated). */
+int kvf__sched_index_open(kvf_sched *s, size_t expected_blocks);
+/* Frees the tables and every holder list. Accepts tables never opened. */
+void kvf__sched_index_close(kvf_sched *s);
+/* The index's hashes of nb consecutive blocks of bt tokens each, chained from parent's hash (0
+ * for a prompt's first block), into out. Never 0. */
+void kvf__sched_chain_hash(uint64_t parent, uint32_t bt, const uint32_t *tokens, size_t nb,
+                           uint64_t *out);
+/* Whether any storage node holds the chunk. */
+int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Block lookups, inline because the prefix walk (match.c) makes one for every block of every
+ * request: as calls into index.c they cost place() a fifth more instructions. */
+
+/* A table slot's hash of a key: never 0, which marks an empty slot. */
+static inline uint64_t kvf__sched_mix(uint64_t x)
+{
+    x = kvf__fmix64(x);
+    return x ? x : 1;
+}
+
+/* Block h's entry, or NULL when the index has none. Borrowed; valid until the index next
+ * changes. */
+static inline kvf__sched_bent *kvf__sched_block_find(const kvf_sched *s, uint64_t h)
+{
+    uint64_t i = kvf__sched_mix(h) & s->bmask;
+    for (;;) {
+        kvf__sched_bent *e = &s->bt[i];
+        if (e->h == h)
+            return e;
+        if (e->h == 0)
+            return NULL;
+        i = (i + 1) & s->bmask;
+    }
+}
+
+/* Block h's home slot in the table, where its lookup starts: what the walk prefetches. The caller
+ * writes __builtin_prefetch() itself: GCC 12 drops a prefetch that is the only effect of an
+ * inlined function, and the call with it. */
+static inline const kvf__sched_bent *kvf__sched_block_slot(const kvf_sched *s, uint64_t h)
+{
+    return &s->bt[kvf__sched_mix(h) & s->bmask];
+}
+
+/* The e->n holders of a block (KVF_SCHED_HOLDER_*). */
+static inline uint32_t *kvf__sched_bent_holders(kvf__sched_bent *e)
+{
+    return e->cap > KVF_SCHED_INLINE_HOLDERS ? e->u.heap : e->u.inl;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Matching (match.c) */
+
+/* Allocates the walk's scratch for KVF_SCHED_MAX_INSTANCES instances: 0 or KVF_ENOMEM (the
+ * caller closes what was allocated). */
+int kvf__sched_walk_open(kvf_sched *s);
+/* Frees the scratch. Accepts a partly opened one. */
+void kvf__sched_walk_close(kvf_sched *s);
+/* Sets s->depth[i] to the cached prefix, in its own blocks, of every instance i: one walk per
+ * distinct block size among the instances (the first 8 sizes). */
+void kvf__sched_match_sizes(kvf_sched *s, const uint32_t *tokens, size_t n);
+/* The number of leading chunks of the request that some storage node holds. */
+size_t kvf__sched_match_store(kvf_sched *s, const kvf_key *keys, size_t n);
+
+/* ------------------------------------------------------------------------------------------ */
+/* The cost model's estimates (cost.c), in seconds. */
+
+/* Prefill of an n-token prompt whose first `cached` tokens need no compute: the uncached tokens
+ * at the linear rate plus the quadratic attention term over them. */
+double kvf__sched_prefill_s(const kvf_sched_cost *c, double n, double cached);
+/* Expected wait behind an instance's queue: its cache-aware estimate when it reported one, else
+ * its raw queued tokens at the prefill rate (an upper bound: cache hits only shorten it). */
+double kvf__sched_queue_s(const kvf_sched_cost *c, const kvf_instance_load *load);
+/* Loading `tokens` tokens of KV from the stores. */
+double kvf__sched_load_s(const kvf_sched_cost *c, double tokens);
+/* Handing `tokens` tokens of KV from the prefill instance to the decode instance. */
+double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens);
+
+/* What running a request's prefill on one instance would find cached and cost: the cost model's
+ * figures, in tokens and seconds. */
+typedef struct kvf__sched_est {
+    double device; /* prompt tokens held in the instance's own memory */
+    double cached; /* the longer of that and what it may load from the stores */
+    double load_s; /* loading the stores' part beyond its own */
+    double ttft_s; /* queue wait + load + prefill of the rest */
+} kvf__sched_est;
+
+/* What prefilling an n-token prompt would find and cost on an instance with this load that holds
+ * `device` of its tokens in its own memory and may load `store` from the stores (0 where it may
+ * not load). */
+void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
+                         double device, double store, kvf__sched_est *e);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Placement (place.c) and its policies (policy.c) */
+
+/* A prefill candidate as a policy sees it. */
+typedef struct kvf__sched_cand {
+    const kvf__sched_inst *in;
+    kvf__sched_est est;
+    double prompt;  /* the request's tokens */
+    size_t ordinal; /* its rank among the prefill instances, in registration order */
+    size_t count;   /* the number of prefill instances */
+} kvf__sched_cand;
+
+/* A placement policy: the score it gives a prefill candidate (the lowest wins, the first of
+ * equal scores), and what it notes once it has chosen (may be NULL). */
+typedef struct kvf__sched_policy {
+    double (*score)(const kvf_sched *s, const kvf__sched_cand *c);
+    void (*placed)(kvf_sched *s);
+} kvf__sched_policy;
+
+/* The policy p names; kvf_cost's for a number outside kvf_policy. */
+const kvf__sched_policy *kvf__sched_policy_of(kvf_policy p);
+
+#endif
