@@ -46,7 +46,7 @@
 
 /* Which engine computed each chunk first, from the driver's own records, to count cross-engine
  * reuse: a prefix loaded by one engine that another engine computed. */
-struct owners {
+struct e2e_owners {
     pthread_mutex_t mu;
     uint64_t *key; /* the chunk key folded to 64 bits, low bit set; 0: empty */
     const kvfe_router_engine **eng;
@@ -57,7 +57,7 @@ struct owners {
 /* ------------------------------------------------------------------------------------------ */
 /* One request */
 
-static size_t owner_slot(const owners *o, uint64_t h)
+static size_t owner_slot(const e2e_owners *o, uint64_t h)
 {
     size_t i = (size_t)h & o->mask;
     while (o->key[i] && o->key[i] != h)
@@ -67,8 +67,8 @@ static size_t owner_slot(const owners *o, uint64_t h)
 
 /* Records that e computed chunks [0, saved / chunk) of q (those not recorded yet), and returns how
  * many of the n_loaded tokens q loaded were computed by another engine. */
-static size_t note_chunks(owners *o, const rec *q, const kvfe_router_engine *e, size_t n_loaded,
-                          size_t saved)
+static size_t note_chunks(e2e_owners *o, const e2e_rec *q, const kvfe_router_engine *e,
+                          size_t n_loaded, size_t saved)
 {
     if (!o)
         return 0;
@@ -91,9 +91,9 @@ static size_t note_chunks(owners *o, const rec *q, const kvfe_router_engine *e, 
 
 /* A request of a run, as its route's on_prefill sees it. */
 typedef struct routed {
-    run *R;
-    rec *q;
-    int baseline; /* the run without kvfabric */
+    e2e_run *R;
+    e2e_rec *q;
+    int baseline; /* the e2e_run without kvfabric */
 } routed;
 
 /* Notes the chunks the prefill engine computed as soon as it answers, so that they count for the
@@ -101,8 +101,8 @@ typedef struct routed {
 static void take_prefill(const kvfe_route *rt, void *arg)
 {
     routed *s = arg;
-    run *R = s->R;
-    rec *q = s->q;
+    e2e_run *R = s->R;
+    e2e_rec *q = s->q;
     if (!s->baseline && !rt->colocated)
         q->ttft = rt->first_token_at - R->t0 - q->arrival;
     q->cross_tokens = note_chunks(R->own, q, rt->prefill, rt->loaded_tokens, rt->saved_tokens);
@@ -119,7 +119,7 @@ static void take_prefill(const kvfe_route *rt, void *arg)
  * engine reports. */
 static void take_reply(const routed *s)
 {
-    rec *q = s->q;
+    e2e_rec *q = s->q;
     const kvfe_route *rt = &q->rt;
     q->n_generated = (uint32_t)rt->n_generated;
     q->tokens_hash = XXH64(rt->generated, rt->n_generated * sizeof *rt->generated, 0);
@@ -138,7 +138,7 @@ static void take_reply(const routed *s)
 
 /* kvf: placed by kvf-sched, prefilled, handed off and decoded; baseline: sent whole to the engine
  * with the fewest requests outstanding, without the cache layer. */
-static void serve_request(run *R, rec *q)
+static void serve_request(e2e_run *R, e2e_rec *q)
 {
     int baseline = !strcmp(R->mode, "baseline");
     routed s = {.R = R, .q = q, .baseline = baseline};
@@ -161,7 +161,7 @@ static void serve_request(run *R, rec *q)
  * serves it, so that requests go out in order, none early, at most --concurrency at once. */
 static void *worker_main(void *arg)
 {
-    run *R = arg;
+    e2e_run *R = arg;
     for (size_t i; (i = atomic_fetch_add(&R->next_taken, 1)) < R->n;) {
         double at = R->t0 + R->r[i].arrival;
         struct timespec ts = {.tv_sec = (time_t)at,
@@ -176,7 +176,7 @@ static void *worker_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* Setup */
 
-/* Clears kvfabric's chunks of this model from the stores, so a run starts cold. */
+/* Clears kvfabric's chunks of this model from the stores, so a e2e_run starts cold. */
 static int clear_stores(json_t *stores, const kvf_layout *L, char *err, size_t errlen)
 {
     const char *nodes[64];
@@ -203,7 +203,7 @@ static int clear_stores(json_t *stores, const kvf_layout *L, char *err, size_t e
  * output length (scaled the same way, at most max_out) and its chunk keys. Returns whether the
  * prompt was cut. */
 static int build_request(const bench_trace_rec *tr, long block, long max_in, long max_out,
-                         const kvfe_model *m, const kvf_keyspace *ks, rec *q)
+                         const kvfe_model *m, const kvf_keyspace *ks, e2e_rec *q)
 {
     size_t want = ((size_t)tr->in_len * (size_t)block + BENCH_TRACE_BLOCK - 1) / BENCH_TRACE_BLOCK;
     size_t n = want < (size_t)max_in ? want : (size_t)max_in;
@@ -231,9 +231,9 @@ static int build_request(const bench_trace_rec *tr, long block, long max_in, lon
 
 typedef struct warm {
     kvfe_router *rt;
-    rec *r;
+    e2e_rec *r;
     size_t n;
-    owners *own;
+    e2e_owners *own;
     const kvfe_router_engine *eng[MAX_WARM];
     int k;
     atomic_int next_thread;
@@ -257,7 +257,7 @@ static void *warm_main(void *arg)
     return NULL;
 }
 
-static int warm_up(rec *r, size_t n, kvfe_router *rt, owners *own)
+static int warm_up(e2e_rec *r, size_t n, kvfe_router *rt, e2e_owners *own)
 {
     pthread_t th[MAX_WARM];
     warm w = {.rt = rt, .r = r, .n = n, .own = own};
@@ -293,7 +293,7 @@ static void usage(void)
 }
 
 /* Replays the run's requests at their arrival times, with a progress line every 5 s. */
-static void run_mode(run *R, const char *tag)
+static void run_mode(e2e_run *R, const char *tag)
 {
     pthread_t th[256];
     pthread_mutex_init(&R->mu, NULL);
@@ -359,13 +359,13 @@ typedef struct e2e {
     kvfe_model m;
     char sched[160];
     kvfe_router *rt;
-    rec *base, *warm_r; /* the measured requests and the warm-up's */
+    e2e_rec *base, *warm_r; /* the measured requests and the warm-up's */
     size_t n, n_warm, truncated;
     double span; /* s of arrivals */
-    owners own;
-    run runs[2];
+    e2e_owners own;
+    e2e_run runs[2];
     int n_runs;
-    summary sm[2];
+    e2e_summary sm[2];
 } e2e;
 
 /* Sets option a to v. Returns whether a takes a value; *end is where a number stopped. */
@@ -431,7 +431,7 @@ static int parse_opts(int argc, char **argv, opts *o)
     return PROCEED;
 }
 
-/* Reads the cluster's state file (written by kvf cluster up: --state, or the one in the run
+/* Reads the cluster's state file (written by kvf cluster up: --state, or the one in the e2e_run
  * folder of --config, build/cluster/NAME/ when it names none) for the model and kvf-sched, opens
  * the router over kvf-sched's engines and makes the output folder (beside the state file unless
  * --out names one). */
@@ -480,7 +480,7 @@ static int open_cluster(e2e *E)
 
 /* Reads max trace records from skip on as requests; *out holds at least one (caller frees with
  * free_requests()). Returns the number of prompts cut at --max-input, or -1 (said on stderr). */
-static long load_requests(const e2e *E, size_t skip, size_t max, rec **out, size_t *n)
+static long load_requests(const e2e *E, size_t skip, size_t max, e2e_rec **out, size_t *n)
 {
     const opts *o = &E->o;
     bench_trace_rec *tr;
@@ -503,7 +503,7 @@ static long load_requests(const e2e *E, size_t skip, size_t max, rec **out, size
     return *out ? cut : -1;
 }
 
-static void free_requests(rec *r, size_t n)
+static void free_requests(e2e_rec *r, size_t n)
 {
     for (size_t i = 0; r && i < n; i++) {
         free(r[i].tokens);
@@ -534,7 +534,7 @@ static int load_workload(e2e *E)
     return PROCEED;
 }
 
-/* One run per mode of --modes (kvf, baseline), each with its own records of the same requests.
+/* One e2e_run per mode of --modes (kvf, baseline), each with its own records of the same requests.
  * Who computed which chunk is kept for the cross-engine reuse figure (warm-up and kvf run). */
 static int init_runs(e2e *E)
 {
@@ -550,7 +550,7 @@ static int init_runs(e2e *E)
             fprintf(stderr, "kvf-bench e2e: --modes takes kvf and baseline\n");
             return 2;
         }
-        run *R = &E->runs[E->n_runs++];
+        e2e_run *R = &E->runs[E->n_runs++];
         R->mode = strcmp(t, "kvf") ? "baseline" : "kvf";
         R->n = E->n;
         R->r = calloc(E->n, sizeof *R->r);
@@ -568,12 +568,12 @@ static int init_runs(e2e *E)
     return PROCEED;
 }
 
-/* Runs each mode and summarizes it; the kvf run starts from cleared stores and the warm-up. */
+/* Runs each mode and summarizes it; the kvf e2e_run starts from cleared stores and the warm-up. */
 static int run_all(e2e *E)
 {
     char err[512];
     for (int k = 0; k < E->n_runs; k++) {
-        run *R = &E->runs[k];
+        e2e_run *R = &E->runs[k];
         if (!strcmp(R->mode, "kvf")) {
             if (clear_stores(json_object_get(E->st, "stores"), &E->m.layout, err, sizeof err) != 0)
                 bench_progress("e2e", "warning: %s", err);
@@ -596,8 +596,8 @@ static int run_all(e2e *E)
     return PROCEED;
 }
 
-/* Says why the first three failed requests of each run failed, and compares the generated tokens
- * of the two runs request by request, where both served it. */
+/* Says why the first three failed requests of each e2e_run failed, and compares the generated
+ * tokens of the two runs request by request, where both served it. */
 static void check_runs(const e2e *E, size_t *compared, size_t *differ)
 {
     *compared = *differ = 0;
@@ -611,7 +611,7 @@ static void check_runs(const e2e *E, size_t *compared, size_t *differ)
             }
     }
     for (size_t i = 0; E->n_runs == 2 && i < E->n; i++) {
-        const rec *a = &E->runs[0].r[i], *b = &E->runs[1].r[i];
+        const e2e_rec *a = &E->runs[0].r[i], *b = &E->runs[1].r[i];
         if (a->failed || b->failed || a->rt.rejected || b->rt.rejected)
             continue;
         (*compared)++;
@@ -621,7 +621,7 @@ static void check_runs(const e2e *E, size_t *compared, size_t *differ)
 
 static void print_table(const e2e *E)
 {
-    const summary *sm = E->sm;
+    const e2e_summary *sm = E->sm;
     printf("\nkvf-bench e2e: %zu requests, %zu engines, model %s, %s, all figures real\n", E->n,
            kvfe_router_engine_count(E->rt), E->model,
            json_is_true(json_object_get(E->st, "netns")) ? "network namespaces" : "loopback");
@@ -658,8 +658,8 @@ static json_t *result_json(const e2e *E, size_t compared, size_t differ)
         "tokens_differ", (json_int_t)differ, "out", E->out_dir, "label", "real");
     if (E->n_runs != 2)
         return res;
-    const summary *kv = !strcmp(E->runs[0].mode, "kvf") ? &E->sm[0] : &E->sm[1];
-    const summary *bl = kv == &E->sm[0] ? &E->sm[1] : &E->sm[0];
+    const e2e_summary *kv = !strcmp(E->runs[0].mode, "kvf") ? &E->sm[0] : &E->sm[1];
+    const e2e_summary *bl = kv == &E->sm[0] ? &E->sm[1] : &E->sm[0];
     double ratio = bl->ttft_p50 > 0 ? kv->ttft_p50 / bl->ttft_p50 : 0;
     json_object_set_new(res, "ttft_p50_ratio", json_real(ratio));
     json_object_set_new(res, "ttft_p50_target_met", json_boolean(ratio > 0 && ratio <= 0.5));

@@ -10,7 +10,7 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Summary */
 
-void e2e_summarize(const run *R, summary *s)
+void e2e_summarize(const e2e_run *R, e2e_summary *s)
 {
     memset(s, 0, sizeof *s);
     double *tt = malloc((R->n + 1) * sizeof *tt), *e2 = malloc((R->n + 1) * sizeof *e2);
@@ -19,7 +19,7 @@ void e2e_summarize(const run *R, summary *s)
     double prompt = 0, dev = 0, st = 0, cross = 0, last = 0, itl_sum = 0, itl_n = 0;
     size_t met = 0;
     for (size_t i = 0; i < R->n; i++) {
-        const rec *q = &R->r[i];
+        const e2e_rec *q = &R->r[i];
         s->failed += q->failed;
         s->rejected += q->rt.rejected;
         if (q->failed || q->rt.rejected)
@@ -61,7 +61,7 @@ void e2e_summarize(const run *R, summary *s)
     free(it);
 }
 
-json_t *e2e_summary_json(const summary *s, const run *R)
+json_t *e2e_summary_json(const e2e_summary *s, const e2e_run *R)
 {
     const char *mode = R->mode;
     json_t *o = json_pack(
@@ -85,7 +85,7 @@ json_t *e2e_summary_json(const summary *s, const run *R)
 /* ------------------------------------------------------------------------------------------ */
 /* Output */
 
-void e2e_write_records(const char *dir, run *runs, int n_runs)
+void e2e_write_records(const char *dir, e2e_run *runs, int n_runs)
 {
     char path[700];
     snprintf(path, sizeof path, "%s/records.csv", dir);
@@ -98,7 +98,7 @@ void e2e_write_records(const char *dir, run *runs, int n_runs)
                    "generated,tokens_xxh64,rejected,error\n");
     for (int m = 0; m < n_runs; m++) {
         for (size_t i = 0; i < runs[m].n; i++) {
-            const rec *q = &runs[m].r[i];
+            const e2e_rec *q = &runs[m].r[i];
             const kvfe_route *rt = &q->rt;
             const char *pe = rt->prefill ? rt->prefill->id : "",
                        *de = rt->decode ? rt->decode->id : "";
@@ -133,7 +133,7 @@ void e2e_write_records(const char *dir, run *runs, int n_runs)
     json_decref(all);
 }
 
-int e2e_plot(const char *dir, run *runs, int n_runs, double bin_s)
+int e2e_plot(const char *dir, e2e_run *runs, int n_runs, double bin_s)
 {
     char dat[700], png[700];
     FILE *g = popen("gnuplot", "w");

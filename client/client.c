@@ -3,6 +3,8 @@
  * path chosen at open, and the client's counters. client_int.h describes how the files of this
  * module fit together.
  */
+#include "kvf/client.h"
+
 #include "client_int.h"
 
 #include "kvf/error.h"
