@@ -869,7 +869,7 @@ static void compare_kvf_cost(json_t *res, const kvf_policy *pols, const result *
 /* Replays rp under each of the np policies at one time scale, with the table printed and the
  * figures in res. 0, or -1 when a replay could not run. */
 static int replay_policies(const opts *o, replay *rp, const kvf_policy *pols, int np, double scale,
-                            json_t *res)
+                           json_t *res)
 {
     printf("kvf-bench sched: SIMULATED replay of %s through the real index and policies\n",
            o->trace);
