@@ -1,19 +1,20 @@
 /*
- * kvf cluster up|down|status --config cluster.json [--netns] [--json]: a kvfabric cluster on one
- * machine (docs/operations.md).
+ * kvf cluster up|down|status|send --config cluster.json [--netns] [--json]: a kvfabric cluster on
+ * one machine (docs/operations.md).
  *
  * up starts N kvf-store, one kvf-sched and P prefill and D decode kvf-engine processes, each
  * waited for by its ready line, and writes what it started to RUN_DIR/state.json; down stops them
  * (SIGTERM, then SIGKILL after 5 s) and removes what up made; status says which are alive and
- * what each serves. With --netns every process is a host of its own: a network namespace joined to
- * the others through a bridge by a veth pair, its link shaped with tc (bandwidth with tbf; latency
- * with netem where the kernel has it), and this host reaches them through one more veth. A
- * failure or Ctrl-C during up undoes everything up did.
+ * what each serves; send puts one request through it (send.c). With --netns every process is a host
+ * of its own: a network namespace joined to the others through a bridge by a veth pair, its link
+ * shaped with tc (bandwidth with tbf; latency with netem where the kernel has it), and this host
+ * reaches them through one more veth. A failure or Ctrl-C during up undoes everything up did.
  */
 #include "cluster.h"
 
 #include "cli_common.h"
 #include "proc.h"
+#include "send.h"
 
 #include "http.h"
 #include "kvf/kvf.h"
@@ -804,16 +805,21 @@ static int cmd_status(const cfg *c, int json)
 /* ------------------------------------------------------------------------------------------ */
 /* Options */
 
-#define SYNOPSIS "kvf cluster up|down|status --config FILE [--netns] [--json]"
+#define SYNOPSIS                                                                         \
+    "kvf cluster up|down|status|send --config FILE [--netns] [--json] [--synthetic N | " \
+    "--tokens-file F] [--seed S] [--max-tokens M]"
 
 enum {
     OPT_CONFIG = KVF__CLI_OPT_OWN,
     OPT_NETNS,
+    OPT_MAX_TOKENS,
 };
 
 static const struct option cluster_opts[] = {
     {"config", required_argument, NULL, OPT_CONFIG},
     {"netns", no_argument, NULL, OPT_NETNS},
+    {"max-tokens", required_argument, NULL, OPT_MAX_TOKENS},
+    KVF__CLI_OPTS_TOKENS,
     KVF__CLI_OPTS_JSON,
     KVF__CLI_OPTS_HELP,
     KVF__CLI_OPTS_END,
@@ -822,19 +828,26 @@ static const struct option cluster_opts[] = {
 static const char cluster_usage[] =
     "usage: " SYNOPSIS "\n"
     "Starts (up), stops (down) or inspects (status) a kvfabric cluster on this machine: the\n"
-    "stores, kvf-sched, and the prefill and decode engines that FILE asks for.\n"
+    "stores, kvf-sched, and the prefill and decode engines that FILE asks for; or sends one\n"
+    "request through it (send) as its clients do: placed by kvf-sched, prefilled, decoded.\n"
     "  --config FILE                    the cluster, as JSON (see cluster/demo.json)\n"
     "  --netns                          up: every process in a network namespace of its own,\n"
     "                                   its link shaped as FILE says (needs root)\n"
-    "  --json                           status: one JSON object on stdout\n"
+    "  --json                           status, send: one JSON object on stdout\n"
+    "  --synthetic N [--seed S]         send: a prompt of N deterministic tokens\n"
+    "  --tokens-file FILE               send: the prompt's token ids\n"
+    "  --max-tokens M                   send: tokens to generate (default 8)\n"
     "exit status: 0 done (status: every process is up), 1 a step failed (status: a process\n"
-    "             is down), 2 a usage or configuration error, 3 status: no cluster is up,\n"
+    "             is down; send: the request failed or was rejected), 2 a usage or\n"
+    "             configuration error, 3 status, send: no cluster is up,\n"
     "             130 up was interrupted and undid what it had done\n";
 
 typedef struct cluster_args {
-    const char *action; /* up, down or status */
+    const char *action; /* up, down, status or send */
     const char *config;
     int netns, json;
+    kvf__cli_target send; /* send: the prompt's tokens */
+    long max_tokens;
 } cluster_args;
 
 /* argv[0] is "cluster", argv[1] the action, the options follow. */
@@ -847,7 +860,8 @@ static int parse_cluster(int argc, char **argv, cluster_args *a)
         fputs(cluster_usage, stdout);
         return 0;
     }
-    if (strcmp(a->action, "up") && strcmp(a->action, "down") && strcmp(a->action, "status"))
+    if (strcmp(a->action, "up") && strcmp(a->action, "down") && strcmp(a->action, "status") &&
+        strcmp(a->action, "send"))
         return fail("usage: " SYNOPSIS) + 1;
     while ((c = kvf__cli_next_opt(argc - 1, argv + 1, cluster_opts, &v)) != 0) {
         if (c == 'h') {
@@ -859,6 +873,15 @@ static int parse_cluster(int argc, char **argv, cluster_args *a)
             a->netns = 1;
         } else if (c == KVF__CLI_OPT_JSON) {
             a->json = 1;
+        } else if (c == OPT_MAX_TOKENS) {
+            if (kvf__cli_parse_long("--max-tokens", v, &a->max_tokens) != 0)
+                return 2;
+            if (a->max_tokens < 1 || a->max_tokens > 4096)
+                return fail("--max-tokens must be 1..4096") + 1;
+        } else if (c == KVF__CLI_OPT_SYNTHETIC || c == KVF__CLI_OPT_SEED ||
+                   c == KVF__CLI_OPT_TOKENS_FILE) {
+            if (kvf__cli_target_set(&a->send, c, v) != 0)
+                return 2;
         } else if (c == KVF__CLI_OPT_NOVALUE) {
             return fail("%s needs a value (usage: " SYNOPSIS ")", v) + 1;
         } else {
@@ -870,18 +893,44 @@ static int parse_cluster(int argc, char **argv, cluster_args *a)
     return KVF__CLI_RUN;
 }
 
+/* Sends one request through the cluster's router (send.c), with the cluster's model. */
+static int cmd_send(const cfg *c, cluster_args *a)
+{
+    proc p[MAX_PROCS];
+    int np, netns;
+    if (read_state(c, p, &np, &netns) != 0) {
+        fprintf(stderr, "kvf cluster send: cluster \"%s\" is not up (no %s/state.json)\n", c->name,
+                c->run_dir);
+        return 3;
+    }
+    const char *sched = NULL;
+    for (int i = 0; i < np; i++)
+        if (!strcmp(p[i].kind, "sched"))
+            sched = p[i].addr;
+    if (!sched)
+        return fail("the state of cluster \"%s\" names no kvf-sched", c->name);
+    a->send.model = c->model;
+    return kvf__cluster_send(sched, &a->send, (uint32_t)a->max_tokens, a->json);
+}
+
 int kvf__cli_cluster(int argc, char **argv)
 {
-    cluster_args a = {0};
+    cluster_args a = {.max_tokens = 8};
+    kvf__cli_target_init(&a.send);
     int rc = parse_cluster(argc, argv, &a);
-    if (rc != KVF__CLI_RUN)
-        return rc;
     cfg c;
-    if (load_cfg(a.config, &c) != 0)
-        return 2;
-    if (!strcmp(a.action, "up"))
-        return cmd_up(&c, a.netns);
-    if (!strcmp(a.action, "down"))
-        return cmd_down(&c);
-    return cmd_status(&c, a.json);
+    if (rc == KVF__CLI_RUN && load_cfg(a.config, &c) != 0)
+        rc = 2;
+    if (rc == KVF__CLI_RUN) {
+        if (!strcmp(a.action, "up"))
+            rc = cmd_up(&c, a.netns);
+        else if (!strcmp(a.action, "down"))
+            rc = cmd_down(&c);
+        else if (!strcmp(a.action, "send"))
+            rc = cmd_send(&c, &a);
+        else
+            rc = cmd_status(&c, a.json);
+    }
+    kvf__cli_target_free(&a.send);
+    return rc;
 }

@@ -2,8 +2,9 @@
 """A tiny kvfabric cluster end to end: `kvf cluster up` (1 store, kvf-sched, 1 prefill and 1 decode
 engine), a dozen trace requests through `kvf-bench e2e` with kvfabric and again colocated without
 it (the generated tokens must be identical request by request, and the cache layer must have
-served part of the prompts), the engine's HTTP API on bad input, `kvf cluster status`, and
-`kvf cluster down` leaving no process behind. With --netns the same runs with every process in a
+served part of the prompts), one request twice through `kvf cluster send` (the launcher's
+router: the second served from the cache), the engine's HTTP API on bad input, `kvf cluster
+status`, and `kvf cluster down` leaving no process behind. With --netns the same runs with every process in a
 network namespace of its own; where namespaces cannot be made the test says why and is skipped
 (exit 77).
 
@@ -156,6 +157,18 @@ def main():
                 if len(f.read().strip().splitlines()) != 1 + 24:
                     fail("records.csv: want a header and 24 records")
 
+            # One request through the launcher's router, twice: served, then served from the cache,
+            # with the same tokens.
+            send = [kvf, "cluster", "send", "--config", config, "--synthetic", "700", "--seed", "9",
+                    "--max-tokens", "4", "--json"]
+            first = json.loads(run(send, 120).stdout)
+            again = json.loads(run(send, 120).stdout)
+            if not first["ok"] or len(first["tokens"]) != 4 or not first["prefill"]:
+                fail("kvf cluster send: %r" % first)
+            if again["tokens"] != first["tokens"] or \
+                    again["device_tokens"] + again["store_tokens"] <= 0:
+                fail("kvf cluster send again: %r after %r" % (again, first))
+
             # kvf-sched heard the store's chunk events and the engines' KV events.
             got, ix = http("GET", "http://%s/v1/index/stats" % state["sched"])
             if got != 200 or ix["subscriptions"] != 3 or ix["chunks"] <= 0 or \
@@ -195,6 +208,7 @@ def main():
             if ("kvf-%s-" % name) in ns:
                 fail("kvf cluster down left namespaces: %s" % ns)
         run([kvf, "cluster", "status", "--config", config], 30, expect=3)
+        run([kvf, "cluster", "send", "--config", config, "--synthetic", "10"], 30, expect=3)
     print("cluster_check: OK (%s): 12 requests, identical tokens, cache hit %.1f%% device + "
           "%.1f%% store" % ("network namespaces" if netns else "loopback",
                             kv["hit_rate_device"] * 100, kv["hit_rate_store"] * 100))
