@@ -97,7 +97,9 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
         }
         pthread_cond_broadcast(&x->cv);
     }
-    x->pending_tasks--;
+    /* kvf_xfer_cancel() waits for the last task to end, skipped ones too. */
+    if (--x->pending_tasks == 0)
+        pthread_cond_broadcast(&x->cv);
     if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks) {
         x->result = KVF_ECANCELED;
         x->transfer_done = 1;
@@ -264,8 +266,10 @@ static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_
 static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
                     const uint32_t *page_ids, size_t n_pages, int is_save, kvf_xfer **out)
 {
+    if (!out)
+        return KVF_EINVAL;
     *out = NULL;
-    if (!cn || !tokens || !page_ids || !out)
+    if (!cn || !tokens || !page_ids)
         return KVF_EINVAL;
     uint32_t C = cn->l.chunk_tokens, P = cn->l.page_tokens;
     if (!cn->registered || n == 0 || n % C != 0 || n_pages != n / P || first_chunk > n / C)
