@@ -266,8 +266,6 @@ static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_
 static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
                     const uint32_t *page_ids, size_t n_pages, int is_save, kvf_xfer **out)
 {
-    if (!out)
-        return KVF_EINVAL;
     *out = NULL;
     if (!cn || !tokens || !page_ids)
         return KVF_EINVAL;
@@ -313,6 +311,9 @@ int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
     kvf_xfer *x;
+    if (!out)
+        return KVF_EINVAL;
+    *out = NULL;
     if (cn && kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
         return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
@@ -347,6 +348,9 @@ int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n, size
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
     kvf_xfer *x;
+    if (!out)
+        return KVF_EINVAL;
+    *out = NULL;
     if (cn && kvf__connector_gate(cn, KVF_ACTION_STORE) != 0)
         return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 1, &x);
