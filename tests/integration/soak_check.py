@@ -3,10 +3,11 @@
 resurrected after eviction, no errors, store RSS bounded, a timeline with both phases, ballast that
 grew to its cap and no further; and that bad options are refused with a message and exit 2.
 
-usage: soak_check.py KVF_BENCH [RSS_SLACK]
+usage: soak_check.py KVF_BENCH [RSS_SLACK [RSS_GROWTH]]
 
-RSS_SLACK (default 64M) is passed to --rss-slack: a ThreadSanitizer build maps shadow memory for
-every arena byte the store touches (about four times the arena), which is not the store's own.
+RSS_SLACK (default 64M) and RSS_GROWTH (default 32M) are passed to --rss-slack and --rss-growth: a
+ThreadSanitizer build maps shadow memory for every arena byte the store touches (about four times
+the arena) as the churn first reaches it, which is not the store's own.
 """
 import json
 import subprocess
@@ -22,13 +23,15 @@ def main():
     bench = sys.argv[1]
     slack = sys.argv[2] if len(sys.argv) > 2 else "64M"
     slack_mib = int(slack.rstrip("M"))
+    growth = sys.argv[3] if len(sys.argv) > 3 else "32M"
     for bad in (["--target-pressure", "2"], ["--memory", "8M"], ["--object", "1.5M"],
                 ["--duration", "1"], ["--no-such-option"]):
         p = subprocess.run([bench, "soak"] + bad, capture_output=True, text=True, timeout=30)
         if p.returncode != 2 or "kvf-bench soak:" not in p.stderr:
             fail("options %s: exit %d, stderr %r" % (bad, p.returncode, p.stderr))
     cmd = [bench, "soak", "--duration", "5", "--target-pressure", "0.95", "--memory", "64M",
-           "--object", "256K", "--batch", "8", "--ballast-max", "128M", "--rss-slack", slack, "--json"]
+           "--object", "256K", "--batch", "8", "--ballast-max", "128M", "--rss-slack", slack,
+           "--rss-growth", growth, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     sys.stdout.write(p.stdout[-3000:])
     if p.returncode != 0:
