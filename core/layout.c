@@ -223,7 +223,7 @@ static const struct preset {
     {"mistral-7b", 32, 8, 128, KVF_DTYPE_BF16, KVF_KV_SEPARATE, 256},
     /* MLA: num_hidden_layers 61, kv_lora_rank 512 + qk_rope_head_dim 64 = 576 per token. */
     {"deepseek-v3", 61, 1, 576, KVF_DTYPE_BF16, KVF_KV_LATENT, 256},
-    /* The reference engine's models (bench/engine): f32 because its GEMMs are f32. */
+    /* The reference engine's models (engine/): f32 because its GEMMs are f32. */
     {"ref-tiny", 4, 2, 32, KVF_DTYPE_F32, KVF_KV_SEPARATE, 64},
     {"ref-100m", 12, 4, 64, KVF_DTYPE_F32, KVF_KV_SEPARATE, 256},
 };

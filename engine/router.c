@@ -330,7 +330,7 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
     q->colocated = json_is_true(json_object_get(pl, "colocated"));
     if (!*pe || !*de) {
         snprintf(q->err, sizeof q->err,
-                 "kvf-sched placed the request on an engine the driver does not know");
+                 "kvf-sched placed the request on an engine the router does not know");
         rc = KVF_ENOENT;
     }
 out_decref:

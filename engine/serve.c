@@ -5,6 +5,7 @@
  *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
  *              [--advertise HOST:PORT] [--sched HOST:PORT] [--store HOST:PORT[,...]]
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
+ *              [--queue work|fifo] [--cost FILE]
  *
  * Requests (POST, JSON bodies; token ids as arrays of integers):
  *   /v1/prefill   {id, tokens}                     prefill with the cached prefix loaded and the
@@ -17,8 +18,10 @@
  *                                                  false runs without the cache layer
  *   GET /v1/health                                 id, role, queue and connector figures
  *
- * One sequence runs at a time (the reference engine has one); requests wait in arrival order and
- * the queue is reported to kvf-sched as the engine's load. The KV of the last sequence stays in
+ * One sequence runs at a time (the reference engine has one); waiting requests are taken by
+ * kvf-sched's queue rule (kvf_sched_queue_pick: the least uncached work among the oldest, every
+ * k-th pick the oldest; --queue fifo keeps arrival order), and the queue is reported to kvf-sched
+ * as the engine's load. The KV of the last sequence stays in
  * the engine's pages: a prompt that starts with it keeps those chunks (device tier), and the
  * events say so: BlockStored for a new sequence's blocks, BlockRemoved for the blocks it replaced,
  * in vLLM's format (ZeroMQ PUB, [topic, 8-byte big-endian sequence, msgpack [ts, events, 0]]).
