@@ -11,6 +11,7 @@
 #include "kvf/export.h"
 #include "kvf/error.h"
 #include "kvf/layout.h"
+#include "kvf/codec.h"
 #include "kvf/object.h"
 #include "kvf/client.h"
 #include "kvf/connector.h"

@@ -1,8 +1,8 @@
 /*
  * kvf/object.h - KV chunk objects: the self-describing format in which a chunk is stored and moved
- * (docs/protocol.md, "Objects"), and the codecs that compress its segments. kvf_client_put() takes
- * objects in this format; engines and tools build them with kvf_obj_encode() or kvf_obj_seal_raw()
- * and check what they read with kvf_obj_verify().
+ * (docs/protocol.md, "Objects"), whose segments are stored with a codec (kvf/codec.h).
+ * kvf_client_put() takes objects in this format; engines and tools build them with kvf_obj_encode()
+ * or kvf_obj_seal_raw() and check what they read with kvf_obj_verify().
  *
  * An object is a header, then one stored segment per layer in layer order. The header carries the
  * layout fingerprint and key, and per layer the raw and stored sizes and XXH3-64 checksums of both,
@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kvf/codec.h"
 #include "kvf/export.h"
 #include "kvf/layout.h"
 
@@ -25,24 +26,6 @@ extern "C" {
 #define KVF_OBJ_MAGIC      0x4F46564Bu /* "KVFO" */
 #define KVF_OBJ_VERSION    1u
 #define KVF_OBJ_MAX_LAYERS 4096u
-
-/* XX(enum suffix, number, name). Numbers are stored in objects: never renumber. */
-#define KVF_CODEC_MAP(XX) \
-    XX(NONE, 0, "none")   \
-    XX(LZ4, 1, "lz4")     \
-    XX(SHUFFLE_LZ4, 2, "shuffle-lz4")
-
-typedef enum kvf_codec {
-#define KVF_CODEC_ENUM_(e, num, name) KVF_CODEC_##e = num,
-    KVF_CODEC_MAP(KVF_CODEC_ENUM_)
-#undef KVF_CODEC_ENUM_
-        KVF_CODEC_COUNT_
-} kvf_codec;
-
-/* The name of a codec ("lz4"), or NULL for an unknown number. Borrowed; static. */
-KVF_API const char *kvf_codec_name(uint32_t codec);
-/* The codec named name: 0, or KVF_EINVAL for an unknown name. */
-KVF_API int kvf_codec_parse(const char *name, kvf_codec *out);
 
 /* One layer's entry in the header. */
 typedef struct kvf_obj_seg {

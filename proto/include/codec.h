@@ -8,7 +8,7 @@
 
 #include <stddef.h>
 
-#include "kvf/object.h"
+#include "kvf/codec.h"
 
 /* Compresses n bytes into dst (cap bytes); shuffled LZ4 needs n even and scratch of n bytes.
  * *out gets the compressed size; KVF_E2BIG when it does not fit or is not smaller than n. */
