@@ -25,6 +25,15 @@ void kvf__inbox_push(loop *lp, deferred *d)
     kvf__inbox_wake(lp);
 }
 
+deferred *kvf__inbox_take(loop *lp)
+{
+    pthread_mutex_lock(&lp->inbox_mu);
+    deferred *d = lp->inbox;
+    lp->inbox = NULL;
+    pthread_mutex_unlock(&lp->inbox_mu);
+    return d;
+}
+
 void kvf__inbox_post(loop *lp, uint64_t conn_id, out_msg *m, deferred *d)
 {
     d->conn_id = conn_id;

@@ -173,6 +173,8 @@ void kvf__reply_statuses(conn *c, int32_t *st, uint32_t n);
 void kvf__inbox_wake(loop *lp);
 /* Puts d in lp's inbox and wakes lp. Takes ownership of d. */
 void kvf__inbox_push(loop *lp, deferred *d);
+/* Takes everything in lp's inbox, newest first. Caller owns the list. */
+deferred *kvf__inbox_take(loop *lp);
 /* Hands lp a reply m (NULL: none could be built) for its connection conn_id, which may have
  * closed meanwhile, in the inbox entry d, taken when the work began so that posting never fails.
  * Takes ownership of m and d. */

@@ -93,10 +93,7 @@ static void loop_drain_inbox(loop *lp)
     char buf[64];
     while (read(lp->wake[0], buf, sizeof buf) > 0) {
     }
-    pthread_mutex_lock(&lp->inbox_mu);
-    deferred *d = lp->inbox;
-    lp->inbox = NULL;
-    pthread_mutex_unlock(&lp->inbox_mu);
+    deferred *d = kvf__inbox_take(lp);
     while (d) {
         deferred *next = d->next;
         if (d->fd >= 0) {
@@ -295,10 +292,7 @@ void kvf__server_close(kvf_server **sp)
         while (lp->conns)
             kvf__conn_destroy(lp->conns);
         if (lp->poller) {
-            pthread_mutex_lock(&lp->inbox_mu);
-            deferred *d = lp->inbox;
-            lp->inbox = NULL;
-            pthread_mutex_unlock(&lp->inbox_mu);
+            deferred *d = kvf__inbox_take(lp);
             while (d) {
                 deferred *next = d->next;
                 if (d->msg) {
