@@ -246,6 +246,37 @@ void bench_json_real(json_t *result, const char *key, double v)
     json_object_set_new(result, key, json_real(v));
 }
 
+bench_spread bench_spread_of(const double *v, size_t n)
+{
+    bench_spread s = {0};
+    double *w = n ? malloc(n * sizeof *w) : NULL;
+    if (!w)
+        return s;
+    memcpy(w, v, n * sizeof *w);
+    s.median = bench_quantile(w, n, 0.5);
+    s.p10 = bench_quantile(w, n, 0.1);
+    s.p90 = bench_quantile(w, n, 0.9);
+    free(w);
+    return s;
+}
+
+bench_spread bench_json_rounds(json_t *result, const char *key, const double *v, size_t n)
+{
+    bench_spread s = bench_spread_of(v, n);
+    char k[128];
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(arr, json_real(v[i]));
+    bench_json_real(result, key, s.median);
+    snprintf(k, sizeof k, "%s_rounds", key);
+    json_object_set_new(result, k, arr);
+    snprintf(k, sizeof k, "%s_p10", key);
+    bench_json_real(result, k, s.p10);
+    snprintf(k, sizeof k, "%s_p90", key);
+    bench_json_real(result, k, s.p90);
+    return s;
+}
+
 void bench_emit(json_t *result, int json)
 {
     if (!json)

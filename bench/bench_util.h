@@ -92,6 +92,19 @@ int bench_plot_bars(const char *png, const char *title, const char *ylabel,
 json_t *bench_result_new(const char *bench);
 /* Sets key of result to the number v. */
 void bench_json_real(json_t *result, const char *key, double v);
+/* A figure measured over rounds or repetitions: the median and the spread (10th to 90th
+ * percentile) across them. Benchmarks report the spread next to the median, because one round on a
+ * shared machine can land far from the others. */
+typedef struct bench_spread {
+    double median, p10, p90;
+} bench_spread;
+
+/* The spread of n values (all zero when n is 0). v is not changed. */
+bench_spread bench_spread_of(const double *v, size_t n);
+/* Sets key of result to the median of the n values, KEY_rounds to the values in order, KEY_p10
+ * and KEY_p90 to the spread; returns the spread. v is not changed. */
+bench_spread bench_json_rounds(json_t *result, const char *key, const double *v, size_t n);
+
 /* Prints the object as one line, with json; nothing without. */
 void bench_emit(json_t *result, int json);
 
