@@ -18,6 +18,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Bytes one connection may write in one turn of its loop (kvf__conn_flush). */
+#define FLUSH_BUDGET (512u << 10)
+
 out_msg *kvf__msg_new(int niov, uint32_t nrefs, size_t buflen)
 {
     size_t sz = sizeof(out_msg) + (size_t)niov * sizeof(struct iovec) + nrefs * sizeof(uint32_t);
@@ -79,10 +82,14 @@ void kvf__conn_queue(conn *c, out_msg *m)
 int kvf__conn_flush(conn *c)
 {
     kvf_server *s = c->lp->srv;
-    while (c->oh) {
+    /* One connection's turn writes FLUSH_BUDGET at most, then the loop serves the others: a
+     * lookup waits for a slice of a 16 MiB reply, not for all that the socket buffer takes. */
+    size_t budget = FLUSH_BUDGET;
+    while (c->oh && budget) {
         out_msg *m = c->oh;
         size_t done = 0;
-        int rc = kvf__sock_writev(c->fd, m->iov + m->first, m->iovcnt - m->first, &done);
+        int rc =
+            kvf__sock_writev_max(c->fd, m->iov + m->first, m->iovcnt - m->first, budget, &done);
         if (rc == KVF_EAGAIN)
             break;
         if (rc) {
@@ -91,6 +98,7 @@ int kvf__conn_flush(conn *c)
         }
         atomic_fetch_add(&s->bytes_out, done);
         c->out_bytes -= done;
+        budget -= done;
         m->first = kvf__iov_advance(m->iov, m->iovcnt, m->first, done);
         if (m->first < m->iovcnt)
             break;

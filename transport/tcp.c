@@ -226,15 +226,25 @@ int kvf__tcp_connect(const char *host, uint16_t port, int timeout_ms, int *fd, c
     return 0;
 }
 
-int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done)
+int kvf__sock_writev_max(int fd, const struct iovec *iov, int iovcnt, size_t max, size_t *done)
 {
+    struct iovec part[64];
     size_t total = 0;
     *done = 0;
-    while (iovcnt > 0) {
-        int n = iovcnt > IOV_MAX ? IOV_MAX : iovcnt;
+    while (iovcnt > 0 && total < max) {
+        /* The next vectors, the last cut to what the budget leaves. */
+        int n = 0;
+        size_t want = 0;
+        while (n < iovcnt && n < (int)(sizeof part / sizeof part[0]) && want < max - total) {
+            part[n] = iov[n];
+            if (part[n].iov_len > max - total - want)
+                part[n].iov_len = max - total - want;
+            want += part[n].iov_len;
+            n++;
+        }
         struct msghdr mh;
         memset(&mh, 0, sizeof mh);
-        mh.msg_iov = (struct iovec *)iov;
+        mh.msg_iov = part;
         mh.msg_iovlen = (size_t)n;
         ssize_t w = sendmsg(fd, &mh, MSG_NOSIGNAL);
         if (w < 0) {
@@ -246,15 +256,17 @@ int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done)
         }
         total += (size_t)w;
         *done = total;
-        size_t want = 0;
-        for (int i = 0; i < n; i++)
-            want += iov[i].iov_len;
-        if ((size_t)w < want)
-            return 0;
+        if ((size_t)w < want || part[n - 1].iov_len < iov[n - 1].iov_len)
+            return 0; /* the socket is full, or the budget cut the last vector */
         iov += n;
         iovcnt -= n;
     }
     return 0;
+}
+
+int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done)
+{
+    return kvf__sock_writev_max(fd, iov, iovcnt, SIZE_MAX, done);
 }
 
 int kvf__sock_read(int fd, void *buf, size_t len, size_t *got)

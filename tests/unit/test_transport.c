@@ -368,6 +368,40 @@ static void test_transport_iov_advance(void **state)
     assert_int_equal(f, 3);
 }
 
+/* A bounded write takes no more than its budget, cuts the vector the budget ends in, and leaves
+ * the caller's vectors as they were; the bytes arrive in order. */
+static void test_transport_writev_budget(void **state)
+{
+    (void)state;
+    int sv[2];
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, sv), 0);
+    char a[100], b[300], c[50];
+    memset(a, 'a', sizeof a), memset(b, 'b', sizeof b), memset(c, 'c', sizeof c);
+    struct iovec v[3] = {{a, sizeof a}, {b, sizeof b}, {c, sizeof c}};
+    size_t done;
+    assert_int_equal(kvf__sock_writev_max(sv[0], v, 3, 250, &done), 0);
+    assert_int_equal(done, 250);
+    assert_int_equal(v[1].iov_len, 300); /* the caller's vectors are untouched */
+    int first = kvf__iov_advance(v, 3, 0, done);
+    assert_int_equal(kvf__sock_writev_max(sv[0], v + first, 3 - first, 1000, &done), 0);
+    assert_int_equal(done, 200);
+    char got[450];
+    size_t n = 0;
+    while (n < sizeof got) {
+        ssize_t r = read(sv[1], got + n, sizeof got - n);
+        assert_true(r > 0);
+        n += (size_t)r;
+    }
+    assert_int_equal(got[99], 'a');
+    assert_int_equal(got[100], 'b');
+    assert_int_equal(got[399], 'b');
+    assert_int_equal(got[400], 'c');
+    assert_int_equal(kvf__sock_writev_max(sv[0], v, 3, 0, &done), 0);
+    assert_int_equal(done, 0);
+    close(sv[0]);
+    close(sv[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -376,6 +410,7 @@ int main(void)
         cmocka_unit_test(test_transport_receive_low_water),
         cmocka_unit_test(test_transport_http_client_reuses_connections),
         cmocka_unit_test(test_transport_iov_advance),
+        cmocka_unit_test(test_transport_writev_budget),
     };
     return cmocka_run_group_tests_name("transport", tests, NULL, NULL);
 }

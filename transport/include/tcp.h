@@ -29,10 +29,13 @@ int kvf__tcp_connect(const char *host, uint16_t port, int timeout_ms, int *fd, c
 /* TCP_NODELAY, KVF_TCP_SOCKBUF buffers, nonblocking, close-on-exec, no SIGPIPE. */
 int kvf__tcp_tune(int fd);
 
-/* Writes as much of iov as the socket takes now, in calls of at most IOV_MAX vectors. *done gets
+/* Writes as much of iov as the socket takes now, in calls of at most 64 vectors. *done gets
  * the bytes written. Returns 0 (all or part written), KVF_EAGAIN when nothing could be written,
  * or the error (KVF_EPIPE, KVF_ECONNRESET ...). */
 int kvf__sock_writev(int fd, const struct iovec *iov, int iovcnt, size_t *done);
+/* As kvf__sock_writev(), writing max bytes at most: an event loop that serves many connections
+ * bounds what one of them takes of its turn. */
+int kvf__sock_writev_max(int fd, const struct iovec *iov, int iovcnt, size_t max, size_t *done);
 /* Reads up to len bytes. *got gets the count; 0 with return 0 means the peer closed. Returns 0,
  * KVF_EAGAIN, or the error. */
 int kvf__sock_read(int fd, void *buf, size_t len, size_t *got);
