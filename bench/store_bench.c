@@ -1,20 +1,26 @@
 /*
  * kvf-bench store: the storage node against the physical ceiling and the peer, in one run.
  *
- *   1. ceiling: raw loopback TCP, 16 MiB blocking writes, one stream and as many as kvfabric uses;
- *   2. kvfabric batched GET and PUT of 256 x 64 KiB objects and of 16 MiB objects (client-side
+ *   1. ceiling: raw loopback TCP at three write sizes (64 KiB, 1 MiB, 16 MiB) and two stream
+ *      counts (one, and as many as kvfabric uses); each round starts by measuring all six, and the
+ *      best of them is what every kvfabric rate of the round is compared with;
+ *   2. kvfabric batched GET and PUT of 256 x 64 KiB objects and of 4 x 16 MiB objects (client-side
  *      checksum verification included: it is what an engine gets);
- *   3. Redis (the remote backend LMCache users run most) GET and SET of the same bytes, pipelined,
- *      through hiredis;
- *   4. lookup-prefix latency of 128 keys, p50 and p99;
+ *   3. Redis (the remote backend LMCache users run most) with as many connections as kvfabric
+ *      uses, MGET and MSET for the same batches, values copied out as a connector must;
+ *   4. lookup-prefix latency of 128 keys from 1, 4 and 16 concurrent clients while GETs of
+ *      16 MiB objects run, and the same frame's round trip over a raw socket with nothing else
+ *      running (the latency floor);
  *   5. the store's idle RSS against its arena.
  * Every figure is measured here, now: labelled real. Ratios are taken within the run, because
- * absolute rates drift on shared machines: each kvfabric rate is bracketed by the N-stream
- * ceiling measured just before and just after it, and compared with their mean.
+ * absolute rates drift on shared machines: each kvfabric rate is bracketed by the best ceiling
+ * measured just before and just after it, and compared with their mean; every ratio is reported
+ * with its median over the rounds and its spread (10th to 90th percentile of the rounds).
  */
 #include "bench.h"
 #include "bench_util.h"
 #include "rdma.h"
+#include "store_bench.h"
 
 #include "kvf/kvf.h"
 
@@ -25,7 +31,6 @@
 
 #include <fcntl.h>
 
-#include <hiredis/hiredis.h>
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -35,8 +40,6 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
-
-#define LAYERS 4
 
 typedef struct opts {
     int quick, json, streams, store_threads;
@@ -51,285 +54,21 @@ typedef struct opts {
 } opts;
 
 #define ROUNDS_MAX 11
-#define BENCH_NS   0xbe4c4b17ull /* the namespace of every key the benchmark stores */
+#define BENCH_NS   STORE_NS
+
+/* The ceiling's configurations: every write size at one stream and at kvfabric's stream count. */
+#define N_WRITES  3
+#define N_CEILING (2 * N_WRITES)
+static const size_t ceiling_writes[N_WRITES] = {64u << 10, 1u << 20, 16u << 20};
 
 /* One round's rates, GB/s. */
 typedef struct round_fig {
-    double c1, cn;                 /* TCP ceiling, 1 and N streams (cn: mean of cb) */
-    double cb[5];                  /* N-stream ceiling before, between and after the kvf rates */
+    double grid[N_CEILING]; /* the ceiling at each configuration (i < N_WRITES: one stream) */
+    int best;               /* the configuration with the highest */
+    double cb[5]; /* the best configuration just before, between and after the kvfabric rates */
     double kg16, kg64, kp16, kp64; /* kvfabric GET/PUT, 16 MiB and 64 KiB objects, in that order */
     double rg64, rs64, rg16, rs16; /* Redis GET/SET */
 } round_fig;
-
-/* ------------------------------------------------------------------------------------------ */
-/* Ceiling: raw loopback TCP */
-
-typedef struct ceil_arg {
-    int fd;
-    double secs;
-    uint64_t bytes;
-    uint8_t *buf;
-    size_t len;
-} ceil_arg;
-
-static void *ceil_send(void *p)
-{
-    ceil_arg *a = p;
-    double end = bench_now() + a->secs;
-    while (bench_now() < end) {
-        size_t off = 0;
-        while (off < a->len) {
-            ssize_t w = send(a->fd, a->buf + off, a->len - off, MSG_NOSIGNAL);
-            if (w <= 0)
-                return NULL;
-            off += (size_t)w;
-        }
-    }
-    shutdown(a->fd, SHUT_WR);
-    return NULL;
-}
-
-static void *ceil_recv(void *p)
-{
-    ceil_arg *a = p;
-    for (;;) {
-        ssize_t r = recv(a->fd, a->buf, a->len, 0);
-        if (r <= 0)
-            break;
-        a->bytes += (uint64_t)r;
-    }
-    return NULL;
-}
-
-static void sock_bufs(int fd)
-{
-    int sz = 8 << 20, one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
-    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
-
-/* GB/s of n concurrent loopback streams of 16 MiB writes. */
-static double tcp_ceiling(int n, double secs)
-{
-    int l = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t sl = sizeof a;
-    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 64) ||
-        getsockname(l, (struct sockaddr *)&a, &sl))
-        return 0;
-    ceil_arg snd[16], rcv[16];
-    pthread_t ts[16], tr[16];
-    size_t len = 16u << 20;
-    for (int i = 0; i < n; i++) {
-        int c = socket(AF_INET, SOCK_STREAM, 0);
-        sock_bufs(c);
-        if (connect(c, (struct sockaddr *)&a, sizeof a) != 0)
-            return 0;
-        int s = accept(l, NULL, NULL);
-        sock_bufs(s);
-        snd[i] = (ceil_arg){.fd = c, .secs = secs, .buf = malloc(len), .len = len};
-        rcv[i] = (ceil_arg){.fd = s, .buf = malloc(len), .len = len};
-        memset(snd[i].buf, i + 1, len);
-    }
-    double t0 = bench_now();
-    for (int i = 0; i < n; i++) {
-        pthread_create(&tr[i], NULL, ceil_recv, &rcv[i]);
-        pthread_create(&ts[i], NULL, ceil_send, &snd[i]);
-    }
-    uint64_t total = 0;
-    for (int i = 0; i < n; i++) {
-        pthread_join(ts[i], NULL);
-        pthread_join(tr[i], NULL);
-        total += rcv[i].bytes;
-        close(snd[i].fd);
-        close(rcv[i].fd);
-        free(snd[i].buf);
-        free(rcv[i].buf);
-    }
-    double dt = bench_now() - t0;
-    close(l);
-    return (double)total / dt / 1e9;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Workloads: n objects of `bytes` each (4 layers), with keys that PUT can renew. */
-
-typedef struct workload {
-    size_t n;
-    uint64_t payload;   /* bytes of one object's segments */
-    uint64_t obj_bytes; /* object size on the wire */
-    kvf_key *keys;
-    uint8_t **objs;
-    uint64_t *lens;
-    uint8_t **bufs;
-    uint64_t *caps;
-    uint64_t *out_lens;
-    int *st;
-} workload;
-
-/* Key i of a workload's round. The payload size is part of the key: workloads of different
- * sizes never name the same object (a GET of one must not find the other's objects). */
-static kvf_key wkey(uint64_t payload, uint64_t round, size_t i)
-{
-    kvf_key k = {.lo = (round << 20) ^ (uint64_t)i ^ 0x1234567890abcdefull,
-                 .hi = round * 0x9E3779B97F4A7C15ull + i + (payload << 32)};
-    return k;
-}
-
-static void wl_init(workload *w, size_t n, uint64_t payload)
-{
-    memset(w, 0, sizeof *w);
-    w->n = n;
-    w->payload = payload;
-    uint64_t seg = payload / LAYERS;
-    w->keys = calloc(n, sizeof *w->keys);
-    w->objs = calloc(n, sizeof *w->objs);
-    w->lens = calloc(n, sizeof *w->lens);
-    w->bufs = calloc(n, sizeof *w->bufs);
-    w->caps = calloc(n, sizeof *w->caps);
-    w->out_lens = calloc(n, sizeof *w->out_lens);
-    w->st = calloc(n, sizeof *w->st);
-    uint8_t *raw = malloc(payload);
-    for (uint64_t i = 0; i < payload; i++)
-        raw[i] = (uint8_t)(i * 2654435761u >> 13);
-    const void *segs[LAYERS];
-    for (int l = 0; l < LAYERS; l++)
-        segs[l] = raw + (uint64_t)l * seg;
-    size_t cap = kvf_obj_raw_size(LAYERS, seg);
-    for (size_t i = 0; i < n; i++) {
-        w->keys[i] = wkey(w->payload, 0, i);
-        w->objs[i] = malloc(cap);
-        size_t out;
-        kvf_obj_encode(&w->keys[i], 1, 256, LAYERS, segs, seg, KVF_CODEC_NONE, w->objs[i], cap,
-                       &out, NULL);
-        w->lens[i] = out;
-        w->bufs[i] = malloc(cap);
-        w->caps[i] = cap;
-    }
-    w->obj_bytes = w->lens[0];
-    free(raw);
-}
-
-static void wl_rekey(workload *w, uint64_t round)
-{
-    for (size_t i = 0; i < w->n; i++) {
-        w->keys[i] = wkey(w->payload, round, i);
-        kvf_obj_rekey(w->objs[i], &w->keys[i]);
-    }
-}
-
-static void wl_free(workload *w)
-{
-    for (size_t i = 0; i < w->n; i++) {
-        free(w->objs[i]);
-        free(w->bufs[i]);
-    }
-    free(w->keys);
-    free(w->objs);
-    free(w->lens);
-    free(w->bufs);
-    free(w->caps);
-    free(w->out_lens);
-    free(w->st);
-}
-
-/* GB/s of batched kvfabric GETs (verified) or PUTs (fresh keys every round). */
-static double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors)
-{
-    static uint64_t round = 1000; /* PUT keys are fresh across calls too */
-    uint64_t bytes = 0;
-    *errors = 0;
-    if (!put) {
-        /* The objects a GET reads are stored first, outside the timed part. */
-        wl_rekey(w, 0);
-        kvf_batch b = {.n = w->n,
-                       .keys = w->keys,
-                       .objs = (const void *const *)w->objs,
-                       .lens = w->lens,
-                       .status = w->st};
-        kvf_client_put(c, &b);
-    }
-    double t0 = bench_now(), end = t0 + secs;
-    int iters = 0;
-    while (bench_now() < end || iters == 0) {
-        kvf_batch b = {.n = w->n, .keys = w->keys, .status = w->st};
-        int rc;
-        if (put) {
-            wl_rekey(w, round++);
-            b.objs = (const void *const *)w->objs;
-            b.lens = w->lens;
-            rc = kvf_client_put(c, &b);
-        } else {
-            b.bufs = (void *const *)w->bufs;
-            b.caps = w->caps;
-            b.out_lens = w->out_lens;
-            rc = kvf_client_get(c, &b);
-        }
-        for (size_t i = 0; i < w->n; i++) {
-            if (rc || w->st[i])
-                (*errors)++;
-            else
-                bytes += w->lens[i];
-        }
-        iters++;
-    }
-    return (double)bytes / (bench_now() - t0) / 1e9;
-}
-
-/* GB/s of pipelined Redis GETs (copied into the destination, as a connector must) or SETs. */
-static double redis_rate(redisContext *rc, workload *w, int set, double secs, int *errors)
-{
-    uint64_t bytes = 0;
-    char key[32];
-    *errors = 0;
-    if (!set) { /* the values a GET reads are stored first, outside the timed part */
-        for (size_t i = 0; i < w->n; i++) {
-            int kl = snprintf(key, sizeof key, "kvf:%zu", i);
-            redisAppendCommand(rc, "SET %b %b", key, (size_t)kl, w->objs[i], (size_t)w->lens[i]);
-        }
-        for (size_t i = 0; i < w->n; i++) {
-            redisReply *r;
-            if (redisGetReply(rc, (void **)&r) != REDIS_OK)
-                return 0;
-            freeReplyObject(r);
-        }
-    }
-    double t0 = bench_now(), end = t0 + secs;
-    int iters = 0;
-    while (bench_now() < end || iters == 0) {
-        for (size_t i = 0; i < w->n; i++) {
-            int kl = snprintf(key, sizeof key, "kvf:%zu", i);
-            if (set)
-                redisAppendCommand(rc, "SET %b %b", key, (size_t)kl, w->objs[i],
-                                   (size_t)w->lens[i]);
-            else
-                redisAppendCommand(rc, "GET %b", key, (size_t)kl);
-        }
-        for (size_t i = 0; i < w->n; i++) {
-            redisReply *r;
-            if (redisGetReply(rc, (void **)&r) != REDIS_OK)
-                return 0;
-            if (set) {
-                if (r->type == REDIS_REPLY_STATUS)
-                    bytes += w->lens[i];
-                else
-                    (*errors)++;
-            } else if (r->type == REDIS_REPLY_STRING && r->len <= w->caps[i]) {
-                memcpy(w->bufs[i], r->str, r->len);
-                bytes += r->len;
-            } else {
-                (*errors)++;
-            }
-            freeReplyObject(r);
-        }
-        iters++;
-    }
-    return (double)bytes / (bench_now() - t0) / 1e9;
-}
 
 /* The latency ceiling: the same LOOKUP frame over one blocking socket, no client library: what
  * the kernel, the loopback and the store's own handling cost. Fills lat (us). */
@@ -432,39 +171,57 @@ static int kvf_open(const opts *o, const char *host, const char *extra, const ch
     return bench_store_client_open("store", store, o->store_bin, o->memory, extra, host, &co, cl);
 }
 
+/* The streams and write size of ceiling configuration i. */
+static int cfg_streams(const opts *o, int i)
+{
+    return i < N_WRITES ? 1 : o->streams;
+}
+
+static size_t cfg_write(int i)
+{
+    return ceiling_writes[i % N_WRITES];
+}
+
+/* Every ceiling configuration into f->grid, and the best of them into f->best. */
+static void ceiling_grid(const opts *o, double secs, round_fig *f)
+{
+    f->best = 0;
+    for (int i = 0; i < N_CEILING; i++) {
+        f->grid[i] = tcp_ceiling(cfg_streams(o, i), cfg_write(i), secs);
+        if (f->grid[i] > f->grid[f->best])
+            f->best = i;
+    }
+}
+
 /* kvfabric's four rates into f (GET and PUT of both workloads); returns the keys that failed.
- * With streams > 0 the N-stream TCP ceiling is measured before the first rate, between each two
- * and after the last (f->cb): the machine's speed moves within a second here, and a rate compared
- * with the ceilings on either side of it sees the same neighbours (f->cn is their mean). */
-static int kvf_rates(kvf_client *cl, workload *small, workload *large, double secs, int streams,
+ * With a ceiling (o non-NULL), the round's best configuration is measured before the first rate,
+ * between each two and after the last (f->cb): the machine's speed moves within a second here,
+ * and a rate compared with the ceilings on either side of it sees the same neighbours. */
+static int kvf_rates(const opts *o, kvf_client *cl, workload *small, workload *large, double secs,
                      round_fig *f)
 {
     double *rate[4] = {&f->kg16, &f->kg64, &f->kp16, &f->kp64};
     workload *w[4] = {large, small, large, small};
     int errors = 0;
     for (int i = 0; i < 4; i++) {
-        if (streams)
-            f->cb[i] = tcp_ceiling(streams, secs);
+        if (o)
+            f->cb[i] = tcp_ceiling(cfg_streams(o, f->best), cfg_write(f->best), secs);
         int e;
         *rate[i] = kvf_rate(cl, w[i], i >= 2, secs, &e);
         errors += e;
     }
-    if (streams) {
-        f->cb[4] = tcp_ceiling(streams, secs);
-        f->cn = 0;
-        for (int i = 0; i < 5; i++)
-            f->cn += f->cb[i] / 5;
-    }
+    if (o)
+        f->cb[4] = tcp_ceiling(cfg_streams(o, f->best), cfg_write(f->best), secs);
     return errors;
 }
 
 /* The ceiling a kvf rate of f is compared with (0..3: GET 16 MiB, GET 64 KiB, PUT 16 MiB, PUT
- * 64 KiB): the mean of the N-stream ceilings measured just before and after it, or the 1-stream
- * ceiling of the round where that was higher. */
+ * 64 KiB): the mean of the best configuration measured just before and after it, or the best of
+ * the round's grid where that was higher. */
 static double ceiling_of(const round_fig *f, int i)
 {
     double b = (f->cb[i] + f->cb[i + 1]) / 2;
-    return b > f->c1 ? b : f->c1;
+    return b > f->grid[f->best] ? b : f->grid[f->best];
 }
 
 /* --transport rdma on a host with a device: a storage node serving RDMA on the RDMA interface's
@@ -486,11 +243,15 @@ static int rdma_bench(const opts *o, json_t *res)
     if (kvf_open(o, o->rdma_host, extra, "rdma", &store, &cl) != 0)
         return 1;
     workload small, large;
-    wl_init(&small, 256, 64 * 1024);
-    wl_init(&large, 4, 16u << 20);
+    if (wl_init(&small, 256, 64 * 1024) != 0 || wl_init(&large, 4, 16u << 20) != 0) {
+        fprintf(stderr, "kvf-bench store: out of memory\n");
+        kvf_client_close(&cl);
+        bench_stop(&store);
+        return 1;
+    }
     bench_progress("store", "kvfabric GET/PUT over RDMA, 256 x 64 KiB and 4 x 16 MiB batches");
     round_fig f = {0};
-    int errors = kvf_rates(cl, &small, &large, o->secs, 0, &f);
+    int errors = kvf_rates(NULL, cl, &small, &large, o->secs, &f);
     double kg64 = f.kg64, kp64 = f.kp64, kg16 = f.kg16, kp16 = f.kp16;
     kvf_client_close(&cl);
     bench_stop(&store);
@@ -519,85 +280,68 @@ static int rdma_bench(const opts *o, json_t *res)
 /* ------------------------------------------------------------------------------------------ */
 /* TCP: the rounds, the lookup latency and the idle RSS, then their summary */
 
-/* Starts redis-server and connects to it. Returns the connection, or NULL (and no redis-server
- * left running) where redis-server is missing or does not answer. */
-static redisContext *redis_open(bench_proc *redis)
-{
-    if (bench_start_redis(redis) != 0) {
-        bench_progress("store", "redis-server not available: peer figures omitted");
-        return NULL;
-    }
-    struct timeval tv = {30, 0};
-    redisContext *rc = redisConnectWithTimeout("127.0.0.1", redis->port, tv);
-    if (!rc || rc->err) {
-        if (rc)
-            redisFree(rc);
-        bench_stop(redis);
-        return NULL;
-    }
-    return rc;
-}
+static const int lookup_clients[] = {1, 4, 16};
+#define N_LOOKUP (sizeof lookup_clients / sizeof lookup_clients[0])
 
 /* What a TCP run measured. */
 typedef struct tcp_run {
     round_fig fig[ROUNDS_MAX];
     int redis_ok;                 /* Redis ran: its rates in fig are measured, not zero */
     int kvf_errors, redis_errors; /* keys that failed */
-    double lookup_p50, lookup_p99, raw_p50, raw_p99; /* us */
+    double lookup_p50[N_LOOKUP], lookup_p99[N_LOOKUP]; /* us, by lookup_clients */
+    double raw_p50, raw_p99;                           /* us, the raw socket, idle */
     size_t lookup_hits;
     double rss_mib; /* the store's, idle after the run */
 } tcp_run;
 
-/* Rounds: the ceiling, kvfabric (each rate between two ceilings) and Redis (rc; NULL: none) one
- * after another, again and again. This machine is shared: a figure and the ceilings measured on
- * either side of it see the same neighbours, so the ratios are taken figure by figure, round by
- * round, and their median reported (the rates too). */
-static void measure_rounds(const opts *o, kvf_client *cl, redisContext *rc, workload *small,
+/* Rounds: the ceiling grid, kvfabric (each rate between two ceilings) and Redis (rp; NULL: none)
+ * one after another, again and again. This machine is shared: a figure and the ceilings measured
+ * on either side of it see the same neighbours, so the ratios are taken figure by figure, round by
+ * round, and reported with their median and spread. */
+static void measure_rounds(const opts *o, kvf_client *cl, redis_peer *rp, workload *small,
                            workload *large, tcp_run *run)
 {
+    double grid_secs = o->secs / 2;
     for (int r = 0; r < o->rounds; r++) {
         round_fig *f = &run->fig[r];
         memset(f, 0, sizeof *f);
         bench_progress("store",
-                       "round %d/%d: TCP ceiling (1 and %d streams), kvfabric between "
-                       "ceilings, Redis, %.1f s each",
-                       r + 1, o->rounds, o->streams, o->secs);
-        f->c1 = tcp_ceiling(1, o->secs);
-        run->kvf_errors += kvf_rates(cl, small, large, o->secs, o->streams, f);
+                       "round %d/%d: TCP ceiling (%d configurations), kvfabric between "
+                       "ceilings, Redis (%d connections), %.1f s each",
+                       r + 1, o->rounds, N_CEILING, o->streams, o->secs);
+        ceiling_grid(o, grid_secs, f);
+        run->kvf_errors += kvf_rates(o, cl, small, large, o->secs, f);
         int e[4];
-        if (rc) {
-            f->rs64 = redis_rate(rc, small, 1, o->secs, &e[0]);
-            f->rg64 = redis_rate(rc, small, 0, o->secs, &e[1]);
-            f->rs16 = redis_rate(rc, large, 1, o->secs, &e[2]);
-            f->rg16 = redis_rate(rc, large, 0, o->secs, &e[3]);
+        if (rp) {
+            f->rs64 = redis_peer_rate(rp, small, 1, o->secs, &e[0]);
+            f->rg64 = redis_peer_rate(rp, small, 0, o->secs, &e[1]);
+            f->rs16 = redis_peer_rate(rp, large, 1, o->secs, &e[2]);
+            f->rg16 = redis_peer_rate(rp, large, 0, o->secs, &e[3]);
             run->redis_errors += e[0] + e[1] + e[2] + e[3];
         }
     }
 }
 
-/* Latency of lookup-prefix of 128 stored keys through the client, and of the same frame over a
- * raw socket to the store at port (the ceiling; 0 where it fails), into run. */
-static void lookup_latency(const opts *o, kvf_client *cl, uint16_t port, tcp_run *run)
+/* Lookup latency with 1, 4 and 16 clients while GETs run, and the raw socket's round trip of the
+ * same frame with nothing else running (the floor; 0 where it fails), into run. */
+static void lookup_latency(const opts *o, uint16_t port, tcp_run *run)
 {
-    bench_progress("store", "lookup-prefix of 128 keys");
+    char node[64];
+    snprintf(node, sizeof node, "127.0.0.1:%u", (unsigned)port);
+    double secs = o->quick ? 1.0 : 2.0;
+    for (size_t i = 0; i < N_LOOKUP; i++) {
+        bench_progress("store", "lookup-prefix of 128 keys, %d client(s), GETs running",
+                       lookup_clients[i]);
+        if (lookup_under_load(node, lookup_clients[i], secs, &run->lookup_p50[i],
+                              &run->lookup_p99[i], &run->lookup_hits) != 0)
+            run->kvf_errors++;
+    }
     workload chain;
-    wl_init(&chain, 128, 4 * 1024);
-    kvf_batch pb = {.n = 128,
-                    .keys = chain.keys,
-                    .objs = (const void *const *)chain.objs,
-                    .lens = chain.lens,
-                    .status = chain.st};
-    kvf_client_put(cl, &pb);
+    if (wl_init(&chain, 128, 4 * 1024) != 0)
+        return;
     int iters = o->quick ? 1000 : 5000;
     double *lat = malloc((size_t)iters * sizeof *lat);
-    for (int i = 0; i < iters; i++) {
-        double t = bench_now();
-        kvf_client_lookup_prefix(cl, 128, chain.keys, &run->lookup_hits, 5000);
-        lat[i] = (bench_now() - t) * 1e6;
-    }
-    run->lookup_p50 = bench_quantile(lat, (size_t)iters, 0.5);
-    run->lookup_p99 = bench_quantile(lat, (size_t)iters, 0.99);
-    if (raw_lookup_rtt(port, BENCH_NS, chain.keys, iters, lat) == 0) {
+    if (lat && raw_lookup_rtt(port, BENCH_NS, chain.keys, iters, lat) == 0) {
         run->raw_p50 = bench_quantile(lat, (size_t)iters, 0.5);
         run->raw_p99 = bench_quantile(lat, (size_t)iters, 0.99);
     }
@@ -608,58 +352,104 @@ static void lookup_latency(const opts *o, kvf_client *cl, uint16_t port, tcp_run
 #define MIN2(a, b) ((a) < (b) ? (a) : (b))
 #define MAX2(a, b) ((a) > (b) ? (a) : (b))
 
-/* A run's figures: rates are medians over the rounds (GB/s); ratios are taken per round, then
- * the median. Headline figures are the smaller of the two sizes (kvfabric) against the larger
- * (ceiling, Redis). Ratios to Redis are 0 where Redis did not run. */
-typedef struct summary {
-    double c1, cn, kg64, kp64, kg16, kp16, rg64, rs64, rg16, rs16;
-    double ceiling, kget, kput, rget, rset;
-    double gc16, gc64, pc16, pc64; /* each kvfabric rate over the ceiling it is compared with */
-    double get_vs_ceiling, put_vs_ceiling, get_vs_1stream;
-    double gvr64, gvr16, pvr64, pvr16, get_vs_redis, put_vs_redis;
-} summary;
+/* Per-round values of the run's figures, in one table: rates (GB/s) and ratios. */
+enum {
+    F_C1,   /* the best one-stream ceiling of the grid */
+    F_CN,   /* the best N-stream ceiling of the grid */
+    F_CEIL, /* the best of the grid */
+    F_KG64,
+    F_KP64,
+    F_KG16,
+    F_KP16,
+    F_RG64,
+    F_RS64,
+    F_RG16,
+    F_RS16,
+    F_GC64, /* kvfabric over the ceiling it is compared with */
+    F_GC16,
+    F_PC64,
+    F_PC16,
+    F_GC, /* the smaller of the two sizes */
+    F_PC,
+    F_GR64, /* kvfabric over Redis */
+    F_GR16,
+    F_PR64,
+    F_PR16,
+    F_GR,
+    F_PR,
+    N_FIG
+};
 
-static void summarize(const tcp_run *run, int rounds, summary *s)
+static const char *const fig_keys[N_FIG] = {
+    [F_C1] = "tcp_ceiling_1stream_gbps",
+    [F_CN] = "tcp_ceiling_nstream_gbps",
+    [F_CEIL] = "tcp_ceiling_gbps",
+    [F_KG64] = "kvf_get_64k_gbps",
+    [F_KP64] = "kvf_put_64k_gbps",
+    [F_KG16] = "kvf_get_16m_gbps",
+    [F_KP16] = "kvf_put_16m_gbps",
+    [F_RG64] = "redis_get_64k_gbps",
+    [F_RS64] = "redis_set_64k_gbps",
+    [F_RG16] = "redis_get_16m_gbps",
+    [F_RS16] = "redis_set_16m_gbps",
+    [F_GC64] = "get_vs_ceiling_64k",
+    [F_GC16] = "get_vs_ceiling_16m",
+    [F_PC64] = "put_vs_ceiling_64k",
+    [F_PC16] = "put_vs_ceiling_16m",
+    [F_GC] = "get_vs_ceiling",
+    [F_PC] = "put_vs_ceiling",
+    [F_GR64] = "get_vs_redis_64k",
+    [F_GR16] = "get_vs_redis_16m",
+    [F_PR64] = "put_vs_redis_64k",
+    [F_PR16] = "put_vs_redis_16m",
+    [F_GR] = "get_vs_redis",
+    [F_PR] = "put_vs_redis",
+};
+
+/* Round r's figures into v[i][r]. The Redis figures stay 0 where Redis did not run. */
+static void round_values(const opts *o, const round_fig *f, int redis, double v[N_FIG])
 {
-    double v[ROUNDS_MAX];
-#define MED(out, expr)                                \
-    do {                                              \
-        for (int r_ = 0; r_ < rounds; r_++) {         \
-            const round_fig *f = &run->fig[r_];       \
-            v[r_] = (expr);                           \
-        }                                             \
-        out = bench_quantile(v, (size_t)rounds, 0.5); \
-    } while (0)
-    memset(s, 0, sizeof *s);
-    MED(s->c1, f->c1);
-    MED(s->cn, f->cn);
-    MED(s->kg64, f->kg64);
-    MED(s->kp64, f->kp64);
-    MED(s->kg16, f->kg16);
-    MED(s->kp16, f->kp16);
-    MED(s->rg64, f->rg64);
-    MED(s->rs64, f->rs64);
-    MED(s->rg16, f->rg16);
-    MED(s->rs16, f->rs16);
-    s->ceiling = MAX2(s->c1, s->cn);
-    s->kget = MIN2(s->kg64, s->kg16), s->kput = MIN2(s->kp64, s->kp16);
-    s->rget = MAX2(s->rg64, s->rg16), s->rset = MAX2(s->rs64, s->rs16);
-    MED(s->gc16, f->kg16 / ceiling_of(f, 0));
-    MED(s->gc64, f->kg64 / ceiling_of(f, 1));
-    MED(s->pc16, f->kp16 / ceiling_of(f, 2));
-    MED(s->pc64, f->kp64 / ceiling_of(f, 3));
-    MED(s->get_vs_ceiling, MIN2(f->kg16 / ceiling_of(f, 0), f->kg64 / ceiling_of(f, 1)));
-    MED(s->put_vs_ceiling, MIN2(f->kp16 / ceiling_of(f, 2), f->kp64 / ceiling_of(f, 3)));
-    MED(s->get_vs_1stream, MIN2(f->kg64, f->kg16) / f->c1);
-    if (run->redis_ok) {
-        MED(s->gvr64, f->kg64 / f->rg64);
-        MED(s->gvr16, f->kg16 / f->rg16);
-        MED(s->pvr64, f->kp64 / f->rs64);
-        MED(s->pvr16, f->kp16 / f->rs16);
-        MED(s->get_vs_redis, MIN2(f->kg64 / f->rg64, f->kg16 / f->rg16));
-        MED(s->put_vs_redis, MIN2(f->kp64 / f->rs64, f->kp16 / f->rs16));
+    memset(v, 0, N_FIG * sizeof *v);
+    for (int i = 0; i < N_CEILING; i++) {
+        int k = cfg_streams(o, i) == 1 && i < N_WRITES ? F_C1 : F_CN;
+        v[k] = MAX2(v[k], f->grid[i]);
     }
-#undef MED
+    v[F_CEIL] = f->grid[f->best];
+    v[F_KG16] = f->kg16, v[F_KG64] = f->kg64, v[F_KP16] = f->kp16, v[F_KP64] = f->kp64;
+    v[F_GC16] = f->kg16 / ceiling_of(f, 0), v[F_GC64] = f->kg64 / ceiling_of(f, 1);
+    v[F_PC16] = f->kp16 / ceiling_of(f, 2), v[F_PC64] = f->kp64 / ceiling_of(f, 3);
+    v[F_GC] = MIN2(v[F_GC16], v[F_GC64]);
+    v[F_PC] = MIN2(v[F_PC16], v[F_PC64]);
+    if (!redis)
+        return;
+    v[F_RG64] = f->rg64, v[F_RS64] = f->rs64, v[F_RG16] = f->rg16, v[F_RS16] = f->rs16;
+    v[F_GR64] = f->kg64 / f->rg64, v[F_GR16] = f->kg16 / f->rg16;
+    v[F_PR64] = f->kp64 / f->rs64, v[F_PR16] = f->kp16 / f->rs16;
+    v[F_GR] = MIN2(v[F_GR64], v[F_GR16]);
+    v[F_PR] = MIN2(v[F_PR64], v[F_PR16]);
+}
+
+/* A run's figures: each a median over the rounds with its spread, into res when res is not NULL
+ * (with the rounds), and into s. */
+static void summarize(const opts *o, const tcp_run *run, json_t *res, bench_spread s[N_FIG])
+{
+    double v[N_FIG][ROUNDS_MAX], one[N_FIG];
+    for (int r = 0; r < o->rounds; r++) {
+        round_values(o, &run->fig[r], run->redis_ok, one);
+        for (int i = 0; i < N_FIG; i++)
+            v[i][r] = one[i];
+    }
+    for (int i = 0; i < N_FIG; i++) {
+        int of_redis = (i >= F_RG64 && i <= F_RS16) || i >= F_GR64;
+        if (of_redis && !run->redis_ok) {
+            memset(&s[i], 0, sizeof s[i]);
+            if (res)
+                json_object_set_new(res, fig_keys[i], json_null());
+            continue;
+        }
+        s[i] = res ? bench_json_rounds(res, fig_keys[i], v[i], (size_t)o->rounds)
+                   : bench_spread_of(v[i], (size_t)o->rounds);
+    }
 }
 
 /* MiB of a size such as --memory's ("1G", "512M", or bytes); 0 where it does not read as one. */
@@ -672,44 +462,58 @@ static double size_mib(const char *size)
     return (double)m * (u == 'G' || u == 'g' ? 1024 : u == 'M' || u == 'm' ? 1 : 1.0 / 1048576);
 }
 
-static void print_tcp(const opts *o, const tcp_run *run, const summary *s)
+/* One line: a rate, its ratio to the ceiling and to Redis, with their spreads. */
+static void rate_row(const char *what, const bench_spread s[N_FIG], int rate, int vs_c, int vs_r)
 {
-    printf("kvf-bench store: real, TCP loopback, %ld cores, %d stream(s), median of %d rounds%s\n",
+    printf("  %-24s %6.2f GB/s", what, s[rate].median);
+    if (vs_c >= 0)
+        printf("   %5.2f x ceiling (%.2f-%.2f)", s[vs_c].median, s[vs_c].p10, s[vs_c].p90);
+    if (vs_r >= 0 && s[vs_r].median > 0)
+        printf("   %5.2f x redis (%.2f-%.2f)", s[vs_r].median, s[vs_r].p10, s[vs_r].p90);
+    printf("\n");
+}
+
+static void print_tcp(const opts *o, const tcp_run *run, const bench_spread s[N_FIG])
+{
+    printf("kvf-bench store: real, TCP loopback, %ld cores, %d stream(s), median (p10-p90) of %d "
+           "rounds%s\n",
            sysconf(_SC_NPROCESSORS_ONLN), o->streams, o->rounds, o->quick ? ", quick" : "");
-    row("TCP ceiling, 1 stream", s->c1, 0, 0);
-    char label[64];
-    snprintf(label, sizeof label, "TCP ceiling, %d streams", o->streams);
-    row(label, s->cn, 0, 0);
-    row("kvf GET 256 x 64 KiB", s->kg64, s->gc64, s->gvr64);
-    row("kvf PUT 256 x 64 KiB", s->kp64, s->pc64, s->pvr64);
-    row("kvf GET 4 x 16 MiB", s->kg16, s->gc16, s->gvr16);
-    row("kvf PUT 4 x 16 MiB", s->kp16, s->pc16, s->pvr16);
+    printf("  %-24s %6.2f GB/s (best of 64 KiB, 1 MiB and 16 MiB writes; 1 stream %.2f, %d "
+           "streams %.2f)\n",
+           "TCP ceiling", s[F_CEIL].median, s[F_C1].median, o->streams, s[F_CN].median);
+    rate_row("kvf GET 256 x 64 KiB", s, F_KG64, F_GC64, F_GR64);
+    rate_row("kvf PUT 256 x 64 KiB", s, F_KP64, F_PC64, F_PR64);
+    rate_row("kvf GET 4 x 16 MiB", s, F_KG16, F_GC16, F_GR16);
+    rate_row("kvf PUT 4 x 16 MiB", s, F_KP16, F_PC16, F_PR16);
     if (run->redis_ok) {
-        row("redis GET 256 x 64 KiB", s->rg64, s->rg64 / s->ceiling, 0);
-        row("redis SET 256 x 64 KiB", s->rs64, s->rs64 / s->ceiling, 0);
-        row("redis GET 4 x 16 MiB", s->rg16, s->rg16 / s->ceiling, 0);
-        row("redis SET 4 x 16 MiB", s->rs16, s->rs16 / s->ceiling, 0);
+        rate_row("redis MGET 256 x 64 KiB", s, F_RG64, -1, -1);
+        rate_row("redis MSET 256 x 64 KiB", s, F_RS64, -1, -1);
+        rate_row("redis MGET 4 x 16 MiB", s, F_RG16, -1, -1);
+        rate_row("redis MSET 4 x 16 MiB", s, F_RS16, -1, -1);
     }
-    printf("  %-34s p50 %.1f us, p99 %.1f us (%zu hits)\n", "kvf lookup-prefix, 128 keys",
-           run->lookup_p50, run->lookup_p99, run->lookup_hits);
-    printf("  %-34s p50 %.1f us, p99 %.1f us\n", "raw socket round trip, same frame", run->raw_p50,
-           run->raw_p99);
+    for (size_t i = 0; i < N_LOOKUP; i++)
+        printf("  lookup 128 keys, %2d client(s), GETs running: p50 %.1f us, p99 %.1f us\n",
+               lookup_clients[i], run->lookup_p50[i], run->lookup_p99[i]);
+    printf("  %-24s p50 %.1f us, p99 %.1f us (one client, nothing else running)\n",
+           "raw socket round trip", run->raw_p50, run->raw_p99);
     double arena_mib = size_mib(o->memory);
-    printf("  %-34s %.1f MiB (arena %.0f MiB + %.1f MiB)\n", "kvf-store idle RSS", run->rss_mib,
+    printf("  %-24s %.1f MiB (arena %.0f MiB + %.1f MiB)\n", "kvf-store idle RSS", run->rss_mib,
            arena_mib, run->rss_mib - arena_mib);
     if (run->kvf_errors || run->redis_errors)
         printf("  errors: kvfabric %d, redis %d keys failed\n", run->kvf_errors, run->redis_errors);
 }
 
 /* The rates as bars to png (Redis's where it ran); says so on stdout once written. */
-static void plot_tcp(const char *png, int redis_ok, const summary *s)
+static void plot_tcp(const char *png, int redis_ok, const bench_spread s[N_FIG])
 {
     const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams", "kvf GET 256x64K",
                             "kvf PUT 256x64K",      "kvf GET 4x16M",         "kvf PUT 4x16M",
-                            "redis GET 256x64K",    "redis SET 256x64K",     "redis GET 4x16M",
-                            "redis SET 4x16M"};
-    double vals[] = {s->c1,   s->cn,   s->kg64, s->kp64, s->kg16,
-                     s->kp16, s->rg64, s->rs64, s->rg16, s->rs16};
+                            "redis MGET 256x64K",   "redis MSET 256x64K",    "redis MGET 4x16M",
+                            "redis MSET 4x16M"};
+    const int idx[] = {F_C1, F_CN, F_KG64, F_KP64, F_KG16, F_KP16, F_RG64, F_RS64, F_RG16, F_RS16};
+    double vals[10];
+    for (int i = 0; i < 10; i++)
+        vals[i] = s[idx[i]].median;
     int groups[] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
     size_t n = redis_ok ? 10 : 6;
     if (bench_plot_bars(
@@ -718,52 +522,26 @@ static void plot_tcp(const char *png, int redis_ok, const summary *s)
         printf("  plot: %s\n", png);
 }
 
-static void add_tcp_figures(json_t *res, const opts *o, const tcp_run *run, const summary *s)
+static void add_tcp_figures(json_t *res, const opts *o, const tcp_run *run)
 {
-    json_t *gr = json_array();
-    for (int r = 0; r < o->rounds; r++) {
-        const round_fig *f = &run->fig[r];
-        json_array_append_new(
-            gr, json_real(MIN2(f->kg16 / ceiling_of(f, 0), f->kg64 / ceiling_of(f, 1))));
-    }
-    json_object_set_new(res, "get_vs_ceiling_rounds", gr);
     json_object_set_new(res, "rounds", json_integer(o->rounds));
-    bench_json_real(res, "tcp_ceiling_gbps", s->ceiling);
-    bench_json_real(res, "tcp_ceiling_1stream_gbps", s->c1);
-    bench_json_real(res, "tcp_ceiling_nstream_gbps", s->cn);
     json_object_set_new(res, "streams", json_integer(o->streams));
+    json_object_set_new(res, "redis_connections", json_integer(run->redis_ok ? o->streams : 0));
     json_object_set_new(res, "store_threads", json_integer(o->store_threads));
     json_object_set_new(res, "io_threads", json_integer(o->io_threads));
-    bench_json_real(res, "kvf_get_gbps", s->kget);
-    bench_json_real(res, "kvf_put_gbps", s->kput);
-    bench_json_real(res, "kvf_get_64k_gbps", s->kg64);
-    bench_json_real(res, "kvf_put_64k_gbps", s->kp64);
-    bench_json_real(res, "kvf_get_16m_gbps", s->kg16);
-    bench_json_real(res, "kvf_put_16m_gbps", s->kp16);
-    if (run->redis_ok) {
-        bench_json_real(res, "redis_get_gbps", s->rget);
-        bench_json_real(res, "redis_set_gbps", s->rset);
-        bench_json_real(res, "redis_get_64k_gbps", s->rg64);
-        bench_json_real(res, "redis_set_64k_gbps", s->rs64);
-        bench_json_real(res, "redis_get_16m_gbps", s->rg16);
-        bench_json_real(res, "redis_set_16m_gbps", s->rs16);
-        bench_json_real(res, "get_vs_redis", s->get_vs_redis);
-        bench_json_real(res, "put_vs_redis", s->put_vs_redis);
-    } else {
-        json_object_set_new(res, "redis_get_gbps", json_null());
-        json_object_set_new(res, "redis_set_gbps", json_null());
-        json_object_set_new(res, "get_vs_redis", json_null());
-        json_object_set_new(res, "put_vs_redis", json_null());
+    json_t *w = json_array();
+    for (int i = 0; i < N_WRITES; i++)
+        json_array_append_new(w, json_integer((json_int_t)ceiling_writes[i]));
+    json_object_set_new(res, "ceiling_write_bytes", w);
+    char k[64];
+    for (size_t i = 0; i < N_LOOKUP; i++) {
+        snprintf(k, sizeof k, "lookup128_p50_us_%dclients", lookup_clients[i]);
+        bench_json_real(res, k, run->lookup_p50[i]);
+        snprintf(k, sizeof k, "lookup128_p99_us_%dclients", lookup_clients[i]);
+        bench_json_real(res, k, run->lookup_p99[i]);
     }
-    bench_json_real(res, "get_vs_ceiling", s->get_vs_ceiling);
-    bench_json_real(res, "get_vs_1stream_ceiling", s->get_vs_1stream);
-    bench_json_real(res, "put_vs_ceiling", s->put_vs_ceiling);
-    bench_json_real(res, "lookup128_p50_us", run->lookup_p50);
-    bench_json_real(res, "lookup128_p99_us", run->lookup_p99);
     bench_json_real(res, "lookup128_raw_p50_us", run->raw_p50);
     bench_json_real(res, "lookup128_raw_p99_us", run->raw_p99);
-    bench_json_real(res, "lookup_p50_vs_raw",
-                    run->raw_p50 > 0 ? run->lookup_p50 / run->raw_p50 : 0);
     bench_json_real(res, "store_rss_mib", run->rss_mib);
     bench_json_real(res, "store_arena_mib", size_mib(o->memory));
     json_object_set_new(res, "kvf_errors", json_integer(run->kvf_errors));
@@ -785,31 +563,31 @@ static int tcp_bench(const opts *o, json_t *res)
     if (kvf_open(o, "127.0.0.1", extra, "tcp", &store, &cl) != 0)
         return 1;
     tcp_run run = {0};
-    bench_proc redis = {0};
-    redisContext *rc = redis_open(&redis);
-    run.redis_ok = rc != NULL;
     workload small, large;
-    wl_init(&small, 256, 64 * 1024);
-    wl_init(&large, 4, 16u << 20);
-    measure_rounds(o, cl, rc, &small, &large, &run);
-    if (rc) {
-        redisFree(rc);
-        bench_stop(&redis);
+    if (wl_init(&small, 256, 64 * 1024) != 0 || wl_init(&large, 4, 16u << 20) != 0) {
+        fprintf(stderr, "kvf-bench store: out of memory\n");
+        kvf_client_close(&cl);
+        bench_stop(&store);
+        return 1;
     }
-    lookup_latency(o, cl, store.port, &run);
+    redis_peer *rp = redis_peer_open(o->streams);
+    run.redis_ok = rp != NULL;
+    measure_rounds(o, cl, rp, &small, &large, &run);
+    redis_peer_close(&rp);
     kvf_client_close(&cl);
+    lookup_latency(o, store.port, &run);
     usleep(300000);
     run.rss_mib = bench_rss_mib(store.pid);
     bench_stop(&store);
     wl_free(&small);
     wl_free(&large);
 
-    summary s;
-    summarize(&run, o->rounds, &s);
-    print_tcp(o, &run, &s);
+    bench_spread s[N_FIG];
+    summarize(o, &run, res, s);
+    print_tcp(o, &run, s);
     if (o->plot)
-        plot_tcp(o->plot, run.redis_ok, &s);
-    add_tcp_figures(res, o, &run, &s);
+        plot_tcp(o->plot, run.redis_ok, s);
+    add_tcp_figures(res, o, &run);
     bench_emit(res, o->json);
     return run.kvf_errors ? 1 : 0;
 }

@@ -1,0 +1,63 @@
+/*
+ * kvf-bench store's parts: the workloads and kvfabric's rates (store_workload.c), the ceiling
+ * and the peer they are compared with (store_peers.c); store_bench.c runs them in rounds.
+ */
+#ifndef KVF_BENCH_STORE_BENCH_H
+#define KVF_BENCH_STORE_BENCH_H
+
+#include "kvf/kvf.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define STORE_LAYERS 4
+#define STORE_NS     0xbe4c4b17ull /* the namespace of every key the benchmark stores */
+
+/* n objects of `payload` bytes each (STORE_LAYERS layers), with keys that PUT can renew, and the
+ * destination buffers a GET reads them into. */
+typedef struct workload {
+    size_t n;
+    uint64_t payload;   /* bytes of one object's segments */
+    uint64_t obj_bytes; /* object size on the wire */
+    kvf_key *keys;
+    uint8_t **objs;
+    uint64_t *lens;
+    uint8_t **bufs;
+    uint64_t *caps;
+    uint64_t *out_lens;
+    int *st;
+} workload;
+
+/* 0, or -1 when out of memory (w is then freed). */
+int wl_init(workload *w, size_t n, uint64_t payload);
+/* Renames the objects for round `round` (fresh keys for PUTs). */
+void wl_rekey(workload *w, uint64_t round);
+void wl_free(workload *w);
+
+/* GB/s of batched kvfabric GETs (verified) or PUTs (fresh keys every call) over secs; *errors gets
+ * the keys that failed. */
+double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors);
+
+/* Lookup-prefix latency of 128 stored keys from `clients` concurrent clients (each a client of its
+ * own, one connection) for secs, while another client GETs 4 x 16 MiB batches without a pause.
+ * Fills p50 and p99 (us) and *hits (the last lookup's leading hits). 0, or -1 when a client
+ * does not open. */
+int lookup_under_load(const char *node, int clients, double secs, double *p50, double *p99,
+                      size_t *hits);
+
+/* The TCP ceiling: GB/s of `streams` concurrent loopback streams of blocking writes of
+ * `write_bytes` each, over secs. 0 where the sockets cannot be made. */
+double tcp_ceiling(int streams, size_t write_bytes, double secs);
+
+/* Redis with `conns` connections (kvfabric's connection count), for the same batches. */
+typedef struct redis_peer redis_peer;
+/* Starts redis-server and connects to it. NULL (no server left running) where redis-server is
+ * missing or does not answer. */
+redis_peer *redis_peer_open(int conns);
+void redis_peer_close(redis_peer **p);
+/* GB/s of w's batch over the connections, each taking every conns-th key: MGET, the values copied
+ * into the destination as a connector must, or MSET. Each connection runs its share again and
+ * again for secs. *errors gets the keys that failed. */
+double redis_peer_rate(redis_peer *p, workload *w, int set, double secs, int *errors);
+
+#endif

@@ -1,0 +1,282 @@
+/*
+ * What kvf-bench store compares kvfabric with (store_bench.h): the loopback TCP ceiling at a
+ * given write size and stream count, and Redis with as many connections as kvfabric uses, MGET
+ * and MSET for batches (hiredis).
+ */
+#include "store_bench.h"
+
+#include "bench_util.h"
+
+#include <hiredis/hiredis.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAX_STREAMS 16
+
+/* ------------------------------------------------------------------------------------------ */
+/* The TCP ceiling */
+
+typedef struct ceil_arg {
+    int fd;
+    double secs;
+    uint64_t bytes;
+    uint8_t *buf;
+    size_t len;
+} ceil_arg;
+
+static void *ceil_send(void *p)
+{
+    ceil_arg *a = p;
+    double end = bench_now() + a->secs;
+    while (bench_now() < end) {
+        size_t off = 0;
+        while (off < a->len) {
+            ssize_t w = send(a->fd, a->buf + off, a->len - off, MSG_NOSIGNAL);
+            if (w <= 0)
+                goto out_shutdown;
+            off += (size_t)w;
+        }
+    }
+out_shutdown:
+    shutdown(a->fd, SHUT_WR);
+    return NULL;
+}
+
+static void *ceil_recv(void *p)
+{
+    ceil_arg *a = p;
+    for (;;) {
+        ssize_t r = recv(a->fd, a->buf, a->len, 0);
+        if (r <= 0)
+            break;
+        a->bytes += (uint64_t)r;
+    }
+    return NULL;
+}
+
+static void sock_bufs(int fd)
+{
+    int sz = 8 << 20, one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/* A connected pair on the listener l (bound to a): *c the sending end, *s the receiving one. */
+static int stream_pair(int l, const struct sockaddr_in *a, int *c, int *s)
+{
+    *c = socket(AF_INET, SOCK_STREAM, 0);
+    if (*c < 0)
+        return -1;
+    sock_bufs(*c);
+    if (connect(*c, (const struct sockaddr *)a, sizeof *a) != 0 ||
+        (*s = accept(l, NULL, NULL)) < 0) {
+        close(*c);
+        return -1;
+    }
+    sock_bufs(*s);
+    return 0;
+}
+
+double tcp_ceiling(int streams, size_t write_bytes, double secs)
+{
+    int n = streams < MAX_STREAMS ? streams : MAX_STREAMS;
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof a;
+    if (l < 0 || bind(l, (struct sockaddr *)&a, sizeof a) || listen(l, 64) ||
+        getsockname(l, (struct sockaddr *)&a, &sl)) {
+        if (l >= 0)
+            close(l);
+        return 0;
+    }
+    ceil_arg snd[MAX_STREAMS] = {0}, rcv[MAX_STREAMS] = {0};
+    pthread_t ts[MAX_STREAMS], tr[MAX_STREAMS];
+    int made = 0;
+    for (; made < n; made++) {
+        int c, s;
+        uint8_t *sb = malloc(write_bytes), *rb = malloc(write_bytes);
+        if (!sb || !rb || stream_pair(l, &a, &c, &s) != 0) {
+            free(sb), free(rb);
+            break;
+        }
+        memset(sb, made + 1, write_bytes);
+        snd[made] = (ceil_arg){.fd = c, .secs = secs, .buf = sb, .len = write_bytes};
+        rcv[made] = (ceil_arg){.fd = s, .buf = rb, .len = write_bytes};
+    }
+    close(l);
+    double t0 = bench_now();
+    for (int i = 0; made == n && i < n; i++) {
+        pthread_create(&tr[i], NULL, ceil_recv, &rcv[i]);
+        pthread_create(&ts[i], NULL, ceil_send, &snd[i]);
+    }
+    uint64_t total = 0;
+    for (int i = 0; i < made; i++) {
+        if (made == n) {
+            pthread_join(ts[i], NULL);
+            pthread_join(tr[i], NULL);
+        }
+        total += rcv[i].bytes;
+        close(snd[i].fd);
+        close(rcv[i].fd);
+        free(snd[i].buf);
+        free(rcv[i].buf);
+    }
+    double dt = bench_now() - t0;
+    return made == n ? (double)total / dt / 1e9 : 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Redis */
+
+struct redis_peer {
+    bench_proc proc;
+    int n;
+    redisContext *c[MAX_STREAMS];
+};
+
+void redis_peer_close(redis_peer **pp)
+{
+    if (!pp || !*pp)
+        return;
+    redis_peer *p = *pp;
+    for (int i = 0; i < p->n; i++)
+        redisFree(p->c[i]);
+    bench_stop(&p->proc);
+    free(p);
+    *pp = NULL;
+}
+
+redis_peer *redis_peer_open(int conns)
+{
+    redis_peer *p = calloc(1, sizeof *p);
+    if (!p)
+        return NULL;
+    if (bench_start_redis(&p->proc) != 0) {
+        bench_progress("store", "redis-server not available: peer figures omitted");
+        free(p);
+        return NULL;
+    }
+    struct timeval tv = {30, 0};
+    for (; p->n < (conns < MAX_STREAMS ? conns : MAX_STREAMS); p->n++) {
+        redisContext *c = redisConnectWithTimeout("127.0.0.1", p->proc.port, tv);
+        if (!c || c->err) {
+            if (c)
+                redisFree(c);
+            redis_peer_close(&p);
+            return NULL;
+        }
+        p->c[p->n] = c;
+    }
+    return p;
+}
+
+/* One connection's share of a batch: keys i, i + n, i + 2n ... */
+typedef struct share {
+    redisContext *c;
+    workload *w;
+    int first, step, set;
+    double secs;
+    uint64_t bytes;
+    int errors;
+    char (*names)[32];
+} share;
+
+/* MSET or MGET of the share's keys; the bytes that arrived whole into s->bytes. */
+static int one_batch(share *s, const char **argv, size_t *argl)
+{
+    workload *w = s->w;
+    int argc = 1;
+    argv[0] = s->set ? "MSET" : "MGET";
+    argl[0] = 4;
+    for (size_t i = (size_t)s->first; i < w->n; i += (size_t)s->step) {
+        argv[argc] = s->names[i];
+        argl[argc++] = strlen(s->names[i]);
+        if (s->set) {
+            argv[argc] = (const char *)w->objs[i];
+            argl[argc++] = w->lens[i];
+        }
+    }
+    redisReply *r = redisCommandArgv(s->c, argc, argv, argl);
+    if (!r)
+        return -1;
+    if (s->set && r->type == REDIS_REPLY_STATUS) {
+        for (size_t i = (size_t)s->first; i < w->n; i += (size_t)s->step)
+            s->bytes += w->lens[i];
+    } else if (!s->set && r->type == REDIS_REPLY_ARRAY) {
+        size_t k = 0;
+        for (size_t i = (size_t)s->first; i < w->n; i += (size_t)s->step, k++) {
+            redisReply *e = k < r->elements ? r->element[k] : NULL;
+            if (e && e->type == REDIS_REPLY_STRING && e->len <= w->caps[i]) {
+                memcpy(w->bufs[i], e->str, e->len);
+                s->bytes += e->len;
+            } else {
+                s->errors++;
+            }
+        }
+    } else {
+        s->errors += (int)((w->n - (size_t)s->first + (size_t)s->step - 1) / (size_t)s->step);
+    }
+    freeReplyObject(r);
+    return 0;
+}
+
+static void *share_main(void *arg)
+{
+    share *s = arg;
+    size_t max = 1 + 2 * s->w->n;
+    const char **argv = malloc(max * sizeof *argv);
+    size_t *argl = malloc(max * sizeof *argl);
+    double end = bench_now() + s->secs;
+    int iters = 0;
+    while (argv && argl && (bench_now() < end || iters == 0) && one_batch(s, argv, argl) == 0)
+        iters++;
+    free(argv);
+    free(argl);
+    return NULL;
+}
+
+double redis_peer_rate(redis_peer *p, workload *w, int set, double secs, int *errors)
+{
+    *errors = 0;
+    char(*names)[32] = calloc(w->n, sizeof *names);
+    if (!names)
+        return 0;
+    for (size_t i = 0; i < w->n; i++)
+        snprintf(names[i], sizeof names[i], "kvf:%zu:%zu", (size_t)w->payload, i);
+    share sh[MAX_STREAMS];
+    pthread_t th[MAX_STREAMS];
+    int n = p->n < (int)w->n ? p->n : (int)w->n;
+    if (!set) { /* the values a GET reads are stored first, outside the timed part */
+        for (int i = 0; i < n; i++) {
+            sh[i] = (share){
+                .c = p->c[i], .w = w, .first = i, .step = n, .set = 1, .secs = 0, .names = names};
+            share_main(&sh[i]);
+        }
+    }
+    double t0 = bench_now();
+    int started[MAX_STREAMS];
+    for (int i = 0; i < n; i++) {
+        sh[i] = (share){
+            .c = p->c[i], .w = w, .first = i, .step = n, .set = set, .secs = secs, .names = names};
+        started[i] = pthread_create(&th[i], NULL, share_main, &sh[i]) == 0;
+    }
+    uint64_t bytes = 0;
+    for (int i = 0; i < n; i++) {
+        if (started[i])
+            pthread_join(th[i], NULL);
+        else
+            sh[i].errors += (int)((w->n - (size_t)i + (size_t)n - 1) / (size_t)n);
+        bytes += sh[i].bytes;
+        *errors += sh[i].errors;
+    }
+    double dt = bench_now() - t0;
+    free(names);
+    return (double)bytes / dt / 1e9;
+}
