@@ -232,9 +232,82 @@ static int decode_one(const msgpack_object *o, kvf_kve_fn fn, void *ud, char *er
     return rc;
 }
 
+/* Big-endian unsigned of n bytes at p. */
+static uint64_t be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* How one msgpack item at p starts: the bytes before its contents (*head), the bytes of its
+ * contents (*body: strings, binaries, extensions), and the items it contains (*items: arrays,
+ * maps twice their pairs). -1 for the byte that msgpack never uses, or a header cut short. */
+static int item_shape(const uint8_t *p, size_t left, size_t *head, uint64_t *body, uint64_t *items)
+{
+    static const struct {
+        uint8_t lo, hi, head, len_bytes, kind; /* kind: 0 scalar, 1 body, 2 array, 3 map */
+    } t[] = {
+        {0x00, 0x7f, 1, 0, 0}, {0x80, 0x8f, 1, 0, 3},  {0x90, 0x9f, 1, 0, 2},
+        {0xa0, 0xbf, 1, 0, 1}, {0xc0, 0xc0, 1, 0, 0},  {0xc2, 0xc3, 1, 0, 0},
+        {0xc4, 0xc4, 2, 1, 1}, {0xc5, 0xc5, 3, 2, 1},  {0xc6, 0xc6, 5, 4, 1},
+        {0xc7, 0xc7, 3, 1, 1}, {0xc8, 0xc8, 4, 2, 1},  {0xc9, 0xc9, 6, 4, 1},
+        {0xca, 0xca, 5, 0, 0}, {0xcb, 0xcb, 9, 0, 0},  {0xcc, 0xcc, 2, 0, 0},
+        {0xcd, 0xcd, 3, 0, 0}, {0xce, 0xce, 5, 0, 0},  {0xcf, 0xcf, 9, 0, 0},
+        {0xd0, 0xd0, 2, 0, 0}, {0xd1, 0xd1, 3, 0, 0},  {0xd2, 0xd2, 5, 0, 0},
+        {0xd3, 0xd3, 9, 0, 0}, {0xd4, 0xd4, 3, 0, 0},  {0xd5, 0xd5, 4, 0, 0},
+        {0xd6, 0xd6, 6, 0, 0}, {0xd7, 0xd7, 10, 0, 0}, {0xd8, 0xd8, 18, 0, 0},
+        {0xd9, 0xd9, 2, 1, 1}, {0xda, 0xda, 3, 2, 1},  {0xdb, 0xdb, 5, 4, 1},
+        {0xdc, 0xdc, 3, 2, 2}, {0xdd, 0xdd, 5, 4, 2},  {0xde, 0xde, 3, 2, 3},
+        {0xdf, 0xdf, 5, 4, 3}, {0xe0, 0xff, 1, 0, 0},
+    };
+    uint8_t b = p[0];
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        if (b < t[i].lo || b > t[i].hi)
+            continue;
+        if (left < t[i].head)
+            return -1;
+        uint64_t n = t[i].len_bytes ? be(p + 1, t[i].len_bytes) : (uint64_t)(b & 0x1f);
+        if (b <= 0x9f)
+            n = b & 0x0f; /* fixmap, fixarray */
+        *head = t[i].head;
+        *body = t[i].kind == 1 ? n : 0;
+        *items = t[i].kind == 2 ? n : t[i].kind == 3 ? 2 * n : 0;
+        return 0;
+    }
+    return -1;
+}
+
+/* Whether the first msgpack item of the len bytes at p claims no more than it can hold: every
+ * container's items and every body fit in the bytes that follow (an item takes a byte at least).
+ * msgpack-c allocates what a header claims before it reads the items (an array header claiming
+ * 2^32-1 items asks for 96 GiB), so nothing is unpacked that this refuses. */
+static int claims_fit(const uint8_t *p, size_t len)
+{
+    uint64_t pending = 1;
+    size_t off = 0;
+    while (pending) {
+        size_t head;
+        uint64_t body, items;
+        if (off >= len || item_shape(p + off, len - off, &head, &body, &items) != 0)
+            return 0;
+        off += head;
+        if (body > len - off || items > len - off)
+            return 0;
+        off += (size_t)body;
+        pending = pending - 1 + items;
+    }
+    return 1;
+}
+
 int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, uint64_t *malformed,
                     char *err, size_t errlen)
 {
+    if (!claims_fit(payload, len))
+        return kvf__errf(err, errlen, KVF_EPROTO,
+                         "payload is not msgpack, or claims more items than its %zu bytes hold",
+                         len);
     msgpack_unpacked u;
     msgpack_unpacked_init(&u);
     size_t off = 0;

@@ -528,6 +528,32 @@ static void test_proto_kvevents_maps_and_malformed(void **state)
     msgpack_sbuffer_destroy(&sb);
 }
 
+/* Regression: a 5-byte payload whose array header claims 2^32-1 events made msgpack-c ask for
+ * 96 GiB before it read a single one (an ASan build aborted). Headers that claim more than the
+ * payload holds are refused before anything is unpacked, at any depth. */
+static void test_proto_kvevents_claims_bounded(void **state)
+{
+    (void)state;
+    static const uint8_t huge[] = {0xdd, 0xff, 0xff, 0xff, 0xff};
+    static const uint8_t nested[] = {0x93, 0xcb, 0,    0,    0,    0,    0,    0,
+                                     0,    0,    0xdf, 0x7f, 0xff, 0xff, 0xff, 0x00};
+    static const uint8_t long_str[] = {0x92, 0xdb, 0x7f, 0xff, 0xff, 0xff, 'a'};
+    static const uint8_t unused_byte[] = {0x91, 0xc1};
+    seen s = {0};
+    char err[160] = "";
+    assert_int_equal(kvf__kve_decode(huge, sizeof huge, collect, &s, NULL, err, sizeof err),
+                     KVF_EPROTO);
+    assert_non_null(strstr(err, "claims more"));
+    assert_int_equal(kvf__kve_decode(nested, sizeof nested, collect, &s, NULL, err, sizeof err),
+                     KVF_EPROTO);
+    assert_int_equal(kvf__kve_decode(long_str, sizeof long_str, collect, &s, NULL, err, sizeof err),
+                     KVF_EPROTO);
+    assert_int_equal(
+        kvf__kve_decode(unused_byte, sizeof unused_byte, collect, &s, NULL, err, sizeof err),
+        KVF_EPROTO);
+    assert_int_equal(s.n, 0);
+}
+
 static int stop_at_second(void *ud, const kvf_kve *ev, char *err, size_t errlen)
 {
     (void)ev, (void)err, (void)errlen;
@@ -563,6 +589,7 @@ int main(void)
         cmocka_unit_test(test_proto_kvevents_round_trip),
         cmocka_unit_test(test_proto_kvevents_maps_and_malformed),
         cmocka_unit_test(test_proto_kvevents_callback_stops),
+        cmocka_unit_test(test_proto_kvevents_claims_bounded),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
