@@ -83,8 +83,21 @@ void kvf__conn_destroy(conn *c)
         c->next->prev = c->prev;
     free(c->rbuf);
     free(c->items);
-    free(c);
+    c->rbuf = NULL;
+    c->items = NULL;
+    c->dead = 1;
+    c->next_dead = c->lp->dead;
+    c->lp->dead = c;
     atomic_fetch_sub(&s->n_conns, 1);
+}
+
+void kvf__loop_reap(loop *lp)
+{
+    while (lp->dead) {
+        conn *c = lp->dead;
+        lp->dead = c->next_dead;
+        free(c);
+    }
 }
 
 void kvf__conn_leases_expire_locked(conn *c, uint64_t t)

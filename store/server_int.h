@@ -85,6 +85,8 @@ typedef struct conn {
     uint32_t events;
     int pending_jobs; /* COPY jobs not yet answered */
     rlease *leases;   /* RDMA_GET descriptors still leased */
+    int dead;         /* destroyed: freed at the end of its loop's iteration (kvf__loop_reap) */
+    struct conn *next_dead;
 } conn;
 
 /* An entry of a loop's inbox: a COPY worker's reply for a connection, or a connection accepted by
@@ -103,6 +105,7 @@ struct loop {
     int wake[2];
     pthread_t th;
     conn *conns;
+    conn *dead; /* destroyed during this iteration, still named by its events */
     pthread_mutex_t inbox_mu;
     deferred *inbox;
     uint8_t *scratch;
@@ -134,9 +137,13 @@ struct kvf_server {
 
 /* Makes fd one of lp's connections, watched for reading. On failure fd is closed. */
 void kvf__conn_adopt(loop *lp, int fd);
-/* Closes c and frees it with everything it holds: the reservations of a PUT in progress and
- * those its ADMITs made, its RDMA leases, and its queued replies with their read references. */
+/* Closes c and releases everything it holds: the reservations of a PUT in progress and those its
+ * ADMITs made, its RDMA leases, and its queued replies with their read references. c itself is
+ * marked dead and freed by kvf__loop_reap() at the end of the loop's iteration, because events of
+ * the same poll batch may still name it: whoever holds a conn from an event checks c->dead. */
 void kvf__conn_destroy(conn *c);
+/* Frees the connections of lp destroyed since the last call. */
+void kvf__loop_reap(loop *lp);
 /* Releases the references of every lease of c that ended by t. Cache lock held. */
 void kvf__conn_leases_expire_locked(conn *c, uint64_t t);
 /* Whether a data request's namespace is allowed: nonzero, and the one bound by HELLO if any. */

@@ -143,13 +143,14 @@ static void *loop_main(void *arg)
                 continue;
             }
             conn *c = evs[i].ud;
-            /* A connection destroyed earlier in this batch cannot appear again: each fd is
-             * reported once per wait. */
-            if ((evs[i].events & KVF_POLL_OUT) && kvf__conn_flush(c) < 0)
+            /* A connection destroyed earlier in this batch (by its own events, or by the inbox
+             * when a COPY's reply completed a closing one) is dead until the batch ends. */
+            if (c->dead || ((evs[i].events & KVF_POLL_OUT) && kvf__conn_flush(c) < 0))
                 continue;
             if (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR))
                 kvf__frame_on_readable(c);
         }
+        kvf__loop_reap(lp);
         uint64_t t = kvf__now_ns();
         if (t - lp->last_tick >= TICK_NS) {
             lp->last_tick = t;
@@ -291,6 +292,7 @@ void kvf__server_close(kvf_server **sp)
         loop *lp = &s->loops[i];
         while (lp->conns)
             kvf__conn_destroy(lp->conns);
+        kvf__loop_reap(lp);
         if (lp->poller) {
             deferred *d = kvf__inbox_take(lp);
             while (d) {
