@@ -76,6 +76,7 @@ struct kvf_op {
     pthread_cond_t cv;
     const char *transport; /* "tcp" or "rdma": how its bytes moved */
     /* raw control requests (kvf__io_raw): the payload sent, the reply payload received */
+    int raw;
     const uint8_t *raw_req;
     size_t raw_len;
     uint32_t raw_count;

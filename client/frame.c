@@ -49,7 +49,8 @@ static int build_raw(kvf__req *r)
     r->iov = calloc(1, sizeof *r->iov);
     if (!r->buf || !r->iov)
         return KVF_ENOMEM;
-    memcpy(r->buf + KVF_WIRE_HEADER_LEN, op->raw_req, op->raw_len);
+    if (op->raw_len)
+        memcpy(r->buf + KVF_WIRE_HEADER_LEN, op->raw_req, op->raw_len);
     put_hdr(r->buf, r->opcode, 0, r->id, op->raw_count, op->raw_len);
     r->flags = 0;
     r->iov[0] = (struct iovec){r->buf, KVF_WIRE_HEADER_LEN + op->raw_len};
@@ -141,7 +142,7 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
     r->iov = NULL;
     r->first = 0;
     r->sending = 0;
-    if (op->raw_req)
+    if (op->raw)
         return build_raw(r);
     size_t plen = payload_len(r);
     r->buf = calloc(1, KVF_WIRE_HEADER_LEN + plen);

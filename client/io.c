@@ -312,6 +312,7 @@ int kvf__io_raw(kvf__io *io, size_t node_idx, int conn, uint32_t opcode, uint32_
         return KVF_ENOMEM;
     op->target = (int)node_idx;
     op->conn = conn >= 0 ? conn % io->conns : -1;
+    op->raw = 1;
     op->raw_req = payload;
     op->raw_len = plen;
     op->raw_count = count;

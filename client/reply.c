@@ -528,6 +528,9 @@ static int rd_header(kvf__conn *cn)
     }
     uint64_t plen = cn->h.payload_len;
     uint32_t n = r->opcode == KVF_OP_COMMIT ? r->n_commit : r->n;
+    /* A raw request (kvf__io_raw) gets its reply's payload whole, whatever its opcode. */
+    if (r->op->raw)
+        return plen > KVF_CLIENT_RAW_MAX ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_raw);
     switch (r->opcode) {
     case KVF_OP_HELLO:
         return plen < 48 ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_hello);
@@ -552,11 +555,6 @@ static int rd_header(kvf__conn *cn)
         return plen != 8 ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_clear);
     case KVF_OP_STATS:
         return plen > (1u << 20) ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_stats);
-    case KVF_OP_RDMA_GET:
-    case KVF_OP_RDMA_RELEASE:
-    case KVF_OP_RDMA_RESERVE:
-    case KVF_OP_RDMA_COMMIT:
-        return plen > KVF_CLIENT_RAW_MAX ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_raw);
     case KVF_OP_GET:
         if (r->flags & KVF_WF_STREAM) {
             if (!r->rtab) {
