@@ -40,7 +40,7 @@ typedef struct entry {
     uint8_t state;
     uint8_t queue;
     uint8_t freq;
-    uint8_t pad;
+    uint8_t via; /* reserved: KVF_CACHE_VIA_*, how its bytes are written */
 } entry;
 
 typedef struct queue {
@@ -391,7 +391,7 @@ static int alloc_evicting(kvf_cache *c, uint64_t len, uint64_t *off)
 }
 
 int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
-                              uint64_t owner, int hold, uint32_t *eid, uint8_t **dst)
+                              uint64_t owner, int via, int hold, uint32_t *eid, uint8_t **dst)
 {
     assert_locked(c);
     if (len == 0 || len > c->mem_size / 2)
@@ -422,6 +422,7 @@ int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     x->off = off;
     x->len = len;
     x->owner = owner;
+    x->via = (uint8_t)via;
     x->state = ST_RESERVED;
     x->refs = hold ? 1 : 0;
     x->prev = x->next = NONE;
@@ -435,14 +436,14 @@ int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
 }
 
 int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
-                            uint64_t owner, uint32_t *eid, uint8_t **dst)
+                            uint64_t owner, int via, uint32_t *eid, uint8_t **dst)
 {
     assert_locked(c);
     uint32_t i = lookup(c, ns, key);
     if (i == NONE)
         return KVF_ENOENT;
     entry *x = &c->e[i];
-    if (x->state != ST_RESERVED || x->owner != owner || x->refs)
+    if (x->state != ST_RESERVED || x->owner != owner || x->refs || x->via != via)
         return KVF_ENOENT;
     if (x->len != len)
         return KVF_EINVAL;

@@ -59,18 +59,27 @@ void kvf__cache_unlock(kvf_cache *c);
 /* The arena's base address: entry data lives at base + offset. */
 uint8_t *kvf__cache_base(kvf_cache *c);
 
-/* Reserves len bytes for (ns, key) on behalf of owner, evicting as needed. The reservation is
- * invisible to readers until committed. With hold, the caller also holds it (it is being written
- * now and cannot expire) and must drop that hold with kvf__cache_commit_locked or
- * kvf__cache_abort_locked. Returns 0 with *eid and *dst, KVF_EEXIST when the key is ready or
- * reserved already, KVF_E2BIG when len exceeds the arena, KVF_ENOSPC when nothing evictable
- * makes room. */
+/* How a reservation's bytes are written: through the connection that made it (PUT, or ADMIT then
+ * COMMIT: the node reads every byte into the block itself), or by the client's one-sided RDMA
+ * WRITEs (RDMA_RESERVE then RDMA_COMMIT: the node cannot see which bytes arrived). A reservation is
+ * claimed only the way it was made, so bytes a block kept from an earlier object can never become
+ * visible without a write: a wire reservation is filled by the node's own reads, and an RDMA one
+ * has its header cleared when it is made, so that unwritten it fails verification. */
+enum { KVF_CACHE_VIA_WIRE = 0, KVF_CACHE_VIA_RDMA = 1 };
+
+/* Reserves len bytes for (ns, key) on behalf of owner, to be written `via` a KVF_CACHE_VIA_*,
+ * evicting as needed. The reservation is invisible to readers until committed. With hold, the
+ * caller also holds it (it is being written now and cannot expire) and must drop that hold with
+ * kvf__cache_commit_locked or kvf__cache_abort_locked. Returns 0 with *eid and *dst, KVF_EEXIST
+ * when the key is ready or reserved already, KVF_E2BIG when len exceeds the arena, KVF_ENOSPC
+ * when nothing evictable makes room. */
 int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
-                              uint64_t owner, int hold, uint32_t *eid, uint8_t **dst);
-/* Finds owner's un-held reservation of (ns, key) and holds it for writing. Returns 0, KVF_ENOENT
- * (none: expired, aborted, or another owner's), or KVF_EINVAL when len differs. */
+                              uint64_t owner, int via, int hold, uint32_t *eid, uint8_t **dst);
+/* Finds owner's un-held reservation of (ns, key), made to be written `via`, and holds it for
+ * writing. Returns 0, KVF_ENOENT (none: expired, aborted, another owner's, or made the other
+ * way), or KVF_EINVAL when len differs. */
 int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
-                            uint64_t owner, uint32_t *eid, uint8_t **dst);
+                            uint64_t owner, int via, uint32_t *eid, uint8_t **dst);
 /* Makes a held reservation visible. Returns 0, or KVF_ENOENT when it is no longer owner's. */
 int kvf__cache_commit_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
 /* Drops a reservation (held or not) of owner's and frees its block. */

@@ -91,9 +91,10 @@ void kvf__req_per_key(conn *c)
             uint64_t len = kvf__get_u64(p + stride * i + 16);
             uint32_t eid;
             uint8_t *dst;
-            st[i] = len > s->o.max_request ? KVF_E2BIG
-                                           : kvf__cache_reserve_locked(s->o.cache, ns, &key, len,
-                                                                       c->id, 0, &eid, &dst);
+            st[i] = len > s->o.max_request
+                        ? KVF_E2BIG
+                        : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id,
+                                                    KVF_CACHE_VIA_WIRE, 0, &eid, &dst);
             break;
         }
         default:

@@ -56,11 +56,11 @@ void kvf__req_put_begin(conn *c)
         if (c->req_err) {
             it->status = c->req_err;
         } else if (c->h.opcode == KVF_OP_PUT) {
-            it->status = kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id, 1,
-                                                   &it->eid, &it->dst);
+            it->status = kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id,
+                                                   KVF_CACHE_VIA_WIRE, 1, &it->eid, &it->dst);
         } else {
-            it->status =
-                kvf__cache_claim_locked(s->o.cache, ns, &key, it->len, c->id, &it->eid, &it->dst);
+            it->status = kvf__cache_claim_locked(s->o.cache, ns, &key, it->len, c->id,
+                                                 KVF_CACHE_VIA_WIRE, &it->eid, &it->dst);
         }
         if (it->status == 0)
             it->held = 1;

@@ -199,7 +199,13 @@ void kvf__req_rdma_reserve(conn *c)
         int rc = len == 0 ? KVF_EINVAL
                  : len > s->o.max_request
                      ? KVF_E2BIG
-                     : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id, 0, &eid, &dst);
+                     : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id,
+                                                 KVF_CACHE_VIA_RDMA, 0, &eid, &dst);
+        /* The block may hold an earlier object's bytes: with its header cleared, it verifies
+         * only once the client has written a header of its own, whose checksums the old
+         * segments cannot match unless the writer knew them. */
+        if (rc == 0)
+            memset(dst, 0, len < 64 ? len : 64);
         kvf__put_u32(r + 8 + 16 * (size_t)i, (uint32_t)rc);
         kvf__put_u32(r + 12 + 16 * (size_t)i, 0);
         kvf__put_u64(r + 16 + 16 * (size_t)i, rc ? 0 : (uint64_t)(uintptr_t)dst);
@@ -217,6 +223,8 @@ void kvf__req_rdma_reserve(conn *c)
 void kvf__req_rdma_commit(conn *c)
 {
     kvf_server *s = c->lp->srv;
+    if (!rdma_served(c))
+        return;
     uint32_t n = c->h.item_count;
     uint64_t ns = kvf__get_u64(c->rbuf);
     int32_t *st = malloc((size_t)(n ? n : 1) * 4);
@@ -232,7 +240,8 @@ void kvf__req_rdma_commit(conn *c)
         uint32_t eid;
         uint8_t *dst;
         kvf__cache_lock(s->o.cache);
-        int rc = kvf__cache_claim_locked(s->o.cache, ns, &key, len, c->id, &eid, &dst);
+        int rc = kvf__cache_claim_locked(s->o.cache, ns, &key, len, c->id, KVF_CACHE_VIA_RDMA, &eid,
+                                         &dst);
         kvf__cache_unlock(s->o.cache);
         if (rc) {
             st[i] = rc;

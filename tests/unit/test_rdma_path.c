@@ -79,17 +79,22 @@ static void node_stop(node *n)
     kvf__cache_close(&n->cache);
 }
 
-static kvf_client *client(const node *n, const char *transport)
+static kvf_client *client_ns(const node *n, const char *transport, uint64_t ns)
 {
     const char *nodes[1] = {n->addr};
     kvf_client_opts o = {
-        .nodes = nodes, .n_nodes = 1, .ns = NS, .conns_per_node = 2, .transport = transport};
+        .nodes = nodes, .n_nodes = 1, .ns = ns, .conns_per_node = 2, .transport = transport};
     kvf_client *c = NULL;
     char err[256];
     int rc = kvf_client_open(&c, &o, err, sizeof err);
     if (rc)
         fail_msg("client (%s): %s", transport, err);
     return c;
+}
+
+static kvf_client *client(const node *n, const char *transport)
+{
+    return client_ns(n, transport, NS);
 }
 
 /* The node's statistics, one integer by path "a" or "a.b". */
@@ -490,17 +495,22 @@ static void test_put_commit(void **state)
 /* Descriptor requests that make no sense get per-key errors and change nothing: a commit of a
  * key never reserved, or with another length than reserved; a reservation of 0 bytes or over the
  * node's limit; a reservation on another connection. Stored data stays exact. */
-static uint8_t *table(const kvf_key *keys, const uint64_t *lens, size_t n, size_t *len)
+static uint8_t *table_ns(uint64_t ns, const kvf_key *keys, const uint64_t *lens, size_t n,
+                         size_t *len)
 {
     *len = 8 + 24 * n;
     uint8_t *p = calloc(1, *len);
-    uint64_t ns = NS;
     memcpy(p, &ns, 8); /* little-endian host */
     for (size_t i = 0; i < n; i++) {
         kvf__wire_key_put(p + 8 + 24 * i, &keys[i]);
         memcpy(p + 8 + 24 * i + 16, &lens[i], 8);
     }
     return p;
+}
+
+static uint8_t *table(const kvf_key *keys, const uint64_t *lens, size_t n, size_t *len)
+{
+    return table_ns(NS, keys, lens, n, len);
 }
 
 static int32_t status_at(const uint8_t *rep, size_t off)
@@ -560,6 +570,50 @@ static void test_bad_descriptors(void **state)
     finish(&n, &c, &o);
 }
 
+/* One request of a raw table (ns, key, len) on connection 0 of c; the first reply status. */
+static int32_t raw_one(kvf_client *c, uint32_t opcode, uint64_t ns, const kvf_key *k, uint64_t len)
+{
+    size_t plen, rlen;
+    uint8_t *req = table_ns(ns, k, &len, 1, &plen), *rep = NULL;
+    assert_int_equal(kvf__io_raw(c->io[0], 0, 0, opcode, 1, req, plen, &rep, &rlen, 2000), 0);
+    int32_t st = status_at(rep, opcode == KVF_OP_RDMA_RESERVE ? 8 : 0);
+    free(req), free(rep);
+    return st;
+}
+
+/* Regression: tenant A stored K and evicted it; tenant B reserved K at the same length, wrote
+ * nothing and committed: the arena block still held A's bytes, they verified, and B's GET returned
+ * A's object. A reservation is committed only the way it was made (ADMIT's by COMMIT with its
+ * bytes, RDMA_RESERVE's by RDMA_COMMIT) and an RDMA block's header is cleared when it is
+ * reserved, so an unwritten block never verifies. */
+static void test_stale_block_never_visible(void **state)
+{
+    (void)state;
+    node n;
+    kvf_client *a;
+    objs o;
+    stored(&n, &a, &o, 1, 21);
+    const uint64_t ns_b = NS + 1;
+    kvf_client *b = client_ns(&n, "rdma", ns_b);
+    int st;
+    assert_int_equal(kvf_client_evict(a, 1, &o.keys[0], &st, 2000), 0);
+    assert_int_equal(st, 0);
+    /* ADMIT over TCP, then RDMA_COMMIT: not the way it was made. */
+    assert_int_equal(raw_one(b, KVF_OP_ADMIT, ns_b, &o.keys[0], o.len[0]), 0);
+    assert_int_equal(raw_one(b, KVF_OP_RDMA_COMMIT, ns_b, &o.keys[0], o.len[0]), KVF_ENOENT);
+    kvf_client_close(&b); /* its connection's reservation goes with it */
+    b = client_ns(&n, "rdma", ns_b);
+    /* RDMA_RESERVE, no WRITE, RDMA_COMMIT: the block's header was cleared. */
+    assert_int_equal(raw_one(b, KVF_OP_RDMA_RESERVE, ns_b, &o.keys[0], o.len[0]), 0);
+    int32_t c = raw_one(b, KVF_OP_RDMA_COMMIT, ns_b, &o.keys[0], o.len[0]);
+    assert_true(c == KVF_EPROTO || c == KVF_ECHECKSUM);
+    objs ob = o;
+    assert_int_not_equal(do_get(b, &ob, 0, NULL, NULL), -1);
+    assert_int_not_equal(ob.st[0], 0);
+    kvf_client_close(&b);
+    finish(&n, &a, &o);
+}
+
 /* A node that serves no RDMA: "auto" uses TCP and says why, "rdma" refuses to open; the
  * descriptor requests get a clear, non-fatal error. */
 static void test_fallback(void **state)
@@ -609,6 +663,7 @@ int main(void)
         cmocka_unit_test(test_completion_error),
         cmocka_unit_test(test_put_commit),
         cmocka_unit_test(test_bad_descriptors),
+        cmocka_unit_test(test_stale_block_never_visible),
         cmocka_unit_test(test_fallback),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
