@@ -639,6 +639,13 @@ static void test_fallback(void **state)
     assert_int_equal(
         kvf__io_raw(c->io[0], 0, -1, KVF_OP_RDMA_GET, 1, req, sizeof req, &rep, &rlen, 2000),
         KVF_ENOTSUP);
+    /* Regression: RDMA_COMMIT answered 0 on a node without RDMA. */
+    size_t plen;
+    uint8_t *creq = table(&o.keys[0], &o.len[0], 1, &plen);
+    assert_int_equal(
+        kvf__io_raw(c->io[0], 0, 0, KVF_OP_RDMA_COMMIT, 1, creq, plen, &rep, &rlen, 2000),
+        KVF_ENOTSUP);
+    free(creq);
     assert_int_equal(do_get(c, &o, 0, NULL, NULL), 0); /* the connection still serves */
     assert_memory_equal(o.buf[0], o.obj[0], o.len[0]);
     kvf_client_close(&c);
