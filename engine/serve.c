@@ -261,7 +261,8 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
 }
 
 /* The decode half's handoff: the prefill's save may still be landing; wait (bounded) until the
- * stores hold what it announced, then load whatever is there. */
+ * stores hold what it announced (the job then loads whatever is there). Called before the job
+ * queues for the engine, so that the engine serves others while the chunks land. */
 static double await_handoff(srv *S, const job *j, size_t *cached)
 {
     double t0 = now_s();
@@ -295,7 +296,7 @@ static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *t
     return decode_s;
 }
 
-static json_t *run_job(srv *S, const job *j, double queue_s)
+static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
 {
     kvf_connector_stats st0, st1;
     if (S->cn)
@@ -305,8 +306,6 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
     int stores = j->reuse == REUSE_ALL && S->cn != NULL;
     int saving = stores && !is_decode;
     kvfe_set_tiers(S->e, j->reuse != REUSE_NONE, stores, saving);
-    size_t store_cached = 0;
-    double handoff_s = is_decode ? await_handoff(S, j, &store_cached) : 0;
     kvfe_result r;
     int rc = kvfe_prefill(S->e, j->tokens, j->n, &r);
     if (rc)
@@ -421,7 +420,6 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
     if (st)
         return st;
     int is_prefill = !strcmp(kind, "prefill"), is_decode = !strcmp(kind, "decode");
-    double t_arrive = now_s();
     /* The job's work for the queue's order: the prefill of what no cache holds (a decode brings
      * its prefix by handoff; others ask the stores, or with the engine's cache only, look at the
      * pages), then the tokens it generates. */
@@ -443,12 +441,15 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         S->active_decodes++;
     mark_dirty_locked(S);
     pthread_mutex_unlock(&S->mu);
+    size_t landed;
+    double handoff_s = is_decode ? await_handoff(S, &j, &landed) : 0;
+    double t_queued = now_s();
     int turn = wait_turn(S, cached, work);
     double t_start = now_s();
     json_t *out = turn ? kvf__http_error("engine %s", turn == KVF_ENOMEM ? "out of memory for its "
                                                                            "queue"
                                                                          : "stopping")
-                       : run_job(S, &j, t_start - t_arrive);
+                       : run_job(S, &j, t_start - t_queued, handoff_s);
     int ok = json_object_get(out, "error") == NULL;
     pthread_mutex_lock(&S->mu);
     if (!turn)
