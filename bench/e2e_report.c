@@ -297,44 +297,100 @@ void e2e_report_ratios(const e2e_report *rp, json_t *res)
 /* ------------------------------------------------------------------------------------------ */
 /* Output */
 
+/* The columns of records.csv, in order: keys of the record's JSON object. */
+static const char *const columns[] = {"mode",
+                                      "repetition",
+                                      "request",
+                                      "arrival_s",
+                                      "prompt_tokens",
+                                      "output_tokens",
+                                      "prefill",
+                                      "decode",
+                                      "colocated",
+                                      "device_tokens",
+                                      "store_tokens",
+                                      "ttft_s",
+                                      "place_s",
+                                      "engine_queue_s",
+                                      "engine_prefill_s",
+                                      "engine_compute_s",
+                                      "engine_load_wait_s",
+                                      "e2e_s",
+                                      "itl_mean_s",
+                                      "handoff_s",
+                                      "decode_queue_s",
+                                      "generated",
+                                      "tokens_xxh64",
+                                      "rejected",
+                                      "error"};
+
+/* Request i of run R as a JSON object, every figure labelled real. Caller owns the result. */
+static json_t *record_json(const e2e_run *R, size_t i)
+{
+    const e2e_rec *q = &R->r[i];
+    const kvfe_route *rt = &q->rt;
+    char hash[20];
+    snprintf(hash, sizeof hash, "%016" PRIx64, q->tokens_hash);
+    json_t *o = json_pack(
+        "{s:s,s:i,s:I,s:f,s:I,s:i,s:s,s:s,s:b,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f}", "mode", R->mode,
+        "repetition", R->rep, "request", (json_int_t)i, "arrival_s", q->arrival, "prompt_tokens",
+        (json_int_t)rt->n, "output_tokens", (int)rt->max_tokens, "prefill",
+        rt->prefill ? rt->prefill->id : "", "decode", rt->decode ? rt->decode->id : "", "colocated",
+        rt->colocated, "device_tokens", (json_int_t)rt->device_tokens, "store_tokens",
+        (json_int_t)rt->loaded_tokens, "ttft_s", q->ttft, "place_s", rt->place_s, "engine_queue_s",
+        rt->queue_s, "engine_prefill_s", rt->prefill_s, "engine_compute_s", rt->compute_s,
+        "engine_load_wait_s", rt->load_wait_s);
+    json_t *more =
+        json_pack("{s:f,s:f,s:f,s:f,s:i,s:s,s:b,s:s,s:s}", "e2e_s", q->e2e, "itl_mean_s",
+                  q->itl_n ? q->itl_sum / q->itl_n : 0, "handoff_s", rt->handoff_s,
+                  "decode_queue_s", rt->decode_queue_s, "generated", (int)q->n_generated,
+                  "tokens_xxh64", hash, "rejected", rt->rejected, "error", q->err, "label", "real");
+    json_object_update(o, more);
+    json_decref(more);
+    return o;
+}
+
+/* One CSV line of the record o, in the order of columns. */
+static void write_csv_line(FILE *f, json_t *o)
+{
+    for (size_t c = 0; c < sizeof columns / sizeof columns[0]; c++) {
+        json_t *v = json_object_get(o, columns[c]);
+        fputs(c ? "," : "", f);
+        if (json_is_string(v) && !strcmp(columns[c], "error")) {
+            fputc('"', f); /* quoted, its quotes doubled: the error's text is free */
+            for (const char *p = json_string_value(v); *p; p++) {
+                if (*p == '"')
+                    fputc('"', f);
+                fputc(*p, f);
+            }
+            fputc('"', f);
+        } else if (json_is_string(v))
+            fputs(json_string_value(v), f);
+        else if (json_is_integer(v))
+            fprintf(f, "%lld", (long long)json_integer_value(v));
+        else if (json_is_real(v))
+            fprintf(f, "%.6f", json_real_value(v));
+        else
+            fputs(json_is_true(v) ? "1" : "0", f);
+    }
+    fputs("\n", f);
+}
+
 void e2e_write_records(const char *dir, const e2e_run *runs, int n_runs)
 {
     char path[700];
     snprintf(path, sizeof path, "%s/records.csv", dir);
     FILE *f = fopen(path, "w");
     json_t *all = json_array();
+    for (size_t c = 0; f && c < sizeof columns / sizeof columns[0]; c++)
+        fprintf(f, "%s%s", c ? "," : "", columns[c]);
     if (f)
-        fprintf(f, "mode,repetition,request,arrival_s,prompt_tokens,output_tokens,prefill,decode,"
-                   "colocated,device_tokens,store_tokens,ttft_s,engine_queue_s,engine_prefill_s,"
-                   "e2e_s,itl_mean_s,handoff_s,generated,tokens_xxh64,rejected,error\n");
+        fputs("\n", f);
     for (int m = 0; m < n_runs; m++) {
         for (size_t i = 0; i < runs[m].n; i++) {
-            const e2e_rec *q = &runs[m].r[i];
-            const kvfe_route *rt = &q->rt;
-            const char *pe = rt->prefill ? rt->prefill->id : "",
-                       *de = rt->decode ? rt->decode->id : "";
-            double itl = q->itl_n ? q->itl_sum / q->itl_n : 0;
-            if (f)
-                fprintf(f,
-                        "%s,%d,%zu,%.6f,%zu,%u,%s,%s,%d,%zu,%zu,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%u,"
-                        "%016" PRIx64 ",%d,\"%s\"\n",
-                        runs[m].mode, runs[m].rep, i, q->arrival, rt->n, rt->max_tokens, pe, de,
-                        rt->colocated, rt->device_tokens, rt->loaded_tokens, q->ttft, rt->queue_s,
-                        rt->prefill_s, q->e2e, itl, rt->handoff_s, q->n_generated, q->tokens_hash,
-                        rt->rejected, q->err);
-            char hash[20];
-            snprintf(hash, sizeof hash, "%016" PRIx64, q->tokens_hash);
-            json_t *o = json_pack(
-                "{s:s,s:i,s:I,s:f,s:I,s:i,s:s,s:s,s:b,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:i,s:s,"
-                "s:b,s:s,s:s}",
-                "mode", runs[m].mode, "repetition", runs[m].rep, "request", (json_int_t)i,
-                "arrival_s", q->arrival, "prompt_tokens", (json_int_t)rt->n, "output_tokens",
-                (int)rt->max_tokens, "prefill", pe, "decode", de, "colocated", rt->colocated,
-                "device_tokens", (json_int_t)rt->device_tokens, "store_tokens",
-                (json_int_t)rt->loaded_tokens, "ttft_s", q->ttft, "engine_queue_s", rt->queue_s,
-                "engine_prefill_s", rt->prefill_s, "e2e_s", q->e2e, "itl_mean_s", itl, "handoff_s",
-                rt->handoff_s, "generated", (int)q->n_generated, "tokens_xxh64", hash, "rejected",
-                rt->rejected, "error", q->err, "label", "real");
+            json_t *o = record_json(&runs[m], i);
+            if (f && o)
+                write_csv_line(f, o);
             json_array_append_new(all, o);
         }
     }

@@ -308,6 +308,7 @@ int e2e_start_warm(e2e_start *s)
 
 int e2e_start_restore(e2e_start *s, kvfe_reuse reuse)
 {
+    double t0 = bench_now();
     long held = 0, extra = 0;
     if (s->cl) {
         if (evict_keys(s->cl, s->extra, s->n_extra) != 0) {
@@ -333,7 +334,7 @@ int e2e_start_restore(e2e_start *s, kvfe_reuse reuse)
         return -1;
     bench_progress("e2e",
                    "start state: the stores hold the warm-up's %ld chunks and no other; engines "
-                   "reset, %d holding the last prompt of their warm-up share",
-                   held, s->k < (int)s->n_warm ? s->k : (int)s->n_warm);
+                   "reset, %d holding the last prompt of their warm-up share (%.1f s)",
+                   held, s->k < (int)s->n_warm ? s->k : (int)s->n_warm, bench_now() - t0);
     return 0;
 }

@@ -300,6 +300,8 @@ static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe
     q->saved_tokens = (size_t)num(rep, "saved_tokens");
     q->queue_s = num(rep, "queue_s");
     q->prefill_s = num(rep, "prefill_s");
+    q->compute_s = num(rep, "compute_s");
+    q->load_wait_s = num(rep, "wait_s");
     snprintf(q->transport, sizeof q->transport, "%s", tr ? tr : "");
     snprintf(q->transport_reason, sizeof q->transport_reason, "%s", why ? why : "");
 }
@@ -387,7 +389,9 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
         json_object_set_new(body, "slo_ttft_ms", json_real(q->slo_ttft_ms));
     long st;
     json_t *pl = NULL;
+    double t0 = now_s();
     int rc = post(r->sched, "/v1/place", body, &st, &pl, q->err, sizeof q->err);
+    q->place_s = now_s() - t0;
     json_decref(body);
     if (!rc && st == 429) {
         q->rejected = 1;
@@ -440,6 +444,7 @@ static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
         return rc;
     q->done_at = now_s();
     q->handoff_s = num(rep, "handoff_s");
+    q->decode_queue_s = num(rep, "queue_s");
     rc = take_decode(q, rep);
     json_decref(rep);
     return rc;

@@ -84,8 +84,9 @@ struct kvfe_route {
     void *arg;                /* passed to on_prefill */
 
     /* output of the placement */
-    int rejected;  /* kvf-sched turned the request away (HTTP 429) */
-    int colocated; /* kvf-sched placed prefill and decode on one engine */
+    int rejected;   /* kvf-sched turned the request away (HTTP 429) */
+    int colocated;  /* kvf-sched placed prefill and decode on one engine */
+    double place_s; /* kvf-sched's answer, as the router waited for it */
 
     /* output of the prefill (for a colocated request, of the generate) */
     const kvfe_router_engine *prefill; /* borrowed; valid until kvfe_router_close() */
@@ -96,6 +97,8 @@ struct kvfe_route {
     size_t saved_tokens;               /* prompt tokens the engine saves to the stores */
     double queue_s;                    /* the engine's wait before the request's turn */
     double prefill_s;                  /* the engine's prefill time */
+    double compute_s;                  /* of which the forward pass proper */
+    double load_wait_s;                /* of which waiting for loaded layers to arrive */
     char transport[16];                /* how KV moved through kvfabric; empty: it did not */
     char transport_reason[240];        /* why that transport */
 
@@ -106,6 +109,7 @@ struct kvfe_route {
     double *itl_s; /* each decode step's time; caller owns, free with kvfe_route_release() */
     size_t n_itl;
     double decode_s;          /* the engine's decode time after the first token */
+    double decode_queue_s;    /* the decode engine's wait before the decode's turn */
     double handoff_s;         /* the decode engine's wait for the prefill's chunks in the stores */
     int first_token_mismatch; /* the decode engine computed another first token than the prefill */
 
