@@ -97,10 +97,11 @@ typedef struct e2e_start {
     size_t n_warm;       /* 0: no warm-up, the stores start empty */
     const e2e_rec *meas; /* borrowed: the measured requests */
     size_t n_meas;
-    e2e_owners *own;         /* borrowed */
-    kvf_key *wkeys, *extra;  /* the warm-up's chunk keys; the measured ones beyond them */
-    size_t n_wkeys, n_extra; /* (both sorted and without repeats) */
-    size_t warm_held;        /* of wkeys, how many the stores held after the warm-up */
+    e2e_owners *own; /* borrowed */
+    kvf_key *wkeys;  /* the warm-up's chunk keys (sorted, no repeats); after it, those stored */
+    kvf_key *extra;  /* the keys no run may start with: the measured requests' beyond wkeys */
+    size_t n_wkeys, n_extra;
+    size_t warm_held; /* how many keys the stores held after the warm-up (n_wkeys then) */
     const kvfe_router_engine *eng[E2E_MAX_WARM]; /* the warm-up's engines: those not decode-only */
     int k;
 } e2e_start;

@@ -137,6 +137,33 @@ static long count_held(kvf_client *cl, const kvf_key *keys, size_t n)
     return held;
 }
 
+/* Moves the warm-up's keys that the stores do not hold (a save that did not land) from wkeys to
+ * extra, so that a run that saves them has them evicted too. Returns how many stay, or -1 when the
+ * stores could not be asked or there is no memory. */
+static long keep_held(e2e_start *s)
+{
+    uint8_t present[KEY_BATCH];
+    size_t kept = 0, n_extra = s->n_extra;
+    kvf_key *ex = realloc(s->extra, (s->n_extra + s->n_wkeys + 1) * sizeof *ex);
+    if (!ex)
+        return -1;
+    s->extra = ex;
+    for (size_t at = 0; at < s->n_wkeys; at += KEY_BATCH) {
+        size_t m = s->n_wkeys - at < KEY_BATCH ? s->n_wkeys - at : KEY_BATCH;
+        if (kvf_client_exists(s->cl, m, s->wkeys + at, present, 10000) != 0)
+            return -1;
+        for (size_t i = 0; i < m; i++) {
+            if (present[i])
+                s->wkeys[kept++] = s->wkeys[at + i];
+            else
+                ex[n_extra++] = s->wkeys[at + i];
+        }
+    }
+    s->n_wkeys = kept;
+    s->n_extra = n_extra;
+    return (long)kept;
+}
+
 /* Evicts n keys from the stores (a key they do not hold is no failure). Returns 0 or -1. */
 static int evict_keys(kvf_client *cl, const kvf_key *keys, size_t n)
 {
@@ -294,7 +321,8 @@ int e2e_start_warm(e2e_start *s)
         return -1;
     if (s->n_warm && warm_all(s) != 0)
         return -1;
-    long held = s->cl ? count_held(s->cl, s->wkeys, s->n_wkeys) : 0;
+    size_t n_warm_keys = s->n_wkeys;
+    long held = s->cl ? keep_held(s) : 0;
     if (held < 0) {
         fprintf(stderr, "kvf-bench e2e: the stores did not answer which chunks they hold\n");
         return -1;
@@ -302,7 +330,7 @@ int e2e_start_warm(e2e_start *s)
     s->warm_held = (size_t)held;
     owners_copy(s->own, 0);
     bench_progress("e2e", "the stores hold %zu of the warm-up's %zu chunks", s->warm_held,
-                   s->n_wkeys);
+                   n_warm_keys);
     return 0;
 }
 
