@@ -59,7 +59,9 @@ typedef enum kvfe_pick {
 } kvfe_pick;
 
 /* The calls in flight an engine holding a request's prefix may have beyond the least loaded
- * engine's and still be picked for it: about what one prefill of the cached half saves. */
+ * engine's and still be picked for it. SGLang's router allows tens of requests between GPU workers
+ * that batch dozens; an engine here runs one sequence at a time, so 2 calls are already about two
+ * whole prefills, more than the cached half of one saves. */
 #define KVFE_PICK_SLACK 2
 
 /* Called on the calling thread once the prefill's reply has been taken into the route (the
