@@ -121,6 +121,7 @@ int e2e_start_warm(e2e_start *s);
  * is computed). Says on stderr what the stores hold. Returns 0, or -1 when a step failed or the
  * stores no longer hold the warm-up's chunks (evicted for room). */
 int e2e_start_restore(e2e_start *s, kvfe_reuse reuse);
+/* Frees what e2e_start_open() took, also after it failed, or on an e2e_start all zero. */
 void e2e_start_close(e2e_start *s);
 
 /* ------------------------------------------------------------------------------------------ */

@@ -260,9 +260,8 @@ typedef struct e2e {
     size_t n, n_warm, truncated;
     double span; /* s of arrivals */
     e2e_owners own;
-    e2e_start start; /* what every run starts from */
-    int start_open;
-    e2e_run *runs; /* in the order they run: kvf, baseline, kvf, baseline, ... */
+    e2e_start start; /* what every run starts from; all zero until opened */
+    e2e_run *runs;   /* in the order they run: kvf, baseline, kvf, baseline, ... */
     e2e_summary *sm;
     int n_runs;
     kvfe_pick pick; /* the baseline's rule */
@@ -498,7 +497,6 @@ static int init_runs(e2e *E)
         fprintf(stderr, "kvf-bench e2e: %s\n", err);
         return 1;
     }
-    E->start_open = 1;
     return PROCEED;
 }
 
@@ -634,8 +632,7 @@ int bench_e2e_main(int argc, char **argv)
     int rc = parse_opts(argc, argv, &E->o);
     for (size_t i = 0; rc == PROCEED && i < sizeof steps / sizeof steps[0]; i++)
         rc = steps[i](E);
-    if (E->start_open)
-        e2e_start_close(&E->start);
+    e2e_start_close(&E->start);
     for (int k = 0; E->runs && k < E->n_runs; k++)
         free(E->runs[k].r);
     free(E->runs);
