@@ -1,7 +1,9 @@
 /*
- * kvf-bench e2e: replays a Mooncake-format trace against a running cluster (kvf cluster up) twice,
- * with kvfabric and without it, and reports what each request saw. Every figure is measured on
- * real processes and labelled real.
+ * kvf-bench e2e: replays a Mooncake-format trace against a running cluster (kvf cluster up) with
+ * kvfabric and with a fair baseline, alternately (kvf, baseline, kvf, baseline, ...) for
+ * --repetitions, every run from the same state, and reports what each request saw, every figure
+ * with its spread over the repetitions, and kvfabric's over the baseline's, repetition by
+ * repetition. Every figure is measured on real processes and labelled real.
  *
  * Options: usage() below, and docs/operations.md.
  *
@@ -14,12 +16,19 @@
  * saves the new chunks) and then to the decode engine (which takes the KV over from the stores
  * and decodes); a placement that runs the prefill on the decode instance is sent there whole.
  * TTFT is the time from the request's arrival to the first token in the driver's hands.
- * baseline: the cache layer off: every prompt goes whole to the engine with the fewest requests
- * outstanding, which prefills from scratch and decodes (colocated). Its TTFT is the arrival to the
- * reply less the decode time the engine reports.
+ * baseline: the same engines with their own prefix cache on (the KV of an engine's last sequence
+ * stays in its pages and a prompt that starts with it reuses it) and no store: every prompt goes
+ * whole to one engine, chosen by the prefix each engine was last sent (--baseline-route prefix)
+ * or by load (least-loaded), which prefills and decodes it (colocated). Its TTFT is the arrival to
+ * the reply less the decode time the engine reports.
  *
- * Output in --out: records.csv and records.json (one record per request and mode), summary.json,
- * ttft_cdf.png and throughput.png (gnuplot). Generated tokens are compared request by request.
+ * Every run starts from the state the warm-up left (e2e_state.c): the stores hold exactly the
+ * warm-up's chunks, the engines' pages are reset and the warm-up engines hold the last prompt of
+ * their share, prefilled again in the run's own mode.
+ *
+ * Output in --out: records.csv and records.json (one record per request and run), summary.json,
+ * ttft_cdf.png and throughput.png (gnuplot). Generated tokens are compared request by request
+ * across every run.
  */
 #include "bench.h"
 #include "bench_util.h"
@@ -44,50 +53,8 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-/* Which engine computed each chunk first, from the driver's own records, to count cross-engine
- * reuse: a prefix loaded by one engine that another engine computed. */
-struct e2e_owners {
-    pthread_mutex_t mu;
-    uint64_t *key; /* the chunk key folded to 64 bits, low bit set; 0: empty */
-    const kvfe_router_engine **eng;
-    size_t mask, used;
-    uint32_t chunk_tokens;
-};
-
 /* ------------------------------------------------------------------------------------------ */
 /* One request */
-
-static size_t owner_slot(const e2e_owners *o, uint64_t h)
-{
-    size_t i = (size_t)h & o->mask;
-    while (o->key[i] && o->key[i] != h)
-        i = (i + 1) & o->mask;
-    return i;
-}
-
-/* Records that e computed chunks [0, saved / chunk) of q (those not recorded yet), and returns how
- * many of the n_loaded tokens q loaded were computed by another engine. */
-static size_t note_chunks(e2e_owners *o, const e2e_rec *q, const kvfe_router_engine *e,
-                          size_t n_loaded, size_t saved)
-{
-    if (!o)
-        return 0;
-    size_t cross = 0;
-    pthread_mutex_lock(&o->mu);
-    for (size_t c = 0; c < q->rt.n_keys; c++) {
-        uint64_t h = (q->keys[c].lo ^ q->keys[c].hi) | 1; /* keys are hashes already */
-        size_t i = owner_slot(o, h);
-        if (c < n_loaded / o->chunk_tokens && o->key[i] && o->eng[i] != e)
-            cross += o->chunk_tokens;
-        if (c < saved / o->chunk_tokens && !o->key[i] && o->used < o->mask / 2) {
-            o->key[i] = h;
-            o->eng[i] = e;
-            o->used++;
-        }
-    }
-    pthread_mutex_unlock(&o->mu);
-    return cross;
-}
 
 /* A request of a run, as its route's on_prefill sees it. */
 typedef struct routed {
@@ -105,7 +72,7 @@ static void take_prefill(const kvfe_route *rt, void *arg)
     e2e_rec *q = s->q;
     if (!s->baseline && !rt->colocated)
         q->ttft = rt->first_token_at - R->t0 - q->arrival;
-    q->cross_tokens = note_chunks(R->own, q, rt->prefill, rt->loaded_tokens, rt->saved_tokens);
+    q->cross_tokens = e2e_owners_note(R->own, q, rt->prefill, rt->loaded_tokens, rt->saved_tokens);
     pthread_mutex_lock(&R->mu);
     if (rt->transport[0] && !R->transport[0]) {
         snprintf(R->transport, sizeof R->transport, "%s", rt->transport);
@@ -137,7 +104,7 @@ static void take_reply(const routed *s)
 }
 
 /* kvf: placed by kvf-sched, prefilled, handed off and decoded; baseline: sent whole to the engine
- * with the fewest requests outstanding, without the cache layer. */
+ * the run's rule picks, which reuses its own pages only. */
 static void serve_request(e2e_run *R, e2e_rec *q)
 {
     int baseline = !strcmp(R->mode, "baseline");
@@ -145,8 +112,9 @@ static void serve_request(e2e_run *R, e2e_rec *q)
     q->rt.slo_ttft_ms = R->slo_s > 0 ? R->slo_s * 1e3 : 0;
     q->rt.on_prefill = take_prefill;
     q->rt.arg = &s;
-    int rc =
-        baseline ? kvfe_router_generate(R->rt, NULL, 0, &q->rt) : kvfe_router_serve(R->rt, &q->rt);
+    int rc = baseline ? kvfe_router_generate(R->rt, kvfe_router_pick(R->rt, &q->rt, R->pick),
+                                             KVFE_REUSE_ENGINE, &q->rt)
+                      : kvfe_router_serve(R->rt, &q->rt);
     if (!rc)
         take_reply(&s);
     else if (!q->rt.rejected) {
@@ -176,29 +144,6 @@ static void *worker_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* Setup */
 
-/* Clears kvfabric's chunks of this model from the stores, so a e2e_run starts cold. */
-static int clear_stores(json_t *stores, const kvf_layout *L, char *err, size_t errlen)
-{
-    const char *nodes[64];
-    size_t nn = 0;
-    for (size_t i = 0; i < json_array_size(stores) && nn < 64; i++)
-        nodes[nn++] = json_string_value(json_array_get(stores, i));
-    if (!nn)
-        return 0;
-    kvf_keyspace ks;
-    kvf_keyspace_init(&ks, L, NULL, 0);
-    kvf_client_opts co = {.nodes = nodes, .n_nodes = nn, .ns = ks.seed};
-    kvf_client *cl;
-    if (kvf_client_open(&cl, &co, err, errlen) != 0)
-        return -1;
-    uint64_t removed = 0;
-    int rc = kvf_client_clear(cl, &removed, 10000);
-    kvf_client_close(&cl);
-    if (rc)
-        snprintf(err, errlen, "clearing the stores: %s", kvf_strerror(rc));
-    return rc ? -1 : 0;
-}
-
 /* A trace record as a request: its prompt tokens (block tokens per hash id, cut at max_in), its
  * output length (scaled the same way, at most max_out) and its chunk keys. Returns whether the
  * prompt was cut. */
@@ -224,64 +169,6 @@ static int build_request(const bench_trace_rec *tr, long block, long max_in, lon
     return want > n;
 }
 
-/* Warm-up: the requests before the measured window are prefilled (not measured) on the prefill
- * engines, so the stores hold what a running deployment's would. One thread per engine, for the
- * first MAX_WARM prefill engines: thread t of k prefills requests t, t + k, t + 2k, ... */
-#define MAX_WARM 64
-
-typedef struct warm {
-    kvfe_router *rt;
-    e2e_rec *r;
-    size_t n;
-    e2e_owners *own;
-    const kvfe_router_engine *eng[MAX_WARM];
-    int k;
-    atomic_int next_thread;
-    atomic_size_t done;
-    atomic_int failed;
-} warm;
-
-static void *warm_main(void *arg)
-{
-    warm *w = arg;
-    int t = atomic_fetch_add(&w->next_thread, 1);
-    for (size_t i = (size_t)t; i < w->n; i += (size_t)w->k) {
-        kvfe_route *q = &w->r[i].rt;
-        if (kvfe_router_prefill(w->rt, w->eng[t], q) != 0)
-            atomic_fetch_add(&w->failed, 1);
-        else
-            note_chunks(w->own, &w->r[i], w->eng[t], 0, q->saved_tokens);
-        kvfe_route_release(q);
-        atomic_fetch_add(&w->done, 1);
-    }
-    return NULL;
-}
-
-static int warm_up(e2e_rec *r, size_t n, kvfe_router *rt, e2e_owners *own)
-{
-    pthread_t th[MAX_WARM];
-    warm w = {.rt = rt, .r = r, .n = n, .own = own};
-    for (size_t i = 0; i < kvfe_router_engine_count(rt) && w.k < MAX_WARM; i++)
-        if (strcmp(kvfe_router_engine_at(rt, i)->role, "decode") != 0)
-            w.eng[w.k++] = kvfe_router_engine_at(rt, i);
-    for (int i = 0; i < w.k; i++)
-        pthread_create(&th[i], NULL, warm_main, &w);
-    double t0 = bench_now(), last = t0;
-    while (atomic_load(&w.done) < n) {
-        usleep(100000);
-        if (bench_now() - last >= 5) {
-            last = bench_now();
-            bench_progress("e2e", "warm-up: %zu/%zu prefilled (%.0f s)", atomic_load(&w.done), n,
-                           last - t0);
-        }
-    }
-    for (int i = 0; i < w.k; i++)
-        pthread_join(th[i], NULL);
-    bench_progress("e2e", "warm-up: %zu requests prefilled into the stores in %.1f s, %d failed", n,
-                   bench_now() - t0, atomic_load(&w.failed));
-    return atomic_load(&w.failed) ? -1 : 0;
-}
-
 static void usage(void)
 {
     fprintf(stderr,
@@ -289,6 +176,7 @@ static void usage(void)
             "                     [--start N] [--warmup W] [--max-requests N] [--time-scale X]\n"
             "                     [--block-tokens B] [--max-input T] [--max-output T]\n"
             "                     [--slo-ttft-ms M] [--concurrency C] [--modes kvf,baseline]\n"
+            "                     [--repetitions N] [--baseline-route prefix|least-loaded]\n"
             "                     [--out DIR] [--json]\n");
 }
 
@@ -296,6 +184,8 @@ static void usage(void)
 static void run_mode(e2e_run *R, const char *tag)
 {
     pthread_t th[256];
+    double load[1];
+    R->loadavg = getloadavg(load, 1) == 1 ? load[0] : -1;
     pthread_mutex_init(&R->mu, NULL);
     R->t0 = bench_now();
     for (int i = 0; i < R->concurrency; i++)
@@ -321,9 +211,14 @@ static void run_mode(e2e_run *R, const char *tag)
 
 #define PROCEED (-1) /* a step's answer when the command goes on; otherwise its exit status */
 
+/* The repetitions of each mode when --repetitions is not given: README command 1 (cluster/demo.sh)
+ * runs them within about 5 minutes on a 2-core machine. */
+#define DEFAULT_REPETITIONS 3
+#define MAX_REPETITIONS     50
+
 typedef struct opts {
-    const char *config, *state, *trace, *modes, *out_dir;
-    long start, warmup, max_req, block, max_in, max_out, conc;
+    const char *config, *state, *trace, *modes, *out_dir, *route;
+    long start, warmup, max_req, block, max_in, max_out, conc, reps;
     double scale, slo_ms;
     int json;
 } opts;
@@ -339,6 +234,8 @@ static const struct {
                {"--trace", 's', offsetof(opts, trace)},
                {"--modes", 's', offsetof(opts, modes)},
                {"--out", 's', offsetof(opts, out_dir)},
+               {"--baseline-route", 's', offsetof(opts, route)},
+               {"--repetitions", 'l', offsetof(opts, reps)},
                {"--start", 'l', offsetof(opts, start)},
                {"--warmup", 'l', offsetof(opts, warmup)},
                {"--max-requests", 'l', offsetof(opts, max_req)},
@@ -363,9 +260,11 @@ typedef struct e2e {
     size_t n, n_warm, truncated;
     double span; /* s of arrivals */
     e2e_owners own;
-    e2e_run runs[2];
+    e2e_start start; /* what every run starts from; all zero until opened */
+    e2e_run *runs;   /* in the order they run: kvf, baseline, kvf, baseline, ... */
+    e2e_summary *sm;
     int n_runs;
-    e2e_summary sm[2];
+    kvfe_pick pick; /* the baseline's rule */
 } e2e;
 
 /* Sets option a to v. Returns whether a takes a value; *end is where a number stopped. */
@@ -390,6 +289,8 @@ static int parse_opts(int argc, char **argv, opts *o)
 {
     *o = (opts){.trace = "data/traces/conversation_head1600.jsonl",
                 .modes = "kvf,baseline",
+                .route = "prefix",
+                .reps = DEFAULT_REPETITIONS,
                 .max_req = 200,
                 .block = 64,
                 .max_in = 4096,
@@ -422,10 +323,14 @@ static int parse_opts(int argc, char **argv, opts *o)
         o->warmup = o->start; /* the requests before --start, as many as there are */
     if (o->start < 0 || o->warmup < 0 || o->max_req < 1 || o->block < 1 || o->block > 4096 ||
         o->max_in < 64 || o->max_out < 1 || o->conc < 1 || o->conc > 256 || !(o->scale > 0) ||
-        o->slo_ms < 0) {
-        fprintf(stderr, "kvf-bench e2e: --max-requests >= 1, --block-tokens 1..4096, "
-                        "--max-input >= 64, --max-output >= 1, --concurrency 1..256, "
-                        "--time-scale > 0\n");
+        o->slo_ms < 0 || o->reps < 1 || o->reps > MAX_REPETITIONS ||
+        (strcmp(o->route, "prefix") && strcmp(o->route, "least-loaded"))) {
+        fprintf(stderr,
+                "kvf-bench e2e: --max-requests >= 1, --block-tokens 1..4096, "
+                "--max-input >= 64, --max-output >= 1, --concurrency 1..256, "
+                "--time-scale > 0, --repetitions 1..%d, --baseline-route prefix or "
+                "least-loaded\n",
+                MAX_REPETITIONS);
         return 2;
     }
     return PROCEED;
@@ -534,60 +439,87 @@ static int load_workload(e2e *E)
     return PROCEED;
 }
 
-/* One e2e_run per mode of --modes (kvf, baseline), each with its own records of the same requests.
- * Who computed which chunk is kept for the cross-engine reuse figure (warm-up and kvf run). */
+/* The modes of --modes in their order (kvf, baseline): 1 or 2, in modes; 0 after saying why. */
+static int parse_modes(const char *list, const char *modes[2])
+{
+    char mbuf[64];
+    int n = 0;
+    snprintf(mbuf, sizeof mbuf, "%s", list);
+    for (char *sv = NULL, *t = strtok_r(mbuf, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
+        const char *m = !strcmp(t, "kvf") ? "kvf" : !strcmp(t, "baseline") ? "baseline" : NULL;
+        if (!m || n == 2 || (n == 1 && !strcmp(modes[0], m))) {
+            fprintf(stderr, "kvf-bench e2e: --modes takes kvf and baseline, each once\n");
+            return 0;
+        }
+        modes[n++] = m;
+    }
+    if (!n)
+        fprintf(stderr, "kvf-bench e2e: --modes names no mode\n");
+    return n;
+}
+
+/* The runs: each mode of --modes once per repetition, alternately (kvf, baseline, kvf, ...), each
+ * with its own records of the same requests, and what every run starts from. */
 static int init_runs(e2e *E)
 {
-    E->own.mask = (1u << 20) - 1;
+    const char *modes[2];
+    int n_modes = parse_modes(E->o.modes, modes);
+    if (!n_modes)
+        return 2;
     E->own.chunk_tokens = E->m.layout.chunk_tokens;
-    E->own.key = calloc(E->own.mask + 1, sizeof *E->own.key);
-    E->own.eng = calloc(E->own.mask + 1, sizeof *E->own.eng);
-    char mbuf[64];
-    snprintf(mbuf, sizeof mbuf, "%s", E->o.modes);
-    for (char *sv = NULL, *t = strtok_r(mbuf, ",", &sv); t && E->n_runs < 2;
-         t = strtok_r(NULL, ",", &sv)) {
-        if (strcmp(t, "kvf") && strcmp(t, "baseline")) {
-            fprintf(stderr, "kvf-bench e2e: --modes takes kvf and baseline\n");
-            return 2;
-        }
-        e2e_run *R = &E->runs[E->n_runs++];
-        R->mode = strcmp(t, "kvf") ? "baseline" : "kvf";
+    E->pick = strcmp(E->o.route, "prefix") ? KVFE_PICK_LEAST_LOADED : KVFE_PICK_PREFIX;
+    E->n_runs = n_modes * (int)E->o.reps;
+    E->runs = calloc((size_t)E->n_runs, sizeof *E->runs);
+    E->sm = calloc((size_t)E->n_runs, sizeof *E->sm);
+    for (int k = 0; E->runs && E->sm && k < E->n_runs; k++) {
+        e2e_run *R = &E->runs[k];
+        R->mode = modes[k % n_modes];
+        R->rep = k / n_modes + 1;
         R->n = E->n;
         R->r = calloc(E->n, sizeof *R->r);
-        if (R->r) /* the requests, with nothing happened yet */
-            memcpy(R->r, E->base, E->n * sizeof *R->r);
+        if (!R->r)
+            break;
+        memcpy(R->r, E->base, E->n * sizeof *R->r); /* the requests, with nothing happened yet */
         R->rt = E->rt;
+        R->pick = E->pick;
         R->own = strcmp(R->mode, "kvf") ? NULL : &E->own;
         R->slo_s = E->o.slo_ms / 1e3;
         R->concurrency = (int)E->o.conc;
-        if (!R->r || !E->own.key || !E->own.eng) {
-            fprintf(stderr, "kvf-bench e2e: out of memory for the %s run\n", R->mode);
+    }
+    for (int k = 0; k < E->n_runs; k++)
+        if (!E->runs || !E->sm || !E->runs[k].r) {
+            fprintf(stderr, "kvf-bench e2e: out of memory for %d runs\n", E->n_runs);
             return 1;
         }
+    char err[512];
+    if (e2e_start_open(&E->start, json_object_get(E->st, "stores"), &E->m.layout, E->rt, E->warm_r,
+                       E->n_warm, E->base, E->n, &E->own, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench e2e: %s\n", err);
+        return 1;
     }
     return PROCEED;
 }
 
-/* Runs each mode and summarizes it; the kvf e2e_run starts from cleared stores and the warm-up. */
+/* The warm-up once, then every run in turn from the state the warm-up left, each summarized. */
 static int run_all(e2e *E)
 {
-    char err[512];
+    if (e2e_start_warm(&E->start) != 0)
+        return 1;
     for (int k = 0; k < E->n_runs; k++) {
         e2e_run *R = &E->runs[k];
-        if (!strcmp(R->mode, "kvf")) {
-            if (clear_stores(json_object_get(E->st, "stores"), &E->m.layout, err, sizeof err) != 0)
-                bench_progress("e2e", "warning: %s", err);
-            if (E->n_warm && warm_up(E->warm_r, E->n_warm, E->rt, &E->own) != 0)
-                bench_progress("e2e", "warning: some warm-up requests failed");
-        }
+        int kvf = !strcmp(R->mode, "kvf");
+        if (e2e_start_restore(&E->start, kvf ? KVFE_REUSE_ALL : KVFE_REUSE_ENGINE) != 0)
+            return 1;
         uint64_t l0, s0, l1, s1;
         kvfe_router_kv_bytes(E->rt, &l0, &s0);
-        bench_progress("e2e", "run %d/%d: %s", k + 1, E->n_runs,
-                       strcmp(R->mode, "kvf") ? "without kvfabric (colocated, every prefill from "
-                                                "scratch)"
-                                              : "with kvfabric (placed by kvf-sched, "
-                                                "disaggregated, prefix cache in the stores)");
-        run_mode(R, R->mode);
+        bench_progress("e2e", "run %d/%d (repetition %d of %ld): %s", k + 1, E->n_runs, R->rep,
+                       E->o.reps,
+                       kvf ? "with kvfabric (placed by kvf-sched, disaggregated, prefix cache in "
+                             "the stores)"
+                           : "baseline (colocated, each engine's own prefix cache, no store)");
+        char tag[32];
+        snprintf(tag, sizeof tag, "%s #%d", R->mode, R->rep);
+        run_mode(R, tag);
         kvfe_router_kv_bytes(E->rt, &l1, &s1);
         e2e_summarize(R, &E->sm[k]);
         E->sm[k].load_bytes = l1 - l0;
@@ -596,8 +528,9 @@ static int run_all(e2e *E)
     return PROCEED;
 }
 
-/* Says why the first three failed requests of each e2e_run failed, and compares the generated
- * tokens of the two runs request by request, where both served it. */
+/* Says why the first three failed requests of each run failed, and compares the generated tokens
+ * of every run request by request: a request is compared when at least two runs served it, and
+ * differs when one of them generated other tokens than the first that served it. */
 static void check_runs(const e2e *E, size_t *compared, size_t *differ)
 {
     *compared = *differ = 0;
@@ -605,67 +538,60 @@ static void check_runs(const e2e *E, size_t *compared, size_t *differ)
         int shown = 0;
         for (size_t i = 0; i < E->n && shown < 3; i++)
             if (E->runs[k].r[i].failed) {
-                fprintf(stderr, "kvf-bench e2e: %s: request %zu failed: %s\n", E->runs[k].mode, i,
-                        E->runs[k].r[i].err);
+                fprintf(stderr, "kvf-bench e2e: %s #%d: request %zu failed: %s\n", E->runs[k].mode,
+                        E->runs[k].rep, i, E->runs[k].r[i].err);
                 shown++;
             }
     }
-    for (size_t i = 0; E->n_runs == 2 && i < E->n; i++) {
-        const e2e_rec *a = &E->runs[0].r[i], *b = &E->runs[1].r[i];
-        if (a->failed || b->failed || a->rt.rejected || b->rt.rejected)
-            continue;
-        (*compared)++;
-        *differ += a->tokens_hash != b->tokens_hash || a->n_generated != b->n_generated;
+    for (size_t i = 0; i < E->n; i++) {
+        const e2e_rec *first = NULL;
+        int served = 0, differs = 0;
+        for (int k = 0; k < E->n_runs; k++) {
+            const e2e_rec *q = &E->runs[k].r[i];
+            if (q->failed || q->rt.rejected)
+                continue;
+            first = first ? first : q;
+            differs |= q->tokens_hash != first->tokens_hash || q->n_generated != first->n_generated;
+            served++;
+        }
+        *compared += served >= 2;
+        *differ += served >= 2 && differs;
     }
 }
 
-static void print_table(const e2e *E)
-{
-    const e2e_summary *sm = E->sm;
-    printf("\nkvf-bench e2e: %zu requests, %zu engines, model %s, %s, all figures real\n", E->n,
-           kvfe_router_engine_count(E->rt), E->model,
-           json_is_true(json_object_get(E->st, "netns")) ? "network namespaces" : "loopback");
-    printf("%-10s %9s %9s %9s %9s %9s %8s %8s %8s %9s %9s %6s\n", "mode", "TTFT p50", "p90", "p99",
-           "ITL mean", "ITL p99", "req/s", "hit dev", "hit str", "MB in", "MB out", "failed");
-    for (int k = 0; k < E->n_runs; k++)
-        printf(
-            "%-10s %8.3fs %8.3fs %8.3fs %7.2fms %7.2fms %8.2f %7.1f%% %7.1f%% %8.1fM %8.1fM %6zu\n",
-            E->runs[k].mode, sm[k].ttft_p50, sm[k].ttft_p90, sm[k].ttft_p99, sm[k].itl_mean * 1e3,
-            sm[k].itl_p99 * 1e3, sm[k].rps, sm[k].device_hit * 100, sm[k].store_hit * 100,
-            (double)sm[k].load_bytes / 1e6, (double)sm[k].save_bytes / 1e6,
-            sm[k].failed + sm[k].rejected);
-    for (int k = 0; k < E->n_runs; k++)
-        if (!strcmp(E->runs[k].mode, "kvf"))
-            printf("cross-engine reuse: %zu requests loaded a prefix another engine computed "
-                   "(%.1f%% of all prompt tokens)\ntransport of every transfer: %s (%s)\n",
-                   sm[k].cross_requests, sm[k].cross_hit * 100,
-                   E->runs[k].transport[0] ? E->runs[k].transport : "none",
-                   E->runs[k].transport_why);
-}
-
-/* The result object; with both runs, it also prints TTFT p50 with kvfabric over without against
- * the target of 0.5. */
+/* The result object: each mode's summary over its repetitions, the ratios and the verdict (which
+ * e2e_report_ratios() prints with the table). */
 static json_t *result_json(const e2e *E, size_t compared, size_t differ)
 {
+    e2e_report rp = {.runs = E->runs,
+                     .sm = E->sm,
+                     .n_runs = E->n_runs,
+                     .reps = (int)E->o.reps,
+                     .n_requests = E->n,
+                     .n_engines = kvfe_router_engine_count(E->rt),
+                     .model = E->model,
+                     .where = json_is_true(json_object_get(E->st, "netns")) ? "network namespaces"
+                                                                            : "loopback",
+                     .baseline_routing = E->o.route};
     json_t *summaries = json_object();
-    for (int k = 0; k < E->n_runs; k++)
-        json_object_set_new(summaries, E->runs[k].mode, e2e_summary_json(&E->sm[k], &E->runs[k]));
+    static const char *const modes[] = {"kvf", "baseline"};
+    for (int m = 0; m < 2; m++) {
+        json_t *o = e2e_mode_json(&rp, modes[m]);
+        if (o)
+            json_object_set_new(summaries, modes[m], o);
+    }
     json_t *res = json_pack(
-        "{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s}", "bench", "e2e", "summary", summaries,
-        "engines", (int)kvfe_router_engine_count(E->rt), "requests", (json_int_t)E->n, "start",
-        (json_int_t)E->o.start, "warmup", (json_int_t)E->n_warm, "block_tokens",
-        (json_int_t)E->o.block, "time_scale", E->o.scale, "tokens_compared", (json_int_t)compared,
-        "tokens_differ", (json_int_t)differ, "out", E->out_dir, "label", "real");
-    if (E->n_runs != 2)
-        return res;
-    const e2e_summary *kv = !strcmp(E->runs[0].mode, "kvf") ? &E->sm[0] : &E->sm[1];
-    const e2e_summary *bl = kv == &E->sm[0] ? &E->sm[1] : &E->sm[0];
-    double ratio = bl->ttft_p50 > 0 ? kv->ttft_p50 / bl->ttft_p50 : 0;
-    json_object_set_new(res, "ttft_p50_ratio", json_real(ratio));
-    json_object_set_new(res, "ttft_p50_target_met", json_boolean(ratio > 0 && ratio <= 0.5));
-    printf("TTFT p50 with kvfabric / without: %.3f (target <= 0.5: %s); generated tokens "
-           "identical in %zu of %zu requests compared\n",
-           ratio, ratio > 0 && ratio <= 0.5 ? "met" : "NOT met", compared - differ, compared);
+        "{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s,s:s,s:s}", "bench", "e2e", "summary",
+        summaries, "engines", (int)rp.n_engines, "requests", (json_int_t)E->n, "repetitions",
+        (json_int_t)E->o.reps, "start", (json_int_t)E->o.start, "warmup", (json_int_t)E->n_warm,
+        "block_tokens", (json_int_t)E->o.block, "time_scale", E->o.scale, "tokens_compared",
+        (json_int_t)compared, "tokens_differ", (json_int_t)differ, "baseline_reuse", "engine",
+        "baseline_routing", E->o.route, "out", E->out_dir, "label", "real");
+    if (E->o.slo_ms > 0)
+        json_object_set_new(res, "slo_ttft_ms", json_real(E->o.slo_ms));
+    e2e_report_ratios(&rp, res);
+    printf("generated tokens identical in every run in %zu of %zu requests compared\n",
+           compared - differ, compared);
     return res;
 }
 
@@ -678,7 +604,6 @@ static int report(e2e *E)
     e2e_write_records(E->out_dir, E->runs, E->n_runs);
     double bin = E->span / 20 > 1 ? E->span / 20 : 1;
     int plotted = e2e_plot(E->out_dir, E->runs, E->n_runs, bin) == 0;
-    print_table(E);
     json_t *res = result_json(E, compared, differ);
     printf("records: %s/records.csv, %s/records.json; plots: %s\n", E->out_dir, E->out_dir,
            plotted ? "ttft_cdf.png, throughput.png" : "not drawn (gnuplot missing or failed)");
@@ -697,21 +622,24 @@ int bench_e2e_main(int argc, char **argv)
 {
     static int (*const steps[])(e2e *) = {open_cluster, load_workload, init_runs, run_all, report};
     e2e *E = calloc(1, sizeof *E);
-    if (!E) {
+    if (!E || e2e_owners_init(&E->own, 0) != 0) {
         fprintf(stderr, "kvf-bench e2e: out of memory\n");
+        if (E)
+            e2e_owners_free(&E->own);
+        free(E);
         return 1;
     }
-    pthread_mutex_init(&E->own.mu, NULL);
     int rc = parse_opts(argc, argv, &E->o);
     for (size_t i = 0; rc == PROCEED && i < sizeof steps / sizeof steps[0]; i++)
         rc = steps[i](E);
-    for (int k = 0; k < E->n_runs; k++)
+    e2e_start_close(&E->start);
+    for (int k = 0; E->runs && k < E->n_runs; k++)
         free(E->runs[k].r);
+    free(E->runs);
+    free(E->sm);
     free_requests(E->base, E->n);
     free_requests(E->warm_r, E->n_warm);
-    free(E->own.key);
-    free(E->own.eng);
-    pthread_mutex_destroy(&E->own.mu);
+    e2e_owners_free(&E->own);
     kvfe_router_close(&E->rt);
     json_decref(E->st);
     free(E);

@@ -3,12 +3,13 @@
 #include "bench_util.h"
 
 #include <inttypes.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* ------------------------------------------------------------------------------------------ */
-/* Summary */
+/* One run */
 
 void e2e_summarize(const e2e_run *R, e2e_summary *s)
 {
@@ -18,7 +19,7 @@ void e2e_summarize(const e2e_run *R, e2e_summary *s)
     size_t k = 0, ki = 0;
     double prompt = 0, dev = 0, st = 0, cross = 0, last = 0, itl_sum = 0, itl_n = 0;
     size_t met = 0;
-    for (size_t i = 0; i < R->n; i++) {
+    for (size_t i = 0; tt && e2 && it && i < R->n; i++) {
         const e2e_rec *q = &R->r[i];
         s->failed += q->failed;
         s->rejected += q->rt.rejected;
@@ -61,69 +62,336 @@ void e2e_summarize(const e2e_run *R, e2e_summary *s)
     free(it);
 }
 
-json_t *e2e_summary_json(const e2e_summary *s, const e2e_run *R)
+/* ------------------------------------------------------------------------------------------ */
+/* Over the repetitions */
+
+/* The figures reported per mode with their spread: the key in summary.MODE, the key of kvfabric's
+ * over the baseline's (NULL: none), the table's words, where the figure is in e2e_summary, and
+ * its unit in the table. */
+static const struct figure {
+    const char *key, *ratio, *label;
+    size_t at;
+    double scale;
+    const char *unit;
+} figures[] = {
+    {"ttft_p50_s", "ttft_p50_ratio", "TTFT p50", offsetof(e2e_summary, ttft_p50), 1, "s"},
+    {"ttft_p90_s", "ttft_p90_ratio", "TTFT p90", offsetof(e2e_summary, ttft_p90), 1, "s"},
+    {"ttft_p99_s", "ttft_p99_ratio", "TTFT p99", offsetof(e2e_summary, ttft_p99), 1, "s"},
+    {"itl_mean_s", "itl_mean_ratio", "ITL mean", offsetof(e2e_summary, itl_mean), 1e3, "ms"},
+    {"itl_p99_s", "itl_p99_ratio", "ITL p99", offsetof(e2e_summary, itl_p99), 1e3, "ms"},
+    {"e2e_p50_s", "e2e_p50_ratio", "end to end p50", offsetof(e2e_summary, e2e_p50), 1, "s"},
+    {"requests_per_s", "requests_per_s_ratio", "throughput", offsetof(e2e_summary, rps), 1,
+     "req/s"},
+    {"slo_attainment", "slo_attainment_ratio", "SLO attainment",
+     offsetof(e2e_summary, slo_attainment), 100, "%"},
+    {"hit_rate_device", NULL, "hit: engine pages", offsetof(e2e_summary, device_hit), 100, "%"},
+    {"hit_rate_store", NULL, "hit: stores", offsetof(e2e_summary, store_hit), 100, "%"},
+    {"hit_rate_cross_engine", NULL, "hit: another's", offsetof(e2e_summary, cross_hit), 100, "%"},
+};
+#define N_FIGURES (sizeof figures / sizeof figures[0])
+
+/* The targets the verdict judges, on the median of the ratios: at most or at least bound. */
+static const struct target {
+    const char *ratio, *label;
+    int at_most;
+    double bound;
+} targets[] = {{"ttft_p50_ratio", "TTFT p50", 1, 0.5},
+               {"ttft_p90_ratio", "TTFT p90", 1, 1.0},
+               {"ttft_p99_ratio", "TTFT p99", 1, 1.0},
+               {"requests_per_s_ratio", "throughput", 0, 1.0}};
+#define N_TARGETS (sizeof targets / sizeof targets[0])
+
+static double figure_of(const e2e_summary *s, const struct figure *f)
 {
-    const char *mode = R->mode;
-    json_t *o = json_pack(
-        "{s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I,s:I,s:I,s:I,s:I,s:I,s:I,"
-        "s:s,s:s}",
-        "mode", mode, "ttft_p50_s", s->ttft_p50, "ttft_p90_s", s->ttft_p90, "ttft_p99_s",
-        s->ttft_p99, "itl_mean_s", s->itl_mean, "itl_p99_s", s->itl_p99, "e2e_p50_s", s->e2e_p50,
-        "requests_per_s", s->rps, "hit_rate_device", s->device_hit, "hit_rate_store", s->store_hit,
-        "slo_attainment", s->slo_attainment, "completed", (json_int_t)s->done, "failed",
-        (json_int_t)s->failed, "rejected", (json_int_t)s->rejected, "colocated",
-        (json_int_t)s->colocated, "first_token_mismatches", (json_int_t)s->mismatches,
-        "bytes_loaded", (json_int_t)s->load_bytes, "bytes_saved", (json_int_t)s->save_bytes,
-        "transport", R->transport[0] ? R->transport : "none (cache layer off)", "label", "real");
-    if (R->transport_why[0])
-        json_object_set_new(o, "transport_reason", json_string(R->transport_why));
-    json_object_set_new(o, "hit_rate_cross_engine", json_real(s->cross_hit));
-    json_object_set_new(o, "cross_engine_requests", json_integer((json_int_t)s->cross_requests));
+    return *(const double *)((const char *)s + f->at);
+}
+
+/* Figure f of each run of mode, in the order they ran, into v (n_runs long). Returns the count. */
+static size_t mode_values(const e2e_report *rp, const char *mode, const struct figure *f, double *v)
+{
+    size_t n = 0;
+    for (int k = 0; k < rp->n_runs; k++)
+        if (!strcmp(rp->runs[k].mode, mode))
+            v[n++] = figure_of(&rp->sm[k], f);
+    return n;
+}
+
+/* The counts of mode's runs, summed, and the transport its engines reported, into o. */
+static void add_totals(const e2e_report *rp, const char *mode, json_t *o)
+{
+    e2e_summary t = {0};
+    const e2e_run *tr = NULL;
+    for (int k = 0; k < rp->n_runs; k++) {
+        const e2e_summary *s = &rp->sm[k];
+        if (strcmp(rp->runs[k].mode, mode) != 0)
+            continue;
+        t.done += s->done, t.failed += s->failed, t.rejected += s->rejected;
+        t.colocated += s->colocated, t.mismatches += s->mismatches;
+        t.load_bytes += s->load_bytes, t.save_bytes += s->save_bytes;
+        t.cross_requests += s->cross_requests;
+        tr = !tr || (!tr->transport[0] && rp->runs[k].transport[0]) ? &rp->runs[k] : tr;
+    }
+    json_t *c =
+        json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "completed", (json_int_t)t.done, "failed",
+                  (json_int_t)t.failed, "rejected", (json_int_t)t.rejected, "colocated",
+                  (json_int_t)t.colocated, "first_token_mismatches", (json_int_t)t.mismatches,
+                  "bytes_loaded", (json_int_t)t.load_bytes, "bytes_saved", (json_int_t)t.save_bytes,
+                  "cross_engine_requests", (json_int_t)t.cross_requests);
+    json_object_update(o, c);
+    json_decref(c);
+    json_object_set_new(
+        o, "transport",
+        json_string(tr && tr->transport[0] ? tr->transport : "none (no store used)"));
+    if (tr && tr->transport_why[0])
+        json_object_set_new(o, "transport_reason", json_string(tr->transport_why));
+}
+
+json_t *e2e_mode_json(const e2e_report *rp, const char *mode)
+{
+    double *v = malloc((size_t)rp->n_runs * sizeof *v);
+    size_t n = 0;
+    json_t *o = v ? json_object() : NULL;
+    for (size_t f = 0; o && f < N_FIGURES; f++) {
+        n = mode_values(rp, mode, &figures[f], v);
+        if (n)
+            bench_json_rounds(o, figures[f].key, v, n);
+    }
+    if (o && n) {
+        size_t m = 0;
+        for (int k = 0; k < rp->n_runs; k++)
+            if (!strcmp(rp->runs[k].mode, mode))
+                v[m++] = rp->runs[k].loadavg;
+        bench_json_rounds(o, "loadavg_1m", v, m);
+        json_object_set_new(o, "mode", json_string(mode));
+        json_object_set_new(o, "repetitions", json_integer((json_int_t)n));
+        json_object_set_new(o, "label", json_string("real"));
+        add_totals(rp, mode, o);
+        if (!strcmp(mode, "baseline")) {
+            json_object_set_new(o, "reuse", json_string("engine"));
+            json_object_set_new(o, "routing", json_string(rp->baseline_routing));
+        }
+    }
+    if (o && !n) {
+        json_decref(o);
+        o = NULL;
+    }
+    free(v);
     return o;
+}
+
+/* kvfabric's figure f over the baseline's, repetition by repetition, into v. Returns the count
+ * (repetitions where the baseline's figure is 0 give none). */
+static size_t ratio_values(const e2e_report *rp, const struct figure *f, double *v)
+{
+    size_t n = 0;
+    for (int a = 0; a < rp->n_runs; a++) {
+        if (strcmp(rp->runs[a].mode, "kvf") != 0)
+            continue;
+        for (int b = 0; b < rp->n_runs; b++) {
+            double base = figure_of(&rp->sm[b], f);
+            if (!strcmp(rp->runs[b].mode, "baseline") && rp->runs[b].rep == rp->runs[a].rep &&
+                base > 0)
+                v[n++] = figure_of(&rp->sm[a], f) / base;
+        }
+    }
+    return n;
+}
+
+/* "0.408 [0.39, 0.431]": a median and its spread, times scale. */
+static void cell(char *buf, size_t len, bench_spread s, double scale)
+{
+    snprintf(buf, len, "%.4g [%.3g, %.3g]", s.median * scale, s.p10 * scale, s.p90 * scale);
+}
+
+static void print_table(const e2e_report *rp, double *v)
+{
+    printf("\nkvf-bench e2e: %zu requests, %d repetitions per mode run alternately, %zu engines, "
+           "model %s, %s, all figures real\n",
+           rp->n_requests, rp->reps, rp->n_engines, rp->model, rp->where);
+    printf("median over the repetitions [10th, 90th percentile]; baseline: the same engines with "
+           "their own prefix cache, no store, routed by %s\n",
+           rp->baseline_routing);
+    printf("%-22s %-28s %-28s %s\n", "", "with kvfabric", "baseline", "kvfabric / baseline");
+    for (size_t f = 0; f < N_FIGURES; f++) {
+        char c[3][64] = {"-", "-", "-"}, label[40];
+        const char *modes[2] = {"kvf", "baseline"};
+        for (int m = 0; m < 2; m++) {
+            size_t n = mode_values(rp, modes[m], &figures[f], v);
+            if (n)
+                cell(c[m], sizeof c[m], bench_spread_of(v, n), figures[f].scale);
+        }
+        size_t n = figures[f].ratio ? ratio_values(rp, &figures[f], v) : 0;
+        if (n)
+            cell(c[2], sizeof c[2], bench_spread_of(v, n), 1);
+        snprintf(label, sizeof label, "%s (%s)", figures[f].label, figures[f].unit);
+        printf("%-22s %-28s %-28s %s\n", label, c[0], c[1], c[2]);
+    }
+    for (int k = 0; k < rp->n_runs; k++) {
+        const e2e_summary *s = &rp->sm[k];
+        const e2e_run *R = &rp->runs[k];
+        printf("%s #%d: %zu done, %zu failed, %zu rejected, %zu colocated; %.1f MB loaded from "
+               "and %.1f MB saved to the stores (%s); %zu requests loaded a prefix another "
+               "engine computed; load average %.2f\n",
+               R->mode, R->rep, s->done, s->failed, s->rejected, s->colocated,
+               (double)s->load_bytes / 1e6, (double)s->save_bytes / 1e6,
+               R->transport[0] ? R->transport : "none", s->cross_requests, R->loadavg);
+    }
+}
+
+/* Judges target t on the n ratios v: the median, and in how many repetitions it held. */
+static json_t *judge(const struct target *t, const double *v, size_t n, int *met, char *line,
+                     size_t len)
+{
+    bench_spread s = bench_spread_of(v, n);
+    size_t held = 0;
+    for (size_t i = 0; i < n; i++)
+        held += t->at_most ? v[i] <= t->bound : v[i] >= t->bound;
+    *met = n > 0 && (t->at_most ? s.median <= t->bound : s.median >= t->bound);
+    snprintf(line, len, "%s %.3f %s %.1f %s (%zu of %zu repetitions)", t->label, s.median,
+             t->at_most ? "<=" : ">=", t->bound, *met ? "met" : "NOT met", held, n);
+    char tg[16];
+    snprintf(tg, sizeof tg, "%s %.1f", t->at_most ? "<=" : ">=", t->bound);
+    return json_pack("{s:s,s:f,s:f,s:f,s:b,s:I,s:I}", "target", tg, "median", s.median, "p10",
+                     s.p10, "p90", s.p90, "met", *met, "met_in_repetitions", (json_int_t)held,
+                     "repetitions", (json_int_t)n);
+}
+
+void e2e_report_ratios(const e2e_report *rp, json_t *res)
+{
+    double *v = malloc((size_t)rp->n_runs * sizeof *v);
+    if (!v)
+        return;
+    print_table(rp, v);
+    if (ratio_values(rp, &figures[0], v) == 0) { /* not both modes */
+        free(v);
+        return;
+    }
+    for (size_t f = 0; f < N_FIGURES; f++) {
+        size_t n = figures[f].ratio ? ratio_values(rp, &figures[f], v) : 0;
+        if (n)
+            bench_json_rounds(res, figures[f].ratio, v, n);
+    }
+    json_t *tj = json_object();
+    int all = 1;
+    printf("verdict (kvfabric / baseline, median of the repetitions):");
+    for (size_t t = 0; t < N_TARGETS; t++) {
+        const struct figure *f = NULL;
+        for (size_t i = 0; i < N_FIGURES; i++)
+            f = figures[i].ratio && !strcmp(figures[i].ratio, targets[t].ratio) ? &figures[i] : f;
+        size_t n = ratio_values(rp, f, v);
+        char line[160];
+        int met;
+        json_object_set_new(tj, targets[t].ratio,
+                            judge(&targets[t], v, n, &met, line, sizeof line));
+        printf("%s %s", t ? ";" : "", line);
+        all &= met;
+        if (t == 0)
+            json_object_set_new(res, "ttft_p50_target_met", json_boolean(met));
+    }
+    printf("\nall targets met: %s\n", all ? "yes" : "NO");
+    json_object_set_new(res, "targets", tj);
+    json_object_set_new(res, "targets_met", json_boolean(all));
+    free(v);
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* Output */
 
-void e2e_write_records(const char *dir, e2e_run *runs, int n_runs)
+/* The columns of records.csv, in order: keys of the record's JSON object. */
+static const char *const columns[] = {"mode",
+                                      "repetition",
+                                      "request",
+                                      "arrival_s",
+                                      "prompt_tokens",
+                                      "output_tokens",
+                                      "prefill",
+                                      "decode",
+                                      "colocated",
+                                      "device_tokens",
+                                      "store_tokens",
+                                      "ttft_s",
+                                      "place_s",
+                                      "engine_queue_s",
+                                      "engine_prefill_s",
+                                      "engine_compute_s",
+                                      "engine_load_wait_s",
+                                      "e2e_s",
+                                      "itl_mean_s",
+                                      "handoff_s",
+                                      "decode_queue_s",
+                                      "generated",
+                                      "tokens_xxh64",
+                                      "rejected",
+                                      "error"};
+
+/* Request i of run R as a JSON object, every figure labelled real. Caller owns the result. */
+static json_t *record_json(const e2e_run *R, size_t i)
+{
+    const e2e_rec *q = &R->r[i];
+    const kvfe_route *rt = &q->rt;
+    char hash[20];
+    snprintf(hash, sizeof hash, "%016" PRIx64, q->tokens_hash);
+    json_t *o = json_pack(
+        "{s:s,s:i,s:I,s:f,s:I,s:i,s:s,s:s,s:b,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f}", "mode", R->mode,
+        "repetition", R->rep, "request", (json_int_t)i, "arrival_s", q->arrival, "prompt_tokens",
+        (json_int_t)rt->n, "output_tokens", (int)rt->max_tokens, "prefill",
+        rt->prefill ? rt->prefill->id : "", "decode", rt->decode ? rt->decode->id : "", "colocated",
+        rt->colocated, "device_tokens", (json_int_t)rt->device_tokens, "store_tokens",
+        (json_int_t)rt->loaded_tokens, "ttft_s", q->ttft, "place_s", rt->place_s, "engine_queue_s",
+        rt->queue_s, "engine_prefill_s", rt->prefill_s, "engine_compute_s", rt->compute_s,
+        "engine_load_wait_s", rt->load_wait_s);
+    json_t *more =
+        json_pack("{s:f,s:f,s:f,s:f,s:i,s:s,s:b,s:s,s:s}", "e2e_s", q->e2e, "itl_mean_s",
+                  q->itl_n ? q->itl_sum / q->itl_n : 0, "handoff_s", rt->handoff_s,
+                  "decode_queue_s", rt->decode_queue_s, "generated", (int)q->n_generated,
+                  "tokens_xxh64", hash, "rejected", rt->rejected, "error", q->err, "label", "real");
+    json_object_update(o, more);
+    json_decref(more);
+    return o;
+}
+
+/* One CSV line of the record o, in the order of columns. */
+static void write_csv_line(FILE *f, json_t *o)
+{
+    for (size_t c = 0; c < sizeof columns / sizeof columns[0]; c++) {
+        json_t *v = json_object_get(o, columns[c]);
+        fputs(c ? "," : "", f);
+        if (json_is_string(v) && !strcmp(columns[c], "error")) {
+            fputc('"', f); /* quoted, its quotes doubled: the error's text is free */
+            for (const char *p = json_string_value(v); *p; p++) {
+                if (*p == '"')
+                    fputc('"', f);
+                fputc(*p, f);
+            }
+            fputc('"', f);
+        } else if (json_is_string(v))
+            fputs(json_string_value(v), f);
+        else if (json_is_integer(v))
+            fprintf(f, "%lld", (long long)json_integer_value(v));
+        else if (json_is_real(v))
+            fprintf(f, "%.6f", json_real_value(v));
+        else
+            fputs(json_is_true(v) ? "1" : "0", f);
+    }
+    fputs("\n", f);
+}
+
+void e2e_write_records(const char *dir, const e2e_run *runs, int n_runs)
 {
     char path[700];
     snprintf(path, sizeof path, "%s/records.csv", dir);
     FILE *f = fopen(path, "w");
     json_t *all = json_array();
+    for (size_t c = 0; f && c < sizeof columns / sizeof columns[0]; c++)
+        fprintf(f, "%s%s", c ? "," : "", columns[c]);
     if (f)
-        fprintf(f, "mode,request,arrival_s,prompt_tokens,output_tokens,prefill,decode,colocated,"
-                   "device_tokens,store_tokens,ttft_s,engine_queue_s,engine_prefill_s,e2e_s,"
-                   "itl_mean_s,handoff_s,"
-                   "generated,tokens_xxh64,rejected,error\n");
+        fputs("\n", f);
     for (int m = 0; m < n_runs; m++) {
         for (size_t i = 0; i < runs[m].n; i++) {
-            const e2e_rec *q = &runs[m].r[i];
-            const kvfe_route *rt = &q->rt;
-            const char *pe = rt->prefill ? rt->prefill->id : "",
-                       *de = rt->decode ? rt->decode->id : "";
-            double itl = q->itl_n ? q->itl_sum / q->itl_n : 0;
-            if (f)
-                fprintf(f,
-                        "%s,%zu,%.6f,%zu,%u,%s,%s,%d,%zu,%zu,%.6f,%.6f,%.6f,%.6f,%.6f,%.6f,%u,"
-                        "%016" PRIx64 ",%d,\"%s\"\n",
-                        runs[m].mode, i, q->arrival, rt->n, rt->max_tokens, pe, de, rt->colocated,
-                        rt->device_tokens, rt->loaded_tokens, q->ttft, rt->queue_s, rt->prefill_s,
-                        q->e2e, itl, rt->handoff_s, q->n_generated, q->tokens_hash, rt->rejected,
-                        q->err);
-            char hash[20];
-            snprintf(hash, sizeof hash, "%016" PRIx64, q->tokens_hash);
-            json_array_append_new(
-                all, json_pack("{s:s,s:I,s:f,s:I,s:i,s:s,s:s,s:b,s:I,s:I,s:f,s:f,s:f,s:f,s:i,"
-                               "s:s,s:b,s:s,s:s}",
-                               "mode", runs[m].mode, "request", (json_int_t)i, "arrival_s",
-                               q->arrival, "prompt_tokens", (json_int_t)rt->n, "output_tokens",
-                               (int)rt->max_tokens, "prefill", pe, "decode", de, "colocated",
-                               rt->colocated, "device_tokens", (json_int_t)rt->device_tokens,
-                               "store_tokens", (json_int_t)rt->loaded_tokens, "ttft_s", q->ttft,
-                               "e2e_s", q->e2e, "itl_mean_s", itl, "handoff_s", rt->handoff_s,
-                               "generated", (int)q->n_generated, "tokens_xxh64", hash, "rejected",
-                               rt->rejected, "error", q->err, "label", "real"));
+            json_t *o = record_json(&runs[m], i);
+            if (f && o)
+                write_csv_line(f, o);
+            json_array_append_new(all, o);
         }
     }
     if (f)
@@ -133,65 +401,105 @@ void e2e_write_records(const char *dir, e2e_run *runs, int n_runs)
     json_decref(all);
 }
 
-int e2e_plot(const char *dir, e2e_run *runs, int n_runs, double bin_s)
+/* The words a plot gives each mode (inside gnuplot's single quotes: no apostrophe). */
+static const char *mode_title(const char *mode)
 {
+    return strcmp(mode, "kvf") ? "baseline (engine prefix caches, no store)"
+                               : "with kvfabric (disaggregated, cached)";
+}
+
+/* The CDF of the TTFT of mode's runs, pooled, into dat; returns the number of runs pooled. */
+static int write_cdf(const char *dat, const e2e_run *runs, int n_runs, const char *mode)
+{
+    size_t total = 0, k = 0;
+    int reps = 0;
+    for (int m = 0; m < n_runs; m++)
+        total += strcmp(runs[m].mode, mode) ? 0 : runs[m].n;
+    double *v = malloc((total + 1) * sizeof *v);
+    for (int m = 0; v && m < n_runs; m++) {
+        if (strcmp(runs[m].mode, mode) != 0)
+            continue;
+        reps++;
+        for (size_t i = 0; i < runs[m].n; i++)
+            if (!runs[m].r[i].failed && !runs[m].r[i].rt.rejected)
+                v[k++] = runs[m].r[i].ttft;
+    }
+    FILE *f = v ? fopen(dat, "w") : NULL;
+    if (k)
+        bench_quantile(v, k, 0.5); /* sorts */
+    for (size_t i = 0; f && i < k; i++)
+        fprintf(f, "%.6f %.6f\n", v[i], (double)(i + 1) / (double)total);
+    if (f)
+        fclose(f);
+    free(v);
+    return reps;
+}
+
+/* Completed requests per second of mode's runs, in bins of bin_s, averaged over its runs. */
+static void write_throughput(const char *dat, const e2e_run *runs, int n_runs, const char *mode,
+                             double bin_s)
+{
+    double end = 0;
+    int reps = 0;
+    for (int m = 0; m < n_runs; m++)
+        for (size_t i = 0; !strcmp(runs[m].mode, mode) && i < runs[m].n; i++)
+            end = runs[m].r[i].finish > end ? runs[m].r[i].finish : end;
+    size_t nb = (size_t)(end / bin_s) + 1;
+    double *b = calloc(nb, sizeof *b);
+    for (int m = 0; b && m < n_runs; m++) {
+        if (strcmp(runs[m].mode, mode) != 0)
+            continue;
+        reps++;
+        for (size_t i = 0; i < runs[m].n; i++)
+            if (!runs[m].r[i].failed && !runs[m].r[i].rt.rejected)
+                b[(size_t)(runs[m].r[i].finish / bin_s)] += 1;
+    }
+    FILE *f = b ? fopen(dat, "w") : NULL;
+    for (size_t i = 0; f && i < nb; i++)
+        fprintf(f, "%.3f %.4f\n", ((double)i + 0.5) * bin_s, b[i] / bin_s / (reps ? reps : 1));
+    if (f)
+        fclose(f);
+    free(b);
+}
+
+int e2e_plot(const char *dir, const e2e_run *runs, int n_runs, double bin_s)
+{
+    static const char *const modes[] = {"kvf", "baseline"};
     char dat[700], png[700];
     FILE *g = popen("gnuplot", "w");
     if (!g)
         return -1;
     fprintf(g, "set terminal pngcairo size 900,520 font 'sans,10'\nset grid\nset key bottom "
                "right\n");
-    /* TTFT CDF */
     snprintf(png, sizeof png, "%s/ttft_cdf.png", dir);
     fprintf(g,
-            "set output '%s'\nset title 'Time to first token, CDF (real, %zu requests)'\n"
-            "set xlabel 'TTFT (s)'\nset ylabel 'fraction of requests'\nset logscale x\n"
-            "plot ",
+            "set output '%s'\nset title 'Time to first token, CDF (real, %zu requests, "
+            "repetitions pooled)'\nset xlabel 'TTFT (s)'\nset ylabel 'fraction of requests'\n"
+            "set logscale x\nplot ",
             png, runs[0].n);
-    for (int m = 0; m < n_runs; m++) {
-        snprintf(dat, sizeof dat, "%s/ttft_%s.dat", dir, runs[m].mode);
-        FILE *f = fopen(dat, "w");
-        double *v = malloc((runs[m].n + 1) * sizeof *v);
-        size_t k = 0;
-        for (size_t i = 0; i < runs[m].n; i++)
-            if (!runs[m].r[i].failed && !runs[m].r[i].rt.rejected)
-                v[k++] = runs[m].r[i].ttft;
-        bench_quantile(v, k, 0.5); /* sorts */
-        for (size_t i = 0; f && i < k; i++)
-            fprintf(f, "%.6f %.6f\n", v[i], (double)(i + 1) / (double)runs[m].n);
-        if (f)
-            fclose(f);
-        free(v);
-        fprintf(g, "%s'%s' using 1:2 with steps lw 2 title '%s'", m ? ", " : "", dat,
-                strcmp(runs[m].mode, "kvf") ? "without kvfabric (colocated, recompute)"
-                                            : "with kvfabric (disaggregated, cached)");
+    for (int m = 0, drawn = 0; m < 2; m++) {
+        snprintf(dat, sizeof dat, "%s/ttft_%s.dat", dir, modes[m]);
+        if (write_cdf(dat, runs, n_runs, modes[m]) > 0)
+            fprintf(g, "%s'%s' using 1:2 with steps lw 2 title '%s'", drawn++ ? ", " : "", dat,
+                    mode_title(modes[m]));
     }
     fprintf(g, "\nunset logscale x\n");
-    /* throughput over time */
     snprintf(png, sizeof png, "%s/throughput.png", dir);
     fprintf(g,
-            "set output '%s'\nset title 'Completed requests per second (real, %.0f s bins)'\n"
-            "set xlabel 'time since the first arrival (s)'\nset ylabel 'requests / s'\n"
-            "set key top right\nplot ",
+            "set output '%s'\nset title 'Completed requests per second (real, %.0f s bins, "
+            "mean of the repetitions)'\nset xlabel 'time since the first arrival (s)'\n"
+            "set ylabel 'requests / s'\nset key top right\nplot ",
             png, bin_s);
-    for (int m = 0; m < n_runs; m++) {
-        double end = 0;
-        for (size_t i = 0; i < runs[m].n; i++)
-            end = runs[m].r[i].finish > end ? runs[m].r[i].finish : end;
-        size_t nb = (size_t)(end / bin_s) + 1;
-        double *b = calloc(nb, sizeof *b);
-        for (size_t i = 0; b && i < runs[m].n; i++)
-            if (!runs[m].r[i].failed && !runs[m].r[i].rt.rejected)
-                b[(size_t)(runs[m].r[i].finish / bin_s)] += 1;
-        snprintf(dat, sizeof dat, "%s/throughput_%s.dat", dir, runs[m].mode);
-        FILE *f = fopen(dat, "w");
-        for (size_t i = 0; f && b && i < nb; i++)
-            fprintf(f, "%.3f %.4f\n", ((double)i + 0.5) * bin_s, b[i] / bin_s);
-        if (f)
-            fclose(f);
-        free(b);
-        fprintf(g, "%s'%s' using 1:2 with linespoints lw 2 title '%s'", m ? ", " : "", dat,
-                strcmp(runs[m].mode, "kvf") ? "without kvfabric" : "with kvfabric");
+    for (int m = 0, drawn = 0; m < 2; m++) {
+        int present = 0;
+        for (int k = 0; k < n_runs; k++)
+            present |= !strcmp(runs[k].mode, modes[m]);
+        if (!present)
+            continue;
+        snprintf(dat, sizeof dat, "%s/throughput_%s.dat", dir, modes[m]);
+        write_throughput(dat, runs, n_runs, modes[m], bin_s);
+        fprintf(g, "%s'%s' using 1:2 with linespoints lw 2 title '%s'", drawn++ ? ", " : "", dat,
+                mode_title(modes[m]));
     }
     fprintf(g, "\n");
     return pclose(g) == 0 ? 0 : -1;

@@ -46,7 +46,7 @@ struct kvfe_engine {
     float *x, *h, *q, *k, *v, *att, *o_, *g, *u, *scores, *kc, *vc, *logits;
     float *rope_cos, *rope_sin;
     kvf_xfer *pending_save;
-    int reuse_off, save_off; /* per request (kvfe_set_reuse) */
+    int device_off, reuse_off, save_off; /* per request (kvfe_set_tiers) */
 };
 
 static double now_s(void)
@@ -307,7 +307,7 @@ int kvfe_flush(kvfe_engine *e)
 static size_t device_prefix(const kvfe_engine *e, const uint32_t *tokens, size_t n, size_t max_hit)
 {
     size_t dev = 0;
-    if (!e->o.keep_prefix || e->reuse_off)
+    if (!e->o.keep_prefix || e->device_off)
         return 0;
     while (dev < e->len && dev < n && e->tokens[dev] == tokens[dev])
         dev++;
@@ -415,10 +415,16 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     return 0;
 }
 
-void kvfe_set_reuse(kvfe_engine *e, int load, int save)
+void kvfe_set_tiers(kvfe_engine *e, int device, int load, int save)
 {
+    e->device_off = !device;
     e->reuse_off = !load;
     e->save_off = !save;
+}
+
+void kvfe_set_reuse(kvfe_engine *e, int load, int save)
+{
+    kvfe_set_tiers(e, load, load, save);
 }
 
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r)

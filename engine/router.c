@@ -4,8 +4,10 @@
  *
  * The router keeps the list of engines kvf-sched gave at open, read-only afterwards, and one
  * counter per engine of its calls in flight there; the counters are atomics, so calls from many
- * threads share a router without a lock. HTTP connections are kept per calling thread by the
- * HTTP client (transport/include/http.h).
+ * threads share them without a lock. The chunk keys of the last prompt sent to each engine (for
+ * kvfe_router_pick's prefix rule) are under the router's one lock, held only to copy or compare
+ * them. HTTP connections are kept per calling thread by the HTTP client
+ * (transport/include/http.h).
  */
 #include "router.h"
 
@@ -13,6 +15,7 @@
 #include "kvf/kvf.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,11 +25,19 @@
 /* kvf-sched's instance list and an engine's health answer at once: they do no work. */
 #define QUICK_TIMEOUT_MS 5000
 
+/* The chunk keys of the last prompt sent to an engine, each folded to 64 bits. */
+typedef struct sent_prefix {
+    uint64_t *key;
+    size_t n, cap;
+} sent_prefix;
+
 struct kvfe_router {
     char sched[160];
     kvfe_router_engine *eng;
     atomic_int *outstanding; /* calls in flight per engine, indexed as eng */
     size_t n_eng;
+    pthread_mutex_t mu; /* sent */
+    sent_prefix *sent;  /* indexed as eng */
 };
 
 static double now_s(void)
@@ -90,7 +101,8 @@ static int list_engines(kvfe_router *r, char *err, size_t errlen)
         goto out_decref;
     r->eng = calloc(n, sizeof *r->eng);
     r->outstanding = calloc(n, sizeof *r->outstanding);
-    if (!r->eng || !r->outstanding) {
+    r->sent = calloc(n, sizeof *r->sent);
+    if (!r->eng || !r->outstanding || !r->sent) {
         snprintf(err, errlen, "out of memory for %zu engines", n);
         rc = KVF_ENOMEM;
         goto out_decref;
@@ -117,6 +129,7 @@ int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t err
         return KVF_ENOMEM;
     }
     snprintf(r->sched, sizeof r->sched, "%s", sched);
+    pthread_mutex_init(&r->mu, NULL);
     int rc = list_engines(r, err, errlen);
     if (rc) {
         kvfe_router_close(&r);
@@ -130,9 +143,14 @@ void kvfe_router_close(kvfe_router **rp)
 {
     if (!rp || !*rp)
         return;
-    free((*rp)->eng);
-    free((*rp)->outstanding);
-    free(*rp);
+    kvfe_router *r = *rp;
+    for (size_t i = 0; r->sent && i < r->n_eng; i++)
+        free(r->sent[i].key);
+    free(r->sent);
+    free(r->eng);
+    free(r->outstanding);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
     *rp = NULL;
 }
 
@@ -181,13 +199,66 @@ static atomic_int *outstanding_of(kvfe_router *r, const kvfe_router_engine *e)
 }
 
 /* The engine with the fewest calls of this router in flight; the first listed on a tie. */
-static const kvfe_router_engine *least_outstanding(kvfe_router *r)
+static size_t least_outstanding(kvfe_router *r)
 {
     size_t best = 0;
     for (size_t i = 1; i < r->n_eng; i++)
         if (atomic_load(&r->outstanding[i]) < atomic_load(&r->outstanding[best]))
             best = i;
-    return &r->eng[best];
+    return best;
+}
+
+static uint64_t fold(const kvf_key *k)
+{
+    return k->lo ^ k->hi; /* keys are hashes already */
+}
+
+/* Remembers q's chunk keys as the prefix engine i was sent last; on no memory, that it holds
+ * none. */
+static void note_sent(kvfe_router *r, size_t i, const kvfe_route *q)
+{
+    sent_prefix *p = &r->sent[i];
+    pthread_mutex_lock(&r->mu);
+    if (q->n_keys > p->cap) {
+        uint64_t *k = realloc(p->key, q->n_keys * sizeof *k);
+        p->key = k ? k : p->key;
+        p->cap = k ? q->n_keys : p->cap;
+    }
+    p->n = q->n_keys <= p->cap ? q->n_keys : 0;
+    for (size_t c = 0; c < p->n; c++)
+        p->key[c] = fold(&q->keys[c]);
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* The number of q's leading chunk keys that engine i was sent last. Lock held. */
+static size_t sent_match_locked(const kvfe_router *r, size_t i, const kvfe_route *q)
+{
+    const sent_prefix *p = &r->sent[i];
+    size_t c = 0;
+    while (c < p->n && c < q->n_keys && p->key[c] == fold(&q->keys[c]))
+        c++;
+    return c;
+}
+
+const kvfe_router_engine *kvfe_router_pick(kvfe_router *r, const kvfe_route *q, kvfe_pick how)
+{
+    size_t least = least_outstanding(r), best = least, best_match = 0;
+    if (how != KVFE_PICK_PREFIX || q->n_keys == 0)
+        return &r->eng[least];
+    pthread_mutex_lock(&r->mu);
+    for (size_t i = 0; i < r->n_eng; i++) {
+        size_t m = sent_match_locked(r, i, q);
+        int fewer = atomic_load(&r->outstanding[i]) < atomic_load(&r->outstanding[best]);
+        if (m > best_match || (m == best_match && m > 0 && fewer)) {
+            best = i;
+            best_match = m;
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+    int holds_half = best_match > 0 && best_match * 2 >= q->n_keys;
+    int balanced =
+        atomic_load(&r->outstanding[best]) <= atomic_load(&r->outstanding[least]) + KVFE_PICK_SLACK;
+    return &r->eng[holds_half && balanced ? best : least];
 }
 
 /* Sends body (taken: it is released here) to engine e, counting the call as outstanding there
@@ -198,6 +269,7 @@ static int call_engine(kvfe_router *r, const kvfe_router_engine *e, const char *
 {
     long st;
     atomic_int *out = outstanding_of(r, e);
+    note_sent(r, (size_t)(e - r->eng), q);
     atomic_fetch_add(out, 1);
     int rc = post(e->endpoint, path, body, &st, rep, q->err, sizeof q->err);
     atomic_fetch_sub(out, 1);
@@ -228,6 +300,8 @@ static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe
     q->saved_tokens = (size_t)num(rep, "saved_tokens");
     q->queue_s = num(rep, "queue_s");
     q->prefill_s = num(rep, "prefill_s");
+    q->compute_s = num(rep, "compute_s");
+    q->load_wait_s = num(rep, "wait_s");
     snprintf(q->transport, sizeof q->transport, "%s", tr ? tr : "");
     snprintf(q->transport_reason, sizeof q->transport_reason, "%s", why ? why : "");
 }
@@ -270,13 +344,20 @@ static void prefilled(kvfe_route *q)
         q->on_prefill(q, q->arg);
 }
 
+/* The "reuse" field of a request for reuse. */
+static json_t *reuse_json(kvfe_reuse reuse)
+{
+    return reuse == KVFE_REUSE_ENGINE ? json_string("engine")
+                                      : json_boolean(reuse == KVFE_REUSE_ALL);
+}
+
 /* Sends q whole to e (/v1/generate) and takes the reply, which brings the first token with the
  * others. */
-static int generate_on(kvfe_router *r, const kvfe_router_engine *e, int reuse, json_t *toks,
+static int generate_on(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse, json_t *toks,
                        kvfe_route *q)
 {
-    json_t *body = json_pack("{s:O,s:i,s:b}", "tokens", toks, "max_tokens", (int)q->max_tokens,
-                             "reuse", reuse);
+    json_t *body = json_pack("{s:O,s:i,s:o}", "tokens", toks, "max_tokens", (int)q->max_tokens,
+                             "reuse", reuse_json(reuse));
     json_t *rep = NULL;
     int rc = call_engine(r, e, "/v1/generate", body, &rep, q);
     if (rc)
@@ -308,7 +389,9 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
         json_object_set_new(body, "slo_ttft_ms", json_real(q->slo_ttft_ms));
     long st;
     json_t *pl = NULL;
+    double t0 = now_s();
     int rc = post(r->sched, "/v1/place", body, &st, &pl, q->err, sizeof q->err);
+    q->place_s = now_s() - t0;
     json_decref(body);
     if (!rc && st == 429) {
         q->rejected = 1;
@@ -361,6 +444,7 @@ static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
         return rc;
     q->done_at = now_s();
     q->handoff_s = num(rep, "handoff_s");
+    q->decode_queue_s = num(rep, "queue_s");
     rc = take_decode(q, rep);
     json_decref(rep);
     return rc;
@@ -375,7 +459,7 @@ int kvfe_router_serve(kvfe_router *r, kvfe_route *q)
     if (rc)
         goto out_decref;
     if (q->colocated)
-        rc = generate_on(r, de, 1, toks, q);
+        rc = generate_on(r, de, KVFE_REUSE_ALL, toks, q);
     else
         rc = prefill_then_decode(r, pe, de, toks, q);
 out_decref:
@@ -383,21 +467,25 @@ out_decref:
     return rc;
 }
 
-int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, int reuse, kvfe_route *q)
+int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse,
+                         kvfe_route *q)
 {
     clear_outputs(q);
     json_t *toks = tokens_json(q->tokens, q->n);
-    int rc = generate_on(r, e ? e : least_outstanding(r), reuse, toks, q);
+    int rc = generate_on(r, e ? e : kvfe_router_pick(r, q, KVFE_PICK_LEAST_LOADED), reuse, toks, q);
     json_decref(toks);
     return rc;
 }
 
-int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_route *q)
+int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse,
+                        kvfe_route *q)
 {
     clear_outputs(q);
     json_t *rep = NULL;
-    int rc = call_engine(r, e, "/v1/prefill",
-                         json_pack("{s:o}", "tokens", tokens_json(q->tokens, q->n)), &rep, q);
+    int rc = call_engine(
+        r, e, "/v1/prefill",
+        json_pack("{s:o,s:o}", "tokens", tokens_json(q->tokens, q->n), "reuse", reuse_json(reuse)),
+        &rep, q);
     if (rc)
         return rc;
     q->first_token_at = now_s();

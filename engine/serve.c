@@ -14,8 +14,11 @@
  *                                                  the decode half of a disaggregated request:
  *                                                  waits for the prefill's chunks (the handoff),
  *                                                  loads them, checks the first token, decodes
- *   /v1/generate  {id, tokens, max_tokens, reuse}  prefill and decode here (colocated); reuse
- *                                                  false runs without the cache layer
+ *   /v1/generate  {id, tokens, max_tokens, reuse}  prefill and decode here (colocated)
+ *
+ * reuse (prefill and generate): true (the default) reuses the engine's pages and the stores and
+ * saves to the stores; "engine" reuses the engine's own pages only (an engine with its prefix
+ * cache on, without kvfabric: no store is asked, loaded from or saved to); false reuses nothing.
  *   GET /v1/health                                 id, role, queue and connector figures
  *
  * One sequence runs at a time (the reference engine has one); waiting requests are taken by
@@ -186,13 +189,26 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
 /* ------------------------------------------------------------------------------------------ */
 /* Requests */
 
+/* What a request may reuse: the tiers of kvfe_set_tiers(). */
+typedef enum reuse_mode { REUSE_NONE, REUSE_ENGINE, REUSE_ALL } reuse_mode;
+
 typedef struct job {
     const char *kind; /* prefill, decode, generate */
     uint32_t *tokens;
     size_t n;
     uint32_t max_tokens, first_token, expect_cached;
-    int has_first, reuse;
+    int has_first;
+    reuse_mode reuse;
 } job;
+
+/* The "reuse" field: absent or true, false, or "engine". Returns 0, or -1 for any other value. */
+static int parse_reuse(json_t *ru, reuse_mode *out)
+{
+    *out = !ru || json_is_true(ru) ? REUSE_ALL : REUSE_NONE;
+    if (json_is_string(ru) && !strcmp(json_string_value(ru), "engine"))
+        *out = REUSE_ENGINE;
+    return !ru || json_is_boolean(ru) || *out == REUSE_ENGINE ? 0 : -1;
+}
 
 /* Reads the body into a job. Returns 0 or an HTTP status with *reply set. */
 static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
@@ -206,16 +222,15 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
     json_t *mt = json_object_get(o, "max_tokens"), *ft = json_object_get(o, "first_token"),
            *ec = json_object_get(o, "expect_cached"), *ru = json_object_get(o, "reuse");
     if ((mt && !json_is_integer(mt)) || (ft && !json_is_integer(ft)) ||
-        (ec && !json_is_integer(ec)) || (ru && !json_is_boolean(ru))) {
+        (ec && !json_is_integer(ec)) || parse_reuse(ru, &j->reuse) != 0) {
         reply->json = kvf__http_error("max_tokens, first_token and expect_cached are integers, "
-                                      "reuse a boolean");
+                                      "reuse true, false or \"engine\"");
         return 400;
     }
     j->max_tokens = mt ? (uint32_t)json_integer_value(mt) : 1;
     j->has_first = ft != NULL;
     j->first_token = ft ? (uint32_t)json_integer_value(ft) : 0;
     j->expect_cached = ec ? (uint32_t)json_integer_value(ec) : 0;
-    j->reuse = ru ? json_is_true(ru) : 1;
     if (mt && (json_integer_value(mt) < 1 || json_integer_value(mt) > 1 << 20)) {
         reply->json = kvf__http_error("max_tokens must be 1..1048576");
         return 400;
@@ -246,7 +261,8 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
 }
 
 /* The decode half's handoff: the prefill's save may still be landing; wait (bounded) until the
- * stores hold what it announced, then load whatever is there. */
+ * stores hold what it announced (the job then loads whatever is there). Called before the job
+ * queues for the engine, so that the engine serves others while the chunks land. */
 static double await_handoff(srv *S, const job *j, size_t *cached)
 {
     double t0 = now_s();
@@ -280,17 +296,16 @@ static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *t
     return decode_s;
 }
 
-static json_t *run_job(srv *S, const job *j, double queue_s)
+static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
 {
     kvf_connector_stats st0, st1;
     if (S->cn)
         kvf_connector_stats_get(S->cn, &st0);
     int is_prefill = !strcmp(j->kind, "prefill"), is_decode = !strcmp(j->kind, "decode");
     /* A decode loads what its prefill saved and saves nothing itself. */
-    int saving = j->reuse && S->cn && !is_decode;
-    kvfe_set_reuse(S->e, j->reuse && S->cn, saving);
-    size_t store_cached = 0;
-    double handoff_s = is_decode ? await_handoff(S, j, &store_cached) : 0;
+    int stores = j->reuse == REUSE_ALL && S->cn != NULL;
+    int saving = stores && !is_decode;
+    kvfe_set_tiers(S->e, j->reuse != REUSE_NONE, stores, saving);
     kvfe_result r;
     int rc = kvfe_prefill(S->e, j->tokens, j->n, &r);
     if (rc)
@@ -318,7 +333,7 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
         json_object_set_new(out, "load_bytes",
                             json_integer((json_int_t)(st1.load_bytes - st0.load_bytes)));
     }
-    if (S->cn && j->reuse) { /* KV moved through kvfabric: say how */
+    if (stores) { /* KV moved through kvfabric: say how */
         char why[240];
         json_object_set_new(out, "transport",
                             json_string(kvf_connector_transport(S->cn, why, sizeof why)));
@@ -332,6 +347,26 @@ static json_t *run_job(srv *S, const job *j, double queue_s)
         pthread_mutex_unlock(&S->mu);
     }
     return out;
+}
+
+/* The prompt tokens whose KV the pages hold now (the last sequence's whole chunks it starts with,
+ * as publish_blocks hashed them), at most all but the last chunk's worth the engine computes
+ * anyway. An estimate for the queue's order: the pages may hold another sequence by the job's
+ * turn. */
+static size_t held_prefix(srv *S, const uint32_t *tokens, size_t n)
+{
+    uint32_t P = S->m.layout.page_tokens, C = S->m.layout.chunk_tokens;
+    uint64_t parent = 0;
+    size_t b = 0;
+    pthread_mutex_lock(&S->mu);
+    for (; b < S->n_held && b < n / P; b++) {
+        parent = XXH3_64bits_withSeed(tokens + b * P, P * sizeof *tokens, parent);
+        if (parent != S->held[b])
+            break;
+    }
+    pthread_mutex_unlock(&S->mu);
+    size_t dev = b * P / C * C, max_hit = (n - 1) / C * C;
+    return dev < max_hit ? dev : max_hit;
 }
 
 /* Hands the engine to the next waiting job if it is free. Lock held. */
@@ -385,12 +420,14 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
     if (st)
         return st;
     int is_prefill = !strcmp(kind, "prefill"), is_decode = !strcmp(kind, "decode");
-    double t_arrive = now_s();
     /* The job's work for the queue's order: the prefill of what no cache holds (a decode brings
-     * its prefix by handoff; others ask the stores), then the tokens it generates. */
+     * its prefix by handoff; others ask the stores, or with the engine's cache only, look at the
+     * pages), then the tokens it generates. */
     size_t cached = is_decode ? j.expect_cached : 0;
-    if (!is_decode && j.reuse && S->cn && S->qcost.klpm_k > 1)
+    if (!is_decode && j.reuse == REUSE_ALL && S->cn && S->qcost.klpm_k > 1)
         kvf_connector_lookup(S->cn, j.tokens, j.n, &cached);
+    else if (!is_decode && j.reuse == REUSE_ENGINE && S->qcost.klpm_k > 1)
+        cached = held_prefix(S, j.tokens, j.n);
     cached = cached < j.n ? cached : j.n;
     const kvf_sched_cost *qc = &S->qcost;
     double un = (double)(j.n - cached), nn = (double)j.n, cc = (double)cached;
@@ -404,12 +441,15 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         S->active_decodes++;
     mark_dirty_locked(S);
     pthread_mutex_unlock(&S->mu);
+    size_t landed;
+    double handoff_s = is_decode ? await_handoff(S, &j, &landed) : 0;
+    double t_queued = now_s();
     int turn = wait_turn(S, cached, work);
     double t_start = now_s();
     json_t *out = turn ? kvf__http_error("engine %s", turn == KVF_ENOMEM ? "out of memory for its "
                                                                            "queue"
                                                                          : "stopping")
-                       : run_job(S, &j, t_start - t_arrive);
+                       : run_job(S, &j, t_start - t_queued, handoff_s);
     int ok = json_object_get(out, "error") == NULL;
     pthread_mutex_lock(&S->mu);
     if (!turn)

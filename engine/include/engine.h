@@ -63,8 +63,11 @@ void kvfe_close(kvfe_engine **e);
  * Returns 0 or a KVF_E* code; a failed load is not an error (it is recomputed and reported in
  * r->load_error). */
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
-/* From the next prefill on: look up and load through the connector (load), save new chunks
- * (save). Both on at open when a connector is given. */
+/* From the next prefill on: reuse the previous sequence's KV still in the pages (device, with
+ * keep_prefix), look up and load through the connector (load), save new chunks (save). All on at
+ * open; load and save need a connector. */
+void kvfe_set_tiers(kvfe_engine *e, int device, int load, int save);
+/* kvfe_set_tiers(e, load, load, save): the pages and the stores both, or neither. */
 void kvfe_set_reuse(kvfe_engine *e, int load, int save);
 /* Appends one token to the sequence and computes the next. */
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r);

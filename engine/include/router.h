@@ -8,6 +8,10 @@
  * kvf-sched places prefill and decode on one engine the request goes there whole (/v1/generate).
  * The engines' HTTP API is kvf-engine --serve's (engine/serve.c).
  *
+ * Requests can also be sent to an engine the caller picks, without kvf-sched: kvfe_router_pick()
+ * chooses one by load or by the prefix each engine was last sent (an engine's own prefix cache,
+ * which holds its last sequence), for a cluster served without kvfabric.
+ *
  * A router is opened on kvf-sched's address and lists the engines registered there once; engines
  * that register later are not known to it. Calls on one router may run concurrently from any
  * number of threads; each engine call waits up to KVFE_ROUTER_TIMEOUT_MS.
@@ -35,6 +39,31 @@ typedef struct kvfe_router_engine {
 
 typedef struct kvfe_route kvfe_route;
 
+/* What an engine may reuse for a request sent to it directly (the "reuse" field of
+ * /v1/generate and /v1/prefill, engine/serve.c). */
+typedef enum kvfe_reuse {
+    KVFE_REUSE_NONE,   /* nothing: every prompt token is computed */
+    KVFE_REUSE_ENGINE, /* the engine's own pages only (its prefix cache); no store is used */
+    KVFE_REUSE_ALL,    /* the engine's pages and kvfabric's stores, and new chunks are saved */
+} kvfe_reuse;
+
+/* How kvfe_router_pick() chooses an engine. */
+typedef enum kvfe_pick {
+    /* the fewest calls of this router in flight; the first listed on a tie */
+    KVFE_PICK_LEAST_LOADED,
+    /* the engine last sent the longest prefix of the prompt, when that prefix is at least half
+     * of the prompt's whole chunks and the engine has at most KVFE_PICK_SLACK more calls in
+     * flight than the least loaded; otherwise the least loaded (the rule of SGLang's cache-aware
+     * router, over what each engine's pages hold) */
+    KVFE_PICK_PREFIX,
+} kvfe_pick;
+
+/* The calls in flight an engine holding a request's prefix may have beyond the least loaded
+ * engine's and still be picked for it. SGLang's router allows tens of requests between GPU workers
+ * that batch dozens; an engine here runs one sequence at a time, so 2 calls are already about two
+ * whole prefills, more than the cached half of one saves. */
+#define KVFE_PICK_SLACK 2
+
 /* Called on the calling thread once the prefill's reply has been taken into the route (the
  * prefill fields below are filled), before the decode is sent; for a request sent whole, once its
  * reply has been taken. Not called when the prefill fails. */
@@ -57,8 +86,9 @@ struct kvfe_route {
     void *arg;                /* passed to on_prefill */
 
     /* output of the placement */
-    int rejected;  /* kvf-sched turned the request away (HTTP 429) */
-    int colocated; /* kvf-sched placed prefill and decode on one engine */
+    int rejected;   /* kvf-sched turned the request away (HTTP 429) */
+    int colocated;  /* kvf-sched placed prefill and decode on one engine */
+    double place_s; /* kvf-sched's answer, as the router waited for it */
 
     /* output of the prefill (for a colocated request, of the generate) */
     const kvfe_router_engine *prefill; /* borrowed; valid until kvfe_router_close() */
@@ -69,6 +99,8 @@ struct kvfe_route {
     size_t saved_tokens;               /* prompt tokens the engine saves to the stores */
     double queue_s;                    /* the engine's wait before the request's turn */
     double prefill_s;                  /* the engine's prefill time */
+    double compute_s;                  /* of which the forward pass proper */
+    double load_wait_s;                /* of which waiting for loaded layers to arrive */
     char transport[16];                /* how KV moved through kvfabric; empty: it did not */
     char transport_reason[240];        /* why that transport */
 
@@ -79,6 +111,7 @@ struct kvfe_route {
     double *itl_s; /* each decode step's time; caller owns, free with kvfe_route_release() */
     size_t n_itl;
     double decode_s;          /* the engine's decode time after the first token */
+    double decode_queue_s;    /* the decode engine's wait before the decode's turn */
     double handoff_s;         /* the decode engine's wait for the prefill's chunks in the stores */
     int first_token_mismatch; /* the decode engine computed another first token than the prefill */
 
@@ -103,13 +136,20 @@ const kvfe_router_engine *kvfe_router_engine_at(const kvfe_router *r, size_t i);
  * when kvf-sched or an engine answers with an error status; KVF_ENOMEM; or the HTTP call's code.
  * The reason is in q->err. */
 int kvfe_router_serve(kvfe_router *r, kvfe_route *q);
-/* Sends q whole to engine e (NULL: the engine with the fewest calls of this router outstanding),
- * which prefills and decodes it: with the cache layer when reuse, or from scratch without it.
- * Returns as kvfe_router_serve(). */
-int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, int reuse, kvfe_route *q);
-/* Prefills q's prompt on engine e, which saves its new chunks to the stores; only the prefill's
- * outputs are filled. Returns as kvfe_router_serve(). */
-int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_route *q);
+/* The engine for q (its keys and length are read) by the rule how. The prefix an engine holds is
+ * the chunk keys of the last prompt this router sent it (any call); with its queue, the engine may
+ * run others first, so the choice is a guess, as a router's is. Borrowed; valid until
+ * kvfe_router_close(). */
+const kvfe_router_engine *kvfe_router_pick(kvfe_router *r, const kvfe_route *q, kvfe_pick how);
+/* Sends q whole to engine e (NULL: kvfe_router_pick(r, q, KVFE_PICK_LEAST_LOADED)), which
+ * prefills and decodes it, reusing what reuse allows. Returns as kvfe_router_serve(). */
+int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse,
+                         kvfe_route *q);
+/* Prefills q's prompt on engine e, reusing what reuse allows (with KVFE_REUSE_ALL it saves its
+ * new chunks to the stores); only the prefill's outputs are filled. Returns as
+ * kvfe_router_serve(). */
+int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse,
+                        kvfe_route *q);
 /* Frees q's generated tokens and decode step times and clears those fields. Accepts NULL. */
 void kvfe_route_release(kvfe_route *q);
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """A tiny kvfabric cluster end to end: `kvf cluster up` (1 store, kvf-sched, 1 prefill and 1 decode
-engine), a dozen trace requests through `kvf-bench e2e` with kvfabric and again colocated without
-it (the generated tokens must be identical request by request, and the cache layer must have
-served part of the prompts), one request twice through `kvf cluster send` (the launcher's
-router: the second served from the cache), the engine's HTTP API on bad input, `kvf cluster
-status`, and `kvf cluster down` leaving no process behind. With --netns the same runs with every process in a
+engine), a dozen trace requests through `kvf-bench e2e` with kvfabric and with the baseline (the
+same engines with their own prefix cache and no store), alternately for two repetitions (the
+generated tokens must be identical request by request in every run, the cache layer must have
+served part of the prompts, and the baseline must have used no store), one request twice through
+`kvf cluster send` (the launcher's router: the second served from the cache), the engine's
+"reuse": "engine" mode (its own pages, never a store), the engine's HTTP API on bad input, `kvf
+cluster status`, and `kvf cluster down` leaving no process behind. With --netns the same runs with every process in a
 network namespace of its own; where namespaces cannot be made the test says why and is skipped
 (exit 77).
 
@@ -132,10 +134,13 @@ def main():
             if not st["up"] or len(st["procs"]) != 4:
                 fail("kvf cluster status: %r" % st)
 
-            # A dozen requests, with kvfabric and without; tokens compared by the bench.
+            # A dozen requests, with kvfabric and with the baseline, twice each, alternately;
+            # tokens compared by the bench.
+            reps = 2
             p = run([bench, "e2e", "--config", config, "--trace", trace, "--max-requests", "12",
                      "--time-scale", "4", "--max-input", "1024", "--max-output", "16",
-                     "--out", os.path.join(d, "e2e"), "--json"], 300, expect=None)
+                     "--repetitions", str(reps), "--out", os.path.join(d, "e2e"), "--json"], 300,
+                    expect=None)
             if p.returncode != 0:
                 fail("kvf-bench e2e exit %d\n%s\n%s" % (p.returncode, p.stdout[-3000:],
                                                        p.stderr[-3000:]))
@@ -144,18 +149,41 @@ def main():
             if res["tokens_compared"] != 12 or res["tokens_differ"] != 0:
                 fail("generated tokens: %d compared, %d differ" % (res["tokens_compared"],
                                                                    res["tokens_differ"]))
-            if kv["completed"] != 12 or bl["completed"] != 12 or kv["first_token_mismatches"]:
+            if res["repetitions"] != reps or kv["repetitions"] != reps or \
+                    bl["repetitions"] != reps or len(kv["ttft_p50_s_rounds"]) != reps or \
+                    len(res["ttft_p50_ratio_rounds"]) != reps:
+                fail("want %d repetitions of each mode: %r" % (reps, res))
+            if kv["completed"] != 12 * reps or bl["completed"] != 12 * reps or \
+                    kv["first_token_mismatches"]:
                 fail("requests: %r / %r" % (kv, bl))
             if kv["hit_rate_device"] + kv["hit_rate_store"] <= 0 or kv["bytes_loaded"] <= 0:
                 fail("the cache layer served nothing: %r" % kv)
-            if bl["hit_rate_device"] != 0 or bl["hit_rate_store"] != 0 or bl["bytes_loaded"]:
-                fail("the run without kvfabric used the cache: %r" % bl)
+            # The baseline reuses its engines' own pages (device hits are legitimate) but no
+            # store: nothing loaded from or saved to one, in the summary and in every record.
+            if bl["hit_rate_store"] != 0 or max(bl["hit_rate_store_rounds"]) != 0 or \
+                    bl["bytes_loaded"] or bl["bytes_saved"] or \
+                    not bl["transport"].startswith("none") or bl["reuse"] != "engine":
+                fail("the baseline used a store: %r" % bl)
+            for k in ("ttft_p50_ratio", "ttft_p90_ratio", "ttft_p99_ratio",
+                      "requests_per_s_ratio"):
+                t = res["targets"][k]
+                if t["repetitions"] != reps or t["met"] != (
+                        t["median"] <= float(t["target"][3:]) if t["target"].startswith("<=")
+                        else t["median"] >= float(t["target"][3:])):
+                    fail("target %s judged wrongly: %r" % (k, t))
             for k in ("records.csv", "records.json", "summary.json"):
                 if not os.path.getsize(os.path.join(d, "e2e", k)):
                     fail("%s is empty" % k)
             with open(os.path.join(d, "e2e", "records.csv")) as f:
-                if len(f.read().strip().splitlines()) != 1 + 24:
-                    fail("records.csv: want a header and 24 records")
+                if len(f.read().strip().splitlines()) != 1 + 12 * 2 * reps:
+                    fail("records.csv: want a header and %d records" % (12 * 2 * reps))
+            with open(os.path.join(d, "e2e", "records.json")) as f:
+                recs = json.load(f)
+            order = [(r["mode"], r["repetition"]) for r in recs[::12]]
+            if order != [(m, i) for i in range(1, reps + 1) for m in ("kvf", "baseline")]:
+                fail("runs not alternating kvf, baseline: %r" % order)
+            if any(r["store_tokens"] for r in recs if r["mode"] == "baseline"):
+                fail("a baseline request loaded from a store")
 
             # One request through the launcher's router, twice: served, then served from the cache,
             # with the same tokens.
@@ -175,9 +203,29 @@ def main():
                     ix["blocks_stored"] <= 0 or ix["malformed"] or ix["sequence_gaps"]:
                 fail("kvf-sched's event ingestion: %d %r" % (got, ix))
 
-            # The engine's API on bad input: clear errors, and it keeps serving.
+            # "reuse": "engine": the engine's own pages serve a prompt that starts with its last
+            # one, and no store is asked, loaded from or saved to.
             eng = next(pr for pr in state["procs"] if pr["kind"] == "prefill")["addr"]
             base = "http://" + eng
+            # (The first prefill also waits for any save still in flight, before the counters are
+            # read.)
+            prompt = [(i * 7919 + 13) % 500 for i in range(300)]
+            replies = [http("POST", base + "/v1/generate",
+                            {"tokens": prompt[:200], "max_tokens": 2, "reuse": "engine"})]
+            _, h0 = http("GET", base + "/v1/health")
+            replies.append(http("POST", base + "/v1/generate",
+                                {"tokens": prompt, "max_tokens": 2, "reuse": "engine"}))
+            _, h1 = http("GET", base + "/v1/health")
+            if any(got != 200 for got, _ in replies) or replies[1][1]["device_tokens"] != 192 or \
+                    any(rep["loaded_tokens"] or rep["saved_tokens"] for _, rep in replies):
+                fail("reuse engine: %r" % replies)
+            if h1["connector"] != h0["connector"]:
+                fail("reuse engine used the stores: %r then %r" % (h0, h1))
+            got, rep = http("POST", base + "/v1/generate", {"tokens": [1, 2], "reuse": "stores"})
+            if got != 400 or "reuse" not in rep.get("error", ""):
+                fail("reuse \"stores\" gave %d %r, wanted 400" % (got, rep))
+
+            # The engine's API on bad input: clear errors, and it keeps serving.
             for body, code in ((b"{not json", 400), ({"tokens": []}, 400),
                                ({"tokens": [1, -2]}, 400), ({"tokens": [1] * 5000}, 413),
                                ({"tokens": [1, 2], "max_tokens": "x"}, 400)):
