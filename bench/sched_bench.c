@@ -401,14 +401,17 @@ static void finish(sim *S, inst_state *I, double now)
         full = q->n_ids;
     if (full) {
         tokens_of(S, q);
-        kvf_sched_block_stored(S->s, I->idx, q->ids, full, 0, 0, S->tok, full * BLOCK, BLOCK,
-                               KVF_TIER_DEVICE);
+        /* The blocks take their room first and are published after the removals that made it, as
+         * an engine's events come: a block of this prompt that the room evicted (the cache held
+         * it but not the block before it) is stored again, not left removed in the index. */
         for (size_t b = 0; b < full; b++) {
             uint64_t ev = lru_touch(&I->cache, q->ids[b]);
             if (ev != UINT64_MAX)
                 kvf_sched_block_removed(S->s, I->idx, &ev, 1);
             lru_touch(&S->store, q->ids[b]);
         }
+        kvf_sched_block_stored(S->s, I->idx, q->ids, full, 0, 0, S->tok, full * BLOCK, BLOCK,
+                               KVF_TIER_DEVICE);
     }
     /* Decode: per-token time grows with the sequences decoding on this instance. */
     size_t live = 0;
