@@ -481,6 +481,23 @@ static int start_decode(sim *S, inst_state *I, sched_req *q, double now)
     return 0;
 }
 
+/* The store saves a block: it publishes what it evicts to make room and the block itself when it
+ * is new, as kvf-store's chunk events tell kvf-sched, so that the cost model sees what the store
+ * holds. */
+static void save_chunk(sim *S, uint64_t id)
+{
+    int held = lru_find(&S->store, id) >= 0;
+    uint64_t ev = lru_touch(&S->store, id);
+    if (ev != UINT64_MAX) {
+        kvf_key k = chunk_key(ev);
+        kvf_sched_store_chunks(S->s, 0, &k, 1, 0);
+    }
+    if (!held) {
+        kvf_key k = chunk_key(id);
+        kvf_sched_store_chunks(S->s, 0, &k, 1, 1);
+    }
+}
+
 /* A prefill finished: the instance caches the blocks (publishing events), the store saves the
  * chunks, decode starts, and the next waiting request runs. Returns 0, or -1 out of memory. */
 static int finish(sim *S, inst_state *I, double now)
@@ -501,7 +518,7 @@ static int finish(sim *S, inst_state *I, double now)
             uint64_t ev = lru_touch(&I->cache, q->ids[b]);
             if (ev != UINT64_MAX)
                 kvf_sched_block_removed(S->s, I->idx, &ev, 1);
-            lru_touch(&S->store, q->ids[b]);
+            save_chunk(S, q->ids[b]);
         }
         kvf_sched_block_stored(S->s, I->idx, q->ids, full, 0, 0, S->tok, full * BLOCK, BLOCK,
                                KVF_TIER_DEVICE);
