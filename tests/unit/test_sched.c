@@ -353,6 +353,18 @@ static void test_sched_conditional_disaggregation(void **state)
     assert_int_equal(rs.decode, d2);
     assert_int_equal(rs.prefill, p);
     assert_false(rs.colocated);
+    /* A short suffix stays with the chosen prefill instance when the decode instance's own queue
+     * costs more than the handoff saves. (It went to the decode instance whatever its queue,
+     * overriding the placement policy for a sixth to a quarter of a replayed trace's requests.)
+     * p holds the prefix too, and is idle; d2 has 40 s of prefill queued. */
+    assert_int_equal(kvf_sched_block_stored(s, p, h, 250, 0, 0, t, 4000, 16, KVF_TIER_DEVICE), 0);
+    kvf_instance_load swamped = {.queued_prefill_s = 40.0};
+    kvf_sched_instance_load(s, d2, &swamped);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.decode, d2);
+    assert_int_equal(rs.prefill, p);
+    assert_false(rs.colocated);
+    assert_true(rs.expected_ttft_s < 1.0);
     kvf_sched_destroy(&s);
 }
 
