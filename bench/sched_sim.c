@@ -53,8 +53,7 @@ typedef struct inst_state {
     uint64_t picks;
     double busy_until;
     int running;           /* request index or -1 */
-    double queued_est_s;   /* the scheduler's prefill estimates of the waiting requests */
-    double queued_raw_tok; /* their prompt tokens */
+    double queued_raw_tok; /* the waiting requests' prompt tokens */
     uint32_t active_decodes;
     double *decode_ends; /* end times of its decodes; a handful, so an array */
     size_t n_dec, cap_dec;
@@ -319,21 +318,21 @@ static double prefill_time(const kvf_sched_cost *c, double n, double cached)
            c->prefill_attn_s_per_tok2 * (n * n - cached * cached) / 2.0;
 }
 
-/* An instance reports its outstanding prefill work two ways: raw prompt tokens (queued, plus the
- * running request's share still to do), which is what a serving engine reports and what
- * least_loaded and dynamo_cost use; and in expected seconds with cache hits counted, which only a
- * cache-aware scheduler knows (it placed the requests) and kvf_cost uses. */
+/* An instance reports what a serving engine reports to kvf-sched (kvf-engine --serve's load
+ * report, POST /v1/instances/ID/load): its queued prompt tokens (the waiting requests', plus the
+ * running request's share still to do), its active decodes and its used blocks. The scheduler's
+ * cost model turns the tokens into seconds itself. kvf_instance_load's cache-aware seconds are
+ * left out: no engine reports them, and a replay that gave them to kvf_cost would judge a
+ * scheduler that is not the one deployed. */
 static void report_load(sim *S, inst_state *I, double now)
 {
-    double left = I->running >= 0 && I->busy_until > now ? I->busy_until - now : 0;
     double raw_left = 0;
     if (I->running >= 0 && I->busy_until > now) {
         sched_req *q = &S->r[I->running];
         double total = I->busy_until - q->start;
-        raw_left = total > 0 ? q->in_len * left / total : 0;
+        raw_left = total > 0 ? q->in_len * (I->busy_until - now) / total : 0;
     }
     kvf_instance_load L = {.queued_prefill_tokens = I->queued_raw_tok + raw_left,
-                           .queued_prefill_s = I->queued_est_s + left,
                            .active_decodes = I->active_decodes,
                            .used_blocks = I->cache.used};
     kvf_sched_instance_load(S->s, I->idx, &L);
@@ -454,7 +453,6 @@ static void start_next(sim *S, inst_state *I, double now)
     q->store_hit = cached > dev ? cached - dev : 0;
     I->running = r;
     I->busy_until = now + service;
-    I->queued_est_s -= q->est_s;
     I->queued_raw_tok -= q->in_len;
 }
 
@@ -618,8 +616,6 @@ static int arrive(sim *S, size_t ri, double now)
     q->inst = res.prefill;
     if (q_push(I, (int)ri) != 0)
         return -1;
-    q->est_s = res.prefill_s;
-    I->queued_est_s += q->est_s;
     I->queued_raw_tok += q->in_len;
     if (I->running < 0)
         start_next(S, I, now);

@@ -21,7 +21,6 @@ typedef struct sched_req {
     /* the latest run's */
     double arr_s; /* arrival in the simulation (trace time / scale) */
     double start, ttft, tpot;
-    double est_s; /* the scheduler's prefill estimate at placement */
     int inst, rejected, done;
     size_t dev_hit, store_hit;
 } sched_req;
