@@ -373,15 +373,24 @@ static int verdict(double r)
     return r >= EVEN_WITHIN ? WINS : r <= 1 / EVEN_WITHIN ? LOSES : EVEN;
 }
 
-/* What one comparison gives per window: figures of run a over run b's (TTFT ratios, SLO
+/* The TTFT quantiles a comparison judges. */
+enum { Q50, Q90, Q99, QUANTILES };
+static const char *const quantile_name[QUANTILES] = {"p50", "p90", "p99"};
+
+static double ttft_of(const sched_result *r, int k)
+{
+    return k == Q50 ? r->ttft_p50 : k == Q90 ? r->ttft_p90 : r->ttft_p99;
+}
+
+/* What one comparison gives per window: figures of run a over run b's (TTFT quantile ratios, SLO
  * attainment difference b - a, throughput b / a), runs of the same rate. */
 typedef struct versus {
-    double *p50, *p90, *p99, *slo, *thr; /* nw each */
+    double *ttft[QUANTILES], *slo, *thr; /* nw each */
 } versus;
 
-/* A comparison at every rate: the median p90 and p99 ratios of the windows and their spreads. */
+/* A comparison at every rate: each quantile's median ratio over the windows, with its spread. */
 typedef struct row {
-    bench_spread p90[MAX_RATES], p99[MAX_RATES];
+    bench_spread q[QUANTILES][MAX_RATES];
 } row;
 
 static int index_of(const int *v, int n, int x)
@@ -394,32 +403,32 @@ static int index_of(const int *v, int n, int x)
 
 /* Run (queue qa, policy pa) over run (qb, pb) at every rate into out, and an entry per rate into
  * arr: a copy of ids with the rate, each figure of versus as the median of the windows with its
- * spread (bench_json_rounds), and with verdicts kvf_cost's verdicts on p90 and p99 (b being
- * kvf_cost). */
+ * spread (bench_json_rounds: pXX_ratio, slo_attainment_diff, throughput_ratio), and with
+ * verdicts kvf_cost's verdict on each quantile (b being kvf_cost). */
 static void compare_rates(const grid *g, int qa, int pa, int qb, int pb, const json_t *ids,
                           int verdicts, versus *v, json_t *arr, row *out)
 {
     size_t nw = (size_t)g->nw;
+    char key[32];
     for (int r = 0; r < g->nr; r++) {
         for (int w = 0; w < g->nw; w++) {
             const sched_result *a = cell(g, w, r, qa, pa), *b = cell(g, w, r, qb, pb);
-            v->p50[w] = ratio(a->ttft_p50, b->ttft_p50);
-            v->p90[w] = ratio(a->ttft_p90, b->ttft_p90);
-            v->p99[w] = ratio(a->ttft_p99, b->ttft_p99);
+            for (int k = 0; k < QUANTILES; k++)
+                v->ttft[k][w] = ratio(ttft_of(a, k), ttft_of(b, k));
             v->slo[w] = b->slo_attain - a->slo_attain;
             v->thr[w] = ratio(b->throughput, a->throughput);
         }
         json_t *o = json_deep_copy(ids);
         bench_json_real(o, "rate", g->rates[r]);
-        bench_json_rounds(o, "p50_ratio", v->p50, nw);
-        out->p90[r] = bench_json_rounds(o, "p90_ratio", v->p90, nw);
-        out->p99[r] = bench_json_rounds(o, "p99_ratio", v->p99, nw);
+        for (int k = 0; k < QUANTILES; k++) {
+            snprintf(key, sizeof key, "%s_ratio", quantile_name[k]);
+            out->q[k][r] = bench_json_rounds(o, key, v->ttft[k], nw);
+            if (verdicts)
+                json_object_set_new(o, quantile_name[k],
+                                    json_string(verdict_name[verdict(out->q[k][r].median)]));
+        }
         bench_json_rounds(o, "slo_attainment_diff", v->slo, nw);
         bench_json_rounds(o, "throughput_ratio", v->thr, nw);
-        if (verdicts) {
-            json_object_set_new(o, "p90", json_string(verdict_name[verdict(out->p90[r].median)]));
-            json_object_set_new(o, "p99", json_string(verdict_name[verdict(out->p99[r].median)]));
-        }
         json_array_append_new(arr, o);
     }
 }
@@ -435,7 +444,7 @@ static void print_lead(const char *a, const char *b, const char *c)
 static void print_rates_header(const grid *g)
 {
     print_lead("", "", "");
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < QUANTILES; k++) {
         printf(k ? "     " : "    ");
         for (int r = 0; r < g->nr; r++)
             printf(" %4.3gx", g->rates[r]);
@@ -443,27 +452,25 @@ static void print_rates_header(const grid *g)
     printf("\n");
 }
 
-/* A comparison row: the median p90 and p99 ratios at each rate, and with several windows a line
+/* A comparison row: each quantile's median ratio at each rate, and with several windows a line
  * of their 10th-90th percentile spreads. */
 static void print_row(const grid *g, const char *a, const char *b, const char *c, const row *rw)
 {
     print_lead(a, b, c);
-    printf(" p90");
-    for (int r = 0; r < g->nr; r++)
-        printf(" %5.2f", rw->p90[r].median);
-    printf("  p99");
-    for (int r = 0; r < g->nr; r++)
-        printf(" %5.2f", rw->p99[r].median);
+    for (int k = 0; k < QUANTILES; k++) {
+        printf("%s%s", k ? "  " : " ", quantile_name[k]);
+        for (int r = 0; r < g->nr; r++)
+            printf(" %5.2f", rw->q[k][r].median);
+    }
     printf("\n");
     if (g->nw < 2)
         return;
     print_lead("", "", "(windows p10-p90)");
-    printf("    ");
-    for (int r = 0; r < g->nr; r++)
-        printf(" %.2f-%.2f", rw->p90[r].p10, rw->p90[r].p90);
-    printf("     ");
-    for (int r = 0; r < g->nr; r++)
-        printf(" %.2f-%.2f", rw->p99[r].p10, rw->p99[r].p90);
+    for (int k = 0; k < QUANTILES; k++) {
+        printf("%s%s", k ? "  " : " ", quantile_name[k]);
+        for (int r = 0; r < g->nr; r++)
+            printf(" %.2f-%.2f", rw->q[k][r].p10, rw->q[k][r].p90);
+    }
     printf("\n");
 }
 
@@ -487,18 +494,21 @@ static void print_verdicts(const grid *g, const char *what, const bench_spread *
     }
 }
 
-/* Counts of kvf_cost's verdicts, over every discipline, other policy and rate. */
-typedef struct tally {
-    int n[2][VERDICTS]; /* [p90, p99][verdict] */
-} tally;
-
-static void tally_json(json_t *res, const tally *t)
+/* Counts of kvf_cost's verdicts on each quantile, over every discipline, other policy and rate:
+ * into res as kvf_cost_p50 (p90, p99): {wins, losses, even}, and printed. */
+static void tally(const int n[QUANTILES][VERDICTS], json_t *res)
 {
-    static const char *const key[2] = {"kvf_cost_p90", "kvf_cost_p99"};
-    for (int k = 0; k < 2; k++)
-        json_object_set_new(res, key[k],
-                            json_pack("{s:i,s:i,s:i}", "wins", t->n[k][WINS], "losses",
-                                      t->n[k][LOSES], "even", t->n[k][EVEN]));
+    char key[32];
+    printf("  kvf_cost's verdicts over every discipline, policy and rate:");
+    for (int k = 0; k < QUANTILES; k++) {
+        snprintf(key, sizeof key, "kvf_cost_%s", quantile_name[k]);
+        json_object_set_new(res, key,
+                            json_pack("{s:i,s:i,s:i}", "wins", n[k][WINS], "losses", n[k][LOSES],
+                                      "even", n[k][EVEN]));
+        printf("%s %s %d wins, %d losses, %d even", k ? ";" : "", quantile_name[k], n[k][WINS],
+               n[k][LOSES], n[k][EVEN]);
+    }
+    printf("\n");
 }
 
 /* kvf_cost against every other policy under the same discipline, printed and into res. */
@@ -513,7 +523,7 @@ static void summarize_kvf_cost(const grid *g, versus *v, json_t *res)
            EVEN_WITHIN, g->nw, g->nw > 1 ? "s" : "");
     print_rates_header(g);
     json_t *arr = json_array();
-    tally t = {0};
+    int n[QUANTILES][VERDICTS] = {{0}};
     for (int q = 0; q < g->nq; q++)
         for (int p = 0; p < g->np; p++) {
             if (p == ik)
@@ -526,18 +536,15 @@ static void summarize_kvf_cost(const grid *g, versus *v, json_t *res)
             json_decref(ids);
             print_row(g, qn, "vs", pn, &rw);
             printf("  ");
-            print_verdicts(g, "p90", rw.p90);
-            print_verdicts(g, " p99", rw.p99);
-            printf("\n");
-            for (int r = 0; r < g->nr; r++) {
-                t.n[0][verdict(rw.p90[r].median)]++;
-                t.n[1][verdict(rw.p99[r].median)]++;
+            for (int k = 0; k < QUANTILES; k++) {
+                print_verdicts(g, quantile_name[k], rw.q[k]);
+                for (int r = 0; r < g->nr; r++)
+                    n[k][verdict(rw.q[k][r].median)]++;
             }
+            printf("\n");
         }
     json_object_set_new(res, "kvf_cost_vs", arr);
-    tally_json(res, &t);
-    printf("  kvf_cost's p90: %d wins, %d losses, %d even; p99: %d wins, %d losses, %d even\n",
-           t.n[0][WINS], t.n[0][LOSES], t.n[0][EVEN], t.n[1][WINS], t.n[1][LOSES], t.n[1][EVEN]);
+    tally(n, res);
 }
 
 /* Each discipline against arrival order under each policy, printed and into res: what the queue
@@ -648,7 +655,7 @@ static int compare(grid *g, json_t *res)
         goto out_free;
     json_object_set_new(res, "results", arr);
     arr = NULL;
-    versus v = {vals, vals + g->nw, vals + 2 * g->nw, vals + 3 * g->nw, vals + 4 * g->nw};
+    versus v = {{vals, vals + g->nw, vals + 2 * g->nw}, vals + 3 * g->nw, vals + 4 * g->nw};
     summarize_kvf_cost(g, &v, res);
     summarize_queues(g, &v, res);
     rc = 0;
