@@ -481,7 +481,7 @@ static int start_decode(sim *S, inst_state *I, sched_req *q, double now)
 
 /* The store saves a block: it publishes what it evicts to make room and the block itself when it
  * is new, as kvf-store's chunk events tell kvf-sched, so that the cost model sees what the store
- * holds. */
+ * holds. A store of no blocks (--store-blocks 0) admits nothing and publishes nothing. */
 static void save_chunk(sim *S, uint64_t id)
 {
     int held = lru_find(&S->store, id) >= 0;
@@ -490,7 +490,7 @@ static void save_chunk(sim *S, uint64_t id)
         kvf_key k = chunk_key(ev);
         kvf_sched_store_chunks(S->s, 0, &k, 1, 0);
     }
-    if (!held) {
+    if (!held && S->store.cap > 0) {
         kvf_key k = chunk_key(id);
         kvf_sched_store_chunks(S->s, 0, &k, 1, 1);
     }
