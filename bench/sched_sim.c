@@ -6,10 +6,12 @@
  * N instances, each with a waiting queue served one prefill at a time in the order of a queue
  * discipline (kvf_sched_queue_pick_by, whatever the placement policy) and a KV cache of
  * dev_blocks 512-token blocks (LRU), publishing stored and removed blocks to the index as an
- * engine's KV events would; and a shared kvfabric store of store_blocks blocks (LRU) that every
- * prefill saves to and loads from. Prefill time follows the cost model (linear and quadratic
- * terms over the uncached tokens); a store load overlaps the prefill layer by layer, so it costs
- * max(prefill, load); decode time per token grows with the instance's active decodes. Each trace
+ * engine's KV events would, and reporting its load as kvf-engine --serve does; and a shared
+ * kvfabric store of store_blocks blocks (LRU) that every prefill saves to and loads from,
+ * publishing its chunk events as kvf-store does. Prefill time follows the cost model (linear and
+ * quadratic terms over the uncached tokens); a store load overlaps the prefill layer by layer, so
+ * it costs max(prefill, load); decode runs where the prefill ran, its time per token growing with
+ * the instance's active decodes. Each trace
  * hash id becomes 512 deterministic token ids, so shared ids mean shared prefixes, and the index
  * hashes the tokens itself as it would an engine's.
  *
