@@ -1,7 +1,6 @@
 /*
  * The cost model (docs/scheduler.md, "Placement"): its constants (defaults for llama-3.1-8b on
- * one H200-class GPU, or a calibration file), the estimates placement ranks instances by, and
- * the waiting-queue ordering that kvf_cost asks of an instance.
+ * one H200-class GPU, or a calibration file) and the estimates placement ranks instances by.
  */
 #include "sched_int.h"
 
@@ -83,20 +82,6 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
     }
     json_decref(o);
     return rc;
-}
-
-size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached, const double *work_s,
-                            size_t n, uint64_t pick)
-{
-    size_t k = c->klpm_k;
-    if (n < 2 || k < 2 || pick % k == k - 1)
-        return 0;
-    size_t best = 0;
-    for (size_t j = 1; j < n && j < k; j++) {
-        if (c->queue_by_work ? work_s[j] < work_s[best] : cached[j] > cached[best])
-            best = j;
-    }
-    return best;
 }
 
 double kvf__sched_prefill_s(const kvf_sched_cost *c, double n, double cached)

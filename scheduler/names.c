@@ -1,6 +1,7 @@
 /*
- * The names the scheduler's interface gives its enumerations: placement policies (from
- * KVF_POLICY_MAP, so the enum and its names cannot disagree) and plan labels. The daemon's
+ * The names the scheduler's interface gives its enumerations: placement policies and queue
+ * disciplines (from KVF_POLICY_MAP and KVF_QUEUE_MAP, so the enums and their names cannot
+ * disagree) and plan labels. The daemon's
  * command line and replies, the trace replay and the engine use these spellings.
  */
 #include "scheduler.h"
@@ -25,6 +26,28 @@ int kvf_policy_parse(const char *name, kvf_policy *out)
     for (int i = 0; i < KVF_POLICY_COUNT_; i++) {
         if (strcmp(name, policy_names[i]) == 0) {
             *out = (kvf_policy)i;
+            return 0;
+        }
+    }
+    return KVF_EINVAL;
+}
+
+static const char *const queue_names[] = {
+#define XX(e, name) name,
+    KVF_QUEUE_MAP(XX)
+#undef XX
+};
+
+const char *kvf_queue_name(kvf_queue q)
+{
+    return (unsigned)q < KVF_QUEUE_COUNT_ ? queue_names[q] : "?";
+}
+
+int kvf_queue_parse(const char *name, kvf_queue *out)
+{
+    for (int i = 0; i < KVF_QUEUE_COUNT_; i++) {
+        if (strcmp(name, queue_names[i]) == 0) {
+            *out = (kvf_queue)i;
             return 0;
         }
     }

@@ -106,8 +106,12 @@ static int choose_decode(const kvf_sched *s, int prefill, double need)
 /* Conditional disaggregation: a short uncached suffix is cheaper to prefill where it will decode
  * than to hand off, and every engine can prefill (a decode-only instance takes only these short
  * ones). "Short" is judged on the decode instance itself, with what it can reach: its own cache
- * and, if its record allows the load, the stores. Returns the instance that prefills, with its
- * estimate in *e. */
+ * and, if its record allows the load, the stores. It is cheaper only while the decode instance's
+ * own prefill queue does not cost more than the handoff saves: its expected TTFT must be within
+ * the handoff's time of the chosen prefill instance's. (Without that check a short suffix went to
+ * the decode instance whatever its queue, overriding the policy's choice: in the trace replay,
+ * where every instance prefills and decodes, a sixth to a quarter of the requests were placed by
+ * decode memory alone.) Returns the instance that prefills, with its estimate in *e. */
 static int colocate_short_suffix(const kvf_sched *s, int prefill, int decode, double n,
                                  size_t store_tokens, kvf__sched_est *e)
 {
@@ -115,7 +119,8 @@ static int colocate_short_suffix(const kvf_sched *s, int prefill, int decode, do
         return prefill;
     kvf__sched_est d;
     estimate(s, decode, n, store_tokens, &d);
-    if (n - d.cached < s->o.cost.disagg_threshold_tokens) {
+    if (n - d.cached < s->o.cost.disagg_threshold_tokens &&
+        d.ttft_s <= e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n)) {
         *e = d;
         return decode;
     }

@@ -72,21 +72,72 @@ typedef struct kvf_sched_cost {
     double disagg_threshold_tokens; /* prefill on the decode instance below this suffix */
     double handoff_bytes_per_s;     /* prefill -> decode KV handoff */
     double reject_factor;   /* reject when the best estimate exceeds SLO x this (0: never) */
-    uint32_t klpm_k;        /* window of the waiting-queue ordering, and every k-th pick is the
-                             * oldest (0: FIFO) */
-    uint32_t queue_by_work; /* the ordering's criterion: 1 (default) the least uncached prefill
-                             * work, 0 the longest cached prefix (k-LPM) */
+    uint32_t klpm_k;        /* window k of the waiting-queue disciplines (kvf_queue); every k-th
+                             * pick is the oldest (< 2: arrival order) */
+    uint32_t queue_by_work; /* the discipline kvf_sched_queue_pick applies: 1 (default) work, 0
+                             * lpm */
 } kvf_sched_cost;
 
 void kvf_sched_cost_defaults(kvf_sched_cost *c);
 
-/* The waiting-queue ordering kvf_cost asks of an instance: which of its waiting requests runs
- * next. The n waiting requests are given oldest first, each with its cached prompt tokens (device
- * or store, whichever is longer) and its uncached prefill work in seconds. Among the oldest
- * klpm_k, the one with the least work (queue_by_work) or the longest cached prefix (k-LPM) runs,
- * except that every klpm_k-th pick (pick counts an instance's picks) takes the oldest, so that no
- * request waits behind more than klpm_k others that came after it. Returns an index < n (0 for
- * n = 0). */
+/* Waiting-queue disciplines: which of an instance's waiting requests runs next. The discipline is
+ * an axis of its own, independent of placement: any placement policy can be combined with any
+ * discipline, and the engine that owns the queue applies it (the reference engine and the trace
+ * replay call kvf_sched_queue_pick_by). Every discipline but fifo looks only at the oldest k
+ * waiting requests and gives every k-th pick to the oldest, so that no request waits behind more
+ * than k requests that came after it; k < 2 makes every discipline arrival order.
+ *
+ *   fifo  arrival order
+ *   work  the least uncached prefill work, in the cost model's seconds (cache-aware shortest job)
+ *   sjf   the fewest prompt tokens, cached or not (shortest job first, blind to the cache)
+ *   lpm   the longest cached prefix (k-LPM, after SGLang's longest-prefix-match order) */
+#define KVF_QUEUE_MAP(XX) \
+    XX(FIFO, "fifo")      \
+    XX(WORK, "work")      \
+    XX(SJF, "sjf")        \
+    XX(LPM, "lpm")
+
+typedef enum kvf_queue {
+#define KVF_QUEUE_ENUM_(e, name) KVF_QUEUE_##e,
+    KVF_QUEUE_MAP(KVF_QUEUE_ENUM_)
+#undef KVF_QUEUE_ENUM_
+        KVF_QUEUE_COUNT_
+} kvf_queue;
+
+const char *kvf_queue_name(kvf_queue q);
+int kvf_queue_parse(const char *name, kvf_queue *out);
+
+/* What a discipline reads of each waiting request (kvf_queue_reads), so that a caller computes
+ * only that: a cached prefix costs a match against the index or the engine's cache. */
+#define KVF_QUEUE_READS_TOKENS 1u /* kvf_queue_view.tokens */
+#define KVF_QUEUE_READS_CACHED 2u /* kvf_queue_view.cached */
+#define KVF_QUEUE_READS_WORK   4u /* kvf_queue_view.work_s */
+
+/* The KVF_QUEUE_READS_* flags of discipline q (0 for fifo, and for a number outside kvf_queue). */
+unsigned kvf_queue_reads(kvf_queue q);
+
+/* An instance's n waiting requests, oldest first, as a discipline reads them. Each array has n
+ * entries, or is NULL where the discipline does not read it (kvf_queue_reads). Borrowed for the
+ * call. */
+typedef struct kvf_queue_view {
+    size_t n;
+    const size_t *tokens; /* prompt tokens */
+    const size_t *cached; /* cached prompt tokens (device or store, whichever is longer) */
+    const double *work_s; /* prefill work left after the cached prefix, in seconds */
+} kvf_queue_view;
+
+/* Which waiting request of v runs next under discipline q with window k; pick counts the
+ * instance's picks (every k-th takes the oldest). Equal keys go to the oldest. Returns an index
+ * < v->n (0 for v->n = 0, and for a number outside kvf_queue). */
+size_t kvf_sched_queue_pick_by(kvf_queue q, uint32_t k, const kvf_queue_view *v, uint64_t pick);
+
+/* The discipline the cost constants name: fifo when klpm_k < 2, else work (queue_by_work 1) or
+ * lpm (queue_by_work 0). */
+kvf_queue kvf_sched_cost_queue(const kvf_sched_cost *c);
+
+/* kvf_sched_queue_pick_by() under the discipline and window the cost constants name
+ * (kvf_sched_cost_queue, klpm_k), for callers that know each waiting request's cached tokens and
+ * uncached work: the n waiting requests oldest first. Returns an index < n (0 for n = 0). */
 size_t kvf_sched_queue_pick(const kvf_sched_cost *c, const size_t *cached, const double *work_s,
                             size_t n, uint64_t pick);
 /* Reads a calibration file: a JSON object with any of the fields above. */

@@ -353,6 +353,18 @@ static void test_sched_conditional_disaggregation(void **state)
     assert_int_equal(rs.decode, d2);
     assert_int_equal(rs.prefill, p);
     assert_false(rs.colocated);
+    /* A short suffix stays with the chosen prefill instance when the decode instance's own queue
+     * costs more than the handoff saves. (It went to the decode instance whatever its queue,
+     * overriding the placement policy for a sixth to a quarter of a replayed trace's requests.)
+     * p holds the prefix too, and is idle; d2 has 40 s of prefill queued. */
+    assert_int_equal(kvf_sched_block_stored(s, p, h, 250, 0, 0, t, 4000, 16, KVF_TIER_DEVICE), 0);
+    kvf_instance_load swamped = {.queued_prefill_s = 40.0};
+    kvf_sched_instance_load(s, d2, &swamped);
+    kvf_sched_place(s, &rq, &rs);
+    assert_int_equal(rs.decode, d2);
+    assert_int_equal(rs.prefill, p);
+    assert_false(rs.colocated);
+    assert_true(rs.expected_ttft_s < 1.0);
     kvf_sched_destroy(&s);
 }
 
@@ -450,6 +462,74 @@ static void test_sched_queue_pick(void **state)
     assert_true(oldest_ran);
 }
 
+/* Each discipline of the table orders by its own key within the same window and fairness rule;
+ * a discipline reads only what kvf_queue_reads() names (the others' arrays are NULL here, so a
+ * read outside it would crash); the compatible kvf_sched_queue_pick is the table's work or lpm. */
+static void test_sched_queue_disciplines(void **state)
+{
+    (void)state;
+    /* Oldest first. Fewest tokens: 1; least work: 2; longest cached prefix: 3; the fifth would
+     * win every key but lies outside a window of 4. */
+    const size_t tokens[] = {9000, 100, 8000, 7000, 1};
+    const size_t cached[] = {0, 0, 7000, 7950, 9000};
+    const double work[] = {0.9, 0.01, 0.005, 0.02, 0.0};
+    kvf_queue_view all = {.n = 5, .tokens = tokens, .cached = cached, .work_s = work};
+    const struct {
+        kvf_queue q;
+        unsigned reads;
+        size_t pick;
+    } want[] = {
+        {KVF_QUEUE_FIFO, 0, 0},
+        {KVF_QUEUE_WORK, KVF_QUEUE_READS_WORK, 2},
+        {KVF_QUEUE_SJF, KVF_QUEUE_READS_TOKENS, 1},
+        {KVF_QUEUE_LPM, KVF_QUEUE_READS_CACHED, 3},
+    };
+    assert_int_equal(sizeof want / sizeof want[0], KVF_QUEUE_COUNT_);
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        kvf_queue q = want[i].q;
+        unsigned r = kvf_queue_reads(q);
+        assert_int_equal(r, want[i].reads);
+        kvf_queue_view only = {.n = 5,
+                               .tokens = r & KVF_QUEUE_READS_TOKENS ? tokens : NULL,
+                               .cached = r & KVF_QUEUE_READS_CACHED ? cached : NULL,
+                               .work_s = r & KVF_QUEUE_READS_WORK ? work : NULL};
+        assert_int_equal(kvf_sched_queue_pick_by(q, 4, &only, 0), want[i].pick);
+        assert_int_equal(kvf_sched_queue_pick_by(q, 4, &all, 0), want[i].pick);
+        /* Every k-th pick the oldest; a window under 2 is arrival order. */
+        assert_int_equal(kvf_sched_queue_pick_by(q, 4, &all, 3), 0);
+        assert_int_equal(kvf_sched_queue_pick_by(q, 1, &all, 0), 0);
+        assert_int_equal(kvf_sched_queue_pick_by(q, 0, &all, 0), 0);
+        /* With a window of 5 the fifth is seen, and wins wherever it has a key. */
+        assert_int_equal(kvf_sched_queue_pick_by(q, 5, &all, 0), q == KVF_QUEUE_FIFO ? 0 : 4);
+        /* Names round-trip. */
+        kvf_queue back;
+        assert_int_equal(kvf_queue_parse(kvf_queue_name(q), &back), 0);
+        assert_int_equal(back, q);
+    }
+    /* Equal keys go to the oldest. */
+    const size_t same[] = {5, 5, 5};
+    kvf_queue_view tie = {.n = 3, .tokens = same};
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_SJF, 8, &tie, 0), 0);
+    kvf_queue_view none = {.n = 0};
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_WORK, 8, &none, 0), 0);
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_COUNT_, 8, &all, 0), 0);
+    assert_int_equal(kvf_queue_reads(KVF_QUEUE_COUNT_), 0);
+    kvf_queue q;
+    assert_int_equal(kvf_queue_parse("edf", &q), KVF_EINVAL);
+    assert_string_equal(kvf_queue_name(KVF_QUEUE_COUNT_), "?");
+    /* The cost constants name a discipline: what the engine's --queue and calibration file set. */
+    kvf_sched_cost c;
+    kvf_sched_cost_defaults(&c);
+    assert_int_equal(kvf_sched_cost_queue(&c), KVF_QUEUE_WORK);
+    c.queue_by_work = 0;
+    assert_int_equal(kvf_sched_cost_queue(&c), KVF_QUEUE_LPM);
+    c.klpm_k = 1;
+    assert_int_equal(kvf_sched_cost_queue(&c), KVF_QUEUE_FIFO);
+    c.klpm_k = 4;
+    c.queue_by_work = 1;
+    assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 0), 2);
+}
+
 static void test_sched_cost_file(void **state)
 {
     (void)state;
@@ -491,6 +571,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
+        cmocka_unit_test(test_sched_queue_disciplines),
     };
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }
