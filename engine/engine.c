@@ -47,6 +47,7 @@ struct kvfe_engine {
     float *rope_cos, *rope_sin;
     kvf_xfer *pending_save;
     int reuse_off, save_off; /* per request (kvfe_set_reuse) */
+    size_t device_max;       /* most tokens reused from the pages (kvfe_set_device_reuse) */
 };
 
 static double now_s(void)
@@ -56,22 +57,28 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The models: their layouts are the layout presets of the same names (core/layout.c). */
+static const struct model_shape {
+    const char *name;
+    uint32_t vocab, n_heads, ffn;
+} shapes[] = {
+    {"ref-tiny", 512, 4, 256},
+    {"ref-tiny-32l", 512, 4, 256},
+    {"ref-100m", 32000, 12, 2048},
+};
+
 int kvfe_model_preset(const char *name, kvfe_model *m)
 {
     memset(m, 0, sizeof *m);
-    if (kvf_layout_preset(name, &m->layout) != 0)
+    const struct model_shape *sh = NULL;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0] && !sh; i++)
+        if (strcmp(name, shapes[i].name) == 0)
+            sh = &shapes[i];
+    if (!sh || kvf_layout_preset(name, &m->layout) != 0)
         return KVF_ENOENT;
-    if (strcmp(name, "ref-tiny") == 0) {
-        m->vocab = 512;
-        m->n_heads = 4;
-        m->ffn = 256;
-    } else if (strcmp(name, "ref-100m") == 0) {
-        m->vocab = 32000;
-        m->n_heads = 12;
-        m->ffn = 2048;
-    } else {
-        return KVF_ENOENT;
-    }
+    m->vocab = sh->vocab;
+    m->n_heads = sh->n_heads;
+    m->ffn = sh->ffn;
     m->hidden = m->n_heads * m->layout.head_dim;
     m->rope_theta = 10000.0f;
     m->norm_eps = 1e-5f;
@@ -307,8 +314,10 @@ int kvfe_flush(kvfe_engine *e)
 static size_t device_prefix(const kvfe_engine *e, const uint32_t *tokens, size_t n, size_t max_hit)
 {
     size_t dev = 0;
-    if (!e->o.keep_prefix || e->reuse_off)
+    if (!e->device_max || e->reuse_off)
         return 0;
+    if (max_hit > e->device_max)
+        max_hit = e->device_max;
     while (dev < e->len && dev < n && e->tokens[dev] == tokens[dev])
         dev++;
     dev = dev / e->m.layout.chunk_tokens * e->m.layout.chunk_tokens;
@@ -419,6 +428,16 @@ void kvfe_set_reuse(kvfe_engine *e, int load, int save)
 {
     e->reuse_off = !load;
     e->save_off = !save;
+}
+
+void kvfe_set_overlap(kvfe_engine *e, int layerwise)
+{
+    e->o.no_overlap = !layerwise;
+}
+
+void kvfe_set_device_reuse(kvfe_engine *e, size_t max_tokens)
+{
+    e->device_max = max_tokens;
 }
 
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r)
@@ -601,8 +620,10 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
         return KVF_ENOMEM;
     }
     e->o = *o;
+    e->device_max = o->keep_prefix ? SIZE_MAX : 0;
     if (kvfe_model_preset(o->model, &e->m) != 0) {
-        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny or ref-100m)", o->model);
+        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny, ref-tiny-32l or ref-100m)",
+                 o->model);
         rc = KVF_ENOENT;
         goto out_close;
     }

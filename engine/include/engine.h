@@ -2,7 +2,8 @@
  * The reference engine: a real decoder-only transformer forward pass in C (token embeddings,
  * RMSNorm, rotary position embeddings, grouped-query attention over a paged KV cache, SwiGLU MLP,
  * tied output embeddings, greedy sampling), with GEMMs through OpenBLAS and weights drawn from a
- * seed (nothing is downloaded). Model shapes come from the layout presets ref-tiny and ref-100m.
+ * seed (nothing is downloaded). Model shapes come from the layout presets ref-tiny, ref-tiny-32l
+ * and ref-100m.
  *
  * It serves one sequence at a time and uses the connector the way a serving engine would: lookup
  * before prefill, a layer-streamed load of the cached prefix with a wait before each layer, compute
@@ -25,7 +26,8 @@ typedef struct kvfe_model {
     float rope_theta, norm_eps;
 } kvfe_model;
 
-/* Fills *m for "ref-tiny" or "ref-100m". Returns 0 or KVF_ENOENT. */
+/* Fills *m for "ref-tiny", "ref-tiny-32l" (ref-tiny with 32 layers) or "ref-100m". Returns 0 or
+ * KVF_ENOENT. */
 int kvfe_model_preset(const char *name, kvfe_model *m);
 
 typedef struct kvfe_engine kvfe_engine;
@@ -66,6 +68,13 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
 /* From the next prefill on: look up and load through the connector (load), save new chunks
  * (save). Both on at open when a connector is given. */
 void kvfe_set_reuse(kvfe_engine *e, int load, int save);
+/* From the next prefill on: compute layer l once layer l of the load has arrived (layerwise, the
+ * default), or wait for the whole load before computing (0, the no_overlap option). */
+void kvfe_set_overlap(kvfe_engine *e, int layerwise);
+/* From the next prefill on: reuse at most max_tokens leading tokens of the previous sequence's KV
+ * still in the pages (the device tier; SIZE_MAX: no limit, what keep_prefix sets at open; 0: none,
+ * the default without it). */
+void kvfe_set_device_reuse(kvfe_engine *e, size_t max_tokens);
 /* Appends one token to the sequence and computes the next. */
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r);
 /* Waits for the save started by the last prefill, if any. Returns its status. */
