@@ -7,9 +7,10 @@
  *
  * It serves one sequence at a time and uses the connector the way a serving engine would: lookup
  * before prefill, a layer-streamed load of the cached prefix with a wait before each layer, compute
- * of the rest, and a layer-by-layer save of the new chunks. The same prompt gives bit-identical
- * logits however its KV got there: rows are computed in blocks aligned to absolute positions, so
- * every GEMM has the same shape whether a prefix was loaded or recomputed.
+ * of the rest, and a save of the new chunks that runs after the first token, off its path. The
+ * same prompt gives bit-identical logits however its KV got there: rows are computed in blocks
+ * aligned to absolute positions, so every GEMM has the same shape whether a prefix was loaded or
+ * recomputed.
  */
 #ifndef KVF_ENGINE_H
 #define KVF_ENGINE_H
@@ -31,6 +32,10 @@ typedef struct kvfe_model {
 int kvfe_model_preset(const char *name, kvfe_model *m);
 
 typedef struct kvfe_engine kvfe_engine;
+
+/* Sets how many threads the GEMMs of every engine in this process use (OpenBLAS's setting is
+ * process-wide); n <= 0 leaves OpenBLAS's own choice (OPENBLAS_NUM_THREADS, else one per core). */
+void kvfe_set_gemm_threads(int n);
 
 typedef struct kvfe_opts {
     const char *model;     /* preset name */
@@ -58,12 +63,14 @@ typedef struct kvfe_result {
 
 /* Caller owns the result; free with kvfe_close(). */
 int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen);
-/* Waits for a pending save, then frees. Accepts NULL and clears *e. */
+/* Waits for the saves in flight, then frees. Accepts NULL and clears *e. */
 void kvfe_close(kvfe_engine **e);
 
 /* Starts a new sequence with a prompt of n tokens (1 <= n < max_tokens) and runs its prefill.
  * Returns 0 or a KVF_E* code; a failed load is not an error (it is recomputed and reported in
- * r->load_error). */
+ * r->load_error). The new chunks' save is started once the first token is computed and is not
+ * waited for: the next prefill waits only until it has read its pages (kvf_xfer_wait_pages)
+ * before writing any, and kvfe_flush() waits for it to be stored. */
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
 /* From the next prefill on: look up and load through the connector (load), save new chunks
  * (save). Both on at open when a connector is given. */
@@ -77,7 +84,8 @@ void kvfe_set_overlap(kvfe_engine *e, int layerwise);
 void kvfe_set_device_reuse(kvfe_engine *e, size_t max_tokens);
 /* Appends one token to the sequence and computes the next. */
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r);
-/* Waits for the save started by the last prefill, if any. Returns its status. */
+/* Waits for the saves still in flight (the last prefill's and the one before it) and frees them.
+ * Returns the first failure among them, or 0. */
 int kvfe_flush(kvfe_engine *e);
 
 #endif
