@@ -44,7 +44,7 @@
 #define KVF__STAGE_SLOTS 3
 
 /* A save's staging (kvf_xfer.stage_state). */
-enum { STAGE_NONE = 0, STAGE_ACQUIRING = 1, STAGE_HELD = 2 };
+enum { KVF__STAGE_NONE = 0, KVF__STAGE_ACQUIRING = 1, KVF__STAGE_HELD = 2 };
 
 /* A staging region: one mapping reused by one transfer at a time; mem NULL while the slot is
  * unused. */
@@ -96,7 +96,8 @@ struct kvf_xfer {
     int region;         /* index of the staging region held, or -1 for a private buffer */
     /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
      * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
-     * `layer` failed their scatter, or the task was `skipped` because the transfer was cancelled.
+     * `layer` failed their scatter (or, for a save, could not be gathered: no staging), or the
+     * task was `skipped` because the transfer was cancelled.
      * Set when the transfer is made, so that the pool never calls up into xfer.c. */
     void (*task_end)(kvf_xfer *x, uint32_t layer, int failed, int skipped);
     /* The client batch's arrays, and what the client and the workers write. */
@@ -108,13 +109,15 @@ struct kvf_xfer {
     kvf_op *op;            /* the client's op, once the batch is submitted */
     /* The transfer's lock, and what it guards. */
     pthread_mutex_t mu;
-    pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled */
+    pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled, a
+                            * task ended, or a save's staging was acquired */
     int *layer_state;      /* 1 pending, 0 ready, < 0 failed with that code */
     uint32_t *layer_tasks; /* tasks not yet finished per layer */
-    int *layer_failed;     /* a chunk of this layer failed in its scatter */
+    int *layer_failed;     /* load: a chunk of this layer failed in its scatter; save: the
+                            * failure that kept its gather from running */
     uint32_t layers_done;  /* save: layers gathered */
     int pending_tasks;
-    int stage_state;   /* save: a STAGE_* state, or < 0: acquiring staging failed with that code */
+    int stage_state;   /* save: a KVF__STAGE_* state, or < 0: staging failed with that code */
     int transfer_done; /* the client op completed (or none is needed) */
     int done;          /* transfer_done and no task pending */
     int result;

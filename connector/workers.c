@@ -224,18 +224,18 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
 static int save_stage(kvf_connector *cn, kvf_xfer *x)
 {
     pthread_mutex_lock(&x->mu);
-    while (x->stage_state == STAGE_ACQUIRING)
+    while (x->stage_state == KVF__STAGE_ACQUIRING)
         pthread_cond_wait(&x->cv, &x->mu);
-    int mine = x->stage_state == STAGE_NONE;
+    int mine = x->stage_state == KVF__STAGE_NONE;
     int rc = x->stage_state < 0 ? x->stage_state : 0;
     if (mine)
-        x->stage_state = STAGE_ACQUIRING;
+        x->stage_state = KVF__STAGE_ACQUIRING;
     pthread_mutex_unlock(&x->mu);
     if (!mine)
         return rc;
     rc = kvf__stage_acquire(cn, x, x->n_chunks * cn->obj_bytes);
     pthread_mutex_lock(&x->mu);
-    x->stage_state = rc ? rc : STAGE_HELD;
+    x->stage_state = rc ? rc : KVF__STAGE_HELD;
     pthread_cond_broadcast(&x->cv);
     pthread_mutex_unlock(&x->mu);
     return rc;
