@@ -13,7 +13,8 @@ static const struct {
     const char *what;
 } subs[] = {
     {"store", bench_store_main, "storage node vs the TCP ceiling and Redis"},
-    {"connector", bench_connector_main, "page moves vs memcpy; engine TTFT vs full recompute"},
+    {"connector", bench_connector_main,
+     "page moves vs a one-thread ceiling; layerwise overlap; engine TTFT with and without"},
     {"sched", bench_sched_main, "trace replay through the scheduler (simulated); place() latency"},
     {"soak", bench_soak_main,
      "store under churn while the host is pushed to a memory-pressure target"},

@@ -39,7 +39,15 @@
 
 #include "pagemap.h"
 
-/* A staging region: one mapping reused by one transfer at a time. */
+/* Staging regions kept for reuse: a load, a save and the previous request's save still being
+ * stored (workers.c). */
+#define KVF__STAGE_SLOTS 3
+
+/* A save's staging (kvf_xfer.stage_state). */
+enum { KVF__STAGE_NONE = 0, KVF__STAGE_ACQUIRING = 1, KVF__STAGE_HELD = 2 };
+
+/* A staging region: one mapping reused by one transfer at a time; mem NULL while the slot is
+ * unused. */
 typedef struct kvf__region {
     uint8_t *mem;
     size_t cap;
@@ -69,10 +77,10 @@ struct kvf_connector {
     struct kvf__task *qh, *qt; /* the task queue (workers.c) */
     pthread_t *th;             /* the workers, started at open (workers.c) */
     int nworkers;
-    int closing;            /* no new transfer; the workers exit once the queue is empty */
-    int inflight;           /* transfers not yet freed */
-    int closed;             /* close has run; the last transfer freed releases the connector */
-    kvf__region regions[2]; /* 0: loads, 1: saves (workers.c) */
+    int closing;  /* no new transfer; the workers exit once the queue is empty */
+    int inflight; /* transfers not yet freed */
+    int closed;   /* close has run; the last transfer freed releases the connector */
+    kvf__region regions[KVF__STAGE_SLOTS]; /* staging (workers.c) */
     kvf_connector_stats st;
 };
 
@@ -84,11 +92,12 @@ struct kvf_xfer {
     size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
     kvf_key *keys;
     uint32_t *page_ids; /* pages of the moved chunks only */
-    uint8_t *stage;
-    int region; /* index of the staging region held, or -1 for a private buffer */
+    uint8_t *stage;     /* a save's is set by its first gather task (stage_state) */
+    int region;         /* index of the staging region held, or -1 for a private buffer */
     /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
      * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
-     * `layer` failed their scatter, or the task was `skipped` because the transfer was cancelled.
+     * `layer` failed their scatter (or, for a save, could not be gathered: no staging), or the
+     * task was `skipped` because the transfer was cancelled.
      * Set when the transfer is made, so that the pool never calls up into xfer.c. */
     void (*task_end)(kvf_xfer *x, uint32_t layer, int failed, int skipped);
     /* The client batch's arrays, and what the client and the workers write. */
@@ -100,12 +109,15 @@ struct kvf_xfer {
     kvf_op *op;            /* the client's op, once the batch is submitted */
     /* The transfer's lock, and what it guards. */
     pthread_mutex_t mu;
-    pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled */
+    pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled, a
+                            * task ended, or a save's staging was acquired */
     int *layer_state;      /* 1 pending, 0 ready, < 0 failed with that code */
     uint32_t *layer_tasks; /* tasks not yet finished per layer */
-    int *layer_failed;     /* a chunk of this layer failed in its scatter */
+    int *layer_failed;     /* load: a chunk of this layer failed in its scatter; save: the
+                            * failure that kept its gather from running */
     uint32_t layers_done;  /* save: layers gathered */
     int pending_tasks;
+    int stage_state;   /* save: a KVF__STAGE_* state, or < 0: staging failed with that code */
     int transfer_done; /* the client op completed (or none is needed) */
     int done;          /* transfer_done and no task pending */
     int result;
@@ -126,25 +138,25 @@ void kvf__connector_free(kvf_connector *cn);
 /* ------------------------------------------------------------------------------------------ */
 /* workers.c: the worker pool and the staging regions */
 
-/* Maps both staging regions at `bytes` each (0: each is mapped by the first transfer that needs
- * it). A region that cannot be mapped now is mapped on demand. */
+/* Maps two staging regions at `bytes` each (0: regions are mapped by the first transfers that need
+ * them). A region that cannot be mapped now is mapped on demand. */
 void kvf__stage_init(kvf_connector *cn, size_t bytes);
-/* Gives x a staging buffer of n bytes: region `which` (0: loads, 1: saves) when free, grown as
- * needed, else a private one so that a load and a save, or two loads, can overlap. Called with
- * cn->mu held. 0 or KVF_ENOMEM. */
-int kvf__stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which);
+/* Gives x a staging buffer of n bytes: a free region of the pool (the smallest that holds n, else
+ * one grown to it), else a private mapping, so that transfers in flight together never wait for
+ * each other's staging. Takes cn->mu, and maps without it. 0 or KVF_ENOMEM. */
+int kvf__stage_acquire(kvf_connector *cn, kvf_xfer *x, size_t n);
 /* Gives back x's staging buffer of n bytes (none held: nothing). Called with cn->mu held. */
 void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n);
-/* Unmaps both regions; no transfer may hold one. */
+/* Unmaps every region; no transfer may hold one. */
 void kvf__stage_fini(kvf_connector *cn);
 
 /* Starts cn->nworkers workers. Returns 0, or KVF_ENOMEM or KVF_EAGAIN with one line in err and
  * no worker left running. */
 int kvf__pool_start(kvf_connector *cn, char *err, size_t errlen);
 /* Queues layer `layer` of every chunk of x, in at most one task per worker, and counts the tasks
- * in x's pending_tasks and layer_tasks; a task that cannot be allocated fails the layer with
- * KVF_ENOMEM. Called with cn->mu held; takes x->mu. */
-void kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer);
+ * in x's pending_tasks and layer_tasks. Returns 0, or KVF_ENOMEM with nothing queued. Called with
+ * cn->mu held; takes x->mu. */
+int kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer);
 /* Has the workers finish the tasks already queued and exit, and joins them. */
 void kvf__pool_stop(kvf_connector *cn);
 

@@ -7,8 +7,10 @@
  * copies themselves are the page map's (pagemap.c); the outcome of every task is reported through
  * the transfer's task_end, which decides what it means for the transfer.
  *
- * Staging is two regions, one for loads and one for saves, grown on demand and reused across
- * transfers; a transfer that finds its region busy gets a private mapping.
+ * Staging is a pool of KVF__STAGE_SLOTS regions, mapped when first needed, grown on demand and
+ * reused across transfers, so that a load, a save and the previous request's save still being
+ * stored each find one without mapping (and faulting in) memory on the engine's thread; a
+ * transfer that finds every slot busy gets a private mapping.
  */
 #include "kvf/connector.h"
 
@@ -56,31 +58,59 @@ void kvf__stage_init(kvf_connector *cn, size_t bytes)
     }
 }
 
-int kvf__stage_acquire_locked(kvf_connector *cn, kvf_xfer *x, size_t n, int which)
+/* The free region to give a transfer of n bytes: the smallest that holds n, else the largest
+ * (to be grown), else an unused slot; NULL when every slot is busy. */
+static kvf__region *pick_region(kvf_connector *cn, size_t n)
 {
-    kvf__region *r = &cn->regions[which];
-    if (!r->busy) {
-        if (r->cap < n) {
-            size_t cap = r->cap ? r->cap : DEFAULT_STAGING;
-            while (cap < n)
-                cap *= 2;
-            void *p = map_pinned(cap);
-            if (!p)
-                return KVF_ENOMEM;
-            if (r->mem)
-                munmap(r->mem, r->cap);
-            r->mem = p;
-            r->cap = cap;
+    kvf__region *fit = NULL, *big = NULL, *unused = NULL;
+    for (int i = 0; i < KVF__STAGE_SLOTS; i++) {
+        kvf__region *r = &cn->regions[i];
+        if (r->busy)
+            continue;
+        if (!r->mem) {
+            unused = unused ? unused : r;
+            continue;
         }
-        r->busy = 1;
-        x->stage = r->mem;
-        x->region = which;
-        return 0;
+        if (r->cap >= n && (!fit || r->cap < fit->cap))
+            fit = r;
+        if (!big || r->cap > big->cap)
+            big = r;
     }
-    x->stage = map_pinned(n ? n : 1);
-    if (!x->stage)
-        return KVF_ENOMEM;
-    x->region = -1;
+    return fit ? fit : big ? big : unused;
+}
+
+int kvf__stage_acquire(kvf_connector *cn, kvf_xfer *x, size_t n)
+{
+    pthread_mutex_lock(&cn->mu);
+    kvf__region *r = pick_region(cn, n);
+    if (r)
+        r->busy = 1;
+    pthread_mutex_unlock(&cn->mu);
+    if (!r) {
+        x->stage = map_pinned(n ? n : 1);
+        x->region = -1;
+        return x->stage ? 0 : KVF_ENOMEM;
+    }
+    /* A busy region is its holder's alone (pick_region reads no other field of it): it is grown
+     * without the connector lock, as mapping and faulting in memory take long. */
+    if (r->cap < n) {
+        size_t cap = r->cap ? r->cap : DEFAULT_STAGING;
+        while (cap < n)
+            cap *= 2;
+        void *p = map_pinned(cap);
+        if (!p) {
+            pthread_mutex_lock(&cn->mu);
+            r->busy = 0;
+            pthread_mutex_unlock(&cn->mu);
+            return KVF_ENOMEM;
+        }
+        if (r->mem)
+            munmap(r->mem, r->cap);
+        r->mem = p;
+        r->cap = cap;
+    }
+    x->stage = r->mem;
+    x->region = (int)(r - cn->regions);
     return 0;
 }
 
@@ -97,7 +127,7 @@ void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n)
 
 void kvf__stage_fini(kvf_connector *cn)
 {
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < KVF__STAGE_SLOTS; i++)
         if (cn->regions[i].mem)
             munmap(cn->regions[i].mem, cn->regions[i].cap);
 }
@@ -105,37 +135,42 @@ void kvf__stage_fini(kvf_connector *cn)
 /* ------------------------------------------------------------------------------------------ */
 /* The task queue */
 
-void kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
+int kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
 {
     size_t n = x->n_chunks;
     size_t parts = (size_t)cn->nworkers < n ? (size_t)cn->nworkers : n;
     if (parts == 0)
         parts = 1;
+    /* Every task is allocated before any is queued: a layer is queued whole or not at all. */
+    task *head = NULL, *last = NULL;
     for (size_t p = 0; p < parts; p++) {
         task *t = malloc(sizeof *t);
         if (!t) {
-            /* No memory for the work item: the layer fails, the engine recomputes. */
-            pthread_mutex_lock(&x->mu);
-            x->layer_failed[layer] = KVF_ENOMEM;
-            pthread_mutex_unlock(&x->mu);
-            continue;
+            while (head) {
+                task *next = head->next;
+                free(head);
+                head = next;
+            }
+            return KVF_ENOMEM;
         }
-        t->x = x;
-        t->layer = layer;
-        t->from = n * p / parts;
-        t->to = n * (p + 1) / parts;
-        t->next = NULL;
-        pthread_mutex_lock(&x->mu);
-        x->pending_tasks++;
-        x->layer_tasks[layer]++;
-        pthread_mutex_unlock(&x->mu);
-        if (cn->qt)
-            cn->qt->next = t;
+        *t = (task){.x = x, .layer = layer, .from = n * p / parts, .to = n * (p + 1) / parts};
+        if (last)
+            last->next = t;
         else
-            cn->qh = t;
-        cn->qt = t;
+            head = t;
+        last = t;
     }
+    pthread_mutex_lock(&x->mu);
+    x->pending_tasks += (int)parts;
+    x->layer_tasks[layer] += (uint32_t)parts;
+    pthread_mutex_unlock(&x->mu);
+    if (cn->qt)
+        cn->qt->next = head;
+    else
+        cn->qh = head;
+    cn->qt = last;
     pthread_cond_broadcast(&cn->cv);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -183,6 +218,29 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
     return failed;
 }
 
+/* A save's staging is acquired by the first of its gather tasks, on a worker, so that mapping
+ * (and faulting in) a region is never the engine thread's cost; its other tasks wait for it.
+ * Returns 0, or the failure to acquire it. */
+static int save_stage(kvf_connector *cn, kvf_xfer *x)
+{
+    pthread_mutex_lock(&x->mu);
+    while (x->stage_state == KVF__STAGE_ACQUIRING)
+        pthread_cond_wait(&x->cv, &x->mu);
+    int mine = x->stage_state == KVF__STAGE_NONE;
+    int rc = x->stage_state < 0 ? x->stage_state : 0;
+    if (mine)
+        x->stage_state = KVF__STAGE_ACQUIRING;
+    pthread_mutex_unlock(&x->mu);
+    if (!mine)
+        return rc;
+    rc = kvf__stage_acquire(cn, x, x->n_chunks * cn->obj_bytes);
+    pthread_mutex_lock(&x->mu);
+    x->stage_state = rc ? rc : KVF__STAGE_HELD;
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+    return rc;
+}
+
 static void do_gather(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to)
 {
     uint32_t ppc = cn->pm.pages_per_chunk;
@@ -219,7 +277,9 @@ static void *worker_main(void *arg)
         int failed = 0;
         uint64_t t0 = kvf__now_ns();
         if (!skip) {
-            if (x->is_save)
+            if (x->is_save && save_stage(cn, x) != 0)
+                failed = (int)(t->to - t->from);
+            else if (x->is_save)
                 do_gather(cn, x, t->layer, t->from, t->to);
             else if (!scratch || !scratch2)
                 failed = (int)(t->to - t->from);

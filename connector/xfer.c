@@ -81,12 +81,17 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
     int submit = 0;
     pthread_mutex_lock(&x->mu);
     if (failed && !x->layer_failed[layer])
-        x->layer_failed[layer] = KVF_ECHECKSUM;
+        x->layer_failed[layer] = x->is_save ? x->stage_state : KVF_ECHECKSUM;
     if (--x->layer_tasks[layer] == 0 && !skipped) {
         if (x->is_save) {
-            x->layer_state[layer] = 0;
-            if (++x->layers_done == cn->l.layers && !x->cancelled)
-                submit = 1;
+            x->layer_state[layer] = x->layer_failed[layer];
+            if (x->layer_failed[layer] && !x->result)
+                x->result = x->layer_failed[layer];
+            if (++x->layers_done == cn->l.layers && !x->cancelled) {
+                /* A layer that could not be gathered fails the save: nothing is put. */
+                submit = !x->result;
+                x->transfer_done = x->result != 0;
+            }
         } else {
             /* A chunk that did not arrive makes the layer unusable as a whole. */
             int bad = x->layer_failed[layer];
@@ -124,8 +129,15 @@ static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
         if (x->status[c] == 0)
             atomic_store(&x->verified[c], layer + 1);
     pthread_mutex_lock(&cn->mu);
-    kvf__pool_enqueue_locked(cn, x, layer);
+    int rc = kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
+    if (rc) {
+        /* No memory for the layer's work: the layer fails, the engine recomputes. */
+        pthread_mutex_lock(&x->mu);
+        x->layer_state[layer] = rc;
+        pthread_cond_broadcast(&x->cv);
+        pthread_mutex_unlock(&x->mu);
+    }
 }
 
 /* The storage client finished x's batch: record the outcome and complete x once its page work is
@@ -288,18 +300,20 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
            moved * cn->pm.pages_per_chunk * sizeof *x->page_ids);
     pthread_mutex_lock(&cn->mu);
     cn->inflight++;
-    int rc = cn->closing ? KVF_ECLOSED
-                         : kvf__stage_acquire_locked(cn, x, moved * cn->obj_bytes, is_save);
+    int rc = cn->closing ? KVF_ECLOSED : 0;
     if (is_save)
         cn->st.saves++;
     else
         cn->st.loads++;
     pthread_mutex_unlock(&cn->mu);
+    /* A load needs its staging before the GET; a save's is acquired by its first gather task. */
+    if (!rc && !is_save)
+        rc = kvf__stage_acquire(cn, x, moved * cn->obj_bytes);
     if (rc) {
         xfer_destroy(x);
         return rc;
     }
-    for (size_t c = 0; c < moved; c++) {
+    for (size_t c = 0; !is_save && c < moved; c++) {
         x->bufs[c] = x->stage + c * cn->obj_bytes;
         x->caps[c] = cn->obj_bytes;
     }
@@ -385,8 +399,27 @@ int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer)
         rc = KVF_EINVAL; /* reported twice */
     pthread_mutex_unlock(&x->mu);
     if (!rc)
-        kvf__pool_enqueue_locked(cn, x, layer);
+        rc = kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
+    return rc;
+}
+
+int kvf_xfer_wait_pages(kvf_xfer *x)
+{
+    if (!x || !x->is_save)
+        return KVF_EINVAL;
+    uint64_t t0 = kvf__now_ns();
+    /* The engine's thread reports layers and waits here, so every task of a reported layer is
+     * counted before this looks. */
+    pthread_mutex_lock(&x->mu);
+    while (x->pending_tasks)
+        pthread_cond_wait(&x->cv, &x->mu);
+    int rc = x->cancelled ? KVF_ECANCELED : 0;
+    pthread_mutex_unlock(&x->mu);
+    uint64_t dt = kvf__now_ns() - t0;
+    pthread_mutex_lock(&x->cn->mu);
+    x->cn->st.wait_ns += dt;
+    pthread_mutex_unlock(&x->cn->mu);
     return rc;
 }
 

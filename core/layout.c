@@ -226,6 +226,8 @@ static const struct preset {
     /* The reference engine's models (engine/): f32 because its GEMMs are f32. */
     {"ref-tiny", 4, 2, 32, KVF_DTYPE_F32, KVF_KV_SEPARATE, 64},
     {"ref-100m", 12, 4, 64, KVF_DTYPE_F32, KVF_KV_SEPARATE, 256},
+    /* ref-tiny's layers, 32 of them: the depth of an 8B model, for the overlap benchmark. */
+    {"ref-tiny-32l", 32, 2, 32, KVF_DTYPE_F32, KVF_KV_SEPARATE, 64},
 };
 
 #define N_PRESETS (sizeof presets / sizeof presets[0])

@@ -45,8 +45,12 @@ struct kvfe_engine {
     /* scratch */
     float *x, *h, *q, *k, *v, *att, *o_, *g, *u, *scores, *kc, *vc, *logits;
     float *rope_cos, *rope_sin;
-    kvf_xfer *pending_save;
+    /* Saves in flight (docs/connector.md, "The reference engine"): the last prefill's, which may
+     * still be reading its pages, and the one before it, whose pages are read and whose chunks
+     * may still be on their way to the stores. */
+    kvf_xfer *pending_save, *older_save;
     int device_off, reuse_off, save_off; /* per request (kvfe_set_tiers) */
+    size_t device_max; /* most tokens reused from the pages (kvfe_set_device_reuse) */
 };
 
 static double now_s(void)
@@ -56,22 +60,28 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* The models: their layouts are the layout presets of the same names (core/layout.c). */
+static const struct model_shape {
+    const char *name;
+    uint32_t vocab, n_heads, ffn;
+} shapes[] = {
+    {"ref-tiny", 512, 4, 256},
+    {"ref-tiny-32l", 512, 4, 256},
+    {"ref-100m", 32000, 12, 2048},
+};
+
 int kvfe_model_preset(const char *name, kvfe_model *m)
 {
     memset(m, 0, sizeof *m);
-    if (kvf_layout_preset(name, &m->layout) != 0)
+    const struct model_shape *sh = NULL;
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0] && !sh; i++)
+        if (strcmp(name, shapes[i].name) == 0)
+            sh = &shapes[i];
+    if (!sh || kvf_layout_preset(name, &m->layout) != 0)
         return KVF_ENOENT;
-    if (strcmp(name, "ref-tiny") == 0) {
-        m->vocab = 512;
-        m->n_heads = 4;
-        m->ffn = 256;
-    } else if (strcmp(name, "ref-100m") == 0) {
-        m->vocab = 32000;
-        m->n_heads = 12;
-        m->ffn = 2048;
-    } else {
-        return KVF_ENOENT;
-    }
+    m->vocab = sh->vocab;
+    m->n_heads = sh->n_heads;
+    m->ffn = sh->ffn;
     m->hidden = m->n_heads * m->layout.head_dim;
     m->rope_theta = 10000.0f;
     m->norm_eps = 1e-5f;
@@ -292,13 +302,34 @@ static void embed_rows(kvfe_engine *e, size_t start, size_t n)
 
 /* ------------------------------------------------------------------------------------------ */
 
+/* Waits for a save and frees it; returns its status (0 for none). */
+static int reap_save(kvf_xfer **x)
+{
+    if (!*x)
+        return 0;
+    int rc = kvf_xfer_wait(*x);
+    kvf_xfer_free(x);
+    return rc;
+}
+
 int kvfe_flush(kvfe_engine *e)
 {
+    int rc = reap_save(&e->older_save);
+    int last = reap_save(&e->pending_save);
+    return rc ? rc : last;
+}
+
+/* Before a prefill writes any page: the last prefill's save must have read its pages (it is left
+ * to finish storing them), and the one before it, which had a whole prefill's time to be stored,
+ * is waited for, so that at most two are ever in flight. */
+static void settle_saves(kvfe_engine *e)
+{
     if (!e->pending_save)
-        return 0;
-    int rc = kvf_xfer_wait(e->pending_save);
-    kvf_xfer_free(&e->pending_save);
-    return rc;
+        return;
+    kvf_xfer_wait_pages(e->pending_save);
+    reap_save(&e->older_save);
+    e->older_save = e->pending_save;
+    e->pending_save = NULL;
 }
 
 /* Whole chunks of the previous sequence's KV that a prompt of n tokens starts with, at most
@@ -307,33 +338,44 @@ int kvfe_flush(kvfe_engine *e)
 static size_t device_prefix(const kvfe_engine *e, const uint32_t *tokens, size_t n, size_t max_hit)
 {
     size_t dev = 0;
-    if (!e->o.keep_prefix || e->device_off)
+    if (!e->device_max || e->device_off)
         return 0;
+    if (max_hit > e->device_max)
+        max_hit = e->device_max;
     while (dev < e->len && dev < n && e->tokens[dev] == tokens[dev])
         dev++;
     dev = dev / e->m.layout.chunk_tokens * e->m.layout.chunk_tokens;
     return dev < max_hit ? dev : max_hit;
 }
 
-/* Starts saving the chunks of tokens[from, full) through cn when this prefill saves, layer by
- * layer as the layers are marked done. Returns the transfer, or NULL when nothing is saved. */
+/* Saves the chunks of tokens[from, full) through cn when this prefill saves. Called once the
+ * first token is computed: every layer is reported done at once, so that the workers gather the
+ * pages while the engine goes on (on a CPU engine, gathering during the forward pass would take
+ * cores from it). Returns the transfer, or NULL when nothing is saved. */
 static kvf_xfer *start_save(kvfe_engine *e, kvf_connector *cn, const uint32_t *tokens, size_t full,
                             size_t from)
 {
     const kvf_layout *L = &e->m.layout;
     kvf_xfer *save = NULL;
-    if (cn && e->o.save && !e->save_off && full > from &&
+    if (!cn || !e->o.save || e->save_off || full <= from ||
         kvf_connector_save(cn, tokens, full, from / L->chunk_tokens, e->page_of,
                            full / L->page_tokens, &save) != 0)
-        save = NULL;
+        return NULL;
+    for (uint32_t l = 0; l < L->layers; l++) {
+        if (kvf_xfer_layer_done(save, l) != 0) {
+            /* A layer the connector could not take: this save cannot complete. */
+            kvf_xfer_cancel(save);
+            kvf_xfer_free(&save);
+            break;
+        }
+    }
     return save;
 }
 
-/* Runs every layer over rows [start, n), each once its layer of load (may be NULL) has arrived,
- * and marks each done for save (may be NULL). Returns 0, or the load's failure, also put in
- * r->load_error, when a layer of it did not arrive. */
-static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvf_xfer *save,
-                      kvfe_result *r)
+/* Runs every layer over rows [start, n), each once its layer of load (may be NULL) has arrived.
+ * Returns 0, or the load's failure, also put in r->load_error, when a layer of it did not
+ * arrive. */
+static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvfe_result *r)
 {
     embed_rows(e, start, n);
     int rc = 0;
@@ -353,8 +395,6 @@ static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kv
         double c0 = now_s();
         layer_forward(e, l, start, n);
         r->compute_seconds += now_s() - c0;
-        if (save)
-            kvf_xfer_layer_done(save, l);
     }
     if (rc)
         r->load_error = rc;
@@ -367,7 +407,7 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     if (n == 0 || n >= e->o.max_tokens)
         return KVF_EINVAL;
     double t0 = now_s();
-    kvfe_flush(e);
+    settle_saves(e);
     const kvf_layout *L = &e->m.layout;
     uint32_t C = L->chunk_tokens, P = L->page_tokens;
     kvf_connector *cn = e->reuse_off ? NULL : e->o.cn;
@@ -388,31 +428,32 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
         hit = dev;
         r->device_tokens = dev;
     }
-    /* Chunks kept from the device tier may not be in the store (evicted, or computed with reuse
-     * off): the save starts at chunk 0 then, and the store answers "exists" for those it has. */
-    size_t full = n / C * C;
-    kvf_xfer *save = start_save(e, cn, tokens, full, r->device_tokens ? 0 : hit);
-    while (run_layers(e, hit, n, load, save, r) != 0) {
+    while (run_layers(e, hit, n, load, r) != 0) {
         /* The store could not deliver every layer: recompute everything from the start. Once
-         * cancel returns no worker writes these pages any more; the save restarts from chunk 0
-         * so a chunk that was bad in the store is replaced. */
+         * cancel returns no worker writes these pages any more. */
         kvf_xfer_cancel(load);
         kvf_xfer_free(&load);
-        if (save) {
-            kvf_xfer_cancel(save);
-            kvf_xfer_free(&save);
-        }
         hit = 0;
         r->device_tokens = 0;
-        save = start_save(e, cn, tokens, full, 0);
     }
     r->loaded_tokens = load ? hit : 0;
     if (load)
         kvf_xfer_free(&load);
-    e->pending_save = save;
     finish(e, n - 1 - hit, r);
+    /* Chunks kept from the device tier may not be in the store (evicted, or computed with reuse
+     * off): the save starts at chunk 0 then, and the store answers "exists" for those it has.
+     * After a failed load it starts at chunk 0 too, so that a chunk that was bad in the store is
+     * replaced. */
+    size_t full = n / C * C;
+    e->pending_save = start_save(e, cn, tokens, full, r->device_tokens ? 0 : hit);
     r->seconds = now_s() - t0;
     return 0;
+}
+
+void kvfe_set_gemm_threads(int n)
+{
+    if (n > 0)
+        openblas_set_num_threads(n);
 }
 
 void kvfe_set_tiers(kvfe_engine *e, int device, int load, int save)
@@ -425,6 +466,16 @@ void kvfe_set_tiers(kvfe_engine *e, int device, int load, int save)
 void kvfe_set_reuse(kvfe_engine *e, int load, int save)
 {
     kvfe_set_tiers(e, load, load, save);
+}
+
+void kvfe_set_overlap(kvfe_engine *e, int layerwise)
+{
+    e->o.no_overlap = !layerwise;
+}
+
+void kvfe_set_device_reuse(kvfe_engine *e, size_t max_tokens)
+{
+    e->device_max = max_tokens;
 }
 
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r)
@@ -607,8 +658,10 @@ int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen)
         return KVF_ENOMEM;
     }
     e->o = *o;
+    e->device_max = o->keep_prefix ? SIZE_MAX : 0;
     if (kvfe_model_preset(o->model, &e->m) != 0) {
-        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny or ref-100m)", o->model);
+        snprintf(err, errlen, "engine: unknown model \"%s\" (ref-tiny, ref-tiny-32l or ref-100m)",
+                 o->model);
         rc = KVF_ENOENT;
         goto out_close;
     }

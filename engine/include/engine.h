@@ -2,13 +2,15 @@
  * The reference engine: a real decoder-only transformer forward pass in C (token embeddings,
  * RMSNorm, rotary position embeddings, grouped-query attention over a paged KV cache, SwiGLU MLP,
  * tied output embeddings, greedy sampling), with GEMMs through OpenBLAS and weights drawn from a
- * seed (nothing is downloaded). Model shapes come from the layout presets ref-tiny and ref-100m.
+ * seed (nothing is downloaded). Model shapes come from the layout presets ref-tiny, ref-tiny-32l
+ * and ref-100m.
  *
  * It serves one sequence at a time and uses the connector the way a serving engine would: lookup
  * before prefill, a layer-streamed load of the cached prefix with a wait before each layer, compute
- * of the rest, and a layer-by-layer save of the new chunks. The same prompt gives bit-identical
- * logits however its KV got there: rows are computed in blocks aligned to absolute positions, so
- * every GEMM has the same shape whether a prefix was loaded or recomputed.
+ * of the rest, and a save of the new chunks that runs after the first token, off its path. The
+ * same prompt gives bit-identical logits however its KV got there: rows are computed in blocks
+ * aligned to absolute positions, so every GEMM has the same shape whether a prefix was loaded or
+ * recomputed.
  */
 #ifndef KVF_ENGINE_H
 #define KVF_ENGINE_H
@@ -25,10 +27,15 @@ typedef struct kvfe_model {
     float rope_theta, norm_eps;
 } kvfe_model;
 
-/* Fills *m for "ref-tiny" or "ref-100m". Returns 0 or KVF_ENOENT. */
+/* Fills *m for "ref-tiny", "ref-tiny-32l" (ref-tiny with 32 layers) or "ref-100m". Returns 0 or
+ * KVF_ENOENT. */
 int kvfe_model_preset(const char *name, kvfe_model *m);
 
 typedef struct kvfe_engine kvfe_engine;
+
+/* Sets how many threads the GEMMs of every engine in this process use (OpenBLAS's setting is
+ * process-wide); n <= 0 leaves OpenBLAS's own choice (OPENBLAS_NUM_THREADS, else one per core). */
+void kvfe_set_gemm_threads(int n);
 
 typedef struct kvfe_opts {
     const char *model;     /* preset name */
@@ -56,12 +63,14 @@ typedef struct kvfe_result {
 
 /* Caller owns the result; free with kvfe_close(). */
 int kvfe_open(kvfe_engine **out, const kvfe_opts *o, char *err, size_t errlen);
-/* Waits for a pending save, then frees. Accepts NULL and clears *e. */
+/* Waits for the saves in flight, then frees. Accepts NULL and clears *e. */
 void kvfe_close(kvfe_engine **e);
 
 /* Starts a new sequence with a prompt of n tokens (1 <= n < max_tokens) and runs its prefill.
  * Returns 0 or a KVF_E* code; a failed load is not an error (it is recomputed and reported in
- * r->load_error). */
+ * r->load_error). The new chunks' save is started once the first token is computed and is not
+ * waited for: the next prefill waits only until it has read its pages (kvf_xfer_wait_pages)
+ * before writing any, and kvfe_flush() waits for it to be stored. */
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
 /* From the next prefill on: reuse the previous sequence's KV still in the pages (device, with
  * keep_prefix), look up and load through the connector (load), save new chunks (save). All on at
@@ -69,9 +78,17 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
 void kvfe_set_tiers(kvfe_engine *e, int device, int load, int save);
 /* kvfe_set_tiers(e, load, load, save): the pages and the stores both, or neither. */
 void kvfe_set_reuse(kvfe_engine *e, int load, int save);
+/* From the next prefill on: compute layer l once layer l of the load has arrived (layerwise, the
+ * default), or wait for the whole load before computing (0, the no_overlap option). */
+void kvfe_set_overlap(kvfe_engine *e, int layerwise);
+/* From the next prefill on: reuse at most max_tokens leading tokens of the previous sequence's KV
+ * still in the pages (the device tier; SIZE_MAX: no limit, what keep_prefix sets at open; 0: none,
+ * the default without it). */
+void kvfe_set_device_reuse(kvfe_engine *e, size_t max_tokens);
 /* Appends one token to the sequence and computes the next. */
 int kvfe_decode(kvfe_engine *e, uint32_t token, kvfe_result *r);
-/* Waits for the save started by the last prefill, if any. Returns its status. */
+/* Waits for the saves still in flight (the last prefill's and the one before it) and frees them.
+ * Returns the first failure among them, or 0. */
 int kvfe_flush(kvfe_engine *e);
 
 #endif

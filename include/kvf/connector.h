@@ -58,14 +58,15 @@ typedef struct kvf_connector_opts {
                                * is 0: the storage nodes come from its GET /v1/stores */
     kvf_layout layout;        /* input: the engine's KV layout (validated) */
     const char *salt;         /* input: tenant salt of the key namespace (may be NULL) */
-    size_t staging_bytes; /* input: initial size of each of the two staging regions; 0: 32 MiB */
-    int workers;          /* input: gather/scatter worker threads; 0: 2 */
-    int deadline_ms;      /* input: deadline of every transfer; 0: 5000 */
-    int conns_per_node;   /* input: connections per storage node; 0: 4 */
-    const kvf_caps *caps; /* input: the engine's capability record (NULL: the reference
-                           * engine's); every remote action is classified against it and the
-                           * storage node's, and an infeasible one is refused with
-                           * KVF_EINFEASIBLE */
+    size_t staging_bytes;     /* input: initial size of two of the staging regions; 0: sized by the
+                               * first transfers, 32 MiB and up */
+    int workers;              /* input: gather/scatter worker threads; 0: 2 */
+    int deadline_ms;          /* input: deadline of every transfer; 0: 5000 */
+    int conns_per_node;       /* input: connections per storage node; 0: 4 */
+    const kvf_caps *caps;     /* input: the engine's capability record (NULL: the reference
+                               * engine's); every remote action is classified against it and the
+                               * storage node's, and an infeasible one is refused with
+                               * KVF_EINFEASIBLE */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.
@@ -112,8 +113,15 @@ KVF_API int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t
  * KVF_ETIMEDOUT; KVF_ECONNREFUSED; KVF_ECANCELED): the engine must recompute. */
 KVF_API int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer);
 /* Save: the engine finished writing layer l of the pages being saved; the connector may gather it
- * now. Layers may be reported in any order, each once. */
+ * now. Layers may be reported in any order, each once. Returns 0, KVF_EINVAL (a load, a layer out
+ * of range or reported twice), KVF_ECANCELED, or KVF_ENOMEM (the layer was not taken: the save
+ * cannot complete; cancel it). */
 KVF_API int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer);
+/* Save: waits until the connector has read every page of the layers reported done so far (they
+ * are gathered into its staging); from then on the engine may overwrite those pages, while the
+ * chunks are still being stored. Returns 0, KVF_ECANCELED (cancelled: the pages are not read any
+ * more either) or KVF_EINVAL (a load). */
+KVF_API int kvf_xfer_wait_pages(kvf_xfer *x);
 /* Waits for the whole transfer. A load returns 0 when every chunk arrived; a save returns 0 when
  * its batch was stored (per-chunk refusals such as KVF_EEXIST are counted in the stats, not
  * errors). */

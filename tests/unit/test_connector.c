@@ -276,17 +276,22 @@ static void test_connector_transfer_arguments(void **state)
     assert_int_not_equal(kvf_xfer_wait(x), 0);
     assert_int_equal(kvf_xfer_loaded_tokens(x), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), KVF_EINVAL); /* not a save */
+    assert_int_equal(kvf_xfer_wait_pages(x), KVF_EINVAL);    /* nor here */
     kvf_xfer_free(&x);
     assert_null(x);
     size_t cached = 99;
     kvf_connector_lookup(cn, tokens, 256, &cached);
     assert_int_equal(cached, 0);
-    /* A save whose layers are reported twice, then cancelled. */
+    /* A save whose layers are reported twice, then cancelled. Its pages are read (gathered into
+     * staging) whether or not the node answers. */
     assert_int_equal(kvf_connector_save(cn, tokens, 128, 0, pages, 8, &x), 0);
+    assert_int_equal(kvf_xfer_wait_pages(x), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), KVF_EINVAL);
     assert_int_equal(kvf_xfer_layer_done(x, 9), KVF_EINVAL);
+    assert_int_equal(kvf_xfer_wait_pages(x), 0);
     kvf_xfer_cancel(x);
+    assert_int_equal(kvf_xfer_wait_pages(x), KVF_ECANCELED);
     assert_int_equal(kvf_xfer_wait(x), KVF_ECANCELED);
     /* Closing with a transfer not yet freed: the transfer stays usable until freed. */
     kvf_connector_close(&cn);

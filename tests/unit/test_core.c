@@ -226,7 +226,7 @@ static void test_core_layout_sizes_match_public_configs(void **state)
     size_t n = 0;
     while (kvf_layout_preset_name(n))
         n++;
-    assert_int_equal(n, 7);
+    assert_int_equal(n, 8);
     for (size_t i = 0; i < n; i++) {
         assert_int_equal(kvf_layout_preset(kvf_layout_preset_name(i), &l), 0);
         assert_int_equal(kvf_layout_validate(&l, NULL, 0), 0);
