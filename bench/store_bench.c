@@ -71,45 +71,6 @@ typedef struct round_fig {
     double rg64, rs64, rg16, rs16; /* Redis GET/SET */
 } round_fig;
 
-/* The latency ceiling: the same LOOKUP frame over one blocking socket, no client library: what
- * the kernel, the loopback and the store's own handling cost. Fills lat (us). */
-static int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat)
-{
-    int fd;
-    char err[128];
-    if (kvf__tcp_connect("127.0.0.1", port, 2000, &fd, err, sizeof err) != 0)
-        return -1;
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    uint8_t f[KVF_WIRE_HEADER_LEN + 8 + 16 * 128];
-    kvf__put_u64(f + KVF_WIRE_HEADER_LEN, ns);
-    for (int i = 0; i < 128; i++)
-        kvf__wire_key_put(f + KVF_WIRE_HEADER_LEN + 8 + 16 * i, &keys[i]);
-    for (int i = 0; i < iters; i++) {
-        kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
-                          .opcode = KVF_OP_LOOKUP,
-                          .request_id = (uint64_t)i + 1,
-                          .item_count = 128,
-                          .payload_len = 8 + 16 * 128};
-        kvf__wire_hdr_encode(f, &h);
-        double t = bench_now();
-        if (send(fd, f, sizeof f, MSG_NOSIGNAL) != (ssize_t)sizeof f)
-            break;
-        uint8_t r[KVF_WIRE_HEADER_LEN + 8 + 16];
-        size_t got = 0;
-        while (got < sizeof r) {
-            ssize_t x = recv(fd, r + got, sizeof r - got, 0);
-            if (x <= 0) {
-                close(fd);
-                return -1;
-            }
-            got += (size_t)x;
-        }
-        lat[i] = (bench_now() - t) * 1e6;
-    }
-    close(fd);
-    return 0;
-}
-
 /* ------------------------------------------------------------------------------------------ */
 
 static void row(const char *what, double gbps, double vs_ceiling, double vs_peer)
@@ -290,9 +251,9 @@ typedef struct tcp_run {
     round_fig fig[ROUNDS_MAX];
     int redis_ok;                 /* Redis ran: its rates in fig are measured, not zero */
     int kvf_errors, redis_errors; /* keys that failed */
-    double lookup_p50[N_LOOKUP], lookup_p99[N_LOOKUP]; /* us, by lookup_clients */
-    double raw_p50, raw_p99;                           /* us, the raw socket, idle */
-    size_t lookup_hits;
+    lookup_result lookup[N_LOOKUP]; /* by lookup_clients: through the client library */
+    lookup_result raw[N_LOOKUP];    /* the same, each client a raw socket: the ceiling */
+    double idle_p50, idle_p99;      /* us, one raw socket, nothing else running */
     double rss_mib; /* the store's, idle after the run */
 } tcp_run;
 
@@ -324,19 +285,20 @@ static void measure_rounds(const opts *o, kvf_client *cl, redis_peer *rp, worklo
     }
 }
 
-/* Lookup latency with 1, 4 and 16 clients while GETs run, and the raw socket's round trip of the
- * same frame with nothing else running (the floor; 0 where it fails), into run. */
+/* Lookup latency with 1, 4 and 16 clients while GETs run, through the library and then over raw
+ * sockets under the same load (the ceiling), and one raw socket's round trip of the same frame
+ * with nothing else running (the floor; 0 where it fails), into run. */
 static void lookup_latency(const opts *o, uint16_t port, tcp_run *run)
 {
-    char node[64];
-    snprintf(node, sizeof node, "127.0.0.1:%u", (unsigned)port);
     double secs = o->quick ? 1.0 : 2.0;
     for (size_t i = 0; i < N_LOOKUP; i++) {
-        bench_progress("store", "lookup-prefix of 128 keys, %d client(s), GETs running",
-                       lookup_clients[i]);
-        if (lookup_under_load(node, lookup_clients[i], secs, &run->lookup_p50[i],
-                              &run->lookup_p99[i], &run->lookup_hits) != 0)
-            run->kvf_errors++;
+        for (int raw = 0; raw < 2; raw++) {
+            bench_progress("store", "lookup-prefix of 128 keys, %d %s, GETs running",
+                           lookup_clients[i], raw ? "raw socket(s)" : "client(s)");
+            lookup_result *r = raw ? &run->raw[i] : &run->lookup[i];
+            if (lookup_under_load(port, lookup_clients[i], raw, secs, r) != 0 || r->errors)
+                run->kvf_errors += r->errors ? (int)r->errors : 1;
+        }
     }
     workload chain;
     if (wl_init(&chain, 128, 4 * 1024) != 0)
@@ -344,8 +306,8 @@ static void lookup_latency(const opts *o, uint16_t port, tcp_run *run)
     int iters = o->quick ? 1000 : 5000;
     double *lat = malloc((size_t)iters * sizeof *lat);
     if (lat && raw_lookup_rtt(port, BENCH_NS, chain.keys, iters, lat) == 0) {
-        run->raw_p50 = bench_quantile(lat, (size_t)iters, 0.5);
-        run->raw_p99 = bench_quantile(lat, (size_t)iters, 0.99);
+        run->idle_p50 = bench_quantile(lat, (size_t)iters, 0.5);
+        run->idle_p99 = bench_quantile(lat, (size_t)iters, 0.99);
     }
     free(lat);
     wl_free(&chain);
@@ -501,11 +463,14 @@ static void print_tcp(const opts *o, const tcp_run *run, const bench_spread s[N_
            o->lookup_only ? ", lookup only" : o->quick ? ", quick" : "");
     if (!o->lookup_only)
         print_rates(o, run, s);
-    for (size_t i = 0; i < N_LOOKUP; i++)
-        printf("  lookup 128 keys, %2d client(s), GETs running: p50 %.1f us, p99 %.1f us\n",
-               lookup_clients[i], run->lookup_p50[i], run->lookup_p99[i]);
-    printf("  %-24s p50 %.1f us, p99 %.1f us (one client, nothing else running)\n",
-           "raw socket round trip", run->raw_p50, run->raw_p99);
+    for (size_t i = 0; i < N_LOOKUP; i++) {
+        const lookup_result *k = &run->lookup[i], *r = &run->raw[i];
+        printf("  lookup 128 keys, %2d client(s), GETs running: p50 %7.1f us, p99 %7.1f us; raw "
+               "sockets p50 %7.1f us, p99 %7.1f us (p99 %.2f x raw)\n",
+               lookup_clients[i], k->p50, k->p99, r->p50, r->p99, r->p99 > 0 ? k->p99 / r->p99 : 0);
+    }
+    printf("  %-24s p50 %.1f us, p99 %.1f us (one raw socket, nothing else running)\n",
+           "lookup round trip", run->idle_p50, run->idle_p99);
     double arena_mib = size_mib(o->memory);
     printf("  %-24s %.1f MiB (arena %.0f MiB + %.1f MiB)\n", "kvf-store idle RSS", run->rss_mib,
            arena_mib, run->rss_mib - arena_mib);
@@ -545,13 +510,21 @@ static void add_tcp_figures(json_t *res, const opts *o, const tcp_run *run)
     json_object_set_new(res, "ceiling_write_bytes", w);
     char k[64];
     for (size_t i = 0; i < N_LOOKUP; i++) {
-        snprintf(k, sizeof k, "lookup128_p50_us_%dclients", lookup_clients[i]);
-        bench_json_real(res, k, run->lookup_p50[i]);
-        snprintf(k, sizeof k, "lookup128_p99_us_%dclients", lookup_clients[i]);
-        bench_json_real(res, k, run->lookup_p99[i]);
+        const char *sfx[2] = {"", "raw_"};
+        for (int raw = 0; raw < 2; raw++) {
+            const lookup_result *r = raw ? &run->raw[i] : &run->lookup[i];
+            snprintf(k, sizeof k, "lookup128_%sp50_us_%dclients", sfx[raw], lookup_clients[i]);
+            bench_json_real(res, k, r->p50);
+            snprintf(k, sizeof k, "lookup128_%sp99_us_%dclients", sfx[raw], lookup_clients[i]);
+            bench_json_real(res, k, r->p99);
+            snprintf(k, sizeof k, "lookup128_%ssamples_%dclients", sfx[raw], lookup_clients[i]);
+            json_object_set_new(res, k, json_integer((json_int_t)r->samples));
+        }
+        snprintf(k, sizeof k, "lookup128_p99_vs_raw_%dclients", lookup_clients[i]);
+        bench_json_real(res, k, run->raw[i].p99 > 0 ? run->lookup[i].p99 / run->raw[i].p99 : 0);
     }
-    bench_json_real(res, "lookup128_raw_p50_us", run->raw_p50);
-    bench_json_real(res, "lookup128_raw_p99_us", run->raw_p99);
+    bench_json_real(res, "lookup128_idle_raw_p50_us", run->idle_p50);
+    bench_json_real(res, "lookup128_idle_raw_p99_us", run->idle_p99);
     bench_json_real(res, "store_rss_mib", run->rss_mib);
     bench_json_real(res, "store_arena_mib", size_mib(o->memory));
     json_object_set_new(res, "kvf_errors", json_integer(run->kvf_errors));

@@ -38,12 +38,19 @@ void wl_free(workload *w);
  * the keys that failed. */
 double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors);
 
-/* Lookup-prefix latency of 128 stored keys from `clients` concurrent clients (each a client of its
- * own, one connection) for secs, while another client GETs 4 x 16 MiB batches without a pause.
- * Fills p50 and p99 (us) and *hits (the last lookup's leading hits). 0, or -1 when a client
- * does not open. */
-int lookup_under_load(const char *node, int clients, double secs, double *p50, double *p99,
-                      size_t *hits);
+/* Lookup-prefix latency of 128 stored keys from `clients` concurrent clients for secs, while
+ * another client GETs 4 x 16 MiB batches without a pause from the store at 127.0.0.1:port. Each
+ * client is a kvfabric client of its own with one connection, or (raw) a blocking socket that
+ * sends the LOOKUP frame itself: the ceiling, what the kernel and the store cost without the
+ * library. A lookup that fails or does not find every key counts in errors, not in the latency. */
+typedef struct lookup_result {
+    double p50, p99; /* us */
+    size_t samples, errors;
+} lookup_result;
+int lookup_under_load(uint16_t port, int clients, int raw, double secs, lookup_result *r);
+
+/* The same LOOKUP frame over one blocking socket, iters times, nothing else running: lat (us). */
+int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat);
 
 /* The TCP ceiling: GB/s of `streams` concurrent loopback streams of blocking writes of
  * `write_bytes` each, over secs. 0 where the sockets cannot be made. */

@@ -6,10 +6,18 @@
 
 #include "bench_util.h"
 
+#include "bytes.h"
+#include "tcp.h"
+#include "wire.h"
+
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #define LOOKUP_KEYS    128
 #define MAX_LOOKUPERS  64
@@ -146,12 +154,82 @@ double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors)
 /* ------------------------------------------------------------------------------------------ */
 /* Lookup latency under load */
 
+/* The latency ceiling: the same LOOKUP frame over a blocking socket of its own, no client
+ * library, no I/O thread: what the kernel, the loopback and the store's handling cost. */
+typedef struct raw_lookup {
+    int fd;
+    uint64_t id;
+    uint8_t frame[KVF_WIRE_HEADER_LEN + 8 + 16 * LOOKUP_KEYS];
+} raw_lookup;
+
+static int raw_open(raw_lookup *r, uint16_t port, uint64_t ns, const kvf_key *keys)
+{
+    char err[128];
+    if (kvf__tcp_connect("127.0.0.1", port, 2000, &r->fd, err, sizeof err) != 0)
+        return -1;
+    fcntl(r->fd, F_SETFL, fcntl(r->fd, F_GETFL) & ~O_NONBLOCK);
+    kvf__put_u64(r->frame + KVF_WIRE_HEADER_LEN, ns);
+    for (int i = 0; i < LOOKUP_KEYS; i++)
+        kvf__wire_key_put(r->frame + KVF_WIRE_HEADER_LEN + 8 + 16 * i, &keys[i]);
+    r->id = 0;
+    return 0;
+}
+
+/* One LOOKUP and its reply; the leading hits into *hits. 0, or -1 where the socket fails or the
+ * reply is not the one asked for. */
+static int raw_one(raw_lookup *r, size_t *hits)
+{
+    kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
+                      .opcode = KVF_OP_LOOKUP,
+                      .request_id = ++r->id,
+                      .item_count = LOOKUP_KEYS,
+                      .payload_len = 8 + 16 * LOOKUP_KEYS};
+    kvf__wire_hdr_encode(r->frame, &h);
+    if (send(r->fd, r->frame, sizeof r->frame, MSG_NOSIGNAL) != (ssize_t)sizeof r->frame)
+        return -1;
+    uint8_t rep[KVF_WIRE_HEADER_LEN + 8 + 16];
+    size_t got = 0;
+    while (got < sizeof rep) {
+        ssize_t x = recv(r->fd, rep + got, sizeof rep - got, 0);
+        if (x <= 0)
+            return -1;
+        got += (size_t)x;
+    }
+    kvf_wire_hdr rh;
+    kvf_wire_limits lim = {.max_request = 1u << 20, .max_items = LOOKUP_KEYS, .expect_reply = 1};
+    if (kvf__wire_hdr_decode(rep, &lim, &rh, NULL, 0) != 0 || rh.request_id != r->id ||
+        rh.status != 0)
+        return -1;
+    *hits = kvf__get_u32(rep + KVF_WIRE_HEADER_LEN);
+    return 0;
+}
+
+int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat)
+{
+    raw_lookup r;
+    if (raw_open(&r, port, ns, keys) != 0)
+        return -1;
+    size_t hits;
+    for (int i = 0; i < iters; i++) {
+        double t = bench_now();
+        if (raw_one(&r, &hits) != 0) {
+            close(r.fd);
+            return -1;
+        }
+        lat[i] = (bench_now() - t) * 1e6;
+    }
+    close(r.fd);
+    return 0;
+}
+
 typedef struct lookuper {
     kvf_client *c;
+    raw_lookup *raw; /* instead of c, for the ceiling */
     const kvf_key *keys;
     double secs;
     double *lat; /* us, LOOKUP_SAMPLES at most */
-    size_t n, hits;
+    size_t n, hits, errors;
+    size_t want; /* the leading hits a right answer has: every key of the chain */
     pthread_t th;
     int started;
 } lookuper;
@@ -170,8 +248,14 @@ static void *lookuper_main(void *arg)
     double end = bench_now() + l->secs;
     while (bench_now() < end && l->n < LOOKUP_SAMPLES) {
         double t = bench_now();
-        if (kvf_client_lookup_prefix(l->c, LOOKUP_KEYS, l->keys, &l->hits, 5000) != 0)
+        int rc = l->raw ? raw_one(l->raw, &l->hits)
+                        : kvf_client_lookup_prefix(l->c, LOOKUP_KEYS, l->keys, &l->hits, 5000);
+        if (rc != 0 || l->hits != l->want) {
+            l->errors++;
+            if (l->raw)
+                break;
             continue;
+        }
         l->lat[l->n++] = (bench_now() - t) * 1e6;
     }
     return NULL;
@@ -220,9 +304,8 @@ static int store_chain(kvf_client *c, workload *chain)
     return kvf_client_put(c, &b) == 0 ? 0 : -1;
 }
 
-/* Joins what started, merges the latencies into p50 and p99, closes the clients. */
-static void finish_lookups(lookuper *ls, int clients, loader *g, double *p50, double *p99,
-                           size_t *hits)
+/* Joins what started, merges the latencies into r, closes the clients. */
+static void finish_lookups(lookuper *ls, int clients, loader *g, lookup_result *r)
 {
     size_t total = 0;
     for (int i = 0; i < clients; i++) {
@@ -238,23 +321,49 @@ static void finish_lookups(lookuper *ls, int clients, loader *g, double *p50, do
     for (int i = 0; all && i < clients; i++) {
         memcpy(all + k, ls[i].lat, ls[i].n * sizeof *all);
         k += ls[i].n;
-        *hits = ls[i].hits;
+        r->errors += ls[i].errors;
     }
-    *p50 = all ? bench_quantile(all, k, 0.5) : 0;
-    *p99 = all ? bench_quantile(all, k, 0.99) : 0;
+    r->samples = k;
+    r->p50 = all && k ? bench_quantile(all, k, 0.5) : 0;
+    r->p99 = all && k ? bench_quantile(all, k, 0.99) : 0;
     free(all);
     for (int i = 0; i < clients; i++) {
         kvf_client_close(&ls[i].c);
+        if (ls[i].raw && ls[i].raw->fd >= 0)
+            close(ls[i].raw->fd);
+        free(ls[i].raw);
         free(ls[i].lat);
     }
     kvf_client_close(&g->c);
 }
 
-int lookup_under_load(const char *node, int clients, double secs, double *p50, double *p99,
-                      size_t *hits)
+/* Lookuper i: a client of its own with one connection, or (raw) a socket of its own. */
+static int lookuper_open(lookuper *l, const char *node, uint16_t port, int raw,
+                         const workload *chain, double secs)
 {
+    *l = (lookuper){.keys = chain->keys,
+                    .secs = secs,
+                    .want = chain->n,
+                    .lat = malloc(LOOKUP_SAMPLES * sizeof(double))};
+    if (raw) {
+        l->raw = malloc(sizeof *l->raw);
+        if (l->raw && raw_open(l->raw, port, STORE_NS, chain->keys) != 0) {
+            free(l->raw);
+            l->raw = NULL;
+        }
+    } else {
+        l->c = one_client(node, 1);
+    }
+    return l->lat && (l->c || l->raw) ? 0 : -1;
+}
+
+int lookup_under_load(uint16_t port, int clients, int raw, double secs, lookup_result *r)
+{
+    *r = (lookup_result){0};
     if (clients < 1 || clients > MAX_LOOKUPERS)
         return -1;
+    char node[64];
+    snprintf(node, sizeof node, "127.0.0.1:%u", (unsigned)port);
     lookuper ls[MAX_LOOKUPERS] = {0};
     loader g = {.c = one_client(node, 4)};
     workload chain = {0}, large = {0};
@@ -263,20 +372,15 @@ int lookup_under_load(const char *node, int clients, double secs, double *p50, d
         goto out;
     store_for_get(g.c, &large);
     g.w = &large;
-    for (int i = 0; i < clients; i++) {
-        ls[i] = (lookuper){.c = one_client(node, 1),
-                           .keys = chain.keys,
-                           .secs = secs,
-                           .lat = malloc(LOOKUP_SAMPLES * sizeof(double))};
-        if (!ls[i].c || !ls[i].lat)
+    for (int i = 0; i < clients; i++)
+        if (lookuper_open(&ls[i], node, port, raw, &chain, secs) != 0)
             goto out;
-    }
     g.started = pthread_create(&g.th, NULL, loader_main, &g) == 0;
     for (int i = 0; i < clients; i++)
         ls[i].started = pthread_create(&ls[i].th, NULL, lookuper_main, &ls[i]) == 0;
     rc = g.started ? 0 : -1;
 out:
-    finish_lookups(ls, clients, &g, p50, p99, hits);
+    finish_lookups(ls, clients, &g, r);
     wl_free(&chain);
     wl_free(&large);
     return rc;

@@ -67,7 +67,6 @@ struct kvf_op {
     uint64_t deadline_ns;
     int pending;          /* requests not yet finished */
     int completing;       /* all requests finished; signalled at the end of the I/O iteration */
-    atomic_int done_flag; /* mirrors done, readable without the mutex */
     struct kvf_op *next_completed;
     int target; /* control ops: -1 by placement, -2 every node, else one node */
     int done;
