@@ -44,8 +44,8 @@
 typedef struct opts {
     int quick, json, streams, store_threads;
     int lookup_only; /* --lookup-only: no rounds of rates, only the lookup latency */
-    int rounds;     /* measurements are taken in rounds (ROUNDS_MAX at most) */
-    int io_threads; /* the client's; 0: its default */
+    int rounds;      /* measurements are taken in rounds (ROUNDS_MAX at most) */
+    int io_threads;  /* the client's; 0: its default */
     double secs;
     const char *memory;
     const char *store_bin;
@@ -249,12 +249,12 @@ static const int lookup_clients[] = {1, 4, 16};
 /* What a TCP run measured. */
 typedef struct tcp_run {
     round_fig fig[ROUNDS_MAX];
-    int redis_ok;                 /* Redis ran: its rates in fig are measured, not zero */
-    int kvf_errors, redis_errors; /* keys that failed */
+    int redis_ok;                   /* Redis ran: its rates in fig are measured, not zero */
+    int kvf_errors, redis_errors;   /* keys that failed */
     lookup_result lookup[N_LOOKUP]; /* by lookup_clients: through the client library */
     lookup_result raw[N_LOOKUP];    /* the same, each client a raw socket: the ceiling */
     double idle_p50, idle_p99;      /* us, one raw socket, nothing else running */
-    double rss_mib; /* the store's, idle after the run */
+    double rss_mib;                 /* the store's, idle after the run */
 } tcp_run;
 
 /* Rounds: the ceiling grid, kvfabric (each rate between two ceilings) and Redis (rp; NULL: none)
@@ -460,7 +460,9 @@ static void print_tcp(const opts *o, const tcp_run *run, const bench_spread s[N_
     printf("kvf-bench store: real, TCP loopback, %ld cores, %d stream(s), median (p10-p90) of %d "
            "rounds%s\n",
            sysconf(_SC_NPROCESSORS_ONLN), o->streams, o->rounds,
-           o->lookup_only ? ", lookup only" : o->quick ? ", quick" : "");
+           o->lookup_only ? ", lookup only"
+           : o->quick     ? ", quick"
+                          : "");
     if (!o->lookup_only)
         print_rates(o, run, s);
     for (size_t i = 0; i < N_LOOKUP; i++) {

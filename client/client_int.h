@@ -65,8 +65,8 @@ struct kvf_op {
     uint32_t opcode;
     kvf_batch b;
     uint64_t deadline_ns;
-    int pending;          /* requests not yet finished */
-    int completing;       /* all requests finished; signalled at the end of the I/O iteration */
+    int pending;    /* requests not yet finished */
+    int completing; /* all requests finished; signalled at the end of the I/O iteration */
     struct kvf_op *next_completed;
     int target; /* control ops: -1 by placement, -2 every node, else one node */
     int done;
