@@ -50,8 +50,12 @@ for node in $(python3 -c 'import json,sys; print(" ".join(json.load(open(sys.arg
   build/cluster/demo/state.json); do
   "$kvf" stats --node "$node" | head -4
 done
-echo "==== summary: build/cluster/demo/e2e/summary.json; plots: build/cluster/demo/e2e/ttft_cdf.png," \
-  "build/cluster/demo/e2e/throughput.png; records: build/cluster/demo/e2e/records.csv"
+plots="not drawn (gnuplot missing or failed)"
+if [ -s build/cluster/demo/e2e/ttft_cdf.png ]; then
+  plots="build/cluster/demo/e2e/ttft_cdf.png, build/cluster/demo/e2e/throughput.png"
+fi
+echo "==== summary: build/cluster/demo/e2e/summary.json; plots: $plots;" \
+  "records: build/cluster/demo/e2e/records.csv"
 # The verdict again, last: each target judged on the median of the repetitions' ratios.
 python3 - build/cluster/demo/e2e/summary.json <<'EOF'
 import json, sys
