@@ -58,14 +58,15 @@ typedef struct opts {
 #define ROUNDS_MAX 11
 #define BENCH_NS   STORE_NS
 
-/* The ceiling's configurations: every write size at one stream and at kvfabric's stream count. */
+/* The ceiling's configurations: every write size at one stream, and at kvfabric's stream count
+ * with a thread per stream and side or one polling thread per side. */
 #define N_WRITES  3
-#define N_CEILING (2 * N_WRITES)
+#define N_CEILING (3 * N_WRITES)
 static const size_t ceiling_writes[N_WRITES] = {64u << 10, 1u << 20, 16u << 20};
 
 /* One round's rates, GB/s. */
 typedef struct round_fig {
-    double grid[N_CEILING]; /* the ceiling at each configuration (i < N_WRITES: one stream) */
+    double grid[N_CEILING]; /* the ceiling at each configuration (cfg_streams, cfg_polled) */
     int best;               /* the configuration with the highest */
     double cb[5]; /* the best configuration just before, between and after the kvfabric rates */
     double kg16, kg64, kp16, kp64; /* kvfabric GET/PUT, 16 MiB and 64 KiB objects, in that order */
@@ -141,6 +142,11 @@ static int cfg_streams(const opts *o, int i)
     return i < N_WRITES ? 1 : o->streams;
 }
 
+static int cfg_polled(int i)
+{
+    return i >= 2 * N_WRITES;
+}
+
 static size_t cfg_write(int i)
 {
     return ceiling_writes[i % N_WRITES];
@@ -151,7 +157,7 @@ static void ceiling_grid(const opts *o, double secs, round_fig *f)
 {
     f->best = 0;
     for (int i = 0; i < N_CEILING; i++) {
-        f->grid[i] = tcp_ceiling(cfg_streams(o, i), cfg_write(i), secs);
+        f->grid[i] = tcp_ceiling(cfg_streams(o, i), cfg_write(i), cfg_polled(i), secs);
         if (f->grid[i] > f->grid[f->best])
             f->best = i;
     }
@@ -169,13 +175,15 @@ static int kvf_rates(const opts *o, kvf_client *cl, workload *small, workload *l
     int errors = 0;
     for (int i = 0; i < 4; i++) {
         if (o)
-            f->cb[i] = tcp_ceiling(cfg_streams(o, f->best), cfg_write(f->best), secs);
+            f->cb[i] =
+                tcp_ceiling(cfg_streams(o, f->best), cfg_write(f->best), cfg_polled(f->best), secs);
         int e;
         *rate[i] = kvf_rate(cl, w[i], i >= 2, secs, &e);
         errors += e;
     }
     if (o)
-        f->cb[4] = tcp_ceiling(cfg_streams(o, f->best), cfg_write(f->best), secs);
+        f->cb[4] =
+            tcp_ceiling(cfg_streams(o, f->best), cfg_write(f->best), cfg_polled(f->best), secs);
     return errors;
 }
 
@@ -328,7 +336,8 @@ static void lookup_latency(const opts *o, uint16_t port, tcp_run *run)
 /* Per-round values of the run's figures, in one table: rates (GB/s) and ratios. */
 enum {
     F_C1,   /* the best one-stream ceiling of the grid */
-    F_CN,   /* the best N-stream ceiling of the grid */
+    F_CN,   /* the best N-stream ceiling of the grid, a thread per stream and side */
+    F_CP,   /* the best N-stream ceiling of the grid, one polling thread per side */
     F_CEIL, /* the best of the grid */
     F_KG64,
     F_KP64,
@@ -356,6 +365,7 @@ enum {
 static const char *const fig_keys[N_FIG] = {
     [F_C1] = "tcp_ceiling_1stream_gbps",
     [F_CN] = "tcp_ceiling_nstream_gbps",
+    [F_CP] = "tcp_ceiling_nstream_polled_gbps",
     [F_CEIL] = "tcp_ceiling_gbps",
     [F_KG64] = "kvf_get_64k_gbps",
     [F_KP64] = "kvf_put_64k_gbps",
@@ -384,7 +394,7 @@ static void round_values(const opts *o, const round_fig *f, int redis, double v[
 {
     memset(v, 0, N_FIG * sizeof *v);
     for (int i = 0; i < N_CEILING; i++) {
-        int k = cfg_streams(o, i) == 1 && i < N_WRITES ? F_C1 : F_CN;
+        int k = i < N_WRITES ? F_C1 : cfg_polled(i) ? F_CP : F_CN;
         v[k] = MAX2(v[k], f->grid[i]);
     }
     v[F_CEIL] = f->grid[f->best];
@@ -450,8 +460,9 @@ static void rate_row(const char *what, const bench_spread s[N_FIG], int rate, in
 static void print_rates(const opts *o, const tcp_run *run, const bench_spread s[N_FIG])
 {
     printf("  %-24s %6.2f GB/s (best of 64 KiB, 1 MiB and 16 MiB writes; 1 stream %.2f, %d "
-           "streams %.2f)\n",
-           "TCP ceiling", s[F_CEIL].median, s[F_C1].median, o->streams, s[F_CN].median);
+           "streams %.2f, %d streams polled by 2 threads %.2f)\n",
+           "TCP ceiling", s[F_CEIL].median, s[F_C1].median, o->streams, s[F_CN].median, o->streams,
+           s[F_CP].median);
     rate_row("kvf GET 256 x 64 KiB", s, F_KG64, F_GC64, F_GR64);
     rate_row("kvf PUT 256 x 64 KiB", s, F_KP64, F_PC64, F_PR64);
     rate_row("kvf GET 4 x 16 MiB", s, F_KG16, F_GC16, F_GR16);
@@ -497,16 +508,17 @@ static void print_tcp(const opts *o, const tcp_run *run, const bench_spread s[N_
 /* The rates as bars to png (Redis's where it ran); says so on stdout once written. */
 static void plot_tcp(const char *png, int redis_ok, const bench_spread s[N_FIG])
 {
-    const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams", "kvf GET 256x64K",
-                            "kvf PUT 256x64K",      "kvf GET 4x16M",         "kvf PUT 4x16M",
-                            "redis GET 256x64K",    "redis SET 256x64K",     "redis GET 4x16M",
-                            "redis SET 4x16M"};
-    const int idx[] = {F_C1, F_CN, F_KG64, F_KP64, F_KG16, F_KP16, F_RG64, F_RS64, F_RG16, F_RS16};
-    double vals[10];
-    for (int i = 0; i < 10; i++)
+    const char *labels[] = {"TCP ceiling 1 stream", "TCP ceiling N streams", "TCP ceiling N polled",
+                            "kvf GET 256x64K",      "kvf PUT 256x64K",       "kvf GET 4x16M",
+                            "kvf PUT 4x16M",        "redis GET 256x64K",     "redis SET 256x64K",
+                            "redis GET 4x16M",      "redis SET 4x16M"};
+    const int idx[] = {F_C1,   F_CN,   F_CP,   F_KG64, F_KP64, F_KG16,
+                       F_KP16, F_RG64, F_RS64, F_RG16, F_RS16};
+    double vals[11];
+    for (int i = 0; i < 11; i++)
         vals[i] = s[idx[i]].median;
-    int groups[] = {0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
-    size_t n = redis_ok ? 10 : 6;
+    int groups[] = {0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2};
+    size_t n = redis_ok ? 11 : 7;
     if (bench_plot_bars(
             png, "kvf-bench store: loopback TCP, real (ceiling grey, kvfabric blue, Redis red)",
             "GB/s", labels, vals, groups, n) == 0)

@@ -52,9 +52,11 @@ int lookup_under_load(uint16_t port, int clients, int raw, double secs, lookup_r
 /* The same LOOKUP frame over one blocking socket, iters times, nothing else running: lat (us). */
 int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat);
 
-/* The TCP ceiling: GB/s of `streams` concurrent loopback streams of blocking writes of
- * `write_bytes` each, over secs. 0 where the sockets cannot be made. */
-double tcp_ceiling(int streams, size_t write_bytes, double secs);
+/* The TCP ceiling: GB/s of `streams` concurrent loopback streams of writes of `write_bytes` each,
+ * over secs: a sending and a receiving thread per stream (blocking calls), or, polled, one thread
+ * sending on every stream and one receiving from every stream (poll(), as kvf-store's loop and the
+ * client's I/O thread do). 0 where the sockets or threads cannot be made. */
+double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
 
 /* Redis with `conns` connections (kvfabric's connection count), for the same batches. */
 typedef struct redis_peer redis_peer;
