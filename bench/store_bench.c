@@ -433,6 +433,14 @@ static void summarize(const opts *o, const tcp_run *run, json_t *res, bench_spre
         s[i] = res ? bench_json_rounds(res, fig_keys[i], v[i], (size_t)o->rounds)
                    : bench_spread_of(v[i], (size_t)o->rounds);
     }
+    /* The headline rates, the smaller object size's (what kvf classify --calibrate reads, as from
+     * an RDMA run's JSON). */
+    if (res) {
+        json_object_set_new(res, "kvf_get_gbps",
+                            json_real(MIN2(s[F_KG64].median, s[F_KG16].median)));
+        json_object_set_new(res, "kvf_put_gbps",
+                            json_real(MIN2(s[F_KP64].median, s[F_KP16].median)));
+    }
 }
 
 /* MiB of a size such as --memory's ("1G", "512M", or bytes); 0 where it does not read as one. */
