@@ -4,6 +4,7 @@
  *   kvf-store [--listen HOST:PORT] [--memory SIZE] [--threads N] [--evict lru|s3fifo]
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
+ *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
  * once it accepts connections; SIGTERM and SIGINT stop it cleanly.
@@ -53,10 +54,17 @@ static void usage(FILE *f)
         "  --no-prefault         do not touch the arena's pages at start\n"
         "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
         "  --node N              this store's number in kvf-sched's --store-events (default 0)\n"
+        "  --peer HOST:PORT      a storage node COPY may push to (repeat for each; without\n"
+        "                        any, COPY is refused)\n"
+        "  --copy-workers N      threads that run COPYs (default 2)\n"
+        "  --copy-queue N        COPYs that may wait for a worker; more are refused as busy\n"
+        "                        (default 16)\n"
         "  --rdma off|auto|HOST:PORT\n"
         "                        serve RDMA descriptors over rdma_cm: auto (default) where this\n"
         "                        host has a device, on the listen address and a free port\n");
 }
+
+#define STORE_MAX_PEERS 256
 
 /* The daemon's settings: the command line's, over the defaults of store_cfg_default(). */
 typedef struct store_cfg {
@@ -67,6 +75,9 @@ typedef struct store_cfg {
     long threads, max_entries, node;
     const char *evict, *poller, *events, *rdma;
     int verify, lock_memory, prefault;
+    const char *peers[STORE_MAX_PEERS]; /* --peer */
+    size_t n_peers;
+    long copy_workers, copy_queue;
     kvf_log lg;
 } store_cfg;
 
@@ -125,6 +136,29 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
             fprintf(stderr, "kvf-store: --node: %s is not in 0..255\n", v);
             return 2;
         }
+    } else if (!strcmp(a, "--peer")) {
+        char host[256];
+        uint16_t port;
+        if (kvf__addr_parse(v, host, sizeof host, &port) != 0 || port == 0) {
+            fprintf(stderr, "kvf-store: --peer: expected HOST:PORT, got \"%s\"\n", v);
+            return 2;
+        }
+        if (cfg->n_peers == STORE_MAX_PEERS) {
+            fprintf(stderr, "kvf-store: --peer: at most %d peers\n", STORE_MAX_PEERS);
+            return 2;
+        }
+        cfg->peers[cfg->n_peers++] = v;
+    } else if (!strcmp(a, "--copy-workers") || !strcmp(a, "--copy-queue")) {
+        char *end = NULL;
+        long n = strtol(v, &end, 10);
+        if (end == v || *end || n < 1 || n > 1024) {
+            fprintf(stderr, "kvf-store: %s: %s is not a number in 1..1024\n", a, v);
+            return 2;
+        }
+        if (!strcmp(a, "--copy-workers"))
+            cfg->copy_workers = n;
+        else
+            cfg->copy_queue = n;
     } else if (!strcmp(a, "--poller")) {
         cfg->poller = v;
     } else if (!strcmp(a, "--log-level")) {
@@ -223,6 +257,10 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf_server **srv)
         .poller = cfg->poller,
         .node_id = (uint64_t)getpid(),
         .rdma = cfg->rdma,
+        .copy_peers = cfg->peers,
+        .n_copy_peers = cfg->n_peers,
+        .copy_workers = (int)cfg->copy_workers,
+        .copy_queue = (int)cfg->copy_queue,
         .cache = cache,
         .log = &cfg->lg,
     };

@@ -18,6 +18,9 @@
 
 typedef struct kvf_server kvf_server;
 
+/* The longest a COPY may take to push its objects: a request asking for more gets this. */
+#define KVF_COPY_MAX_DEADLINE_MS 30000
+
 typedef struct kvf_server_opts {
     const char *host;     /* listen address; NULL: 127.0.0.1 */
     uint16_t port;        /* 0: any free port */
@@ -30,6 +33,12 @@ typedef struct kvf_server_opts {
     /* RDMA: NULL or "off": none; "auto": on the listen address, any free port, where this host
      * has a device (otherwise none, with the reason logged); "HOST:PORT": there, or fail. */
     const char *rdma;
+    /* COPY: the only targets it may push to ("HOST:PORT" as the requests name them; none: COPY is
+     * refused), its worker threads (0: 2) and the jobs that may wait for one (0: 16). */
+    const char *const *copy_peers;
+    size_t n_copy_peers;
+    int copy_workers;
+    int copy_queue;
     kvf_cache *cache;   /* borrowed; must outlive the server */
     const kvf_log *log; /* borrowed; may be NULL */
 } kvf_server_opts;

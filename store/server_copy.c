@@ -1,10 +1,13 @@
 /*
  * COPY on the storage node's server: the objects named are pushed to another node with the client
- * library, by a short-lived worker thread of the request's own, so the loop never waits on another
- * node. The request takes a read reference on each hit, which the worker drops once the target
- * answered; the worker posts the reply to the loop's inbox (server_inbox.c), and the loop sends it
- * if the connection is still open. A connection with a COPY outstanding is not destroyed by its own
- * closing.
+ * library, by one of a small pool of worker threads, so the loop never waits on another node. Only
+ * the peers the node was configured with may be targets (a COPY to anywhere else is KVF_EACCES),
+ * a request's deadline is capped at KVF_COPY_MAX_DEADLINE_MS, and at most copy_queue jobs wait for
+ * a worker (more are KVF_EBUSY at once). The request takes a read reference on each hit, which the
+ * worker drops once the target answered; the worker posts the reply to the loop's inbox
+ * (server_inbox.c), and the loop sends it if the connection is still open. A connection with a
+ * COPY outstanding is not destroyed by its own closing. Closing the server drops the queued jobs
+ * and joins the workers before any connection or loop is freed.
  */
 #include "server_int.h"
 
@@ -19,6 +22,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+
+#define COPY_WORKERS_DEFAULT     2
+#define COPY_QUEUE_DEFAULT       16
+#define COPY_DEADLINE_DEFAULT_MS 10000
 
 /* A COPY's state, handed to its worker. The worker owns it and frees it. */
 typedef struct copy_job {
@@ -37,7 +45,26 @@ typedef struct copy_job {
     int *status;
     deferred *done; /* the inbox entry that carries the reply back: taken with the job, so that
                      * the connection always learns its COPY ended */
+    struct copy_job *next; /* in the pool's queue */
 } copy_job;
+
+/* A configured target. */
+typedef struct copy_peer {
+    char host[256];
+    uint16_t port;
+} copy_peer;
+
+struct kvf__copy_pool {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    copy_job *head, *tail; /* waiting for a worker */
+    int queued, queue_max;
+    int stop;
+    pthread_t *th;
+    int nth, nth_max; /* started, wanted */
+    copy_peer *peers;
+    size_t n_peers;
+};
 
 /* Frees j and its arrays. */
 static void copy_job_free(copy_job *j)
@@ -70,11 +97,29 @@ static copy_job *copy_job_new(uint32_t n)
     return j;
 }
 
+/* A push in flight: its completion wakes the worker that waits on the pool. */
+typedef struct copy_wait {
+    kvf__copy_pool *p;
+    int done;
+} copy_wait;
+
+static void copy_done(kvf_op *op, int status, void *ud)
+{
+    (void)op, (void)status;
+    copy_wait *w = ud;
+    pthread_mutex_lock(&w->p->mu);
+    w->done = 1;
+    pthread_cond_broadcast(&w->p->cv);
+    pthread_mutex_unlock(&w->p->mu);
+}
+
 /* Puts j's hits to its target with a client of its own; misses keep their status (KVF_ENOENT).
  * The hits are moved to the front of j's arrays, *hits says how many, and *hst gets the target's
- * status for each (caller frees; may be NULL on failure). Returns the client's result, with a line
- * of context in err. */
-static int copy_push(copy_job *j, uint32_t *hits, int **hst, char *err, size_t errlen)
+ * status for each (caller frees; may be NULL on failure). The worker waits for the push or for the
+ * pool to stop, which cancels it (KVF_ECANCELED): a closing server never waits out a deadline.
+ * Returns the client's result, with a line of context in err. */
+static int copy_push(kvf__copy_pool *p, copy_job *j, uint32_t *hits, int **hst, char *err,
+                     size_t errlen)
 {
     const char *nodes[1] = {j->addr};
     kvf_client_opts co = {
@@ -99,13 +144,28 @@ static int copy_push(copy_job *j, uint32_t *hits, int **hst, char *err, size_t e
     *hits = h;
     *hst = calloc(h ? h : 1, sizeof **hst);
     if (!rc && h && *hst) {
+        copy_wait w = {.p = p};
         kvf_batch b = {.n = h,
                        .keys = j->keys,
                        .objs = j->objs,
                        .lens = j->lens,
                        .status = *hst,
-                       .deadline_ms = j->deadline_ms};
-        rc = kvf_client_put(cl, &b);
+                       .deadline_ms = j->deadline_ms,
+                       .cb = copy_done,
+                       .ud = &w};
+        kvf_op *op = NULL;
+        rc = kvf_client_put_async(cl, &b, &op);
+        if (!rc) {
+            pthread_mutex_lock(&p->mu);
+            while (!w.done && !p->stop)
+                pthread_cond_wait(&p->cv, &p->mu);
+            int done = w.done;
+            pthread_mutex_unlock(&p->mu);
+            if (!done)
+                kvf_client_close(&cl); /* fails the push with KVF_ECANCELED, calling copy_done */
+            rc = kvf_op_wait(op);
+            kvf_op_free(&op);
+        }
     } else if (!rc && !*hst) {
         rc = KVF_ENOMEM;
     }
@@ -140,15 +200,24 @@ static out_msg *copy_reply(const copy_job *j, int rc, const char *err, const int
     return m;
 }
 
-/* A COPY's thread: pushes, drops the hits' references, posts the reply and frees the job. */
-static void *copy_worker(void *arg)
+/* Drops the read references j took on its hits. */
+static void copy_release_refs(kvf_server *s, const copy_job *j)
 {
-    copy_job *j = arg;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < j->n; i++)
+        if (!j->status[i])
+            kvf__cache_release_locked(s->o.cache, j->eids[i]);
+    kvf__cache_unlock(s->o.cache);
+}
+
+/* Runs j: pushes, drops the hits' references, posts the reply and frees the job. */
+static void copy_run(copy_job *j)
+{
     kvf_server *s = j->srv;
     char err[256] = "";
     uint32_t h = 0;
     int *hst = NULL;
-    int rc = copy_push(j, &h, &hst, err, sizeof err);
+    int rc = copy_push(s->copy, j, &h, &hst, err, sizeof err);
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < h; i++)
         kvf__cache_release_locked(s->o.cache, j->eids[i]);
@@ -157,35 +226,133 @@ static void *copy_worker(void *arg)
     j->done = NULL;
     free(hst);
     copy_job_free(j);
-    atomic_fetch_sub(&s->jobs, 1);
+}
+
+/* A worker of the pool: runs queued jobs until the pool stops. */
+static void *copy_worker(void *arg)
+{
+    kvf__copy_pool *p = arg;
+    pthread_mutex_lock(&p->mu);
+    for (;;) {
+        while (!p->stop && !p->head)
+            pthread_cond_wait(&p->cv, &p->mu);
+        if (p->stop)
+            break;
+        copy_job *j = p->head;
+        p->head = j->next;
+        if (!p->head)
+            p->tail = NULL;
+        p->queued--;
+        pthread_mutex_unlock(&p->mu);
+        copy_run(j);
+        pthread_mutex_lock(&p->mu);
+    }
+    pthread_mutex_unlock(&p->mu);
     return NULL;
 }
 
-/* Starts j's worker, detached; from then on the worker owns j. On failure c gets KVF_EAGAIN, j's
- * references are dropped and j stays the caller's. Returns 0 or KVF_EAGAIN. */
+/* Queues j for a worker, starting the workers the first time; from then on the pool owns j. On
+ * failure c gets the error (KVF_EBUSY: the queue is full; KVF_EAGAIN: no worker could start),
+ * j's references are dropped and j stays the caller's. Returns 0 or that error. */
 static int copy_start(conn *c, copy_job *j)
 {
     kvf_server *s = c->lp->srv;
+    kvf__copy_pool *p = s->copy;
     int rc = 0;
-    pthread_t th;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    atomic_fetch_add(&s->jobs, 1);
-    c->pending_jobs++;
-    if (pthread_create(&th, &attr, copy_worker, j) != 0) {
-        atomic_fetch_sub(&s->jobs, 1);
-        c->pending_jobs--;
-        kvf__cache_lock(s->o.cache);
-        for (uint32_t i = 0; i < j->n; i++)
-            if (!j->status[i])
-                kvf__cache_release_locked(s->o.cache, j->eids[i]);
-        kvf__cache_unlock(s->o.cache);
-        kvf__reply_error(c, KVF_EAGAIN, 0, "copy: cannot start a worker thread");
+    pthread_mutex_lock(&p->mu);
+    while (p->nth < p->nth_max && !p->stop &&
+           pthread_create(&p->th[p->nth], NULL, copy_worker, p) == 0)
+        p->nth++;
+    if (p->stop || p->nth == 0) {
         rc = KVF_EAGAIN;
+    } else if (p->queued >= p->queue_max) {
+        rc = KVF_EBUSY;
+    } else {
+        j->next = NULL;
+        if (p->tail)
+            p->tail->next = j;
+        else
+            p->head = j;
+        p->tail = j;
+        p->queued++;
+        c->pending_jobs++;
+        pthread_cond_broadcast(&p->cv); /* workers waiting on a push share the condition */
     }
-    pthread_attr_destroy(&attr);
+    int queued = p->queued;
+    pthread_mutex_unlock(&p->mu);
+    if (rc) {
+        copy_release_refs(s, j);
+        if (rc == KVF_EBUSY)
+            kvf__reply_error(c, rc, 0, "copy: %d copies already wait for a worker; try again later",
+                             queued);
+        else
+            kvf__reply_error(c, rc, 0, "copy: no worker thread could start");
+    }
     return rc;
+}
+
+/* Whether the node was configured with the target addr (host compared without case). */
+static int copy_peer_known(const kvf__copy_pool *p, const char *host, uint16_t port)
+{
+    for (size_t i = 0; i < p->n_peers; i++)
+        if (p->peers[i].port == port && !strcasecmp(p->peers[i].host, host))
+            return 1;
+    return 0;
+}
+
+int kvf__copy_pool_open(kvf_server *s, char *err, size_t errlen)
+{
+    kvf__copy_pool *p = calloc(1, sizeof *p);
+    if (!p)
+        return KVF_ENOMEM;
+    s->copy = p;
+    pthread_mutex_init(&p->mu, NULL);
+    pthread_cond_init(&p->cv, NULL);
+    p->nth_max = s->o.copy_workers > 0 ? s->o.copy_workers : COPY_WORKERS_DEFAULT;
+    p->queue_max = s->o.copy_queue > 0 ? s->o.copy_queue : COPY_QUEUE_DEFAULT;
+    p->th = calloc((size_t)p->nth_max, sizeof *p->th);
+    p->peers = calloc(s->o.n_copy_peers ? s->o.n_copy_peers : 1, sizeof *p->peers);
+    if (!p->th || !p->peers)
+        return KVF_ENOMEM;
+    for (size_t i = 0; i < s->o.n_copy_peers; i++) {
+        const char *a = s->o.copy_peers[i];
+        if (!a ||
+            kvf__addr_parse(a, p->peers[i].host, sizeof p->peers[i].host, &p->peers[i].port) != 0) {
+            snprintf(err, errlen, "copy peer: expected HOST:PORT, got \"%s\"", a ? a : "");
+            return KVF_EINVAL;
+        }
+        p->n_peers++;
+    }
+    s->o.copy_peers = NULL; /* the caller's strings are not kept */
+    return 0;
+}
+
+void kvf__copy_pool_close(kvf_server *s)
+{
+    kvf__copy_pool *p = s->copy;
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->mu);
+    p->stop = 1;
+    copy_job *q = p->head;
+    p->head = p->tail = NULL;
+    p->queued = 0;
+    pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    for (int i = 0; i < p->nth; i++)
+        pthread_join(p->th[i], NULL);
+    while (q) { /* never started: their connections are closed with the server */
+        copy_job *next = q->next;
+        copy_release_refs(s, q);
+        copy_job_free(q);
+        q = next;
+    }
+    pthread_mutex_destroy(&p->mu);
+    pthread_cond_destroy(&p->cv);
+    free(p->th);
+    free(p->peers);
+    free(p);
+    s->copy = NULL;
 }
 
 void kvf__req_copy(conn *c)
@@ -208,13 +375,22 @@ void kvf__req_copy(conn *c)
         kvf__reply_error(c, KVF_EINVAL, 0, "copy: bad target address \"%s\"", j->addr);
         goto out_free_job;
     }
+    if (!copy_peer_known(s->copy, host, port)) {
+        kvf__reply_error(c, KVF_EACCES, 0,
+                         "copy: %s is not a peer of this node (kvf-store --peer HOST:PORT names "
+                         "the nodes COPY may push to)",
+                         j->addr);
+        goto out_free_job;
+    }
     j->srv = s;
     j->lp = c->lp;
     j->conn_id = c->id;
     j->h = c->h;
     j->ns = kvf__get_u64(c->rbuf);
     j->n = n;
-    j->deadline_ms = deadline_ms ? (int)deadline_ms : 10000;
+    j->deadline_ms = !deadline_ms                             ? COPY_DEADLINE_DEFAULT_MS
+                     : deadline_ms > KVF_COPY_MAX_DEADLINE_MS ? KVF_COPY_MAX_DEADLINE_MS
+                                                              : (int)deadline_ms;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         j->keys[i] = kvf__wire_key_get(keys + 16 * (size_t)i);

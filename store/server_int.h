@@ -51,6 +51,7 @@ typedef struct put_item {
 } put_item;
 
 typedef struct loop loop;
+typedef struct kvf__copy_pool kvf__copy_pool;
 
 /* Read references an RDMA_GET handed out as descriptors: held until RDMA_RELEASE, the lease's
  * end, or the connection's. */
@@ -121,7 +122,7 @@ struct kvf_server {
     int nloops;
     atomic_int stopping;
     atomic_uint_fast64_t next_conn_id;
-    atomic_int jobs;       /* COPY workers running */
+    kvf__copy_pool *copy;  /* COPY's workers and queue (server_copy.c) */
     atomic_uint next_loop; /* the loop the next accepted connection goes to */
     /* counters */
     atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
@@ -215,6 +216,13 @@ void kvf__req_stats(conn *c);
 
 /* server_copy.c: COPY, run by a worker thread that posts its reply to the loop's inbox. */
 void kvf__req_copy(conn *c);
+/* COPY's worker pool, made with the server (its threads start with the first COPY): 0, or
+ * KVF_EINVAL (a peer that is not HOST:PORT, said in err) or KVF_ENOMEM. */
+int kvf__copy_pool_open(kvf_server *s, char *err, size_t errlen);
+/* Stops the pool: jobs still queued are dropped (their references released), the running ones
+ * end within their deadline (at most KVF_COPY_MAX_DEADLINE_MS) and every worker is joined. Before
+ * the connections and loops are freed: a worker posts to its loop's inbox. */
+void kvf__copy_pool_close(kvf_server *s);
 
 /* server_recode.c: COMPRESS and DECOMPRESS, re-encoding each object on the loop thread. */
 void kvf__req_recode(conn *c);

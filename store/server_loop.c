@@ -236,6 +236,8 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
     for (int i = 0; i < s->nloops; i++)
         if ((rc = loop_init(s, i, o->poller, err, errlen)))
             goto out_close;
+    if ((rc = kvf__copy_pool_open(s, err, errlen)))
+        goto out_close;
     *out = s;
     return 0;
 
@@ -285,9 +287,8 @@ void kvf__server_close(kvf_server **sp)
         return;
     kvf_server *s = *sp;
     atomic_store(&s->stopping, 1);
-    /* COPY workers finish within their deadline; wait for them so none touches freed state. */
-    for (int i = 0; i < 600 && atomic_load(&s->jobs) > 0; i++)
-        usleep(50000);
+    /* COPY's workers end within their capped deadline and are joined: none touches freed state. */
+    kvf__copy_pool_close(s);
     for (int i = 0; s->loops && i < s->nloops; i++) {
         loop *lp = &s->loops[i];
         while (lp->conns)

@@ -12,6 +12,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -498,8 +499,10 @@ static void test_daemon_copy_between_nodes(void **state)
 {
     (void)state;
     daemon_t d[2];
-    daemon_start(&d[0], "32M", NULL);
     daemon_start(&d[1], "32M", NULL);
+    char peer[96];
+    snprintf(peer, sizeof peer, "--peer %s", d[1].addr);
+    daemon_start(&d[0], "32M", peer);
     kvf_client *a = client_open(&d[0], 1, 5000);
     kvf_client *b = client_open(&d[1], 1, 5000);
     assert_int_equal(put_range(a, 0, 50, SEG, 0, NULL), 50);
@@ -516,6 +519,12 @@ static void test_daemon_copy_between_nodes(void **state)
     /* Copying again finds them present. */
     assert_int_equal(kvf_client_copy(a, 0, d[1].addr, 5, keys, st, 10000), 0);
     assert_int_equal(st[0], KVF_EEXIST);
+    /* Only a configured peer is a target: anything else is refused before any connection. */
+    assert_int_equal(kvf_client_copy(a, 0, "127.0.0.1:1", 5, keys, st, 10000), 0);
+    assert_int_equal(st[0], KVF_EACCES);
+    assert_int_equal(st[4], KVF_EACCES);
+    assert_int_equal(kvf_client_copy(a, 0, "localhost:1", 5, keys, st, 10000), 0);
+    assert_int_equal(st[0], KVF_EACCES);
     /* A dead target fails the copy with a clear status, and the source keeps serving. */
     daemon_stop(&d[1]);
     int rc = kvf_client_copy(a, 0, d[1].addr, 5, keys, st, 3000);
@@ -525,6 +534,80 @@ static void test_daemon_copy_between_nodes(void **state)
     kvf_client_close(&a);
     kvf_client_close(&b);
     daemon_stop(&d[0]);
+}
+
+/* A COPY from its own client, for a thread. */
+typedef struct copy_arg {
+    daemon_t *d;
+    const char *target;
+    const kvf_key *keys;
+    int rc;
+} copy_arg;
+
+static void *copy_thread(void *p)
+{
+    copy_arg *a = p;
+    kvf_client *c = client_open(a->d, 1, 60000);
+    int st[4] = {0};
+    a->rc = kvf_client_copy(c, 0, a->target, 4, a->keys, st, 60000);
+    if (!a->rc)
+        a->rc = st[0];
+    kvf_client_close(&c);
+    return NULL;
+}
+
+/* COPY runs on a bounded pool: with one worker and a queue of one, a target that never answers
+ * holds the worker and the queue, further COPYs are refused at once (KVF_EBUSY) while the node
+ * serves everything else, and SIGTERM stops the node promptly and cleanly however long the
+ * client asked the COPY to wait (the node used to start a thread per COPY, with the client's
+ * deadline, and free the server after 30 s while they still ran). */
+static void test_daemon_copy_workers_are_bounded(void **state)
+{
+    (void)state;
+    int l = socket(AF_INET, SOCK_STREAM, 0); /* a peer that accepts and never answers */
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    assert_true(l >= 0);
+    assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(l, 16), 0);
+    assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
+    char target[64], extra[160];
+    snprintf(target, sizeof target, "127.0.0.1:%u", ntohs(a.sin_port));
+    snprintf(extra, sizeof extra, "--peer %s --copy-workers 1 --copy-queue 1", target);
+    daemon_t d;
+    daemon_start(&d, "32M", extra);
+    kvf_client *c = client_open(&d, 1, 20000);
+    assert_int_equal(put_range(c, 0, 4, SEG, 0, NULL), 4);
+    kvf_key keys[4];
+    for (int i = 0; i < 4; i++)
+        keys[i] = key_of((uint64_t)i);
+    copy_arg ca[2] = {{.d = &d, .target = target, .keys = keys, .rc = -1},
+                      {.d = &d, .target = target, .keys = keys, .rc = -1}};
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++) {
+        assert_int_equal(pthread_create(&th[i], NULL, copy_thread, &ca[i]), 0);
+        usleep(300000);
+    }
+    /* One COPY holds the worker, one waits (or, where the worker had not yet taken the first,
+     * the second was refused): every further one is refused at once. */
+    int st[4];
+    for (int i = 0; i < 3; i++) {
+        double t0 = (kvf__now_ns() / 1e9);
+        assert_int_equal(kvf_client_copy(c, 0, target, 4, keys, st, 60000), 0);
+        assert_int_equal(st[0], KVF_EBUSY);
+        assert_int_equal(st[3], KVF_EBUSY);
+        assert_true((kvf__now_ns() / 1e9) - t0 < 5.0);
+    }
+    assert_int_equal(get_range(c, 0, 4, SEG, 0, 0, NULL), 4); /* the node serves the rest */
+    kvf_client_close(&c);
+    double t0 = (kvf__now_ns() / 1e9);
+    daemon_stop(&d); /* exit status 0 within 10 s, the running COPY cancelled */
+    assert_true((kvf__now_ns() / 1e9) - t0 < 8.0);
+    for (int i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        assert_true(ca[i].rc != 0 && ca[i].rc != -1); /* refused, cancelled or cut off */
+    }
+    close(l);
 }
 
 typedef struct worker_arg {
@@ -785,6 +868,7 @@ int main(void)
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_lease_expiry_and_clear, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_copy_between_nodes, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_copy_workers_are_bounded, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_concurrent_clients, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_bad_input_is_contained, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_deadline_and_dead_node, teardown_daemons),
