@@ -167,6 +167,13 @@ struct kvf__node {
     /* what HELLO said: capabilities and the RDMA port (0: none) */
     atomic_uint_fast64_t caps;
     atomic_uint rdma_port;
+    /* Health, shared by the engines (io.c): a request sent and not answered within its deadline
+     * marks the node down until down_until (ns; 0: up), for a backoff that doubles while it stays
+     * down; requests meanwhile fail at once (KVF_EHOSTUNREACH). Then one engine probes it with a
+     * HELLO of a short deadline on a fresh connection (probing), and its answer brings it up. */
+    atomic_uint_fast64_t down_until;
+    atomic_uint_fast64_t down_backoff;
+    atomic_int probing;
 };
 
 /* An I/O engine: a thread that owns its connections (conns per node) and drives them. */
@@ -221,6 +228,9 @@ void kvf__op_destroy(kvf_op *op);
 void kvf__op_finish(kvf_op *op, int result);
 /* 0, or KVF_EINVAL for a batch that cannot be sent as a get or put. */
 int kvf__op_validate(const kvf_batch *b, int kind);
+/* io.c: the node answered (a HELLO): up again, its backoff forgotten. */
+void kvf__node_mark_up(kvf__node *nd);
+
 /* Puts leave 1 ("reserved") on keys whose commit never ran: they become KVF_ETIMEDOUT. */
 void kvf__op_put_fixup(const kvf_batch *b);
 void kvf__req_free(kvf__req *r);

@@ -21,10 +21,57 @@
 
 #define BACKOFF_MIN_NS 100000000ull
 #define BACKOFF_MAX_NS 2000000000ull
+/* A node marked down: how long before it is probed, doubling while it stays down, and the
+ * probe's deadline. */
+#define NODE_DOWN_MIN_NS  200000000ull
+#define NODE_DOWN_MAX_NS  5000000000ull
+#define PROBE_DEADLINE_NS 1000000000ull
 
 static const char wake_byte = 'w';
 
-static int cn_connect(kvf__io *io, kvf__conn *cn);
+static int cn_connect(kvf__io *io, kvf__conn *cn, int probe);
+static void cn_reset(kvf__io *io, kvf__conn *cn, int status);
+
+/* The node did not answer a request in time (or a probe): down for a backoff that doubles while
+ * it stays down; the probe, if any, is over. */
+static void node_mark_down(kvf__node *nd)
+{
+    uint64_t b = atomic_load(&nd->down_backoff);
+    b = b ? b * 2 : NODE_DOWN_MIN_NS;
+    if (b > NODE_DOWN_MAX_NS)
+        b = NODE_DOWN_MAX_NS;
+    atomic_store(&nd->down_backoff, b);
+    atomic_store(&nd->down_until, kvf__now_ns() + b);
+    atomic_store(&nd->probing, 0);
+}
+
+void kvf__node_mark_up(kvf__node *nd)
+{
+    atomic_store(&nd->down_until, 0);
+    atomic_store(&nd->down_backoff, 0);
+    atomic_store(&nd->probing, 0);
+}
+
+/* Whether r may go to its node now. A node that is down fails it at once; once its backoff has
+ * passed, the first engine to ask probes it (a fresh connection whose HELLO has a short deadline)
+ * and fails r meanwhile too: a hung node costs the client one deadline, not one per request. */
+static int node_admits(kvf__io *io, kvf__req *r)
+{
+    kvf__conn *cn = r->cn;
+    kvf__node *nd = cn->nd;
+    uint64_t until = atomic_load(&nd->down_until);
+    if (!until)
+        return 1;
+    int idle = 0;
+    if (kvf__now_ns() >= until && atomic_compare_exchange_strong(&nd->probing, &idle, 1)) {
+        if (cn->state == KVF__CS_UP)
+            cn_reset(io, cn, KVF_EHOSTUNREACH); /* what it carried waited on the hung node */
+        if (cn_connect(io, cn, 1) != 0)
+            node_mark_down(nd);
+    }
+    kvf__req_fail(r, KVF_EHOSTUNREACH);
+    return 0;
+}
 
 /* Closes the connection and fails every request on it. */
 static void cn_reset(kvf__io *io, kvf__conn *cn, int status)
@@ -58,12 +105,14 @@ static void cn_reset(kvf__io *io, kvf__conn *cn, int status)
 static void cn_submit(kvf__io *io, kvf__req *r)
 {
     kvf__conn *cn = r->cn;
+    if (!node_admits(io, r))
+        return;
     if (cn->state == KVF__CS_DOWN) {
         if (kvf__now_ns() < cn->retry_at) {
             kvf__req_fail(r, KVF_ECONNREFUSED);
             return;
         }
-        if (cn_connect(io, cn) != 0) {
+        if (cn_connect(io, cn, 0) != 0) {
             kvf__req_fail(r, KVF_ECONNREFUSED);
             return;
         }
@@ -81,9 +130,19 @@ static void hello_done(kvf_op *op, int status, void *ud)
     free(ud);
 }
 
+static void op_activate(kvf__io *io, kvf_op *op)
+{
+    op->next_active = io->active;
+    op->prev_active = NULL;
+    if (io->active)
+        io->active->prev_active = op;
+    io->active = op;
+}
+
 /* Each connection opens with a HELLO that binds it to the client's namespace. It is pipelined:
- * requests queue behind it without waiting for its reply. */
-static void send_hello(kvf__io *io, kvf__conn *cn)
+ * requests queue behind it without waiting for its reply. A probe's HELLO has a deadline (its
+ * expiry marks the node down again); an ordinary one has none. */
+static void send_hello(kvf__io *io, kvf__conn *cn, int probe)
 {
     kvf_op *op = calloc(1, sizeof *op);
     int *st = calloc(1, sizeof *st);
@@ -114,11 +173,13 @@ static void send_hello(kvf__io *io, kvf__conn *cn)
     }
     op->reqs[0] = r;
     op->n_reqs = 1;
-    op->deadline_ns = UINT64_MAX;
+    op->deadline_ns = probe ? kvf__now_ns() + PROBE_DEADLINE_NS : UINT64_MAX;
+    if (probe)
+        op_activate(io, op);
     kvf__req_push(&cn->sq_head, &cn->sq_tail, r);
 }
 
-static int cn_connect(kvf__io *io, kvf__conn *cn)
+static int cn_connect(kvf__io *io, kvf__conn *cn, int probe)
 {
     char err[256];
     int fd;
@@ -145,18 +206,9 @@ static int cn_connect(kvf__io *io, kvf__conn *cn)
     }
     kvf__rd_next_frame(cn);
     kvf__io_count(io, 0, 0, 0, 0, 1);
-    send_hello(io, cn);
+    send_hello(io, cn, probe);
     kvf__cn_set_events(cn);
     return 0;
-}
-
-static void op_activate(kvf__io *io, kvf_op *op)
-{
-    op->next_active = io->active;
-    op->prev_active = NULL;
-    if (io->active)
-        io->active->prev_active = op;
-    io->active = op;
 }
 
 static kvf_op *first_expired(kvf__io *io, uint64_t t)
@@ -185,6 +237,7 @@ static void check_deadlines(kvf__io *io)
                 kvf__req_fail(r, KVF_ETIMEDOUT);
                 continue;
             }
+            node_mark_down(cn->nd); /* sent and not answered in time */
             cn_reset(io, cn, KVF_ETIMEDOUT);
         }
     }
@@ -402,7 +455,7 @@ int kvf__io_open(kvf_client *c, int conns, kvf__io **out, char *err, size_t errl
      * retried on demand. */
     for (size_t i = 0; i < c->n_nodes; i++)
         for (int k = 0; k < conns; k++)
-            if (cn_connect(io, &io->cn[i * (size_t)conns + k]) != 0)
+            if (cn_connect(io, &io->cn[i * (size_t)conns + k], 0) != 0)
                 break;
     if (pthread_create(&io->th, NULL, io_main, io) != 0) {
         rc = kvf__errf(err, errlen, KVF_EAGAIN, "cannot start the I/O thread");

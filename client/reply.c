@@ -83,6 +83,7 @@ static int rd_hello(kvf__conn *cn)
     atomic_store(&cn->nd->rdma_port, kvf__get_u32(r->rtab + 40) & 0xffffu);
     cn->state = KVF__CS_UP;
     cn->backoff = 0;
+    kvf__node_mark_up(cn->nd); /* it answers: a probe succeeded, or it never was down */
     reply_done(cn, r);
     return 0;
 }

@@ -801,10 +801,56 @@ static void test_daemon_deadline_and_dead_node(void **state)
     hits = get_range(c, 0, 60, SEG, 0, 0, st);
     size_t refused = 0;
     for (int i = 0; i < 60; i++)
-        refused += st[i] == KVF_ECONNREFUSED || st[i] == KVF_ECONNRESET;
+        refused +=
+            st[i] == KVF_ECONNREFUSED || st[i] == KVF_ECONNRESET || st[i] == KVF_EHOSTUNREACH;
     assert_int_equal(hits + refused, 60);
     assert_true(refused > 0);
     kvf_client_close(&c);
+    daemon_stop(&d[0]);
+}
+
+/* A node that hangs (SIGSTOP) costs the client one deadline, not one per request: the request
+ * that timed out marks it down, the next ones fail at once (KVF_EHOSTUNREACH) while the other node
+ * serves its keys, a probe with a short deadline runs in the background, and the node is used
+ * again once it answers (it used to cost every batch a whole deadline after each reconnect). */
+static void test_daemon_hung_node_costs_one_deadline(void **state)
+{
+    (void)state;
+    daemon_t d[2];
+    daemon_start(&d[0], "32M", NULL);
+    daemon_start(&d[1], "32M", NULL);
+    kvf_client *c = client_open(d, 2, 1000);
+    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    size_t on_live = 0;
+    for (uint64_t i = 0; i < 60; i++) {
+        kvf_key k = key_of(i);
+        on_live += kvf_client_node_of(c, &k) == 0;
+    }
+    assert_true(on_live > 0 && on_live < 60);
+    kill(d[1].pid, SIGSTOP);
+    int st[60];
+    uint64_t t0 = kvf__now_ns();
+    for (int round = 0; round < 10; round++) {
+        size_t hits = get_range(c, 0, 60, SEG, 0, 0, st);
+        assert_int_equal(hits, on_live); /* the live node's keys, every round */
+        for (int i = 0; i < 60; i++)
+            assert_true(st[i] == 0 || st[i] == KVF_ETIMEDOUT || st[i] == KVF_EHOSTUNREACH ||
+                        st[i] == KVF_ECONNREFUSED);
+        usleep(50000);
+    }
+    double secs = (double)(kvf__now_ns() - t0) / 1e9;
+    /* One deadline (1 s) and ten short rounds; without the node marked down each reconnect
+     * waited a deadline again: about 6 s here. */
+    assert_true(secs < 3.0);
+    kill(d[1].pid, SIGCONT);
+    size_t hits = 0;
+    for (int i = 0; i < 100 && hits < 60; i++) { /* back within 10 s, by the probe */
+        usleep(100000);
+        hits = get_range(c, 0, 60, SEG, 0, 0, st);
+    }
+    assert_int_equal(hits, 60);
+    kvf_client_close(&c);
+    daemon_stop(&d[1]);
     daemon_stop(&d[0]);
 }
 
@@ -872,6 +918,7 @@ int main(void)
         cmocka_unit_test_teardown(test_daemon_concurrent_clients, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_bad_input_is_contained, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_deadline_and_dead_node, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_hung_node_costs_one_deadline, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_compress_and_placement, teardown_daemons),
     };
     return cmocka_run_group_tests_name("store_daemon", tests, NULL, NULL);
