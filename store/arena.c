@@ -136,11 +136,6 @@ static uint64_t find_suitable(const kvf_arena *a, uint64_t size)
     return a->heads[fl][sl];
 }
 
-static inline uint64_t next_phys(const kvf_arena *a, uint64_t off)
-{
-    return off + bsize(B(a, off));
-}
-
 int kvf__arena_new(kvf_arena **out, void *base, uint64_t size)
 {
     *out = NULL;
