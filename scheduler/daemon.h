@@ -45,7 +45,8 @@ typedef struct kvf__sched_daemon {
     char pending_replay[KVF_SCHED_MAX_SUBS][128];
     int n_pending;
     kvf_ingest_stats ingest;
-    uint64_t seq_gaps, seq_missed, replayed;
+    uint64_t seq_gaps, seq_missed, seq_restarts; /* saturating */
+    uint64_t replayed;
     /* The HTTP thread's (http_api.c). */
     uint64_t placements, rejections;
     kvf__httpd *httpd;

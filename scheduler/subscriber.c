@@ -46,13 +46,13 @@ static void replay_locked(kvf__sched_daemon *d, int i, uint64_t from, uint64_t u
             break;
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
             break;
-        uint64_t seq = kvf__kve_seq_get(m.seq);
-        if (seq >= from && seq < upto) {
+        uint64_t off = kvf__kve_seq_get(m.seq) - from; /* modulo 2^64, as kvf_seq_check() */
+        if (off < upto - from) {
             char err[256] = "";
             kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
             got++;
         }
-        if (seq + 1 >= upto)
+        if (off + 1 >= upto - from && off < ((uint64_t)1 << 63))
             break;
     }
     d->replayed += got;
@@ -84,6 +84,11 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
     d->n_pending = 0;
 }
 
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
 /* One batch from publisher i: [topic,] sequence (8 bytes big-endian), payload. A gap in the
  * sequence asks the publisher's replay socket for what was missed first. Called with d->mu
  * held. */
@@ -96,13 +101,18 @@ static void on_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
                  sb->endpoint, m->frames);
         return;
     }
-    uint64_t from;
-    if (kvf_seq_check(&sb->seq, m->seq, &from)) {
+    uint64_t from = 0, missed = sb->seq.missed, last = sb->seq.last;
+    int v = kvf_seq_check(&sb->seq, m->seq, &from);
+    if (v == KVF_SEQ_RESTART) {
+        d->seq_restarts = add_sat(d->seq_restarts, 1);
+        kvf_warn(&d->lg,
+                 "events from %s: sequence number %" PRIu64 " after %" PRIu64
+                 ", taken for a restarted publisher; nothing asked for",
+                 sb->endpoint, sb->seq.last, last);
+    } else if (v == KVF_SEQ_GAP) {
         int replay = kvf__zsubs_has_replay(d->zs, i);
-        d->seq_gaps++;
-        d->seq_missed = 0;
-        for (int k = 0; k < d->n_subs; k++)
-            d->seq_missed += d->subs[k].seq.missed;
+        d->seq_gaps = add_sat(d->seq_gaps, 1);
+        d->seq_missed = add_sat(d->seq_missed, sb->seq.missed - missed);
         kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
                  sb->endpoint, from, sb->seq.last - 1,
                  replay ? "; asking the replay socket"
