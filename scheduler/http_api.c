@@ -287,7 +287,7 @@ static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
 typedef struct stats {
     kvf_index_stats index;
     kvf_ingest_stats ingest;
-    uint64_t gaps, missed, restarts, replayed, placements, rejections;
+    uint64_t gaps, missed, restarts, replayed, replay_timeouts, placements, rejections;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
     int subs;
@@ -302,6 +302,7 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->missed = d->seq_missed;
     st->restarts = d->seq_restarts;
     st->replayed = d->replayed;
+    st->replay_timeouts = d->replay_timeouts;
     st->placements = d->placements;
     st->rejections = d->rejections;
     st->instances = kvf_sched_instance_count(d->s);
@@ -322,7 +323,7 @@ static json_t *stats_json(const stats *st)
     const kvf_index_stats *x = &st->index;
     const kvf_ingest_stats *in = &st->ingest;
     return json_pack(
-        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
         counter(x->blocks), "holdings", counter(x->holdings), "events", counter(x->events),
         "unknown_removals", counter(x->unknown_removals), "bytes", counter(x->bytes), "batches",
         counter(in->batches), "blocks_stored", counter(in->stored), "blocks_removed",
@@ -330,7 +331,8 @@ static json_t *stats_json(const stats *st)
         "unknown_parents", counter(in->unknown_parents), "unknown_types",
         counter(in->unknown_types), "sequence_gaps", counter(st->gaps), "batches_missed",
         counter(st->missed), "sequence_restarts", counter(st->restarts), "batches_replayed",
-        counter(st->replayed), "subscriptions", st->subs, "instances", counter(st->instances));
+        counter(st->replayed), "replay_timeouts", counter(st->replay_timeouts), "subscriptions",
+        st->subs, "instances", counter(st->instances));
 }
 
 /* The counters in Prometheus's text format. */
