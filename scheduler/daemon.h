@@ -5,7 +5,8 @@
  * Lock order: there is one lock, mu. It serialises the scheduler core (not thread-safe) between
  * the HTTP thread and the events thread, and guards every field below that either thread writes
  * after startup, except stop. Functions named _locked expect it held, or run before the events
- * thread starts.
+ * thread starts. No thread waits on the network with mu held: the events thread asks a replay
+ * socket and waits for its answers without it (subscriber.c).
  */
 #ifndef KVF_SCHED_DAEMON_H
 #define KVF_SCHED_DAEMON_H
@@ -29,6 +30,10 @@ typedef struct kvf__sched_sub {
     char endpoint[128];
     char replay_ep[128];
     kvf_seq_tracker seq;
+    /* The replay socket's back-off, the events thread's alone (not under mu): it is not asked
+     * before replay_down_until_ns (CLOCK_MONOTONIC), set after a request got no answer. */
+    uint64_t replay_down_until_ns;
+    unsigned replay_backoff_ms; /* the last back-off; 0 once the socket answers */
 } kvf__sched_sub;
 
 typedef struct kvf__sched_daemon {
@@ -45,7 +50,8 @@ typedef struct kvf__sched_daemon {
     char pending_replay[KVF_SCHED_MAX_SUBS][128];
     int n_pending;
     kvf_ingest_stats ingest;
-    uint64_t seq_gaps, seq_missed, replayed;
+    uint64_t seq_gaps, seq_missed, seq_restarts; /* saturating */
+    uint64_t replayed, replay_timeouts;
     /* The HTTP thread's (http_api.c). */
     uint64_t placements, rejections;
     kvf__httpd *httpd;

@@ -287,7 +287,7 @@ static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
 typedef struct stats {
     kvf_index_stats index;
     kvf_ingest_stats ingest;
-    uint64_t gaps, missed, replayed, placements, rejections;
+    uint64_t gaps, missed, restarts, replayed, replay_timeouts, placements, rejections;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
     int subs;
@@ -300,7 +300,9 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->ingest = d->ingest;
     st->gaps = d->seq_gaps;
     st->missed = d->seq_missed;
+    st->restarts = d->seq_restarts;
     st->replayed = d->replayed;
+    st->replay_timeouts = d->replay_timeouts;
     st->placements = d->placements;
     st->rejections = d->rejections;
     st->instances = kvf_sched_instance_count(d->s);
@@ -309,20 +311,28 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     kvf__httpd_counts(d->httpd, &st->requests, &st->errors);
 }
 
+/* A counter as a JSON integer: JSON's are signed 64-bit, so a counter beyond INT64_MAX reads as
+ * INT64_MAX, never as a negative number. */
+static json_int_t counter(uint64_t v)
+{
+    return v > (uint64_t)INT64_MAX ? (json_int_t)INT64_MAX : (json_int_t)v;
+}
+
 static json_t *stats_json(const stats *st)
 {
     const kvf_index_stats *x = &st->index;
     const kvf_ingest_stats *in = &st->ingest;
     return json_pack(
-        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
-        (json_int_t)x->blocks, "holdings", (json_int_t)x->holdings, "events", (json_int_t)x->events,
-        "unknown_removals", (json_int_t)x->unknown_removals, "bytes", (json_int_t)x->bytes,
-        "batches", (json_int_t)in->batches, "blocks_stored", (json_int_t)in->stored,
-        "blocks_removed", (json_int_t)in->removed, "chunks", (json_int_t)in->chunks, "malformed",
-        (json_int_t)in->malformed, "unknown_parents", (json_int_t)in->unknown_parents,
-        "unknown_types", (json_int_t)in->unknown_types, "sequence_gaps", (json_int_t)st->gaps,
-        "batches_missed", (json_int_t)st->missed, "batches_replayed", (json_int_t)st->replayed,
-        "subscriptions", st->subs, "instances", (json_int_t)st->instances);
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
+        counter(x->blocks), "holdings", counter(x->holdings), "events", counter(x->events),
+        "unknown_removals", counter(x->unknown_removals), "bytes", counter(x->bytes), "batches",
+        counter(in->batches), "blocks_stored", counter(in->stored), "blocks_removed",
+        counter(in->removed), "chunks", counter(in->chunks), "malformed", counter(in->malformed),
+        "unknown_parents", counter(in->unknown_parents), "unknown_types",
+        counter(in->unknown_types), "sequence_gaps", counter(st->gaps), "batches_missed",
+        counter(st->missed), "sequence_restarts", counter(st->restarts), "batches_replayed",
+        counter(st->replayed), "replay_timeouts", counter(st->replay_timeouts), "subscriptions",
+        st->subs, "instances", counter(st->instances));
 }
 
 /* The counters in Prometheus's text format. */

@@ -78,18 +78,33 @@ int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payl
     return rc;
 }
 
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
 int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from)
 {
     uint64_t seq = kvf__kve_seq_get(seq8);
-    int gap = 0;
-    if (t->seen && seq > t->last + 1) {
-        *missing_from = t->last + 1;
-        t->gaps++;
-        t->missed += seq - t->last - 1;
-        gap = 1;
-    }
-    if (!t->seen || seq > t->last)
+    if (!t->seen) {
+        t->seen = 1;
         t->last = seq;
-    t->seen = 1;
-    return gap;
+        return KVF_SEQ_NEXT;
+    }
+    /* How far ahead of the last number this one is, modulo 2^64: a publisher that counts past
+     * 2^64 - 1 goes on from 0 without a gap, and one that goes backwards is a huge step ahead. */
+    uint64_t ahead = seq - t->last;
+    if (ahead <= 1) {
+        t->last = seq;
+        return KVF_SEQ_NEXT;
+    }
+    t->last = seq;
+    if (ahead - 1 > KVF_SEQ_MAX_GAP) {
+        t->restarts = add_sat(t->restarts, 1);
+        return KVF_SEQ_RESTART;
+    }
+    *missing_from = seq - (ahead - 1);
+    t->gaps = add_sat(t->gaps, 1);
+    t->missed = add_sat(t->missed, ahead - 1);
+    return KVF_SEQ_GAP;
 }

@@ -28,14 +28,30 @@ typedef struct kvf_ingest_stats {
 int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payload, size_t len,
                      kvf_ingest_stats *st, char *err, size_t errlen);
 
+/* A publisher's sequence numbers as seen so far. Counters saturate at UINT64_MAX; they never
+ * wrap. */
 typedef struct kvf_seq_tracker {
     uint64_t last;
     int seen;
-    uint64_t gaps, missed;
+    uint64_t gaps, missed; /* plausible gaps, and the batches they skipped */
+    uint64_t restarts;     /* numbers that went backwards or jumped beyond KVF_SEQ_MAX_GAP */
 } kvf_seq_tracker;
 
-/* Checks an 8-byte big-endian sequence number. Returns 1 and *missing_from when some were
- * skipped (a gap to recover through the replay socket), else 0. */
+/* The largest gap counted as batches missed (about 17 minutes of one batch a millisecond). A
+ * number further ahead than this is taken for a publisher that restarted or changed its
+ * numbering, as is one that goes backwards: the tracker starts again from it. */
+#define KVF_SEQ_MAX_GAP ((uint64_t)1 << 20)
+
+/* What kvf_seq_check() made of a sequence number. */
+typedef enum kvf_seq_verdict {
+    KVF_SEQ_NEXT = 0,    /* the first seen, the next (2^64 - 1 is followed by 0), or a repeat */
+    KVF_SEQ_GAP = 1,     /* 1..KVF_SEQ_MAX_GAP skipped, from *missing_from to the new last - 1 */
+    KVF_SEQ_RESTART = 2, /* backwards, or an implausible jump ahead: nothing counted as missed */
+} kvf_seq_verdict;
+
+/* Checks an 8-byte big-endian sequence number against the last one, in unsigned 64-bit
+ * arithmetic modulo 2^64. Returns a kvf_seq_verdict; on KVF_SEQ_GAP, *missing_from is the first
+ * skipped number (a gap to recover through the replay socket). */
 int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from);
 
 #endif

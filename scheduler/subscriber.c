@@ -2,7 +2,9 @@
  * kvf-sched's events thread (docs/scheduler.md, "KV events"): one ZeroMQ SUB socket per engine
  * instance or storage node that publishes KV events, each batch applied to the index through
  * ingest.c under the daemon's lock, gaps in a publisher's sequence numbers detected and, where
- * the publisher has a replay socket, filled from it before the batch that revealed them.
+ * the publisher has a replay socket, filled from it before the batch that revealed them. The
+ * thread never waits on the network with the lock held: a replay request and its answers happen
+ * outside it, so placements never wait behind a replay socket that does not answer.
  * Subscriptions are asked for by the HTTP thread (or startup) and made here, on the thread that
  * owns the sockets.
  */
@@ -10,6 +12,7 @@
 
 #include "kvf/error.h"
 
+#include "clock.h"
 #include "kvevents.h"
 
 #include <inttypes.h>
@@ -29,35 +32,71 @@ void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *s
     d->n_pending++;
 }
 
+/* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all. A replay
+ * socket that does not answer is left alone for REPLAY_BACKOFF_MIN_MS, twice as long after each
+ * further timeout, up to REPLAY_BACKOFF_MAX_MS; an answer ends the back-off. */
+#define REPLAY_SILENCE_MS     200
+#define REPLAY_DEADLINE_MS    2000
+#define REPLAY_BACKOFF_MIN_MS 2000
+#define REPLAY_BACKOFF_MAX_MS 60000
+
 /* Asks a publisher's replay socket for the batches from `from` on and applies those before
- * `upto` (the batch that revealed the gap, applied by the caller). vLLM's replay protocol: the
- * request is the 8-byte big-endian first sequence number; each answer is (sequence, payload), and
- * an empty payload ends the replay. Bounded: 200 ms of silence ends it too. Called with d->mu
- * held. */
-static void replay_locked(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
+ * `upto` (the batch that revealed the gap, applied by the caller afterwards). vLLM's replay
+ * protocol: the request is the 8-byte big-endian first sequence number; each answer is
+ * (sequence, payload), and an empty payload ends the replay. Bounded: silence or the deadline
+ * ends it too, and a socket that gave no answer is put in back-off. Sequence numbers are
+ * compared modulo 2^64, as kvf_seq_check() does.
+ *
+ * Called on the events thread WITHOUT d->mu: it waits on the network, and the HTTP thread must
+ * not wait behind it. It takes the lock only to apply each replayed batch and to count. */
+static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
 {
     kvf__sched_sub *sb = &d->subs[i];
-    if (kvf__zsubs_replay_ask(d->zs, i, from) != 0)
-        return;
-    uint64_t got = 0;
-    for (int guard = 0; guard < 100000; guard++) {
-        kvf__zmsg m;
-        if (kvf__zsubs_replay_recv(d->zs, i, 200, &m) != 0)
+    uint64_t want = upto - from, got = 0;
+    kvf__zmsg m;
+    /* Answers to an earlier request that came after it was given up on would end this one. */
+    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
+        ;
+    int rc = kvf__zsubs_replay_ask(d->zs, i, from), answered = 0;
+    uint64_t deadline = kvf__now_ns() + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
+    for (uint64_t guard = 0;
+         rc == 0 && guard < want + 16 && !atomic_load(&d->stop) && kvf__now_ns() < deadline;
+         guard++) {
+        if ((rc = kvf__zsubs_replay_recv(d->zs, i, REPLAY_SILENCE_MS, &m)) != 0)
             break;
+        answered = 1;
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
             break;
-        uint64_t seq = kvf__kve_seq_get(m.seq);
-        if (seq >= from && seq < upto) {
+        uint64_t off = kvf__kve_seq_get(m.seq) - from;
+        if (off < want) {
             char err[256] = "";
+            pthread_mutex_lock(&d->mu);
             kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
+            d->replayed++;
+            pthread_mutex_unlock(&d->mu);
             got++;
         }
-        if (seq + 1 >= upto)
-            break;
+        if (off + 1 >= want && off < ((uint64_t)1 << 63))
+            break; /* reached the batch in hand, or past it */
     }
-    d->replayed += got;
-    kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
-             sb->endpoint, got, upto - from);
+    if (answered) {
+        sb->replay_backoff_ms = 0;
+        kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
+                 sb->endpoint, got, want);
+        return;
+    }
+    sb->replay_backoff_ms =
+        sb->replay_backoff_ms == 0 ? REPLAY_BACKOFF_MIN_MS : 2 * sb->replay_backoff_ms;
+    if (sb->replay_backoff_ms > REPLAY_BACKOFF_MAX_MS)
+        sb->replay_backoff_ms = REPLAY_BACKOFF_MAX_MS;
+    sb->replay_down_until_ns = kvf__now_ns() + (uint64_t)sb->replay_backoff_ms * 1000000u;
+    pthread_mutex_lock(&d->mu);
+    d->replay_timeouts++;
+    pthread_mutex_unlock(&d->mu);
+    kvf_warn(&d->lg, "events from %s: the replay socket %s %s; not asked again for %u ms",
+             sb->endpoint, sb->replay_ep,
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
+             sb->replay_backoff_ms);
 }
 
 /* Makes the subscriptions the HTTP thread asked for. Called with d->mu held. */
@@ -84,33 +123,54 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
     d->n_pending = 0;
 }
 
-/* One batch from publisher i: [topic,] sequence (8 bytes big-endian), payload. A gap in the
- * sequence asks the publisher's replay socket for what was missed first. Called with d->mu
- * held. */
-static void on_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
+/* Checks the sequence number of one batch from publisher i ([topic,] sequence (8 bytes
+ * big-endian), payload) and counts what it reveals. Returns -1 for a malformed batch (counted,
+ * to be dropped), 1 when the batch revealed a gap that the replay socket should be asked for
+ * (*from and *upto: the missing numbers, upto excluded), else 0. Called with d->mu held. */
+static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, uint64_t *from,
+                              uint64_t *upto)
 {
     kvf__sched_sub *sb = &d->subs[i];
     if (m->frames < 2 || m->seq_len != 8) {
         d->ingest.malformed++;
         kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
                  sb->endpoint, m->frames);
-        return;
+        return -1;
     }
-    uint64_t from;
-    if (kvf_seq_check(&sb->seq, m->seq, &from)) {
-        int replay = kvf__zsubs_has_replay(d->zs, i);
-        d->seq_gaps++;
-        d->seq_missed = 0;
-        for (int k = 0; k < d->n_subs; k++)
-            d->seq_missed += d->subs[k].seq.missed;
-        kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
-                 sb->endpoint, from, sb->seq.last - 1,
-                 replay ? "; asking the replay socket"
-                        : "; no replay socket, the index may miss blocks until they are stored "
-                          "again");
-        if (replay)
-            replay_locked(d, i, from, sb->seq.last);
+    uint64_t missed = sb->seq.missed, last = sb->seq.last;
+    int v = kvf_seq_check(&sb->seq, m->seq, from);
+    if (v == KVF_SEQ_RESTART) {
+        d->seq_restarts = add_sat(d->seq_restarts, 1);
+        kvf_warn(&d->lg,
+                 "events from %s: sequence number %" PRIu64 " after %" PRIu64
+                 ", taken for a restarted publisher; nothing asked for",
+                 sb->endpoint, sb->seq.last, last);
+        return 0;
     }
+    if (v != KVF_SEQ_GAP)
+        return 0;
+    *upto = sb->seq.last;
+    d->seq_gaps = add_sat(d->seq_gaps, 1);
+    d->seq_missed = add_sat(d->seq_missed, sb->seq.missed - missed);
+    int replay = kvf__zsubs_has_replay(d->zs, i);
+    int down = replay && kvf__now_ns() < sb->replay_down_until_ns;
+    kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
+             sb->endpoint, *from, *upto - 1,
+             !replay ? "; no replay socket, the index may miss blocks until they are stored again"
+             : down  ? "; the replay socket is in back-off after a timeout, not asked"
+                     : "; asking the replay socket");
+    return replay && !down;
+}
+
+/* Applies one batch of publisher i, checked by check_batch_locked(). Called with d->mu held. */
+static void apply_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
+{
+    kvf__sched_sub *sb = &d->subs[i];
     char err[256] = "";
     uint64_t malformed = d->ingest.malformed;
     int rc = kvf_sched_ingest(d->s, &sb->src, m->payload, m->len, &d->ingest, err, sizeof err);
@@ -118,6 +178,24 @@ static void on_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
         d->ingest.malformed++;
     if (rc || d->ingest.malformed != malformed)
         kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
+}
+
+/* One batch from publisher i: a gap in its sequence is filled from the replay socket first, with
+ * the lock released while the replay socket is asked (see replay()), then the batch is applied.
+ * m stays valid throughout: replay answers are received into a slot of their own. */
+static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
+{
+    uint64_t from = 0, upto = 0;
+    pthread_mutex_lock(&d->mu);
+    int ask = check_batch_locked(d, i, m, &from, &upto);
+    pthread_mutex_unlock(&d->mu);
+    if (ask < 0)
+        return;
+    if (ask)
+        replay(d, i, from, upto);
+    pthread_mutex_lock(&d->mu);
+    apply_batch_locked(d, i, m);
+    pthread_mutex_unlock(&d->mu);
 }
 
 void *kvf__sched_events_main(void *arg)
@@ -139,9 +217,7 @@ void *kvf__sched_events_main(void *arg)
             kvf__zmsg m;
             if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)
                 continue;
-            pthread_mutex_lock(&d->mu);
-            on_batch_locked(d, i, &m);
-            pthread_mutex_unlock(&d->mu);
+            on_batch(d, i, &m);
         }
     }
     return NULL;

@@ -214,7 +214,11 @@ int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from)
         return KVF_ENOTCONN;
     uint8_t req[8];
     seq_put(req, from);
-    if (zmq_send(r, "", 0, ZMQ_SNDMORE) < 0 || zmq_send(r, req, 8, 0) < 0)
+    /* Never blocks: a DEALER whose peer is gone or does not read would wait in zmq_send().
+     * Once the first frame is queued, the rest of the message is too. */
+    if (zmq_send(r, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0)
+        return zmq_errno() == EAGAIN ? KVF_EAGAIN : KVF_EIO;
+    if (zmq_send(r, req, 8, ZMQ_DONTWAIT) < 0)
         return KVF_EIO;
     return 0;
 }

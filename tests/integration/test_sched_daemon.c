@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include <fcntl.h>
+#include <inttypes.h>
 #include <msgpack.h>
 #include <signal.h>
 #include <stdio.h>
@@ -253,6 +254,149 @@ static void replay_recovers_gap(daemon_t *d, void *ctx)
     zmq_close(router);
 }
 
+/* Publishes one batch as seq and waits (bounded, 5 s) for the daemon to have ingested it. */
+static void publish_seen(daemon_t *d, void *pub, uint64_t seq, const msgpack_sbuffer *sb)
+{
+    long batches = stat_of(d, "batches");
+    publish(pub, seq, sb->data, sb->size);
+    for (int i = 0; i < 250 && stat_of(d, "batches") == batches; i++)
+        usleep(20000);
+    assert_true(stat_of(d, "batches") > batches);
+}
+
+/* Sequence numbers near 2^63, wrapping past 2^64 and going backwards (a publisher that restarts)
+ * are counted as what they are: batches_missed adds only the plausible gaps, in unsigned
+ * arithmetic, and never turns huge or negative. */
+static void test_sched_daemon_sequence_extremes(void **state)
+{
+    (void)state;
+    char *argv[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
+                    (char *)"--log-level", (char *)"error",    NULL};
+    daemon_t d;
+    proc_start(&d, argv);
+    void *ctx = zmq_ctx_new();
+    char ep[128], body[512], out[8192];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    snprintf(body, sizeof body, "{\"id\":\"seq\",\"block_tokens\":16,\"events\":\"%s\"}", ep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_stored(&sb, 7000, 4, 16, 500);
+    publish_until(&d, pub, 1, &sb, 4);
+    assert_int_equal(stat_of(&d, "batches_missed"), 0);
+
+    static const struct {
+        uint64_t seq;
+        long missed; /* batches_missed after it */
+    } steps[] = {
+        {((uint64_t)1 << 63) - 10, 0}, /* a jump of 2^63: a restart, not 2^63 missed */
+        {((uint64_t)1 << 63) + 5, 14}, /* 14 missed across 2^63 */
+        {UINT64_MAX, 14},              /* another implausible jump */
+        {1, 15},                       /* wraps past 2^64: batch 0 missed */
+        {0, 15},                       /* backwards: the publisher restarted */
+        {5, 19},                       /* 1..4 missed */
+    };
+    for (size_t k = 0; k < sizeof steps / sizeof steps[0]; k++) {
+        publish_seen(&d, pub, steps[k].seq, &sb);
+        long missed = stat_of(&d, "batches_missed");
+        print_message("seq %" PRIu64 ": batches_missed %ld\n", steps[k].seq, missed);
+        assert_true(missed >= 0);
+        assert_int_equal(missed, steps[k].missed);
+    }
+    assert_int_equal(stat_of(&d, "sequence_gaps"), 3);
+    assert_int_equal(stat_of(&d, "sequence_restarts"), 3);
+    msgpack_sbuffer_destroy(&sb);
+    zmq_close(pub);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
+/* Milliseconds on the monotonic clock. */
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* Takes the replay requests waiting on router without answering them; returns how many. */
+static int swallow_requests(void *router, int timeout_ms)
+{
+    int n = 0;
+    zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
+    for (int guard = 0; guard < 10000 && zmq_poll(&it, 1, timeout_ms) > 0; guard++) {
+        zmq_msg_t part;
+        int more = 1;
+        for (int f = 0; f < 16 && more; f++) {
+            zmq_msg_init(&part);
+            zmq_msg_recv(&part, router, 0);
+            more = zmq_msg_more(&part);
+            zmq_msg_close(&part);
+        }
+        n++;
+    }
+    return n;
+}
+
+/* A replay socket that takes requests and never answers: placements stay fast while replays hang
+ * (the daemon waits on the network without its lock), and after the first timeout the publisher's
+ * replay is left alone for a back-off period instead of being asked at every gap. */
+static void test_sched_daemon_hung_replay(void **state)
+{
+    (void)state;
+    char *argv[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
+                    (char *)"--log-level", (char *)"error",    NULL};
+    daemon_t d;
+    proc_start(&d, argv);
+    void *ctx = zmq_ctx_new();
+    char ep[128], rep[128], body[8192], out[8192];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    snprintf(body, sizeof body,
+             "{\"id\":\"hung\",\"block_tokens\":16,\"capacity_blocks\":10000,\"events\":\"%s\","
+             "\"replay\":\"%s\",\"endpoint\":\"127.0.0.1:9003\"}",
+             ep, rep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_stored(&sb, 9000, 8, 16, 700);
+    publish_until(&d, pub, 1, &sb, 8);
+
+    char *p = body;
+    p += sprintf(p, "{\"output_tokens\":16,\"tokens\":[");
+    for (int i = 0; i < 200; i++)
+        p += sprintf(p, "%s%d", i ? "," : "", 700 + i);
+    sprintf(p, "]}");
+    /* Every batch skips one: a gap, and a replay request that hangs, each time. */
+    uint64_t seq = 1;
+    int requests = 0;
+    double worst = 0, start = now_ms();
+    for (int i = 0; i < 30 && now_ms() - start < 20000; i++) {
+        seq += 2;
+        publish(pub, seq, sb.data, sb.size);
+        usleep(2000); /* the batch reaches the daemon, whose replay request is then in flight */
+        double t0 = now_ms();
+        assert_int_equal(http(&d, "POST", "/v1/place", body, out, sizeof out), 200);
+        double ms = now_ms() - t0;
+        worst = ms > worst ? ms : worst;
+        requests += swallow_requests(router, 0);
+        usleep(20000);
+    }
+    requests += swallow_requests(router, 300);
+    print_message("hung replay: worst place %.1f ms, %d replay requests for 30 gaps\n", worst,
+                  requests);
+    assert_true(worst < 100);
+    assert_true(requests >= 1);
+    assert_true(requests <= 3);
+    assert_true(stat_of(&d, "sequence_gaps") >= 30);
+    assert_true(stat_of(&d, "replay_timeouts") >= 1);
+    msgpack_sbuffer_destroy(&sb);
+    zmq_close(pub);
+    zmq_close(router);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
 static void test_sched_daemon_events_and_placement(void **state)
 {
     (void)state;
@@ -369,6 +513,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_sched_daemon_events_and_placement, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_connector_finds_stores, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
     };
     return cmocka_run_group_tests_name("sched_daemon", tests, NULL, NULL);
 }

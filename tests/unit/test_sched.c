@@ -218,6 +218,41 @@ static void test_sched_sequence_gaps(void **state)
     assert_int_equal(from, 10);
 }
 
+static int seq_at(kvf_seq_tracker *t, uint64_t n, uint64_t *from)
+{
+    uint8_t b[8];
+    for (int i = 0; i < 8; i++)
+        b[i] = (uint8_t)(n >> (56 - 8 * i));
+    return kvf_seq_check(t, b, from);
+}
+
+/* Numbers near 2^63 and 2^64, going backwards or jumping: gaps counted modulo 2^64, restarts
+ * counted as such, and the missed count never huge. */
+static void test_sched_sequence_extremes(void **state)
+{
+    (void)state;
+    kvf_seq_tracker t = {0};
+    uint64_t from = 0, half = (uint64_t)1 << 63;
+    assert_int_equal(seq_at(&t, half - 10, &from), KVF_SEQ_NEXT);
+    assert_int_equal(seq_at(&t, half + 5, &from), KVF_SEQ_GAP);
+    assert_true(from == half - 9);
+    assert_true(t.missed == 14);
+    assert_int_equal(seq_at(&t, half + 5, &from), KVF_SEQ_NEXT); /* a repeat */
+    assert_int_equal(seq_at(&t, 3, &from), KVF_SEQ_RESTART);     /* backwards */
+    assert_int_equal(seq_at(&t, 4, &from), KVF_SEQ_NEXT);
+    assert_int_equal(seq_at(&t, 4 + KVF_SEQ_MAX_GAP + 2, &from), KVF_SEQ_RESTART);
+    assert_int_equal(seq_at(&t, UINT64_MAX - 2, &from), KVF_SEQ_RESTART);
+    assert_int_equal(seq_at(&t, UINT64_MAX, &from), KVF_SEQ_GAP);
+    assert_true(from == UINT64_MAX - 1);
+    assert_int_equal(seq_at(&t, 0, &from), KVF_SEQ_NEXT); /* 2^64 - 1 is followed by 0 */
+    assert_int_equal(seq_at(&t, 3, &from), KVF_SEQ_GAP);
+    assert_true(from == 1);
+    assert_int_equal(seq_at(&t, 4 + KVF_SEQ_MAX_GAP, &from), KVF_SEQ_GAP); /* the largest gap */
+    assert_true(t.missed == 14 + 1 + 2 + KVF_SEQ_MAX_GAP);
+    assert_true(t.gaps == 4);
+    assert_true(t.restarts == 3);
+}
+
 /* Two prefill instances: "hot" holds the prompt's prefix but is busy; "cold" is idle. */
 static void report(kvf_sched *s, int a, const kvf_instance_load *la, int b,
                    const kvf_instance_load *lb)
@@ -566,6 +601,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_index_grows),
         cmocka_unit_test(test_sched_events_both_encodings),
         cmocka_unit_test(test_sched_sequence_gaps),
+        cmocka_unit_test(test_sched_sequence_extremes),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
         cmocka_unit_test(test_sched_conditional_disaggregation),
         cmocka_unit_test(test_sched_plans_are_classified),

@@ -61,8 +61,9 @@ int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready);
  * there, or KVF_EIO. */
 int kvf__zsubs_recv(kvf__zsubs *s, int idx, kvf__zmsg *m);
 /* Asks publisher idx's replay socket for the batches from sequence number `from` on (vLLM's
- * replay protocol: the request is `from` as 8 bytes big-endian). 0, KVF_ENOTCONN (no replay
- * socket) or KVF_EIO. */
+ * replay protocol: the request is `from` as 8 bytes big-endian). Never waits: 0, KVF_ENOTCONN (no
+ * replay socket), KVF_EAGAIN (the request cannot be queued now: no peer, or it reads nothing) or
+ * KVF_EIO. */
 int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from);
 /* Receives one answer of the replay socket, waiting up to timeout_ms: 0 with *m (an answer is
  * [sequence, payload]; an empty payload ends the replay), KVF_ETIMEDOUT, or KVF_EIO. */
