@@ -89,6 +89,7 @@ void kvf__conn_destroy(conn *c)
     c->next_dead = c->lp->dead;
     c->lp->dead = c;
     atomic_fetch_sub(&s->n_conns, 1);
+    atomic_fetch_add(&s->n_closed, 1);
 }
 
 void kvf__loop_reap(loop *lp)

@@ -4,7 +4,8 @@
  * include it; store/server.h is the interface for everyone else.
  *
  * Threads: N event loops, each with its own poller, wake pipe and connections. All loops watch the
- * listening socket (nonblocking accept: a loop that loses the race gets EAGAIN). COPY requests run
+ * listening socket (nonblocking accept: a loop that loses the race gets EAGAIN), but a loop whose
+ * accept fails (the descriptor limit) stops watching it for a back-off period. COPY requests run
  * on a short-lived worker thread that pushes the objects with the client library and hands its
  * reply back to the loop through the loop's inbox.
  *
@@ -111,6 +112,11 @@ struct loop {
     deferred *inbox;
     uint8_t *scratch;
     uint64_t last_tick;
+    /* Accepting paused by trouble (server_loop.c): the listener is out of this loop's poller until
+     * accept_resume_ns, or until a connection closes (n_closed moves past closed_seen). */
+    uint64_t accept_resume_ns; /* 0: the listener is watched */
+    uint64_t accept_backoff_ns;
+    uint64_t closed_seen;
 };
 
 struct kvf_server {
@@ -124,8 +130,18 @@ struct kvf_server {
     atomic_uint_fast64_t next_conn_id;
     kvf__copy_pool *copy;  /* COPY's workers and queue (server_copy.c) */
     atomic_uint next_loop; /* the loop the next accepted connection goes to */
+    /* A descriptor kept free (/dev/null) for shedding connections at the descriptor limit; -1:
+     * none now. A loop takes it with atomic_exchange, so only one closes it at a time. */
+    atomic_int reserve_fd;
+    /* An accept episode (server_loop.c): accept failing for other reasons than a connection's
+     * own, logged when it starts, at most once a second while it lasts, and when it is over (an
+     * accept succeeded and none failed for a second). Under acc_mu but the two atomics. */
+    pthread_mutex_t acc_mu;
+    atomic_int acc_trouble;         /* an episode is in progress (acc_since_ns != 0) */
+    atomic_uint_fast64_t acc_ok_ns; /* the last accept that succeeded during it */
+    uint64_t acc_since_ns, acc_fail_ns, acc_logged_ns, acc_shed, acc_shed_logged;
     /* counters */
-    atomic_uint_fast64_t n_conns, n_accepted, bytes_in, bytes_out, proto_errors;
+    atomic_uint_fast64_t n_conns, n_accepted, n_closed, n_shed, bytes_in, bytes_out, proto_errors;
     atomic_uint_fast64_t reqs[32];
     /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
     kvf__rserve *rdma;

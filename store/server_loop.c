@@ -24,6 +24,11 @@
 
 #define TICK_NS    100000000ull
 #define TICK_STEPS 4096u
+/* Accepting paused after a failure that is not a connection's own (docs/store.md). */
+#define ACCEPT_BACKOFF_MIN_NS 100000000ull
+#define ACCEPT_BACKOFF_MAX_NS 1600000000ull
+#define ACCEPT_LOG_EVERY_NS   1000000000ull
+#define ACCEPT_QUIET_NS       1000000000ull
 
 /* Opens the RDMA listener that opts ask for. "auto" without a device is no error: the reason is
  * kept for HELLO's capabilities, STATS and the log. */
@@ -62,6 +67,117 @@ static int rdma_open(kvf_server *s, const char *spec, char *err, size_t errlen)
     return 0;
 }
 
+/* The listener's tag in every loop's poller. */
+static const int listener_tag = 0;
+
+/* Opens an accept episode or adds to the one in progress: logged when it opens and then at most
+ * once a second, with the connections shed meanwhile, whichever loops run into it. */
+static void accept_episode_note(kvf_server *s, int rc, uint64_t shed)
+{
+    uint64_t t = kvf__now_ns();
+    atomic_fetch_add(&s->n_shed, shed);
+    pthread_mutex_lock(&s->acc_mu);
+    s->acc_fail_ns = t;
+    if (!s->acc_since_ns) {
+        s->acc_since_ns = s->acc_logged_ns = t;
+        s->acc_shed = shed;
+        s->acc_shed_logged = shed;
+        atomic_store(&s->acc_trouble, 1);
+        kvf_warn(s->o.log,
+                 "accept: %s: %spausing accepts (%llu ms, doubling to %llu ms while it lasts) "
+                 "until descriptors free up",
+                 kvf_strerror(rc), rc == KVF_EMFILE ? "closing new connections at once and " : "",
+                 (unsigned long long)(ACCEPT_BACKOFF_MIN_NS / 1000000),
+                 (unsigned long long)(ACCEPT_BACKOFF_MAX_NS / 1000000));
+    } else {
+        s->acc_shed += shed;
+        if (t - s->acc_logged_ns >= ACCEPT_LOG_EVERY_NS) {
+            kvf_warn(s->o.log,
+                     "accept: still %s after %.1f s: %" PRIu64 " connections shed in the last "
+                     "%.1f s, %" PRIu64 " in all",
+                     kvf_strerror(rc), (double)(t - s->acc_since_ns) / 1e9,
+                     s->acc_shed - s->acc_shed_logged, (double)(t - s->acc_logged_ns) / 1e9,
+                     s->acc_shed);
+            s->acc_logged_ns = t;
+            s->acc_shed_logged = s->acc_shed;
+        }
+    }
+    pthread_mutex_unlock(&s->acc_mu);
+}
+
+/* Closes the episode in progress, if any, with one line once an accept succeeded after the last
+ * failure and none failed for ACCEPT_QUIET_NS: at the limit, where connections come and go, an
+ * episode does not end and restart with every connection. Called by every loop's tick. */
+static void accept_episode_check_end(kvf_server *s, uint64_t t)
+{
+    if (!atomic_load(&s->acc_trouble))
+        return;
+    pthread_mutex_lock(&s->acc_mu);
+    if (s->acc_since_ns && atomic_load(&s->acc_ok_ns) > s->acc_fail_ns &&
+        t - s->acc_fail_ns >= ACCEPT_QUIET_NS) {
+        kvf_warn(s->o.log,
+                 "accept: accepting again after %.1f s of failures; %" PRIu64 " connections shed",
+                 (double)(s->acc_fail_ns - s->acc_since_ns) / 1e9, s->acc_shed);
+        s->acc_since_ns = 0;
+        atomic_store(&s->acc_trouble, 0);
+    }
+    pthread_mutex_unlock(&s->acc_mu);
+}
+
+/* Puts back a reserve descriptor r (taken with atomic_exchange, or freshly opened); a loop that
+ * reopened one while another held its own keeps one of the two. */
+static void reserve_put(kvf_server *s, int r)
+{
+    if (r < 0)
+        return;
+    int prev = atomic_exchange(&s->reserve_fd, r);
+    if (prev >= 0)
+        close(prev);
+}
+
+/* accept failed with rc, not for a connection's own reason, so the listener stays readable and
+ * accepting again now would fail again: at the descriptor limit, sheds the pending connections
+ * with the reserve descriptor's help; then stops watching the listener for a while, longer each
+ * time the trouble is still there. */
+static void accept_trouble(loop *lp, int rc)
+{
+    kvf_server *s = lp->srv;
+    uint64_t shed = 0;
+    if (rc == KVF_EMFILE) {
+        int r = atomic_exchange(&s->reserve_fd, -1);
+        for (int i = 0; i < 64 && kvf__tcp_accept_shed(s->lfd, &r) == 0; i++)
+            shed++;
+        reserve_put(s, r);
+    }
+    uint64_t b = lp->accept_backoff_ns * 2;
+    if (b < ACCEPT_BACKOFF_MIN_NS)
+        b = ACCEPT_BACKOFF_MIN_NS;
+    if (b > ACCEPT_BACKOFF_MAX_NS)
+        b = ACCEPT_BACKOFF_MAX_NS;
+    lp->accept_backoff_ns = b;
+    lp->accept_resume_ns = kvf__now_ns() + b;
+    lp->closed_seen = atomic_load(&s->n_closed);
+    kvf__poller_del(lp->poller, s->lfd);
+    accept_episode_note(s, rc, shed);
+}
+
+/* Watches the listener again once the back-off ran out or a connection closed meanwhile (its
+ * descriptor is free), with a reserve descriptor again if there is none. */
+static void accept_maybe_resume(loop *lp, uint64_t t)
+{
+    kvf_server *s = lp->srv;
+    if (!lp->accept_resume_ns ||
+        (t < lp->accept_resume_ns && atomic_load(&s->n_closed) == lp->closed_seen))
+        return;
+    if (atomic_load(&s->reserve_fd) < 0)
+        reserve_put(s, kvf__fd_reserve_open());
+    lp->accept_resume_ns = 0;
+    if (kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag) != 0) {
+        lp->accept_resume_ns = t + lp->accept_backoff_ns; /* the poller is short: later */
+        lp->closed_seen = atomic_load(&s->n_closed);
+    }
+}
+
 /* Accepts what is pending and deals the connections out to the loops in turn: whichever loop
  * wins the accept, a client's several connections land on different loops and their transfers
  * run in parallel. */
@@ -74,9 +190,12 @@ static void loop_accept(loop *lp)
         if (rc == KVF_EAGAIN)
             return;
         if (rc) {
-            kvf_warn(s->o.log, "accept: %s", kvf_strerror(rc));
+            accept_trouble(lp, rc);
             return;
         }
+        lp->accept_backoff_ns = 0;
+        if (atomic_load_explicit(&s->acc_trouble, memory_order_relaxed))
+            atomic_store(&s->acc_ok_ns, kvf__now_ns());
         loop *to = &s->loops[atomic_fetch_add(&s->next_loop, 1) % (unsigned)s->nloops];
         deferred *d = to == lp ? NULL : malloc(sizeof *d);
         if (!d) {
@@ -123,7 +242,7 @@ static void *loop_main(void *arg)
 {
     loop *lp = arg;
     kvf_server *s = lp->srv;
-    static const int listener_tag = 0, wake_tag = 0;
+    static const int wake_tag = 0;
     kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag);
     kvf__poller_add(lp->poller, lp->wake[0], KVF_POLL_IN, (void *)&wake_tag);
     kvf_poll_event evs[64];
@@ -152,8 +271,10 @@ static void *loop_main(void *arg)
         }
         kvf__loop_reap(lp);
         uint64_t t = kvf__now_ns();
+        accept_maybe_resume(lp, t);
         if (t - lp->last_tick >= TICK_NS) {
             lp->last_tick = t;
+            accept_episode_check_end(s, t);
             kvf__cache_lock(s->o.cache);
             if (lp->idx == 0)
                 kvf__cache_tick_locked(s->o.cache, TICK_STEPS);
@@ -215,6 +336,8 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
         free(s);
         return rc;
     }
+    pthread_mutex_init(&s->acc_mu, NULL);
+    atomic_init(&s->reserve_fd, kvf__fd_reserve_open()); /* none is no error: tried again later */
     s->o.rdma = NULL;
     if ((rc = rdma_open(s, o->rdma, err, errlen)))
         goto out_close;
@@ -319,6 +442,10 @@ void kvf__server_close(kvf_server **sp)
     kvf__rserve_close(&s->rdma); /* after the connections: no descriptor is leased any more */
     if (s->lfd >= 0)
         close(s->lfd);
+    int r = atomic_load(&s->reserve_fd);
+    if (r >= 0)
+        close(r);
+    pthread_mutex_destroy(&s->acc_mu);
     free(s);
     *sp = NULL;
 }

@@ -97,6 +97,7 @@ static void stats_figures(json_t *o, kvf_server *s, const kvf_cache_stats *st)
     SET("cleared", st->cleared);
     SET("connections", atomic_load(&s->n_conns));
     SET("accepted", atomic_load(&s->n_accepted));
+    SET("connections_shed", atomic_load(&s->n_shed));
     SET("bytes_in", atomic_load(&s->bytes_in));
     SET("bytes_out", atomic_load(&s->bytes_out));
     SET("protocol_errors", atomic_load(&s->proto_errors));

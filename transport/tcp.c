@@ -150,11 +150,36 @@ int kvf__tcp_listen(const char *host, uint16_t port, int backlog, int *fd, uint1
     return 0;
 }
 
+/* Whether accept() failed for this one connection or for nothing at all: the listener is fine and
+ * the next accept may succeed. Linux also reports a pending connection's network error here. */
+static int accept_benign(int e)
+{
+    switch (e) {
+    case EAGAIN:
+#if defined(EWOULDBLOCK) && EWOULDBLOCK != EAGAIN
+    case EWOULDBLOCK:
+#endif
+    case EINTR:
+    case ECONNABORTED:
+    case EPROTO:
+    case ENETDOWN:
+    case ENETUNREACH:
+    case EHOSTDOWN:
+    case EHOSTUNREACH:
+#ifdef ENONET
+    case ENONET:
+#endif
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 int kvf__tcp_accept(int lfd, int *fd)
 {
     int s = accept(lfd, NULL, NULL);
     if (s < 0) {
-        if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR || errno == ECONNABORTED)
+        if (accept_benign(errno))
             return KVF_EAGAIN;
         return kvf_err_from_errno(errno);
     }
@@ -165,6 +190,30 @@ int kvf__tcp_accept(int lfd, int *fd)
     }
     *fd = s;
     return 0;
+}
+
+int kvf__fd_reserve_open(void)
+{
+    int fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    return fd >= 0 ? fd : -1;
+}
+
+int kvf__tcp_accept_shed(int lfd, int *reserve)
+{
+    if (*reserve >= 0) {
+        close(*reserve);
+        *reserve = -1;
+    }
+    int s = accept(lfd, NULL, NULL);
+    int e = errno;
+    if (s >= 0)
+        close(s);
+    *reserve = kvf__fd_reserve_open();
+    if (s >= 0)
+        return 0;
+    if (accept_benign(e))
+        return KVF_EAGAIN;
+    return kvf_err_from_errno(e);
 }
 
 int kvf__tcp_connect(const char *host, uint16_t port, int timeout_ms, int *fd, char *err,

@@ -95,6 +95,20 @@ void daemon_start(daemon_t *d, const char *memory, const char *extra)
     started(d, pid, port, err);
 }
 
+void daemon_start_limited(daemon_t *d, const char *memory, const char *extra, int nofile,
+                          const char *stderr_path)
+{
+    /* The shell lowers the limit and redirects, then becomes kvf-store: the pid is the daemon's. */
+    char script[768];
+    snprintf(script, sizeof script,
+             "ulimit -n %d && exec \"$0\" --listen 127.0.0.1:0 --memory %s --log-level warn %s "
+             "2>\"$1\"",
+             nofile, memory, extra ? extra : "");
+    char *argv[] = {(char *)"/bin/sh",     (char *)"-c",        script,
+                    (char *)KVF_STORE_BIN, (char *)stderr_path, NULL};
+    proc_start(d, argv);
+}
+
 void daemon_stop(daemon_t *d)
 {
     if (d->pid <= 0)

@@ -21,6 +21,10 @@ void harness_init(void);
 /* Starts kvf-store with --memory memory and extra flags; fails the test if it is not ready in
  * 10 s. */
 void daemon_start(daemon_t *d, const char *memory, const char *extra);
+/* As daemon_start, with the daemon's descriptor limit (RLIMIT_NOFILE) lowered to nofile and its
+ * standard error written to the file stderr_path. */
+void daemon_start_limited(daemon_t *d, const char *memory, const char *extra, int nofile,
+                          const char *stderr_path);
 /* Starts any program that prints "listen=HOST:PORT" on stdout when ready (argv[0] a path); same
  * guarantees as daemon_start. */
 void proc_start(daemon_t *d, char *const argv[]);

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #ifdef __linux__
 #include <sys/prctl.h>
@@ -904,6 +905,182 @@ static void test_daemon_compress_and_placement(void **state)
         daemon_stop(&d[i]);
 }
 
+/* Whether the node serves fd: a STATS answered within timeout_ms (0: closed or no answer). */
+static int raw_served(int fd, int timeout_ms)
+{
+    uint8_t f[KVF_WIRE_HEADER_LEN];
+    frame(f, KVF_OP_STATS, 0, 1, 0, 0);
+    raw_send(fd, f, sizeof f);
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    if (poll(&pf, 1, timeout_ms) <= 0)
+        return 0;
+    uint8_t hb[KVF_WIRE_HEADER_LEN];
+    if (raw_read_full(fd, hb, sizeof hb) != 0)
+        return 0;
+    kvf_wire_limits lim = {.max_request = 1ull << 40, .expect_reply = 1};
+    kvf_wire_hdr h;
+    char msg[200];
+    if (kvf__wire_hdr_decode(hb, &lim, &h, msg, sizeof msg) != 0 || h.status != 0)
+        return 0;
+    uint8_t *body = malloc(h.payload_len + 1);
+    int ok = raw_read_full(fd, body, h.payload_len) == 0;
+    free(body);
+    return ok;
+}
+
+/* The CPU time pid has used (user and system), in seconds. */
+static double cpu_s(pid_t pid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        fail_msg("cannot read %s", path);
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    /* Fields 14 and 15 (utime, stime), counted after the command's closing parenthesis. */
+    const char *p = strrchr(buf, ')');
+    assert_non_null(p);
+    unsigned long long ut = 0, st = 0;
+    assert_int_equal(
+        sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st), 2);
+    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
+}
+
+static double mono_s(void)
+{
+    return (double)kvf__now_ns() / 1e9;
+}
+
+static off_t file_size(int fd)
+{
+    struct stat sb;
+    assert_int_equal(fstat(fd, &sb), 0);
+    return sb.st_size;
+}
+
+/* At its descriptor limit a node (started with extra) keeps serving the connections it has,
+ * sheds new ones without spinning or flooding its log, and accepts again once descriptors free
+ * up. */
+static void descriptor_limit(const char *extra)
+{
+#ifndef __linux__
+    skip(); /* reads the daemon's CPU time from /proc */
+#endif
+    enum { NOFILE = 64, MAX_HELD = 100, MAX_MORE = 120 };
+    static int held[MAX_HELD], more[MAX_MORE];
+    int nheld = 0, nmore = 0;
+    char logpath[] = "/tmp/kvf-test-fdlimit-XXXXXX";
+    int logfd = mkstemp(logpath);
+    assert_true(logfd >= 0);
+    daemon_t d;
+    daemon_start_limited(&d, "16M", extra, NOFILE, logpath);
+    unlink(logpath); /* the daemon and logfd keep it open */
+    const char *addr = d.addr;
+    kvf_client *c = client_open_at(
+        &addr, 1, (kvf_client_opts){.conns_per_node = 1, .deadline_ms = 5000, .io_threads = 1});
+    assert_int_equal(put_range(c, 0, 10, SEG, 0, NULL), 10);
+
+    /* Connections the node serves until one it does not: the limit is reached. */
+    int full = 0;
+    while (!full && nheld < MAX_HELD) {
+        int fd = raw_connect(&d);
+        if (raw_served(fd, 3000)) {
+            held[nheld++] = fd;
+        } else {
+            more[nmore++] = fd;
+            full = 1;
+        }
+    }
+    print_message("the node served %d connections besides the client's\n", nheld);
+    assert_true(full);
+    assert_true(nheld >= NOFILE / 2);
+
+    /* More connections for 1.5 s, while the client's connection keeps being answered. */
+    off_t log0 = file_size(logfd);
+    double cpu0 = cpu_s(d.pid), t0 = mono_s();
+    for (int i = 0; mono_s() - t0 < 1.5 && nmore < MAX_MORE; i++) {
+        more[nmore++] = raw_connect(&d);
+        if (i % 25 == 0) {
+            char *json;
+            assert_int_equal(kvf_client_stats(c, 0, &json, 5000), 0);
+            free(json);
+        }
+        usleep(15000);
+    }
+    assert_int_equal(get_range(c, 0, 10, SEG, 0, 0, NULL), 10);
+    double wall = mono_s() - t0, cpu = cpu_s(d.pid) - cpu0;
+    off_t logged = file_size(logfd) - log0;
+    print_message("over %.2f s at the limit, %d more connections: the node used %.3f s of CPU "
+                  "and logged %lld bytes\n",
+                  wall, nmore, cpu, (long long)logged);
+    assert_true(logged < 4096);
+    assert_true(cpu < 0.2 * wall);
+    assert_true(raw_served(held[0], 5000)); /* a raw connection of before, too */
+
+    /* Descriptors free up: a new client is served. */
+    for (int i = 0; i < nmore; i++)
+        close(more[i]);
+    for (int i = 1; i < nheld; i++)
+        close(held[i]);
+    kvf_client *c2 = NULL;
+    char err[256];
+    const kvf_client_opts o2 = {
+        .nodes = &addr, .n_nodes = 1, .ns = NS, .conns_per_node = 2, .deadline_ms = 5000};
+    double t1 = mono_s();
+    while (kvf_client_open(&c2, &o2, err, sizeof err) != 0 && mono_s() - t1 < 10)
+        usleep(100000);
+    if (!c2)
+        fail_msg("no new client after the other connections closed: %s", err);
+    assert_int_equal(get_range(c2, 0, 10, SEG, 0, 0, NULL), 10);
+    char *json;
+    assert_int_equal(kvf_client_stats(c2, 0, &json, 5000), 0);
+    const char *shed = strstr(json, "\"connections_shed\":");
+    assert_non_null(shed);
+    assert_true(strtoull(shed + 19, NULL, 10) >= 1);
+    free(json);
+
+    /* The log: the episode when it began, at most once a second while it lasted, and once it
+     * was over (a second after its last failure). */
+    char text[4096];
+    ssize_t n = 0;
+    for (double t2 = mono_s(); mono_s() - t2 < 10; usleep(50000)) {
+        n = pread(logfd, text, sizeof text - 1, 0);
+        assert_true(n >= 0);
+        text[n] = '\0';
+        if (strstr(text, "accepting again"))
+            break;
+    }
+    print_message("the node's log:\n%s", text);
+    assert_non_null(strstr(text, "too many open files"));
+    assert_non_null(strstr(text, "accepting again"));
+    int lines = 0;
+    for (const char *p = text; (p = strchr(p, '\n')); p++)
+        lines++;
+    assert_true(lines <= 12);
+
+    kvf_client_close(&c2);
+    kvf_client_close(&c);
+    close(held[0]);
+    close(logfd);
+    daemon_stop(&d);
+}
+
+/* Two loops sharing the listener, each backing off on its own. */
+static void test_daemon_descriptor_limit(void **state)
+{
+    (void)state;
+    descriptor_limit("--threads 2");
+}
+
+/* The poll back-end, whose listener is taken out of and put back into its descriptor array. */
+static void test_daemon_descriptor_limit_poll(void **state)
+{
+    (void)state;
+    descriptor_limit("--threads 1 --poller poll");
+}
+
 int main(void)
 {
     harness_init();
@@ -921,6 +1098,8 @@ int main(void)
         cmocka_unit_test_teardown(test_daemon_deadline_and_dead_node, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_hung_node_costs_one_deadline, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_compress_and_placement, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_descriptor_limit, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_descriptor_limit_poll, teardown_daemons),
     };
     return cmocka_run_group_tests_name("store_daemon", tests, NULL, NULL);
 }

@@ -402,11 +402,48 @@ static void test_transport_writev_budget(void **state)
     close(sv[1]);
 }
 
+/* At the descriptor limit the listener's pending connection is taken off the backlog and closed
+ * with the reserve descriptor's slot, and the reserve comes back. */
+static void test_transport_accept_shed(void **state)
+{
+    (void)state;
+    int lfd, cfd;
+    uint16_t bound = 0;
+    char err[256];
+    assert_int_equal(kvf__tcp_listen("127.0.0.1", 0, 8, &lfd, &bound, err, sizeof err), 0);
+    int reserve = kvf__fd_reserve_open();
+    assert_true(reserve >= 0);
+    assert_int_equal(kvf__tcp_accept_shed(lfd, &reserve), KVF_EAGAIN);
+    assert_true(reserve >= 0);
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", bound, 1000, &cfd, err, sizeof err), 0);
+    int rc = KVF_EAGAIN;
+    for (int i = 0; i < 1000 && (rc = kvf__tcp_accept_shed(lfd, &reserve)) == KVF_EAGAIN; i++)
+        usleep(1000);
+    assert_int_equal(rc, 0);
+    assert_true(reserve >= 0);
+    /* The client sees the connection closed, not a connection that never answers. */
+    struct pollfd pf = {.fd = cfd, .events = POLLIN};
+    assert_int_equal(poll(&pf, 1, 5000), 1);
+    char b;
+    size_t got = 1;
+    rc = kvf__sock_read(cfd, &b, 1, &got);
+    assert_true((rc == 0 && got == 0) || rc == KVF_ECONNRESET);
+    /* No reserve (it could not be reopened): the next call tries again. */
+    close(reserve);
+    reserve = -1;
+    assert_int_equal(kvf__tcp_accept_shed(lfd, &reserve), KVF_EAGAIN);
+    assert_true(reserve >= 0);
+    close(reserve);
+    close(cfd);
+    close(lfd);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_transport_poller_backends),
         cmocka_unit_test(test_transport_tcp_helpers),
+        cmocka_unit_test(test_transport_accept_shed),
         cmocka_unit_test(test_transport_receive_low_water),
         cmocka_unit_test(test_transport_http_client_reuses_connections),
         cmocka_unit_test(test_transport_iov_advance),

@@ -20,9 +20,19 @@ int kvf__addr_parse(const char *addr, char *host, size_t hostlen, uint16_t *port
 /* Listens on host:port (port 0: any free port), nonblocking. *bound gets the port bound. */
 int kvf__tcp_listen(const char *host, uint16_t port, int backlog, int *fd, uint16_t *bound,
                     char *err, size_t errlen);
-/* Accepts one connection, tuned and nonblocking. Returns 0, KVF_EAGAIN when none is waiting, or
- * another KVF_E* code. */
+/* Accepts one connection, tuned and nonblocking. Returns 0, KVF_EAGAIN when none is waiting (or
+ * one was aborted or failed on its own), or another KVF_E* code: KVF_EMFILE at the process's or
+ * the system's descriptor limit, KVF_ENOMEM when the kernel is short of memory. */
 int kvf__tcp_accept(int lfd, int *fd);
+/* A descriptor held in reserve (/dev/null, close-on-exec) so that a listener at the descriptor
+ * limit can still take its pending connections off the backlog. Returns it, or -1. */
+int kvf__fd_reserve_open(void);
+/* At the descriptor limit (kvf__tcp_accept() gave KVF_EMFILE): closes *reserve, accepts one
+ * pending connection and closes it at once, so that its client sees the connection closed rather
+ * than waiting in the backlog, and reopens the reserve (*reserve is -1 when that failed; it is
+ * tried again on the next call). Returns 0 when a connection was shed, KVF_EAGAIN when none was
+ * pending, or the error (KVF_EMFILE when even the reserve's slot was not enough). */
+int kvf__tcp_accept_shed(int lfd, int *reserve);
 /* Connects to host:port within timeout_ms; the socket comes back tuned and nonblocking. */
 int kvf__tcp_connect(const char *host, uint16_t port, int timeout_ms, int *fd, char *err,
                      size_t errlen);
