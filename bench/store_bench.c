@@ -209,8 +209,8 @@ static int rdma_bench(const opts *o, json_t *res)
     }
     bench_proc store = {0};
     char extra[400];
-    snprintf(extra, sizeof extra, "--threads %d --listen %s:0 --rdma auto", o->store_threads,
-             o->rdma_host);
+    snprintf(extra, sizeof extra, "--threads %d --listen %s:0 --rdma auto --insecure",
+             o->store_threads, o->rdma_host);
     kvf_client *cl = NULL;
     if (kvf_open(o, o->rdma_host, extra, "rdma", &store, &cl) != 0)
         return 1;

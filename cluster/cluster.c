@@ -530,10 +530,11 @@ static int start_store(launch *L, int i)
     proc *q = add_proc(L, name, "store", listen, events);
     if (!q)
         return 1;
-    char *args[] = {L->store_bin, "--listen", listen,        "--memory", (char *)c->store_memory,
-                    "--threads",  threads,    "--log-level", "info",     "--events",
-                    events,       "--node",   node};
-    if (start_one(c, q, args, 13, NULL) != 0)
+    /* In namespaces the hosts' addresses are not loopback: the launcher's private network. */
+    char *args[] = {L->store_bin, "--listen", listen,        "--memory",  (char *)c->store_memory,
+                    "--threads",  threads,    "--log-level", "info",      "--events",
+                    events,       "--node",   node,          "--insecure"};
+    if (start_one(c, q, args, L->netns ? 14 : 13, NULL) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
@@ -625,10 +626,11 @@ static int start_engine(launch *L, int i)
     proc *q = add_proc(L, name, pre ? "prefill" : "decode", listen, events);
     if (!q)
         return 1;
-    char *args[] = {L->engine_bin, "--serve",        "--id",         q->name,  "--role",   q->kind,
-                    "--listen",    listen,           "--sched",      L->sched, "--events", events,
-                    "--model",     (char *)c->model, "--max-tokens", maxt,     "--cost",   L->cost};
-    return start_one(c, q, args, 18, env);
+    char *args[] = {L->engine_bin, "--serve",  "--id",    q->name,          "--role",
+                    q->kind,       "--listen", listen,    "--sched",        L->sched,
+                    "--events",    events,     "--model", (char *)c->model, "--max-tokens",
+                    maxt,          "--cost",   L->cost,   "--insecure"};
+    return start_one(c, q, args, L->netns ? 19 : 18, env);
 }
 
 static int start_engines(launch *L)

@@ -5,6 +5,7 @@
  *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
  *              [--advertise HOST:PORT] [--sched HOST:PORT] [--store HOST:PORT[,...]]
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
+ *              [--insecure: allow --listen/--events on an address that is not loopback]
  *              [--queue work|fifo] [--cost FILE]
  *
  * Requests (POST, JSON bodies; token ids as arrays of integers):
@@ -559,6 +560,7 @@ static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, c
 typedef struct serve_opts {
     const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
         *level, *queue, *cost;
+    int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o)
@@ -586,6 +588,10 @@ static int parse_args(int argc, char **argv, serve_opts *o)
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--serve"))
             continue;
+        if (!strcmp(a, "--insecure")) {
+            o->insecure = 1;
+            continue;
+        }
         if (!v) {
             fprintf(stderr, "kvf-engine: %s needs a value (see the top of docs/operations.md)\n",
                     a);
@@ -657,7 +663,13 @@ static int configure(srv *S, const serve_opts *o)
         fprintf(stderr, "kvf-engine: unknown model %s\n", o->model);
         return 2;
     }
-    if (split_addr(o->listen, S->host, sizeof S->host, &S->port, "--listen") != 0)
+    if (split_addr(o->listen, S->host, sizeof S->host, &S->port, "--listen") != 0 ||
+        kvf__listen_policy("kvf-engine", "--listen", S->host, o->insecure) != 0)
+        return 2;
+    char eh[256];
+    uint16_t ep;
+    if (o->events && kvf__addr_parse(o->events, eh, sizeof eh, &ep) == 0 &&
+        kvf__listen_policy("kvf-engine", "--events", eh, o->insecure) != 0)
         return 2;
     return PROCEED;
 }

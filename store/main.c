@@ -4,7 +4,7 @@
  *   kvf-store [--listen HOST:PORT] [--memory SIZE] [--threads N] [--evict lru|s3fifo]
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
- *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N]
+ *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N] [--insecure]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
  * once it accepts connections; SIGTERM and SIGINT stop it cleanly.
@@ -54,6 +54,9 @@ static void usage(FILE *f)
         "  --no-prefault         do not touch the arena's pages at start\n"
         "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
         "  --node N              this store's number in kvf-sched's --store-events (default 0)\n"
+        "  --insecure            allow --listen and --events on an address that is not\n"
+        "                        loopback: kvfabric does not authenticate clients yet, so only\n"
+        "                        on a private network of trusted hosts (docs/security.md)\n"
         "  --peer HOST:PORT      a storage node COPY may push to (repeat for each; without\n"
         "                        any, COPY is refused)\n"
         "  --copy-workers N      threads that run COPYs (default 2)\n"
@@ -74,7 +77,7 @@ typedef struct store_cfg {
     uint64_t memory, max_request;
     long threads, max_entries, node;
     const char *evict, *poller, *events, *rdma;
-    int verify, lock_memory, prefault;
+    int verify, lock_memory, prefault, insecure;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
     long copy_workers, copy_queue;
@@ -189,6 +192,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
             cfg->lock_memory = 1;
         } else if (!strcmp(a, "--no-prefault")) {
             cfg->prefault = 0;
+        } else if (!strcmp(a, "--insecure")) {
+            cfg->insecure = 1;
         } else if (!v) {
             fprintf(stderr, "kvf-store: %s needs a value (see --help)\n", a);
             return 2;
@@ -202,6 +207,13 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
         fprintf(stderr, "kvf-store: --listen: expected HOST:PORT, got \"%s\"\n", cfg->listen);
         return 2;
     }
+    if (kvf__listen_policy("kvf-store", "--listen", cfg->host, cfg->insecure) != 0)
+        return 2;
+    char ehost[256];
+    uint16_t eport;
+    if (cfg->events && kvf__addr_parse(cfg->events, ehost, sizeof ehost, &eport) == 0 &&
+        kvf__listen_policy("kvf-store", "--events", ehost, cfg->insecure) != 0)
+        return 2;
     return -1;
 }
 

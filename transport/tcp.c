@@ -90,6 +90,48 @@ int kvf__tcp_tune(int fd)
     return set_nonblock_cloexec(fd);
 }
 
+int kvf__host_is_loopback(const char *host)
+{
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (!host || !host[0] || getaddrinfo(host, NULL, &hints, &res) != 0 || !res)
+        return 0;
+    int loop = 1;
+    for (struct addrinfo *a = res; a && loop; a = a->ai_next) {
+        if (a->ai_family == AF_INET) {
+            uint32_t v4 =
+                ntohl(((const struct sockaddr_in *)(const void *)a->ai_addr)->sin_addr.s_addr);
+            loop = (v4 >> 24) == 127;
+        } else if (a->ai_family == AF_INET6) {
+            loop = IN6_IS_ADDR_LOOPBACK(
+                &((const struct sockaddr_in6 *)(const void *)a->ai_addr)->sin6_addr);
+        } else {
+            loop = 0;
+        }
+    }
+    freeaddrinfo(res);
+    return loop;
+}
+
+int kvf__listen_policy(const char *daemon, const char *what, const char *host, int insecure)
+{
+    if (kvf__host_is_loopback(host))
+        return 0;
+    if (!insecure) {
+        fprintf(stderr,
+                "%s: refusing %s on %s: kvfabric does not authenticate its clients yet, so anyone "
+                "who can reach that address could read, overwrite or clear every tenant's KV "
+                "(docs/security.md). Listen on loopback, or add --insecure where the network is "
+                "private and every host on it is trusted.\n",
+                daemon, what, host);
+        return 2;
+    }
+    fprintf(stderr,
+            "%s: warning: %s on %s with --insecure: every client that reaches it is trusted "
+            "(docs/security.md)\n",
+            daemon, what, host);
+    return 0;
+}
+
 static int resolve(const char *host, uint16_t port, int passive, struct addrinfo **res)
 {
     struct addrinfo hints;

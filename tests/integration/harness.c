@@ -87,6 +87,11 @@ void proc_start(daemon_t *d, char *const argv[])
     started(d, pid, port, err);
 }
 
+const char *harness_store_bin(void)
+{
+    return KVF_STORE_BIN;
+}
+
 void daemon_start(daemon_t *d, const char *memory, const char *extra)
 {
     char err[640];

@@ -28,6 +28,8 @@ void daemon_start_limited(daemon_t *d, const char *memory, const char *extra, in
 /* Starts any program that prints "listen=HOST:PORT" on stdout when ready (argv[0] a path); same
  * guarantees as daemon_start. */
 void proc_start(daemon_t *d, char *const argv[]);
+/* The kvf-store binary the daemons are started from. */
+const char *harness_store_bin(void);
 /* SIGTERM; the daemon must exit 0 within 10 s. */
 void daemon_stop(daemon_t *d);
 /* SIGKILL, no checks. */

@@ -171,6 +171,24 @@ static int readable(int fd)
 
 /* The receive low-water mark: asked only for large rests, never above what is owed or a quarter
  * of the receive buffer, and the socket then reports readable once that much is there. */
+/* Only loopback addresses count as loopback: the daemons listen elsewhere only with --insecure. */
+static void test_transport_loopback_hosts(void **state)
+{
+    (void)state;
+    assert_true(kvf__host_is_loopback("127.0.0.1"));
+    assert_true(kvf__host_is_loopback("127.1.2.3"));
+    assert_true(kvf__host_is_loopback("localhost"));
+    assert_true(kvf__host_is_loopback("::1"));
+    assert_false(kvf__host_is_loopback("0.0.0.0"));
+    assert_false(kvf__host_is_loopback("::"));
+    assert_false(kvf__host_is_loopback("10.1.2.3"));
+    assert_false(kvf__host_is_loopback("192.168.0.1"));
+    assert_false(kvf__host_is_loopback(""));
+    assert_int_equal(kvf__listen_policy("test", "--listen", "127.0.0.1", 0), 0);
+    assert_int_equal(kvf__listen_policy("test", "--listen", "0.0.0.0", 0), 2);
+    assert_int_equal(kvf__listen_policy("test", "--listen", "0.0.0.0", 1), 0);
+}
+
 static void test_transport_receive_low_water(void **state)
 {
     (void)state;
@@ -443,6 +461,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_transport_poller_backends),
         cmocka_unit_test(test_transport_tcp_helpers),
+        cmocka_unit_test(test_transport_loopback_hosts),
         cmocka_unit_test(test_transport_accept_shed),
         cmocka_unit_test(test_transport_receive_low_water),
         cmocka_unit_test(test_transport_http_client_reuses_connections),

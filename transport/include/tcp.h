@@ -17,6 +17,16 @@
 /* Splits "host:port" (or "[v6]:port") into host and port. Returns 0 or KVF_EINVAL. */
 int kvf__addr_parse(const char *addr, char *host, size_t hostlen, uint16_t *port);
 
+/* Whether every address host resolves to is a loopback one (127.0.0.0/8, ::1): 0 for a wildcard
+ * (0.0.0.0, ::), any other address, or a name that does not resolve. */
+int kvf__host_is_loopback(const char *host);
+
+/* The daemons' rule until kvfabric authenticates its clients (docs/security.md): a listener on
+ * an address that is not loopback is refused unless insecure is set, and warned about when it
+ * is. what names the option ("--listen"), daemon the program. Returns 0, or 2 (bad usage) after
+ * saying why on stderr. */
+int kvf__listen_policy(const char *daemon, const char *what, const char *host, int insecure);
+
 /* Listens on host:port (port 0: any free port), nonblocking. *bound gets the port bound. */
 int kvf__tcp_listen(const char *host, uint16_t port, int backlog, int *fd, uint16_t *bound,
                     char *err, size_t errlen);
