@@ -52,7 +52,8 @@
 #include <unistd.h>
 #include <xxhash.h>
 
-#define MAX_BODY (64u << 20)
+#define MAX_BODY       (64u << 20)
+#define REPORT_EVERY_S 5.0 /* the longest time between two load reports (heartbeats) */
 
 typedef struct srv {
     kvfe_model m;
@@ -118,14 +119,21 @@ static void mark_dirty_locked(srv *S)
     pthread_cond_signal(&S->report_cv);
 }
 
+static int register_with_sched(srv *S, char *err, size_t errlen);
+
+/* Sends the load whenever it changes, and at least every REPORT_EVERY_S seconds: kvf-sched
+ * removes an instance it has not heard from within its --instance-ttl (30 s unless set), so an
+ * idle engine's unchanged reports are its heartbeat. When kvf-sched answers 404 (it expired or
+ * deleted this engine, or restarted), the engine registers again and reports at once. */
 static void *reporter_main(void *arg)
 {
     srv *S = arg;
     char url[256], err[256];
     snprintf(url, sizeof url, "http://%s/v1/instances/%s/load", S->sched, S->id);
+    double last = now_s();
     pthread_mutex_lock(&S->mu);
     while (!atomic_load(&S->stop)) {
-        if (!S->report_dirty) {
+        if (!S->report_dirty && now_s() - last < REPORT_EVERY_S) {
             kvf__cond_wait_ms(&S->report_cv, &S->mu, 200);
             continue;
         }
@@ -134,12 +142,23 @@ static void *reporter_main(void *arg)
                                  "active_decodes", (int)S->active_decodes, "used_blocks",
                                  (json_int_t)(S->n_held));
         pthread_mutex_unlock(&S->mu);
-        long status;
-        if (kvf__http_call("POST", url, body, 2000, &status, NULL, err, sizeof err) != 0 ||
-            status != 200)
+        last = now_s();
+        long status = 0;
+        int again = 0;
+        if (kvf__http_call("POST", url, body, 2000, &status, NULL, err, sizeof err) == 0 &&
+            status == 404) {
+            kvf_warn(&S->lg, "kvf-sched does not know this engine (expired, deleted or "
+                             "restarted): registering again");
+            if (register_with_sched(S, err, sizeof err) != 0)
+                kvf_warn(&S->lg, "registration with kvf-sched: %s", err);
+            else
+                again = 1;
+        } else if (status != 200) {
             kvf_warn(&S->lg, "load report to kvf-sched: %s", status ? "refused" : err);
+        }
         json_decref(body);
         pthread_mutex_lock(&S->mu);
+        S->report_dirty |= again;
     }
     pthread_mutex_unlock(&S->mu);
     return NULL;
@@ -475,6 +494,10 @@ static unsigned on_request(void *ctx, const char *method, const char *url, json_
                            kvf__http_reply *reply)
 {
     srv *S = ctx;
+    if (!body && strcmp(method, "GET") != 0) {
+        reply->json = kvf__http_error("%s %s: not served", method, url);
+        return 405;
+    }
     if (!body) {
         if (strcmp(url, "/v1/health") != 0) {
             reply->json = kvf__http_error("GET %s: not served", url);

@@ -1,6 +1,7 @@
 /*
- * What the files of the daemon kvf-sched share: its state, the events thread (subscriber.c) and
- * the HTTP routes (http_api.c). main.c starts and stops them. Not a public interface.
+ * What the files of the daemon kvf-sched share: its state, the events thread (subscriber.c), the
+ * instance table (registry.c) and the HTTP routes (http_api.c). main.c starts and stops them. Not
+ * a public interface.
  *
  * Lock order: there is one lock, mu. It serialises the scheduler core (not thread-safe) between
  * the HTTP thread and the events thread, and guards every field below that either thread writes
@@ -34,7 +35,18 @@ typedef struct kvf__sched_sub {
      * before replay_down_until_ns (CLOCK_MONOTONIC), set after a request got no answer. */
     uint64_t replay_down_until_ns;
     unsigned replay_backoff_ms; /* the last back-off; 0 once the socket answers */
+    /* The instance it feeds was removed (registry.c): its batches are dropped from then on, and
+     * the events thread closes it and frees its number. */
+    int dead;
+    int used; /* a subscription is made in this entry */
 } kvf__sched_sub;
+
+/* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */
+typedef struct kvf__sched_reg {
+    uint64_t seen_ns; /* its registration or last load report (CLOCK_MONOTONIC) */
+    int pinned;       /* from the cluster file (--config): never expires */
+    char replay[128]; /* the replay endpoint it registered with */
+} kvf__sched_reg;
 
 typedef struct kvf__sched_daemon {
     kvf_sched *s;
@@ -52,6 +64,10 @@ typedef struct kvf__sched_daemon {
     kvf_ingest_stats ingest;
     uint64_t seq_gaps, seq_missed, seq_restarts; /* saturating */
     uint64_t replayed, replay_timeouts;
+    /* The instance table's (registry.c), written by both threads. */
+    kvf__sched_reg reg[KVF_SCHED_MAX_INSTANCES];
+    uint64_t ttl_ns; /* an instance expires this long after it was last seen; 0: never */
+    uint64_t expired, deleted;
     /* The HTTP thread's (http_api.c). */
     uint64_t placements, rejections;
     kvf__httpd *httpd;
@@ -67,9 +83,33 @@ typedef struct kvf__sched_daemon {
  * KVF_SCHED_MAX_SUBS pending requests the rest are dropped. */
 void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *src, const char *ep,
                                  const char *replay);
+/* Ends the subscriptions that feed instance slot idx, made or pending: none of their batches is
+ * applied after this returns, and the events thread closes their sockets. */
+void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx);
+/* The subscriptions made and not ended. */
+int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d);
 /* The events thread: makes the subscriptions asked for and applies every batch that arrives
  * until d->stop is set. arg is the daemon. */
 void *kvf__sched_events_main(void *arg);
+
+/* ------------------------------------------------------------------------------------------ */
+/* The instance table (registry.c) */
+
+/* Registers *in (replay: its replay endpoint, may be empty) and asks for its events. An id that
+ * is registered already must come with the same fields: then it counts as a heartbeat. pinned
+ * (the cluster file's) never expires. Returns 0 with *fresh 1 for a new instance and 0 for a
+ * repeat, *idx its slot; KVF_EEXIST when the id is registered with other fields (the first that
+ * differs, with both values, in err); KVF_ENOSPC when the table is full; KVF_EINVAL for a record
+ * the core refuses. */
+int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in,
+                               const char *replay, int pinned, int *idx, int *fresh, char *err,
+                               size_t errlen);
+/* Notes that instance idx was heard from (a load report). */
+void kvf__sched_seen_locked(kvf__sched_daemon *d, int idx);
+/* Removes instance idx from the table, the index and the subscriptions. 0 or KVF_ENOENT. */
+int kvf__sched_remove_locked(kvf__sched_daemon *d, int idx);
+/* Removes every instance not heard from within d->ttl_ns, but the pinned. */
+void kvf__sched_expire_locked(kvf__sched_daemon *d);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The HTTP API (http_api.c) */

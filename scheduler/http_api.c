@@ -2,16 +2,19 @@
  * kvf-sched's HTTP API (docs/scheduler.md, "HTTP API"): its routes and their JSON, served by
  * libmicrohttpd's one polling thread (transport/httpd.c) with jansson bodies.
  *
- *   POST /v1/instances            register or update an engine instance
- *   GET  /v1/instances            list them
- *   GET  /v1/stores               the storage nodes' data addresses (--stores)
- *   POST /v1/instances/ID/load    an engine's load report
+ *   POST   /v1/instances          register an engine instance (again: a heartbeat)
+ *   GET    /v1/instances          list them
+ *   DELETE /v1/instances/ID       remove one
+ *   GET    /v1/stores             the storage nodes' data addresses (--stores)
+ *   POST   /v1/instances/ID/load  an engine's load report
  *   POST /v1/place                place a request
  *   GET  /v1/index/stats          index and event-ingestion counters
  *   GET  /metrics                 Prometheus text format
  *
  * Every route that reads or changes the scheduler holds the daemon's lock (daemon.h) while it
- * does; bad input gets a 4xx reply with {"error": "..."} and changes nothing.
+ * does; bad input gets a 4xx reply with {"error": "..."} and changes nothing. Every number a body
+ * gives is range-checked (json_num): callers are not authenticated, and one instance reporting a
+ * negative or absurd load would win every placement.
  */
 #include "daemon.h"
 
@@ -19,6 +22,7 @@
 
 #include <inttypes.h>
 #include <jansson.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -68,6 +72,59 @@ int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int requi
     return 0;
 }
 
+/* The ranges of the numbers the API accepts: wide enough for any engine, narrow enough that no
+ * figure overflows the cost model or outweighs every other instance's by itself. */
+#define MAX_BLOCK_TOKENS    65536.0
+#define MAX_CAPACITY_BLOCKS 1099511627776.0 /* 2^40 */
+#define MAX_QUEUED_TOKENS   1e12
+#define MAX_ACTIVE_DECODES  1000000.0
+#define MAX_OUTPUT_TOKENS   1048576.0  /* 2^20 */
+#define MAX_SLO_TTFT_MS     86400000.0 /* a day */
+
+/* Reads the number member k of o into *out, or def when o has none. A present member must be a
+ * JSON number from lo to hi (finite: jansson reads 1e400 as an error, but nothing else is
+ * trusted), and with `whole` have no fraction (2 and 2.0 are taken alike). Integers are compared
+ * as integers, so none wraps on its way to a double. Returns 0, or -1 with the reason in err:
+ * the field, its range and what it was. */
+static int json_num(json_t *o, const char *k, double lo, double hi, int whole, double def,
+                    double *out, char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, k);
+    *out = def;
+    if (!v)
+        return 0;
+    int ok = 0;
+    double x = 0;
+    if (json_is_integer(v)) {
+        json_int_t i = json_integer_value(v);
+        ok = i >= (json_int_t)lo && i <= (json_int_t)hi;
+        x = (double)i;
+    } else if (json_is_real(v)) {
+        x = json_real_value(v);
+        ok = isfinite(x) && x >= lo && x <= hi && (!whole || x == floor(x));
+    }
+    if (ok) {
+        *out = x;
+        return 0;
+    }
+    char *got = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+    snprintf(err, errlen, "\"%s\" must be a %s from %.15g to %.15g, got %.40s", k,
+             whole ? "whole number" : "finite number", lo, hi, got ? got : "?");
+    free(got);
+    return -1;
+}
+
+/* What to do about an id that is taken, for the 409 and 503 replies. */
+static const char *expiry_advice(const kvf__sched_daemon *d, char *buf, size_t n)
+{
+    if (d->ttl_ns)
+        snprintf(buf, n, "instances expire %.15g s after their last load report or registration",
+                 (double)d->ttl_ns / 1e9);
+    else
+        snprintf(buf, n, "instances do not expire (--instance-ttl 0)");
+    return buf;
+}
+
 static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
 {
     kvf_instance_info in;
@@ -87,11 +144,14 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
         in.role = KVF_ROLE_BOTH;
     else
         return send_error(d, c, 400, "\"role\" must be prefill, decode or both");
-    json_t *bt = json_object_get(o, "block_tokens"), *cap = json_object_get(o, "capacity_blocks");
-    in.block_tokens = bt ? (uint32_t)json_integer_value(bt) : 16;
-    in.capacity_blocks = cap ? (uint64_t)json_integer_value(cap) : 0;
-    if ((bt && !json_is_integer(bt)) || (cap && !json_is_integer(cap)))
-        return send_error(d, c, 400, "block_tokens and capacity_blocks must be integers");
+    if (!in.id[0])
+        return send_error(d, c, 400, "\"id\" must not be empty");
+    double bt, cap;
+    if (json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, sizeof err) ||
+        json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, sizeof err))
+        return send_error(d, c, 400, "%s", err);
+    in.block_tokens = (uint32_t)bt;
+    in.capacity_blocks = (uint64_t)cap;
     json_t *caps = json_object_get(o, "capabilities");
     if (caps) {
         char *t = json_dumps(caps, JSON_COMPACT);
@@ -102,29 +162,59 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
         snprintf(in.capabilities, sizeof in.capabilities, "%s", t);
         free(t);
     }
-    int idx;
+    int idx = -1, fresh = 0, pinned = 0;
+    char advice[128];
     pthread_mutex_lock(&d->mu);
-    int rc = kvf_sched_instance_add(d->s, &in, &idx);
-    if (!rc) {
-        kvf_event_source src = {.instance = idx, .store = -1};
-        kvf__sched_subscribe_locked(d, &src, in.events, replay);
+    int rc = kvf__sched_register_locked(d, &in, replay, 0, &idx, &fresh, err, sizeof err);
+    size_t registered = kvf_sched_instance_count(d->s);
+    if (rc == KVF_EEXIST)
+        pinned = d->reg[kvf_sched_instance_find(d->s, in.id)].pinned;
+    pthread_mutex_unlock(&d->mu);
+    if (rc == KVF_EEXIST)
+        return send_error(d, c, 409,
+                          "cannot register: %s; DELETE /v1/instances/%s first, or wait for it to "
+                          "expire (%s)",
+                          err, in.id,
+                          pinned ? "it comes from the cluster file and does not expire"
+                                 : expiry_advice(d, advice, sizeof advice));
+    if (rc == KVF_ENOSPC)
+        return send_error(d, c, 503,
+                          "cannot register \"%s\": instance table full (%zu of %d); %s, and "
+                          "DELETE /v1/instances/ID removes one",
+                          in.id, registered, KVF_SCHED_MAX_INSTANCES,
+                          expiry_advice(d, advice, sizeof advice));
+    if (rc)
+        return send_error(d, c, 400, "cannot register \"%s\": invalid capability record", in.id);
+    if (fresh)
+        kvf_info(&d->lg, "instance %s registered (%s, %u-token blocks)", in.id, role_name(in.role),
+                 in.block_tokens);
+    return send_json(c, fresh ? 201 : 200, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
+}
+
+/* Removes an instance: from placement, the index and the table, its subscriptions ended. */
+static unsigned delete_instance(kvf__sched_daemon *d, kvf__http_reply *c, const char *id)
+{
+    pthread_mutex_lock(&d->mu);
+    int idx = kvf_sched_instance_find(d->s, id);
+    if (idx >= 0) {
+        kvf__sched_remove_locked(d, idx);
+        d->deleted++;
     }
     pthread_mutex_unlock(&d->mu);
-    if (rc)
-        return send_error(d, c, 400,
-                          "cannot register \"%s\": %s (block_tokens 1..65536, up to %d instances)",
-                          in.id, kvf_strerror(rc), KVF_SCHED_MAX_INSTANCES);
-    kvf_info(&d->lg, "instance %s registered (%s, %u-token blocks)", in.id, role_name(in.role),
-             in.block_tokens);
-    return send_json(c, 201, json_pack("{s:s,s:i}", "id", in.id, "index", idx));
+    if (idx < 0)
+        return send_error(d, c, 404, "unknown instance \"%s\"", id);
+    kvf_info(&d->lg, "instance %s removed (DELETE)", id);
+    return send_json(c, 200, json_pack("{s:s,s:b}", "id", id, "deleted", 1));
 }
 
 static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
 {
     json_t *arr = json_array();
     pthread_mutex_lock(&d->mu);
-    for (size_t i = 0; i < kvf_sched_instance_count(d->s); i++) {
+    for (size_t i = 0; i < kvf_sched_instance_slots(d->s); i++) {
         const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
+        if (!in)
+            continue;
         json_array_append_new(arr,
                               json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", in->id, "role",
                                         role_name(in->role), "endpoint", in->endpoint, "events",
@@ -138,17 +228,21 @@ static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
 static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *id, json_t *o)
 {
     kvf_instance_load L = {0};
-    json_t *q = json_object_get(o, "queued_prefill_tokens"),
-           *a = json_object_get(o, "active_decodes"), *u = json_object_get(o, "used_blocks");
-    if ((q && !json_is_number(q)) || (a && !json_is_integer(a)) || (u && !json_is_integer(u)))
-        return send_error(d, c, 400, "load fields must be numbers");
-    L.queued_prefill_tokens = q ? json_number_value(q) : 0;
-    L.active_decodes = a ? (uint32_t)json_integer_value(a) : 0;
-    L.used_blocks = u ? (uint64_t)json_integer_value(u) : 0;
+    char err[256];
+    double q, a, u;
+    if (json_num(o, "queued_prefill_tokens", 0, MAX_QUEUED_TOKENS, 0, 0, &q, err, sizeof err) ||
+        json_num(o, "active_decodes", 0, MAX_ACTIVE_DECODES, 1, 0, &a, err, sizeof err) ||
+        json_num(o, "used_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &u, err, sizeof err))
+        return send_error(d, c, 400, "%s", err);
+    L.queued_prefill_tokens = q;
+    L.active_decodes = (uint32_t)a;
+    L.used_blocks = (uint64_t)u;
     pthread_mutex_lock(&d->mu);
     int idx = kvf_sched_instance_find(d->s, id);
-    if (idx >= 0)
+    if (idx >= 0) {
         kvf_sched_instance_load(d->s, idx, &L);
+        kvf__sched_seen_locked(d, idx);
+    }
     pthread_mutex_unlock(&d->mu);
     if (idx < 0)
         return send_error(d, c, 404, "unknown instance \"%s\"", id);
@@ -211,14 +305,16 @@ static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errl
             return 400;
         }
     }
-    json_t *ot = json_object_get(o, "output_tokens"), *slo = json_object_get(o, "slo_ttft_ms");
-    b->rq =
-        (kvf_place_req){.tokens = b->tokens,
-                        .n_tokens = n,
-                        .chunk_keys = b->keys,
-                        .n_chunks = nk,
-                        .output_tokens = json_is_integer(ot) ? (uint32_t)json_integer_value(ot) : 0,
-                        .slo_ttft_s = json_is_number(slo) ? json_number_value(slo) / 1e3 : 0};
+    double ot, slo;
+    if (json_num(o, "output_tokens", 0, MAX_OUTPUT_TOKENS, 1, 0, &ot, err, errlen) ||
+        json_num(o, "slo_ttft_ms", 0, MAX_SLO_TTFT_MS, 0, 0, &slo, err, errlen))
+        return 400;
+    b->rq = (kvf_place_req){.tokens = b->tokens,
+                            .n_tokens = n,
+                            .chunk_keys = b->keys,
+                            .n_chunks = nk,
+                            .output_tokens = (uint32_t)ot,
+                            .slo_ttft_s = slo / 1e3};
     return 0;
 }
 
@@ -288,6 +384,7 @@ typedef struct stats {
     kvf_index_stats index;
     kvf_ingest_stats ingest;
     uint64_t gaps, missed, restarts, replayed, replay_timeouts, placements, rejections;
+    uint64_t expired, deleted; /* instances */
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
     int subs;
@@ -306,7 +403,9 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->placements = d->placements;
     st->rejections = d->rejections;
     st->instances = kvf_sched_instance_count(d->s);
-    st->subs = d->n_subs;
+    st->expired = d->expired;
+    st->deleted = d->deleted;
+    st->subs = kvf__sched_subscriptions_locked(d);
     pthread_mutex_unlock(&d->mu);
     kvf__httpd_counts(d->httpd, &st->requests, &st->errors);
 }
@@ -323,16 +422,17 @@ static json_t *stats_json(const stats *st)
     const kvf_index_stats *x = &st->index;
     const kvf_ingest_stats *in = &st->ingest;
     return json_pack(
-        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I}", "blocks",
-        counter(x->blocks), "holdings", counter(x->holdings), "events", counter(x->events),
-        "unknown_removals", counter(x->unknown_removals), "bytes", counter(x->bytes), "batches",
-        counter(in->batches), "blocks_stored", counter(in->stored), "blocks_removed",
-        counter(in->removed), "chunks", counter(in->chunks), "malformed", counter(in->malformed),
-        "unknown_parents", counter(in->unknown_parents), "unknown_types",
+        "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I,s:I,s:I}",
+        "blocks", counter(x->blocks), "holdings", counter(x->holdings), "events",
+        counter(x->events), "unknown_removals", counter(x->unknown_removals), "bytes",
+        counter(x->bytes), "batches", counter(in->batches), "blocks_stored", counter(in->stored),
+        "blocks_removed", counter(in->removed), "chunks", counter(in->chunks), "malformed",
+        counter(in->malformed), "unknown_parents", counter(in->unknown_parents), "unknown_types",
         counter(in->unknown_types), "sequence_gaps", counter(st->gaps), "batches_missed",
         counter(st->missed), "sequence_restarts", counter(st->restarts), "batches_replayed",
         counter(st->replayed), "replay_timeouts", counter(st->replay_timeouts), "subscriptions",
-        st->subs, "instances", counter(st->instances));
+        st->subs, "instances", counter(st->instances), "instances_expired", counter(st->expired),
+        "instances_deleted", counter(st->deleted));
 }
 
 /* The counters in Prometheus's text format. */
@@ -388,6 +488,17 @@ unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, j
                                kvf__http_reply *c)
 {
     kvf__sched_daemon *d = cls;
+    /* What has expired goes before anything is read or placed. */
+    pthread_mutex_lock(&d->mu);
+    kvf__sched_expire_locked(d);
+    pthread_mutex_unlock(&d->mu);
+    size_t ul = strlen(url);
+    if (!strcmp(method, "DELETE")) {
+        if (!strncmp(url, "/v1/instances/", 14) && ul > 14 && !strchr(url + 14, '/'))
+            return delete_instance(d, c, url + 14);
+        return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
+                          url);
+    }
     if (!o) { /* a GET */
         if (!strcmp(url, "/metrics"))
             return get_stats(d, c, 1);
@@ -400,7 +511,6 @@ unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, j
         return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
                           url);
     }
-    size_t ul = strlen(url);
     if (!strcmp(url, "/v1/instances"))
         return post_instance(d, c, o);
     if (!strcmp(url, "/v1/place"))

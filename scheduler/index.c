@@ -26,9 +26,16 @@ typedef kvf__sched_bent bent;
 
 /* An entry of the engine-hash map. */
 typedef struct kvf__sched_ement {
-    uint64_t key; /* mix of (instance, engine hash); 0: empty */
+    uint64_t key; /* the instance's slot + 1 in the top EKEY_WHO_BITS bits, a mix of (slot,
+                   * engine hash) in the rest (ekey); 0: empty */
     uint64_t ours;
 } ement;
+
+/* The engine-hash map's keys name their instance in their top bits, so that removing an instance
+ * finds its entries (kvf__sched_index_drop); the other 51 bits tell its blocks apart. */
+#define EKEY_WHO_BITS  13
+#define EKEY_HASH_BITS (64 - EKEY_WHO_BITS)
+_Static_assert(KVF_SCHED_MAX_INSTANCES < (1u << EKEY_WHO_BITS), "slot + 1 must fit the key's top");
 
 /* ------------------------------------------------------------------------------------------ */
 /* Hash tables */
@@ -170,8 +177,9 @@ static int holder_del(kvf_sched *s, bent *e, uint32_t who)
 
 static uint64_t ekey(int idx, uint64_t engine_hash)
 {
-    return kvf__sched_mix(engine_hash * 0x9E3779B97F4A7C15ull ^
-                          ((uint64_t)idx + 1) * 0xC2B2AE3D27D4EB4Full);
+    uint64_t mix = kvf__sched_mix(engine_hash * 0x9E3779B97F4A7C15ull ^
+                                  ((uint64_t)idx + 1) * 0xC2B2AE3D27D4EB4Full);
+    return ((uint64_t)idx + 1) << EKEY_HASH_BITS | (mix & ((1ull << EKEY_HASH_BITS) - 1));
 }
 
 static int grow_emap(kvf_sched *s);
@@ -299,7 +307,7 @@ int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes,
                            int has_parent, uint64_t engine_parent, const uint32_t *tokens,
                            size_t n_tokens, uint32_t block_tokens, kvf_tier tier)
 {
-    if (idx < 0 || (size_t)idx >= s->n_inst)
+    if (!kvf__sched_live(s, idx))
         return KVF_ENOENT;
     if (block_tokens == 0 || n_tokens != (size_t)n_blocks * block_tokens ||
         (tier != KVF_TIER_DEVICE && tier != KVF_TIER_HOST))
@@ -330,7 +338,7 @@ int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes,
 
 int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks)
 {
-    if (idx < 0 || (size_t)idx >= s->n_inst)
+    if (!kvf__sched_live(s, idx))
         return KVF_ENOENT;
     s->st.events++;
     for (size_t b = 0; b < n_blocks; b++) {
@@ -347,13 +355,11 @@ int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes
     return 0;
 }
 
-int kvf_sched_all_cleared(kvf_sched *s, int idx)
+/* Removes instance idx from every block's holders. Rare (an engine reset, an instance removed):
+ * a full pass. Deleting shifts entries back into the current slot, so the slot is examined again
+ * before moving on. */
+static void holdings_drop(kvf_sched *s, int idx)
 {
-    if (idx < 0 || (size_t)idx >= s->n_inst)
-        return KVF_ENOENT;
-    s->st.events++;
-    /* Rare (an engine reset): a full pass. Deleting shifts entries back into the current slot,
-     * so the slot is examined again before moving on. */
     for (uint64_t i = 0; i <= s->bmask;) {
         bent *e = &s->bt[i];
         if (e->h && holder_del(s, e, (uint32_t)idx)) {
@@ -362,7 +368,30 @@ int kvf_sched_all_cleared(kvf_sched *s, int idx)
         }
         i++;
     }
+}
+
+int kvf_sched_all_cleared(kvf_sched *s, int idx)
+{
+    if (!kvf__sched_live(s, idx))
+        return KVF_ENOENT;
+    s->st.events++;
+    holdings_drop(s, idx);
     return 0;
+}
+
+void kvf__sched_index_drop(kvf_sched *s, int idx)
+{
+    holdings_drop(s, idx);
+    /* The same full pass over the engine-hash map, for the entries whose key names idx. */
+    uint64_t who = (uint64_t)idx + 1;
+    for (uint64_t i = 0; i <= s->emask;) {
+        ement *e = &s->et[i];
+        if (e->key && e->key >> EKEY_HASH_BITS == who) {
+            edelete(s, e);
+            continue;
+        }
+        i++;
+    }
 }
 
 int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted)

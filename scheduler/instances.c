@@ -1,7 +1,8 @@
 /*
  * The scheduler's life and its engine instances: the handle that owns the index, the instances
  * and the prefix walk's scratch; registration (checked, and its capability record classified once
- * for whether the instance can load from the stores), lookup by id, and load reports.
+ * for whether the instance can load from the stores) into the lowest free slot, removal, lookup by
+ * id, and load reports.
  */
 #include "sched_int.h"
 
@@ -58,9 +59,18 @@ void kvf_sched_set_policy(kvf_sched *s, kvf_policy p)
 int kvf_sched_instance_find(const kvf_sched *s, const char *id)
 {
     for (size_t i = 0; i < s->n_inst; i++)
-        if (strcmp(s->inst[i].info.id, id) == 0)
+        if (s->inst[i].live && strcmp(s->inst[i].info.id, id) == 0)
             return (int)i;
     return -1;
+}
+
+/* The lowest free slot, or -1 when every one is taken. */
+static int free_slot(const kvf_sched *s)
+{
+    for (size_t i = 0; i < s->n_inst; i++)
+        if (!s->inst[i].live)
+            return (int)i;
+    return s->n_inst < KVF_SCHED_MAX_INSTANCES ? (int)s->n_inst : -1;
 }
 
 int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx)
@@ -80,10 +90,13 @@ int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx
     }
     int i = kvf_sched_instance_find(s, info->id);
     if (i < 0) {
-        if (s->n_inst == KVF_SCHED_MAX_INSTANCES)
+        if ((i = free_slot(s)) < 0)
             return KVF_ENOSPC;
-        i = (int)s->n_inst++;
+        if ((size_t)i == s->n_inst)
+            s->n_inst++;
         memset(&s->inst[i], 0, sizeof s->inst[i]);
+        s->inst[i].live = 1;
+        s->n_live++;
     }
     s->inst[i].info = *info;
     s->inst[i].caps = caps;
@@ -96,19 +109,36 @@ int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx
     return 0;
 }
 
+int kvf_sched_instance_remove(kvf_sched *s, int idx)
+{
+    if (!kvf__sched_live(s, idx))
+        return KVF_ENOENT;
+    kvf__sched_index_drop(s, idx);
+    memset(&s->inst[idx], 0, sizeof s->inst[idx]);
+    s->n_live--;
+    while (s->n_inst > 0 && !s->inst[s->n_inst - 1].live)
+        s->n_inst--;
+    return 0;
+}
+
 size_t kvf_sched_instance_count(const kvf_sched *s)
+{
+    return s->n_live;
+}
+
+size_t kvf_sched_instance_slots(const kvf_sched *s)
 {
     return s->n_inst;
 }
 
 const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx)
 {
-    return idx >= 0 && (size_t)idx < s->n_inst ? &s->inst[idx].info : NULL;
+    return kvf__sched_live(s, idx) ? &s->inst[idx].info : NULL;
 }
 
 int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load)
 {
-    if (idx < 0 || (size_t)idx >= s->n_inst)
+    if (!kvf__sched_live(s, idx))
         return KVF_ENOENT;
     s->inst[idx].load = *load;
     return 0;

@@ -3,7 +3,7 @@
  *
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
  *             [--stores HOST:PORT[,...]] [--store-events ENDPOINT[,...]] [--chunk-tokens N]
- *             [--log-level L]
+ *             [--instance-ttl SECONDS] [--log-level L]
  *
  * Startup: the command line, the cost model's calibration file, the cluster file's instances and
  * the stores' event publishers; then the HTTP server (http_api.c) and the events thread
@@ -16,13 +16,16 @@
 #include "tcp.h"
 
 #include <jansson.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
-#define MAX_BODY (16u << 20) /* the largest request body the HTTP server accepts */
+#define MAX_BODY      (16u << 20) /* the largest request body the HTTP server accepts */
+#define DEFAULT_TTL_S 30.0        /* --instance-ttl: 6 of the reference engine's heartbeats */
+#define MAX_TTL_S     86400.0
 
 /* The command line's settings that are not the daemon's state. */
 typedef struct cmdline {
@@ -39,8 +42,8 @@ static void on_signal(int sig)
         atomic_store(&g_daemon->stop, 1);
 }
 
-/* Reads the command line into *cl, and --stores and --log-level into d. Returns -1 to go on, or
- * the status to exit with: 0 after --help, 2 for a bad option. */
+/* Reads the command line into *cl, and --stores, --instance-ttl and --log-level into d. Returns -1
+ * to go on, or the status to exit with: 0 after --help, 2 for a bad option. */
 static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
 {
     for (int i = 1; i < argc; i++) {
@@ -50,7 +53,7 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                    "longest_prefix|dynamo_cost|kvf_cost]\n"
                    "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
                    "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
-                   "[--log-level L]\n");
+                   "[--instance-ttl SECONDS] [--log-level L]\n");
             return 0;
         }
         if (!v) {
@@ -70,7 +73,16 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
             cl->store_events = v;
         else if (!strcmp(a, "--chunk-tokens"))
             cl->chunk_tokens = strtol(v, NULL, 10);
-        else if (!strcmp(a, "--stores")) {
+        else if (!strcmp(a, "--instance-ttl")) {
+            char *end;
+            double ttl = strtod(v, &end);
+            if (end == v || *end || !(ttl >= 0 && ttl <= MAX_TTL_S)) {
+                fprintf(stderr, "kvf-sched: --instance-ttl: seconds from 0 (never) to %.0f\n",
+                        MAX_TTL_S);
+                return 2;
+            }
+            d->ttl_ns = (uint64_t)llround(ttl * 1e9);
+        } else if (!strcmp(a, "--stores")) {
             if (strlen(v) >= sizeof d->stores) {
                 fprintf(stderr, "kvf-sched: --stores: list too long\n");
                 return 2;
@@ -117,7 +129,8 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
 }
 
 /* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
- * "replay", "block_tokens"}, ...]}) and asks for their events. An unknown role is "both". Called
+ * "replay", "block_tokens"}, ...]}) and asks for their events. An unknown role is "both". They
+ * never expire (the operator's, and engines such as vLLM report no load to kvf-sched). Called
  * before the events thread starts. Returns 0, or -1 with the reason in err. */
 static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
 {
@@ -148,16 +161,21 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
                                             : KVF_ROLE_BOTH;
         json_t *bt = json_object_get(v, "block_tokens");
         in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
-        int idx;
-        if (kvf_sched_instance_add(d->s, &in, &idx) != 0) {
-            snprintf(err, errlen, "%s: instance %zu is invalid", path, i);
+        if (bt && (!json_is_integer(bt) || json_integer_value(bt) < 1 ||
+                   json_integer_value(bt) > 65536)) {
+            snprintf(err, errlen, "%s: instance %zu: block_tokens must be 1..65536", path, i);
             rc = -1;
             break;
         }
-        kvf_event_source src = {.instance = idx, .store = -1};
-        char replay[128] = "";
+        char replay[128] = "", why[256] = "";
         kvf__sched_json_str(v, "replay", replay, sizeof replay, 0, err, errlen);
-        kvf__sched_subscribe_locked(d, &src, in.events, replay);
+        int idx, fresh;
+        if (kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, why, sizeof why) != 0) {
+            snprintf(err, errlen, "%s: instance %zu is invalid%s%s", path, i, why[0] ? ": " : "",
+                     why);
+            rc = -1;
+            break;
+        }
     }
     json_decref(o);
     return rc;
@@ -223,6 +241,7 @@ int main(int argc, char **argv)
 {
     static kvf__sched_daemon d;
     d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
+    d.ttl_ns = (uint64_t)(DEFAULT_TTL_S * 1e9);
     cmdline cl = {.chunk_tokens = 256, .listen = "127.0.0.1:7500", .policy = "kvf_cost"};
     int rc = parse_args(argc, argv, &cl, &d);
     if (rc >= 0)

@@ -130,6 +130,8 @@ void kvf__sched_match_sizes(kvf_sched *s, const uint32_t *tokens, size_t n)
     uint32_t sizes[MAX_BLOCK_SIZES];
     int nsizes = 0;
     for (size_t i = 0; i < s->n_inst; i++) {
+        if (!s->inst[i].live)
+            continue;
         uint32_t bt = s->inst[i].info.block_tokens;
         int seen = 0;
         for (int k = 0; k < nsizes; k++)
@@ -143,7 +145,7 @@ void kvf__sched_match_sizes(kvf_sched *s, const uint32_t *tokens, size_t n)
 
 size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n)
 {
-    if (idx < 0 || (size_t)idx >= s->n_inst)
+    if (!kvf__sched_live(s, idx))
         return 0;
     memset(s->depth, 0, s->n_inst * sizeof *s->depth);
     uint32_t bt = s->inst[idx].info.block_tokens;

@@ -55,12 +55,13 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
                           size_t store_tokens, kvf__sched_est *best_est)
 {
     kvf__sched_cand cand = {.prompt = n};
+    /* A free slot is all zero: no role, so neither loop takes it. */
     for (size_t i = 0; i < s->n_inst; i++)
         cand.count += (s->inst[i].info.role & KVF_ROLE_PREFILL) != 0;
     int best = -1;
     double best_score = INFINITY;
     for (size_t i = 0; i < s->n_inst; i++) {
-        if (!(s->inst[i].info.role & KVF_ROLE_PREFILL))
+        if (!s->inst[i].live || !(s->inst[i].info.role & KVF_ROLE_PREFILL))
             continue;
         cand.in = &s->inst[i];
         estimate(s, (int)i, n, store_tokens, &cand.est);
@@ -85,7 +86,7 @@ static int choose_decode(const kvf_sched *s, int prefill, double need)
     double dscore = INFINITY;
     for (size_t i = 0; i < s->n_inst; i++) {
         const kvf__sched_inst *in = &s->inst[i];
-        if (!(in->info.role & KVF_ROLE_DECODE))
+        if (!in->live || !(in->info.role & KVF_ROLE_DECODE))
             continue;
         double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
                              in->info.block_tokens;

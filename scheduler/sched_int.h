@@ -34,6 +34,7 @@ typedef struct kvf__sched_bent {
 
 /* An engine instance as the scheduler knows it. */
 typedef struct kvf__sched_inst {
+    int live; /* 0: a free slot (never registered, or removed), all zero */
     kvf_instance_info info;
     kvf_caps caps; /* from the registration's capability record, or the reference engine's */
     int can_load;  /* the classifier lets it load store-cached KV */
@@ -49,9 +50,10 @@ struct kvf_sched {
     uint64_t bmask, bcount;
     struct kvf__sched_ement *et;
     uint64_t emask, ecount;
-    kvf__sched_inst *inst; /* registered in order, KVF_SCHED_MAX_INSTANCES of room */
-    size_t n_inst;
-    uint32_t rr; /* round robin's turn */
+    kvf__sched_inst *inst; /* by slot, KVF_SCHED_MAX_INSTANCES of room */
+    size_t n_inst;         /* slots in use are below it: the last one in use, plus one */
+    size_t n_live;         /* instances registered */
+    uint32_t rr;           /* round robin's turn */
     kvf_index_stats st;
     kvf_caps store_caps; /* the storage nodes' capability record */
     /* The prefix walk's scratch (match.c), reused by every place(). */
@@ -71,12 +73,21 @@ struct kvf_sched {
 int kvf__sched_index_open(kvf_sched *s, size_t expected_blocks);
 /* Frees the tables and every holder list. Accepts tables never opened. */
 void kvf__sched_index_close(kvf_sched *s);
+/* Forgets every block instance idx holds and its engine hashes (a full pass over both tables),
+ * before its slot is freed. */
+void kvf__sched_index_drop(kvf_sched *s, int idx);
 /* The index's hashes of nb consecutive blocks of bt tokens each, chained from parent's hash (0
  * for a prompt's first block), into out. Never 0. */
 void kvf__sched_chain_hash(uint64_t parent, uint32_t bt, const uint32_t *tokens, size_t nb,
                            uint64_t *out);
 /* Whether any storage node holds the chunk. */
 int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
+
+/* Whether slot idx holds a registered instance. */
+static inline int kvf__sched_live(const kvf_sched *s, int idx)
+{
+    return idx >= 0 && (size_t)idx < s->n_inst && s->inst[idx].live;
+}
 
 /* ------------------------------------------------------------------------------------------ */
 /* Block lookups, inline because the prefix walk (match.c) makes one for every block of every

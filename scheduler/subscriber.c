@@ -32,6 +32,33 @@ void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *s
     d->n_pending++;
 }
 
+void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx)
+{
+    for (int i = 0; i < d->n_subs; i++)
+        if (d->subs[i].used && d->subs[i].src.instance == idx)
+            d->subs[i].dead = 1;
+    int k = 0;
+    for (int i = 0; i < d->n_pending; i++) {
+        if (d->pending_src[i].instance == idx)
+            continue;
+        if (k != i) {
+            d->pending_src[k] = d->pending_src[i];
+            memcpy(d->pending_ep[k], d->pending_ep[i], sizeof d->pending_ep[k]);
+            memcpy(d->pending_replay[k], d->pending_replay[i], sizeof d->pending_replay[k]);
+        }
+        k++;
+    }
+    d->n_pending = k;
+}
+
+int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d)
+{
+    int n = 0;
+    for (int i = 0; i < d->n_subs; i++)
+        n += d->subs[i].used && !d->subs[i].dead;
+    return n;
+}
+
 /* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all. A replay
  * socket that does not answer is left alone for REPLAY_BACKOFF_MIN_MS, twice as long after each
  * further timeout, up to REPLAY_BACKOFF_MAX_MS; an answer ends the back-off. */
@@ -71,9 +98,14 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
         if (off < want) {
             char err[256] = "";
             pthread_mutex_lock(&d->mu);
-            kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
-            d->replayed++;
+            int dead = sb->dead; /* its instance was removed while the lock was free */
+            if (!dead) {
+                kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
+                d->replayed++;
+            }
             pthread_mutex_unlock(&d->mu);
+            if (dead)
+                return;
             got++;
         }
         if (off + 1 >= want && off < ((uint64_t)1 << 63))
@@ -99,10 +131,20 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
              sb->replay_backoff_ms);
 }
 
-/* Makes the subscriptions the HTTP thread asked for. Called with d->mu held. */
+/* Closes the subscriptions that were ended, then makes those the HTTP thread asked for, in the
+ * numbers freed first. Called with d->mu held. */
 static void subscribe_pending_locked(kvf__sched_daemon *d)
 {
-    for (int i = 0; i < d->n_pending && d->n_subs < KVF_SCHED_MAX_SUBS; i++) {
+    for (int i = 0; i < d->n_subs; i++) {
+        if (d->subs[i].used && d->subs[i].dead) {
+            kvf_info(&d->lg, "events: unsubscribed from %s", d->subs[i].endpoint);
+            kvf__zsubs_drop(d->zs, i);
+            memset(&d->subs[i], 0, sizeof d->subs[i]);
+        }
+    }
+    while (d->n_subs > 0 && !d->subs[d->n_subs - 1].used)
+        d->n_subs--;
+    for (int i = 0; i < d->n_pending; i++) {
         char err[256] = "";
         int idx;
         if (kvf__zsubs_add(d->zs, d->pending_ep[i], d->pending_replay[i], &idx, err, sizeof err) !=
@@ -115,9 +157,11 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
         kvf__sched_sub *sb = &d->subs[idx];
         memset(sb, 0, sizeof *sb);
         sb->src = d->pending_src[i];
+        sb->used = 1;
         snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
         snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
-        d->n_subs = idx + 1;
+        if (idx >= d->n_subs)
+            d->n_subs = idx + 1;
         kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
     }
     d->n_pending = 0;
@@ -136,6 +180,8 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
                               uint64_t *upto)
 {
     kvf__sched_sub *sb = &d->subs[i];
+    if (sb->dead)
+        return -1; /* its instance was removed: nothing of it is applied */
     if (m->frames < 2 || m->seq_len != 8) {
         d->ingest.malformed++;
         kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
@@ -171,6 +217,8 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
 static void apply_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
 {
     kvf__sched_sub *sb = &d->subs[i];
+    if (sb->dead)
+        return;
     char err[256] = "";
     uint64_t malformed = d->ingest.malformed;
     int rc = kvf_sched_ingest(d->s, &sb->src, m->payload, m->len, &d->ingest, err, sizeof err);
@@ -204,6 +252,7 @@ void *kvf__sched_events_main(void *arg)
     uint8_t ready[KVF_SCHED_MAX_SUBS];
     while (!atomic_load(&d->stop)) {
         pthread_mutex_lock(&d->mu);
+        kvf__sched_expire_locked(d);
         subscribe_pending_locked(d);
         int n = d->n_subs;
         pthread_mutex_unlock(&d->mu);

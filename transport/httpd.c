@@ -105,7 +105,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
                               kvf__http_error("body is not a JSON object%s%s", b->len ? ": " : "",
                                               b->len ? je.text : ""));
         }
-    } else if (strcmp(method, "GET") != 0) {
+    } else if (strcmp(method, "GET") != 0 && strcmp(method, "DELETE") != 0) {
         return send_error(d, c, 405, kvf__http_error("%s %s: not served", method, url));
     }
     kvf__http_reply out = {0};

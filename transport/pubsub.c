@@ -130,11 +130,14 @@ static void *socket_to(void *ctx, int type, const char *endpoint)
 int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
                    size_t errlen)
 {
-    if (s->n == KVF_ZSUBS_MAX) {
+    int i = 0;
+    while (i < s->n && s->subs[i].sock) /* the lowest slot kvf__zsubs_drop() freed, or a new one */
+        i++;
+    if (i == KVF_ZSUBS_MAX) {
         snprintf(err, errlen, "events: %d publishers already", KVF_ZSUBS_MAX);
         return KVF_E2BIG;
     }
-    zsub *z = &s->subs[s->n];
+    zsub *z = &s->subs[i];
     if (!(z->sock = socket_to(s->ctx, ZMQ_SUB, endpoint))) {
         snprintf(err, errlen, "events: cannot connect to %s: %s", endpoint,
                  zmq_strerror(zmq_errno()));
@@ -144,8 +147,22 @@ int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int 
     if (replay && replay[0] && !(z->replay = socket_to(s->ctx, ZMQ_DEALER, replay)))
         snprintf(err, errlen, "events: cannot connect to the replay socket %s: %s", replay,
                  zmq_strerror(zmq_errno()));
-    *idx = s->n++;
+    *idx = i;
+    if (i == s->n)
+        s->n++;
     return 0;
+}
+
+void kvf__zsubs_drop(kvf__zsubs *s, int idx)
+{
+    if (idx < 0 || idx >= s->n || !s->subs[idx].sock)
+        return;
+    zmq_close(s->subs[idx].sock);
+    if (s->subs[idx].replay)
+        zmq_close(s->subs[idx].replay);
+    s->subs[idx] = (zsub){0};
+    while (s->n > 0 && !s->subs[s->n - 1].sock)
+        s->n--;
 }
 
 int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx)
@@ -156,13 +173,19 @@ int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx)
 int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready)
 {
     zmq_pollitem_t items[KVF_ZSUBS_MAX];
-    for (int i = 0; i < s->n; i++)
-        items[i] = (zmq_pollitem_t){.socket = s->subs[i].sock, .events = ZMQ_POLLIN};
-    int n = zmq_poll(items, s->n, timeout_ms);
+    int of[KVF_ZSUBS_MAX], k = 0; /* items[j] is publisher of[j]'s: dropped slots are left out */
+    for (int i = 0; i < s->n; i++) {
+        ready[i] = 0;
+        if (s->subs[i].sock) {
+            of[k] = i;
+            items[k++] = (zmq_pollitem_t){.socket = s->subs[i].sock, .events = ZMQ_POLLIN};
+        }
+    }
+    int n = zmq_poll(items, k, timeout_ms);
     if (n < 0)
         return zmq_errno() == EINTR ? 0 : KVF_EIO;
-    for (int i = 0; i < s->n; i++)
-        ready[i] = (items[i].revents & ZMQ_POLLIN) != 0;
+    for (int j = 0; j < k; j++)
+        ready[of[j]] = (items[j].revents & ZMQ_POLLIN) != 0;
     return n;
 }
 
@@ -204,6 +227,8 @@ static int recv_msg(kvf__zsubs *s, int slot, void *sock, int flags, kvf__zmsg *m
 
 int kvf__zsubs_recv(kvf__zsubs *s, int idx, kvf__zmsg *m)
 {
+    if (!s->subs[idx].sock)
+        return KVF_EAGAIN;
     return recv_msg(s, 0, s->subs[idx].sock, ZMQ_DONTWAIT, m);
 }
 
@@ -245,7 +270,8 @@ void kvf__zsubs_close(kvf__zsubs **sp)
     release_msg(s, 0);
     release_msg(s, 1);
     for (int i = 0; i < s->n; i++) {
-        zmq_close(s->subs[i].sock);
+        if (s->subs[i].sock)
+            zmq_close(s->subs[i].sock);
         if (s->subs[i].replay)
             zmq_close(s->subs[i].replay);
     }

@@ -155,7 +155,9 @@ int kvf_sched_new(kvf_sched **out, const kvf_sched_opts *o);
 void kvf_sched_destroy(kvf_sched **s);
 void kvf_sched_set_policy(kvf_sched *s, kvf_policy p);
 
-/* Instances. An id is any string up to 63 bytes; re-registering updates. */
+/* Instances. An id is any string up to 63 bytes; re-registering updates (the daemon refuses a
+ * conflicting one before it gets here). Each instance has a slot, its index: a new id takes the
+ * lowest free slot, and a removed instance's slot is free for the next. */
 typedef struct kvf_instance_info {
     char id[64];
     kvf_role role;
@@ -166,9 +168,19 @@ typedef struct kvf_instance_info {
     char capabilities[512];   /* capability record (JSON), passed through */
 } kvf_instance_info;
 
+/* Registers or updates info->id; *idx (may be NULL) gets its slot. 0, KVF_EINVAL (a bad field
+ * or capability record) or KVF_ENOSPC (KVF_SCHED_MAX_INSTANCES registered). */
 int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx);
+/* Removes the instance in slot idx: its holdings leave the index, placement no longer sees it,
+ * and its slot is free. 0, or KVF_ENOENT for a slot that holds none. */
+int kvf_sched_instance_remove(kvf_sched *s, int idx);
+/* The slot of the instance named id, or -1. */
 int kvf_sched_instance_find(const kvf_sched *s, const char *id);
+/* The instances registered. */
 size_t kvf_sched_instance_count(const kvf_sched *s);
+/* Every instance's slot is below this bound; some below it may be free. */
+size_t kvf_sched_instance_slots(const kvf_sched *s);
+/* The instance in slot idx, or NULL for a free slot or one out of range. */
 const kvf_instance_info *kvf_sched_instance_get(const kvf_sched *s, int idx);
 
 /* Load reports (from the engines or the simulator). */

@@ -30,6 +30,9 @@
 #ifndef KVF_SCHED_BIN
 #error "KVF_SCHED_BIN must name the kvf-sched binary"
 #endif
+#ifndef KVF_ENGINE_BIN
+#error "KVF_ENGINE_BIN must name the kvf-engine binary"
+#endif
 
 /* One HTTP/1.1 request with Connection: close; returns the status and copies the body. */
 static int http(const daemon_t *d, const char *method, const char *path, const char *body,
@@ -441,6 +444,348 @@ static void test_sched_daemon_events_and_placement(void **state)
     daemon_stop(&d);
 }
 
+/* Starts kvf-sched on a free port, with one more option and its value when opt1 is not NULL. */
+static void sched_start(daemon_t *d, const char *opt1, const char *val1)
+{
+    char *argv[] = {
+        (char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0", (char *)"--log-level",
+        (char *)"error",       (char *)opt1,       (char *)val1,          NULL};
+    proc_start(d, argv);
+}
+
+/* Whether GET /v1/instances lists id. */
+static int listed(const daemon_t *d, const char *id)
+{
+    static char out[1 << 16];
+    char want[96];
+    assert_int_equal(http(d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    snprintf(want, sizeof want, "\"id\":\"%s\"", id);
+    return strstr(out, want) != NULL;
+}
+
+/* The instance a 32-token request is sent to for prefill, in *who. */
+static void placed_on(const daemon_t *d, char *who, size_t n)
+{
+    char out[8192];
+    assert_int_equal(http(d, "POST", "/v1/place",
+                          "{\"tokens\":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,"
+                          "23,24,25,26,27,28,29,30,31,32],\"output_tokens\":8}",
+                          out, sizeof out),
+                     200);
+    const char *p = strstr(out, "\"prefill\":\"");
+    assert_non_null(p);
+    p += strlen("\"prefill\":\"");
+    size_t k = 0;
+    while (p[k] && p[k] != '"' && k + 1 < n) {
+        who[k] = p[k];
+        k++;
+    }
+    who[k] = '\0';
+}
+
+/* Load reports, registrations and placement requests with numbers out of range (negative, huge,
+ * fractional where a count is asked for, too large for a double) are refused with 400 naming the
+ * field and its range, and change nothing: the instance that lied does not win placement. */
+static void test_sched_daemon_numbers_are_range_checked(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    char out[8192], who[64];
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"honest\",\"block_tokens\":16,\"capacity_blocks\":1000,"
+                          "\"endpoint\":\"127.0.0.1:9101\"}",
+                          out, sizeof out),
+                     201);
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"liar\",\"block_tokens\":16,\"capacity_blocks\":1000,"
+                          "\"endpoint\":\"127.0.0.1:9102\"}",
+                          out, sizeof out),
+                     201);
+    assert_int_equal(http(&d, "POST", "/v1/instances/liar/load",
+                          "{\"queued_prefill_tokens\":100000,\"active_decodes\":4,"
+                          "\"used_blocks\":10}",
+                          out, sizeof out),
+                     200);
+    placed_on(&d, who, sizeof who);
+    assert_string_equal(who, "honest");
+
+    static const struct {
+        const char *body, *field;
+    } loads[] = {
+        {"{\"queued_prefill_tokens\":-1e300}", "queued_prefill_tokens"},
+        {"{\"queued_prefill_tokens\":-1}", "queued_prefill_tokens"},
+        {"{\"queued_prefill_tokens\":1e300}", "queued_prefill_tokens"},
+        {"{\"queued_prefill_tokens\":-9223372036854775807}", "queued_prefill_tokens"},
+        {"{\"queued_prefill_tokens\":\"0\"}", "queued_prefill_tokens"},
+        {"{\"active_decodes\":-1}", "active_decodes"},
+        {"{\"active_decodes\":1.5}", "active_decodes"},
+        {"{\"active_decodes\":4294967296}", "active_decodes"},
+        {"{\"used_blocks\":-5}", "used_blocks"},
+        {"{\"used_blocks\":1e19}", "used_blocks"},
+        {"{\"queued_prefill_tokens\":1e400}", "JSON"}, /* infinite: not a JSON number */
+        {"{\"queued_prefill_tokens\":NaN}", "JSON"},
+    };
+    for (size_t i = 0; i < sizeof loads / sizeof loads[0]; i++) {
+        print_message("load %s\n", loads[i].body);
+        assert_int_equal(
+            http(&d, "POST", "/v1/instances/liar/load", loads[i].body, out, sizeof out), 400);
+        assert_non_null(strstr(out, loads[i].field));
+        if (strcmp(loads[i].field, "JSON") != 0)
+            assert_non_null(strstr(out, "from 0 to"));
+        placed_on(&d, who, sizeof who);
+        assert_string_equal(who, "honest");
+    }
+    /* Whole numbers written as reals are taken. */
+    assert_int_equal(http(&d, "POST", "/v1/instances/liar/load",
+                          "{\"queued_prefill_tokens\":200000.5,\"active_decodes\":4.0}", out,
+                          sizeof out),
+                     200);
+
+    static const struct {
+        const char *body, *field;
+    } regs[] = {
+        {"{\"id\":\"r\",\"capacity_blocks\":-1}", "capacity_blocks"},
+        {"{\"id\":\"r\",\"capacity_blocks\":1e300}", "capacity_blocks"},
+        {"{\"id\":\"r\",\"block_tokens\":0}", "block_tokens"},
+        {"{\"id\":\"r\",\"block_tokens\":-16}", "block_tokens"},
+        {"{\"id\":\"r\",\"block_tokens\":16.5}", "block_tokens"},
+        {"{\"id\":\"r\",\"block_tokens\":4294967312}", "block_tokens"}, /* 2^32 + 16 */
+        {"{\"id\":\"\"}", "id"},
+    };
+    for (size_t i = 0; i < sizeof regs / sizeof regs[0]; i++) {
+        print_message("registration %s\n", regs[i].body);
+        assert_int_equal(http(&d, "POST", "/v1/instances", regs[i].body, out, sizeof out), 400);
+        assert_non_null(strstr(out, regs[i].field));
+    }
+    assert_false(listed(&d, "r"));
+
+    static const struct {
+        const char *body, *field;
+    } places[] = {
+        {"{\"tokens\":[1,2],\"output_tokens\":-1}", "output_tokens"},
+        {"{\"tokens\":[1,2],\"output_tokens\":4294967297}", "output_tokens"},
+        {"{\"tokens\":[1,2],\"slo_ttft_ms\":-5}", "slo_ttft_ms"},
+        {"{\"tokens\":[1,2],\"slo_ttft_ms\":1e300}", "slo_ttft_ms"},
+        {"{\"tokens\":[1,2],\"slo_ttft_ms\":\"soon\"}", "slo_ttft_ms"},
+    };
+    for (size_t i = 0; i < sizeof places / sizeof places[0]; i++) {
+        print_message("placement %s\n", places[i].body);
+        assert_int_equal(http(&d, "POST", "/v1/place", places[i].body, out, sizeof out), 400);
+        assert_non_null(strstr(out, places[i].field));
+    }
+    daemon_stop(&d);
+}
+
+/* A full instance table says so, with its size; a DELETE frees a slot for the real engine. */
+static void test_sched_daemon_table_full(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    char body[256], out[8192];
+    double start = now_ms();
+    for (int i = 0; i < 4096; i++) {
+        snprintf(body, sizeof body, "{\"id\":\"fake%d\",\"endpoint\":\"10.9.9.9:%d\"}", i,
+                 1000 + i);
+        assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    }
+    print_message("4096 registrations: %.0f ms\n", now_ms() - start);
+    const char *real = "{\"id\":\"engine0\",\"endpoint\":\"127.0.0.1:9200\"}";
+    int status = http(&d, "POST", "/v1/instances", real, out, sizeof out);
+    print_message("4097th: %d %s\n", status, out);
+    assert_int_equal(status, 503);
+    assert_non_null(strstr(out, "instance table full (4096 of 4096)"));
+    assert_null(strstr(out, "store"));
+    assert_int_equal(http(&d, "DELETE", "/v1/instances/fake17", NULL, out, sizeof out), 200);
+    assert_int_equal(http(&d, "POST", "/v1/instances", real, out, sizeof out), 201);
+    assert_true(listed(&d, "engine0"));
+    assert_false(listed(&d, "fake17"));
+    daemon_stop(&d);
+}
+
+/* With --instance-ttl 1, an instance that stops reporting leaves placement, the table and the
+ * index within about a second, its events subscription ended; one that reports stays. */
+static void test_sched_daemon_instances_expire(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, "--instance-ttl", "1");
+    void *ctx = zmq_ctx_new();
+    char ep[128], body[512], out[8192], who[64];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"busy\",\"block_tokens\":16,\"capacity_blocks\":1000,"
+                          "\"endpoint\":\"127.0.0.1:9301\"}",
+                          out, sizeof out),
+                     201);
+    snprintf(body, sizeof body,
+             "{\"id\":\"quiet\",\"block_tokens\":16,\"capacity_blocks\":1000,\"events\":\"%s\","
+             "\"endpoint\":\"127.0.0.1:9302\"}",
+             ep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    double registered = now_ms();
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_stored(&sb, 100, 2, 16, 1); /* tokens 1..32: quiet holds the whole request */
+    publish_until(&d, pub, 1, &sb, 2);
+    assert_int_equal(http(&d, "POST", "/v1/instances/quiet/load", "{\"queued_prefill_tokens\":0}",
+                          out, sizeof out),
+                     200);
+    registered = now_ms();
+    placed_on(&d, who, sizeof who);
+    assert_string_equal(who, "quiet");
+
+    /* busy reports every 100 ms; quiet no more. Bounded to 5 s. */
+    double gone = 0;
+    while (now_ms() - registered < 5000) {
+        assert_int_equal(http(&d, "POST", "/v1/instances/busy/load",
+                              "{\"queued_prefill_tokens\":0}", out, sizeof out),
+                         200);
+        if (!listed(&d, "quiet")) {
+            gone = now_ms() - registered;
+            break;
+        }
+        usleep(100000);
+    }
+    print_message("quiet expired after %.0f ms\n", gone);
+    assert_true(gone >= 900 && gone < 3000);
+    assert_true(listed(&d, "busy"));
+    assert_int_equal(stat_of(&d, "instances"), 1);
+    assert_int_equal(stat_of(&d, "instances_expired"), 1);
+    assert_int_equal(stat_of(&d, "holdings"), 0);
+    assert_int_equal(stat_of(&d, "blocks"), 0);
+    assert_int_equal(http(&d, "POST", "/v1/instances/quiet/load", "{\"queued_prefill_tokens\":0}",
+                          out, sizeof out),
+                     404);
+    placed_on(&d, who, sizeof who);
+    assert_string_equal(who, "busy");
+    for (int i = 0; i < 50 && stat_of(&d, "subscriptions") != 0; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "subscriptions"), 0);
+    /* Its batches are no longer applied. */
+    publish(pub, 2, sb.data, sb.size);
+    usleep(300000);
+    assert_int_equal(stat_of(&d, "blocks"), 0);
+    /* An expired id is free again, whatever it registers with. */
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"quiet\",\"endpoint\":\"127.0.0.1:9999\"}", out, sizeof out),
+                     201);
+    msgpack_sbuffer_destroy(&sb);
+    zmq_close(pub);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
+/* An id registered with an endpoint is not taken over by a registration with another endpoint
+ * or role (409) until it is deleted; the same registration again is fine. DELETE removes an
+ * instance, and the instance that takes its slot gets none of its events. */
+static void test_sched_daemon_conflicts_and_delete(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    char body[512], out[8192];
+    const char *a = "{\"id\":\"eng\",\"role\":\"prefill\",\"endpoint\":\"127.0.0.1:9401\"}";
+    assert_int_equal(http(&d, "POST", "/v1/instances", a, out, sizeof out), 201);
+    assert_int_equal(http(&d, "POST", "/v1/instances", a, out, sizeof out), 200);
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"eng\",\"role\":\"prefill\",\"endpoint\":\"6.6.6.6:80\"}", out,
+                          sizeof out),
+                     409);
+    print_message("409: %s\n", out);
+    assert_non_null(strstr(out, "endpoint"));
+    assert_non_null(strstr(out, "127.0.0.1:9401"));
+    assert_non_null(strstr(out, "DELETE /v1/instances/eng"));
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"eng\",\"role\":\"both\",\"endpoint\":\"127.0.0.1:9401\"}", out,
+                          sizeof out),
+                     409);
+    assert_non_null(strstr(out, "role"));
+    assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "127.0.0.1:9401"));
+    assert_null(strstr(out, "6.6.6.6"));
+
+    assert_int_equal(http(&d, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 200);
+    assert_int_equal(http(&d, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 404);
+    assert_int_equal(http(&d, "DELETE", "/v1/instances/nobody", NULL, out, sizeof out), 404);
+    assert_int_equal(http(&d, "DELETE", "/v1/instances", NULL, out, sizeof out), 405);
+    assert_false(listed(&d, "eng"));
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"eng\",\"endpoint\":\"127.0.0.1:9402\"}", out, sizeof out),
+                     201);
+    assert_int_equal(stat_of(&d, "instances_deleted"), 1);
+
+    /* old publishes events; deleted, its slot goes to new, which must not get them. */
+    void *ctx = zmq_ctx_new();
+    char ep[128];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    snprintf(body, sizeof body, "{\"id\":\"old\",\"block_tokens\":16,\"events\":\"%s\"}", ep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    assert_non_null(strstr(out, "\"index\":1"));
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    pack_stored(&sb, 100, 4, 16, 1);
+    publish_until(&d, pub, 1, &sb, 4);
+    assert_int_equal(http(&d, "DELETE", "/v1/instances/old", NULL, out, sizeof out), 200);
+    assert_int_equal(stat_of(&d, "blocks"), 0);
+    assert_int_equal(
+        http(&d, "POST", "/v1/instances", "{\"id\":\"new\",\"block_tokens\":16}", out, sizeof out),
+        201);
+    assert_non_null(strstr(out, "\"index\":1"));
+    for (uint64_t seq = 2; seq < 12; seq++) {
+        publish(pub, seq, sb.data, sb.size);
+        usleep(30000);
+    }
+    assert_int_equal(stat_of(&d, "blocks"), 0);
+    assert_int_equal(stat_of(&d, "subscriptions"), 0);
+    msgpack_sbuffer_destroy(&sb);
+    zmq_close(pub);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
+/* The reference engine reports its load every few seconds while idle, so it does not expire
+ * (--instance-ttl 7 here, 5 s between its reports), and registers again when kvf-sched no longer
+ * knows it (deleted here). */
+static void test_sched_daemon_engine_heartbeat(void **state)
+{
+    (void)state;
+    daemon_t store, sched, eng;
+    daemon_start(&store, "64M", NULL);
+    sched_start(&sched, "--instance-ttl", "7");
+    char *argv[] = {(char *)KVF_ENGINE_BIN,
+                    (char *)"--serve",
+                    (char *)"--id",
+                    (char *)"hb0",
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--sched",
+                    sched.addr,
+                    (char *)"--store",
+                    store.addr,
+                    (char *)"--log-level",
+                    (char *)"error",
+                    NULL};
+    proc_start(&eng, argv);
+    char out[1024];
+    double start = now_ms();
+    while (now_ms() - start < 9000) {
+        assert_true(listed(&sched, "hb0"));
+        usleep(250000);
+    }
+    assert_int_equal(stat_of(&sched, "instances_expired"), 0);
+    assert_int_equal(http(&sched, "DELETE", "/v1/instances/hb0", NULL, out, sizeof out), 200);
+    start = now_ms();
+    while (!listed(&sched, "hb0") && now_ms() - start < 8000)
+        usleep(100000);
+    print_message("registered again after %.0f ms\n", now_ms() - start);
+    assert_true(listed(&sched, "hb0"));
+    daemon_stop(&eng);
+    daemon_stop(&sched);
+    daemon_stop(&store);
+}
+
 /* A connector given only the scheduler's address finds the storage nodes through it. */
 static void test_sched_daemon_connector_finds_stores(void **state)
 {
@@ -515,6 +860,11 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_connector_finds_stores, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_instances_expire, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_conflicts_and_delete, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_engine_heartbeat, teardown_daemons),
     };
     return cmocka_run_group_tests_name("sched_daemon", tests, NULL, NULL);
 }

@@ -104,6 +104,77 @@ static void test_sched_index_matches_tokens_not_engine_hashes(void **state)
     assert_null(s);
 }
 
+/* Removing an instance: its holdings and engine hashes leave the index, placement no longer sees
+ * it, and a later registration takes its slot without inheriting any of it. */
+static void test_sched_instance_remove(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_LONGEST_PREFIX);
+    int a = add(s, "a", KVF_ROLE_BOTH, 4, 1000), b = add(s, "b", KVF_ROLE_BOTH, 4, 1000);
+    int c = add(s, "c", KVF_ROLE_BOTH, 4, 1000);
+    uint32_t t[16];
+    seq(t, 16, 1);
+    uint64_t ha[2] = {11, 12}, hb[4] = {900, 901, 902, 903};
+    assert_int_equal(kvf_sched_block_stored(s, a, ha, 2, 0, 0, t, 8, 4, KVF_TIER_DEVICE), 0);
+    assert_int_equal(kvf_sched_block_stored(s, b, hb, 4, 0, 0, t, 16, 4, KVF_TIER_DEVICE), 0);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 16};
+    kvf_place_res rs;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.prefill, b);
+
+    assert_int_equal(kvf_sched_instance_remove(s, b), 0);
+    assert_int_equal(kvf_sched_instance_remove(s, b), KVF_ENOENT);
+    assert_int_equal(kvf_sched_instance_count(s), 2);
+    assert_int_equal(kvf_sched_instance_slots(s), 3);
+    assert_null(kvf_sched_instance_get(s, b));
+    assert_int_equal(kvf_sched_instance_find(s, "b"), -1);
+    kvf_index_stats st;
+    kvf_sched_index_stats(s, &st);
+    assert_int_equal(st.holdings, 2); /* a's two blocks */
+    assert_int_equal(st.blocks, 2);
+    assert_int_equal(kvf_sched_match(s, a, t, 16), 8);
+    assert_int_equal(kvf_sched_block_stored(s, b, hb, 1, 0, 0, t, 4, 4, KVF_TIER_DEVICE),
+                     KVF_ENOENT);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.prefill, a);
+
+    /* The next registration takes the free slot and inherits no engine hash of b's. */
+    int d = add(s, "d", KVF_ROLE_BOTH, 4, 1000);
+    assert_int_equal(d, b);
+    assert_int_equal(kvf_sched_match(s, d, t, 16), 0);
+    uint64_t h = 904;
+    assert_int_equal(kvf_sched_block_stored(s, d, &h, 1, 1, 903, t + 16 - 4, 4, 4, KVF_TIER_DEVICE),
+                     KVF_ENOENT);
+
+    /* Removing the last slot shrinks the bound; removing all leaves nobody to place on. */
+    assert_int_equal(kvf_sched_instance_remove(s, c), 0);
+    assert_int_equal(kvf_sched_instance_slots(s), 2);
+    assert_int_equal(kvf_sched_instance_remove(s, a), 0);
+    assert_int_equal(kvf_sched_instance_remove(s, d), 0);
+    assert_int_equal(kvf_sched_instance_slots(s), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), KVF_ENOENT);
+    kvf_sched_index_stats(s, &st);
+    assert_int_equal(st.holdings, 0);
+
+    /* A full table frees a slot by removal. */
+    char id[16];
+    for (int i = 0; i < KVF_SCHED_MAX_INSTANCES; i++) {
+        snprintf(id, sizeof id, "i%d", i);
+        add(s, id, KVF_ROLE_BOTH, 4, 1000);
+    }
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    snprintf(in.id, sizeof in.id, "late");
+    in.role = KVF_ROLE_BOTH;
+    in.block_tokens = 4;
+    assert_int_equal(kvf_sched_instance_add(s, &in, NULL), KVF_ENOSPC);
+    assert_int_equal(kvf_sched_instance_remove(s, 77), 0);
+    int late;
+    assert_int_equal(kvf_sched_instance_add(s, &in, &late), 0);
+    assert_int_equal(late, 77);
+    kvf_sched_destroy(&s);
+}
+
 /* Many blocks: the table grows and every chain still matches. */
 static void test_sched_index_grows(void **state)
 {
@@ -598,6 +669,7 @@ int main(int argc, char **argv)
     vectors_path = argc > 1 ? argv[1] : NULL;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_sched_index_matches_tokens_not_engine_hashes),
+        cmocka_unit_test(test_sched_instance_remove),
         cmocka_unit_test(test_sched_index_grows),
         cmocka_unit_test(test_sched_events_both_encodings),
         cmocka_unit_test(test_sched_sequence_gaps),

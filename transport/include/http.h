@@ -26,8 +26,8 @@ typedef struct kvf__http_reply {
     const char *content_type; /* of text; static */
 } kvf__http_reply;
 
-/* A handler answers one request: body is the parsed JSON object of a POST (NULL for a GET). It
- * fills *out and returns the HTTP status. */
+/* A handler answers one request: body is the parsed JSON object of a POST (NULL for a GET or a
+ * DELETE, whose body is not read). It fills *out and returns the HTTP status. */
 typedef unsigned (*kvf__http_handler)(void *ctx, const char *method, const char *url, json_t *body,
                                       kvf__http_reply *out);
 

@@ -48,10 +48,13 @@ int kvf__zsubs_open(kvf__zsubs **out);
 /* Subscribes to every topic of the publisher at endpoint ("tcp://HOST:PORT"), and connects to
  * its replay socket when replay is not NULL or empty (a replay socket that cannot be reached is
  * left out, with the reason in err, and the subscription still made). *idx gets the publisher's
- * number in the set. Returns 0, KVF_E2BIG (KVF_ZSUBS_MAX reached) or KVF_ECONNREFUSED (cannot
- * connect) with one line in err. */
+ * number in the set: the lowest free one. Returns 0, KVF_E2BIG (KVF_ZSUBS_MAX reached) or
+ * KVF_ECONNREFUSED (cannot connect) with one line in err. */
 int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
                    size_t errlen);
+/* Closes publisher idx's sockets; its number may be given to a later kvf__zsubs_add(). A number
+ * that names none is ignored. */
+void kvf__zsubs_drop(kvf__zsubs *s, int idx);
 /* Whether publisher idx has a replay socket. */
 int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx);
 /* Waits up to timeout_ms for messages; ready[i] (KVF_ZSUBS_MAX entries) gets 1 for each

@@ -1,0 +1,112 @@
+/*
+ * kvf-sched's instance table (docs/scheduler.md, "HTTP API"): registrations, which may not take
+ * over an id registered with other fields; heartbeats (a repeated registration or a load report);
+ * expiry of the instances not heard from within --instance-ttl; and removal, which takes an
+ * instance out of the core (its slot, its holdings in the index) and ends its subscriptions.
+ *
+ * Until callers are authenticated this is what keeps an anonymous caller from redirecting a
+ * registered engine's requests to another endpoint, and from keeping the table full for good.
+ */
+#include "daemon.h"
+
+#include "kvf/error.h"
+
+#include "clock.h"
+
+#include <stdio.h>
+#include <string.h>
+
+/* The first field in which b, registered with replay endpoint rb, differs from a, registered
+ * with ra; its two values in va and vb. NULL when none does. */
+static const char *first_difference(const kvf_instance_info *a, const char *ra,
+                                    const kvf_instance_info *b, const char *rb, char *va, char *vb,
+                                    size_t n)
+{
+    static const char *const roles[] = {"?", "prefill", "decode", "both"};
+#define DIFF_STR(name, x, y)                    \
+    do {                                        \
+        if (strcmp((x), (y)) != 0) {            \
+            snprintf(va, n, "\"%.150s\"", (x)); \
+            snprintf(vb, n, "\"%.150s\"", (y)); \
+            return name;                        \
+        }                                       \
+    } while (0)
+    DIFF_STR("role", roles[a->role & 3], roles[b->role & 3]);
+    DIFF_STR("endpoint", a->endpoint, b->endpoint);
+    DIFF_STR("events", a->events, b->events);
+    DIFF_STR("replay", ra, rb);
+    DIFF_STR("capabilities", a->capabilities, b->capabilities);
+#undef DIFF_STR
+    if (a->block_tokens != b->block_tokens) {
+        snprintf(va, n, "%u", a->block_tokens);
+        snprintf(vb, n, "%u", b->block_tokens);
+        return "block_tokens";
+    }
+    if (a->capacity_blocks != b->capacity_blocks) {
+        snprintf(va, n, "%llu", (unsigned long long)a->capacity_blocks);
+        snprintf(vb, n, "%llu", (unsigned long long)b->capacity_blocks);
+        return "capacity_blocks";
+    }
+    return NULL;
+}
+
+int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in,
+                               const char *replay, int pinned, int *idx, int *fresh, char *err,
+                               size_t errlen)
+{
+    *fresh = 0;
+    int i = kvf_sched_instance_find(d->s, in->id);
+    if (i >= 0) {
+        char va[200], vb[200];
+        const char *f = first_difference(kvf_sched_instance_get(d->s, i), d->reg[i].replay, in,
+                                         replay, va, vb, sizeof va);
+        if (f) {
+            snprintf(err, errlen, "\"%s\" is registered with %s %s, not %s", in->id, f, va, vb);
+            return KVF_EEXIST;
+        }
+        d->reg[i].seen_ns = kvf__now_ns();
+        *idx = i;
+        return 0;
+    }
+    int rc = kvf_sched_instance_add(d->s, in, &i);
+    if (rc)
+        return rc;
+    d->reg[i] = (kvf__sched_reg){.seen_ns = kvf__now_ns(), .pinned = pinned};
+    snprintf(d->reg[i].replay, sizeof d->reg[i].replay, "%s", replay);
+    kvf_event_source src = {.instance = i, .store = -1};
+    kvf__sched_subscribe_locked(d, &src, in->events, replay);
+    *idx = i;
+    *fresh = 1;
+    return 0;
+}
+
+void kvf__sched_seen_locked(kvf__sched_daemon *d, int idx)
+{
+    d->reg[idx].seen_ns = kvf__now_ns();
+}
+
+int kvf__sched_remove_locked(kvf__sched_daemon *d, int idx)
+{
+    int rc = kvf_sched_instance_remove(d->s, idx);
+    if (rc)
+        return rc;
+    kvf__sched_unsubscribe_locked(d, idx);
+    memset(&d->reg[idx], 0, sizeof d->reg[idx]);
+    return 0;
+}
+
+void kvf__sched_expire_locked(kvf__sched_daemon *d)
+{
+    if (!d->ttl_ns)
+        return;
+    uint64_t now = kvf__now_ns();
+    for (size_t i = 0; i < kvf_sched_instance_slots(d->s); i++) {
+        const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
+        if (!in || d->reg[i].pinned || now - d->reg[i].seen_ns < d->ttl_ns)
+            continue;
+        kvf_warn(&d->lg, "instance %s expired: no load report or registration for %.1f s", in->id,
+                 (double)(now - d->reg[i].seen_ns) / 1e9);
+        kvf__sched_remove_locked(d, (int)i);
+        d->expired++;
+    }
+}
