@@ -604,11 +604,17 @@ static int start_sched(launch *L)
     kvf_layout lay;
     snprintf(chunk, sizeof chunk, "%u",
              kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
-    char *args[] = {L->sched_bin, "--listen",       listen,         "--policy", (char *)c->policy,
-                    "--stores",   L->stores,        "--cost",       L->cost,    "--chunk-tokens",
-                    chunk,        "--store-events", L->store_events};
-    /* The last two arguments only when a store publishes events. */
-    if (start_one(c, q, args, L->store_events[0] ? 13 : 11, NULL) != 0)
+    char *args[16] = {L->sched_bin,      "--listen",       listen,    "--policy",
+                      (char *)c->policy, "--stores",       L->stores, "--cost",
+                      L->cost,           "--chunk-tokens", chunk};
+    int n = 11;
+    if (L->store_events[0]) { /* only when a store publishes events */
+        args[n++] = "--store-events";
+        args[n++] = L->store_events;
+    }
+    if (L->netns) /* the namespaces' addresses are the launcher's private network */
+        args[n++] = "--insecure";
+    if (start_one(c, q, args, n, NULL) != 0)
         return 1;
     snprintf(L->sched, sizeof L->sched, "%s", q->addr);
     return 0;

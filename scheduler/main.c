@@ -31,6 +31,7 @@
 typedef struct cmdline {
     long chunk_tokens; /* the stores' chunk size, for store matches */
     const char *listen, *policy, *cost, *config, *store_events;
+    int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } cmdline;
 
 static kvf__sched_daemon *g_daemon;
@@ -53,8 +54,14 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                    "longest_prefix|dynamo_cost|kvf_cost]\n"
                    "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
                    "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
-                   "[--instance-ttl SECONDS] [--log-level L]\n");
+                   "[--instance-ttl SECONDS] [--log-level L]\n"
+                   "                 [--insecure: allow --listen on an address that is not "
+                   "loopback (docs/security.md)]\n");
             return 0;
+        }
+        if (!strcmp(a, "--insecure")) {
+            cl->insecure = 1;
+            continue;
         }
         if (!v) {
             fprintf(stderr, "kvf-sched: %s needs a value (see --help)\n", a);
@@ -125,7 +132,7 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
         fprintf(stderr, "kvf-sched: --listen: expected HOST:PORT\n");
         return 2;
     }
-    return 0;
+    return kvf__listen_policy("kvf-sched", "--listen", host, cl->insecure);
 }
 
 /* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
