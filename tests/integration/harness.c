@@ -313,3 +313,35 @@ void proxy_stop(proxy **pp)
     free(p);
     *pp = NULL;
 }
+
+/* Runs argv to its end (10 s at most) and returns its exit status, its output in out. */
+int harness_run(char *const argv[], char *out, size_t outlen)
+{
+    int pfd[2];
+    assert_int_equal(pipe(pfd), 0);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        dup2(pfd[1], 1);
+        dup2(pfd[1], 2);
+        close(pfd[0]);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(pfd[1]);
+    size_t got = 0;
+    ssize_t k;
+    while (got < outlen - 1 && (k = read(pfd[0], out + got, outlen - 1 - got)) > 0)
+        got += (size_t)k;
+    out[got] = '\0';
+    close(pfd[0]);
+    int status = 0;
+    for (int w = 0; w < 100 && waitpid(pid, &status, WNOHANG) == 0; w++)
+        usleep(100000);
+    if (!WIFEXITED(status)) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        return -1;
+    }
+    return WEXITSTATUS(status);
+}

@@ -28,6 +28,9 @@ void daemon_start_limited(daemon_t *d, const char *memory, const char *extra, in
 /* Starts any program that prints "listen=HOST:PORT" on stdout when ready (argv[0] a path); same
  * guarantees as daemon_start. */
 void proc_start(daemon_t *d, char *const argv[]);
+/* Runs argv (argv[0] a path) to its end, 10 s at most (then killed: -1), its stdout and stderr
+ * into out; returns its exit status. */
+int harness_run(char *const argv[], char *out, size_t outlen);
 /* The kvf-store binary the daemons are started from. */
 const char *harness_store_bin(void);
 /* SIGTERM; the daemon must exit 0 within 10 s. */

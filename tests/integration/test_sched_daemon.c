@@ -853,38 +853,6 @@ static void test_sched_daemon_connector_finds_stores(void **state)
     daemon_stop(&store);
 }
 
-/* Runs argv to its end (10 s at most) and returns its exit status, its output in out. */
-static int run_to_end(char *const argv[], char *out, size_t outlen)
-{
-    int pfd[2];
-    assert_int_equal(pipe(pfd), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        dup2(pfd[1], 1);
-        dup2(pfd[1], 2);
-        close(pfd[0]);
-        execv(argv[0], argv);
-        _exit(127);
-    }
-    close(pfd[1]);
-    size_t got = 0;
-    ssize_t k;
-    while (got < outlen - 1 && (k = read(pfd[0], out + got, outlen - 1 - got)) > 0)
-        got += (size_t)k;
-    out[got] = '\0';
-    close(pfd[0]);
-    int status = 0;
-    for (int w = 0; w < 100 && waitpid(pid, &status, WNOHANG) == 0; w++)
-        usleep(100000);
-    if (!WIFEXITED(status)) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &status, 0);
-        return -1;
-    }
-    return WEXITSTATUS(status);
-}
-
 /* Until clients are authenticated, kvf-sched and kvf-engine refuse to listen where other hosts
  * could reach them unless told --insecure: they say why and exit 2. */
 static void test_sched_daemon_refuses_open_listen(void **state)
@@ -892,17 +860,17 @@ static void test_sched_daemon_refuses_open_listen(void **state)
     (void)state;
     char out[2048];
     char *sched[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"0.0.0.0:0", NULL};
-    assert_int_equal(run_to_end(sched, out, sizeof out), 2);
+    assert_int_equal(harness_run(sched, out, sizeof out), 2);
     assert_non_null(strstr(out, "refusing --listen on 0.0.0.0"));
     char *engine[] = {(char *)KVF_ENGINE_BIN, (char *)"--serve",   (char *)"--id",
                       (char *)"e0",           (char *)"--role",    (char *)"both",
                       (char *)"--listen",     (char *)"0.0.0.0:0", NULL};
-    assert_int_equal(run_to_end(engine, out, sizeof out), 2);
+    assert_int_equal(harness_run(engine, out, sizeof out), 2);
     assert_non_null(strstr(out, "--insecure"));
     char *events[] = {(char *)KVF_ENGINE_BIN, (char *)"--serve",   (char *)"--id",
                       (char *)"e0",           (char *)"--role",    (char *)"both",
                       (char *)"--events",     (char *)"0.0.0.0:0", NULL};
-    assert_int_equal(run_to_end(events, out, sizeof out), 2);
+    assert_int_equal(harness_run(events, out, sizeof out), 2);
     assert_non_null(strstr(out, "refusing --events"));
 }
 

@@ -548,34 +548,8 @@ static void test_daemon_refuses_open_listen(void **state)
         {bin, "--events", "0.0.0.0:0", "--rdma", "off", NULL},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        int pfd[2];
-        assert_int_equal(pipe(pfd), 0);
-        pid_t pid = fork();
-        assert_true(pid >= 0);
-        if (pid == 0) {
-            dup2(pfd[1], 2);
-            dup2(pfd[1], 1);
-            close(pfd[0]);
-            execv(cases[i][0], (char *const *)cases[i]);
-            _exit(127);
-        }
-        close(pfd[1]);
-        char out[2048] = "";
-        size_t got = 0;
-        ssize_t k;
-        while (got < sizeof out - 1 && (k = read(pfd[0], out + got, sizeof out - 1 - got)) > 0)
-            got += (size_t)k;
-        out[got] = '\0';
-        close(pfd[0]);
-        int status = 0;
-        for (int w = 0; w < 100 && waitpid(pid, &status, WNOHANG) == 0; w++)
-            usleep(100000);
-        if (!WIFEXITED(status)) {
-            kill(pid, SIGKILL);
-            waitpid(pid, &status, 0);
-            fail_msg("kvf-store %s did not exit", cases[i][1]);
-        }
-        assert_int_equal(WEXITSTATUS(status), 2);
+        char out[2048];
+        assert_int_equal(harness_run((char *const *)cases[i], out, sizeof out), 2);
         assert_non_null(strstr(out, "refusing"));
         assert_non_null(strstr(out, "--insecure"));
     }
