@@ -15,7 +15,7 @@
  *   tcp_path.c  rdma_path.c   the two data paths behind kvf__path_ops
  *   io.c        an I/O engine: its thread, connecting, deadlines, submission, raw requests
  *   reply.c     reading replies into the caller's buffers, verifying as they land
- *   conn.c      a connection's queues and its send side
+ *   conn.c      a connection's queues and its send side; the node's health
  *   frame.c     building request frames; splitting an op into requests
  *   op.c        the op lifecycle and completion; place.c  where a key lives
  *
@@ -228,7 +228,10 @@ void kvf__op_destroy(kvf_op *op);
 void kvf__op_finish(kvf_op *op, int result);
 /* 0, or KVF_EINVAL for a batch that cannot be sent as a get or put. */
 int kvf__op_validate(const kvf_batch *b, int kind);
-/* io.c: the node answered (a HELLO): up again, its backoff forgotten. */
+/* conn.c: the node did not answer a request (or a probe) in time: down for a backoff that
+ * doubles while it stays down, its probe over; or it answered a HELLO: up again, its backoff
+ * forgotten. */
+void kvf__node_mark_down(kvf__node *nd);
 void kvf__node_mark_up(kvf__node *nd);
 
 /* Puts leave 1 ("reserved") on keys whose commit never ran: they become KVF_ETIMEDOUT. */

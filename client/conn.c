@@ -1,11 +1,13 @@
 /*
  * A connection's queues and its send side (client_int.h). A request waits on the send queue
  * until its last byte is written, then on the in-flight list until its reply is read. The engine's
- * thread owns both.
+ * thread owns both. Below them, the node's health that every engine shares (atomics).
  */
 #include "client_int.h"
 
 #include "kvf/error.h"
+
+#include "clock.h"
 
 void kvf__cn_set_events(kvf__conn *cn)
 {
@@ -80,4 +82,31 @@ int kvf__cn_write(kvf__conn *cn)
     }
     kvf__cn_set_events(cn);
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The node's health (client_int.h) */
+
+/* A node marked down: how long before it is probed, doubling while it stays down. */
+#define NODE_DOWN_MIN_NS 200000000ull
+#define NODE_DOWN_MAX_NS 5000000000ull
+
+/* The node did not answer a request in time (or a probe): down for a backoff that doubles while
+ * it stays down; the probe, if any, is over. */
+void kvf__node_mark_down(kvf__node *nd)
+{
+    uint64_t b = atomic_load(&nd->down_backoff);
+    b = b ? b * 2 : NODE_DOWN_MIN_NS;
+    if (b > NODE_DOWN_MAX_NS)
+        b = NODE_DOWN_MAX_NS;
+    atomic_store(&nd->down_backoff, b);
+    atomic_store(&nd->down_until, kvf__now_ns() + b);
+    atomic_store(&nd->probing, 0);
+}
+
+void kvf__node_mark_up(kvf__node *nd)
+{
+    atomic_store(&nd->down_until, 0);
+    atomic_store(&nd->down_backoff, 0);
+    atomic_store(&nd->probing, 0);
 }

@@ -21,36 +21,13 @@
 
 #define BACKOFF_MIN_NS 100000000ull
 #define BACKOFF_MAX_NS 2000000000ull
-/* A node marked down: how long before it is probed, doubling while it stays down, and the
- * probe's deadline. */
-#define NODE_DOWN_MIN_NS  200000000ull
-#define NODE_DOWN_MAX_NS  5000000000ull
+/* A probe's deadline (a node marked down, conn.c). */
 #define PROBE_DEADLINE_NS 1000000000ull
 
 static const char wake_byte = 'w';
 
 static int cn_connect(kvf__io *io, kvf__conn *cn, int probe);
 static void cn_reset(kvf__io *io, kvf__conn *cn, int status);
-
-/* The node did not answer a request in time (or a probe): down for a backoff that doubles while
- * it stays down; the probe, if any, is over. */
-static void node_mark_down(kvf__node *nd)
-{
-    uint64_t b = atomic_load(&nd->down_backoff);
-    b = b ? b * 2 : NODE_DOWN_MIN_NS;
-    if (b > NODE_DOWN_MAX_NS)
-        b = NODE_DOWN_MAX_NS;
-    atomic_store(&nd->down_backoff, b);
-    atomic_store(&nd->down_until, kvf__now_ns() + b);
-    atomic_store(&nd->probing, 0);
-}
-
-void kvf__node_mark_up(kvf__node *nd)
-{
-    atomic_store(&nd->down_until, 0);
-    atomic_store(&nd->down_backoff, 0);
-    atomic_store(&nd->probing, 0);
-}
 
 /* Whether r may go to its node now. A node that is down fails it at once; once its backoff has
  * passed, the first engine to ask probes it (a fresh connection whose HELLO has a short deadline)
@@ -67,7 +44,7 @@ static int node_admits(kvf__io *io, kvf__req *r)
         if (cn->state == KVF__CS_UP)
             cn_reset(io, cn, KVF_EHOSTUNREACH); /* what it carried waited on the hung node */
         if (cn_connect(io, cn, 1) != 0)
-            node_mark_down(nd);
+            kvf__node_mark_down(nd);
     }
     kvf__req_fail(r, KVF_EHOSTUNREACH);
     return 0;
@@ -237,7 +214,7 @@ static void check_deadlines(kvf__io *io)
                 kvf__req_fail(r, KVF_ETIMEDOUT);
                 continue;
             }
-            node_mark_down(cn->nd); /* sent and not answered in time */
+            kvf__node_mark_down(cn->nd); /* sent and not answered in time */
             cn_reset(io, cn, KVF_ETIMEDOUT);
         }
     }

@@ -88,9 +88,9 @@ void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *s
 void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx);
 /* The subscriptions made and not ended. */
 int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d);
-/* The events thread: makes the subscriptions asked for and applies every batch that arrives
- * until d->stop is set. arg is the daemon. */
-void *kvf__sched_events_main(void *arg);
+/* One round of the events thread: makes the subscriptions asked for and applies every batch that
+ * arrived (waiting 100 ms at most for one). */
+void kvf__sched_events_round(kvf__sched_daemon *d);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The instance table (registry.c) */
@@ -110,6 +110,9 @@ void kvf__sched_seen_locked(kvf__sched_daemon *d, int idx);
 int kvf__sched_remove_locked(kvf__sched_daemon *d, int idx);
 /* Removes every instance not heard from within d->ttl_ns, but the pinned. */
 void kvf__sched_expire_locked(kvf__sched_daemon *d);
+/* The events thread: expires instances, then runs kvf__sched_events_round, until d->stop is set.
+ * arg is the daemon. */
+void *kvf__sched_events_main(void *arg);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The HTTP API (http_api.c) */

@@ -2,7 +2,8 @@
  * kvf-sched's instance table (docs/scheduler.md, "HTTP API"): registrations, which may not take
  * over an id registered with other fields; heartbeats (a repeated registration or a load report);
  * expiry of the instances not heard from within --instance-ttl; and removal, which takes an
- * instance out of the core (its slot, its holdings in the index) and ends its subscriptions.
+ * instance out of the core (its slot, its holdings in the index) and ends its subscriptions. The
+ * events thread's loop lives here too: it expires instances between its rounds of events.
  *
  * Until callers are authenticated this is what keeps an anonymous caller from redirecting a
  * registered engine's requests to another endpoint, and from keeping the table full for good.
@@ -109,4 +110,16 @@ void kvf__sched_expire_locked(kvf__sched_daemon *d)
         kvf__sched_remove_locked(d, (int)i);
         d->expired++;
     }
+}
+
+void *kvf__sched_events_main(void *arg)
+{
+    kvf__sched_daemon *d = arg;
+    while (!atomic_load(&d->stop)) {
+        pthread_mutex_lock(&d->mu);
+        kvf__sched_expire_locked(d);
+        pthread_mutex_unlock(&d->mu);
+        kvf__sched_events_round(d);
+    }
+    return NULL;
 }

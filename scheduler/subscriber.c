@@ -246,28 +246,23 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
     pthread_mutex_unlock(&d->mu);
 }
 
-void *kvf__sched_events_main(void *arg)
+void kvf__sched_events_round(kvf__sched_daemon *d)
 {
-    kvf__sched_daemon *d = arg;
     uint8_t ready[KVF_SCHED_MAX_SUBS];
-    while (!atomic_load(&d->stop)) {
-        pthread_mutex_lock(&d->mu);
-        kvf__sched_expire_locked(d);
-        subscribe_pending_locked(d);
-        int n = d->n_subs;
-        pthread_mutex_unlock(&d->mu);
-        if (n == 0) {
-            usleep(50000);
-            continue;
-        }
-        if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
-            continue;
-        for (int i = 0; i < n; i++) {
-            kvf__zmsg m;
-            if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)
-                continue;
-            on_batch(d, i, &m);
-        }
+    pthread_mutex_lock(&d->mu);
+    subscribe_pending_locked(d);
+    int n = d->n_subs;
+    pthread_mutex_unlock(&d->mu);
+    if (n == 0) {
+        usleep(50000);
+        return;
     }
-    return NULL;
+    if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
+        return;
+    for (int i = 0; i < n; i++) {
+        kvf__zmsg m;
+        if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)
+            continue;
+        on_batch(d, i, &m);
+    }
 }
