@@ -67,7 +67,9 @@ static int post(const char *addr, const char *path, json_t *body, long *status, 
 {
     char url[256];
     snprintf(url, sizeof url, "http://%s%s", addr, path);
-    return kvf__http_call("POST", url, body, KVFE_ROUTER_TIMEOUT_MS, status, reply, err, errlen);
+    /* kvf-sched's token where this process has one ($KVF_SCHED_TOKEN): the engines ignore it. */
+    return kvf__http_call_bearer("POST", url, body, kvf__sched_token(), KVFE_ROUTER_TIMEOUT_MS,
+                                 status, reply, err, errlen);
 }
 
 /* ------------------------------------------------------------------------------------------ */

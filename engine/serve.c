@@ -145,7 +145,8 @@ static void *reporter_main(void *arg)
         last = now_s();
         long status = 0;
         int again = 0;
-        if (kvf__http_call("POST", url, body, 2000, &status, NULL, err, sizeof err) == 0 &&
+        if (kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status, NULL, err,
+                                  sizeof err) == 0 &&
             status == 404) {
             kvf_warn(&S->lg, "kvf-sched does not know this engine (expired, deleted or "
                              "restarted): registering again");
@@ -549,7 +550,8 @@ static int register_with_sched(srv *S, char *err, size_t errlen)
     for (int attempt = 0; attempt < 50; attempt++) {
         json_decref(reply);
         reply = NULL;
-        rc = kvf__http_call("POST", url, body, 2000, &status, &reply, err, errlen);
+        rc = kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status, &reply,
+                                   err, errlen);
         if (rc == 0)
             break;
         usleep(100000); /* the scheduler may still be starting */

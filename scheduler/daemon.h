@@ -46,6 +46,7 @@ typedef struct kvf__sched_reg {
     uint64_t seen_ns; /* its registration or last load report (CLOCK_MONOTONIC) */
     int pinned;       /* from the cluster file (--config): never expires */
     char replay[128]; /* the replay endpoint it registered with */
+    char owner[64]; /* the token that registered it (--tokens); empty: none, or the cluster file */
 } kvf__sched_reg;
 
 typedef struct kvf__sched_daemon {

@@ -125,6 +125,15 @@ static const char *expiry_advice(const kvf__sched_daemon *d, char *buf, size_t n
     return buf;
 }
 
+/* Whether the caller (the token that authenticated the request; NULL without --tokens) may act
+ * on instance idx: the token that registered it may, and anyone may act on an instance no token
+ * registered. Under d->mu. */
+static int owner_ok_locked(const kvf__sched_daemon *d, int idx, const char *caller)
+{
+    const char *owner = d->reg[idx].owner;
+    return !caller || !owner[0] || !strcmp(owner, caller);
+}
+
 static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
 {
     kvf_instance_info in;
@@ -163,9 +172,18 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
         free(t);
     }
     int idx = -1, fresh = 0, pinned = 0;
-    char advice[128];
+    char advice[128], owner[64] = "";
     pthread_mutex_lock(&d->mu);
+    int had = kvf_sched_instance_find(d->s, in.id);
+    if (had >= 0 && !owner_ok_locked(d, had, c->caller)) {
+        snprintf(owner, sizeof owner, "%s", d->reg[had].owner);
+        pthread_mutex_unlock(&d->mu);
+        return send_error(d, c, 403, "instance \"%s\" was registered with token \"%s\", not \"%s\"",
+                          in.id, owner, c->caller);
+    }
     int rc = kvf__sched_register_locked(d, &in, replay, 0, &idx, &fresh, err, sizeof err);
+    if (rc == 0 && fresh && c->caller)
+        snprintf(d->reg[idx].owner, sizeof d->reg[idx].owner, "%s", c->caller);
     size_t registered = kvf_sched_instance_count(d->s);
     if (rc == KVF_EEXIST)
         pinned = d->reg[kvf_sched_instance_find(d->s, in.id)].pinned;
@@ -196,13 +214,16 @@ static unsigned delete_instance(kvf__sched_daemon *d, kvf__http_reply *c, const 
 {
     pthread_mutex_lock(&d->mu);
     int idx = kvf_sched_instance_find(d->s, id);
-    if (idx >= 0) {
+    int allowed = idx < 0 || owner_ok_locked(d, idx, c->caller);
+    if (idx >= 0 && allowed) {
         kvf__sched_remove_locked(d, idx);
         d->deleted++;
     }
     pthread_mutex_unlock(&d->mu);
     if (idx < 0)
         return send_error(d, c, 404, "unknown instance \"%s\"", id);
+    if (!allowed)
+        return send_error(d, c, 403, "instance \"%s\" was registered with another token", id);
     kvf_info(&d->lg, "instance %s removed (DELETE)", id);
     return send_json(c, 200, json_pack("{s:s,s:b}", "id", id, "deleted", 1));
 }
@@ -239,13 +260,16 @@ static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *
     L.used_blocks = (uint64_t)u;
     pthread_mutex_lock(&d->mu);
     int idx = kvf_sched_instance_find(d->s, id);
-    if (idx >= 0) {
+    int allowed = idx < 0 || owner_ok_locked(d, idx, c->caller);
+    if (idx >= 0 && allowed) {
         kvf_sched_instance_load(d->s, idx, &L);
         kvf__sched_seen_locked(d, idx);
     }
     pthread_mutex_unlock(&d->mu);
     if (idx < 0)
         return send_error(d, c, 404, "unknown instance \"%s\"", id);
+    if (!allowed)
+        return send_error(d, c, 403, "instance \"%s\" was registered with another token", id);
     return send_json(c, 200, json_pack("{s:b}", "ok", 1));
 }
 

@@ -30,7 +30,7 @@
 /* The command line's settings that are not the daemon's state. */
 typedef struct cmdline {
     long chunk_tokens; /* the stores' chunk size, for store matches */
-    const char *listen, *policy, *cost, *config, *store_events;
+    const char *listen, *policy, *cost, *config, *store_events, *tokens;
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } cmdline;
 
@@ -55,8 +55,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                    "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
                    "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
                    "[--instance-ttl SECONDS] [--log-level L]\n"
+                   "                 [--tokens FILE: \"NAME TOKEN\" lines; every request but "
+                   "GETs needs \"Authorization: Bearer TOKEN\"]\n"
                    "                 [--insecure: allow --listen on an address that is not "
-                   "loopback (docs/security.md)]\n");
+                   "loopback without --tokens (docs/security.md)]\n");
             return 0;
         }
         if (!strcmp(a, "--insecure")) {
@@ -78,6 +80,8 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
             cl->config = v;
         else if (!strcmp(a, "--store-events"))
             cl->store_events = v;
+        else if (!strcmp(a, "--tokens"))
+            cl->tokens = v;
         else if (!strcmp(a, "--chunk-tokens"))
             cl->chunk_tokens = strtol(v, NULL, 10);
         else if (!strcmp(a, "--instance-ttl")) {
@@ -132,7 +136,8 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
         fprintf(stderr, "kvf-sched: --listen: expected HOST:PORT\n");
         return 2;
     }
-    return kvf__listen_policy("kvf-sched", "--listen", host, cl->insecure);
+    /* With tokens every request that changes anything is authenticated: any address will do. */
+    return cl->tokens ? 0 : kvf__listen_policy("kvf-sched", "--listen", host, cl->insecure);
 }
 
 /* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
@@ -218,7 +223,8 @@ static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bou
 
 /* Serves HTTP and the events until a signal, then stops them: HTTP first, then the events thread,
  * then its sockets. Returns the exit status: 0, or 1 when either could not start. */
-static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_policy policy)
+static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_policy policy,
+                 const kvf__http_tokens *tokens)
 {
     int rc = 1;
     char err[256];
@@ -232,6 +238,7 @@ static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_poli
         fprintf(stderr, "kvf-sched: %s\n", err);
         goto out_close_zsubs;
     }
+    kvf__httpd_tokens(d->httpd, tokens); /* before the ready line: no request can come sooner */
     pthread_t ev;
     pthread_create(&ev, NULL, kvf__sched_events_main, d);
     wait_for_signal(d, host, bound, policy);
@@ -269,7 +276,17 @@ int main(int argc, char **argv)
     }
     if (cl.store_events)
         subscribe_stores(&d, cl.store_events);
-    if ((rc = serve(&d, host, port, so.policy)) != 0)
+    kvf__http_tokens *tokens = NULL;
+    if (cl.tokens && kvf__http_tokens_load(&tokens, cl.tokens, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: --tokens: %s\n", err);
+        return 2;
+    }
+    if (tokens)
+        kvf_info(&d.lg, "%zu token(s) from %s: every request but GETs is authenticated",
+                 kvf__http_tokens_count(tokens), cl.tokens);
+    rc = serve(&d, host, port, so.policy, tokens);
+    kvf__http_tokens_free(&tokens);
+    if (rc != 0)
         return rc;
     kvf_sched_destroy(&d.s);
     pthread_mutex_destroy(&d.mu);

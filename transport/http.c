@@ -69,8 +69,20 @@ static CURL *thread_handle(void)
     return cu;
 }
 
+const char *kvf__sched_token(void)
+{
+    const char *t = getenv("KVF_SCHED_TOKEN");
+    return t && t[0] ? t : NULL;
+}
+
 int kvf__http_call(const char *method, const char *url, json_t *body, int timeout_ms, long *status,
                    json_t **reply, char *err, size_t errlen)
+{
+    return kvf__http_call_bearer(method, url, body, NULL, timeout_ms, status, reply, err, errlen);
+}
+
+int kvf__http_call_bearer(const char *method, const char *url, json_t *body, const char *bearer,
+                          int timeout_ms, long *status, json_t **reply, char *err, size_t errlen)
 {
     if (reply)
         *reply = NULL;
@@ -90,11 +102,19 @@ int kvf__http_call(const char *method, const char *url, json_t *body, int timeou
     curl_easy_setopt(cu, CURLOPT_TIMEOUT_MS, (long)timeout_ms);
     curl_easy_setopt(cu, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(cu, CURLOPT_PROTOCOLS_STR, "http");
+    char auth[300];
+    if (bearer && bearer[0] && strlen(bearer) < sizeof auth - 32) {
+        snprintf(auth, sizeof auth, "Authorization: Bearer %s", bearer);
+        hdr = curl_slist_append(hdr, auth);
+    }
     if (!strcmp(method, "POST")) {
         hdr = curl_slist_append(hdr, "Content-Type: application/json");
-        curl_easy_setopt(cu, CURLOPT_HTTPHEADER, hdr);
         curl_easy_setopt(cu, CURLOPT_POSTFIELDS, text ? text : "{}");
+    } else if (!strcmp(method, "DELETE")) {
+        curl_easy_setopt(cu, CURLOPT_CUSTOMREQUEST, "DELETE");
     }
+    if (hdr)
+        curl_easy_setopt(cu, CURLOPT_HTTPHEADER, hdr);
     CURLcode cc = curl_easy_perform(cu);
     curl_easy_getinfo(cu, CURLINFO_RESPONSE_CODE, status);
     /* The handle outlives the call: back to defaults, so that none of this call's header list,

@@ -7,18 +7,35 @@
 #include "kvf/error.h"
 #include "tcp.h"
 
+#include <ctype.h>
 #include <microhttpd.h>
+#include <sodium.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
+#define TOKEN_MIN  32
+#define TOKEN_MAX  255
+#define NAME_MAX_  63
+#define TOKENS_MAX 1024
+
+struct kvf__http_tokens {
+    size_t n;
+    struct {
+        char name[NAME_MAX_ + 1];
+        char token[TOKEN_MAX + 1];
+        size_t len;
+    } t[];
+};
+
 struct kvf__httpd {
     struct MHD_Daemon *mhd;
     kvf__http_handler h;
     void *ctx;
     size_t max_body;
+    const kvf__http_tokens *_Atomic tokens;
     atomic_uint_fast64_t requests, errors;
 };
 
@@ -62,6 +79,118 @@ static enum MHD_Result send_error(kvf__httpd *d, struct MHD_Connection *c, unsig
 {
     kvf__http_reply o = {.json = e};
     return send_reply(d, c, status, &o);
+}
+
+static int name_ok(const char *n)
+{
+    size_t l = strlen(n);
+    if (l < 1 || l > NAME_MAX_)
+        return 0;
+    for (size_t i = 0; i < l; i++)
+        if (!isalnum((unsigned char)n[i]) && !strchr("._-", n[i]))
+            return 0;
+    return 1;
+}
+
+int kvf__http_tokens_load(kvf__http_tokens **out, const char *path, char *err, size_t errlen)
+{
+    *out = NULL;
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        snprintf(err, errlen, "%s: cannot open the token file", path);
+        return KVF_EIO;
+    }
+    kvf__http_tokens *t = calloc(1, sizeof *t + TOKENS_MAX * sizeof t->t[0]);
+    if (!t) {
+        fclose(f);
+        return KVF_ENOMEM;
+    }
+    char line[1024];
+    int rc = 0, ln = 0;
+    while (!rc && fgets(line, sizeof line, f)) {
+        ln++;
+        char *hash = strchr(line, '#');
+        if (hash)
+            *hash = '\0';
+        char name[128], tok[512], extra[8];
+        int k = sscanf(line, "%127s %511s %7s", name, tok, extra);
+        if (k <= 0)
+            continue;
+        size_t tl = k >= 2 ? strlen(tok) : 0;
+        if (k != 2 || !name_ok(name) || tl < TOKEN_MIN || tl > TOKEN_MAX) {
+            snprintf(err, errlen,
+                     "%s:%d: expected \"NAME TOKEN\" (a name of 1-%d of [A-Za-z0-9._-], a token of "
+                     "%d-%d printable characters)",
+                     path, ln, NAME_MAX_, TOKEN_MIN, TOKEN_MAX);
+            rc = KVF_EINVAL;
+            break;
+        }
+        for (size_t i = 0; i < t->n && !rc; i++) {
+            if (!strcmp(t->t[i].name, name)) {
+                snprintf(err, errlen, "%s:%d: name %s given twice", path, ln, name);
+                rc = KVF_EINVAL;
+            }
+        }
+        if (!rc && t->n == TOKENS_MAX) {
+            snprintf(err, errlen, "%s:%d: more than %d tokens", path, ln, TOKENS_MAX);
+            rc = KVF_EINVAL;
+        }
+        if (rc)
+            break;
+        snprintf(t->t[t->n].name, sizeof t->t[t->n].name, "%s", name);
+        memcpy(t->t[t->n].token, tok, tl + 1);
+        t->t[t->n].len = tl;
+        t->n++;
+    }
+    sodium_memzero(line, sizeof line);
+    fclose(f);
+    if (!rc && t->n == 0) {
+        snprintf(err, errlen, "%s: no token in the file", path);
+        rc = KVF_EINVAL;
+    }
+    if (rc) {
+        kvf__http_tokens_free(&t);
+        return rc;
+    }
+    *out = t;
+    return 0;
+}
+
+size_t kvf__http_tokens_count(const kvf__http_tokens *t)
+{
+    return t ? t->n : 0;
+}
+
+void kvf__http_tokens_free(kvf__http_tokens **tp)
+{
+    if (!tp || !*tp)
+        return;
+    sodium_memzero((*tp)->t, (*tp)->n * sizeof(*tp)->t[0]);
+    free(*tp);
+    *tp = NULL;
+}
+
+void kvf__httpd_tokens(kvf__httpd *d, const kvf__http_tokens *tokens)
+{
+    atomic_store(&d->tokens, tokens);
+}
+
+/* The name of the token that "Authorization: Bearer ..." names, or NULL. Every token is compared
+ * (in constant time each), so the time taken says nothing of which matched or how much of one. */
+static const char *token_caller(const kvf__http_tokens *t, const char *hdr)
+{
+    static const char scheme[] = "Bearer ";
+    if (!hdr || strncmp(hdr, scheme, sizeof scheme - 1) != 0)
+        return NULL;
+    const char *v = hdr + sizeof scheme - 1;
+    size_t vl = strlen(v);
+    const char *who = NULL;
+    for (size_t i = 0; i < t->n; i++) {
+        int same = vl == t->t[i].len && sodium_memcmp(v, t->t[i].token, vl) == 0;
+        if (same && !who)
+            who = t->t[i].name;
+    }
+    return who;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
@@ -109,6 +238,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return send_error(d, c, 405, kvf__http_error("%s %s: not served", method, url));
     }
     kvf__http_reply out = {0};
+    const kvf__http_tokens *tokens = atomic_load(&d->tokens);
+    if (tokens && strcmp(method, "GET") != 0) {
+        out.caller = token_caller(
+            tokens, MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION));
+        if (!out.caller) {
+            json_decref(in);
+            return send_error(d, c, 401,
+                              kvf__http_error("%s %s needs \"Authorization: Bearer TOKEN\" with a "
+                                              "token of this server's token file",
+                                              method, url));
+        }
+    }
     unsigned status = d->h(d->ctx, method, url, in, &out);
     json_decref(in);
     return send_reply(d, c, status, &out);

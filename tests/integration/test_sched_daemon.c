@@ -26,6 +26,7 @@
 #include "kvf/kvf.h"
 
 #include "harness.h"
+#include "http.h"
 #include "tcp.h"
 
 #ifndef KVF_SCHED_BIN
@@ -853,6 +854,90 @@ static void test_sched_daemon_connector_finds_stores(void **state)
     daemon_stop(&store);
 }
 
+/* status of method path on d with bearer (NULL: no Authorization header), body's reply in out. */
+static long call_as(const daemon_t *d, const char *bearer, const char *method, const char *path,
+                    const char *body, char *out, size_t outlen)
+{
+    char url[128], err[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u%s", d->port, path);
+    json_t *b = body ? json_loads(body, 0, NULL) : NULL;
+    long status = 0;
+    json_t *reply = NULL;
+    assert_int_equal(
+        kvf__http_call_bearer(method, url, b, bearer, 3000, &status, &reply, err, sizeof err), 0);
+    char *t = reply ? json_dumps(reply, JSON_COMPACT) : NULL;
+    snprintf(out, outlen, "%s", t ? t : "");
+    free(t);
+    json_decref(reply);
+    json_decref(b);
+    return status;
+}
+
+/* With --tokens every request but GETs needs a token of the file, compared whole; an instance
+ * belongs to the token that registered it: another token can neither take it over nor report its
+ * load nor delete it. A token file that does not read is refused at start. */
+static void test_sched_daemon_bearer_tokens(void **state)
+{
+    (void)state;
+    const char *ta = "alpha-0123456789abcdef0123456789abcdef",
+               *tb = "bravo-0123456789abcdef0123456789abcdef";
+    char path[] = "/tmp/kvf-test-tokens-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    char file[256];
+    int n = snprintf(file, sizeof file, "# engines\nalpha %s\nbravo %s  # the router\n", ta, tb);
+    assert_int_equal(write(fd, file, (size_t)n), n);
+    close(fd);
+    daemon_t d;
+    sched_start(&d, "--tokens", path);
+    char out[4096];
+    const char *reg = "{\"id\":\"eng\",\"role\":\"both\",\"endpoint\":\"127.0.0.1:9401\"}";
+    assert_int_equal(call_as(&d, NULL, "POST", "/v1/instances", reg, out, sizeof out), 401);
+    assert_non_null(strstr(out, "Bearer"));
+    char wrong[64];
+    snprintf(wrong, sizeof wrong, "%.*sX", (int)strlen(ta) - 1, ta); /* one character off */
+    assert_int_equal(call_as(&d, wrong, "POST", "/v1/instances", reg, out, sizeof out), 401);
+    assert_int_equal(call_as(&d, "alpha", "POST", "/v1/instances", reg, out, sizeof out), 401);
+    assert_int_equal(call_as(&d, NULL, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_null(strstr(out, "9401"));
+    assert_int_equal(call_as(&d, ta, "POST", "/v1/instances", reg, out, sizeof out), 201);
+    assert_int_equal(call_as(&d, ta, "POST", "/v1/instances", reg, out, sizeof out), 200);
+    assert_int_equal(call_as(&d, tb, "POST", "/v1/instances", reg, out, sizeof out), 403);
+    assert_non_null(strstr(out, "alpha"));
+    const char *load = "{\"queued_prefill_tokens\":0,\"active_decodes\":0,\"used_blocks\":0}";
+    assert_int_equal(call_as(&d, tb, "POST", "/v1/instances/eng/load", load, out, sizeof out), 403);
+    assert_int_equal(call_as(&d, NULL, "POST", "/v1/instances/eng/load", load, out, sizeof out),
+                     401);
+    assert_int_equal(call_as(&d, ta, "POST", "/v1/instances/eng/load", load, out, sizeof out), 200);
+    const char *place = "{\"tokens\":[1,2,3,4],\"output_tokens\":4}";
+    assert_int_equal(call_as(&d, NULL, "POST", "/v1/place", place, out, sizeof out), 401);
+    long st = call_as(&d, tb, "POST", "/v1/place", place, out, sizeof out);
+    assert_true(st != 401 && st != 403);
+    assert_int_equal(call_as(&d, tb, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 403);
+    assert_int_equal(call_as(&d, NULL, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 401);
+    assert_int_equal(call_as(&d, ta, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 200);
+    /* Once deleted, the id is free for another token. */
+    assert_int_equal(call_as(&d, tb, "POST", "/v1/instances", reg, out, sizeof out), 201);
+    daemon_stop(&d);
+
+    /* A token too short to be one: refused at start, with the line named. */
+    fd = open(path, O_WRONLY | O_TRUNC);
+    assert_true(fd >= 0);
+    n = snprintf(file, sizeof file, "alpha short\n");
+    assert_int_equal(write(fd, file, (size_t)n), n);
+    close(fd);
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--tokens",
+                    path,
+                    NULL};
+    char msg[2048];
+    assert_int_equal(harness_run(argv, msg, sizeof msg), 2);
+    assert_non_null(strstr(msg, ":1:"));
+    unlink(path);
+}
+
 /* Until clients are authenticated, kvf-sched and kvf-engine refuse to listen where other hosts
  * could reach them unless told --insecure: they say why and exit 2. */
 static void test_sched_daemon_refuses_open_listen(void **state)
@@ -880,6 +965,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_sched_daemon_events_and_placement, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_refuses_open_listen, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_bearer_tokens, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_connector_finds_stores, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),

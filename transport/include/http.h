@@ -17,6 +17,11 @@
  * err. */
 int kvf__http_call(const char *method, const char *url, json_t *body, int timeout_ms, long *status,
                    json_t **reply, char *err, size_t errlen);
+/* The same with "Authorization: Bearer bearer" when bearer is not NULL or empty. */
+int kvf__http_call_bearer(const char *method, const char *url, json_t *body, const char *bearer,
+                          int timeout_ms, long *status, json_t **reply, char *err, size_t errlen);
+/* The token this process presents to kvf-sched's mutating endpoints: $KVF_SCHED_TOKEN, or NULL. */
+const char *kvf__sched_token(void);
 
 /* What a handler answers: a JSON body, or a text body (malloc'd, with its content type). */
 typedef struct kvf__http_reply {
@@ -24,6 +29,9 @@ typedef struct kvf__http_reply {
     char *text;   /* owned by the server afterwards (free()); used when json is NULL */
     size_t text_len;
     const char *content_type; /* of text; static */
+    /* Input, set by the server before the handler runs: the name of the token that authenticated
+     * a request that is not a GET, or NULL where the server requires none (kvf__httpd_tokens). */
+    const char *caller;
 } kvf__http_reply;
 
 /* A handler answers one request: body is the parsed JSON object of a POST (NULL for a GET or a
@@ -33,6 +41,15 @@ typedef unsigned (*kvf__http_handler)(void *ctx, const char *method, const char 
 
 typedef struct kvf__httpd kvf__httpd;
 
+/* Bearer tokens a server requires of every request but GETs: a name and its secret each. */
+typedef struct kvf__http_tokens kvf__http_tokens;
+/* Reads a token file: one "NAME TOKEN" a line (# starts a comment), names of 1-63 characters of
+ * [A-Za-z0-9._-], tokens of 32-255 printable characters, no name twice. Returns 0, or KVF_EINVAL
+ * / KVF_EIO / KVF_ENOMEM with the file and line in err. */
+int kvf__http_tokens_load(kvf__http_tokens **out, const char *path, char *err, size_t errlen);
+size_t kvf__http_tokens_count(const kvf__http_tokens *t);
+void kvf__http_tokens_free(kvf__http_tokens **t);
+
 /* Serves HTTP on host:port (0: a free port, written to *bound) with one thread per connection
  * when thread_per_conn (handlers may block) or one polling thread otherwise. Bodies over max_body
  * get 413, bodies that are not JSON objects get 400, both without calling the handler. Returns
@@ -40,6 +57,11 @@ typedef struct kvf__httpd kvf__httpd;
 int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thread_per_conn,
                      size_t max_body, kvf__http_handler h, void *ctx, uint16_t *bound, char *err,
                      size_t errlen);
+/* Requires one of tokens (borrowed; must outlive the server; NULL: none) of every request but
+ * GETs, before the server serves any: a request without a valid "Authorization: Bearer" header
+ * gets 401 without calling the handler; the handler learns the token's name (out->caller).
+ * Tokens are compared in constant time. Call before the first request can arrive. */
+void kvf__httpd_tokens(kvf__httpd *d, const kvf__http_tokens *tokens);
 /* Requests answered and those answered with a status of 400 or more. */
 void kvf__httpd_counts(kvf__httpd *d, uint64_t *requests, uint64_t *errors);
 /* Stops serving, waits for the handlers running and frees. Accepts NULL and clears *d. */
