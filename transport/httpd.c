@@ -137,7 +137,7 @@ int kvf__http_tokens_load(kvf__http_tokens **out, const char *path, char *err, s
         }
         if (rc)
             break;
-        snprintf(t->t[t->n].name, sizeof t->t[t->n].name, "%s", name);
+        memcpy(t->t[t->n].name, name, strlen(name) + 1); /* name_ok: at most NAME_MAX_ */
         memcpy(t->t[t->n].token, tok, tl + 1);
         t->t[t->n].len = tl;
         t->n++;
