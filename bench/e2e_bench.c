@@ -32,8 +32,9 @@
  */
 #include "bench.h"
 #include "bench_util.h"
-#include "engine.h"
 #include "e2e.h"
+#include "engine.h"
+#include "http.h"
 #include "router.h"
 #include "trace.h"
 
@@ -369,8 +370,13 @@ static int open_cluster(e2e *E)
         fprintf(stderr, "kvf-bench e2e: %s names no model this driver knows\n", E->state_path);
         return 1;
     }
-    char err[512];
+    char err[512], tokens[600];
     snprintf(E->sched, sizeof E->sched, "%s", json_string_value(json_object_get(E->st, "sched")));
+    /* The launcher's token for kvf-sched lies beside the state file. */
+    char *dir = strrchr(E->state_path, '/');
+    snprintf(tokens, sizeof tokens, "%.*s/sched.tokens", dir ? (int)(dir - E->state_path) : 1,
+             dir ? E->state_path : ".");
+    kvf__sched_token_from_file(tokens);
     if (kvfe_router_open(&E->rt, E->sched, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-bench e2e: %s\n", err);
         return 1;

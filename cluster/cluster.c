@@ -21,12 +21,14 @@
 #include "tcp.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -389,6 +391,8 @@ typedef struct launch {
     char store_events[2048]; /* their chunk-event endpoints, in the same order */
     char cost[700];          /* the cost model calibrate measured */
     char sched[160];         /* kvf-sched's address */
+    char tokens[640];        /* kvf-sched's token file, in the run directory */
+    char token_env[160];     /* KVF_SCHED_TOKEN=..., for the engines */
 } launch;
 
 /* Starts p as args (in p's namespace when it has one), its output in RUN_DIR/NAME.log, and waits
@@ -572,7 +576,7 @@ static int wait_calibration(pid_t pid, int *status)
  * (kvf-engine --calibrate), into L->cost. */
 static int calibrate(launch *L)
 {
-    static char *const env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, NULL};
     const cfg *c = L->c;
     if (g_interrupted)
         return INTERRUPTED;
@@ -589,6 +593,31 @@ static int calibrate(launch *L)
     if (!exited || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
         return fail("calibrating the cost model failed (%s)", log);
     printf("  cost model: %s (measured here; %s)\n", L->cost, log);
+    return 0;
+}
+
+/* A fresh token for kvf-sched (32 bytes of the kernel's random numbers, in hex) in
+ * RUN_DIR/sched.tokens, readable by its owner only; L->token_env hands it to the engines, and the
+ * state file names the file for kvf cluster send and kvf-bench e2e. */
+static int make_token(launch *L)
+{
+    unsigned char r[32];
+    if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r)
+        return fail("cannot draw a token for kvf-sched: %s", strerror(errno));
+    char hex[65];
+    for (size_t i = 0; i < sizeof r; i++)
+        snprintf(hex + 2 * i, 3, "%02x", r[i]);
+    snprintf(L->tokens, sizeof L->tokens, "%s/sched.tokens", L->c->run_dir);
+    int fd = open(L->tokens, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    char line[128];
+    int n = snprintf(line, sizeof line,
+                     "# kvf cluster up: the cluster's engines and tools\ncluster %s\n", hex);
+    int ok = fd >= 0 && fchmod(fd, 0600) == 0 && write(fd, line, (size_t)n) == n;
+    if (fd >= 0)
+        close(fd);
+    if (!ok)
+        return fail("cannot write %s: %s", L->tokens, strerror(errno));
+    snprintf(L->token_env, sizeof L->token_env, "KVF_SCHED_TOKEN=%s", hex);
     return 0;
 }
 
@@ -612,8 +641,11 @@ static int start_sched(launch *L)
         args[n++] = "--store-events";
         args[n++] = L->store_events;
     }
-    if (L->netns) /* the namespaces' addresses are the launcher's private network */
-        args[n++] = "--insecure";
+    /* Every request that changes kvf-sched's state is authenticated, also in namespaces. */
+    if (make_token(L) != 0)
+        return 1;
+    args[n++] = "--tokens";
+    args[n++] = L->tokens;
     if (start_one(c, q, args, n, NULL) != 0)
         return 1;
     snprintf(L->sched, sizeof L->sched, "%s", q->addr);
@@ -623,7 +655,7 @@ static int start_sched(launch *L)
 /* Engine i: the prefill engines first, then the decode engines. */
 static int start_engine(launch *L, int i)
 {
-    static char *const env[] = {"OPENBLAS_NUM_THREADS=1", NULL};
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, NULL};
     const cfg *c = L->c;
     int pre = i < c->prefill;
     char name[32], listen[64], events[64], maxt[24];
@@ -917,6 +949,9 @@ static int cmd_send(const cfg *c, cluster_args *a)
             sched = p[i].addr;
     if (!sched)
         return fail("the state of cluster \"%s\" names no kvf-sched", c->name);
+    char tokens[640];
+    snprintf(tokens, sizeof tokens, "%s/sched.tokens", c->run_dir);
+    kvf__sched_token_from_file(tokens); /* none: a cluster of an older launcher */
     a->send.model = c->model;
     return kvf__cluster_send(sched, &a->send, (uint32_t)a->max_tokens, a->json);
 }

@@ -75,6 +75,26 @@ const char *kvf__sched_token(void)
     return t && t[0] ? t : NULL;
 }
 
+int kvf__sched_token_from_file(const char *path)
+{
+    if (kvf__sched_token())
+        return 0;
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f)
+        return -1;
+    char line[1024], name[128], tok[512];
+    int rc = -1;
+    while (rc && fgets(line, sizeof line, f)) {
+        char *hash = strchr(line, '#');
+        if (hash)
+            *hash = '\0';
+        if (sscanf(line, "%127s %511s", name, tok) == 2)
+            rc = setenv("KVF_SCHED_TOKEN", tok, 1);
+    }
+    fclose(f);
+    return rc ? -1 : 0;
+}
+
 int kvf__http_call(const char *method, const char *url, json_t *body, int timeout_ms, long *status,
                    json_t **reply, char *err, size_t errlen)
 {

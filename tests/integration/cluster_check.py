@@ -203,6 +203,16 @@ def main():
                     ix["blocks_stored"] <= 0 or ix["malformed"] or ix["sequence_gaps"]:
                 fail("kvf-sched's event ingestion: %d %r" % (got, ix))
 
+            # kvf-sched's state changes only with the cluster's token (its file readable by its
+            # owner only); the engines and kvf cluster send above used it.
+            tok = os.path.join(cfg["run_dir"], "sched.tokens")
+            if os.stat(tok).st_mode & 0o077:
+                fail("%s is readable by others" % tok)
+            got, err = http("POST", "http://%s/v1/place" % state["sched"],
+                            {"tokens": [1, 2, 3], "output_tokens": 1})
+            if got != 401:
+                fail("kvf-sched answered an unauthenticated placement with %d %r" % (got, err))
+
             # "reuse": "engine": the engine's own pages serve a prompt that starts with its last
             # one, and no store is asked, loaded from or saved to.
             eng = next(pr for pr in state["procs"] if pr["kind"] == "prefill")["addr"]

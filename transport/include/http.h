@@ -22,6 +22,10 @@ int kvf__http_call_bearer(const char *method, const char *url, json_t *body, con
                           int timeout_ms, long *status, json_t **reply, char *err, size_t errlen);
 /* The token this process presents to kvf-sched's mutating endpoints: $KVF_SCHED_TOKEN, or NULL. */
 const char *kvf__sched_token(void);
+/* Sets $KVF_SCHED_TOKEN from the first "NAME TOKEN" line of a kvf-sched token file (a cluster's,
+ * which the launcher writes), unless it is set already. Returns 0, or -1 when the file has no
+ * such line. */
+int kvf__sched_token_from_file(const char *path);
 
 /* What a handler answers: a JSON body, or a text body (malloc'd, with its content type). */
 typedef struct kvf__http_reply {
