@@ -691,10 +691,7 @@ static int configure(srv *S, const serve_opts *o)
     if (split_addr(o->listen, S->host, sizeof S->host, &S->port, "--listen") != 0 ||
         kvf__listen_policy("kvf-engine", "--listen", S->host, o->insecure) != 0)
         return 2;
-    char eh[256];
-    uint16_t ep;
-    if (o->events && kvf__addr_parse(o->events, eh, sizeof eh, &ep) == 0 &&
-        kvf__listen_policy("kvf-engine", "--events", eh, o->insecure) != 0)
+    if (kvf__listen_policy_addr("kvf-engine", "--events", o->events, o->insecure) != 0)
         return 2;
     return PROCEED;
 }

@@ -209,10 +209,7 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
     }
     if (kvf__listen_policy("kvf-store", "--listen", cfg->host, cfg->insecure) != 0)
         return 2;
-    char ehost[256];
-    uint16_t eport;
-    if (cfg->events && kvf__addr_parse(cfg->events, ehost, sizeof ehost, &eport) == 0 &&
-        kvf__listen_policy("kvf-store", "--events", ehost, cfg->insecure) != 0)
+    if (kvf__listen_policy_addr("kvf-store", "--events", cfg->events, cfg->insecure) != 0)
         return 2;
     return -1;
 }

@@ -132,6 +132,15 @@ int kvf__listen_policy(const char *daemon, const char *what, const char *host, i
     return 0;
 }
 
+int kvf__listen_policy_addr(const char *daemon, const char *what, const char *addr, int insecure)
+{
+    char host[256];
+    uint16_t port;
+    if (!addr || kvf__addr_parse(addr, host, sizeof host, &port) != 0)
+        return 0;
+    return kvf__listen_policy(daemon, what, host, insecure);
+}
+
 static int resolve(const char *host, uint16_t port, int passive, struct addrinfo **res)
 {
     struct addrinfo hints;

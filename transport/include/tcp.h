@@ -26,6 +26,9 @@ int kvf__host_is_loopback(const char *host);
  * is. what names the option ("--listen"), daemon the program. Returns 0, or 2 (bad usage) after
  * saying why on stderr. */
 int kvf__listen_policy(const char *daemon, const char *what, const char *host, int insecure);
+/* The same for an address "HOST:PORT" (NULL: nothing to check; one that does not parse is left to
+ * the option's own parsing, which says so). */
+int kvf__listen_policy_addr(const char *daemon, const char *what, const char *addr, int insecure);
 
 /* Listens on host:port (port 0: any free port), nonblocking. *bound gets the port bound. */
 int kvf__tcp_listen(const char *host, uint16_t port, int backlog, int *fd, uint16_t *bound,
