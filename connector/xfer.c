@@ -404,6 +404,15 @@ int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer)
     return rc;
 }
 
+/* Adds the time since t0 that the engine waited on x to its connector's wait counter. */
+static void note_wait(kvf_xfer *x, uint64_t t0)
+{
+    uint64_t dt = kvf__now_ns() - t0;
+    pthread_mutex_lock(&x->cn->mu);
+    x->cn->st.wait_ns += dt;
+    pthread_mutex_unlock(&x->cn->mu);
+}
+
 int kvf_xfer_wait_pages(kvf_xfer *x)
 {
     if (!x || !x->is_save)
@@ -416,10 +425,7 @@ int kvf_xfer_wait_pages(kvf_xfer *x)
         pthread_cond_wait(&x->cv, &x->mu);
     int rc = x->cancelled ? KVF_ECANCELED : 0;
     pthread_mutex_unlock(&x->mu);
-    uint64_t dt = kvf__now_ns() - t0;
-    pthread_mutex_lock(&x->cn->mu);
-    x->cn->st.wait_ns += dt;
-    pthread_mutex_unlock(&x->cn->mu);
+    note_wait(x, t0);
     return rc;
 }
 
@@ -433,10 +439,7 @@ int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer)
         pthread_cond_wait(&x->cv, &x->mu);
     int rc = x->cancelled ? KVF_ECANCELED : x->layer_state[layer];
     pthread_mutex_unlock(&x->mu);
-    uint64_t dt = kvf__now_ns() - t0;
-    pthread_mutex_lock(&x->cn->mu);
-    x->cn->st.wait_ns += dt;
-    pthread_mutex_unlock(&x->cn->mu);
+    note_wait(x, t0);
     return rc;
 }
 
@@ -450,10 +453,7 @@ int kvf_xfer_wait(kvf_xfer *x)
         pthread_cond_wait(&x->cv, &x->mu);
     int rc = x->cancelled ? KVF_ECANCELED : x->result;
     pthread_mutex_unlock(&x->mu);
-    uint64_t dt = kvf__now_ns() - t0;
-    pthread_mutex_lock(&x->cn->mu);
-    x->cn->st.wait_ns += dt;
-    pthread_mutex_unlock(&x->cn->mu);
+    note_wait(x, t0);
     return rc;
 }
 
