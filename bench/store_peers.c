@@ -348,25 +348,13 @@ static void *share_main(void *arg)
 }
 
 /* GB/s of one form (pipelined or not) of w's batch over p's connections, for secs. */
-static double form_rate(redis_peer *p, workload *w, int set, int pipelined, double secs,
-                        int *errors)
+static double form_rate(redis_peer *p, workload *w, char (*names)[32], int set, int pipelined,
+                        double secs, int *errors)
 {
     *errors = 0;
-    char(*names)[32] = calloc(w->n, sizeof *names);
-    if (!names)
-        return 0;
-    for (size_t i = 0; i < w->n; i++)
-        snprintf(names[i], sizeof names[i], "kvf:%zu:%zu", (size_t)w->payload, i);
     share sh[MAX_STREAMS];
     pthread_t th[MAX_STREAMS];
     int n = p->n < (int)w->n ? p->n : (int)w->n;
-    if (!set) { /* the values a GET reads are stored first, outside the timed part */
-        for (int i = 0; i < n; i++) {
-            sh[i] = (share){
-                .c = p->c[i], .w = w, .first = i, .step = n, .set = 1, .secs = 0, .names = names};
-            share_main(&sh[i]);
-        }
-    }
     double t0 = bench_now();
     int started[MAX_STREAMS];
     for (int i = 0; i < n; i++) {
@@ -390,16 +378,29 @@ static double form_rate(redis_peer *p, workload *w, int set, int pipelined, doub
         *errors += sh[i].errors;
     }
     double dt = bench_now() - t0;
-    free(names);
     return (double)bytes / dt / 1e9;
 }
 
 double redis_peer_rate(redis_peer *p, workload *w, int set, double secs, int *errors,
                        int *pipelined_best)
 {
+    *errors = 0;
+    *pipelined_best = 0;
+    char(*names)[32] = calloc(w->n, sizeof *names);
+    if (!names)
+        return 0;
+    for (size_t i = 0; i < w->n; i++)
+        snprintf(names[i], sizeof names[i], "kvf:%zu:%zu", (size_t)w->payload, i);
+    int n = p->n < (int)w->n ? p->n : (int)w->n;
+    for (int i = 0; !set && i < n; i++) { /* what a GET reads is stored first, untimed */
+        share one = {
+            .c = p->c[i], .w = w, .first = i, .step = n, .set = 1, .secs = 0, .names = names};
+        share_main(&one);
+    }
     int e[2];
-    double multi = form_rate(p, w, set, 0, secs, &e[0]);
-    double piped = form_rate(p, w, set, 1, secs, &e[1]);
+    double multi = form_rate(p, w, names, set, 0, secs, &e[0]);
+    double piped = form_rate(p, w, names, set, 1, secs, &e[1]);
+    free(names);
     *errors = e[0] + e[1];
     *pipelined_best = piped > multi;
     return piped > multi ? piped : multi;

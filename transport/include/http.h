@@ -10,7 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Sends method ("GET" or "POST") to url with body (may be NULL; borrowed) and waits up to
+/* Sends method ("GET", "POST" or "DELETE") to url with body (may be NULL; borrowed) and waits up to
  * timeout_ms. On a reply, *status is its HTTP status and *reply its JSON body (NULL when empty or
  * not JSON; caller owns it; reply may be NULL to drop it). Replies over 64 MiB are refused.
  * Returns 0 on any HTTP reply, or KVF_ECONNREFUSED / KVF_ETIMEDOUT / KVF_ENOMEM with one line in
