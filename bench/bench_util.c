@@ -1,5 +1,6 @@
 #include "bench_util.h"
 
+#include "auth.h"
 #include "proc.h"
 #include "units.h"
 
@@ -333,4 +334,13 @@ int bench_plot_bars(const char *png, const char *title, const char *ylabel,
         return -1;
     }
     return 0;
+}
+
+int bench_keyspace(kvf_keyspace *ks, const kvf_layout *layout, char *err, size_t errlen)
+{
+    uint8_t salt[KVF_SALT_MAX];
+    size_t n = 0;
+    if (kvf__auth_key_salt(NULL, NULL, 0, salt, sizeof salt, &n, err, errlen) != 0)
+        return -1;
+    return kvf_keyspace_init(ks, layout, (const char *)salt, n) == 0 ? 0 : -1;
 }

@@ -7,6 +7,7 @@
 #define KVF_BENCH_UTIL_H
 
 #include "kvf/client.h"
+#include "kvf/layout.h"
 
 #include <jansson.h>
 #include <stddef.h>
@@ -107,5 +108,9 @@ bench_spread bench_json_rounds(json_t *result, const char *key, const double *v,
 
 /* Prints the object as one line, with json; nothing without. */
 void bench_emit(json_t *result, int json);
+
+/* The key space of layout as a cluster's engines have it: the tenant salt of $KVF_CREDENTIAL,
+ * where set (docs/keys.md). 0, or -1 with one line in err. */
+int bench_keyspace(kvf_keyspace *ks, const kvf_layout *layout, char *err, size_t errlen);
 
 #endif

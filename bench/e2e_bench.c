@@ -34,6 +34,7 @@
 #include "bench_util.h"
 #include "e2e.h"
 #include "engine.h"
+#include "auth.h"
 #include "http.h"
 #include "router.h"
 #include "trace.h"
@@ -377,6 +378,10 @@ static int open_cluster(e2e *E)
     snprintf(tokens, sizeof tokens, "%.*s/sched.tokens", dir ? (int)(dir - E->state_path) : 1,
              dir ? E->state_path : ".");
     kvf__sched_token_from_file(tokens);
+    /* And its credential for the stores: the chunk keys depend on the tenant's salt. */
+    snprintf(tokens, sizeof tokens, "%.*s", dir ? (int)(dir - E->state_path) : 1,
+             dir ? E->state_path : ".");
+    kvf__auth_cred_from_dir(tokens);
     if (kvfe_router_open(&E->rt, E->sched, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-bench e2e: %s\n", err);
         return 1;
@@ -401,7 +406,11 @@ static long load_requests(const e2e *E, size_t skip, size_t max, e2e_rec **out, 
         return -1;
     }
     kvf_keyspace ks;
-    kvf_keyspace_init(&ks, &E->m.layout, NULL, 0);
+    if (bench_keyspace(&ks, &E->m.layout, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench e2e: %s\n", err);
+        bench_trace_free(tr, *n);
+        return -1;
+    }
     long cut = 0;
     *out = calloc(*n ? *n : 1, sizeof **out);
     for (size_t i = 0; *out && i < *n; i++) {

@@ -190,7 +190,8 @@ int e2e_start_open(e2e_start *s, json_t *stores, const kvf_layout *L, kvfe_route
     for (size_t i = 0; i < json_array_size(stores) && nn < 64; i++)
         nodes[nn++] = json_string_value(json_array_get(stores, i));
     kvf_keyspace ks;
-    kvf_keyspace_init(&ks, L, NULL, 0);
+    if (bench_keyspace(&ks, L, err, errlen) != 0)
+        return -1;
     kvf_client_opts co = {.nodes = nodes, .n_nodes = nn, .ns = ks.seed};
     if (nn && kvf_client_open(&s->cl, &co, err, errlen) != 0)
         return -1;

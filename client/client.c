@@ -137,10 +137,27 @@ static int transport_choose(kvf_client *c, const char *mode)
 /* ------------------------------------------------------------------------------------------ */
 /* Open and close */
 
-/* The options with their defaults filled in; the node list is not kept. */
+/* Reads the credential to authenticate with: path, or $KVF_CREDENTIAL where path is NULL; none
+ * where that is empty. */
+static int load_credential(kvf_client *c, const char *path, char *err, size_t errlen)
+{
+    if (!path)
+        path = getenv("KVF_CREDENTIAL");
+    if (!path || !*path)
+        return 0;
+    char why[300];
+    int rc = kvf__cred_load(path, &c->cred, why, sizeof why);
+    if (rc)
+        return kvf__errf(err, errlen, rc, "client: %s", why);
+    c->has_cred = 1;
+    return 0;
+}
+
+/* The options with their defaults filled in; the node list and credential path are not kept. */
 static void normalize(kvf_client_opts *o)
 {
     o->nodes = NULL;
+    o->credential = NULL;
     if (o->conns_per_node <= 0)
         o->conns_per_node = 4;
     if (o->conns_per_node > KVF_CLIENT_MAX_CONNS)
@@ -206,7 +223,9 @@ int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_
     normalize(&c->o);
     c->n_nodes = o->n_nodes;
     c->path = &kvf__path_tcp;
-    int rc = parse_nodes(c, o->nodes, err, errlen);
+    int rc = load_credential(c, o->credential, err, errlen);
+    if (!rc)
+        rc = parse_nodes(c, o->nodes, err, errlen);
     if (!rc)
         rc = open_engines(c, o, err, errlen);
     if (rc) {
@@ -227,6 +246,7 @@ void kvf_client_close(kvf_client **cp)
     for (int i = c->n_io - 1; i >= 0; i--)
         kvf__io_close(&c->io[i]);
     free(c->nodes);
+    memset(&c->cred, 0, sizeof c->cred);
     free(c);
     *cp = NULL;
 }

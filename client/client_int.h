@@ -35,6 +35,7 @@
 #include "kvf/client.h"
 #include "kvf/object.h"
 
+#include "auth.h"
 #include "hash.h"
 #include "poller.h"
 #include "tcp.h"
@@ -140,6 +141,11 @@ struct kvf__conn {
     uint64_t retry_at;
     uint64_t backoff;
     kvf__req *sq_head, *sq_tail; /* to send */
+    /* Authenticating (a client with a credential): only HELLO and AUTH are written until AUTH is
+     * answered; the rest waits in sq. The node's challenge and id come with HELLO's reply. */
+    int gated;
+    uint8_t nonce[KVF_AUTH_NONCE_LEN];
+    uint64_t node_id;
     kvf__req *fl_head, *fl_tail; /* in flight */
     uint32_t events;
     /* reply reader: the next rleft bytes go to rdst (NULL: discarded), then on_read runs */
@@ -207,7 +213,9 @@ typedef struct kvf__path_ops {
 } kvf__path_ops;
 
 struct kvf_client {
-    kvf_client_opts o; /* o.nodes is not kept */
+    kvf_client_opts o;   /* o.nodes and o.credential are not kept */
+    kvf_credential cred; /* what AUTH presents, where has_cred */
+    int has_cred;
     kvf__node *nodes;
     size_t n_nodes;
     kvf__io *io[KVF_CLIENT_MAX_IO];
@@ -228,6 +236,9 @@ void kvf__op_destroy(kvf_op *op);
 void kvf__op_finish(kvf_op *op, int result);
 /* 0, or KVF_EINVAL for a batch that cannot be sent as a get or put. */
 int kvf__op_validate(const kvf_batch *b, int kind);
+/* io.c: answers the node's challenge (HELLO's reply): an AUTH at the head of cn's queue, written
+ * at once. 0, or an error (the caller resets cn). */
+int kvf__io_send_auth(kvf__conn *cn);
 /* conn.c: the node did not answer a request (or a probe) in time: down for a backoff that
  * doubles while it stays down, its probe over; or it answered a HELLO: up again, its backoff
  * forgotten. */

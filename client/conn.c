@@ -64,6 +64,8 @@ int kvf__cn_write(kvf__conn *cn)
 {
     while (cn->sq_head) {
         kvf__req *r = cn->sq_head;
+        if (cn->gated && r->opcode != KVF_OP_HELLO && r->opcode != KVF_OP_AUTH)
+            break;
         size_t done = 0;
         int rc = kvf__sock_writev(cn->fd, r->iov + r->first, r->iovcnt - r->first, &done);
         if (rc == KVF_EAGAIN)

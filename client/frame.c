@@ -78,6 +78,8 @@ static size_t payload_len(const kvf__req *r)
         return 0;
     case KVF_OP_HELLO:
         return 24;
+    case KVF_OP_AUTH:
+        return KVF_AUTH_REQ_LEN;
     default:
         return 8 + 16 * n;
     }
@@ -164,6 +166,16 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
     case KVF_OP_STATS:
         count = 0;
         break;
+    case KVF_OP_AUTH: {
+        size_t name_len = strlen(c->cred.tenant);
+        kvf__put_u32(p, (uint32_t)name_len);
+        memcpy(p + 8, c->cred.tenant, name_len);
+        int rc = kvf__auth_sign(&c->cred, r->cn->nonce, r->cn->node_id, p + 8 + 64);
+        if (rc)
+            return rc;
+        count = 0;
+        break;
+    }
     case KVF_OP_CLEAR:
         kvf__put_u64(p, ns);
         count = 0;

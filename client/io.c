@@ -117,18 +117,20 @@ static void op_activate(kvf__io *io, kvf_op *op)
 }
 
 /* Each connection opens with a HELLO that binds it to the client's namespace. It is pipelined:
- * requests queue behind it without waiting for its reply. A probe's HELLO has a deadline (its
- * expiry marks the node down again); an ordinary one has none. */
-static void send_hello(kvf__io *io, kvf__conn *cn, int probe)
+ * requests queue behind it without waiting for its reply, or, with a credential, behind the AUTH
+ * that answers the node's challenge (the connection is gated until then). A probe's HELLO has a
+ * deadline (its expiry marks the node down again); an ordinary one has none. The AUTH goes to the
+ * head of the queue (front). Returns 0 or KVF_ENOMEM. */
+static int send_ctrl(kvf__io *io, kvf__conn *cn, uint32_t opcode, int probe, int front)
 {
     kvf_op *op = calloc(1, sizeof *op);
     int *st = calloc(1, sizeof *st);
-    kvf__req *r = op ? kvf__req_new(op, cn, KVF_OP_HELLO, 0) : NULL;
+    kvf__req *r = op ? kvf__req_new(op, cn, opcode, 0) : NULL;
     if (!op || !st || !r) {
         free(op);
         free(st);
         kvf__req_free(r);
-        return;
+        return KVF_ENOMEM;
     }
     op->cl = io->cl;
     op->io = io;
@@ -146,14 +148,26 @@ static void send_hello(kvf__io *io, kvf__conn *cn, int probe)
         free(op->reqs);
         free(op);
         free(st);
-        return;
+        return KVF_ENOMEM;
     }
     op->reqs[0] = r;
     op->n_reqs = 1;
     op->deadline_ns = probe ? kvf__now_ns() + PROBE_DEADLINE_NS : UINT64_MAX;
     if (probe)
         op_activate(io, op);
-    kvf__req_push(&cn->sq_head, &cn->sq_tail, r);
+    if (front && cn->sq_head) {
+        r->next = cn->sq_head;
+        cn->sq_head = r;
+    } else {
+        kvf__req_push(&cn->sq_head, &cn->sq_tail, r);
+    }
+    return 0;
+}
+
+int kvf__io_send_auth(kvf__conn *cn)
+{
+    int rc = send_ctrl(cn->io, cn, KVF_OP_AUTH, 0, 1);
+    return rc ? rc : kvf__cn_write(cn);
 }
 
 static int cn_connect(kvf__io *io, kvf__conn *cn, int probe)
@@ -183,7 +197,8 @@ static int cn_connect(kvf__io *io, kvf__conn *cn, int probe)
     }
     kvf__rd_next_frame(cn);
     kvf__io_count(io, 0, 0, 0, 0, 1);
-    send_hello(io, cn, probe);
+    cn->gated = io->cl->has_cred;
+    send_ctrl(io, cn, KVF_OP_HELLO, probe, 0);
     kvf__cn_set_events(cn);
     return 0;
 }
@@ -281,7 +296,7 @@ static void *io_main(void *arg)
             if (!rc && (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR)))
                 rc = kvf__cn_read(cn);
             if (rc)
-                cn_reset(io, cn, rc == KVF_EPROTO ? KVF_EPROTO : KVF_ECONNRESET);
+                cn_reset(io, cn, rc == KVF_EPROTO || rc == KVF_EACCES ? rc : KVF_ECONNRESET);
         }
         check_deadlines(io);
         kvf__io_flush_completed(io);

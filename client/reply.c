@@ -16,6 +16,7 @@
 
 #include "bytes.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -70,6 +71,10 @@ static int rd_errtext(kvf__conn *cn)
     kvf__cn_unflight(cn, r);
     kvf__rd_next_frame(cn);
     kvf__req_fail(r, status);
+    /* A refused AUTH (or a request the node would not take before one) fails what waits on the
+     * connection with the same error: none of it can be served. */
+    if (fatal && status == KVF_EACCES)
+        return KVF_EACCES;
     return fatal ? KVF_EPROTO : 0;
 }
 
@@ -79,13 +84,42 @@ static int rd_hello(kvf__conn *cn)
     uint32_t ver = kvf__get_u32(r->rtab);
     if (ver != KVF_WIRE_VERSION)
         return KVF_EVERSION;
-    atomic_store(&cn->nd->caps, kvf__get_u64(r->rtab + 8));
+    uint64_t caps = kvf__get_u64(r->rtab + 8);
+    atomic_store(&cn->nd->caps, caps & ~KVF_CAP_AUTH);
     atomic_store(&cn->nd->rdma_port, kvf__get_u32(r->rtab + 40) & 0xffffu);
     cn->state = KVF__CS_UP;
     cn->backoff = 0;
     kvf__node_mark_up(cn->nd); /* it answers: a probe succeeded, or it never was down */
+    int auth = (caps & KVF_CAP_AUTH) != 0;
+    if (auth) {
+        if (r->rtab_len < KVF_HELLO_REPLY_AUTH_LEN)
+            return KVF_EPROTO;
+        memcpy(cn->nonce, r->rtab + KVF_HELLO_REPLY_LEN, KVF_AUTH_NONCE_LEN);
+        cn->node_id = kvf__get_u64(r->rtab + 32);
+    }
     reply_done(cn, r);
-    return 0;
+    if (auth && !cn->io->cl->has_cred) {
+        snprintf(cn->errtext, sizeof cn->errtext,
+                 "%s requires authentication: no credential (KVF_CREDENTIAL)", cn->nd->addr);
+        return KVF_EACCES;
+    }
+    if (auth)
+        return kvf__io_send_auth(cn);
+    /* The node asks for none: what waited goes now. */
+    cn->gated = 0;
+    return kvf__cn_write(cn);
+}
+
+/* AUTH answered: the connection is the tenant's; what waited behind it goes now. */
+static int rd_auth(kvf__conn *cn)
+{
+    kvf__req *r = cn->rreq;
+    uint32_t role = kvf__get_u32(r->rtab);
+    if (role != KVF_ROLE_TENANT && role != KVF_ROLE_ADMIN)
+        return KVF_EPROTO;
+    cn->gated = 0;
+    reply_done(cn, r);
+    return kvf__cn_write(cn);
 }
 
 /* Per-key status replies: ADMIT, COMMIT, EVICT, PIN, UNPIN, COMPRESS, COPY. */
@@ -534,7 +568,11 @@ static int rd_header(kvf__conn *cn)
         return plen > KVF_CLIENT_RAW_MAX ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_raw);
     switch (r->opcode) {
     case KVF_OP_HELLO:
-        return plen < 48 ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_hello);
+        return plen < KVF_HELLO_REPLY_LEN || plen > 4096
+                   ? KVF_EPROTO
+                   : rd_payload_into_rtab(cn, r, plen, rd_hello);
+    case KVF_OP_AUTH:
+        return plen != KVF_AUTH_REPLY_LEN ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_auth);
     case KVF_OP_ADMIT:
     case KVF_OP_COMMIT:
     case KVF_OP_EVICT:

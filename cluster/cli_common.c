@@ -4,6 +4,7 @@
  */
 #include "cli_common.h"
 
+#include "auth.h"
 #include "bytes.h"
 
 #include <errno.h>
@@ -260,9 +261,13 @@ int kvf__cli_chunks_load(const kvf__cli_target *t, const char *cmd, int need_tok
         fprintf(stderr, "kvf: --model: %s\n", err);
         return -1;
     }
-    size_t salt_len = t->salt ? strlen(t->salt) : 0;
-    if (kvf_keyspace_init(&ch->ks, &ch->layout, t->salt, salt_len) != 0) {
-        fprintf(stderr, "kvf: --salt: longer than %u bytes\n", KVF_SALT_MAX);
+    /* With a credential ($KVF_CREDENTIAL), its salt comes first, as in the connector. */
+    uint8_t salt[KVF_SALT_MAX];
+    size_t salt_len = 0;
+    if (kvf__auth_key_salt(NULL, t->salt, t->salt ? strlen(t->salt) : 0, salt, sizeof salt,
+                           &salt_len, err, sizeof err) != 0 ||
+        kvf_keyspace_init(&ch->ks, &ch->layout, (const char *)salt, salt_len) != 0) {
+        fprintf(stderr, "kvf: key space: %s\n", err);
         return -1;
     }
     if (!need_tokens)

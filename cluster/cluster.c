@@ -16,6 +16,7 @@
 #include "proc.h"
 #include "send.h"
 
+#include "auth.h"
 #include "http.h"
 #include "kvf/kvf.h"
 #include "tcp.h"
@@ -393,6 +394,8 @@ typedef struct launch {
     char sched[160];         /* kvf-sched's address */
     char tokens[640];        /* kvf-sched's token file, in the run directory */
     char token_env[160];     /* KVF_SCHED_TOKEN=..., for the engines */
+    char tenants[640];       /* the stores' tenants file (--auth), in the run directory */
+    char cred_env[760];      /* KVF_CREDENTIAL=RUN_DIR/cluster.cred, for the engines */
 } launch;
 
 /* Starts p as args (in p's namespace when it has one), its output in RUN_DIR/NAME.log, and waits
@@ -524,6 +527,50 @@ static int announce(launch *L)
     return 0;
 }
 
+/* Credentials for the stores (docs/security.md), in the run directory, readable by their owner
+ * only: the tenant "cluster" that the engines and tools use (cluster.cred), an admin for an
+ * operator's management requests (admin.cred), and the stores' tenants file with their public
+ * keys (store.tenants). */
+static int make_credentials(launch *L)
+{
+    const char *rd = L->c->run_dir;
+    const struct {
+        const char *name, *file;
+        int role;
+    } who[] = {{"cluster", "cluster.cred", KVF_ROLE_TENANT},
+               {"admin", "admin.cred", KVF_ROLE_ADMIN}};
+    snprintf(L->tenants, sizeof L->tenants, "%s/store.tenants", rd);
+    unlink(L->tenants);
+    int fd = open(L->tenants, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f) {
+        if (fd >= 0)
+            close(fd);
+        return fail("cannot write %s: %s", L->tenants, strerror(errno));
+    }
+    fprintf(f, "# kvf cluster up: the stores' tenants (kvf auth list --tenants this file)\n");
+    int rc = 0;
+    for (size_t i = 0; i < sizeof who / sizeof who[0] && !rc; i++) {
+        char path[700], err[300], line[512];
+        snprintf(path, sizeof path, "%s/%s", rd, who[i].file);
+        unlink(path);
+        kvf_credential cred;
+        kvf_tenant_key k = {.role = who[i].role};
+        snprintf(k.name, sizeof k.name, "%s", who[i].name);
+        if (kvf__cred_new(&cred, who[i].name, k.pk) != 0 ||
+            kvf__cred_write(path, &cred, err, sizeof err) != 0)
+            rc = fail("cannot make the credential %s", path);
+        memset(&cred, 0, sizeof cred);
+        kvf__tenant_key_format(&k, line, sizeof line);
+        fputs(line, f);
+        if (i == 0)
+            snprintf(L->cred_env, sizeof L->cred_env, "KVF_CREDENTIAL=%s", path);
+    }
+    if (fclose(f) != 0 && !rc)
+        rc = fail("cannot write %s", L->tenants);
+    return rc;
+}
+
 static int start_store(launch *L, int i)
 {
     const cfg *c = L->c;
@@ -534,11 +581,13 @@ static int start_store(launch *L, int i)
     proc *q = add_proc(L, name, "store", listen, events);
     if (!q)
         return 1;
-    /* In namespaces the hosts' addresses are not loopback: the launcher's private network. */
-    char *args[] = {L->store_bin, "--listen", listen,        "--memory",  (char *)c->store_memory,
-                    "--threads",  threads,    "--log-level", "info",      "--events",
-                    events,       "--node",   node,          "--insecure"};
-    if (start_one(c, q, args, L->netns ? 14 : 13, NULL) != 0)
+    /* Every client authenticates (--auth). In namespaces the hosts' addresses are not loopback:
+     * the chunk events, not yet authenticated, go over the launcher's private network. */
+    char *args[] = {L->store_bin, "--listen", listen,   "--memory", (char *)c->store_memory,
+                    "--threads",  threads,    "--auth", L->tenants, "--log-level",
+                    "info",       "--events", events,   "--node",   node,
+                    "--insecure"};
+    if (start_one(c, q, args, L->netns ? 16 : 15, NULL) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
@@ -549,6 +598,8 @@ static int start_store(launch *L, int i)
 
 static int start_stores(launch *L)
 {
+    if (make_credentials(L) != 0)
+        return 1;
     for (int i = 0; i < L->c->stores; i++) {
         if (g_interrupted)
             return INTERRUPTED;
@@ -576,7 +627,7 @@ static int wait_calibration(pid_t pid, int *status)
  * (kvf-engine --calibrate), into L->cost. */
 static int calibrate(launch *L)
 {
-    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, NULL};
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, L->cred_env, NULL};
     const cfg *c = L->c;
     if (g_interrupted)
         return INTERRUPTED;
@@ -655,7 +706,7 @@ static int start_sched(launch *L)
 /* Engine i: the prefill engines first, then the decode engines. */
 static int start_engine(launch *L, int i)
 {
-    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, NULL};
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, L->cred_env, NULL};
     const cfg *c = L->c;
     int pre = i < c->prefill;
     char name[32], listen[64], events[64], maxt[24];
@@ -951,7 +1002,8 @@ static int cmd_send(const cfg *c, cluster_args *a)
         return fail("the state of cluster \"%s\" names no kvf-sched", c->name);
     char tokens[640];
     snprintf(tokens, sizeof tokens, "%s/sched.tokens", c->run_dir);
-    kvf__sched_token_from_file(tokens); /* none: a cluster of an older launcher */
+    kvf__sched_token_from_file(tokens);  /* none: a cluster of an older launcher */
+    kvf__auth_cred_from_dir(c->run_dir); /* the chunk keys depend on the tenant's salt */
     a->send.model = c->model;
     return kvf__cluster_send(sched, &a->send, (uint32_t)a->max_tokens, a->json);
 }

@@ -2,9 +2,11 @@
  * kvf: the operator CLI. `kvf COMMAND [options]` runs one subcommand of the table below; each
  * parses its own options and prints them with `kvf COMMAND --help`. The subcommands live one
  * concern to a file: cmd_data.c (the data commands against stores), cmd_feasibility.c
- * (estimate, classify), cmd_probe.c (probe) and cluster.c (the local cluster launcher).
+ * (estimate, classify), cmd_probe.c (probe), cmd_auth.c (auth) and cluster.c (the local cluster
+ * launcher).
  */
 #include "cluster.h"
+#include "cmd_auth.h"
 #include "cmd_data.h"
 #include "cmd_feasibility.h"
 #include "cmd_probe.h"
@@ -41,6 +43,9 @@ static const subcommand subcommands[] = {
     {.name = "probe",
      .run = kvf__cli_probe,
      .help = "this host's capability record, by executing tiny actions"},
+    {.name = "auth",
+     .run = kvf__cli_auth,
+     .help = "tenants and credentials for storage nodes that authenticate"},
     {.name = "cluster",
      .run = kvf__cli_cluster,
      .help = "start, stop or inspect a kvfabric cluster on this machine"},

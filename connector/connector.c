@@ -10,6 +10,7 @@
 #include "kvf/error.h"
 #include "kvf/object.h"
 
+#include "auth.h"
 #include "http.h"
 #include "connector_int.h"
 
@@ -190,6 +191,7 @@ static int open_client(kvf_connector *cn, const kvf_connector_opts *o, const cha
         .conns_per_node = o->conns_per_node,
         .deadline_ms = cn->deadline_ms,
         .transport = transport,
+        .credential = o->credential,
     };
     char **fetched = NULL;
     size_t n_fetched = 0;
@@ -212,6 +214,23 @@ static int open_client(kvf_connector *cn, const kvf_connector_opts *o, const cha
     return 0;
 }
 
+/* The key space: the tenant salt is the credential's (docs/keys.md), where there is one, followed
+ * by o->salt; so two tenants' keys never collide, and nobody without the credential can work
+ * out a tenant's keys from its tokens. */
+static int keyspace_open(kvf_connector *cn, const kvf_connector_opts *o, char *err, size_t errlen)
+{
+    uint8_t salt[KVF_SALT_MAX];
+    size_t n = 0;
+    char why[300];
+    int rc = kvf__auth_key_salt(o->credential, o->salt, o->salt ? strlen(o->salt) : 0, salt,
+                                sizeof salt, &n, why, sizeof why);
+    if (rc) {
+        snprintf(err, errlen, "connector: %s", why);
+        return rc;
+    }
+    return kvf_keyspace_init(&cn->ks, &cn->l, (const char *)salt, n);
+}
+
 int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -230,10 +249,8 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
         return KVF_ENOMEM;
     }
     cn->l = o->layout;
-    size_t salt_len = o->salt ? strlen(o->salt) : 0;
-    int rc = kvf_keyspace_init(&cn->ks, &cn->l, o->salt, salt_len);
+    int rc = keyspace_open(cn, o, err, errlen);
     if (rc) {
-        snprintf(err, errlen, "connector: salt longer than %u bytes", KVF_SALT_MAX);
         free(cn);
         return rc;
     }

@@ -3,6 +3,8 @@
  */
 #include "wire.h"
 
+#include "auth.h"
+
 #include "kvf/error.h"
 
 #include "bytes.h"
@@ -45,7 +47,7 @@ static int is_data_op(uint32_t op)
 /* Ops whose requests carry no items. */
 static int is_itemless_op(uint32_t op)
 {
-    return op == KVF_OP_HELLO || op == KVF_OP_CLEAR || op == KVF_OP_STATS ||
+    return op == KVF_OP_HELLO || op == KVF_OP_AUTH || op == KVF_OP_CLEAR || op == KVF_OP_STATS ||
            op == KVF_OP_RDMA_RELEASE;
 }
 
@@ -156,6 +158,9 @@ int kvf__wire_control_len(const kvf_wire_hdr *h, const uint8_t *payload, uint64_
     switch (h->opcode) {
     case KVF_OP_HELLO:
         *need = 24;
+        return 0;
+    case KVF_OP_AUTH:
+        *need = KVF_AUTH_REQ_LEN;
         return 0;
     case KVF_OP_STATS:
         *need = 0;

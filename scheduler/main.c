@@ -137,7 +137,8 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
         return 2;
     }
     /* With tokens every request that changes anything is authenticated: any address will do. */
-    return cl->tokens ? 0 : kvf__listen_policy("kvf-sched", "--listen", host, cl->insecure);
+    return kvf__listen_policy("kvf-sched", "--listen", host,
+                              cl->tokens ? KVF_LISTEN_AUTHENTICATED : cl->insecure);
 }
 
 /* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",

@@ -40,8 +40,17 @@ typedef struct entry {
     uint8_t state;
     uint8_t queue;
     uint8_t freq;
-    uint8_t via; /* reserved: KVF_CACHE_VIA_*, how its bytes are written */
+    uint8_t via;     /* reserved: KVF_CACHE_VIA_*, how its bytes are written */
+    uint16_t tenant; /* whose bytes these are, for quotas (0: nobody's) */
 } entry;
+
+/* A tenant's use of the arena and its quotas (0: none). bytes and entries count every block the
+ * tenant's entries hold, reserved, ready, or gone but still read. */
+typedef struct tenant_acct {
+    uint64_t bytes, entries, max_bytes;
+    uint32_t reserved, max_reserved;
+    uint64_t quota_evictions, quota_rejected;
+} tenant_acct;
 
 typedef struct queue {
     uint32_t head, tail;
@@ -71,6 +80,7 @@ struct kvf_cache {
     uint64_t *ghost;
     uint64_t ghost_mask;
     uint32_t sweep;
+    tenant_acct *tenants; /* KVF_CACHE_MAX_TENANTS */
     kvf_cache_stats st;
 };
 
@@ -339,6 +349,9 @@ static void index_remove(kvf_cache *c, uint32_t i)
 static void entry_free(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
+    tenant_acct *ta = &c->tenants[x->tenant];
+    ta->bytes -= x->len;
+    ta->entries--;
     kvf__arena_free(c->arena, x->off);
     memset(x, 0, sizeof *x);
     x->state = ST_FREE;
@@ -379,6 +392,44 @@ static int evict_one(kvf_cache *c)
     return 0;
 }
 
+/* Evicts the oldest evictable entry of tenant t, in queue order (the small FIFO first, then the
+ * main queue, each from its tail). A scan, bounded by the entries queued: only a tenant at its
+ * quota pays it, and others' entries are never taken. 0, or KVF_EQUOTA when none can go. */
+static int evict_tenant_one(kvf_cache *c, uint16_t t)
+{
+    uint64_t now_ns = now(c);
+    queue *qs[2] = {&c->q_small, &c->q_main};
+    for (int q = 0; q < 2; q++)
+        for (uint32_t i = qs[q]->tail; i != NONE; i = c->e[i].prev)
+            if (c->e[i].tenant == t && evictable(c, &c->e[i], now_ns)) {
+                entry_remove(c, i);
+                c->st.evictions++;
+                c->tenants[t].quota_evictions++;
+                return 0;
+            }
+    return KVF_EQUOTA;
+}
+
+/* A reservation of len bytes for tenant t within its quotas: its own oldest entries go to make
+ * room. 0 or KVF_EQUOTA. */
+static int quota_admit(kvf_cache *c, uint32_t t, uint64_t len)
+{
+    tenant_acct *ta = &c->tenants[t];
+    if (t == 0)
+        return 0;
+    if ((ta->max_reserved && ta->reserved >= ta->max_reserved) ||
+        (ta->max_bytes && len > ta->max_bytes)) {
+        ta->quota_rejected++;
+        return KVF_EQUOTA;
+    }
+    while (ta->max_bytes && ta->bytes + len > ta->max_bytes)
+        if (evict_tenant_one(c, (uint16_t)t) != 0) {
+            ta->quota_rejected++;
+            return KVF_EQUOTA;
+        }
+    return 0;
+}
+
 /* Allocates len bytes, evicting until it fits or nothing more can go. */
 static int alloc_evicting(kvf_cache *c, uint64_t len, uint64_t *off)
 {
@@ -391,17 +442,23 @@ static int alloc_evicting(kvf_cache *c, uint64_t len, uint64_t *off)
 }
 
 int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
-                              uint64_t owner, int via, int hold, uint32_t *eid, uint8_t **dst)
+                              uint64_t owner, uint32_t tenant, int via, int hold, uint32_t *eid,
+                              uint8_t **dst)
 {
     assert_locked(c);
     if (len == 0 || len > c->mem_size / 2)
         return KVF_E2BIG;
+    if (tenant >= KVF_CACHE_MAX_TENANTS)
+        return KVF_EINVAL;
     int found;
     uint64_t s = slot_find(c, ns, key, &found);
     if (found) {
         c->st.duplicates++;
         return KVF_EEXIST;
     }
+    int qrc = quota_admit(c, tenant, len);
+    if (qrc)
+        return qrc;
     if (c->free_head == NONE && evict_one(c) != 0) {
         c->st.rejected_full++;
         return KVF_ENOSPC;
@@ -423,6 +480,7 @@ int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     x->len = len;
     x->owner = owner;
     x->via = (uint8_t)via;
+    x->tenant = (uint16_t)tenant;
     x->state = ST_RESERVED;
     x->refs = hold ? 1 : 0;
     x->prev = x->next = NONE;
@@ -430,6 +488,9 @@ int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     c->table[s] = i + 1;
     c->st.entries++;
     c->st.reserved++;
+    c->tenants[tenant].bytes += len;
+    c->tenants[tenant].entries++;
+    c->tenants[tenant].reserved++;
     *eid = i;
     *dst = c->mem + off;
     return 0;
@@ -464,6 +525,7 @@ int kvf__cache_commit_locked(kvf_cache *c, uint32_t i, uint64_t owner)
     x->deadline_ns = 0;
     x->owner = 0;
     c->st.reserved--;
+    c->tenants[x->tenant].reserved--;
     c->st.ready_bytes += x->len;
     c->st.puts++;
     c->policy->insert(c, i);
@@ -476,6 +538,7 @@ static void abort_entry(kvf_cache *c, uint32_t i)
 {
     index_remove(c, i);
     c->st.reserved--;
+    c->tenants[c->e[i].tenant].reserved--;
     entry_free(c, i);
 }
 
@@ -637,6 +700,7 @@ int kvf__cache_swap_locked(kvf_cache *c, uint32_t i, uint64_t newoff, uint64_t l
     if (q)
         q->bytes = q->bytes - x->len + len;
     c->st.ready_bytes = c->st.ready_bytes - x->len + len;
+    c->tenants[x->tenant].bytes = c->tenants[x->tenant].bytes - x->len + len;
     x->off = newoff;
     x->len = len;
     return 0;
@@ -662,6 +726,32 @@ void kvf__cache_tick_locked(kvf_cache *c, uint32_t max_steps)
     }
 }
 
+void kvf__cache_quota_set_locked(kvf_cache *c, uint32_t tenant, uint64_t max_bytes,
+                                 uint32_t max_reserved)
+{
+    assert_locked(c);
+    if (tenant == 0 || tenant >= KVF_CACHE_MAX_TENANTS)
+        return;
+    c->tenants[tenant].max_bytes = max_bytes;
+    c->tenants[tenant].max_reserved = max_reserved;
+}
+
+void kvf__cache_tenant_stats_locked(kvf_cache *c, uint32_t tenant, kvf_cache_tenant_stats *st)
+{
+    assert_locked(c);
+    memset(st, 0, sizeof *st);
+    if (tenant >= KVF_CACHE_MAX_TENANTS)
+        return;
+    const tenant_acct *ta = &c->tenants[tenant];
+    st->bytes = ta->bytes;
+    st->entries = ta->entries;
+    st->reserved = ta->reserved;
+    st->max_bytes = ta->max_bytes;
+    st->max_reserved = ta->max_reserved;
+    st->quota_evictions = ta->quota_evictions;
+    st->quota_rejected = ta->quota_rejected;
+}
+
 void kvf__cache_stats_locked(kvf_cache *c, kvf_cache_stats *st)
 {
     assert_locked(c);
@@ -682,11 +772,15 @@ int kvf__cache_check_locked(kvf_cache *c)
     if (kvf__arena_check(c->arena) != 0)
         return -1;
     uint64_t live = 0, ready_bytes = 0, reserved = 0, in_q = 0, indexed = 0;
+    uint64_t *tbytes = calloc(KVF_CACHE_MAX_TENANTS, sizeof *tbytes);
+    if (!tbytes)
+        return -1;
     for (uint32_t i = 0; i < c->n_entries; i++) {
         entry *x = &c->e[i];
         if (x->state == ST_FREE)
             continue;
         live++;
+        tbytes[x->tenant] += x->len;
         if (x->state == ST_READY) {
             ready_bytes += x->len;
             if (x->queue == Q_NONE)
@@ -696,11 +790,19 @@ int kvf__cache_check_locked(kvf_cache *c)
         if (x->state == ST_RESERVED)
             reserved++;
         if (x->state != ST_GONE) {
-            if (lookup(c, x->ns, &x->key) != i)
+            if (lookup(c, x->ns, &x->key) != i) {
+                free(tbytes);
                 return -1;
+            }
             indexed++;
         }
     }
+    int tenants_ok = 1;
+    for (uint32_t t = 0; t < KVF_CACHE_MAX_TENANTS; t++)
+        tenants_ok &= tbytes[t] == c->tenants[t].bytes;
+    free(tbytes);
+    if (!tenants_ok)
+        return -1;
     uint64_t slots = 0;
     for (uint64_t s = 0; s <= c->mask; s++)
         slots += c->table[s] != 0;
@@ -802,7 +904,8 @@ int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t 
         gcap <<= 1;
     c->ghost = calloc(gcap, sizeof *c->ghost);
     c->ghost_mask = gcap - 1;
-    if (!c->e || !c->table || !c->ghost) {
+    c->tenants = calloc(KVF_CACHE_MAX_TENANTS, sizeof *c->tenants);
+    if (!c->e || !c->table || !c->ghost || !c->tenants) {
         snprintf(err, errlen, "out of memory for %llu entries", (unsigned long long)n);
         goto out_tables;
     }
@@ -815,6 +918,7 @@ int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t 
     return 0;
 
 out_tables:
+    free(c->tenants);
     free(c->e);
     free(c->table);
     free(c->ghost);
@@ -832,6 +936,7 @@ void kvf__cache_close(kvf_cache **cp)
     if (!cp || !*cp)
         return;
     kvf_cache *c = *cp;
+    free(c->tenants);
     free(c->e);
     free(c->table);
     free(c->ghost);

@@ -25,6 +25,8 @@
 typedef struct kvf_cache kvf_cache;
 
 #define KVF_CACHE_NONE UINT32_MAX
+/* Tenants whose use of the arena is counted and bounded (index 0 is nobody's). */
+#define KVF_CACHE_MAX_TENANTS 4096u
 
 typedef struct kvf_cache_opts {
     uint64_t memory;        /* arena bytes */
@@ -68,13 +70,17 @@ uint8_t *kvf__cache_base(kvf_cache *c);
 enum { KVF_CACHE_VIA_WIRE = 0, KVF_CACHE_VIA_RDMA = 1 };
 
 /* Reserves len bytes for (ns, key) on behalf of owner, to be written `via` a KVF_CACHE_VIA_*,
- * evicting as needed. The reservation is invisible to readers until committed. With hold, the
- * caller also holds it (it is being written now and cannot expire) and must drop that hold with
- * kvf__cache_commit_locked or kvf__cache_abort_locked. Returns 0 with *eid and *dst, KVF_EEXIST
- * when the key is ready or reserved already, KVF_E2BIG when len exceeds the arena, KVF_ENOSPC
- * when nothing evictable makes room. */
+ * evicting as needed, and charged to tenant (0: nobody; else < KVF_CACHE_MAX_TENANTS): a tenant
+ * over its byte quota first evicts its own oldest entries, never another's. The reservation is
+ * invisible to readers until committed. With hold, the caller also holds it (it is being written
+ * now and cannot expire) and must drop that hold with kvf__cache_commit_locked or
+ * kvf__cache_abort_locked. Returns 0 with *eid and *dst, KVF_EEXIST when the key is ready or
+ * reserved already, KVF_E2BIG when len exceeds the arena, KVF_ENOSPC when nothing evictable makes
+ * room, KVF_EQUOTA when the tenant's quotas (its outstanding reservations, or its bytes with
+ * nothing of its own left to evict) refuse it. */
 int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
-                              uint64_t owner, int via, int hold, uint32_t *eid, uint8_t **dst);
+                              uint64_t owner, uint32_t tenant, int via, int hold, uint32_t *eid,
+                              uint8_t **dst);
 /* Finds owner's un-held reservation of (ns, key), made to be written `via`, and holds it for
  * writing. Returns 0, KVF_ENOENT (none: expired, aborted, another owner's, or made the other
  * way), or KVF_EINVAL when len differs. */
@@ -120,6 +126,16 @@ int kvf__cache_swap_locked(kvf_cache *c, uint32_t eid, uint64_t newoff, uint64_t
 void kvf__cache_tick_locked(kvf_cache *c, uint32_t max_steps);
 
 void kvf__cache_stats_locked(kvf_cache *c, kvf_cache_stats *st);
+
+/* A tenant's use of the arena and its quotas. */
+typedef struct kvf_cache_tenant_stats {
+    uint64_t bytes, entries, reserved, max_bytes, max_reserved, quota_evictions, quota_rejected;
+} kvf_cache_tenant_stats;
+/* Sets tenant's quotas (0: none): the bytes its entries may hold and its reservations not yet
+ * committed. Lowering a quota evicts nothing now; the tenant's next reservations make room. */
+void kvf__cache_quota_set_locked(kvf_cache *c, uint32_t tenant, uint64_t max_bytes,
+                                 uint32_t max_reserved);
+void kvf__cache_tenant_stats_locked(kvf_cache *c, uint32_t tenant, kvf_cache_tenant_stats *st);
 /* Full consistency check (index, lists, arena). For tests; O(entries). Returns 0 or -1. */
 int kvf__cache_check_locked(kvf_cache *c);
 

@@ -5,9 +5,11 @@
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
  *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N] [--insecure]
+ *             [--auth TENANTS] [--copy-credential FILE]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
- * once it accepts connections; SIGTERM and SIGINT stop it cleanly.
+ * once it accepts connections; SIGTERM and SIGINT stop it cleanly; SIGHUP reads --auth's tenants
+ * file again.
  */
 #include "kvf/kvf.h"
 
@@ -36,6 +38,13 @@ static void on_signal(int sig)
         kvf__server_stop(g_server);
 }
 
+static void on_hup(int sig)
+{
+    (void)sig;
+    if (g_server)
+        kvf__server_reload_tenants(g_server);
+}
+
 static void usage(FILE *f)
 {
     fprintf(
@@ -54,9 +63,13 @@ static void usage(FILE *f)
         "  --no-prefault         do not touch the arena's pages at start\n"
         "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
         "  --node N              this store's number in kvf-sched's --store-events (default 0)\n"
-        "  --insecure            allow --listen and --events on an address that is not\n"
-        "                        loopback: kvfabric does not authenticate clients yet, so only\n"
-        "                        on a private network of trusted hosts (docs/security.md)\n"
+        "  --auth TENANTS        require every client to authenticate as a tenant of this\n"
+        "                        file (kvf auth new); SIGHUP reads it again. Allows --listen\n"
+        "                        on any address\n"
+        "  --copy-credential F   the credential COPY presents to --peer nodes (an admin's)\n"
+        "  --insecure            allow --listen without --auth, and --events, on an address\n"
+        "                        that is not loopback: only on a private network of trusted\n"
+        "                        hosts (docs/security.md)\n"
         "  --peer HOST:PORT      a storage node COPY may push to (repeat for each; without\n"
         "                        any, COPY is refused)\n"
         "  --copy-workers N      threads that run COPYs (default 2)\n"
@@ -76,7 +89,7 @@ typedef struct store_cfg {
     uint16_t port;
     uint64_t memory, max_request;
     long threads, max_entries, node;
-    const char *evict, *poller, *events, *rdma;
+    const char *evict, *poller, *events, *rdma, *auth, *copy_credential;
     int verify, lock_memory, prefault, insecure;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
@@ -131,6 +144,10 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         cfg->evict = v;
     } else if (!strcmp(a, "--events")) {
         cfg->events = v;
+    } else if (!strcmp(a, "--auth")) {
+        cfg->auth = v;
+    } else if (!strcmp(a, "--copy-credential")) {
+        cfg->copy_credential = v;
     } else if (!strcmp(a, "--rdma")) {
         cfg->rdma = v;
     } else if (!strcmp(a, "--node")) {
@@ -207,7 +224,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
         fprintf(stderr, "kvf-store: --listen: expected HOST:PORT, got \"%s\"\n", cfg->listen);
         return 2;
     }
-    if (kvf__listen_policy("kvf-store", "--listen", cfg->host, cfg->insecure) != 0)
+    if (kvf__listen_policy("kvf-store", "--listen", cfg->host,
+                           cfg->auth ? KVF_LISTEN_AUTHENTICATED : cfg->insecure) != 0)
         return 2;
     if (kvf__listen_policy_addr("kvf-store", "--events", cfg->events, cfg->insecure) != 0)
         return 2;
@@ -253,8 +271,28 @@ static int open_cache(const store_cfg *cfg, kvf__pub *pub, kvf_cache **cache)
     return 0;
 }
 
+/* Reads --auth's tenants file (none without it) and sets their quotas in cache. Returns 0, or 1
+ * after saying why. */
+static int open_tenants(const store_cfg *cfg, kvf_cache *cache, kvf__tenants **t)
+{
+    char err[300] = "";
+    if (!cfg->auth)
+        return 0;
+    if (kvf__tenants_open(t, cfg->auth, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-store: --auth: %s\n", err);
+        return 1;
+    }
+    kvf__tenants_apply_quotas(*t, cache);
+    size_t keys, names;
+    kvf__tenants_count(*t, &keys, &names);
+    kvf_info(&cfg->lg, "authentication required: %zu key(s) of %zu tenant(s) from %s", keys, names,
+             cfg->auth);
+    return 0;
+}
+
 /* Binds the server over cache. Returns 0, or 1 after saying why. */
-static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf_server **srv)
+static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *tenants,
+                       kvf_server **srv)
 {
     char err[256] = "";
     kvf_server_opts so = {
@@ -270,6 +308,8 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf_server **srv)
         .n_copy_peers = cfg->n_peers,
         .copy_workers = (int)cfg->copy_workers,
         .copy_queue = (int)cfg->copy_queue,
+        .tenants = tenants,
+        .copy_credential = cfg->copy_credential,
         .cache = cache,
         .log = &cfg->lg,
     };
@@ -293,9 +333,9 @@ static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, co
     if (rdma_port)
         snprintf(rdma_text, sizeof rdma_text, "%u", rdma_port);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
-           " evict=%s threads=%ld events=%s node=%ld rdma=%s pid=%d\n",
+           " evict=%s threads=%ld events=%s node=%ld rdma=%s auth=%s pid=%d\n",
            cfg->host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, cfg->threads,
-           ev_ep, cfg->node, rdma_text, (int)getpid());
+           ev_ep, cfg->node, rdma_text, cfg->auth ? "on" : "off", (int)getpid());
     if (!rdma_port)
         kvf_info(&cfg->lg, "rdma off: %s", rdma_why);
     fflush(stdout);
@@ -312,15 +352,19 @@ int main(int argc, char **argv)
     char ev_ep[160] = "-";
     kvf__pub *pub = NULL;
     kvf_cache *cache = NULL;
+    kvf__tenants *tenants = NULL;
     kvf_server *srv = NULL;
     if ((status = open_events(&cfg, &pub, ev_ep, sizeof ev_ep)))
         goto out_close_pub;
     if ((status = open_cache(&cfg, pub, &cache)))
         goto out_close_pub;
-    if ((status = open_server(&cfg, cache, &srv)))
+    if ((status = open_tenants(&cfg, cache, &tenants)))
+        goto out_close_cache;
+    if ((status = open_server(&cfg, cache, tenants, &srv)))
         goto out_close_cache;
     g_server = srv;
     kvf__daemon_signals(on_signal);
+    signal(SIGHUP, on_hup);
     announce(&cfg, srv, cache, ev_ep);
 
     kvf__server_run(srv);
@@ -328,6 +372,7 @@ int main(int argc, char **argv)
     g_server = NULL;
     kvf__server_close(&srv);
 out_close_cache:
+    kvf__tenants_close(&tenants);
     kvf__cache_close(&cache);
 out_close_pub:
     kvf__pub_close(&pub);

@@ -15,6 +15,7 @@
 
 #include "cache.h"
 #include "log.h"
+#include "tenants.h"
 
 typedef struct kvf_server kvf_server;
 
@@ -39,6 +40,11 @@ typedef struct kvf_server_opts {
     size_t n_copy_peers;
     int copy_workers;
     int copy_queue;
+    /* Authentication: the tenants a client must prove to be (AUTH after HELLO) before any other
+     * request; NULL: none, every client is trusted as an admin. Borrowed; must outlive the
+     * server. copy_credential: the credential COPY's workers present to the peers (NULL: none). */
+    kvf__tenants *tenants;
+    const char *copy_credential;
     kvf_cache *cache;   /* borrowed; must outlive the server */
     const kvf_log *log; /* borrowed; may be NULL */
 } kvf_server_opts;
@@ -51,6 +57,9 @@ uint16_t kvf__server_port(const kvf_server *s);
 uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why);
 /* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */
 int kvf__server_run(kvf_server *s);
+/* Asks the first loop to read the tenants file again (and apply its quotas). Safe from any thread
+ * and from a signal handler. */
+void kvf__server_reload_tenants(kvf_server *s);
 /* Asks the loops to stop. Safe from any thread and from a signal handler (it only writes to
  * pipes). */
 void kvf__server_stop(kvf_server *s);

@@ -24,6 +24,7 @@ void kvf__conn_adopt(loop *lp, int fd)
     c->lp = lp;
     c->id = atomic_fetch_add(&s->next_conn_id, 1);
     c->events = KVF_POLL_IN;
+    c->role = s->o.tenants ? KVF_ROLE_NONE : KVF_ROLE_ADMIN;
     if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
         close(fd);
         free(c);

@@ -128,6 +128,8 @@ static int copy_push(kvf__copy_pool *p, copy_job *j, uint32_t *hits, int **hst, 
         .ns = j->ns,
         .conns_per_node = 2,
         .deadline_ms = j->deadline_ms,
+        /* COPY is an admin's: the objects keep the namespace they are kept under here. */
+        .credential = j->srv->o.copy_credential ? j->srv->o.copy_credential : "",
     };
     kvf_client *cl = NULL;
     int rc = kvf_client_open(&cl, &co, err, errlen);

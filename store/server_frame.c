@@ -50,6 +50,8 @@ static void on_header(conn *c)
         return;
     }
     atomic_fetch_add(&s->reqs[c->h.opcode & 31], 1);
+    if (!kvf__auth_gate(c, c->h.opcode))
+        return;
     if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
         c->rneed = kvf__wire_put_table_len(c->h.item_count);
     else
@@ -64,8 +66,9 @@ static void on_header(conn *c)
 }
 
 /* One row per opcode: the handler of a request whose body has been read, and whether the body
- * must name the namespace bound by HELLO, which is checked here before the handler runs. HELLO
- * and STATS name none; CLEAR checks its own, as it may name every namespace; PUT and COMMIT check
+ * must name the namespace bound by HELLO, which is checked here before the handler runs and then
+ * replaced by the one the node keeps it under (a tenant's are scoped to it). HELLO, AUTH and
+ * STATS name none; CLEAR checks its own, as it may name every namespace; PUT and COMMIT check
  * theirs once their table is read, as their object bytes must still be read past. */
 typedef struct op_row {
     uint16_t opcode;
@@ -93,6 +96,7 @@ static const op_row ops[] = {
     {.opcode = KVF_OP_RDMA_RELEASE, .handler = kvf__req_rdma_release, .needs_ns = 1},
     {.opcode = KVF_OP_RDMA_RESERVE, .handler = kvf__req_rdma_reserve, .needs_ns = 1},
     {.opcode = KVF_OP_RDMA_COMMIT, .handler = kvf__req_rdma_commit, .needs_ns = 1},
+    {.opcode = KVF_OP_AUTH, .handler = kvf__req_auth, .needs_ns = 0},
 };
 
 /* The row of opcode, or NULL. Rows are few (one per opcode) and looked up once per request, so a
@@ -128,12 +132,21 @@ static void on_body(conn *c)
             return;
         }
     }
-    if (op->needs_ns && !kvf__conn_ns_ok(c, kvf__get_u64(c->rbuf))) {
-        kvf__reply_error(c, KVF_ENAMESPACE, 0,
-                         "namespace %016" PRIx64 " differs from the one bound by hello (%016" PRIx64
-                         ")",
-                         kvf__get_u64(c->rbuf), c->ns_bound);
+    if (opcode == KVF_OP_COPY && c->role != KVF_ROLE_ADMIN) {
+        kvf__reply_error(c, KVF_EACCES, 0, "copy is for the admin role (tenant %s is not)",
+                         c->who.name);
         return;
+    }
+    if (op->needs_ns) {
+        uint64_t ns = kvf__get_u64(c->rbuf);
+        if (!kvf__conn_ns_ok(c, ns)) {
+            kvf__reply_error(c, KVF_ENAMESPACE, 0,
+                             "namespace %016" PRIx64
+                             " differs from the one bound by hello (%016" PRIx64 ")",
+                             ns, c->ns_bound);
+            return;
+        }
+        kvf__put_u64(c->rbuf, kvf__conn_ns_scope(c, ns));
     }
     op->handler(c);
 }

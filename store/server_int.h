@@ -17,8 +17,10 @@
 
 #include "server.h"
 
+#include "auth.h"
 #include "poller.h"
 #include "rdma_serve.h"
+#include "tenants.h"
 #include "wire.h"
 
 #include <pthread.h>
@@ -89,6 +91,13 @@ typedef struct conn {
     rlease *leases;   /* RDMA_GET descriptors still leased */
     int dead;         /* destroyed: freed at the end of its loop's iteration (kvf__loop_reap) */
     struct conn *next_dead;
+    /* Authentication (server_auth.c): the role decides what the connection may do; a tenant's
+     * namespaces are scoped by who.scope. Where the node authenticates nobody, every connection
+     * is an admin. challenged: HELLO sent nonce, which AUTH must sign. */
+    int role;
+    kvf__tenant_id who;
+    int challenged;
+    uint8_t nonce[KVF_AUTH_NONCE_LEN];
 } conn;
 
 /* An entry of a loop's inbox: a COPY worker's reply for a connection, or a connection accepted by
@@ -142,6 +151,8 @@ struct kvf_server {
     uint64_t acc_since_ns, acc_fail_ns, acc_logged_ns, acc_shed, acc_shed_logged;
     /* counters */
     atomic_uint_fast64_t n_conns, n_accepted, n_closed, n_shed, bytes_in, bytes_out, proto_errors;
+    atomic_uint_fast64_t auth_ok, auth_failed, auth_refused; /* refused: a request before AUTH */
+    atomic_int reload_tenants; /* asked by kvf__server_reload_tenants, done by loop 0 */
     atomic_uint_fast64_t reqs[32];
     /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
     kvf__rserve *rdma;
@@ -165,6 +176,11 @@ void kvf__loop_reap(loop *lp);
 void kvf__conn_leases_expire_locked(conn *c, uint64_t t);
 /* Whether a data request's namespace is allowed: nonzero, and the one bound by HELLO if any. */
 int kvf__conn_ns_ok(const conn *c, uint64_t ns);
+/* The namespace the node keeps c's namespace ns under: ns itself for an admin, the tenant's
+ * scoped one for a tenant (server_auth.c). */
+uint64_t kvf__conn_ns_scope(const conn *c, uint64_t ns);
+/* The cache's tenant number of c's reservations (0: an admin's, counted against nobody). */
+uint32_t kvf__conn_tenant(const conn *c);
 /* Drops the read references m holds (taking the cache lock); m itself stays the caller's. */
 void kvf__msg_release_refs(kvf_server *s, out_msg *m);
 
@@ -220,6 +236,16 @@ void kvf__req_lookup(conn *c);
 /* EVICT, PIN, UNPIN and ADMIT: one status per key. */
 void kvf__req_per_key(conn *c);
 
+/* server_auth.c: authentication. */
+/* AUTH: checks the tenant's signature over the challenge of this connection's HELLO and binds c
+ * to that tenant. A failure is fatal. */
+void kvf__req_auth(conn *c);
+/* Whether c may send a request of opcode now: HELLO and AUTH always, anything else once
+ * authenticated. A refusal answers a fatal KVF_EACCES (the body is not read). */
+int kvf__auth_gate(conn *c, uint16_t opcode);
+/* Loop 0: reloads the tenants file if it was asked to. */
+void kvf__auth_reload_if_asked(kvf_server *s);
+
 /* server_node.c: the node as a whole. */
 /* HELLO: checks the client's versions, binds c to its namespace and answers the node's limits,
  * capabilities and RDMA port. Not bound by a namespace. */
@@ -227,7 +253,8 @@ void kvf__req_hello(conn *c);
 /* CLEAR: removes every entry of the namespace named, or of all (KVF_WF_ALL_NS, refused on a
  * connection bound to a namespace), pinned ones included. */
 void kvf__req_clear(conn *c);
-/* STATS: the cache's and the server's counters as one JSON object. */
+/* STATS: for an admin, the cache's and the server's counters as one JSON object; for a tenant, its
+ * own use of the node and its quotas. */
 void kvf__req_stats(conn *c);
 
 /* server_copy.c: COPY, run by a worker thread that posts its reply to the loop's inbox. */

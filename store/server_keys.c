@@ -94,7 +94,8 @@ void kvf__req_per_key(conn *c)
             st[i] = len > s->o.max_request
                         ? KVF_E2BIG
                         : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id,
-                                                    KVF_CACHE_VIA_WIRE, 0, &eid, &dst);
+                                                    kvf__conn_tenant(c), KVF_CACHE_VIA_WIRE, 0,
+                                                    &eid, &dst);
             break;
         }
         default:

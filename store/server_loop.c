@@ -270,6 +270,8 @@ static void *loop_main(void *arg)
                 kvf__frame_on_readable(c);
         }
         kvf__loop_reap(lp);
+        if (lp->idx == 0)
+            kvf__auth_reload_if_asked(s);
         uint64_t t = kvf__now_ns();
         accept_maybe_resume(lp, t);
         if (t - lp->last_tick >= TICK_NS) {

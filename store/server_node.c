@@ -29,10 +29,20 @@ void kvf__req_hello(conn *c)
         return;
     }
     c->ns_bound = ns;
-    uint8_t r[48];
+    uint8_t r[KVF_HELLO_REPLY_AUTH_LEN];
+    size_t rlen = KVF_HELLO_REPLY_LEN;
+    uint64_t served = caps & KVF_CAP_ALL & (s->rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA);
+    if (s->o.tenants && c->role == KVF_ROLE_NONE) {
+        /* A fresh challenge per HELLO: AUTH signs the latest one. */
+        kvf__auth_random(c->nonce, sizeof c->nonce);
+        c->challenged = 1;
+        served |= KVF_CAP_AUTH;
+        memcpy(r + KVF_HELLO_REPLY_LEN, c->nonce, sizeof c->nonce);
+        rlen = KVF_HELLO_REPLY_AUTH_LEN;
+    }
     kvf__put_u32(r, KVF_WIRE_VERSION);
     kvf__put_u32(r + 4, s->o.max_items);
-    kvf__put_u64(r + 8, caps & KVF_CAP_ALL & (s->rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA));
+    kvf__put_u64(r + 8, served);
     kvf__put_u64(r + 16, s->o.max_request);
     kvf_cache_stats st;
     kvf__cache_lock(s->o.cache);
@@ -42,7 +52,7 @@ void kvf__req_hello(conn *c)
     kvf__put_u64(r + 32, s->o.node_id);
     kvf__put_u32(r + 40, s->rdma ? kvf__rserve_port(s->rdma) : 0);
     kvf__put_u32(r + 44, 0);
-    kvf__reply_copy(c, 0, 0, 0, r, sizeof r);
+    kvf__reply_copy(c, 0, 0, 0, r, rlen);
 }
 
 void kvf__req_clear(conn *c)
@@ -60,6 +70,11 @@ void kvf__req_clear(conn *c)
         kvf__reply_error(c, KVF_EACCES, 0, "a connection bound to a namespace cannot clear all");
         return;
     }
+    if (all && c->role != KVF_ROLE_ADMIN) {
+        kvf__reply_error(c, KVF_EACCES, 0, "clear of all namespaces is for the admin role");
+        return;
+    }
+    ns = kvf__conn_ns_scope(c, ns);
     kvf__cache_lock(s->o.cache);
     uint64_t removed = kvf__cache_clear_locked(s->o.cache, ns, all);
     kvf__cache_unlock(s->o.cache);
@@ -133,9 +148,69 @@ static json_t *stats_rdma(kvf_server *s)
     return rd;
 }
 
-void kvf__req_stats(conn *c)
+/* STATS of a tenant: its own use of the node and its quotas, nothing of others'. */
+static json_t *stats_tenant(conn *c)
 {
     kvf_server *s = c->lp->srv;
+    kvf_cache_tenant_stats ts;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_tenant_stats_locked(s->o.cache, c->who.index, &ts);
+    kvf__cache_unlock(s->o.cache);
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+#define SET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
+    SET("node_id", s->o.node_id);
+    SET("bytes", ts.bytes);
+    SET("entries", ts.entries);
+    SET("reserved", ts.reserved);
+    SET("quota_bytes", ts.max_bytes);
+    SET("quota_reservations", ts.max_reserved);
+    SET("quota_evictions", ts.quota_evictions);
+    SET("quota_rejected", ts.quota_rejected);
+#undef SET
+    json_object_set_new(o, "tenant", json_string(c->who.name));
+    json_object_set_new(o, "role", json_string(kvf__auth_role_name(c->role)));
+    return o;
+}
+
+/* The authentication figures (or that there is none) as a new object; NULL when out of memory. */
+static json_t *stats_auth(kvf_server *s)
+{
+    json_t *a = json_object();
+    if (!a)
+        return NULL;
+    size_t keys = 0, names = 0;
+    if (s->o.tenants)
+        kvf__tenants_count(s->o.tenants, &keys, &names);
+    json_object_set_new(a, "required", json_boolean(s->o.tenants != NULL));
+#define ASET(k, v) json_object_set_new(a, k, json_integer((json_int_t)(v)))
+    ASET("keys", keys);
+    ASET("tenants", names);
+    ASET("ok", atomic_load(&s->auth_ok));
+    ASET("failed", atomic_load(&s->auth_failed));
+    ASET("refused", atomic_load(&s->auth_refused));
+#undef ASET
+    return a;
+}
+
+/* Answers c's STATS with o (NULL: out of memory) as compact JSON, and drops o. */
+static void reply_json(conn *c, json_t *o)
+{
+    char *text = o ? json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(o);
+    if (!text) {
+        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
+        return;
+    }
+    kvf__reply_copy(c, 0, 0, 0, text, strlen(text));
+    free(text);
+}
+
+/* STATS of the node: the cache's and the server's counters, RDMA's and authentication's, and
+ * the requests served per opcode. NULL when out of memory. */
+static json_t *stats_node(kvf_server *s)
+{
     kvf_cache_stats st;
     kvf__cache_lock(s->o.cache);
     kvf__cache_stats_locked(s->o.cache, &st);
@@ -145,25 +220,25 @@ void kvf__req_stats(conn *c)
     if (!o || !req) {
         json_decref(o);
         json_decref(req);
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
+        return NULL;
     }
     stats_figures(o, s, &st);
     json_t *rd = stats_rdma(s);
     if (rd)
         json_object_set_new(o, "rdma", rd);
+    json_t *au = stats_auth(s);
+    if (au)
+        json_object_set_new(o, "auth", au);
     for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
         if (name)
             json_object_set_new(req, name, json_integer((json_int_t)atomic_load(&s->reqs[op])));
     }
     json_object_set_new(o, "requests", req);
-    char *text = json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS);
-    json_decref(o);
-    if (!text) {
-        kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
-        return;
-    }
-    kvf__reply_copy(c, 0, 0, 0, text, strlen(text));
-    free(text);
+    return o;
+}
+
+void kvf__req_stats(conn *c)
+{
+    reply_json(c, c->role == KVF_ROLE_ADMIN ? stats_node(c->lp->srv) : stats_tenant(c));
 }

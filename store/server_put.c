@@ -45,6 +45,7 @@ void kvf__req_put_begin(conn *c)
     }
     uint64_t ns = kvf__get_u64(c->rbuf);
     c->req_err = kvf__conn_ns_ok(c, ns) ? 0 : KVF_ENAMESPACE;
+    ns = kvf__conn_ns_scope(c, ns);
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *row = c->rbuf + 8 + 24 * (size_t)i;
@@ -56,8 +57,9 @@ void kvf__req_put_begin(conn *c)
         if (c->req_err) {
             it->status = c->req_err;
         } else if (c->h.opcode == KVF_OP_PUT) {
-            it->status = kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id,
-                                                   KVF_CACHE_VIA_WIRE, 1, &it->eid, &it->dst);
+            it->status =
+                kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id, kvf__conn_tenant(c),
+                                          KVF_CACHE_VIA_WIRE, 1, &it->eid, &it->dst);
         } else {
             it->status = kvf__cache_claim_locked(s->o.cache, ns, &key, it->len, c->id,
                                                  KVF_CACHE_VIA_WIRE, &it->eid, &it->dst);

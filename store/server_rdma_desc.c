@@ -196,11 +196,12 @@ void kvf__req_rdma_reserve(conn *c)
         uint64_t len = kvf__get_u64(it + 16);
         uint32_t eid;
         uint8_t *dst = NULL;
-        int rc = len == 0 ? KVF_EINVAL
-                 : len > s->o.max_request
-                     ? KVF_E2BIG
-                     : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id,
-                                                 KVF_CACHE_VIA_RDMA, 0, &eid, &dst);
+        int rc =
+            len == 0 ? KVF_EINVAL
+            : len > s->o.max_request
+                ? KVF_E2BIG
+                : kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id, kvf__conn_tenant(c),
+                                            KVF_CACHE_VIA_RDMA, 0, &eid, &dst);
         /* The block may hold an earlier object's bytes: with its header cleared, it verifies
          * only once the client has written a header of its own, whose checksums the old
          * segments cannot match unless the writer knew them. */

@@ -114,14 +114,15 @@ int kvf__host_is_loopback(const char *host)
 
 int kvf__listen_policy(const char *daemon, const char *what, const char *host, int insecure)
 {
-    if (kvf__host_is_loopback(host))
+    if (kvf__host_is_loopback(host) || insecure == KVF_LISTEN_AUTHENTICATED)
         return 0;
     if (!insecure) {
         fprintf(stderr,
-                "%s: refusing %s on %s: kvfabric does not authenticate its clients yet, so anyone "
-                "who can reach that address could read, overwrite or clear every tenant's KV "
-                "(docs/security.md). Listen on loopback, or add --insecure where the network is "
-                "private and every host on it is trusted.\n",
+                "%s: refusing %s on %s without credentials: anyone who can reach that address "
+                "could read, overwrite or clear every tenant's KV (docs/security.md). Configure "
+                "credentials where the daemon has them (kvf-store --auth, kvf-sched --tokens), "
+                "listen on loopback, or add --insecure where the network is private and every "
+                "host on it is trusted.\n",
                 daemon, what, host);
         return 2;
     }

@@ -49,6 +49,9 @@ typedef struct kvf_client_opts {
      * split across, each with its share of conns_per_node (at most that many threads); 0: 1.
      * More help where cores outnumber the streams; on two cores one measured faster. */
     int io_threads;
+    /* input: path of a credential file (`kvf auth new`) to authenticate with, on nodes that
+     * require it; NULL: $KVF_CREDENTIAL where set, else none; "": none. Read at open, not kept. */
+    const char *credential;
 } kvf_client_opts;
 
 /* Opens a client and connects to every node (a node that does not answer is retried later and

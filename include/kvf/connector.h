@@ -57,7 +57,10 @@ typedef struct kvf_connector_opts {
     const char *sched;        /* input: kvf-sched's HTTP address "host:port", used when n_nodes
                                * is 0: the storage nodes come from its GET /v1/stores */
     kvf_layout layout;        /* input: the engine's KV layout (validated) */
-    const char *salt;         /* input: tenant salt of the key namespace (may be NULL) */
+    const char *salt;         /* input: tenant salt of the key namespace (may be NULL); with a
+                               * credential, the credential's salt comes first */
+    const char *credential;   /* input: credential file for storage nodes that authenticate
+                               * (kvf_client_opts.credential: NULL reads $KVF_CREDENTIAL) */
     size_t staging_bytes;     /* input: initial size of two of the staging regions; 0: sized by the
                                * first transfers, 32 MiB and up */
     int workers;              /* input: gather/scatter worker threads; 0: 2 */

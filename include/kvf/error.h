@@ -51,6 +51,7 @@ extern "C" {
     XX(EMFILE, 31, "too many open files")                                                       \
     XX(EINTR, 32, "interrupted")                                                                \
     XX(ENODEV, 33, "no such device")                                                            \
+    XX(EQUOTA, 34, "tenant quota exceeded")                                                     \
     XX(EUNKNOWN, 99, "unknown system error")
 
 typedef enum kvf_err {

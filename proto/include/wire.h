@@ -48,7 +48,8 @@
     XX(RDMA_GET, 16, "rdma_get")         \
     XX(RDMA_RELEASE, 17, "rdma_release") \
     XX(RDMA_RESERVE, 18, "rdma_reserve") \
-    XX(RDMA_COMMIT, 19, "rdma_commit")
+    XX(RDMA_COMMIT, 19, "rdma_commit")   \
+    XX(AUTH, 20, "auth")
 
 typedef enum kvf_opcode {
 #define KVF_OP_ENUM_(name, num, text) KVF_OP_##name = num,
@@ -71,6 +72,8 @@ typedef enum kvf_opcode {
 #define KVF_CAP_COPY     0x8ull  /* COPY to another node */
 #define KVF_CAP_RDMA     0x10ull /* RDMA descriptors (RDMA_GET ... RDMA_COMMIT) over rdma_cm */
 #define KVF_CAP_ALL      0x1full
+/* HELLO reply only: the node requires AUTH before any other request; the challenge follows. */
+#define KVF_CAP_AUTH 0x20ull
 
 typedef struct kvf_wire_hdr {
     uint16_t version;

@@ -213,6 +213,26 @@ def main():
             if got != 401:
                 fail("kvf-sched answered an unauthenticated placement with %d %r" % (got, err))
 
+            # The stores authenticate every client (kvf cluster up made their tenants file and
+            # the credentials, owner-only): without one nothing is served; the cluster's tenant
+            # sees its own counters, the admin the node's.
+            st0 = next(pr for pr in state["procs"] if pr["kind"] == "store")["addr"]
+            for f in ("store.tenants", "cluster.cred", "admin.cred"):
+                if os.stat(os.path.join(cfg["run_dir"], f)).st_mode & 0o077:
+                    fail("%s is readable by others" % f)
+            env = dict(os.environ)
+            env.pop("KVF_CREDENTIAL", None)
+            anon = subprocess.run([kvf, "stats", "--node", st0, "--json"], env=env,
+                                  capture_output=True, text=True, timeout=30)
+            if anon.returncode == 0 or "permission denied" not in anon.stderr:
+                fail("a store served an unauthenticated client: %r" % anon)
+            for who, key in (("cluster", "tenant"), ("admin", "auth")):
+                env["KVF_CREDENTIAL"] = os.path.join(cfg["run_dir"], who + ".cred")
+                p = subprocess.run([kvf, "stats", "--node", st0, "--json"], env=env,
+                                   capture_output=True, text=True, timeout=30)
+                if p.returncode != 0 or key not in json.loads(p.stdout.strip().splitlines()[-1]):
+                    fail("kvf stats as %s: %r" % (who, p))
+
             # "reuse": "engine": the engine's own pages serve a prompt that starts with its last
             # one, and no store is asked, loaded from or saved to.
             eng = next(pr for pr in state["procs"] if pr["kind"] == "prefill")["addr"]

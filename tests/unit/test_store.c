@@ -152,7 +152,7 @@ static int put(fixture *f, uint64_t ns, uint64_t i, uint64_t len)
     uint32_t eid;
     uint8_t *dst;
     kvf_key k = K(i);
-    int rc = kvf__cache_reserve_locked(f->c, ns, &k, len, 42, KVF_CACHE_VIA_WIRE, 1, &eid, &dst);
+    int rc = kvf__cache_reserve_locked(f->c, ns, &k, len, 42, 0, KVF_CACHE_VIA_WIRE, 1, &eid, &dst);
     if (rc)
         return rc;
     memset(dst, (int)(i & 0xff), len);
@@ -175,7 +175,7 @@ static void test_store_cache_states_and_references(void **state)
     uint32_t eid;
     uint8_t *dst;
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 7, &k, 1000, 42, KVF_CACHE_VIA_WIRE, 1, &eid, &dst), 0);
+        kvf__cache_reserve_locked(f->c, 7, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 1, &eid, &dst), 0);
     /* Reserved: invisible, and a second reservation of the key is refused. */
     assert_false(kvf__cache_contains_locked(f->c, 7, &k));
     const uint8_t *p;
@@ -184,7 +184,7 @@ static void test_store_cache_states_and_references(void **state)
     assert_int_equal(kvf__cache_acquire_locked(f->c, 7, &k, &r, &p, &len), KVF_ENOENT);
     uint32_t e2;
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 7, &k, 1000, 43, KVF_CACHE_VIA_WIRE, 1, &e2, &dst),
+        kvf__cache_reserve_locked(f->c, 7, &k, 1000, 43, 0, KVF_CACHE_VIA_WIRE, 1, &e2, &dst),
         KVF_EEXIST);
     /* Another owner cannot commit it. */
     assert_int_equal(kvf__cache_commit_locked(f->c, eid, 43), KVF_ENOENT);
@@ -211,7 +211,7 @@ static void test_store_cache_states_and_references(void **state)
     assert_int_equal(kvf__cache_remove_locked(f->c, 7, &k), KVF_ENOENT);
     /* Abort frees; an abort by another owner is ignored. */
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 7, &k, 500, 42, KVF_CACHE_VIA_WIRE, 0, &eid, &dst), 0);
+        kvf__cache_reserve_locked(f->c, 7, &k, 500, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &dst), 0);
     kvf__cache_abort_locked(f->c, eid, 99);
     kvf__cache_stats_locked(f->c, &st);
     assert_int_equal(st.reserved, 1);
@@ -220,10 +220,10 @@ static void test_store_cache_states_and_references(void **state)
     assert_int_equal(st.reserved, 0);
     assert_int_equal(st.entries, 0);
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 7, &k, 0, 42, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
+        kvf__cache_reserve_locked(f->c, 7, &k, 0, 42, 0, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
         KVF_E2BIG);
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 7, &k, 3u << 20, 42, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
+        kvf__cache_reserve_locked(f->c, 7, &k, 3u << 20, 42, 0, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
         KVF_E2BIG);
     assert_int_equal(kvf__cache_check_locked(f->c), 0);
     kvf__cache_unlock(f->c);
@@ -335,9 +335,9 @@ static void test_store_cache_leases_expire(void **state)
     uint32_t ea, eb;
     uint8_t *d;
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 1, &a, 1000, 7, KVF_CACHE_VIA_WIRE, 0, &ea, &d), 0);
+        kvf__cache_reserve_locked(f->c, 1, &a, 1000, 7, 0, KVF_CACHE_VIA_WIRE, 0, &ea, &d), 0);
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 1, &b, 1000, 7, KVF_CACHE_VIA_WIRE, 1, &eb, &d), 0);
+        kvf__cache_reserve_locked(f->c, 1, &b, 1000, 7, 0, KVF_CACHE_VIA_WIRE, 1, &eb, &d), 0);
     f->now += 2000ull * 1000000ull;
     kvf__cache_tick_locked(f->c, 1000000);
     kvf__cache_stats_locked(f->c, &st);
@@ -348,7 +348,7 @@ static void test_store_cache_leases_expire(void **state)
     assert_int_equal(kvf__cache_commit_locked(f->c, eb, 7), 0);
     /* Claim: only the owner, only an un-held reservation, only the same length. */
     assert_int_equal(
-        kvf__cache_reserve_locked(f->c, 1, &a, 1000, 7, KVF_CACHE_VIA_WIRE, 0, &ea, &d), 0);
+        kvf__cache_reserve_locked(f->c, 1, &a, 1000, 7, 0, KVF_CACHE_VIA_WIRE, 0, &ea, &d), 0);
     assert_int_equal(kvf__cache_claim_locked(f->c, 1, &a, 1000, 8, KVF_CACHE_VIA_WIRE, &ea, &d),
                      KVF_ENOENT);
     assert_int_equal(kvf__cache_claim_locked(f->c, 1, &a, 999, 7, KVF_CACHE_VIA_WIRE, &ea, &d),

@@ -187,6 +187,8 @@ static void test_transport_loopback_hosts(void **state)
     assert_int_equal(kvf__listen_policy("test", "--listen", "127.0.0.1", 0), 0);
     assert_int_equal(kvf__listen_policy("test", "--listen", "0.0.0.0", 0), 2);
     assert_int_equal(kvf__listen_policy("test", "--listen", "0.0.0.0", 1), 0);
+    assert_int_equal(kvf__listen_policy("test", "--listen", "0.0.0.0", KVF_LISTEN_AUTHENTICATED),
+                     0);
 }
 
 static void test_transport_receive_low_water(void **state)

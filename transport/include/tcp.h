@@ -21,10 +21,11 @@ int kvf__addr_parse(const char *addr, char *host, size_t hostlen, uint16_t *port
  * (0.0.0.0, ::), any other address, or a name that does not resolve. */
 int kvf__host_is_loopback(const char *host);
 
-/* The daemons' rule until kvfabric authenticates its clients (docs/security.md): a listener on
- * an address that is not loopback is refused unless insecure is set, and warned about when it
- * is. what names the option ("--listen"), daemon the program. Returns 0, or 2 (bad usage) after
- * saying why on stderr. */
+/* The daemons' rule (docs/security.md): a listener on an address that is not loopback is refused
+ * unless the daemon authenticates what arrives there (insecure = KVF_LISTEN_AUTHENTICATED), or
+ * insecure is set (1), which is warned about. what names the option ("--listen"), daemon the
+ * program. Returns 0, or 2 (bad usage) after saying why on stderr. */
+#define KVF_LISTEN_AUTHENTICATED 2
 int kvf__listen_policy(const char *daemon, const char *what, const char *host, int insecure);
 /* The same for an address "HOST:PORT" (NULL: nothing to check; one that does not parse is left to
  * the option's own parsing, which says so). */

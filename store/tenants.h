@@ -1,0 +1,41 @@
+/*
+ * The tenants a storage node authenticates (docs/security.md): the keys of its tenants file, read
+ * at start and again on SIGHUP, and a stable number per tenant name for the cache's quota
+ * accounting. Safe from any thread: checks run on the event loops while a reload swaps the keys.
+ */
+#ifndef KVF_STORE_TENANTS_H
+#define KVF_STORE_TENANTS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "auth.h"
+#include "cache.h"
+
+typedef struct kvf__tenants kvf__tenants;
+
+/* Who a connection proved to be. */
+typedef struct kvf__tenant_id {
+    char name[KVF_AUTH_NAME_MAX + 1];
+    int role;       /* KVF_ROLE_TENANT or KVF_ROLE_ADMIN */
+    uint32_t index; /* 1.. : the cache's tenant number, stable across reloads */
+    uint64_t scope; /* kvf__auth_scope(name) */
+} kvf__tenant_id;
+
+/* Reads the tenants file at path. Caller owns the result; free with kvf__tenants_close(). 0, or
+ * the error of kvf__tenants_parse (with err), or KVF_E2BIG past KVF_CACHE_MAX_TENANTS - 1 names. */
+int kvf__tenants_open(kvf__tenants **out, const char *path, char *err, size_t errlen);
+void kvf__tenants_close(kvf__tenants **t);
+/* Reads the file again and replaces the keys (on a bad file, keeps the old ones and says why in
+ * err). Connections already authenticated keep their tenant. */
+int kvf__tenants_reload(kvf__tenants *t, char *err, size_t errlen);
+/* Sets every tenant's quotas in cache (takes the cache lock). */
+void kvf__tenants_apply_quotas(kvf__tenants *t, kvf_cache *cache);
+/* Checks an AUTH: 1 with *id when sig is name's signature over (nonce, node_id) under one of the
+ * keys of name, else 0. */
+int kvf__tenants_check(kvf__tenants *t, const char *name, const uint8_t nonce[KVF_AUTH_NONCE_LEN],
+                       uint64_t node_id, const uint8_t sig[KVF_AUTH_SIG_LEN], kvf__tenant_id *id);
+/* The number of keys and of tenant names known. */
+void kvf__tenants_count(kvf__tenants *t, size_t *keys, size_t *names);
+
+#endif

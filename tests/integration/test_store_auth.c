@@ -1,0 +1,535 @@
+/*
+ * Integration tests of kvf-store's authentication (docs/security.md): real daemons on loopback
+ * with a tenants file, clients with credentials made the way `kvf auth new` makes them. They pin
+ * findings 9 and 10 of the hardening work: before it, any client could read, evict, overwrite or
+ * clear any tenant's chunks, read every counter and COPY anywhere; a tenant could fill the arena
+ * and evict everyone else.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kvf/kvf.h"
+#include "kvf/object.h"
+
+#include "harness.h"
+
+#include "auth.h"
+#include "bytes.h"
+#include "tcp.h"
+#include "wire.h"
+
+#define LAYERS 2
+#define SEG    8192
+
+static const uint64_t NS = 0x7e57a7e57a7e57a7ull;
+
+static char dir[256];
+
+/* The test's tenants file and credentials, in a fresh directory: alice and bob are tenants (alice
+ * with a byte quota of about 12 objects), carol may hold 2 reservations at once, ops is the admin;
+ * forged.cred names alice but holds bob's secret key. */
+static void make_tenants(void)
+{
+    snprintf(dir, sizeof dir, "/tmp/kvf-auth-test.%d", (int)getpid());
+    mkdir(dir, 0700);
+    const struct {
+        const char *name;
+        int role;
+        uint64_t bytes;
+        uint32_t resv;
+    } ts[] = {{"alice", KVF_ROLE_TENANT, 12 * (LAYERS * SEG + 256), 0},
+              {"bob", KVF_ROLE_TENANT, 0, 0},
+              {"carol", KVF_ROLE_TENANT, 0, 2},
+              {"ops", KVF_ROLE_ADMIN, 0, 0}};
+    char path[320], line[512], err[300];
+    snprintf(path, sizeof path, "%s/tenants", dir);
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    kvf_credential bob;
+    for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
+        kvf_credential c;
+        kvf_tenant_key k = {
+            .role = ts[i].role, .max_bytes = ts[i].bytes, .max_reserved = ts[i].resv};
+        snprintf(k.name, sizeof k.name, "%s", ts[i].name);
+        assert_int_equal(kvf__cred_new(&c, ts[i].name, k.pk), 0);
+        kvf__tenant_key_format(&k, line, sizeof line);
+        fputs(line, f);
+        char cp[320];
+        snprintf(cp, sizeof cp, "%s/%s.cred", dir, ts[i].name);
+        unlink(cp);
+        assert_int_equal(kvf__cred_write(cp, &c, err, sizeof err), 0);
+        if (!strcmp(ts[i].name, "bob"))
+            bob = c;
+    }
+    fclose(f);
+    chmod(path, 0600);
+    snprintf(bob.tenant, sizeof bob.tenant, "alice");
+    snprintf(path, sizeof path, "%s/forged.cred", dir);
+    unlink(path);
+    assert_int_equal(kvf__cred_write(path, &bob, err, sizeof err), 0);
+}
+
+static void cleanup_tenants(void)
+{
+    const char *files[] = {"tenants",    "alice.cred", "bob.cred",
+                           "carol.cred", "ops.cred",   "forged.cred"};
+    char p[320];
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        snprintf(p, sizeof p, "%s/%s", dir, files[i]);
+        unlink(p);
+    }
+    rmdir(dir);
+}
+
+static void start_auth_store(daemon_t *d, const char *memory)
+{
+    char extra[512];
+    snprintf(extra, sizeof extra, "--auth %s/tenants", dir);
+    daemon_start(d, memory, extra);
+}
+
+/* A client of d as who ("alice", ... ; NULL: no credential). */
+static kvf_client *client_as(const daemon_t *d, const char *who)
+{
+    char cred[320] = "";
+    if (who)
+        snprintf(cred, sizeof cred, "%s/%s.cred", dir, who);
+    const char *nodes[1] = {d->addr};
+    kvf_client_opts o = {.nodes = nodes,
+                         .n_nodes = 1,
+                         .ns = NS,
+                         .conns_per_node = 2,
+                         .deadline_ms = 5000,
+                         .credential = cred};
+    kvf_client *c = NULL;
+    char err[300];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    return c;
+}
+
+static kvf_key key_of(uint64_t i)
+{
+    return (kvf_key){.lo = i * 0x9E3779B97F4A7C15ull + 777, .hi = i ^ 0x5a5a};
+}
+
+/* The object of key i written by `tag`: every byte of its segments says who wrote it. */
+static uint8_t *make_obj(uint64_t i, uint8_t tag, uint64_t *len)
+{
+    static uint8_t seg[LAYERS][SEG];
+    const void *segs[LAYERS];
+    for (int l = 0; l < LAYERS; l++) {
+        memset(seg[l], tag, SEG);
+        kvf__put_u64(seg[l], i);
+        segs[l] = seg[l];
+    }
+    size_t cap = kvf_obj_raw_size(LAYERS, SEG), out;
+    uint8_t *obj = malloc(cap);
+    kvf_key k = key_of(i);
+    assert_int_equal(
+        kvf_obj_encode(&k, 7, 64, LAYERS, segs, SEG, KVF_CODEC_NONE, obj, cap, &out, NULL), 0);
+    *len = out;
+    return obj;
+}
+
+/* Puts keys [from, from + n) written by tag; st gets each key's status. */
+static void put_range(kvf_client *c, uint64_t from, size_t n, uint8_t tag, int *st)
+{
+    kvf_key keys[64];
+    uint8_t *objs[64];
+    uint64_t lens[64];
+    assert_true(n <= 64);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(from + i);
+        objs[i] = make_obj(from + i, tag, &lens[i]);
+    }
+    kvf_batch b = {
+        .n = n, .keys = keys, .objs = (const void *const *)objs, .lens = lens, .status = st};
+    assert_int_equal(kvf_client_put(c, &b), 0);
+    for (size_t i = 0; i < n; i++)
+        free(objs[i]);
+}
+
+/* Gets keys [from, from + n): each key's status in st, and for hits the writer's tag in tags. */
+static void get_range(kvf_client *c, uint64_t from, size_t n, int *st, uint8_t *tags)
+{
+    kvf_key keys[64];
+    void *bufs[64];
+    uint64_t caps[64], lens[64];
+    size_t cap = kvf_obj_raw_size(LAYERS, SEG);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(from + i);
+        bufs[i] = malloc(cap);
+        caps[i] = cap;
+    }
+    kvf_batch b = {
+        .n = n, .keys = keys, .bufs = bufs, .caps = caps, .out_lens = lens, .status = st};
+    assert_int_equal(kvf_client_get(c, &b), 0);
+    for (size_t i = 0; i < n; i++) {
+        tags[i] = 0;
+        if (st[i] == 0) {
+            kvf_obj_info info;
+            assert_int_equal(kvf_obj_verify(bufs[i], lens[i], &info), 0);
+            const uint8_t *seg0 = (const uint8_t *)bufs[i] + info.header_len;
+            assert_int_equal(kvf__get_u64(seg0), from + i);
+            tags[i] = seg0[100];
+        }
+        free(bufs[i]);
+    }
+}
+
+/* The value of "name": in a STATS JSON object (-1: absent). */
+static long long stat_of(const char *json, const char *name)
+{
+    char pat[80];
+    snprintf(pat, sizeof pat, "\"%s\":", name);
+    const char *p = strstr(json, pat);
+    return p ? strtoll(p + strlen(pat), NULL, 10) : -1;
+}
+
+/* Reads one reply of fd into h and its payload into p (cap bytes). Returns its status. */
+static int raw_reply(int fd, kvf_wire_hdr *h, uint8_t *p, size_t cap)
+{
+    uint8_t hb[KVF_WIRE_HEADER_LEN];
+    assert_int_equal(recv(fd, hb, sizeof hb, MSG_WAITALL), (ssize_t)sizeof hb);
+    kvf_wire_limits lim = {.max_request = 1 << 20, .expect_reply = 1};
+    assert_int_equal(kvf__wire_hdr_decode(hb, &lim, h, NULL, 0), 0);
+    assert_true(h->payload_len <= cap);
+    if (h->payload_len)
+        assert_int_equal(recv(fd, p, h->payload_len, MSG_WAITALL), (ssize_t)h->payload_len);
+    return h->status;
+}
+
+/* On a raw connection: HELLO, AUTH as who, then CLEAR with the every-namespace flag. Returns
+ * CLEAR's status. */
+static int raw_clear_all(const daemon_t *d, const char *who)
+{
+    int fd;
+    char err[300];
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", d->port, 2000, &fd, err, sizeof err), 0);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    uint8_t req[KVF_WIRE_HEADER_LEN + KVF_AUTH_REQ_LEN] = {0}, rep[256];
+    kvf_wire_hdr h = {.opcode = KVF_OP_HELLO, .request_id = 1, .payload_len = 24}, rh;
+    kvf__wire_hdr_encode(req, &h);
+    kvf__put_u32(req + 40, 1);
+    kvf__put_u32(req + 44, 1);
+    assert_int_equal(send(fd, req, KVF_WIRE_HEADER_LEN + 24, MSG_NOSIGNAL), 64);
+    assert_int_equal(raw_reply(fd, &rh, rep, sizeof rep), 0);
+    assert_int_equal(rh.payload_len, KVF_HELLO_REPLY_AUTH_LEN);
+    kvf_credential c;
+    char path[320];
+    snprintf(path, sizeof path, "%s/%s.cred", dir, who);
+    assert_int_equal(kvf__cred_load(path, &c, err, sizeof err), 0);
+    memset(req, 0, sizeof req);
+    h = (kvf_wire_hdr){.opcode = KVF_OP_AUTH, .request_id = 2, .payload_len = KVF_AUTH_REQ_LEN};
+    kvf__wire_hdr_encode(req, &h);
+    kvf__put_u32(req + 40, (uint32_t)strlen(c.tenant));
+    memcpy(req + 48, c.tenant, strlen(c.tenant));
+    assert_int_equal(
+        kvf__auth_sign(&c, rep + KVF_HELLO_REPLY_LEN, kvf__get_u64(rep + 32), req + 48 + 64), 0);
+    assert_int_equal(send(fd, req, sizeof req, MSG_NOSIGNAL), (ssize_t)sizeof req);
+    assert_int_equal(raw_reply(fd, &rh, rep, sizeof rep), 0);
+    memset(req, 0, sizeof req);
+    h = (kvf_wire_hdr){
+        .opcode = KVF_OP_CLEAR, .flags = KVF_WF_ALL_NS, .request_id = 3, .payload_len = 8};
+    kvf__wire_hdr_encode(req, &h);
+    assert_int_equal(send(fd, req, KVF_WIRE_HEADER_LEN + 8, MSG_NOSIGNAL), 48);
+    int status = raw_reply(fd, &rh, rep, sizeof rep);
+    close(fd);
+    return status;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+/* Finding 10: an unauthenticated client can do nothing but HELLO. HELLO's reply carries the
+ * challenge; any other request closes the connection with KVF_EACCES; the client library without
+ * a credential gets KVF_EACCES for every key. A node with --auth may listen beyond loopback. */
+static void test_auth_unauthenticated_gets_only_hello(void **state)
+{
+    (void)state;
+    /* With --auth, a non-loopback address passes the listen policy: this one stops at the
+     * missing tenants file instead. */
+    char out[2048];
+    char *const argv[] = {(char *)harness_store_bin(), "--listen", "0.0.0.0:0", "--auth",
+                          "/nonexistent/tenants",      NULL};
+    assert_int_equal(harness_run(argv, out, sizeof out), 1);
+    assert_non_null(strstr(out, "/nonexistent/tenants"));
+    assert_null(strstr(out, "refusing"));
+
+    daemon_t d;
+    start_auth_store(&d, "64M");
+
+    int fd;
+    char err[200];
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", d.port, 2000, &fd, err, sizeof err), 0);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    struct timeval tv = {.tv_sec = 5};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    uint8_t req[KVF_WIRE_HEADER_LEN + 24] = {0};
+    kvf_wire_hdr h = {.opcode = KVF_OP_HELLO, .request_id = 1, .payload_len = 24};
+    kvf__wire_hdr_encode(req, &h);
+    kvf__put_u32(req + 40, 1);
+    kvf__put_u32(req + 44, 1);
+    kvf__put_u64(req + 48, NS);
+    /* HELLO, then a GET pipelined behind it without AUTH. */
+    uint8_t get[KVF_WIRE_HEADER_LEN + 24] = {0};
+    kvf_wire_hdr gh = {.opcode = KVF_OP_GET, .request_id = 2, .item_count = 1, .payload_len = 24};
+    kvf__wire_hdr_encode(get, &gh);
+    kvf__put_u64(get + 40, NS);
+    assert_int_equal(send(fd, req, sizeof req, MSG_NOSIGNAL), (ssize_t)sizeof req);
+    assert_int_equal(send(fd, get, sizeof get, MSG_NOSIGNAL), (ssize_t)sizeof get);
+    uint8_t rep[KVF_WIRE_HEADER_LEN + 512];
+    size_t got = 0;
+    for (int i = 0; i < 100; i++) { /* until the peer closes, 5 s per read at most */
+        ssize_t r = recv(fd, rep + got, sizeof rep - got, 0);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+    }
+    close(fd);
+    kvf_wire_limits lim = {.max_request = 1 << 20, .expect_reply = 1};
+    kvf_wire_hdr r1, r2;
+    assert_true(got >= 2 * KVF_WIRE_HEADER_LEN + KVF_HELLO_REPLY_AUTH_LEN);
+    assert_int_equal(kvf__wire_hdr_decode(rep, &lim, &r1, NULL, 0), 0);
+    assert_int_equal(r1.status, 0);
+    assert_int_equal(r1.payload_len, KVF_HELLO_REPLY_AUTH_LEN);
+    assert_true(kvf__get_u64(rep + KVF_WIRE_HEADER_LEN + 8) & KVF_CAP_AUTH);
+    const uint8_t *second = rep + KVF_WIRE_HEADER_LEN + r1.payload_len;
+    assert_int_equal(kvf__wire_hdr_decode(second, &lim, &r2, NULL, 0), 0);
+    assert_int_equal(r2.status, KVF_EACCES);
+    assert_true(r2.flags & KVF_WF_FATAL);
+
+    kvf_client *c = client_as(&d, NULL);
+    int st[4];
+    put_range(c, 0, 4, 0xaa, st);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(st[i], KVF_EACCES);
+    uint64_t removed = 0;
+    assert_int_equal(kvf_client_clear(c, &removed, 2000), KVF_EACCES);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+/* Finding 9: bob computes alice's keys and namespace (the same tokens), evicts them and puts
+ * forged objects with valid checksums under them. His requests only ever reach his own
+ * namespace: alice still reads her own bytes. A credential that names alice with bob's key is
+ * refused. */
+static void test_auth_tenants_are_isolated(void **state)
+{
+    (void)state;
+    daemon_t d;
+    start_auth_store(&d, "64M");
+    kvf_client *alice = client_as(&d, "alice"), *bob = client_as(&d, "bob");
+    int st[8];
+    uint8_t tags[8];
+    put_range(alice, 0, 8, 0xa1, st);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(st[i], 0);
+
+    kvf_key keys[8];
+    uint8_t present[8];
+    size_t hits = 99;
+    for (int i = 0; i < 8; i++)
+        keys[i] = key_of((uint64_t)i);
+    assert_int_equal(kvf_client_exists(bob, 8, keys, present, 2000), 0);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(present[i], 0);
+    assert_int_equal(kvf_client_lookup_prefix(bob, 8, keys, &hits, 2000), 0);
+    assert_int_equal(hits, 0);
+    assert_int_equal(kvf_client_evict(bob, 8, keys, st, 2000), 0);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(st[i], KVF_ENOENT);
+    put_range(bob, 0, 8, 0xb0, st); /* stored, in bob's own namespace */
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(st[i], 0);
+    get_range(bob, 0, 8, st, tags);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(tags[i], 0xb0);
+    get_range(alice, 0, 8, st, tags);
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(st[i], 0);
+        assert_int_equal(tags[i], 0xa1);
+    }
+
+    kvf_client *forged = client_as(&d, "forged");
+    get_range(forged, 0, 8, st, tags);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(st[i], KVF_EACCES);
+    kvf_client_close(&forged);
+
+    kvf_client *ops = client_as(&d, "ops");
+    char *json = NULL;
+    assert_int_equal(kvf_client_stats(ops, 0, &json, 2000), 0);
+    assert_true(stat_of(json, "failed") >= 1);
+    assert_true(stat_of(json, "ok") >= 3);
+    free(json);
+    kvf_client_close(&ops);
+    kvf_client_close(&alice);
+    kvf_client_close(&bob);
+    daemon_stop(&d);
+}
+
+/* Finding 10: CLEAR of every namespace, COPY and the node's counters are the admin's. A tenant's
+ * STATS shows its own use only. */
+static void test_auth_admin_role(void **state)
+{
+    (void)state;
+    daemon_t d;
+    start_auth_store(&d, "64M");
+    kvf_client *bob = client_as(&d, "bob"), *ops = client_as(&d, "ops");
+    int st[4];
+    put_range(bob, 0, 4, 0xb0, st);
+
+    /* CLEAR of every namespace (a flag no client call sends) over a raw connection. */
+    assert_int_equal(raw_clear_all(&d, "bob"), KVF_EACCES);
+    assert_int_equal(raw_clear_all(&d, "ops"), 0);
+    put_range(bob, 0, 4, 0xb0, st);
+
+    kvf_key k = key_of(0);
+    int cst = 0;
+    assert_int_equal(kvf_client_copy(bob, 0, "127.0.0.1:1", 1, &k, &cst, 2000), 0);
+    assert_int_equal(cst, KVF_EACCES);
+
+    char *json = NULL;
+    assert_int_equal(kvf_client_stats(bob, 0, &json, 2000), 0);
+    assert_non_null(strstr(json, "\"tenant\":\"bob\""));
+    assert_int_equal(stat_of(json, "entries"), 4);
+    assert_int_equal(stat_of(json, "hits"), -1); /* nothing of the node's */
+    free(json);
+    assert_int_equal(kvf_client_stats(ops, 0, &json, 2000), 0);
+    assert_true(stat_of(json, "hits") >= 0);
+    assert_non_null(strstr(json, "\"required\":true"));
+    free(json);
+
+    uint64_t removed = 0;
+    assert_int_equal(kvf_client_clear(bob, &removed, 2000), 0);
+    assert_int_equal(removed, 4);
+    kvf_client_close(&bob);
+    kvf_client_close(&ops);
+    daemon_stop(&d);
+}
+
+/* Per-tenant quotas: alice, over her byte quota, evicts only her own oldest entries, never bob's,
+ * though the arena has room; carol may hold 2 reservations at once, the third is KVF_EQUOTA. */
+static void test_auth_quotas_bound_each_tenant(void **state)
+{
+    (void)state;
+    daemon_t d;
+    start_auth_store(&d, "64M");
+    kvf_client *alice = client_as(&d, "alice"), *bob = client_as(&d, "bob"),
+               *carol = client_as(&d, "carol");
+    int st[40];
+    uint8_t tags[40];
+    put_range(bob, 1000, 10, 0xb0, st);
+    for (int b = 0; b < 4; b++) {
+        put_range(alice, (uint64_t)b * 10, 10, 0xa1, st);
+        for (int i = 0; i < 10; i++)
+            assert_int_equal(st[i], 0);
+    }
+    get_range(bob, 1000, 10, st, tags);
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(st[i], 0);
+    get_range(alice, 0, 40, st, tags);
+    int alive = 0;
+    for (int i = 0; i < 40; i++)
+        alive += st[i] == 0;
+    assert_true(alive >= 10 && alive <= 12);
+    for (int i = 30; i < 40; i++) /* the newest stay */
+        assert_int_equal(st[i], 0);
+    char *json = NULL;
+    assert_int_equal(kvf_client_stats(alice, 0, &json, 2000), 0);
+    assert_true(stat_of(json, "bytes") <= stat_of(json, "quota_bytes"));
+    assert_true(stat_of(json, "quota_evictions") >= 28);
+    free(json);
+
+    put_range(carol, 2000, 3, 0xc0, st);
+    int ok = 0, quota = 0;
+    for (int i = 0; i < 3; i++) {
+        ok += st[i] == 0;
+        quota += st[i] == KVF_EQUOTA;
+    }
+    assert_int_equal(ok, 2);
+    assert_int_equal(quota, 1);
+    kvf_client_close(&alice);
+    kvf_client_close(&bob);
+    kvf_client_close(&carol);
+    daemon_stop(&d);
+}
+
+/* Rotation and revocation: SIGHUP reads the tenants file again; a removed key authenticates no
+ * new connection, and the tenants that stay are served as before. */
+static void test_auth_reload_revokes(void **state)
+{
+    (void)state;
+    daemon_t d;
+    start_auth_store(&d, "64M");
+    kvf_client *bob = client_as(&d, "bob");
+    int st[2];
+    put_range(bob, 0, 2, 0xb0, st);
+    assert_int_equal(st[0], 0);
+    kvf_client_close(&bob);
+
+    char path[320], tmp[340];
+    snprintf(path, sizeof path, "%s/tenants", dir);
+    snprintf(tmp, sizeof tmp, "%s.new", path);
+    FILE *in = fopen(path, "r"), *out = fopen(tmp, "w");
+    char line[512];
+    while (fgets(line, sizeof line, in))
+        if (strncmp(line, "bob ", 4) != 0)
+            fputs(line, out);
+    fclose(in);
+    fclose(out);
+    chmod(tmp, 0600);
+    assert_int_equal(rename(tmp, path), 0);
+    kill(d.pid, SIGHUP);
+
+    int refused = 0;
+    for (int tries = 0; tries < 40 && !refused; tries++) { /* 2 s at most */
+        bob = client_as(&d, "bob");
+        uint8_t tags[2];
+        get_range(bob, 0, 2, st, tags);
+        refused = st[0] == KVF_EACCES;
+        kvf_client_close(&bob);
+        if (!refused)
+            usleep(50000);
+    }
+    assert_true(refused);
+    kvf_client *alice = client_as(&d, "alice");
+    put_range(alice, 0, 2, 0xa1, st);
+    assert_int_equal(st[0], 0);
+    kvf_client_close(&alice);
+    daemon_stop(&d);
+    cleanup_tenants();
+    make_tenants();
+}
+
+int main(void)
+{
+    harness_init();
+    make_tenants();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_auth_unauthenticated_gets_only_hello, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_tenants_are_isolated, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_admin_role, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_quotas_bound_each_tenant, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_reload_revokes, teardown_daemons),
+    };
+    int rc = cmocka_run_group_tests(tests, NULL, NULL);
+    cleanup_tenants();
+    return rc;
+}
