@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -343,4 +344,46 @@ int bench_keyspace(kvf_keyspace *ks, const kvf_layout *layout, char *err, size_t
     if (kvf__auth_key_salt(NULL, NULL, 0, salt, sizeof salt, &n, err, errlen) != 0)
         return -1;
     return kvf_keyspace_init(ks, layout, (const char *)salt, n) == 0 ? 0 : -1;
+}
+
+int bench_auth_make(const char *dir, const char *const *names, size_t n, char *tenants, size_t tlen)
+{
+    snprintf(tenants, tlen, "%s/tenants", dir);
+    FILE *f = fopen(tenants, "w");
+    if (!f) {
+        fprintf(stderr, "kvf-bench: %s: %s\n", tenants, strerror(errno));
+        return -1;
+    }
+    chmod(tenants, 0600);
+    int rc = 0;
+    for (size_t i = 0; i < n && !rc; i++) {
+        char cred[4200], err[300], line[512];
+        snprintf(cred, sizeof cred, "%s/%s.cred", dir, names[i]);
+        kvf_credential c;
+        kvf_tenant_key k = {.role = KVF_ROLE_TENANT};
+        snprintf(k.name, sizeof k.name, "%s", names[i]);
+        if (kvf__cred_new(&c, names[i], k.pk) != 0 ||
+            kvf__cred_write(cred, &c, err, sizeof err) != 0) {
+            fprintf(stderr, "kvf-bench: cannot make the credential %s\n", cred);
+            rc = -1;
+        }
+        memset(&c, 0, sizeof c);
+        kvf__tenant_key_format(&k, line, sizeof line);
+        fputs(line, f);
+    }
+    if (fclose(f) != 0)
+        rc = -1;
+    return rc;
+}
+
+void bench_auth_remove(const char *dir, const char *const *names, size_t n)
+{
+    char p[4200];
+    for (size_t i = 0; i < n; i++) {
+        snprintf(p, sizeof p, "%s/%s.cred", dir, names[i]);
+        unlink(p);
+    }
+    snprintf(p, sizeof p, "%s/tenants", dir);
+    unlink(p);
+    rmdir(dir);
 }

@@ -109,6 +109,13 @@ bench_spread bench_json_rounds(json_t *result, const char *key, const double *v,
 /* Prints the object as one line, with json; nothing without. */
 void bench_emit(json_t *result, int json);
 
+/* Tenants for a store's --auth, made for a run in dir (an empty folder): dir/tenants holds one
+ * key per name (role tenant), dir/NAME.cred each one's credential. 0, or -1 after saying why.
+ * bench_auth_remove() removes them and dir. */
+int bench_auth_make(const char *dir, const char *const *names, size_t n, char *tenants,
+                    size_t tlen);
+void bench_auth_remove(const char *dir, const char *const *names, size_t n);
+
 /* The key space of layout as a cluster's engines have it: the tenant salt of $KVF_CREDENTIAL,
  * where set (docs/keys.md). 0, or -1 with one line in err. */
 int bench_keyspace(kvf_keyspace *ks, const kvf_layout *layout, char *err, size_t errlen);

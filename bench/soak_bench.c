@@ -10,6 +10,9 @@
  *      every object read back is checked against the XXH3 of the bytes that were put, and an
  *      object that was evicted must never come back. Once a second: telemetry, the store's RSS
  *      and put/get latency go into a timeline.
+ * With --auth the store requires credentials: the churn is one tenant, and a second tenant (the
+ * rival, soak_rival.c) puts, reads and evicts its own objects under the churn's very keys and
+ * namespace throughout; neither may ever read the other's bytes.
  * Fails (exit 1) on a wrong byte, a resurrected object, a transport error, or store RSS that grows
  * more than --rss-slack (64 MiB) over its idle RSS (arena included) or --rss-growth (32 MiB) after
  * the first second, when a leak under churn would show as steady growth. The ratio it reports is
@@ -17,6 +20,7 @@
  */
 #include "bench.h"
 #include "bench_util.h"
+#include "soak_rival.h"
 
 #include "kvf/kvf.h"
 
@@ -45,6 +49,7 @@ typedef struct opts {
     double duration, target;
     uint64_t memory, object, ballast_max, floor, rss_slack, rss_growth;
     int batch, json;
+    int auth; /* --auth: the store authenticates; a rival tenant works under the same keys */
     const char *memory_arg;
     const char *store_bin;
     const char *png;
@@ -76,7 +81,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: kvf-bench soak [--duration S] [--target-pressure P] [--memory SIZE] "
                "[--object SIZE] [--batch N] [--ballast-max SIZE] [--floor SIZE] [--png FILE] "
-               "[--json] [--store-bin PATH]\n"
+               "[--json] [--auth] [--store-bin PATH]\n"
                "  --duration S          seconds in all, a fifth of them at rest (default 30)\n"
                "  --target-pressure P   kvf_telemetry_pressure() to reach, 0 < P <= 0.95 (0.5)\n"
                "  --memory SIZE         the store's arena (256M)\n"
@@ -86,7 +91,9 @@ static void usage(FILE *f)
                "never\n"
                "                        pushed below this (1G)\n"
                "  --rss-slack SIZE      most the store's RSS may grow over its idle RSS (64M)\n"
-               "  --rss-growth SIZE     most it may grow after the first second (32M)\n");
+               "  --rss-growth SIZE     most it may grow after the first second (32M)\n"
+               "  --auth                the store authenticates (--auth); a second tenant puts,\n"
+               "                        reads and evicts under the same keys meanwhile\n");
 }
 
 /* The options' limits, and the arena's size read from --memory. Returns 0, or -1 with the limit
@@ -130,6 +137,7 @@ static int parse(int argc, char **argv, opts *o)
                 .rss_growth = 32ull << 20};
     const bench_opt table[] = {
         {"--json", BENCH_OPT_FLAG, .flag = &o->json},
+        {"--auth", BENCH_OPT_FLAG, .flag = &o->auth},
         {"--duration", BENCH_OPT_REAL_CHECKED, .d = &o->duration},
         {"--target-pressure", BENCH_OPT_REAL_CHECKED, .d = &o->target},
         {"--memory", BENCH_OPT_STR, .str = &o->memory_arg},
@@ -311,6 +319,8 @@ typedef struct churn {
     kvf_key *keys;
     int *st;
     uint64_t rng;
+    atomic_uint_fast64_t pub_next; /* next_id, for the rival's thread */
+    soak_rival_totals rival;       /* --auth */
     /* totals */
     uint64_t verified, verified_bytes, mismatches, resurrected, errors, misses, evicted, puts;
     /* this second */
@@ -371,6 +381,7 @@ static void churn_put(churn *c)
         }
     }
     c->next_id += (uint64_t)b;
+    atomic_store(&c->pub_next, c->next_id);
 }
 
 /* n ids among the recent window that the ring still describes. */
@@ -636,7 +647,8 @@ static void summarize(const opts *o, const churn *c, const sample *s, int ns, do
     sum->put_rest = phase_median(s, ns, 0, offsetof(sample, put_p99));
     sum->put_press = phase_median(s, ns, 1, offsetof(sample, put_p99));
     sum->ok = c->mismatches == 0 && c->resurrected == 0 && c->errors == 0 && sum->rss_bounded &&
-              c->verified > 0;
+              c->verified > 0 && c->rival.mismatches == 0 && c->rival.errors == 0 &&
+              (!o->auth || c->rival.verified > 0);
 }
 
 static void print_summary(const opts *o, const churn *c, const summary *sum)
@@ -646,6 +658,12 @@ static void print_summary(const opts *o, const churn *c, const summary *sum)
            " explicit evictions, %" PRIu64 " errors\n",
            c->verified, (double)c->verified_bytes / (1u << 30), c->mismatches, c->resurrected,
            c->misses, c->evicted, c->errors);
+    if (o->auth)
+        printf("  authenticated; the rival tenant, under the same keys: %" PRIu64 " puts, %" PRIu64
+               " of its own objects verified, %" PRIu64 " wrong, %" PRIu64 " evictions, %" PRIu64
+               " errors\n",
+               c->rival.puts, c->rival.verified, c->rival.mismatches, c->rival.evictions,
+               c->rival.errors);
     printf("  store RSS %.0f MiB idle, %.0f MiB after 1 s, %.0f MiB max (arena %.0f MiB): %s\n",
            sum->rss_idle, sum->rss_first, sum->rss_max, sum->arena_mib,
            sum->rss_bounded ? "bounded" : "NOT bounded");
@@ -672,6 +690,14 @@ static json_t *result_json(const opts *o, const churn *c, const sample *s, int n
                                   "floor_bytes", (json_int_t)o->floor, "rss_slack_bytes",
                                   (json_int_t)o->rss_slack, "rss_growth_bytes",
                                   (json_int_t)o->rss_growth));
+    json_object_set_new(
+        res, "auth",
+        o->auth
+            ? json_pack("{s:b, s:I, s:I, s:I, s:I, s:I}", "on", 1, "rival_puts",
+                        (json_int_t)c->rival.puts, "rival_verified", (json_int_t)c->rival.verified,
+                        "rival_mismatches", (json_int_t)c->rival.mismatches, "rival_evictions",
+                        (json_int_t)c->rival.evictions, "rival_errors", (json_int_t)c->rival.errors)
+            : json_pack("{s:b}", "on", 0));
     json_t *tl = json_array();
     for (int i = 0; i < ns; i++)
         json_array_append_new(tl, sample_json(&s[i]));
@@ -729,9 +755,24 @@ int bench_soak_main(int argc, char **argv)
     bench_proc store = {0};
     kvf_client *cl = NULL;
     kvf_client_opts co = {.ns = 0x50a4ull, .conns_per_node = 2, .deadline_ms = 30000};
-    if (bench_store_client_open("soak", &store, o.store_bin, o.memory_arg, NULL, "127.0.0.1", &co,
-                                &cl) != 0)
+    char dir[] = "/tmp/kvf-soak-auth-XXXXXX", tenants[128], cred[128], rival_cred[128],
+         extra[200] = "";
+    const char *names[2] = {"soak", "rival"};
+    if (o.auth) {
+        if (!mkdtemp(dir) || bench_auth_make(dir, names, 2, tenants, sizeof tenants) != 0)
+            return 1;
+        snprintf(cred, sizeof cred, "%s/soak.cred", dir);
+        snprintf(rival_cred, sizeof rival_cred, "%s/rival.cred", dir);
+        snprintf(extra, sizeof extra, "--auth %s", tenants);
+        co.credential = cred;
+    }
+    if (bench_store_client_open("soak", &store, o.store_bin, o.memory_arg, extra, "127.0.0.1", &co,
+                                &cl) != 0) {
+        if (o.auth)
+            bench_auth_remove(dir, names, 2);
         return 1;
+    }
+    soak_rival *rival = NULL;
     /* The store's RSS before any churn: its arena (touched at start) plus its runtime, and under
      * a sanitizer that runtime's shadow memory. Growth beyond it is what the soak bounds. */
     double rss_idle = bench_rss_mib(store.pid);
@@ -748,9 +789,26 @@ int bench_soak_main(int argc, char **argv)
         fprintf(stderr, "kvf-bench soak: cannot start the ballast thread\n");
         goto out_free_churn;
     }
+    char node[64];
+    snprintf(node, sizeof node, "127.0.0.1:%u", store.port);
+    soak_rival_opts ro = {.node = node,
+                          .credential = rival_cred,
+                          .ns = co.ns,
+                          .key_of = soak_key,
+                          .next_id = &c->pub_next,
+                          .window = c->window,
+                          .object_bytes = o.object,
+                          .layers = LAYERS,
+                          .batch = o.batch / 4 + 1};
+    if (o.auth && soak_rival_start(&rival, &ro) != 0) {
+        atomic_store(&bal->stop, 1);
+        pthread_join(bal->th, NULL);
+        goto out_free_churn;
+    }
     announce(&o, &tel);
     double reached_at;
     int ns = churn_phases(c, bal, &tel, store.pid, samples, &reached_at);
+    soak_rival_stop(&rival, &c->rival);
     atomic_store(&bal->stop, 1);
     pthread_join(bal->th, NULL);
     summary sum;
@@ -764,6 +822,8 @@ out_free_churn:
     free(bal);
     kvf_client_close(&cl);
     bench_stop(&store);
+    if (o.auth)
+        bench_auth_remove(dir, names, 2);
     if (!ok)
         fprintf(stderr, "kvf-bench soak: FAILED (see the summary above)\n");
     return ok ? 0 : 1;

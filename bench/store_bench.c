@@ -45,6 +45,7 @@
 typedef struct opts {
     int quick, json, streams, store_threads;
     int lookup_only; /* --lookup-only: no rounds of rates, only the lookup latency */
+    int auth;        /* --auth: authentication's cost instead (store_auth.c) */
     int rounds;      /* measurements are taken in rounds (ROUNDS_MAX at most) */
     int io_threads;  /* the client's; 0: its default */
     double secs;
@@ -91,6 +92,7 @@ static int parse(int argc, char **argv, opts *o)
     const bench_opt table[] = {
         {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
         {"--lookup-only", BENCH_OPT_FLAG, .flag = &o->lookup_only},
+        {"--auth", BENCH_OPT_FLAG, .flag = &o->auth},
         {"--json", BENCH_OPT_FLAG, .flag = &o->json},
         {"--streams", BENCH_OPT_INT, .i = &o->streams},
         {"--store-threads", BENCH_OPT_INT, .i = &o->store_threads},
@@ -106,7 +108,7 @@ static int parse(int argc, char **argv, opts *o)
         0) {
         fprintf(stderr,
                 "kvf-bench store: unknown option %s\n"
-                "usage: kvf-bench store [--quick] [--lookup-only] [--json] [--streams N] "
+                "usage: kvf-bench store [--quick] [--lookup-only] [--auth] [--json] [--streams N] "
                 "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
                 "[--io-threads N] [--transport tcp|rdma] [--rdma-host IP]\n",
                 unknown);
@@ -668,6 +670,11 @@ int bench_store_main(int argc, char **argv)
     if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
         json_object_set_new(res, "transport", json_string("rdma"));
         rc = rdma_bench(&o, res);
+    } else if (!strcmp(o.transport, "tcp") && o.auth) {
+        json_object_set_new(res, "transport", json_string("tcp"));
+        json_object_set_new(res, "cores", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
+        rc = bench_store_auth(o.streams, o.store_threads, o.memory, o.store_bin, o.quick, res);
+        bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "tcp")) {
         rc = tcp_bench(&o, res);
     } else {

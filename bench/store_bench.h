@@ -7,6 +7,7 @@
 
 #include "kvf/kvf.h"
 
+#include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -57,6 +58,12 @@ int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, d
  * sending on every stream and one receiving from every stream (poll(), as kvf-store's loop and the
  * client's I/O thread do). 0 where the sockets or threads cannot be made. */
 double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
+
+/* --auth (store_auth.c): GET through a store with --auth against one without, alternating in
+ * rounds, and a fresh client's first request on each; printed and into res's "auth". Returns the
+ * exit status. */
+int bench_store_auth(int streams, int threads, const char *memory, const char *bin, int quick,
+                     json_t *res);
 
 /* Redis with `conns` connections (kvfabric's connection count), for the same batches. */
 typedef struct redis_peer redis_peer;

@@ -59,8 +59,27 @@ def main():
         fail("ballast during the rest phase")
     if any(x["pressure"] < 0 or x["pressure"] > 1 for x in tl):
         fail("pressure out of 0..1")
-    print("soak_check: ok (%d objects verified, %d misses, ballast %d MiB)"
-          % (s["verified"], s["misses"], s["ballast_max_mib"]))
+    if res["auth"]["on"]:
+        fail("a soak without --auth says it authenticated: %r" % res["auth"])
+
+    # With authentication on, a second tenant works under the churn's very keys throughout: each
+    # reads only its own bytes.
+    cmd = [bench, "soak", "--auth", "--duration", "3", "--target-pressure", "0.95", "--memory",
+           "64M", "--object", "256K", "--batch", "8", "--ballast-max", "64M", "--rss-slack", slack,
+           "--rss-growth", growth, "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if p.returncode != 0:
+        fail("--auth: exit %d: %s" % (p.returncode, p.stderr[-2000:]))
+    ra = json.loads(p.stdout.strip().splitlines()[-1])
+    sa, au = ra["summary"], ra["auth"]
+    if not sa["ok"] or sa["checksum_mismatches"] or sa["resurrected"] or sa["verified"] <= 0:
+        fail("--auth: the churn's verification: %r" % sa)
+    if not au["on"] or au["rival_mismatches"] or au["rival_errors"] or \
+            au["rival_verified"] <= 0 or au["rival_puts"] <= 0:
+        fail("--auth: the rival tenant: %r" % au)
+    print("soak_check: ok (%d objects verified, %d misses, ballast %d MiB; with --auth %d and "
+          "the rival's %d)" % (s["verified"], s["misses"], s["ballast_max_mib"], sa["verified"],
+                               au["rival_verified"]))
 
 
 if __name__ == "__main__":

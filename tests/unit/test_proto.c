@@ -9,13 +9,17 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <msgpack.h>
 
 #include "kvf/kvf.h"
 
+#include "auth.h"
 #include "bytes.h"
 #include "codec.h"
 #include "kvevents.h"
@@ -578,6 +582,89 @@ static void test_proto_kvevents_callback_stops(void **state)
     kvf__kve_enc_free(&e);
 }
 
+/* Credentials and tenants files: a credential round-trips, one readable by others or malformed
+ * is refused with its reason; a signature verifies only for its name, challenge, node and key;
+ * tenant scoping keeps one namespace apart per tenant. */
+static void test_proto_auth_credentials_and_signatures(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kvf-proto-auth-XXXXXX";
+    assert_non_null(mkdtemp(dir));
+    char path[128], tpath[128], err[300];
+    snprintf(path, sizeof path, "%s/a.cred", dir);
+    snprintf(tpath, sizeof tpath, "%s/tenants", dir);
+    kvf_credential c, back;
+    uint8_t pk[KVF_AUTH_PK_LEN], pk2[KVF_AUTH_PK_LEN];
+    assert_int_equal(kvf__cred_new(&c, "bad name", pk), KVF_EINVAL);
+    assert_int_equal(kvf__cred_new(&c, "acme-1", pk), 0);
+    assert_int_equal(kvf__cred_write(path, &c, err, sizeof err), 0);
+    assert_int_equal(kvf__cred_write(path, &c, err, sizeof err), KVF_EEXIST);
+    assert_int_equal(kvf__cred_load(path, &back, err, sizeof err), 0);
+    assert_memory_equal(&c, &back, sizeof c);
+    chmod(path, 0644);
+    assert_int_equal(kvf__cred_load(path, &back, err, sizeof err), KVF_EACCES);
+    assert_non_null(strstr(err, "chmod 600"));
+    FILE *f = fopen(path, "w");
+    fputs("tenant=acme-1\nsalt=00\n", f);
+    fclose(f);
+    chmod(path, 0600);
+    assert_int_equal(kvf__cred_load(path, &back, err, sizeof err), KVF_EINVAL);
+
+    uint8_t nonce[KVF_AUTH_NONCE_LEN], sig[KVF_AUTH_SIG_LEN];
+    kvf__auth_random(nonce, sizeof nonce);
+    assert_int_equal(kvf__auth_sign(&c, nonce, 77, sig), 0);
+    assert_true(kvf__auth_verify(pk, "acme-1", nonce, 77, sig));
+    assert_false(kvf__auth_verify(pk, "acme-2", nonce, 77, sig));
+    assert_false(kvf__auth_verify(pk, "acme-1", nonce, 78, sig));
+    nonce[5] ^= 1;
+    assert_false(kvf__auth_verify(pk, "acme-1", nonce, 77, sig));
+    nonce[5] ^= 1;
+    kvf_credential r = c;
+    assert_int_equal(kvf__cred_rotate(&r, pk2), 0);
+    assert_memory_equal(r.salt, c.salt, sizeof c.salt);
+    assert_false(kvf__auth_verify(pk2, "acme-1", nonce, 77, sig));
+
+    f = fopen(tpath, "w");
+    kvf_tenant_key k = {.role = KVF_ROLE_ADMIN, .max_bytes = 1 << 20, .max_reserved = 4};
+    snprintf(k.name, sizeof k.name, "acme-1");
+    memcpy(k.pk, pk, sizeof pk);
+    char line[512];
+    kvf__tenant_key_format(&k, line, sizeof line);
+    fprintf(f, "# comment\n\n%s", line);
+    fclose(f);
+    kvf_tenant_key *keys;
+    size_t n;
+    assert_int_equal(kvf__tenants_parse(tpath, &keys, &n, err, sizeof err), 0);
+    assert_int_equal(n, 1);
+    assert_memory_equal(&keys[0], &k, sizeof k);
+    free(keys);
+    const char *bad[] = {"acme admin\n",
+                         "acme boss 00\n",
+                         "acme tenant abc\n",
+                         "bad/name tenant 00\n",
+                         "acme tenant %s bytes=lots\n",
+                         "acme tenant %s colour=red\n"};
+    char hex[65];
+    for (size_t i = 0; i < 32; i++)
+        snprintf(hex + 2 * i, 3, "%02x", pk[i]);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        f = fopen(tpath, "w");
+        fprintf(f, bad[i], hex);
+        fclose(f);
+        assert_int_equal(kvf__tenants_parse(tpath, &keys, &n, err, sizeof err), KVF_EINVAL);
+        assert_non_null(strstr(err, ":1:"));
+    }
+
+    uint64_t sa = kvf__auth_scope("alice"), sb = kvf__auth_scope("bob");
+    assert_int_not_equal(sa, sb);
+    assert_int_not_equal(kvf__auth_ns(sa, 42), kvf__auth_ns(sb, 42));
+    assert_int_equal(kvf__auth_ns(sa, 42), kvf__auth_ns(sa, 42));
+    assert_int_not_equal(kvf__auth_ns(sa, 42), 0);
+    unlink(path);
+    unlink(tpath);
+    rmdir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -590,6 +677,7 @@ int main(void)
         cmocka_unit_test(test_proto_kvevents_maps_and_malformed),
         cmocka_unit_test(test_proto_kvevents_callback_stops),
         cmocka_unit_test(test_proto_kvevents_claims_bounded),
+        cmocka_unit_test(test_proto_auth_credentials_and_signatures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -460,6 +460,92 @@ static void test_store_cache_swap(void **state)
     fx_close(f);
 }
 
+/* Quotas: a tenant over its byte quota evicts its own oldest entries, never another tenant's nor
+ * untenanted ones, though the arena has room; its outstanding reservations are bounded; a tenant
+ * whose own entries cannot go (pinned) is refused with KVF_EQUOTA. Accounting stays exact. */
+static void tenant_quotas(const char *policy)
+{
+    fixture *f = fx_open(16u << 20, policy, 0);
+    kvf__cache_lock(f->c);
+    kvf__cache_quota_set_locked(f->c, 1, 10 * 4096, 0);
+    kvf__cache_quota_set_locked(f->c, 3, 0, 2);
+    uint32_t eid;
+    uint8_t *dst;
+    for (uint64_t i = 0; i < 8; i++) { /* tenant 2 and nobody's, no quota */
+        kvf_key k = K(1000 + i);
+        assert_int_equal(kvf__cache_reserve_locked(f->c, 9, &k, 4096, 1, i & 1 ? 2 : 0,
+                                                   KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
+                         0);
+        assert_int_equal(kvf__cache_commit_locked(f->c, eid, 1), 0);
+    }
+    for (uint64_t i = 0; i < 30; i++) {
+        kvf_key k = K(i);
+        assert_int_equal(
+            kvf__cache_reserve_locked(f->c, 7, &k, 4096, 1, 1, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
+            0);
+        assert_int_equal(kvf__cache_commit_locked(f->c, eid, 1), 0);
+        assert_int_equal(kvf__cache_check_locked(f->c), 0);
+    }
+    kvf_cache_tenant_stats ts;
+    kvf__cache_tenant_stats_locked(f->c, 1, &ts);
+    assert_int_equal(ts.bytes, 10 * 4096);
+    assert_int_equal(ts.entries, 10);
+    assert_int_equal(ts.quota_evictions, 20);
+    for (uint64_t i = 0; i < 8; i++)
+        assert_true(has(f, 9, 1000 + i));
+    for (uint64_t i = 20; i < 30; i++)
+        assert_true(has(f, 7, i));
+    /* Pinned, tenant 1's entries cannot go: a reservation beyond its quota is refused. */
+    for (uint64_t i = 20; i < 30; i++) {
+        kvf_key k = K(i);
+        assert_int_equal(kvf__cache_pin_locked(f->c, 7, &k, 60000), 0);
+    }
+    kvf_key k = K(99);
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 7, &k, 4096, 1, 1, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
+        KVF_EQUOTA);
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 7, &k, 11 * 4096, 1, 2, KVF_CACHE_VIA_WIRE, 1, &eid, &dst),
+        0); /* tenant 2 has no quota */
+    kvf__cache_abort_locked(f->c, eid, 1);
+    /* Tenant 3: two reservations outstanding, the third refused until one commits. */
+    uint32_t e3[3];
+    for (uint64_t i = 0; i < 2; i++) {
+        kvf_key kk = K(500 + i);
+        assert_int_equal(kvf__cache_reserve_locked(f->c, 5, &kk, 4096, 1, 3, KVF_CACHE_VIA_WIRE, 0,
+                                                   &e3[i], &dst),
+                         0);
+    }
+    kvf_key k3 = K(502);
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 5, &k3, 4096, 1, 3, KVF_CACHE_VIA_WIRE, 0, &e3[2], &dst),
+        KVF_EQUOTA);
+    kvf__cache_abort_owner_locked(f->c, 1);
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 5, &k3, 4096, 1, 3, KVF_CACHE_VIA_WIRE, 1, &e3[2], &dst),
+        0);
+    assert_int_equal(kvf__cache_commit_locked(f->c, e3[2], 1), 0);
+    kvf__cache_tenant_stats_locked(f->c, 3, &ts);
+    assert_int_equal(ts.reserved, 0);
+    assert_int_equal(ts.entries, 1);
+    assert_int_equal(ts.quota_rejected, 1);
+    assert_int_equal(kvf__cache_check_locked(f->c), 0);
+    kvf__cache_unlock(f->c);
+    fx_close(f);
+}
+
+static void test_store_cache_tenant_quotas_lru(void **state)
+{
+    (void)state;
+    tenant_quotas("lru");
+}
+
+static void test_store_cache_tenant_quotas_s3fifo(void **state)
+{
+    (void)state;
+    tenant_quotas("s3fifo");
+}
+
 static void test_store_cache_open_errors(void **state)
 {
     (void)state;
@@ -507,6 +593,8 @@ int main(void)
         cmocka_unit_test(test_store_cache_clear_and_entry_limit),
         cmocka_unit_test(test_store_cache_s3fifo_resists_scans),
         cmocka_unit_test(test_store_cache_swap),
+        cmocka_unit_test(test_store_cache_tenant_quotas_lru),
+        cmocka_unit_test(test_store_cache_tenant_quotas_s3fifo),
         cmocka_unit_test(test_store_cache_open_errors),
         cmocka_unit_test(test_store_server_failed_open_closes_only_its_own),
     };
