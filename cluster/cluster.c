@@ -396,6 +396,9 @@ typedef struct launch {
     char token_env[160];     /* KVF_SCHED_TOKEN=..., for the engines */
     char tenants[640];       /* the stores' tenants file (--auth), in the run directory */
     char cred_env[760];      /* KVF_CREDENTIAL=RUN_DIR/cluster.cred, for the engines */
+    char admin_cred[700];    /* kvf-sched's key for the KV events (an admin subscriber) */
+    char events_cred[700];   /* the publishers' CURVE key (stores, engines) */
+    char events_key[65];     /* its X25519 public key in hex, for kvf-sched */
 } launch;
 
 /* Starts p as args (in p's namespace when it has one), its output in RUN_DIR/NAME.log, and waits
@@ -527,10 +530,30 @@ static int announce(launch *L)
     return 0;
 }
 
+/* The publishers' CURVE identity (events.cred): the stores and engines secure their KV events
+ * with it, kvf-sched knows its public key. It is in no tenants file: it authenticates nobody. */
+static int make_events_key(launch *L)
+{
+    kvf_credential cred;
+    uint8_t pk[KVF_AUTH_PK_LEN], xpk[32];
+    char err[300];
+    snprintf(L->events_cred, sizeof L->events_cred, "%s/events.cred", L->c->run_dir);
+    unlink(L->events_cred);
+    int rc = kvf__cred_new(&cred, "events", pk) != 0 ||
+             kvf__cred_write(L->events_cred, &cred, err, sizeof err) != 0 ||
+             kvf__auth_curve_pk(pk, xpk) != 0;
+    memset(&cred, 0, sizeof cred);
+    if (rc)
+        return fail("cannot make the events key %s", L->events_cred);
+    for (int i = 0; i < 32; i++)
+        snprintf(L->events_key + 2 * i, 3, "%02x", xpk[i]);
+    return 0;
+}
+
 /* Credentials for the stores (docs/security.md), in the run directory, readable by their owner
  * only: the tenant "cluster" that the engines and tools use (cluster.cred), an admin for an
- * operator's management requests (admin.cred), and the stores' tenants file with their public
- * keys (store.tenants). */
+ * operator's management requests and kvf-sched's event subscriptions (admin.cred), the stores'
+ * tenants file with their public keys (store.tenants), and the events key. */
 static int make_credentials(launch *L)
 {
     const char *rd = L->c->run_dir;
@@ -565,10 +588,12 @@ static int make_credentials(launch *L)
         fputs(line, f);
         if (i == 0)
             snprintf(L->cred_env, sizeof L->cred_env, "KVF_CREDENTIAL=%s", path);
+        else
+            snprintf(L->admin_cred, sizeof L->admin_cred, "%s", path);
     }
     if (fclose(f) != 0 && !rc)
         rc = fail("cannot write %s", L->tenants);
-    return rc;
+    return rc ? rc : make_events_key(L);
 }
 
 static int start_store(launch *L, int i)
@@ -581,13 +606,26 @@ static int start_store(launch *L, int i)
     proc *q = add_proc(L, name, "store", listen, events);
     if (!q)
         return 1;
-    /* Every client authenticates (--auth). In namespaces the hosts' addresses are not loopback:
-     * the chunk events, not yet authenticated, go over the launcher's private network. */
-    char *args[] = {L->store_bin, "--listen", listen,   "--memory", (char *)c->store_memory,
-                    "--threads",  threads,    "--auth", L->tenants, "--log-level",
-                    "info",       "--events", events,   "--node",   node,
-                    "--insecure"};
-    if (start_one(c, q, args, L->netns ? 16 : 15, NULL) != 0)
+    /* Every client authenticates (--auth), every event subscriber too (CURVE): also in
+     * namespaces, whose addresses are not loopback, no --insecure. */
+    char *args[] = {L->store_bin,
+                    "--listen",
+                    listen,
+                    "--memory",
+                    (char *)c->store_memory,
+                    "--threads",
+                    threads,
+                    "--auth",
+                    L->tenants,
+                    "--log-level",
+                    "info",
+                    "--events",
+                    events,
+                    "--node",
+                    node,
+                    "--events-credential",
+                    L->events_cred};
+    if (start_one(c, q, args, (int)(sizeof args / sizeof args[0]), NULL) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
@@ -684,7 +722,7 @@ static int start_sched(launch *L)
     kvf_layout lay;
     snprintf(chunk, sizeof chunk, "%u",
              kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
-    char *args[16] = {L->sched_bin,      "--listen",       listen,    "--policy",
+    char *args[24] = {L->sched_bin,      "--listen",       listen,    "--policy",
                       (char *)c->policy, "--stores",       L->stores, "--cost",
                       L->cost,           "--chunk-tokens", chunk};
     int n = 11;
@@ -697,6 +735,11 @@ static int start_sched(launch *L)
         return 1;
     args[n++] = "--tokens";
     args[n++] = L->tokens;
+    /* The KV events come over CURVE, kvf-sched an admin subscriber that sees every tenant's. */
+    args[n++] = "--events-credential";
+    args[n++] = L->admin_cred;
+    args[n++] = "--events-server-key";
+    args[n++] = L->events_key;
     if (start_one(c, q, args, n, NULL) != 0)
         return 1;
     snprintf(L->sched, sizeof L->sched, "%s", q->addr);
@@ -715,11 +758,32 @@ static int start_engine(launch *L, int i)
     proc *q = add_proc(L, name, pre ? "prefill" : "decode", listen, events);
     if (!q)
         return 1;
-    char *args[] = {L->engine_bin, "--serve",  "--id",    q->name,          "--role",
-                    q->kind,       "--listen", listen,    "--sched",        L->sched,
-                    "--events",    events,     "--model", (char *)c->model, "--max-tokens",
-                    maxt,          "--cost",   L->cost,   "--insecure"};
-    return start_one(c, q, args, L->netns ? 19 : 18, env);
+    /* The engine's HTTP API authenticates nobody yet: --insecure in namespaces only. */
+    char *args[] = {L->engine_bin,
+                    "--serve",
+                    "--id",
+                    q->name,
+                    "--role",
+                    q->kind,
+                    "--listen",
+                    listen,
+                    "--sched",
+                    L->sched,
+                    "--events",
+                    events,
+                    "--model",
+                    (char *)c->model,
+                    "--max-tokens",
+                    maxt,
+                    "--cost",
+                    L->cost,
+                    "--events-credential",
+                    L->events_cred,
+                    "--events-tenants",
+                    L->tenants,
+                    "--insecure"};
+    int n = (int)(sizeof args / sizeof args[0]);
+    return start_one(c, q, args, L->netns ? n : n - 1, env);
 }
 
 static int start_engines(launch *L)

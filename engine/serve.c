@@ -5,6 +5,7 @@
  *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
  *              [--advertise HOST:PORT] [--sched HOST:PORT] [--store HOST:PORT[,...]]
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
+ *              [--events-credential FILE --events-tenants FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
  *              [--queue work|fifo] [--cost FILE]
  *
@@ -33,12 +34,15 @@
 #include "engine.h"
 #include "serve.h"
 
+#include "auth.h"
 #include "clock.h"
+#include "errf.h"
 #include "http.h"
 #include "kvevents.h"
 #include "pubsub.h"
 #include "kvf/kvf.h"
 #include "scheduler.h"
+#include "tenants.h"
 #include "log.h"
 #include "tcp.h"
 
@@ -61,7 +65,11 @@ typedef struct srv {
     kvf_connector *cn;
     kvf_log lg;
     char id[64], role[16], model[32], sched[160], endpoint[160], events[160];
-    char host[128]; /* --listen's */
+    /* The KV events' topic: "kv-events", or with --events-credential "kv-events/t/TENANT/" (the
+     * tenant of $KVF_CREDENTIAL), which is what a tenant subscriber of the secured socket gets. */
+    char topic[128];
+    kvf__tenants *ev_tenants; /* --events-tenants: who may subscribe */
+    char host[128];           /* --listen's */
     uint16_t port;
     uint32_t max_tokens;
     /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
@@ -197,7 +205,7 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
             rc = kvf__kve_enc_end(e, &data, &len);
         ++S->seq; /* a batch that could not be encoded leaves a gap the subscriber sees */
         if (!rc)
-            kvf__zpub_send(S->pub, "kv-events", S->seq, data, len);
+            kvf__zpub_send(S->pub, S->topic, S->seq, data, len);
         kvf__kve_enc_free(&e);
     }
     pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */
@@ -584,7 +592,7 @@ static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, c
 /* kvf-engine --serve's options as given; the strings are argv's. */
 typedef struct serve_opts {
     const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
-        *level, *queue, *cost;
+        *level, *queue, *cost, *events_credential, *events_tenants;
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } serve_opts;
 
@@ -602,13 +610,21 @@ static int parse_args(int argc, char **argv, serve_opts *o)
     const struct {
         const char *name;
         const char **value;
-    } opts[] = {{"--id", &o->id},           {"--role", &o->role},
-                {"--listen", &o->listen},   {"--advertise", &o->advertise},
-                {"--sched", &o->sched},     {"--store", &o->store},
-                {"--events", &o->events},   {"--model", &o->model},
-                {"--seed", &o->seed},       {"--max-tokens", &o->max_tokens},
-                {"--log-level", &o->level}, {"--queue", &o->queue},
-                {"--cost", &o->cost}};
+    } opts[] = {{"--id", &o->id},
+                {"--role", &o->role},
+                {"--listen", &o->listen},
+                {"--advertise", &o->advertise},
+                {"--sched", &o->sched},
+                {"--store", &o->store},
+                {"--events", &o->events},
+                {"--model", &o->model},
+                {"--seed", &o->seed},
+                {"--max-tokens", &o->max_tokens},
+                {"--log-level", &o->level},
+                {"--queue", &o->queue},
+                {"--cost", &o->cost},
+                {"--events-credential", &o->events_credential},
+                {"--events-tenants", &o->events_tenants}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--serve"))
@@ -691,7 +707,12 @@ static int configure(srv *S, const serve_opts *o)
     if (split_addr(o->listen, S->host, sizeof S->host, &S->port, "--listen") != 0 ||
         kvf__listen_policy("kvf-engine", "--listen", S->host, o->insecure) != 0)
         return 2;
-    if (kvf__listen_policy_addr("kvf-engine", "--events", o->events, o->insecure) != 0)
+    if (!o->events_credential != !o->events_tenants) {
+        fprintf(stderr, "kvf-engine: --events-credential and --events-tenants go together\n");
+        return 2;
+    }
+    if (kvf__listen_policy_addr("kvf-engine", "--events", o->events,
+                                o->events_credential ? KVF_LISTEN_AUTHENTICATED : o->insecure) != 0)
         return 2;
     return PROCEED;
 }
@@ -733,17 +754,61 @@ static int open_engine(srv *S, const serve_opts *o)
     return 0;
 }
 
-/* The KV events publisher on --events, when given; S->events gets its bound address. */
-static int open_events(srv *S, const char *events)
+static int events_allow(void *ud, const uint8_t pk[32], char *name, size_t namelen, int *admin)
+{
+    return kvf__tenants_curve_allow(ud, pk, name, namelen, admin);
+}
+
+/* --events-credential's key, the tenants of --events-tenants and the topic of this engine's
+ * tenant into sec, S->ev_tenants and S->topic. 0, or 1 after saying why. */
+static int events_security(srv *S, const serve_opts *o, kvf__zsec *sec)
+{
+    char err[300] = "";
+    kvf_credential c;
+    uint8_t pk[32];
+    int rc = kvf__cred_load(o->events_credential, &c, err, sizeof err);
+    if (!rc && kvf__auth_curve_pair(&c, pk, sec->secret) != 0)
+        rc = kvf__errf(err, sizeof err, KVF_EINVAL, "no CURVE key in it");
+    memset(&c, 0, sizeof c);
+    if (!rc)
+        rc = kvf__tenants_open(&S->ev_tenants, o->events_tenants, err, sizeof err);
+    const char *mine = getenv("KVF_CREDENTIAL");
+    if (!rc && (!mine || kvf__cred_load(mine, &c, err, sizeof err) != 0))
+        rc = kvf__errf(err, sizeof err, KVF_EINVAL,
+                       "needs $KVF_CREDENTIAL: the events go under its tenant's topic");
+    if (rc) {
+        fprintf(stderr, "kvf-engine: secured events: %s\n", err);
+        return 1;
+    }
+    snprintf(S->topic, sizeof S->topic, "kv-events/t/%s/", c.tenant);
+    memset(&c, 0, sizeof c);
+    sec->allow = events_allow;
+    sec->ud = S->ev_tenants;
+    sec->tenant_prefix = "kv-events/t/";
+    return 0;
+}
+
+/* The KV events publisher on --events, when given, secured by --events-credential; S->events
+ * gets its bound address. */
+static int open_events(srv *S, const serve_opts *o)
 {
     char eh[128], err[512];
     uint16_t ep;
-    if (!events)
+    snprintf(S->topic, sizeof S->topic, "kv-events");
+    if (!o->events)
         return 0;
-    if (split_addr(events, eh, sizeof eh, &ep, "--events") != 0)
+    if (split_addr(o->events, eh, sizeof eh, &ep, "--events") != 0)
         return 2;
-    if (kvf__zpub_open(&S->pub, eh, ep, 0, S->events, sizeof S->events, err, sizeof err) != 0) {
-        fprintf(stderr, "kvf-engine: --events %s: %s\n", events, err);
+    kvf__zsec sec = {0};
+    if (o->events_credential && events_security(S, o, &sec) != 0)
+        return 1;
+    int rc = o->events_credential
+                 ? kvf__zpub_open_secure(&S->pub, eh, ep, 0, &sec, S->events, sizeof S->events, err,
+                                         sizeof err)
+                 : kvf__zpub_open(&S->pub, eh, ep, 0, S->events, sizeof S->events, err, sizeof err);
+    memset(sec.secret, 0, sizeof sec.secret);
+    if (rc != 0) {
+        fprintf(stderr, "kvf-engine: --events %s: %s\n", o->events, err);
         return 1;
     }
     return 0;
@@ -810,9 +875,9 @@ int kvfe_serve_main(int argc, char **argv)
     pthread_mutex_init(&S.mu, NULL);
     pthread_cond_init(&S.cv, NULL);
     pthread_cond_init(&S.report_cv, NULL);
-    rc = open_events(&S, o.events);
+    rc = open_events(&S, &o);
     if (rc)
-        goto out_close_engine;
+        goto out_close_events;
     rc = start_http(&S, o.advertise, &httpd, &bound);
     if (rc)
         goto out_close_events;
@@ -833,7 +898,7 @@ out_stop_http:
         pthread_join(reporter, NULL);
 out_close_events:
     kvf__zpub_close(&S.pub);
-out_close_engine:
+    kvf__tenants_close(&S.ev_tenants);
     kvfe_close(&S.e);
     kvf_connector_close(&S.cn);
     free(S.held);

@@ -360,6 +360,21 @@ int kvf__auth_verify(const uint8_t pk[KVF_AUTH_PK_LEN], const char *name,
     return crypto_sign_verify_detached(sig, m, sizeof m, pk) == 0;
 }
 
+int kvf__auth_curve_pair(const kvf_credential *c, uint8_t pk[32], uint8_t sk[32])
+{
+    if (kvf__auth_init() != 0 || crypto_sign_ed25519_sk_to_curve25519(sk, c->sk) != 0 ||
+        crypto_sign_ed25519_pk_to_curve25519(pk, c->sk + 32) != 0)
+        return KVF_EINVAL;
+    return 0;
+}
+
+int kvf__auth_curve_pk(const uint8_t ed_pk[KVF_AUTH_PK_LEN], uint8_t pk[32])
+{
+    if (kvf__auth_init() != 0 || crypto_sign_ed25519_pk_to_curve25519(pk, ed_pk) != 0)
+        return KVF_EINVAL;
+    return 0;
+}
+
 uint64_t kvf__auth_scope(const char *name)
 {
     return XXH3_64bits_withSeed(name, strlen(name), 0x6b76662d74656e61ull); /* "kvf-tena" */

@@ -13,11 +13,13 @@
 
 #include "kvf/kvf.h"
 
+#include "auth.h"
 #include "tcp.h"
 
 #include <jansson.h>
 #include <math.h>
 #include <signal.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +33,7 @@
 typedef struct cmdline {
     long chunk_tokens; /* the stores' chunk size, for store matches */
     const char *listen, *policy, *cost, *config, *store_events, *tokens;
+    const char *events_credential, *events_server_key; /* CURVE for every event subscription */
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } cmdline;
 
@@ -57,6 +60,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                    "[--instance-ttl SECONDS] [--log-level L]\n"
                    "                 [--tokens FILE: \"NAME TOKEN\" lines; every request but "
                    "GETs needs \"Authorization: Bearer TOKEN\"]\n"
+                   "                 [--events-credential FILE --events-server-key HEX: "
+                   "subscribe over CURVE\n"
+                   "                  with this credential's key to publishers whose X25519 "
+                   "public key is HEX]\n"
                    "                 [--insecure: allow --listen on an address that is not "
                    "loopback without --tokens (docs/security.md)]\n");
             return 0;
@@ -82,6 +89,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
             cl->store_events = v;
         else if (!strcmp(a, "--tokens"))
             cl->tokens = v;
+        else if (!strcmp(a, "--events-credential"))
+            cl->events_credential = v;
+        else if (!strcmp(a, "--events-server-key"))
+            cl->events_server_key = v;
         else if (!strcmp(a, "--chunk-tokens"))
             cl->chunk_tokens = strtol(v, NULL, 10);
         else if (!strcmp(a, "--instance-ttl")) {
@@ -222,10 +233,42 @@ static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bou
     kvf_info(&d->lg, "stopping");
 }
 
+/* Every subscription over CURVE, where --events-credential and --events-server-key ask for it.
+ * 0, or 2 after saying why. */
+static int events_curve(kvf__sched_daemon *d, const cmdline *cl)
+{
+    if (!cl->events_credential && !cl->events_server_key)
+        return 0;
+    char err[300] = "";
+    uint8_t server[32], pk[32], sk[32];
+    size_t n = 0;
+    kvf_credential c;
+    int rc = !cl->events_credential || !cl->events_server_key ||
+             sodium_hex2bin(server, sizeof server, cl->events_server_key,
+                            strlen(cl->events_server_key), NULL, &n, NULL) != 0 ||
+             n != sizeof server;
+    if (rc) {
+        fprintf(stderr, "kvf-sched: --events-credential FILE and --events-server-key (64 hex "
+                        "digits) go together\n");
+        return 2;
+    }
+    if (kvf__cred_load(cl->events_credential, &c, err, sizeof err) != 0 ||
+        kvf__auth_curve_pair(&c, pk, sk) != 0) {
+        fprintf(stderr, "kvf-sched: --events-credential: %s\n", err[0] ? err : "no CURVE key");
+        memset(&c, 0, sizeof c);
+        return 2;
+    }
+    kvf__zsubs_curve(d->zs, server, pk, sk);
+    kvf_info(&d->lg, "KV events over CURVE as tenant %s", c.tenant);
+    memset(&c, 0, sizeof c);
+    memset(sk, 0, sizeof sk);
+    return 0;
+}
+
 /* Serves HTTP and the events until a signal, then stops them: HTTP first, then the events thread,
  * then its sockets. Returns the exit status: 0, or 1 when either could not start. */
-static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_policy policy,
-                 const kvf__http_tokens *tokens)
+static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint16_t port,
+                 kvf_policy policy, const kvf__http_tokens *tokens)
 {
     int rc = 1;
     char err[256];
@@ -234,6 +277,9 @@ static int serve(kvf__sched_daemon *d, const char *host, uint16_t port, kvf_poli
         fprintf(stderr, "kvf-sched: out of memory\n");
         goto out;
     }
+    if ((rc = events_curve(d, cl)) != 0)
+        goto out_close_zsubs;
+    rc = 1;
     if (kvf__httpd_start(&d->httpd, host, port, 0, MAX_BODY, kvf__sched_http_route, d, &bound, err,
                          sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
@@ -285,7 +331,7 @@ int main(int argc, char **argv)
     if (tokens)
         kvf_info(&d.lg, "%zu token(s) from %s: every request but GETs is authenticated",
                  kvf__http_tokens_count(tokens), cl.tokens);
-    rc = serve(&d, host, port, so.policy, tokens);
+    rc = serve(&d, &cl, host, port, so.policy, tokens);
     kvf__http_tokens_free(&tokens);
     if (rc != 0)
         return rc;

@@ -61,7 +61,7 @@ typedef struct evict_ops evict_ops;
 
 struct kvf_cache {
     pthread_mutex_t mu;
-    void (*on_change)(void *ctx, int admitted, const kvf_key *key);
+    void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
     pthread_t holder;
     int held;
@@ -368,7 +368,7 @@ static void entry_remove(kvf_cache *c, uint32_t i)
     entry *x = &c->e[i];
     assert(x->state == ST_READY);
     if (c->on_change)
-        c->on_change(c->on_change_ctx, 0, &x->key);
+        c->on_change(c->on_change_ctx, 0, &x->key, x->tenant);
     c->policy->unlink(c, i);
     index_remove(c, i);
     c->st.ready_bytes -= x->len;
@@ -530,7 +530,7 @@ int kvf__cache_commit_locked(kvf_cache *c, uint32_t i, uint64_t owner)
     c->st.puts++;
     c->policy->insert(c, i);
     if (c->on_change)
-        c->on_change(c->on_change_ctx, 1, &x->key);
+        c->on_change(c->on_change_ctx, 1, &x->key, x->tenant);
     return 0;
 }
 

@@ -37,8 +37,9 @@ typedef struct kvf_cache_opts {
     int prefault;           /* touch every arena page at start, so RSS is taken up front */
     int lock_memory;        /* mlock the arena (RDMA registration wants it) */
     /* Called under the cache's lock when an entry becomes readable (admitted 1) and when a
-     * readable one leaves (0: evicted, removed, cleared); must be quick. May be NULL. */
-    void (*on_change)(void *ctx, int admitted, const kvf_key *key);
+     * readable one leaves (0: evicted, removed, cleared), with the tenant it is charged to (0:
+     * nobody); must be quick. May be NULL. */
+    void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
 } kvf_cache_opts;
 

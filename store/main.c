@@ -5,7 +5,7 @@
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
  *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N] [--insecure]
- *             [--auth TENANTS] [--copy-credential FILE]
+ *             [--auth TENANTS] [--copy-credential FILE] [--events-credential FILE]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
  * once it accepts connections; SIGTERM and SIGINT stop it cleanly; SIGHUP reads --auth's tenants
@@ -67,6 +67,9 @@ static void usage(FILE *f)
         "                        file (kvf auth new); SIGHUP reads it again. Allows --listen\n"
         "                        on any address\n"
         "  --copy-credential F   the credential COPY presents to --peer nodes (an admin's)\n"
+        "  --events-credential F secure --events with CURVE under this credential's key:\n"
+        "                        subscribers prove a key of --auth's tenants, an admin sees\n"
+        "                        every tenant's events, a tenant only its own\n"
         "  --insecure            allow --listen without --auth, and --events, on an address\n"
         "                        that is not loopback: only on a private network of trusted\n"
         "                        hosts (docs/security.md)\n"
@@ -89,7 +92,7 @@ typedef struct store_cfg {
     uint16_t port;
     uint64_t memory, max_request;
     long threads, max_entries, node;
-    const char *evict, *poller, *events, *rdma, *auth, *copy_credential;
+    const char *evict, *poller, *events, *rdma, *auth, *copy_credential, *events_credential;
     int verify, lock_memory, prefault, insecure;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
@@ -148,6 +151,8 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         cfg->auth = v;
     } else if (!strcmp(a, "--copy-credential")) {
         cfg->copy_credential = v;
+    } else if (!strcmp(a, "--events-credential")) {
+        cfg->events_credential = v;
     } else if (!strcmp(a, "--rdma")) {
         cfg->rdma = v;
     } else if (!strcmp(a, "--node")) {
@@ -227,24 +232,54 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
     if (kvf__listen_policy("kvf-store", "--listen", cfg->host,
                            cfg->auth ? KVF_LISTEN_AUTHENTICATED : cfg->insecure) != 0)
         return 2;
-    if (kvf__listen_policy_addr("kvf-store", "--events", cfg->events, cfg->insecure) != 0)
+    if (cfg->events_credential && !cfg->auth) {
+        fprintf(stderr, "kvf-store: --events-credential needs --auth: its tenants are who may "
+                        "subscribe\n");
+        return 2;
+    }
+    if (kvf__listen_policy_addr("kvf-store", "--events", cfg->events,
+                                cfg->events_credential ? KVF_LISTEN_AUTHENTICATED
+                                                       : cfg->insecure) != 0)
         return 2;
     return -1;
 }
 
-/* Opens the chunk-event publisher that --events asks for (none without it); *endpoint gets its
- * bound address. Returns 0, or the exit status: 2 for a bad address, 1 when it cannot open. */
-static int open_events(const store_cfg *cfg, kvf__pub **pub, char *endpoint, size_t eplen)
+static int events_allow(void *ud, const uint8_t pk[32], char *name, size_t namelen, int *admin)
+{
+    return kvf__tenants_curve_allow(ud, pk, name, namelen, admin);
+}
+
+/* Opens the chunk-event publisher that --events asks for (none without it), secured where
+ * --events-credential asks; *endpoint gets its bound address. Returns 0, or the exit status: 2
+ * for a bad address, 1 when it cannot open. */
+static int open_events(const store_cfg *cfg, kvf__tenants *tenants, kvf__pub **pub, char *endpoint,
+                       size_t eplen)
 {
     if (!cfg->events)
         return 0;
-    char host[256], err[256] = "";
+    char host[256], err[300] = "";
     uint16_t port;
     if (kvf__addr_parse(cfg->events, host, sizeof host, &port) != 0) {
         fprintf(stderr, "kvf-store: --events: expected HOST:PORT, got \"%s\"\n", cfg->events);
         return 2;
     }
-    if (kvf__pub_open(pub, host, port, (int)cfg->node, endpoint, eplen, err, sizeof err) != 0) {
+    kvf__zsec sec = {.allow = events_allow, .ud = tenants, .tenant_prefix = "kvf-store/t/"};
+    if (cfg->events_credential) {
+        kvf_credential c;
+        uint8_t pk[32];
+        int rc = kvf__cred_load(cfg->events_credential, &c, err, sizeof err);
+        if (!rc)
+            rc = kvf__auth_curve_pair(&c, pk, sec.secret);
+        memset(&c, 0, sizeof c);
+        if (rc) {
+            fprintf(stderr, "kvf-store: --events-credential: %s\n", err[0] ? err : "bad key");
+            return 1;
+        }
+    }
+    int rc = kvf__pub_open(pub, host, port, (int)cfg->node, tenants,
+                           cfg->events_credential ? &sec : NULL, endpoint, eplen, err, sizeof err);
+    memset(sec.secret, 0, sizeof sec.secret);
+    if (rc) {
         fprintf(stderr, "kvf-store: %s\n", err);
         return 1;
     }
@@ -271,9 +306,8 @@ static int open_cache(const store_cfg *cfg, kvf__pub *pub, kvf_cache **cache)
     return 0;
 }
 
-/* Reads --auth's tenants file (none without it) and sets their quotas in cache. Returns 0, or 1
- * after saying why. */
-static int open_tenants(const store_cfg *cfg, kvf_cache *cache, kvf__tenants **t)
+/* Reads --auth's tenants file (none without it). Returns 0, or 1 after saying why. */
+static int open_tenants(const store_cfg *cfg, kvf__tenants **t)
 {
     char err[300] = "";
     if (!cfg->auth)
@@ -282,7 +316,6 @@ static int open_tenants(const store_cfg *cfg, kvf_cache *cache, kvf__tenants **t
         fprintf(stderr, "kvf-store: --auth: %s\n", err);
         return 1;
     }
-    kvf__tenants_apply_quotas(*t, cache);
     size_t keys, names;
     kvf__tenants_count(*t, &keys, &names);
     kvf_info(&cfg->lg, "authentication required: %zu key(s) of %zu tenant(s) from %s", keys, names,
@@ -354,12 +387,14 @@ int main(int argc, char **argv)
     kvf_cache *cache = NULL;
     kvf__tenants *tenants = NULL;
     kvf_server *srv = NULL;
-    if ((status = open_events(&cfg, &pub, ev_ep, sizeof ev_ep)))
+    if ((status = open_tenants(&cfg, &tenants)))
+        goto out_close_pub;
+    if ((status = open_events(&cfg, tenants, &pub, ev_ep, sizeof ev_ep)))
         goto out_close_pub;
     if ((status = open_cache(&cfg, pub, &cache)))
         goto out_close_pub;
-    if ((status = open_tenants(&cfg, cache, &tenants)))
-        goto out_close_cache;
+    if (tenants)
+        kvf__tenants_apply_quotas(tenants, cache);
     if ((status = open_server(&cfg, cache, tenants, &srv)))
         goto out_close_cache;
     g_server = srv;
@@ -372,10 +407,10 @@ int main(int argc, char **argv)
     g_server = NULL;
     kvf__server_close(&srv);
 out_close_cache:
-    kvf__tenants_close(&tenants);
     kvf__cache_close(&cache);
 out_close_pub:
     kvf__pub_close(&pub);
+    kvf__tenants_close(&tenants);
     if (!status)
         kvf_info(&cfg.lg, "stopped");
     return status;

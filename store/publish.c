@@ -20,11 +20,13 @@
 
 typedef struct change {
     kvf_key key;
+    uint32_t tenant;
     uint8_t admitted;
 } change;
 
 struct kvf__pub {
     kvf__zpub *sock;
+    kvf__tenants *tenants;
     int node;
     pthread_t th;
     pthread_mutex_t mu;
@@ -35,21 +37,28 @@ struct kvf__pub {
     uint64_t seq;
 };
 
-void kvf__pub_note(void *pv, int admitted, const kvf_key *key)
+void kvf__pub_note(void *pv, int admitted, const kvf_key *key, uint32_t tenant)
 {
     kvf__pub *p = pv;
     pthread_mutex_lock(&p->mu);
     if (p->n < MAX_PENDING)
-        p->pending[p->n++] = (change){*key, (uint8_t)(admitted != 0)};
+        p->pending[p->n++] = (change){*key, tenant, (uint8_t)(admitted != 0)};
     else
         p->dropped = 1;
     pthread_mutex_unlock(&p->mu);
 }
 
-/* One batch: the changes in order, as runs of one kind. A batch that cannot be encoded (out of
- * memory) is dropped with its sequence number, so that the subscriber sees a gap. */
+/* One batch of one tenant's changes: in order, as runs of one kind, under the tenant's topic. A
+ * batch that cannot be encoded (out of memory) is dropped with its sequence number, so that the
+ * subscriber sees a gap. */
 static void send_batch(kvf__pub *p, const change *c, size_t n, int dropped)
 {
+    char topic[128] = "kvf-store";
+    if (p->tenants && c[0].tenant) {
+        char name[KVF_AUTH_NAME_MAX + 1];
+        kvf__tenants_name(p->tenants, c[0].tenant, name, sizeof name);
+        snprintf(topic, sizeof topic, "kvf-store/t/%s/", name);
+    }
     size_t runs = 0;
     for (size_t i = 0; i < n; i++)
         runs += i == 0 || c[i].admitted != c[i - 1].admitted;
@@ -71,7 +80,7 @@ static void send_batch(kvf__pub *p, const change *c, size_t n, int dropped)
         rc = kvf__kve_enc_end(e, &data, &len);
     p->seq += 1 + (dropped != 0); /* a skipped number tells the subscriber changes were lost */
     if (!rc)
-        kvf__zpub_send(p->sock, "kvf-store", p->seq, data, len);
+        kvf__zpub_send(p->sock, topic, p->seq, data, len);
     kvf__kve_enc_free(&e);
 }
 
@@ -82,6 +91,9 @@ static void *sender_main(void *arg)
     for (;;) {
         if (!p->n && !p->stop) {
             kvf__cond_wait_ms(&p->cv, &p->mu, 20);
+            pthread_mutex_unlock(&p->mu);
+            kvf__zpub_service(p->sock); /* subscriptions, between batches */
+            pthread_mutex_lock(&p->mu);
             continue;
         }
         if (!p->n && p->stop)
@@ -95,9 +107,13 @@ static void *sender_main(void *arg)
         p->n = 0;
         p->dropped = 0;
         pthread_mutex_unlock(&p->mu);
-        for (size_t off = 0; off < n; off += BATCH_MAX) /* bounded messages */
-            send_batch(p, mine + off, n - off < BATCH_MAX ? n - off : BATCH_MAX,
-                       dropped && off == 0);
+        /* Bounded messages, each of one tenant's consecutive changes. */
+        for (size_t off = 0, len; off < n; off += len) {
+            len = 1;
+            while (off + len < n && len < BATCH_MAX && mine[off + len].tenant == mine[off].tenant)
+                len++;
+            send_batch(p, mine + off, len, dropped && off == 0);
+        }
         pthread_mutex_lock(&p->mu);
         if (p->stop && !p->n)
             break;
@@ -106,8 +122,8 @@ static void *sender_main(void *arg)
     return NULL;
 }
 
-int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, char *endpoint,
-                  size_t eplen, char *err, size_t errlen)
+int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, kvf__tenants *tenants,
+                  const kvf__zsec *sec, char *endpoint, size_t eplen, char *err, size_t errlen)
 {
     *out = NULL;
     kvf__pub *p = calloc(1, sizeof *p);
@@ -123,7 +139,10 @@ int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, cha
         return KVF_ENOMEM;
     }
     p->node = node;
-    int rc = kvf__zpub_open(&p->sock, host, port, 1000, endpoint, eplen, err, errlen);
+    p->tenants = tenants;
+    int rc =
+        sec ? kvf__zpub_open_secure(&p->sock, host, port, 1000, sec, endpoint, eplen, err, errlen)
+            : kvf__zpub_open(&p->sock, host, port, 1000, endpoint, eplen, err, errlen);
     if (rc) {
         free(p->pending), free(p->spare);
         free(p);

@@ -13,15 +13,21 @@
 
 #include "kvf/layout.h"
 
+#include "pubsub.h"
+#include "tenants.h"
+
 typedef struct kvf__pub kvf__pub;
 
 /* Binds a PUB socket on host:port (0: a free port) and starts the sender. node is this store's
- * number in kvf-sched's --store-events list. *endpoint gets the bound "tcp://HOST:PORT". */
-int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, char *endpoint,
-                  size_t eplen, char *err, size_t errlen);
+ * number in kvf-sched's --store-events list. *endpoint gets the bound "tcp://HOST:PORT". With
+ * tenants (borrowed, may be NULL), a tenant's changes go under the topic "kvf-store/t/NAME/" and
+ * nobody's under "kvf-store"; with sec (may be NULL), the socket is secured (pubsub.h: CURVE, and
+ * a subscriber that is not an admin gets its own tenant's topic only). */
+int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, kvf__tenants *tenants,
+                  const kvf__zsec *sec, char *endpoint, size_t eplen, char *err, size_t errlen);
 /* Notes a change (thread-safe; the cache's on_change hook). Beyond 1M pending changes they are
  * dropped and the sequence skips one, so the subscriber sees a gap. */
-void kvf__pub_note(void *pub, int admitted, const kvf_key *key);
+void kvf__pub_note(void *pub, int admitted, const kvf_key *key, uint32_t tenant);
 /* Sends what is pending, stops the sender and frees. Accepts NULL; clears *p. */
 void kvf__pub_close(kvf__pub **p);
 

@@ -57,6 +57,8 @@ uint16_t kvf__server_port(const kvf_server *s);
 uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why);
 /* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */
 int kvf__server_run(kvf_server *s);
+/* Sets every tenant's quotas of t in cache (takes the cache lock): at start and after a reload. */
+void kvf__tenants_apply_quotas(kvf__tenants *t, kvf_cache *cache);
 /* Asks the first loop to read the tenants file again (and apply its quotas). Safe from any thread
  * and from a signal handler. */
 void kvf__server_reload_tenants(kvf_server *s);

@@ -16,6 +16,9 @@
 #include <inttypes.h>
 #include <string.h>
 
+_Static_assert(KVF_AUTH_MAX_TENANTS == KVF_CACHE_MAX_TENANTS,
+               "a tenant's number is its index in the cache's quotas");
+
 uint64_t kvf__conn_ns_scope(const conn *c, uint64_t ns)
 {
     return c->role == KVF_ROLE_TENANT ? kvf__auth_ns(c->who.scope, ns) : ns;
@@ -78,6 +81,20 @@ void kvf__req_auth(conn *c)
     kvf__put_u32(r + 4, 0);
     kvf__put_u64(r + 8, id.scope);
     kvf__reply_copy(c, 0, 0, 0, r, sizeof r);
+}
+
+void kvf__tenants_apply_quotas(kvf__tenants *t, kvf_cache *cache)
+{
+    size_t keys, names;
+    kvf__tenants_count(t, &keys, &names);
+    for (uint32_t idx = 1; idx <= names && idx < KVF_CACHE_MAX_TENANTS; idx++) {
+        uint64_t bytes;
+        uint32_t resv;
+        kvf__tenants_quota(t, idx, &bytes, &resv);
+        kvf__cache_lock(cache);
+        kvf__cache_quota_set_locked(cache, idx, bytes, resv);
+        kvf__cache_unlock(cache);
+    }
 }
 
 void kvf__server_reload_tenants(kvf_server *s)

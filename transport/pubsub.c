@@ -4,6 +4,8 @@
 #include "kvf/error.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,6 +13,14 @@
 
 struct kvf__zpub {
     void *ctx, *sock;
+    /* Secured (kvf__zpub_open_secure): the ZAP handler's thread and socket, and the policy. */
+    int secure;
+    kvf__zsec sec;
+    char prefix[128];
+    pthread_t zap_th;
+    void *zap;
+    atomic_int zap_stop;
+    int zap_started;
 };
 
 static void seq_put(uint8_t be[8], uint64_t seq)
@@ -19,16 +29,92 @@ static void seq_put(uint8_t be[8], uint64_t seq)
         be[i] = (uint8_t)seq;
 }
 
-int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_ms, char *endpoint,
-                   size_t eplen, char *err, size_t errlen)
+/* ZeroMQ's ZAP (RFC 27): one request is [version, request id, domain, address, identity,
+ * mechanism, credentials...]; for CURVE the credential is the client's 32-byte public key. The
+ * reply's user id ("a:NAME" for an admin, "t:NAME" for a tenant) comes back on every message of
+ * that peer, subscriptions included, as the "User-Id" property. */
+static void zap_answer(kvf__zpub *p)
+{
+    zmq_msg_t f[8];
+    int n = 0, more = 1;
+    while (more) {
+        zmq_msg_t *m = n < 8 ? &f[n] : NULL, drop;
+        if (!m)
+            m = &drop;
+        zmq_msg_init(m);
+        if (zmq_msg_recv(m, p->zap, 0) < 0) {
+            zmq_msg_close(m);
+            break;
+        }
+        more = zmq_msg_more(m);
+        if (m == &drop)
+            zmq_msg_close(m);
+        else
+            n++;
+    }
+    char user[160] = "";
+    int ok = 0, admin = 0;
+    if (n >= 7 && zmq_msg_size(&f[5]) == 5 && !memcmp(zmq_msg_data(&f[5]), "CURVE", 5) &&
+        zmq_msg_size(&f[6]) == 32) {
+        char name[128] = "";
+        ok = p->sec.allow(p->sec.ud, zmq_msg_data(&f[6]), name, sizeof name, &admin);
+        snprintf(user, sizeof user, "%s:%s", admin ? "a" : "t", name);
+    }
+    const char *status = ok ? "200" : "400";
+    const char *text = ok ? "OK" : "unknown key";
+    zmq_send(p->zap, "1.0", 3, ZMQ_SNDMORE);
+    if (n >= 2)
+        zmq_send(p->zap, zmq_msg_data(&f[1]), zmq_msg_size(&f[1]), ZMQ_SNDMORE);
+    else
+        zmq_send(p->zap, "", 0, ZMQ_SNDMORE);
+    zmq_send(p->zap, status, 3, ZMQ_SNDMORE);
+    zmq_send(p->zap, text, strlen(text), ZMQ_SNDMORE);
+    zmq_send(p->zap, ok ? user : "", ok ? strlen(user) : 0, ZMQ_SNDMORE);
+    zmq_send(p->zap, "", 0, 0);
+    for (int i = 0; i < n; i++)
+        zmq_msg_close(&f[i]);
+}
+
+static void *zap_main(void *arg)
+{
+    kvf__zpub *p = arg;
+    while (!atomic_load(&p->zap_stop)) {
+        zmq_pollitem_t it = {.socket = p->zap, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 100) > 0 && (it.revents & ZMQ_POLLIN))
+            zap_answer(p);
+    }
+    return NULL;
+}
+
+/* A publisher on host:port, secured by sec (NULL: an open PUB socket). The ZAP handler must be
+ * bound before the socket that uses it accepts anyone. */
+static int zpub_make(kvf__zpub **out, const char *host, uint16_t port, int linger_ms,
+                     const kvf__zsec *sec, char *endpoint, size_t eplen, char *err, size_t errlen)
 {
     *out = NULL;
     kvf__zpub *p = calloc(1, sizeof *p);
-    if (!p || !(p->ctx = zmq_ctx_new()) || !(p->sock = zmq_socket(p->ctx, ZMQ_PUB))) {
+    if (!p || !(p->ctx = zmq_ctx_new()) ||
+        !(p->sock = zmq_socket(p->ctx, sec ? ZMQ_XPUB : ZMQ_PUB)) ||
+        (sec && !(p->zap = zmq_socket(p->ctx, ZMQ_REP)))) {
         snprintf(err, errlen, "events: cannot make a ZeroMQ socket: %s",
                  p ? zmq_strerror(zmq_errno()) : "out of memory");
         kvf__zpub_close(&p);
         return KVF_ENOMEM;
+    }
+    int one = 1, zero = 0;
+    if (sec) {
+        p->secure = 1;
+        p->sec = *sec;
+        snprintf(p->prefix, sizeof p->prefix, "%s", sec->tenant_prefix ? sec->tenant_prefix : "");
+        if (zmq_setsockopt(p->zap, ZMQ_LINGER, &zero, sizeof zero) != 0 ||
+            zmq_bind(p->zap, "inproc://zeromq.zap.01") != 0 ||
+            pthread_create(&p->zap_th, NULL, zap_main, p) != 0) {
+            snprintf(err, errlen, "events: cannot start the ZAP handler: %s",
+                     zmq_strerror(zmq_errno()));
+            kvf__zpub_close(&p);
+            return KVF_ENOMEM;
+        }
+        p->zap_started = 1;
     }
     char bind[300];
     if (port)
@@ -36,8 +122,13 @@ int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_
     else
         snprintf(bind, sizeof bind, "tcp://%s:*", host);
     size_t el = eplen;
-    if (zmq_setsockopt(p->sock, ZMQ_LINGER, &linger_ms, sizeof linger_ms) != 0 ||
-        zmq_bind(p->sock, bind) != 0 ||
+    int rc = zmq_setsockopt(p->sock, ZMQ_LINGER, &linger_ms, sizeof linger_ms);
+    if (!rc && sec)
+        rc = zmq_setsockopt(p->sock, ZMQ_CURVE_SERVER, &one, sizeof one) ||
+             zmq_setsockopt(p->sock, ZMQ_CURVE_SECRETKEY, sec->secret, 32) ||
+             zmq_setsockopt(p->sock, ZMQ_ZAP_DOMAIN, "kvf", 3) ||
+             zmq_setsockopt(p->sock, ZMQ_XPUB_MANUAL, &one, sizeof one);
+    if (rc || zmq_bind(p->sock, bind) != 0 ||
         zmq_getsockopt(p->sock, ZMQ_LAST_ENDPOINT, endpoint, &el) != 0) {
         snprintf(err, errlen, "events: cannot bind %s: %s", bind, zmq_strerror(zmq_errno()));
         kvf__zpub_close(&p);
@@ -47,8 +138,57 @@ int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_
     return 0;
 }
 
+int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_ms, char *endpoint,
+                   size_t eplen, char *err, size_t errlen)
+{
+    return zpub_make(out, host, port, linger_ms, NULL, endpoint, eplen, err, errlen);
+}
+
+int kvf__zpub_open_secure(kvf__zpub **out, const char *host, uint16_t port, int linger_ms,
+                          const kvf__zsec *sec, char *endpoint, size_t eplen, char *err,
+                          size_t errlen)
+{
+    *out = NULL;
+    if (!zmq_has("curve")) {
+        snprintf(err, errlen, "events: this libzmq has no CURVE security");
+        return KVF_ENOTSUP;
+    }
+    return zpub_make(out, host, port, linger_ms, sec, endpoint, eplen, err, errlen);
+}
+
+void kvf__zpub_service(kvf__zpub *p)
+{
+    if (!p->secure)
+        return;
+    for (;;) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, p->sock, ZMQ_DONTWAIT) < 0) {
+            zmq_msg_close(&m);
+            return;
+        }
+        const uint8_t *d = zmq_msg_data(&m);
+        size_t n = zmq_msg_size(&m);
+        const char *user = zmq_msg_gets(&m, "User-Id");
+        if (n >= 1 && (d[0] == 0 || d[0] == 1) && user && (user[0] == 'a' || user[0] == 't') &&
+            user[1] == ':') {
+            int opt = d[0] ? ZMQ_SUBSCRIBE : ZMQ_UNSUBSCRIBE;
+            if (user[0] == 'a') {
+                zmq_setsockopt(p->sock, opt, d + 1, n - 1);
+            } else { /* a tenant: its own topic, whatever it asked for */
+                char topic[300];
+                int tl = snprintf(topic, sizeof topic, "%s%s/", p->prefix, user + 2);
+                if (tl > 0 && (size_t)tl < sizeof topic)
+                    zmq_setsockopt(p->sock, opt, topic, (size_t)tl);
+            }
+        }
+        zmq_msg_close(&m);
+    }
+}
+
 int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len)
 {
+    kvf__zpub_service(p);
     uint8_t be[8];
     seq_put(be, seq);
     if (zmq_send(p->sock, topic, strlen(topic), ZMQ_SNDMORE) < 0 ||
@@ -64,6 +204,12 @@ void kvf__zpub_close(kvf__zpub **pp)
     kvf__zpub *p = *pp;
     if (p->sock)
         zmq_close(p->sock);
+    if (p->zap_started) {
+        atomic_store(&p->zap_stop, 1);
+        pthread_join(p->zap_th, NULL);
+    }
+    if (p->zap)
+        zmq_close(p->zap);
     if (p->ctx)
         zmq_ctx_term(p->ctx);
     free(p);
@@ -82,6 +228,8 @@ typedef struct zsub {
 
 struct kvf__zsubs {
     void *ctx;
+    int curve; /* kvf__zsubs_curve: keys for the sockets made from then on */
+    uint8_t server_pk[32], pk[32], sk[32];
     zsub subs[KVF_ZSUBS_MAX];
     int n;
     /* The last message received from a subscription (slot 0) and from a replay socket (slot 1),
@@ -111,13 +259,28 @@ static void release_msg(kvf__zsubs *s, int slot)
     s->held[slot] = 0;
 }
 
-static void *socket_to(void *ctx, int type, const char *endpoint)
+void kvf__zsubs_curve(kvf__zsubs *s, const uint8_t server_pk[32], const uint8_t pk[32],
+                      const uint8_t sk[32])
 {
-    void *sk = zmq_socket(ctx, type);
+    s->curve = 1;
+    memcpy(s->server_pk, server_pk, 32);
+    memcpy(s->pk, pk, 32);
+    memcpy(s->sk, sk, 32);
+}
+
+static void *socket_to(const kvf__zsubs *s, int type, const char *endpoint)
+{
+    void *sk = zmq_socket(s->ctx, type);
     if (!sk)
         return NULL;
     int zero = 0;
     zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
+    if (s->curve && (zmq_setsockopt(sk, ZMQ_CURVE_SERVERKEY, s->server_pk, 32) != 0 ||
+                     zmq_setsockopt(sk, ZMQ_CURVE_PUBLICKEY, s->pk, 32) != 0 ||
+                     zmq_setsockopt(sk, ZMQ_CURVE_SECRETKEY, s->sk, 32) != 0)) {
+        zmq_close(sk);
+        return NULL;
+    }
     if (type == ZMQ_SUB)
         zmq_setsockopt(sk, ZMQ_SUBSCRIBE, "", 0);
     if (zmq_connect(sk, endpoint) != 0) {
@@ -138,13 +301,13 @@ int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int 
         return KVF_E2BIG;
     }
     zsub *z = &s->subs[i];
-    if (!(z->sock = socket_to(s->ctx, ZMQ_SUB, endpoint))) {
+    if (!(z->sock = socket_to(s, ZMQ_SUB, endpoint))) {
         snprintf(err, errlen, "events: cannot connect to %s: %s", endpoint,
                  zmq_strerror(zmq_errno()));
         return KVF_ECONNREFUSED;
     }
     z->replay = NULL;
-    if (replay && replay[0] && !(z->replay = socket_to(s->ctx, ZMQ_DEALER, replay)))
+    if (replay && replay[0] && !(z->replay = socket_to(s, ZMQ_DEALER, replay)))
         snprintf(err, errlen, "events: cannot connect to the replay socket %s: %s", replay,
                  zmq_strerror(zmq_errno()));
     *idx = i;
@@ -276,6 +439,7 @@ void kvf__zsubs_close(kvf__zsubs **sp)
             zmq_close(s->subs[i].replay);
     }
     zmq_ctx_term(s->ctx);
+    memset(s->sk, 0, sizeof s->sk);
     free(s);
     *sp = NULL;
 }

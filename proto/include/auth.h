@@ -100,6 +100,10 @@ int kvf__auth_sign(const kvf_credential *c, const uint8_t nonce[KVF_AUTH_NONCE_L
 int kvf__auth_verify(const uint8_t pk[KVF_AUTH_PK_LEN], const char *name,
                      const uint8_t nonce[KVF_AUTH_NONCE_LEN], uint64_t node_id,
                      const uint8_t sig[KVF_AUTH_SIG_LEN]);
+/* The credential's key pair in its X25519 form (for ZeroMQ's CURVE), and an Ed25519 public key's.
+ * 0, or KVF_EINVAL for a key that has none. */
+int kvf__auth_curve_pair(const kvf_credential *c, uint8_t pk[32], uint8_t sk[32]);
+int kvf__auth_curve_pk(const uint8_t ed_pk[KVF_AUTH_PK_LEN], uint8_t pk[32]);
 /* Random bytes from libsodium. */
 void kvf__auth_random(void *buf, size_t n);
 

@@ -11,7 +11,9 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,6 +30,7 @@
 
 #include "auth.h"
 #include "bytes.h"
+#include "pubsub.h"
 #include "tcp.h"
 #include "wire.h"
 
@@ -40,7 +43,7 @@ static char dir[256];
 
 /* The test's tenants file and credentials, in a fresh directory: alice and bob are tenants (alice
  * with a byte quota of about 12 objects), carol may hold 2 reservations at once, ops is the admin;
- * forged.cred names alice but holds bob's secret key. */
+ * forged.cred names alice but holds bob's secret key; stranger.cred is in no tenants file. */
 static void make_tenants(void)
 {
     snprintf(dir, sizeof dir, "/tmp/kvf-auth-test.%d", (int)getpid());
@@ -76,6 +79,13 @@ static void make_tenants(void)
     }
     fclose(f);
     chmod(path, 0600);
+    /* stranger.cred: a key no tenants file knows. */
+    kvf_credential stranger;
+    uint8_t spk[KVF_AUTH_PK_LEN];
+    snprintf(path, sizeof path, "%s/stranger.cred", dir);
+    unlink(path);
+    assert_int_equal(kvf__cred_new(&stranger, "stranger", spk), 0);
+    assert_int_equal(kvf__cred_write(path, &stranger, err, sizeof err), 0);
     snprintf(bob.tenant, sizeof bob.tenant, "alice");
     snprintf(path, sizeof path, "%s/forged.cred", dir);
     unlink(path);
@@ -84,8 +94,8 @@ static void make_tenants(void)
 
 static void cleanup_tenants(void)
 {
-    const char *files[] = {"tenants",    "alice.cred", "bob.cred",
-                           "carol.cred", "ops.cred",   "forged.cred"};
+    const char *files[] = {"tenants",  "alice.cred",  "bob.cred",     "carol.cred",
+                           "ops.cred", "forged.cred", "stranger.cred"};
     char p[320];
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
         snprintf(p, sizeof p, "%s/%s", dir, files[i]);
@@ -518,6 +528,98 @@ static void test_auth_reload_revokes(void **state)
     make_tenants();
 }
 
+/* A loopback port free now (bound, read back, released). */
+static uint16_t free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sl = sizeof a;
+    assert_int_equal(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&a, &sl), 0);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+/* A subscriber of endpoint as who (NULL: without CURVE), knowing the publisher's key. */
+static kvf__zsubs *subscriber(const char *endpoint, const char *who, const uint8_t server[32])
+{
+    kvf__zsubs *zs = NULL;
+    assert_int_equal(kvf__zsubs_open(&zs), 0);
+    if (who) {
+        char path[320], err[300];
+        snprintf(path, sizeof path, "%s/%s.cred", dir, who);
+        kvf_credential c;
+        uint8_t pk[32], sk[32];
+        assert_int_equal(kvf__cred_load(path, &c, err, sizeof err), 0);
+        assert_int_equal(kvf__auth_curve_pair(&c, pk, sk), 0);
+        kvf__zsubs_curve(zs, server, pk, sk);
+    }
+    int idx;
+    char err[300];
+    assert_int_equal(kvf__zsubs_add(zs, endpoint, NULL, &idx, err, sizeof err), 0);
+    return zs;
+}
+
+/* KV events over CURVE: a subscriber proves a key of the tenants file; a tenant receives its own
+ * tenant's chunk events only, the admin every tenant's; an unknown key and a subscriber without
+ * CURVE receive nothing. */
+static void test_auth_events_curve_per_tenant(void **state)
+{
+    (void)state;
+    char extra[640], ep[64], path[320], err[300];
+    uint16_t port = free_port();
+    snprintf(ep, sizeof ep, "tcp://127.0.0.1:%u", port);
+    snprintf(extra, sizeof extra,
+             "--auth %s/tenants --events 127.0.0.1:%u --events-credential %s/ops.cred", dir, port,
+             dir);
+    daemon_t d;
+    daemon_start(&d, "64M", extra);
+    kvf_credential ops;
+    uint8_t server[32], sk[32];
+    snprintf(path, sizeof path, "%s/ops.cred", dir);
+    assert_int_equal(kvf__cred_load(path, &ops, err, sizeof err), 0);
+    assert_int_equal(kvf__auth_curve_pair(&ops, server, sk), 0);
+
+    kvf__zsubs *as_bob = subscriber(ep, "bob", server), *as_ops = subscriber(ep, "ops", server),
+               *as_stranger = subscriber(ep, "stranger", server),
+               *plain = subscriber(ep, NULL, NULL);
+    usleep(300000); /* the handshakes and subscriptions */
+    kvf_client *alice = client_as(&d, "alice"), *bob = client_as(&d, "bob");
+    int st[4];
+    put_range(alice, 0, 4, 0xa1, st);
+    put_range(bob, 100, 4, 0xb0, st);
+    kvf_client_close(&alice);
+    kvf_client_close(&bob);
+
+    int n_bob = 0, n_ops = 0, n_other = 0;
+    kvf__zsubs *subs[4] = {as_bob, as_ops, as_stranger, plain};
+    for (int k = 0; k < 4; k++) {
+        uint8_t ready[KVF_ZSUBS_MAX];
+        for (int t = 0; t < 30; t++) { /* 1.5 s at most */
+            if (kvf__zsubs_poll(subs[k], 50, ready) <= 0)
+                continue;
+            kvf__zmsg m;
+            while (kvf__zsubs_recv(subs[k], 0, &m) == 0) {
+                assert_int_equal(m.frames, 3);
+                if (k == 0)
+                    n_bob++;
+                else if (k == 1)
+                    n_ops++;
+                else
+                    n_other++;
+            }
+        }
+    }
+    assert_true(n_bob >= 1);
+    assert_true(n_ops >= 2);    /* alice's and bob's, in batches of one tenant each */
+    assert_true(n_bob < n_ops); /* not alice's */
+    assert_int_equal(n_other, 0);
+    for (int k = 0; k < 4; k++)
+        kvf__zsubs_close(&subs[k]);
+    memset(&ops, 0, sizeof ops);
+    daemon_stop(&d);
+}
+
 int main(void)
 {
     harness_init();
@@ -528,6 +630,7 @@ int main(void)
         cmocka_unit_test_teardown(test_auth_admin_role, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_quotas_bound_each_tenant, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_reload_revokes, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_events_curve_per_tenant, teardown_daemons),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     cleanup_tenants();

@@ -21,6 +21,30 @@ typedef struct kvf__zpub kvf__zpub;
  * kvf__zpub_close(). */
 int kvf__zpub_open(kvf__zpub **out, const char *host, uint16_t port, int linger_ms, char *endpoint,
                    size_t eplen, char *err, size_t errlen);
+/* Security of a publisher (docs/security.md, "KV events"): ZeroMQ's CURVE (the publisher is a
+ * CURVE server, every subscriber proves a key pair, and the stream is encrypted), with a ZAP
+ * handler that asks allow() whom a subscriber's public key belongs to. An admin subscriber gets
+ * the topics it asks for; any other is confined to the topic tenant_prefix + its name + "/",
+ * whatever it asks (the socket is an XPUB applying subscriptions itself), so it receives only the
+ * batches sent under its own tenant's topic. */
+typedef struct kvf__zsec {
+    uint8_t secret[32]; /* the publisher's CURVE (X25519) secret key */
+    /* Called on the ZAP thread with a subscriber's CURVE public key: 1 with its name (at most
+     * namelen bytes with the NUL) and *admin, or 0 to refuse it. */
+    int (*allow)(void *ud, const uint8_t pk[32], char *name, size_t namelen, int *admin);
+    void *ud;
+    const char *tenant_prefix;
+} kvf__zsec;
+
+/* As kvf__zpub_open, secured by sec (copied). The same errors, and KVF_ENOTSUP where libzmq was
+ * built without CURVE. */
+int kvf__zpub_open_secure(kvf__zpub **out, const char *host, uint16_t port, int linger_ms,
+                          const kvf__zsec *sec, char *endpoint, size_t eplen, char *err,
+                          size_t errlen);
+/* A secured publisher applies the subscriptions that arrived meanwhile (nothing for an open
+ * one). kvf__zpub_send does it too; a thread that sends seldom calls this in between. Same thread
+ * rule as kvf__zpub_send. */
+void kvf__zpub_service(kvf__zpub *p);
 /* Sends one batch [topic, seq as 8 bytes big-endian, payload]. Returns 0 or KVF_EIO. One thread
  * at a time (ZeroMQ sockets are not thread-safe). */
 int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len);
@@ -45,6 +69,11 @@ typedef struct kvf__zmsg {
 
 /* Caller owns *out; free with kvf__zsubs_close(). 0 or KVF_ENOMEM. */
 int kvf__zsubs_open(kvf__zsubs **out);
+/* Every publisher added from now on is reached over CURVE: server_pk is the publishers' public
+ * key, (pk, sk) this subscriber's key pair (X25519). Where a publisher does not know the key, its
+ * stream stays silent (ZeroMQ retries the handshake). */
+void kvf__zsubs_curve(kvf__zsubs *s, const uint8_t server_pk[32], const uint8_t pk[32],
+                      const uint8_t sk[32]);
 /* Subscribes to every topic of the publisher at endpoint ("tcp://HOST:PORT"), and connects to
  * its replay socket when replay is not NULL or empty (a replay socket that cannot be reached is
  * left out, with the reason in err, and the subscription still made). *idx gets the publisher's

@@ -1,5 +1,5 @@
 /*
- * The storage node's tenants (tenants.h). The keys are a plain array scanned per AUTH: there is one
+ * A daemon's tenants (tenants.h). The keys are a plain array scanned per AUTH: there is one
  * AUTH per connection and a tenants file holds tens or hundreds of keys, so a scan of a few
  * signature checks (only the keys of the name presented are tried) costs microseconds.
  */
@@ -10,6 +10,7 @@
 #include "errf.h"
 
 #include <pthread.h>
+#include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,6 +19,7 @@ struct kvf__tenants {
     pthread_mutex_t mu;
     char *path;
     kvf_tenant_key *keys;
+    uint8_t (*curve)[32]; /* keys[i]'s public key as X25519 (all zero where it has none) */
     size_t n_keys;
     /* Tenant numbers: names[i] is tenant i + 1. Only grows, so a number never changes owner. */
     char (*names)[KVF_AUTH_NAME_MAX + 1];
@@ -30,7 +32,7 @@ static uint32_t number_of(kvf__tenants *t, const char *name)
     for (size_t i = 0; i < t->n_names; i++)
         if (!strcmp(t->names[i], name))
             return (uint32_t)(i + 1);
-    if (t->n_names + 1 >= KVF_CACHE_MAX_TENANTS)
+    if (t->n_names + 1 >= KVF_AUTH_MAX_TENANTS)
         return 0;
     snprintf(t->names[t->n_names], sizeof t->names[0], "%s", name);
     return (uint32_t)(++t->n_names);
@@ -53,10 +55,20 @@ static int load(kvf__tenants *t, char *err, size_t errlen)
         if (number_of(t, keys[i].name) == 0) {
             free(keys);
             return kvf__errf(err, errlen, KVF_E2BIG, "tenants %s: more than %u tenant names",
-                             t->path, KVF_CACHE_MAX_TENANTS - 1);
+                             t->path, KVF_AUTH_MAX_TENANTS - 1);
         }
+    uint8_t(*curve)[32] = calloc(n, sizeof *curve);
+    if (!curve) {
+        free(keys);
+        return kvf__errf(err, errlen, KVF_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i < n; i++)
+        if (crypto_sign_ed25519_pk_to_curve25519(curve[i], keys[i].pk) != 0)
+            memset(curve[i], 0, 32);
     free(t->keys);
+    free(t->curve);
     t->keys = keys;
+    t->curve = curve;
     t->n_keys = n;
     return 0;
 }
@@ -68,7 +80,7 @@ int kvf__tenants_open(kvf__tenants **out, const char *path, char *err, size_t er
         return kvf__errf(err, errlen, KVF_EIO, "libsodium cannot start");
     kvf__tenants *t = calloc(1, sizeof *t);
     if (t)
-        t->names = calloc(KVF_CACHE_MAX_TENANTS, sizeof *t->names);
+        t->names = calloc(KVF_AUTH_MAX_TENANTS, sizeof *t->names);
     if (t)
         t->path = strdup(path);
     if (!t || !t->names || !t->path) {
@@ -96,6 +108,7 @@ void kvf__tenants_close(kvf__tenants **tp)
     kvf__tenants *t = *tp;
     pthread_mutex_destroy(&t->mu);
     free(t->keys);
+    free(t->curve);
     free(t->names);
     free(t->path);
     free(t);
@@ -110,22 +123,41 @@ int kvf__tenants_reload(kvf__tenants *t, char *err, size_t errlen)
     return rc;
 }
 
-void kvf__tenants_apply_quotas(kvf__tenants *t, kvf_cache *cache)
+void kvf__tenants_quota(kvf__tenants *t, uint32_t idx, uint64_t *max_bytes, uint32_t *max_reserved)
+{
+    *max_bytes = 0;
+    *max_reserved = 0;
+    pthread_mutex_lock(&t->mu);
+    for (size_t i = 0; idx >= 1 && idx <= t->n_names && i < t->n_keys; i++)
+        if (!strcmp(t->keys[i].name, t->names[idx - 1])) {
+            *max_bytes = t->keys[i].max_bytes;
+            *max_reserved = t->keys[i].max_reserved;
+            break;
+        }
+    pthread_mutex_unlock(&t->mu);
+}
+
+void kvf__tenants_name(kvf__tenants *t, uint32_t idx, char *name, size_t namelen)
 {
     pthread_mutex_lock(&t->mu);
-    kvf__cache_lock(cache);
-    /* A tenant's quotas are those of the first of its keys; a name no longer in the file keeps
-     * its number and loses its quotas (its connections may still be open). */
-    for (size_t n = 0; n < t->n_names; n++) {
-        const kvf_tenant_key *k = NULL;
-        for (size_t i = 0; i < t->n_keys && !k; i++)
-            if (!strcmp(t->keys[i].name, t->names[n]))
-                k = &t->keys[i];
-        kvf__cache_quota_set_locked(cache, (uint32_t)(n + 1), k ? k->max_bytes : 0,
-                                    k ? k->max_reserved : 0);
-    }
-    kvf__cache_unlock(cache);
+    snprintf(name, namelen, "%s", idx >= 1 && idx <= t->n_names ? t->names[idx - 1] : "");
     pthread_mutex_unlock(&t->mu);
+}
+
+int kvf__tenants_curve_allow(kvf__tenants *t, const uint8_t pk[32], char *name, size_t namelen,
+                             int *admin)
+{
+    static const uint8_t zero[32];
+    int ok = 0;
+    pthread_mutex_lock(&t->mu);
+    for (size_t i = 0; i < t->n_keys && !ok; i++)
+        if (sodium_memcmp(t->curve[i], pk, 32) == 0 && sodium_memcmp(t->curve[i], zero, 32)) {
+            snprintf(name, namelen, "%s", t->keys[i].name);
+            *admin = t->keys[i].role == KVF_ROLE_ADMIN;
+            ok = 1;
+        }
+    pthread_mutex_unlock(&t->mu);
+    return ok;
 }
 
 int kvf__tenants_check(kvf__tenants *t, const char *name, const uint8_t nonce[KVF_AUTH_NONCE_LEN],
