@@ -5,11 +5,16 @@
  *   kvf auth rotate --tenants FILE --credential CRED --out NEWCRED
  *   kvf auth revoke NAME --tenants FILE [--key HEXPREFIX]
  *   kvf auth list --tenants FILE
+ *   kvf auth key NAME --out CRED
+ *   kvf auth curve --credential CRED
  *
  * `new` makes a key pair and a salt, adds the public key to the tenants file (created 0600 where
  * missing) and writes the credential (0600, never over a file). `rotate` gives a tenant a second
  * key with the same salt, role and quotas (its keys, and so its cached chunks, stay the same);
- * once every client uses the new credential, `revoke --key` drops the old key. A storage node
+ * once every client uses the new credential, `revoke --key` drops the old key. `key` makes a
+ * credential that no tenants file names (the KV event publishers' CURVE identity), `curve` prints
+ * a credential's public key in its X25519 form (what kvf-sched's --events-server-key takes).
+ * A storage node
  * reads its tenants file again on SIGHUP. Edits rewrite the tenants file through a temporary file
  * and rename, so a node never reads half of one.
  */
@@ -38,11 +43,15 @@ static void usage(FILE *f)
                "       kvf auth rotate --tenants FILE --credential CRED --out NEWCRED\n"
                "       kvf auth revoke NAME --tenants FILE [--key HEXPREFIX]\n"
                "       kvf auth list --tenants FILE\n"
+               "       kvf auth key NAME --out CRED\n"
+               "       kvf auth curve --credential CRED\n"
                "Tenants and their credentials for kvf-store --auth (docs/security.md).\n"
                "  new     a tenant's first key: adds it to FILE, writes its credential to CRED\n"
                "  rotate  a second key for CRED's tenant, same salt, role and quotas\n"
                "  revoke  removes NAME's keys (or the one whose public key starts with HEXPREFIX)\n"
                "  list    the keys of FILE\n"
+               "  key     a credential in no tenants file (the KV event publishers' key)\n"
+               "  curve   CRED's public key as X25519, in hex (kvf-sched --events-server-key)\n"
                "  --admin            the admin role: every namespace, CLEAR of all, STATS, COPY\n"
                "  --bytes SIZE       the arena bytes the tenant may hold (e.g. 4G; default none)\n"
                "  --reservations N   its puts in progress at once (default none)\n"
@@ -194,10 +203,6 @@ static int parse(int argc, char **argv, auth_args *a)
         fprintf(stderr, "kvf auth: unexpected argument \"%s\" (see --help)\n", argv[optind]);
         return 2;
     }
-    if (!a->tenants) {
-        fprintf(stderr, "kvf auth: --tenants FILE is required\n");
-        return 2;
-    }
     return -1;
 }
 
@@ -330,6 +335,49 @@ static int cmd_list(const auth_args *a)
     return 0;
 }
 
+/* kvf auth key NAME --out CRED: a credential that no tenants file names. */
+static int cmd_key(const char *name, const auth_args *a)
+{
+    if (!a->out || !kvf__auth_name_valid(name)) {
+        fprintf(stderr, "kvf auth key: a NAME and --out CRED are required\n");
+        return 2;
+    }
+    kvf_credential cred;
+    uint8_t pk[KVF_AUTH_PK_LEN];
+    char err[300];
+    int rc = kvf__cred_new(&cred, name, pk) != 0 || kvf__cred_write(a->out, &cred, err, sizeof err);
+    sodium_memzero(&cred, sizeof cred);
+    if (rc) {
+        fprintf(stderr, "kvf auth key: cannot write %s\n", a->out);
+        return 1;
+    }
+    printf("key %s in %s (in no tenants file)\n", name, a->out);
+    return 0;
+}
+
+/* kvf auth curve --credential CRED: its public key as X25519, in hex. */
+static int cmd_curve(const auth_args *a)
+{
+    kvf_credential cred;
+    uint8_t pk[32], sk[32];
+    char err[300], hex[65];
+    if (!a->credential) {
+        fprintf(stderr, "kvf auth curve: --credential CRED is required\n");
+        return 2;
+    }
+    if (kvf__cred_load(a->credential, &cred, err, sizeof err) != 0 ||
+        kvf__auth_curve_pair(&cred, pk, sk) != 0) {
+        fprintf(stderr, "kvf auth curve: %s\n", err);
+        sodium_memzero(&cred, sizeof cred);
+        return 1;
+    }
+    sodium_memzero(&cred, sizeof cred);
+    sodium_memzero(sk, sizeof sk);
+    sodium_bin2hex(hex, sizeof hex, pk, sizeof pk);
+    printf("%s\n", hex);
+    return 0;
+}
+
 int kvf__cli_auth(int argc, char **argv)
 {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
@@ -337,9 +385,10 @@ int kvf__cli_auth(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     const char *action = argv[1];
-    int named = !strcmp(action, "new") || !strcmp(action, "revoke");
-    if (!named && strcmp(action, "rotate") && strcmp(action, "list")) {
-        fprintf(stderr, "kvf auth: unknown action \"%s\" (new, rotate, revoke, list)\n", action);
+    int named = !strcmp(action, "new") || !strcmp(action, "revoke") || !strcmp(action, "key");
+    if (!named && strcmp(action, "rotate") && strcmp(action, "list") && strcmp(action, "curve")) {
+        fprintf(stderr, "kvf auth: unknown action \"%s\" (new, rotate, revoke, list, key, curve)\n",
+                action);
         return 2;
     }
     const char *name = NULL;
@@ -359,6 +408,14 @@ int kvf__cli_auth(int argc, char **argv)
     if (kvf__auth_init() != 0) {
         fprintf(stderr, "kvf auth: libsodium cannot start\n");
         return 1;
+    }
+    if (!strcmp(action, "key"))
+        return cmd_key(name, &a);
+    if (!strcmp(action, "curve"))
+        return cmd_curve(&a);
+    if (!a.tenants) {
+        fprintf(stderr, "kvf auth %s: --tenants FILE is required\n", action);
+        return 2;
     }
     if (!strcmp(action, "new"))
         return cmd_new(name, &a);

@@ -86,6 +86,30 @@ def main():
         with open(config, "w") as f:
             json.dump(cfg, f)
 
+        # kvf auth: tenants and credentials as an operator makes and rotates them.
+        if not netns:
+            tf, c1, c2 = (os.path.join(d, f) for f in ("t", "a.cred", "a2.cred"))
+            run([kvf, "auth", "new", "acme", "--tenants", tf, "--out", c1, "--bytes", "1G"], 30)
+            run([kvf, "auth", "new", "acme", "--tenants", tf, "--out", c2], 30, expect=1)
+            run([kvf, "auth", "rotate", "--tenants", tf, "--credential", c1, "--out", c2], 30)
+            keys = run([kvf, "auth", "list", "--tenants", tf], 30).stdout.split("\n")
+            keys = [k.split() for k in keys if k.strip()]
+            if len(keys) != 2 or any(k[0] != "acme" or k[1] != "tenant" or
+                                     "bytes=1073741824" not in k for k in keys):
+                fail("kvf auth list after rotate: %r" % keys)
+            for f in (tf, c1, c2):
+                if os.stat(f).st_mode & 0o077:
+                    fail("%s is readable by others" % f)
+            run([kvf, "auth", "revoke", "acme", "--tenants", tf, "--key", keys[0][2][:12]], 30)
+            left = run([kvf, "auth", "list", "--tenants", tf], 30).stdout.split()
+            if keys[0][2] in left or keys[1][2] not in left:
+                fail("kvf auth revoke --key removed the wrong key: %r" % left)
+            curve = run([kvf, "auth", "curve", "--credential", c1], 30).stdout.strip()
+            if len(curve) != 64 or int(curve, 16) < 0:
+                fail("kvf auth curve: %r" % curve)
+            run([kvf, "auth", "new", "bad/name", "--tenants", tf, "--out", c1 + "x"], 30,
+                expect=2)
+
         # Configuration errors are refused with the field named, and start nothing.
         bad = os.path.join(d, "bad.json")
         with open(bad, "w") as f:
