@@ -1,9 +1,11 @@
 /*
- * libFuzzer target for a whole storage node: two in-process servers (A, and B, A's only COPY
- * peer) on loopback, driven through real sockets by a script the fuzzer writes. Each input is a
- * sequence of steps on up to four connections to A: well-formed frames of any opcode with fuzzed
- * fields and bodies (HELLO, PUT, ADMIT/COMMIT, GET, COPY to B ...), raw bytes, reads of what A
- * answered, half-closes and closes, in any order. After the input every connection is closed and
+ * libFuzzer target for a whole storage node: three in-process servers (A, and B, A's only COPY
+ * peer, and C, which authenticates tenants with byte and reservation quotas) on loopback, driven
+ * through real sockets by a script the fuzzer writes. Each input is a sequence of steps on up to
+ * four connections (two to A, two to C): well-formed frames of any opcode with fuzzed fields and
+ * bodies (HELLO, AUTH, PUT, ADMIT/COMMIT, GET, COPY to B ...), raw bytes, a proper HELLO and AUTH
+ * as one of C's tenants or its admin, reads of what was answered, half-closes and closes, in any
+ * order. After the input every connection is closed and
  * the target waits until A has let go of each of them, COPYs included. A crash, a sanitizer
  * report, or a node that stops answering a HELLO on a fresh connection is a bug.
  */
@@ -22,12 +24,14 @@
 
 #include "kvf/kvf.h"
 
+#include "auth.h"
 #include "bytes.h"
 #include "cache.h"
 #include "log.h"
 #include "server.h"
 #include "server_int.h"
 #include "tcp.h"
+#include "tenants.h"
 #include "wire.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -43,7 +47,11 @@ typedef struct node {
     char addr[64];
 } node;
 
-static node g_a, g_b;
+static node g_a, g_b, g_c;
+/* C's tenants: two tenants (the first with small quotas) and an admin, their credentials here. */
+#define N_CREDS 3
+static kvf_credential g_creds[N_CREDS];
+static kvf__tenants *g_tenants;
 /* The node's own complaints about bad frames are expected here by the million: errors only. */
 static const kvf_log g_log = {.level = KVF_LOG_ERROR, .name = "fuzz_store"};
 
@@ -53,7 +61,7 @@ static void *run_node(void *p)
     return NULL;
 }
 
-static void node_start(node *n, const char *peer)
+static void node_start(node *n, const char *peer, kvf__tenants *tenants)
 {
     char err[256];
     kvf_cache_opts co = {.memory = 8u << 20, .max_entries = 1024, .reserve_ms = 200};
@@ -70,12 +78,15 @@ static void node_start(node *n, const char *peer)
                           .n_copy_peers = peer ? 1 : 0,
                           .copy_workers = 1,
                           .copy_queue = 2,
+                          .tenants = tenants,
                           .cache = n->cache,
                           .log = &g_log};
     if (kvf__server_open(&n->srv, &so, err, sizeof err) != 0) {
         fprintf(stderr, "fuzz_store: server: %s\n", err);
         abort();
     }
+    if (tenants)
+        kvf__tenants_apply_quotas(tenants, n->cache);
     snprintf(n->addr, sizeof n->addr, "127.0.0.1:%u", kvf__server_port(n->srv));
     if (pthread_create(&n->th, NULL, run_node, n) != 0)
         abort();
@@ -87,8 +98,32 @@ static void setup(void)
     if (done)
         return;
     done = 1;
-    node_start(&g_b, NULL);
-    node_start(&g_a, g_b.addr);
+    node_start(&g_b, NULL, NULL);
+    node_start(&g_a, g_b.addr, NULL);
+    char dir[] = "/tmp/kvf-fuzz-store-XXXXXX", path[64], err[300];
+    if (!mkdtemp(dir))
+        abort();
+    snprintf(path, sizeof path, "%s/tenants", dir);
+    FILE *f = fopen(path, "w");
+    const char *names[N_CREDS] = {"t1", "t2", "ad"};
+    for (int i = 0; f && i < N_CREDS; i++) {
+        kvf_tenant_key k = {.role = i == 2 ? KVF_ROLE_ADMIN : KVF_ROLE_TENANT,
+                            .max_bytes = i == 0 ? 256u << 10 : 0,
+                            .max_reserved = i == 0 ? 4 : 0};
+        snprintf(k.name, sizeof k.name, "%s", names[i]);
+        char line[512];
+        if (kvf__cred_new(&g_creds[i], names[i], k.pk) != 0)
+            abort();
+        kvf__tenant_key_format(&k, line, sizeof line);
+        fputs(line, f);
+    }
+    if (!f || fclose(f) != 0 || kvf__tenants_open(&g_tenants, path, err, sizeof err) != 0) {
+        fprintf(stderr, "fuzz_store: tenants: %s\n", err);
+        abort();
+    }
+    unlink(path);
+    rmdir(dir);
+    node_start(&g_c, NULL, g_tenants);
 }
 
 /* The fuzzer's bytes, read in order; zeros once they run out. */
@@ -116,13 +151,14 @@ static void take(script *s, uint8_t *out, size_t len)
     s->at += k;
 }
 
+/* Connections 0 and 1 go to A, 2 and 3 to C. */
 static int conn_fd(int *fds, int c)
 {
     if (fds[c] >= 0)
         return fds[c];
     char host[64], err[128];
     uint16_t port;
-    if (kvf__addr_parse(g_a.addr, host, sizeof host, &port) != 0 ||
+    if (kvf__addr_parse(c < 2 ? g_a.addr : g_c.addr, host, sizeof host, &port) != 0 ||
         kvf__tcp_connect(host, port, 1000, &fds[c], err, sizeof err) != 0)
         fds[c] = -1;
     return fds[c];
@@ -162,7 +198,7 @@ static void drain(int fd, int ms)
 static void framed(script *s, int fd, uint8_t *body)
 {
     kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
-                      .opcode = (uint16_t)(1 + take8(s) % 19),
+                      .opcode = (uint16_t)(1 + take8(s) % 20),
                       .flags = take8(s) & (KVF_WF_KNOWN & ~KVF_WF_REPLY),
                       .request_id = take16(s),
                       .item_count = take16(s) % 300};
@@ -208,10 +244,78 @@ static void hello(script *s, int fd)
     send_some(fd, b, sizeof b);
 }
 
-/* Waits until A holds no connection (bounded): the next input starts from an idle node. */
+/* Reads replies of fd (bounded in time) until the one to request id, whose payload (at most cap
+ * bytes) goes to out. Returns its payload length, or -1. */
+static long reply_to(int fd, uint64_t id, uint8_t *out, size_t cap)
+{
+    for (int frames = 0; frames < 64; frames++) {
+        uint8_t h[KVF_WIRE_HEADER_LEN];
+        size_t got = 0;
+        struct pollfd pf = {.fd = fd, .events = POLLIN};
+        while (got < sizeof h && poll(&pf, 1, 200) > 0) {
+            ssize_t k = recv(fd, h + got, sizeof h - got, 0);
+            if (k <= 0)
+                return -1;
+            got += (size_t)k;
+        }
+        if (got < sizeof h)
+            return -1;
+        uint64_t len = kvf__get_u64(h + 32);
+        uint64_t rid = kvf__get_u64(h + 16);
+        static uint8_t sink[65536];
+        uint8_t *dst = rid == id && len <= cap ? out : NULL;
+        for (uint64_t left = len; left > 0;) {
+            size_t want = left < sizeof sink ? (size_t)left : sizeof sink;
+            if (poll(&pf, 1, 200) <= 0)
+                return -1;
+            ssize_t k = recv(fd, dst ? dst + (len - left) : sink, want, 0);
+            if (k <= 0)
+                return -1;
+            left -= (uint64_t)k;
+        }
+        if (rid == id)
+            return dst ? (long)len : -1;
+    }
+    return -1;
+}
+
+/* A proper HELLO, then AUTH as one of C's credentials, as a client would. */
+static void authenticate(script *s, int fd)
+{
+    static uint64_t next_id = 1ull << 40;
+    uint64_t id = next_id++;
+    uint8_t b[KVF_WIRE_HEADER_LEN + KVF_AUTH_REQ_LEN] = {0}, rep[256];
+    kvf_wire_hdr h = {
+        .version = KVF_WIRE_VERSION, .opcode = KVF_OP_HELLO, .request_id = id, .payload_len = 24};
+    kvf__wire_hdr_encode(b, &h);
+    kvf__put_u32(b + KVF_WIRE_HEADER_LEN, 1);
+    kvf__put_u32(b + KVF_WIRE_HEADER_LEN + 4, 1);
+    kvf__put_u64(b + KVF_WIRE_HEADER_LEN + 8, take8(s) % 3);
+    send_some(fd, b, KVF_WIRE_HEADER_LEN + 24);
+    if (reply_to(fd, id, rep, sizeof rep) != KVF_HELLO_REPLY_AUTH_LEN)
+        return;
+    const kvf_credential *c = &g_creds[take8(s) % N_CREDS];
+    memset(b, 0, sizeof b);
+    h = (kvf_wire_hdr){.version = KVF_WIRE_VERSION,
+                       .opcode = KVF_OP_AUTH,
+                       .request_id = id + (1ull << 20),
+                       .payload_len = KVF_AUTH_REQ_LEN};
+    kvf__wire_hdr_encode(b, &h);
+    kvf__put_u32(b + KVF_WIRE_HEADER_LEN, (uint32_t)strlen(c->tenant));
+    memcpy(b + KVF_WIRE_HEADER_LEN + 8, c->tenant, strlen(c->tenant));
+    kvf__auth_sign(c, rep + KVF_HELLO_REPLY_LEN, kvf__get_u64(rep + 32),
+                   b + KVF_WIRE_HEADER_LEN + 8 + 64);
+    if (take8(s) % 8 == 0) /* now and then a signature one bit off */
+        b[KVF_WIRE_HEADER_LEN + 8 + 64 + take8(s) % 64] ^= 1;
+    send_some(fd, b, sizeof b);
+}
+
+/* Waits until A and C hold no connection (bounded): the next input starts from idle nodes. */
 static void settle(void)
 {
-    for (int i = 0; i < 2000 && atomic_load(&g_a.srv->n_conns) > 0; i++)
+    for (int i = 0;
+         i < 2000 && (atomic_load(&g_a.srv->n_conns) > 0 || atomic_load(&g_c.srv->n_conns) > 0);
+         i++)
         usleep(500);
 }
 
@@ -264,7 +368,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             break;
         }
         case 4:
-            hello(&s, fd);
+            if (op & 8)
+                authenticate(&s, fd);
+            else
+                hello(&s, fd);
             break;
         case 5:
             drain(fd, 1 + take8(&s) % 8);
