@@ -144,6 +144,7 @@ struct kvf__conn {
     /* Authenticating (a client with a credential): only HELLO and AUTH are written until AUTH is
      * answered; the rest waits in sq. The node's challenge and id come with HELLO's reply. */
     int gated;
+    int auth_due; /* HELLO's challenge arrived: the engine answers it with an AUTH */
     uint8_t nonce[KVF_AUTH_NONCE_LEN];
     uint64_t node_id;
     kvf__req *fl_head, *fl_tail; /* in flight */
@@ -236,9 +237,6 @@ void kvf__op_destroy(kvf_op *op);
 void kvf__op_finish(kvf_op *op, int result);
 /* 0, or KVF_EINVAL for a batch that cannot be sent as a get or put. */
 int kvf__op_validate(const kvf_batch *b, int kind);
-/* io.c: answers the node's challenge (HELLO's reply): an AUTH at the head of cn's queue, written
- * at once. 0, or an error (the caller resets cn). */
-int kvf__io_send_auth(kvf__conn *cn);
 /* conn.c: the node did not answer a request (or a probe) in time: down for a backoff that
  * doubles while it stays down, its probe over; or it answered a HELLO: up again, its backoff
  * forgotten. */

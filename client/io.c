@@ -66,6 +66,7 @@ static void cn_reset(kvf__io *io, kvf__conn *cn, int status)
     cn->state = KVF__CS_DOWN;
     cn->events = 0;
     cn->rreq = NULL;
+    cn->auth_due = 0;
     kvf__req *lists[2] = {cn->fl_head, cn->sq_head};
     cn->fl_head = cn->fl_tail = cn->sq_head = cn->sq_tail = NULL;
     for (int k = 0; k < 2; k++) {
@@ -164,8 +165,11 @@ static int send_ctrl(kvf__io *io, kvf__conn *cn, uint32_t opcode, int probe, int
     return 0;
 }
 
-int kvf__io_send_auth(kvf__conn *cn)
+/* Answers the node's challenge (HELLO's reply, cn->auth_due): an AUTH at the head of cn's queue,
+ * written at once. 0, or an error (the caller resets cn). */
+static int send_auth(kvf__conn *cn)
 {
+    cn->auth_due = 0;
     int rc = send_ctrl(cn->io, cn, KVF_OP_AUTH, 0, 1);
     return rc ? rc : kvf__cn_write(cn);
 }
@@ -295,6 +299,8 @@ static void *io_main(void *arg)
                 rc = kvf__cn_write(cn);
             if (!rc && (evs[i].events & (KVF_POLL_IN | KVF_POLL_ERR)))
                 rc = kvf__cn_read(cn);
+            if (!rc && cn->auth_due)
+                rc = send_auth(cn);
             if (rc)
                 cn_reset(io, cn, rc == KVF_EPROTO || rc == KVF_EACCES ? rc : KVF_ECONNRESET);
         }

@@ -103,8 +103,10 @@ static int rd_hello(kvf__conn *cn)
                  "%s requires authentication: no credential (KVF_CREDENTIAL)", cn->nd->addr);
         return KVF_EACCES;
     }
-    if (auth)
-        return kvf__io_send_auth(cn);
+    if (auth) {
+        cn->auth_due = 1; /* the engine sends the AUTH once this read is over */
+        return 0;
+    }
     /* The node asks for none: what waited goes now. */
     cn->gated = 0;
     return kvf__cn_write(cn);

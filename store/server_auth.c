@@ -68,7 +68,10 @@ void kvf__req_auth(conn *c)
     if (!kvf__auth_name_valid(name) || strlen(name) != name_len ||
         !kvf__tenants_check(s->o.tenants, name, c->nonce, s->o.node_id, p + 8 + 64, &id)) {
         atomic_fetch_add(&s->auth_failed, 1);
-        kvf__reply_error(c, KVF_EACCES, 1, "authentication failed for tenant \"%s\"", name);
+        /* The name goes into the log and the reply only where it is a valid one: no control
+         * bytes of a stranger's choosing in either. */
+        kvf__reply_error(c, KVF_EACCES, 1, "authentication failed for tenant \"%s\"",
+                         kvf__auth_name_valid(name) ? name : "(not a valid name)");
         return;
     }
     c->role = id.role;
