@@ -758,7 +758,8 @@ static int start_engine(launch *L, int i)
     proc *q = add_proc(L, name, pre ? "prefill" : "decode", listen, events);
     if (!q)
         return 1;
-    /* The engine's HTTP API authenticates nobody yet: --insecure in namespaces only. */
+    /* Its requests with the cluster's token (as kvf-sched's), its events over CURVE: also in
+     * namespaces, no --insecure. */
     char *args[] = {L->engine_bin,
                     "--serve",
                     "--id",
@@ -781,9 +782,9 @@ static int start_engine(launch *L, int i)
                     L->events_cred,
                     "--events-tenants",
                     L->tenants,
-                    "--insecure"};
-    int n = (int)(sizeof args / sizeof args[0]);
-    return start_one(c, q, args, L->netns ? n : n - 1, env);
+                    "--tokens",
+                    L->tokens};
+    return start_one(c, q, args, (int)(sizeof args / sizeof args[0]), env);
 }
 
 static int start_engines(launch *L)

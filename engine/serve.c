@@ -5,7 +5,7 @@
  *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
  *              [--advertise HOST:PORT] [--sched HOST:PORT] [--store HOST:PORT[,...]]
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
- *              [--events-credential FILE --events-tenants FILE]
+ *              [--events-credential FILE --events-tenants FILE] [--tokens FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
  *              [--queue work|fifo] [--cost FILE]
  *
@@ -592,7 +592,7 @@ static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, c
 /* kvf-engine --serve's options as given; the strings are argv's. */
 typedef struct serve_opts {
     const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
-        *level, *queue, *cost, *events_credential, *events_tenants;
+        *level, *queue, *cost, *events_credential, *events_tenants, *tokens;
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } serve_opts;
 
@@ -624,7 +624,8 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                 {"--queue", &o->queue},
                 {"--cost", &o->cost},
                 {"--events-credential", &o->events_credential},
-                {"--events-tenants", &o->events_tenants}};
+                {"--events-tenants", &o->events_tenants},
+                {"--tokens", &o->tokens}};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--serve"))
@@ -704,8 +705,10 @@ static int configure(srv *S, const serve_opts *o)
         fprintf(stderr, "kvf-engine: unknown model %s\n", o->model);
         return 2;
     }
+    /* With --tokens every request but GETs is authenticated, as kvf-sched's are. */
     if (split_addr(o->listen, S->host, sizeof S->host, &S->port, "--listen") != 0 ||
-        kvf__listen_policy("kvf-engine", "--listen", S->host, o->insecure) != 0)
+        kvf__listen_policy("kvf-engine", "--listen", S->host,
+                           o->tokens ? KVF_LISTEN_AUTHENTICATED : o->insecure) != 0)
         return 2;
     if (!o->events_credential != !o->events_tenants) {
         fprintf(stderr, "kvf-engine: --events-credential and --events-tenants go together\n");
@@ -814,8 +817,10 @@ static int open_events(srv *S, const serve_opts *o)
     return 0;
 }
 
-/* Serves HTTP on the listening address; S->endpoint gets --advertise, or the address bound. */
-static int start_http(srv *S, const char *advertise, kvf__httpd **httpd, uint16_t *bound)
+/* Serves HTTP on the listening address, requiring one of tokens (may be NULL: none) of every
+ * request but GETs; S->endpoint gets --advertise, or the address bound. */
+static int start_http(srv *S, const char *advertise, const kvf__http_tokens *tokens,
+                      kvf__httpd **httpd, uint16_t *bound)
 {
     char err[512];
     if (kvf__httpd_start(httpd, S->host, S->port, 1, MAX_BODY, on_request, S, bound, err,
@@ -823,6 +828,7 @@ static int start_http(srv *S, const char *advertise, kvf__httpd **httpd, uint16_
         fprintf(stderr, "kvf-engine: %s\n", err);
         return 1;
     }
+    kvf__httpd_tokens(*httpd, tokens); /* before the ready line: no request can come sooner */
     if (advertise)
         snprintf(S->endpoint, sizeof S->endpoint, "%s", advertise);
     else
@@ -863,6 +869,8 @@ int kvfe_serve_main(int argc, char **argv)
     uint16_t bound = 0;
     pthread_t reporter;
     int have_reporter = 0;
+    kvf__http_tokens *tokens = NULL;
+    char terr[300];
     S.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-engine"};
     int rc = parse_args(argc, argv, &o);
     if (rc == PROCEED)
@@ -878,7 +886,12 @@ int kvfe_serve_main(int argc, char **argv)
     rc = open_events(&S, &o);
     if (rc)
         goto out_close_events;
-    rc = start_http(&S, o.advertise, &httpd, &bound);
+    if (o.tokens && kvf__http_tokens_load(&tokens, o.tokens, terr, sizeof terr) != 0) {
+        fprintf(stderr, "kvf-engine: --tokens: %s\n", terr);
+        rc = 2;
+        goto out_close_events;
+    }
+    rc = start_http(&S, o.advertise, tokens, &httpd, &bound);
     if (rc)
         goto out_close_events;
     if (S.sched[0]) {
@@ -897,6 +910,7 @@ out_stop_http:
     if (have_reporter)
         pthread_join(reporter, NULL);
 out_close_events:
+    kvf__http_tokens_free(&tokens);
     kvf__zpub_close(&S.pub);
     kvf__tenants_close(&S.ev_tenants);
     kvfe_close(&S.e);

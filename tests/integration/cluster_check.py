@@ -37,10 +37,15 @@ def run(args, timeout, expect=0):
     return p
 
 
-def http(method, url, body=None):
+TOKEN = [None]  # the cluster's token, once it is up: engines and kvf-sched require it
+
+
+def http(method, url, body=None, auth=True):
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth and TOKEN[0]:
+        headers["Authorization"] = "Bearer " + TOKEN[0]
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"null")
@@ -233,9 +238,17 @@ def main():
             if os.stat(tok).st_mode & 0o077:
                 fail("%s is readable by others" % tok)
             got, err = http("POST", "http://%s/v1/place" % state["sched"],
-                            {"tokens": [1, 2, 3], "output_tokens": 1})
+                            {"tokens": [1, 2, 3], "output_tokens": 1}, auth=False)
             if got != 401:
                 fail("kvf-sched answered an unauthenticated placement with %d %r" % (got, err))
+            # The engines take the same token (their HTTP API, as kvf-sched's).
+            eng0 = next(pr for pr in state["procs"] if pr["kind"] == "prefill")["addr"]
+            got, err = http("POST", "http://%s/v1/generate" % eng0, {"tokens": [1, 2]},
+                            auth=False)
+            if got != 401:
+                fail("an engine answered an unauthenticated request with %d %r" % (got, err))
+            with open(tok) as f:
+                TOKEN[0] = next(ln.split()[1] for ln in f if ln.strip() and ln[0] != "#")
 
             # The stores authenticate every client (kvf cluster up made their tenants file and
             # the credentials, owner-only): without one nothing is served; the cluster's tenant
