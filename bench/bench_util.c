@@ -367,7 +367,7 @@ int bench_auth_make(const char *dir, const char *const *names, size_t n, char *t
             fprintf(stderr, "kvf-bench: cannot make the credential %s\n", cred);
             rc = -1;
         }
-        memset(&c, 0, sizeof c);
+        kvf__auth_wipe(&c, sizeof c);
         kvf__tenant_key_format(&k, line, sizeof line);
         fputs(line, f);
     }

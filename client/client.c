@@ -246,7 +246,7 @@ void kvf_client_close(kvf_client **cp)
     for (int i = c->n_io - 1; i >= 0; i--)
         kvf__io_close(&c->io[i]);
     free(c->nodes);
-    memset(&c->cred, 0, sizeof c->cred);
+    kvf__auth_wipe(&c->cred, sizeof c->cred);
     free(c);
     *cp = NULL;
 }

@@ -542,7 +542,7 @@ static int make_events_key(launch *L)
     int rc = kvf__cred_new(&cred, "events", pk) != 0 ||
              kvf__cred_write(L->events_cred, &cred, err, sizeof err) != 0 ||
              kvf__auth_curve_pk(pk, xpk) != 0;
-    memset(&cred, 0, sizeof cred);
+    kvf__auth_wipe(&cred, sizeof cred);
     if (rc)
         return fail("cannot make the events key %s", L->events_cred);
     for (int i = 0; i < 32; i++)
@@ -583,7 +583,7 @@ static int make_credentials(launch *L)
         if (kvf__cred_new(&cred, who[i].name, k.pk) != 0 ||
             kvf__cred_write(path, &cred, err, sizeof err) != 0)
             rc = fail("cannot make the credential %s", path);
-        memset(&cred, 0, sizeof cred);
+        kvf__auth_wipe(&cred, sizeof cred);
         kvf__tenant_key_format(&k, line, sizeof line);
         fputs(line, f);
         if (i == 0)

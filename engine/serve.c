@@ -772,7 +772,7 @@ static int events_security(srv *S, const serve_opts *o, kvf__zsec *sec)
     int rc = kvf__cred_load(o->events_credential, &c, err, sizeof err);
     if (!rc && kvf__auth_curve_pair(&c, pk, sec->secret) != 0)
         rc = kvf__errf(err, sizeof err, KVF_EINVAL, "no CURVE key in it");
-    memset(&c, 0, sizeof c);
+    kvf__auth_wipe(&c, sizeof c);
     if (!rc)
         rc = kvf__tenants_open(&S->ev_tenants, o->events_tenants, err, sizeof err);
     const char *mine = getenv("KVF_CREDENTIAL");
@@ -784,7 +784,7 @@ static int events_security(srv *S, const serve_opts *o, kvf__zsec *sec)
         return 1;
     }
     snprintf(S->topic, sizeof S->topic, "kv-events/t/%s/", c.tenant);
-    memset(&c, 0, sizeof c);
+    kvf__auth_wipe(&c, sizeof c);
     sec->allow = events_allow;
     sec->ud = S->ev_tenants;
     sec->tenant_prefix = "kv-events/t/";
@@ -809,7 +809,7 @@ static int open_events(srv *S, const serve_opts *o)
                  ? kvf__zpub_open_secure(&S->pub, eh, ep, 0, &sec, S->events, sizeof S->events, err,
                                          sizeof err)
                  : kvf__zpub_open(&S->pub, eh, ep, 0, S->events, sizeof S->events, err, sizeof err);
-    memset(sec.secret, 0, sizeof sec.secret);
+    kvf__auth_wipe(sec.secret, sizeof sec.secret);
     if (rc != 0) {
         fprintf(stderr, "kvf-engine: --events %s: %s\n", o->events, err);
         return 1;

@@ -59,6 +59,11 @@ int kvf__auth_role_parse(const char *s)
     return -1;
 }
 
+void kvf__auth_wipe(void *p, size_t n)
+{
+    sodium_memzero(p, n);
+}
+
 void kvf__auth_random(void *buf, size_t n)
 {
     if (kvf__auth_init() == 0)

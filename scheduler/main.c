@@ -255,13 +255,13 @@ static int events_curve(kvf__sched_daemon *d, const cmdline *cl)
     if (kvf__cred_load(cl->events_credential, &c, err, sizeof err) != 0 ||
         kvf__auth_curve_pair(&c, pk, sk) != 0) {
         fprintf(stderr, "kvf-sched: --events-credential: %s\n", err[0] ? err : "no CURVE key");
-        memset(&c, 0, sizeof c);
+        kvf__auth_wipe(&c, sizeof c);
         return 2;
     }
     kvf__zsubs_curve(d->zs, server, pk, sk);
     kvf_info(&d->lg, "KV events over CURVE as tenant %s", c.tenant);
-    memset(&c, 0, sizeof c);
-    memset(sk, 0, sizeof sk);
+    kvf__auth_wipe(&c, sizeof c);
+    kvf__auth_wipe(sk, sizeof sk);
     return 0;
 }
 

@@ -270,7 +270,7 @@ static int open_events(const store_cfg *cfg, kvf__tenants *tenants, kvf__pub **p
         int rc = kvf__cred_load(cfg->events_credential, &c, err, sizeof err);
         if (!rc)
             rc = kvf__auth_curve_pair(&c, pk, sec.secret);
-        memset(&c, 0, sizeof c);
+        kvf__auth_wipe(&c, sizeof c);
         if (rc) {
             fprintf(stderr, "kvf-store: --events-credential: %s\n", err[0] ? err : "bad key");
             return 1;
@@ -278,7 +278,7 @@ static int open_events(const store_cfg *cfg, kvf__tenants *tenants, kvf__pub **p
     }
     int rc = kvf__pub_open(pub, host, port, (int)cfg->node, tenants,
                            cfg->events_credential ? &sec : NULL, endpoint, eplen, err, sizeof err);
-    memset(sec.secret, 0, sizeof sec.secret);
+    kvf__auth_wipe(sec.secret, sizeof sec.secret);
     if (rc) {
         fprintf(stderr, "kvf-store: %s\n", err);
         return 1;

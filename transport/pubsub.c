@@ -439,7 +439,8 @@ void kvf__zsubs_close(kvf__zsubs **sp)
             zmq_close(s->subs[i].replay);
     }
     zmq_ctx_term(s->ctx);
-    memset(s->sk, 0, sizeof s->sk);
+    for (volatile uint8_t *v = s->sk; v < s->sk + sizeof s->sk; v++) /* not optimised away */
+        *v = 0;
     free(s);
     *sp = NULL;
 }

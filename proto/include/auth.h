@@ -104,6 +104,8 @@ int kvf__auth_verify(const uint8_t pk[KVF_AUTH_PK_LEN], const char *name,
  * 0, or KVF_EINVAL for a key that has none. */
 int kvf__auth_curve_pair(const kvf_credential *c, uint8_t pk[32], uint8_t sk[32]);
 int kvf__auth_curve_pk(const uint8_t ed_pk[KVF_AUTH_PK_LEN], uint8_t pk[32]);
+/* Wipes n bytes of a secret (libsodium's sodium_memzero: not optimised away before a free). */
+void kvf__auth_wipe(void *p, size_t n);
 /* Random bytes from libsodium. */
 void kvf__auth_random(void *buf, size_t n);
 
