@@ -26,6 +26,7 @@
 #include "kvf/kvf.h"
 
 #include "bytes.h"
+#include "cpus.h"
 #include "kvf/object.h"
 #include "tcp.h"
 #include "wire.h"
@@ -88,7 +89,7 @@ static void row(const char *what, double gbps, double vs_ceiling, double vs_peer
 
 static int parse(int argc, char **argv, opts *o)
 {
-    *o = (opts){.streams = 4, .store_threads = 1, .memory = "1G", .transport = "tcp"};
+    *o = (opts){.memory = "1G", .transport = "tcp"}; /* threads and streams: auto, below */
     const bench_opt table[] = {
         {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
         {"--lookup-only", BENCH_OPT_FLAG, .flag = &o->lookup_only},
@@ -114,6 +115,15 @@ static int parse(int argc, char **argv, opts *o)
                 unknown);
         return -1;
     }
+    /* auto, as the store and the client take them where not told: a quarter of the cores (1 to 8)
+     * for the store's loops and the client's I/O threads, and a connection per I/O thread, 4 at
+     * least; the ceiling is measured at that many streams. */
+    if (o->store_threads <= 0)
+        o->store_threads = kvf__auto_threads();
+    if (o->io_threads <= 0)
+        o->io_threads = kvf__auto_threads();
+    if (o->streams <= 0)
+        o->streams = o->io_threads > 4 ? o->io_threads : 4;
     if (o->streams < 1 || o->streams > 16) {
         fprintf(stderr, "kvf-bench store: --streams must be 1..16\n");
         return -1;
@@ -606,7 +616,7 @@ static int tcp_bench(const opts *o, json_t *res)
 {
     json_object_set_new(res, "transport", json_string("tcp"));
     json_object_set_new(res, "label", json_string("real"));
-    json_object_set_new(res, "cores", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
+    json_object_set_new(res, "cores", json_integer(kvf__cores()));
     bench_proc store = {0};
     char extra[64];
     snprintf(extra, sizeof extra, "--threads %d --rdma off", o->store_threads);
@@ -672,7 +682,7 @@ int bench_store_main(int argc, char **argv)
         rc = rdma_bench(&o, res);
     } else if (!strcmp(o.transport, "tcp") && o.auth) {
         json_object_set_new(res, "transport", json_string("tcp"));
-        json_object_set_new(res, "cores", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
+        json_object_set_new(res, "cores", json_integer(kvf__cores()));
         rc = bench_store_auth(o.streams, o.store_threads, o.memory, o.store_bin, o.quick, res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "tcp")) {

@@ -9,6 +9,7 @@
 
 #include "kvf/error.h"
 
+#include "cpus.h"
 #include "errf.h"
 
 #include <stdio.h>
@@ -153,13 +154,16 @@ static int load_credential(kvf_client *c, const char *path, char *err, size_t er
     return 0;
 }
 
-/* The options with their defaults filled in; the node list and credential path are not kept. */
+/* The options with their defaults filled in; the node list and credential path are not kept. I/O
+ * threads: auto (cpus.h) where not given; connections: 4, or one per I/O thread where more. */
 static void normalize(kvf_client_opts *o)
 {
     o->nodes = NULL;
     o->credential = NULL;
+    if (o->io_threads <= 0)
+        o->io_threads = kvf__auto_threads();
     if (o->conns_per_node <= 0)
-        o->conns_per_node = 4;
+        o->conns_per_node = o->io_threads > 4 ? o->io_threads : 4;
     if (o->conns_per_node > KVF_CLIENT_MAX_CONNS)
         o->conns_per_node = KVF_CLIENT_MAX_CONNS;
     if (o->connect_timeout_ms <= 0)
@@ -193,7 +197,7 @@ static int parse_nodes(kvf_client *c, const char *const *addrs, char *err, size_
 static int open_engines(kvf_client *c, const kvf_client_opts *o, char *err, size_t errlen)
 {
     int conns = c->o.conns_per_node;
-    int k = o->io_threads > 0 ? o->io_threads : 1;
+    int k = c->o.io_threads;
     k = k < KVF_CLIENT_MAX_IO ? k : KVF_CLIENT_MAX_IO;
     k = k < conns ? k : conns;
     int rc = kvf__io_open(c, conns / k, &c->io[0], err, errlen);

@@ -11,6 +11,7 @@
 #include "kvf/object.h"
 
 #include "auth.h"
+#include "cpus.h"
 #include "http.h"
 #include "connector_int.h"
 
@@ -264,7 +265,8 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     kvf_caps_builtin("kvf-store", &cn->remote);
     const char *transport = choose_transport(cn);
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
-    cn->nworkers = o->workers > 0 ? o->workers : 2;
+    int autow = kvf__auto_threads();
+    cn->nworkers = o->workers > 0 ? o->workers : autow > 2 ? autow : 2;
     pthread_mutex_init(&cn->mu, NULL);
     pthread_cond_init(&cn->cv, NULL);
     rc = open_client(cn, o, transport, err, errlen);

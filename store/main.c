@@ -1,7 +1,7 @@
 /*
  * kvf-store: the kvfabric storage node daemon.
  *
- *   kvf-store [--listen HOST:PORT] [--memory SIZE] [--threads N] [--evict lru|s3fifo]
+ *   kvf-store [--listen HOST:PORT] [--memory SIZE] [--threads N|auto] [--evict lru|s3fifo]
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
  *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N] [--insecure]
@@ -14,6 +14,7 @@
 #include "kvf/kvf.h"
 
 #include "cache.h"
+#include "cpus.h"
 #include "log.h"
 #include "publish.h"
 #include "server.h"
@@ -52,7 +53,8 @@ static void usage(FILE *f)
         "usage: kvf-store [options]\n"
         "  --listen HOST:PORT    address to serve (default 127.0.0.1:7400; port 0 picks one)\n"
         "  --memory SIZE         arena size, e.g. 512M, 4G (default 1G)\n"
-        "  --threads N           event-loop threads (default 1)\n"
+        "  --threads N|auto      event-loop threads (default auto: a quarter of the cores,\n"
+        "                        1 to 8)\n"
         "  --evict lru|s3fifo    eviction policy (default lru)\n"
         "  --max-request SIZE    largest put request (default 256M)\n"
         "  --max-entries N       index capacity (default memory / 16 KiB)\n"
@@ -106,7 +108,7 @@ static store_cfg store_cfg_default(void)
         .listen = "127.0.0.1:7400",
         .memory = 1ull << 30,
         .max_request = 256ull << 20,
-        .threads = 1,
+        .threads = 0, /* auto */
         .evict = "lru",
         .rdma = "auto",
         .verify = 1,
@@ -132,9 +134,10 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
             return 2;
         }
     } else if (!strcmp(a, "--threads")) {
-        cfg->threads = strtol(v, NULL, 10);
-        if (cfg->threads < 1 || cfg->threads > 64) {
-            fprintf(stderr, "kvf-store: --threads: %s is not in 1..64\n", v);
+        char *end = NULL;
+        cfg->threads = strcmp(v, "auto") ? strtol(v, &end, 10) : 0;
+        if (strcmp(v, "auto") && (end == v || *end || cfg->threads < 1 || cfg->threads > 64)) {
+            fprintf(stderr, "kvf-store: --threads: %s is not auto or in 1..64\n", v);
             return 2;
         }
     } else if (!strcmp(a, "--max-entries")) {
@@ -225,6 +228,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
             i++;
         }
     }
+    if (cfg->threads == 0)
+        cfg->threads = kvf__auto_threads();
     if (kvf__addr_parse(cfg->listen, cfg->host, sizeof cfg->host, &cfg->port) != 0) {
         fprintf(stderr, "kvf-store: --listen: expected HOST:PORT, got \"%s\"\n", cfg->listen);
         return 2;

@@ -37,7 +37,8 @@ typedef struct kvf_client_opts {
     const char *const *nodes; /* input: "host:port" of each node; borrowed during open */
     size_t n_nodes;           /* input: 1..KVF_CLIENT_MAX_NODES */
     uint64_t ns;              /* input: namespace of every key (kvf_keyspace.seed); nonzero */
-    int conns_per_node;       /* input: connections per node for striping; 0: 4 */
+    int conns_per_node;       /* input: connections per node for striping; 0: 4, or one per I/O
+                               * thread where there are more */
     int connect_timeout_ms;   /* input: 0: 1000 */
     int deadline_ms;          /* input: default deadline of an operation; 0: 5000 */
     uint64_t stripe_bytes;    /* input: smallest stripe worth its own connection; 0: 4 MiB */
@@ -46,8 +47,9 @@ typedef struct kvf_client_opts {
      * Control requests always travel over TCP. */
     const char *transport;
     /* input: I/O threads that large gets and puts (two stripes' worth of bytes or more) are
-     * split across, each with its share of conns_per_node (at most that many threads); 0: 1.
-     * More help where cores outnumber the streams; on two cores one measured faster. */
+     * split across, each with its share of conns_per_node (at most that many threads); 0: auto,
+     * a quarter of the cores this process may use, 1 to 8 (on two cores one measured fastest,
+     * on sixteen four moved 4x what one did). */
     int io_threads;
     /* input: path of a credential file (`kvf auth new`) to authenticate with, on nodes that
      * require it; NULL: $KVF_CREDENTIAL where set, else none; "": none. Read at open, not kept. */

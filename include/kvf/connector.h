@@ -63,7 +63,8 @@ typedef struct kvf_connector_opts {
                                * (kvf_client_opts.credential: NULL reads $KVF_CREDENTIAL) */
     size_t staging_bytes;     /* input: initial size of two of the staging regions; 0: sized by the
                                * first transfers, 32 MiB and up */
-    int workers;              /* input: gather/scatter worker threads; 0: 2 */
+    int workers;              /* input: gather/scatter worker threads; 0: 2, or a quarter of the
+                               * cores where more (1 to 8) */
     int deadline_ms;          /* input: deadline of every transfer; 0: 5000 */
     int conns_per_node;       /* input: connections per storage node; 0: 4 */
     const kvf_caps *caps;     /* input: the engine's capability record (NULL: the reference
