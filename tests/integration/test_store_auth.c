@@ -223,9 +223,8 @@ static int raw_reply(int fd, kvf_wire_hdr *h, uint8_t *p, size_t cap)
     return h->status;
 }
 
-/* On a raw connection: HELLO, AUTH as who, then CLEAR with the every-namespace flag. Returns
- * CLEAR's status. */
-static int raw_clear_all(const daemon_t *d, const char *who)
+/* A blocking connection to d whose reads wait 5 s at most. */
+static int raw_open(const daemon_t *d)
 {
     int fd;
     char err[300];
@@ -233,28 +232,61 @@ static int raw_clear_all(const daemon_t *d, const char *who)
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
     struct timeval tv = {.tv_sec = 5};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    uint8_t req[KVF_WIRE_HEADER_LEN + KVF_AUTH_REQ_LEN] = {0}, rep[256];
+    return fd;
+}
+
+/* HELLO on fd: the reply's payload into rep (256 bytes), of want bytes (with the challenge or
+ * without). */
+static void raw_hello_len(int fd, uint8_t *rep, uint64_t want)
+{
+    uint8_t req[KVF_WIRE_HEADER_LEN + 24] = {0};
     kvf_wire_hdr h = {.opcode = KVF_OP_HELLO, .request_id = 1, .payload_len = 24}, rh;
     kvf__wire_hdr_encode(req, &h);
     kvf__put_u32(req + 40, 1);
     kvf__put_u32(req + 44, 1);
-    assert_int_equal(send(fd, req, KVF_WIRE_HEADER_LEN + 24, MSG_NOSIGNAL), 64);
-    assert_int_equal(raw_reply(fd, &rh, rep, sizeof rep), 0);
-    assert_int_equal(rh.payload_len, KVF_HELLO_REPLY_AUTH_LEN);
+    assert_int_equal(send(fd, req, sizeof req, MSG_NOSIGNAL), (ssize_t)sizeof req);
+    assert_int_equal(raw_reply(fd, &rh, rep, 256), 0);
+    assert_int_equal(rh.payload_len, want);
+}
+
+static void raw_hello(int fd, uint8_t *rep)
+{
+    raw_hello_len(fd, rep, KVF_HELLO_REPLY_AUTH_LEN);
+}
+
+/* AUTH on fd as who's credential, signing hello_rep's challenge; name_len (0: the name's own) is
+ * what the frame claims. Returns the reply's status and flags. */
+static int raw_auth(int fd, const char *who, const uint8_t *hello_rep, uint32_t name_len,
+                    uint32_t *flags)
+{
     kvf_credential c;
-    char path[320];
+    char path[320], err[300];
     snprintf(path, sizeof path, "%s/%s.cred", dir, who);
     assert_int_equal(kvf__cred_load(path, &c, err, sizeof err), 0);
-    memset(req, 0, sizeof req);
-    h = (kvf_wire_hdr){.opcode = KVF_OP_AUTH, .request_id = 2, .payload_len = KVF_AUTH_REQ_LEN};
+    uint8_t req[KVF_WIRE_HEADER_LEN + KVF_AUTH_REQ_LEN] = {0}, rep[256];
+    kvf_wire_hdr h = {.opcode = KVF_OP_AUTH, .request_id = 2, .payload_len = KVF_AUTH_REQ_LEN}, rh;
     kvf__wire_hdr_encode(req, &h);
-    kvf__put_u32(req + 40, (uint32_t)strlen(c.tenant));
+    kvf__put_u32(req + 40, name_len ? name_len : (uint32_t)strlen(c.tenant));
     memcpy(req + 48, c.tenant, strlen(c.tenant));
-    assert_int_equal(
-        kvf__auth_sign(&c, rep + KVF_HELLO_REPLY_LEN, kvf__get_u64(rep + 32), req + 48 + 64), 0);
+    assert_int_equal(kvf__auth_sign(&c, hello_rep + KVF_HELLO_REPLY_LEN,
+                                    kvf__get_u64(hello_rep + 32), req + 48 + 64),
+                     0);
     assert_int_equal(send(fd, req, sizeof req, MSG_NOSIGNAL), (ssize_t)sizeof req);
-    assert_int_equal(raw_reply(fd, &rh, rep, sizeof rep), 0);
-    memset(req, 0, sizeof req);
+    int st = raw_reply(fd, &rh, rep, sizeof rep);
+    if (flags)
+        *flags = rh.flags;
+    return st;
+}
+
+/* On a raw connection: HELLO, AUTH as who, then CLEAR with the every-namespace flag. Returns
+ * CLEAR's status. */
+static int raw_clear_all(const daemon_t *d, const char *who)
+{
+    int fd = raw_open(d);
+    uint8_t req[KVF_WIRE_HEADER_LEN + 8] = {0}, rep[256];
+    kvf_wire_hdr h, rh;
+    raw_hello(fd, rep);
+    assert_int_equal(raw_auth(fd, who, rep, 0, NULL), 0);
     h = (kvf_wire_hdr){
         .opcode = KVF_OP_CLEAR, .flags = KVF_WF_ALL_NS, .request_id = 3, .payload_len = 8};
     kvf__wire_hdr_encode(req, &h);
@@ -391,6 +423,86 @@ static void test_auth_tenants_are_isolated(void **state)
     kvf_client_close(&ops);
     kvf_client_close(&alice);
     kvf_client_close(&bob);
+    daemon_stop(&d);
+}
+
+/* The AUTH exchange's rules: AUTH before HELLO, a signature over another connection's challenge
+ * (a replay), a name length that does not match, and a second AUTH are each refused and close the
+ * connection; a tenants file that does not parse stops the node at start with its line named, and
+ * at SIGHUP leaves the old keys in place; a malformed or world-readable credential fails the
+ * client's open. */
+static void test_auth_protocol_rules(void **state)
+{
+    (void)state;
+    daemon_t d;
+    start_auth_store(&d, "64M");
+    uint8_t rep[256], rep2[256];
+    uint32_t flags = 0;
+
+    int fd = raw_open(&d); /* AUTH with no challenge yet */
+    memset(rep, 0, sizeof rep);
+    kvf__put_u64(rep + 32, 1);
+    assert_int_equal(raw_auth(fd, "alice", rep, 0, &flags), KVF_EPROTO);
+    assert_true(flags & KVF_WF_FATAL);
+    close(fd);
+
+    int a = raw_open(&d), b = raw_open(&d); /* b replays a signature over a's challenge */
+    raw_hello(a, rep);
+    raw_hello(b, rep2);
+    assert_int_equal(raw_auth(b, "alice", rep, 0, &flags), KVF_EACCES);
+    assert_true(flags & KVF_WF_FATAL);
+    close(b);
+    assert_int_equal(raw_auth(a, "alice", rep, 0, NULL), 0); /* where it belongs, it works */
+    raw_hello_len(a, rep2, KVF_HELLO_REPLY_LEN); /* a HELLO after AUTH: no new challenge */
+    assert_int_equal(raw_auth(a, "alice", rep, 0, &flags), KVF_EPROTO); /* nor a second AUTH */
+    close(a);
+
+    for (uint32_t bad_len = 1; bad_len <= 64; bad_len += 63) { /* "a" of "alice", and 64 */
+        fd = raw_open(&d);
+        raw_hello(fd, rep);
+        assert_int_equal(raw_auth(fd, "alice", rep, bad_len, &flags), KVF_EACCES);
+        close(fd);
+    }
+
+    /* SIGHUP with a tenants file that does not parse: the old keys stay. */
+    char path[320], keep[340], out[2048];
+    snprintf(path, sizeof path, "%s/tenants", dir);
+    snprintf(keep, sizeof keep, "%s.keep", path);
+    assert_int_equal(rename(path, keep), 0);
+    FILE *f = fopen(path, "w");
+    fputs("alice tenant not-a-key\n", f);
+    fclose(f);
+    kill(d.pid, SIGHUP);
+    usleep(300000);
+    kvf_client *alice = client_as(&d, "alice");
+    int st[2];
+    put_range(alice, 0, 2, 0xa1, st);
+    assert_int_equal(st[0], 0);
+    kvf_client_close(&alice);
+    char *const argv[] = {(char *)harness_store_bin(), "--auth", path, NULL};
+    assert_int_equal(harness_run(argv, out, sizeof out), 1); /* at start: refused, line named */
+    assert_non_null(strstr(out, ":1:"));
+    assert_int_equal(rename(keep, path), 0);
+
+    /* A credential that does not parse, and one readable by others. */
+    char cred[320];
+    snprintf(cred, sizeof cred, "%s/broken.cred", dir);
+    f = fopen(cred, "w");
+    fputs("tenant=alice\nsecret=00\n", f);
+    fclose(f);
+    chmod(cred, 0600);
+    const char *nodes[1] = {d.addr};
+    kvf_client_opts o = {.nodes = nodes, .n_nodes = 1, .ns = NS, .credential = cred};
+    kvf_client *c = NULL;
+    char err[300];
+    assert_int_equal(kvf_client_open(&c, &o, err, sizeof err), KVF_EINVAL);
+    snprintf(cred, sizeof cred, "%s/alice.cred", dir);
+    chmod(cred, 0644);
+    assert_int_equal(kvf_client_open(&c, &o, err, sizeof err), KVF_EACCES);
+    assert_non_null(strstr(err, "chmod 600"));
+    chmod(cred, 0600);
+    snprintf(cred, sizeof cred, "%s/broken.cred", dir);
+    unlink(cred);
     daemon_stop(&d);
 }
 
@@ -627,6 +739,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_auth_unauthenticated_gets_only_hello, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_tenants_are_isolated, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_protocol_rules, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_admin_role, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_quotas_bound_each_tenant, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_reload_revokes, teardown_daemons),
