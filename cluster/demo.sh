@@ -46,9 +46,10 @@ build/bin/kvf-bench e2e --config "$config" --trace data/traces/conversation_head
   --max-input 4096 --max-output 64 --slo-ttft-ms 2000 --out build/cluster/demo/e2e "${extra[@]}"
 
 echo "==== the stores after the run"
+# The stores authenticate every client: the cluster's admin credential reads their counters.
 for node in $(python3 -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["stores"]))' \
   build/cluster/demo/state.json); do
-  "$kvf" stats --node "$node" | head -4
+  KVF_CREDENTIAL=build/cluster/demo/admin.cred "$kvf" stats --node "$node" | head -4
 done
 plots="not drawn (gnuplot missing or failed)"
 if [ -s build/cluster/demo/e2e/ttft_cdf.png ]; then
