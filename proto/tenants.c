@@ -11,6 +11,7 @@
 
 #include <pthread.h>
 #include <sodium.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,7 @@ struct kvf__tenants {
     /* Tenant numbers: names[i] is tenant i + 1. Only grows, so a number never changes owner. */
     char (*names)[KVF_AUTH_NAME_MAX + 1];
     size_t n_names;
+    atomic_uint generation;
 };
 
 /* The number of name, given one if it has none. 0 when the table is full. */
@@ -120,6 +122,8 @@ int kvf__tenants_reload(kvf__tenants *t, char *err, size_t errlen)
     pthread_mutex_lock(&t->mu);
     int rc = load(t, err, errlen);
     pthread_mutex_unlock(&t->mu);
+    if (!rc)
+        atomic_fetch_add(&t->generation, 1);
     return rc;
 }
 
@@ -174,10 +178,27 @@ int kvf__tenants_check(kvf__tenants *t, const char *name, const uint8_t nonce[KV
         id->role = k->role;
         id->index = number_of(t, name);
         id->scope = kvf__auth_scope(name);
+        memcpy(id->pk, k->pk, sizeof id->pk);
         ok = 1;
     }
     pthread_mutex_unlock(&t->mu);
     return ok;
+}
+
+int kvf__tenants_has_key(kvf__tenants *t, const kvf__tenant_id *id)
+{
+    int found = 0;
+    pthread_mutex_lock(&t->mu);
+    for (size_t i = 0; i < t->n_keys && !found; i++)
+        found = t->keys[i].role == id->role && !strcmp(t->keys[i].name, id->name) &&
+                !memcmp(t->keys[i].pk, id->pk, sizeof id->pk);
+    pthread_mutex_unlock(&t->mu);
+    return found;
+}
+
+unsigned kvf__tenants_generation(kvf__tenants *t)
+{
+    return atomic_load(&t->generation);
 }
 
 void kvf__tenants_count(kvf__tenants *t, size_t *keys, size_t *names)

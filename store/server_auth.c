@@ -100,6 +100,25 @@ void kvf__tenants_apply_quotas(kvf__tenants *t, kvf_cache *cache)
     }
 }
 
+void kvf__auth_sweep(loop *lp)
+{
+    kvf_server *s = lp->srv;
+    if (!s->o.tenants)
+        return;
+    unsigned gen = kvf__tenants_generation(s->o.tenants);
+    if (gen == lp->tenants_gen)
+        return;
+    lp->tenants_gen = gen;
+    for (conn *c = lp->conns, *next; c; c = next) {
+        next = c->next;
+        if (c->role == KVF_ROLE_NONE || kvf__tenants_has_key(s->o.tenants, &c->who))
+            continue;
+        kvf_info(s->o.log, "connection %" PRIu64 " of tenant %s closed: its key was revoked", c->id,
+                 c->who.name);
+        kvf__conn_destroy(c);
+    }
+}
+
 void kvf__server_reload_tenants(kvf_server *s)
 {
     atomic_store(&s->reload_tenants, 1);

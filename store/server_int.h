@@ -124,6 +124,7 @@ struct loop {
     /* Accepting paused by trouble (server_loop.c): the listener is out of this loop's poller until
      * accept_resume_ns, or until a connection closes (n_closed moves past closed_seen). */
     uint64_t accept_resume_ns; /* 0: the listener is watched */
+    unsigned tenants_gen;      /* the tenants file's generation its connections were checked at */
     uint64_t accept_backoff_ns;
     uint64_t closed_seen;
 };
@@ -245,6 +246,9 @@ void kvf__req_auth(conn *c);
 int kvf__auth_gate(conn *c, uint16_t opcode);
 /* Loop 0: reloads the tenants file if it was asked to. */
 void kvf__auth_reload_if_asked(kvf_server *s);
+/* After a reload: closes lp's connections whose key is no longer in the tenants file. On lp's
+ * thread, without the cache lock. */
+void kvf__auth_sweep(loop *lp);
 
 /* server_node.c: the node as a whole. */
 /* HELLO: checks the client's versions, binds c to its namespace and answers the node's limits,

@@ -283,6 +283,7 @@ static void *loop_main(void *arg)
             for (conn *c = lp->conns; c; c = c->next)
                 kvf__conn_leases_expire_locked(c, t);
             kvf__cache_unlock(s->o.cache);
+            kvf__auth_sweep(lp);
         }
     }
     return NULL;

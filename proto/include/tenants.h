@@ -21,9 +21,10 @@ typedef struct kvf__tenants kvf__tenants;
 /* Who a connection proved to be. */
 typedef struct kvf__tenant_id {
     char name[KVF_AUTH_NAME_MAX + 1];
-    int role;       /* KVF_ROLE_TENANT or KVF_ROLE_ADMIN */
-    uint32_t index; /* 1.. : the cache's tenant number, stable across reloads */
-    uint64_t scope; /* kvf__auth_scope(name) */
+    int role;                    /* KVF_ROLE_TENANT or KVF_ROLE_ADMIN */
+    uint32_t index;              /* 1.. : the cache's tenant number, stable across reloads */
+    uint64_t scope;              /* kvf__auth_scope(name) */
+    uint8_t pk[KVF_AUTH_PK_LEN]; /* the key it proved */
 } kvf__tenant_id;
 
 /* Reads the tenants file at path. Caller owns the result; free with kvf__tenants_close(). 0, or
@@ -46,6 +47,12 @@ int kvf__tenants_curve_allow(kvf__tenants *t, const uint8_t pk[32], char *name, 
  * keys of name, else 0. */
 int kvf__tenants_check(kvf__tenants *t, const char *name, const uint8_t nonce[KVF_AUTH_NONCE_LEN],
                        uint64_t node_id, const uint8_t sig[KVF_AUTH_SIG_LEN], kvf__tenant_id *id);
+/* Whether id's key is still in the file, with the same name and role (a reload may have revoked
+ * it). */
+int kvf__tenants_has_key(kvf__tenants *t, const kvf__tenant_id *id);
+/* How many times the file was read again successfully: a change says to check open connections
+ * against it. */
+unsigned kvf__tenants_generation(kvf__tenants *t);
 /* The number of keys and of tenant names known. */
 void kvf__tenants_count(kvf__tenants *t, size_t *keys, size_t *names);
 

@@ -594,7 +594,8 @@ static void test_auth_quotas_bound_each_tenant(void **state)
 }
 
 /* Rotation and revocation: SIGHUP reads the tenants file again; a removed key authenticates no
- * new connection, and the tenants that stay are served as before. */
+ * new connection, the connections it opened are closed, and the tenants that stay are served as
+ * before. */
 static void test_auth_reload_revokes(void **state)
 {
     (void)state;
@@ -605,6 +606,11 @@ static void test_auth_reload_revokes(void **state)
     put_range(bob, 0, 2, 0xb0, st);
     assert_int_equal(st[0], 0);
     kvf_client_close(&bob);
+    /* A connection bob authenticated before the revocation: the node closes it. */
+    uint8_t rep[256];
+    int open_fd = raw_open(&d);
+    raw_hello(open_fd, rep);
+    assert_int_equal(raw_auth(open_fd, "bob", rep, 0, NULL), 0);
 
     char path[320], tmp[340];
     snprintf(path, sizeof path, "%s/tenants", dir);
@@ -631,6 +637,9 @@ static void test_auth_reload_revokes(void **state)
             usleep(50000);
     }
     assert_true(refused);
+    char byte;
+    assert_int_equal(recv(open_fd, &byte, 1, 0), 0); /* EOF within the read timeout (5 s) */
+    close(open_fd);
     kvf_client *alice = client_as(&d, "alice");
     put_range(alice, 0, 2, 0xa1, st);
     assert_int_equal(st[0], 0);
