@@ -5,7 +5,8 @@
  *             [--max-request SIZE] [--max-entries N] [--log-level L] [--no-verify]
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
  *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N] [--insecure]
- *             [--auth TENANTS] [--copy-credential FILE] [--events-credential FILE]
+ *             [--auth TENANTS] [--auth-timeout MS] [--copy-credential FILE]
+ *             [--events-credential FILE]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
  * once it accepts connections; SIGTERM and SIGINT stop it cleanly; SIGHUP reads --auth's tenants
@@ -68,6 +69,8 @@ static void usage(FILE *f)
         "  --auth TENANTS        require every client to authenticate as a tenant of this\n"
         "                        file (kvf auth new); SIGHUP reads it again. Allows --listen\n"
         "                        on any address\n"
+        "  --auth-timeout MS     with --auth, a connection not authenticated by then is\n"
+        "                        closed (default 10000)\n"
         "  --copy-credential F   the credential COPY presents to --peer nodes (an admin's)\n"
         "  --events-credential F secure --events with CURVE under this credential's key:\n"
         "                        subscribers prove a key of --auth's tenants, an admin sees\n"
@@ -98,7 +101,7 @@ typedef struct store_cfg {
     int verify, lock_memory, prefault, insecure;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
-    long copy_workers, copy_queue;
+    long copy_workers, copy_queue, auth_timeout_ms;
     kvf_log lg;
 } store_cfg;
 
@@ -152,6 +155,13 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         cfg->events = v;
     } else if (!strcmp(a, "--auth")) {
         cfg->auth = v;
+    } else if (!strcmp(a, "--auth-timeout")) {
+        char *end = NULL;
+        cfg->auth_timeout_ms = strtol(v, &end, 10);
+        if (end == v || *end || cfg->auth_timeout_ms < 1 || cfg->auth_timeout_ms > 3600000) {
+            fprintf(stderr, "kvf-store: --auth-timeout: %s is not 1..3600000 ms\n", v);
+            return 2;
+        }
     } else if (!strcmp(a, "--copy-credential")) {
         cfg->copy_credential = v;
     } else if (!strcmp(a, "--events-credential")) {
@@ -347,6 +357,7 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .copy_workers = (int)cfg->copy_workers,
         .copy_queue = (int)cfg->copy_queue,
         .tenants = tenants,
+        .auth_timeout_ms = (uint32_t)cfg->auth_timeout_ms,
         .copy_credential = cfg->copy_credential,
         .cache = cache,
         .log = &cfg->lg,

@@ -44,6 +44,7 @@ typedef struct kvf_server_opts {
      * request; NULL: none, every client is trusted as an admin. Borrowed; must outlive the
      * server. copy_credential: the credential COPY's workers present to the peers (NULL: none). */
     kvf__tenants *tenants;
+    uint32_t auth_timeout_ms; /* a connection not authenticated by then is closed; 0: 10000 */
     const char *copy_credential;
     kvf_cache *cache;   /* borrowed; must outlive the server */
     const kvf_log *log; /* borrowed; may be NULL */

@@ -100,22 +100,30 @@ void kvf__tenants_apply_quotas(kvf__tenants *t, kvf_cache *cache)
     }
 }
 
-void kvf__auth_sweep(loop *lp)
+void kvf__auth_sweep(loop *lp, uint64_t now_ns)
 {
     kvf_server *s = lp->srv;
     if (!s->o.tenants)
         return;
     unsigned gen = kvf__tenants_generation(s->o.tenants);
-    if (gen == lp->tenants_gen)
-        return;
+    int reloaded = gen != lp->tenants_gen;
     lp->tenants_gen = gen;
+    uint64_t limit = (uint64_t)s->o.auth_timeout_ms * 1000000u;
     for (conn *c = lp->conns, *next; c; c = next) {
         next = c->next;
-        if (c->role == KVF_ROLE_NONE || kvf__tenants_has_key(s->o.tenants, &c->who))
-            continue;
-        kvf_info(s->o.log, "connection %" PRIu64 " of tenant %s closed: its key was revoked", c->id,
-                 c->who.name);
-        kvf__conn_destroy(c);
+        if (c->role == KVF_ROLE_NONE) {
+            /* Not authenticated in time: a connection that only holds a descriptor. */
+            if (now_ns - c->accepted_ns < limit || c->closing)
+                continue;
+            atomic_fetch_add(&s->auth_timeouts, 1);
+            kvf_debug(s->o.log, "connection %" PRIu64 " closed: no AUTH within %u ms", c->id,
+                      s->o.auth_timeout_ms);
+            kvf__conn_destroy(c);
+        } else if (reloaded && !kvf__tenants_has_key(s->o.tenants, &c->who)) {
+            kvf_info(s->o.log, "connection %" PRIu64 " of tenant %s closed: its key was revoked",
+                     c->id, c->who.name);
+            kvf__conn_destroy(c);
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 #include "server_int.h"
 
 #include "cache.h"
+#include "clock.h"
 #include "poller.h"
 
 #include <inttypes.h>
@@ -25,6 +26,7 @@ void kvf__conn_adopt(loop *lp, int fd)
     c->id = atomic_fetch_add(&s->next_conn_id, 1);
     c->events = KVF_POLL_IN;
     c->role = s->o.tenants ? KVF_ROLE_NONE : KVF_ROLE_ADMIN;
+    c->accepted_ns = kvf__now_ns();
     if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
         close(fd);
         free(c);

@@ -96,6 +96,7 @@ typedef struct conn {
      * is an admin. challenged: HELLO sent nonce, which AUTH must sign. */
     int role;
     kvf__tenant_id who;
+    uint64_t accepted_ns;
     int challenged;
     uint8_t nonce[KVF_AUTH_NONCE_LEN];
 } conn;
@@ -153,7 +154,8 @@ struct kvf_server {
     /* counters */
     atomic_uint_fast64_t n_conns, n_accepted, n_closed, n_shed, bytes_in, bytes_out, proto_errors;
     atomic_uint_fast64_t auth_ok, auth_failed, auth_refused; /* refused: a request before AUTH */
-    atomic_int reload_tenants; /* asked by kvf__server_reload_tenants, done by loop 0 */
+    atomic_uint_fast64_t auth_timeouts; /* closed for not authenticating in time */
+    atomic_int reload_tenants;          /* asked by kvf__server_reload_tenants, done by loop 0 */
     atomic_uint_fast64_t reqs[32];
     /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
     kvf__rserve *rdma;
@@ -246,9 +248,10 @@ void kvf__req_auth(conn *c);
 int kvf__auth_gate(conn *c, uint16_t opcode);
 /* Loop 0: reloads the tenants file if it was asked to. */
 void kvf__auth_reload_if_asked(kvf_server *s);
-/* After a reload: closes lp's connections whose key is no longer in the tenants file. On lp's
- * thread, without the cache lock. */
-void kvf__auth_sweep(loop *lp);
+/* Closes lp's connections that did not authenticate within the node's AUTH deadline, and after a
+ * reload those whose key is no longer in the tenants file. On lp's thread, without the cache
+ * lock; every tick. */
+void kvf__auth_sweep(loop *lp, uint64_t now_ns);
 
 /* server_node.c: the node as a whole. */
 /* HELLO: checks the client's versions, binds c to its namespace and answers the node's limits,

@@ -283,7 +283,7 @@ static void *loop_main(void *arg)
             for (conn *c = lp->conns; c; c = c->next)
                 kvf__conn_leases_expire_locked(c, t);
             kvf__cache_unlock(s->o.cache);
-            kvf__auth_sweep(lp);
+            kvf__auth_sweep(lp, t);
         }
     }
     return NULL;
@@ -331,6 +331,8 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
         s->o.threads = 1;
     if (!s->o.max_request)
         s->o.max_request = 256ull << 20;
+    if (!s->o.auth_timeout_ms)
+        s->o.auth_timeout_ms = 10000;
     if (!s->o.max_items || s->o.max_items > KVF_WIRE_MAX_ITEMS)
         s->o.max_items = KVF_WIRE_MAX_ITEMS;
     atomic_init(&s->next_conn_id, 1);

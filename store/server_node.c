@@ -190,6 +190,7 @@ static json_t *stats_auth(kvf_server *s)
     ASET("ok", atomic_load(&s->auth_ok));
     ASET("failed", atomic_load(&s->auth_failed));
     ASET("refused", atomic_load(&s->auth_refused));
+    ASET("timeouts", atomic_load(&s->auth_timeouts));
 #undef ASET
     return a;
 }

@@ -428,9 +428,9 @@ static void test_auth_tenants_are_isolated(void **state)
 
 /* The AUTH exchange's rules: AUTH before HELLO, a signature over another connection's challenge
  * (a replay), a name length that does not match, and a second AUTH are each refused and close the
- * connection; a tenants file that does not parse stops the node at start with its line named, and
- * at SIGHUP leaves the old keys in place; a malformed or world-readable credential fails the
- * client's open. */
+ * connection; a connection that does not authenticate in time is closed; a tenants file that does
+ * not parse stops the node at start with its line named, and at SIGHUP leaves the old keys in
+ * place; a malformed or world-readable credential fails the client's open. */
 static void test_auth_protocol_rules(void **state)
 {
     (void)state;
@@ -463,6 +463,23 @@ static void test_auth_protocol_rules(void **state)
         assert_int_equal(raw_auth(fd, "alice", rep, bad_len, &flags), KVF_EACCES);
         close(fd);
     }
+
+    /* A connection that never authenticates is closed at the node's deadline (300 ms here),
+     * whether it sent nothing or a HELLO. */
+    daemon_t quick;
+    char extra[400];
+    snprintf(extra, sizeof extra, "--auth %s/tenants --auth-timeout 300", dir);
+    daemon_start(&quick, "16M", extra);
+    int idle = raw_open(&quick), hello_only = raw_open(&quick);
+    raw_hello(hello_only, rep);
+    char byte;
+    double t0 = (double)time(NULL);
+    assert_int_equal(recv(idle, &byte, 1, 0), 0);
+    assert_int_equal(recv(hello_only, &byte, 1, 0), 0);
+    assert_true((double)time(NULL) - t0 <= 3);
+    close(idle);
+    close(hello_only);
+    daemon_stop(&quick);
 
     /* SIGHUP with a tenants file that does not parse: the old keys stay. */
     char path[320], keep[340], out[2048];
