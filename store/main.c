@@ -81,6 +81,8 @@ static void usage(FILE *f)
         "  --peer HOST:PORT      a storage node COPY may push to (repeat for each; without\n"
         "                        any, COPY is refused)\n"
         "  --copy-workers N      threads that run COPYs (default 2)\n"
+        "  --copy-max-deadline MS  the longest a COPY may take, whatever it asks (default\n"
+        "                        and at most 30000)\n"
         "  --copy-queue N        COPYs that may wait for a worker; more are refused as busy\n"
         "                        (default 16)\n"
         "  --rdma off|auto|HOST:PORT\n"
@@ -101,7 +103,7 @@ typedef struct store_cfg {
     int verify, lock_memory, prefault, insecure;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
-    long copy_workers, copy_queue, auth_timeout_ms;
+    long copy_workers, copy_queue, auth_timeout_ms, copy_max_deadline_ms;
     kvf_log lg;
 } store_cfg;
 
@@ -155,6 +157,15 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         cfg->events = v;
     } else if (!strcmp(a, "--auth")) {
         cfg->auth = v;
+    } else if (!strcmp(a, "--copy-max-deadline")) {
+        char *end = NULL;
+        cfg->copy_max_deadline_ms = strtol(v, &end, 10);
+        if (end == v || *end || cfg->copy_max_deadline_ms < 1 ||
+            cfg->copy_max_deadline_ms > KVF_COPY_MAX_DEADLINE_MS) {
+            fprintf(stderr, "kvf-store: --copy-max-deadline: %s is not 1..%d ms\n", v,
+                    KVF_COPY_MAX_DEADLINE_MS);
+            return 2;
+        }
     } else if (!strcmp(a, "--auth-timeout")) {
         char *end = NULL;
         cfg->auth_timeout_ms = strtol(v, &end, 10);
@@ -356,6 +367,7 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .n_copy_peers = cfg->n_peers,
         .copy_workers = (int)cfg->copy_workers,
         .copy_queue = (int)cfg->copy_queue,
+        .copy_max_deadline_ms = (uint32_t)cfg->copy_max_deadline_ms,
         .tenants = tenants,
         .auth_timeout_ms = (uint32_t)cfg->auth_timeout_ms,
         .copy_credential = cfg->copy_credential,

@@ -19,7 +19,8 @@
 
 typedef struct kvf_server kvf_server;
 
-/* The longest a COPY may take to push its objects: a request asking for more gets this. */
+/* The longest a COPY may take to push its objects by default (copy_max_deadline_ms): a request
+ * asking for more gets this. */
 #define KVF_COPY_MAX_DEADLINE_MS 30000
 
 typedef struct kvf_server_opts {
@@ -40,6 +41,7 @@ typedef struct kvf_server_opts {
     size_t n_copy_peers;
     int copy_workers;
     int copy_queue;
+    uint32_t copy_max_deadline_ms; /* a COPY's deadline is capped at this; 0: 30 s */
     /* Authentication: the tenants a client must prove to be (AUTH after HELLO) before any other
      * request; NULL: none, every client is trusted as an admin. Borrowed; must outlive the
      * server. copy_credential: the credential COPY's workers present to the peers (NULL: none). */

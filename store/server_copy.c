@@ -2,7 +2,7 @@
  * COPY on the storage node's server: the objects named are pushed to another node with the client
  * library, by one of a small pool of worker threads, so the loop never waits on another node. Only
  * the peers the node was configured with may be targets (a COPY to anywhere else is KVF_EACCES),
- * a request's deadline is capped at KVF_COPY_MAX_DEADLINE_MS, and at most copy_queue jobs wait for
+ * a request's deadline is capped (copy_max_deadline_ms), and at most copy_queue jobs wait for
  * a worker (more are KVF_EBUSY at once). The request takes a read reference on each hit, which the
  * worker drops once the target answered; the worker posts the reply to the loop's inbox
  * (server_inbox.c), and the loop sends it if the connection is still open. A connection with a
@@ -390,9 +390,10 @@ void kvf__req_copy(conn *c)
     j->h = c->h;
     j->ns = kvf__get_u64(c->rbuf);
     j->n = n;
-    j->deadline_ms = !deadline_ms                             ? COPY_DEADLINE_DEFAULT_MS
-                     : deadline_ms > KVF_COPY_MAX_DEADLINE_MS ? KVF_COPY_MAX_DEADLINE_MS
-                                                              : (int)deadline_ms;
+    uint32_t cap = s->o.copy_max_deadline_ms;
+    j->deadline_ms = (int)(!deadline_ms ? COPY_DEADLINE_DEFAULT_MS : deadline_ms);
+    if ((uint32_t)j->deadline_ms > cap)
+        j->deadline_ms = (int)cap;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         j->keys[i] = kvf__wire_key_get(keys + 16 * (size_t)i);

@@ -333,6 +333,8 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
         s->o.max_request = 256ull << 20;
     if (!s->o.auth_timeout_ms)
         s->o.auth_timeout_ms = 10000;
+    if (!s->o.copy_max_deadline_ms || s->o.copy_max_deadline_ms > KVF_COPY_MAX_DEADLINE_MS)
+        s->o.copy_max_deadline_ms = KVF_COPY_MAX_DEADLINE_MS;
     if (!s->o.max_items || s->o.max_items > KVF_WIRE_MAX_ITEMS)
         s->o.max_items = KVF_WIRE_MAX_ITEMS;
     atomic_init(&s->next_conn_id, 1);

@@ -629,6 +629,40 @@ static void test_daemon_copy_workers_are_bounded(void **state)
     close(l);
 }
 
+/* A COPY's deadline is the node's to cap: a client asking for a minute to a peer that never
+ * answers gets its keys failed within the node's cap (500 ms here, 30 s by default), and the
+ * worker is free again. Pins the cap that used to be unchecked (a client-chosen 2^32-1 ms). */
+static void test_daemon_copy_deadline_is_capped(void **state)
+{
+    (void)state;
+    int l = socket(AF_INET, SOCK_STREAM, 0); /* a peer that accepts and never answers */
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    assert_true(l >= 0);
+    assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(l, 16), 0);
+    assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
+    char target[64], extra[200];
+    snprintf(target, sizeof target, "127.0.0.1:%u", ntohs(a.sin_port));
+    snprintf(extra, sizeof extra, "--peer %s --copy-workers 1 --copy-max-deadline 500", target);
+    daemon_t d;
+    daemon_start(&d, "32M", extra);
+    kvf_client *c = client_open(&d, 1, 60000);
+    assert_int_equal(put_range(c, 0, 2, SEG, 0, NULL), 2);
+    kvf_key keys[2] = {key_of(0), key_of(1)};
+    int st[2];
+    for (int round = 0; round < 2; round++) { /* the worker is free again after the first */
+        double t0 = kvf__now_ns() / 1e9;
+        assert_int_equal(kvf_client_copy(c, 0, target, 2, keys, st, 60000), 0);
+        double took = kvf__now_ns() / 1e9 - t0;
+        assert_true(st[0] != 0 && st[1] != 0);
+        assert_true(took < 5.0);
+    }
+    kvf_client_close(&c);
+    daemon_stop(&d);
+    close(l);
+}
+
 typedef struct worker_arg {
     daemon_t *d;
     uint64_t base;
@@ -1111,6 +1145,7 @@ int main(void)
         cmocka_unit_test_teardown(test_daemon_lease_expiry_and_clear, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_copy_between_nodes, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_copy_workers_are_bounded, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_copy_deadline_is_capped, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_refuses_open_listen, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_concurrent_clients, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_bad_input_is_contained, teardown_daemons),
