@@ -87,7 +87,9 @@ static void usage(FILE *f)
         "                        (default 16)\n"
         "  --rdma off|auto|HOST:PORT\n"
         "                        serve RDMA descriptors over rdma_cm: auto (default) where this\n"
-        "                        host has a device, on the listen address and a free port\n");
+        "                        host has a device, on the listen address and a free port\n"
+        "  --rdma-tenants        with --auth, serve RDMA to tenants too: one key covers the\n"
+        "                        whole arena, so tenants are not isolated on it\n");
 }
 
 #define STORE_MAX_PEERS 256
@@ -100,7 +102,7 @@ typedef struct store_cfg {
     uint64_t memory, max_request;
     long threads, max_entries, node;
     const char *evict, *poller, *events, *rdma, *auth, *copy_credential, *events_credential;
-    int verify, lock_memory, prefault, insecure;
+    int verify, lock_memory, prefault, insecure, rdma_tenants;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
     long copy_workers, copy_queue, auth_timeout_ms, copy_max_deadline_ms;
@@ -234,6 +236,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
             return 0;
         } else if (!strcmp(a, "--no-verify")) {
             cfg->verify = 0;
+        } else if (!strcmp(a, "--rdma-tenants")) {
+            cfg->rdma_tenants = 1;
         } else if (!strcmp(a, "--lock-memory")) {
             cfg->lock_memory = 1;
         } else if (!strcmp(a, "--no-prefault")) {
@@ -368,6 +372,7 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .copy_workers = (int)cfg->copy_workers,
         .copy_queue = (int)cfg->copy_queue,
         .copy_max_deadline_ms = (uint32_t)cfg->copy_max_deadline_ms,
+        .rdma_tenants = cfg->rdma_tenants,
         .tenants = tenants,
         .auth_timeout_ms = (uint32_t)cfg->auth_timeout_ms,
         .copy_credential = cfg->copy_credential,

@@ -47,6 +47,9 @@ typedef struct kvf_server_opts {
      * server. copy_credential: the credential COPY's workers present to the peers (NULL: none). */
     kvf__tenants *tenants;
     uint32_t auth_timeout_ms; /* a connection not authenticated by then is closed; 0: 10000 */
+    /* With tenants, RDMA (one rkey for the whole arena: no isolation between tenants) is neither
+     * advertised nor served to tenants unless this is set; admins may always use it. */
+    int rdma_tenants;
     const char *copy_credential;
     kvf_cache *cache;   /* borrowed; must outlive the server */
     const kvf_log *log; /* borrowed; may be NULL */

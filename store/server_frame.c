@@ -109,6 +109,14 @@ static const op_row *op_row_of(uint16_t opcode)
     return NULL;
 }
 
+/* Whether c, a tenant of a node that does not serve RDMA to tenants, is refused an RDMA
+ * descriptor. */
+static int tenant_rdma_refused(const conn *c)
+{
+    const kvf_server *s = c->lp->srv;
+    return s->o.tenants && !s->o.rdma_tenants && c->role != KVF_ROLE_ADMIN;
+}
+
 /* The body of c's request has been read: the reader goes back to headers (PUT and COMMIT set it
  * to their data), and the request goes to its opcode's handler. */
 static void on_body(conn *c)
@@ -131,6 +139,13 @@ static void on_body(conn *c)
                              c->h.payload_len, c->h.item_count);
             return;
         }
+    }
+    if ((opcode == KVF_OP_RDMA_GET || opcode == KVF_OP_RDMA_RESERVE) && tenant_rdma_refused(c)) {
+        kvf__reply_error(c, KVF_EACCES, 0,
+                         "RDMA is not isolated between tenants (one key for the whole arena, "
+                         "docs/security.md): this node serves it to tenants only with "
+                         "--rdma-tenants");
+        return;
     }
     if (opcode == KVF_OP_COPY && c->role != KVF_ROLE_ADMIN) {
         kvf__reply_error(c, KVF_EACCES, 0, "copy is for the admin role (tenant %s is not)",

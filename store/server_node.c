@@ -31,7 +31,8 @@ void kvf__req_hello(conn *c)
     c->ns_bound = ns;
     uint8_t r[KVF_HELLO_REPLY_AUTH_LEN];
     size_t rlen = KVF_HELLO_REPLY_LEN;
-    uint64_t served = caps & KVF_CAP_ALL & (s->rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA);
+    int rdma = s->rdma && (!s->o.tenants || s->o.rdma_tenants);
+    uint64_t served = caps & KVF_CAP_ALL & (rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA);
     if (s->o.tenants && c->role == KVF_ROLE_NONE) {
         /* A fresh challenge per HELLO: AUTH signs the latest one. */
         kvf__auth_random(c->nonce, sizeof c->nonce);
@@ -50,7 +51,7 @@ void kvf__req_hello(conn *c)
     kvf__cache_unlock(s->o.cache);
     kvf__put_u64(r + 24, st.memory);
     kvf__put_u64(r + 32, s->o.node_id);
-    kvf__put_u32(r + 40, s->rdma ? kvf__rserve_port(s->rdma) : 0);
+    kvf__put_u32(r + 40, rdma ? kvf__rserve_port(s->rdma) : 0);
     kvf__put_u32(r + 44, 0);
     kvf__reply_copy(c, 0, 0, 0, r, rlen);
 }

@@ -23,6 +23,7 @@
 #include "client_int.h"
 #include "kvf/object.h"
 #include "server.h"
+#include "tenants.h"
 #include "wire.h"
 
 #include "fake_fabric.h"
@@ -36,6 +37,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------ */
@@ -660,6 +662,79 @@ static void test_fallback(void **state)
     node_stop(&n);
 }
 
+/* With tenants (--auth), RDMA's one key for the whole arena would let one tenant read or write
+ * another's blocks: a node neither advertises nor serves it to tenants unless told
+ * (--rdma-tenants). A tenant's client then runs on TCP, with the reason, and a descriptor request
+ * is refused; with the flag it runs on RDMA, its namespaces scoped as on TCP. */
+static void test_tenants_and_rdma(void **state)
+{
+    (void)state;
+    char dir[] = "/tmp/kvf-rdma-auth-XXXXXX", tpath[128], cpath[128], err[300], line[512];
+    assert_non_null(mkdtemp(dir));
+    snprintf(tpath, sizeof tpath, "%s/tenants", dir);
+    snprintf(cpath, sizeof cpath, "%s/t.cred", dir);
+    kvf_credential cred;
+    kvf_tenant_key k = {.role = KVF_ROLE_TENANT};
+    snprintf(k.name, sizeof k.name, "t");
+    assert_int_equal(kvf__cred_new(&cred, "t", k.pk), 0);
+    assert_int_equal(kvf__cred_write(cpath, &cred, err, sizeof err), 0);
+    FILE *f = fopen(tpath, "w");
+    kvf__tenant_key_format(&k, line, sizeof line);
+    fputs(line, f);
+    fclose(f);
+    kvf__tenants *tenants = NULL;
+    assert_int_equal(kvf__tenants_open(&tenants, tpath, err, sizeof err), 0);
+
+    for (int allow = 0; allow < 2; allow++) {
+        fabric_reset();
+        node n;
+        char e2[256];
+        kvf_cache_opts co = {.memory = 64u << 20};
+        assert_int_equal(kvf__cache_open(&n.cache, &co, e2, sizeof e2), 0);
+        kvf_server_opts so = {.host = "127.0.0.1",
+                              .verify_puts = 1,
+                              .rdma = "127.0.0.1:0",
+                              .tenants = tenants,
+                              .rdma_tenants = allow,
+                              .cache = n.cache};
+        assert_int_equal(kvf__server_open(&n.srv, &so, e2, sizeof e2), 0);
+        snprintf(n.addr, sizeof n.addr, "127.0.0.1:%u", kvf__server_port(n.srv));
+        assert_int_equal(pthread_create(&n.th, NULL, srv_main, n.srv), 0);
+        const char *nodes[1] = {n.addr};
+        kvf_client_opts o = {
+            .nodes = nodes, .n_nodes = 1, .ns = NS, .transport = "auto", .credential = cpath};
+        kvf_client *c = NULL;
+        assert_int_equal(kvf_client_open(&c, &o, e2, sizeof e2), 0);
+        char why[240];
+        assert_string_equal(kvf_client_transport(c, why, sizeof why), allow ? "rdma" : "tcp");
+        objs ob;
+        objs_make(&ob, 4, 3);
+        const char *tr = NULL;
+        assert_int_equal(do_put(c, &ob, &tr), 0);
+        assert_string_equal(tr, allow ? "rdma" : "tcp");
+        assert_int_equal(do_get(c, &ob, 0, NULL, NULL), 0);
+        for (size_t i = 0; i < ob.n; i++)
+            assert_memory_equal(ob.buf[i], ob.obj[i], ob.len[i]);
+        if (!allow) {
+            uint8_t req[16 + 16] = {0}, *rep = NULL;
+            size_t rlen;
+            memcpy(req, &(uint64_t){NS}, 8);
+            kvf__wire_key_put(req + 16, &ob.keys[0]);
+            assert_int_equal(kvf__io_raw(c->io[0], 0, -1, KVF_OP_RDMA_GET, 1, req, sizeof req, &rep,
+                                         &rlen, 2000),
+                             KVF_EACCES);
+            assert_int_equal(F.writes, 0);
+        }
+        kvf_client_close(&c);
+        objs_free(&ob);
+        node_stop(&n);
+    }
+    kvf__tenants_close(&tenants);
+    unlink(tpath);
+    unlink(cpath);
+    rmdir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -672,6 +747,7 @@ int main(void)
         cmocka_unit_test(test_bad_descriptors),
         cmocka_unit_test(test_stale_block_never_visible),
         cmocka_unit_test(test_fallback),
+        cmocka_unit_test(test_tenants_and_rdma),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
