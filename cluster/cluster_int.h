@@ -1,0 +1,64 @@
+/*
+ * What the parts of `kvf cluster` share (cluster.c: the configuration and the down, status and send
+ * actions; cluster_up.c: up; cluster_run.c: what up makes and down removes, namespaces, the state
+ * file and the processes). Only cluster/ includes it.
+ */
+#ifndef KVF_CLUSTER_CLUSTER_INT_H
+#define KVF_CLUSTER_CLUSTER_INT_H
+
+#include <stdio.h>
+#include <sys/types.h>
+
+#define MAX_PROCS 64
+#define READY_MS  30000
+
+typedef struct cfg {
+    char name[16], model[32], store_memory[32], policy[32], run_dir[512];
+    int stores, prefill, decode, store_threads;
+    long max_tokens;
+    /* --netns */
+    char subnet[32], rate[32];
+    double delay_ms;
+} cfg;
+
+typedef struct proc {
+    char name[32], kind[16], addr[160], log[600], ns[64];
+    char ready[512]; /* its ready line: listen=, events=, ... */
+    pid_t pid;
+} proc;
+
+/* Set by SIGINT/SIGTERM while up runs (kvf__cluster_on_interrupt), so that it can undo. */
+extern volatile int kvf__cluster_interrupted;
+void kvf__cluster_on_interrupt(int sig);
+/* Prints "kvf cluster: " and the message on stderr; returns 1. */
+int kvf__cluster_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* cluster_run.c: network namespaces (--netns). The commands run go to the file
+ * kvf__cluster_cmdlog (NULL: nowhere). */
+extern FILE *kvf__cluster_cmdlog;
+/* The namespace name of host in cluster c ("kvf-NAME-HOST"). */
+void kvf__cluster_ns_name(const cfg *c, const char *host, char *out, size_t n);
+/* Removes the namespaces of p[0..np) and the hub. */
+void kvf__cluster_netns_down(const cfg *c, const proc *p, int np);
+/* Makes the hub that joins the hosts' namespaces; shaping gets how the links are shaped. Returns
+ * 0, or 1 after printing why. */
+int kvf__cluster_netns_hub(const cfg *c, char *shaping, size_t sl);
+/* Makes host k's namespace (named p->ns), its veth into the hub and its shaping. Returns 0, or 1
+ * after printing why. */
+int kvf__cluster_netns_host(const cfg *c, proc *p, int k, char *shaping, size_t sl);
+
+/* cluster_run.c: the state file (RUN_DIR/state.json) and the processes it names. */
+void kvf__cluster_state_path(const cfg *c, char *out, size_t n);
+int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, const char *shaping);
+/* Returns 0 with what the state file names (at most MAX_PROCS), or -1 where there is none. */
+int kvf__cluster_state_read(const cfg *c, proc *p, int *np, int *netns);
+/* A pid from the state file is ours only while its command line is one of our programs. */
+int kvf__cluster_ours_alive(pid_t pid);
+/* Stops p[0..np): SIGTERM in reverse order, SIGKILL to what is left after 5 s. children: they
+ * are this process's own (up undoing itself), else pids from the state file (down). */
+void kvf__cluster_stop_procs(proc *p, int np, int children);
+
+/* cluster_up.c: `kvf cluster up`. Returns the exit status (130 when interrupted). */
+int kvf__cluster_up(const cfg *c, int netns);
+
+#endif

@@ -1,0 +1,496 @@
+/*
+ * kvf cluster up (cluster_int.h): starts the stores, calibrates the cost model, starts kvf-sched
+ * and the engines, each waited for by its ready line, with the cluster's credentials (made here,
+ * docs/security.md), and writes the state file; a failure or Ctrl-C undoes every step.
+ */
+#include "cluster_int.h"
+
+#include "proc.h"
+
+#include "auth.h"
+#include "kvf/kvf.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* up */
+
+/* Exit status of an up that Ctrl-C (or SIGTERM) interrupted. */
+#define INTERRUPTED 130
+
+/* What up has started so far, and what its later steps need from the earlier ones. */
+typedef struct launch {
+    const cfg *c;
+    int netns;
+    proc p[MAX_PROCS]; /* started, in order; undo stops them in reverse */
+    int np;
+    char shaping[256]; /* how the links are shaped (--netns), for the last line and state.json */
+    char store_bin[1024], sched_bin[1024], engine_bin[1024];
+    char stores[2048];       /* the stores' addresses, comma-separated */
+    char store_events[2048]; /* their chunk-event endpoints, in the same order */
+    char cost[700];          /* the cost model calibrate measured */
+    char sched[160];         /* kvf-sched's address */
+    char tokens[640];        /* kvf-sched's token file, in the run directory */
+    char token_env[160];     /* KVF_SCHED_TOKEN=..., for the engines */
+    char tenants[640];       /* the stores' tenants file (--auth), in the run directory */
+    char cred_env[760];      /* KVF_CREDENTIAL=RUN_DIR/cluster.cred, for the engines */
+    char admin_cred[700];    /* kvf-sched's key for the KV events (an admin subscriber) */
+    char events_cred[700];   /* the publishers' CURVE key (stores, engines) */
+    char events_key[65];     /* its X25519 public key in hex, for kvf-sched */
+} launch;
+
+/* Starts p as args (in p's namespace when it has one), its output in RUN_DIR/NAME.log, and waits
+ * for its ready line, whose listen= becomes p->addr. Returns 0, or 1 after printing why. */
+static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const env[])
+{
+    char *argv[48];
+    int k = 0;
+    if (p->ns[0]) {
+        argv[k++] = (char *)"ip";
+        argv[k++] = (char *)"netns";
+        argv[k++] = (char *)"exec";
+        argv[k++] = p->ns;
+    }
+    for (int i = 0; i < n_args && k < 47; i++)
+        argv[k++] = args[i];
+    argv[k] = NULL;
+    snprintf(p->log, sizeof p->log, "%s/%s.log", c->run_dir, p->name);
+    unlink(p->log);
+    char err[512];
+    p->pid = kvf__proc_spawn_detached(argv, p->log, env, err, sizeof err);
+    if (p->pid < 0)
+        return kvf__cluster_fail("%s: %s", p->name, err);
+    if (kvf__proc_wait_ready(p->pid, p->log, READY_MS, &kvf__cluster_interrupted, p->ready,
+                             sizeof p->ready, err, sizeof err) != 0)
+        return kvf__cluster_fail("%s (%s) %s", p->name, p->log, err);
+    if (kvf__proc_ready_field(p->ready, "listen", p->addr, sizeof p->addr) != 0)
+        return kvf__cluster_fail("%s (%s): its ready line names no address: \"%s\"", p->name,
+                                 p->log, p->ready);
+    printf("  %-10s %-7s %-22s pid %-7d log %s\n", p->name, p->kind, p->addr, (int)p->pid, p->log);
+    fflush(stdout);
+    return 0;
+}
+
+/* The next process, and its host: with --netns a namespace of its own at address number L->np,
+ * listening on port 7400 (events on 7401); otherwise loopback, the process choosing its ports.
+ * Returns NULL when the namespace cannot be made. */
+static proc *add_proc(launch *L, const char *name, const char *kind, char listen[64],
+                      char events[64])
+{
+    proc *q = &L->p[L->np++];
+    memset(q, 0, sizeof *q);
+    snprintf(q->name, sizeof q->name, "%s", name);
+    snprintf(q->kind, sizeof q->kind, "%s", kind);
+    if (!L->netns) {
+        snprintf(listen, 64, "127.0.0.1:0");
+        snprintf(events, 64, "127.0.0.1:0");
+        return q;
+    }
+    kvf__cluster_ns_name(L->c, name, q->ns, sizeof q->ns);
+    if (kvf__cluster_netns_host(L->c, q, L->np, L->shaping, sizeof L->shaping) != 0)
+        return NULL;
+    snprintf(listen, 64, "%s.%d:7400", L->c->subnet, L->np);
+    snprintf(events, 64, "%s.%d:7401", L->c->subnet, L->np);
+    return q;
+}
+
+static void append_to_list(char *list, size_t n, const char *item)
+{
+    size_t l = strlen(list);
+    snprintf(list + l, n - l, "%s%s", l ? "," : "", item);
+}
+
+static int mkdirs(const char *path)
+{
+    char buf[600];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *s = buf + 1; *s; s++) {
+        if (*s != '/')
+            continue;
+        *s = '\0';
+        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
+            return -1;
+        *s = '/';
+    }
+    return mkdir(buf, 0755) != 0 && errno != EEXIST ? -1 : 0;
+}
+
+/* Refuses a cluster whose state file names processes that are still alive. */
+static int refuse_if_up(const cfg *c)
+{
+    proc p[MAX_PROCS];
+    int np = 0, netns;
+    if (kvf__cluster_state_read(c, p, &np, &netns) != 0)
+        return 0;
+    for (int i = 0; i < np; i++)
+        if (kvf__cluster_ours_alive(p[i].pid))
+            return kvf__cluster_fail(
+                "cluster \"%s\" is already up (%s/state.json); run kvf cluster down first", c->name,
+                c->run_dir);
+    return 0;
+}
+
+/* Ctrl-C and SIGTERM set kvf__cluster_interrupted instead of ending up, so that it can undo what it
+ * did. */
+static void catch_interrupts(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = kvf__cluster_on_interrupt;
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+}
+
+/* The steps of up, in order. Each returns 0, 1 after printing why it failed, or INTERRUPTED;
+ * the first that does not return 0 ends up, and undo() reverses what the earlier ones did. */
+
+/* With --netns: the command log, and the hub that joins the hosts' namespaces. */
+static int begin_netns(launch *L)
+{
+    if (!L->netns)
+        return 0;
+    char cmdlog[620];
+    snprintf(cmdlog, sizeof cmdlog, "%s/netns.log", L->c->run_dir);
+    kvf__cluster_cmdlog = fopen(cmdlog, "w");
+    setenv("KVF_CMDLOG", cmdlog, 1);
+    kvf__cluster_netns_down(L->c, L->p, 0); /* leftovers of a crashed run of the same name */
+    return kvf__cluster_netns_hub(L->c, L->shaping, sizeof L->shaping);
+}
+
+/* Finds the daemons' programs and says what up is about to start. */
+static int announce(launch *L)
+{
+    const cfg *c = L->c;
+    snprintf(L->store_bin, sizeof L->store_bin, "%s", kvf__proc_find_bin("kvf-store"));
+    snprintf(L->sched_bin, sizeof L->sched_bin, "%s", kvf__proc_find_bin("kvf-sched"));
+    snprintf(L->engine_bin, sizeof L->engine_bin, "%s", kvf__proc_find_bin("kvf-engine"));
+    printf("kvf cluster up \"%s\": %d store(s), 1 scheduler, %d prefill and %d decode engine(s), "
+           "model %s, %s\n",
+           c->name, c->stores, c->prefill, c->decode, c->model,
+           L->netns ? "one network namespace per host" : "loopback");
+    return 0;
+}
+
+/* The publishers' CURVE identity (events.cred): the stores and engines secure their KV events
+ * with it, kvf-sched knows its public key. It is in no tenants file: it authenticates nobody. */
+static int make_events_key(launch *L)
+{
+    kvf_credential cred;
+    uint8_t pk[KVF_AUTH_PK_LEN], xpk[32];
+    char err[300];
+    snprintf(L->events_cred, sizeof L->events_cred, "%s/events.cred", L->c->run_dir);
+    unlink(L->events_cred);
+    int rc = kvf__cred_new(&cred, "events", pk) != 0 ||
+             kvf__cred_write(L->events_cred, &cred, err, sizeof err) != 0 ||
+             kvf__auth_curve_pk(pk, xpk) != 0;
+    kvf__auth_wipe(&cred, sizeof cred);
+    if (rc)
+        return kvf__cluster_fail("cannot make the events key %s", L->events_cred);
+    for (int i = 0; i < 32; i++)
+        snprintf(L->events_key + 2 * i, 3, "%02x", xpk[i]);
+    return 0;
+}
+
+/* Credentials for the stores (docs/security.md), in the run directory, readable by their owner
+ * only: the tenant "cluster" that the engines and tools use (cluster.cred), an admin for an
+ * operator's management requests and kvf-sched's event subscriptions (admin.cred), the stores'
+ * tenants file with their public keys (store.tenants), and the events key. */
+static int make_credentials(launch *L)
+{
+    const char *rd = L->c->run_dir;
+    const struct {
+        const char *name, *file;
+        int role;
+    } who[] = {{"cluster", "cluster.cred", KVF_ROLE_TENANT},
+               {"admin", "admin.cred", KVF_ROLE_ADMIN}};
+    snprintf(L->tenants, sizeof L->tenants, "%s/store.tenants", rd);
+    unlink(L->tenants);
+    int fd = open(L->tenants, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
+    if (!f) {
+        if (fd >= 0)
+            close(fd);
+        return kvf__cluster_fail("cannot write %s: %s", L->tenants, strerror(errno));
+    }
+    fprintf(f, "# kvf cluster up: the stores' tenants (kvf auth list --tenants this file)\n");
+    int rc = 0;
+    for (size_t i = 0; i < sizeof who / sizeof who[0] && !rc; i++) {
+        char path[700], err[300], line[512];
+        snprintf(path, sizeof path, "%s/%s", rd, who[i].file);
+        unlink(path);
+        kvf_credential cred;
+        kvf_tenant_key k = {.role = who[i].role};
+        snprintf(k.name, sizeof k.name, "%s", who[i].name);
+        if (kvf__cred_new(&cred, who[i].name, k.pk) != 0 ||
+            kvf__cred_write(path, &cred, err, sizeof err) != 0)
+            rc = kvf__cluster_fail("cannot make the credential %s", path);
+        kvf__auth_wipe(&cred, sizeof cred);
+        kvf__tenant_key_format(&k, line, sizeof line);
+        fputs(line, f);
+        if (i == 0)
+            snprintf(L->cred_env, sizeof L->cred_env, "KVF_CREDENTIAL=%s", path);
+        else
+            snprintf(L->admin_cred, sizeof L->admin_cred, "%s", path);
+    }
+    if (fclose(f) != 0 && !rc)
+        rc = kvf__cluster_fail("cannot write %s", L->tenants);
+    return rc ? rc : make_events_key(L);
+}
+
+static int start_store(launch *L, int i)
+{
+    const cfg *c = L->c;
+    char node[16], name[32], threads[16], listen[64], events[64], ep[160];
+    snprintf(node, sizeof node, "%d", i);
+    snprintf(name, sizeof name, "store%d", i);
+    snprintf(threads, sizeof threads, "%d", c->store_threads);
+    proc *q = add_proc(L, name, "store", listen, events);
+    if (!q)
+        return 1;
+    /* Every client authenticates (--auth), every event subscriber too (CURVE): also in
+     * namespaces, whose addresses are not loopback, no --insecure. */
+    char *args[] = {L->store_bin,
+                    "--listen",
+                    listen,
+                    "--memory",
+                    (char *)c->store_memory,
+                    "--threads",
+                    threads,
+                    "--auth",
+                    L->tenants,
+                    "--log-level",
+                    "info",
+                    "--events",
+                    events,
+                    "--node",
+                    node,
+                    "--events-credential",
+                    L->events_cred};
+    if (start_one(c, q, args, (int)(sizeof args / sizeof args[0]), NULL) != 0)
+        return 1;
+    /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
+    if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
+        append_to_list(L->store_events, sizeof L->store_events, ep);
+    append_to_list(L->stores, sizeof L->stores, q->addr);
+    return 0;
+}
+
+static int start_stores(launch *L)
+{
+    if (make_credentials(L) != 0)
+        return 1;
+    for (int i = 0; i < L->c->stores; i++) {
+        if (kvf__cluster_interrupted)
+            return INTERRUPTED;
+        if (start_store(L, i) != 0)
+            return 1;
+    }
+    return 0;
+}
+
+/* Waits for the calibration run pid to exit, unless Ctrl-C comes first: then it is one of ours to
+ * stop. Returns 0 with its wait status in *status, or -1 when it did not exit by itself. */
+static int wait_calibration(pid_t pid, int *status)
+{
+    pid_t w;
+    while ((w = waitpid(pid, status, 0)) < 0 && errno == EINTR && !kvf__cluster_interrupted)
+        ;
+    if (w == pid)
+        return 0;
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    return -1;
+}
+
+/* The scheduler's cost model, measured on this host by an engine of the model served
+ * (kvf-engine --calibrate), into L->cost. */
+static int calibrate(launch *L)
+{
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, L->cred_env, NULL};
+    const cfg *c = L->c;
+    if (kvf__cluster_interrupted)
+        return INTERRUPTED;
+    char log[700], err[256];
+    snprintf(L->cost, sizeof L->cost, "%s/cost.json", c->run_dir);
+    snprintf(log, sizeof log, "%s/calibrate.log", c->run_dir);
+    unlink(log);
+    char *args[] = {L->engine_bin, "--calibrate", L->cost, "--model", (char *)c->model, NULL};
+    pid_t pid = kvf__proc_spawn_detached(args, log, env, err, sizeof err);
+    int st = 0;
+    int exited = pid > 0 && wait_calibration(pid, &st) == 0;
+    if (kvf__cluster_interrupted)
+        return INTERRUPTED;
+    if (!exited || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        return kvf__cluster_fail("calibrating the cost model failed (%s)", log);
+    printf("  cost model: %s (measured here; %s)\n", L->cost, log);
+    return 0;
+}
+
+/* A fresh token for kvf-sched (32 bytes of the kernel's random numbers, in hex) in
+ * RUN_DIR/sched.tokens, readable by its owner only; L->token_env hands it to the engines, and the
+ * state file names the file for kvf cluster send and kvf-bench e2e. */
+static int make_token(launch *L)
+{
+    unsigned char r[32];
+    if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r)
+        return kvf__cluster_fail("cannot draw a token for kvf-sched: %s", strerror(errno));
+    char hex[65];
+    for (size_t i = 0; i < sizeof r; i++)
+        snprintf(hex + 2 * i, 3, "%02x", r[i]);
+    snprintf(L->tokens, sizeof L->tokens, "%s/sched.tokens", L->c->run_dir);
+    int fd = open(L->tokens, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    char line[128];
+    int n = snprintf(line, sizeof line,
+                     "# kvf cluster up: the cluster's engines and tools\ncluster %s\n", hex);
+    int ok = fd >= 0 && fchmod(fd, 0600) == 0 && write(fd, line, (size_t)n) == n;
+    if (fd >= 0)
+        close(fd);
+    if (!ok)
+        return kvf__cluster_fail("cannot write %s: %s", L->tokens, strerror(errno));
+    snprintf(L->token_env, sizeof L->token_env, "KVF_SCHED_TOKEN=%s", hex);
+    return 0;
+}
+
+static int start_sched(launch *L)
+{
+    const cfg *c = L->c;
+    if (kvf__cluster_interrupted)
+        return INTERRUPTED;
+    char listen[64], events[64], chunk[16];
+    proc *q = add_proc(L, "sched", "sched", listen, events);
+    if (!q)
+        return 1;
+    kvf_layout lay;
+    snprintf(chunk, sizeof chunk, "%u",
+             kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
+    char *args[24] = {L->sched_bin,      "--listen",       listen,    "--policy",
+                      (char *)c->policy, "--stores",       L->stores, "--cost",
+                      L->cost,           "--chunk-tokens", chunk};
+    int n = 11;
+    if (L->store_events[0]) { /* only when a store publishes events */
+        args[n++] = "--store-events";
+        args[n++] = L->store_events;
+    }
+    /* Every request that changes kvf-sched's state is authenticated, also in namespaces. */
+    if (make_token(L) != 0)
+        return 1;
+    args[n++] = "--tokens";
+    args[n++] = L->tokens;
+    /* The KV events come over CURVE, kvf-sched an admin subscriber that sees every tenant's. */
+    args[n++] = "--events-credential";
+    args[n++] = L->admin_cred;
+    args[n++] = "--events-server-key";
+    args[n++] = L->events_key;
+    if (start_one(c, q, args, n, NULL) != 0)
+        return 1;
+    snprintf(L->sched, sizeof L->sched, "%s", q->addr);
+    return 0;
+}
+
+/* Engine i: the prefill engines first, then the decode engines. */
+static int start_engine(launch *L, int i)
+{
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, L->cred_env, NULL};
+    const cfg *c = L->c;
+    int pre = i < c->prefill;
+    char name[32], listen[64], events[64], maxt[24];
+    snprintf(name, sizeof name, "%s%d", pre ? "prefill" : "decode", pre ? i : i - c->prefill);
+    snprintf(maxt, sizeof maxt, "%ld", c->max_tokens);
+    proc *q = add_proc(L, name, pre ? "prefill" : "decode", listen, events);
+    if (!q)
+        return 1;
+    /* Its requests with the cluster's token (as kvf-sched's), its events over CURVE: also in
+     * namespaces, no --insecure. */
+    char *args[] = {L->engine_bin,
+                    "--serve",
+                    "--id",
+                    q->name,
+                    "--role",
+                    q->kind,
+                    "--listen",
+                    listen,
+                    "--sched",
+                    L->sched,
+                    "--events",
+                    events,
+                    "--model",
+                    (char *)c->model,
+                    "--max-tokens",
+                    maxt,
+                    "--cost",
+                    L->cost,
+                    "--events-credential",
+                    L->events_cred,
+                    "--events-tenants",
+                    L->tenants,
+                    "--tokens",
+                    L->tokens};
+    return start_one(c, q, args, (int)(sizeof args / sizeof args[0]), env);
+}
+
+static int start_engines(launch *L)
+{
+    for (int i = 0; i < L->c->prefill + L->c->decode; i++) {
+        if (kvf__cluster_interrupted)
+            return INTERRUPTED;
+        if (start_engine(L, i) != 0)
+            return 1;
+    }
+    return 0;
+}
+
+static int record_state(launch *L)
+{
+    if (kvf__cluster_interrupted)
+        return INTERRUPTED;
+    return kvf__cluster_state_write(L->c, L->p, L->np, L->netns, L->shaping);
+}
+
+static int (*const up_steps[])(launch *L) = {
+    begin_netns, announce, start_stores, calibrate, start_sched, start_engines, record_state,
+};
+
+/* Stops what up started and removes what it made. Returns the exit status: INTERRUPTED after
+ * Ctrl-C, whichever step noticed it first, else rc. */
+static int undo(launch *L, int rc)
+{
+    if (kvf__cluster_interrupted) {
+        fprintf(stderr, "kvf cluster: interrupted: undoing\n");
+        rc = INTERRUPTED;
+    }
+    kvf__cluster_stop_procs(L->p, L->np, 1);
+    if (L->netns)
+        kvf__cluster_netns_down(L->c, L->p, L->np);
+    return rc;
+}
+
+int kvf__cluster_up(const cfg *c, int netns)
+{
+    if (refuse_if_up(c) != 0)
+        return 1;
+    if (mkdirs(c->run_dir) != 0)
+        return kvf__cluster_fail("cannot create %s: %s", c->run_dir, strerror(errno));
+    catch_interrupts();
+    launch L = {.c = c, .netns = netns};
+    int rc = 0;
+    for (size_t i = 0; i < sizeof up_steps / sizeof up_steps[0] && !rc; i++)
+        rc = up_steps[i](&L);
+    if (rc)
+        rc = undo(&L, rc);
+    else
+        printf("cluster \"%s\" is up: scheduler http://%s, state in %s/state.json%s%s\n", c->name,
+               L.sched, c->run_dir, L.shaping[0] ? "; links: " : "", L.shaping);
+    if (kvf__cluster_cmdlog)
+        fclose(kvf__cluster_cmdlog);
+    kvf__cluster_cmdlog = NULL;
+    return rc;
+}
