@@ -44,13 +44,9 @@ typedef struct entry {
     uint16_t tenant; /* whose bytes these are, for quotas (0: nobody's) */
 } entry;
 
-/* A tenant's use of the arena and its quotas (0: none). bytes and entries count every block the
- * tenant's entries hold, reserved, ready, or gone but still read. */
-typedef struct tenant_acct {
-    uint64_t bytes, entries, max_bytes;
-    uint32_t reserved, max_reserved;
-    uint64_t quota_evictions, quota_rejected;
-} tenant_acct;
+/* A tenant's use of the arena and its quotas (kvf_cache_tenant_stats; 0: no quota): bytes and
+ * entries count every block the tenant's entries hold, reserved, ready, or gone but still read. */
+typedef kvf_cache_tenant_stats tenant_acct;
 
 typedef struct queue {
     uint32_t head, tail;
@@ -740,16 +736,8 @@ void kvf__cache_tenant_stats_locked(kvf_cache *c, uint32_t tenant, kvf_cache_ten
 {
     assert_locked(c);
     memset(st, 0, sizeof *st);
-    if (tenant >= KVF_CACHE_MAX_TENANTS)
-        return;
-    const tenant_acct *ta = &c->tenants[tenant];
-    st->bytes = ta->bytes;
-    st->entries = ta->entries;
-    st->reserved = ta->reserved;
-    st->max_bytes = ta->max_bytes;
-    st->max_reserved = ta->max_reserved;
-    st->quota_evictions = ta->quota_evictions;
-    st->quota_rejected = ta->quota_rejected;
+    if (tenant < KVF_CACHE_MAX_TENANTS)
+        *st = c->tenants[tenant];
 }
 
 void kvf__cache_stats_locked(kvf_cache *c, kvf_cache_stats *st)

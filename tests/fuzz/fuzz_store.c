@@ -244,21 +244,28 @@ static void hello(script *s, int fd)
     send_some(fd, b, sizeof b);
 }
 
+/* Reads n bytes of fd into p, waiting at most ms for each piece. Returns how many arrived (n, or
+ * fewer at EOF, an error or the wait's end). */
+static size_t recv_within(int fd, void *p, size_t n, int ms)
+{
+    size_t got = 0;
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    while (got < n && poll(&pf, 1, ms) > 0) {
+        ssize_t k = recv(fd, (uint8_t *)p + got, n - got, 0);
+        if (k <= 0)
+            break;
+        got += (size_t)k;
+    }
+    return got;
+}
+
 /* Reads replies of fd (bounded in time) until the one to request id, whose payload (at most cap
  * bytes) goes to out. Returns its payload length, or -1. */
 static long reply_to(int fd, uint64_t id, uint8_t *out, size_t cap)
 {
     for (int frames = 0; frames < 64; frames++) {
         uint8_t h[KVF_WIRE_HEADER_LEN];
-        size_t got = 0;
-        struct pollfd pf = {.fd = fd, .events = POLLIN};
-        while (got < sizeof h && poll(&pf, 1, 200) > 0) {
-            ssize_t k = recv(fd, h + got, sizeof h - got, 0);
-            if (k <= 0)
-                return -1;
-            got += (size_t)k;
-        }
-        if (got < sizeof h)
+        if (recv_within(fd, h, sizeof h, 200) < sizeof h)
             return -1;
         uint64_t len = kvf__get_u64(h + 32);
         uint64_t rid = kvf__get_u64(h + 16);
@@ -266,12 +273,10 @@ static long reply_to(int fd, uint64_t id, uint8_t *out, size_t cap)
         uint8_t *dst = rid == id && len <= cap ? out : NULL;
         for (uint64_t left = len; left > 0;) {
             size_t want = left < sizeof sink ? (size_t)left : sizeof sink;
-            if (poll(&pf, 1, 200) <= 0)
+            size_t k = recv_within(fd, dst ? dst + (len - left) : sink, want, 200);
+            if (k < want)
                 return -1;
-            ssize_t k = recv(fd, dst ? dst + (len - left) : sink, want, 0);
-            if (k <= 0)
-                return -1;
-            left -= (uint64_t)k;
+            left -= k;
         }
         if (rid == id)
             return dst ? (long)len : -1;
@@ -329,14 +334,7 @@ static void check_alive(void)
     script none = {0};
     hello(&none, fd);
     uint8_t r[KVF_WIRE_HEADER_LEN];
-    size_t got = 0;
-    struct pollfd pf = {.fd = fd, .events = POLLIN};
-    while (got < sizeof r && poll(&pf, 1, 5000) > 0) {
-        ssize_t k = recv(fd, r + got, sizeof r - got, 0);
-        if (k <= 0)
-            break;
-        got += (size_t)k;
-    }
+    size_t got = recv_within(fd, r, sizeof r, 5000);
     close(fd);
     if (got < sizeof r)
         __builtin_trap();

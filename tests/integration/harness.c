@@ -1,6 +1,7 @@
 #include "harness.h"
 
 #include "proc.h"
+#include "tcp.h"
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -344,4 +345,58 @@ int harness_run(char *const argv[], char *out, size_t outlen)
         return -1;
     }
     return WEXITSTATUS(status);
+}
+
+int harness_raw_connect(uint16_t port)
+{
+    int fd;
+    char err[128];
+    assert_int_equal(kvf__tcp_connect("127.0.0.1", port, 2000, &fd, err, sizeof err), 0);
+    /* Back to blocking with a receive timeout: every read is bounded. */
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    struct timeval tv = {.tv_sec = 5, .tv_usec = 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+void harness_raw_send(int fd, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    while (n) {
+        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
+        assert_true(w > 0);
+        b += w;
+        n -= (size_t)w;
+    }
+}
+
+int harness_raw_read_full(int fd, void *p, size_t n)
+{
+    uint8_t *b = p;
+    while (n) {
+        ssize_t r = recv(fd, b, n, 0);
+        if (r <= 0)
+            return -1;
+        b += r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+int harness_raw_reply(int fd, kvf_wire_hdr *h, void *payload, size_t cap, size_t *got)
+{
+    uint8_t hb[KVF_WIRE_HEADER_LEN];
+    assert_int_equal(harness_raw_read_full(fd, hb, sizeof hb), 0);
+    kvf_wire_limits lim = {.max_request = 1ull << 40, .expect_reply = 1};
+    char msg[200];
+    if (kvf__wire_hdr_decode(hb, &lim, h, msg, sizeof msg) != 0)
+        fail_msg("reply header: %s", msg);
+    size_t n = 0;
+    if (payload) {
+        n = h->payload_len < cap ? (size_t)h->payload_len : cap;
+        assert_int_equal(harness_raw_read_full(fd, payload, n), 0);
+    }
+    if (got)
+        *got = n;
+    return h->status;
 }

@@ -6,8 +6,11 @@
 #ifndef KVF_TEST_HARNESS_H
 #define KVF_TEST_HARNESS_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+
+#include "wire.h"
 
 typedef struct daemon_t {
     pid_t pid;
@@ -39,6 +42,18 @@ void daemon_stop(daemon_t *d);
 void daemon_kill(daemon_t *d);
 /* cmocka teardown: kills every daemon the test left running. */
 int teardown_daemons(void **state);
+
+/* Raw sockets for hand-made frames. A blocking connection to 127.0.0.1:port whose reads wait
+ * 5 s at most (fails the test when it cannot connect). */
+int harness_raw_connect(uint16_t port);
+/* Sends all of p (fails the test when the peer is gone). */
+void harness_raw_send(int fd, const void *p, size_t n);
+/* Reads exactly n bytes: 0, or -1 at EOF, an error or the read timeout. */
+int harness_raw_read_full(int fd, void *p, size_t n);
+/* Reads one reply's header into h (fails the test on a bad one), then the first
+ * min(payload_len, cap) bytes of its payload into payload, *got how many (payload NULL: none is
+ * read, the caller reads it). Returns the reply's status. */
+int harness_raw_reply(int fd, kvf_wire_hdr *h, void *payload, size_t cap, size_t *got);
 
 typedef struct proxy proxy;
 typedef struct proxy_opts {

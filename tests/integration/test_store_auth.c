@@ -210,29 +210,19 @@ static long long stat_of(const char *json, const char *name)
     return p ? strtoll(p + strlen(pat), NULL, 10) : -1;
 }
 
-/* Reads one reply of fd into h and its payload into p (cap bytes). Returns its status. */
+/* Reads one reply of fd into h and its whole payload into p (cap bytes). Returns its status. */
 static int raw_reply(int fd, kvf_wire_hdr *h, uint8_t *p, size_t cap)
 {
-    uint8_t hb[KVF_WIRE_HEADER_LEN];
-    assert_int_equal(recv(fd, hb, sizeof hb, MSG_WAITALL), (ssize_t)sizeof hb);
-    kvf_wire_limits lim = {.max_request = 1 << 20, .expect_reply = 1};
-    assert_int_equal(kvf__wire_hdr_decode(hb, &lim, h, NULL, 0), 0);
-    assert_true(h->payload_len <= cap);
-    if (h->payload_len)
-        assert_int_equal(recv(fd, p, h->payload_len, MSG_WAITALL), (ssize_t)h->payload_len);
-    return h->status;
+    size_t got = 0;
+    int status = harness_raw_reply(fd, h, p, cap, &got);
+    assert_int_equal(got, h->payload_len);
+    return status;
 }
 
 /* A blocking connection to d whose reads wait 5 s at most. */
 static int raw_open(const daemon_t *d)
 {
-    int fd;
-    char err[300];
-    assert_int_equal(kvf__tcp_connect("127.0.0.1", d->port, 2000, &fd, err, sizeof err), 0);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    struct timeval tv = {.tv_sec = 5};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
+    return harness_raw_connect(d->port);
 }
 
 /* HELLO on fd: the reply's payload into rep (256 bytes), of want bytes (with the challenge or
@@ -316,12 +306,7 @@ static void test_auth_unauthenticated_gets_only_hello(void **state)
     daemon_t d;
     start_auth_store(&d, "64M");
 
-    int fd;
-    char err[200];
-    assert_int_equal(kvf__tcp_connect("127.0.0.1", d.port, 2000, &fd, err, sizeof err), 0);
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
-    struct timeval tv = {.tv_sec = 5};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    int fd = raw_open(&d);
     uint8_t req[KVF_WIRE_HEADER_LEN + 24] = {0};
     kvf_wire_hdr h = {.opcode = KVF_OP_HELLO, .request_id = 1, .payload_len = 24};
     kvf__wire_hdr_encode(req, &h);

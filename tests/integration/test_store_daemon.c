@@ -224,56 +224,17 @@ static size_t get_range(kvf_client *c, uint64_t from, size_t n, size_t seg, int 
 
 static int raw_connect(const daemon_t *d)
 {
-    int fd;
-    char err[128];
-    assert_int_equal(kvf__tcp_connect("127.0.0.1", d->port, 2000, &fd, err, sizeof err), 0);
-    /* Back to blocking with a receive timeout: every read below is bounded. */
-    int fl = fcntl(fd, F_GETFL);
-    fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
-    struct timeval tv = {.tv_sec = 5, .tv_usec = 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
-}
-
-static void raw_send(int fd, const void *p, size_t n)
-{
-    const uint8_t *b = p;
-    while (n) {
-        ssize_t w = send(fd, b, n, MSG_NOSIGNAL);
-        assert_true(w > 0);
-        b += w;
-        n -= (size_t)w;
-    }
-}
-
-static int raw_read_full(int fd, void *p, size_t n)
-{
-    uint8_t *b = p;
-    while (n) {
-        ssize_t r = recv(fd, b, n, 0);
-        if (r <= 0)
-            return -1;
-        b += r;
-        n -= (size_t)r;
-    }
-    return 0;
+    return harness_raw_connect(d->port);
 }
 
 /* Reads one reply; returns its status and copies the error text. */
 static int raw_reply(int fd, kvf_wire_hdr *h, char *text, size_t textlen)
 {
-    uint8_t hb[KVF_WIRE_HEADER_LEN];
-    assert_int_equal(raw_read_full(fd, hb, sizeof hb), 0);
-    kvf_wire_limits lim = {.max_request = 1ull << 40, .expect_reply = 1};
-    char msg[200];
-    if (kvf__wire_hdr_decode(hb, &lim, h, msg, sizeof msg) != 0)
-        fail_msg("reply header: %s", msg);
-    if (text) {
-        size_t n = h->payload_len < textlen - 1 ? h->payload_len : textlen - 1;
-        assert_int_equal(raw_read_full(fd, text, n), 0);
-        text[n] = '\0';
-    }
-    return h->status;
+    size_t got = 0;
+    int status = harness_raw_reply(fd, h, text, text ? textlen - 1 : 0, &got);
+    if (text)
+        text[got] = '\0';
+    return status;
 }
 
 /* After a fatal error the server closes: the next read sees EOF. */
@@ -299,7 +260,7 @@ static void expect_fatal(const daemon_t *d, const void *bytes, size_t n, int shu
                          const char *words)
 {
     int fd = raw_connect(d);
-    raw_send(fd, bytes, n);
+    harness_raw_send(fd, bytes, n);
     if (shut)
         shutdown(fd, SHUT_WR);
     kvf_wire_hdr h;
@@ -438,7 +399,7 @@ static void test_daemon_eviction_keeps_pinned_and_referenced(void **state)
     kvf__put_u64(req + KVF_WIRE_HEADER_LEN, NS);
     kvf_key bk = key_of(1);
     kvf__wire_key_put(req + KVF_WIRE_HEADER_LEN + 8, &bk);
-    raw_send(fd, req, sizeof req);
+    harness_raw_send(fd, req, sizeof req);
     usleep(200000);
     /* 200 MiB of other objects through the 64 MiB arena. */
     for (uint64_t i = 0; i < 50; i++)
@@ -452,11 +413,11 @@ static void test_daemon_eviction_keeps_pinned_and_referenced(void **state)
     kvf_wire_hdr h;
     assert_int_equal(raw_reply(fd, &h, NULL, 0), 0);
     uint8_t table[16];
-    assert_int_equal(raw_read_full(fd, table, 16), 0);
+    assert_int_equal(harness_raw_read_full(fd, table, 16), 0);
     assert_int_equal((int32_t)kvf__get_u32(table), 0);
     uint64_t len = kvf__get_u64(table + 8);
     uint8_t *obj = malloc(len);
-    assert_int_equal(raw_read_full(fd, obj, len), 0);
+    assert_int_equal(harness_raw_read_full(fd, obj, len), 0);
     check_obj(1, obj, len, big, 0);
     free(obj);
     close(fd);
@@ -580,18 +541,26 @@ static void *copy_thread(void *p)
  * serves everything else, and SIGTERM stops the node promptly and cleanly however long the
  * client asked the COPY to wait (the node used to start a thread per COPY, with the client's
  * deadline, and free the server after 30 s while they still ran). */
-static void test_daemon_copy_workers_are_bounded(void **state)
+/* A loopback peer that accepts connections and never answers; its address into target. Returns
+ * its listening socket (close it when done). */
+static int silent_peer(char *target, size_t n)
 {
-    (void)state;
-    int l = socket(AF_INET, SOCK_STREAM, 0); /* a peer that accepts and never answers */
+    int l = socket(AF_INET, SOCK_STREAM, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t al = sizeof a;
     assert_true(l >= 0);
     assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof a), 0);
     assert_int_equal(listen(l, 16), 0);
     assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
+    snprintf(target, n, "127.0.0.1:%u", ntohs(a.sin_port));
+    return l;
+}
+
+static void test_daemon_copy_workers_are_bounded(void **state)
+{
+    (void)state;
     char target[64], extra[160];
-    snprintf(target, sizeof target, "127.0.0.1:%u", ntohs(a.sin_port));
+    int l = silent_peer(target, sizeof target);
     snprintf(extra, sizeof extra, "--peer %s --copy-workers 1 --copy-queue 1", target);
     daemon_t d;
     daemon_start(&d, "32M", extra);
@@ -635,15 +604,8 @@ static void test_daemon_copy_workers_are_bounded(void **state)
 static void test_daemon_copy_deadline_is_capped(void **state)
 {
     (void)state;
-    int l = socket(AF_INET, SOCK_STREAM, 0); /* a peer that accepts and never answers */
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t al = sizeof a;
-    assert_true(l >= 0);
-    assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(listen(l, 16), 0);
-    assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
     char target[64], extra[200];
-    snprintf(target, sizeof target, "127.0.0.1:%u", ntohs(a.sin_port));
+    int l = silent_peer(target, sizeof target);
     snprintf(extra, sizeof extra, "--peer %s --copy-workers 1 --copy-max-deadline 500", target);
     daemon_t d;
     daemon_start(&d, "32M", extra);
@@ -749,7 +711,7 @@ static void test_daemon_bad_input_is_contained(void **state)
     kvf__put_u32(f + 44, 1);
     kvf__put_u64(f + 48, NS);
     kvf__put_u64(f + 56, 0);
-    raw_send(fd, f, 64);
+    harness_raw_send(fd, f, 64);
     kvf_wire_hdr h;
     char text[300];
     assert_int_equal(raw_reply(fd, &h, text, 49), 0);
@@ -757,14 +719,14 @@ static void test_daemon_bad_input_is_contained(void **state)
     kvf__put_u64(f + 40, NS + 1);
     kvf_key k0 = key_of(0);
     kvf__wire_key_put(f + 48, &k0);
-    raw_send(fd, f, 64);
+    harness_raw_send(fd, f, 64);
     assert_int_equal(raw_reply(fd, &h, text, sizeof text), KVF_ENAMESPACE);
     assert_non_null(strstr(text, "namespace"));
     assert_false(h.flags & KVF_WF_FATAL);
     frame(f, KVF_OP_EXISTS, 0, 3, 1, 24);
     kvf__put_u64(f + 40, NS);
     kvf__wire_key_put(f + 48, &k0);
-    raw_send(fd, f, 64);
+    harness_raw_send(fd, f, 64);
     assert_int_equal(raw_reply(fd, &h, text, 2), 0);
     assert_int_equal(text[0] & 1, 1);
     close(fd);
@@ -779,19 +741,19 @@ static void test_daemon_bad_input_is_contained(void **state)
     kvf_key k500 = key_of(500);
     kvf__wire_key_put(f + 48, &k500);
     kvf__put_u64(f + 64, olen);
-    raw_send(fd, f, 72);
-    raw_send(fd, obj, olen / 2);
+    harness_raw_send(fd, f, 72);
+    harness_raw_send(fd, obj, olen / 2);
     close(fd);
     usleep(100000);
     assert_int_equal(get_range(c, 500, 1, SEG, 0, 0, NULL), 0);
     /* A put whose object fails its checksum is refused per key. */
     fd = raw_connect(&d);
     obj[olen - 1] ^= 1;
-    raw_send(fd, f, 72);
-    raw_send(fd, obj, olen);
+    harness_raw_send(fd, f, 72);
+    harness_raw_send(fd, obj, olen);
     assert_int_equal(raw_reply(fd, &h, NULL, 0), 0);
     uint8_t st4[4];
-    assert_int_equal(raw_read_full(fd, st4, 4), 0);
+    assert_int_equal(harness_raw_read_full(fd, st4, 4), 0);
     assert_int_equal((int32_t)kvf__get_u32(st4), KVF_ECHECKSUM);
     close(fd);
     obj[olen - 1] ^= 1;
@@ -962,12 +924,12 @@ static int raw_served(int fd, int timeout_ms)
 {
     uint8_t f[KVF_WIRE_HEADER_LEN];
     frame(f, KVF_OP_STATS, 0, 1, 0, 0);
-    raw_send(fd, f, sizeof f);
+    harness_raw_send(fd, f, sizeof f);
     struct pollfd pf = {.fd = fd, .events = POLLIN};
     if (poll(&pf, 1, timeout_ms) <= 0)
         return 0;
     uint8_t hb[KVF_WIRE_HEADER_LEN];
-    if (raw_read_full(fd, hb, sizeof hb) != 0)
+    if (harness_raw_read_full(fd, hb, sizeof hb) != 0)
         return 0;
     kvf_wire_limits lim = {.max_request = 1ull << 40, .expect_reply = 1};
     kvf_wire_hdr h;
@@ -975,7 +937,7 @@ static int raw_served(int fd, int timeout_ms)
     if (kvf__wire_hdr_decode(hb, &lim, &h, msg, sizeof msg) != 0 || h.status != 0)
         return 0;
     uint8_t *body = malloc(h.payload_len + 1);
-    int ok = raw_read_full(fd, body, h.payload_len) == 0;
+    int ok = harness_raw_read_full(fd, body, h.payload_len) == 0;
     free(body);
     return ok;
 }
