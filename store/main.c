@@ -124,6 +124,20 @@ static store_cfg store_cfg_default(void)
     };
 }
 
+/* The value v of option a, a whole number in lo..hi, into *out. Returns 0, or 2 (the exit status
+ * of bad usage) after saying what is wrong. */
+static int parse_count(const char *a, const char *v, long lo, long hi, long *out)
+{
+    char *end = NULL;
+    long n = strtol(v, &end, 10);
+    if (end == v || *end || n < lo || n > hi) {
+        fprintf(stderr, "kvf-store: %s: %s is not a number in %ld..%ld\n", a, v, lo, hi);
+        return 2;
+    }
+    *out = n;
+    return 0;
+}
+
 /* Sets the option a that takes the value v. Returns 0, or 2 (the exit status of bad usage) after
  * saying what is wrong. */
 static int parse_value(store_cfg *cfg, const char *a, const char *v)
@@ -160,21 +174,9 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
     } else if (!strcmp(a, "--auth")) {
         cfg->auth = v;
     } else if (!strcmp(a, "--copy-max-deadline")) {
-        char *end = NULL;
-        cfg->copy_max_deadline_ms = strtol(v, &end, 10);
-        if (end == v || *end || cfg->copy_max_deadline_ms < 1 ||
-            cfg->copy_max_deadline_ms > KVF_COPY_MAX_DEADLINE_MS) {
-            fprintf(stderr, "kvf-store: --copy-max-deadline: %s is not 1..%d ms\n", v,
-                    KVF_COPY_MAX_DEADLINE_MS);
-            return 2;
-        }
+        return parse_count(a, v, 1, KVF_COPY_MAX_DEADLINE_MS, &cfg->copy_max_deadline_ms);
     } else if (!strcmp(a, "--auth-timeout")) {
-        char *end = NULL;
-        cfg->auth_timeout_ms = strtol(v, &end, 10);
-        if (end == v || *end || cfg->auth_timeout_ms < 1 || cfg->auth_timeout_ms > 3600000) {
-            fprintf(stderr, "kvf-store: --auth-timeout: %s is not 1..3600000 ms\n", v);
-            return 2;
-        }
+        return parse_count(a, v, 1, 3600000, &cfg->auth_timeout_ms);
     } else if (!strcmp(a, "--copy-credential")) {
         cfg->copy_credential = v;
     } else if (!strcmp(a, "--events-credential")) {
@@ -199,17 +201,10 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
             return 2;
         }
         cfg->peers[cfg->n_peers++] = v;
-    } else if (!strcmp(a, "--copy-workers") || !strcmp(a, "--copy-queue")) {
-        char *end = NULL;
-        long n = strtol(v, &end, 10);
-        if (end == v || *end || n < 1 || n > 1024) {
-            fprintf(stderr, "kvf-store: %s: %s is not a number in 1..1024\n", a, v);
-            return 2;
-        }
-        if (!strcmp(a, "--copy-workers"))
-            cfg->copy_workers = n;
-        else
-            cfg->copy_queue = n;
+    } else if (!strcmp(a, "--copy-workers")) {
+        return parse_count(a, v, 1, 1024, &cfg->copy_workers);
+    } else if (!strcmp(a, "--copy-queue")) {
+        return parse_count(a, v, 1, 1024, &cfg->copy_queue);
     } else if (!strcmp(a, "--poller")) {
         cfg->poller = v;
     } else if (!strcmp(a, "--log-level")) {
