@@ -111,7 +111,7 @@ static int parse(int argc, char **argv, opts *o)
                 "kvf-bench store: unknown option %s\n"
                 "usage: kvf-bench store [--quick] [--lookup-only] [--auth] [--json] [--streams N] "
                 "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
-                "[--io-threads N] [--transport tcp|rdma] [--rdma-host IP]\n",
+                "[--io-threads N] [--transport tcp|shm|rdma] [--rdma-host IP]\n",
                 unknown);
         return -1;
     }
@@ -687,11 +687,15 @@ int bench_store_main(int argc, char **argv)
         bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "tcp")) {
         rc = tcp_bench(&o, res);
+    } else if (!strcmp(o.transport, "shm")) {
+        json_object_set_new(res, "transport", json_string("shm"));
+        rc = bench_store_shm(o.quick, o.store_threads, o.memory, o.store_bin, res);
+        bench_emit(res, o.json);
     } else {
         /* RDMA needs a device on this host and a build with the RDMA headers: why says which is
          * missing. */
         if (strcmp(o.transport, "rdma") != 0)
-            snprintf(why, sizeof why, "unknown transport \"%s\" (tcp or rdma)", o.transport);
+            snprintf(why, sizeof why, "unknown transport \"%s\" (tcp, shm or rdma)", o.transport);
         report_infeasible(&o, why, res);
     }
     json_decref(res);

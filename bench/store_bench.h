@@ -62,6 +62,9 @@ double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
 /* --auth (store_auth.c): GET through a store with --auth against one without, alternating in
  * rounds, and a fresh client's first request on each; printed and into res's "auth". Returns the
  * exit status. */
+/* --transport shm: shared memory against a one-thread memcpy of the same bytes and against TCP
+ * loopback, per round, into res; printed. Returns the exit status (1: keys failed). */
+int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, json_t *res);
 int bench_store_auth(int streams, int threads, const char *memory, const char *bin, int quick,
                      json_t *res);
 

@@ -91,6 +91,7 @@ void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out)
         out->failed_keys += one.failed_keys;
         out->reconnects += one.reconnects;
     }
+    kvf__shm_counters(c, out);
 }
 
 int kvf__client_io_counters(kvf_client *c, int i, kvf_client_counters *out)
@@ -111,9 +112,10 @@ const char *kvf_client_transport(const kvf_client *c, char *why, size_t len)
     return c->path->name;
 }
 
-/* The data path: RDMA where asked for (or "auto") and possible with every node, TCP otherwise,
- * with the reason. "rdma" that is not possible fails the open. */
-static int transport_choose(kvf_client *c, const char *mode)
+/* The data path: shared memory for the nodes on this host that serve it where asked for (or
+ * "auto"), else RDMA where asked for (or "auto") and possible with every node, TCP otherwise,
+ * with the reason. "shm" or "rdma" that is not possible fails the open. */
+static int transport_choose(kvf_client *c, const char *mode, const char *found)
 {
     c->path = &kvf__path_tcp;
     if (!mode || !*mode)
@@ -122,14 +124,27 @@ static int transport_choose(kvf_client *c, const char *mode)
         snprintf(c->transport_why, sizeof c->transport_why, "tcp: asked for");
         return 0;
     }
-    if (strcmp(mode, "auto") && strcmp(mode, "rdma"))
+    if (strcmp(mode, "auto") && strcmp(mode, "rdma") && strcmp(mode, "shm"))
         return kvf__errf(c->transport_why, sizeof c->transport_why, KVF_EINVAL,
-                         "transport must be auto, tcp or rdma, not \"%s\"", mode);
-    char why[200] = "";
+                         "transport must be auto, tcp, shm or rdma, not \"%s\"", mode);
+    char why[360] = "", shm_why[400] = "";
+    if (strcmp(mode, "rdma")) {
+        int rc = kvf__path_shm_open(c, why, sizeof why);
+        if (!rc) {
+            c->path = &kvf__path_shm;
+            snprintf(c->transport_why, sizeof c->transport_why, "shm: %s%s", why, found);
+            return 0;
+        }
+        if (!strcmp(mode, "shm"))
+            return kvf__errf(c->transport_why, sizeof c->transport_why, rc,
+                             "shm: no node serves shared memory on this host%s%s", why, found);
+        snprintf(shm_why, sizeof shm_why, " (no shared memory%s%s)", why, found);
+    }
     int rc = kvf__path_rdma_open(c, c->o.connect_timeout_ms, why, sizeof why);
     if (!rc)
         c->path = &kvf__path_rdma;
-    snprintf(c->transport_why, sizeof c->transport_why, "%s: %s", c->path->name, why);
+    snprintf(c->transport_why, sizeof c->transport_why, "%s: %s%s", c->path->name, why,
+             rc ? shm_why : "");
     if (rc && !strcmp(mode, "rdma"))
         return rc;
     return 0;
@@ -200,13 +215,21 @@ static int open_engines(kvf_client *c, const kvf_client_opts *o, char *err, size
     int k = c->o.io_threads;
     k = k < KVF_CLIENT_MAX_IO ? k : KVF_CLIENT_MAX_IO;
     k = k < conns ? k : conns;
+    /* Nodes on this host that serve shared memory are found before the engines connect, so that
+     * their connections go to the Unix sockets from the start. */
+    char found[300] = "";
+    const char *mode = o->transport && *o->transport ? o->transport : "auto";
+    if (!strcmp(mode, "auto") || !strcmp(mode, "shm")) {
+        kvf__shm_discover(c, found, sizeof found);
+        c->shm_engines = 1;
+    }
     int rc = kvf__io_open(c, conns / k, &c->io[0], err, errlen);
     if (rc)
         return rc;
     c->n_io = 1;
-    if ((rc = transport_choose(c, o->transport)) != 0)
+    if ((rc = transport_choose(c, o->transport, found)) != 0)
         return kvf__errf(err, errlen, rc, "%s", c->transport_why);
-    for (int i = 1; i < k && c->path == &kvf__path_tcp; i++) {
+    for (int i = 1; i < k && c->path != &kvf__path_rdma; i++) {
         if ((rc = kvf__io_open(c, conns / k, &c->io[i], err, errlen)) != 0)
             return rc;
         c->n_io++;
@@ -227,6 +250,7 @@ int kvf_client_open(kvf_client **out, const kvf_client_opts *o, char *err, size_
     normalize(&c->o);
     c->n_nodes = o->n_nodes;
     c->path = &kvf__path_tcp;
+    pthread_mutex_init(&c->shm_mu, NULL);
     int rc = load_credential(c, o->credential, err, errlen);
     if (!rc)
         rc = parse_nodes(c, o->nodes, err, errlen);
@@ -250,6 +274,7 @@ void kvf_client_close(kvf_client **cp)
     for (int i = c->n_io - 1; i >= 0; i--)
         kvf__io_close(&c->io[i]);
     free(c->nodes);
+    pthread_mutex_destroy(&c->shm_mu);
     kvf__auth_wipe(&c->cred, sizeof c->cred);
     free(c);
     *cp = NULL;

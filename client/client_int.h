@@ -39,6 +39,7 @@
 #include "hash.h"
 #include "poller.h"
 #include "tcp.h"
+#include "unixsock.h"
 #include "wire.h"
 
 /* Largest reply payload of a raw control request (an RDMA_GET answers with object headers). */
@@ -181,6 +182,10 @@ struct kvf__node {
     atomic_uint_fast64_t down_until;
     atomic_uint_fast64_t down_backoff;
     atomic_int probing;
+    /* Shared memory (shm_path.c): the node's Unix socket where it is on this host and serves one
+     * (shm_name empty: none), refreshed by every HELLO; under the client's shm_mu. */
+    char shm_name[128];
+    int shm_local; /* the name is of this host (same boot id) */
 };
 
 /* An I/O engine: a thread that owns its connections (conns per node) and drives them. */
@@ -224,7 +229,13 @@ struct kvf_client {
     atomic_uint_fast64_t next_id; /* request ids */
     const kvf__path_ops *path;
     struct kvf__rdma_path *rdma; /* the RDMA path's state, when it is the path */
-    char transport_why[240];
+    struct kvf__shm_path *shm;   /* the shared-memory path's state, when it is the path */
+    /* Shared memory: this host's boot id (zero: unknown), whether the engines connect to nodes
+     * on this host over their Unix sockets, and the lock of the nodes' shm_name. */
+    uint8_t boot_id[16];
+    int shm_engines;
+    pthread_mutex_t shm_mu;
+    char transport_why[400];
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -311,6 +322,42 @@ int kvf__io_raw(kvf__io *io, size_t node, int conn, uint32_t opcode, uint32_t co
 
 extern const kvf__path_ops kvf__path_tcp;
 extern const kvf__path_ops kvf__path_rdma;
+extern const kvf__path_ops kvf__path_shm;
+/* Opens the shared-memory path (shm_path.c) for the nodes on this host that serve it (found by
+ * kvf__shm_discover at open): c->shm is set and the path runs their keys, the others' going over
+ * TCP. Otherwise returns the reason's code with why saying it. */
+int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen);
+/* Before the engines connect: asks every node whose address is on this host, over TCP with a
+ * short deadline, whether it serves shared memory on this host (same boot id), and records its
+ * socket in the node (kvf__node_shm). Never fails: a node that cannot say is left to TCP, with
+ * the reason in why. */
+void kvf__shm_discover(kvf_client *c, char *why, size_t whylen);
+/* The shared-memory path's counters, added to out. */
+void kvf__shm_counters(kvf_client *c, kvf_client_counters *out);
+
+/* shm_sync.c: blocking exchanges on one socket, for the shared-memory path and the probes. */
+typedef struct kvf__hello {
+    uint64_t caps, node_id;
+    int role;
+    uint8_t nonce[KVF_AUTH_NONCE_LEN];
+    char shm_name[128];
+    uint8_t boot_id[16];
+} kvf__hello;
+/* Sends one request (id, opcode, count, payload) and reads its reply: 0 with the payload (caller
+ * frees *reply; it is NUL-terminated past rlen), or the error the node answered (its text in err)
+ * or the transport met. Descriptors that come with the reply go to fds (*n_fds: room in, count
+ * out; none on failure). */
+int kvf__sync_call(int fd, uint64_t id, uint32_t opcode, uint32_t count, const void *payload,
+                   size_t plen, uint8_t **reply, size_t *rlen, int *fds, int *n_fds,
+                   uint64_t deadline_ns, char *err, size_t errlen);
+/* HELLO (asking for shared memory), then AUTH where the node asks for it and c has a
+ * credential. 0 with what the node said, or the error with the reason in err. */
+int kvf__sync_hello(int fd, const kvf_client *c, uint64_t *id, kvf__hello *out,
+                    uint64_t deadline_ns, char *err, size_t errlen);
+/* The shared-memory tail of a HELLO reply (KVF_CAP_SHM): 1 with the socket's name and the node's
+ * boot id, or 0 where there is none or it is malformed. */
+int kvf__hello_shm_parse(const uint8_t *rep, size_t rlen, uint64_t caps, char *name, size_t namelen,
+                         uint8_t boot_id[16]);
 /* Opens the RDMA path when this host has a device and every node offers RDMA (asked within
  * probe_ms) and accepts a connection: c->rdma is set. Otherwise returns the reason's code with
  * why saying what was missing (the client then uses TCP). */

@@ -160,7 +160,7 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
         kvf__put_u32(p, KVF_WIRE_VERSION);
         kvf__put_u32(p + 4, KVF_WIRE_VERSION);
         kvf__put_u64(p + 8, ns);
-        kvf__put_u64(p + 16, KVF_CAP_ALL);
+        kvf__put_u64(p + 16, KVF_CAP_ALL | (c->shm_engines ? KVF_CAP_SHM : 0));
         count = 0;
         break;
     case KVF_OP_STATS:

@@ -178,8 +178,21 @@ static int cn_connect(kvf__io *io, kvf__conn *cn, int probe)
 {
     char err[256];
     int fd;
-    /* The connect itself is bounded by the connect timeout; the node is on loopback or a LAN. */
-    int rc = kvf__tcp_connect(cn->nd->host, cn->nd->port, io->cl->o.connect_timeout_ms, &fd, err,
+    /* A node on this host that serves shared memory is reached over its Unix socket (where that
+     * fails, a store restarted under another name say, over TCP, whose HELLO then says the new
+     * name). The connect itself is bounded by the connect timeout; the node is on loopback or a
+     * LAN. */
+    int rc = KVF_ENOTSUP;
+    char uname[128];
+    if (io->cl->shm_engines) {
+        pthread_mutex_lock(&io->cl->shm_mu);
+        snprintf(uname, sizeof uname, "%s", cn->nd->shm_local ? cn->nd->shm_name : "");
+        pthread_mutex_unlock(&io->cl->shm_mu);
+        if (uname[0])
+            rc = kvf__unix_connect_nb(uname, &fd, err, sizeof err);
+    }
+    if (rc)
+        rc = kvf__tcp_connect(cn->nd->host, cn->nd->port, io->cl->o.connect_timeout_ms, &fd, err,
                               sizeof err);
     if (rc) {
         uint64_t t = kvf__now_ns();

@@ -87,6 +87,19 @@ static int rd_hello(kvf__conn *cn)
     uint64_t caps = kvf__get_u64(r->rtab + 8);
     atomic_store(&cn->nd->caps, caps & ~KVF_CAP_AUTH);
     atomic_store(&cn->nd->rdma_port, kvf__get_u32(r->rtab + 40) & 0xffffu);
+    kvf_client *cl = cn->io->cl;
+    char name[128];
+    uint8_t boot[16];
+    if (cl->shm_engines &&
+        kvf__hello_shm_parse(r->rtab, r->rtab_len, caps, name, sizeof name, boot)) {
+        /* The node's socket, as it says now (a restarted store may listen under a new name). */
+        pthread_mutex_lock(&cl->shm_mu);
+        if (!memcmp(boot, cl->boot_id, 16)) {
+            snprintf(cn->nd->shm_name, sizeof cn->nd->shm_name, "%s", name);
+            cn->nd->shm_local = 1;
+        }
+        pthread_mutex_unlock(&cl->shm_mu);
+    }
     cn->state = KVF__CS_UP;
     cn->backoff = 0;
     kvf__node_mark_up(cn->nd); /* it answers: a probe succeeded, or it never was down */

@@ -48,7 +48,7 @@ static int is_data_op(uint32_t op)
 static int is_itemless_op(uint32_t op)
 {
     return op == KVF_OP_HELLO || op == KVF_OP_AUTH || op == KVF_OP_CLEAR || op == KVF_OP_STATS ||
-           op == KVF_OP_RDMA_RELEASE;
+           op == KVF_OP_RDMA_RELEASE || op == KVF_OP_SHM_MAP;
 }
 
 int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_limits *lim,
@@ -169,7 +169,12 @@ int kvf__wire_control_len(const kvf_wire_hdr *h, const uint8_t *payload, uint64_
         *need = 8;
         return 0;
     case KVF_OP_RDMA_RELEASE:
+    case KVF_OP_SHM_MAP:
         *need = 16;
+        return 0;
+    case KVF_OP_SHM_PUT:
+    case KVF_OP_SHM_GET:
+        *need = 8 + 32 * n;
         return 0;
     case KVF_OP_ADMIT:
     case KVF_OP_RDMA_RESERVE:

@@ -9,6 +9,7 @@
  *           evicted keys whose return goes straight to the main queue.
  * Nothing here allocates after kvf__cache_open().
  */
+#define _GNU_SOURCE
 #include "cache.h"
 
 #include "kvf/error.h"
@@ -21,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 
 enum { ST_FREE = 0, ST_RESERVED, ST_READY, ST_GONE };
 enum { Q_NONE = 0, Q_MAIN, Q_SMALL };
@@ -66,6 +70,8 @@ struct kvf_cache {
     uint64_t reserve_ns;
     uint8_t *mem;
     uint64_t mem_size;
+    int mem_fd;    /* the arena's memfd (shared arenas), else -1 */
+    int mem_ro_ok; /* the memfd is sealed against writable mappings: a read-only view is safe */
     kvf_arena *arena;
     entry *e;
     uint32_t n_entries;
@@ -820,6 +826,70 @@ uint8_t *kvf__cache_base(kvf_cache *c)
     return c->mem;
 }
 
+uint64_t kvf__cache_mem_size(const kvf_cache *c)
+{
+    return c->mem_size;
+}
+
+int kvf__cache_arena_fd(const kvf_cache *c)
+{
+    return c->mem_ro_ok ? c->mem_fd : -1;
+}
+
+/* The arena's memory: anonymous, or (shared) a memfd that read-only views of it can be handed
+ * out of, on huge pages where asked. Returns the mapping or MAP_FAILED with err said. */
+static void *arena_map(kvf_cache *c, const kvf_cache_opts *o, char *err, size_t errlen)
+{
+    int pop = 0;
+#ifdef MAP_POPULATE
+    pop = o->prefault ? MAP_POPULATE : 0;
+#endif
+    c->mem_fd = -1;
+    if (!o->shared) {
+        void *m = mmap(NULL, c->mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | pop,
+                       -1, 0);
+        if (m == MAP_FAILED)
+            snprintf(err, errlen, "cannot map an arena of %llu bytes",
+                     (unsigned long long)c->mem_size);
+        return m;
+    }
+    unsigned fl = MFD_CLOEXEC | MFD_ALLOW_SEALING;
+#ifdef MFD_HUGETLB
+    if (o->hugepages) {
+        fl |= MFD_HUGETLB;
+        c->mem_size = (c->mem_size + (2u << 20) - 1) & ~(uint64_t)((2u << 20) - 1);
+    }
+#endif
+    int fd = memfd_create("kvf-arena", fl);
+    if (fd < 0 || ftruncate(fd, (off_t)c->mem_size) != 0) {
+        snprintf(err, errlen, "cannot make a shared arena of %llu bytes%s: %s",
+                 (unsigned long long)c->mem_size, o->hugepages ? " on huge pages" : "",
+                 strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return MAP_FAILED;
+    }
+    void *m = mmap(NULL, c->mem_size, PROT_READ | PROT_WRITE, MAP_SHARED | pop, fd, 0);
+    if (m == MAP_FAILED) {
+        snprintf(err, errlen, "cannot map a shared arena of %llu bytes%s: %s",
+                 (unsigned long long)c->mem_size, o->hugepages ? " on huge pages" : "",
+                 strerror(errno));
+        close(fd);
+        return MAP_FAILED;
+    }
+    /* No later mapping may write, and the size is fixed: a read-only view handed to a client
+     * cannot be turned writable, nor the arena cut under the node. Kernels before 5.1 lack
+     * F_SEAL_FUTURE_WRITE: no read-only view is handed out there. */
+    int seals = F_SEAL_SHRINK | F_SEAL_GROW;
+#ifdef F_SEAL_FUTURE_WRITE
+    c->mem_ro_ok = fcntl(fd, F_ADD_SEALS, seals | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) == 0;
+#endif
+    if (!c->mem_ro_ok)
+        fcntl(fd, F_ADD_SEALS, seals);
+    c->mem_fd = fd;
+    return m;
+}
+
 int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -859,16 +929,9 @@ int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t 
     c->q_main.head = c->q_main.tail = c->q_small.head = c->q_small.tail = NONE;
     pthread_mutex_init(&c->mu, NULL);
 
-    int flags = MAP_PRIVATE | MAP_ANONYMOUS;
-#ifdef MAP_POPULATE
-    if (o->prefault)
-        flags |= MAP_POPULATE;
-#endif
-    void *mem = mmap(NULL, c->mem_size, PROT_READ | PROT_WRITE, flags, -1, 0);
-    if (mem == MAP_FAILED) {
-        snprintf(err, errlen, "cannot map an arena of %llu bytes", (unsigned long long)c->mem_size);
+    void *mem = arena_map(c, o, err, errlen);
+    if (mem == MAP_FAILED)
         goto out_free;
-    }
     c->mem = mem;
     if (o->lock_memory && mlock(mem, c->mem_size) != 0) {
         snprintf(err, errlen, "mlock of %llu bytes failed (raise the memlock limit)",
@@ -913,6 +976,8 @@ out_tables:
     kvf__arena_destroy(&c->arena);
 out_unmap:
     munmap(mem, c->mem_size);
+    if (c->mem_fd >= 0)
+        close(c->mem_fd);
 out_free:
     pthread_mutex_destroy(&c->mu);
     free(c);
@@ -930,6 +995,8 @@ void kvf__cache_close(kvf_cache **cp)
     free(c->ghost);
     kvf__arena_destroy(&c->arena);
     munmap(c->mem, c->mem_size);
+    if (c->mem_fd >= 0)
+        close(c->mem_fd);
     pthread_mutex_destroy(&c->mu);
     free(c);
     *cp = NULL;

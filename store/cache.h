@@ -36,6 +36,10 @@ typedef struct kvf_cache_opts {
     uint32_t reserve_ms;    /* how long an admitted, unwritten reservation lives; 0: 30 s */
     int prefault;           /* touch every arena page at start, so RSS is taken up front */
     int lock_memory;        /* mlock the arena (RDMA registration wants it) */
+    /* The arena is a memfd (sealed against resizing and later writable mappings) that read-only
+     * views can be handed out of, to clients on this host (docs/shm.md); else anonymous memory.
+     * hugepages: the memfd on huge pages (hugetlbfs; the size is rounded up to 2 MiB). */
+    int shared, hugepages;
     /* Called under the cache's lock when an entry becomes readable (admitted 1) and when a
      * readable one leaves (0: evicted, removed, cleared), with the tenant it is charged to (0:
      * nobody); must be quick. May be NULL. */
@@ -61,6 +65,11 @@ void kvf__cache_unlock(kvf_cache *c);
 
 /* The arena's base address: entry data lives at base + offset. */
 uint8_t *kvf__cache_base(kvf_cache *c);
+/* The arena's length in bytes. */
+uint64_t kvf__cache_mem_size(const kvf_cache *c);
+/* The shared arena's memfd, sealed so that a read-only view of it stays read-only; -1 for an
+ * anonymous arena or where the kernel cannot seal it so. Borrowed; valid until the cache closes. */
+int kvf__cache_arena_fd(const kvf_cache *c);
 
 /* How a reservation's bytes are written: through the connection that made it (PUT, or ADMIT then
  * COMMIT: the node reads every byte into the block itself), or by the client's one-sided RDMA

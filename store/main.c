@@ -6,7 +6,8 @@
  *             [--poller epoll|poll] [--lock-memory] [--rdma off|auto|HOST:PORT]
  *             [--peer HOST:PORT]... [--copy-workers N] [--copy-queue N] [--insecure]
  *             [--auth TENANTS] [--auth-timeout MS] [--copy-credential FILE]
- *             [--events-credential FILE]
+ *             [--events-credential FILE] [--shm auto|off|NAME] [--shm-hugepages]
+ *             [--shm-staging-max SIZE]
  *
  * Prints one ready line ("kvf-store ready listen=127.0.0.1:7400 memory=... pid=...") on stdout
  * once it accepts connections; SIGTERM and SIGINT stop it cleanly; SIGHUP reads --auth's tenants
@@ -89,7 +90,12 @@ static void usage(FILE *f)
         "                        serve RDMA descriptors over rdma_cm: auto (default) where this\n"
         "                        host has a device, on the listen address and a free port\n"
         "  --rdma-tenants        with --auth, serve RDMA to tenants too: one key covers the\n"
-        "                        whole arena, so tenants are not isolated on it\n");
+        "                        whole arena, so tenants are not isolated on it\n"
+        "  --shm auto|off|NAME   shared memory for clients on this host over a Unix socket:\n"
+        "                        a path, or @NAME (abstract); auto (default): @kvf-store-PID.\n"
+        "                        The arena is then a sealed memfd (docs/shm.md)\n"
+        "  --shm-hugepages       the shared arena on huge pages (hugetlbfs must have them)\n"
+        "  --shm-staging-max SIZE  largest staging region of one connection (default 256M)\n");
 }
 
 #define STORE_MAX_PEERS 256
@@ -102,7 +108,10 @@ typedef struct store_cfg {
     uint64_t memory, max_request;
     long threads, max_entries, node;
     const char *evict, *poller, *events, *rdma, *auth, *copy_credential, *events_credential;
-    int verify, lock_memory, prefault, insecure, rdma_tenants;
+    const char *shm;
+    char shm_auto[64];
+    uint64_t shm_staging_max;
+    int verify, lock_memory, prefault, insecure, rdma_tenants, shm_hugepages;
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
     long copy_workers, copy_queue, auth_timeout_ms, copy_max_deadline_ms;
@@ -118,6 +127,7 @@ static store_cfg store_cfg_default(void)
         .threads = 0, /* auto */
         .evict = "lru",
         .rdma = "auto",
+        .shm = "auto",
         .verify = 1,
         .prefault = 1,
         .lg = {.level = KVF_LOG_INFO, .name = "kvf-store"},
@@ -183,6 +193,16 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         cfg->events_credential = v;
     } else if (!strcmp(a, "--rdma")) {
         cfg->rdma = v;
+    } else if (!strcmp(a, "--shm")) {
+        cfg->shm = v;
+    } else if (!strcmp(a, "--shm-staging-max")) {
+        if (kvf__parse_size(v, &cfg->shm_staging_max) != 0 || cfg->shm_staging_max < 4096) {
+            fprintf(stderr,
+                    "kvf-store: --shm-staging-max: expected a size of 4K or more, got "
+                    "\"%s\"\n",
+                    v);
+            return 2;
+        }
     } else if (!strcmp(a, "--node")) {
         cfg->node = strtol(v, NULL, 10);
         if (cfg->node < 0 || cfg->node > 255) {
@@ -233,6 +253,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
             cfg->verify = 0;
         } else if (!strcmp(a, "--rdma-tenants")) {
             cfg->rdma_tenants = 1;
+        } else if (!strcmp(a, "--shm-hugepages")) {
+            cfg->shm_hugepages = 1;
         } else if (!strcmp(a, "--lock-memory")) {
             cfg->lock_memory = 1;
         } else if (!strcmp(a, "--no-prefault")) {
@@ -250,6 +272,12 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
     }
     if (cfg->threads == 0)
         cfg->threads = kvf__auto_threads();
+    if (!strcmp(cfg->shm, "off")) {
+        cfg->shm = NULL;
+    } else if (!strcmp(cfg->shm, "auto")) {
+        snprintf(cfg->shm_auto, sizeof cfg->shm_auto, "@kvf-store-%d", (int)getpid());
+        cfg->shm = cfg->shm_auto;
+    }
     if (kvf__addr_parse(cfg->listen, cfg->host, sizeof cfg->host, &cfg->port) != 0) {
         fprintf(stderr, "kvf-store: --listen: expected HOST:PORT, got \"%s\"\n", cfg->listen);
         return 2;
@@ -323,6 +351,8 @@ static int open_cache(const store_cfg *cfg, kvf__pub *pub, kvf_cache **cache)
         .evict = cfg->evict,
         .prefault = cfg->prefault,
         .lock_memory = cfg->lock_memory,
+        .shared = cfg->shm != NULL,
+        .hugepages = cfg->shm_hugepages,
     };
     if (kvf__cache_open(cache, &co, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-store: %s\n", err);
@@ -371,6 +401,8 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .tenants = tenants,
         .auth_timeout_ms = (uint32_t)cfg->auth_timeout_ms,
         .copy_credential = cfg->copy_credential,
+        .shm = cfg->shm,
+        .shm_staging_max = cfg->shm_staging_max,
         .cache = cache,
         .log = &cfg->lg,
     };
@@ -394,9 +426,10 @@ static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, co
     if (rdma_port)
         snprintf(rdma_text, sizeof rdma_text, "%u", rdma_port);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
-           " evict=%s threads=%ld events=%s node=%ld rdma=%s auth=%s pid=%d\n",
+           " evict=%s threads=%ld events=%s node=%ld rdma=%s auth=%s shm=%s pid=%d\n",
            cfg->host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, cfg->threads,
-           ev_ep, cfg->node, rdma_text, cfg->auth ? "on" : "off", (int)getpid());
+           ev_ep, cfg->node, rdma_text, cfg->auth ? "on" : "off", cfg->shm ? cfg->shm : "off",
+           (int)getpid());
     if (!rdma_port)
         kvf_info(&cfg->lg, "rdma off: %s", rdma_why);
     fflush(stdout);

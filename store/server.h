@@ -51,6 +51,13 @@ typedef struct kvf_server_opts {
      * advertised nor served to tenants unless this is set; admins may always use it. */
     int rdma_tenants;
     const char *copy_credential;
+    /* Shared memory for clients on this host (docs/shm.md): the Unix socket's name (a path, or
+     * "@name" in the abstract namespace; NULL: none). The arena is handed out read-only where the
+     * cache's arena is shared (kvf_cache_opts.shared) and the client may read every namespace.
+     * A connection's staging region is at most shm_staging_max bytes (0: 256 MiB), all of them
+     * together at most shm_staging_total (0: 4 GiB). */
+    const char *shm;
+    uint64_t shm_staging_max, shm_staging_total;
     kvf_cache *cache;   /* borrowed; must outlive the server */
     const kvf_log *log; /* borrowed; may be NULL */
 } kvf_server_opts;

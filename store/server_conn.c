@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-void kvf__conn_adopt(loop *lp, int fd)
+void kvf__conn_adopt(loop *lp, int fd, int is_unix)
 {
     kvf_server *s = lp->srv;
     conn *c = calloc(1, sizeof *c);
@@ -27,6 +27,7 @@ void kvf__conn_adopt(loop *lp, int fd)
     c->events = KVF_POLL_IN;
     c->role = s->o.tenants ? KVF_ROLE_NONE : KVF_ROLE_ADMIN;
     c->accepted_ns = kvf__now_ns();
+    c->is_unix = is_unix;
     if (kvf__poller_add(lp->poller, fd, KVF_POLL_IN, c) != 0) {
         close(fd);
         free(c);
@@ -84,6 +85,7 @@ void kvf__conn_destroy(conn *c)
         c->lp->conns = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    kvf__shm_conn_free(c);
     free(c->rbuf);
     free(c->items);
     c->rbuf = NULL;

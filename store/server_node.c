@@ -29,7 +29,7 @@ void kvf__req_hello(conn *c)
         return;
     }
     c->ns_bound = ns;
-    uint8_t r[KVF_HELLO_REPLY_AUTH_LEN];
+    uint8_t r[KVF_HELLO_REPLY_AUTH_LEN + 24 + 128];
     size_t rlen = KVF_HELLO_REPLY_LEN;
     int rdma = s->rdma && (!s->o.tenants || s->o.rdma_tenants);
     uint64_t served = caps & KVF_CAP_ALL & (rdma ? KVF_CAP_ALL : ~KVF_CAP_RDMA);
@@ -40,6 +40,21 @@ void kvf__req_hello(conn *c)
         served |= KVF_CAP_AUTH;
         memcpy(r + KVF_HELLO_REPLY_LEN, c->nonce, sizeof c->nonce);
         rlen = KVF_HELLO_REPLY_AUTH_LEN;
+    }
+    if ((caps & KVF_CAP_SHM) && s->ufd >= 0) {
+        /* Where a client on this host finds the node's shared memory: its boot id says whether
+         * it is on this host, the name where to connect. */
+        if (rlen == KVF_HELLO_REPLY_LEN)
+            memset(r + KVF_HELLO_REPLY_LEN, 0, KVF_AUTH_NONCE_LEN);
+        uint8_t *t = r + KVF_HELLO_REPLY_AUTH_LEN;
+        size_t nl = strlen(s->shm_name), padded = (nl + 7) & ~(size_t)7;
+        memcpy(t, s->boot_id, 16);
+        kvf__put_u32(t + 16, (uint32_t)nl);
+        kvf__put_u32(t + 20, 0);
+        memset(t + 24, 0, padded);
+        memcpy(t + 24, s->shm_name, nl);
+        rlen = KVF_HELLO_REPLY_AUTH_LEN + 24 + padded;
+        served |= KVF_CAP_SHM;
     }
     kvf__put_u32(r, KVF_WIRE_VERSION);
     kvf__put_u32(r + 4, s->o.max_items);
@@ -122,6 +137,25 @@ static void stats_figures(json_t *o, kvf_server *s, const kvf_cache_stats *st)
 #undef SET
     json_object_set_new(o, "policy", json_string(st->policy));
     json_object_set_new(o, "transport", json_string(s->rdma ? "tcp+rdma" : "tcp"));
+}
+
+/* The shared-memory side's figures as a new object; NULL when out of memory. */
+static json_t *stats_shm(kvf_server *s)
+{
+    json_t *o = json_object();
+    if (!o)
+        return NULL;
+    json_object_set_new(o, "served", json_boolean(s->ufd >= 0));
+    json_object_set_new(o, "socket", json_string(s->shm_name));
+    json_object_set_new(o, "arena_mappable", json_boolean(s->arena_fd >= 0));
+#define SSET(k, v) json_object_set_new(o, k, json_integer((json_int_t)(v)))
+    SSET("accepted", atomic_load(&s->shm_accepted));
+    SSET("maps", atomic_load(&s->shm_maps));
+    SSET("staging_bytes", atomic_load(&s->shm_staging_bytes));
+    SSET("put_bytes", atomic_load(&s->shm_put_bytes));
+    SSET("staged_get_bytes", atomic_load(&s->shm_get_bytes));
+#undef SSET
+    return o;
 }
 
 /* The RDMA side's figures (or why it is not served) as a new object; NULL when out of memory. */
@@ -231,6 +265,9 @@ static json_t *stats_node(kvf_server *s)
     json_t *au = stats_auth(s);
     if (au)
         json_object_set_new(o, "auth", au);
+    json_t *sh = stats_shm(s);
+    if (sh)
+        json_object_set_new(o, "shm", sh);
     for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
         if (name)

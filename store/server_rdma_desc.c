@@ -25,11 +25,12 @@
 #define RDMA_LEASE_MAX_MS     60000u
 #define RDMA_GET_MAX_REPLY    (256ull << 20)
 
-/* Whether this node serves RDMA; if not, c gets the reason as an error reply. */
+/* Whether this node serves RDMA (or, for RDMA_GET, c mapped the arena over shared memory: the
+ * descriptors then point into its read-only view); if not, c gets the reason as an error reply. */
 static int rdma_served(conn *c)
 {
     kvf_server *s = c->lp->srv;
-    if (s->rdma)
+    if (s->rdma || (c->shm_arena && c->h.opcode == KVF_OP_RDMA_GET))
         return 1;
     kvf__reply_error(c, KVF_ENOTSUP, 0, "this node serves no RDMA: %s", s->rdma_why);
     return 0;
@@ -82,7 +83,7 @@ static uint64_t rget_acquire(conn *c, rget *g)
 static void rget_encode(kvf_server *s, const rget *g, uint32_t lease_ms, uint8_t *r)
 {
     kvf__put_u64(r, g->l->n ? g->l->id : 0);
-    kvf__put_u32(r + 8, kvf__rserve_rkey(s->rdma));
+    kvf__put_u32(r + 8, s->rdma ? kvf__rserve_rkey(s->rdma) : 0);
     kvf__put_u32(r + 12, lease_ms);
     uint8_t *h = r + 16 + 24 * (size_t)g->n;
     for (uint32_t i = 0; i < g->n; i++) {

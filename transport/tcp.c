@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <ifaddrs.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -110,6 +111,38 @@ int kvf__host_is_loopback(const char *host)
     }
     freeaddrinfo(res);
     return loop;
+}
+
+int kvf__host_is_local(const char *host)
+{
+    if (kvf__host_is_loopback(host))
+        return 1;
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    if (!host || !host[0] || getaddrinfo(host, NULL, &hints, &res) != 0 || !res)
+        return 0;
+    struct ifaddrs *ifs = NULL;
+    int local = 0;
+    if (getifaddrs(&ifs) == 0) {
+        for (struct addrinfo *a = res; a && !local; a = a->ai_next) {
+            for (struct ifaddrs *i = ifs; i && !local; i = i->ifa_next) {
+                if (!i->ifa_addr || i->ifa_addr->sa_family != a->ai_family)
+                    continue;
+                if (a->ai_family == AF_INET)
+                    local =
+                        !memcmp(&((const struct sockaddr_in *)(const void *)a->ai_addr)->sin_addr,
+                                &((const struct sockaddr_in *)(const void *)i->ifa_addr)->sin_addr,
+                                sizeof(struct in_addr));
+                else if (a->ai_family == AF_INET6)
+                    local = !memcmp(
+                        &((const struct sockaddr_in6 *)(const void *)a->ai_addr)->sin6_addr,
+                        &((const struct sockaddr_in6 *)(const void *)i->ifa_addr)->sin6_addr,
+                        sizeof(struct in6_addr));
+            }
+        }
+        freeifaddrs(ifs);
+    }
+    freeaddrinfo(res);
+    return local;
 }
 
 int kvf__listen_policy(const char *daemon, const char *what, const char *host, int insecure)

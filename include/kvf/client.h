@@ -42,9 +42,11 @@ typedef struct kvf_client_opts {
     int connect_timeout_ms;   /* input: 0: 1000 */
     int deadline_ms;          /* input: default deadline of an operation; 0: 5000 */
     uint64_t stripe_bytes;    /* input: smallest stripe worth its own connection; 0: 4 MiB */
-    /* input: data path of gets and puts: "auto" (NULL): RDMA where this host has a device and
-     * every node serves it, TCP otherwise; "tcp"; "rdma" (open fails where it is not possible).
-     * Control requests always travel over TCP. */
+    /* input: data path of gets and puts: "auto" (NULL): shared memory for the nodes on this host
+     * that serve it (the others' keys over TCP), else RDMA where this host has a device and every
+     * node serves it, else TCP; "tcp"; "shm" or "rdma" (open fails where it is not possible).
+     * With shared memory, control requests to those nodes travel over their Unix sockets too;
+     * otherwise over TCP. kvf_client_transport() says what was chosen and why. */
     const char *transport;
     /* input: I/O threads that large gets and puts (two stripes' worth of bytes or more) are
      * split across, each with its share of conns_per_node (at most that many threads); 0: auto,
@@ -54,6 +56,11 @@ typedef struct kvf_client_opts {
     /* input: path of a credential file (`kvf auth new`) to authenticate with, on nodes that
      * require it; NULL: $KVF_CREDENTIAL where set, else none; "": none. Read at open, not kept. */
     const char *credential;
+    /* input: shared memory: the lease asked for each get's objects (0: 2000 ms; a copy that
+     * outlasts it is a miss), and each worker's staging region per node (0: 64 MiB; objects
+     * larger go over TCP where a staging region is needed). */
+    uint32_t shm_lease_ms;
+    uint64_t shm_staging_bytes;
 } kvf_client_opts;
 
 /* Opens a client and connects to every node (a node that does not answer is retried later and
@@ -145,15 +152,26 @@ KVF_API int kvf_client_copy(kvf_client *c, size_t node_idx, const char *addr, si
 /* A node's statistics as a JSON object text. Caller owns *json; free with free(). */
 KVF_API int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int deadline_ms);
 
-/* The client's data path, "rdma" or "tcp"; why (may be NULL) gets the reason it was chosen. */
+/* The client's data path, "shm", "rdma" or "tcp"; why (may be NULL) gets the reason it was
+ * chosen (for shm, which nodes use it and why the others do not). */
 KVF_API const char *kvf_client_transport(const kvf_client *c, char *why, size_t len);
-/* How an operation's bytes moved: "rdma" or "tcp". */
+/* The read-only view of node node_idx's arena that the shared-memory path mapped: *base and *len,
+ * for engines that copy or DMA from it themselves (register it with a GPU driver, say). Borrowed;
+ * valid until kvf_client_close(). Bytes in it are an object's only while a lease holds it.
+ * KVF_ENOTSUP where the node's arena is not mapped (not on this host, or a tenant's staged
+ * access). */
+KVF_API int kvf_client_shm_view(const kvf_client *c, size_t node_idx, const void **base,
+                                size_t *len);
+/* How an operation's bytes moved: "shm", "rdma", "tcp", or "shm+tcp" (some keys each way). */
 KVF_API const char *kvf_op_transport(const kvf_op *op);
 
 /* Transfer counters of the client since it opened. */
 typedef struct kvf_client_counters {
     uint64_t bytes_sent, bytes_received;
     uint64_t requests, failed_keys, reconnects;
+    /* shared memory: the bytes of those above that it moved, keys whose lease ended during their
+     * copy (misses), and keys that went over TCP because their node's socket was unreachable */
+    uint64_t shm_bytes_sent, shm_bytes_received, shm_lease_expired, shm_fallback_keys;
 } kvf_client_counters;
 KVF_API void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out);
 

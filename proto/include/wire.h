@@ -49,7 +49,10 @@
     XX(RDMA_RELEASE, 17, "rdma_release") \
     XX(RDMA_RESERVE, 18, "rdma_reserve") \
     XX(RDMA_COMMIT, 19, "rdma_commit")   \
-    XX(AUTH, 20, "auth")
+    XX(AUTH, 20, "auth")                 \
+    XX(SHM_MAP, 21, "shm_map")           \
+    XX(SHM_PUT, 22, "shm_put")           \
+    XX(SHM_GET, 23, "shm_get")
 
 typedef enum kvf_opcode {
 #define KVF_OP_ENUM_(name, num, text) KVF_OP_##name = num,
@@ -74,6 +77,13 @@ typedef enum kvf_opcode {
 #define KVF_CAP_ALL      0x1full
 /* HELLO reply only: the node requires AUTH before any other request; the challenge follows. */
 #define KVF_CAP_AUTH 0x20ull
+/* Shared memory on the node's Unix socket (SHM_MAP, SHM_PUT, SHM_GET; docs/shm.md). A client asks
+ * for it in HELLO; the reply then carries, after its first 80 bytes (the challenge's place, zero
+ * without AUTH), the node's boot id (16 bytes), u32 name length, u32 0 and the socket's name
+ * padded to 8 bytes ("@name": Linux's abstract namespace). */
+#define KVF_CAP_SHM 0x40ull
+/* SHM_MAP request flag, and reply flag where granted: a read-only descriptor of the arena. */
+#define KVF_SHM_MAP_ARENA 0x1u
 
 typedef struct kvf_wire_hdr {
     uint16_t version;

@@ -20,6 +20,9 @@ int kvf__addr_parse(const char *addr, char *host, size_t hostlen, uint16_t *port
 /* Whether every address host resolves to is a loopback one (127.0.0.0/8, ::1): 0 for a wildcard
  * (0.0.0.0, ::), any other address, or a name that does not resolve. */
 int kvf__host_is_loopback(const char *host);
+/* Whether host resolves to an address of this machine: a loopback one, or one of its
+ * interfaces'. 0 for a wildcard or a name that does not resolve. */
+int kvf__host_is_local(const char *host);
 
 /* The daemons' rule (docs/security.md): a listener on an address that is not loopback is refused
  * unless the daemon authenticates what arrives there (insecure = KVF_LISTEN_AUTHENTICATED), or

@@ -1,0 +1,684 @@
+/*
+ * Integration tests of the shared-memory transport (docs/shm.md): real kvf-store daemons with
+ * their Unix sockets, clients through the public API, and raw local clients that try what a
+ * malicious process on the same host would.
+ */
+#define _GNU_SOURCE
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <dirent.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kvf/kvf.h"
+#include "kvf/object.h"
+
+#include "harness.h"
+
+#include "bytes.h"
+#include "client_int.h"
+#include "clock.h"
+#include "unixsock.h"
+#include "wire.h"
+
+#define LAYERS 4
+#define SEG    16384
+
+static const uint64_t NS = 0x5a3e5a3e5a3e5a3eull;
+
+/* One request and its reply on a raw connection, within 5 s. */
+static int kvf__sync_call_test(int fd, uint64_t id, uint32_t opcode, uint32_t count,
+                               const void *payload, size_t plen, uint8_t **reply, size_t *rlen,
+                               int *fds, int *n_fds)
+{
+    char err[300];
+    int rc = kvf__sync_call(fd, id, opcode, count, payload, plen, reply, rlen, fds, n_fds,
+                            kvf__now_ns() + 5000000000ull, err, sizeof err);
+    if (rc)
+        print_message("%s -> %s\n", kvf__wire_opcode_name(opcode), err);
+    return rc;
+}
+
+static kvf_key key_of(uint64_t i)
+{
+    return (kvf_key){.lo = i * 0x9E3779B97F4A7C15ull + 99, .hi = i ^ 0x3c3c};
+}
+
+/* The object of key i, version v, with segments of seg bytes: every byte says (i, v). */
+static uint8_t *make_obj(uint64_t i, uint8_t v, size_t seg, uint64_t *len)
+{
+    uint8_t *s = malloc(seg * LAYERS);
+    const void *segs[LAYERS];
+    for (int l = 0; l < LAYERS; l++) {
+        uint8_t *p = s + (size_t)l * seg;
+        for (size_t b = 0; b < seg; b++)
+            p[b] = (uint8_t)(i * 31 + (uint64_t)l * 7 + b + v);
+        kvf__put_u64(p, i);
+        p[8] = v;
+        segs[l] = p;
+    }
+    size_t cap = kvf_obj_raw_size(LAYERS, seg), out;
+    uint8_t *obj = malloc(cap);
+    kvf_key k = key_of(i);
+    assert_int_equal(
+        kvf_obj_encode(&k, 9, 16, LAYERS, segs, seg, KVF_CODEC_NONE, obj, cap, &out, NULL), 0);
+    free(s);
+    *len = out;
+    return obj;
+}
+
+/* Whether buf (len bytes) is key i's object of some version (stored raw or recompressed), its
+ * version in *v: every segment decodes to exactly what that version's writer wrote. */
+static int is_obj(const uint8_t *buf, uint64_t len, uint64_t i, size_t seg, uint8_t *v)
+{
+    kvf_obj_info in;
+    if (kvf_obj_verify(buf, len, &in) != 0 || in.layers != LAYERS)
+        return 0;
+    kvf_key k = key_of(i);
+    if (!kvf_key_eq(&in.key, &k))
+        return 0;
+    uint8_t *raw = malloc(seg * LAYERS), *scratch = malloc(seg * 2 + 64);
+    uint64_t off = in.header_len;
+    int ok = 1;
+    for (uint32_t l = 0; l < LAYERS && ok; l++) {
+        kvf_obj_seg sg = kvf_obj_seg_at(&in, l);
+        ok = sg.raw_len == seg &&
+             kvf_obj_decode_seg(in.codec, &sg, buf + off, raw + (size_t)l * seg, scratch) == 0;
+        off += sg.stored_len;
+    }
+    if (ok) {
+        *v = raw[8];
+        for (uint32_t l = 0; l < LAYERS && ok; l++) {
+            const uint8_t *p = raw + (size_t)l * seg;
+            ok = kvf__get_u64(p) == i && p[8] == *v;
+            for (size_t b = 9; b < seg && ok; b++)
+                ok = p[b] == (uint8_t)(i * 31 + (uint64_t)l * 7 + b + *v);
+        }
+    }
+    free(raw), free(scratch);
+    return ok;
+}
+
+static kvf_client *client_open_opts(const daemon_t *d, kvf_client_opts o)
+{
+    const char *nodes[1] = {d->addr};
+    o.nodes = nodes;
+    o.n_nodes = 1;
+    o.ns = NS;
+    if (!o.deadline_ms)
+        o.deadline_ms = 5000;
+    kvf_client *c = NULL;
+    char err[400];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    return c;
+}
+
+static void put_keys(kvf_client *c, uint64_t from, size_t n, uint8_t v, size_t seg, int *st)
+{
+    kvf_key *keys = malloc(n * sizeof *keys);
+    uint8_t **objs = malloc(n * sizeof *objs);
+    uint64_t *lens = malloc(n * sizeof *lens);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(from + i);
+        objs[i] = make_obj(from + i, v, seg, &lens[i]);
+    }
+    kvf_batch b = {
+        .n = n, .keys = keys, .objs = (const void *const *)objs, .lens = lens, .status = st};
+    assert_int_equal(kvf_client_put(c, &b), 0);
+    for (size_t i = 0; i < n; i++)
+        free(objs[i]);
+    free(keys), free(objs), free(lens);
+}
+
+static atomic_uint layers_seen;
+
+static void on_layer(kvf_op *op, uint32_t l, void *ud)
+{
+    (void)op, (void)ud;
+    /* Layers arrive in order, each once. */
+    assert_int_equal(l, atomic_fetch_add(&layers_seen, 1));
+}
+
+/* Gets keys [from, from + n): statuses in st; returns the hits, each checked byte for byte (a
+ * wrong byte fails the test). wrong (may be NULL) counts hits that were not exactly an object. */
+static size_t get_keys_counted(kvf_client *c, uint64_t from, size_t n, size_t seg, uint32_t flags,
+                               int *st, const char **transport, atomic_ullong *wrong);
+
+static size_t get_keys(kvf_client *c, uint64_t from, size_t n, size_t seg, uint32_t flags, int *st,
+                       const char **transport)
+{
+    return get_keys_counted(c, from, n, seg, flags, st, transport, NULL);
+}
+
+/* As get_keys; with wrong, safe off the test's thread: what would fail the test is counted. */
+static size_t get_keys_counted(kvf_client *c, uint64_t from, size_t n, size_t seg, uint32_t flags,
+                               int *st, const char **transport, atomic_ullong *wrong)
+{
+    kvf_key *keys = malloc(n * sizeof *keys);
+    void **bufs = malloc(n * sizeof *bufs);
+    uint64_t *caps = malloc(n * sizeof *caps), *lens = calloc(n, sizeof *lens);
+    size_t cap = kvf_obj_raw_size(LAYERS, seg);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(from + i);
+        bufs[i] = malloc(cap);
+        caps[i] = cap;
+    }
+    atomic_store(&layers_seen, 0);
+    kvf_batch b = {.n = n,
+                   .keys = keys,
+                   .bufs = bufs,
+                   .caps = caps,
+                   .out_lens = lens,
+                   .status = st,
+                   .flags = flags,
+                   .layer_cb = (flags & KVF_GET_STREAM) ? on_layer : NULL};
+    kvf_op *op;
+    b.layer_cb = wrong ? NULL : b.layer_cb;
+    int rc = kvf_client_get_async(c, &b, &op);
+    if (!rc)
+        rc = kvf_op_wait(op);
+    if (rc && wrong)
+        atomic_fetch_add(wrong, 1);
+    else
+        assert_int_equal(rc, 0);
+    if (transport)
+        *transport = kvf_op_transport(op);
+    kvf_op_free(&op);
+    size_t hits = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint8_t v;
+        if (st[i] == 0) {
+            if (!is_obj(bufs[i], lens[i], from + i, seg, &v)) {
+                if (!wrong)
+                    fail_msg("key %llu: a hit whose bytes are not its object",
+                             (unsigned long long)(from + i));
+                atomic_fetch_add(wrong, 1);
+            }
+            hits++;
+        }
+        free(bufs[i]);
+    }
+    free(keys), free(bufs), free(caps), free(lens);
+    return hits;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+/* Put, get and streamed get over shared memory, chosen by the client itself; the bytes moved are
+ * counted as shared memory's; the arena's read-only view is there for an engine to use. */
+static void test_shm_round_trip(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "64M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    char why[400];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "shm");
+    print_message("transport: %s\n", why);
+    assert_non_null(strstr(why, "arena mapped"));
+    int st[300];
+    put_keys(c, 0, 300, 1, SEG, st);
+    for (int i = 0; i < 300; i++)
+        assert_int_equal(st[i], 0);
+    const char *tr = NULL;
+    assert_int_equal(get_keys(c, 0, 300, SEG, 0, st, &tr), 300);
+    assert_string_equal(tr, "shm");
+    assert_int_equal(get_keys(c, 100, 150, SEG, KVF_GET_STREAM, st, NULL), 150);
+    assert_int_equal(atomic_load(&layers_seen), LAYERS);
+    /* Misses are per key; a second put of the same keys says EEXIST. */
+    assert_int_equal(get_keys(c, 290, 20, SEG, 0, st, NULL), 10);
+    for (int i = 10; i < 20; i++)
+        assert_int_equal(st[i], KVF_ENOENT);
+    put_keys(c, 0, 10, 1, SEG, st);
+    for (int i = 0; i < 10; i++)
+        assert_int_equal(st[i], KVF_EEXIST);
+    kvf_client_counters k;
+    kvf_client_counters_get(c, &k);
+    uint64_t obj = kvf_obj_raw_size(LAYERS, SEG);
+    assert_true(k.shm_bytes_sent >= 300 * obj);
+    assert_true(k.shm_bytes_received >= 450 * obj);
+    const void *base;
+    size_t len;
+    assert_int_equal(kvf_client_shm_view(c, 0, &base, &len), 0);
+    assert_true(base != NULL && len >= (64u << 20) - 4096);
+    /* Control requests go over the socket too, and a TCP client sees the same objects. */
+    size_t hits = 99;
+    kvf_key keys[4] = {key_of(0), key_of(1), key_of(2), key_of(5000)};
+    assert_int_equal(kvf_client_lookup_prefix(c, 4, keys, &hits, 2000), 0);
+    assert_int_equal(hits, 3);
+    kvf_client *t = client_open_opts(&d, (kvf_client_opts){.transport = "tcp"});
+    assert_string_equal(kvf_client_transport(t, NULL, 0), "tcp");
+    assert_int_equal(get_keys(t, 0, 300, SEG, 0, st, &tr), 300);
+    assert_string_equal(tr, "tcp");
+    kvf_client_close(&t);
+    /* Objects larger than a staging region go over TCP, and say so. */
+    kvf_client *s = client_open_opts(&d, (kvf_client_opts){.shm_staging_bytes = 32768});
+    put_keys(s, 1000, 4, 2, SEG, st);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(st[i], 0);
+    assert_int_equal(get_keys(s, 1000, 4, SEG, 0, st, &tr), 4);
+    assert_string_equal(tr, "shm"); /* the arena is mapped: gets need no staging */
+    kvf_client_close(&s);
+    char *json = NULL;
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    assert_non_null(strstr(json, "\"shm\":{"));
+    free(json);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+/* A node without shared memory: auto falls back to TCP and says why; "shm" fails the open. */
+static void test_shm_fallback_reasons(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "16M", "--shm off");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    char why[400];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "tcp");
+    print_message("transport: %s\n", why);
+    assert_non_null(strstr(why, "serves no shared memory"));
+    int st[8];
+    put_keys(c, 0, 8, 1, SEG, st);
+    assert_int_equal(get_keys(c, 0, 8, SEG, 0, st, NULL), 8);
+    kvf_client_close(&c);
+    const char *nodes[1] = {d.addr};
+    kvf_client_opts o = {.nodes = nodes, .n_nodes = 1, .ns = NS, .transport = "shm"};
+    char err[400];
+    assert_int_not_equal(kvf_client_open(&c, &o, err, sizeof err), 0);
+    print_message("open with shm: %s\n", err);
+    assert_null(c);
+    daemon_stop(&d);
+}
+
+/* Readers against a node whose objects are evicted, re-put, recompressed and pinned under them:
+ * every hit is exactly its object, misses are counted, nothing else. */
+typedef struct churn {
+    daemon_t *d;
+    atomic_int stop;
+    atomic_ullong hits, misses, wrong;
+} churn;
+
+#define CHURN_KEYS 64
+
+static void *churn_reader(void *arg)
+{
+    churn *ch = arg;
+    const char *nodes[1] = {ch->d->addr};
+    kvf_client_opts o = {.nodes = nodes, .n_nodes = 1, .ns = NS, .deadline_ms = 5000};
+    kvf_client *c = NULL;
+    char err[300];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0) {
+        atomic_fetch_add(&ch->wrong, 1);
+        return NULL;
+    }
+    int st[CHURN_KEYS];
+    for (int r = 0; r < 2000 && !atomic_load(&ch->stop); r++) {
+        size_t h = get_keys_counted(c, 0, CHURN_KEYS, SEG, (r & 1) ? KVF_GET_STREAM : 0, st, NULL,
+                                    &ch->wrong);
+        atomic_fetch_add(&ch->hits, h);
+        atomic_fetch_add(&ch->misses, CHURN_KEYS - h);
+    }
+    kvf_client_close(&c);
+    return NULL;
+}
+
+static void test_shm_churn_never_wrong(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "8M", "--threads 1");
+    churn ch = {.d = &d};
+    kvf_client *w = client_open_opts(&d, (kvf_client_opts){0});
+    int st[CHURN_KEYS];
+    put_keys(w, 0, CHURN_KEYS, 0, SEG, st);
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, churn_reader, &ch), 0);
+    uint64_t t0 = kvf__now_ns();
+    kvf_key keys[CHURN_KEYS];
+    for (int i = 0; i < CHURN_KEYS; i++)
+        keys[i] = key_of((uint64_t)i);
+    for (uint8_t v = 1; kvf__now_ns() - t0 < 3000000000ull; v++) {
+        kvf_client_evict(w, CHURN_KEYS / 2, keys + (v & 1) * (CHURN_KEYS / 2), st, 2000);
+        put_keys(w, 0, CHURN_KEYS, v, SEG, st);
+        kvf_client_compress(w, 8, keys + (v % 8) * 8, (v & 2) ? "lz4" : "none", st, 2000);
+        kvf_client_pin(w, 4, keys, 50, st, 2000);
+        put_keys(w, 5000 + (uint64_t)v * 40, 40, v, SEG, st); /* pressure: evictions */
+    }
+    atomic_store(&ch.stop, 1);
+    for (int i = 0; i < 2; i++)
+        pthread_join(th[i], NULL);
+    print_message(
+        "readers: %llu hits, %llu misses, %llu wrong\n", (unsigned long long)atomic_load(&ch.hits),
+        (unsigned long long)atomic_load(&ch.misses), (unsigned long long)atomic_load(&ch.wrong));
+    assert_int_equal(atomic_load(&ch.wrong), 0);
+    assert_true(atomic_load(&ch.hits) > 0);
+    kvf_client_close(&w);
+    daemon_stop(&d);
+}
+
+/* A lease that runs out before the copy is over makes the key a miss, never data; and the node
+ * lets the references go at the lease's end. */
+static void test_shm_lease_end_is_a_miss(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "64M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){.shm_lease_ms = 1});
+    int st[16];
+    put_keys(c, 0, 16, 3, 256 * 1024, st);
+    for (int i = 0; i < 16; i++)
+        assert_int_equal(st[i], 0);
+    assert_int_equal(get_keys(c, 0, 16, 256 * 1024, 0, st, NULL), 0);
+    for (int i = 0; i < 16; i++)
+        assert_int_equal(st[i], KVF_ENOENT);
+    kvf_client_counters k;
+    kvf_client_counters_get(c, &k);
+    assert_int_equal(k.shm_lease_expired, 16);
+    kvf_client_close(&c);
+    /* With a lease that holds, the same keys are there. */
+    c = client_open_opts(&d, (kvf_client_opts){0});
+    assert_int_equal(get_keys(c, 0, 16, 256 * 1024, KVF_GET_STREAM, st, NULL), 16);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* A raw local client */
+
+typedef struct raw {
+    int fd;
+    uint64_t id;
+} raw;
+
+static raw raw_open(const daemon_t *d)
+{
+    char name[64];
+    snprintf(name, sizeof name, "@kvf-store-%d", (int)d->pid);
+    raw r = {.fd = -1};
+    char err[200];
+    assert_int_equal(kvf__unix_connect(name, &r.fd, err, sizeof err), 0);
+    uint8_t h[24];
+    kvf__put_u32(h, KVF_WIRE_VERSION);
+    kvf__put_u32(h + 4, KVF_WIRE_VERSION);
+    kvf__put_u64(h + 8, NS);
+    kvf__put_u64(h + 16, KVF_CAP_ALL | KVF_CAP_SHM);
+    uint8_t *rep;
+    size_t rlen;
+    assert_int_equal(
+        kvf__sync_call_test(r.fd, ++r.id, KVF_OP_HELLO, 0, h, sizeof h, &rep, &rlen, NULL, NULL),
+        0);
+    assert_true(kvf__get_u64(rep + 8) & KVF_CAP_SHM);
+    free(rep);
+    return r;
+}
+
+/* A local client handed the arena cannot write it: not through the view, not by making it
+ * writable, not by mapping the descriptor again writable, not by reopening it writable through
+ * /proc, and not by resizing it. Its staging region is its own, and resizing that is refused
+ * too. */
+static void test_shm_malicious_client_cannot_write(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "16M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    int st[8];
+    put_keys(c, 0, 8, 7, SEG, st);
+    raw r = raw_open(&d);
+    uint8_t req[16], *rep;
+    size_t rlen;
+    kvf__put_u64(req, 1 << 20);
+    kvf__put_u32(req + 8, KVF_SHM_MAP_ARENA);
+    kvf__put_u32(req + 12, 0);
+    int fds[4], nfd = 4;
+    assert_int_equal(kvf__sync_call_test(r.fd, ++r.id, KVF_OP_SHM_MAP, 0, req, sizeof req, &rep,
+                                         &rlen, fds, &nfd),
+                     0);
+    assert_int_equal(nfd, 2);
+    uint64_t alen = kvf__get_u64(rep + 8);
+    free(rep);
+    int stg = fds[0], arena = fds[1];
+    /* Writable mappings of the arena, every way. */
+    errno = 0;
+    assert_true(mmap(NULL, alen, PROT_READ | PROT_WRITE, MAP_SHARED, arena, 0) == MAP_FAILED);
+    void *view = mmap(NULL, alen, PROT_READ, MAP_SHARED, arena, 0);
+    assert_true(view != MAP_FAILED);
+    assert_int_not_equal(mprotect(view, 4096, PROT_READ | PROT_WRITE), 0);
+    char p[64];
+    snprintf(p, sizeof p, "/proc/self/fd/%d", arena);
+    int rw = open(p, O_RDWR);
+    if (rw >= 0) {
+        /* Reopened writable (memfds allow it): still no writable mapping, no write, no resize. */
+        assert_true(mmap(NULL, alen, PROT_READ | PROT_WRITE, MAP_SHARED, rw, 0) == MAP_FAILED);
+        uint8_t junk[64] = {0};
+        assert_true(pwrite(rw, junk, sizeof junk, 4096) < 0);
+        assert_int_not_equal(ftruncate(rw, 4096), 0);
+        close(rw);
+    }
+    assert_int_not_equal(ftruncate(arena, 4096), 0);
+    /* A private writable mapping changes the client's own copy only. */
+    uint8_t *priv = mmap(NULL, alen, PROT_READ | PROT_WRITE, MAP_PRIVATE, arena, 0);
+    if (priv != MAP_FAILED) {
+        memset(priv, 0xEE, alen);
+        munmap(priv, alen);
+    }
+    /* The staging region cannot be shrunk under the node's copies. */
+    assert_int_not_equal(ftruncate(stg, 0), 0);
+    /* A put whose staging bytes are not a verified object, or lie outside the region, is
+     * refused and leaves nothing visible. */
+    uint8_t *stgmap = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE, MAP_SHARED, stg, 0);
+    assert_true(stgmap != MAP_FAILED);
+    uint64_t olen;
+    uint8_t *obj = make_obj(100, 1, SEG, &olen);
+    memcpy(stgmap, obj, olen);
+    stgmap[olen - 1] ^= 1; /* one flipped bit */
+    uint8_t put[8 + 64];
+    kvf__put_u64(put, NS);
+    kvf_key k100 = key_of(100);
+    kvf__wire_key_put(put + 8, &k100);
+    kvf__put_u64(put + 24, 0);
+    kvf__put_u64(put + 32, olen);
+    kvf_key k101 = key_of(101);
+    kvf__wire_key_put(put + 40, &k101);
+    kvf__put_u64(put + 56, (1 << 20) - 10);
+    kvf__put_u64(put + 64, olen);
+    assert_int_equal(kvf__sync_call_test(r.fd, ++r.id, KVF_OP_SHM_PUT, 2, put, sizeof put, &rep,
+                                         &rlen, NULL, NULL),
+                     0);
+    assert_int_equal((int32_t)kvf__get_u32(rep), KVF_ECHECKSUM);
+    assert_int_equal((int32_t)kvf__get_u32(rep + 4), KVF_ERANGE);
+    free(rep);
+    free(obj);
+    assert_int_equal(get_keys(c, 100, 2, SEG, 0, st, NULL), 0);
+    /* Every object the client put is as it was. */
+    assert_int_equal(get_keys(c, 0, 8, SEG, 0, st, NULL), 8);
+    munmap(view, alen);
+    munmap(stgmap, 1 << 20);
+    close(stg), close(arena), close(r.fd);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+static int fd_count(pid_t pid)
+{
+    char p[64];
+    snprintf(p, sizeof p, "/proc/%d/fd", (int)pid);
+    DIR *dir = opendir(p);
+    if (!dir)
+        return -1;
+    int n = 0;
+    while (readdir(dir))
+        n++;
+    closedir(dir);
+    return n;
+}
+
+/* Descriptors a client sends the node are never taken (the node reads without ancillary data);
+ * SHM_MAP anywhere but the Unix socket is refused; a lease a client never releases ends, and
+ * the node frees the object's memory. */
+static void test_shm_forged_fds_and_unreleased_leases(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "16M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    int st[8];
+    put_keys(c, 0, 8, 5, SEG, st);
+    raw r = raw_open(&d);
+    int before = fd_count(d.pid);
+    int devnull = open("/dev/null", O_RDONLY);
+    for (int i = 0; i < 50; i++) {
+        uint8_t f[KVF_WIRE_HEADER_LEN];
+        kvf_wire_hdr h = {
+            .version = KVF_WIRE_VERSION, .opcode = KVF_OP_STATS, .request_id = 900 + i};
+        kvf__wire_hdr_encode(f, &h);
+        int pass[2] = {devnull, r.fd};
+        assert_int_equal(kvf__unix_send_fds(r.fd, f, sizeof f, pass, 2), 0);
+        uint8_t hdr[KVF_WIRE_HEADER_LEN];
+        assert_int_equal(
+            kvf__sock_read_all(r.fd, hdr, sizeof hdr, NULL, NULL, kvf__now_ns() + 5000000000ull),
+            0);
+        uint64_t plen = kvf__get_u64(hdr + 32);
+        uint8_t *p = malloc(plen);
+        assert_int_equal(
+            kvf__sock_read_all(r.fd, p, plen, NULL, NULL, kvf__now_ns() + 5000000000ull), 0);
+        free(p);
+    }
+    close(devnull);
+    int after = fd_count(d.pid);
+    print_message("node descriptors: %d before 50 forged messages, %d after\n", before, after);
+    assert_true(after <= before + 1);
+    r.id = 2000;
+    /* SHM_MAP over TCP is refused. */
+    int t = harness_raw_connect(d.port);
+    uint8_t hello[24];
+    kvf__put_u32(hello, KVF_WIRE_VERSION);
+    kvf__put_u32(hello + 4, KVF_WIRE_VERSION);
+    kvf__put_u64(hello + 8, NS);
+    kvf__put_u64(hello + 16, KVF_CAP_ALL);
+    uint8_t *rep;
+    size_t rlen;
+    assert_int_equal(
+        kvf__sync_call_test(t, 1, KVF_OP_HELLO, 0, hello, sizeof hello, &rep, &rlen, NULL, NULL),
+        0);
+    free(rep);
+    uint8_t map[16] = {0};
+    kvf__put_u32(map + 8, KVF_SHM_MAP_ARENA);
+    assert_int_equal(
+        kvf__sync_call_test(t, 2, KVF_OP_SHM_MAP, 0, map, sizeof map, &rep, &rlen, NULL, NULL),
+        KVF_ENOTSUP);
+    close(t);
+    /* Leases without the arena are refused; with it, a lease never released ends on its own. */
+    uint8_t get[16 + 16];
+    kvf__put_u64(get, NS);
+    kvf__put_u32(get + 8, 200);
+    kvf__put_u32(get + 12, 0);
+    kvf_key k0 = key_of(0);
+    kvf__wire_key_put(get + 16, &k0);
+    assert_int_equal(kvf__sync_call_test(r.fd, ++r.id, KVF_OP_RDMA_GET, 1, get, sizeof get, &rep,
+                                         &rlen, NULL, NULL),
+                     KVF_ENOTSUP);
+    kvf__put_u64(map, 0);
+    int fds[4], nfd = 4;
+    assert_int_equal(kvf__sync_call_test(r.fd, ++r.id, KVF_OP_SHM_MAP, 0, map, sizeof map, &rep,
+                                         &rlen, fds, &nfd),
+                     0);
+    free(rep);
+    assert_int_equal(nfd, 1);
+    close(fds[0]);
+    assert_int_equal(kvf__sync_call_test(r.fd, ++r.id, KVF_OP_RDMA_GET, 1, get, sizeof get, &rep,
+                                         &rlen, NULL, NULL),
+                     0);
+    assert_int_equal((int32_t)kvf__get_u32(rep + 16), 0);
+    free(rep);
+    /* Evicted while leased: gone for readers at once, its block kept until the lease ends. */
+    assert_int_equal(kvf_client_evict(c, 1, &k0, st, 2000), 0);
+    assert_int_equal(st[0], 0);
+    char *json = NULL;
+    long long referenced = -1;
+    for (int i = 0; i < 40 && referenced != 0; i++) {
+        usleep(50000);
+        assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+        const char *p = strstr(json, "\"referenced\":");
+        referenced = p ? atoll(p + 13) : -1;
+        free(json);
+    }
+    assert_int_equal(referenced, 0);
+    close(r.fd);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+/* A client that dies holding a reservation leaves no visible object and frees the space. */
+static void test_shm_dead_client_frees_reservations(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "16M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    raw r = raw_open(&d);
+    uint8_t admit[8 + 24];
+    kvf__put_u64(admit, NS);
+    kvf_key k = key_of(42);
+    kvf__wire_key_put(admit + 8, &k);
+    kvf__put_u64(admit + 24, 1 << 20);
+    uint8_t *rep;
+    size_t rlen;
+    assert_int_equal(kvf__sync_call_test(r.fd, ++r.id, KVF_OP_ADMIT, 1, admit, sizeof admit, &rep,
+                                         &rlen, NULL, NULL),
+                     0);
+    assert_int_equal((int32_t)kvf__get_u32(rep), 0);
+    free(rep);
+    char *json = NULL;
+    assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+    assert_non_null(strstr(json, "\"reserved\":1,"));
+    free(json);
+    close(r.fd); /* dies */
+    long long reserved = -1;
+    for (int i = 0; i < 40 && reserved != 0; i++) {
+        usleep(25000);
+        assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+        const char *p = strstr(json, "\"reserved\":");
+        reserved = p ? atoll(p + 11) : -1;
+        free(json);
+    }
+    assert_int_equal(reserved, 0);
+    int st[1];
+    assert_int_equal(get_keys(c, 42, 1, SEG, 0, st, NULL), 0);
+    assert_int_equal(st[0], KVF_ENOENT);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
+int main(void)
+{
+    harness_init();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_shm_round_trip, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_fallback_reasons, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_churn_never_wrong, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_lease_end_is_a_miss, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_malicious_client_cannot_write, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_forged_fds_and_unreleased_leases, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_dead_client_frees_reservations, teardown_daemons),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
