@@ -132,19 +132,22 @@ static int transport_choose(kvf_client *c, const char *mode, const char *found)
         int rc = kvf__path_shm_open(c, why, sizeof why);
         if (!rc) {
             c->path = &kvf__path_shm;
-            snprintf(c->transport_why, sizeof c->transport_why, "shm: %s%s", why, found);
+            if (snprintf(c->transport_why, sizeof c->transport_why, "shm: %s%s", why, found) < 0)
+                c->transport_why[0] = 0;
             return 0;
         }
         if (!strcmp(mode, "shm"))
             return kvf__errf(c->transport_why, sizeof c->transport_why, rc,
                              "shm: no node serves shared memory on this host%s%s", why, found);
-        snprintf(shm_why, sizeof shm_why, " (no shared memory%s%s)", why, found);
+        if (snprintf(shm_why, sizeof shm_why, " (no shared memory%s%s)", why, found) < 0)
+            shm_why[0] = 0;
     }
     int rc = kvf__path_rdma_open(c, c->o.connect_timeout_ms, why, sizeof why);
     if (!rc)
         c->path = &kvf__path_rdma;
-    snprintf(c->transport_why, sizeof c->transport_why, "%s: %s%s", c->path->name, why,
-             rc ? shm_why : "");
+    if (snprintf(c->transport_why, sizeof c->transport_why, "%s: %s%s", c->path->name, why,
+                 rc ? shm_why : "") < 0)
+        c->transport_why[0] = 0;
     if (rc && !strcmp(mode, "rdma"))
         return rc;
     return 0;

@@ -85,7 +85,14 @@ static kvf_client *client_ns(const node *n, const char *transport, uint64_t ns)
 {
     const char *nodes[1] = {n->addr};
     kvf_client_opts o = {
-        .nodes = nodes, .n_nodes = 1, .ns = ns, .conns_per_node = 2, .transport = transport};
+        .nodes = nodes,
+        .n_nodes = 1,
+        .ns = ns,
+        .conns_per_node = 2,
+        .transport = transport,
+        /* One engine with both connections, whatever the cores: tests name connection 1 of the
+         * first engine (with auto I/O threads on 16 cores each engine had one). */
+        .io_threads = 1};
     kvf_client *c = NULL;
     char err[256];
     int rc = kvf_client_open(&c, &o, err, sizeof err);
