@@ -62,6 +62,7 @@ typedef struct e2e_run {
     pthread_mutex_t mu; /* transport, transport_why */
     int concurrency;
     char transport[16], transport_why[240]; /* as the engines report them */
+    double shm_bytes, net_bytes; /* the engines' storage clients' bytes, by way (under mu) */
 } e2e_run;
 
 typedef struct e2e_summary {

@@ -98,6 +98,10 @@ static void take_reply(const routed *s)
         q->itl_max = v > q->itl_max ? v : q->itl_max;
         q->itl_n++;
     }
+    pthread_mutex_lock(&s->R->mu);
+    s->R->shm_bytes += rt->shm_bytes;
+    s->R->net_bytes += rt->net_bytes;
+    pthread_mutex_unlock(&s->R->mu);
     double t = rt->done_at - s->R->t0;
     q->e2e = t - q->arrival;
     q->finish = t;

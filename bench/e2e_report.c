@@ -121,6 +121,7 @@ static void add_totals(const e2e_report *rp, const char *mode, json_t *o)
 {
     e2e_summary t = {0};
     const e2e_run *tr = NULL;
+    double shm = 0, net = 0;
     for (int k = 0; k < rp->n_runs; k++) {
         const e2e_summary *s = &rp->sm[k];
         if (strcmp(rp->runs[k].mode, mode) != 0)
@@ -129,6 +130,7 @@ static void add_totals(const e2e_report *rp, const char *mode, json_t *o)
         t.colocated += s->colocated, t.mismatches += s->mismatches;
         t.load_bytes += s->load_bytes, t.save_bytes += s->save_bytes;
         t.cross_requests += s->cross_requests;
+        shm += rp->runs[k].shm_bytes, net += rp->runs[k].net_bytes;
         tr = !tr || (!tr->transport[0] && rp->runs[k].transport[0]) ? &rp->runs[k] : tr;
     }
     json_t *c =
@@ -144,6 +146,10 @@ static void add_totals(const e2e_report *rp, const char *mode, json_t *o)
         json_string(tr && tr->transport[0] ? tr->transport : "none (no store used)"));
     if (tr && tr->transport_why[0])
         json_object_set_new(o, "transport_reason", json_string(tr->transport_why));
+    /* Every byte the engines' storage clients moved, by way: shared memory with stores on their
+     * host, the network (TCP, or RDMA where the transport says so) with the others. */
+    json_object_set_new(o, "bytes_by_transport",
+                        json_pack("{s:I,s:I}", "shm", (json_int_t)shm, "network", (json_int_t)net));
 }
 
 json_t *e2e_mode_json(const e2e_report *rp, const char *mode)
@@ -230,11 +236,13 @@ static void print_table(const e2e_report *rp, double *v)
         const e2e_summary *s = &rp->sm[k];
         const e2e_run *R = &rp->runs[k];
         printf("%s #%d: %zu done, %zu failed, %zu rejected, %zu colocated; %.1f MB loaded from "
-               "and %.1f MB saved to the stores (%s); %zu requests loaded a prefix another "
-               "engine computed; load average %.2f\n",
+               "and %.1f MB saved to the stores (%s; %.1f MB over shared memory, %.1f MB over "
+               "the network); %zu requests loaded a prefix another engine computed; load "
+               "average %.2f\n",
                R->mode, R->rep, s->done, s->failed, s->rejected, s->colocated,
                (double)s->load_bytes / 1e6, (double)s->save_bytes / 1e6,
-               R->transport[0] ? R->transport : "none", s->cross_requests, R->loadavg);
+               R->transport[0] ? R->transport : "none", R->shm_bytes / 1e6, R->net_bytes / 1e6,
+               s->cross_requests, R->loadavg);
     }
 }
 

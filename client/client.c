@@ -124,9 +124,10 @@ static int transport_choose(kvf_client *c, const char *mode, const char *found)
         snprintf(c->transport_why, sizeof c->transport_why, "tcp: asked for");
         return 0;
     }
-    if (strcmp(mode, "auto") && strcmp(mode, "rdma") && strcmp(mode, "shm"))
+    if (strcmp(mode, "auto") && strcmp(mode, "rdma") && strcmp(mode, "shm") &&
+        strcmp(mode, "shm+tcp"))
         return kvf__errf(c->transport_why, sizeof c->transport_why, KVF_EINVAL,
-                         "transport must be auto, tcp, shm or rdma, not \"%s\"", mode);
+                         "transport must be auto, tcp, shm, shm+tcp or rdma, not \"%s\"", mode);
     char why[360] = "", shm_why[400] = "";
     if (strcmp(mode, "rdma")) {
         int rc = kvf__path_shm_open(c, why, sizeof why);
@@ -141,6 +142,14 @@ static int transport_choose(kvf_client *c, const char *mode, const char *found)
                              "shm: no node serves shared memory on this host%s%s", why, found);
         if (snprintf(shm_why, sizeof shm_why, " (no shared memory%s%s)", why, found) < 0)
             shm_why[0] = 0;
+        if (!strcmp(mode, "shm+tcp")) {
+            if (snprintf(c->transport_why, sizeof c->transport_why,
+                         "tcp: asked for where no "
+                         "shared memory%s",
+                         shm_why) < 0)
+                c->transport_why[0] = 0;
+            return 0;
+        }
     }
     int rc = kvf__path_rdma_open(c, c->o.connect_timeout_ms, why, sizeof why);
     if (!rc)
@@ -222,7 +231,7 @@ static int open_engines(kvf_client *c, const kvf_client_opts *o, char *err, size
      * their connections go to the Unix sockets from the start. */
     char found[300] = "";
     const char *mode = o->transport && *o->transport ? o->transport : "auto";
-    if (!strcmp(mode, "auto") || !strcmp(mode, "shm")) {
+    if (!strcmp(mode, "auto") || !strcmp(mode, "shm") || !strcmp(mode, "shm+tcp")) {
         kvf__shm_discover(c, found, sizeof found);
         c->shm_engines = 1;
     }

@@ -12,7 +12,9 @@
  * The files depend on each other in one direction, from the top down:
  *   client.c    open, close, put and get, counters (the public calls)
  *   ctrl.c      the control calls (exists, lookup, evict, pin, stats, copy ...)
- *   tcp_path.c  rdma_path.c   the two data paths behind kvf__path_ops
+ *   shm_path.c  shared memory for nodes on this host (others' keys through tcp_path.c)
+ *   tcp_path.c  rdma_path.c   the other data paths behind kvf__path_ops
+ *   shm_sync.c  blocking exchanges on one socket (shm_path.c's connections, open's probes)
  *   io.c        an I/O engine: its thread, connecting, deadlines, submission, raw requests
  *   reply.c     reading replies into the caller's buffers, verifying as they land
  *   conn.c      a connection's queues and its send side; the node's health
@@ -332,6 +334,11 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen);
  * socket in the node (kvf__node_shm). Never fails: a node that cannot say is left to TCP, with
  * the reason in why. */
 void kvf__shm_discover(kvf_client *c, char *why, size_t whylen);
+/* EXISTS of n keys on the caller's thread, over the control connections of their nodes (all on
+ * this host, up, and not in use by another thread): returns 1 with *rc (0: present filled), or 0
+ * when the engines must serve the request. */
+int kvf__shm_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present, int deadline_ms,
+                    int *rc);
 /* The shared-memory path's counters, added to out. */
 void kvf__shm_counters(kvf_client *c, kvf_client_counters *out);
 
@@ -350,6 +357,12 @@ typedef struct kvf__hello {
 int kvf__sync_call(int fd, uint64_t id, uint32_t opcode, uint32_t count, const void *payload,
                    size_t plen, uint8_t **reply, size_t *rlen, int *fds, int *n_fds,
                    uint64_t deadline_ns, char *err, size_t errlen);
+/* The two halves of kvf__sync_call, for a caller that keeps one request in flight while it
+ * prepares the next: the replies come in the order the requests went. */
+int kvf__sync_send(int fd, uint64_t id, uint32_t opcode, uint32_t count, const void *payload,
+                   size_t plen, uint64_t deadline_ns, char *err, size_t errlen);
+int kvf__sync_recv(int fd, uint64_t id, uint32_t opcode, uint8_t **reply, size_t *rlen, int *fds,
+                   int *n_fds, uint64_t deadline_ns, char *err, size_t errlen);
 /* HELLO (asking for shared memory), then AUTH where the node asks for it and c has a
  * credential. 0 with what the node said, or the error with the reason in err. */
 int kvf__sync_hello(int fd, const kvf_client *c, uint64_t *id, kvf__hello *out,

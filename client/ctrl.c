@@ -64,8 +64,13 @@ int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *pre
         return KVF_ENOMEM;
     if (n)
         memset(present, 0, n);
+    int rc;
+    if (c && kvf__shm_exists(c, n, keys, present, deadline_ms, &rc)) {
+        free(st);
+        return rc;
+    }
     ctrl_args a = {.present = present};
-    int rc = ctrl(c, KVF_OP_EXISTS, -1, n, keys, st, deadline_ms, &a);
+    rc = ctrl(c, KVF_OP_EXISTS, -1, n, keys, st, deadline_ms, &a);
     /* An unreachable node's keys are not present. */
     for (size_t i = 0; i < n; i++)
         if (st[i] != 0)
@@ -87,11 +92,15 @@ int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_
         free(st);
         return KVF_ENOMEM;
     }
-    /* One node answers LOOKUP; several answer EXISTS for their share. Either way one round trip
-     * per node, in parallel, and the leading run is counted here. */
-    ctrl_args a = {.present = present};
-    uint32_t opcode = c->n_nodes == 1 ? KVF_OP_LOOKUP : KVF_OP_EXISTS;
-    int rc = ctrl(c, opcode, -1, n, keys, st, deadline_ms, &a);
+    /* Nodes on this host answer EXISTS on the caller's own thread where their connection is free
+     * (no hand-off to an engine and back). Otherwise one node answers LOOKUP, several EXISTS for
+     * their share: one round trip per node, in parallel. The leading run is counted here. */
+    int rc;
+    if (!kvf__shm_exists(c, n, keys, present, deadline_ms, &rc)) {
+        ctrl_args a = {.present = present};
+        uint32_t opcode = c->n_nodes == 1 ? KVF_OP_LOOKUP : KVF_OP_EXISTS;
+        rc = ctrl(c, opcode, -1, n, keys, st, deadline_ms, &a);
+    }
     size_t h = 0;
     while (h < n && present[h] && st[h] == 0)
         h++;

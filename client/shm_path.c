@@ -30,6 +30,7 @@
 #include "cpus.h"
 #include "errf.h"
 #include "hash.h"
+#include "objcopy.h"
 #include "unixsock.h"
 #include "wire.h"
 
@@ -45,8 +46,9 @@
 #define LEASE_MARGIN_NS 2000000ull
 #define MAX_KEYS        4096u
 #define RETRY_NS        (200ull * 1000000u)
-#define PROBE_NS        (1000ull * 1000000u)
+#define PROBE_NS        (200ull * 1000000u) /* a node on this host answers HELLO in well under 1 ms */
 #define SPLIT_MIN_BYTES (1ull << 20)
+#define PUT_ROUND       (4ull << 20)
 #define ALIGN           64u
 #define MOVED           UINT32_MAX /* a sub's key handed to another sub */
 
@@ -114,6 +116,10 @@ struct kvf__shm_path {
     kvf_client *c;
     size_t n;
     snode *nodes;
+    /* Control requests on the caller's own thread (kvf__shm_exists): one connection per node,
+     * taken by whoever gets its lock first; the others use the engines. */
+    sconn *ctl;
+    pthread_mutex_t *ctl_mu;
     int W;
     worker *w;
     uint32_t lease_ms;
@@ -489,7 +495,46 @@ static void keys_fail(sub *k, const uint32_t *pos, size_t n, int rc, uint32_t *f
     }
 }
 
-/* Puts the objects at pos (all on node) through w's staging region, in rounds that fit it. */
+/* One SHM_PUT round of a put: the keys [from, to) of pos, in one half of the staging region. */
+typedef struct put_round {
+    size_t from, to;
+    uint64_t id;
+    uint8_t *req;
+} put_round;
+
+/* Reads round r's reply into the keys' statuses. 0, or the error that failed the round's keys. */
+static int put_reply(worker *w, sconn *s, sub *k, const uint32_t *pos, const put_round *r,
+                     uint64_t deadline_ns)
+{
+    uint8_t *rep;
+    size_t rlen;
+    uint32_t m = (uint32_t)(r->to - r->from);
+    int rc = kvf__sync_recv(s->fd, r->id, KVF_OP_SHM_PUT, &rep, &rlen, NULL, NULL, deadline_ns,
+                            s->err, sizeof s->err);
+    if (!rc && rlen != 4 * (size_t)m) {
+        free(rep);
+        rc = KVF_EPROTO;
+    }
+    uint64_t sent = 0, failed = 0;
+    for (size_t x = r->from; x < r->to; x++) {
+        int st = rc ? rc : (int)(int32_t)kvf__get_u32(rep + 4 * (x - r->from));
+        st = kvf_err_is_known(st) ? st : KVF_EPROTO;
+        k->st[pos[x]] = st;
+        sent += st ? 0 : k->lens[pos[x]];
+        failed += st && st != KVF_EEXIST;
+    }
+    if (!rc)
+        free(rep);
+    count(w->p, 1, 0, sent, failed, 0, 0, 0);
+    /* Any failure here (an error reply included, rare: no staging region, a namespace the
+     * connection is not bound to) ends the connection: the next use makes a fresh one. */
+    return rc;
+}
+
+/* Puts the objects at pos (all on node) through w's staging region: rounds of objects copied
+ * into one half of it while the node copies the previous round out of the other half, so that
+ * the worker's copies and the node's run at once. An object larger than half the region takes
+ * the whole of it, alone. */
 static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t n,
                      uint64_t deadline_ns, uint32_t *fb, size_t *n_fb)
 {
@@ -500,54 +545,82 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
         keys_fail(k, pos, n, rc, fb, n_fb);
         return;
     }
-    uint8_t *req = malloc(8 + 32 * (size_t)(n < MAX_KEYS ? n : MAX_KEYS));
-    if (!req) {
+    size_t maxk = n < MAX_KEYS ? n : MAX_KEYS;
+    put_round r[2] = {{.req = malloc(8 + 32 * maxk)}, {.req = malloc(8 + 32 * maxk)}};
+    if (!r[0].req || !r[1].req) {
+        free(r[0].req), free(r[1].req);
         keys_fail(k, pos, n, KVF_ENOMEM, NULL, NULL);
         return;
     }
-    for (size_t i = 0; i < n;) {
+    uint64_t half = s->stg_len / 2;
+    int cur = 0, pending = -1; /* the round in flight, if any */
+    size_t i = 0;
+    while (i < n && !rc) {
+        int whole = k->lens[pos[i]] > half;
+        /* An object larger than a round takes a region of its own: the whole staging region
+         * when it needs it, else the half not in flight. */
+        if (whole && pending >= 0) {
+            rc = put_reply(w, s, k, pos, &r[pending], deadline_ns);
+            pending = -1;
+            if (rc)
+                break;
+        }
+        uint64_t base = whole ? 0 : (uint64_t)cur * half, cap = whole ? s->stg_len : half;
         uint64_t off = 0;
         size_t j = i;
-        kvf__put_u64(req, p->c->o.ns);
-        while (j < n && j - i < MAX_KEYS && align_up(off) + k->lens[pos[j]] <= s->stg_len) {
+        put_round *q = &r[cur];
+        kvf__put_u64(q->req, p->c->o.ns);
+        /* Rounds of a few MiB (or one object): the node starts on one while the worker fills
+         * the next. */
+        while (j < n && j - i < MAX_KEYS && align_up(off) + k->lens[pos[j]] <= cap &&
+               (!whole || j == i) && (j == i || off < PUT_ROUND)) {
             off = align_up(off);
-            memcpy(s->stg + off, k->objs[pos[j]], k->lens[pos[j]]);
-            uint8_t *it = req + 8 + 32 * (j - i);
+            memcpy(s->stg + base + off, k->objs[pos[j]], k->lens[pos[j]]);
+            uint8_t *it = q->req + 8 + 32 * (j - i);
             kvf__wire_key_put(it, &k->keys[pos[j]]);
-            kvf__put_u64(it + 16, off);
+            kvf__put_u64(it + 16, base + off);
             kvf__put_u64(it + 24, k->lens[pos[j]]);
             off += k->lens[pos[j]];
             j++;
         }
-        uint8_t *rep;
-        size_t rlen;
+        q->from = i;
+        q->to = j;
+        q->id = ++s->next_id;
         uint32_t m = (uint32_t)(j - i);
-        rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_SHM_PUT, m, req, 8 + 32 * (size_t)m, &rep,
-                            &rlen, NULL, NULL, deadline_ns, s->err, sizeof s->err);
-        if (!rc && rlen != 4 * (size_t)m)
-            rc = KVF_EPROTO, free(rep);
-        uint64_t sent = 0, failed = 0;
-        for (size_t x = i; x < j; x++) {
-            int st = rc ? rc : (int)(int32_t)kvf__get_u32(rep + 4 * (x - i));
-            k->st[pos[x]] = kvf_err_is_known(st) ? st : KVF_EPROTO;
-            sent += st ? 0 : k->lens[pos[x]];
-            failed += st && st != KVF_EEXIST;
-        }
-        if (!rc)
-            free(rep);
-        count(p, 1, 0, sent, failed, 0, 0, 0);
-        if (rc && rc != KVF_ENOMEM) {
-            /* The framing is lost (or the node refused the connection's state): start over. */
-            if (rc == KVF_ETIMEDOUT)
-                kvf__node_mark_down(&p->c->nodes[node]);
-            sconn_close(s);
-            for (size_t x = j; x < n; x++)
+        rc = kvf__sync_send(s->fd, q->id, KVF_OP_SHM_PUT, m, q->req, 8 + 32 * (size_t)m,
+                            deadline_ns, s->err, sizeof s->err);
+        if (rc) {
+            for (size_t x = i; x < j; x++)
                 k->st[pos[x]] = rc;
             break;
         }
+        /* The round before is answered now, its half free for the next round. */
+        if (pending >= 0 && (rc = put_reply(w, s, k, pos, &r[pending], deadline_ns)) != 0) {
+            pending = cur;
+            break;
+        }
+        pending = whole ? -1 : cur;
+        if (whole && (rc = put_reply(w, s, k, pos, q, deadline_ns)) != 0)
+            break;
+        cur ^= 1;
         i = j;
     }
-    free(req);
+    if (!rc && pending >= 0)
+        rc = put_reply(w, s, k, pos, &r[pending], deadline_ns);
+    if (rc) {
+        /* The framing is lost (or the node stopped answering): what was not answered fails. */
+        if (rc == KVF_ETIMEDOUT)
+            kvf__node_mark_down(&p->c->nodes[node]);
+        sconn_close(s);
+        if (pending >= 0)
+            for (size_t x = r[pending].from; x < r[pending].to; x++)
+                if (k->st[pos[x]] == 0)
+                    k->st[pos[x]] = rc;
+        for (size_t x = i; x < n; x++)
+            if (k->st[pos[x]] == 0)
+                k->st[pos[x]] = rc;
+    }
+    free(r[0].req), free(r[1].req);
 }
 
 /* What one node's leases hold: the hits' positions in k, their headers, where each lies in the
@@ -698,14 +771,14 @@ static uint64_t copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_t 
             leased *l = &ls[g];
             for (size_t h = 0; h < l->n; h++) {
                 uint32_t x = l->pos[h];
-                uint32_t hl = l->info[h].header_len;
-                uint64_t len = hl + l->info[h].stored_bytes;
-                memcpy((uint8_t *)k->bufs[x] + hl, l->src[h] + hl, len - hl);
+                uint64_t len = l->info[h].header_len + l->info[h].stored_bytes;
+                kvf_obj_info in;
+                int rc = kvf__obj_copy_verify(k->bufs[x], l->src[h], len, &in);
                 if (!lease_held(l)) {
                     k->st[x] = KVF_ENOENT;
                     (*expired)++;
-                } else if (kvf_obj_verify(k->bufs[x], len, &l->info[h]) != 0) {
-                    k->st[x] = KVF_ECHECKSUM;
+                } else if (rc || !kvf_key_eq(&in.key, &k->keys[x])) {
+                    k->st[x] = rc ? rc : KVF_EPROTO;
                     (*failed)++;
                 } else {
                     bytes += len;
@@ -801,8 +874,7 @@ static void get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, size
             else if (!st && len > k->caps[q])
                 st = KVF_EPROTO;
             if (!st) {
-                memcpy(k->bufs[q], s->stg + offs[x - i], len);
-                if (kvf_obj_verify(k->bufs[q], len, &in) != 0)
+                if (kvf__obj_copy_verify(k->bufs[q], s->stg + offs[x - i], len, &in) != 0)
                     st = KVF_ECHECKSUM;
                 else if (!kvf_key_eq(&in.key, &k->keys[q]))
                     st = KVF_EPROTO;
@@ -1056,6 +1128,12 @@ static int shm_submit(kvf_client *c, kvf_op *op)
 
 static void shm_free(struct kvf__shm_path *p)
 {
+    for (size_t i = 0; p->ctl && i < p->n; i++) {
+        sconn_close(&p->ctl[i]);
+        pthread_mutex_destroy(&p->ctl_mu[i]);
+    }
+    free(p->ctl);
+    free(p->ctl_mu);
     for (int i = 0; p->w && i < p->W; i++)
         free(p->w[i].cn);
     for (size_t i = 0; p->nodes && i < p->n; i++)
@@ -1124,7 +1202,18 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
     p->W = cores < 1 ? 1 : cores > KVF_CLIENT_MAX_IO ? KVF_CLIENT_MAX_IO : cores;
     p->nodes = calloc(p->n, sizeof *p->nodes);
     p->w = calloc((size_t)p->W, sizeof *p->w);
-    int rc = p->nodes && p->w ? 0 : KVF_ENOMEM;
+    p->ctl = calloc(p->n, sizeof *p->ctl);
+    p->ctl_mu = calloc(p->n, sizeof *p->ctl_mu);
+    int rc = p->nodes && p->w && p->ctl && p->ctl_mu ? 0 : KVF_ENOMEM;
+    for (size_t j = 0; !rc && j < p->n; j++) {
+        p->ctl[j].fd = -1;
+        pthread_mutex_init(&p->ctl_mu[j], NULL);
+    }
+    if (rc) {
+        free(p->ctl), free(p->ctl_mu);
+        p->ctl = NULL;
+        p->ctl_mu = NULL;
+    }
     for (int i = 0; i < p->W && !rc; i++) {
         p->w[i].p = p;
         p->w[i].idx = i;
@@ -1222,6 +1311,104 @@ int kvf_client_shm_view(const kvf_client *c, size_t node, const void **base, siz
     *base = c->shm->nodes[node].view;
     *len = c->shm->nodes[node].view_len;
     return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Control requests on the caller's thread */
+
+/* EXISTS of the keys at pos on node over its control connection (made where needed, HELLO and
+ * AUTH only), bits into present. 0 or the error (the connection is then closed). */
+static int ctl_exists(struct kvf__shm_path *p, size_t node, const kvf_key *keys,
+                      const uint32_t *pos, size_t m, uint8_t *present, uint64_t deadline_ns)
+{
+    kvf_client *c = p->c;
+    sconn *s = &p->ctl[node];
+    int rc = 0;
+    if (s->fd < 0) {
+        char name[128];
+        if (!node_name(c, node, name, sizeof name))
+            return KVF_ENOTSUP;
+        if ((rc = kvf__unix_connect_nb(name, &s->fd, s->err, sizeof s->err)) != 0)
+            return rc;
+        kvf__hello h;
+        if ((rc = kvf__sync_hello(s->fd, c, &s->next_id, &h, deadline_ns, s->err, sizeof s->err)) !=
+            0) {
+            sconn_close(s);
+            return rc;
+        }
+    }
+    size_t plen = 8 + 16 * m;
+    uint8_t stackbuf[8 + 16 * 256], *req = plen <= sizeof stackbuf ? stackbuf : malloc(plen);
+    if (!req)
+        return KVF_ENOMEM;
+    kvf__put_u64(req, c->o.ns);
+    for (size_t i = 0; i < m; i++)
+        kvf__wire_key_put(req + 8 + 16 * i, &keys[pos[i]]);
+    uint8_t *rep;
+    size_t rlen;
+    rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_EXISTS, (uint32_t)m, req, plen, &rep, &rlen,
+                        NULL, NULL, deadline_ns, s->err, sizeof s->err);
+    if (req != stackbuf)
+        free(req);
+    if (!rc && rlen != (m + 7) / 8) {
+        free(rep);
+        rc = KVF_EPROTO;
+    }
+    if (rc) {
+        if (rc == KVF_ETIMEDOUT)
+            kvf__node_mark_down(&c->nodes[node]);
+        sconn_close(s);
+        return rc;
+    }
+    for (size_t i = 0; i < m; i++)
+        present[pos[i]] = (rep[i / 8] >> (i % 8)) & 1;
+    free(rep);
+    return 0;
+}
+
+int kvf__shm_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present, int deadline_ms,
+                    int *rc)
+{
+    struct kvf__shm_path *p = c->shm;
+    if (!p || !p->ctl || n == 0 || n > KVF_WIRE_MAX_ITEMS)
+        return 0;
+    /* Every key's node must be one on this host that is up, and its connection free. */
+    size_t n_nodes = 0, nodes[8];
+    for (size_t i = 0; i < n; i++) {
+        size_t nd = kvf_client_node_of(c, &keys[i]);
+        size_t j = 0;
+        while (j < n_nodes && nodes[j] != nd)
+            j++;
+        if (j < n_nodes)
+            continue;
+        if (n_nodes == 8 || !p->nodes[nd].on || atomic_load(&c->nodes[nd].down_until))
+            return 0;
+        nodes[n_nodes++] = nd;
+    }
+    size_t locked = 0;
+    for (; locked < n_nodes; locked++)
+        if (pthread_mutex_trylock(&p->ctl_mu[nodes[locked]]) != 0)
+            break;
+    int mine = locked == n_nodes;
+    uint32_t *pos = mine ? malloc(n * sizeof *pos) : NULL;
+    uint64_t deadline_ns =
+        kvf__now_ns() + (uint64_t)(deadline_ms > 0 ? deadline_ms : c->o.deadline_ms) * 1000000u;
+    *rc = 0;
+    if (mine && !pos)
+        *rc = KVF_ENOMEM;
+    for (size_t j = 0; mine && pos && j < n_nodes && !*rc; j++) {
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++)
+            if (kvf_client_node_of(c, &keys[i]) == nodes[j])
+                pos[m++] = (uint32_t)i;
+        *rc = ctl_exists(p, nodes[j], keys, pos, m, present, deadline_ns);
+    }
+    free(pos);
+    for (size_t j = 0; j < locked; j++)
+        pthread_mutex_unlock(&p->ctl_mu[nodes[j]]);
+    if (mine && *rc && *rc != KVF_ENOMEM)
+        return 0; /* the engines try, and say what is wrong */
+    return mine;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -28,6 +28,14 @@ int kvf__sync_call(int fd, uint64_t id, uint32_t opcode, uint32_t count, const v
 {
     *reply = NULL;
     *rlen = 0;
+    int rc = kvf__sync_send(fd, id, opcode, count, payload, plen, deadline_ns, err, errlen);
+    return rc ? rc
+              : kvf__sync_recv(fd, id, opcode, reply, rlen, fds, n_fds, deadline_ns, err, errlen);
+}
+
+int kvf__sync_send(int fd, uint64_t id, uint32_t opcode, uint32_t count, const void *payload,
+                   size_t plen, uint64_t deadline_ns, char *err, size_t errlen)
+{
     uint8_t hdr[KVF_WIRE_HEADER_LEN];
     kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
                       .opcode = (uint16_t)opcode,
@@ -41,6 +49,16 @@ int kvf__sync_call(int fd, uint64_t id, uint32_t opcode, uint32_t count, const v
     if (rc)
         return kvf__errf(err, errlen, rc, "sending %s: %s", kvf__wire_opcode_name(opcode),
                          kvf_strerror(rc));
+    return 0;
+}
+
+int kvf__sync_recv(int fd, uint64_t id, uint32_t opcode, uint8_t **reply, size_t *rlen, int *fds,
+                   int *n_fds, uint64_t deadline_ns, char *err, size_t errlen)
+{
+    *reply = NULL;
+    *rlen = 0;
+    uint8_t hdr[KVF_WIRE_HEADER_LEN];
+    int rc;
     int room = n_fds ? *n_fds : 0;
     if (n_fds)
         *n_fds = 0;

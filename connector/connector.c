@@ -34,19 +34,20 @@ static kvf_caps remote_with_rdma(const kvf_connector *cn)
     return r;
 }
 
-/* The client's transport: "tcp" where the classifier does not find one-sided reads real between
- * the engine's record and a storage node that serves RDMA (the engine's side is what fails; the
- * reason is kept), otherwise "auto": the client then uses RDMA where this host has a device and
- * every node serves it, and says why not. */
+/* The client's transport: "shm+tcp" (shared memory with the nodes on this host, TCP with the
+ * others) where the classifier does not find one-sided reads real between the engine's record
+ * and a storage node that serves RDMA (the engine's side is what fails; the reason is kept),
+ * otherwise "auto": the client then also uses RDMA where this host has a device and every node
+ * serves it, and says why not. */
 static const char *choose_transport(kvf_connector *cn)
 {
     kvf_verdict v;
     kvf_caps r = remote_with_rdma(cn);
     if (kvf_classify(KVF_ACTION_RDMA_READ, &cn->local, &r, 0, &v) == 0 &&
         v.label != KVF_FEAS_REAL) {
-        snprintf(cn->transport_why, sizeof cn->transport_why, "tcp: rdma_read is %s: %s",
+        snprintf(cn->transport_why, sizeof cn->transport_why, "rdma_read is %s: %s",
                  kvf_feas_label_name(v.label), v.why);
-        return "tcp";
+        return "shm+tcp";
     }
     return "auto";
 }
@@ -131,6 +132,12 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
     pthread_mutex_lock(&cn->mu);
     *out = cn->st;
     pthread_mutex_unlock(&cn->mu);
+    if (cn->cl) {
+        kvf_client_counters k;
+        kvf_client_counters_get(cn->cl, &k);
+        out->shm_bytes = k.shm_bytes_sent + k.shm_bytes_received;
+        out->net_bytes = k.bytes_sent + k.bytes_received - out->shm_bytes;
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -209,9 +216,14 @@ static int open_client(kvf_connector *cn, const kvf_connector_opts *o, const cha
     free(fetched);
     if (rc)
         return rc;
-    if (strcmp(transport, "tcp") != 0 &&
-        !strcmp(kvf_client_transport(cn->cl, cn->transport_why, sizeof cn->transport_why), "rdma"))
+    char why[400], rdma_why[sizeof cn->transport_why];
+    snprintf(rdma_why, sizeof rdma_why, "%s", cn->transport_why);
+    const char *used = kvf_client_transport(cn->cl, why, sizeof why);
+    if (strcmp(transport, "auto") == 0 && !strcmp(used, "rdma"))
         cn->remote = remote_with_rdma(cn); /* every node said so */
+    if (snprintf(cn->transport_why, sizeof cn->transport_why, "%s%s%s", why,
+                 rdma_why[0] ? "; " : "", rdma_why) < 0)
+        cn->transport_why[0] = 0;
     return 0;
 }
 

@@ -304,6 +304,8 @@ static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe
     q->prefill_s = num(rep, "prefill_s");
     q->compute_s = num(rep, "compute_s");
     q->load_wait_s = num(rep, "wait_s");
+    q->shm_bytes = num(rep, "shm_bytes");
+    q->net_bytes = num(rep, "net_bytes");
     snprintf(q->transport, sizeof q->transport, "%s", tr ? tr : "");
     snprintf(q->transport_reason, sizeof q->transport_reason, "%s", why ? why : "");
 }
@@ -328,6 +330,10 @@ static int take_decode(kvfe_route *q, json_t *rep)
     q->n_generated = nt;
     q->n_itl = ni;
     q->decode_s = num(rep, "decode_s");
+    if (q->decode != q->prefill) {
+        q->shm_bytes += num(rep, "shm_bytes");
+        q->net_bytes += num(rep, "net_bytes");
+    }
     q->first_token_mismatch = json_is_true(json_object_get(rep, "first_token_mismatch"));
     return 0;
 }

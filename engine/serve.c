@@ -361,6 +361,12 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
     if (S->cn) {
         json_object_set_new(out, "load_bytes",
                             json_integer((json_int_t)(st1.load_bytes - st0.load_bytes)));
+        /* what the engine's storage client moved meanwhile, by way: other requests running at
+         * the same time count too, so sums over a run are what they mean */
+        json_object_set_new(out, "shm_bytes",
+                            json_integer((json_int_t)(st1.shm_bytes - st0.shm_bytes)));
+        json_object_set_new(out, "net_bytes",
+                            json_integer((json_int_t)(st1.net_bytes - st0.net_bytes)));
     }
     if (stores) { /* KV moved through kvfabric: say how */
         char why[240];

@@ -5,6 +5,7 @@
 #include "kvf/object.h"
 
 #include "codec.h"
+#include "objcopy.h"
 
 #include "kvf/error.h"
 
@@ -81,6 +82,58 @@ int kvf_obj_verify(const void *buf, size_t len, kvf_obj_info *info)
         seg += s.stored_len;
     }
     return 0;
+}
+
+/* Bytes copied and hashed at a time: they stay in the core's cache between the two. */
+#define COPY_PIECE (64u << 10)
+
+int kvf__obj_copy_header(void *dst, const void *src, size_t len, kvf_obj_info *info)
+{
+    uint8_t *d = dst;
+    const uint8_t *s = src;
+    if (len < 72)
+        return KVF_EPROTO;
+    /* The header is parsed from the copy: the layer count decides how much more of it there is. */
+    memcpy(d, s, 72);
+    uint32_t layers = kvf__get_u32(d + 36);
+    if (layers == 0 || layers > KVF_OBJ_MAX_LAYERS || kvf_obj_header_len(layers) > len)
+        return KVF_EPROTO;
+    uint32_t hlen = kvf_obj_header_len(layers);
+    memcpy(d + 72, s + 72, hlen - 72);
+    int rc = kvf_obj_parse(d, len, info);
+    if (rc)
+        return rc;
+    if ((uint64_t)len != info->header_len + info->stored_bytes)
+        return KVF_EPROTO;
+    return 0;
+}
+
+int kvf__obj_copy_segs(void *dst, const void *src, const kvf_obj_info *info, uint32_t from,
+                       uint32_t to, uint64_t off)
+{
+    uint8_t *d = dst;
+    const uint8_t *s = src;
+    XXH3_state_t st;
+    for (uint32_t l = from; l < to; l++) {
+        kvf_obj_seg sg = kvf_obj_seg_at(info, l);
+        XXH3_64bits_reset(&st);
+        for (size_t done = 0; done < sg.stored_len;) {
+            size_t n = sg.stored_len - done < COPY_PIECE ? sg.stored_len - done : COPY_PIECE;
+            memcpy(d + off + done, s + off + done, n);
+            kvf__xxh3_update(&st, d + off + done, n);
+            done += n;
+        }
+        if (XXH3_64bits_digest(&st) != sg.stored_xxh)
+            return KVF_ECHECKSUM;
+        off += sg.stored_len;
+    }
+    return 0;
+}
+
+int kvf__obj_copy_verify(void *dst, const void *src, size_t len, kvf_obj_info *info)
+{
+    int rc = kvf__obj_copy_header(dst, src, len, info);
+    return rc ? rc : kvf__obj_copy_segs(dst, src, info, 0, info->layers, info->header_len);
 }
 
 static void write_header(uint8_t *d, const kvf_key *key, uint64_t fp, uint32_t tokens,

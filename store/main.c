@@ -403,6 +403,7 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .copy_credential = cfg->copy_credential,
         .shm = cfg->shm,
         .shm_staging_max = cfg->shm_staging_max,
+        .shm_copiers = -1,
         .cache = cache,
         .log = &cfg->lg,
     };

@@ -58,6 +58,9 @@ typedef struct kvf_server_opts {
      * together at most shm_staging_total (0: 4 GiB). */
     const char *shm;
     uint64_t shm_staging_max, shm_staging_total;
+    /* Threads that share large SHM_PUTs' copying with the loops (at most 8); -1: one per core
+     * beyond the loops'. */
+    int shm_copiers;
     kvf_cache *cache;   /* borrowed; must outlive the server */
     const kvf_log *log; /* borrowed; may be NULL */
 } kvf_server_opts;

@@ -55,6 +55,8 @@ typedef struct put_item {
 
 typedef struct loop loop;
 typedef struct kvf__copy_pool kvf__copy_pool;
+typedef struct kvf__copiers kvf__copiers;
+#define KVF_SHM_COPIERS_MAX 8
 
 /* Read references an RDMA_GET handed out as descriptors: held until RDMA_RELEASE, the lease's
  * end, or the connection's. */
@@ -149,6 +151,7 @@ struct kvf_server {
     char shm_name[128];
     uint8_t boot_id[16];
     int arena_fd;
+    kvf__copiers *copiers; /* SHM_PUT's helper threads (NULL: none) */
     atomic_uint_fast64_t shm_staging_bytes, shm_maps, shm_put_bytes, shm_get_bytes, shm_accepted;
     loop *loops;
     int nloops;
@@ -308,6 +311,10 @@ void kvf__req_shm_map(conn *c);
 void kvf__req_shm_put(conn *c);
 /* SHM_GET: each object copied into the staging region under a read reference. */
 void kvf__req_shm_get(conn *c);
+/* The copiers: up to n threads (0: none) that share large SHM_PUTs' copying with their loops;
+ * 0 or KVF_ENOMEM. Closed (joined) after the loops. */
+int kvf__copiers_open(kvf_server *s, int n);
+void kvf__copiers_close(kvf_server *s);
 /* Whether c may be handed the arena read-only (and so leased descriptors into it). */
 int kvf__shm_arena_granted(const conn *c);
 /* Unmaps c's staging region. */

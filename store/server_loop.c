@@ -13,6 +13,7 @@
 #include "rdma_serve.h"
 #include "tcp.h"
 #include "unixsock.h"
+#include "cpus.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -430,6 +431,13 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
             goto out_close;
     if ((rc = kvf__copy_pool_open(s, err, errlen)))
         goto out_close;
+    /* Copiers for shared memory's puts: a core each, besides the loops' (docs/shm.md). */
+    if (s->ufd >= 0 &&
+        (rc = kvf__copiers_open(s, s->o.shm_copiers >= 0 ? s->o.shm_copiers
+                                                         : kvf__cores() - s->nloops)) != 0) {
+        snprintf(err, errlen, "out of memory for the copiers");
+        goto out_close;
+    }
     *out = s;
     return 0;
 
@@ -508,6 +516,7 @@ void kvf__server_close(kvf_server **sp)
         pthread_mutex_destroy(&lp->inbox_mu);
     }
     free(s->loops);
+    kvf__copiers_close(s);
     kvf__rserve_close(&s->rdma); /* after the connections: no descriptor is leased any more */
     if (s->lfd >= 0)
         close(s->lfd);

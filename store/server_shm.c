@@ -27,11 +27,14 @@
 
 #include "bytes.h"
 #include "cache.h"
+#include "objcopy.h"
 #include "unixsock.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -40,6 +43,8 @@
 #define MAP_REQ_LEN   16u
 #define MAP_REPLY_LEN 32u
 #define SHM_ITEM_LEN  32u
+/* A SHM_PUT of fewer bytes is copied by its loop alone: handing it out costs more than it saves. */
+#define PARALLEL_MIN_BYTES (1u << 20)
 
 int kvf__shm_arena_granted(const conn *c)
 {
@@ -174,6 +179,201 @@ static int no_stage(conn *c)
     return 1;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* The copiers: threads that share a large SHM_PUT's copying with the loop that serves it */
+
+/* One piece of a batch: segments [from, to) of object `item`, starting at byte off. */
+typedef struct copy_task {
+    uint32_t item, from, to;
+    uint64_t off;
+} copy_task;
+
+/* A SHM_PUT's copying: every task runs once, on the loop's thread or a copier's; a task whose
+ * segments fail verification marks its object failed. */
+typedef struct kvf__copy_batch {
+    struct kvf__copy_batch *next;
+    copy_task *t;
+    size_t n;
+    uint8_t **dst;
+    const uint8_t **src;
+    const kvf_obj_info *info;
+    atomic_int *failed;
+    atomic_size_t claimed, done;
+    int users; /* copiers holding it, under the copiers' mu: it lives on its loop's stack until
+                * the last of them lets it go */
+} copy_batch;
+
+struct kvf__copiers {
+    pthread_mutex_t mu;
+    pthread_cond_t work, finished;
+    copy_batch *head; /* batches with tasks not yet claimed */
+    int stop, n;
+    pthread_t th[KVF_SHM_COPIERS_MAX];
+};
+
+static void unlink_batch_locked(kvf__copiers *cp, copy_batch *b)
+{
+    for (copy_batch **pp = &cp->head; *pp; pp = &(*pp)->next)
+        if (*pp == b) {
+            *pp = b->next;
+            return;
+        }
+}
+
+/* Runs b's tasks until none is left to claim; the last to finish wakes the loop waiting on b. */
+static void run_tasks(kvf__copiers *cp, copy_batch *b)
+{
+    size_t i;
+    while ((i = atomic_fetch_add(&b->claimed, 1)) < b->n) {
+        const copy_task *t = &b->t[i];
+        if (kvf__obj_copy_segs(b->dst[t->item], b->src[t->item], &b->info[t->item], t->from, t->to,
+                               t->off) != 0)
+            atomic_store(&b->failed[t->item], 1);
+        if (atomic_fetch_add(&b->done, 1) + 1 == b->n && cp) {
+            pthread_mutex_lock(&cp->mu);
+            pthread_cond_broadcast(&cp->finished);
+            pthread_mutex_unlock(&cp->mu);
+        }
+    }
+}
+
+static void *copier_main(void *arg)
+{
+    kvf__copiers *cp = arg;
+    pthread_mutex_lock(&cp->mu);
+    while (!cp->stop) {
+        copy_batch *b = cp->head;
+        if (!b) {
+            pthread_cond_wait(&cp->work, &cp->mu);
+            continue;
+        }
+        b->users++;
+        pthread_mutex_unlock(&cp->mu);
+        run_tasks(cp, b);
+        pthread_mutex_lock(&cp->mu);
+        unlink_batch_locked(cp, b); /* every task claimed: nothing left for anyone here */
+        if (--b->users == 0)
+            pthread_cond_broadcast(&cp->finished);
+    }
+    pthread_mutex_unlock(&cp->mu);
+    return NULL;
+}
+
+int kvf__copiers_open(kvf_server *s, int n)
+{
+    s->copiers = NULL;
+    if (n <= 0)
+        return 0;
+    kvf__copiers *cp = calloc(1, sizeof *cp);
+    if (!cp)
+        return KVF_ENOMEM;
+    pthread_mutex_init(&cp->mu, NULL);
+    pthread_cond_init(&cp->work, NULL);
+    pthread_cond_init(&cp->finished, NULL);
+    n = n < KVF_SHM_COPIERS_MAX ? n : KVF_SHM_COPIERS_MAX;
+    for (int i = 0; i < n; i++) {
+        if (pthread_create(&cp->th[i], NULL, copier_main, cp) != 0)
+            break;
+        cp->n++;
+    }
+    s->copiers = cp;
+    return 0;
+}
+
+void kvf__copiers_close(kvf_server *s)
+{
+    kvf__copiers *cp = s->copiers;
+    if (!cp)
+        return;
+    pthread_mutex_lock(&cp->mu);
+    cp->stop = 1;
+    pthread_cond_broadcast(&cp->work);
+    pthread_mutex_unlock(&cp->mu);
+    for (int i = 0; i < cp->n; i++)
+        pthread_join(cp->th[i], NULL);
+    pthread_cond_destroy(&cp->work);
+    pthread_cond_destroy(&cp->finished);
+    pthread_mutex_destroy(&cp->mu);
+    free(cp);
+    s->copiers = NULL;
+}
+
+/* Runs b: with the copiers where it is worth it (they and this thread take tasks in turn, and this
+ * thread waits for the last), else here alone. */
+static void run_batch(kvf__copiers *cp, copy_batch *b, uint64_t bytes)
+{
+    if (!cp || cp->n == 0 || b->n < 2 || bytes < PARALLEL_MIN_BYTES) {
+        run_tasks(NULL, b);
+        return;
+    }
+    pthread_mutex_lock(&cp->mu);
+    b->next = cp->head;
+    cp->head = b;
+    pthread_cond_broadcast(&cp->work);
+    pthread_mutex_unlock(&cp->mu);
+    run_tasks(cp, b);
+    pthread_mutex_lock(&cp->mu);
+    unlink_batch_locked(cp, b);
+    while (atomic_load(&b->done) < b->n || b->users > 0)
+        pthread_cond_wait(&cp->finished, &cp->mu);
+    pthread_mutex_unlock(&cp->mu);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* SHM_PUT */
+
+/* What SHM_PUT holds for its n items while they are copied. */
+typedef struct put_items {
+    uint32_t *eid;
+    uint8_t **dst;
+    const uint8_t **src;
+    kvf_obj_info *info;
+    atomic_int *failed;
+    int32_t *st;
+    copy_task *t;
+} put_items;
+
+static void put_items_free(put_items *p)
+{
+    free(p->eid), free(p->dst), free(p->src), free(p->info), free(p->failed), free(p->t);
+}
+
+/* Reserves a block for item i and copies the object's header into it (parsed there, its length
+ * checked). *st gets the error that ends the item, if any; 1 when it goes on. */
+static int put_begin(conn *c, uint64_t ns, uint32_t i, put_items *p)
+{
+    kvf_server *s = c->lp->srv;
+    const uint8_t *it = c->rbuf + 8 + SHM_ITEM_LEN * (size_t)i;
+    kvf_key key = kvf__wire_key_get(it);
+    uint64_t off = kvf__get_u64(it + 16), len = kvf__get_u64(it + 24);
+    const uint8_t *src = stage_at(c, off, len);
+    if (!src || len == 0) {
+        p->st[i] = KVF_ERANGE;
+        return 0;
+    }
+    if (len > s->o.max_request) {
+        p->st[i] = KVF_E2BIG;
+        return 0;
+    }
+    kvf__cache_lock(s->o.cache);
+    int rc = kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id, kvf__conn_tenant(c),
+                                       KVF_CACHE_VIA_WIRE, 1, &p->eid[i], &p->dst[i]);
+    kvf__cache_unlock(s->o.cache);
+    if (!rc) {
+        rc = kvf__obj_copy_header(p->dst[i], src, len, &p->info[i]);
+        if (!rc && !kvf_key_eq(&key, &p->info[i].key))
+            rc = KVF_EPROTO;
+        if (rc) {
+            kvf__cache_lock(s->o.cache);
+            kvf__cache_abort_locked(s->o.cache, p->eid[i], c->id);
+            kvf__cache_unlock(s->o.cache);
+        }
+    }
+    p->st[i] = rc;
+    p->src[i] = src;
+    return rc == 0;
+}
+
 void kvf__req_shm_put(conn *c)
 {
     kvf_server *s = c->lp->srv;
@@ -181,52 +381,87 @@ void kvf__req_shm_put(conn *c)
         return;
     uint32_t n = c->h.item_count;
     uint64_t ns = kvf__get_u64(c->rbuf);
-    int32_t *st = malloc((size_t)n * 4);
-    if (!st) {
+    int threads = 1 + (s->copiers ? s->copiers->n : 0);
+    put_items p = {
+        .eid = malloc((size_t)n * sizeof *p.eid),
+        .dst = malloc((size_t)n * sizeof *p.dst),
+        .src = malloc((size_t)n * sizeof *p.src),
+        .info = malloc((size_t)n * sizeof *p.info),
+        .failed = calloc(n, sizeof *p.failed),
+        .st = malloc((size_t)n * 4),
+    };
+    if (!p.eid || !p.dst || !p.src || !p.info || !p.failed || !p.st) {
+        put_items_free(&p);
+        free(p.st);
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
-    uint64_t bytes = 0;
+    /* Blocks reserved and headers in: the segments are what takes the time. */
+    uint32_t ok = 0;
+    uint64_t bytes = 0, segs = 0;
     for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *it = c->rbuf + 8 + SHM_ITEM_LEN * (size_t)i;
-        kvf_key key = kvf__wire_key_get(it);
-        uint64_t off = kvf__get_u64(it + 16), len = kvf__get_u64(it + 24);
-        const uint8_t *src = stage_at(c, off, len);
-        if (!src || len == 0) {
-            st[i] = KVF_ERANGE;
-            continue;
+        if (put_begin(c, ns, i, &p)) {
+            ok++;
+            bytes += p.info[i].stored_bytes;
+            segs += p.info[i].layers;
         }
-        if (len > s->o.max_request) {
-            st[i] = KVF_E2BIG;
-            continue;
-        }
-        uint32_t eid;
-        uint8_t *dst;
-        kvf__cache_lock(s->o.cache);
-        int rc = kvf__cache_reserve_locked(s->o.cache, ns, &key, len, c->id, kvf__conn_tenant(c),
-                                           KVF_CACHE_VIA_WIRE, 1, &eid, &dst);
-        kvf__cache_unlock(s->o.cache);
-        if (rc) {
-            st[i] = rc;
-            continue;
-        }
-        /* Copied, then verified where it lies: what the client changes in its staging region
-         * after the copy cannot reach the block, and what it changed during it fails here. */
-        memcpy(dst, src, len);
-        kvf_obj_info info;
-        rc = kvf_obj_verify(dst, len, &info);
-        if (!rc && !kvf_key_eq(&key, &info.key))
-            rc = KVF_EPROTO;
-        kvf__cache_lock(s->o.cache);
-        if (rc)
-            kvf__cache_abort_locked(s->o.cache, eid, c->id);
-        else
-            rc = kvf__cache_commit_locked(s->o.cache, eid, c->id);
-        kvf__cache_unlock(s->o.cache);
-        st[i] = rc;
-        bytes += rc ? 0 : len;
     }
-    atomic_fetch_add(&s->shm_put_bytes, bytes);
+    /* Copied, then verified where it lies: what the client changes in its staging region after
+     * the copy cannot reach the block, and what it changed during it fails here. Work is split
+     * by object where there are enough of them for every thread, else by segment. */
+    int by_seg = ok < 4u * (uint32_t)threads && segs <= 65536;
+    size_t nt = by_seg ? segs : ok;
+    p.t = malloc((nt ? nt : 1) * sizeof *p.t);
+    if (!p.t) {
+        for (uint32_t i = 0; i < n; i++)
+            if (p.st[i] == 0) {
+                atomic_store(&p.failed[i], 1);
+                p.st[i] = KVF_ENOMEM;
+            }
+        nt = 0;
+    }
+    size_t k = 0;
+    for (uint32_t i = 0; p.t && i < n; i++) {
+        if (p.st[i])
+            continue;
+        if (!by_seg) {
+            p.t[k++] = (copy_task){
+                .item = i, .from = 0, .to = p.info[i].layers, .off = p.info[i].header_len};
+            continue;
+        }
+        uint64_t off = p.info[i].header_len;
+        for (uint32_t l = 0; l < p.info[i].layers; l++) {
+            p.t[k++] = (copy_task){.item = i, .from = l, .to = l + 1, .off = off};
+            off += kvf_obj_seg_at(&p.info[i], l).stored_len;
+        }
+    }
+    copy_batch b = {
+        .t = p.t, .n = k, .dst = p.dst, .src = p.src, .info = p.info, .failed = p.failed};
+    atomic_init(&b.claimed, 0);
+    atomic_init(&b.done, 0);
+    if (k)
+        run_batch(s->copiers, &b, bytes);
+    uint64_t stored = 0;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++) {
+        if (p.st[i] == KVF_ENOMEM && atomic_load(&p.failed[i])) {
+            kvf__cache_abort_locked(s->o.cache, p.eid[i], c->id);
+            continue;
+        }
+        if (p.st[i])
+            continue;
+        if (atomic_load(&p.failed[i])) {
+            kvf__cache_abort_locked(s->o.cache, p.eid[i], c->id);
+            p.st[i] = KVF_ECHECKSUM;
+        } else {
+            p.st[i] = kvf__cache_commit_locked(s->o.cache, p.eid[i], c->id);
+            stored += p.st[i] ? 0 : p.info[i].header_len + p.info[i].stored_bytes;
+        }
+    }
+    kvf__cache_unlock(s->o.cache);
+    atomic_fetch_add(&s->shm_put_bytes, stored);
+    int32_t *st = p.st;
+    put_items_free(&p);
     kvf__reply_statuses(c, st, n);
 }
 

@@ -102,6 +102,8 @@ struct kvfe_route {
     double compute_s;                  /* of which the forward pass proper */
     double load_wait_s;                /* of which waiting for loaded layers to arrive */
     char transport[16];                /* how KV moved through kvfabric; empty: it did not */
+    double shm_bytes, net_bytes;       /* what the engines' storage clients moved meanwhile, over
+                                        * shared memory and over the network (both replies) */
     char transport_reason[240];        /* why that transport */
 
     /* output of the decode (for a colocated request, of the generate) */

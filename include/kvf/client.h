@@ -44,7 +44,8 @@ typedef struct kvf_client_opts {
     uint64_t stripe_bytes;    /* input: smallest stripe worth its own connection; 0: 4 MiB */
     /* input: data path of gets and puts: "auto" (NULL): shared memory for the nodes on this host
      * that serve it (the others' keys over TCP), else RDMA where this host has a device and every
-     * node serves it, else TCP; "tcp"; "shm" or "rdma" (open fails where it is not possible).
+     * node serves it, else TCP; "tcp"; "shm+tcp": shared memory where it can, TCP otherwise,
+     * never RDMA; "shm" or "rdma" (open fails where it is not possible).
      * With shared memory, control requests to those nodes travel over their Unix sockets too;
      * otherwise over TCP. kvf_client_transport() says what was chosen and why. */
     const char *transport;

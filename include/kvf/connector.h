@@ -147,13 +147,17 @@ typedef struct kvf_connector_stats {
     uint64_t chunks_loaded, chunks_saved, chunks_missed, chunks_existing;
     uint64_t gather_ns, scatter_ns; /* worker time copying pages */
     uint64_t wait_ns;               /* engine time blocked in wait_layer / wait */
+    /* bytes its storage client moved (requests and replies), over shared memory and over the
+     * network (TCP or RDMA, kvf_connector_transport) */
+    uint64_t shm_bytes, net_bytes;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 
-/* The transport this connector's transfers use ("tcp" or "rdma"), decided at open: RDMA only
- * where the feasibility classifier finds one-sided RDMA real between the engine's record and the
- * storage node's and this host has a device, and the storage node serves it. why gets the reason
- * for the choice (may be NULL). */
+/* The transport this connector's transfers use ("shm", "tcp" or "rdma"), decided at open: shared
+ * memory with storage nodes on this host that serve it (docs/shm.md), TCP with the others, RDMA
+ * only where the feasibility classifier finds one-sided RDMA real between the engine's record and
+ * the storage node's, this host has a device and every storage node serves it. why gets the
+ * reasons for the choice (may be NULL). */
 KVF_API const char *kvf_connector_transport(const kvf_connector *cn, char *why, size_t len);
 
 #ifdef __cplusplus

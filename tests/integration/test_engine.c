@@ -190,7 +190,8 @@ static void test_engine_corrupted_chunk_recomputes(void **state)
 {
     (void)state;
     daemon_t d;
-    daemon_start(&d, "256M", NULL);
+    /* The faults are injected into the TCP stream: no shared memory around the proxy. */
+    daemon_start(&d, "256M", "--shm off");
     static uint32_t t[600];
     prompt(t, 600, 77);
     run full;
@@ -233,7 +234,8 @@ static void test_engine_killed_store_recomputes(void **state)
 {
     (void)state;
     daemon_t d;
-    daemon_start(&d, "256M", NULL);
+    /* The faults are injected into the TCP stream: no shared memory around the proxy. */
+    daemon_start(&d, "256M", "--shm off");
     static uint32_t t[600];
     prompt(t, 600, 99);
     run full;
@@ -262,7 +264,8 @@ static void test_engine_overlap_layer0_before_last(void **state)
 {
     (void)state;
     daemon_t d;
-    daemon_start(&d, "256M", NULL);
+    /* The faults are injected into the TCP stream: no shared memory around the proxy. */
+    daemon_start(&d, "256M", "--shm off");
     static uint32_t t[600];
     prompt(t, 600, 5);
     run full;
