@@ -228,6 +228,9 @@ static void make_prompt(uint32_t *t, size_t n, uint32_t vocab)
     }
 }
 
+/* The transport the connectors of this run used, as the first one said. */
+static char used_transport[16];
+
 /* A connector to addr for layout, or NULL with the reason on stderr. */
 static kvf_connector *connector_to(const char *addr, const kvf_layout *layout)
 {
@@ -237,6 +240,8 @@ static kvf_connector *connector_to(const char *addr, const kvf_layout *layout)
     char err[256];
     if (kvf_connector_open(&cn, &co, err, sizeof err) != 0)
         fprintf(stderr, "kvf-bench connector: %s\n", err);
+    else if (!used_transport[0])
+        snprintf(used_transport, sizeof used_transport, "%s", kvf_connector_transport(cn, NULL, 0));
     return cn;
 }
 
@@ -837,7 +842,6 @@ int bench_connector_main(int argc, char **argv)
     json_object_set_new(res, "rounds_ttft", json_integer(o.ttft_rounds));
     json_object_set_new(res, "gemm_threads", json_integer(o.gemm_threads));
     kvfe_set_gemm_threads(o.gemm_threads);
-    json_object_set_new(res, "transport", json_string("tcp"));
     double load[3];
     if (getloadavg(load, 3) == 3)
         bench_json_real(res, "loadavg_1min", load[0]);
@@ -872,6 +876,8 @@ int bench_connector_main(int argc, char **argv)
             plot_ttft(o.plot, o.model, rows);
     }
     bench_stop(&store);
+    json_object_set_new(res, "transport",
+                        json_string(used_transport[0] ? used_transport : "none (no connector)"));
     bench_emit(res, o.json);
     rc = ok ? 0 : 1;
 out_free_sweep:

@@ -286,7 +286,8 @@ static kvf_client *one_client(const char *node, int conns)
                           .n_nodes = 1,
                           .ns = STORE_NS,
                           .conns_per_node = conns,
-                          .deadline_ms = 30000};
+                          .deadline_ms = 30000,
+                          .transport = "tcp"}; /* these figures are TCP's */
     kvf_client *c = NULL;
     char err[200];
     if (kvf_client_open(&c, &co, err, sizeof err) != 0)

@@ -49,6 +49,7 @@
 #define PROBE_NS        (200ull * 1000000u) /* a node on this host answers HELLO in well under 1 ms */
 #define SPLIT_MIN_BYTES (1ull << 20)
 #define PUT_ROUND       (4ull << 20)
+#define RELEASES_MAX    16
 #define ALIGN           64u
 #define MOVED           UINT32_MAX /* a sub's key handed to another sub */
 
@@ -60,6 +61,10 @@ typedef struct sconn {
     uint64_t retry_at;
     int gone; /* the last attempt found no socket to connect to: its keys go over TCP */
     int last_rc;
+    /* RDMA_RELEASEs sent and not yet answered (their ids): the replies are read before the
+     * connection's next request, off the get's critical path */
+    uint64_t rel[RELEASES_MAX];
+    int n_rel;
     char err[240];
 } sconn;
 
@@ -158,6 +163,26 @@ static void sconn_close(sconn *s)
     s->fd = -1;
     s->stg = NULL;
     s->stg_len = 0;
+    s->n_rel = 0;
+}
+
+/* Reads the replies of s's releases in flight. 0, or the error (s is then closed). */
+static int drain_releases(sconn *s)
+{
+    /* A release that cannot be answered costs nothing but its lease's remaining time. */
+    uint64_t d = kvf__now_ns() + 1000000000ull;
+    for (int i = 0; i < s->n_rel && s->fd >= 0; i++) {
+        uint8_t *rep;
+        size_t rlen;
+        if (kvf__sync_recv(s->fd, s->rel[i], KVF_OP_RDMA_RELEASE, &rep, &rlen, NULL, NULL, d,
+                           s->err, sizeof s->err) != 0) {
+            sconn_close(s);
+            return KVF_ECONNRESET;
+        }
+        free(rep);
+    }
+    s->n_rel = 0;
+    return 0;
 }
 
 static int node_name(kvf_client *c, size_t node, char *name, size_t len)
@@ -541,6 +566,8 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
     struct kvf__shm_path *p = w->p;
     sconn *s;
     int rc = conn_of(w, node, deadline_ns, &s);
+    if (!rc && s->n_rel && drain_releases(s) != 0)
+        rc = conn_of(w, node, deadline_ns, &s);
     if (rc) {
         keys_fail(k, pos, n, rc, fb, n_fb);
         return;
@@ -645,6 +672,8 @@ static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_
     const snode *sn = &p->nodes[node];
     sconn *s;
     int rc = conn_of(w, node, deadline_ns, &s);
+    if (!rc && s->n_rel && drain_releases(s) != 0)
+        rc = conn_of(w, node, deadline_ns, &s);
     if (rc)
         return rc;
     size_t plen = 16 + 16 * n;
@@ -740,17 +769,19 @@ static void release(worker *w, leased *l, uint64_t deadline_ns)
     sconn *s = &w->cn[l->node];
     if (!l->id || s->fd < 0)
         return;
-    uint8_t req[16], *rep;
-    size_t rlen;
+    (void)deadline_ns;
+    if (s->n_rel == RELEASES_MAX && drain_releases(s) != 0)
+        return;
+    uint8_t req[16];
     kvf__put_u64(req, w->p->c->o.ns);
     kvf__put_u64(req + 8, l->id);
-    /* A release that cannot be said costs nothing but the lease's remaining time. */
-    uint64_t d = kvf__now_ns() + 1000000000ull;
-    if (kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_RELEASE, 0, req, sizeof req, &rep, &rlen,
-                       NULL, NULL, d < deadline_ns ? deadline_ns : d, s->err, sizeof s->err) == 0)
-        free(rep);
-    else
+    /* Sent now, its reply read before the next request: the get is over once its copies are. */
+    uint64_t d = kvf__now_ns() + 1000000000ull, id = ++s->next_id;
+    if (kvf__sync_send(s->fd, id, KVF_OP_RDMA_RELEASE, 0, req, sizeof req, d, s->err,
+                       sizeof s->err) != 0)
         sconn_close(s);
+    else
+        s->rel[s->n_rel++] = id;
 }
 
 /* Whether the lease l still held now: after a copy, what it read is then the object. */
@@ -829,6 +860,8 @@ static void get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, size
     struct kvf__shm_path *p = w->p;
     sconn *s;
     int rc = conn_of(w, node, deadline_ns, &s);
+    if (!rc && s->n_rel && drain_releases(s) != 0)
+        rc = conn_of(w, node, deadline_ns, &s);
     if (rc) {
         keys_fail(k, pos, n, rc, fb, n_fb);
         return;
