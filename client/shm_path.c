@@ -65,6 +65,9 @@ typedef struct sconn {
      * connection's next request, off the get's critical path */
     uint64_t rel[RELEASES_MAX];
     int n_rel;
+    /* how many times it was closed: the node drops a connection's leases when it closes, so a
+     * lease taken on it holds only while this has not moved (kvf_lease_valid) */
+    atomic_uint_fast64_t epoch;
     char err[240];
 } sconn;
 
@@ -156,8 +159,10 @@ static void count(struct kvf__shm_path *p, uint64_t reqs, uint64_t in, uint64_t 
 
 static void sconn_close(sconn *s)
 {
-    if (s->fd >= 0)
+    if (s->fd >= 0) {
         close(s->fd);
+        atomic_fetch_add(&s->epoch, 1);
+    }
     if (s->stg)
         munmap(s->stg, s->stg_len);
     s->fd = -1;
@@ -198,7 +203,8 @@ static int node_name(kvf_client *c, size_t node, char *name, size_t len)
  * want_view, the arena). *view_fd gets the arena's descriptor where granted (-1: not). 0, or the
  * error with the reason in s->err. */
 static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_view,
-                      uint64_t deadline_ns, int *view_fd, uint64_t *view_base, uint64_t *view_len)
+                      uint64_t staging, uint64_t deadline_ns, int *view_fd, uint64_t *view_base,
+                      uint64_t *view_len)
 {
     kvf_client *c = p->c;
     *view_fd = -1;
@@ -217,7 +223,7 @@ static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_v
     uint8_t req[16], *rep = NULL;
     size_t rlen;
     int fds[KVF_UNIX_MAX_FDS], nfd = KVF_UNIX_MAX_FDS;
-    kvf__put_u64(req, p->staging);
+    kvf__put_u64(req, staging);
     kvf__put_u32(req + 8, want_view ? KVF_SHM_MAP_ARENA : 0);
     kvf__put_u32(req + 12, 0);
     rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_SHM_MAP, 0, req, sizeof req, &rep, &rlen, fds,
@@ -229,28 +235,28 @@ static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_v
     uint64_t slen = rlen >= 32 ? kvf__get_u64(rep + 16) : 0;
     int granted = rlen >= 32 && (kvf__get_u32(rep + 24) & KVF_SHM_MAP_ARENA);
     free(rep);
-    if (rlen < 32 || nfd != (slen ? 1 : 0) + granted || slen < p->staging) {
+    if (rlen < 32 || nfd != (slen ? 1 : 0) + granted || slen < staging) {
         for (int i = 0; i < nfd; i++)
             close(fds[i]);
         rc = kvf__errf(s->err, sizeof s->err, KVF_EPROTO,
                        "SHM_MAP answered %zu bytes and %d descriptors", rlen, nfd);
         goto out_close;
     }
-    void *m = mmap(NULL, slen, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-    close(fds[0]);
-    if (m == MAP_FAILED) {
-        if (granted)
-            close(fds[1]);
-        rc = kvf__errf(s->err, sizeof s->err, KVF_ENOMEM,
-                       "cannot map a staging region of %llu "
-                       "bytes",
-                       (unsigned long long)slen);
-        goto out_close;
+    if (slen) {
+        void *m = mmap(NULL, slen, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+        close(fds[0]);
+        if (m == MAP_FAILED) {
+            if (granted)
+                close(fds[1]);
+            rc = kvf__errf(s->err, sizeof s->err, KVF_ENOMEM,
+                           "cannot map a staging region of %llu bytes", (unsigned long long)slen);
+            goto out_close;
+        }
+        s->stg = m;
+        s->stg_len = slen;
     }
-    s->stg = m;
-    s->stg_len = slen;
     if (granted) {
-        *view_fd = fds[1];
+        *view_fd = fds[slen ? 1 : 0];
         *view_base = base;
         *view_len = alen;
     }
@@ -276,7 +282,8 @@ static int conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
     uint64_t vb, vl;
     /* A connection that asks for leased descriptors must hold the arena too (the node hands
      * them only to those); the view itself was mapped once, at open. */
-    int rc = sconn_open(w->p, node, s, w->p->nodes[node].view != NULL, deadline_ns, &vfd, &vb, &vl);
+    int rc = sconn_open(w->p, node, s, w->p->nodes[node].view != NULL, w->p->staging, deadline_ns,
+                        &vfd, &vb, &vl);
     if (rc) {
         s->retry_at = t + RETRY_NS;
         s->last_rc = rc;
@@ -1195,7 +1202,7 @@ static size_t nodes_open(struct kvf__shm_path *p, char *why, size_t whylen)
         sconn *s = &p->w[0].cn[i];
         int vfd;
         uint64_t vb = 0, vl = 0;
-        int rc = sconn_open(p, i, s, 1, deadline, &vfd, &vb, &vl);
+        int rc = sconn_open(p, i, s, 1, p->staging, deadline, &vfd, &vb, &vl);
         if (rc) {
             used += (size_t)snprintf(why + used, used < whylen ? whylen - used : 0,
                                      "; node %zu: %s", i, s->err);
@@ -1349,6 +1356,22 @@ int kvf_client_shm_view(const kvf_client *c, size_t node, const void **base, siz
 /* ------------------------------------------------------------------------------------------ */
 /* Control requests on the caller's thread */
 
+/* The control connection to node, made where needed: HELLO and AUTH, and where the node's arena
+ * is mapped, SHM_MAP of it (no staging region), so that leases may be asked for on it. Its lock
+ * held. 0 or the error. */
+static int ctl_connect(struct kvf__shm_path *p, size_t node, uint64_t deadline_ns)
+{
+    sconn *s = &p->ctl[node];
+    if (s->fd >= 0)
+        return 0;
+    int vfd;
+    uint64_t vb, vl;
+    int rc = sconn_open(p, node, s, p->nodes[node].view != NULL, 0, deadline_ns, &vfd, &vb, &vl);
+    if (!rc && vfd >= 0)
+        close(vfd);
+    return rc;
+}
+
 /* EXISTS of the keys at pos on node over its control connection (made where needed, HELLO and
  * AUTH only), bits into present. 0 or the error (the connection is then closed). */
 static int ctl_exists(struct kvf__shm_path *p, size_t node, const kvf_key *keys,
@@ -1356,20 +1379,9 @@ static int ctl_exists(struct kvf__shm_path *p, size_t node, const kvf_key *keys,
 {
     kvf_client *c = p->c;
     sconn *s = &p->ctl[node];
-    int rc = 0;
-    if (s->fd < 0) {
-        char name[128];
-        if (!node_name(c, node, name, sizeof name))
-            return KVF_ENOTSUP;
-        if ((rc = kvf__unix_connect_nb(name, &s->fd, s->err, sizeof s->err)) != 0)
-            return rc;
-        kvf__hello h;
-        if ((rc = kvf__sync_hello(s->fd, c, &s->next_id, &h, deadline_ns, s->err, sizeof s->err)) !=
-            0) {
-            sconn_close(s);
-            return rc;
-        }
-    }
+    int rc = ctl_connect(p, node, deadline_ns);
+    if (rc)
+        return rc;
     size_t plen = 8 + 16 * m;
     uint8_t stackbuf[8 + 16 * 256], *req = plen <= sizeof stackbuf ? stackbuf : malloc(plen);
     if (!req)
@@ -1518,3 +1530,168 @@ const kvf__path_ops kvf__path_shm = {
     .submit = shm_submit,
     .close = shm_close,
 };
+
+/* ------------------------------------------------------------------------------------------ */
+/* Leases for the caller (kvf_client_lease) */
+
+struct kvf_lease {
+    kvf_client *c;
+    size_t n;
+    struct {
+        size_t node;
+        uint64_t id, epoch;
+    } held[KVF_CLIENT_MAX_NODES];
+    uint64_t until_ns; /* the earliest of the nodes' leases' ends, less a margin */
+};
+
+/* RDMA_GET of the keys at pos (all on node) over its control connection (lock held): each hit's
+ * place in the view into objs and lens. The lease's id into l. 0 or the error. */
+static int lease_on(struct kvf__shm_path *p, size_t node, const kvf_key *keys, const uint32_t *pos,
+                    size_t m, uint32_t lease_ms, const void **objs, uint64_t *lens, int *status,
+                    kvf_lease *l, uint64_t deadline_ns)
+{
+    const snode *sn = &p->nodes[node];
+    int rc = ctl_connect(p, node, deadline_ns);
+    if (rc)
+        return rc;
+    sconn *s = &p->ctl[node];
+    size_t plen = 16 + 16 * m;
+    uint8_t *req = malloc(plen), *rep = NULL;
+    if (!req)
+        return KVF_ENOMEM;
+    kvf__put_u64(req, p->c->o.ns);
+    kvf__put_u32(req + 8, lease_ms);
+    kvf__put_u32(req + 12, 0);
+    for (size_t i = 0; i < m; i++)
+        kvf__wire_key_put(req + 16 + 16 * i, &keys[pos[i]]);
+    size_t rlen;
+    uint64_t t0 = kvf__now_ns();
+    rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_GET, (uint32_t)m, req, plen, &rep, &rlen,
+                        NULL, NULL, deadline_ns, s->err, sizeof s->err);
+    free(req);
+    if (!rc && rlen < 16 + 24 * m) {
+        free(rep);
+        rc = KVF_EPROTO;
+    }
+    if (rc) {
+        sconn_close(s);
+        return rc;
+    }
+    uint64_t bytes = 0;
+    uint64_t until = t0 + (uint64_t)kvf__get_u32(rep + 12) * 1000000u;
+    until = until > LEASE_MARGIN_NS ? until - LEASE_MARGIN_NS : 0;
+    if (!l->until_ns || until < l->until_ns)
+        l->until_ns = until;
+    l->held[l->n].node = node;
+    l->held[l->n].epoch = atomic_load(&s->epoch);
+    l->held[l->n++].id = kvf__get_u64(rep);
+    for (size_t i = 0; i < m; i++) {
+        const uint8_t *e = rep + 16 + 24 * i;
+        int st = (int)(int32_t)kvf__get_u32(e);
+        uint64_t a = kvf__get_u64(e + 8), len = kvf__get_u64(e + 16);
+        if (!kvf_err_is_known(st))
+            st = KVF_EPROTO;
+        if (!st && (a < sn->view_base || a - sn->view_base > sn->view_len ||
+                    len > sn->view_len - (a - sn->view_base)))
+            st = KVF_EPROTO; /* outside the view: not trusted */
+        status[pos[i]] = st;
+        objs[pos[i]] = st ? NULL : sn->view + (a - sn->view_base);
+        lens[pos[i]] = st ? 0 : len;
+        bytes += st ? 0 : len;
+    }
+    free(rep);
+    /* The caller reads them out of the view: bytes moved over shared memory. */
+    count(p, 1, bytes, 0, 0, 0, 0, 0);
+    return 0;
+}
+
+int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms,
+                     const void **objs, uint64_t *lens, int *status, kvf_lease **out)
+{
+    if (!out)
+        return KVF_EINVAL;
+    *out = NULL;
+    if (!c || !keys || !objs || !lens || !status || n == 0 || n > KVF_WIRE_MAX_ITEMS)
+        return KVF_EINVAL;
+    struct kvf__shm_path *p = c->shm;
+    if (!p || !p->ctl)
+        return KVF_ENOTSUP;
+    for (size_t i = 0; i < n; i++)
+        if (!p->nodes[kvf_client_node_of(c, &keys[i])].view)
+            return KVF_ENOTSUP;
+    kvf_lease *l = calloc(1, sizeof *l);
+    uint32_t *pos = malloc(n * sizeof *pos);
+    if (!l || !pos) {
+        free(l), free(pos);
+        return KVF_ENOMEM;
+    }
+    l->c = c;
+    uint64_t deadline_ns = kvf__now_ns() + (uint64_t)c->o.deadline_ms * 1000000u;
+    int rc = 0;
+    for (size_t node = 0; node < p->n && !rc; node++) {
+        size_t m = 0;
+        for (size_t i = 0; i < n; i++)
+            if (kvf_client_node_of(c, &keys[i]) == node)
+                pos[m++] = (uint32_t)i;
+        if (!m)
+            continue;
+        if (atomic_load(&c->nodes[node].down_until)) {
+            for (size_t i = 0; i < m; i++)
+                status[pos[i]] = KVF_EHOSTUNREACH, objs[pos[i]] = NULL, lens[pos[i]] = 0;
+            continue;
+        }
+        pthread_mutex_lock(&p->ctl_mu[node]);
+        rc = lease_on(p, node, keys, pos, m, lease_ms ? lease_ms : p->lease_ms, objs, lens, status,
+                      l, deadline_ns);
+        pthread_mutex_unlock(&p->ctl_mu[node]);
+        if (rc == KVF_ETIMEDOUT)
+            kvf__node_mark_down(&c->nodes[node]);
+    }
+    free(pos);
+    if (rc) {
+        kvf_lease_release(&l);
+        return rc;
+    }
+    *out = l;
+    return 0;
+}
+
+int kvf_lease_valid(const kvf_lease *l)
+{
+    if (!l || kvf__now_ns() >= l->until_ns)
+        return 0;
+    /* A connection closed since (and its leases with it, on the node) ends the lease too. */
+    for (size_t i = 0; i < l->n; i++)
+        if (atomic_load(&l->c->shm->ctl[l->held[i].node].epoch) != l->held[i].epoch)
+            return 0;
+    return 1;
+}
+
+void kvf_lease_release(kvf_lease **lp)
+{
+    if (!lp || !*lp)
+        return;
+    kvf_lease *l = *lp;
+    struct kvf__shm_path *p = l->c->shm;
+    for (size_t i = 0; p && i < l->n; i++) {
+        if (!l->held[i].id)
+            continue;
+        size_t node = l->held[i].node;
+        uint8_t req[16], *rep;
+        size_t rlen;
+        kvf__put_u64(req, l->c->o.ns);
+        kvf__put_u64(req + 8, l->held[i].id);
+        pthread_mutex_lock(&p->ctl_mu[node]);
+        sconn *s = &p->ctl[node];
+        /* A release that cannot be said costs the node the lease's remaining time, no more. */
+        if (s->fd >= 0 && kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_RELEASE, 0, req,
+                                         sizeof req, &rep, &rlen, NULL, NULL,
+                                         kvf__now_ns() + 1000000000ull, s->err, sizeof s->err) == 0)
+            free(rep);
+        else
+            sconn_close(s);
+        pthread_mutex_unlock(&p->ctl_mu[node]);
+    }
+    free(l);
+    *lp = NULL;
+}

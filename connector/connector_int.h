@@ -107,6 +107,11 @@ struct kvf_xfer {
     atomic_uint *verified; /* load: layers verified per chunk, written by the I/O thread */
     uint64_t *seg_xxh;     /* save: [chunk][layer] checksums of the gathered segments */
     kvf_op *op;            /* the client's op, once the batch is submitted */
+    /* A load straight from a storage node's arena on this host (docs/shm.md): the objects stay
+     * in the node's read-only view under lease, and the workers scatter from there (srcs[c],
+     * verified and checked against the lease) with no staging copy. NULL: the client's get. */
+    kvf_lease *lease;
+    const void **srcs;
     /* The transfer's lock, and what it guards. */
     pthread_mutex_t mu;
     pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled, a

@@ -188,7 +188,8 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
             failed++;
             continue;
         }
-        const uint8_t *obj = x->stage + c * cn->obj_bytes;
+        /* Straight from the node's view under lease, or from staging where the client put it. */
+        const uint8_t *obj = x->lease ? x->srcs[c] : x->stage + c * cn->obj_bytes;
         kvf_obj_info info;
         int rc = kvf_obj_parse(obj, cn->hdr_len, &info);
         if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
@@ -212,8 +213,19 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
                 continue;
             }
             seg = scratch;
+        } else if (x->lease && kvf__xxh3(seg, sg.stored_len) != sg.stored_xxh) {
+            /* From the view, the segment is checked where it lies; the lease, checked after the
+             * scatter, says it did not change since. */
+            failed++;
+            continue;
         }
         kvf__pagemap_scatter(&cn->pm, layer, seg, x->page_ids + c * ppc);
+        if (x->lease && !kvf_lease_valid(x->lease)) {
+            /* The lease may have ended while the bytes were read: they may be another object's.
+             * The engine recomputes what this layer would have given. */
+            failed++;
+            continue;
+        }
     }
     return failed;
 }

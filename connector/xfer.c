@@ -208,6 +208,8 @@ static void xfer_destroy(kvf_xfer *x)
 {
     kvf_connector *cn = x->cn;
     kvf_op_free(&x->op);
+    kvf_lease_release(&x->lease); /* every task that read through it has ended */
+    free(x->srcs);
     pthread_mutex_lock(&cn->mu);
     kvf__stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
     int last = --cn->inflight == 0 && cn->closed;
@@ -321,6 +323,48 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     return 0;
 }
 
+/* A load straight from the arena of storage nodes on this host (docs/shm.md): the chunks are
+ * leased where they lie and every layer is queued for the workers at once, which scatter from the
+ * node's view (each segment checked there, the lease checked after). Returns 0 once x runs so, or
+ * KVF_ENOTSUP (or another error) when the client's get must serve it: a node that is not on this
+ * host or whose arena this client does not map (a tenant), a lease that could not be had. */
+static int load_direct(kvf_connector *cn, kvf_xfer *x)
+{
+    x->srcs = calloc(x->n_chunks, sizeof *x->srcs);
+    if (!x->srcs)
+        return KVF_ENOMEM;
+    /* The lease covers the load's deadline: the workers' copies end well within it. */
+    uint32_t lease_ms = (uint32_t)cn->deadline_ms + 1000u;
+    int rc = kvf_client_lease(cn->cl, x->n_chunks, x->keys, lease_ms, x->srcs, x->lens, x->status,
+                              &x->lease);
+    if (rc) {
+        free(x->srcs);
+        x->srcs = NULL;
+        return rc;
+    }
+    uint32_t L = cn->l.layers;
+    for (size_t c = 0; c < x->n_chunks; c++)
+        if (x->status[c] == 0)
+            atomic_store(&x->verified[c], L); /* checked segment by segment by the workers */
+    pthread_mutex_lock(&cn->mu);
+    cn->st.batches++;
+    cn->st.loads_in_place++;
+    for (uint32_t l = 0; l < L && !rc; l++)
+        rc = kvf__pool_enqueue_locked(cn, x, l);
+    pthread_mutex_unlock(&cn->mu);
+    if (rc) {
+        /* Layers not queued fail; those queued run and end as usual. */
+        pthread_mutex_lock(&x->mu);
+        for (uint32_t l = 0; l < L; l++)
+            if (x->layer_state[l] == LS_PENDING && x->layer_tasks[l] == 0)
+                x->layer_state[l] = rc;
+        pthread_cond_broadcast(&x->cv);
+        pthread_mutex_unlock(&x->mu);
+    }
+    on_load_done(NULL, rc, x);
+    return 0;
+}
+
 int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
@@ -333,6 +377,10 @@ int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
     int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
     if (rc)
         return rc;
+    if (x->n_chunks && load_direct(cn, x) == 0) {
+        *out = x;
+        return 0;
+    }
     kvf_batch b = {
         .n = x->n_chunks,
         .keys = x->keys,

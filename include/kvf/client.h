@@ -163,6 +163,22 @@ KVF_API const char *kvf_client_transport(const kvf_client *c, char *why, size_t 
  * access). */
 KVF_API int kvf_client_shm_view(const kvf_client *c, size_t node_idx, const void **base,
                                 size_t *len);
+/* Leased objects in place: for engines that copy (or DMA) chunks from the read-only view
+ * themselves, straight into their pages. Every key must live on a node whose arena this client
+ * maps (kvf_client_shm_view), else KVF_ENOTSUP and nothing is leased (use kvf_client_get). On
+ * success each key has a status (0, KVF_ENOENT, KVF_EHOSTUNREACH ...) and, for a hit, objs[i]
+ * and lens[i]: the object's bytes in the view, stored as kvf_obj_verify() checks them. They are
+ * the object's only while the lease holds: read them, then check kvf_lease_valid(); bytes read
+ * before a true answer are exactly what the node stored (verify their checksums as with any
+ * get), and after a false one they may be another object's. lease_ms: 0 for the client's
+ * default (shm_lease_ms). Caller owns *out; free with kvf_lease_release(). */
+typedef struct kvf_lease kvf_lease;
+KVF_API int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms,
+                             const void **objs, uint64_t *lens, int *status, kvf_lease **out);
+/* 1 while every object of l is still leased (with a margin), else 0. */
+KVF_API int kvf_lease_valid(const kvf_lease *l);
+/* Lets the objects go (the nodes may then reuse their blocks). Accepts NULL and clears *l. */
+KVF_API void kvf_lease_release(kvf_lease **l);
 /* How an operation's bytes moved: "shm", "rdma", "tcp", or "shm+tcp" (some keys each way). */
 KVF_API const char *kvf_op_transport(const kvf_op *op);
 

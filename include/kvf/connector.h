@@ -142,6 +142,8 @@ KVF_API void kvf_xfer_free(kvf_xfer **x);
 
 typedef struct kvf_connector_stats {
     uint64_t loads, saves;           /* transfers started */
+    uint64_t loads_in_place;         /* of the loads, those scattered straight from a storage
+                                      * node's arena on this host (docs/shm.md) */
     uint64_t load_bytes, save_bytes; /* object bytes moved */
     uint64_t batches;                /* storage-client batches (one per transfer) */
     uint64_t chunks_loaded, chunks_saved, chunks_missed, chunks_existing;

@@ -122,11 +122,12 @@ static void clear_store(const char *addr)
     kvf_client_close(&c);
 }
 
-static void test_engine_reuse_is_exact(void **state)
+/* Reuse gives the reference's tokens exactly, for every prompt length and cached prefix: over
+ * shared memory (loads scattered straight from the node's view, extra NULL) or over TCP. */
+static void reuse_is_exact(const char *extra)
 {
-    (void)state;
     daemon_t d;
-    daemon_start(&d, "256M", NULL);
+    daemon_start(&d, "256M", extra);
     kvfe_engine *ref = engine(NULL, 0);
     kvf_connector *cn = connector(d.addr, 5000);
     kvfe_engine *e = engine(cn, 7); /* scattered, padded pages: not the reference's layout */
@@ -165,10 +166,32 @@ static void test_engine_reuse_is_exact(void **state)
     assert_true(st.chunks_loaded > 50);
     assert_true(st.chunks_saved > 20);
     assert_true(st.gather_ns > 0 && st.scatter_ns > 0);
+    print_message("%llu of %llu loads in place; %llu bytes over shared memory, %llu otherwise\n",
+                  (unsigned long long)st.loads_in_place, (unsigned long long)st.loads,
+                  (unsigned long long)st.shm_bytes, (unsigned long long)st.net_bytes);
+    if (extra) {
+        assert_int_equal(st.loads_in_place, 0);
+        assert_int_equal(st.shm_bytes, 0);
+    } else {
+        assert_true(st.loads_in_place > 10);
+        assert_true(st.shm_bytes > st.chunks_loaded * 1024);
+    }
     kvfe_close(&e);
     kvfe_close(&ref);
     kvf_connector_close(&cn);
     daemon_stop(&d);
+}
+
+static void test_engine_reuse_is_exact(void **state)
+{
+    (void)state;
+    reuse_is_exact(NULL);
+}
+
+static void test_engine_reuse_is_exact_tcp(void **state)
+{
+    (void)state;
+    reuse_is_exact("--shm off");
 }
 
 /* Warm the store with a prompt through a direct connection; returns the reference run. */
@@ -465,6 +488,7 @@ int main(void)
     harness_init();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_engine_reuse_is_exact, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_reuse_is_exact_tcp, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_corrupted_chunk_recomputes, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_killed_store_recomputes, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_overlap_layer0_before_last, teardown_daemons),

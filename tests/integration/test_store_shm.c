@@ -114,6 +114,23 @@ static int is_obj(const uint8_t *buf, uint64_t len, uint64_t i, size_t seg, uint
     return ok;
 }
 
+/* The node's STATS figure `name` once it reads `want`, or its last value after 2 s. */
+static long long stat_settles(kvf_client *c, const char *name, long long want)
+{
+    char key[64];
+    snprintf(key, sizeof key, "\"%s\":", name);
+    long long v = -1;
+    for (int i = 0; i < 40 && v != want; i++) {
+        char *json = NULL;
+        usleep(50000);
+        assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
+        const char *p = strstr(json, key);
+        v = p ? atoll(p + strlen(key)) : -1;
+        free(json);
+    }
+    return v;
+}
+
 static kvf_client *client_open_opts(const daemon_t *d, kvf_client_opts o)
 {
     const char *nodes[1] = {d->addr};
@@ -400,6 +417,62 @@ static void test_shm_lease_end_is_a_miss(void **state)
     daemon_stop(&d);
 }
 
+/* Leases for engines that read the view themselves: the objects are where the lease says, intact,
+ * while it holds; a lease too short to cover a read says so; a client without a view is told to
+ * use get; releasing lets the node free the blocks. */
+static void test_shm_leases_in_place(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "32M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    int st[20];
+    put_keys(c, 0, 16, 4, SEG, st);
+    kvf_key keys[20];
+    const void *objs[20];
+    uint64_t lens[20];
+    for (int i = 0; i < 20; i++)
+        keys[i] = key_of((uint64_t)i);
+    kvf_lease *l = NULL;
+    assert_int_equal(kvf_client_lease(c, 20, keys, 0, objs, lens, st, &l), 0);
+    assert_non_null(l);
+    uint8_t *copy = malloc(kvf_obj_raw_size(LAYERS, SEG));
+    for (int i = 0; i < 20; i++) {
+        if (i >= 16) {
+            assert_int_equal(st[i], KVF_ENOENT);
+            assert_null(objs[i]);
+            continue;
+        }
+        assert_int_equal(st[i], 0);
+        memcpy(copy, objs[i], lens[i]);
+        assert_true(kvf_lease_valid(l));
+        uint8_t v;
+        assert_true(is_obj(copy, lens[i], (uint64_t)i, SEG, &v));
+        assert_int_equal(v, 4);
+    }
+    /* Evicted while leased: gone for readers, its bytes in place until the release. */
+    assert_int_equal(kvf_client_evict(c, 1, keys, st, 2000), 0);
+    uint8_t v;
+    memcpy(copy, objs[0], lens[0]);
+    assert_true(kvf_lease_valid(l) && is_obj(copy, lens[0], 0, SEG, &v));
+    kvf_lease_release(&l);
+    assert_null(l);
+    kvf_lease_release(&l); /* NULL is accepted */
+    /* A lease shorter than the margin is never valid: a reader then treats its bytes as a miss. */
+    assert_int_equal(kvf_client_lease(c, 4, keys + 1, 1, objs, lens, st, &l), 0);
+    assert_false(kvf_lease_valid(l));
+    kvf_lease_release(&l);
+    assert_int_equal(stat_settles(c, "referenced", 0), 0);
+    /* Over TCP there is no view: the caller is told to use get. */
+    kvf_client *t = client_open_opts(&d, (kvf_client_opts){.transport = "tcp"});
+    assert_int_equal(kvf_client_lease(t, 4, keys, 0, objs, lens, st, &l), KVF_ENOTSUP);
+    assert_null(l);
+    kvf_client_close(&t);
+    free(copy);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* A raw local client */
 
@@ -612,16 +685,7 @@ static void test_shm_forged_fds_and_unreleased_leases(void **state)
     /* Evicted while leased: gone for readers at once, its block kept until the lease ends. */
     assert_int_equal(kvf_client_evict(c, 1, &k0, st, 2000), 0);
     assert_int_equal(st[0], 0);
-    char *json = NULL;
-    long long referenced = -1;
-    for (int i = 0; i < 40 && referenced != 0; i++) {
-        usleep(50000);
-        assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
-        const char *p = strstr(json, "\"referenced\":");
-        referenced = p ? atoll(p + 13) : -1;
-        free(json);
-    }
-    assert_int_equal(referenced, 0);
+    assert_int_equal(stat_settles(c, "referenced", 0), 0);
     close(r.fd);
     kvf_client_close(&c);
     daemon_stop(&d);
@@ -652,15 +716,7 @@ static void test_shm_dead_client_frees_reservations(void **state)
     assert_non_null(strstr(json, "\"reserved\":1,"));
     free(json);
     close(r.fd); /* dies */
-    long long reserved = -1;
-    for (int i = 0; i < 40 && reserved != 0; i++) {
-        usleep(25000);
-        assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
-        const char *p = strstr(json, "\"reserved\":");
-        reserved = p ? atoll(p + 11) : -1;
-        free(json);
-    }
-    assert_int_equal(reserved, 0);
+    assert_int_equal(stat_settles(c, "reserved", 0), 0);
     int st[1];
     assert_int_equal(get_keys(c, 42, 1, SEG, 0, st, NULL), 0);
     assert_int_equal(st[0], KVF_ENOENT);
@@ -676,6 +732,7 @@ int main(void)
         cmocka_unit_test_teardown(test_shm_fallback_reasons, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_churn_never_wrong, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_lease_end_is_a_miss, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_leases_in_place, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_malicious_client_cannot_write, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_forged_fds_and_unreleased_leases, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_dead_client_frees_reservations, teardown_daemons),
