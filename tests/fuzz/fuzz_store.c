@@ -2,7 +2,9 @@
  * libFuzzer target for a whole storage node: three in-process servers (A, and B, A's only COPY
  * peer, and C, which authenticates tenants with byte and reservation quotas) on loopback, driven
  * through real sockets by a script the fuzzer writes. Each input is a sequence of steps on up to
- * four connections (two to A, two to C): well-formed frames of any opcode with fuzzed fields and
+ * four connections (two to A, two to C; the second of each over the node's Unix socket, where
+ * shared memory is served: SHM_MAP hands out descriptors the fuzzer's reads drop, SHM_PUT and
+ * SHM_GET take fuzzed staging offsets): well-formed frames of any opcode with fuzzed fields and
  * bodies (HELLO, AUTH, PUT, ADMIT/COMMIT, GET, COPY to B ...), raw bytes, a proper HELLO and AUTH
  * as one of C's tenants or its admin, reads of what was answered, half-closes and closes, in any
  * order. After the input every connection is closed and
@@ -32,6 +34,7 @@
 #include "server_int.h"
 #include "tcp.h"
 #include "tenants.h"
+#include "unixsock.h"
 #include "wire.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -45,6 +48,7 @@ typedef struct node {
     kvf_server *srv;
     pthread_t th;
     char addr[64];
+    char shm[64]; /* its Unix socket ("": none) */
 } node;
 
 static node g_a, g_b, g_c;
@@ -61,10 +65,13 @@ static void *run_node(void *p)
     return NULL;
 }
 
-static void node_start(node *n, const char *peer, kvf__tenants *tenants)
+static void node_start(node *n, const char *peer, kvf__tenants *tenants, const char *shm)
 {
     char err[256];
-    kvf_cache_opts co = {.memory = 8u << 20, .max_entries = 1024, .reserve_ms = 200};
+    kvf_cache_opts co = {
+        .memory = 8u << 20, .max_entries = 1024, .reserve_ms = 200, .shared = shm != NULL};
+    if (shm)
+        snprintf(n->shm, sizeof n->shm, "@kvf-fuzz-%s-%d", shm, (int)getpid());
     const char *peers[1] = {peer};
     if (kvf__cache_open(&n->cache, &co, err, sizeof err) != 0) {
         fprintf(stderr, "fuzz_store: cache: %s\n", err);
@@ -79,6 +86,10 @@ static void node_start(node *n, const char *peer, kvf__tenants *tenants)
                           .copy_workers = 1,
                           .copy_queue = 2,
                           .tenants = tenants,
+                          .shm = shm ? n->shm : NULL,
+                          .shm_staging_max = 1u << 20,
+                          .shm_staging_total = 64u << 20,
+                          .shm_copiers = 1,
                           .cache = n->cache,
                           .log = &g_log};
     if (kvf__server_open(&n->srv, &so, err, sizeof err) != 0) {
@@ -98,8 +109,8 @@ static void setup(void)
     if (done)
         return;
     done = 1;
-    node_start(&g_b, NULL, NULL);
-    node_start(&g_a, g_b.addr, NULL);
+    node_start(&g_b, NULL, NULL, NULL);
+    node_start(&g_a, g_b.addr, NULL, "a");
     char dir[] = "/tmp/kvf-fuzz-store-XXXXXX", path[64], err[300];
     if (!mkdtemp(dir))
         abort();
@@ -123,7 +134,7 @@ static void setup(void)
     }
     unlink(path);
     rmdir(dir);
-    node_start(&g_c, NULL, g_tenants);
+    node_start(&g_c, NULL, g_tenants, "c");
 }
 
 /* The fuzzer's bytes, read in order; zeros once they run out. */
@@ -151,14 +162,20 @@ static void take(script *s, uint8_t *out, size_t len)
     s->at += k;
 }
 
-/* Connections 0 and 1 go to A, 2 and 3 to C. */
+/* Connections 0 and 1 go to A, 2 and 3 to C; 1 and 3 over the node's Unix socket. */
 static int conn_fd(int *fds, int c)
 {
     if (fds[c] >= 0)
         return fds[c];
     char host[64], err[128];
     uint16_t port;
-    if (kvf__addr_parse(c < 2 ? g_a.addr : g_c.addr, host, sizeof host, &port) != 0 ||
+    const node *n = c < 2 ? &g_a : &g_c;
+    if (c % 2 == 1) {
+        if (kvf__unix_connect_nb(n->shm, &fds[c], err, sizeof err) != 0)
+            fds[c] = -1;
+        return fds[c];
+    }
+    if (kvf__addr_parse(n->addr, host, sizeof host, &port) != 0 ||
         kvf__tcp_connect(host, port, 1000, &fds[c], err, sizeof err) != 0)
         fds[c] = -1;
     return fds[c];
@@ -198,7 +215,7 @@ static void drain(int fd, int ms)
 static void framed(script *s, int fd, uint8_t *body)
 {
     kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
-                      .opcode = (uint16_t)(1 + take8(s) % 20),
+                      .opcode = (uint16_t)(1 + take8(s) % 23),
                       .flags = take8(s) & (KVF_WF_KNOWN & ~KVF_WF_REPLY),
                       .request_id = take16(s),
                       .item_count = take16(s) % 300};
@@ -222,6 +239,23 @@ static void framed(script *s, int fd, uint8_t *body)
         if (8 + 16 * (uint32_t)h.item_count <= MAX_BODY)
             len = 8 + 16 * (uint32_t)h.item_count;
         break;
+    case 2: /* shared memory's shapes: SHM_MAP's 16 bytes, SHM_PUT's and SHM_GET's 32-byte items
+             * whose staging offsets and lengths land inside a small region, or just outside */
+        if (h.opcode == KVF_OP_SHM_MAP) {
+            h.item_count = 0;
+            len = 16;
+            kvf__put_u64(body, (uint64_t)take16(s) << 4);
+            kvf__put_u32(body + 8, take8(s) & 1);
+            kvf__put_u32(body + 12, 0);
+        } else if ((h.opcode == KVF_OP_SHM_PUT || h.opcode == KVF_OP_SHM_GET) &&
+                   8 + 32 * (uint32_t)h.item_count <= MAX_BODY) {
+            len = 8 + 32 * (uint32_t)h.item_count;
+            for (uint32_t i = 0; i < h.item_count; i++) {
+                kvf__put_u64(body + 8 + 32 * i + 16, (uint64_t)take16(s) << 4);
+                kvf__put_u64(body + 8 + 32 * i + 24, (uint64_t)take16(s) << 2);
+            }
+        }
+        break;
     default:
         break;
     }
@@ -240,7 +274,7 @@ static void hello(script *s, int fd)
     kvf__put_u32(b + KVF_WIRE_HEADER_LEN, 1);
     kvf__put_u32(b + KVF_WIRE_HEADER_LEN + 4, 1);
     kvf__put_u64(b + KVF_WIRE_HEADER_LEN + 8, take8(s) % 3); /* a few namespaces, or none */
-    kvf__put_u64(b + KVF_WIRE_HEADER_LEN + 16, KVF_CAP_ALL);
+    kvf__put_u64(b + KVF_WIRE_HEADER_LEN + 16, KVF_CAP_ALL | (take8(s) % 2 ? KVF_CAP_SHM : 0));
     send_some(fd, b, sizeof b);
 }
 
