@@ -1,7 +1,7 @@
 /*
  * The shared-memory data path (kvf__path_shm; docs/shm.md), for nodes on this host.
  *
- * Worker threads (one per core, at most KVF_CLIENT_MAX_IO) each keep their own Unix connection
+ * Worker threads (one per core, at most SHM_MAX_WORKERS) each keep their own Unix connection
  * to every such node, with a staging region of their own (SHM_MAP). A get or put is split into
  * shares by bytes, one per worker; keys of nodes that are not on this host, and objects larger
  * than a staging region where one is needed, go over TCP as one child op. The op completes when
@@ -50,6 +50,7 @@
 #define SPLIT_MIN_BYTES (1ull << 20)
 #define PUT_ROUND       (4ull << 20)
 #define RELEASES_MAX    16
+#define SHM_MAX_WORKERS 16 /* copying is memory-bound well before this many */
 #define ALIGN           64u
 #define MOVED           UINT32_MAX /* a sub's key handed to another sub */
 
@@ -1239,7 +1240,7 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
     p->staging = c->o.shm_staging_bytes ? c->o.shm_staging_bytes : STAGING_BYTES;
     /* Copying is the whole of the work: as many workers as cores, within bounds. */
     int cores = kvf__cores();
-    p->W = cores < 1 ? 1 : cores > KVF_CLIENT_MAX_IO ? KVF_CLIENT_MAX_IO : cores;
+    p->W = cores < 1 ? 1 : cores > SHM_MAX_WORKERS ? SHM_MAX_WORKERS : cores;
     p->nodes = calloc(p->n, sizeof *p->nodes);
     p->w = calloc((size_t)p->W, sizeof *p->w);
     p->ctl = calloc(p->n, sizeof *p->ctl);
