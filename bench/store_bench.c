@@ -334,7 +334,7 @@ static void lookup_latency(const opts *o, uint16_t port, tcp_run *run)
         return;
     int iters = o->quick ? 1000 : 5000;
     double *lat = malloc((size_t)iters * sizeof *lat);
-    if (lat && raw_lookup_rtt(port, BENCH_NS, chain.keys, iters, lat) == 0) {
+    if (lat && raw_lookup_rtt(port, NULL, BENCH_NS, chain.keys, iters, lat) == 0) {
         run->idle_p50 = bench_quantile(lat, (size_t)iters, 0.5);
         run->idle_p99 = bench_quantile(lat, (size_t)iters, 0.99);
     }

@@ -50,8 +50,10 @@ typedef struct lookup_result {
 } lookup_result;
 int lookup_under_load(uint16_t port, int clients, int raw, double secs, lookup_result *r);
 
-/* The same LOOKUP frame over one blocking socket, iters times, nothing else running: lat (us). */
-int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat);
+/* The same LOOKUP frame over one blocking socket, iters times, nothing else running: lat (us).
+ * The socket is TCP to 127.0.0.1:port, or the store's Unix socket unix_name where given. */
+int raw_lookup_rtt(uint16_t port, const char *unix_name, uint64_t ns, const kvf_key *keys,
+                   int iters, double *lat);
 
 /* The TCP ceiling: GB/s of `streams` concurrent loopback streams of writes of `write_bytes` each,
  * over secs: a sending and a receiving thread per stream (blocking calls), or, polled, one thread

@@ -35,8 +35,11 @@ static double memcpy_rate(workload *w, double secs)
     return (double)bytes / (bench_now() - t0) / 1e9;
 }
 
-/* Lookup-prefix latency of 128 stored keys through cl, iters times: p50 and p99 in us. */
-static int lookup_lat(kvf_client *cl, int iters, double *p50, double *p99)
+/* Lookup-prefix latency of 128 stored keys through cl, iters times: p50 and p99 in us; then its
+ * floor, the same LOOKUP frame over a raw blocking Unix socket to the store (name) with no
+ * library: raw_p50 and raw_p99. */
+static int lookup_lat(kvf_client *cl, const char *name, int iters, double *p50, double *p99,
+                      double *raw_p50, double *raw_p99)
 {
     kvf_key keys[LOOKUP_KEYS];
     int st[LOOKUP_KEYS];
@@ -62,6 +65,11 @@ static int lookup_lat(kvf_client *cl, int iters, double *p50, double *p99)
     }
     *p50 = n ? bench_quantile(lat, (size_t)n, 0.5) : 0;
     *p99 = n ? bench_quantile(lat, (size_t)n, 0.99) : 0;
+    *raw_p50 = *raw_p99 = 0;
+    if (lat && raw_lookup_rtt(0, name, STORE_NS, keys, iters, lat) == 0) {
+        *raw_p50 = bench_quantile(lat, (size_t)iters, 0.5);
+        *raw_p99 = bench_quantile(lat, (size_t)iters, 0.99);
+    }
     free(lat);
     wl_free(&w);
     return n ? 0 : -1;
@@ -142,8 +150,10 @@ int bench_store_shm(int quick, int store_threads, const char *memory, const char
                        r + 1, rounds, v[0][r], v[6][r], v[1][r], v[7][r], v[2][r], v[3][r], v[4][r],
                        v[5][r]);
     }
-    double p50 = 0, p99 = 0;
-    int lrc = lookup_lat(shm, quick ? 2000 : 10000, &p50, &p99);
+    double p50 = 0, p99 = 0, rp50 = 0, rp99 = 0;
+    char name[64];
+    snprintf(name, sizeof name, "@kvf-store-%d", (int)store.pid); /* --shm auto's name */
+    int lrc = lookup_lat(shm, name, quick ? 2000 : 10000, &p50, &p99, &rp50, &rp99);
     kvf_client_counters k;
     kvf_client_counters_get(shm, &k);
     kvf_client_close(&shm);
@@ -166,6 +176,8 @@ int bench_store_shm(int quick, int store_threads, const char *memory, const char
     bench_spread t16 = bench_json_rounds(res, "shm_get_16m_vs_tcp", r_tcp16, (size_t)rounds);
     json_object_set_new(res, "shm_lookup_p50_us", json_real(p50));
     json_object_set_new(res, "shm_lookup_p99_us", json_real(p99));
+    json_object_set_new(res, "shm_lookup_raw_p50_us", json_real(rp50));
+    json_object_set_new(res, "shm_lookup_raw_p99_us", json_real(rp99));
     json_object_set_new(res, "shm_lease_expired", json_integer((json_int_t)k.shm_lease_expired));
     json_object_set_new(res, "errors", json_integer(errors));
     printf("kvf-bench store --transport shm (%d cores, %d rounds, medians [p10..p90]):\n",
@@ -182,8 +194,9 @@ int bench_store_shm(int quick, int store_threads, const char *memory, const char
            t.p90, t16.median);
     printf("  shm_put_vs_memcpy %.2f [%.2f..%.2f] (target >= 0.6), 16 MiB %.2f\n", p.median, p.p10,
            p.p90, p16.median);
-    printf("  lookup of 128 keys over the socket: p50 %.1f us, p99 %.1f us (target <= 50)%s\n", p50,
-           p99, lrc ? " (failed)" : "");
+    printf("  lookup of 128 keys over the socket: p50 %.1f us, p99 %.1f us (target <= 50)%s; "
+           "a raw socket, no library: p50 %.1f us, p99 %.1f us\n",
+           p50, p99, lrc ? " (failed)" : "", rp50, rp99);
     printf("  keys failed: %d; leases that ended mid-copy: %llu\n", errors,
            (unsigned long long)k.shm_lease_expired);
     return errors || lrc ? 1 : 0;

@@ -8,6 +8,7 @@
 
 #include "bytes.h"
 #include "tcp.h"
+#include "unixsock.h"
 #include "wire.h"
 
 #include <fcntl.h>
@@ -165,10 +166,12 @@ typedef struct raw_lookup {
     uint8_t frame[KVF_WIRE_HEADER_LEN + 8 + 16 * LOOKUP_KEYS];
 } raw_lookup;
 
-static int raw_open(raw_lookup *r, uint16_t port, uint64_t ns, const kvf_key *keys)
+static int raw_open(raw_lookup *r, uint16_t port, const char *unix_name, uint64_t ns,
+                    const kvf_key *keys)
 {
     char err[128];
-    if (kvf__tcp_connect("127.0.0.1", port, 2000, &r->fd, err, sizeof err) != 0)
+    if (unix_name ? kvf__unix_connect(unix_name, &r->fd, err, sizeof err) != 0
+                  : kvf__tcp_connect("127.0.0.1", port, 2000, &r->fd, err, sizeof err) != 0)
         return -1;
     fcntl(r->fd, F_SETFL, fcntl(r->fd, F_GETFL) & ~O_NONBLOCK);
     kvf__put_u64(r->frame + KVF_WIRE_HEADER_LEN, ns);
@@ -207,10 +210,11 @@ static int raw_one(raw_lookup *r, size_t *hits)
     return 0;
 }
 
-int raw_lookup_rtt(uint16_t port, uint64_t ns, const kvf_key *keys, int iters, double *lat)
+int raw_lookup_rtt(uint16_t port, const char *unix_name, uint64_t ns, const kvf_key *keys,
+                   int iters, double *lat)
 {
     raw_lookup r;
-    if (raw_open(&r, port, ns, keys) != 0)
+    if (raw_open(&r, port, unix_name, ns, keys) != 0)
         return -1;
     size_t hits;
     for (int i = 0; i < iters; i++) {
@@ -351,7 +355,7 @@ static int lookuper_open(lookuper *l, const char *node, uint16_t port, int raw,
                     .lat = malloc(LOOKUP_SAMPLES * sizeof(double))};
     if (raw) {
         l->raw = malloc(sizeof *l->raw);
-        if (l->raw && raw_open(l->raw, port, STORE_NS, chain->keys) != 0) {
+        if (l->raw && raw_open(l->raw, port, NULL, STORE_NS, chain->keys) != 0) {
             free(l->raw);
             l->raw = NULL;
         }

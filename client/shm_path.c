@@ -39,6 +39,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #define STAGING_BYTES   (64ull << 20)
@@ -54,6 +55,20 @@
 #define ALIGN           64u
 #define MOVED           UINT32_MAX /* a sub's key handed to another sub */
 
+/* A read-only view of one store process's arena, and the store's address of its base. A node
+ * restarted is another arena (another memfd): each connection uses the view of the store it is
+ * connected to, found by the descriptor's identity. A view is held by the connections that use
+ * it and by the leases taken on them; one that is not the node's newest goes once the last lets
+ * it go (a dead store's memory is not kept alive by its clients). */
+typedef struct sview {
+    struct sview *next;
+    const uint8_t *map;
+    uint64_t base, len;
+    dev_t dev;
+    ino_t ino;
+    int refs; /* under the path's vmu */
+} sview;
+
 typedef struct sconn {
     int fd; /* -1: not connected */
     uint8_t *stg;
@@ -66,6 +81,9 @@ typedef struct sconn {
      * connection's next request, off the get's critical path */
     uint64_t rel[RELEASES_MAX];
     int n_rel;
+    const sview *view; /* the arena of the store this connection reaches (NULL: none), held */
+    struct kvf__shm_path *p;
+    size_t node;
     /* how many times it was closed: the node drops a connection's leases when it closes, so a
      * lease taken on it holds only while this has not moved (kvf_lease_valid) */
     atomic_uint_fast64_t epoch;
@@ -73,10 +91,9 @@ typedef struct sconn {
 } sconn;
 
 typedef struct snode {
-    int on; /* served over shared memory */
-    /* the arena's read-only view (NULL: gets are staged), and the node's address of its base */
-    const uint8_t *view;
-    uint64_t view_len, view_base;
+    int on;       /* served over shared memory */
+    int has_view; /* the arena is handed to this client (else its gets are staged) */
+    sview *views; /* newest first, under the path's vmu */
 } snode;
 
 typedef struct sub sub;
@@ -135,6 +152,7 @@ struct kvf__shm_path {
     uint64_t staging;
     pthread_mutex_t mu; /* guards the workers' queues and stop */
     int stop;
+    pthread_mutex_t vmu; /* guards the nodes' view lists */
     pthread_mutex_t cmu;
     kvf_client_counters cnt;
 };
@@ -158,12 +176,17 @@ static void count(struct kvf__shm_path *p, uint64_t reqs, uint64_t in, uint64_t 
 /* ------------------------------------------------------------------------------------------ */
 /* Connections */
 
+static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv);
+
 static void sconn_close(sconn *s)
 {
     if (s->fd >= 0) {
         close(s->fd);
         atomic_fetch_add(&s->epoch, 1);
     }
+    if (s->view)
+        view_put(s->p, s->node, s->view);
+    s->view = NULL;
     if (s->stg)
         munmap(s->stg, s->stg_len);
     s->fd = -1;
@@ -200,15 +223,82 @@ static int node_name(kvf_client *c, size_t node, char *name, size_t len)
     return ok;
 }
 
+/* The view of the arena whose descriptor fd is (the store's address of its base, its length):
+ * one already mapped for the same store process, or a new one. NULL when it cannot be mapped.
+ * Takes the path's vmu. */
+static const sview *view_of(struct kvf__shm_path *p, size_t node, int fd, uint64_t base,
+                            uint64_t len)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0 || len == 0)
+        return NULL;
+    pthread_mutex_lock(&p->vmu);
+    sview *v = p->nodes[node].views;
+    while (v && !(v->dev == st.st_dev && v->ino == st.st_ino && v->base == base && v->len == len))
+        v = v->next;
+    if (v)
+        v->refs++;
+    if (!v && (v = calloc(1, sizeof *v)) != NULL) {
+        void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+        if (m == MAP_FAILED) {
+            free(v);
+            v = NULL;
+        } else {
+            *v = (sview){.next = p->nodes[node].views,
+                         .map = m,
+                         .base = base,
+                         .len = len,
+                         .dev = st.st_dev,
+                         .ino = st.st_ino,
+                         .refs = 1};
+            p->nodes[node].views = v;
+            /* The views before it that nobody holds any more go now. */
+            for (sview **pp = &v->next; *pp;) {
+                sview *o = *pp;
+                if (o->refs) {
+                    pp = &o->next;
+                    continue;
+                }
+                *pp = o->next;
+                munmap((void *)o->map, o->len);
+                free(o);
+            }
+        }
+    }
+    pthread_mutex_unlock(&p->vmu);
+    return v;
+}
+
+/* Lets one hold of v on node go: a view nobody holds that is not the node's newest is unmapped. */
+static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv)
+{
+    if (!cv)
+        return;
+    pthread_mutex_lock(&p->vmu);
+    sview *v = (sview *)cv;
+    if (--v->refs == 0 && p->nodes[node].views != v) {
+        for (sview **pp = &p->nodes[node].views; *pp; pp = &(*pp)->next) {
+            if (*pp == v) {
+                *pp = v->next;
+                munmap((void *)v->map, v->len);
+                free(v);
+                break;
+            }
+        }
+    }
+    pthread_mutex_unlock(&p->vmu);
+}
+
 /* Connects s to node's socket: HELLO (and AUTH), SHM_MAP of a staging region (and, where
- * want_view, the arena). *view_fd gets the arena's descriptor where granted (-1: not). 0, or the
- * error with the reason in s->err. */
+ * want_view, the arena, whose view becomes s->view). 0, or the error with the reason in
+ * s->err. */
 static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_view,
-                      uint64_t staging, uint64_t deadline_ns, int *view_fd, uint64_t *view_base,
-                      uint64_t *view_len)
+                      uint64_t staging, uint64_t deadline_ns)
 {
     kvf_client *c = p->c;
-    *view_fd = -1;
+    s->view = NULL;
+    s->p = p;
+    s->node = node;
     char name[128];
     if (!node_name(c, node, name, sizeof name))
         return kvf__errf(s->err, sizeof s->err, KVF_ENOTSUP, "node %zu serves no shared memory",
@@ -229,8 +319,12 @@ static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_v
     kvf__put_u32(req + 12, 0);
     rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_SHM_MAP, 0, req, sizeof req, &rep, &rlen, fds,
                         &nfd, deadline_ns, s->err, sizeof s->err);
-    if (rc)
+    if (rc) {
+        /* The node has no staging region to spare (its --shm-staging-total), or none this
+         * large: this connection's keys go over TCP rather than fail. */
+        s->gone = rc == KVF_ENOMEM || rc == KVF_E2BIG;
         goto out_close;
+    }
     uint64_t base = rlen >= 32 ? kvf__get_u64(rep) : 0,
              alen = rlen >= 32 ? kvf__get_u64(rep + 8) : 0;
     uint64_t slen = rlen >= 32 ? kvf__get_u64(rep + 16) : 0;
@@ -257,9 +351,8 @@ static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_v
         s->stg_len = slen;
     }
     if (granted) {
-        *view_fd = fds[slen ? 1 : 0];
-        *view_base = base;
-        *view_len = alen;
+        s->view = view_of(p, node, fds[slen ? 1 : 0], base, alen);
+        close(fds[slen ? 1 : 0]);
     }
     return 0;
 
@@ -279,12 +372,9 @@ static int conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
     uint64_t t = kvf__now_ns();
     if (t < s->retry_at)
         return s->last_rc;
-    int vfd;
-    uint64_t vb, vl;
     /* A connection that asks for leased descriptors must hold the arena too (the node hands
-     * them only to those); the view itself was mapped once, at open. */
-    int rc = sconn_open(w->p, node, s, w->p->nodes[node].view != NULL, w->p->staging, deadline_ns,
-                        &vfd, &vb, &vl);
+     * them only to those). */
+    int rc = sconn_open(w->p, node, s, w->p->nodes[node].has_view, w->p->staging, deadline_ns);
     if (rc) {
         s->retry_at = t + RETRY_NS;
         s->last_rc = rc;
@@ -292,8 +382,6 @@ static int conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
             kvf__node_mark_down(&w->p->c->nodes[node]);
         return rc;
     }
-    if (vfd >= 0)
-        close(vfd);
     count(w->p, 0, 0, 0, 0, 0, 1, 0);
     return 0;
 }
@@ -677,13 +765,16 @@ static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_
                       uint64_t deadline_ns, int stream, uint32_t *layers, leased *l)
 {
     struct kvf__shm_path *p = w->p;
-    const snode *sn = &p->nodes[node];
     sconn *s;
     int rc = conn_of(w, node, deadline_ns, &s);
     if (!rc && s->n_rel && drain_releases(s) != 0)
         rc = conn_of(w, node, deadline_ns, &s);
     if (rc)
         return rc;
+    /* The addresses are those of the store this connection reaches: its view says where. */
+    const sview *sn = s->view;
+    if (!sn)
+        return KVF_ENOTSUP;
     size_t plen = 16 + 16 * n;
     uint8_t *req = malloc(plen), *rep = NULL;
     l->pos = malloc(n * sizeof *l->pos);
@@ -737,8 +828,8 @@ static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_
         if (st)
             continue;
         /* What the node says must lie inside the view, and the header inside the reply. */
-        if (hl > rlen - off || hl > len || a < sn->view_base || a - sn->view_base > sn->view_len ||
-            len > sn->view_len - (a - sn->view_base)) {
+        if (hl > rlen - off || hl > len || a < sn->base || a - sn->base > sn->len ||
+            len > sn->len - (a - sn->base)) {
             rc = KVF_EPROTO;
             break;
         }
@@ -763,7 +854,7 @@ static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_
             *layers = in->layers;
         k->out_lens[x] = len;
         l->segoff[l->n] = hl;
-        l->src[l->n] = sn->view + (a - sn->view_base);
+        l->src[l->n] = sn->map + (a - sn->base);
         l->pos[l->n++] = x;
     }
     free(rep);
@@ -1009,7 +1100,7 @@ static void run_share(worker *w, sub *k)
         }
         if (!get) {
             put_node(w, k, node, pos, m, deadline_ns, fb, &n_fb);
-        } else if (!p->nodes[node].view) {
+        } else if (!p->nodes[node].has_view) {
             get_staged(w, k, node, pos, m, deadline_ns, stream, &layers, fb, &n_fb);
         } else {
             rc = lease_node(w, k, node, pos, m, deadline_ns, stream, &layers, &ls[nl]);
@@ -1096,7 +1187,7 @@ static int via_shm(const struct kvf__shm_path *p, const kvf_client *c, const kvf
     if (!sn->on)
         return 0;
     if (get)
-        return sn->view || b->caps[i] <= p->staging;
+        return sn->has_view || b->caps[i] <= p->staging;
     return b->lens[i] <= p->staging;
 }
 
@@ -1178,14 +1269,19 @@ static void shm_free(struct kvf__shm_path *p)
     for (int i = 0; p->w && i < p->W; i++)
         free(p->w[i].cn);
     for (size_t i = 0; p->nodes && i < p->n; i++)
-        if (p->nodes[i].view)
-            munmap((void *)p->nodes[i].view, p->nodes[i].view_len);
+        while (p->nodes[i].views) {
+            sview *v = p->nodes[i].views;
+            p->nodes[i].views = v->next;
+            munmap((void *)v->map, v->len);
+            free(v);
+        }
     for (int i = 0; p->w && i < p->W; i++)
         pthread_cond_destroy(&p->w[i].cv);
     free(p->w);
     free(p->nodes);
     pthread_mutex_destroy(&p->mu);
     pthread_mutex_destroy(&p->cmu);
+    pthread_mutex_destroy(&p->vmu);
     free(p);
 }
 
@@ -1201,9 +1297,7 @@ static size_t nodes_open(struct kvf__shm_path *p, char *why, size_t whylen)
         if (!node_name(c, i, name, sizeof name))
             continue;
         sconn *s = &p->w[0].cn[i];
-        int vfd;
-        uint64_t vb = 0, vl = 0;
-        int rc = sconn_open(p, i, s, 1, p->staging, deadline, &vfd, &vb, &vl);
+        int rc = sconn_open(p, i, s, 1, p->staging, deadline);
         if (rc) {
             used += (size_t)snprintf(why + used, used < whylen ? whylen - used : 0,
                                      "; node %zu: %s", i, s->err);
@@ -1212,16 +1306,8 @@ static size_t nodes_open(struct kvf__shm_path *p, char *why, size_t whylen)
         }
         snode *sn = &p->nodes[i];
         sn->on = 1;
+        sn->has_view = s->view != NULL;
         on++;
-        if (vfd >= 0) {
-            void *m = mmap(NULL, vl, PROT_READ, MAP_SHARED, vfd, 0);
-            close(vfd);
-            if (m != MAP_FAILED) {
-                sn->view = m;
-                sn->view_base = vb;
-                sn->view_len = vl;
-            }
-        }
     }
     return on;
 }
@@ -1234,6 +1320,7 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
         return kvf__errf(why, whylen, KVF_ENOMEM, "out of memory");
     pthread_mutex_init(&p->mu, NULL);
     pthread_mutex_init(&p->cmu, NULL);
+    pthread_mutex_init(&p->vmu, NULL);
     p->c = c;
     p->n = c->n_nodes;
     p->lease_ms = c->o.shm_lease_ms ? c->o.shm_lease_ms : LEASE_MS;
@@ -1287,7 +1374,7 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
     char head[200];
     int views = 0;
     for (size_t i = 0; i < p->n; i++)
-        views += p->nodes[i].view != NULL;
+        views += p->nodes[i].has_view;
     snprintf(head, sizeof head,
              "%zu of %zu node(s) on this host over shared memory (%d with the "
              "arena mapped read-only, %zu staged), %d worker(s)",
@@ -1347,10 +1434,18 @@ int kvf_client_shm_view(const kvf_client *c, size_t node, const void **base, siz
         return KVF_EINVAL;
     *base = NULL;
     *len = 0;
-    if (!c->shm || !c->shm->nodes[node].view)
+    if (!c->shm)
         return KVF_ENOTSUP;
-    *base = c->shm->nodes[node].view;
-    *len = c->shm->nodes[node].view_len;
+    /* The newest view: the store as it is now (a restarted one is a new arena). */
+    pthread_mutex_lock(&c->shm->vmu);
+    const sview *v = c->shm->nodes[node].views;
+    if (v) {
+        *base = v->map;
+        *len = v->len;
+    }
+    pthread_mutex_unlock(&c->shm->vmu);
+    if (!v)
+        return KVF_ENOTSUP;
     return 0;
 }
 
@@ -1365,12 +1460,7 @@ static int ctl_connect(struct kvf__shm_path *p, size_t node, uint64_t deadline_n
     sconn *s = &p->ctl[node];
     if (s->fd >= 0)
         return 0;
-    int vfd;
-    uint64_t vb, vl;
-    int rc = sconn_open(p, node, s, p->nodes[node].view != NULL, 0, deadline_ns, &vfd, &vb, &vl);
-    if (!rc && vfd >= 0)
-        close(vfd);
-    return rc;
+    return sconn_open(p, node, s, p->nodes[node].has_view, 0, deadline_ns);
 }
 
 /* EXISTS of the keys at pos on node over its control connection (made where needed, HELLO and
@@ -1541,6 +1631,7 @@ struct kvf_lease {
     struct {
         size_t node;
         uint64_t id, epoch;
+        const sview *view; /* held: the objects stay mapped until the release */
     } held[KVF_CLIENT_MAX_NODES];
     uint64_t until_ns; /* the earliest of the nodes' leases' ends, less a margin */
 };
@@ -1551,11 +1642,13 @@ static int lease_on(struct kvf__shm_path *p, size_t node, const kvf_key *keys, c
                     size_t m, uint32_t lease_ms, const void **objs, uint64_t *lens, int *status,
                     kvf_lease *l, uint64_t deadline_ns)
 {
-    const snode *sn = &p->nodes[node];
     int rc = ctl_connect(p, node, deadline_ns);
     if (rc)
         return rc;
     sconn *s = &p->ctl[node];
+    const sview *sn = s->view;
+    if (!sn)
+        return KVF_ENOTSUP;
     size_t plen = 16 + 16 * m;
     uint8_t *req = malloc(plen), *rep = NULL;
     if (!req)
@@ -1585,6 +1678,10 @@ static int lease_on(struct kvf__shm_path *p, size_t node, const kvf_key *keys, c
         l->until_ns = until;
     l->held[l->n].node = node;
     l->held[l->n].epoch = atomic_load(&s->epoch);
+    pthread_mutex_lock(&p->vmu);
+    ((sview *)sn)->refs++;
+    pthread_mutex_unlock(&p->vmu);
+    l->held[l->n].view = sn;
     l->held[l->n++].id = kvf__get_u64(rep);
     for (size_t i = 0; i < m; i++) {
         const uint8_t *e = rep + 16 + 24 * i;
@@ -1592,11 +1689,10 @@ static int lease_on(struct kvf__shm_path *p, size_t node, const kvf_key *keys, c
         uint64_t a = kvf__get_u64(e + 8), len = kvf__get_u64(e + 16);
         if (!kvf_err_is_known(st))
             st = KVF_EPROTO;
-        if (!st && (a < sn->view_base || a - sn->view_base > sn->view_len ||
-                    len > sn->view_len - (a - sn->view_base)))
+        if (!st && (a < sn->base || a - sn->base > sn->len || len > sn->len - (a - sn->base)))
             st = KVF_EPROTO; /* outside the view: not trusted */
         status[pos[i]] = st;
-        objs[pos[i]] = st ? NULL : sn->view + (a - sn->view_base);
+        objs[pos[i]] = st ? NULL : sn->map + (a - sn->base);
         lens[pos[i]] = st ? 0 : len;
         bytes += st ? 0 : len;
     }
@@ -1618,7 +1714,7 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
     if (!p || !p->ctl)
         return KVF_ENOTSUP;
     for (size_t i = 0; i < n; i++)
-        if (!p->nodes[kvf_client_node_of(c, &keys[i])].view)
+        if (!p->nodes[kvf_client_node_of(c, &keys[i])].has_view)
             return KVF_ENOTSUP;
     kvf_lease *l = calloc(1, sizeof *l);
     uint32_t *pos = malloc(n * sizeof *pos);
@@ -1675,9 +1771,11 @@ void kvf_lease_release(kvf_lease **lp)
     kvf_lease *l = *lp;
     struct kvf__shm_path *p = l->c->shm;
     for (size_t i = 0; p && i < l->n; i++) {
-        if (!l->held[i].id)
-            continue;
         size_t node = l->held[i].node;
+        if (!l->held[i].id) { /* no hit: nothing to release on the node */
+            view_put(p, node, l->held[i].view);
+            continue;
+        }
         uint8_t req[16], *rep;
         size_t rlen;
         kvf__put_u64(req, l->c->o.ns);
@@ -1692,6 +1790,7 @@ void kvf_lease_release(kvf_lease **lp)
         else
             sconn_close(s);
         pthread_mutex_unlock(&p->ctl_mu[node]);
+        view_put(p, node, l->held[i].view);
     }
     free(l);
     *lp = NULL;

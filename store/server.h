@@ -55,7 +55,8 @@ typedef struct kvf_server_opts {
      * "@name" in the abstract namespace; NULL: none). The arena is handed out read-only where the
      * cache's arena is shared (kvf_cache_opts.shared) and the client may read every namespace.
      * A connection's staging region is at most shm_staging_max bytes (0: 256 MiB), all of them
-     * together at most shm_staging_total (0: 4 GiB). */
+     * together at most shm_staging_total (0: a quarter of the arena, at least 4 GiB); a client
+     * refused one sends that connection's keys over TCP. */
     const char *shm;
     uint64_t shm_staging_max, shm_staging_total;
     /* Threads that share large SHM_PUTs' copying with the loops (at most 8); -1: one per core

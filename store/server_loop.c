@@ -395,7 +395,9 @@ int kvf__server_open(kvf_server **out, const kvf_server_opts *o, char *err, size
     if (!s->o.shm_staging_max)
         s->o.shm_staging_max = 256ull << 20;
     if (!s->o.shm_staging_total)
-        s->o.shm_staging_total = 4ull << 30;
+        s->o.shm_staging_total = kvf__cache_mem_size(o->cache) / 4 > (4ull << 30)
+                                     ? kvf__cache_mem_size(o->cache) / 4
+                                     : 4ull << 30;
     int rc = kvf__tcp_listen(s->host, o->port, 512, &s->lfd, &s->port, err, errlen);
     if (rc) {
         free(s);

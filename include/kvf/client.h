@@ -175,7 +175,8 @@ KVF_API int kvf_client_shm_view(const kvf_client *c, size_t node_idx, const void
 typedef struct kvf_lease kvf_lease;
 KVF_API int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms,
                              const void **objs, uint64_t *lens, int *status, kvf_lease **out);
-/* 1 while every object of l is still leased (with a margin), else 0. */
+/* 1 while every object of l is still leased (with a margin), else 0. Leases are released before
+ * kvf_client_close(c). */
 KVF_API int kvf_lease_valid(const kvf_lease *l);
 /* Lets the objects go (the nodes may then reuse their blocks). Accepts NULL and clears *l. */
 KVF_API void kvf_lease_release(kvf_lease **l);

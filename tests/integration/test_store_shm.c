@@ -473,6 +473,47 @@ static void test_shm_leases_in_place(void **state)
     daemon_stop(&d);
 }
 
+/* A store restarted on the same port listens under a new socket name: the client's keys go over
+ * TCP until a HELLO says the new name, then over shared memory again; nothing fails for good and
+ * no byte is wrong. */
+static void test_shm_store_restart_reconnects(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "32M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){.deadline_ms = 2000});
+    int st[8];
+    put_keys(c, 0, 8, 1, SEG, st);
+    const char *tr = NULL;
+    assert_int_equal(get_keys(c, 0, 8, SEG, 0, st, &tr), 8);
+    assert_string_equal(tr, "shm");
+    uint16_t port = d.port;
+    daemon_stop(&d);
+    char listen[64];
+    snprintf(listen, sizeof listen, "--threads 1 --listen 127.0.0.1:%u", port);
+    daemon_start(&d, "32M", listen);
+    size_t hits = 0;
+    int fell_back = 0;
+    for (int i = 0; i < 40 && !(hits == 8 && !strcmp(tr, "shm")); i++) {
+        usleep(50000);
+        put_keys(c, 0, 8, 2, SEG, st); /* the new store has nothing: put again */
+        int pst0 = st[0];
+        hits = get_keys(c, 0, 8, SEG, 0, st, &tr);
+        fell_back |= strcmp(tr, "shm") != 0;
+        print_message("round %d: put %s, get %zu hits over %s (%s)\n", i, kvf_err_name(pst0), hits,
+                      tr, kvf_err_name(st[0]));
+    }
+    kvf_client_counters k;
+    kvf_client_counters_get(c, &k);
+    print_message("after the restart: %zu hits over %s; %llu keys sent over TCP meanwhile\n", hits,
+                  tr, (unsigned long long)k.shm_fallback_keys);
+    assert_int_equal(hits, 8);
+    assert_string_equal(tr, "shm");
+    assert_true(fell_back || k.shm_fallback_keys > 0 || k.reconnects > 0);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* A raw local client */
 
@@ -733,6 +774,7 @@ int main(void)
         cmocka_unit_test_teardown(test_shm_churn_never_wrong, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_lease_end_is_a_miss, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_leases_in_place, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_store_restart_reconnects, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_malicious_client_cannot_write, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_forged_fds_and_unreleased_leases, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_dead_client_frees_reservations, teardown_daemons),
