@@ -66,7 +66,8 @@ typedef struct sview {
     uint64_t base, len;
     dev_t dev;
     ino_t ino;
-    int refs; /* under the path's vmu */
+    int refs;   /* under the path's vmu */
+    int pinned; /* handed out by kvf_client_shm_view: mapped until the client closes */
 } sview;
 
 typedef struct sconn {
@@ -181,8 +182,8 @@ static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv);
 static void sconn_close(sconn *s)
 {
     if (s->fd >= 0) {
+        atomic_fetch_add(&s->epoch, 1); /* before the node can see the close */
         close(s->fd);
-        atomic_fetch_add(&s->epoch, 1);
     }
     if (s->view)
         view_put(s->p, s->node, s->view);
@@ -255,7 +256,7 @@ static const sview *view_of(struct kvf__shm_path *p, size_t node, int fd, uint64
             /* The views before it that nobody holds any more go now. */
             for (sview **pp = &v->next; *pp;) {
                 sview *o = *pp;
-                if (o->refs) {
+                if (o->refs || o->pinned) {
                     pp = &o->next;
                     continue;
                 }
@@ -276,7 +277,7 @@ static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv)
         return;
     pthread_mutex_lock(&p->vmu);
     sview *v = (sview *)cv;
-    if (--v->refs == 0 && p->nodes[node].views != v) {
+    if (--v->refs == 0 && !v->pinned && p->nodes[node].views != v) {
         for (sview **pp = &p->nodes[node].views; *pp; pp = &(*pp)->next) {
             if (*pp == v) {
                 *pp = v->next;
@@ -354,6 +355,14 @@ static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_v
         s->view = view_of(p, node, fds[slen ? 1 : 0], base, alen);
         close(fds[slen ? 1 : 0]);
     }
+    if (want_view && !s->view) {
+        /* Leased gets need the arena: a node that no longer hands it out (or a view that cannot
+         * be mapped) sends this connection's keys over TCP rather than fail them. */
+        s->gone = 1;
+        rc = kvf__errf(s->err, sizeof s->err, KVF_ENOTSUP, "node %zu did not hand out its arena",
+                       node);
+        goto out_close;
+    }
     return 0;
 
 out_close:
@@ -409,10 +418,15 @@ static void fire(agg *a)
         a->pb->layer_cb(a->parent, a->fired++, a->pb->ud);
 }
 
+/* Sub k delivered `layers` layers of every key it still has a hit for. Its keys' statuses go to
+ * the parent first: a layer callback must not take a key that already failed for one that hit. */
 static void sub_layers(sub *k, uint32_t layers)
 {
     agg *a = k->a;
     pthread_mutex_lock(&a->mu);
+    for (size_t i = 0; i < k->b.n; i++)
+        if (k->idx[i] != MOVED)
+            a->pb->status[k->idx[i]] = k->st[i];
     if (layers > k->layers)
         k->layers = layers;
     if (layers > a->max_layers)
@@ -750,7 +764,7 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
  * view, and when the lease may have ended. */
 typedef struct leased {
     size_t node;
-    uint64_t id, until_ns;
+    uint64_t id, until_ns, epoch; /* epoch: of the connection it was taken on */
     size_t n;
     uint32_t *pos;
     kvf_obj_info *info;
@@ -809,6 +823,7 @@ static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_
     }
     l->node = node;
     l->id = kvf__get_u64(rep);
+    l->epoch = atomic_load(&s->epoch);
     uint32_t lease = kvf__get_u32(rep + 12);
     l->until_ns = t0 + (uint64_t)lease * 1000000u;
     l->until_ns = l->until_ns > LEASE_MARGIN_NS ? l->until_ns - LEASE_MARGIN_NS : 0;
@@ -866,7 +881,8 @@ static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_
 static void release(worker *w, leased *l, uint64_t deadline_ns)
 {
     sconn *s = &w->cn[l->node];
-    if (!l->id || s->fd < 0)
+    /* A connection closed since took the lease with it; its successor's ids are not ours. */
+    if (!l->id || s->fd < 0 || atomic_load(&s->epoch) != l->epoch)
         return;
     (void)deadline_ns;
     if (s->n_rel == RELEASES_MAX && drain_releases(s) != 0)
@@ -993,6 +1009,7 @@ static void get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, size
                             &rlen, NULL, NULL, deadline_ns, s->err, sizeof s->err);
         if (!rc && rlen != 16 * (size_t)m) {
             free(rep);
+            rep = NULL;
             rc = KVF_EPROTO;
         }
         uint64_t got = 0, failed = 0;
@@ -1077,7 +1094,9 @@ static void run_share(worker *w, sub *k)
     int stream = get && (k->a->pb->flags & KVF_GET_STREAM);
     size_t n = k->b.n ? k->b.n : 1;
     uint32_t *pos = malloc(n * sizeof *pos), *fb = malloc(n * sizeof *fb);
-    leased *ls = calloc(p->n, sizeof *ls);
+    /* A node's keys are leased MAX_KEYS at a time: one entry per request. */
+    size_t cap_ls = p->n + k->b.n / MAX_KEYS + 1;
+    leased *ls = calloc(cap_ls, sizeof *ls);
     size_t n_fb = 0, nl = 0;
     uint32_t layers = 0;
     uint64_t expired = 0, failed = 0, bytes = 0;
@@ -1103,23 +1122,21 @@ static void run_share(worker *w, sub *k)
         } else if (!p->nodes[node].has_view) {
             get_staged(w, k, node, pos, m, deadline_ns, stream, &layers, fb, &n_fb);
         } else {
-            rc = lease_node(w, k, node, pos, m, deadline_ns, stream, &layers, &ls[nl]);
-            if (rc) {
-                keys_fail(k, pos, m, rc, NULL, NULL);
-                free(ls[nl].pos), free(ls[nl].info), free(ls[nl].src), free(ls[nl].segoff);
-                memset(&ls[nl], 0, sizeof ls[nl]);
-            } else {
-                nl++;
+            for (size_t from = 0; from < m; from += MAX_KEYS) {
+                size_t cnt = m - from < MAX_KEYS ? m - from : MAX_KEYS;
+                rc = lease_node(w, k, node, pos + from, cnt, deadline_ns, stream, &layers, &ls[nl]);
+                if (rc) {
+                    keys_fail(k, pos + from, cnt, rc, NULL, NULL);
+                    free(ls[nl].pos), free(ls[nl].info), free(ls[nl].src), free(ls[nl].segoff);
+                    memset(&ls[nl], 0, sizeof ls[nl]);
+                } else {
+                    nl++;
+                }
             }
         }
     }
-    if (get && nl)
-        bytes = copy_leased(k, ls, nl, stream, layers, &expired, &failed);
-    for (size_t g = 0; g < nl; g++)
-        release(w, &ls[g], deadline_ns);
-    count(p, 0, bytes, 0, failed, expired, 0, 0);
-    if (stream && !nl && layers)
-        sub_layers(k, layers);
+    /* Keys that go over TCP get their sub before any layer is reported: it holds the op's layers
+     * back until its own keys have them. */
     if (n_fb) {
         /* The node's socket is gone (a restarted store listens under a new name until the
          * engines' next HELLO says so): these keys go over TCP. */
@@ -1137,8 +1154,15 @@ static void run_share(worker *w, sub *k)
                 k->st[fb[i]] = KVF_ENOMEM;
         }
     }
+    if (get && nl)
+        bytes = copy_leased(k, ls, nl, stream, layers, &expired, &failed);
+    for (size_t g = 0; g < nl; g++)
+        release(w, &ls[g], deadline_ns);
+    count(p, 0, bytes, 0, failed, expired, 0, 0);
+    if (stream && !nl && layers)
+        sub_layers(k, layers);
 out:
-    for (size_t g = 0; g < p->n && ls; g++)
+    for (size_t g = 0; g < cap_ls && ls; g++)
         free(ls[g].pos), free(ls[g].info), free(ls[g].src), free(ls[g].segoff);
     free(ls), free(pos), free(fb);
     sub_end(k, 0);
@@ -1438,8 +1462,9 @@ int kvf_client_shm_view(const kvf_client *c, size_t node, const void **base, siz
         return KVF_ENOTSUP;
     /* The newest view: the store as it is now (a restarted one is a new arena). */
     pthread_mutex_lock(&c->shm->vmu);
-    const sview *v = c->shm->nodes[node].views;
+    sview *v = c->shm->nodes[node].views;
     if (v) {
+        v->pinned = 1; /* the caller may keep it (register it with a driver): never unmapped */
         *base = v->map;
         *len = v->len;
     }
@@ -1782,7 +1807,14 @@ void kvf_lease_release(kvf_lease **lp)
         kvf__put_u64(req + 8, l->held[i].id);
         pthread_mutex_lock(&p->ctl_mu[node]);
         sconn *s = &p->ctl[node];
-        /* A release that cannot be said costs the node the lease's remaining time, no more. */
+        /* A connection closed since took the lease with it (and a new one numbers its leases
+         * afresh: releasing this id there would drop another's). A release that cannot be said
+         * costs the node the lease's remaining time, no more. */
+        if (atomic_load(&s->epoch) != l->held[i].epoch) {
+            pthread_mutex_unlock(&p->ctl_mu[node]);
+            view_put(p, node, l->held[i].view);
+            continue;
+        }
         if (s->fd >= 0 && kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_RELEASE, 0, req,
                                          sizeof req, &rep, &rlen, NULL, NULL,
                                          kvf__now_ns() + 1000000000ull, s->err, sizeof s->err) == 0)

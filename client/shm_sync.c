@@ -64,9 +64,12 @@ int kvf__sync_recv(int fd, uint64_t id, uint32_t opcode, uint8_t **reply, size_t
         *n_fds = 0;
     int hfds = room;
     rc = kvf__sock_read_all(fd, hdr, sizeof hdr, fds, &hfds, deadline_ns);
-    if (rc)
+    if (rc) {
+        for (int i = 0; i < hfds; i++)
+            close(fds[i]);
         return kvf__errf(err, errlen, rc, "waiting for the %s reply: %s",
                          kvf__wire_opcode_name(opcode), kvf_strerror(rc));
+    }
     kvf_wire_limits lim = {.max_request = KVF_CLIENT_RAW_MAX, .expect_reply = 1};
     kvf_wire_hdr rh;
     char msg[200];
@@ -88,7 +91,7 @@ int kvf__sync_recv(int fd, uint64_t id, uint32_t opcode, uint8_t **reply, size_t
                                              deadline_ns)
                         : 0;
     if (rc) {
-        for (int i = 0; i < hfds; i++)
+        for (int i = 0; i < hfds + (fds ? pfds : 0); i++)
             close(fds[i]);
         free(p);
         return kvf__errf(err, errlen, rc, "reading the %s reply: %s", kvf__wire_opcode_name(opcode),

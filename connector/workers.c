@@ -176,6 +176,17 @@ int kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
 /* ------------------------------------------------------------------------------------------ */
 /* Workers */
 
+/* An in-place load's chunk c failed at layer: it is not loaded (the transfer's outcome is decided
+ * from the layers verified, once its tasks end). */
+static void chunk_failed(kvf_xfer *x, size_t c, uint32_t layer)
+{
+    if (!x->lease)
+        return;
+    unsigned v = atomic_load(&x->verified[c]);
+    while (v > layer && !atomic_compare_exchange_weak(&x->verified[c], &v, layer)) {
+    }
+}
+
 /* Scatters layer `layer` of chunks [from, to) of a load into the engine's pages. Returns the
  * number of chunks that failed. */
 static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t from, size_t to,
@@ -188,21 +199,28 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
             failed++;
             continue;
         }
-        /* Straight from the node's view under lease, or from staging where the client put it. */
+        /* Straight from the node's view under lease (x->lens[c] bytes, checked to lie in the
+         * view), or from staging where the client put it (at most obj_bytes). Nothing is read
+         * past either, whatever the header says: a block reused after its lease ended may hold
+         * anything. */
         const uint8_t *obj = x->lease ? x->srcs[c] : x->stage + c * cn->obj_bytes;
+        uint64_t limit = x->lease ? x->lens[c] : cn->obj_bytes;
         kvf_obj_info info;
-        int rc = kvf_obj_parse(obj, cn->hdr_len, &info);
+        int rc = limit >= cn->hdr_len ? kvf_obj_parse(obj, cn->hdr_len, &info) : KVF_EPROTO;
         if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
-            info.tokens != cn->l.chunk_tokens) {
+            info.tokens != cn->l.chunk_tokens || info.header_len + info.stored_bytes > limit ||
+            (x->lease && !kvf_key_eq(&info.key, &x->keys[c]))) {
             failed++;
+            chunk_failed(x, c, layer);
             continue;
         }
         uint64_t off = info.header_len;
         for (uint32_t k = 0; k < layer; k++)
             off += kvf_obj_seg_at(&info, k).stored_len;
         kvf_obj_seg sg = kvf_obj_seg_at(&info, layer);
-        if (sg.raw_len != cn->pm.seg_bytes) {
+        if (sg.raw_len != cn->pm.seg_bytes || off + sg.stored_len > limit) {
             failed++;
+            chunk_failed(x, c, layer);
             continue;
         }
         const uint8_t *seg = obj + off;
@@ -210,6 +228,7 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
             /* Compressed: decode (verifying both checksums) before touching engine pages. */
             if (kvf_obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
                 failed++;
+                chunk_failed(x, c, layer);
                 continue;
             }
             seg = scratch;
@@ -217,6 +236,7 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
             /* From the view, the segment is checked where it lies; the lease, checked after the
              * scatter, says it did not change since. */
             failed++;
+            chunk_failed(x, c, layer);
             continue;
         }
         kvf__pagemap_scatter(&cn->pm, layer, seg, x->page_ids + c * ppc);
@@ -224,6 +244,7 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
             /* The lease may have ended while the bytes were read: they may be another object's.
              * The engine recomputes what this layer would have given. */
             failed++;
+            chunk_failed(x, c, layer);
             continue;
         }
     }

@@ -22,11 +22,32 @@ enum { LS_PENDING = 1 }; /* layer state: 1 pending, 0 ready, < 0 failed with tha
 /* ------------------------------------------------------------------------------------------ */
 /* Completion bookkeeping */
 
+/* An in-place load's outcome, once its last task ended: chunks whose scatter failed (the workers
+ * lowered their verified layers) are not loaded, and the first of them is the result. x->mu
+ * held. */
+static void finish_in_place_locked(kvf_xfer *x)
+{
+    uint32_t L = x->cn->l.layers;
+    size_t lead = 0;
+    int first_err = x->result;
+    for (size_t c = 0; c < x->n_chunks; c++) {
+        int ok = x->status[c] == 0 && atomic_load(&x->verified[c]) == L;
+        if (ok && lead == c)
+            lead++;
+        if (!ok && !first_err)
+            first_err = x->status[c] ? x->status[c] : KVF_ECHECKSUM;
+    }
+    x->result = first_err;
+    x->loaded_tokens = lead * x->cn->l.chunk_tokens;
+}
+
 /* Called with x->mu held whenever a task ends or the transfer completes. */
 static void maybe_done_locked(kvf_xfer *x)
 {
     if (x->done || !x->transfer_done || x->pending_tasks)
         return;
+    if (x->lease && !x->is_save)
+        finish_in_place_locked(x);
     /* Layers that never arrived fail with the transfer's error. */
     uint32_t L = x->cn->l.layers;
     for (uint32_t l = 0; l < L; l++)
@@ -361,7 +382,17 @@ static int load_direct(kvf_connector *cn, kvf_xfer *x)
         pthread_cond_broadcast(&x->cv);
         pthread_mutex_unlock(&x->mu);
     }
-    on_load_done(NULL, rc, x);
+    /* Counted as leased; the outcome (result, loaded tokens) is decided once the workers are
+     * done (finish_in_place_locked). */
+    size_t ok = 0;
+    for (size_t c = 0; c < x->n_chunks; c++)
+        ok += x->status[c] == 0;
+    pthread_mutex_lock(&cn->mu);
+    cn->st.chunks_loaded += ok;
+    cn->st.chunks_missed += x->n_chunks - ok;
+    cn->st.load_bytes += ok * cn->obj_bytes;
+    pthread_mutex_unlock(&cn->mu);
+    transfer_finished(x, rc, 0);
     return 0;
 }
 

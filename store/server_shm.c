@@ -100,7 +100,7 @@ void kvf__req_shm_map(conn *c)
         kvf__reply_error(c, KVF_EINVAL, 0, "this connection has mapped its memory already");
         return;
     }
-    if (c->oh) {
+    if (c->oh || c->pending_jobs) {
         kvf__reply_error(c, KVF_EBUSY, 0,
                          "SHM_MAP must be the only request in flight on its connection");
         return;
@@ -381,6 +381,20 @@ void kvf__req_shm_put(conn *c)
         return;
     uint32_t n = c->h.item_count;
     uint64_t ns = kvf__get_u64(c->rbuf);
+    /* A request moves at most its staging region's worth: items may not add up to more (they
+     * could overlap and make one region reserve and copy the arena many times over). */
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < n && sum <= c->stg_len; i++)
+        sum += kvf__get_u64(c->rbuf + 8 + SHM_ITEM_LEN * (size_t)i + 24) > c->stg_len
+                   ? c->stg_len + 1
+                   : kvf__get_u64(c->rbuf + 8 + SHM_ITEM_LEN * (size_t)i + 24);
+    if (sum > c->stg_len) {
+        kvf__reply_error(c, KVF_E2BIG, 0,
+                         "the items' lengths add up to more than the staging region (%" PRIu64
+                         " bytes)",
+                         c->stg_len);
+        return;
+    }
     int threads = 1 + (s->copiers ? s->copiers->n : 0);
     put_items p = {
         .eid = malloc((size_t)n * sizeof *p.eid),

@@ -120,8 +120,10 @@ static int connect_with(const char *name, int flags, int *fd, char *err, size_t 
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | flags, 0);
     if (s < 0)
         return fail(err, errlen, kvf_err_from_errno(errno), "socket", name, strerror(errno));
-    if (connect(s, (const struct sockaddr *)&sa, len) != 0 &&
-        !(flags && (errno == EINPROGRESS || errno == EAGAIN))) {
+    /* A Unix socket connects at once or not at all: EAGAIN (nonblocking) is a full backlog, not
+     * a connection in progress, and fails like any other error (the caller retries or falls
+     * back to TCP). */
+    if (connect(s, (const struct sockaddr *)&sa, len) != 0 && !(flags && errno == EINPROGRESS)) {
         int e = errno;
         close(s);
         return fail(err, errlen, kvf_err_from_errno(e), "connect", name, strerror(e));
@@ -254,27 +256,25 @@ int kvf__sock_write_all(int fd, const void *buf, size_t len, uint64_t deadline_n
 int kvf__sock_read_all(int fd, void *buf, size_t len, int *fds, int *n_fds, uint64_t deadline_ns)
 {
     uint8_t *p = buf;
-    int room = n_fds ? *n_fds : 0, got_fds = 0;
-    while (len) {
+    int room = n_fds ? *n_fds : 0, got_fds = 0, rc = 0;
+    while (len && !rc) {
         size_t got = 0;
         int n = room - got_fds;
-        int rc = kvf__unix_recv_fds(fd, p, len, &got, fds ? fds + got_fds : NULL, &n);
-        if (rc == 0 && got == 0)
-            return KVF_ECONNRESET;
-        if (rc == 0) {
+        rc = kvf__unix_recv_fds(fd, p, len, &got, fds ? fds + got_fds : NULL, &n);
+        if (rc == 0 && got == 0) {
+            rc = KVF_ECONNRESET;
+        } else if (rc == 0) {
             got_fds += n;
             p += got;
             len -= got;
-            continue;
+        } else if (rc == KVF_EAGAIN) {
+            rc = wait_fd(fd, POLLIN, deadline_ns);
         }
-        if (rc != KVF_EAGAIN)
-            return rc;
-        if ((rc = wait_fd(fd, POLLIN, deadline_ns)) != 0)
-            return rc;
     }
+    /* Descriptors that came before a failure are the caller's too (to close). */
     if (n_fds)
         *n_fds = got_fds;
-    return 0;
+    return rc;
 }
 
 int kvf__unix_peer(int fd, pid_t *pid, uid_t *uid)

@@ -158,7 +158,8 @@ KVF_API int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int de
 KVF_API const char *kvf_client_transport(const kvf_client *c, char *why, size_t len);
 /* The read-only view of node node_idx's arena that the shared-memory path mapped: *base and *len,
  * for engines that copy or DMA from it themselves (register it with a GPU driver, say). Borrowed;
- * valid until kvf_client_close(). Bytes in it are an object's only while a lease holds it.
+ * valid (mapped) until kvf_client_close(). Bytes in it are an object's only while a lease holds
+ * it. A node restarted since is a new arena: ask again for its view.
  * KVF_ENOTSUP where the node's arena is not mapped (not on this host, or a tenant's staged
  * access). */
 KVF_API int kvf_client_shm_view(const kvf_client *c, size_t node_idx, const void **base,

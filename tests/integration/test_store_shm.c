@@ -300,6 +300,64 @@ static void test_shm_round_trip(void **state)
     daemon_stop(&d);
 }
 
+/* What a streamed get's layer callback sees: the keys that missed already say so (their status is
+ * not 0) when the first layer is reported, so that an engine never takes one of them for a hit
+ * (a regression: statuses reached the caller only at the op's end, after every layer). */
+typedef struct layer_check {
+    const int *st;
+    size_t from, n;
+    atomic_int bad, calls;
+} layer_check;
+
+static void check_layer(kvf_op *op, uint32_t l, void *ud)
+{
+    (void)op, (void)l;
+    layer_check *lc = ud;
+    atomic_fetch_add(&lc->calls, 1);
+    for (size_t i = lc->from; i < lc->n; i++)
+        if (lc->st[i] == 0)
+            atomic_fetch_add(&lc->bad, 1);
+}
+
+static void test_shm_stream_reports_misses_first(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "32M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    enum { N = 64, HITS = 40 };
+    int st[N];
+    put_keys(c, 0, HITS, 1, SEG, st);
+    kvf_key keys[N];
+    void *bufs[N];
+    uint64_t caps[N], lens[N];
+    for (int i = 0; i < N; i++) {
+        keys[i] = key_of((uint64_t)i);
+        caps[i] = kvf_obj_raw_size(LAYERS, SEG);
+        bufs[i] = malloc(caps[i]);
+        st[i] = 0;
+    }
+    layer_check lc = {.st = st, .from = HITS, .n = N};
+    kvf_batch b = {.n = N,
+                   .keys = keys,
+                   .bufs = bufs,
+                   .caps = caps,
+                   .out_lens = lens,
+                   .status = st,
+                   .flags = KVF_GET_STREAM,
+                   .layer_cb = check_layer,
+                   .ud = &lc};
+    assert_int_equal(kvf_client_get(c, &b), 0);
+    assert_int_equal(atomic_load(&lc.calls), LAYERS);
+    assert_int_equal(atomic_load(&lc.bad), 0);
+    for (int i = 0; i < N; i++) {
+        assert_int_equal(st[i], i < HITS ? 0 : KVF_ENOENT);
+        free(bufs[i]);
+    }
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
 /* A node without shared memory: auto falls back to TCP and says why; "shm" fails the open. */
 static void test_shm_fallback_reasons(void **state)
 {
@@ -771,6 +829,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_shm_round_trip, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_fallback_reasons, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_stream_reports_misses_first, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_churn_never_wrong, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_lease_end_is_a_miss, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_leases_in_place, teardown_daemons),

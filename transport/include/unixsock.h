@@ -27,7 +27,8 @@ int kvf__unix_accept(int lfd, int *fd);
 /* Connects to name (as for listen), blocking, close-on-exec, with send and receive bounded by
  * nothing (the caller polls). 0 or a KVF_E* code with the reason in err. */
 int kvf__unix_connect(const char *name, int *fd, char *err, size_t errlen);
-/* The same, nonblocking (an event loop waits for it): 0 once connected or in progress. */
+/* The same, leaving the socket nonblocking: 0 once connected; a full listen backlog is an error
+ * (KVF_EAGAIN), as Unix sockets never connect in the background. */
 int kvf__unix_connect_nb(const char *name, int *fd, char *err, size_t errlen);
 /* Removes the socket file of a path listener (nothing for an abstract name). */
 void kvf__unix_unlink(const char *name);
@@ -44,8 +45,8 @@ int kvf__unix_recv_fds(int fd, void *buf, size_t len, size_t *got, int *fds, int
  * clock (kvf__now_ns). Writes all of buf: 0, KVF_ETIMEDOUT, or the error. */
 int kvf__sock_write_all(int fd, const void *buf, size_t len, uint64_t deadline_ns);
 /* Reads exactly len bytes; descriptors that arrive with them go to fds (*n_fds in: room, out:
- * how many; both may be NULL). 0, KVF_ECONNRESET when the peer closed first, KVF_ETIMEDOUT, or
- * the error. */
+ * how many, also on failure: the caller closes them; both may be NULL). 0, KVF_ECONNRESET when
+ * the peer closed first, KVF_ETIMEDOUT, or the error. */
 int kvf__sock_read_all(int fd, void *buf, size_t len, int *fds, int *n_fds, uint64_t deadline_ns);
 
 /* The peer's process id and user id (SO_PEERCRED). 0 or KVF_ENOTSUP. */
