@@ -291,9 +291,9 @@ static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv)
 }
 
 /* Connects s to node's socket: HELLO (and AUTH), SHM_MAP of a staging region (and, where
- * want_view, the arena, whose view becomes s->view). 0, or the error with the reason in
- * s->err. */
-static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_view,
+ * want_view, the arena, whose view becomes s->view; where need_view, a connection not handed it
+ * fails). 0, or the error with the reason in s->err. */
+static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_view, int need_view,
                       uint64_t staging, uint64_t deadline_ns)
 {
     kvf_client *c = p->c;
@@ -355,7 +355,7 @@ static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_v
         s->view = view_of(p, node, fds[slen ? 1 : 0], base, alen);
         close(fds[slen ? 1 : 0]);
     }
-    if (want_view && !s->view) {
+    if (need_view && !s->view) {
         /* Leased gets need the arena: a node that no longer hands it out (or a view that cannot
          * be mapped) sends this connection's keys over TCP rather than fail them. */
         s->gone = 1;
@@ -383,7 +383,8 @@ static int conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
         return s->last_rc;
     /* A connection that asks for leased descriptors must hold the arena too (the node hands
      * them only to those). */
-    int rc = sconn_open(w->p, node, s, w->p->nodes[node].has_view, w->p->staging, deadline_ns);
+    int hv = w->p->nodes[node].has_view;
+    int rc = sconn_open(w->p, node, s, hv, hv, w->p->staging, deadline_ns);
     if (rc) {
         s->retry_at = t + RETRY_NS;
         s->last_rc = rc;
@@ -1321,7 +1322,7 @@ static size_t nodes_open(struct kvf__shm_path *p, char *why, size_t whylen)
         if (!node_name(c, i, name, sizeof name))
             continue;
         sconn *s = &p->w[0].cn[i];
-        int rc = sconn_open(p, i, s, 1, p->staging, deadline);
+        int rc = sconn_open(p, i, s, 1, 0, p->staging, deadline);
         if (rc) {
             used += (size_t)snprintf(why + used, used < whylen ? whylen - used : 0,
                                      "; node %zu: %s", i, s->err);
@@ -1485,7 +1486,8 @@ static int ctl_connect(struct kvf__shm_path *p, size_t node, uint64_t deadline_n
     sconn *s = &p->ctl[node];
     if (s->fd >= 0)
         return 0;
-    return sconn_open(p, node, s, p->nodes[node].has_view, 0, deadline_ns);
+    int hv = p->nodes[node].has_view;
+    return sconn_open(p, node, s, hv, hv, 0, deadline_ns);
 }
 
 /* EXISTS of the keys at pos on node over its control connection (made where needed, HELLO and

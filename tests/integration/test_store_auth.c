@@ -368,6 +368,15 @@ static void test_auth_tenants_are_isolated(void **state)
     daemon_t d;
     start_auth_store(&d, "64M");
     kvf_client *alice = client_as(&d, "alice"), *bob = client_as(&d, "bob");
+    /* Tenants on the store's host use shared memory, staged: never the arena itself, nor a
+     * leased view of it (a regression: a tenant's open asked for the arena, was refused, and fell
+     * back to TCP altogether). */
+    char why[400];
+    assert_string_equal(kvf_client_transport(alice, why, sizeof why), "shm");
+    assert_non_null(strstr(why, "0 with the arena mapped read-only, 1 staged"));
+    const void *view;
+    size_t vlen;
+    assert_int_equal(kvf_client_shm_view(alice, 0, &view, &vlen), KVF_ENOTSUP);
     int st[8];
     uint8_t tags[8];
     put_range(alice, 0, 8, 0xa1, st);
