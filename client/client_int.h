@@ -12,7 +12,9 @@
  * The files depend on each other in one direction, from the top down:
  *   client.c    open, close, put and get, counters (the public calls)
  *   ctrl.c      the control calls (exists, lookup, evict, pin, stats, copy ...)
- *   shm_path.c  shared memory for nodes on this host (others' keys through tcp_path.c)
+ *   shm_path.c  shared memory for nodes on this host (others' keys through tcp_path.c), with
+ *               shm_get.c (its gets), shm_ctl.c (the caller's thread: EXISTS, leases, discovery)
+ *               and shm_conn.c (connections and arena views): shm_int.h says how
  *   tcp_path.c  rdma_path.c   the other data paths behind kvf__path_ops
  *   shm_sync.c  blocking exchanges on one socket (shm_path.c's connections, open's probes)
  *   io.c        an I/O engine: its thread, connecting, deadlines, submission, raw requests

@@ -42,359 +42,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define STAGING_BYTES   (64ull << 20)
-#define LEASE_MS        2000u
-#define LEASE_MARGIN_NS 2000000ull
-#define MAX_KEYS        4096u
-#define RETRY_NS        (200ull * 1000000u)
-#define PROBE_NS        (200ull * 1000000u) /* a node on this host answers HELLO in well under 1 ms */
-#define SPLIT_MIN_BYTES (1ull << 20)
-#define PUT_ROUND       (4ull << 20)
-#define RELEASES_MAX    16
-#define SHM_MAX_WORKERS 16 /* copying is memory-bound well before this many */
-#define ALIGN           64u
-#define MOVED           UINT32_MAX /* a sub's key handed to another sub */
-
-/* A read-only view of one store process's arena, and the store's address of its base. A node
- * restarted is another arena (another memfd): each connection uses the view of the store it is
- * connected to, found by the descriptor's identity. A view is held by the connections that use
- * it and by the leases taken on them; one that is not the node's newest goes once the last lets
- * it go (a dead store's memory is not kept alive by its clients). */
-typedef struct sview {
-    struct sview *next;
-    const uint8_t *map;
-    uint64_t base, len;
-    dev_t dev;
-    ino_t ino;
-    int refs;   /* under the path's vmu */
-    int pinned; /* handed out by kvf_client_shm_view: mapped until the client closes */
-} sview;
-
-typedef struct sconn {
-    int fd; /* -1: not connected */
-    uint8_t *stg;
-    uint64_t stg_len;
-    uint64_t next_id;
-    uint64_t retry_at;
-    int gone; /* the last attempt found no socket to connect to: its keys go over TCP */
-    int last_rc;
-    /* RDMA_RELEASEs sent and not yet answered (their ids): the replies are read before the
-     * connection's next request, off the get's critical path */
-    uint64_t rel[RELEASES_MAX];
-    int n_rel;
-    const sview *view; /* the arena of the store this connection reaches (NULL: none), held */
-    struct kvf__shm_path *p;
-    size_t node;
-    /* how many times it was closed: the node drops a connection's leases when it closes, so a
-     * lease taken on it holds only while this has not moved (kvf_lease_valid) */
-    atomic_uint_fast64_t epoch;
-    char err[240];
-} sconn;
-
-typedef struct snode {
-    int on;       /* served over shared memory */
-    int has_view; /* the arena is handed to this client (else its gets are staged) */
-    sview *views; /* newest first, under the path's vmu */
-} snode;
-
-typedef struct sub sub;
-typedef struct agg agg;
-
-/* A part of an op: a worker's share, or the keys that go over TCP as a child op. */
-struct sub {
-    agg *a;
-    sub *next; /* the workers' queue */
-    int tcp;
-    uint32_t *idx; /* parent index of each key */
-    kvf_batch b;
-    kvf_key *keys;
-    const void **objs;
-    uint64_t *lens;
-    void **bufs;
-    uint64_t *caps, *out_lens;
-    int *st;
-    uint32_t layers; /* layers delivered */
-    int done;
-    kvf_op *op; /* the TCP child */
-};
-
-struct agg {
-    kvf_op *parent;
-    const kvf_batch *pb;
-    struct kvf__shm_path *p;
-    pthread_mutex_t mu;
-    int left, result, used_shm, used_tcp;
-    uint32_t fired, max_layers;
-    int n, cap;
-    sub **subs;
-};
-
-typedef struct worker {
-    struct kvf__shm_path *p;
-    int idx;
-    pthread_t th;
-    int started;
-    sconn *cn;         /* one per node */
-    sub *qh, *qt;      /* its shares to run, under the path's mu */
-    pthread_cond_t cv; /* signalled when one is queued or the path stops */
-} worker;
-
-struct kvf__shm_path {
-    kvf_client *c;
-    size_t n;
-    snode *nodes;
-    /* Control requests on the caller's own thread (kvf__shm_exists): one connection per node,
-     * taken by whoever gets its lock first; the others use the engines. */
-    sconn *ctl;
-    pthread_mutex_t *ctl_mu;
-    int W;
-    worker *w;
-    uint32_t lease_ms;
-    uint64_t staging;
-    pthread_mutex_t mu; /* guards the workers' queues and stop */
-    int stop;
-    pthread_mutex_t vmu; /* guards the nodes' view lists */
-    pthread_mutex_t cmu;
-    kvf_client_counters cnt;
-};
-
-static void count(struct kvf__shm_path *p, uint64_t reqs, uint64_t in, uint64_t out,
-                  uint64_t failed, uint64_t expired, uint64_t reconnects, uint64_t fallback)
-{
-    pthread_mutex_lock(&p->cmu);
-    p->cnt.requests += reqs;
-    p->cnt.bytes_received += in;
-    p->cnt.bytes_sent += out;
-    p->cnt.shm_bytes_received += in;
-    p->cnt.shm_bytes_sent += out;
-    p->cnt.failed_keys += failed;
-    p->cnt.shm_lease_expired += expired;
-    p->cnt.reconnects += reconnects;
-    p->cnt.shm_fallback_keys += fallback;
-    pthread_mutex_unlock(&p->cmu);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Connections */
-
-static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv);
-
-static void sconn_close(sconn *s)
-{
-    if (s->fd >= 0) {
-        atomic_fetch_add(&s->epoch, 1); /* before the node can see the close */
-        close(s->fd);
-    }
-    if (s->view)
-        view_put(s->p, s->node, s->view);
-    s->view = NULL;
-    if (s->stg)
-        munmap(s->stg, s->stg_len);
-    s->fd = -1;
-    s->stg = NULL;
-    s->stg_len = 0;
-    s->n_rel = 0;
-}
-
-/* Reads the replies of s's releases in flight. 0, or the error (s is then closed). */
-static int drain_releases(sconn *s)
-{
-    /* A release that cannot be answered costs nothing but its lease's remaining time. */
-    uint64_t d = kvf__now_ns() + 1000000000ull;
-    for (int i = 0; i < s->n_rel && s->fd >= 0; i++) {
-        uint8_t *rep;
-        size_t rlen;
-        if (kvf__sync_recv(s->fd, s->rel[i], KVF_OP_RDMA_RELEASE, &rep, &rlen, NULL, NULL, d,
-                           s->err, sizeof s->err) != 0) {
-            sconn_close(s);
-            return KVF_ECONNRESET;
-        }
-        free(rep);
-    }
-    s->n_rel = 0;
-    return 0;
-}
-
-static int node_name(kvf_client *c, size_t node, char *name, size_t len)
-{
-    pthread_mutex_lock(&c->shm_mu);
-    int ok = c->nodes[node].shm_local && c->nodes[node].shm_name[0];
-    snprintf(name, len, "%s", ok ? c->nodes[node].shm_name : "");
-    pthread_mutex_unlock(&c->shm_mu);
-    return ok;
-}
-
-/* The view of the arena whose descriptor fd is (the store's address of its base, its length):
- * one already mapped for the same store process, or a new one. NULL when it cannot be mapped.
- * Takes the path's vmu. */
-static const sview *view_of(struct kvf__shm_path *p, size_t node, int fd, uint64_t base,
-                            uint64_t len)
-{
-    struct stat st;
-    if (fstat(fd, &st) != 0 || len == 0)
-        return NULL;
-    pthread_mutex_lock(&p->vmu);
-    sview *v = p->nodes[node].views;
-    while (v && !(v->dev == st.st_dev && v->ino == st.st_ino && v->base == base && v->len == len))
-        v = v->next;
-    if (v)
-        v->refs++;
-    if (!v && (v = calloc(1, sizeof *v)) != NULL) {
-        void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
-        if (m == MAP_FAILED) {
-            free(v);
-            v = NULL;
-        } else {
-            *v = (sview){.next = p->nodes[node].views,
-                         .map = m,
-                         .base = base,
-                         .len = len,
-                         .dev = st.st_dev,
-                         .ino = st.st_ino,
-                         .refs = 1};
-            p->nodes[node].views = v;
-            /* The views before it that nobody holds any more go now. */
-            for (sview **pp = &v->next; *pp;) {
-                sview *o = *pp;
-                if (o->refs || o->pinned) {
-                    pp = &o->next;
-                    continue;
-                }
-                *pp = o->next;
-                munmap((void *)o->map, o->len);
-                free(o);
-            }
-        }
-    }
-    pthread_mutex_unlock(&p->vmu);
-    return v;
-}
-
-/* Lets one hold of v on node go: a view nobody holds that is not the node's newest is unmapped. */
-static void view_put(struct kvf__shm_path *p, size_t node, const sview *cv)
-{
-    if (!cv)
-        return;
-    pthread_mutex_lock(&p->vmu);
-    sview *v = (sview *)cv;
-    if (--v->refs == 0 && !v->pinned && p->nodes[node].views != v) {
-        for (sview **pp = &p->nodes[node].views; *pp; pp = &(*pp)->next) {
-            if (*pp == v) {
-                *pp = v->next;
-                munmap((void *)v->map, v->len);
-                free(v);
-                break;
-            }
-        }
-    }
-    pthread_mutex_unlock(&p->vmu);
-}
-
-/* Connects s to node's socket: HELLO (and AUTH), SHM_MAP of a staging region (and, where
- * want_view, the arena, whose view becomes s->view; where need_view, a connection not handed it
- * fails). 0, or the error with the reason in s->err. */
-static int sconn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_view, int need_view,
-                      uint64_t staging, uint64_t deadline_ns)
-{
-    kvf_client *c = p->c;
-    s->view = NULL;
-    s->p = p;
-    s->node = node;
-    char name[128];
-    if (!node_name(c, node, name, sizeof name))
-        return kvf__errf(s->err, sizeof s->err, KVF_ENOTSUP, "node %zu serves no shared memory",
-                         node);
-    int rc = kvf__unix_connect_nb(name, &s->fd, s->err, sizeof s->err);
-    s->gone = rc != 0;
-    if (rc)
-        return rc;
-    kvf__hello h;
-    rc = kvf__sync_hello(s->fd, c, &s->next_id, &h, deadline_ns, s->err, sizeof s->err);
-    if (rc)
-        goto out_close;
-    uint8_t req[16], *rep = NULL;
-    size_t rlen;
-    int fds[KVF_UNIX_MAX_FDS], nfd = KVF_UNIX_MAX_FDS;
-    kvf__put_u64(req, staging);
-    kvf__put_u32(req + 8, want_view ? KVF_SHM_MAP_ARENA : 0);
-    kvf__put_u32(req + 12, 0);
-    rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_SHM_MAP, 0, req, sizeof req, &rep, &rlen, fds,
-                        &nfd, deadline_ns, s->err, sizeof s->err);
-    if (rc) {
-        /* The node has no staging region to spare (its --shm-staging-total), or none this
-         * large: this connection's keys go over TCP rather than fail. */
-        s->gone = rc == KVF_ENOMEM || rc == KVF_E2BIG;
-        goto out_close;
-    }
-    uint64_t base = rlen >= 32 ? kvf__get_u64(rep) : 0,
-             alen = rlen >= 32 ? kvf__get_u64(rep + 8) : 0;
-    uint64_t slen = rlen >= 32 ? kvf__get_u64(rep + 16) : 0;
-    int granted = rlen >= 32 && (kvf__get_u32(rep + 24) & KVF_SHM_MAP_ARENA);
-    free(rep);
-    if (rlen < 32 || nfd != (slen ? 1 : 0) + granted || slen < staging) {
-        for (int i = 0; i < nfd; i++)
-            close(fds[i]);
-        rc = kvf__errf(s->err, sizeof s->err, KVF_EPROTO,
-                       "SHM_MAP answered %zu bytes and %d descriptors", rlen, nfd);
-        goto out_close;
-    }
-    if (slen) {
-        void *m = mmap(NULL, slen, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-        close(fds[0]);
-        if (m == MAP_FAILED) {
-            if (granted)
-                close(fds[1]);
-            rc = kvf__errf(s->err, sizeof s->err, KVF_ENOMEM,
-                           "cannot map a staging region of %llu bytes", (unsigned long long)slen);
-            goto out_close;
-        }
-        s->stg = m;
-        s->stg_len = slen;
-    }
-    if (granted) {
-        s->view = view_of(p, node, fds[slen ? 1 : 0], base, alen);
-        close(fds[slen ? 1 : 0]);
-    }
-    if (need_view && !s->view) {
-        /* Leased gets need the arena: a node that no longer hands it out (or a view that cannot
-         * be mapped) sends this connection's keys over TCP rather than fail them. */
-        s->gone = 1;
-        rc = kvf__errf(s->err, sizeof s->err, KVF_ENOTSUP, "node %zu did not hand out its arena",
-                       node);
-        goto out_close;
-    }
-    return 0;
-
-out_close:
-    sconn_close(s);
-    return rc;
-}
-
-/* Worker w's connection to node, made (again) where needed. 0 or the error (the connection
- * stays closed until RETRY_NS have passed). */
-static int conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
-{
-    sconn *s = &w->cn[node];
-    *out = s;
-    if (s->fd >= 0)
-        return 0;
-    uint64_t t = kvf__now_ns();
-    if (t < s->retry_at)
-        return s->last_rc;
-    /* A connection that asks for leased descriptors must hold the arena too (the node hands
-     * them only to those). */
-    int hv = w->p->nodes[node].has_view;
-    int rc = sconn_open(w->p, node, s, hv, hv, w->p->staging, deadline_ns);
-    if (rc) {
-        s->retry_at = t + RETRY_NS;
-        s->last_rc = rc;
-        if (rc == KVF_ETIMEDOUT)
-            kvf__node_mark_down(&w->p->c->nodes[node]);
-        return rc;
-    }
-    count(w->p, 0, 0, 0, 0, 0, 1, 0);
-    return 0;
-}
+#include "shm_int.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Subs and their aggregation */
@@ -421,7 +69,7 @@ static void fire(agg *a)
 
 /* Sub k delivered `layers` layers of every key it still has a hit for. Its keys' statuses go to
  * the parent first: a layer callback must not take a key that already failed for one that hit. */
-static void sub_layers(sub *k, uint32_t layers)
+void kvf__shm_sub_layers(sub *k, uint32_t layers)
 {
     agg *a = k->a;
     pthread_mutex_lock(&a->mu);
@@ -549,7 +197,7 @@ static void tcp_done(kvf_op *op, int status, void *ud)
 static void tcp_layer(kvf_op *op, uint32_t l, void *ud)
 {
     (void)op;
-    sub_layers(ud, l + 1);
+    kvf__shm_sub_layers(ud, l + 1);
 }
 
 /* Runs k's keys over TCP as a child op. */
@@ -604,11 +252,6 @@ static void enqueue(struct kvf__shm_path *p, worker *w, sub *k)
 /* ------------------------------------------------------------------------------------------ */
 /* The work of one share */
 
-static uint64_t align_up(uint64_t x)
-{
-    return (x + ALIGN - 1) & ~(uint64_t)(ALIGN - 1);
-}
-
 /* The positions of k's keys on node, in *pos (n of them). */
 static size_t of_node(const kvf_client *c, const sub *k, size_t node, uint32_t *pos)
 {
@@ -621,7 +264,7 @@ static size_t of_node(const kvf_client *c, const sub *k, size_t node, uint32_t *
 
 /* A connection that failed: closed; its keys go over TCP (fallback) where the connection could
  * not be made at all, else fail with rc. */
-static void keys_fail(sub *k, const uint32_t *pos, size_t n, int rc, uint32_t *fb, size_t *n_fb)
+void kvf__shm_keys_fail(sub *k, const uint32_t *pos, size_t n, int rc, uint32_t *fb, size_t *n_fb)
 {
     for (size_t i = 0; i < n; i++) {
         if (fb)
@@ -661,7 +304,7 @@ static int put_reply(worker *w, sconn *s, sub *k, const uint32_t *pos, const put
     }
     if (!rc)
         free(rep);
-    count(w->p, 1, 0, sent, failed, 0, 0, 0);
+    kvf__shm_count(w->p, 1, 0, sent, failed, 0, 0, 0);
     /* Any failure here (an error reply included, rare: no staging region, a namespace the
      * connection is not bound to) ends the connection: the next use makes a fresh one. */
     return rc;
@@ -676,18 +319,18 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
 {
     struct kvf__shm_path *p = w->p;
     sconn *s;
-    int rc = conn_of(w, node, deadline_ns, &s);
-    if (!rc && s->n_rel && drain_releases(s) != 0)
-        rc = conn_of(w, node, deadline_ns, &s);
+    int rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
+    if (!rc && s->n_rel && kvf__shm_drain_releases(s) != 0)
+        rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
     if (rc) {
-        keys_fail(k, pos, n, rc, fb, n_fb);
+        kvf__shm_keys_fail(k, pos, n, rc, fb, n_fb);
         return;
     }
     size_t maxk = n < MAX_KEYS ? n : MAX_KEYS;
     put_round r[2] = {{.req = malloc(8 + 32 * maxk)}, {.req = malloc(8 + 32 * maxk)}};
     if (!r[0].req || !r[1].req) {
         free(r[0].req), free(r[1].req);
-        keys_fail(k, pos, n, KVF_ENOMEM, NULL, NULL);
+        kvf__shm_keys_fail(k, pos, n, KVF_ENOMEM, NULL, NULL);
         return;
     }
     uint64_t half = s->stg_len / 2;
@@ -710,9 +353,9 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
         kvf__put_u64(q->req, p->c->o.ns);
         /* Rounds of a few MiB (or one object): the node starts on one while the worker fills
          * the next. */
-        while (j < n && j - i < MAX_KEYS && align_up(off) + k->lens[pos[j]] <= cap &&
+        while (j < n && j - i < MAX_KEYS && kvf__shm_align(off) + k->lens[pos[j]] <= cap &&
                (!whole || j == i) && (j == i || off < PUT_ROUND)) {
-            off = align_up(off);
+            off = kvf__shm_align(off);
             memcpy(s->stg + base + off, k->objs[pos[j]], k->lens[pos[j]]);
             uint8_t *it = q->req + 8 + 32 * (j - i);
             kvf__wire_key_put(it, &k->keys[pos[j]]);
@@ -749,7 +392,7 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
         /* The framing is lost (or the node stopped answering): what was not answered fails. */
         if (rc == KVF_ETIMEDOUT)
             kvf__node_mark_down(&p->c->nodes[node]);
-        sconn_close(s);
+        kvf__shm_conn_close(s);
         if (pending >= 0)
             for (size_t x = r[pending].from; x < r[pending].to; x++)
                 if (k->st[pos[x]] == 0)
@@ -759,328 +402,6 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
                 k->st[pos[x]] = rc;
     }
     free(r[0].req), free(r[1].req);
-}
-
-/* What one node's leases hold: the hits' positions in k, their headers, where each lies in the
- * view, and when the lease may have ended. */
-typedef struct leased {
-    size_t node;
-    uint64_t id, until_ns, epoch; /* epoch: of the connection it was taken on */
-    size_t n;
-    uint32_t *pos;
-    kvf_obj_info *info;
-    const uint8_t **src;
-    uint64_t *segoff; /* streamed: where each hit's next segment starts */
-} leased;
-
-/* RDMA_GET for the keys at pos (on node, whose arena w's process views): each hit's header
- * copied into its buffer and checked, its bytes located in the view. *l gets the hits. 0, or the
- * error that fails every key (the connection closed). */
-static int lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t n,
-                      uint64_t deadline_ns, int stream, uint32_t *layers, leased *l)
-{
-    struct kvf__shm_path *p = w->p;
-    sconn *s;
-    int rc = conn_of(w, node, deadline_ns, &s);
-    if (!rc && s->n_rel && drain_releases(s) != 0)
-        rc = conn_of(w, node, deadline_ns, &s);
-    if (rc)
-        return rc;
-    /* The addresses are those of the store this connection reaches: its view says where. */
-    const sview *sn = s->view;
-    if (!sn)
-        return KVF_ENOTSUP;
-    size_t plen = 16 + 16 * n;
-    uint8_t *req = malloc(plen), *rep = NULL;
-    l->pos = malloc(n * sizeof *l->pos);
-    l->info = malloc(n * sizeof *l->info);
-    l->src = malloc(n * sizeof *l->src);
-    l->segoff = malloc(n * sizeof *l->segoff);
-    if (!req || !l->pos || !l->info || !l->src || !l->segoff) {
-        free(req);
-        return KVF_ENOMEM;
-    }
-    kvf__put_u64(req, p->c->o.ns);
-    kvf__put_u32(req + 8, p->lease_ms);
-    kvf__put_u32(req + 12, 0);
-    for (size_t i = 0; i < n; i++)
-        kvf__wire_key_put(req + 16 + 16 * i, &k->keys[pos[i]]);
-    size_t rlen;
-    uint64_t t0 = kvf__now_ns();
-    rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_GET, (uint32_t)n, req, plen, &rep, &rlen,
-                        NULL, NULL, deadline_ns, s->err, sizeof s->err);
-    free(req);
-    count(p, 1, 0, 0, 0, 0, 0, 0);
-    if (rc) {
-        if (rc == KVF_ETIMEDOUT)
-            kvf__node_mark_down(&p->c->nodes[node]);
-        sconn_close(s);
-        return rc;
-    }
-    if (rlen < 16 + 24 * n) {
-        free(rep);
-        sconn_close(s);
-        return KVF_EPROTO;
-    }
-    l->node = node;
-    l->id = kvf__get_u64(rep);
-    l->epoch = atomic_load(&s->epoch);
-    uint32_t lease = kvf__get_u32(rep + 12);
-    l->until_ns = t0 + (uint64_t)lease * 1000000u;
-    l->until_ns = l->until_ns > LEASE_MARGIN_NS ? l->until_ns - LEASE_MARGIN_NS : 0;
-    size_t off = 16 + 24 * n;
-    rc = 0;
-    for (size_t i = 0; i < n && !rc; i++) {
-        const uint8_t *e = rep + 16 + 24 * i;
-        uint32_t x = pos[i];
-        int st = (int)(int32_t)kvf__get_u32(e);
-        uint32_t hl = kvf__get_u32(e + 4);
-        uint64_t a = kvf__get_u64(e + 8), len = kvf__get_u64(e + 16);
-        if (!kvf_err_is_known(st)) {
-            rc = KVF_EPROTO;
-            break;
-        }
-        k->st[x] = st;
-        if (st)
-            continue;
-        /* What the node says must lie inside the view, and the header inside the reply. */
-        if (hl > rlen - off || hl > len || a < sn->base || a - sn->base > sn->len ||
-            len > sn->len - (a - sn->base)) {
-            rc = KVF_EPROTO;
-            break;
-        }
-        const uint8_t *hdr = rep + off;
-        off += hl;
-        if (len > k->caps[x]) {
-            k->st[x] = KVF_E2BIG;
-            continue;
-        }
-        memcpy(k->bufs[x], hdr, hl);
-        kvf_obj_info *in = &l->info[l->n];
-        if (kvf_obj_parse(k->bufs[x], hl, in) != 0 || in->header_len != hl ||
-            hl + in->stored_bytes != len || !kvf_key_eq(&in->key, &k->keys[x])) {
-            k->st[x] = KVF_EPROTO;
-            continue;
-        }
-        if (stream && *layers && in->layers != *layers) {
-            k->st[x] = KVF_ELAYOUT;
-            continue;
-        }
-        if (stream && !*layers)
-            *layers = in->layers;
-        k->out_lens[x] = len;
-        l->segoff[l->n] = hl;
-        l->src[l->n] = sn->map + (a - sn->base);
-        l->pos[l->n++] = x;
-    }
-    free(rep);
-    if (rc)
-        sconn_close(s); /* the lease ends with the connection */
-    return rc;
-}
-
-static void release(worker *w, leased *l, uint64_t deadline_ns)
-{
-    sconn *s = &w->cn[l->node];
-    /* A connection closed since took the lease with it; its successor's ids are not ours. */
-    if (!l->id || s->fd < 0 || atomic_load(&s->epoch) != l->epoch)
-        return;
-    (void)deadline_ns;
-    if (s->n_rel == RELEASES_MAX && drain_releases(s) != 0)
-        return;
-    uint8_t req[16];
-    kvf__put_u64(req, w->p->c->o.ns);
-    kvf__put_u64(req + 8, l->id);
-    /* Sent now, its reply read before the next request: the get is over once its copies are. */
-    uint64_t d = kvf__now_ns() + 1000000000ull, id = ++s->next_id;
-    if (kvf__sync_send(s->fd, id, KVF_OP_RDMA_RELEASE, 0, req, sizeof req, d, s->err,
-                       sizeof s->err) != 0)
-        sconn_close(s);
-    else
-        s->rel[s->n_rel++] = id;
-}
-
-/* Whether the lease l still held now: after a copy, what it read is then the object. */
-static int lease_held(const leased *l)
-{
-    return kvf__now_ns() < l->until_ns;
-}
-
-/* Copies and verifies the leased hits: whole objects, or layer by layer (reporting each layer of
- * the share once every hit has it). A hit whose lease ended before its copy was checked is a
- * miss. Returns the bytes delivered. */
-static uint64_t copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_t L,
-                            uint64_t *expired, uint64_t *failed)
-{
-    uint64_t bytes = 0;
-    if (!stream) {
-        for (size_t g = 0; g < nl; g++) {
-            leased *l = &ls[g];
-            for (size_t h = 0; h < l->n; h++) {
-                uint32_t x = l->pos[h];
-                uint64_t len = l->info[h].header_len + l->info[h].stored_bytes;
-                kvf_obj_info in;
-                int rc = kvf__obj_copy_verify(k->bufs[x], l->src[h], len, &in);
-                if (!lease_held(l)) {
-                    k->st[x] = KVF_ENOENT;
-                    (*expired)++;
-                } else if (rc || !kvf_key_eq(&in.key, &k->keys[x])) {
-                    k->st[x] = rc ? rc : KVF_EPROTO;
-                    (*failed)++;
-                } else {
-                    bytes += len;
-                }
-            }
-        }
-        return bytes;
-    }
-    for (uint32_t layer = 0; layer < L; layer++) {
-        for (size_t g = 0; g < nl; g++) {
-            leased *l = &ls[g];
-            for (size_t h = 0; h < l->n; h++) {
-                uint32_t x = l->pos[h];
-                kvf_obj_seg sg = kvf_obj_seg_at(&l->info[h], layer);
-                uint64_t o = l->segoff[h];
-                l->segoff[h] += sg.stored_len;
-                if (k->st[x])
-                    continue;
-                uint8_t *d = (uint8_t *)k->bufs[x] + o;
-                memcpy(d, l->src[h] + o, sg.stored_len);
-                if (kvf__xxh3(d, sg.stored_len) != sg.stored_xxh) {
-                    k->st[x] = KVF_ECHECKSUM;
-                    (*failed)++;
-                } else {
-                    bytes += sg.stored_len;
-                }
-            }
-            if (!lease_held(l)) {
-                for (size_t h = 0; h < l->n; h++) {
-                    if (!k->st[l->pos[h]]) {
-                        k->st[l->pos[h]] = KVF_ENOENT;
-                        (*expired)++;
-                    }
-                }
-            }
-        }
-        sub_layers(k, layer + 1);
-    }
-    return bytes;
-}
-
-/* Staged get of the keys at pos (on node): SHM_GET in rounds that fit w's staging region; each
- * object copied out into its buffer and verified there. */
-static void get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, size_t n,
-                       uint64_t deadline_ns, int stream, uint32_t *layers, uint32_t *fb,
-                       size_t *n_fb)
-{
-    struct kvf__shm_path *p = w->p;
-    sconn *s;
-    int rc = conn_of(w, node, deadline_ns, &s);
-    if (!rc && s->n_rel && drain_releases(s) != 0)
-        rc = conn_of(w, node, deadline_ns, &s);
-    if (rc) {
-        keys_fail(k, pos, n, rc, fb, n_fb);
-        return;
-    }
-    uint8_t *req = malloc(8 + 32 * (size_t)(n < MAX_KEYS ? n : MAX_KEYS));
-    uint64_t *offs = malloc((n < MAX_KEYS ? n : MAX_KEYS) * sizeof *offs);
-    if (!req || !offs) {
-        free(req), free(offs);
-        keys_fail(k, pos, n, KVF_ENOMEM, NULL, NULL);
-        return;
-    }
-    for (size_t i = 0; i < n;) {
-        uint64_t off = 0;
-        size_t j = i;
-        kvf__put_u64(req, p->c->o.ns);
-        while (j < n && j - i < MAX_KEYS && align_up(off) + k->caps[pos[j]] <= s->stg_len) {
-            off = align_up(off);
-            uint8_t *it = req + 8 + 32 * (j - i);
-            kvf__wire_key_put(it, &k->keys[pos[j]]);
-            kvf__put_u64(it + 16, off);
-            kvf__put_u64(it + 24, k->caps[pos[j]]);
-            offs[j - i] = off;
-            off += k->caps[pos[j]];
-            j++;
-        }
-        uint8_t *rep = NULL;
-        size_t rlen;
-        uint32_t m = (uint32_t)(j - i);
-        rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_SHM_GET, m, req, 8 + 32 * (size_t)m, &rep,
-                            &rlen, NULL, NULL, deadline_ns, s->err, sizeof s->err);
-        if (!rc && rlen != 16 * (size_t)m) {
-            free(rep);
-            rep = NULL;
-            rc = KVF_EPROTO;
-        }
-        uint64_t got = 0, failed = 0;
-        for (size_t x = i; x < j && !rc; x++) {
-            uint32_t q = pos[x];
-            int st = (int)(int32_t)kvf__get_u32(rep + 16 * (x - i));
-            uint64_t len = kvf__get_u64(rep + 16 * (x - i) + 8);
-            kvf_obj_info in;
-            if (!kvf_err_is_known(st))
-                st = KVF_EPROTO;
-            else if (!st && len > k->caps[q])
-                st = KVF_EPROTO;
-            if (!st) {
-                if (kvf__obj_copy_verify(k->bufs[q], s->stg + offs[x - i], len, &in) != 0)
-                    st = KVF_ECHECKSUM;
-                else if (!kvf_key_eq(&in.key, &k->keys[q]))
-                    st = KVF_EPROTO;
-                else if (stream && *layers && in.layers != *layers)
-                    st = KVF_ELAYOUT;
-                else if (stream && !*layers)
-                    *layers = in.layers;
-            }
-            k->st[q] = st;
-            if (!st) {
-                k->out_lens[q] = len;
-                got += len;
-            }
-            failed += st && st != KVF_ENOENT;
-        }
-        free(rep);
-        count(p, 1, got, 0, failed, 0, 0, 0);
-        if (rc) {
-            if (rc == KVF_ETIMEDOUT)
-                kvf__node_mark_down(&p->c->nodes[node]);
-            sconn_close(s);
-            for (size_t x = i; x < n; x++)
-                k->st[pos[x]] = rc;
-            break;
-        }
-        i = j;
-    }
-    free(req);
-    free(offs);
-}
-
-/* Whether w may send node its keys now: 0 once connected. A node that is down (a request to it
- * timed out) fails them at once with KVF_EHOSTUNREACH; once its backoff has passed, the first
- * worker to ask probes it with a fresh connection of a short deadline, whose answer brings it up,
- * as the engines do: a hung node costs one deadline, not one per request. */
-static int node_ready(worker *w, size_t node, uint64_t deadline_ns)
-{
-    kvf__node *nd = &w->p->c->nodes[node];
-    sconn *s;
-    uint64_t until = atomic_load(&nd->down_until);
-    if (!until)
-        return conn_of(w, node, deadline_ns, &s);
-    int idle = 0;
-    uint64_t t = kvf__now_ns();
-    if (t < until || !atomic_compare_exchange_strong(&nd->probing, &idle, 1))
-        return KVF_EHOSTUNREACH;
-    sconn_close(&w->cn[node]);
-    w->cn[node].retry_at = 0;
-    uint64_t d = t + PROBE_NS < deadline_ns ? t + PROBE_NS : deadline_ns;
-    int rc = conn_of(w, node, d, &s);
-    if (rc) {
-        kvf__node_mark_down(nd);
-        return w->cn[node].gone ? rc : KVF_EHOSTUNREACH;
-    }
-    kvf__node_mark_up(nd);
-    return 0;
 }
 
 /* Runs share k on worker w: node by node; keys whose node's socket cannot be reached are sent
@@ -1110,24 +431,25 @@ static void run_share(worker *w, sub *k)
         size_t m = of_node(c, k, node, pos);
         if (!m)
             continue;
-        int rc = node_ready(w, node, deadline_ns);
+        int rc = kvf__shm_node_ready(w, node, deadline_ns);
         if (rc) {
             if (w->cn[node].gone)
-                keys_fail(k, pos, m, 0, fb, &n_fb);
+                kvf__shm_keys_fail(k, pos, m, 0, fb, &n_fb);
             else
-                keys_fail(k, pos, m, rc, NULL, NULL);
+                kvf__shm_keys_fail(k, pos, m, rc, NULL, NULL);
             continue;
         }
         if (!get) {
             put_node(w, k, node, pos, m, deadline_ns, fb, &n_fb);
         } else if (!p->nodes[node].has_view) {
-            get_staged(w, k, node, pos, m, deadline_ns, stream, &layers, fb, &n_fb);
+            kvf__shm_get_staged(w, k, node, pos, m, deadline_ns, stream, &layers, fb, &n_fb);
         } else {
             for (size_t from = 0; from < m; from += MAX_KEYS) {
                 size_t cnt = m - from < MAX_KEYS ? m - from : MAX_KEYS;
-                rc = lease_node(w, k, node, pos + from, cnt, deadline_ns, stream, &layers, &ls[nl]);
+                rc = kvf__shm_lease_node(w, k, node, pos + from, cnt, deadline_ns, stream, &layers,
+                                         &ls[nl]);
                 if (rc) {
-                    keys_fail(k, pos + from, cnt, rc, NULL, NULL);
+                    kvf__shm_keys_fail(k, pos + from, cnt, rc, NULL, NULL);
                     free(ls[nl].pos), free(ls[nl].info), free(ls[nl].src), free(ls[nl].segoff);
                     memset(&ls[nl], 0, sizeof ls[nl]);
                 } else {
@@ -1148,7 +470,7 @@ static void run_share(worker *w, sub *k)
                 sub_add(t, k->a->pb, k->idx[fb[i]]);
                 k->idx[fb[i]] = MOVED;
             }
-            count(p, 0, 0, 0, 0, 0, 0, n_fb);
+            kvf__shm_count(p, 0, 0, 0, 0, 0, 0, n_fb);
             sub_submit_tcp(c, t);
         } else {
             for (size_t i = 0; i < n_fb; i++)
@@ -1156,12 +478,12 @@ static void run_share(worker *w, sub *k)
         }
     }
     if (get && nl)
-        bytes = copy_leased(k, ls, nl, stream, layers, &expired, &failed);
+        bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed);
     for (size_t g = 0; g < nl; g++)
-        release(w, &ls[g], deadline_ns);
-    count(p, 0, bytes, 0, failed, expired, 0, 0);
+        kvf__shm_release(w, &ls[g], deadline_ns);
+    kvf__shm_count(p, 0, bytes, 0, failed, expired, 0, 0);
     if (stream && !nl && layers)
-        sub_layers(k, layers);
+        kvf__shm_sub_layers(k, layers);
 out:
     for (size_t g = 0; g < cap_ls && ls; g++)
         free(ls[g].pos), free(ls[g].info), free(ls[g].src), free(ls[g].segoff);
@@ -1199,7 +521,7 @@ static void *worker_main(void *arg)
         run_share(w, k);
     }
     for (size_t i = 0; i < p->n; i++)
-        sconn_close(&w->cn[i]);
+        kvf__shm_conn_close(&w->cn[i]);
     return NULL;
 }
 
@@ -1286,7 +608,7 @@ static int shm_submit(kvf_client *c, kvf_op *op)
 static void shm_free(struct kvf__shm_path *p)
 {
     for (size_t i = 0; p->ctl && i < p->n; i++) {
-        sconn_close(&p->ctl[i]);
+        kvf__shm_conn_close(&p->ctl[i]);
         pthread_mutex_destroy(&p->ctl_mu[i]);
     }
     free(p->ctl);
@@ -1319,10 +641,10 @@ static size_t nodes_open(struct kvf__shm_path *p, char *why, size_t whylen)
     uint64_t deadline = kvf__now_ns() + (uint64_t)c->o.connect_timeout_ms * 1000000u;
     for (size_t i = 0; i < p->n; i++) {
         char name[128];
-        if (!node_name(c, i, name, sizeof name))
+        if (!kvf__shm_node_name(c, i, name, sizeof name))
             continue;
         sconn *s = &p->w[0].cn[i];
-        int rc = sconn_open(p, i, s, 1, 0, p->staging, deadline);
+        int rc = kvf__shm_conn_open(p, i, s, 1, 0, p->staging, deadline);
         if (rc) {
             used += (size_t)snprintf(why + used, used < whylen ? whylen - used : 0,
                                      "; node %zu: %s", i, s->err);
@@ -1392,7 +714,7 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
     }
     if (!p->w[0].started) {
         for (size_t i = 0; i < p->n; i++)
-            sconn_close(&p->w[0].cn[i]);
+            kvf__shm_conn_close(&p->w[0].cn[i]);
         shm_free(p);
         return kvf__errf(why, whylen, KVF_EAGAIN, "cannot start the shared-memory workers");
     }
@@ -1430,7 +752,7 @@ static void shm_close(kvf_client *c)
             pthread_join(p->w[i].th, NULL);
         else
             for (size_t j = 0; j < p->n; j++)
-                sconn_close(&p->w[i].cn[j]);
+                kvf__shm_conn_close(&p->w[i].cn[j]);
     c->shm = NULL;
     shm_free(p);
 }
@@ -1475,357 +797,8 @@ int kvf_client_shm_view(const kvf_client *c, size_t node, const void **base, siz
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* Control requests on the caller's thread */
-
-/* The control connection to node, made where needed: HELLO and AUTH, and where the node's arena
- * is mapped, SHM_MAP of it (no staging region), so that leases may be asked for on it. Its lock
- * held. 0 or the error. */
-static int ctl_connect(struct kvf__shm_path *p, size_t node, uint64_t deadline_ns)
-{
-    sconn *s = &p->ctl[node];
-    if (s->fd >= 0)
-        return 0;
-    int hv = p->nodes[node].has_view;
-    return sconn_open(p, node, s, hv, hv, 0, deadline_ns);
-}
-
-/* EXISTS of the keys at pos on node over its control connection (made where needed, HELLO and
- * AUTH only), bits into present. 0 or the error (the connection is then closed). */
-static int ctl_exists(struct kvf__shm_path *p, size_t node, const kvf_key *keys,
-                      const uint32_t *pos, size_t m, uint8_t *present, uint64_t deadline_ns)
-{
-    kvf_client *c = p->c;
-    sconn *s = &p->ctl[node];
-    int rc = ctl_connect(p, node, deadline_ns);
-    if (rc)
-        return rc;
-    size_t plen = 8 + 16 * m;
-    uint8_t stackbuf[8 + 16 * 256], *req = plen <= sizeof stackbuf ? stackbuf : malloc(plen);
-    if (!req)
-        return KVF_ENOMEM;
-    kvf__put_u64(req, c->o.ns);
-    for (size_t i = 0; i < m; i++)
-        kvf__wire_key_put(req + 8 + 16 * i, &keys[pos[i]]);
-    uint8_t *rep;
-    size_t rlen;
-    rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_EXISTS, (uint32_t)m, req, plen, &rep, &rlen,
-                        NULL, NULL, deadline_ns, s->err, sizeof s->err);
-    if (req != stackbuf)
-        free(req);
-    if (!rc && rlen != (m + 7) / 8) {
-        free(rep);
-        rc = KVF_EPROTO;
-    }
-    if (rc) {
-        if (rc == KVF_ETIMEDOUT)
-            kvf__node_mark_down(&c->nodes[node]);
-        sconn_close(s);
-        return rc;
-    }
-    for (size_t i = 0; i < m; i++)
-        present[pos[i]] = (rep[i / 8] >> (i % 8)) & 1;
-    free(rep);
-    return 0;
-}
-
-int kvf__shm_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present, int deadline_ms,
-                    int *rc)
-{
-    struct kvf__shm_path *p = c->shm;
-    if (!p || !p->ctl || n == 0 || n > KVF_WIRE_MAX_ITEMS)
-        return 0;
-    /* Every key's node must be one on this host that is up, and its connection free. */
-    size_t n_nodes = 0, nodes[8];
-    for (size_t i = 0; i < n; i++) {
-        size_t nd = kvf_client_node_of(c, &keys[i]);
-        size_t j = 0;
-        while (j < n_nodes && nodes[j] != nd)
-            j++;
-        if (j < n_nodes)
-            continue;
-        if (n_nodes == 8 || !p->nodes[nd].on || atomic_load(&c->nodes[nd].down_until))
-            return 0;
-        nodes[n_nodes++] = nd;
-    }
-    size_t locked = 0;
-    for (; locked < n_nodes; locked++)
-        if (pthread_mutex_trylock(&p->ctl_mu[nodes[locked]]) != 0)
-            break;
-    int mine = locked == n_nodes;
-    uint32_t *pos = mine ? malloc(n * sizeof *pos) : NULL;
-    uint64_t deadline_ns =
-        kvf__now_ns() + (uint64_t)(deadline_ms > 0 ? deadline_ms : c->o.deadline_ms) * 1000000u;
-    *rc = 0;
-    if (mine && !pos)
-        *rc = KVF_ENOMEM;
-    for (size_t j = 0; mine && pos && j < n_nodes && !*rc; j++) {
-        size_t m = 0;
-        for (size_t i = 0; i < n; i++)
-            if (kvf_client_node_of(c, &keys[i]) == nodes[j])
-                pos[m++] = (uint32_t)i;
-        *rc = ctl_exists(p, nodes[j], keys, pos, m, present, deadline_ns);
-    }
-    free(pos);
-    for (size_t j = 0; j < locked; j++)
-        pthread_mutex_unlock(&p->ctl_mu[nodes[j]]);
-    if (mine && *rc && *rc != KVF_ENOMEM)
-        return 0; /* the engines try, and say what is wrong */
-    return mine;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Discovery at open */
-
-/* Asks node i over TCP, with a short deadline, for its HELLO; records its socket where it is on
- * this host. Returns 1 when it is, else 0 with the reason appended to why. */
-static int discover_one(kvf_client *c, size_t i, char *why, size_t whylen)
-{
-    kvf__node *N = &c->nodes[i];
-    char err[240] = "";
-    int fd, rc;
-    int ms = c->o.connect_timeout_ms < 500 ? c->o.connect_timeout_ms : 500;
-    size_t used = strlen(why);
-#define WHY(...)                                              \
-    do {                                                      \
-        if (used < whylen)                                    \
-            snprintf(why + used, whylen - used, __VA_ARGS__); \
-    } while (0)
-    if ((rc = kvf__tcp_connect(N->host, N->port, ms, &fd, err, sizeof err)) != 0) {
-        WHY("; node %zu: %s", i, err);
-        return 0;
-    }
-    kvf__hello h;
-    uint64_t id = 0;
-    /* HELLO only: authenticating here would cost a signature for nothing. */
-    kvf_client probe = *c;
-    probe.has_cred = 0;
-    rc = kvf__sync_hello(fd, &probe, &id, &h, kvf__now_ns() + (uint64_t)ms * 1000000u, err,
-                         sizeof err);
-    close(fd);
-    if (rc == KVF_EACCES)
-        rc = 0; /* the node asks for AUTH: its HELLO said what it serves all the same */
-    if (rc) {
-        WHY("; node %zu: %s", i, err);
-        return 0;
-    }
-    if (!(h.caps & KVF_CAP_SHM)) {
-        WHY("; node %zu serves no shared memory", i);
-        return 0;
-    }
-    if (memcmp(h.boot_id, c->boot_id, 16) != 0) {
-        WHY("; node %zu runs on another host (boot id differs)", i);
-        return 0;
-    }
-#undef WHY
-    pthread_mutex_lock(&c->shm_mu);
-    snprintf(N->shm_name, sizeof N->shm_name, "%s", h.shm_name);
-    N->shm_local = 1;
-    pthread_mutex_unlock(&c->shm_mu);
-    return 1;
-}
-
-void kvf__shm_discover(kvf_client *c, char *why, size_t whylen)
-{
-    why[0] = 0;
-    if (kvf__boot_id(c->boot_id) != 0) {
-        snprintf(why, whylen, "; this system does not say its boot id");
-        return;
-    }
-    for (size_t i = 0; i < c->n_nodes; i++) {
-        if (!kvf__host_is_local(c->nodes[i].host)) {
-            size_t used = strlen(why);
-            if (used < whylen)
-                snprintf(why + used, whylen - used, "; node %zu is not on this host", i);
-            continue;
-        }
-        discover_one(c, i, why, whylen);
-    }
-}
-
 const kvf__path_ops kvf__path_shm = {
     .name = "shm",
     .submit = shm_submit,
     .close = shm_close,
 };
-
-/* ------------------------------------------------------------------------------------------ */
-/* Leases for the caller (kvf_client_lease) */
-
-struct kvf_lease {
-    kvf_client *c;
-    size_t n;
-    struct {
-        size_t node;
-        uint64_t id, epoch;
-        const sview *view; /* held: the objects stay mapped until the release */
-    } held[KVF_CLIENT_MAX_NODES];
-    uint64_t until_ns; /* the earliest of the nodes' leases' ends, less a margin */
-};
-
-/* RDMA_GET of the keys at pos (all on node) over its control connection (lock held): each hit's
- * place in the view into objs and lens. The lease's id into l. 0 or the error. */
-static int lease_on(struct kvf__shm_path *p, size_t node, const kvf_key *keys, const uint32_t *pos,
-                    size_t m, uint32_t lease_ms, const void **objs, uint64_t *lens, int *status,
-                    kvf_lease *l, uint64_t deadline_ns)
-{
-    int rc = ctl_connect(p, node, deadline_ns);
-    if (rc)
-        return rc;
-    sconn *s = &p->ctl[node];
-    const sview *sn = s->view;
-    if (!sn)
-        return KVF_ENOTSUP;
-    size_t plen = 16 + 16 * m;
-    uint8_t *req = malloc(plen), *rep = NULL;
-    if (!req)
-        return KVF_ENOMEM;
-    kvf__put_u64(req, p->c->o.ns);
-    kvf__put_u32(req + 8, lease_ms);
-    kvf__put_u32(req + 12, 0);
-    for (size_t i = 0; i < m; i++)
-        kvf__wire_key_put(req + 16 + 16 * i, &keys[pos[i]]);
-    size_t rlen;
-    uint64_t t0 = kvf__now_ns();
-    rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_GET, (uint32_t)m, req, plen, &rep, &rlen,
-                        NULL, NULL, deadline_ns, s->err, sizeof s->err);
-    free(req);
-    if (!rc && rlen < 16 + 24 * m) {
-        free(rep);
-        rc = KVF_EPROTO;
-    }
-    if (rc) {
-        sconn_close(s);
-        return rc;
-    }
-    uint64_t bytes = 0;
-    uint64_t until = t0 + (uint64_t)kvf__get_u32(rep + 12) * 1000000u;
-    until = until > LEASE_MARGIN_NS ? until - LEASE_MARGIN_NS : 0;
-    if (!l->until_ns || until < l->until_ns)
-        l->until_ns = until;
-    l->held[l->n].node = node;
-    l->held[l->n].epoch = atomic_load(&s->epoch);
-    pthread_mutex_lock(&p->vmu);
-    ((sview *)sn)->refs++;
-    pthread_mutex_unlock(&p->vmu);
-    l->held[l->n].view = sn;
-    l->held[l->n++].id = kvf__get_u64(rep);
-    for (size_t i = 0; i < m; i++) {
-        const uint8_t *e = rep + 16 + 24 * i;
-        int st = (int)(int32_t)kvf__get_u32(e);
-        uint64_t a = kvf__get_u64(e + 8), len = kvf__get_u64(e + 16);
-        if (!kvf_err_is_known(st))
-            st = KVF_EPROTO;
-        if (!st && (a < sn->base || a - sn->base > sn->len || len > sn->len - (a - sn->base)))
-            st = KVF_EPROTO; /* outside the view: not trusted */
-        status[pos[i]] = st;
-        objs[pos[i]] = st ? NULL : sn->map + (a - sn->base);
-        lens[pos[i]] = st ? 0 : len;
-        bytes += st ? 0 : len;
-    }
-    free(rep);
-    /* The caller reads them out of the view: bytes moved over shared memory. */
-    count(p, 1, bytes, 0, 0, 0, 0, 0);
-    return 0;
-}
-
-int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms,
-                     const void **objs, uint64_t *lens, int *status, kvf_lease **out)
-{
-    if (!out)
-        return KVF_EINVAL;
-    *out = NULL;
-    if (!c || !keys || !objs || !lens || !status || n == 0 || n > KVF_WIRE_MAX_ITEMS)
-        return KVF_EINVAL;
-    struct kvf__shm_path *p = c->shm;
-    if (!p || !p->ctl)
-        return KVF_ENOTSUP;
-    for (size_t i = 0; i < n; i++)
-        if (!p->nodes[kvf_client_node_of(c, &keys[i])].has_view)
-            return KVF_ENOTSUP;
-    kvf_lease *l = calloc(1, sizeof *l);
-    uint32_t *pos = malloc(n * sizeof *pos);
-    if (!l || !pos) {
-        free(l), free(pos);
-        return KVF_ENOMEM;
-    }
-    l->c = c;
-    uint64_t deadline_ns = kvf__now_ns() + (uint64_t)c->o.deadline_ms * 1000000u;
-    int rc = 0;
-    for (size_t node = 0; node < p->n && !rc; node++) {
-        size_t m = 0;
-        for (size_t i = 0; i < n; i++)
-            if (kvf_client_node_of(c, &keys[i]) == node)
-                pos[m++] = (uint32_t)i;
-        if (!m)
-            continue;
-        if (atomic_load(&c->nodes[node].down_until)) {
-            for (size_t i = 0; i < m; i++)
-                status[pos[i]] = KVF_EHOSTUNREACH, objs[pos[i]] = NULL, lens[pos[i]] = 0;
-            continue;
-        }
-        pthread_mutex_lock(&p->ctl_mu[node]);
-        rc = lease_on(p, node, keys, pos, m, lease_ms ? lease_ms : p->lease_ms, objs, lens, status,
-                      l, deadline_ns);
-        pthread_mutex_unlock(&p->ctl_mu[node]);
-        if (rc == KVF_ETIMEDOUT)
-            kvf__node_mark_down(&c->nodes[node]);
-    }
-    free(pos);
-    if (rc) {
-        kvf_lease_release(&l);
-        return rc;
-    }
-    *out = l;
-    return 0;
-}
-
-int kvf_lease_valid(const kvf_lease *l)
-{
-    if (!l || kvf__now_ns() >= l->until_ns)
-        return 0;
-    /* A connection closed since (and its leases with it, on the node) ends the lease too. */
-    for (size_t i = 0; i < l->n; i++)
-        if (atomic_load(&l->c->shm->ctl[l->held[i].node].epoch) != l->held[i].epoch)
-            return 0;
-    return 1;
-}
-
-void kvf_lease_release(kvf_lease **lp)
-{
-    if (!lp || !*lp)
-        return;
-    kvf_lease *l = *lp;
-    struct kvf__shm_path *p = l->c->shm;
-    for (size_t i = 0; p && i < l->n; i++) {
-        size_t node = l->held[i].node;
-        if (!l->held[i].id) { /* no hit: nothing to release on the node */
-            view_put(p, node, l->held[i].view);
-            continue;
-        }
-        uint8_t req[16], *rep;
-        size_t rlen;
-        kvf__put_u64(req, l->c->o.ns);
-        kvf__put_u64(req + 8, l->held[i].id);
-        pthread_mutex_lock(&p->ctl_mu[node]);
-        sconn *s = &p->ctl[node];
-        /* A connection closed since took the lease with it (and a new one numbers its leases
-         * afresh: releasing this id there would drop another's). A release that cannot be said
-         * costs the node the lease's remaining time, no more. */
-        if (atomic_load(&s->epoch) != l->held[i].epoch) {
-            pthread_mutex_unlock(&p->ctl_mu[node]);
-            view_put(p, node, l->held[i].view);
-            continue;
-        }
-        if (s->fd >= 0 && kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_RELEASE, 0, req,
-                                         sizeof req, &rep, &rlen, NULL, NULL,
-                                         kvf__now_ns() + 1000000000ull, s->err, sizeof s->err) == 0)
-            free(rep);
-        else
-            sconn_close(s);
-        pthread_mutex_unlock(&p->ctl_mu[node]);
-        view_put(p, node, l->held[i].view);
-    }
-    free(l);
-    *lp = NULL;
-}

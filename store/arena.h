@@ -29,6 +29,14 @@ typedef struct kvf_arena_stats {
 int kvf__arena_new(kvf_arena **out, void *base, uint64_t size);
 void kvf__arena_destroy(kvf_arena **a);
 
+/* Maps the memory an arena of *size bytes manages: anonymous (shared 0), or a memfd (on huge
+ * pages where asked, *size then rounded up to 2 MiB) sealed against resizing and, where the kernel
+ * can (*ro_ok), against any later writable mapping, so that a read-only view of it handed out
+ * stays read-only; *fd_out gets the memfd (-1: anonymous). prefault: pages populated now. Returns
+ * the mapping, or MAP_FAILED with the reason in err. */
+void *kvf__arena_map(uint64_t *size, int shared, int hugepages, int prefault, int *fd_out,
+                     int *ro_ok, char *err, size_t errlen);
+
 /* Allocates n bytes. Returns 0 and the offset of the usable memory from base, or KVF_ENOSPC. */
 int kvf__arena_alloc(kvf_arena *a, uint64_t n, uint64_t *off);
 /* Frees an offset returned by kvf__arena_alloc. */

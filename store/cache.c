@@ -836,60 +836,6 @@ int kvf__cache_arena_fd(const kvf_cache *c)
     return c->mem_ro_ok ? c->mem_fd : -1;
 }
 
-/* The arena's memory: anonymous, or (shared) a memfd that read-only views of it can be handed
- * out of, on huge pages where asked. Returns the mapping or MAP_FAILED with err said. */
-static void *arena_map(kvf_cache *c, const kvf_cache_opts *o, char *err, size_t errlen)
-{
-    int pop = 0;
-#ifdef MAP_POPULATE
-    pop = o->prefault ? MAP_POPULATE : 0;
-#endif
-    c->mem_fd = -1;
-    if (!o->shared) {
-        void *m = mmap(NULL, c->mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | pop,
-                       -1, 0);
-        if (m == MAP_FAILED)
-            snprintf(err, errlen, "cannot map an arena of %llu bytes",
-                     (unsigned long long)c->mem_size);
-        return m;
-    }
-    unsigned fl = MFD_CLOEXEC | MFD_ALLOW_SEALING;
-#ifdef MFD_HUGETLB
-    if (o->hugepages) {
-        fl |= MFD_HUGETLB;
-        c->mem_size = (c->mem_size + (2u << 20) - 1) & ~(uint64_t)((2u << 20) - 1);
-    }
-#endif
-    int fd = memfd_create("kvf-arena", fl);
-    if (fd < 0 || ftruncate(fd, (off_t)c->mem_size) != 0) {
-        snprintf(err, errlen, "cannot make a shared arena of %llu bytes%s: %s",
-                 (unsigned long long)c->mem_size, o->hugepages ? " on huge pages" : "",
-                 strerror(errno));
-        if (fd >= 0)
-            close(fd);
-        return MAP_FAILED;
-    }
-    void *m = mmap(NULL, c->mem_size, PROT_READ | PROT_WRITE, MAP_SHARED | pop, fd, 0);
-    if (m == MAP_FAILED) {
-        snprintf(err, errlen, "cannot map a shared arena of %llu bytes%s: %s",
-                 (unsigned long long)c->mem_size, o->hugepages ? " on huge pages" : "",
-                 strerror(errno));
-        close(fd);
-        return MAP_FAILED;
-    }
-    /* No later mapping may write, and the size is fixed: a read-only view handed to a client
-     * cannot be turned writable, nor the arena cut under the node. Kernels before 5.1 lack
-     * F_SEAL_FUTURE_WRITE: no read-only view is handed out there. */
-    int seals = F_SEAL_SHRINK | F_SEAL_GROW;
-#ifdef F_SEAL_FUTURE_WRITE
-    c->mem_ro_ok = fcntl(fd, F_ADD_SEALS, seals | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL) == 0;
-#endif
-    if (!c->mem_ro_ok)
-        fcntl(fd, F_ADD_SEALS, seals);
-    c->mem_fd = fd;
-    return m;
-}
-
 int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -929,7 +875,8 @@ int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t 
     c->q_main.head = c->q_main.tail = c->q_small.head = c->q_small.tail = NONE;
     pthread_mutex_init(&c->mu, NULL);
 
-    void *mem = arena_map(c, o, err, errlen);
+    void *mem = kvf__arena_map(&c->mem_size, o->shared, o->hugepages, o->prefault, &c->mem_fd,
+                               &c->mem_ro_ok, err, errlen);
     if (mem == MAP_FAILED)
         goto out_free;
     c->mem = mem;
