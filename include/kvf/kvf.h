@@ -17,6 +17,7 @@
 #include "kvf/connector.h"
 #include "kvf/feasibility.h"
 #include "kvf/telemetry.h"
+#include "kvf/cuda.h"
 
 #define KVF_VERSION_MAJOR  0
 #define KVF_VERSION_MINOR  1
