@@ -12,6 +12,7 @@
 
 #include "auth.h"
 #include "cpus.h"
+#include "cu.h"
 #include "http.h"
 #include "connector_int.h"
 
@@ -70,6 +71,18 @@ int kvf__connector_gate(kvf_connector *cn, kvf_action_id a)
 /* ------------------------------------------------------------------------------------------ */
 /* Lookup, registration, stats */
 
+static void cu_streams_free(kvf_connector *cn)
+{
+    const kvf__cu *cu = kvf__cuda(NULL, 0);
+    for (int i = 0; i < 2; i++) {
+        if (cn->cu_stream[i] && cu) {
+            (void)cu->StreamSynchronize(cn->cu_stream[i]);
+            cu->StreamDestroy(cn->cu_stream[i]);
+        }
+        cn->cu_stream[i] = NULL;
+    }
+}
+
 int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t *cached)
 {
     if (!cn || !cached || (n && !tokens))
@@ -91,6 +104,26 @@ int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, si
     return rc;
 }
 
+/* The load and save streams on the registered device (kept across registrations on it). */
+static int cu_streams(kvf_connector *cn, char *err, size_t errlen)
+{
+    const kvf__cu *cu = kvf__cuda(NULL, 0);
+    if (cn->cu_stream[0] && cn->cu_stream_dev == cn->pm.dev)
+        return 0;
+    cu_streams_free(cn);
+    int e = cu->SetDevice(cn->pm.dev);
+    for (int i = 0; i < 2 && !e; i++)
+        e = cu->StreamCreateWithFlags(&cn->cu_stream[i], KVF__CU_STREAM_NON_BLOCKING);
+    if (e) {
+        int rc = kvf__cu_err(cu, e, "register: the connector's streams", err, errlen);
+        cu_streams_free(cn);
+        cn->registered = 0;
+        return rc;
+    }
+    cn->cu_stream_dev = cn->pm.dev;
+    return 0;
+}
+
 int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32_t n_layers,
                            char *err, size_t errlen)
 {
@@ -105,12 +138,19 @@ int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32
             probe.mem_kinds |= layers[i].kind == KVF_MEM_CUDA      ? KVF_MEMK_CUDA
                                : layers[i].kind == KVF_MEM_UNIFIED ? KVF_MEMK_UNIFIED
                                                                    : KVF_MEMK_HOST;
+        /* This side's transfer path reaches CUDA memory where the runtime loads and a device is
+         * there (cuda/: what kvf probe reports). */
+        char cuda_why[300] = "";
+        if ((probe.mem_kinds & KVF_MEMK_CUDA) && kvf__cuda(cuda_why, sizeof cuda_why))
+            probe.xfer_mem_kinds |= KVF_MEMK_CUDA;
         kvf_verdict v;
         kvf_classify(KVF_ACTION_STORE, &probe, &cn->remote, 0, &v);
         if (v.label != KVF_FEAS_REAL) {
-            snprintf(err, errlen, "register: %s (%s)", v.why, kvf_feas_reason_name(v.reason));
+            snprintf(err, errlen, "register: %s (%s)%s%s", v.why, kvf_feas_reason_name(v.reason),
+                     cuda_why[0] ? ": " : "", cuda_why);
             return KVF_EINFEASIBLE;
         }
+        cn->local.xfer_mem_kinds = probe.xfer_mem_kinds;
         cn->local.mem_kinds = probe.mem_kinds;
     }
     /* Under the connector lock: workers read the page map for tasks they take under it. */
@@ -123,8 +163,30 @@ int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32
         rc = kvf__pagemap_init(&cn->pm, &cn->l, layers, n_layers, err, errlen);
         cn->registered = rc == 0;
     }
+    int grow = rc == 0 && cn->pm.cuda && cn->workers_given <= 0;
+    if (rc == 0 && cn->pm.cuda)
+        rc = cu_streams(cn, err, errlen);
     pthread_mutex_unlock(&cn->mu);
+    if (grow) {
+        /* CUDA pages leave the CPU to the data path: half the cores (2 to 8) check segments while
+         * the copy engine moves them (docs/cuda.md). */
+        int half = kvf__cores() / 2;
+        (void)kvf__pool_grow(cn, half < 2 ? 2 : half > 8 ? 8 : half);
+    }
     return rc;
+}
+
+const char *kvf_connector_error(kvf_connector *cn, char *buf, size_t len)
+{
+    if (!buf || !len)
+        return buf;
+    buf[0] = 0;
+    if (!cn)
+        return buf;
+    pthread_mutex_lock(&cn->mu);
+    snprintf(buf, len, "%s", cn->last_err);
+    pthread_mutex_unlock(&cn->mu);
+    return buf;
 }
 
 void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
@@ -279,7 +341,10 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
     int autow = kvf__auto_threads();
     cn->nworkers = o->workers > 0 ? o->workers : autow > 2 ? autow : 2;
+    cn->workers_given = o->workers;
+    cn->trust_local = o->trust_local_store != 0;
     pthread_mutex_init(&cn->mu, NULL);
+    pthread_mutex_init(&cn->cu_mu, NULL);
     pthread_cond_init(&cn->cv, NULL);
     rc = open_client(cn, o, transport, err, errlen);
     if (rc)
@@ -296,6 +361,7 @@ out_client:
     kvf__stage_fini(cn);
 out_free:
     pthread_mutex_destroy(&cn->mu);
+    pthread_mutex_destroy(&cn->cu_mu);
     pthread_cond_destroy(&cn->cv);
     free(cn);
     return rc;
@@ -303,9 +369,11 @@ out_free:
 
 void kvf__connector_free(kvf_connector *cn)
 {
+    cu_streams_free(cn);
     kvf__stage_fini(cn);
     kvf__pagemap_free(&cn->pm);
     pthread_mutex_destroy(&cn->mu);
+    pthread_mutex_destroy(&cn->cu_mu);
     pthread_cond_destroy(&cn->cv);
     free(cn);
 }
@@ -320,6 +388,7 @@ void kvf_connector_close(kvf_connector **cnp)
      * finish the tasks already queued before they exit. */
     kvf_client_close(&cn->cl);
     kvf__pool_stop(cn);
+    kvf__cuda_views_release(cn);
     /* Transfers the engine has not freed yet keep the connector alive until they are. */
     pthread_mutex_lock(&cn->mu);
     cn->closed = 1;

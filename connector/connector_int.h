@@ -8,7 +8,8 @@
  *                the feasibility gate;
  *   workers.c    the worker pool (page tasks: scatter for loads, gather and hash for saves) and
  *                the staging regions;
- *   pagemap.c    the page map, the only code that reads or writes the engine's KV memory.
+ *   pagemap.c    the page map, the only code that reads or writes the engine's host KV memory
+ *                and that names its CUDA pages (the copier of cuda/ moves those).
  * The pool reports each finished task through the transfer's task_end, set by xfer.c, and the
  * storage client reports through the callbacks xfer.c gives it: nothing calls up.
  *
@@ -52,7 +53,18 @@ typedef struct kvf__region {
     uint8_t *mem;
     size_t cap;
     int busy;
+    int cu_reg; /* registered with CUDA (page-locked for the copy engine) */
 } kvf__region;
+
+/* A storage node's arena view registered with CUDA, so that in-place loads DMA from it
+ * (docs/cuda.md); reg < 0: registration failed, copies from it go through the driver's own
+ * staging. */
+#define KVF__CU_VIEWS 32
+typedef struct kvf__cuview {
+    const void *base;
+    size_t len;
+    int reg;
+} kvf__cuview;
 
 struct kvf__task; /* a queued page task */
 
@@ -68,6 +80,8 @@ struct kvf_connector {
     char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
     uint32_t hdr_len;
     int deadline_ms;
+    int workers_given; /* kvf_connector_opts.workers */
+    int trust_local;   /* kvf_connector_opts.trust_local_store */
     /* Set by registration, under mu and with no transfer in flight (connector.c). */
     kvf__pagemap pm;
     int registered;
@@ -82,6 +96,17 @@ struct kvf_connector {
     int closed;   /* close has run; the last transfer freed releases the connector */
     kvf__region regions[KVF__STAGE_SLOTS]; /* staging (workers.c) */
     kvf_connector_stats st;
+    char last_err[240]; /* the last failure of a page task (kvf_connector_error) */
+    /* CUDA registrations: arena views registered for in-place loads (workers.c), under cu_mu
+     * (taken alone) */
+    pthread_mutex_t cu_mu;
+    kvf__cuview views[KVF__CU_VIEWS];
+    int n_views;
+    /* The streams of CUDA pages' copies, one for loads and one for saves, on the registered
+     * device (made by registration; every worker's copiers share them: concurrent streams of
+     * host-to-device copies measured slower than one, docs/cuda.md). */
+    void *cu_stream[2];
+    int cu_stream_dev;
 };
 
 struct kvf_xfer {
@@ -94,6 +119,7 @@ struct kvf_xfer {
     uint32_t *page_ids; /* pages of the moved chunks only */
     uint8_t *stage;     /* a save's is set by its first gather task (stage_state) */
     int region;         /* index of the staging region held, or -1 for a private buffer */
+    int stage_cu_reg;   /* a private buffer registered with CUDA */
     /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
      * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
      * `layer` failed their scatter (or, for a save, could not be gathered: no staging), or the
@@ -112,6 +138,12 @@ struct kvf_xfer {
      * verified and checked against the lease) with no staging copy. NULL: the client's get. */
     kvf_lease *lease;
     const void **srcs;
+    /* Load: per chunk, 1 + the first layer whose scatter failed (0: none), written by the
+     * workers; such a chunk is not loaded whatever arrived. */
+    atomic_uint *bad;
+    /* Save of CUDA pages: per layer, the event the engine recorded on its stream when it
+     * reported the layer done (xfer.c); the workers' copies wait for it. */
+    void **cu_ev;
     /* The transfer's lock, and what it guards. */
     pthread_mutex_t mu;
     pthread_cond_t cv;     /* a layer's state was decided, the transfer is done or cancelled, a
@@ -162,7 +194,12 @@ int kvf__pool_start(kvf_connector *cn, char *err, size_t errlen);
  * in x's pending_tasks and layer_tasks. Returns 0, or KVF_ENOMEM with nothing queued. Called with
  * cn->mu held; takes x->mu. */
 int kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer);
+/* Adds workers up to n in all (CUDA pages: their in-place loads hash every segment while the
+ * copy engine reads it). Best effort: 0, or KVF_ENOMEM with the pool as it was. */
+int kvf__pool_grow(kvf_connector *cn, int n);
 /* Has the workers finish the tasks already queued and exit, and joins them. */
 void kvf__pool_stop(kvf_connector *cn);
+/* Lets go of the CUDA registrations of arena views (after the pool stopped). */
+void kvf__cuda_views_release(kvf_connector *cn);
 
 #endif

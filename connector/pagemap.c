@@ -2,6 +2,8 @@
 
 #include "kvf/error.h"
 
+#include "cu.h"
+
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,13 +18,27 @@ int kvf__pagemap_init(kvf__pagemap *pm, const kvf_layout *l, const kvf_kv_layer 
     uint32_t planes = l->kind == KVF_KV_LATENT ? 1 : 2;
     size_t page_bytes = (size_t)kvf_layout_bytes_per_token_layer(l) / planes * l->page_tokens;
     uint32_t min_pages = UINT32_MAX;
-    for (uint32_t i = 0; i < n_layers; i++) {
-        const kvf_kv_layer *r = &layers[i];
-        if (r->kind == KVF_MEM_CUDA) {
-            snprintf(err, errlen, "register: layer %u: CUDA device memory needs a CUDA build", i);
+    int cuda = layers[0].kind == KVF_MEM_CUDA, dev = -1;
+    const kvf__cu *cu = NULL;
+    if (cuda) {
+        char why[300];
+        cu = kvf__cuda(why, sizeof why);
+        if (!cu) {
+            snprintf(err, errlen, "register: CUDA device memory: %s", why);
             return KVF_ENOTSUP;
         }
-        if (r->kind != KVF_MEM_HOST && r->kind != KVF_MEM_UNIFIED) {
+    }
+    for (uint32_t i = 0; i < n_layers; i++) {
+        const kvf_kv_layer *r = &layers[i];
+        if ((r->kind == KVF_MEM_CUDA) != cuda) {
+            snprintf(err, errlen,
+                     "register: layer %u: %s memory, layer 0 %s: every layer must be in CUDA "
+                     "device memory or none",
+                     i, r->kind == KVF_MEM_CUDA ? "CUDA device" : "host",
+                     cuda ? "CUDA device memory" : "host memory");
+            return KVF_EINVAL;
+        }
+        if (r->kind != KVF_MEM_HOST && r->kind != KVF_MEM_UNIFIED && r->kind != KVF_MEM_CUDA) {
             snprintf(err, errlen, "register: layer %u: unknown memory kind %d", i, (int)r->kind);
             return KVF_EINVAL;
         }
@@ -42,6 +58,22 @@ int kvf__pagemap_init(kvf__pagemap *pm, const kvf_layout *l, const kvf_kv_layer 
             snprintf(err, errlen, "register: layer %u: no pages", i);
             return KVF_EINVAL;
         }
+        for (uint32_t pl = 0; cuda && pl < planes; pl++) {
+            char why[200];
+            int d;
+            if (kvf__cu_device_of(cu, pl ? r->v_base : r->k_base, &d, why, sizeof why) != 0) {
+                snprintf(err, errlen, "register: layer %u: %s plane: %s", i, pl ? "V" : "K", why);
+                return KVF_EINVAL;
+            }
+            if (dev >= 0 && d != dev) {
+                snprintf(err, errlen,
+                         "register: layer %u: on CUDA device %d, layer 0 on device %d: one "
+                         "device per connector",
+                         i, d, dev);
+                return KVF_EINVAL;
+            }
+            dev = d;
+        }
         if (r->num_pages < min_pages)
             min_pages = r->num_pages;
     }
@@ -60,6 +92,8 @@ int kvf__pagemap_init(kvf__pagemap *pm, const kvf_layout *l, const kvf_kv_layer 
     pm->page_bytes = page_bytes;
     pm->plane_bytes = page_bytes * pm->pages_per_chunk;
     pm->seg_bytes = (uint64_t)pm->plane_bytes * planes;
+    pm->cuda = cuda;
+    pm->dev = cuda ? dev : -1;
     return 0;
 }
 
@@ -92,5 +126,16 @@ void kvf__pagemap_scatter(const kvf__pagemap *pm, uint32_t layer, const uint8_t 
         for (uint32_t p = 0; p < pm->pages_per_chunk; p++)
             memcpy(base + (size_t)page_ids[p] * r->page_stride, src + (size_t)p * pm->page_bytes,
                    pm->page_bytes);
+    }
+}
+
+void kvf__pagemap_pages(const kvf__pagemap *pm, uint32_t layer, const uint32_t *page_ids,
+                        void **out)
+{
+    const kvf_kv_layer *r = &pm->reg[layer];
+    for (uint32_t pl = 0; pl < pm->planes; pl++) {
+        uint8_t *base = pl == 0 ? r->k_base : r->v_base;
+        for (uint32_t p = 0; p < pm->pages_per_chunk; p++)
+            *out++ = base + (size_t)page_ids[p] * r->page_stride;
     }
 }

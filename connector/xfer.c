@@ -12,8 +12,10 @@
 #include "kvf/object.h"
 
 #include "clock.h"
+#include "cu.h"
 #include "connector_int.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,16 +24,17 @@ enum { LS_PENDING = 1 }; /* layer state: 1 pending, 0 ready, < 0 failed with tha
 /* ------------------------------------------------------------------------------------------ */
 /* Completion bookkeeping */
 
-/* An in-place load's outcome, once its last task ended: chunks whose scatter failed (the workers
- * lowered their verified layers) are not loaded, and the first of them is the result. x->mu
- * held. */
-static void finish_in_place_locked(kvf_xfer *x)
+/* A load's outcome, once its last task ended: chunks that did not arrive whole, or whose scatter
+ * failed (the workers marked them bad), are not loaded, and the first of them is the result.
+ * x->mu held. */
+static void finish_load_locked(kvf_xfer *x)
 {
     uint32_t L = x->cn->l.layers;
     size_t lead = 0;
     int first_err = x->result;
     for (size_t c = 0; c < x->n_chunks; c++) {
-        int ok = x->status[c] == 0 && atomic_load(&x->verified[c]) == L;
+        int ok =
+            x->status[c] == 0 && atomic_load(&x->verified[c]) == L && atomic_load(&x->bad[c]) == 0;
         if (ok && lead == c)
             lead++;
         if (!ok && !first_err)
@@ -46,8 +49,8 @@ static void maybe_done_locked(kvf_xfer *x)
 {
     if (x->done || !x->transfer_done || x->pending_tasks)
         return;
-    if (x->lease && !x->is_save)
-        finish_in_place_locked(x);
+    if (!x->is_save)
+        finish_load_locked(x);
     /* Layers that never arrived fail with the transfer's error. */
     uint32_t L = x->cn->l.layers;
     for (uint32_t l = 0; l < L; l++)
@@ -244,7 +247,15 @@ static void xfer_destroy(kvf_xfer *x)
     free(x->lens);
     free(x->status);
     free(x->verified);
+    free(x->bad);
     free(x->seg_xxh);
+    if (x->cu_ev) {
+        const kvf__cu *cu = kvf__cuda(NULL, 0);
+        for (uint32_t l = 0; cu && l < cn->l.layers; l++)
+            if (x->cu_ev[l])
+                cu->EventDestroy(x->cu_ev[l]);
+        free(x->cu_ev);
+    }
     free(x->layer_state);
     free(x->layer_tasks);
     free(x->layer_failed);
@@ -278,13 +289,14 @@ static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_
     x->lens = calloc(m, sizeof *x->lens);
     x->status = calloc(m, sizeof *x->status);
     x->verified = calloc(m, sizeof *x->verified);
+    x->bad = is_save ? NULL : calloc(m, sizeof *x->bad);
     x->seg_xxh = is_save ? calloc(m * L, sizeof *x->seg_xxh) : NULL;
     x->layer_state = malloc(L * sizeof *x->layer_state);
     x->layer_tasks = calloc(L, sizeof *x->layer_tasks);
     x->layer_failed = calloc(L, sizeof *x->layer_failed);
     if (!x->keys || !x->page_ids || !x->bufs || !x->caps || !x->lens || !x->status ||
-        !x->verified || (is_save && !x->seg_xxh) || !x->layer_state || !x->layer_tasks ||
-        !x->layer_failed) {
+        !x->verified || (!is_save && !x->bad) || (is_save && !x->seg_xxh) || !x->layer_state ||
+        !x->layer_tasks || !x->layer_failed) {
         /* xfer_destroy counts the transfer out of cn->inflight: count it in first. */
         pthread_mutex_lock(&cn->mu);
         cn->inflight++;
@@ -462,13 +474,62 @@ int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t n, size
     return 0;
 }
 
+/* Records, for a save of CUDA pages, the event after the engine's work on `stream` so far, that
+ * the layer's copies wait for. 0 or the error (KVF_EINVAL for a layer reported twice). */
+static int record_engine_event(kvf_xfer *x, uint32_t layer, void *stream)
+{
+    kvf_connector *cn = x->cn;
+    const kvf__cu *cu = kvf__cuda(NULL, 0);
+    if (!cu)
+        return KVF_EIO;
+    if (!x->cu_ev && !(x->cu_ev = calloc(cn->l.layers, sizeof *x->cu_ev)))
+        return KVF_ENOMEM;
+    if (x->cu_ev[layer])
+        return KVF_EINVAL;
+    char why[200];
+    int e = cu->SetDevice(cn->pm.dev);
+    if (!e)
+        e = cu->EventCreateWithFlags(&x->cu_ev[layer], KVF__CU_EVENT_DISABLE_TIMING);
+    if (!e)
+        e = cu->EventRecord(x->cu_ev[layer], stream);
+    if (!e)
+        return 0;
+    int rc = kvf__cu_err(cu, e, "layer_done: recording the engine's event", why, sizeof why);
+    (void)cu->GetLastError();
+    if (x->cu_ev[layer]) {
+        cu->EventDestroy(x->cu_ev[layer]);
+        x->cu_ev[layer] = NULL;
+    }
+    pthread_mutex_lock(&cn->mu);
+    snprintf(cn->last_err, sizeof cn->last_err, "layer %u: %s", layer, why);
+    pthread_mutex_unlock(&cn->mu);
+    return rc == KVF_ENOMEM ? rc : KVF_EIO;
+}
+
 int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer)
+{
+    return kvf_xfer_layer_done_stream(x, layer, NULL);
+}
+
+int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
 {
     if (!x || !x->is_save || layer >= x->cn->l.layers)
         return KVF_EINVAL;
     kvf_connector *cn = x->cn;
     if (x->n_chunks == 0)
         return 0;
+    /* The engine's thread reports layers: the event is recorded here, before the layer is
+     * queued (the workers read it once they take the layer's tasks). */
+    if (cn->pm.cuda) {
+        pthread_mutex_lock(&x->mu);
+        int twice = x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer] || x->cancelled;
+        pthread_mutex_unlock(&x->mu);
+        if (!twice) {
+            int rc = record_engine_event(x, layer, stream);
+            if (rc)
+                return rc;
+        }
+    }
     pthread_mutex_lock(&cn->mu);
     pthread_mutex_lock(&x->mu);
     int rc = 0;

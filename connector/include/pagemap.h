@@ -23,10 +23,13 @@ typedef struct kvf__pagemap {
     size_t plane_bytes; /* one chunk of one plane: pages_per_chunk * page_bytes */
     uint64_t seg_bytes; /* planes * plane_bytes */
     kvf_kv_layer *reg;  /* copy of the registration; owned */
+    int cuda;           /* the pages are CUDA device memory (every layer's), on device dev */
+    int dev;
 } kvf__pagemap;
 
 /* Validates a registration against a layout and fills pm (pm->reg is allocated; a previous one is
- * freed). Returns 0, KVF_EINVAL or KVF_ENOTSUP with one line in err. */
+ * freed). CUDA device memory needs every layer in it, on one device, and a usable CUDA runtime
+ * (cuda/). Returns 0, KVF_EINVAL or KVF_ENOTSUP with one line in err. */
 int kvf__pagemap_init(kvf__pagemap *pm, const kvf_layout *l, const kvf_kv_layer *layers,
                       uint32_t n_layers, char *err, size_t errlen);
 void kvf__pagemap_free(kvf__pagemap *pm);
@@ -37,5 +40,10 @@ void kvf__pagemap_gather(const kvf__pagemap *pm, uint32_t layer, uint8_t *seg,
 /* Copies seg into the engine pages of one chunk. */
 void kvf__pagemap_scatter(const kvf__pagemap *pm, uint32_t layer, const uint8_t *seg,
                           const uint32_t *page_ids);
+/* The addresses of one chunk's pages of layer `layer`, in segment order (K pages, then V pages):
+ * planes * pages_per_chunk of them into out. For CUDA registrations, whose pages only the copier
+ * (cuda/) reads and writes. */
+void kvf__pagemap_pages(const kvf__pagemap *pm, uint32_t layer, const uint32_t *page_ids,
+                        void **out);
 
 #endif

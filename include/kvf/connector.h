@@ -39,7 +39,7 @@ typedef struct kvf_xfer kvf_xfer;
 typedef enum kvf_mem_kind {
     KVF_MEM_HOST = 0,    /* ordinary host memory */
     KVF_MEM_UNIFIED = 1, /* unified memory (Apple Silicon, CUDA managed): host-addressable */
-    KVF_MEM_CUDA = 2,    /* device memory: needs a CUDA build of libkvf */
+    KVF_MEM_CUDA = 2,    /* CUDA device memory: needs the CUDA runtime on this host (kvf/cuda.h) */
 } kvf_mem_kind;
 
 /* One layer's KV planes in the engine's memory. */
@@ -64,13 +64,19 @@ typedef struct kvf_connector_opts {
     size_t staging_bytes;     /* input: initial size of two of the staging regions; 0: sized by the
                                * first transfers, 32 MiB and up */
     int workers;              /* input: gather/scatter worker threads; 0: 2, or a quarter of the
-                               * cores where more (1 to 8) */
+                               * cores where more (1 to 8); with CUDA pages registered, half the
+                               * cores (2 to 8) */
     int deadline_ms;          /* input: deadline of every transfer; 0: 5000 */
     int conns_per_node;       /* input: connections per storage node; 0: 4 */
     const kvf_caps *caps;     /* input: the engine's capability record (NULL: the reference
                                * engine's); every remote action is classified against it and the
                                * storage node's, and an infeasible one is refused with
                                * KVF_EINFEASIBLE */
+    int trust_local_store;    /* input: 1: segments loaded in place from a storage node on this
+                               * host (docs/shm.md) are not hashed again: the node verified them
+                               * when they were stored and no client can write its arena; 0 (the
+                               * default): every segment is hashed before its chunk is reported
+                               * loaded (docs/cuda.md: what it costs) */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.
@@ -86,9 +92,12 @@ KVF_API void kvf_connector_close(kvf_connector **cn);
 
 /* Registers the engine's KV memory: one entry per layer of the layout. Borrowed: the memory must
  * stay valid until close or the next registration. Returns 0, KVF_EINVAL (layer count, a NULL
- * base, a stride below the page size, V plane given for a latent layout or missing otherwise),
- * KVF_EINFEASIBLE (memory this build's transfer path cannot reach, e.g. CUDA device memory; err
- * has the classifier's reason), or KVF_EBUSY (transfers in flight). */
+ * base, a stride below the page size, V plane given for a latent layout or missing otherwise;
+ * for KVF_MEM_CUDA: a plane that is not device memory, layers on different devices or mixed with
+ * host memory), KVF_EINFEASIBLE (memory this host's transfer path cannot reach, e.g. CUDA device
+ * memory where no CUDA runtime or device is found; err has the classifier's reason and the
+ * loader's), or KVF_EBUSY (transfers in flight). CUDA pages are read and written only by the
+ * copy engine or the connector's page-copy kernel, on streams of the connector's own. */
 KVF_API int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers, uint32_t n_layers,
                                    char *err, size_t errlen);
 
@@ -112,7 +121,8 @@ KVF_API int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t
                                size_t first_chunk, const uint32_t *page_ids, size_t n_pages,
                                kvf_xfer **x);
 
-/* Load: waits until layer l of every chunk is in the engine's pages. Returns 0, or the failure
+/* Load: waits until layer l of every chunk is in the engine's pages (for CUDA pages: the copies
+ * to the device have completed). Returns 0, or the failure
  * that makes this layer unusable (KVF_ENOENT: a chunk is no longer stored; KVF_ECHECKSUM;
  * KVF_ETIMEDOUT; KVF_ECONNREFUSED; KVF_ECANCELED): the engine must recompute. */
 KVF_API int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer);
@@ -121,6 +131,13 @@ KVF_API int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer);
  * of range or reported twice), KVF_ECANCELED, or KVF_ENOMEM (the layer was not taken: the save
  * cannot complete; cancel it). */
 KVF_API int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer);
+/* Save of CUDA pages: as kvf_xfer_layer_done, and the connector's copies of the layer wait for
+ * the work queued on `stream` (a cudaStream_t; NULL: the legacy default stream) so far: the
+ * engine reports a layer as soon as it has queued its kernels, without synchronizing. An event
+ * is recorded on the stream at this call. kvf_xfer_layer_done is this with the default stream.
+ * For host pages the stream is ignored. Same returns as kvf_xfer_layer_done, and KVF_EIO (the
+ * event could not be recorded: kvf_connector_error says why). */
+KVF_API int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream);
 /* Save: waits until the connector has read every page of the layers reported done so far (they
  * are gathered into its staging); from then on the engine may overwrite those pages, while the
  * chunks are still being stored. Returns 0, KVF_ECANCELED (cancelled: the pages are not read any
@@ -152,8 +169,15 @@ typedef struct kvf_connector_stats {
     /* bytes its storage client moved (requests and replies), over shared memory and over the
      * network (TCP or RDMA, kvf_connector_transport) */
     uint64_t shm_bytes, net_bytes;
+    /* CUDA pages (docs/cuda.md): bytes moved between host and device, copy-engine submissions
+     * (cudaMemcpyBatchAsync calls), and page-copy kernels launched (small pages only) */
+    uint64_t cuda_bytes, cuda_copy_calls, cuda_kernels;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
+
+/* The last failure of a page copy (a CUDA error by name, a segment that failed its checks), as
+ * one line into buf; "" when none. Returns buf. */
+KVF_API const char *kvf_connector_error(kvf_connector *cn, char *buf, size_t len);
 
 /* The transport this connector's transfers use ("shm", "tcp" or "rdma"), decided at open: shared
  * memory with storage nodes on this host that serve it (docs/shm.md), TCP with the others, RDMA
