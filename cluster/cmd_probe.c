@@ -23,7 +23,7 @@ static const struct option probe_opts[] = {
 static const char probe_usage[] =
     "usage: kvf probe [--engine NAME] [--json]\n"
     "Fills this host's capability record by executing tiny actions (bind a TCP listener, open\n"
-    "RDMA devices, lock memory, look for a CUDA driver, read telemetry) and prints each outcome.\n"
+    "RDMA devices, lock memory, load the CUDA runtime, read telemetry) and prints each outcome.\n"
     "  --engine NAME                    the record's engine: its features from the built-in\n"
     "                                   record of that name (default: a bare "
     "host)\n" KVF__CLI_HELP_JSON
@@ -37,10 +37,16 @@ static void print_probe_json(const kvf_probe_report *r, const char *rec)
         json_array_append_new(steps, json_pack("{s:s,s:b,s:s}", "probe", r->steps[i].name, "ok",
                                                r->steps[i].ok, "detail", r->steps[i].detail));
     json_t *rj = json_loads(rec, 0, NULL);
+    const kvf_cuda_info *ci = &r->cuda;
+    json_t *cj = json_pack(
+        "{s:b,s:i,s:i,s:i,s:i,s:i,s:i,s:b,s:i,s:s,s:s}", "usable", ci->usable, "runtime_version",
+        ci->runtime_version, "driver_version", ci->driver_version, "devices", ci->devices,
+        "cc_major", ci->cc_major, "cc_minor", ci->cc_minor, "sm_count", ci->sm_count, "batch_copy",
+        ci->batch_copy, "nvrtc_version", ci->nvrtc_version, "library", ci->library, "why", ci->why);
     const kvf_telemetry *t = &r->telemetry;
     json_t *o = json_pack(
-        "{s:o,s:o,s:{s:I,s:I,s:b,s:f,s:f,s:b,s:I,s:I,s:f},s:s}", "record", rj, "probes", steps,
-        "telemetry", "mem_total", (json_int_t)t->mem_total, "mem_available",
+        "{s:o,s:o,s:o,s:{s:I,s:I,s:b,s:f,s:f,s:b,s:I,s:I,s:f},s:s}", "record", rj, "probes", steps,
+        "cuda", cj, "telemetry", "mem_total", (json_int_t)t->mem_total, "mem_available",
         (json_int_t)t->mem_available, "have_psi", t->have_psi, "psi_some_avg10", t->psi_some_avg10,
         "psi_full_avg10", t->psi_full_avg10, "have_cgroup", t->have_cgroup, "cgroup_limit",
         (json_int_t)(t->cgroup_limit == UINT64_MAX ? -1 : (json_int_t)t->cgroup_limit),

@@ -4,7 +4,6 @@
 
 #include "tcp.h"
 
-#include <dlfcn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,26 +76,22 @@ static void probe_rdma(kvf_probe_report *r)
 #endif
 }
 
-typedef int (*cu_init_fn)(unsigned);
-typedef int (*cu_count_fn)(int *);
-
+/* CUDA as libkvf's connector finds it (cuda/): the runtime loaded by its versioned symbols, the
+ * driver's version, the devices, batched copies and NVRTC for the page-copy kernel. */
 static void probe_cuda(kvf_probe_report *r)
 {
-    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-        step(r, "cuda", 0, "no CUDA driver (libcuda.so.1 not found)");
+    kvf_cuda_info *ci = &r->cuda;
+    if (kvf_cuda_probe(ci) != 0) {
+        step(r, "cuda", 0, "%.150s", ci->why);
         return;
     }
-    cu_init_fn init = (cu_init_fn)dlsym(h, "cuInit");
-    cu_count_fn count = (cu_count_fn)dlsym(h, "cuDeviceGetCount");
-    int n = 0;
-    if (init && count && init(0) == 0 && count(&n) == 0) {
-        r->cuda_devices = n;
-        step(r, "cuda", n > 0, "CUDA driver present, %d device(s)", n);
-    } else {
-        step(r, "cuda", 0, "CUDA driver present but cuInit failed");
-    }
-    dlclose(h);
+    r->cuda_devices = ci->devices;
+    step(r, "cuda", 1,
+         "runtime %d.%d, driver %d.%d, %d device(s), cc %d.%d, %d SMs, batched copies %s, NVRTC "
+         "%d.%d",
+         ci->runtime_version / 1000, ci->runtime_version % 1000 / 10, ci->driver_version / 1000,
+         ci->driver_version % 1000 / 10, ci->devices, ci->cc_major, ci->cc_minor, ci->sm_count,
+         ci->batch_copy ? "yes" : "no", ci->nvrtc_version / 1000, ci->nvrtc_version % 1000 / 10);
 }
 
 /* The engine's features come from its built-in record (its public API): a host probe cannot run
@@ -166,9 +161,10 @@ int kvf__probe_host(kvf_probe_report *r, const char *engine)
     if (buf != MAP_FAILED)
         munmap(buf, n);
     probe_cuda(r);
-    /* This build moves host and unified memory; KV in CUDA memory needs the GPU build. */
+    /* The transfer path moves host and unified memory, and CUDA device memory where the runtime
+     * loaded and a device is there. */
     c->mem_kinds = KVF_MEMK_HOST;
-    c->xfer_mem_kinds = KVF_MEMK_HOST | KVF_MEMK_UNIFIED;
+    c->xfer_mem_kinds = KVF_MEMK_HOST | KVF_MEMK_UNIFIED | (r->cuda.usable ? KVF_MEMK_CUDA : 0);
     probe_engine(r, engine);
     int trc = kvf_telemetry_read(&r->telemetry);
     step(r, "telemetry", trc == 0, "MemAvailable %llu MiB, PSI %s, cgroup %s",

@@ -1,11 +1,12 @@
 /*
  * kvf probe: fills this host's capability record by executing tiny actions, not by declaration:
  * bind a TCP listener, list RDMA devices through libibverbs and open each, lock and unlock a
- * small buffer, look for a CUDA driver and count its devices, read telemetry.
+ * small buffer, load the CUDA runtime as libkvf does and count its devices, read telemetry.
  */
 #ifndef KVF_CLUSTER_PROBE_H
 #define KVF_CLUSTER_PROBE_H
 
+#include "kvf/cuda.h"
 #include "kvf/feasibility.h"
 #include "kvf/telemetry.h"
 
@@ -21,7 +22,8 @@ typedef struct kvf_probe_report {
     int rdma_listed;
     int rdma_opened; /* devices that opened and registered a buffer for remote access */
     int cuda_devices;
-    int verbs_built; /* libkvf was built with libibverbs */
+    kvf_cuda_info cuda; /* what libkvf's CUDA loader found (kvf/cuda.h) */
+    int verbs_built;    /* libkvf was built with libibverbs */
     kvf_probe_step steps[8];
     int n_steps;
 } kvf_probe_report;
