@@ -7,6 +7,9 @@
 
 int bench_store_main(int argc, char **argv);
 int bench_connector_main(int argc, char **argv);
+/* kvf-bench connector --device cuda (connector_cuda.c): rounds 0 for the default; only NULL,
+ * "pages" or "store". */
+int bench_connector_cuda(int rounds, int json, const char *store_bin, const char *only);
 int bench_sched_main(int argc, char **argv);
 int bench_soak_main(int argc, char **argv);
 int bench_e2e_main(int argc, char **argv);

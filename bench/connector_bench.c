@@ -56,11 +56,14 @@ enum {
 typedef struct opts {
     int quick, json, gemm_threads;
     int rounds, ttft_rounds; /* of the overlap part and of the TTFT part */
+    int rounds_given;        /* --rounds, 0 when not given */
     const char *model;
     const char *store_bin;
     const char *plot;
-    const char *only; /* NULL, "pages", "overlap" or "ttft" */
-    double link_mbps; /* 0: calibrated */
+    const char *only;   /* NULL, "pages", "overlap" or "ttft"; with --device cuda, "pages" or
+                         * "store" */
+    const char *device; /* NULL or "host", or "cuda" (connector_cuda.c) */
+    double link_mbps;   /* 0: calibrated */
 } opts;
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
@@ -602,13 +605,16 @@ static void usage(void)
         "usage: kvf-bench connector [--quick] [--json] [--rounds N] [--model ref-tiny|ref-100m]\n"
         "                           [--only pages|overlap|ttft] [--link-mbps R] "
         "[--gemm-threads N]\n"
-        "                           [--store-bin PATH] [--plot FILE.png]\n"
+        "                           [--store-bin PATH] [--plot FILE.png] [--device host|cuda]\n"
         "  --rounds N        rounds of the overlap and TTFT parts (default 7 and 3; 5 TTFT\n"
         "                    rounds with --quick)\n"
         "  --link-mbps R     rate of the link to the store in the overlap part, MB/s (default:\n"
         "                    set so that the load takes as long as the compute)\n"
         "  --gemm-threads N  GEMM threads of the engine (default 1: the other core is the data\n"
-        "                    path's; 0: OpenBLAS's own choice)\n");
+        "                    path's; 0: OpenBLAS's own choice)\n"
+        "  --device cuda     KV pages in GPU memory (docs/cuda.md): page copies, a same-host\n"
+        "                    store to GPU pages and overlap with compute (--only pages|store;\n"
+        "                    default 9 rounds)\n");
 }
 
 /* Reads the options into o; the model and the TTFT rounds follow --quick unless given. Returns 0,
@@ -626,17 +632,23 @@ static int parse(int argc, char **argv, opts *o)
         {"--link-mbps", BENCH_OPT_REAL_CHECKED, .d = &o->link_mbps},
         {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
         {"--plot", BENCH_OPT_STR, .str = &o->plot},
+        {"--device", BENCH_OPT_STR, .str = &o->device},
     };
     const char *unknown;
     if (bench_opts_parse("connector", table, sizeof table / sizeof table[0], argc, argv,
                          &unknown) != 0 ||
         o->rounds < 0 || o->rounds > MAX_ROUNDS ||
-        (o->only && !want(o, "pages") && !want(o, "overlap") && !want(o, "ttft"))) {
+        (o->device && strcmp(o->device, "host") && strcmp(o->device, "cuda")) ||
+        (o->device && !strcmp(o->device, "cuda") && o->only && !want(o, "pages") &&
+         !want(o, "store")) ||
+        (o->only && (!o->device || strcmp(o->device, "cuda")) && !want(o, "pages") &&
+         !want(o, "overlap") && !want(o, "ttft"))) {
         usage();
         return -1;
     }
     if (!o->model)
         o->model = o->quick ? "ref-tiny" : "ref-100m";
+    o->rounds_given = o->rounds;
     o->ttft_rounds = o->rounds ? o->rounds : o->quick ? 5 : 3;
     if (!o->rounds)
         o->rounds = 7;
@@ -821,6 +833,8 @@ int bench_connector_main(int argc, char **argv)
     opts o;
     if (parse(argc, argv, &o) != 0)
         return 2;
+    if (o.device && !strcmp(o.device, "cuda"))
+        return bench_connector_cuda(o.rounds_given, o.json, o.store_bin, o.only);
     kvfe_model m;
     if (kvfe_model_preset(o.model, &m) != 0) {
         fprintf(stderr, "kvf-bench connector: unknown model %s\n", o.model);
