@@ -143,28 +143,32 @@ void kvf__cucopy_fini(kvf__cucopy *cc)
     memset(cc, 0, sizeof *cc);
 }
 
-/* The kernel path's staging: two slots of at least `need` bytes each. */
+/* The kernel modes' slots: their run lists and, staged (need > 0), device buffers of at least
+ * `need` bytes each. The direct mode allocates no device memory: that is the engine's. */
 static int slots_alloc(kvf__cucopy *cc, size_t need)
 {
-    size_t bytes = need > SLOT_BYTES ? need : SLOT_BYTES;
-    if (cc->slot_bytes >= bytes)
+    size_t bytes = need == 0 ? 0 : need > SLOT_BYTES ? need : SLOT_BYTES;
+    if (cc->slot[0].pairs && cc->slot_bytes >= bytes)
         return 0;
-    slots_free(cc);
-    size_t pairs = MAX_PAIRS; /* the run list does not depend on the page size */
+    if (bytes > cc->slot_bytes)
+        slots_free(cc); /* waits for what uses them */
     for (int i = 0; i < 2; i++) {
         kvf__cuslot *s = &cc->slot[i];
-        int e = cc->cu->Malloc(&s->dbuf, bytes);
-        if (!e)
-            e = cc->cu->HostAlloc((void **)&s->pairs, pairs * 2 * sizeof(uint64_t),
+        int e = 0;
+        if (!s->pairs)
+            e = cc->cu->HostAlloc((void **)&s->pairs, (size_t)MAX_PAIRS * 2 * sizeof(uint64_t),
                                   KVF__CU_HOST_ALLOC_PORTABLE | KVF__CU_HOST_ALLOC_MAPPED);
+        if (!e && bytes && !s->dbuf)
+            e = cc->cu->Malloc(&s->dbuf, bytes);
         if (e) {
             slots_free(cc);
-            return fail(cc, e, "device staging for the page-copy kernel");
+            return fail(cc, e, "staging for the page-copy kernel");
         }
         s->used = s->n_pairs = s->n_groups = 0;
     }
-    cc->slot_bytes = bytes;
-    cc->pair_cap = pairs;
+    if (bytes)
+        cc->slot_bytes = bytes;
+    cc->pair_cap = MAX_PAIRS;
     return 0;
 }
 
