@@ -64,6 +64,8 @@ static int rtc_load_locked(const kvf__cu *cu)
     };
     for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
         *fns[i].slot = dlvsym(h, fns[i].name, soname);
+        if (!*fns[i].slot) /* a build without symbol versions */
+            *fns[i].slot = dlsym(h, fns[i].name);
         if (!*fns[i].slot) {
             snprintf(rtc_err, sizeof rtc_err, "%s lacks %s (version %s)", lib, fns[i].name, soname);
             dlclose(h);

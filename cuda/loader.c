@@ -23,10 +23,10 @@ static const kvf__cu *loaded;
 static char load_err[768];
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
-/* The symbol `name` of version node `ver`. */
+/* The symbol `name` of version node `ver` ("": a library without symbol versions). */
 static void *sym(void *h, const char *ver, const char *name)
 {
-    return dlvsym(h, name, ver);
+    return *ver ? dlvsym(h, name, ver) : dlsym(h, name);
 }
 
 /* Opens the runtime at path (or, when path is NULL, the first of the sonames), and says which
@@ -53,8 +53,14 @@ static void *open_runtime(const char *path, char *ver, size_t verlen)
                 return h;
             }
         }
-        snprintf(load_err, sizeof load_err,
-                 "%s exports no cudaRuntimeGetVersion of version libcudart.so.13 or .so.12", lib);
+        /* A library built without symbol versions (a runtime of its own, a test's): its
+         * functions are taken by name, with the ABI of the version it reports. */
+        if (dlsym(h, "cudaRuntimeGetVersion")) {
+            ver[0] = 0;
+            snprintf(the_cu.lib, sizeof the_cu.lib, "%s", lib);
+            return h;
+        }
+        snprintf(load_err, sizeof load_err, "%s exports no cudaRuntimeGetVersion", lib);
         dlclose(h);
         return NULL;
     }
@@ -62,13 +68,14 @@ static void *open_runtime(const char *path, char *ver, size_t verlen)
     return NULL;
 }
 
-#define REQUIRE(field, name)                                                                     \
-    do {                                                                                         \
-        *(void **)&cu->field = sym(h, ver, name);                                                \
-        if (!cu->field) {                                                                        \
-            snprintf(load_err, sizeof load_err, "%s lacks %s (version %s)", cu->lib, name, ver); \
-            goto fail;                                                                           \
-        }                                                                                        \
+#define REQUIRE(field, name)                                                               \
+    do {                                                                                   \
+        *(void **)&cu->field = sym(h, ver, name);                                          \
+        if (!cu->field) {                                                                  \
+            snprintf(load_err, sizeof load_err, "%s lacks %s (version %s)", cu->lib, name, \
+                     *ver ? ver : "none");                                                 \
+            goto fail;                                                                     \
+        }                                                                                  \
     } while (0)
 #define OPTIONAL(field, name) (*(void **)&cu->field = sym(h, ver, name))
 
@@ -96,12 +103,12 @@ static void load(void)
                  v % 1000 / 10, OLDEST_RUNTIME / 1000, OLDEST_RUNTIME % 1000 / 10);
         goto fail;
     }
-    if (strcmp(ver, cu->major >= 13 ? "libcudart.so.13" : "libcudart.so.12") != 0 ||
+    if ((*ver && strcmp(ver, cu->major >= 13 ? "libcudart.so.13" : "libcudart.so.12") != 0) ||
         cu->major > 13) {
         snprintf(load_err, sizeof load_err,
                  "%s reports runtime %d.%d under symbol version %s: an ABI this build does not "
                  "know",
-                 cu->lib, v / 1000, v % 1000 / 10, ver);
+                 cu->lib, v / 1000, v % 1000 / 10, *ver ? ver : "(none)");
         goto fail;
     }
     REQUIRE(GetLastError, "cudaGetLastError");

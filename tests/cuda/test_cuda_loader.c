@@ -155,6 +155,19 @@ static void test_cuda_loader_abi_13(void **state)
         fail_msg("13.0 ABI: child %d: %s", rc, out);
 }
 
+static void test_cuda_loader_unversioned_library(void **state)
+{
+    (void)state;
+    /* No version nodes: taken by name, with the ABI of the version it reports (12.8: failIdx,
+     * which the fake checks). */
+    char out[1024];
+    assert_int_equal(in_child(FAKE_CUDART_12_UNVERSIONED, probe, out, sizeof out), 0);
+    assert_non_null(strstr(out, "runtime=12080"));
+    int rc = in_child(FAKE_CUDART_12_UNVERSIONED, copier_round_trip, out, sizeof out);
+    if (rc)
+        fail_msg("unversioned 12.8: child %d: %s", rc, out);
+}
+
 static void test_cuda_loader_12_0_copies_one_by_one(void **state)
 {
     (void)state;
@@ -227,6 +240,7 @@ int main(void)
         cmocka_unit_test(test_cuda_loader_abi_12_8),
         cmocka_unit_test(test_cuda_loader_abi_13),
         cmocka_unit_test(test_cuda_loader_12_0_copies_one_by_one),
+        cmocka_unit_test(test_cuda_loader_unversioned_library),
         cmocka_unit_test(test_cuda_loader_error_by_name),
         cmocka_unit_test(test_cuda_register_without_runtime_is_infeasible),
     };
