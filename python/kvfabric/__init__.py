@@ -1,0 +1,18 @@
+"""kvfabric: the Python binding of libkvf, kvfabric's KV-cache connector (docs/python.md).
+
+Pure Python over libkvf.so with ctypes: no compiled extension, no dependency beyond the standard
+library; torch tensors (CPU or CUDA) are accepted where torch is installed.
+"""
+
+from .connector import CUDA, HOST, UNIFIED, Connector, KVPages, Transfer, pages_from_tensors
+from .cuda import cuda_probe
+from .errors import KvfError, Miss, error_name, error_text
+from .layout import LATENT, SEPARATE, KeySpace, Layout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Connector", "Transfer", "KVPages", "pages_from_tensors", "HOST", "UNIFIED", "CUDA",
+    "Layout", "KeySpace", "SEPARATE", "LATENT", "KvfError", "Miss", "error_name", "error_text",
+    "cuda_probe", "__version__",
+]

@@ -1,0 +1,204 @@
+"""libkvf through ctypes: finding the library, and the C types and functions the package uses.
+
+The library is looked up, in order, at $KVF_LIBRARY, beside this package (an install that ships
+it), in the build tree of a checkout (build/libkvf.so next to python/), and where the dynamic
+linker finds libkvf.so.0. Nothing here is public: kvfabric's modules wrap it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import threading
+from typing import Optional
+
+c_int, c_uint32, c_uint64, c_size_t = ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_size_t
+c_char_p, c_void_p = ctypes.c_char_p, ctypes.c_void_p
+
+MODEL_ID_MAX = 63
+
+
+class Layout(ctypes.Structure):
+    """struct kvf_layout (include/kvf/layout.h)."""
+
+    _fields_ = [
+        ("model_id", ctypes.c_char * (MODEL_ID_MAX + 1)),
+        ("layers", c_uint32),
+        ("kv_heads", c_uint32),
+        ("head_dim", c_uint32),
+        ("dtype", c_int),
+        ("kind", c_int),
+        ("page_tokens", c_uint32),
+        ("chunk_tokens", c_uint32),
+        ("tp_rank", c_uint32),
+        ("tp_size", c_uint32),
+    ]
+
+
+class Key(ctypes.Structure):
+    """struct kvf_key: a chunk key (128 bits)."""
+
+    _fields_ = [("lo", c_uint64), ("hi", c_uint64)]
+
+
+class KeySpace(ctypes.Structure):
+    """struct kvf_keyspace."""
+
+    _fields_ = [("seed", c_uint64), ("layout_fp", c_uint64), ("chunk_tokens", c_uint32)]
+
+
+class KVLayer(ctypes.Structure):
+    """struct kvf_kv_layer: one layer's planes in the engine's memory."""
+
+    _fields_ = [
+        ("k_base", c_void_p),
+        ("v_base", c_void_p),
+        ("page_stride", c_size_t),
+        ("num_pages", c_uint32),
+        ("kind", c_int),
+    ]
+
+
+class ConnectorOpts(ctypes.Structure):
+    """struct kvf_connector_opts."""
+
+    _fields_ = [
+        ("nodes", ctypes.POINTER(c_char_p)),
+        ("n_nodes", c_size_t),
+        ("sched", c_char_p),
+        ("layout", Layout),
+        ("salt", c_char_p),
+        ("credential", c_char_p),
+        ("staging_bytes", c_size_t),
+        ("workers", c_int),
+        ("deadline_ms", c_int),
+        ("conns_per_node", c_int),
+        ("caps", c_void_p),
+        ("trust_local_store", c_int),
+    ]
+
+
+STATS_FIELDS = [
+    "loads", "saves", "loads_in_place", "load_bytes", "save_bytes", "batches", "chunks_loaded",
+    "chunks_saved", "chunks_missed", "chunks_existing", "gather_ns", "scatter_ns", "wait_ns",
+    "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels",
+]
+
+
+class ConnectorStats(ctypes.Structure):
+    """struct kvf_connector_stats."""
+
+    _fields_ = [(name, c_uint64) for name in STATS_FIELDS]
+
+
+class CudaInfo(ctypes.Structure):
+    """struct kvf_cuda_info (include/kvf/cuda.h)."""
+
+    _fields_ = [
+        ("usable", c_int),
+        ("runtime_version", c_int),
+        ("driver_version", c_int),
+        ("devices", c_int),
+        ("cc_major", c_int),
+        ("cc_minor", c_int),
+        ("sm_count", c_int),
+        ("batch_copy", c_int),
+        ("nvrtc_version", c_int),
+        ("library", ctypes.c_char * 160),
+        ("why", ctypes.c_char * 240),
+    ]
+
+
+_P = ctypes.POINTER
+_SIGNATURES = {
+    "kvf_strerror": (c_char_p, [c_int]),
+    "kvf_err_name": (c_char_p, [c_int]),
+    "kvf_layout_validate": (c_int, [_P(Layout), c_char_p, c_size_t]),
+    "kvf_layout_preset": (c_int, [c_char_p, _P(Layout)]),
+    "kvf_layout_preset_name": (c_char_p, [c_size_t]),
+    "kvf_layout_bytes_per_token": (c_uint64, [_P(Layout)]),
+    "kvf_layout_bytes_per_token_layer": (c_uint64, [_P(Layout)]),
+    "kvf_layout_segment_bytes": (c_uint64, [_P(Layout)]),
+    "kvf_layout_chunk_bytes": (c_uint64, [_P(Layout)]),
+    "kvf_layout_fingerprint": (c_int, [_P(Layout), _P(c_uint64)]),
+    "kvf_layout_dtype_size": (c_size_t, [c_int]),
+    "kvf_dtype_parse": (c_int, [c_char_p, _P(c_int)]),
+    "kvf_dtype_name": (c_char_p, [c_int]),
+    "kvf_keyspace_init": (c_int, [_P(KeySpace), _P(Layout), c_void_p, c_size_t]),
+    "kvf_keys_compute": (c_int, [_P(KeySpace), _P(c_uint32), c_size_t, _P(Key), c_size_t,
+                                 _P(c_size_t), _P(c_size_t)]),
+    "kvf_key_to_hex": (c_char_p, [_P(Key), c_char_p]),
+    "kvf_connector_open": (c_int, [_P(c_void_p), _P(ConnectorOpts), c_char_p, c_size_t]),
+    "kvf_connector_close": (None, [_P(c_void_p)]),
+    "kvf_connector_register": (c_int, [c_void_p, _P(KVLayer), c_uint32, c_char_p, c_size_t]),
+    "kvf_connector_lookup": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_size_t)]),
+    "kvf_connector_load": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_uint32), c_size_t,
+                                   _P(c_void_p)]),
+    "kvf_connector_save": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
+                                   c_size_t, _P(c_void_p)]),
+    "kvf_connector_stats_get": (None, [c_void_p, _P(ConnectorStats)]),
+    "kvf_connector_transport": (c_char_p, [c_void_p, c_char_p, c_size_t]),
+    "kvf_connector_error": (c_char_p, [c_void_p, c_char_p, c_size_t]),
+    "kvf_xfer_wait_layer": (c_int, [c_void_p, c_uint32]),
+    "kvf_xfer_layer_done": (c_int, [c_void_p, c_uint32]),
+    "kvf_xfer_layer_done_stream": (c_int, [c_void_p, c_uint32, c_void_p]),
+    "kvf_xfer_wait_pages": (c_int, [c_void_p]),
+    "kvf_xfer_wait": (c_int, [c_void_p]),
+    "kvf_xfer_loaded_tokens": (c_size_t, [c_void_p]),
+    "kvf_xfer_cancel": (None, [c_void_p]),
+    "kvf_xfer_free": (None, [_P(c_void_p)]),
+    "kvf_cuda_probe": (c_int, [_P(CudaInfo)]),
+}
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+
+
+def _candidates() -> list:
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = []
+    env = os.environ.get("KVF_LIBRARY")
+    if env:
+        out.append(env)
+    out.append(os.path.join(here, "libkvf.so"))
+    out.append(os.path.join(here, "..", "..", "build", "libkvf.so"))
+    found = ctypes.util.find_library("kvf")
+    if found:
+        out.append(found)
+    out.append("libkvf.so.0")
+    return out
+
+
+def lib() -> ctypes.CDLL:
+    """libkvf, loaded on first use, with every function used given its C signature."""
+    global _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        tried = []
+        for path in _candidates():
+            try:
+                handle = ctypes.CDLL(path)
+            except OSError as e:
+                tried.append(f"{path} ({e})")
+                continue
+            for name, (res, args) in _SIGNATURES.items():
+                fn = getattr(handle, name)
+                fn.restype = res
+                fn.argtypes = args
+            _lib = handle
+            return handle
+        raise OSError("kvfabric: cannot load libkvf: tried " + "; ".join(tried) +
+                      " (set KVF_LIBRARY to the path of libkvf.so)")
+
+
+def u32_array(values) -> "ctypes.Array":
+    """A C array of uint32 from a sequence of ints (tokens, page ids)."""
+    seq = list(values)
+    arr = (c_uint32 * max(len(seq), 1))()
+    for i, v in enumerate(seq):
+        if not 0 <= int(v) <= 0xFFFFFFFF:
+            raise ValueError(f"value {v} at {i} is not a uint32")
+        arr[i] = int(v)
+    return arr

@@ -1,0 +1,318 @@
+"""The Python binding (python/kvfabric) against a real kvf-store on loopback: keys against the
+golden vectors of docs/keys.md, layouts and errors as exceptions, layerwise save and load of host
+pages with every byte checked, a dead store, a wrong registration, the ownership rules, and torch
+tensors (CPU, and CUDA where a GPU is there) when torch is installed.
+
+Run by ctest with PYTHONPATH, KVF_LIBRARY and KVF_STORE_BIN set (tests/CMakeLists.txt).
+"""
+
+import ctypes
+import os
+import random
+import subprocess
+import time
+import unittest
+
+import kvfabric as kvf
+
+STORE_BIN = os.environ.get("KVF_STORE_BIN", "kvf-store")
+
+
+class Store:
+    """A kvf-store on loopback, port 0; stopped by stop()."""
+
+    def __init__(self, memory="64M", extra=()):
+        self.p = subprocess.Popen([STORE_BIN, "--listen", "127.0.0.1:0", "--memory", memory,
+                                   "--threads", "1", "--log-level", "warn", *extra],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        deadline = time.monotonic() + 10
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.p.stdout.readline()
+            if "ready" in line or not line:
+                break
+        if "listen=" not in line:
+            self.stop()
+            raise RuntimeError(f"kvf-store did not start: {line!r}")
+        self.addr = line.split("listen=")[1].split()[0]
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        if self.p.stdout:
+            self.p.stdout.close()
+
+
+class HostKV:
+    """Every layer's K and V planes in one host buffer, num_pages pages each at page_stride."""
+
+    def __init__(self, layout, num_pages, pad=0, seed=1):
+        self.layout, self.num_pages = layout, num_pages
+        self.page_bytes = layout.page_bytes
+        self.stride = self.page_bytes + pad
+        self.plane = self.stride * num_pages
+        self.buf = (ctypes.c_ubyte * (self.plane * 2 * layout.layers))()
+        rnd = random.Random(seed)
+        ctypes.memmove(self.buf, bytes(rnd.getrandbits(8) for _ in range(len(self.buf))),
+                       len(self.buf))
+        base = ctypes.addressof(self.buf)
+        self.pages = [kvf.KVPages(base + (2 * i) * self.plane, base + (2 * i + 1) * self.plane,
+                                  self.stride, num_pages, "host", owner=self.buf)
+                      for i in range(layout.layers)]
+
+    def page(self, layer, plane, p):
+        off = (2 * layer + plane) * self.plane + p * self.stride
+        return bytes(self.buf[off:off + self.page_bytes])
+
+
+def tokens(n, seed):
+    r = random.Random(seed)
+    return [r.randrange(32000) for _ in range(n)]
+
+
+class TestKeysAndLayouts(unittest.TestCase):
+    def test_golden_vectors(self):
+        l = kvf.Layout.preset("ref-tiny")
+        self.assertEqual(f"{l.fingerprint:016x}", "2983fb67497fe707")
+        ks = kvf.KeySpace(l)
+        self.assertEqual(f"{ks.seed:016x}", "0b160b44a187fbc4")
+        t = list(range(1000, 1192))
+        self.assertEqual(ks.keys(t), ["1793a9698aa36cbbe99cdb687fca03df",
+                                      "c3ef6168d92a61b14b0f262c80901433",
+                                      "4b01f11cb5efa1a023527988551d4911"])
+        a = kvf.KeySpace(l, "tenant-a")
+        self.assertEqual(f"{a.seed:016x}", "76c22dd6b52a51e6")
+        self.assertEqual(a.keys(t), ["1980a43bdbef9bc323285dd5ffcc9660",
+                                     "655a5734515c180be3665e8393f97f72",
+                                     "1a19e7ca6b828771fa353aacb2969d02"])
+        self.assertEqual(ks.keys(t[:63]), [])
+
+    def test_layouts_and_errors(self):
+        l = kvf.Layout("llama-3.1-8b", 32, 8, 128, "bf16", page_tokens=16, chunk_tokens=256)
+        self.assertEqual(l.bytes_per_token, 131072)
+        self.assertEqual(l.page_bytes, 16 * 8 * 128 * 2)
+        self.assertIn("ref-tiny", kvf.Layout.presets())
+        with self.assertRaises(kvf.KvfError) as e:
+            kvf.Layout("x", 4, 2, 32, "bf17")
+        self.assertEqual(e.exception.name, "KVF_EINVAL")
+        with self.assertRaises(kvf.KvfError) as e:
+            kvf.Layout("x", 4, 2, 32, "f16", page_tokens=16, chunk_tokens=40)
+        self.assertIn("multiple of page_tokens", str(e.exception))
+        with self.assertRaises(kvf.KvfError):
+            kvf.Layout.preset("no-such-model")
+        self.assertEqual(kvf.error_name(-7), "KVF_ECHECKSUM")
+
+
+class TestConnector(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.store = Store()
+        cls.layout = kvf.Layout.preset("ref-tiny")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.store.stop()
+
+    def connector(self, **kw):
+        return kvf.Connector(self.layout, nodes=[self.store.addr], deadline_ms=5000, **kw)
+
+    def test_save_then_load_layer_by_layer(self):
+        l = self.layout
+        src, dst = HostKV(l, 24, pad=48, seed=1), HostKV(l, 24, pad=48, seed=2)
+        t = tokens(3 * l.chunk_tokens, 7)
+        npg = len(t) // l.page_tokens
+        src_ids = random.Random(3).sample(range(24), npg)
+        dst_ids = random.Random(4).sample(range(24), npg)
+        with self.connector(salt="py-save-load") as cn:
+            cn.register(src.pages)
+            self.assertEqual(cn.lookup(t), 0)
+            with cn.save(t, src_ids) as sv:
+                for layer in reversed(range(l.layers)):
+                    sv.layer_done(layer)
+                sv.wait_pages()
+                sv.wait()
+            self.assertEqual(cn.lookup(t), len(t))
+            cn.register(dst.pages)
+            with cn.load(t, dst_ids) as ld:
+                for layer in range(l.layers):
+                    ld.wait_layer(layer)
+                ld.wait()
+                self.assertEqual(ld.loaded_tokens, len(t))
+            st = cn.stats()
+            self.assertEqual(st["chunks_saved"], 3)
+            self.assertEqual(st["chunks_loaded"], 3)
+            self.assertIn(cn.transport()[0], ("shm", "tcp"))
+        for layer in range(l.layers):
+            for plane in range(2):
+                for a, b in zip(src_ids, dst_ids):
+                    self.assertEqual(src.page(layer, plane, a), dst.page(layer, plane, b))
+
+    def test_a_save_of_chunks_already_cached_sends_only_the_rest(self):
+        l = self.layout
+        kv = HostKV(l, 16)
+        t = tokens(2 * l.chunk_tokens, 8)
+        ids = list(range(len(t) // l.page_tokens))
+        with self.connector(salt="py-first-chunk") as cn:
+            cn.register(kv.pages)
+            with cn.save(t[:l.chunk_tokens], ids[:l.chunk_tokens // l.page_tokens]) as sv:
+                for layer in range(l.layers):
+                    sv.layer_done(layer)
+                sv.wait()
+            with cn.save(t, ids, first_chunk=1) as sv:
+                for layer in range(l.layers):
+                    sv.layer_done(layer)
+                sv.wait()
+            self.assertEqual(cn.lookup(t), len(t))
+            self.assertEqual(cn.stats()["chunks_saved"], 2)
+
+    def test_bad_arguments_raise(self):
+        l = self.layout
+        kv = HostKV(l, 8)
+        with self.connector() as cn:
+            with self.assertRaises(kvf.KvfError) as e:
+                cn.register(kv.pages[:-1])
+            self.assertEqual(e.exception.name, "KVF_EINVAL")
+            self.assertIn("layers given", str(e.exception))
+            short = [kvf.KVPages(p.k_ptr, p.v_ptr, l.page_bytes - 1, 8, "host") for p in kv.pages]
+            with self.assertRaises(kvf.KvfError) as e:
+                cn.register(short)
+            self.assertIn("stride", str(e.exception))
+            with self.assertRaises(ValueError):
+                cn.register([kvf.KVPages(1, 1, 4096, 1, "gpu")] * l.layers)
+            cn.register(kv.pages)
+            t = tokens(l.chunk_tokens, 9)
+            with self.assertRaises(kvf.KvfError) as e:
+                cn.load(t[:10], [0])
+            self.assertEqual(e.exception.name, "KVF_EINVAL")
+            with self.assertRaises(kvf.KvfError) as e:
+                cn.load(t, [0, 1, 2, 99])
+            self.assertEqual(e.exception.name, "KVF_ERANGE")
+            with self.assertRaises(ValueError):
+                cn.lookup([-1] * 64)
+            with cn.load(t, [0, 1, 2, 3]) as ld:
+                with self.assertRaises(kvf.KvfError):
+                    ld.layer_done(0)  # a load has no layer_done
+
+    def test_cuda_memory_without_a_runtime_is_infeasible(self):
+        if kvf.cuda_probe()["usable"]:
+            self.skipTest("a CUDA runtime is usable here: test_torch covers CUDA")
+        kv = HostKV(self.layout, 8)
+        pages = [kvf.KVPages(p.k_ptr, p.v_ptr, p.page_stride, 8, "cuda") for p in kv.pages]
+        with self.connector() as cn:
+            with self.assertRaises(kvf.KvfError) as e:
+                cn.register(pages)
+            self.assertEqual(e.exception.name, "KVF_EINFEASIBLE")
+            self.assertIn("memory_kind", str(e.exception))
+
+    def test_a_dead_store_is_a_miss(self):
+        dead = Store()
+        addr = dead.addr
+        dead.stop()
+        l = self.layout
+        kv = HostKV(l, 8)
+        with kvf.Connector(l, nodes=[addr], deadline_ms=1000) as cn:
+            cn.register(kv.pages)
+            t = tokens(l.chunk_tokens, 10)
+            self.assertEqual(cn.lookup(t), 0)
+            with cn.load(t, [0, 1, 2, 3]) as ld:
+                with self.assertRaises(kvf.Miss) as e:
+                    ld.wait_layer(0)
+                self.assertIn(e.exception.name, ("KVF_ECONNREFUSED", "KVF_ECONNRESET",
+                                                 "KVF_ETIMEDOUT", "KVF_EHOSTUNREACH"))
+                with self.assertRaises(kvf.Miss):
+                    ld.wait()
+                self.assertEqual(ld.loaded_tokens, 0)
+
+    def test_a_transfer_keeps_its_connector_and_memory(self):
+        l = self.layout
+        kv = HostKV(l, 8, seed=5)
+        t = tokens(l.chunk_tokens, 11)
+        cn = self.connector(salt="py-own")
+        cn.register(kv.pages)
+        sv = cn.save(t, [0, 1, 2, 3])
+        pages = kv.pages
+        del cn, kv  # the transfer holds both
+        for layer in range(l.layers):
+            sv.layer_done(layer)
+        sv.wait()
+        sv.close()
+        with self.assertRaises(kvf.KvfError):
+            sv.wait()
+        self.assertIsNotNone(pages[0].owner)
+
+
+class TestTorch(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise unittest.SkipTest("torch is not installed")
+        cls.store = Store(memory="256M")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.store.stop()
+
+    def round_trip(self, device):
+        import torch
+        l = kvf.Layout("torch-kv", 4, 8, 128, "bf16", page_tokens=16, chunk_tokens=64)
+        gen = torch.Generator().manual_seed(0)
+
+        def caches():
+            return [torch.randn(2, 32, 16, 8, 128, generator=gen, dtype=torch.float32)
+                    .to(torch.bfloat16).to(device) for _ in range(l.layers)]
+
+        src, dst = caches(), caches()
+        t = tokens(4 * l.chunk_tokens, 12)
+        npg = len(t) // l.page_tokens
+        src_ids = random.Random(5).sample(range(32), npg)
+        dst_ids = random.Random(6).sample(range(32), npg)
+        stream = torch.cuda.current_stream() if device == "cuda" else None
+        with kvf.Connector(l, nodes=[self.store.addr], salt=f"torch-{device}",
+                           deadline_ms=10000) as cn:
+            cn.register(kvf.pages_from_tensors(l, src))
+            with cn.save(t, src_ids) as sv:
+                for layer in range(l.layers):
+                    sv.layer_done(layer, stream)
+                sv.wait()
+            cn.register(kvf.pages_from_tensors(l, dst))
+            with cn.load(t, dst_ids) as ld:
+                for layer in range(l.layers):
+                    ld.wait_layer(layer)
+                ld.wait()
+            if device == "cuda":
+                self.assertGreater(cn.stats()["cuda_bytes"], 0)
+        for layer in range(l.layers):
+            a = src[layer][:, src_ids].cpu()
+            b = dst[layer][:, dst_ids].cpu()
+            self.assertTrue(torch.equal(a, b), f"layer {layer} differs")
+
+    def test_cpu_tensors(self):
+        self.round_trip("cpu")
+
+    def test_cuda_tensors(self):
+        import torch
+        if not torch.cuda.is_available() or not kvf.cuda_probe()["usable"]:
+            self.skipTest("no CUDA device")
+        self.round_trip("cuda")
+
+    def test_tensor_shapes_are_checked(self):
+        import torch
+        l = kvf.Layout("torch-kv", 2, 8, 128, "bf16", page_tokens=16, chunk_tokens=64)
+        bad = [torch.zeros(2, 4, 16, 8, 64, dtype=torch.bfloat16) for _ in range(2)]
+        with self.assertRaises(ValueError):
+            kvf.pages_from_tensors(l, bad)
+        noncontig = [torch.zeros(2, 4, 8, 16, 128, dtype=torch.bfloat16).transpose(2, 3)
+                     for _ in range(2)]
+        with self.assertRaises(ValueError):
+            kvf.pages_from_tensors(l, noncontig)
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
