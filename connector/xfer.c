@@ -41,7 +41,7 @@ static void finish_load_locked(kvf_xfer *x)
             first_err = x->status[c] ? x->status[c] : KVF_ECHECKSUM;
     }
     x->result = first_err;
-    x->loaded_tokens = lead * x->cn->l.chunk_tokens;
+    x->loaded_tokens = (x->first_chunk + lead) * x->cn->l.chunk_tokens;
 }
 
 /* Called with x->mu held whenever a task ends or the transfer completes. */
@@ -199,7 +199,7 @@ static void on_load_done(kvf_op *op, int status, void *ud)
     cn->st.chunks_missed += missed;
     cn->st.load_bytes += ok * cn->obj_bytes;
     pthread_mutex_unlock(&cn->mu);
-    transfer_finished(x, first_err, lead * cn->l.chunk_tokens);
+    transfer_finished(x, first_err, (x->first_chunk + lead) * cn->l.chunk_tokens);
 }
 
 static void on_save_done(kvf_op *op, int status, void *ud)
@@ -411,16 +411,33 @@ static int load_direct(kvf_connector *cn, kvf_xfer *x)
 int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                        const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
 {
+    return kvf_connector_load_from(cn, tokens, n, 0, page_ids, n_pages, out);
+}
+
+int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
+                            const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
+{
     kvf_xfer *x;
     if (!out)
         return KVF_EINVAL;
     *out = NULL;
     if (cn && kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
         return KVF_EINFEASIBLE;
-    int rc = xfer_new(cn, tokens, n, 0, page_ids, n_pages, 0, &x);
+    int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 0, &x);
     if (rc)
         return rc;
-    if (x->n_chunks && load_direct(cn, x) == 0) {
+    if (x->n_chunks == 0) {
+        /* Everything is already in the engine's pages: complete at once. */
+        pthread_mutex_lock(&x->mu);
+        for (uint32_t l = 0; l < cn->l.layers; l++)
+            x->layer_state[l] = 0;
+        x->transfer_done = 1;
+        maybe_done_locked(x);
+        pthread_mutex_unlock(&x->mu);
+        *out = x;
+        return 0;
+    }
+    if (load_direct(cn, x) == 0) {
         *out = x;
         return 0;
     }

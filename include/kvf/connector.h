@@ -114,6 +114,13 @@ KVF_API int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size
  * tokens and page_ids are copied. */
 KVF_API int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                const uint32_t *page_ids, size_t n_pages, kvf_xfer **x);
+/* As kvf_connector_load, for the chunks first_chunk.. of tokens[0..n) only: the chunks before it
+ * are already in the engine's pages (a prefix the engine shares on its own) and are neither moved
+ * nor touched. page_ids covers all of tokens[0..n), as for a save; loaded_tokens counts from the
+ * sequence's start (first_chunk * chunk_tokens when nothing arrived). */
+KVF_API int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                    size_t first_chunk, const uint32_t *page_ids, size_t n_pages,
+                                    kvf_xfer **x);
 /* Starts saving the KV of chunks first_chunk.. of tokens[0..n) (n a multiple of chunk_tokens, the
  * chunks before first_chunk being already cached) from the engine's pages, layer by layer as the
  * engine reports them done. page_ids covers all of tokens[0..n). Same errors as load. */

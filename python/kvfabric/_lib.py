@@ -135,6 +135,8 @@ _SIGNATURES = {
     "kvf_connector_lookup": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_size_t)]),
     "kvf_connector_load": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_uint32), c_size_t,
                                    _P(c_void_p)]),
+    "kvf_connector_load_from": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
+                                        c_size_t, _P(c_void_p)]),
     "kvf_connector_save": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
                                    c_size_t, _P(c_void_p)]),
     "kvf_connector_stats_get": (None, [c_void_p, _P(ConnectorStats)]),

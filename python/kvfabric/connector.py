@@ -227,13 +227,15 @@ class Connector:
               "lookup")
         return out.value
 
-    def load(self, tokens: Sequence[int], page_ids: Sequence[int]) -> Transfer:
+    def load(self, tokens: Sequence[int], page_ids: Sequence[int], first_chunk: int = 0) -> Transfer:
         """Starts loading the KV of tokens (a multiple of chunk_tokens) into the pages page_ids
-        (one per page_tokens tokens)."""
+        (one per page_tokens tokens, covering all of tokens). With first_chunk, the chunks before
+        it are already in the engine's pages (a prefix it shares itself) and are not moved;
+        loaded_tokens still counts from the start."""
         t, p = _lib.u32_array(tokens), _lib.u32_array(page_ids)
         x = ctypes.c_void_p()
-        check(_lib.lib().kvf_connector_load(self._handle(), t, len(tokens), p, len(page_ids),
-                                            ctypes.byref(x)), "load")
+        check(_lib.lib().kvf_connector_load_from(self._handle(), t, len(tokens), int(first_chunk),
+                                                 p, len(page_ids), ctypes.byref(x)), "load")
         return Transfer(self, x, False, len(tokens))
 
     def save(self, tokens: Sequence[int], page_ids: Sequence[int], first_chunk: int = 0) -> Transfer:
