@@ -108,6 +108,40 @@ class TestKeysAndLayouts(unittest.TestCase):
         self.assertEqual(kvf.error_name(-7), "KVF_ECHECKSUM")
 
 
+class TestModels(unittest.TestCase):
+    def test_published_shapes(self):
+        from kvfabric import models
+        l8 = models.layout_for(models.config("llama-3.1-8b"), "llama-3.1-8b")
+        self.assertEqual(l8.bytes_per_token, 131072)  # 32 layers x 2 x 8 x 128 x 2 bytes
+        q7 = models.layout_for(models.config("qwen2.5-7b"), "qwen2.5-7b")
+        self.assertEqual((q7.layers, q7.kv_heads, q7.head_dim), (28, 4, 128))
+        self.assertEqual(q7.bytes_per_token, 28 * 2 * 4 * 128 * 2)
+        l70 = models.layout_for(models.config("llama-3.1-70b"), "llama-3.1-70b", tp_size=4,
+                                tp_rank=1)
+        self.assertEqual(l70.bytes_per_token, 80 * 2 * 2 * 128 * 2)  # 8 KV heads over 4 ranks
+
+    def test_config_files_and_objects(self):
+        import json
+        import tempfile
+        from kvfabric import models
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "config.json"), "w") as f:
+                json.dump({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64,
+                           "torch_dtype": "float16"}, f)
+            l = models.layout_for(models.config(d), "tiny", page_tokens=8, chunk_tokens=32)
+            self.assertEqual((l.layers, l.kv_heads, l.head_dim, l.dtype), (2, 4, 16, "f16"))
+
+        class Cfg:  # an object with attributes, as a transformers config is
+            num_hidden_layers, num_attention_heads, num_key_value_heads = 3, 8, 2
+            hidden_size, dtype = 256, "torch.bfloat16"
+        self.assertEqual(models.layout_for(Cfg(), "obj").bytes_per_token, 3 * 2 * 2 * 32 * 2)
+        with self.assertRaises(ValueError):
+            models.config("no-such-model")
+        with self.assertRaises(ValueError):
+            models.layout_for({"num_hidden_layers": 1, "num_attention_heads": 1,
+                               "hidden_size": 8, "torch_dtype": "int4"})
+
+
 class TestConnector(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
