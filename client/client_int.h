@@ -51,7 +51,10 @@
 /* I/O engines of one client, at most. */
 #define KVF_CLIENT_MAX_IO 8
 /* Connections to one node, at most (shared among the engines). */
-#define KVF_CLIENT_MAX_CONNS    16
+#define KVF_CLIENT_MAX_CONNS 16
+/* A put's request payload when the node has not said its limit yet: a quarter of a store's
+ * default --max-request. */
+#define KVF__REQ_BYTES_DEFAULT  (64ull << 20)
 #define KVF_CLIENT_MAX_ERR_TEXT 4096u
 /* An engine's buffer for reply bytes that are read and dropped. */
 #define KVF_CLIENT_SCRATCH (1u << 20)
@@ -176,9 +179,11 @@ struct kvf__node {
     uint16_t port;
     char addr[280];
     uint64_t seed;
-    /* what HELLO said: capabilities and the RDMA port (0: none) */
+    /* what HELLO said: capabilities, the RDMA port (0: none), and the largest request payload it
+     * takes (0: not heard yet; puts are cut below KVF__REQ_BYTES_DEFAULT then) */
     atomic_uint_fast64_t caps;
     atomic_uint rdma_port;
+    atomic_uint_fast64_t max_request;
     /* Health, shared by the engines (io.c): a request sent and not answered within its deadline
      * marks the node down until down_until (ns; 0: up), for a backoff that doubles while it stays
      * down; requests meanwhile fail at once (KVF_EHOSTUNREACH). Then one engine probes it with a

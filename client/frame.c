@@ -203,38 +203,57 @@ static uint64_t weight(const kvf_op *op, size_t i)
     return op->kind == KVF__OPK_PUT ? op->b.lens[i] : op->kind == KVF__OPK_GET ? op->b.caps[i] : 0;
 }
 
-/* How many requests a node's share of `keys` keys and `bytes` bytes is cut into: one per
- * stripe_bytes, at most one per connection and one per key; control ops take one. */
-static int stripes_of(const kvf__io *io, const kvf_op *op, uint64_t bytes, size_t keys)
+/* Requests one op may send one node at most (a put of 4096 x 64 MiB). */
+#define KVF__MAX_STRIPES 4096
+
+/* The most payload bytes one put request to node nd may carry: half the node's limit (an object
+ * more than the even share may land in a request), or a safe default before its HELLO. */
+static uint64_t req_cap(const kvf__io *io, size_t nd)
 {
-    if (op->kind == KVF__OPK_CTRL || io->conns <= 1)
+    uint64_t m = atomic_load(&io->cl->nodes[nd].max_request);
+    return m ? m / 2 : KVF__REQ_BYTES_DEFAULT;
+}
+
+/* How many requests a node's share of `keys` keys and `bytes` bytes is cut into: one per
+ * stripe_bytes, at most one per connection, and one per key at most; control ops take one. A put
+ * takes as many more as keep every request within the node's limit on a request's size: those
+ * share the connections. */
+static int stripes_of(const kvf__io *io, const kvf_op *op, size_t nd, uint64_t bytes, size_t keys)
+{
+    if (op->kind == KVF__OPK_CTRL)
         return 1;
-    int stripes = (int)(bytes / io->cl->o.stripe_bytes);
+    int stripes = io->conns <= 1 ? 1 : (int)(bytes / io->cl->o.stripe_bytes);
     if (stripes < 1)
         stripes = 1;
     if (stripes > io->conns)
         stripes = io->conns;
+    if (op->kind == KVF__OPK_PUT) {
+        uint64_t cap = req_cap(io, nd);
+        uint64_t need = (bytes + cap - 1) / cap;
+        if (need > (uint64_t)stripes)
+            stripes = need > KVF__MAX_STRIPES ? KVF__MAX_STRIPES : (int)need;
+    }
     if ((size_t)stripes > keys)
         stripes = (int)keys;
-    return stripes;
+    return stripes < 1 ? 1 : stripes;
 }
 
 /* Node nd's share of op: its `count` keys in requests on consecutive connections of the node. */
-static int split_node(kvf__io *io, kvf_op *op, size_t nd, const size_t *node_of, size_t count)
+static int split_node(kvf__io *io, kvf_op *op, size_t nd, const size_t *node_of, size_t count,
+                      uint64_t bytes, int stripes)
 {
     size_t n = op->b.n;
-    uint64_t bytes = 0;
-    for (size_t i = 0; i < n; i++)
-        if (node_of[i] == nd)
-            bytes += weight(op, i);
-    int stripes = stripes_of(io, op, bytes, count);
-    kvf__req *rq[KVF_CLIENT_MAX_CONNS] = {0};
+    kvf__req **rq = calloc((size_t)stripes, sizeof *rq);
+    if (!rq)
+        return KVF_ENOMEM;
     int base = op->conn >= 0 ? op->conn : atomic_fetch_add(&io->rr[nd], stripes);
     for (int s = 0; s < stripes; s++) {
         kvf__conn *cn =
             &io->cn[nd * (size_t)io->conns + (unsigned)(base + s) % (unsigned)io->conns];
-        if (!(rq[s] = kvf__req_new(op, cn, op->opcode, (uint32_t)count)))
+        if (!(rq[s] = kvf__req_new(op, cn, op->opcode, (uint32_t)count))) {
+            free(rq);
             return KVF_ENOMEM;
+        }
         op->reqs[op->n_reqs++] = rq[s];
     }
     /* Stripe s takes the keys whose cumulative bytes fall in its s-th share, so equal objects
@@ -261,12 +280,11 @@ static int split_node(kvf__io *io, kvf_op *op, size_t nd, const size_t *node_of,
     }
     for (int k = 0; k < kept; k++)
         op->reqs[op->n_reqs - kept + k] = rq[k];
-    for (int k = 0; k < kept; k++) {
-        int rc = kvf__req_build(io->cl, rq[k]);
-        if (rc)
-            return rc;
-    }
-    return 0;
+    int rc = 0;
+    for (int k = 0; k < kept && !rc; k++)
+        rc = kvf__req_build(io->cl, rq[k]);
+    free(rq);
+    return rc;
 }
 
 int kvf__op_split(kvf__io *io, kvf_op *op)
@@ -275,23 +293,35 @@ int kvf__op_split(kvf__io *io, kvf_op *op)
     size_t n = op->b.n;
     size_t *node_of = malloc((n ? n : 1) * sizeof *node_of);
     size_t *count = calloc(c->n_nodes, sizeof *count);
-    op->reqs = calloc(c->n_nodes * (size_t)io->conns, sizeof *op->reqs);
+    uint64_t *bytes = calloc(c->n_nodes, sizeof *bytes);
+    int *stripes = calloc(c->n_nodes, sizeof *stripes);
     int rc = KVF_ENOMEM;
-    if (!node_of || !count || !op->reqs)
+    if (!node_of || !count || !bytes || !stripes)
         goto out_free;
     for (size_t i = 0; i < n; i++) {
         node_of[i] = op->target >= 0 ? (size_t)op->target : kvf_client_node_of(c, &op->b.keys[i]);
         count[node_of[i]]++;
+        bytes[node_of[i]] += weight(op, i);
     }
-    rc = 0;
-    for (size_t nd = 0; nd < c->n_nodes && !rc; nd++) {
+    size_t total = 0;
+    for (size_t nd = 0; nd < c->n_nodes; nd++) {
         int chosen = op->target == -2 || op->target == (int)nd;
         if (count[nd] || (n == 0 && chosen))
-            rc = split_node(io, op, nd, node_of, count[nd]);
+            stripes[nd] = stripes_of(io, op, nd, bytes[nd], count[nd]);
+        total += (size_t)stripes[nd];
     }
+    op->reqs = calloc(total ? total : 1, sizeof *op->reqs);
+    if (!op->reqs)
+        goto out_free;
+    rc = 0;
+    for (size_t nd = 0; nd < c->n_nodes && !rc; nd++)
+        if (stripes[nd])
+            rc = split_node(io, op, nd, node_of, count[nd], bytes[nd], stripes[nd]);
     op->pending = op->n_reqs;
 out_free:
     free(node_of);
     free(count);
+    free(bytes);
+    free(stripes);
     return rc;
 }

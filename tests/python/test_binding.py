@@ -186,6 +186,33 @@ class TestConnector(unittest.TestCase):
                 for a, b in zip(src_ids, dst_ids):
                     self.assertEqual(src.page(layer, plane, a), dst.page(layer, plane, b))
 
+    def test_a_save_larger_than_a_request_the_node_takes(self):
+        # Over TCP to a node taking at most 256 KiB per request: 12 chunks of 128 KiB are cut
+        # into requests it takes (they once went as 4 requests of 384 KiB: a reset connection).
+        small = Store(extra=("--shm", "off", "--max-request", "256K"))
+        try:
+            l = self.layout
+            src, dst = HostKV(l, 48, seed=21), HostKV(l, 48, seed=22)
+            t = tokens(12 * l.chunk_tokens, 23)
+            npg = len(t) // l.page_tokens
+            ids = list(range(npg))
+            with kvf.Connector(l, nodes=[small.addr], deadline_ms=5000) as cn:
+                self.assertEqual(cn.transport()[0], "tcp")
+                cn.register(src.pages)
+                with cn.save(t, ids) as sv:
+                    for layer in range(l.layers):
+                        sv.layer_done(layer)
+                    sv.wait()
+                cn.register(dst.pages)
+                with cn.load(t, ids) as ld:
+                    ld.wait()
+            for layer in range(l.layers):
+                for p in ids:
+                    self.assertEqual(src.page(layer, 0, p), dst.page(layer, 0, p))
+                    self.assertEqual(src.page(layer, 1, p), dst.page(layer, 1, p))
+        finally:
+            small.stop()
+
     def test_a_save_of_chunks_already_cached_sends_only_the_rest(self):
         l = self.layout
         kv = HostKV(l, 16)
