@@ -1,8 +1,10 @@
-/* The host's cores and the "auto" thread counts (cpus.h). */
+/* The host's cores, the "auto" thread counts, and threads that leave signals to the main
+ * thread (cpus.h). */
 #define _GNU_SOURCE
 #include "cpus.h"
 
 #include <sched.h>
+#include <signal.h>
 #include <unistd.h>
 
 int kvf__cores(void)
@@ -20,4 +22,14 @@ int kvf__auto_threads(void)
 {
     int t = kvf__cores() / 4;
     return t < 1 ? 1 : t > 8 ? 8 : t;
+}
+
+int kvf__thread_start(pthread_t *t, void *(*fn)(void *), void *arg)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(t, NULL, fn, arg);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return rc;
 }

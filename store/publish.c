@@ -6,6 +6,7 @@
 #include "clock.h"
 #include "kvevents.h"
 #include "pubsub.h"
+#include "cpus.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -150,7 +151,7 @@ int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, kvf
     }
     pthread_mutex_init(&p->mu, NULL);
     pthread_cond_init(&p->cv, NULL);
-    if (pthread_create(&p->th, NULL, sender_main, p) != 0) {
+    if (kvf__thread_start(&p->th, sender_main, p) != 0) {
         kvf__zpub_close(&p->sock);
         free(p->pending), free(p->spare);
         free(p);

@@ -6,6 +6,7 @@
 #include "kvf/error.h"
 
 #include "rdma.h"
+#include "cpus.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -92,7 +93,7 @@ int kvf__rserve_open(const char *host, uint16_t port, void *arena, size_t len, c
     int rc = kvf__rdma_listen(host, port, NULL, &r->l, &r->port, err, errlen);
     if (!rc)
         rc = kvf__rdma_listener_register(r->l, arena, len, &r->rkey, err, errlen);
-    if (!rc && pthread_create(&r->th, NULL, serve_main, r) != 0) {
+    if (!rc && kvf__thread_start(&r->th, serve_main, r) != 0) {
         snprintf(err, errlen, "rdma: cannot start the listener thread");
         rc = KVF_EAGAIN;
     }

@@ -17,6 +17,7 @@
 #include "bytes.h"
 #include "cache.h"
 #include "tcp.h"
+#include "cpus.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -263,7 +264,7 @@ static int copy_start(conn *c, copy_job *j)
     int rc = 0;
     pthread_mutex_lock(&p->mu);
     while (p->nth < p->nth_max && !p->stop &&
-           pthread_create(&p->th[p->nth], NULL, copy_worker, p) == 0)
+           kvf__thread_start(&p->th[p->nth], copy_worker, p) == 0)
         p->nth++;
     if (p->stop || p->nth == 0) {
         rc = KVF_EAGAIN;

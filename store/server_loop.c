@@ -464,7 +464,7 @@ int kvf__server_run(kvf_server *s)
 {
     int started = 0;
     for (int i = 1; i < s->nloops; i++) {
-        if (pthread_create(&s->loops[i].th, NULL, loop_main, &s->loops[i]) != 0)
+        if (kvf__thread_start(&s->loops[i].th, loop_main, &s->loops[i]) != 0)
             break;
         started = i;
     }

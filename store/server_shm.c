@@ -29,6 +29,7 @@
 #include "cache.h"
 #include "objcopy.h"
 #include "unixsock.h"
+#include "cpus.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -272,7 +273,7 @@ int kvf__copiers_open(kvf_server *s, int n)
     pthread_cond_init(&cp->finished, NULL);
     n = n < KVF_SHM_COPIERS_MAX ? n : KVF_SHM_COPIERS_MAX;
     for (int i = 0; i < n; i++) {
-        if (pthread_create(&cp->th[i], NULL, copier_main, cp) != 0)
+        if (kvf__thread_start(&cp->th[i], copier_main, cp) != 0)
             break;
         cp->n++;
     }

@@ -6,6 +6,8 @@
 #ifndef KVF_CORE_CPUS_H
 #define KVF_CORE_CPUS_H
 
+#include <pthread.h>
+
 /* The CPUs in this process's affinity mask (what a container or taskset grants), or the online
  * count where the mask cannot be read; at least 1. */
 int kvf__cores(void);
@@ -15,5 +17,10 @@ int kvf__cores(void);
  * (each thread more competes for the same two cores); on 16, four of each moved 15 GB/s of 16 MiB
  * GETs where one moved 3.6, while eight gained less than the CPU they took. */
 int kvf__auto_threads(void);
+
+/* pthread_create with every signal blocked in the new thread: a daemon's signals reach its main
+ * thread only, whose handler then never runs beside the shutdown it starts (a handler on a helper
+ * thread could write to a wake pipe the main thread is closing). */
+int kvf__thread_start(pthread_t *t, void *(*fn)(void *), void *arg);
 
 #endif
