@@ -77,7 +77,8 @@ class KVFabricGenerate:
             raise ValueError(f"the model has {len(self.layers)} layers, the layout {layout.layers}")
 
     def _to_cache(self, cache: Any, layer: int, n: int) -> None:
-        k, v = self.staging.read(layer, range(self.staging.num_pages), n)  # [n, H, D]
+        pages = range((n + self.layout.page_tokens - 1) // self.layout.page_tokens)
+        k, v = self.staging.read(layer, pages, n)  # [n, H, D]
         cache.update(k.transpose(0, 1).unsqueeze(0).contiguous(),
                      v.transpose(0, 1).unsqueeze(0).contiguous(), layer)
 
