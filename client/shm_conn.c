@@ -261,6 +261,14 @@ int kvf__shm_conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
     return 0;
 }
 
+int kvf__shm_conn_clear(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
+{
+    int rc = kvf__shm_conn_of(w, node, deadline_ns, out);
+    if (!rc && (*out)->n_rel && kvf__shm_drain_releases(*out) != 0)
+        rc = kvf__shm_conn_of(w, node, deadline_ns, out);
+    return rc;
+}
+
 /* Whether w may send node its keys now: 0 once connected. A node that is down (a request to it
  * timed out) fails them at once with KVF_EHOSTUNREACH; once its backoff has passed, the first
  * worker to ask probes it with a fresh connection of a short deadline, whose answer brings it up,

@@ -33,9 +33,7 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
 {
     struct kvf__shm_path *p = w->p;
     sconn *s;
-    int rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
-    if (!rc && s->n_rel && kvf__shm_drain_releases(s) != 0)
-        rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
+    int rc = kvf__shm_conn_clear(w, node, deadline_ns, &s);
     if (rc)
         return rc;
     /* The addresses are those of the store this connection reaches: its view says where. */
@@ -227,9 +225,7 @@ void kvf__shm_get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, si
 {
     struct kvf__shm_path *p = w->p;
     sconn *s;
-    int rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
-    if (!rc && s->n_rel && kvf__shm_drain_releases(s) != 0)
-        rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
+    int rc = kvf__shm_conn_clear(w, node, deadline_ns, &s);
     if (rc) {
         kvf__shm_keys_fail(k, pos, n, rc, fb, n_fb);
         return;

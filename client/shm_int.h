@@ -169,6 +169,9 @@ int kvf__shm_conn_open(struct kvf__shm_path *p, size_t node, sconn *s, int want_
 /* Worker w's connection to node, made (again) where needed. 0 or the error (the connection stays
  * closed until RETRY_NS have passed). */
 int kvf__shm_conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out);
+/* As kvf__shm_conn_of, with the replies of its releases in flight read first (a connection that
+ * fails to give them is made again), so that the next reply read is the next request's. */
+int kvf__shm_conn_clear(worker *w, size_t node, uint64_t deadline_ns, sconn **out);
 /* Whether w may send node its keys now: 0 once connected; KVF_EHOSTUNREACH while the node is down
  * (probed once its backoff has passed). */
 int kvf__shm_node_ready(worker *w, size_t node, uint64_t deadline_ns);

@@ -319,9 +319,7 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
 {
     struct kvf__shm_path *p = w->p;
     sconn *s;
-    int rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
-    if (!rc && s->n_rel && kvf__shm_drain_releases(s) != 0)
-        rc = kvf__shm_conn_of(w, node, deadline_ns, &s);
+    int rc = kvf__shm_conn_clear(w, node, deadline_ns, &s);
     if (rc) {
         kvf__shm_keys_fail(k, pos, n, rc, fb, n_fb);
         return;
