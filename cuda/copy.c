@@ -7,6 +7,7 @@
 
 #include "kvf/error.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,17 +20,24 @@
 #define CALL_ENTRIES         32u
 #define CALL_BYTES           (4u << 20)
 
-int kvf__cucopy_rule(size_t page_bytes)
+static size_t kernel_below = DEFAULT_KERNEL_BELOW;
+static pthread_once_t rule_once = PTHREAD_ONCE_INIT;
+
+static void rule_read(void)
 {
     const char *s = getenv("KVF_CUDA_KERNEL_BELOW");
-    size_t below = DEFAULT_KERNEL_BELOW;
     if (s && *s) {
         char *end;
         unsigned long long v = strtoull(s, &end, 10);
         if (*end == 0)
-            below = (size_t)v;
+            kernel_below = (size_t)v;
     }
-    return page_bytes < below;
+}
+
+int kvf__cucopy_rule(size_t page_bytes)
+{
+    pthread_once(&rule_once, rule_read); /* read once: the rule is asked per transfer */
+    return page_bytes < kernel_below;
 }
 
 /* Entries per call: CALL_ENTRIES, or $KVF_CUDA_CALL_ENTRIES (1 to 1024) for measurements. */

@@ -113,10 +113,8 @@ static void load(void)
     }
     REQUIRE(GetLastError, "cudaGetLastError");
     REQUIRE(GetDeviceCount, "cudaGetDeviceCount");
-    REQUIRE(GetDevice, "cudaGetDevice");
     REQUIRE(SetDevice, "cudaSetDevice");
     REQUIRE(DeviceGetAttribute, "cudaDeviceGetAttribute");
-    REQUIRE(DeviceSynchronize, "cudaDeviceSynchronize");
     REQUIRE(PointerGetAttributes, "cudaPointerGetAttributes");
     REQUIRE(Malloc, "cudaMalloc");
     REQUIRE(Free, "cudaFree");
@@ -135,8 +133,6 @@ static void load(void)
     REQUIRE(EventDestroy, "cudaEventDestroy");
     REQUIRE(EventRecord, "cudaEventRecord");
     REQUIRE(EventSynchronize, "cudaEventSynchronize");
-    REQUIRE(EventQuery, "cudaEventQuery");
-    REQUIRE(EventElapsedTime, "cudaEventElapsedTime");
     /* cudaMemcpyBatchAsync: 12.8 added it with failIdx; 13.0 dropped failIdx. */
     if (cu->major == 12 && v >= 12080)
         OPTIONAL(MemcpyBatchAsync12, "cudaMemcpyBatchAsync");

@@ -47,20 +47,14 @@ enum {
     KVF__CU_ERR_NO_DEVICE = 100,
     KVF__CU_ERR_NOT_READY = 600,
     KVF__CU_ERR_HOST_MEMORY_ALREADY_REGISTERED = 712,
-    KVF__CU_ERR_HOST_MEMORY_NOT_REGISTERED = 713,
     KVF__CU_ERR_NOT_SUPPORTED = 801,
     KVF__CU_ERR_UNKNOWN = 999,
     /* Not CUDA's: a failure injected by KVF_CUDA_FAULT (docs/cuda.md). */
     KVF__CU_ERR_INJECTED = 0x4b5646,
 };
 
-enum {
-    KVF__CU_MEMCPY_H2H = 0,
-    KVF__CU_MEMCPY_H2D = 1,
-    KVF__CU_MEMCPY_D2H = 2,
-    KVF__CU_MEMCPY_D2D = 3,
-    KVF__CU_MEMCPY_DEFAULT = 4,
-};
+/* cudaMemcpyDefault: the direction inferred from the pointers (unified addressing) */
+#define KVF__CU_MEMCPY_DEFAULT 4
 
 #define KVF__CU_STREAM_NON_BLOCKING          0x01u
 #define KVF__CU_EVENT_DISABLE_TIMING         0x02u
@@ -78,7 +72,8 @@ enum {
 #define KVF__CU_MEMTYPE_DEVICE  2
 #define KVF__CU_MEMTYPE_MANAGED 3
 
-/* The runtime's functions this library calls. Those marked optional may be NULL. */
+/* The runtime's functions this library calls (Memcpy and Memset: its tests and benchmarks).
+ * Those marked optional may be NULL. */
 typedef struct kvf__cu {
     int runtime_version, driver_version; /* e.g. 13000 */
     int major;                           /* the ABI in use: 12 or 13 */
@@ -89,10 +84,8 @@ typedef struct kvf__cu {
     const char *(*GetErrorName)(kvf__cuerr);
     kvf__cuerr (*GetLastError)(void);
     kvf__cuerr (*GetDeviceCount)(int *);
-    kvf__cuerr (*GetDevice)(int *);
     kvf__cuerr (*SetDevice)(int);
     kvf__cuerr (*DeviceGetAttribute)(int *, int, int);
-    kvf__cuerr (*DeviceSynchronize)(void);
     kvf__cuerr (*PointerGetAttributes)(void *, const void *);
     kvf__cuerr (*Malloc)(void **, size_t);
     kvf__cuerr (*Free)(void *);
@@ -111,8 +104,6 @@ typedef struct kvf__cu {
     kvf__cuerr (*EventDestroy)(kvf__cuevent);
     kvf__cuerr (*EventRecord)(kvf__cuevent, kvf__custream);
     kvf__cuerr (*EventSynchronize)(kvf__cuevent);
-    kvf__cuerr (*EventQuery)(kvf__cuevent);
-    kvf__cuerr (*EventElapsedTime)(float *, kvf__cuevent, kvf__cuevent);
     /* optional: 12.8 and later (the two signatures) */
     kvf__cuerr (*MemcpyBatchAsync12)(void *const *, const void *const *, const size_t *, size_t,
                                      kvf__cucpyattr *, size_t *, size_t, size_t *, kvf__custream);
