@@ -196,11 +196,14 @@ def lib() -> ctypes.CDLL:
 
 
 def u32_array(values) -> "ctypes.Array":
-    """A C array of uint32 from a sequence of ints (tokens, page ids)."""
-    seq = list(values)
-    arr = (c_uint32 * max(len(seq), 1))()
-    for i, v in enumerate(seq):
-        if not 0 <= int(v) <= 0xFFFFFFFF:
-            raise ValueError(f"value {v} at {i} is not a uint32")
-        arr[i] = int(v)
-    return arr
+    """A C array of uint32 from a sequence of ints (tokens, page ids), built in one call: the
+    engine passes every prompt's tokens through it."""
+    seq = values if isinstance(values, (list, tuple)) else list(values)
+    if seq and not isinstance(seq[0], int):
+        seq = [int(v) for v in seq]  # numpy or torch scalars
+    if seq and (min(seq) < 0 or max(seq) > 0xFFFFFFFF):
+        raise ValueError("a value is not a uint32 (0 to 4294967295)")
+    try:
+        return (c_uint32 * max(len(seq), 1))(*seq)
+    except TypeError:
+        return (c_uint32 * max(len(seq), 1))(*[int(v) for v in seq])

@@ -86,10 +86,49 @@ def _stream_handle(stream: Any) -> Optional[int]:
     return int(handle) or None
 
 
-class Transfer:
+class _Handle:
+    """A libkvf handle owned by a Python object: freed once, by close(), a with block's end or
+    collection. Subclasses name their handle's kind and its C destructor (which takes a pointer
+    to the handle and clears it)."""
+
+    _h: Optional[ctypes.c_void_p] = None
+    _kind = "handle"
+    _free_fn = ""
+
+    def _handle(self) -> ctypes.c_void_p:
+        if not self._h:
+            raise KvfError(-15, self._kind, "closed")
+        return self._h
+
+    def _released(self) -> None:
+        """Called once the handle is freed."""
+
+    def close(self) -> None:
+        if self._h:
+            h = ctypes.c_void_p(self._h.value)
+            self._h = None
+            getattr(_lib.lib(), self._free_fn)(ctypes.byref(h))
+            self._released()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Transfer(_Handle):
     """A load or a save in flight. Free it with close() (or let it be collected); either waits
     for it to finish. Every method raises KvfError on failure; a load's layer that did not arrive
     raises Miss, and the engine recomputes from that layer."""
+
+    _kind, _free_fn = "transfer", "kvf_xfer_free"
 
     def __init__(self, cn: "Connector", handle: ctypes.c_void_p, is_save: bool, tokens: int) -> None:
         self._cn = cn
@@ -97,11 +136,6 @@ class Transfer:
         self._h = handle
         self.is_save = is_save
         self.tokens = tokens
-
-    def _handle(self) -> ctypes.c_void_p:
-        if not self._h:
-            raise KvfError(-15, "transfer", "already freed")
-        return self._h
 
     def wait_layer(self, layer: int) -> None:
         """Load: returns once layer `layer` of every chunk is in the engine's pages (for CUDA
@@ -138,26 +172,14 @@ class Transfer:
         _lib.lib().kvf_xfer_cancel(self._handle())
 
     def close(self) -> None:
-        if self._h:
-            h = ctypes.c_void_p(self._h.value)
-            self._h = None
-            _lib.lib().kvf_xfer_free(ctypes.byref(h))
-            self._held = None
+        """Frees the transfer, waiting for it to finish first (cancel it to make that quick)."""
+        super().close()
 
-    def __enter__(self) -> "Transfer":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _released(self) -> None:
+        self._held = None
 
 
-class Connector:
+class Connector(_Handle):
     """A connector to kvfabric's storage nodes (`nodes`, "host:port" each) or to the ones
     kvf-sched lists (`sched`, "host:port").
 
@@ -169,6 +191,8 @@ class Connector:
     ...         ld.wait_layer(layer)          # Miss: recompute from this layer
     ...         forward(layer)
     """
+
+    _kind, _free_fn = "connector", "kvf_connector_close"
 
     def __init__(self, layout: Layout, nodes: Optional[Sequence[str]] = None,
                  sched: Optional[str] = None, salt: Union[str, bytes, None] = None,
@@ -197,11 +221,6 @@ class Connector:
         check(_lib.lib().kvf_connector_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),
               "connector", err.value.decode())
         self._h = h
-
-    def _handle(self) -> ctypes.c_void_p:
-        if not self._h:
-            raise KvfError(-15, "connector", "closed")
-        return self._h
 
     def register(self, layers: Sequence[KVPages]) -> None:
         """Registers the engine's KV memory, one KVPages per layer of the layout (see
@@ -268,19 +287,4 @@ class Connector:
 
     def close(self) -> None:
         """Closes the connector: transfers in flight fail (and must still be closed)."""
-        if self._h:
-            h = ctypes.c_void_p(self._h.value)
-            self._h = None
-            _lib.lib().kvf_connector_close(ctypes.byref(h))
-
-    def __enter__(self) -> "Connector":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+        super().close()
