@@ -38,11 +38,9 @@
 #include "clock.h"
 #include "errf.h"
 #include "http.h"
-#include "kvevents.h"
-#include "pubsub.h"
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 #include "scheduler.h"
-#include "tenants.h"
 #include "log.h"
 #include "tcp.h"
 
@@ -54,7 +52,6 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#include <xxhash.h>
 
 #define MAX_BODY       (64u << 20)
 #define REPORT_EVERY_S 5.0 /* the longest time between two load reports (heartbeats) */
@@ -64,12 +61,8 @@ typedef struct srv {
     kvfe_engine *e;
     kvf_connector *cn;
     kvf_log lg;
-    char id[64], role[16], model[32], sched[160], endpoint[160], events[160];
-    /* The KV events' topic: "kv-events", or with --events-credential "kv-events/t/TENANT/" (the
-     * tenant of $KVF_CREDENTIAL), which is what a tenant subscriber of the secured socket gets. */
-    char topic[128];
-    kvf__tenants *ev_tenants; /* --events-tenants: who may subscribe */
-    char host[128];           /* --listen's */
+    char id[64], role[16], model[32], sched[160], endpoint[160];
+    char host[128]; /* --listen's */
     uint16_t port;
     uint32_t max_tokens;
     /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
@@ -96,8 +89,7 @@ typedef struct srv {
     pthread_cond_t report_cv;
     int report_dirty;
     /* KV events (under the engine's turn: only the running request publishes) */
-    kvf__zpub *pub;
-    uint64_t seq;
+    kvf_events *pub;
     uint64_t *held; /* engine block hashes of the blocks in the pages */
     size_t n_held;
     atomic_int stop;
@@ -185,29 +177,13 @@ static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
     uint64_t *nh = malloc((nb ? nb : 1) * sizeof *nh);
     if (!nh)
         return;
-    uint64_t parent = 0;
-    for (size_t b = 0; b < nb; b++)
-        parent = nh[b] = XXH3_64bits_withSeed(tokens + b * P, P * sizeof *tokens, parent);
+    kvf_events_hash_blocks(tokens, nb, P, 0, nh);
     size_t common = 0;
     while (common < nb && common < S->n_held && nh[common] == S->held[common])
         common++;
-    if (S->pub && (common < S->n_held || common < nb)) {
-        kvf__kve_enc *e = NULL;
-        const void *data;
-        size_t len;
-        int rc = kvf__kve_enc_begin(&e, (common < S->n_held) + (common < nb));
-        if (!rc && common < S->n_held)
-            kvf__kve_enc_block_removed(e, S->held + common, S->n_held - common, "GPU");
-        if (!rc && common < nb)
-            kvf__kve_enc_block_stored(e, nh + common, nb - common, common > 0,
-                                      common ? nh[common - 1] : 0, tokens + common * P, P, "GPU");
-        if (!rc)
-            rc = kvf__kve_enc_end(e, &data, &len);
-        ++S->seq; /* a batch that could not be encoded leaves a gap the subscriber sees */
-        if (!rc)
-            kvf__zpub_send(S->pub, S->topic, S->seq, data, len);
-        kvf__kve_enc_free(&e);
-    }
+    if (S->pub && (common < S->n_held || common < nb))
+        kvf_events_publish(S->pub, S->held + common, S->n_held - common, nh + common, nb - common,
+                           common > 0, common ? nh[common - 1] : 0, tokens + common * P, P, "GPU");
     pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */
     free(S->held);
     S->held = nh;
@@ -395,7 +371,7 @@ static size_t held_prefix(srv *S, const uint32_t *tokens, size_t n)
     size_t b = 0;
     pthread_mutex_lock(&S->mu);
     for (; b < S->n_held && b < n / P; b++) {
-        parent = XXH3_64bits_withSeed(tokens + b * P, P * sizeof *tokens, parent);
+        kvf_events_hash_blocks(tokens + b * P, 1, P, parent, &parent);
         if (parent != S->held[b])
             break;
     }
@@ -550,10 +526,10 @@ static int register_with_sched(srv *S, char *err, size_t errlen)
     char *cj = kvf_caps_builtin("reference", &caps) == 0 ? kvf_caps_to_json(&caps) : NULL;
     json_t *cjo = cj ? json_loads(cj, 0, NULL) : NULL;
     free(cj);
-    json_t *body =
-        json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", S->id, "role", S->role, "endpoint",
-                  S->endpoint, "events", S->events, "block_tokens", (int)S->m.layout.page_tokens,
-                  "capacity_blocks", (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
+    json_t *body = json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", S->id, "role", S->role, "endpoint",
+                             S->endpoint, "events", S->pub ? kvf_events_endpoint(S->pub) : "",
+                             "block_tokens", (int)S->m.layout.page_tokens, "capacity_blocks",
+                             (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
     if (cjo)
         json_object_set_new(body, "capabilities", cjo);
     char url[256];
@@ -763,60 +739,15 @@ static int open_engine(srv *S, const serve_opts *o)
     return 0;
 }
 
-static int events_allow(void *ud, const uint8_t pk[32], char *name, size_t namelen, int *admin)
-{
-    return kvf__tenants_curve_allow(ud, pk, name, namelen, admin);
-}
-
-/* --events-credential's key, the tenants of --events-tenants and the topic of this engine's
- * tenant into sec, S->ev_tenants and S->topic. 0, or 1 after saying why. */
-static int events_security(srv *S, const serve_opts *o, kvf__zsec *sec)
-{
-    char err[300] = "";
-    kvf_credential c;
-    uint8_t pk[32];
-    int rc = kvf__cred_load(o->events_credential, &c, err, sizeof err);
-    if (!rc && kvf__auth_curve_pair(&c, pk, sec->secret) != 0)
-        rc = kvf__errf(err, sizeof err, KVF_EINVAL, "no CURVE key in it");
-    kvf__auth_wipe(&c, sizeof c);
-    if (!rc)
-        rc = kvf__tenants_open(&S->ev_tenants, o->events_tenants, err, sizeof err);
-    const char *mine = getenv("KVF_CREDENTIAL");
-    if (!rc && (!mine || kvf__cred_load(mine, &c, err, sizeof err) != 0))
-        rc = kvf__errf(err, sizeof err, KVF_EINVAL,
-                       "needs $KVF_CREDENTIAL: the events go under its tenant's topic");
-    if (rc) {
-        fprintf(stderr, "kvf-engine: secured events: %s\n", err);
-        return 1;
-    }
-    snprintf(S->topic, sizeof S->topic, "kv-events/t/%s/", c.tenant);
-    kvf__auth_wipe(&c, sizeof c);
-    sec->allow = events_allow;
-    sec->ud = S->ev_tenants;
-    sec->tenant_prefix = "kv-events/t/";
-    return 0;
-}
-
-/* The KV events publisher on --events, when given, secured by --events-credential; S->events
- * gets its bound address. */
+/* The KV events publisher on --events, when given, secured by --events-credential. */
 static int open_events(srv *S, const serve_opts *o)
 {
-    char eh[128], err[512];
-    uint16_t ep;
-    snprintf(S->topic, sizeof S->topic, "kv-events");
+    char err[512];
     if (!o->events)
         return 0;
-    if (split_addr(o->events, eh, sizeof eh, &ep, "--events") != 0)
-        return 2;
-    kvf__zsec sec = {0};
-    if (o->events_credential && events_security(S, o, &sec) != 0)
-        return 1;
-    int rc = o->events_credential
-                 ? kvf__zpub_open_secure(&S->pub, eh, ep, 0, &sec, S->events, sizeof S->events, err,
-                                         sizeof err)
-                 : kvf__zpub_open(&S->pub, eh, ep, 0, S->events, sizeof S->events, err, sizeof err);
-    kvf__auth_wipe(sec.secret, sizeof sec.secret);
-    if (rc != 0) {
+    kvf_events_opts eo = {
+        .listen = o->events, .credential = o->events_credential, .tenants = o->events_tenants};
+    if (kvf_events_open(&S->pub, &eo, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: --events %s: %s\n", o->events, err);
         return 1;
     }
@@ -858,8 +789,8 @@ static void serve_until_signal(srv *S, uint16_t bound)
     kvf__daemon_signals(on_signal);
     printf("kvf-engine ready listen=%s:%u id=%s role=%s model=%s events=%s cache_layer=%s "
            "pid=%d\n",
-           S->host, (unsigned)bound, S->id, S->role, S->model, S->events[0] ? S->events : "-",
-           S->cn ? "on" : "off", (int)getpid());
+           S->host, (unsigned)bound, S->id, S->role, S->model,
+           S->pub ? kvf_events_endpoint(S->pub) : "-", S->cn ? "on" : "off", (int)getpid());
     fflush(stdout);
     kvf_info(&S->lg, "serving %s as %s on %s:%u", S->model, S->role, S->host, (unsigned)bound);
     while (!atomic_load(&g_stop))
@@ -917,8 +848,7 @@ out_stop_http:
         pthread_join(reporter, NULL);
 out_close_events:
     kvf__http_tokens_free(&tokens);
-    kvf__zpub_close(&S.pub);
-    kvf__tenants_close(&S.ev_tenants);
+    kvf_events_close(&S.pub);
     kvfe_close(&S.e);
     kvf_connector_close(&S.cn);
     free(S.held);

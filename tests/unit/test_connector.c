@@ -13,9 +13,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 
+#include "kvevents.h"
 #include "pagemap.h"
+#include "pubsub.h"
 #include "rdma.h"
 
 static uint64_t rng = 0x1234567;
@@ -334,6 +337,100 @@ static void test_connector_transfer_arguments(void **state)
     cache_free(&c);
 }
 
+/* What one batch of the engine events publisher decoded to. */
+typedef struct seen {
+    int stored, removed;
+    uint64_t hashes[8], parent;
+    int has_parent;
+    uint32_t tokens[8 * 4], block_size;
+    size_t n_hashes, n_tokens;
+} seen;
+
+static int on_event(void *ud, const kvf_kve *ev, char *err, size_t errlen)
+{
+    (void)err, (void)errlen;
+    seen *s = ud;
+    if (ev->type == KVF_KVE_BLOCK_REMOVED) {
+        s->removed += (int)ev->n_hashes;
+        return 0;
+    }
+    assert_int_equal(ev->type, KVF_KVE_BLOCK_STORED);
+    assert_true(ev->n_hashes <= 8 && ev->n_tokens <= 32);
+    s->stored += (int)ev->n_hashes;
+    s->n_hashes = ev->n_hashes;
+    memcpy(s->hashes, ev->hashes, ev->n_hashes * sizeof *ev->hashes);
+    s->n_tokens = ev->n_tokens;
+    memcpy(s->tokens, ev->tokens, ev->n_tokens * sizeof *ev->tokens);
+    s->has_parent = ev->has_parent, s->parent = ev->parent, s->block_size = ev->block_size;
+    return 0;
+}
+
+/* The engine events publisher: block hashes chain (the chain from a parent equals the whole
+ * sequence's), batches arrive in vLLM's format with consecutive sequence numbers, and bad
+ * arguments and addresses are refused with a reason. */
+static void test_connector_events_publish(void **state)
+{
+    (void)state;
+    uint32_t tokens[32];
+    for (int i = 0; i < 32; i++)
+        tokens[i] = 1000u + (uint32_t)i * 7u;
+    uint64_t h[8], tail[4];
+    assert_int_equal(kvf_events_hash_blocks(tokens, 8, 4, 0, h), 0);
+    assert_int_equal(kvf_events_hash_blocks(tokens + 16, 4, 4, h[3], tail), 0);
+    assert_memory_equal(tail, h + 4, sizeof tail);
+    assert_true(h[0] != h[1]);
+    assert_int_equal(kvf_events_hash_blocks(tokens, 1, 0, 0, h), KVF_EINVAL);
+
+    kvf_events *ev = NULL;
+    char err[300] = "";
+    kvf_events_opts bad = {.listen = "no-port"};
+    assert_int_equal(kvf_events_open(&ev, &bad, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "HOST:PORT"));
+    kvf_events_opts noten = {.listen = "127.0.0.1:0", .credential = "/nonexistent.cred"};
+    assert_int_equal(kvf_events_open(&ev, &noten, err, sizeof err), KVF_EINVAL);
+    assert_null(ev);
+
+    kvf_events_opts o = {.listen = "127.0.0.1:0"};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    assert_non_null(strstr(kvf_events_endpoint(ev), "tcp://127.0.0.1:"));
+    assert_string_equal(kvf_events_topic(ev), "kv-events");
+    kvf__zsubs *zs = NULL;
+    int idx;
+    assert_int_equal(kvf__zsubs_open(&zs), 0);
+    assert_int_equal(kvf__zsubs_add(zs, kvf_events_endpoint(ev), NULL, &idx, err, sizeof err), 0);
+    assert_int_equal(kvf_events_publish(ev, NULL, 1, NULL, 0, 0, 0, NULL, 4, NULL), KVF_EINVAL);
+    assert_int_equal(kvf_events_publish(ev, NULL, 0, NULL, 0, 0, 0, NULL, 4, NULL), 0);
+    assert_int_equal(kvf_events_sequence(ev), 0); /* nothing to say: no batch */
+
+    /* A slow joiner misses the first batches: publish until one arrives (bounded). */
+    seen s = {0};
+    uint64_t seq = 0;
+    for (int t = 0; t < 100 && !s.stored; t++) {
+        assert_int_equal(kvf_events_publish(ev, h, 2, h + 2, 2, 1, h[1], tokens + 8, 4, "GPU"), 0);
+        uint8_t ready[KVF_ZSUBS_MAX];
+        if (kvf__zsubs_poll(zs, 20, ready) <= 0 || !ready[idx])
+            continue;
+        kvf__zmsg m;
+        assert_int_equal(kvf__zsubs_recv(zs, idx, &m), 0);
+        assert_int_equal(m.seq_len, 8);
+        seq = kvf__kve_seq_get(m.seq);
+        assert_int_equal(kvf__kve_decode(m.payload, m.len, on_event, &s, NULL, err, sizeof err), 0);
+    }
+    assert_int_equal(s.stored, 2);
+    assert_int_equal(s.removed, 2);
+    assert_int_equal(s.n_hashes, 2);
+    assert_memory_equal(s.hashes, h + 2, 2 * sizeof *h);
+    assert_true(s.has_parent);
+    assert_true(s.parent == h[1]);
+    assert_int_equal(s.block_size, 4);
+    assert_int_equal(s.n_tokens, 8);
+    assert_memory_equal(s.tokens, tokens + 8, 8 * sizeof *tokens);
+    assert_true(seq >= 1 && seq <= kvf_events_sequence(ev));
+    kvf__zsubs_close(&zs);
+    kvf_events_close(&ev);
+    kvf_events_close(&ev); /* twice: a no-op */
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -341,6 +438,7 @@ int main(void)
         cmocka_unit_test(test_connector_register_rejects_bad_memory),
         cmocka_unit_test(test_connector_transfer_arguments),
         cmocka_unit_test(test_connector_transport_says_why),
+        cmocka_unit_test(test_connector_events_publish),
     };
     return cmocka_run_group_tests_name("connector", tests, NULL, NULL);
 }

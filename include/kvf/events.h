@@ -1,0 +1,72 @@
+/*
+ * kvf/events.h - an engine's KV events: what its own KV pages hold, published the way vLLM's
+ * engines publish them (ZeroMQ PUB, [topic, 8-byte big-endian sequence, msgpack [ts, events, 0]],
+ * BlockStored / BlockRemoved), so that kvf-sched places requests where their prefix already is.
+ *
+ * A block's hash is the engine's chain over token ids: block b's hash is XXH3-64 of its
+ * block_tokens token ids (little-endian 32-bit) seeded with block b-1's hash (0 for the first),
+ * the hash kvf-sched matches prompts against (docs/scheduler.md). kvf_events_hash_blocks computes
+ * it; engines with another hash must map theirs to it.
+ *
+ * Secured publishers (docs/security.md, "KV events"): with a credential, the socket is a CURVE
+ * server; only subscribers listed in the tenants file connect, and the events go under the topic
+ * of the engine's tenant ("kv-events/t/TENANT/"), which is all a tenant's subscriber receives.
+ */
+#ifndef KVF_EVENTS_H
+#define KVF_EVENTS_H
+
+#include "kvf/export.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct kvf_events kvf_events;
+
+typedef struct kvf_events_opts {
+    const char *listen; /* HOST:PORT to bind (port 0: a free one) */
+    /* NULL: an open publisher (loopback or --insecure deployments only). Else the path of the
+     * publisher's credential (its CURVE key) ... */
+    const char *credential;
+    const char *tenants;           /* ... the tenants file saying who may subscribe ... */
+    const char *tenant_credential; /* ... and whose tenant's topic the events go under (NULL:
+                                      the credential file $KVF_CREDENTIAL names) */
+} kvf_events_opts;
+
+/* Binds the publisher. 0, or KVF_EINVAL (a bad address, credential or tenants file),
+ * KVF_EADDRINUSE, KVF_ENOTSUP (libzmq without CURVE), KVF_ENOMEM, with one line in err. Caller
+ * owns *out; close with kvf_events_close(). Safe to use from several threads. */
+KVF_API int kvf_events_open(kvf_events **out, const kvf_events_opts *o, char *err, size_t errlen);
+/* The bound endpoint, "tcp://HOST:PORT": what the engine registers with kvf-sched. */
+KVF_API const char *kvf_events_endpoint(const kvf_events *ev);
+/* The topic the batches go under ("kv-events", or a tenant's). */
+KVF_API const char *kvf_events_topic(const kvf_events *ev);
+
+/* Hashes n_blocks whole blocks of tokens (n_blocks * block_tokens ids) into out, chained from
+ * parent (0: the sequence's first block). 0, or KVF_EINVAL (block_tokens 0, NULL arrays). */
+KVF_API int kvf_events_hash_blocks(const uint32_t *tokens, size_t n_blocks, uint32_t block_tokens,
+                                   uint64_t parent, uint64_t *out);
+
+/* Publishes one batch: BlockRemoved for removed[0..n_removed) (if any), then BlockStored for
+ * stored[0..n_stored) (if any), whose tokens are n_stored * block_tokens ids and whose first
+ * block follows the block hashed parent (has_parent 0: they start a sequence). medium: "GPU",
+ * "CPU" (NULL: "GPU"). Every batch takes the next sequence number. 0, KVF_EINVAL, KVF_ENOMEM or
+ * KVF_EIO. */
+KVF_API int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed,
+                               const uint64_t *stored, size_t n_stored, int has_parent,
+                               uint64_t parent, const uint32_t *tokens, uint32_t block_tokens,
+                               const char *medium);
+/* Batches published so far (the last sequence number). */
+KVF_API uint64_t kvf_events_sequence(const kvf_events *ev);
+
+/* Accepts NULL; clears *ev. */
+KVF_API void kvf_events_close(kvf_events **ev);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
