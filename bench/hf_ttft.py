@@ -65,13 +65,9 @@ def main():
     cfg_d = models.config(a.model)
     if a.layers:
         cfg_d["num_hidden_layers"] = a.layers
-    cfg = transformers.AutoConfig.for_model(cfg_d.get("model_type", "llama"), **{
-        k: v for k, v in cfg_d.items() if k not in ("architectures", "model_type", "torch_dtype")})
-    torch.manual_seed(0)
     t0 = time.monotonic()
-    with torch.device("cuda"):
-        model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
-    model.eval()
+    model, _, _ = models.build(cfg_d, "transformers", "cuda", "bf16", seed=0)
+    cfg = model.config
     build_s = time.monotonic() - t0
     layout = models.layout_for(cfg, a.model, page_tokens=16, chunk_tokens=256, dtype="bf16")
     cached = int(a.prompt * a.cached) // layout.chunk_tokens * layout.chunk_tokens

@@ -110,6 +110,15 @@ class CudaInfo(ctypes.Structure):
     ]
 
 
+class EventsOpts(ctypes.Structure):
+    _fields_ = [
+        ("listen", c_char_p),
+        ("credential", c_char_p),
+        ("tenants", c_char_p),
+        ("tenant_credential", c_char_p),
+    ]
+
+
 _P = ctypes.POINTER
 _SIGNATURES = {
     "kvf_strerror": (c_char_p, [c_int]),
@@ -151,6 +160,15 @@ _SIGNATURES = {
     "kvf_xfer_cancel": (None, [c_void_p]),
     "kvf_xfer_free": (None, [_P(c_void_p)]),
     "kvf_cuda_probe": (c_int, [_P(CudaInfo)]),
+    "kvf_events_open": (c_int, [_P(c_void_p), _P(EventsOpts), c_char_p, c_size_t]),
+    "kvf_events_endpoint": (c_char_p, [c_void_p]),
+    "kvf_events_topic": (c_char_p, [c_void_p]),
+    "kvf_events_hash_blocks": (c_int, [_P(c_uint32), c_size_t, c_uint32, c_uint64,
+                                       _P(c_uint64)]),
+    "kvf_events_publish": (c_int, [c_void_p, _P(c_uint64), c_size_t, _P(c_uint64), c_size_t,
+                                   c_int, c_uint64, _P(c_uint32), c_uint32, c_char_p]),
+    "kvf_events_sequence": (c_uint64, [c_void_p]),
+    "kvf_events_close": (None, [_P(c_void_p)]),
 }
 
 _lock = threading.Lock()

@@ -7,9 +7,10 @@ checkpoints does); the benchmarks build these models with random weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from .layout import Layout
 
@@ -80,3 +81,55 @@ def layout_for(cfg: Union[Mapping[str, Any], Any], model_id: str = "", page_toke
     name = model_id or str(_get(cfg, "_name_or_path", "") or _get(cfg, "model_type", "model"))
     return Layout(name[:63], layers, kv_heads, int(head_dim), dtype, page_tokens=page_tokens,
                   chunk_tokens=chunk_tokens, tp_rank=tp_rank, tp_size=tp_size)
+
+
+def build(cfg: Mapping[str, Any], backend: str = "auto", device: str = "cpu", dtype: str = "bf16",
+          seed: int = 0, checkpoint: Optional[str] = None) -> Tuple[Any, Callable[[], Any], str]:
+    """A causal LM of a configuration, in eval mode on device with weights and KV in dtype (bf16,
+    f16, f32): random weights from seed, or a safetensors checkpoint's (kvfabric.checkpoint).
+    backend: "transformers" (AutoModelForCausalLM), "torch" (kvfabric.llama, Llama-family
+    architectures) or "auto" (transformers where installed). Returns (model, a factory of empty
+    caches of its kind, the backend used)."""
+    import torch
+
+    tdtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype]
+    if backend == "auto":
+        try:
+            import transformers  # noqa: F401
+            backend = "transformers"
+        except ImportError:
+            backend = "torch"
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    try:  # built in dtype: an 8B model never exists in float32 on the way
+        torch.set_default_dtype(tdtype)
+        return _build(cfg, backend, torch.device(device), tdtype, checkpoint)
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _build(cfg: Mapping[str, Any], backend: str, dev: Any, tdtype: Any,
+           checkpoint: Optional[str]) -> Tuple[Any, Callable[[], Any], str]:
+    import torch
+
+    from .checkpoint import load_checkpoint
+
+    on_device = dev if hasattr(dev, "__enter__") else contextlib.nullcontext()  # torch >= 2.0
+    if backend == "transformers":
+        import transformers
+        hf = transformers.AutoConfig.for_model(cfg.get("model_type", "llama"), **{
+            k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
+        with on_device:
+            model = transformers.AutoModelForCausalLM.from_config(hf)
+        factory: Callable[[], Any] = transformers.DynamicCache
+    elif backend == "torch":
+        from .llama import KVCache, LlamaModel
+        with on_device:
+            model = LlamaModel(cfg)
+        factory = KVCache
+    else:
+        raise ValueError(f"backend {backend!r}: transformers, torch or auto")
+    model = model.to(device=dev, dtype=tdtype)
+    if checkpoint:
+        load_checkpoint(model, checkpoint)
+    return model.eval(), factory, backend

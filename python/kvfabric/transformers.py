@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-from .connector import Connector
+from .connector import Connector, pages_from_tensors
+from .engine import decoder_layers as _decoder_layers
+from .engine import layer_kv as _layer_kv
 from .errors import Miss
 from .layout import Layout
 from .paged import PagedKVCache
-from .connector import pages_from_tensors
 
 
 class _Abort(Exception):
@@ -34,25 +35,6 @@ class GenerateInfo:
     saved_tokens: int = 0    # full chunks saved after the prompt
     recomputed: bool = False
     notes: List[str] = field(default_factory=list)
-
-
-def _decoder_layers(model: Any) -> Sequence[Any]:
-    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-            return obj
-        except AttributeError:
-            continue
-    raise TypeError("cannot find the decoder layers of this model (model.layers)")
-
-
-def _layer_kv(cache: Any, layer: int):
-    """The keys and values ([batch, kv_heads, seq, head_dim]) cached for a layer."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
 
 
 class KVFabricGenerate:

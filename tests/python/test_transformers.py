@@ -3,6 +3,7 @@ float32): generate with a prefix another request saved loads it layer by layer a
 same tokens as generate without kvfabric; the saved KV is what the model computed. Skipped where
 transformers is not installed (CI); run on the GPU machine."""
 
+import os
 import random
 import unittest
 
@@ -62,6 +63,52 @@ class TestTransformers(unittest.TestCase):
             self.assertEqual(st["chunks_loaded"], 2)
             if self.device == "cuda":
                 self.assertGreater(st["cuda_bytes"], 0)
+
+    def test_engines_hand_over_and_match_generate(self):
+        """A prefill engine and a decode engine (two connectors, one store): 20 requests sharing
+        prefixes, each prefilled on one and decoded on the other from the KV it saved, give
+        exactly transformers' own greedy tokens."""
+        from kvfabric.engine import Engine
+        r = random.Random(7)
+        system = [r.randrange(1000) for _ in range(150)]
+        with kvf.Connector(self.layout, nodes=[self.store.addr], salt="pd") as cp, \
+                kvf.Connector(self.layout, nodes=[self.store.addr], salt="pd") as cd:
+            pre = Engine(self.model, self.layout, transformers.DynamicCache, connector=cp,
+                         max_tokens=1024)
+            dec = Engine(self.model, self.layout, transformers.DynamicCache, connector=cd,
+                         max_tokens=1024)
+            loaded = 0
+            for i in range(20):
+                toks = system[: r.randrange(64, 150)] + [r.randrange(1000)
+                                                          for _ in range(r.randrange(1, 120))]
+                p = pre.run("prefill", toks)
+                d = dec.run("decode", toks, max_tokens=6, first_token=p.tokens[0])
+                self.assertFalse(d.first_token_mismatch, i)
+                self.assertEqual(d.tokens, self.plain(toks, 6)[len(toks):], i)
+                loaded += d.loaded_tokens
+            self.assertGreater(loaded, 0)
+
+    def test_kvfabric_llama_matches_transformers(self):
+        """kvfabric.llama with the transformers model's weights (through a safetensors file)
+        computes the same logits."""
+        import shutil
+        import tempfile
+        from kvfabric.checkpoint import load_checkpoint, write_safetensors
+        from kvfabric.llama import KVCache, LlamaModel
+        d = tempfile.mkdtemp(prefix="kvf-hf-")
+        try:
+            write_safetensors(os.path.join(d, "model.safetensors"), self.model.state_dict())
+            ours = LlamaModel(self.model.config.to_dict()).to(self.device).eval()
+            load_checkpoint(ours, d)
+            ids = torch.tensor([[random.Random(3).randrange(1000) for _ in range(100)]],
+                               device=self.device)
+            with torch.no_grad():
+                want = self.model(input_ids=ids).logits
+                got = ours(input_ids=ids, past_key_values=KVCache()).logits
+            self.assertTrue(torch.allclose(want, got, atol=2e-4, rtol=1e-3),
+                            float((want - got).abs().max()))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":

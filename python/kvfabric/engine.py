@@ -1,0 +1,313 @@
+"""A serving engine over a causal LM (transformers' or kvfabric.llama's) with kvfabric: one
+sequence at a time on the model's device, the KV of the last sequence kept (the engine's own
+prefix cache, as kvf-engine keeps its pages), a cached prefix beyond it loaded from kvfabric layer
+by layer while the forward pass runs, the prompt's new full chunks saved, and the blocks it holds
+published as KV events. kvfabric.serve puts it behind kvf-engine's HTTP API.
+
+Each request is one of
+  prefill   compute (or load) the prompt, save its chunks, answer the first token;
+  decode    the decode half of a disaggregated request: load what the prefill saved (waiting,
+            bounded, for the handoff), check the first token, decode;
+  generate  both here.
+with reuse "all" (the engine's own KV and kvfabric), "engine" (its own only: the baseline without
+kvfabric) or "none". Greedy decoding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from .connector import Connector, pages_from_tensors
+from .errors import KvfError, Miss
+from .events import Events, HeldBlocks
+from .layout import Layout
+from .paged import PagedKVCache
+
+
+class _Abort(Exception):
+    """A layer of the load did not arrive in the middle of the forward pass."""
+
+
+def decoder_layers(model: Any) -> Sequence[Any]:
+    """The decoder layers of a causal LM (model.model.layers and the like)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise TypeError("cannot find the decoder layers of this model (model.layers)")
+
+
+def layer_kv(cache: Any, layer: int):
+    """The keys and values ([batch, kv_heads, seq, head_dim]) cached for a layer."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
+
+
+class Staging:
+    """Pages in kvfabric's layout on the model's device, registered with a connector: loads land
+    there and are handed to the model's cache layer by layer; saves are copied there from it."""
+
+    def __init__(self, connector: Connector, layout: Layout, tokens: int, device: Any,
+                 dtype: Any) -> None:
+        P = layout.page_tokens
+        self.layout, self.cn = layout, connector
+        self.pages = PagedKVCache(layout, (tokens + P - 1) // P, device=device, dtype=dtype)
+        connector.register(pages_from_tensors(layout, self.pages.tensors))
+
+    @property
+    def tokens(self) -> int:
+        return self.pages.num_pages * self.layout.page_tokens
+
+    def to_cache(self, cache: Any, layer: int, begin: int, end: int) -> None:
+        """Appends positions begin..end of the staged prefix to the cache's layer."""
+        P = self.layout.page_tokens
+        k, v = self.pages.read(layer, range((end + P - 1) // P), end)  # [end, H, D]
+        cache.update(k[begin:end].transpose(0, 1).unsqueeze(0),
+                     v[begin:end].transpose(0, 1).unsqueeze(0), layer)
+
+    def from_cache(self, cache: Any, begin: int, end: int) -> None:
+        """Copies positions begin..end (whole pages) of the cache into the staging pages."""
+        P = self.layout.page_tokens
+        for layer in range(self.layout.layers):
+            k, v = layer_kv(cache, layer)
+            k = k[0, :, begin:end].transpose(0, 1)  # [n, H, D]
+            v = v[0, :, begin:end].transpose(0, 1)
+            t = self.pages.tensors[layer]
+            t[0, begin // P: end // P].copy_(k.reshape(-1, P, *k.shape[1:]))
+            t[1, begin // P: end // P].copy_(v.reshape(-1, P, *v.shape[1:]))
+
+
+@dataclass
+class Outcome:
+    """What one request did (the fields of kvf-engine's answers)."""
+
+    tokens: List[int]
+    itl_s: List[float]
+    prompt_tokens: int
+    device_tokens: int
+    loaded_tokens: int
+    saved_tokens: int
+    prefill_s: float
+    compute_s: float
+    wait_s: float
+    decode_s: float
+    load_error: str
+    first_token_mismatch: bool
+    notes: List[str]
+
+
+class Engine:
+    """One model on one device with kvfabric (connector may be None: no stores) and KV events
+    (events may be None). cache_factory makes an empty cache of the model's kind (transformers'
+    DynamicCache, kvfabric.llama.KVCache). max_tokens bounds a sequence (prompt and output)."""
+
+    def __init__(self, model: Any, layout: Layout, cache_factory: Callable[[], Any],
+                 connector: Optional[Connector] = None, events: Optional[Events] = None,
+                 max_tokens: int = 16384) -> None:
+        import torch
+
+        self.model, self.layout, self.new_cache = model, layout, cache_factory
+        self.cn, self.max_tokens = connector, max_tokens
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.layers = decoder_layers(model)
+        if len(self.layers) != layout.layers:
+            raise ValueError(f"the model has {len(self.layers)} layers, the layout {layout.layers}")
+        self.staging = Staging(connector, layout, max_tokens, self.device, self.dtype) \
+            if connector is not None else None
+        self.held = HeldBlocks(events, layout.page_tokens)
+        self.last_tokens: List[int] = []  # the sequence whose KV the cache holds
+        self.last_cache: Any = None
+        self._torch = torch
+        self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    # ---------------------------------------------------------------------------------------
+    def lookup(self, tokens: Sequence[int]) -> int:
+        """The leading tokens of `tokens` the stores hold (0 without a connector)."""
+        return self.cn.lookup(tokens) if self.cn is not None else 0
+
+    def _device_prefix(self, tokens: List[int], limit: int) -> int:
+        n = 0
+        for a, b in zip(self.last_tokens[:limit], tokens[:limit]):
+            if a != b:
+                break
+            n += 1
+        return n // self.layout.chunk_tokens * self.layout.chunk_tokens
+
+    def _forward(self, ids: List[int], cache: Any):
+        t = self._torch.tensor([ids], device=self.device)
+        out = self.model(input_ids=t, past_key_values=cache, use_cache=True)
+        return int(out.logits[0, -1].argmax())
+
+    def _prefill(self, tokens: List[int], reuse: str, o: Outcome) -> Any:
+        """Fills a cache with the prompt's KV (reused, loaded, computed): returns it and how many
+        leading tokens the stores hold; the first token goes into o.tokens."""
+        L, C = self.layout, self.layout.chunk_tokens
+        n = len(tokens)
+        limit = (n - 1) // C * C  # the last token is always computed: its logits are the answer
+        d = self._device_prefix(tokens, limit) if reuse != "none" and self.last_cache is not None \
+            else 0
+        cached = self.lookup(tokens[:limit]) if reuse == "all" and limit and self.cn else 0
+        cache = self.last_cache if d else self.new_cache()
+        if d:
+            cache.crop(d)
+        else:
+            self.last_cache = None  # its memory goes back before this sequence's is taken
+        load = None
+        if cached > d:
+            load = self.cn.load(tokens[:cached], list(range(cached // L.page_tokens)),
+                                first_chunk=d // C)
+        hooks, waited = [], [0.0]
+        t0 = time.perf_counter()
+        try:
+            if load is not None:
+                def fill(layer: int) -> None:
+                    w = time.perf_counter()
+                    try:
+                        load.wait_layer(layer)
+                    except Miss as e:
+                        raise _Abort(e.name, str(e)) from None
+                    finally:
+                        waited[0] += time.perf_counter() - w
+                    self.staging.to_cache(cache, layer, d, cached)
+
+                fill(0)  # before the model reads the cache's length from layer 0
+                filled = {0}
+
+                def pre(layer: int):
+                    def hook(module, args):
+                        if layer not in filled:
+                            filled.add(layer)
+                            fill(layer)
+                    return hook
+
+                for layer in range(1, L.layers):
+                    hooks.append(self.layers[layer].register_forward_pre_hook(pre(layer)))
+                first = self._forward(tokens[cached:], cache)
+                o.loaded_tokens, o.device_tokens = cached - d, d
+            else:
+                first = self._forward(tokens[d:], cache)
+                o.device_tokens = d
+        except _Abort as e:  # recompute what did not arrive, after the engine's own prefix
+            o.load_error, note = e.args
+            o.notes.append(note)
+            for h in hooks:
+                h.remove()
+            hooks = []
+            cache.crop(d)
+            if d == 0:
+                cache = self.new_cache()
+            first = self._forward(tokens[d:], cache)
+            o.loaded_tokens, o.device_tokens = 0, d
+        finally:
+            for h in hooks:
+                h.remove()
+            if load is not None:
+                try:
+                    load.wait()
+                except KvfError:
+                    pass
+                load.close()
+        self._sync()
+        o.prefill_s = time.perf_counter() - t0
+        o.wait_s = waited[0]
+        o.compute_s = max(0.0, o.prefill_s - o.wait_s)
+        o.tokens.append(first)
+        # what the stores hold of the prompt: the lookup's prefix, unless its load failed
+        known = 0 if load is not None and not o.loaded_tokens else cached
+        return cache, known
+
+    def _save(self, tokens: List[int], cache: Any, known: int) -> int:
+        """Saves the prompt's full chunks beyond the first `known` tokens (which the stores hold
+        already). Returns the tokens saved."""
+        L, C = self.layout, self.layout.chunk_tokens
+        full = len(tokens) // C * C
+        first = known // C
+        if self.cn is None or full <= first * C:
+            return 0
+        self.staging.from_cache(cache, first * C, full)
+        stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
+        sv = self.cn.save(tokens[:full], list(range(full // L.page_tokens)), first_chunk=first)
+        try:
+            for layer in range(L.layers):
+                sv.layer_done(layer, stream)
+            sv.wait()
+        finally:
+            sv.close()
+        return full - first * C
+
+    def run(self, kind: str, tokens: Sequence[int], max_tokens: int = 1, reuse: str = "all",
+            first_token: Optional[int] = None) -> Outcome:
+        """Runs one request (see the module's docstring). Not thread-safe: one at a time."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("tokens must not be empty")
+        if len(tokens) + max_tokens + 1 > self.max_tokens:
+            raise ValueError(f"prompt of {len(tokens)} tokens + {max_tokens} to generate exceed "
+                             f"this engine's KV capacity of {self.max_tokens} tokens")
+        if reuse not in ("all", "engine", "none"):
+            raise ValueError("reuse must be all, engine or none")
+        o = Outcome([], [], len(tokens), 0, 0, 0, 0.0, 0.0, 0.0, 0.0, "KVF_OK", False, [])
+        stores = reuse == "all" and self.cn is not None
+        with self._torch.no_grad():
+            cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else "engine", o)
+            self.last_tokens, self.last_cache = tokens, cache
+            if stores and kind != "decode":
+                o.saved_tokens = self._save(tokens, cache, known)
+            self.held.set(tokens)
+            if kind == "decode" and first_token is not None:
+                o.first_token_mismatch = o.tokens[0] != int(first_token)
+                o.tokens[0] = int(first_token)
+            if kind != "prefill":
+                t_dec = time.perf_counter()
+                last = o.tokens[0]
+                for _ in range(max_tokens - 1):
+                    t = time.perf_counter()
+                    last = self._forward([last], cache)
+                    o.tokens.append(last)
+                    o.itl_s.append(time.perf_counter() - t)
+                o.decode_s = time.perf_counter() - t_dec
+            self.last_tokens = tokens + o.tokens[:-1] if kind != "prefill" else tokens
+        return o
+
+
+class TurnQueue:
+    """First come, first served turns on one engine, with what waits counted for load reports."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._next = self._serving = 0
+        self.queued_prefill_tokens = 0
+        self.active_decodes = 0
+        self.waiting = 0
+
+    def __enter__(self):
+        with self._cv:
+            ticket = self._next
+            self._next += 1
+            self.waiting += 1
+            while self._serving != ticket:
+                self._cv.wait()
+            self.waiting -= 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._cv:
+            self._serving += 1
+            self._cv.notify_all()
+
+
+def outcome_json(o: Outcome) -> Dict[str, Any]:
+    return {"tokens": o.tokens, "itl_s": o.itl_s, "prompt_tokens": o.prompt_tokens,
+            "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
+            "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
+            "wait_s": o.wait_s, "decode_s": o.decode_s, "load_error": o.load_error,
+            "first_token_mismatch": o.first_token_mismatch, "notes": o.notes}

@@ -1,0 +1,424 @@
+"""python -m kvfabric.serve: a causal LM (transformers', or kvfabric.llama's in plain torch) behind
+kvf-engine's HTTP API, with kvfabric: registered with kvf-sched, its load reported, its KV events
+published, as a prefill-only, decode-only or colocated instance. The cluster launcher, the trace
+driver and `kvf-bench e2e` drive it as they drive kvf-engine (docs/python.md).
+
+    python3 -m kvfabric.serve --id prefill0 --role prefill --model llama-3.1-8b \\
+        --sched 127.0.0.1:7300 --events 127.0.0.1:0 --device cuda
+
+Requests (POST, JSON; token ids as arrays of integers), answered as kvf-engine answers them:
+    /v1/prefill   {tokens, reuse}                        the first token, the prompt's chunks saved
+    /v1/decode    {tokens, first_token, max_tokens, expect_cached}
+    /v1/generate  {tokens, max_tokens, reuse}
+    GET /v1/health
+Requests are served one at a time in arrival order (kvf-engine orders its queue by remaining work).
+Weights are random unless --checkpoint names a safetensors checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Dict, List, Optional, Tuple
+
+from . import models
+from .connector import Connector
+from .engine import Engine, TurnQueue, outcome_json
+from .errors import KvfError
+from .events import Events
+from .layout import Layout
+
+MAX_BODY = 64 << 20
+REPORT_EVERY_S = 5.0
+
+
+def _log(level: str, msg: str) -> None:
+    sys.stderr.write(f"kvfabric.serve: {level}: {msg}\n")
+    sys.stderr.flush()
+
+
+def _split(addr: str, what: str) -> Tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise SystemExit(f"kvfabric.serve: {what}: expected HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
+
+
+def read_tokens(path: str) -> Dict[str, str]:
+    """A token file (NAME TOKEN per line, # comments), as kvf-sched and kvf-engine read it."""
+    out: Dict[str, str] = {}
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            parts = line.split("#", 1)[0].split()
+            if not parts:
+                continue
+            if len(parts) != 2 or not 16 <= len(parts[1]) <= 512 or parts[0] in out:
+                raise SystemExit(f"kvfabric.serve: {path}:{ln}: expected \"NAME TOKEN\" "
+                                 "(a token of 16-512 characters, each name once)")
+            out[parts[0]] = parts[1]
+    if not out:
+        raise SystemExit(f"kvfabric.serve: {path}: no token in the file")
+    return out
+
+
+def _http(method: str, url: str, body: Optional[Dict[str, Any]], timeout: float = 2.0
+          ) -> Tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    tok = os.environ.get("KVF_SCHED_TOKEN")
+    if tok:
+        req.add_header("Authorization", f"Bearer {tok}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            return r.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw) if raw else None
+        except ValueError:
+            return e.code, None
+
+
+class Server:
+    """The engine, its turn queue, kvf-sched registration and load reports."""
+
+    def __init__(self, a: argparse.Namespace, engine: Engine, layout: Layout,
+                 events: Optional[Events], backend: str) -> None:
+        self.a, self.engine, self.layout, self.events = a, engine, layout, events
+        self.backend = backend
+        self.turns = TurnQueue()
+        self.mu = threading.Lock()
+        self.requests = self.failures = self.mismatches = 0
+        self.busy_s = 0.0
+        self.endpoint = ""
+        self.stop = threading.Event()
+        self.dirty = threading.Event()
+        self.tokens = read_tokens(a.tokens) if a.tokens else None
+
+    # -- kvf-sched ------------------------------------------------------------------------
+    def register(self) -> None:
+        body = {"id": self.a.id, "role": self.a.role, "endpoint": self.endpoint,
+                "events": self.events.endpoint if self.events else "",
+                "block_tokens": self.layout.page_tokens,
+                "capacity_blocks": self.a.max_tokens // self.layout.page_tokens}
+        url = f"http://{self.a.sched}/v1/instances"
+        last = "no answer"
+        for _ in range(50):
+            try:
+                st, rep = _http("POST", url, body)
+            except OSError as e:
+                last = str(e)
+                time.sleep(0.1)
+                continue
+            if st in (200, 201):
+                return
+            why = rep.get("error") if isinstance(rep, dict) else None
+            raise SystemExit(f"kvfabric.serve: kvf-sched refused the registration (HTTP {st}): "
+                             f"{why or 'no reason given'}")
+        raise SystemExit(f"kvfabric.serve: kvf-sched at {self.a.sched}: {last}")
+
+    def reporter(self) -> None:
+        url = f"http://{self.a.sched}/v1/instances/{self.a.id}/load"
+        while not self.stop.is_set():
+            self.dirty.wait(REPORT_EVERY_S)
+            self.dirty.clear()
+            if self.stop.is_set():
+                break
+            t = self.turns
+            body = {"queued_prefill_tokens": float(t.queued_prefill_tokens),
+                    "active_decodes": t.active_decodes,
+                    "used_blocks": len(self.engine.held.hashes)}
+            try:
+                st, _ = _http("POST", url, body)
+                if st == 404:
+                    _log("warn", "kvf-sched does not know this engine: registering again")
+                    self.register()
+                elif st != 200:
+                    _log("warn", f"load report to kvf-sched: HTTP {st}")
+            except (OSError, SystemExit) as e:
+                _log("warn", f"load report to kvf-sched: {e}")
+
+    # -- requests -------------------------------------------------------------------------
+    def health(self) -> Dict[str, Any]:
+        st = self.engine.cn.stats() if self.engine.cn is not None else {}
+        with self.mu:
+            return {"id": self.a.id, "role": self.a.role, "model": self.a.model,
+                    "backend": self.backend, "device": str(self.engine.device),
+                    "requests": self.requests, "failures": self.failures,
+                    "first_token_mismatches": self.mismatches,
+                    "queued_prefill_tokens": self.turns.queued_prefill_tokens,
+                    "active_decodes": self.turns.active_decodes, "waiting": self.turns.waiting,
+                    "busy_s": self.busy_s,
+                    "connector": {k: st.get(k, 0) for k in
+                                  ("load_bytes", "save_bytes", "chunks_loaded", "chunks_saved",
+                                   "chunks_missed", "chunks_existing")},
+                    "cache_layer": self.engine.cn is not None}
+
+    def job(self, kind: str, body: Any) -> Tuple[int, Dict[str, Any]]:
+        if not isinstance(body, dict):
+            return 400, {"error": "the body must be a JSON object"}
+        toks = body.get("tokens")
+        if not isinstance(toks, list) or not toks or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 0xFFFFFFFF
+                for t in toks):
+            return 400, {"error": "\"tokens\" must be a non-empty array of 32-bit token ids"}
+        ints = {}
+        for k in ("max_tokens", "first_token", "expect_cached"):
+            v = body.get(k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                return 400, {"error": "max_tokens, first_token and expect_cached are integers, "
+                                      "reuse true, false or \"engine\""}
+            ints[k] = v
+        ru = body.get("reuse", True)
+        if ru is True:
+            reuse = "all"
+        elif ru is False:
+            reuse = "none"
+        elif ru == "engine":
+            reuse = "engine"
+        else:
+            return 400, {"error": "reuse must be true, false or \"engine\""}
+        max_tokens = ints["max_tokens"] if ints["max_tokens"] is not None else 1
+        if not 1 <= max_tokens <= 1 << 20:
+            return 400, {"error": "max_tokens must be 1..1048576"}
+        if kind == "prefill":
+            max_tokens = 1
+        if len(toks) + max_tokens + 1 > self.a.max_tokens:
+            return 413, {"error": f"prompt of {len(toks)} tokens + {max_tokens} to generate "
+                                  f"exceed this engine's KV capacity of {self.a.max_tokens} "
+                                  "tokens (--max-tokens)"}
+        handoff_s = 0.0
+        expect = ints["expect_cached"] or 0
+        if kind == "decode" and expect and self.engine.cn is not None:
+            t0 = time.perf_counter()
+            for i in range(400):  # the prefill's save may still be landing: bounded wait
+                if self.engine.lookup(toks[: len(toks) // self.layout.chunk_tokens *
+                                           self.layout.chunk_tokens]) >= expect:
+                    break
+                time.sleep(0.0005 if i < 20 else 0.005)
+            handoff_s = time.perf_counter() - t0
+        t = self.turns
+        with self.mu:
+            if kind != "decode":
+                t.queued_prefill_tokens += len(toks)
+            if kind != "prefill":
+                t.active_decodes += 1
+        self.dirty.set()
+        tq = time.perf_counter()
+        try:
+            with t:
+                start = time.perf_counter()
+                try:
+                    o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"])
+                    status, out = 200, outcome_json(o)
+                except (KvfError, ValueError, RuntimeError) as e:
+                    status, out, o = 500, {"error": f"{kind}: {e}"}, None
+                busy = time.perf_counter() - start
+        finally:
+            with self.mu:
+                if kind != "decode":
+                    t.queued_prefill_tokens -= len(toks)
+                if kind != "prefill":
+                    t.active_decodes -= 1
+            self.dirty.set()
+        with self.mu:
+            self.requests += 1
+            self.failures += status != 200
+            self.busy_s += busy
+            if o is not None and o.first_token_mismatch:
+                self.mismatches += 1
+        if status != 200:
+            return status, out
+        out.update({"engine": self.a.id, "kind": kind, "queue_s": start - tq,
+                    "handoff_s": handoff_s, "label": "real", "backend": self.backend})
+        cn = self.engine.cn
+        if cn is not None and reuse == "all":
+            tr, why = cn.transport()
+            out.update({"transport": tr, "transport_reason": why})
+        if o.first_token_mismatch:
+            _log("error", f"the decode's first token differs from the prefill's "
+                          f"{ints['first_token']}")
+        return 200, out
+
+
+def _handler(S: Server):
+    class H(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            if S.a.log_level == "debug":
+                _log("debug", fmt % args)
+
+        def _send(self, status: int, obj: Any) -> None:
+            data = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path != "/v1/health":
+                self._send(404, {"error": f"GET {self.path}: not served"})
+                return
+            self._send(200, S.health())
+
+        def do_POST(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            if n <= 0 or n > MAX_BODY:
+                self.close_connection = True
+                self._send(413 if n > MAX_BODY else 400,
+                           {"error": f"a JSON body of 1 to {MAX_BODY} bytes is required"})
+                return
+            raw = self.rfile.read(n)
+            if S.tokens is not None:
+                got = self.headers.get("Authorization", "")
+                if not got.startswith("Bearer ") or not any(
+                        hmac.compare_digest(got[7:].encode(), t.encode())
+                        for t in S.tokens.values()):
+                    self._send(401, {"error": "a valid bearer token is required"})
+                    return
+            try:
+                body = json.loads(raw)
+            except ValueError as e:
+                self._send(400, {"error": f"the body is not JSON: {e}"})
+                return
+            if self.path not in ("/v1/prefill", "/v1/decode", "/v1/generate"):
+                self._send(404, {"error": f"POST {self.path}: not served (prefill, decode, "
+                                          "generate)"})
+                return
+            status, out = S.job(self.path[4:], body)
+            self._send(status, out)
+
+    return H
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m kvfabric.serve",
+        description="A causal LM behind kvf-engine's HTTP API, with kvfabric (docs/python.md).")
+    p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # kvf-engine's flag
+    p.add_argument("--id", required=True, help="this instance's name in kvf-sched")
+    p.add_argument("--role", choices=("prefill", "decode", "both"), default="both")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of the HTTP API")
+    p.add_argument("--advertise", help="HOST:PORT others reach the API at (default: --listen's)")
+    p.add_argument("--sched", default="", help="kvf-sched's HOST:PORT: register and report load")
+    p.add_argument("--store", default="", help="kvf-store HOST:PORT[,...] (default: kvf-sched's)")
+    p.add_argument("--events", help="HOST:PORT to publish KV events on (port 0: any)")
+    p.add_argument("--events-credential", help="the events' CURVE credential (with tenants)")
+    p.add_argument("--events-tenants", help="who may subscribe to the events")
+    p.add_argument("--tokens", help="bearer token file: every POST must carry one")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow --listen/--events on an address that is not loopback")
+    p.add_argument("--model", default="llama-3.1-8b",
+                   help=f"a configuration ({', '.join(models.CONFIGS)}) or a config.json path")
+    p.add_argument("--checkpoint", help="safetensors checkpoint (file or folder); default random")
+    p.add_argument("--backend", choices=("auto", "transformers", "torch"), default="auto",
+                   help="transformers' model, or kvfabric.llama's (plain torch); auto: "
+                        "transformers where installed")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (auto: cuda if any)")
+    p.add_argument("--dtype", choices=("bf16", "f16", "f32"), default="",
+                   help="weights and KV (default: bf16 on GPU, f32 on CPU)")
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N layers")
+    p.add_argument("--seed", type=int, default=1, help="the random weights' seed")
+    p.add_argument("--max-tokens", type=int, default=16384, help="KV capacity of one sequence")
+    p.add_argument("--page-tokens", type=int, default=16)
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--queue", choices=("fifo",), default="fifo",
+                   help="request order: arrival (kvf-engine's work order is not implemented here)")
+    p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: FIFO queue)")
+    p.add_argument("--log-level", choices=("debug", "info", "warn", "error"), default="info")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = parser().parse_args(argv)
+    if not 256 <= a.max_tokens <= 1 << 20:
+        raise SystemExit("kvfabric.serve: --max-tokens must be 256..1048576")
+    if bool(a.events_credential) != bool(a.events_tenants):
+        raise SystemExit("kvfabric.serve: --events-credential and --events-tenants go together")
+    host, port = _split(a.listen, "--listen")
+    if not _is_loopback(host) and not a.tokens and not a.insecure:
+        raise SystemExit(f"kvfabric.serve: refusing --listen on {host} without --tokens: anyone "
+                         "who can reach it could run requests (docs/security.md); add --insecure "
+                         "where every host on the network is trusted")
+    if a.events:
+        eh, _ = _split(a.events, "--events")
+        if not _is_loopback(eh) and not a.events_credential and not a.insecure:
+            raise SystemExit(f"kvfabric.serve: refusing --events on {eh} without "
+                             "--events-credential (docs/security.md)")
+    import torch
+
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = a.dtype or ("bf16" if device.startswith("cuda") else "f32")
+    try:
+        cfg = models.config(a.model)
+    except ValueError as e:
+        raise SystemExit(f"kvfabric.serve: --model: {e}")
+    if a.layers:
+        cfg["num_hidden_layers"] = min(a.layers, int(cfg["num_hidden_layers"]))
+    layout = models.layout_for(cfg, model_id=os.path.basename(a.model.rstrip("/")),
+                               page_tokens=a.page_tokens, chunk_tokens=a.chunk_tokens, dtype=dtype)
+    model, factory, backend = models.build(cfg, a.backend, device, dtype, a.seed, a.checkpoint)
+    cn = None
+    stores = [s for s in a.store.split(",") if s]
+    if stores or a.sched:
+        cn = Connector(layout, nodes=stores or None, sched=a.sched or None)
+    ev = Events(a.events, a.events_credential, a.events_tenants) if a.events else None
+    engine = Engine(model, layout, factory, connector=cn, events=ev, max_tokens=a.max_tokens)
+    S = Server(a, engine, layout, ev, backend)
+    httpd = ThreadingHTTPServer((host, port), _handler(S))
+    httpd.daemon_threads = True
+    bound = httpd.server_address[1]
+    S.endpoint = a.advertise or f"{host}:{bound}"
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    reporter = None
+    if a.sched:
+        S.register()
+        reporter = threading.Thread(target=S.reporter, daemon=True)
+        reporter.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"kvf-engine ready listen={host}:{bound} id={a.id} role={a.role} model={a.model} "
+          f"events={ev.endpoint if ev else '-'} cache_layer={'on' if cn else 'off'} "
+          f"pid={os.getpid()} backend={backend} device={device} layout={layout.model_id}",
+          flush=True)
+    while not stop.wait(0.2):
+        pass
+    S.stop.set()
+    S.dirty.set()
+    httpd.shutdown()
+    if reporter is not None:
+        reporter.join(timeout=3)
+    if ev is not None:
+        ev.close()
+    if cn is not None:
+        cn.close()
+    _log("info", f"stopped after {S.requests} requests")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

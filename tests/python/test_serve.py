@@ -1,0 +1,251 @@
+"""python -m kvfabric.serve as a cluster runs it, on loopback: a kvf-store, a kvf-sched and two
+serving processes (prefill-only and decode-only) with a tiny Llama-architecture model (random
+weights, plain torch, CPU). A disaggregated request prefills on one, hands the KV over through
+the store and decodes on the other with exactly the tokens the model gives computed whole; the
+scheduler learns the prefill engine's blocks from its KV events; bad requests get 4xx answers and
+the servers go on. Also: safetensors checkpoints written, read and loaded, the same logits.
+"""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+import urllib.error
+import urllib.request
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+from test_binding import Store
+
+SCHED_BIN = os.environ.get("KVF_SCHED_BIN", "kvf-sched")
+
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 500, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "torch_dtype": "float32"}
+
+
+def call(addr, path, body=None, token=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(f"http://{addr}{path}", data=data,
+                                 method="POST" if data is not None else "GET")
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def started(p, what, marker):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            break
+        if marker in line:
+            return line.split("listen=")[1].split()[0]
+    p.kill()
+    raise RuntimeError(f"{what} did not start")
+
+
+def stop(p):
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p.stdout:
+        p.stdout.close()
+
+
+def prompt(n, seed):
+    r = random.Random(seed)
+    return [r.randrange(500) for _ in range(n)]
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestServe(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="kvf-serve-")
+        cls.cfg = os.path.join(cls.dir, "tiny-llama.json")
+        with open(cls.cfg, "w") as f:
+            json.dump(TINY, f)
+        cls.store = Store(memory="64M")
+        cls.sched_p = subprocess.Popen(
+            [SCHED_BIN, "--listen", "127.0.0.1:0", "--policy", "kvf_cost", "--stores",
+             cls.store.addr, "--chunk-tokens", "64", "--log-level", "warn"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cls.sched = started(cls.sched_p, "kvf-sched", "kvf-sched ready")
+        cls.engines = {}
+        for role in ("prefill", "decode"):
+            p = subprocess.Popen(
+                [sys.executable, "-m", "kvfabric.serve", "--id", f"{role}0", "--role", role,
+                 "--sched", cls.sched, "--events", "127.0.0.1:0", "--model", cls.cfg,
+                 "--backend", "torch", "--device", "cpu", "--chunk-tokens", "64",
+                 "--max-tokens", "2048", "--seed", "7"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            cls.engines[role] = (p, started(p, f"kvfabric.serve {role}", "kvf-engine ready"))
+
+    @classmethod
+    def tearDownClass(cls):
+        for p, _ in cls.engines.values():
+            stop(p)
+            if p.stderr:
+                p.stderr.close()
+        stop(cls.sched_p)
+        cls.store.stop()
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def reference(self, tokens, n):
+        """Greedy tokens of the same model (same config and seed) computed whole in-process."""
+        from kvfabric import models
+        model, factory, _ = models.build(models.config(self.cfg), "torch", "cpu", "f32", 7)
+        cache, out = factory(), []
+        with torch.no_grad():
+            ids = torch.tensor([tokens])
+            for _ in range(n):
+                nxt = int(model(input_ids=ids, past_key_values=cache).logits[0, -1].argmax())
+                out.append(nxt)
+                ids = torch.tensor([[nxt]])
+        return out
+
+    def test_disaggregated_request_through_the_store(self):
+        pre, dec = self.engines["prefill"][1], self.engines["decode"][1]
+        toks = prompt(300, 1)  # 4 whole chunks of 64, and 44 tokens more
+        st, p = call(pre, "/v1/prefill", {"tokens": toks})
+        self.assertEqual(st, 200, p)
+        self.assertEqual(p["saved_tokens"], 256)
+        self.assertEqual(p["label"], "real")
+        st, d = call(dec, "/v1/decode", {"tokens": toks, "first_token": p["tokens"][0],
+                                         "max_tokens": 6, "expect_cached": 256})
+        self.assertEqual(st, 200, d)
+        self.assertEqual(d["loaded_tokens"], 256)
+        self.assertFalse(d["first_token_mismatch"])
+        self.assertEqual(len(d["itl_s"]), 5)
+        self.assertEqual(d["tokens"], self.reference(toks, 6))
+        # the same prompt again on the prefill engine: its own KV (device), nothing loaded
+        st, again = call(pre, "/v1/prefill", {"tokens": toks})
+        self.assertEqual(again["device_tokens"], 256)
+        self.assertEqual(again["loaded_tokens"], 0)
+        self.assertEqual(again["tokens"][0], p["tokens"][0])
+        # kvf-sched learned the prefill engine's blocks from its events
+        blocks = 0
+        for _ in range(100):
+            st, s = call(self.sched, "/v1/index/stats")
+            blocks = s.get("blocks_stored", 0)
+            if blocks >= 300 // 16:
+                break
+            time.sleep(0.05)
+        self.assertGreaterEqual(blocks, 300 // 16)
+        st, pl = call(self.sched, "/v1/place", {"tokens": toks, "output_tokens": 4})
+        self.assertEqual(st, 200, pl)
+        self.assertGreater(pl["cached_tokens"]["device"] + pl["cached_tokens"]["store"], 0)
+        st, h = call(pre, "/v1/health")
+        self.assertEqual(h["failures"], 0)
+        self.assertGreaterEqual(h["connector"]["chunks_saved"], 4)
+
+    def test_generate_reuse_modes_agree(self):
+        dec = self.engines["decode"][1]
+        base = prompt(200, 2)
+        outs = []
+        for reuse in (False, "engine", True):
+            st, g = call(dec, "/v1/generate", {"tokens": base + [int(reuse is True)], "max_tokens": 4,
+                                               "reuse": reuse})
+            self.assertEqual(st, 200, g)
+            outs.append((g["tokens"], g["device_tokens"], g["loaded_tokens"]))
+        self.assertEqual(outs[0][0], self.reference(base + [0], 4))
+        self.assertEqual(outs[1][0], outs[0][0])
+        self.assertEqual(outs[1][1], 192)  # the engine's own KV of the previous sequence
+        self.assertEqual(outs[2][0], self.reference(base + [1], 4))
+
+    def test_bad_requests_are_refused(self):
+        pre = self.engines["prefill"][1]
+        for body, code in (({"tokens": []}, 400), ({"tokens": [1, -2]}, 400),
+                           ({"tokens": [1], "reuse": "x"}, 400),
+                           ({"tokens": [1], "max_tokens": "9"}, 400),
+                           ({"tokens": [1] * 4000}, 413), ([1, 2], 400)):
+            st, r = call(pre, "/v1/generate", body)
+            self.assertEqual(st, code, (body, r))
+            self.assertIn("error", r)
+        st, r = call(pre, "/v1/generate", raw=b"{not json")
+        self.assertEqual(st, 400)
+        st, r = call(pre, "/v1/nothing", {"tokens": [1]})
+        self.assertEqual(st, 404)
+        st, r = call(pre, "/v1/prefill", {"tokens": prompt(70, 3)})
+        self.assertEqual(st, 200, r)  # still serving
+
+    def test_refuses_bad_options(self):
+        for args, why in ((["--listen", "0.0.0.0:0"], "refusing"),
+                          (["--model", "no-such-model"], "not a known model"),
+                          (["--max-tokens", "10"], "max-tokens")):
+            p = subprocess.run([sys.executable, "-m", "kvfabric.serve", "--id", "x", *args],
+                               capture_output=True, text=True, timeout=60)
+            self.assertNotEqual(p.returncode, 0)
+            self.assertIn(why, p.stderr)
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestCheckpoint(unittest.TestCase):
+    def test_round_trip_and_load(self):
+        from kvfabric.checkpoint import (CheckpointError, load_checkpoint, read_safetensors,
+                                         write_safetensors)
+        from kvfabric.llama import KVCache, LlamaModel
+        d = tempfile.mkdtemp(prefix="kvf-ckpt-")
+        try:
+            torch.manual_seed(3)
+            a = LlamaModel(TINY).eval()
+            path = os.path.join(d, "model.safetensors")
+            write_safetensors(path, a.state_dict(), {"format": "pt"})
+            back = read_safetensors(path)
+            for k, v in a.state_dict().items():
+                self.assertTrue(torch.equal(back[k], v), k)
+            bf = {"x": torch.randn(3, 5).to(torch.bfloat16)}
+            write_safetensors(os.path.join(d, "bf.safetensors"), bf)
+            self.assertTrue(torch.equal(read_safetensors(os.path.join(d, "bf.safetensors"))["x"],
+                                        bf["x"]))
+            try:
+                import safetensors.torch as st
+                self.assertTrue(torch.equal(st.load_file(path)["lm_head.weight"],
+                                            a.lm_head.weight))
+            except ImportError:
+                pass
+            torch.manual_seed(4)
+            b = LlamaModel(TINY).eval()
+            ids = torch.tensor([prompt(40, 5)])
+            with torch.no_grad():
+                self.assertFalse(torch.equal(a(ids, KVCache()).logits, b(ids, KVCache()).logits))
+                load_checkpoint(b, d)  # the folder's model.safetensors
+                self.assertTrue(torch.equal(a(ids, KVCache()).logits, b(ids, KVCache()).logits))
+            # a checkpoint of another shape, a truncated file, garbage: clear errors
+            other = dict(TINY, hidden_size=32, intermediate_size=64)
+            write_safetensors(path, LlamaModel(other).state_dict())
+            with self.assertRaisesRegex(CheckpointError, "shape"):
+                load_checkpoint(b, path)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) - 10)
+            with self.assertRaises(CheckpointError):
+                read_safetensors(path)
+            with open(path, "wb") as f:
+                f.write(b"\xff" * 64)
+            with self.assertRaisesRegex(CheckpointError, "header"):
+                read_safetensors(path)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    unittest.main()
