@@ -65,6 +65,7 @@ def main():
     cfg_d = models.config(a.model)
     if a.layers:
         cfg_d["num_hidden_layers"] = a.layers
+    models.serving_attention()  # as kvfabric.serve runs: no per-length cuDNN plans
     t0 = time.monotonic()
     model, _, _ = models.build(cfg_d, "transformers", "cuda", "bf16", seed=0)
     cfg = model.config

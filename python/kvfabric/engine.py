@@ -15,6 +15,7 @@ kvfabric) or "none". Greedy decoding.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ def layer_kv(cache: Any, layer: int):
     if hasattr(cache, "layers"):
         return cache.layers[layer].keys, cache.layers[layer].values
     return cache.key_cache[layer], cache.value_cache[layer]
+
+
+def _crop(cache: Any, n: int) -> None:
+    """Keeps the first n positions of every layer (a negative crop, as transformers >= 5.17 asks,
+    which older versions and kvfabric.llama.KVCache read the same way)."""
+    excess = cache.get_seq_length() - n
+    if excess > 0:
+        cache.crop(-excess)
 
 
 class Staging:
@@ -99,6 +108,7 @@ class Outcome:
     compute_s: float
     wait_s: float
     decode_s: float
+    save_s: float
     load_error: str
     first_token_mismatch: bool
     notes: List[str]
@@ -127,6 +137,10 @@ class Engine:
         self.last_tokens: List[int] = []  # the sequence whose KV the cache holds
         self.last_cache: Any = None
         self._torch = torch
+        # logits of the last position only: all 8K positions' logits of a 128K vocabulary would
+        # be 2 GiB written for one token read
+        params = inspect.signature(model.forward).parameters
+        self._last_only = {k: 1 for k in ("logits_to_keep", "num_logits_to_keep") if k in params}
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     # ---------------------------------------------------------------------------------------
@@ -144,7 +158,7 @@ class Engine:
 
     def _forward(self, ids: List[int], cache: Any):
         t = self._torch.tensor([ids], device=self.device)
-        out = self.model(input_ids=t, past_key_values=cache, use_cache=True)
+        out = self.model(input_ids=t, past_key_values=cache, use_cache=True, **self._last_only)
         return int(out.logits[0, -1].argmax())
 
     def _prefill(self, tokens: List[int], reuse: str, o: Outcome) -> Any:
@@ -158,7 +172,7 @@ class Engine:
         cached = self.lookup(tokens[:limit]) if reuse == "all" and limit and self.cn else 0
         cache = self.last_cache if d else self.new_cache()
         if d:
-            cache.crop(d)
+            _crop(cache, d)
         else:
             self.last_cache = None  # its memory goes back before this sequence's is taken
         load = None
@@ -202,7 +216,7 @@ class Engine:
             for h in hooks:
                 h.remove()
             hooks = []
-            cache.crop(d)
+            _crop(cache, d)
             if d == 0:
                 cache = self.new_cache()
             first = self._forward(tokens[d:], cache)
@@ -255,13 +269,15 @@ class Engine:
                              f"this engine's KV capacity of {self.max_tokens} tokens")
         if reuse not in ("all", "engine", "none"):
             raise ValueError("reuse must be all, engine or none")
-        o = Outcome([], [], len(tokens), 0, 0, 0, 0.0, 0.0, 0.0, 0.0, "KVF_OK", False, [])
+        o = Outcome([], [], len(tokens), 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, "KVF_OK", False, [])
         stores = reuse == "all" and self.cn is not None
         with self._torch.no_grad():
             cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else "engine", o)
             self.last_tokens, self.last_cache = tokens, cache
             if stores and kind != "decode":
+                t_save = time.perf_counter()
                 o.saved_tokens = self._save(tokens, cache, known)
+                o.save_s = time.perf_counter() - t_save
             self.held.set(tokens)
             if kind == "decode" and first_token is not None:
                 o.first_token_mismatch = o.tokens[0] != int(first_token)
@@ -309,5 +325,5 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
     return {"tokens": o.tokens, "itl_s": o.itl_s, "prompt_tokens": o.prompt_tokens,
             "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
             "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
-            "wait_s": o.wait_s, "decode_s": o.decode_s, "load_error": o.load_error,
+            "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error,
             "first_token_mismatch": o.first_token_mismatch, "notes": o.notes}

@@ -49,6 +49,9 @@ class KVCache:
         return int(self.layers[layer].keys.shape[-2])
 
     def crop(self, n: int) -> None:
+        """Keeps the first n positions (n < 0: removes the last -n), as DynamicCache.crop."""
+        if n < 0:
+            n = max(0, self.get_seq_length() + n)
         for s in self.layers:
             if s.keys is not None:
                 s.keys, s.values = s.keys[..., :n, :], s.values[..., :n, :]
@@ -174,7 +177,7 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", inv, persistent=False)
 
     def forward(self, input_ids: torch.Tensor, past_key_values: Optional[KVCache] = None,
-                **_: Any) -> _Output:
+                logits_to_keep: int = 0, **_: Any) -> _Output:
         cache = past_key_values if past_key_values is not None else KVCache()
         start = cache.get_seq_length()
         n = input_ids.shape[-1]
@@ -185,4 +188,6 @@ class LlamaModel(nn.Module):
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos=cos, sin=sin, cache=cache, start=start)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         return _Output(self.lm_head(self.model.norm(x)), cache)

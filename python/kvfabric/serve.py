@@ -226,6 +226,8 @@ class Server:
                 t.active_decodes += 1
         self.dirty.set()
         tq = time.perf_counter()
+        cn = self.engine.cn
+        st0 = cn.stats() if cn is not None else None
         try:
             with t:
                 start = time.perf_counter()
@@ -252,7 +254,10 @@ class Server:
             return status, out
         out.update({"engine": self.a.id, "kind": kind, "queue_s": start - tq,
                     "handoff_s": handoff_s, "label": "real", "backend": self.backend})
-        cn = self.engine.cn
+        if st0 is not None:
+            # what the engine's storage client moved meanwhile (others' requests count too)
+            st1 = cn.stats()
+            out.update({k: st1[k] - st0[k] for k in ("load_bytes", "shm_bytes", "net_bytes")})
         if cn is not None and reuse == "all":
             tr, why = cn.transport()
             out.update({"transport": tr, "transport_reason": why})
@@ -380,6 +385,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg["num_hidden_layers"] = min(a.layers, int(cfg["num_hidden_layers"]))
     layout = models.layout_for(cfg, model_id=os.path.basename(a.model.rstrip("/")),
                                page_tokens=a.page_tokens, chunk_tokens=a.chunk_tokens, dtype=dtype)
+    if device.startswith("cuda"):
+        models.serving_attention()
     model, factory, backend = models.build(cfg, a.backend, device, dtype, a.seed, a.checkpoint)
     cn = None
     stores = [s for s in a.store.split(",") if s]
