@@ -273,6 +273,37 @@ typedef struct e2e {
     kvfe_pick pick; /* the baseline's rule */
 } e2e;
 
+/* The model's KV layout and vocabulary: a reference engine's preset, or, for engines of the
+ * Python package, the file the cluster's calibration wrote (layout_file in the state: {"layout":
+ * {...}, "vocab": N}). Only the layout and the vocabulary are used here. Returns 0 or 1 after
+ * saying why. */
+static int model_of_state(e2e *E)
+{
+    const char *lf = json_string_value(json_object_get(E->st, "layout_file"));
+    if (E->model && !lf && kvfe_model_preset(E->model, &E->m) == 0)
+        return 0;
+    if (!lf) {
+        fprintf(stderr, "kvf-bench e2e: %s names no model this driver knows\n", E->state_path);
+        return 1;
+    }
+    json_error_t je;
+    json_t *o = json_load_file(lf, 0, &je), *l = json_object_get(o, "layout"),
+           *v = json_object_get(o, "vocab");
+    char *text = json_is_object(l) ? json_dumps(l, JSON_COMPACT) : NULL;
+    char err[300] = "no \"layout\" object";
+    int rc = !text || !json_is_integer(v) || json_integer_value(v) < 2 ||
+             json_integer_value(v) > UINT32_MAX ||
+             kvf_layout_from_json(text, strlen(text), &E->m.layout, err, sizeof err) != 0;
+    if (rc)
+        fprintf(stderr, "kvf-bench e2e: %s: %s\n", lf,
+                o ? (text && !json_is_integer(v) ? "no \"vocab\" integer" : err) : je.text);
+    else
+        E->m.vocab = (uint32_t)json_integer_value(v);
+    free(text);
+    json_decref(o);
+    return rc;
+}
+
 /* Sets option a to v. Returns whether a takes a value; *end is where a number stopped. */
 static int set_opt(opts *o, const char *a, const char *v, char **end)
 {
@@ -371,10 +402,8 @@ static int open_cluster(e2e *E)
         return 1;
     }
     E->model = json_string_value(json_object_get(E->st, "model"));
-    if (!E->model || kvfe_model_preset(E->model, &E->m) != 0) {
-        fprintf(stderr, "kvf-bench e2e: %s names no model this driver knows\n", E->state_path);
+    if (model_of_state(E) != 0)
         return 1;
-    }
     char err[512], tokens[600];
     snprintf(E->sched, sizeof E->sched, "%s", json_string_value(json_object_get(E->st, "sched")));
     /* The launcher's token for kvf-sched lies beside the state file. */

@@ -80,6 +80,9 @@ static int check_cfg(cfg *c)
     if (dots != 2)
         return kvf__cluster_fail(
             "config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
+    if (strcmp(c->engine, "kvf-engine") && strcmp(c->engine, "transformers"))
+        return kvf__cluster_fail("config: \"engine\" is kvf-engine or transformers, not \"%s\"",
+                                 c->engine);
     if (c->stores + c->prefill + c->decode + 1 > 200)
         return kvf__cluster_fail("config: too many processes");
     if (!c->run_dir[0])
@@ -107,6 +110,9 @@ static int load_cfg(const char *path, cfg *c)
     delay = dv ? json_number_value(dv) : 0;
     if (rc || get_str(o, "name", "local", c->name, sizeof c->name) ||
         get_str(o, "model", "ref-tiny", c->model, sizeof c->model) ||
+        get_str(o, "engine", "kvf-engine", c->engine, sizeof c->engine) ||
+        get_str(o, "engine_args", "", c->engine_args, sizeof c->engine_args) ||
+        get_str(o, "python", "python3", c->python, sizeof c->python) ||
         get_str(o, "store_memory", "256M", c->store_memory, sizeof c->store_memory) ||
         get_str(o, "policy", "kvf_cost", c->policy, sizeof c->policy) ||
         get_str(o, "run_dir", "", c->run_dir, sizeof c->run_dir) ||

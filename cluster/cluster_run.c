@@ -157,6 +157,12 @@ int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, con
         json_pack("{s:s,s:s,s:s,s:o,s:o,s:o,s:b,s:s,s:s}", "name", c->name, "model", c->model,
                   "sched", sched, "stores", stores, "engines", engines, "procs", arr, "netns",
                   netns, "shaping", shaping ? shaping : "", "policy", c->policy);
+    json_object_set_new(o, "engine", json_string(c->engine));
+    if (!strcmp(c->engine, "transformers")) { /* the model's layout, for kvf-bench e2e */
+        char lf[600];
+        snprintf(lf, sizeof lf, "%s/layout.json", c->run_dir);
+        json_object_set_new(o, "layout_file", json_string(lf));
+    }
     char path[600], tmp[620];
     kvf__cluster_state_path(c, path, sizeof path);
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
@@ -205,7 +211,12 @@ int kvf__cluster_ours_alive(pid_t pid)
     size_t n = fread(cmd, 1, sizeof cmd - 1, f);
     fclose(f);
     cmd[n] = '\0';
-    return strstr(cmd, "kvf-") != NULL;
+    if (strstr(cmd, "kvf-")) /* argv[0]: one of our binaries */
+        return 1;
+    for (size_t i = 0; i < n;
+         i++) /* an interpreter running our engine: python3 -m kvfabric.serve */
+        cmd[i] = cmd[i] ? cmd[i] : ' ';
+    return strstr(cmd, " -m kvfabric.serve ") != NULL;
 }
 
 /* Whether p is to be stopped: a child of this process (up undoing itself: it may not have

@@ -11,6 +11,7 @@
 #include "kvf/kvf.h"
 
 #include <errno.h>
+#include <jansson.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -46,13 +47,28 @@ typedef struct launch {
     char admin_cred[700];    /* kvf-sched's key for the KV events (an admin subscriber) */
     char events_cred[700];   /* the publishers' CURVE key (stores, engines) */
     char events_key[65];     /* its X25519 public key in hex, for kvf-sched */
+    /* engine "transformers": where the interpreter finds the package and libkvf, the layout file
+     * the calibration writes, and engine_args split into words */
+    char py_path_env[1100], py_lib_env[1100], layout_file[700], args_buf[512];
+    char *extra[32];
+    int n_extra;
 } launch;
+
+/* Engines run by the Python package load a model first (transformers' import alone takes
+ * seconds; an 8B model's weights more): they get longer to say they are ready. */
+#define PY_READY_MS 600000
+
+static int py_engine(const cfg *c)
+{
+    return !strcmp(c->engine, "transformers");
+}
 
 /* Starts p as args (in p's namespace when it has one), its output in RUN_DIR/NAME.log, and waits
  * for its ready line, whose listen= becomes p->addr. Returns 0, or 1 after printing why. */
-static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const env[])
+static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const env[],
+                     int ready_ms)
 {
-    char *argv[48];
+    char *argv[80];
     int k = 0;
     if (p->ns[0]) {
         argv[k++] = (char *)"ip";
@@ -60,7 +76,7 @@ static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const
         argv[k++] = (char *)"exec";
         argv[k++] = p->ns;
     }
-    for (int i = 0; i < n_args && k < 47; i++)
+    for (int i = 0; i < n_args && k < 79; i++)
         argv[k++] = args[i];
     argv[k] = NULL;
     snprintf(p->log, sizeof p->log, "%s/%s.log", c->run_dir, p->name);
@@ -69,7 +85,7 @@ static int start_one(const cfg *c, proc *p, char **args, int n_args, char *const
     p->pid = kvf__proc_spawn_detached(argv, p->log, env, err, sizeof err);
     if (p->pid < 0)
         return kvf__cluster_fail("%s: %s", p->name, err);
-    if (kvf__proc_wait_ready(p->pid, p->log, READY_MS, &kvf__cluster_interrupted, p->ready,
+    if (kvf__proc_wait_ready(p->pid, p->log, ready_ms, &kvf__cluster_interrupted, p->ready,
                              sizeof p->ready, err, sizeof err) != 0)
         return kvf__cluster_fail("%s (%s) %s", p->name, p->log, err);
     if (kvf__proc_ready_field(p->ready, "listen", p->addr, sizeof p->addr) != 0)
@@ -166,6 +182,60 @@ static int begin_netns(launch *L)
     return kvf__cluster_netns_hub(L->c, L->shaping, sizeof L->shaping);
 }
 
+/* The engine's command: kvf-engine --serve, or the interpreter running kvfabric.serve with the
+ * config's engine_args after rest. Returns the words written (argv[n] is not set). */
+static int engine_argv(launch *L, char **argv, int max, char **rest, int n_rest)
+{
+    int k = 0;
+    if (py_engine(L->c)) {
+        argv[k++] = (char *)L->c->python;
+        argv[k++] = "-m";
+        argv[k++] = "kvfabric.serve";
+    } else {
+        argv[k++] = L->engine_bin;
+        argv[k++] = "--serve";
+    }
+    for (int i = 0; i < n_rest && k < max - 1; i++)
+        argv[k++] = rest[i];
+    for (int i = 0; py_engine(L->c) && i < L->n_extra && k < max - 1; i++)
+        argv[k++] = L->extra[i];
+    return k;
+}
+
+/* For engine "transformers": PYTHONPATH for the kvfabric package ($KVF_PYTHONPATH, else the
+ * source tree's python/ this build came from), KVF_LIBRARY for the libkvf.so beside this build's
+ * programs, and engine_args in words. */
+static int python_engine_env(launch *L)
+{
+    const char *dir = getenv("KVF_PYTHONPATH");
+#ifdef KVF_PYTHON_DIR
+    dir = dir && dir[0] ? dir : KVF_PYTHON_DIR;
+#endif
+    char probe[1200];
+    snprintf(probe, sizeof probe, "%s/kvfabric/serve.py", dir ? dir : "");
+    if (!dir || access(probe, R_OK) != 0)
+        return kvf__cluster_fail("engine \"transformers\" runs the kvfabric Python package: set "
+                                 "KVF_PYTHONPATH to the folder holding kvfabric/ (python/ in the "
+                                 "source tree)");
+    snprintf(L->py_path_env, sizeof L->py_path_env, "PYTHONPATH=%s", dir);
+    char lib[1060];
+    snprintf(lib, sizeof lib, "%s", L->engine_bin);
+    char *slash = strrchr(lib, '/');
+    if (slash) {
+        snprintf(slash, sizeof lib - (size_t)(slash - lib), "/../libkvf.so");
+        if (access(lib, R_OK) == 0)
+            snprintf(L->py_lib_env, sizeof L->py_lib_env, "KVF_LIBRARY=%s", lib);
+    }
+    snprintf(L->args_buf, sizeof L->args_buf, "%s", L->c->engine_args);
+    char *sv = NULL;
+    for (char *t = strtok_r(L->args_buf, " \t", &sv); t; t = strtok_r(NULL, " \t", &sv)) {
+        if (L->n_extra == 32)
+            return kvf__cluster_fail("config: \"engine_args\" has more than 32 words");
+        L->extra[L->n_extra++] = t;
+    }
+    return 0;
+}
+
 /* Finds the daemons' programs and says what up is about to start. */
 static int announce(launch *L)
 {
@@ -173,9 +243,12 @@ static int announce(launch *L)
     snprintf(L->store_bin, sizeof L->store_bin, "%s", kvf__proc_find_bin("kvf-store"));
     snprintf(L->sched_bin, sizeof L->sched_bin, "%s", kvf__proc_find_bin("kvf-sched"));
     snprintf(L->engine_bin, sizeof L->engine_bin, "%s", kvf__proc_find_bin("kvf-engine"));
+    if (py_engine(c) && python_engine_env(L) != 0)
+        return 1;
     printf("kvf cluster up \"%s\": %d store(s), 1 scheduler, %d prefill and %d decode engine(s), "
-           "model %s, %s\n",
+           "model %s (%s), %s\n",
            c->name, c->stores, c->prefill, c->decode, c->model,
+           py_engine(c) ? "python3 -m kvfabric.serve" : "kvf-engine",
            L->netns ? "one network namespace per host" : "loopback");
     return 0;
 }
@@ -275,7 +348,7 @@ static int start_store(launch *L, int i)
                     node,
                     "--events-credential",
                     L->events_cred};
-    if (start_one(c, q, args, (int)(sizeof args / sizeof args[0]), NULL) != 0)
+    if (start_one(c, q, args, (int)(sizeof args / sizeof args[0]), NULL, READY_MS) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
@@ -315,16 +388,26 @@ static int wait_calibration(pid_t pid, int *status)
  * (kvf-engine --calibrate), into L->cost. */
 static int calibrate(launch *L)
 {
-    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, L->cred_env, NULL};
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env,  L->cred_env,
+                   L->py_path_env,           L->py_lib_env, NULL};
     const cfg *c = L->c;
     if (kvf__cluster_interrupted)
         return INTERRUPTED;
-    char log[700], err[256];
+    char log[700], err[256], maxt[24];
     snprintf(L->cost, sizeof L->cost, "%s/cost.json", c->run_dir);
     snprintf(log, sizeof log, "%s/calibrate.log", c->run_dir);
+    snprintf(L->layout_file, sizeof L->layout_file, "%s/layout.json", c->run_dir);
+    snprintf(maxt, sizeof maxt, "%ld", c->max_tokens);
     unlink(log);
-    char *args[] = {L->engine_bin, "--calibrate", L->cost, "--model", (char *)c->model, NULL};
-    pid_t pid = kvf__proc_spawn_detached(args, log, env, err, sizeof err);
+    char *rest[] = {"--calibrate",  L->cost, "--model",      (char *)c->model,
+                    "--max-tokens", maxt,    "--layout-out", L->layout_file};
+    char *argv[80];
+    /* kvf-engine's calibration knows the model's layout: no --layout-out */
+    int n = engine_argv(L, argv, 80, rest, py_engine(c) ? 8 : 6);
+    argv[n] = NULL;
+    /* kvf-engine --calibrate takes no --serve, nor --max-tokens */
+    char *ref[] = {L->engine_bin, "--calibrate", L->cost, "--model", (char *)c->model, NULL};
+    pid_t pid = kvf__proc_spawn_detached(py_engine(c) ? argv : ref, log, env, err, sizeof err);
     int st = 0;
     int exited = pid > 0 && wait_calibration(pid, &st) == 0;
     if (kvf__cluster_interrupted)
@@ -370,8 +453,18 @@ static int start_sched(launch *L)
     if (!q)
         return 1;
     kvf_layout lay;
-    snprintf(chunk, sizeof chunk, "%u",
-             kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u);
+    unsigned ct = kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u;
+    if (py_engine(c)) { /* the layout the calibration wrote */
+        json_error_t je;
+        json_t *o = json_load_file(L->layout_file, 0, &je);
+        json_t *v = json_object_get(json_object_get(o, "layout"), "chunk_tokens");
+        int ok = json_is_integer(v) && json_integer_value(v) > 0;
+        ct = ok ? (unsigned)json_integer_value(v) : ct;
+        json_decref(o);
+        if (!ok)
+            return kvf__cluster_fail("%s: no layout.chunk_tokens", L->layout_file);
+    }
+    snprintf(chunk, sizeof chunk, "%u", ct);
     char *args[24] = {L->sched_bin,      "--listen",       listen,    "--policy",
                       (char *)c->policy, "--stores",       L->stores, "--cost",
                       L->cost,           "--chunk-tokens", chunk};
@@ -390,7 +483,7 @@ static int start_sched(launch *L)
     args[n++] = L->admin_cred;
     args[n++] = "--events-server-key";
     args[n++] = L->events_key;
-    if (start_one(c, q, args, n, NULL) != 0)
+    if (start_one(c, q, args, n, NULL, READY_MS) != 0)
         return 1;
     snprintf(L->sched, sizeof L->sched, "%s", q->addr);
     return 0;
@@ -399,7 +492,8 @@ static int start_sched(launch *L)
 /* Engine i: the prefill engines first, then the decode engines. */
 static int start_engine(launch *L, int i)
 {
-    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env, L->cred_env, NULL};
+    char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env,  L->cred_env,
+                   L->py_path_env,           L->py_lib_env, NULL};
     const cfg *c = L->c;
     int pre = i < c->prefill;
     char name[32], listen[64], events[64], maxt[24];
@@ -410,9 +504,7 @@ static int start_engine(launch *L, int i)
         return 1;
     /* Its requests with the cluster's token (as kvf-sched's), its events over CURVE: also in
      * namespaces, no --insecure. */
-    char *args[] = {L->engine_bin,
-                    "--serve",
-                    "--id",
+    char *args[] = {"--id",
                     q->name,
                     "--role",
                     q->kind,
@@ -434,7 +526,9 @@ static int start_engine(launch *L, int i)
                     L->tenants,
                     "--tokens",
                     L->tokens};
-    return start_one(c, q, args, (int)(sizeof args / sizeof args[0]), env);
+    char *argv[80];
+    int n = engine_argv(L, argv, 80, args, (int)(sizeof args / sizeof args[0]));
+    return start_one(c, q, argv, n, env, py_engine(c) ? PY_READY_MS : READY_MS);
 }
 
 static int start_engines(launch *L)

@@ -132,6 +132,7 @@ _SIGNATURES = {
     "kvf_layout_chunk_bytes": (c_uint64, [_P(Layout)]),
     "kvf_layout_fingerprint": (c_int, [_P(Layout), _P(c_uint64)]),
     "kvf_layout_dtype_size": (c_size_t, [c_int]),
+    "kvf_layout_to_json": (c_int, [_P(Layout), c_char_p, c_size_t]),
     "kvf_dtype_parse": (c_int, [c_char_p, _P(c_int)]),
     "kvf_dtype_name": (c_char_p, [c_int]),
     "kvf_keyspace_init": (c_int, [_P(KeySpace), _P(Layout), c_void_p, c_size_t]),

@@ -96,6 +96,13 @@ class Layout:
               "layout fingerprint")
         return fp.value
 
+    def to_json(self) -> str:
+        """The layout as the JSON object kvf_layout_from_json (and every kvfabric tool) reads."""
+        buf = ctypes.create_string_buffer(1024)
+        n = _lib.lib().kvf_layout_to_json(ctypes.byref(self._c), buf, len(buf))
+        check(n if n < 0 else 0, "layout to_json")
+        return buf.value.decode()
+
     def __repr__(self) -> str:
         c = self._c
         return (f"Layout({self.model_id!r}, layers={c.layers}, kv_heads={c.kv_heads}, "

@@ -66,12 +66,20 @@ class PagedKVCache:
             t[1, page, off] = v[i]
 
     def read(self, layer: int, page_ids: Sequence[int], n: int):
-        """K and V ([n, kv_heads, head_dim]) of positions 0..n of a sequence."""
+        """K and V ([n, kv_heads, head_dim]) of positions 0..n of a sequence (views where
+        page_ids is a range of consecutive pages, copies otherwise)."""
         P = self.layout.page_tokens
         t = self.tensors[layer]
-        pages = list(page_ids[: (n + P - 1) // P])
-        k = t[0, pages].reshape(-1, self.layout.kv_heads, self.layout.head_dim)[:n]
-        v = t[1, pages].reshape(-1, self.layout.kv_heads, self.layout.head_dim)[:n]
+        pages = page_ids[: (n + P - 1) // P]
+        if isinstance(pages, range) and pages.step == 1:
+            # consecutive pages: a view. A gather would copy, and its index list, made on the
+            # host, would be copied to the device synchronously: the host then waits for the
+            # GPU at every layer and the forward pass stops overlapping its own launches.
+            sel = slice(pages.start, pages.stop)
+        else:
+            sel = list(pages)
+        k = t[0, sel].reshape(-1, self.layout.kv_heads, self.layout.head_dim)[:n]
+        v = t[1, sel].reshape(-1, self.layout.kv_heads, self.layout.head_dim)[:n]
         return k, v
 
 

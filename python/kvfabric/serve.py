@@ -324,7 +324,11 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m kvfabric.serve",
         description="A causal LM behind kvf-engine's HTTP API, with kvfabric (docs/python.md).")
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # kvf-engine's flag
-    p.add_argument("--id", required=True, help="this instance's name in kvf-sched")
+    p.add_argument("--id", default="", help="this instance's name in kvf-sched (required to serve)")
+    p.add_argument("--calibrate", metavar="FILE",
+                   help="measure the model here, write kvf-sched's cost file and exit")
+    p.add_argument("--layout-out", metavar="FILE",
+                   help="write the model's KV layout and vocabulary (JSON) and go on")
     p.add_argument("--role", choices=("prefill", "decode", "both"), default="both")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of the HTTP API")
     p.add_argument("--advertise", help="HOST:PORT others reach the API at (default: --listen's)")
@@ -357,6 +361,40 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def calibrate(engine: Engine, layout: Layout, vocab: int, path: str) -> Dict[str, float]:
+    """kvf-engine --calibrate for this model on this device: prefills from scratch of 256 to 4096
+    tokens (up to half the engine's capacity; the best of two each) and 32 decode steps, the scheduler's cost model (t = n / rate
+    + attn * n^2 / 2) fitted by least squares, written as a kvf-sched calibration file."""
+    lens = [n for n in (256, 512, 1024, 2048, 4096) if n <= max(engine.max_tokens // 2, 1024)]
+    toks = [(i * 2654435761 + 11) % vocab for i in range(4096 + 64)]
+    secs = []
+    for n in lens:
+        secs.append(min(engine.run("prefill", toks[:n], reuse="none").prefill_s
+                        for _ in range(2)))
+    o = engine.run("generate", toks[:1024], max_tokens=33, reuse="none")
+    tpot = sum(o.itl_s) / len(o.itl_s)
+    s11 = sum(n ** 2 for n in lens)
+    s12 = sum(n ** 3 for n in lens)
+    s22 = sum(n ** 4 for n in lens)
+    y1 = sum(n * t for n, t in zip(lens, secs))
+    y2 = sum(n * n * t for n, t in zip(lens, secs))
+    det = s11 * s22 - s12 * s12
+    a = (y1 * s22 - y2 * s12) / det
+    b = (s11 * y2 - s12 * y1) / det
+    if a <= 0:  # all quadratic: the linear fit through the shortest
+        a, b = secs[0] / lens[0], max(b, 0.0)
+    cost = {"prefill_tokens_per_s": 1.0 / a, "prefill_attn_s_per_tok2": max(2.0 * b, 0.0),
+            "kv_bytes_per_token": layout.bytes_per_token, "tpot_base_s": tpot}
+    with open(path, "w") as f:
+        json.dump(cost, f)
+        f.write("\n")
+    print(f"kvfabric.serve: calibrated {layout.model_id} on {engine.device} (real): prefill of "
+          f"{lens[0]}..{lens[-1]} tokens took {' '.join(f'{t:.4f}' for t in secs)} s: "
+          f"{1.0 / a:.0f} tokens/s + {2.0 * b:.3g} s/token^2 attention; {tpot * 1e3:.2f} ms per "
+          f"decode step; written to {path}", flush=True)
+    return cost
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     a = parser().parse_args(argv)
     if not 256 <= a.max_tokens <= 1 << 20:
@@ -383,11 +421,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit(f"kvfabric.serve: --model: {e}")
     if a.layers:
         cfg["num_hidden_layers"] = min(a.layers, int(cfg["num_hidden_layers"]))
-    layout = models.layout_for(cfg, model_id=os.path.basename(a.model.rstrip("/")),
+    name = os.path.basename(a.model.rstrip("/"))
+    layout = models.layout_for(cfg, model_id=name[:-5] if name.endswith(".json") else name,
                                page_tokens=a.page_tokens, chunk_tokens=a.chunk_tokens, dtype=dtype)
     if device.startswith("cuda"):
         models.serving_attention()
+    if a.layout_out:
+        with open(a.layout_out, "w") as f:
+            json.dump({"layout": json.loads(layout.to_json()),
+                       "vocab": int(cfg["vocab_size"]), "model": a.model}, f)
+            f.write("\n")
     model, factory, backend = models.build(cfg, a.backend, device, dtype, a.seed, a.checkpoint)
+    if a.calibrate:
+        calibrate(Engine(model, layout, factory, max_tokens=a.max_tokens),
+                  layout, int(cfg["vocab_size"]), a.calibrate)
+        return 0
+    if not a.id:
+        raise SystemExit("kvfabric.serve: --id is required to serve")
     cn = None
     stores = [s for s in a.store.split(",") if s]
     if stores or a.sched:
