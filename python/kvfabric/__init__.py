@@ -7,6 +7,8 @@ library; torch tensors (CPU or CUDA) are accepted where torch is installed.
 from .connector import CUDA, HOST, UNIFIED, Connector, KVPages, Transfer, pages_from_tensors
 from .cuda import cuda_probe
 from .errors import KvfError, Miss, error_name, error_text
+from .events import Events, hash_blocks
+from .feasibility import Caps, classify, optimality_gap
 from .layout import LATENT, SEPARATE, KeySpace, Layout
 
 __version__ = "0.1.0"
@@ -14,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Connector", "Transfer", "KVPages", "pages_from_tensors", "HOST", "UNIFIED", "CUDA",
     "Layout", "KeySpace", "SEPARATE", "LATENT", "KvfError", "Miss", "error_name", "error_text",
-    "cuda_probe", "__version__",
+    "cuda_probe", "Events", "hash_blocks", "Caps", "classify", "optimality_gap", "__version__",
 ]

@@ -110,6 +110,37 @@ class CudaInfo(ctypes.Structure):
     ]
 
 
+class Caps(ctypes.Structure):
+    """kvf_caps (kvf/feasibility.h), field for field."""
+
+    _fields_ = [
+        ("name", ctypes.c_char * 64), ("platform", ctypes.c_char * 16), ("apple_silicon", c_int),
+        ("transports", c_uint32), ("rdma_devices", c_int), ("rdma_one_sided", c_int),
+        ("mem_kinds", c_uint32), ("xfer_mem_kinds", c_uint32), ("engine", ctypes.c_char * 32),
+        ("engine_version", ctypes.c_char * 32), ("paged", c_int), ("layerwise_hooks", c_int),
+        ("async_load", c_int), ("external_connector", c_int), ("quant_bits", c_uint32),
+        ("quant_groups", c_uint32), ("trim", c_int), ("partial_evict", c_int),
+        ("trim_can_fail", c_int), ("rotating_cache", c_int), ("rotating_with_quant", c_int),
+        ("store_tiers", c_int), ("codecs", c_int),
+    ]
+
+
+class Verdict(ctypes.Structure):
+    _fields_ = [("label", c_int), ("reason", c_int), ("why", ctypes.c_char * 200)]
+
+
+class GapState(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_double) for n in (
+        "prompt_tokens", "cached_tokens", "kv_bytes_per_token", "prefill_tokens_per_s",
+        "tcp_bytes_per_s", "rdma_bytes_per_s", "memory_pressure")]
+
+
+class Gap(ctypes.Structure):
+    _fields_ = [("best_all", c_int), ("best_feasible", c_int), ("score_all", ctypes.c_double),
+                ("score_feasible", ctypes.c_double), ("gap", ctypes.c_double),
+                ("have_feasible", c_int)]
+
+
 class EventsOpts(ctypes.Structure):
     _fields_ = [
         ("listen", c_char_p),
@@ -161,6 +192,17 @@ _SIGNATURES = {
     "kvf_xfer_cancel": (None, [c_void_p]),
     "kvf_xfer_free": (None, [_P(c_void_p)]),
     "kvf_cuda_probe": (c_int, [_P(CudaInfo)]),
+    "kvf_action_name": (c_char_p, [c_int]),
+    "kvf_action_parse": (c_int, [c_char_p, _P(c_int)]),
+    "kvf_feas_label_name": (c_char_p, [c_int]),
+    "kvf_feas_reason_name": (c_char_p, [c_int]),
+    "kvf_classify": (c_int, [c_int, _P(Caps), _P(Caps), c_int, _P(Verdict)]),
+    "kvf_caps_builtin": (c_int, [c_char_p, _P(Caps)]),
+    "kvf_caps_builtin_name": (c_char_p, [c_size_t]),
+    "kvf_caps_from_json": (c_int, [c_char_p, c_size_t, _P(Caps), c_char_p, c_size_t]),
+    "kvf_caps_to_json": (c_void_p, [_P(Caps)]),
+    "kvf_gap_state_defaults": (None, [_P(GapState)]),
+    "kvf_optimality_gap": (c_int, [_P(Caps), _P(Caps), _P(GapState), _P(Gap)]),
     "kvf_events_open": (c_int, [_P(c_void_p), _P(EventsOpts), c_char_p, c_size_t]),
     "kvf_events_endpoint": (c_char_p, [c_void_p]),
     "kvf_events_topic": (c_char_p, [c_void_p]),

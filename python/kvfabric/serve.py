@@ -35,8 +35,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import models
 from .connector import Connector
 from .engine import Engine, TurnQueue, outcome_json
+from .cuda import cuda_probe
 from .errors import KvfError
 from .events import Events
+from .feasibility import Caps
 from .layout import Layout
 
 MAX_BODY = 64 << 20
@@ -117,11 +119,30 @@ class Server:
         self.tokens = read_tokens(a.tokens) if a.tokens else None
 
     # -- kvf-sched ------------------------------------------------------------------------
+    def capabilities(self) -> Dict[str, Any]:
+        """This engine's capability record for kvf-sched's classifier: the reference engine's
+        (paged staging, layerwise hooks, loads while computing, an external connector), with the
+        engine's name and version, where its KV lives and what libkvf here can move."""
+        cuda = self.engine.device.type == "cuda"
+        usable = bool(cuda_probe().get("usable")) if cuda else False
+        if self.backend == "transformers":
+            import transformers
+            version = transformers.__version__
+        else:
+            import torch
+            version = torch.__version__
+        rec = {"base": "reference", "name": "kvfabric-serve",
+               "engine": "hf-transformers" if self.backend == "transformers" else "torch",
+               "engine_version": version[:31], "mem_kinds": 4 if cuda else 1,
+               "xfer_mem_kinds": 1 | 2 | (4 if usable else 0)}
+        return Caps(rec).to_dict()  # checked by libkvf's parser, as kvf-sched will
+
     def register(self) -> None:
         body = {"id": self.a.id, "role": self.a.role, "endpoint": self.endpoint,
                 "events": self.events.endpoint if self.events else "",
                 "block_tokens": self.layout.page_tokens,
-                "capacity_blocks": self.a.max_tokens // self.layout.page_tokens}
+                "capacity_blocks": self.a.max_tokens // self.layout.page_tokens,
+                "capabilities": self.capabilities()}
         url = f"http://{self.a.sched}/v1/instances"
         last = "no answer"
         for _ in range(50):

@@ -75,6 +75,41 @@ def tokens(n, seed):
     return [r.randrange(32000) for _ in range(n)]
 
 
+class TestFeasibility(unittest.TestCase):
+    """The classifier through the binding: the same labels, reasons and gap as C."""
+
+    def test_labels_reasons_and_gap(self):
+        from kvfabric import feasibility as f
+        self.assertIn("pd_handoff_store", f.actions())
+        self.assertEqual(set(f.Caps.builtins()),
+                         {"mlx-lm", "vllm", "llama.cpp", "reference", "kvf-store"})
+        ref, store = kvf.Caps("reference"), kvf.Caps("kvf-store")
+        self.assertEqual(kvf.classify("store", ref, store).label, "real")
+        v = kvf.classify("rdma_read", ref, store)
+        self.assertEqual((v.label, v.reason), ("backend_infeasible", "no_rdma_device"))
+        self.assertIn("RDMA", v.why)
+        self.assertEqual(kvf.classify("rdma_read", ref, store, allow_simulated=True).label,
+                         "simulated")
+        cuda = kvf.Caps({"base": "vllm", "name": "vllm-cuda", "xfer_mem_kinds": 7})
+        self.assertEqual(cuda.to_dict()["xfer_mem_kinds"], 7)
+        self.assertEqual(kvf.classify("pd_handoff_direct", kvf.Caps("vllm"), kvf.Caps("vllm")
+                                      ).reason, "memory_kind")
+        self.assertEqual(kvf.classify("pd_handoff_direct", cuda, cuda).label, "real")
+        g = kvf.optimality_gap(kvf.Caps("vllm"), store, {"prompt_tokens": 8192,
+                                                          "cached_tokens": 7936})
+        self.assertGreaterEqual(g["gap"], 0)
+        self.assertAlmostEqual(g["gap"], g["score_all"] - g["score_feasible"], places=9)
+        with self.assertRaises(kvf.KvfError) as e:
+            kvf.Caps({"base": "vllm", "bogus": 1})
+        self.assertEqual(e.exception.name, "KVF_EINVAL")
+        with self.assertRaises(kvf.KvfError):
+            kvf.Caps("no-such-engine")
+        with self.assertRaises(ValueError):
+            kvf.classify("teleport", ref, store)
+        with self.assertRaises(ValueError):
+            kvf.optimality_gap(ref, store, {"bogus": 1})
+
+
 class TestKeysAndLayouts(unittest.TestCase):
     def test_golden_vectors(self):
         l = kvf.Layout.preset("ref-tiny")
