@@ -22,6 +22,7 @@
  *   conn.c      a connection's queues and its send side; the node's health
  *   frame.c     building request frames; splitting an op into requests
  *   op.c        the op lifecycle and completion; place.c  where a key lives
+ *   part.c      a part of an op's batch run as an op of its own (tcp_path.c, shm_path.c)
  *
  * Locks: an engine's `mu` guards its submission queue and stop flag, its `cmu` its counters; an
  * op's `mu` its completion. Each is taken alone (none is held while another is taken). Everything
@@ -216,6 +217,35 @@ struct kvf__io {
     pthread_mutex_t cmu; /* counters */
     kvf_client_counters counters;
 };
+
+/* A part of an op's batch, run as an op of its own: the TCP path's child per I/O engine, the
+ * shared-memory path's worker shares and the keys it sends over TCP. Its arrays hold copies of
+ * some of the parent's keys with their buffers or objects; idx says which parent key each is. */
+typedef struct kvf__part {
+    uint32_t *idx; /* parent index of each key */
+    kvf_batch b;   /* b.n keys in the arrays below (kvf__part_batch points it at them) */
+    kvf_key *keys;
+    const void **objs; /* a put's objects and lengths ... */
+    uint64_t *lens;
+    void **bufs; /* ... or a get's buffers, capacities and lengths received */
+    uint64_t *caps, *out_lens;
+    int *st;         /* each key's status */
+    uint32_t layers; /* layers delivered */
+    int done;
+    kvf_op *op; /* the part's own op, where it runs as one */
+} kvf__part;
+
+/* Room for n keys of a get or a put, none added yet. 0 or KVF_ENOMEM (kvf__part_free then frees
+ * what was allocated). */
+int kvf__part_alloc(kvf__part *p, size_t n, int get);
+/* Appends the parent batch's key i (room was allocated for it). */
+void kvf__part_add(kvf__part *p, const kvf_batch *pb, uint32_t i);
+/* Points p->b at p's arrays, with pb's flags and deadline, cb, layer_cb (only where pb has a
+ * layer callback) and ud. */
+void kvf__part_batch(kvf__part *p, const kvf_batch *pb, kvf_op_cb cb, kvf_layer_cb layer_cb,
+                     void *ud);
+/* Frees p's arrays (not its op). */
+void kvf__part_free(kvf__part *p);
 
 /* A data path: how the gets and puts of a client move. Chosen at open. */
 typedef struct kvf__path_ops {

@@ -54,7 +54,7 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
     kvf__put_u32(req + 8, p->lease_ms);
     kvf__put_u32(req + 12, 0);
     for (size_t i = 0; i < n; i++)
-        kvf__wire_key_put(req + 16 + 16 * i, &k->keys[pos[i]]);
+        kvf__wire_key_put(req + 16 + 16 * i, &k->p.keys[pos[i]]);
     size_t rlen;
     uint64_t t0 = kvf__now_ns();
     rc = kvf__sync_call(s->fd, ++s->next_id, KVF_OP_RDMA_GET, (uint32_t)n, req, plen, &rep, &rlen,
@@ -90,7 +90,7 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
             rc = KVF_EPROTO;
             break;
         }
-        k->st[x] = st;
+        k->p.st[x] = st;
         if (st)
             continue;
         /* What the node says must lie inside the view, and the header inside the reply. */
@@ -101,24 +101,24 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
         }
         const uint8_t *hdr = rep + off;
         off += hl;
-        if (len > k->caps[x]) {
-            k->st[x] = KVF_E2BIG;
+        if (len > k->p.caps[x]) {
+            k->p.st[x] = KVF_E2BIG;
             continue;
         }
-        memcpy(k->bufs[x], hdr, hl);
+        memcpy(k->p.bufs[x], hdr, hl);
         kvf_obj_info *in = &l->info[l->n];
-        if (kvf_obj_parse(k->bufs[x], hl, in) != 0 || in->header_len != hl ||
-            hl + in->stored_bytes != len || !kvf_key_eq(&in->key, &k->keys[x])) {
-            k->st[x] = KVF_EPROTO;
+        if (kvf_obj_parse(k->p.bufs[x], hl, in) != 0 || in->header_len != hl ||
+            hl + in->stored_bytes != len || !kvf_key_eq(&in->key, &k->p.keys[x])) {
+            k->p.st[x] = KVF_EPROTO;
             continue;
         }
         if (stream && *layers && in->layers != *layers) {
-            k->st[x] = KVF_ELAYOUT;
+            k->p.st[x] = KVF_ELAYOUT;
             continue;
         }
         if (stream && !*layers)
             *layers = in->layers;
-        k->out_lens[x] = len;
+        k->p.out_lens[x] = len;
         l->segoff[l->n] = hl;
         l->src[l->n] = sn->map + (a - sn->base);
         l->pos[l->n++] = x;
@@ -170,12 +170,12 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
                 uint32_t x = l->pos[h];
                 uint64_t len = l->info[h].header_len + l->info[h].stored_bytes;
                 kvf_obj_info in;
-                int rc = kvf__obj_copy_verify(k->bufs[x], l->src[h], len, &in);
+                int rc = kvf__obj_copy_verify(k->p.bufs[x], l->src[h], len, &in);
                 if (!lease_held(l)) {
-                    k->st[x] = KVF_ENOENT;
+                    k->p.st[x] = KVF_ENOENT;
                     (*expired)++;
-                } else if (rc || !kvf_key_eq(&in.key, &k->keys[x])) {
-                    k->st[x] = rc ? rc : KVF_EPROTO;
+                } else if (rc || !kvf_key_eq(&in.key, &k->p.keys[x])) {
+                    k->p.st[x] = rc ? rc : KVF_EPROTO;
                     (*failed)++;
                 } else {
                     bytes += len;
@@ -192,12 +192,12 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
                 kvf_obj_seg sg = kvf_obj_seg_at(&l->info[h], layer);
                 uint64_t o = l->segoff[h];
                 l->segoff[h] += sg.stored_len;
-                if (k->st[x])
+                if (k->p.st[x])
                     continue;
-                uint8_t *d = (uint8_t *)k->bufs[x] + o;
+                uint8_t *d = (uint8_t *)k->p.bufs[x] + o;
                 memcpy(d, l->src[h] + o, sg.stored_len);
                 if (kvf__xxh3(d, sg.stored_len) != sg.stored_xxh) {
-                    k->st[x] = KVF_ECHECKSUM;
+                    k->p.st[x] = KVF_ECHECKSUM;
                     (*failed)++;
                 } else {
                     bytes += sg.stored_len;
@@ -205,8 +205,8 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
             }
             if (!lease_held(l)) {
                 for (size_t h = 0; h < l->n; h++) {
-                    if (!k->st[l->pos[h]]) {
-                        k->st[l->pos[h]] = KVF_ENOENT;
+                    if (!k->p.st[l->pos[h]]) {
+                        k->p.st[l->pos[h]] = KVF_ENOENT;
                         (*expired)++;
                     }
                 }
@@ -241,14 +241,14 @@ void kvf__shm_get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, si
         uint64_t off = 0;
         size_t j = i;
         kvf__put_u64(req, p->c->o.ns);
-        while (j < n && j - i < MAX_KEYS && kvf__shm_align(off) + k->caps[pos[j]] <= s->stg_len) {
+        while (j < n && j - i < MAX_KEYS && kvf__shm_align(off) + k->p.caps[pos[j]] <= s->stg_len) {
             off = kvf__shm_align(off);
             uint8_t *it = req + 8 + 32 * (j - i);
-            kvf__wire_key_put(it, &k->keys[pos[j]]);
+            kvf__wire_key_put(it, &k->p.keys[pos[j]]);
             kvf__put_u64(it + 16, off);
-            kvf__put_u64(it + 24, k->caps[pos[j]]);
+            kvf__put_u64(it + 24, k->p.caps[pos[j]]);
             offs[j - i] = off;
-            off += k->caps[pos[j]];
+            off += k->p.caps[pos[j]];
             j++;
         }
         uint8_t *rep = NULL;
@@ -269,21 +269,21 @@ void kvf__shm_get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, si
             kvf_obj_info in;
             if (!kvf_err_is_known(st))
                 st = KVF_EPROTO;
-            else if (!st && len > k->caps[q])
+            else if (!st && len > k->p.caps[q])
                 st = KVF_EPROTO;
             if (!st) {
-                if (kvf__obj_copy_verify(k->bufs[q], s->stg + offs[x - i], len, &in) != 0)
+                if (kvf__obj_copy_verify(k->p.bufs[q], s->stg + offs[x - i], len, &in) != 0)
                     st = KVF_ECHECKSUM;
-                else if (!kvf_key_eq(&in.key, &k->keys[q]))
+                else if (!kvf_key_eq(&in.key, &k->p.keys[q]))
                     st = KVF_EPROTO;
                 else if (stream && *layers && in.layers != *layers)
                     st = KVF_ELAYOUT;
                 else if (stream && !*layers)
                     *layers = in.layers;
             }
-            k->st[q] = st;
+            k->p.st[q] = st;
             if (!st) {
-                k->out_lens[q] = len;
+                k->p.out_lens[q] = len;
                 got += len;
             }
             failed += st && st != KVF_ENOENT;
@@ -295,7 +295,7 @@ void kvf__shm_get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, si
                 kvf__node_mark_down(&p->c->nodes[node]);
             kvf__shm_conn_close(s);
             for (size_t x = i; x < n; x++)
-                k->st[pos[x]] = rc;
+                k->p.st[pos[x]] = rc;
             break;
         }
         i = j;

@@ -78,17 +78,7 @@ struct sub {
     agg *a;
     sub *next; /* the workers' queue */
     int tcp;
-    uint32_t *idx; /* parent index of each key */
-    kvf_batch b;
-    kvf_key *keys;
-    const void **objs;
-    uint64_t *lens;
-    void **bufs;
-    uint64_t *caps, *out_lens;
-    int *st;
-    uint32_t layers; /* layers delivered */
-    int done;
-    kvf_op *op; /* the TCP child */
+    kvf__part p; /* its keys; p.op: the TCP child */
 };
 
 struct agg {

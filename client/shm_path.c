@@ -51,8 +51,7 @@ static void sub_free(sub *k)
 {
     if (!k)
         return;
-    free(k->idx), free(k->keys), free(k->objs), free(k->lens), free(k->bufs), free(k->caps);
-    free(k->out_lens), free(k->st);
+    kvf__part_free(&k->p);
     free(k);
 }
 
@@ -61,8 +60,8 @@ static void fire(agg *a)
 {
     uint32_t front = UINT32_MAX;
     for (int i = 0; i < a->n; i++)
-        if (!a->subs[i]->done && a->subs[i]->layers < front)
-            front = a->subs[i]->layers;
+        if (!a->subs[i]->p.done && a->subs[i]->p.layers < front)
+            front = a->subs[i]->p.layers;
     while (a->pb->layer_cb && a->fired < front && a->fired < a->max_layers)
         a->pb->layer_cb(a->parent, a->fired++, a->pb->ud);
 }
@@ -73,11 +72,11 @@ void kvf__shm_sub_layers(sub *k, uint32_t layers)
 {
     agg *a = k->a;
     pthread_mutex_lock(&a->mu);
-    for (size_t i = 0; i < k->b.n; i++)
-        if (k->idx[i] != MOVED)
-            a->pb->status[k->idx[i]] = k->st[i];
-    if (layers > k->layers)
-        k->layers = layers;
+    for (size_t i = 0; i < k->p.b.n; i++)
+        if (k->p.idx[i] != MOVED)
+            a->pb->status[k->p.idx[i]] = k->p.st[i];
+    if (layers > k->p.layers)
+        k->p.layers = layers;
     if (layers > a->max_layers)
         a->max_layers = layers;
     fire(a);
@@ -96,7 +95,7 @@ static void agg_release_locked(agg *a)
     int result = a->result;
     parent->transport = a->used_shm && a->used_tcp ? "shm+tcp" : a->used_tcp ? "tcp" : "shm";
     for (int i = 0; i < a->n; i++) {
-        kvf_op_free(&a->subs[i]->op);
+        kvf_op_free(&a->subs[i]->p.op);
         sub_free(a->subs[i]);
     }
     free(a->subs);
@@ -111,16 +110,16 @@ static void sub_end(sub *k, int status)
 {
     agg *a = k->a;
     pthread_mutex_lock(&a->mu);
-    for (size_t i = 0; i < k->b.n; i++) {
-        if (k->idx[i] == MOVED)
+    for (size_t i = 0; i < k->p.b.n; i++) {
+        if (k->p.idx[i] == MOVED)
             continue;
-        a->pb->status[k->idx[i]] = k->st[i];
-        if (a->pb->out_lens && k->out_lens)
-            a->pb->out_lens[k->idx[i]] = k->out_lens[i];
+        a->pb->status[k->p.idx[i]] = k->p.st[i];
+        if (a->pb->out_lens && k->p.out_lens)
+            a->pb->out_lens[k->p.idx[i]] = k->p.out_lens[i];
     }
     if (status && !a->result)
         a->result = status;
-    k->done = 1;
+    k->p.done = 1;
     fire(a);
     agg_release_locked(a);
 }
@@ -134,20 +133,7 @@ static sub *sub_new(agg *a, size_t n, int tcp)
         return NULL;
     k->a = a;
     k->tcp = tcp;
-    size_t m = n ? n : 1;
-    k->idx = malloc(m * sizeof *k->idx);
-    k->keys = malloc(m * sizeof *k->keys);
-    k->st = calloc(m, sizeof *k->st);
-    if (get) {
-        k->bufs = malloc(m * sizeof *k->bufs);
-        k->caps = malloc(m * sizeof *k->caps);
-        k->out_lens = calloc(m, sizeof *k->out_lens);
-    } else {
-        k->objs = malloc(m * sizeof *k->objs);
-        k->lens = malloc(m * sizeof *k->lens);
-    }
-    if (!k->idx || !k->keys || !k->st || (get && (!k->bufs || !k->caps || !k->out_lens)) ||
-        (!get && (!k->objs || !k->lens))) {
+    if (kvf__part_alloc(&k->p, n, get) != 0) {
         sub_free(k);
         return NULL;
     }
@@ -173,21 +159,6 @@ static sub *sub_new(agg *a, size_t n, int tcp)
     return k;
 }
 
-/* Appends parent key i to k (whose arrays hold room for it). */
-static void sub_add(sub *k, const kvf_batch *pb, uint32_t i)
-{
-    size_t j = k->b.n++;
-    k->idx[j] = i;
-    k->keys[j] = pb->keys[i];
-    if (k->bufs) {
-        k->bufs[j] = pb->bufs[i];
-        k->caps[j] = pb->caps[i];
-    } else {
-        k->objs[j] = pb->objs[i];
-        k->lens[j] = pb->lens[i];
-    }
-}
-
 static void tcp_done(kvf_op *op, int status, void *ud)
 {
     (void)op;
@@ -203,33 +174,20 @@ static void tcp_layer(kvf_op *op, uint32_t l, void *ud)
 /* Runs k's keys over TCP as a child op. */
 static void sub_submit_tcp(kvf_client *c, sub *k)
 {
-    const kvf_batch *pb = k->a->pb;
-    k->b = (kvf_batch){.n = k->b.n,
-                       .keys = k->keys,
-                       .objs = k->objs,
-                       .lens = k->lens,
-                       .bufs = (void *const *)k->bufs,
-                       .caps = k->caps,
-                       .out_lens = k->out_lens,
-                       .status = k->st,
-                       .flags = pb->flags,
-                       .deadline_ms = pb->deadline_ms,
-                       .cb = tcp_done,
-                       .layer_cb = pb->layer_cb ? tcp_layer : NULL,
-                       .ud = k};
+    kvf__part_batch(&k->p, k->a->pb, tcp_done, tcp_layer, k);
     kvf_op *parent = k->a->parent;
-    k->op = kvf__op_new(c, NULL, parent->kind, parent->opcode, &k->b);
-    int rc = k->op ? 0 : KVF_ENOMEM;
-    if (k->op) {
-        k->op->transport = "tcp";
-        k->op->deadline_ns = parent->deadline_ns;
-        if ((rc = kvf__path_tcp.submit(c, k->op)) != 0)
-            kvf__op_destroy(k->op);
+    k->p.op = kvf__op_new(c, NULL, parent->kind, parent->opcode, &k->p.b);
+    int rc = k->p.op ? 0 : KVF_ENOMEM;
+    if (k->p.op) {
+        k->p.op->transport = "tcp";
+        k->p.op->deadline_ns = parent->deadline_ns;
+        if ((rc = kvf__path_tcp.submit(c, k->p.op)) != 0)
+            kvf__op_destroy(k->p.op);
     }
     if (rc) {
-        k->op = NULL;
-        for (size_t i = 0; i < k->b.n; i++)
-            k->st[i] = rc;
+        k->p.op = NULL;
+        for (size_t i = 0; i < k->p.b.n; i++)
+            k->p.st[i] = rc;
         sub_end(k, 0);
     }
 }
@@ -256,8 +214,8 @@ static void enqueue(struct kvf__shm_path *p, worker *w, sub *k)
 static size_t of_node(const kvf_client *c, const sub *k, size_t node, uint32_t *pos)
 {
     size_t n = 0;
-    for (size_t i = 0; i < k->b.n; i++)
-        if (kvf_client_node_of(c, &k->keys[i]) == node)
+    for (size_t i = 0; i < k->p.b.n; i++)
+        if (kvf_client_node_of(c, &k->p.keys[i]) == node)
             pos[n++] = (uint32_t)i;
     return n;
 }
@@ -270,7 +228,7 @@ void kvf__shm_keys_fail(sub *k, const uint32_t *pos, size_t n, int rc, uint32_t 
         if (fb)
             fb[(*n_fb)++] = pos[i];
         else
-            k->st[pos[i]] = rc;
+            k->p.st[pos[i]] = rc;
     }
 }
 
@@ -298,8 +256,8 @@ static int put_reply(worker *w, sconn *s, sub *k, const uint32_t *pos, const put
     for (size_t x = r->from; x < r->to; x++) {
         int st = rc ? rc : (int)(int32_t)kvf__get_u32(rep + 4 * (x - r->from));
         st = kvf_err_is_known(st) ? st : KVF_EPROTO;
-        k->st[pos[x]] = st;
-        sent += st ? 0 : k->lens[pos[x]];
+        k->p.st[pos[x]] = st;
+        sent += st ? 0 : k->p.lens[pos[x]];
         failed += st && st != KVF_EEXIST;
     }
     if (!rc)
@@ -335,7 +293,7 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
     int cur = 0, pending = -1; /* the round in flight, if any */
     size_t i = 0;
     while (i < n && !rc) {
-        int whole = k->lens[pos[i]] > half;
+        int whole = k->p.lens[pos[i]] > half;
         /* An object larger than a round takes a region of its own: the whole staging region
          * when it needs it, else the half not in flight. */
         if (whole && pending >= 0) {
@@ -351,15 +309,15 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
         kvf__put_u64(q->req, p->c->o.ns);
         /* Rounds of a few MiB (or one object): the node starts on one while the worker fills
          * the next. */
-        while (j < n && j - i < MAX_KEYS && kvf__shm_align(off) + k->lens[pos[j]] <= cap &&
+        while (j < n && j - i < MAX_KEYS && kvf__shm_align(off) + k->p.lens[pos[j]] <= cap &&
                (!whole || j == i) && (j == i || off < PUT_ROUND)) {
             off = kvf__shm_align(off);
-            memcpy(s->stg + base + off, k->objs[pos[j]], k->lens[pos[j]]);
+            memcpy(s->stg + base + off, k->p.objs[pos[j]], k->p.lens[pos[j]]);
             uint8_t *it = q->req + 8 + 32 * (j - i);
-            kvf__wire_key_put(it, &k->keys[pos[j]]);
+            kvf__wire_key_put(it, &k->p.keys[pos[j]]);
             kvf__put_u64(it + 16, base + off);
-            kvf__put_u64(it + 24, k->lens[pos[j]]);
-            off += k->lens[pos[j]];
+            kvf__put_u64(it + 24, k->p.lens[pos[j]]);
+            off += k->p.lens[pos[j]];
             j++;
         }
         q->from = i;
@@ -370,7 +328,7 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
                             deadline_ns, s->err, sizeof s->err);
         if (rc) {
             for (size_t x = i; x < j; x++)
-                k->st[pos[x]] = rc;
+                k->p.st[pos[x]] = rc;
             break;
         }
         /* The round before is answered now, its half free for the next round. */
@@ -393,11 +351,11 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
         kvf__shm_conn_close(s);
         if (pending >= 0)
             for (size_t x = r[pending].from; x < r[pending].to; x++)
-                if (k->st[pos[x]] == 0)
-                    k->st[pos[x]] = rc;
+                if (k->p.st[pos[x]] == 0)
+                    k->p.st[pos[x]] = rc;
         for (size_t x = i; x < n; x++)
-            if (k->st[pos[x]] == 0)
-                k->st[pos[x]] = rc;
+            if (k->p.st[pos[x]] == 0)
+                k->p.st[pos[x]] = rc;
     }
     free(r[0].req), free(r[1].req);
 }
@@ -412,17 +370,17 @@ static void run_share(worker *w, sub *k)
     uint64_t deadline_ns = parent->deadline_ns;
     int get = parent->kind == KVF__OPK_GET;
     int stream = get && (k->a->pb->flags & KVF_GET_STREAM);
-    size_t n = k->b.n ? k->b.n : 1;
+    size_t n = k->p.b.n ? k->p.b.n : 1;
     uint32_t *pos = malloc(n * sizeof *pos), *fb = malloc(n * sizeof *fb);
     /* A node's keys are leased MAX_KEYS at a time: one entry per request. */
-    size_t cap_ls = p->n + k->b.n / MAX_KEYS + 1;
+    size_t cap_ls = p->n + k->p.b.n / MAX_KEYS + 1;
     leased *ls = calloc(cap_ls, sizeof *ls);
     size_t n_fb = 0, nl = 0;
     uint32_t layers = 0;
     uint64_t expired = 0, failed = 0, bytes = 0;
     if (!pos || !fb || !ls) {
-        for (size_t i = 0; i < k->b.n; i++)
-            k->st[i] = KVF_ENOMEM;
+        for (size_t i = 0; i < k->p.b.n; i++)
+            k->p.st[i] = KVF_ENOMEM;
         goto out;
     }
     for (size_t node = 0; node < p->n; node++) {
@@ -465,14 +423,14 @@ static void run_share(worker *w, sub *k)
         if (t) {
             /* The keys are the TCP sub's now: this share reports nothing for them. */
             for (size_t i = 0; i < n_fb; i++) {
-                sub_add(t, k->a->pb, k->idx[fb[i]]);
-                k->idx[fb[i]] = MOVED;
+                kvf__part_add(&t->p, k->a->pb, k->p.idx[fb[i]]);
+                k->p.idx[fb[i]] = MOVED;
             }
             kvf__shm_count(p, 0, 0, 0, 0, 0, 0, n_fb);
             sub_submit_tcp(c, t);
         } else {
             for (size_t i = 0; i < n_fb; i++)
-                k->st[fb[i]] = KVF_ENOMEM;
+                k->p.st[fb[i]] = KVF_ENOMEM;
         }
     }
     if (get && nl)
@@ -511,8 +469,8 @@ static void *worker_main(void *arg)
         if (!k)
             break;
         if (stop) {
-            for (size_t i = 0; i < k->b.n; i++)
-                k->st[i] = KVF_ECANCELED;
+            for (size_t i = 0; i < k->p.b.n; i++)
+                k->p.st[i] = KVF_ECANCELED;
             sub_end(k, KVF_ECANCELED);
             continue;
         }
@@ -585,12 +543,12 @@ static int shm_submit(kvf_client *c, kvf_op *op)
     uint64_t acc = 0, s = 0;
     for (size_t i = 0; i < b->n; i++) {
         if (!via_shm(p, c, b, i, get)) {
-            sub_add(tcp, b, (uint32_t)i);
+            kvf__part_add(&tcp->p, b, (uint32_t)i);
             continue;
         }
-        while (s + 1 < shares && acc >= bytes * (s + 1) / shares && sh[s]->b.n)
+        while (s + 1 < shares && acc >= bytes * (s + 1) / shares && sh[s]->p.b.n)
             s++;
-        sub_add(sh[s], b, (uint32_t)i);
+        kvf__part_add(&sh[s]->p, b, (uint32_t)i);
         acc += get ? b->caps[i] : b->lens[i];
     }
     for (uint64_t x = 0; x < shares; x++)

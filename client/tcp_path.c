@@ -17,17 +17,7 @@ typedef struct agg agg;
 
 typedef struct child {
     agg *a;
-    uint32_t *idx; /* parent index of each of this child's keys */
-    kvf_batch b;
-    kvf_key *keys;
-    const void **objs;
-    uint64_t *lens;
-    void **bufs;
-    uint64_t *caps, *out_lens;
-    int *st;
-    uint32_t layers; /* layers delivered */
-    int done;
-    kvf_op *op;
+    kvf__part p;
 } child;
 
 struct agg {
@@ -40,19 +30,13 @@ struct agg {
     child ch[KVF_CLIENT_MAX_IO];
 };
 
-static void child_free(child *k)
-{
-    free(k->idx), free(k->keys), free(k->objs), free(k->lens), free(k->bufs), free(k->caps);
-    free(k->out_lens), free(k->st);
-}
-
 /* Fires the parent's layers that every unfinished child has delivered. Lock held. */
 static void fire(agg *a)
 {
     uint32_t front = UINT32_MAX;
     for (int i = 0; i < a->n; i++)
-        if (!a->ch[i].done && a->ch[i].layers < front)
-            front = a->ch[i].layers;
+        if (!a->ch[i].p.done && a->ch[i].p.layers < front)
+            front = a->ch[i].p.layers;
     while (a->pb->layer_cb && a->fired < front && a->fired < a->max_layers)
         a->pb->layer_cb(a->parent, a->fired++, a->pb->ud);
 }
@@ -63,8 +47,8 @@ static void on_layer(kvf_op *op, uint32_t l, void *ud)
     child *k = ud;
     agg *a = k->a;
     pthread_mutex_lock(&a->mu);
-    if (l + 1 > k->layers)
-        k->layers = l + 1;
+    if (l + 1 > k->p.layers)
+        k->p.layers = l + 1;
     if (l + 1 > a->max_layers)
         a->max_layers = l + 1;
     fire(a);
@@ -77,14 +61,14 @@ static void child_end(child *k, int status)
 {
     agg *a = k->a;
     pthread_mutex_lock(&a->mu);
-    for (uint32_t i = 0; i < k->b.n; i++) {
-        a->pb->status[k->idx[i]] = k->op ? k->st[i] : status;
-        if (a->pb->out_lens && k->op)
-            a->pb->out_lens[k->idx[i]] = k->out_lens[i];
+    for (uint32_t i = 0; i < k->p.b.n; i++) {
+        a->pb->status[k->p.idx[i]] = k->p.op ? k->p.st[i] : status;
+        if (a->pb->out_lens && k->p.op)
+            a->pb->out_lens[k->p.idx[i]] = k->p.out_lens[i];
     }
     if (status && !a->result)
         a->result = status;
-    k->done = 1;
+    k->p.done = 1;
     fire(a);
     int last = --a->left == 0;
     pthread_mutex_unlock(&a->mu);
@@ -93,8 +77,8 @@ static void child_end(child *k, int status)
     kvf_op *parent = a->parent;
     int result = a->result;
     for (int i = 0; i < a->n; i++) {
-        kvf_op_free(&a->ch[i].op);
-        child_free(&a->ch[i]);
+        kvf_op_free(&a->ch[i].p.op);
+        kvf__part_free(&a->ch[i].p);
     }
     pthread_mutex_destroy(&a->mu);
     free(a);
@@ -109,46 +93,12 @@ static void on_done(kvf_op *op, int status, void *ud)
 
 static int child_make(child *k, const kvf_batch *pb, int get, size_t from, size_t to)
 {
-    size_t n = to - from;
-    k->idx = malloc(n * sizeof *k->idx);
-    k->keys = malloc(n * sizeof *k->keys);
-    k->st = calloc(n, sizeof *k->st);
-    if (get) {
-        k->bufs = malloc(n * sizeof *k->bufs);
-        k->caps = malloc(n * sizeof *k->caps);
-        k->out_lens = calloc(n, sizeof *k->out_lens);
-    } else {
-        k->objs = malloc(n * sizeof *k->objs);
-        k->lens = malloc(n * sizeof *k->lens);
-    }
-    if (!k->idx || !k->keys || !k->st || (get && (!k->bufs || !k->caps || !k->out_lens)) ||
-        (!get && (!k->objs || !k->lens)))
-        return KVF_ENOMEM;
-    for (size_t i = 0; i < n; i++) {
-        k->idx[i] = (uint32_t)(from + i);
-        k->keys[i] = pb->keys[from + i];
-        if (get) {
-            k->bufs[i] = pb->bufs[from + i];
-            k->caps[i] = pb->caps[from + i];
-        } else {
-            k->objs[i] = pb->objs[from + i];
-            k->lens[i] = pb->lens[from + i];
-        }
-    }
-    k->b = (kvf_batch){.n = n,
-                       .keys = k->keys,
-                       .objs = k->objs,
-                       .lens = k->lens,
-                       .bufs = (void *const *)k->bufs,
-                       .caps = k->caps,
-                       .out_lens = k->out_lens,
-                       .status = k->st,
-                       .flags = pb->flags,
-                       .deadline_ms = pb->deadline_ms,
-                       .cb = on_done,
-                       .layer_cb = pb->layer_cb ? on_layer : NULL,
-                       .ud = k};
-    return 0;
+    int rc = kvf__part_alloc(&k->p, to - from, get);
+    for (size_t i = from; !rc && i < to; i++)
+        kvf__part_add(&k->p, pb, (uint32_t)i);
+    if (!rc)
+        kvf__part_batch(&k->p, pb, on_done, on_layer, k);
+    return rc;
 }
 
 /* Splits parent's batch into one child op per engine: contiguous ranges of about equal bytes,
@@ -184,7 +134,7 @@ static int split_submit(kvf_client *c, kvf_op *parent)
     }
     if (rc) {
         for (int i = 0; i < a->n; i++)
-            child_free(&a->ch[i]);
+            kvf__part_free(&a->ch[i].p);
         pthread_mutex_destroy(&a->mu);
         free(a);
         return rc;
@@ -195,15 +145,15 @@ static int split_submit(kvf_client *c, kvf_op *parent)
     int n = a->n;
     for (int i = 0; i < n; i++) {
         child *k = &a->ch[i];
-        k->op = kvf__op_new(c, c->io[i], parent->kind, parent->opcode, &k->b);
-        int src = k->op ? 0 : KVF_ENOMEM;
-        if (k->op) {
-            k->op->transport = "tcp";
-            if ((src = kvf__io_submit(c->io[i], k->op)) != 0)
-                kvf__op_destroy(k->op);
+        k->p.op = kvf__op_new(c, c->io[i], parent->kind, parent->opcode, &k->p.b);
+        int src = k->p.op ? 0 : KVF_ENOMEM;
+        if (k->p.op) {
+            k->p.op->transport = "tcp";
+            if ((src = kvf__io_submit(c->io[i], k->p.op)) != 0)
+                kvf__op_destroy(k->p.op);
         }
         if (src) {
-            k->op = NULL;
+            k->p.op = NULL;
             child_end(k, src); /* its keys fail with the error; the parent still completes */
         }
     }
