@@ -112,6 +112,7 @@ class Outcome:
     load_error: str
     first_token_mismatch: bool
     notes: List[str]
+    save_error: str = "KVF_OK"
 
 
 class Engine:
@@ -169,7 +170,13 @@ class Engine:
         limit = (n - 1) // C * C  # the last token is always computed: its logits are the answer
         d = self._device_prefix(tokens, limit) if reuse != "none" and self.last_cache is not None \
             else 0
-        cached = self.lookup(tokens[:limit]) if reuse == "all" and limit and self.cn else 0
+        cached = 0
+        if reuse == "all" and limit and self.cn is not None:
+            try:  # the stores unreachable: a miss, and the prompt is computed
+                cached = self.lookup(tokens[:limit])
+            except KvfError as e:
+                o.load_error = e.name
+                o.notes.append(f"lookup: {e}")
         cache = self.last_cache if d else self.new_cache()
         if d:
             _crop(cache, d)
@@ -177,8 +184,13 @@ class Engine:
             self.last_cache = None  # its memory goes back before this sequence's is taken
         load = None
         if cached > d:
-            load = self.cn.load(tokens[:cached], list(range(cached // L.page_tokens)),
-                                first_chunk=d // C)
+            try:
+                load = self.cn.load(tokens[:cached], list(range(cached // L.page_tokens)),
+                                    first_chunk=d // C)
+            except KvfError as e:
+                o.load_error = e.name
+                o.notes.append(f"load: {e}")
+                cached = 0
         hooks, waited = [], [0.0]
         t0 = time.perf_counter()
         try:
@@ -276,7 +288,11 @@ class Engine:
             self.last_tokens, self.last_cache = tokens, cache
             if stores and kind != "decode":
                 t_save = time.perf_counter()
-                o.saved_tokens = self._save(tokens, cache, known)
+                try:  # a save that fails loses the cache entry, not the request
+                    o.saved_tokens = self._save(tokens, cache, known)
+                except KvfError as e:
+                    o.save_error = e.name
+                    o.notes.append(f"save: {e}")
                 o.save_s = time.perf_counter() - t_save
             self.held.set(tokens)
             if kind == "decode" and first_token is not None:
@@ -325,5 +341,5 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
     return {"tokens": o.tokens, "itl_s": o.itl_s, "prompt_tokens": o.prompt_tokens,
             "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
             "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
-            "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error,
+            "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
             "first_token_mismatch": o.first_token_mismatch, "notes": o.notes}

@@ -36,7 +36,6 @@ from . import models
 from .connector import Connector
 from .engine import Engine, TurnQueue, outcome_json
 from .cuda import cuda_probe
-from .errors import KvfError
 from .events import Events
 from .feasibility import Caps
 from .layout import Layout
@@ -255,8 +254,8 @@ class Server:
                 try:
                     o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"])
                     status, out = 200, outcome_json(o)
-                except (KvfError, ValueError, RuntimeError) as e:
-                    status, out, o = 500, {"error": f"{kind}: {e}"}, None
+                except Exception as e:  # noqa: BLE001 - the server answers and goes on
+                    status, out, o = 500, {"error": f"{kind}: {type(e).__name__}: {e}"}, None
                 busy = time.perf_counter() - start
         finally:
             with self.mu:
@@ -311,7 +310,10 @@ def _handler(S: Server):
             self._send(200, S.health())
 
         def do_POST(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                n = -1
             if n <= 0 or n > MAX_BODY:
                 self.close_connection = True
                 self._send(413 if n > MAX_BODY else 400,

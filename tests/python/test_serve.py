@@ -188,6 +188,35 @@ class TestServe(unittest.TestCase):
         st, r = call(pre, "/v1/prefill", {"tokens": prompt(70, 3)})
         self.assertEqual(st, 200, r)  # still serving
 
+    def test_a_dead_store_is_a_miss_not_a_failure(self):
+        """The store gone under a colocated engine: its requests are computed whole and answered
+        with the model's tokens; the answer says what failed."""
+        store = Store(memory="32M")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "kvfabric.serve", "--id", "alone", "--store", store.addr,
+             "--model", self.cfg, "--backend", "torch", "--device", "cpu", "--chunk-tokens",
+             "64", "--max-tokens", "2048", "--seed", "7"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            addr = started(p, "kvfabric.serve alone", "kvf-engine ready")
+            a = prompt(200, 9)
+            st, g = call(addr, "/v1/generate", {"tokens": a, "max_tokens": 3})
+            self.assertEqual((st, g["saved_tokens"]), (200, 192), g)
+            store.stop()
+            b = prompt(150, 10)
+            st, g = call(addr, "/v1/generate", {"tokens": b, "max_tokens": 3})
+            self.assertEqual(st, 200, g)
+            self.assertEqual(g["tokens"], self.reference(b, 3))
+            self.assertEqual(g["loaded_tokens"], 0)
+            self.assertNotEqual((g["load_error"], g["save_error"]), ("KVF_OK", "KVF_OK"), g)
+            st, h = call(addr, "/v1/health")
+            self.assertEqual(h["failures"], 0)
+        finally:
+            stop(p)
+            if p.stderr:
+                p.stderr.close()
+            store.stop()
+
     def test_refuses_bad_options(self):
         for args, why in ((["--listen", "0.0.0.0:0"], "refusing"),
                           (["--model", "no-such-model"], "not a known model"),
