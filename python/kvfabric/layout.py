@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from typing import List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
 from . import _lib
 from .errors import KvfError, check

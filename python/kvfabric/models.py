@@ -122,8 +122,6 @@ def build(cfg: Mapping[str, Any], backend: str = "auto", device: str = "cpu", dt
 
 def _build(cfg: Mapping[str, Any], backend: str, dev: Any, tdtype: Any,
            checkpoint: Optional[str]) -> Tuple[Any, Callable[[], Any], str]:
-    import torch
-
     from .checkpoint import load_checkpoint
 
     on_device = dev if hasattr(dev, "__enter__") else contextlib.nullcontext()  # torch >= 2.0

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
 from .connector import Connector, Transfer, pages_from_tensors
-from .errors import KvfError, Miss
+from .errors import Miss
 from .layout import Layout
 
 

@@ -11,14 +11,13 @@ the positions it was computed at, which chunk keys (chained from the first token
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Sequence
 
-from .connector import Connector, pages_from_tensors
+from .connector import Connector
+from .engine import Staging
 from .engine import decoder_layers as _decoder_layers
-from .engine import layer_kv as _layer_kv
 from .errors import Miss
 from .layout import Layout
-from .paged import PagedKVCache
 
 
 class _Abort(Exception):
@@ -40,45 +39,35 @@ class GenerateInfo:
 class KVFabricGenerate:
     """model.generate with a kvfabric prefix cache, for one request at a time.
 
-    A staging area of `staging_tokens` tokens in the model's device memory, in kvfabric's paged
-    layout, is registered with the connector once; a prefix is loaded there page by page and
-    handed to the dynamic cache layer by layer, just before the layer runs."""
+    A staging area of `staging_tokens` tokens in the model's device memory and dtype, in
+    kvfabric's paged layout (kvfabric.engine.Staging), is registered with the connector once; a
+    prefix is loaded there page by page and handed to the dynamic cache layer by layer, just
+    before the layer runs."""
 
     def __init__(self, model: Any, connector: Connector, layout: Layout,
                  staging_tokens: int = 32768) -> None:
-        import torch
-
         self.model, self.cn, self.layout = model, connector, layout
-        self.device = next(model.parameters()).device
-        dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[layout.dtype]
-        pages = (staging_tokens + layout.page_tokens - 1) // layout.page_tokens
-        self.staging = PagedKVCache(layout, pages, device=self.device, dtype=dtype)
-        connector.register(pages_from_tensors(layout, self.staging.tensors))
+        p = next(model.parameters())
+        self.device = p.device
+        self.stage = Staging(connector, layout, staging_tokens, p.device, p.dtype)
         self.layers = _decoder_layers(model)
         if len(self.layers) != layout.layers:
             raise ValueError(f"the model has {len(self.layers)} layers, the layout {layout.layers}")
 
     def _to_cache(self, cache: Any, layer: int, n: int) -> None:
-        pages = range((n + self.layout.page_tokens - 1) // self.layout.page_tokens)
-        k, v = self.staging.read(layer, pages, n)  # [n, H, D]
-        cache.update(k.transpose(0, 1).unsqueeze(0).contiguous(),
-                     v.transpose(0, 1).unsqueeze(0).contiguous(), layer)
+        self.stage.to_cache(cache, layer, 0, n)
 
     def _save(self, cache: Any, tokens: List[int], first_chunk: int, full: int, stream: Any) -> int:
-        P = self.layout.page_tokens
-        for layer in range(self.layout.layers):
-            k, v = _layer_kv(cache, layer)
-            k = k[0, :, :full].transpose(0, 1)  # [full, H, D]
-            v = v[0, :, :full].transpose(0, 1)
-            t = self.staging.tensors[layer]
-            t[0, : full // P].copy_(k.reshape(full // P, P, *k.shape[1:]))
-            t[1, : full // P].copy_(v.reshape(full // P, P, *v.shape[1:]))
+        C, P = self.layout.chunk_tokens, self.layout.page_tokens
+        self.stage.from_cache(cache, first_chunk * C, full)
         sv = self.cn.save(tokens[:full], list(range(full // P)), first_chunk=first_chunk)
-        for layer in range(self.layout.layers):
-            sv.layer_done(layer, stream)
-        sv.wait()
-        sv.close()
-        return full - first_chunk * self.layout.chunk_tokens
+        try:
+            for layer in range(self.layout.layers):
+                sv.layer_done(layer, stream)
+            sv.wait()
+        finally:
+            sv.close()
+        return full - first_chunk * C
 
     def generate(self, tokens: Sequence[int], save: bool = True, **kwargs: Any):
         """Generates after the prompt `tokens` (greedy unless kwargs say otherwise) and returns
@@ -89,7 +78,7 @@ class KVFabricGenerate:
         L = self.layout
         tokens = [int(t) for t in tokens]
         info = GenerateInfo(prompt_tokens=len(tokens))
-        if len(tokens) > self.staging.num_pages * L.page_tokens:
+        if len(tokens) > self.stage.tokens:
             raise ValueError("prompt longer than the staging area")
         # The last prompt token is always computed: it gives the first new token's logits.
         limit = (len(tokens) - 1) // L.chunk_tokens * L.chunk_tokens
