@@ -130,10 +130,10 @@ def main():
                                "expect_cached": 1024})
 
         # 1. PD handoff, and the same KV loaded alone by this driver into GPU pages
-        from kvfabric.engine import Staging
+        from kvfabric.engine import Staging, handoff_tokens
         tdt = {"bf16": torch.bfloat16, "f32": torch.float32}[a.dtype]
         cn = kvf.Connector(layout, nodes=[saddr], deadline_ms=60000)
-        staging = Staging(cn, layout, a.handoff_tokens, torch.device("cuda"), tdt)
+        staging = Staging(cn, layout, a.handoff_tokens + C, torch.device("cuda"), tdt)
         rounds = []
         for r in range(a.handoff_rounds + 1):
             toks = [rnd.randrange(vocab) for _ in range(a.handoff_tokens)]
@@ -141,10 +141,12 @@ def main():
             dec = call(D, "/v1/decode", {"tokens": toks, "first_token": pre["tokens"][0],
                                          "max_tokens": a.output_tokens,
                                          "expect_cached": pre["saved_tokens"]})
-            n = (len(toks) - 1) // C * C
+            # the same KV as the decode loaded: the whole prompt where the prefill handed it over
+            seq = handoff_tokens(toks, C) if dec.get("handed_over") else toks
+            n = len(seq) if dec.get("handed_over") else (len(toks) - 1) // C * C
             torch.cuda.synchronize()
             t = time.perf_counter()
-            ld = cn.load(toks[:n], list(range(n // layout.page_tokens)))
+            ld = cn.load(seq[:n], list(range(n // layout.page_tokens)))
             ld.wait()
             torch.cuda.synchronize()
             alone = time.perf_counter() - t
@@ -157,6 +159,7 @@ def main():
                 "decode_first_token_s": dec["prefill_s"], "decode_loaded_tokens":
                 dec["loaded_tokens"], "decode_load_wait_s": dec["wait_s"],
                 "load_bytes": dec.get("load_bytes", 0), "transfer_alone_s": alone,
+                "handed_over": dec.get("handed_over"), "tail_saved": pre.get("tail_saved"),
                 "transfer_gbps": n * layout.bytes_per_token / alone / 1e9,
                 "itl_ms_median": sorted(dec["itl_s"])[len(dec["itl_s"]) // 2] * 1e3
                 if dec["itl_s"] else None,
@@ -169,7 +172,7 @@ def main():
         alone = med([x["transfer_alone_s"] for x in rounds])
         res["handoff"] = {
             "tokens": a.handoff_tokens, "rounds": rounds,
-            "kv_bytes": (a.handoff_tokens - 1) // C * C * layout.bytes_per_token,
+            "kv_bytes": rounds[0]["load_bytes"],
             "prefill_ms": round(med([x["prefill_s"] for x in rounds]) * 1e3, 1),
             "save_ms": round(med([x["save_s"] for x in rounds]) * 1e3, 1),
             "handoff_wait_ms": round(med([x["handoff_wait_s"] for x in rounds]) * 1e3, 1),

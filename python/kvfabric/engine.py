@@ -19,13 +19,24 @@ import inspect
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .connector import Connector, pages_from_tensors
 from .errors import KvfError, Miss
 from .events import Events, HeldBlocks
 from .layout import Layout
 from .paged import PagedKVCache
+
+
+# The token that pads a prompt's last partial chunk when a prefill hands its whole KV over to a
+# decode: no tokenizer has 2^32 - 1 tokens, so the padded chunk's key is never a real prompt's.
+PAD_TOKEN = 0xFFFFFFFF
+
+
+def handoff_tokens(tokens: Sequence[int], chunk_tokens: int) -> List[int]:
+    """The tokens whose chunks carry a prompt's whole KV from a prefill to a decode: the prompt,
+    its last partial chunk padded with PAD_TOKEN."""
+    return list(tokens) + [PAD_TOKEN] * (-len(tokens) % chunk_tokens)
 
 
 class _Abort(Exception):
@@ -83,15 +94,17 @@ class Staging:
                      v[begin:end].transpose(0, 1).unsqueeze(0), layer)
 
     def from_cache(self, cache: Any, begin: int, end: int) -> None:
-        """Copies positions begin..end (whole pages) of the cache into the staging pages."""
-        P = self.layout.page_tokens
+        """Copies positions begin..end of the cache into the staging pages; positions the cache
+        does not hold (the padding of a prompt's last partial chunk) are zeros."""
         for layer in range(self.layout.layers):
             k, v = layer_kv(cache, layer)
-            k = k[0, :, begin:end].transpose(0, 1)  # [n, H, D]
-            v = v[0, :, begin:end].transpose(0, 1)
+            have = max(begin, min(end, k.shape[-2]))
             t = self.pages.tensors[layer]
-            t[0, begin // P: end // P].copy_(k.reshape(-1, P, *k.shape[1:]))
-            t[1, begin // P: end // P].copy_(v.reshape(-1, P, *v.shape[1:]))
+            for plane, src in ((0, k), (1, v)):
+                flat = t[plane].view(-1, *t.shape[3:])  # [tokens, H, D]
+                flat[begin:have].copy_(src[0, :, begin:have].transpose(0, 1))
+                if have < end:
+                    flat[have:end].zero_()
 
 
 @dataclass
@@ -113,6 +126,8 @@ class Outcome:
     first_token_mismatch: bool
     notes: List[str]
     save_error: str = "KVF_OK"
+    handed_over: bool = False  # a decode that loaded the whole prompt's KV and computed nothing
+    tail_saved: bool = False  # a prefill saved its last partial chunk too, padded, for the decode
 
 
 class Engine:
@@ -162,21 +177,30 @@ class Engine:
         out = self.model(input_ids=t, past_key_values=cache, use_cache=True, **self._last_only)
         return int(out.logits[0, -1].argmax())
 
-    def _prefill(self, tokens: List[int], reuse: str, o: Outcome) -> Any:
+    def _prefill(self, tokens: List[int], reuse: str, o: Outcome,
+                 handed: Optional[int] = None) -> Any:
         """Fills a cache with the prompt's KV (reused, loaded, computed): returns it and how many
-        leading tokens the stores hold; the first token goes into o.tokens."""
+        leading tokens the stores hold; the first token goes into o.tokens. handed: a decode's
+        first token, chosen by its prefill: where the prefill handed the whole prompt's KV over
+        (handoff_tokens), it is all loaded and nothing is computed here."""
         L, C = self.layout, self.layout.chunk_tokens
         n = len(tokens)
-        limit = (n - 1) // C * C  # the last token is always computed: its logits are the answer
+        limit = (n - 1) // C * C  # the last token is computed: its logits are the answer
         d = self._device_prefix(tokens, limit) if reuse != "none" and self.last_cache is not None \
             else 0
-        cached = 0
-        if reuse == "all" and limit and self.cn is not None:
+        cached, seq = 0, tokens
+        if handed is not None:
+            seq = handoff_tokens(tokens, C)
+        if reuse == "all" and (limit or handed is not None) and self.cn is not None:
             try:  # the stores unreachable: a miss, and the prompt is computed
-                cached = self.lookup(tokens[:limit])
+                cached = self.lookup(seq if handed is not None else tokens[:limit])
             except KvfError as e:
                 o.load_error = e.name
                 o.notes.append(f"lookup: {e}")
+        whole = handed is not None and cached == len(seq) and len(seq) <= self.staging.tokens
+        if not whole:
+            cached = min(cached, limit)
+        upto = n if whole else cached  # the positions handed to the cache
         cache = self.last_cache if d else self.new_cache()
         if d:
             _crop(cache, d)
@@ -185,12 +209,12 @@ class Engine:
         load = None
         if cached > d:
             try:
-                load = self.cn.load(tokens[:cached], list(range(cached // L.page_tokens)),
+                load = self.cn.load(seq[:cached], list(range(cached // L.page_tokens)),
                                     first_chunk=d // C)
             except KvfError as e:
                 o.load_error = e.name
                 o.notes.append(f"load: {e}")
-                cached = 0
+                cached, whole = 0, False
         hooks, waited = [], [0.0]
         t0 = time.perf_counter()
         try:
@@ -203,7 +227,7 @@ class Engine:
                         raise _Abort(e.name, str(e)) from None
                     finally:
                         waited[0] += time.perf_counter() - w
-                    self.staging.to_cache(cache, layer, d, cached)
+                    self.staging.to_cache(cache, layer, d, upto)
 
                 fill(0)  # before the model reads the cache's length from layer 0
                 filled = {0}
@@ -215,14 +239,21 @@ class Engine:
                             fill(layer)
                     return hook
 
-                for layer in range(1, L.layers):
-                    hooks.append(self.layers[layer].register_forward_pre_hook(pre(layer)))
-                first = self._forward(tokens[cached:], cache)
-                o.loaded_tokens, o.device_tokens = cached - d, d
+                if whole:  # every layer, and no forward pass: the first token is the prefill's
+                    for layer in range(1, L.layers):
+                        fill(layer)
+                    first = int(handed)
+                    o.notes.append("the whole prompt's KV handed over: nothing computed")
+                else:
+                    for layer in range(1, L.layers):
+                        hooks.append(self.layers[layer].register_forward_pre_hook(pre(layer)))
+                    first = self._forward(tokens[cached:], cache)
+                o.loaded_tokens, o.device_tokens = upto - d, d
             else:
                 first = self._forward(tokens[d:], cache)
                 o.device_tokens = d
         except _Abort as e:  # recompute what did not arrive, after the engine's own prefix
+            whole = False
             o.load_error, note = e.args
             o.notes.append(note)
             for h in hooks:
@@ -247,28 +278,34 @@ class Engine:
         o.wait_s = waited[0]
         o.compute_s = max(0.0, o.prefill_s - o.wait_s)
         o.tokens.append(first)
+        o.handed_over = whole
         # what the stores hold of the prompt: the lookup's prefix, unless its load failed
-        known = 0 if load is not None and not o.loaded_tokens else cached
+        known = 0 if load is not None and not o.loaded_tokens else min(cached, n // C * C)
         return cache, known
 
-    def _save(self, tokens: List[int], cache: Any, known: int) -> int:
+    def _save(self, tokens: List[int], cache: Any, known: int, tail: bool = False) -> Tuple[int, bool]:
         """Saves the prompt's full chunks beyond the first `known` tokens (which the stores hold
-        already). Returns the tokens saved."""
+        already), and with tail its last partial chunk, padded (handoff_tokens: for the decode
+        of a disaggregated request). Returns the tokens of the whole chunks saved, and whether the
+        padded last chunk was saved too."""
         L, C = self.layout, self.layout.chunk_tokens
-        full = len(tokens) // C * C
+        seq = handoff_tokens(tokens, C) if tail else tokens
+        if len(seq) > self.staging.tokens:
+            seq = tokens
+        full = len(seq) // C * C
         first = known // C
         if self.cn is None or full <= first * C:
-            return 0
+            return 0, False
         self.staging.from_cache(cache, first * C, full)
         stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
-        sv = self.cn.save(tokens[:full], list(range(full // L.page_tokens)), first_chunk=first)
+        sv = self.cn.save(seq[:full], list(range(full // L.page_tokens)), first_chunk=first)
         try:
             for layer in range(L.layers):
                 sv.layer_done(layer, stream)
             sv.wait()
         finally:
             sv.close()
-        return full - first * C
+        return len(tokens) // C * C - first * C, len(seq) > len(tokens)
 
     def run(self, kind: str, tokens: Sequence[int], max_tokens: int = 1, reuse: str = "all",
             first_token: Optional[int] = None) -> Outcome:
@@ -284,12 +321,15 @@ class Engine:
         o = Outcome([], [], len(tokens), 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, "KVF_OK", False, [])
         stores = reuse == "all" and self.cn is not None
         with self._torch.no_grad():
-            cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else "engine", o)
+            handed = int(first_token) if kind == "decode" and first_token is not None else None
+            cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else "engine", o,
+                                         handed)
             self.last_tokens, self.last_cache = tokens, cache
             if stores and kind != "decode":
                 t_save = time.perf_counter()
                 try:  # a save that fails loses the cache entry, not the request
-                    o.saved_tokens = self._save(tokens, cache, known)
+                    o.saved_tokens, o.tail_saved = self._save(tokens, cache, known,
+                                                              tail=kind == "prefill")
                 except KvfError as e:
                     o.save_error = e.name
                     o.notes.append(f"save: {e}")
@@ -342,4 +382,4 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
             "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
             "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
             "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
-            "first_token_mismatch": o.first_token_mismatch, "notes": o.notes}
+            "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "notes": o.notes}

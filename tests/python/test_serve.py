@@ -130,13 +130,22 @@ class TestServe(unittest.TestCase):
         self.assertEqual(st, 200, p)
         self.assertEqual(p["saved_tokens"], 256)
         self.assertEqual(p["label"], "real")
+        self.assertTrue(p["tail_saved"])  # the last 44 tokens too, in a padded chunk
         st, d = call(dec, "/v1/decode", {"tokens": toks, "first_token": p["tokens"][0],
                                          "max_tokens": 6, "expect_cached": 256})
         self.assertEqual(st, 200, d)
-        self.assertEqual(d["loaded_tokens"], 256)
+        self.assertEqual(d["loaded_tokens"], 300)  # the whole prompt: nothing computed
+        self.assertTrue(d["handed_over"])
         self.assertFalse(d["first_token_mismatch"])
         self.assertEqual(len(d["itl_s"]), 5)
         self.assertEqual(d["tokens"], self.reference(toks, 6))
+        # a prompt extending it: its chunks are there, the padded tail of the first is not used
+        longer = toks + prompt(30, 4)
+        st, d2 = call(dec, "/v1/decode", {"tokens": longer, "first_token": 7, "max_tokens": 3})
+        self.assertEqual(st, 200, d2)
+        self.assertFalse(d2["handed_over"])
+        self.assertEqual(d2["device_tokens"] + d2["loaded_tokens"], 256)
+        self.assertEqual(d2["tokens"][1:], self.reference(longer + [7], 2))
         # the same prompt again on the prefill engine: its own KV (device), nothing loaded
         st, again = call(pre, "/v1/prefill", {"tokens": toks})
         self.assertEqual(again["device_tokens"], 256)
