@@ -65,6 +65,8 @@ typedef struct kvf__sched_daemon {
     kvf_ingest_stats ingest;
     uint64_t seq_gaps, seq_missed, seq_restarts; /* saturating */
     uint64_t replayed, replay_timeouts;
+    uint64_t late_joins; /* first contacts that asked the replay socket for what came before */
+    uint64_t resyncs;    /* replays whose window did not reach back: the source's blocks dropped */
     /* The instance table's (registry.c), written by both threads. */
     kvf__sched_reg reg[KVF_SCHED_MAX_INSTANCES];
     uint64_t ttl_ns; /* an instance expires this long after it was last seen; 0: never */

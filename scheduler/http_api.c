@@ -407,7 +407,8 @@ static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
 typedef struct stats {
     kvf_index_stats index;
     kvf_ingest_stats ingest;
-    uint64_t gaps, missed, restarts, replayed, replay_timeouts, placements, rejections;
+    uint64_t gaps, missed, restarts, replayed, replay_timeouts, late_joins, resyncs, placements,
+        rejections;
     uint64_t expired, deleted; /* instances */
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
@@ -424,6 +425,8 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->restarts = d->seq_restarts;
     st->replayed = d->replayed;
     st->replay_timeouts = d->replay_timeouts;
+    st->late_joins = d->late_joins;
+    st->resyncs = d->resyncs;
     st->placements = d->placements;
     st->rejections = d->rejections;
     st->instances = kvf_sched_instance_count(d->s);
@@ -445,7 +448,7 @@ static json_t *stats_json(const stats *st)
 {
     const kvf_index_stats *x = &st->index;
     const kvf_ingest_stats *in = &st->ingest;
-    return json_pack(
+    json_t *o = json_pack(
         "{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:i,s:I,s:I,s:I}",
         "blocks", counter(x->blocks), "holdings", counter(x->holdings), "events",
         counter(x->events), "unknown_removals", counter(x->unknown_removals), "bytes",
@@ -457,6 +460,9 @@ static json_t *stats_json(const stats *st)
         counter(st->replayed), "replay_timeouts", counter(st->replay_timeouts), "subscriptions",
         st->subs, "instances", counter(st->instances), "instances_expired", counter(st->expired),
         "instances_deleted", counter(st->deleted));
+    json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
+    json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
+    return o;
 }
 
 /* The counters in Prometheus's text format. */

@@ -59,6 +59,11 @@ int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d)
     return n;
 }
 
+static uint64_t add_sat(uint64_t a, uint64_t b)
+{
+    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
+}
+
 /* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all. A replay
  * socket that does not answer is left alone for REPLAY_BACKOFF_MIN_MS, twice as long after each
  * further timeout, up to REPLAY_BACKOFF_MAX_MS; an answer ends the back-off. */
@@ -66,6 +71,29 @@ int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d)
 #define REPLAY_DEADLINE_MS    2000
 #define REPLAY_BACKOFF_MIN_MS 2000
 #define REPLAY_BACKOFF_MAX_MS 60000
+
+/* The first answer of a replay came `off` batches after the first one asked for: the replay
+ * window does not reach back to `from`, so batches are lost for good and what the index holds of
+ * this source may be stale (a block removed in the lost batches would stay). A full resync: the
+ * engine's blocks are dropped, and the window and the live stream build them again. A late join
+ * (from 0) may start at 1, the first number of publishers that count from 1. Without d->mu. */
+static void resync_if_short(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t from, uint64_t off)
+{
+    if (off == 0 || (from == 0 && off == 1) || off >= ((uint64_t)1 << 63))
+        return;
+    pthread_mutex_lock(&d->mu);
+    int engine = !sb->dead && sb->src.instance >= 0;
+    if (engine)
+        kvf_sched_all_cleared(d->s, sb->src.instance);
+    d->resyncs = add_sat(d->resyncs, 1);
+    pthread_mutex_unlock(&d->mu);
+    kvf_warn(&d->lg,
+             "events from %s: the replay window starts at %" PRIu64 ", after the %" PRIu64
+             " asked for: %" PRIu64 " batches are lost%s",
+             sb->endpoint, from + off, from, off,
+             engine ? "; the engine's blocks are dropped from the index and learnt again"
+                    : "; the store's chunks are learnt again as they are stored or evicted");
+}
 
 /* Asks a publisher's replay socket for the batches from `from` on and applies those before
  * `upto` (the batch that revealed the gap, applied by the caller afterwards). vLLM's replay
@@ -80,6 +108,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
 {
     kvf__sched_sub *sb = &d->subs[i];
     uint64_t want = upto - from, got = 0;
+    int first_answer = 1;
     kvf__zmsg m;
     /* Answers to an earlier request that came after it was given up on would end this one. */
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
@@ -95,6 +124,9 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
             break;
         uint64_t off = kvf__kve_seq_get(m.seq) - from;
+        if (first_answer && off < want)
+            resync_if_short(d, sb, from, off);
+        first_answer = 0;
         if (off < want) {
             char err[256] = "";
             pthread_mutex_lock(&d->mu);
@@ -167,11 +199,6 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
     d->n_pending = 0;
 }
 
-static uint64_t add_sat(uint64_t a, uint64_t b)
-{
-    return a > UINT64_MAX - b ? UINT64_MAX : a + b;
-}
-
 /* Checks the sequence number of one batch from publisher i ([topic,] sequence (8 bytes
  * big-endian), payload) and counts what it reveals. Returns -1 for a malformed batch (counted,
  * to be dropped), 1 when the batch revealed a gap that the replay socket should be asked for
@@ -189,7 +216,24 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         return -1;
     }
     uint64_t missed = sb->seq.missed, last = sb->seq.last;
+    int first = !sb->seq.seen;
     int v = kvf_seq_check(&sb->seq, m->seq, from);
+    if (first) {
+        /* A late join: the publisher was publishing before this subscription (kvf-sched
+         * restarted, the engine registered after warming up). What came before is asked for
+         * from the start, where there is a replay socket; its window decides how much. */
+        int replay = kvf__zsubs_has_replay(d->zs, i);
+        if (sb->seq.last < 2 || !replay || kvf__now_ns() < sb->replay_down_until_ns)
+            return 0; /* 1 is the first batch of publishers that count from 1 (kvfabric's) */
+        *from = 0;
+        *upto = sb->seq.last;
+        d->late_joins = add_sat(d->late_joins, 1);
+        kvf_info(&d->lg,
+                 "events from %s: the first batch seen is %" PRIu64
+                 "; asking the replay socket for those before it",
+                 sb->endpoint, sb->seq.last);
+        return 1;
+    }
     if (v == KVF_SEQ_RESTART) {
         d->seq_restarts = add_sat(d->seq_restarts, 1);
         kvf_warn(&d->lg,

@@ -455,6 +455,102 @@ static void sched_start(daemon_t *d, const char *opt1, const char *val1)
     proc_start(d, argv);
 }
 
+/* Answers one replay request waiting on router (50 ms at most) with the batches of bufs whose
+ * number (seqs) is at least the one asked for, then the end of the replay. Returns the number
+ * asked for, or -1 when no request came. */
+static long serve_batches(void *router, const msgpack_sbuffer *bufs, const uint64_t *seqs, int n)
+{
+    zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
+    if (zmq_poll(&it, 1, 50) <= 0)
+        return -1;
+    zmq_msg_t id, delim, seqm;
+    zmq_msg_init(&id);
+    zmq_msg_init(&delim);
+    zmq_msg_init(&seqm);
+    zmq_msg_recv(&id, router, 0);
+    zmq_msg_recv(&delim, router, 0);
+    zmq_msg_recv(&seqm, router, 0);
+    assert_int_equal(zmq_msg_size(&seqm), 8);
+    uint64_t from = 0;
+    for (int i = 0; i < 8; i++)
+        from = from << 8 | ((uint8_t *)zmq_msg_data(&seqm))[i];
+    for (int k = 0; k < n; k++) {
+        if (seqs[k] < from)
+            continue;
+        uint8_t s8[8];
+        for (int i = 0; i < 8; i++)
+            s8[i] = (uint8_t)(seqs[k] >> (56 - 8 * i));
+        zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+        zmq_send(router, "", 0, ZMQ_SNDMORE);
+        zmq_send(router, s8, 8, ZMQ_SNDMORE);
+        zmq_send(router, bufs[k].data, bufs[k].size, 0);
+    }
+    uint8_t end[8];
+    memset(end, 0xff, sizeof end);
+    zmq_send(router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+    zmq_send(router, "", 0, ZMQ_SNDMORE);
+    zmq_send(router, end, 8, ZMQ_SNDMORE);
+    zmq_send(router, "", 0, 0);
+    zmq_msg_close(&id);
+    zmq_msg_close(&delim);
+    zmq_msg_close(&seqm);
+    return (long)from;
+}
+
+/* Late join: an engine that published batches 1..3 before kvf-sched knew it; the first batch
+ * kvf-sched sees is 4, so it asks the replay socket from the start and indexes all four. Then a
+ * gap wider than the replay window (batches 5 and 6 lost, the window starting at 7): a full
+ * resync drops what the index held of the engine, which the window and the live stream rebuild,
+ * so nothing stale stays. */
+static void test_sched_daemon_late_join_and_resync(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    void *ctx = zmq_ctx_new();
+    char ep[128], rep[128], body[512], out[8192];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    msgpack_sbuffer b[8];
+    for (int k = 0; k < 8; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+        if (k < 3)
+            publish(pub, (uint64_t)k + 1, b[k].data, b[k].size); /* nobody listens yet */
+    }
+    snprintf(body, sizeof body,
+             "{\"id\":\"late\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep, rep);
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    uint64_t seqs[3] = {1, 2, 3};
+    long asked = -1;
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 32; i++) {
+        publish(pub, 4, b[3].data, b[3].size);
+        long a = serve_batches(router, b, seqs, 3);
+        asked = a >= 0 ? a : asked;
+    }
+    assert_int_equal(asked, 0);
+    assert_int_equal(stat_of(&d, "blocks"), 32);
+    assert_int_equal(stat_of(&d, "late_joins"), 1);
+    assert_int_equal(stat_of(&d, "batches_replayed"), 3);
+
+    uint64_t seq7 = 7;
+    publish(pub, 8, b[7].data, b[7].size); /* 5, 6 and 7 missed: 7 is in the window, not 5 */
+    asked = -1;
+    for (int i = 0; i < 60 && asked < 0; i++)
+        asked = serve_batches(router, &b[6], &seq7, 1);
+    assert_int_equal(asked, 5);
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") != 16; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "blocks"), 16); /* batches 7 and 8; 1..4 dropped */
+    assert_int_equal(stat_of(&d, "resyncs"), 1);
+    for (int k = 0; k < 8; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    zmq_close(pub);
+    zmq_close(router);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
 /* Whether GET /v1/instances lists id. */
 static int listed(const daemon_t *d, const char *id)
 {
@@ -969,6 +1065,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_connector_finds_stores, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_late_join_and_resync, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_instances_expire, teardown_daemons),
