@@ -25,7 +25,7 @@ struct kvf_events {
     kvf__zpub *pub;
     kvf__tenants *tenants;
     uint64_t seq;
-    char endpoint[160], topic[128];
+    char endpoint[160], topic[128], replay[160];
 };
 
 static int allow(void *ud, const uint8_t pk[32], char *name, size_t namelen, int *admin)
@@ -86,12 +86,28 @@ int kvf_events_open(kvf_events **out, const kvf_events_opts *o, char *err, size_
                            : kvf__zpub_open(&ev->pub, host, port, 0, ev->endpoint,
                                             sizeof ev->endpoint, err, errlen);
     kvf__auth_wipe(sec.secret, sizeof sec.secret);
+    if (!rc && o->replay) {
+        char rh[128];
+        uint16_t rp;
+        if (kvf__addr_parse(o->replay, rh, sizeof rh, &rp) != 0)
+            rc = kvf__errf(err, errlen, KVF_EINVAL,
+                           "replay address: expected HOST:PORT, got \"%s\"", o->replay);
+        else
+            rc = kvf__zpub_replay(ev->pub, rh, rp, o->replay_batches ? o->replay_batches : 4096,
+                                  o->replay_bytes ? o->replay_bytes : (size_t)64 << 20, ev->replay,
+                                  sizeof ev->replay, err, errlen);
+    }
     if (rc) {
         kvf_events_close(&ev);
         return rc;
     }
     *out = ev;
     return 0;
+}
+
+const char *kvf_events_replay_endpoint(const kvf_events *ev)
+{
+    return ev ? ev->replay : "";
 }
 
 const char *kvf_events_endpoint(const kvf_events *ev)

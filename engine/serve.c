@@ -526,10 +526,12 @@ static int register_with_sched(srv *S, char *err, size_t errlen)
     char *cj = kvf_caps_builtin("reference", &caps) == 0 ? kvf_caps_to_json(&caps) : NULL;
     json_t *cjo = cj ? json_loads(cj, 0, NULL) : NULL;
     free(cj);
-    json_t *body = json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", S->id, "role", S->role, "endpoint",
-                             S->endpoint, "events", S->pub ? kvf_events_endpoint(S->pub) : "",
-                             "block_tokens", (int)S->m.layout.page_tokens, "capacity_blocks",
-                             (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
+    json_t *body =
+        json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:I}", "id", S->id, "role", S->role, "endpoint",
+                  S->endpoint, "events", S->pub ? kvf_events_endpoint(S->pub) : "", "replay",
+                  S->pub ? kvf_events_replay_endpoint(S->pub) : "", "block_tokens",
+                  (int)S->m.layout.page_tokens, "capacity_blocks",
+                  (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
     if (cjo)
         json_object_set_new(body, "capabilities", cjo);
     char url[256];
@@ -742,11 +744,19 @@ static int open_engine(srv *S, const serve_opts *o)
 /* The KV events publisher on --events, when given, secured by --events-credential. */
 static int open_events(srv *S, const serve_opts *o)
 {
-    char err[512];
+    char err[512], host[128], replay[160];
+    uint16_t port;
     if (!o->events)
         return 0;
-    kvf_events_opts eo = {
-        .listen = o->events, .credential = o->events_credential, .tenants = o->events_tenants};
+    /* A replay socket beside it (a free port on the same address): kvf-sched asks it for the
+     * batches it missed, joining late or after a gap. */
+    if (split_addr(o->events, host, sizeof host, &port, "--events") != 0)
+        return 2;
+    snprintf(replay, sizeof replay, strchr(host, ':') ? "[%s]:0" : "%s:0", host);
+    kvf_events_opts eo = {.listen = o->events,
+                          .credential = o->events_credential,
+                          .tenants = o->events_tenants,
+                          .replay = replay};
     if (kvf_events_open(&S->pub, &eo, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: --events %s: %s\n", o->events, err);
         return 1;

@@ -11,8 +11,24 @@
 #include <string.h>
 #include <zmq.h>
 
+/* A batch kept for replay: its topic, sequence number and payload, in one allocation. */
+typedef struct kept {
+    uint64_t seq;
+    size_t topic_len, len;
+    unsigned char data[]; /* topic, then payload */
+} kept;
+
 struct kvf__zpub {
     void *ctx, *sock;
+    /* The replay socket (kvf__zpub_replay): a ROUTER served by its own thread from a ring of the
+     * last batches sent, under rmu. */
+    void *router;
+    pthread_t replay_th;
+    int replay_started;
+    atomic_int replay_stop;
+    pthread_mutex_t rmu;
+    kept **ring;
+    size_t ring_cap, ring_head, ring_n, ring_bytes, max_bytes;
     /* Secured (kvf__zpub_open_secure): the ZAP handler's thread and socket, and the policy. */
     int secure;
     kvf__zsec sec;
@@ -186,14 +202,173 @@ void kvf__zpub_service(kvf__zpub *p)
     }
 }
 
+/* Keeps a batch for replay, dropping the oldest beyond the ring's count or bytes. */
+static void keep(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len)
+{
+    size_t tl = strlen(topic);
+    kept *k = malloc(sizeof *k + tl + len);
+    if (!k)
+        return; /* a batch missing from the window: a replay of it ends short */
+    k->seq = seq, k->topic_len = tl, k->len = len;
+    memcpy(k->data, topic, tl);
+    memcpy(k->data + tl, payload, len);
+    pthread_mutex_lock(&p->rmu);
+    while (p->ring_n && (p->ring_n == p->ring_cap || p->ring_bytes + len > p->max_bytes)) {
+        kept *old = p->ring[p->ring_head];
+        p->ring_bytes -= old->len;
+        free(old);
+        p->ring_head = (p->ring_head + 1) % p->ring_cap;
+        p->ring_n--;
+    }
+    p->ring[(p->ring_head + p->ring_n) % p->ring_cap] = k;
+    p->ring_n++;
+    p->ring_bytes += len;
+    pthread_mutex_unlock(&p->rmu);
+}
+
 int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len)
 {
     kvf__zpub_service(p);
     uint8_t be[8];
     seq_put(be, seq);
+    if (p->replay_started)
+        keep(p, topic, seq, payload, len);
     if (zmq_send(p->sock, topic, strlen(topic), ZMQ_SNDMORE) < 0 ||
         zmq_send(p->sock, be, 8, ZMQ_SNDMORE) < 0 || zmq_send(p->sock, payload, len, 0) < 0)
         return KVF_EIO;
+    return 0;
+}
+
+/* Whether a replay requester whose ZAP user id is `user` may see a batch under topic: anyone on
+ * an open publisher; on a secured one an admin, or the tenant whose topic it is. */
+static int may_see(const kvf__zpub *p, const char *user, const kept *k)
+{
+    if (!p->secure)
+        return 1;
+    if (!user || user[1] != ':')
+        return 0;
+    if (user[0] == 'a')
+        return 1;
+    char topic[300];
+    int tl = snprintf(topic, sizeof topic, "%s%s/", p->prefix, user + 2);
+    return user[0] == 't' && tl > 0 && (size_t)tl == k->topic_len &&
+           !memcmp(topic, k->data, k->topic_len);
+}
+
+/* One replay request, [identity, "", first sequence (8 bytes)]: every batch kept from that
+ * number on that the requester may see, [identity, "", sequence, payload], then the end
+ * [identity, "", 0xff x 8, ""] (vLLM's protocol). The ring is copied out under rmu first. */
+static void replay_answer(kvf__zpub *p)
+{
+    zmq_msg_t f[3];
+    int n = 0, more = 1;
+    while (more) {
+        zmq_msg_t m;
+        zmq_msg_init(&m);
+        if (zmq_msg_recv(&m, p->router, 0) < 0) {
+            zmq_msg_close(&m);
+            break;
+        }
+        more = zmq_msg_more(&m);
+        if (n < 3)
+            f[n++] = m;
+        else
+            zmq_msg_close(&m);
+    }
+    if (n == 3 && zmq_msg_size(&f[2]) == 8) {
+        char user[160] = "";
+        const char *u = zmq_msg_gets(&f[2], "User-Id");
+        snprintf(user, sizeof user, "%s", u ? u : "");
+        const uint8_t *b = zmq_msg_data(&f[2]);
+        uint64_t from = 0;
+        for (int i = 0; i < 8; i++)
+            from = from << 8 | b[i];
+        pthread_mutex_lock(&p->rmu);
+        size_t cnt = p->ring_n, k = 0;
+        kept **copy = malloc((cnt ? cnt : 1) * sizeof *copy);
+        for (size_t i = 0; copy && i < cnt; i++) {
+            kept *src = p->ring[(p->ring_head + i) % p->ring_cap];
+            /* modulo 2^64, as subscribers compare: at or after from */
+            if (src->seq - from >= ((uint64_t)1 << 63) || !may_see(p, u ? user : NULL, src))
+                continue;
+            kept *c = malloc(sizeof *c + src->topic_len + src->len);
+            if (!c)
+                break;
+            memcpy(c, src, sizeof *c + src->topic_len + src->len);
+            copy[k++] = c;
+        }
+        pthread_mutex_unlock(&p->rmu);
+        for (size_t i = 0; i < k; i++) {
+            uint8_t be[8];
+            seq_put(be, copy[i]->seq);
+            zmq_send(p->router, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]), ZMQ_SNDMORE);
+            zmq_send(p->router, "", 0, ZMQ_SNDMORE);
+            zmq_send(p->router, be, 8, ZMQ_SNDMORE);
+            zmq_send(p->router, copy[i]->data + copy[i]->topic_len, copy[i]->len, 0);
+            free(copy[i]);
+        }
+        free(copy);
+        uint8_t end[8];
+        memset(end, 0xff, sizeof end);
+        zmq_send(p->router, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]), ZMQ_SNDMORE);
+        zmq_send(p->router, "", 0, ZMQ_SNDMORE);
+        zmq_send(p->router, end, 8, ZMQ_SNDMORE);
+        zmq_send(p->router, "", 0, 0);
+    }
+    for (int i = 0; i < n; i++)
+        zmq_msg_close(&f[i]);
+}
+
+static void *replay_main(void *arg)
+{
+    kvf__zpub *p = arg;
+    while (!atomic_load(&p->replay_stop)) {
+        zmq_pollitem_t it = {.socket = p->router, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 100) > 0 && (it.revents & ZMQ_POLLIN))
+            replay_answer(p);
+    }
+    return NULL;
+}
+
+int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batches, size_t bytes,
+                     char *endpoint, size_t eplen, char *err, size_t errlen)
+{
+    if (p->replay_started || batches == 0 || bytes == 0) {
+        snprintf(err, errlen, "events: replay already started, or an empty window");
+        return KVF_EINVAL;
+    }
+    int one = 1, zero = 0, rc = 0;
+    char bind[300];
+    if (port)
+        snprintf(bind, sizeof bind, "tcp://%s:%u", host, (unsigned)port);
+    else
+        snprintf(bind, sizeof bind, "tcp://%s:*", host);
+    size_t el = eplen;
+    if (!(p->ring = calloc(batches, sizeof *p->ring)) ||
+        !(p->router = zmq_socket(p->ctx, ZMQ_ROUTER))) {
+        snprintf(err, errlen, "events: cannot make the replay socket");
+        return KVF_ENOMEM;
+    }
+    p->ring_cap = batches;
+    p->max_bytes = bytes;
+    rc = zmq_setsockopt(p->router, ZMQ_LINGER, &zero, sizeof zero);
+    if (!rc && p->secure)
+        rc = zmq_setsockopt(p->router, ZMQ_CURVE_SERVER, &one, sizeof one) ||
+             zmq_setsockopt(p->router, ZMQ_CURVE_SECRETKEY, p->sec.secret, 32) ||
+             zmq_setsockopt(p->router, ZMQ_ZAP_DOMAIN, "kvf", 3);
+    if (rc || zmq_bind(p->router, bind) != 0 ||
+        zmq_getsockopt(p->router, ZMQ_LAST_ENDPOINT, endpoint, &el) != 0) {
+        snprintf(err, errlen, "events: cannot bind the replay socket %s: %s", bind,
+                 zmq_strerror(zmq_errno()));
+        return KVF_EADDRINUSE;
+    }
+    pthread_mutex_init(&p->rmu, NULL);
+    if (pthread_create(&p->replay_th, NULL, replay_main, p) != 0) {
+        pthread_mutex_destroy(&p->rmu);
+        snprintf(err, errlen, "events: cannot start the replay thread");
+        return KVF_ENOMEM;
+    }
+    p->replay_started = 1;
     return 0;
 }
 
@@ -202,6 +377,16 @@ void kvf__zpub_close(kvf__zpub **pp)
     if (!pp || !*pp)
         return;
     kvf__zpub *p = *pp;
+    if (p->replay_started) {
+        atomic_store(&p->replay_stop, 1);
+        pthread_join(p->replay_th, NULL);
+        for (size_t i = 0; i < p->ring_n; i++)
+            free(p->ring[(p->ring_head + i) % p->ring_cap]);
+        pthread_mutex_destroy(&p->rmu);
+    }
+    if (p->router)
+        zmq_close(p->router);
+    free(p->ring);
     if (p->sock)
         zmq_close(p->sock);
     if (p->zap_started) {

@@ -34,6 +34,12 @@ typedef struct kvf_events_opts {
     const char *tenants;           /* ... the tenants file saying who may subscribe ... */
     const char *tenant_credential; /* ... and whose tenant's topic the events go under (NULL:
                                       the credential file $KVF_CREDENTIAL names) */
+    /* HOST:PORT of a replay socket (port 0: a free one; NULL: none): the last batches are kept
+     * and a subscriber that missed some (kvf-sched joining late, or after a gap) asks for them
+     * there, as from vLLM's publishers; secured as the publisher is. */
+    const char *replay;
+    size_t replay_batches; /* batches kept (0: 4096) ... */
+    size_t replay_bytes;   /* ... and payload bytes at most (0: 64 MiB) */
 } kvf_events_opts;
 
 /* Binds the publisher. 0, or KVF_EINVAL (a bad address, credential or tenants file),
@@ -42,6 +48,9 @@ typedef struct kvf_events_opts {
 KVF_API int kvf_events_open(kvf_events **out, const kvf_events_opts *o, char *err, size_t errlen);
 /* The bound endpoint, "tcp://HOST:PORT": what the engine registers with kvf-sched. */
 KVF_API const char *kvf_events_endpoint(const kvf_events *ev);
+/* The replay socket's endpoint, "tcp://HOST:PORT", or "" without one: what the engine registers
+ * with kvf-sched as "replay". */
+KVF_API const char *kvf_events_replay_endpoint(const kvf_events *ev);
 /* The topic the batches go under ("kv-events", or a tenant's). */
 KVF_API const char *kvf_events_topic(const kvf_events *ev);
 

@@ -147,6 +147,9 @@ class EventsOpts(ctypes.Structure):
         ("credential", c_char_p),
         ("tenants", c_char_p),
         ("tenant_credential", c_char_p),
+        ("replay", c_char_p),
+        ("replay_batches", c_size_t),
+        ("replay_bytes", c_size_t),
     ]
 
 
@@ -206,6 +209,7 @@ _SIGNATURES = {
     "kvf_events_open": (c_int, [_P(c_void_p), _P(EventsOpts), c_char_p, c_size_t]),
     "kvf_events_endpoint": (c_char_p, [c_void_p]),
     "kvf_events_topic": (c_char_p, [c_void_p]),
+    "kvf_events_replay_endpoint": (c_char_p, [c_void_p]),
     "kvf_events_hash_blocks": (c_int, [_P(c_uint32), c_size_t, c_uint32, c_uint64,
                                        _P(c_uint64)]),
     "kvf_events_publish": (c_int, [c_void_p, _P(c_uint64), c_size_t, _P(c_uint64), c_size_t,

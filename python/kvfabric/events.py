@@ -30,18 +30,23 @@ def _u64(values: Sequence[int]) -> "ctypes.Array":
 
 class Events(_Handle):
     """A KV events publisher bound on `listen` ("host:port"; port 0: a free one). With
-    `credential` and `tenants` it is secured by CURVE (docs/security.md, "KV events")."""
+    `credential` and `tenants` it is secured by CURVE (docs/security.md, "KV events"). With
+    `replay` ("host:port") it keeps the last `replay_batches` batches and answers replay
+    requests for them there (a subscriber that joined late or saw a gap)."""
 
     _kind, _free_fn = "events publisher", "kvf_events_close"
 
     def __init__(self, listen: str, credential: Optional[str] = None,
-                 tenants: Optional[str] = None, tenant_credential: Optional[str] = None) -> None:
+                 tenants: Optional[str] = None, tenant_credential: Optional[str] = None,
+                 replay: Optional[str] = None, replay_batches: int = 0) -> None:
         self._h = None
         o = _lib.EventsOpts()
         o.listen = listen.encode()
         o.credential = credential.encode() if credential else None
         o.tenants = tenants.encode() if tenants else None
         o.tenant_credential = tenant_credential.encode() if tenant_credential else None
+        o.replay = replay.encode() if replay else None
+        o.replay_batches = replay_batches
         h = ctypes.c_void_p()
         err = ctypes.create_string_buffer(400)
         check(_lib.lib().kvf_events_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),
@@ -52,6 +57,11 @@ class Events(_Handle):
     def endpoint(self) -> str:
         """The bound endpoint, "tcp://host:port": what the engine registers with kvf-sched."""
         return _lib.lib().kvf_events_endpoint(self._handle()).decode()
+
+    @property
+    def replay_endpoint(self) -> str:
+        """The replay socket's endpoint ("" without one): registered with kvf-sched."""
+        return _lib.lib().kvf_events_replay_endpoint(self._handle()).decode()
 
     @property
     def topic(self) -> str:

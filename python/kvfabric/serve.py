@@ -139,6 +139,7 @@ class Server:
     def register(self) -> None:
         body = {"id": self.a.id, "role": self.a.role, "endpoint": self.endpoint,
                 "events": self.events.endpoint if self.events else "",
+                "replay": self.events.replay_endpoint if self.events else "",
                 "block_tokens": self.layout.page_tokens,
                 "capacity_blocks": self.a.max_tokens // self.layout.page_tokens,
                 "capabilities": self.capabilities()}
@@ -465,7 +466,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     stores = [s for s in a.store.split(",") if s]
     if stores or a.sched:
         cn = Connector(layout, nodes=stores or None, sched=a.sched or None)
-    ev = Events(a.events, a.events_credential, a.events_tenants) if a.events else None
+    ev = None
+    if a.events:  # with a replay socket beside it, as kvf-engine
+        eh, _ = _split(a.events, "--events")
+        ev = Events(a.events, a.events_credential, a.events_tenants,
+                    replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0")
     engine = Engine(model, layout, factory, connector=cn, events=ev, max_tokens=a.max_tokens)
     S = Server(a, engine, layout, ev, backend)
     httpd = ThreadingHTTPServer((host, port), _handler(S))

@@ -226,6 +226,70 @@ class TestServe(unittest.TestCase):
                 p.stderr.close()
             store.stop()
 
+    def test_a_restarted_scheduler_learns_what_the_engine_held(self):
+        """kvf-sched restarted while an engine serves: the engine registers again (its load
+        report gets a 404), and the new kvf-sched, whose first batch from it is not the first,
+        asks its replay socket for the earlier ones: the prefix the engine held before the
+        restart is in the new index, its later blocks (whose parents are those) too."""
+        import socket
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        addr = f"127.0.0.1:{port}"
+
+        def sched():
+            p = subprocess.Popen([SCHED_BIN, "--listen", addr, "--stores", self.store.addr,
+                                  "--log-level", "warn"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            started(p, "kvf-sched", "kvf-sched ready")
+            return p
+
+        s1 = sched()
+        e = subprocess.Popen(
+            [sys.executable, "-m", "kvfabric.serve", "--id", "rejoin", "--sched", addr,
+             "--events", "127.0.0.1:0", "--model", self.cfg, "--backend", "torch", "--device",
+             "cpu", "--chunk-tokens", "64", "--max-tokens", "2048", "--seed", "7"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        s2 = None
+        try:
+            eng = started(e, "kvfabric.serve rejoin", "kvf-engine ready")
+            base = prompt(256, 11)  # 16 blocks
+            self.assertEqual(call(eng, "/v1/generate", {"tokens": base, "reuse": "engine"})[0],
+                             200)
+            stop(s1)
+            s2 = sched()
+            for _ in range(80):  # the engine's next load report (<= 5 s) registers it again
+                st, ins = call(addr, "/v1/instances")
+                if any(i["id"] == "rejoin" for i in ins.get("instances", [])):
+                    break
+                time.sleep(0.1)
+            else:
+                self.fail("the engine did not register again")
+            # Each request extends the held prefix by a different block: one batch each, whose
+            # parent is the prefix stored before the restart. A subscriber misses the first
+            # batches while it connects: go on until the new kvf-sched has asked for the past.
+            stats = {}
+            for k in range(40):
+                ext = base + prompt(16, 100 + k)
+                self.assertEqual(call(eng, "/v1/generate", {"tokens": ext, "reuse": "engine"})[0],
+                                 200)
+                st, stats = call(addr, "/v1/index/stats")
+                if stats.get("late_joins", 0) >= 1 and stats.get("blocks", 0) >= 17:
+                    break
+                time.sleep(0.05)
+            self.assertGreaterEqual(stats.get("late_joins", 0), 1, stats)
+            self.assertGreaterEqual(stats.get("batches_replayed", 0), 1, stats)
+            st, pl = call(addr, "/v1/place", {"tokens": base + [1], "output_tokens": 1})
+            self.assertEqual(st, 200, pl)
+            self.assertEqual(pl["cached_tokens"]["device"], 256, pl)
+        finally:
+            stop(e)
+            for p in (s1, s2):
+                if p is not None:
+                    stop(p)
+            if e.stderr:
+                e.stderr.close()
+
     def test_refuses_bad_options(self):
         for args, why in ((["--listen", "0.0.0.0:0"], "refusing"),
                           (["--model", "no-such-model"], "not a known model"),

@@ -12,6 +12,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kvf/events.h"
 #include "kvf/kvf.h"
@@ -429,6 +430,49 @@ static void test_connector_events_publish(void **state)
     kvf__zsubs_close(&zs);
     kvf_events_close(&ev);
     kvf_events_close(&ev); /* twice: a no-op */
+
+    /* A replay socket keeps the last batches (here 3): asked from 3, it answers 3 and 4 (1 and 2
+     * fell out of the window), then the end; asked from 1, it starts at 2. */
+    kvf_events_opts ro = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0", .replay_batches = 3};
+    assert_int_equal(kvf_events_open(&ev, &ro, err, sizeof err), 0);
+    assert_non_null(strstr(kvf_events_replay_endpoint(ev), "tcp://127.0.0.1:"));
+    for (int b = 0; b < 4; b++)
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h + b, 1, b > 0, b ? h[b - 1] : 0,
+                                            tokens + 4 * b, 4, "GPU"),
+                         0);
+    assert_int_equal(kvf__zsubs_open(&zs), 0);
+    assert_int_equal(kvf__zsubs_add(zs, kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev),
+                                    &idx, err, sizeof err),
+                     0);
+    const uint64_t asks[2] = {3, 1}, firsts[2] = {3, 2};
+    for (int q = 0; q < 2; q++) {
+        int rc = KVF_EAGAIN;
+        for (int t = 0; t < 100 && rc == KVF_EAGAIN; t++) { /* the DEALER connects */
+            rc = kvf__zsubs_replay_ask(zs, idx, asks[q]);
+            if (rc == KVF_EAGAIN)
+                usleep(10000);
+        }
+        assert_int_equal(rc, 0);
+        uint64_t want = firsts[q];
+        for (;;) {
+            kvf__zmsg m;
+            assert_int_equal(kvf__zsubs_replay_recv(zs, idx, 2000, &m), 0);
+            if (m.len == 0)
+                break; /* the end */
+            assert_int_equal(kvf__kve_seq_get(m.seq), want);
+            seen r = {0};
+            assert_int_equal(kvf__kve_decode(m.payload, m.len, on_event, &r, NULL, err, sizeof err),
+                             0);
+            assert_true(r.hashes[0] == h[want - 1]);
+            want++;
+        }
+        assert_int_equal(want, 5);
+    }
+    kvf__zsubs_close(&zs);
+    kvf_events_close(&ev);
+    kvf_events_opts badr = {.listen = "127.0.0.1:0", .replay = "nowhere"};
+    assert_int_equal(kvf_events_open(&ev, &badr, err, sizeof err), KVF_EINVAL);
+    assert_null(ev);
 }
 
 int main(void)

@@ -48,7 +48,16 @@ void kvf__zpub_service(kvf__zpub *p);
 /* Sends one batch [topic, seq as 8 bytes big-endian, payload]. Returns 0 or KVF_EIO. One thread
  * at a time (ZeroMQ sockets are not thread-safe). */
 int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len);
-/* Closes the socket and its context. Accepts NULL; clears *p. */
+/* Keeps the last `batches` batches sent (at most `bytes` of payload) and answers replay requests
+ * for them (vLLM's protocol: a request is the first sequence number wanted, 8 bytes big-endian;
+ * the answers are (sequence, payload) and an empty end) on a ROUTER socket bound on host:port
+ * (port 0: a free one), served by a thread of its own; secured as the publisher is: on a secured
+ * publisher a tenant gets its own topic's batches only, an admin every batch. *endpoint gets the
+ * bound address. Call before the first send. 0, KVF_EINVAL, KVF_ENOMEM or KVF_EADDRINUSE (one
+ * line in err). */
+int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batches, size_t bytes,
+                     char *endpoint, size_t eplen, char *err, size_t errlen);
+/* Closes the sockets and their context. Accepts NULL; clears *p. */
 void kvf__zpub_close(kvf__zpub **p);
 
 /* A set of SUB sockets (one per publisher, each with an optional DEALER to its replay socket)
