@@ -366,6 +366,74 @@ static json_t *plan_json_locked(const kvf_sched *s, const kvf_place_res *rs)
                      "colocated", rs->colocated, "actions", acts, "label", "simulated");
 }
 
+_Static_assert(KVF_SCHED_MAX_INSTANCES <= 4096, "post_lookup packs a slot in 12 bits");
+
+static int by_size_desc(const void *a, const void *b)
+{
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Ready to place: at least one instance registered. 503 with the reason otherwise. */
+static unsigned get_ready(kvf__sched_daemon *d, kvf__http_reply *c)
+{
+    pthread_mutex_lock(&d->mu);
+    size_t n = kvf_sched_instance_count(d->s);
+    int subs = kvf__sched_subscriptions_locked(d);
+    pthread_mutex_unlock(&d->mu);
+    if (!n)
+        return send_json(c, 503,
+                         json_pack("{s:s,s:s}", "status", "not ready", "why",
+                                   "no engine instance is registered"));
+    return send_json(c, 200,
+                     json_pack("{s:s,s:I,s:i}", "status", "ready", "instances", (json_int_t)n,
+                               "subscriptions", subs));
+}
+
+/* Who holds a request's prefix (the body of a placement), changing nothing: every instance
+ * holding some of it with its tokens, longest first, and what the stores hold. */
+static unsigned post_lookup(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+{
+    place_body b = {0};
+    char err[256];
+    unsigned status = place_body_read(o, &b, err, sizeof err);
+    size_t *dev = status ? NULL : calloc(KVF_SCHED_MAX_INSTANCES, sizeof *dev);
+    if (!status && !dev)
+        status = 500, snprintf(err, sizeof err, "out of memory");
+    if (status) {
+        free(b.tokens), free(b.keys), free(dev);
+        return send_error(d, c, status, "%s", err);
+    }
+    size_t store = 0;
+    json_t *arr = json_array();
+    pthread_mutex_lock(&d->mu);
+    int rc = kvf_sched_lookup(d->s, &b.rq, dev, KVF_SCHED_MAX_INSTANCES, &store);
+    /* the holders, longest prefix first: slots packed as (tokens << 12 | slot), sorted */
+    size_t n = 0;
+    for (size_t i = 0; !rc && i < KVF_SCHED_MAX_INSTANCES; i++)
+        if (dev[i])
+            dev[n++] = dev[i] << 12 | i;
+    qsort(dev, n, sizeof *dev, by_size_desc);
+    for (size_t k = 0; k < n; k++) {
+        const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)(dev[k] & 4095));
+        if (in)
+            json_array_append_new(arr,
+                                  json_pack("{s:s,s:s,s:I}", "id", in->id, "endpoint", in->endpoint,
+                                            "tokens", (json_int_t)(dev[k] >> 12)));
+    }
+    pthread_mutex_unlock(&d->mu);
+    free(b.tokens), free(b.keys), free(dev);
+    if (rc) {
+        json_decref(arr);
+        return send_error(d, c, 400, "lookup: %s", kvf_strerror(rc));
+    }
+    return send_json(c, 200,
+                     json_pack("{s:I,s:o,s:I,s:s}", "prompt_tokens",
+                               (json_int_t)json_array_size(json_object_get(o, "tokens")),
+                               "instances", arr, "store_tokens", (json_int_t)store, "label",
+                               "real"));
+}
+
 static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
 {
     place_body b = {0};
@@ -462,6 +530,8 @@ static json_t *stats_json(const stats *st)
         "instances_deleted", counter(st->deleted));
     json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
+    json_object_set_new(o, "placements", json_integer(counter(st->placements)));
+    json_object_set_new(o, "rejections", json_integer(counter(st->rejections)));
     return o;
 }
 
@@ -538,6 +608,10 @@ unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, j
             return get_instances(d, c);
         if (!strcmp(url, "/v1/stores"))
             return get_stores(d, c);
+        if (!strcmp(url, "/healthz")) /* the process serves HTTP */
+            return send_json(c, 200, json_pack("{s:s}", "status", "ok"));
+        if (!strcmp(url, "/readyz"))
+            return get_ready(d, c);
         return send_error(d, c, strncmp(url, "/v1/", 4) ? 404 : 405, "%s %s: not served", method,
                           url);
     }
@@ -545,6 +619,8 @@ unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, j
         return post_instance(d, c, o);
     if (!strcmp(url, "/v1/place"))
         return post_place(d, c, o);
+    if (!strcmp(url, "/v1/lookup"))
+        return post_lookup(d, c, o);
     if (!strncmp(url, "/v1/instances/", 14) && ul > 19 && !strcmp(url + ul - 5, "/load")) {
         char id[64];
         size_t idl = ul - 14 - 5;

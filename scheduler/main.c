@@ -312,6 +312,8 @@ int main(int argc, char **argv)
     uint16_t port;
     if ((rc = scheduler_opts(&cl, &so, host, sizeof host, &port)) != 0)
         return rc;
+    /* Without --stores and --store-events there is no storage node to plan for. */
+    so.no_stores = !d.stores[0] && !cl.store_events;
     if (kvf_sched_new(&d.s, &so) != 0) {
         fprintf(stderr, "kvf-sched: out of memory\n");
         return 1;

@@ -171,6 +171,14 @@ static void write_plan(const kvf_sched *s, const kvf_place_req *req, double n, d
 {
     int p = res->prefill;
     const kvf_caps *pc = &s->inst[p].caps, *dc = &s->inst[res->decode].caps;
+    if (s->o.no_stores) { /* nothing to load from, save to or hand over through */
+        add_action(res, KVF_ACT_PREFILL, p, req->n_tokens - (size_t)cached, res->prefill_s,
+                   KVF_LABEL_REAL);
+        if (res->decode != p)
+            add_action(res, KVF_ACT_HANDOFF, res->decode, req->n_tokens,
+                       kvf__sched_handoff_s(&s->o.cost, n), KVF_LABEL_BACKEND_INFEASIBLE);
+        return;
+    }
     if (res->cached_store)
         add_action(res, KVF_ACT_LOAD_FROM_STORE, p, res->cached_store, res->load_s,
                    label_of(pc->layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE,
@@ -185,6 +193,21 @@ static void write_plan(const kvf_sched *s, const kvf_place_req *req, double n, d
                    label_of(KVF_ACTION_PD_HANDOFF_STORE, pc, dc));
 }
 
+int kvf_sched_lookup(kvf_sched *s, const kvf_place_req *req, size_t *device, size_t n_slots,
+                     size_t *store)
+{
+    if ((!req->tokens && req->n_tokens) || (n_slots && !device) || !store)
+        return KVF_EINVAL;
+    kvf__sched_match_sizes(s, req->tokens, req->n_tokens);
+    for (size_t i = 0; i < n_slots; i++) {
+        const kvf__sched_inst *in = i < s->n_inst ? &s->inst[i] : NULL;
+        size_t t = in && in->live ? (size_t)s->depth[i] * in->info.block_tokens : 0;
+        device[i] = t < req->n_tokens ? t : req->n_tokens;
+    }
+    *store = s->o.no_stores ? 0 : store_prefix(s, req);
+    return 0;
+}
+
 int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
 {
     memset(res, 0, sizeof *res);
@@ -195,7 +218,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     const kvf__sched_policy *policy = kvf__sched_policy_of(s->o.policy);
     double n = (double)req->n_tokens;
     kvf__sched_match_sizes(s, req->tokens, req->n_tokens);
-    size_t store_tokens = store_prefix(s, req);
+    size_t store_tokens = s->o.no_stores ? 0 : store_prefix(s, req);
     kvf__sched_est e;
     int prefill = choose_prefill(s, policy, n, store_tokens, &e);
     if (prefill < 0)

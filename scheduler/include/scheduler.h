@@ -148,6 +148,9 @@ typedef struct kvf_sched_opts {
     kvf_sched_cost cost;
     uint32_t store_chunk_tokens; /* chunk size of the stores' keys (0: 256) */
     size_t expected_blocks;      /* index capacity hint (0: 1M) */
+    /* The cluster has no storage node: no plan loads from, saves to or hands over through a
+     * store (a handoff between two instances is then labelled backend_infeasible). */
+    int no_stores;
 } kvf_sched_opts;
 
 /* Caller owns the result; free with kvf_sched_destroy(). */
@@ -254,6 +257,13 @@ typedef struct kvf_place_res {
 /* Places a request. Returns 0 (res->rejected says whether it was refused), or KVF_ENOENT when no
  * instance can serve. */
 int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res);
+
+/* Who holds the request's prefix, changing nothing (no load accounting, no policy turn):
+ * device[i] gets the leading tokens instance slot i holds (0 for a free slot; n_slots of room,
+ * KVF_SCHED_MAX_INSTANCES covers every slot), *store the leading tokens the stores hold (whole
+ * chunks; 0 without chunk keys or stores). 0 or KVF_EINVAL. */
+int kvf_sched_lookup(kvf_sched *s, const kvf_place_req *req, size_t *device, size_t n_slots,
+                     size_t *store);
 
 /* The longest cached prefix of the request on one instance, in tokens. */
 size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n);

@@ -551,6 +551,64 @@ static void test_sched_daemon_late_join_and_resync(void **state)
     daemon_stop(&d);
 }
 
+/* The read-only lookup names who holds a prefix and changes no load; /healthz answers at once,
+ * /readyz only once an instance is registered; without stores no plan loads from, saves to or
+ * hands over through one (the handoff between two instances is labelled backend_infeasible),
+ * and with --stores the same request's plan saves to them. */
+static void test_sched_daemon_lookup_health_and_no_store(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    char out[8192], body[8192];
+    assert_int_equal(http(&d, "GET", "/healthz", NULL, out, sizeof out), 200);
+    assert_int_equal(http(&d, "GET", "/readyz", NULL, out, sizeof out), 503);
+    assert_non_null(strstr(out, "no engine instance"));
+    void *ctx = zmq_ctx_new();
+    char ep[128];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    register_and_index(&d, pub, ep); /* "hot" holds 1024 tokens from id 100; "cold" nothing */
+    assert_int_equal(http(&d, "GET", "/readyz", NULL, out, sizeof out), 200);
+    char *p = body;
+    p += sprintf(p, "{\"output_tokens\":8,\"tokens\":[");
+    for (int i = 0; i < 1100; i++)
+        p += sprintf(p, "%s%d", i ? "," : "", 100 + i);
+    sprintf(p, "]}");
+    long placed = stat_of(&d, "placements");
+    assert_true(placed >= 0);
+    for (int k = 0; k < 3; k++) {
+        assert_int_equal(http(&d, "POST", "/v1/lookup", body, out, sizeof out), 200);
+        assert_non_null(strstr(out, "\"id\":\"hot\""));
+        assert_non_null(strstr(out, "\"tokens\":1024"));
+        assert_null(strstr(out, "\"cold\"")); /* it holds nothing of it */
+        assert_non_null(strstr(out, "\"store_tokens\":0"));
+    }
+    assert_int_equal(stat_of(&d, "placements"), placed); /* nothing placed, no load noted */
+    assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_null(strstr(out, "\"queued_prefill_tokens\":1"));
+    assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":[]}", out, sizeof out), 400);
+
+    assert_int_equal(http(&d, "POST", "/v1/place", body, out, sizeof out), 200);
+    assert_int_equal(stat_of(&d, "placements"), placed + 1);
+    assert_null(strstr(out, "save_to_store"));
+    assert_null(strstr(out, "load_from_store"));
+    if (strstr(out, "handoff_through_store"))
+        assert_non_null(strstr(out, "backend_infeasible"));
+    zmq_close(pub);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+
+    sched_start(&d, "--stores", "127.0.0.1:9");
+    assert_int_equal(http(&d, "POST", "/v1/instances",
+                          "{\"id\":\"one\",\"role\":\"both\",\"block_tokens\":16,"
+                          "\"capacity_blocks\":1000,\"endpoint\":\"127.0.0.1:9005\"}",
+                          out, sizeof out),
+                     201);
+    assert_int_equal(http(&d, "POST", "/v1/place", body, out, sizeof out), 200);
+    assert_non_null(strstr(out, "save_to_store"));
+    daemon_stop(&d);
+}
+
 /* Whether GET /v1/instances lists id. */
 static int listed(const daemon_t *d, const char *id)
 {
@@ -1066,6 +1124,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_late_join_and_resync, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_instances_expire, teardown_daemons),
