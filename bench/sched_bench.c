@@ -309,16 +309,19 @@ static void print_header(const grid *g, int w)
            "device cache %u blocks, store %u blocks, queue window %u\n",
            rp->n, sched_replay_rps(rp), rp->ninst, rp->slo, rp->dev_blocks, rp->store_blocks,
            rp->cost.klpm_k);
-    printf("  %-15s %-5s %5s %7s %8s %8s %8s %7s %7s %7s %7s %6s\n", "policy", "queue", "rate",
-           "req/s", "ttft p50", "p90", "p99", "in SLO", "done/s", "dev hit", "store", "reject");
+    printf("  %-15s %-5s %5s %7s %8s %8s %8s %7s %7s %7s %7s %6s %11s\n", "policy", "queue", "rate",
+           "req/s", "ttft p50", "p90", "p99", "in SLO", "done/s", "dev hit", "store", "reject",
+           "/bound p50 p90");
 }
 
 static void print_result(const sched_result *r)
 {
-    printf("  %-15s %-5s %4.2gx %7.2f %8.2f %8.2f %8.2f %6.1f%% %7.2f %6.1f%% %6.1f%% %6zu\n",
+    printf("  %-15s %-5s %4.2gx %7.2f %8.2f %8.2f %8.2f %6.1f%% %7.2f %6.1f%% %6.1f%% %6zu "
+           "%5.2f %5.2f\n",
            kvf_policy_name(r->policy), kvf_queue_name(r->queue), r->scale, r->offered_rps,
            r->ttft_p50, r->ttft_p90, r->ttft_p99, r->slo_attain * 100, r->throughput,
-           r->dev_hit_rate * 100, r->store_hit_rate * 100, r->rejected);
+           r->dev_hit_rate * 100, r->store_hit_rate * 100, r->rejected, r->vs_bound_p50,
+           r->vs_bound_p90);
 }
 
 static json_t *result_json(const sched_result *r, int window, int windows)
@@ -331,6 +334,11 @@ static json_t *result_json(const sched_result *r, int window, int windows)
                           r->throughput, "tpot_ms", r->tpot_mean * 1e3, "device_hit_rate",
                           r->dev_hit_rate, "store_hit_rate", r->store_hit_rate, "rejected",
                           (json_int_t)r->rejected, "completed", (json_int_t)r->completed);
+    json_t *b = json_pack("{s:f,s:f,s:f,s:f,s:f,s:f,s:s}", "ttft_p50_s", r->bound_p50, "ttft_p90_s",
+                          r->bound_p90, "ttft_p99_s", r->bound_p99, "ttft_p50_ratio",
+                          r->vs_bound_p50, "ttft_p90_ratio", r->vs_bound_p90, "ttft_p99_ratio",
+                          r->vs_bound_p99, "label", "simulated");
+    json_object_set_new(o, "lower_bound", b);
     if (windows > 1)
         json_object_set_new(o, "window", json_integer(window));
     return o;

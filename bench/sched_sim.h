@@ -21,6 +21,8 @@ typedef struct sched_req {
     /* the latest run's */
     double arr_s; /* arrival in the simulation (trace time / scale) */
     double start, ttft, tpot;
+    double bound; /* TTFT on an idle instance holding the longest prefix cached anywhere at
+                     arrival (the scheduler's lower bound) */
     int inst, rejected, done;
     size_t dev_hit, store_hit;
 } sched_req;
@@ -42,6 +44,11 @@ typedef struct sched_result {
     double scale;       /* arrivals come this many times faster than the trace's */
     double offered_rps; /* the arrival rate that gives */
     double ttft_p50, ttft_p90, ttft_p99, tpot_mean;
+    /* the lower bound's percentiles over the same requests, and the policy's over them: how far
+     * placement is from the best any placement could do with what was cached (its optimality
+     * gap, simulated) */
+    double bound_p50, bound_p90, bound_p99;
+    double vs_bound_p50, vs_bound_p90, vs_bound_p99;
     double slo_attain;     /* of all requests, rejected ones included */
     double throughput;     /* completed requests per s, to the last first token */
     double dev_hit_rate;   /* prompt tokens found in the prefill instance's own cache */
