@@ -11,6 +11,9 @@ int bench_connector_main(int argc, char **argv);
  * "pages" or "store". */
 int bench_connector_cuda(int rounds, int json, const char *store_bin, const char *only);
 int bench_sched_main(int argc, char **argv);
+/* kvf-bench sched --ingest (sched_ingest.c): results into res. 0, or -1 after saying why. */
+#include <jansson.h>
+int bench_sched_ingest(json_t *res, int quick);
 int bench_soak_main(int argc, char **argv);
 int bench_e2e_main(int argc, char **argv);
 

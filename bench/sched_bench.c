@@ -148,7 +148,7 @@ out_free:
 
 typedef struct opts {
     const char *trace, *cost_file, *policies, *queues, *rates;
-    int instances, json, find_rate, decision_latency, quick;
+    int instances, json, find_rate, decision_latency, ingest, quick;
     double time_scale, slo;
     long max_requests, device_blocks, store_blocks, windows;
 } opts;
@@ -169,6 +169,7 @@ static int parse(int argc, char **argv, opts *o)
         {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
         {"--find-rate", BENCH_OPT_FLAG, .flag = &o->find_rate},
         {"--decision-latency", BENCH_OPT_FLAG, .flag = &o->decision_latency},
+        {"--ingest", BENCH_OPT_FLAG, .flag = &o->ingest},
         {"--trace", BENCH_OPT_STR, .str = &o->trace},
         {"--instances", BENCH_OPT_INT, .i = &o->instances},
         {"--policy", BENCH_OPT_STR, .str = &o->policies},
@@ -190,7 +191,8 @@ static int parse(int argc, char **argv, opts *o)
                 "       [--queue fifo|work|sjf|lpm[,...]] [--rates X[,X...] | --time-scale X |\n"
                 "       --find-rate] [--windows W] [--slo-ttft S] [--cost FILE]\n"
                 "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
-                "       kvf-bench sched --decision-latency [--quick] [--json]\n");
+                "       kvf-bench sched --decision-latency [--quick] [--json]\n"
+                "       kvf-bench sched --ingest [--quick] [--json]\n");
         return -1;
     }
     return 0;
@@ -680,6 +682,11 @@ int bench_sched_main(int argc, char **argv)
         return 2;
     int rc = 2;
     json_t *res = bench_result_new("sched");
+    if (o.ingest) {
+        rc = bench_sched_ingest(res, o.quick) ? 1 : 0;
+        bench_emit(res, o.json);
+        goto out_decref_res;
+    }
     if (o.decision_latency) {
         rc = decision_latency(res, o.quick) ? 1 : 0;
         bench_emit(res, o.json);

@@ -1,0 +1,245 @@
+/*
+ * kvf-bench sched --ingest: how fast kvf-sched's index takes KV events, and how fast place()
+ * stays while it does (docs/scheduler.md, "Event ingest"). Real, on this machine.
+ *
+ * 256 instances each publish one sequence of 4,096 blocks of 16 tokens, in batches of 64 blocks
+ * (vLLM's BlockStored events, msgpack, each batch chained to the previous one of its instance):
+ * 1,048,576 blocks in all, encoded before the clock starts. ingest_events_per_s: blocks indexed
+ * per second by kvf_sched_ingest() on one thread, decoding included, into an empty index (the
+ * median of three rounds). place_p99_us_under_ingest: with those 1M blocks indexed, place() of
+ * 8,192-token requests (each an instance's prefix) on the main thread while another thread
+ * ingests at 1M events per second (removing a batch's blocks and storing them again), both under
+ * one lock as in kvf-sched; its p99 next to place()'s p99 without ingest, in the same run.
+ */
+#include "bench.h"
+#include "bench_util.h"
+
+#include "kvf/kvf.h"
+#include "ingest.h"
+#include "kvevents.h"
+#include "scheduler.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define IG_INSTANCES 256
+#define IG_BT        16
+#define IG_PER_BATCH 64
+#define IG_SEQ       4096 /* blocks per instance */
+#define IG_BATCHES   (IG_INSTANCES * IG_SEQ / IG_PER_BATCH)
+
+typedef struct batch {
+    void *stored, *removed; /* encoded payloads */
+    size_t stored_len, removed_len;
+    int inst;
+} batch;
+
+static uint32_t tok(int inst, size_t pos)
+{
+    return (uint32_t)(((uint64_t)inst * 7919u + pos * 31u) % 50000u);
+}
+
+static void *dup_payload(kvf__kve_enc *e, size_t *len)
+{
+    const void *d;
+    if (kvf__kve_enc_end(e, &d, len) != 0)
+        return NULL;
+    void *p = malloc(*len);
+    if (p)
+        memcpy(p, d, *len);
+    return p;
+}
+
+/* Every instance's sequence as batches, instance-interleaved (batch k is instance k % 256's
+ * (k / 256)-th). Returns NULL out of memory. */
+static batch *encode_all(void)
+{
+    batch *b = calloc(IG_BATCHES, sizeof *b);
+    uint64_t h[IG_PER_BATCH];
+    uint32_t t[IG_PER_BATCH * IG_BT];
+    for (size_t k = 0; b && k < IG_BATCHES; k++) {
+        int inst = (int)(k % IG_INSTANCES);
+        size_t first = k / IG_INSTANCES * IG_PER_BATCH; /* block index in its sequence */
+        for (int i = 0; i < IG_PER_BATCH; i++)
+            h[i] = ((uint64_t)(inst + 1) << 32) | (first + (size_t)i + 1);
+        for (int i = 0; i < IG_PER_BATCH * IG_BT; i++)
+            t[i] = tok(inst, first * IG_BT + (size_t)i);
+        kvf__kve_enc *e = NULL;
+        if (kvf__kve_enc_begin(&e, 1) != 0)
+            goto fail;
+        kvf__kve_enc_block_stored(e, h, IG_PER_BATCH, first > 0,
+                                  first ? (((uint64_t)(inst + 1) << 32) | first) : 0, t, IG_BT,
+                                  "GPU");
+        b[k].stored = dup_payload(e, &b[k].stored_len);
+        kvf__kve_enc_free(&e);
+        if (kvf__kve_enc_begin(&e, 1) != 0)
+            goto fail;
+        kvf__kve_enc_block_removed(e, h, IG_PER_BATCH, "GPU");
+        b[k].removed = dup_payload(e, &b[k].removed_len);
+        kvf__kve_enc_free(&e);
+        b[k].inst = inst;
+        if (!b[k].stored || !b[k].removed)
+            goto fail;
+    }
+    return b;
+fail:
+    for (size_t k = 0; k < IG_BATCHES; k++)
+        free(b[k].stored), free(b[k].removed);
+    free(b);
+    return NULL;
+}
+
+static kvf_sched *new_sched(void)
+{
+    kvf_sched_opts so = {.policy = KVF_POLICY_KVF_COST, .expected_blocks = 1u << 21};
+    kvf_sched_cost_defaults(&so.cost);
+    kvf_sched *s = NULL;
+    if (kvf_sched_new(&s, &so) != 0)
+        return NULL;
+    for (int i = 0; i < IG_INSTANCES; i++) {
+        kvf_instance_info info;
+        memset(&info, 0, sizeof info);
+        snprintf(info.id, sizeof info.id, "inst-%d", i);
+        info.role = KVF_ROLE_BOTH;
+        info.block_tokens = IG_BT;
+        info.capacity_blocks = 1u << 20;
+        kvf_sched_instance_add(s, &info, NULL);
+    }
+    return s;
+}
+
+/* Ingests batches [0, n) of b into s. Returns the seconds it took, or -1 on an error. */
+static double ingest(kvf_sched *s, const batch *b, size_t n, kvf_ingest_stats *st)
+{
+    char err[256];
+    double t0 = bench_now();
+    for (size_t k = 0; k < n; k++) {
+        kvf_event_source src = {.instance = b[k].inst, .store = -1};
+        if (kvf_sched_ingest(s, &src, b[k].stored, b[k].stored_len, st, err, sizeof err) != 0)
+            return -1;
+    }
+    return bench_now() - t0;
+}
+
+typedef struct churn {
+    kvf_sched *s;
+    const batch *b;
+    pthread_mutex_t *mu;
+    atomic_int stop;
+    double rate; /* blocks per second to aim for */
+    uint64_t events;
+} churn;
+
+/* Removes a batch's blocks and stores them again, batch after batch, paced to c->rate blocks
+ * (events) per second, each under the lock. */
+static void *churn_main(void *arg)
+{
+    churn *c = arg;
+    kvf_ingest_stats st = {0};
+    char err[256];
+    double t0 = bench_now();
+    for (size_t k = 0; !atomic_load(&c->stop); k = (k + 1) % IG_BATCHES) {
+        kvf_event_source src = {.instance = c->b[k].inst, .store = -1};
+        pthread_mutex_lock(c->mu);
+        kvf_sched_ingest(c->s, &src, c->b[k].removed, c->b[k].removed_len, &st, err, sizeof err);
+        kvf_sched_ingest(c->s, &src, c->b[k].stored, c->b[k].stored_len, &st, err, sizeof err);
+        pthread_mutex_unlock(c->mu);
+        c->events += 2 * IG_PER_BATCH;
+        double ahead = (double)c->events / c->rate - (bench_now() - t0);
+        if (ahead > 0) {
+            struct timespec ts = {0, (long)(ahead * 1e9)};
+            nanosleep(&ts, NULL);
+        }
+    }
+    c->rate = (double)c->events / (bench_now() - t0); /* what it achieved */
+    return NULL;
+}
+
+/* place() latencies (us, lock wait included) of `calls` 8,192-token requests into lat. */
+static void time_places(kvf_sched *s, pthread_mutex_t *mu, int calls, double *lat)
+{
+    static uint32_t t[512 * IG_BT];
+    for (int c = 0; c < calls; c++) {
+        int inst = (int)((uint64_t)c * 2654435761u % IG_INSTANCES);
+        for (size_t i = 0; i < 512 * IG_BT; i++)
+            t[i] = tok(inst, i);
+        kvf_place_req rq = {.tokens = t, .n_tokens = 512 * IG_BT, .output_tokens = 256};
+        kvf_place_res rs;
+        double t0 = bench_now();
+        pthread_mutex_lock(mu);
+        kvf_sched_place(s, &rq, &rs);
+        pthread_mutex_unlock(mu);
+        lat[c] = (bench_now() - t0) * 1e6;
+    }
+}
+
+int bench_sched_ingest(json_t *res, int quick)
+{
+    const int rounds = 3, calls = quick ? 2000 : 10000;
+    batch *b = encode_all();
+    double *lat = malloc((size_t)calls * sizeof *lat), rate[3];
+    if (!b || !lat) {
+        free(lat);
+        fprintf(stderr, "kvf-bench sched --ingest: out of memory\n");
+        return -1;
+    }
+    kvf_sched *s = NULL;
+    kvf_ingest_stats st = {0};
+    for (int r = 0; r < rounds; r++) {
+        kvf_sched_destroy(&s);
+        s = new_sched();
+        memset(&st, 0, sizeof st);
+        double secs = s ? ingest(s, b, IG_BATCHES, &st) : -1;
+        if (secs <= 0) {
+            fprintf(stderr, "kvf-bench sched --ingest: the index refused a batch\n");
+            kvf_sched_destroy(&s);
+            return -1;
+        }
+        rate[r] = (double)st.stored / secs;
+    }
+    kvf_index_stats ix;
+    kvf_sched_index_stats(s, &ix);
+    printf("kvf-bench sched --ingest: real (this machine, one thread)\n");
+    bench_spread ing = bench_json_rounds(res, "ingest_events_per_s", rate, (size_t)rounds);
+    printf("  ingest: %" PRIu64 " blocks (BlockStored, %d per batch, chained) into an empty index "
+           "of %d instances: %.2f M events/s (rounds %.2f-%.2f); index %" PRIu64
+           " blocks, %.0f MiB; target 5 M/s\n",
+           st.stored, IG_PER_BATCH, IG_INSTANCES, ing.median / 1e6, ing.p10 / 1e6, ing.p90 / 1e6,
+           ix.blocks, (double)ix.bytes / 1048576.0);
+    pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+    time_places(s, &mu, calls, lat);
+    double idle99 = bench_quantile(lat, (size_t)calls, 0.99),
+           idle50 = bench_quantile(lat, (size_t)calls, 0.5);
+    churn c = {.s = s, .b = b, .mu = &mu, .rate = 1e6};
+    pthread_t th;
+    int started = pthread_create(&th, NULL, churn_main, &c) == 0;
+    time_places(s, &mu, calls, lat);
+    atomic_store(&c.stop, 1);
+    if (started)
+        pthread_join(th, NULL);
+    double busy99 = bench_quantile(lat, (size_t)calls, 0.99),
+           busy50 = bench_quantile(lat, (size_t)calls, 0.5);
+    printf("  place() of an 8192-token request, %d calls: alone p50 %.1f us p99 %.1f us; while "
+           "ingesting %.2f M events/s: p50 %.1f us p99 %.1f us (%.2fx); target p99 <= 50 us\n",
+           calls, idle50, idle99, c.rate / 1e6, busy50, busy99, idle99 > 0 ? busy99 / idle99 : 0);
+    json_object_set_new(res, "ingest_label", json_string("real"));
+    json_object_set_new(res, "ingest_blocks", json_integer((json_int_t)st.stored));
+    json_object_set_new(res, "index_instances", json_integer(IG_INSTANCES));
+    json_object_set_new(res, "place_p50_us_alone", json_real(idle50));
+    json_object_set_new(res, "place_p99_us_alone", json_real(idle99));
+    json_object_set_new(res, "place_p50_us_under_ingest", json_real(busy50));
+    json_object_set_new(res, "place_p99_us_under_ingest", json_real(busy99));
+    json_object_set_new(res, "ingest_events_per_s_during_place", json_real(c.rate));
+    kvf_sched_destroy(&s);
+    for (size_t k = 0; k < IG_BATCHES; k++)
+        free(b[k].stored), free(b[k].removed);
+    free(b);
+    free(lat);
+    return 0;
+}
