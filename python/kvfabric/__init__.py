@@ -4,6 +4,7 @@ Pure Python over libkvf.so with ctypes: no compiled extension, no dependency bey
 library; torch tensors (CPU or CUDA) are accepted where torch is installed.
 """
 
+from .client import Client, Object
 from .connector import CUDA, HOST, UNIFIED, Connector, KVPages, Transfer, pages_from_tensors
 from .cuda import cuda_probe
 from .errors import KvfError, Miss, error_name, error_text
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Connector", "Transfer", "KVPages", "pages_from_tensors", "HOST", "UNIFIED", "CUDA",
     "Layout", "KeySpace", "SEPARATE", "LATENT", "KvfError", "Miss", "error_name", "error_text",
-    "cuda_probe", "Events", "hash_blocks", "Caps", "classify", "optimality_gap", "__version__",
+    "cuda_probe", "Client", "Object", "Events", "hash_blocks", "Caps", "classify", "optimality_gap", "__version__",
 ]

@@ -110,6 +110,41 @@ class CudaInfo(ctypes.Structure):
     ]
 
 
+class ClientOpts(ctypes.Structure):
+    """kvf_client_opts (kvf/client.h), field for field."""
+
+    _fields_ = [
+        ("nodes", ctypes.POINTER(c_char_p)), ("n_nodes", c_size_t), ("ns", c_uint64),
+        ("conns_per_node", c_int), ("connect_timeout_ms", c_int), ("deadline_ms", c_int),
+        ("stripe_bytes", c_uint64), ("transport", c_char_p), ("io_threads", c_int),
+        ("credential", c_char_p), ("shm_lease_ms", c_uint32), ("shm_staging_bytes", c_uint64),
+    ]
+
+
+class Batch(ctypes.Structure):
+    """kvf_batch (kvf/client.h), field for field (no callbacks: the synchronous calls)."""
+
+    _fields_ = [
+        ("n", c_size_t), ("keys", c_void_p), ("objs", c_void_p), ("lens", c_void_p),
+        ("bufs", c_void_p), ("caps", c_void_p), ("out_lens", c_void_p), ("status", c_void_p),
+        ("flags", c_uint32), ("deadline_ms", c_int), ("cb", c_void_p), ("layer_cb", c_void_p),
+        ("ud", c_void_p),
+    ]
+
+
+class ObjInfo(ctypes.Structure):
+    _fields_ = [
+        ("codec", c_uint32), ("layers", c_uint32), ("tokens", c_uint32), ("layout_fp", c_uint64),
+        ("key", Key), ("raw_bytes", c_uint64), ("stored_bytes", c_uint64),
+        ("header_len", c_uint32), ("seg_table", c_void_p),
+    ]
+
+
+class ObjSeg(ctypes.Structure):
+    _fields_ = [("raw_len", c_uint32), ("stored_len", c_uint32), ("stored_xxh", c_uint64),
+                ("raw_xxh", c_uint64)]
+
+
 class Caps(ctypes.Structure):
     """kvf_caps (kvf/feasibility.h), field for field."""
 
@@ -173,6 +208,26 @@ _SIGNATURES = {
     "kvf_keys_compute": (c_int, [_P(KeySpace), _P(c_uint32), c_size_t, _P(Key), c_size_t,
                                  _P(c_size_t), _P(c_size_t)]),
     "kvf_key_to_hex": (c_char_p, [_P(Key), c_char_p]),
+    "kvf_key_from_hex": (c_int, [c_char_p, _P(Key)]),
+    "kvf_codec_parse": (c_int, [c_char_p, _P(c_int)]),
+    "kvf_obj_encode": (c_int, [_P(Key), c_uint64, c_uint32, c_uint32, _P(c_void_p), c_uint64,
+                               c_int, c_void_p, c_size_t, _P(c_size_t), c_void_p]),
+    "kvf_obj_verify": (c_int, [c_void_p, c_size_t, _P(ObjInfo)]),
+    "kvf_obj_seg_at": (ObjSeg, [_P(ObjInfo), c_uint32]),
+    "kvf_obj_decode_seg": (c_int, [c_uint32, _P(ObjSeg), c_void_p, c_void_p, c_void_p]),
+    "kvf_client_open": (c_int, [_P(c_void_p), _P(ClientOpts), c_char_p, c_size_t]),
+    "kvf_client_close": (None, [_P(c_void_p)]),
+    "kvf_client_node_count": (c_size_t, [c_void_p]),
+    "kvf_client_put": (c_int, [c_void_p, _P(Batch)]),
+    "kvf_client_get": (c_int, [c_void_p, _P(Batch)]),
+    "kvf_client_exists": (c_int, [c_void_p, c_size_t, _P(Key), _P(ctypes.c_uint8), c_int]),
+    "kvf_client_lookup_prefix": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_size_t), c_int]),
+    "kvf_client_evict": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_int), c_int]),
+    "kvf_client_pin": (c_int, [c_void_p, c_size_t, _P(Key), c_uint32, _P(c_int), c_int]),
+    "kvf_client_unpin": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_int), c_int]),
+    "kvf_client_clear": (c_int, [c_void_p, _P(c_uint64), c_int]),
+    "kvf_client_stats": (c_int, [c_void_p, c_size_t, _P(c_void_p), c_int]),
+    "kvf_client_transport": (c_char_p, [c_void_p, c_char_p, c_size_t]),
     "kvf_connector_open": (c_int, [_P(c_void_p), _P(ConnectorOpts), c_char_p, c_size_t]),
     "kvf_connector_close": (None, [_P(c_void_p)]),
     "kvf_connector_register": (c_int, [c_void_p, _P(KVLayer), c_uint32, c_char_p, c_size_t]),

@@ -75,6 +75,74 @@ def tokens(n, seed):
     return [r.randrange(32000) for _ in range(n)]
 
 
+class TestClient(unittest.TestCase):
+    """The storage client and chunk objects against a real kvf-store: objects encoded and put,
+    found, got back and decoded byte for byte (raw and compressed), a corrupted object refused,
+    a miss, eviction, pins, stats and clear; a dead store as an error."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.store = Store(memory="64M")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.store.stop()
+
+    def test_objects_round_trip(self):
+        layout = kvf.Layout.preset("ref-tiny")
+        ks = kvf.KeySpace(layout, salt="client-test")
+        keys = ks.keys(tokens(64 * 3, 5))
+        self.assertEqual(len(keys), 3)
+        rnd = random.Random(9)
+        segs = [[bytes(rnd.getrandbits(8) for _ in range(4096)) for _ in range(layout.layers)]
+                for _ in keys]
+        segs[2] = [bytes(4096)] * layout.layers  # compresses
+        objs = [kvf.Object.encode(k, layout, 64, s, codec="lz4" if i == 2 else "none")
+                for i, (k, s) in enumerate(zip(keys, segs))]
+        self.assertLess(len(objs[2]), len(objs[0]))
+        info, back = kvf.Object.decode(objs[0])
+        self.assertEqual((info["key"], info["layers"], info["tokens"]), (keys[0], 4, 64))
+        self.assertEqual(back, segs[0])
+        bad = bytearray(objs[1])
+        bad[-1] ^= 0xFF
+        with self.assertRaises(kvf.KvfError) as e:
+            kvf.Object.decode(bytes(bad))
+        self.assertEqual(e.exception.name, "KVF_ECHECKSUM")
+        with kvf.Client([self.store.addr], ks.seed) as c:
+            self.assertEqual(c.nodes, 1)
+            self.assertIn(c.transport()[0], ("shm", "tcp"))
+            self.assertEqual(c.put(keys, objs), ["KVF_OK"] * 3)
+            self.assertEqual(c.put(keys[:1], objs[:1]), ["KVF_EEXIST"])
+            self.assertEqual(c.exists(keys), [True, True, True])
+            self.assertEqual(c.lookup_prefix(keys), 3)
+            got = c.get(keys, 1 << 20)
+            for (st, obj), s in zip(got, segs):
+                self.assertEqual(st, "KVF_OK")
+                self.assertEqual(kvf.Object.decode(obj)[1], s)
+            self.assertEqual(c.get(keys[:1], 100)[0], ("KVF_E2BIG", None))
+            other = ks.keys(tokens(64, 77))
+            self.assertEqual(c.get(other, 1 << 20), [("KVF_ENOENT", None)])
+            self.assertNotEqual(c.put(other, [bytes(bad)])[0], "KVF_OK")  # key and checksum wrong
+            self.assertEqual(c.pin(keys[:1], 60000), ["KVF_OK"])
+            self.assertEqual(c.unpin(keys[:1]), ["KVF_OK"])
+            self.assertEqual(c.evict(keys[1:2]), ["KVF_OK"])
+            self.assertEqual(c.exists(keys), [True, False, True])
+            self.assertEqual(c.lookup_prefix(keys), 1)
+            st = c.stats()
+            self.assertIsInstance(st, dict)
+            self.assertGreaterEqual(c.clear(), 2)
+            self.assertEqual(c.exists(keys), [False, False, False])
+            with self.assertRaises(ValueError):
+                c.exists(["not-a-key"])
+        try:  # a dead node: the open or the operation fails, or every key does
+            with kvf.Client(["127.0.0.1:1"], ks.seed, transport="tcp", deadline_ms=300) as dead:
+                st = dead.put(keys, objs)
+                self.assertTrue(all(x not in ("KVF_OK", "KVF_EEXIST") for x in st), st)
+                self.assertEqual(dead.exists(keys), [False] * 3)
+        except kvf.KvfError as e:
+            self.assertIn(e.name, ("KVF_ECONNREFUSED", "KVF_ETIMEDOUT", "KVF_EIO"))
+
+
 class TestFeasibility(unittest.TestCase):
     """The classifier through the binding: the same labels, reasons and gap as C."""
 
