@@ -18,7 +18,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .connector import Connector, pages_from_tensors
@@ -128,6 +128,43 @@ class Outcome:
     save_error: str = "KVF_OK"
     handed_over: bool = False  # a decode that loaded the whole prompt's KV and computed nothing
     tail_saved: bool = False  # a prefill saved its last partial chunk too, padded, for the decode
+    decision: Dict[str, Any] = field(default_factory=dict)  # load or recompute, and why
+
+
+class Rates:
+    """What this engine measured, decayed (an exponentially weighted mean, newest weighted
+    `alpha`): the load bandwidth from the stores, and the prefill's compute time per token with
+    its attention term (t = a * new + b * new * context), from every load and every prefill."""
+
+    def __init__(self, alpha: float = 0.3) -> None:
+        self.alpha = alpha
+        self.load_bps: Optional[float] = None
+        self.s_per_token: Optional[float] = None  # per new token, at no context
+        self.s_per_token_ctx: float = 0.0         # added per new token per context token
+
+    def _mix(self, old: Optional[float], new: float) -> float:
+        return new if old is None else (1 - self.alpha) * old + self.alpha * new
+
+    def note_load(self, nbytes: float, seconds: float) -> None:
+        if nbytes > 0 and seconds > 0:
+            self.load_bps = self._mix(self.load_bps, nbytes / seconds)
+
+    def note_prefill(self, new: int, context: int, seconds: float) -> None:
+        if new <= 0 or seconds <= 0:
+            return
+        # Split by the attention term last estimated; the linear term is what is measured.
+        per = seconds / new - self.s_per_token_ctx * (context + new / 2)
+        self.s_per_token = self._mix(self.s_per_token, max(per, seconds / new / 10))
+
+    def compute_s(self, begin: int, end: int) -> Optional[float]:
+        """Predicted seconds to prefill positions begin..end over a cache of begin."""
+        if self.s_per_token is None:
+            return None
+        new = end - begin
+        return new * (self.s_per_token + self.s_per_token_ctx * (begin + new / 2))
+
+    def load_s(self, nbytes: float) -> Optional[float]:
+        return None if self.load_bps is None else nbytes / self.load_bps
 
 
 class Engine:
@@ -150,6 +187,7 @@ class Engine:
         self.staging = Staging(connector, layout, max_tokens, self.device, self.dtype) \
             if connector is not None else None
         self.held = HeldBlocks(events, layout.page_tokens)
+        self.rates = Rates()
         self.last_tokens: List[int] = []  # the sequence whose KV the cache holds
         self.last_cache: Any = None
         self._torch = torch
@@ -171,6 +209,30 @@ class Engine:
                 break
             n += 1
         return n // self.layout.chunk_tokens * self.layout.chunk_tokens
+
+    def _decide(self, d: int, cached: int, n: int, o: Outcome) -> int:
+        """How much of the stores' prefix (tokens d..cached beyond the engine's own d) to load:
+        the chunk boundary p where loading d..p (at the bandwidth measured) overlapped with
+        computing p..n is quickest, or d (recompute) where nothing beats computing d..n. Without
+        measurements yet, everything is loaded. The choice and its inputs go into o.decision."""
+        L, C = self.layout, self.layout.chunk_tokens
+        r = self.rates
+        whole_s = r.compute_s(d, n)
+        if whole_s is None or r.load_bps is None:
+            o.decision.update({"choice": "load", "why": "no measurement yet",
+                               "cached_tokens": cached})
+            return cached
+        best, best_s = d, whole_s
+        for p in range(d + C, cached + 1, C):
+            t = max(r.load_s((p - d) * L.bytes_per_token), r.compute_s(p, n))
+            if t < best_s * 0.95:  # a load must win clearly: it costs memory traffic too
+                best, best_s = p, t
+        o.decision.update({
+            "choice": "recompute" if best == d else "load" if best == cached else "partial",
+            "cached_tokens": cached, "load_tokens": best - d, "load_bps": r.load_bps,
+            "prefill_s_per_token": r.s_per_token, "predicted_s": best_s,
+            "predicted_recompute_s": whole_s})
+        return best
 
     def _forward(self, ids: List[int], cache: Any):
         t = self._torch.tensor([ids], device=self.device)
@@ -200,6 +262,8 @@ class Engine:
         whole = handed is not None and cached == len(seq) and len(seq) <= self.staging.tokens
         if not whole:
             cached = min(cached, limit)
+        if cached > d and not whole:
+            cached = self._decide(d, cached, n, o)
         upto = n if whole else cached  # the positions handed to the cache
         cache = self.last_cache if d else self.new_cache()
         if d:
@@ -215,8 +279,9 @@ class Engine:
                 o.load_error = e.name
                 o.notes.append(f"load: {e}")
                 cached, whole = 0, False
-        hooks, waited = [], [0.0]
+        hooks, waited, load_done = [], [0.0], [0.0]
         t0 = time.perf_counter()
+        recompute_s = self.rates.compute_s(d, n) if load is not None else None
         try:
             if load is not None:
                 def fill(layer: int) -> None:
@@ -227,6 +292,19 @@ class Engine:
                         raise _Abort(e.name, str(e)) from None
                     finally:
                         waited[0] += time.perf_counter() - w
+                    # Behind its prediction: where the rest of the load, at the pace so far,
+                    # would take longer than computing the prompt after the engine's own
+                    # prefix, the load is cut at this layer boundary and the prompt computed.
+                    spent = time.perf_counter() - t0
+                    rest = spent * (L.layers - layer - 1) / (layer + 1)
+                    if (not whole and recompute_s is not None and layer + 1 < L.layers and
+                            rest > recompute_s * 1.2 + 0.002):
+                        self.rates.note_load((upto - d) * L.bytes_per_token * (layer + 1) /
+                                             L.layers, spent)
+                        o.decision["cut_at_layer"] = layer
+                        load.cancel()
+                        raise _Abort("KVF_ETIMEDOUT", f"load cut at layer {layer}: {rest:.3f} s "
+                                     f"more predicted, recompute {recompute_s:.3f} s")
                     self.staging.to_cache(cache, layer, d, upto)
 
                 fill(0)  # before the model reads the cache's length from layer 0
@@ -270,6 +348,7 @@ class Engine:
             if load is not None:
                 try:
                     load.wait()
+                    load_done[0] = time.perf_counter()
                 except KvfError:
                     pass
                 load.close()
@@ -277,6 +356,15 @@ class Engine:
         o.prefill_s = time.perf_counter() - t0
         o.wait_s = waited[0]
         o.compute_s = max(0.0, o.prefill_s - o.wait_s)
+        if o.loaded_tokens and load_done[0]:
+            self.rates.note_load(o.loaded_tokens * L.bytes_per_token, load_done[0] - t0)
+        if not o.loaded_tokens and not whole and o.device_tokens < n:
+            self.rates.note_prefill(n - o.device_tokens, o.device_tokens, o.compute_s)
+        if o.decision:
+            o.decision["label"] = "real"
+            o.decision["outcome"] = ("loaded" if o.loaded_tokens else
+                                     "cut, recomputed" if "cut_at_layer" in o.decision else
+                                     "recomputed")
         o.tokens.append(first)
         o.handed_over = whole
         # what the stores hold of the prompt: the lookup's prefix, unless its load failed
@@ -382,4 +470,4 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
             "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
             "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
             "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
-            "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "notes": o.notes}
+            "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes}

@@ -300,6 +300,118 @@ class TestServe(unittest.TestCase):
             self.assertIn(why, p.stderr)
 
 
+class SlowProxy:
+    """A TCP proxy on loopback whose answers (store to client) are held to `rate` bytes/s: a
+    store on a slow link, for the engine's load-or-recompute decision."""
+
+    def __init__(self, upstream, rate):
+        import socket
+        import threading
+        self.up, self.rate, self.stop = upstream, rate, threading.Event()
+        self.ls = socket.socket()
+        self.ls.bind(("127.0.0.1", 0))
+        self.ls.listen(16)
+        self.ls.settimeout(0.2)
+        self.addr = "127.0.0.1:%d" % self.ls.getsockname()[1]
+        self.socks = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pump(self, a, b, slow):
+        try:
+            while not self.stop.is_set():
+                data = a.recv(4096)
+                if not data:
+                    break
+                b.sendall(data)
+                if slow:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(2)
+            except OSError:
+                pass
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self.stop.is_set():
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                continue
+            host, port = self.up.rsplit(":", 1)
+            u = socket.create_connection((host, int(port)))
+            self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, True), daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.ls.close()
+        for x in self.socks:
+            try:
+                x.close()
+            except OSError:
+                pass
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestLoadOrRecompute(unittest.TestCase):
+    """The engine's per-request decision from what it measured: behind a slow link it
+    recomputes (after cutting the first load, taken before anything was measured, at a layer
+    boundary); over a fast one it loads; the tokens are the model's own either way."""
+
+    def test_slow_link_recomputes_fast_link_loads(self):
+        import kvfabric as kvf
+        from kvfabric import models
+        from kvfabric.engine import Engine
+        cfg = dict(TINY, num_hidden_layers=8)
+        layout = models.layout_for(cfg, "tiny-lor", page_tokens=16, chunk_tokens=64, dtype="f32")
+        model, factory, _ = models.build(cfg, "torch", "cpu", "f32", 7)
+        store = Store(memory="64M", extra=("--shm", "off"))
+        proxy = SlowProxy(store.addr, 200000)  # 200 KB/s: 192 tokens of KV take 2 s
+        try:
+            with kvf.Connector(layout, nodes=[store.addr], salt="lor") as fast_cn, \
+                    kvf.Connector(layout, nodes=[proxy.addr], salt="lor", deadline_ms=20000) \
+                    as slow_cn:
+                saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+                slow = Engine(model, layout, factory, connector=slow_cn, max_tokens=1024)
+                prompts = [prompt(200, 40 + k) for k in range(4)]
+                for p in prompts:
+                    saver.run("prefill", p)  # the stores hold their first 192 tokens
+                slow.run("generate", prompt(200, 99), reuse="none")  # the compute rate
+                first = slow.run("generate", prompts[0], max_tokens=3)
+                self.assertEqual(first.decision["choice"], "load")  # nothing measured yet
+                self.assertEqual(first.decision["outcome"], "cut, recomputed", first.decision)
+                self.assertEqual(first.tokens, self.reference(model, factory, prompts[0], 3))
+                second = slow.run("generate", prompts[1], max_tokens=3)
+                self.assertEqual(second.decision["choice"], "recompute", second.decision)
+                self.assertEqual(second.loaded_tokens, 0)
+                self.assertEqual(second.tokens, self.reference(model, factory, prompts[1], 3))
+                fast = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+                fast.run("generate", prompt(200, 98), reuse="none")
+                fast.run("generate", prompts[2], max_tokens=2)  # measures the fast link
+                third = fast.run("generate", prompts[3], max_tokens=3)
+                self.assertEqual(third.decision["choice"], "load", third.decision)
+                self.assertEqual(third.loaded_tokens, 192)
+                self.assertEqual(third.tokens, self.reference(model, factory, prompts[3], 3))
+        finally:
+            proxy.close()
+            store.stop()
+
+    @staticmethod
+    def reference(model, factory, tokens, n):
+        cache, out, ids = factory(), [], torch.tensor([tokens])
+        with torch.no_grad():
+            for _ in range(n):
+                nxt = int(model(input_ids=ids, past_key_values=cache).logits[0, -1].argmax())
+                out.append(nxt)
+                ids = torch.tensor([[nxt]])
+        return out
+
+
 @unittest.skipIf(torch is None or not os.environ.get("KVF_CLI_BIN"), "torch or kvf not here")
 class TestClusterWithPythonEngines(unittest.TestCase):
     """kvf cluster up with engine "transformers" (here the plain-torch backend on CPU) starts,
