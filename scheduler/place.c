@@ -82,6 +82,9 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
  * handed to it. -1 when none can. */
 static int choose_decode(const kvf_sched *s, int prefill, double need)
 {
+    /* Without stores there is no handoff: the prefill instance decodes when it can. */
+    if (s->o.no_stores && (s->inst[prefill].info.role & KVF_ROLE_DECODE))
+        return prefill;
     int dec = -1;
     double dscore = INFINITY;
     for (size_t i = 0; i < s->n_inst; i++) {

@@ -72,25 +72,20 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
 #define REPLAY_BACKOFF_MIN_MS 2000
 #define REPLAY_BACKOFF_MAX_MS 60000
 
-/* The first answer of a replay came `off` batches after the first one asked for: the replay
- * window does not reach back to `from`, so batches are lost for good and what the index holds of
- * this source may be stale (a block removed in the lost batches would stay). A full resync: the
- * engine's blocks are dropped, and the window and the live stream build them again. A late join
- * (from 0) may start at 1, the first number of publishers that count from 1. Without d->mu. */
-static void resync_if_short(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t from, uint64_t off)
+/* Batches of a gap are lost for good (the replay window does not reach back to them, the replay
+ * skipped some or ended early): what the index holds of this source may be stale (a removal
+ * among the lost). A full resync: the engine's blocks are dropped, and what the replay still
+ * brings and the live stream build them again. Without d->mu. */
+static void resync(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t first_lost, const char *why)
 {
-    if (off == 0 || (from == 0 && off == 1) || off >= ((uint64_t)1 << 63))
-        return;
     pthread_mutex_lock(&d->mu);
     int engine = !sb->dead && sb->src.instance >= 0;
     if (engine)
         kvf_sched_all_cleared(d->s, sb->src.instance);
     d->resyncs = add_sat(d->resyncs, 1);
     pthread_mutex_unlock(&d->mu);
-    kvf_warn(&d->lg,
-             "events from %s: the replay window starts at %" PRIu64 ", after the %" PRIu64
-             " asked for: %" PRIu64 " batches are lost%s",
-             sb->endpoint, from + off, from, off,
+    kvf_warn(&d->lg, "events from %s: batches from %" PRIu64 " are lost (%s)%s", sb->endpoint,
+             first_lost, why,
              engine ? "; the engine's blocks are dropped from the index and learnt again"
                     : "; the store's chunks are learnt again as they are stored or evicted");
 }
@@ -108,7 +103,10 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
 {
     kvf__sched_sub *sb = &d->subs[i];
     uint64_t want = upto - from, got = 0;
-    int first_answer = 1;
+    /* The next offset expected: a late join (from 0) may start at 1, the first number of
+     * publishers that count from 1. An answer past it means a hole. */
+    uint64_t next = 0;
+    int resynced = 0;
     kvf__zmsg m;
     /* Answers to an earlier request that came after it was given up on would end this one. */
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
@@ -124,9 +122,14 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
             break;
         uint64_t off = kvf__kve_seq_get(m.seq) - from;
-        if (first_answer && off < want)
-            resync_if_short(d, sb, from, off);
-        first_answer = 0;
+        if (off >= ((uint64_t)1 << 63))
+            continue; /* before the first one asked for */
+        if (!resynced && off > next && !(from == 0 && next == 0 && off == 1)) {
+            resync(d, sb, from + next,
+                   off >= want ? "the replay window starts after them"
+                               : "the replay window skips them");
+            resynced = 1;
+        }
         if (off < want) {
             char err[256] = "";
             pthread_mutex_lock(&d->mu);
@@ -139,11 +142,14 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
             if (dead)
                 return;
             got++;
+            next = off + 1;
         }
         if (off + 1 >= want && off < ((uint64_t)1 << 63))
             break; /* reached the batch in hand, or past it */
     }
     if (answered) {
+        if (!resynced && next < want && !(from == 0 && want == 1))
+            resync(d, sb, from + next, "the replay ended before them");
         sb->replay_backoff_ms = 0;
         kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
                  sb->endpoint, got, want);

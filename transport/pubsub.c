@@ -206,6 +206,8 @@ void kvf__zpub_service(kvf__zpub *p)
 static void keep(kvf__zpub *p, const char *topic, uint64_t seq, const void *payload, size_t len)
 {
     size_t tl = strlen(topic);
+    if (len > p->max_bytes)
+        return; /* larger than the whole window: a replay asking for it ends short */
     kept *k = malloc(sizeof *k + tl + len);
     if (!k)
         return; /* a batch missing from the window: a replay of it ends short */
@@ -347,11 +349,17 @@ int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batch
     if (!(p->ring = calloc(batches, sizeof *p->ring)) ||
         !(p->router = zmq_socket(p->ctx, ZMQ_ROUTER))) {
         snprintf(err, errlen, "events: cannot make the replay socket");
+        free(p->ring);
+        p->ring = NULL;
         return KVF_ENOMEM;
     }
     p->ring_cap = batches;
     p->max_bytes = bytes;
-    rc = zmq_setsockopt(p->router, ZMQ_LINGER, &zero, sizeof zero);
+    /* A ROUTER drops what goes over a peer's high-water mark without a word: room for a whole
+     * window and its end marker, so that a replay is never cut in the middle. */
+    int hwm = batches > (size_t)INT32_MAX - 16 ? INT32_MAX : (int)batches + 16;
+    rc = zmq_setsockopt(p->router, ZMQ_LINGER, &zero, sizeof zero) ||
+         zmq_setsockopt(p->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
     if (!rc && p->secure)
         rc = zmq_setsockopt(p->router, ZMQ_CURVE_SERVER, &one, sizeof one) ||
              zmq_setsockopt(p->router, ZMQ_CURVE_SECRETKEY, p->sec.secret, 32) ||
@@ -360,11 +368,19 @@ int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batch
         zmq_getsockopt(p->router, ZMQ_LAST_ENDPOINT, endpoint, &el) != 0) {
         snprintf(err, errlen, "events: cannot bind the replay socket %s: %s", bind,
                  zmq_strerror(zmq_errno()));
+        zmq_close(p->router);
+        p->router = NULL;
+        free(p->ring);
+        p->ring = NULL;
         return KVF_EADDRINUSE;
     }
     pthread_mutex_init(&p->rmu, NULL);
     if (pthread_create(&p->replay_th, NULL, replay_main, p) != 0) {
         pthread_mutex_destroy(&p->rmu);
+        zmq_close(p->router);
+        p->router = NULL;
+        free(p->ring);
+        p->ring = NULL;
         snprintf(err, errlen, "events: cannot start the replay thread");
         return KVF_ENOMEM;
     }

@@ -66,6 +66,8 @@ def read_safetensors(path: str, device: Any = "cpu",
                 dtype = _torch_dtype(meta["dtype"])
                 shape = [int(s) for s in meta["shape"]]
                 begin, end = (int(x) for x in meta["data_offsets"])
+                if any(s < 0 for s in shape):
+                    raise ValueError("a negative dimension")
             except (KeyError, TypeError, ValueError) as e:
                 raise CheckpointError(f"{path}: tensor {name}: bad header entry ({e})") from None
             count = 1
@@ -138,7 +140,10 @@ def load_checkpoint(model: Any, path: str, strict: bool = True) -> Dict[str, Lis
     (a tied lm_head.weight may be absent) and every tensor must be a parameter. Returns the
     "missing" and "unexpected" names."""
     import torch
-    params = dict(model.named_parameters())
+    try:  # tied weights under each of their names (torch >= 2.0)
+        params = dict(model.named_parameters(remove_duplicate=False))
+    except TypeError:
+        params = dict(model.named_parameters())
     params.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
     seen, unexpected = set(), []
     with torch.no_grad():

@@ -61,21 +61,24 @@ class Object:
         return dst.raw[: out.value]
 
     @staticmethod
-    def decode(obj: bytes) -> Tuple[Dict[str, Any], List[bytes]]:
+    def decode(obj: bytes, max_raw_bytes: int = 1 << 30) -> Tuple[Dict[str, Any], List[bytes]]:
         """Verifies an object (header and every segment's checksums) and returns its header's
         fields and the decoded segments. KvfError KVF_EPROTO or KVF_ECHECKSUM where it is not
-        intact."""
+        intact; ValueError where it would decode to more than max_raw_bytes."""
         buf = ctypes.create_string_buffer(bytes(obj), len(obj))
         info = _lib.ObjInfo()
         L = _lib.lib()
         check(L.kvf_obj_verify(buf, len(obj), ctypes.byref(info)), "object verify")
+        if info.raw_bytes > max_raw_bytes:
+            raise ValueError(f"the object decodes to {info.raw_bytes} bytes, more than "
+                             f"max_raw_bytes={max_raw_bytes}")
+        seg_at = [L.kvf_obj_seg_at(ctypes.byref(info), layer) for layer in range(info.layers)]
+        # the codec's scratch holds the largest segment: layers need not be the same size
+        scratch = ctypes.create_string_buffer(max([s.raw_len for s in seg_at] + [1]))
         segs, off = [], info.header_len
-        scratch = None
         for layer in range(info.layers):
-            s = L.kvf_obj_seg_at(ctypes.byref(info), layer)
+            s = seg_at[layer]
             dst = ctypes.create_string_buffer(max(s.raw_len, 1))
-            if scratch is None:
-                scratch = ctypes.create_string_buffer(max(s.raw_len, 1))
             check(L.kvf_obj_decode_seg(info.codec, ctypes.byref(s),
                                        ctypes.addressof(buf) + off, dst, scratch),
                   "object decode", f"layer {layer}")
@@ -149,9 +152,11 @@ class Client(_Handle):
     def get(self, keys: Sequence[KeyLike], max_bytes: int) -> List[Tuple[str, Optional[bytes]]]:
         """Gets objects (each at most max_bytes), verified: (status name, object or None) per
         key; "KVF_ENOENT" is a miss."""
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
         n = len(keys)
         k = _keys(keys)
-        bufs = [ctypes.create_string_buffer(max(max_bytes, 1)) for _ in range(n)]
+        bufs = [ctypes.create_string_buffer(max_bytes) for _ in range(n)]
         bp = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(x) for x in bufs])
         caps = (ctypes.c_uint64 * max(n, 1))(*([max_bytes] * n))
         lens = (ctypes.c_uint64 * max(n, 1))()

@@ -188,6 +188,7 @@ class Engine:
             if connector is not None else None
         self.held = HeldBlocks(events, layout.page_tokens)
         self.rates = Rates()
+        self.vocab: Optional[int] = None  # token ids at or above it are refused (where set)
         self.last_tokens: List[int] = []  # the sequence whose KV the cache holds
         self.last_cache: Any = None
         self._torch = torch
@@ -404,14 +405,22 @@ class Engine:
         if len(tokens) + max_tokens + 1 > self.max_tokens:
             raise ValueError(f"prompt of {len(tokens)} tokens + {max_tokens} to generate exceed "
                              f"this engine's KV capacity of {self.max_tokens} tokens")
+        if self.vocab is not None and (min(tokens) < 0 or max(tokens) >= self.vocab or (
+                first_token is not None and not 0 <= int(first_token) < self.vocab)):
+            raise ValueError(f"a token id is outside the model's vocabulary of {self.vocab}")
         if reuse not in ("all", "engine", "none"):
             raise ValueError("reuse must be all, engine or none")
         o = Outcome([], [], len(tokens), 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, "KVF_OK", False, [])
         stores = reuse == "all" and self.cn is not None
         with self._torch.no_grad():
             handed = int(first_token) if kind == "decode" and first_token is not None else None
-            cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else "engine", o,
-                                         handed)
+            try:
+                cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else
+                                             "engine", o, handed)
+            except BaseException:
+                # The cache may be cropped or half-filled: nothing of it is reused or saved.
+                self.last_tokens, self.last_cache = [], None
+                raise
             self.last_tokens, self.last_cache = tokens, cache
             if stores and kind != "decode":
                 t_save = time.perf_counter()

@@ -92,7 +92,10 @@ def _http(method: str, url: str, body: Optional[Dict[str, Any]], timeout: float 
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             raw = r.read()
-            return r.status, json.loads(raw) if raw else None
+            try:
+                return r.status, json.loads(raw) if raw else None
+            except ValueError:
+                return r.status, None
     except urllib.error.HTTPError as e:
         raw = e.read()
         try:
@@ -116,6 +119,8 @@ class Server:
         self.stop = threading.Event()
         self.dirty = threading.Event()
         self.tokens = read_tokens(a.tokens) if a.tokens else None
+        self.vocab = int(getattr(engine, "vocab", 0) or 1 << 32)
+        self.closing = threading.Event()  # set at shutdown: new requests get a 503
 
     # -- kvf-sched ------------------------------------------------------------------------
     def capabilities(self) -> Dict[str, Any]:
@@ -177,7 +182,7 @@ class Server:
                     self.register()
                 elif st != 200:
                     _log("warn", f"load report to kvf-sched: HTTP {st}")
-            except (OSError, SystemExit) as e:
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - the heartbeat goes on
                 _log("warn", f"load report to kvf-sched: {e}")
 
     # -- requests -------------------------------------------------------------------------
@@ -197,13 +202,23 @@ class Server:
                     "cache_layer": self.engine.cn is not None}
 
     def job(self, kind: str, body: Any) -> Tuple[int, Dict[str, Any]]:
+        """Runs one request; any failure is an answer (400, 413, 500, 503), never an escape."""
+        if self.closing.is_set():
+            return 503, {"error": "the engine is stopping"}
+        try:
+            return self._job(kind, body)
+        except Exception as e:  # noqa: BLE001 - the server answers and goes on
+            return 500, {"error": f"{kind}: {type(e).__name__}: {e}"}
+
+    def _job(self, kind: str, body: Any) -> Tuple[int, Dict[str, Any]]:
         if not isinstance(body, dict):
             return 400, {"error": "the body must be a JSON object"}
         toks = body.get("tokens")
         if not isinstance(toks, list) or not toks or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 0xFFFFFFFF
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab
                 for t in toks):
-            return 400, {"error": "\"tokens\" must be a non-empty array of 32-bit token ids"}
+            return 400, {"error": "\"tokens\" must be a non-empty array of token ids below "
+                                  f"the model's vocabulary of {self.vocab}"}
         ints = {}
         for k in ("max_tokens", "first_token", "expect_cached"):
             v = body.get(k)
@@ -211,6 +226,8 @@ class Server:
                 return 400, {"error": "max_tokens, first_token and expect_cached are integers, "
                                       "reuse true, false or \"engine\""}
             ints[k] = v
+        if ints["first_token"] is not None and not 0 <= ints["first_token"] < self.vocab:
+            return 400, {"error": f"first_token must be a token id below {self.vocab}"}
         ru = body.get("reuse", True)
         if ru is True:
             reuse = "all"
@@ -291,6 +308,7 @@ class Server:
 def _handler(S: Server):
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 30  # a client that stops sending loses its connection, not a thread forever
 
         def log_message(self, fmt: str, *args: Any) -> None:
             if S.a.log_level == "debug":
@@ -315,19 +333,23 @@ def _handler(S: Server):
                 n = int(self.headers.get("Content-Length") or 0)
             except ValueError:
                 n = -1
+            if S.tokens is not None:  # before the body is read: strangers send nothing big
+                got = self.headers.get("Authorization", "")
+                if not got.startswith("Bearer ") or not any(
+                        hmac.compare_digest(got[7:].encode(), t.encode())
+                        for t in S.tokens.values()):
+                    self.close_connection = True
+                    self._send(401, {"error": "a valid bearer token is required"})
+                    return
             if n <= 0 or n > MAX_BODY:
                 self.close_connection = True
                 self._send(413 if n > MAX_BODY else 400,
                            {"error": f"a JSON body of 1 to {MAX_BODY} bytes is required"})
                 return
             raw = self.rfile.read(n)
-            if S.tokens is not None:
-                got = self.headers.get("Authorization", "")
-                if not got.startswith("Bearer ") or not any(
-                        hmac.compare_digest(got[7:].encode(), t.encode())
-                        for t in S.tokens.values()):
-                    self._send(401, {"error": "a valid bearer token is required"})
-                    return
+            if len(raw) != n:
+                self.close_connection = True
+                return
             try:
                 body = json.loads(raw)
             except ValueError as e:
@@ -472,6 +494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ev = Events(a.events, a.events_credential, a.events_tenants,
                     replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0")
     engine = Engine(model, layout, factory, connector=cn, events=ev, max_tokens=a.max_tokens)
+    engine.vocab = int(cfg["vocab_size"])
     S = Server(a, engine, layout, ev, backend)
     httpd = ThreadingHTTPServer((host, port), _handler(S))
     httpd.daemon_threads = True
@@ -494,7 +517,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         pass
     S.stop.set()
     S.dirty.set()
+    S.closing.set()  # new requests get a 503 ...
     httpd.shutdown()
+    with S.turns:  # ... and the one running (if any) finishes before the handles close
+        pass
     if reporter is not None:
         reporter.join(timeout=3)
     if ev is not None:

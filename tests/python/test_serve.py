@@ -186,7 +186,9 @@ class TestServe(unittest.TestCase):
         for body, code in (({"tokens": []}, 400), ({"tokens": [1, -2]}, 400),
                            ({"tokens": [1], "reuse": "x"}, 400),
                            ({"tokens": [1], "max_tokens": "9"}, 400),
-                           ({"tokens": [1] * 4000}, 413), ([1, 2], 400)):
+                           ({"tokens": [1] * 4000}, 413), ([1, 2], 400),
+                           ({"tokens": [1, 500]}, 400),  # the vocabulary is 500
+                           ({"tokens": [1, 2], "first_token": -1}, 400)):
             st, r = call(pre, "/v1/generate", body)
             self.assertEqual(st, code, (body, r))
             self.assertIn("error", r)
