@@ -15,8 +15,15 @@
 typedef struct kept {
     uint64_t seq;
     size_t topic_len, len;
+    atomic_int refs;      /* the ring's, and each replay sending it: no copies per request */
     unsigned char data[]; /* topic, then payload */
 } kept;
+
+static void kept_unref(kept *k)
+{
+    if (k && atomic_fetch_sub(&k->refs, 1) == 1)
+        free(k);
+}
 
 struct kvf__zpub {
     void *ctx, *sock;
@@ -212,13 +219,14 @@ static void keep(kvf__zpub *p, const char *topic, uint64_t seq, const void *payl
     if (!k)
         return; /* a batch missing from the window: a replay of it ends short */
     k->seq = seq, k->topic_len = tl, k->len = len;
+    atomic_init(&k->refs, 1);
     memcpy(k->data, topic, tl);
     memcpy(k->data + tl, payload, len);
     pthread_mutex_lock(&p->rmu);
     while (p->ring_n && (p->ring_n == p->ring_cap || p->ring_bytes + len > p->max_bytes)) {
         kept *old = p->ring[p->ring_head];
         p->ring_bytes -= old->len;
-        free(old);
+        kept_unref(old);
         p->ring_head = (p->ring_head + 1) % p->ring_cap;
         p->ring_n--;
     }
@@ -293,11 +301,8 @@ static void replay_answer(kvf__zpub *p)
             /* modulo 2^64, as subscribers compare: at or after from */
             if (src->seq - from >= ((uint64_t)1 << 63) || !may_see(p, u ? user : NULL, src))
                 continue;
-            kept *c = malloc(sizeof *c + src->topic_len + src->len);
-            if (!c)
-                break;
-            memcpy(c, src, sizeof *c + src->topic_len + src->len);
-            copy[k++] = c;
+            atomic_fetch_add(&src->refs, 1);
+            copy[k++] = src;
         }
         pthread_mutex_unlock(&p->rmu);
         for (size_t i = 0; i < k; i++) {
@@ -307,7 +312,7 @@ static void replay_answer(kvf__zpub *p)
             zmq_send(p->router, "", 0, ZMQ_SNDMORE);
             zmq_send(p->router, be, 8, ZMQ_SNDMORE);
             zmq_send(p->router, copy[i]->data + copy[i]->topic_len, copy[i]->len, 0);
-            free(copy[i]);
+            kept_unref(copy[i]);
         }
         free(copy);
         uint8_t end[8];
@@ -397,7 +402,7 @@ void kvf__zpub_close(kvf__zpub **pp)
         atomic_store(&p->replay_stop, 1);
         pthread_join(p->replay_th, NULL);
         for (size_t i = 0; i < p->ring_n; i++)
-            free(p->ring[(p->ring_head + i) % p->ring_cap]);
+            kept_unref(p->ring[(p->ring_head + i) % p->ring_cap]);
         pthread_mutex_destroy(&p->rmu);
     }
     if (p->router)
