@@ -51,7 +51,51 @@ struct kvfe_engine {
     kvf_xfer *pending_save, *older_save;
     int device_off, reuse_off, save_off; /* per request (kvfe_set_tiers) */
     size_t device_max; /* most tokens reused from the pages (kvfe_set_device_reuse) */
+    kvfe_rates rates;  /* opts.decide's measurements */
 };
+
+#define RATE_ALPHA 0.3
+
+static double ewma(double old, double now_)
+{
+    return old > 0 ? (1 - RATE_ALPHA) * old + RATE_ALPHA * now_ : now_;
+}
+
+size_t kvfe_decide(const kvfe_rates *r, uint64_t bytes_per_token, uint32_t chunk_tokens, size_t dev,
+                   size_t cached, size_t n, size_t load_from, kvfe_choice *choice,
+                   double *predicted, double *recompute)
+{
+    *predicted = *recompute = 0;
+    *choice = KVFE_NO_DECISION;
+    if (cached <= dev || chunk_tokens == 0)
+        return dev;
+    if (r->load_bps <= 0 || r->s_per_token <= 0) {
+        *choice = KVFE_LOAD; /* nothing measured yet: load, and measure */
+        return cached;
+    }
+    double all = (double)(n - dev) * r->s_per_token, best_s = all;
+    size_t best = dev;
+    for (size_t p = (dev / chunk_tokens + 1) * chunk_tokens; p <= cached; p += chunk_tokens) {
+        double load = (double)(p - load_from) * (double)bytes_per_token / r->load_bps;
+        double rest = (double)(n - p) * r->s_per_token, t = load > rest ? load : rest;
+        if (t < best_s * 0.95 && t < all * 0.95)
+            best = p, best_s = t;
+    }
+    *recompute = all;
+    *predicted = best_s;
+    *choice = best == dev ? KVFE_RECOMPUTE : best == cached ? KVFE_LOAD : KVFE_PARTIAL;
+    return best;
+}
+
+void kvfe_rates_get(const kvfe_engine *e, kvfe_rates *r)
+{
+    *r = e->rates;
+}
+
+void kvfe_rates_set(kvfe_engine *e, const kvfe_rates *r)
+{
+    e->rates = *r;
+}
 
 static double now_s(void)
 {
@@ -375,10 +419,12 @@ static kvf_xfer *start_save(kvfe_engine *e, kvf_connector *cn, const uint32_t *t
 /* Runs every layer over rows [start, n), each once its layer of load (may be NULL) has arrived.
  * Returns 0, or the load's failure, also put in r->load_error, when a layer of it did not
  * arrive. */
-static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvfe_result *r)
+static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvfe_result *r,
+                      double *load_done)
 {
     embed_rows(e, start, n);
     int rc = 0;
+    double t_load = now_s();
     if (load && e->o.no_overlap) {
         double w0 = now_s();
         rc = kvf_xfer_wait(load);
@@ -388,9 +434,24 @@ static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kv
         if (load) {
             double w0 = now_s();
             rc = kvf_xfer_wait_layer(load, l);
-            r->wait_seconds += now_s() - w0;
+            double t = now_s();
+            r->wait_seconds += t - w0;
             if (rc)
                 break;
+            *load_done = t;
+            /* Behind its pace: where the rest of the load would take longer than computing the
+             * prompt, it is cut at this layer boundary and the prompt computed. */
+            double rest = (t - t_load) * (double)(e->m.layout.layers - l - 1) / (double)(l + 1);
+            if (e->o.decide && r->predicted_recompute_s > 0 && l + 1 < e->m.layout.layers &&
+                rest > r->predicted_recompute_s * 1.2 + 0.002) {
+                r->cut_at_layer = (int)l;
+                e->rates.load_bps =
+                    ewma(e->rates.load_bps,
+                         (double)start * (double)kvf_layout_bytes_per_token(&e->m.layout) *
+                             (double)(l + 1) / (double)e->m.layout.layers / (t - t_load));
+                rc = KVF_ETIMEDOUT;
+                break;
+            }
         }
         double c0 = now_s();
         layer_forward(e, l, start, n);
@@ -420,6 +481,12 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0)
         hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
     kvf_xfer *load = NULL;
+    r->cut_at_layer = -1;
+    if (e->o.decide && hit > dev) { /* load or recompute, from what was measured */
+        size_t p = kvfe_decide(&e->rates, kvf_layout_bytes_per_token(L), C, dev, hit, n, 0,
+                               &r->choice, &r->predicted_s, &r->predicted_recompute_s);
+        hit = p > dev ? p : 0;
+    }
     if (hit <= dev) /* the pages already hold at least as much */
         hit = 0;
     else if (kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
@@ -428,15 +495,24 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
         hit = dev;
         r->device_tokens = dev;
     }
-    while (run_layers(e, hit, n, load, r) != 0) {
+    double load_done = 0, c_before = 0;
+    while (run_layers(e, hit, n, load, r, &load_done) != 0) {
         /* The store could not deliver every layer: recompute everything from the start. Once
          * cancel returns no worker writes these pages any more. */
         kvf_xfer_cancel(load);
         kvf_xfer_free(&load);
         hit = 0;
         r->device_tokens = 0;
+        c_before = r->compute_seconds; /* the recompute's own time is measured below */
     }
     r->loaded_tokens = load ? hit : 0;
+    if (e->o.decide && load && load_done > t0)
+        e->rates.load_bps =
+            ewma(e->rates.load_bps,
+                 (double)hit * (double)kvf_layout_bytes_per_token(L) / (load_done - t0));
+    else if (e->o.decide && !load && n > hit && r->compute_seconds > c_before)
+        e->rates.s_per_token =
+            ewma(e->rates.s_per_token, (r->compute_seconds - c_before) / (double)(n - hit));
     if (load)
         kvf_xfer_free(&load);
     finish(e, n - 1 - hit, r);

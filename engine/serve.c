@@ -7,7 +7,7 @@
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
  *              [--events-credential FILE --events-tenants FILE] [--tokens FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
- *              [--queue work|fifo] [--cost FILE]
+ *              [--queue work|fifo] [--cost FILE] [--decide: load or recompute per request]
  *
  * Requests (POST, JSON bodies; token ids as arrays of integers):
  *   /v1/prefill   {id, tokens}                     prefill with the cached prefix loaded and the
@@ -344,6 +344,21 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
         json_object_set_new(out, "net_bytes",
                             json_integer((json_int_t)(st1.net_bytes - st0.net_bytes)));
     }
+    if (r.choice != KVFE_NO_DECISION) { /* --decide: the choice, its inputs and its outcome */
+        static const char *const names[] = {"none", "load", "partial", "recompute"};
+        kvfe_rates rt;
+        kvfe_rates_get(S->e, &rt);
+        json_object_set_new(out, "decision",
+                            json_pack("{s:s,s:f,s:f,s:f,s:f,s:i,s:s,s:s}", "choice",
+                                      names[r.choice], "predicted_s", r.predicted_s,
+                                      "predicted_recompute_s", r.predicted_recompute_s, "load_bps",
+                                      rt.load_bps, "prefill_s_per_token", rt.s_per_token,
+                                      "cut_at_layer", r.cut_at_layer, "outcome",
+                                      r.loaded_tokens       ? "loaded"
+                                      : r.cut_at_layer >= 0 ? "cut, recomputed"
+                                                            : "recomputed",
+                                      "label", "real"));
+    }
     if (stores) { /* KV moved through kvfabric: say how */
         char why[240];
         json_object_set_new(out, "transport",
@@ -578,6 +593,7 @@ typedef struct serve_opts {
     const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
         *level, *queue, *cost, *events_credential, *events_tenants, *tokens;
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
+    int decide;   /* --decide: load or recompute per request from live rates */
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o)
@@ -616,6 +632,10 @@ static int parse_args(int argc, char **argv, serve_opts *o)
             continue;
         if (!strcmp(a, "--insecure")) {
             o->insecure = 1;
+            continue;
+        }
+        if (!strcmp(a, "--decide")) {
+            o->decide = 1;
             continue;
         }
         if (!v) {
@@ -732,7 +752,8 @@ static int open_engine(srv *S, const serve_opts *o)
                     .cn = S->cn,
                     .save = 1,
                     .page_shuffle = 99,
-                    .keep_prefix = 1};
+                    .keep_prefix = 1,
+                    .decide = o->decide};
     if (kvfe_open(&S->e, &eo, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: %s\n", err);
         kvf_connector_close(&S->cn);

@@ -47,7 +47,35 @@ typedef struct kvfe_opts {
     uint64_t page_shuffle; /* nonzero: pages of a sequence are a seeded permutation */
     int no_overlap;        /* wait for the whole load before computing (for comparison) */
     int keep_prefix;       /* reuse the previous sequence's KV for a prompt that starts with it */
+    int decide;            /* load or recompute per request from live rates (kvfe_decide) */
 } kvfe_opts;
+
+/* What the engine measured, decayed (the newest weighted 0.3): the load bandwidth from the
+ * stores (bytes/s) and the prefill's seconds per token. 0: not measured yet. */
+typedef struct kvfe_rates {
+    double load_bps, s_per_token;
+} kvfe_rates;
+
+/* A prefill's choice between loading the stores' prefix and computing it. */
+typedef enum kvfe_choice {
+    KVFE_NO_DECISION, /* nothing to choose, or decide off */
+    KVFE_LOAD,        /* all the stores hold */
+    KVFE_PARTIAL,     /* a prefix of it */
+    KVFE_RECOMPUTE,   /* none of it */
+} kvfe_choice;
+
+/* Load or recompute, for an n-token prompt of which the engine's pages hold dev tokens and the
+ * stores `cached` (whole chunks of chunk_tokens), a load moving tokens from load_from on: the
+ * chunk boundary p in (dev, cached] where loading up to p overlapped with computing the rest,
+ * max(load, compute), is quickest and beats computing everything after dev by 5%; or dev, to
+ * recompute. Everything is loaded before both rates are measured. *choice, *predicted (the
+ * chosen plan's seconds) and *recompute (computing after dev) are set (0 where unmeasured). */
+size_t kvfe_decide(const kvfe_rates *r, uint64_t bytes_per_token, uint32_t chunk_tokens, size_t dev,
+                   size_t cached, size_t n, size_t load_from, kvfe_choice *choice,
+                   double *predicted, double *recompute);
+/* The engine's rates now; and, for tests and operators, setting them. */
+void kvfe_rates_get(const kvfe_engine *e, kvfe_rates *r);
+void kvfe_rates_set(kvfe_engine *e, const kvfe_rates *r);
 
 typedef struct kvfe_result {
     uint32_t next_token;    /* greedy choice from the last position */
@@ -59,6 +87,11 @@ typedef struct kvfe_result {
     double seconds;         /* wall time of the call */
     double compute_seconds; /* time in the forward pass proper */
     double wait_seconds;    /* time waiting for layers to arrive */
+    /* With opts.decide: the choice, its predictions, and the layer a load that fell behind its
+     * pace was cut at (-1: not cut; then the prompt is computed) */
+    kvfe_choice choice;
+    double predicted_s, predicted_recompute_s;
+    int cut_at_layer;
 } kvfe_result;
 
 /* Caller owns the result; free with kvfe_close(). */

@@ -17,6 +17,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -483,6 +484,66 @@ static void test_engine_back_to_back_saves_are_exact(void **state)
     daemon_stop(&d);
 }
 
+/* kvfe_decide's arithmetic, and an engine deciding (opts.decide): a store it measured as slow is
+ * not loaded from (the prompt is computed, bitwise the same logits and tokens), a fast one is;
+ * before anything is measured it loads. */
+static void test_engine_decide_load_or_recompute(void **state)
+{
+    (void)state;
+    kvfe_rates none = {0}, slow = {.load_bps = 1e3, .s_per_token = 1e-5},
+               fast = {.load_bps = 1e12, .s_per_token = 1e-3},
+               mid = {.load_bps = 1e6, .s_per_token = 1e-3};
+    kvfe_choice ch;
+    double pr, rc;
+    assert_int_equal(kvfe_decide(&none, 1000, 64, 0, 512, 600, 0, &ch, &pr, &rc), 512);
+    assert_int_equal(ch, KVFE_LOAD);
+    assert_int_equal(kvfe_decide(&slow, 1000, 64, 0, 512, 600, 0, &ch, &pr, &rc), 0);
+    assert_int_equal(ch, KVFE_RECOMPUTE);
+    assert_true(fabs(rc - 600 * 1e-5) < 1e-12);
+    assert_int_equal(kvfe_decide(&fast, 1000, 64, 0, 512, 600, 0, &ch, &pr, &rc), 512);
+    assert_int_equal(ch, KVFE_LOAD);
+    /* load and compute cost the same per token here: the best boundary splits the prompt */
+    assert_int_equal(kvfe_decide(&mid, 1000, 64, 0, 512, 600, 0, &ch, &pr, &rc), 320);
+    assert_int_equal(ch, KVFE_PARTIAL);
+    assert_true(pr < rc);
+    assert_int_equal(kvfe_decide(&fast, 1000, 64, 256, 256, 600, 0, &ch, &pr, &rc), 256);
+    assert_int_equal(ch, KVFE_NO_DECISION);
+
+    daemon_t d;
+    daemon_start(&d, "256M", NULL);
+    static uint32_t t[600];
+    prompt(t, 600, 91);
+    run full;
+    warm_store(&d, t, 600, &full);
+    kvf_connector *cn = connector(d.addr, 5000);
+    kvfe_opts o = {.model = MODEL, .seed = 42, .max_tokens = 1100, .cn = cn, .decide = 1};
+    kvfe_engine *e;
+    char err[256];
+    if (kvfe_open(&e, &o, err, sizeof err) != 0)
+        fail_msg("engine: %s", err);
+    kvfe_rates_set(e, &slow);
+    kvfe_result r;
+    assert_int_equal(kvfe_prefill(e, t, 600, &r), 0);
+    assert_int_equal(r.choice, KVFE_RECOMPUTE);
+    assert_int_equal(r.loaded_tokens, 0);
+    assert_memory_equal(r.logits, full.logits, sizeof full.logits);
+    assert_int_equal(r.next_token, full.tokens[0]);
+    kvfe_close(&e);
+    if (kvfe_open(&e, &o, err, sizeof err) != 0)
+        fail_msg("engine: %s", err);
+    kvfe_rates_set(e, &fast);
+    assert_int_equal(kvfe_prefill(e, t, 600, &r), 0);
+    assert_int_equal(r.choice, KVFE_LOAD);
+    assert_true(r.loaded_tokens > 0);
+    assert_memory_equal(r.logits, full.logits, sizeof full.logits);
+    kvfe_rates after;
+    kvfe_rates_get(e, &after);
+    assert_true(after.load_bps > 0); /* the load was measured */
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+    daemon_stop(&d);
+}
+
 int main(void)
 {
     harness_init();
@@ -494,6 +555,7 @@ int main(void)
         cmocka_unit_test_teardown(test_engine_overlap_layer0_before_last, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_save_wait_pages_then_overwrite, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_back_to_back_saves_are_exact, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_decide_load_or_recompute, teardown_daemons),
     };
     return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
 }
