@@ -98,14 +98,20 @@ static void zap_answer(kvf__zpub *p)
         zmq_msg_close(&f[i]);
 }
 
+/* A helper thread's loop: answers what arrives on sock with fn until stop is set. */
+static void serve_socket(kvf__zpub *p, void *sock, atomic_int *stop, void (*fn)(kvf__zpub *))
+{
+    while (!atomic_load(stop)) {
+        zmq_pollitem_t it = {.socket = sock, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 100) > 0 && (it.revents & ZMQ_POLLIN))
+            fn(p);
+    }
+}
+
 static void *zap_main(void *arg)
 {
     kvf__zpub *p = arg;
-    while (!atomic_load(&p->zap_stop)) {
-        zmq_pollitem_t it = {.socket = p->zap, .events = ZMQ_POLLIN};
-        if (zmq_poll(&it, 1, 100) > 0 && (it.revents & ZMQ_POLLIN))
-            zap_answer(p);
-    }
+    serve_socket(p, p->zap, &p->zap_stop, zap_answer);
     return NULL;
 }
 
@@ -329,11 +335,7 @@ static void replay_answer(kvf__zpub *p)
 static void *replay_main(void *arg)
 {
     kvf__zpub *p = arg;
-    while (!atomic_load(&p->replay_stop)) {
-        zmq_pollitem_t it = {.socket = p->router, .events = ZMQ_POLLIN};
-        if (zmq_poll(&it, 1, 100) > 0 && (it.revents & ZMQ_POLLIN))
-            replay_answer(p);
-    }
+    serve_socket(p, p->router, &p->replay_stop, replay_answer);
     return NULL;
 }
 
