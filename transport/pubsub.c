@@ -98,6 +98,24 @@ static void zap_answer(kvf__zpub *p)
         zmq_msg_close(&f[i]);
 }
 
+/* ZeroMQ's address to bind host:port on (port 0: a free one). */
+static void bind_addr(char *out, size_t n, const char *host, uint16_t port)
+{
+    if (port)
+        snprintf(out, n, "tcp://%s:%u", host, (unsigned)port);
+    else
+        snprintf(out, n, "tcp://%s:*", host);
+}
+
+/* Makes sock a CURVE server with the publisher's secret, authenticated by its ZAP handler. */
+static int curve_server(void *sock, const uint8_t secret[32])
+{
+    int one = 1;
+    return zmq_setsockopt(sock, ZMQ_CURVE_SERVER, &one, sizeof one) ||
+           zmq_setsockopt(sock, ZMQ_CURVE_SECRETKEY, secret, 32) ||
+           zmq_setsockopt(sock, ZMQ_ZAP_DOMAIN, "kvf", 3);
+}
+
 /* A helper thread's loop: answers what arrives on sock with fn until stop is set. */
 static void serve_socket(kvf__zpub *p, void *sock, atomic_int *stop, void (*fn)(kvf__zpub *))
 {
@@ -146,16 +164,11 @@ static int zpub_make(kvf__zpub **out, const char *host, uint16_t port, int linge
         p->zap_started = 1;
     }
     char bind[300];
-    if (port)
-        snprintf(bind, sizeof bind, "tcp://%s:%u", host, (unsigned)port);
-    else
-        snprintf(bind, sizeof bind, "tcp://%s:*", host);
+    bind_addr(bind, sizeof bind, host, port);
     size_t el = eplen;
     int rc = zmq_setsockopt(p->sock, ZMQ_LINGER, &linger_ms, sizeof linger_ms);
     if (!rc && sec)
-        rc = zmq_setsockopt(p->sock, ZMQ_CURVE_SERVER, &one, sizeof one) ||
-             zmq_setsockopt(p->sock, ZMQ_CURVE_SECRETKEY, sec->secret, 32) ||
-             zmq_setsockopt(p->sock, ZMQ_ZAP_DOMAIN, "kvf", 3) ||
+        rc = curve_server(p->sock, sec->secret) ||
              zmq_setsockopt(p->sock, ZMQ_XPUB_MANUAL, &one, sizeof one);
     if (rc || zmq_bind(p->sock, bind) != 0 ||
         zmq_getsockopt(p->sock, ZMQ_LAST_ENDPOINT, endpoint, &el) != 0) {
@@ -346,12 +359,9 @@ int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batch
         snprintf(err, errlen, "events: replay already started, or an empty window");
         return KVF_EINVAL;
     }
-    int one = 1, zero = 0, rc = 0;
+    int zero = 0, rc = 0;
     char bind[300];
-    if (port)
-        snprintf(bind, sizeof bind, "tcp://%s:%u", host, (unsigned)port);
-    else
-        snprintf(bind, sizeof bind, "tcp://%s:*", host);
+    bind_addr(bind, sizeof bind, host, port);
     size_t el = eplen;
     if (!(p->ring = calloc(batches, sizeof *p->ring)) ||
         !(p->router = zmq_socket(p->ctx, ZMQ_ROUTER))) {
@@ -368,9 +378,7 @@ int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batch
     rc = zmq_setsockopt(p->router, ZMQ_LINGER, &zero, sizeof zero) ||
          zmq_setsockopt(p->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
     if (!rc && p->secure)
-        rc = zmq_setsockopt(p->router, ZMQ_CURVE_SERVER, &one, sizeof one) ||
-             zmq_setsockopt(p->router, ZMQ_CURVE_SECRETKEY, p->sec.secret, 32) ||
-             zmq_setsockopt(p->router, ZMQ_ZAP_DOMAIN, "kvf", 3);
+        rc = curve_server(p->router, p->sec.secret);
     if (rc || zmq_bind(p->router, bind) != 0 ||
         zmq_getsockopt(p->router, ZMQ_LAST_ENDPOINT, endpoint, &el) != 0) {
         snprintf(err, errlen, "events: cannot bind the replay socket %s: %s", bind,

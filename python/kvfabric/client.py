@@ -139,8 +139,10 @@ class Client(_Handle):
             raise ValueError("one object per key")
         n = len(keys)
         k = _keys(keys)
-        bufs = [ctypes.create_string_buffer(bytes(o), len(o)) for o in objects]
-        objs = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(b) for b in bufs])
+        # the objects' own bytes, not copies (kept alive by `held` until the put returns)
+        held = [o if isinstance(o, bytes) else bytes(o) for o in objects]
+        objs = (ctypes.c_void_p * max(n, 1))(
+            *[ctypes.cast(ctypes.c_char_p(o), ctypes.c_void_p).value for o in held])
         lens = (ctypes.c_uint64 * max(n, 1))(*[len(o) for o in objects])
         st = (ctypes.c_int * max(n, 1))()
         b = _lib.Batch(n=n, keys=ctypes.addressof(k), objs=ctypes.addressof(objs),

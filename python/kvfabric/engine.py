@@ -133,14 +133,14 @@ class Outcome:
 
 class Rates:
     """What this engine measured, decayed (an exponentially weighted mean, newest weighted
-    `alpha`): the load bandwidth from the stores, and the prefill's compute time per token with
-    its attention term (t = a * new + b * new * context), from every load and every prefill."""
+    `alpha`): the load bandwidth from the stores, and the prefill's compute time per new token,
+    from every load and every prefill computed without one. Linear in the tokens computed: the
+    attention's growth with context is not modelled (kvf-engine's kvfe_decide does the same)."""
 
     def __init__(self, alpha: float = 0.3) -> None:
         self.alpha = alpha
         self.load_bps: Optional[float] = None
-        self.s_per_token: Optional[float] = None  # per new token, at no context
-        self.s_per_token_ctx: float = 0.0         # added per new token per context token
+        self.s_per_token: Optional[float] = None  # per new token
 
     def _mix(self, old: Optional[float], new: float) -> float:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
@@ -149,19 +149,15 @@ class Rates:
         if nbytes > 0 and seconds > 0:
             self.load_bps = self._mix(self.load_bps, nbytes / seconds)
 
-    def note_prefill(self, new: int, context: int, seconds: float) -> None:
-        if new <= 0 or seconds <= 0:
-            return
-        # Split by the attention term last estimated; the linear term is what is measured.
-        per = seconds / new - self.s_per_token_ctx * (context + new / 2)
-        self.s_per_token = self._mix(self.s_per_token, max(per, seconds / new / 10))
+    def note_prefill(self, new: int, seconds: float) -> None:
+        if new > 0 and seconds > 0:
+            self.s_per_token = self._mix(self.s_per_token, seconds / new)
 
     def compute_s(self, begin: int, end: int) -> Optional[float]:
         """Predicted seconds to prefill positions begin..end over a cache of begin."""
         if self.s_per_token is None:
             return None
-        new = end - begin
-        return new * (self.s_per_token + self.s_per_token_ctx * (begin + new / 2))
+        return (end - begin) * self.s_per_token
 
     def load_s(self, nbytes: float) -> Optional[float]:
         return None if self.load_bps is None else nbytes / self.load_bps
@@ -360,7 +356,7 @@ class Engine:
         if o.loaded_tokens and load_done[0]:
             self.rates.note_load(o.loaded_tokens * L.bytes_per_token, load_done[0] - t0)
         if not o.loaded_tokens and not whole and o.device_tokens < n:
-            self.rates.note_prefill(n - o.device_tokens, o.device_tokens, o.compute_s)
+            self.rates.note_prefill(n - o.device_tokens, o.compute_s)
         if o.decision:
             o.decision["label"] = "real"
             o.decision["outcome"] = ("loaded" if o.loaded_tokens else

@@ -105,13 +105,3 @@ class HeldBlocks:
                                 parent=new[common - 1] if common else None,
                                 tokens=list(tokens[common * P: len(new) * P]), block_tokens=P)
         self.hashes = new
-
-    def held_prefix(self, tokens: Sequence[int]) -> int:
-        """How many leading tokens of `tokens` the held blocks cover."""
-        n = 0
-        for b, h in enumerate(hash_blocks(tokens[: len(self.hashes) * self.block_tokens],
-                                          self.block_tokens)):
-            if h != self.hashes[b]:
-                break
-            n = (b + 1) * self.block_tokens
-        return n

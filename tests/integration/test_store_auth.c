@@ -681,8 +681,10 @@ static uint16_t free_port(void)
     return ntohs(a.sin_port);
 }
 
-/* A subscriber of endpoint as who (NULL: without CURVE), knowing the publisher's key. */
-static kvf__zsubs *subscriber(const char *endpoint, const char *who, const uint8_t server[32])
+/* A subscriber of endpoint (and of its replay socket, when not NULL) as who (NULL: without
+ * CURVE), knowing the publisher's key; *idx gets its number. */
+static kvf__zsubs *subscriber_of(const char *endpoint, const char *replay, const char *who,
+                                 const uint8_t server[32], int *idx)
 {
     kvf__zsubs *zs = NULL;
     assert_int_equal(kvf__zsubs_open(&zs), 0);
@@ -695,10 +697,15 @@ static kvf__zsubs *subscriber(const char *endpoint, const char *who, const uint8
         assert_int_equal(kvf__auth_curve_pair(&c, pk, sk), 0);
         kvf__zsubs_curve(zs, server, pk, sk);
     }
-    int idx;
     char err[300];
-    assert_int_equal(kvf__zsubs_add(zs, endpoint, NULL, &idx, err, sizeof err), 0);
+    assert_int_equal(kvf__zsubs_add(zs, endpoint, replay, idx, err, sizeof err), 0);
     return zs;
+}
+
+static kvf__zsubs *subscriber(const char *endpoint, const char *who, const uint8_t server[32])
+{
+    int idx;
+    return subscriber_of(endpoint, NULL, who, server, &idx);
 }
 
 /* KV events over CURVE: a subscriber proves a key of the tenants file; a tenant receives its own
@@ -765,22 +772,9 @@ static void test_auth_events_curve_per_tenant(void **state)
  * events publisher, or -1 when its replay socket does not answer at all (the handshake refused). */
 static int replay_as(const kvf_events *ev, const char *who, const uint8_t server[32])
 {
-    kvf__zsubs *zs = NULL;
-    assert_int_equal(kvf__zsubs_open(&zs), 0);
-    if (who) {
-        char path[320], err[300];
-        snprintf(path, sizeof path, "%s/%s.cred", dir, who);
-        kvf_credential c;
-        uint8_t pk[32], sk[32];
-        assert_int_equal(kvf__cred_load(path, &c, err, sizeof err), 0);
-        assert_int_equal(kvf__auth_curve_pair(&c, pk, sk), 0);
-        kvf__zsubs_curve(zs, server, pk, sk);
-    }
     int idx, n = -1;
-    char err[300];
-    assert_int_equal(kvf__zsubs_add(zs, kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev),
-                                    &idx, err, sizeof err),
-                     0);
+    kvf__zsubs *zs =
+        subscriber_of(kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev), who, server, &idx);
     int rc = KVF_EAGAIN;
     for (int t = 0; t < 50 && rc == KVF_EAGAIN; t++) {
         rc = kvf__zsubs_replay_ask(zs, idx, 1);
