@@ -3,11 +3,13 @@
 resurrected after eviction, no errors, store RSS bounded, a timeline with both phases, ballast that
 grew to its cap and no further; and that bad options are refused with a message and exit 2.
 
-usage: soak_check.py KVF_BENCH [RSS_SLACK [RSS_GROWTH]]
+usage: soak_check.py KVF_BENCH [RSS_SLACK [RSS_GROWTH [DURATION]]]
 
 RSS_SLACK (default 64M) and RSS_GROWTH (default 32M) are passed to --rss-slack and --rss-growth: a
 ThreadSanitizer build maps shadow memory for every arena byte the store touches (about four times
-the arena) as the churn first reaches it, which is not the store's own.
+the arena) as the churn first reaches it, which is not the store's own. DURATION (default 5) is
+the first soak's length in seconds: a ThreadSanitizer build on a loaded host wants longer for its
+ballast to grow.
 """
 import json
 import subprocess
@@ -24,12 +26,13 @@ def main():
     slack = sys.argv[2] if len(sys.argv) > 2 else "64M"
     slack_mib = int(slack.rstrip("M"))
     growth = sys.argv[3] if len(sys.argv) > 3 else "32M"
+    duration = sys.argv[4] if len(sys.argv) > 4 else "5"
     for bad in (["--target-pressure", "2"], ["--memory", "8M"], ["--object", "1.5M"],
                 ["--duration", "1"], ["--no-such-option"]):
         p = subprocess.run([bench, "soak"] + bad, capture_output=True, text=True, timeout=30)
         if p.returncode != 2 or "kvf-bench soak:" not in p.stderr:
             fail("options %s: exit %d, stderr %r" % (bad, p.returncode, p.stderr))
-    cmd = [bench, "soak", "--duration", "5", "--target-pressure", "0.95", "--memory", "64M",
+    cmd = [bench, "soak", "--duration", duration, "--target-pressure", "0.95", "--memory", "64M",
            "--object", "256K", "--batch", "8", "--ballast-max", "128M", "--rss-slack", slack,
            "--rss-growth", growth, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
