@@ -26,6 +26,7 @@ void kvf_sched_cost_defaults(kvf_sched_cost *c)
     c->reject_factor = 0;
     c->klpm_k = 128;
     c->queue_by_work = 1;
+    c->decode_overflow = 1;
 }
 
 int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen)
@@ -64,9 +65,12 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
             c->klpm_k = (uint32_t)json_integer_value(v);
             continue;
         }
-        if (strcmp(k, "queue_by_work") == 0 && json_is_integer(v) &&
+        uint32_t *flag = !strcmp(k, "queue_by_work")     ? &c->queue_by_work
+                         : !strcmp(k, "decode_overflow") ? &c->decode_overflow
+                                                         : NULL;
+        if (flag && json_is_integer(v) &&
             (json_integer_value(v) == 0 || json_integer_value(v) == 1)) {
-            c->queue_by_work = (uint32_t)json_integer_value(v);
+            *flag = (uint32_t)json_integer_value(v);
             continue;
         }
         size_t i;

@@ -108,23 +108,37 @@ static int choose_decode(const kvf_sched *s, int prefill, double need)
 }
 
 /* Conditional disaggregation: a short uncached suffix is cheaper to prefill where it will decode
- * than to hand off, and every engine can prefill (a decode-only instance takes only these short
- * ones). "Short" is judged on the decode instance itself, with what it can reach: its own cache
- * and, if its record allows the load, the stores. It is cheaper only while the decode instance's
- * own prefill queue does not cost more than the handoff saves: its expected TTFT must be within
- * the handoff's time of the chosen prefill instance's. (Without that check a short suffix went to
- * the decode instance whatever its queue, overriding the policy's choice: in the trace replay,
- * where every instance prefills and decodes, a sixth to a quarter of the requests were placed by
- * decode memory alone.) Returns the instance that prefills, with its estimate in *e. */
-static int colocate_short_suffix(const kvf_sched *s, int prefill, int decode, double n,
-                                 size_t store_tokens, kvf__sched_est *e)
+ * than to hand off, and every engine can prefill. "Short" is judged on the decode instance itself,
+ * with what it can reach: its own cache and, if its record allows the load, the stores. It is
+ * cheaper only while the decode instance's own prefill queue does not cost more than the handoff
+ * saves: its expected TTFT must be within the handoff's time of the chosen prefill instance's.
+ * (Without that check a short suffix went to the decode instance whatever its queue, overriding
+ * the policy's choice: in the trace replay, where every instance prefills and decodes, a sixth to
+ * a quarter of the requests were placed by decode memory alone.)
+ *
+ * Overflow (decode_overflow): a long suffix also goes to a decode-only instance (one the policy
+ * could not choose; an instance that also prefills was among its candidates) when what it saves
+ * there (the chosen prefill instance's expected TTFT and the handoff, less the decode instance's
+ * expected TTFT) is at least the whole prefill's work on the decode instance, that is when the
+ * prefill instances are queued deeper than the request itself costs. An idle prefill tier never
+ * loses a request this way; a saturated one stops holding the long prompts back while the decode
+ * instances idle (the README demo's tail: two prefill engines busy 95% of the run, two decode
+ * engines 25%). The price is paid by the decode instance's active sequences, whose steps wait for
+ * the prefill: it is taken only where the request's wait is cut by more than that prefill lasts.
+ * Returns the instance that prefills, with its estimate in *e. */
+static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, double n,
+                              size_t store_tokens, kvf__sched_est *e)
 {
     if (decode < 0 || decode == prefill)
         return prefill;
     kvf__sched_est d;
     estimate(s, decode, n, store_tokens, &d);
-    if (n - d.cached < s->o.cost.disagg_threshold_tokens &&
-        d.ttft_s <= e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n)) {
+    double saved = e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n) - d.ttft_s;
+    double work = d.load_s + kvf__sched_prefill_s(&s->o.cost, n, d.cached);
+    int short_suffix = n - d.cached < s->o.cost.disagg_threshold_tokens && saved >= 0;
+    int overflow = s->o.cost.decode_overflow && !(s->inst[decode].info.role & KVF_ROLE_PREFILL) &&
+                   saved >= work && work > 0;
+    if (short_suffix || overflow) {
         *e = d;
         return decode;
     }
@@ -222,14 +236,14 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     double n = (double)req->n_tokens;
     kvf__sched_match_sizes(s, req->tokens, req->n_tokens);
     size_t store_tokens = s->o.no_stores ? 0 : store_prefix(s, req);
-    kvf__sched_est e;
+    kvf__sched_est e = {0};
     int prefill = choose_prefill(s, policy, n, store_tokens, &e);
     if (prefill < 0)
         return KVF_ENOENT;
     if (policy->placed)
         policy->placed(s);
     int decode = choose_decode(s, prefill, n + req->output_tokens);
-    prefill = colocate_short_suffix(s, prefill, decode, n, store_tokens, &e);
+    prefill = colocate_on_decode(s, prefill, decode, n, store_tokens, &e);
     set_estimates(s, n, prefill, decode >= 0 ? decode : prefill, &e, res);
     if (req->slo_ttft_s > 0 && c->reject_factor > 0 &&
         e.ttft_s > req->slo_ttft_s * c->reject_factor) {

@@ -71,11 +71,14 @@ typedef struct kvf_sched_cost {
     double tpot_per_seq_s;          /* added per other active sequence */
     double disagg_threshold_tokens; /* prefill on the decode instance below this suffix */
     double handoff_bytes_per_s;     /* prefill -> decode KV handoff */
-    double reject_factor;   /* reject when the best estimate exceeds SLO x this (0: never) */
-    uint32_t klpm_k;        /* window k of the waiting-queue disciplines (kvf_queue); every k-th
-                             * pick is the oldest (< 2: arrival order) */
-    uint32_t queue_by_work; /* the discipline kvf_sched_queue_pick applies: 1 (default) work, 0
-                             * lpm */
+    double reject_factor;     /* reject when the best estimate exceeds SLO x this (0: never) */
+    uint32_t klpm_k;          /* window k of the waiting-queue disciplines (kvf_queue); every k-th
+                               * pick is the oldest (< 2: arrival order) */
+    uint32_t queue_by_work;   /* the discipline kvf_sched_queue_pick applies: 1 (default) work, 0
+                               * lpm */
+    uint32_t decode_overflow; /* 1 (default): a decode instance also prefills a long suffix when
+                               * the prefill instances' queues cost more than the whole prefill
+                               * there; 0: long suffixes go to prefill instances only */
 } kvf_sched_cost;
 
 void kvf_sched_cost_defaults(kvf_sched_cost *c);

@@ -335,7 +335,13 @@ static void report(kvf_sched *s, int a, const kvf_instance_load *la, int b,
 static void test_sched_policies_on_a_hand_built_state(void **state)
 {
     (void)state;
-    kvf_sched *s = new_sched(KVF_POLICY_ROUND_ROBIN);
+    /* The policies' own choices, without the decode instance taking the long prompt off a
+     * swamped prefill instance (test_sched_decode_overflow). */
+    kvf_sched_opts o = {.policy = KVF_POLICY_ROUND_ROBIN};
+    kvf_sched_cost_defaults(&o.cost);
+    o.cost.decode_overflow = 0;
+    kvf_sched *s;
+    assert_int_equal(kvf_sched_new(&s, &o), 0);
     int hot = add(s, "hot", KVF_ROLE_PREFILL, 16, 100000);
     int cold = add(s, "cold", KVF_ROLE_PREFILL, 16, 100000);
     int dec = add(s, "dec", KVF_ROLE_DECODE, 16, 100000);
@@ -410,7 +416,7 @@ static void test_sched_policies_on_a_hand_built_state(void **state)
     assert_int_not_equal(rs.prefill, first);
     /* Early rejection when the best estimate misses the SLO by the reject factor. */
     kvf_sched_destroy(&s);
-    kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST};
+    o.policy = KVF_POLICY_KVF_COST;
     kvf_sched_cost_defaults(&o.cost);
     o.cost.reject_factor = 1.0;
     assert_int_equal(kvf_sched_new(&s, &o), 0);
@@ -472,6 +478,74 @@ static void test_sched_conditional_disaggregation(void **state)
     assert_false(rs.colocated);
     assert_true(rs.expected_ttft_s < 1.0);
     kvf_sched_destroy(&s);
+}
+
+/* A long suffix goes to an idle decode instance when the prefill instance is queued deeper than
+ * the prefill costs there (decode_overflow), never when the prefill tier is idle or the rule is
+ * off. */
+static void test_sched_decode_overflow(void **state)
+{
+    (void)state;
+    for (int on = 0; on <= 1; on++) {
+        kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST};
+        kvf_sched_cost_defaults(&o.cost);
+        assert_int_equal(o.cost.decode_overflow, 1);
+        o.cost.decode_overflow = (uint32_t)on;
+        kvf_sched *s;
+        assert_int_equal(kvf_sched_new(&s, &o), 0);
+        int p = add(s, "p", KVF_ROLE_PREFILL, 16, 100000);
+        int d = add(s, "d", KVF_ROLE_DECODE, 16, 100000);
+        static uint32_t t[4096];
+        seq(t, 4096, 7);
+        kvf_place_req rq = {.tokens = t, .n_tokens = 4096};
+        kvf_place_res rs;
+        /* Idle prefill tier: the prefill instance, with a handoff. */
+        kvf_sched_place(s, &rq, &rs);
+        assert_int_equal(rs.prefill, p);
+        assert_int_equal(rs.decode, d);
+        /* The prefill instance has 0.3 s queued, less than this prompt's ~0.41 s of prefill
+         * (4096 tokens at 10k/s plus attention): it still goes there. */
+        kvf_instance_load some = {.queued_prefill_s = 0.3};
+        kvf_instance_load idle = {0};
+        kvf_sched_instance_load(s, p, &some);
+        kvf_sched_instance_load(s, d, &idle);
+        kvf_sched_place(s, &rq, &rs);
+        assert_int_equal(rs.prefill, p);
+        /* 5 s queued: the decode instance prefills it when the rule is on. */
+        kvf_instance_load deep = {.queued_prefill_s = 5.0};
+        kvf_sched_instance_load(s, p, &deep);
+        kvf_sched_instance_load(s, d, &idle);
+        kvf_sched_place(s, &rq, &rs);
+        assert_int_equal(rs.decode, d);
+        assert_int_equal(rs.prefill, on ? d : p);
+        assert_int_equal(rs.colocated, on);
+        assert_true(on ? rs.expected_ttft_s < 1.0 : rs.expected_ttft_s > 5.0);
+        /* The decode instance queued as deep: no gain, the prefill instance again. */
+        kvf_sched_instance_load(s, p, &deep);
+        kvf_sched_instance_load(s, d, &deep);
+        kvf_sched_place(s, &rq, &rs);
+        assert_int_equal(rs.prefill, p);
+        kvf_sched_destroy(&s);
+    }
+    /* The cost file sets it, 0 or 1 only. */
+    kvf_sched_cost c;
+    kvf_sched_cost_defaults(&c);
+    char path[] = "/tmp/kvf_test_overflow_XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    const char *j = "{\"decode_overflow\": 0}";
+    assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
+    close(fd);
+    char err[256];
+    assert_int_equal(kvf_sched_cost_load(path, &c, err, sizeof err), 0);
+    assert_int_equal(c.decode_overflow, 0);
+    fd = open(path, O_WRONLY | O_TRUNC);
+    j = "{\"decode_overflow\": 2}";
+    assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
+    close(fd);
+    assert_int_not_equal(kvf_sched_cost_load(path, &c, err, sizeof err), 0);
+    assert_non_null(strstr(err, "decode_overflow"));
+    unlink(path);
 }
 
 /* Plans carry the classifier's labels; an instance that cannot load from the store gets no
@@ -676,6 +750,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_sequence_extremes),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
         cmocka_unit_test(test_sched_conditional_disaggregation),
+        cmocka_unit_test(test_sched_decode_overflow),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
