@@ -137,16 +137,31 @@ typedef struct e2e_report {
     int n_runs, reps;
     size_t n_requests, n_engines;
     const char *model, *where, *baseline_routing;
+    int from_records; /* judged again from records (e2e_reread): no bytes or load averages */
 } e2e_report;
 /* The summary of mode over its repetitions, as a JSON object: every figure's median, its value
  * in each repetition (KEY_rounds) and its spread (KEY_p10, KEY_p90), and the counts summed over
  * the repetitions; every figure labelled real. NULL when no run is of mode. Caller owns the
  * result. */
 json_t *e2e_mode_json(const e2e_report *rp, const char *mode);
+/* {"kvf": e2e_mode_json(kvf), "baseline": ...}, the modes that ran. Caller owns the result. */
+json_t *e2e_summaries_json(const e2e_report *rp);
 /* Adds to res the ratios with kvfabric over the baseline, repetition by repetition (each
  * repetition's kvf run over its baseline run) with their spread, and the targets each meets, and
  * prints the table of both modes and the verdict. Without both modes it prints the table only. */
 void e2e_report_ratios(const e2e_report *rp, json_t *res);
+/* Compares the generated tokens of every run request by request: a request is compared when at
+ * least two runs served it (each n long), and differs when one of them generated other tokens
+ * than the first that served it. */
+void e2e_compare_tokens(const e2e_run *runs, int n_runs, size_t n, size_t *compared,
+                        size_t *differ);
+/* The most repetitions a run of kvf-bench e2e makes, and its records may hold. */
+#define MAX_REPETITIONS 50
+/* e2e_reread.c: kvf-bench e2e --report DIR: the records of a run (DIR/records.json) summarized
+ * and judged again, printed (and emitted as JSON with json_out). slo_ms > 0 overrides the SLO of
+ * DIR/summary.json. Returns the exit status: 0; 1 when the records cannot be read, a request
+ * failed or the runs' tokens differ; 3 when require_targets and a target is not met. */
+int e2e_reread(const char *dir, double slo_ms, int require_targets, int json_out);
 /* dir/records.csv and dir/records.json: one record per request and run. */
 void e2e_write_records(const char *dir, const e2e_run *runs, int n_runs);
 /* dir/ttft_cdf.png (each mode's repetitions pooled) and dir/throughput.png (bins of bin_s,

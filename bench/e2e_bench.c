@@ -183,7 +183,12 @@ static void usage(void)
             "                     [--block-tokens B] [--max-input T] [--max-output T]\n"
             "                     [--slo-ttft-ms M] [--concurrency C] [--modes kvf,baseline]\n"
             "                     [--repetitions N] [--baseline-route prefix|least-loaded]\n"
-            "                     [--out DIR] [--json]\n");
+            "                     [--out DIR] [--require-targets] [--json]\n"
+            "       kvf-bench e2e --report DIR [--slo-ttft-ms M] [--require-targets] [--json]\n"
+            "exit status: 0 done; 1 a request failed, a first token or the generated tokens\n"
+            "differed, or the cluster or the records could not be read; 2 bad usage; 3 (with\n"
+            "--require-targets) a target of the verdict not met or not judged.\n"
+            "--report DIR judges the records a run wrote in DIR again, without a cluster.\n");
 }
 
 /* Replays the run's requests at their arrival times, with a progress line every 5 s. */
@@ -220,13 +225,12 @@ static void run_mode(e2e_run *R, const char *tag)
 /* The repetitions of each mode when --repetitions is not given: README command 1 (cluster/demo.sh)
  * runs them within about 5 minutes on a 2-core machine. */
 #define DEFAULT_REPETITIONS 3
-#define MAX_REPETITIONS     50
 
 typedef struct opts {
-    const char *config, *state, *trace, *modes, *out_dir, *route;
+    const char *config, *state, *trace, *modes, *out_dir, *route, *report;
     long start, warmup, max_req, block, max_in, max_out, conc, reps;
     double scale, slo_ms;
-    int json;
+    int json, require_targets;
 } opts;
 
 /* The options that take a value: where each goes in opts, read as a string (s), an integer (l)
@@ -241,6 +245,7 @@ static const struct {
                {"--modes", 's', offsetof(opts, modes)},
                {"--out", 's', offsetof(opts, out_dir)},
                {"--baseline-route", 's', offsetof(opts, route)},
+               {"--report", 's', offsetof(opts, report)},
                {"--repetitions", 'l', offsetof(opts, reps)},
                {"--start", 'l', offsetof(opts, start)},
                {"--warmup", 'l', offsetof(opts, warmup)},
@@ -337,8 +342,8 @@ static int parse_opts(int argc, char **argv, opts *o)
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         char *end = NULL;
-        if (!strcmp(a, "--json")) {
-            o->json = 1;
+        if (!strcmp(a, "--json") || !strcmp(a, "--require-targets")) {
+            *(a[2] == 'j' ? &o->json : &o->require_targets) = 1;
             continue;
         }
         if (!strcmp(a, "--help") || !v) {
@@ -577,11 +582,9 @@ static int run_all(e2e *E)
 }
 
 /* Says why the first three failed requests of each run failed, and compares the generated tokens
- * of every run request by request: a request is compared when at least two runs served it, and
- * differs when one of them generated other tokens than the first that served it. */
+ * of every run request by request (e2e_compare_tokens). */
 static void check_runs(const e2e *E, size_t *compared, size_t *differ)
 {
-    *compared = *differ = 0;
     for (int k = 0; k < E->n_runs; k++) {
         int shown = 0;
         for (size_t i = 0; i < E->n && shown < 3; i++)
@@ -591,20 +594,7 @@ static void check_runs(const e2e *E, size_t *compared, size_t *differ)
                 shown++;
             }
     }
-    for (size_t i = 0; i < E->n; i++) {
-        const e2e_rec *first = NULL;
-        int served = 0, differs = 0;
-        for (int k = 0; k < E->n_runs; k++) {
-            const e2e_rec *q = &E->runs[k].r[i];
-            if (q->failed || q->rt.rejected)
-                continue;
-            first = first ? first : q;
-            differs |= q->tokens_hash != first->tokens_hash || q->n_generated != first->n_generated;
-            served++;
-        }
-        *compared += served >= 2;
-        *differ += served >= 2 && differs;
-    }
+    e2e_compare_tokens(E->runs, E->n_runs, E->n, compared, differ);
 }
 
 /* The result object: each mode's summary over its repetitions, the ratios and the verdict (which
@@ -621,13 +611,7 @@ static json_t *result_json(const e2e *E, size_t compared, size_t differ)
                      .where = json_is_true(json_object_get(E->st, "netns")) ? "network namespaces"
                                                                             : "loopback",
                      .baseline_routing = E->o.route};
-    json_t *summaries = json_object();
-    static const char *const modes[] = {"kvf", "baseline"};
-    for (int m = 0; m < 2; m++) {
-        json_t *o = e2e_mode_json(&rp, modes[m]);
-        if (o)
-            json_object_set_new(summaries, modes[m], o);
-    }
+    json_t *summaries = e2e_summaries_json(&rp);
     json_t *res = json_pack(
         "{s:s,s:o,s:i,s:I,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:s,s:s,s:s,s:s}", "bench", "e2e", "summary",
         summaries, "engines", (int)rp.n_engines, "requests", (json_int_t)E->n, "repetitions",
@@ -637,6 +621,8 @@ static json_t *result_json(const e2e *E, size_t compared, size_t differ)
         "baseline_routing", E->o.route, "out", E->out_dir, "label", "real");
     if (E->o.slo_ms > 0)
         json_object_set_new(res, "slo_ttft_ms", json_real(E->o.slo_ms));
+    if (E->model)
+        json_object_set_new(res, "model", json_string(E->model));
     e2e_report_ratios(&rp, res);
     printf("generated tokens identical in every run in %zu of %zu requests compared\n",
            compared - differ, compared);
@@ -659,11 +645,12 @@ static int report(e2e *E)
     snprintf(sp, sizeof sp, "%s/summary.json", E->out_dir);
     json_dump_file(res, sp, JSON_INDENT(2));
     bench_emit(res, E->o.json);
-    json_decref(res);
     size_t failed = differ;
     for (int k = 0; k < E->n_runs; k++)
         failed += E->sm[k].failed + E->sm[k].mismatches;
-    return failed ? 1 : 0;
+    int met = json_is_true(json_object_get(res, "targets_met"));
+    json_decref(res);
+    return failed ? 1 : E->o.require_targets && !met ? 3 : 0;
 }
 
 int bench_e2e_main(int argc, char **argv)
@@ -678,6 +665,8 @@ int bench_e2e_main(int argc, char **argv)
         return 1;
     }
     int rc = parse_opts(argc, argv, &E->o);
+    if (rc == PROCEED && E->o.report)
+        rc = e2e_reread(E->o.report, E->o.slo_ms, E->o.require_targets, E->o.json);
     for (size_t i = 0; rc == PROCEED && i < sizeof steps / sizeof steps[0]; i++)
         rc = steps[i](E);
     e2e_start_close(&E->start);

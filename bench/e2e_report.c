@@ -185,6 +185,18 @@ json_t *e2e_mode_json(const e2e_report *rp, const char *mode)
     return o;
 }
 
+json_t *e2e_summaries_json(const e2e_report *rp)
+{
+    json_t *summaries = json_object();
+    static const char *const modes[] = {"kvf", "baseline"};
+    for (int m = 0; m < 2; m++) {
+        json_t *o = e2e_mode_json(rp, modes[m]);
+        if (o)
+            json_object_set_new(summaries, modes[m], o);
+    }
+    return summaries;
+}
+
 /* kvfabric's figure f over the baseline's, repetition by repetition, into v. Returns the count
  * (repetitions where the baseline's figure is 0 give none). */
 static size_t ratio_values(const e2e_report *rp, const struct figure *f, double *v)
@@ -235,6 +247,13 @@ static void print_table(const e2e_report *rp, double *v)
     for (int k = 0; k < rp->n_runs; k++) {
         const e2e_summary *s = &rp->sm[k];
         const e2e_run *R = &rp->runs[k];
+        if (rp->from_records) {
+            printf("%s #%d: %zu done, %zu failed, %zu rejected, %zu colocated; %zu requests loaded "
+                   "a prefix another engine computed\n",
+                   R->mode, R->rep, s->done, s->failed, s->rejected, s->colocated,
+                   s->cross_requests);
+            continue;
+        }
         printf("%s #%d: %zu done, %zu failed, %zu rejected, %zu colocated; %.1f MB loaded from "
                "and %.1f MB saved to the stores (%s; %.1f MB over shared memory, %.1f MB over "
                "the network); %zu requests loaded a prefix another engine computed; load "
@@ -348,14 +367,35 @@ static json_t *record_json(const e2e_run *R, size_t i)
         (json_int_t)rt->loaded_tokens, "ttft_s", q->ttft, "place_s", rt->place_s, "engine_queue_s",
         rt->queue_s, "engine_prefill_s", rt->prefill_s, "engine_compute_s", rt->compute_s,
         "engine_load_wait_s", rt->load_wait_s);
-    json_t *more =
-        json_pack("{s:f,s:f,s:f,s:f,s:i,s:s,s:b,s:s,s:s}", "e2e_s", q->e2e, "itl_mean_s",
-                  q->itl_n ? q->itl_sum / q->itl_n : 0, "handoff_s", rt->handoff_s,
-                  "decode_queue_s", rt->decode_queue_s, "generated", (int)q->n_generated,
-                  "tokens_xxh64", hash, "rejected", rt->rejected, "error", q->err, "label", "real");
+    json_t *more = json_pack(
+        "{s:f,s:f,s:f,s:f,s:i,s:s,s:b,s:s,s:s,s:f,s:f,s:I,s:I,s:b}", "e2e_s", q->e2e, "itl_mean_s",
+        q->itl_n ? q->itl_sum / q->itl_n : 0, "handoff_s", rt->handoff_s, "decode_queue_s",
+        rt->decode_queue_s, "generated", (int)q->n_generated, "tokens_xxh64", hash, "rejected",
+        rt->rejected, "error", q->err, "label", "real", "finish_s", q->finish, "itl_max_s",
+        q->itl_max, "itl_steps", (json_int_t)q->itl_n, "cross_tokens", (json_int_t)q->cross_tokens,
+        "first_token_mismatch", rt->first_token_mismatch);
     json_object_update(o, more);
     json_decref(more);
     return o;
+}
+
+void e2e_compare_tokens(const e2e_run *runs, int n_runs, size_t n, size_t *compared, size_t *differ)
+{
+    *compared = *differ = 0;
+    for (size_t i = 0; i < n; i++) {
+        const e2e_rec *first = NULL;
+        int served = 0, differs = 0;
+        for (int k = 0; k < n_runs; k++) {
+            const e2e_rec *q = &runs[k].r[i];
+            if (q->failed || q->rt.rejected)
+                continue;
+            first = first ? first : q;
+            differs |= q->tokens_hash != first->tokens_hash || q->n_generated != first->n_generated;
+            served++;
+        }
+        *compared += served >= 2;
+        *differ += served >= 2 && differs;
+    }
 }
 
 /* One CSV line of the record o, in the order of columns. */

@@ -4,7 +4,8 @@
 # part of Mooncake's conversation trace through it with kvfabric and with the baseline (the same
 # engines with their own prefix cache, no store), alternately over several repetitions, prints
 # the summary, the verdict on each target and where the records and plots are, and shuts the
-# cluster down (also on Ctrl-C or failure).
+# cluster down (also on Ctrl-C or failure). Exit status: 0 all targets met, 3 the replay ran and a
+# target was missed (kvfabric worse than the baseline at a percentile judged), else a failure.
 #
 #   cluster/demo.sh [--netns] [kvf-bench e2e options, e.g. --max-requests 100]
 #
@@ -41,9 +42,12 @@ echo "==== starting the cluster ($config)"
 # the 2-core reference engines keep up. kvfabric and the baseline run alternately, 3 times each,
 # every run from the state the warm-up left; the baseline's engines are warmed the same way.
 echo "==== replaying the trace with kvfabric and with the baseline, alternately"
+# --require-targets: exit status 3 when the verdict finds kvfabric worse at any percentile judged.
+status=0
 build/bin/kvf-bench e2e --config "$config" --trace data/traces/conversation_head1600.jsonl \
   --start 1000 --warmup 500 --max-requests 200 --repetitions 3 --time-scale 3 --block-tokens 64 \
-  --max-input 4096 --max-output 64 --slo-ttft-ms 2000 --out build/cluster/demo/e2e "${extra[@]}"
+  --max-input 4096 --max-output 64 --slo-ttft-ms 2000 --require-targets \
+  --out build/cluster/demo/e2e "${extra[@]}" || status=$?
 
 echo "==== the stores after the run"
 # The stores authenticate every client: the cluster's admin credential reads their counters.
@@ -58,7 +62,7 @@ fi
 echo "==== summary: build/cluster/demo/e2e/summary.json; plots: $plots;" \
   "records: build/cluster/demo/e2e/records.csv"
 # The verdict again, last: each target judged on the median of the repetitions' ratios.
-python3 - build/cluster/demo/e2e/summary.json <<'EOF'
+[ -s build/cluster/demo/e2e/summary.json ] && python3 - build/cluster/demo/e2e/summary.json <<'EOF'
 import json, sys
 res = json.load(open(sys.argv[1]))
 targets = res.get("targets")
@@ -76,3 +80,9 @@ for key, name in (("ttft_p50_ratio", "TTFT p50"), ("ttft_p90_ratio", "TTFT p90")
 print("  all targets met: %s" % ("yes" if res["targets_met"] else "NO"))
 EOF
 echo "==== stopping the cluster"
+case $status in
+  0) ;;
+  3) echo "==== the demo ran, and kvfabric missed a target (exit status 3)" ;;
+  *) echo "==== the replay failed (exit status $status): see the messages above" ;;
+esac
+exit "$status"
