@@ -122,26 +122,129 @@ static kvf_kve_type type_of(const msgpack_object *t)
     return KVF_KVE_UNKNOWN;
 }
 
-static int hash_list(const msgpack_object *o, uint64_t **out, size_t *n, char *err, size_t errlen)
+/* ------------------------------------------------------------------------------------------ */
+/* The decoder's scratch */
+
+/* How a msgpack item starts, by its first byte: the bytes before its contents, how many of them
+ * give a length (big-endian, after the first byte), and what the length counts. */
+typedef struct shape {
+    uint8_t head, len_bytes, kind; /* kind: 0 scalar, 1 body bytes, 2 array items, 3 map pairs,
+                                    * 4 never used by msgpack */
+} shape;
+
+struct kvf__kve_decoder {
+    msgpack_zone zone; /* the batch's objects; cleared, not freed, between batches */
+    shape shapes[256];
+    kvf_kve *ev; /* the batch's events */
+    size_t ev_cap;
+    /* The events' arrays, end to end; an event holds offsets into them until the batch is
+     * decoded (the arrays may move as they grow), then pointers. */
+    uint64_t *hashes;
+    uint32_t *tokens;
+    kvf_key *keys;
+    size_t h_len, h_cap, t_len, t_cap, k_len, k_cap;
+};
+
+/* The first-byte table, from the ranges of the msgpack specification. */
+static void shapes_init(shape *t)
 {
-    if (!o || o->type != MSGPACK_OBJECT_ARRAY)
-        return kvf__errf(err, errlen, KVF_EPROTO, "block_hashes is not an array");
-    *n = o->via.array.size;
-    *out = malloc((*n ? *n : 1) * sizeof **out);
-    if (!*out)
+    static const struct {
+        uint8_t lo, hi, head, len_bytes, kind;
+    } r[] = {
+        {0x00, 0x7f, 1, 0, 0},  {0x80, 0x8f, 1, 0, 3}, {0x90, 0x9f, 1, 0, 2},
+        {0xa0, 0xbf, 1, 0, 1},  {0xc0, 0xc0, 1, 0, 0}, {0xc1, 0xc1, 1, 0, 4},
+        {0xc2, 0xc3, 1, 0, 0},  {0xc4, 0xc4, 2, 1, 1}, {0xc5, 0xc5, 3, 2, 1},
+        {0xc6, 0xc6, 5, 4, 1},  {0xc7, 0xc7, 3, 1, 1}, {0xc8, 0xc8, 4, 2, 1},
+        {0xc9, 0xc9, 6, 4, 1},  {0xca, 0xca, 5, 0, 0}, {0xcb, 0xcb, 9, 0, 0},
+        {0xcc, 0xcc, 2, 0, 0},  {0xcd, 0xcd, 3, 0, 0}, {0xce, 0xce, 5, 0, 0},
+        {0xcf, 0xcf, 9, 0, 0},  {0xd0, 0xd0, 2, 0, 0}, {0xd1, 0xd1, 3, 0, 0},
+        {0xd2, 0xd2, 5, 0, 0},  {0xd3, 0xd3, 9, 0, 0}, {0xd4, 0xd4, 3, 0, 0},
+        {0xd5, 0xd5, 4, 0, 0},  {0xd6, 0xd6, 6, 0, 0}, {0xd7, 0xd7, 10, 0, 0},
+        {0xd8, 0xd8, 18, 0, 0}, {0xd9, 0xd9, 2, 1, 1}, {0xda, 0xda, 3, 2, 1},
+        {0xdb, 0xdb, 5, 4, 1},  {0xdc, 0xdc, 3, 2, 2}, {0xdd, 0xdd, 5, 4, 2},
+        {0xde, 0xde, 3, 2, 3},  {0xdf, 0xdf, 5, 4, 3}, {0xe0, 0xff, 1, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof r / sizeof r[0]; i++)
+        for (unsigned b = r[i].lo; b <= r[i].hi; b++)
+            t[b] = (shape){r[i].head, r[i].len_bytes, r[i].kind};
+}
+
+/* The zone's first chunk is kept across batches: a batch of 64 blocks of 16 tokens unpacks to
+ * about 27 KB of objects, so this holds most batches without an allocation. */
+#define ZONE_CHUNK (256u << 10)
+
+int kvf__kve_decoder_new(kvf__kve_decoder **out)
+{
+    kvf__kve_decoder *d = calloc(1, sizeof *d);
+    *out = NULL;
+    if (!d)
         return KVF_ENOMEM;
-    for (size_t i = 0; i < *n; i++)
-        if (get_u64(&o->via.array.ptr[i], &(*out)[i]) != 0) {
-            free(*out);
-            *out = NULL;
-            return kvf__errf(err, errlen, KVF_EPROTO, "block hash %zu is not an integer or bytes",
-                             i);
-        }
+    if (!msgpack_zone_init(&d->zone, ZONE_CHUNK)) {
+        free(d);
+        return KVF_ENOMEM;
+    }
+    shapes_init(d->shapes);
+    *out = d;
     return 0;
 }
 
-/* BlockStored's block size, parent and token ids. ev->hashes is set. */
-static int block_fields(const fields *f, kvf_kve *ev, uint32_t **tokens, char *err, size_t errlen)
+void kvf__kve_decoder_free(kvf__kve_decoder **dp)
+{
+    if (!dp || !*dp)
+        return;
+    kvf__kve_decoder *d = *dp;
+    msgpack_zone_destroy(&d->zone);
+    free(d->ev);
+    free(d->hashes);
+    free(d->tokens);
+    free(d->keys);
+    free(d);
+    *dp = NULL;
+}
+
+/* Makes room for n more elements of size sz in *a (len used of *cap). 0 or -1. */
+static int reserve(void **a, size_t *cap, size_t len, size_t n, size_t sz)
+{
+    if (n <= *cap - len)
+        return 0;
+    size_t want = *cap ? *cap : 1024;
+    while (want - len < n) {
+        if (want > SIZE_MAX / 2 / sz)
+            return -1;
+        want *= 2;
+    }
+    void *p = realloc(*a, want * sz);
+    if (!p)
+        return -1;
+    *a = p;
+    *cap = want;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* One event */
+
+static int hash_list(kvf__kve_decoder *d, const msgpack_object *o, kvf_kve *ev, char *err,
+                     size_t errlen)
+{
+    if (!o || o->type != MSGPACK_OBJECT_ARRAY)
+        return kvf__errf(err, errlen, KVF_EPROTO, "block_hashes is not an array");
+    size_t n = o->via.array.size;
+    if (reserve((void **)&d->hashes, &d->h_cap, d->h_len, n, sizeof *d->hashes) != 0)
+        return KVF_ENOMEM;
+    uint64_t *h = d->hashes + d->h_len;
+    for (size_t i = 0; i < n; i++)
+        if (get_u64(&o->via.array.ptr[i], &h[i]) != 0)
+            return kvf__errf(err, errlen, KVF_EPROTO, "block hash %zu is not an integer or bytes",
+                             i);
+    ev->hashes = (const uint64_t *)(uintptr_t)d->h_len; /* an offset until the batch is done */
+    ev->n_hashes = n;
+    d->h_len += n;
+    return 0;
+}
+
+/* BlockStored's block size, parent and token ids. ev->n_hashes is set. */
+static int block_fields(kvf__kve_decoder *d, const fields *f, kvf_kve *ev, char *err, size_t errlen)
 {
     size_t n = ev->n_hashes;
     uint64_t bs = 0;
@@ -151,84 +254,82 @@ static int block_fields(const fields *f, kvf_kve *ev, uint32_t **tokens, char *e
         f->tokens->type != MSGPACK_OBJECT_ARRAY || f->tokens->via.array.size != n * bs)
         return kvf__errf(err, errlen, KVF_EPROTO,
                          "BlockStored: block_size, parent or token_ids malformed (%zu blocks)", n);
-    uint32_t *t = malloc((n * bs > 0 ? n * bs : 1) * sizeof *t);
-    if (!t)
+    size_t nt = n * bs;
+    if (reserve((void **)&d->tokens, &d->t_cap, d->t_len, nt, sizeof *d->tokens) != 0)
         return KVF_ENOMEM;
-    for (size_t i = 0; i < n * bs; i++) {
-        uint64_t v;
-        if (get_u64(&f->tokens->via.array.ptr[i], &v) != 0 || v > UINT32_MAX) {
-            free(t);
+    uint32_t *t = d->tokens + d->t_len;
+    const msgpack_object *a = f->tokens->via.array.ptr;
+    for (size_t i = 0; i < nt; i++) {
+        /* Token ids are positive integers: the common case first, the rest through get_u64. */
+        uint64_t v = a[i].via.u64;
+        if (a[i].type != MSGPACK_OBJECT_POSITIVE_INTEGER && get_u64(&a[i], &v) != 0)
+            v = UINT64_MAX;
+        if (v > UINT32_MAX)
             return kvf__errf(err, errlen, KVF_EPROTO, "BlockStored: token %zu is not a 32-bit id",
                              i);
-        }
         t[i] = (uint32_t)v;
     }
     ev->block_size = (uint32_t)bs;
-    ev->tokens = *tokens = t;
-    ev->n_tokens = n * bs;
+    ev->tokens = (const uint32_t *)(uintptr_t)d->t_len;
+    ev->n_tokens = nt;
+    d->t_len += nt;
     /* vLLM's mediums: "GPU" (device), "CPU" (host offload); absent means device. */
     ev->host_tier = f->medium && (str_eq(f->medium, "CPU") || str_eq(f->medium, "cpu"));
     return 0;
 }
 
-static int chunk_fields(const fields *f, kvf_kve *ev, kvf_key **keys, char *err, size_t errlen)
+static int chunk_fields(kvf__kve_decoder *d, const fields *f, kvf_kve *ev, char *err, size_t errlen)
 {
     if (!f->node || get_u64(f->node, &ev->node) != 0 || !f->keys ||
         f->keys->type != MSGPACK_OBJECT_ARRAY)
         return kvf__errf(err, errlen, KVF_EPROTO, "%.*s: node or keys malformed", (int)ev->type_len,
                          ev->type_name);
     size_t n = f->keys->via.array.size;
-    kvf_key *k = malloc((n ? n : 1) * sizeof *k);
-    if (!k)
+    if (reserve((void **)&d->keys, &d->k_cap, d->k_len, n, sizeof *d->keys) != 0)
         return KVF_ENOMEM;
+    kvf_key *k = d->keys + d->k_len;
     for (size_t i = 0; i < n; i++) {
         const msgpack_object *b = &f->keys->via.array.ptr[i];
-        if (b->type != MSGPACK_OBJECT_BIN || b->via.bin.size != 16) {
-            free(k);
+        if (b->type != MSGPACK_OBJECT_BIN || b->via.bin.size != 16)
             return kvf__errf(err, errlen, KVF_EPROTO, "store event: key %zu is not 16 bytes", i);
-        }
         const uint8_t *p = (const uint8_t *)b->via.bin.ptr;
         k[i].lo = kvf__get_u64(p);
         k[i].hi = kvf__get_u64(p + 8);
     }
-    ev->keys = *keys = k;
+    ev->keys = (const kvf_key *)(uintptr_t)d->k_len;
     ev->n_keys = n;
+    d->k_len += n;
     return 0;
 }
 
-/* Decodes one event and hands it to fn. */
-static int decode_one(const msgpack_object *o, kvf_kve_fn fn, void *ud, char *err, size_t errlen)
+/* Decodes one event into ev, its arrays appended to the decoder's (as offsets). */
+static int decode_one(kvf__kve_decoder *d, const msgpack_object *o, kvf_kve *ev, char *err,
+                      size_t errlen)
 {
     fields f;
     int rc = fetch(o, &f, err, errlen);
     if (rc)
         return rc;
-    kvf_kve ev = {.type = type_of(f.type),
-                  .type_name = f.type->via.str.ptr,
-                  .type_len = f.type->via.str.size};
-    uint64_t *hashes = NULL;
-    uint32_t *tokens = NULL;
-    kvf_key *keys = NULL;
-    switch (ev.type) {
+    *ev = (kvf_kve){.type = type_of(f.type),
+                    .type_name = f.type->via.str.ptr,
+                    .type_len = f.type->via.str.size};
+    size_t h = d->h_len, t = d->t_len, k = d->k_len;
+    switch (ev->type) {
     case KVF_KVE_BLOCK_STORED:
     case KVF_KVE_BLOCK_REMOVED:
-        rc = hash_list(f.hashes, &hashes, &ev.n_hashes, err, errlen);
-        ev.hashes = hashes;
-        if (!rc && ev.type == KVF_KVE_BLOCK_STORED)
-            rc = block_fields(&f, &ev, &tokens, err, errlen);
+        rc = hash_list(d, f.hashes, ev, err, errlen);
+        if (!rc && ev->type == KVF_KVE_BLOCK_STORED)
+            rc = block_fields(d, &f, ev, err, errlen);
         break;
     case KVF_KVE_CHUNKS_ADMITTED:
     case KVF_KVE_CHUNKS_EVICTED:
-        rc = chunk_fields(&f, &ev, &keys, err, errlen);
+        rc = chunk_fields(d, &f, ev, err, errlen);
         break;
     default:
         break;
     }
-    if (!rc)
-        rc = fn(ud, &ev, err, errlen);
-    free(hashes);
-    free(tokens);
-    free(keys);
+    if (rc) /* what a malformed event appended is dropped */
+        d->h_len = h, d->t_len = t, d->k_len = k;
     return rc;
 }
 
@@ -241,58 +342,38 @@ static uint64_t be(const uint8_t *p, int n)
     return v;
 }
 
-/* How one msgpack item at p starts: the bytes before its contents (*head), the bytes of its
- * contents (*body: strings, binaries, extensions), and the items it contains (*items: arrays,
- * maps twice their pairs). -1 for the byte that msgpack never uses, or a header cut short. */
-static int item_shape(const uint8_t *p, size_t left, size_t *head, uint64_t *body, uint64_t *items)
-{
-    static const struct {
-        uint8_t lo, hi, head, len_bytes, kind; /* kind: 0 scalar, 1 body, 2 array, 3 map */
-    } t[] = {
-        {0x00, 0x7f, 1, 0, 0}, {0x80, 0x8f, 1, 0, 3},  {0x90, 0x9f, 1, 0, 2},
-        {0xa0, 0xbf, 1, 0, 1}, {0xc0, 0xc0, 1, 0, 0},  {0xc2, 0xc3, 1, 0, 0},
-        {0xc4, 0xc4, 2, 1, 1}, {0xc5, 0xc5, 3, 2, 1},  {0xc6, 0xc6, 5, 4, 1},
-        {0xc7, 0xc7, 3, 1, 1}, {0xc8, 0xc8, 4, 2, 1},  {0xc9, 0xc9, 6, 4, 1},
-        {0xca, 0xca, 5, 0, 0}, {0xcb, 0xcb, 9, 0, 0},  {0xcc, 0xcc, 2, 0, 0},
-        {0xcd, 0xcd, 3, 0, 0}, {0xce, 0xce, 5, 0, 0},  {0xcf, 0xcf, 9, 0, 0},
-        {0xd0, 0xd0, 2, 0, 0}, {0xd1, 0xd1, 3, 0, 0},  {0xd2, 0xd2, 5, 0, 0},
-        {0xd3, 0xd3, 9, 0, 0}, {0xd4, 0xd4, 3, 0, 0},  {0xd5, 0xd5, 4, 0, 0},
-        {0xd6, 0xd6, 6, 0, 0}, {0xd7, 0xd7, 10, 0, 0}, {0xd8, 0xd8, 18, 0, 0},
-        {0xd9, 0xd9, 2, 1, 1}, {0xda, 0xda, 3, 2, 1},  {0xdb, 0xdb, 5, 4, 1},
-        {0xdc, 0xdc, 3, 2, 2}, {0xdd, 0xdd, 5, 4, 2},  {0xde, 0xde, 3, 2, 3},
-        {0xdf, 0xdf, 5, 4, 3}, {0xe0, 0xff, 1, 0, 0},
-    };
-    uint8_t b = p[0];
-    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
-        if (b < t[i].lo || b > t[i].hi)
-            continue;
-        if (left < t[i].head)
-            return -1;
-        uint64_t n = t[i].len_bytes ? be(p + 1, t[i].len_bytes) : (uint64_t)(b & 0x1f);
-        if (b <= 0x9f)
-            n = b & 0x0f; /* fixmap, fixarray */
-        *head = t[i].head;
-        *body = t[i].kind == 1 ? n : 0;
-        *items = t[i].kind == 2 ? n : t[i].kind == 3 ? 2 * n : 0;
-        return 0;
-    }
-    return -1;
-}
-
 /* Whether the first msgpack item of the len bytes at p claims no more than it can hold: every
  * container's items and every body fit in the bytes that follow (an item takes a byte at least).
  * msgpack-c allocates what a header claims before it reads the items (an array header claiming
  * 2^32-1 items asks for 96 GiB), so nothing is unpacked that this refuses. */
-static int claims_fit(const uint8_t *p, size_t len)
+static int claims_fit(const shape *shapes, const uint8_t *p, size_t len)
 {
     uint64_t pending = 1;
     size_t off = 0;
     while (pending) {
-        size_t head;
-        uint64_t body, items;
-        if (off >= len || item_shape(p + off, len - off, &head, &body, &items) != 0)
+        if (off >= len)
             return 0;
-        off += head;
+        uint8_t b = p[off];
+        const shape *sh = &shapes[b];
+        if (sh->kind == 4 || len - off < sh->head)
+            return 0;
+        if (sh->kind == 0) {
+            /* A scalar is its header alone. Arrays of token ids and block hashes are runs of
+             * scalars of one kind (uint16 ids, uint64 hashes): the run is skipped in a loop that
+             * compares one byte per item. */
+            size_t h = sh->head;
+            do {
+                off += h;
+                pending--;
+            } while (pending && off < len && p[off] == b && len - off >= h);
+            continue;
+        }
+        uint64_t n = sh->len_bytes ? be(p + off + 1, sh->len_bytes)
+                     : b <= 0x9f   ? (uint64_t)(b & 0x0f) /* fixmap, fixarray */
+                                   : (uint64_t)(b & 0x1f);  /* fixstr */
+        off += sh->head;
+        uint64_t body = sh->kind == 1 ? n : 0;
+        uint64_t items = sh->kind == 2 ? n : sh->kind == 3 ? 2 * n : 0;
         if (body > len - off || items > len - off)
             return 0;
         off += (size_t)body;
@@ -301,47 +382,82 @@ static int claims_fit(const uint8_t *p, size_t len)
     return 1;
 }
 
-int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, uint64_t *malformed,
-                    char *err, size_t errlen)
+/* ------------------------------------------------------------------------------------------ */
+/* A batch */
+
+int kvf__kve_decode_batch(kvf__kve_decoder *d, const void *payload, size_t len,
+                          const kvf_kve **events, size_t *n_events, uint64_t *malformed, char *err,
+                          size_t errlen)
 {
-    if (!claims_fit(payload, len))
+    *events = NULL;
+    *n_events = 0;
+    d->h_len = d->t_len = d->k_len = 0;
+    msgpack_zone_clear(&d->zone);
+    if (!claims_fit(d->shapes, payload, len))
         return kvf__errf(err, errlen, KVF_EPROTO,
                          "payload is not msgpack, or claims more items than its %zu bytes hold",
                          len);
-    msgpack_unpacked u;
-    msgpack_unpacked_init(&u);
     size_t off = 0;
-    int rc;
-    msgpack_unpack_return ur = msgpack_unpack_next(&u, payload, len, &off);
-    if (ur != MSGPACK_UNPACK_SUCCESS) {
-        rc = kvf__errf(err, errlen, KVF_EPROTO, "payload is not msgpack (%d)", (int)ur);
-        goto out;
-    }
-    if (off != len) {
-        rc = kvf__errf(err, errlen, KVF_EPROTO, "%zu trailing bytes after the batch", len - off);
-        goto out;
-    }
-    const msgpack_object *b = &u.data, *events = NULL;
-    if (b->type == MSGPACK_OBJECT_ARRAY && b->via.array.size >= 2)
-        events = &b->via.array.ptr[1];
-    else if (b->type == MSGPACK_OBJECT_MAP)
-        events = map_get(b, "events");
-    if (!events || events->type != MSGPACK_OBJECT_ARRAY) {
-        rc = kvf__errf(err, errlen, KVF_EPROTO, "batch has no events array");
-        goto out;
-    }
-    rc = 0;
-    for (uint32_t i = 0; i < events->via.array.size && !rc; i++) {
-        rc = decode_one(&events->via.array.ptr[i], fn, ud, err, errlen);
+    msgpack_object root;
+    msgpack_unpack_return ur = msgpack_unpack(payload, len, &off, &d->zone, &root);
+    if (ur != MSGPACK_UNPACK_SUCCESS)
+        return ur == MSGPACK_UNPACK_NOMEM_ERROR
+                   ? KVF_ENOMEM
+                   : kvf__errf(err, errlen, KVF_EPROTO, "payload is not msgpack (%d)", (int)ur);
+    if (off != len)
+        return kvf__errf(err, errlen, KVF_EPROTO, "%zu trailing bytes after the batch", len - off);
+    const msgpack_object *events_o = NULL;
+    if (root.type == MSGPACK_OBJECT_ARRAY && root.via.array.size >= 2)
+        events_o = &root.via.array.ptr[1];
+    else if (root.type == MSGPACK_OBJECT_MAP)
+        events_o = map_get(&root, "events");
+    if (!events_o || events_o->type != MSGPACK_OBJECT_ARRAY)
+        return kvf__errf(err, errlen, KVF_EPROTO, "batch has no events array");
+    size_t n = events_o->via.array.size, kept = 0;
+    if (reserve((void **)&d->ev, &d->ev_cap, 0, n, sizeof *d->ev) != 0)
+        return KVF_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        int rc = decode_one(d, &events_o->via.array.ptr[i], &d->ev[kept], err, errlen);
         if (rc == KVF_EPROTO) {
             /* One malformed event is skipped, with the reason; the batch goes on. */
+            if (malformed)
+                (*malformed)++;
+            continue;
+        }
+        if (rc)
+            return rc;
+        kept++;
+    }
+    /* The arrays stay where they are now: offsets become pointers. */
+    for (size_t i = 0; i < kept; i++) {
+        kvf_kve *ev = &d->ev[i];
+        ev->hashes = ev->n_hashes ? d->hashes + (uintptr_t)ev->hashes : NULL;
+        ev->tokens = ev->n_tokens ? d->tokens + (uintptr_t)ev->tokens : NULL;
+        ev->keys = ev->n_keys ? d->keys + (uintptr_t)ev->keys : NULL;
+    }
+    *events = d->ev;
+    *n_events = kept;
+    return 0;
+}
+
+int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, uint64_t *malformed,
+                    char *err, size_t errlen)
+{
+    kvf__kve_decoder *d;
+    if (kvf__kve_decoder_new(&d) != 0)
+        return KVF_ENOMEM;
+    const kvf_kve *ev;
+    size_t n;
+    int rc = kvf__kve_decode_batch(d, payload, len, &ev, &n, malformed, err, errlen);
+    for (size_t i = 0; !rc && i < n; i++) {
+        rc = fn(ud, &ev[i], err, errlen);
+        if (rc == KVF_EPROTO) {
             if (malformed)
                 (*malformed)++;
             rc = 0;
         }
     }
-out:
-    msgpack_unpacked_destroy(&u);
+    kvf__kve_decoder_free(&d);
     return rc;
 }
 

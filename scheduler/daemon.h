@@ -54,7 +54,8 @@ typedef struct kvf__sched_daemon {
     pthread_mutex_t mu;
     kvf_log lg;
     /* The events thread's (subscriber.c). */
-    kvf__zsubs *zs; /* the subscriber sockets, one per entry of subs (same index) */
+    kvf__zsubs *zs;        /* the subscriber sockets, one per entry of subs (same index) */
+    kvf__kve_decoder *dec; /* batches are decoded into it without d->mu, then applied with it */
     kvf__sched_sub subs[KVF_SCHED_MAX_SUBS];
     int n_subs;
     /* subscriptions requested by the HTTP thread, made by the events thread */

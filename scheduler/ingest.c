@@ -68,13 +68,37 @@ static int apply(void *ud, const kvf_kve *ev, char *err, size_t errlen)
     }
 }
 
+int kvf_sched_apply(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events, size_t n,
+                    uint64_t malformed, kvf_ingest_stats *st, char *err, size_t errlen)
+{
+    ingest_ctx x = {.s = s, .src = src, .st = st};
+    st->batches++;
+    st->malformed += malformed;
+    for (size_t i = 0; i < n; i++) {
+        int rc = apply(&x, &events[i], err, errlen);
+        if (rc == KVF_EPROTO) { /* one event that does not fit its publisher: skipped */
+            st->malformed++;
+            continue;
+        }
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payload, size_t len,
                      kvf_ingest_stats *st, char *err, size_t errlen)
 {
-    ingest_ctx x = {.s = s, .src = src, .st = st};
-    int rc = kvf__kve_decode(payload, len, apply, &x, &st->malformed, err, errlen);
-    if (rc != KVF_EPROTO) /* a batch, whatever its events were */
-        st->batches++;
+    kvf__kve_decoder *d;
+    if (kvf__kve_decoder_new(&d) != 0)
+        return KVF_ENOMEM;
+    const kvf_kve *ev;
+    size_t n;
+    uint64_t malformed = 0;
+    int rc = kvf__kve_decode_batch(d, payload, len, &ev, &n, &malformed, err, errlen);
+    if (!rc)
+        rc = kvf_sched_apply(s, src, ev, n, malformed, st, err, errlen);
+    kvf__kve_decoder_free(&d);
     return rc;
 }
 

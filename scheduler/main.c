@@ -286,6 +286,10 @@ static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint
         goto out_close_zsubs;
     }
     kvf__httpd_tokens(d->httpd, tokens); /* before the ready line: no request can come sooner */
+    if (kvf__kve_decoder_new(&d->dec) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        goto out_close_zsubs;
+    }
     pthread_t ev;
     pthread_create(&ev, NULL, kvf__sched_events_main, d);
     wait_for_signal(d, host, bound, policy);
@@ -293,6 +297,7 @@ static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint
     pthread_join(ev, NULL);
     rc = 0;
 out_close_zsubs:
+    kvf__kve_decoder_free(&d->dec);
     kvf__zsubs_close(&d->zs);
 out:
     return rc;

@@ -132,10 +132,18 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
         }
         if (off < want) {
             char err[256] = "";
+            const kvf_kve *ev = NULL;
+            size_t n = 0;
+            uint64_t malformed = 0;
+            int drc = kvf__kve_decode_batch(d->dec, m.payload, m.len, &ev, &n, &malformed, err,
+                                            sizeof err);
             pthread_mutex_lock(&d->mu);
             int dead = sb->dead; /* its instance was removed while the lock was free */
             if (!dead) {
-                kvf_sched_ingest(d->s, &sb->src, m.payload, m.len, &d->ingest, err, sizeof err);
+                if (drc == 0)
+                    kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, sizeof err);
+                else
+                    d->ingest.malformed++;
                 d->replayed++;
             }
             pthread_mutex_unlock(&d->mu);
@@ -263,24 +271,27 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     return replay && !down;
 }
 
-/* Applies one batch of publisher i, checked by check_batch_locked(). Called with d->mu held. */
-static void apply_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
+/* Applies one batch of publisher i, checked by check_batch_locked() and decoded (drc: the
+ * decode's result; ev, n and malformed what it gave; err its reason). Called with d->mu held:
+ * only this part, the index's, holds the lock that placements wait for. */
+static void apply_batch_locked(kvf__sched_daemon *d, int i, int drc, const kvf_kve *ev, size_t n,
+                               uint64_t malformed, char *err, size_t errlen)
 {
     kvf__sched_sub *sb = &d->subs[i];
     if (sb->dead)
         return;
-    char err[256] = "";
-    uint64_t malformed = d->ingest.malformed;
-    int rc = kvf_sched_ingest(d->s, &sb->src, m->payload, m->len, &d->ingest, err, sizeof err);
+    uint64_t before = d->ingest.malformed;
+    int rc = drc ? drc : kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, errlen);
     if (rc)
         d->ingest.malformed++;
-    if (rc || d->ingest.malformed != malformed)
+    if (rc || d->ingest.malformed != before)
         kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
 }
 
 /* One batch from publisher i: a gap in its sequence is filled from the replay socket first, with
- * the lock released while the replay socket is asked (see replay()), then the batch is applied.
- * m stays valid throughout: replay answers are received into a slot of their own. */
+ * the lock released while the replay socket is asked (see replay()), then the batch is decoded,
+ * still without the lock, and applied with it. m stays valid throughout: replay answers are
+ * received into a slot of their own. */
 static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
 {
     uint64_t from = 0, upto = 0;
@@ -291,8 +302,14 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
         return;
     if (ask)
         replay(d, i, from, upto);
+    char err[256] = "";
+    const kvf_kve *ev = NULL;
+    size_t n = 0;
+    uint64_t malformed = 0;
+    int drc =
+        kvf__kve_decode_batch(d->dec, m->payload, m->len, &ev, &n, &malformed, err, sizeof err);
     pthread_mutex_lock(&d->mu);
-    apply_batch_locked(d, i, m);
+    apply_batch_locked(d, i, drc, ev, n, malformed, err, sizeof err);
     pthread_mutex_unlock(&d->mu);
 }
 

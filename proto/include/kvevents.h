@@ -33,7 +33,8 @@ typedef enum kvf_kve_type {
     KVF_KVE_UNKNOWN, /* a kind this version does not know: skipped by readers */
 } kvf_kve_type;
 
-/* One decoded event. Arrays are borrowed: valid during the callback that receives it. */
+/* One decoded event. Arrays and the type name are borrowed: valid during the callback that
+ * receives it, or until the next decode with the decoder that decoded it. */
 typedef struct kvf_kve {
     kvf_kve_type type;
     const char *type_name; /* as published (not NUL-terminated: type_len bytes) */
@@ -65,6 +66,23 @@ typedef int (*kvf_kve_fn)(void *ud, const kvf_kve *ev, char *err, size_t errlen)
  * or the code fn stopped with. */
 int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, uint64_t *malformed,
                     char *err, size_t errlen);
+
+/* A decoder: the msgpack zone and the decoded events' arrays, reused batch after batch, so that
+ * decoding a batch allocates nothing once they are large enough. One thread at a time. */
+typedef struct kvf__kve_decoder kvf__kve_decoder;
+
+/* 0 or KVF_ENOMEM. Caller owns *out; free with kvf__kve_decoder_free(), which accepts NULL. */
+int kvf__kve_decoder_new(kvf__kve_decoder **out);
+void kvf__kve_decoder_free(kvf__kve_decoder **d);
+
+/* Decodes one batch (either encoding) into d: *events, *n_events long, valid until the next
+ * decode with d. A malformed event is skipped: *malformed (may be NULL) counts it and err keeps
+ * the last reason. Touches nothing but d, so it may run outside any lock that guards what the
+ * events are applied to. Returns 0, KVF_EPROTO for a payload that is not a batch at all, or
+ * KVF_ENOMEM. */
+int kvf__kve_decode_batch(kvf__kve_decoder *d, const void *payload, size_t len,
+                          const kvf_kve **events, size_t *n_events, uint64_t *malformed, char *err,
+                          size_t errlen);
 
 /* An encoder of one batch, in the array encoding, as vLLM's publishers write it. */
 typedef struct kvf__kve_enc kvf__kve_enc;

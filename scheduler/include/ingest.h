@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kvevents.h"
 #include "scheduler.h"
 
 /* Who published a batch: an engine instance (index) or a storage node (number); the other -1. */
@@ -27,6 +28,14 @@ typedef struct kvf_ingest_stats {
  * last reason in err); a payload that is not a batch at all returns KVF_EPROTO. */
 int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payload, size_t len,
                      kvf_ingest_stats *st, char *err, size_t errlen);
+
+/* The second half of kvf_sched_ingest(), for callers that decode with a decoder of their own
+ * (kvf__kve_decode_batch) outside the lock that guards s, and take the lock for this part only:
+ * applies the n events of one decoded batch from src to the index and counts the batch, its
+ * events, and the malformed ones the decode skipped (malformed) or this refuses (an event that does
+ * not fit its publisher's kind). */
+int kvf_sched_apply(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events, size_t n,
+                    uint64_t malformed, kvf_ingest_stats *st, char *err, size_t errlen);
 
 /* A publisher's sequence numbers as seen so far. Counters saturate at UINT64_MAX; they never
  * wrap. */

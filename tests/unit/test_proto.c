@@ -582,6 +582,100 @@ static void test_proto_kvevents_callback_stops(void **state)
     kvf__kve_enc_free(&e);
 }
 
+/* One decoder, batch after batch: events whose arrays outgrow the decoder's scratch mid-batch
+ * (offsets turned into pointers once the batch is done) hold exactly what was encoded; a malformed
+ * event in between drops what it appended; a later, smaller batch is decoded into the same
+ * scratch; runs of scalars cut short are refused; and nothing leaks (ASan). */
+static void test_proto_kvevents_decoder_reuse(void **state)
+{
+    (void)state;
+    kvf__kve_decoder *d;
+    assert_int_equal(kvf__kve_decoder_new(&d), 0);
+    enum { BIG = 3000, BS = 16 };
+    static uint32_t tokens[BIG * BS];
+    static uint64_t hashes[BIG];
+    for (size_t i = 0; i < BIG * BS; i++)
+        tokens[i] = (uint32_t)(i * 2654435761u % 200000u); /* fixints, uint16s and uint32s */
+    for (size_t i = 0; i < BIG; i++)
+        hashes[i] = i * 0x9E3779B97F4A7C15ull + 1;
+    /* Three BlockStored of growing sizes around a malformed one (a token that is a string). */
+    msgpack_sbuffer sb;
+    msgpack_sbuffer_init(&sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, 3);
+    msgpack_pack_double(&pk, 1.0);
+    msgpack_pack_array(&pk, 4);
+    size_t sizes[3] = {10, 700, BIG - 710}, at = 0;
+    for (int e = 0; e < 4; e++) {
+        size_t n = e == 1 ? 2 : sizes[e < 1 ? 0 : e - 1];
+        msgpack_pack_array(&pk, 7);
+        pack_str(&pk, "BlockStored");
+        msgpack_pack_array(&pk, n);
+        for (size_t i = 0; i < n; i++)
+            msgpack_pack_uint64(&pk, hashes[(e == 1 ? 0 : at) + i]);
+        msgpack_pack_nil(&pk);
+        msgpack_pack_array(&pk, n * BS);
+        for (size_t i = 0; i < n * BS; i++) {
+            if (e == 1 && i == 5)
+                pack_str(&pk, "x");
+            else
+                msgpack_pack_uint32(&pk, tokens[((e == 1 ? 0 : at) * BS) + i]);
+        }
+        msgpack_pack_uint32(&pk, BS);
+        msgpack_pack_nil(&pk);
+        pack_str(&pk, "GPU");
+        if (e != 1)
+            at += n;
+    }
+    msgpack_pack_int(&pk, 0);
+    const kvf_kve *ev;
+    size_t n;
+    uint64_t malformed = 0;
+    char err[160] = "";
+    assert_int_equal(
+        kvf__kve_decode_batch(d, sb.data, sb.size, &ev, &n, &malformed, err, sizeof err), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(malformed, 1);
+    assert_non_null(strstr(err, "token 5"));
+    at = 0;
+    for (size_t e = 0; e < 3; e++) {
+        assert_int_equal(ev[e].type, KVF_KVE_BLOCK_STORED);
+        assert_int_equal(ev[e].n_hashes, sizes[e]);
+        assert_int_equal(ev[e].n_tokens, sizes[e] * BS);
+        assert_memory_equal(ev[e].hashes, hashes + at, sizes[e] * sizeof *hashes);
+        assert_memory_equal(ev[e].tokens, tokens + at * BS, sizes[e] * BS * sizeof *tokens);
+        at += sizes[e];
+    }
+    /* The same decoder, a small batch: its own events only. */
+    kvf__kve_enc *enc;
+    uint64_t h2[2] = {77, 78};
+    assert_int_equal(kvf__kve_enc_begin(&enc, 1), 0);
+    kvf__kve_enc_block_removed(enc, h2, 2, "GPU");
+    const void *data;
+    size_t len;
+    assert_int_equal(kvf__kve_enc_end(enc, &data, &len), 0);
+    malformed = 0;
+    assert_int_equal(kvf__kve_decode_batch(d, data, len, &ev, &n, &malformed, err, sizeof err), 0);
+    assert_int_equal(n, 1);
+    assert_int_equal(malformed, 0);
+    assert_int_equal(ev[0].type, KVF_KVE_BLOCK_REMOVED);
+    assert_int_equal(ev[0].n_hashes, 2);
+    assert_int_equal(ev[0].hashes[1], 78);
+    /* Every cut of the big batch is refused (runs of uint16 and uint64 cut mid-item included),
+     * and leaves no event behind. */
+    for (size_t cut = 1; cut < sb.size; cut += 997) {
+        assert_int_equal(kvf__kve_decode_batch(d, sb.data, cut, &ev, &n, NULL, err, sizeof err),
+                         KVF_EPROTO);
+        assert_int_equal(n, 0);
+    }
+    kvf__kve_enc_free(&enc);
+    msgpack_sbuffer_destroy(&sb);
+    kvf__kve_decoder_free(&d);
+    assert_null(d);
+    kvf__kve_decoder_free(&d); /* accepts NULL */
+}
+
 /* Credentials and tenants files: a credential round-trips, one readable by others or malformed
  * is refused with its reason; a signature verifies only for its name, challenge, node and key;
  * tenant scoping keeps one namespace apart per tenant. */
@@ -676,6 +770,7 @@ int main(void)
         cmocka_unit_test(test_proto_kvevents_round_trip),
         cmocka_unit_test(test_proto_kvevents_maps_and_malformed),
         cmocka_unit_test(test_proto_kvevents_callback_stops),
+        cmocka_unit_test(test_proto_kvevents_decoder_reuse),
         cmocka_unit_test(test_proto_kvevents_claims_bounded),
         cmocka_unit_test(test_proto_auth_credentials_and_signatures),
     };
