@@ -44,6 +44,9 @@
  * stored (workers.c). */
 #define KVF__STAGE_SLOTS 3
 
+/* kvf_xfer.region of a load from a prefetch's memory: not the connector's to release. */
+#define KVF__STAGE_BORROWED (-2)
+
 /* A save's staging (kvf_xfer.stage_state). */
 enum { KVF__STAGE_NONE = 0, KVF__STAGE_ACQUIRING = 1, KVF__STAGE_HELD = 2 };
 
@@ -118,7 +121,9 @@ struct kvf_xfer {
     kvf_key *keys;
     uint32_t *page_ids; /* pages of the moved chunks only */
     uint8_t *stage;     /* a save's is set by its first gather task (stage_state) */
-    int region;         /* index of the staging region held, or -1 for a private buffer */
+    int region;         /* index of the staging region held, -1 for a private buffer, or
+                         * KVF__STAGE_BORROWED: a prefetch's memory (pf) */
+    kvf_prefetch *pf;   /* the prefetch whose memory a load reads, held until destroy */
     int stage_cu_reg;   /* a private buffer registered with CUDA */
     /* How the pool reports that one of this transfer's tasks ended (workers.c calls it with no
      * lock held; the transfer may be freed as soon as it returns): `failed` chunks of layer
@@ -163,6 +168,33 @@ struct kvf_xfer {
 };
 
 /* ------------------------------------------------------------------------------------------ */
+/* prefetch.c: prefetches */
+
+/* A prefetch: the chunks of a prefix fetched in groups into memory of its own. */
+struct kvf_prefetch {
+    kvf_connector *cn;
+    size_t n_chunks, group, n_groups; /* chunks, and per group (the last may have fewer) */
+    kvf_key *keys;
+    uint8_t *mem; /* n_chunks objects of cn->obj_bytes, chunk c at c * obj_bytes */
+    size_t mem_len;
+    int cu_reg;
+    void **bufs;
+    uint64_t *caps, *lens;
+    int *status;
+    struct kvf__pgroup *groups;
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* a group arrived */
+    size_t groups_done;
+    /* Holds: the caller's, one per group in flight and one per load reading mem; the last one
+     * dropped frees the prefetch (on the storage client's thread, when a group is the last). */
+    int refs;
+};
+
+/* A load's hold on a prefetch's memory (kvf_connector_load_prefetched), dropped by xfer_destroy. */
+void kvf__prefetch_hold(kvf_prefetch *p);
+void kvf__prefetch_drop(kvf_prefetch *p);
+
+/* ------------------------------------------------------------------------------------------ */
 /* connector.c: the handle */
 
 /* Asks the classifier whether action a is real between the engine's capability record and the
@@ -184,6 +216,11 @@ void kvf__stage_init(kvf_connector *cn, size_t bytes);
 int kvf__stage_acquire(kvf_connector *cn, kvf_xfer *x, size_t n);
 /* Gives back x's staging buffer of n bytes (none held: nothing). Called with cn->mu held. */
 void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n);
+/* A private staging mapping of n bytes (page-locked where allowed, registered with CUDA when the
+ * pages are CUDA memory: *cu_reg), for a prefetch; NULL when out of memory. Free with
+ * kvf__stage_unmap_private(). */
+uint8_t *kvf__stage_map_private(kvf_connector *cn, size_t n, int *cu_reg);
+void kvf__stage_unmap_private(uint8_t *mem, size_t n, int cu_reg);
 /* Unmaps every region; no transfer may hold one. */
 void kvf__stage_fini(kvf_connector *cn);
 

@@ -149,11 +149,26 @@ int kvf__stage_acquire(kvf_connector *cn, kvf_xfer *x, size_t n)
     return 0;
 }
 
+uint8_t *kvf__stage_map_private(kvf_connector *cn, size_t n, int *cu_reg)
+{
+    uint8_t *p = map_pinned(n ? n : 1);
+    *cu_reg = p ? cu_register(cn, p, n ? n : 1) : 0;
+    return p;
+}
+
+void kvf__stage_unmap_private(uint8_t *mem, size_t n, int cu_reg)
+{
+    if (mem)
+        stage_unmap(mem, n ? n : 1, cu_reg);
+}
+
 void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n)
 {
     if (!x->stage)
         return;
-    if (x->region >= 0)
+    if (x->region == KVF__STAGE_BORROWED)
+        ; /* the prefetch's: xfer_destroy drops its hold */
+    else if (x->region >= 0)
         cn->regions[x->region].busy = 0;
     else
         stage_unmap(x->stage, n ? n : 1, x->stage_cu_reg);

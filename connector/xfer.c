@@ -238,6 +238,8 @@ static void xfer_destroy(kvf_xfer *x)
     kvf__stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
     int last = --cn->inflight == 0 && cn->closed;
     pthread_mutex_unlock(&cn->mu);
+    if (x->pf) /* every task that read its memory has ended */
+        kvf__prefetch_drop(x->pf);
     if (last)
         kvf__connector_free(cn);
     free(x->keys);
@@ -356,6 +358,28 @@ static int xfer_new(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t 
     return 0;
 }
 
+/* Queues every layer of a load whose chunks are all at hand (in a node's view, or in a
+ * prefetch's memory) for the workers. Layers that could not be queued fail with the reason;
+ * those queued run and end as usual. Returns 0 or that reason. */
+static int queue_every_layer(kvf_connector *cn, kvf_xfer *x)
+{
+    uint32_t L = cn->l.layers;
+    int rc = 0;
+    pthread_mutex_lock(&cn->mu);
+    for (uint32_t l = 0; l < L && !rc; l++)
+        rc = kvf__pool_enqueue_locked(cn, x, l);
+    pthread_mutex_unlock(&cn->mu);
+    if (rc) {
+        pthread_mutex_lock(&x->mu);
+        for (uint32_t l = 0; l < L; l++)
+            if (x->layer_state[l] == LS_PENDING && x->layer_tasks[l] == 0)
+                x->layer_state[l] = rc;
+        pthread_cond_broadcast(&x->cv);
+        pthread_mutex_unlock(&x->mu);
+    }
+    return rc;
+}
+
 /* A load straight from the arena of storage nodes on this host (docs/shm.md): the chunks are
  * leased where they lie and every layer is queued for the workers at once, which scatter from the
  * node's view (each segment checked there, the lease checked after). Returns 0 once x runs so, or
@@ -382,18 +406,8 @@ static int load_direct(kvf_connector *cn, kvf_xfer *x)
     pthread_mutex_lock(&cn->mu);
     cn->st.batches++;
     cn->st.loads_in_place++;
-    for (uint32_t l = 0; l < L && !rc; l++)
-        rc = kvf__pool_enqueue_locked(cn, x, l);
     pthread_mutex_unlock(&cn->mu);
-    if (rc) {
-        /* Layers not queued fail; those queued run and end as usual. */
-        pthread_mutex_lock(&x->mu);
-        for (uint32_t l = 0; l < L; l++)
-            if (x->layer_state[l] == LS_PENDING && x->layer_tasks[l] == 0)
-                x->layer_state[l] = rc;
-        pthread_cond_broadcast(&x->cv);
-        pthread_mutex_unlock(&x->mu);
-    }
+    rc = queue_every_layer(cn, x);
     /* Counted as leased; the outcome (result, loaded tokens) is decided once the workers are
      * done (finish_in_place_locked). */
     size_t ok = 0;
@@ -462,6 +476,72 @@ int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
         xfer_destroy(x);
         return rc;
     }
+    *out = x;
+    return 0;
+}
+
+int kvf_connector_load_prefetched(kvf_connector *cn, kvf_prefetch *p, const uint32_t *tokens,
+                                  size_t n, const uint32_t *page_ids, size_t n_pages,
+                                  kvf_xfer **out)
+{
+    if (!out)
+        return KVF_EINVAL;
+    *out = NULL;
+    if (!cn || !p || p->cn != cn || !tokens || !page_ids)
+        return KVF_EINVAL;
+    uint32_t C = cn->l.chunk_tokens, P = cn->l.page_tokens;
+    if (!cn->registered || n == 0 || n % C != 0 || n_pages != n / P ||
+        n > kvf_prefetch_ready_tokens(p))
+        return KVF_EINVAL;
+    for (size_t i = 0; i < n_pages; i++)
+        if (page_ids[i] >= cn->pm.num_pages)
+            return KVF_ERANGE;
+    if (kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
+        return KVF_EINFEASIBLE;
+    size_t nc = n / C, nk;
+    kvf_xfer *x = xfer_alloc(cn, nc, nc, 0, 0);
+    if (!x)
+        return KVF_ENOMEM;
+    /* The prompt's own keys: a prefetch of another prompt is refused. */
+    kvf_keys_compute(&cn->ks, tokens, n, x->keys, nc, &nk, NULL);
+    int same = nk == nc && !memcmp(x->keys, p->keys, nc * sizeof *x->keys);
+    if (!same) {
+        pthread_mutex_lock(&cn->mu);
+        cn->inflight++; /* xfer_destroy counts it out */
+        pthread_mutex_unlock(&cn->mu);
+        xfer_destroy(x);
+        return KVF_EINVAL;
+    }
+    pthread_mutex_lock(&cn->mu);
+    cn->inflight++;
+    int rc = cn->closing ? KVF_ECLOSED : 0;
+    if (!rc) {
+        cn->st.loads++;
+        cn->st.chunks_loaded += nc;
+        cn->st.load_bytes += nc * cn->obj_bytes;
+        cn->st.prefetch_chunks_loaded += nc;
+    }
+    pthread_mutex_unlock(&cn->mu);
+    if (rc) {
+        xfer_destroy(x);
+        return rc;
+    }
+    /* The chunks arrived whole and verified: the workers scatter from the prefetch's memory,
+     * each segment's header and bounds checked there as for staging. */
+    memcpy(x->page_ids, page_ids, n_pages * sizeof *x->page_ids);
+    kvf__prefetch_hold(p);
+    x->pf = p;
+    x->stage = p->mem;
+    x->region = KVF__STAGE_BORROWED;
+    x->stage_cu_reg = p->cu_reg;
+    uint32_t L = cn->l.layers;
+    for (size_t c = 0; c < nc; c++) {
+        x->bufs[c] = p->bufs[c];
+        x->lens[c] = p->lens[c];
+        atomic_store(&x->verified[c], L);
+    }
+    rc = queue_every_layer(cn, x);
+    transfer_finished(x, rc, 0); /* the outcome is decided once the workers are done */
     *out = x;
     return 0;
 }

@@ -462,7 +462,29 @@ static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kv
     return rc;
 }
 
-int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r)
+/* The prefetch's share of a prefill: waits for pf until the deadline and loads from its memory
+ * the leading chunks that arrived, at most max_hit tokens, where they are more than the pages'
+ * dev. Returns the tokens being loaded (0: none) and *load. */
+static size_t from_prefetch(kvfe_engine *e, kvf_connector *cn, kvf_prefetch *pf,
+                            uint64_t deadline_ns, size_t dev, size_t max_hit, kvfe_result *r,
+                            kvf_xfer **load)
+{
+    uint32_t P = e->m.layout.page_tokens;
+    double w0 = now_s();
+    r->prefetch_tokens = kvf_prefetch_tokens(pf);
+    size_t ready = kvf_prefetch_wait(pf, deadline_ns);
+    r->prefetch_wait_seconds = now_s() - w0;
+    r->prefetch_ready_tokens = ready;
+    r->cached_tokens = ready;
+    size_t hit = ready < max_hit ? ready : max_hit;
+    if (hit <= dev ||
+        kvf_connector_load_prefetched(cn, pf, e->tokens, hit, e->page_of, hit / P, load) != 0)
+        return 0;
+    return hit;
+}
+
+static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetch *pf,
+                   uint64_t deadline_ns, kvfe_result *r)
 {
     memset(r, 0, sizeof *r);
     if (n == 0 || n >= e->o.max_tokens)
@@ -478,19 +500,25 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     e->len = n;
 
     size_t hit = 0;
-    if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0)
-        hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
     kvf_xfer *load = NULL;
     r->cut_at_layer = -1;
-    if (e->o.decide && hit > dev) { /* load or recompute, from what was measured */
-        size_t p = kvfe_decide(&e->rates, kvf_layout_bytes_per_token(L), C, dev, hit, n, 0,
-                               &r->choice, &r->predicted_s, &r->predicted_recompute_s);
-        hit = p > dev ? p : 0;
+    if (cn && pf) {
+        hit = from_prefetch(e, cn, pf, deadline_ns, dev, max_hit, r, &load);
+        /* Asked for more than arrived by the deadline: the rest is computed. */
+        r->prefetch_deadline_missed = r->prefetch_ready_tokens < kvf_prefetch_tokens(pf);
+    } else {
+        if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0)
+            hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
+        if (e->o.decide && hit > dev) { /* load or recompute, from what was measured */
+            size_t p = kvfe_decide(&e->rates, kvf_layout_bytes_per_token(L), C, dev, hit, n, 0,
+                                   &r->choice, &r->predicted_s, &r->predicted_recompute_s);
+            hit = p > dev ? p : 0;
+        }
+        if (hit <= dev) /* the pages already hold at least as much */
+            hit = 0;
+        else if (kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
+            hit = 0;
     }
-    if (hit <= dev) /* the pages already hold at least as much */
-        hit = 0;
-    else if (kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
-        hit = 0;
     if (!hit && dev) {
         hit = dev;
         r->device_tokens = dev;
@@ -506,7 +534,7 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
         c_before = r->compute_seconds; /* the recompute's own time is measured below */
     }
     r->loaded_tokens = load ? hit : 0;
-    if (e->o.decide && load && load_done > t0)
+    if (e->o.decide && load && !pf && load_done > t0) /* a prefetch's scatter is no link's rate */
         e->rates.load_bps =
             ewma(e->rates.load_bps,
                  (double)hit * (double)kvf_layout_bytes_per_token(L) / (load_done - t0));
@@ -524,6 +552,17 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
     e->pending_save = start_save(e, cn, tokens, full, r->device_tokens ? 0 : hit);
     r->seconds = now_s() - t0;
     return 0;
+}
+
+int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r)
+{
+    return prefill(e, tokens, n, NULL, 0, r);
+}
+
+int kvfe_prefill_prefetched(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetch *pf,
+                            uint64_t deadline_ns, kvfe_result *r)
+{
+    return prefill(e, tokens, n, pf, deadline_ns, r);
 }
 
 void kvfe_set_gemm_threads(int n)

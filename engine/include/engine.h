@@ -92,6 +92,12 @@ typedef struct kvfe_result {
     kvfe_choice choice;
     double predicted_s, predicted_recompute_s;
     int cut_at_layer;
+    /* kvfe_prefill_prefetched: the tokens the prefetch fetched for, those that had arrived by the
+     * deadline (loaded unless the pages held as much), whether the deadline cut it short, and the
+     * time waited for it at the request's turn */
+    size_t prefetch_tokens, prefetch_ready_tokens;
+    int prefetch_deadline_missed;
+    double prefetch_wait_seconds;
 } kvfe_result;
 
 /* Caller owns the result; free with kvfe_close(). */
@@ -105,6 +111,13 @@ void kvfe_close(kvfe_engine **e);
  * waited for: the next prefill waits only until it has read its pages (kvf_xfer_wait_pages)
  * before writing any, and kvfe_flush() waits for it to be stored. */
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
+/* kvfe_prefill, with the cached prefix prefetched while the request waited (pf: a
+ * kvf_connector_prefetch() of a prefix of tokens through this engine's connector): waits for pf
+ * until deadline_ns (CLOCK_MONOTONIC ns; 0: until it completes, within the connector's transfer
+ * deadline), loads the leading chunks that arrived from pf's memory and computes the rest. No
+ * lookup and no load-or-recompute decision (what arrived costs a copy). pf stays the caller's. */
+int kvfe_prefill_prefetched(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetch *pf,
+                            uint64_t deadline_ns, kvfe_result *r);
 /* From the next prefill on: reuse the previous sequence's KV still in the pages (device, with
  * keep_prefix), look up and load through the connector (load), save new chunks (save). All on at
  * open; load and save need a connector. */

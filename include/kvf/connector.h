@@ -128,6 +128,41 @@ KVF_API int kvf_connector_save(kvf_connector *cn, const uint32_t *tokens, size_t
                                size_t first_chunk, const uint32_t *page_ids, size_t n_pages,
                                kvf_xfer **x);
 
+/* Prefetch (docs/connector.md, "Prefetch with deadlines"): while a request waits for its turn,
+ * the chunks of its cached prefix are fetched into memory of the prefetch's own, in groups of
+ * chunks in the prompt's order, without touching the engine's pages (which another request may
+ * be using). At the request's turn the engine waits for them until a deadline, loads the leading
+ * chunks that have arrived into its pages (kvf_connector_load_prefetched: a scatter from memory,
+ * layer by layer as for a load) and computes the rest. */
+typedef struct kvf_prefetch kvf_prefetch;
+
+/* Starts fetching the chunks of tokens[0..n) (n a multiple of chunk_tokens, at least one chunk).
+ * Returns 0 and *p, or KVF_EINVAL, KVF_ECLOSED, KVF_ENOMEM, or KVF_EINFEASIBLE (the engine's
+ * record rules a load out). Caller owns *p: free with kvf_prefetch_free(). tokens are copied. */
+KVF_API int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                   kvf_prefetch **p);
+/* The leading tokens whose chunks have all arrived, whole and verified, so far. Does not wait. */
+KVF_API size_t kvf_prefetch_ready_tokens(kvf_prefetch *p);
+/* Waits until every chunk has arrived (or failed) or until deadline_ns (CLOCK_MONOTONIC
+ * nanoseconds; 0: no deadline but the connector's transfer deadline), then returns
+ * kvf_prefetch_ready_tokens(). Chunks still on their way go on arriving; they are not used by a
+ * load that started before. */
+KVF_API size_t kvf_prefetch_wait(kvf_prefetch *p, uint64_t deadline_ns);
+/* The tokens p was started for (its chunks' worth). */
+KVF_API size_t kvf_prefetch_tokens(const kvf_prefetch *p);
+/* Starts loading the KV of tokens[0..n) (n a multiple of chunk_tokens, at most
+ * kvf_prefetch_ready_tokens()) into the engine's pages from p's memory, as kvf_connector_load
+ * does from the storage nodes (page_ids: n / page_tokens entries; every segment checked before it
+ * is scattered); the transfer keeps p's memory alive until it is freed. The chunk keys of tokens
+ * must be those p fetched: another prompt's prefetch is refused, never loaded. Same returns as
+ * kvf_connector_load, and KVF_EINVAL when n exceeds what has arrived or the keys differ. */
+KVF_API int kvf_connector_load_prefetched(kvf_connector *cn, kvf_prefetch *p,
+                                          const uint32_t *tokens, size_t n,
+                                          const uint32_t *page_ids, size_t n_pages, kvf_xfer **x);
+/* Gives up the caller's hold: chunks still on their way are dropped when they arrive, and the
+ * memory goes once no transfer reads it. Never waits. Accepts NULL and clears *p. */
+KVF_API void kvf_prefetch_free(kvf_prefetch **p);
+
 /* Load: waits until layer l of every chunk is in the engine's pages (for CUDA pages: the copies
  * to the device have completed). Returns 0, or the failure
  * that makes this layer unusable (KVF_ENOENT: a chunk is no longer stored; KVF_ECHECKSUM;
@@ -179,6 +214,9 @@ typedef struct kvf_connector_stats {
     /* CUDA pages (docs/cuda.md): bytes moved between host and device, copy-engine submissions
      * (cudaMemcpyBatchAsync calls), and page-copy kernels launched (small pages only) */
     uint64_t cuda_bytes, cuda_copy_calls, cuda_kernels;
+    /* prefetches (kvf_connector_prefetch): started, chunks that arrived whole, and chunks loaded
+     * from them into the engine's pages */
+    uint64_t prefetches, prefetch_chunks, prefetch_chunks_loaded;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 

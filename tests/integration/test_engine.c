@@ -484,6 +484,105 @@ static void test_engine_back_to_back_saves_are_exact(void **state)
     daemon_stop(&d);
 }
 
+/* Prefetch with a deadline: the prefix fetched while the request "waits" is loaded from memory
+ * and gives the reference's tokens; through a slow link a deadline cuts it short, the leading
+ * chunks that arrived are loaded and the rest computed, tokens still exact, and the chunks go on
+ * arriving after it; another prompt's prefetch is refused; a prefetch freed, and its connector
+ * closed, with chunks on the way leaves nothing behind (ASan). */
+static void test_engine_prefetch_with_deadline(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "256M", "--shm off");
+    kvfe_engine *ref = engine(NULL, 0);
+    static uint32_t t[1000], other[1000];
+    prompt(t, 1000, 77);
+    prompt(other, 1000, 78);
+    run full;
+    run_prompt(ref, t, 1000, &full);
+    /* Warm the store: 15 chunks (960 tokens). */
+    kvf_connector *cn = connector(d.addr, 20000);
+    kvfe_engine *e = engine(cn, 3);
+    run warm;
+    run_prompt(e, t, 1000, &warm);
+    assert_same(&full, &warm);
+    kvfe_set_tiers(e, 0, 1, 1); /* not the pages' copy: the prefetch's */
+
+    /* Fast: everything arrives; loaded from the prefetch. */
+    kvf_prefetch *pf;
+    assert_int_equal(kvf_connector_prefetch(cn, t, 960, &pf), 0);
+    assert_int_equal(kvf_prefetch_tokens(pf), 960);
+    kvfe_result r;
+    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, 0, &r), 0);
+    assert_int_equal(r.prefetch_tokens, 960);
+    assert_int_equal(r.prefetch_ready_tokens, 960);
+    assert_false(r.prefetch_deadline_missed);
+    assert_int_equal(r.loaded_tokens, 960);
+    assert_int_equal(r.load_error, 0);
+    run got = {.tokens = {r.next_token}};
+    memcpy(got.logits, r.logits, sizeof got.logits);
+    for (int g = 1; g < 6; g++) {
+        kvfe_result dd;
+        assert_int_equal(kvfe_decode(e, got.tokens[g - 1], &dd), 0);
+        got.tokens[g] = dd.next_token;
+    }
+    kvfe_flush(e);
+    assert_same(&full, &got);
+    /* Another prompt's chunks are refused, not loaded. */
+    uint32_t pg[15];
+    for (int i = 0; i < 15; i++)
+        pg[i] = (uint32_t)i;
+    kvf_xfer *x = NULL;
+    assert_int_equal(kvf_connector_load_prefetched(cn, pf, other, 64, pg, 1, &x), KVF_EINVAL);
+    assert_null(x);
+    assert_int_equal(kvf_connector_load_prefetched(cn, pf, t, 1024, pg, 16, &x), KVF_EINVAL);
+    kvf_prefetch_free(&pf);
+    assert_null(pf);
+    kvf_connector_stats st;
+    kvf_connector_stats_get(cn, &st);
+    assert_int_equal(st.prefetches, 1);
+    assert_int_equal(st.prefetch_chunks, 15);
+    assert_int_equal(st.prefetch_chunks_loaded, 15);
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+
+    /* Slow: 15 chunks of 128 KiB at 400 KB/s a connection take more than a second (8 groups over
+     * 4 connections: two rounds of 0.65 s); a 1 s deadline cuts the prefetch short. */
+    proxy_opts po = {.upstream = d.port, .bytes_per_s = 4e5, .corrupt_at = -1, .cut_at = 0};
+    proxy *px = proxy_start(&po);
+    cn = connector(proxy_addr(px), 30000);
+    e = engine(cn, 5);
+    kvfe_set_tiers(e, 0, 1, 0);
+    assert_int_equal(kvf_connector_prefetch(cn, t, 960, &pf), 0);
+    uint64_t deadline = (uint64_t)((now_s() + 1.0) * 1e9);
+    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, deadline, &r), 0);
+    print_message("prefetch: %zu of 960 tokens by the deadline, waited %.3f s\n",
+                  r.prefetch_ready_tokens, r.prefetch_wait_seconds);
+    assert_true(r.prefetch_deadline_missed);
+    assert_true(r.prefetch_ready_tokens < 960 && r.prefetch_ready_tokens % 64 == 0);
+    assert_int_equal(r.loaded_tokens, r.prefetch_ready_tokens);
+    assert_true(r.prefetch_wait_seconds < 3.0);
+    memcpy(got.logits, r.logits, sizeof got.logits);
+    got.tokens[0] = r.next_token;
+    for (int g = 1; g < 6; g++) {
+        kvfe_result dd;
+        assert_int_equal(kvfe_decode(e, got.tokens[g - 1], &dd), 0);
+        got.tokens[g] = dd.next_token;
+    }
+    assert_same(&full, &got);
+    /* The rest goes on arriving. */
+    assert_int_equal(kvf_prefetch_wait(pf, 0), 960);
+    kvf_prefetch_free(&pf);
+    /* Freed with its chunks on the way, then the connector closed under them. */
+    assert_int_equal(kvf_connector_prefetch(cn, t, 960, &pf), 0);
+    kvf_prefetch_free(&pf);
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+    proxy_stop(&px);
+    kvfe_close(&ref);
+    daemon_stop(&d);
+}
+
 /* kvfe_decide's arithmetic, and an engine deciding (opts.decide): a store it measured as slow is
  * not loaded from (the prompt is computed, bitwise the same logits and tokens), a fast one is;
  * before anything is measured it loads. */
@@ -556,6 +655,7 @@ int main(void)
         cmocka_unit_test_teardown(test_engine_save_wait_pages_then_overwrite, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_back_to_back_saves_are_exact, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_decide_load_or_recompute, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_prefetch_with_deadline, teardown_daemons),
     };
     return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
 }
