@@ -70,6 +70,8 @@ typedef struct e2e_summary {
     double wall_s, slo_attainment, cross_hit;
     size_t cross_requests;
     size_t done, failed, rejected, colocated, mismatches;
+    size_t prefetched, prefetch_missed; /* requests whose prefix was fetched while they waited,
+                                         * and of those, cut short by the plan's deadline */
     uint64_t load_bytes, save_bytes;
 } e2e_summary;
 

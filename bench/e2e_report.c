@@ -27,6 +27,8 @@ void e2e_summarize(const e2e_run *R, e2e_summary *s)
             continue;
         s->colocated += q->rt.colocated;
         s->mismatches += q->rt.first_token_mismatch;
+        s->prefetched += q->rt.prefetch_tokens > 0;
+        s->prefetch_missed += q->rt.prefetch_deadline_missed;
         tt[k] = q->ttft;
         e2[k++] = q->e2e;
         met += R->slo_s <= 0 || q->ttft <= R->slo_s;
@@ -130,6 +132,7 @@ static void add_totals(const e2e_report *rp, const char *mode, json_t *o)
         t.colocated += s->colocated, t.mismatches += s->mismatches;
         t.load_bytes += s->load_bytes, t.save_bytes += s->save_bytes;
         t.cross_requests += s->cross_requests;
+        t.prefetched += s->prefetched, t.prefetch_missed += s->prefetch_missed;
         shm += rp->runs[k].shm_bytes, net += rp->runs[k].net_bytes;
         tr = !tr || (!tr->transport[0] && rp->runs[k].transport[0]) ? &rp->runs[k] : tr;
     }
@@ -139,6 +142,9 @@ static void add_totals(const e2e_report *rp, const char *mode, json_t *o)
                   (json_int_t)t.colocated, "first_token_mismatches", (json_int_t)t.mismatches,
                   "bytes_loaded", (json_int_t)t.load_bytes, "bytes_saved", (json_int_t)t.save_bytes,
                   "cross_engine_requests", (json_int_t)t.cross_requests);
+    json_object_set_new(c, "prefetched_requests", json_integer((json_int_t)t.prefetched));
+    json_object_set_new(c, "prefetch_deadlines_missed",
+                        json_integer((json_int_t)t.prefetch_missed));
     json_object_update(o, c);
     json_decref(c);
     json_object_set_new(
@@ -256,12 +262,12 @@ static void print_table(const e2e_report *rp, double *v)
         }
         printf("%s #%d: %zu done, %zu failed, %zu rejected, %zu colocated; %.1f MB loaded from "
                "and %.1f MB saved to the stores (%s; %.1f MB over shared memory, %.1f MB over "
-               "the network); %zu requests loaded a prefix another engine computed; load "
-               "average %.2f\n",
+               "the network); %zu requests loaded a prefix another engine computed; %zu "
+               "prefetched while waiting (%zu cut by the deadline); load average %.2f\n",
                R->mode, R->rep, s->done, s->failed, s->rejected, s->colocated,
                (double)s->load_bytes / 1e6, (double)s->save_bytes / 1e6,
                R->transport[0] ? R->transport : "none", R->shm_bytes / 1e6, R->net_bytes / 1e6,
-               s->cross_requests, R->loadavg);
+               s->cross_requests, s->prefetched, s->prefetch_missed, R->loadavg);
     }
 }
 
@@ -374,6 +380,11 @@ static json_t *record_json(const e2e_run *R, size_t i)
         rt->rejected, "error", q->err, "label", "real", "finish_s", q->finish, "itl_max_s",
         q->itl_max, "itl_steps", (json_int_t)q->itl_n, "cross_tokens", (json_int_t)q->cross_tokens,
         "first_token_mismatch", rt->first_token_mismatch);
+    json_object_set_new(more, "prefetch_tokens", json_integer((json_int_t)rt->prefetch_tokens));
+    json_object_set_new(more, "prefetch_ready_tokens",
+                        json_integer((json_int_t)rt->prefetch_ready_tokens));
+    json_object_set_new(more, "prefetch_deadline_missed",
+                        json_boolean(rt->prefetch_deadline_missed));
     json_object_update(o, more);
     json_decref(more);
     return o;

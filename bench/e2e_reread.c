@@ -105,7 +105,7 @@ static int take_record(reread *R, json_t *o, size_t i)
                  run->rep, json_integer_value(qj));
         return -1;
     }
-    double prompt, dev, st, gen, itl_mean, itl_n, cross, finish;
+    double prompt, dev, st, gen, itl_mean, itl_n, cross, finish, pft;
     const char *hash = json_string_value(json_object_get(o, "tokens_xxh64"));
     const char *err = json_string_value(json_object_get(o, "error"));
     if (num(R, o, i, "arrival_s", 1, 0, &q->arrival) || num(R, o, i, "ttft_s", 1, 0, &q->ttft) ||
@@ -118,8 +118,11 @@ static int take_record(reread *R, json_t *o, size_t i)
         num(R, o, i, "finish_s", 0, q->arrival + q->e2e, &finish) ||
         flag(R, o, i, "colocated", &q->rt.colocated) ||
         flag(R, o, i, "rejected", &q->rt.rejected) ||
-        flag(R, o, i, "first_token_mismatch", &q->rt.first_token_mismatch))
+        flag(R, o, i, "first_token_mismatch", &q->rt.first_token_mismatch) ||
+        flag(R, o, i, "prefetch_deadline_missed", &q->rt.prefetch_deadline_missed) ||
+        num(R, o, i, "prefetch_tokens", 0, 0, &pft))
         return -1;
+    q->rt.prefetch_tokens = (size_t)pft;
     if (prompt < 1 || !hash || strlen(hash) != 16 || strspn(hash, "0123456789abcdef") != 16) {
         snprintf(R->err, sizeof R->err,
                  "record %zu: \"prompt_tokens\" must be at least 1 and \"tokens_xxh64\" 16 hex "

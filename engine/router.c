@@ -306,6 +306,10 @@ static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe
     q->load_wait_s = num(rep, "wait_s");
     q->shm_bytes = num(rep, "shm_bytes");
     q->net_bytes = num(rep, "net_bytes");
+    json_t *pf = json_object_get(rep, "prefetch");
+    q->prefetch_tokens = (size_t)num(pf, "tokens");
+    q->prefetch_ready_tokens = (size_t)num(pf, "ready_tokens");
+    q->prefetch_deadline_missed = json_is_true(json_object_get(pf, "deadline_missed"));
     snprintf(q->transport, sizeof q->transport, "%s", tr ? tr : "");
     snprintf(q->transport_reason, sizeof q->transport_reason, "%s", why ? why : "");
 }
@@ -359,6 +363,14 @@ static json_t *reuse_json(kvfe_reuse reuse)
                                       : json_boolean(reuse == KVFE_REUSE_ALL);
 }
 
+/* Adds the plan's load deadline, if any, to the body of q's prefill or generate. Returns body. */
+static json_t *with_deadline(json_t *body, const kvfe_route *q)
+{
+    if (body && q->load_deadline_ms > 0)
+        json_object_set_new(body, "load_deadline_ms", json_real(q->load_deadline_ms));
+    return body;
+}
+
 /* Sends q whole to e (/v1/generate) and takes the reply, which brings the first token with the
  * others. */
 static int generate_on(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse, json_t *toks,
@@ -366,6 +378,7 @@ static int generate_on(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse r
 {
     json_t *body = json_pack("{s:O,s:i,s:o}", "tokens", toks, "max_tokens", (int)q->max_tokens,
                              "reuse", reuse_json(reuse));
+    with_deadline(body, q);
     json_t *rep = NULL;
     int rc = call_engine(r, e, "/v1/generate", body, &rep, q);
     if (rc)
@@ -419,6 +432,7 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
         *de = did && !strcmp(r->eng[i].id, did) ? &r->eng[i] : *de;
     }
     q->colocated = json_is_true(json_object_get(pl, "colocated"));
+    q->load_deadline_ms = num(pl, "load_deadline_ms");
     if (!*pe || !*de) {
         snprintf(q->err, sizeof q->err,
                  "kvf-sched placed the request on an engine the router does not know");
@@ -435,7 +449,8 @@ static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
                                const kvfe_router_engine *de, json_t *toks, kvfe_route *q)
 {
     json_t *rep = NULL;
-    int rc = call_engine(r, pe, "/v1/prefill", json_pack("{s:O}", "tokens", toks), &rep, q);
+    int rc = call_engine(r, pe, "/v1/prefill", with_deadline(json_pack("{s:O}", "tokens", toks), q),
+                         &rep, q);
     if (rc)
         return rc;
     q->first_token_at = now_s();

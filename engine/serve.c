@@ -8,6 +8,7 @@
  *              [--events-credential FILE --events-tenants FILE] [--tokens FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
  *              [--queue work|fifo] [--cost FILE] [--decide: load or recompute per request]
+ *              [--prefetch on|off: fetch a waiting request's cached prefix while it waits]
  *
  * Requests (POST, JSON bodies; token ids as arrays of integers):
  *   /v1/prefill   {id, tokens}                     prefill with the cached prefix loaded and the
@@ -18,6 +19,11 @@
  *                                                  loads them, checks the first token, decodes
  *   /v1/generate  {id, tokens, max_tokens, reuse}  prefill and decode here (colocated)
  *
+ * load_deadline_ms (prefill and generate, optional: kvf-sched's plan gives it): a request that
+ * finds the engine busy starts fetching its cached prefix from the stores at once (--prefetch on,
+ * the default); at its turn the engine uses what arrived within load_deadline_ms of the request's
+ * arrival (waiting for it until then) and computes the rest; the reply's "prefetch" says how much.
+ * A request that finds the engine free loads layer by layer during its prefill instead.
  * reuse (prefill and generate): true (the default) reuses the engine's pages and the stores and
  * saves to the stores; "engine" reuses the engine's own pages only (an engine with its prefix
  * cache on, without kvfabric: no store is asked, loaded from or saved to); false reuses nothing.
@@ -81,6 +87,7 @@ typedef struct srv {
     uint64_t next_id, running; /* the job holding the engine (0: none) */
     uint64_t picks;
     kvf_sched_cost qcost;
+    int prefetch; /* fetch a waiting request's cached prefix while it waits (--prefetch) */
     double queued_prefill_tokens;
     uint32_t active_decodes;
     uint64_t requests, failures, first_token_mismatches;
@@ -204,6 +211,10 @@ typedef struct job {
     uint32_t max_tokens, first_token, expect_cached;
     int has_first;
     reuse_mode reuse;
+    double load_deadline_ms; /* the plan's (0: none): the prefetch is used as far as it arrived
+                              * this long after the request did */
+    kvf_prefetch *pf;        /* the cached prefix, fetched while the job waits (NULL: none) */
+    uint64_t deadline_ns;
 } job;
 
 /* The "reuse" field: absent or true, false, or "engine". Returns 0, or -1 for any other value. */
@@ -225,13 +236,18 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
     }
     j->n = json_array_size(t);
     json_t *mt = json_object_get(o, "max_tokens"), *ft = json_object_get(o, "first_token"),
-           *ec = json_object_get(o, "expect_cached"), *ru = json_object_get(o, "reuse");
+           *ec = json_object_get(o, "expect_cached"), *ru = json_object_get(o, "reuse"),
+           *dl = json_object_get(o, "load_deadline_ms");
     if ((mt && !json_is_integer(mt)) || (ft && !json_is_integer(ft)) ||
-        (ec && !json_is_integer(ec)) || parse_reuse(ru, &j->reuse) != 0) {
+        (ec && !json_is_integer(ec)) || parse_reuse(ru, &j->reuse) != 0 ||
+        (dl &&
+         (!json_is_number(dl) || !(json_number_value(dl) >= 0) || json_number_value(dl) > 3.6e6))) {
         reply->json = kvf__http_error("max_tokens, first_token and expect_cached are integers, "
-                                      "reuse true, false or \"engine\"");
+                                      "reuse true, false or \"engine\", load_deadline_ms a "
+                                      "number of milliseconds 0..3600000");
         return 400;
     }
+    j->load_deadline_ms = dl ? json_number_value(dl) : 0;
     j->max_tokens = mt ? (uint32_t)json_integer_value(mt) : 1;
     j->has_first = ft != NULL;
     j->first_token = ft ? (uint32_t)json_integer_value(ft) : 0;
@@ -312,7 +328,9 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
     int saving = stores && !is_decode;
     kvfe_set_tiers(S->e, j->reuse != REUSE_NONE, stores, saving);
     kvfe_result r;
-    int rc = kvfe_prefill(S->e, j->tokens, j->n, &r);
+    int rc = j->pf && stores
+                 ? kvfe_prefill_prefetched(S->e, j->tokens, j->n, j->pf, j->deadline_ns, &r)
+                 : kvfe_prefill(S->e, j->tokens, j->n, &r);
     if (rc)
         return kvf__http_error("prefill: %s", kvf_strerror(rc));
     publish_blocks(S, j->tokens, j->n);
@@ -359,6 +377,13 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
                                                             : "recomputed",
                                       "label", "real"));
     }
+    if (j->pf && stores) /* fetched while it waited: how much arrived by the deadline */
+        json_object_set_new(
+            out, "prefetch",
+            json_pack("{s:I,s:I,s:b,s:f,s:f,s:s}", "tokens", (json_int_t)r.prefetch_tokens,
+                      "ready_tokens", (json_int_t)r.prefetch_ready_tokens, "deadline_missed",
+                      r.prefetch_deadline_missed, "deadline_ms", j->load_deadline_ms, "wait_s",
+                      r.prefetch_wait_seconds, "label", "real"));
     if (stores) { /* KV moved through kvfabric: say how */
         char why[240];
         json_object_set_new(out, "transport",
@@ -439,6 +464,21 @@ static int wait_turn(srv *S, size_t cached, double work_s)
     return rc;
 }
 
+/* A job that will wait for the engine (it is busy) starts fetching the stores' prefix now, so
+ * that its load happens while it waits: the cached tokens the lookup found, at most all but the
+ * chunk holding the last token (which is computed anyway). Its deadline is the plan's, counted
+ * from the job's arrival. Best effort: a prefetch that cannot start leaves the job to load at
+ * its turn. */
+static void start_prefetch(srv *S, job *j, size_t cached, double t_arrived)
+{
+    uint32_t C = S->m.layout.chunk_tokens;
+    size_t max_hit = (j->n - 1) / C * C, want = (cached < max_hit ? cached : max_hit) / C * C;
+    if (!want || kvf_connector_prefetch(S->cn, j->tokens, want, &j->pf) != 0)
+        return;
+    j->deadline_ns =
+        j->load_deadline_ms > 0 ? (uint64_t)((t_arrived + j->load_deadline_ms / 1e3) * 1e9) : 0;
+}
+
 static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply *reply)
 {
     job j = {.kind = kind};
@@ -450,10 +490,17 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
      * its prefix by handoff; others ask the stores, or with the engine's cache only, look at the
      * pages), then the tokens it generates. */
     size_t cached = is_decode ? j.expect_cached : 0;
-    if (!is_decode && j.reuse == REUSE_ALL && S->cn && S->qcost.klpm_k > 1)
+    double t_arrived = now_s();
+    pthread_mutex_lock(&S->mu);
+    int busy = S->running != 0 || S->n_wait > 0;
+    pthread_mutex_unlock(&S->mu);
+    int prefetch = !is_decode && j.reuse == REUSE_ALL && S->cn && S->prefetch && busy;
+    if (!is_decode && j.reuse == REUSE_ALL && S->cn && (S->qcost.klpm_k > 1 || prefetch))
         kvf_connector_lookup(S->cn, j.tokens, j.n, &cached);
     else if (!is_decode && j.reuse == REUSE_ENGINE && S->qcost.klpm_k > 1)
         cached = held_prefix(S, j.tokens, j.n);
+    if (prefetch)
+        start_prefetch(S, &j, cached, t_arrived);
     cached = cached < j.n ? cached : j.n;
     const kvf_sched_cost *qc = &S->qcost;
     double un = (double)(j.n - cached), nn = (double)j.n, cc = (double)cached;
@@ -491,6 +538,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
     mark_dirty_locked(S);
     pthread_cond_broadcast(&S->cv);
     pthread_mutex_unlock(&S->mu);
+    kvf_prefetch_free(&j.pf);
     free(j.tokens);
     reply->json = out;
     return ok ? 200 : 500;
@@ -524,6 +572,12 @@ static unsigned on_request(void *ctx, const char *method, const char *url, json_
             (json_int_t)cs.chunks_loaded, "chunks_saved", (json_int_t)cs.chunks_saved,
             "chunks_missed", (json_int_t)cs.chunks_missed, "chunks_existing",
             (json_int_t)cs.chunks_existing, "cache_layer", S->cn != NULL);
+        json_object_set_new(reply->json, "running", json_boolean(S->running != 0));
+        json_t *c = json_object_get(reply->json, "connector");
+        json_object_set_new(c, "prefetches", json_integer((json_int_t)cs.prefetches));
+        json_object_set_new(c, "prefetch_chunks", json_integer((json_int_t)cs.prefetch_chunks));
+        json_object_set_new(c, "prefetch_chunks_loaded",
+                            json_integer((json_int_t)cs.prefetch_chunks_loaded));
         pthread_mutex_unlock(&S->mu);
         return 200;
     }
@@ -592,8 +646,9 @@ static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, c
 typedef struct serve_opts {
     const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
         *level, *queue, *cost, *events_credential, *events_tenants, *tokens;
-    int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
-    int decide;   /* --decide: load or recompute per request from live rates */
+    int insecure;         /* --insecure: listen where clients are not loopback (docs/security.md) */
+    int decide;           /* --decide: load or recompute per request from live rates */
+    const char *prefetch; /* --prefetch on|off */
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o)
@@ -606,7 +661,8 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                       .seed = "1",
                       .max_tokens = "16384",
                       .level = "info",
-                      .queue = "work"};
+                      .queue = "work",
+                      .prefetch = "on"};
     const struct {
         const char *name;
         const char **value;
@@ -622,6 +678,7 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                 {"--max-tokens", &o->max_tokens},
                 {"--log-level", &o->level},
                 {"--queue", &o->queue},
+                {"--prefetch", &o->prefetch},
                 {"--cost", &o->cost},
                 {"--events-credential", &o->events_credential},
                 {"--events-tenants", &o->events_tenants},
@@ -701,6 +758,11 @@ static int configure(srv *S, const serve_opts *o)
         return 2;
     }
     S->max_tokens = (uint32_t)max_tokens;
+    if (strcmp(o->prefetch, "on") && strcmp(o->prefetch, "off")) {
+        fprintf(stderr, "kvf-engine: --prefetch must be on or off\n");
+        return 2;
+    }
+    S->prefetch = !strcmp(o->prefetch, "on");
     int rc = configure_queue(S, o->queue, o->cost);
     if (rc != PROCEED)
         return rc;

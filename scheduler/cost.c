@@ -27,6 +27,16 @@ void kvf_sched_cost_defaults(kvf_sched_cost *c)
     c->klpm_k = 128;
     c->queue_by_work = 1;
     c->decode_overflow = 1;
+    c->load_deadline_base_s = 0.2;
+    c->load_deadline_s_per_ktok = 0;
+}
+
+double kvf__sched_load_deadline_s(const kvf_sched_cost *c, double tokens)
+{
+    double per_ktok = c->load_deadline_s_per_ktok > 0
+                          ? c->load_deadline_s_per_ktok
+                          : 2.0 * 1000.0 * c->kv_bytes_per_token / c->load_bytes_per_s;
+    return c->load_deadline_base_s + per_ktok * tokens / 1000.0;
 }
 
 int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t errlen)
@@ -55,6 +65,8 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
         {"disagg_threshold_tokens", offsetof(kvf_sched_cost, disagg_threshold_tokens)},
         {"handoff_bytes_per_s", offsetof(kvf_sched_cost, handoff_bytes_per_s)},
         {"reject_factor", offsetof(kvf_sched_cost, reject_factor)},
+        {"load_deadline_base_s", offsetof(kvf_sched_cost, load_deadline_base_s)},
+        {"load_deadline_s_per_ktok", offsetof(kvf_sched_cost, load_deadline_s_per_ktok)},
     };
     const char *k;
     json_t *v;

@@ -358,12 +358,15 @@ static json_t *plan_json_locked(const kvf_sched *s, const kvf_place_res *rs)
                                               "tokens", (json_int_t)a->tokens, "seconds",
                                               a->seconds, "label", kvf_label_name(a->label)));
     }
-    return json_pack("{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill",
-                     pi ? pi->id : "", "prefill_endpoint", pi ? pi->endpoint : "", "decode",
-                     di ? di->id : "", "decode_endpoint", di ? di->endpoint : "", "cached_tokens",
-                     "device", (json_int_t)rs->cached_device, "store", (json_int_t)rs->cached_store,
-                     "expected_ttft_ms", rs->expected_ttft_s * 1e3, "rejected", rs->rejected,
-                     "colocated", rs->colocated, "actions", acts, "label", "simulated");
+    json_t *o = json_pack(
+        "{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill", pi ? pi->id : "",
+        "prefill_endpoint", pi ? pi->endpoint : "", "decode", di ? di->id : "", "decode_endpoint",
+        di ? di->endpoint : "", "cached_tokens", "device", (json_int_t)rs->cached_device, "store",
+        (json_int_t)rs->cached_store, "expected_ttft_ms", rs->expected_ttft_s * 1e3, "rejected",
+        rs->rejected, "colocated", rs->colocated, "actions", acts, "label", "simulated");
+    if (rs->load_deadline_s > 0) /* the planned load's: the engine fetches from arrival */
+        json_object_set_new(o, "load_deadline_ms", json_real(rs->load_deadline_s * 1e3));
+    return o;
 }
 
 _Static_assert(KVF_SCHED_MAX_INSTANCES <= 4096, "post_lookup packs a slot in 12 bits");

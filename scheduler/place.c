@@ -159,6 +159,8 @@ static void set_estimates(const kvf_sched *s, double n, int prefill, int decode,
     res->load_s = kvf__sched_load_s(c, (double)res->cached_store);
     res->prefill_s = kvf__sched_prefill_s(c, n, e->cached);
     res->expected_ttft_s = e->ttft_s;
+    res->load_deadline_s =
+        res->cached_store ? kvf__sched_load_deadline_s(c, (double)res->cached_store) : 0;
 }
 
 /* Until the engines report again, counts what was just sent to them, so that a burst of requests

@@ -155,6 +155,8 @@ double kvf__sched_queue_s(const kvf_sched_cost *c, const kvf_instance_load *load
 /* Loading `tokens` tokens of KV from the stores. */
 double kvf__sched_load_s(const kvf_sched_cost *c, double tokens);
 /* Handing `tokens` tokens of KV from the prefill instance to the decode instance. */
+/* The deadline of a planned load of `tokens` from the stores (kvf_place_res.load_deadline_s). */
+double kvf__sched_load_deadline_s(const kvf_sched_cost *c, double tokens);
 double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens);
 
 /* What running a request's prefill on one instance would find cached and cost: the cost model's

@@ -86,9 +86,11 @@ struct kvfe_route {
     void *arg;                /* passed to on_prefill */
 
     /* output of the placement */
-    int rejected;   /* kvf-sched turned the request away (HTTP 429) */
-    int colocated;  /* kvf-sched placed prefill and decode on one engine */
-    double place_s; /* kvf-sched's answer, as the router waited for it */
+    int rejected;            /* kvf-sched turned the request away (HTTP 429) */
+    int colocated;           /* kvf-sched placed prefill and decode on one engine */
+    double place_s;          /* kvf-sched's answer, as the router waited for it */
+    double load_deadline_ms; /* the plan's deadline for loading the stores' prefix (0: none),
+                              * passed to the prefill engine */
 
     /* output of the prefill (for a colocated request, of the generate) */
     const kvfe_router_engine *prefill; /* borrowed; valid until kvfe_router_close() */
@@ -101,6 +103,9 @@ struct kvfe_route {
     double prefill_s;                  /* the engine's prefill time */
     double compute_s;                  /* of which the forward pass proper */
     double load_wait_s;                /* of which waiting for loaded layers to arrive */
+    size_t prefetch_tokens;            /* fetched while it waited for the engine (0: none) */
+    size_t prefetch_ready_tokens;      /* of those, arrived by the plan's deadline */
+    int prefetch_deadline_missed;      /* the deadline cut the prefetch short */
     char transport[16];                /* how KV moved through kvfabric; empty: it did not */
     double shm_bytes, net_bytes;       /* what the engines' storage clients moved meanwhile, over
                                         * shared memory and over the network (both replies) */

@@ -71,11 +71,14 @@ typedef struct kvf_sched_cost {
     double tpot_per_seq_s;          /* added per other active sequence */
     double disagg_threshold_tokens; /* prefill on the decode instance below this suffix */
     double handoff_bytes_per_s;     /* prefill -> decode KV handoff */
-    double reject_factor;     /* reject when the best estimate exceeds SLO x this (0: never) */
-    uint32_t klpm_k;          /* window k of the waiting-queue disciplines (kvf_queue); every k-th
-                               * pick is the oldest (< 2: arrival order) */
-    uint32_t queue_by_work;   /* the discipline kvf_sched_queue_pick applies: 1 (default) work, 0
-                               * lpm */
+    double reject_factor;   /* reject when the best estimate exceeds SLO x this (0: never) */
+    uint32_t klpm_k;        /* window k of the waiting-queue disciplines (kvf_queue); every k-th
+                             * pick is the oldest (< 2: arrival order) */
+    uint32_t queue_by_work; /* the discipline kvf_sched_queue_pick applies: 1 (default) work, 0
+                             * lpm */
+    double load_deadline_base_s;     /* a planned load's deadline: this base ... */
+    double load_deadline_s_per_ktok; /* ... plus this per thousand tokens loaded (0: twice the
+                                      * load time of a thousand tokens at load_bytes_per_s) */
     uint32_t decode_overflow; /* 1 (default): a decode instance also prefills a long suffix when
                                * the prefill instances' queues cost more than the whole prefill
                                * there; 0: long suffixes go to prefill instances only */
@@ -253,6 +256,10 @@ typedef struct kvf_place_res {
     double queue_s, prefill_s, load_s;
     int rejected;
     int colocated; /* prefill runs on the decode instance (conditional disaggregation) */
+    /* With store tokens to load: how long after the prefill instance receives the request its
+     * load may take (base + per-ktok term of the cost constants); the engine starts fetching on
+     * arrival, uses what arrived by then and computes the rest. 0: no load planned. */
+    double load_deadline_s;
     kvf_action actions[4];
     int n_actions;
 } kvf_place_res;

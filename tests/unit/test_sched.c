@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -533,12 +534,14 @@ static void test_sched_decode_overflow(void **state)
     char path[] = "/tmp/kvf_test_overflow_XXXXXX";
     int fd = mkstemp(path);
     assert_true(fd >= 0);
-    const char *j = "{\"decode_overflow\": 0}";
+    const char *j = "{\"decode_overflow\": 0, \"load_deadline_base_s\": 0.05, "
+                    "\"load_deadline_s_per_ktok\": 0.01}";
     assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
     close(fd);
     char err[256];
     assert_int_equal(kvf_sched_cost_load(path, &c, err, sizeof err), 0);
     assert_int_equal(c.decode_overflow, 0);
+    assert_true(c.load_deadline_base_s == 0.05 && c.load_deadline_s_per_ktok == 0.01);
     fd = open(path, O_WRONLY | O_TRUNC);
     j = "{\"decode_overflow\": 2}";
     assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
@@ -577,6 +580,7 @@ static void test_sched_plans_are_classified(void **state)
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
     assert_int_equal(rs.prefill, g);
     assert_int_equal(rs.cached_store, 0);
+    assert_true(rs.load_deadline_s == 0); /* nothing to load: no deadline */
     int saw_save = 0;
     for (int i = 0; i < rs.n_actions; i++) {
         if (rs.actions[i].kind == KVF_ACT_SAVE_TO_STORE) {
@@ -595,6 +599,12 @@ static void test_sched_plans_are_classified(void **state)
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
     assert_int_equal(rs.prefill, c);
     assert_int_equal(rs.cached_store, 1024);
+    /* The planned load's deadline: the base, plus twice a thousand tokens' load time at the
+     * cost model's bandwidth per thousand tokens (0.2 s + 2 x 10.5 ms x 1.024). */
+    kvf_sched_cost dc;
+    kvf_sched_cost_defaults(&dc);
+    double per_ktok = 2.0 * 1000.0 * dc.kv_bytes_per_token / dc.load_bytes_per_s;
+    assert_true(fabs(rs.load_deadline_s - (0.2 + per_ktok * 1.024)) < 1e-9);
     /* The KV cannot be handed to the CUDA-memory instance: it decodes where it was prefilled. */
     assert_int_equal(rs.decode, c);
     for (int i = 0; i < rs.n_actions; i++)

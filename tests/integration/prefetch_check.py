@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""kvf-engine's prefetch through its HTTP API, against a real kvf-store on loopback: a request
+that finds the engine busy fetches its cached prefix while it waits and loads it at its turn
+(the reply's "prefetch": what arrived by the plan's deadline), giving the tokens a full recompute
+gives; with a deadline already past at its turn, what had arrived is loaded and the rest
+computed, tokens still identical; an idle engine and --prefetch off load at the request's turn
+instead; a bad load_deadline_ms is refused with 400.
+
+usage: prefetch_check.py KVF_STORE KVF_ENGINE
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+PROCS = []
+
+
+def fail(msg):
+    print("prefetch_check: FAIL: " + msg)
+    for p in PROCS:
+        p.kill()
+    sys.exit(1)
+
+
+def spawn(args):
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    PROCS.append(p)
+    for _ in range(50):
+        line = p.stdout.readline()
+        if not line:
+            break
+        if "listen=" in line:
+            return p, line.split("listen=")[1].split()[0]
+    fail("%s did not start" % args[0])
+
+
+def post(addr, path, body, timeout=60):
+    req = urllib.request.Request("http://%s%s" % (addr, path), data=json.dumps(body).encode(),
+                                 method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def tokens(seed, n):
+    out, z = [], seed
+    for _ in range(n):
+        z = (z * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        out.append((z >> 33) % 512)
+    return out
+
+
+def busy_then(addr, long_body, body):
+    """Sends long_body, and body while the engine is on it; returns body's reply."""
+    out = {}
+
+    def first():
+        out["long"] = post(addr, "/v1/generate", long_body)
+    t = threading.Thread(target=first)
+    t.start()
+    # The long request holds the engine once the health endpoint shows it running.
+    for _ in range(400):
+        with urllib.request.urlopen("http://%s/v1/health" % addr, timeout=10) as r:
+            h = json.loads(r.read())
+        if h.get("running"):
+            break
+    st, rep = post(addr, "/v1/generate", body)
+    t.join(120)
+    if out.get("long", (0,))[0] != 200:
+        fail("the long request: %r" % (out.get("long"),))
+    return st, rep
+
+
+def main():
+    store_bin, engine_bin = sys.argv[1], sys.argv[2]
+    try:
+        _, store = spawn([store_bin, "--listen", "127.0.0.1:0", "--memory", "256M",
+                          "--log-level", "warn"])
+        _, eng = spawn([engine_bin, "--serve", "--id", "e1", "--role", "both", "--store", store,
+                        "--listen", "127.0.0.1:0", "--max-tokens", "16384", "--log-level",
+                        "warn"])
+        _, eng_off = spawn([engine_bin, "--serve", "--id", "e2", "--role", "both", "--store",
+                            store, "--listen", "127.0.0.1:0", "--max-tokens", "16384",
+                            "--prefetch", "off", "--log-level", "warn"])
+        prompt = tokens(7, 3000)
+        other = tokens(8, 3000)
+        longp = tokens(9, 12000)
+        # The reference: computed whole, nothing reused.
+        st, ref = post(eng, "/v1/generate", {"tokens": prompt, "max_tokens": 4, "reuse": False})
+        if st != 200:
+            fail("reference: %d %r" % (st, ref))
+        # Warm the store with the prompt's chunks (another engine's pages, so not e1's).
+        st, _ = post(eng_off, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
+        if st != 200:
+            fail("warm-up")
+        # Its save completes after the reply: wait until the store has the 46 chunks.
+        for _ in range(200):
+            with urllib.request.urlopen("http://%s/v1/health" % eng_off, timeout=10) as r:
+                c = json.loads(r.read())["connector"]
+            if c["chunks_saved"] + c["chunks_existing"] >= 46:
+                break
+            time.sleep(0.05)
+        else:
+            fail("the warm-up's save did not complete: %r" % c)
+        # Bad deadlines: refused.
+        for bad in (-1, "soon", 1e9):
+            st, rep = post(eng, "/v1/prefill", {"tokens": prompt, "load_deadline_ms": bad})
+            if st != 400 or "load_deadline_ms" not in rep.get("error", ""):
+                fail("load_deadline_ms %r: %d %r" % (bad, st, rep))
+        # Busy engine, generous deadline: the prefix is prefetched whole and loaded.
+        st, rep = busy_then(eng, {"tokens": longp, "max_tokens": 1, "reuse": False},
+                            {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 60000})
+        pf = rep.get("prefetch")
+        if st != 200 or not pf or pf["label"] != "real":
+            fail("prefetch not used: %d %r" % (st, rep))
+        if pf["tokens"] != 2944 or pf["ready_tokens"] != 2944 or pf["deadline_missed"]:
+            fail("prefetch: %r" % pf)
+        if rep["loaded_tokens"] != 2944 or rep["tokens"] != ref["tokens"]:
+            fail("prefetched load: loaded %d, tokens %r vs %r"
+                 % (rep["loaded_tokens"], rep["tokens"], ref["tokens"]))
+        # A deadline of 0 ms, counted from arrival: past by the request's turn. What had arrived
+        # by then is loaded (possibly all of it on loopback), the rest computed; tokens exact.
+        st, rep = busy_then(eng, {"tokens": longp, "max_tokens": 1, "reuse": False},
+                            {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 0.001})
+        pf = rep.get("prefetch")
+        if st != 200 or not pf or rep["tokens"] != ref["tokens"] or \
+                rep["loaded_tokens"] != min(pf["ready_tokens"], 2944) or pf["wait_s"] > 1.0:
+            fail("past deadline: %d %r" % (st, rep))
+        # An idle engine loads layer by layer instead: no prefetch.
+        st, rep = post(eng, "/v1/generate", {"tokens": other, "max_tokens": 1})
+        if st != 200 or "prefetch" in rep:
+            fail("idle engine prefetched: %r" % rep)
+        # --prefetch off: never.
+        st, rep = busy_then(eng_off, {"tokens": longp, "max_tokens": 1, "reuse": False},
+                            {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 60000})
+        if st != 200 or "prefetch" in rep or rep["tokens"] != ref["tokens"]:
+            fail("--prefetch off: %r" % rep)
+        print("prefetch_check: ok (prefetched 2944 tokens while waiting, tokens identical; past "
+              "deadline handled; idle and --prefetch off load at their turn)")
+    finally:
+        for p in PROCS:
+            p.terminate()
+        for p in PROCS:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
