@@ -5,7 +5,8 @@ library; torch tensors (CPU or CUDA) are accepted where torch is installed.
 """
 
 from .client import Client, Object
-from .connector import CUDA, HOST, UNIFIED, Connector, KVPages, Transfer, pages_from_tensors
+from .connector import (CUDA, HOST, UNIFIED, Connector, KVPages, Prefetch, Transfer,
+                        pages_from_tensors)
 from .cuda import cuda_probe
 from .errors import KvfError, Miss, error_name, error_text
 from .events import Events, hash_blocks
@@ -15,7 +16,7 @@ from .layout import LATENT, SEPARATE, KeySpace, Layout
 __version__ = "0.1.0"
 
 __all__ = [
-    "Connector", "Transfer", "KVPages", "pages_from_tensors", "HOST", "UNIFIED", "CUDA",
+    "Connector", "Prefetch", "Transfer", "KVPages", "pages_from_tensors", "HOST", "UNIFIED", "CUDA",
     "Layout", "KeySpace", "SEPARATE", "LATENT", "KvfError", "Miss", "error_name", "error_text",
     "cuda_probe", "Client", "Object", "Events", "hash_blocks", "Caps", "classify", "optimality_gap", "__version__",
 ]

@@ -82,7 +82,8 @@ class ConnectorOpts(ctypes.Structure):
 STATS_FIELDS = [
     "loads", "saves", "loads_in_place", "load_bytes", "save_bytes", "batches", "chunks_loaded",
     "chunks_saved", "chunks_missed", "chunks_existing", "gather_ns", "scatter_ns", "wait_ns",
-    "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels",
+    "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels", "prefetches",
+    "prefetch_chunks", "prefetch_chunks_loaded",
 ]
 
 
@@ -238,6 +239,13 @@ _SIGNATURES = {
                                         c_size_t, _P(c_void_p)]),
     "kvf_connector_save": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
                                    c_size_t, _P(c_void_p)]),
+    "kvf_connector_prefetch": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_void_p)]),
+    "kvf_prefetch_tokens": (c_size_t, [c_void_p]),
+    "kvf_prefetch_ready_tokens": (c_size_t, [c_void_p]),
+    "kvf_prefetch_wait": (c_size_t, [c_void_p, c_uint64]),
+    "kvf_connector_load_prefetched": (c_int, [c_void_p, c_void_p, _P(c_uint32), c_size_t,
+                                              _P(c_uint32), c_size_t, _P(c_void_p)]),
+    "kvf_prefetch_free": (None, [_P(c_void_p)]),
     "kvf_connector_stats_get": (None, [c_void_p, _P(ConnectorStats)]),
     "kvf_connector_transport": (c_char_p, [c_void_p, c_char_p, c_size_t]),
     "kvf_connector_error": (c_char_p, [c_void_p, c_char_p, c_size_t]),

@@ -123,6 +123,34 @@ class _Handle:
             pass
 
 
+class Prefetch(_Handle):
+    """A prefix's chunks being fetched while its request waits (Connector.prefetch). close()
+    never waits: chunks still on their way are dropped when they arrive, and the memory goes
+    once no load reads it."""
+
+    _kind, _free_fn = "prefetch", "kvf_prefetch_free"
+
+    def __init__(self, cn: "Connector", handle: ctypes.c_void_p) -> None:
+        self._cn = cn
+        self._h = handle
+
+    @property
+    def tokens(self) -> int:
+        """The tokens it fetches for."""
+        return int(_lib.lib().kvf_prefetch_tokens(self._handle()))
+
+    @property
+    def ready_tokens(self) -> int:
+        """The leading tokens whose chunks have all arrived so far."""
+        return int(_lib.lib().kvf_prefetch_ready_tokens(self._handle()))
+
+    def wait(self, deadline: Optional[float] = None) -> int:
+        """Waits until every chunk arrived or until deadline (time.monotonic() seconds; None:
+        the connector's transfer deadline); returns ready_tokens."""
+        ns = 0 if deadline is None else max(1, int(deadline * 1e9))
+        return int(_lib.lib().kvf_prefetch_wait(self._handle(), ns))
+
+
 class Transfer(_Handle):
     """A load or a save in flight. Free it with close() (or let it be collected); either waits
     for it to finish. Every method raises KvfError on failure; a load's layer that did not arrive
@@ -255,6 +283,29 @@ class Connector(_Handle):
         x = ctypes.c_void_p()
         check(_lib.lib().kvf_connector_load_from(self._handle(), t, len(tokens), int(first_chunk),
                                                  p, len(page_ids), ctypes.byref(x)), "load")
+        return Transfer(self, x, False, len(tokens))
+
+    def prefetch(self, tokens: Sequence[int]) -> "Prefetch":
+        """Starts fetching the chunks of tokens (a multiple of chunk_tokens) into memory of the
+        prefetch's own, for a request that waits for its turn; at its turn,
+        Prefetch.wait(deadline) then load_prefetched() (docs/connector.md, "Prefetch with
+        deadlines")."""
+        t = _lib.u32_array(tokens)
+        h = ctypes.c_void_p()
+        check(_lib.lib().kvf_connector_prefetch(self._handle(), t, len(tokens), ctypes.byref(h)),
+              "prefetch")
+        return Prefetch(self, h)
+
+    def load_prefetched(self, pf: "Prefetch", tokens: Sequence[int],
+                        page_ids: Sequence[int]) -> Transfer:
+        """Starts loading the KV of tokens (a multiple of chunk_tokens, at most what pf has
+        ready) into the pages page_ids from pf's memory. tokens must be those pf fetched for:
+        another prompt's prefetch raises KvfError (KVF_EINVAL)."""
+        t, p = _lib.u32_array(tokens), _lib.u32_array(page_ids)
+        x = ctypes.c_void_p()
+        check(_lib.lib().kvf_connector_load_prefetched(self._handle(), pf._handle(), t,
+                                                       len(tokens), p, len(page_ids),
+                                                       ctypes.byref(x)), "load from prefetch")
         return Transfer(self, x, False, len(tokens))
 
     def save(self, tokens: Sequence[int], page_ids: Sequence[int], first_chunk: int = 0) -> Transfer:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .connector import Connector, pages_from_tensors
+from .connector import Connector, Prefetch, pages_from_tensors
 from .errors import KvfError, Miss
 from .events import Events, HeldBlocks
 from .layout import Layout
@@ -129,6 +129,7 @@ class Outcome:
     handed_over: bool = False  # a decode that loaded the whole prompt's KV and computed nothing
     tail_saved: bool = False  # a prefill saved its last partial chunk too, padded, for the decode
     decision: Dict[str, Any] = field(default_factory=dict)  # load or recompute, and why
+    prefetch: Dict[str, Any] = field(default_factory=dict)  # fetched while it waited: how much
 
 
 class Rates:
@@ -236,8 +237,35 @@ class Engine:
         out = self.model(input_ids=t, past_key_values=cache, use_cache=True, **self._last_only)
         return int(out.logits[0, -1].argmax())
 
+    def prefetch(self, tokens: Sequence[int]) -> Optional[Prefetch]:
+        """For a request that will wait for this engine: starts fetching the stores' prefix of
+        tokens (all but the chunk of the last token, which is computed anyway) into memory of
+        its own, for run(prefetch=...). None when nothing is cached or the stores do not
+        answer: the request then loads at its turn."""
+        C = self.layout.chunk_tokens
+        limit = (len(tokens) - 1) // C * C
+        if self.cn is None or limit == 0:
+            return None
+        try:
+            cached = min(self.lookup(list(tokens[:limit])), limit)
+            return self.cn.prefetch(list(tokens[:cached])) if cached else None
+        except KvfError:
+            return None
+
+    def _from_prefetch(self, pf: Prefetch, deadline: Optional[float], limit: int,
+                       o: Outcome) -> int:
+        """Waits for pf until the deadline (time.monotonic() seconds; None: until it
+        completes) and returns the leading tokens that arrived, at most limit."""
+        w = time.perf_counter()
+        ready = pf.wait(deadline)
+        o.prefetch = {"tokens": pf.tokens, "ready_tokens": ready,
+                      "deadline_missed": ready < pf.tokens,
+                      "wait_s": time.perf_counter() - w, "label": "real"}
+        return min(ready, limit)
+
     def _prefill(self, tokens: List[int], reuse: str, o: Outcome,
-                 handed: Optional[int] = None) -> Any:
+                 handed: Optional[int] = None, pf: Optional[Prefetch] = None,
+                 deadline: Optional[float] = None) -> Any:
         """Fills a cache with the prompt's KV (reused, loaded, computed): returns it and how many
         leading tokens the stores hold; the first token goes into o.tokens. handed: a decode's
         first token, chosen by its prefill: where the prefill handed the whole prompt's KV over
@@ -250,7 +278,10 @@ class Engine:
         cached, seq = 0, tokens
         if handed is not None:
             seq = handoff_tokens(tokens, C)
-        if reuse == "all" and (limit or handed is not None) and self.cn is not None:
+        use_pf = pf is not None and reuse == "all" and handed is None and self.cn is not None
+        if use_pf:  # fetched while it waited: what arrived by the deadline, no decision needed
+            cached = self._from_prefetch(pf, deadline, limit, o)
+        elif reuse == "all" and (limit or handed is not None) and self.cn is not None:
             try:  # the stores unreachable: a miss, and the prompt is computed
                 cached = self.lookup(seq if handed is not None else tokens[:limit])
             except KvfError as e:
@@ -259,7 +290,7 @@ class Engine:
         whole = handed is not None and cached == len(seq) and len(seq) <= self.staging.tokens
         if not whole:
             cached = min(cached, limit)
-        if cached > d and not whole:
+        if cached > d and not whole and not use_pf:
             cached = self._decide(d, cached, n, o)
         upto = n if whole else cached  # the positions handed to the cache
         cache = self.last_cache if d else self.new_cache()
@@ -270,8 +301,9 @@ class Engine:
         load = None
         if cached > d:
             try:
-                load = self.cn.load(seq[:cached], list(range(cached // L.page_tokens)),
-                                    first_chunk=d // C)
+                pages = list(range(cached // L.page_tokens))
+                load = (self.cn.load_prefetched(pf, seq[:cached], pages) if use_pf else
+                        self.cn.load(seq[:cached], pages, first_chunk=d // C))
             except KvfError as e:
                 o.load_error = e.name
                 o.notes.append(f"load: {e}")
@@ -353,7 +385,7 @@ class Engine:
         o.prefill_s = time.perf_counter() - t0
         o.wait_s = waited[0]
         o.compute_s = max(0.0, o.prefill_s - o.wait_s)
-        if o.loaded_tokens and load_done[0]:
+        if o.loaded_tokens and load_done[0] and not use_pf:  # a prefetch's copy is no link's
             self.rates.note_load(o.loaded_tokens * L.bytes_per_token, load_done[0] - t0)
         if not o.loaded_tokens and not whole and o.device_tokens < n:
             self.rates.note_prefill(n - o.device_tokens, o.compute_s)
@@ -393,8 +425,11 @@ class Engine:
         return len(tokens) // C * C - first * C, len(seq) > len(tokens)
 
     def run(self, kind: str, tokens: Sequence[int], max_tokens: int = 1, reuse: str = "all",
-            first_token: Optional[int] = None) -> Outcome:
-        """Runs one request (see the module's docstring). Not thread-safe: one at a time."""
+            first_token: Optional[int] = None, prefetch: Optional[Prefetch] = None,
+            deadline: Optional[float] = None) -> Outcome:
+        """Runs one request (see the module's docstring). Not thread-safe: one at a time.
+        prefetch: its prefix fetched while it waited (Engine.prefetch), used as far as it arrived
+        by deadline (time.monotonic() seconds); stays the caller's."""
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("tokens must not be empty")
@@ -412,7 +447,7 @@ class Engine:
             handed = int(first_token) if kind == "decode" and first_token is not None else None
             try:
                 cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else
-                                             "engine", o, handed)
+                                             "engine", o, handed, prefetch, deadline)
             except BaseException:
                 # The cache may be cropped or half-filled: nothing of it is reused or saved.
                 self.last_tokens, self.last_cache = [], None
@@ -469,10 +504,16 @@ class TurnQueue:
             self._serving += 1
             self._cv.notify_all()
 
+    def busy(self) -> bool:
+        """Whether a request holds the engine or waits for it now."""
+        with self._cv:
+            return self._next != self._serving
+
 
 def outcome_json(o: Outcome) -> Dict[str, Any]:
     return {"tokens": o.tokens, "itl_s": o.itl_s, "prompt_tokens": o.prompt_tokens,
             "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
             "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
             "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
-            "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes}
+            "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes,
+            **({"prefetch": o.prefetch} if o.prefetch else {})}

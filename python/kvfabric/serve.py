@@ -198,7 +198,9 @@ class Server:
                     "busy_s": self.busy_s,
                     "connector": {k: st.get(k, 0) for k in
                                   ("load_bytes", "save_bytes", "chunks_loaded", "chunks_saved",
-                                   "chunks_missed", "chunks_existing")},
+                                   "chunks_missed", "chunks_existing", "prefetches",
+                                   "prefetch_chunks", "prefetch_chunks_loaded")},
+                    "running": self.turns.busy(),
                     "cache_layer": self.engine.cn is not None}
 
     def job(self, kind: str, body: Any) -> Tuple[int, Dict[str, Any]]:
@@ -246,6 +248,12 @@ class Server:
             return 413, {"error": f"prompt of {len(toks)} tokens + {max_tokens} to generate "
                                   f"exceed this engine's KV capacity of {self.a.max_tokens} "
                                   "tokens (--max-tokens)"}
+        dl = body.get("load_deadline_ms")
+        if dl is not None and (isinstance(dl, bool) or not isinstance(dl, (int, float)) or
+                               not 0 <= dl <= 3.6e6):
+            return 400, {"error": "load_deadline_ms must be a number of milliseconds "
+                                  "0..3600000"}
+        arrived = time.monotonic()
         handoff_s = 0.0
         expect = ints["expect_cached"] or 0
         if kind == "decode" and expect and self.engine.cn is not None:
@@ -266,16 +274,25 @@ class Server:
         tq = time.perf_counter()
         cn = self.engine.cn
         st0 = cn.stats() if cn is not None else None
+        # Finding the engine busy, a prefill or generate fetches its prefix while it waits and
+        # uses what arrived by the plan's deadline (kvf-engine's --prefetch; docs/connector.md).
+        pf = None
+        if kind != "decode" and reuse == "all" and self.a.prefetch == "on" and t.busy():
+            pf = self.engine.prefetch(toks)
+        deadline = arrived + dl / 1e3 if pf is not None and dl else None
         try:
             with t:
                 start = time.perf_counter()
                 try:
-                    o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"])
+                    o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"],
+                                        prefetch=pf, deadline=deadline)
                     status, out = 200, outcome_json(o)
                 except Exception as e:  # noqa: BLE001 - the server answers and goes on
                     status, out, o = 500, {"error": f"{kind}: {type(e).__name__}: {e}"}, None
                 busy = time.perf_counter() - start
         finally:
+            if pf is not None:
+                pf.close()
             with self.mu:
                 if kind != "decode":
                     t.queued_prefill_tokens -= len(toks)
@@ -400,6 +417,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="KV capacity of one sequence")
     p.add_argument("--page-tokens", type=int, default=16)
     p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--prefetch", choices=("on", "off"), default="on",
+                   help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--queue", choices=("fifo",), default="fifo",
                    help="request order: arrival (kvf-engine's work order is not implemented here)")
     p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: FIFO queue)")

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import urllib.error
@@ -180,6 +181,42 @@ class TestServe(unittest.TestCase):
         self.assertEqual(outs[1][0], outs[0][0])
         self.assertEqual(outs[1][1], 192)  # the engine's own KV of the previous sequence
         self.assertEqual(outs[2][0], self.reference(base + [1], 4))
+
+    def test_prefetch_while_waiting(self):
+        """A request that finds the engine busy fetches its prefix while it waits and loads it at
+        its turn from memory: tokens as computed whole; a bad load_deadline_ms is refused."""
+        pre = self.engines["prefill"][1]
+        toks = prompt(330, 11)
+        st, r = call(pre, "/v1/prefill", {"tokens": toks})  # its 5 chunks into the store
+        self.assertEqual(st, 200, r)
+        for bad in (-5, "soon", True, 1e12):
+            st, r = call(pre, "/v1/generate", {"tokens": toks, "load_deadline_ms": bad})
+            self.assertEqual(st, 400, (bad, r))
+            self.assertIn("load_deadline_ms", r["error"])
+        done = {}
+
+        def long_one():  # holds the engine: a long decode, nothing reused
+            done["r"] = call(pre, "/v1/generate", {"tokens": prompt(1200, 12), "max_tokens": 300,
+                                                   "reuse": False})
+        th = threading.Thread(target=long_one)
+        th.start()
+        for _ in range(400):
+            if call(pre, "/v1/health")[1]["active_decodes"] >= 1:
+                break
+            time.sleep(0.005)
+        st, g = call(pre, "/v1/generate", {"tokens": toks, "max_tokens": 4,
+                                           "load_deadline_ms": 60000})
+        th.join(120)
+        self.assertEqual(done["r"][0], 200, done["r"])
+        self.assertEqual(st, 200, g)
+        self.assertIn("prefetch", g, g)
+        pf = g["prefetch"]
+        self.assertEqual((pf["tokens"], pf["ready_tokens"], pf["deadline_missed"], pf["label"]),
+                         (320, 320, False, "real"))
+        self.assertEqual(g["loaded_tokens"], 320)
+        self.assertEqual(g["tokens"], self.reference(toks, 4))
+        st, h = call(pre, "/v1/health")
+        self.assertGreaterEqual(h["connector"]["prefetches"], 1)
 
     def test_bad_requests_are_refused(self):
         pre = self.engines["prefill"][1]
