@@ -419,8 +419,8 @@ static kvf_xfer *start_save(kvfe_engine *e, kvf_connector *cn, const uint32_t *t
 /* Runs every layer over rows [start, n), each once its layer of load (may be NULL) has arrived.
  * Returns 0, or the load's failure, also put in r->load_error, when a layer of it did not
  * arrive. */
-static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvfe_result *r,
-                      double *load_done)
+static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kvf_xfer *more,
+                      kvfe_result *r, double *load_done)
 {
     embed_rows(e, start, n);
     int rc = 0;
@@ -431,6 +431,13 @@ static int run_layers(kvfe_engine *e, size_t start, size_t n, kvf_xfer *load, kv
         r->wait_seconds += now_s() - w0;
     }
     for (uint32_t l = 0; !rc && l < e->m.layout.layers; l++) {
+        if (more) { /* the stores' chunks beyond a prefetch's, loaded beside it */
+            double w0 = now_s();
+            rc = kvf_xfer_wait_layer(more, l);
+            r->wait_seconds += now_s() - w0;
+            if (rc)
+                break;
+        }
         if (load) {
             double w0 = now_s();
             rc = kvf_xfer_wait_layer(load, l);
@@ -500,12 +507,28 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
     e->len = n;
 
     size_t hit = 0;
-    kvf_xfer *load = NULL;
+    kvf_xfer *load = NULL, *more = NULL;
     r->cut_at_layer = -1;
     if (cn && pf) {
         hit = from_prefetch(e, cn, pf, deadline_ns, dev, max_hit, r, &load);
         /* Asked for more than arrived by the deadline: the rest is computed. */
         r->prefetch_deadline_missed = r->prefetch_ready_tokens < kvf_prefetch_tokens(pf);
+        /* What the stores hold now beyond what the prefetch was asked for (another request
+         * saved more of this prompt while this one waited) is loaded from them layer by layer,
+         * beside the prefetch's scatter: the two write different pages. Not after a deadline
+         * cut the prefetch short: what it did not bring in time is computed. */
+        size_t base = hit > dev ? hit : dev, now_cached = 0;
+        if (!r->prefetch_deadline_missed && kvf_connector_lookup(cn, tokens, n, &now_cached) == 0) {
+            now_cached = now_cached < max_hit ? now_cached / C * C : max_hit;
+            r->cached_tokens = now_cached > r->cached_tokens ? now_cached : r->cached_tokens;
+            if (now_cached > base &&
+                kvf_connector_load_from(cn, tokens, now_cached, base / C, e->page_of,
+                                        now_cached / P, &more) == 0) {
+                if (!hit && dev)
+                    r->device_tokens = dev; /* the pages' part stays, the rest is loaded */
+                hit = now_cached;
+            }
+        }
     } else {
         if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0)
             hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
@@ -524,16 +547,18 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
         r->device_tokens = dev;
     }
     double load_done = 0, c_before = 0;
-    while (run_layers(e, hit, n, load, r, &load_done) != 0) {
+    while (run_layers(e, hit, n, load, more, r, &load_done) != 0) {
         /* The store could not deliver every layer: recompute everything from the start. Once
          * cancel returns no worker writes these pages any more. */
         kvf_xfer_cancel(load);
         kvf_xfer_free(&load);
+        kvf_xfer_cancel(more);
+        kvf_xfer_free(&more);
         hit = 0;
         r->device_tokens = 0;
         c_before = r->compute_seconds; /* the recompute's own time is measured below */
     }
-    r->loaded_tokens = load ? hit : 0;
+    r->loaded_tokens = load || more ? hit - r->device_tokens : 0;
     if (e->o.decide && load && !pf && load_done > t0) /* a prefetch's scatter is no link's rate */
         e->rates.load_bps =
             ewma(e->rates.load_bps,
@@ -541,8 +566,8 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
     else if (e->o.decide && !load && n > hit && r->compute_seconds > c_before)
         e->rates.s_per_token =
             ewma(e->rates.s_per_token, (r->compute_seconds - c_before) / (double)(n - hit));
-    if (load)
-        kvf_xfer_free(&load);
+    kvf_xfer_free(&load);
+    kvf_xfer_free(&more);
     finish(e, n - 1 - hit, r);
     /* Chunks kept from the device tier may not be in the store (evicted, or computed with reuse
      * off): the save starts at chunk 0 then, and the store answers "exists" for those it has.

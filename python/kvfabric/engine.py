@@ -308,6 +308,18 @@ class Engine:
                 o.load_error = e.name
                 o.notes.append(f"load: {e}")
                 cached, whole = 0, False
+        if use_pf and load is not None and not o.prefetch["deadline_missed"]:
+            # What the stores hold now beyond what the prefetch was asked for (another request
+            # saved more of this prompt while this one waited) is loaded beside it (kvf-engine's
+            # rule; not after a deadline cut the prefetch short).
+            try:
+                now = min(self.lookup(tokens[:limit]), limit) // C * C
+                if now > cached:
+                    more = self.cn.load(seq[:now], list(range(now // L.page_tokens)),
+                                        first_chunk=cached // C)
+                    load, cached, upto = _Both(load, more), now, now
+            except KvfError as e:
+                o.notes.append(f"beyond the prefetch: {e}")
         hooks, waited, load_done = [], [0.0], [0.0]
         t0 = time.perf_counter()
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
@@ -477,6 +489,32 @@ class Engine:
                 o.decode_s = time.perf_counter() - t_dec
             self.last_tokens = tokens + o.tokens[:-1] if kind != "prefill" else tokens
         return o
+
+
+class _Both:
+    """Two loads of one sequence's pages, waited for as one: a prefetch's scatter and the
+    stores' chunks beyond it."""
+
+    def __init__(self, a: Any, b: Any) -> None:
+        self.a, self.b = a, b
+
+    def wait_layer(self, layer: int) -> None:
+        self.a.wait_layer(layer)
+        self.b.wait_layer(layer)
+
+    def cancel(self) -> None:
+        self.a.cancel()
+        self.b.cancel()
+
+    def wait(self) -> None:
+        try:
+            self.a.wait()
+        finally:
+            self.b.wait()
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
 
 
 class TurnQueue:

@@ -543,6 +543,32 @@ static void test_engine_prefetch_with_deadline(void **state)
     assert_int_equal(st.prefetches, 1);
     assert_int_equal(st.prefetch_chunks, 15);
     assert_int_equal(st.prefetch_chunks_loaded, 15);
+
+    /* The stores held 5 chunks when the request arrived, 15 at its turn (another engine saved
+     * more meanwhile): the prefetch's 5 and the stores' other 10 are loaded side by side. */
+    clear_store(d.addr);
+    kvf_connector *wcn = connector(d.addr, 20000);
+    kvfe_engine *w = engine(wcn, 0);
+    run_prompt(w, t, 330, &warm);
+    assert_int_equal(kvf_connector_prefetch(cn, t, 320, &pf), 0);
+    assert_int_equal(kvf_prefetch_wait(pf, 0), 320);
+    run_prompt(w, t, 1000, &warm);
+    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, 0, &r), 0);
+    assert_int_equal(r.prefetch_ready_tokens, 320);
+    assert_int_equal(r.loaded_tokens, 960);
+    assert_int_equal(r.load_error, 0);
+    memcpy(got.logits, r.logits, sizeof got.logits);
+    got.tokens[0] = r.next_token;
+    for (int g = 1; g < 6; g++) {
+        kvfe_result dd;
+        assert_int_equal(kvfe_decode(e, got.tokens[g - 1], &dd), 0);
+        got.tokens[g] = dd.next_token;
+    }
+    kvfe_flush(e);
+    assert_same(&full, &got);
+    kvf_prefetch_free(&pf);
+    kvfe_close(&w);
+    kvf_connector_close(&wcn);
     kvfe_close(&e);
     kvf_connector_close(&cn);
 

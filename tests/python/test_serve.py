@@ -397,6 +397,57 @@ class SlowProxy:
 
 
 @unittest.skipIf(torch is None, "torch is not installed")
+class TestPrefetch(unittest.TestCase):
+    """The engine's prefetch in-process: the stores held one chunk when the request arrived and
+    three at its turn: the prefetch's chunk and the stores' other two are loaded side by side;
+    through a slow link a deadline cuts the prefetch and the rest is computed, the stores' other
+    chunks not fetched after it; the tokens are the model's own every time."""
+
+    def test_prefetch_and_deadline(self):
+        import kvfabric as kvf
+        from kvfabric import models
+        from kvfabric.engine import Engine
+        layout = models.layout_for(TINY, "tiny-pf", page_tokens=16, chunk_tokens=64, dtype="f32")
+        model, factory, _ = models.build(TINY, "torch", "cpu", "f32", 7)
+        store = Store(memory="64M", extra=("--shm", "off"))
+        proxy = SlowProxy(store.addr, 20000)  # 20 KB/s: a chunk of this model's KV takes 2 s
+        toks = prompt(200, 61)
+        want = TestLoadOrRecompute.reference(model, factory, toks, 3)
+        try:
+            with kvf.Connector(layout, nodes=[store.addr], salt="pf") as fast_cn, \
+                    kvf.Connector(layout, nodes=[proxy.addr], salt="pf", deadline_ms=30000) \
+                    as slow_cn:
+                saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+                user = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+                saver.run("prefill", toks[:70])  # one chunk in the stores
+                pf = user.prefetch(toks)
+                self.assertEqual(pf.tokens, 64)
+                self.assertEqual(pf.wait(), 64)
+                saver.run("prefill", toks)  # three now
+                o = user.run("generate", toks, max_tokens=3, prefetch=pf)
+                pf.close()
+                self.assertEqual(o.prefetch["ready_tokens"], 64)
+                self.assertEqual(o.loaded_tokens, 192)
+                self.assertEqual(o.tokens, want)
+                # Slow: a 0.3 s deadline, nothing arrived by then: computed, nothing more loaded.
+                slow = Engine(model, layout, factory, connector=slow_cn, max_tokens=1024)
+                pf = slow.prefetch(toks)
+                self.assertEqual(pf.tokens, 192)
+                o = slow.run("generate", toks, max_tokens=3, prefetch=pf,
+                             deadline=time.monotonic() + 0.3)
+                pf.close()
+                self.assertTrue(o.prefetch["deadline_missed"])
+                self.assertLess(o.prefetch["ready_tokens"], 192)
+                self.assertEqual(o.loaded_tokens, o.prefetch["ready_tokens"])
+                self.assertEqual(o.tokens, want)
+                st = fast_cn.stats()
+                self.assertGreaterEqual(st["prefetch_chunks_loaded"], 1)
+        finally:
+            proxy.close()
+            store.stop()
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
 class TestLoadOrRecompute(unittest.TestCase):
     """The engine's per-request decision from what it measured: behind a slow link it
     recomputes (after cutting the first load, taken before anything was measured, at a layer
