@@ -85,20 +85,27 @@ typedef struct run {
     int load_error;
 } run;
 
-/* Prefill then 5 greedy decode steps; records the prefill logits and the 6 tokens. */
-static void run_prompt(kvfe_engine *e, const uint32_t *t, size_t n, run *out)
+/* What run_prompt records, for a prefill already run (r): its logits and first token, then 5
+ * greedy decode steps. */
+static void decode_after(kvfe_engine *e, const kvfe_result *r, run *out)
 {
-    kvfe_result r;
-    assert_int_equal(kvfe_prefill(e, t, n, &r), 0);
-    memcpy(out->logits, r.logits, sizeof out->logits);
-    out->loaded = r.loaded_tokens;
-    out->load_error = r.load_error;
-    out->tokens[0] = r.next_token;
+    memcpy(out->logits, r->logits, sizeof out->logits);
+    out->loaded = r->loaded_tokens;
+    out->load_error = r->load_error;
+    out->tokens[0] = r->next_token;
     for (int g = 1; g < 6; g++) {
         kvfe_result d;
         assert_int_equal(kvfe_decode(e, out->tokens[g - 1], &d), 0);
         out->tokens[g] = d.next_token;
     }
+}
+
+/* Prefill then 5 greedy decode steps; records the prefill logits and the 6 tokens. */
+static void run_prompt(kvfe_engine *e, const uint32_t *t, size_t n, run *out)
+{
+    kvfe_result r;
+    assert_int_equal(kvfe_prefill(e, t, n, &r), 0);
+    decode_after(e, &r, out);
     kvfe_flush(e);
 }
 
@@ -519,13 +526,8 @@ static void test_engine_prefetch_with_deadline(void **state)
     assert_false(r.prefetch_deadline_missed);
     assert_int_equal(r.loaded_tokens, 960);
     assert_int_equal(r.load_error, 0);
-    run got = {.tokens = {r.next_token}};
-    memcpy(got.logits, r.logits, sizeof got.logits);
-    for (int g = 1; g < 6; g++) {
-        kvfe_result dd;
-        assert_int_equal(kvfe_decode(e, got.tokens[g - 1], &dd), 0);
-        got.tokens[g] = dd.next_token;
-    }
+    run got;
+    decode_after(e, &r, &got);
     kvfe_flush(e);
     assert_same(&full, &got);
     /* Another prompt's chunks are refused, not loaded. */
@@ -557,13 +559,7 @@ static void test_engine_prefetch_with_deadline(void **state)
     assert_int_equal(r.prefetch_ready_tokens, 320);
     assert_int_equal(r.loaded_tokens, 960);
     assert_int_equal(r.load_error, 0);
-    memcpy(got.logits, r.logits, sizeof got.logits);
-    got.tokens[0] = r.next_token;
-    for (int g = 1; g < 6; g++) {
-        kvfe_result dd;
-        assert_int_equal(kvfe_decode(e, got.tokens[g - 1], &dd), 0);
-        got.tokens[g] = dd.next_token;
-    }
+    decode_after(e, &r, &got);
     kvfe_flush(e);
     assert_same(&full, &got);
     kvf_prefetch_free(&pf);
@@ -588,13 +584,7 @@ static void test_engine_prefetch_with_deadline(void **state)
     assert_true(r.prefetch_ready_tokens < 960 && r.prefetch_ready_tokens % 64 == 0);
     assert_int_equal(r.loaded_tokens, r.prefetch_ready_tokens);
     assert_true(r.prefetch_wait_seconds < 3.0);
-    memcpy(got.logits, r.logits, sizeof got.logits);
-    got.tokens[0] = r.next_token;
-    for (int g = 1; g < 6; g++) {
-        kvfe_result dd;
-        assert_int_equal(kvfe_decode(e, got.tokens[g - 1], &dd), 0);
-        got.tokens[g] = dd.next_token;
-    }
+    decode_after(e, &r, &got);
     assert_same(&full, &got);
     /* The rest goes on arriving. */
     assert_int_equal(kvf_prefetch_wait(pf, 0), 960);

@@ -6,6 +6,7 @@ scheduler learns the prefill engine's blocks from its KV events; bad requests ge
 the servers go on. Also: safetensors checkpoints written, read and loaded, the same logits.
 """
 
+import contextlib
 import json
 import os
 import random
@@ -396,6 +397,27 @@ class SlowProxy:
                 pass
 
 
+@contextlib.contextmanager
+def fast_and_slow(cfg, name, rate, deadline_ms):
+    """A tiny model built from cfg, a kvf-store, and two connectors to it in one namespace: one
+    direct, one through a SlowProxy of `rate` bytes per second. Yields (model, factory, layout,
+    fast_cn, slow_cn); stops everything after."""
+    import kvfabric as kvf
+    from kvfabric import models
+    layout = models.layout_for(cfg, name, page_tokens=16, chunk_tokens=64, dtype="f32")
+    model, factory, _ = models.build(cfg, "torch", "cpu", "f32", 7)
+    store = Store(memory="64M", extra=("--shm", "off"))
+    proxy = SlowProxy(store.addr, rate)
+    try:
+        with kvf.Connector(layout, nodes=[store.addr], salt=name) as fast_cn, \
+                kvf.Connector(layout, nodes=[proxy.addr], salt=name, deadline_ms=deadline_ms) \
+                as slow_cn:
+            yield model, factory, layout, fast_cn, slow_cn
+    finally:
+        proxy.close()
+        store.stop()
+
+
 @unittest.skipIf(torch is None, "torch is not installed")
 class TestPrefetch(unittest.TestCase):
     """The engine's prefetch in-process: the stores held one chunk when the request arrived and
@@ -404,47 +426,36 @@ class TestPrefetch(unittest.TestCase):
     chunks not fetched after it; the tokens are the model's own every time."""
 
     def test_prefetch_and_deadline(self):
-        import kvfabric as kvf
-        from kvfabric import models
         from kvfabric.engine import Engine
-        layout = models.layout_for(TINY, "tiny-pf", page_tokens=16, chunk_tokens=64, dtype="f32")
-        model, factory, _ = models.build(TINY, "torch", "cpu", "f32", 7)
-        store = Store(memory="64M", extra=("--shm", "off"))
-        proxy = SlowProxy(store.addr, 20000)  # 20 KB/s: a chunk of this model's KV takes 2 s
         toks = prompt(200, 61)
-        want = TestLoadOrRecompute.reference(model, factory, toks, 3)
-        try:
-            with kvf.Connector(layout, nodes=[store.addr], salt="pf") as fast_cn, \
-                    kvf.Connector(layout, nodes=[proxy.addr], salt="pf", deadline_ms=30000) \
-                    as slow_cn:
-                saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
-                user = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
-                saver.run("prefill", toks[:70])  # one chunk in the stores
-                pf = user.prefetch(toks)
-                self.assertEqual(pf.tokens, 64)
-                self.assertEqual(pf.wait(), 64)
-                saver.run("prefill", toks)  # three now
-                o = user.run("generate", toks, max_tokens=3, prefetch=pf)
-                pf.close()
-                self.assertEqual(o.prefetch["ready_tokens"], 64)
-                self.assertEqual(o.loaded_tokens, 192)
-                self.assertEqual(o.tokens, want)
-                # Slow: a 0.3 s deadline, nothing arrived by then: computed, nothing more loaded.
-                slow = Engine(model, layout, factory, connector=slow_cn, max_tokens=1024)
-                pf = slow.prefetch(toks)
-                self.assertEqual(pf.tokens, 192)
-                o = slow.run("generate", toks, max_tokens=3, prefetch=pf,
-                             deadline=time.monotonic() + 0.3)
-                pf.close()
-                self.assertTrue(o.prefetch["deadline_missed"])
-                self.assertLess(o.prefetch["ready_tokens"], 192)
-                self.assertEqual(o.loaded_tokens, o.prefetch["ready_tokens"])
-                self.assertEqual(o.tokens, want)
-                st = fast_cn.stats()
-                self.assertGreaterEqual(st["prefetch_chunks_loaded"], 1)
-        finally:
-            proxy.close()
-            store.stop()
+        # 20 KB/s through the slow connector: a chunk of this model's KV takes 2 s.
+        with fast_and_slow(TINY, "tiny-pf", 20000, 30000) as (model, factory, layout, fast_cn,
+                                                               slow_cn):
+            want = TestLoadOrRecompute.reference(model, factory, toks, 3)
+            saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+            user = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+            saver.run("prefill", toks[:70])  # one chunk in the stores
+            pf = user.prefetch(toks)
+            self.assertEqual(pf.tokens, 64)
+            self.assertEqual(pf.wait(), 64)
+            saver.run("prefill", toks)  # three now
+            o = user.run("generate", toks, max_tokens=3, prefetch=pf)
+            pf.close()
+            self.assertEqual(o.prefetch["ready_tokens"], 64)
+            self.assertEqual(o.loaded_tokens, 192)
+            self.assertEqual(o.tokens, want)
+            # Slow: a 0.3 s deadline, nothing arrived by then: computed, nothing more loaded.
+            slow = Engine(model, layout, factory, connector=slow_cn, max_tokens=1024)
+            pf = slow.prefetch(toks)
+            self.assertEqual(pf.tokens, 192)
+            o = slow.run("generate", toks, max_tokens=3, prefetch=pf,
+                         deadline=time.monotonic() + 0.3)
+            pf.close()
+            self.assertTrue(o.prefetch["deadline_missed"])
+            self.assertLess(o.prefetch["ready_tokens"], 192)
+            self.assertEqual(o.loaded_tokens, o.prefetch["ready_tokens"])
+            self.assertEqual(o.tokens, want)
+            self.assertGreaterEqual(fast_cn.stats()["prefetch_chunks_loaded"], 1)
 
 
 @unittest.skipIf(torch is None, "torch is not installed")
@@ -454,45 +465,35 @@ class TestLoadOrRecompute(unittest.TestCase):
     boundary); over a fast one it loads; the tokens are the model's own either way."""
 
     def test_slow_link_recomputes_fast_link_loads(self):
-        import kvfabric as kvf
-        from kvfabric import models
         from kvfabric.engine import Engine
         cfg = dict(TINY, num_hidden_layers=8)
-        layout = models.layout_for(cfg, "tiny-lor", page_tokens=16, chunk_tokens=64, dtype="f32")
-        model, factory, _ = models.build(cfg, "torch", "cpu", "f32", 7)
-        store = Store(memory="64M", extra=("--shm", "off"))
-        proxy = SlowProxy(store.addr, 200000)  # 200 KB/s: 192 tokens of KV take 2 s
-        try:
-            with kvf.Connector(layout, nodes=[store.addr], salt="lor") as fast_cn, \
-                    kvf.Connector(layout, nodes=[proxy.addr], salt="lor", deadline_ms=20000) \
-                    as slow_cn:
-                saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
-                slow = Engine(model, layout, factory, connector=slow_cn, max_tokens=1024)
-                prompts = [prompt(200, 40 + k) for k in range(4)]
-                for p in prompts:
-                    saver.run("prefill", p)  # the stores hold their first 192 tokens
-                slow.run("generate", prompt(200, 99), reuse="none")  # the compute rate
-                first = slow.run("generate", prompts[0], max_tokens=3)
-                self.assertEqual(first.decision["choice"], "load")  # nothing measured yet
-                self.assertEqual(first.decision["outcome"], "cut, recomputed", first.decision)
-                self.assertEqual(first.tokens, self.reference(model, factory, prompts[0], 3))
-                second = slow.run("generate", prompts[1], max_tokens=3)
-                self.assertEqual(second.decision["choice"], "recompute", second.decision)
-                self.assertEqual(second.loaded_tokens, 0)
-                self.assertEqual(second.tokens, self.reference(model, factory, prompts[1], 3))
-                fast = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
-                fast.run("generate", prompts[2], max_tokens=2)  # nothing measured: loads
-                self.assertGreater(fast.rates.load_bps, 0)  # and measures the link
-                # A link far faster than computing (set, not measured: a loaded machine's
-                # measure of a millisecond's load swings more than this test can bound).
-                fast.rates.load_bps, fast.rates.s_per_token = 1e12, 1e-3
-                third = fast.run("generate", prompts[3], max_tokens=3)
-                self.assertEqual(third.decision["choice"], "load", third.decision)
-                self.assertEqual(third.loaded_tokens, 192)
-                self.assertEqual(third.tokens, self.reference(model, factory, prompts[3], 3))
-        finally:
-            proxy.close()
-            store.stop()
+        # 200 KB/s through the slow connector: 192 tokens of KV take 2 s.
+        with fast_and_slow(cfg, "tiny-lor", 200000, 20000) as (model, factory, layout, fast_cn,
+                                                                slow_cn):
+            saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+            slow = Engine(model, layout, factory, connector=slow_cn, max_tokens=1024)
+            prompts = [prompt(200, 40 + k) for k in range(4)]
+            for p in prompts:
+                saver.run("prefill", p)  # the stores hold their first 192 tokens
+            slow.run("generate", prompt(200, 99), reuse="none")  # the compute rate
+            first = slow.run("generate", prompts[0], max_tokens=3)
+            self.assertEqual(first.decision["choice"], "load")  # nothing measured yet
+            self.assertEqual(first.decision["outcome"], "cut, recomputed", first.decision)
+            self.assertEqual(first.tokens, self.reference(model, factory, prompts[0], 3))
+            second = slow.run("generate", prompts[1], max_tokens=3)
+            self.assertEqual(second.decision["choice"], "recompute", second.decision)
+            self.assertEqual(second.loaded_tokens, 0)
+            self.assertEqual(second.tokens, self.reference(model, factory, prompts[1], 3))
+            fast = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+            fast.run("generate", prompts[2], max_tokens=2)  # nothing measured: loads
+            self.assertGreater(fast.rates.load_bps, 0)  # and measures the link
+            # A link far faster than computing (set, not measured: a loaded machine's measure
+            # of a millisecond's load swings more than this test can bound).
+            fast.rates.load_bps, fast.rates.s_per_token = 1e12, 1e-3
+            third = fast.run("generate", prompts[3], max_tokens=3)
+            self.assertEqual(third.decision["choice"], "load", third.decision)
+            self.assertEqual(third.loaded_tokens, 192)
+            self.assertEqual(third.tokens, self.reference(model, factory, prompts[3], 3))
 
     @staticmethod
     def reference(model, factory, tokens, n):
