@@ -89,6 +89,10 @@ typedef struct srv {
     kvf_sched_cost qcost;
     int prefetch; /* fetch a waiting request's cached prefix while it waits (--prefetch) */
     double queued_prefill_tokens;
+    /* The same queue in the cost model's seconds (each job's work, as the queue orders it), and
+     * the running job's share of it with when it started: reported to kvf-sched, whose
+     * placements then price each waiting prompt's attention, which tokens alone do not. */
+    double queued_work_s, running_work_s, running_since;
     uint32_t active_decodes;
     uint64_t requests, failures, first_token_mismatches;
     double busy_s;
@@ -145,9 +149,13 @@ static void *reporter_main(void *arg)
             continue;
         }
         S->report_dirty = 0;
-        json_t *body = json_pack("{s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
-                                 "active_decodes", (int)S->active_decodes, "used_blocks",
-                                 (json_int_t)(S->n_held));
+        double done_s = S->running_work_s > 0 ? now_s() - S->running_since : 0;
+        done_s = done_s < S->running_work_s ? done_s : S->running_work_s;
+        double queued_s = S->queued_work_s - done_s;
+        json_t *body =
+            json_pack("{s:f,s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
+                      "queued_prefill_s", queued_s > 0 ? queued_s : 0, "active_decodes",
+                      (int)S->active_decodes, "used_blocks", (json_int_t)(S->n_held));
         pthread_mutex_unlock(&S->mu);
         last = now_s();
         long status = 0;
@@ -512,6 +520,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         S->queued_prefill_tokens += (double)j.n;
     if (!is_prefill)
         S->active_decodes++;
+    S->queued_work_s += work;
     mark_dirty_locked(S);
     pthread_mutex_unlock(&S->mu);
     size_t landed;
@@ -519,6 +528,12 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
     double t_queued = now_s();
     int turn = wait_turn(S, cached, work);
     double t_start = now_s();
+    pthread_mutex_lock(&S->mu);
+    if (!turn) {
+        S->running_work_s = work;
+        S->running_since = t_start;
+    }
+    pthread_mutex_unlock(&S->mu);
     json_t *out = turn ? kvf__http_error("engine %s", turn == KVF_ENOMEM ? "out of memory for its "
                                                                            "queue"
                                                                          : "stopping")
@@ -535,6 +550,11 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         S->queued_prefill_tokens -= (double)j.n;
     if (!is_prefill)
         S->active_decodes--;
+    S->queued_work_s -= work;
+    if (S->queued_work_s < 1e-9)
+        S->queued_work_s = 0; /* no drift below zero from the sums' rounding */
+    if (!turn)
+        S->running_work_s = 0;
     mark_dirty_locked(S);
     pthread_cond_broadcast(&S->cv);
     pthread_mutex_unlock(&S->mu);

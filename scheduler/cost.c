@@ -110,9 +110,11 @@ double kvf__sched_prefill_s(const kvf_sched_cost *c, double n, double cached)
 
 double kvf__sched_queue_s(const kvf_sched_cost *c, const kvf_instance_load *load)
 {
-    if (load->queued_prefill_s > 0)
-        return load->queued_prefill_s;
-    return load->queued_prefill_tokens / c->prefill_tokens_per_s;
+    /* The reporter's seconds where it gives them (they price each request's attention, which
+     * grows with its length); the queued tokens at the linear rate otherwise, a floor that
+     * takes no account of attention. */
+    double linear = load->queued_prefill_tokens / c->prefill_tokens_per_s;
+    return load->queued_prefill_s > linear ? load->queued_prefill_s : linear;
 }
 
 double kvf__sched_load_s(const kvf_sched_cost *c, double tokens)

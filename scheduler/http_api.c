@@ -77,6 +77,7 @@ int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int requi
 #define MAX_BLOCK_TOKENS    65536.0
 #define MAX_CAPACITY_BLOCKS 1099511627776.0 /* 2^40 */
 #define MAX_QUEUED_TOKENS   1e12
+#define MAX_QUEUED_SECONDS  1e7 /* a queue of 115 days: more is a broken reporter */
 #define MAX_ACTIVE_DECODES  1000000.0
 #define MAX_OUTPUT_TOKENS   1048576.0  /* 2^20 */
 #define MAX_SLO_TTFT_MS     86400000.0 /* a day */
@@ -250,12 +251,14 @@ static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *
 {
     kvf_instance_load L = {0};
     char err[256];
-    double q, a, u;
+    double q, a, u, qs;
     if (json_num(o, "queued_prefill_tokens", 0, MAX_QUEUED_TOKENS, 0, 0, &q, err, sizeof err) ||
+        json_num(o, "queued_prefill_s", 0, MAX_QUEUED_SECONDS, 0, 0, &qs, err, sizeof err) ||
         json_num(o, "active_decodes", 0, MAX_ACTIVE_DECODES, 1, 0, &a, err, sizeof err) ||
         json_num(o, "used_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &u, err, sizeof err))
         return send_error(d, c, 400, "%s", err);
     L.queued_prefill_tokens = q;
+    L.queued_prefill_s = qs;
     L.active_decodes = (uint32_t)a;
     L.used_blocks = (uint64_t)u;
     pthread_mutex_lock(&d->mu);

@@ -169,9 +169,9 @@ static void set_estimates(const kvf_sched *s, double n, int prefill, int decode,
 static void note_sent(kvf_sched *s, const kvf_place_res *res, double n)
 {
     kvf__sched_inst *p = &s->inst[res->prefill];
+    /* Both measures: seconds price the request's attention, which tokens alone do not. */
     p->load.queued_prefill_tokens += n;
-    if (p->load.queued_prefill_s > 0)
-        p->load.queued_prefill_s += res->prefill_s;
+    p->load.queued_prefill_s += res->load_s + res->prefill_s;
     s->inst[res->decode].load.active_decodes++;
 }
 

@@ -528,6 +528,33 @@ static void test_sched_decode_overflow(void **state)
         assert_int_equal(rs.prefill, p);
         kvf_sched_destroy(&s);
     }
+    /* A burst before any load report: what place() sent counts in seconds, attention included
+     * (prompts of 4096 tokens cost 0.88 s each here, of which 0.04 s linear): the third long
+     * prompt finds both prefill instances queued deeper than its own prefill and overflows to
+     * the idle decode instance. Counted in tokens at the linear rate alone, the queues looked
+     * 0.04 s deep and it did not. */
+    kvf_sched_opts bo = {.policy = KVF_POLICY_KVF_COST};
+    kvf_sched_cost_defaults(&bo.cost);
+    bo.cost.prefill_tokens_per_s = 1e5;
+    bo.cost.prefill_attn_s_per_tok2 = 1e-7;
+    kvf_sched *bs;
+    assert_int_equal(kvf_sched_new(&bs, &bo), 0);
+    int p1 = add(bs, "p1", KVF_ROLE_PREFILL, 16, 100000);
+    int p2 = add(bs, "p2", KVF_ROLE_PREFILL, 16, 100000);
+    int dd = add(bs, "d", KVF_ROLE_DECODE, 16, 100000);
+    int placed[3];
+    for (int k = 0; k < 3; k++) {
+        static uint32_t lp[4096];
+        seq(lp, 4096, 500 + (uint32_t)k);
+        kvf_place_req lr = {.tokens = lp, .n_tokens = 4096};
+        kvf_place_res lres;
+        assert_int_equal(kvf_sched_place(bs, &lr, &lres), 0);
+        placed[k] = lres.prefill;
+    }
+    assert_true((placed[0] == p1 && placed[1] == p2) || (placed[0] == p2 && placed[1] == p1));
+    assert_int_equal(placed[2], dd);
+    kvf_sched_destroy(&bs);
+
     /* The cost file sets it, 0 or 1 only. */
     kvf_sched_cost c;
     kvf_sched_cost_defaults(&c);
