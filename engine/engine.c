@@ -590,6 +590,11 @@ int kvfe_prefill_prefetched(kvfe_engine *e, const uint32_t *tokens, size_t n, kv
     return prefill(e, tokens, n, pf, deadline_ns, r);
 }
 
+int kvfe_gemm_threads(void)
+{
+    return openblas_get_num_threads();
+}
+
 void kvfe_set_gemm_threads(int n)
 {
     if (n > 0)

@@ -42,6 +42,7 @@
 
 #include "auth.h"
 #include "clock.h"
+#include "cpus.h"
 #include "errf.h"
 #include "http.h"
 #include "kvf/events.h"
@@ -609,6 +610,24 @@ static unsigned on_request(void *ctx, const char *method, const char *url, json_
 
 /* ------------------------------------------------------------------------------------------ */
 
+/* This host's CPUs as kvf-sched names shared compute ("cpu@" and the machine's id, else its
+ * host name) into name, and how many this process may run on (kvf__cores). 0: unknown. */
+static uint32_t host_compute(char *name, size_t len)
+{
+    char id[80] = "";
+    FILE *f = fopen("/etc/machine-id", "r");
+    if (f) {
+        if (!fgets(id, sizeof id, f))
+            id[0] = 0;
+        fclose(f);
+        id[strcspn(id, "\r\n")] = 0;
+    }
+    if (!id[0] && gethostname(id, sizeof id - 1) != 0)
+        return 0;
+    snprintf(name, len, "cpu@%s", id);
+    return (uint32_t)kvf__cores();
+}
+
 static int register_with_sched(srv *S, char *err, size_t errlen)
 {
     kvf_caps caps;
@@ -623,6 +642,14 @@ static int register_with_sched(srv *S, char *err, size_t errlen)
                   (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
     if (cjo)
         json_object_set_new(body, "capabilities", cjo);
+    /* Its compute: this host's CPUs, which the engines started here share. */
+    char compute[96];
+    uint32_t slots = host_compute(compute, sizeof compute);
+    if (slots) {
+        json_object_set_new(body, "compute", json_string(compute));
+        json_object_set_new(body, "compute_slots", json_integer(slots));
+        json_object_set_new(body, "compute_uses", json_integer(kvfe_gemm_threads()));
+    }
     char url[256];
     snprintf(url, sizeof url, "http://%s/v1/instances", S->sched);
     long status = 0;

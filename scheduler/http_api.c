@@ -144,7 +144,8 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
         kvf__sched_json_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
         kvf__sched_json_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
         kvf__sched_json_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
-        kvf__sched_json_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err))
+        kvf__sched_json_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err) ||
+        kvf__sched_json_str(o, "compute", in.compute, sizeof in.compute, 0, err, sizeof err))
         return send_error(d, c, 400, "%s", err);
     if (!strcmp(role, "prefill"))
         in.role = KVF_ROLE_PREFILL;
@@ -156,10 +157,14 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
         return send_error(d, c, 400, "\"role\" must be prefill, decode or both");
     if (!in.id[0])
         return send_error(d, c, 400, "\"id\" must not be empty");
-    double bt, cap;
+    double bt, cap, slots, uses;
     if (json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, sizeof err) ||
-        json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, sizeof err))
+        json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, sizeof err) ||
+        json_num(o, "compute_slots", 0, 1 << 20, 1, 0, &slots, err, sizeof err) ||
+        json_num(o, "compute_uses", 0, 1 << 20, 1, 1, &uses, err, sizeof err))
         return send_error(d, c, 400, "%s", err);
+    in.compute_slots = (uint32_t)slots;
+    in.compute_uses = (uint32_t)uses;
     in.block_tokens = (uint32_t)bt;
     in.capacity_blocks = (uint64_t)cap;
     json_t *caps = json_object_get(o, "capabilities");

@@ -125,7 +125,29 @@ static int choose_decode(const kvf_sched *s, int prefill, double need)
  * instances idle (the README demo's tail: two prefill engines busy 95% of the run, two decode
  * engines 25%). The price is paid by the decode instance's active sequences, whose steps wait for
  * the prefill: it is taken only where the request's wait is cut by more than that prefill lasts.
+ * And only where the decode instance's compute is idle capacity: an engine that shares a host's
+ * cores (or one GPU) with busy others would take its time from them (compute_full).
  * Returns the instance that prefills, with its estimate in *e. */
+/* Whether instance i, set to work, would take compute that others on the same compute are
+ * using: the slots (cores, or a GPU) its busy neighbours use, its own uses added, exceed what the
+ * compute has. An instance on compute of its own never does. */
+static int compute_full(const kvf_sched *s, int i)
+{
+    const kvf_instance_info *me = &s->inst[i].info;
+    if (!me->compute[0] || !me->compute_slots)
+        return 0;
+    uint64_t used = me->compute_uses ? me->compute_uses : 1;
+    for (size_t k = 0; k < s->n_inst; k++) {
+        const kvf__sched_inst *o = &s->inst[k];
+        if ((int)k == i || !o->live || strcmp(o->info.compute, me->compute) != 0)
+            continue;
+        int busy = o->load.queued_prefill_tokens > 0 || o->load.queued_prefill_s > 0 ||
+                   o->load.active_decodes > 0;
+        used += busy ? (o->info.compute_uses ? o->info.compute_uses : 1) : 0;
+    }
+    return used > me->compute_slots;
+}
+
 static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, double n,
                               size_t store_tokens, kvf__sched_est *e)
 {
@@ -137,7 +159,7 @@ static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, doubl
     double work = d.load_s + kvf__sched_prefill_s(&s->o.cost, n, d.cached);
     int short_suffix = n - d.cached < s->o.cost.disagg_threshold_tokens && saved >= 0;
     int overflow = s->o.cost.decode_overflow && !(s->inst[decode].info.role & KVF_ROLE_PREFILL) &&
-                   saved >= work && work > 0;
+                   saved >= work && work > 0 && !compute_full(s, decode);
     if (short_suffix || overflow) {
         *e = d;
         return decode;

@@ -35,6 +35,8 @@ typedef struct kvfe_engine kvfe_engine;
 
 /* Sets how many threads the GEMMs of every engine in this process use (OpenBLAS's setting is
  * process-wide); n <= 0 leaves OpenBLAS's own choice (OPENBLAS_NUM_THREADS, else one per core). */
+/* The threads a GEMM of the engine runs on (OpenBLAS's). */
+int kvfe_gemm_threads(void);
 void kvfe_set_gemm_threads(int n);
 
 typedef struct kvfe_opts {

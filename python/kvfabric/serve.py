@@ -141,6 +141,23 @@ class Server:
                "xfer_mem_kinds": 1 | 2 | (4 if usable else 0)}
         return Caps(rec).to_dict()  # checked by libkvf's parser, as kvf-sched will
 
+    def compute(self) -> Dict[str, Any]:
+        """What this engine computes on, as kvf-sched names shared compute: one GPU of this
+        host (which other engines on it share), or this host's CPUs (torch's threads of them)."""
+        try:
+            with open("/etc/machine-id") as f:
+                host = f.read().strip()
+        except OSError:
+            host = ""
+        host = host or socket.gethostname()
+        dev = self.engine.device
+        if dev.type == "cuda":
+            return {"compute": f"cuda:{dev.index or 0}@{host}", "compute_slots": 1,
+                    "compute_uses": 1}
+        import torch
+        return {"compute": f"cpu@{host}", "compute_slots": len(os.sched_getaffinity(0)),
+                "compute_uses": max(1, torch.get_num_threads())}
+
     def register(self) -> None:
         body = {"id": self.a.id, "role": self.a.role, "endpoint": self.endpoint,
                 "events": self.events.endpoint if self.events else "",
@@ -148,6 +165,7 @@ class Server:
                 "block_tokens": self.layout.page_tokens,
                 "capacity_blocks": self.a.max_tokens // self.layout.page_tokens,
                 "capabilities": self.capabilities()}
+        body.update(self.compute())
         url = f"http://{self.a.sched}/v1/instances"
         last = "no answer"
         for _ in range(50):

@@ -175,6 +175,11 @@ typedef struct kvf_instance_info {
     char endpoint[128];       /* where requests go */
     char events[128];         /* ZeroMQ PUB endpoint of its KV events (may be empty) */
     char capabilities[512];   /* capability record (JSON), passed through */
+    /* The compute it runs on, where engines share it: instances naming the same `compute` (a
+     * host's CPUs, or one GPU of a host) share its `compute_slots` (cores, or 1 for a GPU), each
+     * using `compute_uses` of them while it works. Empty: its own, shared with nobody. */
+    char compute[96];
+    uint32_t compute_slots, compute_uses;
 } kvf_instance_info;
 
 /* Registers or updates info->id; *idx (may be NULL) gets its slot. 0, KVF_EINVAL (a bad field

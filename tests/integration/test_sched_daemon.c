@@ -675,6 +675,9 @@ static void test_sched_daemon_numbers_are_range_checked(void **state)
         const char *body, *field;
     } regs[] = {
         {"{\"id\":\"r\",\"capacity_blocks\":-1}", "capacity_blocks"},
+        {"{\"id\":\"r\",\"compute_slots\":-2}", "compute_slots"},
+        {"{\"id\":\"r\",\"compute_uses\":1.5}", "compute_uses"},
+        {"{\"id\":\"r\",\"compute\":7}", "compute"},
         {"{\"id\":\"r\",\"capacity_blocks\":1e300}", "capacity_blocks"},
         {"{\"id\":\"r\",\"block_tokens\":0}", "block_tokens"},
         {"{\"id\":\"r\",\"block_tokens\":-16}", "block_tokens"},

@@ -555,6 +555,36 @@ static void test_sched_decode_overflow(void **state)
     assert_int_equal(placed[2], dd);
     kvf_sched_destroy(&bs);
 
+    /* Engines sharing a host's cores: a decode engine is idle capacity only while the cores are
+     * not all busy. Two busy prefill engines on 2 cores: no overflow; on 4 cores: overflow. */
+    for (uint32_t cores = 2; cores <= 4; cores += 2) {
+        assert_int_equal(kvf_sched_new(&bs, &bo), 0);
+        int ix[3];
+        for (int k = 0; k < 3; k++) {
+            kvf_instance_info in;
+            memset(&in, 0, sizeof in);
+            snprintf(in.id, sizeof in.id, "e%d", k);
+            in.role = k < 2 ? KVF_ROLE_PREFILL : KVF_ROLE_DECODE;
+            in.block_tokens = 16;
+            in.capacity_blocks = 100000;
+            snprintf(in.compute, sizeof in.compute, "cpu@host");
+            in.compute_slots = cores;
+            in.compute_uses = 1;
+            assert_int_equal(kvf_sched_instance_add(bs, &in, &ix[k]), 0);
+        }
+        kvf_instance_load deep2 = {.queued_prefill_tokens = 8192, .queued_prefill_s = 5.0};
+        kvf_sched_instance_load(bs, ix[0], &deep2);
+        kvf_sched_instance_load(bs, ix[1], &deep2);
+        static uint32_t lp[4096];
+        seq(lp, 4096, 900);
+        kvf_place_req lr = {.tokens = lp, .n_tokens = 4096};
+        kvf_place_res lres;
+        assert_int_equal(kvf_sched_place(bs, &lr, &lres), 0);
+        assert_int_equal(lres.decode, ix[2]);
+        assert_int_equal(lres.prefill, cores == 2 ? ix[0] : ix[2]);
+        kvf_sched_destroy(&bs);
+    }
+
     /* The cost file sets it, 0 or 1 only. */
     kvf_sched_cost c;
     kvf_sched_cost_defaults(&c);
