@@ -125,17 +125,19 @@ static int choose_decode(const kvf_sched *s, int prefill, double need)
  * instances idle (the README demo's tail: two prefill engines busy 95% of the run, two decode
  * engines 25%). The price is paid by the decode instance's active sequences, whose steps wait for
  * the prefill: it is taken only where the request's wait is cut by more than that prefill lasts.
- * And only where the decode instance's compute is idle capacity: an engine that shares a host's
- * cores (or one GPU) with busy others would take its time from them (compute_full).
+ * Where the decode instance shares its compute (a host's cores, one GPU) with busy instances,
+ * its prefill is priced at the slowdown that sharing brings (compute_slowdown): four engines on
+ * two cores are not four engines' capacity.
  * Returns the instance that prefills, with its estimate in *e. */
-/* Whether instance i, set to work, would take compute that others on the same compute are
- * using: the slots (cores, or a GPU) its busy neighbours use, its own uses added, exceed what the
- * compute has. An instance on compute of its own never does. */
-static int compute_full(const kvf_sched *s, int i)
+/* How much slower instance i works once set to work beside the busy instances that share its
+ * compute: the slots they use, its own added, over the slots the compute has (at least 1). Four
+ * single-threaded engines on two cores run each at half speed; an instance on compute of its
+ * own, or with slots to spare, at full speed. */
+static double compute_slowdown(const kvf_sched *s, int i)
 {
     const kvf_instance_info *me = &s->inst[i].info;
     if (!me->compute[0] || !me->compute_slots)
-        return 0;
+        return 1.0;
     uint64_t used = me->compute_uses ? me->compute_uses : 1;
     for (size_t k = 0; k < s->n_inst; k++) {
         const kvf__sched_inst *o = &s->inst[k];
@@ -145,7 +147,8 @@ static int compute_full(const kvf_sched *s, int i)
                    o->load.active_decodes > 0;
         used += busy ? (o->info.compute_uses ? o->info.compute_uses : 1) : 0;
     }
-    return used > me->compute_slots;
+    double f = (double)used / (double)me->compute_slots;
+    return f > 1.0 ? f : 1.0;
 }
 
 static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, double n,
@@ -158,8 +161,11 @@ static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, doubl
     double saved = e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n) - d.ttft_s;
     double work = d.load_s + kvf__sched_prefill_s(&s->o.cost, n, d.cached);
     int short_suffix = n - d.cached < s->o.cost.disagg_threshold_tokens && saved >= 0;
+    /* On shared compute the long prefill runs slower there, and so do its neighbours: priced by
+     * the slowdown, it must still save more than it lasts. */
+    double f = compute_slowdown(s, decode);
     int overflow = s->o.cost.decode_overflow && !(s->inst[decode].info.role & KVF_ROLE_PREFILL) &&
-                   saved >= work && work > 0 && !compute_full(s, decode);
+                   work > 0 && saved - (f - 1.0) * work >= f * work;
     if (short_suffix || overflow) {
         *e = d;
         return decode;
