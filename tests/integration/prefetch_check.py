@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -24,11 +25,18 @@ def fail(msg):
     print("prefetch_check: FAIL: " + msg)
     for p in PROCS:
         p.kill()
+    for p in PROCS:  # what the daemons said (a sanitizer's report, say)
+        p.errlog.seek(0)
+        tail = p.errlog.read()[-3000:]
+        if tail.strip():
+            print("---- stderr of %s:\n%s" % (p.args[0], tail))
     sys.exit(1)
 
 
 def spawn(args):
-    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    err = tempfile.TemporaryFile(mode="w+")
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True)
+    p.errlog = err
     PROCS.append(p)
     for _ in range(50):
         line = p.stdout.readline()
@@ -47,6 +55,8 @@ def post(addr, path, body, timeout=300):
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read() or b"{}")
+    except OSError as e:  # the daemon died or hung: say so with its stderr
+        fail("%s %s: %s" % (addr, path, e))
 
 
 def tokens(seed, n):
