@@ -9,6 +9,7 @@
  *              [--insecure: allow --listen/--events on an address that is not loopback]
  *              [--queue work|fifo] [--cost FILE] [--decide: load or recompute per request]
  *              [--prefetch on|off: fetch a waiting request's cached prefix while it waits]
+ *              [--prefetch-memory SIZE: what the waiting requests' prefetches may hold (1G)]
  *
  * Requests (POST, JSON bodies; token ids as arrays of integers):
  *   /v1/prefill   {id, tokens}                     prefill with the cached prefix loaded and the
@@ -50,6 +51,7 @@
 #include "scheduler.h"
 #include "log.h"
 #include "tcp.h"
+#include "units.h"
 
 #include <pthread.h>
 #include <signal.h>
@@ -89,6 +91,8 @@ typedef struct srv {
     uint64_t picks;
     kvf_sched_cost qcost;
     int prefetch; /* fetch a waiting request's cached prefix while it waits (--prefetch) */
+    uint64_t prefetch_max, prefetch_held; /* bytes the waiting requests' prefetches may hold
+                                           * (--prefetch-memory), and hold now */
     double queued_prefill_tokens;
     /* The same queue in the cost model's seconds (each job's work, as the queue orders it), and
      * the running job's share of it with when it started: reported to kvf-sched, whose
@@ -223,6 +227,7 @@ typedef struct job {
     double load_deadline_ms; /* the plan's (0: none): the prefetch is used as far as it arrived
                               * this long after the request did */
     kvf_prefetch *pf;        /* the cached prefix, fetched while the job waits (NULL: none) */
+    uint64_t pf_bytes;       /* what it holds, counted in srv.prefetch_held */
     uint64_t deadline_ns;
 } job;
 
@@ -482,8 +487,25 @@ static void start_prefetch(srv *S, job *j, size_t cached, double t_arrived)
 {
     uint32_t C = S->m.layout.chunk_tokens;
     size_t max_hit = (j->n - 1) / C * C, want = (cached < max_hit ? cached : max_hit) / C * C;
-    if (!want || kvf_connector_prefetch(S->cn, j->tokens, want, &j->pf) != 0)
+    if (!want)
         return;
+    /* The waiting requests' prefetches share --prefetch-memory: beyond it a request loads at its
+     * turn, as on an idle engine. */
+    uint64_t bytes = (uint64_t)want * kvf_layout_bytes_per_token(&S->m.layout);
+    pthread_mutex_lock(&S->mu);
+    int room = S->prefetch_held + bytes <= S->prefetch_max;
+    if (room)
+        S->prefetch_held += bytes;
+    pthread_mutex_unlock(&S->mu);
+    if (!room)
+        return;
+    if (kvf_connector_prefetch(S->cn, j->tokens, want, &j->pf) != 0) {
+        pthread_mutex_lock(&S->mu);
+        S->prefetch_held -= bytes;
+        pthread_mutex_unlock(&S->mu);
+        return;
+    }
+    j->pf_bytes = bytes;
     j->deadline_ns =
         j->load_deadline_ms > 0 ? (uint64_t)((t_arrived + j->load_deadline_ms / 1e3) * 1e9) : 0;
 }
@@ -560,6 +582,11 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
     pthread_cond_broadcast(&S->cv);
     pthread_mutex_unlock(&S->mu);
     kvf_prefetch_free(&j.pf);
+    if (j.pf_bytes) {
+        pthread_mutex_lock(&S->mu);
+        S->prefetch_held -= j.pf_bytes;
+        pthread_mutex_unlock(&S->mu);
+    }
     free(j.tokens);
     reply->json = out;
     return ok ? 200 : 500;
@@ -696,6 +723,7 @@ typedef struct serve_opts {
     int insecure;         /* --insecure: listen where clients are not loopback (docs/security.md) */
     int decide;           /* --decide: load or recompute per request from live rates */
     const char *prefetch; /* --prefetch on|off */
+    const char *prefetch_memory; /* --prefetch-memory SIZE */
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o)
@@ -709,7 +737,8 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                       .max_tokens = "16384",
                       .level = "info",
                       .queue = "work",
-                      .prefetch = "on"};
+                      .prefetch = "on",
+                      .prefetch_memory = "1G"};
     const struct {
         const char *name;
         const char **value;
@@ -726,6 +755,7 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                 {"--log-level", &o->level},
                 {"--queue", &o->queue},
                 {"--prefetch", &o->prefetch},
+                {"--prefetch-memory", &o->prefetch_memory},
                 {"--cost", &o->cost},
                 {"--events-credential", &o->events_credential},
                 {"--events-tenants", &o->events_tenants},
@@ -810,6 +840,10 @@ static int configure(srv *S, const serve_opts *o)
         return 2;
     }
     S->prefetch = !strcmp(o->prefetch, "on");
+    if (kvf__parse_size(o->prefetch_memory, &S->prefetch_max) != 0) {
+        fprintf(stderr, "kvf-engine: --prefetch-memory: a size such as 512M or 4G\n");
+        return 2;
+    }
     int rc = configure_queue(S, o->queue, o->cost);
     if (rc != PROCEED)
         return rc;

@@ -64,6 +64,24 @@ def _is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(i[4][0].split("%")[0]).is_loopback for i in infos)
 
 
+def parse_size(text: str) -> int:
+    """A size as the daemons write them: a number of bytes with an optional K, M, G or T."""
+    t = str(text).strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    digits = t[:-1] if mult > 1 else t
+    if not digits.isdigit():
+        raise ValueError(f"{text!r} is not a size such as 512M or 4G")
+    return int(digits) * mult
+
+
+def _size_arg(text: str) -> str:
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def read_tokens(path: str) -> Dict[str, str]:
     """A token file (NAME TOKEN per line, # comments), as kvf-sched and kvf-engine read it."""
     out: Dict[str, str] = {}
@@ -121,6 +139,8 @@ class Server:
         self.tokens = read_tokens(a.tokens) if a.tokens else None
         self.vocab = int(getattr(engine, "vocab", 0) or 1 << 32)
         self.closing = threading.Event()  # set at shutdown: new requests get a 503
+        self.prefetch_max = parse_size(a.prefetch_memory)
+        self.prefetch_held = 0
 
     # -- kvf-sched ------------------------------------------------------------------------
     def capabilities(self) -> Dict[str, Any]:
@@ -294,9 +314,17 @@ class Server:
         st0 = cn.stats() if cn is not None else None
         # Finding the engine busy, a prefill or generate fetches its prefix while it waits and
         # uses what arrived by the plan's deadline (kvf-engine's --prefetch; docs/connector.md).
-        pf = None
+        pf, pf_bytes = None, 0
         if kind != "decode" and reuse == "all" and self.a.prefetch == "on" and t.busy():
             pf = self.engine.prefetch(toks)
+            if pf is not None:  # the waiting requests' prefetches share --prefetch-memory
+                pf_bytes = pf.tokens * self.layout.bytes_per_token
+                with self.mu:
+                    if self.prefetch_held + pf_bytes > self.prefetch_max:
+                        pf.close()
+                        pf, pf_bytes = None, 0
+                    else:
+                        self.prefetch_held += pf_bytes
         deadline = arrived + dl / 1e3 if pf is not None and dl else None
         try:
             with t:
@@ -311,6 +339,8 @@ class Server:
         finally:
             if pf is not None:
                 pf.close()
+                with self.mu:
+                    self.prefetch_held -= pf_bytes
             with self.mu:
                 if kind != "decode":
                     t.queued_prefill_tokens -= len(toks)
@@ -437,6 +467,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
+    p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
+                   help="what the waiting requests' prefetches may hold (1G)")
     p.add_argument("--queue", choices=("fifo",), default="fifo",
                    help="request order: arrival (kvf-engine's work order is not implemented here)")
     p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: FIFO queue)")

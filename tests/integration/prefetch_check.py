@@ -157,8 +157,23 @@ def main():
                             {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 60000})
         if st != 200 or "prefetch" in rep or rep["tokens"] != ref["tokens"]:
             fail("--prefetch off: %r" % rep)
+        # Beyond --prefetch-memory (1K here, less than one chunk): loaded at its turn instead.
+        _, eng_small = spawn([engine_bin, "--serve", "--id", "e3", "--role", "both", "--store",
+                              store, "--listen", "127.0.0.1:0", "--max-tokens", "16384",
+                              "--prefetch-memory", "1K", "--log-level", "warn"])
+        st, rep = busy_then(eng_small, {"tokens": longp, "max_tokens": 1, "reuse": False},
+                            {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 60000})
+        if st != 200 or "prefetch" in rep or rep["tokens"] != ref["tokens"] or \
+                rep["loaded_tokens"] != 960:
+            fail("--prefetch-memory 1K: %r" % rep)
+        bad = subprocess.run([engine_bin, "--serve", "--id", "e4", "--store", store,
+                              "--prefetch-memory", "lots"], capture_output=True, text=True,
+                             timeout=60)
+        if bad.returncode != 2 or "--prefetch-memory" not in bad.stderr:
+            fail("--prefetch-memory lots: exit %d, %r" % (bad.returncode, bad.stderr))
         print("prefetch_check: ok (prefetched 960 tokens while waiting, tokens identical; past "
-              "deadline handled; idle and --prefetch off load at their turn)")
+              "deadline handled; idle, --prefetch off and beyond --prefetch-memory load at "
+              "their turn)")
     finally:
         for p in PROCS:
             p.terminate()

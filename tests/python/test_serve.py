@@ -333,7 +333,8 @@ class TestServe(unittest.TestCase):
     def test_refuses_bad_options(self):
         for args, why in ((["--listen", "0.0.0.0:0"], "refusing"),
                           (["--model", "no-such-model"], "not a known model"),
-                          (["--max-tokens", "10"], "max-tokens")):
+                          (["--max-tokens", "10"], "max-tokens"),
+                          (["--prefetch-memory", "lots"], "prefetch-memory")):
             p = subprocess.run([sys.executable, "-m", "kvfabric.serve", "--id", "x", *args],
                                capture_output=True, text=True, timeout=60)
             self.assertNotEqual(p.returncode, 0)
