@@ -38,8 +38,8 @@
  * events say so: BlockStored for a new sequence's blocks, BlockRemoved for the blocks it replaced,
  * in vLLM's format (ZeroMQ PUB, [topic, 8-byte big-endian sequence, msgpack [ts, events, 0]]).
  */
-#include "engine.h"
 #include "serve.h"
+#include "serve_int.h"
 
 #include "auth.h"
 #include "clock.h"
@@ -65,52 +65,6 @@
 #define MAX_BODY       (64u << 20)
 #define REPORT_EVERY_S 5.0 /* the longest time between two load reports (heartbeats) */
 
-typedef struct srv {
-    kvfe_model m;
-    kvfe_engine *e;
-    kvf_connector *cn;
-    kvf_log lg;
-    char id[64], role[16], model[32], sched[160], endpoint[160];
-    char host[128]; /* --listen's */
-    uint16_t port;
-    uint32_t max_tokens;
-    /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
-     * least remaining work among the oldest klpm_k, every klpm_k-th pick the oldest) or in
-     * arrival order (--queue fifo). Oldest first. */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    struct waiter {
-        uint64_t id;
-        size_t cached;
-        double work_s;
-    } * wait;
-    size_t n_wait, cap_wait;
-    size_t *pick_cached; /* kvf_sched_queue_pick's arguments, cap_wait long */
-    double *pick_work;
-    uint64_t next_id, running; /* the job holding the engine (0: none) */
-    uint64_t picks;
-    kvf_sched_cost qcost;
-    int prefetch; /* fetch a waiting request's cached prefix while it waits (--prefetch) */
-    uint64_t prefetch_max, prefetch_held; /* bytes the waiting requests' prefetches may hold
-                                           * (--prefetch-memory), and hold now */
-    double queued_prefill_tokens;
-    /* The same queue in the cost model's seconds (each job's work, as the queue orders it), and
-     * the running job's share of it with when it started: reported to kvf-sched, whose
-     * placements then price each waiting prompt's attention, which tokens alone do not. */
-    double queued_work_s, running_work_s, running_since;
-    uint32_t active_decodes;
-    uint64_t requests, failures, first_token_mismatches;
-    double busy_s;
-    /* load reports to kvf-sched, sent by their own thread */
-    pthread_cond_t report_cv;
-    int report_dirty;
-    /* KV events (under the engine's turn: only the running request publishes) */
-    kvf_events *pub;
-    uint64_t *held; /* engine block hashes of the blocks in the pages */
-    size_t n_held;
-    atomic_int stop;
-} srv;
-
 static atomic_int g_stop;
 
 static void on_signal(int sig)
@@ -119,17 +73,10 @@ static void on_signal(int sig)
     atomic_store(&g_stop, 1);
 }
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* ------------------------------------------------------------------------------------------ */
 /* Load reports */
 
-static void mark_dirty_locked(srv *S)
+void kvfe__srv_mark_dirty_locked(srv *S)
 {
     S->report_dirty = 1;
     pthread_cond_signal(&S->report_cv);
@@ -146,15 +93,15 @@ static void *reporter_main(void *arg)
     srv *S = arg;
     char url[256], err[256];
     snprintf(url, sizeof url, "http://%s/v1/instances/%s/load", S->sched, S->id);
-    double last = now_s();
+    double last = kvfe__srv_now();
     pthread_mutex_lock(&S->mu);
     while (!atomic_load(&S->stop)) {
-        if (!S->report_dirty && now_s() - last < REPORT_EVERY_S) {
+        if (!S->report_dirty && kvfe__srv_now() - last < REPORT_EVERY_S) {
             kvf__cond_wait_ms(&S->report_cv, &S->mu, 200);
             continue;
         }
         S->report_dirty = 0;
-        double done_s = S->running_work_s > 0 ? now_s() - S->running_since : 0;
+        double done_s = S->running_work_s > 0 ? kvfe__srv_now() - S->running_since : 0;
         done_s = done_s < S->running_work_s ? done_s : S->running_work_s;
         double queued_s = S->queued_work_s - done_s;
         json_t *body =
@@ -162,7 +109,7 @@ static void *reporter_main(void *arg)
                       "queued_prefill_s", queued_s > 0 ? queued_s : 0, "active_decodes",
                       (int)S->active_decodes, "used_blocks", (json_int_t)(S->n_held));
         pthread_mutex_unlock(&S->mu);
-        last = now_s();
+        last = kvfe__srv_now();
         long status = 0;
         int again = 0;
         if (kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status, NULL, err,
@@ -183,456 +130,6 @@ static void *reporter_main(void *arg)
     }
     pthread_mutex_unlock(&S->mu);
     return NULL;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* KV events */
-
-/* Publishes what the pages hold now that they hold tokens[0..n): the blocks of the previous
- * sequence that differ are removed, the new ones stored. Only the running request calls it. */
-static void publish_blocks(srv *S, const uint32_t *tokens, size_t n)
-{
-    uint32_t P = S->m.layout.page_tokens;
-    size_t nb = n / P;
-    uint64_t *nh = malloc((nb ? nb : 1) * sizeof *nh);
-    if (!nh)
-        return;
-    kvf_events_hash_blocks(tokens, nb, P, 0, nh);
-    size_t common = 0;
-    while (common < nb && common < S->n_held && nh[common] == S->held[common])
-        common++;
-    if (S->pub && (common < S->n_held || common < nb))
-        kvf_events_publish(S->pub, S->held + common, S->n_held - common, nh + common, nb - common,
-                           common > 0, common ? nh[common - 1] : 0, tokens + common * P, P, "GPU");
-    pthread_mutex_lock(&S->mu); /* n_held goes into the load reports */
-    free(S->held);
-    S->held = nh;
-    S->n_held = nb;
-    pthread_mutex_unlock(&S->mu);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Requests */
-
-/* What a request may reuse: the tiers of kvfe_set_tiers(). */
-typedef enum reuse_mode { REUSE_NONE, REUSE_ENGINE, REUSE_ALL } reuse_mode;
-
-typedef struct job {
-    const char *kind; /* prefill, decode, generate */
-    uint32_t *tokens;
-    size_t n;
-    uint32_t max_tokens, first_token, expect_cached;
-    int has_first;
-    reuse_mode reuse;
-    double load_deadline_ms; /* the plan's (0: none): the prefetch is used as far as it arrived
-                              * this long after the request did */
-    kvf_prefetch *pf;        /* the cached prefix, fetched while the job waits (NULL: none) */
-    uint64_t pf_bytes;       /* what it holds, counted in srv.prefetch_held */
-    uint64_t deadline_ns;
-} job;
-
-/* The "reuse" field: absent or true, false, or "engine". Returns 0, or -1 for any other value. */
-static int parse_reuse(json_t *ru, reuse_mode *out)
-{
-    *out = !ru || json_is_true(ru) ? REUSE_ALL : REUSE_NONE;
-    if (json_is_string(ru) && !strcmp(json_string_value(ru), "engine"))
-        *out = REUSE_ENGINE;
-    return !ru || json_is_boolean(ru) || *out == REUSE_ENGINE ? 0 : -1;
-}
-
-/* Reads the body into a job. Returns 0 or an HTTP status with *reply set. */
-static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
-{
-    json_t *t = json_object_get(o, "tokens");
-    if (!json_is_array(t) || json_array_size(t) == 0) {
-        reply->json = kvf__http_error("\"tokens\" must be a non-empty array of token ids");
-        return 400;
-    }
-    j->n = json_array_size(t);
-    json_t *mt = json_object_get(o, "max_tokens"), *ft = json_object_get(o, "first_token"),
-           *ec = json_object_get(o, "expect_cached"), *ru = json_object_get(o, "reuse"),
-           *dl = json_object_get(o, "load_deadline_ms");
-    if ((mt && !json_is_integer(mt)) || (ft && !json_is_integer(ft)) ||
-        (ec && !json_is_integer(ec)) || parse_reuse(ru, &j->reuse) != 0 ||
-        (dl &&
-         (!json_is_number(dl) || !(json_number_value(dl) >= 0) || json_number_value(dl) > 3.6e6))) {
-        reply->json = kvf__http_error("max_tokens, first_token and expect_cached are integers, "
-                                      "reuse true, false or \"engine\", load_deadline_ms a "
-                                      "number of milliseconds 0..3600000");
-        return 400;
-    }
-    j->load_deadline_ms = dl ? json_number_value(dl) : 0;
-    j->max_tokens = mt ? (uint32_t)json_integer_value(mt) : 1;
-    j->has_first = ft != NULL;
-    j->first_token = ft ? (uint32_t)json_integer_value(ft) : 0;
-    j->expect_cached = ec ? (uint32_t)json_integer_value(ec) : 0;
-    if (mt && (json_integer_value(mt) < 1 || json_integer_value(mt) > 1 << 20)) {
-        reply->json = kvf__http_error("max_tokens must be 1..1048576");
-        return 400;
-    }
-    if (j->n + j->max_tokens + 1 > S->max_tokens) {
-        reply->json = kvf__http_error("prompt of %zu tokens + %u to generate exceed this engine's "
-                                      "KV capacity of %u tokens (--max-tokens)",
-                                      j->n, j->max_tokens, S->max_tokens);
-        return 413;
-    }
-    j->tokens = malloc(j->n * sizeof *j->tokens);
-    if (!j->tokens) {
-        reply->json = kvf__http_error("out of memory");
-        return 500;
-    }
-    for (size_t i = 0; i < j->n; i++) {
-        json_t *v = json_array_get(t, i);
-        if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-            json_integer_value(v) > UINT32_MAX) {
-            free(j->tokens);
-            j->tokens = NULL;
-            reply->json = kvf__http_error("tokens[%zu] is not a 32-bit token id", i);
-            return 400;
-        }
-        j->tokens[i] = (uint32_t)json_integer_value(v);
-    }
-    return 0;
-}
-
-/* The decode half's handoff: the prefill's save may still be landing; wait (bounded) until the
- * stores hold what it announced (the job then loads whatever is there). Called before the job
- * queues for the engine, so that the engine serves others while the chunks land. */
-static double await_handoff(srv *S, const job *j, size_t *cached)
-{
-    double t0 = now_s();
-    *cached = 0;
-    if (!S->cn || !j->expect_cached)
-        return 0;
-    for (int i = 0; i < 400; i++) {
-        if (kvf_connector_lookup(S->cn, j->tokens, j->n, cached) == 0 &&
-            *cached >= j->expect_cached)
-            break;
-        usleep(i < 20 ? 500 : 5000);
-    }
-    return now_s() - t0;
-}
-
-/* Decodes greedily after first until toks holds max_tokens tokens, appending each step's time to
- * itl; a step that fails ends the sequence there. Returns the decode time. */
-static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *toks, json_t *itl)
-{
-    double decode_s = 0;
-    uint32_t last = first;
-    for (uint32_t g = 1; g < max_tokens; g++) {
-        kvfe_result d;
-        if (kvfe_decode(S->e, last, &d) != 0)
-            break;
-        last = d.next_token;
-        json_array_append_new(toks, json_integer(last));
-        json_array_append_new(itl, json_real(d.seconds));
-        decode_s += d.seconds;
-    }
-    return decode_s;
-}
-
-static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
-{
-    kvf_connector_stats st0, st1;
-    if (S->cn)
-        kvf_connector_stats_get(S->cn, &st0);
-    int is_prefill = !strcmp(j->kind, "prefill"), is_decode = !strcmp(j->kind, "decode");
-    /* A decode loads what its prefill saved and saves nothing itself. */
-    int stores = j->reuse == REUSE_ALL && S->cn != NULL;
-    int saving = stores && !is_decode;
-    kvfe_set_tiers(S->e, j->reuse != REUSE_NONE, stores, saving);
-    kvfe_result r;
-    int rc = j->pf && stores
-                 ? kvfe_prefill_prefetched(S->e, j->tokens, j->n, j->pf, j->deadline_ns, &r)
-                 : kvfe_prefill(S->e, j->tokens, j->n, &r);
-    if (rc)
-        return kvf__http_error("prefill: %s", kvf_strerror(rc));
-    publish_blocks(S, j->tokens, j->n);
-    /* The first token: the prefill's own, or for a decode the one the prefill engine chose
-     * (this engine computed it again from the handed-off KV: they must agree). */
-    int mismatch = is_decode && j->has_first && r.next_token != j->first_token;
-    uint32_t last = is_decode && j->has_first ? j->first_token : r.next_token;
-    json_t *toks = json_array(), *itl = json_array();
-    json_array_append_new(toks, json_integer(last));
-    double decode_s = is_prefill ? 0 : decode_rest(S, last, j->max_tokens, toks, itl);
-    if (S->cn)
-        kvf_connector_stats_get(S->cn, &st1);
-    uint32_t C = S->m.layout.chunk_tokens;
-    json_t *out = json_pack(
-        "{s:s,s:s,s:o,s:o,s:I,s:I,s:I,s:I,s:f,s:f,s:f,s:f,s:f,s:f,s:s,s:b,s:s}", "engine", S->id,
-        "kind", j->kind, "tokens", toks, "itl_s", itl, "prompt_tokens", (json_int_t)j->n,
-        "device_tokens", (json_int_t)r.device_tokens, "loaded_tokens", (json_int_t)r.loaded_tokens,
-        "saved_tokens", (json_int_t)(saving ? j->n / C * C : 0), "queue_s", queue_s, "prefill_s",
-        r.seconds, "compute_s", r.compute_seconds, "wait_s", r.wait_seconds, "decode_s", decode_s,
-        "handoff_s", handoff_s, "load_error", kvf_err_name(r.load_error), "first_token_mismatch",
-        mismatch, "label", "real");
-    if (S->cn) {
-        json_object_set_new(out, "load_bytes",
-                            json_integer((json_int_t)(st1.load_bytes - st0.load_bytes)));
-        /* what the engine's storage client moved meanwhile, by way: other requests running at
-         * the same time count too, so sums over a run are what they mean */
-        json_object_set_new(out, "shm_bytes",
-                            json_integer((json_int_t)(st1.shm_bytes - st0.shm_bytes)));
-        json_object_set_new(out, "net_bytes",
-                            json_integer((json_int_t)(st1.net_bytes - st0.net_bytes)));
-    }
-    if (r.choice != KVFE_NO_DECISION) { /* --decide: the choice, its inputs and its outcome */
-        static const char *const names[] = {"none", "load", "partial", "recompute"};
-        kvfe_rates rt;
-        kvfe_rates_get(S->e, &rt);
-        json_object_set_new(out, "decision",
-                            json_pack("{s:s,s:f,s:f,s:f,s:f,s:i,s:s,s:s}", "choice",
-                                      names[r.choice], "predicted_s", r.predicted_s,
-                                      "predicted_recompute_s", r.predicted_recompute_s, "load_bps",
-                                      rt.load_bps, "prefill_s_per_token", rt.s_per_token,
-                                      "cut_at_layer", r.cut_at_layer, "outcome",
-                                      r.loaded_tokens       ? "loaded"
-                                      : r.cut_at_layer >= 0 ? "cut, recomputed"
-                                                            : "recomputed",
-                                      "label", "real"));
-    }
-    if (j->pf && stores) /* fetched while it waited: how much arrived by the deadline */
-        json_object_set_new(
-            out, "prefetch",
-            json_pack("{s:I,s:I,s:b,s:f,s:f,s:s}", "tokens", (json_int_t)r.prefetch_tokens,
-                      "ready_tokens", (json_int_t)r.prefetch_ready_tokens, "deadline_missed",
-                      r.prefetch_deadline_missed, "deadline_ms", j->load_deadline_ms, "wait_s",
-                      r.prefetch_wait_seconds, "label", "real"));
-    if (stores) { /* KV moved through kvfabric: say how */
-        char why[240];
-        json_object_set_new(out, "transport",
-                            json_string(kvf_connector_transport(S->cn, why, sizeof why)));
-        json_object_set_new(out, "transport_reason", json_string(why));
-    }
-    if (mismatch) {
-        kvf_error(&S->lg, "request: the decode's first token %u differs from the prefill's %u",
-                  r.next_token, j->first_token);
-        pthread_mutex_lock(&S->mu);
-        S->first_token_mismatches++;
-        pthread_mutex_unlock(&S->mu);
-    }
-    return out;
-}
-
-/* The prompt tokens whose KV the pages hold now (the last sequence's whole chunks it starts with,
- * as publish_blocks hashed them), at most all but the last chunk's worth the engine computes
- * anyway. An estimate for the queue's order: the pages may hold another sequence by the job's
- * turn. */
-static size_t held_prefix(srv *S, const uint32_t *tokens, size_t n)
-{
-    uint32_t P = S->m.layout.page_tokens, C = S->m.layout.chunk_tokens;
-    uint64_t parent = 0;
-    size_t b = 0;
-    pthread_mutex_lock(&S->mu);
-    for (; b < S->n_held && b < n / P; b++) {
-        kvf_events_hash_blocks(tokens + b * P, 1, P, parent, &parent);
-        if (parent != S->held[b])
-            break;
-    }
-    pthread_mutex_unlock(&S->mu);
-    size_t dev = b * P / C * C, max_hit = (n - 1) / C * C;
-    return dev < max_hit ? dev : max_hit;
-}
-
-/* Hands the engine to the next waiting job if it is free. Lock held. */
-static void dispatch_locked(srv *S)
-{
-    if (S->running || S->n_wait == 0)
-        return;
-    for (size_t i = 0; i < S->n_wait; i++) {
-        S->pick_cached[i] = S->wait[i].cached;
-        S->pick_work[i] = S->wait[i].work_s;
-    }
-    size_t i = kvf_sched_queue_pick(&S->qcost, S->pick_cached, S->pick_work, S->n_wait, S->picks++);
-    S->running = S->wait[i].id;
-    memmove(&S->wait[i], &S->wait[i + 1], (S->n_wait - i - 1) * sizeof *S->wait);
-    S->n_wait--;
-    pthread_cond_broadcast(&S->cv);
-}
-
-/* Queues a job and waits until it holds the engine. 0, or KVF_ENOMEM / KVF_ECANCELED (stopping). */
-static int wait_turn(srv *S, size_t cached, double work_s)
-{
-    pthread_mutex_lock(&S->mu);
-    if (S->n_wait == S->cap_wait) {
-        size_t cap = S->cap_wait ? S->cap_wait * 2 : 64;
-        struct waiter *w = realloc(S->wait, cap * sizeof *w);
-        size_t *pc = realloc(S->pick_cached, cap * sizeof *pc);
-        double *pw = realloc(S->pick_work, cap * sizeof *pw);
-        S->wait = w ? w : S->wait;
-        S->pick_cached = pc ? pc : S->pick_cached;
-        S->pick_work = pw ? pw : S->pick_work;
-        if (!w || !pc || !pw) {
-            pthread_mutex_unlock(&S->mu);
-            return KVF_ENOMEM;
-        }
-        S->cap_wait = cap;
-    }
-    uint64_t id = ++S->next_id;
-    S->wait[S->n_wait++] = (struct waiter){id, cached, work_s};
-    dispatch_locked(S);
-    while (S->running != id && !atomic_load(&S->stop))
-        pthread_cond_wait(&S->cv, &S->mu);
-    int rc = S->running == id ? 0 : KVF_ECANCELED;
-    pthread_mutex_unlock(&S->mu);
-    return rc;
-}
-
-/* A job that will wait for the engine (it is busy) starts fetching the stores' prefix now, so
- * that its load happens while it waits: the cached tokens the lookup found, at most all but the
- * chunk holding the last token (which is computed anyway). Its deadline is the plan's, counted
- * from the job's arrival. Best effort: a prefetch that cannot start leaves the job to load at
- * its turn. */
-static void start_prefetch(srv *S, job *j, size_t cached, double t_arrived)
-{
-    uint32_t C = S->m.layout.chunk_tokens;
-    size_t max_hit = (j->n - 1) / C * C, want = (cached < max_hit ? cached : max_hit) / C * C;
-    if (!want)
-        return;
-    /* The waiting requests' prefetches share --prefetch-memory: beyond it a request loads at its
-     * turn, as on an idle engine. */
-    uint64_t bytes = (uint64_t)want * kvf_layout_bytes_per_token(&S->m.layout);
-    pthread_mutex_lock(&S->mu);
-    int room = S->prefetch_held + bytes <= S->prefetch_max;
-    if (room)
-        S->prefetch_held += bytes;
-    pthread_mutex_unlock(&S->mu);
-    if (!room)
-        return;
-    if (kvf_connector_prefetch(S->cn, j->tokens, want, &j->pf) != 0) {
-        pthread_mutex_lock(&S->mu);
-        S->prefetch_held -= bytes;
-        pthread_mutex_unlock(&S->mu);
-        return;
-    }
-    j->pf_bytes = bytes;
-    j->deadline_ns =
-        j->load_deadline_ms > 0 ? (uint64_t)((t_arrived + j->load_deadline_ms / 1e3) * 1e9) : 0;
-}
-
-static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply *reply)
-{
-    job j = {.kind = kind};
-    unsigned st = parse_job(S, o, &j, reply);
-    if (st)
-        return st;
-    int is_prefill = !strcmp(kind, "prefill"), is_decode = !strcmp(kind, "decode");
-    /* The job's work for the queue's order: the prefill of what no cache holds (a decode brings
-     * its prefix by handoff; others ask the stores, or with the engine's cache only, look at the
-     * pages), then the tokens it generates. */
-    size_t cached = is_decode ? j.expect_cached : 0;
-    double t_arrived = now_s();
-    pthread_mutex_lock(&S->mu);
-    int busy = S->running != 0 || S->n_wait > 0;
-    pthread_mutex_unlock(&S->mu);
-    int prefetch = !is_decode && j.reuse == REUSE_ALL && S->cn && S->prefetch && busy;
-    if (!is_decode && j.reuse == REUSE_ALL && S->cn && (S->qcost.klpm_k > 1 || prefetch))
-        kvf_connector_lookup(S->cn, j.tokens, j.n, &cached);
-    else if (!is_decode && j.reuse == REUSE_ENGINE && S->qcost.klpm_k > 1)
-        cached = held_prefix(S, j.tokens, j.n);
-    if (prefetch)
-        start_prefetch(S, &j, cached, t_arrived);
-    cached = cached < j.n ? cached : j.n;
-    const kvf_sched_cost *qc = &S->qcost;
-    double un = (double)(j.n - cached), nn = (double)j.n, cc = (double)cached;
-    double work = un / qc->prefill_tokens_per_s +
-                  qc->prefill_attn_s_per_tok2 * (nn * nn - cc * cc) / 2.0 +
-                  (is_prefill ? 0 : (double)j.max_tokens * qc->tpot_base_s);
-    pthread_mutex_lock(&S->mu);
-    if (!is_decode)
-        S->queued_prefill_tokens += (double)j.n;
-    if (!is_prefill)
-        S->active_decodes++;
-    S->queued_work_s += work;
-    mark_dirty_locked(S);
-    pthread_mutex_unlock(&S->mu);
-    size_t landed;
-    double handoff_s = is_decode ? await_handoff(S, &j, &landed) : 0;
-    double t_queued = now_s();
-    int turn = wait_turn(S, cached, work);
-    double t_start = now_s();
-    pthread_mutex_lock(&S->mu);
-    if (!turn) {
-        S->running_work_s = work;
-        S->running_since = t_start;
-    }
-    pthread_mutex_unlock(&S->mu);
-    json_t *out = turn ? kvf__http_error("engine %s", turn == KVF_ENOMEM ? "out of memory for its "
-                                                                           "queue"
-                                                                         : "stopping")
-                       : run_job(S, &j, t_start - t_queued, handoff_s);
-    int ok = json_object_get(out, "error") == NULL;
-    pthread_mutex_lock(&S->mu);
-    if (!turn)
-        S->running = 0;
-    dispatch_locked(S);
-    S->requests++;
-    S->failures += !ok;
-    S->busy_s += now_s() - t_start;
-    if (!is_decode)
-        S->queued_prefill_tokens -= (double)j.n;
-    if (!is_prefill)
-        S->active_decodes--;
-    S->queued_work_s -= work;
-    if (S->queued_work_s < 1e-9)
-        S->queued_work_s = 0; /* no drift below zero from the sums' rounding */
-    if (!turn)
-        S->running_work_s = 0;
-    mark_dirty_locked(S);
-    pthread_cond_broadcast(&S->cv);
-    pthread_mutex_unlock(&S->mu);
-    kvf_prefetch_free(&j.pf);
-    if (j.pf_bytes) {
-        pthread_mutex_lock(&S->mu);
-        S->prefetch_held -= j.pf_bytes;
-        pthread_mutex_unlock(&S->mu);
-    }
-    free(j.tokens);
-    reply->json = out;
-    return ok ? 200 : 500;
-}
-
-static unsigned on_request(void *ctx, const char *method, const char *url, json_t *body,
-                           kvf__http_reply *reply)
-{
-    srv *S = ctx;
-    if (!body && strcmp(method, "GET") != 0) {
-        reply->json = kvf__http_error("%s %s: not served", method, url);
-        return 405;
-    }
-    if (!body) {
-        if (strcmp(url, "/v1/health") != 0) {
-            reply->json = kvf__http_error("GET %s: not served", url);
-            return 404;
-        }
-        kvf_connector_stats cs = {0};
-        if (S->cn)
-            kvf_connector_stats_get(S->cn, &cs);
-        pthread_mutex_lock(&S->mu);
-        reply->json = json_pack(
-            "{s:s,s:s,s:s,s:I,s:I,s:I,s:f,s:i,s:I,s:f,s:{s:I,s:I,s:I,s:I,s:I,s:I},s:b}", "id",
-            S->id, "role", S->role, "model", S->model, "requests", (json_int_t)S->requests,
-            "failures", (json_int_t)S->failures, "first_token_mismatches",
-            (json_int_t)S->first_token_mismatches, "queued_prefill_tokens",
-            S->queued_prefill_tokens, "active_decodes", (int)S->active_decodes, "waiting",
-            (json_int_t)S->n_wait, "busy_s", S->busy_s, "connector", "load_bytes",
-            (json_int_t)cs.load_bytes, "save_bytes", (json_int_t)cs.save_bytes, "chunks_loaded",
-            (json_int_t)cs.chunks_loaded, "chunks_saved", (json_int_t)cs.chunks_saved,
-            "chunks_missed", (json_int_t)cs.chunks_missed, "chunks_existing",
-            (json_int_t)cs.chunks_existing, "cache_layer", S->cn != NULL);
-        json_object_set_new(reply->json, "running", json_boolean(S->running != 0));
-        json_t *c = json_object_get(reply->json, "connector");
-        json_object_set_new(c, "prefetches", json_integer((json_int_t)cs.prefetches));
-        json_object_set_new(c, "prefetch_chunks", json_integer((json_int_t)cs.prefetch_chunks));
-        json_object_set_new(c, "prefetch_chunks_loaded",
-                            json_integer((json_int_t)cs.prefetch_chunks_loaded));
-        pthread_mutex_unlock(&S->mu);
-        return 200;
-    }
-    if (!strcmp(url, "/v1/prefill") || !strcmp(url, "/v1/decode") || !strcmp(url, "/v1/generate"))
-        return handle_job(S, url + 4, body, reply);
-    reply->json = kvf__http_error("POST %s: not served (prefill, decode, generate)", url);
-    return 404;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -934,7 +431,7 @@ static int start_http(srv *S, const char *advertise, const kvf__http_tokens *tok
                       kvf__httpd **httpd, uint16_t *bound)
 {
     char err[512];
-    if (kvf__httpd_start(httpd, S->host, S->port, 1, MAX_BODY, on_request, S, bound, err,
+    if (kvf__httpd_start(httpd, S->host, S->port, 1, MAX_BODY, kvfe__srv_request, S, bound, err,
                          sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: %s\n", err);
         return 1;

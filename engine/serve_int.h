@@ -1,0 +1,83 @@
+/*
+ * What kvf-engine's serving mode shares between its files: the server's state. serve.c starts
+ * the server, registers it with kvf-sched and reports its load; serve_jobs.c answers its HTTP
+ * requests (the jobs, their queue and prefetches, the KV events they publish).
+ */
+#ifndef KVF_ENGINE_SERVE_INT_H
+#define KVF_ENGINE_SERVE_INT_H
+
+#include "engine.h"
+#include "clock.h"
+#include "http.h"
+#include "kvf/events.h"
+#include "kvf/kvf.h"
+#include "log.h"
+#include "scheduler.h"
+
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct srv {
+    kvfe_model m;
+    kvfe_engine *e;
+    kvf_connector *cn;
+    kvf_log lg;
+    char id[64], role[16], model[32], sched[160], endpoint[160];
+    char host[128]; /* --listen's */
+    uint16_t port;
+    uint32_t max_tokens;
+    /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
+     * least remaining work among the oldest klpm_k, every klpm_k-th pick the oldest) or in
+     * arrival order (--queue fifo). Oldest first. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    struct waiter {
+        uint64_t id;
+        size_t cached;
+        double work_s;
+    } * wait;
+    size_t n_wait, cap_wait;
+    size_t *pick_cached; /* kvf_sched_queue_pick's arguments, cap_wait long */
+    double *pick_work;
+    uint64_t next_id, running; /* the job holding the engine (0: none) */
+    uint64_t picks;
+    kvf_sched_cost qcost;
+    int prefetch; /* fetch a waiting request's cached prefix while it waits (--prefetch) */
+    uint64_t prefetch_max, prefetch_held; /* bytes the waiting requests' prefetches may hold
+                                           * (--prefetch-memory), and hold now */
+    double queued_prefill_tokens;
+    /* The same queue in the cost model's seconds (each job's work, as the queue orders it), and
+     * the running job's share of it with when it started: reported to kvf-sched, whose
+     * placements then price each waiting prompt's attention, which tokens alone do not. */
+    double queued_work_s, running_work_s, running_since;
+    uint32_t active_decodes;
+    uint64_t requests, failures, first_token_mismatches;
+    double busy_s;
+    /* load reports to kvf-sched, sent by their own thread */
+    pthread_cond_t report_cv;
+    int report_dirty;
+    /* KV events (under the engine's turn: only the running request publishes) */
+    kvf_events *pub;
+    uint64_t *held; /* engine block hashes of the blocks in the pages */
+    size_t n_held;
+    atomic_int stop;
+} srv;
+
+/* Seconds on CLOCK_MONOTONIC (the clock of every deadline here). */
+static inline double kvfe__srv_now(void)
+{
+    return (double)kvf__now_ns() * 1e-9;
+}
+
+/* serve.c: the load changed; the reporter sends it to kvf-sched. S->mu held. */
+void kvfe__srv_mark_dirty_locked(srv *S);
+
+/* serve_jobs.c: answers one HTTP request (the server's route: GET /v1/health, POST /v1/prefill,
+ * /v1/decode and /v1/generate). */
+unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_t *body,
+                           kvf__http_reply *reply);
+
+#endif
