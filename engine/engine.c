@@ -516,9 +516,11 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
         /* What the stores hold now beyond what the prefetch was asked for (another request
          * saved more of this prompt while this one waited) is loaded from them layer by layer,
          * beside the prefetch's scatter: the two write different pages. Not after a deadline
-         * cut the prefetch short: what it did not bring in time is computed. */
+         * cut the prefetch short (what it did not bring in time is computed), and not asked
+         * when the prefetch covers all that could be loaded (a round trip saved). */
         size_t base = hit > dev ? hit : dev, now_cached = 0;
-        if (!r->prefetch_deadline_missed && kvf_connector_lookup(cn, tokens, n, &now_cached) == 0) {
+        if (!r->prefetch_deadline_missed && kvf_prefetch_tokens(pf) < max_hit &&
+            kvf_connector_lookup(cn, tokens, n, &now_cached) == 0) {
             now_cached = now_cached < max_hit ? now_cached / C * C : max_hit;
             r->cached_tokens = now_cached > r->cached_tokens ? now_cached : r->cached_tokens;
             if (now_cached > base &&

@@ -308,7 +308,8 @@ class Engine:
                 o.load_error = e.name
                 o.notes.append(f"load: {e}")
                 cached, whole = 0, False
-        if use_pf and load is not None and not o.prefetch["deadline_missed"]:
+        if use_pf and load is not None and not o.prefetch["deadline_missed"] and \
+                pf.tokens < limit:  # nothing more could be loaded: no round trip
             # What the stores hold now beyond what the prefetch was asked for (another request
             # saved more of this prompt while this one waited) is loaded beside it (kvf-engine's
             # rule; not after a deadline cut the prefetch short).
