@@ -505,16 +505,9 @@ int kvf_connector_load_prefetched(kvf_connector *cn, kvf_prefetch *p, const uint
     /* The prompt's own keys: a prefetch of another prompt is refused. */
     kvf_keys_compute(&cn->ks, tokens, n, x->keys, nc, &nk, NULL);
     int same = nk == nc && !memcmp(x->keys, p->keys, nc * sizeof *x->keys);
-    if (!same) {
-        pthread_mutex_lock(&cn->mu);
-        cn->inflight++; /* xfer_destroy counts it out */
-        pthread_mutex_unlock(&cn->mu);
-        xfer_destroy(x);
-        return KVF_EINVAL;
-    }
     pthread_mutex_lock(&cn->mu);
-    cn->inflight++;
-    int rc = cn->closing ? KVF_ECLOSED : 0;
+    cn->inflight++; /* xfer_destroy counts it out */
+    int rc = !same ? KVF_EINVAL : cn->closing ? KVF_ECLOSED : 0;
     if (!rc) {
         cn->st.loads++;
         cn->st.chunks_loaded += nc;
