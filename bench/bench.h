@@ -13,7 +13,12 @@ int bench_connector_cuda(int rounds, int json, const char *store_bin, const char
 int bench_sched_main(int argc, char **argv);
 /* kvf-bench sched --ingest (sched_ingest.c): results into res. 0, or -1 after saying why. */
 #include <jansson.h>
+#include <stdint.h>
 int bench_sched_ingest(json_t *res, int quick);
+/* A scheduler (kvf_cost, an index sized for 2M blocks) with n instances "inst-0".. that prefill
+ * and decode, each of block_tokens and capacity_blocks: the benchmarks' index under test. NULL
+ * out of memory. */
+struct kvf_sched *bench_sched_uniform(int n, uint32_t block_tokens, uint64_t capacity_blocks);
 int bench_soak_main(int argc, char **argv);
 int bench_e2e_main(int argc, char **argv);
 

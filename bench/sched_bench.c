@@ -53,21 +53,11 @@ static void prefix_tokens(uint32_t *t, int p)
  * instances, whole or in part: about 1M blocks. Returns 0, or -1 out of memory. */
 static int latency_index(kvf_sched **out, uint32_t *t)
 {
-    kvf_sched_opts so = {.policy = KVF_POLICY_KVF_COST, .expected_blocks = 1u << 21};
-    kvf_sched_cost_defaults(&so.cost);
     uint64_t *h = malloc((size_t)DL_BLOCKS * sizeof *h);
-    if (!h || kvf_sched_new(out, &so) != 0) {
+    *out = h ? bench_sched_uniform(DL_INSTANCES, DL_BT, 100000) : NULL;
+    if (!*out) {
         free(h);
         return -1;
-    }
-    for (int i = 0; i < DL_INSTANCES; i++) {
-        kvf_instance_info info;
-        memset(&info, 0, sizeof info);
-        snprintf(info.id, sizeof info.id, "inst-%d", i);
-        info.role = KVF_ROLE_BOTH;
-        info.block_tokens = DL_BT;
-        info.capacity_blocks = 100000;
-        kvf_sched_instance_add(*out, &info, NULL);
     }
     uint64_t rng = 7;
     for (int p = 0; p < DL_PREFIXES; p++) {

@@ -96,20 +96,20 @@ fail:
     return NULL;
 }
 
-static kvf_sched *new_sched(void)
+kvf_sched *bench_sched_uniform(int n, uint32_t block_tokens, uint64_t capacity_blocks)
 {
     kvf_sched_opts so = {.policy = KVF_POLICY_KVF_COST, .expected_blocks = 1u << 21};
     kvf_sched_cost_defaults(&so.cost);
     kvf_sched *s = NULL;
     if (kvf_sched_new(&s, &so) != 0)
         return NULL;
-    for (int i = 0; i < IG_INSTANCES; i++) {
+    for (int i = 0; i < n; i++) {
         kvf_instance_info info;
         memset(&info, 0, sizeof info);
         snprintf(info.id, sizeof info.id, "inst-%d", i);
         info.role = KVF_ROLE_BOTH;
-        info.block_tokens = IG_BT;
-        info.capacity_blocks = 1u << 20;
+        info.block_tokens = block_tokens;
+        info.capacity_blocks = capacity_blocks;
         kvf_sched_instance_add(s, &info, NULL);
     }
     return s;
@@ -226,7 +226,7 @@ int bench_sched_ingest(json_t *res, int quick)
     kvf_ingest_stats st = {0};
     for (int r = 0; r < rounds; r++) {
         kvf_sched_destroy(&s);
-        s = new_sched();
+        s = bench_sched_uniform(IG_INSTANCES, IG_BT, 1u << 20);
         memset(&st, 0, sizeof st);
         double secs = s ? ingest(s, d, b, IG_BATCHES, &st) : -1;
         if (secs <= 0) {
