@@ -117,8 +117,18 @@ static void kv_read(const gpu_kv *g, uint32_t i, int pl, uint32_t p, uint8_t *ou
 }
 
 /* n distinct random page ids below num_pages. */
+/* Set: pick_pages hands out consecutive pages (an engine's staging area) from a random first. */
+static int consecutive;
+
 static void pick_pages(uint32_t *ids, size_t n, uint32_t num_pages)
 {
+    if (consecutive) {
+        assert_true(n <= num_pages);
+        uint32_t first = (uint32_t)(rnd() % (num_pages - n + 1));
+        for (size_t i = 0; i < n; i++)
+            ids[i] = first + (uint32_t)i;
+        return;
+    }
     uint32_t *all = malloc(num_pages * sizeof *all);
     assert_non_null(all);
     for (uint32_t i = 0; i < num_pages; i++)
@@ -299,6 +309,25 @@ static void test_cuda_pages_16k(void **state)
     round_trip(&store_shm, &l, 7, 512, 80, &st);
     kvf_cuda_info ci;
     kvf_cuda_probe(&ci);
+    if (ci.nvrtc_version)
+        assert_true(st.cuda_kernels > 0);
+}
+
+static void test_cuda_pages_16k_consecutive(void **state)
+{
+    (void)state;
+    /* 16 KiB pages that follow each other in device memory: one copy-engine run per chunk and
+     * layer, no kernel (the kernel would wait for the SMs of a forward pass running beside it).
+     * The same pages with gaps between them: the kernel again. Every byte checked both ways. */
+    kvf_layout l = layout("cuda-16k-runs", 4, 8, 128, KVF_DTYPE_BF16, 8, 64);
+    kvf_connector_stats st;
+    consecutive = 1;
+    round_trip(&store_shm, &l, 7, 0, 80, &st);
+    assert_int_equal(st.cuda_kernels, 0);
+    kvf_cuda_info ci;
+    kvf_cuda_probe(&ci);
+    round_trip(&store_shm, &l, 7, 512, 80, &st);
+    consecutive = 0;
     if (ci.nvrtc_version)
         assert_true(st.cuda_kernels > 0);
 }
@@ -519,6 +548,7 @@ int main(void)
         cmocka_unit_test(test_cuda_pages_64k_over_tcp),
         cmocka_unit_test(test_cuda_pages_trusting_the_local_store),
         cmocka_unit_test(test_cuda_pages_16k),
+        cmocka_unit_test(test_cuda_pages_16k_consecutive),
         cmocka_unit_test(test_cuda_pages_misaligned),
         cmocka_unit_test(test_cuda_save_and_load_at_once),
         cmocka_unit_test(test_cuda_engine_stream_orders_the_save),
