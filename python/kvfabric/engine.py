@@ -86,8 +86,42 @@ class Staging:
     def tokens(self) -> int:
         return self.pages.num_pages * self.layout.page_tokens
 
+    def planes(self) -> List[Tuple[Any, Any]]:
+        """Per layer, K and V of the staging pages as [tokens, kv_heads, head_dim] (views)."""
+        L = self.layout
+        return [(t[0].view(-1, L.kv_heads, L.head_dim), t[1].view(-1, L.kv_heads, L.head_dim))
+                for t in self.pages.tensors]
+
+    def cache(self, factory: Callable[[], Any]) -> Any:
+        """An empty cache of the kind factory makes, kept in these pages (kvfabric.staged), or
+        factory() where that kind has no staged form. One at a time: a new one reuses the pages."""
+        from .llama import KVCache
+        from .staged import StagedKVCache
+
+        if factory is KVCache:
+            return StagedKVCache(self.planes())
+        try:
+            from transformers import DynamicCache
+        except ImportError:
+            return factory()
+        if factory is DynamicCache:
+            from .transformers import staged_cache
+            return staged_cache(self)
+        return factory()
+
+    def attach(self, cache: Any, layer: int, begin: int, end: int) -> None:
+        """Positions begin..end of the staged prefix join the cache's layer (which holds
+        positions 0..begin): in place for a staged cache, copied for any other."""
+        s = cache.layers[layer] if hasattr(cache, "layers") and layer < len(cache.layers) else None
+        if getattr(s, "detached", True) is False:
+            if s.length != begin:
+                raise RuntimeError(f"layer {layer} holds {s.length} positions, not {begin}")
+            s.attach(end)
+        else:
+            self.to_cache(cache, layer, begin, end)
+
     def to_cache(self, cache: Any, layer: int, begin: int, end: int) -> None:
-        """Appends positions begin..end of the staged prefix to the cache's layer."""
+        """Appends positions begin..end of the staged prefix to the cache's layer (a copy)."""
         P = self.layout.page_tokens
         k, v = self.pages.read(layer, range((end + P - 1) // P), end)  # [end, H, D]
         cache.update(k[begin:end].transpose(0, 1).unsqueeze(0),
@@ -95,8 +129,17 @@ class Staging:
 
     def from_cache(self, cache: Any, begin: int, end: int) -> None:
         """Copies positions begin..end of the cache into the staging pages; positions the cache
-        does not hold (the padding of a prompt's last partial chunk) are zeros."""
+        does not hold (the padding of a prompt's last partial chunk) are zeros. A staged cache
+        is in the pages already: only the padding is written."""
+        staged = getattr(cache, "staged", False)
         for layer in range(self.layout.layers):
+            if staged:
+                have = max(begin, min(end, cache.layers[layer].length))
+                if have < end:
+                    t = self.pages.tensors[layer]
+                    for plane in (0, 1):
+                        t[plane].view(-1, *t.shape[3:])[have:end].zero_()
+                continue
             k, v = layer_kv(cache, layer)
             have = max(begin, min(end, k.shape[-2]))
             t = self.pages.tensors[layer]
@@ -195,6 +238,13 @@ class Engine:
         self._last_only = {k: 1 for k in ("logits_to_keep", "num_logits_to_keep") if k in params}
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
+    def _new_cache(self) -> Any:
+        """An empty cache: in the staging pages where there is a connector (kvfabric.staged: a
+        load lands where the model reads it, a save reads what the model wrote), the model's
+        own kind otherwise."""
+        return self.staging.cache(self.new_cache) if self.staging is not None else \
+            self.new_cache()
+
     # ---------------------------------------------------------------------------------------
     def lookup(self, tokens: Sequence[int]) -> int:
         """The leading tokens of `tokens` the stores hold (0 without a connector)."""
@@ -265,11 +315,13 @@ class Engine:
 
     def _prefill(self, tokens: List[int], reuse: str, o: Outcome,
                  handed: Optional[int] = None, pf: Optional[Prefetch] = None,
-                 deadline: Optional[float] = None) -> Any:
-        """Fills a cache with the prompt's KV (reused, loaded, computed): returns it and how many
-        leading tokens the stores hold; the first token goes into o.tokens. handed: a decode's
-        first token, chosen by its prefill: where the prefill handed the whole prompt's KV over
-        (handoff_tokens), it is all loaded and nothing is computed here."""
+                 deadline: Optional[float] = None, step: bool = False) -> Any:
+        """Fills a cache with the prompt's KV (reused, loaded, computed): returns it, how many
+        leading tokens the stores hold, and the token after the first where this ran the first
+        decoding step (else None); the first token goes into o.tokens. handed: a decode's first
+        token, chosen by its prefill: where the prefill handed the whole prompt's KV over
+        (handoff_tokens), it is all loaded and nothing is computed here; with step, the first
+        decoding step then runs layer by layer as the load arrives."""
         L, C = self.layout, self.layout.chunk_tokens
         n = len(tokens)
         limit = (n - 1) // C * C  # the last token is computed: its logits are the answer
@@ -293,7 +345,7 @@ class Engine:
         if cached > d and not whole and not use_pf:
             cached = self._decide(d, cached, n, o)
         upto = n if whole else cached  # the positions handed to the cache
-        cache = self.last_cache if d else self.new_cache()
+        cache = self.last_cache if d else self._new_cache()
         if d:
             _crop(cache, d)
         else:
@@ -322,6 +374,7 @@ class Engine:
             except KvfError as e:
                 o.notes.append(f"beyond the prefetch: {e}")
         hooks, waited, load_done = [], [0.0], [0.0]
+        following = None  # the token after the first, where the first decoding step ran here
         t0 = time.perf_counter()
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
         try:
@@ -347,7 +400,7 @@ class Engine:
                         load.cancel()
                         raise _Abort("KVF_ETIMEDOUT", f"load cut at layer {layer}: {rest:.3f} s "
                                      f"more predicted, recompute {recompute_s:.3f} s")
-                    self.staging.to_cache(cache, layer, d, upto)
+                    self.staging.attach(cache, layer, d, upto)
 
                 fill(0)  # before the model reads the cache's length from layer 0
                 filled = {0}
@@ -359,7 +412,16 @@ class Engine:
                             fill(layer)
                     return hook
 
-                if whole:  # every layer, and no forward pass: the first token is the prefill's
+                if whole and step:
+                    # No prompt position to compute: the first token is the prefill's, and the
+                    # first decoding step runs layer by layer as the load arrives.
+                    for layer in range(1, L.layers):
+                        hooks.append(self.layers[layer].register_forward_pre_hook(pre(layer)))
+                    first = int(handed)
+                    following = self._forward([first], cache)
+                    o.notes.append("the whole prompt's KV handed over: nothing computed; the "
+                                   "first decoding step overlapped the load")
+                elif whole:  # every layer, and no forward pass: the first token is the prefill's
                     for layer in range(1, L.layers):
                         fill(layer)
                     first = int(handed)
@@ -373,7 +435,7 @@ class Engine:
                 first = self._forward(tokens[d:], cache)
                 o.device_tokens = d
         except _Abort as e:  # recompute what did not arrive, after the engine's own prefix
-            whole = False
+            whole, following = False, None
             o.load_error, note = e.args
             o.notes.append(note)
             for h in hooks:
@@ -381,7 +443,7 @@ class Engine:
             hooks = []
             _crop(cache, d)
             if d == 0:
-                cache = self.new_cache()
+                cache = self._new_cache()
             first = self._forward(tokens[d:], cache)
             o.loaded_tokens, o.device_tokens = 0, d
         finally:
@@ -411,7 +473,7 @@ class Engine:
         o.handed_over = whole
         # what the stores hold of the prompt: the lookup's prefix, unless its load failed
         known = 0 if load is not None and not o.loaded_tokens else min(cached, n // C * C)
-        return cache, known
+        return cache, known, following
 
     def _save(self, tokens: List[int], cache: Any, known: int, tail: bool = False) -> Tuple[int, bool]:
         """Saves the prompt's full chunks beyond the first `known` tokens (which the stores hold
@@ -459,8 +521,9 @@ class Engine:
         with self._torch.no_grad():
             handed = int(first_token) if kind == "decode" and first_token is not None else None
             try:
-                cache, known = self._prefill(tokens, reuse if stores or reuse != "all" else
-                                             "engine", o, handed, prefetch, deadline)
+                cache, known, following = self._prefill(
+                    tokens, reuse if stores or reuse != "all" else "engine", o, handed, prefetch,
+                    deadline, step=kind == "decode" and max_tokens > 1)
             except BaseException:
                 # The cache may be cropped or half-filled: nothing of it is reused or saved.
                 self.last_tokens, self.last_cache = [], None
@@ -482,7 +545,13 @@ class Engine:
             if kind != "prefill":
                 t_dec = time.perf_counter()
                 last = o.tokens[0]
-                for _ in range(max_tokens - 1):
+                if following is not None:
+                    # The first step ran with the load (_prefill): its token came prefill_s
+                    # after the first, the interval counted as its inter-token latency.
+                    o.tokens.append(following)
+                    o.itl_s.append(o.prefill_s)
+                    last = following
+                for _ in range(max_tokens - len(o.tokens)):
                     t = time.perf_counter()
                     last = self._forward([last], cache)
                     o.tokens.append(last)

@@ -16,6 +16,8 @@ from typing import Any, List, Mapping, Optional
 import torch
 from torch import nn
 
+from .attention import causal_attention
+
 
 class _Layer:
     __slots__ = ("keys", "values")
@@ -97,21 +99,8 @@ class _Attention(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         k, v = cache.update(k, v, self.index)
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        total = k.shape[-2]
-        # query i (position start + i) sees keys 0 .. start + i
-        qpos = torch.arange(total - n, total, device=x.device)[:, None]
-        mask = torch.arange(total, device=x.device)[None, :] <= qpos
-        sdpa = getattr(nn.functional, "scaled_dot_product_attention", None)
-        if sdpa is not None:
-            out = sdpa(q, k, v, attn_mask=mask)
-        else:  # torch < 2.0
-            att = (q @ k.transpose(-1, -2)) / self.head_dim ** 0.5
-            att = att.masked_fill(~mask, float("-inf")).softmax(-1)
-            out = att @ v
+        # query i (position start + i) sees keys 0 .. start + i: causal, bottom-right aligned
+        out = causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -131,6 +131,8 @@ def _build(cfg: Mapping[str, Any], backend: str, dev: Any, tdtype: Any,
             k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "torch_dtype")})
         with on_device:
             model = transformers.AutoModelForCausalLM.from_config(hf)
+        from .attention import use_fast_attention
+        use_fast_attention(model)  # a suffix over a cached prefix without a materialized mask
         factory: Callable[[], Any] = transformers.DynamicCache
     elif backend == "torch":
         from .llama import KVCache, LlamaModel

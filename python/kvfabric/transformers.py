@@ -18,6 +18,85 @@ from .engine import Staging
 from .engine import decoder_layers as _decoder_layers
 from .errors import Miss
 from .layout import Layout
+from .attention import use_fast_attention
+
+
+_STAGED: Any = None
+
+
+def _staged_class() -> Any:
+    """transformers' DynamicCache with its layers in staging pages (kvfabric.staged): made on
+    first use, so that this module imports without transformers."""
+    global _STAGED
+    if _STAGED is not None:
+        return _STAGED
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+    from .staged import StagedLayer
+
+    class StagedDynamicLayer(StagedLayer, DynamicLayer):
+        def __init__(self, planes: Any) -> None:
+            CacheLayerMixin.__init__(self)
+            self._staged_init(planes)
+            k = planes[0]
+            self.dtype, self.device = k.dtype, k.device
+            self.is_initialized = True
+
+        def lazy_initialization(self, key_states: Any, value_states: Any) -> None:
+            self.is_initialized = True
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any):
+            return self.staged_update(key_states, value_states)
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def crop(self, tokens_to_remove: int) -> None:
+            # transformers >= 5.17: a negative count removes that many; a positive one (older
+            # versions) is the length to keep. staged_crop reads both the same way.
+            self.staged_crop(tokens_to_remove)
+
+        def reset(self) -> None:
+            self.staged_crop(0)
+
+        # beam search and batch changes: tensors of the layer's own, then the dynamic rules
+        def reorder_cache(self, beam_idx: Any) -> None:
+            self.detach()
+            DynamicLayer.reorder_cache(self, beam_idx)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self.detach()
+            DynamicLayer.batch_repeat_interleave(self, repeats)
+            self.length = 0 if self.keys is None else int(self.keys.shape[-2])
+
+        def batch_select_indices(self, indices: Any) -> None:
+            self.detach()
+            DynamicLayer.batch_select_indices(self, indices)
+
+        def offload(self) -> None:
+            self.detach()
+            DynamicLayer.offload(self)
+
+    class StagedCache(DynamicCache):
+        """A DynamicCache whose layers are kept in a kvfabric staging area (one sequence)."""
+
+        def __init__(self, stage: Any) -> None:
+            Cache.__init__(self, layers=[StagedDynamicLayer(p) for p in stage.planes()])
+
+        @property
+        def staged(self) -> bool:
+            return not any(s.detached for s in self.layers)
+
+    _STAGED = StagedCache
+    return _STAGED
+
+
+def staged_cache(stage: Any) -> Any:
+    """An empty transformers cache (a DynamicCache) kept in the pages of stage
+    (kvfabric.engine.Staging): loads attach to it in place, what the model computes is written
+    after them, saves read the pages as they are."""
+    return _staged_class()(stage)
 
 
 class _Abort(Exception):
@@ -53,9 +132,14 @@ class KVFabricGenerate:
         self.layers = _decoder_layers(model)
         if len(self.layers) != layout.layers:
             raise ValueError(f"the model has {len(self.layers)} layers, the layout {layout.layers}")
+        use_fast_attention(model)
 
     def _to_cache(self, cache: Any, layer: int, n: int) -> None:
-        self.stage.to_cache(cache, layer, 0, n)
+        self.stage.attach(cache, layer, 0, n)
+
+    def new_cache(self) -> Any:
+        """An empty cache in the staging pages (kvfabric.staged): one sequence at a time."""
+        return staged_cache(self.stage)
 
     def _save(self, cache: Any, tokens: List[int], first_chunk: int, full: int, stream: Any) -> int:
         C, P = self.layout.chunk_tokens, self.layout.page_tokens
@@ -73,7 +157,6 @@ class KVFabricGenerate:
         """Generates after the prompt `tokens` (greedy unless kwargs say otherwise) and returns
         (output ids of the whole sequence as a list, GenerateInfo)."""
         import torch
-        from transformers import DynamicCache
 
         L = self.layout
         tokens = [int(t) for t in tokens]
@@ -87,7 +170,7 @@ class KVFabricGenerate:
         ids = torch.tensor([tokens], device=self.device)
         out = None
         if cached:
-            cache = DynamicCache()
+            cache = self.new_cache()
             load = self.cn.load(tokens[:cached], list(range(cached // L.page_tokens)))
             hooks = []
             try:
@@ -125,7 +208,7 @@ class KVFabricGenerate:
                     h.remove()
                 load.close()
         if out is None:
-            cache = DynamicCache()
+            cache = self.new_cache()
             out = self.model.generate(ids, past_key_values=cache, **kwargs)
             info.loaded_tokens = 0
         if save:
