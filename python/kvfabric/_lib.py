@@ -7,6 +7,7 @@ linker finds libkvf.so.0. Nothing here is public: kvfabric's modules wrap it.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import os
@@ -331,7 +332,12 @@ def u32_array(values) -> "ctypes.Array":
         seq = [int(v) for v in seq]  # numpy or torch scalars
     if seq and (min(seq) < 0 or max(seq) > 0xFFFFFFFF):
         raise ValueError("a value is not a uint32 (0 to 4294967295)")
-    try:
-        return (c_uint32 * max(len(seq), 1))(*seq)
+    if not seq:
+        return (c_uint32 * 1)()
+    try:  # array's C loop: a third of the time of ctypes' argument unpacking for 32K tokens
+        buf = array.array("I", seq)
     except TypeError:
-        return (c_uint32 * max(len(seq), 1))(*[int(v) for v in seq])
+        buf = array.array("I", [int(v) for v in seq])
+    if buf.itemsize != 4:  # "I" is 4 bytes on every platform libkvf builds on; checked anyway
+        return (c_uint32 * len(seq))(*buf)
+    return (c_uint32 * len(seq)).from_buffer(buf)  # keeps buf alive
