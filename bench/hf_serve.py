@@ -6,9 +6,10 @@ drives them.
 
 1. PD handoff: prompts of --handoff-tokens fresh tokens are prefilled on one process, which saves
    their KV; the other process decodes them, loading that KV. Reported: the prefill's save, the
-   decode's wait for the handoff, its time to first token (the KV loaded and the last chunk
-   computed), and the same KV loaded alone into GPU pages by this driver in the same run: the
-   transfer at the bandwidth measured now. decode_first_token_vs_transfer is their ratio.
+   decode's wait for the handoff, its time to its own first token (the KV loaded and the first
+   decoding step, run layer by layer as the load arrives), and the same KV loaded alone into GPU
+   pages by this driver in the same run: the transfer at the bandwidth measured now.
+   decode_first_token_vs_transfer is their ratio.
 2. Identity: --requests requests sharing system prompts, each served three ways: prefilled on one
    process and decoded on the other through kvfabric; generated on one process with its own GPU
    prefix cache only (reuse "engine", no kvfabric); and computed whole (no reuse). Greedy tokens

@@ -373,7 +373,7 @@ class Engine:
                     load, cached, upto = _Both(load, more), now, now
             except KvfError as e:
                 o.notes.append(f"beyond the prefetch: {e}")
-        hooks, waited, load_done = [], [0.0], [0.0]
+        hooks, waited, load_done, arrived = [], [0.0], [0.0], [0.0]
         following = None  # the token after the first, where the first decoding step ran here
         t0 = time.perf_counter()
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
@@ -386,7 +386,8 @@ class Engine:
                     except Miss as e:
                         raise _Abort(e.name, str(e)) from None
                     finally:
-                        waited[0] += time.perf_counter() - w
+                        arrived[0] = time.perf_counter()
+                        waited[0] += arrived[0] - w
                     # Behind its prediction: where the rest of the load, at the pace so far,
                     # would take longer than computing the prompt after the engine's own
                     # prefix, the load is cut at this layer boundary and the prompt computed.
@@ -418,7 +419,11 @@ class Engine:
                     for layer in range(1, L.layers):
                         hooks.append(self.layers[layer].register_forward_pre_hook(pre(layer)))
                     first = int(handed)
+                    t_step = time.perf_counter()
                     following = self._forward([first], cache)
+                    # its inter-token latency: the part of the step after the last layer arrived
+                    # (the load's own time is the decode's prefill, as for any decode)
+                    o.itl_s.append(time.perf_counter() - max(t_step, arrived[0]))
                     o.notes.append("the whole prompt's KV handed over: nothing computed; the "
                                    "first decoding step overlapped the load")
                 elif whole:  # every layer, and no forward pass: the first token is the prefill's
@@ -545,11 +550,8 @@ class Engine:
             if kind != "prefill":
                 t_dec = time.perf_counter()
                 last = o.tokens[0]
-                if following is not None:
-                    # The first step ran with the load (_prefill): its token came prefill_s
-                    # after the first, the interval counted as its inter-token latency.
+                if following is not None:  # the first step ran with the load (_prefill)
                     o.tokens.append(following)
-                    o.itl_s.append(o.prefill_s)
                     last = following
                 for _ in range(max_tokens - len(o.tokens)):
                     t = time.perf_counter()
