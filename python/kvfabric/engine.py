@@ -598,6 +598,20 @@ class TurnQueue:
         self.queued_prefill_tokens = 0
         self.active_decodes = 0
         self.waiting = 0
+        # predicted prefill seconds of the requests here (waiting and running), and of the one
+        # running since running_since (kvf-engine's queued_prefill_s, reported to kvf-sched)
+        self.queued_work_s = 0.0
+        self.running_work_s = 0.0
+        self.running_since = 0.0
+
+    def queued_seconds(self, now: Optional[float] = None) -> float:
+        """The predicted prefill work still to do here, in seconds: every request's prediction,
+        less what the running one has done (at most its prediction). The caller holds the lock
+        that guards these fields (kvfabric.serve's)."""
+        now = time.monotonic() if now is None else now
+        done = min(max(0.0, now - self.running_since), self.running_work_s) \
+            if self.running_work_s > 0 else 0.0
+        return max(0.0, self.queued_work_s - done)
 
     def __enter__(self):
         with self._cv:

@@ -210,8 +210,10 @@ class Server:
             if self.stop.is_set():
                 break
             t = self.turns
+            with self.mu:
+                queued_s = t.queued_seconds()
             body = {"queued_prefill_tokens": float(t.queued_prefill_tokens),
-                    "active_decodes": t.active_decodes,
+                    "queued_prefill_s": queued_s, "active_decodes": t.active_decodes,
                     "used_blocks": len(self.engine.held.hashes)}
             try:
                 st, _ = _http("POST", url, body)
@@ -232,6 +234,7 @@ class Server:
                     "requests": self.requests, "failures": self.failures,
                     "first_token_mismatches": self.mismatches,
                     "queued_prefill_tokens": self.turns.queued_prefill_tokens,
+                    "queued_prefill_s": round(self.turns.queued_seconds(), 6),
                     "active_decodes": self.turns.active_decodes, "waiting": self.turns.waiting,
                     "busy_s": self.busy_s,
                     "connector": {k: st.get(k, 0) for k in
@@ -303,9 +306,15 @@ class Server:
                 time.sleep(0.0005 if i < 20 else 0.005)
             handoff_s = time.perf_counter() - t0
         t = self.turns
+        # its prefill's predicted seconds (what this engine measured; 0 before it measured any:
+        # kvf-sched then counts the tokens at its own rate)
+        work_s = 0.0
+        if kind != "decode":
+            work_s = self.engine.rates.compute_s(0, len(toks)) or 0.0
         with self.mu:
             if kind != "decode":
                 t.queued_prefill_tokens += len(toks)
+                t.queued_work_s += work_s
             if kind != "prefill":
                 t.active_decodes += 1
         self.dirty.set()
@@ -329,12 +338,18 @@ class Server:
         try:
             with t:
                 start = time.perf_counter()
+                with self.mu:
+                    t.running_work_s, t.running_since = work_s, time.monotonic()
+                self.dirty.set()
                 try:
                     o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"],
                                         prefetch=pf, deadline=deadline)
                     status, out = 200, outcome_json(o)
                 except Exception as e:  # noqa: BLE001 - the server answers and goes on
                     status, out, o = 500, {"error": f"{kind}: {type(e).__name__}: {e}"}, None
+                finally:
+                    with self.mu:  # before the turn passes to the next request
+                        t.running_work_s = 0.0
                 busy = time.perf_counter() - start
         finally:
             if pf is not None:
@@ -344,6 +359,7 @@ class Server:
             with self.mu:
                 if kind != "decode":
                     t.queued_prefill_tokens -= len(toks)
+                    t.queued_work_s = max(0.0, t.queued_work_s - work_s)
                 if kind != "prefill":
                     t.active_decodes -= 1
             self.dirty.set()

@@ -168,6 +168,7 @@ class TestServe(unittest.TestCase):
         st, h = call(pre, "/v1/health")
         self.assertEqual(h["failures"], 0)
         self.assertGreaterEqual(h["connector"]["chunks_saved"], 4)
+        self.assertEqual(h["queued_prefill_s"], 0)  # nothing waits now
 
     def test_generate_reuse_modes_agree(self):
         dec = self.engines["decode"][1]
@@ -600,6 +601,25 @@ class TestCheckpoint(unittest.TestCase):
                 read_safetensors(path)
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+
+class TestQueuedSeconds(unittest.TestCase):
+    """The load a Python engine reports: its queue in predicted seconds, as kvf-engine's."""
+
+    def test_waiting_and_running_work(self):
+        from kvfabric.engine import TurnQueue
+
+        t = TurnQueue()
+        self.assertEqual(t.queued_seconds(100.0), 0.0)
+        t.queued_work_s = 3.0  # three requests of 1 s each predicted
+        t.running_work_s, t.running_since = 1.0, 100.0
+        self.assertAlmostEqual(t.queued_seconds(100.25), 2.75)
+        self.assertAlmostEqual(t.queued_seconds(105.0), 2.0)  # at most its prediction done
+        t.running_work_s = 0.0  # between requests: nothing subtracted
+        self.assertAlmostEqual(t.queued_seconds(105.0), 3.0)
+        t.queued_work_s = 0.5
+        t.running_work_s, t.running_since = 1.0, 100.0
+        self.assertEqual(t.queued_seconds(101.0), 0.0)  # never negative
 
 
 if __name__ == "__main__":
