@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""kvf-mlx-probe: the engine-side capability probe for mlx-lm.
+"""mlx_probe.py (kvfabric): the engine-side capability probe for mlx-lm.
 
 It fills an mlx-lm host's capability record (the JSON that `kvf classify --local FILE` and the
 connector read) by executing tiny actions against mlx-lm, not by declaration:
@@ -236,7 +236,7 @@ def probe(engine):
 
 
 def main(argv):
-    ap = argparse.ArgumentParser(prog="kvf-mlx-probe", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="mlx_probe.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--replay", help="derive the record from a recorded transcript")
     ap.add_argument("--out", help="write the capability record here (default: stdout)")
     ap.add_argument("--evidence", help="write each action's outcome and the derivation here")
@@ -248,14 +248,14 @@ def main(argv):
                 engine = Replay(json.load(f))
             engine.facts()["api_surface"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            print("kvf-mlx-probe: %s: not a usable transcript (%s)" % (a.replay, e), file=sys.stderr)
+            print("mlx_probe: %s: not a usable transcript (%s)" % (a.replay, e), file=sys.stderr)
             return 2
         source = "replay of " + os.path.basename(a.replay)
     else:
         try:
             engine = LiveMLX()
         except ImportError as e:
-            print("kvf-mlx-probe: backend_infeasible: mlx-lm cannot be imported here (%s); "
+            print("mlx_probe: backend_infeasible: mlx-lm cannot be imported here (%s); "
                   "it runs on Apple Silicon. Use --replay TRANSCRIPT to check the derivation."
                   % e, file=sys.stderr)
             return 3
@@ -263,7 +263,7 @@ def main(argv):
     try:
         rec, evidence, transcript = probe(engine)
     except (KeyError, TypeError) as e:
-        print("kvf-mlx-probe: malformed transcript: %s" % (e,), file=sys.stderr)
+        print("mlx_probe: malformed transcript: %s" % (e,), file=sys.stderr)
         return 2
     text = json.dumps(rec, sort_keys=True)
     if a.out:
@@ -279,7 +279,7 @@ def main(argv):
             json.dump(transcript, f, indent=1, sort_keys=True)
     ok = sum(1 for e in evidence if e.get("ok"))
     ran = sum(1 for e in evidence if "action" in e)
-    print("kvf-mlx-probe (%s): %d of %d actions succeeded" % (source, ok, ran), file=sys.stderr)
+    print("mlx_probe (%s): %d of %d actions succeeded" % (source, ok, ran), file=sys.stderr)
     return 0
 
 

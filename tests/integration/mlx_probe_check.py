@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks kvf-mlx-probe's derivation against recorded outcomes (mlx-lm cannot run here).
+"""Checks mlx_probe.py's derivation against recorded outcomes (mlx-lm cannot run here).
 
  1. The transcription of mlx-lm's public cache API gives a record that kvf parses and that
     classifies every action exactly as the built-in mlx-lm record does, against every built-in
