@@ -22,6 +22,9 @@
 #include "kvf/kvf.h"
 #include "tcp.h"
 
+#include "jsonkeys.h"
+#include "units.h"
+
 #include <errno.h>
 #include <jansson.h>
 #include <signal.h>
@@ -33,6 +36,8 @@
 /* ------------------------------------------------------------------------------------------ */
 /* Configuration */
 
+static const char *cfg_where = "config"; /* the file being read, for messages */
+
 static int get_int(json_t *o, const char *k, int def, int lo, int hi, int *out)
 {
     json_t *v = json_object_get(o, k);
@@ -41,7 +46,7 @@ static int get_int(json_t *o, const char *k, int def, int lo, int hi, int *out)
         return 0;
     }
     if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
-        return -kvf__cluster_fail("config: \"%s\" must be an integer in %d..%d", k, lo, hi);
+        return -kvf__cluster_fail("%s: \"%s\" must be an integer in %d..%d", cfg_where, k, lo, hi);
     *out = (int)json_integer_value(v);
     return 0;
 }
@@ -50,7 +55,8 @@ static int get_str(json_t *o, const char *k, const char *def, char *out, size_t 
 {
     json_t *v = json_object_get(o, k);
     if (v && (!json_is_string(v) || strlen(json_string_value(v)) >= n))
-        return -kvf__cluster_fail("config: \"%s\" must be a string of at most %zu bytes", k, n - 1);
+        return -kvf__cluster_fail("%s: \"%s\" must be a string of at most %zu bytes", cfg_where, k,
+                                  n - 1);
     snprintf(out, n, "%s", v ? json_string_value(v) : def);
     return 0;
 }
@@ -63,13 +69,15 @@ static int check_cfg(cfg *c)
     for (const char *p = c->name; *p; p++)
         if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9')) || p - c->name >= 8)
             return kvf__cluster_fail(
-                "config: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
-                "network interfaces)");
+                "%s: \"name\" must be 1..8 characters of a-z and 0-9 (it names "
+                "network interfaces)",
+                cfg_where);
     if (!c->name[0])
-        return kvf__cluster_fail("config: \"name\" is empty");
+        return kvf__cluster_fail("%s: \"name\" is empty", cfg_where);
     for (const char *p = c->rate; *p; p++)
         if (!((*p >= 'a' && *p <= 'z') || (*p >= '0' && *p <= '9') || *p == '.'))
-            return kvf__cluster_fail("config: netns.rate is a tc rate such as 10gbit or 500mbit");
+            return kvf__cluster_fail("%s: netns.rate is a tc rate such as 10gbit or 500mbit",
+                                     cfg_where);
     int dots = 0;
     for (const char *p = c->subnet; *p; p++) {
         if (*p == '.')
@@ -79,12 +87,17 @@ static int check_cfg(cfg *c)
     }
     if (dots != 2)
         return kvf__cluster_fail(
-            "config: netns.subnet is the first three numbers of a /24, e.g. 10.77.0");
+            "%s: netns.subnet is the first three numbers of a /24, e.g. 10.77.0", cfg_where);
     if (strcmp(c->engine, "kvf-engine") && strcmp(c->engine, "transformers"))
-        return kvf__cluster_fail("config: \"engine\" is kvf-engine or transformers, not \"%s\"",
-                                 c->engine);
+        return kvf__cluster_fail("%s: \"engine\" is kvf-engine or transformers, not \"%s\"",
+                                 cfg_where, c->engine);
+    uint64_t mem = 0;
+    if (kvf__parse_size(c->store_memory, &mem) != 0 || mem < (1u << 20))
+        return kvf__cluster_fail("%s: \"store_memory\" must be a size of 1M or more such as "
+                                 "512M or 4G, not \"%s\"",
+                                 cfg_where, c->store_memory);
     if (c->stores + c->prefill + c->decode + 1 > 200)
-        return kvf__cluster_fail("config: too many processes");
+        return kvf__cluster_fail("%s: too many processes", cfg_where);
     if (!c->run_dir[0])
         snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
     return 0;
@@ -92,6 +105,7 @@ static int check_cfg(cfg *c)
 static int load_cfg(const char *path, cfg *c)
 {
     memset(c, 0, sizeof *c);
+    cfg_where = path;
     json_error_t je;
     json_t *o = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
     if (!o || !json_is_object(o)) {
@@ -99,14 +113,30 @@ static int load_cfg(const char *path, cfg *c)
         return kvf__cluster_fail("%s:%d: %s", path, je.line, o ? "not a JSON object" : je.text);
     }
     int max_tokens = 16384, rc = 0;
+    static const char *const top_keys[] = {"name",   "model",
+                                           "engine", "engine_args",
+                                           "python", "store_memory",
+                                           "policy", "run_dir",
+                                           "stores", "prefill",
+                                           "decode", "store_threads",
+                                           "netns",  "engine_max_tokens",
+                                           NULL};
+    static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
+    char kerr[700], where[600];
     json_t *ns = json_object_get(o, "netns");
+    snprintf(where, sizeof where, "%s: netns", path);
+    if (kvf__json_keys_check(o, top_keys, path, kerr, sizeof kerr) != 0 ||
+        (ns && kvf__json_keys_check(ns, netns_keys, where, kerr, sizeof kerr) != 0)) {
+        json_decref(o);
+        return kvf__cluster_fail("%s", kerr);
+    }
     if (ns && !json_is_object(ns))
-        rc = kvf__cluster_fail("config: \"netns\" must be an object");
+        rc = kvf__cluster_fail("%s: \"netns\" must be an object", cfg_where);
     double delay = 0;
     json_t *dv = ns ? json_object_get(ns, "delay_ms") : NULL;
     if (dv && (!json_is_number(dv) || json_number_value(dv) < 0 || json_number_value(dv) > 1000))
-        rc =
-            kvf__cluster_fail("config: netns.delay_ms must be a number of milliseconds in 0..1000");
+        rc = kvf__cluster_fail("%s: netns.delay_ms must be a number of milliseconds in 0..1000",
+                               cfg_where);
     delay = dv ? json_number_value(dv) : 0;
     if (rc || get_str(o, "name", "local", c->name, sizeof c->name) ||
         get_str(o, "model", "ref-tiny", c->model, sizeof c->model) ||

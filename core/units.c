@@ -1,6 +1,7 @@
 #include "units.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 int kvf__parse_size(const char *s, uint64_t *out)
@@ -34,4 +35,20 @@ int kvf__parse_size(const char *s, uint64_t *out)
         return -1;
     *out = v * mul;
     return 0;
+}
+
+char *kvf__fmt_size(uint64_t bytes, char *buf, size_t len)
+{
+    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    int u = 0;
+    double v = (double)bytes;
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        u++;
+    }
+    if (u == 0 || v == (double)(uint64_t)v)
+        snprintf(buf, len, "%.0f %s", v, unit[u]);
+    else
+        snprintf(buf, len, "%.3g %s", v, unit[u]);
+    return buf;
 }

@@ -14,6 +14,7 @@
 #include "kvf/kvf.h"
 
 #include "auth.h"
+#include "jsonkeys.h"
 #include "tcp.h"
 
 #include <jansson.h>
@@ -153,7 +154,8 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
 }
 
 /* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
- * "replay", "block_tokens"}, ...]}) and asks for their events. An unknown role is "both". They
+ * "replay", "block_tokens"}, ...]}) and asks for their events. Unknown keys and roles are errors
+ * (with the file and the instance named). They
  * never expire (the operator's, and engines such as vLLM report no load to kvf-sched). Called
  * before the events thread starts. Returns 0, or -1 with the reason in err. */
 static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
@@ -164,7 +166,19 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
         snprintf(err, errlen, "%s: line %d: %s", path, je.line, je.text);
         return -1;
     }
+    static const char *const top_keys[] = {"instances", NULL};
+    static const char *const instance_keys[] = {"id",     "role",         "endpoint", "events",
+                                                "replay", "block_tokens", NULL};
     json_t *ins = json_object_get(o, "instances");
+    if (kvf__json_keys_check(o, top_keys, path, err, errlen) != 0) {
+        json_decref(o);
+        return -1;
+    }
+    if (ins && !json_is_array(ins)) {
+        snprintf(err, errlen, "%s: \"instances\" must be an array", path);
+        json_decref(o);
+        return -1;
+    }
     size_t i;
     json_t *v;
     int rc = 0;
@@ -172,11 +186,25 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
     {
         kvf_instance_info in;
         memset(&in, 0, sizeof in);
-        char role[16] = "both";
-        if (kvf__sched_json_str(v, "id", in.id, sizeof in.id, 1, err, errlen) ||
-            kvf__sched_json_str(v, "role", role, sizeof role, 0, err, errlen) ||
-            kvf__sched_json_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, errlen) ||
-            kvf__sched_json_str(v, "events", in.events, sizeof in.events, 0, err, errlen)) {
+        char role[16] = "both", where[300], replay[128] = "";
+        snprintf(where, sizeof where, "%s: instances[%zu]", path, i);
+        if (kvf__json_keys_check(v, instance_keys, where, err, errlen) != 0) {
+            rc = -1;
+            break;
+        }
+        char e2[200] = "";
+        if (kvf__sched_json_str(v, "id", in.id, sizeof in.id, 1, e2, sizeof e2) ||
+            kvf__sched_json_str(v, "role", role, sizeof role, 0, e2, sizeof e2) ||
+            kvf__sched_json_str(v, "endpoint", in.endpoint, sizeof in.endpoint, 0, e2, sizeof e2) ||
+            kvf__sched_json_str(v, "events", in.events, sizeof in.events, 0, e2, sizeof e2) ||
+            kvf__sched_json_str(v, "replay", replay, sizeof replay, 0, e2, sizeof e2)) {
+            snprintf(err, errlen, "%s: %s", where, e2);
+            rc = -1;
+            break;
+        }
+        if (strcmp(role, "prefill") && strcmp(role, "decode") && strcmp(role, "both")) {
+            snprintf(err, errlen, "%s: \"role\" must be prefill, decode or both, not \"%s\"", where,
+                     role);
             rc = -1;
             break;
         }
@@ -187,16 +215,14 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
         in.block_tokens = json_is_integer(bt) ? (uint32_t)json_integer_value(bt) : 16;
         if (bt && (!json_is_integer(bt) || json_integer_value(bt) < 1 ||
                    json_integer_value(bt) > 65536)) {
-            snprintf(err, errlen, "%s: instance %zu: block_tokens must be 1..65536", path, i);
+            snprintf(err, errlen, "%s: \"block_tokens\" must be an integer in 1..65536", where);
             rc = -1;
             break;
         }
-        char replay[128] = "", why[256] = "";
-        kvf__sched_json_str(v, "replay", replay, sizeof replay, 0, err, errlen);
+        char why[256] = "";
         int idx, fresh;
         if (kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, why, sizeof why) != 0) {
-            snprintf(err, errlen, "%s: instance %zu is invalid%s%s", path, i, why[0] ? ": " : "",
-                     why);
+            snprintf(err, errlen, "%s: invalid%s%s", where, why[0] ? ": " : "", why);
             rc = -1;
             break;
         }
@@ -271,7 +297,7 @@ static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint
                  kvf_policy policy, const kvf__http_tokens *tokens)
 {
     int rc = 1;
-    char err[256];
+    char err[1024];
     uint16_t bound;
     if (kvf__zsubs_open(&d->zs) != 0) {
         fprintf(stderr, "kvf-sched: out of memory\n");
@@ -313,7 +339,7 @@ int main(int argc, char **argv)
     if (rc >= 0)
         return rc;
     kvf_sched_opts so;
-    char host[256], err[256];
+    char host[256], err[1024];
     uint16_t port;
     if ((rc = scheduler_opts(&cl, &so, host, sizeof host, &port)) != 0)
         return rc;

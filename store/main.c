@@ -59,7 +59,7 @@ static void usage(FILE *f)
         "                        1 to 8)\n"
         "  --evict lru|s3fifo    eviction policy (default lru)\n"
         "  --max-request SIZE    largest put request (default 256M)\n"
-        "  --max-entries N       index capacity (default memory / 16 KiB)\n"
+        "  --max-entries N       index capacity, 1024 to 67108864 (default memory / 16 KiB)\n"
         "  --log-level L         debug, info, warn, error (default info)\n"
         "  --no-verify           do not verify object checksums on put\n"
         "  --poller NAME         epoll or poll (default: best available)\n"
@@ -98,7 +98,8 @@ static void usage(FILE *f)
         "  --shm-staging-max SIZE  largest staging region of one connection (default 256M)\n");
 }
 
-#define STORE_MAX_PEERS 256
+#define STORE_MAX_PEERS   256
+#define STORE_MAX_ENTRIES (1l << 26) /* the index's limit (store/cache.c) */
 
 /* The daemon's settings: the command line's, over the defaults of store_cfg_default(). */
 typedef struct store_cfg {
@@ -172,11 +173,7 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
             return 2;
         }
     } else if (!strcmp(a, "--max-entries")) {
-        cfg->max_entries = strtol(v, NULL, 10);
-        if (cfg->max_entries < 1) {
-            fprintf(stderr, "kvf-store: --max-entries: bad value \"%s\"\n", v);
-            return 2;
-        }
+        return parse_count(a, v, 1024, STORE_MAX_ENTRIES, &cfg->max_entries);
     } else if (!strcmp(a, "--evict")) {
         cfg->evict = v;
     } else if (!strcmp(a, "--events")) {
@@ -239,6 +236,37 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
     return 0;
 }
 
+/* Sizes against what this host has and what the index holds, said as sizes. Returns 0, or 2
+ * after saying what is wrong. */
+static int check_memory(const store_cfg *cfg)
+{
+    char m[32], h[32];
+    kvf__fmt_size(cfg->memory, m, sizeof m);
+    long pages = sysconf(_SC_PHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    uint64_t host = pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
+    if (cfg->memory < (1u << 20)) {
+        fprintf(stderr, "kvf-store: --memory %s is below the minimum of 1 MiB\n", m);
+        return 2;
+    }
+    if (host && cfg->memory > host && cfg->prefault) {
+        fprintf(stderr,
+                "kvf-store: --memory %s is more than this host's memory (%s): the arena's pages "
+                "are touched at start (--no-prefault leaves them to the first writes)\n",
+                m, kvf__fmt_size(host, h, sizeof h));
+        return 2;
+    }
+    uint64_t entries = cfg->max_entries ? (uint64_t)cfg->max_entries : cfg->memory / (16u << 10);
+    if (!cfg->max_entries && entries > (uint64_t)STORE_MAX_ENTRIES) {
+        fprintf(stderr,
+                "kvf-store: --memory %s means %" PRIu64 " index entries at one per 16 KiB, above "
+                "the index's limit of %ld (1 TiB at that size): give --max-entries (up to %ld) for "
+                "an arena of larger chunks\n",
+                m, entries, STORE_MAX_ENTRIES, STORE_MAX_ENTRIES);
+        return 2;
+    }
+    return 0;
+}
+
 /* Reads the command line into cfg. Returns -1 to go on and serve, or the exit status to stop
  * with: 0 after --help, 2 for bad usage (said on stderr). */
 static int parse_args(int argc, char **argv, store_cfg *cfg)
@@ -272,6 +300,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
     }
     if (cfg->threads == 0)
         cfg->threads = kvf__auto_threads();
+    if (check_memory(cfg) != 0)
+        return 2;
     if (!strcmp(cfg->shm, "off")) {
         cfg->shm = NULL;
     } else if (!strcmp(cfg->shm, "auto")) {

@@ -122,6 +122,16 @@ def main():
         p = run([kvf, "cluster", "up", "--config", bad], 30, expect=2)
         if "stores" not in p.stderr:
             fail("a bad config must name the field: %r" % p.stderr)
+        # Strict: a typo is an error naming the file, the key and what was meant, not a default.
+        for body, want in (({"name": "x", "stroes": 3}, 'unknown key "stroes" (did you mean "stores"'),
+                           ({"name": "x", "netns": {"dealy_ms": 1}}, 'netns: unknown key "dealy_ms"'),
+                           ({"name": "x", "store_memory": "lots"}, '"store_memory" must be a size'),
+                           ({"name": "x", "stores": "3"}, '"stores" must be an integer')):
+            with open(bad, "w") as f:
+                json.dump(body, f)
+            p = run([kvf, "cluster", "up", "--config", bad], 30, expect=2)
+            if want not in p.stderr or bad not in p.stderr:
+                fail("config %r: expected %r and the file named, got %r" % (body, want, p.stderr))
 
         up = [kvf, "cluster", "up", "--config", config] + (["--netns"] if netns else [])
 

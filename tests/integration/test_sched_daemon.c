@@ -1070,6 +1070,48 @@ static void test_sched_daemon_bearer_tokens(void **state)
 
 /* Until clients are authenticated, kvf-sched and kvf-engine refuse to listen where other hosts
  * could reach them unless told --insecure: they say why and exit 2. */
+/* A cluster file with a typo, an unknown role or a wrong shape is refused with the file, the
+ * instance and the key named, and serves nothing (it used to start with the role "both"). */
+static void test_sched_daemon_strict_config(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *body, *want;
+    } cases[] = {
+        {"{\"instances\": [{\"id\": \"a\", \"role\": \"prefil\"}]}",
+         "instances[0]: \"role\" must be prefill, decode or both, not \"prefil\""},
+        {"{\"instances\": [{\"id\": \"a\"}, {\"id\": \"b\", \"rol\": \"decode\"}]}",
+         "instances[1]: unknown key \"rol\" (did you mean \"role\""},
+        {"{\"instance\": []}", "unknown key \"instance\" (did you mean \"instances\""},
+        {"{\"instances\": {\"id\": \"a\"}}", "\"instances\" must be an array"},
+        {"{\"instances\": [{\"id\": 7}]}", "instances[0]: \"id\" must be a string"},
+        {"{\"instances\": [{\"id\": \"a\", \"block_tokens\": 0}]}",
+         "instances[0]: \"block_tokens\" must be an integer in 1..65536"},
+    };
+    char path[] = "/tmp/kvf-sched-config-XXXXXX";
+    int fd = mkstemp(path);
+    assert_true(fd >= 0);
+    close(fd);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        FILE *f = fopen(path, "w");
+        assert_non_null(f);
+        fputs(cases[i].body, f);
+        fclose(f);
+        char out[2048];
+        char *argv[] = {(char *)KVF_SCHED_BIN,
+                        (char *)"--listen",
+                        (char *)"127.0.0.1:0",
+                        (char *)"--config",
+                        path,
+                        NULL};
+        assert_int_equal(harness_run(argv, out, sizeof out), 2);
+        if (!strstr(out, cases[i].want) || !strstr(out, path))
+            fail_msg("config %s: expected \"%s\" and the file named, got: %s", cases[i].body,
+                     cases[i].want, out);
+    }
+    unlink(path);
+}
+
 static void test_sched_daemon_refuses_open_listen(void **state)
 {
     (void)state;
@@ -1095,6 +1137,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_sched_daemon_events_and_placement, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_refuses_open_listen, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_strict_config, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_bearer_tokens, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_connector_finds_stores, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),

@@ -523,6 +523,34 @@ static void test_daemon_refuses_open_listen(void **state)
     }
 }
 
+/* Sizes that cannot work are refused at start with the option named and the sizes as sizes (a
+ * 4T arena used to be answered about "max entries"). */
+static void test_daemon_refuses_impossible_sizes(void **state)
+{
+    (void)state;
+    const char *bin = harness_store_bin();
+    const char *cases[][8] = {
+        {bin, "--memory", "4T", "--no-prefault", NULL},
+        {bin, "--memory", "512K", NULL},
+        {bin, "--memory", "64T", NULL},
+        {bin, "--max-entries", "12abc", NULL},
+        {bin, "--max-entries", "99999999999", NULL},
+    };
+    const char *want[][2] = {
+        {"--memory 4 TiB means 268435456 index entries", "--max-entries"},
+        {"--memory 512 KiB is below the minimum of 1 MiB", "--memory"},
+        {"--memory 64 TiB is more than this host's memory", "--no-prefault"},
+        {"--max-entries: 12abc is not a number in 1024..67108864", "--max-entries"},
+        {"--max-entries: 99999999999 is not a number", "--max-entries"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char out[2048];
+        assert_int_equal(harness_run((char *const *)cases[i], out, sizeof out), 2);
+        if (!strstr(out, want[i][0]) || !strstr(out, want[i][1]))
+            fail_msg("case %zu: expected \"%s\", got: %s", i, want[i][0], out);
+    }
+}
+
 /* A COPY from its own client, for a thread. */
 typedef struct copy_arg {
     daemon_t *d;
@@ -1122,6 +1150,7 @@ int main(void)
         cmocka_unit_test_teardown(test_daemon_hung_node_costs_one_deadline, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_compress_and_placement, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_descriptor_limit, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_refuses_impossible_sizes, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_descriptor_limit_poll, teardown_daemons),
     };
     return cmocka_run_group_tests_name("store_daemon", tests, NULL, NULL);
