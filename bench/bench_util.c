@@ -387,3 +387,25 @@ void bench_auth_remove(const char *dir, const char *const *names, size_t n)
     unlink(p);
     rmdir(dir);
 }
+
+int bench_is_help(const char *arg)
+{
+    return arg && (!strcmp(arg, "--help") || !strcmp(arg, "-h"));
+}
+
+int bench_opts_read(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
+                    void (*usage)(FILE *))
+{
+    const char *unknown = NULL;
+    int rc = bench_opts_parse(bench, table, n, argc, argv, &unknown);
+    if (rc == BENCH_OPTS_UNKNOWN && bench_is_help(unknown)) {
+        usage(stdout);
+        return 1;
+    }
+    if (rc == 0)
+        return 0;
+    if (rc == BENCH_OPTS_UNKNOWN)
+        fprintf(stderr, "kvf-bench %s: unknown option or missing value: %s\n", bench, unknown);
+    usage(stderr);
+    return -1;
+}

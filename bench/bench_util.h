@@ -51,6 +51,13 @@ typedef struct bench_opt {
  * value does not parse. The values read before a failure stay written. */
 int bench_opts_parse(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
                      const char **unknown);
+/* Whether an argument bench_opts_parse did not know asks for the usage (--help, -h). */
+int bench_is_help(const char *arg);
+/* bench_opts_parse with the usage handled: --help prints usage(stdout) and returns 1; an unknown
+ * option is named on stderr, followed by usage(stderr), and returns -1 (as does a bad value);
+ * otherwise 0. */
+int bench_opts_read(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
+                    void (*usage)(FILE *));
 
 typedef struct bench_proc {
     pid_t pid;

@@ -598,10 +598,10 @@ out_close:
 /* ------------------------------------------------------------------------------------------ */
 /* Options and reporting */
 
-static void usage(void)
+static void usage(FILE *f)
 {
     fprintf(
-        stderr,
+        f,
         "usage: kvf-bench connector [--quick] [--json] [--rounds N] [--model ref-tiny|ref-100m]\n"
         "                           [--only pages|overlap|ttft] [--link-mbps R] "
         "[--gemm-threads N]\n"
@@ -634,16 +634,16 @@ static int parse(int argc, char **argv, opts *o)
         {"--plot", BENCH_OPT_STR, .str = &o->plot},
         {"--device", BENCH_OPT_STR, .str = &o->device},
     };
-    const char *unknown;
-    if (bench_opts_parse("connector", table, sizeof table / sizeof table[0], argc, argv,
-                         &unknown) != 0 ||
-        o->rounds < 0 || o->rounds > MAX_ROUNDS ||
+    int rc = bench_opts_read("connector", table, sizeof table / sizeof table[0], argc, argv, usage);
+    if (rc != 0)
+        return rc;
+    if (o->rounds < 0 || o->rounds > MAX_ROUNDS ||
         (o->device && strcmp(o->device, "host") && strcmp(o->device, "cuda")) ||
         (o->device && !strcmp(o->device, "cuda") && o->only && !want(o, "pages") &&
          !want(o, "store")) ||
         (o->only && (!o->device || strcmp(o->device, "cuda")) && !want(o, "pages") &&
          !want(o, "overlap") && !want(o, "ttft"))) {
-        usage();
+        usage(stderr);
         return -1;
     }
     if (!o->model)
@@ -831,8 +831,9 @@ static void json_ttft(json_t *res, const ttft_row rows[2], const kvf_connector_s
 int bench_connector_main(int argc, char **argv)
 {
     opts o;
-    if (parse(argc, argv, &o) != 0)
-        return 2;
+    int p = parse(argc, argv, &o);
+    if (p != 0)
+        return p > 0 ? 0 : 2;
     if (o.device && !strcmp(o.device, "cuda"))
         return bench_connector_cuda(o.rounds_given, o.json, o.store_bin, o.only);
     kvfe_model m;

@@ -175,20 +175,19 @@ static int build_request(const bench_trace_rec *tr, long block, long max_in, lon
     return want > n;
 }
 
-static void usage(void)
+static void usage(FILE *f)
 {
-    fprintf(stderr,
-            "usage: kvf-bench e2e --config CLUSTER.json | --state STATE.json [--trace FILE]\n"
-            "                     [--start N] [--warmup W] [--max-requests N] [--time-scale X]\n"
-            "                     [--block-tokens B] [--max-input T] [--max-output T]\n"
-            "                     [--slo-ttft-ms M] [--concurrency C] [--modes kvf,baseline]\n"
-            "                     [--repetitions N] [--baseline-route prefix|least-loaded]\n"
-            "                     [--out DIR] [--require-targets] [--json]\n"
-            "       kvf-bench e2e --report DIR [--slo-ttft-ms M] [--require-targets] [--json]\n"
-            "exit status: 0 done; 1 a request failed, a first token or the generated tokens\n"
-            "differed, or the cluster or the records could not be read; 2 bad usage; 3 (with\n"
-            "--require-targets) a target of the verdict not met or not judged.\n"
-            "--report DIR judges the records a run wrote in DIR again, without a cluster.\n");
+    fprintf(f, "usage: kvf-bench e2e --config CLUSTER.json | --state STATE.json [--trace FILE]\n"
+               "                     [--start N] [--warmup W] [--max-requests N] [--time-scale X]\n"
+               "                     [--block-tokens B] [--max-input T] [--max-output T]\n"
+               "                     [--slo-ttft-ms M] [--concurrency C] [--modes kvf,baseline]\n"
+               "                     [--repetitions N] [--baseline-route prefix|least-loaded]\n"
+               "                     [--out DIR] [--require-targets] [--json]\n"
+               "       kvf-bench e2e --report DIR [--slo-ttft-ms M] [--require-targets] [--json]\n"
+               "exit status: 0 done; 1 a request failed, a first token or the generated tokens\n"
+               "differed, or the cluster or the records could not be read; 2 bad usage; 3 (with\n"
+               "--require-targets) a target of the verdict not met or not judged.\n"
+               "--report DIR judges the records a run wrote in DIR again, without a cluster.\n");
 }
 
 /* Replays the run's requests at their arrival times, with a progress line every 5 s. */
@@ -346,14 +345,16 @@ static int parse_opts(int argc, char **argv, opts *o)
             *(a[2] == 'j' ? &o->json : &o->require_targets) = 1;
             continue;
         }
-        if (!strcmp(a, "--help") || !v) {
-            usage();
-            return strcmp(a, "--help") ? 2 : 0;
+        if (bench_is_help(a) || !v) {
+            if (!bench_is_help(a))
+                fprintf(stderr, "kvf-bench e2e: %s needs a value\n", a);
+            usage(bench_is_help(a) ? stdout : stderr);
+            return bench_is_help(a) ? 0 : 2;
         }
         i++;
         if (!set_opt(o, a, v, &end)) {
             fprintf(stderr, "kvf-bench e2e: unknown option %s\n", a);
-            usage();
+            usage(stderr);
             return 2;
         }
         if (end && *end) {
@@ -396,7 +397,7 @@ static int open_cluster(e2e *E)
                  nm ? nm : "local");
     json_decref(c);
     if (!E->o.state && !E->o.config) {
-        usage();
+        usage(stderr);
         return 2;
     }
     json_error_t je;

@@ -3,6 +3,8 @@
  */
 #include "bench.h"
 
+#include "kvf/kvf.h"
+
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -22,16 +24,36 @@ static const struct {
      "trace replay on a running cluster with and without kvfabric (real end to end)"},
 };
 
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: kvf-bench SUBCOMMAND [options]\n"
+               "       kvf-bench SUBCOMMAND --help    that subcommand's options\n"
+               "       kvf-bench --version\n"
+               "subcommands:\n");
+    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++)
+        fprintf(f, "  %-10s %s\n", subs[i].name, subs[i].what);
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
+    if (argc >= 2 &&
+        (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help"))) {
+        usage(stdout);
+        return 0;
+    }
+    /* --version anywhere before "--", as every kvfabric binary and subcommand answers it */
+    for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
+        if (!strcmp(argv[i], "--version")) {
+            printf("kvf-bench (kvfabric) %s\n", KVF_VERSION_STRING);
+            return 0;
+        }
     if (argc >= 2) {
         for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++)
             if (!strcmp(argv[1], subs[i].name))
                 return subs[i].main(argc - 2, argv + 2);
+        fprintf(stderr, "kvf-bench: unknown subcommand \"%s\"\n", argv[1]);
     }
-    fprintf(stderr, "usage: kvf-bench SUBCOMMAND [options]\n");
-    for (size_t i = 0; i < sizeof subs / sizeof subs[0]; i++)
-        fprintf(stderr, "  %-10s %s\n", subs[i].name, subs[i].what);
+    usage(stderr);
     return 2;
 }

@@ -143,6 +143,19 @@ typedef struct opts {
     long max_requests, device_blocks, store_blocks, windows;
 } opts;
 
+static void sched_usage(FILE *f)
+{
+    fprintf(f, "usage: kvf-bench sched --trace FILE [--instances N] [--policy P[,P...]]\n"
+               "       [--queue fifo|work|sjf|lpm[,...]] [--rates X[,X...] | --time-scale X |\n"
+               "       --find-rate] [--windows W] [--slo-ttft S] [--cost FILE]\n"
+               "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
+               "       kvf-bench sched --decision-latency [--quick] [--json]\n"
+               "       kvf-bench sched --ingest [--quick] [--json]\n"
+               "Trace replay through the scheduler (simulated); place() latency and event ingest\n"
+               "(real). docs/benchmarks.md.\n"
+               "exit status: 0 done, 1 a measurement failed, 2 a usage error\n");
+}
+
 /* Reads the options into o. Returns 0, or -1 with the usage on stderr. */
 static int parse(int argc, char **argv, opts *o)
 {
@@ -173,18 +186,10 @@ static int parse(int argc, char **argv, opts *o)
         {"--device-blocks", BENCH_OPT_LONG, .l = &o->device_blocks},
         {"--store-blocks", BENCH_OPT_LONG, .l = &o->store_blocks},
     };
-    const char *unknown;
-    if (bench_opts_parse("sched", table, sizeof table / sizeof table[0], argc, argv, &unknown) !=
-        0) {
-        fprintf(stderr,
-                "usage: kvf-bench sched --trace FILE [--instances N] [--policy P[,P...]]\n"
-                "       [--queue fifo|work|sjf|lpm[,...]] [--rates X[,X...] | --time-scale X |\n"
-                "       --find-rate] [--windows W] [--slo-ttft S] [--cost FILE]\n"
-                "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
-                "       kvf-bench sched --decision-latency [--quick] [--json]\n"
-                "       kvf-bench sched --ingest [--quick] [--json]\n");
-        return -1;
-    }
+    int rc =
+        bench_opts_read("sched", table, sizeof table / sizeof table[0], argc, argv, sched_usage);
+    if (rc != 0)
+        return rc;
     return 0;
 }
 
@@ -668,8 +673,9 @@ out_free:
 int bench_sched_main(int argc, char **argv)
 {
     opts o;
-    if (parse(argc, argv, &o) != 0)
-        return 2;
+    int p = parse(argc, argv, &o);
+    if (p != 0)
+        return p > 0 ? 0 : 2;
     int rc = 2;
     json_t *res = bench_result_new("sched");
     if (o.ingest) {

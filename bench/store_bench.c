@@ -75,6 +75,16 @@ typedef struct round_fig {
     double rg64, rs64, rg16, rs16; /* Redis GET/SET */
 } round_fig;
 
+static void store_usage(FILE *f)
+{
+    fprintf(f, "usage: kvf-bench store [--quick] [--lookup-only] [--auth] [--json] [--streams N]\n"
+               "                       [--memory SIZE] [--store-threads N] [--store-bin PATH]\n"
+               "                       [--plot FILE.png] [--io-threads N]\n"
+               "                       [--transport tcp|shm|rdma] [--rdma-host IP]\n"
+               "The storage node against the TCP ceiling and Redis (docs/benchmarks.md).\n"
+               "exit status: 0 done, 1 a measurement failed, 2 a usage error\n");
+}
+
 /* ------------------------------------------------------------------------------------------ */
 
 static void row(const char *what, double gbps, double vs_ceiling, double vs_peer)
@@ -104,17 +114,10 @@ static int parse(int argc, char **argv, opts *o)
         {"--io-threads", BENCH_OPT_INT, .i = &o->io_threads},
         {"--rdma-host", BENCH_OPT_STR, .str = &o->rdma_host},
     };
-    const char *unknown;
-    if (bench_opts_parse("store", table, sizeof table / sizeof table[0], argc, argv, &unknown) !=
-        0) {
-        fprintf(stderr,
-                "kvf-bench store: unknown option %s\n"
-                "usage: kvf-bench store [--quick] [--lookup-only] [--auth] [--json] [--streams N] "
-                "[--memory SIZE] [--store-threads N] [--store-bin PATH] [--plot FILE.png] "
-                "[--io-threads N] [--transport tcp|shm|rdma] [--rdma-host IP]\n",
-                unknown);
-        return -1;
-    }
+    int rc =
+        bench_opts_read("store", table, sizeof table / sizeof table[0], argc, argv, store_usage);
+    if (rc != 0)
+        return rc;
     /* auto, as the store and the client take them where not told: a quarter of the cores (1 to 8)
      * for the store's loops and the client's I/O threads, and a connection per I/O thread, 4 at
      * least; the ceiling is measured at that many streams. */
@@ -671,8 +674,9 @@ static void report_infeasible(const opts *o, const char *why, json_t *res)
 int bench_store_main(int argc, char **argv)
 {
     opts o;
-    if (parse(argc, argv, &o) != 0)
-        return 2;
+    int p = parse(argc, argv, &o);
+    if (p != 0)
+        return p > 0 ? 0 : 2;
     json_t *res = bench_result_new("store");
     json_object_set_new(res, "quick", json_boolean(o.quick));
     int rc = 0;

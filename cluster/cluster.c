@@ -336,8 +336,14 @@ static int parse_cluster(int argc, char **argv, cluster_args *a)
         return 0;
     }
     if (strcmp(a->action, "up") && strcmp(a->action, "down") && strcmp(a->action, "status") &&
-        strcmp(a->action, "send"))
-        return kvf__cluster_fail("usage: " SYNOPSIS) + 1;
+        strcmp(a->action, "send")) {
+        if (!a->action[0])
+            return kvf__cluster_fail("an action is required (usage: " SYNOPSIS ")") + 1;
+        return kvf__cluster_fail("%s \"%s\" (usage: " SYNOPSIS ")",
+                                 a->action[0] == '-' ? "unknown option" : "unknown action",
+                                 a->action) +
+               1;
+    }
     while ((c = kvf__cli_next_opt(argc - 1, argv + 1, cluster_opts, &v)) != 0) {
         if (c == 'h') {
             fputs(cluster_usage, stdout);

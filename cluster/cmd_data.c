@@ -161,6 +161,43 @@ static void print_statuses(const data_args *a, const kvf__cli_chunks *ch, const 
     json_decref(counts);
 }
 
+/* The exit statuses of the commands that reach the stores (docs/operations.md, "Exit status"):
+ * scripts can tell a store that did not answer from a chunk that was not there. */
+enum {
+    EXIT_FAILED = 1,      /* a request failed as a whole */
+    EXIT_PARTIAL = 3,     /* some chunks (or nodes) were not done */
+    EXIT_MISMATCH = 4,    /* get: a chunk's bytes differ from its synthetic content */
+    EXIT_UNREACHABLE = 5, /* no storage node answered */
+};
+
+/* Whether a status says the node could not be reached (rather than answering no). */
+static int unreachable(int e)
+{
+    return e == KVF_ECONNREFUSED || e == KVF_ETIMEDOUT || e == KVF_ECONNRESET ||
+           e == KVF_ENOTCONN || e == KVF_EHOSTUNREACH || e == KVF_ENETUNREACH || e == KVF_EPIPE ||
+           e == KVF_ECLOSED;
+}
+
+/* The exit status of per-chunk statuses: 0 when each is 0 (or also_ok), EXIT_UNREACHABLE when
+ * every chunk's node was unreachable, EXIT_PARTIAL otherwise. */
+static int exit_of(const int *st, size_t n, int also_ok)
+{
+    size_t bad = 0, gone = 0;
+    for (size_t i = 0; st && i < n; i++) {
+        if (st[i] == 0 || (also_ok && st[i] == also_ok))
+            continue;
+        bad++;
+        gone += unreachable(st[i]);
+    }
+    return !bad ? 0 : gone == n ? EXIT_UNREACHABLE : EXIT_PARTIAL;
+}
+
+/* The exit status of a request that failed as a whole with rc. */
+static int exit_of_rc(int rc)
+{
+    return unreachable(rc) ? EXIT_UNREACHABLE : EXIT_FAILED;
+}
+
 static int run_put(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
 {
     kvf_codec codec = KVF_CODEC_NONE;
@@ -198,11 +235,9 @@ static int run_put(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch
         free(objs[i]);
     free(objs);
     free(lens);
-    int failed = 0;
-    for (size_t i = 0; st && i < ch->n; i++)
-        failed += st[i] != 0 && st[i] != KVF_EEXIST;
+    int ex = rc ? exit_of_rc(rc) : exit_of(st, ch->n, KVF_EEXIST);
     free(st);
-    return rc ? 1 : failed ? 3 : 0;
+    return ex;
 }
 
 static int run_get(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
@@ -238,21 +273,38 @@ static int run_get(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch
     } else {
         fprintf(stderr, "kvf: get: %s\n", kvf_strerror(rc));
     }
+    int ex = rc ? exit_of_rc(rc) : bad ? EXIT_MISMATCH : exit_of(st, ch->n, 0);
     free(mem);
     free(bufs);
     free(caps);
     free(lens);
     free(st);
-    return rc ? 1 : bad ? 4 : 0;
+    return ex;
 }
 
 static int run_lookup(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
 {
     size_t hits = 0;
+    /* A node that does not answer holds nothing as far as a lookup is concerned (an engine then
+     * recomputes): ask each first, so that "0 cached" is never said for a store that is down. */
+    size_t answered = 0;
+    for (size_t i = 0; i < a->t.n_nodes; i++) {
+        char *j = NULL;
+        int e = kvf_client_stats(cl, i, &j, a->t.deadline_ms);
+        free(j);
+        if (e)
+            fprintf(stderr, "kvf: lookup: %s: %s\n", a->t.nodes[i], kvf_strerror(e));
+        else
+            answered++;
+    }
+    if (!answered) {
+        fprintf(stderr, "kvf: lookup: no storage node answered\n");
+        return EXIT_UNREACHABLE;
+    }
     int rc = kvf_client_lookup_prefix(cl, ch->n, ch->keys, &hits, a->t.deadline_ms);
     if (rc) {
         fprintf(stderr, "kvf: lookup: %s\n", kvf_strerror(rc));
-        return 1;
+        return exit_of_rc(rc);
     }
     size_t cached = hits * ch->layout.chunk_tokens;
     if (a->json)
@@ -260,29 +312,31 @@ static int run_lookup(const data_args *a, kvf_client *cl, const kvf__cli_chunks 
                "\"cached_tokens\":%zu}\n",
                ch->n, hits, ch->n_tokens, cached);
     else
-        printf("lookup: %zu of %zu chunk(s) cached: the first %zu of %zu tokens\n", hits, ch->n,
-               cached, ch->n_tokens);
-    return 0;
+        printf("lookup: %zu of %zu chunk(s) cached: the first %zu of %zu tokens%s\n", hits, ch->n,
+               cached, ch->n_tokens,
+               answered < a->t.n_nodes ? " (on the nodes that answered)" : "");
+    return answered < a->t.n_nodes ? EXIT_PARTIAL : 0;
 }
 
 /* Reports a per-chunk operation that returned rc with the statuses st (NULL when they could not
  * be allocated), and frees st. Returns the exit status. */
 static int finish_keyop(const data_args *a, const kvf__cli_chunks *ch, int rc, int *st,
-                        const char *what)
+                        const char *what, int also_ok)
 {
     if (rc)
         fprintf(stderr, "kvf: %s: %s\n", a->cmd, kvf_strerror(rc));
     else
         print_statuses(a, ch, st, what);
+    int ex = rc ? exit_of_rc(rc) : exit_of(st, ch->n, also_ok);
     free(st);
-    return rc ? 1 : 0;
+    return ex;
 }
 
 static int run_evict(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
 {
     int *st = calloc(ch->n, sizeof *st);
     int rc = st ? kvf_client_evict(cl, ch->n, ch->keys, st, a->t.deadline_ms) : KVF_ENOMEM;
-    return finish_keyop(a, ch, rc, st, "evicted");
+    return finish_keyop(a, ch, rc, st, "evicted", KVF_ENOENT); /* gone either way */
 }
 
 static int run_pin(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
@@ -290,14 +344,14 @@ static int run_pin(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch
     int *st = calloc(ch->n, sizeof *st);
     int rc =
         st ? kvf_client_pin(cl, ch->n, ch->keys, a->lease_ms, st, a->t.deadline_ms) : KVF_ENOMEM;
-    return finish_keyop(a, ch, rc, st, "pinned");
+    return finish_keyop(a, ch, rc, st, "pinned", 0);
 }
 
 static int run_unpin(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
 {
     int *st = calloc(ch->n, sizeof *st);
     int rc = st ? kvf_client_unpin(cl, ch->n, ch->keys, st, a->t.deadline_ms) : KVF_ENOMEM;
-    return finish_keyop(a, ch, rc, st, "unpinned");
+    return finish_keyop(a, ch, rc, st, "unpinned", 0);
 }
 
 static int run_compress(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
@@ -306,7 +360,7 @@ static int run_compress(const data_args *a, kvf_client *cl, const kvf__cli_chunk
     int *st = calloc(ch->n, sizeof *st);
     int rc =
         st ? kvf_client_compress(cl, ch->n, ch->keys, codec, st, a->t.deadline_ms) : KVF_ENOMEM;
-    return finish_keyop(a, ch, rc, st, "recoded");
+    return finish_keyop(a, ch, rc, st, "recoded", 0);
 }
 
 /* Prints one node's statistics (a JSON object) as "key value" lines. */
@@ -329,13 +383,14 @@ static void print_node_stats(const char *node, const char *json)
 static int run_stats(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
 {
     (void)ch;
-    int ret = 0;
+    size_t failed = 0, gone = 0;
     for (size_t i = 0; i < a->t.n_nodes; i++) {
         char *j = NULL;
         int rc = kvf_client_stats(cl, i, &j, a->t.deadline_ms);
         if (rc) {
             fprintf(stderr, "kvf: stats %s: %s\n", a->t.nodes[i], kvf_strerror(rc));
-            ret = 1;
+            failed++;
+            gone += unreachable(rc);
             continue;
         }
         if (a->json)
@@ -344,7 +399,10 @@ static int run_stats(const data_args *a, kvf_client *cl, const kvf__cli_chunks *
             print_node_stats(a->t.nodes[i], j);
         free(j);
     }
-    return ret;
+    return !failed                  ? 0
+           : gone == a->t.n_nodes   ? EXIT_UNREACHABLE
+           : failed == a->t.n_nodes ? EXIT_FAILED
+                                    : EXIT_PARTIAL;
 }
 
 static int run_clear(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
@@ -358,7 +416,7 @@ static int run_clear(const data_args *a, kvf_client *cl, const kvf__cli_chunks *
     else
         printf("clear: removed %" PRIu64 " entries of namespace %016" PRIx64 "\n", removed,
                ch->ks.seed);
-    return rc ? 1 : 0;
+    return rc ? exit_of_rc(rc) : 0;
 }
 
 static int run_keys(const data_args *a, kvf_client *cl, const kvf__cli_chunks *ch)
@@ -400,7 +458,7 @@ static const data_cmd put_cmd = {
     .synopsis = "--node HOST:PORT[,...] CHUNKS [--codec C] [--json]",
     .about = "Stores every full chunk of CHUNKS with synthetic KV bytes derived from its key.\n",
     .own_help = "  --codec none|lz4|shuffle-lz4     how the objects are encoded (default none)\n",
-    .exit_help = ",\n             3 a chunk was refused (one already there counts as stored)",
+    .exit_help = " (a chunk already there counts as stored)",
 };
 static const data_cmd get_cmd = {
     .name = "get",
@@ -488,8 +546,12 @@ static void print_usage(const data_cmd *cmd)
     fputs(KVF__CLI_HELP_NAMESPACE, stdout);
     if (cmd->needs_tokens)
         fputs(KVF__CLI_HELP_TOKENS, stdout);
-    printf("exit status: 0 done, %s2 a usage error%s\n",
-           cmd->needs_store ? "1 a request failed, " : "", cmd->exit_help ? cmd->exit_help : "");
+    if (cmd->needs_store)
+        printf("exit status: 0 done, 1 a request failed, 2 a usage error, 3 some %s not done,\n"
+               "             5 no storage node answered%s\n",
+               cmd->needs_tokens ? "chunks" : "nodes", cmd->exit_help ? cmd->exit_help : "");
+    else
+        printf("exit status: 0 done, 2 a usage error%s\n", cmd->exit_help ? cmd->exit_help : "");
 }
 
 #define N_OF(a)     (sizeof(a) / sizeof((a)[0]))

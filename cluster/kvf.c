@@ -11,6 +11,8 @@
 #include "cmd_feasibility.h"
 #include "cmd_probe.h"
 
+#include "kvf/kvf.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -57,6 +59,7 @@ static void usage(FILE *f)
 {
     fprintf(f, "usage: kvf COMMAND [options]\n"
                "       kvf COMMAND --help       that command's options\n"
+               "       kvf --version\n"
                "commands:\n");
     for (size_t i = 0; i < N_SUBCOMMANDS; i++)
         fprintf(f, "  %-10s %s\n", subcommands[i].name, subcommands[i].help);
@@ -89,6 +92,12 @@ static int help(int argc, char **argv)
 
 int main(int argc, char **argv)
 {
+    /* --version anywhere before "--", for kvf and every command */
+    for (int i = 1; i < argc && strcmp(argv[i], "--"); i++)
+        if (!strcmp(argv[i], "--version") || (i == 1 && !strcmp(argv[i], "version"))) {
+            printf("kvf (kvfabric) %s\n", KVF_VERSION_STRING);
+            return 0;
+        }
     if (argc < 2) {
         usage(stderr);
         return 2;

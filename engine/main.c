@@ -140,9 +140,8 @@ static int parse_prompt_opts(int argc, char **argv, prompt_opts *o)
         } else if (v && !strcmp(a, "--prefix-seed")) {
             o->pseed = strtoull(argv[++i], NULL, 10);
         } else {
-            fprintf(stderr, "usage: kvf-engine --model ref-tiny|ref-100m [--store HOST:PORT] "
-                            "[--prompt N] [--prefix-seed S] [--seed S] [--gen G] [--no-save] "
-                            "[--json]\n");
+            fprintf(stderr, "kvf-engine: %s %s (see --help)\n",
+                    v ? "unknown option" : "unknown option or missing value:", a);
             return 2;
         }
     }
@@ -265,8 +264,52 @@ out_free_nodes:
     return rc;
 }
 
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: kvf-engine [--model ref-tiny|ref-100m] [--store HOST:PORT[,...]] [--prompt N]\n"
+            "                  [--prefix-seed S] [--seed S] [--gen G] [--no-save] [--json]\n"
+            "       kvf-engine --serve --id ID --role prefill|decode|both [options below]\n"
+            "       kvf-engine --calibrate FILE [--model PRESET]\n"
+            "       kvf-engine --help | --version\n"
+            "The reference engine (a small Llama-shaped model on the CPU) with kvfabric.\n"
+            "One prompt (the default mode): prefill N tokens (default 200; the first share the\n"
+            "  prefix seed's tokens), load what --store holds, save the rest (--no-save: do not),\n"
+            "  decode G tokens (default 8) greedily and print TTFT and the tokens.\n"
+            "--calibrate FILE: measure this host's prefill and write kvf-sched's cost file.\n"
+            "--serve: kvf-engine's HTTP API (docs/operations.md, \"The engine's serving mode\"):\n"
+            "  --id ID                 this engine's name at kvf-sched (required)\n"
+            "  --role R                prefill, decode or both (default both)\n"
+            "  --listen HOST:PORT      the HTTP API (default 127.0.0.1:0)\n"
+            "  --advertise HOST:PORT   the address kvf-sched gives routers (default --listen)\n"
+            "  --sched HOST:PORT       register with kvf-sched and report load to it\n"
+            "  --store HOST:PORT[,...] the storage nodes (or those kvf-sched lists)\n"
+            "  --events HOST:PORT      publish KV events (vLLM's format) for kvf-sched\n"
+            "  --events-credential F, --events-tenants F   CURVE for --events (docs/security.md)\n"
+            "  --model PRESET          ref-tiny or ref-100m (default ref-tiny)\n"
+            "  --max-tokens N          KV capacity in tokens (default 16384)\n"
+            "  --queue work|fifo       queue order (default work: least remaining work first)\n"
+            "  --cost FILE             the calibration the queue's estimates use\n"
+            "  --decide                choose per request between loading and recomputing\n"
+            "  --prefetch on|off       fetch a waiting request's prefix early (default on)\n"
+            "  --prefetch-memory SIZE  what the waiting prefetches may hold (default 1G)\n"
+            "  --tokens FILE           bearer tokens of the HTTP API (\"NAME TOKEN\" lines)\n"
+            "  --seed S, --log-level L, --insecure (listen beyond loopback without --tokens)\n"
+            "exit status: 0 done, 1 a failure (said on stderr), 2 a usage error\n");
+}
+
 int main(int argc, char **argv)
 {
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        if (!strcmp(argv[i], "--version")) {
+            printf("kvf-engine (kvfabric) %s\n", KVF_VERSION_STRING);
+            return 0;
+        }
+    }
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--serve"))
             return kvfe_serve_main(argc, argv);

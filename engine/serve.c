@@ -270,8 +270,7 @@ static int parse_args(int argc, char **argv, serve_opts *o)
             continue;
         }
         if (!v) {
-            fprintf(stderr, "kvf-engine: %s needs a value (see the top of docs/operations.md)\n",
-                    a);
+            fprintf(stderr, "kvf-engine: %s needs a value (see --help)\n", a);
             return 2;
         }
         i++;
@@ -280,7 +279,7 @@ static int parse_args(int argc, char **argv, serve_opts *o)
             if (!strcmp(a, opts[k].name))
                 dst = opts[k].value;
         if (!dst) {
-            fprintf(stderr, "kvf-engine: unknown option %s\n", a);
+            fprintf(stderr, "kvf-engine: unknown option %s (see --help)\n", a);
             return 2;
         }
         *dst = v;

@@ -53,20 +53,34 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
 {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--help")) {
-            printf("usage: kvf-sched [--listen HOST:PORT] [--policy round_robin|least_loaded|"
-                   "longest_prefix|dynamo_cost|kvf_cost]\n"
-                   "                 [--cost FILE] [--config FILE] [--stores HOST:PORT[,...]]\n"
-                   "                 [--store-events EP[,EP...]] [--chunk-tokens N] "
-                   "[--instance-ttl SECONDS] [--log-level L]\n"
-                   "                 [--tokens FILE: \"NAME TOKEN\" lines; every request but "
-                   "GETs needs \"Authorization: Bearer TOKEN\"]\n"
-                   "                 [--events-credential FILE --events-server-key HEX: "
-                   "subscribe over CURVE\n"
-                   "                  with this credential's key to publishers whose X25519 "
-                   "public key is HEX]\n"
-                   "                 [--insecure: allow --listen on an address that is not "
-                   "loopback without --tokens (docs/security.md)]\n");
+        if (!strcmp(a, "--version")) {
+            printf("kvf-sched (kvfabric) %s\n", KVF_VERSION_STRING);
+            return 0;
+        }
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf(
+                "usage: kvf-sched [options]       (--help, --version)\n"
+                "The cache-aware scheduler: learns which engine and store holds which prefix\n"
+                "from their events and places requests (docs/scheduler.md).\n"
+                "  --listen HOST:PORT        the HTTP API (default 127.0.0.1:7500; port 0 picks)\n"
+                "  --policy P                round_robin, least_loaded, longest_prefix,\n"
+                "                            dynamo_cost or kvf_cost (default kvf_cost)\n"
+                "  --cost FILE               the cost model's constants (kvf-engine --calibrate)\n"
+                "  --config FILE             instances known from the start (never expire)\n"
+                "  --stores HOST:PORT[,...]  the storage nodes the connectors are told\n"
+                "  --store-events EP[,...]   each store's --events address, in --node order\n"
+                "  --chunk-tokens N          tokens per stored chunk, 1..65536 (default 256)\n"
+                "  --instance-ttl SECONDS    forget an engine silent this long; 0 never\n"
+                "                            (default 30)\n"
+                "  --tokens FILE             \"NAME TOKEN\" lines: every request but GETs\n"
+                "                            needs \"Authorization: Bearer TOKEN\"\n"
+                "  --events-credential FILE  subscribe to events over CURVE with this key,\n"
+                "  --events-server-key HEX   to publishers whose X25519 public key is HEX\n"
+                "  --insecure                allow --listen beyond loopback without --tokens\n"
+                "                            (docs/security.md)\n"
+                "  --log-level L             debug, info, warn or error (default info)\n"
+                "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage\n"
+                "error (a bad option, or a --config file that is refused)\n");
             return 0;
         }
         if (!strcmp(a, "--insecure")) {
@@ -94,9 +108,14 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
             cl->events_credential = v;
         else if (!strcmp(a, "--events-server-key"))
             cl->events_server_key = v;
-        else if (!strcmp(a, "--chunk-tokens"))
-            cl->chunk_tokens = strtol(v, NULL, 10);
-        else if (!strcmp(a, "--instance-ttl")) {
+        else if (!strcmp(a, "--chunk-tokens")) {
+            char *end;
+            cl->chunk_tokens = strtol(v, &end, 10);
+            if (end == v || *end) {
+                fprintf(stderr, "kvf-sched: --chunk-tokens: %s is not a number in 1..65536\n", v);
+                return 2;
+            }
+        } else if (!strcmp(a, "--instance-ttl")) {
             char *end;
             double ttl = strtod(v, &end);
             if (end == v || *end || !(ttl >= 0 && ttl <= MAX_TTL_S)) {

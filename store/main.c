@@ -52,7 +52,7 @@ static void usage(FILE *f)
 {
     fprintf(
         f,
-        "usage: kvf-store [options]\n"
+        "usage: kvf-store [options]       (--help, --version)\n"
         "  --listen HOST:PORT    address to serve (default 127.0.0.1:7400; port 0 picks one)\n"
         "  --memory SIZE         arena size, e.g. 512M, 4G (default 1G)\n"
         "  --threads N|auto      event-loop threads (default auto: a quarter of the cores,\n"
@@ -95,7 +95,8 @@ static void usage(FILE *f)
         "                        a path, or @NAME (abstract); auto (default): @kvf-store-PID.\n"
         "                        The arena is then a sealed memfd (docs/shm.md)\n"
         "  --shm-hugepages       the shared arena on huge pages (hugetlbfs must have them)\n"
-        "  --shm-staging-max SIZE  largest staging region of one connection (default 256M)\n");
+        "  --shm-staging-max SIZE  largest staging region of one connection (default 256M)\n"
+        "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage error\n");
 }
 
 #define STORE_MAX_PEERS   256
@@ -276,6 +277,9 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--version")) {
+            printf("kvf-store (kvfabric) %s\n", KVF_VERSION_STRING);
             return 0;
         } else if (!strcmp(a, "--no-verify")) {
             cfg->verify = 0;

@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Every binary and subcommand behaves as scripts expect (docs/operations.md, "Exit status"):
+--help prints the usage on stdout and exits 0, --version prints kvfabric's version and exits 0,
+an unknown option or a missing value exits 2 naming the option; the data commands tell a store
+that did not answer (5) from chunks that were not done (3) and from success (0).
+
+usage: cli_check.py BIN_DIR
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+BIN = sys.argv[1]
+VERSION = re.compile(r"\(kvfabric\) \d+\.\d+\.\d+")
+failures = []
+
+
+def run(args, timeout=30):
+    return subprocess.run([os.path.join(BIN, args[0])] + args[1:], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+def walk(cmd):
+    name = " ".join(cmd)
+    p = run(cmd + ["--help"])
+    check(p.returncode == 0 and "usage" in p.stdout.lower(),
+          "%s --help: rc %d, stdout %r, stderr %r" % (name, p.returncode, p.stdout[:80], p.stderr[:200]))
+    p = run(cmd + ["--version"])
+    check(p.returncode == 0 and VERSION.search(p.stdout),
+          "%s --version: rc %d, %r %r" % (name, p.returncode, p.stdout[:80], p.stderr[:200]))
+    p = run(cmd + ["--no-such-option"])
+    check(p.returncode == 2 and "--no-such-option" in p.stderr,
+          "%s --no-such-option: rc %d, stderr %r" % (name, p.returncode, p.stderr[:200]))
+
+
+def subcommands(binary):
+    """The names a binary's --help lists under its commands."""
+    out = run([binary, "--help"]).stdout.splitlines()
+    names, listing = [], False
+    for line in out:
+        if re.match(r"^(commands|subcommands):", line):
+            listing = True
+            continue
+        m = re.match(r"^  ([a-z0-9-]+)\s", line)
+        if listing and m:
+            names.append(m.group(1))
+    return names
+
+
+for b in ("kvf-store", "kvf-sched", "kvf-engine", "kvf", "kvf-bench"):
+    walk([b])
+kvf_cmds = subcommands("kvf")
+bench_cmds = subcommands("kvf-bench")
+check(len(kvf_cmds) >= 10 and "get" in kvf_cmds, "kvf --help lists its commands: %r" % kvf_cmds)
+check(set(bench_cmds) >= {"store", "connector", "sched", "soak", "e2e"},
+      "kvf-bench --help lists its subcommands: %r" % bench_cmds)
+for c in kvf_cmds:
+    walk(["kvf", c])
+for c in bench_cmds:
+    walk(["kvf-bench", c])
+
+# a value missing: named, exit 2
+for cmd in (["kvf-store", "--memory"], ["kvf-sched", "--policy"], ["kvf-engine", "--serve", "--id"],
+            ["kvf", "get", "--node"], ["kvf-bench", "e2e", "--trace"]):
+    p = run(cmd)
+    check(p.returncode == 2 and cmd[-1] in p.stderr,
+          "%s (no value): rc %d, stderr %r" % (" ".join(cmd), p.returncode, p.stderr[:200]))
+
+# exit statuses of the data commands
+with tempfile.TemporaryDirectory() as d:
+    store = subprocess.Popen([os.path.join(BIN, "kvf-store"), "--listen", "127.0.0.1:0",
+                              "--memory", "64M", "--no-prefault", "--shm", "off",
+                              "--log-level", "warn"],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = store.stdout.readline()
+        addr = line.split("listen=")[1].split()[0]
+        chunks = ["--synthetic", "512", "--seed", "3"]
+        for cmd, want in ((["put"], 0), (["get"], 0), (["lookup"], 0), (["evict"], 0),
+                          (["get"], 3), (["lookup"], 0), (["put"], 0), (["pin"], 0),
+                          (["unpin"], 0), (["stats"], 0)):
+            args = ["kvf"] + cmd + ["--node", addr] + ([] if cmd == ["stats"] else chunks)
+            p = run(args)
+            check(p.returncode == want, "%s against a live store: rc %d (want %d): %r %r"
+                  % (" ".join(cmd), p.returncode, want, p.stdout[-200:], p.stderr[-200:]))
+        # one live node and one dead: partial
+        p = run(["kvf", "stats", "--node", addr + ",127.0.0.1:1"])
+        check(p.returncode == 3, "stats with one node down: rc %d (want 3)" % p.returncode)
+    finally:
+        store.terminate()
+        store.wait(timeout=10)
+    time.sleep(0.1)
+    for cmd in (["put"], ["get"], ["lookup"], ["evict"], ["pin"], ["stats"]):
+        args = ["kvf"] + cmd + ["--node", addr, "--deadline-ms", "2000"] + \
+            ([] if cmd == ["stats"] else ["--synthetic", "512"])
+        p = run(args)
+        check(p.returncode == 5, "%s against a dead store: rc %d (want 5): %r"
+              % (" ".join(cmd), p.returncode, p.stderr[-200:]))
+
+if failures:
+    for f in failures:
+        print("cli_check: FAIL: " + f)
+    sys.exit(1)
+print("cli_check: ok (%d kvf commands, %d kvf-bench subcommands)" % (len(kvf_cmds), len(bench_cmds)))
