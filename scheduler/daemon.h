@@ -19,6 +19,7 @@
 #include "scheduler.h"
 
 #include "http.h"
+#include "metrics.h"
 #include "ingest.h"
 #include "log.h"
 #include "pubsub.h"
@@ -75,9 +76,16 @@ typedef struct kvf__sched_daemon {
     /* The HTTP thread's (http_api.c). */
     uint64_t placements, rejections;
     kvf__httpd *httpd;
+    /* /metrics (core/metrics.h): the counters above mirrored at each scrape, and histograms
+     * observed where they happen. */
+    kvf__metrics *metrics;
+    kvf__series *place_seconds, *ingest_batch_seconds;
     char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
     atomic_int stop;
 } kvf__sched_daemon;
+
+/* Makes d->metrics, the registry /metrics exposes (http_api.c). Returns 0 or -1. */
+int kvf__sched_metrics_open(kvf__sched_daemon *d);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The events thread (subscriber.c) */

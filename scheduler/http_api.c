@@ -20,6 +20,8 @@
 
 #include "kvf/kvf.h"
 
+#include "clock.h"
+
 #include <inttypes.h>
 #include <jansson.h>
 #include <math.h>
@@ -457,8 +459,10 @@ static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
     }
     kvf_place_res rs;
     json_t *out = NULL;
+    uint64_t t0 = kvf__now_ns();
     pthread_mutex_lock(&d->mu);
     int rc = kvf_sched_place(d->s, &b.rq, &rs);
+    kvf__series_observe(d->place_seconds, (double)(kvf__now_ns() - t0) / 1e9);
     d->placements++;
     d->rejections += rc == 0 && rs.rejected;
     if (!rc)
@@ -546,52 +550,94 @@ static json_t *stats_json(const stats *st)
     return o;
 }
 
-/* The counters in Prometheus's text format. */
-static void stats_metrics(FILE *f, const stats *st)
+/* The figures of stats, mirrored into the registry at each scrape (core/metrics.h): gauges for
+ * what is, counters for what has happened. */
+static void metrics_collect(void *ud, kvf__metrics *m)
 {
-    fprintf(
-        f,
-        "# HELP kvf_sched_blocks Distinct KV blocks in the prefix index.\n"
-        "# TYPE kvf_sched_blocks gauge\nkvf_sched_blocks %" PRIu64 "\n"
-        "# HELP kvf_sched_holdings Block holdings (block x holder).\n"
-        "# TYPE kvf_sched_holdings gauge\nkvf_sched_holdings %" PRIu64 "\n"
-        "# HELP kvf_sched_instances Registered engine instances.\n"
-        "# TYPE kvf_sched_instances gauge\nkvf_sched_instances %zu\n"
-        "# HELP kvf_sched_event_batches_total KV event batches ingested.\n"
-        "# TYPE kvf_sched_event_batches_total counter\nkvf_sched_event_batches_total %" PRIu64 "\n"
-        "# HELP kvf_sched_events_malformed_total Events skipped as malformed.\n"
-        "# TYPE kvf_sched_events_malformed_total counter\nkvf_sched_events_malformed_total %" PRIu64
-        "\n"
-        "# HELP kvf_sched_sequence_gaps_total Gaps in publishers' sequence numbers.\n"
-        "# TYPE kvf_sched_sequence_gaps_total counter\nkvf_sched_sequence_gaps_total %" PRIu64 "\n"
-        "# HELP kvf_sched_placements_total place() calls.\n"
-        "# TYPE kvf_sched_placements_total counter\nkvf_sched_placements_total %" PRIu64 "\n"
-        "# HELP kvf_sched_rejections_total Requests rejected early (SLO).\n"
-        "# TYPE kvf_sched_rejections_total counter\nkvf_sched_rejections_total %" PRIu64 "\n"
-        "# HELP kvf_sched_http_requests_total HTTP requests served.\n"
-        "# TYPE kvf_sched_http_requests_total counter\nkvf_sched_http_requests_total %" PRIu64 "\n"
-        "# HELP kvf_sched_http_errors_total HTTP requests answered with an error.\n"
-        "# TYPE kvf_sched_http_errors_total counter\nkvf_sched_http_errors_total %" PRIu64 "\n",
-        st->index.blocks, st->index.holdings, st->instances, st->ingest.batches,
-        st->ingest.malformed, st->gaps, st->placements, st->rejections, st->requests, st->errors);
+    kvf__sched_daemon *d = ud;
+    stats st;
+    stats_take(d, &st);
+    const kvf_index_stats *x = &st.index;
+    const kvf_ingest_stats *in = &st.ingest;
+    const struct {
+        const char *name, *help;
+        int counter;
+        double v;
+    } f[] = {
+        {"index_blocks", "Distinct KV blocks in the prefix index.", 0, (double)x->blocks},
+        {"index_holdings", "Block holdings in the index (a block times each holder).", 0,
+         (double)x->holdings},
+        {"index_bytes", "Memory the prefix index uses.", 0, (double)x->bytes},
+        {"instances", "Registered engine instances.", 0, (double)st.instances},
+        {"event_subscriptions", "Event streams subscribed to (engines and stores).", 0,
+         (double)st.subs},
+        {"index_events_total", "Events applied to the index.", 1, (double)x->events},
+        {"index_unknown_removals_total", "Removals of blocks the index did not hold.", 1,
+         (double)x->unknown_removals},
+        {"event_batches_total", "KV event batches ingested.", 1, (double)in->batches},
+        {"blocks_stored_total", "BlockStored events applied.", 1, (double)in->stored},
+        {"blocks_removed_total", "BlockRemoved events applied.", 1, (double)in->removed},
+        {"store_chunk_events_total", "Chunk events from the storage nodes.", 1, (double)in->chunks},
+        {"events_malformed_total", "Events skipped as malformed.", 1, (double)in->malformed},
+        {"events_unknown_parents_total", "Stored blocks dropped: their parent was not indexed.", 1,
+         (double)in->unknown_parents},
+        {"events_unknown_types_total", "Events of a type this version does not know.", 1,
+         (double)in->unknown_types},
+        {"sequence_gaps_total", "Gaps in publishers' sequence numbers.", 1, (double)st.gaps},
+        {"batches_missed_total", "Event batches lost in sequence gaps.", 1, (double)st.missed},
+        {"sequence_restarts_total", "Publishers seen to restart their sequence.", 1,
+         (double)st.restarts},
+        {"batches_replayed_total", "Batches recovered from publishers' replay sockets.", 1,
+         (double)st.replayed},
+        {"replay_timeouts_total", "Replay requests that timed out.", 1, (double)st.replay_timeouts},
+        {"late_joins_total", "First contacts that replayed a publisher from its start.", 1,
+         (double)st.late_joins},
+        {"resyncs_total", "Full resyncs after a gap beyond the replay window.", 1,
+         (double)st.resyncs},
+        {"instances_expired_total", "Instances removed for silence (--instance-ttl).", 1,
+         (double)st.expired},
+        {"instances_deleted_total", "Instances removed by DELETE.", 1, (double)st.deleted},
+        {"placements_total", "Placement decisions (POST /v1/place).", 1, (double)st.placements},
+        {"rejections_total", "Requests rejected early (their SLO could not be met).", 1,
+         (double)st.rejections},
+        {"http_requests_total", "HTTP requests served.", 1, (double)st.requests},
+        {"http_errors_total", "HTTP requests answered with an error.", 1, (double)st.errors},
+    };
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
+        kvf__metric *fam = f[i].counter ? kvf__metric_counter(m, f[i].name, f[i].help, NULL)
+                                        : kvf__metric_gauge(m, f[i].name, f[i].help, NULL);
+        kvf__series_set(kvf__metric_series(fam, NULL), f[i].v);
+    }
+}
+
+int kvf__sched_metrics_open(kvf__sched_daemon *d)
+{
+    d->metrics = kvf__metrics_new("kvf_sched");
+    if (!d->metrics)
+        return -1;
+    kvf__metrics_on_collect(d->metrics, metrics_collect, d);
+    d->place_seconds = kvf__metric_series(
+        kvf__metric_histogram(d->metrics, "place_seconds",
+                              "Time to place one request (POST /v1/place), lock wait included.",
+                              NULL, kvf__metrics_latency_buckets, kvf__metrics_latency_nbuckets),
+        NULL);
+    return d->place_seconds ? 0 : -1;
 }
 
 static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int prometheus)
 {
-    stats st;
-    stats_take(d, &st);
-    if (!prometheus)
+    if (!prometheus) {
+        stats st;
+        stats_take(d, &st);
         return send_json(c, 200, stats_json(&st));
+    }
     char *t = NULL;
     size_t len = 0;
-    FILE *f = open_memstream(&t, &len);
-    if (!f)
+    if (kvf__metrics_expose(d->metrics, &t, &len) != 0)
         return send_error(d, c, 500, "out of memory");
-    stats_metrics(f, &st);
-    fclose(f);
     c->text = t;
     c->text_len = len;
-    c->content_type = "text/plain; version=0.0.4";
+    c->content_type = KVF_METRICS_CONTENT_TYPE;
     return 200;
 }
 

@@ -369,6 +369,10 @@ int main(int argc, char **argv)
         return 1;
     }
     pthread_mutex_init(&d.mu, NULL);
+    if (kvf__sched_metrics_open(&d) != 0) {
+        fprintf(stderr, "kvf-sched: out of memory\n");
+        return 1;
+    }
     if (cl.config && load_config(&d, cl.config, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
         return 2;
@@ -388,6 +392,7 @@ int main(int argc, char **argv)
     if (rc != 0)
         return rc;
     kvf_sched_destroy(&d.s);
+    kvf__metrics_free(&d.metrics);
     pthread_mutex_destroy(&d.mu);
     kvf_info(&d.lg, "stopped");
     return 0;

@@ -449,7 +449,7 @@ static void test_sched_daemon_events_and_placement(void **state)
     assert_int_equal(http(&d, "POST", "/v1/place", body, out, sizeof out), 200);
     assert_non_null(strstr(out, "\"prefill\":\"cold\""));
     assert_int_equal(http(&d, "GET", "/metrics", NULL, out, sizeof out), 200);
-    assert_non_null(strstr(out, "kvf_sched_blocks 64"));
+    assert_non_null(strstr(out, "kvf_sched_index_blocks 64"));
     assert_non_null(strstr(out, "kvf_sched_placements_total 2"));
 
     replay_recovers_gap(&d, ctx);

@@ -18,8 +18,12 @@
 #include "kvf/kvf.h"
 
 #include "clock.h"
+#include "jsonkeys.h"
 #include "log.h"
+#include "metrics.h"
 #include "units.h"
+
+#include <pthread.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* Errors */
@@ -653,6 +657,155 @@ static void test_core_parse_size(void **state)
     }
 }
 
+static void test_core_fmt_size(void **state)
+{
+    (void)state;
+    char b[32];
+    assert_string_equal(kvf__fmt_size(4096, b, sizeof b), "4 KiB");
+    assert_string_equal(kvf__fmt_size(1000, b, sizeof b), "1000 B");
+    assert_string_equal(kvf__fmt_size(4ull << 40, b, sizeof b), "4 TiB");
+    assert_string_equal(kvf__fmt_size(3ull << 29, b, sizeof b), "1.5 GiB");
+}
+
+static void test_core_json_keys(void **state)
+{
+    (void)state;
+    static const char *const known[] = {"stores", "prefill", "decode", NULL};
+    char err[300];
+    json_t *o = json_loads("{\"stores\": 1, \"decode\": 2}", 0, NULL);
+    assert_int_equal(kvf__json_keys_check(o, known, "f.json", err, sizeof err), 0);
+    json_decref(o);
+    o = json_loads("{\"stroes\": 1}", 0, NULL);
+    assert_int_equal(kvf__json_keys_check(o, known, "f.json", err, sizeof err), -1);
+    assert_non_null(strstr(err, "f.json: unknown key \"stroes\" (did you mean \"stores\"?"));
+    json_decref(o);
+    o = json_loads("{\"colour\": 1}", 0, NULL);
+    assert_int_equal(kvf__json_keys_check(o, known, "f.json", err, sizeof err), -1);
+    assert_null(strstr(err, "did you mean"));
+    assert_non_null(strstr(err, "known: stores, prefill, decode"));
+    json_decref(o);
+    o = json_loads("[1]", 0, NULL);
+    assert_int_equal(kvf__json_keys_check(o, known, "f.json", err, sizeof err), -1);
+    assert_non_null(strstr(err, "must be an object"));
+    json_decref(o);
+}
+
+static void collect_gauge(void *ud, kvf__metrics *m)
+{
+    kvf__series_set(
+        kvf__metric_series(kvf__metric_gauge(m, "arena_bytes", "Arena size.", NULL), NULL),
+        (double)*(uint64_t *)ud);
+}
+
+static void test_core_metrics_exposition(void **state)
+{
+    (void)state;
+    kvf__metrics *m = kvf__metrics_new("kvf_test");
+    assert_non_null(m);
+    kvf__metric *req =
+        kvf__metric_counter(m, "requests_total", "Requests\nserved \\ here.", "op,result");
+    assert_non_null(req);
+    kvf__series_add(kvf__metric_series(req, (const char *[]){"get", "ok"}), 2);
+    kvf__series_add(kvf__metric_series(req, (const char *[]){"get", "ok"}), 1);
+    kvf__series_add(kvf__metric_series(req, (const char *[]){"put", "a\"b\\c\nd"}), 1);
+    static const double bounds[] = {0.001, 0.01, 0.1};
+    kvf__metric *lat = kvf__metric_histogram(m, "op_seconds", "Op latency.", "op", bounds, 3);
+    kvf__series *g = kvf__metric_series(lat, (const char *[]){"get"});
+    kvf__series_observe(g, 0.0005);
+    kvf__series_observe(g, 0.001); /* on a bound: in it (le) */
+    kvf__series_observe(g, 0.05);
+    kvf__series_observe(g, 3.0);
+    uint64_t arena = 1ull << 30;
+    kvf__metrics_on_collect(m, collect_gauge, &arena);
+    char *t = NULL;
+    size_t len = 0;
+    assert_int_equal(kvf__metrics_expose(m, &t, &len), 0);
+    assert_int_equal(strlen(t), len);
+    const char *want[] = {
+        "kvf_build_info{component=\"kvf_test\",version=\"" KVF_VERSION_STRING "\"} 1\n",
+        "# HELP kvf_test_requests_total Requests\\nserved \\\\ here.\n",
+        "# TYPE kvf_test_requests_total counter\n",
+        "kvf_test_requests_total{op=\"get\",result=\"ok\"} 3\n",
+        "kvf_test_requests_total{op=\"put\",result=\"a\\\"b\\\\c\\nd\"} 1\n",
+        "# TYPE kvf_test_op_seconds histogram\n",
+        "kvf_test_op_seconds_bucket{op=\"get\",le=\"0.001\"} 2\n",
+        "kvf_test_op_seconds_bucket{op=\"get\",le=\"0.01\"} 2\n",
+        "kvf_test_op_seconds_bucket{op=\"get\",le=\"0.1\"} 3\n",
+        "kvf_test_op_seconds_bucket{op=\"get\",le=\"+Inf\"} 4\n",
+        "kvf_test_op_seconds_sum{op=\"get\"} 3.0515\n",
+        "kvf_test_op_seconds_count{op=\"get\"} 4\n",
+        "# TYPE kvf_test_arena_bytes gauge\nkvf_test_arena_bytes 1073741824\n",
+        "# TYPE process_open_fds gauge\n",
+    };
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++)
+        if (!strstr(t, want[i]))
+            fail_msg("missing %s in:\n%s", want[i], t);
+    /* HELP and TYPE come once per family, before its samples */
+    assert_null(
+        strstr(strstr(t, "# TYPE kvf_test_requests_total") + 1, "# TYPE kvf_test_requests_total"));
+    free(t);
+    kvf__metrics_free(&m);
+    assert_null(m);
+}
+
+static void test_core_metrics_rules(void **state)
+{
+    (void)state;
+    kvf__metrics *m = kvf__metrics_new("kvf_test");
+    kvf__metric *a = kvf__metric_counter(m, "x_total", "X.", "op");
+    assert_non_null(a);
+    assert_ptr_equal(kvf__metric_counter(m, "x_total", "X.", "op"), a); /* the same again */
+    assert_null(kvf__metric_gauge(m, "x_total", "X.", "op"));           /* another type */
+    assert_null(kvf__metric_counter(m, "x_total", "X.", "result"));     /* other labels */
+    assert_null(kvf__metric_counter(m, "bad-name", "X.", NULL));
+    assert_null(kvf__metric_counter(m, "y_total", "Y.", "le"));   /* reserved */
+    assert_null(kvf__metric_counter(m, "y_total", "Y.", "a,,b")); /* empty */
+    assert_null(kvf__metric_counter(m, "y_total", "Y.", "__a"));
+    static const double down[] = {1.0, 0.5};
+    assert_null(kvf__metric_histogram(m, "h_seconds", "H.", NULL, down, 2));
+    assert_null(kvf__metric_histogram(m, "h_seconds", "H.", NULL, NULL, 0));
+    /* NULL series and families are ignored, never a crash */
+    kvf__series_add(kvf__metric_series(NULL, NULL), 1);
+    kvf__series_observe(NULL, 1);
+    /* observe on a counter does nothing; set on a gauge replaces */
+    kvf__series *c = kvf__metric_series(a, (const char *[]){"get"});
+    kvf__series_observe(c, 5);
+    assert_true(kvf__series_value(c) == 0.0);
+    kvf__series *g = kvf__metric_series(kvf__metric_gauge(m, "g", "G.", NULL), NULL);
+    kvf__series_set(g, 7);
+    kvf__series_set(g, 2.5);
+    assert_true(kvf__series_value(g) == 2.5);
+    kvf__metrics_free(&m);
+}
+
+typedef struct adder {
+    kvf__metric *f;
+    int n;
+} adder;
+
+static void *add_many(void *arg)
+{
+    adder *a = arg;
+    kvf__series *s = kvf__metric_series(a->f, (const char *[]){"t"});
+    for (int i = 0; i < a->n; i++)
+        kvf__series_add(s, 1);
+    return NULL;
+}
+
+static void test_core_metrics_threads(void **state)
+{
+    (void)state;
+    kvf__metrics *m = kvf__metrics_new("kvf_test");
+    adder a = {kvf__metric_counter(m, "n_total", "N.", "who"), 20000};
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(pthread_create(&th[i], NULL, add_many, &a), 0);
+    for (int i = 0; i < 4; i++)
+        pthread_join(th[i], NULL);
+    assert_true(kvf__series_value(kvf__metric_series(a.f, (const char *[]){"t"})) == 80000.0);
+    kvf__metrics_free(&m);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -674,6 +827,11 @@ int main(void)
         cmocka_unit_test(test_core_log_levels_and_format),
         cmocka_unit_test(test_core_clock),
         cmocka_unit_test(test_core_parse_size),
+        cmocka_unit_test(test_core_fmt_size),
+        cmocka_unit_test(test_core_json_keys),
+        cmocka_unit_test(test_core_metrics_exposition),
+        cmocka_unit_test(test_core_metrics_rules),
+        cmocka_unit_test(test_core_metrics_threads),
     };
     return cmocka_run_group_tests_name("core", tests, NULL, NULL);
 }
