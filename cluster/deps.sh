@@ -13,7 +13,7 @@ pkgs=(
   libopenblas-dev libibverbs-dev librdmacm-dev libcmocka-dev libhiredis-dev
   libcurl4-openssl-dev libsodium-dev
   python3 python3-xxhash python3-msgpack python3-torch
-  redis-server gnuplot-nox iproute2
+  redis-server gnuplot-nox iproute2 prometheus
 )
 
 [ "${KVF_DEPS:-}" = present ] && exit 0

@@ -302,6 +302,15 @@ void kvf__series_observe(kvf__series *s, double v)
     atomic_fetch_add_explicit(&s->count, 1, memory_order_relaxed);
 }
 
+void kvf__metrics_set_all(kvf__metrics *m, const kvf__metric_value *v, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        kvf__metric *f = v[i].counter ? kvf__metric_counter(m, v[i].name, v[i].help, NULL)
+                                      : kvf__metric_gauge(m, v[i].name, v[i].help, NULL);
+        kvf__series_set(kvf__metric_series(f, NULL), v[i].v);
+    }
+}
+
 void kvf__metrics_on_collect(kvf__metrics *m, void (*fn)(void *ud, kvf__metrics *m), void *ud)
 {
     if (!m || !fn)

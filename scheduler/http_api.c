@@ -559,11 +559,7 @@ static void metrics_collect(void *ud, kvf__metrics *m)
     stats_take(d, &st);
     const kvf_index_stats *x = &st.index;
     const kvf_ingest_stats *in = &st.ingest;
-    const struct {
-        const char *name, *help;
-        int counter;
-        double v;
-    } f[] = {
+    const kvf__metric_value f[] = {
         {"index_blocks", "Distinct KV blocks in the prefix index.", 0, (double)x->blocks},
         {"index_holdings", "Block holdings in the index (a block times each holder).", 0,
          (double)x->holdings},
@@ -603,11 +599,7 @@ static void metrics_collect(void *ud, kvf__metrics *m)
         {"http_requests_total", "HTTP requests served.", 1, (double)st.requests},
         {"http_errors_total", "HTTP requests answered with an error.", 1, (double)st.errors},
     };
-    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
-        kvf__metric *fam = f[i].counter ? kvf__metric_counter(m, f[i].name, f[i].help, NULL)
-                                        : kvf__metric_gauge(m, f[i].name, f[i].help, NULL);
-        kvf__series_set(kvf__metric_series(fam, NULL), f[i].v);
-    }
+    kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
 }
 
 int kvf__sched_metrics_open(kvf__sched_daemon *d)

@@ -17,7 +17,9 @@
 
 #include "cache.h"
 #include "cpus.h"
+#include "http.h"
 #include "log.h"
+#include "metrics.h"
 #include "publish.h"
 #include "server.h"
 #include "tcp.h"
@@ -66,6 +68,8 @@ static void usage(FILE *f)
         "  --lock-memory         mlock the arena\n"
         "  --no-prefault         do not touch the arena's pages at start\n"
         "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
+        "  --metrics HOST:PORT   serve GET /metrics (Prometheus text) over HTTP on this address\n"
+        "                        (port 0 picks; beyond loopback only with --insecure)\n"
         "  --node N              this store's number in kvf-sched's --store-events (default 0)\n"
         "  --auth TENANTS        require every client to authenticate as a tenant of this\n"
         "                        file (kvf auth new); SIGHUP reads it again. Allows --listen\n"
@@ -110,6 +114,7 @@ typedef struct store_cfg {
     uint64_t memory, max_request;
     long threads, max_entries, node;
     const char *evict, *poller, *events, *rdma, *auth, *copy_credential, *events_credential;
+    const char *metrics; /* --metrics HOST:PORT: /metrics over HTTP */
     const char *shm;
     char shm_auto[64];
     uint64_t shm_staging_max;
@@ -179,6 +184,8 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         cfg->evict = v;
     } else if (!strcmp(a, "--events")) {
         cfg->events = v;
+    } else if (!strcmp(a, "--metrics")) {
+        cfg->metrics = v;
     } else if (!strcmp(a, "--auth")) {
         cfg->auth = v;
     } else if (!strcmp(a, "--copy-max-deadline")) {
@@ -328,6 +335,10 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                                 cfg->events_credential ? KVF_LISTEN_AUTHENTICATED
                                                        : cfg->insecure) != 0)
         return 2;
+    /* The counters say how busy the node is and how full; beyond loopback only where the
+     * operator says the network is private (a scraper on another host: --insecure). */
+    if (kvf__listen_policy_addr("kvf-store", "--metrics", cfg->metrics, cfg->insecure) != 0)
+        return 2;
     return -1;
 }
 
@@ -448,8 +459,55 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
     return 0;
 }
 
+/* GET /metrics on the side port; nothing else. */
+static unsigned metrics_route(void *ctx, const char *method, const char *url, json_t *body,
+                              kvf__http_reply *out)
+{
+    (void)body;
+    if (strcmp(method, "GET") || strcmp(url, "/metrics")) {
+        out->json = kvf__http_error("%s %s: this port serves GET /metrics only", method, url);
+        return strcmp(url, "/metrics") ? 404 : 405;
+    }
+    char *t = NULL;
+    size_t len = 0;
+    if (kvf__metrics_expose(ctx, &t, &len) != 0) {
+        out->json = kvf__http_error("out of memory");
+        return 500;
+    }
+    out->text = t;
+    out->text_len = len;
+    out->content_type = KVF_METRICS_CONTENT_TYPE;
+    return 200;
+}
+
+/* With --metrics: the registry over srv's figures and its HTTP side port; *bound gets the port.
+ * Returns 0, or 1 after saying why. */
+static int open_metrics(const store_cfg *cfg, kvf_server *srv, kvf__metrics **m, kvf__httpd **h,
+                        uint16_t *bound)
+{
+    char host[256], err[256];
+    uint16_t port;
+    if (!cfg->metrics)
+        return 0;
+    if (kvf__addr_parse(cfg->metrics, host, sizeof host, &port) != 0) {
+        fprintf(stderr, "kvf-store: --metrics: expected HOST:PORT, got \"%s\"\n", cfg->metrics);
+        return 1;
+    }
+    if (!(*m = kvf__metrics_new("kvf_store"))) {
+        fprintf(stderr, "kvf-store: out of memory\n");
+        return 1;
+    }
+    kvf__metrics_on_collect(*m, kvf__server_metrics, srv);
+    if (kvf__httpd_start(h, host, port, 0, 4096, metrics_route, *m, bound, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-store: --metrics %s: %s\n", cfg->metrics, err);
+        return 1;
+    }
+    return 0;
+}
+
 /* Prints the ready line on stdout (scripts and tests wait for it) and logs what is served. */
-static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, const char *ev_ep)
+static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, const char *ev_ep,
+                     uint16_t metrics_port)
 {
     kvf_cache_stats st;
     kvf__cache_lock(cache);
@@ -461,10 +519,17 @@ static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, co
     if (rdma_port)
         snprintf(rdma_text, sizeof rdma_text, "%u", rdma_port);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
-           " evict=%s threads=%ld events=%s node=%ld rdma=%s auth=%s shm=%s pid=%d\n",
+           " evict=%s threads=%ld events=%s node=%ld rdma=%s auth=%s shm=%s pid=%d",
            cfg->host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, cfg->threads,
            ev_ep, cfg->node, rdma_text, cfg->auth ? "on" : "off", cfg->shm ? cfg->shm : "off",
            (int)getpid());
+    if (metrics_port) {
+        char mh[256];
+        uint16_t mp;
+        kvf__addr_parse(cfg->metrics, mh, sizeof mh, &mp);
+        printf(" metrics=%s:%u", mh, metrics_port);
+    }
+    printf("\n");
     if (!rdma_port)
         kvf_info(&cfg->lg, "rdma off: %s", rdma_why);
     fflush(stdout);
@@ -493,14 +558,22 @@ int main(int argc, char **argv)
         kvf__tenants_apply_quotas(tenants, cache);
     if ((status = open_server(&cfg, cache, tenants, &srv)))
         goto out_close_cache;
+    kvf__metrics *metrics = NULL;
+    kvf__httpd *mhttp = NULL;
+    uint16_t mport = 0;
+    if ((status = open_metrics(&cfg, srv, &metrics, &mhttp, &mport)))
+        goto out_close_server;
     g_server = srv;
     kvf__daemon_signals(on_signal);
     signal(SIGHUP, on_hup);
-    announce(&cfg, srv, cache, ev_ep);
+    announce(&cfg, srv, cache, ev_ep, mport);
 
     kvf__server_run(srv);
     kvf_info(&cfg.lg, "stopping");
     g_server = NULL;
+out_close_server:
+    kvf__httpd_stop(&mhttp); /* before the server its figures come from */
+    kvf__metrics_free(&metrics);
     kvf__server_close(&srv);
 out_close_cache:
     kvf__cache_close(&cache);

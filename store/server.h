@@ -70,6 +70,10 @@ typedef struct kvf_server_opts {
 int kvf__server_open(kvf_server **out, const kvf_server_opts *opts, char *err, size_t errlen);
 /* The port bound. */
 uint16_t kvf__server_port(const kvf_server *s);
+/* A collect function of core/metrics.h (ud: the server): the arena, index and connection gauges
+ * and the request, hit, eviction and byte counters, mirrored into m. */
+struct kvf__metrics;
+void kvf__server_metrics(void *ud, struct kvf__metrics *m);
 /* The RDMA port served (0: none), and why none when none (may be NULL). */
 uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why);
 /* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */

@@ -5,6 +5,8 @@
  */
 #include "server_int.h"
 
+#include "metrics.h"
+
 #include "kvf/error.h"
 
 #include "bytes.h"
@@ -280,4 +282,60 @@ static json_t *stats_node(kvf_server *s)
 void kvf__req_stats(conn *c)
 {
     reply_json(c, c->role == KVF_ROLE_ADMIN ? stats_node(c->lp->srv) : stats_tenant(c));
+}
+
+void kvf__server_metrics(void *ud, kvf__metrics *m)
+{
+    kvf_server *s = ud;
+    kvf_cache_stats st;
+    kvf__cache_lock(s->o.cache);
+    kvf__cache_stats_locked(s->o.cache, &st);
+    kvf__cache_unlock(s->o.cache);
+    const kvf__metric_value f[] = {
+        {"arena_bytes", "Size of the DRAM arena.", 0, (double)st.memory},
+        {"arena_used_bytes", "Arena bytes held by entries.", 0, (double)st.used},
+        {"arena_free_bytes", "Arena bytes free.", 0, (double)st.free},
+        {"arena_free_blocks", "Free blocks of the arena (its fragmentation).", 0,
+         (double)st.free_blocks},
+        {"entries", "Entries in the index.", 0, (double)st.entries},
+        {"max_entries", "Capacity of the index.", 0, (double)st.max_entries},
+        {"ready_bytes", "Bytes of entries that can be read.", 0, (double)st.ready_bytes},
+        {"reserved_bytes", "Bytes reserved for puts in progress.", 0, (double)st.reserved},
+        {"pinned_entries", "Entries pinned against eviction.", 0, (double)st.pinned},
+        {"referenced_entries", "Entries being read (never evicted while read).", 0,
+         (double)st.referenced},
+        {"connections", "Client connections open.", 0, (double)atomic_load(&s->n_conns)},
+        {"event_loop_threads", "Event-loop threads serving clients.", 0, (double)s->nloops},
+        {"hits_total", "Gets and lookups of entries present.", 1, (double)st.hits},
+        {"misses_total", "Gets and lookups of entries absent.", 1, (double)st.misses},
+        {"puts_total", "Entries stored.", 1, (double)st.puts},
+        {"duplicates_total", "Puts of entries already present.", 1, (double)st.duplicates},
+        {"evictions_total", "Entries evicted for room.", 1, (double)st.evictions},
+        {"removed_total", "Entries removed on request.", 1, (double)st.removed},
+        {"rejected_full_total", "Puts refused: full of pinned, referenced or reserved data.", 1,
+         (double)st.rejected_full},
+        {"expired_pins_total", "Pins whose lease ran out.", 1, (double)st.expired_pins},
+        {"expired_reservations_total", "Reservations abandoned by their writers.", 1,
+         (double)st.expired_reservations},
+        {"cleared_total", "Entries removed by CLEAR.", 1, (double)st.cleared},
+        {"connections_accepted_total", "Client connections accepted.", 1,
+         (double)atomic_load(&s->n_accepted)},
+        {"connections_shed_total", "Connections closed at the descriptor limit.", 1,
+         (double)atomic_load(&s->n_shed)},
+        {"received_bytes_total", "Bytes received from clients over TCP.", 1,
+         (double)atomic_load(&s->bytes_in)},
+        {"sent_bytes_total", "Bytes sent to clients over TCP.", 1,
+         (double)atomic_load(&s->bytes_out)},
+        {"protocol_errors_total", "Malformed or refused frames.", 1,
+         (double)atomic_load(&s->proto_errors)},
+    };
+    kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
+    kvf__metric *req =
+        kvf__metric_counter(m, "requests_total", "Requests served, by operation.", "op");
+    for (unsigned op = 1; op < 32; op++) {
+        const char *name = kvf__wire_opcode_name(op);
+        if (name)
+            kvf__series_set(kvf__metric_series(req, (const char *[]){name}),
+                            (double)atomic_load(&s->reqs[op]));
+    }
 }

@@ -56,6 +56,15 @@ void kvf__series_set(kvf__series *s, double v);     /* gauge; or a counter mirro
 void kvf__series_observe(kvf__series *s, double v); /* histogram */
 double kvf__series_value(const kvf__series *s);     /* counter or gauge; for tests */
 
+/* A value a daemon mirrors into its registry at collect time, and its family's description. */
+typedef struct kvf__metric_value {
+    const char *name, *help;
+    int counter; /* 1: a counter (the value a monotonic count), 0: a gauge */
+    double v;
+} kvf__metric_value;
+/* Sets the unlabelled series of each of n values (families made on first use). */
+void kvf__metrics_set_all(kvf__metrics *m, const kvf__metric_value *v, size_t n);
+
 /* Called at the start of every exposition, to set series from the daemon's own state. */
 void kvf__metrics_on_collect(kvf__metrics *m, void (*fn)(void *ud, kvf__metrics *m), void *ud);
 
