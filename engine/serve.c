@@ -490,6 +490,11 @@ int kvfe_serve_main(int argc, char **argv)
     pthread_mutex_init(&S.mu, NULL);
     pthread_cond_init(&S.cv, NULL);
     pthread_cond_init(&S.report_cv, NULL);
+    if (kvfe__srv_metrics_open(&S) != 0) {
+        fprintf(stderr, "kvf-engine: out of memory\n");
+        rc = 1;
+        goto out_close_events;
+    }
     rc = open_events(&S, &o);
     if (rc)
         goto out_close_events;
@@ -523,6 +528,7 @@ out_close_events:
     kvf_connector_close(&S.cn);
     free(S.held);
     free(S.wait), free(S.pick_cached), free(S.pick_work);
+    kvf__metrics_free(&S.metrics);
     if (!rc)
         kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);
     return rc;

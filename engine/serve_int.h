@@ -12,6 +12,7 @@
 #include "kvf/events.h"
 #include "kvf/kvf.h"
 #include "log.h"
+#include "metrics.h"
 #include "scheduler.h"
 
 #include <jansson.h>
@@ -56,6 +57,10 @@ typedef struct srv {
     uint32_t active_decodes;
     uint64_t requests, failures, first_token_mismatches;
     double busy_s;
+    /* GET /metrics (core/metrics.h): requests by kind and result, prompt tokens by where they
+     * came from, the phases' latencies; the queue and the connector mirrored at each scrape. */
+    kvf__metrics *metrics;
+    kvf__metric *m_requests, *m_tokens, *m_seconds;
     /* load reports to kvf-sched, sent by their own thread */
     pthread_cond_t report_cv;
     int report_dirty;
@@ -75,8 +80,11 @@ static inline double kvfe__srv_now(void)
 /* serve.c: the load changed; the reporter sends it to kvf-sched. S->mu held. */
 void kvfe__srv_mark_dirty_locked(srv *S);
 
-/* serve_jobs.c: answers one HTTP request (the server's route: GET /v1/health, POST /v1/prefill,
- * /v1/decode and /v1/generate). */
+/* serve_jobs.c: makes S->metrics and its families. Returns 0 or -1 (out of memory). */
+int kvfe__srv_metrics_open(srv *S);
+
+/* serve_jobs.c: answers one HTTP request (the server's route: GET /v1/health, GET /metrics,
+ * POST /v1/prefill, /v1/decode and /v1/generate). */
 unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_t *body,
                            kvf__http_reply *reply);
 

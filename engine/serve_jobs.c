@@ -338,6 +338,87 @@ static void start_prefetch(srv *S, job *j, size_t cached, double t_arrived)
         j->load_deadline_ms > 0 ? (uint64_t)((t_arrived + j->load_deadline_ms / 1e3) * 1e9) : 0;
 }
 
+/* The queue and the connector, mirrored at each scrape. */
+static void metrics_collect(void *ud, kvf__metrics *m)
+{
+    srv *S = ud;
+    kvf_connector_stats cs = {0};
+    if (S->cn)
+        kvf_connector_stats_get(S->cn, &cs);
+    pthread_mutex_lock(&S->mu);
+    double done = S->running_work_s > 0 ? kvfe__srv_now() - S->running_since : 0;
+    done = done < S->running_work_s ? done : S->running_work_s;
+    double queued_s = S->queued_work_s - done > 0 ? S->queued_work_s - done : 0;
+    const kvf__metric_value f[] = {
+        {"queued_prefill_tokens", "Prompt tokens of the requests waiting or running.", 0,
+         S->queued_prefill_tokens},
+        {"queued_prefill_seconds", "Their predicted prefill work still to do.", 0, queued_s},
+        {"waiting_requests", "Requests waiting for the engine.", 0, (double)S->n_wait},
+        {"active_decodes", "Requests decoding or waiting to.", 0, (double)S->active_decodes},
+        {"held_blocks", "KV blocks in the engine's pages (published as KV events).", 0,
+         (double)S->n_held},
+        {"busy_seconds_total", "Time the engine ran requests.", 1, S->busy_s},
+        {"first_token_mismatches_total", "Decodes whose first token differed from the prefill's.",
+         1, (double)S->first_token_mismatches},
+        {"load_bytes_total", "KV bytes loaded from the stores.", 1, (double)cs.load_bytes},
+        {"save_bytes_total", "KV bytes saved to the stores.", 1, (double)cs.save_bytes},
+        {"chunks_loaded_total", "Chunks loaded from the stores.", 1, (double)cs.chunks_loaded},
+        {"chunks_saved_total", "Chunks saved to the stores.", 1, (double)cs.chunks_saved},
+        {"chunks_missed_total", "Chunks a load found missing or failing their checksums.", 1,
+         (double)cs.chunks_missed},
+        {"prefetches_total", "Prefixes fetched for requests while they waited.", 1,
+         (double)cs.prefetches},
+    };
+    pthread_mutex_unlock(&S->mu);
+    kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
+}
+
+int kvfe__srv_metrics_open(srv *S)
+{
+    if (!(S->metrics = kvf__metrics_new("kvf_engine")))
+        return -1;
+    kvf__metrics_on_collect(S->metrics, metrics_collect, S);
+    S->m_requests = kvf__metric_counter(S->metrics, "requests_total",
+                                        "Requests answered, by kind and result.", "kind,result");
+    S->m_tokens = kvf__metric_counter(S->metrics, "prompt_tokens_total",
+                                      "Prompt tokens by where their KV came from: the engine's "
+                                      "pages, the stores, or computed here.",
+                                      "source");
+    S->m_seconds = kvf__metric_histogram(
+        S->metrics, "request_phase_seconds",
+        "Time of a request's phases: waiting for the engine (queue), for a decode's handoff, "
+        "the prefill (loads included), the decode.",
+        "phase", kvf__metrics_latency_buckets, kvf__metrics_latency_nbuckets);
+    return S->m_requests && S->m_tokens && S->m_seconds ? 0 : -1;
+}
+
+/* A finished request into the metrics: its result, its prompt's sources, its phases' times. */
+static void metrics_note(srv *S, const char *kind, int ok, json_t *out, double handoff_s)
+{
+    kvf__series_add(kvf__metric_series(S->m_requests, (const char *[]){kind, ok ? "ok" : "error"}),
+                    1);
+    if (!ok)
+        return;
+    double n = json_number_value(json_object_get(out, "prompt_tokens"));
+    double dev = json_number_value(json_object_get(out, "device_tokens"));
+    double st = json_number_value(json_object_get(out, "loaded_tokens"));
+    double rest = n - dev - st > 0 ? n - dev - st : 0;
+    kvf__series_add(kvf__metric_series(S->m_tokens, (const char *[]){"engine"}), dev);
+    kvf__series_add(kvf__metric_series(S->m_tokens, (const char *[]){"store"}), st);
+    kvf__series_add(kvf__metric_series(S->m_tokens, (const char *[]){"computed"}), rest);
+    static const char *const phases[] = {"queue", "prefill", "decode"};
+    static const char *const fields[] = {"queue_s", "prefill_s", "decode_s"};
+    for (int i = 0; i < 3; i++) {
+        json_t *v = json_object_get(out, fields[i]);
+        if (json_is_number(v))
+            kvf__series_observe(kvf__metric_series(S->m_seconds, (const char *[]){phases[i]}),
+                                json_number_value(v));
+    }
+    if (!strcmp(kind, "decode"))
+        kvf__series_observe(kvf__metric_series(S->m_seconds, (const char *[]){"handoff"}),
+                            handoff_s);
+}
+
 static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply *reply)
 {
     job j = {.kind = kind};
@@ -390,6 +471,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
                                                                          : "stopping")
                        : run_job(S, &j, t_start - t_queued, handoff_s);
     int ok = json_object_get(out, "error") == NULL;
+    metrics_note(S, kind, ok, out, handoff_s);
     pthread_mutex_lock(&S->mu);
     if (!turn)
         S->running = 0;
@@ -427,6 +509,18 @@ unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_
     if (!body && strcmp(method, "GET") != 0) {
         reply->json = kvf__http_error("%s %s: not served", method, url);
         return 405;
+    }
+    if (!body && !strcmp(url, "/metrics")) {
+        char *t = NULL;
+        size_t len = 0;
+        if (kvf__metrics_expose(S->metrics, &t, &len) != 0) {
+            reply->json = kvf__http_error("out of memory");
+            return 500;
+        }
+        reply->text = t;
+        reply->text_len = len;
+        reply->content_type = KVF_METRICS_CONTENT_TYPE;
+        return 200;
     }
     if (!body) {
         if (strcmp(url, "/v1/health") != 0) {

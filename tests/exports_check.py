@@ -28,7 +28,8 @@ def declared(headers):
 def exported(lib):
     out = subprocess.run(["nm", "-D", "--defined-only", lib], check=True, capture_output=True,
                          text=True).stdout
-    return {parts[2] for parts in (line.split() for line in out.splitlines())
+    # names carry their version (kvf_x@@KVF_0, cmake/libkvf.map): the name is before the "@"
+    return {parts[2].split("@")[0] for parts in (line.split() for line in out.splitlines())
             if len(parts) == 3 and parts[1] in "TtWi"}
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""/metrics of kvf-store (--metrics side port) and kvf-sched, scraped while they serve: Prometheus's
+"""/metrics of kvf-store (--metrics side port), kvf-sched and kvf-engine, scraped while they serve: Prometheus's
 own checker (`promtool check metrics`) accepts both, every sample's family is described (HELP) and
 typed (TYPE) before it, histograms are cumulative, and the counters move with the traffic (a put
-and a get through the CLI, a placement through the API). docs/operations.md, "Metrics".
+and a get through the CLI, a placement, two generate requests). docs/operations.md, "Metrics".
 
 usage: metrics_check.py BIN_DIR
 Exit 77 (skipped) where promtool is not installed (cluster/deps.sh installs it).
@@ -69,11 +69,17 @@ def parse(text, who):
     for fam, t in types.items():
         if t != "histogram":
             continue
-        buckets = [(k, v) for k, v in values.items() if k.startswith(fam + "_bucket")]
-        prev = -1
-        for k, v in buckets:  # written in increasing le order
-            check(v >= prev, "%s: %s buckets not cumulative at %s" % (who, fam, k))
-            prev = v
+        prev = {}
+        for k, v in values.items():  # each series' buckets written in increasing le order
+            if not k.startswith(fam + "_bucket"):
+                continue
+            series = re.sub(r',?le="[^"]*"', "", k)
+            check(v >= prev.get(series, -1), "%s: %s buckets not cumulative at %s" % (who, fam, k))
+            prev[series] = v
+        for series, last in prev.items():  # the +Inf bucket is the count
+            count = series.replace("_bucket", "_count").replace("{}", "")
+            check(values.get(count) == last, "%s: %s: +Inf bucket %s, count %s"
+                  % (who, series, last, values.get(count)))
     return types, values
 
 
@@ -89,6 +95,15 @@ try:
     sched, scf = start(["kvf-sched", "--listen", "127.0.0.1:0", "--log-level", "warn"])
     procs.append(sched)
     check("metrics" in sf, "kvf-store's ready line names its metrics address: %r" % sf)
+    engine, ef = start(["kvf-engine", "--serve", "--id", "e0", "--role", "both", "--listen",
+                        "127.0.0.1:0", "--store", sf["listen"], "--log-level", "warn"])
+    procs.append(engine)
+    for _ in range(2):  # the second finds the first's prefix in the engine's pages
+        req = urllib.request.Request("http://%s/v1/generate" % ef["listen"],
+                                     data=json.dumps({"tokens": list(range(1, 300)),
+                                                      "max_tokens": 3}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=60).read()
     # traffic: a put and a get through the CLI, a placement through kvf-sched's API
     for cmd in ("put", "get"):
         p = subprocess.run([os.path.join(BIN, "kvf"), cmd, "--node", sf["listen"], "--synthetic",
@@ -101,7 +116,8 @@ try:
         urllib.request.urlopen(req, timeout=10).read()
     except urllib.error.HTTPError:
         pass  # no instance registered: 503, still a placement decision
-    for who, addr in (("kvf-store", sf.get("metrics", "")), ("kvf-sched", scf["listen"])):
+    for who, addr in (("kvf-store", sf.get("metrics", "")), ("kvf-sched", scf["listen"]),
+                      ("kvf-engine", ef["listen"])):
         text, ctype = scrape(addr)
         check(ctype.startswith("text/plain; version=0.0.4"), "%s: content type %r" % (who, ctype))
         p = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
@@ -121,6 +137,15 @@ try:
             check(values.get("kvf_store_arena_bytes") == 64 << 20, "kvf-store: arena_bytes")
             check(types.get("kvf_store_arena_bytes") == "gauge" and
                   types.get("kvf_store_evictions_total") == "counter", "kvf-store: types")
+        elif who == "kvf-engine":
+            check(values.get('kvf_engine_requests_total{kind="generate",result="ok"}') == 2,
+                  "kvf-engine: requests_total{generate,ok}")
+            check(values.get('kvf_engine_prompt_tokens_total{source="engine"}', 0) > 0 and
+                  values.get('kvf_engine_prompt_tokens_total{source="computed"}', 0) > 0,
+                  "kvf-engine: prompt tokens by source")
+            check(values.get('kvf_engine_request_phase_seconds_count{phase="prefill"}') == 2,
+                  "kvf-engine: the prefill phase histogram")
+            check(values.get("kvf_engine_chunks_saved_total", 0) >= 1, "kvf-engine: saves")
         else:
             check(values.get("kvf_sched_placements_total", 0) >= 1, "kvf-sched: placements")
             check(values.get("kvf_sched_place_seconds_count", 0) >= 1 and
@@ -141,4 +166,4 @@ if failures:
     for f in failures:
         print("metrics_check: FAIL: " + f)
     sys.exit(1)
-print("metrics_check: ok (kvf-store and kvf-sched pass promtool check metrics)")
+print("metrics_check: ok (kvf-store, kvf-sched and kvf-engine pass promtool check metrics)")
