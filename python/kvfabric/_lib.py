@@ -280,6 +280,18 @@ _SIGNATURES = {
                                    c_int, c_uint64, _P(c_uint32), c_uint32, c_char_p]),
     "kvf_events_sequence": (c_uint64, [c_void_p]),
     "kvf_events_close": (None, [_P(c_void_p)]),
+    "kvf_metrics_new": (c_void_p, [c_char_p]),
+    "kvf_metrics_free": (None, [_P(c_void_p)]),
+    "kvf_metrics_counter_add": (c_int, [c_void_p, c_char_p, c_char_p, c_char_p, _P(c_char_p),
+                                        ctypes.c_double]),
+    "kvf_metrics_counter_set": (c_int, [c_void_p, c_char_p, c_char_p, c_char_p, _P(c_char_p),
+                                        ctypes.c_double]),
+    "kvf_metrics_gauge_set": (c_int, [c_void_p, c_char_p, c_char_p, c_char_p, _P(c_char_p),
+                                      ctypes.c_double]),
+    "kvf_metrics_observe_seconds": (c_int, [c_void_p, c_char_p, c_char_p, c_char_p,
+                                            _P(c_char_p), ctypes.c_double]),
+    "kvf_metrics_expose": (c_int, [c_void_p, _P(c_void_p), _P(c_size_t)]),
+    "kvf_metrics_text_free": (None, [c_void_p]),
 }
 
 _lock = threading.Lock()

@@ -11,6 +11,7 @@ Requests (POST, JSON; token ids as arrays of integers), answered as kvf-engine a
     /v1/decode    {tokens, first_token, max_tokens, expect_cached}
     /v1/generate  {tokens, max_tokens, reuse}
     GET /v1/health
+    GET /metrics (Prometheus text: kvf-engine's series, docs/operations.md "Metrics")
 Requests are served one at a time in arrival order (kvf-engine orders its queue by remaining work).
 Weights are random unless --checkpoint names a safetensors checkpoint.
 """
@@ -35,6 +36,8 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import models
 from .connector import Connector
 from .engine import Engine, TurnQueue, outcome_json
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Registry
 from .cuda import cuda_probe
 from .events import Events
 from .feasibility import Caps
@@ -141,6 +144,60 @@ class Server:
         self.closing = threading.Event()  # set at shutdown: new requests get a 503
         self.prefetch_max = parse_size(a.prefetch_memory)
         self.prefetch_held = 0
+        self.metrics = Registry("kvf_engine")  # the same series as kvf-engine's /metrics
+
+    # -- /metrics ---------------------------------------------------------------------------
+    def note_metrics(self, kind: str, status: int, o: Any, queue_s: float,
+                     handoff_s: float) -> None:
+        """A finished request into the metrics (kvf-engine's series: docs/operations.md)."""
+        m = self.metrics
+        m.counter_add("requests_total", "Requests answered, by kind and result.",
+                      {"kind": kind, "result": "ok" if status == 200 else "error"})
+        if status != 200 or o is None:
+            return
+        computed = max(0, o.prompt_tokens - o.device_tokens - o.loaded_tokens)
+        for src, n in (("engine", o.device_tokens), ("store", o.loaded_tokens),
+                       ("computed", computed)):
+            m.counter_add("prompt_tokens_total", "Prompt tokens by where their KV came from: "
+                          "the engine's pages, the stores, or computed here.", {"source": src},
+                          float(n))
+        help_ = ("Time of a request's phases: waiting for the engine (queue), for a decode's "
+                 "handoff, the prefill (loads included), the decode.")
+        phases = [("queue", queue_s), ("prefill", o.prefill_s), ("decode", o.decode_s)]
+        if kind == "decode":
+            phases.append(("handoff", handoff_s))
+        for ph, sec in phases:
+            m.observe_seconds("request_phase_seconds", help_, sec, {"phase": ph})
+
+    def metrics_text(self) -> str:
+        """The registry with the queue and the connector mirrored now."""
+        st = self.engine.cn.stats() if self.engine.cn is not None else {}
+        t = self.turns
+        with self.mu:
+            vals = [("queued_prefill_tokens", "Prompt tokens of the requests waiting or running.",
+                     t.queued_prefill_tokens),
+                    ("queued_prefill_seconds", "Their predicted prefill work still to do.",
+                     t.queued_seconds()),
+                    ("waiting_requests", "Requests waiting for the engine.", t.waiting),
+                    ("active_decodes", "Requests decoding or waiting to.", t.active_decodes),
+                    ("held_blocks", "KV blocks in the engine's pages (published as KV events).",
+                     len(self.engine.held.hashes))]
+            counts = [("busy_seconds_total", "Time the engine ran requests.", self.busy_s),
+                      ("first_token_mismatches_total",
+                       "Decodes whose first token differed from the prefill's.", self.mismatches)]
+        for name, help_, v in vals:
+            self.metrics.gauge_set(name, help_, float(v))
+        conn = [("load_bytes_total", "KV bytes loaded from the stores.", "load_bytes"),
+                ("save_bytes_total", "KV bytes saved to the stores.", "save_bytes"),
+                ("chunks_loaded_total", "Chunks loaded from the stores.", "chunks_loaded"),
+                ("chunks_saved_total", "Chunks saved to the stores.", "chunks_saved"),
+                ("chunks_missed_total", "Chunks a load found missing or failing their checksums.",
+                 "chunks_missed"),
+                ("prefetches_total", "Prefixes fetched for requests while they waited.",
+                 "prefetches")]
+        for name, help_, v in counts + [(n, h, st.get(k, 0)) for n, h, k in conn]:
+            self.metrics.counter_set(name, help_, float(v))
+        return self.metrics.expose()
 
     # -- kvf-sched ------------------------------------------------------------------------
     def capabilities(self) -> Dict[str, Any]:
@@ -369,6 +426,7 @@ class Server:
             self.busy_s += busy
             if o is not None and o.first_token_mismatch:
                 self.mismatches += 1
+        self.note_metrics(kind, status, o, start - tq, handoff_s)
         if status != 200:
             return status, out
         out.update({"engine": self.a.id, "kind": kind, "queue_s": start - tq,
@@ -404,6 +462,14 @@ def _handler(S: Server):
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            if self.path == "/metrics":
+                data = S.metrics_text().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", METRICS_CONTENT_TYPE)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return
             if self.path != "/v1/health":
                 self._send(404, {"error": f"GET {self.path}: not served"})
                 return

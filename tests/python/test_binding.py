@@ -478,5 +478,42 @@ class TestTorch(unittest.TestCase):
             kvf.pages_from_tensors(l, noncontig)
 
 
+class TestMetrics(unittest.TestCase):
+    """libkvf's metrics registry through the binding (kvfabric.metrics), as kvfabric.serve uses
+    it: typed families, labels, histograms, the exposition; misuse is an error, not a crash."""
+
+    def test_families_and_exposition(self):
+        from kvfabric.metrics import Registry
+
+        r = Registry("kvf_t")
+        r.counter_add("requests_total", "Requests.", {"kind": "prefill", "result": "ok"})
+        r.counter_add("requests_total", "Requests.", {"kind": "prefill", "result": "ok"}, 2)
+        r.counter_set("bytes_total", "Bytes.", 4096)
+        r.gauge_set("queue", "Queue.", 3.5)
+        for s in (0.002, 0.02, 20.0):
+            r.observe_seconds("phase_seconds", "Phases.", s, {"phase": "prefill"})
+        t = r.expose()
+        for want in ('kvf_build_info{component="kvf_t",version="',
+                     '# TYPE kvf_t_requests_total counter',
+                     'kvf_t_requests_total{kind="prefill",result="ok"} 3',
+                     'kvf_t_bytes_total 4096', '# TYPE kvf_t_queue gauge', 'kvf_t_queue 3.5',
+                     'kvf_t_phase_seconds_bucket{phase="prefill",le="0.0025"} 1',
+                     'kvf_t_phase_seconds_bucket{phase="prefill",le="+Inf"} 3',
+                     'kvf_t_phase_seconds_count{phase="prefill"} 3', 'process_open_fds'):
+            self.assertIn(want, t)
+        with self.assertRaises(kvf.KvfError):  # the same name as another type
+            r.gauge_set("requests_total", "Requests.", 1, {"kind": "x", "result": "y"})
+        with self.assertRaises(kvf.KvfError):  # other label names
+            r.counter_add("requests_total", "Requests.", {"other": "x"})
+        with self.assertRaises(kvf.KvfError):
+            r.counter_add("bad-name", "X.")
+        with self.assertRaises(kvf.KvfError):  # counters only go up
+            r.counter_add("requests_total", "Requests.", {"kind": "a", "result": "b"}, -1)
+        with self.assertRaises(ValueError):
+            Registry("9bad")
+        r.close()
+        r.close()
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)

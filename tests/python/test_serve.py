@@ -169,6 +169,17 @@ class TestServe(unittest.TestCase):
         self.assertEqual(h["failures"], 0)
         self.assertGreaterEqual(h["connector"]["chunks_saved"], 4)
         self.assertEqual(h["queued_prefill_s"], 0)  # nothing waits now
+        # /metrics: kvf-engine's series, through libkvf's registry
+        with urllib.request.urlopen(f"http://{pre}/metrics", timeout=30) as r:
+            self.assertTrue(r.headers["Content-Type"].startswith("text/plain; version=0.0.4"))
+            text = r.read().decode()
+        self.assertIn('kvf_engine_requests_total{kind="prefill",result="ok"}', text)
+        self.assertIn("# TYPE kvf_engine_request_phase_seconds histogram", text)
+        self.assertIn("# TYPE kvf_engine_chunks_saved_total counter", text)
+        if shutil.which("promtool"):
+            p = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                               capture_output=True, timeout=30)
+            self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
 
     def test_generate_reuse_modes_agree(self):
         dec = self.engines["decode"][1]
