@@ -1,10 +1,14 @@
 #include "log.h"
 
+#include <jansson.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 static const char *const level_names[] = {"DEBUG", "INFO", "WARN", "ERROR", "OFF"};
 
@@ -24,23 +28,63 @@ int kvf__log_level_parse(const char *s, kvf_log_level *out)
     return -1;
 }
 
+int kvf__log_format_parse(const char *s, kvf_log_format *out)
+{
+    if (!strcmp(s, "text") || !strcmp(s, "json")) {
+        *out = strcmp(s, "text") ? KVF_LOG_JSON : KVF_LOG_TEXT;
+        return 0;
+    }
+    return -1;
+}
+
+/* Whether stderr is the journal's stream (systemd sets JOURNAL_STREAM to its device:inode): lines
+ * then start with their syslog priority, "<6>", which journald reads as the entry's PRIORITY. */
+static int stderr_is_journal(void)
+{
+    static int known = -1;
+    if (known >= 0)
+        return known;
+    const char *js = getenv("JOURNAL_STREAM");
+    unsigned long long dev, ino;
+    struct stat st;
+    known = js && sscanf(js, "%llu:%llu", &dev, &ino) == 2 && fstat(2, &st) == 0 &&
+            (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+    return known;
+}
+
 void kvf__log_vwrite(const kvf_log *lg, kvf_log_level level, const char *fmt, va_list ap)
 {
     if (!kvf__log_enabled(lg, level) || level >= KVF_LOG_OFF)
         return;
-    char line[1024];
+    static const int priority[] = {7, 6, 4, 3}; /* syslog: debug, info, warning, err */
+    char line[8192], msg[1024], stamp[64];      /* a message escaped in JSON fits in line */
     struct timespec ts;
     struct tm tm;
     clock_gettime(CLOCK_REALTIME, &ts);
     gmtime_r(&ts.tv_sec, &tm);
-    int n = snprintf(
-        line, sizeof line, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ %-5s %s: ", tm.tm_year + 1900,
-        tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000L,
-        level_names[level], (lg && lg->name) ? lg->name : "kvf");
-    if (n < 0)
-        return;
-    if ((size_t)n < sizeof line)
-        vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+    snprintf(stamp, sizeof stamp, "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+             tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, ts.tv_nsec / 1000000L);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    const char *name = (lg && lg->name) ? lg->name : "kvf";
+    const char *prio = "";
+    char pbuf[8];
+    if (!(lg && lg->sink) && stderr_is_journal()) {
+        snprintf(pbuf, sizeof pbuf, "<%d>", priority[level]);
+        prio = pbuf;
+    }
+    if (lg && lg->format == KVF_LOG_JSON) {
+        static const char *const lower[] = {"debug", "info", "warn", "error"};
+        json_t *o = json_pack("{s:s,s:s,s:s,s:i,s:s}", "ts", stamp, "level", lower[level],
+                              "component", name, "pid", (int)getpid(), "msg", msg);
+        char *j = o ? json_dumps(o, JSON_COMPACT | JSON_ENSURE_ASCII) : NULL;
+        json_decref(o);
+        if (!j)
+            return;
+        snprintf(line, sizeof line, "%s%s", prio, j);
+        free(j);
+    } else {
+        snprintf(line, sizeof line, "%s%s %-5s %s: %s", prio, stamp, level_names[level], name, msg);
+    }
     if (lg && lg->sink) {
         lg->sink(lg->ud, level, line);
         return;

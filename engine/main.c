@@ -295,6 +295,7 @@ static void usage(FILE *f)
             "  --prefetch-memory SIZE  what the waiting prefetches may hold (default 1G)\n"
             "  --tokens FILE           bearer tokens of the HTTP API (\"NAME TOKEN\" lines)\n"
             "  --seed S, --log-level L, --insecure (listen beyond loopback without --tokens)\n"
+            "  --log-format text|json  one JSON object a line with json (default text)\n"
             "exit status: 0 done, 1 a failure (said on stderr), 2 a usage error\n");
 }
 

@@ -221,6 +221,7 @@ typedef struct serve_opts {
     int decide;           /* --decide: load or recompute per request from live rates */
     const char *prefetch; /* --prefetch on|off */
     const char *prefetch_memory; /* --prefetch-memory SIZE */
+    const char *log_format;      /* --log-format text|json */
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o)
@@ -250,6 +251,7 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                 {"--seed", &o->seed},
                 {"--max-tokens", &o->max_tokens},
                 {"--log-level", &o->level},
+                {"--log-format", &o->log_format},
                 {"--queue", &o->queue},
                 {"--prefetch", &o->prefetch},
                 {"--prefetch-memory", &o->prefetch_memory},
@@ -312,6 +314,11 @@ static int configure_queue(srv *S, const char *queue, const char *cost)
  * address from them. */
 static int configure(srv *S, const serve_opts *o)
 {
+    if (o->log_format && kvf__log_format_parse(o->log_format, &S->lg.format) != 0) {
+        fprintf(stderr, "kvf-engine: --log-format: expected text or json, not \"%s\"\n",
+                o->log_format);
+        return 2;
+    }
     if (kvf__log_level_parse(o->level, &S->lg.level) != 0) {
         fprintf(stderr, "kvf-engine: --log-level %s: expected debug, info, warn or error\n",
                 o->level);

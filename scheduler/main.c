@@ -79,6 +79,7 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                 "  --insecure                allow --listen beyond loopback without --tokens\n"
                 "                            (docs/security.md)\n"
                 "  --log-level L             debug, info, warn or error (default info)\n"
+                "  --log-format F            text or json (one object a line; default text)\n"
                 "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage\n"
                 "error (a bad option, or a --config file that is refused)\n");
             return 0;
@@ -130,6 +131,11 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                 return 2;
             }
             snprintf(d->stores, sizeof d->stores, "%s", v);
+        } else if (!strcmp(a, "--log-format")) {
+            if (kvf__log_format_parse(v, &d->lg.format) != 0) {
+                fprintf(stderr, "kvf-sched: --log-format: expected text or json\n");
+                return 2;
+            }
         } else if (!strcmp(a, "--log-level")) {
             if (kvf__log_level_parse(v, &d->lg.level) != 0) {
                 fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");

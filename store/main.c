@@ -63,6 +63,7 @@ static void usage(FILE *f)
         "  --max-request SIZE    largest put request (default 256M)\n"
         "  --max-entries N       index capacity, 1024 to 67108864 (default memory / 16 KiB)\n"
         "  --log-level L         debug, info, warn, error (default info)\n"
+        "  --log-format F        text or json (one object a line; default text)\n"
         "  --no-verify           do not verify object checksums on put\n"
         "  --poller NAME         epoll or poll (default: best available)\n"
         "  --lock-memory         mlock the arena\n"
@@ -232,6 +233,11 @@ static int parse_value(store_cfg *cfg, const char *a, const char *v)
         return parse_count(a, v, 1, 1024, &cfg->copy_queue);
     } else if (!strcmp(a, "--poller")) {
         cfg->poller = v;
+    } else if (!strcmp(a, "--log-format")) {
+        if (kvf__log_format_parse(v, &cfg->lg.format) != 0) {
+            fprintf(stderr, "kvf-store: --log-format: expected text or json\n");
+            return 2;
+        }
     } else if (!strcmp(a, "--log-level")) {
         if (kvf__log_level_parse(v, &cfg->lg.level) != 0) {
             fprintf(stderr, "kvf-store: --log-level: expected debug, info, warn or error\n");

@@ -20,15 +20,26 @@ typedef enum kvf_log_level {
 /* Receives one formatted line without its newline. */
 typedef void (*kvf_log_sink)(void *ud, kvf_log_level level, const char *line);
 
+/* A line's format (--log-format): text as above, or one JSON object a line
+ * ({"ts":"2026-11-22T06:03:29.123Z","level":"info","component":"kvf-store","pid":7,
+ *   "msg":"listening on 127.0.0.1:7400"}), for log collectors. */
+typedef enum kvf_log_format {
+    KVF_LOG_TEXT = 0,
+    KVF_LOG_JSON = 1,
+} kvf_log_format;
+
 typedef struct kvf_log {
     kvf_log_level level; /* lines below this level are dropped */
     const char *name;    /* borrowed; the component name printed in each line */
     kvf_log_sink sink;   /* NULL: stderr */
     void *ud;
+    kvf_log_format format; /* KVF_LOG_TEXT unless set */
 } kvf_log;
 
 /* Parses "debug", "info", "warn", "error" or "off". Returns 0 or -1. */
 int kvf__log_level_parse(const char *s, kvf_log_level *out);
+/* Parses "text" or "json". Returns 0 or -1. */
+int kvf__log_format_parse(const char *s, kvf_log_format *out);
 
 void kvf__log_write(const kvf_log *lg, kvf_log_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

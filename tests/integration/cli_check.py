@@ -7,6 +7,7 @@ that did not answer (5) from chunks that were not done (3) and from success (0).
 usage: cli_check.py BIN_DIR
 """
 
+import json
 import os
 import re
 import subprocess
@@ -42,6 +43,26 @@ def walk(cmd):
           "%s --no-such-option: rc %d, stderr %r" % (name, p.returncode, p.stderr[:200]))
 
 
+def daemon_log(cmd, journal=False):
+    """The stderr lines of a daemon started with cmd and stopped once it is ready; with journal,
+    as under systemd (JOURNAL_STREAM naming its stderr)."""
+    with tempfile.TemporaryFile("w+") as err:
+        env = None
+        if journal:
+            st = os.fstat(err.fileno())
+            env = dict(os.environ, JOURNAL_STREAM="%d:%d" % (st.st_dev, st.st_ino))
+        d = subprocess.Popen([os.path.join(BIN, cmd[0])] + cmd[1:], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=env)
+        try:
+            d.stdout.readline()  # the ready line: logging has begun
+            time.sleep(0.3)
+        finally:
+            d.terminate()
+            d.wait(timeout=10)
+        err.seek(0)
+        return [l for l in err.read().splitlines() if l.strip()]
+
+
 def subcommands(binary):
     """The names a binary's --help lists under its commands."""
     out = run([binary, "--help"]).stdout.splitlines()
@@ -74,6 +95,29 @@ for cmd in (["kvf-store", "--memory"], ["kvf-sched", "--policy"], ["kvf-engine",
     p = run(cmd)
     check(p.returncode == 2 and cmd[-1] in p.stderr,
           "%s (no value): rc %d, stderr %r" % (" ".join(cmd), p.returncode, p.stderr[:200]))
+
+# --log-format json on each daemon: every line one JSON object with its level and component
+for cmd in (["kvf-store", "--listen", "127.0.0.1:0", "--memory", "16M", "--no-prefault",
+             "--shm", "off"],
+            ["kvf-sched", "--listen", "127.0.0.1:0"],
+            ["kvf-engine", "--serve", "--id", "j", "--listen", "127.0.0.1:0"]):
+    lines = daemon_log(cmd + ["--log-format", "json"])
+    check(lines, "%s --log-format json: no log line" % cmd[0])
+    for l in lines:
+        try:
+            o = json.loads(l)
+            check(o.get("component") == cmd[0] and o.get("level") in ("debug", "info", "warn",
+                                                                          "error")
+                  and "msg" in o and "ts" in o, "%s: a JSON line without its fields: %r"
+                  % (cmd[0], l))
+        except ValueError:
+            check(False, "%s --log-format json: not JSON: %r" % (cmd[0], l))
+
+# under systemd (stderr is the journal's stream, JOURNAL_STREAM=dev:ino): syslog priority prefixes
+lines = daemon_log(["kvf-sched", "--listen", "127.0.0.1:0"], journal=True)
+check(lines and all(re.match(r"^<[3467]>\d{4}-", l) for l in lines) and
+      any(l.startswith("<6>") for l in lines),
+      "kvf-sched under journald: lines without their priority: %r" % lines[:3])
 
 # exit statuses of the data commands
 with tempfile.TemporaryDirectory() as d:

@@ -613,6 +613,25 @@ static void test_core_log_levels_and_format(void **state)
     assert_int_equal(kvf__log_level_parse("WARNING", &lv), 0);
     assert_int_equal(lv, KVF_LOG_WARN);
     assert_int_equal(kvf__log_level_parse("loud", &lv), -1);
+    /* --log-format json: one object a line, the message escaped */
+    kvf_log_format fm;
+    assert_int_equal(kvf__log_format_parse("json", &fm), 0);
+    assert_int_equal(fm, KVF_LOG_JSON);
+    assert_int_equal(kvf__log_format_parse("xml", &fm), -1);
+    lg.format = fm;
+    lg.level = KVF_LOG_DEBUG;
+    kvf_warn(&lg, "a \"quoted\" %s\nline", "two-part");
+    json_error_t je;
+    json_t *o = json_loads(c.last, 0, &je);
+    if (!o)
+        fail_msg("not JSON: %s (%s)", c.last, je.text);
+    assert_string_equal(json_string_value(json_object_get(o, "level")), "warn");
+    assert_string_equal(json_string_value(json_object_get(o, "component")), "unit");
+    assert_string_equal(json_string_value(json_object_get(o, "msg")),
+                        "a \"quoted\" two-part\nline");
+    assert_int_equal(strlen(json_string_value(json_object_get(o, "ts"))), 24);
+    assert_true(json_integer_value(json_object_get(o, "pid")) == (json_int_t)getpid());
+    json_decref(o);
 }
 
 static void test_core_clock(void **state)
