@@ -169,6 +169,6 @@ void e2e_write_records(const char *dir, const e2e_run *runs, int n_runs);
 /* dir/ttft_cdf.png (each mode's repetitions pooled) and dir/throughput.png (bins of bin_s,
  * averaged over each mode's repetitions) with gnuplot. 0, or -1 when gnuplot is missing or
  * failed. */
-int e2e_plot(const char *dir, const e2e_run *runs, int n_runs, double bin_s);
+int e2e_plot(const char *dir, const e2e_run *runs, int n_runs, double bin_s, const char *setup);
 
 #endif

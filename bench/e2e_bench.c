@@ -638,7 +638,11 @@ static int report(e2e *E)
     check_runs(E, &compared, &differ);
     e2e_write_records(E->out_dir, E->runs, E->n_runs);
     double bin = E->span / 20 > 1 ? E->span / 20 : 1;
-    int plotted = e2e_plot(E->out_dir, E->runs, E->n_runs, bin) == 0;
+    char setup[300];
+    snprintf(setup, sizeof setup, "%zu engines of %s, %s", kvfe_router_engine_count(E->rt),
+             E->model,
+             json_is_true(json_object_get(E->st, "netns")) ? "network namespaces" : "loopback");
+    int plotted = e2e_plot(E->out_dir, E->runs, E->n_runs, bin, setup) == 0;
     json_t *res = result_json(E, compared, differ);
     printf("records: %s/records.csv, %s/records.json; plots: %s\n", E->out_dir, E->out_dir,
            plotted ? "ttft_cdf.png, throughput.png" : "not drawn (gnuplot missing or failed)");

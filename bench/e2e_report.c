@@ -467,8 +467,10 @@ static const char *mode_title(const char *mode)
                                : "with kvfabric (disaggregated, cached)";
 }
 
-/* The CDF of the TTFT of mode's runs, pooled, into dat; returns the number of runs pooled. */
-static int write_cdf(const char *dat, const e2e_run *runs, int n_runs, const char *mode)
+/* The CDF of the TTFT of mode's runs, pooled, into dat, and its p50, p90 and p99 (over the
+ * requests that were served) into pct; returns the number of runs pooled. */
+static int write_cdf(const char *dat, const e2e_run *runs, int n_runs, const char *mode,
+                     double pct[3])
 {
     size_t total = 0, k = 0;
     int reps = 0;
@@ -484,8 +486,9 @@ static int write_cdf(const char *dat, const e2e_run *runs, int n_runs, const cha
                 v[k++] = runs[m].r[i].ttft;
     }
     FILE *f = v ? fopen(dat, "w") : NULL;
-    if (k)
-        bench_quantile(v, k, 0.5); /* sorts */
+    static const double q[3] = {0.5, 0.9, 0.99};
+    for (int i = 0; i < 3; i++)
+        pct[i] = k ? bench_quantile(v, k, q[i]) : 0; /* sorts */
     for (size_t i = 0; f && i < k; i++)
         fprintf(f, "%.6f %.6f\n", v[i], (double)(i + 1) / (double)total);
     if (f)
@@ -521,44 +524,67 @@ static void write_throughput(const char *dat, const e2e_run *runs, int n_runs, c
     free(b);
 }
 
-int e2e_plot(const char *dir, const e2e_run *runs, int n_runs, double bin_s)
+int e2e_plot(const char *dir, const e2e_run *runs, int n_runs, double bin_s, const char *setup)
 {
     static const char *const modes[] = {"kvf", "baseline"};
-    char dat[700], png[700];
+    static const char *const colors[] = {"#9400d3", "#009e73"};
+    char dat[2][700], png[700];
+    double pct[2][3] = {{0}};
+    int have[2] = {0, 0}, reps = 0;
+    for (int m = 0; m < 2; m++) {
+        snprintf(dat[m], sizeof dat[m], "%s/ttft_%s.dat", dir, modes[m]);
+        have[m] = write_cdf(dat[m], runs, n_runs, modes[m], pct[m]);
+        reps = have[m] > reps ? have[m] : reps;
+    }
     FILE *g = popen("gnuplot", "w");
     if (!g)
         return -1;
     fprintf(g, "set terminal pngcairo size 900,520 font 'sans,10'\nset grid\nset key bottom "
                "right\n");
     snprintf(png, sizeof png, "%s/ttft_cdf.png", dir);
+    /* The setup in the title, the SLO as a line, each mode's p50, p90 and p99 marked: the figure
+     * reads without the table beside it. */
     fprintf(g,
-            "set output '%s'\nset title 'Time to first token, CDF (real, %zu requests, "
-            "repetitions pooled)'\nset xlabel 'TTFT (s)'\nset ylabel 'fraction of requests'\n"
-            "set logscale x\nplot ",
-            png, runs[0].n);
-    for (int m = 0, drawn = 0; m < 2; m++) {
-        snprintf(dat, sizeof dat, "%s/ttft_%s.dat", dir, modes[m]);
-        if (write_cdf(dat, runs, n_runs, modes[m]) > 0)
-            fprintf(g, "%s'%s' using 1:2 with steps lw 2 title '%s'", drawn++ ? ", " : "", dat,
-                    mode_title(modes[m]));
-    }
-    fprintf(g, "\nunset logscale x\n");
+            "set output '%s'\nset title \"Time to first token, CDF (real; %zu requests, %d "
+            "repetition(s) pooled%s%s)\" noenhanced\nset xlabel 'TTFT (s), log scale'\n"
+            "set ylabel 'fraction of requests'\nset logscale x\nset yrange [0:1.02]\n",
+            png, runs[0].n, reps, setup && *setup ? "; " : "", setup ? setup : "");
+    if (runs[0].slo_s > 0)
+        fprintf(g,
+                "set arrow from %g, graph 0 to %g, graph 1 nohead dt 2 lw 1.5 lc rgb '#555555'\n"
+                "set label 'SLO %g s' at %g, graph 0.35 offset 0.5,0 tc rgb '#555555'\n",
+                runs[0].slo_s, runs[0].slo_s, runs[0].slo_s, runs[0].slo_s);
+    static const char *const pname[3] = {"p50", "p90", "p99"};
+    static const double pq[3] = {0.5, 0.9, 0.99};
+    for (int m = 0; m < 2; m++)
+        for (int i = 0; have[m] && i < 3; i++)
+            fprintf(g,
+                    "set label '%s %.3g s' at %g,%g point pt 7 ps 1.3 lc rgb '%s' offset 0.7,%s "
+                    "tc rgb '%s' font 'sans,9'\n",
+                    pname[i], pct[m][i], pct[m][i], pq[i], colors[m], m ? "-0.6" : "0.6",
+                    colors[m]);
+    fprintf(g, "plot ");
+    for (int m = 0, drawn = 0; m < 2; m++)
+        if (have[m])
+            fprintf(g, "%s'%s' using 1:2 with steps lw 2 lc rgb '%s' title '%s'",
+                    drawn++ ? ", " : "", dat[m], colors[m], mode_title(modes[m]));
+    fprintf(g, "\nunset logscale x\nunset arrow\nunset label\nset autoscale y\n");
     snprintf(png, sizeof png, "%s/throughput.png", dir);
     fprintf(g,
-            "set output '%s'\nset title 'Completed requests per second (real, %.0f s bins, "
-            "mean of the repetitions)'\nset xlabel 'time since the first arrival (s)'\n"
-            "set ylabel 'requests / s'\nset key top right\nplot ",
-            png, bin_s);
+            "set output '%s'\nset title \"Completed requests per second (real; %.0f s bins, "
+            "mean of the repetitions%s%s)\" noenhanced\nset xlabel 'time since the first "
+            "arrival (s)'\nset ylabel 'requests / s'\nset key top right\nplot ",
+            png, bin_s, setup && *setup ? "; " : "", setup ? setup : "");
     for (int m = 0, drawn = 0; m < 2; m++) {
         int present = 0;
         for (int k = 0; k < n_runs; k++)
             present |= !strcmp(runs[k].mode, modes[m]);
         if (!present)
             continue;
-        snprintf(dat, sizeof dat, "%s/throughput_%s.dat", dir, modes[m]);
-        write_throughput(dat, runs, n_runs, modes[m], bin_s);
-        fprintf(g, "%s'%s' using 1:2 with linespoints lw 2 title '%s'", drawn++ ? ", " : "", dat,
-                mode_title(modes[m]));
+        snprintf(dat[m], sizeof dat[m], "%s/throughput_%s.dat", dir, modes[m]);
+        write_throughput(dat[m], runs, n_runs, modes[m], bin_s);
+        fprintf(g, "%s'%s' using 1:2 with linespoints lw 2 lc rgb '%s' title '%s'",
+                drawn++ ? ", " : "", dat[m], colors[m], mode_title(modes[m]));
     }
     fprintf(g, "\n");
     return pclose(g) == 0 ? 0 : -1;
