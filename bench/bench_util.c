@@ -290,44 +290,60 @@ void bench_emit(json_t *result, int json)
     }
 }
 
-int bench_plot_bars(const char *png, const char *title, const char *ylabel,
-                    const char *const *labels, const double *values, const int *groups, size_t n)
+int bench_plot_bars(const char *png, const bench_bars *b)
 {
     char dat[] = "/tmp/kvf-bench-plot-XXXXXX";
     int fd = mkstemp(dat);
     if (fd < 0)
         return -1;
     FILE *f = fdopen(fd, "w");
-    for (size_t i = 0; i < n; i++)
-        fprintf(f, "%zu \"%s\" %.4f %d\n", i, labels[i], values[i], groups[i]);
+    double vmax = 0, vmin = 0;
+    for (size_t i = 0; i < b->n; i++) {
+        double lo = b->lo ? b->lo[i] : b->values[i], hi = b->hi ? b->hi[i] : b->values[i];
+        fprintf(f, "%zu \"%s\" %.6g %d %.6g %.6g\n", i, b->labels[i], b->values[i], b->groups[i],
+                lo, hi);
+        vmax = b->values[i] > vmax ? b->values[i] : vmax;
+        if (b->values[i] > 0 && (vmin == 0 || b->values[i] < vmin))
+            vmin = b->values[i];
+    }
     fclose(f);
-    double vmax = 0;
-    for (size_t i = 0; i < n; i++)
-        if (values[i] > vmax)
-            vmax = values[i];
-    const char *fmt = vmax >= 100 ? "%.0f" : "%.2f";
+    const char *fmt = vmax >= 100 ? "%.0f" : vmax >= 10 ? "%.1f" : "%.2f";
     FILE *g = popen("gnuplot", "w");
     if (!g) {
         unlink(dat);
         return -1;
     }
+    /* Whiskers: the 10th-90th percentile over the rounds where given. A log axis where the values
+     * span decades (a short prompt's TTFT beside a long one's). The note under the plot says what
+     * a reader needs to read it right. */
     fprintf(g,
-            "set terminal pngcairo size 1000,520 font 'sans,10'\n"
+            "set terminal pngcairo size 1000,%d font 'sans,10'\n"
             "set output '%s'\n"
-            "set title '%s'\n"
+            "set title \"%s\" noenhanced\n"
             "set ylabel '%s'\n"
             "set style fill solid 0.85 border -1\n"
             "set boxwidth 0.7\n"
             "set grid ytics\n"
-            "set yrange [0:*]\n"
             "set xtics rotate by -30 left\n"
             "set key off\n"
             "set palette defined (0 '#888888', 1 '#1f77b4', 2 '#d62728')\n"
             "unset colorbox\n"
-            "set cbrange [0:2]\n"
+            "set cbrange [0:2]\n",
+            b->note ? 600 : 520, png, b->title, b->ylabel);
+    if (b->logy && vmin > 0)
+        fprintf(g, "set logscale y\nset yrange [%g:%g]\n", vmin / 2, vmax * 2.5);
+    else
+        fprintf(g, "set yrange [0:*]\n");
+    if (b->note)
+        fprintf(g,
+                "set bmargin 9\nset label 1 \"%s\" at screen 0.02, screen 0.06 left "
+                "font 'sans,9' noenhanced\n",
+                b->note);
+    fprintf(g,
             "plot '%s' using 1:3:4:xtic(2) with boxes lc palette, "
-            "'' using 1:3:(sprintf('%s',$3)) with labels offset 0,0.7\n",
-            png, title, ylabel, dat, fmt);
+            "'' using 1:3:5:6 with yerrorbars lc rgb '#222222' pt -1 lw 1.2, "
+            "'' using 1:6:(sprintf('%s',$3)) with labels offset 0,0.8\n",
+            dat, fmt);
     int rc = pclose(g);
     unlink(dat);
     if (rc != 0) {

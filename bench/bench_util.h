@@ -90,10 +90,21 @@ double bench_rss_mib(pid_t pid);
 /* Progress on stderr: "[store] message". */
 void bench_progress(const char *bench, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
-/* Draws a bar chart of n labelled values (GB/s) to a PNG with gnuplot. Returns 0, or -1 when
- * gnuplot is missing or fails (a message on stderr). */
-int bench_plot_bars(const char *png, const char *title, const char *ylabel,
-                    const char *const *labels, const double *values, const int *groups, size_t n);
+/* A bar chart: n labelled values, each bar's group (0 grey: a ceiling or a baseline, 1 blue:
+ * kvfabric, 2 red: a peer), and where given each one's spread (lo, hi: the 10th and 90th
+ * percentiles over the rounds, drawn as whiskers); logy: a log axis (values spanning decades);
+ * note: a line under the plot (NULL: none). */
+typedef struct bench_bars {
+    const char *title, *ylabel, *note;
+    const char *const *labels;
+    const double *values, *lo, *hi;
+    const int *groups;
+    size_t n;
+    int logy;
+} bench_bars;
+/* Draws b to a PNG with gnuplot. Returns 0, or -1 when gnuplot is missing or fails (a message on
+ * stderr). */
+int bench_plot_bars(const char *png, const bench_bars *b);
 
 /* A result object opening with "bench": bench, as every subcommand's does. Caller owns the
  * result; free with json_decref(). */

@@ -27,6 +27,7 @@
  */
 #include "bench.h"
 #include "bench_util.h"
+#include "cpus.h"
 #include "engine.h"
 #include "ratelink.h"
 
@@ -746,18 +747,32 @@ static void plot_ttft(const char *png, const char *model, const ttft_row rows[2]
 {
     const char *labels[] = {"recompute 2K", "50% cached 2K", "90% cached 2K",
                             "recompute 8K", "50% cached 8K", "90% cached 8K"};
-    double vals[6];
+    double vals[6], lo[6], hi[6];
     for (int k = 0; k < 2; k++) {
         int n = rows[k].rounds;
-        vals[3 * k] = bench_spread_of(rows[k].full, (size_t)n).median * 1e3;
-        vals[3 * k + 1] = bench_spread_of(rows[k].t50, (size_t)n).median * 1e3;
-        vals[3 * k + 2] = bench_spread_of(rows[k].t90, (size_t)n).median * 1e3;
+        const double *v[3] = {rows[k].full, rows[k].t50, rows[k].t90};
+        for (int c = 0; c < 3; c++) {
+            bench_spread sp = bench_spread_of(v[c], (size_t)n);
+            vals[3 * k + c] = sp.median * 1e3;
+            lo[3 * k + c] = sp.p10 * 1e3;
+            hi[3 * k + c] = sp.p90 * 1e3;
+        }
     }
     int groups[] = {0, 1, 1, 0, 1, 1};
-    char title[160];
+    char title[200];
     snprintf(title, sizeof title,
-             "kvf-engine %s time to first token, real (recompute grey, kvfabric blue)", model);
-    if (bench_plot_bars(png, title, "TTFT (ms)", labels, vals, groups, 6) == 0)
+             "kvf-engine %s time to first token, real, %d cores (recompute grey, kvfabric blue)",
+             model, kvf__cores());
+    bench_bars b = {.title = title,
+                    .ylabel = "TTFT (ms, log scale; whiskers 10th-90th percentile)",
+                    .labels = labels,
+                    .values = vals,
+                    .lo = lo,
+                    .hi = hi,
+                    .groups = groups,
+                    .n = 6,
+                    .logy = 1};
+    if (bench_plot_bars(png, &b) == 0)
         printf("  plot: %s\n", png);
 }
 
