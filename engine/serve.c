@@ -41,6 +41,8 @@
 #include "serve.h"
 #include "serve_int.h"
 
+#include "notify.h"
+
 #include "auth.h"
 #include "clock.h"
 #include "cpus.h"
@@ -470,8 +472,10 @@ static void serve_until_signal(srv *S, uint16_t bound)
            S->pub ? kvf_events_endpoint(S->pub) : "-", S->cn ? "on" : "off", (int)getpid());
     fflush(stdout);
     kvf_info(&S->lg, "serving %s as %s on %s:%u", S->model, S->role, S->host, (unsigned)bound);
+    kvf__notify_ready(&S->lg, "serving");
     while (!atomic_load(&g_stop))
         usleep(50000);
+    kvf__notify_stopping();
     kvf_info(&S->lg, "stopping");
 }
 

@@ -15,6 +15,7 @@
 
 #include "auth.h"
 #include "jsonkeys.h"
+#include "notify.h"
 #include "tcp.h"
 
 #include <jansson.h>
@@ -279,8 +280,10 @@ static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bou
            (int)getpid());
     fflush(stdout);
     kvf_info(&d->lg, "serving HTTP on %s:%u, policy %s", host, bound, kvf_policy_name(policy));
+    kvf__notify_ready(&d->lg, "serving");
     while (!atomic_load(&d->stop))
         usleep(50000);
+    kvf__notify_stopping();
     kvf_info(&d->lg, "stopping");
 }
 

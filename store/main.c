@@ -20,6 +20,7 @@
 #include "http.h"
 #include "log.h"
 #include "metrics.h"
+#include "notify.h"
 #include "publish.h"
 #include "server.h"
 #include "tcp.h"
@@ -573,8 +574,10 @@ int main(int argc, char **argv)
     kvf__daemon_signals(on_signal);
     signal(SIGHUP, on_hup);
     announce(&cfg, srv, cache, ev_ep, mport);
+    kvf__notify_ready(&cfg.lg, "serving");
 
     kvf__server_run(srv);
+    kvf__notify_stopping();
     kvf_info(&cfg.lg, "stopping");
     g_server = NULL;
 out_close_server:

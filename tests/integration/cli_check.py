@@ -10,6 +10,7 @@ usage: cli_check.py BIN_DIR
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -118,6 +119,51 @@ lines = daemon_log(["kvf-sched", "--listen", "127.0.0.1:0"], journal=True)
 check(lines and all(re.match(r"^<[3467]>\d{4}-", l) for l in lines) and
       any(l.startswith("<6>") for l in lines),
       "kvf-sched under journald: lines without their priority: %r" % lines[:3])
+
+# Type=notify: each daemon says READY=1 to $NOTIFY_SOCKET once it serves, pings the watchdog
+# where WATCHDOG_USEC asks, and says STOPPING=1 on SIGTERM (a build without libsystemd says, on
+# stderr, that it cannot)
+for cmd in (["kvf-store", "--listen", "127.0.0.1:0", "--memory", "16M", "--no-prefault",
+             "--shm", "off"],
+            ["kvf-sched", "--listen", "127.0.0.1:0"],
+            ["kvf-engine", "--serve", "--id", "n", "--listen", "127.0.0.1:0"]):
+    with tempfile.TemporaryDirectory() as sd, tempfile.TemporaryFile("w+") as err:
+        path = os.path.join(sd, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(10)
+        env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")
+        d = subprocess.Popen([os.path.join(BIN, cmd[0])] + cmd[1:], stdout=subprocess.PIPE,
+                             stderr=err, text=True, env=env)
+        got = []
+        try:
+            d.stdout.readline()
+            deadline = time.time() + 10
+            while time.time() < deadline and not (any("READY=1" in g for g in got) and
+                                                   any("WATCHDOG=1" in g for g in got)):
+                try:
+                    got.append(sock.recv(4096).decode())
+                except socket.timeout:
+                    break
+            d.terminate()
+            deadline = time.time() + 10
+            while time.time() < deadline and not any("STOPPING=1" in g for g in got):
+                try:
+                    got.append(sock.recv(4096).decode())
+                except socket.timeout:
+                    break
+        finally:
+            if d.poll() is None:
+                d.terminate()
+            d.wait(timeout=10)
+            sock.close()
+        err.seek(0)
+        log = err.read()
+    if "has no libsystemd" in log:
+        print("cli_check: %s: built without libsystemd: no notification (said so)" % cmd[0])
+        continue
+    for want in ("READY=1", "WATCHDOG=1", "STOPPING=1"):
+        check(any(want in g for g in got), "%s: no %s on $NOTIFY_SOCKET: %r" % (cmd[0], want, got))
 
 # exit statuses of the data commands
 with tempfile.TemporaryDirectory() as d:

@@ -45,6 +45,9 @@ done
 [ -e "$P/bin/kvf-mlx-probe" ] && fail "the mlx-lm probe is a script for another host, not a command of this one"
 [ -f "$P/share/kvfabric/mlx_probe.py" ] || fail "share/kvfabric/mlx_probe.py not installed"
 [ -f "$P/share/doc/kvfabric/LICENSE" ] || fail "LICENSE not installed"
+for u in kvf-store@.service kvf-sched.service kvf-engine@.service; do
+    [ -f "$P/lib/systemd/system/$u" ] || fail "lib/systemd/system/$u not installed"
+done
 
 export PKG_CONFIG_PATH=$(dirname "$pc")
 cc=${CC:-cc}
