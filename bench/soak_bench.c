@@ -150,17 +150,8 @@ static int parse(int argc, char **argv, opts *o)
         {"--png", BENCH_OPT_STR, .str = &o->png},
         {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
     };
-    const char *unknown;
-    int rc = bench_opts_parse("soak", table, sizeof table / sizeof table[0], argc, argv, &unknown);
-    if (rc == BENCH_OPTS_UNKNOWN && (!strcmp(unknown, "--help") || !strcmp(unknown, "-h"))) {
-        usage(stdout);
-        return 1;
-    }
-    if (rc == BENCH_OPTS_UNKNOWN) {
-        fprintf(stderr, "kvf-bench soak: unknown option %s\n", unknown);
-        usage(stderr);
-    }
-    return rc == 0 ? check(o) : -1;
+    int rc = bench_opts_read("soak", table, sizeof table / sizeof table[0], argc, argv, usage);
+    return rc == 0 ? check(o) : rc;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -103,13 +103,11 @@ static void *reporter_main(void *arg)
             continue;
         }
         S->report_dirty = 0;
-        double done_s = S->running_work_s > 0 ? kvfe__srv_now() - S->running_since : 0;
-        done_s = done_s < S->running_work_s ? done_s : S->running_work_s;
-        double queued_s = S->queued_work_s - done_s;
+        double queued_s = kvfe__srv_queued_s_locked(S);
         json_t *body =
             json_pack("{s:f,s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
-                      "queued_prefill_s", queued_s > 0 ? queued_s : 0, "active_decodes",
-                      (int)S->active_decodes, "used_blocks", (json_int_t)(S->n_held));
+                      "queued_prefill_s", queued_s, "active_decodes", (int)S->active_decodes,
+                      "used_blocks", (json_int_t)(S->n_held));
         pthread_mutex_unlock(&S->mu);
         last = kvfe__srv_now();
         long status = 0;

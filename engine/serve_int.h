@@ -77,6 +77,15 @@ static inline double kvfe__srv_now(void)
     return (double)kvf__now_ns() * 1e-9;
 }
 
+/* The queue's predicted prefill work still to do, in seconds: every job's work less what the
+ * running one has done (at most its work). S->mu held. */
+static inline double kvfe__srv_queued_s_locked(const srv *S)
+{
+    double done = S->running_work_s > 0 ? kvfe__srv_now() - S->running_since : 0;
+    done = done < S->running_work_s ? done : S->running_work_s;
+    return S->queued_work_s - done > 0 ? S->queued_work_s - done : 0;
+}
+
 /* serve.c: the load changed; the reporter sends it to kvf-sched. S->mu held. */
 void kvfe__srv_mark_dirty_locked(srv *S);
 

@@ -346,9 +346,7 @@ static void metrics_collect(void *ud, kvf__metrics *m)
     if (S->cn)
         kvf_connector_stats_get(S->cn, &cs);
     pthread_mutex_lock(&S->mu);
-    double done = S->running_work_s > 0 ? kvfe__srv_now() - S->running_since : 0;
-    done = done < S->running_work_s ? done : S->running_work_s;
-    double queued_s = S->queued_work_s - done > 0 ? S->queued_work_s - done : 0;
+    double queued_s = kvfe__srv_queued_s_locked(S);
     const kvf__metric_value f[] = {
         {"queued_prefill_tokens", "Prompt tokens of the requests waiting or running.", 0,
          S->queued_prefill_tokens},
@@ -510,18 +508,8 @@ unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_
         reply->json = kvf__http_error("%s %s: not served", method, url);
         return 405;
     }
-    if (!body && !strcmp(url, "/metrics")) {
-        char *t = NULL;
-        size_t len = 0;
-        if (kvf__metrics_expose(S->metrics, &t, &len) != 0) {
-            reply->json = kvf__http_error("out of memory");
-            return 500;
-        }
-        reply->text = t;
-        reply->text_len = len;
-        reply->content_type = KVF_METRICS_CONTENT_TYPE;
-        return 200;
-    }
+    if (!body && !strcmp(url, "/metrics"))
+        return kvf__http_metrics_reply(S->metrics, reply);
     if (!body) {
         if (strcmp(url, "/v1/health") != 0) {
             reply->json = kvf__http_error("GET %s: not served", url);

@@ -616,21 +616,11 @@ int kvf__sched_metrics_open(kvf__sched_daemon *d)
     return d->place_seconds ? 0 : -1;
 }
 
-static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c, int prometheus)
+static unsigned get_stats(kvf__sched_daemon *d, kvf__http_reply *c)
 {
-    if (!prometheus) {
-        stats st;
-        stats_take(d, &st);
-        return send_json(c, 200, stats_json(&st));
-    }
-    char *t = NULL;
-    size_t len = 0;
-    if (kvf__metrics_expose(d->metrics, &t, &len) != 0)
-        return send_error(d, c, 500, "out of memory");
-    c->text = t;
-    c->text_len = len;
-    c->content_type = KVF_METRICS_CONTENT_TYPE;
-    return 200;
+    stats st;
+    stats_take(d, &st);
+    return send_json(c, 200, stats_json(&st));
 }
 
 unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, json_t *o,
@@ -650,9 +640,9 @@ unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, j
     }
     if (!o) { /* a GET */
         if (!strcmp(url, "/metrics"))
-            return get_stats(d, c, 1);
+            return kvf__http_metrics_reply(d->metrics, c);
         if (!strcmp(url, "/v1/index/stats"))
-            return get_stats(d, c, 0);
+            return get_stats(d, c);
         if (!strcmp(url, "/v1/instances"))
             return get_instances(d, c);
         if (!strcmp(url, "/v1/stores"))

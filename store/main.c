@@ -475,16 +475,7 @@ static unsigned metrics_route(void *ctx, const char *method, const char *url, js
         out->json = kvf__http_error("%s %s: this port serves GET /metrics only", method, url);
         return strcmp(url, "/metrics") ? 404 : 405;
     }
-    char *t = NULL;
-    size_t len = 0;
-    if (kvf__metrics_expose(ctx, &t, &len) != 0) {
-        out->json = kvf__http_error("out of memory");
-        return 500;
-    }
-    out->text = t;
-    out->text_len = len;
-    out->content_type = KVF_METRICS_CONTENT_TYPE;
-    return 200;
+    return kvf__http_metrics_reply(ctx, out);
 }
 
 /* With --metrics: the registry over srv's figures and its HTTP side port; *bound gets the port.

@@ -8,6 +8,8 @@
  */
 #include "http.h"
 
+#include "metrics.h"
+
 #include "kvf/error.h"
 
 #include <curl/curl.h>
@@ -161,4 +163,18 @@ json_t *kvf__http_error(const char *fmt, ...)
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     return json_pack("{s:s}", "error", msg);
+}
+
+unsigned kvf__http_metrics_reply(struct kvf__metrics *m, kvf__http_reply *out)
+{
+    char *t = NULL;
+    size_t len = 0;
+    if (kvf__metrics_expose(m, &t, &len) != 0) {
+        out->json = kvf__http_error("out of memory");
+        return 500;
+    }
+    out->text = t;
+    out->text_len = len;
+    out->content_type = KVF_METRICS_CONTENT_TYPE;
+    return 200;
 }

@@ -72,5 +72,9 @@ void kvf__httpd_counts(kvf__httpd *d, uint64_t *requests, uint64_t *errors);
 void kvf__httpd_stop(kvf__httpd **d);
 /* A JSON error body {"error": message}. */
 json_t *kvf__http_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Answers GET /metrics with the registry m in Prometheus's text format (core/metrics.h): fills
+ * *out and returns 200, or 500 with an error body when out of memory. */
+struct kvf__metrics;
+unsigned kvf__http_metrics_reply(struct kvf__metrics *m, kvf__http_reply *out);
 
 #endif
