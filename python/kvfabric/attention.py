@@ -77,17 +77,19 @@ def causal_attention(q: Any, k: Any, v: Any, scale: Optional[float] = None) -> A
 
 class _MaskCheck:
     """Whether a mask transformers built is the plain causal one (batch of one, no padding, no
-    window): checked once per mask (the same tensor reaches every layer of a forward pass)."""
+    window): checked once per mask (the same tensor reaches every layer of a forward pass). The
+    last verdict is one tuple (a reference to its mask, the verdict), replaced in one assignment,
+    so that threads running models side by side never pair one mask with another's verdict."""
 
     def __init__(self) -> None:
-        self._ref: Any = None
-        self._ok = False
+        self._last: Any = (None, False)
 
     def plain_causal(self, mask: Any, n: int, T: int) -> bool:
         import torch
 
-        if self._ref is not None and self._ref() is mask:
-            return self._ok
+        ref, ok = self._last
+        if ref is not None and ref() is mask:
+            return ok
         ok = False
         if mask.dim() == 4 and tuple(mask.shape) == (1, 1, n, T):
             m = mask[0, 0]
@@ -97,10 +99,9 @@ class _MaskCheck:
                 torch.arange(T - n, T, device=m.device)[:, None]
             ok = bool(torch.equal(m, want))
         try:
-            self._ref = weakref.ref(mask)
+            self._last = (weakref.ref(mask), ok)
         except TypeError:
-            self._ref = None
-        self._ok = ok
+            self._last = (None, False)
         return ok
 
 

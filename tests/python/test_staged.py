@@ -61,6 +61,21 @@ class TestAttention(unittest.TestCase):
         ref = self.reference(q, k.contiguous(), v.contiguous())
         self.assertTrue(torch.allclose(causal_attention(q, k, v), ref, atol=1e-10))
 
+    def test_only_the_plain_causal_mask_takes_the_bottom_right_path(self):
+        from kvfabric.attention import _MaskCheck
+
+        chk, n, T = _MaskCheck(), 3, 7
+        plain = (torch.arange(T)[None, :] <= torch.arange(T - n, T)[:, None])[None, None]
+        self.assertTrue(chk.plain_causal(plain, n, T))
+        self.assertTrue(chk.plain_causal(plain, n, T))  # the same tensor: the kept verdict
+        padded = plain.clone()
+        padded[..., 0] = False  # a padding position no query may see
+        self.assertFalse(chk.plain_causal(padded, n, T))
+        additive = torch.zeros(1, 1, n, T).masked_fill(~plain, float("-inf"))
+        self.assertTrue(chk.plain_causal(additive, n, T))
+        self.assertFalse(chk.plain_causal(plain.expand(2, 1, n, T), n, T))  # a batch
+        self.assertFalse(chk.plain_causal(plain, n, T + 1))  # another shape
+
     def test_more_queries_than_keys_is_an_error(self):
         from kvfabric.attention import causal_attention
 
