@@ -110,6 +110,54 @@ class TestTransformers(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def cb_run(self, prompts, n, kv=None):
+        """transformers' continuous batching (its real manager): greedy tokens per prompt."""
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        cb = ContinuousBatchingConfig(block_size=16, num_blocks=256, max_batch_tokens=512,
+                                      use_cuda_graph=False, use_async_batching=False)
+        gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=-1,
+                               pad_token_id=0)
+        self.model.set_attn_implementation("sdpa")
+        m = self.model.init_continuous_batching(generation_config=gen,
+                                                continuous_batching_config=cb)
+        if kv is not None:
+            kv.attach(m)
+        ids = m.add_requests(prompts, max_new_tokens=n)
+        m.start()
+        out = {}
+        for _ in range(600):
+            r = m.get_result(timeout=0.1)
+            if r is not None and r.is_finished():
+                self.assertIsNone(r.error)
+                out[r.request_id] = r.generated_tokens
+            if len(out) == len(ids):
+                break
+        m.stop(block=True, timeout=30)
+        m.destroy()
+        if kv is not None:
+            self.assertTrue(kv.drain(30))
+        return [out[i] for i in ids]
+
+    def test_continuous_batching_loads_what_another_manager_saved(self):
+        from kvfabric.continuous import ContinuousKV
+        r = random.Random(4)
+        docs = [[r.randrange(1000) for _ in range(160)], [r.randrange(1000) for _ in range(300)]]
+        reqs = [docs[i % 2] + [r.randrange(1000) for _ in range(r.randint(3, 40))]
+                for i in range(6)]
+        ref = self.cb_run(reqs, 5)
+        with kvf.Connector(self.layout, nodes=[self.store.addr], salt="cb") as cn:
+            kv0 = ContinuousKV(cn, self.layout)
+            self.cb_run(docs, 1, kv0)
+            self.assertEqual(kv0.stats["saved_tokens"], 128 + 256)
+            kv0.close()
+            kv1 = ContinuousKV(cn, self.layout)
+            got = self.cb_run(reqs, 5, kv1)
+            kv1.close()
+        self.assertEqual(got, ref)
+        self.assertGreater(kv1.stats["loaded_tokens"], 0)
+        self.assertEqual(kv1.stats["load_failures"], 0)
+
 
 if __name__ == "__main__":
     unittest.main(verbosity=2)
