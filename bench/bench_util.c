@@ -21,54 +21,31 @@
 
 #include <netinet/in.h>
 
-/* Reads value into opt's variable. Returns 0, or -1 where a checked kind's value does not parse. */
-static int read_value(const bench_opt *opt, const char *value)
+int bench_args(const char *bench, const char *synopsis, const char *summary, const char *epilog,
+               const kvf__arg *args, size_t n, int argc, char **argv)
 {
-    switch (opt->kind) {
-    case BENCH_OPT_FLAG:
-        *opt->flag = 1;
-        return 0;
-    case BENCH_OPT_STR:
-        *opt->str = value;
-        return 0;
-    case BENCH_OPT_INT:
-        *opt->i = atoi(value);
-        return 0;
-    case BENCH_OPT_LONG:
-        *opt->l = atol(value);
-        return 0;
-    case BENCH_OPT_REAL:
-        *opt->d = atof(value);
-        return 0;
-    case BENCH_OPT_REAL_CHECKED:
-        return sscanf(value, "%lf", opt->d) == 1 ? 0 : -1;
-    case BENCH_OPT_SIZE:
-        return kvf__parse_size(value, opt->size);
+    char prog[64];
+    snprintf(prog, sizeof prog, "kvf-bench %s", bench);
+    char **v = calloc((size_t)argc + 2, sizeof *v);
+    if (!v) {
+        fprintf(stderr, "%s: out of memory\n", prog);
+        return -1;
     }
-    return -1;
-}
-
-int bench_opts_parse(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
-                     const char **unknown)
-{
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        const bench_opt *opt = NULL;
-        for (size_t k = 0; k < n && !opt; k++)
-            if (!strcmp(a, table[k].name) && (table[k].kind == BENCH_OPT_FLAG || v))
-                opt = &table[k];
-        if (!opt) {
-            *unknown = a;
-            return BENCH_OPTS_UNKNOWN;
-        }
-        if (opt->kind != BENCH_OPT_FLAG)
-            i++;
-        if (read_value(opt, v) != 0) {
-            fprintf(stderr, "kvf-bench %s: cannot parse %s %s\n", bench, a, v);
-            return BENCH_OPTS_BAD_VALUE;
-        }
-    }
-    return 0;
+    v[0] = prog;
+    for (int i = 0; i < argc; i++)
+        v[i + 1] = argv[i];
+    const kvf__args_spec spec = {
+        .prog = prog,
+        .synopsis = synopsis,
+        .summary = summary,
+        .epilog = epilog ? epilog : "exit status: 0 done, 1 a measurement failed, 2 a usage error",
+        .args = args,
+        .n = n,
+        .max_positional = 0,
+    };
+    int rc = kvf__args_parse(&spec, argc + 1, v, NULL);
+    free(v);
+    return rc == KVF__ARGS_GO_ON ? 0 : rc == 0 ? 1 : -1;
 }
 
 double bench_now(void)
@@ -402,26 +379,4 @@ void bench_auth_remove(const char *dir, const char *const *names, size_t n)
     snprintf(p, sizeof p, "%s/tenants", dir);
     unlink(p);
     rmdir(dir);
-}
-
-int bench_is_help(const char *arg)
-{
-    return arg && (!strcmp(arg, "--help") || !strcmp(arg, "-h"));
-}
-
-int bench_opts_read(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
-                    void (*usage)(FILE *))
-{
-    const char *unknown = NULL;
-    int rc = bench_opts_parse(bench, table, n, argc, argv, &unknown);
-    if (rc == BENCH_OPTS_UNKNOWN && bench_is_help(unknown)) {
-        usage(stdout);
-        return 1;
-    }
-    if (rc == 0)
-        return 0;
-    if (rc == BENCH_OPTS_UNKNOWN)
-        fprintf(stderr, "kvf-bench %s: unknown option or missing value: %s\n", bench, unknown);
-    usage(stderr);
-    return -1;
 }

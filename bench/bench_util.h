@@ -9,55 +9,20 @@
 #include "kvf/client.h"
 #include "kvf/layout.h"
 
+#include "args.h"
+
 #include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
 
-/* How an option's value is read. The unchecked kinds keep the C library's reading (a value that is
- * not a number reads as 0), which is how the subcommands that use them have always read their
- * options; the checked kinds refuse such a value. */
-typedef enum bench_opt_kind {
-    BENCH_OPT_FLAG,         /* no value: sets *flag to 1 */
-    BENCH_OPT_STR,          /* *str, borrowed from argv */
-    BENCH_OPT_INT,          /* *i, unchecked (atoi) */
-    BENCH_OPT_LONG,         /* *l, unchecked (atol) */
-    BENCH_OPT_REAL,         /* *d, unchecked (atof) */
-    BENCH_OPT_REAL_CHECKED, /* *d, checked */
-    BENCH_OPT_SIZE,         /* *size, a byte count such as 256M (kvf__parse_size), checked */
-} bench_opt_kind;
-
-/* One option of a subcommand: its name ("--streams") and, by its kind, the variable its value
- * goes into. */
-typedef struct bench_opt {
-    const char *name;
-    bench_opt_kind kind;
-    union {
-        int *flag, *i;
-        long *l;
-        double *d;
-        const char **str;
-        uint64_t *size;
-    };
-} bench_opt;
-
-#define BENCH_OPTS_UNKNOWN   (-1)
-#define BENCH_OPTS_BAD_VALUE (-2)
-
-/* Reads argv against the n options of table, in order, each value into its variable. Returns 0;
- * or BENCH_OPTS_UNKNOWN with *unknown set to the first argument that names no option of table (or
- * names one that takes a value and has none), so that the caller words its usage its own way; or
- * BENCH_OPTS_BAD_VALUE after "kvf-bench BENCH: cannot parse NAME VALUE" on stderr, where a checked
- * value does not parse. The values read before a failure stay written. */
-int bench_opts_parse(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
-                     const char **unknown);
-/* Whether an argument bench_opts_parse did not know asks for the usage (--help, -h). */
-int bench_is_help(const char *arg);
-/* bench_opts_parse with the usage handled: --help prints usage(stdout) and returns 1; an unknown
- * option is named on stderr, followed by usage(stderr), and returns -1 (as does a bad value);
- * otherwise 0. */
-int bench_opts_read(const char *bench, const bench_opt *table, size_t n, int argc, char **argv,
-                    void (*usage)(FILE *));
+/* Reads a kvf-bench subcommand's options (argv: what follows the subcommand's name) with the
+ * parser every kvfabric binary uses (args.h), as "kvf-bench BENCH": --help and --version, the
+ * usage from the table (synopsis, summary, each option's description and default), errors that
+ * name the option. epilog: after the options (NULL: the subcommands' usual exit statuses).
+ * Returns 0 to go on, 1 after --help or --version (exit 0), -1 after a usage error (exit 2). */
+int bench_args(const char *bench, const char *synopsis, const char *summary, const char *epilog,
+               const kvf__arg *args, size_t n, int argc, char **argv);
 
 typedef struct bench_proc {
     pid_t pid;

@@ -599,43 +599,47 @@ out_close:
 /* ------------------------------------------------------------------------------------------ */
 /* Options and reporting */
 
-static void usage(FILE *f)
-{
-    fprintf(
-        f,
-        "usage: kvf-bench connector [--quick] [--json] [--rounds N] [--model ref-tiny|ref-100m]\n"
-        "                           [--only pages|overlap|ttft] [--link-mbps R] "
-        "[--gemm-threads N]\n"
-        "                           [--store-bin PATH] [--plot FILE.png] [--device host|cuda]\n"
-        "  --rounds N        rounds of the overlap and TTFT parts (default 7 and 3; 5 TTFT\n"
-        "                    rounds with --quick)\n"
-        "  --link-mbps R     rate of the link to the store in the overlap part, MB/s (default:\n"
-        "                    set so that the load takes as long as the compute)\n"
-        "  --gemm-threads N  GEMM threads of the engine (default 1: the other core is the data\n"
-        "                    path's; 0: OpenBLAS's own choice)\n"
-        "  --device cuda     KV pages in GPU memory (docs/cuda.md): page copies, a same-host\n"
-        "                    store to GPU pages and overlap with compute (--only pages|store;\n"
-        "                    default 9 rounds)\n");
-}
-
 /* Reads the options into o; the model and the TTFT rounds follow --quick unless given. Returns 0,
  * or -1 with the usage on stderr. */
 static int parse(int argc, char **argv, opts *o)
 {
     *o = (opts){.gemm_threads = 1};
-    const bench_opt table[] = {
-        {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
-        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
-        {"--rounds", BENCH_OPT_INT, .i = &o->rounds},
-        {"--gemm-threads", BENCH_OPT_INT, .i = &o->gemm_threads},
-        {"--model", BENCH_OPT_STR, .str = &o->model},
-        {"--only", BENCH_OPT_STR, .str = &o->only},
-        {"--link-mbps", BENCH_OPT_REAL_CHECKED, .d = &o->link_mbps},
-        {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
-        {"--plot", BENCH_OPT_STR, .str = &o->plot},
-        {"--device", BENCH_OPT_STR, .str = &o->device},
+    static const char *const models[] = {"ref-tiny", "ref-100m", NULL};
+    static const char *const onlys[] = {"pages", "overlap", "ttft", "store", NULL};
+    static const char *const devices[] = {"host", "cuda", NULL};
+    const kvf__arg args[] = {
+        KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL, "the small model and fewer rounds (CI)",
+                 NULL),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
+        KVF__OPT("rounds", KVF__ARG_INT, &o->rounds, "N",
+                 "rounds of the overlap and TTFT parts (with --device cuda, of every part)",
+                 "7 and 3; 5 TTFT rounds with --quick; 9 with --device cuda", .lo = 0,
+                 .hi = MAX_ROUNDS),
+        KVF__OPT("gemm-threads", KVF__ARG_INT, &o->gemm_threads, "N",
+                 "GEMM threads of the engine (0: OpenBLAS's own choice)",
+                 "1: the other core is the data path's", .lo = 0, .hi = 1024),
+        KVF__OPT("model", KVF__ARG_CHOICE, &o->model, "PRESET", "the reference model",
+                 "ref-100m; ref-tiny with --quick", .choices = models),
+        KVF__OPT("only", KVF__ARG_CHOICE, &o->only, "PART",
+                 "one part: pages, overlap or ttft (host); pages or store (--device cuda)",
+                 "every part", .choices = onlys),
+        KVF__OPT("link-mbps", KVF__ARG_REAL, &o->link_mbps, "R",
+                 "rate of the link to the store in the overlap part, MB/s",
+                 "set so that the load takes as long as the compute", .lo = 0, .hi = 1e9),
+        KVF__OPT("store-bin", KVF__ARG_STR, &o->store_bin, "PATH", "the kvf-store to run",
+                 "the one beside kvf-bench"),
+        KVF__OPT("plot", KVF__ARG_STR, &o->plot, "FILE.png", "a plot of TTFT by prompt length",
+                 NULL),
+        KVF__OPT("device", KVF__ARG_CHOICE, &o->device, "D",
+                 "where the KV pages are: host memory, or GPU memory (docs/cuda.md: page copies, "
+                 "a same-host store to GPU pages, overlap with compute)",
+                 "host", .choices = devices),
     };
-    int rc = bench_opts_read("connector", table, sizeof table / sizeof table[0], argc, argv, usage);
+    int rc = bench_args("connector", "[OPTIONS]",
+                        "The connector: page copies, a load overlapping the forward pass layer by "
+                        "layer, and TTFT with kvfabric against recomputing, with the reference "
+                        "engine (docs/benchmarks.md).",
+                        NULL, args, sizeof args / sizeof args[0], argc, argv);
     if (rc != 0)
         return rc;
     if (o->rounds < 0 || o->rounds > MAX_ROUNDS ||
@@ -644,7 +648,10 @@ static int parse(int argc, char **argv, opts *o)
          !want(o, "store")) ||
         (o->only && (!o->device || strcmp(o->device, "cuda")) && !want(o, "pages") &&
          !want(o, "overlap") && !want(o, "ttft"))) {
-        usage(stderr);
+        fprintf(stderr,
+                "kvf-bench connector: --only %s is not a part of --device %s (see "
+                "--help)\n",
+                o->only ? o->only : "-", o->device ? o->device : "host");
         return -1;
     }
     if (!o->model)

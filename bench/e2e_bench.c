@@ -175,21 +175,6 @@ static int build_request(const bench_trace_rec *tr, long block, long max_in, lon
     return want > n;
 }
 
-static void usage(FILE *f)
-{
-    fprintf(f, "usage: kvf-bench e2e --config CLUSTER.json | --state STATE.json [--trace FILE]\n"
-               "                     [--start N] [--warmup W] [--max-requests N] [--time-scale X]\n"
-               "                     [--block-tokens B] [--max-input T] [--max-output T]\n"
-               "                     [--slo-ttft-ms M] [--concurrency C] [--modes kvf,baseline]\n"
-               "                     [--repetitions N] [--baseline-route prefix|least-loaded]\n"
-               "                     [--out DIR] [--require-targets] [--json]\n"
-               "       kvf-bench e2e --report DIR [--slo-ttft-ms M] [--require-targets] [--json]\n"
-               "exit status: 0 done; 1 a request failed, a first token or the generated tokens\n"
-               "differed, or the cluster or the records could not be read; 2 bad usage; 3 (with\n"
-               "--require-targets) a target of the verdict not met or not judged.\n"
-               "--report DIR judges the records a run wrote in DIR again, without a cluster.\n");
-}
-
 /* Replays the run's requests at their arrival times, with a progress line every 5 s. */
 static void run_mode(e2e_run *R, const char *tag)
 {
@@ -231,30 +216,6 @@ typedef struct opts {
     double scale, slo_ms;
     int json, require_targets;
 } opts;
-
-/* The options that take a value: where each goes in opts, read as a string (s), an integer (l)
- * or a number (d). */
-static const struct {
-    const char *name;
-    char kind;
-    size_t at;
-} options[] = {{"--config", 's', offsetof(opts, config)},
-               {"--state", 's', offsetof(opts, state)},
-               {"--trace", 's', offsetof(opts, trace)},
-               {"--modes", 's', offsetof(opts, modes)},
-               {"--out", 's', offsetof(opts, out_dir)},
-               {"--baseline-route", 's', offsetof(opts, route)},
-               {"--report", 's', offsetof(opts, report)},
-               {"--repetitions", 'l', offsetof(opts, reps)},
-               {"--start", 'l', offsetof(opts, start)},
-               {"--warmup", 'l', offsetof(opts, warmup)},
-               {"--max-requests", 'l', offsetof(opts, max_req)},
-               {"--block-tokens", 'l', offsetof(opts, block)},
-               {"--max-input", 'l', offsetof(opts, max_in)},
-               {"--max-output", 'l', offsetof(opts, max_out)},
-               {"--concurrency", 'l', offsetof(opts, conc)},
-               {"--time-scale", 'd', offsetof(opts, scale)},
-               {"--slo-ttft-ms", 'd', offsetof(opts, slo_ms)}};
 
 /* Everything one kvf-bench e2e holds; bench_e2e_main() releases what was acquired. */
 typedef struct e2e {
@@ -308,24 +269,6 @@ static int model_of_state(e2e *E)
     return rc;
 }
 
-/* Sets option a to v. Returns whether a takes a value; *end is where a number stopped. */
-static int set_opt(opts *o, const char *a, const char *v, char **end)
-{
-    for (size_t k = 0; k < sizeof options / sizeof options[0]; k++) {
-        char *p = (char *)o + options[k].at;
-        if (strcmp(a, options[k].name) != 0)
-            continue;
-        if (options[k].kind == 's')
-            *(const char **)p = v;
-        else if (options[k].kind == 'l')
-            *(long *)p = strtol(v, end, 10);
-        else
-            *(double *)p = strtod(v, end);
-        return 1;
-    }
-    return 0;
-}
-
 static int parse_opts(int argc, char **argv, opts *o)
 {
     *o = (opts){.trace = "data/traces/conversation_head1600.jsonl",
@@ -338,30 +281,70 @@ static int parse_opts(int argc, char **argv, opts *o)
                 .max_out = 64,
                 .conc = 64,
                 .scale = 1};
-    for (int i = 0; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        char *end = NULL;
-        if (!strcmp(a, "--json") || !strcmp(a, "--require-targets")) {
-            *(a[2] == 'j' ? &o->json : &o->require_targets) = 1;
-            continue;
-        }
-        if (bench_is_help(a) || !v) {
-            if (!bench_is_help(a))
-                fprintf(stderr, "kvf-bench e2e: %s needs a value\n", a);
-            usage(bench_is_help(a) ? stdout : stderr);
-            return bench_is_help(a) ? 0 : 2;
-        }
-        i++;
-        if (!set_opt(o, a, v, &end)) {
-            fprintf(stderr, "kvf-bench e2e: unknown option %s\n", a);
-            usage(stderr);
-            return 2;
-        }
-        if (end && *end) {
-            fprintf(stderr, "kvf-bench e2e: %s: \"%s\" is not a number\n", a, v);
-            return 2;
-        }
-    }
+    static const char *const routes[] = {"prefix", "least-loaded", NULL};
+    const kvf__arg args[] = {
+        KVF__OPT("config", KVF__ARG_STR, &o->config, "CLUSTER.json",
+                 "the cluster, started by kvf cluster up --config (its state file is found "
+                 "there)",
+                 NULL),
+        KVF__OPT("state", KVF__ARG_STR, &o->state, "STATE.json",
+                 "the cluster's state file, instead of --config", NULL),
+        KVF__OPT("trace", KVF__ARG_STR, &o->trace, "FILE", "the request trace to replay",
+                 "data/traces/conversation_head1600.jsonl"),
+        KVF__OPT("start", KVF__ARG_LONG, &o->start, "N",
+                 "the trace's request to start at (the ones before are the warm-up's)", "0",
+                 .lo = 0, .hi = 1e9),
+        KVF__OPT("warmup", KVF__ARG_LONG, &o->warmup, "W",
+                 "requests before --start sent first, unmeasured, to fill the caches", "0", .lo = 0,
+                 .hi = 1e9),
+        KVF__OPT("max-requests", KVF__ARG_LONG, &o->max_req, "N", "the requests measured", "200",
+                 .lo = 1, .hi = 1e9),
+        KVF__OPT("time-scale", KVF__ARG_REAL, &o->scale, "X",
+                 "the trace's arrival times multiplied by X (below 1: faster)", "1", .lo = 1e-9,
+                 .hi = 1e9),
+        KVF__OPT("block-tokens", KVF__ARG_LONG, &o->block, "B", "tokens per hash id of the trace",
+                 "64", .lo = 1, .hi = 4096),
+        KVF__OPT("max-input", KVF__ARG_LONG, &o->max_in, "T", "prompts cut to T tokens", "4096",
+                 .lo = 64, .hi = 1 << 20),
+        KVF__OPT("max-output", KVF__ARG_LONG, &o->max_out, "T", "outputs cut to T tokens", "64",
+                 .lo = 1, .hi = 1 << 20),
+        KVF__OPT("slo-ttft-ms", KVF__ARG_REAL, &o->slo_ms, "M",
+                 "the TTFT objective in milliseconds (SLO attainment; the CDF's line)", "none",
+                 .lo = 0, .hi = 1e9),
+        KVF__OPT("concurrency", KVF__ARG_LONG, &o->conc, "C", "requests in flight at most", "64",
+                 .lo = 1, .hi = 256),
+        KVF__OPT("modes", KVF__ARG_STR, &o->modes, "M[,M]",
+                 "kvf (with kvfabric), baseline (the same engines without it), or both",
+                 "kvf,baseline"),
+        KVF__OPT("repetitions", KVF__ARG_LONG, &o->reps, "N",
+                 "runs of each mode; the figures are medians of them", "3", .lo = 1,
+                 .hi = MAX_REPETITIONS),
+        KVF__OPT("baseline-route", KVF__ARG_CHOICE, &o->route, "R",
+                 "how the baseline places: by prefix (each engine's own cache) or least loaded",
+                 "prefix", .choices = routes),
+        KVF__OPT("out", KVF__ARG_STR, &o->out_dir, "DIR", "where the records, summary and plots go",
+                 "beside the state file"),
+        KVF__OPT("report", KVF__ARG_STR, &o->report, "DIR",
+                 "judge the records a run wrote in DIR again and redraw its plots, without a "
+                 "cluster",
+                 NULL),
+        KVF__OPT("require-targets", KVF__ARG_FLAG, &o->require_targets, NULL,
+                 "exit 3 when a target of the verdict is not met or not judged", NULL),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
+    };
+    int rc = bench_args("e2e",
+                        "--config CLUSTER.json | --state STATE.json [OPTIONS]\n       kvf-bench "
+                        "e2e --report DIR [--slo-ttft-ms M] [--require-targets] [--json]",
+                        "Replays a request trace against a running cluster, with kvfabric and "
+                        "without, and reports TTFT, inter-token latency, throughput, hit rates "
+                        "and SLO attainment with a verdict (docs/benchmarks.md).",
+                        "exit status: 0 done; 1 a request failed, a first token or the generated "
+                        "tokens differed, or the cluster or the records could not be read; 2 bad "
+                        "usage; 3 (with --require-targets) a target of the verdict not met or not "
+                        "judged.",
+                        args, sizeof args / sizeof args[0], argc, argv);
+    if (rc != 0)
+        return rc > 0 ? 0 : 2;
     if (o->warmup > o->start)
         o->warmup = o->start; /* the requests before --start, as many as there are */
     if (o->start < 0 || o->warmup < 0 || o->max_req < 1 || o->block < 1 || o->block > 4096 ||
@@ -397,7 +380,8 @@ static int open_cluster(e2e *E)
                  nm ? nm : "local");
     json_decref(c);
     if (!E->o.state && !E->o.config) {
-        usage(stderr);
+        fprintf(stderr, "kvf-bench e2e: needs --config CLUSTER.json, --state STATE.json or "
+                        "--report DIR (see --help)\n");
         return 2;
     }
     json_error_t je;

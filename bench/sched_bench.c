@@ -143,19 +143,6 @@ typedef struct opts {
     long max_requests, device_blocks, store_blocks, windows;
 } opts;
 
-static void sched_usage(FILE *f)
-{
-    fprintf(f, "usage: kvf-bench sched --trace FILE [--instances N] [--policy P[,P...]]\n"
-               "       [--queue fifo|work|sjf|lpm[,...]] [--rates X[,X...] | --time-scale X |\n"
-               "       --find-rate] [--windows W] [--slo-ttft S] [--cost FILE]\n"
-               "       [--device-blocks B] [--store-blocks B] [--max-requests M] [--json]\n"
-               "       kvf-bench sched --decision-latency [--quick] [--json]\n"
-               "       kvf-bench sched --ingest [--quick] [--json]\n"
-               "Trace replay through the scheduler (simulated); place() latency and event ingest\n"
-               "(real). docs/benchmarks.md.\n"
-               "exit status: 0 done, 1 a measurement failed, 2 a usage error\n");
-}
-
 /* Reads the options into o. Returns 0, or -1 with the usage on stderr. */
 static int parse(int argc, char **argv, opts *o)
 {
@@ -167,30 +154,54 @@ static int parse(int argc, char **argv, opts *o)
                 .device_blocks = 1800,
                 .store_blocks = 400000,
                 .windows = 1};
-    const bench_opt table[] = {
-        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
-        {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
-        {"--find-rate", BENCH_OPT_FLAG, .flag = &o->find_rate},
-        {"--decision-latency", BENCH_OPT_FLAG, .flag = &o->decision_latency},
-        {"--ingest", BENCH_OPT_FLAG, .flag = &o->ingest},
-        {"--trace", BENCH_OPT_STR, .str = &o->trace},
-        {"--instances", BENCH_OPT_INT, .i = &o->instances},
-        {"--policy", BENCH_OPT_STR, .str = &o->policies},
-        {"--queue", BENCH_OPT_STR, .str = &o->queues},
-        {"--rates", BENCH_OPT_STR, .str = &o->rates},
-        {"--time-scale", BENCH_OPT_REAL_CHECKED, .d = &o->time_scale},
-        {"--windows", BENCH_OPT_LONG, .l = &o->windows},
-        {"--slo-ttft", BENCH_OPT_REAL, .d = &o->slo},
-        {"--cost", BENCH_OPT_STR, .str = &o->cost_file},
-        {"--max-requests", BENCH_OPT_LONG, .l = &o->max_requests},
-        {"--device-blocks", BENCH_OPT_LONG, .l = &o->device_blocks},
-        {"--store-blocks", BENCH_OPT_LONG, .l = &o->store_blocks},
+    const kvf__arg args[] = {
+        KVF__OPT("trace", KVF__ARG_STR, &o->trace, "FILE",
+                 "the request trace to replay (JSON lines: timestamp, input and output lengths, "
+                 "hash_ids)",
+                 NULL),
+        KVF__OPT("instances", KVF__ARG_INT, &o->instances, "N", "the simulated engines", "16",
+                 .lo = 1, .hi = 4096),
+        KVF__OPT("policy", KVF__ARG_STR, &o->policies, "P[,P...]",
+                 "placement policies to compare: round_robin, least_loaded, longest_prefix, "
+                 "dynamo_cost, kvf_cost",
+                 "all five"),
+        KVF__OPT("queue", KVF__ARG_STR, &o->queues, "Q[,Q...]",
+                 "the engines' queue orders to compare: fifo, work, sjf, lpm", "all four"),
+        KVF__OPT("rates", KVF__ARG_STR, &o->rates, "X[,X...]",
+                 "arrival rates, as multiples of the trace's own", "0.5,1,2,4"),
+        KVF__OPT("time-scale", KVF__ARG_REAL, &o->time_scale, "X",
+                 "one arrival rate: the trace's times multiplied by X (instead of --rates)", NULL,
+                 .lo = 1e-6, .hi = 1e6),
+        KVF__OPT("find-rate", KVF__ARG_FLAG, &o->find_rate, NULL,
+                 "search the highest rate at which every policy meets --slo-ttft", NULL),
+        KVF__OPT("windows", KVF__ARG_LONG, &o->windows, "W",
+                 "replay the trace in W windows and report each", "1", .lo = 1, .hi = 1000),
+        KVF__OPT("slo-ttft", KVF__ARG_REAL, &o->slo, "S", "the TTFT objective, seconds", "10",
+                 .lo = 0, .hi = 1e6),
+        KVF__OPT("cost", KVF__ARG_STR, &o->cost_file, "FILE",
+                 "the cost model's constants (kvf-engine --calibrate)", "the built-in ones"),
+        KVF__OPT("max-requests", KVF__ARG_LONG, &o->max_requests, "M",
+                 "replay the first M requests (0: all)", "0", .lo = 0, .hi = 1e9),
+        KVF__OPT("device-blocks", KVF__ARG_LONG, &o->device_blocks, "B",
+                 "each engine's KV capacity in blocks", "1800", .lo = 1, .hi = 4294967295.0),
+        KVF__OPT("store-blocks", KVF__ARG_LONG, &o->store_blocks, "B",
+                 "the stores' capacity in blocks", "400000", .lo = 0, .hi = 4294967295.0),
+        KVF__OPT("decision-latency", KVF__ARG_FLAG, &o->decision_latency, NULL,
+                 "instead: place()'s latency on a loaded index (real)", NULL),
+        KVF__OPT("ingest", KVF__ARG_FLAG, &o->ingest, NULL,
+                 "instead: the rate of event ingest into the index (real)", NULL),
+        KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL,
+                 "shorter --decision-latency and --ingest runs (CI)", NULL),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
     };
-    int rc =
-        bench_opts_read("sched", table, sizeof table / sizeof table[0], argc, argv, sched_usage);
-    if (rc != 0)
-        return rc;
-    return 0;
+    int rc = bench_args("sched",
+                        "--trace FILE [OPTIONS] | --decision-latency [--quick] | --ingest "
+                        "[--quick]",
+                        "Trace replay through the scheduler's policies on simulated engines "
+                        "(simulated); place() latency and event ingest (real). "
+                        "docs/benchmarks.md.",
+                        NULL, args, sizeof args / sizeof args[0], argc, argv);
+    return rc;
 }
 
 /* The comma-separated names of list parsed by parse_one into out (at most max of them), their

@@ -77,25 +77,6 @@ typedef struct ballast {
     pthread_t th;
 } ballast;
 
-static void usage(FILE *f)
-{
-    fprintf(f, "usage: kvf-bench soak [--duration S] [--target-pressure P] [--memory SIZE] "
-               "[--object SIZE] [--batch N] [--ballast-max SIZE] [--floor SIZE] [--png FILE] "
-               "[--json] [--auth] [--store-bin PATH]\n"
-               "  --duration S          seconds in all, a fifth of them at rest (default 30)\n"
-               "  --target-pressure P   kvf_telemetry_pressure() to reach, 0 < P <= 0.95 (0.5)\n"
-               "  --memory SIZE         the store's arena (256M)\n"
-               "  --object SIZE         bytes of one object (1M); --batch objects per request "
-               "(16)\n"
-               "  --ballast-max SIZE    most ballast to map (8G); --floor SIZE: MemAvailable "
-               "never\n"
-               "                        pushed below this (1G)\n"
-               "  --rss-slack SIZE      most the store's RSS may grow over its idle RSS (64M)\n"
-               "  --rss-growth SIZE     most it may grow after the first second (32M)\n"
-               "  --auth                the store authenticates (--auth); a second tenant puts,\n"
-               "                        reads and evicts under the same keys meanwhile\n");
-}
-
 /* The options' limits, and the arena's size read from --memory. Returns 0, or -1 with the limit
  * that o breaks on stderr. */
 static int check(opts *o)
@@ -135,22 +116,40 @@ static int parse(int argc, char **argv, opts *o)
                 .floor = 1ull << 30,
                 .rss_slack = 64ull << 20,
                 .rss_growth = 32ull << 20};
-    const bench_opt table[] = {
-        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
-        {"--auth", BENCH_OPT_FLAG, .flag = &o->auth},
-        {"--duration", BENCH_OPT_REAL_CHECKED, .d = &o->duration},
-        {"--target-pressure", BENCH_OPT_REAL_CHECKED, .d = &o->target},
-        {"--memory", BENCH_OPT_STR, .str = &o->memory_arg},
-        {"--object", BENCH_OPT_SIZE, .size = &o->object},
-        {"--batch", BENCH_OPT_INT, .i = &o->batch},
-        {"--ballast-max", BENCH_OPT_SIZE, .size = &o->ballast_max},
-        {"--floor", BENCH_OPT_SIZE, .size = &o->floor},
-        {"--rss-slack", BENCH_OPT_SIZE, .size = &o->rss_slack},
-        {"--rss-growth", BENCH_OPT_SIZE, .size = &o->rss_growth},
-        {"--png", BENCH_OPT_STR, .str = &o->png},
-        {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
+    const kvf__arg args[] = {
+        KVF__OPT("duration", KVF__ARG_REAL, &o->duration, "S",
+                 "seconds in all, a fifth of them at rest", "30", .lo = 2, .hi = 86400),
+        KVF__OPT("target-pressure", KVF__ARG_REAL, &o->target, "P",
+                 "the memory pressure (kvf_telemetry_pressure) to reach, 0 < P <= 0.95", "0.5",
+                 .lo = 1e-9, .hi = 0.95),
+        KVF__OPT("memory", KVF__ARG_STR, &o->memory_arg, "SIZE", "the store's arena, at least 16M",
+                 "256M"),
+        KVF__OPT("object", KVF__ARG_SIZE, &o->object, "SIZE",
+                 "bytes of one object, 4K..64M, a multiple of 4", "1M"),
+        KVF__OPT("batch", KVF__ARG_INT, &o->batch, "N", "objects per request", "16", .lo = 1,
+                 .hi = 256),
+        KVF__OPT("ballast-max", KVF__ARG_SIZE, &o->ballast_max, "SIZE",
+                 "the most ballast memory to map", "8G"),
+        KVF__OPT("floor", KVF__ARG_SIZE, &o->floor, "SIZE",
+                 "MemAvailable is never pushed below this", "1G"),
+        KVF__OPT("rss-slack", KVF__ARG_SIZE, &o->rss_slack, "SIZE",
+                 "the most the store's RSS may grow over its idle RSS", "64M"),
+        KVF__OPT("rss-growth", KVF__ARG_SIZE, &o->rss_growth, "SIZE",
+                 "the most it may grow after the first second", "32M"),
+        KVF__OPT("auth", KVF__ARG_FLAG, &o->auth, NULL,
+                 "the store authenticates (--auth); a second tenant puts, reads and evicts under "
+                 "the same keys meanwhile",
+                 NULL),
+        KVF__OPT("png", KVF__ARG_STR, &o->png, "FILE", "a plot of the run (gnuplot)", NULL),
+        KVF__OPT("store-bin", KVF__ARG_STR, &o->store_bin, "PATH", "the kvf-store to run",
+                 "the one beside kvf-bench"),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
     };
-    int rc = bench_opts_read("soak", table, sizeof table / sizeof table[0], argc, argv, usage);
+    int rc = bench_args("soak", "[OPTIONS]",
+                        "A store under memory pressure from ballast: every object it reports "
+                        "present read back and verified, its latency and RSS watched "
+                        "(docs/benchmarks.md).",
+                        NULL, args, sizeof args / sizeof args[0], argc, argv);
     return rc == 0 ? check(o) : rc;
 }
 

@@ -75,16 +75,6 @@ typedef struct round_fig {
     double rg64, rs64, rg16, rs16; /* Redis GET/SET */
 } round_fig;
 
-static void store_usage(FILE *f)
-{
-    fprintf(f, "usage: kvf-bench store [--quick] [--lookup-only] [--auth] [--json] [--streams N]\n"
-               "                       [--memory SIZE] [--store-threads N] [--store-bin PATH]\n"
-               "                       [--plot FILE.png] [--io-threads N]\n"
-               "                       [--transport tcp|shm|rdma] [--rdma-host IP]\n"
-               "The storage node against the TCP ceiling and Redis (docs/benchmarks.md).\n"
-               "exit status: 0 done, 1 a measurement failed, 2 a usage error\n");
-}
-
 /* ------------------------------------------------------------------------------------------ */
 
 static void row(const char *what, double gbps, double vs_ceiling, double vs_peer)
@@ -100,22 +90,38 @@ static void row(const char *what, double gbps, double vs_ceiling, double vs_peer
 static int parse(int argc, char **argv, opts *o)
 {
     *o = (opts){.memory = "1G", .transport = "tcp"}; /* threads and streams: auto, below */
-    const bench_opt table[] = {
-        {"--quick", BENCH_OPT_FLAG, .flag = &o->quick},
-        {"--lookup-only", BENCH_OPT_FLAG, .flag = &o->lookup_only},
-        {"--auth", BENCH_OPT_FLAG, .flag = &o->auth},
-        {"--json", BENCH_OPT_FLAG, .flag = &o->json},
-        {"--streams", BENCH_OPT_INT, .i = &o->streams},
-        {"--store-threads", BENCH_OPT_INT, .i = &o->store_threads},
-        {"--memory", BENCH_OPT_STR, .str = &o->memory},
-        {"--store-bin", BENCH_OPT_STR, .str = &o->store_bin},
-        {"--plot", BENCH_OPT_STR, .str = &o->plot},
-        {"--transport", BENCH_OPT_STR, .str = &o->transport},
-        {"--io-threads", BENCH_OPT_INT, .i = &o->io_threads},
-        {"--rdma-host", BENCH_OPT_STR, .str = &o->rdma_host},
+    static const char *const transports[] = {"tcp", "shm", "rdma", NULL};
+    const kvf__arg args[] = {
+        KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL, "5 rounds instead of 11 (CI)", NULL),
+        KVF__OPT("lookup-only", KVF__ARG_FLAG, &o->lookup_only, NULL,
+                 "only the lookup latency, no rounds of rates", NULL),
+        KVF__OPT("auth", KVF__ARG_FLAG, &o->auth, NULL,
+                 "the cost of authentication instead: an authenticating store against an open one",
+                 NULL),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
+        KVF__OPT("streams", KVF__ARG_INT, &o->streams, "N",
+                 "connections of the kvfabric client, and streams of the ceiling",
+                 "4, or one per "
+                 "I/O thread",
+                 .lo = 1, .hi = 16),
+        KVF__OPT("store-threads", KVF__ARG_INT, &o->store_threads, "N",
+                 "the store's event-loop threads", "auto (kvf-store's)", .lo = 1, .hi = 64),
+        KVF__OPT("memory", KVF__ARG_STR, &o->memory, "SIZE", "the store's arena", "1G"),
+        KVF__OPT("store-bin", KVF__ARG_STR, &o->store_bin, "PATH", "the kvf-store to run",
+                 "the one beside kvf-bench"),
+        KVF__OPT("plot", KVF__ARG_STR, &o->plot, "FILE.png",
+                 "a bar chart of the rates with their spreads (gnuplot)", NULL),
+        KVF__OPT("transport", KVF__ARG_CHOICE, &o->transport, "T",
+                 "the client's transport to the store", "tcp", .choices = transports),
+        KVF__OPT("io-threads", KVF__ARG_INT, &o->io_threads, "N", "the client's I/O threads",
+                 "auto", .lo = 1, .hi = 64),
+        KVF__OPT("rdma-host", KVF__ARG_STR, &o->rdma_host, "IP",
+                 "with --transport rdma, the RDMA interface's address", NULL),
     };
-    int rc =
-        bench_opts_read("store", table, sizeof table / sizeof table[0], argc, argv, store_usage);
+    int rc = bench_args("store", "[OPTIONS]",
+                        "The storage node against the TCP ceiling and Redis, in the same run "
+                        "(docs/benchmarks.md).",
+                        NULL, args, sizeof args / sizeof args[0], argc, argv);
     if (rc != 0)
         return rc;
     /* auto, as the store and the client take them where not told: a quarter of the cores (1 to 8)

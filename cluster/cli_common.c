@@ -4,6 +4,7 @@
  */
 #include "cli_common.h"
 
+#include "args.h"
 #include "auth.h"
 #include "bytes.h"
 
@@ -13,25 +14,17 @@
 
 int kvf__cli_next_opt(int argc, char **argv, const struct option *opts, const char **val)
 {
-    /* The argument getopt_long() is at names what went wrong. The leading '+' makes it stop at
-     * the first argument that is not an option instead of moving it to the end, so a stray
-     * argument is reported; ':' tells a missing value from an unknown option. */
-    int at = optind;
-    opterr = 0;
-    int c = getopt_long(argc, argv, "+:h", opts, NULL);
-    if (c == -1) {
-        if (optind < argc) {
-            *val = argv[optind];
-            optind = argc;
-            return KVF__CLI_OPT_UNKNOWN;
-        }
-        return 0;
+    /* The parser every binary uses (args.h), one option at a time; a stray argument, where an
+     * option was expected, is reported as unknown. */
+    int c = kvf__args_next(argc, argv, "h", opts, val);
+    if (c == 0 && *val) {
+        optind = argc;
+        return KVF__CLI_OPT_UNKNOWN;
     }
-    if (c == '?' || c == ':') {
-        *val = argv[at < argc ? at : argc - 1];
-        return c == ':' ? KVF__CLI_OPT_NOVALUE : KVF__CLI_OPT_UNKNOWN;
-    }
-    *val = optarg;
+    if (c == KVF__ARGS_UNKNOWN)
+        return KVF__CLI_OPT_UNKNOWN;
+    if (c == KVF__ARGS_NOVALUE)
+        return KVF__CLI_OPT_NOVALUE;
     return c;
 }
 

@@ -23,6 +23,7 @@
 #include "kvf/error.h"
 
 #include "auth.h"
+#include "cli_common.h"
 #include "units.h"
 
 #include <errno.h>
@@ -156,35 +157,37 @@ static int parse(int argc, char **argv, auth_args *a)
         {NULL, 0, NULL, 0},
     };
     optind = 1;
-    opterr = 0;
-    for (int ch; (ch = getopt_long(argc, argv, "h", opts, NULL)) != -1;) {
+    const char *optval = NULL;
+    for (int ch; (ch = kvf__cli_next_opt(argc, argv, opts, &optval)) != 0;) {
         switch (ch) {
         case 't':
-            a->tenants = optarg;
+            a->tenants = optval;
             break;
         case 'o':
-            a->out = optarg;
+            a->out = optval;
             break;
         case 'c':
-            a->credential = optarg;
+            a->credential = optval;
             break;
         case 'k':
-            a->key = optarg;
+            a->key = optval;
             break;
         case 'a':
             a->admin = 1;
             break;
         case 'b':
-            if (kvf__parse_size(optarg, &a->bytes) != 0) {
-                fprintf(stderr, "kvf auth: --bytes: cannot parse size \"%s\"\n", optarg);
+            if (kvf__parse_size(optval, &a->bytes) != 0) {
+                fprintf(stderr, "kvf auth: --bytes: cannot parse size \"%s\" (see --help)\n",
+                        optval);
                 return 2;
             }
             break;
         case 'r': {
             char *end = NULL;
-            unsigned long v = strtoul(optarg, &end, 10);
-            if (end == optarg || *end || v > UINT32_MAX) {
-                fprintf(stderr, "kvf auth: --reservations: \"%s\" is not a count\n", optarg);
+            unsigned long v = strtoul(optval, &end, 10);
+            if (end == optval || *end || v > UINT32_MAX) {
+                fprintf(stderr, "kvf auth: --reservations: \"%s\" is not a count (see --help)\n",
+                        optval);
                 return 2;
             }
             a->reservations = (uint32_t)v;
@@ -193,15 +196,17 @@ static int parse(int argc, char **argv, auth_args *a)
         case 'h':
             usage(stdout);
             return 0;
+        case KVF__CLI_OPT_NOVALUE:
+            fprintf(stderr, "kvf auth: %s needs a value (see --help)\n", optval);
+            return 2;
         default:
-            fprintf(stderr, "kvf auth: unknown option or missing value: %s (see --help)\n",
-                    argv[optind - 1]);
+            if (optval && optval[0] != '-') {
+                fprintf(stderr, "kvf auth: unexpected argument \"%s\" (see --help)\n", optval);
+                return 2;
+            }
+            fprintf(stderr, "kvf auth: unknown option %s (see --help)\n", optval ? optval : "?");
             return 2;
         }
-    }
-    if (optind < argc) {
-        fprintf(stderr, "kvf auth: unexpected argument \"%s\" (see --help)\n", argv[optind]);
-        return 2;
     }
     return -1;
 }

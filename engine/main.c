@@ -13,6 +13,7 @@
 
 #include "kvf/kvf.h"
 
+#include "args.h"
 #include "bytes.h"
 
 #include <stdio.h>
@@ -117,35 +118,76 @@ typedef struct prompt_result {
     uint32_t *out; /* the generated tokens; owned */
 } prompt_result;
 
+static const char *const models[] = {"ref-tiny", "ref-100m", NULL};
+
 static int parse_prompt_opts(int argc, char **argv, prompt_opts *o)
 {
     *o = (prompt_opts){
         .model = "ref-tiny", .prompt = 200, .gen = 8, .seed = 1, .pseed = 7, .save = 1};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--json")) {
-            o->json = 1;
-        } else if (!strcmp(a, "--no-save")) {
-            o->save = 0;
-        } else if (v && !strcmp(a, "--model")) {
-            o->model = argv[++i];
-        } else if (v && !strcmp(a, "--store")) {
-            o->store = argv[++i];
-        } else if (v && !strcmp(a, "--prompt")) {
-            o->prompt = strtol(argv[++i], NULL, 10);
-        } else if (v && !strcmp(a, "--gen")) {
-            o->gen = strtol(argv[++i], NULL, 10);
-        } else if (v && !strcmp(a, "--seed")) {
-            o->seed = strtoull(argv[++i], NULL, 10);
-        } else if (v && !strcmp(a, "--prefix-seed")) {
-            o->pseed = strtoull(argv[++i], NULL, 10);
-        } else {
-            fprintf(stderr, "kvf-engine: %s %s (see --help)\n",
-                    v ? "unknown option" : "unknown option or missing value:", a);
-            return 2;
-        }
+    const kvf__arg args[] = {
+        KVF__OPT("model", KVF__ARG_CHOICE, &o->model, "PRESET", "the reference model", "ref-tiny",
+                 .choices = models),
+        KVF__OPT("store", KVF__ARG_STR, &o->store, "HOST:PORT[,...]",
+                 "the storage nodes to load the prompt's cached prefix from and save the rest to "
+                 "(without it, no kvfabric)",
+                 NULL),
+        KVF__OPT("prompt", KVF__ARG_LONG, &o->prompt, "N", "the prompt's tokens", "200", .lo = 1,
+                 .hi = 65535),
+        KVF__OPT("prefix-seed", KVF__ARG_U64, &o->pseed, "S",
+                 "the prompt's tokens come from this seed: two runs with one seed share their "
+                 "prompt",
+                 "7"),
+        KVF__OPT("seed", KVF__ARG_U64, &o->seed, "S", "the model's weights' seed", "1"),
+        KVF__OPT("gen", KVF__ARG_LONG, &o->gen, "G", "tokens decoded greedily after the prefill",
+                 "8", .lo = 0, .hi = 65534),
+        KVF__OPT("no-save", KVF__ARG_UNSET, &o->save, NULL,
+                 "do not save the prompt's chunks to --store", NULL),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "print one JSON object", NULL),
+    };
+    const kvf__args_spec spec = {
+        .prog = "kvf-engine",
+        .synopsis = "[OPTIONS]   (or --serve ..., --calibrate FILE: see below)",
+        .summary = "The reference engine (a small Llama-shaped model on the CPU) with kvfabric. "
+                   "One prompt: prefill it, loading what --store holds and saving the rest, "
+                   "decode --gen tokens greedily, print the time to first token and the tokens.",
+        .epilog = "Other modes: kvf-engine --serve --help (kvf-engine's HTTP API, for kvf-sched "
+                  "and kvf cluster); kvf-engine --calibrate FILE [--model PRESET] (measure this "
+                  "host's prefill and write kvf-sched's cost file; --calibrate --help).\n"
+                  "exit status: 0 done, 1 a failure (said on stderr), 2 a usage error",
+        .args = args,
+        .n = sizeof args / sizeof args[0],
+        .max_positional = 0,
+    };
+    int rc = kvf__args_parse(&spec, argc, argv, NULL);
+    return rc == KVF__ARGS_GO_ON ? PROCEED : rc;
+}
+
+static int calibrate_main(int argc, char **argv)
+{
+    const char *model = "ref-tiny", *out = NULL;
+    const kvf__arg args[] = {
+        KVF__OPT("calibrate", KVF__ARG_STR, &out, "FILE", "where the cost file goes", NULL),
+        KVF__OPT("model", KVF__ARG_CHOICE, &model, "PRESET", "the reference model", "ref-tiny",
+                 .choices = models),
+    };
+    const kvf__args_spec spec = {
+        .prog = "kvf-engine --calibrate",
+        .synopsis = "FILE [--model PRESET]",
+        .summary = "Times prefills of 256 to 4096 tokens and decode steps on this host, fits "
+                   "kvf-sched's cost model and writes it to FILE (kvf-sched --cost).",
+        .epilog = "exit status: 0 written, 1 a failure, 2 a usage error",
+        .args = args,
+        .n = sizeof args / sizeof args[0],
+        .max_positional = 0,
+    };
+    int rc = kvf__args_parse(&spec, argc, argv, NULL);
+    if (rc != KVF__ARGS_GO_ON)
+        return rc;
+    if (!out) {
+        fprintf(stderr, "kvf-engine --calibrate: needs the file to write (see --help)\n");
+        return 2;
     }
-    return PROCEED;
+    return calibrate(model, out);
 }
 
 /* A connector to the stores of store (HOST:PORT[,...]); *nodes_buf holds their names and must
@@ -264,63 +306,14 @@ out_free_nodes:
     return rc;
 }
 
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: kvf-engine [--model ref-tiny|ref-100m] [--store HOST:PORT[,...]] [--prompt N]\n"
-            "                  [--prefix-seed S] [--seed S] [--gen G] [--no-save] [--json]\n"
-            "       kvf-engine --serve --id ID --role prefill|decode|both [options below]\n"
-            "       kvf-engine --calibrate FILE [--model PRESET]\n"
-            "       kvf-engine --help | --version\n"
-            "The reference engine (a small Llama-shaped model on the CPU) with kvfabric.\n"
-            "One prompt (the default mode): prefill N tokens (default 200; the first share the\n"
-            "  prefix seed's tokens), load what --store holds, save the rest (--no-save: do not),\n"
-            "  decode G tokens (default 8) greedily and print TTFT and the tokens.\n"
-            "--calibrate FILE: measure this host's prefill and write kvf-sched's cost file.\n"
-            "--serve: kvf-engine's HTTP API (docs/operations.md, \"The engine's serving mode\"):\n"
-            "  --id ID                 this engine's name at kvf-sched (required)\n"
-            "  --role R                prefill, decode or both (default both)\n"
-            "  --listen HOST:PORT      the HTTP API (default 127.0.0.1:0)\n"
-            "  --advertise HOST:PORT   the address kvf-sched gives routers (default --listen)\n"
-            "  --sched HOST:PORT       register with kvf-sched and report load to it\n"
-            "  --store HOST:PORT[,...] the storage nodes (or those kvf-sched lists)\n"
-            "  --events HOST:PORT      publish KV events (vLLM's format) for kvf-sched\n"
-            "  --events-credential F, --events-tenants F   CURVE for --events (docs/security.md)\n"
-            "  --model PRESET          ref-tiny or ref-100m (default ref-tiny)\n"
-            "  --max-tokens N          KV capacity in tokens (default 16384)\n"
-            "  --queue work|fifo       queue order (default work: least remaining work first)\n"
-            "  --cost FILE             the calibration the queue's estimates use\n"
-            "  --decide                choose per request between loading and recomputing\n"
-            "  --prefetch on|off       fetch a waiting request's prefix early (default on)\n"
-            "  --prefetch-memory SIZE  what the waiting prefetches may hold (default 1G)\n"
-            "  --tokens FILE           bearer tokens of the HTTP API (\"NAME TOKEN\" lines)\n"
-            "  --seed S, --log-level L, --insecure (listen beyond loopback without --tokens)\n"
-            "  --log-format text|json  one JSON object a line with json (default text)\n"
-            "exit status: 0 done, 1 a failure (said on stderr), 2 a usage error\n");
-}
-
 int main(int argc, char **argv)
 {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
-            usage(stdout);
-            return 0;
-        }
-        if (!strcmp(argv[i], "--version")) {
-            printf("kvf-engine (kvfabric) %s\n", KVF_VERSION_STRING);
-            return 0;
-        }
-    }
+    /* The mode is an option of its own; each mode reads its options with its own table. */
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--serve"))
             return kvfe_serve_main(argc, argv);
-    for (int i = 1; i + 1 < argc; i++)
-        if (!strcmp(argv[i], "--calibrate")) {
-            const char *model = "ref-tiny";
-            for (int k = 1; k + 1 < argc; k++)
-                if (!strcmp(argv[k], "--model"))
-                    model = argv[k + 1];
-            return calibrate(model, argv[i + 1]);
-        }
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--calibrate") || !strncmp(argv[i], "--calibrate=", 12))
+            return calibrate_main(argc, argv);
     return prompt_main(argc, argv);
 }

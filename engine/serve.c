@@ -41,6 +41,8 @@
 #include "serve.h"
 #include "serve_int.h"
 
+#include "args.h"
+
 #include "notify.h"
 
 #include "auth.h"
@@ -237,56 +239,71 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                       .queue = "work",
                       .prefetch = "on",
                       .prefetch_memory = "1G"};
-    const struct {
-        const char *name;
-        const char **value;
-    } opts[] = {{"--id", &o->id},
-                {"--role", &o->role},
-                {"--listen", &o->listen},
-                {"--advertise", &o->advertise},
-                {"--sched", &o->sched},
-                {"--store", &o->store},
-                {"--events", &o->events},
-                {"--model", &o->model},
-                {"--seed", &o->seed},
-                {"--max-tokens", &o->max_tokens},
-                {"--log-level", &o->level},
-                {"--log-format", &o->log_format},
-                {"--queue", &o->queue},
-                {"--prefetch", &o->prefetch},
-                {"--prefetch-memory", &o->prefetch_memory},
-                {"--cost", &o->cost},
-                {"--events-credential", &o->events_credential},
-                {"--events-tenants", &o->events_tenants},
-                {"--tokens", &o->tokens}};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--serve"))
-            continue;
-        if (!strcmp(a, "--insecure")) {
-            o->insecure = 1;
-            continue;
-        }
-        if (!strcmp(a, "--decide")) {
-            o->decide = 1;
-            continue;
-        }
-        if (!v) {
-            fprintf(stderr, "kvf-engine: %s needs a value (see --help)\n", a);
-            return 2;
-        }
-        i++;
-        const char **dst = NULL;
-        for (size_t k = 0; k < sizeof opts / sizeof opts[0]; k++)
-            if (!strcmp(a, opts[k].name))
-                dst = opts[k].value;
-        if (!dst) {
-            fprintf(stderr, "kvf-engine: unknown option %s (see --help)\n", a);
-            return 2;
-        }
-        *dst = v;
-    }
-    return PROCEED;
+    static const char *const roles[] = {"prefill", "decode", "both", NULL};
+    static const char *const models[] = {"ref-tiny", "ref-100m", NULL};
+    static const char *const queues[] = {"work", "fifo", NULL};
+    static const char *const onoff[] = {"on", "off", NULL};
+    static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
+    static const char *const formats[] = {"text", "json", NULL};
+    int serve = 0;
+    const kvf__arg args[] = {
+        KVF__OPT("serve", KVF__ARG_FLAG, &serve, NULL, "this mode: serve kvf-engine's HTTP API",
+                 NULL),
+        KVF__OPT("id", KVF__ARG_STR, &o->id, "ID", "this engine's name at kvf-sched (required)",
+                 NULL),
+        KVF__OPT("role", KVF__ARG_CHOICE, &o->role, "R", "what it serves", "both",
+                 .choices = roles),
+        KVF__OPT("listen", KVF__ARG_STR, &o->listen, "HOST:PORT", "the HTTP API", "127.0.0.1:0"),
+        KVF__OPT("advertise", KVF__ARG_STR, &o->advertise, "HOST:PORT",
+                 "the address kvf-sched gives routers", "--listen"),
+        KVF__OPT("sched", KVF__ARG_STR, &o->sched, "HOST:PORT",
+                 "register with kvf-sched and report load to it", NULL),
+        KVF__OPT("store", KVF__ARG_STR, &o->store, "HOST:PORT[,...]",
+                 "the storage nodes (without it, those kvf-sched lists)", NULL),
+        KVF__OPT("events", KVF__ARG_STR, &o->events, "HOST:PORT",
+                 "publish KV events (vLLM's format) for kvf-sched", NULL),
+        KVF__OPT("events-credential", KVF__ARG_STR, &o->events_credential, "FILE",
+                 "secure --events with CURVE under this credential (docs/security.md)", NULL),
+        KVF__OPT("events-tenants", KVF__ARG_STR, &o->events_tenants, "FILE",
+                 "the keys that may subscribe to --events", NULL),
+        KVF__OPT("model", KVF__ARG_CHOICE, &o->model, "PRESET", "the reference model", "ref-tiny",
+                 .choices = models),
+        KVF__OPT("max-tokens", KVF__ARG_STR, &o->max_tokens, "N",
+                 "KV capacity in tokens, 256..1048576", "16384"),
+        KVF__OPT("queue", KVF__ARG_CHOICE, &o->queue, "ORDER",
+                 "the queue's order: work, least remaining work first; fifo, arrival", "work",
+                 .choices = queues),
+        KVF__OPT("cost", KVF__ARG_STR, &o->cost, "FILE",
+                 "the calibration the queue's estimates use (kvf-engine --calibrate)", NULL),
+        KVF__OPT("decide", KVF__ARG_FLAG, &o->decide, NULL,
+                 "choose per request between loading and recomputing, from live rates", NULL),
+        KVF__OPT("prefetch", KVF__ARG_CHOICE, &o->prefetch, "on|off",
+                 "fetch a waiting request's prefix early", "on", .choices = onoff),
+        KVF__OPT("prefetch-memory", KVF__ARG_STR, &o->prefetch_memory, "SIZE",
+                 "what the waiting prefetches may hold", "1G"),
+        KVF__OPT("tokens", KVF__ARG_STR, &o->tokens, "FILE",
+                 "bearer tokens of the HTTP API (\"NAME TOKEN\" lines)", NULL),
+        KVF__OPT("seed", KVF__ARG_STR, &o->seed, "S", "the model's weights' seed", "1"),
+        KVF__OPT("insecure", KVF__ARG_FLAG, &o->insecure, NULL,
+                 "listen beyond loopback without --tokens (docs/security.md)", NULL),
+        KVF__OPT("log-level", KVF__ARG_CHOICE, &o->level, "LEVEL", "what it logs", "info",
+                 .choices = levels),
+        KVF__OPT("log-format", KVF__ARG_CHOICE, &o->log_format, "FORMAT",
+                 "text, or json (one object a line)", "text", .choices = formats),
+    };
+    const kvf__args_spec spec = {
+        .prog = "kvf-engine --serve",
+        .synopsis = "--id ID [--role prefill|decode|both] [OPTIONS]",
+        .summary = "The reference engine's HTTP API (docs/operations.md, \"The engine's serving "
+                   "mode\"): registers with kvf-sched, serves prefill and decode with kvfabric.",
+        .epilog = "exit status: 0 stopped by a signal, 1 a failure (said on stderr), 2 a usage "
+                  "error",
+        .args = args,
+        .n = sizeof args / sizeof args[0],
+        .max_positional = 0,
+    };
+    int rc = kvf__args_parse(&spec, argc, argv, NULL);
+    return rc == KVF__ARGS_GO_ON ? PROCEED : rc;
 }
 
 /* The queue's order and the cost constants its work estimates use (the calibration file kvf

@@ -13,6 +13,7 @@
 
 #include "kvf/kvf.h"
 
+#include "args.h"
 #include "auth.h"
 #include "jsonkeys.h"
 #include "notify.h"
@@ -48,106 +49,82 @@ static void on_signal(int sig)
         atomic_store(&g_daemon->stop, 1);
 }
 
+static int parse_ttl(void *ud, const char *v, char *err, size_t errlen)
+{
+    char *end;
+    double ttl = strtod(v, &end);
+    if (end == v || *end || !(ttl >= 0 && ttl <= MAX_TTL_S)) {
+        snprintf(err, errlen, "%s: seconds from 0 (never) to %.0f", v, MAX_TTL_S);
+        return -1;
+    }
+    *(uint64_t *)ud = (uint64_t)llround(ttl * 1e9);
+    return 0;
+}
+
+static int parse_stores(void *ud, const char *v, char *err, size_t errlen)
+{
+    kvf__sched_daemon *d = ud;
+    if (strlen(v) >= sizeof d->stores) {
+        snprintf(err, errlen, "list too long");
+        return -1;
+    }
+    snprintf(d->stores, sizeof d->stores, "%s", v);
+    return 0;
+}
+
 /* Reads the command line into *cl, and --stores, --instance-ttl and --log-level into d. Returns -1
- * to go on, or the status to exit with: 0 after --help, 2 for a bad option. */
+ * to go on, or the status to exit with: 0 after --help or --version, 2 for a bad option. */
 static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--version")) {
-            printf("kvf-sched (kvfabric) %s\n", KVF_VERSION_STRING);
-            return 0;
-        }
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            printf(
-                "usage: kvf-sched [options]       (--help, --version)\n"
-                "The cache-aware scheduler: learns which engine and store holds which prefix\n"
-                "from their events and places requests (docs/scheduler.md).\n"
-                "  --listen HOST:PORT        the HTTP API (default 127.0.0.1:7500; port 0 picks)\n"
-                "  --policy P                round_robin, least_loaded, longest_prefix,\n"
-                "                            dynamo_cost or kvf_cost (default kvf_cost)\n"
-                "  --cost FILE               the cost model's constants (kvf-engine --calibrate)\n"
-                "  --config FILE             instances known from the start (never expire)\n"
-                "  --stores HOST:PORT[,...]  the storage nodes the connectors are told\n"
-                "  --store-events EP[,...]   each store's --events address, in --node order\n"
-                "  --chunk-tokens N          tokens per stored chunk, 1..65536 (default 256)\n"
-                "  --instance-ttl SECONDS    forget an engine silent this long; 0 never\n"
-                "                            (default 30)\n"
-                "  --tokens FILE             \"NAME TOKEN\" lines: every request but GETs\n"
-                "                            needs \"Authorization: Bearer TOKEN\"\n"
-                "  --events-credential FILE  subscribe to events over CURVE with this key,\n"
-                "  --events-server-key HEX   to publishers whose X25519 public key is HEX\n"
-                "  --insecure                allow --listen beyond loopback without --tokens\n"
-                "                            (docs/security.md)\n"
-                "  --log-level L             debug, info, warn or error (default info)\n"
-                "  --log-format F            text or json (one object a line; default text)\n"
-                "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage\n"
-                "error (a bad option, or a --config file that is refused)\n");
-            return 0;
-        }
-        if (!strcmp(a, "--insecure")) {
-            cl->insecure = 1;
-            continue;
-        }
-        if (!v) {
-            fprintf(stderr, "kvf-sched: %s needs a value (see --help)\n", a);
-            return 2;
-        }
-        i++;
-        if (!strcmp(a, "--listen"))
-            cl->listen = v;
-        else if (!strcmp(a, "--policy"))
-            cl->policy = v;
-        else if (!strcmp(a, "--cost"))
-            cl->cost = v;
-        else if (!strcmp(a, "--config"))
-            cl->config = v;
-        else if (!strcmp(a, "--store-events"))
-            cl->store_events = v;
-        else if (!strcmp(a, "--tokens"))
-            cl->tokens = v;
-        else if (!strcmp(a, "--events-credential"))
-            cl->events_credential = v;
-        else if (!strcmp(a, "--events-server-key"))
-            cl->events_server_key = v;
-        else if (!strcmp(a, "--chunk-tokens")) {
-            char *end;
-            cl->chunk_tokens = strtol(v, &end, 10);
-            if (end == v || *end) {
-                fprintf(stderr, "kvf-sched: --chunk-tokens: %s is not a number in 1..65536\n", v);
-                return 2;
-            }
-        } else if (!strcmp(a, "--instance-ttl")) {
-            char *end;
-            double ttl = strtod(v, &end);
-            if (end == v || *end || !(ttl >= 0 && ttl <= MAX_TTL_S)) {
-                fprintf(stderr, "kvf-sched: --instance-ttl: seconds from 0 (never) to %.0f\n",
-                        MAX_TTL_S);
-                return 2;
-            }
-            d->ttl_ns = (uint64_t)llround(ttl * 1e9);
-        } else if (!strcmp(a, "--stores")) {
-            if (strlen(v) >= sizeof d->stores) {
-                fprintf(stderr, "kvf-sched: --stores: list too long\n");
-                return 2;
-            }
-            snprintf(d->stores, sizeof d->stores, "%s", v);
-        } else if (!strcmp(a, "--log-format")) {
-            if (kvf__log_format_parse(v, &d->lg.format) != 0) {
-                fprintf(stderr, "kvf-sched: --log-format: expected text or json\n");
-                return 2;
-            }
-        } else if (!strcmp(a, "--log-level")) {
-            if (kvf__log_level_parse(v, &d->lg.level) != 0) {
-                fprintf(stderr, "kvf-sched: --log-level: expected debug, info, warn or error\n");
-                return 2;
-            }
-        } else {
-            fprintf(stderr, "kvf-sched: unknown option %s (see --help)\n", a);
-            return 2;
-        }
-    }
-    return -1;
+    static const char *const policies[] = {"round_robin", "least_loaded", "longest_prefix",
+                                           "dynamo_cost", "kvf_cost",     NULL};
+    const kvf__arg args[] = {
+        KVF__OPT("listen", KVF__ARG_STR, &cl->listen, "HOST:PORT", "the HTTP API (port 0 picks)",
+                 "127.0.0.1:7500"),
+        KVF__OPT("policy", KVF__ARG_CHOICE, &cl->policy, "P", "how requests are placed", "kvf_cost",
+                 .choices = policies),
+        KVF__OPT("cost", KVF__ARG_STR, &cl->cost, "FILE",
+                 "the cost model's constants (kvf-engine --calibrate)", NULL),
+        KVF__OPT("config", KVF__ARG_STR, &cl->config, "FILE",
+                 "instances known from the start (never expire): a cluster file, or "
+                 "{\"instances\": [...]}",
+                 NULL),
+        KVF__OPT("stores", KVF__ARG_FN, d, "HOST:PORT[,...]",
+                 "the storage nodes the connectors are told", NULL, .fn = parse_stores, .ud = d),
+        KVF__OPT("store-events", KVF__ARG_STR, &cl->store_events, "EP[,...]",
+                 "each store's --events address, in --node order", NULL),
+        KVF__OPT("chunk-tokens", KVF__ARG_LONG, &cl->chunk_tokens, "N", "tokens per stored chunk",
+                 "256", .lo = 1, .hi = 65536),
+        KVF__OPT("instance-ttl", KVF__ARG_FN, &d->ttl_ns, "SECONDS",
+                 "forget an engine silent this long; 0 never", "30", .fn = parse_ttl,
+                 .ud = &d->ttl_ns),
+        KVF__OPT("tokens", KVF__ARG_STR, &cl->tokens, "FILE",
+                 "\"NAME TOKEN\" lines: every request but GETs needs \"Authorization: Bearer "
+                 "TOKEN\"",
+                 NULL),
+        KVF__OPT("events-credential", KVF__ARG_STR, &cl->events_credential, "FILE",
+                 "subscribe to events over CURVE with this key", NULL),
+        KVF__OPT("events-server-key", KVF__ARG_STR, &cl->events_server_key, "HEX",
+                 "the publishers' X25519 public key (with --events-credential)", NULL),
+        KVF__OPT("insecure", KVF__ARG_FLAG, &cl->insecure, NULL,
+                 "allow --listen beyond loopback without --tokens (docs/security.md)", NULL),
+        KVF__OPT("log-level", KVF__ARG_FN, &d->lg, "LEVEL", "debug, info, warn or error", "info",
+                 .fn = kvf__args_log_level, .ud = &d->lg),
+        KVF__OPT("log-format", KVF__ARG_FN, &d->lg, "FORMAT", "text, or json (one object a line)",
+                 "text", .fn = kvf__args_log_format, .ud = &d->lg),
+    };
+    const kvf__args_spec spec = {
+        .prog = "kvf-sched",
+        .synopsis = "[OPTIONS]",
+        .summary = "The cache-aware scheduler: learns which engine and store holds which prefix "
+                   "from their events and places requests (docs/scheduler.md).",
+        .epilog = "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage "
+                  "error (a bad option, or a --config file that is refused)",
+        .args = args,
+        .n = sizeof args / sizeof args[0],
+        .max_positional = 0,
+    };
+    return kvf__args_parse(&spec, argc, argv, NULL);
 }
 
 /* The scheduler's options and the address to listen on, from the command line's settings.

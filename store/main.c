@@ -15,6 +15,7 @@
  */
 #include "kvf/kvf.h"
 
+#include "args.h"
 #include "cache.h"
 #include "cpus.h"
 #include "http.h"
@@ -49,60 +50,6 @@ static void on_hup(int sig)
     (void)sig;
     if (g_server)
         kvf__server_reload_tenants(g_server);
-}
-
-static void usage(FILE *f)
-{
-    fprintf(
-        f,
-        "usage: kvf-store [options]       (--help, --version)\n"
-        "  --listen HOST:PORT    address to serve (default 127.0.0.1:7400; port 0 picks one)\n"
-        "  --memory SIZE         arena size, e.g. 512M, 4G (default 1G)\n"
-        "  --threads N|auto      event-loop threads (default auto: a quarter of the cores,\n"
-        "                        1 to 8)\n"
-        "  --evict lru|s3fifo    eviction policy (default lru)\n"
-        "  --max-request SIZE    largest put request (default 256M)\n"
-        "  --max-entries N       index capacity, 1024 to 67108864 (default memory / 16 KiB)\n"
-        "  --log-level L         debug, info, warn, error (default info)\n"
-        "  --log-format F        text or json (one object a line; default text)\n"
-        "  --no-verify           do not verify object checksums on put\n"
-        "  --poller NAME         epoll or poll (default: best available)\n"
-        "  --lock-memory         mlock the arena\n"
-        "  --no-prefault         do not touch the arena's pages at start\n"
-        "  --events HOST:PORT    publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)\n"
-        "  --metrics HOST:PORT   serve GET /metrics (Prometheus text) over HTTP on this address\n"
-        "                        (port 0 picks; beyond loopback only with --insecure)\n"
-        "  --node N              this store's number in kvf-sched's --store-events (default 0)\n"
-        "  --auth TENANTS        require every client to authenticate as a tenant of this\n"
-        "                        file (kvf auth new); SIGHUP reads it again. Allows --listen\n"
-        "                        on any address\n"
-        "  --auth-timeout MS     with --auth, a connection not authenticated by then is\n"
-        "                        closed (default 10000)\n"
-        "  --copy-credential F   the credential COPY presents to --peer nodes (an admin's)\n"
-        "  --events-credential F secure --events with CURVE under this credential's key:\n"
-        "                        subscribers prove a key of --auth's tenants, an admin sees\n"
-        "                        every tenant's events, a tenant only its own\n"
-        "  --insecure            allow --listen without --auth, and --events, on an address\n"
-        "                        that is not loopback: only on a private network of trusted\n"
-        "                        hosts (docs/security.md)\n"
-        "  --peer HOST:PORT      a storage node COPY may push to (repeat for each; without\n"
-        "                        any, COPY is refused)\n"
-        "  --copy-workers N      threads that run COPYs (default 2)\n"
-        "  --copy-max-deadline MS  the longest a COPY may take, whatever it asks (default\n"
-        "                        and at most 30000)\n"
-        "  --copy-queue N        COPYs that may wait for a worker; more are refused as busy\n"
-        "                        (default 16)\n"
-        "  --rdma off|auto|HOST:PORT\n"
-        "                        serve RDMA descriptors over rdma_cm: auto (default) where this\n"
-        "                        host has a device, on the listen address and a free port\n"
-        "  --rdma-tenants        with --auth, serve RDMA to tenants too: one key covers the\n"
-        "                        whole arena, so tenants are not isolated on it\n"
-        "  --shm auto|off|NAME   shared memory for clients on this host over a Unix socket:\n"
-        "                        a path, or @NAME (abstract); auto (default): @kvf-store-PID.\n"
-        "                        The arena is then a sealed memfd (docs/shm.md)\n"
-        "  --shm-hugepages       the shared arena on huge pages (hugetlbfs must have them)\n"
-        "  --shm-staging-max SIZE  largest staging region of one connection (default 256M)\n"
-        "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage error\n");
 }
 
 #define STORE_MAX_PEERS   256
@@ -143,111 +90,32 @@ static store_cfg store_cfg_default(void)
     };
 }
 
-/* The value v of option a, a whole number in lo..hi, into *out. Returns 0, or 2 (the exit status
- * of bad usage) after saying what is wrong. */
-static int parse_count(const char *a, const char *v, long lo, long hi, long *out)
+static int parse_threads(void *ud, const char *v, char *err, size_t errlen)
 {
+    store_cfg *cfg = ud;
     char *end = NULL;
-    long n = strtol(v, &end, 10);
-    if (end == v || *end || n < lo || n > hi) {
-        fprintf(stderr, "kvf-store: %s: %s is not a number in %ld..%ld\n", a, v, lo, hi);
-        return 2;
+    cfg->threads = strcmp(v, "auto") ? strtol(v, &end, 10) : 0;
+    if (strcmp(v, "auto") && (end == v || *end || cfg->threads < 1 || cfg->threads > 64)) {
+        snprintf(err, errlen, "%s is not auto or in 1..64", v);
+        return -1;
     }
-    *out = n;
     return 0;
 }
 
-/* Sets the option a that takes the value v. Returns 0, or 2 (the exit status of bad usage) after
- * saying what is wrong. */
-static int parse_value(store_cfg *cfg, const char *a, const char *v)
+static int parse_peer(void *ud, const char *v, char *err, size_t errlen)
 {
-    if (!strcmp(a, "--listen")) {
-        cfg->listen = v;
-    } else if (!strcmp(a, "--memory")) {
-        if (kvf__parse_size(v, &cfg->memory) != 0) {
-            fprintf(stderr, "kvf-store: --memory: cannot parse size \"%s\"\n", v);
-            return 2;
-        }
-    } else if (!strcmp(a, "--max-request")) {
-        if (kvf__parse_size(v, &cfg->max_request) != 0 || cfg->max_request < 4096) {
-            fprintf(stderr, "kvf-store: --max-request: bad size \"%s\" (at least 4K)\n", v);
-            return 2;
-        }
-    } else if (!strcmp(a, "--threads")) {
-        char *end = NULL;
-        cfg->threads = strcmp(v, "auto") ? strtol(v, &end, 10) : 0;
-        if (strcmp(v, "auto") && (end == v || *end || cfg->threads < 1 || cfg->threads > 64)) {
-            fprintf(stderr, "kvf-store: --threads: %s is not auto or in 1..64\n", v);
-            return 2;
-        }
-    } else if (!strcmp(a, "--max-entries")) {
-        return parse_count(a, v, 1024, STORE_MAX_ENTRIES, &cfg->max_entries);
-    } else if (!strcmp(a, "--evict")) {
-        cfg->evict = v;
-    } else if (!strcmp(a, "--events")) {
-        cfg->events = v;
-    } else if (!strcmp(a, "--metrics")) {
-        cfg->metrics = v;
-    } else if (!strcmp(a, "--auth")) {
-        cfg->auth = v;
-    } else if (!strcmp(a, "--copy-max-deadline")) {
-        return parse_count(a, v, 1, KVF_COPY_MAX_DEADLINE_MS, &cfg->copy_max_deadline_ms);
-    } else if (!strcmp(a, "--auth-timeout")) {
-        return parse_count(a, v, 1, 3600000, &cfg->auth_timeout_ms);
-    } else if (!strcmp(a, "--copy-credential")) {
-        cfg->copy_credential = v;
-    } else if (!strcmp(a, "--events-credential")) {
-        cfg->events_credential = v;
-    } else if (!strcmp(a, "--rdma")) {
-        cfg->rdma = v;
-    } else if (!strcmp(a, "--shm")) {
-        cfg->shm = v;
-    } else if (!strcmp(a, "--shm-staging-max")) {
-        if (kvf__parse_size(v, &cfg->shm_staging_max) != 0 || cfg->shm_staging_max < 4096) {
-            fprintf(stderr,
-                    "kvf-store: --shm-staging-max: expected a size of 4K or more, got "
-                    "\"%s\"\n",
-                    v);
-            return 2;
-        }
-    } else if (!strcmp(a, "--node")) {
-        cfg->node = strtol(v, NULL, 10);
-        if (cfg->node < 0 || cfg->node > 255) {
-            fprintf(stderr, "kvf-store: --node: %s is not in 0..255\n", v);
-            return 2;
-        }
-    } else if (!strcmp(a, "--peer")) {
-        char host[256];
-        uint16_t port;
-        if (kvf__addr_parse(v, host, sizeof host, &port) != 0 || port == 0) {
-            fprintf(stderr, "kvf-store: --peer: expected HOST:PORT, got \"%s\"\n", v);
-            return 2;
-        }
-        if (cfg->n_peers == STORE_MAX_PEERS) {
-            fprintf(stderr, "kvf-store: --peer: at most %d peers\n", STORE_MAX_PEERS);
-            return 2;
-        }
-        cfg->peers[cfg->n_peers++] = v;
-    } else if (!strcmp(a, "--copy-workers")) {
-        return parse_count(a, v, 1, 1024, &cfg->copy_workers);
-    } else if (!strcmp(a, "--copy-queue")) {
-        return parse_count(a, v, 1, 1024, &cfg->copy_queue);
-    } else if (!strcmp(a, "--poller")) {
-        cfg->poller = v;
-    } else if (!strcmp(a, "--log-format")) {
-        if (kvf__log_format_parse(v, &cfg->lg.format) != 0) {
-            fprintf(stderr, "kvf-store: --log-format: expected text or json\n");
-            return 2;
-        }
-    } else if (!strcmp(a, "--log-level")) {
-        if (kvf__log_level_parse(v, &cfg->lg.level) != 0) {
-            fprintf(stderr, "kvf-store: --log-level: expected debug, info, warn or error\n");
-            return 2;
-        }
-    } else {
-        fprintf(stderr, "kvf-store: unknown option %s (see --help)\n", a);
-        return 2;
+    store_cfg *cfg = ud;
+    char host[256];
+    uint16_t port;
+    if (kvf__addr_parse(v, host, sizeof host, &port) != 0 || port == 0) {
+        snprintf(err, errlen, "expected HOST:PORT, got \"%s\"", v);
+        return -1;
     }
+    if (cfg->n_peers == STORE_MAX_PEERS) {
+        snprintf(err, errlen, "at most %d peers", STORE_MAX_PEERS);
+        return -1;
+    }
+    cfg->peers[cfg->n_peers++] = v;
     return 0;
 }
 
@@ -286,36 +154,105 @@ static int check_memory(const store_cfg *cfg)
  * with: 0 after --help, 2 for bad usage (said on stderr). */
 static int parse_args(int argc, char **argv, store_cfg *cfg)
 {
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            return 0;
-        } else if (!strcmp(a, "--version")) {
-            printf("kvf-store (kvfabric) %s\n", KVF_VERSION_STRING);
-            return 0;
-        } else if (!strcmp(a, "--no-verify")) {
-            cfg->verify = 0;
-        } else if (!strcmp(a, "--rdma-tenants")) {
-            cfg->rdma_tenants = 1;
-        } else if (!strcmp(a, "--shm-hugepages")) {
-            cfg->shm_hugepages = 1;
-        } else if (!strcmp(a, "--lock-memory")) {
-            cfg->lock_memory = 1;
-        } else if (!strcmp(a, "--no-prefault")) {
-            cfg->prefault = 0;
-        } else if (!strcmp(a, "--insecure")) {
-            cfg->insecure = 1;
-        } else if (!v) {
-            fprintf(stderr, "kvf-store: %s needs a value (see --help)\n", a);
-            return 2;
-        } else if (parse_value(cfg, a, v) != 0) {
-            return 2;
-        } else {
-            i++;
-        }
-    }
+    static const char *const evicts[] = {"lru", "s3fifo", NULL};
+    static const char *const pollers[] = {"epoll", "poll", NULL};
+    const kvf__arg args[] = {
+        KVF__OPT("listen", KVF__ARG_STR, &cfg->listen, "HOST:PORT",
+                 "the address to serve (port 0 picks one)", "127.0.0.1:7400"),
+        KVF__OPT("memory", KVF__ARG_SIZE, &cfg->memory, "SIZE", "the arena's size: 512M, 4G, ...",
+                 "1G"),
+        KVF__OPT("threads", KVF__ARG_FN, cfg, "N|auto", "event-loop threads, 1..64",
+                 "auto: a quarter of the cores, 1 to 8", .fn = parse_threads, .ud = cfg),
+        KVF__OPT("evict", KVF__ARG_CHOICE, &cfg->evict, "POLICY", "the eviction policy", "lru",
+                 .choices = evicts),
+        KVF__OPT("max-request", KVF__ARG_SIZE, &cfg->max_request, "SIZE",
+                 "the largest put request, at least 4K", "256M", .lo = 4096, .hi = 1e18),
+        KVF__OPT("max-entries", KVF__ARG_LONG, &cfg->max_entries, "N", "the index's capacity",
+                 "memory / 16 KiB", .lo = 1024, .hi = (double)STORE_MAX_ENTRIES),
+        KVF__OPT("log-level", KVF__ARG_FN, &cfg->lg, "LEVEL", "debug, info, warn or error", "info",
+                 .fn = kvf__args_log_level, .ud = &cfg->lg),
+        KVF__OPT("log-format", KVF__ARG_FN, &cfg->lg, "FORMAT", "text, or json (one object a line)",
+                 "text", .fn = kvf__args_log_format, .ud = &cfg->lg),
+        KVF__OPT("no-verify", KVF__ARG_UNSET, &cfg->verify, NULL,
+                 "do not verify the objects' checksums on put", NULL),
+        KVF__OPT("poller", KVF__ARG_CHOICE, &cfg->poller, "NAME", "the event loop's poller",
+                 "the best available", .choices = pollers),
+        KVF__OPT("lock-memory", KVF__ARG_FLAG, &cfg->lock_memory, NULL, "mlock the arena", NULL),
+        KVF__OPT("no-prefault", KVF__ARG_UNSET, &cfg->prefault, NULL,
+                 "do not touch the arena's pages at start", NULL),
+        KVF__OPT("events", KVF__ARG_STR, &cfg->events, "HOST:PORT",
+                 "publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)", NULL),
+        KVF__OPT("metrics", KVF__ARG_STR, &cfg->metrics, "HOST:PORT",
+                 "serve GET /metrics (Prometheus text) over HTTP on this address (port 0 picks; "
+                 "beyond loopback only with --insecure)",
+                 NULL),
+        KVF__OPT("node", KVF__ARG_LONG, &cfg->node, "N",
+                 "this store's number in kvf-sched's --store-events", "0", .lo = 0, .hi = 255),
+        KVF__OPT("auth", KVF__ARG_STR, &cfg->auth, "TENANTS",
+                 "require every client to authenticate as a tenant of this file (kvf auth new); "
+                 "SIGHUP reads it again. Allows --listen on any address",
+                 NULL),
+        KVF__OPT("auth-timeout", KVF__ARG_LONG, &cfg->auth_timeout_ms, "MS",
+                 "with --auth, a connection not authenticated by then is closed", "10000", .lo = 1,
+                 .hi = 3600000),
+        KVF__OPT("copy-credential", KVF__ARG_STR, &cfg->copy_credential, "FILE",
+                 "the credential COPY presents to --peer nodes (an admin's)", NULL),
+        KVF__OPT("events-credential", KVF__ARG_STR, &cfg->events_credential, "FILE",
+                 "secure --events with CURVE under this credential's key: subscribers prove a "
+                 "key of --auth's tenants, an admin sees every tenant's events, a tenant only its "
+                 "own",
+                 NULL),
+        KVF__OPT("insecure", KVF__ARG_FLAG, &cfg->insecure, NULL,
+                 "allow --listen without --auth, and --events and --metrics, on an address that "
+                 "is not loopback: only on a private network of trusted hosts (docs/security.md)",
+                 NULL),
+        KVF__OPT("peer", KVF__ARG_FN, cfg, "HOST:PORT",
+                 "a storage node COPY may push to (repeat for each; without any, COPY is "
+                 "refused)",
+                 NULL, .fn = parse_peer, .ud = cfg),
+        KVF__OPT("copy-workers", KVF__ARG_LONG, &cfg->copy_workers, "N", "threads that run COPYs",
+                 "2", .lo = 1, .hi = 1024),
+        KVF__OPT("copy-max-deadline", KVF__ARG_LONG, &cfg->copy_max_deadline_ms, "MS",
+                 "the longest a COPY may take, whatever it asks", "30000", .lo = 1,
+                 .hi = KVF_COPY_MAX_DEADLINE_MS),
+        KVF__OPT("copy-queue", KVF__ARG_LONG, &cfg->copy_queue, "N",
+                 "COPYs that may wait for a worker; more are refused as busy", "16", .lo = 1,
+                 .hi = 1024),
+        KVF__OPT("rdma", KVF__ARG_STR, &cfg->rdma, "off|auto|HOST:PORT",
+                 "serve RDMA descriptors over rdma_cm: auto where this host has a device, on the "
+                 "listen address and a free port",
+                 "auto"),
+        KVF__OPT("rdma-tenants", KVF__ARG_FLAG, &cfg->rdma_tenants, NULL,
+                 "with --auth, serve RDMA to tenants too: one key covers the whole arena, so "
+                 "tenants are not isolated on it",
+                 NULL),
+        KVF__OPT("shm", KVF__ARG_STR, &cfg->shm, "auto|off|NAME",
+                 "shared memory for clients on this host over a Unix socket: a path, or @NAME "
+                 "(abstract); auto: @kvf-store-PID. The arena is then a sealed memfd "
+                 "(docs/shm.md)",
+                 "auto"),
+        KVF__OPT("shm-hugepages", KVF__ARG_FLAG, &cfg->shm_hugepages, NULL,
+                 "the shared arena on huge pages (hugetlbfs must have them)", NULL),
+        KVF__OPT("shm-staging-max", KVF__ARG_SIZE, &cfg->shm_staging_max, "SIZE",
+                 "the largest staging region of one connection, at least 4K", "256M", .lo = 4096,
+                 .hi = 1e18),
+    };
+    const kvf__args_spec spec = {
+        .prog = "kvf-store",
+        .synopsis = "[OPTIONS]",
+        .summary = "The kvfabric storage node: KV chunks in a DRAM arena, served over TCP, shared "
+                   "memory and RDMA (docs/store.md). Prints one ready line on stdout once it "
+                   "accepts connections; SIGTERM and SIGINT stop it, SIGHUP reads --auth's "
+                   "tenants file again.",
+        .epilog = "exit status: 0 stopped by a signal, 1 a failure to start or serve, 2 a usage "
+                  "error",
+        .args = args,
+        .n = sizeof args / sizeof args[0],
+        .max_positional = 0,
+    };
+    int rc = kvf__args_parse(&spec, argc, argv, NULL);
+    if (rc != KVF__ARGS_GO_ON)
+        return rc;
     if (cfg->threads == 0)
         cfg->threads = kvf__auto_threads();
     if (check_memory(cfg) != 0)

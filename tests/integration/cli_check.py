@@ -90,6 +90,50 @@ for c in kvf_cmds:
 for c in bench_cmds:
     walk(["kvf-bench", c])
 
+# the parser every binary uses: each option of the usage described (its text after the option),
+# valid values listed where there is a list, defaults shown; bad values named, exit 2
+def described(cmd):
+    out = run(cmd + ["--help"]).stdout.splitlines()
+    if "options:" not in out:
+        return
+    opts = 0
+    for i, line in enumerate(out[out.index("options:") + 1:]):
+        if not line.startswith("  -"):
+            continue
+        opts += 1
+        m = re.match(r"^  (-\w, )?--[a-z0-9-]+( \S+)?\s{2,}(\S.*)$", line)
+        nxt = out[out.index("options:") + 2 + i] if out.index("options:") + 2 + i < len(out) else ""
+        check(m or re.match(r"^\s{10,}\S", nxt),
+              "%s --help: an option without its description: %r" % (" ".join(cmd), line))
+    check(opts >= 3, "%s --help lists its options (%d)" % (" ".join(cmd), opts))
+
+
+for cmd in (["kvf-store"], ["kvf-sched"], ["kvf-engine"], ["kvf-engine", "--serve"],
+            ["kvf-engine", "--calibrate", "x"]):
+    described(cmd)
+for c in bench_cmds:
+    described(["kvf-bench", c])
+help_text = {" ".join(c): " ".join(run(c + ["--help"]).stdout.split())
+             for c in (["kvf-store"], ["kvf-sched"])}
+check("[default: 1G]" in help_text["kvf-store"] and "(one of: lru, s3fifo)" in help_text["kvf-store"],
+      "kvf-store --help shows defaults and valid values")
+check("(one of: round_robin, least_loaded, longest_prefix, dynamo_cost, kvf_cost)"
+      in help_text["kvf-sched"], "kvf-sched --help lists its policies")
+for cmd, opt in ((["kvf-store", "--threads", "100"], "--threads"),
+                 (["kvf-store", "--evict", "fifo"], "--evict"),
+                 (["kvf-store", "--memory=4X"], "--memory"),
+                 (["kvf-sched", "--chunk-tokens", "0"], "--chunk-tokens"),
+                 (["kvf-sched", "--policy", "prefil"], "--policy"),
+                 (["kvf-engine", "--prompt", "zero"], "--prompt"),
+                 (["kvf-engine", "--serve", "--role", "prefil"], "--role"),
+                 (["kvf-bench", "e2e", "--concurrency", "0"], "--concurrency"),
+                 (["kvf-bench", "soak", "--object", "1Q"], "--object"),
+                 (["kvf-bench", "store", "--transport", "udp"], "--transport"),
+                 (["kvf-store", "stray"], "stray")):
+    p = run(cmd)
+    check(p.returncode == 2 and opt in p.stderr,
+          "%s: rc %d, stderr %r" % (" ".join(cmd), p.returncode, p.stderr[:200]))
+
 # a value missing: named, exit 2
 for cmd in (["kvf-store", "--memory"], ["kvf-sched", "--policy"], ["kvf-engine", "--serve", "--id"],
             ["kvf", "get", "--node"], ["kvf-bench", "e2e", "--trace"]):

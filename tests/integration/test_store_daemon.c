@@ -540,8 +540,8 @@ static void test_daemon_refuses_impossible_sizes(void **state)
         {"--memory 4 TiB means 268435456 index entries", "--max-entries"},
         {"--memory 512 KiB is below the minimum of 1 MiB", "--memory"},
         {"--memory 64 TiB is more than this host's memory", "--no-prefault"},
-        {"--max-entries: 12abc is not a number in 1024..67108864", "--max-entries"},
-        {"--max-entries: 99999999999 is not a number", "--max-entries"},
+        {"--max-entries: 12abc is not a whole number", "--max-entries"},
+        {"--max-entries: 99999999999 is out of range (1024..67108864)", "--max-entries"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char out[2048];
