@@ -5,6 +5,7 @@
  */
 #include "cluster_int.h"
 
+#include "creds.h"
 #include "proc.h"
 
 #include "auth.h"
@@ -253,70 +254,21 @@ static int announce(launch *L)
     return 0;
 }
 
-/* The publishers' CURVE identity (events.cred): the stores and engines secure their KV events
- * with it, kvf-sched knows its public key. It is in no tenants file: it authenticates nobody. */
-static int make_events_key(launch *L)
-{
-    kvf_credential cred;
-    uint8_t pk[KVF_AUTH_PK_LEN], xpk[32];
-    char err[300];
-    snprintf(L->events_cred, sizeof L->events_cred, "%s/events.cred", L->c->run_dir);
-    unlink(L->events_cred);
-    int rc = kvf__cred_new(&cred, "events", pk) != 0 ||
-             kvf__cred_write(L->events_cred, &cred, err, sizeof err) != 0 ||
-             kvf__auth_curve_pk(pk, xpk) != 0;
-    kvf__auth_wipe(&cred, sizeof cred);
-    if (rc)
-        return kvf__cluster_fail("cannot make the events key %s", L->events_cred);
-    for (int i = 0; i < 32; i++)
-        snprintf(L->events_key + 2 * i, 3, "%02x", xpk[i]);
-    return 0;
-}
-
-/* Credentials for the stores (docs/security.md), in the run directory, readable by their owner
- * only: the tenant "cluster" that the engines and tools use (cluster.cred), an admin for an
+/* Credentials for the stores (docs/security.md, creds.h), in the run directory, readable by their
+ * owner only: the tenant "cluster" that the engines and tools use (cluster.cred), an admin for an
  * operator's management requests and kvf-sched's event subscriptions (admin.cred), the stores'
  * tenants file with their public keys (store.tenants), and the events key. */
 static int make_credentials(launch *L)
 {
     const char *rd = L->c->run_dir;
-    const struct {
-        const char *name, *file;
-        int role;
-    } who[] = {{"cluster", "cluster.cred", KVF_ROLE_TENANT},
-               {"admin", "admin.cred", KVF_ROLE_ADMIN}};
+    char err[4400];
+    if (kvf__cluster_make_creds(rd, "store.tenants", 0, L->events_key, err, sizeof err) != 0)
+        return kvf__cluster_fail("%s", err);
     snprintf(L->tenants, sizeof L->tenants, "%s/store.tenants", rd);
-    unlink(L->tenants);
-    int fd = open(L->tenants, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    FILE *f = fd >= 0 ? fdopen(fd, "w") : NULL;
-    if (!f) {
-        if (fd >= 0)
-            close(fd);
-        return kvf__cluster_fail("cannot write %s: %s", L->tenants, strerror(errno));
-    }
-    fprintf(f, "# kvf cluster up: the stores' tenants (kvf auth list --tenants this file)\n");
-    int rc = 0;
-    for (size_t i = 0; i < sizeof who / sizeof who[0] && !rc; i++) {
-        char path[700], err[300], line[512];
-        snprintf(path, sizeof path, "%s/%s", rd, who[i].file);
-        unlink(path);
-        kvf_credential cred;
-        kvf_tenant_key k = {.role = who[i].role};
-        snprintf(k.name, sizeof k.name, "%s", who[i].name);
-        if (kvf__cred_new(&cred, who[i].name, k.pk) != 0 ||
-            kvf__cred_write(path, &cred, err, sizeof err) != 0)
-            rc = kvf__cluster_fail("cannot make the credential %s", path);
-        kvf__auth_wipe(&cred, sizeof cred);
-        kvf__tenant_key_format(&k, line, sizeof line);
-        fputs(line, f);
-        if (i == 0)
-            snprintf(L->cred_env, sizeof L->cred_env, "KVF_CREDENTIAL=%s", path);
-        else
-            snprintf(L->admin_cred, sizeof L->admin_cred, "%s", path);
-    }
-    if (fclose(f) != 0 && !rc)
-        rc = kvf__cluster_fail("cannot write %s", L->tenants);
-    return rc ? rc : make_events_key(L);
+    snprintf(L->cred_env, sizeof L->cred_env, "KVF_CREDENTIAL=%s/cluster.cred", rd);
+    snprintf(L->admin_cred, sizeof L->admin_cred, "%s/admin.cred", rd);
+    snprintf(L->events_cred, sizeof L->events_cred, "%s/events.cred", rd);
+    return 0;
 }
 
 static int start_store(launch *L, int i)
@@ -418,27 +370,15 @@ static int calibrate(launch *L)
     return 0;
 }
 
-/* A fresh token for kvf-sched (32 bytes of the kernel's random numbers, in hex) in
- * RUN_DIR/sched.tokens, readable by its owner only; L->token_env hands it to the engines, and the
- * state file names the file for kvf cluster send and kvf-bench e2e. */
+/* A fresh token for kvf-sched in RUN_DIR/sched.tokens, readable by its owner only (creds.h);
+ * L->token_env hands it to the engines, and the state file names the file for kvf cluster send
+ * and kvf-bench e2e. */
 static int make_token(launch *L)
 {
-    unsigned char r[32];
-    if (getrandom(r, sizeof r, 0) != (ssize_t)sizeof r)
-        return kvf__cluster_fail("cannot draw a token for kvf-sched: %s", strerror(errno));
-    char hex[65];
-    for (size_t i = 0; i < sizeof r; i++)
-        snprintf(hex + 2 * i, 3, "%02x", r[i]);
+    char hex[65], err[4400];
+    if (kvf__cluster_make_token(L->c->run_dir, hex, err, sizeof err) != 0)
+        return kvf__cluster_fail("%s", err);
     snprintf(L->tokens, sizeof L->tokens, "%s/sched.tokens", L->c->run_dir);
-    int fd = open(L->tokens, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    char line[128];
-    int n = snprintf(line, sizeof line,
-                     "# kvf cluster up: the cluster's engines and tools\ncluster %s\n", hex);
-    int ok = fd >= 0 && fchmod(fd, 0600) == 0 && write(fd, line, (size_t)n) == n;
-    if (fd >= 0)
-        close(fd);
-    if (!ok)
-        return kvf__cluster_fail("cannot write %s: %s", L->tokens, strerror(errno));
     snprintf(L->token_env, sizeof L->token_env, "KVF_SCHED_TOKEN=%s", hex);
     return 0;
 }

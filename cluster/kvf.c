@@ -2,12 +2,13 @@
  * kvf: the operator CLI. `kvf COMMAND [options]` runs one subcommand of the table below; each
  * parses its own options and prints them with `kvf COMMAND --help`. The subcommands live one
  * concern to a file: cmd_data.c (the data commands against stores), cmd_feasibility.c
- * (estimate, classify), cmd_probe.c (probe), cmd_auth.c (auth) and cluster.c (the local cluster
- * launcher).
+ * (estimate, classify), cmd_probe.c (probe), cmd_auth.c (auth), cmd_deploy.c (deploy) and
+ * cluster.c (the local cluster launcher).
  */
 #include "cluster.h"
 #include "cmd_auth.h"
 #include "cmd_data.h"
+#include "cmd_deploy.h"
 #include "cmd_feasibility.h"
 #include "cmd_probe.h"
 
@@ -51,6 +52,9 @@ static const subcommand subcommands[] = {
     {.name = "cluster",
      .run = kvf__cli_cluster,
      .help = "start, stop or inspect a kvfabric cluster on this machine"},
+    {.name = "deploy",
+     .run = kvf__cli_deploy,
+     .help = "render the systemd units' files of a cluster on several hosts"},
 };
 
 #define N_SUBCOMMANDS (sizeof subcommands / sizeof subcommands[0])
