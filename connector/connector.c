@@ -15,6 +15,7 @@
 #include "cu.h"
 #include "http.h"
 #include "connector_int.h"
+#include "metrics.h"
 
 #include <jansson.h>
 #include <pthread.h>
@@ -396,4 +397,46 @@ void kvf_connector_close(kvf_connector **cnp)
     pthread_mutex_unlock(&cn->mu);
     if (last)
         kvf__connector_free(cn);
+}
+
+int kvf_connector_set_metrics(kvf_connector *cn, kvf_metrics *m)
+{
+    if (!cn)
+        return KVF_EINVAL;
+    kvf__metrics *r = kvf__metrics_registry(m);
+    kvf__series *layer[2] = {NULL, NULL}, *wait[2] = {NULL, NULL}, *xfer[2] = {NULL, NULL};
+    if (r) {
+        kvf__metric *fl = kvf__metric_histogram(
+            r, "connector_layer_seconds",
+            "Per layer: a load, from its start until the layer was in the engine's pages; a "
+            "save, from the layer reported done until it was read.",
+            "op", kvf__metrics_latency_buckets, kvf__metrics_latency_nbuckets);
+        kvf__metric *fw = kvf__metric_histogram(
+            r, "connector_wait_seconds",
+            "Time the engine blocked on a transfer: waiting for a loaded layer, or for a save's "
+            "pages to be read.",
+            "op", kvf__metrics_latency_buckets, kvf__metrics_latency_nbuckets);
+        kvf__metric *fx = kvf__metric_histogram(
+            r, "connector_transfer_seconds", "Whole transfers that moved chunks, start to done.",
+            "op", kvf__metrics_latency_buckets, kvf__metrics_latency_nbuckets);
+        static const char *const ops[2] = {"load", "save"};
+        for (int i = 0; i < 2; i++) {
+            const char *v[] = {ops[i]};
+            layer[i] = fl ? kvf__metric_series(fl, v) : NULL;
+            wait[i] = fw ? kvf__metric_series(fw, v) : NULL;
+            xfer[i] = fx ? kvf__metric_series(fx, v) : NULL;
+            if (!layer[i] || !wait[i] || !xfer[i])
+                return KVF_ENOMEM;
+        }
+    }
+    pthread_mutex_lock(&cn->mu);
+    int busy = cn->inflight > 0;
+    if (!busy)
+        for (int i = 0; i < 2; i++) {
+            cn->m_layer[i] = layer[i];
+            cn->m_wait[i] = wait[i];
+            cn->m_xfer[i] = xfer[i];
+        }
+    pthread_mutex_unlock(&cn->mu);
+    return busy ? KVF_EBUSY : 0;
 }

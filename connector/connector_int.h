@@ -110,6 +110,11 @@ struct kvf_connector {
      * host-to-device copies measured slower than one, docs/cuda.md). */
     void *cu_stream[2];
     int cu_stream_dev;
+    /* Metrics (kvf_connector_set_metrics): series in the engine's registry, or NULL. Set with no
+     * transfer in flight; observed lock-free. [0]: loads, [1]: saves. */
+    struct kvf__series *m_layer[2]; /* a layer's time: load start -> layer in; done -> read */
+    struct kvf__series *m_wait[2];  /* the engine blocked: wait_layer; wait_pages */
+    struct kvf__series *m_xfer[2];  /* a whole transfer, start to done */
 };
 
 struct kvf_xfer {
@@ -158,6 +163,8 @@ struct kvf_xfer {
     int *layer_failed;     /* load: a chunk of this layer failed in its scatter; save: the
                             * failure that kept its gather from running */
     uint32_t layers_done;  /* save: layers gathered */
+    uint64_t t_start;      /* when the transfer was made (kvf__now_ns) */
+    uint64_t *layer_t;     /* save: when each layer was reported done */
     int pending_tasks;
     int stage_state;   /* save: a KVF__STAGE_* state, or < 0: staging failed with that code */
     int transfer_done; /* the client op completed (or none is needed) */

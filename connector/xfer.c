@@ -14,6 +14,7 @@
 #include "clock.h"
 #include "cu.h"
 #include "connector_int.h"
+#include "metrics.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,6 +58,9 @@ static void maybe_done_locked(kvf_xfer *x)
         if (x->layer_state[l] == LS_PENDING)
             x->layer_state[l] = x->result ? x->result : KVF_EIO;
     x->done = 1;
+    kvf__series *mx = x->cn->m_xfer[x->is_save];
+    if (mx && !x->result && !x->cancelled && x->n_chunks)
+        kvf__series_observe(mx, (double)(kvf__now_ns() - x->t_start) / 1e9);
     pthread_cond_broadcast(&x->cv);
 }
 
@@ -107,6 +111,12 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
     if (failed && !x->layer_failed[layer])
         x->layer_failed[layer] = x->is_save ? x->stage_state : KVF_ECHECKSUM;
     if (--x->layer_tasks[layer] == 0 && !skipped) {
+        kvf__series *ml = cn->m_layer[x->is_save];
+        if (ml && !failed && !x->layer_failed[layer])
+            kvf__series_observe(
+                ml, (double)(kvf__now_ns() -
+                             (x->is_save && x->layer_t[layer] ? x->layer_t[layer] : x->t_start)) /
+                        1e9);
         if (x->is_save) {
             x->layer_state[layer] = x->layer_failed[layer];
             if (x->layer_failed[layer] && !x->result)
@@ -259,6 +269,7 @@ static void xfer_destroy(kvf_xfer *x)
         free(x->cu_ev);
     }
     free(x->layer_state);
+    free(x->layer_t);
     free(x->layer_tasks);
     free(x->layer_failed);
     pthread_mutex_destroy(&x->mu);
@@ -296,9 +307,11 @@ static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_
     x->layer_state = malloc(L * sizeof *x->layer_state);
     x->layer_tasks = calloc(L, sizeof *x->layer_tasks);
     x->layer_failed = calloc(L, sizeof *x->layer_failed);
-    if (!x->keys || !x->page_ids || !x->bufs || !x->caps || !x->lens || !x->status ||
-        !x->verified || (!is_save && !x->bad) || (is_save && !x->seg_xxh) || !x->layer_state ||
-        !x->layer_tasks || !x->layer_failed) {
+    x->layer_t = is_save ? calloc(L, sizeof *x->layer_t) : NULL;
+    x->t_start = kvf__now_ns();
+    if ((is_save && !x->layer_t) || !x->keys || !x->page_ids || !x->bufs || !x->caps || !x->lens ||
+        !x->status || !x->verified || (!is_save && !x->bad) || (is_save && !x->seg_xxh) ||
+        !x->layer_state || !x->layer_tasks || !x->layer_failed) {
         /* xfer_destroy counts the transfer out of cn->inflight: count it in first. */
         pthread_mutex_lock(&cn->mu);
         cn->inflight++;
@@ -627,6 +640,8 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
         rc = KVF_ECANCELED;
     else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
         rc = KVF_EINVAL; /* reported twice */
+    else
+        x->layer_t[layer] = kvf__now_ns();
     pthread_mutex_unlock(&x->mu);
     if (!rc)
         rc = kvf__pool_enqueue_locked(cn, x, layer);
@@ -638,6 +653,8 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
 static void note_wait(kvf_xfer *x, uint64_t t0)
 {
     uint64_t dt = kvf__now_ns() - t0;
+    if (x->cn->m_wait[x->is_save])
+        kvf__series_observe(x->cn->m_wait[x->is_save], (double)dt / 1e9);
     pthread_mutex_lock(&x->cn->mu);
     x->cn->st.wait_ns += dt;
     pthread_mutex_unlock(&x->cn->mu);

@@ -11,6 +11,7 @@
 
 struct kvf_metrics {
     kvf__metrics *r;
+    int borrowed; /* kvf__metrics_wrap: r is the caller's */
 };
 
 kvf_metrics *kvf_metrics_new(const char *prefix)
@@ -33,7 +34,8 @@ void kvf_metrics_free(kvf_metrics **pm)
 {
     if (!pm || !*pm)
         return;
-    kvf__metrics_free(&(*pm)->r);
+    if (!(*pm)->borrowed)
+        kvf__metrics_free(&(*pm)->r);
     free(*pm);
     *pm = NULL;
 }
@@ -98,4 +100,19 @@ int kvf_metrics_expose(kvf_metrics *m, char **text, size_t *len)
 void kvf_metrics_text_free(char *text)
 {
     free(text);
+}
+
+kvf__metrics *kvf__metrics_registry(kvf_metrics *m)
+{
+    return m ? m->r : NULL;
+}
+
+kvf_metrics *kvf__metrics_wrap(kvf__metrics *r)
+{
+    kvf_metrics *m = r ? calloc(1, sizeof *m) : NULL;
+    if (m) {
+        m->r = r;
+        m->borrowed = 1;
+    }
+    return m;
 }

@@ -521,6 +521,13 @@ int kvfe_serve_main(int argc, char **argv)
         rc = 1;
         goto out_close_events;
     }
+    /* the connector's per-layer timing in the same registry (no transfer runs yet) */
+    S.metrics_pub = kvf__metrics_wrap(S.metrics);
+    if (S.cn && (!S.metrics_pub || kvf_connector_set_metrics(S.cn, S.metrics_pub) != 0)) {
+        fprintf(stderr, "kvf-engine: the connector's metrics: out of memory\n");
+        rc = 1;
+        goto out_close_events;
+    }
     rc = open_events(&S, &o);
     if (rc)
         goto out_close_events;
@@ -552,6 +559,7 @@ out_close_events:
     kvf_events_close(&S.pub);
     kvfe_close(&S.e);
     kvf_connector_close(&S.cn);
+    kvf_metrics_free(&S.metrics_pub);
     free(S.held);
     free(S.wait), free(S.pick_cached), free(S.pick_work);
     kvf__metrics_free(&S.metrics);

@@ -60,6 +60,7 @@ typedef struct srv {
     /* GET /metrics (core/metrics.h): requests by kind and result, prompt tokens by where they
      * came from, the phases' latencies; the queue and the connector mirrored at each scrape. */
     kvf__metrics *metrics;
+    kvf_metrics *metrics_pub; /* a handle on metrics for the connector (kvf/metrics.h) */
     kvf__metric *m_requests, *m_tokens, *m_seconds;
     /* load reports to kvf-sched, sent by their own thread */
     pthread_cond_t report_cv;

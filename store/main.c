@@ -433,6 +433,10 @@ static int open_metrics(const store_cfg *cfg, kvf_server *srv, kvf__metrics **m,
         return 1;
     }
     kvf__metrics_on_collect(*m, kvf__server_metrics, srv);
+    if (kvf__server_metrics_bind(srv, *m) != 0) {
+        fprintf(stderr, "kvf-store: out of memory\n");
+        return 1;
+    }
     if (kvf__httpd_start(h, host, port, 0, 4096, metrics_route, *m, bound, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-store: --metrics %s: %s\n", cfg->metrics, err);
         return 1;

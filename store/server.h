@@ -74,6 +74,9 @@ uint16_t kvf__server_port(const kvf_server *s);
  * and the request, hit, eviction and byte counters, mirrored into m. */
 struct kvf__metrics;
 void kvf__server_metrics(void *ud, struct kvf__metrics *m);
+/* Makes the op_seconds{op} histogram in m and has the server observe each request's time into
+ * it. Before kvf__server_run. Returns 0 or -1 (out of memory). */
+int kvf__server_metrics_bind(kvf_server *s, struct kvf__metrics *m);
 /* The RDMA port served (0: none), and why none when none (may be NULL). */
 uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why);
 /* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */

@@ -13,6 +13,8 @@
 #include "kvf/error.h"
 
 #include "bytes.h"
+#include "clock.h"
+#include "metrics.h"
 #include "tcp.h"
 
 #include <inttypes.h>
@@ -42,6 +44,7 @@ static void on_header(conn *c)
 {
     kvf_server *s = c->lp->srv;
     char msg[200];
+    c->counted = 0;
     kvf_wire_limits lim = {
         .max_request = s->o.max_request, .max_items = s->o.max_items, .expect_reply = 0};
     int rc = kvf__wire_hdr_decode(c->hdr, &lim, &c->h, msg, sizeof msg);
@@ -50,6 +53,10 @@ static void on_header(conn *c)
         return;
     }
     atomic_fetch_add(&s->reqs[c->h.opcode & 31], 1);
+    atomic_fetch_add(&s->reqs_by[c->is_unix != 0][c->h.opcode & 31], 1);
+    c->counted = 1;
+    if (s->m_op[c->h.opcode & 31])
+        c->t_hdr = kvf__now_ns();
     if (!kvf__auth_gate(c, c->h.opcode))
         return;
     if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
@@ -167,7 +174,12 @@ static void on_body(conn *c)
         }
         kvf__put_u64(c->rbuf, kvf__conn_ns_scope(c, ns));
     }
+    /* read before the handler: it may close c */
+    kvf__series *m = c->lp->srv->m_op[opcode & 31];
+    uint64_t t_hdr = c->t_hdr;
     op->handler(c);
+    if (m)
+        kvf__series_observe(m, (double)(kvf__now_ns() - t_hdr) / 1e9);
 }
 
 /* The peer closed c. Between frames that is a goodbye: c closes once its replies are written.

@@ -74,6 +74,8 @@ typedef struct conn {
     int fd;
     uint64_t id;
     uint64_t ns_bound;
+    uint64_t t_hdr; /* when the request's header was read (kvf__now_ns), for op_seconds */
+    int counted;    /* the request in progress was counted (its header decoded) */
     int rstate;
     uint8_t hdr[KVF_WIRE_HEADER_LEN];
     size_t hdr_got;
@@ -175,6 +177,10 @@ struct kvf_server {
     atomic_uint_fast64_t auth_timeouts; /* closed for not authenticating in time */
     atomic_int reload_tenants;          /* asked by kvf__server_reload_tenants, done by loop 0 */
     atomic_uint_fast64_t reqs[32];
+    /* by transport (0 TCP, 1 the Unix socket) and opcode: requests, and those answered with an
+     * error (kvf__reply_error), for requests_total{op,transport,result} */
+    atomic_uint_fast64_t reqs_by[2][32], errs_by[2][32];
+    struct kvf__series *m_op[32]; /* op_seconds{op} (kvf__server_metrics_bind), or NULL */
     /* RDMA: the listener (NULL: none, for the reason in rdma_why) and its counters */
     kvf__rserve *rdma;
     char rdma_why[200];

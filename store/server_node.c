@@ -330,12 +330,39 @@ void kvf__server_metrics(void *ud, kvf__metrics *m)
          (double)atomic_load(&s->proto_errors)},
     };
     kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
-    kvf__metric *req =
-        kvf__metric_counter(m, "requests_total", "Requests served, by operation.", "op");
+    kvf__metric *req = kvf__metric_counter(
+        m, "requests_total",
+        "Requests served, by operation, transport (tcp, or unix: the node's Unix socket of "
+        "clients on this host) and result (ok, or error: answered with an error).",
+        "op,transport,result");
+    static const char *const transports[2] = {"tcp", "unix"};
     for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
-        if (name)
-            kvf__series_set(kvf__metric_series(req, (const char *[]){name}),
-                            (double)atomic_load(&s->reqs[op]));
+        for (int t = 0; name && t < 2; t++) {
+            uint64_t n = atomic_load(&s->reqs_by[t][op]), e = atomic_load(&s->errs_by[t][op]);
+            if (!n && !e && t == 1)
+                continue; /* no Unix-socket series for operations never seen there */
+            kvf__series_set(kvf__metric_series(req, (const char *[]){name, transports[t], "ok"}),
+                            (double)(n > e ? n - e : 0));
+            kvf__series_set(kvf__metric_series(req, (const char *[]){name, transports[t], "error"}),
+                            (double)e);
+        }
     }
+}
+
+int kvf__server_metrics_bind(kvf_server *s, kvf__metrics *m)
+{
+    kvf__metric *f = kvf__metric_histogram(
+        m, "op_seconds",
+        "A request's time on the node, by operation: from its header read to its handler's end "
+        "(a get's reply queued; a put's table read, its data still to come).",
+        "op", kvf__metrics_latency_buckets, kvf__metrics_latency_nbuckets);
+    if (!f)
+        return -1;
+    for (unsigned op = 1; op < 32; op++) {
+        const char *name = kvf__wire_opcode_name(op);
+        if (name && !(s->m_op[op] = kvf__metric_series(f, (const char *[]){name})))
+            return -1;
+    }
+    return 0;
 }

@@ -144,6 +144,8 @@ void kvf__reply_error(conn *c, int status, int fatal, const char *fmt, ...)
     if ((size_t)n >= sizeof msg)
         n = sizeof msg - 1;
     kvf_server *s = c->lp->srv;
+    if (c->counted) /* a request whose header was read: its operation answered with an error */
+        atomic_fetch_add(&s->errs_by[c->is_unix != 0][c->h.opcode & 31], 1);
     if (fatal) {
         atomic_fetch_add(&s->proto_errors, 1);
         kvf_warn(s->o.log, "connection %" PRIu64 ": %s: %s", c->id, kvf_err_name(status), msg);

@@ -76,6 +76,12 @@ int kvf__metrics_expose(kvf__metrics *m, char **text, size_t *len);
 #define KVF_METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
 
 /* Buckets for latencies in seconds, 50 us to 10 s. */
+/* The registry underneath a public kvf_metrics (kvf/metrics.h), for libkvf's own modules; and a
+ * public handle on a daemon's own registry (borrowed: kvf_metrics_free frees the handle only). */
+struct kvf_metrics;
+kvf__metrics *kvf__metrics_registry(struct kvf_metrics *m);
+struct kvf_metrics *kvf__metrics_wrap(kvf__metrics *r);
+
 extern const double kvf__metrics_latency_buckets[];
 extern const size_t kvf__metrics_latency_nbuckets;
 

@@ -28,6 +28,7 @@
 #include "kvf/export.h"
 #include "kvf/feasibility.h"
 #include "kvf/layout.h"
+#include "kvf/metrics.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -89,6 +90,18 @@ KVF_API int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *op
  * not yet freed may still be waited on and must still be freed with kvf_xfer_free(); the last one
  * freed releases the connector's memory. Accepts NULL. */
 KVF_API void kvf_connector_close(kvf_connector **cn);
+
+/* Records the connector's timing into the engine's metrics registry (kvf/metrics.h), as
+ * histograms named there with the registry's prefix:
+ *   connector_layer_seconds{op="load"}   a load: from its start until a layer was in the pages
+ *   connector_layer_seconds{op="save"}   a save: from a layer reported done until it was read
+ *   connector_wait_seconds{op}           the engine blocked: kvf_xfer_wait_layer (load),
+ *                                        kvf_xfer_wait_pages (save)
+ *   connector_transfer_seconds{op}       a whole transfer that moved chunks, start to done
+ * m is borrowed: it must outlive the connector, or be replaced first (NULL: no metrics). Call with
+ * no transfer in flight. Returns 0, KVF_EINVAL (cn NULL), KVF_EBUSY (transfers in flight),
+ * KVF_ENOMEM. */
+KVF_API int kvf_connector_set_metrics(kvf_connector *cn, kvf_metrics *m);
 
 /* Registers the engine's KV memory: one entry per layer of the layout. Borrowed: the memory must
  * stay valid until close or the next registration. Returns 0, KVF_EINVAL (layer count, a NULL

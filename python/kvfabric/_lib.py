@@ -248,6 +248,7 @@ _SIGNATURES = {
                                               _P(c_uint32), c_size_t, _P(c_void_p)]),
     "kvf_prefetch_free": (None, [_P(c_void_p)]),
     "kvf_connector_stats_get": (None, [c_void_p, _P(ConnectorStats)]),
+    "kvf_connector_set_metrics": (c_int, [c_void_p, c_void_p]),
     "kvf_connector_transport": (c_char_p, [c_void_p, c_char_p, c_size_t]),
     "kvf_connector_error": (c_char_p, [c_void_p, c_char_p, c_size_t]),
     "kvf_xfer_wait_layer": (c_int, [c_void_p, c_uint32]),

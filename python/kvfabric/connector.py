@@ -317,6 +317,15 @@ class Connector(_Handle):
                                             len(page_ids), ctypes.byref(x)), "save")
         return Transfer(self, x, True, len(tokens))
 
+    def set_metrics(self, registry: Any) -> None:
+        """Records the connector's per-layer timing into a kvfabric.metrics.Registry (histograms
+        connector_layer_seconds, connector_wait_seconds and connector_transfer_seconds by op;
+        docs/operations.md); None stops it. With no transfer in flight. The registry is kept
+        alive as long as the connector records into it."""
+        h = registry._h if registry is not None else None
+        check(_lib.lib().kvf_connector_set_metrics(self._handle(), h), "set_metrics")
+        self._metrics = registry
+
     def stats(self) -> Dict[str, int]:
         s = _lib.ConnectorStats()
         _lib.lib().kvf_connector_stats_get(self._handle(), ctypes.byref(s))

@@ -647,6 +647,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     engine = Engine(model, layout, factory, connector=cn, events=ev, max_tokens=a.max_tokens)
     engine.vocab = int(cfg["vocab_size"])
     S = Server(a, engine, layout, ev, backend)
+    if cn is not None:  # the connector's per-layer timing on /metrics, as kvf-engine's
+        cn.set_metrics(S.metrics)
     httpd = ThreadingHTTPServer((host, port), _handler(S))
     httpd.daemon_threads = True
     bound = httpd.server_address[1]

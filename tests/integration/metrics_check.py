@@ -130,9 +130,14 @@ try:
               "%s: the process collector's series" % who)
         if who == "kvf-store":
             # a put goes as ADMIT then COMMIT (the node takes only what it lacks)
-            check(values.get('kvf_store_requests_total{op="commit"}', 0) >= 1,
-                  "kvf-store: requests_total{op=commit} did not count the put")
+            check(values.get('kvf_store_requests_total{op="commit",transport="tcp",result="ok"}',
+                             0) >= 1, "kvf-store: requests_total{op=commit,tcp,ok}: the put")
+            check('kvf_store_requests_total{op="get",transport="tcp",result="error"}' in values,
+                  "kvf-store: requests_total by result")
             check(values.get("kvf_store_puts_total", 0) >= 1, "kvf-store: puts_total")
+            check(types.get("kvf_store_op_seconds") == "histogram" and
+                  values.get('kvf_store_op_seconds_count{op="get"}', 0) >= 1,
+                  "kvf-store: op_seconds{op=get}")
             check(values.get("kvf_store_hits_total", 0) >= 1, "kvf-store: hits_total")
             check(values.get("kvf_store_arena_bytes") == 64 << 20, "kvf-store: arena_bytes")
             check(types.get("kvf_store_arena_bytes") == "gauge" and
@@ -146,6 +151,14 @@ try:
             check(values.get('kvf_engine_request_phase_seconds_count{phase="prefill"}') == 2,
                   "kvf-engine: the prefill phase histogram")
             check(values.get("kvf_engine_chunks_saved_total", 0) >= 1, "kvf-engine: saves")
+            # the connector's timing, per layer (4 layers of ref-tiny per save) and per transfer
+            check(types.get("kvf_engine_connector_layer_seconds") == "histogram" and
+                  values.get('kvf_engine_connector_layer_seconds_count{op="save"}', 0) >= 4 and
+                  'kvf_engine_connector_layer_seconds_count{op="load"}' in values,
+                  "kvf-engine: the connector's per-layer histogram")
+            check(values.get('kvf_engine_connector_transfer_seconds_count{op="save"}', 0) >= 1
+                  and 'kvf_engine_connector_wait_seconds_count{op="load"}' in values,
+                  "kvf-engine: the connector's transfer and wait histograms")
         else:
             check(values.get("kvf_sched_placements_total", 0) >= 1, "kvf-sched: placements")
             check(values.get("kvf_sched_place_seconds_count", 0) >= 1 and

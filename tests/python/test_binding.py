@@ -289,6 +289,37 @@ class TestConnector(unittest.TestCase):
                 for a, b in zip(src_ids, dst_ids):
                     self.assertEqual(src.page(layer, plane, a), dst.page(layer, plane, b))
 
+    def test_per_layer_timing_into_a_registry(self):
+        """The connector's per-layer histograms (docs/operations.md, Metrics): one observation
+        a layer for a save and a load, one a transfer; not while a transfer is in flight."""
+        from kvfabric.metrics import Registry
+        l = self.layout
+        src, dst = HostKV(l, 24, seed=11), HostKV(l, 24, seed=12)
+        t = tokens(2 * l.chunk_tokens, 13)
+        ids = list(range(len(t) // l.page_tokens))
+        reg = Registry("kvf_t")
+        with self.connector(salt="py-metrics") as cn:
+            cn.set_metrics(reg)
+            cn.register(src.pages)
+            with cn.save(t, ids) as sv:
+                with self.assertRaises(kvf.KvfError):  # a transfer in flight
+                    cn.set_metrics(None)
+                for layer in range(l.layers):
+                    sv.layer_done(layer)
+                sv.wait()
+            cn.register(dst.pages)
+            with cn.load(t, ids) as ld:
+                for layer in range(l.layers):
+                    ld.wait_layer(layer)
+                ld.wait()
+            text = reg.expose()
+            cn.set_metrics(None)
+        for op in ("save", "load"):
+            self.assertIn('kvf_t_connector_layer_seconds_count{op="%s"} %d' % (op, l.layers),
+                          text)
+            self.assertIn('kvf_t_connector_transfer_seconds_count{op="%s"} 1' % op, text)
+        self.assertIn('kvf_t_connector_wait_seconds_count{op="load"} %d' % (l.layers + 1), text)
+
     def test_a_save_larger_than_a_request_the_node_takes(self):
         # Over TCP to a node taking at most 256 KiB per request: 12 chunks of 128 KiB are cut
         # into requests it takes (they once went as 4 requests of 384 KiB: a reset connection).
