@@ -11,7 +11,7 @@ pkgs=(
   clang clang-format
   libxxhash-dev liblz4-dev libzmq3-dev libjansson-dev libmsgpack-dev libmicrohttpd-dev
   libopenblas-dev libibverbs-dev librdmacm-dev libcmocka-dev libhiredis-dev
-  libcurl4-openssl-dev libsodium-dev libsystemd-dev
+  libcurl4-openssl-dev libsodium-dev libsystemd-dev liburing-dev
   python3 python3-xxhash python3-msgpack python3-torch
   redis-server gnuplot-nox iproute2
 )

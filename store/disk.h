@@ -1,0 +1,81 @@
+/*
+ * The disk tier's storage engine (disk.c, docs/store.md "The disk tier"): KV objects in one file
+ * or block device, written and read through io_uring with O_DIRECT, as a log of large extents
+ * reused oldest first, from which the index is rebuilt at open.
+ *
+ * On disk (every multi-byte field little-endian; the layout byte by byte is in docs/store.md):
+ * a 4 KiB superblock at offset 0; extents of extent_bytes from offset 1 MiB, each beginning with
+ * a 4 KiB extent header (its generation: the sequence number it was opened at) followed by
+ * records, each a 64-byte header and its data, padded to 4 KiB. A record is an object, a
+ * tombstone (its key removed) or a namespace cleared. Headers carry their own checksum and the
+ * data's (XXH3-64): a record whose header does not check ends its extent's scan at open; an
+ * object whose data does not check when read is a miss, dropped. Extents are reused in the order
+ * they were written (the tier is a FIFO cache), so a tombstone never outlives the objects it
+ * removes, and records of an extent's previous life (sequence below its generation) are never
+ * read as current: after a crash at any moment the rebuilt index names only objects whose
+ * header was written whole, and a read returns an object's bytes only if they check.
+ *
+ * Locking: one mutex guards the index, the write buffer and the ring; calls are thread-safe and
+ * block for their I/O (a disk worker thread of the store calls them, never an event loop).
+ */
+#ifndef KVF_STORE_DISK_H
+#define KVF_STORE_DISK_H
+
+#include "kvf/layout.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kvf__disk kvf__disk;
+
+typedef struct kvf__disk_opts {
+    const char *path;      /* a file (made and sized) or a block device */
+    uint64_t size;         /* bytes of the tier; 0 for a block device: all of it */
+    uint64_t extent_bytes; /* 0: 64 MiB; a multiple of 4 KiB, at least 1 MiB */
+    uint32_t queue_depth;  /* io_uring entries; 0: 32 */
+    /* Faults for tests: called before each I/O; a nonzero return (a negative errno) is the I/O's
+     * result instead. NULL in service. */
+    int (*fault)(void *ud, int is_write, uint64_t off, uint64_t len);
+    void *fault_ud;
+} kvf__disk_opts;
+
+typedef struct kvf__disk_stats {
+    uint64_t bytes, extents, extent_bytes; /* the tier's size */
+    uint64_t entries, entry_bytes;         /* objects indexed, their data bytes */
+    uint64_t puts, put_bytes, gets, get_bytes, misses, removed, cleared;
+    uint64_t verify_failures; /* objects dropped on read: a checksum or header that did not check */
+    uint64_t extents_reused, dropped_by_reuse;
+    uint64_t rebuilt_entries; /* indexed at open */
+    double rebuild_seconds;
+    int down; /* 0, or the errno that took the tier down (every call then fails) */
+} kvf__disk_stats;
+
+/* Opens the tier, formatting it where no superblock of the same geometry is found, and rebuilds
+ * the index from what is on it. Returns 0; KVF_EINVAL (bad options); KVF_EIO (cannot open,
+ * size, read or write it: err says which and why; ENOSPC where the file system cannot hold
+ * size); KVF_ENOMEM. io_uring not available: KVF_EINFEASIBLE with the reason. */
+int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t errlen);
+/* Writes what is buffered and closes. Accepts NULL. */
+void kvf__disk_close(kvf__disk **d);
+
+/* Appends the object (ns, key) of len bytes (data is copied). It is found by get and lookup once
+ * written: at the next flush, or when the write buffer fills. Returns 0, KVF_EINVAL (too large
+ * for an extent), KVF_EIO (the tier is down, or goes down: a write failed). */
+int kvf__disk_put(kvf__disk *d, uint64_t ns, const kvf_key *key, const void *data, uint64_t len);
+/* Writes what is buffered and waits for it. Returns 0 or KVF_EIO. */
+int kvf__disk_flush(kvf__disk *d);
+/* Removes (ns, key): a tombstone, so that a restart does not bring it back. 0 or KVF_ENOENT;
+ * KVF_EIO. */
+int kvf__disk_remove(kvf__disk *d, uint64_t ns, const kvf_key *key);
+/* Removes every object of namespace ns. Returns the count, or a negative KVF_EIO. */
+int64_t kvf__disk_clear(kvf__disk *d, uint64_t ns);
+/* Whether (ns, key) is indexed; its length in *len. */
+int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *len);
+/* Reads (ns, key) into buf (cap bytes) and checks it: 0 with *len; KVF_ENOENT (not here, or it
+ * did not check: then it is dropped and counted); KVF_EOVERFLOW (cap too small: *len says how
+ * much); KVF_EIO (the tier is down, or goes down). */
+int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
+                  uint64_t *len);
+void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
+
+#endif

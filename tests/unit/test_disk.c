@@ -1,0 +1,450 @@
+/*
+ * The disk tier's storage engine (store/disk.c) on a real file through io_uring and O_DIRECT:
+ * objects round-trip and survive a reopen; removals and clears survive it too; the log reuses its
+ * oldest extent and a reopen rebuilds exactly what was indexed; bits flipped in the file are
+ * misses, never wrong bytes; a writer killed with SIGKILL at random moments leaves only whole
+ * objects (every one acknowledged by a flush present and exact); a failing device takes the tier
+ * down with errors, not a crash. The files live beside the build (O_DIRECT needs a file system
+ * that takes it; tmpfs does not, and is refused with the reason).
+ */
+#define _GNU_SOURCE
+#include "disk.h"
+
+#include "kvf/error.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#define MiB (1ull << 20)
+
+static char g_path[512];
+
+static kvf_key key_of(uint64_t i)
+{
+    return (kvf_key){.lo = i * 0x9E3779B97F4A7C15ull + 1, .hi = i ^ 0xabcdef};
+}
+
+/* An object's bytes, derived from its number: a wrong byte anywhere is seen. */
+static void fill(uint64_t i, uint8_t *b, uint64_t len)
+{
+    uint64_t s = i * 0x2545F4914F6CDD1Dull + 7;
+    for (uint64_t k = 0; k < len; k++) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        b[k] = (uint8_t)s;
+    }
+}
+
+static uint64_t len_of(uint64_t i)
+{
+    return 1000 + (i * 7919) % (200 * 1024);
+}
+
+static kvf__disk *open_disk(uint64_t size, uint64_t ext)
+{
+    kvf__disk_opts o = {.path = g_path, .size = size, .extent_bytes = ext};
+    kvf__disk *d = NULL;
+    char err[300] = "";
+    int rc = kvf__disk_open(&d, &o, err, sizeof err);
+    if (rc)
+        fail_msg("open: %s (%d)", err, rc);
+    return d;
+}
+
+/* Whether object i is present and exact (1), absent (0); a wrong byte fails the test. */
+static int check_obj(kvf__disk *d, uint64_t i)
+{
+    uint64_t len = len_of(i), got = 0;
+    uint8_t *b = malloc(len), *want = malloc(len);
+    kvf_key k = key_of(i);
+    int rc = kvf__disk_get(d, 1, &k, b, len, &got);
+    int present = rc == 0;
+    if (present) {
+        fill(i, want, len);
+        assert_int_equal(got, len);
+        assert_memory_equal(b, want, len);
+    } else {
+        assert_int_equal(rc, KVF_ENOENT);
+    }
+    free(b);
+    free(want);
+    return present;
+}
+
+static void put_obj(kvf__disk *d, uint64_t i)
+{
+    uint64_t len = len_of(i);
+    uint8_t *b = malloc(len);
+    fill(i, b, len);
+    kvf_key k = key_of(i);
+    assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+    free(b);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    snprintf(g_path, sizeof g_path, "test_disk.%d.dat", (int)getpid());
+    unlink(g_path);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    unlink(g_path);
+    return 0;
+}
+
+static void test_round_trip_and_reopen(void **state)
+{
+    (void)state;
+    kvf__disk *d = open_disk(64 * MiB, 4 * MiB);
+    for (uint64_t i = 0; i < 100; i++)
+        put_obj(d, i);
+    kvf_key k = key_of(5);
+    uint64_t len = 0;
+    assert_int_equal(kvf__disk_flush(d), 0);
+    assert_true(kvf__disk_contains(d, 1, &k, &len));
+    assert_int_equal(len, len_of(5));
+    assert_false(kvf__disk_contains(d, 2, &k, &len)); /* another namespace */
+    uint8_t small[16];
+    assert_int_equal(kvf__disk_get(d, 1, &k, small, sizeof small, &len), KVF_EOVERFLOW);
+    for (uint64_t i = 0; i < 100; i++)
+        assert_true(check_obj(d, i));
+    kvf__disk_close(&d);
+    d = open_disk(64 * MiB, 4 * MiB);
+    kvf__disk_stats st;
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.rebuilt_entries, 100);
+    for (uint64_t i = 0; i < 100; i++)
+        assert_true(check_obj(d, i));
+    /* written after the reopen: after the last record, found after another */
+    for (uint64_t i = 100; i < 120; i++)
+        put_obj(d, i);
+    kvf__disk_close(&d);
+    d = open_disk(64 * MiB, 4 * MiB);
+    for (uint64_t i = 0; i < 120; i++)
+        assert_true(check_obj(d, i));
+    kvf__disk_close(&d);
+    /* another geometry: formatted, nothing of the old life read as current */
+    d = open_disk(64 * MiB, 2 * MiB);
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.entries, 0);
+    kvf__disk_close(&d);
+}
+
+static void test_removals_and_clears_survive(void **state)
+{
+    (void)state;
+    kvf__disk *d = open_disk(32 * MiB, 2 * MiB);
+    for (uint64_t i = 0; i < 40; i++)
+        put_obj(d, i);
+    uint8_t b[64] = {1};
+    kvf_key other = key_of(1000);
+    assert_int_equal(kvf__disk_put(d, 7, &other, b, sizeof b), 0);
+    kvf_key k3 = key_of(3);
+    assert_int_equal(kvf__disk_remove(d, 1, &k3), 0);
+    assert_int_equal(kvf__disk_remove(d, 1, &k3), KVF_ENOENT);
+    assert_int_equal(kvf__disk_clear(d, 7), 1);
+    kvf__disk_close(&d);
+    d = open_disk(32 * MiB, 2 * MiB);
+    assert_false(check_obj(d, 3));
+    assert_false(kvf__disk_contains(d, 7, &other, NULL));
+    for (uint64_t i = 0; i < 40; i++)
+        if (i != 3)
+            assert_true(check_obj(d, i));
+    /* written again after its tombstone: back */
+    put_obj(d, 3);
+    kvf__disk_close(&d);
+    d = open_disk(32 * MiB, 2 * MiB);
+    assert_true(check_obj(d, 3));
+    kvf__disk_close(&d);
+}
+
+static void test_the_log_reuses_its_oldest_extent(void **state)
+{
+    (void)state;
+    /* 4 extents of 1 MiB: about 20 objects each; 300 objects go round several times */
+    kvf__disk *d = open_disk(MiB + 4 * MiB, MiB);
+    for (uint64_t i = 0; i < 300; i++) {
+        uint64_t len = 40000 + i;
+        uint8_t *b = malloc(len);
+        fill(i, b, len);
+        kvf_key k = key_of(i);
+        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+        free(b);
+    }
+    assert_int_equal(kvf__disk_flush(d), 0);
+    kvf__disk_stats st;
+    kvf__disk_stats_get(d, &st);
+    assert_true(st.extents_reused > 0 && st.dropped_by_reuse > 0);
+    if (!(st.entries > 40 && st.entries <= 100)) /* 25 a 1 MiB extent, 4 extents */
+        fail_msg("entries after wrapping: %llu", (unsigned long long)st.entries);
+    /* the newest are there, the oldest are not, and a reopen finds exactly the same */
+    uint8_t present[300];
+    for (uint64_t i = 0; i < 300; i++) {
+        kvf_key k = key_of(i);
+        present[i] = (uint8_t)kvf__disk_contains(d, 1, &k, NULL);
+    }
+    assert_true(present[299] && !present[0]);
+    uint64_t entries = st.entries;
+    kvf__disk_close(&d);
+    d = open_disk(MiB + 4 * MiB, MiB);
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.entries, entries);
+    for (uint64_t i = 0; i < 300; i++) {
+        kvf_key k = key_of(i);
+        uint64_t len = 0;
+        assert_int_equal(kvf__disk_contains(d, 1, &k, &len), present[i]);
+        if (present[i]) {
+            uint8_t *b = malloc(len), *w = malloc(len);
+            assert_int_equal(kvf__disk_get(d, 1, &k, b, len, &len), 0);
+            fill(i, w, len);
+            assert_memory_equal(b, w, len);
+            free(b);
+            free(w);
+        }
+    }
+    kvf__disk_close(&d);
+}
+
+/* Flips one byte of the file at off. */
+static void flip(uint64_t off)
+{
+    int fd = open(g_path, O_RDWR);
+    assert_true(fd >= 0);
+    uint8_t c;
+    assert_int_equal(pread(fd, &c, 1, (off_t)off), 1);
+    c ^= 0x5a;
+    assert_int_equal(pwrite(fd, &c, 1, (off_t)off), 1);
+    fsync(fd);
+    close(fd);
+}
+
+static void test_flipped_bits_are_misses(void **state)
+{
+    (void)state;
+    /* One extent's worth, laid out in order from the first extent: record i of equal sizes sits
+     * at 1 MiB + 4 KiB + i * size. */
+    kvf__disk *d = open_disk(16 * MiB, 4 * MiB);
+    const uint64_t len = 8192 - 64, size = 8192;
+    for (uint64_t i = 0; i < 10; i++) {
+        uint8_t b[8192];
+        fill(i, b, len);
+        kvf_key k = key_of(i);
+        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+    }
+    kvf__disk_close(&d);
+    flip(MiB + 4096 + 2 * size + 64 + 100); /* object 2's data */
+    flip(MiB + 4096 + 6 * size + 20);       /* object 6's header: its extent's scan ends there */
+    d = open_disk(16 * MiB, 4 * MiB);
+    uint8_t b[8192], w[8192];
+    uint64_t got;
+    for (uint64_t i = 0; i < 10; i++) {
+        kvf_key k = key_of(i);
+        int rc = kvf__disk_get(d, 1, &k, b, sizeof b, &got);
+        if (i == 2 || i >= 6) {
+            assert_int_equal(rc, KVF_ENOENT);
+        } else {
+            assert_int_equal(rc, 0);
+            fill(i, w, len);
+            assert_memory_equal(b, w, len);
+        }
+    }
+    kvf__disk_stats st;
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.verify_failures, 1); /* object 2, dropped */
+    kvf_key k2 = key_of(2);
+    assert_false(kvf__disk_contains(d, 1, &k2, NULL));
+    kvf__disk_close(&d);
+}
+
+/* The writer of the crash test: objects from first on, a flush every 4, each flushed number
+ * written to fd (what was acknowledged), until killed. */
+static void crash_writer(uint64_t first, int fd)
+{
+    kvf__disk_opts o = {.path = g_path, .size = 256 * MiB, .extent_bytes = 4 * MiB};
+    kvf__disk *d = NULL;
+    char err[300];
+    if (kvf__disk_open(&d, &o, err, sizeof err) != 0)
+        _exit(3);
+    uint8_t *b = malloc(300 * 1024);
+    for (uint64_t i = first;; i++) {
+        uint64_t len = len_of(i);
+        fill(i, b, len);
+        kvf_key k = key_of(i);
+        if (kvf__disk_put(d, 1, &k, b, len) != 0)
+            _exit(4);
+        if (i % 4 == 3) {
+            if (kvf__disk_flush(d) != 0)
+                _exit(5);
+            if (write(fd, &i, sizeof i) != (ssize_t)sizeof i)
+                _exit(6);
+        }
+    }
+}
+
+static void test_killed_writers_leave_whole_objects(void **state)
+{
+    (void)state;
+    srand((unsigned)time(NULL));
+    enum { ROUNDS = 6 };
+    uint64_t next = 0, from[ROUNDS], upto[ROUNDS]; /* round r acknowledged [from, upto) */
+    for (int r = 0; r < ROUNDS; r++) {
+        uint64_t acked = next;
+        from[r] = next;
+        int p[2];
+        assert_int_equal(pipe(p), 0);
+        pid_t pid = fork();
+        assert_true(pid >= 0);
+        if (pid == 0) {
+            close(p[0]);
+            crash_writer(next, p[1]);
+        }
+        close(p[1]);
+        /* once it writes (its first flush acknowledged), at a random moment of its writing */
+        uint64_t v;
+        if (read(p[0], &v, sizeof v) == (ssize_t)sizeof v)
+            acked = v + 1;
+        usleep((useconds_t)(rand() % 100000));
+        kill(pid, SIGKILL);
+        int status;
+        waitpid(pid, &status, 0);
+        assert_true(WIFSIGNALED(status));
+        while (read(p[0], &v, sizeof v) == (ssize_t)sizeof v)
+            acked = v + 1;
+        close(p[0]);
+        /* every object the index names is whole; every acknowledged one is there (256 MiB holds
+         * all of them: no extent was reused) */
+        upto[r] = acked;
+        kvf__disk *d = open_disk(256 * MiB, 4 * MiB);
+        uint64_t hi = acked + 64;
+        for (uint64_t i = 0; i < hi; i++) {
+            int present = check_obj(d, i), want = 0;
+            for (int q = 0; q <= r; q++)
+                want |= i >= from[q] && i < upto[q];
+            if (want && !present)
+                fail_msg("round %d: object %llu was acknowledged and is missing", r,
+                         (unsigned long long)i);
+        }
+        kvf__disk_stats st;
+        kvf__disk_stats_get(d, &st);
+        assert_int_equal(st.extents_reused, 0);
+        kvf__disk_close(&d);
+        next = hi; /* the next round writes after what may be there */
+    }
+    for (int r = 0; r < ROUNDS; r++)
+        assert_true(upto[r] > from[r]); /* every round acknowledged writes before its kill */
+}
+
+typedef struct fault_state {
+    int writes, fail_at, err;
+} fault_state;
+
+static int fault(void *ud, int is_write, uint64_t off, uint64_t len)
+{
+    (void)off, (void)len;
+    fault_state *f = ud;
+    if (!is_write)
+        return 0;
+    return ++f->writes >= f->fail_at ? -f->err : 0;
+}
+
+static void test_a_failing_device_takes_the_tier_down(void **state)
+{
+    (void)state;
+    kvf__disk *d = open_disk(16 * MiB, 2 * MiB);
+    for (uint64_t i = 0; i < 10; i++)
+        put_obj(d, i);
+    kvf__disk_close(&d);
+    fault_state f = {.fail_at = 1 << 30, .err = EIO};
+    kvf__disk_opts o = {
+        .path = g_path, .size = 16 * MiB, .extent_bytes = 2 * MiB, .fault = fault, .fault_ud = &f};
+    char err[300];
+    assert_int_equal(kvf__disk_open(&d, &o, err, sizeof err), 0);
+    assert_true(check_obj(d, 1));
+    f.fail_at = f.writes + 1; /* the next write fails */
+    uint8_t b[100] = {0};
+    kvf_key k = key_of(500);
+    assert_int_equal(kvf__disk_put(d, 1, &k, b, sizeof b), 0); /* buffered */
+    assert_int_equal(kvf__disk_flush(d), KVF_EIO);
+    kvf__disk_stats st;
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.down, EIO);
+    uint64_t len;
+    kvf_key k1 = key_of(1);
+    assert_int_equal(kvf__disk_get(d, 1, &k1, b, sizeof b, &len), KVF_EIO);
+    assert_int_equal(kvf__disk_put(d, 1, &k, b, sizeof b), KVF_EIO);
+    kvf__disk_close(&d);
+    /* ENOSPC the same way, from a fresh open */
+    f = (fault_state){.fail_at = 1 << 30, .err = ENOSPC};
+    assert_int_equal(kvf__disk_open(&d, &o, err, sizeof err), 0);
+    f.fail_at = f.writes + 1;
+    assert_int_equal(kvf__disk_put(d, 1, &k, b, sizeof b), 0);
+    assert_int_equal(kvf__disk_flush(d), KVF_EIO);
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.down, ENOSPC);
+    kvf__disk_close(&d);
+    /* what was written before the faults is still whole */
+    d = open_disk(16 * MiB, 2 * MiB);
+    for (uint64_t i = 0; i < 10; i++)
+        assert_true(check_obj(d, i));
+    kvf__disk_close(&d);
+}
+
+static void test_bad_places_are_refused(void **state)
+{
+    (void)state;
+    kvf__disk *d = NULL;
+    char err[300] = "";
+    kvf__disk_opts o = {.path = g_path, .size = 3 * MiB, .extent_bytes = 2 * MiB};
+    assert_int_equal(kvf__disk_open(&d, &o, err, sizeof err), KVF_EINVAL); /* < 2 extents */
+    assert_non_null(strstr(err, "fewer than 2 extents"));
+    o = (kvf__disk_opts){.path = g_path, .size = 0};
+    assert_int_equal(kvf__disk_open(&d, &o, err, sizeof err), KVF_EINVAL);
+    o = (kvf__disk_opts){.path = g_path, .size = 8 * MiB, .extent_bytes = 3000};
+    assert_int_equal(kvf__disk_open(&d, &o, err, sizeof err), KVF_EINVAL);
+    struct stat sb;
+    if (stat("/dev/shm", &sb) == 0) { /* tmpfs: no O_DIRECT, said so */
+        char p[128];
+        snprintf(p, sizeof p, "/dev/shm/kvf-disk-%d", (int)getpid());
+        o = (kvf__disk_opts){.path = p, .size = 8 * MiB, .extent_bytes = MiB};
+        int rc = kvf__disk_open(&d, &o, err, sizeof err);
+        unlink(p);
+        if (rc) {
+            assert_int_equal(rc, KVF_EIO);
+            assert_non_null(strstr(err, "O_DIRECT"));
+        } else {
+            kvf__disk_close(&d);
+        }
+    }
+    assert_null(d);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_round_trip_and_reopen, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_removals_and_clears_survive, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_the_log_reuses_its_oldest_extent, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_flipped_bits_are_misses, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_killed_writers_leave_whole_objects, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_a_failing_device_takes_the_tier_down, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_bad_places_are_refused, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
