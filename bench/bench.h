@@ -21,5 +21,6 @@ int bench_sched_ingest(json_t *res, int quick);
 struct kvf_sched *bench_sched_uniform(int n, uint32_t block_tokens, uint64_t capacity_blocks);
 int bench_soak_main(int argc, char **argv);
 int bench_e2e_main(int argc, char **argv);
+int bench_disk_main(int argc, char **argv);
 
 #endif

@@ -22,6 +22,7 @@ static const struct {
      "store under churn while the host is pushed to a memory-pressure target"},
     {"e2e", bench_e2e_main,
      "trace replay on a running cluster with and without kvfabric (real end to end)"},
+    {"disk", bench_disk_main, "the disk tier's engine alone vs fio on the same file system"},
 };
 
 static void usage(FILE *f)

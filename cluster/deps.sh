@@ -16,8 +16,8 @@ pkgs=(
   redis-server gnuplot-nox iproute2
 )
 # Wanted by a test but not needed to build or run: installed where apt-get can, its test skipped
-# where not (prometheus, for promtool: test_metrics).
-optional=(prometheus)
+# where not (prometheus, for promtool: test_metrics; fio, the peer of kvf-bench disk).
+optional=(prometheus fio)
 
 [ "${KVF_DEPS:-}" = present ] && exit 0
 

@@ -65,6 +65,8 @@ struct kvf__disk {
     uint64_t *gen; /* per extent: its generation (0: never opened) */
     uint8_t *wbuf; /* records not yet written, to go at (cur, wstart) */
     uint64_t wcap, wlen, wstart;
+    uint8_t *rbuf; /* reads land here (kept: a fresh buffer a read costs its page faults) */
+    uint64_t rcap;
     struct pend { /* the index entries of the records in wbuf */
         uint64_t ns, lo, hi, off, len, seq;
         int type;
@@ -667,6 +669,7 @@ void kvf__disk_close(kvf__disk **pd)
     free(d->tab);
     free(d->gen);
     free(d->wbuf);
+    free(d->rbuf);
     free(d->pend);
     free(d);
     *pd = NULL;
@@ -754,10 +757,17 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
         goto out;
     }
     uint64_t size = align_up(HDR_LEN + e->len);
-    if (!(rb = aligned(size))) {
-        rc = KVF_ENOMEM;
-        goto out;
+    if (size > d->rcap) {
+        uint8_t *nb = aligned(size);
+        if (!nb) {
+            rc = KVF_ENOMEM;
+            goto out;
+        }
+        free(d->rbuf);
+        d->rbuf = nb;
+        d->rcap = size;
     }
+    rb = d->rbuf;
     int r = io(d, 0, rb, size, e->off);
     if (r) {
         go_down(d, -r);
@@ -780,7 +790,6 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     d->st.get_bytes += h.len;
 out:
     pthread_mutex_unlock(&d->mu);
-    free(rb);
     return rc;
 }
 

@@ -1,0 +1,247 @@
+/*
+ * kvf-bench disk: the disk tier's storage engine (store/disk.c) alone, against fio on the same
+ * file system in the same run (docs/benchmarks.md, "kvf-bench disk"). Real, on this machine.
+ *
+ * For 16 MiB and 64 KiB objects (the chunk sizes of issue #22's targets): the engine puts
+ * --total bytes of them and flushes (demotion's path), then gets them all back with every
+ * checksum verified; fio writes and reads a file of the same size with the block size of the
+ * object, io_uring, O_DIRECT, queue depth 1 (the engine's). Rates in GB/s, the median of the
+ * rounds with their spread; engine_put_vs_fio and engine_get_vs_fio are the ratios. Not yet the
+ * store's figure: kvf-store does not serve from its disk tier yet (the target's disk_get_vs_fio
+ * goes through a store).
+ */
+#include "bench.h"
+#include "bench_util.h"
+
+#include "kvf/error.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#if KVF_HAVE_URING
+#include "disk.h"
+#include "units.h"
+
+#define MAX_ROUNDS 9
+
+typedef struct opts {
+    const char *dir;
+    uint64_t total;
+    int rounds, json, quick;
+} opts;
+
+static void fill(uint64_t i, uint8_t *b, uint64_t len)
+{
+    uint64_t s = i * 0x9E3779B97F4A7C15ull + 3;
+    for (uint64_t k = 0; k + 8 <= len; k += 8) {
+        s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+        memcpy(b + k, &s, 8);
+    }
+}
+
+/* The engine: put n objects of len, flush; then get them all. Rates in GB/s of object bytes;
+ * -1 on a failure (said). */
+static int engine_round(const opts *o, uint64_t len, double *put_gbps, double *get_gbps)
+{
+    char path[4200], err[300];
+    snprintf(path, sizeof path, "%s/kvf-bench-disk.%d.dat", o->dir, (int)getpid());
+    uint64_t n = o->total / len;
+    kvf__disk_opts dop = {.path = path, .size = (2 * n + 8) * (len + 8192) + (64ull << 20)};
+    kvf__disk *d = NULL;
+    int rc = kvf__disk_open(&d, &dop, err, sizeof err);
+    if (rc) {
+        fprintf(stderr, "kvf-bench disk: %s\n", err);
+        unlink(path);
+        return -1;
+    }
+    uint8_t *b = malloc(len), *r = malloc(len);
+    fill(7, b, len);
+    double t0 = bench_now();
+    for (uint64_t i = 0; i < n && !rc; i++) {
+        kvf_key k = {.lo = i + 1, .hi = len};
+        memcpy(b, &i, sizeof i); /* each object its own bytes */
+        rc = kvf__disk_put(d, 1, &k, b, len);
+    }
+    if (!rc)
+        rc = kvf__disk_flush(d);
+    double t1 = bench_now();
+    for (uint64_t i = 0; i < n && !rc; i++) {
+        kvf_key k = {.lo = i + 1, .hi = len};
+        uint64_t got = 0;
+        rc = kvf__disk_get(d, 1, &k, r, len, &got);
+        uint64_t first;
+        memcpy(&first, r, sizeof first);
+        if (!rc && (got != len || first != i))
+            rc = KVF_ECHECKSUM;
+    }
+    double t2 = bench_now();
+    kvf__disk_close(&d);
+    unlink(path);
+    free(b);
+    free(r);
+    if (rc) {
+        fprintf(stderr, "kvf-bench disk: the engine failed: %s\n", kvf_err_name(rc));
+        return -1;
+    }
+    *put_gbps = (double)(n * len) / (t1 - t0) / 1e9;
+    *get_gbps = (double)(n * len) / (t2 - t1) / 1e9;
+    return 0;
+}
+
+/* fio writing (rw "write") or reading ("read") a file of total bytes with block size bs, io_uring,
+ * O_DIRECT, queue depth 1. GB/s, or -1 when fio is missing or fails. */
+static double fio_rate(const opts *o, const char *rw, uint64_t bs)
+{
+    char cmd[8192], file[4200];
+    snprintf(file, sizeof file, "%s/kvf-bench-fio.%d.dat", o->dir, (int)getpid());
+    snprintf(cmd, sizeof cmd,
+             "fio --name=kvf --filename=%s --rw=%s --bs=%llu --size=%llu --ioengine=io_uring "
+             "--iodepth=1 --direct=1 --numjobs=1 --output-format=json 2>/dev/null",
+             file, rw, (unsigned long long)bs, (unsigned long long)o->total);
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return -1;
+    char *out = NULL;
+    size_t cap = 0, used = 0;
+    for (;;) {
+        if (used + 4096 > cap) {
+            cap = cap ? cap * 2 : 65536;
+            char *n = realloc(out, cap);
+            if (!n)
+                break;
+            out = n;
+        }
+        size_t k = fread(out + used, 1, cap - used - 1, p);
+        if (!k)
+            break;
+        used += k;
+    }
+    int st = pclose(p);
+    double gbps = -1;
+    if (out && st == 0) {
+        out[used] = '\0';
+        json_error_t je;
+        json_t *j = json_loads(out, 0, &je);
+        json_t *job = json_array_get(json_object_get(j, "jobs"), 0);
+        json_t *bw = json_object_get(json_object_get(job, rw), "bw_bytes");
+        if (json_is_number(bw))
+            gbps = json_number_value(bw) / 1e9;
+        json_decref(j);
+    }
+    free(out);
+    if (!strcmp(rw, "read"))
+        unlink(file);
+    return gbps;
+}
+
+static int fio_present(void)
+{
+    return system("fio --version >/dev/null 2>&1") == 0;
+}
+
+static int parse(int argc, char **argv, opts *o)
+{
+    *o = (opts){.dir = ".", .total = 512ull << 20, .rounds = 3};
+    const kvf__arg args[] = {
+        KVF__OPT("dir", KVF__ARG_STR, &o->dir, "DIR",
+                 "where the files go: a file system that takes O_DIRECT (not tmpfs)", "."),
+        KVF__OPT("total", KVF__ARG_SIZE, &o->total, "SIZE", "bytes written and read per shape",
+                 "512M; 128M with --quick", .lo = 16 << 20, .hi = 1e13),
+        KVF__OPT("rounds", KVF__ARG_INT, &o->rounds, "N", "rounds (the median is reported)", "3",
+                 .lo = 1, .hi = MAX_ROUNDS),
+        KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL, "smaller and fewer (CI)", NULL),
+        KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
+    };
+    int rc = bench_args("disk", "[OPTIONS]",
+                        "The disk tier's storage engine alone (put and flush, get with every "
+                        "checksum verified) against fio on the same file system with the same "
+                        "block size and queue depth, in the same run (docs/benchmarks.md).",
+                        NULL, args, sizeof args / sizeof args[0], argc, argv);
+    if (rc == 0 && o->quick) {
+        o->total = o->total == 512ull << 20 ? 128ull << 20 : o->total;
+        o->rounds = 1;
+    }
+    return rc;
+}
+
+int bench_disk_main(int argc, char **argv)
+{
+    opts o;
+    int p = parse(argc, argv, &o);
+    if (p != 0)
+        return p > 0 ? 0 : 2;
+    json_t *res = bench_result_new("disk");
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "what",
+                        json_string("the disk tier's engine alone, not through "
+                                    "kvf-store; fio with the same block size, "
+                                    "io_uring, O_DIRECT, queue depth 1"));
+    json_object_set_new(res, "total_bytes", json_integer((json_int_t)o.total));
+    int have_fio = fio_present();
+    if (!have_fio)
+        json_object_set_new(res, "fio", json_string("not installed: no ratios"));
+    static const struct {
+        uint64_t len;
+        const char *name;
+    } shapes[] = {{16u << 20, "16m"}, {64u << 10, "64k"}};
+    int rc = 0;
+    for (size_t s = 0; s < 2 && !rc; s++) {
+        double put[MAX_ROUNDS], get[MAX_ROUNDS], fw[MAX_ROUNDS], fr[MAX_ROUNDS];
+        for (int r = 0; r < o.rounds && !rc; r++) {
+            if (engine_round(&o, shapes[s].len, &put[r], &get[r]) != 0) {
+                rc = 1;
+                break;
+            }
+            fw[r] = have_fio ? fio_rate(&o, "write", shapes[s].len) : -1;
+            fr[r] = have_fio ? fio_rate(&o, "read", shapes[s].len) : -1;
+            bench_progress("disk",
+                           "%s round %d: engine put %.2f get %.2f GB/s; fio write %.2f "
+                           "read %.2f GB/s",
+                           shapes[s].name, r + 1, put[r], get[r], fw[r], fr[r]);
+        }
+        if (rc)
+            break;
+        char k[64];
+        snprintf(k, sizeof k, "engine_put_gbps_%s", shapes[s].name);
+        bench_spread ep = bench_json_rounds(res, k, put, (size_t)o.rounds);
+        snprintf(k, sizeof k, "engine_get_gbps_%s", shapes[s].name);
+        bench_spread eg = bench_json_rounds(res, k, get, (size_t)o.rounds);
+        if (have_fio && fw[0] > 0 && fr[0] > 0) {
+            snprintf(k, sizeof k, "fio_write_gbps_%s", shapes[s].name);
+            bench_spread w = bench_json_rounds(res, k, fw, (size_t)o.rounds);
+            snprintf(k, sizeof k, "fio_read_gbps_%s", shapes[s].name);
+            bench_spread rd = bench_json_rounds(res, k, fr, (size_t)o.rounds);
+            snprintf(k, sizeof k, "engine_put_vs_fio_%s", shapes[s].name);
+            bench_json_real(res, k, ep.median / w.median);
+            snprintf(k, sizeof k, "engine_get_vs_fio_%s", shapes[s].name);
+            bench_json_real(res, k, eg.median / rd.median);
+            if (!o.json)
+                printf("%s objects: engine put %.2f GB/s (%.2fx fio's write %.2f), get %.2f "
+                       "GB/s (%.2fx fio's read %.2f)\n",
+                       shapes[s].name, ep.median, ep.median / w.median, w.median, eg.median,
+                       eg.median / rd.median, rd.median);
+        } else if (!o.json) {
+            printf("%s objects: engine put %.2f GB/s, get %.2f GB/s (no fio)\n", shapes[s].name,
+                   ep.median, eg.median);
+        }
+    }
+    bench_emit(res, o.json);
+    json_decref(res);
+    return rc;
+}
+
+#else
+
+int bench_disk_main(int argc, char **argv)
+{
+    (void)argc, (void)argv;
+    fprintf(stderr, "kvf-bench disk: built without liburing: the disk tier is not here\n");
+    return 1;
+}
+
+#endif
