@@ -37,6 +37,7 @@
 #define WBUF_MIN   (4u << 20) /* the write buffer: records are written in runs this large */
 #define SCAN_CHUNK (8u << 20) /* rebuild reads extents in pieces this large */
 #define MAX_OBJECT (1ull << 32)
+#define WSLOTS     4 /* a large record's pieces written at once (besides its first) */
 
 typedef struct ent {
     uint64_t ns, lo, hi; /* (ns, key); lo == hi == ns == 0 and !used: an empty slot */
@@ -52,6 +53,8 @@ struct kvf__disk {
     int fd;
     struct io_uring ring;
     int ring_ok;
+    uint32_t qd;      /* the ring's entries: reads in flight at most */
+    XXH3_state_t *xs; /* a get's streaming checksum (under mu) */
     pthread_mutex_t mu;
     uint64_t size, n_ext, ext_bytes;
     uint8_t uuid[16];
@@ -67,7 +70,8 @@ struct kvf__disk {
     uint64_t wcap, wlen, wstart;
     uint8_t *rbuf; /* reads land here (kept: a fresh buffer a read costs its page faults) */
     uint64_t rcap;
-    struct pend { /* the index entries of the records in wbuf */
+    uint8_t *piece[WSLOTS + 1]; /* a large record's pieces in flight; [WSLOTS]: its first */
+    struct pend {               /* the index entries of the records in wbuf */
         uint64_t ns, lo, hi, off, len, seq;
         int type;
     } * pend;
@@ -121,6 +125,69 @@ static int io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off)
         done += (uint64_t)res;
     }
     return 0;
+}
+
+#define PIECE (2u << 20) /* a large object is read in pieces of this, several in flight */
+
+/* Reads len bytes at off into buf in pieces of PIECE, as many in flight as the ring holds, and
+ * hands each piece to each() in order as soon as it and those before it have landed: the
+ * caller's work on a piece (a checksum, a copy) overlaps the reads of the next ones. Returns 0
+ * or a negative errno. */
+static int io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
+                     void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud)
+{
+    if (d->o.fault) {
+        int f = d->o.fault(d->o.fault_ud, 0, off, len);
+        if (f)
+            return f < 0 ? f : -EIO;
+    }
+    uint64_t n = (len + PIECE - 1) / PIECE, next_sub = 0, next_done = 0, inflight = 0;
+    uint8_t landed[512];
+    if (n > sizeof landed)
+        return -E2BIG;
+    memset(landed, 0, (size_t)n);
+    int err = 0;
+    while (next_done < n) {
+        while (!err && next_sub < n && inflight < d->qd) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+            if (!sqe)
+                break;
+            uint64_t from = next_sub * PIECE, k = len - from < PIECE ? len - from : PIECE;
+            io_uring_prep_read(sqe, d->fd, buf + from, (unsigned)k, off + from);
+            io_uring_sqe_set_data64(sqe, next_sub);
+            next_sub++;
+            inflight++;
+        }
+        int rc = io_uring_submit(&d->ring);
+        if (rc < 0)
+            err = err ? err : rc;
+        if (!inflight)
+            break;
+        struct io_uring_cqe *cqe;
+        do
+            rc = io_uring_wait_cqe(&d->ring, &cqe);
+        while (rc == -EINTR);
+        if (rc < 0)
+            return rc; /* the ring itself failed: nothing more can be trusted */
+        uint64_t i = io_uring_cqe_get_data64(cqe);
+        uint64_t want = len - i * PIECE < PIECE ? len - i * PIECE : PIECE;
+        if (cqe->res < 0)
+            err = err ? err : cqe->res;
+        else if ((uint64_t)cqe->res != want)
+            err = err ? err : -EIO; /* short: past the end */
+        io_uring_cqe_seen(&d->ring, cqe);
+        inflight--;
+        if (i < n)
+            landed[i] = 1;
+        while (!err && next_done < n && landed[next_done]) {
+            uint64_t from = next_done * PIECE, k = len - from < PIECE ? len - from : PIECE;
+            each(ud, buf + from, from, k);
+            next_done++;
+        }
+        if (err && !inflight)
+            break;
+    }
+    return err;
 }
 
 static void *aligned(uint64_t len)
@@ -363,6 +430,123 @@ static int next_extent(kvf__disk *d)
     return 0;
 }
 
+/* Waits for one write of a large record; its slot goes back on the free list. Returns 0 or a
+ * negative errno. */
+static int wait_piece(kvf__disk *d, int *free_slots, int *nfree, int *inflight)
+{
+    struct io_uring_cqe *cqe;
+    int rc;
+    do
+        rc = io_uring_wait_cqe(&d->ring, &cqe);
+    while (rc == -EINTR);
+    if (rc < 0)
+        return rc;
+    uint64_t v = io_uring_cqe_get_data64(cqe);
+    int res = cqe->res;
+    io_uring_cqe_seen(&d->ring, cqe);
+    (*inflight)--;
+    if ((v >> 32) < WSLOTS)
+        free_slots[(*nfree)++] = (int)(v >> 32);
+    if (res < 0)
+        return res;
+    return (uint64_t)res == (v & 0xffffffffu) ? 0 : -ENOSPC;
+}
+
+/* An object too large for the write buffer, written in pieces: each piece copied and hashed, and
+ * written while the next is prepared; the first piece, which holds the header (it needs the
+ * data's checksum), last. The record is indexed once every piece is written. Called with mu,
+ * with the record fitting in the current extent. */
+static int append_large(kvf__disk *d, uint64_t ns, const kvf_key *k, const uint8_t *data,
+                        uint64_t len)
+{
+    int rc = write_out(d);
+    if (rc)
+        return rc;
+    for (int i = 0; i <= WSLOTS; i++)
+        if (!d->piece[i] && !(d->piece[i] = aligned(PIECE)))
+            return KVF_ENOMEM;
+    uint64_t size = align_up(HDR_LEN + len), base = ext_off(d, d->cur) + d->wpos;
+    uint64_t n = (size + PIECE - 1) / PIECE, seq = d->seq++;
+    if (d->o.fault) {
+        int f = d->o.fault(d->o.fault_ud, 1, base, size);
+        if (f) {
+            go_down(d, f < 0 ? -f : EIO);
+            return KVF_EIO;
+        }
+    }
+    XXH3_64bits_reset(d->xs);
+    int free_slots[WSLOTS], nfree = WSLOTS, inflight = 0, err = 0;
+    for (int i = 0; i < WSLOTS; i++)
+        free_slots[i] = i;
+    for (uint64_t i = 0; i < n && !err; i++) {
+        uint64_t from = i * PIECE, kk = size - from < PIECE ? size - from : PIECE;
+        if (i && !nfree)
+            err = wait_piece(d, free_slots, &nfree, &inflight);
+        if (err)
+            break;
+        int slot = i ? free_slots[--nfree] : WSLOTS;
+        uint8_t *b = d->piece[slot];
+        /* the record's bytes [from, from + kk): header (filled last), data, zeros */
+        uint64_t a = from < HDR_LEN ? HDR_LEN : from, e = from + kk;
+        uint64_t de = e < HDR_LEN + len ? e : HDR_LEN + len;
+        if (from < HDR_LEN)
+            memset(b, 0, HDR_LEN);
+        if (a < de) {
+            memcpy(b + (a - from), data + (a - HDR_LEN), de - a);
+            XXH3_64bits_update(d->xs, data + (a - HDR_LEN), de - a);
+        }
+        if (de < e)
+            memset(b + (de > from ? de - from : 0), 0, e - (de > from ? de : from));
+        if (!i)
+            continue; /* the first piece waits for the checksum */
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+        if (!sqe) {
+            err = -EBUSY;
+            break;
+        }
+        io_uring_prep_write(sqe, d->fd, b, (unsigned)kk, base + from);
+        io_uring_sqe_set_data64(sqe, (uint64_t)slot << 32 | kk);
+        inflight++;
+        int s2 = io_uring_submit(&d->ring);
+        if (s2 < 0)
+            err = s2;
+    }
+    if (!err) {
+        uint8_t *b = d->piece[WSLOTS];
+        uint64_t kk = size < PIECE ? size : PIECE;
+        hdr_write(b, REC_OBJECT, seq, ns, k->lo, k->hi, len, XXH3_64bits_digest(d->xs));
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+        if (!sqe) {
+            err = -EBUSY;
+        } else {
+            io_uring_prep_write(sqe, d->fd, b, (unsigned)kk, base);
+            io_uring_sqe_set_data64(sqe, (uint64_t)WSLOTS << 32 | kk);
+            inflight++;
+            int s2 = io_uring_submit(&d->ring);
+            if (s2 < 0)
+                err = s2;
+        }
+    }
+    while (inflight) {
+        int w = wait_piece(d, free_slots, &nfree, &inflight);
+        if (w == -EBUSY || (w < 0 && !inflight && err))
+            break;
+        if (w && !err)
+            err = w;
+    }
+    if (err) {
+        go_down(d, -err);
+        return KVF_EIO;
+    }
+    if (set(d, ns, k->lo, k->hi, base, len, seq) != 0) {
+        go_down(d, ENOMEM);
+        return KVF_EIO;
+    }
+    d->wpos += size;
+    d->wstart = d->wpos;
+    return 0;
+}
+
 /* Appends one record to the write buffer (writing it out first where it would not fit, and
  * moving to the next extent where the extent is full). Called with mu. */
 static int append(kvf__disk *d, int type, uint64_t ns, const kvf_key *k, const void *data,
@@ -378,6 +562,8 @@ static int append(kvf__disk *d, int type, uint64_t ns, const kvf_key *k, const v
         if (rc)
             return rc;
     }
+    if (type == REC_OBJECT && size > 2 * PIECE)
+        return append_large(d, ns, k, data, len);
     if (d->wlen + size > d->wcap) {
         int rc = write_out(d);
         if (rc)
@@ -618,7 +804,8 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     }
     d->size = size;
     d->n_ext = (size - DATA_OFF) / eb;
-    int ur = io_uring_queue_init(o->queue_depth ? o->queue_depth : 32, &d->ring, 0);
+    d->qd = o->queue_depth ? o->queue_depth : 32;
+    int ur = io_uring_queue_init(d->qd, &d->ring, 0);
     if (ur < 0) {
         snprintf(err, errlen, "disk tier %s: io_uring: %s", o->path, strerror(-ur));
         rc = KVF_EINFEASIBLE;
@@ -628,7 +815,8 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     d->gen = calloc(d->n_ext, sizeof *d->gen);
     d->wcap = WBUF_MIN;
     d->wbuf = aligned(d->wcap);
-    if (!d->gen || !d->wbuf || grow(d) != 0) {
+    d->xs = XXH3_createState();
+    if (!d->gen || !d->wbuf || !d->xs || grow(d) != 0) {
         rc = KVF_ENOMEM;
         goto fail;
     }
@@ -671,6 +859,10 @@ void kvf__disk_close(kvf__disk **pd)
     free(d->wbuf);
     free(d->rbuf);
     free(d->pend);
+    if (d->xs)
+        XXH3_freeState(d->xs);
+    for (int i = 0; i <= WSLOTS; i++)
+        free(d->piece[i]);
     free(d);
     *pd = NULL;
 }
@@ -734,6 +926,25 @@ int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *
     return e != NULL;
 }
 
+/* A get's work on each piece of its record: the data's part hashed and copied to the caller. */
+struct get_ctx {
+    XXH3_state_t *xs;
+    uint8_t *out;
+    uint64_t len;
+};
+
+static void get_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
+{
+    struct get_ctx *g = ud;
+    uint64_t a = from < HDR_LEN ? HDR_LEN : from, b = from + n;
+    if (b > HDR_LEN + g->len)
+        b = HDR_LEN + g->len; /* the padding after the data */
+    if (a >= b)
+        return;
+    XXH3_64bits_update(g->xs, p + (a - from), b - a);
+    memcpy(g->out + (a - HDR_LEN), p + (a - from), b - a);
+}
+
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
                   uint64_t *len)
 {
@@ -768,7 +979,10 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
         d->rcap = size;
     }
     rb = d->rbuf;
-    int r = io(d, 0, rb, size, e->off);
+    /* the data's checksum and its copy out, piece by piece as the pieces land */
+    struct get_ctx g = {.xs = d->xs, .out = buf, .len = e->len};
+    XXH3_64bits_reset(g.xs);
+    int r = io_pieces(d, rb, size, e->off, get_piece, &g);
     if (r) {
         go_down(d, -r);
         rc = KVF_EIO;
@@ -777,7 +991,7 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     rec h;
     if (!hdr_read(rb, &h) || h.type != REC_OBJECT || h.seq != e->seq || h.ns != ns ||
         h.lo != key->lo || h.hi != key->hi || h.len != e->len ||
-        XXH3_64bits(rb + HDR_LEN, h.len) != h.data_xxh) {
+        XXH3_64bits_digest(g.xs) != h.data_xxh) {
         /* written torn, or changed since: a miss, and gone */
         d->st.verify_failures++;
         d->st.misses++;
@@ -785,8 +999,7 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
         rc = KVF_ENOENT;
         goto out;
     }
-    e->verified = 1;
-    memcpy(buf, rb + HDR_LEN, h.len);
+    e->verified = 1; /* copied out as it landed: now known good */
     d->st.get_bytes += h.len;
 out:
     pthread_mutex_unlock(&d->mu);

@@ -48,9 +48,12 @@ static void fill(uint64_t i, uint8_t *b, uint64_t len)
     }
 }
 
+static int g_large; /* the crash test's objects: every 16th a large one */
+
 static uint64_t len_of(uint64_t i)
 {
-    return 1000 + (i * 7919) % (200 * 1024);
+    /* a large one is written in pieces, its header last */
+    return g_large && i % 16 == 5 ? 5 * MiB + i % 4096 : 1000 + (i * 7919) % (200 * 1024);
 }
 
 static kvf__disk *open_disk(uint64_t size, uint64_t ext)
@@ -273,22 +276,68 @@ static void test_flipped_bits_are_misses(void **state)
     kvf__disk_close(&d);
 }
 
+static void test_large_objects_in_pieces(void **state)
+{
+    (void)state;
+    /* 5 MiB objects are read in 2 MiB pieces, checked and copied as they land */
+    const uint64_t len = 5 * MiB + 123, size = 5 * MiB + 4096; /* header + data, 4 KiB units */
+    kvf__disk *d = open_disk(64 * MiB, 16 * MiB);
+    uint8_t *b = malloc(len), *w = malloc(len);
+    for (uint64_t i = 0; i < 3; i++) {
+        fill(100 + i, b, len);
+        kvf_key k = key_of(100 + i);
+        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+    }
+    kvf__disk_close(&d);
+    d = open_disk(64 * MiB, 16 * MiB);
+    for (uint64_t i = 0; i < 3; i++) {
+        kvf_key k = key_of(100 + i);
+        uint64_t got = 0;
+        memset(b, 0, len);
+        assert_int_equal(kvf__disk_get(d, 1, &k, b, len, &got), 0);
+        fill(100 + i, w, len);
+        assert_int_equal(got, len);
+        assert_memory_equal(b, w, len);
+    }
+    kvf__disk_close(&d);
+    /* a byte of object 1's third piece, and the last byte of object 2's data */
+    flip(MiB + 4096 + size + 4 * MiB + 77);
+    flip(MiB + 4096 + 2 * size + 64 + len - 1);
+    d = open_disk(64 * MiB, 16 * MiB);
+    for (uint64_t i = 0; i < 3; i++) {
+        kvf_key k = key_of(100 + i);
+        uint64_t got = 0;
+        int rc = kvf__disk_get(d, 1, &k, b, len, &got);
+        assert_int_equal(rc, i == 0 ? 0 : KVF_ENOENT);
+    }
+    kvf__disk_stats st;
+    kvf__disk_stats_get(d, &st);
+    assert_int_equal(st.verify_failures, 2);
+    kvf__disk_close(&d);
+    free(b);
+    free(w);
+}
+
 /* The writer of the crash test: objects from first on, a flush every 4, each flushed number
  * written to fd (what was acknowledged), until killed. */
 static void crash_writer(uint64_t first, int fd)
 {
-    kvf__disk_opts o = {.path = g_path, .size = 256 * MiB, .extent_bytes = 4 * MiB};
+    kvf__disk_opts o = {.path = g_path, .size = 1024 * MiB, .extent_bytes = 16 * MiB};
     kvf__disk *d = NULL;
     char err[300];
     if (kvf__disk_open(&d, &o, err, sizeof err) != 0)
         _exit(3);
-    uint8_t *b = malloc(300 * 1024);
+    uint8_t *b = malloc(6 * MiB);
+    uint64_t written = 0;
     for (uint64_t i = first;; i++) {
+        if (written > 96 * MiB) /* six rounds of this fit the tier: no extent reused */
+            pause();
         uint64_t len = len_of(i);
         fill(i, b, len);
         kvf_key k = key_of(i);
         if (kvf__disk_put(d, 1, &k, b, len) != 0)
             _exit(4);
+        written += len;
         if (i % 4 == 3) {
             if (kvf__disk_flush(d) != 0)
                 _exit(5);
@@ -303,6 +352,7 @@ static void test_killed_writers_leave_whole_objects(void **state)
     (void)state;
     srand((unsigned)time(NULL));
     enum { ROUNDS = 6 };
+    g_large = 1;
     uint64_t next = 0, from[ROUNDS], upto[ROUNDS]; /* round r acknowledged [from, upto) */
     for (int r = 0; r < ROUNDS; r++) {
         uint64_t acked = next;
@@ -328,10 +378,10 @@ static void test_killed_writers_leave_whole_objects(void **state)
         while (read(p[0], &v, sizeof v) == (ssize_t)sizeof v)
             acked = v + 1;
         close(p[0]);
-        /* every object the index names is whole; every acknowledged one is there (256 MiB holds
+        /* every object the index names is whole; every acknowledged one is there (the tier holds
          * all of them: no extent was reused) */
         upto[r] = acked;
-        kvf__disk *d = open_disk(256 * MiB, 4 * MiB);
+        kvf__disk *d = open_disk(1024 * MiB, 16 * MiB);
         uint64_t hi = acked + 64;
         for (uint64_t i = 0; i < hi; i++) {
             int present = check_obj(d, i), want = 0;
@@ -347,6 +397,7 @@ static void test_killed_writers_leave_whole_objects(void **state)
         kvf__disk_close(&d);
         next = hi; /* the next round writes after what may be there */
     }
+    g_large = 0;
     for (int r = 0; r < ROUNDS; r++)
         assert_true(upto[r] > from[r]); /* every round acknowledged writes before its kill */
 }
@@ -442,6 +493,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_removals_and_clears_survive, setup, teardown),
         cmocka_unit_test_setup_teardown(test_the_log_reuses_its_oldest_extent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_flipped_bits_are_misses, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_large_objects_in_pieces, setup, teardown),
         cmocka_unit_test_setup_teardown(test_killed_writers_leave_whole_objects, setup, teardown),
         cmocka_unit_test_setup_teardown(test_a_failing_device_takes_the_tier_down, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_places_are_refused, setup, teardown),
