@@ -205,7 +205,8 @@ void kvf__kve_decoder_free(kvf__kve_decoder **dp)
 /* Makes room for n more elements of size sz in *a (len used of *cap). 0 or -1. */
 static int reserve(void **a, size_t *cap, size_t len, size_t n, size_t sz)
 {
-    if (n <= *cap - len)
+    /* allocated even for n == 0: the callers add len to the array's start, never to NULL */
+    if (*a && n <= *cap - len)
         return 0;
     size_t want = *cap ? *cap : 1024;
     while (want - len < n) {
