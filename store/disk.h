@@ -1,5 +1,6 @@
 /*
- * The disk tier's storage engine (disk.c, docs/store.md "The disk tier"): KV objects in one file
+ * The disk tier's storage engine (disk.c, with disk_io.c, disk_index.c and disk_log.c; their
+ * shared inside in disk_int.h; docs/store.md "The disk tier"): KV objects in one file
  * or block device, written and read through io_uring with O_DIRECT, as a log of large extents
  * reused oldest first, from which the index is rebuilt at open.
  *

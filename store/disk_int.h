@@ -1,0 +1,130 @@
+/*
+ * The disk tier's storage engine inside (disk.h is its interface): the on-disk constants, the
+ * engine's state, and what its files share. disk_io.c: reads and writes through io_uring;
+ * disk_index.c: the in-memory index; disk_log.c: records and the log they are appended to;
+ * disk.c: open (format, rebuild), close and the operations. Everything here is called with the
+ * engine's mutex held.
+ */
+#ifndef KVF_STORE_DISK_INT_H
+#define KVF_STORE_DISK_INT_H
+
+#include "disk.h"
+
+#include <liburing.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <xxhash.h>
+
+#define BLK        4096u
+#define DATA_OFF   (1u << 20) /* the first extent's offset */
+#define HDR_LEN    64u
+#define SB_MAGIC   "KVFDISK1"
+#define EXT_MAGIC  "KVFEXT01"
+#define REC_MAGIC  0x5246564bu /* "KVFR" */
+#define REC_OBJECT 1
+#define REC_TOMB   2
+#define REC_CLEAR  3
+#define VERSION    1
+#define WBUF_MIN   (4u << 20) /* the write buffer: records are written in runs this large */
+#define SCAN_CHUNK (8u << 20) /* rebuild reads extents in pieces this large */
+#define MAX_OBJECT (1ull << 32)
+#define WSLOTS     4 /* a large record's pieces written at once (besides its first) */
+
+typedef struct ent {
+    uint64_t ns, lo, hi; /* (ns, key); lo == hi == ns == 0 and !used: an empty slot */
+    uint64_t off;        /* the record's offset in the file */
+    uint64_t len;        /* the object's bytes */
+    uint64_t seq;
+    uint32_t ext;
+    uint8_t used;
+} ent;
+
+struct kvf__disk {
+    kvf__disk_opts o;
+    int fd;
+    struct io_uring ring;
+    int ring_ok;
+    uint32_t qd;      /* the ring's entries: reads in flight at most */
+    XXH3_state_t *xs; /* a get's streaming checksum (under mu) */
+    pthread_mutex_t mu;
+    uint64_t size, n_ext, ext_bytes;
+    uint8_t uuid[16];
+    /* the index: open addressing, linear probing, tombstone-free (deletion by backward shift) */
+    ent *tab;
+    uint64_t cap, count, data_bytes;
+    /* the log */
+    uint64_t seq;  /* the next record's */
+    uint64_t cur;  /* the extent written */
+    uint64_t wpos; /* the next record's offset in it */
+    uint64_t *gen; /* per extent: its generation (0: never opened) */
+    uint8_t *wbuf; /* records not yet written, to go at (cur, wstart) */
+    uint64_t wcap, wlen, wstart;
+    uint8_t *rbuf; /* reads land here (kept: a fresh buffer a read costs its page faults) */
+    uint64_t rcap;
+    uint8_t *piece[WSLOTS + 1]; /* a large record's pieces in flight; [WSLOTS]: its first */
+    struct pend {               /* the index entries of the records in wbuf */
+        uint64_t ns, lo, hi, off, len, seq;
+        int type;
+    } * pend;
+    size_t npend, cpend;
+    kvf__disk_stats st;
+};
+
+#define PIECE (2u << 20) /* a large object is read and written in pieces of this */
+
+/* A record header, read (kvf__dk_hdr_read). */
+typedef struct rec {
+    int type;
+    uint64_t seq, ns, lo, hi, len, data_xxh;
+} rec;
+
+static inline void *kvf__dk_aligned(uint64_t len)
+{
+    void *p = NULL;
+    return posix_memalign(&p, BLK, len ? len : BLK) ? NULL : p;
+}
+
+static inline uint64_t kvf__dk_align_up(uint64_t v)
+{
+    return (v + BLK - 1) / BLK * BLK;
+}
+
+static inline uint64_t kvf__dk_ext_off(const kvf__disk *d, uint64_t e)
+{
+    return DATA_OFF + e * d->ext_bytes;
+}
+
+/* disk_io.c */
+/* The tier goes down with errno e (the first one stays): every later call fails. */
+void kvf__dk_go_down(kvf__disk *d, int e);
+/* One read or write of len bytes at off, waited for; 0 or a negative errno. */
+int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off);
+/* A read in pieces, each handed to each() in order as it and those before it land. */
+int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
+                      void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n),
+                      void *ud);
+
+/* disk_index.c: (ns, key) -> the newest object record */
+ent *kvf__dk_find(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi);
+void kvf__dk_erase(kvf__disk *d, ent *e);
+int kvf__dk_grow(kvf__disk *d);
+/* Indexes an object record (a later sequence replaces an earlier). 0 or -1 (no memory). */
+int kvf__dk_set(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t off, uint64_t len,
+                uint64_t seq);
+/* Removes (ns, key) if its record is older than seq. */
+void kvf__dk_drop_key(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t seq);
+/* Removes the entries of ns (or any, all_ns) in extent ext (UINT64_MAX: any) older than below;
+ * returns how many. */
+uint64_t kvf__dk_drop_where(kvf__disk *d, int all_ns, uint64_t ns, uint64_t ext, uint64_t below);
+
+/* disk_log.c */
+/* Whether h is a record header that checks (then *r holds it). */
+int kvf__dk_hdr_read(const uint8_t *h, rec *r);
+/* Writes the buffered records and indexes them. 0 or KVF_EIO (the tier goes down). */
+int kvf__dk_write_out(kvf__disk *d);
+/* Appends a record of type (REC_*) to the log. 0, KVF_EINVAL (too large), KVF_ENOMEM, KVF_EIO. */
+int kvf__dk_append(kvf__disk *d, int type, uint64_t ns, const kvf_key *k, const void *data,
+                   uint64_t len);
+
+#endif

@@ -1,0 +1,117 @@
+/*
+ * The disk tier's I/O (disk_int.h): one transfer at a time through io_uring, or a large read in
+ * pieces in flight, with the tests' fault hook in front of both.
+ */
+#define _GNU_SOURCE
+#include "disk_int.h"
+
+#include "kvf/error.h"
+
+#include <errno.h>
+#include <string.h>
+
+void kvf__dk_go_down(kvf__disk *d, int e)
+{
+    if (!d->st.down)
+        d->st.down = e ? e : EIO;
+}
+
+/* One read or write of len bytes at off through the ring, waited for; short transfers are
+ * continued. Returns 0 or a negative errno. */
+int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off)
+{
+    if (d->o.fault) {
+        int f = d->o.fault(d->o.fault_ud, is_write, off, len);
+        if (f)
+            return f < 0 ? f : -EIO;
+    }
+    uint64_t done = 0;
+    while (done < len) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+        if (!sqe)
+            return -EBUSY;
+        unsigned n = (unsigned)(len - done > (1u << 30) ? (1u << 30) : len - done);
+        if (is_write)
+            io_uring_prep_write(sqe, d->fd, (uint8_t *)buf + done, n, off + done);
+        else
+            io_uring_prep_read(sqe, d->fd, (uint8_t *)buf + done, n, off + done);
+        int rc = io_uring_submit(&d->ring);
+        if (rc < 0)
+            return rc;
+        struct io_uring_cqe *cqe;
+        do
+            rc = io_uring_wait_cqe(&d->ring, &cqe);
+        while (rc == -EINTR);
+        if (rc < 0)
+            return rc;
+        int res = cqe->res;
+        io_uring_cqe_seen(&d->ring, cqe);
+        if (res < 0)
+            return res;
+        if (res == 0)
+            return is_write ? -ENOSPC : -EIO; /* past the end: the file is shorter than sized */
+        done += (uint64_t)res;
+    }
+    return 0;
+}
+
+/* Reads len bytes at off into buf in pieces of PIECE, as many in flight as the ring holds, and
+ * hands each piece to each() in order as soon as it and those before it have landed: the
+ * caller's work on a piece (a checksum, a copy) overlaps the reads of the next ones. Returns 0
+ * or a negative errno. */
+int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
+                      void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud)
+{
+    if (d->o.fault) {
+        int f = d->o.fault(d->o.fault_ud, 0, off, len);
+        if (f)
+            return f < 0 ? f : -EIO;
+    }
+    uint64_t n = (len + PIECE - 1) / PIECE, next_sub = 0, next_done = 0, inflight = 0;
+    uint8_t landed[512];
+    if (n > sizeof landed)
+        return -E2BIG;
+    memset(landed, 0, (size_t)n);
+    int err = 0;
+    while (next_done < n) {
+        while (!err && next_sub < n && inflight < d->qd) {
+            struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+            if (!sqe)
+                break;
+            uint64_t from = next_sub * PIECE, k = len - from < PIECE ? len - from : PIECE;
+            io_uring_prep_read(sqe, d->fd, buf + from, (unsigned)k, off + from);
+            io_uring_sqe_set_data64(sqe, next_sub);
+            next_sub++;
+            inflight++;
+        }
+        int rc = io_uring_submit(&d->ring);
+        if (rc < 0)
+            err = err ? err : rc;
+        if (!inflight)
+            break;
+        struct io_uring_cqe *cqe;
+        do
+            rc = io_uring_wait_cqe(&d->ring, &cqe);
+        while (rc == -EINTR);
+        if (rc < 0)
+            return rc; /* the ring itself failed: nothing more can be trusted */
+        uint64_t i = io_uring_cqe_get_data64(cqe);
+        uint64_t want = len - i * PIECE < PIECE ? len - i * PIECE : PIECE;
+        if (cqe->res < 0)
+            err = err ? err : cqe->res;
+        else if ((uint64_t)cqe->res != want)
+            err = err ? err : -EIO; /* short: past the end */
+        io_uring_cqe_seen(&d->ring, cqe);
+        inflight--;
+        if (i < n)
+            landed[i] = 1;
+        while (!err && next_done < n && landed[next_done]) {
+            uint64_t from = next_done * PIECE, k = len - from < PIECE ? len - from : PIECE;
+            each(ud, buf + from, from, k);
+            next_done++;
+        }
+        if (err && !inflight)
+            break;
+    }
+    return err;
+}
