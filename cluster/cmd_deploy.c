@@ -523,37 +523,8 @@ static int render(const deploy *d, const char *out)
     return rc;
 }
 
-static void usage(FILE *f)
-{
-    fprintf(f, "usage: kvf deploy render --config DEPLOY.json --out DIR\n"
-               "Writes, for every host of the deployment file, the environment files of its\n"
-               "systemd units (kvf-store@N, kvf-sched, kvf-engine@ID) with the wiring between\n"
-               "them, the cluster's credentials (made here), and the units to enable, in\n"
-               "DIR/hosts/HOST/; DIR/README says what to do on each host. Nothing is started.\n"
-               "The deployment file (docs/operations.md): {\"name\", \"model\", \"policy\",\n"
-               "\"etc\", \"log_format\", \"cost\", \"tenant_bytes\", \"sched\": {\"host\",\n"
-               "\"port\"}, \"stores\": [{\"host\", \"memory\", \"threads\", \"port\",\n"
-               "\"events_port\", \"metrics_port\"}], \"engines\": [{\"host\", \"role\", \"id\",\n"
-               "\"port\", \"events_port\", \"max_tokens\"}]}\n"
-               "exit status: 0 rendered, 1 a file could not be written, 2 a usage error or a\n"
-               "deployment file refused\n");
-}
-
 int kvf__cli_deploy(int argc, char **argv)
 {
-    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
-        usage(argc < 2 ? stderr : stdout);
-        return argc < 2 ? 2 : 0;
-    }
-    if (!strcmp(argv[1], "--version")) {
-        kvf__args_version("kvf", stdout);
-        return 0;
-    }
-    if (strcmp(argv[1], "render") != 0) {
-        fprintf(stderr, "kvf deploy: unknown action \"%s\" (render)\n", argv[1]);
-        usage(stderr);
-        return 2;
-    }
     const char *config = NULL, *out = NULL;
     const kvf__arg args[] = {
         KVF__OPT("config", KVF__ARG_STR, &config, "DEPLOY.json",
@@ -567,17 +538,32 @@ int kvf__cli_deploy(int argc, char **argv)
         .synopsis = "--config DEPLOY.json --out DIR",
         .summary = "Writes, for every host of the deployment file, the environment files of its "
                    "systemd units (kvf-store@N, kvf-sched, kvf-engine@ID) with the wiring between "
-                   "them, the cluster's credentials (made here) and the units to enable "
-                   "(docs/operations.md).",
-        .epilog = "exit status: 0 rendered, 1 a file could not be written, 2 a usage error or a "
+                   "them, the cluster's credentials (made here) and the units to enable, in "
+                   "DIR/hosts/HOST/; DIR/README says what to do on each host. Nothing is started.",
+        .epilog = "The deployment file (docs/operations.md): {\"name\", \"model\", \"policy\", "
+                  "\"etc\", \"log_format\", \"cost\", \"tenant_bytes\", \"sched\": {\"host\", "
+                  "\"port\"}, \"stores\": [{\"host\", \"memory\", \"threads\", \"port\", "
+                  "\"events_port\", \"metrics_port\"}], \"engines\": [{\"host\", \"role\", "
+                  "\"id\", \"port\", \"events_port\", \"max_tokens\"}]}\n"
+                  "exit status: 0 rendered, 1 a file could not be written, 2 a usage error or a "
                   "deployment file refused",
         .args = args,
         .n = sizeof args / sizeof args[0],
         .max_positional = 0,
     };
-    int rc = kvf__args_parse(&spec, argc - 1, argv + 1, NULL);
+    /* one action, render: `kvf deploy --help` is its help */
+    if (argc < 2 || (strcmp(argv[1], "render") && argv[1][0] != '-')) {
+        if (argc >= 2)
+            fprintf(stderr, "kvf deploy: unknown action \"%s\" (render)\n", argv[1]);
+        kvf__args_usage(&spec, stderr);
+        return 2;
+    }
+    int at = strcmp(argv[1], "render") ? 0 : 1; /* options alone: read them, for --help */
+    int rc = kvf__args_parse(&spec, argc - at, argv + at, NULL);
     if (rc != KVF__ARGS_GO_ON)
         return rc;
+    if (!at)
+        return fail("%s: the action comes first: kvf deploy render ... (see --help)", argv[1]);
     if (!config || !out)
         return fail("render needs --config and --out (see --help)");
     deploy d;
