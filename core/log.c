@@ -1,6 +1,7 @@
 #include "log.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -106,13 +107,55 @@ void kvf__log_write(const kvf_log *lg, kvf_log_level level, const char *fmt, ...
     va_end(ap);
 }
 
-void kvf__daemon_signals(void (*on_stop)(int))
+static void (*sig_on_stop)(int);
+static void (*sig_on_hup)(int);
+
+static void daemon_set(sigset_t *set)
 {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_stop;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    sigemptyset(set);
+    sigaddset(set, SIGTERM);
+    sigaddset(set, SIGINT);
+    sigaddset(set, SIGHUP);
+}
+
+void kvf__daemon_block_signals(void)
+{
+    sigset_t set;
+    daemon_set(&set);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
     signal(SIGPIPE, SIG_IGN);
+}
+
+/* Runs until the process exits: a second SIGTERM calls on_stop again (the callbacks allow it). */
+static void *signal_main(void *arg)
+{
+    (void)arg;
+    sigset_t set;
+    daemon_set(&set);
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&set, &sig) != 0)
+            continue;
+        if (sig == SIGHUP) {
+            if (sig_on_hup)
+                sig_on_hup(sig);
+        } else {
+            sig_on_stop(sig);
+        }
+    }
+    return NULL;
+}
+
+int kvf__daemon_signals(void (*on_stop)(int), void (*on_hup)(int))
+{
+    kvf__daemon_block_signals(); /* the caller's thread at least, had main not done it */
+    sig_on_stop = on_stop;
+    sig_on_hup = on_hup;
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    int rc = pthread_create(&t, &at, signal_main, NULL);
+    pthread_attr_destroy(&at);
+    return rc == 0 ? 0 : -1;
 }

@@ -478,9 +478,12 @@ static void stop_serving(srv *S)
 }
 
 /* Says the server is ready (the line kvf cluster waits for) and serves until SIGTERM or SIGINT. */
-static void serve_until_signal(srv *S, uint16_t bound)
+static int serve_until_signal(srv *S, uint16_t bound)
 {
-    kvf__daemon_signals(on_signal);
+    if (kvf__daemon_signals(on_signal, NULL) != 0) {
+        fprintf(stderr, "kvf-engine: cannot start the signal thread\n");
+        return 1;
+    }
     printf("kvf-engine ready listen=%s:%u id=%s role=%s model=%s events=%s cache_layer=%s "
            "pid=%d\n",
            S->host, (unsigned)bound, S->id, S->role, S->model,
@@ -492,6 +495,7 @@ static void serve_until_signal(srv *S, uint16_t bound)
         usleep(50000);
     kvf__notify_stopping();
     kvf_info(&S->lg, "stopping");
+    return 0;
 }
 
 int kvfe_serve_main(int argc, char **argv)
@@ -510,6 +514,7 @@ int kvfe_serve_main(int argc, char **argv)
         rc = configure(&S, &o);
     if (rc != PROCEED)
         return rc;
+    kvf__daemon_block_signals(); /* before the first thread */
     rc = open_engine(&S, &o);
     if (rc)
         return rc;
@@ -548,7 +553,7 @@ int kvfe_serve_main(int argc, char **argv)
         }
         have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
     }
-    serve_until_signal(&S, bound);
+    rc = serve_until_signal(&S, bound);
 out_stop_http:
     stop_serving(&S);
     kvf__httpd_stop(&httpd);

@@ -248,11 +248,15 @@ static void subscribe_stores(kvf__sched_daemon *d, const char *list)
 }
 
 /* Says the daemon is ready (the line its launchers wait for) and waits for SIGTERM or SIGINT. */
-static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bound,
-                            kvf_policy policy)
+static int wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bound,
+                           kvf_policy policy)
 {
     g_daemon = d;
-    kvf__daemon_signals(on_signal);
+    if (kvf__daemon_signals(on_signal, NULL) != 0) {
+        fprintf(stderr, "kvf-sched: cannot start the signal thread\n");
+        atomic_store(&d->stop, 1);
+        return 1;
+    }
     printf("kvf-sched ready listen=%s:%u policy=%s pid=%d\n", host, bound, kvf_policy_name(policy),
            (int)getpid());
     fflush(stdout);
@@ -262,6 +266,7 @@ static void wait_for_signal(kvf__sched_daemon *d, const char *host, uint16_t bou
         usleep(50000);
     kvf__notify_stopping();
     kvf_info(&d->lg, "stopping");
+    return 0;
 }
 
 /* Every subscription over CURVE, where --events-credential and --events-server-key ask for it.
@@ -323,10 +328,9 @@ static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint
     }
     pthread_t ev;
     pthread_create(&ev, NULL, kvf__sched_events_main, d);
-    wait_for_signal(d, host, bound, policy);
+    rc = wait_for_signal(d, host, bound, policy);
     kvf__httpd_stop(&d->httpd);
     pthread_join(ev, NULL);
-    rc = 0;
 out_close_zsubs:
     kvf__kve_decoder_free(&d->dec);
     kvf__zsubs_close(&d->zs);
@@ -343,6 +347,7 @@ int main(int argc, char **argv)
     int rc = parse_args(argc, argv, &cl, &d);
     if (rc >= 0)
         return rc;
+    kvf__daemon_block_signals(); /* before the first thread */
     kvf_sched_opts so;
     char host[256], err[1024];
     uint16_t port;

@@ -29,6 +29,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,20 +37,34 @@
 #include <strings.h>
 #include <unistd.h>
 
-static kvf_server *g_server; /* for the signal handler only */
+/* For the signal thread: the server while it runs; g_lock keeps it from being closed under a
+ * callback. */
+static kvf_server *g_server;
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static void on_signal(int sig)
 {
     (void)sig;
+    pthread_mutex_lock(&g_lock);
     if (g_server)
         kvf__server_stop(g_server);
+    pthread_mutex_unlock(&g_lock);
 }
 
 static void on_hup(int sig)
 {
     (void)sig;
+    pthread_mutex_lock(&g_lock);
     if (g_server)
         kvf__server_reload_tenants(g_server);
+    pthread_mutex_unlock(&g_lock);
+}
+
+static void set_server(kvf_server *s)
+{
+    pthread_mutex_lock(&g_lock);
+    g_server = s;
+    pthread_mutex_unlock(&g_lock);
 }
 
 #define STORE_MAX_PEERS   256
@@ -482,6 +497,7 @@ int main(int argc, char **argv)
     int status = parse_args(argc, argv, &cfg);
     if (status >= 0)
         return status;
+    kvf__daemon_block_signals(); /* before the first thread */
     char ev_ep[160] = "-";
     kvf__pub *pub = NULL;
     kvf_cache *cache = NULL;
@@ -502,16 +518,20 @@ int main(int argc, char **argv)
     uint16_t mport = 0;
     if ((status = open_metrics(&cfg, srv, &metrics, &mhttp, &mport)))
         goto out_close_server;
-    g_server = srv;
-    kvf__daemon_signals(on_signal);
-    signal(SIGHUP, on_hup);
+    set_server(srv);
+    if (kvf__daemon_signals(on_signal, on_hup) != 0) {
+        fprintf(stderr, "kvf-store: cannot start the signal thread\n");
+        status = 1;
+        goto out_close_metrics;
+    }
     announce(&cfg, srv, cache, ev_ep, mport);
     kvf__notify_ready(&cfg.lg, "serving");
 
     kvf__server_run(srv);
     kvf__notify_stopping();
     kvf_info(&cfg.lg, "stopping");
-    g_server = NULL;
+out_close_metrics:
+    set_server(NULL);
 out_close_server:
     kvf__httpd_stop(&mhttp); /* before the server its figures come from */
     kvf__metrics_free(&metrics);

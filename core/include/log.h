@@ -59,8 +59,15 @@ static inline int kvf__log_enabled(const kvf_log *lg, kvf_log_level level)
 #define kvf_warn(lg, ...)  kvf__log_write(lg, KVF_LOG_WARN, __VA_ARGS__)
 #define kvf_error(lg, ...) kvf__log_write(lg, KVF_LOG_ERROR, __VA_ARGS__)
 
-/* A daemon's signals: SIGTERM and SIGINT call on_stop (which should only set a flag), SIGPIPE is
- * ignored (a peer that goes away is an error return, not a death). */
-void kvf__daemon_signals(void (*on_stop)(int));
+/* A daemon's signals. kvf__daemon_block_signals(), first in main (before any thread starts),
+ * blocks SIGTERM, SIGINT and SIGHUP in every thread, so that none of them is interrupted (a handler
+ * run on a thread of a library, or a sanitizer's deferred delivery, could miss them) and ignores
+ * SIGPIPE (a peer that goes away is an error return, not a death). kvf__daemon_signals() then
+ * starts one thread that takes them with sigwait: SIGTERM and SIGINT call on_stop, SIGHUP calls
+ * on_hup (NULL: ignored). The callbacks run on that thread, not in a signal handler; they should
+ * set a flag or wake a loop. A signal that comes before kvf__daemon_signals() waits for it.
+ * 0, or -1 when the thread could not start (the daemon should exit). */
+void kvf__daemon_block_signals(void);
+int kvf__daemon_signals(void (*on_stop)(int), void (*on_hup)(int));
 
 #endif
