@@ -380,3 +380,54 @@ void bench_auth_remove(const char *dir, const char *const *names, size_t n)
     unlink(p);
     rmdir(dir);
 }
+
+/* fio writing (rw "write") or reading ("read") a file of total bytes in dir with block size bs,
+ * io_uring, O_DIRECT, queue depth 1 (bench_util.h). */
+double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total)
+{
+    char cmd[8192], file[4200];
+    snprintf(file, sizeof file, "%s/kvf-bench-fio.%d.dat", dir, (int)getpid());
+    snprintf(cmd, sizeof cmd,
+             "fio --name=kvf --filename=%s --rw=%s --bs=%llu --size=%llu --ioengine=io_uring "
+             "--iodepth=1 --direct=1 --numjobs=1 --output-format=json 2>/dev/null",
+             file, rw, (unsigned long long)bs, (unsigned long long)total);
+    FILE *p = popen(cmd, "r");
+    if (!p)
+        return -1;
+    char *out = NULL;
+    size_t cap = 0, used = 0;
+    for (;;) {
+        if (used + 4096 > cap) {
+            cap = cap ? cap * 2 : 65536;
+            char *n = realloc(out, cap);
+            if (!n)
+                break;
+            out = n;
+        }
+        size_t k = fread(out + used, 1, cap - used - 1, p);
+        if (!k)
+            break;
+        used += k;
+    }
+    int st = pclose(p);
+    double gbps = -1;
+    if (out && st == 0) {
+        out[used] = '\0';
+        json_error_t je;
+        json_t *j = json_loads(out, 0, &je);
+        json_t *job = json_array_get(json_object_get(j, "jobs"), 0);
+        json_t *bw = json_object_get(json_object_get(job, rw), "bw_bytes");
+        if (json_is_number(bw))
+            gbps = json_number_value(bw) / 1e9;
+        json_decref(j);
+    }
+    free(out);
+    if (!strcmp(rw, "read"))
+        unlink(file);
+    return gbps;
+}
+
+int bench_fio_present(void)
+{
+    return system("fio --version >/dev/null 2>&1") == 0;
+}

@@ -71,6 +71,13 @@ typedef struct bench_bars {
  * stderr). */
 int bench_plot_bars(const char *png, const bench_bars *b);
 
+/* fio writing (rw "write") or reading ("read") a file of total bytes in dir with block size bs,
+ * io_uring, O_DIRECT, queue depth 1: the disk benchmarks' peer. GB/s, or -1 when fio is missing
+ * or fails. A read follows a write of the same file, which it then removes. */
+double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total);
+/* Whether fio runs here. */
+int bench_fio_present(void);
+
 /* A result object opening with "bench": bench, as every subcommand's does. Caller owns the
  * result; free with json_decref(). */
 json_t *bench_result_new(const char *bench);

@@ -94,57 +94,6 @@ static int engine_round(const opts *o, uint64_t len, double *put_gbps, double *g
     return 0;
 }
 
-/* fio writing (rw "write") or reading ("read") a file of total bytes with block size bs, io_uring,
- * O_DIRECT, queue depth 1. GB/s, or -1 when fio is missing or fails. */
-static double fio_rate(const opts *o, const char *rw, uint64_t bs)
-{
-    char cmd[8192], file[4200];
-    snprintf(file, sizeof file, "%s/kvf-bench-fio.%d.dat", o->dir, (int)getpid());
-    snprintf(cmd, sizeof cmd,
-             "fio --name=kvf --filename=%s --rw=%s --bs=%llu --size=%llu --ioengine=io_uring "
-             "--iodepth=1 --direct=1 --numjobs=1 --output-format=json 2>/dev/null",
-             file, rw, (unsigned long long)bs, (unsigned long long)o->total);
-    FILE *p = popen(cmd, "r");
-    if (!p)
-        return -1;
-    char *out = NULL;
-    size_t cap = 0, used = 0;
-    for (;;) {
-        if (used + 4096 > cap) {
-            cap = cap ? cap * 2 : 65536;
-            char *n = realloc(out, cap);
-            if (!n)
-                break;
-            out = n;
-        }
-        size_t k = fread(out + used, 1, cap - used - 1, p);
-        if (!k)
-            break;
-        used += k;
-    }
-    int st = pclose(p);
-    double gbps = -1;
-    if (out && st == 0) {
-        out[used] = '\0';
-        json_error_t je;
-        json_t *j = json_loads(out, 0, &je);
-        json_t *job = json_array_get(json_object_get(j, "jobs"), 0);
-        json_t *bw = json_object_get(json_object_get(job, rw), "bw_bytes");
-        if (json_is_number(bw))
-            gbps = json_number_value(bw) / 1e9;
-        json_decref(j);
-    }
-    free(out);
-    if (!strcmp(rw, "read"))
-        unlink(file);
-    return gbps;
-}
-
-static int fio_present(void)
-{
-    return system("fio --version >/dev/null 2>&1") == 0;
-}
-
 static int parse(int argc, char **argv, opts *o)
 {
     *o = (opts){.dir = ".", .total = 512ull << 20, .rounds = 3};
@@ -183,7 +132,7 @@ int bench_disk_main(int argc, char **argv)
                                     "kvf-store; fio with the same block size, "
                                     "io_uring, O_DIRECT, queue depth 1"));
     json_object_set_new(res, "total_bytes", json_integer((json_int_t)o.total));
-    int have_fio = fio_present();
+    int have_fio = bench_fio_present();
     if (!have_fio)
         json_object_set_new(res, "fio", json_string("not installed: no ratios"));
     static const struct {
@@ -198,8 +147,8 @@ int bench_disk_main(int argc, char **argv)
                 rc = 1;
                 break;
             }
-            fw[r] = have_fio ? fio_rate(&o, "write", shapes[s].len) : -1;
-            fr[r] = have_fio ? fio_rate(&o, "read", shapes[s].len) : -1;
+            fw[r] = have_fio ? bench_fio_rate(o.dir, "write", shapes[s].len, o.total) : -1;
+            fr[r] = have_fio ? bench_fio_rate(o.dir, "read", shapes[s].len, o.total) : -1;
             bench_progress("disk",
                            "%s round %d: engine put %.2f get %.2f GB/s; fio write %.2f "
                            "read %.2f GB/s",

@@ -55,6 +55,7 @@ typedef struct opts {
     const char *transport;
     const char *rdma_host; /* --transport rdma: the RDMA interface's address */
     const char *plot;
+    const char *tier, *disk_dir; /* --tier disk: the disk tier instead (store_tier.c) */
 } opts;
 
 #define ROUNDS_MAX 11
@@ -89,8 +90,10 @@ static void row(const char *what, double gbps, double vs_ceiling, double vs_peer
 
 static int parse(int argc, char **argv, opts *o)
 {
-    *o = (opts){.memory = "1G", .transport = "tcp"}; /* threads and streams: auto, below */
+    *o = (opts){.memory = "1G", .transport = "tcp", .tier = "dram", .disk_dir = "."};
+    /* threads and streams: auto, below */
     static const char *const transports[] = {"tcp", "shm", "rdma", NULL};
+    static const char *const tiers[] = {"dram", "disk", NULL};
     const kvf__arg args[] = {
         KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL, "5 rounds instead of 11 (CI)", NULL),
         KVF__OPT("lookup-only", KVF__ARG_FLAG, &o->lookup_only, NULL,
@@ -115,6 +118,14 @@ static int parse(int argc, char **argv, opts *o)
                  "the client's transport to the store", "tcp", .choices = transports),
         KVF__OPT("io-threads", KVF__ARG_INT, &o->io_threads, "N", "the client's I/O threads",
                  "auto", .lo = 1, .hi = 64),
+        KVF__OPT("tier", KVF__ARG_CHOICE, &o->tier, "TIER",
+                 "dram: the arena (the default figures); disk: the disk tier through the store "
+                 "against fio (--disk-dir)",
+                 "dram", .choices = tiers),
+        KVF__OPT("disk-dir", KVF__ARG_STR, &o->disk_dir, "DIR",
+                 "with --tier disk, where the tier's file and fio's go (a file system that takes "
+                 "O_DIRECT)",
+                 "."),
         KVF__OPT("rdma-host", KVF__ARG_STR, &o->rdma_host, "IP",
                  "with --transport rdma, the RDMA interface's address", NULL),
     };
@@ -707,7 +718,10 @@ int bench_store_main(int argc, char **argv)
     json_object_set_new(res, "quick", json_boolean(o.quick));
     int rc = 0;
     char why[160] = "";
-    if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
+    if (!strcmp(o.tier, "disk")) {
+        rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, res);
+        bench_emit(res, o.json);
+    } else if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
         json_object_set_new(res, "transport", json_string("rdma"));
         rc = rdma_bench(&o, res);
     } else if (!strcmp(o.transport, "tcp") && o.auth) {

@@ -46,6 +46,8 @@ typedef struct entry {
     uint8_t freq;
     uint8_t via;     /* reserved: KVF_CACHE_VIA_*, how its bytes are written */
     uint16_t tenant; /* whose bytes these are, for quotas (0: nobody's) */
+    uint8_t hits;    /* reads since it became ready (saturating), for the disk's admission */
+    uint8_t on_disk; /* the disk tier holds the same bytes: its eviction demotes nothing */
 } entry;
 
 /* A tenant's use of the arena and its quotas (kvf_cache_tenant_stats; 0: no quota): bytes and
@@ -63,6 +65,8 @@ struct kvf_cache {
     pthread_mutex_t mu;
     void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
+    kvf_cache_evict_hook on_evict; /* kvf__cache_set_evict_hook */
+    void *on_evict_ctx;
     pthread_t holder;
     int held;
     const evict_ops *policy;
@@ -364,12 +368,12 @@ static void entry_free(kvf_cache *c, uint32_t i)
 }
 
 /* Unlinks a ready entry from the index and its queue; frees it now, or marks it gone for its last
- * reader to free. */
-static void entry_remove(kvf_cache *c, uint32_t i)
+ * reader to free. quiet: the node still holds it (demoted to disk), so no change is told. */
+static void entry_remove_as(kvf_cache *c, uint32_t i, int quiet)
 {
     entry *x = &c->e[i];
     assert(x->state == ST_READY);
-    if (c->on_change)
+    if (c->on_change && !quiet)
         c->on_change(c->on_change_ctx, 0, &x->key, x->tenant);
     c->policy->unlink(c, i);
     index_remove(c, i);
@@ -384,13 +388,33 @@ static void entry_remove(kvf_cache *c, uint32_t i)
     entry_free(c, i);
 }
 
+static void entry_remove(kvf_cache *c, uint32_t i)
+{
+    entry_remove_as(c, i, 0);
+}
+
+/* Evicts ready entry i to make room: the eviction hook may take a reference on it first (to demote
+ * its bytes to the disk tier), so that its block lives on, gone from the index, until released. */
+static void evict_entry(kvf_cache *c, uint32_t i)
+{
+    entry *x = &c->e[i];
+    int demoted = 0;
+    if (c->on_evict && !x->on_disk &&
+        c->on_evict(c->on_evict_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits)) {
+        if (x->refs++ == 0)
+            c->st.referenced++;
+        demoted = 1;
+    }
+    entry_remove_as(c, i, demoted || x->on_disk);
+    c->st.evictions++;
+}
+
 static int evict_one(kvf_cache *c)
 {
     uint32_t v;
     if (c->policy->victim(c, &v) != 0)
         return KVF_ENOSPC;
-    entry_remove(c, v);
-    c->st.evictions++;
+    evict_entry(c, v);
     return 0;
 }
 
@@ -404,8 +428,7 @@ static int evict_tenant_one(kvf_cache *c, uint16_t t)
     for (int q = 0; q < 2; q++)
         for (uint32_t i = qs[q]->tail; i != NONE; i = c->e[i].prev)
             if (c->e[i].tenant == t && evictable(c, &c->e[i], now_ns)) {
-                entry_remove(c, i);
-                c->st.evictions++;
+                evict_entry(c, i);
                 c->tenants[t].quota_evictions++;
                 return 0;
             }
@@ -578,6 +601,8 @@ int kvf__cache_acquire_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
         c->st.referenced++;
     c->policy->touch(c, i);
     c->st.hits++;
+    if (x->hits < UINT8_MAX)
+        x->hits++;
     *eid = i;
     *data = c->mem + x->off;
     *len = x->len;
@@ -947,4 +972,29 @@ void kvf__cache_close(kvf_cache **cp)
     pthread_mutex_destroy(&c->mu);
     free(c);
     *cp = NULL;
+}
+
+void kvf__cache_set_evict_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx)
+{
+    kvf__cache_lock(c);
+    c->on_evict = fn;
+    c->on_evict_ctx = ctx;
+    kvf__cache_unlock(c);
+}
+
+int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid)
+{
+    assert_locked(c);
+    if (eid >= c->n_entries || c->e[eid].state != ST_READY)
+        return KVF_ENOENT;
+    if (c->e[eid].refs++ == 0)
+        c->st.referenced++;
+    return 0;
+}
+
+void kvf__cache_mark_on_disk_locked(kvf_cache *c, uint32_t eid)
+{
+    assert_locked(c);
+    if (eid < c->n_entries && c->e[eid].state == ST_READY)
+        c->e[eid].on_disk = 1;
 }

@@ -146,6 +146,22 @@ typedef struct kvf_cache_tenant_stats {
 void kvf__cache_quota_set_locked(kvf_cache *c, uint32_t tenant, uint64_t max_bytes,
                                  uint32_t max_reserved);
 void kvf__cache_tenant_stats_locked(kvf_cache *c, uint32_t tenant, kvf_cache_tenant_stats *st);
+/* The disk tier's hook into eviction: called under the cache's lock for every ready entry evicted
+ * to make room (by the policy or a tenant's quota; not for EVICT or CLEAR, and not for an entry
+ * marked on disk), with its bytes and its reads since it became ready. Returning 1 takes a read
+ * reference on the entry (eid), so that its block stays in place, out of the index, until the
+ * hook's owner drops it with kvf__cache_release_locked; 0 lets it go. An entry taken, or marked on
+ * disk, leaves without on_change being told (the node still holds it). Must be quick: it may
+ * queue, never copy or wait. fn NULL: none. */
+typedef int (*kvf_cache_evict_hook)(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key,
+                                    const uint8_t *data, uint64_t len, uint32_t hits);
+void kvf__cache_set_evict_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx);
+/* Takes one more read reference on ready entry eid, counting no hit. 0 or KVF_ENOENT. */
+int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid);
+/* Marks ready entry eid as held by the disk tier too (promoted from it, or written to it), so
+ * that its eviction demotes nothing. */
+void kvf__cache_mark_on_disk_locked(kvf_cache *c, uint32_t eid);
+
 /* Full consistency check (index, lists, arena). For tests; O(entries). Returns 0 or -1. */
 int kvf__cache_check_locked(kvf_cache *c);
 

@@ -124,7 +124,7 @@ static int scan_extent(kvf__disk *d, uint64_t e, uint64_t gen, uint8_t *buf, uin
         } else if (r.type == REC_TOMB) {
             kvf__dk_drop_key(d, r.ns, r.lo, r.hi, r.seq);
         } else {
-            kvf__dk_drop_where(d, 0, r.ns, UINT64_MAX, r.seq);
+            kvf__dk_drop_where(d, r.ns == 0, r.ns, UINT64_MAX, r.seq);
         }
         pos += size;
     }
@@ -182,6 +182,7 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     d->o = *o;
     d->ext_bytes = eb;
     pthread_mutex_init(&d->mu, NULL);
+    pthread_mutex_init(&d->imu, NULL);
     d->fd = open(o->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
     int rc = 0;
     struct stat sb;
@@ -271,6 +272,7 @@ void kvf__disk_close(kvf__disk **pd)
     if (d->fd >= 0)
         close(d->fd);
     pthread_mutex_destroy(&d->mu);
+    pthread_mutex_destroy(&d->imu);
     free(d->tab);
     free(d->gen);
     free(d->wbuf);
@@ -328,18 +330,33 @@ int64_t kvf__disk_clear(kvf__disk *d, uint64_t ns)
     int rc = d->st.down ? KVF_EIO : kvf__dk_append(d, REC_CLEAR, ns, NULL, NULL, 0);
     if (!rc)
         rc = kvf__dk_write_out(d);
-    int64_t n = rc ? -(int64_t)KVF_EIO : (int64_t)(d->st.cleared - before);
+    int64_t n = rc ? (int64_t)KVF_EIO : (int64_t)(d->st.cleared - before);
     pthread_mutex_unlock(&d->mu);
     return n;
 }
 
+void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures)
+{
+    pthread_mutex_lock(&d->imu);
+    *entries = d->count;
+    *bytes = d->data_bytes;
+    pthread_mutex_unlock(&d->imu);
+    *verify_failures = __atomic_load_n(&d->st.verify_failures, __ATOMIC_RELAXED);
+}
+
+int kvf__disk_down(kvf__disk *d)
+{
+    return __atomic_load_n(&d->st.down, __ATOMIC_RELAXED);
+}
+
 int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *len)
 {
-    pthread_mutex_lock(&d->mu);
-    ent *e = d->st.down ? NULL : kvf__dk_find(d, ns, key->lo, key->hi);
+    pthread_mutex_lock(&d->imu);
+    ent *e = __atomic_load_n(&d->st.down, __ATOMIC_RELAXED) ? NULL
+                                                            : kvf__dk_find(d, ns, key->lo, key->hi);
     if (e && len)
         *len = e->len;
-    pthread_mutex_unlock(&d->mu);
+    pthread_mutex_unlock(&d->imu);
     return e != NULL;
 }
 
@@ -410,7 +427,7 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
         h.lo != key->lo || h.hi != key->hi || h.len != e->len ||
         XXH3_64bits_digest(g.xs) != h.data_xxh) {
         /* written torn, or changed since: a miss, and gone */
-        d->st.verify_failures++;
+        __atomic_fetch_add(&d->st.verify_failures, 1, __ATOMIC_RELAXED);
         d->st.misses++;
         kvf__dk_erase(d, e);
         rc = KVF_ENOENT;

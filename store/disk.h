@@ -17,7 +17,8 @@
  * header was written whole, and a read returns an object's bytes only if they check.
  *
  * Locking: one mutex guards the index, the write buffer and the ring; calls are thread-safe and
- * block for their I/O (a disk worker thread of the store calls them, never an event loop).
+ * block for their I/O (a disk worker thread of the store calls them, never an event loop), but
+ * kvf__disk_contains, which takes only the index's own short lock.
  */
 #ifndef KVF_STORE_DISK_H
 #define KVF_STORE_DISK_H
@@ -68,15 +69,23 @@ int kvf__disk_flush(kvf__disk *d);
 /* Removes (ns, key): a tombstone, so that a restart does not bring it back. 0 or KVF_ENOENT;
  * KVF_EIO. */
 int kvf__disk_remove(kvf__disk *d, uint64_t ns, const kvf_key *key);
-/* Removes every object of namespace ns. Returns the count, or a negative KVF_EIO. */
+/* Removes every object of namespace ns (0: of every namespace). Returns the count, or a negative
+ * KVF_EIO. */
 int64_t kvf__disk_clear(kvf__disk *d, uint64_t ns);
-/* Whether (ns, key) is indexed; its length in *len. */
+/* Whether (ns, key) is indexed; its length in *len. Never waits behind I/O (an event loop may
+ * call it). */
 int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *len);
 /* Reads (ns, key) into buf (cap bytes) and checks it: 0 with *len; KVF_ENOENT (not here, or it
  * did not check: then it is dropped and counted); KVF_EOVERFLOW (cap too small: *len says how
  * much); KVF_EIO (the tier is down, or goes down). */
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
                   uint64_t *len);
+/* Waits for the I/O in progress (the engine's mutex): not for an event loop. */
 void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
+/* The objects indexed, their bytes, and the objects dropped on read for not checking. Never
+ * waits on I/O. */
+void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures);
+/* 0, or the errno that took the tier down. Never waits. */
+int kvf__disk_down(kvf__disk *d);
 
 #endif

@@ -29,6 +29,7 @@ ent *kvf__dk_find(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi)
 
 void kvf__dk_erase(kvf__disk *d, ent *e)
 {
+    pthread_mutex_lock(&d->imu);
     d->count--;
     d->data_bytes -= e->len;
     uint64_t i = (uint64_t)(e - d->tab);
@@ -44,6 +45,7 @@ void kvf__dk_erase(kvf__disk *d, ent *e)
         }
     }
     memset(&d->tab[i], 0, sizeof d->tab[i]);
+    pthread_mutex_unlock(&d->imu);
 }
 
 int kvf__dk_grow(kvf__disk *d)
@@ -70,12 +72,17 @@ int kvf__dk_grow(kvf__disk *d)
 int kvf__dk_set(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t off, uint64_t len,
                 uint64_t seq)
 {
-    if ((d->count + 1) * 10 >= d->cap * 7 && kvf__dk_grow(d) != 0)
+    pthread_mutex_lock(&d->imu);
+    if ((d->count + 1) * 10 >= d->cap * 7 && kvf__dk_grow(d) != 0) {
+        pthread_mutex_unlock(&d->imu);
         return -1;
+    }
     ent *e = kvf__dk_find(d, ns, lo, hi);
     if (e) {
-        if (e->seq > seq)
+        if (e->seq > seq) {
+            pthread_mutex_unlock(&d->imu);
             return 0;
+        }
         d->data_bytes -= e->len;
     } else {
         uint64_t i = slot_of(d, ns, lo, hi);
@@ -93,6 +100,7 @@ int kvf__dk_set(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t of
                .ext = (uint32_t)((off - DATA_OFF) / d->ext_bytes),
                .used = 1};
     d->data_bytes += len;
+    pthread_mutex_unlock(&d->imu);
     return 0;
 }
 

@@ -3,7 +3,8 @@
  * engine's state, and what its files share. disk_io.c: reads and writes through io_uring;
  * disk_index.c: the in-memory index; disk_log.c: records and the log they are appended to;
  * disk.c: open (format, rebuild), close and the operations. Everything here is called with the
- * engine's mutex held.
+ * engine's mutex held. The index's changes also take imu, a second mutex held only for them, so
+ * that kvf__disk_contains (imu alone) never waits behind I/O done under mu.
  */
 #ifndef KVF_STORE_DISK_INT_H
 #define KVF_STORE_DISK_INT_H
@@ -48,6 +49,7 @@ struct kvf__disk {
     uint32_t qd;      /* the ring's entries: reads in flight at most */
     XXH3_state_t *xs; /* a get's streaming checksum (under mu) */
     pthread_mutex_t mu;
+    pthread_mutex_t imu; /* the index's changes (under mu too) and kvf__disk_contains */
     uint64_t size, n_ext, ext_bytes;
     uint8_t uuid[16];
     /* the index: open addressing, linear probing, tombstone-free (deletion by backward shift) */

@@ -12,8 +12,8 @@
 
 void kvf__dk_go_down(kvf__disk *d, int e)
 {
-    if (!d->st.down)
-        d->st.down = e ? e : EIO;
+    if (!d->st.down) /* atomic: kvf__disk_contains reads it under imu alone */
+        __atomic_store_n(&d->st.down, e ? e : EIO, __ATOMIC_RELAXED);
 }
 
 /* One read or write of len bytes at off through the ring, waited for; short transfers are

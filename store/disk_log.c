@@ -82,7 +82,7 @@ int kvf__dk_write_out(kvf__disk *d)
         } else if (p->type == REC_TOMB) {
             kvf__dk_drop_key(d, p->ns, p->lo, p->hi, p->seq);
         } else {
-            d->st.cleared += kvf__dk_drop_where(d, 0, p->ns, UINT64_MAX, p->seq);
+            d->st.cleared += kvf__dk_drop_where(d, p->ns == 0, p->ns, UINT64_MAX, p->seq);
         }
     }
     d->npend = 0;

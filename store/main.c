@@ -25,12 +25,14 @@
 #include "publish.h"
 #include "server.h"
 #include "tcp.h"
+#include "tier.h"
 #include "units.h"
 
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -86,6 +88,13 @@ typedef struct store_cfg {
     const char *peers[STORE_MAX_PEERS]; /* --peer */
     size_t n_peers;
     long copy_workers, copy_queue, auth_timeout_ms, copy_max_deadline_ms;
+    /* the disk tier: --disk PATH:SIZE (repeated), its admission and queue */
+    const char *disk_paths[KVF_TIER_MAX_DEVICES];
+    char disk_path_buf[KVF_TIER_MAX_DEVICES][4096];
+    uint64_t disk_sizes[KVF_TIER_MAX_DEVICES];
+    int n_disks;
+    long disk_admit;
+    uint64_t disk_queue;
     kvf_log lg;
 } store_cfg;
 
@@ -101,6 +110,7 @@ static store_cfg store_cfg_default(void)
         .shm = "auto",
         .verify = 1,
         .prefault = 1,
+        .disk_queue = 256ull << 20,
         .lg = {.level = KVF_LOG_INFO, .name = "kvf-store"},
     };
 }
@@ -131,6 +141,41 @@ static int parse_peer(void *ud, const char *v, char *err, size_t errlen)
         return -1;
     }
     cfg->peers[cfg->n_peers++] = v;
+    return 0;
+}
+
+/* --disk PATH:SIZE, or PATH alone for a block device (all of it). The size is what follows the
+ * last colon, where that parses as a size. */
+static int parse_disk(void *ud, const char *v, char *err, size_t errlen)
+{
+    store_cfg *cfg = ud;
+    if (cfg->n_disks == KVF_TIER_MAX_DEVICES) {
+        snprintf(err, errlen, "at most %d disks", KVF_TIER_MAX_DEVICES);
+        return -1;
+    }
+    const char *colon = strrchr(v, ':');
+    uint64_t size = 0;
+    size_t plen = strlen(v);
+    if (colon) {
+        if (kvf__parse_size(colon + 1, &size) != 0 || size == 0) {
+            snprintf(err, errlen, "expected PATH:SIZE (SIZE like 64G), got \"%s\"", v);
+            return -1;
+        }
+        plen = (size_t)(colon - v);
+    }
+    if (plen == 0 || plen >= sizeof cfg->disk_path_buf[0]) {
+        snprintf(err, errlen, "expected PATH:SIZE, got \"%s\"", v);
+        return -1;
+    }
+    for (int i = 0; i < cfg->n_disks; i++)
+        if (strlen(cfg->disk_paths[i]) == plen && !strncmp(cfg->disk_paths[i], v, plen)) {
+            snprintf(err, errlen, "%.*s is named twice", (int)plen, v);
+            return -1;
+        }
+    memcpy(cfg->disk_path_buf[cfg->n_disks], v, plen);
+    cfg->disk_path_buf[cfg->n_disks][plen] = '\0';
+    cfg->disk_paths[cfg->n_disks] = cfg->disk_path_buf[cfg->n_disks];
+    cfg->disk_sizes[cfg->n_disks++] = size;
     return 0;
 }
 
@@ -251,6 +296,20 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
         KVF__OPT("shm-staging-max", KVF__ARG_SIZE, &cfg->shm_staging_max, "SIZE",
                  "the largest staging region of one connection, at least 4K", "256M", .lo = 4096,
                  .hi = 1e18),
+        KVF__OPT("disk", KVF__ARG_FN, cfg, "PATH:SIZE",
+                 "a disk tier under the arena on this file (made and sized) or block device "
+                 "(PATH alone: all of it), written and read with io_uring and O_DIRECT; what it "
+                 "holds is served again after a restart. Repeat for each device (docs/store.md)",
+                 NULL, .fn = parse_disk, .ud = cfg),
+        KVF__OPT("disk-admit", KVF__ARG_LONG, &cfg->disk_admit, "N",
+                 "demote an evicted entry to disk only if it was read at least N times", "0",
+                 .lo = 0, .hi = 255),
+        KVF__OPT(
+            "disk-queue", KVF__ARG_SIZE, &cfg->disk_queue, "SIZE",
+            "arena bytes that evicted entries waiting to be written may hold (at most a quarter "
+            "of --memory); beyond, "
+            "evictions are not demoted",
+            "256M", .lo = 1 << 20, .hi = 1e18),
     };
     const kvf__args_spec spec = {
         .prog = "kvf-store",
@@ -382,9 +441,78 @@ static int open_tenants(const store_cfg *cfg, kvf__tenants **t)
     return 0;
 }
 
+/* A test's I/O faults, from $KVF_DISK_FAULT="read|write|any:N": the Nth such I/O of a device and
+ * every later one fail with EIO, as a dying device's would (test_store_disk; docs/store.md). */
+typedef struct disk_fault {
+    int kind; /* 0 read, 1 write, 2 any */
+    long after;
+    atomic_long seen;
+} disk_fault;
+
+static int disk_fault_fn(void *ud, int is_write, uint64_t off, uint64_t len)
+{
+    disk_fault *f = ud;
+    (void)off, (void)len;
+    if (f->kind != 2 && f->kind != is_write)
+        return 0;
+    return atomic_fetch_add(&f->seen, 1) + 1 >= f->after ? -EIO : 0;
+}
+
+static disk_fault *disk_fault_from_env(const kvf_log *lg)
+{
+    static disk_fault f;
+    const char *v = getenv("KVF_DISK_FAULT");
+    char kind[8];
+    long n;
+    if (!v || sscanf(v, "%7[a-z]:%ld", kind, &n) != 2 || n < 1)
+        return NULL;
+    f.kind = !strcmp(kind, "read") ? 0 : !strcmp(kind, "write") ? 1 : 2;
+    f.after = n;
+    kvf_warn(lg, "KVF_DISK_FAULT=%s: the disk tier's I/O fails from then on (a test's fault)", v);
+    return &f;
+}
+
+/* Opens the disk tier that --disk asks for (none without it) under cache. Returns 0, or 1 after
+ * saying why. */
+static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf__tier **tier)
+{
+    if (!cfg->n_disks)
+        return 0;
+    char err[512] = "";
+    kvf__tier_opts to = {
+        .n = cfg->n_disks,
+        .admit_hits = (uint32_t)cfg->disk_admit,
+        .queue_bytes = cfg->disk_queue,
+        .cache = cache,
+        .log = &cfg->lg,
+        .on_change = pub ? kvf__pub_note : NULL,
+        .on_change_ctx = pub,
+    };
+    disk_fault *fault = disk_fault_from_env(&cfg->lg);
+    if (fault) {
+        to.fault = disk_fault_fn;
+        to.fault_ud = fault;
+    }
+    for (int i = 0; i < cfg->n_disks; i++) {
+        to.paths[i] = cfg->disk_paths[i];
+        to.sizes[i] = cfg->disk_sizes[i];
+    }
+    if (kvf__tier_open(tier, &to, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-store: --disk: %s\n", err);
+        return 1;
+    }
+    kvf__tier_stats ts;
+    kvf__tier_stats_get(*tier, &ts);
+    char b[32];
+    kvf_info(&cfg->lg,
+             "disk tier: %d device(s), %s; %" PRIu64 " object(s) found on it (%.2f s to rebuild)",
+             ts.devices, kvf__fmt_size(ts.bytes, b, sizeof b), ts.entries, ts.rebuild_seconds);
+    return 0;
+}
+
 /* Binds the server over cache. Returns 0, or 1 after saying why. */
 static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *tenants,
-                       kvf_server **srv)
+                       kvf__tier *tier, kvf_server **srv)
 {
     char err[256] = "";
     kvf_server_opts so = {
@@ -409,6 +537,7 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .shm_staging_max = cfg->shm_staging_max,
         .shm_copiers = -1,
         .cache = cache,
+        .tier = tier,
         .log = &cfg->lg,
     };
     if (kvf__server_open(srv, &so, err, sizeof err) != 0) {
@@ -503,6 +632,7 @@ int main(int argc, char **argv)
     kvf_cache *cache = NULL;
     kvf__tenants *tenants = NULL;
     kvf_server *srv = NULL;
+    kvf__tier *tier = NULL;
     if ((status = open_tenants(&cfg, &tenants)))
         goto out_close_pub;
     if ((status = open_events(&cfg, tenants, &pub, ev_ep, sizeof ev_ep)))
@@ -511,8 +641,10 @@ int main(int argc, char **argv)
         goto out_close_pub;
     if (tenants)
         kvf__tenants_apply_quotas(tenants, cache);
-    if ((status = open_server(&cfg, cache, tenants, &srv)))
+    if ((status = open_tier(&cfg, cache, pub, &tier)))
         goto out_close_cache;
+    if ((status = open_server(&cfg, cache, tenants, tier, &srv)))
+        goto out_close_tier;
     kvf__metrics *metrics = NULL;
     kvf__httpd *mhttp = NULL;
     uint16_t mport = 0;
@@ -536,6 +668,8 @@ out_close_server:
     kvf__httpd_stop(&mhttp); /* before the server its figures come from */
     kvf__metrics_free(&metrics);
     kvf__server_close(&srv);
+out_close_tier:
+    kvf__tier_close(&tier); /* writes the demotions still queued; before the cache */
 out_close_cache:
     kvf__cache_close(&cache);
 out_close_pub:

@@ -62,7 +62,9 @@ typedef struct kvf_server_opts {
     /* Threads that share large SHM_PUTs' copying with the loops (at most 8); -1: one per core
      * beyond the loops'. */
     int shm_copiers;
-    kvf_cache *cache;   /* borrowed; must outlive the server */
+    kvf_cache *cache; /* borrowed; must outlive the server */
+    /* The disk tier under the cache (tier.h), or NULL. Borrowed; must outlive the server. */
+    struct kvf__tier *tier;
     const kvf_log *log; /* borrowed; may be NULL */
 } kvf_server_opts;
 

@@ -174,6 +174,9 @@ static void on_body(conn *c)
         }
         kvf__put_u64(c->rbuf, kvf__conn_ns_scope(c, ns));
     }
+    /* keys on disk are promoted first; the request runs again when they are in */
+    if (c->lp->srv->o.tier && kvf__sdisk_gate(c, op->handler))
+        return;
     /* read before the handler: it may close c */
     kvf__series *m = c->lp->srv->m_op[opcode & 31];
     uint64_t t_hdr = c->t_hdr;

@@ -91,7 +91,8 @@ typedef struct conn {
     uint64_t out_bytes;
     int closing;
     uint32_t events;
-    int pending_jobs; /* COPY jobs not yet answered */
+    int pending_jobs; /* COPY jobs and disk tier requests not yet answered */
+    int disk_rerun;   /* the request is being run again after its disk tier promotions */
     rlease *leases;   /* RDMA_GET descriptors still leased */
     int dead;         /* destroyed: freed at the end of its loop's iteration (kvf__loop_reap) */
     struct conn *next_dead;
@@ -114,12 +115,14 @@ typedef struct conn {
 
 /* An entry of a loop's inbox: a COPY worker's reply for a connection, or a connection accepted by
  * another loop. */
+typedef struct kvf__sdisk_job kvf__sdisk_job;
 typedef struct deferred {
     struct deferred *next;
     uint64_t conn_id;
     out_msg *msg;
-    int fd;      /* >= 0: a connection accepted by another loop, handed to this one */
-    int is_unix; /* that connection came from the Unix socket */
+    kvf__sdisk_job *disk; /* a request back from the disk tier, to finish (server_disk.c) */
+    int fd;               /* >= 0: a connection accepted by another loop, handed to this one */
+    int is_unix;          /* that connection came from the Unix socket */
 } deferred;
 
 struct loop {
@@ -298,6 +301,27 @@ int kvf__copy_pool_open(kvf_server *s, char *err, size_t errlen);
  * end within their deadline (at most KVF_COPY_MAX_DEADLINE_MS) and every worker is joined. Before
  * the connections and loops are freed: a worker posts to its loop's inbox. */
 void kvf__copy_pool_close(kvf_server *s);
+
+/* server_disk.c: the disk tier under the requests (tier.h). */
+/* Before GET, SHM_GET, RDMA_GET and PIN run: where keys of c's request miss DRAM but lie on
+ * disk, hands their promotion to the tier and returns 1: handler runs c's request again, on its
+ * loop, once they are in DRAM. 0: run it now (no tier, nothing on disk, or the tier busy). */
+int kvf__sdisk_gate(conn *c, void (*handler)(conn *c));
+/* EVICT's disk half: the DRAM statuses st of the n keys (16 bytes each at keys) are merged with
+ * their removal from disk, answered later: 1 (st taken), or 0 (no tier: answer st now). */
+int kvf__sdisk_evict(conn *c, uint64_t ns, const uint8_t *keys, int32_t *st, uint32_t n);
+/* CLEAR's disk half, answered later with dram_cleared plus the disk's count: 1, or 0 (no tier:
+ * answer now). */
+int kvf__sdisk_clear(conn *c, uint64_t ns, int all, uint64_t dram_cleared);
+/* Whether the disk tier holds (ns, key) (no tier: 0). Never waits on I/O. */
+int kvf__sdisk_has(kvf_server *s, uint64_t ns, const kvf_key *key);
+/* Finishes a request back from the tier on its loop, for c (NULL: the connection is gone, only
+ * what the request holds is let go), and frees j. */
+void kvf__sdisk_finish(loop *lp, conn *c, kvf__sdisk_job *j);
+/* STATS's "disk" object (NULL: no tier, or out of memory), and the tier's metrics. */
+struct json_t *kvf__sdisk_stats_json(kvf_server *s);
+struct kvf__metrics;
+void kvf__sdisk_metrics(kvf_server *s, struct kvf__metrics *m);
 
 /* server_recode.c: COMPRESS and DECOMPRESS, re-encoding each object on the loop thread. */
 void kvf__req_recode(conn *c);

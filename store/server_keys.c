@@ -1,7 +1,8 @@
 /*
  * The storage node server's requests about keys of a namespace: EXISTS and LOOKUP (which keys
  * are stored), and EVICT, PIN, UNPIN and ADMIT (one status per key). Each holds the cache lock
- * once for its whole batch and moves no object bytes.
+ * once for its whole batch and moves no object bytes. Keys on the disk tier count as stored;
+ * EVICT removes them from disk too (server_disk.c).
  */
 #include "server_int.h"
 
@@ -30,13 +31,21 @@ static void exists(conn *c, int lookup)
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 16 * (size_t)i);
-        int hit = kvf__cache_contains_locked(s->o.cache, ns, &key);
-        if (hit)
+        if (kvf__cache_contains_locked(s->o.cache, ns, &key))
             r[off + i / 8] |= (uint8_t)(1u << (i % 8));
+    }
+    kvf__cache_unlock(s->o.cache);
+    /* then the disk tier's index, outside the cache's lock (it never waits on I/O either) */
+    for (uint32_t i = 0; i < n; i++) {
+        int hit = r[off + i / 8] >> (i % 8) & 1;
+        if (!hit && s->o.tier) {
+            kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 16 * (size_t)i);
+            if ((hit = kvf__sdisk_has(s, ns, &key)) != 0)
+                r[off + i / 8] |= (uint8_t)(1u << (i % 8));
+        }
         run = run && hit;
         leading += (uint32_t)run;
     }
-    kvf__cache_unlock(s->o.cache);
     if (lookup) {
         kvf__put_u32(r, leading);
         kvf__put_u32(r + 4, 0);
@@ -103,5 +112,7 @@ void kvf__req_per_key(conn *c)
         }
     }
     kvf__cache_unlock(s->o.cache);
+    if (c->h.opcode == KVF_OP_EVICT && kvf__sdisk_evict(c, ns, p, st, n))
+        return; /* answered once the disk tier removed its copies too */
     kvf__reply_statuses(c, st, n);
 }

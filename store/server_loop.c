@@ -5,6 +5,8 @@
  */
 #include "server_int.h"
 
+#include "tier.h"
+
 #include "kvf/error.h"
 
 #include "cache.h"
@@ -247,6 +249,16 @@ static void loop_drain_inbox(loop *lp)
         conn *c = lp->conns;
         while (c && c->id != d->conn_id)
             c = c->next;
+        if (d->disk) {
+            if (c)
+                c->pending_jobs--;
+            kvf__sdisk_finish(lp, c, d->disk);
+            if (c)
+                kvf__conn_flush(c);
+            free(d);
+            d = next;
+            continue;
+        }
         if (c) {
             c->pending_jobs--;
             if (d->msg)
@@ -491,6 +503,8 @@ void kvf__server_close(kvf_server **sp)
     atomic_store(&s->stopping, 1);
     /* COPY's workers end within their capped deadline and are joined: none touches freed state. */
     kvf__copy_pool_close(s);
+    /* the disk tier's requests in flight end (their I/O is bounded) and post to the inboxes */
+    kvf__tier_quiesce(s->o.tier);
     for (int i = 0; s->loops && i < s->nloops; i++) {
         loop *lp = &s->loops[i];
         while (lp->conns)
@@ -500,6 +514,8 @@ void kvf__server_close(kvf_server **sp)
             deferred *d = kvf__inbox_take(lp);
             while (d) {
                 deferred *next = d->next;
+                if (d->disk)
+                    kvf__sdisk_finish(lp, NULL, d->disk);
                 if (d->msg) {
                     kvf__msg_release_refs(s, d->msg);
                     free(d->msg);

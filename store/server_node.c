@@ -98,6 +98,8 @@ void kvf__req_clear(conn *c)
     kvf__cache_unlock(s->o.cache);
     kvf_info(s->o.log, "cleared %" PRIu64 " entries (%s)", removed,
              all ? "all namespaces" : "one namespace");
+    if (kvf__sdisk_clear(c, ns, all, removed))
+        return; /* answered once the disk tier cleared too */
     uint8_t r[8];
     kvf__put_u64(r, removed);
     kvf__reply_copy(c, 0, 0, 0, r, 8);
@@ -270,6 +272,9 @@ static json_t *stats_node(kvf_server *s)
     json_t *sh = stats_shm(s);
     if (sh)
         json_object_set_new(o, "shm", sh);
+    json_t *dk = kvf__sdisk_stats_json(s);
+    if (dk)
+        json_object_set_new(o, "disk", dk);
     for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
         if (name)
@@ -330,6 +335,7 @@ void kvf__server_metrics(void *ud, kvf__metrics *m)
          (double)atomic_load(&s->proto_errors)},
     };
     kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
+    kvf__sdisk_metrics(s, m);
     kvf__metric *req = kvf__metric_counter(
         m, "requests_total",
         "Requests served, by operation, transport (tcp, or unix: the node's Unix socket of "

@@ -1,0 +1,320 @@
+/*
+ * kvf-bench store --tier disk: kvf-store's disk tier through the daemon, against fio on the same
+ * file system in the same run (docs/benchmarks.md, "kvf-bench store --tier disk"). Real, on this
+ * machine's file system.
+ *
+ * Per object size (16 MiB objects read 4 to a GET, 64 KiB objects 256 to a GET):
+ *   demotion: 8x the arena is put over TCP; eviction demotes what it pushes out. The rate is the
+ *     bytes the tier wrote over the time from the first put to the queue's end (so it is bounded
+ *     by the put stream too); disk_put_vs_fio divides it by fio writing with the object's block
+ *     size, io_uring, O_DIRECT, queue depth 1 (the tier's own depth per device);
+ *   GET from disk: batches of the oldest objects (long out of DRAM) are read back, each a
+ *     promotion (the disk read, then the reply from DRAM); disk_get_vs_fio divides the median
+ *     batch rate by fio's read;
+ *   DRAM under disk I/O: GETs of a hot set in DRAM alone, then while another client reads old
+ *     objects back from disk as fast as they come (promotions, whose room evicts and so demotes
+ *     as much): dram_get_under_disk_io_vs_alone;
+ *   warm restart: the store stopped and started again on its disk: the time to its ready line
+ *     (warm_restart_s, the index rebuilt from the log), then every object it reports read back
+ *     and compared byte for byte (wrong: 0 expected), with the store's own verification failures.
+ */
+#include "bench.h"
+#include "bench_util.h"
+#include "store_bench.h"
+
+#include "kvf/error.h"
+
+#include "units.h"
+
+#include <inttypes.h>
+#include <jansson.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#define TIER_ROUNDS 5
+
+typedef struct shape {
+    const char *name;
+    uint64_t payload; /* object bytes (about) */
+    size_t batch;     /* keys per request */
+} shape;
+
+static const shape shapes[2] = {{"16m", 16u << 20, 4}, {"64k", 64u << 10, 256}};
+
+/* The store's disk figures from STATS (the "disk" object); -1 where absent. */
+static int64_t disk_stat(kvf_client *c, const char *key)
+{
+    char *js = NULL;
+    int64_t v = -1;
+    if (kvf_client_stats(c, 0, &js, 10000) != 0)
+        return -1;
+    json_t *j = json_loads(js, 0, NULL);
+    json_t *x = json_object_get(json_object_get(j, "disk"), key);
+    if (json_is_integer(x))
+        v = json_integer_value(x);
+    json_decref(j);
+    free(js);
+    return v;
+}
+
+/* Waits (bounded: 120 s) until no demotion is queued. */
+static void settle(kvf_client *c)
+{
+    for (int i = 0; i < 2400 && disk_stat(c, "pending_bytes") > 0; i++)
+        usleep(50000);
+}
+
+/* Puts batch b of w under round r (keys fresh per round). Returns the batch's failed keys. */
+static int put_round(kvf_client *c, workload *w, uint64_t r)
+{
+    wl_rekey(w, r);
+    kvf_batch b = {.n = w->n,
+                   .keys = w->keys,
+                   .objs = (const void *const *)w->objs,
+                   .lens = w->lens,
+                   .status = w->st};
+    int rc = kvf_client_put(c, &b), bad = 0;
+    for (size_t i = 0; i < w->n; i++)
+        bad += rc || w->st[i];
+    return bad;
+}
+
+/* Gets round r's keys. *hit gets the bytes that came back; *wrong counts objects that came back
+ * different from what was put (the objects differ only by key: the client verified each). */
+static int get_round(kvf_client *c, workload *w, uint64_t r, uint64_t *hit, int *wrong)
+{
+    wl_rekey(w, r);
+    kvf_batch b = {.n = w->n,
+                   .keys = w->keys,
+                   .bufs = (void *const *)w->bufs,
+                   .caps = w->caps,
+                   .out_lens = w->out_lens,
+                   .status = w->st};
+    int rc = kvf_client_get(c, &b);
+    *hit = 0;
+    for (size_t i = 0; !rc && i < w->n; i++) {
+        if (w->st[i] == 0) {
+            *hit += w->out_lens[i];
+            if (wrong &&
+                (w->out_lens[i] != w->lens[i] || memcmp(w->bufs[i], w->objs[i], w->lens[i]) != 0))
+                (*wrong)++;
+        } else if (wrong && w->st[i] != KVF_ENOENT) {
+            (*wrong)++;
+        }
+    }
+    return rc;
+}
+
+/* Background disk I/O for the DRAM-under-load figure. */
+typedef struct load_arg {
+    kvf_client *c;
+    workload w;
+    uint64_t r_lo, r_hi;
+    atomic_int stop;
+    _Atomic uint64_t bytes;
+} load_arg;
+
+/* Reads rounds r_lo.. (on disk, each once) back as fast as they come: every one a promotion from
+ * disk, whose room in DRAM evicts (and so demotes) as much. */
+static void *promoter(void *p)
+{
+    load_arg *a = p;
+    for (uint64_t r = a->r_lo; r < a->r_hi && !atomic_load(&a->stop); r++) {
+        uint64_t hit = 0;
+        get_round(a->c, &a->w, r, &hit, NULL);
+        atomic_fetch_add(&a->bytes, hit);
+    }
+    return NULL;
+}
+
+/* GB/s of GETs of round r (in DRAM) over secs. */
+static double dram_rate(kvf_client *c, workload *w, uint64_t r, double secs)
+{
+    uint64_t bytes = 0;
+    double t0 = bench_now();
+    do {
+        uint64_t hit = 0;
+        get_round(c, w, r, &hit, NULL);
+        bytes += hit;
+    } while (bench_now() - t0 < secs);
+    return (double)bytes / (bench_now() - t0) / 1e9;
+}
+
+static kvf_client *client_to(const bench_proc *p)
+{
+    char addr[64], err[256];
+    snprintf(addr, sizeof addr, "127.0.0.1:%u", p->port);
+    const char *nodes[1] = {addr};
+    kvf_client_opts co = {
+        .nodes = nodes, .n_nodes = 1, .ns = STORE_NS, .transport = "tcp", .deadline_ms = 60000};
+    kvf_client *c = NULL;
+    if (kvf_client_open(&c, &co, err, sizeof err) != 0)
+        fprintf(stderr, "kvf-bench store: %s\n", err);
+    return c;
+}
+
+/* One object size through a store of arena bytes on a disk file in dir. 0, or -1 (said). */
+static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const char *bin, int quick,
+                      json_t *res, int have_fio)
+{
+    char extra[4600], file[4200], mem[32];
+    snprintf(file, sizeof file, "%s/kvf-bench-tier.%d.dat", dir, (int)getpid());
+    snprintf(mem, sizeof mem, "%" PRIu64 "M", arena >> 20);
+    uint64_t total = 8 * arena;
+    snprintf(extra, sizeof extra, "--no-prefault --shm off --threads 2 --disk %s:%" PRIu64 "M",
+             file, (total + total / 4 + (256u << 20)) >> 20);
+    workload w;
+    if (wl_init(&w, sh->batch, sh->payload) != 0) {
+        fprintf(stderr, "kvf-bench store: out of memory\n");
+        return -1;
+    }
+    uint64_t per_round = w.n * w.obj_bytes, rounds = total / per_round;
+    bench_proc p;
+    int rc = -1;
+    kvf_client *c = NULL;
+    unlink(file);
+    if (bench_start_store(&p, bin, mem, extra) != 0)
+        goto out;
+    if (!(c = client_to(&p)))
+        goto out_stop;
+
+    /* demotion */
+    bench_progress("store", "disk %s: putting %" PRIu64 " MiB (8x the arena)", sh->name,
+                   total >> 20);
+    double t0 = bench_now();
+    int put_bad = 0;
+    for (uint64_t r = 1; r <= rounds; r++)
+        put_bad += put_round(c, &w, r);
+    settle(c);
+    double t_demote = bench_now() - t0;
+    int64_t demoted = disk_stat(c, "demoted_bytes"), dropped = disk_stat(c, "demote_dropped_full");
+    double demote_gbps = (double)demoted / t_demote / 1e9;
+    double fio_w = have_fio ? bench_fio_rate(dir, "write", sh->payload, total / 2) : -1;
+    double fio_r = have_fio ? bench_fio_rate(dir, "read", sh->payload, total / 2) : -1;
+
+    /* GETs from disk: the oldest rounds, each once */
+    double gets[TIER_ROUNDS];
+    int ng = 0, wrong = 0;
+    for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
+        uint64_t hit = 0;
+        double g0 = bench_now();
+        if (get_round(c, &w, r, &hit, &wrong) != 0 || hit < per_round / 2)
+            continue; /* a batch the tier did not keep (dropped when its queue was full) */
+        gets[ng++] = (double)hit / (bench_now() - g0) / 1e9;
+    }
+
+    /* DRAM GETs alone, then under disk reads and writes */
+    uint64_t hot = rounds; /* the last round put: in DRAM */
+    dram_rate(c, &w, hot, 0.3);
+    double alone = dram_rate(c, &w, hot, quick ? 1.0 : 2.0);
+    load_arg la = {.r_lo = rounds / 2 + 1, .r_hi = rounds - 4};
+    la.c = client_to(&p);
+    double under = -1, io_gbps = 0;
+    if (la.c && wl_init(&la.w, sh->batch, sh->payload) == 0) {
+        pthread_t t1;
+        pthread_create(&t1, NULL, promoter, &la);
+        usleep(200000);
+        uint64_t b0 = atomic_load(&la.bytes);
+        double u0 = bench_now();
+        under = dram_rate(c, &w, hot, quick ? 1.0 : 2.0);
+        io_gbps = (double)(atomic_load(&la.bytes) - b0) / (bench_now() - u0) / 1e9;
+        atomic_store(&la.stop, 1);
+        pthread_join(t1, NULL);
+        wl_free(&la.w);
+    }
+    kvf_client_close(&la.c);
+    settle(c);
+    int64_t on_disk = disk_stat(c, "entries");
+    kvf_client_close(&c);
+
+    /* warm restart */
+    bench_stop(&p);
+    double r0 = bench_now();
+    if (bench_start_store(&p, bin, mem, extra) != 0)
+        goto out;
+    double warm = bench_now() - r0;
+    if (!(c = client_to(&p)))
+        goto out_stop;
+    int64_t rebuilt = disk_stat(c, "rebuilt_entries");
+    int wrong_after = 0;
+    uint64_t back = 0;
+    for (uint64_t r = 1; r <= rounds; r++) {
+        uint64_t hit = 0;
+        get_round(c, &w, r, &hit, &wrong_after);
+        back += hit;
+    }
+    int64_t vfail = disk_stat(c, "verify_failures");
+
+    char k[96];
+#define KEY(fmt) (snprintf(k, sizeof k, fmt, sh->name), k)
+    bench_json_real(res, KEY("demote_gbps_%s"), demote_gbps);
+    json_object_set_new(res, KEY("demoted_bytes_%s"), json_integer(demoted));
+    json_object_set_new(res, KEY("demote_dropped_full_%s"), json_integer(dropped));
+    json_object_set_new(res, KEY("put_failures_%s"), json_integer(put_bad));
+    bench_spread g = bench_json_rounds(res, KEY("disk_get_gbps_%s"), gets, (size_t)ng);
+    bench_json_real(res, KEY("dram_get_alone_gbps_%s"), alone);
+    bench_json_real(res, KEY("dram_get_under_disk_io_gbps_%s"), under);
+    bench_json_real(res, KEY("disk_io_during_gbps_%s"), io_gbps);
+    bench_json_real(res, KEY("dram_get_under_disk_io_vs_alone_%s"), under > 0 ? under / alone : -1);
+    bench_json_real(res, KEY("warm_restart_s_%s"), warm);
+    json_object_set_new(res, KEY("disk_entries_%s"), json_integer(on_disk));
+    json_object_set_new(res, KEY("rebuilt_entries_%s"), json_integer(rebuilt));
+    json_object_set_new(res, KEY("read_back_bytes_after_restart_%s"), json_integer((int64_t)back));
+    json_object_set_new(res, KEY("wrong_%s"), json_integer(wrong + wrong_after));
+    json_object_set_new(res, KEY("verify_failures_%s"), json_integer(vfail));
+    if (fio_w > 0 && fio_r > 0) {
+        bench_json_real(res, KEY("fio_write_gbps_%s"), fio_w);
+        bench_json_real(res, KEY("fio_read_gbps_%s"), fio_r);
+        bench_json_real(res, KEY("disk_put_vs_fio_%s"), demote_gbps / fio_w);
+        bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_r);
+    }
+#undef KEY
+    printf("%s objects: demotion %.2f GB/s", sh->name, demote_gbps);
+    if (fio_w > 0)
+        printf(" (%.2fx fio's write %.2f)", demote_gbps / fio_w, fio_w);
+    printf(", GET from disk %.2f GB/s", g.median);
+    if (fio_r > 0)
+        printf(" (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);
+    printf("\n  DRAM GET %.2f GB/s alone, %.2f GB/s while %.2f GB/s are promoted (%.2fx); warm "
+           "restart %.2f s (%" PRId64 " objects), %d wrong, %" PRId64 " verification failures\n",
+           alone, under, io_gbps, under > 0 ? under / alone : -1, warm, rebuilt,
+           wrong + wrong_after, vfail);
+    rc = wrong + wrong_after ? -1 : 0;
+    if (rc)
+        fprintf(stderr, "kvf-bench store: %d object(s) read back wrong\n", wrong + wrong_after);
+    kvf_client_close(&c);
+out_stop:
+    bench_stop(&p);
+out:
+    unlink(file);
+    wl_free(&w);
+    return rc;
+}
+
+int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, json_t *res)
+{
+    uint64_t arena = 0;
+    if (kvf__parse_size(memory, &arena) != 0 || arena < (64u << 20)) {
+        fprintf(stderr, "kvf-bench store --tier disk: --memory of 64M at least\n");
+        return -1;
+    }
+    int have_fio = bench_fio_present();
+    json_object_set_new(res, "tier", json_string("disk"));
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "dir", json_string(dir));
+    json_object_set_new(res, "arena_bytes", json_integer((json_int_t)arena));
+    json_object_set_new(res, "what",
+                        json_string("kvf-store with --disk on a file in dir, over TCP on "
+                                    "loopback; fio with the object's block size, io_uring, "
+                                    "O_DIRECT, queue depth 1, in the same run"));
+    if (!have_fio)
+        json_object_set_new(res, "fio", json_string("not installed: no ratios"));
+    for (int s = 0; s < 2; s++)
+        if (tier_shape(&shapes[s], dir, arena, bin, quick, res, have_fio) != 0)
+            return -1;
+    return 0;
+}

@@ -1,0 +1,525 @@
+/*
+ * The storage node's disk tier (tier.h): devices, their workers, demotion and requests.
+ */
+#include "tier.h"
+
+#include "kvf/error.h"
+
+#include "clock.h"
+#include "disk.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QUEUE_BYTES_DEFAULT  (256ull << 20)
+#define MAX_REQUESTS_DEFAULT 256
+#define TIER_OWNER           (UINT64_MAX - 7) /* the reservations promotions make */
+
+enum { W_DEMOTE = 100 };
+
+/* One unit of a device worker's work: a demotion, or a request's share on this device. */
+typedef struct work {
+    struct work *next;
+    int kind;
+    /* W_DEMOTE: the evicted entry, its bytes held in the arena by a read reference */
+    uint32_t eid;
+    uint64_t ns;
+    kvf_key key;
+    const uint8_t *data;
+    uint64_t len;
+    /* a request: the indices of its keys on this device */
+    kvf__tier_req *req;
+    uint32_t nidx;
+    uint32_t idx[];
+} work;
+
+typedef struct wqueue {
+    work *head, *tail;
+} wqueue;
+
+typedef struct device {
+    kvf__tier *t;
+    int i;
+    kvf__disk *d;
+    const char *path;
+    wqueue wq, rq; /* the writer's (demotions, removals, clears) and the reader's (promotions) */
+    pthread_cond_t wcv, rcv;
+    pthread_t wr, rd;
+    int wr_ok, rd_ok;
+    atomic_int down_logged;
+} device;
+
+struct kvf__tier {
+    kvf__tier_opts o;
+    pthread_mutex_t mu;  /* the queues, pending_bytes, requests and the counters */
+    pthread_cond_t idle; /* requests fell to 0 */
+    atomic_int stop;     /* closing: workers end once their queues are empty */
+    int refuse;          /* quiesced: no request is taken */
+    device dev[KVF_TIER_MAX_DEVICES];
+    int n;
+    uint64_t pending_bytes;
+    uint32_t requests;
+    kvf__tier_stats st; /* the tier's own counters; the devices' are summed in at stats_get */
+};
+
+static void q_push(wqueue *q, work *w)
+{
+    w->next = NULL;
+    if (q->tail)
+        q->tail->next = w;
+    else
+        q->head = w;
+    q->tail = w;
+}
+
+static work *q_pop(wqueue *q)
+{
+    work *w = q->head;
+    if (w) {
+        q->head = w->next;
+        if (!q->head)
+            q->tail = NULL;
+    }
+    return w;
+}
+
+static int dev_of(const kvf__tier *t, const kvf_key *key)
+{
+    uint64_t h = key->lo ^ (key->hi * 0x9E3779B97F4A7C15ull);
+    h ^= h >> 31;
+    return (int)(h % (uint64_t)t->n);
+}
+
+/* Whether v is down (never waits: event loops ask); the first to see it logs it. */
+static int dev_down(device *v)
+{
+    int down = kvf__disk_down(v->d);
+    if (down && !atomic_exchange(&v->down_logged, 1))
+        kvf_error(v->t->o.log, "disk tier %s is down (%s): DRAM goes on alone", v->path,
+                  strerror(down));
+    return down != 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Demotion: the cache's eviction hook (under the cache's lock) */
+
+static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
+                    uint64_t len, uint32_t hits)
+{
+    kvf__tier *t = ctx;
+    int taken = 0;
+    pthread_mutex_lock(&t->mu);
+    device *v = &t->dev[dev_of(t, key)];
+    if (atomic_load(&t->stop)) {
+        /* closing: nothing more is queued */
+    } else if (hits < t->o.admit_hits) {
+        t->st.demote_skipped_cold++;
+    } else if (t->pending_bytes + len > t->o.queue_bytes) {
+        t->st.demote_dropped_full++;
+    } else {
+        work *w = malloc(sizeof *w);
+        if (w) {
+            *w = (work){
+                .kind = W_DEMOTE, .eid = eid, .ns = ns, .key = *key, .data = data, .len = len};
+            q_push(&v->wq, w);
+            t->pending_bytes += len;
+            pthread_cond_signal(&v->wcv);
+            taken = 1;
+        } else {
+            t->st.demote_failed++;
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return taken;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Requests */
+
+/* A device's share of r is done; the last share calls done(). */
+static void req_share_done(kvf__tier *t, kvf__tier_req *r)
+{
+    if (atomic_fetch_sub(&r->remaining, 1) != 1)
+        return;
+    pthread_mutex_lock(&t->mu);
+    if (r->kind == KVF_TIER_PROMOTE)
+        t->st.promote_seconds += (double)(kvf__now_ns() - r->t0_ns) / 1e9;
+    pthread_mutex_unlock(&t->mu);
+    r->done(r);
+    pthread_mutex_lock(&t->mu);
+    if (--t->requests == 0)
+        pthread_cond_broadcast(&t->idle);
+    pthread_mutex_unlock(&t->mu);
+}
+
+/* Reads key i of r from v into a DRAM entry reserved for it, committed and marked on disk, and
+ * holds a reference on it for r's caller. */
+static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
+{
+    kvf__tier *t = v->t;
+    kvf_cache *c = t->o.cache;
+    const kvf_key *key = &r->keys[i];
+    uint64_t len = 0;
+    if (!kvf__disk_contains(v->d, r->ns, key, &len)) {
+        r->st[i] = KVF_ENOENT;
+        return;
+    }
+    uint32_t eid;
+    uint8_t *dst;
+    kvf__cache_lock(c);
+    int rc = kvf__cache_reserve_locked(c, r->ns, key, len, TIER_OWNER, r->tenant,
+                                       KVF_CACHE_VIA_WIRE, 1, &eid, &dst);
+    kvf__cache_unlock(c);
+    if (rc) {
+        r->st[i] = rc;
+        return;
+    }
+    uint64_t got = 0;
+    rc = kvf__disk_get(v->d, r->ns, key, dst, len, &got);
+    kvf__cache_lock(c);
+    if (rc == 0 && got == len && kvf__cache_commit_locked(c, eid, TIER_OWNER) == 0) {
+        kvf__cache_mark_on_disk_locked(c, eid);
+        kvf__cache_hold_locked(c, eid);
+        r->eids[i] = eid;
+        r->st[i] = 0;
+    } else {
+        kvf__cache_abort_locked(c, eid, TIER_OWNER);
+        r->st[i] = rc == 0 || rc == KVF_EOVERFLOW ? KVF_ENOENT : rc;
+    }
+    kvf__cache_unlock(c);
+    pthread_mutex_lock(&t->mu);
+    t->st.reads++;
+    if (r->st[i] == 0) {
+        t->st.promoted++;
+        t->st.promoted_bytes += len;
+        t->st.read_bytes += len;
+    } else if (r->st[i] == KVF_ENOENT) {
+        t->st.promote_misses++;
+    } else {
+        t->st.promote_failed++;
+    }
+    pthread_mutex_unlock(&t->mu);
+}
+
+static void run_request(device *v, work *w)
+{
+    kvf__tier *t = v->t;
+    kvf__tier_req *r = w->req;
+    if (r->kind == KVF_TIER_PROMOTE) {
+        for (uint32_t k = 0; k < w->nidx; k++)
+            if (!atomic_load(&t->stop))
+                promote_one(v, r, w->idx[k]);
+        return;
+    }
+    /* removals and clears follow the demotions queued before them: those are written first */
+    kvf__disk_flush(v->d);
+    if (r->kind == KVF_TIER_REMOVE) {
+        for (uint32_t k = 0; k < w->nidx; k++) {
+            uint32_t i = w->idx[k];
+            if (kvf__disk_remove(v->d, r->ns, &r->keys[i]) == 0) {
+                r->st[i] = 0;
+                if (t->o.on_change)
+                    t->o.on_change(t->o.on_change_ctx, 0, &r->keys[i], r->tenant);
+                pthread_mutex_lock(&t->mu);
+                t->st.removed++;
+                pthread_mutex_unlock(&t->mu);
+            }
+        }
+    } else {
+        int64_t n = kvf__disk_clear(v->d, r->all_ns ? 0 : r->ns);
+        if (n > 0) {
+            __atomic_fetch_add(&r->cleared, n, __ATOMIC_RELAXED);
+            pthread_mutex_lock(&t->mu);
+            t->st.cleared += (uint64_t)n;
+            pthread_mutex_unlock(&t->mu);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Workers */
+
+static void demote(device *v, work *w)
+{
+    kvf__tier *t = v->t;
+    int rc = dev_down(v) ? KVF_EIO : kvf__disk_put(v->d, w->ns, &w->key, w->data, w->len);
+    kvf__cache_lock(t->o.cache);
+    kvf__cache_release_locked(t->o.cache, w->eid);
+    kvf__cache_unlock(t->o.cache);
+    pthread_mutex_lock(&t->mu);
+    t->pending_bytes -= w->len;
+    if (rc == 0) {
+        t->st.demoted++;
+        t->st.demoted_bytes += w->len;
+        t->st.writes++;
+        t->st.write_bytes += w->len;
+    } else {
+        t->st.demote_failed++;
+    }
+    pthread_mutex_unlock(&t->mu);
+    if (rc)
+        dev_down(v);
+}
+
+/* Demotions, removals and clears, in order; the buffered writes are written whenever the queue
+ * runs dry, so that a demoted object is found on disk soon after it left DRAM. At close, what is
+ * queued is still done. */
+static void *writer_main(void *arg)
+{
+    device *v = arg;
+    kvf__tier *t = v->t;
+    int dirty = 0;
+    pthread_mutex_lock(&t->mu);
+    for (;;) {
+        work *w = q_pop(&v->wq);
+        if (!w) {
+            if (dirty) {
+                pthread_mutex_unlock(&t->mu);
+                kvf__disk_flush(v->d);
+                dirty = 0;
+                pthread_mutex_lock(&t->mu);
+                continue;
+            }
+            if (atomic_load(&t->stop))
+                break;
+            pthread_cond_wait(&v->wcv, &t->mu);
+            continue;
+        }
+        pthread_mutex_unlock(&t->mu);
+        if (w->kind == W_DEMOTE) {
+            demote(v, w);
+            dirty = 1;
+        } else {
+            run_request(v, w);
+            req_share_done(t, w->req);
+        }
+        free(w);
+        pthread_mutex_lock(&t->mu);
+    }
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+static void *reader_main(void *arg)
+{
+    device *v = arg;
+    kvf__tier *t = v->t;
+    pthread_mutex_lock(&t->mu);
+    for (;;) {
+        work *w = q_pop(&v->rq);
+        if (!w) {
+            if (atomic_load(&t->stop))
+                break;
+            pthread_cond_wait(&v->rcv, &t->mu);
+            continue;
+        }
+        pthread_mutex_unlock(&t->mu);
+        run_request(v, w); /* once stopping, promotes nothing: its keys stay misses */
+        req_share_done(t, w->req);
+        free(w);
+        pthread_mutex_lock(&t->mu);
+    }
+    pthread_mutex_unlock(&t->mu);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The interface */
+
+int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
+{
+    uint32_t count[KVF_TIER_MAX_DEVICES] = {0};
+    int devs[KVF_TIER_MAX_DEVICES];
+    for (uint32_t i = 0; i < r->n; i++)
+        count[dev_of(t, &r->keys[i])]++;
+    work *ws[KVF_TIER_MAX_DEVICES] = {0};
+    int nw = 0;
+    for (int d = 0; d < t->n; d++) {
+        if (r->kind != KVF_TIER_CLEAR && !count[d])
+            continue;
+        if (dev_down(&t->dev[d]))
+            continue;
+        ws[nw] = calloc(1, sizeof(work) + (size_t)count[d] * sizeof(uint32_t));
+        if (!ws[nw]) {
+            for (int k = 0; k < nw; k++)
+                free(ws[k]);
+            return KVF_ENOMEM;
+        }
+        ws[nw]->kind = r->kind;
+        ws[nw]->req = r;
+        devs[nw++] = d;
+    }
+    if (nw == 0)
+        return KVF_EIO;
+    for (uint32_t i = 0; i < r->n; i++) {
+        int d = dev_of(t, &r->keys[i]);
+        for (int k = 0; k < nw; k++)
+            if (devs[k] == d)
+                ws[k]->idx[ws[k]->nidx++] = i;
+    }
+    r->cleared = 0;
+    r->t0_ns = kvf__now_ns();
+    atomic_store(&r->remaining, nw);
+    pthread_mutex_lock(&t->mu);
+    if (atomic_load(&t->stop) || t->refuse || t->requests >= t->o.max_requests) {
+        pthread_mutex_unlock(&t->mu);
+        for (int k = 0; k < nw; k++)
+            free(ws[k]);
+        return KVF_EBUSY;
+    }
+    t->requests++;
+    for (int k = 0; k < nw; k++) {
+        device *v = &t->dev[devs[k]];
+        if (r->kind == KVF_TIER_PROMOTE) {
+            q_push(&v->rq, ws[k]);
+            pthread_cond_signal(&v->rcv);
+        } else {
+            q_push(&v->wq, ws[k]);
+            pthread_cond_signal(&v->wcv);
+        }
+    }
+    pthread_mutex_unlock(&t->mu);
+    return 0;
+}
+
+int kvf__tier_contains(kvf__tier *t, uint64_t ns, const kvf_key *key, uint64_t *len)
+{
+    return kvf__disk_contains(t->dev[dev_of(t, key)].d, ns, key, len);
+}
+
+int kvf__tier_up(kvf__tier *t)
+{
+    for (int i = 0; i < t->n; i++)
+        if (!dev_down(&t->dev[i]))
+            return 1;
+    return 0;
+}
+
+int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down)
+{
+    if (i < 0 || i >= t->n)
+        return -1;
+    *path = t->dev[i].path;
+    *down = kvf__disk_down(t->dev[i].d);
+    return 0;
+}
+
+void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st)
+{
+    pthread_mutex_lock(&t->mu);
+    *st = t->st; /* the tier's counters, and the devices' figures taken at open */
+    st->pending_bytes = t->pending_bytes;
+    pthread_mutex_unlock(&t->mu);
+    st->devices = t->n;
+    for (int i = 0; i < t->n; i++) {
+        uint64_t e, b, v;
+        kvf__disk_usage(t->dev[i].d, &e, &b, &v); /* never waits on I/O: STATS comes from loops */
+        st->devices_down += kvf__disk_down(t->dev[i].d) != 0;
+        st->entries += e;
+        st->entry_bytes += b;
+        st->verify_failures += v;
+    }
+}
+
+int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t errlen)
+{
+    *out = NULL;
+    if (o->n < 1 || o->n > KVF_TIER_MAX_DEVICES || !o->cache) {
+        snprintf(err, errlen, "disk tier: 1 to %d devices", KVF_TIER_MAX_DEVICES);
+        return KVF_EINVAL;
+    }
+    kvf__tier *t = calloc(1, sizeof *t);
+    if (!t)
+        return KVF_ENOMEM;
+    t->o = *o;
+    if (!t->o.queue_bytes)
+        t->o.queue_bytes = QUEUE_BYTES_DEFAULT;
+    /* the blocks held for demotion cannot be evicted: at most a quarter of the arena, so that
+     * room can always be made from the rest */
+    uint64_t arena = kvf__cache_mem_size(o->cache);
+    if (t->o.queue_bytes > arena / 4)
+        t->o.queue_bytes = arena / 4;
+    if (!t->o.max_requests)
+        t->o.max_requests = MAX_REQUESTS_DEFAULT;
+    pthread_mutex_init(&t->mu, NULL);
+    pthread_cond_init(&t->idle, NULL);
+    int rc = 0;
+    for (int i = 0; i < o->n; i++) {
+        device *v = &t->dev[i];
+        v->t = t;
+        v->i = i;
+        v->path = o->paths[i];
+        pthread_cond_init(&v->wcv, NULL);
+        pthread_cond_init(&v->rcv, NULL);
+        t->n = i + 1;
+        kvf__disk_opts dopt = {.path = o->paths[i],
+                               .size = o->sizes[i],
+                               .extent_bytes = o->extent_bytes,
+                               .queue_depth = o->queue_depth,
+                               .fault = o->fault,
+                               .fault_ud = o->fault_ud};
+        if ((rc = kvf__disk_open(&v->d, &dopt, err, errlen)) != 0)
+            goto fail;
+        kvf__disk_stats ds;
+        kvf__disk_stats_get(v->d, &ds);
+        t->st.bytes += ds.bytes;
+        t->st.rebuilt_entries += ds.rebuilt_entries;
+        t->st.rebuild_seconds += ds.rebuild_seconds; /* the devices open one after another */
+        v->wr_ok = pthread_create(&v->wr, NULL, writer_main, v) == 0;
+        v->rd_ok = v->wr_ok && pthread_create(&v->rd, NULL, reader_main, v) == 0;
+        if (!v->rd_ok) {
+            snprintf(err, errlen, "disk tier %s: cannot start its threads", v->path);
+            rc = KVF_ENOMEM;
+            goto fail;
+        }
+    }
+    kvf__cache_set_evict_hook(o->cache, on_evict, t);
+    *out = t;
+    return 0;
+fail:
+    kvf__tier_close(&t);
+    return rc;
+}
+
+void kvf__tier_quiesce(kvf__tier *t)
+{
+    if (!t)
+        return;
+    pthread_mutex_lock(&t->mu);
+    t->refuse = 1;
+    while (t->requests)
+        pthread_cond_wait(&t->idle, &t->mu);
+    pthread_mutex_unlock(&t->mu);
+}
+
+void kvf__tier_close(kvf__tier **pt)
+{
+    kvf__tier *t = *pt;
+    if (!t)
+        return;
+    kvf__cache_set_evict_hook(t->o.cache, NULL, NULL); /* no demotion is queued after this */
+    kvf__tier_quiesce(t);
+    pthread_mutex_lock(&t->mu);
+    atomic_store(&t->stop, 1);
+    for (int i = 0; i < t->n; i++) {
+        pthread_cond_broadcast(&t->dev[i].wcv);
+        pthread_cond_broadcast(&t->dev[i].rcv);
+    }
+    pthread_mutex_unlock(&t->mu);
+    for (int i = 0; i < t->n; i++) {
+        device *v = &t->dev[i];
+        if (v->wr_ok)
+            pthread_join(v->wr, NULL);
+        if (v->rd_ok)
+            pthread_join(v->rd, NULL);
+        kvf__disk_close(&v->d);
+        pthread_cond_destroy(&v->wcv);
+        pthread_cond_destroy(&v->rcv);
+    }
+    pthread_cond_destroy(&t->idle);
+    pthread_mutex_destroy(&t->mu);
+    free(t);
+    *pt = NULL;
+}

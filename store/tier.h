@@ -1,0 +1,119 @@
+/*
+ * The storage node's disk tier (docs/store.md "The disk tier"): one or more devices (files or
+ * block devices, one kvf__disk each) under the DRAM arena, each with a writer thread and a reader
+ * thread of its own, so that no event loop ever waits on a disk.
+ *
+ * Demotion (write-back): the cache's eviction hook hands every evicted entry that passes the
+ * admission rule (read at least admit_hits times) to its device's writer with a read reference,
+ * so its bytes are written straight from the arena, never copied under a lock; the block is freed
+ * once written. At most queue_bytes of the arena are held so; beyond, an evicted entry is not
+ * demoted (counted). A key's device is fixed by its hash.
+ *
+ * Requests (kvf__tier_submit): promotions read objects from disk into freshly reserved DRAM
+ * entries (marked on disk, so their eviction writes nothing again) and hold a reference on each
+ * for the caller; removals and clears go through the writer, in order with the demotions queued
+ * before them. A request's devices work in parallel; its done() runs on the worker that finished
+ * last.
+ *
+ * Locking: the tier's own mutex guards its queues; the cache's lock is taken without it (the
+ * eviction hook runs under the cache's lock and takes the tier's, never the reverse).
+ */
+#ifndef KVF_STORE_TIER_H
+#define KVF_STORE_TIER_H
+
+#include "kvf/layout.h"
+
+#include "cache.h"
+#include "log.h"
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct kvf__tier kvf__tier;
+
+#define KVF_TIER_MAX_DEVICES 16
+
+typedef struct kvf__tier_opts {
+    const char *paths[KVF_TIER_MAX_DEVICES];
+    uint64_t sizes[KVF_TIER_MAX_DEVICES]; /* 0: a block device's whole size */
+    int n;
+    uint32_t admit_hits;   /* demote entries read at least this often since written (0: all) */
+    uint64_t queue_bytes;  /* arena bytes pending demotions may hold (0: 256 MiB; at most 1/4) */
+    uint32_t queue_depth;  /* io_uring entries per device (0: 32) */
+    uint32_t max_requests; /* requests (promotions, removals) waiting at once (0: 256) */
+    uint64_t extent_bytes; /* 0: the engine's default (64 MiB) */
+    kvf_cache *cache;
+    const kvf_log *log;
+    /* Told when a key leaves the node from disk (EVICT, CLEAR): the cache's on_change. May be
+     * NULL. */
+    void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
+    void *on_change_ctx;
+    /* Faults for tests (kvf__disk_opts.fault), for every device. NULL in service. */
+    int (*fault)(void *ud, int is_write, uint64_t off, uint64_t len);
+    void *fault_ud;
+} kvf__tier_opts;
+
+/* Opens every device (rebuilding its index: what a previous run left is served again) and
+ * starts the workers, then hooks the cache's eviction. 0, KVF_EINVAL, KVF_EIO, KVF_ENOMEM or
+ * KVF_EINFEASIBLE (io_uring refused), with err naming the device. */
+int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t errlen);
+/* Unhooks the cache, writes the demotions still queued, answers the requests still queued (as
+ * failed), joins the workers and closes the devices. Before the cache closes. Accepts NULL. */
+void kvf__tier_close(kvf__tier **t);
+
+/* Refuses new requests and waits for those taken to call done(): before the server that posts
+ * their replies closes. Demotions go on. Accepts NULL. */
+void kvf__tier_quiesce(kvf__tier *t);
+
+/* Whether a device holds (ns, key) now, its length in *len. Never waits on I/O. */
+int kvf__tier_contains(kvf__tier *t, uint64_t ns, const kvf_key *key, uint64_t *len);
+/* Whether any device is up. */
+int kvf__tier_up(kvf__tier *t);
+
+enum { KVF_TIER_PROMOTE = 1, KVF_TIER_REMOVE = 2, KVF_TIER_CLEAR = 3 };
+
+/* A request to the tier. The caller fills the first part and keeps it (and keys, st, eids) alive
+ * until done() is called; the tier fills st, eids and cleared. */
+typedef struct kvf__tier_req {
+    int kind;
+    uint64_t ns;
+    int all_ns; /* CLEAR: every namespace */
+    uint32_t n;
+    const kvf_key *keys;
+    uint32_t tenant; /* PROMOTE: whom the DRAM entries are charged to */
+    /* per key. PROMOTE: 0 (promoted: eids[i] holds a read reference the caller drops), KVF_ENOENT
+     * (not on disk, or it did not check), KVF_EEXIST (in DRAM already or being put), or the
+     * reservation's or the device's error. REMOVE: 0 (removed from disk) or KVF_ENOENT. Callers
+     * set every st[i] to KVF_ENOENT before submitting. */
+    int32_t *st;
+    uint32_t *eids;
+    int64_t cleared; /* CLEAR: objects removed from disk */
+    void (*done)(struct kvf__tier_req *r);
+    void *ud;
+    /* the tier's */
+    atomic_int remaining;
+    uint64_t t0_ns;
+} kvf__tier_req;
+
+/* Queues r on the devices its keys lie on (every device for CLEAR). 0: done() will be called,
+ * on a worker thread, once; KVF_EBUSY: too many requests wait (the caller serves without the
+ * tier); KVF_EIO: every device is down; KVF_ENOMEM. */
+int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r);
+
+typedef struct kvf__tier_stats {
+    int devices, devices_down;
+    uint64_t bytes, entries, entry_bytes; /* over the devices */
+    uint64_t demoted, demoted_bytes, demote_skipped_cold, demote_dropped_full, demote_failed;
+    uint64_t pending_bytes; /* arena bytes held by queued demotions */
+    uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
+    uint64_t removed, cleared, verify_failures, rebuilt_entries;
+    uint64_t reads, read_bytes, writes, write_bytes;
+    double rebuild_seconds;
+    double promote_seconds; /* summed over promotions, for a mean */
+} kvf__tier_stats;
+void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st);
+/* Device i's path and the errno that took it down (0: up); -1 past the last. */
+int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down);
+
+#endif
