@@ -92,6 +92,12 @@ static int check_cfg(cfg *c)
         return kvf__cluster_fail("%s: \"engine\" is kvf-engine or transformers, not \"%s\"",
                                  cfg_where, c->engine);
     uint64_t mem = 0;
+    uint64_t disk = 0;
+    if (c->store_disk[0] && (kvf__parse_size(c->store_disk, &disk) != 0 || disk < (64u << 20)))
+        return kvf__cluster_fail("%s: \"store_disk\" must be a size of 64M or more such as "
+                                 "\"8G\" (each store's disk tier, a file in the run directory), "
+                                 "not \"%s\"",
+                                 cfg_where, c->store_disk);
     if (kvf__parse_size(c->store_memory, &mem) != 0 || mem < (1u << 20))
         return kvf__cluster_fail("%s: \"store_memory\" must be a size of 1M or more such as "
                                  "512M or 4G, not \"%s\"",
@@ -113,13 +119,21 @@ static int load_cfg(const char *path, cfg *c)
         return kvf__cluster_fail("%s:%d: %s", path, je.line, o ? "not a JSON object" : je.text);
     }
     int max_tokens = 16384, rc = 0;
-    static const char *const top_keys[] = {"name",   "model",
-                                           "engine", "engine_args",
-                                           "python", "store_memory",
-                                           "policy", "run_dir",
-                                           "stores", "prefill",
-                                           "decode", "store_threads",
-                                           "netns",  "engine_max_tokens",
+    static const char *const top_keys[] = {"name",
+                                           "model",
+                                           "engine",
+                                           "engine_args",
+                                           "python",
+                                           "store_memory",
+                                           "store_disk",
+                                           "policy",
+                                           "run_dir",
+                                           "stores",
+                                           "prefill",
+                                           "decode",
+                                           "store_threads",
+                                           "netns",
+                                           "engine_max_tokens",
                                            NULL};
     static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
     char kerr[700], where[600];
@@ -144,6 +158,7 @@ static int load_cfg(const char *path, cfg *c)
         get_str(o, "engine_args", "", c->engine_args, sizeof c->engine_args) ||
         get_str(o, "python", "python3", c->python, sizeof c->python) ||
         get_str(o, "store_memory", "256M", c->store_memory, sizeof c->store_memory) ||
+        get_str(o, "store_disk", "", c->store_disk, sizeof c->store_disk) ||
         get_str(o, "policy", "kvf_cost", c->policy, sizeof c->policy) ||
         get_str(o, "run_dir", "", c->run_dir, sizeof c->run_dir) ||
         get_int(o, "stores", 1, 1, 16, &c->stores) ||

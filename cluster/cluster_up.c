@@ -300,7 +300,17 @@ static int start_store(launch *L, int i)
                     node,
                     "--events-credential",
                     L->events_cred};
-    if (start_one(c, q, args, (int)(sizeof args / sizeof args[0]), NULL, READY_MS) != 0)
+    /* "store_disk": a disk tier under each store's arena, a file of the run directory */
+    char disk[1200];
+    char *with_disk[sizeof args / sizeof args[0] + 2];
+    int n = (int)(sizeof args / sizeof args[0]);
+    memcpy(with_disk, args, sizeof args);
+    if (c->store_disk[0]) {
+        snprintf(disk, sizeof disk, "%s/store%d.disk:%s", c->run_dir, i, c->store_disk);
+        with_disk[n++] = "--disk";
+        with_disk[n++] = disk;
+    }
+    if (start_one(c, q, with_disk, n, NULL, READY_MS) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)

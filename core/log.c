@@ -109,6 +109,15 @@ void kvf__log_write(const kvf_log *lg, kvf_log_level level, const char *fmt, ...
 
 static void (*sig_on_stop)(int);
 static void (*sig_on_hup)(int);
+static pthread_t sig_thread;
+
+/* A thread started before main blocked the signals (a library's: OpenBLAS starts its workers
+ * from a constructor) may still be handed one: it is passed on to the signal thread, where
+ * sigwait takes it. pthread_kill is a tgkill: safe in a handler. */
+static void forward(int sig)
+{
+    pthread_kill(sig_thread, sig);
+}
 
 static void daemon_set(sigset_t *set)
 {
@@ -151,11 +160,19 @@ int kvf__daemon_signals(void (*on_stop)(int), void (*on_hup)(int))
     kvf__daemon_block_signals(); /* the caller's thread at least, had main not done it */
     sig_on_stop = on_stop;
     sig_on_hup = on_hup;
-    pthread_t t;
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&t, &at, signal_main, NULL);
+    int rc = pthread_create(&sig_thread, &at, signal_main, NULL);
     pthread_attr_destroy(&at);
-    return rc == 0 ? 0 : -1;
+    if (rc != 0)
+        return -1;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = forward;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGHUP, &sa, NULL);
+    return 0;
 }

@@ -183,6 +183,7 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     d->ext_bytes = eb;
     pthread_mutex_init(&d->mu, NULL);
     pthread_mutex_init(&d->imu, NULL);
+    pthread_mutex_init(&d->rmu, NULL);
     d->fd = open(o->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
     int rc = 0;
     struct stat sb;
@@ -230,11 +231,18 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
         goto fail;
     }
     d->ring_ok = 1;
+    if ((ur = io_uring_queue_init(d->qd, &d->rring, 0)) < 0) {
+        snprintf(err, errlen, "disk tier %s: io_uring: %s", o->path, strerror(-ur));
+        rc = KVF_EINFEASIBLE;
+        goto fail;
+    }
+    d->rring_ok = 1;
     d->gen = calloc(d->n_ext, sizeof *d->gen);
     d->wcap = WBUF_MIN;
     d->wbuf = kvf__dk_aligned(d->wcap);
     d->xs = XXH3_createState();
-    if (!d->gen || !d->wbuf || !d->xs || kvf__dk_grow(d) != 0) {
+    d->rxs = XXH3_createState();
+    if (!d->gen || !d->wbuf || !d->xs || !d->rxs || kvf__dk_grow(d) != 0) {
         rc = KVF_ENOMEM;
         goto fail;
     }
@@ -269,10 +277,13 @@ void kvf__disk_close(kvf__disk **pd)
         pthread_mutex_unlock(&d->mu);
         io_uring_queue_exit(&d->ring);
     }
+    if (d->rring_ok)
+        io_uring_queue_exit(&d->rring);
     if (d->fd >= 0)
         close(d->fd);
     pthread_mutex_destroy(&d->mu);
     pthread_mutex_destroy(&d->imu);
+    pthread_mutex_destroy(&d->rmu);
     free(d->tab);
     free(d->gen);
     free(d->wbuf);
@@ -280,6 +291,8 @@ void kvf__disk_close(kvf__disk **pd)
     free(d->pend);
     if (d->xs)
         XXH3_freeState(d->xs);
+    if (d->rxs)
+        XXH3_freeState(d->rxs);
     for (int i = 0; i <= WSLOTS; i++)
         free(d->piece[i]);
     free(d);
@@ -382,59 +395,66 @@ static void get_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
                   uint64_t *len)
 {
+    /* what the index says, under mu */
     pthread_mutex_lock(&d->mu);
-    int rc = 0;
-    uint8_t *rb = NULL;
     ent *e = d->st.down ? NULL : kvf__dk_find(d, ns, key->lo, key->hi);
     if (d->st.down) {
-        rc = KVF_EIO;
-        goto out;
+        pthread_mutex_unlock(&d->mu);
+        return KVF_EIO;
     }
     d->st.gets++;
     if (!e) {
         d->st.misses++;
-        rc = KVF_ENOENT;
-        goto out;
+        pthread_mutex_unlock(&d->mu);
+        return KVF_ENOENT;
     }
-    *len = e->len;
-    if (e->len > cap) {
-        rc = KVF_EOVERFLOW;
-        goto out;
-    }
-    uint64_t size = kvf__dk_align_up(HDR_LEN + e->len);
+    uint64_t off = e->off, elen = e->len, seq = e->seq;
+    pthread_mutex_unlock(&d->mu);
+    *len = elen;
+    if (elen > cap)
+        return KVF_EOVERFLOW;
+
+    /* the read, under rmu alone: writes go on meanwhile. Should the log reuse the record's extent
+     * under it, the header's sequence or the data's checksum no longer checks. */
+    int rc = 0, r = 0, ok = 0;
+    pthread_mutex_lock(&d->rmu);
+    uint64_t size = kvf__dk_align_up(HDR_LEN + elen);
     if (size > d->rcap) {
         uint8_t *nb = kvf__dk_aligned(size);
         if (!nb) {
-            rc = KVF_ENOMEM;
-            goto out;
+            pthread_mutex_unlock(&d->rmu);
+            return KVF_ENOMEM;
         }
         free(d->rbuf);
         d->rbuf = nb;
         d->rcap = size;
     }
-    rb = d->rbuf;
     /* the data's checksum and its copy out, piece by piece as the pieces land */
-    struct get_ctx g = {.xs = d->xs, .out = buf, .len = e->len};
+    struct get_ctx g = {.xs = d->rxs, .out = buf, .len = elen};
     XXH3_64bits_reset(g.xs);
-    int r = kvf__dk_io_pieces(d, rb, size, e->off, get_piece, &g);
+    r = kvf__dk_io_pieces(d, &d->rring, d->rbuf, size, off, get_piece, &g);
+    rec h;
+    ok = !r && kvf__dk_hdr_read(d->rbuf, &h) && h.type == REC_OBJECT && h.seq == seq &&
+         h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == elen &&
+         XXH3_64bits_digest(g.xs) == h.data_xxh;
+    pthread_mutex_unlock(&d->rmu);
+
+    pthread_mutex_lock(&d->mu);
     if (r) {
         kvf__dk_go_down(d, -r);
         rc = KVF_EIO;
-        goto out;
-    }
-    rec h;
-    if (!kvf__dk_hdr_read(rb, &h) || h.type != REC_OBJECT || h.seq != e->seq || h.ns != ns ||
-        h.lo != key->lo || h.hi != key->hi || h.len != e->len ||
-        XXH3_64bits_digest(g.xs) != h.data_xxh) {
-        /* written torn, or changed since: a miss, and gone */
-        __atomic_fetch_add(&d->st.verify_failures, 1, __ATOMIC_RELAXED);
+    } else if (!ok) {
+        /* written torn, or its extent reused since: a miss, and gone (if it still is this one) */
+        ent *now = kvf__dk_find(d, ns, key->lo, key->hi);
+        if (now && now->seq == seq) {
+            __atomic_fetch_add(&d->st.verify_failures, 1, __ATOMIC_RELAXED);
+            kvf__dk_erase(d, now);
+        }
         d->st.misses++;
-        kvf__dk_erase(d, e);
         rc = KVF_ENOENT;
-        goto out;
+    } else {
+        d->st.get_bytes += elen;
     }
-    d->st.get_bytes += h.len;
-out:
     pthread_mutex_unlock(&d->mu);
     return rc;
 }

@@ -3,8 +3,10 @@
  * engine's state, and what its files share. disk_io.c: reads and writes through io_uring;
  * disk_index.c: the in-memory index; disk_log.c: records and the log they are appended to;
  * disk.c: open (format, rebuild), close and the operations. Everything here is called with the
- * engine's mutex held. The index's changes also take imu, a second mutex held only for them, so
- * that kvf__disk_contains (imu alone) never waits behind I/O done under mu.
+ * engine's mutex held, but a get's read, done under rmu alone so that it never waits behind a
+ * write (what it read is checked against the index again under mu). The index's changes also take
+ * imu, a second mutex held only for them, so that kvf__disk_contains (imu alone) never waits behind
+ * I/O done under mu.
  */
 #ifndef KVF_STORE_DISK_INT_H
 #define KVF_STORE_DISK_INT_H
@@ -44,11 +46,14 @@ typedef struct ent {
 struct kvf__disk {
     kvf__disk_opts o;
     int fd;
-    struct io_uring ring;
-    int ring_ok;
-    uint32_t qd;      /* the ring's entries: reads in flight at most */
-    XXH3_state_t *xs; /* a get's streaming checksum (under mu) */
+    struct io_uring ring;  /* writes and the open's reads (under mu) */
+    struct io_uring rring; /* gets' reads (under rmu): a get waits for no write */
+    int ring_ok, rring_ok;
+    uint32_t qd;       /* the ring's entries: reads in flight at most */
+    XXH3_state_t *xs;  /* a large write's streaming checksum (under mu) */
+    XXH3_state_t *rxs; /* a get's (under rmu) */
     pthread_mutex_t mu;
+    pthread_mutex_t rmu; /* a get's read: rring, rxs, rbuf (taken without mu) */
     pthread_mutex_t imu; /* the index's changes (under mu too) and kvf__disk_contains */
     uint64_t size, n_ext, ext_bytes;
     uint8_t uuid[16];
@@ -62,7 +67,7 @@ struct kvf__disk {
     uint64_t *gen; /* per extent: its generation (0: never opened) */
     uint8_t *wbuf; /* records not yet written, to go at (cur, wstart) */
     uint64_t wcap, wlen, wstart;
-    uint8_t *rbuf; /* reads land here (kept: a fresh buffer a read costs its page faults) */
+    uint8_t *rbuf; /* gets land here, under rmu (kept: a fresh buffer costs its page faults) */
     uint64_t rcap;
     uint8_t *piece[WSLOTS + 1]; /* a large record's pieces in flight; [WSLOTS]: its first */
     struct pend {               /* the index entries of the records in wbuf */
@@ -102,8 +107,8 @@ static inline uint64_t kvf__dk_ext_off(const kvf__disk *d, uint64_t e)
 void kvf__dk_go_down(kvf__disk *d, int e);
 /* One read or write of len bytes at off, waited for; 0 or a negative errno. */
 int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off);
-/* A read in pieces, each handed to each() in order as it and those before it land. */
-int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
+/* A read through ring in pieces, each handed to each() in order as it and those before it land. */
+int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
                       void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n),
                       void *ud);
 

@@ -12,7 +12,7 @@
 
 void kvf__dk_go_down(kvf__disk *d, int e)
 {
-    if (!d->st.down) /* atomic: kvf__disk_contains reads it under imu alone */
+    if (!__atomic_load_n(&d->st.down, __ATOMIC_RELAXED)) /* kvf__disk_contains reads it under imu */
         __atomic_store_n(&d->st.down, e ? e : EIO, __ATOMIC_RELAXED);
 }
 
@@ -59,7 +59,7 @@ int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off
  * hands each piece to each() in order as soon as it and those before it have landed: the
  * caller's work on a piece (a checksum, a copy) overlaps the reads of the next ones. Returns 0
  * or a negative errno. */
-int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
+int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
                       void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud)
 {
     if (d->o.fault) {
@@ -75,7 +75,7 @@ int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
     int err = 0;
     while (next_done < n) {
         while (!err && next_sub < n && inflight < d->qd) {
-            struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+            struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
             if (!sqe)
                 break;
             uint64_t from = next_sub * PIECE, k = len - from < PIECE ? len - from : PIECE;
@@ -84,14 +84,14 @@ int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
             next_sub++;
             inflight++;
         }
-        int rc = io_uring_submit(&d->ring);
+        int rc = io_uring_submit(ring);
         if (rc < 0)
             err = err ? err : rc;
         if (!inflight)
             break;
         struct io_uring_cqe *cqe;
         do
-            rc = io_uring_wait_cqe(&d->ring, &cqe);
+            rc = io_uring_wait_cqe(ring, &cqe);
         while (rc == -EINTR);
         if (rc < 0)
             return rc; /* the ring itself failed: nothing more can be trusted */
@@ -101,7 +101,7 @@ int kvf__dk_io_pieces(kvf__disk *d, uint8_t *buf, uint64_t len, uint64_t off,
             err = err ? err : cqe->res;
         else if ((uint64_t)cqe->res != want)
             err = err ? err : -EIO; /* short: past the end */
-        io_uring_cqe_seen(&d->ring, cqe);
+        io_uring_cqe_seen(ring, cqe);
         inflight--;
         if (i < n)
             landed[i] = 1;

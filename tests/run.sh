@@ -27,7 +27,7 @@ step "release tests"
 (cd build && ctest --output-on-failure -j "$jobs")
 
 step "ASan + UBSan build (build/asan)"
-cmake --preset asan -DKVF_WERROR=ON >/dev/null
+cmake --preset asan -DKVF_WERROR=ON -DKVF_PLAIN_LIBKVF="$root/build/libkvf.so" >/dev/null
 cmake --build build/asan -j "$jobs"
 step "ASan + UBSan tests"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1
@@ -37,7 +37,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # The TSan build leaves the RDMA transport out (-DKVF_RDMA=OFF): it is the check that kvfabric
 # builds and runs without the RDMA headers; the others test it against mocked verbs.
 step "ThreadSanitizer build (build/tsan, without RDMA)"
-cmake --preset tsan -DKVF_WERROR=ON -DKVF_RDMA=OFF >/dev/null
+cmake --preset tsan -DKVF_WERROR=ON -DKVF_RDMA=OFF -DKVF_PLAIN_LIBKVF="$root/build/libkvf.so" >/dev/null
 cmake --build build/tsan -j "$jobs"
 step "ThreadSanitizer tests"
 # OpenBLAS (Debian's, not built with TSan) synchronises its own GEMM worker threads by spinning

@@ -65,7 +65,9 @@ static inline int kvf__log_enabled(const kvf_log *lg, kvf_log_level level)
  * SIGPIPE (a peer that goes away is an error return, not a death). kvf__daemon_signals() then
  * starts one thread that takes them with sigwait: SIGTERM and SIGINT call on_stop, SIGHUP calls
  * on_hup (NULL: ignored). The callbacks run on that thread, not in a signal handler; they should
- * set a flag or wake a loop. A signal that comes before kvf__daemon_signals() waits for it.
+ * set a flag or wake a loop. A signal that comes before kvf__daemon_signals() waits for it; one
+ * handed to a thread that started before main blocked them (a library's) is passed on to that
+ * thread.
  * 0, or -1 when the thread could not start (the daemon should exit). */
 void kvf__daemon_block_signals(void);
 int kvf__daemon_signals(void (*on_stop)(int), void (*on_hup)(int));
