@@ -322,6 +322,8 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
 #undef DSET
     json_object_set_new(o, "rebuild_seconds", json_real(ts.rebuild_seconds));
     json_object_set_new(o, "promote_seconds", json_real(ts.promote_seconds));
+    json_object_set_new(o, "read_seconds", json_real(ts.read_seconds));
+    json_object_set_new(o, "write_seconds", json_real(ts.write_seconds));
     const char *path;
     int down;
     for (int i = 0; kvf__tier_device(t, i, &path, &down) == 0; i++) {
@@ -373,6 +375,10 @@ void kvf__sdisk_metrics(kvf_server *s, kvf__metrics *m)
          (double)ts.removed},
         {"disk_cleared_total", "Objects removed from the disk tier by CLEAR.", 1,
          (double)ts.cleared},
+        {"disk_read_seconds_total", "Time the disk tier's workers spent reading.", 1,
+         ts.read_seconds},
+        {"disk_write_seconds_total", "Time the disk tier's workers spent writing.", 1,
+         ts.write_seconds},
         {"disk_rebuilt_entries", "Objects found on the disk tier at start.", 0,
          (double)ts.rebuilt_entries},
         {"disk_rebuild_seconds", "Time to rebuild the disk tier's index at start.", 0,

@@ -176,8 +176,9 @@ static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
         r->st[i] = rc;
         return;
     }
-    uint64_t got = 0;
+    uint64_t got = 0, t0 = kvf__now_ns();
     rc = kvf__disk_get(v->d, r->ns, key, dst, len, &got);
+    double secs = (double)(kvf__now_ns() - t0) / 1e9;
     kvf__cache_lock(c);
     if (rc == 0 && got == len && kvf__cache_commit_locked(c, eid, TIER_OWNER) == 0) {
         kvf__cache_mark_on_disk_locked(c, eid);
@@ -191,6 +192,7 @@ static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
     kvf__cache_unlock(c);
     pthread_mutex_lock(&t->mu);
     t->st.reads++;
+    t->st.read_seconds += secs;
     if (r->st[i] == 0) {
         t->st.promoted++;
         t->st.promoted_bytes += len;
@@ -244,12 +246,15 @@ static void run_request(device *v, work *w)
 static void demote(device *v, work *w)
 {
     kvf__tier *t = v->t;
+    uint64_t t0 = kvf__now_ns();
     int rc = dev_down(v) ? KVF_EIO : kvf__disk_put(v->d, w->ns, &w->key, w->data, w->len);
+    double secs = (double)(kvf__now_ns() - t0) / 1e9;
     kvf__cache_lock(t->o.cache);
     kvf__cache_release_locked(t->o.cache, w->eid);
     kvf__cache_unlock(t->o.cache);
     pthread_mutex_lock(&t->mu);
     t->pending_bytes -= w->len;
+    t->st.write_seconds += secs;
     if (rc == 0) {
         t->st.demoted++;
         t->st.demoted_bytes += w->len;
@@ -277,9 +282,12 @@ static void *writer_main(void *arg)
         if (!w) {
             if (dirty) {
                 pthread_mutex_unlock(&t->mu);
+                uint64_t t0 = kvf__now_ns();
                 kvf__disk_flush(v->d);
+                double secs = (double)(kvf__now_ns() - t0) / 1e9;
                 dirty = 0;
                 pthread_mutex_lock(&t->mu);
+                t->st.write_seconds += secs;
                 continue;
             }
             if (atomic_load(&t->stop))

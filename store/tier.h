@@ -109,6 +109,7 @@ typedef struct kvf__tier_stats {
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
     uint64_t removed, cleared, verify_failures, rebuilt_entries;
     uint64_t reads, read_bytes, writes, write_bytes;
+    double read_seconds, write_seconds; /* the workers' time in the devices' reads and writes */
     double rebuild_seconds;
     double promote_seconds; /* summed over promotions, for a mean */
 } kvf__tier_stats;
