@@ -178,7 +178,7 @@ static kvf_client *client_to(const bench_proc *p)
 
 /* One object size through a store of arena bytes on a disk file in dir. 0, or -1 (said). */
 static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const char *bin, int quick,
-                      json_t *res, int have_fio)
+                      json_t *res, int have_fio, int json)
 {
     char extra[4600], file[4200], mem[32];
     snprintf(file, sizeof file, "%s/kvf-bench-tier.%d.dat", dir, (int)getpid());
@@ -297,18 +297,20 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_r);
     }
 #undef KEY
-    printf("%s objects: demotion writes %.2f GB/s", sh->name, write_gbps);
+    FILE *out = json ? stderr : stdout; /* with --json, stdout is the JSON alone */
+    fprintf(out, "%s objects: demotion writes %.2f GB/s", sh->name, write_gbps);
     if (fio_w > 0)
-        printf(" (%.2fx fio's write %.2f)", write_gbps / fio_w, fio_w);
-    printf(" (%.2f GB/s of the put stream, %" PRId64 " evictions not demoted: queue full)",
-           demote_gbps, dropped);
-    printf(", GET from disk %.2f GB/s", g.median);
+        fprintf(out, " (%.2fx fio's write %.2f)", write_gbps / fio_w, fio_w);
+    fprintf(out, " (%.2f GB/s of the put stream, %" PRId64 " evictions not demoted: queue full)",
+            demote_gbps, dropped);
+    fprintf(out, ", GET from disk %.2f GB/s", g.median);
     if (fio_r > 0)
-        printf(" (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);
-    printf("\n  DRAM GET %.2f GB/s alone, %.2f GB/s while %.2f GB/s are promoted (%.2fx); warm "
-           "restart %.2f s (%" PRId64 " objects), %d wrong, %" PRId64 " verification failures\n",
-           alone, under, io_gbps, under > 0 ? under / alone : -1, warm, rebuilt,
-           wrong + wrong_after, vfail);
+        fprintf(out, " (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);
+    fprintf(out,
+            "\n  DRAM GET %.2f GB/s alone, %.2f GB/s while %.2f GB/s are promoted (%.2fx); warm "
+            "restart %.2f s (%" PRId64 " objects), %d wrong, %" PRId64 " verification failures\n",
+            alone, under, io_gbps, under > 0 ? under / alone : -1, warm, rebuilt,
+            wrong + wrong_after, vfail);
     rc = wrong + wrong_after ? -1 : 0;
     if (rc)
         fprintf(stderr, "kvf-bench store: %d object(s) read back wrong\n", wrong + wrong_after);
@@ -321,7 +323,8 @@ out:
     return rc;
 }
 
-int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, json_t *res)
+int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int json,
+                     json_t *res)
 {
     uint64_t arena = 0;
     if (kvf__parse_size(memory, &arena) != 0 || arena < (64u << 20)) {
@@ -340,7 +343,7 @@ int bench_store_tier(const char *dir, int quick, const char *memory, const char 
     if (!have_fio)
         json_object_set_new(res, "fio", json_string("not installed: no ratios"));
     for (int s = 0; s < 2; s++)
-        if (tier_shape(&shapes[s], dir, arena, bin, quick, res, have_fio) != 0)
+        if (tier_shape(&shapes[s], dir, arena, bin, quick, res, have_fio, json) != 0)
             return -1;
     return 0;
 }

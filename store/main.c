@@ -441,19 +441,21 @@ static int open_tenants(const store_cfg *cfg, kvf__tenants **t)
     return 0;
 }
 
-/* A test's I/O faults, from $KVF_DISK_FAULT="read|write|any:N": the Nth such I/O of a device and
- * every later one fail with EIO, as a dying device's would (test_store_disk; docs/store.md). */
+/* A test's I/O faults, from $KVF_DISK_FAULT="read|write|any:N": counted from the moment the tier
+ * is open (its format and rebuild are not), the Nth such I/O of a device and every later one fail
+ * with EIO, as a dying device's would (test_store_disk; docs/store.md). */
 typedef struct disk_fault {
     int kind; /* 0 read, 1 write, 2 any */
     long after;
     atomic_long seen;
+    atomic_int armed;
 } disk_fault;
 
 static int disk_fault_fn(void *ud, int is_write, uint64_t off, uint64_t len)
 {
     disk_fault *f = ud;
     (void)off, (void)len;
-    if (f->kind != 2 && f->kind != is_write)
+    if (!atomic_load(&f->armed) || (f->kind != 2 && f->kind != is_write))
         return 0;
     return atomic_fetch_add(&f->seen, 1) + 1 >= f->after ? -EIO : 0;
 }
@@ -501,6 +503,8 @@ static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf_
         fprintf(stderr, "kvf-store: --disk: %s\n", err);
         return 1;
     }
+    if (fault)
+        atomic_store(&fault->armed, 1);
     kvf__tier_stats ts;
     kvf__tier_stats_get(*tier, &ts);
     char b[32];

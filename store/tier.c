@@ -462,9 +462,16 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
         pthread_cond_init(&v->wcv, NULL);
         pthread_cond_init(&v->rcv, NULL);
         t->n = i + 1;
+        /* extents of 64 MiB, smaller (to 1 MiB) on a small device: 16 of them at least, so that
+         * the log's reuse of its oldest extent drops a sixteenth of what the tier holds */
+        uint64_t eb = o->extent_bytes;
+        if (!eb)
+            for (eb = 64u << 20;
+                 eb > (1u << 20) && o->sizes[i] && o->sizes[i] < (1u << 20) + 16 * eb;)
+                eb /= 2;
         kvf__disk_opts dopt = {.path = o->paths[i],
                                .size = o->sizes[i],
-                               .extent_bytes = o->extent_bytes,
+                               .extent_bytes = eb,
                                .queue_depth = o->queue_depth,
                                .fault = o->fault,
                                .fault_ud = o->fault_ud};

@@ -42,7 +42,7 @@ typedef struct kvf__tier_opts {
     uint64_t queue_bytes;  /* arena bytes pending demotions may hold (0: 256 MiB; at most 1/4) */
     uint32_t queue_depth;  /* io_uring entries per device (0: 32) */
     uint32_t max_requests; /* requests (promotions, removals) waiting at once (0: 256) */
-    uint64_t extent_bytes; /* 0: the engine's default (64 MiB) */
+    uint64_t extent_bytes; /* 0: 64 MiB, halved (to 1 MiB) until 16 fit the device */
     kvf_cache *cache;
     const kvf_log *log;
     /* Told when a key leaves the node from disk (EVICT, CLEAR): the cache's on_change. May be
