@@ -183,7 +183,8 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     d->ext_bytes = eb;
     pthread_mutex_init(&d->mu, NULL);
     pthread_mutex_init(&d->imu, NULL);
-    pthread_mutex_init(&d->rmu, NULL);
+    for (int i = 0; i < RSLOTS; i++)
+        pthread_mutex_init(&d->rs[i].mu, NULL);
     d->fd = open(o->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
     int rc = 0;
     struct stat sb;
@@ -231,18 +232,23 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
         goto fail;
     }
     d->ring_ok = 1;
-    if ((ur = io_uring_queue_init(d->qd, &d->rring, 0)) < 0) {
-        snprintf(err, errlen, "disk tier %s: io_uring: %s", o->path, strerror(-ur));
-        rc = KVF_EINFEASIBLE;
-        goto fail;
+    for (int i = 0; i < RSLOTS; i++) {
+        if ((ur = io_uring_queue_init(d->qd, &d->rs[i].ring, 0)) < 0) {
+            snprintf(err, errlen, "disk tier %s: io_uring: %s", o->path, strerror(-ur));
+            rc = KVF_EINFEASIBLE;
+            goto fail;
+        }
+        d->rs[i].ring_ok = 1;
+        if (!(d->rs[i].xs = XXH3_createState())) {
+            rc = KVF_ENOMEM;
+            goto fail;
+        }
     }
-    d->rring_ok = 1;
     d->gen = calloc(d->n_ext, sizeof *d->gen);
     d->wcap = WBUF_MIN;
     d->wbuf = kvf__dk_aligned(d->wcap);
     d->xs = XXH3_createState();
-    d->rxs = XXH3_createState();
-    if (!d->gen || !d->wbuf || !d->xs || !d->rxs || kvf__dk_grow(d) != 0) {
+    if (!d->gen || !d->wbuf || !d->xs || kvf__dk_grow(d) != 0) {
         rc = KVF_ENOMEM;
         goto fail;
     }
@@ -277,22 +283,24 @@ void kvf__disk_close(kvf__disk **pd)
         pthread_mutex_unlock(&d->mu);
         io_uring_queue_exit(&d->ring);
     }
-    if (d->rring_ok)
-        io_uring_queue_exit(&d->rring);
+    for (int i = 0; i < RSLOTS; i++) {
+        if (d->rs[i].ring_ok)
+            io_uring_queue_exit(&d->rs[i].ring);
+        if (d->rs[i].xs)
+            XXH3_freeState(d->rs[i].xs);
+        free(d->rs[i].buf);
+        pthread_mutex_destroy(&d->rs[i].mu);
+    }
     if (d->fd >= 0)
         close(d->fd);
     pthread_mutex_destroy(&d->mu);
     pthread_mutex_destroy(&d->imu);
-    pthread_mutex_destroy(&d->rmu);
     free(d->tab);
     free(d->gen);
     free(d->wbuf);
-    free(d->rbuf);
     free(d->pend);
     if (d->xs)
         XXH3_freeState(d->xs);
-    if (d->rxs)
-        XXH3_freeState(d->rxs);
     for (int i = 0; i <= WSLOTS; i++)
         free(d->piece[i]);
     free(d);
@@ -414,30 +422,40 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     if (elen > cap)
         return KVF_EOVERFLOW;
 
-    /* the read, under rmu alone: writes go on meanwhile. Should the log reuse the record's extent
-     * under it, the header's sequence or the data's checksum no longer checks. */
+    /* the read, under a read slot's lock alone: writes and other gets go on meanwhile. Should the
+     * log reuse the record's extent under it, the header's sequence or the data's checksum no
+     * longer checks. A free slot is taken where there is one, else the next in turn is waited for.
+     */
     int rc = 0, r = 0, ok = 0;
-    pthread_mutex_lock(&d->rmu);
+    unsigned first = __atomic_fetch_add(&d->rnext, 1, __ATOMIC_RELAXED);
+    struct rslot *sl = NULL;
+    for (unsigned k = 0; k < RSLOTS && !sl; k++)
+        if (pthread_mutex_trylock(&d->rs[(first + k) % RSLOTS].mu) == 0)
+            sl = &d->rs[(first + k) % RSLOTS];
+    if (!sl) {
+        sl = &d->rs[first % RSLOTS];
+        pthread_mutex_lock(&sl->mu);
+    }
     uint64_t size = kvf__dk_align_up(HDR_LEN + elen);
-    if (size > d->rcap) {
+    if (size > sl->cap) {
         uint8_t *nb = kvf__dk_aligned(size);
         if (!nb) {
-            pthread_mutex_unlock(&d->rmu);
+            pthread_mutex_unlock(&sl->mu);
             return KVF_ENOMEM;
         }
-        free(d->rbuf);
-        d->rbuf = nb;
-        d->rcap = size;
+        free(sl->buf);
+        sl->buf = nb;
+        sl->cap = size;
     }
     /* the data's checksum and its copy out, piece by piece as the pieces land */
-    struct get_ctx g = {.xs = d->rxs, .out = buf, .len = elen};
+    struct get_ctx g = {.xs = sl->xs, .out = buf, .len = elen};
     XXH3_64bits_reset(g.xs);
-    r = kvf__dk_io_pieces(d, &d->rring, d->rbuf, size, off, get_piece, &g);
+    r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, size, off, get_piece, &g);
     rec h;
-    ok = !r && kvf__dk_hdr_read(d->rbuf, &h) && h.type == REC_OBJECT && h.seq == seq &&
+    ok = !r && kvf__dk_hdr_read(sl->buf, &h) && h.type == REC_OBJECT && h.seq == seq &&
          h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == elen &&
          XXH3_64bits_digest(g.xs) == h.data_xxh;
-    pthread_mutex_unlock(&d->rmu);
+    pthread_mutex_unlock(&sl->mu);
 
     pthread_mutex_lock(&d->mu);
     if (r) {

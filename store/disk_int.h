@@ -3,8 +3,9 @@
  * engine's state, and what its files share. disk_io.c: reads and writes through io_uring;
  * disk_index.c: the in-memory index; disk_log.c: records and the log they are appended to;
  * disk.c: open (format, rebuild), close and the operations. Everything here is called with the
- * engine's mutex held, but a get's read, done under rmu alone so that it never waits behind a
- * write (what it read is checked against the index again under mu). The index's changes also take
+ * engine's mutex held, but a get's read, done under one of RSLOTS read slots alone so that it
+ * never waits behind a write and several gets read at once (what each read is checked against the
+ * index again under mu). The index's changes also take
  * imu, a second mutex held only for them, so that kvf__disk_contains (imu alone) never waits behind
  * I/O done under mu.
  */
@@ -33,6 +34,7 @@
 #define SCAN_CHUNK (8u << 20) /* rebuild reads extents in pieces this large */
 #define MAX_OBJECT (1ull << 32)
 #define WSLOTS     4 /* a large record's pieces written at once (besides its first) */
+#define RSLOTS     4 /* gets that read at once */
 
 typedef struct ent {
     uint64_t ns, lo, hi; /* (ns, key); lo == hi == ns == 0 and !used: an empty slot */
@@ -46,14 +48,11 @@ typedef struct ent {
 struct kvf__disk {
     kvf__disk_opts o;
     int fd;
-    struct io_uring ring;  /* writes and the open's reads (under mu) */
-    struct io_uring rring; /* gets' reads (under rmu): a get waits for no write */
-    int ring_ok, rring_ok;
-    uint32_t qd;       /* the ring's entries: reads in flight at most */
-    XXH3_state_t *xs;  /* a large write's streaming checksum (under mu) */
-    XXH3_state_t *rxs; /* a get's (under rmu) */
+    struct io_uring ring; /* writes and the open's reads (under mu) */
+    int ring_ok;
+    uint32_t qd;      /* the ring's entries: reads in flight at most */
+    XXH3_state_t *xs; /* a large write's streaming checksum (under mu) */
     pthread_mutex_t mu;
-    pthread_mutex_t rmu; /* a get's read: rring, rxs, rbuf (taken without mu) */
     pthread_mutex_t imu; /* the index's changes (under mu too) and kvf__disk_contains */
     uint64_t size, n_ext, ext_bytes;
     uint8_t uuid[16];
@@ -67,8 +66,17 @@ struct kvf__disk {
     uint64_t *gen; /* per extent: its generation (0: never opened) */
     uint8_t *wbuf; /* records not yet written, to go at (cur, wstart) */
     uint64_t wcap, wlen, wstart;
-    uint8_t *rbuf; /* gets land here, under rmu (kept: a fresh buffer costs its page faults) */
-    uint64_t rcap;
+    /* gets' reads, each under its slot's lock alone (never mu): its ring, checksum state and
+     * buffer (kept: a fresh buffer costs its page faults) */
+    struct rslot {
+        pthread_mutex_t mu;
+        struct io_uring ring;
+        int ring_ok;
+        XXH3_state_t *xs;
+        uint8_t *buf;
+        uint64_t cap;
+    } rs[RSLOTS];
+    unsigned rnext;             /* the slot the next get tries first (atomic) */
     uint8_t *piece[WSLOTS + 1]; /* a large record's pieces in flight; [WSLOTS]: its first */
     struct pend {               /* the index entries of the records in wbuf */
         uint64_t ns, lo, hi, off, len, seq;

@@ -19,6 +19,10 @@
 
 enum { W_DEMOTE = 100 };
 
+/* Reader threads per device, and the shares a promotion's keys on a device are split into: the
+ * engine reads this many objects at once (its read slots). */
+#define READERS 4
+
 /* One unit of a device worker's work: a demotion, or a request's share on this device. */
 typedef struct work {
     struct work *next;
@@ -46,8 +50,8 @@ typedef struct device {
     const char *path;
     wqueue wq, rq; /* the writer's (demotions, removals, clears) and the reader's (promotions) */
     pthread_cond_t wcv, rcv;
-    pthread_t wr, rd;
-    int wr_ok, rd_ok;
+    pthread_t wr, rd[READERS];
+    int wr_ok, rd_ok; /* rd_ok: readers started */
     atomic_int down_logged;
 } device;
 
@@ -338,34 +342,45 @@ static void *reader_main(void *arg)
 
 int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
 {
+    enum { MAXW = KVF_TIER_MAX_DEVICES * READERS };
     uint32_t count[KVF_TIER_MAX_DEVICES] = {0};
-    int devs[KVF_TIER_MAX_DEVICES];
     for (uint32_t i = 0; i < r->n; i++)
         count[dev_of(t, &r->keys[i])]++;
-    work *ws[KVF_TIER_MAX_DEVICES] = {0};
+    /* a device's share: one work (removals, clears: its writer's), or for promotions up to READERS
+     * works of its keys dealt round, one per reader */
+    work *ws[MAXW] = {0};
+    int devs[MAXW], first[KVF_TIER_MAX_DEVICES], parts[KVF_TIER_MAX_DEVICES] = {0};
     int nw = 0;
     for (int d = 0; d < t->n; d++) {
-        if (r->kind != KVF_TIER_CLEAR && !count[d])
+        first[d] = nw;
+        if ((r->kind != KVF_TIER_CLEAR && !count[d]) || dev_down(&t->dev[d]))
             continue;
-        if (dev_down(&t->dev[d]))
-            continue;
-        ws[nw] = calloc(1, sizeof(work) + (size_t)count[d] * sizeof(uint32_t));
-        if (!ws[nw]) {
-            for (int k = 0; k < nw; k++)
-                free(ws[k]);
-            return KVF_ENOMEM;
+        int np = r->kind == KVF_TIER_PROMOTE && count[d] > 1
+                     ? (int)(count[d] < READERS ? count[d] : READERS)
+                     : 1;
+        for (int k = 0; k < np; k++) {
+            uint32_t cap = (count[d] + (uint32_t)np - 1) / (uint32_t)np;
+            ws[nw] = calloc(1, sizeof(work) + (size_t)cap * sizeof(uint32_t));
+            if (!ws[nw]) {
+                for (int j = 0; j < nw; j++)
+                    free(ws[j]);
+                return KVF_ENOMEM;
+            }
+            ws[nw]->kind = r->kind;
+            ws[nw]->req = r;
+            devs[nw++] = d;
         }
-        ws[nw]->kind = r->kind;
-        ws[nw]->req = r;
-        devs[nw++] = d;
+        parts[d] = np;
     }
     if (nw == 0)
         return KVF_EIO;
+    uint32_t dealt[KVF_TIER_MAX_DEVICES] = {0};
     for (uint32_t i = 0; i < r->n; i++) {
         int d = dev_of(t, &r->keys[i]);
-        for (int k = 0; k < nw; k++)
-            if (devs[k] == d)
-                ws[k]->idx[ws[k]->nidx++] = i;
+        if (!parts[d])
+            continue;
+        work *w = ws[first[d] + (int)(dealt[d]++ % (uint32_t)parts[d])];
+        w->idx[w->nidx++] = i;
     }
     r->cleared = 0;
     r->t0_ns = kvf__now_ns();
@@ -483,8 +498,10 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
         t->st.rebuilt_entries += ds.rebuilt_entries;
         t->st.rebuild_seconds += ds.rebuild_seconds; /* the devices open one after another */
         v->wr_ok = pthread_create(&v->wr, NULL, writer_main, v) == 0;
-        v->rd_ok = v->wr_ok && pthread_create(&v->rd, NULL, reader_main, v) == 0;
-        if (!v->rd_ok) {
+        while (v->wr_ok && v->rd_ok < READERS &&
+               pthread_create(&v->rd[v->rd_ok], NULL, reader_main, v) == 0)
+            v->rd_ok++;
+        if (v->rd_ok < READERS) {
             snprintf(err, errlen, "disk tier %s: cannot start its threads", v->path);
             rc = KVF_ENOMEM;
             goto fail;
@@ -527,8 +544,8 @@ void kvf__tier_close(kvf__tier **pt)
         device *v = &t->dev[i];
         if (v->wr_ok)
             pthread_join(v->wr, NULL);
-        if (v->rd_ok)
-            pthread_join(v->rd, NULL);
+        for (int k = 0; k < v->rd_ok; k++)
+            pthread_join(v->rd[k], NULL);
         kvf__disk_close(&v->d);
         pthread_cond_destroy(&v->wcv);
         pthread_cond_destroy(&v->rcv);

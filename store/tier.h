@@ -1,7 +1,8 @@
 /*
  * The storage node's disk tier (docs/store.md "The disk tier"): one or more devices (files or
- * block devices, one kvf__disk each) under the DRAM arena, each with a writer thread and a reader
- * thread of its own, so that no event loop ever waits on a disk.
+ * block devices, one kvf__disk each) under the DRAM arena, each with a writer thread and four
+ * reader threads of its own (the engine reads four objects at once), so that no event loop ever
+ * waits on a disk.
  *
  * Demotion (write-back): the cache's eviction hook hands every evicted entry that passes the
  * admission rule (read at least admit_hits times) to its device's writer with a read reference,
@@ -12,8 +13,8 @@
  * Requests (kvf__tier_submit): promotions read objects from disk into freshly reserved DRAM
  * entries (marked on disk, so their eviction writes nothing again) and hold a reference on each
  * for the caller; removals and clears go through the writer, in order with the demotions queued
- * before them. A request's devices work in parallel; its done() runs on the worker that finished
- * last.
+ * before them. A request's devices, and a promotion's keys on one device (dealt to the readers),
+ * work in parallel; its done() runs on the worker that finished last.
  *
  * Locking: the tier's own mutex guards its queues; the cache's lock is taken without it (the
  * eviction hook runs under the cache's lock and takes the tier's, never the reverse).

@@ -215,7 +215,7 @@ def phase_fault(tmp):
     disk = os.path.join(tmp, "fault.disk")
     ks = kvf.KeySpace(LAYOUT, salt="disk-fault")
     keys, objs = make(ks, 9, 256, 64 << 10)
-    s = Store(disk, env={"KVF_DISK_FAULT": "write:16"})
+    s = Store(disk, env={"KVF_DISK_FAULT": "write:2"})
     with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
         for i in range(0, len(keys), 4):
             st = c.put(keys[i:i + 4], objs[i:i + 4])
