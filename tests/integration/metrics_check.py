@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -88,9 +89,17 @@ if not shutil.which("promtool"):
     sys.exit(77)
 
 procs = []
+disk_dir = tempfile.mkdtemp(prefix="kvf-metrics-", dir=os.getcwd())
 try:
-    store, sf = start(["kvf-store", "--listen", "127.0.0.1:0", "--memory", "64M", "--no-prefault",
-                       "--shm", "off", "--metrics", "127.0.0.1:0", "--log-level", "warn"])
+    store_args = ["kvf-store", "--listen", "127.0.0.1:0", "--memory", "64M", "--no-prefault",
+                  "--shm", "off", "--metrics", "127.0.0.1:0", "--log-level", "warn"]
+    # with a disk tier, for its series too, where this build and file system allow one
+    with_disk = True
+    try:
+        store, sf = start(store_args + ["--disk", os.path.join(disk_dir, "tier:64M")])
+    except SystemExit:
+        with_disk = False
+        store, sf = start(store_args)
     procs.append(store)
     sched, scf = start(["kvf-sched", "--listen", "127.0.0.1:0", "--log-level", "warn"])
     procs.append(sched)
@@ -139,6 +148,10 @@ try:
                   values.get('kvf_store_op_seconds_count{op="get"}', 0) >= 1,
                   "kvf-store: op_seconds{op=get}")
             check(values.get("kvf_store_hits_total", 0) >= 1, "kvf-store: hits_total")
+            if with_disk:
+                check(values.get("kvf_store_disk_bytes", 0) > 0 and
+                      types.get("kvf_store_disk_demoted_total") == "counter",
+                      "kvf-store --disk: the disk tier's series")
             check(values.get("kvf_store_arena_bytes") == 64 << 20, "kvf-store: arena_bytes")
             check(types.get("kvf_store_arena_bytes") == "gauge" and
                   types.get("kvf_store_evictions_total") == "counter", "kvf-store: types")
@@ -174,6 +187,7 @@ finally:
     for p in procs:
         p.terminate()
         p.wait(timeout=10)
+    shutil.rmtree(disk_dir, ignore_errors=True)
 
 if failures:
     for f in failures:
