@@ -225,6 +225,11 @@ def phase_fault(tmp):
             st = c.put(keys[i:i + 4], objs[i:i + 4])
             check(st == ["KVF_OK"] * 4, "put with a failing disk: %r" % st)
         d = c.stats()["disk"]
+        for _ in range(400):  # bounded: the queued demotions reach the failing writes
+            if d["devices_down"] == 1:
+                break
+            time.sleep(0.05)
+            d = c.stats()["disk"]
         check(d["devices_down"] == 1, "a failing device is not marked down: %r" % d)
         tail = keys[-8:]
         got = c.get(tail, 4 << 20)
