@@ -47,24 +47,8 @@ typedef struct shape {
 
 static const shape shapes[2] = {{"16m", 16u << 20, 4}, {"64k", 64u << 10, 256}};
 
-/* The store's disk figures from STATS (the "disk" object); -1 where absent. */
-static int64_t disk_stat(kvf_client *c, const char *key)
-{
-    char *js = NULL;
-    int64_t v = -1;
-    if (kvf_client_stats(c, 0, &js, 10000) != 0)
-        return -1;
-    json_t *j = json_loads(js, 0, NULL);
-    json_t *x = json_object_get(json_object_get(j, "disk"), key);
-    if (json_is_integer(x))
-        v = json_integer_value(x);
-    json_decref(j);
-    free(js);
-    return v;
-}
-
-/* A real-valued figure of the store's disk object; -1 where absent. */
-static double disk_real(kvf_client *c, const char *key)
+/* A figure of the store's disk object in STATS; -1 where absent. */
+static double disk_stat(kvf_client *c, const char *key)
 {
     char *js = NULL;
     double v = -1;
@@ -210,11 +194,12 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         put_bad += put_round(c, &w, r);
     settle(c);
     double t_demote = bench_now() - t0;
-    int64_t demoted = disk_stat(c, "demoted_bytes"), dropped = disk_stat(c, "demote_dropped_full");
+    int64_t demoted = (int64_t)disk_stat(c, "demoted_bytes");
+    int64_t dropped = (int64_t)disk_stat(c, "demote_dropped_full");
     double demote_gbps = (double)demoted / t_demote / 1e9;
     /* the tier's writers' own rate: the demoted bytes over their time in the engine's writes */
-    double wsecs = disk_real(c, "write_seconds");
-    double write_gbps = wsecs > 0 ? (double)disk_stat(c, "write_bytes") / wsecs / 1e9 : -1;
+    double wsecs = disk_stat(c, "write_seconds");
+    double write_gbps = wsecs > 0 ? (double)demoted / wsecs / 1e9 : -1;
     double fio_w = have_fio ? bench_fio_rate(dir, "write", sh->payload, total / 2) : -1;
     double fio_r = have_fio ? bench_fio_rate(dir, "read", sh->payload, total / 2) : -1;
 
@@ -250,7 +235,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     }
     kvf_client_close(&la.c);
     settle(c);
-    int64_t on_disk = disk_stat(c, "entries");
+    int64_t on_disk = (int64_t)disk_stat(c, "entries");
     kvf_client_close(&c);
 
     /* warm restart */
@@ -261,7 +246,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     double warm = bench_now() - r0;
     if (!(c = client_to(&p)))
         goto out_stop;
-    int64_t rebuilt = disk_stat(c, "rebuilt_entries");
+    int64_t rebuilt = (int64_t)disk_stat(c, "rebuilt_entries");
     int wrong_after = 0;
     uint64_t back = 0;
     for (uint64_t r = 1; r <= rounds; r++) {
@@ -269,7 +254,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         get_round(c, &w, r, &hit, &wrong_after);
         back += hit;
     }
-    int64_t vfail = disk_stat(c, "verify_failures");
+    int64_t vfail = (int64_t)disk_stat(c, "verify_failures");
 
     char k[96];
 #define KEY(fmt) (snprintf(k, sizeof k, fmt, sh->name), k)

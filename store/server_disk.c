@@ -102,7 +102,6 @@ static int job_submit(conn *c, kvf__sdisk_job *j)
     for (uint32_t i = 0; i < j->r.n; i++)
         j->st[i] = KVF_ENOENT;
     if (kvf__tier_submit(c->lp->srv->o.tier, &j->r) != 0) {
-        j->done->disk = NULL;
         job_free(j);
         return 0;
     }
@@ -162,7 +161,6 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
     j->plen = c->h.payload_len;
     j->payload = j->r.n ? malloc(j->plen ? j->plen : 1) : NULL;
     if (!j->payload) {
-        j->done->disk = NULL;
         job_free(j);
         return 0;
     }
@@ -180,7 +178,6 @@ int kvf__sdisk_evict(conn *c, uint64_t ns, const uint8_t *keys, int32_t *st, uin
         return 0;
     j->idx = malloc((n ? n : 1) * sizeof *j->idx);
     if (!j->idx) {
-        j->done->disk = NULL;
         job_free(j);
         return 0;
     }
@@ -191,7 +188,6 @@ int kvf__sdisk_evict(conn *c, uint64_t ns, const uint8_t *keys, int32_t *st, uin
             j->keys[j->r.n++] = kvf__wire_key_get(keys + 16 * (size_t)i);
         }
     if (j->r.n == 0) {
-        j->done->disk = NULL;
         job_free(j);
         return 0;
     }
@@ -241,9 +237,8 @@ static void finish_promote(conn *c, kvf__sdisk_job *j)
     kvf__cache_unlock(s->o.cache);
 }
 
-void kvf__sdisk_finish(loop *lp, conn *c, kvf__sdisk_job *j)
+void kvf__sdisk_finish(conn *c, kvf__sdisk_job *j)
 {
-    (void)lp;
     kvf_wire_hdr h0;
     if (c)
         h0 = c->h;
@@ -272,7 +267,7 @@ void kvf__sdisk_finish(loop *lp, conn *c, kvf__sdisk_job *j)
     }
     if (c)
         c->h = h0;
-    j->done = NULL; /* the loop frees the inbox entry */
+    j->done = NULL; /* the inbox entry is the loop's to free */
     job_free(j);
 }
 
@@ -315,10 +310,6 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("cleared", ts.cleared);
     DSET("verify_failures", ts.verify_failures);
     DSET("rebuilt_entries", ts.rebuilt_entries);
-    DSET("reads", ts.reads);
-    DSET("read_bytes", ts.read_bytes);
-    DSET("writes", ts.writes);
-    DSET("write_bytes", ts.write_bytes);
 #undef DSET
     json_object_set_new(o, "rebuild_seconds", json_real(ts.rebuild_seconds));
     json_object_set_new(o, "promote_seconds", json_real(ts.promote_seconds));

@@ -317,7 +317,7 @@ int kvf__sdisk_clear(conn *c, uint64_t ns, int all, uint64_t dram_cleared);
 int kvf__sdisk_has(kvf_server *s, uint64_t ns, const kvf_key *key);
 /* Finishes a request back from the tier on its loop, for c (NULL: the connection is gone, only
  * what the request holds is let go), and frees j. */
-void kvf__sdisk_finish(loop *lp, conn *c, kvf__sdisk_job *j);
+void kvf__sdisk_finish(conn *c, kvf__sdisk_job *j);
 /* STATS's "disk" object (NULL: no tier, or out of memory), and the tier's metrics. */
 struct json_t *kvf__sdisk_stats_json(kvf_server *s);
 struct kvf__metrics;

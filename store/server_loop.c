@@ -252,7 +252,7 @@ static void loop_drain_inbox(loop *lp)
         if (d->disk) {
             if (c)
                 c->pending_jobs--;
-            kvf__sdisk_finish(lp, c, d->disk);
+            kvf__sdisk_finish(c, d->disk);
             if (c)
                 kvf__conn_flush(c);
             free(d);
@@ -515,7 +515,7 @@ void kvf__server_close(kvf_server **sp)
             while (d) {
                 deferred *next = d->next;
                 if (d->disk)
-                    kvf__sdisk_finish(lp, NULL, d->disk);
+                    kvf__sdisk_finish(NULL, d->disk);
                 if (d->msg) {
                     kvf__msg_release_refs(s, d->msg);
                     free(d->msg);

@@ -195,12 +195,10 @@ static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
     }
     kvf__cache_unlock(c);
     pthread_mutex_lock(&t->mu);
-    t->st.reads++;
     t->st.read_seconds += secs;
     if (r->st[i] == 0) {
         t->st.promoted++;
         t->st.promoted_bytes += len;
-        t->st.read_bytes += len;
     } else if (r->st[i] == KVF_ENOENT) {
         t->st.promote_misses++;
     } else {
@@ -262,8 +260,6 @@ static void demote(device *v, work *w)
     if (rc == 0) {
         t->st.demoted++;
         t->st.demoted_bytes += w->len;
-        t->st.writes++;
-        t->st.write_bytes += w->len;
     } else {
         t->st.demote_failed++;
     }

@@ -109,8 +109,9 @@ typedef struct kvf__tier_stats {
     uint64_t pending_bytes; /* arena bytes held by queued demotions */
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
     uint64_t removed, cleared, verify_failures, rebuilt_entries;
-    uint64_t reads, read_bytes, writes, write_bytes;
-    double read_seconds, write_seconds; /* the workers' time in the devices' reads and writes */
+    /* the workers' time in the devices' reads (promotions, hit or not) and writes (demotions
+     * and their flushes): promoted_bytes and demoted_bytes over these are the devices' rates */
+    double read_seconds, write_seconds;
     double rebuild_seconds;
     double promote_seconds; /* summed over promotions, for a mean */
 } kvf__tier_stats;
