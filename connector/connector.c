@@ -195,6 +195,7 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
     pthread_mutex_lock(&cn->mu);
     *out = cn->st;
     pthread_mutex_unlock(&cn->mu);
+    out->in_place_hashed_bytes = atomic_load(&cn->in_place_hashed);
     if (cn->cl) {
         kvf_client_counters k;
         kvf_client_counters_get(cn->cl, &k);

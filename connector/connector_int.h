@@ -85,6 +85,8 @@ struct kvf_connector {
     int deadline_ms;
     int workers_given; /* kvf_connector_opts.workers */
     int trust_local;   /* kvf_connector_opts.trust_local_store */
+    /* segment bytes of in-place loads hashed by the workers (kvf_connector_stats) */
+    atomic_uint_fast64_t in_place_hashed;
     /* Set by registration, under mu and with no transfer in flight (connector.c). */
     kvf__pagemap pm;
     int registered;

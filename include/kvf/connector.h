@@ -230,6 +230,9 @@ typedef struct kvf_connector_stats {
     /* prefetches (kvf_connector_prefetch): started, chunks that arrived whole, and chunks loaded
      * from them into the engine's pages */
     uint64_t prefetches, prefetch_chunks, prefetch_chunks_loaded;
+    /* segment bytes of in-place loads that the connector hashed before reporting them loaded:
+     * 0 with trust_local_store (the node verified them when stored) */
+    uint64_t in_place_hashed_bytes;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 

@@ -84,7 +84,7 @@ STATS_FIELDS = [
     "loads", "saves", "loads_in_place", "load_bytes", "save_bytes", "batches", "chunks_loaded",
     "chunks_saved", "chunks_missed", "chunks_existing", "gather_ns", "scatter_ns", "wait_ns",
     "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels", "prefetches",
-    "prefetch_chunks", "prefetch_chunks_loaded",
+    "prefetch_chunks", "prefetch_chunks_loaded", "in_place_hashed_bytes",
 ]
 
 

@@ -274,6 +274,7 @@ static void test_cuda_pages_64k_over_shm(void **state)
     assert_int_equal(st.cuda_kernels, 0);
     assert_true(st.cuda_copy_calls > 0);
     assert_true(st.loads_in_place > 0);
+    assert_true(st.in_place_hashed_bytes > 0);
 }
 
 static void test_cuda_pages_trusting_the_local_store(void **state)
@@ -285,6 +286,7 @@ static void test_cuda_pages_trusting_the_local_store(void **state)
     kvf_connector_stats st;
     round_trip(&store_shm, &l, 3, 0, 24, &st);
     assert_true(st.loads_in_place > 0);
+    assert_int_equal(st.in_place_hashed_bytes, 0);
     kvf_layout s = layout("cuda-trust-16k", 2, 8, 128, KVF_DTYPE_BF16, 8, 64);
     round_trip(&store_shm, &s, 2, 64, 40, NULL);
     trust_local = 0;

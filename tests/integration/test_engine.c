@@ -48,13 +48,18 @@ static void prompt(uint32_t *t, size_t n, uint64_t seed)
     }
 }
 
+static int trust_local; /* kvf_connector_opts.trust_local_store of the connectors opened */
+
 static kvf_connector *connector(const char *addr, int deadline_ms)
 {
     kvfe_model m;
     assert_int_equal(kvfe_model_preset(MODEL, &m), 0);
     const char *nodes[1] = {addr};
-    kvf_connector_opts o = {
-        .nodes = nodes, .n_nodes = 1, .layout = m.layout, .deadline_ms = deadline_ms};
+    kvf_connector_opts o = {.nodes = nodes,
+                            .n_nodes = 1,
+                            .layout = m.layout,
+                            .deadline_ms = deadline_ms,
+                            .trust_local_store = trust_local};
     kvf_connector *cn;
     char err[256];
     if (kvf_connector_open(&cn, &o, err, sizeof err) != 0)
@@ -184,6 +189,11 @@ static void reuse_is_exact(const char *extra)
         assert_true(st.loads_in_place > 10);
         assert_true(st.shm_bytes > st.chunks_loaded * 1024);
     }
+    /* In place, every segment is hashed by the connector unless it trusts the local store. */
+    if (extra || trust_local)
+        assert_int_equal(st.in_place_hashed_bytes, 0);
+    else
+        assert_true(st.in_place_hashed_bytes >= st.loads_in_place);
     kvfe_close(&e);
     kvfe_close(&ref);
     kvf_connector_close(&cn);
@@ -200,6 +210,14 @@ static void test_engine_reuse_is_exact_tcp(void **state)
 {
     (void)state;
     reuse_is_exact("--shm off");
+}
+
+static void test_engine_reuse_is_exact_trusting_the_local_store(void **state)
+{
+    (void)state;
+    trust_local = 1;
+    reuse_is_exact(NULL);
+    trust_local = 0;
 }
 
 /* Warm the store with a prompt through a direct connection; returns the reference run. */
@@ -665,6 +683,8 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_engine_reuse_is_exact, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_reuse_is_exact_tcp, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_reuse_is_exact_trusting_the_local_store,
+                                  teardown_daemons),
         cmocka_unit_test_teardown(test_engine_corrupted_chunk_recomputes, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_killed_store_recomputes, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_overlap_layer0_before_last, teardown_daemons),
