@@ -20,7 +20,8 @@ TITLES = {"kvf": "with kvfabric (disaggregated, cached)",
 
 
 def pct(v, q):
-    return v[min(len(v) - 1, max(0, int(round(q * len(v) + 0.5)) - 1))]
+    """v sorted: the same definition as kvf-bench e2e's report (bench_quantile)."""
+    return v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))]
 
 
 def main():

@@ -98,6 +98,10 @@ static int check_cfg(cfg *c)
                                  "\"8G\" (each store's disk tier, a file in the run directory), "
                                  "not \"%s\"",
                                  cfg_where, c->store_disk);
+    if (strcmp(c->store_shm, "auto") && strcmp(c->store_shm, "off"))
+        return kvf__cluster_fail("%s: \"store_shm\" is \"auto\" (same-host engines map the "
+                                 "store's arena) or \"off\" (every engine over TCP), not \"%s\"",
+                                 cfg_where, c->store_shm);
     if (kvf__parse_size(c->store_memory, &mem) != 0 || mem < (1u << 20))
         return kvf__cluster_fail("%s: \"store_memory\" must be a size of 1M or more such as "
                                  "512M or 4G, not \"%s\"",
@@ -119,22 +123,10 @@ static int load_cfg(const char *path, cfg *c)
         return kvf__cluster_fail("%s:%d: %s", path, je.line, o ? "not a JSON object" : je.text);
     }
     int max_tokens = 16384, rc = 0;
-    static const char *const top_keys[] = {"name",
-                                           "model",
-                                           "engine",
-                                           "engine_args",
-                                           "python",
-                                           "store_memory",
-                                           "store_disk",
-                                           "policy",
-                                           "run_dir",
-                                           "stores",
-                                           "prefill",
-                                           "decode",
-                                           "store_threads",
-                                           "netns",
-                                           "engine_max_tokens",
-                                           NULL};
+    static const char *const top_keys[] = {
+        "name",       "model",         "engine", "engine_args",       "python", "store_memory",
+        "store_disk", "store_shm",     "policy", "run_dir",           "stores", "prefill",
+        "decode",     "store_threads", "netns",  "engine_max_tokens", NULL};
     static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
     char kerr[700], where[600];
     json_t *ns = json_object_get(o, "netns");
@@ -159,6 +151,7 @@ static int load_cfg(const char *path, cfg *c)
         get_str(o, "python", "python3", c->python, sizeof c->python) ||
         get_str(o, "store_memory", "256M", c->store_memory, sizeof c->store_memory) ||
         get_str(o, "store_disk", "", c->store_disk, sizeof c->store_disk) ||
+        get_str(o, "store_shm", "auto", c->store_shm, sizeof c->store_shm) ||
         get_str(o, "policy", "kvf_cost", c->policy, sizeof c->policy) ||
         get_str(o, "run_dir", "", c->run_dir, sizeof c->run_dir) ||
         get_int(o, "stores", 1, 1, 16, &c->stores) ||

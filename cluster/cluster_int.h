@@ -13,7 +13,8 @@
 #define READY_MS  30000
 
 typedef struct cfg {
-    char name[16], model[256], store_memory[32], store_disk[32], policy[32], run_dir[512];
+    char name[16], model[256], store_memory[32], store_disk[32], store_shm[16], policy[32],
+        run_dir[512];
     /* the engines: "kvf-engine" (the reference engine) or "transformers" (python3 -m
      * kvfabric.serve, with engine_args appended, run by the interpreter python) */
     char engine[16], engine_args[512], python[256];

@@ -302,13 +302,18 @@ static int start_store(launch *L, int i)
                     L->events_cred};
     /* "store_disk": a disk tier under each store's arena, a file of the run directory */
     char disk[1200];
-    char *with_disk[sizeof args / sizeof args[0] + 2];
+    char *with_disk[sizeof args / sizeof args[0] + 4];
     int n = (int)(sizeof args / sizeof args[0]);
     memcpy(with_disk, args, sizeof args);
     if (c->store_disk[0]) {
         snprintf(disk, sizeof disk, "%s/store%d.disk:%s", c->run_dir, i, c->store_disk);
         with_disk[n++] = "--disk";
         with_disk[n++] = disk;
+    }
+    /* "store_shm": "off" makes every engine use TCP (a same-host engine would map the arena) */
+    if (!strcmp(c->store_shm, "off")) {
+        with_disk[n++] = "--shm";
+        with_disk[n++] = "off";
     }
     if (start_one(c, q, with_disk, n, NULL, READY_MS) != 0)
         return 1;
