@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--question-max", type=int, default=512)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--block-size", type=int, default=256)
-    ap.add_argument("--num-blocks", type=int, default=2048, help="the paged cache's blocks: "
+    ap.add_argument("--num-blocks", type=int, default=1000, help="the paged cache's blocks: "
                     "enough that transformers does not evict requests (whose tokens would then "
                     "come from a prefill of what they generated, not from decoding)")
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
