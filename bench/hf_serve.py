@@ -75,6 +75,9 @@ def main():
     ap.add_argument("--bin", default=os.path.join(ROOT, "build", "bin"))
     ap.add_argument("--store-memory", default="24G")
     ap.add_argument("--logs", default="hf_serve_logs")
+    ap.add_argument("--trust-local-store", action="store_true",
+                    help="the serving processes' --trust-local-store (no second hash of KV read "
+                    "in place from the same-host store)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -87,6 +90,7 @@ def main():
     res = {"bench": "hf_serve", "label": "real", "model": a.model, "dtype": a.dtype,
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "transformers": transformers.__version__, "transport": a.transport,
+           "trust_local_store": a.trust_local_store,
            "date": time.strftime("%Y-%m-%d")}
     try:
         log = open(os.path.join(a.logs, "store.log"), "w")
@@ -103,7 +107,8 @@ def main():
         eng = {}
         env_args = ["--model", a.model, "--device", "cuda", "--dtype", a.dtype, "--sched",
                     sched_addr, "--store", saddr, "--events", "127.0.0.1:0", "--max-tokens",
-                    str(max(16384, a.handoff_tokens + 512)), "--backend", "transformers"]
+                    str(max(16384, a.handoff_tokens + 512)), "--backend", "transformers",
+                    *(["--trust-local-store"] if a.trust_local_store else [])]
         if a.layers:
             env_args += ["--layers", str(a.layers)]
         t0 = time.monotonic()

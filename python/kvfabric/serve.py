@@ -547,6 +547,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=16384, help="KV capacity of one sequence")
     p.add_argument("--page-tokens", type=int, default=16)
     p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--trust-local-store", action="store_true",
+                   help="KV read in place from a kvf-store on this host is not hashed again (the "
+                   "store verified it when stored and no client can write its arena): less CPU "
+                   "per load; default off (every segment hashed)")
+    p.add_argument("--connector-workers", type=int, default=0,
+                   help="the connector's worker threads (0: its default)")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
@@ -638,7 +644,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cn = None
     stores = [s for s in a.store.split(",") if s]
     if stores or a.sched:
-        cn = Connector(layout, nodes=stores or None, sched=a.sched or None)
+        cn = Connector(layout, nodes=stores or None, sched=a.sched or None,
+                       workers=a.connector_workers, trust_local_store=a.trust_local_store)
     ev = None
     if a.events:  # with a replay socket beside it, as kvf-engine
         eh, _ = _split(a.events, "--events")
