@@ -211,6 +211,43 @@ static void time_places(kvf_sched *s, pthread_mutex_t *mu, int calls, double *la
     }
 }
 
+/* The machine's own noise: a loop of arithmetic that touches no memory and takes no lock,
+ * sized to last as long as a median place(), timed as place() is. Its p99 is what this machine
+ * (timer ticks, a hypervisor's exits, the other thread sharing the cores) adds to any work that
+ * long: the floor under place()'s p99, measured in the same run. */
+static volatile uint64_t spin_sink;
+
+static void spin(uint64_t iters)
+{
+    uint64_t x = spin_sink;
+    for (uint64_t k = 0; k < iters; k++)
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+    spin_sink = x;
+}
+
+/* Iterations of spin() that last about `us` microseconds (the median of 51 timings). */
+static uint64_t spin_iters_for(double us)
+{
+    const uint64_t probe = 100000;
+    double t[51];
+    for (int i = 0; i < 51; i++) {
+        double t0 = bench_now();
+        spin(probe);
+        t[i] = (bench_now() - t0) * 1e6;
+    }
+    double per = bench_quantile(t, 51, 0.5) / (double)probe;
+    return per > 0 ? (uint64_t)(us / per) + 1 : 1;
+}
+
+static void time_spins(uint64_t iters, int calls, double *lat)
+{
+    for (int c = 0; c < calls; c++) {
+        double t0 = bench_now();
+        spin(iters);
+        lat[c] = (bench_now() - t0) * 1e6;
+    }
+}
+
 int bench_sched_ingest(json_t *res, int quick)
 {
     const int rounds = 3, calls = quick ? 2000 : 10000;
@@ -254,18 +291,36 @@ int bench_sched_ingest(json_t *res, int quick)
     time_places(s, &mu, calls, lat);
     double idle99 = bench_quantile(lat, (size_t)calls, 0.99),
            idle50 = bench_quantile(lat, (size_t)calls, 0.5);
+    uint64_t iters = spin_iters_for(idle50);
+    time_spins(iters, calls, lat);
+    double noise99 = bench_quantile(lat, (size_t)calls, 0.99),
+           noise50 = bench_quantile(lat, (size_t)calls, 0.5);
     churn c = {.s = s, .d = d, .b = b, .mu = &mu, .rate = 1e6};
     pthread_t th;
     int started = pthread_create(&th, NULL, churn_main, &c) == 0;
     time_places(s, &mu, calls, lat);
+    double busy99 = bench_quantile(lat, (size_t)calls, 0.99),
+           busy50 = bench_quantile(lat, (size_t)calls, 0.5);
+    time_spins(iters, calls, lat);
     atomic_store(&c.stop, 1);
     if (started)
         pthread_join(th, NULL);
-    double busy99 = bench_quantile(lat, (size_t)calls, 0.99),
-           busy50 = bench_quantile(lat, (size_t)calls, 0.5);
+    double bnoise99 = bench_quantile(lat, (size_t)calls, 0.99);
     printf("  place() of an 8192-token request, %d calls: alone p50 %.1f us p99 %.1f us; while "
            "ingesting %.2f M events/s: p50 %.1f us p99 %.1f us (%.2fx); target p99 <= 50 us\n",
            calls, idle50, idle99, c.rate / 1e6, busy50, busy99, idle99 > 0 ? busy99 / idle99 : 0);
+    printf("  this machine's floor: a loop of arithmetic as long as a median place() (%.1f us), "
+           "timed the same way: p99 %.1f us alone, %.1f us while ingesting; place() p99 / floor: "
+           "%.2f alone, %.2f while ingesting\n",
+           noise50, noise99, bnoise99, noise99 > 0 ? idle99 / noise99 : 0,
+           bnoise99 > 0 ? busy99 / bnoise99 : 0);
+    json_object_set_new(res, "noise_p50_us_alone", json_real(noise50));
+    json_object_set_new(res, "noise_p99_us_alone", json_real(noise99));
+    json_object_set_new(res, "noise_p99_us_under_ingest", json_real(bnoise99));
+    json_object_set_new(res, "place_p99_alone_vs_noise",
+                        json_real(noise99 > 0 ? idle99 / noise99 : 0));
+    json_object_set_new(res, "place_p99_under_ingest_vs_noise",
+                        json_real(bnoise99 > 0 ? busy99 / bnoise99 : 0));
     json_object_set_new(res, "ingest_label", json_string("real"));
     json_object_set_new(res, "ingest_blocks", json_integer((json_int_t)st.stored));
     json_object_set_new(res, "index_instances", json_integer(IG_INSTANCES));
