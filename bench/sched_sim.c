@@ -490,11 +490,11 @@ static void save_chunk(sim *S, uint64_t id)
     uint64_t ev = lru_touch(&S->store, id);
     if (ev != UINT64_MAX) {
         kvf_key k = chunk_key(ev);
-        kvf_sched_store_chunks(S->s, 0, &k, 1, 0);
+        kvf_sched_store_chunks(S->s, 0, &k, 1, 0, 0);
     }
     if (!held && S->store.cap > 0) {
         kvf_key k = chunk_key(id);
-        kvf_sched_store_chunks(S->s, 0, &k, 1, 1);
+        kvf_sched_store_chunks(S->s, 0, &k, 1, 1, 0);
     }
 }
 

@@ -68,6 +68,7 @@ static int get_u64(const msgpack_object *o, uint64_t *out)
 /* The fields of one event, whichever encoding it came in. */
 typedef struct fields {
     const msgpack_object *type, *hashes, *parent, *tokens, *block_size, *medium, *node, *keys;
+    const msgpack_object *rate;
 } fields;
 
 static int fetch(const msgpack_object *o, fields *f, char *err, size_t errlen)
@@ -82,6 +83,7 @@ static int fetch(const msgpack_object *o, fields *f, char *err, size_t errlen)
         f->medium = map_get(o, "medium");
         f->node = map_get(o, "node");
         f->keys = map_get(o, "keys");
+        f->rate = map_get(o, "disk_read_bytes_per_s");
     } else if (o->type == MSGPACK_OBJECT_ARRAY && o->via.array.size >= 1) {
         const msgpack_object *a = o->via.array.ptr;
         uint32_t n = o->via.array.size;
@@ -95,9 +97,13 @@ static int fetch(const msgpack_object *o, fields *f, char *err, size_t errlen)
         } else if (str_eq(f->type, "BlockRemoved")) {
             f->hashes = n > 1 ? &a[1] : NULL;
             f->medium = n > 2 ? &a[2] : NULL;
+        } else if (str_eq(f->type, "StoreRates")) {
+            f->node = n > 1 ? &a[1] : NULL;
+            f->rate = n > 2 ? &a[2] : NULL;
         } else {
             f->node = n > 1 ? &a[1] : NULL;
             f->keys = n > 2 ? &a[2] : NULL;
+            f->medium = n > 3 ? &a[3] : NULL;
         }
     } else {
         return kvf__errf(err, errlen, KVF_EPROTO, "event is neither an array nor a map");
@@ -115,7 +121,8 @@ static kvf_kve_type type_of(const msgpack_object *t)
     } names[] = {
         {"BlockStored", KVF_KVE_BLOCK_STORED},     {"BlockRemoved", KVF_KVE_BLOCK_REMOVED},
         {"AllBlocksCleared", KVF_KVE_ALL_CLEARED}, {"ChunksAdmitted", KVF_KVE_CHUNKS_ADMITTED},
-        {"ChunksEvicted", KVF_KVE_CHUNKS_EVICTED}, {"ChunksCleared", KVF_KVE_CHUNKS_CLEARED}};
+        {"ChunksEvicted", KVF_KVE_CHUNKS_EVICTED}, {"ChunksCleared", KVF_KVE_CHUNKS_CLEARED},
+        {"StoreRates", KVF_KVE_STORE_RATES}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (str_eq(t, names[i].name))
             return names[i].type;
@@ -297,6 +304,14 @@ static int chunk_fields(kvf__kve_decoder *d, const fields *f, kvf_kve *ev, char 
         k[i].lo = kvf__get_u64(p);
         k[i].hi = kvf__get_u64(p + 8);
     }
+    ev->disk_tier = 0;
+    if (f->medium && f->medium->type != MSGPACK_OBJECT_NIL) {
+        if (str_eq(f->medium, "DISK"))
+            ev->disk_tier = 1;
+        else if (!str_eq(f->medium, "DRAM"))
+            return kvf__errf(err, errlen, KVF_EPROTO, "%.*s: medium is \"DRAM\" or \"DISK\"",
+                             (int)ev->type_len, ev->type_name);
+    }
     ev->keys = (const kvf_key *)(uintptr_t)d->k_len;
     ev->n_keys = n;
     d->k_len += n;
@@ -325,6 +340,13 @@ static int decode_one(kvf__kve_decoder *d, const msgpack_object *o, kvf_kve *ev,
     case KVF_KVE_CHUNKS_ADMITTED:
     case KVF_KVE_CHUNKS_EVICTED:
         rc = chunk_fields(d, &f, ev, err, errlen);
+        break;
+    case KVF_KVE_STORE_RATES:
+        if (!f.node || get_u64(f.node, &ev->node) != 0 || !f.rate ||
+            f.rate->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+            rc = kvf__errf(err, errlen, KVF_EPROTO, "StoreRates: node or rate malformed");
+        else
+            ev->disk_read_bytes_per_s = f.rate->via.u64;
         break;
     default:
         break;
@@ -537,9 +559,9 @@ void kvf__kve_enc_block_removed(kvf__kve_enc *e, const uint64_t *hashes, size_t 
 }
 
 void kvf__kve_enc_chunks(kvf__kve_enc *e, int admitted, uint64_t node, const kvf_key *keys,
-                         size_t n_keys)
+                         size_t n_keys, int disk)
 {
-    check(e, msgpack_pack_array(&e->pk, 3));
+    check(e, msgpack_pack_array(&e->pk, 4));
     pack_str(e, admitted ? "ChunksAdmitted" : "ChunksEvicted");
     check(e, msgpack_pack_uint64(&e->pk, node));
     check(e, msgpack_pack_array(&e->pk, n_keys));
@@ -550,6 +572,16 @@ void kvf__kve_enc_chunks(kvf__kve_enc *e, int admitted, uint64_t node, const kvf
         check(e, msgpack_pack_bin(&e->pk, 16));
         check(e, msgpack_pack_bin_body(&e->pk, b, 16));
     }
+    pack_str(e, disk ? "DISK" : "DRAM");
+    e->written++;
+}
+
+void kvf__kve_enc_store_rates(kvf__kve_enc *e, uint64_t node, uint64_t disk_read_bytes_per_s)
+{
+    check(e, msgpack_pack_array(&e->pk, 3));
+    pack_str(e, "StoreRates");
+    check(e, msgpack_pack_uint64(&e->pk, node));
+    check(e, msgpack_pack_uint64(&e->pk, disk_read_bytes_per_s));
     e->written++;
 }
 

@@ -18,6 +18,7 @@ void kvf_sched_cost_defaults(kvf_sched_cost *c)
     c->prefill_tokens_per_s = 10000.0;
     c->prefill_attn_s_per_tok2 = 2.0e-10;
     c->load_bytes_per_s = 12.5e9;
+    c->disk_load_bytes_per_s = 3e9; /* an NVMe SSD's reads */
     c->kv_bytes_per_token = 131072.0;
     c->tpot_base_s = 0.012;
     c->tpot_per_seq_s = 0.0001;
@@ -59,6 +60,7 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
         {"prefill_tokens_per_s", offsetof(kvf_sched_cost, prefill_tokens_per_s)},
         {"prefill_attn_s_per_tok2", offsetof(kvf_sched_cost, prefill_attn_s_per_tok2)},
         {"load_bytes_per_s", offsetof(kvf_sched_cost, load_bytes_per_s)},
+        {"disk_load_bytes_per_s", offsetof(kvf_sched_cost, disk_load_bytes_per_s)},
         {"kv_bytes_per_token", offsetof(kvf_sched_cost, kv_bytes_per_token)},
         {"tpot_base_s", offsetof(kvf_sched_cost, tpot_base_s)},
         {"tpot_per_seq_s", offsetof(kvf_sched_cost, tpot_per_seq_s)},
@@ -128,10 +130,14 @@ double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens)
 }
 
 void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
-                         double device, double store, kvf__sched_est *e)
+                         double device, double store, double disk, double disk_bps,
+                         kvf__sched_est *e)
 {
     e->device = device;
     e->cached = device > store ? device : store;
-    e->load_s = device >= e->cached ? 0 : kvf__sched_load_s(c, e->cached - device);
+    double loaded = device >= e->cached ? 0 : e->cached - device;
+    e->disk = disk < loaded ? disk : loaded;
+    double rate = disk_bps > 0 && disk_bps < c->load_bytes_per_s ? disk_bps : c->load_bytes_per_s;
+    e->load_s = kvf__sched_load_s(c, loaded - e->disk) + e->disk * c->kv_bytes_per_token / rate;
     e->ttft_s = kvf__sched_queue_s(c, load) + e->load_s + kvf__sched_prefill_s(c, n, e->cached);
 }

@@ -543,6 +543,8 @@ static json_t *stats_json(const stats *st)
         counter(st->replayed), "replay_timeouts", counter(st->replay_timeouts), "subscriptions",
         st->subs, "instances", counter(st->instances), "instances_expired", counter(st->expired),
         "instances_deleted", counter(st->deleted));
+    json_object_set_new(o, "store_dram_chunks", json_integer(counter(x->store_dram_chunks)));
+    json_object_set_new(o, "store_disk_chunks", json_integer(counter(x->store_disk_chunks)));
     json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
     json_object_set_new(o, "placements", json_integer(counter(st->placements)));
@@ -564,6 +566,10 @@ static void metrics_collect(void *ud, kvf__metrics *m)
         {"index_holdings", "Block holdings in the index (a block times each holder).", 0,
          (double)x->holdings},
         {"index_bytes", "Memory the prefix index uses.", 0, (double)x->bytes},
+        {"store_dram_chunks", "Chunks the storage nodes hold in DRAM (per node).", 0,
+         (double)x->store_dram_chunks},
+        {"store_disk_chunks", "Chunks the storage nodes hold on their disk tiers (per node).", 0,
+         (double)x->store_disk_chunks},
         {"instances", "Registered engine instances.", 0, (double)st.instances},
         {"event_subscriptions", "Event streams subscribed to (engines and stores).", 0,
          (double)st.subs},

@@ -406,24 +406,55 @@ void kvf__sched_index_drop(kvf_sched *s, int idx)
     }
 }
 
-int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted)
+/* A node's holder entry for a chunk: its tiers (KVF__STORE_*) in bits 24..30. */
+static uint32_t *store_holder(bent *e, uint32_t who)
+{
+    uint32_t *h = kvf__sched_bent_holders(e);
+    for (uint16_t i = 0; i < e->n; i++)
+        if ((h[i] & ~(0x7fu << 24)) == who)
+            return &h[i];
+    return NULL;
+}
+
+int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted,
+                           int disk)
 {
     if (node < 0 || node >= KVF_SCHED_MAX_STORES)
         return KVF_EINVAL;
     s->st.events++;
     uint32_t who = KVF_SCHED_HOLDER_STORE | (uint32_t)node;
+    uint32_t tier = disk ? KVF__STORE_DISK : KVF__STORE_DRAM;
     for (size_t i = 0; i < n; i++) {
         uint64_t h = kvf__sched_mix(keys[i].lo ^ keys[i].hi);
-        if (admitted) {
-            bent *e = bfind(s, h, 1);
-            if (!e || holder_add(s, e, who, 0) < 0)
+        bent *e = bfind(s, h, admitted);
+        if (!e) {
+            if (admitted)
                 return KVF_ENOMEM;
-        } else {
-            bent *e = bfind(s, h, 0);
-            if (e)
-                holder_del(s, e, who);
+            continue;
         }
+        uint32_t *hv = store_holder(e, who);
+        uint32_t was = hv ? (*hv >> 24) & 0x7fu : 0;
+        uint32_t tiers = admitted ? was | tier : was & ~tier;
+        if ((was ^ tiers) & tier) {
+            uint64_t *count = disk ? &s->st.store_disk_chunks : &s->st.store_dram_chunks;
+            *count = admitted ? *count + 1 : *count - 1;
+        }
+        if (tiers && hv)
+            *hv = who | (tiers << 24);
+        else if (tiers && holder_add(s, e, who, tiers) < 0)
+            return KVF_ENOMEM;
+        else if (!tiers && hv)
+            holder_del(s, e, who);
     }
+    return 0;
+}
+
+int kvf_sched_store_rates(kvf_sched *s, int node, double disk_read_bytes_per_s)
+{
+    if (node < 0 || node >= KVF_SCHED_MAX_STORES || !(disk_read_bytes_per_s > 0))
+        return KVF_EINVAL;
+    double *r = &s->disk_bps[node];
+    *r = *r > 0 ? 0.5 * *r + 0.5 * disk_read_bytes_per_s : disk_read_bytes_per_s;
     return 0;
 }
 
@@ -436,11 +467,14 @@ void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st)
 /* ------------------------------------------------------------------------------------------ */
 /* Lookups for matching */
 
-int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key)
+unsigned kvf__sched_store_holds(kvf_sched *s, const kvf_key *key)
 {
     bent *e = bfind(s, kvf__sched_mix(key->lo ^ key->hi), 0);
-    int any = 0;
-    for (uint16_t i = 0; e && i < e->n && !any; i++)
-        any = (kvf__sched_bent_holders(e)[i] & KVF_SCHED_HOLDER_STORE) != 0;
-    return any;
+    unsigned tiers = 0;
+    for (uint16_t i = 0; e && i < e->n; i++) {
+        uint32_t h = kvf__sched_bent_holders(e)[i];
+        if (h & KVF_SCHED_HOLDER_STORE)
+            tiers |= (h >> 24) & 0x7fu;
+    }
+    return tiers;
 }

@@ -58,7 +58,14 @@ static int apply(void *ud, const kvf_kve *ev, char *err, size_t errlen)
                              src->store);
         st->chunks += ev->n_keys;
         return kvf_sched_store_chunks(x->s, src->store, ev->keys, ev->n_keys,
-                                      ev->type == KVF_KVE_CHUNKS_ADMITTED);
+                                      ev->type == KVF_KVE_CHUNKS_ADMITTED, ev->disk_tier);
+    case KVF_KVE_STORE_RATES:
+        if (src->store < 0 || ev->node != (uint64_t)src->store)
+            return kvf__errf(err, errlen, KVF_EPROTO, "StoreRates: not from storage node %d",
+                             src->store);
+        return ev->disk_read_bytes_per_s
+                   ? kvf_sched_store_rates(x->s, src->store, (double)ev->disk_read_bytes_per_s)
+                   : 0;
     case KVF_KVE_CHUNKS_CLEARED:
         st->cleared++;
         return 0; /* the store's own accounting follows with evictions; nothing to drop here */

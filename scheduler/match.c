@@ -29,6 +29,9 @@ int kvf__sched_walk_open(kvf_sched *s)
 void kvf__sched_walk_close(kvf_sched *s)
 {
     free(s->hashes);
+    free(s->sdisk);
+    s->sdisk = NULL;
+    s->sdcap = 0;
     free(s->depth);
     free(s->alive);
     free(s->alive2);
@@ -155,8 +158,24 @@ size_t kvf_sched_match(kvf_sched *s, int idx, const uint32_t *tokens, size_t n)
 
 size_t kvf__sched_match_store(kvf_sched *s, const kvf_key *keys, size_t n)
 {
+    if (n + 1 > s->sdcap) {
+        uint32_t *d = realloc(s->sdisk, (n + 1) * sizeof *d);
+        if (d) {
+            s->sdisk = d;
+            s->sdcap = n + 1;
+        }
+    }
+    uint32_t *cum = n + 1 <= s->sdcap ? s->sdisk : NULL;
+    s->sdisk_ok = cum != NULL;
     size_t run = 0;
-    while (run < n && kvf__sched_store_holds(s, &keys[run]))
+    uint32_t disk = 0;
+    if (cum)
+        cum[0] = 0;
+    for (unsigned t; run < n && (t = kvf__sched_store_holds(s, &keys[run])) != 0;) {
+        disk += !(t & KVF__STORE_DRAM);
+        if (cum)
+            cum[run + 1] = disk;
         run++;
+    }
     return run;
 }

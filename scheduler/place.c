@@ -33,10 +33,29 @@ static kvf_label label_of(kvf_action_id a, const kvf_caps *l, const kvf_caps *r)
  * prompt. */
 static size_t store_prefix(kvf_sched *s, const kvf_place_req *req)
 {
-    size_t tokens = req->chunk_keys ? kvf__sched_match_store(s, req->chunk_keys, req->n_chunks) *
-                                          s->o.store_chunk_tokens
-                                    : 0;
+    s->srun = req->chunk_keys ? kvf__sched_match_store(s, req->chunk_keys, req->n_chunks) : 0;
+    size_t tokens = s->srun * s->o.store_chunk_tokens;
+    /* chunks that only a disk tier holds load at the disks' measured rate */
+    double sum = 0;
+    int k = 0;
+    for (int i = 0; i < KVF_SCHED_MAX_STORES; i++)
+        if (s->disk_bps[i] > 0)
+            sum += s->disk_bps[i], k++;
+    s->disk_rate = k ? sum / k : s->o.cost.disk_load_bytes_per_s;
     return tokens > req->n_tokens ? req->n_tokens : tokens;
+}
+
+/* Of the store_tokens an instance holding `device` tokens would load, those in chunks only a disk
+ * tier holds. */
+static double disk_tokens(const kvf_sched *s, double device, size_t store_tokens)
+{
+    size_t ct = s->o.store_chunk_tokens;
+    if (!s->sdisk_ok || !ct || !store_tokens || device >= (double)store_tokens)
+        return 0;
+    size_t k0 = (size_t)device / ct;
+    if (k0 > s->srun)
+        k0 = s->srun;
+    return (double)(s->sdisk[s->srun] - s->sdisk[k0]) * (double)ct;
 }
 
 /* What instance i would find and cost prefilling the n-token prompt, after the match (s->depth)
@@ -45,8 +64,10 @@ static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, k
 {
     const kvf__sched_inst *in = &s->inst[i];
     /* Store-cached tokens count only where the classifier lets the instance load them. */
-    kvf__sched_estimate(&s->o.cost, &in->load, n, (double)s->depth[i] * in->info.block_tokens,
-                        in->can_load ? (double)store_tokens : 0, e);
+    double device = (double)s->depth[i] * in->info.block_tokens;
+    double store = in->can_load ? (double)store_tokens : 0;
+    kvf__sched_estimate(&s->o.cost, &in->load, n, device, store,
+                        store ? disk_tokens(s, device, store_tokens) : 0, s->disk_rate, e);
 }
 
 /* The prefill instance the policy chooses among those with the prefill role, and its estimate in
@@ -184,7 +205,7 @@ static void set_estimates(const kvf_sched *s, double n, int prefill, int decode,
     res->cached_device = (size_t)e->device;
     res->cached_store = e->cached > e->device ? (size_t)(e->cached - e->device) : 0;
     res->queue_s = kvf__sched_queue_s(c, &s->inst[prefill].load);
-    res->load_s = kvf__sched_load_s(c, (double)res->cached_store);
+    res->load_s = e->load_s;
     res->prefill_s = kvf__sched_prefill_s(c, n, e->cached);
     res->expected_ttft_s = e->ttft_s;
     res->load_deadline_s =

@@ -59,7 +59,13 @@ struct kvf_sched {
     /* The prefix walk's scratch (match.c), reused by every place(). */
     uint64_t *hashes; /* the request's block hashes, hcap of room */
     size_t hcap;
-    uint32_t *depth;     /* per instance: its cached prefix, in its own blocks */
+    uint32_t *sdisk; /* kvf__sched_match_store's disk-only counts, sdcap of room */
+    size_t sdcap;
+    size_t srun;      /* the last match's run of chunks the stores hold */
+    int sdisk_ok;     /* sdisk holds that match's counts (0: it could not grow) */
+    double disk_rate; /* the disk rate of the placement being made (bytes per second) */
+    double disk_bps[KVF_SCHED_MAX_STORES]; /* kvf_sched_store_rates, per node (0: none yet) */
+    uint32_t *depth;                       /* per instance: its cached prefix, in its own blocks */
     int *alive, *alive2; /* instances holding every block so far; the next step's */
     uint32_t *stamp;     /* per instance: the walk step that last saw it hold the block */
     uint32_t step;
@@ -81,7 +87,10 @@ void kvf__sched_index_drop(kvf_sched *s, int idx);
 void kvf__sched_chain_hash(uint64_t parent, uint32_t bt, const uint32_t *tokens, size_t nb,
                            uint64_t *out);
 /* Whether any storage node holds the chunk. */
-int kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
+/* The tiers (KVF__STORE_DRAM | KVF__STORE_DISK) in which any node holds the chunk; 0: none. */
+#define KVF__STORE_DRAM 1u
+#define KVF__STORE_DISK 2u
+unsigned kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
 
 /* Whether slot idx holds a registered instance. */
 static inline int kvf__sched_live(const kvf_sched *s, int idx)
@@ -141,6 +150,9 @@ void kvf__sched_walk_close(kvf_sched *s);
  * distinct block size among the instances (the first 8 sizes). */
 void kvf__sched_match_sizes(kvf_sched *s, const uint32_t *tokens, size_t n);
 /* The number of leading chunks of the request that some storage node holds. */
+/* The leading chunks of keys[0..n) that the stores hold; s->sdisk[k] gets how many of the
+ * first k of them only a disk tier holds (k = 0..the run; s->sdisk NULL: not kept, out of
+ * memory). */
 size_t kvf__sched_match_store(kvf_sched *s, const kvf_key *keys, size_t n);
 
 /* ------------------------------------------------------------------------------------------ */
@@ -166,13 +178,16 @@ typedef struct kvf__sched_est {
     double cached; /* the longer of that and what it may load from the stores */
     double load_s; /* loading the stores' part beyond its own */
     double ttft_s; /* queue wait + load + prefill of the rest */
+    double disk;   /* of the tokens loaded, those in chunks only a disk tier holds */
 } kvf__sched_est;
 
 /* What prefilling an n-token prompt would find and cost on an instance with this load that holds
  * `device` of its tokens in its own memory and may load `store` from the stores (0 where it may
- * not load). */
+ * not load), `disk` of the tokens beyond `device` from chunks that only a disk tier holds, at
+ * disk_bps (0: cost.disk_load_bytes_per_s). */
 void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
-                         double device, double store, kvf__sched_est *e);
+                         double device, double store, double disk, double disk_bps,
+                         kvf__sched_est *e);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Placement (place.c) and its policies (policy.c) */

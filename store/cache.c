@@ -63,7 +63,7 @@ typedef struct evict_ops evict_ops;
 
 struct kvf_cache {
     pthread_mutex_t mu;
-    void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
+    void (*on_change)(void *ctx, int admitted, int disk, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
     kvf_cache_evict_hook on_evict; /* kvf__cache_set_evict_hook */
     void *on_evict_ctx;
@@ -368,13 +368,14 @@ static void entry_free(kvf_cache *c, uint32_t i)
 }
 
 /* Unlinks a ready entry from the index and its queue; frees it now, or marks it gone for its last
- * reader to free. quiet: the node still holds it (demoted to disk), so no change is told. */
-static void entry_remove_as(kvf_cache *c, uint32_t i, int quiet)
+ * reader to free. Told as a change of the DRAM tier (an entry demoted to disk is told again by the
+ * disk tier once it is written there). */
+static void entry_remove(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
     assert(x->state == ST_READY);
-    if (c->on_change && !quiet)
-        c->on_change(c->on_change_ctx, 0, &x->key, x->tenant);
+    if (c->on_change)
+        c->on_change(c->on_change_ctx, 0, 0, &x->key, x->tenant);
     c->policy->unlink(c, i);
     index_remove(c, i);
     c->st.ready_bytes -= x->len;
@@ -388,24 +389,18 @@ static void entry_remove_as(kvf_cache *c, uint32_t i, int quiet)
     entry_free(c, i);
 }
 
-static void entry_remove(kvf_cache *c, uint32_t i)
-{
-    entry_remove_as(c, i, 0);
-}
-
 /* Evicts ready entry i to make room: the eviction hook may take a reference on it first (to demote
  * its bytes to the disk tier), so that its block lives on, gone from the index, until released. */
 static void evict_entry(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
-    int demoted = 0;
     if (c->on_evict && !x->on_disk &&
-        c->on_evict(c->on_evict_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits)) {
+        c->on_evict(c->on_evict_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits,
+                    x->tenant)) {
         if (x->refs++ == 0)
             c->st.referenced++;
-        demoted = 1;
     }
-    entry_remove_as(c, i, demoted || x->on_disk);
+    entry_remove(c, i);
     c->st.evictions++;
 }
 
@@ -555,7 +550,7 @@ int kvf__cache_commit_locked(kvf_cache *c, uint32_t i, uint64_t owner)
     c->st.puts++;
     c->policy->insert(c, i);
     if (c->on_change)
-        c->on_change(c->on_change_ctx, 1, &x->key, x->tenant);
+        c->on_change(c->on_change_ctx, 1, 0, &x->key, x->tenant);
     return 0;
 }
 

@@ -41,9 +41,10 @@ typedef struct kvf_cache_opts {
      * hugepages: the memfd on huge pages (hugetlbfs; the size is rounded up to 2 MiB). */
     int shared, hugepages;
     /* Called under the cache's lock when an entry becomes readable (admitted 1) and when a
-     * readable one leaves (0: evicted, removed, cleared), with the tenant it is charged to (0:
-     * nobody); must be quick. May be NULL. */
-    void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
+     * readable one leaves (0: evicted, removed, cleared, demoted), with the tenant it is charged
+     * to (0: nobody); disk is always 0 (the DRAM tier's changes; the disk tier calls the same
+     * hook with 1 for its own). Must be quick. May be NULL. */
+    void (*on_change)(void *ctx, int admitted, int disk, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
 } kvf_cache_opts;
 
@@ -148,13 +149,14 @@ void kvf__cache_quota_set_locked(kvf_cache *c, uint32_t tenant, uint64_t max_byt
 void kvf__cache_tenant_stats_locked(kvf_cache *c, uint32_t tenant, kvf_cache_tenant_stats *st);
 /* The disk tier's hook into eviction: called under the cache's lock for every ready entry evicted
  * to make room (by the policy or a tenant's quota; not for EVICT or CLEAR, and not for an entry
- * marked on disk), with its bytes and its reads since it became ready. Returning 1 takes a read
- * reference on the entry (eid), so that its block stays in place, out of the index, until the
- * hook's owner drops it with kvf__cache_release_locked; 0 lets it go. An entry taken, or marked on
- * disk, leaves without on_change being told (the node still holds it). Must be quick: it may
- * queue, never copy or wait. fn NULL: none. */
+ * marked on disk), with its bytes, its reads since it became ready and its tenant. Returning 1
+ * takes a read reference on the entry (eid), so that its block stays in place, out of the index,
+ * until the hook's owner drops it with kvf__cache_release_locked; 0 lets it go. Either way
+ * on_change is told that the entry left DRAM (the disk tier tells when it is on disk). Must be
+ * quick: it may queue, never copy or wait. fn NULL: none. */
 typedef int (*kvf_cache_evict_hook)(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key,
-                                    const uint8_t *data, uint64_t len, uint32_t hits);
+                                    const uint8_t *data, uint64_t len, uint32_t hits,
+                                    uint32_t tenant);
 void kvf__cache_set_evict_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx);
 /* Takes one more read reference on ready entry eid, counting no hit. 0 or KVF_ENOENT. */
 int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid);

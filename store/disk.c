@@ -365,6 +365,17 @@ void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t 
     *verify_failures = __atomic_load_n(&d->st.verify_failures, __ATOMIC_RELAXED);
 }
 
+void kvf__disk_set_drop_hook(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key),
+                             void *ud)
+{
+    pthread_mutex_lock(&d->mu);
+    pthread_mutex_lock(&d->imu);
+    d->on_drop = fn;
+    d->drop_ud = ud;
+    pthread_mutex_unlock(&d->imu);
+    pthread_mutex_unlock(&d->mu);
+}
+
 int kvf__disk_down(kvf__disk *d)
 {
     return __atomic_load_n(&d->st.down, __ATOMIC_RELAXED);
@@ -466,6 +477,8 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
         ent *now = kvf__dk_find(d, ns, key->lo, key->hi);
         if (now && now->seq == seq) {
             __atomic_fetch_add(&d->st.verify_failures, 1, __ATOMIC_RELAXED);
+            if (d->on_drop)
+                d->on_drop(d->drop_ud, ns, key);
             kvf__dk_erase(d, now);
         }
         d->st.misses++;

@@ -85,6 +85,12 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
 /* The objects indexed, their bytes, and the objects dropped on read for not checking. Never
  * waits on I/O. */
 void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures);
+/* fn is called for every object that leaves the index otherwise than by kvf__disk_remove: its
+ * extent reused by the log, a clear of its namespace, a read that did not verify. Called from
+ * the thread whose call dropped it, with the engine's locks held: it must be quick and must not
+ * call the engine. Set it before the device is used by several threads; NULL: none. */
+void kvf__disk_set_drop_hook(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key),
+                             void *ud);
 /* 0, or the errno that took the tier down. Never waits. */
 int kvf__disk_down(kvf__disk *d);
 

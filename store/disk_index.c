@@ -119,6 +119,10 @@ uint64_t kvf__dk_drop_where(kvf__disk *d, int all_ns, uint64_t ns, uint64_t ext,
         ent *e = &d->tab[i];
         if (e->used && (all_ns || e->ns == ns) && (ext == UINT64_MAX || e->ext == ext) &&
             e->seq < below) {
+            if (d->on_drop) {
+                kvf_key k = {.lo = e->lo, .hi = e->hi};
+                d->on_drop(d->drop_ud, e->ns, &k);
+            }
             kvf__dk_erase(d, e); /* the slot now holds a shifted entry, or is empty: look again */
             n++;
             continue;

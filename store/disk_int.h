@@ -84,6 +84,9 @@ struct kvf__disk {
     } * pend;
     size_t npend, cpend;
     kvf__disk_stats st;
+    /* kvf__disk_set_drop_hook (NULL while the index is rebuilt at open) */
+    void (*on_drop)(void *ud, uint64_t ns, const kvf_key *key);
+    void *drop_ud;
 };
 
 #define PIECE (2u << 20) /* a large object is read and written in pieces of this */

@@ -476,6 +476,11 @@ static disk_fault *disk_fault_from_env(const kvf_log *lg)
 
 /* Opens the disk tier that --disk asks for (none without it) under cache. Returns 0, or 1 after
  * saying why. */
+static uint64_t tier_rate(void *tier)
+{
+    return kvf__tier_read_rate(tier);
+}
+
 static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf__tier **tier)
 {
     if (!cfg->n_disks)
@@ -505,6 +510,8 @@ static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf_
     }
     if (fault)
         atomic_store(&fault->armed, 1);
+    if (pub) /* its reads' measured rate to kvf-sched's cost model (StoreRates events) */
+        kvf__pub_set_rates(pub, tier_rate, *tier);
     kvf__tier_stats ts;
     kvf__tier_stats_get(*tier, &ts);
     char b[32];
@@ -673,6 +680,8 @@ out_close_server:
     kvf__metrics_free(&metrics);
     kvf__server_close(&srv);
 out_close_tier:
+    if (pub)
+        kvf__pub_set_rates(pub, NULL, NULL); /* the tier is not asked its rate once closed */
     kvf__tier_close(&tier); /* writes the demotions still queued; before the cache */
 out_close_cache:
     kvf__cache_close(&cache);

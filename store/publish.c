@@ -18,11 +18,13 @@
 #define MAX_PENDING (1u << 20)
 /* Changes in one batch, at most. */
 #define BATCH_MAX 4096u
+/* How often the node's measured rates are published (StoreRates), when it has any. */
+#define RATES_EVERY_NS (2000ull * 1000 * 1000)
 
 typedef struct change {
     kvf_key key;
     uint32_t tenant;
-    uint8_t admitted;
+    uint8_t admitted, disk;
 } change;
 
 struct kvf__pub {
@@ -36,14 +38,43 @@ struct kvf__pub {
     size_t n;
     int dropped, stop;
     uint64_t seq;
+    /* kvf__pub_set_rates: the sender asks it every RATES_EVERY_NS (under mu) */
+    uint64_t (*rates)(void *ctx);
+    void *rates_ctx;
+    uint64_t rates_at;
 };
 
-void kvf__pub_note(void *pv, int admitted, const kvf_key *key, uint32_t tenant)
+void kvf__pub_set_rates(kvf__pub *p, uint64_t (*disk_read_bytes_per_s)(void *ctx), void *ctx)
+{
+    pthread_mutex_lock(&p->mu);
+    p->rates = disk_read_bytes_per_s;
+    p->rates_ctx = ctx;
+    pthread_mutex_unlock(&p->mu);
+}
+
+/* The node's rates, as one batch under the untenanted topic (they are nobody's data). */
+static void send_rates(kvf__pub *p, uint64_t disk_bps)
+{
+    kvf__kve_enc *e = NULL;
+    const void *data;
+    size_t len;
+    int rc = kvf__kve_enc_begin(&e, 1);
+    if (!rc) {
+        kvf__kve_enc_store_rates(e, (uint64_t)p->node, disk_bps);
+        rc = kvf__kve_enc_end(e, &data, &len);
+    }
+    p->seq++;
+    if (!rc)
+        kvf__zpub_send(p->sock, "kvf-store", p->seq, data, len);
+    kvf__kve_enc_free(&e);
+}
+
+void kvf__pub_note(void *pv, int admitted, int disk, const kvf_key *key, uint32_t tenant)
 {
     kvf__pub *p = pv;
     pthread_mutex_lock(&p->mu);
     if (p->n < MAX_PENDING)
-        p->pending[p->n++] = (change){*key, tenant, (uint8_t)(admitted != 0)};
+        p->pending[p->n++] = (change){*key, tenant, (uint8_t)(admitted != 0), (uint8_t)(disk != 0)};
     else
         p->dropped = 1;
     pthread_mutex_unlock(&p->mu);
@@ -62,7 +93,7 @@ static void send_batch(kvf__pub *p, const change *c, size_t n, int dropped)
     }
     size_t runs = 0;
     for (size_t i = 0; i < n; i++)
-        runs += i == 0 || c[i].admitted != c[i - 1].admitted;
+        runs += i == 0 || c[i].admitted != c[i - 1].admitted || c[i].disk != c[i - 1].disk;
     kvf_key keys[BATCH_MAX];
     kvf__kve_enc *e = NULL;
     const void *data;
@@ -70,11 +101,11 @@ static void send_batch(kvf__pub *p, const change *c, size_t n, int dropped)
     int rc = kvf__kve_enc_begin(&e, runs);
     for (size_t i = 0; i < n && !rc;) {
         size_t j = i;
-        while (j < n && c[j].admitted == c[i].admitted) {
+        while (j < n && c[j].admitted == c[i].admitted && c[j].disk == c[i].disk) {
             keys[j - i] = c[j].key;
             j++;
         }
-        kvf__kve_enc_chunks(e, c[i].admitted, (uint64_t)p->node, keys, j - i);
+        kvf__kve_enc_chunks(e, c[i].admitted, (uint64_t)p->node, keys, j - i, c[i].disk);
         i = j;
     }
     if (!rc)
@@ -90,6 +121,17 @@ static void *sender_main(void *arg)
     kvf__pub *p = arg;
     pthread_mutex_lock(&p->mu);
     for (;;) {
+        uint64_t now = kvf__now_ns();
+        if (p->rates && now - p->rates_at >= RATES_EVERY_NS) {
+            p->rates_at = now;
+            /* asked under mu: once kvf__pub_set_rates(NULL) returns, it is never called again */
+            uint64_t bps = p->rates(p->rates_ctx);
+            pthread_mutex_unlock(&p->mu);
+            if (bps)
+                send_rates(p, bps);
+            pthread_mutex_lock(&p->mu);
+            continue;
+        }
         if (!p->n && !p->stop) {
             kvf__cond_wait_ms(&p->cv, &p->mu, 20);
             pthread_mutex_unlock(&p->mu);

@@ -25,9 +25,15 @@ typedef struct kvf__pub kvf__pub;
  * a subscriber that is not an admin gets its own tenant's topic only). */
 int kvf__pub_open(kvf__pub **out, const char *host, uint16_t port, int node, kvf__tenants *tenants,
                   const kvf__zsec *sec, char *endpoint, size_t eplen, char *err, size_t errlen);
-/* Notes a change (thread-safe; the cache's on_change hook). Beyond 1M pending changes they are
- * dropped and the sequence skips one, so the subscriber sees a gap. */
-void kvf__pub_note(void *pub, int admitted, const kvf_key *key, uint32_t tenant);
+/* Notes a change of the DRAM tier (disk 0) or of the disk tier (1) (thread-safe; the cache's and
+ * the tier's on_change hook). Beyond 1M pending changes they are dropped and the sequence skips
+ * one, so the subscriber sees a gap. */
+void kvf__pub_note(void *pub, int admitted, int disk, const kvf_key *key, uint32_t tenant);
+/* Publishes the node's measured rate of reads from its disk tier every 2 s (a StoreRates event:
+ * kvf-sched's cost model loads disk-only chunks at it), as fn returns it; 0: nothing to say
+ * (no reads since). fn is called from the sender thread, under the publisher's lock: after
+ * kvf__pub_set_rates(p, NULL, NULL) returns, it is not called again. */
+void kvf__pub_set_rates(kvf__pub *p, uint64_t (*fn)(void *ctx), void *ctx);
 /* Sends what is pending, stops the sender and frees. Accepts NULL; clears *p. */
 void kvf__pub_close(kvf__pub **p);
 

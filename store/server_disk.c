@@ -309,6 +309,7 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("removed", ts.removed);
     DSET("cleared", ts.cleared);
     DSET("verify_failures", ts.verify_failures);
+    DSET("dropped", ts.dropped);
     DSET("rebuilt_entries", ts.rebuilt_entries);
 #undef DSET
     json_object_set_new(o, "rebuild_seconds", json_real(ts.rebuild_seconds));
@@ -362,6 +363,10 @@ void kvf__sdisk_metrics(kvf_server *s, kvf__metrics *m)
          (double)ts.promote_misses},
         {"disk_verify_failures_total", "Objects on disk whose checksums did not check (dropped).",
          1, (double)ts.verify_failures},
+        {"disk_dropped_total",
+         "Objects that left the disk tier otherwise than by EVICT (extent reused, CLEAR, failed "
+         "verification).",
+         1, (double)ts.dropped},
         {"disk_removed_total", "Objects removed from the disk tier by EVICT.", 1,
          (double)ts.removed},
         {"disk_cleared_total", "Objects removed from the disk tier by CLEAR.", 1,

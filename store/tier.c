@@ -28,7 +28,7 @@ typedef struct work {
     struct work *next;
     int kind;
     /* W_DEMOTE: the evicted entry, its bytes held in the arena by a read reference */
-    uint32_t eid;
+    uint32_t eid, tenant;
     uint64_t ns;
     kvf_key key;
     const uint8_t *data;
@@ -43,6 +43,16 @@ typedef struct wqueue {
     work *head, *tail;
 } wqueue;
 
+/* A demoted object not yet told as on disk: told once its record is written (and still there). */
+typedef struct announce {
+    uint64_t ns;
+    kvf_key key;
+    uint32_t tenant;
+} announce;
+
+/* Demotions told at once, at most: beyond, the writer writes its buffer out and tells them. */
+#define ANNOUNCE_MAX 4096
+
 typedef struct device {
     kvf__tier *t;
     int i;
@@ -53,6 +63,8 @@ typedef struct device {
     pthread_t wr, rd[READERS];
     int wr_ok, rd_ok; /* rd_ok: readers started */
     atomic_int down_logged;
+    announce *ann; /* the writer's own (ANNOUNCE_MAX) */
+    size_t n_ann;
 } device;
 
 struct kvf__tier {
@@ -65,7 +77,10 @@ struct kvf__tier {
     int n;
     uint64_t pending_bytes;
     uint32_t requests;
-    kvf__tier_stats st; /* the tier's own counters; the devices' are summed in at stats_get */
+    kvf__tier_stats st;  /* the tier's own counters; the devices' are summed in at stats_get */
+    uint64_t dropped;    /* on_drop's count (atomic: called under the devices' locks) */
+    uint64_t rate_bytes; /* kvf__tier_read_rate's last look */
+    double rate_seconds;
 };
 
 static void q_push(wqueue *q, work *w)
@@ -110,7 +125,7 @@ static int dev_down(device *v)
 /* Demotion: the cache's eviction hook (under the cache's lock) */
 
 static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
-                    uint64_t len, uint32_t hits)
+                    uint64_t len, uint32_t hits, uint32_t tenant)
 {
     kvf__tier *t = ctx;
     int taken = 0;
@@ -125,8 +140,13 @@ static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, co
     } else {
         work *w = malloc(sizeof *w);
         if (w) {
-            *w = (work){
-                .kind = W_DEMOTE, .eid = eid, .ns = ns, .key = *key, .data = data, .len = len};
+            *w = (work){.kind = W_DEMOTE,
+                        .eid = eid,
+                        .tenant = tenant,
+                        .ns = ns,
+                        .key = *key,
+                        .data = data,
+                        .len = len};
             q_push(&v->wq, w);
             t->pending_bytes += len;
             pthread_cond_signal(&v->wcv);
@@ -156,6 +176,30 @@ static void req_share_done(kvf__tier *t, kvf__tier_req *r)
     if (--t->requests == 0)
         pthread_cond_broadcast(&t->idle);
     pthread_mutex_unlock(&t->mu);
+}
+
+/* Tells the demotions written since the last time (the buffer was just written out) that are
+ * still on disk: the disk tier now holds them. Writer thread only. */
+static void tell_demoted(device *v)
+{
+    kvf__tier *t = v->t;
+    for (size_t i = 0; i < v->n_ann && t->o.on_change; i++) {
+        uint64_t len;
+        if (kvf__disk_contains(v->d, v->ann[i].ns, &v->ann[i].key, &len))
+            t->o.on_change(t->o.on_change_ctx, 1, 1, &v->ann[i].key, v->ann[i].tenant);
+    }
+    v->n_ann = 0;
+}
+
+/* An object the device's log dropped (extent reused, namespace cleared, a read that did not
+ * verify): the disk tier no longer holds it. Its tenant is not known here: told as nobody's. */
+static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
+{
+    (void)ns;
+    device *v = ud;
+    __atomic_fetch_add(&v->t->dropped, 1, __ATOMIC_RELAXED);
+    if (v->t->o.on_change)
+        v->t->o.on_change(v->t->o.on_change_ctx, 0, 1, key, 0);
 }
 
 /* Reads key i of r from v into a DRAM entry reserved for it, committed and marked on disk, and
@@ -217,15 +261,17 @@ static void run_request(device *v, work *w)
                 promote_one(v, r, w->idx[k]);
         return;
     }
-    /* removals and clears follow the demotions queued before them: those are written first */
+    /* removals and clears follow the demotions queued before them: those are written (and told)
+     * first */
     kvf__disk_flush(v->d);
+    tell_demoted(v);
     if (r->kind == KVF_TIER_REMOVE) {
         for (uint32_t k = 0; k < w->nidx; k++) {
             uint32_t i = w->idx[k];
             if (kvf__disk_remove(v->d, r->ns, &r->keys[i]) == 0) {
                 r->st[i] = 0;
                 if (t->o.on_change)
-                    t->o.on_change(t->o.on_change_ctx, 0, &r->keys[i], r->tenant);
+                    t->o.on_change(t->o.on_change_ctx, 0, 1, &r->keys[i], r->tenant);
                 pthread_mutex_lock(&t->mu);
                 t->st.removed++;
                 pthread_mutex_unlock(&t->mu);
@@ -260,6 +306,8 @@ static void demote(device *v, work *w)
     if (rc == 0) {
         t->st.demoted++;
         t->st.demoted_bytes += w->len;
+        if (v->ann && v->n_ann < ANNOUNCE_MAX)
+            v->ann[v->n_ann++] = (announce){.ns = w->ns, .key = w->key, .tenant = w->tenant};
     } else {
         t->st.demote_failed++;
     }
@@ -269,8 +317,8 @@ static void demote(device *v, work *w)
 }
 
 /* Demotions, removals and clears, in order; the buffered writes are written whenever the queue
- * runs dry, so that a demoted object is found on disk soon after it left DRAM. At close, what is
- * queued is still done. */
+ * runs dry (or ANNOUNCE_MAX demotions wait to be told), so that a demoted object is found on disk
+ * soon after it left DRAM, and then told as on disk. At close, what is queued is still done. */
 static void *writer_main(void *arg)
 {
     device *v = arg;
@@ -285,6 +333,7 @@ static void *writer_main(void *arg)
                 uint64_t t0 = kvf__now_ns();
                 kvf__disk_flush(v->d);
                 double secs = (double)(kvf__now_ns() - t0) / 1e9;
+                tell_demoted(v);
                 dirty = 0;
                 pthread_mutex_lock(&t->mu);
                 t->st.write_seconds += secs;
@@ -299,6 +348,10 @@ static void *writer_main(void *arg)
         if (w->kind == W_DEMOTE) {
             demote(v, w);
             dirty = 1;
+            if (v->n_ann >= ANNOUNCE_MAX) {
+                kvf__disk_flush(v->d);
+                tell_demoted(v);
+            }
         } else {
             run_request(v, w);
             req_share_done(t, w->req);
@@ -425,12 +478,24 @@ int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down)
     return 0;
 }
 
+uint64_t kvf__tier_read_rate(kvf__tier *t)
+{
+    pthread_mutex_lock(&t->mu);
+    uint64_t bytes = t->st.promoted_bytes - t->rate_bytes;
+    double secs = t->st.promote_seconds - t->rate_seconds;
+    t->rate_bytes = t->st.promoted_bytes;
+    t->rate_seconds = t->st.promote_seconds;
+    pthread_mutex_unlock(&t->mu);
+    return bytes && secs > 0 ? (uint64_t)((double)bytes / secs) : 0;
+}
+
 void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st)
 {
     pthread_mutex_lock(&t->mu);
     *st = t->st; /* the tier's counters, and the devices' figures taken at open */
     st->pending_bytes = t->pending_bytes;
     pthread_mutex_unlock(&t->mu);
+    st->dropped = __atomic_load_n(&t->dropped, __ATOMIC_RELAXED);
     st->devices = t->n;
     for (int i = 0; i < t->n; i++) {
         uint64_t e, b, v;
@@ -488,6 +553,13 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
                                .fault_ud = o->fault_ud};
         if ((rc = kvf__disk_open(&v->d, &dopt, err, errlen)) != 0)
             goto fail;
+        v->ann = malloc(ANNOUNCE_MAX * sizeof *v->ann);
+        if (!v->ann) {
+            snprintf(err, errlen, "disk tier %s: out of memory", v->path);
+            rc = KVF_ENOMEM;
+            goto fail;
+        }
+        kvf__disk_set_drop_hook(v->d, on_drop, v);
         kvf__disk_stats ds;
         kvf__disk_stats_get(v->d, &ds);
         t->st.bytes += ds.bytes;
@@ -543,6 +615,8 @@ void kvf__tier_close(kvf__tier **pt)
         for (int k = 0; k < v->rd_ok; k++)
             pthread_join(v->rd[k], NULL);
         kvf__disk_close(&v->d);
+        free(v->ann);
+        v->ann = NULL;
         pthread_cond_destroy(&v->wcv);
         pthread_cond_destroy(&v->rcv);
     }

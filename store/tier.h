@@ -46,9 +46,10 @@ typedef struct kvf__tier_opts {
     uint64_t extent_bytes; /* 0: 64 MiB, halved (to 1 MiB) until 16 fit the device */
     kvf_cache *cache;
     const kvf_log *log;
-    /* Told when a key leaves the node from disk (EVICT, CLEAR): the cache's on_change. May be
+    /* Told of the disk tier's changes (disk 1): an entry written there (admitted 1), and one
+     * that left it (EVICT, CLEAR, its extent reused by the log; 0). The publisher's note. May be
      * NULL. */
-    void (*on_change)(void *ctx, int admitted, const kvf_key *key, uint32_t tenant);
+    void (*on_change)(void *ctx, int admitted, int disk, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
     /* Faults for tests (kvf__disk_opts.fault), for every device. NULL in service. */
     int (*fault)(void *ud, int is_write, uint64_t off, uint64_t len);
@@ -109,6 +110,8 @@ typedef struct kvf__tier_stats {
     uint64_t pending_bytes; /* arena bytes held by queued demotions */
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
     uint64_t removed, cleared, verify_failures, rebuilt_entries;
+    uint64_t dropped; /* objects that left the disk otherwise than by EVICT: their extent reused
+                       * by the log, CLEAR, a read that did not verify (each told as evicted) */
     /* the workers' time in the devices' reads (promotions, hit or not) and writes (demotions
      * and their flushes): promoted_bytes and demoted_bytes over these are the devices' rates */
     double read_seconds, write_seconds;
@@ -116,6 +119,10 @@ typedef struct kvf__tier_stats {
     double promote_seconds; /* summed over promotions, for a mean */
 } kvf__tier_stats;
 void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st);
+/* The rate promotions read at since the last call: their bytes over their time (each from its
+ * request's submission to its completion, so queueing counts), in bytes per second; 0 when none
+ * completed since. */
+uint64_t kvf__tier_read_rate(kvf__tier *t);
 /* Device i's path and the errno that took it down (0: up); -1 past the last. */
 int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down);
 

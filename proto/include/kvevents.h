@@ -30,6 +30,7 @@ typedef enum kvf_kve_type {
     KVF_KVE_CHUNKS_ADMITTED,
     KVF_KVE_CHUNKS_EVICTED,
     KVF_KVE_CHUNKS_CLEARED,
+    KVF_KVE_STORE_RATES,
     KVF_KVE_UNKNOWN, /* a kind this version does not know: skipped by readers */
 } kvf_kve_type;
 
@@ -54,6 +55,12 @@ typedef struct kvf_kve {
     uint64_t node;
     const kvf_key *keys;
     size_t n_keys;
+    /* ChunksAdmitted, ChunksEvicted: the node's tier the change is in (medium "DRAM", the
+     * default when none is given, or "DISK") */
+    int disk_tier;
+    /* StoreRates: the node's measured rate of reads from its disk tier (bytes per second, as a
+     * promotion sees it, queueing included) */
+    uint64_t disk_read_bytes_per_s;
 } kvf_kve;
 
 /* Called for each event of a batch, in order. Return 0 to go on, KVF_EPROTO to count the event as
@@ -98,9 +105,12 @@ void kvf__kve_enc_block_stored(kvf__kve_enc *e, const uint64_t *hashes, size_t n
 /* ["BlockRemoved", hashes, medium] */
 void kvf__kve_enc_block_removed(kvf__kve_enc *e, const uint64_t *hashes, size_t n_hashes,
                                 const char *medium);
-/* ["ChunksAdmitted" or "ChunksEvicted", node, keys as 16-byte binaries] */
+/* ["ChunksAdmitted" or "ChunksEvicted", node, keys as 16-byte binaries, medium]: medium "DRAM"
+ * (disk 0: the node's arena) or "DISK" (its disk tier) */
 void kvf__kve_enc_chunks(kvf__kve_enc *e, int admitted, uint64_t node, const kvf_key *keys,
-                         size_t n_keys);
+                         size_t n_keys, int disk);
+/* ["StoreRates", node, disk_read_bytes_per_s] */
+void kvf__kve_enc_store_rates(kvf__kve_enc *e, uint64_t node, uint64_t disk_read_bytes_per_s);
 /* Ends the batch (data_parallel_rank 0). *data and *len: the payload, borrowed until free.
  * Returns 0, or KVF_ENOMEM when any part could not be written, or KVF_EINVAL when the events
  * written are not the n_events announced. */

@@ -66,6 +66,8 @@ typedef struct kvf_sched_cost {
     double prefill_tokens_per_s;    /* linear prefill throughput of one instance */
     double prefill_attn_s_per_tok2; /* quadratic attention term: seconds per token^2 */
     double load_bytes_per_s;        /* store -> engine bandwidth */
+    double disk_load_bytes_per_s;   /* a store's disk tier -> engine, until the stores publish
+                                     * their measured rate (StoreRates events) */
     double kv_bytes_per_token;      /* of the model served */
     double tpot_base_s;             /* decode time per output token, one active sequence */
     double tpot_per_seq_s;          /* added per other active sequence */
@@ -214,9 +216,17 @@ int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes,
                            size_t n_tokens, uint32_t block_tokens, kvf_tier tier);
 int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks);
 int kvf_sched_all_cleared(kvf_sched *s, int idx);
-/* Store events: a node admitted or evicted chunks (kvfabric chunk keys). Nodes are numbered by
- * the caller (0..KVF_SCHED_MAX_STORES-1). */
-int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted);
+/* Store events: a node admitted or evicted chunks (kvfabric chunk keys) in its DRAM tier (disk
+ * 0) or its disk tier (1); a chunk is held while either tier holds it, and loads at the disk's
+ * rate where only the disk does. Nodes are numbered by the caller
+ * (0..KVF_SCHED_MAX_STORES-1). */
+int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted,
+                           int disk);
+/* A node's measured rate of reads from its disk tier (StoreRates events; bytes per second, > 0):
+ * the cost model loads chunks held on disk only at the mean of the nodes' rates (each averaged
+ * with its previous one), or at cost.disk_load_bytes_per_s before any is known, never faster
+ * than load_bytes_per_s. */
+int kvf_sched_store_rates(kvf_sched *s, int node, double disk_read_bytes_per_s);
 
 /* Feasibility label of a planned action (the classifier's, once wired; until then `real` only
  * for what this build can execute). */
@@ -289,6 +299,9 @@ typedef struct kvf_index_stats {
     uint64_t events;           /* events applied */
     uint64_t unknown_removals; /* removals of blocks never stored */
     uint64_t bytes;            /* memory held by the index */
+    /* (chunk, storage node) pairs the stores' events say are held in each tier (a chunk in both
+     * tiers of a node counts in both) */
+    uint64_t store_dram_chunks, store_disk_chunks;
 } kvf_index_stats;
 void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st);
 

@@ -10,9 +10,13 @@ binding as the client:
 - flipped bytes: bytes of the tier's file changed while the store is down are misses (counted as
   verification failures), never wrong bytes;
 - a failing device ($KVF_DISK_FAULT, the I/O layer's fault hook): the tier goes down, the store
-  keeps serving DRAM, and says so in STATS.
+  keeps serving DRAM, and says so in STATS;
+- events name the tier: a kvf-sched subscribed to the store's events counts, per tier, exactly
+  the chunks the store holds (DRAM entries, disk entries), through demotion, the log reusing its
+  extents on a small disk, EVICT and CLEAR.
 
-usage: disk_tier_check.py   (environment: KVF_STORE_BIN, KVF_LIBRARY, PYTHONPATH with python/)
+usage: disk_tier_check.py   (environment: KVF_STORE_BIN, KVF_LIBRARY, PYTHONPATH with python/;
+                             kvf-sched is taken from KVF_STORE_BIN's folder)
 Exit 77 (skipped) where io_uring or O_DIRECT is refused here (the store says which).
 """
 
@@ -24,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+import json
+import urllib.request
 
 import kvfabric as kvf
 
@@ -54,6 +60,7 @@ class Store:
                 sys.exit(77)
             raise SystemExit("disk_tier_check: FAIL: kvf-store did not start: %r" % err)
         self.addr = line.split("listen=")[1].split()[0]
+        self.events = line.split("events=")[1].split()[0] if "events=" in line else None
         # the log is read on its own thread, so a full pipe never stops the store
         self.log = []
         threading.Thread(target=lambda: self.log.extend(self.p.stderr), daemon=True).start()
@@ -243,6 +250,68 @@ def phase_fault(tmp):
     check(any("down" in l for l in s.log), "the tier's failure is not logged")
 
 
+def phase_events(tmp):
+    """A 64 MiB disk under a 32 MiB arena, 4x the arena put: demotions, then extents reused."""
+    disk = os.path.join(tmp, "events.disk")
+    ks = kvf.KeySpace(LAYOUT, salt="disk-events")
+    keys, objs = make(ks, 5, 512, 64 << 10)
+    s = Store(disk, disk_size="64M", extra=["--events", "127.0.0.1:0", "--node", "0"])
+    check(s.events is not None, "kvf-store did not say its events endpoint")
+    sched_bin = os.path.join(os.path.dirname(STORE), "kvf-sched")
+    sp = subprocess.Popen([sched_bin, "--listen", "127.0.0.1:0", "--stores", s.addr,
+                           "--store-events", s.events, "--log-level", "warn"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = sp.stdout.readline()
+    check("listen=" in line, "kvf-sched did not start: %r" % line)
+    saddr = line.split("listen=")[1].split()[0]
+
+    def sched_stats():
+        with urllib.request.urlopen("http://%s/v1/index/stats" % saddr, timeout=5) as r:
+            return json.loads(r.read())
+
+    def agree(c, what):
+        """Waits (bounded, 20 s) until kvf-sched's per-tier counts are the store's."""
+        want = got = None
+        for _ in range(200):
+            st = c.stats()
+            want = (st["entries"], st["disk"]["entries"])
+            x = sched_stats()
+            got = (x["store_dram_chunks"], x["store_disk_chunks"])
+            if got == want and st["disk"]["pending_bytes"] == 0:
+                return x
+            time.sleep(0.1)
+        check(False, "%s: kvf-sched counts (dram, disk) %r, the store holds %r" % (what, got, want))
+        return None
+
+    try:
+        time.sleep(0.5)  # the subscription is made before the first change
+        with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+            for i in range(0, len(keys), 4):
+                st = c.put(keys[i:i + 4], objs[i:i + 4])
+                check(st == ["KVF_OK"] * 4, "put %d: %r" % (i, st))
+                time.sleep(0.002)
+            settle(c, "events")
+            d = c.stats()["disk"]
+            check(d["demoted"] > 0, "events: nothing demoted: %r" % d)
+            x = agree(c, "after the fill")
+            reused = c.stats()["disk"]
+            print("disk_tier_check: events: %d in DRAM, %d on disk, %d dropped by extent reuse "
+                  "(kvf-sched agrees: %s)" % (c.stats()["entries"], reused["entries"],
+                                               reused["dropped"], x is not None), flush=True)
+            check(reused["dropped"] > 0, "events: the small disk's log reused no extent: %r"
+                  % reused)
+            c.evict(keys[::3])
+            agree(c, "after EVICT")
+            c.clear()
+            agree(c, "after CLEAR")
+            x = sched_stats()
+            check(x["malformed"] == 0, "kvf-sched found malformed events: %r" % x)
+    finally:
+        sp.terminate()
+        sp.wait(timeout=30)
+        s.stop()
+
+
 def main():
     base = os.environ.get("KVF_DISK_TEST_DIR") or os.getcwd()
     only = os.environ.get("KVF_DISK_TEST_ONLY", "")
@@ -254,6 +323,8 @@ def main():
             phase_flip(disk, ks, keys, objs, on_disk)
         if only in ("", "fault"):
             phase_fault(tmp)
+        if only in ("", "events"):
+            phase_events(tmp)
     if failures:
         print("disk_tier_check: %d failure(s)" % len(failures))
         sys.exit(1)

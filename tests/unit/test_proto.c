@@ -372,9 +372,10 @@ typedef struct seen {
     kvf_kve_type type[8];
     size_t n_hashes[8], n_tokens[8], n_keys[8];
     uint64_t first_hash[8], parent[8], node[8];
-    int has_parent[8], host_tier[8];
+    int has_parent[8], host_tier[8], disk_tier[8];
     uint32_t block_size[8], last_token[8];
     kvf_key last_key[8];
+    uint64_t rate[8];
 } seen;
 
 static int collect(void *ud, const kvf_kve *ev, char *err, size_t errlen)
@@ -390,9 +391,11 @@ static int collect(void *ud, const kvf_kve *ev, char *err, size_t errlen)
     s->parent[i] = ev->parent;
     s->has_parent[i] = ev->has_parent;
     s->host_tier[i] = ev->host_tier;
+    s->disk_tier[i] = ev->disk_tier;
     s->block_size[i] = ev->block_size;
     s->last_token[i] = ev->n_tokens ? ev->tokens[ev->n_tokens - 1] : 0;
     s->node[i] = ev->node;
+    s->rate[i] = ev->disk_read_bytes_per_s;
     if (ev->n_keys)
         s->last_key[i] = ev->keys[ev->n_keys - 1];
     return 0;
@@ -407,11 +410,12 @@ static void test_proto_kvevents_round_trip(void **state)
         tokens[i] = 1000u + (uint32_t)i;
     kvf_key keys[2] = {{1, 2}, {UINT64_MAX, 7}};
     kvf__kve_enc *e;
-    assert_int_equal(kvf__kve_enc_begin(&e, 4), 0);
+    assert_int_equal(kvf__kve_enc_begin(&e, 5), 0);
     kvf__kve_enc_block_stored(e, hashes, 3, 1, 10, tokens, 4, "CPU");
     kvf__kve_enc_block_removed(e, hashes + 1, 2, "GPU");
-    kvf__kve_enc_chunks(e, 1, 5, keys, 2);
-    kvf__kve_enc_chunks(e, 0, 5, keys, 1);
+    kvf__kve_enc_chunks(e, 1, 5, keys, 2, 0);
+    kvf__kve_enc_chunks(e, 0, 5, keys, 1, 1);
+    kvf__kve_enc_store_rates(e, 5, 3000000000ull);
     const void *data;
     size_t len;
     assert_int_equal(kvf__kve_enc_end(e, &data, &len), 0);
@@ -422,7 +426,7 @@ static void test_proto_kvevents_round_trip(void **state)
     kvf__kve_enc_free(&e);
     assert_null(e);
     assert_int_equal(malformed, 0);
-    assert_int_equal(s.n, 4);
+    assert_int_equal(s.n, 5);
     assert_int_equal(s.type[0], KVF_KVE_BLOCK_STORED);
     assert_int_equal(s.n_hashes[0], 3);
     assert_int_equal(s.first_hash[0], 11);
@@ -439,8 +443,13 @@ static void test_proto_kvevents_round_trip(void **state)
     assert_int_equal(s.node[2], 5);
     assert_int_equal(s.n_keys[2], 2);
     assert_true(kvf_key_eq(&s.last_key[2], &keys[1]));
+    assert_int_equal(s.disk_tier[2], 0);
     assert_int_equal(s.type[3], KVF_KVE_CHUNKS_EVICTED);
     assert_int_equal(s.n_keys[3], 1);
+    assert_int_equal(s.disk_tier[3], 1);
+    assert_int_equal(s.type[4], KVF_KVE_STORE_RATES);
+    assert_int_equal(s.node[4], 5);
+    assert_int_equal(s.rate[4], 3000000000ull);
 
     /* An encoder that writes fewer events than it announced says so. */
     assert_int_equal(kvf__kve_enc_begin(&e, 2), 0);
@@ -473,7 +482,7 @@ static void test_proto_kvevents_maps_and_malformed(void **state)
     pack_str(&pk, "ts");
     msgpack_pack_double(&pk, 1.0);
     pack_str(&pk, "events");
-    msgpack_pack_array(&pk, 4);
+    msgpack_pack_array(&pk, 7);
     /* a BlockStored map with a byte-string hash and no parent */
     msgpack_pack_map(&pk, 5);
     pack_str(&pk, "type");
@@ -509,20 +518,37 @@ static void test_proto_kvevents_maps_and_malformed(void **state)
     msgpack_pack_array(&pk, 1);
     msgpack_pack_bin(&pk, 3);
     msgpack_pack_bin_body(&pk, "abc", 3);
+    /* store events of an older publisher (no medium: DRAM), of the disk tier, and of a medium
+     * this version does not know (malformed) */
+    static const char *const media[3] = {NULL, "DISK", "TAPE"};
+    for (int m = 0; m < 3; m++) {
+        msgpack_pack_array(&pk, media[m] ? 4 : 3);
+        pack_str(&pk, "ChunksEvicted");
+        msgpack_pack_uint32(&pk, 3);
+        msgpack_pack_array(&pk, 1);
+        msgpack_pack_bin(&pk, 16);
+        msgpack_pack_bin_body(&pk, "0123456789abcdef", 16);
+        if (media[m])
+            pack_str(&pk, media[m]);
+    }
     seen s = {0};
     uint64_t malformed = 0;
     char err[128] = "";
     assert_int_equal(kvf__kve_decode(sb.data, sb.size, collect, &s, &malformed, err, sizeof err),
                      0);
-    assert_int_equal(malformed, 2);
-    assert_non_null(strstr(err, "16 bytes"));
-    assert_int_equal(s.n, 2);
+    assert_int_equal(malformed, 3);
+    assert_non_null(strstr(err, "medium"));
+    assert_int_equal(s.n, 4);
     assert_int_equal(s.type[0], KVF_KVE_BLOCK_STORED);
     assert_false(s.has_parent[0]);
     assert_false(s.host_tier[0]);
     assert_int_equal(s.n_tokens[0], 2);
     assert_int_not_equal(s.first_hash[0], 0);
     assert_int_equal(s.type[1], KVF_KVE_UNKNOWN);
+    assert_int_equal(s.type[2], KVF_KVE_CHUNKS_EVICTED);
+    assert_int_equal(s.disk_tier[2], 0);
+    assert_int_equal(s.type[3], KVF_KVE_CHUNKS_EVICTED);
+    assert_int_equal(s.disk_tier[3], 1);
 
     /* Not a batch at all. */
     assert_int_equal(kvf__kve_decode("\x01", 1, collect, &s, &malformed, err, sizeof err),

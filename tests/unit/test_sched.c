@@ -615,6 +615,79 @@ static void test_sched_decode_overflow(void **state)
     unlink(path);
 }
 
+/* A chunk is held while either tier of a node holds it; chunks only a disk tier holds load at the
+ * disks' rate: the default until a node publishes its measured one, never above the network's. */
+static void test_sched_store_tiers(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    snprintf(in.id, sizeof in.id, "cpu");
+    in.role = KVF_ROLE_BOTH;
+    in.block_tokens = 16;
+    in.capacity_blocks = 100000;
+    int c;
+    assert_int_equal(kvf_sched_instance_add(s, &in, &c), 0);
+    static uint32_t t[1024];
+    seq(t, 1024, 3);
+    kvf_key keys[4];
+    for (int i = 0; i < 4; i++)
+        keys[i] = (kvf_key){.lo = (uint64_t)i + 500, .hi = 9};
+    kvf_sched_cost dc;
+    kvf_sched_cost_defaults(&dc);
+    double kvb = dc.kv_bytes_per_token, net = dc.load_bytes_per_s;
+    kvf_place_req rq = {.tokens = t, .n_tokens = 1024, .chunk_keys = keys, .n_chunks = 4};
+    kvf_place_res rs;
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys, 4, 1, 0), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 1024);
+    assert_true(fabs(rs.load_s - 1024 * kvb / net) < 1e-9);
+    /* chunks 2 and 3 demoted: off DRAM, then on disk */
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 2, 2, 0, 0), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 512);
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 2, 2, 1, 1), 0);
+    kvf_index_stats ix;
+    kvf_sched_index_stats(s, &ix);
+    assert_int_equal(ix.store_dram_chunks, 2);
+    assert_int_equal(ix.store_disk_chunks, 2);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 1024);
+    assert_true(fabs(rs.load_s - (512 * kvb / net + 512 * kvb / dc.disk_load_bytes_per_s)) < 1e-9);
+    /* the node's measured rate replaces the default; a later one is averaged with it */
+    assert_int_equal(kvf_sched_store_rates(s, 0, 1e9), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_true(fabs(rs.load_s - (512 * kvb / net + 512 * kvb / 1e9)) < 1e-9);
+    assert_int_equal(kvf_sched_store_rates(s, 0, 3e9), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_true(fabs(rs.load_s - (512 * kvb / net + 512 * kvb / 2e9)) < 1e-9);
+    /* a disk faster than the network loads at the network's rate */
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(kvf_sched_store_rates(s, 0, 1e12), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_true(fabs(rs.load_s - 1024 * kvb / net) < 1e-6);
+    assert_int_equal(kvf_sched_store_rates(s, 0, 0), KVF_EINVAL);
+    assert_int_equal(kvf_sched_store_rates(s, KVF_SCHED_MAX_STORES, 1e9), KVF_EINVAL);
+    /* promoted again: both tiers; its DRAM copy evicted: still held, on disk */
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 2, 1, 1, 0), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 2, 1, 0, 0), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 1024);
+    /* dropped from disk (its extent reused): the run ends before it */
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 2, 1, 0, 1), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 512);
+    assert_true(fabs(rs.load_s - 512 * kvb / net) < 1e-9);
+    /* evicting what a tier does not hold changes nothing */
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 2, 1, 0, 1), 0);
+    kvf_sched_index_stats(s, &ix);
+    assert_int_equal(ix.store_dram_chunks, 2);
+    assert_int_equal(ix.store_disk_chunks, 1);
+    assert_int_equal(ix.holdings, 3);
+    kvf_sched_destroy(&s);
+}
+
 /* Plans carry the classifier's labels; an instance that cannot load from the store gets no
  * credit for what the store holds. */
 static void test_sched_plans_are_classified(void **state)
@@ -638,7 +711,7 @@ static void test_sched_plans_are_classified(void **state)
         keys[i].lo = (uint64_t)i + 100;
         keys[i].hi = 7;
     }
-    assert_int_equal(kvf_sched_store_chunks(s, 0, keys, 4, 1), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys, 4, 1, 0), 0);
     kvf_place_req rq = {.tokens = t, .n_tokens = 1024, .chunk_keys = keys, .n_chunks = 4};
     kvf_place_res rs;
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
@@ -825,6 +898,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
         cmocka_unit_test(test_sched_conditional_disaggregation),
         cmocka_unit_test(test_sched_decode_overflow),
+        cmocka_unit_test(test_sched_store_tiers),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
