@@ -95,6 +95,7 @@ struct kvf_op {
     /* control extras */
     uint32_t lease_ms, codec;
     uint8_t *present;
+    uint8_t *on_disk; /* EXISTS with KVF_WF_TIERS: 1 where only the node's disk tier holds it */
     uint64_t removed;
     char *json;
     char addr[KVF_WIRE_MAX_ADDR + 1];

@@ -13,7 +13,7 @@
 /* A control op: submitted like a batch, with extras set before submission. target: -1 places
  * keys by hashing, -2 sends to every node, k sends everything to node k. */
 typedef struct ctrl_args {
-    uint8_t *present;
+    uint8_t *present, *on_disk;
     uint32_t lease_ms, codec;
     const char *addr;
     uint64_t removed;
@@ -34,6 +34,7 @@ static int ctrl(kvf_client *c, uint32_t opcode, int target, size_t n, const kvf_
     op->target = target;
     if (a) {
         op->present = a->present;
+        op->on_disk = a->on_disk;
         op->lease_ms = a->lease_ms;
         op->codec = a->codec;
         if (a->addr)
@@ -75,6 +76,29 @@ int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *pre
     for (size_t i = 0; i < n; i++)
         if (st[i] != 0)
             present[i] = 0;
+    free(st);
+    return rc;
+}
+
+int kvf_client_exists_tiers(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
+                            uint8_t *on_disk, int deadline_ms)
+{
+    if ((!present || !on_disk) && n)
+        return KVF_EINVAL;
+    int *st = calloc(n ? n : 1, sizeof *st);
+    if (!st)
+        return KVF_ENOMEM;
+    if (n) {
+        memset(present, 0, n);
+        memset(on_disk, 0, n);
+    }
+    /* over the network even to a node on this host: its arena's index, which the shared-memory
+     * path reads, does not know the disk tier */
+    ctrl_args a = {.present = present, .on_disk = on_disk};
+    int rc = ctrl(c, KVF_OP_EXISTS, -1, n, keys, st, deadline_ms, &a);
+    for (size_t i = 0; i < n; i++)
+        if (st[i] != 0)
+            present[i] = on_disk[i] = 0;
     free(st);
     return rc;
 }

@@ -188,6 +188,8 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
         fill_keys(r, p, ns);
         if (r->opcode == KVF_OP_GET && (op->b.flags & KVF_GET_STREAM))
             flags |= KVF_WF_STREAM;
+        if ((r->opcode == KVF_OP_EXISTS || r->opcode == KVF_OP_LOOKUP) && op->on_disk)
+            flags |= KVF_WF_TIERS;
     }
     put_hdr(r->buf, r->opcode, flags, r->id, count, plen + data);
     r->flags = flags;

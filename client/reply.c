@@ -191,11 +191,13 @@ static int rd_bitmap(kvf__conn *cn)
 {
     kvf__req *r = cn->rreq;
     kvf_op *op = r->op;
-    size_t off = r->opcode == KVF_OP_LOOKUP ? 8 : 0;
+    size_t off = r->opcode == KVF_OP_LOOKUP ? 8 : 0, bm = (r->n + 7) / 8;
     for (uint32_t i = 0; i < r->n; i++) {
         int hit = (r->rtab[off + i / 8] >> (i % 8)) & 1;
         op->present[r->idx[i]] = (uint8_t)hit;
         op->b.status[r->idx[i]] = hit ? 0 : KVF_ENOENT;
+        if (r->flags & KVF_WF_TIERS)
+            op->on_disk[r->idx[i]] = (uint8_t)(hit & (r->rtab[off + bm + i / 8] >> (i % 8)));
     }
     reply_done(cn, r);
     return 0;
@@ -601,7 +603,8 @@ static int rd_header(kvf__conn *cn)
         return rd_payload_into_rtab(cn, r, plen, rd_statuses);
     case KVF_OP_EXISTS:
     case KVF_OP_LOOKUP: {
-        uint64_t want = (r->opcode == KVF_OP_LOOKUP ? 8 : 0) + (n + 7) / 8;
+        uint64_t want =
+            (r->opcode == KVF_OP_LOOKUP ? 8 : 0) + (n + 7) / 8 * (r->flags & KVF_WF_TIERS ? 2 : 1);
         if (plen != want)
             return KVF_EPROTO;
         return rd_payload_into_rtab(cn, r, plen, rd_bitmap);

@@ -101,6 +101,9 @@ int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_l
         if ((h->flags & KVF_WF_ALL_NS) && h->opcode != KVF_OP_CLEAR)
             return kvf__errf(msg, msglen, KVF_EPROTO, "all-namespaces flag on %s",
                              kvf__wire_opcode_name(h->opcode));
+        if ((h->flags & KVF_WF_TIERS) && h->opcode != KVF_OP_EXISTS && h->opcode != KVF_OP_LOOKUP)
+            return kvf__errf(msg, msglen, KVF_EPROTO, "tiers flag on %s",
+                             kvf__wire_opcode_name(h->opcode));
     }
     uint32_t max_items = lim->max_items ? lim->max_items : KVF_WIRE_MAX_ITEMS;
     if (max_items > KVF_WIRE_MAX_ITEMS)

@@ -13,20 +13,23 @@
 
 #include <stdlib.h>
 
-/* EXISTS and LOOKUP: a bitmap, and for LOOKUP first the count of leading hits. */
+/* EXISTS and LOOKUP: a bitmap, and for LOOKUP first the count of leading hits and how many of
+ * them only the disk tier holds; with KVF_WF_TIERS a second bitmap after the first: the keys held
+ * on disk only. */
 static void exists(conn *c, int lookup)
 {
     kvf_server *s = c->lp->srv;
     uint32_t n = c->h.item_count;
     size_t bm = (n + 7) / 8;
     size_t off = lookup ? 8 : 0;
-    uint8_t *r = calloc(1, off + bm);
+    int tiers = (c->h.flags & KVF_WF_TIERS) != 0;
+    uint8_t *r = calloc(1, off + bm * (tiers ? 2 : 1));
     if (!r) {
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
     uint64_t ns = kvf__get_u64(c->rbuf);
-    uint32_t leading = 0;
+    uint32_t leading = 0, leading_disk = 0;
     int run = 1;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
@@ -37,20 +40,24 @@ static void exists(conn *c, int lookup)
     kvf__cache_unlock(s->o.cache);
     /* then the disk tier's index, outside the cache's lock (it never waits on I/O either) */
     for (uint32_t i = 0; i < n; i++) {
-        int hit = r[off + i / 8] >> (i % 8) & 1;
+        int hit = r[off + i / 8] >> (i % 8) & 1, disk = 0;
         if (!hit && s->o.tier) {
             kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 16 * (size_t)i);
-            if ((hit = kvf__sdisk_has(s, ns, &key)) != 0)
+            if ((hit = disk = kvf__sdisk_has(s, ns, &key)) != 0) {
                 r[off + i / 8] |= (uint8_t)(1u << (i % 8));
+                if (tiers)
+                    r[off + bm + i / 8] |= (uint8_t)(1u << (i % 8));
+            }
         }
         run = run && hit;
         leading += (uint32_t)run;
+        leading_disk += (uint32_t)(run && disk);
     }
     if (lookup) {
         kvf__put_u32(r, leading);
-        kvf__put_u32(r + 4, 0);
+        kvf__put_u32(r + 4, leading_disk);
     }
-    kvf__reply_copy(c, 0, 0, n, r, off + bm);
+    kvf__reply_copy(c, 0, 0, n, r, off + bm * (tiers ? 2 : 1));
     free(r);
 }
 

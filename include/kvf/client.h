@@ -132,6 +132,11 @@ KVF_API int kvf_client_get(kvf_client *c, const kvf_batch *b);
  * unreachable). */
 KVF_API int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
                               int deadline_ms);
+/* As kvf_client_exists, and which tier holds each: on_disk[i] 1 where only the node's disk tier
+ * does (docs/store.md, "The disk tier"; a load from there runs at the disk's rate), 0 where its
+ * DRAM does (or nothing). Needs nodes that know the tiers flag (KVF_EPROTO from older ones). */
+KVF_API int kvf_client_exists_tiers(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
+                                    uint8_t *on_disk, int deadline_ms);
 /* The number of leading keys of a prefix chain that are stored (on whichever node each lives). */
 KVF_API int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
                                      int deadline_ms);

@@ -66,7 +66,8 @@ typedef enum kvf_opcode {
 #define KVF_WF_MORE   0x4u  /* reply: further frames for this request id follow */
 #define KVF_WF_FATAL  0x8u  /* reply: the server closes the connection after this frame */
 #define KVF_WF_ALL_NS 0x10u /* CLEAR: every namespace, not only the one named */
-#define KVF_WF_KNOWN  0x1fu
+#define KVF_WF_TIERS  0x20u /* EXISTS, LOOKUP: a second bitmap follows, the keys only on disk */
+#define KVF_WF_KNOWN  0x3fu
 
 /* Capabilities, negotiated by HELLO. */
 #define KVF_CAP_STREAM   0x1ull  /* layer-major streamed GET */

@@ -223,6 +223,8 @@ _SIGNATURES = {
     "kvf_client_put": (c_int, [c_void_p, _P(Batch)]),
     "kvf_client_get": (c_int, [c_void_p, _P(Batch)]),
     "kvf_client_exists": (c_int, [c_void_p, c_size_t, _P(Key), _P(ctypes.c_uint8), c_int]),
+    "kvf_client_exists_tiers": (c_int, [c_void_p, c_size_t, _P(Key), _P(ctypes.c_uint8),
+                                        _P(ctypes.c_uint8), c_int]),
     "kvf_client_lookup_prefix": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_size_t), c_int]),
     "kvf_client_evict": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_int), c_int]),
     "kvf_client_pin": (c_int, [c_void_p, c_size_t, _P(Key), c_uint32, _P(c_int), c_int]),

@@ -177,6 +177,17 @@ class Client(_Handle):
                                            self.deadline_ms), "exists")
         return [bool(present[i]) for i in range(len(keys))]
 
+    def tiers(self, keys: Sequence[KeyLike]) -> List[Optional[str]]:
+        """Which tier of its node holds each key: "dram", "disk" (only the node's disk tier: it
+        loads at the disk's rate) or None (not stored)."""
+        k = _keys(keys)
+        n = max(len(keys), 1)
+        present, on_disk = (ctypes.c_uint8 * n)(), (ctypes.c_uint8 * n)()
+        check(_lib.lib().kvf_client_exists_tiers(self._handle(), len(keys), k, present, on_disk,
+                                                 self.deadline_ms), "tiers")
+        return [("disk" if on_disk[i] else "dram") if present[i] else None
+                for i in range(len(keys))]
+
     def lookup_prefix(self, keys: Sequence[KeyLike]) -> int:
         """How many leading keys of a prefix chain are stored."""
         hits = ctypes.c_size_t()

@@ -13,7 +13,7 @@ binding as the client:
   keeps serving DRAM, and says so in STATS;
 - events name the tier: a kvf-sched subscribed to the store's events counts, per tier, exactly
   the chunks the store holds (DRAM entries, disk entries), through demotion, the log reusing its
-  extents on a small disk, EVICT and CLEAR.
+  extents on a small disk, EVICT and CLEAR; and the store says which tier holds each key.
 
 usage: disk_tier_check.py   (environment: KVF_STORE_BIN, KVF_LIBRARY, PYTHONPATH with python/;
                              kvf-sched is taken from KVF_STORE_BIN's folder)
@@ -300,6 +300,16 @@ def phase_events(tmp):
                                                reused["dropped"], x is not None), flush=True)
             check(reused["dropped"] > 0, "events: the small disk's log reused no extent: %r"
                   % reused)
+            # which tier holds each key, as the store says it (EXISTS with the tiers flag)
+            tiers = c.tiers(keys)
+            st = c.stats()
+            check((tiers.count("dram"), tiers.count("disk")) == (st["entries"],
+                                                                 st["disk"]["entries"]),
+                  "tiers: %d in DRAM and %d on disk said, the store holds %d and %d"
+                  % (tiers.count("dram"), tiers.count("disk"), st["entries"],
+                     st["disk"]["entries"]))
+            check(all((t is not None) == p for t, p in zip(tiers, c.exists(keys))),
+                  "tiers and EXISTS disagree")
             c.evict(keys[::3])
             agree(c, "after EVICT")
             c.clear()

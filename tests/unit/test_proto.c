@@ -116,6 +116,12 @@ static void test_proto_wire_rejects_bad_headers(void **state)
     assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
     h.flags = KVF_WF_ALL_NS;
     assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    h.flags = KVF_WF_TIERS; /* EXISTS and LOOKUP only */
+    assert_int_equal(decode(&h, &server_lim, msg), KVF_EPROTO);
+    assert_non_null(strstr(msg, "tiers flag on"));
+    h.opcode = KVF_OP_EXISTS;
+    assert_int_equal(decode(&h, &server_lim, msg), 0);
+    h.opcode = KVF_OP_GET;
     h.flags = 0;
 
     h.status = -3;
