@@ -48,6 +48,7 @@ typedef struct entry {
     uint16_t tenant; /* whose bytes these are, for quotas (0: nobody's) */
     uint8_t hits;    /* reads since it became ready (saturating), for the disk's admission */
     uint8_t on_disk; /* the disk tier holds the same bytes: its eviction demotes nothing */
+    uint8_t wt;      /* a write-through to the disk tier is queued: its eviction demotes nothing */
 } entry;
 
 /* A tenant's use of the arena and its quotas (kvf_cache_tenant_stats; 0: no quota): bytes and
@@ -67,6 +68,10 @@ struct kvf_cache {
     void *on_change_ctx;
     kvf_cache_evict_hook on_evict; /* kvf__cache_set_evict_hook */
     void *on_evict_ctx;
+    kvf_cache_evict_hook on_hot; /* kvf__cache_set_write_through_hook */
+    void *on_hot_ctx;
+    uint32_t hot_hits; /* reads that make an entry hot (0: none) */
+    int hot_pinned;    /* a pin makes it hot */
     pthread_t holder;
     int held;
     const evict_ops *policy;
@@ -389,12 +394,26 @@ static void entry_remove(kvf_cache *c, uint32_t i)
     entry_free(c, i);
 }
 
+/* Ready entry i became hot (pinned, or read hot_hits times): the write-through hook may take a
+ * reference on it, to write a copy to the disk tier while it stays in DRAM. */
+static void maybe_write_through(kvf_cache *c, uint32_t i)
+{
+    entry *x = &c->e[i];
+    if (!c->on_hot || x->on_disk || x->wt)
+        return;
+    if (c->on_hot(c->on_hot_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits, x->tenant)) {
+        if (x->refs++ == 0)
+            c->st.referenced++;
+        x->wt = 1;
+    }
+}
+
 /* Evicts ready entry i to make room: the eviction hook may take a reference on it first (to demote
  * its bytes to the disk tier), so that its block lives on, gone from the index, until released. */
 static void evict_entry(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
-    if (c->on_evict && !x->on_disk &&
+    if (c->on_evict && !x->on_disk && !x->wt &&
         c->on_evict(c->on_evict_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits,
                     x->tenant)) {
         if (x->refs++ == 0)
@@ -598,6 +617,8 @@ int kvf__cache_acquire_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     c->st.hits++;
     if (x->hits < UINT8_MAX)
         x->hits++;
+    if (c->hot_hits && x->hits == c->hot_hits)
+        maybe_write_through(c, i);
     *eid = i;
     *data = c->mem + x->off;
     *len = x->len;
@@ -653,6 +674,8 @@ int kvf__cache_pin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_
     uint64_t until = t + (uint64_t)lease_ms * 1000000u;
     if (until > x->deadline_ns)
         x->deadline_ns = until;
+    if (c->hot_pinned)
+        maybe_write_through(c, i);
     return 0;
 }
 
@@ -975,6 +998,27 @@ void kvf__cache_set_evict_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx)
     c->on_evict = fn;
     c->on_evict_ctx = ctx;
     kvf__cache_unlock(c);
+}
+
+void kvf__cache_set_write_through_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx,
+                                       uint32_t hits, int pinned)
+{
+    kvf__cache_lock(c);
+    c->on_hot = fn;
+    c->on_hot_ctx = ctx;
+    c->hot_hits = fn ? hits : 0;
+    c->hot_pinned = fn ? pinned : 0;
+    kvf__cache_unlock(c);
+}
+
+void kvf__cache_write_through_done_locked(kvf_cache *c, uint32_t eid, int written)
+{
+    assert_locked(c);
+    if (eid >= c->n_entries || c->e[eid].state != ST_READY)
+        return;
+    c->e[eid].wt = 0;
+    if (written)
+        c->e[eid].on_disk = 1;
 }
 
 int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid)

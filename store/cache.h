@@ -158,6 +158,16 @@ typedef int (*kvf_cache_evict_hook)(void *ctx, uint32_t eid, uint64_t ns, const 
                                     const uint8_t *data, uint64_t len, uint32_t hits,
                                     uint32_t tenant);
 void kvf__cache_set_evict_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx);
+/* The disk tier's write-through hook: called (as the eviction hook, under the cache's lock) for a
+ * ready entry that is neither on disk nor queued for it when it is pinned (pinned 1) or is read
+ * for the hits-th time (hits 0: never). Returning 1 takes a read reference and marks it queued:
+ * its eviction then demotes nothing; the hook's owner ends it with
+ * kvf__cache_write_through_done_locked and kvf__cache_release_locked. fn NULL: none. */
+void kvf__cache_set_write_through_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx,
+                                       uint32_t hits, int pinned);
+/* A queued write-through ended: the entry is marked on disk where it was written (if still
+ * readable), and can be demoted again where it was not. */
+void kvf__cache_write_through_done_locked(kvf_cache *c, uint32_t eid, int written);
 /* Takes one more read reference on ready entry eid, counting no hit. 0 or KVF_ENOENT. */
 int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid);
 /* Marks ready entry eid as held by the disk tier too (promoted from it, or written to it), so

@@ -94,6 +94,8 @@ typedef struct store_cfg {
     uint64_t disk_sizes[KVF_TIER_MAX_DEVICES];
     int n_disks;
     long disk_admit;
+    long wt_hits; /* --disk-write-through */
+    int wt_pinned;
     uint64_t disk_queue;
     kvf_log lg;
 } store_cfg;
@@ -141,6 +143,36 @@ static int parse_peer(void *ud, const char *v, char *err, size_t errlen)
         return -1;
     }
     cfg->peers[cfg->n_peers++] = v;
+    return 0;
+}
+
+/* --disk-write-through: "off", or a comma-separated list of "pinned" and "hits:N" (N 1..255). */
+static int parse_write_through(void *ud, const char *v, char *err, size_t errlen)
+{
+    store_cfg *cfg = ud;
+    cfg->wt_pinned = 0;
+    cfg->wt_hits = 0;
+    if (!strcmp(v, "off"))
+        return 0;
+    char buf[128];
+    if (strlen(v) >= sizeof buf || !*v) {
+        snprintf(err, errlen, "\"%.60s\": off, pinned, hits:N or pinned,hits:N", v);
+        return -1;
+    }
+    snprintf(buf, sizeof buf, "%s", v);
+    char *save = NULL;
+    for (char *w = strtok_r(buf, ",", &save); w; w = strtok_r(NULL, ",", &save)) {
+        char *end = NULL;
+        if (!strcmp(w, "pinned")) {
+            cfg->wt_pinned = 1;
+        } else if (!strncmp(w, "hits:", 5) && (cfg->wt_hits = strtol(w + 5, &end, 10)) >= 1 &&
+                   cfg->wt_hits <= 255 && end && !*end && end != w + 5) {
+            /* taken */
+        } else {
+            snprintf(err, errlen, "\"%.60s\": each part is pinned or hits:N (N 1..255)", w);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -301,6 +333,11 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "(PATH alone: all of it), written and read with io_uring and O_DIRECT; what it "
                  "holds is served again after a restart. Repeat for each device (docs/store.md)",
                  NULL, .fn = parse_disk, .ud = cfg),
+        KVF__OPT("disk-write-through", KVF__ARG_FN, cfg, "off|pinned|hits:N|pinned,hits:N",
+                 "also write a copy to disk, while it stays in DRAM, of an entry when it is "
+                 "pinned or read N times: hot prefixes survive a restart and their eviction "
+                 "writes nothing",
+                 "off", .fn = parse_write_through, .ud = cfg),
         KVF__OPT("disk-admit", KVF__ARG_LONG, &cfg->disk_admit, "N",
                  "demote an evicted entry to disk only if it was read at least N times", "0",
                  .lo = 0, .hi = 255),
@@ -483,12 +520,18 @@ static uint64_t tier_rate(void *tier)
 
 static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf__tier **tier)
 {
+    if (!cfg->n_disks && (cfg->wt_hits || cfg->wt_pinned)) {
+        fprintf(stderr, "kvf-store: --disk-write-through needs a disk tier (--disk)\n");
+        return 1;
+    }
     if (!cfg->n_disks)
         return 0;
     char err[512] = "";
     kvf__tier_opts to = {
         .n = cfg->n_disks,
         .admit_hits = (uint32_t)cfg->disk_admit,
+        .write_through_hits = (uint32_t)cfg->wt_hits,
+        .write_through_pinned = cfg->wt_pinned,
         .queue_bytes = cfg->disk_queue,
         .cache = cache,
         .log = &cfg->lg,

@@ -301,6 +301,9 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("demote_skipped_cold", ts.demote_skipped_cold);
     DSET("demote_dropped_full", ts.demote_dropped_full);
     DSET("demote_failed", ts.demote_failed);
+    DSET("written_through", ts.written_through);
+    DSET("written_through_bytes", ts.written_through_bytes);
+    DSET("write_through_dropped_full", ts.write_through_dropped_full);
     DSET("pending_bytes", ts.pending_bytes);
     DSET("promoted", ts.promoted);
     DSET("promoted_bytes", ts.promoted_bytes);
@@ -354,6 +357,11 @@ void kvf__sdisk_metrics(kvf_server *s, kvf__metrics *m)
          (double)ts.demote_dropped_full},
         {"disk_demote_failed_total", "Demotions that failed (an I/O error, no memory).", 1,
          (double)ts.demote_failed},
+        {"disk_written_through_total",
+         "Objects copied to the disk tier while staying in DRAM (pinned or hot).", 1,
+         (double)ts.written_through},
+        {"disk_written_through_bytes_total", "Bytes copied to the disk tier by write-through.", 1,
+         (double)ts.written_through_bytes},
         {"disk_promoted_total", "Objects read from the disk tier back into the arena.", 1,
          (double)ts.promoted},
         {"disk_promoted_bytes_total", "Bytes read from the disk tier back into the arena.", 1,

@@ -17,7 +17,7 @@
 #define MAX_REQUESTS_DEFAULT 256
 #define TIER_OWNER           (UINT64_MAX - 7) /* the reservations promotions make */
 
-enum { W_DEMOTE = 100 };
+enum { W_DEMOTE = 100, W_COPY = 101 };
 
 /* Reader threads per device, and the shares a promotion's keys on a device are split into: the
  * engine reads this many objects at once (its read slots). */
@@ -27,7 +27,8 @@ enum { W_DEMOTE = 100 };
 typedef struct work {
     struct work *next;
     int kind;
-    /* W_DEMOTE: the evicted entry, its bytes held in the arena by a read reference */
+    /* W_DEMOTE: the evicted entry, its bytes held in the arena by a read reference; W_COPY: the
+     * same for a hot entry that stays in DRAM (write-through) */
     uint32_t eid, tenant;
     uint64_t ns;
     kvf_key key;
@@ -124,23 +125,26 @@ static int dev_down(device *v)
 /* ------------------------------------------------------------------------------------------ */
 /* Demotion: the cache's eviction hook (under the cache's lock) */
 
-static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
-                    uint64_t len, uint32_t hits, uint32_t tenant)
+/* Queues entry eid's bytes for its device's writer (kind W_DEMOTE or W_COPY), within the queue's
+ * bytes. Returns 1 if queued (the cache then takes the read reference). Under the cache's lock. */
+static int queue_write(kvf__tier *t, int kind, uint32_t eid, uint64_t ns, const kvf_key *key,
+                       const uint8_t *data, uint64_t len, uint32_t hits, uint32_t tenant)
 {
-    kvf__tier *t = ctx;
     int taken = 0;
     pthread_mutex_lock(&t->mu);
     device *v = &t->dev[dev_of(t, key)];
-    if (atomic_load(&t->stop)) {
-        /* closing: nothing more is queued */
-    } else if (hits < t->o.admit_hits) {
+    uint64_t *full =
+        kind == W_COPY ? &t->st.write_through_dropped_full : &t->st.demote_dropped_full;
+    if (atomic_load(&t->stop) || dev_down(v)) {
+        /* closing, or the device is down: nothing more is queued */
+    } else if (kind == W_DEMOTE && hits < t->o.admit_hits) {
         t->st.demote_skipped_cold++;
     } else if (t->pending_bytes + len > t->o.queue_bytes) {
-        t->st.demote_dropped_full++;
+        (*full)++;
     } else {
         work *w = malloc(sizeof *w);
         if (w) {
-            *w = (work){.kind = W_DEMOTE,
+            *w = (work){.kind = kind,
                         .eid = eid,
                         .tenant = tenant,
                         .ns = ns,
@@ -152,11 +156,24 @@ static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, co
             pthread_cond_signal(&v->wcv);
             taken = 1;
         } else {
-            t->st.demote_failed++;
+            (*full)++;
         }
     }
     pthread_mutex_unlock(&t->mu);
     return taken;
+}
+
+static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
+                    uint64_t len, uint32_t hits, uint32_t tenant)
+{
+    return queue_write(ctx, W_DEMOTE, eid, ns, key, data, len, hits, tenant);
+}
+
+/* Write-through: the cache's hook for an entry pinned or read often (--disk-write-through). */
+static int on_hot(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
+                  uint64_t len, uint32_t hits, uint32_t tenant)
+{
+    return queue_write(ctx, W_COPY, eid, ns, key, data, len, hits, tenant);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -298,14 +315,21 @@ static void demote(device *v, work *w)
     int rc = dev_down(v) ? KVF_EIO : kvf__disk_put(v->d, w->ns, &w->key, w->data, w->len);
     double secs = (double)(kvf__now_ns() - t0) / 1e9;
     kvf__cache_lock(t->o.cache);
+    if (w->kind == W_COPY) /* the entry, if still there, is on disk now */
+        kvf__cache_write_through_done_locked(t->o.cache, w->eid, rc == 0);
     kvf__cache_release_locked(t->o.cache, w->eid);
     kvf__cache_unlock(t->o.cache);
     pthread_mutex_lock(&t->mu);
     t->pending_bytes -= w->len;
     t->st.write_seconds += secs;
     if (rc == 0) {
-        t->st.demoted++;
-        t->st.demoted_bytes += w->len;
+        if (w->kind == W_COPY) {
+            t->st.written_through++;
+            t->st.written_through_bytes += w->len;
+        } else {
+            t->st.demoted++;
+            t->st.demoted_bytes += w->len;
+        }
         if (v->ann && v->n_ann < ANNOUNCE_MAX)
             v->ann[v->n_ann++] = (announce){.ns = w->ns, .key = w->key, .tenant = w->tenant};
     } else {
@@ -345,7 +369,7 @@ static void *writer_main(void *arg)
             continue;
         }
         pthread_mutex_unlock(&t->mu);
-        if (w->kind == W_DEMOTE) {
+        if (w->kind == W_DEMOTE || w->kind == W_COPY) {
             demote(v, w);
             dirty = 1;
             if (v->n_ann >= ANNOUNCE_MAX) {
@@ -576,6 +600,9 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
         }
     }
     kvf__cache_set_evict_hook(o->cache, on_evict, t);
+    if (o->write_through_hits || o->write_through_pinned)
+        kvf__cache_set_write_through_hook(o->cache, on_hot, t, o->write_through_hits,
+                                          o->write_through_pinned);
     *out = t;
     return 0;
 fail:
@@ -600,6 +627,7 @@ void kvf__tier_close(kvf__tier **pt)
     if (!t)
         return;
     kvf__cache_set_evict_hook(t->o.cache, NULL, NULL); /* no demotion is queued after this */
+    kvf__cache_set_write_through_hook(t->o.cache, NULL, NULL, 0, 0);
     kvf__tier_quiesce(t);
     pthread_mutex_lock(&t->mu);
     atomic_store(&t->stop, 1);

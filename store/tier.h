@@ -39,7 +39,11 @@ typedef struct kvf__tier_opts {
     const char *paths[KVF_TIER_MAX_DEVICES];
     uint64_t sizes[KVF_TIER_MAX_DEVICES]; /* 0: a block device's whole size */
     int n;
-    uint32_t admit_hits;   /* demote entries read at least this often since written (0: all) */
+    uint32_t admit_hits; /* demote entries read at least this often since written (0: all) */
+    /* write-through: a copy of an entry goes to disk while it stays in DRAM, when it is pinned
+     * (write_through_pinned) or read write_through_hits times (0: not by reads) */
+    uint32_t write_through_hits;
+    int write_through_pinned;
     uint64_t queue_bytes;  /* arena bytes pending demotions may hold (0: 256 MiB; at most 1/4) */
     uint32_t queue_depth;  /* io_uring entries per device (0: 32) */
     uint32_t max_requests; /* requests (promotions, removals) waiting at once (0: 256) */
@@ -107,6 +111,7 @@ typedef struct kvf__tier_stats {
     int devices, devices_down;
     uint64_t bytes, entries, entry_bytes; /* over the devices */
     uint64_t demoted, demoted_bytes, demote_skipped_cold, demote_dropped_full, demote_failed;
+    uint64_t written_through, written_through_bytes, write_through_dropped_full;
     uint64_t pending_bytes; /* arena bytes held by queued demotions */
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
     uint64_t removed, cleared, verify_failures, rebuilt_entries;

@@ -13,7 +13,9 @@ binding as the client:
   keeps serving DRAM, and says so in STATS;
 - events name the tier: a kvf-sched subscribed to the store's events counts, per tier, exactly
   the chunks the store holds (DRAM entries, disk entries), through demotion, the log reusing its
-  extents on a small disk, EVICT and CLEAR; and the store says which tier holds each key.
+  extents on a small disk, EVICT and CLEAR; and the store says which tier holds each key;
+- write-through (--disk-write-through pinned,hits:2): pinned and twice-read entries are copied to
+  disk while they stay in DRAM, and after kill -9 the restarted store serves them, and only them.
 
 usage: disk_tier_check.py   (environment: KVF_STORE_BIN, KVF_LIBRARY, PYTHONPATH with python/;
                              kvf-sched is taken from KVF_STORE_BIN's folder)
@@ -322,6 +324,39 @@ def phase_events(tmp):
         s.stop()
 
 
+def phase_write_through(tmp):
+    disk = os.path.join(tmp, "wt.disk")
+    ks = kvf.KeySpace(LAYOUT, salt="disk-wt")
+    keys, objs = make(ks, 7, 64, 64 << 10)  # 64 x 256 KiB: half the arena, nothing evicted
+    s = Store(disk, extra=["--disk-write-through", "pinned,hits:2"])
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        for i in range(0, len(keys), 4):
+            check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "wt: put %d" % i)
+        check(c.pin(keys[:8], 60000) == ["KVF_OK"] * 8, "wt: pin")
+        for _ in range(2):
+            got = c.get(keys[8:16], 4 << 20)
+            check([g[1] for g in got] == objs[8:16], "wt: reads of the hot keys")
+        c.get(keys[16:24], 4 << 20)  # read once: not hot
+        d = settle(c, "write-through")
+        for _ in range(100):  # the writer writes its buffer out once its queue is dry
+            if d["entries"] >= 16:
+                break
+            time.sleep(0.05)
+            d = c.stats()["disk"]
+        check(d["written_through"] == 16 and d["entries"] == 16 and d["demoted"] == 0,
+              "wt: 16 copies to disk expected: %r" % d)
+        check(c.tiers(keys) == ["dram"] * len(keys), "wt: every key still in DRAM")
+    s.kill()
+    s = Store(disk, extra=["--disk-write-through", "pinned,hits:2"])
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        present = c.exists(keys)
+        check(present == [True] * 16 + [False] * (len(keys) - 16),
+              "wt: after kill -9, the pinned and hot keys and only them: %r" % present)
+        got = c.get(keys[:16], 4 << 20)
+        check([g[1] for g in got] == objs[:16], "wt: the written-through objects read back")
+    s.stop()
+
+
 def main():
     base = os.environ.get("KVF_DISK_TEST_DIR") or os.getcwd()
     only = os.environ.get("KVF_DISK_TEST_ONLY", "")
@@ -335,6 +370,8 @@ def main():
             phase_fault(tmp)
         if only in ("", "events"):
             phase_events(tmp)
+        if only in ("", "write_through"):
+            phase_write_through(tmp)
     if failures:
         print("disk_tier_check: %d failure(s)" % len(failures))
         sys.exit(1)
