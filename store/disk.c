@@ -19,6 +19,7 @@
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------ */
@@ -185,7 +186,13 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     pthread_mutex_init(&d->imu, NULL);
     for (int i = 0; i < RSLOTS; i++)
         pthread_mutex_init(&d->rs[i].mu, NULL);
-    d->fd = open(o->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
+    /* made here (and so removed again if the open fails), or there already */
+    int created = 1;
+    d->fd = open(o->path, O_RDWR | O_CREAT | O_EXCL | O_DIRECT | O_CLOEXEC, 0600);
+    if (d->fd < 0 && errno == EEXIST) {
+        created = 0;
+        d->fd = open(o->path, O_RDWR | O_DIRECT | O_CLOEXEC);
+    }
     int rc = 0;
     struct stat sb;
     if (d->fd < 0 || fstat(d->fd, &sb) != 0) {
@@ -208,6 +215,18 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
         rc = KVF_EINVAL;
         goto fail;
     } else {
+        /* the file system's free space first: posix_fallocate would fill it before it fails */
+        struct statvfs fs;
+        uint64_t have = (uint64_t)sb.st_blocks * 512u;
+        if (fstatvfs(d->fd, &fs) == 0 && size > have &&
+            size - have > (uint64_t)fs.f_bavail * (uint64_t)fs.f_frsize) {
+            snprintf(err, errlen,
+                     "disk tier %s: cannot hold %llu bytes: %s (the file system has %llu free)",
+                     o->path, (unsigned long long)size, strerror(ENOSPC),
+                     (unsigned long long)fs.f_bavail * (unsigned long long)fs.f_frsize);
+            rc = KVF_EIO;
+            goto fail;
+        }
         int e = posix_fallocate(d->fd, 0, (off_t)size);
         if (e) {
             snprintf(err, errlen, "disk tier %s: cannot hold %llu bytes: %s", o->path,
@@ -268,6 +287,8 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     return 0;
 fail:
     kvf__disk_close(&d);
+    if (created)
+        unlink(o->path);
     return rc;
 }
 

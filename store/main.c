@@ -478,23 +478,26 @@ static int open_tenants(const store_cfg *cfg, kvf__tenants **t)
     return 0;
 }
 
-/* A test's I/O faults, from $KVF_DISK_FAULT="read|write|any:N": counted from the moment the tier
- * is open (its format and rebuild are not), the Nth such I/O of a device and every later one fail
- * with EIO, as a dying device's would (test_store_disk; docs/store.md). */
+/* A test's I/O faults, from $KVF_DISK_FAULT="read|write|any:N[@D]": counted from the moment the
+ * tier is open (its format and rebuild are not), the Nth such I/O of a device (of device D alone,
+ * its index in --disk order, where given) and every later one fail with EIO, as a dying device's
+ * would (test_store_disk; docs/store.md). */
 typedef struct disk_fault {
     int kind; /* 0 read, 1 write, 2 any */
     long after;
-    atomic_long seen;
+    int dev; /* -1: every device */
+    atomic_long seen[KVF_TIER_MAX_DEVICES];
     atomic_int armed;
 } disk_fault;
 
-static int disk_fault_fn(void *ud, int is_write, uint64_t off, uint64_t len)
+static int disk_fault_fn(void *ud, int dev, int is_write, uint64_t off, uint64_t len)
 {
     disk_fault *f = ud;
     (void)off, (void)len;
-    if (!atomic_load(&f->armed) || (f->kind != 2 && f->kind != is_write))
+    if (!atomic_load(&f->armed) || (f->kind != 2 && f->kind != is_write) ||
+        (f->dev >= 0 && f->dev != dev) || dev < 0 || dev >= KVF_TIER_MAX_DEVICES)
         return 0;
-    return atomic_fetch_add(&f->seen, 1) + 1 >= f->after ? -EIO : 0;
+    return atomic_fetch_add(&f->seen[dev], 1) + 1 >= f->after ? -EIO : 0;
 }
 
 static disk_fault *disk_fault_from_env(const kvf_log *lg)
@@ -503,21 +506,23 @@ static disk_fault *disk_fault_from_env(const kvf_log *lg)
     const char *v = getenv("KVF_DISK_FAULT");
     char kind[8];
     long n;
-    if (!v || sscanf(v, "%7[a-z]:%ld", kind, &n) != 2 || n < 1)
+    int dev = -1;
+    if (!v || sscanf(v, "%7[a-z]:%ld@%d", kind, &n, &dev) < 2 || n < 1)
         return NULL;
     f.kind = !strcmp(kind, "read") ? 0 : !strcmp(kind, "write") ? 1 : 2;
     f.after = n;
+    f.dev = dev;
     kvf_warn(lg, "KVF_DISK_FAULT=%s: the disk tier's I/O fails from then on (a test's fault)", v);
     return &f;
 }
 
-/* Opens the disk tier that --disk asks for (none without it) under cache. Returns 0, or 1 after
- * saying why. */
 static uint64_t tier_rate(void *tier)
 {
     return kvf__tier_read_rate(tier);
 }
 
+/* Opens the disk tier that --disk asks for (none without it) under cache. Returns 0, or 1 after
+ * saying why. */
 static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf__tier **tier)
 {
     if (!cfg->n_disks && (cfg->wt_hits || cfg->wt_pinned)) {

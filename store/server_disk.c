@@ -321,12 +321,15 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     json_object_set_new(o, "write_seconds", json_real(ts.write_seconds));
     const char *path;
     int down;
-    for (int i = 0; kvf__tier_device(t, i, &path, &down) == 0; i++) {
+    uint64_t de, db;
+    for (int i = 0; kvf__tier_device(t, i, &path, &down, &de, &db) == 0; i++) {
         json_t *d = json_object();
         if (!d)
             break;
         json_object_set_new(d, "path", json_string(path));
         json_object_set_new(d, "down", json_string(down ? strerror(down) : ""));
+        json_object_set_new(d, "entries", json_integer((json_int_t)de));
+        json_object_set_new(d, "entry_bytes", json_integer((json_int_t)db));
         json_array_append_new(devs, d);
     }
     json_object_set_new(o, "device_list", devs);

@@ -112,6 +112,13 @@ static int dev_of(const kvf__tier *t, const kvf_key *key)
     return (int)(h % (uint64_t)t->n);
 }
 
+/* A test's fault hook (kvf__tier_opts.fault), told the device. */
+static int dev_fault(void *ud, int is_write, uint64_t off, uint64_t len)
+{
+    device *v = ud;
+    return v->t->o.fault(v->t->o.fault_ud, v->i, is_write, off, len);
+}
+
 /* Whether v is down (never waits: event loops ask); the first to see it logs it. */
 static int dev_down(device *v)
 {
@@ -493,12 +500,15 @@ int kvf__tier_up(kvf__tier *t)
     return 0;
 }
 
-int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down)
+int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down, uint64_t *entries,
+                     uint64_t *bytes)
 {
     if (i < 0 || i >= t->n)
         return -1;
     *path = t->dev[i].path;
     *down = kvf__disk_down(t->dev[i].d);
+    uint64_t vf;
+    kvf__disk_usage(t->dev[i].d, entries, bytes, &vf);
     return 0;
 }
 
@@ -573,8 +583,8 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
                                .size = o->sizes[i],
                                .extent_bytes = eb,
                                .queue_depth = o->queue_depth,
-                               .fault = o->fault,
-                               .fault_ud = o->fault_ud};
+                               .fault = o->fault ? dev_fault : NULL,
+                               .fault_ud = v};
         if ((rc = kvf__disk_open(&v->d, &dopt, err, errlen)) != 0)
             goto fail;
         v->ann = malloc(ANNOUNCE_MAX * sizeof *v->ann);

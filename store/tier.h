@@ -55,8 +55,9 @@ typedef struct kvf__tier_opts {
      * NULL. */
     void (*on_change)(void *ctx, int admitted, int disk, const kvf_key *key, uint32_t tenant);
     void *on_change_ctx;
-    /* Faults for tests (kvf__disk_opts.fault), for every device. NULL in service. */
-    int (*fault)(void *ud, int is_write, uint64_t off, uint64_t len);
+    /* Faults for tests (kvf__disk_opts.fault), for every device, told which (0..n-1). NULL in
+     * service. */
+    int (*fault)(void *ud, int dev, int is_write, uint64_t off, uint64_t len);
     void *fault_ud;
 } kvf__tier_opts;
 
@@ -128,7 +129,9 @@ void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st);
  * request's submission to its completion, so queueing counts), in bytes per second; 0 when none
  * completed since. */
 uint64_t kvf__tier_read_rate(kvf__tier *t);
-/* Device i's path and the errno that took it down (0: up); -1 past the last. */
-int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down);
+/* Device i's path, the errno that took it down (0: up), and the objects it holds and their
+ * bytes; -1 past the last. */
+int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down, uint64_t *entries,
+                     uint64_t *bytes);
 
 #endif

@@ -14,6 +14,10 @@ binding as the client:
 - events name the tier: a kvf-sched subscribed to the store's events counts, per tier, exactly
   the chunks the store holds (DRAM entries, disk entries), through demotion, the log reusing its
   extents on a small disk, EVICT and CLEAR; and the store says which tier holds each key;
+- a file system too small for the tier: the store refuses to start, naming ENOSPC and the free
+  space, and leaves no file behind (it checks before posix_fallocate, which would fill it);
+- several devices: keys spread over two; both fill, a restart serves both; one device failing
+  ($KVF_DISK_FAULT=write:N@1) goes down alone while the other goes on demoting and serving;
 - write-through (--disk-write-through pinned,hits:2): pinned and twice-read entries are copied to
   disk while they stay in DRAM, and after kill -9 the restarted store serves them, and only them.
 
@@ -48,9 +52,12 @@ def check(cond, what):
 
 class Store:
     def __init__(self, disk, memory="32M", disk_size="512M", env=None, extra=()):
+        disks = []
+        for d in (disk if isinstance(disk, list) else [disk]):
+            disks += ["--disk", "%s:%s" % (d, disk_size)]
         self.p = subprocess.Popen(
             [STORE, "--listen", "127.0.0.1:0", "--memory", memory, "--no-prefault", "--shm", "off",
-             "--threads", "2", "--disk", "%s:%s" % (disk, disk_size)] + list(extra),
+             "--threads", "2"] + disks + list(extra),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env=dict(os.environ, **(env or {})))
         line = self.p.stdout.readline()
@@ -103,12 +110,12 @@ def settle(c, what):
     return d
 
 
-def read_back(c, keys, objs, what):
+def read_back(c, keys, objs, what, cap=4 << 20):
     """Every key the store reports is read back byte-exact. Returns how many it reports."""
     present = c.exists(keys)
     wrong = 0
     for i in [i for i, p in enumerate(present) if p]:
-        (st, data), = c.get([keys[i]], 4 << 20)
+        (st, data), = c.get([keys[i]], cap)
         if st == "KVF_OK" and data != objs[i]:
             wrong += 1
         # a miss here is allowed only for a key the tier dropped meanwhile; counted below
@@ -324,6 +331,62 @@ def phase_events(tmp):
         s.stop()
 
 
+def phase_full(tmp):
+    disk = os.path.join(tmp, "full.disk")
+    st = os.statvfs(tmp)
+    want = st.f_bavail * st.f_frsize * 2 + (1 << 30)
+    p = subprocess.run([STORE, "--listen", "127.0.0.1:0", "--memory", "8M", "--no-prefault",
+                        "--disk", "%s:%d" % (disk, want)], capture_output=True, text=True,
+                       timeout=60)
+    check(p.returncode != 0 and "No space left" in p.stderr and "free" in p.stderr,
+          "full: a tier larger than the file system: rc %s, %r" % (p.returncode, p.stderr))
+    check(not os.path.exists(disk), "full: the refused tier's file was left behind")
+
+
+def phase_devices(tmp):
+    disks = [os.path.join(tmp, "dev0.disk"), os.path.join(tmp, "dev1.disk")]
+    ks = kvf.KeySpace(LAYOUT, salt="disk-devices")
+    keys, objs = make(ks, 11, 320, 64 << 10)  # 2.5x the arena
+    s = Store(disks, disk_size="256M")
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        for i in range(0, len(keys), 4):
+            check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "devices: put %d" % i)
+            time.sleep(0.002)
+        d = settle(c, "devices")
+        per = [x["entries"] for x in d["device_list"]]
+        check(len(per) == 2 and min(per) > 0 and sum(per) == d["entries"],
+              "devices: both devices hold objects: %r" % d["device_list"])
+        before = read_back(c, keys, objs, "devices", 1 << 20)
+    s.stop()
+    s = Store(disks, disk_size="256M")
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        after = read_back(c, keys, objs, "devices after a restart", 1 << 20)
+        check(after == c.stats()["disk"]["entries"] and after > 0 and after <= before,
+              "devices: a restart serves what both devices held (%d, before %d)" % (after, before))
+    s.stop()
+    # one of the two failing: it goes down alone, the other goes on
+    disks = [os.path.join(tmp, "dev2.disk"), os.path.join(tmp, "dev3.disk")]
+    s = Store(disks, disk_size="256M", env={"KVF_DISK_FAULT": "write:3@1"})
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        for i in range(0, len(keys), 4):
+            check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "devices: put %d" % i)
+            time.sleep(0.002)
+        d = settle(c, "one device failing")
+        for _ in range(200):
+            if d["devices_down"] == 1:
+                break
+            time.sleep(0.05)
+            d = c.stats()["disk"]
+        dl = d["device_list"]
+        check(d["devices_down"] == 1 and dl[0]["down"] == "" and dl[1]["down"] != "",
+              "devices: device 1 alone down: %r" % dl)
+        check(dl[0]["entries"] > 0, "devices: device 0 goes on demoting: %r" % dl)
+        got = read_back(c, keys, objs, "devices, one down", 1 << 20)
+        check(got >= dl[0]["entries"], "devices: device 0's objects served (%d)" % got)
+        check(s.p.poll() is None, "kvf-store died with one device")
+    s.stop()
+
+
 def phase_write_through(tmp):
     disk = os.path.join(tmp, "wt.disk")
     ks = kvf.KeySpace(LAYOUT, salt="disk-wt")
@@ -372,6 +435,10 @@ def main():
             phase_events(tmp)
         if only in ("", "write_through"):
             phase_write_through(tmp)
+        if only in ("", "devices"):
+            phase_devices(tmp)
+        if only in ("", "full"):
+            phase_full(tmp)
     if failures:
         print("disk_tier_check: %d failure(s)" % len(failures))
         sys.exit(1)
