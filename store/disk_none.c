@@ -82,3 +82,9 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st)
     memset(st, 0, sizeof *st);
     st->down = ENODEV;
 }
+
+void kvf__disk_set_drop_hook(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key),
+                             void *ud)
+{
+    (void)d, (void)fn, (void)ud; /* no device is ever opened: nothing is dropped */
+}
