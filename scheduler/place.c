@@ -208,8 +208,11 @@ static void set_estimates(const kvf_sched *s, double n, int prefill, int decode,
     res->load_s = e->load_s;
     res->prefill_s = kvf__sched_prefill_s(c, n, e->cached);
     res->expected_ttft_s = e->ttft_s;
-    res->load_deadline_s =
-        res->cached_store ? kvf__sched_load_deadline_s(c, (double)res->cached_store) : 0;
+    /* twice the predicted load (disk-only chunks at the disk's rate), unless set per 1k tokens */
+    res->load_deadline_s = !res->cached_store ? 0
+                           : c->load_deadline_s_per_ktok > 0
+                               ? kvf__sched_load_deadline_s(c, (double)res->cached_store)
+                               : c->load_deadline_base_s + 2.0 * res->load_s;
 }
 
 /* Until the engines report again, counts what was just sent to them, so that a burst of requests

@@ -72,6 +72,8 @@ struct kvf_cache {
     void *on_hot_ctx;
     uint32_t hot_hits; /* reads that make an entry hot (0: none) */
     int hot_pinned;    /* a pin makes it hot */
+    int (*disk_holds)(void *ctx, uint64_t ns, const kvf_key *key); /* kvf__cache_set_disk_check */
+    void *disk_holds_ctx;
     pthread_t holder;
     int held;
     const evict_ops *policy;
@@ -396,10 +398,20 @@ static void entry_remove(kvf_cache *c, uint32_t i)
 
 /* Ready entry i became hot (pinned, or read hot_hits times): the write-through hook may take a
  * reference on it, to write a copy to the disk tier while it stays in DRAM. */
-static void maybe_write_through(kvf_cache *c, uint32_t i)
+/* Whether entry i's on-disk mark still holds: the disk may have dropped its copy since (its
+ * extent reused by the log, a read that did not verify); then the mark goes. */
+static int still_on_disk(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
-    if (!c->on_hot || x->on_disk || x->wt)
+    if (x->on_disk && c->disk_holds && !c->disk_holds(c->disk_holds_ctx, x->ns, &x->key))
+        x->on_disk = 0;
+    return x->on_disk;
+}
+
+static void maybe_write_through(kvf_cache *c, uint32_t i, int check_disk)
+{
+    entry *x = &c->e[i];
+    if (!c->on_hot || x->wt || (check_disk ? still_on_disk(c, i) : x->on_disk))
         return;
     if (c->on_hot(c->on_hot_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits, x->tenant)) {
         if (x->refs++ == 0)
@@ -413,7 +425,7 @@ static void maybe_write_through(kvf_cache *c, uint32_t i)
 static void evict_entry(kvf_cache *c, uint32_t i)
 {
     entry *x = &c->e[i];
-    if (c->on_evict && !x->on_disk && !x->wt &&
+    if (c->on_evict && !x->wt && !still_on_disk(c, i) &&
         c->on_evict(c->on_evict_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits,
                     x->tenant)) {
         if (x->refs++ == 0)
@@ -617,8 +629,9 @@ int kvf__cache_acquire_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     c->st.hits++;
     if (x->hits < UINT8_MAX)
         x->hits++;
-    if (c->hot_hits && x->hits == c->hot_hits)
-        maybe_write_through(c, i);
+    /* at the hot_hits-th read, and at later ones while a copy could not be queued (full) */
+    if (c->hot_hits && x->hits >= c->hot_hits && !x->on_disk && !x->wt)
+        maybe_write_through(c, i, 0);
     *eid = i;
     *data = c->mem + x->off;
     *len = x->len;
@@ -675,7 +688,7 @@ int kvf__cache_pin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_
     if (until > x->deadline_ns)
         x->deadline_ns = until;
     if (c->hot_pinned)
-        maybe_write_through(c, i);
+        maybe_write_through(c, i, 1);
     return 0;
 }
 
@@ -1008,6 +1021,15 @@ void kvf__cache_set_write_through_hook(kvf_cache *c, kvf_cache_evict_hook fn, vo
     c->on_hot_ctx = ctx;
     c->hot_hits = fn ? hits : 0;
     c->hot_pinned = fn ? pinned : 0;
+    kvf__cache_unlock(c);
+}
+
+void kvf__cache_set_disk_check(kvf_cache *c, int (*fn)(void *ctx, uint64_t ns, const kvf_key *key),
+                               void *ctx)
+{
+    kvf__cache_lock(c);
+    c->disk_holds = fn;
+    c->disk_holds_ctx = ctx;
     kvf__cache_unlock(c);
 }
 

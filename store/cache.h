@@ -165,6 +165,11 @@ void kvf__cache_set_evict_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx)
  * kvf__cache_write_through_done_locked and kvf__cache_release_locked. fn NULL: none. */
 void kvf__cache_set_write_through_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx,
                                        uint32_t hits, int pinned);
+/* How the cache checks, before it trusts an entry's on-disk mark (at its eviction, at a pin), that
+ * the disk tier still holds it: fn (called under the cache's lock; it must never wait on I/O).
+ * NULL: the mark is trusted. */
+void kvf__cache_set_disk_check(kvf_cache *c, int (*fn)(void *ctx, uint64_t ns, const kvf_key *key),
+                               void *ctx);
 /* A queued write-through ended: the entry is marked on disk where it was written (if still
  * readable), and can be demoted again where it was not. */
 void kvf__cache_write_through_done_locked(kvf_cache *c, uint32_t eid, int written);

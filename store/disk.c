@@ -386,6 +386,18 @@ void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t 
     *verify_failures = __atomic_load_n(&d->st.verify_failures, __ATOMIC_RELAXED);
 }
 
+void kvf__disk_each(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud)
+{
+    pthread_mutex_lock(&d->imu);
+    for (uint64_t i = 0; i < d->cap; i++) {
+        if (d->tab[i].used) {
+            kvf_key k = {.lo = d->tab[i].lo, .hi = d->tab[i].hi};
+            fn(ud, d->tab[i].ns, &k);
+        }
+    }
+    pthread_mutex_unlock(&d->imu);
+}
+
 void kvf__disk_set_drop_hook(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key),
                              void *ud)
 {

@@ -85,6 +85,9 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
 /* The objects indexed, their bytes, and the objects dropped on read for not checking. Never
  * waits on I/O. */
 void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures);
+/* Calls fn for every object indexed (under the index's lock: fn must be quick and must not call
+ * the engine). */
+void kvf__disk_each(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud);
 /* fn is called for every object that leaves the index otherwise than by kvf__disk_remove: its
  * extent reused by the log, a clear of its namespace, a read that did not verify. Called from
  * the thread whose call dropped it, with the engine's locks held: it must be quick and must not

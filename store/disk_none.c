@@ -88,3 +88,8 @@ void kvf__disk_set_drop_hook(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, con
 {
     (void)d, (void)fn, (void)ud; /* no device is ever opened: nothing is dropped */
 }
+
+void kvf__disk_each(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud)
+{
+    (void)d, (void)fn, (void)ud; /* no device is ever opened: it holds nothing */
+}

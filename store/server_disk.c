@@ -313,6 +313,7 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("cleared", ts.cleared);
     DSET("verify_failures", ts.verify_failures);
     DSET("dropped", ts.dropped);
+    DSET("announced", ts.announced);
     DSET("rebuilt_entries", ts.rebuilt_entries);
 #undef DSET
     json_object_set_new(o, "rebuild_seconds", json_real(ts.rebuild_seconds));

@@ -66,6 +66,7 @@ typedef struct device {
     atomic_int down_logged;
     announce *ann; /* the writer's own (ANNOUNCE_MAX) */
     size_t n_ann;
+    uint64_t found_at_ns; /* nonzero: what the device held at open is yet to be told, then */
 } device;
 
 struct kvf__tier {
@@ -78,9 +79,10 @@ struct kvf__tier {
     int n;
     uint64_t pending_bytes;
     uint32_t requests;
-    kvf__tier_stats st;  /* the tier's own counters; the devices' are summed in at stats_get */
-    uint64_t dropped;    /* on_drop's count (atomic: called under the devices' locks) */
-    uint64_t rate_bytes; /* kvf__tier_read_rate's last look */
+    kvf__tier_stats st;      /* the tier's own counters; the devices' are summed in at stats_get */
+    uint64_t dropped;        /* on_drop's count (atomic: called under the devices' locks) */
+    uint64_t rate_acc_bytes; /* promoted bytes of completed requests (the rate's numerator) */
+    uint64_t rate_bytes;     /* kvf__tier_read_rate's last look */
     double rate_seconds;
 };
 
@@ -176,6 +178,29 @@ static int on_evict(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, co
     return queue_write(ctx, W_DEMOTE, eid, ns, key, data, len, hits, tenant);
 }
 
+/* Whether the disk still holds (ns, key): the cache asks before it trusts an entry's on-disk mark
+ * (the log may have reused the extent, or a read dropped it). Never waits on I/O. */
+static int disk_holds(void *ctx, uint64_t ns, const kvf_key *key)
+{
+    kvf__tier *t = ctx;
+    uint64_t len;
+    return kvf__disk_contains(t->dev[dev_of(t, key)].d, ns, key, &len);
+}
+
+/* An object found on a device at open: told as held on disk (nobody's: the disk keeps no tenant).
+ */
+static void announce_found(void *ud, uint64_t ns, const kvf_key *key)
+{
+    (void)ns;
+    kvf__tier *t = ud;
+    __atomic_fetch_add(&t->st.announced, 1, __ATOMIC_RELAXED);
+    t->o.on_change(t->o.on_change_ctx, 1, 1, key, 0);
+}
+
+/* How long after open the writer tells what its device held: subscribers that were connected to
+ * the node before it restarted take that long (ZeroMQ reconnects every 100 ms) to be there. */
+#define FOUND_DELAY_NS (1000ull * 1000 * 1000)
+
 /* Write-through: the cache's hook for an entry pinned or read often (--disk-write-through). */
 static int on_hot(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
                   uint64_t len, uint32_t hits, uint32_t tenant)
@@ -192,8 +217,11 @@ static void req_share_done(kvf__tier *t, kvf__tier_req *r)
     if (atomic_fetch_sub(&r->remaining, 1) != 1)
         return;
     pthread_mutex_lock(&t->mu);
-    if (r->kind == KVF_TIER_PROMOTE)
+    if (r->kind == KVF_TIER_PROMOTE) {
+        /* the read rate's sample: a whole request, its bytes and its time together */
         t->st.promote_seconds += (double)(kvf__now_ns() - r->t0_ns) / 1e9;
+        t->rate_acc_bytes += __atomic_load_n(&r->bytes, __ATOMIC_RELAXED);
+    }
     pthread_mutex_unlock(&t->mu);
     r->done(r);
     pthread_mutex_lock(&t->mu);
@@ -267,6 +295,7 @@ static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
     if (r->st[i] == 0) {
         t->st.promoted++;
         t->st.promoted_bytes += len;
+        __atomic_fetch_add(&r->bytes, len, __ATOMIC_RELAXED);
     } else if (r->st[i] == KVF_ENOENT) {
         t->st.promote_misses++;
     } else {
@@ -357,6 +386,17 @@ static void *writer_main(void *arg)
     int dirty = 0;
     pthread_mutex_lock(&t->mu);
     for (;;) {
+        if (v->found_at_ns && kvf__now_ns() >= v->found_at_ns) {
+            /* what the device held at open, told once (the changes made since are told as they
+             * happen: a held object told twice is still held) */
+            v->found_at_ns = 0;
+            pthread_mutex_unlock(&t->mu);
+            kvf__disk_flush(v->d);
+            tell_demoted(v);
+            kvf__disk_each(v->d, announce_found, t);
+            pthread_mutex_lock(&t->mu);
+            continue;
+        }
         work *w = q_pop(&v->wq);
         if (!w) {
             if (dirty) {
@@ -372,7 +412,10 @@ static void *writer_main(void *arg)
             }
             if (atomic_load(&t->stop))
                 break;
-            pthread_cond_wait(&v->wcv, &t->mu);
+            if (v->found_at_ns)
+                kvf__cond_wait_ms(&v->wcv, &t->mu, 100);
+            else
+                pthread_cond_wait(&v->wcv, &t->mu);
             continue;
         }
         pthread_mutex_unlock(&t->mu);
@@ -515,9 +558,9 @@ int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down, uint64_t
 uint64_t kvf__tier_read_rate(kvf__tier *t)
 {
     pthread_mutex_lock(&t->mu);
-    uint64_t bytes = t->st.promoted_bytes - t->rate_bytes;
+    uint64_t bytes = t->rate_acc_bytes - t->rate_bytes;
     double secs = t->st.promote_seconds - t->rate_seconds;
-    t->rate_bytes = t->st.promoted_bytes;
+    t->rate_bytes = t->rate_acc_bytes;
     t->rate_seconds = t->st.promote_seconds;
     pthread_mutex_unlock(&t->mu);
     return bytes && secs > 0 ? (uint64_t)((double)bytes / secs) : 0;
@@ -594,6 +637,8 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
             goto fail;
         }
         kvf__disk_set_drop_hook(v->d, on_drop, v);
+        if (o->on_change)
+            v->found_at_ns = kvf__now_ns() + FOUND_DELAY_NS;
         kvf__disk_stats ds;
         kvf__disk_stats_get(v->d, &ds);
         t->st.bytes += ds.bytes;
@@ -609,6 +654,7 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
             goto fail;
         }
     }
+    kvf__cache_set_disk_check(o->cache, disk_holds, t);
     kvf__cache_set_evict_hook(o->cache, on_evict, t);
     if (o->write_through_hits || o->write_through_pinned)
         kvf__cache_set_write_through_hook(o->cache, on_hot, t, o->write_through_hits,
@@ -637,6 +683,7 @@ void kvf__tier_close(kvf__tier **pt)
     if (!t)
         return;
     kvf__cache_set_evict_hook(t->o.cache, NULL, NULL); /* no demotion is queued after this */
+    kvf__cache_set_disk_check(t->o.cache, NULL, NULL);
     kvf__cache_set_write_through_hook(t->o.cache, NULL, NULL, 0, 0);
     kvf__tier_quiesce(t);
     pthread_mutex_lock(&t->mu);

@@ -101,6 +101,7 @@ typedef struct kvf__tier_req {
     /* the tier's */
     atomic_int remaining;
     uint64_t t0_ns;
+    uint64_t bytes; /* PROMOTE: bytes read back (atomic: its shares run on several readers) */
 } kvf__tier_req;
 
 /* Queues r on the devices its keys lie on (every device for CLEAR). 0: done() will be called,
@@ -116,8 +117,9 @@ typedef struct kvf__tier_stats {
     uint64_t pending_bytes; /* arena bytes held by queued demotions */
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
     uint64_t removed, cleared, verify_failures, rebuilt_entries;
-    uint64_t dropped; /* objects that left the disk otherwise than by EVICT: their extent reused
-                       * by the log, CLEAR, a read that did not verify (each told as evicted) */
+    uint64_t announced; /* objects found on the disk at open and told as held (ChunksAdmitted) */
+    uint64_t dropped;   /* objects that left the disk otherwise than by EVICT: their extent reused
+                         * by the log, CLEAR, a read that did not verify (each told as evicted) */
     /* the workers' time in the devices' reads (promotions, hit or not) and writes (demotions
      * and their flushes): promoted_bytes and demoted_bytes over these are the devices' rates */
     double read_seconds, write_seconds;

@@ -77,7 +77,9 @@ typedef struct kvf_connector_opts {
                                * host (docs/shm.md) are not hashed again: the node verified them
                                * when they were stored and no client can write its arena; 0 (the
                                * default): every segment is hashed before its chunk is reported
-                               * loaded (docs/cuda.md: what it costs) */
+                               * loaded (docs/cuda.md: what it costs). Only for nodes that verify
+                               * what is put (the default): with a node run --no-verify nothing
+                               * would check those bytes */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.

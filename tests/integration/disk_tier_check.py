@@ -259,32 +259,29 @@ def phase_fault(tmp):
     check(any("down" in l for l in s.log), "the tier's failure is not logged")
 
 
-def phase_events(tmp):
-    """A 64 MiB disk under a 32 MiB arena, 4x the arena put: demotions, then extents reused."""
-    disk = os.path.join(tmp, "events.disk")
-    ks = kvf.KeySpace(LAYOUT, salt="disk-events")
-    keys, objs = make(ks, 5, 512, 64 << 10)
-    s = Store(disk, disk_size="64M", extra=["--events", "127.0.0.1:0", "--node", "0"])
-    check(s.events is not None, "kvf-store did not say its events endpoint")
-    sched_bin = os.path.join(os.path.dirname(STORE), "kvf-sched")
-    sp = subprocess.Popen([sched_bin, "--listen", "127.0.0.1:0", "--stores", s.addr,
-                           "--store-events", s.events, "--log-level", "warn"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = sp.stdout.readline()
-    check("listen=" in line, "kvf-sched did not start: %r" % line)
-    saddr = line.split("listen=")[1].split()[0]
+class Sched:
+    """A kvf-sched subscribed to one store's events; its per-tier counts of the store's chunks."""
 
-    def sched_stats():
-        with urllib.request.urlopen("http://%s/v1/index/stats" % saddr, timeout=5) as r:
+    def __init__(self, store):
+        sched_bin = os.path.join(os.path.dirname(STORE), "kvf-sched")
+        self.p = subprocess.Popen([sched_bin, "--listen", "127.0.0.1:0", "--stores", store.addr,
+                                   "--store-events", store.events, "--log-level", "warn"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.p.stdout.readline()
+        check("listen=" in line, "kvf-sched did not start: %r" % line)
+        self.addr = line.split("listen=")[1].split()[0] if "listen=" in line else None
+
+    def stats(self):
+        with urllib.request.urlopen("http://%s/v1/index/stats" % self.addr, timeout=5) as r:
             return json.loads(r.read())
 
-    def agree(c, what):
-        """Waits (bounded, 20 s) until kvf-sched's per-tier counts are the store's."""
+    def agree(self, c, what):
+        """Waits (bounded, 20 s) until its per-tier counts are the store's."""
         want = got = None
         for _ in range(200):
             st = c.stats()
             want = (st["entries"], st["disk"]["entries"])
-            x = sched_stats()
+            x = self.stats()
             got = (x["store_dram_chunks"], x["store_disk_chunks"])
             if got == want and st["disk"]["pending_bytes"] == 0:
                 return x
@@ -292,6 +289,20 @@ def phase_events(tmp):
         check(False, "%s: kvf-sched counts (dram, disk) %r, the store holds %r" % (what, got, want))
         return None
 
+    def stop(self):
+        self.p.terminate()
+        self.p.wait(timeout=30)
+
+
+def phase_events(tmp):
+    """A 64 MiB disk under a 32 MiB arena, 4x the arena put: demotions, then extents reused."""
+    disk = os.path.join(tmp, "events.disk")
+    ks = kvf.KeySpace(LAYOUT, salt="disk-events")
+    keys, objs = make(ks, 5, 512, 64 << 10)
+    extra = ["--events", "127.0.0.1:0", "--node", "0"]
+    s = Store(disk, disk_size="64M", extra=extra)
+    check(s.events is not None, "kvf-store did not say its events endpoint")
+    sc = Sched(s)
     try:
         time.sleep(0.5)  # the subscription is made before the first change
         with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
@@ -302,7 +313,7 @@ def phase_events(tmp):
             settle(c, "events")
             d = c.stats()["disk"]
             check(d["demoted"] > 0, "events: nothing demoted: %r" % d)
-            x = agree(c, "after the fill")
+            x = sc.agree(c, "after the fill")
             reused = c.stats()["disk"]
             print("disk_tier_check: events: %d in DRAM, %d on disk, %d dropped by extent reuse "
                   "(kvf-sched agrees: %s)" % (c.stats()["entries"], reused["entries"],
@@ -319,15 +330,25 @@ def phase_events(tmp):
                      st["disk"]["entries"]))
             check(all((t is not None) == p for t, p in zip(tiers, c.exists(keys))),
                   "tiers and EXISTS disagree")
+        # a restart: DRAM is lost, the disk's objects are told (a second after open) to a
+        # kvf-sched that subscribes meanwhile
+        sc.stop()
+        s.stop()
+        s = Store(disk, disk_size="64M", extra=extra)
+        sc = Sched(s)
+        with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+            x = sc.agree(c, "after a restart")
+            d = c.stats()["disk"]
+            check(d["announced"] == d["entries"] and d["entries"] > 0,
+                  "events: the restarted store told what its disk held: %r" % d)
             c.evict(keys[::3])
-            agree(c, "after EVICT")
+            sc.agree(c, "after EVICT")
             c.clear()
-            agree(c, "after CLEAR")
-            x = sched_stats()
+            sc.agree(c, "after CLEAR")
+            x = sc.stats()
             check(x["malformed"] == 0, "kvf-sched found malformed events: %r" % x)
     finally:
-        sp.terminate()
-        sp.wait(timeout=30)
+        sc.stop()
         s.stop()
 
 
