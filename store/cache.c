@@ -1024,6 +1024,19 @@ void kvf__cache_set_write_through_hook(kvf_cache *c, kvf_cache_evict_hook fn, vo
     kvf__cache_unlock(c);
 }
 
+int kvf__cache_unpromote_locked(kvf_cache *c, uint32_t eid, uint32_t max_hits)
+{
+    assert_locked(c);
+    if (eid >= c->n_entries || c->e[eid].state != ST_READY)
+        return 0;
+    entry *x = &c->e[eid];
+    if ((x->pins && x->deadline_ns > now(c)) || x->hits > max_hits || x->wt)
+        return 0;
+    entry_remove(c, eid);
+    c->st.removed++;
+    return 1;
+}
+
 void kvf__cache_set_disk_check(kvf_cache *c, int (*fn)(void *ctx, uint64_t ns, const kvf_key *key),
                                void *ctx)
 {

@@ -170,6 +170,10 @@ void kvf__cache_set_write_through_hook(kvf_cache *c, kvf_cache_evict_hook fn, vo
  * NULL: the mark is trusted. */
 void kvf__cache_set_disk_check(kvf_cache *c, int (*fn)(void *ctx, uint64_t ns, const kvf_key *key),
                                void *ctx);
+/* A promotion served and not to be kept: ready entry eid leaves the index (told as a DRAM
+ * eviction; its bytes live on for the references still held) unless it is pinned or was read more
+ * than max_hits times. Returns 1 if it left. */
+int kvf__cache_unpromote_locked(kvf_cache *c, uint32_t eid, uint32_t max_hits);
 /* A queued write-through ended: the entry is marked on disk where it was written (if still
  * readable), and can be demoted again where it was not. */
 void kvf__cache_write_through_done_locked(kvf_cache *c, uint32_t eid, int written);

@@ -414,6 +414,20 @@ int kvf__disk_down(kvf__disk *d)
     return __atomic_load_n(&d->st.down, __ATOMIC_RELAXED);
 }
 
+unsigned kvf__disk_note_read(kvf__disk *d, uint64_t ns, const kvf_key *key)
+{
+    pthread_mutex_lock(&d->imu);
+    ent *e = kvf__dk_find(d, ns, key->lo, key->hi);
+    unsigned n = 0;
+    if (e) {
+        if (e->reads < 255)
+            e->reads++;
+        n = e->reads;
+    }
+    pthread_mutex_unlock(&d->imu);
+    return n;
+}
+
 int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *len)
 {
     pthread_mutex_lock(&d->imu);

@@ -85,6 +85,9 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
 /* The objects indexed, their bytes, and the objects dropped on read for not checking. Never
  * waits on I/O. */
 void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures);
+/* Counts a read of (ns, key) back from disk; returns how many there were since open (saturating
+ * at 255), 0 if it is not indexed. Never waits on I/O. */
+unsigned kvf__disk_note_read(kvf__disk *d, uint64_t ns, const kvf_key *key);
 /* Calls fn for every object indexed (under the index's lock: fn must be quick and must not call
  * the engine). */
 void kvf__disk_each(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud);

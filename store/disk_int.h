@@ -43,6 +43,7 @@ typedef struct ent {
     uint64_t seq;
     uint32_t ext;
     uint8_t used;
+    uint8_t reads; /* times read back since open (saturating): kvf__disk_note_read */
 } ent;
 
 struct kvf__disk {

@@ -94,7 +94,8 @@ typedef struct store_cfg {
     uint64_t disk_sizes[KVF_TIER_MAX_DEVICES];
     int n_disks;
     long disk_admit;
-    long wt_hits; /* --disk-write-through */
+    long disk_promote; /* --disk-promote */
+    long wt_hits;      /* --disk-write-through */
     int wt_pinned;
     uint64_t disk_queue;
     kvf_log lg;
@@ -113,6 +114,7 @@ static store_cfg store_cfg_default(void)
         .verify = 1,
         .prefault = 1,
         .disk_queue = 256ull << 20,
+        .disk_promote = 2,
         .lg = {.level = KVF_LOG_INFO, .name = "kvf-store"},
     };
 }
@@ -338,6 +340,11 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "pinned or read N times: hot prefixes survive a restart and their eviction "
                  "writes nothing",
                  "off", .fn = parse_write_through, .ud = cfg),
+        KVF__OPT("disk-promote", KVF__ARG_LONG, &cfg->disk_promote, "N",
+                 "an object read back from disk stays in DRAM from its Nth read on (since the "
+                 "store started); before, it is served and let go, making no room in DRAM for a "
+                 "one-off read (1: every read back stays)",
+                 "2", .lo = 1, .hi = 255),
         KVF__OPT("disk-admit", KVF__ARG_LONG, &cfg->disk_admit, "N",
                  "demote an evicted entry to disk only if it was read at least N times", "0",
                  .lo = 0, .hi = 255),
@@ -536,6 +543,7 @@ static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf_
         .n = cfg->n_disks,
         .admit_hits = (uint32_t)cfg->disk_admit,
         .write_through_hits = (uint32_t)cfg->wt_hits,
+        .promote_reads = (uint32_t)cfg->disk_promote,
         .write_through_pinned = cfg->wt_pinned,
         .queue_bytes = cfg->disk_queue,
         .cache = cache,

@@ -38,6 +38,7 @@ struct kvf__sdisk_job {
     kvf_key *keys;
     int32_t *st;
     uint32_t *eids;
+    uint8_t *keep;         /* PROMOTE: which entries stay in DRAM after the request */
     uint32_t *idx;         /* EVICT: the request's index of each key asked of the disk */
     int32_t *all_st;       /* EVICT: every key's status (DRAM's, then the disk's merged in) */
     uint64_t dram_cleared; /* CLEAR: DRAM's count */
@@ -52,6 +53,7 @@ static void job_free(kvf__sdisk_job *j)
     free(j->keys);
     free(j->st);
     free(j->eids);
+    free(j->keep);
     free(j->idx);
     free(j->all_st);
     free(j->done);
@@ -68,8 +70,9 @@ static kvf__sdisk_job *job_new(conn *c, int kind, uint32_t n)
     j->keys = malloc(m * sizeof *j->keys);
     j->st = malloc(m * sizeof *j->st);
     j->eids = calloc(m, sizeof *j->eids);
+    j->keep = calloc(m, 1);
     j->done = calloc(1, sizeof *j->done);
-    if (!j->keys || !j->st || !j->eids || !j->done) {
+    if (!j->keys || !j->st || !j->eids || !j->keep || !j->done) {
         job_free(j);
         return NULL;
     }
@@ -84,6 +87,7 @@ static kvf__sdisk_job *job_new(conn *c, int kind, uint32_t n)
     j->r.keys = j->keys;
     j->r.st = j->st;
     j->r.eids = j->eids;
+    j->r.keep = kind == KVF_TIER_PROMOTE ? j->keep : NULL;
     j->r.tenant = kvf__conn_tenant(c);
     return j;
 }
@@ -230,10 +234,16 @@ static void finish_promote(conn *c, kvf__sdisk_job *j)
         c->rbuf = rb0;
         c->rcap = rcap0;
     }
+    /* a cold object was served from disk through a DRAM entry that now leaves (the rerun's read
+     * was its one hit; its reply's own references keep the bytes until sent) */
     kvf__cache_lock(s->o.cache);
-    for (uint32_t i = 0; i < j->r.n; i++)
-        if (j->st[i] == 0)
-            kvf__cache_release_locked(s->o.cache, j->eids[i]);
+    for (uint32_t i = 0; i < j->r.n; i++) {
+        if (j->st[i] != 0)
+            continue;
+        if (!j->keep[i])
+            kvf__cache_unpromote_locked(s->o.cache, j->eids[i], 1);
+        kvf__cache_release_locked(s->o.cache, j->eids[i]);
+    }
     kvf__cache_unlock(s->o.cache);
 }
 
@@ -309,6 +319,7 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("promoted_bytes", ts.promoted_bytes);
     DSET("promote_misses", ts.promote_misses);
     DSET("promote_failed", ts.promote_failed);
+    DSET("served_not_kept", ts.served_not_kept);
     DSET("removed", ts.removed);
     DSET("cleared", ts.cleared);
     DSET("verify_failures", ts.verify_failures);

@@ -285,6 +285,9 @@ static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
         kvf__cache_hold_locked(c, eid);
         r->eids[i] = eid;
         r->st[i] = 0;
+        if (r->keep) /* cold (read back fewer times than promote_reads): served, then let go */
+            r->keep[i] = t->o.promote_reads <= 1 ||
+                         kvf__disk_note_read(v->d, r->ns, key) >= t->o.promote_reads;
     } else {
         kvf__cache_abort_locked(c, eid, TIER_OWNER);
         r->st[i] = rc == 0 || rc == KVF_EOVERFLOW ? KVF_ENOENT : rc;
@@ -295,6 +298,7 @@ static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
     if (r->st[i] == 0) {
         t->st.promoted++;
         t->st.promoted_bytes += len;
+        t->st.served_not_kept += r->keep && !r->keep[i];
         __atomic_fetch_add(&r->bytes, len, __ATOMIC_RELAXED);
     } else if (r->st[i] == KVF_ENOENT) {
         t->st.promote_misses++;

@@ -44,6 +44,9 @@ typedef struct kvf__tier_opts {
      * (write_through_pinned) or read write_through_hits times (0: not by reads) */
     uint32_t write_through_hits;
     int write_through_pinned;
+    /* an object read back from disk stays in DRAM from its promote_reads-th read on (since the
+     * store started); before, it is served and then leaves DRAM (0 or 1: always stays) */
+    uint32_t promote_reads;
     uint64_t queue_bytes;  /* arena bytes pending demotions may hold (0: 256 MiB; at most 1/4) */
     uint32_t queue_depth;  /* io_uring entries per device (0: 32) */
     uint32_t max_requests; /* requests (promotions, removals) waiting at once (0: 256) */
@@ -95,6 +98,8 @@ typedef struct kvf__tier_req {
      * set every st[i] to KVF_ENOENT before submitting. */
     int32_t *st;
     uint32_t *eids;
+    uint8_t *keep;   /* PROMOTE (may be NULL): 1 where the entry is to stay in DRAM after the
+                      * request, 0 where it is to leave once served (kvf__cache_unpromote_locked) */
     int64_t cleared; /* CLEAR: objects removed from disk */
     void (*done)(struct kvf__tier_req *r);
     void *ud;
@@ -116,6 +121,8 @@ typedef struct kvf__tier_stats {
     uint64_t written_through, written_through_bytes, write_through_dropped_full;
     uint64_t pending_bytes; /* arena bytes held by queued demotions */
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
+    uint64_t
+        served_not_kept; /* promotions served, then let go (not yet read promote_reads times) */
     uint64_t removed, cleared, verify_failures, rebuilt_entries;
     uint64_t announced; /* objects found on the disk at open and told as held (ChunksAdmitted) */
     uint64_t dropped;   /* objects that left the disk otherwise than by EVICT: their extent reused

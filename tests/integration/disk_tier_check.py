@@ -18,6 +18,8 @@ binding as the client:
   space, and leaves no file behind (it checks before posix_fallocate, which would fill it);
 - several devices: keys spread over two; both fill, a restart serves both; one device failing
   ($KVF_DISK_FAULT=write:N@1) goes down alone while the other goes on demoting and serving;
+- promotion when hot (--disk-promote N, 2 by default): an object's first read back from disk is
+  served and let go (it stays on disk only); its second stays in DRAM; with 1 every read stays;
 - write-through (--disk-write-through pinned,hits:2): pinned and twice-read entries are copied to
   disk while they stay in DRAM, and after kill -9 the restarted store serves them, and only them.
 
@@ -408,6 +410,41 @@ def phase_devices(tmp):
     s.stop()
 
 
+def phase_promote(tmp):
+    for promote in (2, 1):
+        disk = os.path.join(tmp, "promote%d.disk" % promote)
+        ks = kvf.KeySpace(LAYOUT, salt="disk-promote")
+        keys, objs = make(ks, 13, 256, 64 << 10)  # 2x the arena
+        s = Store(disk, extra=["--disk-promote", str(promote)])
+        with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+            for i in range(0, len(keys), 4):
+                check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "promote: put")
+                time.sleep(0.002)
+            settle(c, "promote")
+            for _ in range(100):  # the last demotions' records written out
+                tiers = c.tiers(keys)
+                if tiers.count("disk") >= 8:
+                    break
+                time.sleep(0.05)
+            cold = [k for k, t in zip(keys, tiers) if t == "disk"][:8]
+            want = [objs[keys.index(k)] for k in cold]
+            check(len(cold) == 8, "promote: 8 keys on disk only: %r" % tiers.count("disk"))
+            got = c.get(cold, 1 << 20)
+            check([g[1] for g in got] == want, "promote: first reads from disk byte-exact")
+            after = c.tiers(cold)
+            d = c.stats()["disk"]
+            if promote == 2:
+                check(after == ["disk"] * len(cold) and d["served_not_kept"] >= len(cold),
+                      "promote 2: a first read is served and let go: %r %r" % (after, d))
+                got = c.get(cold, 1 << 20)
+                check([g[1] for g in got] == want, "promote: second reads byte-exact")
+                after = c.tiers(cold)
+            check(after == ["dram"] * len(cold),
+                  "promote %d: read %d time(s), the objects stay in DRAM: %r"
+                  % (promote, promote, after))
+        s.stop()
+
+
 def phase_write_through(tmp):
     disk = os.path.join(tmp, "wt.disk")
     ks = kvf.KeySpace(LAYOUT, salt="disk-wt")
@@ -456,6 +493,8 @@ def main():
             phase_events(tmp)
         if only in ("", "write_through"):
             phase_write_through(tmp)
+        if only in ("", "promote"):
+            phase_promote(tmp)
         if only in ("", "devices"):
             phase_devices(tmp)
         if only in ("", "full"):
