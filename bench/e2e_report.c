@@ -92,7 +92,10 @@ static const struct figure {
 };
 #define N_FIGURES (sizeof figures / sizeof figures[0])
 
-/* The targets the verdict judges, on the median of the ratios: at most or at least bound. */
+/* The targets the verdict judges, on the median of the ratios: at most or at least bound.
+ * Throughput is judged even within 2%: replaying a trace open-loop, its arrivals set both modes'
+ * throughput when both keep up, and the ratio is then 1 within the run's noise (the last request's
+ * finish), which a bound of exactly 1 would judge at random. */
 static const struct target {
     const char *ratio, *label;
     int at_most;
@@ -100,7 +103,7 @@ static const struct target {
 } targets[] = {{"ttft_p50_ratio", "TTFT p50", 1, 0.5},
                {"ttft_p90_ratio", "TTFT p90", 1, 1.0},
                {"ttft_p99_ratio", "TTFT p99", 1, 1.0},
-               {"requests_per_s_ratio", "throughput", 0, 1.0}};
+               {"requests_per_s_ratio", "throughput", 0, 0.98}};
 #define N_TARGETS (sizeof targets / sizeof targets[0])
 
 static double figure_of(const e2e_summary *s, const struct figure *f)
@@ -280,10 +283,10 @@ static json_t *judge(const struct target *t, const double *v, size_t n, int *met
     for (size_t i = 0; i < n; i++)
         held += t->at_most ? v[i] <= t->bound : v[i] >= t->bound;
     *met = n > 0 && (t->at_most ? s.median <= t->bound : s.median >= t->bound);
-    snprintf(line, len, "%s %.3f %s %.1f %s (%zu of %zu repetitions)", t->label, s.median,
+    snprintf(line, len, "%s %.3f %s %.2f %s (%zu of %zu repetitions)", t->label, s.median,
              t->at_most ? "<=" : ">=", t->bound, *met ? "met" : "NOT met", held, n);
     char tg[16];
-    snprintf(tg, sizeof tg, "%s %.1f", t->at_most ? "<=" : ">=", t->bound);
+    snprintf(tg, sizeof tg, "%s %.2f", t->at_most ? "<=" : ">=", t->bound);
     return json_pack("{s:s,s:f,s:f,s:f,s:b,s:I,s:I}", "target", tg, "median", s.median, "p10",
                      s.p10, "p90", s.p90, "met", *met, "met_in_repetitions", (json_int_t)held,
                      "repetitions", (json_int_t)n);
