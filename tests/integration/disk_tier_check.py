@@ -31,6 +31,7 @@ Exit 77 (skipped) where io_uring or O_DIRECT is refused here (the store says whi
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -264,10 +265,10 @@ def phase_fault(tmp):
 class Sched:
     """A kvf-sched subscribed to one store's events; its per-tier counts of the store's chunks."""
 
-    def __init__(self, store):
+    def __init__(self, store_addr, events):
         sched_bin = os.path.join(os.path.dirname(STORE), "kvf-sched")
-        self.p = subprocess.Popen([sched_bin, "--listen", "127.0.0.1:0", "--stores", store.addr,
-                                   "--store-events", store.events, "--log-level", "warn"],
+        self.p = subprocess.Popen([sched_bin, "--listen", "127.0.0.1:0", "--stores", store_addr,
+                                   "--store-events", events, "--log-level", "warn"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
         check("listen=" in line, "kvf-sched did not start: %r" % line)
@@ -304,7 +305,7 @@ def phase_events(tmp):
     extra = ["--events", "127.0.0.1:0", "--node", "0"]
     s = Store(disk, disk_size="64M", extra=extra)
     check(s.events is not None, "kvf-store did not say its events endpoint")
-    sc = Sched(s)
+    sc = Sched(s.addr, s.events)
     try:
         time.sleep(0.5)  # the subscription is made before the first change
         with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
@@ -332,12 +333,17 @@ def phase_events(tmp):
                      st["disk"]["entries"]))
             check(all((t is not None) == p for t, p in zip(tiers, c.exists(keys))),
                   "tiers and EXISTS disagree")
-        # a restart: DRAM is lost, the disk's objects are told (a second after open) to a
-        # kvf-sched that subscribes meanwhile
+        # a restart: DRAM is lost, the disk's objects are told a second after open, to a kvf-sched
+        # subscribed to the node's events address before it came back (as one that outlives a
+        # store's restart is; one that subscribes later does not learn of them: no replay)
         sc.stop()
+        old = s.addr
         s.stop()
-        s = Store(disk, disk_size="64M", extra=extra)
-        sc = Sched(s)
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            port = so.getsockname()[1]
+        sc = Sched(old, "tcp://127.0.0.1:%d" % port)
+        s = Store(disk, disk_size="64M", extra=["--events", "127.0.0.1:%d" % port, "--node", "0"])
         with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
             x = sc.agree(c, "after a restart")
             d = c.stats()["disk"]
