@@ -1,23 +1,14 @@
 /*
  * The cache: an open-addressing index (linear probing with backward-shift deletion, Knuth TAOCP
  * vol. 3, 6.4, algorithm R) over a preallocated entry array, the TLSF arena, and eviction policies
- * behind an ops table:
- *   lru     one recency list; hits move an entry to the head, victims come from the tail.
- *   s3fifo  "FIFO queues are all you need for cache eviction", J. Yang et al., SOSP 2023: a small
- *           FIFO (10% of the bytes) that filters one-hit wonders, a main FIFO with lazy promotion
- *           (a 2-bit frequency, reinsertion instead of moves on hit), and a ghost of recently
- *           evicted keys whose return goes straight to the main queue.
+ * behind an ops table (cache_policy.c: lru and s3fifo; the shared insides in cache_int.h).
  * Nothing here allocates after kvf__cache_open().
  */
 #define _GNU_SOURCE
-#include "cache.h"
+#include "cache_int.h"
 
 #include "kvf/error.h"
 
-#include "arena.h"
-
-#include <assert.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,270 +16,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <unistd.h>
-
-enum { ST_FREE = 0, ST_RESERVED, ST_READY, ST_GONE };
-enum { Q_NONE = 0, Q_MAIN, Q_SMALL };
-
-#define NONE KVF_CACHE_NONE
-
-typedef struct entry {
-    kvf_key key;
-    uint64_t ns;
-    uint64_t off; /* arena offset of the data */
-    uint64_t len;
-    uint64_t owner;       /* reservations: the connection that made it */
-    uint64_t deadline_ns; /* reserved: expiry; ready: end of the pin lease */
-    uint32_t refs;        /* readers (ready) or the writer's hold (reserved) */
-    uint32_t pins;
-    uint32_t prev, next; /* policy queue links; next also links the free list */
-    uint8_t state;
-    uint8_t queue;
-    uint8_t freq;
-    uint8_t via;     /* reserved: KVF_CACHE_VIA_*, how its bytes are written */
-    uint16_t tenant; /* whose bytes these are, for quotas (0: nobody's) */
-    uint8_t hits;    /* reads since it became ready (saturating), for the disk's admission */
-    uint8_t on_disk; /* the disk tier holds the same bytes: its eviction demotes nothing */
-    uint8_t wt;      /* a write-through to the disk tier is queued: its eviction demotes nothing */
-} entry;
-
-/* A tenant's use of the arena and its quotas (kvf_cache_tenant_stats; 0: no quota): bytes and
- * entries count every block the tenant's entries hold, reserved, ready, or gone but still read. */
-typedef kvf_cache_tenant_stats tenant_acct;
-
-typedef struct queue {
-    uint32_t head, tail;
-    uint64_t count, bytes;
-} queue;
-
-typedef struct evict_ops evict_ops;
-
-struct kvf_cache {
-    pthread_mutex_t mu;
-    void (*on_change)(void *ctx, int admitted, int disk, const kvf_key *key, uint32_t tenant);
-    void *on_change_ctx;
-    kvf_cache_evict_hook on_evict; /* kvf__cache_set_evict_hook */
-    void *on_evict_ctx;
-    kvf_cache_evict_hook on_hot; /* kvf__cache_set_write_through_hook */
-    void *on_hot_ctx;
-    uint32_t hot_hits; /* reads that make an entry hot (0: none) */
-    int hot_pinned;    /* a pin makes it hot */
-    int (*disk_holds)(void *ctx, uint64_t ns, const kvf_key *key); /* kvf__cache_set_disk_check */
-    void *disk_holds_ctx;
-    pthread_t holder;
-    int held;
-    const evict_ops *policy;
-    const kvf_clock *clock;
-    uint64_t reserve_ns;
-    uint8_t *mem;
-    uint64_t mem_size;
-    int mem_fd;    /* the arena's memfd (shared arenas), else -1 */
-    int mem_ro_ok; /* the memfd is sealed against writable mappings: a read-only view is safe */
-    kvf_arena *arena;
-    entry *e;
-    uint32_t n_entries;
-    uint32_t free_head;
-    uint32_t *table; /* eid + 1, 0 = empty */
-    uint64_t mask;
-    queue q_main, q_small;
-    uint64_t *ghost;
-    uint64_t ghost_mask;
-    uint32_t sweep;
-    tenant_acct *tenants; /* KVF_CACHE_MAX_TENANTS */
-    kvf_cache_stats st;
-};
-
-struct evict_ops {
-    const char *name;
-    void (*insert)(kvf_cache *c, uint32_t i);
-    void (*touch)(kvf_cache *c, uint32_t i);
-    void (*unlink)(kvf_cache *c, uint32_t i);
-    int (*victim)(kvf_cache *c, uint32_t *out);
-};
-
-static void assert_locked(const kvf_cache *c)
-{
-    assert(c->held && pthread_equal(c->holder, pthread_self()));
-    (void)c;
-}
-
-static uint64_t now(const kvf_cache *c)
-{
-    return kvf__clock_now(c->clock);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Queues (doubly linked through entry indices) */
-
-static void q_push_head(kvf_cache *c, queue *q, uint32_t i, uint8_t which)
-{
-    entry *x = &c->e[i];
-    x->prev = NONE;
-    x->next = q->head;
-    if (q->head != NONE)
-        c->e[q->head].prev = i;
-    q->head = i;
-    if (q->tail == NONE)
-        q->tail = i;
-    q->count++;
-    q->bytes += x->len;
-    x->queue = which;
-}
-
-static void q_remove(kvf_cache *c, queue *q, uint32_t i)
-{
-    entry *x = &c->e[i];
-    if (x->prev != NONE)
-        c->e[x->prev].next = x->next;
-    else
-        q->head = x->next;
-    if (x->next != NONE)
-        c->e[x->next].prev = x->prev;
-    else
-        q->tail = x->prev;
-    x->prev = x->next = NONE;
-    q->count--;
-    q->bytes -= x->len;
-    x->queue = Q_NONE;
-}
-
-static queue *q_of(kvf_cache *c, const entry *x)
-{
-    return x->queue == Q_SMALL ? &c->q_small : &c->q_main;
-}
-
-static int evictable(const kvf_cache *c, const entry *x, uint64_t t)
-{
-    return x->state == ST_READY && x->refs == 0 && !(x->pins && x->deadline_ns > t);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* LRU */
-
-static void lru_insert(kvf_cache *c, uint32_t i)
-{
-    q_push_head(c, &c->q_main, i, Q_MAIN);
-}
-
-static void lru_touch(kvf_cache *c, uint32_t i)
-{
-    q_remove(c, &c->q_main, i);
-    q_push_head(c, &c->q_main, i, Q_MAIN);
-}
-
-static void lru_unlink(kvf_cache *c, uint32_t i)
-{
-    q_remove(c, &c->q_main, i);
-}
-
-static int lru_victim(kvf_cache *c, uint32_t *out)
-{
-    uint64_t t = now(c);
-    /* Entries that cannot go now (pinned, being read) rotate to the head, so a pinned tail does
-     * not make every allocation rescan it; one full pass bounds the work. */
-    for (uint64_t n = c->q_main.count; n > 0; n--) {
-        uint32_t i = c->q_main.tail;
-        if (evictable(c, &c->e[i], t)) {
-            *out = i;
-            return 0;
-        }
-        lru_touch(c, i);
-    }
-    return KVF_ENOSPC;
-}
-
-static const evict_ops lru_ops = {
-    .name = "lru",
-    .insert = lru_insert,
-    .touch = lru_touch,
-    .unlink = lru_unlink,
-    .victim = lru_victim,
-};
-
-/* ------------------------------------------------------------------------------------------ */
-/* S3-FIFO */
-
-static uint64_t ghost_fp(const entry *x)
-{
-    uint64_t h = x->key.lo ^ (x->ns * 0x9E3779B97F4A7C15ull);
-    return h ? h : 1;
-}
-
-static void s3_insert(kvf_cache *c, uint32_t i)
-{
-    entry *x = &c->e[i];
-    uint64_t fp = ghost_fp(x);
-    x->freq = 0;
-    if (c->ghost[fp & c->ghost_mask] == fp) {
-        c->ghost[fp & c->ghost_mask] = 0;
-        q_push_head(c, &c->q_main, i, Q_MAIN);
-    } else {
-        q_push_head(c, &c->q_small, i, Q_SMALL);
-    }
-}
-
-static void s3_touch(kvf_cache *c, uint32_t i)
-{
-    entry *x = &c->e[i];
-    if (x->freq < 3)
-        x->freq++;
-}
-
-static void s3_unlink(kvf_cache *c, uint32_t i)
-{
-    q_remove(c, q_of(c, &c->e[i]), i);
-}
-
-static int s3_victim(kvf_cache *c, uint32_t *out)
-{
-    uint64_t t = now(c);
-    uint64_t small_target = c->mem_size / 10;
-    /* Each entry is looked at most 5 times (one pass through the small queue, up to 3 frequency
-     * decrements and one final look in the main queue) before the scan gives up. */
-    uint64_t budget = 5 * (c->q_small.count + c->q_main.count) + 1;
-    while (budget--) {
-        int from_small =
-            c->q_small.count && (c->q_small.bytes >= small_target || c->q_main.count == 0);
-        queue *q = from_small ? &c->q_small : &c->q_main;
-        if (q->tail == NONE)
-            return KVF_ENOSPC;
-        uint32_t i = q->tail;
-        entry *x = &c->e[i];
-        if (!evictable(c, x, t)) {
-            q_remove(c, q, i);
-            q_push_head(c, q, i, from_small ? Q_SMALL : Q_MAIN);
-            continue;
-        }
-        if (from_small) {
-            if (x->freq >= 1) {
-                q_remove(c, q, i);
-                x->freq = 0;
-                q_push_head(c, &c->q_main, i, Q_MAIN);
-                continue;
-            }
-            uint64_t fp = ghost_fp(x);
-            c->ghost[fp & c->ghost_mask] = fp;
-            *out = i;
-            return 0;
-        }
-        if (x->freq > 0) {
-            x->freq--;
-            q_remove(c, q, i);
-            q_push_head(c, q, i, Q_MAIN);
-            continue;
-        }
-        *out = i;
-        return 0;
-    }
-    return KVF_ENOSPC;
-}
-
-static const evict_ops s3fifo_ops = {
-    .name = "s3fifo",
-    .insert = s3_insert,
-    .touch = s3_touch,
-    .unlink = s3_unlink,
-    .victim = s3_victim,
-};
 
 /* ------------------------------------------------------------------------------------------ */
 /* Index */
@@ -453,7 +180,7 @@ static int evict_tenant_one(kvf_cache *c, uint16_t t)
     queue *qs[2] = {&c->q_small, &c->q_main};
     for (int q = 0; q < 2; q++)
         for (uint32_t i = qs[q]->tail; i != NONE; i = c->e[i].prev)
-            if (c->e[i].tenant == t && evictable(c, &c->e[i], now_ns)) {
+            if (c->e[i].tenant == t && kvf__cache_evictable(c, &c->e[i], now_ns)) {
                 evict_entry(c, i);
                 c->tenants[t].quota_evictions++;
                 return 0;
@@ -754,7 +481,7 @@ int kvf__cache_swap_locked(kvf_cache *c, uint32_t i, uint64_t newoff, uint64_t l
         return KVF_EBUSY;
     }
     kvf__arena_free(c->arena, x->off);
-    queue *q = x->queue == Q_NONE ? NULL : q_of(c, x);
+    queue *q = x->queue == Q_NONE ? NULL : kvf__cache_q_of(c, x);
     if (q)
         q->bytes = q->bytes - x->len + len;
     c->st.ready_bytes = c->st.ready_bytes - x->len + len;
@@ -895,9 +622,9 @@ int kvf__cache_arena_fd(const kvf_cache *c)
 int kvf__cache_open(kvf_cache **out, const kvf_cache_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
-    const evict_ops *policy = &lru_ops;
+    const evict_ops *policy = &kvf__cache_lru_ops;
     if (o->evict && strcmp(o->evict, "s3fifo") == 0)
-        policy = &s3fifo_ops;
+        policy = &kvf__cache_s3fifo_ops;
     else if (o->evict && strcmp(o->evict, "lru") != 0) {
         snprintf(err, errlen, "unknown eviction policy \"%s\" (lru or s3fifo)", o->evict);
         return KVF_EINVAL;
