@@ -454,7 +454,12 @@ int kvf_sched_store_rates(kvf_sched *s, int node, double disk_read_bytes_per_s)
     if (node < 0 || node >= KVF_SCHED_MAX_STORES || !(disk_read_bytes_per_s > 0))
         return KVF_EINVAL;
     double *r = &s->disk_bps[node];
-    *r = *r > 0 ? 0.5 * *r + 0.5 * disk_read_bytes_per_s : disk_read_bytes_per_s;
+    double was = *r;
+    *r = was > 0 ? 0.5 * was + 0.5 * disk_read_bytes_per_s : disk_read_bytes_per_s;
+    /* the mean over rated nodes, kept here rather than summed at every placement */
+    double sum = s->disk_rate * s->disk_rated - was + *r;
+    s->disk_rated += was > 0 ? 0 : 1;
+    s->disk_rate = sum / s->disk_rated;
     return 0;
 }
 

@@ -35,13 +35,6 @@ static size_t store_prefix(kvf_sched *s, const kvf_place_req *req)
 {
     s->srun = req->chunk_keys ? kvf__sched_match_store(s, req->chunk_keys, req->n_chunks) : 0;
     size_t tokens = s->srun * s->o.store_chunk_tokens;
-    /* chunks that only a disk tier holds load at the disks' measured rate */
-    double sum = 0;
-    int k = 0;
-    for (int i = 0; i < KVF_SCHED_MAX_STORES; i++)
-        if (s->disk_bps[i] > 0)
-            sum += s->disk_bps[i], k++;
-    s->disk_rate = k ? sum / k : s->o.cost.disk_load_bytes_per_s;
     return tokens > req->n_tokens ? req->n_tokens : tokens;
 }
 
@@ -67,7 +60,8 @@ static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, k
     double device = (double)s->depth[i] * in->info.block_tokens;
     double store = in->can_load ? (double)store_tokens : 0;
     kvf__sched_estimate(&s->o.cost, &in->load, n, device, store,
-                        store ? disk_tokens(s, device, store_tokens) : 0, s->disk_rate, e);
+                        store ? disk_tokens(s, device, store_tokens) : 0,
+                        s->disk_rated ? s->disk_rate : s->o.cost.disk_load_bytes_per_s, e);
 }
 
 /* The prefill instance the policy chooses among those with the prefill role, and its estimate in

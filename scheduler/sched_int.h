@@ -61,11 +61,12 @@ struct kvf_sched {
     size_t hcap;
     uint32_t *sdisk; /* kvf__sched_match_store's disk-only counts, sdcap of room */
     size_t sdcap;
-    size_t srun;      /* the last match's run of chunks the stores hold */
-    int sdisk_ok;     /* sdisk holds that match's counts (0: it could not grow) */
-    double disk_rate; /* the disk rate of the placement being made (bytes per second) */
+    size_t srun;  /* the last match's run of chunks the stores hold */
+    int sdisk_ok; /* sdisk holds that match's counts (0: it could not grow) */
     double disk_bps[KVF_SCHED_MAX_STORES]; /* kvf_sched_store_rates, per node (0: none yet) */
-    uint32_t *depth;                       /* per instance: its cached prefix, in its own blocks */
+    double disk_rate; /* the mean of disk_bps over the nodes that have one (kept by store_rates) */
+    int disk_rated;   /* how many nodes have one */
+    uint32_t *depth;  /* per instance: its cached prefix, in its own blocks */
     int *alive, *alive2; /* instances holding every block so far; the next step's */
     uint32_t *stamp;     /* per instance: the walk step that last saw it hold the block */
     uint32_t step;

@@ -165,7 +165,7 @@ static int queue_write(kvf__tier *t, int kind, uint32_t eid, uint64_t ns, const 
             pthread_cond_signal(&v->wcv);
             taken = 1;
         } else {
-            (*full)++;
+            t->st.demote_failed++;
         }
     }
     pthread_mutex_unlock(&t->mu);
@@ -348,7 +348,9 @@ static void run_request(device *v, work *w)
 /* ------------------------------------------------------------------------------------------ */
 /* Workers */
 
-static void demote(device *v, work *w)
+/* Writes a demotion's or a write-through's bytes to v, drops the cache's reference, and notes the
+ * object to be told as on disk once its record is out. */
+static void write_out(device *v, work *w)
 {
     kvf__tier *t = v->t;
     uint64_t t0 = kvf__now_ns();
@@ -424,7 +426,7 @@ static void *writer_main(void *arg)
         }
         pthread_mutex_unlock(&t->mu);
         if (w->kind == W_DEMOTE || w->kind == W_COPY) {
-            demote(v, w);
+            write_out(v, w);
             dirty = 1;
             if (v->n_ann >= ANNOUNCE_MAX) {
                 kvf__disk_flush(v->d);

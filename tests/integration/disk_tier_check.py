@@ -488,23 +488,14 @@ def main():
     base = os.environ.get("KVF_DISK_TEST_DIR") or os.getcwd()
     only = os.environ.get("KVF_DISK_TEST_ONLY", "")
     with tempfile.TemporaryDirectory(dir=base, prefix="kvf-disk-") as tmp:
-        if only in ("", "fill"):
-            phase_fill(tmp)
-        if only in ("", "crash"):
-            disk, ks, keys, objs, on_disk = phase_crash(tmp)
-            phase_flip(disk, ks, keys, objs, on_disk)
-        if only in ("", "fault"):
-            phase_fault(tmp)
-        if only in ("", "events"):
-            phase_events(tmp)
-        if only in ("", "write_through"):
-            phase_write_through(tmp)
-        if only in ("", "promote"):
-            phase_promote(tmp)
-        if only in ("", "devices"):
-            phase_devices(tmp)
-        if only in ("", "full"):
-            phase_full(tmp)
+        phases = [("fill", phase_fill),
+                  ("crash", lambda t: phase_flip(*phase_crash(t))),
+                  ("fault", phase_fault), ("events", phase_events),
+                  ("write_through", phase_write_through), ("promote", phase_promote),
+                  ("devices", phase_devices), ("full", phase_full)]
+        for name, run in phases:
+            if only in ("", name):
+                run(tmp)
     if failures:
         print("disk_tier_check: %d failure(s)" % len(failures))
         sys.exit(1)

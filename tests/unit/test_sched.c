@@ -615,18 +615,26 @@ static void test_sched_decode_overflow(void **state)
     unlink(path);
 }
 
+/* An instance that prefills and decodes, in blocks of 16 tokens, with the reference engine's
+ * capabilities. */
+static kvf_instance_info both_instance(const char *id)
+{
+    kvf_instance_info in;
+    memset(&in, 0, sizeof in);
+    snprintf(in.id, sizeof in.id, "%s", id);
+    in.role = KVF_ROLE_BOTH;
+    in.block_tokens = 16;
+    in.capacity_blocks = 100000;
+    return in;
+}
+
 /* A chunk is held while either tier of a node holds it; chunks only a disk tier holds load at the
  * disks' rate: the default until a node publishes its measured one, never above the network's. */
 static void test_sched_store_tiers(void **state)
 {
     (void)state;
     kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
-    kvf_instance_info in;
-    memset(&in, 0, sizeof in);
-    snprintf(in.id, sizeof in.id, "cpu");
-    in.role = KVF_ROLE_BOTH;
-    in.block_tokens = 16;
-    in.capacity_blocks = 100000;
+    kvf_instance_info in = both_instance("cpu");
     int c;
     assert_int_equal(kvf_sched_instance_add(s, &in, &c), 0);
     static uint32_t t[1024];
@@ -662,6 +670,10 @@ static void test_sched_store_tiers(void **state)
     assert_int_equal(kvf_sched_store_rates(s, 0, 3e9), 0);
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
     assert_true(fabs(rs.load_s - (512 * kvb / net + 512 * kvb / 2e9)) < 1e-9);
+    /* several nodes: their mean */
+    assert_int_equal(kvf_sched_store_rates(s, 1, 4e9), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_true(fabs(rs.load_s - (512 * kvb / net + 512 * kvb / 3e9)) < 1e-9);
     /* a disk faster than the network loads at the network's rate */
     for (int i = 0; i < 8; i++)
         assert_int_equal(kvf_sched_store_rates(s, 0, 1e12), 0);
@@ -694,12 +706,7 @@ static void test_sched_plans_are_classified(void **state)
 {
     (void)state;
     kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
-    kvf_instance_info in;
-    memset(&in, 0, sizeof in);
-    snprintf(in.id, sizeof in.id, "gpu");
-    in.role = KVF_ROLE_BOTH;
-    in.block_tokens = 16;
-    in.capacity_blocks = 100000;
+    kvf_instance_info in = both_instance("gpu");
     /* vLLM's record: KV in CUDA memory, which this build's transfer path cannot reach. */
     snprintf(in.capabilities, sizeof in.capabilities, "{\"base\":\"vllm\"}");
     int g;
