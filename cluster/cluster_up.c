@@ -39,6 +39,7 @@ typedef struct launch {
     char store_bin[1024], sched_bin[1024], engine_bin[1024];
     char stores[2048];       /* the stores' addresses, comma-separated */
     char store_events[2048]; /* their chunk-event endpoints, in the same order */
+    char store_snaps[2048];  /* their snapshot endpoints, in the same order */
     char cost[700];          /* the cost model calibrate measured */
     char sched[160];         /* kvf-sched's address */
     char tokens[640];        /* kvf-sched's token file, in the run directory */
@@ -318,8 +319,12 @@ static int start_store(launch *L, int i)
     if (start_one(c, q, with_disk, n, NULL, READY_MS) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
-    if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0)
+    if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0) {
         append_to_list(L->store_events, sizeof L->store_events, ep);
+        if (kvf__proc_ready_field(q->ready, "snapshot", ep, sizeof ep) != 0 || !strcmp(ep, "-"))
+            return kvf__cluster_fail("%s: no snapshot endpoint in its ready line", q->name);
+        append_to_list(L->store_snaps, sizeof L->store_snaps, ep);
+    }
     append_to_list(L->stores, sizeof L->stores, q->addr);
     return 0;
 }
@@ -427,6 +432,8 @@ static int start_sched(launch *L)
     if (L->store_events[0]) { /* only when a store publishes events */
         args[n++] = "--store-events";
         args[n++] = L->store_events;
+        args[n++] = "--store-snapshots";
+        args[n++] = L->store_snaps;
     }
     /* Every request that changes kvf-sched's state is authenticated, also in namespaces. */
     if (make_token(L) != 0)

@@ -493,6 +493,7 @@ typedef struct stats {
     uint64_t gaps, missed, restarts, replayed, replay_timeouts, late_joins, resyncs, placements,
         rejections;
     uint64_t expired, deleted; /* instances */
+    uint64_t snapshots, snapshot_failures;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
     int subs;
@@ -510,6 +511,8 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->replay_timeouts = d->replay_timeouts;
     st->late_joins = d->late_joins;
     st->resyncs = d->resyncs;
+    st->snapshots = d->snapshots;
+    st->snapshot_failures = d->snapshot_failures;
     st->placements = d->placements;
     st->rejections = d->rejections;
     st->instances = kvf_sched_instance_count(d->s);
@@ -547,6 +550,8 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "store_disk_chunks", json_integer(counter(x->store_disk_chunks)));
     json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
+    json_object_set_new(o, "store_snapshots", json_integer(counter(st->snapshots)));
+    json_object_set_new(o, "store_snapshot_failures", json_integer(counter(st->snapshot_failures)));
     json_object_set_new(o, "placements", json_integer(counter(st->placements)));
     json_object_set_new(o, "rejections", json_integer(counter(st->rejections)));
     return o;
@@ -596,6 +601,10 @@ static void metrics_collect(void *ud, kvf__metrics *m)
          (double)st.late_joins},
         {"resyncs_total", "Full resyncs after a gap beyond the replay window.", 1,
          (double)st.resyncs},
+        {"store_snapshots_total", "Storage nodes' snapshots applied (first contact, lost events).",
+         1, (double)st.snapshots},
+        {"store_snapshot_failures_total", "Snapshots that did not arrive whole.", 1,
+         (double)st.snapshot_failures},
         {"instances_expired_total", "Instances removed for silence (--instance-ttl).", 1,
          (double)st.expired},
         {"instances_deleted_total", "Instances removed by DELETE.", 1, (double)st.deleted},

@@ -449,6 +449,28 @@ int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n
     return 0;
 }
 
+int kvf_sched_store_cleared(kvf_sched *s, int node)
+{
+    if (node < 0 || node >= KVF_SCHED_MAX_STORES)
+        return KVF_EINVAL;
+    s->st.events++;
+    uint32_t who = KVF_SCHED_HOLDER_STORE | (uint32_t)node;
+    /* A full pass, as holdings_drop: a deletion shifts entries back into the slot. */
+    for (uint64_t i = 0; i <= s->bmask;) {
+        bent *e = &s->bt[i];
+        uint32_t *hv = e->h ? store_holder(e, who) : NULL;
+        if (hv) {
+            uint32_t tiers = (*hv >> 24) & 0x7fu;
+            s->st.store_dram_chunks -= (tiers & KVF__STORE_DRAM) != 0;
+            s->st.store_disk_chunks -= (tiers & KVF__STORE_DISK) != 0;
+            holder_del(s, e, who);
+            continue;
+        }
+        i++;
+    }
+    return 0;
+}
+
 int kvf_sched_store_rates(kvf_sched *s, int node, double disk_read_bytes_per_s)
 {
     if (node < 0 || node >= KVF_SCHED_MAX_STORES || !(disk_read_bytes_per_s > 0))

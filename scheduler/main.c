@@ -2,7 +2,8 @@
  * kvf-sched: the cache-aware scheduler daemon (docs/scheduler.md).
  *
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
- *             [--stores HOST:PORT[,...]] [--store-events ENDPOINT[,...]] [--chunk-tokens N]
+ *             [--stores HOST:PORT[,...]] [--store-events ENDPOINT[,...]]
+ *             [--store-snapshots ENDPOINT[,...]] [--chunk-tokens N]
  *             [--instance-ttl SECONDS] [--log-level L]
  *
  * Startup: the command line, the cost model's calibration file, the cluster file's instances and
@@ -35,7 +36,7 @@
 /* The command line's settings that are not the daemon's state. */
 typedef struct cmdline {
     long chunk_tokens; /* the stores' chunk size, for store matches */
-    const char *listen, *policy, *cost, *config, *store_events, *tokens;
+    const char *listen, *policy, *cost, *config, *store_events, *store_snapshots, *tokens;
     const char *events_credential, *events_server_key; /* CURVE for every event subscription */
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
 } cmdline;
@@ -93,6 +94,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "the storage nodes the connectors are told", NULL, .fn = parse_stores, .ud = d),
         KVF__OPT("store-events", KVF__ARG_STR, &cl->store_events, "EP[,...]",
                  "each store's --events address, in --node order", NULL),
+        KVF__OPT("store-snapshots", KVF__ARG_STR, &cl->store_snapshots, "EP[,...]",
+                 "each store's snapshot address (its ready line's snapshot=), in the same order: "
+                 "what a store holds is learnt whole at first contact and after lost events",
+                 NULL),
         KVF__OPT("chunk-tokens", KVF__ARG_LONG, &cl->chunk_tokens, "N", "tokens per stored chunk",
                  "256", .lo = 1, .hi = 65536),
         KVF__OPT("instance-ttl", KVF__ARG_FN, &d->ttl_ns, "SECONDS",
@@ -236,15 +241,57 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
 
 /* Asks for the events of the storage nodes in list (comma-separated endpoints), numbered in the
  * list's order. Called before the events thread starts. */
-static void subscribe_stores(kvf__sched_daemon *d, const char *list)
+/* The n-th comma-separated field of list (empty where list has fewer), into out. */
+static void nth_field(const char *list, int n, char *out, size_t len)
 {
-    char *dup = strdup(list);
-    int node = 0;
-    for (char *sv = NULL, *t = strtok_r(dup, ",", &sv); t; t = strtok_r(NULL, ",", &sv)) {
-        kvf_event_source src = {.instance = -1, .store = node++};
-        kvf__sched_subscribe_locked(d, &src, t, NULL);
+    out[0] = 0;
+    for (int i = 0; list && i < n; i++) {
+        list = strchr(list, ',');
+        if (list)
+            list++;
     }
-    free(dup);
+    if (!list)
+        return;
+    size_t k = strcspn(list, ",");
+    snprintf(out, len, "%.*s", (int)(k < len ? k : len - 1), list);
+}
+
+static int count_fields(const char *list)
+{
+    int n = 1;
+    for (const char *c = list; *c; c++)
+        n += *c == ',';
+    return n;
+}
+
+/* Subscribes to each store's events (numbered in order), asking its snapshot socket where
+ * --store-snapshots names one. 0, or 2 after saying why. */
+static int subscribe_stores(kvf__sched_daemon *d, const char *events, const char *snaps)
+{
+    int n = count_fields(events);
+    if (snaps && count_fields(snaps) != n) {
+        fprintf(stderr,
+                "kvf-sched: --store-snapshots names %d endpoint(s), --store-events %d: "
+                "one for each store, in the same order\n",
+                count_fields(snaps), n);
+        return 2;
+    }
+    if (n > KVF_SCHED_MAX_STORES) {
+        fprintf(stderr, "kvf-sched: --store-events: at most %d stores\n", KVF_SCHED_MAX_STORES);
+        return 2;
+    }
+    for (int node = 0; node < n; node++) {
+        char ep[128], snap[128];
+        nth_field(events, node, ep, sizeof ep);
+        nth_field(snaps, node, snap, sizeof snap);
+        if (!ep[0]) {
+            fprintf(stderr, "kvf-sched: --store-events: store %d has no endpoint\n", node);
+            return 2;
+        }
+        kvf_event_source src = {.instance = -1, .store = node};
+        kvf__sched_subscribe_locked(d, &src, ep, snap);
+    }
+    return 0;
 }
 
 /* Says the daemon is ready (the line its launchers wait for) and waits for SIGTERM or SIGINT. */
@@ -368,8 +415,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "kvf-sched: %s\n", err);
         return 2;
     }
-    if (cl.store_events)
-        subscribe_stores(&d, cl.store_events);
+    if (cl.store_snapshots && !cl.store_events) {
+        fprintf(stderr, "kvf-sched: --store-snapshots needs --store-events\n");
+        return 2;
+    }
+    if (cl.store_events && (rc = subscribe_stores(&d, cl.store_events, cl.store_snapshots)) != 0)
+        return rc;
     kvf__http_tokens *tokens = NULL;
     if (cl.tokens && kvf__http_tokens_load(&tokens, cl.tokens, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: --tokens: %s\n", err);

@@ -72,6 +72,16 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
 #define REPLAY_BACKOFF_MIN_MS 2000
 #define REPLAY_BACKOFF_MAX_MS 60000
 
+/* Puts a source's replay socket in back-off after a request that was not answered whole. */
+static void back_off(kvf__sched_sub *sb)
+{
+    sb->replay_backoff_ms =
+        sb->replay_backoff_ms == 0 ? REPLAY_BACKOFF_MIN_MS : 2 * sb->replay_backoff_ms;
+    if (sb->replay_backoff_ms > REPLAY_BACKOFF_MAX_MS)
+        sb->replay_backoff_ms = REPLAY_BACKOFF_MAX_MS;
+    sb->replay_down_until_ns = kvf__now_ns() + (uint64_t)sb->replay_backoff_ms * 1000000u;
+}
+
 /* Batches of a gap are lost for good (the replay window does not reach back to them, the replay
  * skipped some or ended early): what the index holds of this source may be stale (a removal
  * among the lost). A full resync: the engine's blocks are dropped, and what the replay still
@@ -163,17 +173,102 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
                  sb->endpoint, got, want);
         return;
     }
-    sb->replay_backoff_ms =
-        sb->replay_backoff_ms == 0 ? REPLAY_BACKOFF_MIN_MS : 2 * sb->replay_backoff_ms;
-    if (sb->replay_backoff_ms > REPLAY_BACKOFF_MAX_MS)
-        sb->replay_backoff_ms = REPLAY_BACKOFF_MAX_MS;
-    sb->replay_down_until_ns = kvf__now_ns() + (uint64_t)sb->replay_backoff_ms * 1000000u;
+    back_off(sb);
     pthread_mutex_lock(&d->mu);
     d->replay_timeouts++;
     pthread_mutex_unlock(&d->mu);
     kvf_warn(&d->lg, "events from %s: the replay socket %s %s; not asked again for %u ms",
              sb->endpoint, sb->replay_ep,
              rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
+             sb->replay_backoff_ms);
+}
+
+/* A snapshot ends after SNAPSHOT_SILENCE_MS without an answer, SNAPSHOT_DEADLINE_MS in all or
+ * SNAPSHOT_MAX_BATCHES batches (4,096 chunks each: 2^32 chunks). */
+#define SNAPSHOT_SILENCE_MS  3000
+#define SNAPSHOT_DEADLINE_MS 60000
+#define SNAPSHOT_MAX_BATCHES (1u << 20)
+
+/* Asks storage node i's snapshot socket for everything it holds now and makes the index say
+ * exactly that: the node's holdings are dropped at the first answer, then each batch (its
+ * ChunksAdmitted, by tier) applied. The batches of the stream that follow are applied over it
+ * (they set a chunk's state, so one the snapshot already reflects changes nothing). A snapshot
+ * that ends without its end marker (silence, the deadline, the node gone) leaves what arrived,
+ * puts the socket in back-off and is asked again; placements meanwhile see part of the node.
+ * Called on the events thread without d->mu, as replay(). */
+static void snapshot(kvf__sched_daemon *d, int i)
+{
+    kvf__sched_sub *sb = &d->subs[i];
+    kvf__zmsg m;
+    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
+        ; /* answers to an earlier request that was given up on */
+    int rc = kvf__zsubs_replay_ask(d->zs, i, 0), cleared = 0, ended = 0;
+    uint64_t deadline = kvf__now_ns() + (uint64_t)SNAPSHOT_DEADLINE_MS * 1000000u, batches = 0;
+    uint64_t chunks0 = 0;
+    while (rc == 0 && batches < SNAPSHOT_MAX_BATCHES && !atomic_load(&d->stop) &&
+           kvf__now_ns() < deadline) {
+        if ((rc = kvf__zsubs_replay_recv(d->zs, i, SNAPSHOT_SILENCE_MS, &m)) != 0)
+            break;
+        if (m.frames < 3 || m.seq_len != 8)
+            break;
+        if (m.len == 0) {
+            ended = 1;
+            sb->snap_seq = kvf__kve_seq_get(m.seq);
+            break;
+        }
+        char err[256] = "";
+        const kvf_kve *ev = NULL;
+        size_t n = 0;
+        uint64_t malformed = 0;
+        int drc =
+            kvf__kve_decode_batch(d->dec, m.payload, m.len, &ev, &n, &malformed, err, sizeof err);
+        pthread_mutex_lock(&d->mu);
+        if (sb->dead) {
+            pthread_mutex_unlock(&d->mu);
+            return;
+        }
+        if (!cleared) {
+            kvf_sched_store_cleared(d->s, sb->src.store);
+            chunks0 = d->ingest.chunks;
+            cleared = 1;
+        }
+        if (drc == 0)
+            drc = kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, sizeof err);
+        if (drc)
+            d->ingest.malformed++;
+        pthread_mutex_unlock(&d->mu);
+        if (drc)
+            kvf_warn(&d->lg, "snapshot of %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(drc));
+        batches++;
+    }
+    pthread_mutex_lock(&d->mu);
+    int dead = sb->dead;
+    if (ended && !dead) {
+        if (!cleared) /* the node holds nothing */
+            kvf_sched_store_cleared(d->s, sb->src.store);
+        d->snapshots = add_sat(d->snapshots, 1);
+    } else if (!dead) {
+        d->snapshot_failures = add_sat(d->snapshot_failures, 1);
+    }
+    uint64_t chunks = cleared ? d->ingest.chunks - chunks0 : 0;
+    pthread_mutex_unlock(&d->mu);
+    if (dead)
+        return;
+    if (ended) {
+        sb->snapped = 1;
+        sb->replay_backoff_ms = 0;
+        kvf_info(&d->lg,
+                 "events from %s: a snapshot of %" PRIu64 " chunk(s) in %" PRIu64
+                 " batch(es) from %s",
+                 sb->endpoint, chunks, batches, sb->replay_ep);
+        return;
+    }
+    back_off(sb);
+    kvf_warn(&d->lg,
+             "events from %s: the snapshot socket %s %s after %" PRIu64
+             " batch(es); asked again in %u ms",
+             sb->endpoint, sb->replay_ep,
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not finish" : kvf_strerror(rc), batches,
              sb->replay_backoff_ms);
 }
 
@@ -206,6 +301,7 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
         sb->used = 1;
         snprintf(sb->endpoint, sizeof sb->endpoint, "%s", d->pending_ep[i]);
         snprintf(sb->replay_ep, sizeof sb->replay_ep, "%s", d->pending_replay[i]);
+        sb->snapshots = sb->src.store >= 0 && sb->src.instance < 0 && sb->replay_ep[0];
         if (idx >= d->n_subs)
             d->n_subs = idx + 1;
         kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
@@ -232,6 +328,31 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     uint64_t missed = sb->seq.missed, last = sb->seq.last;
     int first = !sb->seq.seen;
     int v = kvf_seq_check(&sb->seq, m->seq, from);
+    if (sb->snapshots) {
+        /* A storage node: a first contact not yet covered by a snapshot, or a gap, asks for
+         * one (the stream applied over it from this batch on). */
+        int lost = v == KVF_SEQ_GAP || v == KVF_SEQ_RESTART;
+        if (lost) {
+            d->seq_gaps = add_sat(d->seq_gaps, v == KVF_SEQ_GAP);
+            d->seq_missed = add_sat(d->seq_missed, sb->seq.missed - missed);
+            d->seq_restarts = add_sat(d->seq_restarts, v == KVF_SEQ_RESTART);
+        }
+        /* the first batch seen: numbered 2 or more with no snapshot yet (a late join), or past
+         * the one after the snapshot (batches sent before this subscription connected) */
+        uint64_t past = sb->seq.last - sb->snap_seq;
+        int late =
+            first && (sb->snapped ? past > 1 && past < ((uint64_t)1 << 63) : sb->seq.last >= 2);
+        if (late && !sb->snapped)
+            d->late_joins = add_sat(d->late_joins, 1);
+        if (late || lost) {
+            if (kvf__now_ns() < sb->replay_down_until_ns)
+                return 0;
+            kvf_info(&d->lg, "events from %s: batch %" PRIu64 " %s; asking for a snapshot",
+                     sb->endpoint, sb->seq.last, lost ? "follows a gap" : "is the first seen");
+            return 1;
+        }
+        return 0;
+    }
     if (first) {
         /* A late join: the publisher was publishing before this subscription (kvf-sched
          * restarted, the engine registered after warming up). What came before is asked for
@@ -300,7 +421,9 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
     pthread_mutex_unlock(&d->mu);
     if (ask < 0)
         return;
-    if (ask)
+    if (ask && d->subs[i].snapshots)
+        snapshot(d, i);
+    else if (ask)
         replay(d, i, from, upto);
     char err[256] = "";
     const kvf_kve *ev = NULL;
@@ -324,6 +447,20 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         usleep(50000);
         return;
     }
+    /* Storage nodes not yet learnt whole (just subscribed, or a snapshot that failed): asked
+     * now, so that an idle node's holdings are known without waiting for its next change. */
+    uint8_t learn[KVF_SCHED_MAX_SUBS] = {0};
+    uint64_t now = kvf__now_ns();
+    pthread_mutex_lock(&d->mu);
+    for (int i = 0; i < n; i++) {
+        const kvf__sched_sub *sb = &d->subs[i];
+        learn[i] = sb->used && !sb->dead && sb->snapshots && !sb->snapped &&
+                   now >= sb->replay_down_until_ns;
+    }
+    pthread_mutex_unlock(&d->mu);
+    for (int i = 0; i < n; i++)
+        if (learn[i])
+            snapshot(d, i);
     if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
         return;
     for (int i = 0; i < n; i++) {

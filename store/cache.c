@@ -384,6 +384,15 @@ int kvf__cache_contains_locked(kvf_cache *c, uint64_t ns, const kvf_key *key)
     return i != NONE && c->e[i].state == ST_READY;
 }
 
+void kvf__cache_each_locked(kvf_cache *c, void (*fn)(void *ud, const kvf_key *key, uint32_t tenant),
+                            void *ud)
+{
+    assert_locked(c);
+    for (uint32_t i = 0; i < c->n_entries; i++)
+        if (c->e[i].state == ST_READY)
+            fn(ud, &c->e[i].key, c->e[i].tenant);
+}
+
 int kvf__cache_remove_locked(kvf_cache *c, uint64_t ns, const kvf_key *key)
 {
     assert_locked(c);

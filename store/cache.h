@@ -114,6 +114,10 @@ void kvf__cache_release_locked(kvf_cache *c, uint32_t eid);
 int kvf__cache_contains_locked(kvf_cache *c, uint64_t ns, const kvf_key *key);
 /* Removes a ready entry: 0, KVF_ENOENT, or KVF_EBUSY while a pin's lease runs. A referenced entry
  * is unlinked now and freed when its last reader is done. */
+/* Calls fn for every readable entry, with the tenant it is charged to (a snapshot of what the
+ * node's events describe). fn must be quick: the cache's lock is held. */
+void kvf__cache_each_locked(kvf_cache *c, void (*fn)(void *ud, const kvf_key *key, uint32_t tenant),
+                            void *ud);
 int kvf__cache_remove_locked(kvf_cache *c, uint64_t ns, const kvf_key *key);
 /* Adds a pin and extends the lease to at least now + lease_ms. 0 or KVF_ENOENT. */
 int kvf__cache_pin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t lease_ms);

@@ -80,7 +80,8 @@ typedef struct store_cfg {
     uint64_t memory, max_request;
     long threads, max_entries, node;
     const char *evict, *poller, *events, *rdma, *auth, *copy_credential, *events_credential;
-    const char *metrics; /* --metrics HOST:PORT: /metrics over HTTP */
+    const char *metrics;         /* --metrics HOST:PORT: /metrics over HTTP */
+    const char *events_snapshot; /* --events-snapshot HOST:PORT or off; NULL: --events's host */
     const char *shm;
     char shm_auto[64];
     uint64_t shm_staging_max;
@@ -276,6 +277,10 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "do not touch the arena's pages at start", NULL),
         KVF__OPT("events", KVF__ARG_STR, &cfg->events, "HOST:PORT",
                  "publish chunk events for kvf-sched (ZeroMQ PUB; port 0 picks)", NULL),
+        KVF__OPT("events-snapshot", KVF__ARG_STR, &cfg->events_snapshot, "HOST:PORT|off",
+                 "answer snapshot requests (everything held now, both tiers) on this address, so "
+                 "that a kvf-sched that subscribes late learns what the node holds",
+                 "--events's host, a free port"),
         KVF__OPT("metrics", KVF__ARG_STR, &cfg->metrics, "HOST:PORT",
                  "serve GET /metrics (Prometheus text) over HTTP on this address (port 0 picks; "
                  "beyond loopback only with --insecure)",
@@ -397,6 +402,15 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                                 cfg->events_credential ? KVF_LISTEN_AUTHENTICATED
                                                        : cfg->insecure) != 0)
         return 2;
+    if (cfg->events_snapshot && strcmp(cfg->events_snapshot, "off") != 0 &&
+        (!cfg->events ||
+         kvf__listen_policy_addr("kvf-store", "--events-snapshot", cfg->events_snapshot,
+                                 cfg->events_credential ? KVF_LISTEN_AUTHENTICATED
+                                                        : cfg->insecure) != 0)) {
+        if (!cfg->events)
+            fprintf(stderr, "kvf-store: --events-snapshot needs --events\n");
+        return 2;
+    }
     /* The counters say how busy the node is and how full; beyond loopback only where the
      * operator says the network is private (a scraper on another host: --insecure). */
     if (kvf__listen_policy_addr("kvf-store", "--metrics", cfg->metrics, cfg->insecure) != 0)
@@ -440,6 +454,65 @@ static int open_events(const store_cfg *cfg, kvf__tenants *tenants, kvf__pub **p
                            cfg->events_credential ? &sec : NULL, endpoint, eplen, err, sizeof err);
     kvf__auth_wipe(sec.secret, sizeof sec.secret);
     if (rc) {
+        fprintf(stderr, "kvf-store: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
+/* What a snapshot lists: the DRAM tier's readable entries, then the disk tier's objects. */
+typedef struct holdings_src {
+    kvf_cache *cache;
+    kvf__tier *tier;
+    void (*add)(void *ud, int disk, const kvf_key *key, uint32_t tenant);
+    void *ud;
+} holdings_src;
+
+static void add_dram(void *ud, const kvf_key *key, uint32_t tenant)
+{
+    holdings_src *h = ud;
+    h->add(h->ud, 0, key, tenant);
+}
+
+static void add_disk(void *ud, uint64_t ns, const kvf_key *key)
+{
+    (void)ns;
+    holdings_src *h = ud;
+    h->add(h->ud, 1, key, 0); /* the disk keeps no tenant: nobody's, as its announcement */
+}
+
+static void list_holdings(void *ctx,
+                          void (*add)(void *ud, int disk, const kvf_key *key, uint32_t tenant),
+                          void *ud)
+{
+    holdings_src h = *(holdings_src *)ctx;
+    h.add = add, h.ud = ud;
+    kvf__cache_lock(h.cache);
+    kvf__cache_each_locked(h.cache, add_dram, &h);
+    kvf__cache_unlock(h.cache);
+    if (h.tier)
+        kvf__tier_each(h.tier, add_disk, &h);
+}
+
+/* Opens the snapshot socket beside the events (--events-snapshot; by default on --events's host,
+ * a free port). *endpoint gets its address, "-" when off. Returns 0, or the exit status. */
+static int open_snapshots(const store_cfg *cfg, kvf__pub *pub, holdings_src *src, char *endpoint,
+                          size_t eplen)
+{
+    snprintf(endpoint, eplen, "-");
+    if (!pub || (cfg->events_snapshot && !strcmp(cfg->events_snapshot, "off")))
+        return 0;
+    char host[256], err[300] = "";
+    uint16_t port = 0;
+    const char *addr = cfg->events_snapshot ? cfg->events_snapshot : cfg->events;
+    if (kvf__addr_parse(addr, host, sizeof host, &port) != 0) {
+        fprintf(stderr, "kvf-store: --events-snapshot: expected HOST:PORT, got \"%s\"\n", addr);
+        return 2;
+    }
+    if (!cfg->events_snapshot)
+        port = 0;
+    if (kvf__pub_snapshots(pub, host, port, list_holdings, src, endpoint, eplen, err, sizeof err) !=
+        0) {
         fprintf(stderr, "kvf-store: %s\n", err);
         return 1;
     }
@@ -657,7 +730,7 @@ static int open_metrics(const store_cfg *cfg, kvf_server *srv, kvf__metrics **m,
 
 /* Prints the ready line on stdout (scripts and tests wait for it) and logs what is served. */
 static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, const char *ev_ep,
-                     uint16_t metrics_port)
+                     const char *snap_ep, uint16_t metrics_port)
 {
     kvf_cache_stats st;
     kvf__cache_lock(cache);
@@ -669,10 +742,10 @@ static void announce(const store_cfg *cfg, kvf_server *srv, kvf_cache *cache, co
     if (rdma_port)
         snprintf(rdma_text, sizeof rdma_text, "%u", rdma_port);
     printf("kvf-store ready listen=%s:%u memory=%" PRIu64 " max_entries=%" PRIu64
-           " evict=%s threads=%ld events=%s node=%ld rdma=%s auth=%s shm=%s pid=%d",
+           " evict=%s threads=%ld events=%s snapshot=%s node=%ld rdma=%s auth=%s shm=%s pid=%d",
            cfg->host, kvf__server_port(srv), st.memory, st.max_entries, st.policy, cfg->threads,
-           ev_ep, cfg->node, rdma_text, cfg->auth ? "on" : "off", cfg->shm ? cfg->shm : "off",
-           (int)getpid());
+           ev_ep, snap_ep, cfg->node, rdma_text, cfg->auth ? "on" : "off",
+           cfg->shm ? cfg->shm : "off", (int)getpid());
     if (metrics_port) {
         char mh[256];
         uint16_t mp;
@@ -694,7 +767,7 @@ int main(int argc, char **argv)
     if (status >= 0)
         return status;
     kvf__daemon_block_signals(); /* before the first thread */
-    char ev_ep[160] = "-";
+    char ev_ep[160] = "-", snap_ep[160] = "-";
     kvf__pub *pub = NULL;
     kvf_cache *cache = NULL;
     kvf__tenants *tenants = NULL;
@@ -710,6 +783,9 @@ int main(int argc, char **argv)
         kvf__tenants_apply_quotas(tenants, cache);
     if ((status = open_tier(&cfg, cache, pub, &tier)))
         goto out_close_cache;
+    holdings_src held = {.cache = cache, .tier = tier};
+    if ((status = open_snapshots(&cfg, pub, &held, snap_ep, sizeof snap_ep)))
+        goto out_close_tier;
     if ((status = open_server(&cfg, cache, tenants, tier, &srv)))
         goto out_close_tier;
     kvf__metrics *metrics = NULL;
@@ -723,7 +799,7 @@ int main(int argc, char **argv)
         status = 1;
         goto out_close_metrics;
     }
-    announce(&cfg, srv, cache, ev_ep, mport);
+    announce(&cfg, srv, cache, ev_ep, snap_ep, mport);
     kvf__notify_ready(&cfg.lg, "serving");
 
     kvf__server_run(srv);
@@ -736,6 +812,7 @@ out_close_server:
     kvf__metrics_free(&metrics);
     kvf__server_close(&srv);
 out_close_tier:
+    kvf__pub_stop_snapshots(pub); /* nothing lists the tiers once they close */
     if (pub)
         kvf__pub_set_rates(pub, NULL, NULL); /* the tier is not asked its rate once closed */
     kvf__tier_close(&tier); /* writes the demotions still queued; before the cache */

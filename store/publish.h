@@ -34,6 +34,20 @@ void kvf__pub_note(void *pub, int admitted, int disk, const kvf_key *key, uint32
  * (no reads since). fn is called from the sender thread, under the publisher's lock: after
  * kvf__pub_set_rates(p, NULL, NULL) returns, it is not called again. */
 void kvf__pub_set_rates(kvf__pub *p, uint64_t (*fn)(void *ctx), void *ctx);
+/* Lists what the node holds: add() for each object, disk 0 for the DRAM tier and 1 for the disk
+ * tier's, with the tenant it is charged to (0: nobody). */
+typedef void (*kvf__pub_list_fn)(
+    void *ctx, void (*add)(void *ud, int disk, const kvf_key *key, uint32_t tenant), void *ud);
+/* Answers snapshot requests on a ROUTER bound on host:port (0: a free port; *endpoint gets its
+ * address; secured as the publisher is): list()'s holdings as ChunksAdmitted batches, numbered
+ * with the last sequence number sent (pubsub.h, kvf__zpub_snapshots), so that a kvf-sched that
+ * subscribed late, or lost batches, learns what the node holds. list is called on the socket's
+ * thread until kvf__pub_stop_snapshots(). 0, or a KVF_E* code with one line in err. */
+int kvf__pub_snapshots(kvf__pub *p, const char *host, uint16_t port, kvf__pub_list_fn list,
+                       void *ctx, char *endpoint, size_t eplen, char *err, size_t errlen);
+/* list() is not called again once this returns (before what it reads is closed); a request
+ * answered after it gets no snapshot and asks again. Accepts NULL. */
+void kvf__pub_stop_snapshots(kvf__pub *p);
 /* Sends what is pending, stops the sender and frees. Accepts NULL; clears *p. */
 void kvf__pub_close(kvf__pub **p);
 

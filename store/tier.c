@@ -541,6 +541,13 @@ int kvf__tier_contains(kvf__tier *t, uint64_t ns, const kvf_key *key, uint64_t *
     return kvf__disk_contains(t->dev[dev_of(t, key)].d, ns, key, len);
 }
 
+void kvf__tier_each(kvf__tier *t, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud)
+{
+    for (int i = 0; i < t->n; i++)
+        if (!dev_down(&t->dev[i]))
+            kvf__disk_each(t->dev[i].d, fn, ud);
+}
+
 int kvf__tier_up(kvf__tier *t)
 {
     for (int i = 0; i < t->n; i++)

@@ -80,6 +80,9 @@ void kvf__tier_quiesce(kvf__tier *t);
 int kvf__tier_contains(kvf__tier *t, uint64_t ns, const kvf_key *key, uint64_t *len);
 /* Whether any device is up. */
 int kvf__tier_up(kvf__tier *t);
+/* Calls fn for every object of the devices that are up (under each device's index lock: fn must
+ * be quick). */
+void kvf__tier_each(kvf__tier *t, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud);
 
 enum { KVF_TIER_PROMOTE = 1, KVF_TIER_REMOVE = 2, KVF_TIER_CLEAR = 3 };
 

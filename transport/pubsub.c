@@ -36,6 +36,11 @@ struct kvf__zpub {
     pthread_mutex_t rmu;
     kept **ring;
     size_t ring_cap, ring_head, ring_n, ring_bytes, max_bytes;
+    /* Or, instead of a ring, snapshots (kvf__zpub_snapshots): the ROUTER answers every request
+     * with what snap() emits, numbered with the last sequence number sent when it began. */
+    kvf__zpub_snap_fn snap;
+    void *snap_ctx;
+    _Atomic uint64_t last_seq;
     /* Secured (kvf__zpub_open_secure): the ZAP handler's thread and socket, and the policy. */
     int secure;
     kvf__zsec sec;
@@ -260,7 +265,8 @@ int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *pa
     kvf__zpub_service(p);
     uint8_t be[8];
     seq_put(be, seq);
-    if (p->replay_started)
+    atomic_store(&p->last_seq, seq);
+    if (p->replay_started && !p->snap)
         keep(p, topic, seq, payload, len);
     if (zmq_send(p->sock, topic, strlen(topic), ZMQ_SNDMORE) < 0 ||
         zmq_send(p->sock, be, 8, ZMQ_SNDMORE) < 0 || zmq_send(p->sock, payload, len, 0) < 0)
@@ -270,7 +276,7 @@ int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *pa
 
 /* Whether a replay requester whose ZAP user id is `user` may see a batch under topic: anyone on
  * an open publisher; on a secured one an admin, or the tenant whose topic it is. */
-static int may_see(const kvf__zpub *p, const char *user, const kept *k)
+static int may_see(const kvf__zpub *p, const char *user, const unsigned char *t, size_t tlen)
 {
     if (!p->secure)
         return 1;
@@ -280,8 +286,36 @@ static int may_see(const kvf__zpub *p, const char *user, const kept *k)
         return 1;
     char topic[300];
     int tl = snprintf(topic, sizeof topic, "%s%s/", p->prefix, user + 2);
-    return user[0] == 't' && tl > 0 && (size_t)tl == k->topic_len &&
-           !memcmp(topic, k->data, k->topic_len);
+    return user[0] == 't' && tl > 0 && (size_t)tl == tlen && !memcmp(topic, t, tlen);
+}
+
+/* One snapshot being answered: to whom, as whom, and under which number. */
+typedef struct snap_req {
+    kvf__zpub *p;
+    zmq_msg_t *id;
+    const char *user; /* the ZAP user id, or NULL on an open publisher */
+    uint8_t seq[8];
+    int failed;
+} snap_req;
+
+/* kvf__zpub_snap_emit: one batch of a snapshot, sent where the requester may see its topic. A
+ * send that fails (the requester gone, or not reading for the socket's timeout) ends the
+ * snapshot: the requester sees no end marker and asks again later. */
+static int snap_emit(void *ectx, const char *topic, const void *payload, size_t len)
+{
+    snap_req *r = ectx;
+    if (r->failed)
+        return -1;
+    if (!may_see(r->p, r->user, (const unsigned char *)topic, strlen(topic)))
+        return 0;
+    void *sock = r->p->router;
+    if (zmq_send(sock, zmq_msg_data(r->id), zmq_msg_size(r->id), ZMQ_SNDMORE) < 0 ||
+        zmq_send(sock, "", 0, ZMQ_SNDMORE) < 0 || zmq_send(sock, r->seq, 8, ZMQ_SNDMORE) < 0 ||
+        zmq_send(sock, payload, len, 0) < 0) {
+        r->failed = 1;
+        return -1;
+    }
+    return 0;
 }
 
 /* One replay request, [identity, "", first sequence (8 bytes)]: every batch kept from that
@@ -308,6 +342,16 @@ static void replay_answer(kvf__zpub *p)
         char user[160] = "";
         const char *u = zmq_msg_gets(&f[2], "User-Id");
         snprintf(user, sizeof user, "%s", u ? u : "");
+        uint8_t end[8];
+        memset(end, 0xff, sizeof end);
+        if (p->snap) {
+            snap_req r = {.p = p, .id = &f[0], .user = u ? user : NULL};
+            seq_put(r.seq, atomic_load(&p->last_seq));
+            if (p->snap(p->snap_ctx, snap_emit, &r) != 0 || r.failed)
+                goto done;
+            memcpy(end, r.seq, 8); /* a snapshot's end says its number too */
+            goto end;
+        }
         const uint8_t *b = zmq_msg_data(&f[2]);
         uint64_t from = 0;
         for (int i = 0; i < 8; i++)
@@ -318,7 +362,8 @@ static void replay_answer(kvf__zpub *p)
         for (size_t i = 0; copy && i < cnt; i++) {
             kept *src = p->ring[(p->ring_head + i) % p->ring_cap];
             /* modulo 2^64, as subscribers compare: at or after from */
-            if (src->seq - from >= ((uint64_t)1 << 63) || !may_see(p, u ? user : NULL, src))
+            if (src->seq - from >= ((uint64_t)1 << 63) ||
+                !may_see(p, u ? user : NULL, src->data, src->topic_len))
                 continue;
             atomic_fetch_add(&src->refs, 1);
             copy[k++] = src;
@@ -334,13 +379,13 @@ static void replay_answer(kvf__zpub *p)
             kept_unref(copy[i]);
         }
         free(copy);
-        uint8_t end[8];
-        memset(end, 0xff, sizeof end);
+    end:
         zmq_send(p->router, zmq_msg_data(&f[0]), zmq_msg_size(&f[0]), ZMQ_SNDMORE);
         zmq_send(p->router, "", 0, ZMQ_SNDMORE);
         zmq_send(p->router, end, 8, ZMQ_SNDMORE);
         zmq_send(p->router, "", 0, 0);
     }
+done:
     for (int i = 0; i < n; i++)
         zmq_msg_close(&f[i]);
 }
@@ -352,31 +397,25 @@ static void *replay_main(void *arg)
     return NULL;
 }
 
-int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batches, size_t bytes,
-                     char *endpoint, size_t eplen, char *err, size_t errlen)
+/* Binds the ROUTER that answers replay requests (from the ring, or with snapshots) and starts its
+ * thread. hwm: the messages it may queue for a peer; mandatory: a send beyond that waits (at most
+ * a few seconds) instead of dropping. */
+static int router_start(kvf__zpub *p, const char *host, uint16_t port, int hwm, int mandatory,
+                        char *endpoint, size_t eplen, char *err, size_t errlen)
 {
-    if (p->replay_started || batches == 0 || bytes == 0) {
-        snprintf(err, errlen, "events: replay already started, or an empty window");
-        return KVF_EINVAL;
-    }
-    int zero = 0, rc = 0;
+    int zero = 0, one = 1, wait_ms = 5000, rc = 0;
     char bind[300];
     bind_addr(bind, sizeof bind, host, port);
     size_t el = eplen;
-    if (!(p->ring = calloc(batches, sizeof *p->ring)) ||
-        !(p->router = zmq_socket(p->ctx, ZMQ_ROUTER))) {
+    if (!(p->router = zmq_socket(p->ctx, ZMQ_ROUTER))) {
         snprintf(err, errlen, "events: cannot make the replay socket");
-        free(p->ring);
-        p->ring = NULL;
         return KVF_ENOMEM;
     }
-    p->ring_cap = batches;
-    p->max_bytes = bytes;
-    /* A ROUTER drops what goes over a peer's high-water mark without a word: room for a whole
-     * window and its end marker, so that a replay is never cut in the middle. */
-    int hwm = batches > (size_t)INT32_MAX - 16 ? INT32_MAX : (int)batches + 16;
     rc = zmq_setsockopt(p->router, ZMQ_LINGER, &zero, sizeof zero) ||
          zmq_setsockopt(p->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
+    if (!rc && mandatory)
+        rc = zmq_setsockopt(p->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one) ||
+             zmq_setsockopt(p->router, ZMQ_SNDTIMEO, &wait_ms, sizeof wait_ms);
     if (!rc && p->secure)
         rc = curve_server(p->router, p->sec.secret);
     if (rc || zmq_bind(p->router, bind) != 0 ||
@@ -385,8 +424,6 @@ int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batch
                  zmq_strerror(zmq_errno()));
         zmq_close(p->router);
         p->router = NULL;
-        free(p->ring);
-        p->ring = NULL;
         return KVF_EADDRINUSE;
     }
     pthread_mutex_init(&p->rmu, NULL);
@@ -394,13 +431,52 @@ int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batch
         pthread_mutex_destroy(&p->rmu);
         zmq_close(p->router);
         p->router = NULL;
-        free(p->ring);
-        p->ring = NULL;
         snprintf(err, errlen, "events: cannot start the replay thread");
         return KVF_ENOMEM;
     }
     p->replay_started = 1;
     return 0;
+}
+
+int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batches, size_t bytes,
+                     char *endpoint, size_t eplen, char *err, size_t errlen)
+{
+    if (p->replay_started || batches == 0 || bytes == 0) {
+        snprintf(err, errlen, "events: replay already started, or an empty window");
+        return KVF_EINVAL;
+    }
+    if (!(p->ring = calloc(batches, sizeof *p->ring))) {
+        snprintf(err, errlen, "events: cannot make the replay socket");
+        return KVF_ENOMEM;
+    }
+    p->ring_cap = batches;
+    p->max_bytes = bytes;
+    /* A ROUTER drops what goes over a peer's high-water mark without a word: room for a whole
+     * window and its end marker, so that a replay is never cut in the middle. */
+    int hwm = batches > (size_t)INT32_MAX - 16 ? INT32_MAX : (int)batches + 16;
+    int rc = router_start(p, host, port, hwm, 0, endpoint, eplen, err, errlen);
+    if (rc) {
+        free(p->ring);
+        p->ring = NULL;
+    }
+    return rc;
+}
+
+int kvf__zpub_snapshots(kvf__zpub *p, const char *host, uint16_t port, kvf__zpub_snap_fn fn,
+                        void *ctx, char *endpoint, size_t eplen, char *err, size_t errlen)
+{
+    if (p->replay_started || !fn) {
+        snprintf(err, errlen, "events: replay already started, or no snapshot");
+        return KVF_EINVAL;
+    }
+    p->snap = fn;
+    p->snap_ctx = ctx;
+    /* A snapshot can be any number of batches: a few queued, then each send waits for the
+     * requester to read (a requester that stops reading for 5 s ends it). */
+    int rc = router_start(p, host, port, 64, 1, endpoint, eplen, err, errlen);
+    if (rc)
+        p->snap = NULL;
+    return rc;
 }
 
 void kvf__zpub_close(kvf__zpub **pp)

@@ -222,6 +222,8 @@ int kvf_sched_all_cleared(kvf_sched *s, int idx);
  * (0..KVF_SCHED_MAX_STORES-1). */
 int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted,
                            int disk);
+/* Forgets every chunk node holds, on both tiers (before a snapshot of it is applied). */
+int kvf_sched_store_cleared(kvf_sched *s, int node);
 /* A node's measured rate of reads from its disk tier (StoreRates events; bytes per second, > 0):
  * the cost model loads chunks held on disk only at the mean of the nodes' rates (each averaged
  * with its previous one), or at cost.disk_load_bytes_per_s before any is known, never faster

@@ -241,6 +241,9 @@ def main():
             if got != 200 or ix["subscriptions"] != 3 or ix["chunks"] <= 0 or \
                     ix["blocks_stored"] <= 0 or ix["malformed"] or ix["sequence_gaps"]:
                 fail("kvf-sched's event ingestion: %d %r" % (got, ix))
+            # and learnt the store whole at first contact, over CURVE as an admin (its snapshot)
+            if ix.get("store_snapshots", 0) < 1 or ix.get("store_snapshot_failures", 1) != 0:
+                fail("kvf-sched took no snapshot of the store: %r" % ix)
 
             # kvf-sched's state changes only with the cluster's token (its file readable by its
             # owner only); the engines and kvf cluster send above used it.

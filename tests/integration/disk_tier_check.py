@@ -73,6 +73,7 @@ class Store:
             raise SystemExit("disk_tier_check: FAIL: kvf-store did not start: %r" % err)
         self.addr = line.split("listen=")[1].split()[0]
         self.events = line.split("events=")[1].split()[0] if "events=" in line else None
+        self.snapshot = line.split("snapshot=")[1].split()[0] if "snapshot=" in line else None
         # the log is read on its own thread, so a full pipe never stops the store
         self.log = []
         threading.Thread(target=lambda: self.log.extend(self.p.stderr), daemon=True).start()
@@ -265,10 +266,11 @@ def phase_fault(tmp):
 class Sched:
     """A kvf-sched subscribed to one store's events; its per-tier counts of the store's chunks."""
 
-    def __init__(self, store_addr, events):
+    def __init__(self, store_addr, events, snapshot=None):
         sched_bin = os.path.join(os.path.dirname(STORE), "kvf-sched")
+        snap = ["--store-snapshots", snapshot] if snapshot else []
         self.p = subprocess.Popen([sched_bin, "--listen", "127.0.0.1:0", "--stores", store_addr,
-                                   "--store-events", events, "--log-level", "warn"],
+                                   "--store-events", events, "--log-level", "warn"] + snap,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.p.stdout.readline()
         check("listen=" in line, "kvf-sched did not start: %r" % line)
@@ -333,9 +335,25 @@ def phase_events(tmp):
                      st["disk"]["entries"]))
             check(all((t is not None) == p for t, p in zip(tiers, c.exists(keys))),
                   "tiers and EXISTS disagree")
+            # a kvf-sched that subscribes now, to an idle store, learns both tiers from the
+            # store's snapshot socket at first contact
+            check(s.snapshot not in (None, "-"), "kvf-store did not say its snapshot endpoint")
+            late = Sched(s.addr, s.events, s.snapshot)
+            try:
+                x = late.agree(c, "a late subscriber, by snapshot")
+                check(x is not None and x["store_snapshots"] >= 1,
+                      "the late subscriber took no snapshot: %r" % x)
+                # and keeps agreeing as the store changes after it
+                c.evict(keys[1::5])
+                late.agree(c, "a late subscriber, after EVICT")
+                print("disk_tier_check: events: a late kvf-sched learnt %s chunk(s) in DRAM and "
+                      "%s on disk by snapshot" % ((x or {}).get("store_dram_chunks"),
+                                                   (x or {}).get("store_disk_chunks")), flush=True)
+            finally:
+                late.stop()
         # a restart: DRAM is lost, the disk's objects are told a second after open, to a kvf-sched
         # subscribed to the node's events address before it came back (as one that outlives a
-        # store's restart is; one that subscribes later does not learn of them: no replay)
+        # store's restart is; one that subscribes later learns them by snapshot, as above)
         sc.stop()
         old = s.addr
         s.stop()

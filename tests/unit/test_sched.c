@@ -697,6 +697,16 @@ static void test_sched_store_tiers(void **state)
     assert_int_equal(ix.store_dram_chunks, 2);
     assert_int_equal(ix.store_disk_chunks, 1);
     assert_int_equal(ix.holdings, 3);
+    /* another node's chunk, then node 0 forgotten whole (before its snapshot): node 1 stays */
+    assert_int_equal(kvf_sched_store_chunks(s, 1, keys, 1, 1, 1), 0);
+    assert_int_equal(kvf_sched_store_cleared(s, 0), 0);
+    kvf_sched_index_stats(s, &ix);
+    assert_int_equal(ix.store_dram_chunks, 0);
+    assert_int_equal(ix.store_disk_chunks, 1);
+    assert_int_equal(ix.holdings, 1);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 256);
+    assert_int_equal(kvf_sched_store_cleared(s, KVF_SCHED_MAX_STORES), KVF_EINVAL);
     kvf_sched_destroy(&s);
 }
 

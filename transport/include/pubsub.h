@@ -57,6 +57,21 @@ int kvf__zpub_send(kvf__zpub *p, const char *topic, uint64_t seq, const void *pa
  * line in err). */
 int kvf__zpub_replay(kvf__zpub *p, const char *host, uint16_t port, size_t batches, size_t bytes,
                      char *endpoint, size_t eplen, char *err, size_t errlen);
+/* A snapshot's way out: one batch under topic. Returns 0, or -1 when the snapshot has ended (the
+ * requester is gone): the producer should stop. */
+typedef int (*kvf__zpub_snap_emit)(void *ectx, const char *topic, const void *payload, size_t len);
+/* Produces a snapshot of what the publisher's stream describes (everything held now) by calling
+ * emit for each batch. Called on the replay thread, one request at a time. Returns 0, or -1 when
+ * it could not be made whole: the requester then gets no end marker and asks again. */
+typedef int (*kvf__zpub_snap_fn)(void *ctx, kvf__zpub_snap_emit emit, void *ectx);
+/* Instead of a replay window (a publisher has one or the other): answers every request on a
+ * ROUTER bound on host:port with a snapshot, fn's batches numbered with the last sequence number
+ * sent when the snapshot began (the requester applies the stream's later batches over it), then
+ * the end marker; a requester sees only the topics it may (as kvf__zpub_replay). fn is called on
+ * the socket's own thread until kvf__zpub_close(). 0, KVF_EINVAL, KVF_ENOMEM or KVF_EADDRINUSE
+ * (one line in err). */
+int kvf__zpub_snapshots(kvf__zpub *p, const char *host, uint16_t port, kvf__zpub_snap_fn fn,
+                        void *ctx, char *endpoint, size_t eplen, char *err, size_t errlen);
 /* Closes the sockets and their context. Accepts NULL; clears *p. */
 void kvf__zpub_close(kvf__zpub **p);
 
