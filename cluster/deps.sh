@@ -16,8 +16,9 @@ pkgs=(
   redis-server gnuplot-nox iproute2
 )
 # Wanted by a test but not needed to build or run: installed where apt-get can, its test skipped
-# where not (prometheus, for promtool: test_metrics; fio, the peer of kvf-bench disk).
-optional=(prometheus fio)
+# where not (prometheus, for promtool: test_metrics; fio, the peer of kvf-bench disk; etcd-server,
+# for membership: test_etcd, and clusters whose file asks for etcd).
+optional=(prometheus fio etcd-server)
 
 [ "${KVF_DEPS:-}" = present ] && exit 0
 

@@ -87,6 +87,12 @@ typedef struct kvf__sched_daemon {
     kvf__metrics *metrics;
     kvf__series *place_seconds, *ingest_batch_seconds;
     char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
+    /* Membership on etcd (members.c): the stores registered, by node (their records; "" for
+     * none), and this replica's own registration. */
+    struct kvf__watcher *store_watch;
+    struct kvf__member *self;
+    char (*store_rec)[512]; /* KVF_SCHED_MAX_STORES */
+    uint64_t store_joins, store_leaves;
     atomic_int stop;
 } kvf__sched_daemon;
 
@@ -101,6 +107,8 @@ int kvf__sched_metrics_open(kvf__sched_daemon *d);
  * KVF_SCHED_MAX_SUBS pending requests the rest are dropped. */
 void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *src, const char *ep,
                                  const char *replay);
+/* The same for storage node `node`'s subscription. */
+void kvf__sched_unsubscribe_store_locked(kvf__sched_daemon *d, int node);
 /* Ends the subscriptions that feed instance slot idx, made or pending: none of their batches is
  * applied after this returns, and the events thread closes their sockets. */
 void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx);
@@ -109,6 +117,24 @@ int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d);
 /* One round of the events thread: makes the subscriptions asked for and applies every batch that
  * arrived (waiting 100 ms at most for one). */
 void kvf__sched_events_round(kvf__sched_daemon *d);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Membership on etcd (members.c) */
+
+typedef struct kvf__sched_etcd {
+    const char *etcd, *cluster, *advertise; /* --etcd, --cluster, --advertise */
+    int ttl_s;
+    uint16_t port; /* where this replica serves HTTP */
+} kvf__sched_etcd;
+
+/* Follows the stores registered under /kvfabric/CLUSTER/stores/ (subscribing to each one's
+ * events and snapshots as it joins, dropping it from placement the moment its key goes) and
+ * registers this replica under /kvfabric/CLUSTER/scheds/. 0, or 1 after saying why. */
+int kvf__sched_etcd_start(kvf__sched_daemon *d, const kvf__sched_etcd *o);
+/* Whether the first listing of the stores is in (1 without etcd). Called with d->mu held. */
+int kvf__sched_etcd_synced_locked(kvf__sched_daemon *d);
+/* Revokes this replica's registration and stops following the stores. */
+void kvf__sched_etcd_stop(kvf__sched_daemon *d);
 
 /* ------------------------------------------------------------------------------------------ */
 /* The instance table (registry.c) */

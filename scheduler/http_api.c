@@ -480,7 +480,9 @@ static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
 {
     json_t *arr = json_array();
     char buf[sizeof d->stores];
+    pthread_mutex_lock(&d->mu); /* etcd's watcher rewrites it as stores come and go */
     snprintf(buf, sizeof buf, "%s", d->stores);
+    pthread_mutex_unlock(&d->mu);
     for (char *sv = NULL, *t = strtok_r(buf, ",", &sv); t; t = strtok_r(NULL, ",", &sv))
         json_array_append_new(arr, json_string(t));
     return send_json(c, 200, json_pack("{s:o}", "stores", arr));
@@ -494,6 +496,8 @@ typedef struct stats {
         rejections;
     uint64_t expired, deleted; /* instances */
     uint64_t snapshots, snapshot_failures;
+    uint64_t store_joins, store_leaves;
+    int etcd, etcd_synced, stores_registered;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
     int subs;
@@ -513,6 +517,13 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->resyncs = d->resyncs;
     st->snapshots = d->snapshots;
     st->snapshot_failures = d->snapshot_failures;
+    st->store_joins = d->store_joins;
+    st->store_leaves = d->store_leaves;
+    st->etcd = d->store_rec != NULL;
+    st->etcd_synced = kvf__sched_etcd_synced_locked(d);
+    st->stores_registered = 0;
+    for (int i = 0; st->etcd && i < KVF_SCHED_MAX_STORES; i++)
+        st->stores_registered += d->store_rec[i][0] != 0;
     st->placements = d->placements;
     st->rejections = d->rejections;
     st->instances = kvf_sched_instance_count(d->s);
@@ -551,6 +562,12 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
     json_object_set_new(o, "store_snapshots", json_integer(counter(st->snapshots)));
+    if (st->etcd)
+        json_object_set_new(o, "etcd",
+                            json_pack("{s:b,s:i,s:I,s:I}", "synced", st->etcd_synced, "stores",
+                                      st->stores_registered, "store_joins",
+                                      counter(st->store_joins), "store_leaves",
+                                      counter(st->store_leaves)));
     json_object_set_new(o, "store_snapshot_failures", json_integer(counter(st->snapshot_failures)));
     json_object_set_new(o, "placements", json_integer(counter(st->placements)));
     json_object_set_new(o, "rejections", json_integer(counter(st->rejections)));
@@ -605,6 +622,12 @@ static void metrics_collect(void *ud, kvf__metrics *m)
          1, (double)st.snapshots},
         {"store_snapshot_failures_total", "Snapshots that did not arrive whole.", 1,
          (double)st.snapshot_failures},
+        {"stores_registered", "Storage nodes registered in etcd (0 without --etcd).", 0,
+         (double)st.stores_registered},
+        {"store_joins_total", "Storage nodes that registered in etcd, or again.", 1,
+         (double)st.store_joins},
+        {"store_leaves_total", "Storage nodes whose registration went (lease lapsed or revoked).",
+         1, (double)st.store_leaves},
         {"instances_expired_total", "Instances removed for silence (--instance-ttl).", 1,
          (double)st.expired},
         {"instances_deleted_total", "Instances removed by DELETE.", 1, (double)st.deleted},

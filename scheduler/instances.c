@@ -121,6 +121,11 @@ int kvf_sched_instance_remove(kvf_sched *s, int idx)
     return 0;
 }
 
+void kvf_sched_set_no_stores(kvf_sched *s, int no_stores)
+{
+    s->o.no_stores = no_stores != 0;
+}
+
 size_t kvf_sched_instance_count(const kvf_sched *s)
 {
     return s->n_live;

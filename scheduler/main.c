@@ -17,6 +17,7 @@
 #include "args.h"
 #include "auth.h"
 #include "jsonkeys.h"
+#include "member.h"
 #include "notify.h"
 #include "tcp.h"
 
@@ -39,6 +40,8 @@ typedef struct cmdline {
     const char *listen, *policy, *cost, *config, *store_events, *store_snapshots, *tokens;
     const char *events_credential, *events_server_key; /* CURVE for every event subscription */
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
+    const char *etcd, *cluster, *advertise; /* membership on etcd (members.c) */
+    long etcd_ttl;
 } cmdline;
 
 static kvf__sched_daemon *g_daemon;
@@ -111,6 +114,17 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "subscribe to events over CURVE with this key", NULL),
         KVF__OPT("events-server-key", KVF__ARG_STR, &cl->events_server_key, "HEX",
                  "the publishers' X25519 public key (with --events-credential)", NULL),
+        KVF__OPT("etcd", KVF__ARG_STR, &cl->etcd, "URL[,...]",
+                 "learn the storage nodes from their registrations in etcd (its members' "
+                 "http://HOST:PORT) instead of --stores and --store-events, and register this "
+                 "replica (docs/membership.md)",
+                 NULL),
+        KVF__OPT("cluster", KVF__ARG_STR, &cl->cluster, "NAME",
+                 "the cluster's name in etcd: keys under /kvfabric/NAME/", "default"),
+        KVF__OPT("etcd-ttl", KVF__ARG_LONG, &cl->etcd_ttl, "SECONDS",
+                 "this replica's lease in etcd", "5", .lo = 2, .hi = 3600),
+        KVF__OPT("advertise", KVF__ARG_STR, &cl->advertise, "HOST",
+                 "the host engines reach this replica at, registered in etcd", "--listen's host"),
         KVF__OPT("insecure", KVF__ARG_FLAG, &cl->insecure, NULL,
                  "allow --listen beyond loopback without --tokens (docs/security.md)", NULL),
         KVF__OPT("log-level", KVF__ARG_FN, &d->lg, "LEVEL", "debug, info, warn or error", "info",
@@ -375,7 +389,23 @@ static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint
     }
     pthread_t ev;
     pthread_create(&ev, NULL, kvf__sched_events_main, d);
+    if (cl->etcd) {
+        kvf__sched_etcd eo = {.etcd = cl->etcd,
+                              .cluster = cl->cluster,
+                              .advertise = cl->advertise ? cl->advertise : host,
+                              .ttl_s = (int)cl->etcd_ttl,
+                              .port = bound};
+        if (kvf__sched_etcd_start(d, &eo) != 0) {
+            atomic_store(&d->stop, 1);
+            kvf__httpd_stop(&d->httpd);
+            pthread_join(ev, NULL);
+            kvf__sched_etcd_stop(d);
+            rc = 1;
+            goto out_close_zsubs;
+        }
+    }
     rc = wait_for_signal(d, host, bound, policy);
+    kvf__sched_etcd_stop(d); /* revoked first: engines and routers stop asking this replica */
     kvf__httpd_stop(&d->httpd);
     pthread_join(ev, NULL);
 out_close_zsubs:
@@ -390,7 +420,11 @@ int main(int argc, char **argv)
     static kvf__sched_daemon d;
     d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
     d.ttl_ns = (uint64_t)(DEFAULT_TTL_S * 1e9);
-    cmdline cl = {.chunk_tokens = 256, .listen = "127.0.0.1:7500", .policy = "kvf_cost"};
+    cmdline cl = {.chunk_tokens = 256,
+                  .listen = "127.0.0.1:7500",
+                  .policy = "kvf_cost",
+                  .cluster = "default",
+                  .etcd_ttl = 5};
     int rc = parse_args(argc, argv, &cl, &d);
     if (rc >= 0)
         return rc;
@@ -401,7 +435,7 @@ int main(int argc, char **argv)
     if ((rc = scheduler_opts(&cl, &so, host, sizeof host, &port)) != 0)
         return rc;
     /* Without --stores and --store-events there is no storage node to plan for. */
-    so.no_stores = !d.stores[0] && !cl.store_events;
+    so.no_stores = !d.stores[0] && !cl.store_events; /* with --etcd: until a store joins */
     if (kvf_sched_new(&d.s, &so) != 0) {
         fprintf(stderr, "kvf-sched: out of memory\n");
         return 1;
@@ -414,6 +448,24 @@ int main(int argc, char **argv)
     if (cl.config && load_config(&d, cl.config, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
         return 2;
+    }
+    if (cl.etcd && (cl.store_events || d.stores[0])) {
+        fprintf(stderr, "kvf-sched: --etcd learns the stores from their registrations: not with "
+                        "--stores or --store-events\n");
+        return 2;
+    }
+    if (!cl.etcd && cl.advertise) {
+        fprintf(stderr, "kvf-sched: --advertise is what --etcd registers; it needs --etcd\n");
+        return 2;
+    }
+    if (cl.etcd) {
+        if (kvf__member_cluster_check("kvf-sched", cl.cluster) != 0)
+            return 2;
+        const char *h = cl.advertise ? cl.advertise : host;
+        if (!strcmp(h, "0.0.0.0") || !strcmp(h, "::")) {
+            fprintf(stderr, "kvf-sched: --etcd with --listen on %s needs --advertise HOST\n", h);
+            return 2;
+        }
     }
     if (cl.store_snapshots && !cl.store_events) {
         fprintf(stderr, "kvf-sched: --store-snapshots needs --store-events\n");

@@ -32,14 +32,18 @@ void kvf__sched_subscribe_locked(kvf__sched_daemon *d, const kvf_event_source *s
     d->n_pending++;
 }
 
-void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx)
+/* Ends the subscriptions, made or pending, of instance slot `instance`, or (instance -1) of
+ * storage node `store`. */
+static void unsubscribe_where(kvf__sched_daemon *d, int instance, int store)
 {
     for (int i = 0; i < d->n_subs; i++)
-        if (d->subs[i].used && d->subs[i].src.instance == idx)
+        if (d->subs[i].used && d->subs[i].src.instance == instance &&
+            (instance >= 0 || d->subs[i].src.store == store))
             d->subs[i].dead = 1;
     int k = 0;
     for (int i = 0; i < d->n_pending; i++) {
-        if (d->pending_src[i].instance == idx)
+        const kvf_event_source *p = &d->pending_src[i];
+        if (p->instance == instance && (instance >= 0 || p->store == store))
             continue;
         if (k != i) {
             d->pending_src[k] = d->pending_src[i];
@@ -49,6 +53,16 @@ void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx)
         k++;
     }
     d->n_pending = k;
+}
+
+void kvf__sched_unsubscribe_locked(kvf__sched_daemon *d, int idx)
+{
+    unsubscribe_where(d, idx, -1);
+}
+
+void kvf__sched_unsubscribe_store_locked(kvf__sched_daemon *d, int node)
+{
+    unsubscribe_where(d, -1, node);
 }
 
 int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d)

@@ -22,6 +22,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
+#include "register.h"
 #include "publish.h"
 #include "server.h"
 #include "tcp.h"
@@ -82,6 +83,8 @@ typedef struct store_cfg {
     const char *evict, *poller, *events, *rdma, *auth, *copy_credential, *events_credential;
     const char *metrics;         /* --metrics HOST:PORT: /metrics over HTTP */
     const char *events_snapshot; /* --events-snapshot HOST:PORT or off; NULL: --events's host */
+    const char *etcd, *cluster, *advertise; /* membership (docs/membership.md) */
+    long etcd_ttl;
     const char *shm;
     char shm_auto[64];
     uint64_t shm_staging_max;
@@ -116,6 +119,8 @@ static store_cfg store_cfg_default(void)
         .prefault = 1,
         .disk_queue = 256ull << 20,
         .disk_promote = 2,
+        .cluster = "default",
+        .etcd_ttl = 5,
         .lg = {.level = KVF_LOG_INFO, .name = "kvf-store"},
     };
 }
@@ -281,6 +286,17 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "answer snapshot requests (everything held now, both tiers) on this address, so "
                  "that a kvf-sched that subscribes late learns what the node holds",
                  "--events's host, a free port"),
+        KVF__OPT("etcd", KVF__ARG_STR, &cfg->etcd, "URL[,...]",
+                 "register in etcd (its members' http://HOST:PORT) under a lease, so that "
+                 "kvf-sched finds this node and drops it when it dies (docs/membership.md)",
+                 NULL),
+        KVF__OPT("cluster", KVF__ARG_STR, &cfg->cluster, "NAME",
+                 "the cluster's name in etcd: keys under /kvfabric/NAME/", "default"),
+        KVF__OPT("etcd-ttl", KVF__ARG_LONG, &cfg->etcd_ttl, "SECONDS",
+                 "the lease: a node that dies is dropped this long after", "5", .lo = 2,
+                 .hi = 3600),
+        KVF__OPT("advertise", KVF__ARG_STR, &cfg->advertise, "HOST",
+                 "the host others reach this node at, registered in etcd", "--listen's host"),
         KVF__OPT("metrics", KVF__ARG_STR, &cfg->metrics, "HOST:PORT",
                  "serve GET /metrics (Prometheus text) over HTTP on this address (port 0 picks; "
                  "beyond loopback only with --insecure)",
@@ -409,6 +425,21 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                                                         : cfg->insecure) != 0)) {
         if (!cfg->events)
             fprintf(stderr, "kvf-store: --events-snapshot needs --events\n");
+        return 2;
+    }
+    if (cfg->etcd) {
+        const char *h = cfg->advertise ? cfg->advertise : cfg->host;
+        if (kvf__member_cluster_check("kvf-store", cfg->cluster) != 0)
+            return 2;
+        if (!strcmp(h, "0.0.0.0") || !strcmp(h, "::") || !h[0]) {
+            fprintf(stderr,
+                    "kvf-store: --etcd with --listen on %s needs --advertise HOST: the "
+                    "address others reach this node at\n",
+                    cfg->host);
+            return 2;
+        }
+    } else if (cfg->advertise) {
+        fprintf(stderr, "kvf-store: --advertise is what --etcd registers; it needs --etcd\n");
         return 2;
     }
     /* The counters say how busy the node is and how full; beyond loopback only where the
@@ -799,10 +830,26 @@ int main(int argc, char **argv)
         status = 1;
         goto out_close_metrics;
     }
+    kvf__member *member = NULL;
+    if (cfg.etcd) {
+        kvf__store_reg reg = {.etcd = cfg.etcd,
+                              .cluster = cfg.cluster,
+                              .advertise = cfg.advertise ? cfg.advertise : cfg.host,
+                              .ttl_s = (int)cfg.etcd_ttl,
+                              .node = (int)cfg.node,
+                              .port = kvf__server_port(srv),
+                              .rdma_port = kvf__server_rdma_port(srv, &(const char *){NULL}),
+                              .events = ev_ep,
+                              .snapshot = snap_ep,
+                              .log = &cfg.lg};
+        if ((status = kvf__store_register(&reg, &member)))
+            goto out_close_metrics;
+    }
     announce(&cfg, srv, cache, ev_ep, snap_ep, mport);
     kvf__notify_ready(&cfg.lg, "serving");
 
     kvf__server_run(srv);
+    kvf__member_stop(&member); /* revoked: kvf-sched drops this node now, not a TTL later */
     kvf__notify_stopping();
     kvf_info(&cfg.lg, "stopping");
 out_close_metrics:

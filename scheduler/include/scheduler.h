@@ -222,6 +222,9 @@ int kvf_sched_all_cleared(kvf_sched *s, int idx);
  * (0..KVF_SCHED_MAX_STORES-1). */
 int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted,
                            int disk);
+/* Whether any storage node exists now (kvf_sched_opts.no_stores, changed as nodes come and go
+ * through etcd). */
+void kvf_sched_set_no_stores(kvf_sched *s, int no_stores);
 /* Forgets every chunk node holds, on both tiers (before a snapshot of it is applied). */
 int kvf_sched_store_cleared(kvf_sched *s, int node);
 /* A node's measured rate of reads from its disk tier (StoreRates events; bytes per second, > 0):

@@ -1,0 +1,61 @@
+/*
+ * Membership on etcd (docs/membership.md): a process registers a key under a lease that a thread
+ * keeps alive, so that the key disappears when the process dies (the lease expires) or stops (the
+ * lease is revoked); and a watcher follows every key under a prefix, telling its owner what
+ * joined, changed and left, resuming the watch from the last revision it saw and listing again
+ * when etcd has compacted that history.
+ */
+#ifndef KVF_MEMBERSHIP_MEMBER_H
+#define KVF_MEMBERSHIP_MEMBER_H
+
+#include "log.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Whether name may be a cluster's name in keys (/kvfabric/NAME/...): 1 to 64 of
+ * [A-Za-z0-9._-]. 0, or -1 after saying why on stderr, prog first. */
+int kvf__member_cluster_check(const char *prog, const char *name);
+
+/* A registration: key = value under a lease of ttl_s seconds, renewed every third of it. */
+typedef struct kvf__member kvf__member;
+
+typedef struct kvf__member_opts {
+    const char *endpoints; /* etcd's members, "http://HOST:PORT,..." */
+    const char *key, *value;
+    int ttl_s;     /* 2 to 3600 */
+    int exclusive; /* take the key only where nobody holds it (a node number) */
+    int wait_ms;   /* exclusive: how long to wait for a previous holder's lease to lapse */
+    const kvf_log *log;
+} kvf__member_opts;
+
+/* Registers now (bounded: o->wait_ms plus the calls' timeouts), then keeps the lease alive on a
+ * thread of its own; a lease lost meanwhile (the process was cut off from etcd longer than the
+ * TTL) is granted again and the key put again, logged. 0, or KVF_ECONNREFUSED (no member
+ * answered), KVF_EEXIST (held by another: err names the holder's value) or another KVF_E* code,
+ * with one line in err. */
+int kvf__member_start(kvf__member **out, const kvf__member_opts *o, char *err, size_t errlen);
+/* 1 while the key is held (its lease renewed within its TTL), else 0. */
+int kvf__member_registered(kvf__member *m);
+/* Times the lease was lost and the key registered again. */
+uint64_t kvf__member_rejoins(kvf__member *m);
+/* Stops renewing and revokes the lease: the key goes at once. Accepts NULL; clears *m. */
+void kvf__member_stop(kvf__member **m);
+
+/* What a watcher tells: key joined or changed (put 1, with its value) or left (put 0). Called on
+ * the watcher's thread, in the order etcd made the changes. */
+typedef void (*kvf__watch_fn)(void *ud, int put, const char *key, const char *value);
+typedef struct kvf__watcher kvf__watcher;
+
+/* Follows the keys under prefix: lists them (each a put), then watches from the revision after
+ * the list. A broken stream is resumed from the next revision on the next member (back-off 0.2 s,
+ * doubling to 2 s); history compacted away is listed again, and what vanished meanwhile is told
+ * as left. 0, or a KVF_E* code with one line in err (nothing is contacted before the thread). */
+int kvf__watcher_start(kvf__watcher **out, const char *endpoints, const char *prefix,
+                       kvf__watch_fn fn, void *ud, const kvf_log *log, char *err, size_t errlen);
+/* 1 once the first listing has been told. */
+int kvf__watcher_synced(kvf__watcher *w);
+/* Stops the thread (within about a second). Accepts NULL; clears *w. */
+void kvf__watcher_stop(kvf__watcher **w);
+
+#endif

@@ -1,0 +1,268 @@
+#!/usr/bin/env python3
+"""Membership on etcd (docs/membership.md), against a real three-member etcd on loopback:
+
+- two kvf-sched replicas and two kvf-stores register with leases; both replicas learn both stores
+  from etcd (their addresses, events and snapshots) and what they hold;
+- kill -9 a store: its lease lapses and every replica drops it from placement within the TTL + 1 s
+  (the time is measured and printed); restarted with the same node number, it joins again;
+- SIGTERM a store: its lease is revoked, it is dropped at once;
+- kill one of the three etcd members (the one answering first): the stores keep their leases and
+  the replicas keep following (a store killed afterwards is still dropped in time);
+- kill -9 a kvf-sched replica: its registration lapses; the other goes on;
+- a second store that asks for a node number a live one holds is refused, naming the holder.
+
+usage: etcd_check.py   (environment: KVF_STORE_BIN; kvf-sched is taken from its folder; etcd from
+                        $PATH: exit 77, skipped, where it is not installed)
+"""
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+STORE = os.environ["KVF_STORE_BIN"]
+SCHED = os.path.join(os.path.dirname(STORE), "kvf-sched")
+ETCD = shutil.which("etcd")
+TTL = 2
+T_END = time.time() + 240  # every wait below is bounded by this too
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("etcd_check: FAIL: " + what, flush=True)
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for(cond, timeout, step=0.05):
+    end = min(time.time() + timeout, T_END)
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    return cond()
+
+
+def get_json(url, timeout=3):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Etcd:
+    """A three-member etcd on loopback, each member in a data directory of its own."""
+
+    def __init__(self, tmp):
+        ports = free_ports(6)
+        self.client = ["http://127.0.0.1:%d" % p for p in ports[:3]]
+        peers = ["http://127.0.0.1:%d" % p for p in ports[3:]]
+        cluster = ",".join("m%d=%s" % (i, peers[i]) for i in range(3))
+        self.p = []
+        for i in range(3):
+            log = open(os.path.join(tmp, "etcd%d.log" % i), "w")
+            self.p.append(subprocess.Popen(
+                [ETCD, "--name", "m%d" % i, "--data-dir", os.path.join(tmp, "etcd%d" % i),
+                 "--listen-client-urls", self.client[i], "--advertise-client-urls", self.client[i],
+                 "--listen-peer-urls", peers[i], "--initial-advertise-peer-urls", peers[i],
+                 "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                 "--initial-cluster-token", "kvf-etcd-check"],
+                stdout=log, stderr=log))
+        ok = wait_for(lambda: all(self.healthy(i) for i in range(3)), 30, 0.2)
+        check(ok, "the three etcd members did not become healthy in 30 s")
+        self.endpoints = ",".join(self.client)
+
+    def healthy(self, i):
+        try:
+            return get_json(self.client[i] + "/health", 1).get("health") == "true"
+        except Exception:
+            return False
+
+    def keys(self, prefix):
+        """The keys under prefix, asked of any live member."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        body = json.dumps({"key": base64.b64encode(prefix.encode()).decode(),
+                           "range_end": base64.b64encode(end.encode()).decode()}).encode()
+        for c in self.client:
+            try:
+                req = urllib.request.Request(c + "/v3/kv/range", data=body, method="POST")
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    kvs = json.loads(r.read()).get("kvs", [])
+                return sorted(base64.b64decode(kv["key"]).decode() for kv in kvs)
+            except Exception:
+                continue
+        return None
+
+    def kill(self, i):
+        self.p[i].kill()
+        self.p[i].wait(timeout=30)
+
+    def stop(self):
+        for p in self.p:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.p:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class Proc:
+    def __init__(self, args, what):
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.line = self.p.stdout.readline()
+        self.err = ""
+        if "listen=" not in self.line:
+            self.err = self.p.stderr.read()
+            self.p.wait(timeout=30)
+            self.addr = None
+            return
+        self.addr = self.line.split("listen=")[1].split()[0]
+
+    def kill(self):
+        self.p.kill()
+        self.p.wait(timeout=30)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.terminate()
+            try:
+                return self.p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+        return self.p.returncode
+
+
+def store(etcd, node):
+    return Proc([STORE, "--listen", "127.0.0.1:0", "--memory", "32M", "--no-prefault", "--shm",
+                 "off", "--threads", "1", "--events", "127.0.0.1:0", "--node", str(node), "--etcd",
+                 etcd.endpoints, "--cluster", "check", "--etcd-ttl", str(TTL), "--log-level",
+                 "warn"], "kvf-store")
+
+
+def sched(etcd):
+    return Proc([SCHED, "--listen", "127.0.0.1:0", "--etcd", etcd.endpoints, "--cluster", "check",
+                 "--etcd-ttl", str(TTL), "--log-level", "warn"], "kvf-sched")
+
+
+def stores_of(s):
+    try:
+        return sorted(get_json("http://%s/v1/stores" % s.addr)["stores"])
+    except Exception:
+        return None
+
+
+def main():
+    if not ETCD:
+        print("etcd_check: skipped: etcd is not installed (apt-get install etcd-server)")
+        sys.exit(77)
+    tmp = tempfile.mkdtemp(prefix="kvf-etcd-")
+    etcd = Etcd(tmp)
+    procs = []
+    try:
+        a, b = sched(etcd), sched(etcd)
+        procs += [a, b]
+        check(a.addr and b.addr, "kvf-sched did not start: %r %r" % (a.err, b.err))
+        s0, s1 = store(etcd, 0), store(etcd, 1)
+        procs += [s0, s1]
+        check(s0.addr and s1.addr, "kvf-store did not start: %r %r" % (s0.err, s1.err))
+        both = sorted([s0.addr, s1.addr])
+        for r in (a, b):
+            check(wait_for(lambda: stores_of(r) == both, 5) is not False and stores_of(r) == both,
+                  "replica %s lists %r, not the two stores %r" % (r.addr, stores_of(r), both))
+            st = get_json("http://%s/v1/index/stats" % r.addr)
+            check(st["etcd"]["synced"] and st["etcd"]["stores"] == 2 and
+                  wait_for(lambda: get_json("http://%s/v1/index/stats" % r.addr)
+                           ["store_snapshots"] >= 2, 5),
+                  "replica %s: %r" % (r.addr, st))
+        check(etcd.keys("/kvfabric/check/scheds/") ==
+              sorted("/kvfabric/check/scheds/" + r.addr for r in (a, b)),
+              "the replicas' registrations: %r" % etcd.keys("/kvfabric/check/scheds/"))
+
+        # a second store asking for node 1, held by a live one: refused, naming the holder
+        dup = store(etcd, 1)
+        check(dup.addr is None and "held by another" in dup.err and s1.addr in dup.err,
+              "a duplicate node number was not refused: %r %r" % (dup.line, dup.err))
+
+        # kill -9 store 0: dropped by every replica within the TTL + 1 s
+        t0 = time.time()
+        s0.kill()
+        gone = []
+        for r in (a, b):
+            wait_for(lambda: stores_of(r) == [s1.addr], TTL + 5)
+            gone.append(time.time() - t0)
+            check(stores_of(r) == [s1.addr], "replica %s still lists %r" % (r.addr, stores_of(r)))
+        worst = max(gone)
+        print("etcd_check: a killed store was dropped by both replicas %.2f s after its death "
+              "(TTL %d s)" % (worst, TTL), flush=True)
+        check(worst <= TTL + 1.0, "a killed store was dropped after %.2f s: more than the TTL + "
+              "1 s" % worst)
+
+        # restarted with its number: joins again
+        s0 = store(etcd, 0)
+        procs.append(s0)
+        check(s0.addr is not None, "the restarted store did not start: %r" % s0.err)
+        both = sorted([s0.addr, s1.addr])
+        check(wait_for(lambda: stores_of(a) == both and stores_of(b) == both, 5),
+              "the restarted store was not learnt: %r %r" % (stores_of(a), stores_of(b)))
+
+        # one of three etcd members killed (the first listed, which every process asks first)
+        etcd.kill(0)
+        time.sleep(TTL + 1)  # longer than a lease: the stores renewed through another member
+        check(stores_of(a) == both and stores_of(b) == both,
+              "with an etcd member down the replicas list %r and %r" % (stores_of(a),
+                                                                       stores_of(b)))
+        t0 = time.time()
+        s0.kill()
+        check(wait_for(lambda: stores_of(a) == [s1.addr] and stores_of(b) == [s1.addr], TTL + 5),
+              "with an etcd member down a killed store stays listed: %r" % stores_of(a))
+        late = time.time() - t0
+        print("etcd_check: with one etcd member of three down, a killed store was dropped "
+              "%.2f s after its death" % late, flush=True)
+        check(late <= TTL + 1.0, "with an etcd member down, dropped after %.2f s" % late)
+
+        # SIGTERM: revoked, dropped at once
+        t0 = time.time()
+        check(s1.stop() == 0, "kvf-store did not stop cleanly")
+        check(wait_for(lambda: stores_of(a) == [] and stores_of(b) == [], 1.0),
+              "a stopped store stays listed: %r" % stores_of(a))
+        print("etcd_check: a stopped store was dropped %.2f s after SIGTERM" % (time.time() - t0))
+
+        # kill -9 a replica: its registration lapses; the other serves on
+        a.kill()
+        check(wait_for(lambda: etcd.keys("/kvfabric/check/scheds/") ==
+                       ["/kvfabric/check/scheds/" + b.addr], TTL + 5),
+              "a killed replica's registration stays: %r" % etcd.keys("/kvfabric/check/scheds/"))
+        s2 = store(etcd, 2)
+        procs.append(s2)
+        check(wait_for(lambda: stores_of(b) == [s2.addr], 5),
+              "the surviving replica did not learn a new store: %r" % stores_of(b))
+    finally:
+        for p in procs:
+            p.stop()
+        etcd.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        print("etcd_check: %d failure(s)" % len(failures))
+        sys.exit(1)
+    print("etcd_check: ok")
+
+
+main()
