@@ -106,9 +106,17 @@ int kvf_client_exists_tiers(kvf_client *c, size_t n, const kvf_key *keys, uint8_
 int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
                              int deadline_ms)
 {
-    if (!c || !hits)
+    int why;
+    return kvf_client_lookup_prefix_why(c, n, keys, hits, &why, deadline_ms);
+}
+
+int kvf_client_lookup_prefix_why(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
+                                 int *why, int deadline_ms)
+{
+    if (!c || !hits || !why)
         return KVF_EINVAL;
     *hits = 0;
+    *why = 0;
     uint8_t *present = calloc(n ? n : 1, 1);
     int *st = calloc(n ? n : 1, sizeof *st);
     if (!present || !st) {
@@ -129,6 +137,8 @@ int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_
     while (h < n && present[h] && st[h] == 0)
         h++;
     *hits = h;
+    if (h < n && st[h] != 0 && st[h] != KVF_ENOENT)
+        *why = st[h];
     free(present);
     free(st);
     return rc;

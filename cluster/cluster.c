@@ -88,6 +88,9 @@ static int check_cfg(cfg *c)
     if (dots != 2)
         return kvf__cluster_fail(
             "%s: netns.subnet is the first three numbers of a /24, e.g. 10.77.0", cfg_where);
+    if (c->etcd == 2)
+        return kvf__cluster_fail("%s: \"etcd\" is 0 (none), 1 or 3 members: two cannot lose one",
+                                 cfg_where);
     if (strcmp(c->engine, "kvf-engine") && strcmp(c->engine, "transformers"))
         return kvf__cluster_fail("%s: \"engine\" is kvf-engine or transformers, not \"%s\"",
                                  cfg_where, c->engine);
@@ -124,9 +127,11 @@ static int load_cfg(const char *path, cfg *c)
     }
     int max_tokens = 16384, rc = 0;
     static const char *const top_keys[] = {
-        "name",       "model",         "engine", "engine_args",       "python", "store_memory",
-        "store_disk", "store_shm",     "policy", "run_dir",           "stores", "prefill",
-        "decode",     "store_threads", "netns",  "engine_max_tokens", NULL};
+        "name",   "model",         "engine",     "engine_args",
+        "python", "store_memory",  "store_disk", "store_shm",
+        "policy", "run_dir",       "stores",     "prefill",
+        "decode", "store_threads", "netns",      "engine_max_tokens",
+        "scheds", "etcd",          "etcd_ttl",   NULL};
     static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
     char kerr[700], where[600];
     json_t *ns = json_object_get(o, "netns");
@@ -158,6 +163,8 @@ static int load_cfg(const char *path, cfg *c)
         get_int(o, "prefill", 1, 1, 16, &c->prefill) ||
         get_int(o, "decode", 1, 1, 16, &c->decode) ||
         get_int(o, "store_threads", 1, 1, 64, &c->store_threads) ||
+        get_int(o, "scheds", 1, 1, 4, &c->scheds) || get_int(o, "etcd", 0, 0, 3, &c->etcd) ||
+        get_int(o, "etcd_ttl", 5, 2, 60, &c->etcd_ttl) ||
         get_int(o, "engine_max_tokens", 16384, 256, 1 << 20, &max_tokens) ||
         (ns && get_str(ns, "subnet", "10.77.0", c->subnet, sizeof c->subnet)) ||
         (ns && get_str(ns, "rate", "", c->rate, sizeof c->rate))) {
@@ -219,15 +226,23 @@ static void probe(const proc *q, char *out, size_t n, json_t **detail)
         }
         return;
     }
+    int etcd = !strcmp(q->kind, "etcd");
     snprintf(url, sizeof url, "http://%s%s", q->addr,
-             strcmp(q->kind, "sched") ? "/v1/health" : "/v1/index/stats");
+             etcd                       ? "/health"
+             : strcmp(q->kind, "sched") ? "/v1/health"
+                                        : "/v1/index/stats");
     if (kvf__http_call("GET", url, NULL, 2000, &status, &r, err, sizeof err) != 0 ||
         status != 200 || !r) {
         snprintf(out, n, "NOT answering %.200s", url);
         json_decref(r);
         return;
     }
-    if (!strcmp(q->kind, "sched"))
+    if (etcd)
+        snprintf(out, n, "etcd member, health %s",
+                 json_string_value(json_object_get(r, "health"))
+                     ? json_string_value(json_object_get(r, "health"))
+                     : "unknown");
+    else if (!strcmp(q->kind, "sched"))
         snprintf(out, n, "%lld instances, %lld blocks indexed, %lld event batches",
                  (long long)json_integer_value(json_object_get(r, "instances")),
                  (long long)json_integer_value(json_object_get(r, "blocks")),
@@ -392,10 +407,13 @@ static int cmd_send(const cfg *c, cluster_args *a)
                 c->run_dir);
         return 3;
     }
-    const char *sched = NULL;
+    char scheds[700] = ""; /* every replica: the router fails over between them */
     for (int i = 0; i < np; i++)
-        if (!strcmp(p[i].kind, "sched"))
-            sched = p[i].addr;
+        if (!strcmp(p[i].kind, "sched")) {
+            size_t l = strlen(scheds);
+            snprintf(scheds + l, sizeof scheds - l, "%s%s", l ? "," : "", p[i].addr);
+        }
+    const char *sched = scheds[0] ? scheds : NULL;
     if (!sched)
         return kvf__cluster_fail("the state of cluster \"%s\" names no kvf-sched", c->name);
     char tokens[640];

@@ -19,6 +19,9 @@ typedef struct cfg {
      * kvfabric.serve, with engine_args appended, run by the interpreter python) */
     char engine[16], engine_args[512], python[256];
     int stores, prefill, decode, store_threads;
+    int scheds;   /* kvf-sched replicas (1 to 4) */
+    int etcd;     /* etcd members the launcher starts (0: none, static lists; 1 or 3) */
+    int etcd_ttl; /* the leases of the stores and replicas, seconds */
     long max_tokens;
     /* --netns */
     char subnet[32], rate[32];
@@ -50,6 +53,14 @@ int kvf__cluster_netns_hub(const cfg *c, char *shaping, size_t sl);
 /* Makes host k's namespace (named p->ns), its veth into the hub and its shaping. Returns 0, or 1
  * after printing why. */
 int kvf__cluster_netns_host(const cfg *c, proc *p, int k, char *shaping, size_t sl);
+
+/* cluster_etcd.c: starts the n etcd members p[0..n) (named, their namespaces made), member i
+ * serving clients on client[i] and its peers on peer[i] ("HOST:PORT"), and waits until each is
+ * healthy. endpoints gets their "http://HOST:PORT" list. 0, or 1 after printing why. */
+int kvf__cluster_etcd_start(const cfg *c, proc *p, int n, char client[][64], char peer[][64],
+                            char *endpoints, size_t len);
+/* A port free on loopback now (-1: none). */
+int kvf__cluster_free_port(void);
 
 /* cluster_run.c: the state file (RUN_DIR/state.json) and the processes it names. */
 void kvf__cluster_state_path(const cfg *c, char *out, size_t n);

@@ -141,6 +141,7 @@ void kvf__cluster_state_path(const cfg *c, char *out, size_t n)
 int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, const char *shaping)
 {
     json_t *arr = json_array(), *stores = json_array(), *engines = json_array();
+    json_t *scheds = json_array(), *etcd = json_array();
     const char *sched = "";
     for (int i = 0; i < np; i++) {
         json_array_append_new(arr, json_pack("{s:s,s:s,s:i,s:s,s:s,s:s}", "name", p[i].name, "kind",
@@ -148,8 +149,11 @@ int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, con
                                              "log", p[i].log, "netns", p[i].ns));
         if (!strcmp(p[i].kind, "store"))
             json_array_append_new(stores, json_string(p[i].addr));
-        else if (!strcmp(p[i].kind, "sched"))
-            sched = p[i].addr;
+        else if (!strcmp(p[i].kind, "sched")) {
+            sched = sched[0] ? sched : p[i].addr; /* the first replica */
+            json_array_append_new(scheds, json_string(p[i].addr));
+        } else if (!strcmp(p[i].kind, "etcd"))
+            json_array_append_new(etcd, json_string(p[i].addr));
         else
             json_array_append_new(engines, json_string(p[i].addr));
     }
@@ -158,6 +162,8 @@ int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, con
                   "sched", sched, "stores", stores, "engines", engines, "procs", arr, "netns",
                   netns, "shaping", shaping ? shaping : "", "policy", c->policy);
     json_object_set_new(o, "engine", json_string(c->engine));
+    json_object_set_new(o, "scheds", scheds); /* every replica, the first being "sched" */
+    json_object_set_new(o, "etcd", etcd);
     if (!strcmp(c->engine, "transformers")) { /* the model's layout, for kvf-bench e2e */
         char lf[600];
         snprintf(lf, sizeof lf, "%s/layout.json", c->run_dir);
@@ -213,10 +219,11 @@ int kvf__cluster_ours_alive(pid_t pid)
     cmd[n] = '\0';
     if (strstr(cmd, "kvf-")) /* argv[0]: one of our binaries */
         return 1;
-    for (size_t i = 0; i < n;
-         i++) /* an interpreter running our engine: python3 -m kvfabric.serve */
+    for (size_t i = 0; i < n; i++)
         cmd[i] = cmd[i] ? cmd[i] : ' ';
-    return strstr(cmd, " -m kvfabric.serve ") != NULL;
+    /* an interpreter running our engine (python3 -m kvfabric.serve), or an etcd member the
+     * launcher named */
+    return strstr(cmd, " -m kvfabric.serve ") != NULL || strstr(cmd, " --name kvf-etcd-") != NULL;
 }
 
 /* Whether p is to be stopped: a child of this process (up undoing itself: it may not have

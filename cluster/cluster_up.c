@@ -41,7 +41,9 @@ typedef struct launch {
     char store_events[2048]; /* their chunk-event endpoints, in the same order */
     char store_snaps[2048];  /* their snapshot endpoints, in the same order */
     char cost[700];          /* the cost model calibrate measured */
-    char sched[160];         /* kvf-sched's address */
+    char sched[700];         /* kvf-sched's replicas' addresses, comma-separated */
+    char etcd[600];          /* the etcd members' endpoints ("etcd"), comma-separated */
+    char etcd_ttl[16];       /* the stores' and replicas' leases, seconds */
     char tokens[640];        /* kvf-sched's token file, in the run directory */
     char token_env[160];     /* KVF_SCHED_TOKEN=..., for the engines */
     char tenants[640];       /* the stores' tenants file (--auth), in the run directory */
@@ -247,11 +249,14 @@ static int announce(launch *L)
     snprintf(L->engine_bin, sizeof L->engine_bin, "%s", kvf__proc_find_bin("kvf-engine"));
     if (py_engine(c) && python_engine_env(L) != 0)
         return 1;
-    printf("kvf cluster up \"%s\": %d store(s), 1 scheduler, %d prefill and %d decode engine(s), "
-           "model %s (%s), %s\n",
-           c->name, c->stores, c->prefill, c->decode, c->model,
+    printf("kvf cluster up \"%s\": %d store(s), %d scheduler(s), %d prefill and %d decode "
+           "engine(s), model %s (%s), %s%s\n",
+           c->name, c->stores, c->scheds, c->prefill, c->decode, c->model,
            py_engine(c) ? "python3 -m kvfabric.serve" : "kvf-engine",
-           L->netns ? "one network namespace per host" : "loopback");
+           L->netns ? "one network namespace per host" : "loopback",
+           c->etcd == 3 ? ", etcd of 3 members"
+           : c->etcd    ? ", etcd of 1 member"
+                        : "");
     return 0;
 }
 
@@ -270,6 +275,33 @@ static int make_credentials(launch *L)
     snprintf(L->admin_cred, sizeof L->admin_cred, "%s/admin.cred", rd);
     snprintf(L->events_cred, sizeof L->events_cred, "%s/events.cred", rd);
     return 0;
+}
+
+/* "etcd": 1 or 3 members, before anything that registers in them. */
+static int start_etcd(launch *L)
+{
+    const cfg *c = L->c;
+    if (!c->etcd)
+        return 0;
+    char client[3][64], peer[3][64];
+    proc *first = NULL;
+    for (int i = 0; i < c->etcd; i++) {
+        char name[32];
+        snprintf(name, sizeof name, "etcd%d", i);
+        proc *q = add_proc(L, name, "etcd", client[i], peer[i]);
+        if (!q)
+            return 1;
+        first = first ? first : q;
+        if (!L->netns) {
+            int cp = kvf__cluster_free_port(), pp = kvf__cluster_free_port();
+            if (cp < 0 || pp < 0)
+                return kvf__cluster_fail("no free port on loopback for %s", name);
+            snprintf(client[i], 64, "127.0.0.1:%d", cp);
+            snprintf(peer[i], 64, "127.0.0.1:%d", pp);
+        }
+    }
+    snprintf(L->etcd_ttl, sizeof L->etcd_ttl, "%d", c->etcd_ttl);
+    return kvf__cluster_etcd_start(c, first, c->etcd, client, peer, L->etcd, sizeof L->etcd);
 }
 
 static int start_store(launch *L, int i)
@@ -316,7 +348,14 @@ static int start_store(launch *L, int i)
         with_disk[n++] = "--shm";
         with_disk[n++] = "off";
     }
-    if (start_one(c, q, with_disk, n, NULL, READY_MS) != 0)
+    char *with_etcd[sizeof with_disk / sizeof with_disk[0] + 6];
+    memcpy(with_etcd, with_disk, sizeof with_disk);
+    if (L->etcd[0]) { /* registered under a lease: kvf-sched finds it there */
+        char *e[] = {"--etcd", L->etcd, "--cluster", (char *)c->name, "--etcd-ttl", L->etcd_ttl};
+        memcpy(with_etcd + n, e, sizeof e);
+        n += 6;
+    }
+    if (start_one(c, q, with_etcd, n, NULL, READY_MS) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0) {
@@ -403,15 +442,51 @@ static int make_token(launch *L)
     return 0;
 }
 
+/* Replica r of kvf-sched ("scheds"): "sched", then "sched1", ... */
+static int start_replica(launch *L, int r, const char *chunk)
+{
+    const cfg *c = L->c;
+    char name[32], listen[64], events[64];
+    snprintf(name, sizeof name, r ? "sched%d" : "sched", r);
+    proc *q = add_proc(L, name, "sched", listen, events);
+    if (!q)
+        return 1;
+    char *args[32] = {L->sched_bin, "--listen", listen,           "--policy",   (char *)c->policy,
+                      "--cost",     L->cost,    "--chunk-tokens", (char *)chunk};
+    int n = 9;
+    if (L->etcd[0]) { /* the stores come and go through etcd */
+        char *e[] = {"--etcd", L->etcd, "--cluster", (char *)c->name, "--etcd-ttl", L->etcd_ttl};
+        memcpy(args + n, e, sizeof e);
+        n += 6;
+    } else {
+        args[n++] = "--stores";
+        args[n++] = L->stores;
+        if (L->store_events[0]) { /* only when a store publishes events */
+            args[n++] = "--store-events";
+            args[n++] = L->store_events;
+            args[n++] = "--store-snapshots";
+            args[n++] = L->store_snaps;
+        }
+    }
+    /* Every request that changes kvf-sched's state is authenticated, also in namespaces. */
+    args[n++] = "--tokens";
+    args[n++] = L->tokens;
+    /* The KV events come over CURVE, kvf-sched an admin subscriber that sees every tenant's. */
+    args[n++] = "--events-credential";
+    args[n++] = L->admin_cred;
+    args[n++] = "--events-server-key";
+    args[n++] = L->events_key;
+    if (start_one(c, q, args, n, NULL, READY_MS) != 0)
+        return 1;
+    append_to_list(L->sched, sizeof L->sched, q->addr);
+    return 0;
+}
+
 static int start_sched(launch *L)
 {
     const cfg *c = L->c;
     if (kvf__cluster_interrupted)
         return INTERRUPTED;
-    char listen[64], events[64], chunk[16];
-    proc *q = add_proc(L, "sched", "sched", listen, events);
-    if (!q)
-        return 1;
     kvf_layout lay;
     unsigned ct = kvf_layout_preset(c->model, &lay) == 0 ? lay.chunk_tokens : 256u;
     if (py_engine(c)) { /* the layout the calibration wrote */
@@ -424,30 +499,16 @@ static int start_sched(launch *L)
         if (!ok)
             return kvf__cluster_fail("%s: no layout.chunk_tokens", L->layout_file);
     }
+    char chunk[16];
     snprintf(chunk, sizeof chunk, "%u", ct);
-    char *args[24] = {L->sched_bin,      "--listen",       listen,    "--policy",
-                      (char *)c->policy, "--stores",       L->stores, "--cost",
-                      L->cost,           "--chunk-tokens", chunk};
-    int n = 11;
-    if (L->store_events[0]) { /* only when a store publishes events */
-        args[n++] = "--store-events";
-        args[n++] = L->store_events;
-        args[n++] = "--store-snapshots";
-        args[n++] = L->store_snaps;
-    }
-    /* Every request that changes kvf-sched's state is authenticated, also in namespaces. */
     if (make_token(L) != 0)
         return 1;
-    args[n++] = "--tokens";
-    args[n++] = L->tokens;
-    /* The KV events come over CURVE, kvf-sched an admin subscriber that sees every tenant's. */
-    args[n++] = "--events-credential";
-    args[n++] = L->admin_cred;
-    args[n++] = "--events-server-key";
-    args[n++] = L->events_key;
-    if (start_one(c, q, args, n, NULL, READY_MS) != 0)
-        return 1;
-    snprintf(L->sched, sizeof L->sched, "%s", q->addr);
+    for (int r = 0; r < c->scheds; r++) {
+        if (kvf__cluster_interrupted)
+            return INTERRUPTED;
+        if (start_replica(L, r, chunk) != 0)
+            return 1;
+    }
     return 0;
 }
 
@@ -512,7 +573,8 @@ static int record_state(launch *L)
 }
 
 static int (*const up_steps[])(launch *L) = {
-    begin_netns, announce, start_stores, calibrate, start_sched, start_engines, record_state,
+    begin_netns, announce,    start_etcd,    start_stores,
+    calibrate,   start_sched, start_engines, record_state,
 };
 
 /* Stops what up started and removes what it made. Returns the exit status: INTERRUPTED after
@@ -543,8 +605,8 @@ int kvf__cluster_up(const cfg *c, int netns)
     if (rc)
         rc = undo(&L, rc);
     else
-        printf("cluster \"%s\" is up: scheduler http://%s, state in %s/state.json%s%s\n", c->name,
-               L.sched, c->run_dir, L.shaping[0] ? "; links: " : "", L.shaping);
+        printf("cluster \"%s\" is up: scheduler(s) http://%s, state in %s/state.json%s%s\n",
+               c->name, L.sched, c->run_dir, L.shaping[0] ? "; links: " : "", L.shaping);
     if (kvf__cluster_cmdlog)
         fclose(kvf__cluster_cmdlog);
     kvf__cluster_cmdlog = NULL;

@@ -86,9 +86,17 @@ static void cu_streams_free(kvf_connector *cn)
 
 int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t *cached)
 {
-    if (!cn || !cached || (n && !tokens))
+    int why;
+    return kvf_connector_lookup_why(cn, tokens, n, cached, &why);
+}
+
+int kvf_connector_lookup_why(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t *cached,
+                             int *why)
+{
+    if (!cn || !cached || !why || (n && !tokens))
         return KVF_EINVAL;
     *cached = 0;
+    *why = 0;
     if (kvf__connector_gate(cn, KVF_ACTION_LOOKUP) != 0)
         return KVF_EINFEASIBLE;
     size_t nc = n / cn->l.chunk_tokens;
@@ -99,7 +107,7 @@ int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, si
         return KVF_ENOMEM;
     size_t nk, hits = 0;
     kvf_keys_compute(&cn->ks, tokens, n, keys, nc, &nk, NULL);
-    int rc = kvf_client_lookup_prefix(cn->cl, nk, keys, &hits, cn->deadline_ms);
+    int rc = kvf_client_lookup_prefix_why(cn->cl, nk, keys, &hits, why, cn->deadline_ms);
     free(keys);
     *cached = hits * cn->l.chunk_tokens;
     return rc;
@@ -207,9 +215,31 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
 /* ------------------------------------------------------------------------------------------ */
 /* Open and close */
 
-/* GET http://sched/v1/stores. Fills nodes (strings the caller frees). */
-static int nodes_from_sched(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
+static int nodes_from_one(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
+                          size_t errlen);
+
+/* GET http://SCHED/v1/stores of each replica in the list until one answers. Fills nodes
+ * (strings the caller frees). */
+static int nodes_from_sched(const char *list, char ***nodes, size_t *n, int timeout_ms, char *err,
                             size_t errlen)
+{
+    int rc = KVF_ECONNREFUSED;
+    for (const char *p = list; *p;) {
+        size_t k = strcspn(p, ",");
+        char one[256];
+        snprintf(one, sizeof one, "%.*s", (int)(k < sizeof one ? k : sizeof one - 1), p);
+        if (one[0] && (rc = nodes_from_one(one, nodes, n, timeout_ms, err, errlen)) == 0)
+            return 0;
+        if (rc == KVF_ENOMEM)
+            return rc;
+        p += k + (p[k] == ',');
+    }
+    return rc;
+}
+
+/* GET http://sched/v1/stores. Fills nodes (strings the caller frees). */
+static int nodes_from_one(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
+                          size_t errlen)
 {
     char url[300];
     snprintf(url, sizeof url, "http://%s/v1/stores", sched);

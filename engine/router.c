@@ -31,8 +31,14 @@ typedef struct sent_prefix {
     size_t n, cap;
 } sent_prefix;
 
+#define MAX_SCHEDS 4
+
 struct kvfe_router {
-    char sched[160];
+    /* kvf-sched's replicas: placements go to the one that answered last; one that gives no
+     * answer is passed over for the next, within the same request */
+    char sched[MAX_SCHEDS][160];
+    int n_sched;
+    atomic_int cur;
     kvfe_router_engine *eng;
     atomic_int *outstanding; /* calls in flight per engine, indexed as eng */
     size_t n_eng;
@@ -81,14 +87,21 @@ static void copy_str(char *dst, size_t len, json_t *o, const char *k)
     snprintf(dst, len, "%s", s ? s : "");
 }
 
-/* Fills r's engine table from GET /v1/instances. */
+/* Fills r's engine table from GET /v1/instances of the first replica that answers. */
 static int list_engines(kvfe_router *r, char *err, size_t errlen)
 {
     char url[256];
-    snprintf(url, sizeof url, "http://%s/v1/instances", r->sched);
-    long st;
+    long st = 0;
     json_t *o = NULL;
-    int rc = kvf__http_call("GET", url, NULL, QUICK_TIMEOUT_MS, &st, &o, err, errlen);
+    int rc = KVF_ECONNREFUSED, at = 0;
+    for (at = 0; at < r->n_sched; at++) {
+        snprintf(url, sizeof url, "http://%s/v1/instances", r->sched[at]);
+        if ((rc = kvf__http_call("GET", url, NULL, QUICK_TIMEOUT_MS, &st, &o, err, errlen)) == 0)
+            break;
+    }
+    if (at == r->n_sched)
+        at = 0;
+    atomic_store(&r->cur, at);
     if (!rc && st != 200) {
         snprintf(err, errlen, "%s: HTTP %ld", url, st);
         rc = status_code(st);
@@ -96,7 +109,7 @@ static int list_engines(kvfe_router *r, char *err, size_t errlen)
     json_t *arr = json_object_get(o, "instances");
     size_t n = json_array_size(arr);
     if (!rc && n == 0) {
-        snprintf(err, errlen, "kvf-sched at %s has no engine registered", r->sched);
+        snprintf(err, errlen, "kvf-sched at %s has no engine registered", r->sched[at]);
         rc = KVF_ENOENT;
     }
     if (rc)
@@ -130,8 +143,19 @@ int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t err
         snprintf(err, errlen, "out of memory");
         return KVF_ENOMEM;
     }
-    snprintf(r->sched, sizeof r->sched, "%s", sched);
+    for (const char *p = sched; *p && r->n_sched < MAX_SCHEDS;) {
+        size_t k = strcspn(p, ",");
+        if (k && k < sizeof r->sched[0])
+            snprintf(r->sched[r->n_sched++], sizeof r->sched[0], "%.*s", (int)k, p);
+        p += k + (p[k] == ',');
+    }
     pthread_mutex_init(&r->mu, NULL);
+    if (!r->n_sched) {
+        snprintf(err, errlen, "kvf-sched: expected HOST:PORT[,...] (up to %d replicas), got \"%s\"",
+                 MAX_SCHEDS, sched);
+        kvfe_router_close(&r);
+        return KVF_EINVAL;
+    }
     int rc = list_engines(r, err, errlen);
     if (rc) {
         kvfe_router_close(&r);
@@ -411,7 +435,19 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
     long st;
     json_t *pl = NULL;
     double t0 = now_s();
-    int rc = post(r->sched, "/v1/place", body, &st, &pl, q->err, sizeof q->err);
+    int rc = KVF_ECONNREFUSED, first = atomic_load(&r->cur);
+    for (int t = 0; t < r->n_sched; t++) {
+        int at = (first + t) % r->n_sched;
+        rc = post(r->sched[at], "/v1/place", body, &st, &pl, q->err, sizeof q->err);
+        if (rc == KVF_ENOMEM)
+            break;
+        if (rc == 0) { /* an answer: this replica is asked first from now on */
+            atomic_store(&r->cur, at);
+            break;
+        }
+        json_decref(pl); /* no answer (refused, timed out): the next replica */
+        pl = NULL;
+    }
     q->place_s = now_s() - t0;
     json_decref(body);
     if (!rc && st == 429) {

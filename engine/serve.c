@@ -3,7 +3,7 @@
  * publishing its KV events, and moving KV through the connector (docs/operations.md).
  *
  *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
- *              [--advertise HOST:PORT] [--sched HOST:PORT] [--store HOST:PORT[,...]]
+ *              [--advertise HOST:PORT] [--sched HOST:PORT[,...]] [--store HOST:PORT[,...]]
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
  *              [--events-credential FILE --events-tenants FILE] [--tokens FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
@@ -86,17 +86,18 @@ void kvfe__srv_mark_dirty_locked(srv *S)
     pthread_cond_signal(&S->report_cv);
 }
 
-static int register_with_sched(srv *S, char *err, size_t errlen);
+static int register_with_sched(srv *S, int i, int attempts, char *err, size_t errlen);
 
-/* Sends the load whenever it changes, and at least every REPORT_EVERY_S seconds: kvf-sched
- * removes an instance it has not heard from within its --instance-ttl (30 s unless set), so an
- * idle engine's unchanged reports are its heartbeat. When kvf-sched answers 404 (it expired or
- * deleted this engine, or restarted), the engine registers again and reports at once. */
+/* Sends the load whenever it changes, and at least every REPORT_EVERY_S seconds, to every
+ * replica of kvf-sched: it removes an instance it has not heard from within its --instance-ttl
+ * (30 s unless set), so an idle engine's unchanged reports are its heartbeat. When a replica
+ * answers 404 (it expired or deleted this engine, or restarted), the engine registers with it
+ * again and reports at once; one that does not answer is logged once and asked on. */
 static void *reporter_main(void *arg)
 {
     srv *S = arg;
-    char url[256], err[256];
-    snprintf(url, sizeof url, "http://%s/v1/instances/%s/load", S->sched, S->id);
+    char err[256];
+    int down[KVFE_MAX_SCHEDS] = {0};
     double last = kvfe__srv_now();
     pthread_mutex_lock(&S->mu);
     while (!atomic_load(&S->stop)) {
@@ -112,19 +113,32 @@ static void *reporter_main(void *arg)
                       "used_blocks", (json_int_t)(S->n_held));
         pthread_mutex_unlock(&S->mu);
         last = kvfe__srv_now();
-        long status = 0;
         int again = 0;
-        if (kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status, NULL, err,
-                                  sizeof err) == 0 &&
-            status == 404) {
-            kvf_warn(&S->lg, "kvf-sched does not know this engine (expired, deleted or "
-                             "restarted): registering again");
-            if (register_with_sched(S, err, sizeof err) != 0)
-                kvf_warn(&S->lg, "registration with kvf-sched: %s", err);
-            else
-                again = 1;
-        } else if (status != 200) {
-            kvf_warn(&S->lg, "load report to kvf-sched: %s", status ? "refused" : err);
+        for (int i = 0; i < S->n_scheds; i++) {
+            char url[256];
+            snprintf(url, sizeof url, "http://%s/v1/instances/%s/load", S->scheds[i], S->id);
+            long status = 0;
+            int rc = kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status,
+                                           NULL, err, sizeof err);
+            if (rc == 0 && status == 404) {
+                kvf_warn(&S->lg,
+                         "kvf-sched %s does not know this engine (expired, deleted or "
+                         "restarted): registering again",
+                         S->scheds[i]);
+                if (register_with_sched(S, i, 1, err, sizeof err) != 0)
+                    kvf_warn(&S->lg, "registration with kvf-sched %s: %s", S->scheds[i], err);
+                else
+                    again = 1;
+            } else if (rc != 0 || status != 200) {
+                if (!down[i])
+                    kvf_warn(&S->lg, "load report to kvf-sched %s: %s", S->scheds[i],
+                             status ? "refused" : err);
+                down[i] = 1;
+                continue;
+            }
+            if (down[i])
+                kvf_info(&S->lg, "kvf-sched %s answers again", S->scheds[i]);
+            down[i] = 0;
         }
         json_decref(body);
         pthread_mutex_lock(&S->mu);
@@ -154,7 +168,7 @@ static uint32_t host_compute(char *name, size_t len)
     return (uint32_t)kvf__cores();
 }
 
-static int register_with_sched(srv *S, char *err, size_t errlen)
+static int register_with_sched(srv *S, int i, int attempts, char *err, size_t errlen)
 {
     kvf_caps caps;
     char *cj = kvf_caps_builtin("reference", &caps) == 0 ? kvf_caps_to_json(&caps) : NULL;
@@ -177,11 +191,11 @@ static int register_with_sched(srv *S, char *err, size_t errlen)
         json_object_set_new(body, "compute_uses", json_integer(kvfe_gemm_threads()));
     }
     char url[256];
-    snprintf(url, sizeof url, "http://%s/v1/instances", S->sched);
+    snprintf(url, sizeof url, "http://%s/v1/instances", S->scheds[i]);
     long status = 0;
     json_t *reply = NULL;
     int rc = 0;
-    for (int attempt = 0; attempt < 50; attempt++) {
+    for (int attempt = 0; attempt < attempts; attempt++) {
         json_decref(reply);
         reply = NULL;
         rc = kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status, &reply,
@@ -192,8 +206,8 @@ static int register_with_sched(srv *S, char *err, size_t errlen)
     }
     if (rc == 0 && status != 201 && status != 200) {
         json_t *e = json_object_get(reply, "error");
-        snprintf(err, errlen, "kvf-sched refused the registration (HTTP %ld): %s", status,
-                 json_is_string(e) ? json_string_value(e) : "no reason given");
+        snprintf(err, errlen, "kvf-sched %s refused the registration (HTTP %ld): %s", S->scheds[i],
+                 status, json_is_string(e) ? json_string_value(e) : "no reason given");
         rc = KVF_EINVAL;
     }
     json_decref(reply);
@@ -256,8 +270,8 @@ static int parse_args(int argc, char **argv, serve_opts *o)
         KVF__OPT("listen", KVF__ARG_STR, &o->listen, "HOST:PORT", "the HTTP API", "127.0.0.1:0"),
         KVF__OPT("advertise", KVF__ARG_STR, &o->advertise, "HOST:PORT",
                  "the address kvf-sched gives routers", "--listen"),
-        KVF__OPT("sched", KVF__ARG_STR, &o->sched, "HOST:PORT",
-                 "register with kvf-sched and report load to it", NULL),
+        KVF__OPT("sched", KVF__ARG_STR, &o->sched, "HOST:PORT[,...]",
+                 "register with kvf-sched and report load to it (several replicas: each)", NULL),
         KVF__OPT("store", KVF__ARG_STR, &o->store, "HOST:PORT[,...]",
                  "the storage nodes (without it, those kvf-sched lists)", NULL),
         KVF__OPT("events", KVF__ARG_STR, &o->events, "HOST:PORT",
@@ -344,6 +358,16 @@ static int configure(srv *S, const serve_opts *o)
     snprintf(S->id, sizeof S->id, "%s", o->id);
     snprintf(S->role, sizeof S->role, "%s", o->role);
     snprintf(S->sched, sizeof S->sched, "%s", o->sched);
+    for (const char *p = S->sched; *p;) {
+        size_t k = strcspn(p, ",");
+        if (k == 0 || k >= sizeof S->scheds[0] || S->n_scheds == KVFE_MAX_SCHEDS) {
+            fprintf(stderr, "kvf-engine: --sched: 1 to %d HOST:PORT, comma-separated, got \"%s\"\n",
+                    KVFE_MAX_SCHEDS, o->sched);
+            return 2;
+        }
+        snprintf(S->scheds[S->n_scheds++], sizeof S->scheds[0], "%.*s", (int)k, p);
+        p += k + (p[k] == ',');
+    }
     long max_tokens = strtol(o->max_tokens, NULL, 10);
     if (!S->id[0] ||
         (strcmp(S->role, "prefill") && strcmp(S->role, "decode") && strcmp(S->role, "both"))) {
@@ -545,8 +569,17 @@ int kvfe_serve_main(int argc, char **argv)
     if (rc)
         goto out_close_events;
     if (S.sched[0]) {
+        /* with every replica: at least one must take it (the others are tried again by the
+         * reporter, whose reports they answer with 404 until then) */
         char err[512];
-        if (register_with_sched(&S, err, sizeof err) != 0) {
+        int took = 0;
+        for (int i = 0; i < S.n_scheds; i++) {
+            if (register_with_sched(&S, i, 50, err, sizeof err) == 0)
+                took++;
+            else if (S.n_scheds > 1)
+                kvf_warn(&S.lg, "%s", err);
+        }
+        if (!took) {
             fprintf(stderr, "kvf-engine: %s\n", err);
             rc = 1;
             goto out_stop_http;

@@ -21,12 +21,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define KVFE_MAX_SCHEDS 4
+
 typedef struct srv {
     kvfe_model m;
     kvfe_engine *e;
     kvf_connector *cn;
     kvf_log lg;
-    char id[64], role[16], model[32], sched[160], endpoint[160];
+    char id[64], role[16], model[32], endpoint[160];
+    /* kvf-sched's replicas (--sched A[,B...]): registered with each, load reported to each */
+    char sched[640];
+    char scheds[KVFE_MAX_SCHEDS][160];
+    int n_scheds;
     char host[128]; /* --listen's */
     uint16_t port;
     uint32_t max_tokens;

@@ -133,8 +133,14 @@ static double await_handoff(srv *S, const job *j, size_t *cached)
     if (!S->cn || !j->expect_cached)
         return 0;
     for (int i = 0; i < 400; i++) {
-        if (kvf_connector_lookup(S->cn, j->tokens, j->n, cached) == 0 &&
-            *cached >= j->expect_cached)
+        int why = 0;
+        int rc = kvf_connector_lookup_why(S->cn, j->tokens, j->n, cached, &why);
+        if (rc == 0 && *cached >= j->expect_cached)
+            break;
+        /* the run ends at a chunk whose store cannot be reached (down, refused, reset): it will
+         * not land; the job recomputes from there now instead of waiting out the bound */
+        if (why == KVF_ECONNREFUSED || why == KVF_ECONNRESET || why == KVF_ENOTCONN ||
+            why == KVF_EHOSTUNREACH || why == KVF_ENETUNREACH || why == KVF_EPIPE)
             break;
         usleep(i < 20 ? 500 : 5000);
     }

@@ -140,6 +140,11 @@ KVF_API int kvf_client_exists_tiers(kvf_client *c, size_t n, const kvf_key *keys
 /* The number of leading keys of a prefix chain that are stored (on whichever node each lives). */
 KVF_API int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
                                      int deadline_ms);
+/* The same, and why the run ends: *why is 0 where it ends at a key its node does not hold (or at
+ * n), else the KVF_E* status of the node that could not say (down, refused, timed out): a
+ * caller waiting for that key to land knows it will not. */
+KVF_API int kvf_client_lookup_prefix_why(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
+                                         int *why, int deadline_ms);
 /* Evict, pin (with a lease) and unpin: per-key status as the nodes answer. */
 KVF_API int kvf_client_evict(kvf_client *c, size_t n, const kvf_key *keys, int *status,
                              int deadline_ms);

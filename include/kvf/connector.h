@@ -56,7 +56,8 @@ typedef struct kvf_connector_opts {
     const char *const *nodes; /* input: storage nodes "host:port"; borrowed during open */
     size_t n_nodes;           /* input: 0 to ask the scheduler for them */
     const char *sched;        /* input: kvf-sched's HTTP address "host:port", used when n_nodes
-                               * is 0: the storage nodes come from its GET /v1/stores */
+                               * is 0: the storage nodes come from its GET /v1/stores; several
+                               * replicas comma-separated: the first that answers */
     kvf_layout layout;        /* input: the engine's KV layout (validated) */
     const char *salt;         /* input: tenant salt of the key namespace (may be NULL); with a
                                * credential, the credential's salt comes first */
@@ -120,6 +121,10 @@ KVF_API int kvf_connector_register(kvf_connector *cn, const kvf_kv_layer *layers
  * round trip per storage node. Nodes that do not answer count as misses. */
 KVF_API int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                  size_t *cached);
+/* The same, and why the cached run ends (kvf_client_lookup_prefix_why): 0 at a chunk not held,
+ * else the status of the node that could not answer for the next chunk. */
+KVF_API int kvf_connector_lookup_why(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                     size_t *cached, int *why);
 
 /* Starts loading the KV of tokens[0..n) into the engine's pages. n must be a multiple of
  * chunk_tokens; page_ids lists the engine page of every page_tokens tokens (n / page_tokens

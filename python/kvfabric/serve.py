@@ -235,7 +235,13 @@ class Server:
         return {"compute": f"cpu@{host}", "compute_slots": len(os.sched_getaffinity(0)),
                 "compute_uses": max(1, torch.get_num_threads())}
 
-    def register(self) -> None:
+    def scheds(self) -> List[str]:
+        """kvf-sched's replicas (--sched A[,B...]): registered with each, load reported to each."""
+        return [x for x in self.a.sched.split(",") if x]
+
+    def register(self, only: Optional[str] = None, attempts: int = 50) -> None:
+        """Registers with every replica (or `only`): at least one must take it; the others are
+        asked again by the reporter, whose reports they answer with 404 until then."""
         body = {"id": self.a.id, "role": self.a.role, "endpoint": self.endpoint,
                 "events": self.events.endpoint if self.events else "",
                 "replay": self.events.replay_endpoint if self.events else "",
@@ -243,24 +249,30 @@ class Server:
                 "capacity_blocks": self.a.max_tokens // self.layout.page_tokens,
                 "capabilities": self.capabilities()}
         body.update(self.compute())
-        url = f"http://{self.a.sched}/v1/instances"
-        last = "no answer"
-        for _ in range(50):
-            try:
-                st, rep = _http("POST", url, body)
-            except OSError as e:
-                last = str(e)
-                time.sleep(0.1)
-                continue
-            if st in (200, 201):
-                return
-            why = rep.get("error") if isinstance(rep, dict) else None
-            raise SystemExit(f"kvfabric.serve: kvf-sched refused the registration (HTTP {st}): "
-                             f"{why or 'no reason given'}")
-        raise SystemExit(f"kvfabric.serve: kvf-sched at {self.a.sched}: {last}")
+        took, last = 0, "no answer"
+        for sched in ([only] if only else self.scheds()):
+            url = f"http://{sched}/v1/instances"
+            for _ in range(attempts):
+                try:
+                    st, rep = _http("POST", url, body)
+                except OSError as e:
+                    last = f"kvf-sched at {sched}: {e}"
+                    time.sleep(0.1)
+                    continue
+                if st in (200, 201):
+                    took += 1
+                    break
+                why = rep.get("error") if isinstance(rep, dict) else None
+                raise SystemExit(f"kvfabric.serve: kvf-sched {sched} refused the registration "
+                                 f"(HTTP {st}): {why or 'no reason given'}")
+            else:
+                if not only and len(self.scheds()) > 1:
+                    _log("warn", f"registration: {last}")
+        if not took:
+            raise SystemExit(f"kvfabric.serve: {last}")
 
     def reporter(self) -> None:
-        url = f"http://{self.a.sched}/v1/instances/{self.a.id}/load"
+        down = set()
         while not self.stop.is_set():
             self.dirty.wait(REPORT_EVERY_S)
             self.dirty.clear()
@@ -272,15 +284,23 @@ class Server:
             body = {"queued_prefill_tokens": float(t.queued_prefill_tokens),
                     "queued_prefill_s": queued_s, "active_decodes": t.active_decodes,
                     "used_blocks": len(self.engine.held.hashes)}
-            try:
-                st, _ = _http("POST", url, body)
-                if st == 404:
-                    _log("warn", "kvf-sched does not know this engine: registering again")
-                    self.register()
-                elif st != 200:
-                    _log("warn", f"load report to kvf-sched: HTTP {st}")
-            except (Exception, SystemExit) as e:  # noqa: BLE001 - the heartbeat goes on
-                _log("warn", f"load report to kvf-sched: {e}")
+            for sched in self.scheds():
+                url = f"http://{sched}/v1/instances/{self.a.id}/load"
+                try:
+                    st, _ = _http("POST", url, body)
+                    if st == 404:
+                        _log("warn", f"kvf-sched {sched} does not know this engine: "
+                                     "registering again")
+                        self.register(only=sched, attempts=1)
+                    elif st != 200:
+                        _log("warn", f"load report to kvf-sched {sched}: HTTP {st}")
+                    elif sched in down:
+                        _log("info", f"kvf-sched {sched} answers again")
+                    down.discard(sched)
+                except (Exception, SystemExit) as e:  # noqa: BLE001 - the heartbeat goes on
+                    if sched not in down:
+                        _log("warn", f"load report to kvf-sched {sched}: {e}")
+                    down.add(sched)
 
     # -- requests -------------------------------------------------------------------------
     def health(self) -> Dict[str, Any]:
@@ -525,7 +545,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("prefill", "decode", "both"), default="both")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of the HTTP API")
     p.add_argument("--advertise", help="HOST:PORT others reach the API at (default: --listen's)")
-    p.add_argument("--sched", default="", help="kvf-sched's HOST:PORT: register and report load")
+    p.add_argument("--sched", default="",
+                   help="kvf-sched's HOST:PORT (several replicas: comma-separated): register "
+                        "with each and report load to each")
     p.add_argument("--store", default="", help="kvf-store HOST:PORT[,...] (default: kvf-sched's)")
     p.add_argument("--events", help="HOST:PORT to publish KV events on (port 0: any)")
     p.add_argument("--events-credential", help="the events' CURVE credential (with tenants)")

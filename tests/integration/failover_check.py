@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Failover with load running, through the launcher (docs/membership.md): a cluster of two stores,
+two kvf-sched replicas, one prefill and one decode engine and a three-member etcd, on loopback.
+A load of requests runs throughout through `kvf cluster send` (the router fails over between the
+replicas), each request's tokens compared with the same prompt's tokens before any fault; then:
+
+- kill -9 the first kvf-sched replica: no request fails, the other serves them;
+- kill -9 the etcd member every process asks first: nothing notices;
+- kill -9 a store: its lease lapses and the live replica drops it within the TTL + 1 s; requests
+  go on (what that store held is recomputed), with the same tokens.
+
+0 failed requests and 0 wrong tokens are required; the times and the store hit rates before and
+after are printed.
+
+usage: failover_check.py KVF_BIN   (exit 77, skipped, where etcd is not installed)
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+KVF = sys.argv[1]
+TTL = 2
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+        print("failover_check: FAIL: " + what, flush=True)
+
+
+def get_json(url):
+    with urllib.request.urlopen(url, timeout=3) as r:
+        return json.loads(r.read())
+
+
+class Load:
+    """Requests in a loop over a few prompts, each checked against its first answer."""
+
+    def __init__(self, config, prompts):
+        self.config, self.prompts = config, prompts
+        self.want = {}
+        self.sent = self.failed = self.wrong = 0
+        self.store_tokens = []  # (time, prompt tokens, tokens loaded from a store)
+        self.errors = []
+        self.stop = threading.Event()
+        for p in prompts:
+            r = self.send(p)
+            check(r is not None and r["ok"], "the first request of %r: %r" % (p, r))
+            self.want[p] = r["tokens"] if r else None
+        self.th = threading.Thread(target=self.run, daemon=True)
+
+    def send(self, p):
+        n, seed = p
+        try:
+            out = subprocess.run([KVF, "cluster", "send", "--config", self.config, "--synthetic",
+                                  str(n), "--seed", str(seed), "--max-tokens", "4", "--json"],
+                                 capture_output=True, text=True, timeout=60)
+            return json.loads(out.stdout) if out.stdout.strip() else {"ok": False,
+                                                                     "error": out.stderr}
+        except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
+            return {"ok": False, "error": str(e)}
+
+    def run(self):
+        i = 0
+        while not self.stop.is_set() and self.sent < 5000:
+            p = self.prompts[i % len(self.prompts)]
+            i += 1
+            r = self.send(p)
+            self.sent += 1
+            if not r.get("ok"):
+                self.failed += 1
+                self.errors.append(r.get("error", "")[-300:])
+                continue
+            if r["tokens"] != self.want[p]:
+                self.wrong += 1
+            self.store_tokens.append((time.time(), r["prompt_tokens"], r["store_tokens"],
+                                      r["ttft_s"]))
+
+    def hit_rate(self, t0, t1):
+        sel = [(n, s) for t, n, s, _ in self.store_tokens if t0 <= t < t1]
+        total = sum(n for n, _ in sel)
+        return (sum(s for _, s in sel) / total if total else 0.0), len(sel)
+
+
+def state(run_dir):
+    with open(os.path.join(run_dir, "state.json")) as f:
+        return json.load(f)
+
+
+def main():
+    if not shutil.which("etcd"):
+        print("failover_check: skipped: etcd is not installed (apt-get install etcd-server)")
+        sys.exit(77)
+    tmp = tempfile.mkdtemp(prefix="kvf-failover-")
+    run_dir = os.path.join(tmp, "run")
+    config = os.path.join(tmp, "cluster.json")
+    with open(config, "w") as f:
+        json.dump({"name": "fo", "stores": 2, "prefill": 1, "decode": 1, "scheds": 2, "etcd": 3,
+                   "etcd_ttl": TTL, "store_memory": "64M", "run_dir": run_dir}, f)
+    up = subprocess.run([KVF, "cluster", "up", "--config", config], capture_output=True,
+                        text=True, timeout=300)
+    if up.returncode != 0:
+        print(up.stdout + up.stderr)
+        check(False, "kvf cluster up failed (%d)" % up.returncode)
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(1)
+    try:
+        st = state(run_dir)
+        procs = {p["name"]: p for p in st["procs"]}
+        check(len(st["scheds"]) == 2 and len(st["etcd"]) == 3, "state.json: %r" % st)
+        load = Load(config, [(1400, s) for s in (11, 12, 13)])
+        load.th.start()
+        time.sleep(3)
+
+        # a kvf-sched replica killed: the router goes on through the other
+        os.kill(procs["sched"]["pid"], signal.SIGKILL)
+        time.sleep(3)
+        # the etcd member every process asks first, killed: nothing notices
+        os.kill(procs["etcd0"]["pid"], signal.SIGKILL)
+        time.sleep(TTL + 2)
+        live = st["scheds"][1]
+        ix = get_json("http://%s/v1/index/stats" % live)
+        check(ix["etcd"]["stores"] == 2, "with an etcd member down: %r" % ix["etcd"])
+        t_kill = time.time()
+        # a store killed: dropped within the TTL + 1 s
+        os.kill(procs["store0"]["pid"], signal.SIGKILL)
+        dropped = None
+        end = time.time() + TTL + 10
+        while time.time() < end:
+            if get_json("http://%s/v1/index/stats" % live)["etcd"]["stores"] == 1:
+                dropped = time.time() - t_kill
+                break
+            time.sleep(0.05)
+        check(dropped is not None and dropped <= TTL + 1.0,
+              "a killed store was dropped after %r s (TTL %d)" % (dropped, TTL))
+        time.sleep(8)
+        load.stop.set()
+        load.th.join(timeout=120)
+        before, nb = load.hit_rate(0, t_kill)
+        after, na = load.hit_rate(t_kill + TTL + 1, time.time())
+        print("failover_check: %d requests under faults, %d failed, %d with wrong tokens; a killed "
+              "store dropped %.2f s after its death (TTL %d s); store hit rate %.3f before (%d "
+              "requests), %.3f after (%d)" % (load.sent, load.failed, load.wrong, dropped or -1,
+                                              TTL, before, nb, after, na), flush=True)
+        check(load.sent >= 10, "only %d requests ran" % load.sent)
+        check(load.failed == 0, "%d request(s) failed: %r" % (load.failed, load.errors[:3]))
+        check(load.wrong == 0, "%d request(s) gave other tokens" % load.wrong)
+    finally:
+        subprocess.run([KVF, "cluster", "down", "--config", config], capture_output=True,
+                       timeout=120)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if failures:
+        print("failover_check: %d failure(s)" % len(failures))
+        sys.exit(1)
+    print("failover_check: ok")
+
+
+main()
