@@ -3,6 +3,7 @@
 #include <jansson.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,15 +43,17 @@ int kvf__log_format_parse(const char *s, kvf_log_format *out)
  * then start with their syslog priority, "<6>", which journald reads as the entry's PRIORITY. */
 static int stderr_is_journal(void)
 {
-    static int known = -1;
-    if (known >= 0)
-        return known;
+    static atomic_int known = -1; /* threads log at once: whichever looks first, the same answer */
+    int k = atomic_load_explicit(&known, memory_order_relaxed);
+    if (k >= 0)
+        return k;
     const char *js = getenv("JOURNAL_STREAM");
     unsigned long long dev, ino;
     struct stat st;
-    known = js && sscanf(js, "%llu:%llu", &dev, &ino) == 2 && fstat(2, &st) == 0 &&
-            (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
-    return known;
+    k = js && sscanf(js, "%llu:%llu", &dev, &ino) == 2 && fstat(2, &st) == 0 &&
+        (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+    atomic_store_explicit(&known, k, memory_order_relaxed);
+    return k;
 }
 
 void kvf__log_vwrite(const kvf_log *lg, kvf_log_level level, const char *fmt, va_list ap)

@@ -15,6 +15,7 @@
 #include "kvf/kvf.h"
 
 #include <jansson.h>
+#include <sodium.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -217,6 +218,26 @@ static json_t *tokens_json(const uint32_t *t, size_t n)
     for (size_t i = 0; i < n; i++)
         json_array_append_new(a, json_integer(t[i]));
     return a;
+}
+
+/* The tokens as kvf-sched's compact form: base64 of their little-endian 32-bit ids (one JSON
+ * string for kvf-sched to parse instead of n numbers). NULL without memory. */
+static json_t *tokens_b64(const uint32_t *t, size_t n)
+{
+    uint8_t *raw = malloc(4 * n + 1);
+    size_t cap = sodium_base64_ENCODED_LEN(4 * n, sodium_base64_VARIANT_ORIGINAL);
+    char *text = malloc(cap);
+    json_t *out = NULL;
+    if (raw && text) {
+        for (size_t i = 0; i < n; i++)
+            raw[4 * i] = (uint8_t)t[i], raw[4 * i + 1] = (uint8_t)(t[i] >> 8),
+                    raw[4 * i + 2] = (uint8_t)(t[i] >> 16), raw[4 * i + 3] = (uint8_t)(t[i] >> 24);
+        sodium_bin2base64(text, cap, raw, 4 * n, sodium_base64_VARIANT_ORIGINAL);
+        out = json_string(text);
+    }
+    free(raw);
+    free(text);
+    return out;
 }
 
 static atomic_int *outstanding_of(kvfe_router *r, const kvfe_router_engine *e)
@@ -428,8 +449,11 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
         char hex[33];
         json_array_append_new(keys, json_string(kvf_key_to_hex(&q->keys[k], hex)));
     }
-    json_t *body = json_pack("{s:O,s:o,s:i}", "tokens", toks, "chunk_keys", keys, "output_tokens",
-                             (int)q->max_tokens);
+    json_t *b64 = tokens_b64(q->tokens, q->n);
+    json_t *body = b64 ? json_pack("{s:o,s:o,s:i}", "tokens", b64, "chunk_keys", keys,
+                                   "output_tokens", (int)q->max_tokens)
+                       : json_pack("{s:O,s:o,s:i}", "tokens", toks, "chunk_keys", keys,
+                                   "output_tokens", (int)q->max_tokens);
     if (q->slo_ttft_ms > 0)
         json_object_set_new(body, "slo_ttft_ms", json_real(q->slo_ttft_ms));
     long st;

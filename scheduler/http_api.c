@@ -24,6 +24,7 @@
 
 #include <inttypes.h>
 #include <jansson.h>
+#include <sodium.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -307,23 +308,68 @@ typedef struct place_body {
 
 /* Reads a placement request's body into *b. Returns 0, or the HTTP status to answer (400 for bad
  * input, 500 when out of memory) with the reason in err. */
+/* "tokens" as a base64 string of little-endian 32-bit ids (what the router sends: a 16K-token
+ * prompt is one JSON string to parse instead of 16K numbers) into b->tokens. 0 or an HTTP
+ * status with err. */
+static unsigned tokens_b64(const char *s, size_t len, place_body *b, size_t *n, char *err,
+                           size_t errlen)
+{
+    size_t cap = len / 4 * 3 + 3, got = 0;
+    uint8_t *raw = malloc(cap ? cap : 1);
+    if (!raw) {
+        snprintf(err, errlen, "out of memory");
+        return 500;
+    }
+    if (sodium_base642bin(raw, cap, s, len, NULL, &got, NULL, sodium_base64_VARIANT_ORIGINAL) !=
+            0 ||
+        got == 0 || got % 4) {
+        free(raw);
+        snprintf(err, errlen,
+                 "\"tokens\" as a string must be base64 of little-endian 32-bit token ids "
+                 "(a non-empty multiple of 4 bytes)");
+        return 400;
+    }
+    *n = got / 4;
+    b->tokens = malloc(*n * sizeof *b->tokens);
+    if (!b->tokens) {
+        free(raw);
+        snprintf(err, errlen, "out of memory");
+        return 500;
+    }
+    for (size_t i = 0; i < *n; i++)
+        b->tokens[i] = (uint32_t)raw[4 * i] | (uint32_t)raw[4 * i + 1] << 8 |
+                       (uint32_t)raw[4 * i + 2] << 16 | (uint32_t)raw[4 * i + 3] << 24;
+    free(raw);
+    return 0;
+}
+
 static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errlen)
 {
     json_t *toks = json_object_get(o, "tokens");
-    if (!json_is_array(toks) || json_array_size(toks) == 0) {
-        snprintf(err, errlen, "\"tokens\" must be a non-empty array of token ids");
+    size_t n = 0;
+    if (json_is_string(toks)) {
+        unsigned st =
+            tokens_b64(json_string_value(toks), json_string_length(toks), b, &n, err, errlen);
+        if (st)
+            return st;
+    } else if (!json_is_array(toks) || json_array_size(toks) == 0) {
+        snprintf(err, errlen,
+                 "\"tokens\" must be a non-empty array of token ids (or their "
+                 "little-endian 32-bit base64)");
         return 400;
+    } else {
+        n = json_array_size(toks);
     }
-    size_t n = json_array_size(toks);
     json_t *ks = json_object_get(o, "chunk_keys");
     size_t nk = json_is_array(ks) ? json_array_size(ks) : 0;
-    b->tokens = malloc(n * sizeof *b->tokens);
+    if (!b->tokens)
+        b->tokens = malloc(n * sizeof *b->tokens);
     b->keys = nk ? malloc(nk * sizeof *b->keys) : NULL;
     if (!b->tokens || (nk && !b->keys)) {
         snprintf(err, errlen, "out of memory");
         return 500;
     }
-    for (size_t i = 0; i < n; i++) {
+    for (size_t i = 0; json_is_array(toks) && i < n; i++) {
         json_t *v = json_array_get(toks, i);
         if (!json_is_integer(v) || json_integer_value(v) < 0 ||
             json_integer_value(v) > UINT32_MAX) {
@@ -435,14 +481,14 @@ static unsigned post_lookup(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
                                             "tokens", (json_int_t)(dev[k] >> 12)));
     }
     pthread_mutex_unlock(&d->mu);
+    size_t prompt = b.rq.n_tokens;
     free(b.tokens), free(b.keys), free(dev);
     if (rc) {
         json_decref(arr);
         return send_error(d, c, 400, "lookup: %s", kvf_strerror(rc));
     }
     return send_json(c, 200,
-                     json_pack("{s:I,s:o,s:I,s:s}", "prompt_tokens",
-                               (json_int_t)json_array_size(json_object_get(o, "tokens")),
+                     json_pack("{s:I,s:o,s:I,s:s}", "prompt_tokens", (json_int_t)prompt,
                                "instances", arr, "store_tokens", (json_int_t)store, "label",
                                "real"));
 }

@@ -42,6 +42,7 @@ typedef struct cmdline {
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
     const char *etcd, *cluster, *advertise; /* membership on etcd (members.c) */
     long etcd_ttl;
+    long http_threads; /* --http-threads; 0: min(cores, 4) */
 } cmdline;
 
 static kvf__sched_daemon *g_daemon;
@@ -125,6 +126,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "this replica's lease in etcd", "5", .lo = 2, .hi = 3600),
         KVF__OPT("advertise", KVF__ARG_STR, &cl->advertise, "HOST",
                  "the host engines reach this replica at, registered in etcd", "--listen's host"),
+        KVF__OPT("http-threads", KVF__ARG_LONG, &cl->http_threads, "N",
+                 "threads serving the HTTP API (placements run concurrently outside the index's "
+                 "lock; 1: one thread)",
+                 "this host's cores, at most 4", .lo = 0, .hi = 256),
         KVF__OPT("insecure", KVF__ARG_FLAG, &cl->insecure, NULL,
                  "allow --listen beyond loopback without --tokens (docs/security.md)", NULL),
         KVF__OPT("log-level", KVF__ARG_FN, &d->lg, "LEVEL", "debug, info, warn or error", "info",
@@ -377,8 +382,11 @@ static int serve(kvf__sched_daemon *d, const cmdline *cl, const char *host, uint
     if ((rc = events_curve(d, cl)) != 0)
         goto out_close_zsubs;
     rc = 1;
-    if (kvf__httpd_start(&d->httpd, host, port, 0, MAX_BODY, kvf__sched_http_route, d, &bound, err,
-                         sizeof err) != 0) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    long threads = cl->http_threads ? cl->http_threads : cores < 1 ? 1 : cores > 4 ? 4 : cores;
+    /* 1: one polling thread (kvf__httpd's 1 is one thread per connection) */
+    if (kvf__httpd_start(&d->httpd, host, port, threads <= 1 ? 0 : (int)threads, MAX_BODY,
+                         kvf__sched_http_route, d, &bound, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-sched: %s\n", err);
         goto out_close_zsubs;
     }

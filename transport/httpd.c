@@ -269,7 +269,7 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     *con_cls = NULL;
 }
 
-int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thread_per_conn,
+int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int threads,
                      size_t max_body, kvf__http_handler h, void *ctx, uint16_t *bound, char *err,
                      size_t errlen)
 {
@@ -289,12 +289,16 @@ int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thre
         free(d);
         return rc;
     }
-    unsigned flags = thread_per_conn
+    unsigned flags = threads == KVF_HTTPD_PER_CONNECTION
                          ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD
                          : MHD_USE_INTERNAL_POLLING_THREAD;
-    d->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET, lfd,
-                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, d,
-                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120, MHD_OPTION_END);
+    unsigned pool = threads >= 2 ? (unsigned)threads : 0;
+    if (pool)
+        flags |= MHD_USE_AUTO; /* epoll where there is one */
+    d->mhd = MHD_start_daemon(
+        flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET, lfd,
+        MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+        pool ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, pool, MHD_OPTION_END);
     if (!d->mhd) {
         close(lfd);
         free(d);

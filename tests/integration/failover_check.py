@@ -157,6 +157,12 @@ def main():
     finally:
         subprocess.run([KVF, "cluster", "down", "--config", config], capture_output=True,
                        timeout=120)
+        if failures:  # what the processes said, before their folder goes
+            for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+                if name.endswith(".log") and not name.startswith("etcd"):
+                    with open(os.path.join(run_dir, name), errors="replace") as f:
+                        tail = f.readlines()[-25:]
+                    print("---- %s\n%s" % (name, "".join(tail)), flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
     if failures:
         print("failover_check: %d failure(s)" % len(failures))

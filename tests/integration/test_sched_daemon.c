@@ -21,6 +21,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include <sodium.h>
 #include <zmq.h>
 
 #include "kvf/kvf.h"
@@ -552,6 +553,30 @@ static void test_sched_daemon_lookup_health_and_no_store(void **state)
         assert_non_null(strstr(out, "\"tokens\":1024"));
         assert_null(strstr(out, "\"cold\"")); /* it holds nothing of it */
         assert_non_null(strstr(out, "\"store_tokens\":0"));
+    }
+    /* the same tokens in the router's compact form: base64 of little-endian 32-bit ids */
+    {
+        static uint8_t raw[4 * 1100];
+        static char b64[8192], compact[8400];
+        for (int i = 0; i < 1100; i++)
+            for (int b = 0; b < 4; b++)
+                raw[4 * i + b] = (uint8_t)((uint32_t)(100 + i) >> (8 * b));
+        sodium_bin2base64(b64, sizeof b64, raw, sizeof raw, sodium_base64_VARIANT_ORIGINAL);
+        snprintf(compact, sizeof compact, "{\"output_tokens\":8,\"tokens\":\"%s\"}", b64);
+        assert_int_equal(http(&d, "POST", "/v1/lookup", compact, out, sizeof out), 200);
+        assert_non_null(strstr(out, "\"id\":\"hot\""));
+        assert_non_null(strstr(out, "\"tokens\":1024"));
+        assert_non_null(strstr(out, "\"prompt_tokens\":1100"));
+        /* not base64, or not whole ids: refused, naming the form */
+        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"!!!!\"}", out,
+                              sizeof out),
+                         400);
+        assert_non_null(strstr(out, "base64"));
+        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"AAAAAAA=\"}", out,
+                              sizeof out),
+                         400);
+        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"\"}", out, sizeof out),
+                         400);
     }
     assert_int_equal(stat_of(&d, "placements"), placed); /* nothing placed, no load noted */
     assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);

@@ -54,11 +54,14 @@ int kvf__http_tokens_load(kvf__http_tokens **out, const char *path, char *err, s
 size_t kvf__http_tokens_count(const kvf__http_tokens *t);
 void kvf__http_tokens_free(kvf__http_tokens **t);
 
-/* Serves HTTP on host:port (0: a free port, written to *bound) with one thread per connection
- * when thread_per_conn (handlers may block) or one polling thread otherwise. Bodies over max_body
- * get 413, bodies that are not JSON objects get 400, both without calling the handler. Returns
- * 0, or a KVF_E* code with one line in err. */
-int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thread_per_conn,
+/* Serves HTTP on host:port (0: a free port, written to *bound) with, by threads: 0, one polling
+ * thread; 1 (KVF_HTTPD_PER_CONNECTION), one thread per connection (handlers may block); N >= 2,
+ * a pool of N polling threads, each serving its share of the connections (handlers run
+ * concurrently and must be thread-safe). Bodies over max_body get 413, bodies that are not JSON
+ * objects get 400, both without calling the handler. Returns 0, or a KVF_E* code with one line
+ * in err. */
+#define KVF_HTTPD_PER_CONNECTION 1
+int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int threads,
                      size_t max_body, kvf__http_handler h, void *ctx, uint16_t *bound, char *err,
                      size_t errlen);
 /* Requires one of tokens (borrowed; must outlive the server; NULL: none) of every request but
