@@ -264,6 +264,7 @@ struct kvf_client {
     int has_cred;
     kvf__node *nodes;
     size_t n_nodes;
+    atomic_int reroute; /* kvf_client_set_reroute: a down node's keys go to their next node */
     kvf__io *io[KVF_CLIENT_MAX_IO];
     int n_io;
     atomic_uint_fast64_t next_id; /* request ids */

@@ -91,6 +91,9 @@ static void cn_submit(kvf__io *io, kvf__req *r)
             return;
         }
         if (cn_connect(io, cn, 0) != 0) {
+            /* refused: the node is down for the client as a whole (its keys go to their next
+             * node meanwhile, place.c), until a probe after the backoff finds it again */
+            kvf__node_mark_down(cn->nd);
             kvf__req_fail(r, KVF_ECONNREFUSED);
             return;
         }

@@ -6,19 +6,38 @@
 #include "client_int.h"
 
 #include "bytes.h"
+#include "clock.h"
+
+#include <stdint.h>
 
 size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
 {
-    size_t best = 0;
-    uint64_t bs = 0;
+    /* With kvf_client_set_reroute(): the highest score among the nodes that are not marked down
+     * now (io.c: down for a backoff
+     * after a request it did not answer or a connection it refused), else among all. A key whose
+     * node is down goes to the next node in its order, as rendezvous hashing moves a leaving
+     * node's keys: its puts land there and its gets look there (a replica of a hot chunk, or
+     * what was put meanwhile), and once the backoff passes the key goes home again (its first
+     * request there probes the node). Chunks are immutable under their key, so a key read from
+     * another node than it was put to is a miss at worst, never other bytes. */
+    uint64_t now = atomic_load_explicit(&c->reroute, memory_order_relaxed) ? kvf__now_ns() : 0;
+    size_t best = 0, best_up = SIZE_MAX;
+    uint64_t bs = 0, bs_up = 0;
     for (size_t i = 0; i < c->n_nodes; i++) {
         uint64_t s = kvf__fmix64(key->lo ^ kvf__fmix64(key->hi ^ c->nodes[i].seed));
-        if (i == 0 || s > bs) {
-            bs = s;
-            best = i;
-        }
+        if (i == 0 || s > bs)
+            bs = s, best = i;
+        uint64_t until =
+            now ? atomic_load_explicit(&c->nodes[i].down_until, memory_order_relaxed) : 0;
+        if ((!until || now >= until) && (best_up == SIZE_MAX || s > bs_up))
+            bs_up = s, best_up = i;
     }
-    return best;
+    return best_up != SIZE_MAX ? best_up : best;
+}
+
+void kvf_client_set_reroute(kvf_client *c, int on)
+{
+    atomic_store(&c->reroute, on != 0);
 }
 
 size_t kvf_client_node_count(const kvf_client *c)

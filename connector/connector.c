@@ -305,6 +305,8 @@ static int open_client(kvf_connector *cn, const kvf_connector_opts *o, const cha
         co.n_nodes = n_fetched;
     }
     rc = kvf_client_open(&cn->cl, &co, err, errlen);
+    if (!rc) /* a store that dies costs its keys' misses, not failures (kvf/client.h) */
+        kvf_client_set_reroute(cn->cl, 1);
     for (size_t i = 0; i < n_fetched; i++)
         free(fetched[i]);
     free(fetched);

@@ -73,7 +73,15 @@ KVF_API int kvf_client_open(kvf_client **out, const kvf_client_opts *opts, char 
  * I/O thread and frees the client. Accepts NULL and clears *c. */
 KVF_API void kvf_client_close(kvf_client **c);
 
-/* The node index a key is placed on. */
+/* Rerouting (off at open): while a node is marked down (a request it did not answer in time, a
+ * connection it refused; for a backoff of 0.2 s doubling to 5 s, after which a request probes
+ * it), each of its keys goes to the next node in that key's rendezvous order, as if the node had
+ * left: puts land there and gets look there (a replica of a hot chunk, or what was put
+ * meanwhile), instead of failing at once (KVF_EHOSTUNREACH, KVF_ECONNREFUSED). Chunks are
+ * immutable under their key, so a key read elsewhere is a miss at worst. The connector turns it
+ * on for its engines; without it a dead node's keys fail, as tools expect. */
+KVF_API void kvf_client_set_reroute(kvf_client *c, int on);
+/* The node index a key is placed on (with rerouting: now). */
 KVF_API size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key);
 KVF_API size_t kvf_client_node_count(const kvf_client *c);
 
