@@ -323,6 +323,8 @@ int bench_sched_ingest(json_t *res, int quick)
                         json_real(bnoise99 > 0 ? busy99 / bnoise99 : 0));
     json_object_set_new(res, "ingest_label", json_string("real"));
     json_object_set_new(res, "ingest_blocks", json_integer((json_int_t)st.stored));
+    json_object_set_new(res, "index_blocks", json_integer((json_int_t)ix.blocks));
+    json_object_set_new(res, "index_bytes", json_integer((json_int_t)ix.bytes));
     json_object_set_new(res, "index_instances", json_integer(IG_INSTANCES));
     json_object_set_new(res, "place_p50_us_alone", json_real(idle50));
     json_object_set_new(res, "place_p99_us_alone", json_real(idle99));
