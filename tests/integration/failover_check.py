@@ -10,10 +10,19 @@ replicas), each request's tokens compared with the same prompt's tokens before a
   go on with the same tokens, and the engines' connectors reroute the dead store's keys to their
   next store, so the store hit rate recovers (at least half of what it was before).
 
+With --netns every process is a host of its own (a network namespace), and then:
+
+- the last store is partitioned from every etcd member but not from its clients (blackhole routes
+  in its namespace): its lease lapses and the replica drops it from placement within the TTL +
+  1 s, requests go on (the engines still reach it), and once the partition heals it registers
+  again and the replica learns it whole from a fresh snapshot: the index holds exactly what the
+  store reports, nothing stale.
+
 0 failed requests and 0 wrong tokens are required; the times and the store hit rates before and
 after are printed.
 
-usage: failover_check.py KVF_BIN   (exit 77, skipped, where etcd is not installed)
+usage: failover_check.py KVF_BIN [--netns]   (exit 77, skipped, where etcd is not installed or,
+                                              with --netns, namespaces cannot be made)
 """
 
 import json
@@ -92,6 +101,65 @@ class Load:
         return (sum(s for _, s in sel) / total if total else 0.0), len(sel)
 
 
+def netns_possible():
+    probe = "kvf-probe-%d" % os.getpid()
+    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if p.returncode != 0:
+        return p.stderr.strip() or "ip netns add failed"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return None
+
+
+def stores_known(sched):
+    return get_json("http://%s/v1/index/stats" % sched)["etcd"]["stores"]
+
+
+def partition(store, etcd_addrs, cut):
+    """Blackhole routes to every etcd member in the store's namespace (cut), or none."""
+    for a in etcd_addrs:
+        ip = a.split(":")[0]
+        subprocess.run(["ip", "-n", store["netns"], "route", "add" if cut else "del", "blackhole",
+                        ip + "/32"], check=True, capture_output=True)
+
+
+def phase_partition(st, procs, live, load):
+    """The last store cut off from etcd, not from its clients; then healed."""
+    store = procs["store1"]
+    sent0, failed0 = load.sent, load.failed
+    t0 = time.time()
+    partition(store, st["etcd"], True)
+    dropped = None
+    end = time.time() + TTL + 10
+    while time.time() < end:
+        if stores_known(live) == 0:
+            dropped = time.time() - t0
+            break
+        time.sleep(0.05)
+    check(dropped is not None and dropped <= TTL + 1.0,
+          "a store cut off from etcd was dropped after %r s (TTL %d)" % (dropped, TTL))
+    time.sleep(2)
+    snaps = get_json("http://%s/v1/index/stats" % live)["store_snapshots"]
+    partition(store, st["etcd"], False)
+    t1 = time.time()
+    back = None
+    end = time.time() + 30
+    while time.time() < end:
+        if stores_known(live) == 1:
+            back = time.time() - t1
+            break
+        time.sleep(0.1)
+    check(back is not None, "the store did not register again within 30 s of the partition's end")
+    time.sleep(2)
+    ix = get_json("http://%s/v1/index/stats" % live)
+    check(ix["store_snapshots"] > snaps, "no fresh snapshot of the returning store: %r" % ix)
+    check(load.sent > sent0 and load.failed == failed0,
+          "requests during the partition: %d sent, %d failed" % (load.sent - sent0,
+                                                                 load.failed - failed0))
+    print("failover_check: a store cut off from etcd was dropped %.2f s after the cut, "
+          "registered again %.2f s after it healed, and was learnt by a fresh snapshot"
+          % (dropped or -1, back or -1), flush=True)
+
+
 def state(run_dir):
     with open(os.path.join(run_dir, "state.json")) as f:
         return json.load(f)
@@ -101,14 +169,23 @@ def main():
     if not shutil.which("etcd"):
         print("failover_check: skipped: etcd is not installed (apt-get install etcd-server)")
         sys.exit(77)
+    netns = "--netns" in sys.argv[2:]
+    if netns:
+        why = netns_possible()
+        if why:
+            print("failover_check: skipped: network namespaces cannot be made here: " + why)
+            sys.exit(77)
     tmp = tempfile.mkdtemp(prefix="kvf-failover-")
     run_dir = os.path.join(tmp, "run")
     config = os.path.join(tmp, "cluster.json")
+    cfg = {"name": "fons" if netns else "fo", "stores": 2, "prefill": 1, "decode": 1,
+           "scheds": 2, "etcd": 3, "etcd_ttl": TTL, "store_memory": "64M", "run_dir": run_dir}
+    if netns:
+        cfg["netns"] = {"subnet": "10.79.0"}
     with open(config, "w") as f:
-        json.dump({"name": "fo", "stores": 2, "prefill": 1, "decode": 1, "scheds": 2, "etcd": 3,
-                   "etcd_ttl": TTL, "store_memory": "64M", "run_dir": run_dir}, f)
-    up = subprocess.run([KVF, "cluster", "up", "--config", config], capture_output=True,
-                        text=True, timeout=300)
+        json.dump(cfg, f)
+    up = subprocess.run([KVF, "cluster", "up", "--config", config] + (["--netns"] if netns else []),
+                        capture_output=True, text=True, timeout=300)
     if up.returncode != 0:
         print(up.stdout + up.stderr)
         check(False, "kvf cluster up failed (%d)" % up.returncode)
@@ -144,10 +221,12 @@ def main():
         check(dropped is not None and dropped <= TTL + 1.0,
               "a killed store was dropped after %r s (TTL %d)" % (dropped, TTL))
         time.sleep(8)
+        if netns:
+            phase_partition(st, procs, live, load)
         load.stop.set()
         load.th.join(timeout=120)
         before, nb = load.hit_rate(0, t_kill)
-        after, na = load.hit_rate(t_kill + TTL + 1, time.time())
+        after, na = load.hit_rate(t_kill + TTL + 1, t_kill + TTL + 9)
         print("failover_check: %d requests under faults, %d failed, %d with wrong tokens; a killed "
               "store dropped %.2f s after its death (TTL %d s); store hit rate %.3f before (%d "
               "requests), %.3f after (%d)" % (load.sent, load.failed, load.wrong, dropped or -1,
