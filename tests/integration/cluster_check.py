@@ -21,6 +21,9 @@ import time
 import urllib.error
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from netns_util import netns_possible  # noqa: E402
+
 SKIP = 77
 
 
@@ -64,14 +67,6 @@ def alive(pid):
     except OSError:
         return False
 
-
-def netns_possible():
-    probe = "kvf-probe-%d" % os.getpid()
-    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if p.returncode != 0:
-        return p.stderr.strip() or "ip netns add failed"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
 
 
 def main():

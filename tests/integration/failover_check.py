@@ -36,6 +36,9 @@ import threading
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from netns_util import netns_possible  # noqa: E402
+
 KVF = sys.argv[1]
 TTL = 2
 failures = []
@@ -100,14 +103,6 @@ class Load:
         total = sum(n for n, _ in sel)
         return (sum(s for _, s in sel) / total if total else 0.0), len(sel)
 
-
-def netns_possible():
-    probe = "kvf-probe-%d" % os.getpid()
-    p = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if p.returncode != 0:
-        return p.stderr.strip() or "ip netns add failed"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
 
 
 def stores_known(sched):
