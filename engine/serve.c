@@ -52,6 +52,7 @@
 #include "http.h"
 #include "kvf/events.h"
 #include "kvf/kvf.h"
+#include "member.h"
 #include "scheduler.h"
 #include "log.h"
 #include "tcp.h"
@@ -168,7 +169,8 @@ static uint32_t host_compute(char *name, size_t len)
     return (uint32_t)kvf__cores();
 }
 
-static int register_with_sched(srv *S, int i, int attempts, char *err, size_t errlen)
+/* This engine's registration record: POST /v1/instances' body, and its record in etcd. */
+static json_t *registration(srv *S)
 {
     kvf_caps caps;
     char *cj = kvf_caps_builtin("reference", &caps) == 0 ? kvf_caps_to_json(&caps) : NULL;
@@ -190,6 +192,12 @@ static int register_with_sched(srv *S, int i, int attempts, char *err, size_t er
         json_object_set_new(body, "compute_slots", json_integer(slots));
         json_object_set_new(body, "compute_uses", json_integer(kvfe_gemm_threads()));
     }
+    return body;
+}
+
+static int register_with_sched(srv *S, int i, int attempts, char *err, size_t errlen)
+{
+    json_t *body = registration(S);
     char url[256];
     snprintf(url, sizeof url, "http://%s/v1/instances", S->scheds[i]);
     long status = 0;
@@ -238,6 +246,8 @@ typedef struct serve_opts {
     const char *prefetch; /* --prefetch on|off */
     const char *prefetch_memory; /* --prefetch-memory SIZE */
     const char *log_format;      /* --log-format text|json */
+    const char *etcd, *cluster;  /* --etcd, --cluster: registered in etcd (docs/membership.md) */
+    long etcd_ttl;
 } serve_opts;
 
 static int parse_args(int argc, char **argv, serve_opts *o)
@@ -247,6 +257,8 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                       .id = "",
                       .role = "both",
                       .sched = "",
+                      .cluster = "default",
+                      .etcd_ttl = 5,
                       .seed = "1",
                       .max_tokens = "16384",
                       .level = "info",
@@ -298,6 +310,9 @@ static int parse_args(int argc, char **argv, serve_opts *o)
         KVF__OPT("tokens", KVF__ARG_STR, &o->tokens, "FILE",
                  "bearer tokens of the HTTP API (\"NAME TOKEN\" lines)", NULL),
         KVF__OPT("seed", KVF__ARG_STR, &o->seed, "S", "the model's weights' seed", "1"),
+        KVF__MEMBER_OPTS(&o->etcd, &o->cluster, &o->etcd_ttl,
+                         "register under a lease, so that every kvf-sched replica following the "
+                         "cluster learns this engine and drops it when it dies"),
         KVF__OPT("insecure", KVF__ARG_FLAG, &o->insecure, NULL,
                  "listen beyond loopback without --tokens (docs/security.md)", NULL),
         KVF__OPT("log-level", KVF__ARG_CHOICE, &o->level, "LEVEL", "what it logs", "info",
@@ -522,6 +537,34 @@ static int serve_until_signal(srv *S, uint16_t bound)
     return 0;
 }
 
+/* Registers /kvfabric/CLUSTER/engines/ID = this engine's registration record under a lease
+ * (exclusive: waiting two TTLs for a previous incarnation's lease to lapse). 0, or 1 after
+ * saying why. */
+static int register_in_etcd(srv *S, const serve_opts *o, kvf__member **m)
+{
+    if (kvf__member_cluster_check("kvf-engine", o->cluster) != 0)
+        return 2;
+    json_t *rec = registration(S);
+    char *value = rec ? json_dumps(rec, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+    json_decref(rec);
+    char key[256], err[600] = "";
+    snprintf(key, sizeof key, "/kvfabric/%s/engines/%s", o->cluster, S->id);
+    kvf__member_opts mo = {.endpoints = o->etcd,
+                           .key = key,
+                           .value = value ? value : "{}",
+                           .ttl_s = (int)o->etcd_ttl,
+                           .exclusive = 1,
+                           .wait_ms = 2 * (int)o->etcd_ttl * 1000 + 1000,
+                           .log = &S->lg};
+    int rc = kvf__member_start(m, &mo, err, sizeof err);
+    free(value);
+    if (rc) {
+        fprintf(stderr, "kvf-engine: --etcd: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
 int kvfe_serve_main(int argc, char **argv)
 {
     static srv S;
@@ -586,7 +629,11 @@ int kvfe_serve_main(int argc, char **argv)
         }
         have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
     }
+    kvf__member *member = NULL;
+    if (o.etcd && (rc = register_in_etcd(&S, &o, &member)) != 0)
+        goto out_stop_http;
     rc = serve_until_signal(&S, bound);
+    kvf__member_stop(&member); /* revoked: the replicas remove this engine now */
 out_stop_http:
     stop_serving(&S);
     kvf__httpd_stop(&httpd);

@@ -12,6 +12,7 @@
 #ifndef KVF_SCHED_DAEMON_H
 #define KVF_SCHED_DAEMON_H
 
+#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -89,10 +90,10 @@ typedef struct kvf__sched_daemon {
     char stores[4096]; /* data addresses of the storage nodes, comma-separated (--stores) */
     /* Membership on etcd (members.c): the stores registered, by node (their records; "" for
      * none), and this replica's own registration. */
-    struct kvf__watcher *store_watch;
+    struct kvf__watcher *store_watch, *engine_watch;
     struct kvf__member *self;
     char (*store_rec)[512]; /* KVF_SCHED_MAX_STORES */
-    uint64_t store_joins, store_leaves;
+    uint64_t store_joins, store_leaves, engine_joins, engine_leaves;
     atomic_int stop;
 } kvf__sched_daemon;
 
@@ -117,6 +118,11 @@ int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d);
 /* One round of the events thread: makes the subscriptions asked for and applies every batch that
  * arrived (waiting 100 ms at most for one). */
 void kvf__sched_events_round(kvf__sched_daemon *d);
+
+/* An instance's registration record (POST /v1/instances' body, or an engine's record in etcd)
+ * into *in and its replay endpoint. 0, or -1 with the reason in err (http_api.c). */
+int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
+                              char *err, size_t errlen);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Membership on etcd (members.c) */

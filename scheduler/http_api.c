@@ -138,48 +138,58 @@ static int owner_ok_locked(const kvf__sched_daemon *d, int idx, const char *call
     return !caller || !owner[0] || !strcmp(owner, caller);
 }
 
-static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
+                              char *err, size_t errlen)
 {
-    kvf_instance_info in;
-    memset(&in, 0, sizeof in);
-    char err[256] = "", role[16] = "both", replay[128] = "";
-    if (kvf__sched_json_str(o, "replay", replay, sizeof replay, 0, err, sizeof err) ||
-        kvf__sched_json_str(o, "id", in.id, sizeof in.id, 1, err, sizeof err) ||
-        kvf__sched_json_str(o, "role", role, sizeof role, 0, err, sizeof err) ||
-        kvf__sched_json_str(o, "endpoint", in.endpoint, sizeof in.endpoint, 0, err, sizeof err) ||
-        kvf__sched_json_str(o, "events", in.events, sizeof in.events, 0, err, sizeof err) ||
-        kvf__sched_json_str(o, "compute", in.compute, sizeof in.compute, 0, err, sizeof err))
-        return send_error(d, c, 400, "%s", err);
+    memset(in, 0, sizeof *in);
+    char role[16] = "both";
+    replay[0] = 0;
+    if (kvf__sched_json_str(o, "replay", replay, rlen, 0, err, errlen) ||
+        kvf__sched_json_str(o, "id", in->id, sizeof in->id, 1, err, errlen) ||
+        kvf__sched_json_str(o, "role", role, sizeof role, 0, err, errlen) ||
+        kvf__sched_json_str(o, "endpoint", in->endpoint, sizeof in->endpoint, 0, err, errlen) ||
+        kvf__sched_json_str(o, "events", in->events, sizeof in->events, 0, err, errlen) ||
+        kvf__sched_json_str(o, "compute", in->compute, sizeof in->compute, 0, err, errlen))
+        return -1;
     if (!strcmp(role, "prefill"))
-        in.role = KVF_ROLE_PREFILL;
+        in->role = KVF_ROLE_PREFILL;
     else if (!strcmp(role, "decode"))
-        in.role = KVF_ROLE_DECODE;
+        in->role = KVF_ROLE_DECODE;
     else if (!strcmp(role, "both"))
-        in.role = KVF_ROLE_BOTH;
+        in->role = KVF_ROLE_BOTH;
     else
-        return send_error(d, c, 400, "\"role\" must be prefill, decode or both");
-    if (!in.id[0])
-        return send_error(d, c, 400, "\"id\" must not be empty");
+        return snprintf(err, errlen, "\"role\" must be prefill, decode or both"), -1;
+    if (!in->id[0])
+        return snprintf(err, errlen, "\"id\" must not be empty"), -1;
     double bt, cap, slots, uses;
-    if (json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, sizeof err) ||
-        json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, sizeof err) ||
-        json_num(o, "compute_slots", 0, 1 << 20, 1, 0, &slots, err, sizeof err) ||
-        json_num(o, "compute_uses", 0, 1 << 20, 1, 1, &uses, err, sizeof err))
-        return send_error(d, c, 400, "%s", err);
-    in.compute_slots = (uint32_t)slots;
-    in.compute_uses = (uint32_t)uses;
-    in.block_tokens = (uint32_t)bt;
-    in.capacity_blocks = (uint64_t)cap;
+    if (json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, errlen) ||
+        json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, errlen) ||
+        json_num(o, "compute_slots", 0, 1 << 20, 1, 0, &slots, err, errlen) ||
+        json_num(o, "compute_uses", 0, 1 << 20, 1, 1, &uses, err, errlen))
+        return -1;
+    in->compute_slots = (uint32_t)slots;
+    in->compute_uses = (uint32_t)uses;
+    in->block_tokens = (uint32_t)bt;
+    in->capacity_blocks = (uint64_t)cap;
     json_t *caps = json_object_get(o, "capabilities");
     if (caps) {
         char *t = json_dumps(caps, JSON_COMPACT);
-        if (!t || strlen(t) >= sizeof in.capabilities) {
+        if (!t || strlen(t) >= sizeof in->capabilities) {
             free(t);
-            return send_error(d, c, 400, "capabilities record too large");
+            return snprintf(err, errlen, "capabilities record too large"), -1;
         }
-        snprintf(in.capabilities, sizeof in.capabilities, "%s", t);
+        snprintf(in->capabilities, sizeof in->capabilities, "%s", t);
         free(t);
     }
+    return 0;
+}
+
+static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
+{
+    kvf_instance_info in;
+    char err[256] = "", replay[128] = "";
+    if (kvf__sched_instance_parse(o, &in, replay, sizeof replay, err, sizeof err) != 0)
+        return send_error(d, c, 400, "%s", err);
     int idx = -1, fresh = 0, pinned = 0;
     char advice[128], owner[64] = "";
     pthread_mutex_lock(&d->mu);
@@ -542,7 +552,7 @@ typedef struct stats {
         rejections;
     uint64_t expired, deleted; /* instances */
     uint64_t snapshots, snapshot_failures;
-    uint64_t store_joins, store_leaves;
+    uint64_t store_joins, store_leaves, engine_joins, engine_leaves;
     int etcd, etcd_synced, stores_registered;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
     size_t instances;
@@ -565,6 +575,8 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->snapshot_failures = d->snapshot_failures;
     st->store_joins = d->store_joins;
     st->store_leaves = d->store_leaves;
+    st->engine_joins = d->engine_joins;
+    st->engine_leaves = d->engine_leaves;
     st->etcd = d->store_rec != NULL;
     st->etcd_synced = kvf__sched_etcd_synced_locked(d);
     st->stores_registered = 0;
@@ -609,11 +621,12 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
     json_object_set_new(o, "store_snapshots", json_integer(counter(st->snapshots)));
     if (st->etcd)
-        json_object_set_new(o, "etcd",
-                            json_pack("{s:b,s:i,s:I,s:I}", "synced", st->etcd_synced, "stores",
-                                      st->stores_registered, "store_joins",
-                                      counter(st->store_joins), "store_leaves",
-                                      counter(st->store_leaves)));
+        json_object_set_new(
+            o, "etcd",
+            json_pack("{s:b,s:i,s:I,s:I,s:I,s:I}", "synced", st->etcd_synced, "stores",
+                      st->stores_registered, "store_joins", counter(st->store_joins),
+                      "store_leaves", counter(st->store_leaves), "engine_joins",
+                      counter(st->engine_joins), "engine_leaves", counter(st->engine_leaves)));
     json_object_set_new(o, "store_snapshot_failures", json_integer(counter(st->snapshot_failures)));
     json_object_set_new(o, "placements", json_integer(counter(st->placements)));
     json_object_set_new(o, "rejections", json_integer(counter(st->rejections)));

@@ -115,15 +115,9 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "subscribe to events over CURVE with this key", NULL),
         KVF__OPT("events-server-key", KVF__ARG_STR, &cl->events_server_key, "HEX",
                  "the publishers' X25519 public key (with --events-credential)", NULL),
-        KVF__OPT("etcd", KVF__ARG_STR, &cl->etcd, "URL[,...]",
-                 "learn the storage nodes from their registrations in etcd (its members' "
-                 "http://HOST:PORT) instead of --stores and --store-events, and register this "
-                 "replica (docs/membership.md)",
-                 NULL),
-        KVF__OPT("cluster", KVF__ARG_STR, &cl->cluster, "NAME",
-                 "the cluster's name in etcd: keys under /kvfabric/NAME/", "default"),
-        KVF__OPT("etcd-ttl", KVF__ARG_LONG, &cl->etcd_ttl, "SECONDS",
-                 "this replica's lease in etcd", "5", .lo = 2, .hi = 3600),
+        KVF__MEMBER_OPTS(&cl->etcd, &cl->cluster, &cl->etcd_ttl,
+                         "learn the storage nodes and engines from their registrations instead "
+                         "of --stores and --store-events, and register this replica"),
         KVF__OPT("advertise", KVF__ARG_STR, &cl->advertise, "HOST",
                  "the host engines reach this replica at, registered in etcd", "--listen's host"),
         KVF__OPT("http-threads", KVF__ARG_LONG, &cl->http_threads, "N",

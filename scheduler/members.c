@@ -106,6 +106,55 @@ static void on_store(void *ud, int put, const char *key, const char *value)
                  node);
 }
 
+/* An engine's registration changed: key /kvfabric/CLUSTER/engines/ID, value its registration
+ * record (POST /v1/instances' body), or gone (its lease lapsed or was revoked). A record makes
+ * the instance (or, where the engine registered over HTTP already with the same record, keeps
+ * it) and pins it: its lease, not --instance-ttl, says when it is gone; its key going removes it
+ * at once. The watcher's thread. */
+static void on_engine(void *ud, int put, const char *key, const char *value)
+{
+    kvf__sched_daemon *d = ud;
+    const char *id = strrchr(key, '/');
+    id = id ? id + 1 : key;
+    char err[256] = "", replay[128] = "";
+    kvf_instance_info in;
+    if (put) {
+        json_t *o = json_loads(value, 0, NULL);
+        int bad = !json_is_object(o) ||
+                  kvf__sched_instance_parse(o, &in, replay, sizeof replay, err, sizeof err) != 0;
+        json_decref(o);
+        if (!bad && strcmp(in.id, id) != 0)
+            bad = 1, snprintf(err, sizeof err, "its record names \"%s\"", in.id);
+        if (bad) {
+            kvf_warn(&d->lg, "etcd: %s: a malformed engine record (%s); ignored", key, err);
+            return;
+        }
+    }
+    pthread_mutex_lock(&d->mu);
+    int idx = kvf_sched_instance_find(d->s, id), rc = 0, fresh = 0, had = idx >= 0;
+    if (put) {
+        rc = kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, err, sizeof err);
+        if (rc == KVF_EEXIST && had) { /* another record under its id: the engine restarted */
+            kvf__sched_remove_locked(d, idx);
+            rc = kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, err, sizeof err);
+        }
+        if (rc == 0) {
+            d->reg[idx].pinned = 1;
+            d->engine_joins += fresh;
+        }
+    } else if (had) {
+        kvf__sched_remove_locked(d, idx);
+        d->engine_leaves++;
+    }
+    pthread_mutex_unlock(&d->mu);
+    if (put && rc)
+        kvf_warn(&d->lg, "etcd: engine %s: %s", id, err[0] ? err : kvf_strerror(rc));
+    else if (put && fresh)
+        kvf_info(&d->lg, "etcd: engine %s joined", id);
+    else if (!put && had)
+        kvf_warn(&d->lg, "etcd: engine %s left (its lease lapsed or was revoked): removed", id);
+}
+
 int kvf__sched_etcd_start(kvf__sched_daemon *d, const kvf__sched_etcd *o)
 {
     char prefix[300], key[600], err[600] = "";
@@ -126,6 +175,15 @@ int kvf__sched_etcd_start(kvf__sched_daemon *d, const kvf__sched_etcd *o)
     }
     pthread_mutex_lock(&d->mu);
     d->store_watch = w;
+    pthread_mutex_unlock(&d->mu);
+    snprintf(prefix, sizeof prefix, "/kvfabric/%s/engines/", o->cluster);
+    kvf__watcher *we = NULL;
+    if (kvf__watcher_start(&we, o->etcd, prefix, on_engine, d, &d->lg, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-sched: --etcd: %s\n", err);
+        return 1;
+    }
+    pthread_mutex_lock(&d->mu);
+    d->engine_watch = we;
     pthread_mutex_unlock(&d->mu);
     int v6 = strchr(o->advertise, ':') != NULL;
     char addr[300];
@@ -163,10 +221,11 @@ void kvf__sched_etcd_stop(kvf__sched_daemon *d)
 {
     kvf__member_stop(&d->self);
     pthread_mutex_lock(&d->mu);
-    kvf__watcher *w = d->store_watch;
-    d->store_watch = NULL;
+    kvf__watcher *w = d->store_watch, *we = d->engine_watch;
+    d->store_watch = d->engine_watch = NULL;
     pthread_mutex_unlock(&d->mu);
-    kvf__watcher_stop(&w); /* its thread, which takes the lock, ends here */
+    kvf__watcher_stop(&w); /* their threads, which take the lock, end here */
+    kvf__watcher_stop(&we);
     pthread_mutex_lock(&d->mu);
     free(d->store_rec);
     d->store_rec = NULL;

@@ -286,15 +286,9 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "answer snapshot requests (everything held now, both tiers) on this address, so "
                  "that a kvf-sched that subscribes late learns what the node holds",
                  "--events's host, a free port"),
-        KVF__OPT("etcd", KVF__ARG_STR, &cfg->etcd, "URL[,...]",
-                 "register in etcd (its members' http://HOST:PORT) under a lease, so that "
-                 "kvf-sched finds this node and drops it when it dies (docs/membership.md)",
-                 NULL),
-        KVF__OPT("cluster", KVF__ARG_STR, &cfg->cluster, "NAME",
-                 "the cluster's name in etcd: keys under /kvfabric/NAME/", "default"),
-        KVF__OPT("etcd-ttl", KVF__ARG_LONG, &cfg->etcd_ttl, "SECONDS",
-                 "the lease: a node that dies is dropped this long after", "5", .lo = 2,
-                 .hi = 3600),
+        KVF__MEMBER_OPTS(&cfg->etcd, &cfg->cluster, &cfg->etcd_ttl,
+                         "register under a lease, so that kvf-sched finds this node and drops it "
+                         "when it dies"),
         KVF__OPT("advertise", KVF__ARG_STR, &cfg->advertise, "HOST",
                  "the host others reach this node at, registered in etcd", "--listen's host"),
         KVF__OPT("metrics", KVF__ARG_STR, &cfg->metrics, "HOST:PORT",

@@ -13,6 +13,18 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The options every daemon that registers in etcd takes, for its option table (args.h): --etcd
+ * (what registering means for it: etcd_what), --cluster and --etcd-ttl, into etcd, cluster and
+ * ttl (a const char *, a const char * and a long). */
+#define KVF__MEMBER_OPTS(etcd, cluster, ttl, etcd_what)                                      \
+    KVF__OPT("etcd", KVF__ARG_STR, (etcd), "URL[,...]",                                      \
+             "etcd's members (http://HOST:PORT): " etcd_what " (docs/membership.md)", NULL), \
+        KVF__OPT("cluster", KVF__ARG_STR, (cluster), "NAME",                                 \
+                 "the cluster's name in etcd: keys under /kvfabric/NAME/", "default"),       \
+        KVF__OPT("etcd-ttl", KVF__ARG_LONG, (ttl), "SECONDS",                                \
+                 "the lease in etcd: a process that dies is dropped this long after", "5",   \
+                 .lo = 2, .hi = 3600)
+
 /* Whether name may be a cluster's name in keys (/kvfabric/NAME/...): 1 to 64 of
  * [A-Za-z0-9._-]. 0, or -1 after saying why on stderr, prog first. */
 int kvf__member_cluster_check(const char *prog, const char *name);

@@ -9,7 +9,9 @@
 - kill one of the three etcd members (the one answering first): the stores keep their leases and
   the replicas keep following (a store killed afterwards is still dropped in time);
 - kill -9 a kvf-sched replica: its registration lapses; the other goes on;
-- a second store that asks for a node number a live one holds is refused, naming the holder.
+- a second store that asks for a node number a live one holds is refused, naming the holder;
+- an engine registered in etcd alone (no --sched) is learnt by both replicas, and removed by both
+  within the TTL + 1 s of its kill -9.
 
 usage: etcd_check.py   (environment: KVF_STORE_BIN; kvf-sched is taken from its folder; etcd from
                         $PATH: exit 77, skipped, where it is not installed)
@@ -29,6 +31,7 @@ import urllib.request
 
 STORE = os.environ["KVF_STORE_BIN"]
 SCHED = os.path.join(os.path.dirname(STORE), "kvf-sched")
+ENGINE = os.path.join(os.path.dirname(STORE), "kvf-engine")
 ETCD = shutil.which("etcd")
 TTL = 2
 T_END = time.time() + 240  # every wait below is bounded by this too
@@ -162,6 +165,19 @@ def sched(etcd):
                  "--etcd-ttl", str(TTL), "--log-level", "warn"], "kvf-sched")
 
 
+def engine(etcd, eid):
+    return Proc([ENGINE, "--serve", "--id", eid, "--role", "both", "--listen", "127.0.0.1:0",
+                 "--etcd", etcd.endpoints, "--cluster", "check", "--etcd-ttl", str(TTL),
+                 "--log-level", "warn"], "kvf-engine")
+
+
+def instances_of(s):
+    try:
+        return sorted(i["id"] for i in get_json("http://%s/v1/instances" % s.addr)["instances"])
+    except Exception:
+        return None
+
+
 def stores_of(s):
     try:
         return sorted(get_json("http://%s/v1/stores" % s.addr)["stores"])
@@ -244,6 +260,23 @@ def main():
         check(wait_for(lambda: stores_of(a) == [] and stores_of(b) == [], 1.0),
               "a stopped store stays listed: %r" % stores_of(a))
         print("etcd_check: a stopped store was dropped %.2f s after SIGTERM" % (time.time() - t0))
+
+        # an engine registered in etcd only (no --sched): both replicas learn it from there, and
+        # remove it when its lease lapses after kill -9
+        e0 = engine(etcd, "e0")
+        procs.append(e0)
+        check(e0.addr is not None, "kvf-engine --etcd did not start: %r" % e0.err)
+        for r in (a, b):
+            check(wait_for(lambda: instances_of(r) == ["e0"], 5),
+                  "replica %s did not learn the engine from etcd: %r" % (r.addr, instances_of(r)))
+        t0 = time.time()
+        e0.kill()
+        check(wait_for(lambda: instances_of(a) == [] and instances_of(b) == [], TTL + 5),
+              "a killed engine stays registered: %r %r" % (instances_of(a), instances_of(b)))
+        gone = time.time() - t0
+        print("etcd_check: a killed engine was removed by both replicas %.2f s after its death"
+              % gone, flush=True)
+        check(gone <= TTL + 1.0, "a killed engine was removed after %.2f s" % gone)
 
         # kill -9 a replica: its registration lapses; the other serves on
         a.kill()
