@@ -568,15 +568,12 @@ static void test_sched_daemon_lookup_health_and_no_store(void **state)
         assert_non_null(strstr(out, "\"tokens\":1024"));
         assert_non_null(strstr(out, "\"prompt_tokens\":1100"));
         /* not base64, or not whole ids: refused, naming the form */
-        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"!!!!\"}", out,
-                              sizeof out),
+        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"!!!!\"}", out, sizeof out),
                          400);
         assert_non_null(strstr(out, "base64"));
-        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"AAAAAAA=\"}", out,
-                              sizeof out),
-                         400);
-        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"\"}", out, sizeof out),
-                         400);
+        assert_int_equal(
+            http(&d, "POST", "/v1/lookup", "{\"tokens\":\"AAAAAAA=\"}", out, sizeof out), 400);
+        assert_int_equal(http(&d, "POST", "/v1/lookup", "{\"tokens\":\"\"}", out, sizeof out), 400);
     }
     assert_int_equal(stat_of(&d, "placements"), placed); /* nothing placed, no load noted */
     assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
