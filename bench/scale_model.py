@@ -34,6 +34,9 @@ import threading
 import time
 import urllib.request
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from kvfabric.etcd import wait_healthy  # noqa: E402 (the package beside, standard library only)
+
 
 def post(url, body, timeout=5):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
@@ -63,13 +66,8 @@ def measure_etcd(threads, seconds):
                           "http://127.0.0.1:%d" % pp, "--initial-cluster",
                           "default=http://127.0.0.1:%d" % pp], stdout=log, stderr=log)
     try:
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                    if json.loads(r.read()).get("health") == "true":
-                        break
-            except OSError:
-                time.sleep(0.1)
+        if not wait_healthy(url, 10):
+            return None
         leases = [post(url + "/v3/lease/grant", {"TTL": "60"})["ID"] for _ in range(threads)]
 
         def rate(kind):

@@ -203,9 +203,9 @@ static int engine_argv(launch *L, char **argv, int max, char **rest, int n_rest)
         argv[k++] = rest[i];
     for (int i = 0; py_engine(L->c) && i < L->n_extra && k < max - 1; i++)
         argv[k++] = L->extra[i];
-    /* the reference engine registers in etcd too, where the cluster has one: every replica then
-     * learns it from there and removes it when its lease goes */
-    if (!py_engine(L->c) && L->etcd[0] && k + 6 < max) {
+    /* the engines register in etcd too, where the cluster has one: every replica then learns
+     * them from there and removes one when its lease goes */
+    if (L->etcd[0] && k + 6 < max) {
         char *e[] = {"--etcd", L->etcd, "--cluster", (char *)L->c->name, "--etcd-ttl", L->etcd_ttl};
         for (int i = 0; i < 6; i++)
             argv[k++] = e[i];

@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -36,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import models
 from .connector import Connector
 from .engine import Engine, TurnQueue, outcome_json
+from .etcd import EtcdError, EtcdMember
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Registry
 from .cuda import cuda_probe
@@ -239,9 +241,8 @@ class Server:
         """kvf-sched's replicas (--sched A[,B...]): registered with each, load reported to each."""
         return [x for x in self.a.sched.split(",") if x]
 
-    def register(self, only: Optional[str] = None, attempts: int = 50) -> None:
-        """Registers with every replica (or `only`): at least one must take it; the others are
-        asked again by the reporter, whose reports they answer with 404 until then."""
+    def record(self) -> Dict[str, Any]:
+        """This engine's registration record: POST /v1/instances' body, and its record in etcd."""
         body = {"id": self.a.id, "role": self.a.role, "endpoint": self.endpoint,
                 "events": self.events.endpoint if self.events else "",
                 "replay": self.events.replay_endpoint if self.events else "",
@@ -249,6 +250,12 @@ class Server:
                 "capacity_blocks": self.a.max_tokens // self.layout.page_tokens,
                 "capabilities": self.capabilities()}
         body.update(self.compute())
+        return body
+
+    def register(self, only: Optional[str] = None, attempts: int = 50) -> None:
+        """Registers with every replica (or `only`): at least one must take it; the others are
+        asked again by the reporter, whose reports they answer with 404 until then."""
+        body = self.record()
         took, last = 0, "no answer"
         for sched in ([only] if only else self.scheds()):
             url = f"http://{sched}/v1/instances"
@@ -548,6 +555,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sched", default="",
                    help="kvf-sched's HOST:PORT (several replicas: comma-separated): register "
                         "with each and report load to each")
+    p.add_argument("--etcd", help="etcd's members (http://HOST:PORT,...): register under a lease "
+                                  "at /kvfabric/CLUSTER/engines/ID, so that every kvf-sched "
+                                  "replica following the cluster learns this engine and drops it "
+                                  "when it dies (docs/membership.md)")
+    p.add_argument("--cluster", default="default",
+                   help="the cluster's name in etcd: keys under /kvfabric/NAME/")
+    p.add_argument("--etcd-ttl", type=int, default=5, help="the lease in etcd, seconds (2..3600)")
     p.add_argument("--store", default="", help="kvf-store HOST:PORT[,...] (default: kvf-sched's)")
     p.add_argument("--events", help="HOST:PORT to publish KV events on (port 0: any)")
     p.add_argument("--events-credential", help="the events' CURVE credential (with tenants)")
@@ -688,6 +702,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         S.register()
         reporter = threading.Thread(target=S.reporter, daemon=True)
         reporter.start()
+    member = None
+    if a.etcd:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", a.cluster):
+            raise SystemExit(f"kvfabric.serve: --cluster: 1 to 64 of [A-Za-z0-9._-], got "
+                             f"{a.cluster!r}")
+        try:
+            member = EtcdMember(a.etcd, f"/kvfabric/{a.cluster}/engines/{a.id}",
+                                json.dumps(S.record(), sort_keys=True), ttl=a.etcd_ttl,
+                                exclusive=True, log=_log)
+        except EtcdError as e:
+            raise SystemExit(f"kvfabric.serve: --etcd: {e}") from None
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -697,6 +722,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           flush=True)
     while not stop.wait(0.2):
         pass
+    if member is not None:  # revoked: the replicas remove this engine now
+        member.stop()
     S.stop.set()
     S.dirty.set()
     S.closing.set()  # new requests get a 503 ...

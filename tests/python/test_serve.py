@@ -342,6 +342,69 @@ class TestServe(unittest.TestCase):
             if e.stderr:
                 e.stderr.close()
 
+    @unittest.skipIf(shutil.which("etcd") is None, "etcd is not installed")
+    def test_registers_in_etcd(self):
+        """--etcd: the engine registers /kvfabric/CLUSTER/engines/ID under a lease; a kvf-sched
+        following the cluster learns it from there alone (no --sched), and removes it as soon
+        as it stops (the lease revoked) -- and within the lease after a kill -9."""
+        import socket
+        ports = []
+        for _ in range(2):
+            with socket.socket() as sk:
+                sk.bind(("127.0.0.1", 0))
+                ports.append(sk.getsockname()[1])
+        url = f"http://127.0.0.1:{ports[0]}"
+        data = os.path.join(self.dir, "etcd")
+        etcd = subprocess.Popen(
+            ["etcd", "--data-dir", data, "--listen-client-urls", url, "--advertise-client-urls",
+             url, "--listen-peer-urls", f"http://127.0.0.1:{ports[1]}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{ports[1]}",
+             "--initial-cluster", f"default=http://127.0.0.1:{ports[1]}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs = [etcd]
+
+        def ids(addr):
+            return sorted(i["id"] for i in call(addr, "/v1/instances")[1].get("instances", []))
+
+        def engine():
+            p = subprocess.Popen(
+                [sys.executable, "-m", "kvfabric.serve", "--id", "etcd0", "--etcd", url,
+                 "--cluster", "pytest", "--etcd-ttl", "2", "--model", self.cfg, "--backend",
+                 "torch", "--device", "cpu", "--chunk-tokens", "64", "--max-tokens", "2048"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            procs.append(p)
+            started(p, "kvfabric.serve --etcd", "kvf-engine ready")
+            return p
+
+        def until(cond, secs):
+            end = time.monotonic() + secs
+            while time.monotonic() < end and not cond():
+                time.sleep(0.1)
+            return cond()
+
+        try:
+            from kvfabric.etcd import wait_healthy
+            self.assertTrue(wait_healthy(url, 10), "etcd did not become healthy")
+            sp = subprocess.Popen([SCHED_BIN, "--listen", "127.0.0.1:0", "--etcd", url,
+                                   "--cluster", "pytest", "--log-level", "warn"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            procs.append(sp)
+            sched = started(sp, "kvf-sched --etcd", "kvf-sched ready")
+            e = engine()
+            self.assertTrue(until(lambda: ids(sched) == ["etcd0"], 10), ids(sched))
+            stop(e)  # SIGTERM: the lease is revoked, the instance goes at once
+            self.assertTrue(until(lambda: ids(sched) == [], 2), ids(sched))
+            e = engine()
+            self.assertTrue(until(lambda: ids(sched) == ["etcd0"], 10), ids(sched))
+            e.kill()  # kill -9: the lease lapses
+            e.wait()
+            self.assertTrue(until(lambda: ids(sched) == [], 10), ids(sched))
+        finally:
+            for p in reversed(procs):
+                stop(p)
+                if getattr(p, "stderr", None):
+                    p.stderr.close()
+
     def test_refuses_bad_options(self):
         for args, why in ((["--listen", "0.0.0.0:0"], "refusing"),
                           (["--model", "no-such-model"], "not a known model"),
