@@ -9,7 +9,8 @@ replicas), each request's tokens compared with the same prompt's tokens before a
 - kill -9 a store: its lease lapses and the live replica drops it (the time is printed; the
   check allows SLACK s beyond the TTL on a loaded machine); requests
   go on with the same tokens, and the engines' connectors reroute the dead store's keys to their
-  next store, so the store hit rate recovers (at least half of what it was before).
+  next store, so the store hit rate recovers (at least a quarter of what it was before; without
+  rerouting it fell to a tenth).
 
 With --netns every process is a host of its own (a network namespace), and then:
 
@@ -250,7 +251,10 @@ def main():
         check(load.wrong == 0, "%d request(s) gave other tokens" % load.wrong)
         # the dead store's keys go to their next store (the connectors reroute): the prompts
         # are saved there again and hit again, instead of missing for as long as it is down
-        check(na >= len(load.prompts) and after >= 0.5 * before,
+        # without rerouting the rate fell to a tenth of what it was (0.061 of 0.643); with it,
+        # all of it comes back on a fast build, and half on a sanitized one in namespaces, where
+        # a request every 2 s meets the dead store's probes (every 5 s, each a miss)
+        check(na >= len(load.prompts) and after >= 0.25 * before,
               "store hit rate %.3f after the store's death (%d requests), %.3f before"
               % (after, na, before))
     finally:
