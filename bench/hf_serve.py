@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--trust-local-store", action="store_true",
                     help="the serving processes' --trust-local-store (no second hash of KV read "
                     "in place from the same-host store)")
+    ap.add_argument("--cuda-graphs", choices=["auto", "on", "off"], default="auto",
+                    help="the serving processes' --cuda-graphs (decoding steps from CUDA graphs)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -90,7 +92,7 @@ def main():
     res = {"bench": "hf_serve", "label": "real", "model": a.model, "dtype": a.dtype,
            "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "transformers": transformers.__version__, "transport": a.transport,
-           "trust_local_store": a.trust_local_store,
+           "trust_local_store": a.trust_local_store, "cuda_graphs": a.cuda_graphs,
            "date": time.strftime("%Y-%m-%d")}
     try:
         log = open(os.path.join(a.logs, "store.log"), "w")
@@ -108,6 +110,7 @@ def main():
         env_args = ["--model", a.model, "--device", "cuda", "--dtype", a.dtype, "--sched",
                     sched_addr, "--store", saddr, "--events", "127.0.0.1:0", "--max-tokens",
                     str(max(16384, a.handoff_tokens + 512)), "--backend", "transformers",
+                    "--cuda-graphs", a.cuda_graphs,
                     *(["--trust-local-store"] if a.trust_local_store else [])]
         if a.layers:
             env_args += ["--layers", str(a.layers)]
@@ -169,6 +172,7 @@ def main():
                 "transfer_gbps": n * layout.bytes_per_token / alone / 1e9,
                 "itl_ms_median": sorted(dec["itl_s"])[len(dec["itl_s"]) // 2] * 1e3
                 if dec["itl_s"] else None,
+                "itl_ms": [round(x * 1e3, 2) for x in dec["itl_s"]],
                 "first_token_mismatch": dec["first_token_mismatch"],
                 "transport": dec.get("transport")})
         staging = None

@@ -46,6 +46,9 @@ def causal_attention(q: Any, k: Any, v: Any, scale: Optional[float] = None) -> A
     multiple of Hk), causal and aligned at the bottom right. Returns [B, Hq, n, D]."""
     import torch
 
+    if k.dim() == 3:  # a layer's pages whole ([T, Hk, D]): a graph step's (kvfabric.graphstep)
+        from .graphstep import decode_attention
+        return decode_attention(q, k, v, scale)
     c = _caps()
     n, T = q.shape[-2], k.shape[-2]
     if n > T:
@@ -117,6 +120,9 @@ def transformers_attention(module: Any, query: Any, key: Any, value: Any, attent
     transformers' SDPA unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if key.dim() == 3:  # a graph step's pages (kvfabric.graphstep): one query, no mask
+        out = causal_attention(query, key, value, scaling)
+        return out.transpose(1, 2).contiguous(), None
     n, T = query.shape[-2], key.shape[-2]
     if (attention_mask is not None and 1 < n < T and query.shape[0] == 1 and not dropout and
             getattr(module, "is_causal", True) and kwargs.get("is_causal", True) is not False and

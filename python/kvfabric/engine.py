@@ -214,7 +214,7 @@ class Engine:
 
     def __init__(self, model: Any, layout: Layout, cache_factory: Callable[[], Any],
                  connector: Optional[Connector] = None, events: Optional[Events] = None,
-                 max_tokens: int = 16384) -> None:
+                 max_tokens: int = 16384, graphs: str = "off") -> None:
         import torch
 
         self.model, self.layout, self.new_cache = model, layout, cache_factory
@@ -237,6 +237,57 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._last_only = {k: 1 for k in ("logits_to_keep", "num_logits_to_keep") if k in params}
         self._sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.graph: Any = None  # kvfabric.graphstep.GraphStep: decoding steps in the pages
+        self.graph_note = self._graphs(graphs)
+
+    def _graphs(self, mode: str) -> str:
+        """Sets up decoding steps replayed from CUDA graphs over the staging pages
+        (kvfabric.graphstep). mode: "off"; "auto" (captured where the device, dtype, model and
+        torch allow, else eager steps of the model); "on" (captured, or an error); "eager"
+        (the graph step's code run without graphs: tests). Returns what was set up, or why not."""
+        if mode not in ("off", "auto", "on", "eager"):
+            raise ValueError("graphs must be off, auto, on or eager")
+        if mode == "off":
+            return "off"
+        from . import graphstep
+
+        planes = self.staging.planes() if self.staging is not None else None
+        why = "no staging pages (no connector)" if planes is None else \
+            graphstep.unsupported(self.model, planes)
+        if why is None and mode != "eager":
+            if self.device.type != "cuda":
+                why = "not a CUDA device"
+            elif not graphstep.flash_varlen_available() or self.dtype not in (
+                    self._torch.bfloat16, self._torch.float16):
+                why = f"no FlashAttention with seqused_k for {self.dtype} in this torch"
+        if why is not None:
+            if mode == "on":
+                raise ValueError(f"CUDA graphs for decoding steps: {why}")
+            return f"eager steps: {why}"
+        self.graph = graphstep.GraphStep(self.model, planes, capture=mode != "eager")
+        return "captured" if self.graph.captured else "eager (graph step code, not captured)"
+
+    def _step(self, token: int, cache: Any, before: Any = None, pos: Optional[int] = None) -> int:
+        """One decoding step of `token`: through the graph step where the cache is in the
+        staging pages and has room there (the token's K and V join every layer), else the
+        model's forward pass. pos: the cache's length, where its layers are still arriving."""
+        g = self.graph
+        if g is not None and getattr(cache, "staged", False):
+            n = cache.get_seq_length() if pos is None else pos
+            if n < g.capacity:
+                nxt = g.step(token, n, before)
+                for s in cache.layers:
+                    s.attach(n + 1)
+                return nxt
+        if before is not None:
+            hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: before(i))
+                     for i, layer in enumerate(self.layers)]
+            try:
+                return self._forward([token], cache)
+            finally:
+                for h in hooks:
+                    h.remove()
+        return self._forward([token], cache)
 
     def _new_cache(self) -> Any:
         """An empty cache: in the staging pages where there is a connector (kvfabric.staged: a
@@ -416,11 +467,9 @@ class Engine:
                 if whole and step:
                     # No prompt position to compute: the first token is the prefill's, and the
                     # first decoding step runs layer by layer as the load arrives.
-                    for layer in range(1, L.layers):
-                        hooks.append(self.layers[layer].register_forward_pre_hook(pre(layer)))
                     first = int(handed)
                     t_step = time.perf_counter()
-                    following = self._forward([first], cache)
+                    following = self._step(first, cache, lambda i: pre(i)(None, None), upto)
                     # its inter-token latency: the part of the step after the last layer arrived
                     # (the load's own time is the decode's prefill, as for any decode)
                     o.itl_s.append(time.perf_counter() - max(t_step, arrived[0]))
@@ -555,7 +604,7 @@ class Engine:
                     last = following
                 for _ in range(max_tokens - len(o.tokens)):
                     t = time.perf_counter()
-                    last = self._forward([last], cache)
+                    last = self._step(last, cache)
                     o.tokens.append(last)
                     o.itl_s.append(time.perf_counter() - t)
                 o.decode_s = time.perf_counter() - t_dec

@@ -315,6 +315,7 @@ class Server:
         with self.mu:
             return {"id": self.a.id, "role": self.a.role, "model": self.a.model,
                     "backend": self.backend, "device": str(self.engine.device),
+                    "decode_steps": self.engine.graph_note,
                     "requests": self.requests, "failures": self.failures,
                     "first_token_mismatches": self.mismatches,
                     "queued_prefill_tokens": self.turns.queued_prefill_tokens,
@@ -589,6 +590,11 @@ def parser() -> argparse.ArgumentParser:
                    "per load; default off (every segment hashed)")
     p.add_argument("--connector-workers", type=int, default=0,
                    help="the connector's worker threads (0: its default)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="decoding steps replayed from CUDA graphs, one per layer, over the "
+                   "staging pages (kvfabric.graphstep): auto where the device, dtype, model and "
+                   "torch allow (CUDA, bf16 or f16, a Llama-family model, FlashAttention with "
+                   "seqused_k); on: or refuse to start; off: eager steps")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
@@ -687,7 +693,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         eh, _ = _split(a.events, "--events")
         ev = Events(a.events, a.events_credential, a.events_tenants,
                     replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0")
-    engine = Engine(model, layout, factory, connector=cn, events=ev, max_tokens=a.max_tokens)
+    try:
+        engine = Engine(model, layout, factory, connector=cn, events=ev,
+                        max_tokens=a.max_tokens, graphs=a.cuda_graphs)
+    except ValueError as e:
+        raise SystemExit(f"kvfabric.serve: --cuda-graphs: {e}")
+    _log("info", f"decoding steps: {engine.graph_note}")
     engine.vocab = int(cfg["vocab_size"])
     S = Server(a, engine, layout, ev, backend)
     if cn is not None:  # the connector's per-layer timing on /metrics, as kvf-engine's

@@ -167,6 +167,7 @@ class TestServe(unittest.TestCase):
         self.assertGreater(pl["cached_tokens"]["device"] + pl["cached_tokens"]["store"], 0)
         st, h = call(pre, "/v1/health")
         self.assertEqual(h["failures"], 0)
+        self.assertEqual(h["decode_steps"], "eager steps: not a CUDA device")
         self.assertGreaterEqual(h["connector"]["chunks_saved"], 4)
         self.assertEqual(h["queued_prefill_s"], 0)  # nothing waits now
         # /metrics: kvf-engine's series, through libkvf's registry
@@ -409,7 +410,9 @@ class TestServe(unittest.TestCase):
         for args, why in ((["--listen", "0.0.0.0:0"], "refusing"),
                           (["--model", "no-such-model"], "not a known model"),
                           (["--max-tokens", "10"], "max-tokens"),
-                          (["--prefetch-memory", "lots"], "prefetch-memory")):
+                          (["--prefetch-memory", "lots"], "prefetch-memory"),
+                          (["--model", self.cfg, "--backend", "torch", "--device", "cpu",
+                            "--cuda-graphs", "on"], "--cuda-graphs: CUDA graphs")):
             p = subprocess.run([sys.executable, "-m", "kvfabric.serve", "--id", "x", *args],
                                capture_output=True, text=True, timeout=60)
             self.assertNotEqual(p.returncode, 0)
@@ -580,6 +583,41 @@ class TestLoadOrRecompute(unittest.TestCase):
                 out.append(nxt)
                 ids = torch.tensor([[nxt]])
         return out
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestGraphSteps(unittest.TestCase):
+    """Decoding steps through kvfabric.graphstep's code (eager here: graphs need a GPU) in the
+    engine: a handoff's first step as the layers arrive, the steps after it, a generate, and a
+    sequence that outgrows the staging pages: the model's own tokens every time."""
+
+    def test_handoff_and_generate_through_the_step(self):
+        from kvfabric.engine import Engine
+        toks = prompt(150, 71)
+        with fast_and_slow(TINY, "tiny-gs", 10 ** 9, 30000) as (model, factory, layout, cn, _):
+            want = TestLoadOrRecompute.reference(model, factory, toks, 6)
+            pre = Engine(model, layout, factory, connector=cn, max_tokens=256)
+            dec = Engine(model, layout, factory, connector=cn, max_tokens=256, graphs="eager")
+            self.assertIsNotNone(dec.graph)
+            self.assertIsNone(pre.graph)
+            p = pre.run("prefill", toks)
+            self.assertTrue(p.tail_saved)
+            calls = []
+            real = dec.graph.step
+            dec.graph.step = lambda *a, **k: calls.append(a[:2]) or real(*a, **k)
+            o = dec.run("decode", toks, max_tokens=6, first_token=p.tokens[0])
+            self.assertTrue(o.handed_over)
+            self.assertFalse(o.first_token_mismatch)
+            self.assertEqual(o.tokens, want)
+            self.assertEqual([c[1] for c in calls], list(range(150, 155)))
+            g = dec.run("generate", toks, max_tokens=4, reuse="none")
+            self.assertEqual(g.tokens, want[:4])
+            # up to the end of the pages (256 rows here)
+            long = prompt(250, 72)
+            g = dec.run("generate", long, max_tokens=5, reuse="none")
+            self.assertEqual(g.tokens, TestLoadOrRecompute.reference(model, factory, long, 5))
+        with self.assertRaises(ValueError):
+            Engine(model, layout, factory, connector=None, graphs="on")
 
 
 @unittest.skipIf(torch is None or not os.environ.get("KVF_CLI_BIN"), "torch or kvf not here")

@@ -84,8 +84,9 @@ class TestAttention(unittest.TestCase):
                              torch.zeros(1, 2, 3, 8))
 
 
-@unittest.skipIf(torch is None, "torch is not installed")
-class TestStagedCache(unittest.TestCase):
+class _TinyStaged(unittest.TestCase):
+    """A tiny kvfabric.llama model in float32 on CPU and a staging area of 64 tokens."""
+
     def setUp(self):
         from kvfabric import models
         from kvfabric.engine import Staging
@@ -97,6 +98,10 @@ class TestStagedCache(unittest.TestCase):
         self.stage = Staging(_FakeConnector(), self.layout, 64, torch.device("cpu"),
                              torch.float32)
         self.assertIs(self.factory, KVCache)
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestStagedCache(_TinyStaged):
 
     def logits(self, ids, cache):
         with torch.no_grad():
@@ -175,6 +180,70 @@ class TestStagedCache(unittest.TestCase):
         keys, _ = c.update(k, k, 0)
         self.assertTrue(torch.equal(keys, k))
         self.assertFalse(c.staged)
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestGraphStep(_TinyStaged):
+    """kvfabric.graphstep's step (run eagerly: CUDA graphs need a GPU; the H200 runs them, see
+    docs/python.md) against the model's own forward pass over the staged cache."""
+
+    def test_steps_give_the_forward_pass_tokens_and_pages(self):
+        from kvfabric.graphstep import GraphStep
+
+        ids = [int(x) for x in torch.randint(0, 97, (19,))]
+        ref = self.stage.cache(self.factory)
+        with torch.no_grad():
+            out = self.model(input_ids=torch.tensor([ids]), past_key_values=ref)
+            tok = int(out.logits[0, -1].argmax())
+            want = []
+            for _ in range(6):
+                want.append(tok)
+                tok = int(self.model(input_ids=torch.tensor([[tok]]),
+                                     past_key_values=ref).logits[0, -1].argmax())
+        want_pages = [p[0][:25].clone() for p in self.stage.planes()]
+        # the same prompt again, then the steps through the graph step's code
+        c = self.stage.cache(self.factory)
+        with torch.no_grad():
+            tok = int(self.model(input_ids=torch.tensor([ids]), past_key_values=c)
+                      .logits[0, -1].argmax())
+        g = GraphStep(self.model, self.stage.planes(), capture=False)
+        self.assertEqual(g.attention, "eager")
+        got, seen = [], []
+        for i in range(6):
+            got.append(tok)
+            tok = g.step(tok, 19 + i, before=seen.append)
+        self.assertEqual(got, want)
+        self.assertEqual(seen, list(range(self.layout.layers)) * 6)
+        for layer, p in enumerate(self.stage.planes()):
+            self.assertTrue(torch.equal(p[0][:25], want_pages[layer]), f"layer {layer}")
+
+    def test_masked_attention_equals_the_slice(self):
+        from kvfabric import graphstep
+
+        g = torch.Generator().manual_seed(5)
+        q = torch.randn(1, 4, 1, 16, generator=g, dtype=torch.float64)
+        k = torch.randn(30, 2, 16, generator=g, dtype=torch.float64)
+        v = torch.randn(30, 2, 16, generator=g, dtype=torch.float64)
+        mask = (torch.arange(30) < 11).view(1, 1, 1, 30)
+        graphstep._TLS.ctx = graphstep._Ctx(None, None, None, 11, "masked", mask)
+        try:
+            masked = graphstep.decode_attention(q, k, v)
+            graphstep._TLS.ctx.mode = "eager"
+            sliced = graphstep.decode_attention(q, k, v)
+        finally:
+            graphstep._TLS.ctx = None
+        self.assertTrue(torch.allclose(masked, sliced, atol=1e-10))
+
+    def test_refuses_what_it_cannot_run(self):
+        from kvfabric.graphstep import GraphStep, unsupported
+
+        self.assertIsNone(unsupported(self.model, self.stage.planes()))
+        self.assertIn("layers", unsupported(self.model, self.stage.planes()[:2]))
+        with self.assertRaises(ValueError):
+            GraphStep(self.model, self.stage.planes(), capture=True)  # pages on the CPU
+        g = GraphStep(self.model, self.stage.planes(), capture=False)
+        with self.assertRaises(ValueError):
+            g.step(1, 64)  # beyond the pages
 
 
 if __name__ == "__main__":
