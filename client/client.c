@@ -11,6 +11,7 @@
 
 #include "cpus.h"
 #include "errf.h"
+#include "rendezvous.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -213,7 +214,7 @@ static int parse_nodes(kvf_client *c, const char *const *addrs, char *err, size_
                              "node %zu: bad address \"%s\" (expected host:port)", i,
                              addrs[i] ? addrs[i] : "(null)");
         snprintf(N->addr, sizeof N->addr, "%s:%u", N->host, N->port);
-        N->seed = XXH3_64bits(N->addr, strlen(N->addr));
+        N->seed = kvf__rendezvous_seed(N->host, N->port);
     }
     return 0;
 }

@@ -294,6 +294,9 @@ int kvf__op_validate(const kvf_batch *b, int kind);
  * forgotten. */
 void kvf__node_mark_down(kvf__node *nd);
 void kvf__node_mark_up(kvf__node *nd);
+/* Whether key goes elsewhere than its home node now (rerouting on, its home node marked down or
+ * being probed): a request that failed there may be asked again and land on the next node. */
+int kvf__client_rerouted(const kvf_client *c, const kvf_key *key);
 
 /* Puts leave 1 ("reserved") on keys whose commit never ran: they become KVF_ETIMEDOUT. */
 void kvf__op_put_fixup(const kvf_batch *b);

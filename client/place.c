@@ -5,8 +5,8 @@
  */
 #include "client_int.h"
 
-#include "bytes.h"
 #include "clock.h"
+#include "rendezvous.h"
 
 #include <stdint.h>
 
@@ -24,12 +24,16 @@ size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
     size_t best = 0, best_up = SIZE_MAX;
     uint64_t bs = 0, bs_up = 0;
     for (size_t i = 0; i < c->n_nodes; i++) {
-        uint64_t s = kvf__fmix64(key->lo ^ kvf__fmix64(key->hi ^ c->nodes[i].seed));
+        uint64_t s = kvf__rendezvous_score(key->lo, key->hi, c->nodes[i].seed);
         if (i == 0 || s > bs)
             bs = s, best = i;
         uint64_t until =
             now ? atomic_load_explicit(&c->nodes[i].down_until, memory_order_relaxed) : 0;
-        if ((!until || now >= until) && (best_up == SIZE_MAX || s > bs_up))
+        /* past its backoff it is asked again, by one request (node_admits, io.c): while that
+         * probe is out the others go on to the next node */
+        int up = !until || (now >= until &&
+                            !atomic_load_explicit(&c->nodes[i].probing, memory_order_relaxed));
+        if (up && (best_up == SIZE_MAX || s > bs_up))
             bs_up = s, best_up = i;
     }
     return best_up != SIZE_MAX ? best_up : best;
@@ -38,6 +42,20 @@ size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
 void kvf_client_set_reroute(kvf_client *c, int on)
 {
     atomic_store(&c->reroute, on != 0);
+}
+
+int kvf__client_rerouted(const kvf_client *c, const kvf_key *key)
+{
+    if (!atomic_load_explicit(&c->reroute, memory_order_relaxed))
+        return 0;
+    size_t home = 0;
+    uint64_t bs = 0;
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        uint64_t s = kvf__rendezvous_score(key->lo, key->hi, c->nodes[i].seed);
+        if (i == 0 || s > bs)
+            bs = s, home = i;
+    }
+    return kvf_client_node_of(c, key) != home;
 }
 
 size_t kvf_client_node_count(const kvf_client *c)
