@@ -359,6 +359,14 @@ int kvf__cache_acquire_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     /* at the hot_hits-th read, and at later ones while a copy could not be queued (full) */
     if (c->hot_hits && x->hits >= c->hot_hits && !x->on_disk && !x->wt)
         maybe_write_through(c, i, 0);
+    /* the same for a replica on another node: at the rep_hits-th read and after, until one is
+     * queued (a copy that failed is asked for again at the next read) */
+    if (c->rep_hits && x->hits >= c->rep_hits && !x->rep &&
+        c->on_rep(c->on_rep_ctx, i, x->ns, &x->key, c->mem + x->off, x->len, x->hits, x->tenant)) {
+        if (x->refs++ == 0)
+            c->st.referenced++;
+        x->rep = 1;
+    }
     *eid = i;
     *data = c->mem + x->off;
     *len = x->len;
@@ -790,6 +798,22 @@ void kvf__cache_write_through_done_locked(kvf_cache *c, uint32_t eid, int writte
     c->e[eid].wt = 0;
     if (written)
         c->e[eid].on_disk = 1;
+}
+
+void kvf__cache_set_replicate_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx, uint32_t hits)
+{
+    kvf__cache_lock(c);
+    c->on_rep = fn;
+    c->on_rep_ctx = ctx;
+    c->rep_hits = fn && hits ? (hits > UINT8_MAX ? UINT8_MAX : hits) : 0;
+    kvf__cache_unlock(c);
+}
+
+void kvf__cache_replicate_done_locked(kvf_cache *c, uint32_t eid, int made)
+{
+    assert_locked(c);
+    if (eid < c->n_entries && c->e[eid].rep == 1)
+        c->e[eid].rep = made ? 2 : 0;
 }
 
 int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid)

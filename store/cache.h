@@ -181,6 +181,13 @@ int kvf__cache_unpromote_locked(kvf_cache *c, uint32_t eid, uint32_t max_hits);
 /* A queued write-through ended: the entry is marked on disk where it was written (if still
  * readable), and can be demoted again where it was not. */
 void kvf__cache_write_through_done_locked(kvf_cache *c, uint32_t eid, int written);
+/* The replication hook (replicate.c): called as the eviction hook, under the cache's lock, for a
+ * ready entry read for the hits-th time (and at later reads while it has no replica queued or
+ * made; hits 0: never; at most 255). Returning 1 takes a read reference and marks a replica
+ * queued; the hook's owner ends it with kvf__cache_replicate_done_locked (made 0: asked for again
+ * at a later read) and kvf__cache_release_locked. fn NULL: none. */
+void kvf__cache_set_replicate_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *ctx, uint32_t hits);
+void kvf__cache_replicate_done_locked(kvf_cache *c, uint32_t eid, int made);
 /* Takes one more read reference on ready entry eid, counting no hit. 0 or KVF_ENOENT. */
 int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid);
 /* Marks ready entry eid as held by the disk tier too (promoted from it, or written to it), so

@@ -36,6 +36,7 @@ typedef struct entry {
     uint8_t hits;    /* reads since it became ready (saturating), for the disk's admission */
     uint8_t on_disk; /* the disk tier holds the same bytes: its eviction demotes nothing */
     uint8_t wt;      /* a write-through to the disk tier is queued: its eviction demotes nothing */
+    uint8_t rep;     /* its replica on another node (replicate.c): 0 none, 1 queued, 2 made */
 } entry;
 
 /* A tenant's use of the arena and its quotas (kvf_cache_tenant_stats; 0: no quota): bytes and
@@ -57,7 +58,10 @@ struct kvf_cache {
     void *on_evict_ctx;
     kvf_cache_evict_hook on_hot; /* kvf__cache_set_write_through_hook */
     void *on_hot_ctx;
-    uint32_t hot_hits; /* reads that make an entry hot (0: none) */
+    uint32_t hot_hits;           /* reads that make an entry hot (0: none) */
+    kvf_cache_evict_hook on_rep; /* kvf__cache_set_replicate_hook */
+    void *on_rep_ctx;
+    uint32_t rep_hits; /* reads after which an entry is replicated (0: never) */
     int hot_pinned;    /* a pin makes it hot */
     int (*disk_holds)(void *ctx, uint64_t ns, const kvf_key *key); /* kvf__cache_set_disk_check */
     void *disk_holds_ctx;

@@ -23,6 +23,7 @@
 #include "metrics.h"
 #include "notify.h"
 #include "register.h"
+#include "replicas.h"
 #include "publish.h"
 #include "server.h"
 #include "tcp.h"
@@ -100,6 +101,7 @@ typedef struct store_cfg {
     long disk_admit;
     long disk_promote; /* --disk-promote */
     long wt_hits;      /* --disk-write-through */
+    long rep_hits;     /* --replicate-hits */
     int wt_pinned;
     uint64_t disk_queue;
     kvf_log lg;
@@ -290,7 +292,14 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                          "register under a lease, so that kvf-sched finds this node and drops it "
                          "when it dies"),
         KVF__OPT("advertise", KVF__ARG_STR, &cfg->advertise, "HOST",
-                 "the host others reach this node at, registered in etcd", "--listen's host"),
+                 "the host others reach this node at: registered in etcd, and this node's name in "
+                 "its keys' rendezvous order (--replicate-hits)",
+                 "--listen's host"),
+        KVF__OPT("replicate-hits", KVF__ARG_LONG, &cfg->rep_hits, "N",
+                 "copy an entry read N times to the node that comes next in its key's rendezvous "
+                 "order (the --peer nodes, and with --etcd the registered stores; clients that "
+                 "find this node down look there); 0: off",
+                 "0", .lo = 0, .hi = 255),
         KVF__OPT("metrics", KVF__ARG_STR, &cfg->metrics, "HOST:PORT",
                  "serve GET /metrics (Prometheus text) over HTTP on this address (port 0 picks; "
                  "beyond loopback only with --insecure)",
@@ -432,8 +441,9 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                     cfg->host);
             return 2;
         }
-    } else if (cfg->advertise) {
-        fprintf(stderr, "kvf-store: --advertise is what --etcd registers; it needs --etcd\n");
+    } else if (cfg->advertise && !cfg->rep_hits) {
+        fprintf(stderr, "kvf-store: --advertise is what --etcd registers and what "
+                        "--replicate-hits names this node by; it needs one of them\n");
         return 2;
     }
     /* The counters say how busy the node is and how full; beyond loopback only where the
@@ -798,6 +808,7 @@ int main(int argc, char **argv)
     kvf__tenants *tenants = NULL;
     kvf_server *srv = NULL;
     kvf__tier *tier = NULL;
+    kvf__store_replicas *replicas = NULL;
     if ((status = open_tenants(&cfg, &tenants)))
         goto out_close_pub;
     if ((status = open_events(&cfg, tenants, &pub, ev_ep, sizeof ev_ep)))
@@ -839,10 +850,22 @@ int main(int argc, char **argv)
         if ((status = kvf__store_register(&reg, &member)))
             goto out_close_metrics;
     }
+    kvf__store_replicas_cfg rcfg = {.hits = (uint32_t)cfg.rep_hits,
+                                    .host = cfg.advertise ? cfg.advertise : cfg.host,
+                                    .port = kvf__server_port(srv),
+                                    .peers = cfg.peers,
+                                    .n_peers = cfg.n_peers,
+                                    .etcd = cfg.etcd,
+                                    .cluster = cfg.cluster,
+                                    .credential = cfg.copy_credential,
+                                    .log = &cfg.lg};
+    if ((status = kvf__store_replicas_open(&rcfg, srv, cache, &replicas)))
+        goto out_close_member;
     announce(&cfg, srv, cache, ev_ep, snap_ep, mport);
     kvf__notify_ready(&cfg.lg, "serving");
 
     kvf__server_run(srv);
+out_close_member:
     kvf__member_stop(&member); /* revoked: kvf-sched drops this node now, not a TTL later */
     kvf__notify_stopping();
     kvf_info(&cfg.lg, "stopping");
@@ -851,6 +874,7 @@ out_close_metrics:
 out_close_server:
     kvf__httpd_stop(&mhttp); /* before the server its figures come from */
     kvf__metrics_free(&metrics);
+    kvf__store_replicas_close(&replicas, srv); /* its queued entries' references: before both */
     kvf__server_close(&srv);
 out_close_tier:
     kvf__pub_stop_snapshots(pub); /* nothing lists the tiers once they close */

@@ -81,6 +81,10 @@ void kvf__server_metrics(void *ud, struct kvf__metrics *m);
 int kvf__server_metrics_bind(kvf_server *s, struct kvf__metrics *m);
 /* The RDMA port served (0: none), and why none when none (may be NULL). */
 uint16_t kvf__server_rdma_port(const kvf_server *s, const char **why);
+/* The replicator of hot entries (replicate.h) STATS and /metrics report (NULL: none). Before
+ * kvf__server_run, or after it returned. */
+struct kvf__replicator;
+void kvf__server_set_replicator(kvf_server *s, struct kvf__replicator *r);
 /* Runs the loop threads and returns when kvf__server_stop() was called and they have ended. */
 int kvf__server_run(kvf_server *s);
 /* Sets every tenant's quotas of t in cache (takes the cache lock): at start and after a reload. */

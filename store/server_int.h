@@ -147,6 +147,7 @@ struct loop {
 
 struct kvf_server {
     kvf_server_opts o;
+    struct kvf__replicator *rep; /* kvf__server_set_replicator */
     char host[256];
     int lfd;
     uint16_t port;

@@ -5,6 +5,8 @@
  */
 #include "server_int.h"
 
+#include "replicate.h"
+
 #include "metrics.h"
 
 #include "kvf/error.h"
@@ -247,6 +249,25 @@ static void reply_json(conn *c, json_t *o)
     free(text);
 }
 
+void kvf__server_set_replicator(kvf_server *s, struct kvf__replicator *r)
+{
+    s->rep = r;
+}
+
+/* STATS' "replication" object, or NULL without replication. */
+static json_t *stats_replication(kvf_server *s)
+{
+    if (!s->rep)
+        return NULL;
+    kvf__replicate_stats r;
+    kvf__replicator_stats(s->rep, &r);
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "hits", (json_int_t)r.hits, "peers",
+                     (json_int_t)r.peers, "peers_down", (json_int_t)r.peers_down, "queued",
+                     (json_int_t)r.queued, "made", (json_int_t)r.made, "failed",
+                     (json_int_t)r.failed, "skipped_full", (json_int_t)r.full, "skipped_no_peer",
+                     (json_int_t)r.no_peer);
+}
+
 /* STATS of the node: the cache's and the server's counters, RDMA's and authentication's, and
  * the requests served per opcode. NULL when out of memory. */
 static json_t *stats_node(kvf_server *s)
@@ -275,6 +296,9 @@ static json_t *stats_node(kvf_server *s)
     json_t *dk = kvf__sdisk_stats_json(s);
     if (dk)
         json_object_set_new(o, "disk", dk);
+    json_t *rp = stats_replication(s);
+    if (rp)
+        json_object_set_new(o, "replication", rp);
     for (unsigned op = 1; op < 32; op++) {
         const char *name = kvf__wire_opcode_name(op);
         if (name)
@@ -336,6 +360,24 @@ void kvf__server_metrics(void *ud, kvf__metrics *m)
     };
     kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
     kvf__sdisk_metrics(s, m);
+    if (s->rep) {
+        kvf__replicate_stats r;
+        kvf__replicator_stats(s->rep, &r);
+        const kvf__metric_value rv[] = {
+            {"replica_peers", "Storage nodes hot entries may be copied to.", 0, (double)r.peers},
+            {"replica_peers_down", "Of those, the ones left out after a failed copy.", 0,
+             (double)r.peers_down},
+            {"replicas_queued_total", "Hot entries queued for a copy on another node.", 1,
+             (double)r.queued},
+            {"replicas_made_total", "Copies stored on (or found on) the next node.", 1,
+             (double)r.made},
+            {"replicas_failed_total", "Copies that did not store (asked again at a later read).", 1,
+             (double)r.failed},
+            {"replicas_skipped_total", "Hot entries not queued: the queue full or no live peer.", 1,
+             (double)(r.full + r.no_peer)},
+        };
+        kvf__metrics_set_all(m, rv, sizeof rv / sizeof rv[0]);
+    }
     kvf__metric *req = kvf__metric_counter(
         m, "requests_total",
         "Requests served, by operation, transport (tcp, or unix: the node's Unix socket of "

@@ -16,8 +16,13 @@
 
 #include "arena.h"
 #include "cache.h"
+#include "replicate.h"
 #include "server.h"
 #include "clock.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* Arena */
@@ -580,6 +585,170 @@ static void test_store_server_failed_open_closes_only_its_own(void **state)
     fx_close(f);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Replication of hot entries (replicate.c) */
+
+static void *srv_main(void *arg)
+{
+    kvf__server_run(arg);
+    return NULL;
+}
+
+/* Entry i of f: a kvf object of key K(i) (the target's put verifies what it is sent). */
+static void put_obj(fixture *f, uint64_t i)
+{
+    uint8_t seg[2][512];
+    const void *segs[2] = {seg[0], seg[1]};
+    memset(seg, (int)(i & 0xff), sizeof seg);
+    uint8_t obj[2048];
+    size_t len;
+    kvf_key k = K(i);
+    assert_int_equal(
+        kvf_obj_encode(&k, 7, 16, 2, segs, 512, KVF_CODEC_NONE, obj, sizeof obj, &len, NULL), 0);
+    uint32_t eid;
+    uint8_t *dst;
+    kvf__cache_lock(f->c);
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 5, &k, len, 42, 0, KVF_CACHE_VIA_WIRE, 1, &eid, &dst), 0);
+    memcpy(dst, obj, len);
+    assert_int_equal(kvf__cache_commit_locked(f->c, eid, 42), 0);
+    kvf__cache_unlock(f->c);
+}
+
+static void read_n(fixture *f, uint64_t i, int n)
+{
+    kvf_key k = K(i);
+    for (int r = 0; r < n; r++) {
+        uint32_t eid;
+        const uint8_t *d;
+        uint64_t len;
+        kvf__cache_lock(f->c);
+        assert_int_equal(kvf__cache_acquire_locked(f->c, 5, &k, &eid, &d, &len), 0);
+        kvf__cache_release_locked(f->c, eid);
+        kvf__cache_unlock(f->c);
+    }
+}
+
+/* Entries read 3 times are copied to the peer that ranks first for their key (of two: one a real
+ * node, one refusing), byte for byte; those read twice are not; a key whose first peer refuses
+ * goes to the other after the refusal; closing with copies queued drops their references. */
+static void test_store_replicate_hot_entries(void **state)
+{
+    (void)state;
+    fixture *a = fx_open(4u << 20, "lru", 0), *b = fx_open(4u << 20, "lru", 0);
+    kvf_server_opts so = {.host = "127.0.0.1", .threads = 1, .cache = b->c, .verify_puts = 1};
+    kvf_server *srv = NULL;
+    char err[300] = "", live[64], dead[64];
+    assert_int_equal(kvf__server_open(&srv, &so, err, sizeof err), 0);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, srv_main, srv), 0);
+    snprintf(live, sizeof live, "127.0.0.1:%u", (unsigned)kvf__server_port(srv));
+    snprintf(dead, sizeof dead, "127.0.0.1:1");        /* nothing listens on port 1 */
+    const char *peers[] = {live, dead, "127.0.0.1:9"}; /* the third is this node: left out */
+    kvf__replicate_opts ro = {
+        .cache = a->c, .self = "127.0.0.1:9", .peers = peers, .n_peers = 3, .hits = 3};
+    kvf__replicator *r = NULL;
+    assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), 0);
+    kvf__replicate_stats st;
+    kvf__replicator_stats(r, &st);
+    assert_int_equal(st.peers, 2);
+    /* which keys rank the live node first among the two peers */
+    uint64_t seeds[2] = {kvf__replicate_seed(live), kvf__replicate_seed(dead)};
+    int live_first[24], n_live = 0;
+    for (uint64_t i = 0; i < 24; i++) {
+        kvf_key k = K(i);
+        live_first[i] = kvf__replicate_rank_first(&k, seeds, 2, SIZE_MAX) == 0;
+        n_live += live_first[i];
+        put_obj(a, i);
+    }
+    assert_true(n_live > 0 && n_live < 24);
+    for (uint64_t i = 0; i < 24; i++)
+        read_n(a, i, i < 16 ? 3 : 2); /* 0..15 hot, the rest not */
+    /* every hot key ends on the live node: directly, or after its first peer refused */
+    int done = 0;
+    for (int t = 0; t < 500 && !done; t++) {
+        usleep(10000);
+        done = 1;
+        for (uint64_t i = 0; i < 16; i++) {
+            kvf__cache_lock(b->c); /* b's server thread writes it */
+            int there = has(b, 5, i);
+            kvf__cache_unlock(b->c);
+            if (!there) /* a failed copy is asked for again at a later read */
+                read_n(a, i, 1);
+            done = done && there;
+        }
+    }
+    assert_true(done);
+    kvf__cache_lock(b->c);
+    for (uint64_t i = 16; i < 24; i++)
+        assert_false(has(b, 5, i));
+    kvf__cache_unlock(b->c);
+    /* the copies are the same bytes */
+    for (uint64_t i = 0; i < 16; i++) {
+        kvf_key k = K(i);
+        uint32_t ea, eb;
+        const uint8_t *da, *db;
+        uint64_t la, lb;
+        kvf__cache_lock(a->c);
+        assert_int_equal(kvf__cache_acquire_locked(a->c, 5, &k, &ea, &da, &la), 0);
+        kvf__cache_lock(b->c);
+        assert_int_equal(kvf__cache_acquire_locked(b->c, 5, &k, &eb, &db, &lb), 0);
+        assert_int_equal(la, lb);
+        assert_memory_equal(da, db, la);
+        kvf__cache_release_locked(b->c, eb);
+        kvf__cache_unlock(b->c);
+        kvf__cache_release_locked(a->c, ea);
+        kvf__cache_unlock(a->c);
+    }
+    /* the node stored them before the push's answer came back and was counted */
+    for (int t = 0; t < 500 && (kvf__replicator_stats(r, &st), st.made < 16); t++)
+        usleep(10000);
+    assert_true(st.made >= 16);
+    int dead_first = 0;
+    for (uint64_t i = 0; i < 16; i++)
+        dead_first += !live_first[i];
+    if (dead_first) /* those went to the refusing node first */
+        assert_true(st.failed >= 1);
+    kvf__replicator_close(&r);
+    assert_null(r);
+    kvf__replicator_close(&r); /* NULL is accepted */
+    /* no reference is left behind: every entry can be removed */
+    kvf__cache_lock(a->c);
+    for (uint64_t i = 0; i < 24; i++) {
+        kvf_key k = K(i);
+        assert_int_equal(kvf__cache_remove_locked(a->c, 5, &k), 0);
+    }
+    kvf_cache_stats cs;
+    kvf__cache_stats_locked(a->c, &cs);
+    assert_int_equal(cs.referenced, 0);
+    kvf__cache_unlock(a->c);
+    kvf__server_stop(srv);
+    pthread_join(th, NULL);
+    kvf__server_close(&srv);
+    fx_close(a);
+    fx_close(b);
+}
+
+static void test_store_replicate_bad_options(void **state)
+{
+    (void)state;
+    fixture *a = fx_open(4u << 20, "lru", 0);
+    kvf__replicator *r = NULL;
+    char err[300] = "";
+    const char *bad[] = {"no-port"};
+    kvf__replicate_opts ro = {.cache = a->c, .self = "nohost", .hits = 2};
+    assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "nohost"));
+    ro.self = "127.0.0.1:5";
+    ro.peers = bad, ro.n_peers = 1;
+    assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "no-port"));
+    ro.n_peers = 0, ro.hits = 0;
+    assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), KVF_EINVAL);
+    assert_null(r);
+    fx_close(a);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -597,6 +766,8 @@ int main(void)
         cmocka_unit_test(test_store_cache_tenant_quotas_s3fifo),
         cmocka_unit_test(test_store_cache_open_errors),
         cmocka_unit_test(test_store_server_failed_open_closes_only_its_own),
+        cmocka_unit_test(test_store_replicate_hot_entries),
+        cmocka_unit_test(test_store_replicate_bad_options),
     };
     return cmocka_run_group_tests_name("store", tests, NULL, NULL);
 }

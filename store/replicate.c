@@ -1,0 +1,377 @@
+/*
+ * Replicas of hot entries (replicate.h, docs/store.md "Replicas of hot chunks").
+ *
+ * The cache calls the hook under its lock at an entry's --replicate-hits-th read: the hook picks
+ * the target (the first live peer in the key's rendezvous order, this node left out), queues the
+ * entry with the read reference the cache takes for it, and returns at once. One worker thread
+ * takes what is queued, groups it by target and namespace, pushes each group with a client of the
+ * library (the entry's bytes straight from the arena: a push is a PUT of the same object, so the
+ * copy verifies as any object does), then marks each entry's replica made or not and drops its
+ * reference. A target that cannot be reached is left out of the order for 5 s, so what is hot
+ * meanwhile goes to the next node; an entry whose push failed is asked for again at its next read.
+ *
+ * Lock order: the cache's lock, then the replicator's (the hook runs under the first and takes
+ * the second); the worker never holds both.
+ */
+#include "replicate.h"
+
+#include "kvf/client.h"
+#include "kvf/error.h"
+
+#include "clock.h"
+#include "cpus.h"
+#include "rendezvous.h"
+#include "tcp.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#define PEER_DOWN_NS   (5ull * 1000000000ull)
+#define PUSH_BATCH_MAX 256
+
+typedef struct rep_peer {
+    char addr[KVF_REP_ADDR];
+    uint64_t seed;
+    uint64_t down_until_ns;
+    int warned; /* its being down was logged (once until it answers again) */
+} rep_peer;
+
+typedef struct rep_item {
+    uint32_t eid;
+    uint64_t ns;
+    kvf_key key;
+    const uint8_t *data;
+    uint64_t len;
+    uint64_t peer; /* the target's seed: the peers may change while it waits */
+} rep_item;
+
+struct kvf__replicator {
+    kvf_cache *cache;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t self_seed;
+    rep_peer *peers;
+    size_t n_peers;
+    rep_item *q;
+    size_t nq, cap;
+    int stop, started;
+    pthread_t th;
+    rep_item *wb; /* the worker's batch: what it took from q */
+    char credential[512];
+    int deadline_ms;
+    uint32_t hits;
+    const kvf_log *log;
+    kvf__replicate_stats st;
+};
+
+uint64_t kvf__replicate_seed(const char *addr)
+{
+    char host[256];
+    uint16_t port;
+    if (kvf__addr_parse(addr, host, sizeof host, &port) != 0)
+        return 0;
+    return kvf__rendezvous_seed(host, port);
+}
+
+size_t kvf__replicate_rank_first(const kvf_key *key, const uint64_t *seeds, size_t n, size_t skip)
+{
+    size_t best = SIZE_MAX;
+    uint64_t bs = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i == skip)
+            continue;
+        uint64_t s = kvf__rendezvous_score(key->lo, key->hi, seeds[i]);
+        if (best == SIZE_MAX || s > bs)
+            bs = s, best = i;
+    }
+    return best;
+}
+
+/* The live peer that key's order ranks first; SIZE_MAX for none. Called with r->mu held. */
+static size_t target_locked(const kvf__replicator *r, const kvf_key *key, uint64_t now)
+{
+    size_t best = SIZE_MAX;
+    uint64_t bs = 0;
+    for (size_t i = 0; i < r->n_peers; i++) {
+        if (r->peers[i].down_until_ns > now)
+            continue;
+        uint64_t s = kvf__rendezvous_score(key->lo, key->hi, r->peers[i].seed);
+        if (best == SIZE_MAX || s > bs)
+            bs = s, best = i;
+    }
+    return best;
+}
+
+/* The cache's hook, under its lock: queue the entry, or say no (0). */
+static int on_hot(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, const uint8_t *data,
+                  uint64_t len, uint32_t hits, uint32_t tenant)
+{
+    (void)hits, (void)tenant;
+    kvf__replicator *r = ctx;
+    int taken = 0;
+    pthread_mutex_lock(&r->mu);
+    size_t t = r->stop ? SIZE_MAX : target_locked(r, key, kvf__now_ns());
+    if (t == SIZE_MAX) {
+        r->st.no_peer++;
+    } else if (r->nq == r->cap) {
+        r->st.full++;
+    } else {
+        r->q[r->nq++] = (rep_item){
+            .eid = eid, .ns = ns, .key = *key, .data = data, .len = len, .peer = r->peers[t].seed};
+        r->st.queued++;
+        taken = 1;
+        pthread_cond_signal(&r->cv);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return taken;
+}
+
+/* The peer of seed, copied into addr; 0, or -1 where it left. Called with r->mu held. */
+static int peer_addr_locked(const kvf__replicator *r, uint64_t seed, char *addr, size_t n)
+{
+    for (size_t i = 0; i < r->n_peers; i++)
+        if (r->peers[i].seed == seed) {
+            snprintf(addr, n, "%s", r->peers[i].addr);
+            return 0;
+        }
+    return -1;
+}
+
+static int unreachable(int st)
+{
+    return st == KVF_ECONNREFUSED || st == KVF_EHOSTUNREACH || st == KVF_ETIMEDOUT ||
+           st == KVF_ECONNRESET || st == KVF_ECANCELED;
+}
+
+/* Pushes items it[0..n) (one target, one namespace) and says per item whether it is there now. */
+static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, int *made)
+{
+    const char *nodes[1] = {addr};
+    kvf_client_opts co = {.nodes = nodes,
+                          .n_nodes = 1,
+                          .ns = it[0].ns,
+                          .conns_per_node = 1,
+                          .io_threads = 1,
+                          .transport = "tcp",
+                          .deadline_ms = r->deadline_ms,
+                          .credential = r->credential};
+    kvf_key keys[PUSH_BATCH_MAX];
+    const void *objs[PUSH_BATCH_MAX];
+    uint64_t lens[PUSH_BATCH_MAX];
+    int status[PUSH_BATCH_MAX];
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = it[i].key;
+        objs[i] = it[i].data;
+        lens[i] = it[i].len;
+        status[i] = KVF_ECANCELED;
+    }
+    char err[256] = "";
+    kvf_client *cl = NULL;
+    int rc = kvf_client_open(&cl, &co, err, sizeof err);
+    if (!rc) {
+        kvf_batch b = {.n = n, .keys = keys, .objs = objs, .lens = lens, .status = status};
+        rc = kvf_client_put(cl, &b);
+    }
+    kvf_client_close(&cl);
+    int down = rc != 0, ok = 0;
+    for (size_t i = 0; i < n; i++) {
+        made[i] = !rc && (status[i] == 0 || status[i] == KVF_EEXIST);
+        ok += made[i];
+        down = down || unreachable(status[i]);
+    }
+    pthread_mutex_lock(&r->mu);
+    r->st.made += (uint64_t)ok;
+    r->st.failed += n - (size_t)ok;
+    for (size_t i = 0; i < r->n_peers; i++) {
+        rep_peer *p = &r->peers[i];
+        if (p->seed != it[0].peer)
+            continue;
+        if (!ok) {
+            if (down) /* what is hot meanwhile goes to the next node */
+                p->down_until_ns = kvf__now_ns() + PEER_DOWN_NS;
+            if (!p->warned++)
+                kvf_warn(r->log, "replication to %s: %s%s%s%s", addr,
+                         kvf_strerror(rc ? rc : status[0]), err[0] ? ": " : "", err,
+                         down ? "; hot entries go to the next node for 5 s" : "");
+        } else if (p->warned) {
+            p->warned = 0;
+            kvf_info(r->log, "replication to %s: it answers again", addr);
+        }
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* Pushes a batch taken from the queue, group by group, and ends each entry's replica. */
+static void run_batch(kvf__replicator *r, rep_item *b, size_t n)
+{
+    int made[PUSH_BATCH_MAX];
+    size_t done = 0;
+    while (done < n) {
+        /* the items like the first left: same target, same namespace, moved to the front */
+        size_t g = 0;
+        for (size_t i = done; i < n && g < PUSH_BATCH_MAX; i++) {
+            if (b[i].peer != b[done].peer || b[i].ns != b[done].ns)
+                continue;
+            rep_item t = b[done + g];
+            b[done + g] = b[i];
+            b[i] = t;
+            g++;
+        }
+        char addr[KVF_REP_ADDR];
+        pthread_mutex_lock(&r->mu);
+        int gone = peer_addr_locked(r, b[done].peer, addr, sizeof addr);
+        pthread_mutex_unlock(&r->mu);
+        if (gone)
+            memset(made, 0, g * sizeof *made); /* the target left: asked for again later */
+        else
+            push(r, addr, b + done, g, made);
+        kvf__cache_lock(r->cache);
+        for (size_t i = 0; i < g; i++) {
+            kvf__cache_replicate_done_locked(r->cache, b[done + i].eid, made[i]);
+            kvf__cache_release_locked(r->cache, b[done + i].eid);
+        }
+        kvf__cache_unlock(r->cache);
+        done += g;
+    }
+}
+
+static void *worker(void *arg)
+{
+    kvf__replicator *r = arg;
+    rep_item *b = r->wb;
+    pthread_mutex_lock(&r->mu);
+    while (!r->stop) {
+        if (!r->nq) {
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            ts.tv_sec += 1;
+            pthread_cond_timedwait(&r->cv, &r->mu, &ts);
+            continue;
+        }
+        size_t n = r->nq;
+        memcpy(b, r->q, n * sizeof *b);
+        r->nq = 0;
+        pthread_mutex_unlock(&r->mu);
+        run_batch(r, b, n);
+        pthread_mutex_lock(&r->mu);
+    }
+    pthread_mutex_unlock(&r->mu);
+    return NULL;
+}
+
+void kvf__replicator_set_peers(kvf__replicator *r, const char *const *peers, size_t n)
+{
+    pthread_mutex_lock(&r->mu);
+    rep_peer old[KVF_REP_MAX_PEERS];
+    size_t n_old = r->n_peers;
+    memcpy(old, r->peers, n_old * sizeof *old);
+    r->n_peers = 0;
+    for (size_t i = 0; i < n && r->n_peers < KVF_REP_MAX_PEERS; i++) {
+        uint64_t seed = peers[i] ? kvf__replicate_seed(peers[i]) : 0;
+        if (!seed || seed == r->self_seed || strlen(peers[i]) >= KVF_REP_ADDR)
+            continue;
+        rep_peer *p = &r->peers[r->n_peers++];
+        *p = (rep_peer){.seed = seed};
+        snprintf(p->addr, sizeof p->addr, "%s", peers[i]);
+        for (size_t k = 0; k < n_old; k++) /* a peer that stays keeps its back-off */
+            if (old[k].seed == seed)
+                p->down_until_ns = old[k].down_until_ns, p->warned = old[k].warned;
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+int kvf__replicator_open(kvf__replicator **out, const kvf__replicate_opts *o, char *err,
+                         size_t errlen)
+{
+    *out = NULL;
+    if (!o->cache || !o->self || !o->hits || o->hits > 255) {
+        snprintf(err, errlen, "replication: needs a cache, this node's address and 1..255 reads");
+        return KVF_EINVAL;
+    }
+    uint64_t self = kvf__replicate_seed(o->self);
+    if (!self) {
+        snprintf(err, errlen, "replication: this node's address \"%s\" is not host:port", o->self);
+        return KVF_EINVAL;
+    }
+    for (size_t i = 0; i < o->n_peers; i++)
+        if (!o->peers[i] || !kvf__replicate_seed(o->peers[i])) {
+            snprintf(err, errlen, "replication: peer \"%s\" is not host:port",
+                     o->peers[i] ? o->peers[i] : "");
+            return KVF_EINVAL;
+        }
+    kvf__replicator *r = calloc(1, sizeof *r);
+    if (!r)
+        return KVF_ENOMEM;
+    r->cap = o->queue ? o->queue : 4096;
+    r->q = calloc(r->cap, sizeof *r->q);
+    r->wb = calloc(r->cap, sizeof *r->wb);
+    r->peers = calloc(KVF_REP_MAX_PEERS, sizeof *r->peers);
+    if (!r->q || !r->wb || !r->peers) {
+        free(r->q);
+        free(r->wb);
+        free(r->peers);
+        free(r);
+        return KVF_ENOMEM;
+    }
+    pthread_mutex_init(&r->mu, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    r->cache = o->cache;
+    r->self_seed = self;
+    r->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 3000;
+    r->hits = o->hits;
+    r->log = o->log;
+    snprintf(r->credential, sizeof r->credential, "%s", o->credential ? o->credential : "");
+    kvf__replicator_set_peers(r, o->peers, o->n_peers);
+    if (kvf__thread_start(&r->th, worker, r) != 0) {
+        snprintf(err, errlen, "replication: no worker thread could start");
+        kvf__replicator_close(&r);
+        return KVF_EAGAIN;
+    }
+    r->started = 1;
+    kvf__cache_set_replicate_hook(r->cache, on_hot, r, o->hits);
+    *out = r;
+    return 0;
+}
+
+void kvf__replicator_stats(kvf__replicator *r, kvf__replicate_stats *st)
+{
+    pthread_mutex_lock(&r->mu);
+    *st = r->st;
+    st->hits = r->hits;
+    st->peers = r->n_peers;
+    st->peers_down = 0;
+    uint64_t now = kvf__now_ns();
+    for (size_t i = 0; i < r->n_peers; i++)
+        st->peers_down += r->peers[i].down_until_ns > now;
+    pthread_mutex_unlock(&r->mu);
+}
+
+void kvf__replicator_close(kvf__replicator **rp)
+{
+    kvf__replicator *r = rp ? *rp : NULL;
+    if (!r)
+        return;
+    *rp = NULL;
+    kvf__cache_set_replicate_hook(r->cache, NULL, NULL, 0); /* no entry is queued after this */
+    pthread_mutex_lock(&r->mu);
+    r->stop = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->mu);
+    if (r->started)
+        pthread_join(r->th, NULL);
+    kvf__cache_lock(r->cache); /* what still waited: no replica, references dropped */
+    for (size_t i = 0; i < r->nq; i++) {
+        kvf__cache_replicate_done_locked(r->cache, r->q[i].eid, 0);
+        kvf__cache_release_locked(r->cache, r->q[i].eid);
+    }
+    kvf__cache_unlock(r->cache);
+    pthread_cond_destroy(&r->cv);
+    pthread_mutex_destroy(&r->mu);
+    free(r->q);
+    free(r->wb);
+    free(r->peers);
+    free(r);
+}
