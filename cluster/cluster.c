@@ -91,6 +91,10 @@ static int check_cfg(cfg *c)
     if (c->etcd == 2)
         return kvf__cluster_fail("%s: \"etcd\" is 0 (none), 1 or 3 members: two cannot lose one",
                                  cfg_where);
+    if (c->replicate_hits && (!c->etcd || c->stores < 2))
+        return kvf__cluster_fail("%s: \"replicate_hits\" needs \"etcd\" (the stores find each "
+                                 "other there) and 2 or more \"stores\"",
+                                 cfg_where);
     if (strcmp(c->engine, "kvf-engine") && strcmp(c->engine, "transformers"))
         return kvf__cluster_fail("%s: \"engine\" is kvf-engine or transformers, not \"%s\"",
                                  cfg_where, c->engine);
@@ -127,11 +131,10 @@ static int load_cfg(const char *path, cfg *c)
     }
     int max_tokens = 16384, rc = 0;
     static const char *const top_keys[] = {
-        "name",   "model",         "engine",     "engine_args",
-        "python", "store_memory",  "store_disk", "store_shm",
-        "policy", "run_dir",       "stores",     "prefill",
-        "decode", "store_threads", "netns",      "engine_max_tokens",
-        "scheds", "etcd",          "etcd_ttl",   NULL};
+        "name",       "model",          "engine", "engine_args",       "python", "store_memory",
+        "store_disk", "store_shm",      "policy", "run_dir",           "stores", "prefill",
+        "decode",     "store_threads",  "netns",  "engine_max_tokens", "scheds", "etcd",
+        "etcd_ttl",   "replicate_hits", NULL};
     static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
     char kerr[700], where[600];
     json_t *ns = json_object_get(o, "netns");
@@ -165,6 +168,7 @@ static int load_cfg(const char *path, cfg *c)
         get_int(o, "store_threads", 1, 1, 64, &c->store_threads) ||
         get_int(o, "scheds", 1, 1, 4, &c->scheds) || get_int(o, "etcd", 0, 0, 3, &c->etcd) ||
         get_int(o, "etcd_ttl", 5, 2, 60, &c->etcd_ttl) ||
+        get_int(o, "replicate_hits", 0, 0, 255, &c->replicate_hits) ||
         get_int(o, "engine_max_tokens", 16384, 256, 1 << 20, &max_tokens) ||
         (ns && get_str(ns, "subnet", "10.77.0", c->subnet, sizeof c->subnet)) ||
         (ns && get_str(ns, "rate", "", c->rate, sizeof c->rate))) {

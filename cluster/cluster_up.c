@@ -355,12 +355,22 @@ static int start_store(launch *L, int i)
         with_disk[n++] = "--shm";
         with_disk[n++] = "off";
     }
-    char *with_etcd[sizeof with_disk / sizeof with_disk[0] + 6];
+    char *with_etcd[sizeof with_disk / sizeof with_disk[0] + 10];
     memcpy(with_etcd, with_disk, sizeof with_disk);
+    char rep[16];
     if (L->etcd[0]) { /* registered under a lease: kvf-sched finds it there */
         char *e[] = {"--etcd", L->etcd, "--cluster", (char *)c->name, "--etcd-ttl", L->etcd_ttl};
         memcpy(with_etcd + n, e, sizeof e);
         n += 6;
+        /* hot entries copied to the next store of their key: the stores find each other in
+         * etcd, as kvf-sched finds them */
+        if (c->replicate_hits) { /* pushed as an admin: a copy keeps its namespace */
+            snprintf(rep, sizeof rep, "%d", c->replicate_hits);
+            with_etcd[n++] = "--replicate-hits";
+            with_etcd[n++] = rep;
+            with_etcd[n++] = "--copy-credential";
+            with_etcd[n++] = L->admin_cred;
+        }
     }
     if (start_one(c, q, with_etcd, n, NULL, READY_MS) != 0)
         return 1;

@@ -220,6 +220,7 @@ _SIGNATURES = {
     "kvf_client_open": (c_int, [_P(c_void_p), _P(ClientOpts), c_char_p, c_size_t]),
     "kvf_client_close": (None, [_P(c_void_p)]),
     "kvf_client_node_count": (c_size_t, [c_void_p]),
+    "kvf_client_set_reroute": (None, [c_void_p, c_int]),
     "kvf_client_put": (c_int, [c_void_p, _P(Batch)]),
     "kvf_client_get": (c_int, [c_void_p, _P(Batch)]),
     "kvf_client_exists": (c_int, [c_void_p, c_size_t, _P(Key), _P(ctypes.c_uint8), c_int]),

@@ -94,13 +94,15 @@ class Object:
 class Client(_Handle):
     """A client of kvf-store nodes ("host:port" each; a key lives on one node by rendezvous
     hashing). `namespace`: the key space seed (KeySpace.seed); `transport`: "auto", "tcp",
-    "shm", "shm+tcp" or "rdma"; `credential`: a credential file (None: $KVF_CREDENTIAL)."""
+    "shm", "shm+tcp" or "rdma"; `credential`: a credential file (None: $KVF_CREDENTIAL);
+    `reroute`: while a node is down, its keys go to the next node in their rendezvous order
+    (kvf_client_set_reroute: where a replica of a hot chunk is)."""
 
     _kind, _free_fn = "client", "kvf_client_close"
 
     def __init__(self, nodes: Sequence[str], namespace: int, transport: Optional[str] = None,
                  credential: Optional[str] = None, deadline_ms: int = 0, io_threads: int = 0,
-                 conns_per_node: int = 0) -> None:
+                 conns_per_node: int = 0, reroute: bool = False) -> None:
         self._h = None
         if not nodes:
             raise ValueError("at least one node")
@@ -121,6 +123,8 @@ class Client(_Handle):
         check(_lib.lib().kvf_client_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),
               "client", err.value.decode())
         self._h = h
+        if reroute:
+            _lib.lib().kvf_client_set_reroute(h, 1)
 
     @property
     def nodes(self) -> int:

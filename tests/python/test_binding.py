@@ -9,6 +9,7 @@ Run by ctest with PYTHONPATH, KVF_LIBRARY and KVF_STORE_BIN set (tests/CMakeList
 import ctypes
 import os
 import random
+import socket
 import subprocess
 import time
 import unittest
@@ -21,8 +22,8 @@ STORE_BIN = os.environ.get("KVF_STORE_BIN", "kvf-store")
 class Store:
     """A kvf-store on loopback, port 0; stopped by stop()."""
 
-    def __init__(self, memory="64M", extra=()):
-        self.p = subprocess.Popen([STORE_BIN, "--listen", "127.0.0.1:0", "--memory", memory,
+    def __init__(self, memory="64M", extra=(), listen="127.0.0.1:0"):
+        self.p = subprocess.Popen([STORE_BIN, "--listen", listen, "--memory", memory,
                                    "--threads", "1", "--log-level", "warn", *extra],
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         deadline = time.monotonic() + 10
@@ -141,6 +142,94 @@ class TestClient(unittest.TestCase):
                 self.assertEqual(dead.exists(keys), [False] * 3)
         except kvf.KvfError as e:
             self.assertIn(e.name, ("KVF_ECONNREFUSED", "KVF_ETIMEDOUT", "KVF_EIO"))
+
+
+def free_ports(n):
+    """n ports free on loopback now (bound, read and released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for x in socks:
+            x.bind(("127.0.0.1", 0))
+        return [x.getsockname()[1] for x in socks]
+    finally:
+        for x in socks:
+            x.close()
+
+
+class TestReplicas(unittest.TestCase):
+    """Hot entries copied to the next node of their key (kvf-store --replicate-hits): three nodes
+    that name each other as peers; keys read twice get a copy on the node their rendezvous order
+    ranks next (checked byte for byte there); with the first node killed, a client that reroutes
+    finds every hot key and misses only the cold ones."""
+
+    def wait_stats(self, c, node, pred, what):
+        deadline = time.monotonic() + 15
+        st = {}
+        while time.monotonic() < deadline:
+            st = c.stats(node).get("replication", {})
+            if pred(st):
+                return st
+            time.sleep(0.05)
+        self.fail(f"{what}: {st}")
+
+    def test_hot_keys_survive_their_node(self):
+        layout = kvf.Layout.preset("ref-tiny")
+        ks = kvf.KeySpace(layout, salt="replicas")
+        addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+        stores = []
+        try:
+            for a in addrs:
+                peers = [w for b in addrs if b != a for w in ("--peer", b)]
+                stores.append(Store(memory="64M", listen=a,
+                                    extra=("--replicate-hits", "2", *peers)))
+            keys = ks.keys(tokens(64 * 60, 21))
+            rnd = random.Random(4)
+            objs = [kvf.Object.encode(k, layout, 64,
+                                      [bytes(rnd.getrandbits(8) for _ in range(512))] * 4)
+                    for k in keys]
+            with kvf.Client(addrs, ks.seed, transport="tcp") as c, \
+                    kvf.Client(addrs[:1], ks.seed, transport="tcp") as first:
+                self.assertEqual(c.put(keys, objs), ["KVF_OK"] * len(keys))
+                # the keys node 0 holds: the first half read twice (hot), the rest once
+                mine = [i for i, k in enumerate(keys) if first.exists([k])[0]]
+                self.assertGreaterEqual(len(mine), 8, "rendezvous hashing put few keys on node 0")
+                hot, cold = mine[: len(mine) // 2], mine[len(mine) // 2:]
+                for _ in range(2):
+                    got = c.get([keys[i] for i in hot], 1 << 16)
+                    self.assertEqual([g[0] for g in got], ["KVF_OK"] * len(hot))
+                c.get([keys[i] for i in cold], 1 << 16)
+                st = self.wait_stats(c, 0, lambda r: r.get("made", 0) >= len(hot), "replicas")
+                self.assertEqual(st["peers"], 2)
+                self.assertEqual(st["failed"], 0)
+                self.assertEqual(st["hits"], 2)
+            # each hot key is on the node ranked next among the other two, the same bytes
+            others = addrs[1:]
+            with kvf.Client(others, ks.seed, transport="tcp") as rest:
+                got = rest.get([keys[i] for i in hot], 1 << 16)
+                self.assertEqual([g for g in got], [("KVF_OK", objs[i]) for i in hot])
+                self.assertEqual(rest.exists([keys[i] for i in cold]), [False] * len(cold))
+            stores[0].p.kill()
+            stores[0].p.wait()
+            with kvf.Client(addrs, ks.seed, transport="tcp", reroute=True,
+                            deadline_ms=2000) as c:
+                hot_got = c.get([keys[i] for i in hot], 1 << 16)
+                for _ in range(3):  # the first requests find node 0 down; then it is skipped
+                    if all(g[0] == "KVF_OK" for g in hot_got):
+                        break
+                    time.sleep(0.3)
+                    hot_got = c.get([keys[i] for i in hot], 1 << 16)
+                self.assertEqual(hot_got, [("KVF_OK", objs[i]) for i in hot])
+                self.assertEqual([g[0] for g in c.get([keys[i] for i in cold], 1 << 16)],
+                                 ["KVF_ENOENT"] * len(cold))
+        finally:
+            for x in stores:
+                x.stop()
+
+    def test_refuses_replication_without_peers(self):
+        p = subprocess.run([STORE_BIN, "--listen", "127.0.0.1:0", "--memory", "16M",
+                            "--replicate-hits", "2"], capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(p.returncode, 0)
+        self.assertIn("--peer", p.stderr)
 
 
 class TestFeasibility(unittest.TestCase):
