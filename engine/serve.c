@@ -87,18 +87,20 @@ void kvfe__srv_mark_dirty_locked(srv *S)
     pthread_cond_signal(&S->report_cv);
 }
 
-static int register_with_sched(srv *S, int i, int attempts, char *err, size_t errlen);
+static int register_with_sched(srv *S, const char *sched, int attempts, char *err, size_t errlen);
 
 /* Sends the load whenever it changes, and at least every REPORT_EVERY_S seconds, to every
  * replica of kvf-sched: it removes an instance it has not heard from within its --instance-ttl
  * (30 s unless set), so an idle engine's unchanged reports are its heartbeat. When a replica
  * answers 404 (it expired or deleted this engine, or restarted), the engine registers with it
- * again and reports at once; one that does not answer is logged once and asked on. */
+ * again and reports at once; one that does not answer is logged once and asked on. The replicas
+ * are --sched's and, with --etcd, those registered in the cluster (on_replica). */
 static void *reporter_main(void *arg)
 {
     srv *S = arg;
     char err[256];
-    int down[KVFE_MAX_SCHEDS] = {0};
+    char list[KVFE_MAX_REPLICAS][160], down[KVFE_MAX_REPLICAS][160];
+    int n_down = 0;
     double last = kvfe__srv_now();
     pthread_mutex_lock(&S->mu);
     while (!atomic_load(&S->stop)) {
@@ -112,34 +114,43 @@ static void *reporter_main(void *arg)
             json_pack("{s:f,s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
                       "queued_prefill_s", queued_s, "active_decodes", (int)S->active_decodes,
                       "used_blocks", (json_int_t)(S->n_held));
+        int n = S->n_scheds; /* the watcher may change the list: a copy of it now */
+        memcpy(list, S->scheds, (size_t)n * sizeof list[0]);
         pthread_mutex_unlock(&S->mu);
         last = kvfe__srv_now();
         int again = 0;
-        for (int i = 0; i < S->n_scheds; i++) {
-            char url[256];
-            snprintf(url, sizeof url, "http://%s/v1/instances/%s/load", S->scheds[i], S->id);
+        for (int i = 0; i < n; i++) {
+            int was_down = 0;
+            for (int k = 0; k < n_down && !was_down; k++)
+                was_down = !strcmp(down[k], list[i]);
+            char url[320];
+            snprintf(url, sizeof url, "http://%.159s/v1/instances/%.63s/load", list[i], S->id);
             long status = 0;
             int rc = kvf__http_call_bearer("POST", url, body, kvf__sched_token(), 2000, &status,
                                            NULL, err, sizeof err);
             if (rc == 0 && status == 404) {
                 kvf_warn(&S->lg,
-                         "kvf-sched %s does not know this engine (expired, deleted or "
-                         "restarted): registering again",
-                         S->scheds[i]);
-                if (register_with_sched(S, i, 1, err, sizeof err) != 0)
-                    kvf_warn(&S->lg, "registration with kvf-sched %s: %s", S->scheds[i], err);
+                         "kvf-sched %s does not know this engine (expired, deleted, restarted "
+                         "or new): registering",
+                         list[i]);
+                if (register_with_sched(S, list[i], 1, err, sizeof err) != 0)
+                    kvf_warn(&S->lg, "registration with kvf-sched %s: %s", list[i], err);
                 else
                     again = 1;
             } else if (rc != 0 || status != 200) {
-                if (!down[i])
-                    kvf_warn(&S->lg, "load report to kvf-sched %s: %s", S->scheds[i],
+                if (!was_down && n_down < KVFE_MAX_REPLICAS) {
+                    kvf_warn(&S->lg, "load report to kvf-sched %s: %s", list[i],
                              status ? "refused" : err);
-                down[i] = 1;
+                    snprintf(down[n_down++], sizeof down[0], "%.159s", list[i]);
+                }
                 continue;
             }
-            if (down[i])
-                kvf_info(&S->lg, "kvf-sched %s answers again", S->scheds[i]);
-            down[i] = 0;
+            if (was_down) {
+                kvf_info(&S->lg, "kvf-sched %s answers again", list[i]);
+                for (int k = 0; k < n_down; k++)
+                    if (!strcmp(down[k], list[i]))
+                        memmove(down[k], down[--n_down], sizeof down[0]);
+            }
         }
         json_decref(body);
         pthread_mutex_lock(&S->mu);
@@ -195,11 +206,11 @@ static json_t *registration(srv *S)
     return body;
 }
 
-static int register_with_sched(srv *S, int i, int attempts, char *err, size_t errlen)
+static int register_with_sched(srv *S, const char *sched, int attempts, char *err, size_t errlen)
 {
     json_t *body = registration(S);
     char url[256];
-    snprintf(url, sizeof url, "http://%s/v1/instances", S->scheds[i]);
+    snprintf(url, sizeof url, "http://%s/v1/instances", sched);
     long status = 0;
     json_t *reply = NULL;
     int rc = 0;
@@ -214,8 +225,8 @@ static int register_with_sched(srv *S, int i, int attempts, char *err, size_t er
     }
     if (rc == 0 && status != 201 && status != 200) {
         json_t *e = json_object_get(reply, "error");
-        snprintf(err, errlen, "kvf-sched %s refused the registration (HTTP %ld): %s", S->scheds[i],
-                 status, json_is_string(e) ? json_string_value(e) : "no reason given");
+        snprintf(err, errlen, "kvf-sched %s refused the registration (HTTP %ld): %s", sched, status,
+                 json_is_string(e) ? json_string_value(e) : "no reason given");
         rc = KVF_EINVAL;
     }
     json_decref(reply);
@@ -383,6 +394,7 @@ static int configure(srv *S, const serve_opts *o)
         snprintf(S->scheds[S->n_scheds++], sizeof S->scheds[0], "%.*s", (int)k, p);
         p += k + (p[k] == ',');
     }
+    S->n_given = S->n_scheds;
     long max_tokens = strtol(o->max_tokens, NULL, 10);
     if (!S->id[0] ||
         (strcmp(S->role, "prefill") && strcmp(S->role, "decode") && strcmp(S->role, "both"))) {
@@ -565,6 +577,55 @@ static int register_in_etcd(srv *S, const serve_opts *o, kvf__member **m)
     return 0;
 }
 
+/* A kvf-sched replica's registration (/kvfabric/CLUSTER/scheds/ADDR, record {"addr"}) came or
+ * went: the watcher's thread. One that comes is reported to from then on (and registered with,
+ * when its first report is answered 404); one that goes is no longer, unless --sched named it. */
+static void on_replica(void *ud, int put, const char *key, const char *value)
+{
+    srv *S = ud;
+    const char *addr = strrchr(key, '/');
+    addr = addr ? addr + 1 : key;
+    if (put) {
+        json_t *o = json_loads(value, 0, NULL);
+        const char *a = json_string_value(json_object_get(o, "addr"));
+        int same = a && !strcmp(a, addr);
+        json_decref(o);
+        if (!same || strlen(addr) >= sizeof S->scheds[0]) {
+            kvf_warn(&S->lg, "etcd: %s: not a kvf-sched record; ignored", key);
+            return;
+        }
+    }
+    pthread_mutex_lock(&S->mu);
+    int at = -1;
+    for (int i = 0; i < S->n_scheds && at < 0; i++)
+        if (!strcmp(S->scheds[i], addr))
+            at = i;
+    if (put && at < 0 && S->n_scheds < KVFE_MAX_REPLICAS) {
+        snprintf(S->scheds[S->n_scheds++], sizeof S->scheds[0], "%s", addr);
+        S->report_dirty = 1;
+        pthread_cond_broadcast(&S->report_cv);
+        kvf_info(&S->lg, "etcd: kvf-sched %s joined: load reported there too", addr);
+    } else if (!put && at >= S->n_given) {
+        memmove(S->scheds[at], S->scheds[at + 1],
+                (size_t)(S->n_scheds - at - 1) * sizeof S->scheds[0]);
+        S->n_scheds--;
+        kvf_info(&S->lg, "etcd: kvf-sched %s left", addr);
+    }
+    pthread_mutex_unlock(&S->mu);
+}
+
+/* Follows /kvfabric/CLUSTER/scheds/. 0, or 1 after saying why. */
+static int watch_replicas(srv *S, const serve_opts *o, kvf__watcher **w)
+{
+    char prefix[300], err[600] = "";
+    snprintf(prefix, sizeof prefix, "/kvfabric/%s/scheds/", o->cluster);
+    if (kvf__watcher_start(w, o->etcd, prefix, on_replica, S, &S->lg, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-engine: --etcd: watching the kvf-sched replicas: %s\n", err);
+        return 1;
+    }
+    return 0;
+}
+
 int kvfe_serve_main(int argc, char **argv)
 {
     static srv S;
@@ -617,7 +678,7 @@ int kvfe_serve_main(int argc, char **argv)
         char err[512];
         int took = 0;
         for (int i = 0; i < S.n_scheds; i++) {
-            if (register_with_sched(&S, i, 50, err, sizeof err) == 0)
+            if (register_with_sched(&S, S.scheds[i], 50, err, sizeof err) == 0)
                 took++;
             else if (S.n_scheds > 1)
                 kvf_warn(&S.lg, "%s", err);
@@ -627,12 +688,18 @@ int kvfe_serve_main(int argc, char **argv)
             rc = 1;
             goto out_stop_http;
         }
-        have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
     }
     kvf__member *member = NULL;
-    if (o.etcd && (rc = register_in_etcd(&S, &o, &member)) != 0)
-        goto out_stop_http;
+    kvf__watcher *replicas = NULL;
+    if (o.etcd && ((rc = register_in_etcd(&S, &o, &member)) != 0 ||
+                   (rc = watch_replicas(&S, &o, &replicas)) != 0))
+        goto out_stop_member;
+    /* the load reports: to the --sched replicas, and with --etcd to those registered there */
+    if (S.sched[0] || o.etcd)
+        have_reporter = pthread_create(&reporter, NULL, reporter_main, &S) == 0;
     rc = serve_until_signal(&S, bound);
+out_stop_member:
+    kvf__watcher_stop(&replicas);
     kvf__member_stop(&member); /* revoked: the replicas remove this engine now */
 out_stop_http:
     stop_serving(&S);

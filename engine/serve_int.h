@@ -21,7 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define KVFE_MAX_SCHEDS 4
+#define KVFE_MAX_SCHEDS   4 /* given with --sched */
+#define KVFE_MAX_REPLICAS 8 /* with those learnt from etcd */
 
 typedef struct srv {
     kvfe_model m;
@@ -29,10 +30,12 @@ typedef struct srv {
     kvf_connector *cn;
     kvf_log lg;
     char id[64], role[16], model[32], endpoint[160];
-    /* kvf-sched's replicas (--sched A[,B...]): registered with each, load reported to each */
+    /* kvf-sched's replicas: --sched A[,B...] (the first n_given), then, with --etcd, those
+     * registered in the cluster (a watcher adds and removes them, under mu): load reported to
+     * each, registered with each that does not know this engine */
     char sched[640];
-    char scheds[KVFE_MAX_SCHEDS][160];
-    int n_scheds;
+    char scheds[KVFE_MAX_REPLICAS][160];
+    int n_scheds, n_given;
     char host[128]; /* --listen's */
     uint16_t port;
     uint32_t max_tokens;

@@ -253,13 +253,18 @@ static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
     pthread_mutex_lock(&d->mu);
     for (size_t i = 0; i < kvf_sched_instance_slots(d->s); i++) {
         const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
-        if (!in)
+        kvf_instance_load L = {0};
+        if (!in || kvf_sched_instance_load_get(d->s, (int)i, &L) != 0)
             continue;
-        json_array_append_new(arr,
-                              json_pack("{s:s,s:s,s:s,s:s,s:i,s:I}", "id", in->id, "role",
-                                        role_name(in->role), "endpoint", in->endpoint, "events",
-                                        in->events, "block_tokens", (int)in->block_tokens,
-                                        "capacity_blocks", (json_int_t)in->capacity_blocks));
+        /* with its last load report (zeros before one came) */
+        json_array_append_new(
+            arr, json_pack("{s:s,s:s,s:s,s:s,s:i,s:I,s:{s:f,s:f,s:i,s:I}}", "id", in->id, "role",
+                           role_name(in->role), "endpoint", in->endpoint, "events", in->events,
+                           "block_tokens", (int)in->block_tokens, "capacity_blocks",
+                           (json_int_t)in->capacity_blocks, "load", "queued_prefill_tokens",
+                           L.queued_prefill_tokens, "queued_prefill_s", L.queued_prefill_s,
+                           "active_decodes", (int)L.active_decodes, "used_blocks",
+                           (json_int_t)L.used_blocks));
     }
     pthread_mutex_unlock(&d->mu);
     return send_json(c, 200, json_pack("{s:o}", "instances", arr));

@@ -148,3 +148,11 @@ int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load
     s->inst[idx].load = *load;
     return 0;
 }
+
+int kvf_sched_instance_load_get(const kvf_sched *s, int idx, kvf_instance_load *load)
+{
+    if (!kvf__sched_live(s, idx))
+        return KVF_ENOENT;
+    *load = s->inst[idx].load;
+    return 0;
+}

@@ -136,6 +136,14 @@ class EtcdMember:
         self.lease = lease
         self.registered = True
 
+    def list(self, prefix: str) -> Dict[str, str]:
+        """The keys under prefix now, with their values (one range request)."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)  # the range [prefix, end): all under it
+        r = self.c.call("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        return {base64.b64decode(kv.get("key", "")).decode(errors="replace"):
+                base64.b64decode(kv.get("value", "")).decode(errors="replace")
+                for kv in r.get("kvs", [])}
+
     def _keepalive(self) -> None:
         period = self.ttl / 3
         warned = False

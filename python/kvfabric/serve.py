@@ -147,6 +147,9 @@ class Server:
         self.prefetch_max = parse_size(a.prefetch_memory)
         self.prefetch_held = 0
         self.metrics = Registry("kvf_engine")  # the same series as kvf-engine's /metrics
+        self.member: Optional[EtcdMember] = None  # with --etcd: this engine's registration
+        self.learnt: List[str] = []  # the replicas registered in etcd (learn_replicas)
+        self.learnt_at = 0.0
 
     # -- /metrics ---------------------------------------------------------------------------
     def note_metrics(self, kind: str, status: int, o: Any, queue_s: float,
@@ -238,8 +241,36 @@ class Server:
                 "compute_uses": max(1, torch.get_num_threads())}
 
     def scheds(self) -> List[str]:
-        """kvf-sched's replicas (--sched A[,B...]): registered with each, load reported to each."""
-        return [x for x in self.a.sched.split(",") if x]
+        """kvf-sched's replicas: --sched A[,B...], and with --etcd those registered in the
+        cluster (learn_replicas): load reported to each, registered with each that does not know
+        this engine."""
+        given = [x for x in self.a.sched.split(",") if x]
+        return given + [x for x in self.learnt if x not in given]
+
+    def learn_replicas(self) -> None:
+        """With --etcd: the replicas registered under /kvfabric/CLUSTER/scheds/ now (asked at
+        most every 2 s, by the reporter); etcd not answering keeps what was known."""
+        if self.member is None or time.monotonic() - self.learnt_at < 2.0:
+            return
+        self.learnt_at = time.monotonic()
+        try:
+            recs = self.member.list(f"/kvfabric/{self.a.cluster}/scheds/")
+        except EtcdError as e:
+            _log("warn", f"etcd: the kvf-sched replicas: {e}")
+            return
+        now = []
+        for key, value in sorted(recs.items()):
+            try:
+                addr = json.loads(value).get("addr")
+            except (ValueError, AttributeError):
+                addr = None
+            if isinstance(addr, str) and addr == key.rsplit("/", 1)[-1]:
+                now.append(addr)
+        for x in set(now) - set(self.learnt):
+            _log("info", f"etcd: kvf-sched {x} joined: load reported there too")
+        for x in set(self.learnt) - set(now):
+            _log("info", f"etcd: kvf-sched {x} left")
+        self.learnt = now
 
     def record(self) -> Dict[str, Any]:
         """This engine's registration record: POST /v1/instances' body, and its record in etcd."""
@@ -285,6 +316,7 @@ class Server:
             self.dirty.clear()
             if self.stop.is_set():
                 break
+            self.learn_replicas()
             t = self.turns
             with self.mu:
                 queued_s = t.queued_seconds()
@@ -711,8 +743,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     reporter = None
     if a.sched:
         S.register()
-        reporter = threading.Thread(target=S.reporter, daemon=True)
-        reporter.start()
     member = None
     if a.etcd:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", a.cluster):
@@ -724,6 +754,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 exclusive=True, log=_log)
         except EtcdError as e:
             raise SystemExit(f"kvfabric.serve: --etcd: {e}") from None
+        S.member = member
+    if a.sched or member is not None:  # the load reports: to --sched's replicas and etcd's
+        reporter = threading.Thread(target=S.reporter, daemon=True)
+        reporter.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

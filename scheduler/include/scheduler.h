@@ -209,6 +209,8 @@ typedef struct kvf_instance_load {
     uint64_t used_blocks;         /* KV blocks in use */
 } kvf_instance_load;
 int kvf_sched_instance_load(kvf_sched *s, int idx, const kvf_instance_load *load);
+/* The last load reported by instance idx (zeros before any): 0, or KVF_ENOENT for a free slot. */
+int kvf_sched_instance_load_get(const kvf_sched *s, int idx, kvf_instance_load *load);
 
 /* KV events, after decoding. Engine block hashes are opaque. */
 int kvf_sched_block_stored(kvf_sched *s, int idx, const uint64_t *engine_hashes, size_t n_blocks,

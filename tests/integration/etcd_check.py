@@ -275,6 +275,26 @@ def main():
         for r in (a, b):
             check(wait_for(lambda: instances_of(r) == ["e0"], 5),
                   "replica %s did not learn the engine from etcd: %r" % (r.addr, instances_of(r)))
+        # its load goes to both replicas, found in etcd too: a prompt it holds shows there
+        body = json.dumps({"tokens": list(range(1, 200)), "max_tokens": 2}).encode()
+        req = urllib.request.Request("http://%s/v1/generate" % e0.addr, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                check(resp.status == 200, "generate on e0: HTTP %d" % resp.status)
+        except Exception as ex:  # noqa: BLE001 - a failure is a check, not a crash
+            check(False, "generate on e0: %s" % ex)
+
+        def used(r):
+            try:
+                return [i["load"]["used_blocks"]
+                        for i in get_json("http://%s/v1/instances" % r.addr)["instances"]]
+            except Exception:
+                return None
+        for r in (a, b):
+            check(wait_for(lambda: (used(r) or [0])[0] > 0, 8),
+                  "replica %s got no load report from an engine that found it in etcd: %r"
+                  % (r.addr, used(r)))
         t0 = time.time()
         e0.kill()
         check(wait_for(lambda: instances_of(a) == [] and instances_of(b) == [],

@@ -374,7 +374,7 @@ class TestServe(unittest.TestCase):
                  "torch", "--device", "cpu", "--chunk-tokens", "64", "--max-tokens", "2048"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(p)
-            started(p, "kvfabric.serve --etcd", "kvf-engine ready")
+            engine.addr = started(p, "kvfabric.serve --etcd", "kvf-engine ready")
             return p
 
         def until(cond, secs):
@@ -393,6 +393,14 @@ class TestServe(unittest.TestCase):
             sched = started(sp, "kvf-sched --etcd", "kvf-sched ready")
             e = engine()
             self.assertTrue(until(lambda: ids(sched) == ["etcd0"], 10), ids(sched))
+            # its load goes to the replica it found in etcd (it was given no --sched)
+            st, g = call(engine.addr, "/v1/generate", {"tokens": prompt(100, 3), "max_tokens": 2})
+            self.assertEqual(st, 200, g)
+
+            def used():
+                inst = call(sched, "/v1/instances")[1].get("instances", [])
+                return [i["load"]["used_blocks"] for i in inst]
+            self.assertTrue(until(lambda: used() and used()[0] > 0, 10), used())
             stop(e)  # SIGTERM: the lease is revoked, the instance goes at once
             self.assertTrue(until(lambda: ids(sched) == [], 2), ids(sched))
             e = engine()
