@@ -110,6 +110,11 @@ int kvf_client_lookup_prefix(kvf_client *c, size_t n, const kvf_key *keys, size_
     return kvf_client_lookup_prefix_why(c, n, keys, hits, &why, deadline_ms);
 }
 
+static int unreachable(int st)
+{
+    return st == KVF_ECONNREFUSED || st == KVF_EHOSTUNREACH || st == KVF_ECONNRESET;
+}
+
 int kvf_client_lookup_prefix_why(kvf_client *c, size_t n, const kvf_key *keys, size_t *hits,
                                  int *why, int deadline_ms)
 {
@@ -136,6 +141,20 @@ int kvf_client_lookup_prefix_why(kvf_client *c, size_t n, const kvf_key *keys, s
     size_t h = 0;
     while (h < n && present[h] && st[h] == 0)
         h++;
+    /* The run ended at a node that did not answer, which rerouting now passes by (it was just
+     * marked down, or is being probed): the rest is asked once more, of the next nodes, where
+     * a replica of a hot chunk is. */
+    if (h < n && !rc && unreachable(st[h]) && kvf__client_rerouted(c, &keys[h])) {
+        size_t more = 0;
+        int why2 = 0;
+        if (!kvf_client_lookup_prefix_why(c, n - h, keys + h, &more, &why2, deadline_ms)) {
+            free(present);
+            free(st);
+            *hits = h + more;
+            *why = why2;
+            return 0;
+        }
+    }
     *hits = h;
     if (h < n && st[h] != 0 && st[h] != KVF_ENOENT)
         *why = st[h];
