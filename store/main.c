@@ -858,6 +858,7 @@ int main(int argc, char **argv)
                                     .etcd = cfg.etcd,
                                     .cluster = cfg.cluster,
                                     .credential = cfg.copy_credential,
+                                    .auth = cfg.auth != NULL,
                                     .log = &cfg.lg};
     if ((status = kvf__store_replicas_open(&rcfg, srv, cache, &replicas)))
         goto out_close_member;

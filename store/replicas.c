@@ -77,6 +77,12 @@ int kvf__store_replicas_open(const kvf__store_replicas_cfg *c, kvf_server *srv, 
                 c->host);
         return 1;
     }
+    if (c->auth && !c->credential) {
+        fprintf(stderr, "kvf-store: --replicate-hits with --auth: the peers authenticate "
+                        "clients as this node does; give --copy-credential (an admin's "
+                        "credential) for the copies\n");
+        return 1;
+    }
     if (!c->n_peers && !c->etcd) {
         fprintf(stderr, "kvf-store: --replicate-hits needs the other nodes: --peer HOST:PORT for "
                         "each, or --etcd\n");

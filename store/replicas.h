@@ -23,6 +23,7 @@ typedef struct kvf__store_replicas_cfg {
     size_t n_peers;
     const char *etcd, *cluster; /* --etcd, --cluster (NULL: no membership) */
     const char *credential;     /* --copy-credential */
+    int auth;                   /* --auth given: the peers are taken to require it too */
     const kvf_log *log;
 } kvf__store_replicas_cfg;
 

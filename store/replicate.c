@@ -8,7 +8,8 @@
  * library (the entry's bytes straight from the arena: a push is a PUT of the same object, so the
  * copy verifies as any object does), then marks each entry's replica made or not and drops its
  * reference. A target that cannot be reached is left out of the order for 5 s, so what is hot
- * meanwhile goes to the next node; an entry whose push failed is asked for again at its next read.
+ * meanwhile goes to the next node (so does one that refused every copy of a push); an entry
+ * whose push failed is asked for again at its next read.
  *
  * Lock order: the cache's lock, then the replicator's (the hook runs under the first and takes
  * the second); the worker never holds both.
@@ -140,12 +141,6 @@ static int peer_addr_locked(const kvf__replicator *r, uint64_t seed, char *addr,
     return -1;
 }
 
-static int unreachable(int st)
-{
-    return st == KVF_ECONNREFUSED || st == KVF_EHOSTUNREACH || st == KVF_ETIMEDOUT ||
-           st == KVF_ECONNRESET || st == KVF_ECANCELED;
-}
-
 /* Pushes items it[0..n) (one target, one namespace) and says per item whether it is there now. */
 static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, int *made)
 {
@@ -176,11 +171,10 @@ static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, i
         rc = kvf_client_put(cl, &b);
     }
     kvf_client_close(&cl);
-    int down = rc != 0, ok = 0;
+    int ok = 0;
     for (size_t i = 0; i < n; i++) {
         made[i] = !rc && (status[i] == 0 || status[i] == KVF_EEXIST);
         ok += made[i];
-        down = down || unreachable(status[i]);
     }
     pthread_mutex_lock(&r->mu);
     r->st.made += (uint64_t)ok;
@@ -190,12 +184,13 @@ static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, i
         if (p->seed != it[0].peer)
             continue;
         if (!ok) {
-            if (down) /* what is hot meanwhile goes to the next node */
-                p->down_until_ns = kvf__now_ns() + PEER_DOWN_NS;
+            /* unreachable, or refusing every copy (a credential it does not take, full): left
+             * out for a while either way, so that hot entries are not sent at every read */
+            p->down_until_ns = kvf__now_ns() + PEER_DOWN_NS;
             if (!p->warned++)
-                kvf_warn(r->log, "replication to %s: %s%s%s%s", addr,
-                         kvf_strerror(rc ? rc : status[0]), err[0] ? ": " : "", err,
-                         down ? "; hot entries go to the next node for 5 s" : "");
+                kvf_warn(r->log,
+                         "replication to %s: %s%s%s; hot entries go to the next node for 5 s", addr,
+                         kvf_strerror(rc ? rc : status[0]), err[0] ? ": " : "", err);
         } else if (p->warned) {
             p->warned = 0;
             kvf_info(r->log, "replication to %s: it answers again", addr);
