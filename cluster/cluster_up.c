@@ -7,6 +7,7 @@
 
 #include "creds.h"
 #include "proc.h"
+#include "units.h"
 
 #include "auth.h"
 #include "kvf/kvf.h"
@@ -372,7 +373,12 @@ static int start_store(launch *L, int i)
             with_etcd[n++] = L->admin_cred;
         }
     }
-    if (start_one(c, q, with_etcd, n, NULL, READY_MS) != 0)
+    /* A store touches its whole arena before its ready line (prefault): 2 s more per GiB, so
+     * that a large arena on a slow host is not taken for a store that failed to start. */
+    uint64_t mem = 0;
+    kvf__parse_size(c->store_memory, &mem); /* checked with the config */
+    uint64_t ready_ms = READY_MS + (mem >> 30) * 2000;
+    if (start_one(c, q, with_etcd, n, NULL, ready_ms > 600000 ? 600000 : (int)ready_ms) != 0)
         return 1;
     /* kvf-sched subscribes to each store's chunk events, numbered in this order. */
     if (kvf__proc_ready_field(q->ready, "events", ep, sizeof ep) == 0) {
