@@ -68,27 +68,13 @@ struct kvf__replicator {
     kvf__replicate_stats st;
 };
 
-uint64_t kvf__replicate_seed(const char *addr)
+static uint64_t seed_of(const char *addr)
 {
     char host[256];
     uint16_t port;
     if (kvf__addr_parse(addr, host, sizeof host, &port) != 0)
         return 0;
     return kvf__rendezvous_seed(host, port);
-}
-
-size_t kvf__replicate_rank_first(const kvf_key *key, const uint64_t *seeds, size_t n, size_t skip)
-{
-    size_t best = SIZE_MAX;
-    uint64_t bs = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (i == skip)
-            continue;
-        uint64_t s = kvf__rendezvous_score(key->lo, key->hi, seeds[i]);
-        if (best == SIZE_MAX || s > bs)
-            bs = s, best = i;
-    }
-    return best;
 }
 
 /* The live peer that key's order ranks first; SIZE_MAX for none. Called with r->mu held. */
@@ -265,7 +251,7 @@ void kvf__replicator_set_peers(kvf__replicator *r, const char *const *peers, siz
     memcpy(old, r->peers, n_old * sizeof *old);
     r->n_peers = 0;
     for (size_t i = 0; i < n && r->n_peers < KVF_REP_MAX_PEERS; i++) {
-        uint64_t seed = peers[i] ? kvf__replicate_seed(peers[i]) : 0;
+        uint64_t seed = peers[i] ? seed_of(peers[i]) : 0;
         if (!seed || seed == r->self_seed || strlen(peers[i]) >= KVF_REP_ADDR)
             continue;
         rep_peer *p = &r->peers[r->n_peers++];
@@ -286,13 +272,13 @@ int kvf__replicator_open(kvf__replicator **out, const kvf__replicate_opts *o, ch
         snprintf(err, errlen, "replication: needs a cache, this node's address and 1..255 reads");
         return KVF_EINVAL;
     }
-    uint64_t self = kvf__replicate_seed(o->self);
+    uint64_t self = seed_of(o->self);
     if (!self) {
         snprintf(err, errlen, "replication: this node's address \"%s\" is not host:port", o->self);
         return KVF_EINVAL;
     }
     for (size_t i = 0; i < o->n_peers; i++)
-        if (!o->peers[i] || !kvf__replicate_seed(o->peers[i])) {
+        if (!o->peers[i] || !seed_of(o->peers[i])) {
             snprintf(err, errlen, "replication: peer \"%s\" is not host:port",
                      o->peers[i] ? o->peers[i] : "");
             return KVF_EINVAL;

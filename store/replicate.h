@@ -54,9 +54,4 @@ void kvf__replicator_stats(kvf__replicator *r, kvf__replicate_stats *st);
  * references of what was queued. Accepts NULL; clears *r. */
 void kvf__replicator_close(kvf__replicator **r);
 
-/* The node of nodes[0..n) (by their seeds, XXH3 of the address) that the rendezvous order of key
- * ranks first, skipping index skip (SIZE_MAX: none): client/place.c's scoring. For tests. */
-size_t kvf__replicate_rank_first(const kvf_key *key, const uint64_t *seeds, size_t n, size_t skip);
-uint64_t kvf__replicate_seed(const char *addr);
-
 #endif

@@ -652,15 +652,20 @@ static void test_store_replicate_hot_entries(void **state)
     kvf__replicate_stats st;
     kvf__replicator_stats(r, &st);
     assert_int_equal(st.peers, 2);
-    /* which keys rank the live node first among the two peers */
-    uint64_t seeds[2] = {kvf__replicate_seed(live), kvf__replicate_seed(dead)};
+    /* which keys rank the live node first among the two peers: as a client of both places
+     * them (the order a rerouting client follows is the one the copies must follow) */
+    const char *both[2] = {live, dead};
+    kvf_client_opts co = {.nodes = both, .n_nodes = 2, .ns = 5, .transport = "tcp"};
+    kvf_client *cl = NULL;
+    assert_int_equal(kvf_client_open(&cl, &co, err, sizeof err), 0);
     int live_first[24], n_live = 0;
     for (uint64_t i = 0; i < 24; i++) {
         kvf_key k = K(i);
-        live_first[i] = kvf__replicate_rank_first(&k, seeds, 2, SIZE_MAX) == 0;
+        live_first[i] = kvf_client_node_of(cl, &k) == 0;
         n_live += live_first[i];
         put_obj(a, i);
     }
+    kvf_client_close(&cl);
     assert_true(n_live > 0 && n_live < 24);
     for (uint64_t i = 0; i < 24; i++)
         read_n(a, i, i < 16 ? 3 : 2); /* 0..15 hot, the rest not */
