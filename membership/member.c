@@ -418,3 +418,11 @@ void kvf__watcher_stop(kvf__watcher **pw)
     free(w);
     *pw = NULL;
 }
+
+long kvf__member_key_number(const char *key, long max)
+{
+    const char *slash = strrchr(key, '/');
+    char *end = NULL;
+    long n = slash && slash[1] >= '0' && slash[1] <= '9' ? strtol(slash + 1, &end, 10) : -1;
+    return n >= 0 && n < max && end && !*end ? n : -1;
+}

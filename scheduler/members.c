@@ -43,10 +43,8 @@ static int rebuild_stores_locked(kvf__sched_daemon *d)
 static void on_store(void *ud, int put, const char *key, const char *value)
 {
     kvf__sched_daemon *d = ud;
-    const char *slash = strrchr(key, '/');
-    char *end = NULL;
-    long node = slash ? strtol(slash + 1, &end, 10) : -1;
-    if (!slash || !slash[1] || *end || node < 0 || node >= KVF_SCHED_MAX_STORES) {
+    long node = kvf__member_key_number(key, KVF_SCHED_MAX_STORES);
+    if (node < 0) {
         kvf_warn(&d->lg, "etcd: %s: not a store's key (/stores/0 to /stores/%d); ignored", key,
                  KVF_SCHED_MAX_STORES - 1);
         return;

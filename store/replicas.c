@@ -41,10 +41,8 @@ static void publish_locked(kvf__store_replicas *r)
 static void on_store(void *ud, int put, const char *key, const char *value)
 {
     kvf__store_replicas *r = ud;
-    const char *slash = strrchr(key, '/');
-    char *end = NULL;
-    long node = slash ? strtol(slash + 1, &end, 10) : -1;
-    if (!slash || !slash[1] || *end || node < 0 || node >= MAX_NODES)
+    long node = kvf__member_key_number(key, MAX_NODES);
+    if (node < 0)
         return;
     char addr[KVF_REP_ADDR] = "";
     if (put) {

@@ -54,6 +54,10 @@ uint64_t kvf__member_rejoins(kvf__member *m);
 /* Stops renewing and revokes the lease: the key goes at once. Accepts NULL; clears *m. */
 void kvf__member_stop(kvf__member **m);
 
+/* The number that ends a watched key (/kvfabric/CLUSTER/stores/NODE): 0..max-1, or -1 where the
+ * key does not end in one. */
+long kvf__member_key_number(const char *key, long max);
+
 /* What a watcher tells: key joined or changed (put 1, with its value) or left (put 0). Called on
  * the watcher's thread, in the order etcd made the changes. */
 typedef void (*kvf__watch_fn)(void *ud, int put, const char *key, const char *value);
