@@ -195,7 +195,7 @@ class GraphStep:
         self.out = torch.zeros((), **lng)
         self._layer_kw = self._layer_kwargs()
         self._graphs: List[Any] = []
-        self._set(0, min(1, self.capacity - 1))
+        self._n = 1  # the rows attention reads in an eager step (set by _set)
         if capture:
             self._capture()
 
