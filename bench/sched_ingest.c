@@ -136,17 +136,19 @@ static int ingest_one(kvf_sched *s, kvf__kve_decoder *d, pthread_mutex_t *mu, in
     return rc;
 }
 
-/* Decodes batches [0, n) of b and applies none: the decoding's share of ingest(). Returns the
- * seconds it took, or -1 on an error. */
-static double decode_only(kvf__kve_decoder *d, const batch *b, size_t n)
+typedef int (*decode_fn)(kvf__kve_decoder *, const void *, size_t, const kvf_kve **, size_t *,
+                         uint64_t *, char *, size_t);
+
+/* Decodes batches [0, n) of b with fn and applies none: the decoding's share of ingest(). Returns
+ * the seconds it took, or -1 on an error. */
+static double decode_only(decode_fn fn, kvf__kve_decoder *d, const batch *b, size_t n)
 {
     char err[256];
     const kvf_kve *ev;
     size_t ne;
     double t0 = bench_now();
     for (size_t k = 0; k < n; k++)
-        if (kvf__kve_decode_batch(d, b[k].stored, b[k].stored_len, &ev, &ne, NULL, err,
-                                  sizeof err) != 0)
+        if (fn(d, b[k].stored, b[k].stored_len, &ev, &ne, NULL, err, sizeof err) != 0)
             return -1;
     return bench_now() - t0;
 }
@@ -252,7 +254,7 @@ int bench_sched_ingest(json_t *res, int quick)
 {
     const int rounds = 3, calls = quick ? 2000 : 10000;
     batch *b = encode_all();
-    double *lat = malloc((size_t)calls * sizeof *lat), rate[3], drate[3];
+    double *lat = malloc((size_t)calls * sizeof *lat), rate[3], drate[3], rrate[3];
     kvf__kve_decoder *d = NULL;
     kvf_sched *s = NULL;
     int rc = -1;
@@ -271,22 +273,30 @@ int bench_sched_ingest(json_t *res, int quick)
             goto out;
         }
         rate[r] = (double)st.stored / secs;
-        double dsecs = decode_only(d, b, IG_BATCHES);
+        double dsecs = decode_only(kvf__kve_decode_batch, d, b, IG_BATCHES);
         drate[r] = dsecs > 0 ? (double)st.stored / dsecs : 0;
+        /* the peer: msgpack-c's object tree, which decoded the events before msgpuck */
+        double rsecs = decode_only(kvf__kve_decode_batch_ref, d, b, IG_BATCHES);
+        rrate[r] = rsecs > 0 ? (double)st.stored / rsecs : 0;
     }
     kvf_index_stats ix;
     kvf_sched_index_stats(s, &ix);
     printf("kvf-bench sched --ingest: real (this machine, one thread)\n");
     bench_spread ing = bench_json_rounds(res, "ingest_events_per_s", rate, (size_t)rounds);
     bench_spread dec = bench_json_rounds(res, "decode_events_per_s", drate, (size_t)rounds);
+    bench_spread ref = bench_json_rounds(res, "decode_ref_events_per_s", rrate, (size_t)rounds);
+    json_object_set_new(res, "decoder", json_string(kvf__kve_decoder_name()));
+    json_object_set_new(res, "decode_vs_ref",
+                        json_real(ref.median > 0 ? dec.median / ref.median : 0));
     printf("  ingest: %" PRIu64 " blocks (BlockStored, %d per batch, chained) into an empty index "
            "of %d instances: %.2f M events/s (rounds %.2f-%.2f); index %" PRIu64
            " blocks, %.0f MiB; target 5 M/s\n",
            st.stored, IG_PER_BATCH, IG_INSTANCES, ing.median / 1e6, ing.p10 / 1e6, ing.p90 / 1e6,
            ix.blocks, (double)ix.bytes / 1048576.0);
-    printf("  of which decoding alone (msgpack, no index): %.2f M events/s, %.0f ns of the %.0f ns "
-           "a block takes\n",
-           dec.median / 1e6, 1e9 / dec.median, 1e9 / ing.median);
+    printf("  of which decoding alone (%s, no index): %.2f M events/s, %.0f ns of the %.0f ns a "
+           "block takes; msgpack-c's object tree (the peer): %.2f M events/s, %.0f ns (%.2fx)\n",
+           kvf__kve_decoder_name(), dec.median / 1e6, 1e9 / dec.median, 1e9 / ing.median,
+           ref.median / 1e6, 1e9 / ref.median, ref.median > 0 ? dec.median / ref.median : 0);
     pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
     time_places(s, &mu, calls, lat);
     double idle99 = bench_quantile(lat, (size_t)calls, 0.99),

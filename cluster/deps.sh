@@ -9,7 +9,8 @@ set -euo pipefail
 pkgs=(
   build-essential cmake pkg-config git
   clang clang-format
-  libxxhash-dev liblz4-dev libzmq3-dev libjansson-dev libmsgpack-dev libmicrohttpd-dev
+  libxxhash-dev liblz4-dev libzmq3-dev libjansson-dev libmsgpack-dev libmsgpuck-dev
+  libmicrohttpd-dev
   libopenblas-dev libibverbs-dev librdmacm-dev libcmocka-dev libhiredis-dev
   libcurl4-openssl-dev libsodium-dev libsystemd-dev liburing-dev
   python3 python3-xxhash python3-msgpack python3-torch

@@ -1,12 +1,12 @@
-/* KV event batches, both encodings, with msgpack-c (kvevents.h). */
-#include "kvevents.h"
+/* KV event batches, both encodings: the encoder and the reference decoder, with msgpack-c
+ * (kvevents.h; kvevents_int.h says which decoder is which). */
+#include "kvevents_int.h"
 
 #include "kvf/error.h"
 
 #include "bytes.h"
 #include "errf.h"
 
-#include <msgpack.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -113,7 +113,7 @@ static int fetch(const msgpack_object *o, fields *f, char *err, size_t errlen)
     return 0;
 }
 
-static kvf_kve_type type_of(const msgpack_object *t)
+kvf_kve_type kvf__kve_type_named(const char *name, size_t len)
 {
     static const struct {
         const char *name;
@@ -124,7 +124,7 @@ static kvf_kve_type type_of(const msgpack_object *t)
         {"ChunksEvicted", KVF_KVE_CHUNKS_EVICTED}, {"ChunksCleared", KVF_KVE_CHUNKS_CLEARED},
         {"StoreRates", KVF_KVE_STORE_RATES}};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        if (str_eq(t, names[i].name))
+        if (strlen(names[i].name) == len && !memcmp(names[i].name, name, len))
             return names[i].type;
     return KVF_KVE_UNKNOWN;
 }
@@ -132,28 +132,8 @@ static kvf_kve_type type_of(const msgpack_object *t)
 /* ------------------------------------------------------------------------------------------ */
 /* The decoder's scratch */
 
-/* How a msgpack item starts, by its first byte: the bytes before its contents, how many of them
- * give a length (big-endian, after the first byte), and what the length counts. */
-typedef struct shape {
-    uint8_t head, len_bytes, kind; /* kind: 0 scalar, 1 body bytes, 2 array items, 3 map pairs,
-                                    * 4 never used by msgpack */
-} shape;
-
-struct kvf__kve_decoder {
-    msgpack_zone zone; /* the batch's objects; cleared, not freed, between batches */
-    shape shapes[256];
-    kvf_kve *ev; /* the batch's events */
-    size_t ev_cap;
-    /* The events' arrays, end to end; an event holds offsets into them until the batch is
-     * decoded (the arrays may move as they grow), then pointers. */
-    uint64_t *hashes;
-    uint32_t *tokens;
-    kvf_key *keys;
-    size_t h_len, h_cap, t_len, t_cap, k_len, k_cap;
-};
-
 /* The first-byte table, from the ranges of the msgpack specification. */
-static void shapes_init(shape *t)
+static void shapes_init(kvf__kve_shape *t)
 {
     static const struct {
         uint8_t lo, hi, head, len_bytes, kind;
@@ -173,7 +153,7 @@ static void shapes_init(shape *t)
     };
     for (size_t i = 0; i < sizeof r / sizeof r[0]; i++)
         for (unsigned b = r[i].lo; b <= r[i].hi; b++)
-            t[b] = (shape){r[i].head, r[i].len_bytes, r[i].kind};
+            t[b] = (kvf__kve_shape){r[i].head, r[i].len_bytes, r[i].kind};
 }
 
 /* The zone's first chunk is kept across batches: a batch of 64 blocks of 16 tokens unpacks to
@@ -209,8 +189,7 @@ void kvf__kve_decoder_free(kvf__kve_decoder **dp)
     *dp = NULL;
 }
 
-/* Makes room for n more elements of size sz in *a (len used of *cap). 0 or -1. */
-static int reserve(void **a, size_t *cap, size_t len, size_t n, size_t sz)
+int kvf__kve_reserve(void **a, size_t *cap, size_t len, size_t n, size_t sz)
 {
     /* allocated even for n == 0: the callers add len to the array's start, never to NULL */
     if (*a && n <= *cap - len)
@@ -238,7 +217,7 @@ static int hash_list(kvf__kve_decoder *d, const msgpack_object *o, kvf_kve *ev, 
     if (!o || o->type != MSGPACK_OBJECT_ARRAY)
         return kvf__errf(err, errlen, KVF_EPROTO, "block_hashes is not an array");
     size_t n = o->via.array.size;
-    if (reserve((void **)&d->hashes, &d->h_cap, d->h_len, n, sizeof *d->hashes) != 0)
+    if (kvf__kve_reserve((void **)&d->hashes, &d->h_cap, d->h_len, n, sizeof *d->hashes) != 0)
         return KVF_ENOMEM;
     uint64_t *h = d->hashes + d->h_len;
     for (size_t i = 0; i < n; i++)
@@ -263,7 +242,7 @@ static int block_fields(kvf__kve_decoder *d, const fields *f, kvf_kve *ev, char 
         return kvf__errf(err, errlen, KVF_EPROTO,
                          "BlockStored: block_size, parent or token_ids malformed (%zu blocks)", n);
     size_t nt = n * bs;
-    if (reserve((void **)&d->tokens, &d->t_cap, d->t_len, nt, sizeof *d->tokens) != 0)
+    if (kvf__kve_reserve((void **)&d->tokens, &d->t_cap, d->t_len, nt, sizeof *d->tokens) != 0)
         return KVF_ENOMEM;
     uint32_t *t = d->tokens + d->t_len;
     const msgpack_object *a = f->tokens->via.array.ptr;
@@ -293,7 +272,7 @@ static int chunk_fields(kvf__kve_decoder *d, const fields *f, kvf_kve *ev, char 
         return kvf__errf(err, errlen, KVF_EPROTO, "%.*s: node or keys malformed", (int)ev->type_len,
                          ev->type_name);
     size_t n = f->keys->via.array.size;
-    if (reserve((void **)&d->keys, &d->k_cap, d->k_len, n, sizeof *d->keys) != 0)
+    if (kvf__kve_reserve((void **)&d->keys, &d->k_cap, d->k_len, n, sizeof *d->keys) != 0)
         return KVF_ENOMEM;
     kvf_key *k = d->keys + d->k_len;
     for (size_t i = 0; i < n; i++) {
@@ -326,7 +305,7 @@ static int decode_one(kvf__kve_decoder *d, const msgpack_object *o, kvf_kve *ev,
     int rc = fetch(o, &f, err, errlen);
     if (rc)
         return rc;
-    *ev = (kvf_kve){.type = type_of(f.type),
+    *ev = (kvf_kve){.type = kvf__kve_type_named(f.type->via.str.ptr, f.type->via.str.size),
                     .type_name = f.type->via.str.ptr,
                     .type_len = f.type->via.str.size};
     size_t h = d->h_len, t = d->t_len, k = d->k_len;
@@ -365,19 +344,23 @@ static uint64_t be(const uint8_t *p, int n)
     return v;
 }
 
-/* Whether the first msgpack item of the len bytes at p claims no more than it can hold: every
- * container's items and every body fit in the bytes that follow (an item takes a byte at least).
- * msgpack-c allocates what a header claims before it reads the items (an array header claiming
- * 2^32-1 items asks for 96 GiB), so nothing is unpacked that this refuses. */
-static int claims_fit(const shape *shapes, const uint8_t *p, size_t len)
+/* msgpack-c allocates what a header claims before it reads the items (an array header claiming
+ * 2^32-1 items asks for 96 GiB), and msgpuck reads what it is pointed at: so nothing is decoded
+ * that this refuses. */
+size_t kvf__kve_claims_fit(const kvf__kve_shape *shapes, const uint8_t *p, size_t len)
 {
-    uint64_t pending = 1;
+    uint64_t left[KVF_KVE_MAX_DEPTH + 1]; /* items still to come in each open container */
+    int depth = 0;
     size_t off = 0;
-    while (pending) {
+    left[0] = 1;
+    for (;;) {
+        while (left[depth] == 0)
+            if (depth-- == 0)
+                return off;
         if (off >= len)
             return 0;
         uint8_t b = p[off];
-        const shape *sh = &shapes[b];
+        const kvf__kve_shape *sh = &shapes[b];
         if (sh->kind == 4 || len - off < sh->head)
             return 0;
         if (sh->kind == 0) {
@@ -387,39 +370,107 @@ static int claims_fit(const shape *shapes, const uint8_t *p, size_t len)
             size_t h = sh->head;
             do {
                 off += h;
-                pending--;
-            } while (pending && off < len && p[off] == b && len - off >= h);
+                left[depth]--;
+            } while (left[depth] && off < len && p[off] == b && len - off >= h);
             continue;
         }
         uint64_t n = sh->len_bytes ? be(p + off + 1, sh->len_bytes)
                      : b <= 0x9f   ? (uint64_t)(b & 0x0f) /* fixmap, fixarray */
                                    : (uint64_t)(b & 0x1f);  /* fixstr */
+        if (n == 0 && b >= 0xc7 && b <= 0xc9)
+            return 0; /* an ext of no bytes: msgpack-c refuses it (and no event has one) */
         off += sh->head;
         uint64_t body = sh->kind == 1 ? n : 0;
         uint64_t items = sh->kind == 2 ? n : sh->kind == 3 ? 2 * n : 0;
         if (body > len - off || items > len - off)
             return 0;
         off += (size_t)body;
-        pending = pending - 1 + items;
+        left[depth]--;
+        if (sh->kind >= 2) {
+            if (depth == KVF_KVE_MAX_DEPTH) /* one container too many, even an empty one */
+                return 0;
+            if (items)
+                left[++depth] = items;
+        }
     }
-    return 1;
+}
+
+void kvf__kve_finish(kvf__kve_decoder *d, size_t kept)
+{
+    for (size_t i = 0; i < kept; i++) {
+        kvf_kve *ev = &d->ev[i];
+        ev->hashes = ev->n_hashes ? d->hashes + (uintptr_t)ev->hashes : NULL;
+        ev->tokens = ev->n_tokens ? d->tokens + (uintptr_t)ev->tokens : NULL;
+        ev->keys = ev->n_keys ? d->keys + (uintptr_t)ev->keys : NULL;
+    }
 }
 
 /* ------------------------------------------------------------------------------------------ */
 /* A batch */
 
-int kvf__kve_decode_batch(kvf__kve_decoder *d, const void *payload, size_t len,
-                          const kvf_kve **events, size_t *n_events, uint64_t *malformed, char *err,
-                          size_t errlen)
+/* What both decoders check first: a payload of one msgpack item, whose claims fit, and no more
+ * than a decoder's counts hold. */
+static int batch_begin(kvf__kve_decoder *d, const void *payload, size_t len, const kvf_kve **events,
+                       size_t *n_events, char *err, size_t errlen)
 {
     *events = NULL;
     *n_events = 0;
     d->h_len = d->t_len = d->k_len = 0;
+    if (len > KVF_KVE_MAX_BATCH)
+        return kvf__errf(err, errlen, KVF_EPROTO, "a batch of %zu bytes (at most %u)", len,
+                         (unsigned)KVF_KVE_MAX_BATCH);
+    size_t item = kvf__kve_claims_fit(d->shapes, payload, len);
+    if (!item)
+        return kvf__errf(
+            err, errlen, KVF_EPROTO,
+            "payload is not msgpack, nests deeper than %d, or claims more items than its "
+            "%zu bytes hold",
+            KVF_KVE_MAX_DEPTH, len);
+    if (item != len)
+        return kvf__errf(err, errlen, KVF_EPROTO, "%zu trailing bytes after the batch", len - item);
+    return 0;
+}
+
+int kvf__kve_decode_events(kvf__kve_decoder *d, size_t n, kvf__kve_next_fn next, void *cursor,
+                           const kvf_kve **events, size_t *n_events, uint64_t *malformed, char *err,
+                           size_t errlen)
+{
+    size_t kept = 0;
+    if (kvf__kve_reserve((void **)&d->ev, &d->ev_cap, 0, n, sizeof *d->ev) != 0)
+        return KVF_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        int rc = next(d, cursor, &d->ev[kept], err, errlen);
+        if (rc == KVF_EPROTO) {
+            /* One malformed event is skipped, with the reason; the batch goes on. */
+            if (malformed)
+                (*malformed)++;
+            continue;
+        }
+        if (rc)
+            return rc;
+        kept++;
+    }
+    kvf__kve_finish(d, kept);
+    *events = d->ev;
+    *n_events = kept;
+    return 0;
+}
+
+/* The reference decoder's place in the events array. */
+typedef struct ref_cursor {
+    const msgpack_object *at;
+} ref_cursor;
+
+static int ref_next(kvf__kve_decoder *d, void *cursor, kvf_kve *ev, char *err, size_t errlen)
+{
+    ref_cursor *c = cursor;
+    return decode_one(d, c->at++, ev, err, errlen);
+}
+
+static int decode_ref(kvf__kve_decoder *d, const void *payload, size_t len, const kvf_kve **events,
+                      size_t *n_events, uint64_t *malformed, char *err, size_t errlen)
+{
     msgpack_zone_clear(&d->zone);
-    if (!claims_fit(d->shapes, payload, len))
-        return kvf__errf(err, errlen, KVF_EPROTO,
-                         "payload is not msgpack, or claims more items than its %zu bytes hold",
-                         len);
     size_t off = 0;
     msgpack_object root;
     msgpack_unpack_return ur = msgpack_unpack(payload, len, &off, &d->zone, &root);
@@ -436,31 +487,58 @@ int kvf__kve_decode_batch(kvf__kve_decoder *d, const void *payload, size_t len,
         events_o = map_get(&root, "events");
     if (!events_o || events_o->type != MSGPACK_OBJECT_ARRAY)
         return kvf__errf(err, errlen, KVF_EPROTO, "batch has no events array");
-    size_t n = events_o->via.array.size, kept = 0;
-    if (reserve((void **)&d->ev, &d->ev_cap, 0, n, sizeof *d->ev) != 0)
-        return KVF_ENOMEM;
-    for (size_t i = 0; i < n; i++) {
-        int rc = decode_one(d, &events_o->via.array.ptr[i], &d->ev[kept], err, errlen);
-        if (rc == KVF_EPROTO) {
-            /* One malformed event is skipped, with the reason; the batch goes on. */
-            if (malformed)
-                (*malformed)++;
-            continue;
-        }
-        if (rc)
-            return rc;
-        kept++;
-    }
-    /* The arrays stay where they are now: offsets become pointers. */
-    for (size_t i = 0; i < kept; i++) {
-        kvf_kve *ev = &d->ev[i];
-        ev->hashes = ev->n_hashes ? d->hashes + (uintptr_t)ev->hashes : NULL;
-        ev->tokens = ev->n_tokens ? d->tokens + (uintptr_t)ev->tokens : NULL;
-        ev->keys = ev->n_keys ? d->keys + (uintptr_t)ev->keys : NULL;
-    }
-    *events = d->ev;
-    *n_events = kept;
-    return 0;
+    ref_cursor c = {events_o->via.array.ptr};
+    return kvf__kve_decode_events(d, events_o->via.array.size, ref_next, &c, events, n_events,
+                                  malformed, err, errlen);
+}
+
+int kvf__kve_decode_batch_ref(kvf__kve_decoder *d, const void *payload, size_t len,
+                              const kvf_kve **events, size_t *n_events, uint64_t *malformed,
+                              char *err, size_t errlen)
+{
+    int rc = batch_begin(d, payload, len, events, n_events, err, errlen);
+    return rc ? rc : decode_ref(d, payload, len, events, n_events, malformed, err, errlen);
+}
+
+int kvf__kve_decode_batch(kvf__kve_decoder *d, const void *payload, size_t len,
+                          const kvf_kve **events, size_t *n_events, uint64_t *malformed, char *err,
+                          size_t errlen)
+{
+    int rc = batch_begin(d, payload, len, events, n_events, err, errlen);
+    if (rc)
+        return rc;
+#ifdef KVF_HAVE_MSGPUCK
+    return kvf__kve_decode_mp(d, payload, len, events, n_events, malformed, err, errlen);
+#else
+    return decode_ref(d, payload, len, events, n_events, malformed, err, errlen);
+#endif
+}
+
+static int same(const void *a, const void *b, size_t n, size_t sz)
+{
+    return n == 0 || (a && b && !memcmp(a, b, n * sz));
+}
+
+int kvf__kve_equal(const kvf_kve *a, const kvf_kve *b)
+{
+    return a->type == b->type && a->type_len == b->type_len &&
+           same(a->type_name, b->type_name, a->type_len, 1) && a->n_hashes == b->n_hashes &&
+           same(a->hashes, b->hashes, a->n_hashes, sizeof *a->hashes) &&
+           a->has_parent == b->has_parent && (!a->has_parent || a->parent == b->parent) &&
+           a->n_tokens == b->n_tokens &&
+           same(a->tokens, b->tokens, a->n_tokens, sizeof *a->tokens) &&
+           a->block_size == b->block_size && a->host_tier == b->host_tier && a->node == b->node &&
+           a->n_keys == b->n_keys && same(a->keys, b->keys, a->n_keys, sizeof *a->keys) &&
+           a->disk_tier == b->disk_tier && a->disk_read_bytes_per_s == b->disk_read_bytes_per_s;
+}
+
+const char *kvf__kve_decoder_name(void)
+{
+#ifdef KVF_HAVE_MSGPUCK
+    return "msgpuck";
+#else
+    return "msgpack-c";
+#endif
 }
 
 int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, uint64_t *malformed,

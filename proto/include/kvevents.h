@@ -14,6 +14,9 @@
  *
  * On ZeroMQ each batch travels as [topic, 8-byte big-endian sequence number, payload]
  * (transport/include/pubsub.h).
+ *
+ * Decoding is msgpuck's where the build has it (a pull parser: nothing is allocated per batch),
+ * else msgpack-c's; kvevents_int.h says how the two are kept equal.
  */
 #ifndef KVF_PROTO_KVEVENTS_H
 #define KVF_PROTO_KVEVENTS_H
@@ -78,6 +81,9 @@ int kvf__kve_decode(const void *payload, size_t len, kvf_kve_fn fn, void *ud, ui
  * decoding a batch allocates nothing once they are large enough. One thread at a time. */
 typedef struct kvf__kve_decoder kvf__kve_decoder;
 
+/* The largest batch a decoder takes, in bytes (KVF_EPROTO beyond). */
+#define KVF_KVE_MAX_BATCH (256u << 20)
+
 /* 0 or KVF_ENOMEM. Caller owns *out; free with kvf__kve_decoder_free(), which accepts NULL. */
 int kvf__kve_decoder_new(kvf__kve_decoder **out);
 void kvf__kve_decoder_free(kvf__kve_decoder **d);
@@ -90,6 +96,19 @@ void kvf__kve_decoder_free(kvf__kve_decoder **d);
 int kvf__kve_decode_batch(kvf__kve_decoder *d, const void *payload, size_t len,
                           const kvf_kve **events, size_t *n_events, uint64_t *malformed, char *err,
                           size_t errlen);
+
+/* The same decoding through msgpack-c's object tree: the reference that the tests and the fuzzer
+ * compare kvf__kve_decode_batch() with (the decoder itself in builds without msgpuck). */
+int kvf__kve_decode_batch_ref(kvf__kve_decoder *d, const void *payload, size_t len,
+                              const kvf_kve **events, size_t *n_events, uint64_t *malformed,
+                              char *err, size_t errlen);
+
+/* Whether two decoded events say the same: every field, and every element of their arrays (the
+ * tests compare the two decoders with it). */
+int kvf__kve_equal(const kvf_kve *a, const kvf_kve *b);
+
+/* The library kvf__kve_decode_batch() decodes with: "msgpuck" or "msgpack-c". */
+const char *kvf__kve_decoder_name(void);
 
 /* An encoder of one batch, in the array encoding, as vLLM's publishers write it. */
 typedef struct kvf__kve_enc kvf__kve_enc;

@@ -1,7 +1,8 @@
 /*
- * libFuzzer target for the KV event decoder (proto/kvevents.c): what kvf-sched reads from every
- * publisher it subscribes to. Any crash, sanitizer report (an allocation a header made up
- * included), or an event handed over with arrays that disagree with their counts is a bug.
+ * libFuzzer target for the KV event decoders (proto/kvevents.c, kvevents_mp.c): what kvf-sched
+ * reads from every publisher it subscribes to. Any crash, sanitizer report (an allocation a header
+ * made up included), an event handed over with arrays that disagree with their counts, or the two
+ * decoders (msgpuck's and msgpack-c's reference) answering differently is a bug.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -30,10 +31,31 @@ static int touch(void *ud, const kvf_kve *ev, char *err, size_t errlen)
     return 0;
 }
 
+/* Decoders kept across inputs, as kvf-sched keeps its own: what one batch leaves behind must not
+ * change the next one's decoding. */
+static kvf__kve_decoder *dec, *ref;
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-    uint64_t sum = 0, malformed = 0;
-    char err[256];
-    kvf__kve_decode(data, size, touch, &sum, &malformed, err, sizeof err);
+    uint64_t sum = 0, malformed = 0, malformed_ref = 0;
+    char err[256] = "", err_ref[256] = "";
+    if ((!dec && kvf__kve_decoder_new(&dec) != 0) || (!ref && kvf__kve_decoder_new(&ref) != 0))
+        return 0;
+    const kvf_kve *ev, *ev_ref;
+    size_t n, n_ref;
+    int rc = kvf__kve_decode_batch(dec, data, size, &ev, &n, &malformed, err, sizeof err);
+    int rc_ref = kvf__kve_decode_batch_ref(ref, data, size, &ev_ref, &n_ref, &malformed_ref,
+                                           err_ref, sizeof err_ref);
+    if (rc != rc_ref || malformed != malformed_ref || strcmp(err, err_ref) != 0)
+        __builtin_trap();
+    if (rc == 0) {
+        if (n != n_ref)
+            __builtin_trap();
+        for (size_t i = 0; i < n; i++) {
+            if (!kvf__kve_equal(&ev[i], &ev_ref[i]))
+                __builtin_trap();
+            touch(&sum, &ev[i], err, sizeof err);
+        }
+    }
     return 0;
 }

@@ -590,6 +590,219 @@ static void test_proto_kvevents_claims_bounded(void **state)
     assert_int_equal(s.n, 0);
 }
 
+/* Nesting: 32 containers open at once is the most either decoder takes (msgpack-c's own limit),
+ * an empty 33rd included; an ext of no bytes (which msgpack-c cannot unpack) is refused by both,
+ * as malformed input rather than as a lack of memory. */
+static void test_proto_kvevents_depth_and_ext(void **state)
+{
+    (void)state;
+    uint8_t buf[64];
+    kvf__kve_decoder *d;
+    assert_int_equal(kvf__kve_decoder_new(&d), 0);
+    for (int open = 31; open <= 33; open++)
+        for (int empty = 0; empty < 2; empty++) {
+            /* [0, [[...[x]...]]]: `open` containers, the innermost empty or holding 0 */
+            size_t n = 0;
+            buf[n++] = 0x92, buf[n++] = 0x00;
+            for (int i = 1; i < open - empty; i++)
+                buf[n++] = 0x91;
+            buf[n++] = empty ? 0x90 : 0x00;
+            const kvf_kve *ev;
+            size_t ne;
+            char err[160] = "";
+            int want = open + empty > 33 || (!empty && open > 32) ? KVF_EPROTO : 0;
+            if (empty && open == 33)
+                want = KVF_EPROTO;
+            assert_int_equal(kvf__kve_decode_batch(d, buf, n, &ev, &ne, NULL, err, sizeof err),
+                             want);
+            assert_int_equal(kvf__kve_decode_batch_ref(d, buf, n, &ev, &ne, NULL, err, sizeof err),
+                             want);
+        }
+    static const uint8_t ext0[] = {0x92, 0x00, 0x91, 0x92, 0xc7, 0x00, 0x05, 0x00};
+    const kvf_kve *ev;
+    size_t ne;
+    char err[160] = "";
+    assert_int_equal(kvf__kve_decode_batch(d, ext0, sizeof ext0, &ev, &ne, NULL, err, sizeof err),
+                     KVF_EPROTO);
+    assert_int_equal(
+        kvf__kve_decode_batch_ref(d, ext0, sizeof ext0, &ev, &ne, NULL, err, sizeof err),
+        KVF_EPROTO);
+    kvf__kve_decoder_free(&d);
+}
+
+/* A value of a random kind, as a publisher that got a field wrong might send it. */
+static void pack_any(msgpack_packer *pk, int depth)
+{
+    uint64_t r = xorshift() >> 33;
+    switch (r % 12) {
+    case 0:
+        msgpack_pack_uint8(pk, (uint8_t)r);
+        break;
+    case 1:
+        msgpack_pack_uint16(pk, (uint16_t)r);
+        break;
+    case 2:
+        msgpack_pack_uint64(pk, r << 31);
+        break;
+    case 3:
+        msgpack_pack_int64(pk, -(int64_t)(r % 1000) - 1);
+        break;
+    case 4:
+        msgpack_pack_int32(pk, (int32_t)(r % 70000)); /* a signed encoding of a positive value */
+        break;
+    case 5:
+        msgpack_pack_nil(pk);
+        break;
+    case 6:
+        msgpack_pack_double(pk, 1.5);
+        break;
+    case 7:
+        msgpack_pack_bin(pk, r % 20);
+        msgpack_pack_bin_body(pk, "0123456789abcdefghij", r % 20);
+        break;
+    case 8:
+        pack_str(pk, (r & 1) ? "DISK" : (r & 2) ? "CPU" : "GPU");
+        break;
+    case 9:
+        msgpack_pack_true(pk);
+        break;
+    default:
+        if (depth > 2) {
+            msgpack_pack_uint32(pk, (uint32_t)r);
+            break;
+        }
+        msgpack_pack_array(pk, r % 4);
+        for (uint64_t i = 0; i < r % 4; i++)
+            pack_any(pk, depth + 1);
+    }
+}
+
+/* One event of a random kind in a random encoding, each field right or (now and then) wrong. */
+static void pack_random_event(msgpack_packer *pk)
+{
+    static const char *const types[] = {"BlockStored",    "BlockRemoved",  "AllBlocksCleared",
+                                        "ChunksAdmitted", "ChunksEvicted", "ChunksCleared",
+                                        "StoreRates",     "SomethingNew"};
+    static const char *const names[] = {
+        "block_hashes", "parent_block_hash",    "token_ids", "block_size", "medium", "node",
+        "keys",         "disk_read_bytes_per_s"};
+    uint64_t r = xorshift() >> 33;
+    const char *type = types[r % 8];
+    int as_map = (r >> 3) & 1, wrong = (r >> 4) % 4 == 0;
+    uint32_t blocks = (uint32_t)((r >> 6) % 5), bs = 1 + (uint32_t)((r >> 9) % 4);
+    /* the fields in their array order (kvevents.h), as (name index, kind) */
+    int fields = 7;
+    if (as_map) {
+        msgpack_pack_map(pk, (size_t)fields + 1);
+        pack_str(pk, "type");
+    } else {
+        msgpack_pack_array(pk, (size_t)fields + 1);
+    }
+    pack_str(pk, type);
+    for (int f = 0; f < fields; f++) {
+        int name = (int)((r >> (12 + f)) % 8);
+        if (!as_map)
+            name = f; /* what the position means depends on the type: any value will do */
+        else
+            pack_str(pk, names[name]);
+        uint64_t w = xorshift() >> 33;
+        if (wrong && w % 3 == 0) {
+            pack_any(pk, 0);
+            continue;
+        }
+        switch (name) {
+        case 0: /* hashes, or a node */
+            if (!strcmp(type, "StoreRates") || !strncmp(type, "Chunks", 6)) {
+                msgpack_pack_uint64(pk, w % 7);
+                break;
+            }
+            msgpack_pack_array(pk, blocks);
+            for (uint32_t i = 0; i < blocks; i++)
+                msgpack_pack_uint64(pk, w * (i + 1));
+            break;
+        case 2: /* token ids, or keys */
+            if (!strncmp(type, "Chunks", 6)) {
+                msgpack_pack_array(pk, blocks);
+                for (uint32_t i = 0; i < blocks; i++) {
+                    msgpack_pack_bin(pk, 16);
+                    msgpack_pack_bin_body(pk, "0123456789abcdef", 16);
+                }
+                break;
+            }
+            msgpack_pack_array(pk, (size_t)blocks * bs + (wrong ? w % 2 : 0));
+            for (uint32_t i = 0; i < blocks * bs + (wrong ? w % 2 : 0); i++) {
+                if (w % 5 == 0)
+                    msgpack_pack_uint32(pk, 100000 + i); /* beyond uint16 */
+                else if (w % 7 == 0)
+                    msgpack_pack_int16(pk, (int16_t)i);
+                else
+                    msgpack_pack_uint16(pk, (uint16_t)(i * 257));
+            }
+            break;
+        case 3:
+            msgpack_pack_uint32(pk, bs);
+            break;
+        default:
+            pack_any(pk, 0);
+        }
+    }
+}
+
+/* msgpuck's decoder and msgpack-c's give the same answer for every batch: random events of every
+ * kind in both encodings, fields of the wrong kind, then the same batches cut short and with bytes
+ * flipped (the fuzzer does this at length: tests/fuzz/fuzz_kvevents.c). */
+static void test_proto_kvevents_decoders_agree(void **state)
+{
+    (void)state;
+    kvf__kve_decoder *d, *r;
+    assert_int_equal(kvf__kve_decoder_new(&d), 0);
+    assert_int_equal(kvf__kve_decoder_new(&r), 0);
+    size_t decoded = 0, refused = 0, events = 0;
+    for (int round = 0; round < 600; round++) {
+        msgpack_sbuffer sb;
+        msgpack_sbuffer_init(&sb);
+        msgpack_packer pk;
+        msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+        int n = round % 9;
+        msgpack_pack_array(&pk, 3);
+        msgpack_pack_double(&pk, 2.5);
+        msgpack_pack_array(&pk, (size_t)n);
+        for (int i = 0; i < n; i++)
+            pack_random_event(&pk);
+        msgpack_pack_int(&pk, 0);
+        for (int variant = 0; variant < 3; variant++) {
+            uint8_t *buf = malloc(sb.size);
+            assert_non_null(buf);
+            memcpy(buf, sb.data, sb.size);
+            size_t len = sb.size;
+            uint64_t x = xorshift();
+            if (variant == 1)
+                len = (size_t)(x % sb.size);
+            if (variant == 2)
+                buf[x % sb.size] ^= (uint8_t)(1u << (x >> 40) % 8);
+            const kvf_kve *e1, *e2;
+            size_t n1 = 0, n2 = 0;
+            uint64_t m1 = 0, m2 = 0;
+            char err1[256] = "", err2[256] = "";
+            int rc1 = kvf__kve_decode_batch(d, buf, len, &e1, &n1, &m1, err1, sizeof err1);
+            int rc2 = kvf__kve_decode_batch_ref(r, buf, len, &e2, &n2, &m2, err2, sizeof err2);
+            assert_int_equal(rc1, rc2);
+            assert_int_equal(m1, m2);
+            assert_string_equal(err1, err2);
+            assert_int_equal(n1, n2);
+            for (size_t i = 0; i < n1; i++)
+                assert_true(kvf__kve_equal(&e1[i], &e2[i]));
+            decoded += rc1 == 0, refused += rc1 != 0, events += n1;
+            free(buf);
+        }
+        msgpack_sbuffer_destroy(&sb);
+    }
+    /* the batches exercised both sides */
+    assert_true(decoded > 600 && refused > 100 && events > 1000);
+    kvf__kve_decoder_free(&d);
+    kvf__kve_decoder_free(&r);
+}
+
 static int stop_at_second(void *ud, const kvf_kve *ev, char *err, size_t errlen)
 {
     (void)ev, (void)err, (void)errlen;
@@ -804,6 +1017,8 @@ int main(void)
         cmocka_unit_test(test_proto_kvevents_callback_stops),
         cmocka_unit_test(test_proto_kvevents_decoder_reuse),
         cmocka_unit_test(test_proto_kvevents_claims_bounded),
+        cmocka_unit_test(test_proto_kvevents_depth_and_ext),
+        cmocka_unit_test(test_proto_kvevents_decoders_agree),
         cmocka_unit_test(test_proto_auth_credentials_and_signatures),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
