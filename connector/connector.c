@@ -58,7 +58,10 @@ const char *kvf_connector_transport(const kvf_connector *cn, char *why, size_t l
 {
     if (why)
         snprintf(why, len, "%s", cn->transport_why);
-    return cn->cl ? kvf_client_transport(cn->cl, NULL, 0) : "tcp";
+    kvf__clref *r = kvf__clref_hold((kvf_connector *)cn);
+    const char *t = r && r->cl ? kvf_client_transport(r->cl, NULL, 0) : "tcp"; /* static */
+    kvf__clref_drop((kvf_connector *)cn, r);
+    return t;
 }
 
 int kvf__connector_gate(kvf_connector *cn, kvf_action_id a)
@@ -107,7 +110,9 @@ int kvf_connector_lookup_why(kvf_connector *cn, const uint32_t *tokens, size_t n
         return KVF_ENOMEM;
     size_t nk, hits = 0;
     kvf_keys_compute(&cn->ks, tokens, n, keys, nc, &nk, NULL);
-    int rc = kvf_client_lookup_prefix_why(cn->cl, nk, keys, &hits, why, cn->deadline_ms);
+    kvf__clref *r = kvf__clref_hold(cn);
+    int rc = kvf_client_lookup_prefix_why(r ? r->cl : NULL, nk, keys, &hits, why, cn->deadline_ms);
+    kvf__clref_drop(cn, r);
     free(keys);
     *cached = hits * cn->l.chunk_tokens;
     return rc;
@@ -204,12 +209,16 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
     *out = cn->st;
     pthread_mutex_unlock(&cn->mu);
     out->in_place_hashed_bytes = atomic_load(&cn->in_place_hashed);
-    if (cn->cl) {
+    /* the bytes of the current client (a client opened on a changed set of nodes starts at 0) */
+    kvf__clref *r = kvf__clref_hold(cn);
+    if (r && r->cl) {
         kvf_client_counters k;
-        kvf_client_counters_get(cn->cl, &k);
+        kvf_client_counters_get(r->cl, &k);
         out->shm_bytes = k.shm_bytes_sent + k.shm_bytes_received;
         out->net_bytes = k.bytes_sent + k.bytes_received - out->shm_bytes;
+        out->stores = kvf_client_node_count(r->cl);
     }
+    kvf__clref_drop(cn, r);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -218,10 +227,8 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
 static int nodes_from_one(const char *sched, char ***nodes, size_t *n, int timeout_ms, char *err,
                           size_t errlen);
 
-/* GET http://SCHED/v1/stores of each replica in the list until one answers. Fills nodes
- * (strings the caller frees). */
-static int nodes_from_sched(const char *list, char ***nodes, size_t *n, int timeout_ms, char *err,
-                            size_t errlen)
+int kvf__nodes_from_sched(const char *list, char ***nodes, size_t *n, int timeout_ms, char *err,
+                          size_t errlen)
 {
     int rc = KVF_ECONNREFUSED;
     for (const char *p = list; *p;) {
@@ -280,42 +287,53 @@ out:
     return rc;
 }
 
-/* Opens cn's storage client with `transport`, on the nodes given or, with none, on the ones the
- * scheduler lists; cn->remote gains RDMA when every node serves it and the client uses it. */
-static int open_client(kvf_connector *cn, const kvf_connector_opts *o, const char *transport,
-                       char *err, size_t errlen)
+int kvf__client_open_on(kvf_connector *cn, const char *const *nodes, size_t n, kvf_client **out,
+                        char *err, size_t errlen)
+{
+    kvf_client_opts co = {
+        .nodes = nodes,
+        .n_nodes = n,
+        .ns = cn->ks.seed,
+        .conns_per_node = cn->conns_per_node,
+        .deadline_ms = cn->deadline_ms,
+        .transport = cn->transport_req,
+        .credential = cn->credential,
+    };
+    int rc = kvf_client_open(out, &co, err, errlen);
+    if (!rc) /* a store that dies costs its keys' misses, not failures (kvf/client.h) */
+        kvf_client_set_reroute(*out, 1);
+    return rc;
+}
+
+/* Opens cn's first storage client, on the nodes given or, with none, on the ones the scheduler
+ * lists; cn->remote gains RDMA when every node serves it and the client uses it. */
+static int open_client(kvf_connector *cn, const kvf_connector_opts *o, char *err, size_t errlen)
 {
     int rc;
-    kvf_client_opts co = {
-        .nodes = o->nodes,
-        .n_nodes = o->n_nodes,
-        .ns = cn->ks.seed,
-        .conns_per_node = o->conns_per_node,
-        .deadline_ms = cn->deadline_ms,
-        .transport = transport,
-        .credential = o->credential,
-    };
     char **fetched = NULL;
     size_t n_fetched = 0;
+    const char *const *nodes = o->nodes;
+    size_t n = o->n_nodes;
     if (o->n_nodes == 0 && o->sched) {
-        rc = nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
+        rc = kvf__nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
         if (rc)
             return rc;
-        co.nodes = (const char *const *)fetched;
-        co.n_nodes = n_fetched;
+        nodes = (const char *const *)fetched;
+        n = n_fetched;
     }
-    rc = kvf_client_open(&cn->cl, &co, err, errlen);
-    if (!rc) /* a store that dies costs its keys' misses, not failures (kvf/client.h) */
-        kvf_client_set_reroute(cn->cl, 1);
-    for (size_t i = 0; i < n_fetched; i++)
-        free(fetched[i]);
-    free(fetched);
-    if (rc)
+    kvf_client *cl = NULL;
+    rc = kvf__client_open_on(cn, nodes, n, &cl, err, errlen);
+    if (!rc && !(cn->cur = kvf__clref_new(cl, fetched, n_fetched)))
+        rc = KVF_ENOMEM;
+    if (rc) {
+        kvf_client_close(&cl);
+        kvf__nodes_free(fetched, n_fetched);
         return rc;
+    }
     char why[400], rdma_why[sizeof cn->transport_why];
     snprintf(rdma_why, sizeof rdma_why, "%s", cn->transport_why);
-    const char *used = kvf_client_transport(cn->cl, why, sizeof why);
-    if (strcmp(transport, "auto") == 0 && !strcmp(used, "rdma"))
+    const char *used = kvf_client_transport(cl, why, sizeof why);
+    if (strcmp(cn->transport_req, "auto") == 0 && !strcmp(used, "rdma"))
         cn->remote = remote_with_rdma(cn); /* every node said so */
     if (snprintf(cn->transport_why, sizeof cn->transport_why, "%s%s%s", why,
                  rdma_why[0] ? "; " : "", rdma_why) < 0)
@@ -371,8 +389,17 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     else
         kvf_caps_builtin("reference", &cn->local);
     kvf_caps_builtin("kvf-store", &cn->remote);
-    const char *transport = choose_transport(cn);
+    cn->transport_req = choose_transport(cn);
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
+    cn->conns_per_node = o->conns_per_node;
+    cn->refresh_ms = o->stores_refresh_ms == 0 ? 2000 : o->stores_refresh_ms;
+    if ((o->n_nodes == 0 && o->sched && !(cn->sched = strdup(o->sched))) ||
+        (o->credential && !(cn->credential = strdup(o->credential)))) {
+        free(cn->sched);
+        free(cn);
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
     int autow = kvf__auto_threads();
     cn->nworkers = o->workers > 0 ? o->workers : autow > 2 ? autow : 2;
     cn->workers_given = o->workers;
@@ -380,20 +407,22 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     pthread_mutex_init(&cn->mu, NULL);
     pthread_mutex_init(&cn->cu_mu, NULL);
     pthread_cond_init(&cn->cv, NULL);
-    rc = open_client(cn, o, transport, err, errlen);
+    rc = open_client(cn, o, err, errlen);
     if (rc)
         goto out_free;
     kvf__stage_init(cn, o->staging_bytes);
     rc = kvf__pool_start(cn, err, errlen);
+    if (!rc && (rc = kvf__stores_start(cn, err, errlen)) != 0)
+        kvf__pool_stop(cn);
     if (rc)
         goto out_client;
     *out = cn;
     return 0;
 
 out_client:
-    kvf_client_close(&cn->cl);
     kvf__stage_fini(cn);
 out_free:
+    kvf__stores_free(cn);
     pthread_mutex_destroy(&cn->mu);
     pthread_mutex_destroy(&cn->cu_mu);
     pthread_cond_destroy(&cn->cv);
@@ -403,6 +432,7 @@ out_free:
 
 void kvf__connector_free(kvf_connector *cn)
 {
+    kvf__stores_free(cn);
     cu_streams_free(cn);
     kvf__stage_fini(cn);
     kvf__pagemap_free(&cn->pm);
@@ -418,9 +448,9 @@ void kvf_connector_close(kvf_connector **cnp)
         return;
     kvf_connector *cn = *cnp;
     *cnp = NULL;
-    /* Closing the client fails every transfer in flight (their callbacks run), and the workers
+    /* Closing the clients fails every transfer in flight (their callbacks run), and the workers
      * finish the tasks already queued before they exit. */
-    kvf_client_close(&cn->cl);
+    kvf__stores_close(cn);
     kvf__pool_stop(cn);
     kvf__cuda_views_release(cn);
     /* Transfers the engine has not freed yet keep the connector alive until they are. */

@@ -67,15 +67,37 @@ typedef struct kvf__cuview {
     const void *base;
     size_t len;
     int reg;
+    const kvf_client *owner; /* whose view it is: unregistered before that client closes */
 } kvf__cuview;
 
 struct kvf__task; /* a queued page task */
+
+/* A storage client of the connector and what holds it (stores.c). */
+typedef struct kvf__clref {
+    kvf_client *cl; /* NULL once closed */
+    int refs;     /* under the connector lock: 1 while it is the current one, plus one per transfer,
+                   * prefetch or call that runs on it */
+    char **nodes; /* the set it was opened on, sorted (NULL: the nodes the engine gave) */
+    size_t n_nodes;
+    struct kvf__clref *next; /* among the retired ones */
+} kvf__clref;
 
 struct kvf_connector {
     /* Set at open (connector.c). */
     kvf_layout l;
     kvf_keyspace ks;
-    kvf_client *cl;
+    /* The storage clients (stores.c), under mu: the one new transfers start on, and the earlier
+     * ones, closed by the refresher once nothing holds them. */
+    kvf__clref *cur, *retired;
+    /* What a client is opened with, kept for the refresher: the scheduler list (NULL: the nodes
+     * were given), the credential file, the transport asked for, connections per node, and how
+     * often to ask the scheduler (ms; <= 0: never). */
+    char *sched, *credential;
+    const char *transport_req;
+    int conns_per_node, refresh_ms;
+    pthread_t st_th;
+    pthread_cond_t st_cv; /* under mu: stop, or a retired client's last hold dropped */
+    int st_started, st_stop, st_cv_ready;
     uint64_t obj_bytes; /* raw object size of a chunk */
     uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
     kvf_caps local, remote;  /* the engine's capability record (its mem_kinds from registration)
@@ -122,6 +144,7 @@ struct kvf_connector {
 struct kvf_xfer {
     /* Set when the transfer is made (xfer.c). */
     kvf_connector *cn;
+    kvf__clref *cr; /* the storage client it runs on, held until it is freed */
     int is_save;
     size_t n_chunks;    /* chunks moved */
     size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
@@ -182,6 +205,7 @@ struct kvf_xfer {
 /* A prefetch: the chunks of a prefix fetched in groups into memory of its own. */
 struct kvf_prefetch {
     kvf_connector *cn;
+    kvf__clref *cr; /* the storage client its groups run on, held until it is freed */
     size_t n_chunks, group, n_groups; /* chunks, and per group (the last may have fewer) */
     kvf_key *keys;
     uint8_t *mem; /* n_chunks objects of cn->obj_bytes, chunk c at c * obj_bytes */
@@ -247,5 +271,30 @@ int kvf__pool_grow(kvf_connector *cn, int n);
 void kvf__pool_stop(kvf_connector *cn);
 /* Lets go of the CUDA registrations of arena views (after the pool stopped). */
 void kvf__cuda_views_release(kvf_connector *cn);
+/* Unregisters the arena views of client cl (before cl is closed, which unmaps them). */
+void kvf__cuda_views_release_of(kvf_connector *cn, const kvf_client *cl);
+
+/* stores.c: the storage clients. A record of cl opened on nodes (sorted here; owned from now on;
+ * NULL where given by the engine), held once as the current one; NULL when out of memory. */
+kvf__clref *kvf__clref_new(kvf_client *cl, char **nodes, size_t n);
+/* The current client, held (NULL once the connector closed its clients); drop it when done. */
+kvf__clref *kvf__clref_hold(kvf_connector *cn);
+void kvf__clref_drop(kvf_connector *cn, kvf__clref *r);
+void kvf__clref_drop_locked(kvf_connector *cn, kvf__clref *r);
+void kvf__nodes_free(char **nodes, size_t n);
+/* Starts the refresher where the nodes come from the scheduler. 0 or KVF_ENOMEM. */
+int kvf__stores_start(kvf_connector *cn, char *err, size_t errlen);
+/* Stops the refresher and closes every client (transfers in flight on them fail). */
+void kvf__stores_close(kvf_connector *cn);
+/* Frees the records (connector free). */
+void kvf__stores_free(kvf_connector *cn);
+
+/* connector.c: GET /v1/stores of each scheduler replica in the list until one answers (nodes:
+ * strings the caller frees with kvf__nodes_free). And a client on the n nodes given, opened as
+ * the connector's first was. */
+int kvf__nodes_from_sched(const char *list, char ***nodes, size_t *n, int timeout_ms, char *err,
+                          size_t errlen);
+int kvf__client_open_on(kvf_connector *cn, const char *const *nodes, size_t n, kvf_client **out,
+                        char *err, size_t errlen);
 
 #endif

@@ -50,9 +50,11 @@ static void prefetch_release(kvf_prefetch *p)
 static void prefetch_destroy(kvf_prefetch *p)
 {
     kvf_connector *cn = p->cn;
+    kvf__clref *cr = p->cr;
     prefetch_release(p);
     /* Counted as a transfer in flight, so that a closed connector outlives it. */
     pthread_mutex_lock(&cn->mu);
+    kvf__clref_drop_locked(cn, cr);
     int last = --cn->inflight == 0 && cn->closed;
     pthread_mutex_unlock(&cn->mu);
     if (last)
@@ -158,6 +160,7 @@ int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n, 
         pthread_mutex_unlock(&cn->mu);
         return KVF_ENOMEM;
     }
+    p->cr = kvf__clref_hold(cn); /* NULL once closed: every group then fails to start */
     kvf_keys_compute(&cn->ks, tokens, n, p->keys, nc, &nk, NULL);
     for (size_t g = 0; g < p->n_groups; g++) {
         struct kvf__pgroup *gr = &p->groups[g];
@@ -177,7 +180,7 @@ int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n, 
         };
         kvf__prefetch_hold(p); /* the group's, dropped by its completion */
         kvf_op *op;
-        rc = kvf_client_get_async(cn->cl, &b, &op);
+        rc = kvf_client_get_async(p->cr ? p->cr->cl : NULL, &b, &op);
         if (rc) {
             /* Not sent: its chunks failed with the reason, and the group is done. */
             for (size_t c = gr->first; c < gr->first + gr->n; c++)

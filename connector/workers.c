@@ -340,9 +340,10 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
 /* ------------------------------------------------------------------------------------------ */
 /* CUDA pages (docs/cuda.md): the worker's copier moves them, on a stream of its own */
 
-/* Registers the arena view that holds p with CUDA, once, so that the copy engine reads it
- * directly (read-only: the view is mapped so). Where that fails, copies from it still work. */
-static int cu_view_ready(kvf_connector *cn, const void *p)
+/* Registers the arena view of client cl that holds p with CUDA, once, so that the copy engine
+ * reads it directly (read-only: the view is mapped so). Where that fails, copies from it still
+ * work. */
+static int cu_view_ready(kvf_connector *cn, const kvf_client *cl, const void *p)
 {
     const uint8_t *b = p;
     int reg = 0;
@@ -358,7 +359,7 @@ static int cu_view_ready(kvf_connector *cn, const void *p)
     const void *base;
     size_t len;
     for (size_t node = 0; cn->n_views < KVF__CU_VIEWS; node++) {
-        int rc = kvf_client_shm_view(cn->cl, node, &base, &len);
+        int rc = kvf_client_shm_view(cl, node, &base, &len);
         if (rc == KVF_EINVAL)
             break;
         if (rc || b < (const uint8_t *)base || b >= (const uint8_t *)base + len)
@@ -370,7 +371,7 @@ static int cu_view_ready(kvf_connector *cn, const void *p)
         if (e && e != KVF__CU_ERR_HOST_MEMORY_ALREADY_REGISTERED)
             (void)cu->GetLastError();
         reg = e == 0 ? 1 : -1;
-        cn->views[cn->n_views++] = (kvf__cuview){base, len, reg};
+        cn->views[cn->n_views++] = (kvf__cuview){base, len, reg, cl};
         break;
     }
     pthread_mutex_unlock(&cn->cu_mu);
@@ -390,6 +391,20 @@ static int cu_mode(const kvf_connector *cn, int host_mapped)
 static int stage_mapped(const kvf_connector *cn, const kvf_xfer *x)
 {
     return x->region >= 0 ? cn->regions[x->region].cu_reg : x->stage_cu_reg;
+}
+
+void kvf__cuda_views_release_of(kvf_connector *cn, const kvf_client *cl)
+{
+    pthread_mutex_lock(&cn->cu_mu);
+    int kept = 0;
+    for (int i = 0; i < cn->n_views; i++) {
+        if (cn->views[i].owner != cl)
+            cn->views[kept++] = cn->views[i];
+        else if (cn->views[i].reg > 0)
+            cu_unregister((void *)cn->views[i].base);
+    }
+    cn->n_views = kept;
+    pthread_mutex_unlock(&cn->cu_mu);
 }
 
 void kvf__cuda_views_release(kvf_connector *cn)
@@ -459,8 +474,9 @@ static int do_scatter_cuda(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_
     /* Every source must be registered for the kernel to read it in place. */
     int mapped = 1;
     for (size_t c = from; c < to && mapped; c++)
-        mapped =
-            x->lease ? (x->status[c] != 0 || cu_view_ready(cn, x->srcs[c])) : stage_mapped(cn, x);
+        mapped = x->lease ? (x->status[c] != 0 ||
+                             cu_view_ready(cn, x->cr ? x->cr->cl : NULL, x->srcs[c]))
+                          : stage_mapped(cn, x);
     int rc = kvf__cucopy_begin(cc, KVF__CU_H2D, pm->page_bytes, cu_mode(cn, mapped));
     uint64_t step = 0;
     for (size_t c = from; c < to && !rc; c++) {

@@ -90,7 +90,7 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
     pthread_mutex_lock(&cn->mu);
     cn->st.batches++;
     pthread_mutex_unlock(&cn->mu);
-    int rc = kvf_client_put_async(cn->cl, &b, &x->op);
+    int rc = kvf_client_put_async(x->cr ? x->cr->cl : NULL, &b, &x->op);
     if (rc) {
         pthread_mutex_lock(&x->mu);
         x->result = rc;
@@ -246,6 +246,7 @@ static void xfer_destroy(kvf_xfer *x)
     free(x->srcs);
     pthread_mutex_lock(&cn->mu);
     kvf__stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
+    kvf__clref_drop_locked(cn, x->cr);
     int last = --cn->inflight == 0 && cn->closed;
     pthread_mutex_unlock(&cn->mu);
     if (x->pf) /* every task that read its memory has ended */
@@ -287,6 +288,7 @@ static kvf_xfer *xfer_alloc(kvf_connector *cn, size_t total, size_t moved, size_
     if (!x)
         return NULL;
     x->cn = cn;
+    x->cr = kvf__clref_hold(cn); /* NULL once closed: the transfer then fails to start */
     x->is_save = is_save;
     x->n_chunks = moved;
     x->first_chunk = first_chunk;
@@ -405,8 +407,8 @@ static int load_direct(kvf_connector *cn, kvf_xfer *x)
         return KVF_ENOMEM;
     /* The lease covers the load's deadline: the workers' copies end well within it. */
     uint32_t lease_ms = (uint32_t)cn->deadline_ms + 1000u;
-    int rc = kvf_client_lease(cn->cl, x->n_chunks, x->keys, lease_ms, x->srcs, x->lens, x->status,
-                              &x->lease);
+    int rc = kvf_client_lease(x->cr ? x->cr->cl : NULL, x->n_chunks, x->keys, lease_ms, x->srcs,
+                              x->lens, x->status, &x->lease);
     if (rc) {
         free(x->srcs);
         x->srcs = NULL;
@@ -484,7 +486,7 @@ int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
     pthread_mutex_lock(&cn->mu);
     cn->st.batches++;
     pthread_mutex_unlock(&cn->mu);
-    rc = kvf_client_get_async(cn->cl, &b, &x->op);
+    rc = kvf_client_get_async(x->cr ? x->cr->cl : NULL, &b, &x->op);
     if (rc) {
         xfer_destroy(x);
         return rc;

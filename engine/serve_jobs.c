@@ -542,6 +542,10 @@ unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_
         json_object_set_new(c, "prefetch_chunks", json_integer((json_int_t)cs.prefetch_chunks));
         json_object_set_new(c, "prefetch_chunks_loaded",
                             json_integer((json_int_t)cs.prefetch_chunks_loaded));
+        /* the stores in use, and how often the set changed (kvf-sched's list, asked again) */
+        json_object_set_new(c, "stores", json_integer((json_int_t)cs.stores));
+        json_object_set_new(c, "store_clients_opened",
+                            json_integer((json_int_t)cs.store_clients_opened));
         pthread_mutex_unlock(&S->mu);
         return 200;
     }

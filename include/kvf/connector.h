@@ -81,6 +81,11 @@ typedef struct kvf_connector_opts {
                                * loaded (docs/cuda.md: what it costs). Only for nodes that verify
                                * what is put (the default): with a node run --no-verify nothing
                                * would check those bytes */
+    int stores_refresh_ms;    /* input: with the nodes from the scheduler (n_nodes 0), how often
+                               * to ask it for them again: a store that joins is used from then
+                               * on, one that left (its lease in etcd lapsed) is dropped, and
+                               * transfers in flight finish on the nodes they started on. 0:
+                               * every 2000 ms; < 0: never (the nodes of open, for good) */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.
@@ -240,6 +245,10 @@ typedef struct kvf_connector_stats {
     /* segment bytes of in-place loads that the connector hashed before reporting them loaded:
      * 0 with trust_local_store (the node verified them when stored) */
     uint64_t in_place_hashed_bytes;
+    /* storage nodes taken from kvf-sched (stores_refresh_ms): the nodes in use now, clients
+     * opened on a changed set after the first, old ones closed once nothing held them, and
+     * refreshes that failed (kvf_connector_error says why) */
+    uint64_t stores, store_clients_opened, store_clients_closed, store_refresh_failures;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 

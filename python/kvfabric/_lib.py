@@ -77,6 +77,7 @@ class ConnectorOpts(ctypes.Structure):
         ("conns_per_node", c_int),
         ("caps", c_void_p),
         ("trust_local_store", c_int),
+        ("stores_refresh_ms", c_int),
     ]
 
 
@@ -84,7 +85,8 @@ STATS_FIELDS = [
     "loads", "saves", "loads_in_place", "load_bytes", "save_bytes", "batches", "chunks_loaded",
     "chunks_saved", "chunks_missed", "chunks_existing", "gather_ns", "scatter_ns", "wait_ns",
     "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels", "prefetches",
-    "prefetch_chunks", "prefetch_chunks_loaded", "in_place_hashed_bytes",
+    "prefetch_chunks", "prefetch_chunks_loaded", "in_place_hashed_bytes", "stores",
+    "store_clients_opened", "store_clients_closed", "store_refresh_failures",
 ]
 
 
@@ -224,6 +226,7 @@ _SIGNATURES = {
     "kvf_client_put": (c_int, [c_void_p, _P(Batch)]),
     "kvf_client_get": (c_int, [c_void_p, _P(Batch)]),
     "kvf_client_exists": (c_int, [c_void_p, c_size_t, _P(Key), _P(ctypes.c_uint8), c_int]),
+    "kvf_client_node_of": (c_size_t, [c_void_p, _P(Key)]),
     "kvf_client_exists_tiers": (c_int, [c_void_p, c_size_t, _P(Key), _P(ctypes.c_uint8),
                                         _P(ctypes.c_uint8), c_int]),
     "kvf_client_lookup_prefix": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_size_t), c_int]),

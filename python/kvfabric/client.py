@@ -181,6 +181,11 @@ class Client(_Handle):
                                            self.deadline_ms), "exists")
         return [bool(present[i]) for i in range(len(keys))]
 
+    def node_of(self, key: KeyLike) -> int:
+        """The index (in `nodes`) of the node `key` is placed on now (rendezvous hashing; with
+        rerouting on, a node marked down passes its keys to the next)."""
+        return int(_lib.lib().kvf_client_node_of(self._handle(), _keys([key])))
+
     def tiers(self, keys: Sequence[KeyLike]) -> List[Optional[str]]:
         """Which tier of its node holds each key: "dram", "disk" (only the node's disk tier: it
         loads at the disk's rate) or None (not stored)."""

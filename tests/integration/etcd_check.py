@@ -12,7 +12,8 @@
 - kill -9 a kvf-sched replica: its registration lapses; the other goes on;
 - a second store that asks for a node number a live one holds is refused, naming the holder;
 - an engine registered in etcd alone (no --sched) is learnt by both replicas, and removed by both
-  within the TTL + 1 s of its kill -9.
+  within the TTL + 1 s of its kill -9;
+- a running engine whose connector took its stores from kvf-sched uses a store that joins later.
 
 usage: etcd_check.py   (environment: KVF_STORE_BIN; kvf-sched is taken from its folder; etcd from
                         $PATH: exit 77, skipped, where it is not installed)
@@ -314,6 +315,27 @@ def main():
         procs.append(s2)
         check(wait_for(lambda: stores_of(b) == [s2.addr], 5),
               "the surviving replica did not learn a new store: %r" % stores_of(b))
+
+        # an engine whose connector takes the stores from kvf-sched uses one that joins later
+        e1 = Proc([ENGINE, "--serve", "--id", "e1", "--role", "both", "--listen", "127.0.0.1:0",
+                   "--sched", b.addr, "--log-level", "warn"], "kvf-engine")
+        procs.append(e1)
+        check(e1.addr is not None, "kvf-engine --sched did not start: %r" % e1.err)
+
+        def engine_stores():
+            try:
+                return get_json("http://%s/v1/health" % e1.addr)["connector"]["stores"]
+            except Exception:
+                return None
+        check(engine_stores() == 1, "the engine's connector uses %r stores, not 1"
+              % engine_stores())
+        s3 = store(etcd, 3)
+        procs.append(s3)
+        t0 = time.time()
+        check(wait_for(lambda: engine_stores() == 2, 8),
+              "the engine never used the store that joined: %r" % engine_stores())
+        print("etcd_check: a running engine used a store that joined %.2f s after it started "
+              "(the connector asks kvf-sched every 2 s)" % (time.time() - t0), flush=True)
     finally:
         for p in procs:
             p.stop()

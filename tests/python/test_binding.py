@@ -7,10 +7,13 @@ Run by ctest with PYTHONPATH, KVF_LIBRARY and KVF_STORE_BIN set (tests/CMakeList
 """
 
 import ctypes
+import http.server
+import json
 import os
 import random
 import socket
 import subprocess
+import threading
 import time
 import unittest
 
@@ -528,6 +531,143 @@ class TestConnector(unittest.TestCase):
         with self.assertRaises(kvf.KvfError):
             sv.wait()
         self.assertIsNotNone(pages[0].owner)
+
+
+class FakeSched:
+    """kvf-sched's GET /v1/stores on loopback, answering the list the test sets in .stores."""
+
+    def __init__(self, stores):
+        self.stores = list(stores)
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = json.dumps({"stores": list(outer.stores)}).encode()
+                self.send_response(200 if self.path == "/v1/stores" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.addr = "127.0.0.1:%d" % self.httpd.server_address[1]
+        self.th = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.th.start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class TestStoresThatJoin(unittest.TestCase):
+    """A connector given only kvf-sched asks it for the stores again (stores_refresh_ms): a store
+    that joins takes the keys that rendezvous hashing now ranks on it, one that leaves is
+    dropped, a transfer started before the change finishes on the stores it started on, and the
+    old client closes once that transfer is freed. Every page loaded is checked byte for byte."""
+
+    def wait_for(self, cn, key, value, seconds=10):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if cn.stats()[key] == value:
+                return
+            time.sleep(0.05)
+        self.fail(f"{key} never became {value}: {cn.stats()}")
+
+    def save(self, cn, t, ids):
+        with cn.save(t, ids) as sv:
+            for layer in range(cn.layout.layers):
+                sv.layer_done(layer)
+            sv.wait()
+
+    def check_load(self, cn, t, src, src_ids, dst, dst_ids):
+        """Loads t into dst's pages; returns the tokens loaded, after checking their bytes."""
+        with cn.load(t, dst_ids) as ld:
+            try:
+                ld.wait()
+            except kvf.Miss:
+                pass
+            got = ld.loaded_tokens
+        l = cn.layout
+        for p in range(got // l.page_tokens):
+            for layer in range(l.layers):
+                for plane in range(2):
+                    self.assertEqual(src.page(layer, plane, src_ids[p]),
+                                     dst.page(layer, plane, dst_ids[p]))
+        return got
+
+    def test_a_store_joins_and_one_leaves(self):
+        l = kvf.Layout.preset("ref-tiny")
+        salt = "py-stores-join"
+        ks = kvf.KeySpace(l, salt)
+        a, b = Store(), Store()
+        sched = FakeSched([a.addr])
+        C = l.chunk_tokens
+        per = C // l.page_tokens
+        src, dst = HostKV(l, 96, seed=21), HostKV(l, 96, seed=22)
+        try:
+            with kvf.Connector(l, sched=sched.addr, salt=salt, deadline_ms=3000,
+                               stores_refresh_ms=100) as cn, \
+                    kvf.Client([a.addr], ks.seed) as ca, kvf.Client([b.addr], ks.seed) as cb:
+                cn.register(src.pages)
+                t1, t2, t3 = tokens(8 * C, 31), tokens(8 * C, 32), tokens(8 * C, 33)
+                ids1, ids2, ids3 = (list(range(k * 8 * per, (k + 1) * 8 * per)) for k in range(3))
+                self.save(cn, t1, ids1)
+                self.assertEqual(cn.stats()["stores"], 1)
+                self.assertTrue(all(ca.exists(ks.keys(t1))))
+
+                # b joins: the next client is on both
+                sched.stores = [a.addr, b.addr]
+                self.wait_for(cn, "stores", 2)
+                self.assertEqual(cn.stats()["store_clients_opened"], 1)
+                self.save(cn, t2, ids2)
+                k2 = ks.keys(t2)
+                on_a, on_b = ca.exists(k2), cb.exists(k2)
+                self.assertTrue(any(on_b), "no chunk went to the store that joined")
+                self.assertTrue(all(x != y for x, y in zip(on_a, on_b)), (on_a, on_b))
+                self.assertFalse(any(cb.exists(ks.keys(t1))))
+                # each key is looked for where it is now placed: t2 whole, t1 up to its first
+                # chunk that b now ranks first (a miss, never other bytes)
+                cn.register(dst.pages)
+                self.assertEqual(self.check_load(cn, t2, src, ids2, dst, ids2), len(t2))
+                with kvf.Client([a.addr, b.addr], ks.seed) as both:
+                    firsts = [both.node_of(k) for k in ks.keys(t1)]
+                lead = next((i for i, n in enumerate(firsts) if n == 1), len(firsts))
+                self.assertEqual(self.check_load(cn, t1, src, ids1, dst, ids1), lead * C)
+
+                # a save in flight while a leaves finishes on the client it started on
+                cn.register(src.pages)
+                sv = cn.save(t3, ids3)
+                sched.stores = [b.addr]
+                self.wait_for(cn, "stores", 1)
+                self.assertEqual(cn.stats()["store_clients_closed"], 1)  # the first one only
+                for layer in range(l.layers):
+                    sv.layer_done(layer)
+                sv.wait()
+                sv.close()
+                self.wait_for(cn, "store_clients_closed", 2)
+                k3 = ks.keys(t3)
+                self.assertTrue(all(x or y for x, y in zip(ca.exists(k3), cb.exists(k3))))
+                # from now on everything goes to b
+                a.stop()
+                t4 = tokens(4 * C, 34)
+                self.save(cn, t4, ids1[:4 * per])
+                self.assertTrue(all(cb.exists(ks.keys(t4))))
+                self.assertEqual(cn.stats()["store_refresh_failures"], 0)
+                # kvf-sched gone: the stores in use stay
+                sched.stop()
+                sched = None
+                time.sleep(0.5)
+                self.assertEqual(cn.stats()["stores"], 1)
+                self.assertGreater(cn.stats()["store_refresh_failures"], 0)
+                self.assertEqual(cn.lookup(t4), len(t4))
+        finally:
+            if sched:
+                sched.stop()
+            a.stop()
+            b.stop()
 
 
 class TestTorch(unittest.TestCase):

@@ -1,0 +1,283 @@
+/*
+ * A connector whose storage nodes come from kvf-sched (connector/stores.c) while the set changes
+ * under it: a fake kvf-sched of this test answers GET /v1/stores with a list that a thread flips
+ * between one and two real kvf-store daemons every few milliseconds, and the connector asks every
+ * 10 ms. Meanwhile saves, loads and prefetches run without a pause: every page loaded must hold
+ * the bytes saved (a chunk looked for on a store it was not saved to is a miss, never other
+ * bytes), nothing may fail but as a miss, and the clients the connector opened on each change
+ * must all be closed by the end. Also run under ASan and TSan (tests/run.sh): the holds that keep
+ * a client open for its transfers are what this exercises.
+ */
+#include <inttypes.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <cmocka.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "kvf/connector.h"
+#include "kvf/error.h"
+
+#include "harness.h"
+
+/* ------------------------------------------------------------------------------------------ */
+/* A fake kvf-sched: GET /v1/stores answers body[] (one HTTP/1.0 reply per connection). */
+
+typedef struct fake_sched {
+    int fd;
+    uint16_t port;
+    pthread_t th;
+    atomic_int stop;
+    pthread_mutex_t mu;
+    char body[512];
+    atomic_int served;
+} fake_sched;
+
+static void *sched_main(void *arg)
+{
+    fake_sched *f = arg;
+    while (!atomic_load(&f->stop)) {
+        int c = accept(f->fd, NULL, NULL);
+        if (c < 0)
+            continue;
+        char req[2048];
+        size_t got = 0;
+        while (got < sizeof req - 1 && !strstr(req, "\r\n\r\n")) {
+            ssize_t r = read(c, req + got, sizeof req - 1 - got);
+            if (r <= 0)
+                break;
+            got += (size_t)r;
+            req[got] = 0;
+        }
+        char reply[1024];
+        pthread_mutex_lock(&f->mu);
+        int n = snprintf(reply, sizeof reply,
+                         "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n"
+                         "Content-Length: %zu\r\nConnection: close\r\n\r\n%s",
+                         strlen(f->body), f->body);
+        pthread_mutex_unlock(&f->mu);
+        ssize_t w = write(c, reply, (size_t)n);
+        (void)w;
+        close(c);
+        atomic_fetch_add(&f->served, 1);
+    }
+    return NULL;
+}
+
+static void sched_set(fake_sched *f, const char *a, const char *b)
+{
+    pthread_mutex_lock(&f->mu);
+    if (b)
+        snprintf(f->body, sizeof f->body, "{\"stores\": [\"%s\", \"%s\"]}", a, b);
+    else
+        snprintf(f->body, sizeof f->body, "{\"stores\": [\"%s\"]}", a);
+    pthread_mutex_unlock(&f->mu);
+}
+
+static void sched_start(fake_sched *f)
+{
+    memset(f, 0, sizeof *f);
+    pthread_mutex_init(&f->mu, NULL);
+    f->fd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(f->fd >= 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(f->fd, (struct sockaddr *)&sa, sizeof sa), 0);
+    assert_int_equal(listen(f->fd, 64), 0);
+    socklen_t sl = sizeof sa;
+    assert_int_equal(getsockname(f->fd, (struct sockaddr *)&sa, &sl), 0);
+    f->port = ntohs(sa.sin_port);
+    /* accept() wakes every 100 ms to see stop */
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 100000};
+    setsockopt(f->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    assert_int_equal(pthread_create(&f->th, NULL, sched_main, f), 0);
+}
+
+static void sched_stop(fake_sched *f)
+{
+    atomic_store(&f->stop, 1);
+    pthread_join(f->th, NULL);
+    close(f->fd);
+    pthread_mutex_destroy(&f->mu);
+}
+
+/* Flips the list between {a} and {a, b} every few milliseconds until stop. */
+typedef struct flipper {
+    fake_sched *f;
+    const char *a, *b;
+    atomic_int stop;
+    int flips;
+} flipper;
+
+static void *flip_main(void *arg)
+{
+    flipper *fl = arg;
+    for (int i = 0; !atomic_load(&fl->stop) && i < 2000; i++) {
+        sched_set(fl->f, fl->a, i % 2 ? NULL : fl->b);
+        fl->flips++;
+        struct timespec ts = {0, 25 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+
+#define LAYERS 4
+#define PAGES  64
+
+static uint64_t rng = 0x2545F4914F6CDD1Dull;
+static uint64_t rnd(void)
+{
+    rng ^= rng << 13;
+    rng ^= rng >> 7;
+    rng ^= rng << 17;
+    return rng;
+}
+
+static void test_stores_change_under_transfers(void **state)
+{
+    (void)state;
+    daemon_t a, b;
+    daemon_start(&a, "64M", "--threads 1");
+    daemon_start(&b, "64M", "--threads 1");
+    fake_sched fs;
+    sched_start(&fs);
+    sched_set(&fs, a.addr, NULL);
+    char sched_addr[64];
+    snprintf(sched_addr, sizeof sched_addr, "127.0.0.1:%u", fs.port);
+
+    kvf_layout l = {0};
+    snprintf(l.model_id, sizeof l.model_id, "stores-churn");
+    l.layers = LAYERS;
+    l.kv_heads = 2;
+    l.head_dim = 32;
+    l.dtype = KVF_DTYPE_F32;
+    l.kind = KVF_KV_SEPARATE;
+    l.page_tokens = 16;
+    l.chunk_tokens = 32;
+    l.tp_size = 1;
+    char err[400];
+    assert_int_equal(kvf_layout_validate(&l, err, sizeof err), 0);
+    kvf_connector_opts o = {.sched = sched_addr,
+                            .layout = l,
+                            .deadline_ms = 3000,
+                            .stores_refresh_ms = 10,
+                            .salt = "stores-churn"};
+    kvf_connector *cn;
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+
+    /* one page of one plane: its tokens' heads */
+    size_t page = (size_t)l.page_tokens * l.kv_heads * l.head_dim * kvf_layout_dtype_size(l.dtype);
+    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
+    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+    for (int i = 0; i < LAYERS; i++) {
+        for (int p = 0; p < 2; p++) {
+            src[i][p] = malloc(PAGES * page);
+            dst[i][p] = malloc(PAGES * page);
+            assert_non_null(src[i][p]);
+            assert_non_null(dst[i][p]);
+            for (size_t k = 0; k < PAGES * page; k++)
+                src[i][p][k] = (uint8_t)rnd();
+        }
+        rs[i] = (kvf_kv_layer){src[i][0], src[i][1], page, PAGES, KVF_MEM_HOST};
+        rd[i] = (kvf_kv_layer){dst[i][0], dst[i][1], page, PAGES, KVF_MEM_HOST};
+    }
+    flipper fl = {.f = &fs, .a = a.addr, .b = b.addr};
+    pthread_t fth;
+    assert_int_equal(pthread_create(&fth, NULL, flip_main, &fl), 0);
+
+    const size_t n = 8 * 32, np = n / 16; /* 8 chunks, 16 pages */
+    uint32_t ids[16];
+    size_t loaded_tokens = 0, rounds = 0;
+    uint64_t t_end = (uint64_t)time(NULL) + 4;
+    for (int r = 0; r < 400 && (uint64_t)time(NULL) < t_end; r++, rounds++) {
+        uint32_t t[8 * 32];
+        for (size_t i = 0; i < n; i++)
+            t[i] = (uint32_t)(r * 1000 + i);
+        for (size_t i = 0; i < np; i++)
+            ids[i] = (uint32_t)((r * 16 + i) % PAGES);
+        /* save */
+        for (int k = 0;
+             k < 200 && kvf_connector_register(cn, rs, LAYERS, err, sizeof err) == KVF_EBUSY; k++)
+            nanosleep(&(struct timespec){0, 5 * 1000000L}, NULL);
+        assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+        kvf_xfer *x;
+        assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+        for (uint32_t i = 0; i < LAYERS; i++)
+            assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+        int rc = kvf_xfer_wait(x);
+        assert_true(rc == 0 || rc == KVF_EHOSTUNREACH || rc == KVF_ETIMEDOUT);
+        kvf_xfer_free(&x);
+        /* a prefetch, freed whatever arrived */
+        kvf_prefetch *pf = NULL;
+        if (kvf_connector_prefetch(cn, t, n, &pf) == 0) {
+            kvf_prefetch_wait(pf, 0);
+            kvf_prefetch_free(&pf);
+        }
+        /* load: what arrives is what was saved (the prefetch's last group may still be counted
+         * in flight for a moment: registration waits for none) */
+        for (int k = 0;
+             k < 200 && kvf_connector_register(cn, rd, LAYERS, err, sizeof err) == KVF_EBUSY; k++)
+            nanosleep(&(struct timespec){0, 5 * 1000000L}, NULL);
+        assert_int_equal(kvf_connector_register(cn, rd, LAYERS, err, sizeof err), 0);
+        for (int i = 0; i < LAYERS; i++)
+            for (int p = 0; p < 2; p++)
+                memset(dst[i][p], 0, PAGES * page);
+        assert_int_equal(kvf_connector_load(cn, t, n, ids, np, &x), 0);
+        (void)kvf_xfer_wait(x); /* a miss where the chunk's store changed since the save */
+        size_t got = kvf_xfer_loaded_tokens(x);
+        kvf_xfer_free(&x);
+        loaded_tokens += got;
+        for (size_t pg = 0; pg < got / 16; pg++)
+            for (int i = 0; i < LAYERS; i++)
+                for (int p = 0; p < 2; p++)
+                    assert_memory_equal(dst[i][p] + ids[pg] * page, src[i][p] + ids[pg] * page,
+                                        page);
+    }
+    atomic_store(&fl.stop, 1);
+    pthread_join(fth, NULL);
+    kvf_connector_stats st;
+    kvf_connector_stats_get(cn, &st);
+    printf("stores churn: %zu rounds, %d flips, %" PRIu64 " clients opened, %" PRIu64
+           " closed, %zu tokens loaded of %zu\n",
+           rounds, fl.flips, st.store_clients_opened, st.store_clients_closed, loaded_tokens,
+           rounds * n);
+    assert_true(rounds >= 5);
+    assert_true(st.store_clients_opened >= 3); /* the set changed under the transfers */
+    assert_true(loaded_tokens > 0);
+    /* nothing holds the old clients now: the refresher closes them all */
+    for (int i = 0; i < 200; i++) {
+        kvf_connector_stats_get(cn, &st);
+        if (st.store_clients_closed == st.store_clients_opened)
+            break;
+        struct timespec ts = {0, 20 * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    assert_int_equal(st.store_clients_closed, st.store_clients_opened);
+    kvf_connector_close(&cn);
+    sched_stop(&fs);
+    for (int i = 0; i < LAYERS; i++)
+        for (int p = 0; p < 2; p++)
+            free(src[i][p]), free(dst[i][p]);
+    daemon_stop(&a);
+    daemon_stop(&b);
+}
+
+int main(void)
+{
+    harness_init();
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_stores_change_under_transfers, teardown_daemons),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
