@@ -139,7 +139,11 @@ def main():
         ing = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
     elif a.ingest_json:
         with open(a.ingest_json) as f:
-            ing = json.loads([ln for ln in f.read().splitlines() if ln.startswith("{")][-1])
+            text = f.read()
+        try:  # a JSON file, or kvf-bench's output whose last line is the JSON
+            ing = json.loads(text)
+        except json.JSONDecodeError:
+            ing = json.loads([ln for ln in text.splitlines() if ln.startswith("{")][-1])
     if not ing or "index_bytes" not in ing:
         sys.exit("scale_model: give --ingest-json (with index_bytes) or --ingest-run")
     ingest_per_core = ing["ingest_events_per_s"]
