@@ -23,6 +23,7 @@ typedef struct cfg {
     int etcd;           /* etcd members the launcher starts (0: none, static lists; 1 or 3) */
     int etcd_ttl;       /* the leases of the stores and replicas, seconds */
     int replicate_hits; /* the stores' --replicate-hits (0: off; needs etcd) */
+    int replicas;       /* their --replicas: holders of each hot chunk (2..8, <= stores) */
     long max_tokens;
     /* --netns */
     char subnet[32], rate[32];

@@ -356,9 +356,9 @@ static int start_store(launch *L, int i)
         with_disk[n++] = "--shm";
         with_disk[n++] = "off";
     }
-    char *with_etcd[sizeof with_disk / sizeof with_disk[0] + 10];
+    char *with_etcd[sizeof with_disk / sizeof with_disk[0] + 12];
     memcpy(with_etcd, with_disk, sizeof with_disk);
-    char rep[16];
+    char rep[16], reps[16];
     if (L->etcd[0]) { /* registered under a lease: kvf-sched finds it there */
         char *e[] = {"--etcd", L->etcd, "--cluster", (char *)c->name, "--etcd-ttl", L->etcd_ttl};
         memcpy(with_etcd + n, e, sizeof e);
@@ -367,8 +367,11 @@ static int start_store(launch *L, int i)
          * etcd, as kvf-sched finds them */
         if (c->replicate_hits) { /* pushed as an admin: a copy keeps its namespace */
             snprintf(rep, sizeof rep, "%d", c->replicate_hits);
+            snprintf(reps, sizeof reps, "%d", c->replicas);
             with_etcd[n++] = "--replicate-hits";
             with_etcd[n++] = rep;
+            with_etcd[n++] = "--replicas";
+            with_etcd[n++] = reps;
             with_etcd[n++] = "--copy-credential";
             with_etcd[n++] = L->admin_cred;
         }

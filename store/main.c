@@ -102,6 +102,7 @@ typedef struct store_cfg {
     long disk_promote; /* --disk-promote */
     long wt_hits;      /* --disk-write-through */
     long rep_hits;     /* --replicate-hits */
+    long replicas;     /* --replicas */
     int wt_pinned;
     uint64_t disk_queue;
     kvf_log lg;
@@ -121,6 +122,7 @@ static store_cfg store_cfg_default(void)
         .prefault = 1,
         .disk_queue = 256ull << 20,
         .disk_promote = 2,
+        .replicas = 2,
         .cluster = "default",
         .etcd_ttl = 5,
         .lg = {.level = KVF_LOG_INFO, .name = "kvf-store"},
@@ -296,10 +298,14 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "its keys' rendezvous order (--replicate-hits)",
                  "--listen's host"),
         KVF__OPT("replicate-hits", KVF__ARG_LONG, &cfg->rep_hits, "N",
-                 "copy an entry read N times to the node that comes next in its key's rendezvous "
+                 "copy an entry read N times to the nodes that come next in its key's rendezvous "
                  "order (the --peer nodes, and with --etcd the registered stores; clients that "
                  "find this node down look there); 0: off",
                  "0", .lo = 0, .hi = 255),
+        KVF__OPT("replicas", KVF__ARG_LONG, &cfg->replicas, "K",
+                 "holders of each hot entry with --replicate-hits, this node included: K - 1 "
+                 "copies, so that its hits survive K - 1 of them down",
+                 "2", .lo = 2, .hi = 8),
         KVF__OPT("metrics", KVF__ARG_STR, &cfg->metrics, "HOST:PORT",
                  "serve GET /metrics (Prometheus text) over HTTP on this address (port 0 picks; "
                  "beyond loopback only with --insecure)",
@@ -851,6 +857,7 @@ int main(int argc, char **argv)
             goto out_close_metrics;
     }
     kvf__store_replicas_cfg rcfg = {.hits = (uint32_t)cfg.rep_hits,
+                                    .copies = (uint32_t)cfg.replicas - 1,
                                     .host = cfg.advertise ? cfg.advertise : cfg.host,
                                     .port = kvf__server_port(srv),
                                     .peers = cfg.peers,

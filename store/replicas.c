@@ -105,6 +105,7 @@ int kvf__store_replicas_open(const kvf__store_replicas_cfg *c, kvf_server *srv, 
                               .peers = c->peers,
                               .n_peers = c->n_peers,
                               .hits = c->hits,
+                              .copies = c->copies,
                               .credential = c->credential,
                               .log = c->log};
     if (kvf__replicator_open(&r->rep, &ro, err, sizeof err) != 0) {
@@ -123,9 +124,10 @@ int kvf__store_replicas_open(const kvf__store_replicas_cfg *c, kvf_server *srv, 
     }
     kvf__server_set_replicator(srv, r->rep);
     kvf_info(c->log,
-             "replication: an entry read %u times is copied to the next node of its key "
+             "replication: an entry read %u times is copied to the next %u node(s) of its key "
              "(this node is %s; %zu --peer node(s)%s)",
-             c->hits, self, c->n_peers, c->etcd ? " and the stores registered in etcd" : "");
+             c->hits, c->copies ? c->copies : 1, self, c->n_peers,
+             c->etcd ? " and the stores registered in etcd" : "");
     *out = r;
     return 0;
 }

@@ -17,6 +17,7 @@ typedef struct kvf__store_replicas kvf__store_replicas;
 
 typedef struct kvf__store_replicas_cfg {
     uint32_t hits;            /* --replicate-hits (0: off: nothing is started) */
+    uint32_t copies;          /* --replicas - 1 (0: 1) */
     const char *host;         /* --advertise, else --listen's host */
     uint16_t port;            /* the bound port */
     const char *const *peers; /* --peer */

@@ -2,11 +2,12 @@
  * Replicas of hot entries (replicate.h, docs/store.md "Replicas of hot chunks").
  *
  * The cache calls the hook under its lock at an entry's --replicate-hits-th read: the hook picks
- * the target (the first live peer in the key's rendezvous order, this node left out), queues the
- * entry with the read reference the cache takes for it, and returns at once. One worker thread
- * takes what is queued, groups it by target and namespace, pushes each group with a client of the
- * library (the entry's bytes straight from the arena: a push is a PUT of the same object, so the
- * copy verifies as any object does), then marks each entry's replica made or not and drops its
+ * the targets (the first `copies` live peers in the key's rendezvous order, this node left out),
+ * queues the entry with the read reference the cache takes for it, and returns at once. One
+ * worker thread takes what is queued, makes a push job per entry and target, groups the jobs by
+ * target and namespace, pushes each group with a client of the library (the entry's bytes
+ * straight from the arena: a push is a PUT of the same object, so the copy verifies as any object
+ * does), then marks each entry's replicas made (every target has its copy) or not and drops its
  * reference. A target that cannot be reached is left out of the order for 5 s, so what is hot
  * meanwhile goes to the next node (so does one that refused every copy of a push); an entry
  * whose push failed is asked for again at its next read.
@@ -46,8 +47,16 @@ typedef struct rep_item {
     kvf_key key;
     const uint8_t *data;
     uint64_t len;
-    uint64_t peer; /* the target's seed: the peers may change while it waits */
+    uint64_t peer[KVF_REP_MAX_COPIES]; /* the targets' seeds: the peers may change meanwhile */
+    uint32_t n_peer;
+    uint32_t n_made; /* the worker's count of copies made */
 } rep_item;
+
+/* One copy to push: an entry and one of its targets. */
+typedef struct rep_job {
+    rep_item *it;
+    uint64_t ns, peer;
+} rep_job;
 
 struct kvf__replicator {
     kvf_cache *cache;
@@ -60,7 +69,9 @@ struct kvf__replicator {
     size_t nq, cap;
     int stop, started;
     pthread_t th;
-    rep_item *wb; /* the worker's batch: what it took from q */
+    rep_item *wb;  /* the worker's batch: what it took from q */
+    rep_job *jobs; /* and its copies to push (cap * copies) */
+    uint32_t copies;
     char credential[512];
     int deadline_ms;
     uint32_t hits;
@@ -77,19 +88,31 @@ static uint64_t seed_of(const char *addr)
     return kvf__rendezvous_seed(host, port);
 }
 
-/* The live peer that key's order ranks first; SIZE_MAX for none. Called with r->mu held. */
-static size_t target_locked(const kvf__replicator *r, const kvf_key *key, uint64_t now)
+/* The live peers that key's order ranks first, at most r->copies of them, into seeds; how many.
+ * Called with r->mu held. */
+static uint32_t targets_locked(const kvf__replicator *r, const kvf_key *key, uint64_t now,
+                               uint64_t *seeds)
 {
-    size_t best = SIZE_MAX;
-    uint64_t bs = 0;
-    for (size_t i = 0; i < r->n_peers; i++) {
-        if (r->peers[i].down_until_ns > now)
-            continue;
-        uint64_t s = kvf__rendezvous_score(key->lo, key->hi, r->peers[i].seed);
-        if (best == SIZE_MAX || s > bs)
-            bs = s, best = i;
+    uint32_t n = 0;
+    uint64_t below = UINT64_MAX; /* the scores taken so far are above this one */
+    int any_below = 1;
+    while (n < r->copies && any_below) {
+        size_t best = SIZE_MAX;
+        uint64_t bs = 0;
+        for (size_t i = 0; i < r->n_peers; i++) {
+            if (r->peers[i].down_until_ns > now)
+                continue;
+            uint64_t s = kvf__rendezvous_score(key->lo, key->hi, r->peers[i].seed);
+            if ((n == 0 || s < below) && (best == SIZE_MAX || s > bs))
+                bs = s, best = i;
+        }
+        any_below = best != SIZE_MAX;
+        if (any_below) {
+            seeds[n++] = r->peers[best].seed;
+            below = bs;
+        }
     }
-    return best;
+    return n;
 }
 
 /* The cache's hook, under its lock: queue the entry, or say no (0). */
@@ -100,14 +123,14 @@ static int on_hot(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, cons
     kvf__replicator *r = ctx;
     int taken = 0;
     pthread_mutex_lock(&r->mu);
-    size_t t = r->stop ? SIZE_MAX : target_locked(r, key, kvf__now_ns());
-    if (t == SIZE_MAX) {
+    rep_item it = {.eid = eid, .ns = ns, .key = *key, .data = data, .len = len};
+    it.n_peer = r->stop ? 0 : targets_locked(r, key, kvf__now_ns(), it.peer);
+    if (it.n_peer == 0) {
         r->st.no_peer++;
     } else if (r->nq == r->cap) {
         r->st.full++;
     } else {
-        r->q[r->nq++] = (rep_item){
-            .eid = eid, .ns = ns, .key = *key, .data = data, .len = len, .peer = r->peers[t].seed};
+        r->q[r->nq++] = it;
         r->st.queued++;
         taken = 1;
         pthread_cond_signal(&r->cv);
@@ -127,13 +150,14 @@ static int peer_addr_locked(const kvf__replicator *r, uint64_t seed, char *addr,
     return -1;
 }
 
-/* Pushes items it[0..n) (one target, one namespace) and says per item whether it is there now. */
-static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, int *made)
+/* Pushes jobs j[0..n) (one target, one namespace) and says per job whether its copy is there
+ * now. */
+static void push(kvf__replicator *r, const char *addr, const rep_job *j, size_t n, int *made)
 {
     const char *nodes[1] = {addr};
     kvf_client_opts co = {.nodes = nodes,
                           .n_nodes = 1,
-                          .ns = it[0].ns,
+                          .ns = j[0].ns,
                           .conns_per_node = 1,
                           .io_threads = 1,
                           .transport = "tcp",
@@ -144,9 +168,9 @@ static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, i
     uint64_t lens[PUSH_BATCH_MAX];
     int status[PUSH_BATCH_MAX];
     for (size_t i = 0; i < n; i++) {
-        keys[i] = it[i].key;
-        objs[i] = it[i].data;
-        lens[i] = it[i].len;
+        keys[i] = j[i].it->key;
+        objs[i] = j[i].it->data;
+        lens[i] = j[i].it->len;
         status[i] = KVF_ECANCELED;
     }
     char err[256] = "";
@@ -167,7 +191,7 @@ static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, i
     r->st.failed += n - (size_t)ok;
     for (size_t i = 0; i < r->n_peers; i++) {
         rep_peer *p = &r->peers[i];
-        if (p->seed != it[0].peer)
+        if (p->seed != j[0].peer)
             continue;
         if (!ok) {
             /* unreachable, or refusing every copy (a credential it does not take, full): left
@@ -185,38 +209,48 @@ static void push(kvf__replicator *r, const char *addr, rep_item *it, size_t n, i
     pthread_mutex_unlock(&r->mu);
 }
 
-/* Pushes a batch taken from the queue, group by group, and ends each entry's replica. */
+/* Pushes a batch taken from the queue, a copy per entry and target, group by group; then ends
+ * each entry's replication (made where every target has its copy). */
 static void run_batch(kvf__replicator *r, rep_item *b, size_t n)
 {
+    rep_job *jb = r->jobs;
+    size_t nj = 0;
+    for (size_t i = 0; i < n; i++) {
+        b[i].n_made = 0;
+        for (uint32_t k = 0; k < b[i].n_peer; k++)
+            jb[nj++] = (rep_job){.it = &b[i], .ns = b[i].ns, .peer = b[i].peer[k]};
+    }
     int made[PUSH_BATCH_MAX];
     size_t done = 0;
-    while (done < n) {
-        /* the items like the first left: same target, same namespace, moved to the front */
+    while (done < nj) {
+        /* the jobs like the first left: same target, same namespace, moved to the front */
         size_t g = 0;
-        for (size_t i = done; i < n && g < PUSH_BATCH_MAX; i++) {
-            if (b[i].peer != b[done].peer || b[i].ns != b[done].ns)
+        for (size_t i = done; i < nj && g < PUSH_BATCH_MAX; i++) {
+            if (jb[i].peer != jb[done].peer || jb[i].ns != jb[done].ns)
                 continue;
-            rep_item t = b[done + g];
-            b[done + g] = b[i];
-            b[i] = t;
+            rep_job t = jb[done + g];
+            jb[done + g] = jb[i];
+            jb[i] = t;
             g++;
         }
         char addr[KVF_REP_ADDR];
         pthread_mutex_lock(&r->mu);
-        int gone = peer_addr_locked(r, b[done].peer, addr, sizeof addr);
+        int gone = peer_addr_locked(r, jb[done].peer, addr, sizeof addr);
         pthread_mutex_unlock(&r->mu);
         if (gone)
             memset(made, 0, g * sizeof *made); /* the target left: asked for again later */
         else
-            push(r, addr, b + done, g, made);
-        kvf__cache_lock(r->cache);
-        for (size_t i = 0; i < g; i++) {
-            kvf__cache_replicate_done_locked(r->cache, b[done + i].eid, made[i]);
-            kvf__cache_release_locked(r->cache, b[done + i].eid);
-        }
-        kvf__cache_unlock(r->cache);
+            push(r, addr, jb + done, g, made);
+        for (size_t i = 0; i < g; i++)
+            jb[done + i].it->n_made += made[i] != 0;
         done += g;
     }
+    kvf__cache_lock(r->cache);
+    for (size_t i = 0; i < n; i++) {
+        kvf__cache_replicate_done_locked(r->cache, b[i].eid, b[i].n_made == b[i].n_peer);
+        kvf__cache_release_locked(r->cache, b[i].eid);
+    }
+    kvf__cache_unlock(r->cache);
 }
 
 static void *worker(void *arg)
@@ -268,8 +302,10 @@ int kvf__replicator_open(kvf__replicator **out, const kvf__replicate_opts *o, ch
                          size_t errlen)
 {
     *out = NULL;
-    if (!o->cache || !o->self || !o->hits || o->hits > 255) {
-        snprintf(err, errlen, "replication: needs a cache, this node's address and 1..255 reads");
+    if (!o->cache || !o->self || !o->hits || o->hits > 255 || o->copies > KVF_REP_MAX_COPIES) {
+        snprintf(err, errlen,
+                 "replication: needs a cache, this node's address, 1..255 reads and 1..%d copies",
+                 KVF_REP_MAX_COPIES);
         return KVF_EINVAL;
     }
     uint64_t self = seed_of(o->self);
@@ -287,12 +323,15 @@ int kvf__replicator_open(kvf__replicator **out, const kvf__replicate_opts *o, ch
     if (!r)
         return KVF_ENOMEM;
     r->cap = o->queue ? o->queue : 4096;
+    r->copies = o->copies ? o->copies : 1;
     r->q = calloc(r->cap, sizeof *r->q);
     r->wb = calloc(r->cap, sizeof *r->wb);
+    r->jobs = calloc(r->cap * r->copies, sizeof *r->jobs);
     r->peers = calloc(KVF_REP_MAX_PEERS, sizeof *r->peers);
-    if (!r->q || !r->wb || !r->peers) {
+    if (!r->q || !r->wb || !r->jobs || !r->peers) {
         free(r->q);
         free(r->wb);
+        free(r->jobs);
         free(r->peers);
         free(r);
         return KVF_ENOMEM;
@@ -322,6 +361,7 @@ void kvf__replicator_stats(kvf__replicator *r, kvf__replicate_stats *st)
     pthread_mutex_lock(&r->mu);
     *st = r->st;
     st->hits = r->hits;
+    st->copies = r->copies;
     st->peers = r->n_peers;
     st->peers_down = 0;
     uint64_t now = kvf__now_ns();
@@ -353,6 +393,7 @@ void kvf__replicator_close(kvf__replicator **rp)
     pthread_mutex_destroy(&r->mu);
     free(r->q);
     free(r->wb);
+    free(r->jobs);
     free(r->peers);
     free(r);
 }

@@ -261,11 +261,11 @@ static json_t *stats_replication(kvf_server *s)
         return NULL;
     kvf__replicate_stats r;
     kvf__replicator_stats(s->rep, &r);
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "hits", (json_int_t)r.hits, "peers",
-                     (json_int_t)r.peers, "peers_down", (json_int_t)r.peers_down, "queued",
-                     (json_int_t)r.queued, "made", (json_int_t)r.made, "failed",
-                     (json_int_t)r.failed, "skipped_full", (json_int_t)r.full, "skipped_no_peer",
-                     (json_int_t)r.no_peer);
+    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I}", "hits", (json_int_t)r.hits, "copies",
+                     (json_int_t)r.copies, "peers", (json_int_t)r.peers, "peers_down",
+                     (json_int_t)r.peers_down, "queued", (json_int_t)r.queued, "made",
+                     (json_int_t)r.made, "failed", (json_int_t)r.failed, "skipped_full",
+                     (json_int_t)r.full, "skipped_no_peer", (json_int_t)r.no_peer);
 }
 
 /* STATS of the node: the cache's and the server's counters, RDMA's and authentication's, and

@@ -228,6 +228,52 @@ class TestReplicas(unittest.TestCase):
             for x in stores:
                 x.stop()
 
+    def test_three_holders_survive_two_deaths(self):
+        """--replicas 3: a hot key of node 0 is copied to both other nodes; with node 0 and the
+        next node of each key killed, a rerouting client still finds every hot key."""
+        layout = kvf.Layout.preset("ref-tiny")
+        ks = kvf.KeySpace(layout, salt="replicas3")
+        addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
+        stores = []
+        try:
+            for a in addrs:
+                peers = [w for b in addrs if b != a for w in ("--peer", b)]
+                stores.append(Store(memory="64M", listen=a,
+                                    extra=("--replicate-hits", "2", "--replicas", "3", *peers)))
+            keys = ks.keys(tokens(64 * 40, 22))
+            rnd = random.Random(5)
+            objs = [kvf.Object.encode(k, layout, 64,
+                                      [bytes(rnd.getrandbits(8) for _ in range(512))] * 4)
+                    for k in keys]
+            with kvf.Client(addrs, ks.seed, transport="tcp") as c, \
+                    kvf.Client(addrs[:1], ks.seed, transport="tcp") as first:
+                self.assertEqual(c.put(keys, objs), ["KVF_OK"] * len(keys))
+                hot = [i for i, k in enumerate(keys) if first.exists([k])[0]]
+                self.assertGreaterEqual(len(hot), 6, "rendezvous hashing put few keys on node 0")
+                for _ in range(2):
+                    c.get([keys[i] for i in hot], 1 << 16)
+                st = self.wait_stats(c, 0, lambda r: r.get("made", 0) >= 2 * len(hot), "replicas")
+                self.assertEqual((st["copies"], st["failed"]), (2, 0))
+            for node in (1, 2):  # a copy on each of the others
+                with kvf.Client([addrs[node]], ks.seed, transport="tcp") as one:
+                    self.assertEqual(one.exists([keys[i] for i in hot]), [True] * len(hot))
+            # kill node 0 and node 1: every hot key is left on node 2 alone
+            for node in (0, 1):
+                stores[node].p.kill()
+                stores[node].p.wait()
+            with kvf.Client(addrs, ks.seed, transport="tcp", reroute=True,
+                            deadline_ms=1000) as c:
+                hot_got = c.get([keys[i] for i in hot], 1 << 16)
+                for _ in range(6):  # the first requests find the dead nodes down
+                    if all(g[0] == "KVF_OK" for g in hot_got):
+                        break
+                    time.sleep(0.3)
+                    hot_got = c.get([keys[i] for i in hot], 1 << 16)
+                self.assertEqual(hot_got, [("KVF_OK", objs[i]) for i in hot])
+        finally:
+            for x in stores:
+                x.stop()
+
     def test_refuses_replication_without_peers(self):
         p = subprocess.run([STORE_BIN, "--listen", "127.0.0.1:0", "--memory", "16M",
                             "--replicate-hits", "2"], capture_output=True, text=True, timeout=30)

@@ -734,6 +734,59 @@ static void test_store_replicate_hot_entries(void **state)
     fx_close(b);
 }
 
+/* --replicas 3: each hot entry goes to the two peers its key ranks first (here the only two),
+ * so that its hits outlive two of its three holders; one that is not hot goes to neither. */
+static void test_store_replicate_to_k_nodes(void **state)
+{
+    (void)state;
+    fixture *a = fx_open(4u << 20, "lru", 0),
+            *p[2] = {fx_open(4u << 20, "lru", 0), fx_open(4u << 20, "lru", 0)};
+    kvf_server *srv[2] = {NULL, NULL};
+    pthread_t th[2];
+    char err[300] = "", addr[2][64];
+    for (int i = 0; i < 2; i++) {
+        kvf_server_opts so = {
+            .host = "127.0.0.1", .threads = 1, .cache = p[i]->c, .verify_puts = 1};
+        assert_int_equal(kvf__server_open(&srv[i], &so, err, sizeof err), 0);
+        assert_int_equal(pthread_create(&th[i], NULL, srv_main, srv[i]), 0);
+        snprintf(addr[i], sizeof addr[i], "127.0.0.1:%u", (unsigned)kvf__server_port(srv[i]));
+    }
+    const char *peers[] = {addr[0], addr[1]};
+    kvf__replicate_opts ro = {
+        .cache = a->c, .self = "127.0.0.1:9", .peers = peers, .n_peers = 2, .hits = 2, .copies = 2};
+    kvf__replicator *r = NULL;
+    assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), 0);
+    for (uint64_t i = 0; i < 12; i++) {
+        put_obj(a, i);
+        read_n(a, i, i < 8 ? 2 : 1); /* 0..7 hot */
+    }
+    kvf__replicate_stats st;
+    for (int t = 0; t < 500 && (kvf__replicator_stats(r, &st), st.made < 16); t++)
+        usleep(10000);
+    assert_int_equal(st.copies, 2);
+    assert_int_equal(st.made, 16);
+    assert_int_equal(st.failed, 0);
+    for (int k = 0; k < 2; k++) {
+        kvf__cache_lock(p[k]->c);
+        for (uint64_t i = 0; i < 12; i++)
+            assert_int_equal(has(p[k], 5, i), i < 8);
+        kvf__cache_unlock(p[k]->c);
+    }
+    kvf__replicator_close(&r);
+    for (int i = 0; i < 2; i++) {
+        kvf__server_stop(srv[i]);
+        pthread_join(th[i], NULL);
+        kvf__server_close(&srv[i]);
+        fx_close(p[i]);
+    }
+    kvf_cache_stats cs;
+    kvf__cache_lock(a->c);
+    kvf__cache_stats_locked(a->c, &cs);
+    kvf__cache_unlock(a->c);
+    assert_int_equal(cs.referenced, 0);
+    fx_close(a);
+}
+
 static void test_store_replicate_bad_options(void **state)
 {
     (void)state;
@@ -750,6 +803,9 @@ static void test_store_replicate_bad_options(void **state)
     assert_non_null(strstr(err, "no-port"));
     ro.n_peers = 0, ro.hits = 0;
     assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), KVF_EINVAL);
+    ro.hits = 2, ro.copies = KVF_REP_MAX_COPIES + 1;
+    assert_int_equal(kvf__replicator_open(&r, &ro, err, sizeof err), KVF_EINVAL);
+    assert_non_null(strstr(err, "copies"));
     assert_null(r);
     fx_close(a);
 }
@@ -772,6 +828,7 @@ int main(void)
         cmocka_unit_test(test_store_cache_open_errors),
         cmocka_unit_test(test_store_server_failed_open_closes_only_its_own),
         cmocka_unit_test(test_store_replicate_hot_entries),
+        cmocka_unit_test(test_store_replicate_to_k_nodes),
         cmocka_unit_test(test_store_replicate_bad_options),
     };
     return cmocka_run_group_tests_name("store", tests, NULL, NULL);
