@@ -175,21 +175,29 @@ class TestReplicas(unittest.TestCase):
             time.sleep(0.05)
         self.fail(f"{what}: {st}")
 
+    def three_nodes(self, addrs, stores, extra):
+        """Starts a kvf-store on each address, each naming the others as --peer."""
+        for a in addrs:
+            peers = [w for b in addrs if b != a for w in ("--peer", b)]
+            stores.append(Store(memory="64M", listen=a,
+                                extra=("--replicate-hits", "2", *extra, *peers)))
+
+    @staticmethod
+    def objects(layout, keys, seed):
+        rnd = random.Random(seed)
+        return [kvf.Object.encode(k, layout, 64,
+                                  [bytes(rnd.getrandbits(8) for _ in range(512))] * 4)
+                for k in keys]
+
     def test_hot_keys_survive_their_node(self):
         layout = kvf.Layout.preset("ref-tiny")
         ks = kvf.KeySpace(layout, salt="replicas")
         addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
         stores = []
         try:
-            for a in addrs:
-                peers = [w for b in addrs if b != a for w in ("--peer", b)]
-                stores.append(Store(memory="64M", listen=a,
-                                    extra=("--replicate-hits", "2", *peers)))
+            self.three_nodes(addrs, stores, ())
             keys = ks.keys(tokens(64 * 60, 21))
-            rnd = random.Random(4)
-            objs = [kvf.Object.encode(k, layout, 64,
-                                      [bytes(rnd.getrandbits(8) for _ in range(512))] * 4)
-                    for k in keys]
+            objs = self.objects(layout, keys, 4)
             with kvf.Client(addrs, ks.seed, transport="tcp") as c, \
                     kvf.Client(addrs[:1], ks.seed, transport="tcp") as first:
                 self.assertEqual(c.put(keys, objs), ["KVF_OK"] * len(keys))
@@ -236,15 +244,9 @@ class TestReplicas(unittest.TestCase):
         addrs = [f"127.0.0.1:{p}" for p in free_ports(3)]
         stores = []
         try:
-            for a in addrs:
-                peers = [w for b in addrs if b != a for w in ("--peer", b)]
-                stores.append(Store(memory="64M", listen=a,
-                                    extra=("--replicate-hits", "2", "--replicas", "3", *peers)))
+            self.three_nodes(addrs, stores, ("--replicas", "3"))
             keys = ks.keys(tokens(64 * 40, 22))
-            rnd = random.Random(5)
-            objs = [kvf.Object.encode(k, layout, 64,
-                                      [bytes(rnd.getrandbits(8) for _ in range(512))] * 4)
-                    for k in keys]
+            objs = self.objects(layout, keys, 5)
             with kvf.Client(addrs, ks.seed, transport="tcp") as c, \
                     kvf.Client(addrs[:1], ks.seed, transport="tcp") as first:
                 self.assertEqual(c.put(keys, objs), ["KVF_OK"] * len(keys))
