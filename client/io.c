@@ -31,7 +31,9 @@ static void cn_reset(kvf__io *io, kvf__conn *cn, int status);
 
 /* Whether r may go to its node now. A node that is down fails it at once; once its backoff has
  * passed, the first engine to ask probes it (a fresh connection whose HELLO has a short deadline)
- * and fails r meanwhile too: a hung node costs the client one deadline, not one per request. */
+ * and fails r meanwhile too: a hung node costs the client one deadline, not one per request.
+ * With rerouting no request is sent to a node marked down (place.c): probe_down_nodes() probes
+ * it apart from them. */
 static int node_admits(kvf__io *io, kvf__req *r)
 {
     kvf__conn *cn = r->cn;
@@ -87,6 +89,11 @@ static void cn_submit(kvf__io *io, kvf__req *r)
         return;
     if (cn->state == KVF__CS_DOWN) {
         if (kvf__now_ns() < cn->retry_at) {
+            /* refused a moment ago (at open, say): with rerouting the node is down for the
+             * client as a whole from now, as when a connect is refused below */
+            if (atomic_load_explicit(&io->cl->reroute, memory_order_relaxed) &&
+                !atomic_load(&cn->nd->down_until))
+                kvf__node_mark_down(cn->nd);
             kvf__req_fail(r, KVF_ECONNREFUSED);
             return;
         }
@@ -289,6 +296,29 @@ static void drain_submissions(kvf__io *io)
     }
 }
 
+/* With rerouting, a node marked down gets no requests (place.c sends its keys to the next node)
+ * until a probe finds it again: once its backoff has passed, the first engine of the client
+ * probes it here, apart from any request, so that no request waits on it or fails with it. */
+static void probe_down_nodes(kvf__io *io)
+{
+    kvf_client *c = io->cl;
+    if (io != c->io[0] || !atomic_load_explicit(&c->reroute, memory_order_relaxed))
+        return;
+    uint64_t t = kvf__now_ns();
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        kvf__node *nd = &c->nodes[i];
+        uint64_t until = atomic_load(&nd->down_until);
+        int idle = 0;
+        if (!until || t < until || !atomic_compare_exchange_strong(&nd->probing, &idle, 1))
+            continue;
+        kvf__conn *cn = &io->cn[i * (size_t)io->conns];
+        if (cn->state == KVF__CS_UP)
+            cn_reset(io, cn, KVF_EHOSTUNREACH); /* what it carried waited on the hung node */
+        if (cn_connect(io, cn, 1) != 0)
+            kvf__node_mark_down(nd);
+    }
+}
+
 static void *io_main(void *arg)
 {
     kvf__io *io = arg;
@@ -321,6 +351,7 @@ static void *io_main(void *arg)
                 cn_reset(io, cn, rc == KVF_EPROTO || rc == KVF_EACCES ? rc : KVF_ECONNRESET);
         }
         check_deadlines(io);
+        probe_down_nodes(io);
         kvf__io_flush_completed(io);
     }
     /* Closing: fail whatever is left. */

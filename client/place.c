@@ -17,8 +17,8 @@ size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
      * after a request it did not answer or a connection it refused), else among all. A key whose
      * node is down goes to the next node in its order, as rendezvous hashing moves a leaving
      * node's keys: its puts land there and its gets look there (a replica of a hot chunk, or
-     * what was put meanwhile), and once the backoff passes the key goes home again (its first
-     * request there probes the node). Chunks are immutable under their key, so a key read from
+     * what was put meanwhile), and once a probe after the backoff finds the node the key goes
+     * home again. Chunks are immutable under their key, so a key read from
      * another node than it was put to is a miss at worst, never other bytes. */
     uint64_t now = atomic_load_explicit(&c->reroute, memory_order_relaxed) ? kvf__now_ns() : 0;
     size_t best = 0, best_up = SIZE_MAX;
@@ -29,10 +29,10 @@ size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
             bs = s, best = i;
         uint64_t until =
             now ? atomic_load_explicit(&c->nodes[i].down_until, memory_order_relaxed) : 0;
-        /* past its backoff it is asked again, by one request (node_admits, io.c): while that
-         * probe is out the others go on to the next node */
-        int up = !until || (now >= until &&
-                            !atomic_load_explicit(&c->nodes[i].probing, memory_order_relaxed));
+        /* down until a probe finds it again: the client's first I/O engine probes it once its
+         * backoff has passed, apart from any request (probe_down_nodes, io.c), so no request
+         * of its keys waits on it or fails with it meanwhile */
+        int up = !until;
         if (up && (best_up == SIZE_MAX || s > bs_up))
             bs_up = s, best_up = i;
     }

@@ -276,6 +276,45 @@ class TestReplicas(unittest.TestCase):
             for x in stores:
                 x.stop()
 
+    def test_a_dead_node_fails_no_request_after_it_is_found(self):
+        """With rerouting, once a node is found dead its keys go to the next node, and the probes
+        that find it again (each time its backoff passes) are made apart from the requests: no
+        request of its keys fails while it stays dead, and once it is back they go home."""
+        layout = kvf.Layout.preset("ref-tiny")
+        ks = kvf.KeySpace(layout, salt="probes")
+        addrs = [f"127.0.0.1:{p}" for p in free_ports(2)]
+        stores = [Store(memory="32M", listen=a) for a in addrs]
+        try:
+            keys = ks.keys(tokens(64 * 24, 23))
+            objs = self.objects(layout, keys, 6)
+            with kvf.Client(addrs, ks.seed, transport="tcp") as c:
+                self.assertEqual(c.put(keys, objs), ["KVF_OK"] * len(keys))
+                home0 = [k for k in keys if c.node_of(k) == 0]
+            self.assertGreaterEqual(len(home0), 3)
+            stores[0].p.kill()
+            stores[0].p.wait()
+            with kvf.Client(addrs, ks.seed, transport="tcp", reroute=True,
+                            deadline_ms=1000) as c:
+                c.get(home0, 1 << 16)  # finds node 0 refusing: marked down
+                seen = set()
+                t_end = time.monotonic() + 3.5  # backoffs of 0.2, 0.4, 0.8 and 1.6 s pass
+                while time.monotonic() < t_end:
+                    seen.update(g[0] for g in c.get(home0, 1 << 16))
+                    time.sleep(0.02)
+                self.assertEqual(seen, {"KVF_ENOENT"})  # misses on node 1, never a failure
+                self.assertTrue(all(c.node_of(k) == 1 for k in home0))
+                stores[0] = Store(memory="32M", listen=addrs[0])  # back (empty)
+                t_end = time.monotonic() + 8  # the backoff is at most 5 s
+                while time.monotonic() < t_end and any(c.node_of(k) != 0 for k in home0):
+                    time.sleep(0.05)
+                self.assertTrue(all(c.node_of(k) == 0 for k in home0), "never found again")
+                self.assertEqual(c.put(home0[:1], objs[keys.index(home0[0]):][:1]), ["KVF_OK"])
+                with kvf.Client(addrs[:1], ks.seed, transport="tcp") as only0:
+                    self.assertEqual(only0.exists(home0[:1]), [True])
+        finally:
+            for x in stores:
+                x.stop()
+
     def test_refuses_replication_without_peers(self):
         p = subprocess.run([STORE_BIN, "--listen", "127.0.0.1:0", "--memory", "16M",
                             "--replicate-hits", "2"], capture_output=True, text=True, timeout=30)
