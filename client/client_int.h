@@ -203,6 +203,7 @@ struct kvf__node {
 struct kvf__io {
     kvf_client *cl;
     int conns;      /* connections per node */
+    int prober;     /* the client's first engine: it probes the nodes marked down (io.c) */
     kvf__conn *cn;  /* n_nodes x conns, node by node */
     atomic_int *rr; /* per node: the next connection to stripe onto */
     kvf_poller *poller;

@@ -302,7 +302,7 @@ static void drain_submissions(kvf__io *io)
 static void probe_down_nodes(kvf__io *io)
 {
     kvf_client *c = io->cl;
-    if (io != c->io[0] || !atomic_load_explicit(&c->reroute, memory_order_relaxed))
+    if (!io->prober || !atomic_load_explicit(&c->reroute, memory_order_relaxed))
         return;
     uint64_t t = kvf__now_ns();
     for (size_t i = 0; i < c->n_nodes; i++) {
@@ -490,6 +490,7 @@ int kvf__io_open(kvf_client *c, int conns, kvf__io **out, char *err, size_t errl
         return kvf__errf(err, errlen, KVF_ENOMEM, "out of memory");
     io->cl = c;
     io->conns = conns;
+    io->prober = out == &c->io[0]; /* set before its thread starts, which reads it */
     io->wake[0] = io->wake[1] = -1;
     pthread_mutex_init(&io->mu, NULL);
     pthread_mutex_init(&io->cmu, NULL);
