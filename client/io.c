@@ -347,6 +347,11 @@ static void *io_main(void *arg)
                 rc = kvf__cn_read(cn);
             if (!rc && cn->auth_due)
                 rc = send_auth(cn);
+            if (rc && rc != KVF_EPROTO && rc != KVF_EACCES &&
+                atomic_load_explicit(&io->cl->reroute, memory_order_relaxed) &&
+                !atomic_load(&cn->nd->down_until))
+                kvf__node_mark_down(cn->nd); /* reset (the node died or restarted): its keys go
+                                              * to the next node until a probe finds it again */
             if (rc)
                 cn_reset(io, cn, rc == KVF_EPROTO || rc == KVF_EACCES ? rc : KVF_ECONNRESET);
         }

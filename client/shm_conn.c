@@ -253,8 +253,13 @@ int kvf__shm_conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
     if (rc) {
         s->retry_at = t + RETRY_NS;
         s->last_rc = rc;
-        if (rc == KVF_ETIMEDOUT)
-            kvf__node_mark_down(&w->p->c->nodes[node]);
+        kvf__node *nd = &w->p->c->nodes[node];
+        /* a node that does not answer is down; with rerouting so is one that refuses (it died
+         * or restarts): its keys go to the next node until a probe finds it again (io.c) */
+        if (rc == KVF_ETIMEDOUT || (rc != KVF_EPROTO && rc != KVF_EACCES &&
+                                    atomic_load_explicit(&w->p->c->reroute, memory_order_relaxed) &&
+                                    !atomic_load(&nd->down_until)))
+            kvf__node_mark_down(nd);
         return rc;
     }
     kvf__shm_count(w->p, 0, 0, 0, 0, 0, 1, 0);

@@ -859,6 +859,39 @@ static void test_daemon_deadline_and_dead_node(void **state)
     daemon_stop(&d[0]);
 }
 
+/* With rerouting, a dead node's keys go to the next node, and the probes that look for it again
+ * after each backoff are the client's own: no request fails after the first finds it dead (four
+ * backoffs of requests, every 20 ms), every key is a hit or, where its node died, a miss. */
+static void test_daemon_rerouted_keys_never_fail(void **state)
+{
+    (void)state;
+    daemon_t d[2];
+    daemon_start(&d[0], "32M", NULL);
+    daemon_start(&d[1], "32M", NULL);
+    kvf_client *c = client_open(d, 2, 1000);
+    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    daemon_kill(&d[1]);
+    kvf_client_set_reroute(c, 1);
+    int st[60];
+    (void)get_range(c, 0, 60, SEG, 0, 0, st); /* finds node 1 dead */
+    size_t hits = 0, misses = 0, failed = 0, rounds = 0;
+    for (uint64_t t_end = kvf__now_ns() + 3500000000ull; kvf__now_ns() < t_end; rounds++) {
+        hits += get_range(c, 0, 60, SEG, 0, 0, st);
+        for (int i = 0; i < 60; i++) {
+            misses += st[i] == KVF_ENOENT;
+            if (st[i] != 0 && st[i] != KVF_ENOENT && failed++ < 20)
+                printf("round %zu key %d: %s\n", rounds, i, kvf_strerror(st[i]));
+        }
+        usleep(20000);
+    }
+    printf("rerouted: %zu rounds, %zu hits, %zu misses, %zu failed\n", rounds, hits, misses,
+           failed);
+    assert_int_equal(failed, 0);
+    assert_true(hits > 0 && misses > 0);
+    kvf_client_close(&c);
+    daemon_stop(&d[0]);
+}
+
 /* A node that hangs (SIGSTOP) costs the client one deadline, not one per request: the request
  * that timed out marks it down, the next ones fail at once (KVF_EHOSTUNREACH) while the other node
  * serves its keys, a probe with a short deadline runs in the background, and the node is used
@@ -1148,6 +1181,7 @@ int main(void)
         cmocka_unit_test_teardown(test_daemon_bad_input_is_contained, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_deadline_and_dead_node, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_hung_node_costs_one_deadline, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_rerouted_keys_never_fail, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_compress_and_placement, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_descriptor_limit, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_refuses_impossible_sizes, teardown_daemons),
