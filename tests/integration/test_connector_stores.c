@@ -199,7 +199,7 @@ static void test_stores_change_under_transfers(void **state)
     const size_t n = 8 * 32, np = n / 16; /* 8 chunks, 16 pages */
     uint32_t ids[16];
     size_t loaded_tokens = 0, rounds = 0;
-    uint64_t t_end = (uint64_t)time(NULL) + 4;
+    uint64_t t_end = (uint64_t)time(NULL) + 3;
     for (int r = 0; r < 400 && (uint64_t)time(NULL) < t_end; r++, rounds++) {
         uint32_t t[8 * 32];
         for (size_t i = 0; i < n; i++)
