@@ -115,8 +115,9 @@ kvf_sched *bench_sched_uniform(int n, uint32_t block_tokens, uint64_t capacity_b
     return s;
 }
 
-/* Decodes one payload with d and applies it to s, taking mu (may be NULL) for the apply only, as
- * kvf-sched's events thread does. 0 or an error. */
+/* Decodes one payload with d and applies it to s, taking mu (may be NULL: applied whole) for the
+ * apply only, a slice of KVF_SCHED_APPLY_SLICE blocks at a time, as kvf-sched's events thread
+ * does. 0 or an error. */
 static int ingest_one(kvf_sched *s, kvf__kve_decoder *d, pthread_mutex_t *mu, int inst,
                       const void *payload, size_t len, kvf_ingest_stats *st)
 {
@@ -128,11 +129,16 @@ static int ingest_one(kvf_sched *s, kvf__kve_decoder *d, pthread_mutex_t *mu, in
     if (rc)
         return rc;
     kvf_event_source src = {.instance = inst, .store = -1};
-    if (mu)
+    if (!mu)
+        return kvf_sched_apply(s, &src, ev, n, malformed, st, err, sizeof err);
+    /* slice by slice, the lock released between them, as kvf-sched's events thread applies */
+    kvf_apply_cursor cur = {0, 0};
+    do {
         pthread_mutex_lock(mu);
-    rc = kvf_sched_apply(s, &src, ev, n, malformed, st, err, sizeof err);
-    if (mu)
+        rc = kvf_sched_apply_some(s, &src, ev, n, malformed, &cur, KVF_SCHED_APPLY_SLICE, st, err,
+                                  sizeof err);
         pthread_mutex_unlock(mu);
+    } while (!rc && cur.event < n);
     return rc;
 }
 

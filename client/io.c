@@ -113,7 +113,12 @@ static void cn_submit(kvf__io *io, kvf__req *r)
 
 static void hello_done(kvf_op *op, int status, void *ud)
 {
-    (void)status;
+    /* A probe that failed in any way (reset, refused mid-way, a bad answer) ends the probe: the
+     * node stays down for another backoff, and is probed again after it. One that timed out was
+     * marked down already (check_deadlines), which ended the probe. */
+    kvf__node *nd = op->cl && op->target >= 0 ? &op->cl->nodes[op->target] : NULL;
+    if (status != 0 && op->deadline_ns != UINT64_MAX && nd && atomic_load(&nd->probing))
+        kvf__node_mark_down(nd);
     kvf_op_free(&op);
     free(ud);
 }

@@ -254,11 +254,14 @@ int kvf__shm_conn_of(worker *w, size_t node, uint64_t deadline_ns, sconn **out)
         s->retry_at = t + RETRY_NS;
         s->last_rc = rc;
         kvf__node *nd = &w->p->c->nodes[node];
-        /* a node that does not answer is down; with rerouting so is one that refuses (it died
-         * or restarts): its keys go to the next node until a probe finds it again (io.c) */
-        if (rc == KVF_ETIMEDOUT || (rc != KVF_EPROTO && rc != KVF_EACCES &&
-                                    atomic_load_explicit(&w->p->c->reroute, memory_order_relaxed) &&
-                                    !atomic_load(&nd->down_until)))
+        /* a node that does not answer is down; with rerouting so is one whose socket refuses or
+         * resets (it died, or restarts): its keys go to the next node until a probe finds it
+         * again (io.c). A node that only cannot serve shared memory now (no staging to spare,
+         * no arena handed out) is not down: its keys go over TCP. */
+        int refused = rc == KVF_ECONNREFUSED || rc == KVF_ECONNRESET || rc == KVF_ENOENT;
+        if (rc == KVF_ETIMEDOUT ||
+            (refused && atomic_load_explicit(&w->p->c->reroute, memory_order_relaxed) &&
+             !atomic_load(&nd->down_until)))
             kvf__node_mark_down(nd);
         return rc;
     }

@@ -98,6 +98,7 @@ struct kvf_connector {
     pthread_t st_th;
     pthread_cond_t st_cv; /* under mu: stop, or a retired client's last hold dropped */
     int st_started, st_stop, st_cv_ready;
+    int st_closed;      /* under mu: the clients were closed (connector close) */
     uint64_t obj_bytes; /* raw object size of a chunk */
     uint64_t seg_bytes; /* one layer of one chunk; fixed at open (the workers size scratch by it) */
     kvf_caps local, remote;  /* the engine's capability record (its mem_kinds from registration)

@@ -50,7 +50,7 @@ kvf__clref *kvf__clref_new(kvf_client *cl, char **nodes, size_t n)
 kvf__clref *kvf__clref_hold(kvf_connector *cn)
 {
     pthread_mutex_lock(&cn->mu);
-    kvf__clref *r = cn->cur;
+    kvf__clref *r = cn->st_closed ? NULL : cn->cur;
     if (r)
         r->refs++;
     pthread_mutex_unlock(&cn->mu);
@@ -115,8 +115,10 @@ static void refresh_locked(kvf_connector *cn)
     char **nodes = NULL, err[300] = "";
     size_t n = 0;
     kvf__clref *cur = kvf__clref_hold(cn), *fresh = NULL;
-    int rc = cur ? kvf__nodes_from_sched(cn->sched, &nodes, &n, cn->deadline_ms, err, sizeof err)
-                 : KVF_ECLOSED;
+    /* a short answer time: the connector's close waits for this call */
+    int t_ms = cn->deadline_ms < 1000 ? cn->deadline_ms : 1000;
+    int rc =
+        cur ? kvf__nodes_from_sched(cn->sched, &nodes, &n, t_ms, err, sizeof err) : KVF_ECLOSED;
     if (rc == 0 && !same_set(cur, nodes, n)) {
         kvf_client *cl = NULL;
         rc = kvf__client_open_on(cn, (const char *const *)nodes, n, &cl, err, sizeof err);
@@ -205,6 +207,7 @@ void kvf__stores_close(kvf_connector *cn)
      * records stay until the connector is freed, since transfers not yet freed still name them. */
     pthread_mutex_lock(&cn->mu);
     kvf__clref *cur = cn->cur, *retired = cn->retired;
+    cn->st_closed = 1; /* no new holds: calls after close find no client */
     pthread_mutex_unlock(&cn->mu);
     if (cur)
         kvf_client_close(&cur->cl);

@@ -93,6 +93,72 @@ int kvf_sched_apply(kvf_sched *s, const kvf_event_source *src, const kvf_kve *ev
     return 0;
 }
 
+/* The blocks (or keys) of an event that slices count, 0 for an event applied whole. */
+static size_t sliced_len(const kvf_kve *ev)
+{
+    switch (ev->type) {
+    case KVF_KVE_BLOCK_STORED:
+    case KVF_KVE_BLOCK_REMOVED:
+        return ev->n_hashes;
+    case KVF_KVE_CHUNKS_ADMITTED:
+    case KVF_KVE_CHUNKS_EVICTED:
+        return ev->n_keys;
+    default:
+        return 0;
+    }
+}
+
+int kvf_sched_apply_some(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events,
+                         size_t n, uint64_t malformed, kvf_apply_cursor *cur, size_t blocks,
+                         kvf_ingest_stats *st, char *err, size_t errlen)
+{
+    ingest_ctx x = {.s = s, .src = src, .st = st};
+    if (cur->event == 0 && cur->off == 0) {
+        st->batches++;
+        st->malformed += malformed;
+    }
+    size_t budget = blocks ? blocks : SIZE_MAX;
+    while (cur->event < n && budget > 0) {
+        const kvf_kve *ev = &events[cur->event];
+        size_t len = sliced_len(ev), k = len - cur->off;
+        kvf_kve piece = *ev;
+        if (len) {
+            k = k < budget ? k : budget;
+            if (piece.n_hashes) {
+                piece.hashes = ev->hashes + cur->off;
+                piece.n_hashes = k;
+            }
+            if (piece.n_keys) {
+                piece.keys = ev->keys + cur->off;
+                piece.n_keys = k;
+            }
+            if (ev->type == KVF_KVE_BLOCK_STORED) {
+                piece.tokens = ev->tokens + cur->off * ev->block_size;
+                piece.n_tokens = k * ev->block_size;
+                if (cur->off) { /* the rest of a chain: its parent is the last block applied */
+                    piece.has_parent = 1;
+                    piece.parent = ev->hashes[cur->off - 1];
+                }
+            }
+        }
+        uint64_t unknown = st->unknown_parents;
+        int rc = apply(&x, &piece, err, errlen);
+        if (rc == KVF_EPROTO) /* one event that does not fit its publisher: skipped */
+            st->malformed++;
+        else if (rc)
+            return rc;
+        budget -= len ? k : 1;
+        cur->off += len ? k : 0;
+        /* done with the event: all of it applied, refused, or its chain unknown to the index
+         * (its other pieces would be too) */
+        if (!len || cur->off >= len || rc == KVF_EPROTO || st->unknown_parents != unknown) {
+            cur->event++;
+            cur->off = 0;
+        }
+    }
+    return 0;
+}
+
 int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payload, size_t len,
                      kvf_ingest_stats *st, char *err, size_t errlen)
 {

@@ -406,19 +406,28 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     return replay && !down;
 }
 
-/* Applies one batch of publisher i, checked by check_batch_locked() and decoded (drc: the
- * decode's result; ev, n and malformed what it gave; err its reason). Called with d->mu held:
- * only this part, the index's, holds the lock that placements wait for. */
-static void apply_batch_locked(kvf__sched_daemon *d, int i, int drc, const kvf_kve *ev, size_t n,
-                               uint64_t malformed, char *err, size_t errlen)
+/* Applies the next slice of one batch of publisher i (*cur: where it is), checked by
+ * check_batch_locked() and decoded (drc: the decode's result; ev, n and malformed what it gave;
+ * err its reason). Called with d->mu held: only this part, the index's, holds the lock that
+ * placements wait for. A batch that does not decode, or whose publisher was removed meanwhile,
+ * is done at once. */
+static void apply_slice_locked(kvf__sched_daemon *d, int i, int drc, const kvf_kve *ev, size_t n,
+                               uint64_t malformed, kvf_apply_cursor *cur, char *err,
+                               size_t errlen)
 {
     kvf__sched_sub *sb = &d->subs[i];
-    if (sb->dead)
+    if (sb->dead) {
+        cur->event = n;
         return;
+    }
     uint64_t before = d->ingest.malformed;
-    int rc = drc ? drc : kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, errlen);
-    if (rc)
+    int rc = drc ? drc
+                 : kvf_sched_apply_some(d->s, &sb->src, ev, n, malformed, cur,
+                                        KVF_SCHED_APPLY_SLICE, &d->ingest, err, errlen);
+    if (rc) {
         d->ingest.malformed++;
+        cur->event = n;
+    }
     if (rc || d->ingest.malformed != before)
         kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
 }
@@ -445,9 +454,14 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
     uint64_t malformed = 0;
     int drc =
         kvf__kve_decode_batch(d->dec, m->payload, m->len, &ev, &n, &malformed, err, sizeof err);
-    pthread_mutex_lock(&d->mu);
-    apply_batch_locked(d, i, drc, ev, n, malformed, err, sizeof err);
-    pthread_mutex_unlock(&d->mu);
+    /* Applied a slice at a time, the lock released between slices: a placement waits for one
+     * slice, not for a whole batch (64 blocks of vLLM's, 4,096 keys of a store's). */
+    kvf_apply_cursor cur = {0, 0};
+    do {
+        pthread_mutex_lock(&d->mu);
+        apply_slice_locked(d, i, drc, ev, n, malformed, &cur, err, sizeof err);
+        pthread_mutex_unlock(&d->mu);
+    } while (!drc && cur.event < n);
 }
 
 void kvf__sched_events_round(kvf__sched_daemon *d)

@@ -50,6 +50,7 @@ typedef struct rep_item {
     uint64_t peer[KVF_REP_MAX_COPIES]; /* the targets' seeds: the peers may change meanwhile */
     uint32_t n_peer;
     uint32_t n_made; /* the worker's count of copies made */
+    uint32_t n_left; /* and of copies not pushed yet */
 } rep_item;
 
 /* One copy to push: an entry and one of its targets. */
@@ -139,17 +140,6 @@ static int on_hot(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, cons
     return taken;
 }
 
-/* The peer of seed, copied into addr; 0, or -1 where it left. Called with r->mu held. */
-static int peer_addr_locked(const kvf__replicator *r, uint64_t seed, char *addr, size_t n)
-{
-    for (size_t i = 0; i < r->n_peers; i++)
-        if (r->peers[i].seed == seed) {
-            snprintf(addr, n, "%s", r->peers[i].addr);
-            return 0;
-        }
-    return -1;
-}
-
 /* Pushes jobs j[0..n) (one target, one namespace) and says per job whether its copy is there
  * now. */
 static void push(kvf__replicator *r, const char *addr, const rep_job *j, size_t n, int *made)
@@ -209,14 +199,31 @@ static void push(kvf__replicator *r, const char *addr, const rep_job *j, size_t 
     pthread_mutex_unlock(&r->mu);
 }
 
-/* Pushes a batch taken from the queue, a copy per entry and target, group by group; then ends
- * each entry's replication (made where every target has its copy). */
+/* The peer of seed, copied into addr, where it is up; 0, or -1 where it left or was found down
+ * since (a hung peer costs a batch one push deadline, not one per group). r->mu held. */
+static int live_addr_locked(const kvf__replicator *r, uint64_t seed, char *addr, size_t n)
+{
+    uint64_t now = kvf__now_ns();
+    for (size_t i = 0; i < r->n_peers; i++)
+        if (r->peers[i].seed == seed) {
+            if (r->peers[i].down_until_ns > now)
+                return -1;
+            snprintf(addr, n, "%s", r->peers[i].addr);
+            return 0;
+        }
+    return -1;
+}
+
+/* Pushes a batch taken from the queue, a copy per entry and target, group by group. An entry's
+ * replication ends (made where every target has its copy) and its reference goes as soon as its
+ * last copy was pushed, not at the end of the batch. */
 static void run_batch(kvf__replicator *r, rep_item *b, size_t n)
 {
     rep_job *jb = r->jobs;
     size_t nj = 0;
     for (size_t i = 0; i < n; i++) {
         b[i].n_made = 0;
+        b[i].n_left = b[i].n_peer;
         for (uint32_t k = 0; k < b[i].n_peer; k++)
             jb[nj++] = (rep_job){.it = &b[i], .ns = b[i].ns, .peer = b[i].peer[k]};
     }
@@ -235,22 +242,24 @@ static void run_batch(kvf__replicator *r, rep_item *b, size_t n)
         }
         char addr[KVF_REP_ADDR];
         pthread_mutex_lock(&r->mu);
-        int gone = peer_addr_locked(r, jb[done].peer, addr, sizeof addr);
+        int skip = live_addr_locked(r, jb[done].peer, addr, sizeof addr);
         pthread_mutex_unlock(&r->mu);
-        if (gone)
-            memset(made, 0, g * sizeof *made); /* the target left: asked for again later */
+        if (skip)
+            memset(made, 0, g * sizeof *made); /* the target left or is down: asked again later */
         else
             push(r, addr, jb + done, g, made);
-        for (size_t i = 0; i < g; i++)
-            jb[done + i].it->n_made += made[i] != 0;
+        kvf__cache_lock(r->cache);
+        for (size_t i = 0; i < g; i++) {
+            rep_item *it = jb[done + i].it;
+            it->n_made += made[i] != 0;
+            if (--it->n_left == 0) {
+                kvf__cache_replicate_done_locked(r->cache, it->eid, it->n_made == it->n_peer);
+                kvf__cache_release_locked(r->cache, it->eid);
+            }
+        }
+        kvf__cache_unlock(r->cache);
         done += g;
     }
-    kvf__cache_lock(r->cache);
-    for (size_t i = 0; i < n; i++) {
-        kvf__cache_replicate_done_locked(r->cache, b[i].eid, b[i].n_made == b[i].n_peer);
-        kvf__cache_release_locked(r->cache, b[i].eid);
-    }
-    kvf__cache_unlock(r->cache);
 }
 
 static void *worker(void *arg)

@@ -37,6 +37,26 @@ int kvf_sched_ingest(kvf_sched *s, const kvf_event_source *src, const void *payl
 int kvf_sched_apply(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events, size_t n,
                     uint64_t malformed, kvf_ingest_stats *st, char *err, size_t errlen);
 
+/* Where kvf_sched_apply_some() is in a decoded batch: the event, and the blocks (or keys) of it
+ * already applied. Start from {0, 0}. */
+typedef struct kvf_apply_cursor {
+    size_t event, off;
+} kvf_apply_cursor;
+
+/* kvf_sched_apply() in slices: applies events from *cur on, at most `blocks` blocks (BlockStored
+ * and BlockRemoved hashes, chunk keys) in all, splitting an event where the budget ends (the rest
+ * of a BlockStored goes on from its last block applied, as its parent), and moves *cur; the batch
+ * is done when cur->event == n. The caller takes the lock that guards s for each call and may
+ * release it between them, so that a placement waits for one slice, not for a whole batch. The
+ * batch and the decode's malformed events are counted by the first call. Returns as
+ * kvf_sched_apply(). */
+int kvf_sched_apply_some(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events,
+                         size_t n, uint64_t malformed, kvf_apply_cursor *cur, size_t blocks,
+                         kvf_ingest_stats *st, char *err, size_t errlen);
+
+/* Blocks a slice of kvf_sched_apply_some() takes, as kvf-sched's events thread applies them. */
+#define KVF_SCHED_APPLY_SLICE 16
+
 /* A publisher's sequence numbers as seen so far. Counters saturate at UINT64_MAX; they never
  * wrap. */
 typedef struct kvf_seq_tracker {
