@@ -204,6 +204,71 @@ static void test_sched_index_grows(void **state)
     kvf_sched_destroy(&s);
 }
 
+/* kvf_sched_apply_some(), 7 blocks a slice, leaves the index and the counters as one
+ * kvf_sched_apply() of the whole batch does: a chain split across slices goes on from its last
+ * block, removals split alike, and a chain whose parent the index never saw counts once. */
+static void test_sched_apply_in_slices(void **state)
+{
+    (void)state;
+    uint32_t tok[40 * 4], tok2[10 * 4];
+    seq(tok, 160, 0);
+    seq(tok2, 40, 5000);
+    uint64_t h[40], h2[10];
+    for (int i = 0; i < 40; i++)
+        h[i] = 1001 + (uint64_t)i;
+    for (int i = 0; i < 10; i++)
+        h2[i] = 2001 + (uint64_t)i;
+    kvf_kve ev[3] = {
+        {.type = KVF_KVE_BLOCK_STORED,
+         .hashes = h,
+         .n_hashes = 40,
+         .tokens = tok,
+         .n_tokens = 160,
+         .block_size = 4},
+        {.type = KVF_KVE_BLOCK_STORED,
+         .hashes = h2,
+         .n_hashes = 10,
+         .has_parent = 1,
+         .parent = 99999,
+         .tokens = tok2,
+         .n_tokens = 40,
+         .block_size = 4},
+        {.type = KVF_KVE_BLOCK_REMOVED, .hashes = h + 30, .n_hashes = 10},
+    };
+    kvf_sched *s[2];
+    kvf_ingest_stats st[2];
+    kvf_event_source src = {.instance = 0, .store = -1};
+    char err[200];
+    for (int k = 0; k < 2; k++) {
+        s[k] = new_sched(KVF_POLICY_KVF_COST);
+        add(s[k], "i0", KVF_ROLE_BOTH, 4, 1000);
+        memset(&st[k], 0, sizeof st[k]);
+    }
+    assert_int_equal(kvf_sched_apply(s[0], &src, ev, 3, 0, &st[0], err, sizeof err), 0);
+    kvf_apply_cursor cur = {0, 0};
+    int calls = 0;
+    do {
+        assert_int_equal(
+            kvf_sched_apply_some(s[1], &src, ev, 3, 0, &cur, 7, &st[1], err, sizeof err), 0);
+        calls++;
+    } while (cur.event < 3 && calls < 100);
+    assert_true(calls >= 8); /* 40 + 10 blocks stored and 10 removed, 7 at a time */
+    assert_int_equal(st[1].batches, 1);
+    assert_int_equal(st[0].stored, st[1].stored);
+    assert_int_equal(st[0].removed, st[1].removed);
+    assert_int_equal(st[0].unknown_parents, 1);
+    assert_int_equal(st[1].unknown_parents, 1);
+    kvf_index_stats ix[2];
+    for (int k = 0; k < 2; k++) {
+        kvf_sched_index_stats(s[k], &ix[k]);
+        assert_int_equal(kvf_sched_match(s[k], 0, tok, 160), 30 * 4);
+    }
+    assert_int_equal(ix[0].blocks, ix[1].blocks);
+    assert_int_equal(ix[1].blocks, 30);
+    for (int k = 0; k < 2; k++)
+        kvf_sched_destroy(&s[k]);
+}
+
 static void test_sched_events_both_encodings(void **state)
 {
     (void)state;
@@ -910,6 +975,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_instance_remove),
         cmocka_unit_test(test_sched_index_grows),
         cmocka_unit_test(test_sched_events_both_encodings),
+        cmocka_unit_test(test_sched_apply_in_slices),
         cmocka_unit_test(test_sched_sequence_gaps),
         cmocka_unit_test(test_sched_sequence_extremes),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
