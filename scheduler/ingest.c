@@ -108,8 +108,8 @@ static size_t sliced_len(const kvf_kve *ev)
     }
 }
 
-int kvf_sched_apply_some(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events,
-                         size_t n, uint64_t malformed, kvf_apply_cursor *cur, size_t blocks,
+int kvf_sched_apply_some(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events, size_t n,
+                         uint64_t malformed, kvf_apply_cursor *cur, size_t blocks,
                          kvf_ingest_stats *st, char *err, size_t errlen)
 {
     ingest_ctx x = {.s = s, .src = src, .st = st};

@@ -412,8 +412,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
  * placements wait for. A batch that does not decode, or whose publisher was removed meanwhile,
  * is done at once. */
 static void apply_slice_locked(kvf__sched_daemon *d, int i, int drc, const kvf_kve *ev, size_t n,
-                               uint64_t malformed, kvf_apply_cursor *cur, char *err,
-                               size_t errlen)
+                               uint64_t malformed, kvf_apply_cursor *cur, char *err, size_t errlen)
 {
     kvf__sched_sub *sb = &d->subs[i];
     if (sb->dead) {

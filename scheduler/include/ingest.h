@@ -50,8 +50,8 @@ typedef struct kvf_apply_cursor {
  * release it between them, so that a placement waits for one slice, not for a whole batch. The
  * batch and the decode's malformed events are counted by the first call. Returns as
  * kvf_sched_apply(). */
-int kvf_sched_apply_some(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events,
-                         size_t n, uint64_t malformed, kvf_apply_cursor *cur, size_t blocks,
+int kvf_sched_apply_some(kvf_sched *s, const kvf_event_source *src, const kvf_kve *events, size_t n,
+                         uint64_t malformed, kvf_apply_cursor *cur, size_t blocks,
                          kvf_ingest_stats *st, char *err, size_t errlen);
 
 /* Blocks a slice of kvf_sched_apply_some() takes, as kvf-sched's events thread applies them. */
