@@ -202,10 +202,11 @@ struct kvf__node {
 /* An I/O engine: a thread that owns its connections (conns per node) and drives them. */
 struct kvf__io {
     kvf_client *cl;
-    int conns;      /* connections per node */
-    int prober;     /* the client's first engine: it probes the nodes marked down (io.c) */
-    kvf__conn *cn;  /* n_nodes x conns, node by node */
-    atomic_int *rr; /* per node: the next connection to stripe onto */
+    int conns;             /* connections per node */
+    int prober;            /* the client's first engine: it probes the nodes marked down (io.c) */
+    uint64_t next_scan_ns; /* the prober's next look at them */
+    kvf__conn *cn;         /* n_nodes x conns, node by node */
+    atomic_int *rr;        /* per node: the next connection to stripe onto */
     kvf_poller *poller;
     int wake[2];
     pthread_t th;

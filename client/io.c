@@ -29,6 +29,20 @@ static const char wake_byte = 'w';
 static int cn_connect(kvf__io *io, kvf__conn *cn, int probe);
 static void cn_reset(kvf__io *io, kvf__conn *cn, int status);
 
+/* Probes cn's node, unless another engine or request already does: a fresh connection whose
+ * HELLO has a short deadline (its answer brings the node up; its failure, hello_done(), or its
+ * deadline marks it down again). */
+static void probe_node(kvf__io *io, kvf__conn *cn)
+{
+    int idle = 0;
+    if (!atomic_compare_exchange_strong(&cn->nd->probing, &idle, 1))
+        return;
+    if (cn->state == KVF__CS_UP)
+        cn_reset(io, cn, KVF_EHOSTUNREACH); /* what it carried waited on the hung node */
+    if (cn_connect(io, cn, 1) != 0)
+        kvf__node_mark_down(cn->nd);
+}
+
 /* Whether r may go to its node now. A node that is down fails it at once; once its backoff has
  * passed, the first engine to ask probes it (a fresh connection whose HELLO has a short deadline)
  * and fails r meanwhile too: a hung node costs the client one deadline, not one per request.
@@ -41,13 +55,8 @@ static int node_admits(kvf__io *io, kvf__req *r)
     uint64_t until = atomic_load(&nd->down_until);
     if (!until)
         return 1;
-    int idle = 0;
-    if (kvf__now_ns() >= until && atomic_compare_exchange_strong(&nd->probing, &idle, 1)) {
-        if (cn->state == KVF__CS_UP)
-            cn_reset(io, cn, KVF_EHOSTUNREACH); /* what it carried waited on the hung node */
-        if (cn_connect(io, cn, 1) != 0)
-            kvf__node_mark_down(nd);
-    }
+    if (kvf__now_ns() >= until)
+        probe_node(io, cn);
     kvf__req_fail(r, KVF_EHOSTUNREACH);
     return 0;
 }
@@ -303,24 +312,22 @@ static void drain_submissions(kvf__io *io)
 
 /* With rerouting, a node marked down gets no requests (place.c sends its keys to the next node)
  * until a probe finds it again: once its backoff has passed, the first engine of the client
- * probes it here, apart from any request, so that no request waits on it or fails with it. */
+ * probes it here, apart from any request, so that no request waits on it or fails with it. The
+ * nodes are looked at every PROBE_SCAN_NS at most, not at every wake of a busy loop. */
+#define PROBE_SCAN_NS 10000000ull
 static void probe_down_nodes(kvf__io *io)
 {
     kvf_client *c = io->cl;
     if (!io->prober || !atomic_load_explicit(&c->reroute, memory_order_relaxed))
         return;
     uint64_t t = kvf__now_ns();
+    if (t < io->next_scan_ns)
+        return;
+    io->next_scan_ns = t + PROBE_SCAN_NS;
     for (size_t i = 0; i < c->n_nodes; i++) {
-        kvf__node *nd = &c->nodes[i];
-        uint64_t until = atomic_load(&nd->down_until);
-        int idle = 0;
-        if (!until || t < until || !atomic_compare_exchange_strong(&nd->probing, &idle, 1))
-            continue;
-        kvf__conn *cn = &io->cn[i * (size_t)io->conns];
-        if (cn->state == KVF__CS_UP)
-            cn_reset(io, cn, KVF_EHOSTUNREACH); /* what it carried waited on the hung node */
-        if (cn_connect(io, cn, 1) != 0)
-            kvf__node_mark_down(nd);
+        uint64_t until = atomic_load(&c->nodes[i].down_until);
+        if (until && t >= until)
+            probe_node(io, &io->cn[i * (size_t)io->conns]);
     }
 }
 
