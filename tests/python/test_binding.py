@@ -297,12 +297,27 @@ class TestReplicas(unittest.TestCase):
                             deadline_ms=1000) as c:
                 c.get(home0, 1 << 16)  # finds node 0 refusing: marked down
                 seen = set()
-                t_end = time.monotonic() + 3.5  # backoffs of 0.2, 0.4, 0.8 and 1.6 s pass
+                t_end = time.monotonic() + 2.0  # backoffs of 0.2, 0.4 and 0.8 s pass
                 while time.monotonic() < t_end:
                     seen.update(g[0] for g in c.get(home0, 1 << 16))
                     time.sleep(0.02)
                 self.assertEqual(seen, {"KVF_ENOENT"})  # misses on node 1, never a failure
                 self.assertTrue(all(c.node_of(k) == 1 for k in home0))
+                # then something accepts on node 0's port and hangs up at once, while the next
+                # probe comes (1.6 s after the last): a probe that fails so must not leave the
+                # node "being probed" for good (it never came back before 2026-12-02's mend)
+                port = int(addrs[0].rsplit(":", 1)[1])
+                lsn = socket.create_server(("127.0.0.1", port))
+                lsn.settimeout(0.05)
+                t_end = time.monotonic() + 2.5
+                while time.monotonic() < t_end:
+                    try:
+                        lsn.accept()[0].close()
+                    except socket.timeout:
+                        pass
+                    seen = {g[0] for g in c.get(home0, 1 << 16)}
+                    self.assertEqual(seen, {"KVF_ENOENT"})
+                lsn.close()
                 stores[0] = Store(memory="32M", listen=addrs[0])  # back (empty)
                 t_end = time.monotonic() + 8  # the backoff is at most 5 s
                 while time.monotonic() < t_end and any(c.node_of(k) != 0 for k in home0):
