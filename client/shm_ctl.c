@@ -198,7 +198,9 @@ void kvf__shm_discover(kvf_client *c, char *why, size_t whylen)
 /* Leases for the caller (kvf_client_lease) */
 
 struct kvf_lease {
-    kvf_client *c;
+    kvf_client *c; /* NULL once the client closed: the lease is then only its memory */
+    struct kvf_lease *prev, *next; /* in the path's list of leases held (p->leases) */
+    int listed;
     size_t n;
     struct {
         size_t node;
@@ -321,13 +323,34 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
         kvf_lease_release(&l);
         return rc;
     }
+    pthread_mutex_lock(&p->lmu);
+    l->next = p->leases;
+    if (p->leases)
+        p->leases->prev = l;
+    p->leases = l;
+    l->listed = 1;
+    pthread_mutex_unlock(&p->lmu);
     *out = l;
     return 0;
 }
 
+void kvf__shm_leases_orphan(struct kvf__shm_path *p)
+{
+    pthread_mutex_lock(&p->lmu);
+    for (kvf_lease *l = p->leases, *next; l; l = next) {
+        next = l->next;
+        l->c = NULL; /* its views are unmapped with the path's; the node ends its lease with the
+                        connection */
+        l->prev = l->next = NULL;
+        l->listed = 0;
+    }
+    p->leases = NULL;
+    pthread_mutex_unlock(&p->lmu);
+}
+
 int kvf_lease_valid(const kvf_lease *l)
 {
-    if (!l || kvf__now_ns() >= l->until_ns)
+    if (!l || !l->c || kvf__now_ns() >= l->until_ns)
         return 0;
     /* A connection closed since (and its leases with it, on the node) ends the lease too. */
     for (size_t i = 0; i < l->n; i++)
@@ -341,7 +364,21 @@ void kvf_lease_release(kvf_lease **lp)
     if (!lp || !*lp)
         return;
     kvf_lease *l = *lp;
-    struct kvf__shm_path *p = l->c->shm;
+    *lp = NULL;
+    struct kvf__shm_path *p = l->c ? l->c->shm : NULL;
+    if (p) {
+        pthread_mutex_lock(&p->lmu);
+        if (l->listed) {
+            if (l->prev)
+                l->prev->next = l->next;
+            else
+                p->leases = l->next;
+            if (l->next)
+                l->next->prev = l->prev;
+            l->listed = 0;
+        }
+        pthread_mutex_unlock(&p->lmu);
+    }
     for (size_t i = 0; p && i < l->n; i++) {
         size_t node = l->held[i].node;
         if (!l->held[i].id) { /* no hit: nothing to release on the node */

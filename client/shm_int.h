@@ -134,9 +134,17 @@ struct kvf__shm_path {
     pthread_mutex_t mu; /* guards the workers' queues and stop */
     int stop;
     pthread_mutex_t vmu; /* guards the nodes' view lists */
+    /* The leases not released yet (kvf_client_lease), which the path's close lets go of: a lease
+     * released after its client closed then touches nothing of the client's. */
+    pthread_mutex_t lmu;
+    struct kvf_lease *leases;
     pthread_mutex_t cmu;
     kvf_client_counters cnt;
 };
+
+/* shm_ctl.c: the leases still held when the path closes are cut loose from it (their views go
+ * with the path's): releasing one later frees it and nothing else. */
+void kvf__shm_leases_orphan(struct kvf__shm_path *p);
 
 /* shm_conn.c: connections and views */
 

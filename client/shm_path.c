@@ -585,6 +585,7 @@ static void shm_free(struct kvf__shm_path *p)
     pthread_mutex_destroy(&p->mu);
     pthread_mutex_destroy(&p->cmu);
     pthread_mutex_destroy(&p->vmu);
+    pthread_mutex_destroy(&p->lmu);
     free(p);
 }
 
@@ -624,6 +625,7 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
     pthread_mutex_init(&p->mu, NULL);
     pthread_mutex_init(&p->cmu, NULL);
     pthread_mutex_init(&p->vmu, NULL);
+    pthread_mutex_init(&p->lmu, NULL);
     p->c = c;
     p->n = c->n_nodes;
     p->lease_ms = c->o.shm_lease_ms ? c->o.shm_lease_ms : LEASE_MS;
@@ -709,6 +711,7 @@ static void shm_close(kvf_client *c)
         else
             for (size_t j = 0; j < p->n; j++)
                 kvf__shm_conn_close(&p->w[i].cn[j]);
+    kvf__shm_leases_orphan(p);
     c->shm = NULL;
     shm_free(p);
 }

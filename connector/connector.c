@@ -448,11 +448,13 @@ void kvf_connector_close(kvf_connector **cnp)
         return;
     kvf_connector *cn = *cnp;
     *cnp = NULL;
-    /* Closing the clients fails every transfer in flight (their callbacks run), and the workers
-     * finish the tasks already queued before they exit. */
-    kvf__stores_close(cn);
+    /* The workers first: they finish the tasks already queued (a load in place reads the
+     * stores' arena views, which the clients' close unmaps) and exit, and no task is queued after.
+     * Then closing the clients fails every transfer in flight (their callbacks run). */
+    kvf__stores_stop(cn);
     kvf__pool_stop(cn);
     kvf__cuda_views_release(cn);
+    kvf__stores_close(cn);
     /* Transfers the engine has not freed yet keep the connector alive until they are. */
     pthread_mutex_lock(&cn->mu);
     cn->closed = 1;

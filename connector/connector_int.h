@@ -285,7 +285,10 @@ void kvf__clref_drop_locked(kvf_connector *cn, kvf__clref *r);
 void kvf__nodes_free(char **nodes, size_t n);
 /* Starts the refresher where the nodes come from the scheduler. 0 or KVF_ENOMEM. */
 int kvf__stores_start(kvf_connector *cn, char *err, size_t errlen);
-/* Stops the refresher and closes every client (transfers in flight on them fail). */
+/* Stops the refresher; no transfer starts on a client after. */
+void kvf__stores_stop(kvf_connector *cn);
+/* kvf__stores_stop, then closes every client (transfers in flight on them fail), once the
+ * workers stopped. */
 void kvf__stores_close(kvf_connector *cn);
 /* Frees the records (connector free). */
 void kvf__stores_free(kvf_connector *cn);

@@ -193,21 +193,28 @@ int kvf__stores_start(kvf_connector *cn, char *err, size_t errlen)
     return 0;
 }
 
-void kvf__stores_close(kvf_connector *cn)
+void kvf__stores_stop(kvf_connector *cn)
 {
     pthread_mutex_lock(&cn->mu);
     cn->st_stop = 1;
+    cn->st_closed = 1; /* no new holds: calls after close find no client */
     if (cn->st_cv_ready)
         pthread_cond_broadcast(&cn->st_cv);
     pthread_mutex_unlock(&cn->mu);
     if (cn->st_started)
         pthread_join(cn->st_th, NULL);
     cn->st_started = 0;
-    /* Closing the clients fails every transfer in flight on them (their callbacks run); the
-     * records stay until the connector is freed, since transfers not yet freed still name them. */
+}
+
+void kvf__stores_close(kvf_connector *cn)
+{
+    kvf__stores_stop(cn);
+    /* Called once the workers stopped: nothing reads a view any more. Closing the clients fails
+     * every transfer in flight on them (their callbacks run, and find no worker to queue for); a
+     * lease a transfer still holds is cut loose from its client. The records stay until the
+     * connector is freed, since transfers not yet freed still name them. */
     pthread_mutex_lock(&cn->mu);
     kvf__clref *cur = cn->cur, *retired = cn->retired;
-    cn->st_closed = 1; /* no new holds: calls after close find no client */
     pthread_mutex_unlock(&cn->mu);
     if (cur)
         kvf_client_close(&cur->cl);

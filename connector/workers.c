@@ -187,6 +187,10 @@ void kvf__stage_fini(kvf_connector *cn)
 
 int kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
 {
+    /* Once the pool stops, no task is queued: none would run, and its transfer would wait for it
+     * for good. */
+    if (cn->closing)
+        return KVF_ECLOSED;
     size_t n = x->n_chunks;
     size_t parts = (size_t)cn->nworkers < n ? (size_t)cn->nworkers : n;
     if (parts == 0)

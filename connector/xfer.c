@@ -166,7 +166,8 @@ static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
     int rc = kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
     if (rc) {
-        /* No memory for the layer's work: the layer fails, the engine recomputes. */
+        /* No memory for the layer's work, or the connector closed: the layer fails, the engine
+         * recomputes. */
         pthread_mutex_lock(&x->mu);
         x->layer_state[layer] = rc;
         pthread_cond_broadcast(&x->cv);
@@ -638,7 +639,9 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
     pthread_mutex_lock(&cn->mu);
     pthread_mutex_lock(&x->mu);
     int rc = 0;
-    if (x->cancelled)
+    if (cn->closing)
+        rc = KVF_ECLOSED; /* below */
+    else if (x->cancelled)
         rc = KVF_ECANCELED;
     else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
         rc = KVF_EINVAL; /* reported twice */
@@ -648,6 +651,22 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
     if (!rc)
         rc = kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
+    if (rc == KVF_ECLOSED) {
+        /* The connector closed: the layer is never gathered, so nothing is put; the save ends
+         * failed at once (layers gathered before are let go with it). */
+        pthread_mutex_lock(&x->mu);
+        if (x->layer_state[layer] == LS_PENDING && !x->layer_tasks[layer]) {
+            x->layer_state[layer] = rc;
+            if (!x->result)
+                x->result = rc;
+            x->layers_done++;
+            if (!x->op && !x->transfer_done)
+                x->transfer_done = 1;
+            maybe_done_locked(x);
+            pthread_cond_broadcast(&x->cv);
+        }
+        pthread_mutex_unlock(&x->mu);
+    }
     return rc;
 }
 

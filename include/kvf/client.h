@@ -194,10 +194,12 @@ KVF_API int kvf_client_shm_view(const kvf_client *c, size_t node_idx, const void
 typedef struct kvf_lease kvf_lease;
 KVF_API int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t lease_ms,
                              const void **objs, uint64_t *lens, int *status, kvf_lease **out);
-/* 1 while every object of l is still leased (with a margin), else 0. Leases are released before
- * kvf_client_close(c). */
+/* 1 while every object of l is still leased (with a margin), else 0; 0 once its client closed
+ * (the close unmaps the view: nothing of it may be read after). */
 KVF_API int kvf_lease_valid(const kvf_lease *l);
-/* Lets the objects go (the nodes may then reuse their blocks). Accepts NULL and clears *l. */
+/* Lets the objects go (the nodes may then reuse their blocks). Accepts NULL and clears *l. A
+ * lease may be released after its client closed (it then frees only itself), but not while
+ * kvf_client_close() runs on another thread. */
 KVF_API void kvf_lease_release(kvf_lease **l);
 /* How an operation's bytes moved: "shm", "rdma", "tcp", or "shm+tcp" (some keys each way). */
 KVF_API const char *kvf_op_transport(const kvf_op *op);

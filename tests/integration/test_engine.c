@@ -617,6 +617,75 @@ static void test_engine_prefetch_with_deadline(void **state)
     daemon_stop(&d);
 }
 
+/* The connector closed under loads in flight (in place over shared memory, and over TCP), the
+ * engine waiting on and freeing them only after: each ends loaded (its segments checked) or
+ * failed, and none reads a view or a client after its close (ASan); loads in place already queued
+ * finish. And a save whose layers are reported across the close ends failed, not waited for. */
+static void close_under_loads(const char *extra)
+{
+    daemon_t d;
+    daemon_start(&d, "256M", extra);
+    static uint32_t t[1000];
+    prompt(t, 1000, 91);
+    kvf_connector *cn = connector(d.addr, 5000);
+    kvfe_engine *e = engine(cn, 0);
+    run warm;
+    run_prompt(e, t, 1000, &warm);
+    kvfe_close(&e);
+    kvf_connector_close(&cn);
+    kvfe_model m;
+    assert_int_equal(kvfe_model_preset(MODEL, &m), 0);
+    size_t np = 960 / m.layout.page_tokens;
+    uint32_t pg[960];
+    for (size_t i = 0; i < np; i++)
+        pg[i] = (uint32_t)i;
+    size_t loaded = 0, failed = 0;
+    for (int round = 0; round < 12; round++) {
+        cn = connector(d.addr, 5000);
+        e = engine(cn, 0);
+        /* Two loads into pages of their own: chunks 0-7, and 8-14. */
+        kvf_xfer *x[2] = {NULL};
+        assert_int_equal(kvf_connector_load(cn, t, 512, pg, 512 / m.layout.page_tokens, &x[0]), 0);
+        assert_int_equal(kvf_connector_load_from(cn, t, 960, 8, pg, np, &x[1]), 0);
+        if (round % 3 == 1)
+            usleep(200);
+        kvf_connector_close(&cn);
+        for (int i = 0; i < 2; i++) {
+            int rc = kvf_xfer_wait(x[i]);
+            if (rc == 0 && kvf_xfer_loaded_tokens(x[i]) == (i ? 960u : 512u))
+                loaded++;
+            else
+                failed++;
+            kvf_xfer_free(&x[i]);
+        }
+        kvfe_close(&e);
+    }
+    print_message("closed under loads (%s): %zu loaded, %zu failed\n", extra ? "tcp" : "shm",
+                  loaded, failed);
+    assert_int_equal(loaded + failed, 24);
+    if (!extra)
+        assert_int_equal(loaded, 24);
+    cn = connector(d.addr, 5000);
+    e = engine(cn, 0);
+    kvf_xfer *x = NULL;
+    assert_int_equal(kvf_connector_save(cn, t, 960, 0, pg, np, &x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
+    kvf_connector_close(&cn);
+    for (uint32_t l = 1; l < m.layout.layers; l++)
+        assert_int_equal(kvf_xfer_layer_done(x, l), KVF_ECLOSED);
+    assert_int_not_equal(kvf_xfer_wait(x), 0);
+    kvf_xfer_free(&x);
+    kvfe_close(&e);
+    daemon_stop(&d);
+}
+
+static void test_engine_close_under_loads(void **state)
+{
+    (void)state;
+    close_under_loads(NULL);
+    close_under_loads("--shm off");
+}
+
 /* kvfe_decide's arithmetic, and an engine deciding (opts.decide): a store it measured as slow is
  * not loaded from (the prompt is computed, bitwise the same logits and tokens), a fast one is;
  * before anything is measured it loads. */
@@ -692,6 +761,7 @@ int main(void)
         cmocka_unit_test_teardown(test_engine_back_to_back_saves_are_exact, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_decide_load_or_recompute, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_prefetch_with_deadline, teardown_daemons),
+        cmocka_unit_test_teardown(test_engine_close_under_loads, teardown_daemons),
     };
     return cmocka_run_group_tests_name("engine", tests, NULL, NULL);
 }
