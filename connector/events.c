@@ -20,13 +20,120 @@
 #include <string.h>
 #include <xxhash.h>
 
+/* A sharded publisher's memory of which shard each block it stored belongs to (that of its
+ * sequence's first block): open addressing on the block's hash, linear probing, deletion by
+ * shifting back. */
+typedef struct roots {
+    uint64_t *key;
+    uint16_t *shard;
+    uint8_t *used;
+    size_t cap, n; /* cap a power of two, or 0 */
+} roots;
+
 struct kvf_events {
-    pthread_mutex_t mu; /* one thread at a time on the socket, and the sequence */
+    pthread_mutex_t mu; /* one thread at a time on the socket, the sequences and the roots */
     kvf__zpub *pub;
     kvf__tenants *tenants;
     uint64_t seq;
     char endpoint[160], topic[128], replay[160];
+    /* sharded (opts.shards > 1): each shard's topic and sequence, and the blocks' shards */
+    uint32_t shards;
+    char (*topics)[192];
+    uint64_t *shard_seq;
+    roots rt;
 };
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x;
+}
+
+uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards)
+{
+    return shards < 2 ? 0 : (uint32_t)(mix64(first_block_hash) % shards);
+}
+
+static int roots_find(const roots *r, uint64_t h, size_t *at)
+{
+    if (!r->cap)
+        return 0;
+    size_t i = (size_t)mix64(h) & (r->cap - 1);
+    while (r->used[i]) {
+        if (r->key[i] == h) {
+            *at = i;
+            return 1;
+        }
+        i = (i + 1) & (r->cap - 1);
+    }
+    *at = i;
+    return 0;
+}
+
+/* Room for `more` new entries at a load of at most one half. 0 or KVF_ENOMEM. */
+static int roots_reserve(roots *r, size_t more)
+{
+    if ((r->n + more) * 2 <= r->cap)
+        return 0;
+    size_t cap = r->cap ? r->cap : 1024;
+    while ((r->n + more) * 2 > cap)
+        cap *= 2;
+    roots g = {.key = malloc(cap * sizeof *g.key),
+               .shard = malloc(cap * sizeof *g.shard),
+               .used = calloc(cap, 1),
+               .cap = cap};
+    if (!g.key || !g.shard || !g.used) {
+        free(g.key), free(g.shard), free(g.used);
+        return KVF_ENOMEM;
+    }
+    for (size_t i = 0; i < r->cap; i++) {
+        size_t at;
+        if (r->used[i] && !roots_find(&g, r->key[i], &at)) {
+            g.used[at] = 1, g.key[at] = r->key[i], g.shard[at] = r->shard[i];
+            g.n++;
+        }
+    }
+    free(r->key), free(r->shard), free(r->used);
+    *r = g;
+    return 0;
+}
+
+/* Sets h's shard (room reserved before). */
+static void roots_put(roots *r, uint64_t h, uint32_t shard)
+{
+    size_t at;
+    if (!roots_find(r, h, &at)) {
+        r->used[at] = 1, r->key[at] = h;
+        r->n++;
+    }
+    r->shard[at] = (uint16_t)shard;
+}
+
+/* h's shard, forgotten (a removed block), into *shard: 1, or 0 when h is not known. */
+static int roots_take(roots *r, uint64_t h, uint32_t *shard)
+{
+    size_t i;
+    if (!roots_find(r, h, &i))
+        return 0;
+    *shard = r->shard[i];
+    r->n--;
+    size_t m = r->cap - 1;
+    for (size_t j = (i + 1) & m; r->used[j]; j = (j + 1) & m) {
+        size_t home = (size_t)mix64(r->key[j]) & m;
+        /* j's entry may move back to i unless its home lies cyclically in (i, j] */
+        int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+        if (!stays) {
+            r->key[i] = r->key[j], r->shard[i] = r->shard[j];
+            i = j;
+        }
+    }
+    r->used[i] = 0;
+    return 1;
+}
 
 static int allow(void *ud, const uint8_t pk[32], char *name, size_t namelen, int *admin)
 {
@@ -97,6 +204,22 @@ int kvf_events_open(kvf_events **out, const kvf_events_opts *o, char *err, size_
                                   o->replay_bytes ? o->replay_bytes : (size_t)64 << 20, ev->replay,
                                   sizeof ev->replay, err, errlen);
     }
+    if (!rc && o->shards > KVF_EVENTS_MAX_SHARDS)
+        rc = kvf__errf(err, errlen, KVF_EINVAL, "events: %u shards, at most %u", o->shards,
+                       KVF_EVENTS_MAX_SHARDS);
+    if (!rc && o->shards > 1) {
+        ev->shards = o->shards;
+        ev->topics = calloc(o->shards, sizeof *ev->topics);
+        ev->shard_seq = calloc(o->shards, sizeof *ev->shard_seq);
+        if (!ev->topics || !ev->shard_seq)
+            rc = kvf__errf(err, errlen, KVF_ENOMEM, "out of memory");
+        /* the shard first, so that an admin subscriber of shard K takes every tenant's with one
+         * prefix: "kv-events/s/K/", then "t/TENANT/" where secured */
+        const char *tenant = strncmp(ev->topic, "kv-events/", 10) == 0 ? ev->topic + 10 : "";
+        for (uint32_t k = 0; !rc && k < o->shards; k++)
+            snprintf(ev->topics[k], sizeof ev->topics[k], "%s%u/%s", KVF_EVENTS_SHARD_TOPIC, k,
+                     tenant);
+    }
     if (rc) {
         kvf_events_close(&ev);
         return rc;
@@ -131,6 +254,87 @@ int kvf_events_hash_blocks(const uint32_t *tokens, size_t n_blocks, uint32_t blo
     return 0;
 }
 
+/* One batch of a sharded publisher: removed[0..n_removed) and, where n_stored, the stored
+ * blocks, under shard k's topic and next number. ev->mu held. */
+static int send_shard(kvf_events *ev, uint32_t k, const uint64_t *removed, size_t n_removed,
+                      const uint64_t *stored, size_t n_stored, int has_parent, uint64_t parent,
+                      const uint32_t *tokens, uint32_t block_tokens, const char *medium)
+{
+    kvf__kve_enc *e = NULL;
+    const void *data;
+    size_t len;
+    int rc = kvf__kve_enc_begin(&e, (n_removed > 0) + (n_stored > 0));
+    if (!rc && n_removed)
+        kvf__kve_enc_block_removed(e, removed, n_removed, medium);
+    if (!rc && n_stored)
+        kvf__kve_enc_block_stored(e, stored, n_stored, has_parent, parent, tokens, block_tokens,
+                                  medium);
+    if (!rc)
+        rc = kvf__kve_enc_end(e, &data, &len);
+    ++ev->seq;
+    ++ev->shard_seq[k]; /* a batch that could not be encoded leaves a gap the subscriber sees */
+    if (!rc)
+        rc = kvf__zpub_send(ev->pub, ev->topics[k], ev->shard_seq[k], data, len);
+    kvf__kve_enc_free(&e);
+    return rc;
+}
+
+/* kvf_events_publish of a sharded publisher: the removed blocks grouped by their shard (each
+ * forgotten), the stored ones in the shard of their sequence (each remembered). */
+static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_removed,
+                           const uint64_t *stored, size_t n_stored, int has_parent, uint64_t parent,
+                           const uint32_t *tokens, uint32_t block_tokens, const char *medium)
+{
+    uint32_t S = ev->shards;
+    uint64_t *by = n_removed ? malloc(n_removed * sizeof *by) : NULL;
+    uint32_t *of = n_removed ? malloc(n_removed * sizeof *of) : NULL;
+    size_t *start = calloc((size_t)S + 1, sizeof *start);
+    int rc = (n_removed && (!by || !of)) || !start ? KVF_ENOMEM : 0;
+    pthread_mutex_lock(&ev->mu);
+    if (!rc)
+        rc = roots_reserve(&ev->rt, n_stored);
+    if (!rc) {
+        /* a block not remembered (stored before this publisher, or never) goes where its own
+         * hash says: a shard that does not hold it ignores the removal */
+        for (size_t i = 0; i < n_removed; i++)
+            if (!roots_take(&ev->rt, removed[i], &of[i]))
+                of[i] = kvf_events_shard_of(removed[i], S);
+        for (size_t i = 0; i < n_removed; i++)
+            start[of[i] + 1]++;
+        for (uint32_t k = 0; k < S; k++)
+            start[k + 1] += start[k];
+        for (size_t i = 0; i < n_removed; i++)
+            by[start[of[i]]++] = removed[i];
+        for (uint32_t k = S; k > 0; k--) /* back to the first of each shard */
+            start[k] = start[k - 1];
+        start[0] = 0;
+        uint32_t home = 0;
+        if (n_stored) {
+            uint32_t ps;
+            size_t at;
+            if (has_parent && roots_find(&ev->rt, parent, &at))
+                ps = ev->rt.shard[at];
+            else
+                ps = kvf_events_shard_of(has_parent ? parent : stored[0], S);
+            home = ps;
+            for (size_t i = 0; i < n_stored; i++)
+                roots_put(&ev->rt, stored[i], home);
+        }
+        for (uint32_t k = 0; k < S; k++) {
+            size_t nr = start[k + 1] - start[k];
+            size_t ns = n_stored && k == home ? n_stored : 0;
+            if (!nr && !ns)
+                continue;
+            int r = send_shard(ev, k, by + start[k], nr, stored, ns, has_parent, parent, tokens,
+                               block_tokens, medium);
+            rc = rc ? rc : r;
+        }
+    }
+    pthread_mutex_unlock(&ev->mu);
+    free(by), free(of), free(start);
+    return rc;
+}
+
 int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed,
                        const uint64_t *stored, size_t n_stored, int has_parent, uint64_t parent,
                        const uint32_t *tokens, uint32_t block_tokens, const char *medium)
@@ -140,6 +344,9 @@ int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed
     if (!n_removed && !n_stored)
         return 0;
     medium = medium ? medium : "GPU";
+    if (ev->shards > 1)
+        return publish_sharded(ev, removed, n_removed, stored, n_stored, has_parent, parent, tokens,
+                               block_tokens, medium);
     kvf__kve_enc *e = NULL;
     const void *data;
     size_t len;
@@ -177,6 +384,9 @@ void kvf_events_close(kvf_events **p)
         return;
     kvf__zpub_close(&ev->pub);
     kvf__tenants_close(&ev->tenants);
+    free(ev->topics);
+    free(ev->shard_seq);
+    free(ev->rt.key), free(ev->rt.shard), free(ev->rt.used);
     pthread_mutex_destroy(&ev->mu);
     free(ev);
     *p = NULL;

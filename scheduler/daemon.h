@@ -44,8 +44,9 @@ typedef struct kvf__sched_sub {
     /* A storage node with a snapshot socket (its "replay" endpoint): what it holds is asked for
      * whole at first contact and after a gap (snapshot()), never batch by batch. */
     int snapshots;
-    int snapped;       /* a snapshot was applied since the subscription was made */
-    uint64_t snap_seq; /* the last batch it reflects: the stream's next is snap_seq + 1 */
+    int snapped;        /* a snapshot was applied since the subscription was made */
+    int warned_sharded; /* an unsharded replica told that this engine's events are sharded */
+    uint64_t snap_seq;  /* the last batch it reflects: the stream's next is snap_seq + 1 */
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */
@@ -76,6 +77,10 @@ typedef struct kvf__sched_daemon {
     uint64_t late_joins; /* first contacts that asked the replay socket for what came before */
     uint64_t resyncs;    /* replays whose window did not reach back: the source's blocks dropped */
     uint64_t snapshots, snapshot_failures; /* storage nodes' snapshots applied, and not had */
+    /* The index's shard this replica holds (--shard K/N; shards 1: the whole index): it subscribes
+     * to the engines' topic of shard K only (kvf_events_opts.shards). */
+    uint32_t shard, shards;
+    uint64_t sharded_dropped; /* an unsharded replica's: sharded batches it cannot apply */
     /* The instance table's (registry.c), written by both threads. */
     kvf__sched_reg reg[KVF_SCHED_MAX_INSTANCES];
     uint64_t ttl_ns; /* an instance expires this long after it was last seen; 0: never */

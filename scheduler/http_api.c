@@ -557,6 +557,8 @@ typedef struct stats {
         rejections;
     uint64_t expired, deleted; /* instances */
     uint64_t snapshots, snapshot_failures;
+    uint64_t sharded_dropped;
+    uint32_t shard, shards;
     uint64_t store_joins, store_leaves, engine_joins, engine_leaves;
     int etcd, etcd_synced, stores_registered;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
@@ -576,6 +578,9 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->replay_timeouts = d->replay_timeouts;
     st->late_joins = d->late_joins;
     st->resyncs = d->resyncs;
+    st->sharded_dropped = d->sharded_dropped;
+    st->shard = d->shard;
+    st->shards = d->shards > 1 ? d->shards : 1;
     st->snapshots = d->snapshots;
     st->snapshot_failures = d->snapshot_failures;
     st->store_joins = d->store_joins;
@@ -624,6 +629,9 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "store_disk_chunks", json_integer(counter(x->store_disk_chunks)));
     json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
+    json_object_set_new(o, "shard", json_integer(st->shard));
+    json_object_set_new(o, "shards", json_integer(st->shards));
+    json_object_set_new(o, "sharded_batches_dropped", json_integer(counter(st->sharded_dropped)));
     json_object_set_new(o, "store_snapshots", json_integer(counter(st->snapshots)));
     if (st->etcd)
         json_object_set_new(

@@ -12,6 +12,7 @@
  */
 #include "daemon.h"
 
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 
 #include "args.h"
@@ -66,6 +67,21 @@ static int parse_ttl(void *ud, const char *v, char *err, size_t errlen)
     return 0;
 }
 
+/* --shard K/N: 0 <= K < N <= KVF_EVENTS_MAX_SHARDS. */
+static int parse_shard(void *ud, const char *v, char *err, size_t errlen)
+{
+    kvf__sched_daemon *d = ud;
+    unsigned k, n;
+    char tail;
+    if (sscanf(v, "%u/%u%c", &k, &n, &tail) != 2 || n < 1 || n > KVF_EVENTS_MAX_SHARDS || k >= n) {
+        snprintf(err, errlen, "%s: expected K/N, 0 <= K < N <= %u", v, KVF_EVENTS_MAX_SHARDS);
+        return -1;
+    }
+    d->shard = k;
+    d->shards = n;
+    return 0;
+}
+
 static int parse_stores(void *ud, const char *v, char *err, size_t errlen)
 {
     kvf__sched_daemon *d = ud;
@@ -102,6 +118,11 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "each store's snapshot address (its ready line's snapshot=), in the same order: "
                  "what a store holds is learnt whole at first contact and after lost events",
                  NULL),
+        KVF__OPT("shard", KVF__ARG_FN, d, "K/N",
+                 "hold shard K of an index split N ways by prefix (engines publishing with "
+                 "kvf_events_opts.shards N): only that shard's events are received, and "
+                 "placements of its prefixes come here (docs/scale.md)",
+                 "0/1", .fn = parse_shard, .ud = d),
         KVF__OPT("chunk-tokens", KVF__ARG_LONG, &cl->chunk_tokens, "N", "tokens per stored chunk",
                  "256", .lo = 1, .hi = 65536),
         KVF__OPT("instance-ttl", KVF__ARG_FN, &d->ttl_ns, "SECONDS",

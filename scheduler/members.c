@@ -188,7 +188,8 @@ int kvf__sched_etcd_start(kvf__sched_daemon *d, const kvf__sched_etcd *o)
     snprintf(addr, sizeof addr, "%s%s%s:%u", v6 ? "[" : "", o->advertise, v6 ? "]" : "",
              (unsigned)o->port);
     snprintf(key, sizeof key, "/kvfabric/%s/scheds/%s", o->cluster, addr);
-    json_t *rec = json_pack("{s:s,s:i}", "addr", addr, "pid", (int)getpid());
+    json_t *rec = json_pack("{s:s,s:i,s:i,s:i}", "addr", addr, "pid", (int)getpid(), "shard",
+                            (int)d->shard, "shards", d->shards > 1 ? (int)d->shards : 1);
     char *value = rec ? json_dumps(rec, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
     json_decref(rec);
     kvf__member_opts mo = {.endpoints = o->etcd,

@@ -11,6 +11,7 @@
 #include "daemon.h"
 
 #include "kvf/error.h"
+#include "kvf/events.h"
 
 #include "clock.h"
 #include "kvevents.h"
@@ -300,10 +301,14 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
     while (d->n_subs > 0 && !d->subs[d->n_subs - 1].used)
         d->n_subs--;
     for (int i = 0; i < d->n_pending; i++) {
-        char err[256] = "";
+        char err[256] = "", topic[64] = "";
         int idx;
-        if (kvf__zsubs_add(d->zs, d->pending_ep[i], d->pending_replay[i], &idx, err, sizeof err) !=
-            0) {
+        /* A shard's replica takes its shard's topic of every engine (a store's chunks are in
+         * every shard). */
+        if (d->shards > 1 && d->pending_src[i].instance >= 0)
+            snprintf(topic, sizeof topic, "%s%u/", KVF_EVENTS_SHARD_TOPIC, d->shard);
+        if (kvf__zsubs_add_topic(d->zs, d->pending_ep[i], d->pending_replay[i], topic, &idx, err,
+                                 sizeof err) != 0) {
             kvf_warn(&d->lg, "%s", err);
             continue;
         }
@@ -318,7 +323,8 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
         sb->snapshots = sb->src.store >= 0 && sb->src.instance < 0 && sb->replay_ep[0];
         if (idx >= d->n_subs)
             d->n_subs = idx + 1;
-        kvf_info(&d->lg, "events: subscribed to %s", sb->endpoint);
+        kvf_info(&d->lg, "events: subscribed to %s%s%s", sb->endpoint, topic[0] ? ", topic " : "",
+                 topic);
     }
     d->n_pending = 0;
 }
@@ -337,6 +343,19 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         d->ingest.malformed++;
         kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
                  sb->endpoint, m->frames);
+        return -1;
+    }
+    size_t stl = strlen(KVF_EVENTS_SHARD_TOPIC);
+    if (d->shards < 2 && m->topic && m->topic_len >= stl &&
+        !memcmp(m->topic, KVF_EVENTS_SHARD_TOPIC, stl)) {
+        /* Each shard's batches are numbered on their own: interleaved, they are no one stream. */
+        d->sharded_dropped = add_sat(d->sharded_dropped, 1);
+        if (!sb->warned_sharded)
+            kvf_warn(&d->lg,
+                     "events from %s are sharded (kvf_events_opts.shards) and this replica holds "
+                     "the whole index: they are dropped; run a replica per shard with --shard K/N",
+                     sb->endpoint);
+        sb->warned_sharded = 1;
         return -1;
     }
     uint64_t missed = sb->seq.missed, last = sb->seq.last;

@@ -320,10 +320,12 @@ static int snap_emit(void *ectx, const char *topic, const void *payload, size_t 
 
 /* One replay request, [identity, "", first sequence (8 bytes)]: every batch kept from that
  * number on that the requester may see, [identity, "", sequence, payload], then the end
- * [identity, "", 0xff x 8, ""] (vLLM's protocol). The ring is copied out under rmu first. */
+ * [identity, "", 0xff x 8, ""] (vLLM's protocol). A fourth frame names a topic: only its batches
+ * are answered (a sharded publisher numbers each topic on its own). The ring is copied out under
+ * rmu first. */
 static void replay_answer(kvf__zpub *p)
 {
-    zmq_msg_t f[3];
+    zmq_msg_t f[4];
     int n = 0, more = 1;
     while (more) {
         zmq_msg_t m;
@@ -333,12 +335,14 @@ static void replay_answer(kvf__zpub *p)
             break;
         }
         more = zmq_msg_more(&m);
-        if (n < 3)
+        if (n < 4)
             f[n++] = m;
         else
             zmq_msg_close(&m);
     }
-    if (n == 3 && zmq_msg_size(&f[2]) == 8) {
+    if ((n == 3 || n == 4) && zmq_msg_size(&f[2]) == 8) {
+        const void *want = n == 4 ? zmq_msg_data(&f[3]) : NULL;
+        size_t want_len = n == 4 ? zmq_msg_size(&f[3]) : 0;
         char user[160] = "";
         const char *u = zmq_msg_gets(&f[2], "User-Id");
         snprintf(user, sizeof user, "%s", u ? u : "");
@@ -363,6 +367,7 @@ static void replay_answer(kvf__zpub *p)
             kept *src = p->ring[(p->ring_head + i) % p->ring_cap];
             /* modulo 2^64, as subscribers compare: at or after from */
             if (src->seq - from >= ((uint64_t)1 << 63) ||
+                (want && (src->topic_len != want_len || memcmp(src->data, want, want_len))) ||
                 !may_see(p, u ? user : NULL, src->data, src->topic_len))
                 continue;
             atomic_fetch_add(&src->refs, 1);
@@ -515,7 +520,8 @@ void kvf__zpub_close(kvf__zpub **pp)
 
 typedef struct zsub {
     void *sock;
-    void *replay; /* DEALER to the publisher's replay socket, or NULL */
+    void *replay;   /* DEALER to the publisher's replay socket, or NULL */
+    char topic[96]; /* what it subscribed to ("": everything), named in its replay requests */
 } zsub;
 
 struct kvf__zsubs {
@@ -560,7 +566,7 @@ void kvf__zsubs_curve(kvf__zsubs *s, const uint8_t server_pk[32], const uint8_t 
     memcpy(s->sk, sk, 32);
 }
 
-static void *socket_to(const kvf__zsubs *s, int type, const char *endpoint)
+static void *socket_to(const kvf__zsubs *s, int type, const char *endpoint, const char *topic)
 {
     void *sk = zmq_socket(s->ctx, type);
     if (!sk)
@@ -574,7 +580,7 @@ static void *socket_to(const kvf__zsubs *s, int type, const char *endpoint)
         return NULL;
     }
     if (type == ZMQ_SUB)
-        zmq_setsockopt(sk, ZMQ_SUBSCRIBE, "", 0);
+        zmq_setsockopt(sk, ZMQ_SUBSCRIBE, topic, strlen(topic));
     if (zmq_connect(sk, endpoint) != 0) {
         zmq_close(sk);
         return NULL;
@@ -585,6 +591,17 @@ static void *socket_to(const kvf__zsubs *s, int type, const char *endpoint)
 int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
                    size_t errlen)
 {
+    return kvf__zsubs_add_topic(s, endpoint, replay, NULL, idx, err, errlen);
+}
+
+int kvf__zsubs_add_topic(kvf__zsubs *s, const char *endpoint, const char *replay, const char *topic,
+                         int *idx, char *err, size_t errlen)
+{
+    topic = topic ? topic : "";
+    if (strlen(topic) >= sizeof s->subs[0].topic) {
+        snprintf(err, errlen, "events: topic \"%.40s...\" is too long", topic);
+        return KVF_EINVAL;
+    }
     int i = 0;
     while (i < s->n && s->subs[i].sock) /* the lowest slot kvf__zsubs_drop() freed, or a new one */
         i++;
@@ -593,13 +610,14 @@ int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int 
         return KVF_E2BIG;
     }
     zsub *z = &s->subs[i];
-    if (!(z->sock = socket_to(s, ZMQ_SUB, endpoint))) {
+    snprintf(z->topic, sizeof z->topic, "%s", topic);
+    if (!(z->sock = socket_to(s, ZMQ_SUB, endpoint, topic))) {
         snprintf(err, errlen, "events: cannot connect to %s: %s", endpoint,
                  zmq_strerror(zmq_errno()));
         return KVF_ECONNREFUSED;
     }
     z->replay = NULL;
-    if (replay && replay[0] && !(z->replay = socket_to(s, ZMQ_DEALER, replay)))
+    if (replay && replay[0] && !(z->replay = socket_to(s, ZMQ_DEALER, replay, "")))
         snprintf(err, errlen, "events: cannot connect to the replay socket %s: %s", replay,
                  zmq_strerror(zmq_errno()));
     *idx = i;
@@ -675,6 +693,10 @@ static int recv_msg(kvf__zsubs *s, int slot, void *sock, int flags, kvf__zmsg *m
         m->seq = zmq_msg_data(&parts[held - 2]);
         m->seq_len = zmq_msg_size(&parts[held - 2]);
     }
+    if (held == 3) {
+        m->topic = zmq_msg_data(&parts[0]);
+        m->topic_len = zmq_msg_size(&parts[0]);
+    }
     m->payload = zmq_msg_data(&parts[held - 1]);
     m->len = zmq_msg_size(&parts[held - 1]);
     return 0;
@@ -698,7 +720,10 @@ int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from)
      * Once the first frame is queued, the rest of the message is too. */
     if (zmq_send(r, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0)
         return zmq_errno() == EAGAIN ? KVF_EAGAIN : KVF_EIO;
-    if (zmq_send(r, req, 8, ZMQ_DONTWAIT) < 0)
+    const char *t = s->subs[idx].topic;
+    if (zmq_send(r, req, 8, t[0] ? ZMQ_SNDMORE | ZMQ_DONTWAIT : ZMQ_DONTWAIT) < 0)
+        return KVF_EIO;
+    if (t[0] && zmq_send(r, t, strlen(t), ZMQ_DONTWAIT) < 0)
         return KVF_EIO;
     return 0;
 }

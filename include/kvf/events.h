@@ -40,7 +40,19 @@ typedef struct kvf_events_opts {
     const char *replay;
     size_t replay_batches; /* batches kept (0: 4096) ... */
     size_t replay_bytes;   /* ... and payload bytes at most (0: 64 MiB) */
+    /* Shards of kvf-sched's index (docs/scale.md, "The sharded index"; 0 or 1: not sharded, at
+     * most KVF_EVENTS_MAX_SHARDS). Each batch then goes under the topic of the shard of the
+     * sequences in it, KVF_EVENTS_SHARD_TOPIC "K/" (then the tenant's "t/TENANT/" where
+     * secured), numbered on its own from 1: a replica of shard K subscribes to that topic only
+     * and never receives, decodes or replays the other shards' batches. The shard of a block is
+     * that of the first block of its sequence (kvf_events_shard_of); the publisher remembers it
+     * for every block stored until the block is removed. Sharded batches go to admin subscribers
+     * only (a tenant's subscription names its own topic). */
+    uint32_t shards;
 } kvf_events_opts;
+
+#define KVF_EVENTS_SHARD_TOPIC "kv-events/s/"
+#define KVF_EVENTS_MAX_SHARDS  256
 
 /* Binds the publisher. 0, or KVF_EINVAL (a bad address, credential or tenants file),
  * KVF_EADDRINUSE, KVF_ENOTSUP (libzmq without CURVE), KVF_ENOMEM, with one line in err. Caller
@@ -59,16 +71,23 @@ KVF_API const char *kvf_events_topic(const kvf_events *ev);
 KVF_API int kvf_events_hash_blocks(const uint32_t *tokens, size_t n_blocks, uint32_t block_tokens,
                                    uint64_t parent, uint64_t *out);
 
+/* The shard (0..shards-1) of the sequences whose first block's hash is first_block_hash: where
+ * their blocks' events go (kvf_events_opts.shards) and which kvf-sched replica places them. 0
+ * where shards < 2. */
+KVF_API uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards);
+
 /* Publishes one batch: BlockRemoved for removed[0..n_removed) (if any), then BlockStored for
  * stored[0..n_stored) (if any), whose tokens are n_stored * block_tokens ids and whose first
  * block follows the block hashed parent (has_parent 0: they start a sequence). medium: "GPU",
  * "CPU" (NULL: "GPU"). Every batch takes the next sequence number. 0, KVF_EINVAL, KVF_ENOMEM or
  * KVF_EIO. */
+/* Sharded (kvf_events_opts.shards), one batch per shard the blocks belong to: the removed blocks
+ * of each shard, and the stored ones (all of one sequence) in theirs. */
 KVF_API int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed,
                                const uint64_t *stored, size_t n_stored, int has_parent,
                                uint64_t parent, const uint32_t *tokens, uint32_t block_tokens,
                                const char *medium);
-/* Batches published so far (the last sequence number). */
+/* Batches published so far (the last sequence number; sharded, the batches of every shard). */
 KVF_API uint64_t kvf_events_sequence(const kvf_events *ev);
 
 /* Accepts NULL; clears *ev. */

@@ -24,6 +24,7 @@
 #include <sodium.h>
 #include <zmq.h>
 
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 
 #include "harness.h"
@@ -520,6 +521,98 @@ static void test_sched_daemon_late_join_and_resync(void **state)
     zmq_close(router);
     zmq_ctx_term(ctx);
     daemon_stop(&d);
+}
+
+/* The lookup of sequence j's 64 tokens: 1 when instance "sh" holds all of them on d, 0 when it
+ * holds none, -1 otherwise. */
+static int holds_sequence(const daemon_t *d, int j)
+{
+    char body[2048], out[8192], *p = body;
+    p += sprintf(p, "{\"tokens\":[");
+    for (int i = 0; i < 65; i++)
+        p += sprintf(p, "%s%d", i ? "," : "", 1000 * (j + 1) + i);
+    sprintf(p, "]}");
+    assert_int_equal(http(d, "POST", "/v1/lookup", body, out, sizeof out), 200);
+    if (!strstr(out, "\"id\":\"sh\""))
+        return 0;
+    return strstr(out, "\"tokens\":64") ? 1 : -1;
+}
+
+/* A sharded index: an engine publishes with kvf_events_opts.shards 2, and two kvf-sched replicas
+ * hold shard 0/2 and 1/2. Each indexes exactly the sequences whose first block is in its shard
+ * (the ones published before it subscribed too, asked of the replay socket by topic), and their
+ * removals; a replica holding the whole index drops the sharded batches and says so. */
+static void test_sched_daemon_sharded_index(void **state)
+{
+    (void)state;
+    enum { SEQS = 12 };
+    daemon_t d[3];
+    sched_start(&d[0], "--shard", "0/2");
+    sched_start(&d[1], "--shard", "1/2");
+    sched_start(&d[2], NULL, NULL);
+    char err[256], out[4096];
+    assert_int_equal(http(&d[1], "GET", "/v1/index/stats", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"shard\":1"));
+    assert_non_null(strstr(out, "\"shards\":2"));
+    kvf_events *ev = NULL;
+    kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0", .shards = 2};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    uint32_t tok[SEQS][64];
+    uint64_t h[SEQS][4];
+    int shard[SEQS], per[2] = {0, 0};
+    for (int j = 0; j < SEQS; j++) {
+        for (int i = 0; i < 64; i++)
+            tok[j][i] = (uint32_t)(1000 * (j + 1) + i);
+        assert_int_equal(kvf_events_hash_blocks(tok[j], 4, 16, 0, h[j]), 0);
+        shard[j] = (int)kvf_events_shard_of(h[j][0], 2);
+        per[shard[j]]++;
+    }
+    assert_true(per[0] > 0 && per[1] > 0);
+    /* the first two sequences before anyone subscribed: the replicas ask for them (late join) */
+    for (int j = 0; j < 2; j++)
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
+    char body[512];
+    snprintf(body, sizeof body,
+             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}",
+             kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev));
+    for (int r = 0; r < 3; r++)
+        assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+    /* the rest, published until both replicas hold every sequence of their shard (bounded) */
+    int done = 0;
+    for (int t = 0; t < 150 && !done; t++) {
+        for (int j = 2; j < SEQS; j++)
+            assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
+        usleep(20000);
+        done = stat_of(&d[0], "blocks") == 4 * per[0] && stat_of(&d[1], "blocks") == 4 * per[1];
+    }
+    for (int j = 0; j < SEQS; j++) {
+        assert_int_equal(holds_sequence(&d[shard[j]], j), 1);
+        assert_int_equal(holds_sequence(&d[1 - shard[j]], j), 0);
+    }
+    assert_true(stat_of(&d[0], "late_joins") + stat_of(&d[1], "late_joins") >= 1);
+    assert_int_equal(stat_of(&d[0], "unknown_parents"), 0);
+    /* the whole-index replica applies none of it, and counts what it dropped */
+    for (int t = 0; t < 100 && stat_of(&d[2], "sharded_batches_dropped") <= 0; t++) {
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[2], 4, 0, 0, tok[2], 16, "GPU"), 0);
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d[2], "blocks"), 0);
+    assert_true(stat_of(&d[2], "sharded_batches_dropped") > 0);
+    /* removals in one call go to each block's shard */
+    uint64_t last[SEQS];
+    for (int j = 0; j < SEQS; j++)
+        last[j] = h[j][3];
+    assert_int_equal(kvf_events_publish(ev, last, SEQS, NULL, 0, 0, 0, NULL, 16, NULL), 0);
+    for (int t = 0; t < 100 && (stat_of(&d[0], "blocks") != 3 * per[0] ||
+                                stat_of(&d[1], "blocks") != 3 * per[1]);
+         t++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d[0], "blocks"), 3 * per[0]);
+    assert_int_equal(stat_of(&d[1], "blocks"), 3 * per[1]);
+    assert_int_equal(stat_of(&d[0], "unknown_removals") + stat_of(&d[1], "unknown_removals"), 0);
+    kvf_events_close(&ev);
+    for (int r = 0; r < 3; r++)
+        daemon_stop(&d[r]);
 }
 
 /* The read-only lookup names who holds a prefix and changes no load; /healthz answers at once,
@@ -1165,6 +1258,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_sequence_extremes, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_late_join_and_resync, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_sharded_index, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),

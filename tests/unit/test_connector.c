@@ -11,6 +11,7 @@
 #include <cmocka.h>
 
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -475,6 +476,165 @@ static void test_connector_events_publish(void **state)
     assert_null(ev);
 }
 
+/* What a sharded test batch held: every hash stored and removed, and the stored ones' parents. */
+typedef struct shard_seen {
+    uint64_t stored[64], removed[64], parent[64];
+    int has_parent[64];
+    size_t n_stored, n_removed;
+} shard_seen;
+
+static int on_shard_event(void *ud, const kvf_kve *ev, char *err, size_t errlen)
+{
+    (void)err, (void)errlen;
+    shard_seen *s = ud;
+    for (size_t i = 0; i < ev->n_hashes; i++) {
+        if (ev->type == KVF_KVE_BLOCK_REMOVED) {
+            assert_true(s->n_removed < 64);
+            s->removed[s->n_removed++] = ev->hashes[i];
+        } else {
+            assert_true(s->n_stored < 64);
+            s->parent[s->n_stored] = ev->parent;
+            s->has_parent[s->n_stored] = ev->has_parent;
+            s->stored[s->n_stored++] = ev->hashes[i];
+        }
+    }
+    return 0;
+}
+
+/* A sharded publisher (kvf_events_opts.shards): each sequence's batches, its continuations and
+ * its removals go under its first block's shard's topic only, numbered 1, 2, ... per shard (asked
+ * of the replay socket by topic); a removal call of blocks of several shards makes one batch in
+ * each; a subscription to one shard's topic receives that shard's batches only. */
+static void test_connector_events_sharded(void **state)
+{
+    (void)state;
+    enum { SEQS = 24, SHARDS = 4 };
+    char err[300] = "";
+    kvf_events *ev = NULL;
+    kvf_events_opts big = {.listen = "127.0.0.1:0", .shards = KVF_EVENTS_MAX_SHARDS + 1};
+    assert_int_equal(kvf_events_open(&ev, &big, err, sizeof err), KVF_EINVAL);
+    assert_null(ev);
+    assert_int_equal(kvf_events_shard_of(12345, 1), 0);
+    int spread[SHARDS] = {0};
+    for (uint64_t i = 0; i < 4000; i++)
+        spread[kvf_events_shard_of(i * 0x9e3779b97f4a7c15ull, SHARDS)]++;
+    for (int k = 0; k < SHARDS; k++)
+        assert_true(spread[k] > 800);
+
+    kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0", .shards = SHARDS};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    uint32_t tok[SEQS][12];
+    uint64_t h[SEQS][3];
+    uint32_t shard[SEQS];
+    int per_shard[SHARDS] = {0};
+    for (int j = 0; j < SEQS; j++) {
+        for (int i = 0; i < 12; i++)
+            tok[j][i] = 50u + (uint32_t)j * 100u + (uint32_t)i;
+        assert_int_equal(kvf_events_hash_blocks(tok[j], 3, 4, 0, h[j]), 0);
+        shard[j] = kvf_events_shard_of(h[j][0], SHARDS);
+        per_shard[shard[j]]++;
+        /* two blocks, then the third as a continuation (its shard is the first block's) */
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 2, 0, 0, tok[j], 4, "GPU"), 0);
+        assert_int_equal(
+            kvf_events_publish(ev, NULL, 0, h[j] + 2, 1, 1, h[j][1], tok[j] + 8, 4, "GPU"), 0);
+    }
+    /* every third block removed in one call */
+    uint64_t third[SEQS];
+    for (int j = 0; j < SEQS; j++)
+        third[j] = h[j][2];
+    assert_int_equal(kvf_events_publish(ev, third, SEQS, NULL, 0, 0, 0, NULL, 4, NULL), 0);
+    int touched = 0;
+    for (int k = 0; k < SHARDS; k++)
+        touched += per_shard[k] > 0;
+    assert_int_equal(kvf_events_sequence(ev), 2 * SEQS + touched);
+
+    kvf__zsubs *zs = NULL;
+    assert_int_equal(kvf__zsubs_open(&zs), 0);
+    for (uint32_t k = 0; k < SHARDS; k++) {
+        char topic[64];
+        snprintf(topic, sizeof topic, "%s%u/", KVF_EVENTS_SHARD_TOPIC, k);
+        int idx;
+        assert_int_equal(kvf__zsubs_add_topic(zs, kvf_events_endpoint(ev),
+                                              kvf_events_replay_endpoint(ev), topic, &idx, err,
+                                              sizeof err),
+                         0);
+        int rc = KVF_EAGAIN;
+        for (int t = 0; t < 100 && rc == KVF_EAGAIN; t++) { /* the DEALER connects */
+            rc = kvf__zsubs_replay_ask(zs, idx, 1);
+            if (rc == KVF_EAGAIN)
+                usleep(10000);
+        }
+        assert_int_equal(rc, 0);
+        shard_seen sn = {0};
+        uint64_t want = 1;
+        for (;;) {
+            kvf__zmsg m;
+            assert_int_equal(kvf__zsubs_replay_recv(zs, idx, 2000, &m), 0);
+            if (m.len == 0)
+                break;
+            assert_int_equal(kvf__kve_seq_get(m.seq), want); /* this shard's own numbers */
+            assert_int_equal(
+                kvf__kve_decode(m.payload, m.len, on_shard_event, &sn, NULL, err, sizeof err), 0);
+            want++;
+        }
+        assert_int_equal(want - 1, (uint64_t)(2 * per_shard[k] + (per_shard[k] > 0)));
+        assert_int_equal(sn.n_stored, (size_t)(3 * per_shard[k]));
+        assert_int_equal(sn.n_removed, (size_t)per_shard[k]);
+        for (size_t i = 0; i < sn.n_stored; i++) {
+            int found = 0;
+            for (int j = 0; j < SEQS && !found; j++)
+                for (int b = 0; b < 3; b++)
+                    if (h[j][b] == sn.stored[i]) {
+                        assert_int_equal(shard[j], k);
+                        assert_int_equal(sn.has_parent[i], b == 2);
+                        found = 1;
+                    }
+            assert_true(found);
+        }
+        for (size_t i = 0; i < sn.n_removed; i++) {
+            int found = 0;
+            for (int j = 0; j < SEQS; j++)
+                if (third[j] == sn.removed[i]) {
+                    assert_int_equal(shard[j], k);
+                    found = 1;
+                }
+            assert_true(found);
+        }
+        kvf__zsubs_drop(zs, idx);
+    }
+
+    /* Live: a subscription to shard 0's topic receives shard 0's batches and no other's. */
+    int idx;
+    char topic0[64];
+    snprintf(topic0, sizeof topic0, "%s0/", KVF_EVENTS_SHARD_TOPIC);
+    assert_int_equal(
+        kvf__zsubs_add_topic(zs, kvf_events_endpoint(ev), NULL, topic0, &idx, err, sizeof err), 0);
+    int got = 0;
+    for (int t = 0; t < 200 && got < 3; t++) {
+        uint32_t tk[4] = {7u + (uint32_t)t, 8, 9, 10};
+        uint64_t hh;
+        assert_int_equal(kvf_events_hash_blocks(tk, 1, 4, 0, &hh), 0);
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, &hh, 1, 0, 0, tk, 4, "GPU"), 0);
+        uint8_t ready[KVF_ZSUBS_MAX];
+        while (kvf__zsubs_poll(zs, t % 4 == 0 ? 10 : 0, ready) > 0 && ready[idx]) {
+            kvf__zmsg m;
+            assert_int_equal(kvf__zsubs_recv(zs, idx, &m), 0);
+            assert_non_null(m.topic);
+            assert_int_equal(m.topic_len, strlen(topic0));
+            assert_memory_equal(m.topic, topic0, m.topic_len);
+            shard_seen sn = {0};
+            assert_int_equal(
+                kvf__kve_decode(m.payload, m.len, on_shard_event, &sn, NULL, err, sizeof err), 0);
+            assert_int_equal(sn.n_stored, 1);
+            assert_int_equal(kvf_events_shard_of(sn.stored[0], SHARDS), 0);
+            got++;
+        }
+    }
+    assert_true(got >= 1);
+    kvf__zsubs_close(&zs);
+    kvf_events_close(&ev);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -483,6 +643,7 @@ int main(void)
         cmocka_unit_test(test_connector_transfer_arguments),
         cmocka_unit_test(test_connector_transport_says_why),
         cmocka_unit_test(test_connector_events_publish),
+        cmocka_unit_test(test_connector_events_sharded),
     };
     return cmocka_run_group_tests_name("connector", tests, NULL, NULL);
 }

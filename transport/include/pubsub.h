@@ -82,7 +82,9 @@ typedef struct kvf__zsubs kvf__zsubs;
 /* The frames of one received message. Borrowed: valid until the next kvf__zsubs_recv() (a
  * message of a subscription) or kvf__zsubs_replay_recv() (an answer of a replay socket). */
 typedef struct kvf__zmsg {
-    int frames;      /* frames the message had (more than 3 are received and dropped) */
+    int frames;        /* frames the message had (more than 3 are received and dropped) */
+    const void *topic; /* the first frame of three (a subscription's topic), or NULL */
+    size_t topic_len;
     const void *seq; /* the second-to-last frame of the first three, or NULL */
     size_t seq_len;
     const void *payload; /* the last frame of the first three */
@@ -105,6 +107,11 @@ void kvf__zsubs_curve(kvf__zsubs *s, const uint8_t server_pk[32], const uint8_t 
  * KVF_ECONNREFUSED (cannot connect) with one line in err. */
 int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
                    size_t errlen);
+/* As kvf__zsubs_add, subscribed to the topics that start with `topic` only (NULL or "": all),
+ * and its replay requests name that topic: the replay socket answers with its batches only,
+ * numbered on their own (a sharded publisher's, KVF_EVENTS_SHARD_TOPIC). */
+int kvf__zsubs_add_topic(kvf__zsubs *s, const char *endpoint, const char *replay, const char *topic,
+                         int *idx, char *err, size_t errlen);
 /* Closes publisher idx's sockets; its number may be given to a later kvf__zsubs_add(). A number
  * that names none is ignored. */
 void kvf__zsubs_drop(kvf__zsubs *s, int idx);
