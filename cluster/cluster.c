@@ -91,6 +91,10 @@ static int check_cfg(cfg *c)
     if (c->etcd == 2)
         return kvf__cluster_fail("%s: \"etcd\" is 0 (none), 1 or 3 members: two cannot lose one",
                                  cfg_where);
+    if (c->scheds * c->sched_shards > 16)
+        return kvf__cluster_fail("%s: \"scheds\" x \"sched_shards\" is %d kvf-sched processes, "
+                                 "at most 16",
+                                 cfg_where, c->scheds * c->sched_shards);
     if (c->replicate_hits && c->replicas > c->stores)
         return kvf__cluster_fail("%s: \"replicas\" (%d holders of a hot chunk) is more than the "
                                  "%d \"stores\"",
@@ -134,17 +138,11 @@ static int load_cfg(const char *path, cfg *c)
         return kvf__cluster_fail("%s:%d: %s", path, je.line, o ? "not a JSON object" : je.text);
     }
     int max_tokens = 16384, rc = 0;
-    static const char *const top_keys[] = {"name",       "model",
-                                           "engine",     "engine_args",
-                                           "python",     "store_memory",
-                                           "store_disk", "store_shm",
-                                           "policy",     "run_dir",
-                                           "stores",     "prefill",
-                                           "decode",     "store_threads",
-                                           "netns",      "engine_max_tokens",
-                                           "scheds",     "etcd",
-                                           "etcd_ttl",   "replicate_hits",
-                                           "replicas",   NULL};
+    static const char *const top_keys[] = {
+        "name",       "model",          "engine",   "engine_args",       "python", "store_memory",
+        "store_disk", "store_shm",      "policy",   "run_dir",           "stores", "prefill",
+        "decode",     "store_threads",  "netns",    "engine_max_tokens", "scheds", "etcd",
+        "etcd_ttl",   "replicate_hits", "replicas", "sched_shards",      NULL};
     static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
     char kerr[700], where[600];
     json_t *ns = json_object_get(o, "netns");
@@ -180,6 +178,7 @@ static int load_cfg(const char *path, cfg *c)
         get_int(o, "etcd_ttl", 5, 2, 60, &c->etcd_ttl) ||
         get_int(o, "replicate_hits", 0, 0, 255, &c->replicate_hits) ||
         get_int(o, "replicas", 2, 2, 8, &c->replicas) ||
+        get_int(o, "sched_shards", 1, 1, 8, &c->sched_shards) ||
         get_int(o, "engine_max_tokens", 16384, 256, 1 << 20, &max_tokens) ||
         (ns && get_str(ns, "subnet", "10.77.0", c->subnet, sizeof c->subnet)) ||
         (ns && get_str(ns, "rate", "", c->rate, sizeof c->rate))) {

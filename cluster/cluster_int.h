@@ -19,7 +19,8 @@ typedef struct cfg {
      * kvfabric.serve, with engine_args appended, run by the interpreter python) */
     char engine[16], engine_args[512], python[256];
     int stores, prefill, decode, store_threads;
-    int scheds;         /* kvf-sched replicas (1 to 4) */
+    int scheds;         /* kvf-sched replicas of each shard (1 to 4) */
+    int sched_shards;   /* shards of kvf-sched's index (1 to 8; "sched_shards") */
     int etcd;           /* etcd members the launcher starts (0: none, static lists; 1 or 3) */
     int etcd_ttl;       /* the leases of the stores and replicas, seconds */
     int replicate_hits; /* the stores' --replicate-hits (0: off; needs etcd) */

@@ -43,6 +43,7 @@ typedef struct launch {
     char store_snaps[2048];  /* their snapshot endpoints, in the same order */
     char cost[700];          /* the cost model calibrate measured */
     char sched[700];         /* kvf-sched's replicas' addresses, comma-separated */
+    char shards_arg[16];     /* "sched_shards", as the engines' --event-shards */
     char etcd[600];          /* the etcd members' endpoints ("etcd"), comma-separated */
     char etcd_ttl[16];       /* the stores' and replicas' leases, seconds */
     char tokens[640];        /* kvf-sched's token file, in the run directory */
@@ -202,6 +203,7 @@ static int engine_argv(launch *L, char **argv, int max, char **rest, int n_rest)
     }
     for (int i = 0; i < n_rest && k < max - 1; i++)
         argv[k++] = rest[i];
+
     for (int i = 0; py_engine(L->c) && i < L->n_extra && k < max - 1; i++)
         argv[k++] = L->extra[i];
     /* the engines register in etcd too, where the cluster has one: every replica then learns
@@ -257,9 +259,10 @@ static int announce(launch *L)
     snprintf(L->engine_bin, sizeof L->engine_bin, "%s", kvf__proc_find_bin("kvf-engine"));
     if (py_engine(c) && python_engine_env(L) != 0)
         return 1;
+    snprintf(L->shards_arg, sizeof L->shards_arg, "%d", c->sched_shards);
     printf("kvf cluster up \"%s\": %d store(s), %d scheduler(s), %d prefill and %d decode "
            "engine(s), model %s (%s), %s%s\n",
-           c->name, c->stores, c->scheds, c->prefill, c->decode, c->model,
+           c->name, c->stores, c->scheds * c->sched_shards, c->prefill, c->decode, c->model,
            py_engine(c) ? "python3 -m kvfabric.serve" : "kvf-engine",
            L->netns ? "one network namespace per host" : "loopback",
            c->etcd == 3 ? ", etcd of 3 members"
@@ -468,11 +471,12 @@ static int make_token(launch *L)
     return 0;
 }
 
-/* Replica r of kvf-sched ("scheds"): "sched", then "sched1", ... */
+/* kvf-sched process r ("scheds" replicas of each of "sched_shards" shards, shard by shard):
+ * "sched", then "sched1", ... */
 static int start_replica(launch *L, int r, const char *chunk)
 {
     const cfg *c = L->c;
-    char name[32], listen[64], events[64];
+    char name[32], listen[64], events[64], shard[32];
     snprintf(name, sizeof name, r ? "sched%d" : "sched", r);
     proc *q = add_proc(L, name, "sched", listen, events);
     if (!q)
@@ -502,6 +506,11 @@ static int start_replica(launch *L, int r, const char *chunk)
     args[n++] = L->admin_cred;
     args[n++] = "--events-server-key";
     args[n++] = L->events_key;
+    if (c->sched_shards > 1) { /* its shard of the index: the engines publish by shard */
+        snprintf(shard, sizeof shard, "%d/%d", r / c->scheds, c->sched_shards);
+        args[n++] = "--shard";
+        args[n++] = shard;
+    }
     if (start_one(c, q, args, n, NULL, READY_MS) != 0)
         return 1;
     append_to_list(L->sched, sizeof L->sched, q->addr);
@@ -529,7 +538,7 @@ static int start_sched(launch *L)
     snprintf(chunk, sizeof chunk, "%u", ct);
     if (make_token(L) != 0)
         return 1;
-    for (int r = 0; r < c->scheds; r++) {
+    for (int r = 0; r < c->scheds * c->sched_shards; r++) {
         if (kvf__cluster_interrupted)
             return INTERRUPTED;
         if (start_replica(L, r, chunk) != 0)
@@ -576,7 +585,11 @@ static int start_engine(launch *L, int i)
                     "--tokens",
                     L->tokens};
     char *argv[80];
-    int n = engine_argv(L, argv, 80, args, (int)(sizeof args / sizeof args[0]));
+    int n = engine_argv(L, argv, 78, args, (int)(sizeof args / sizeof args[0]));
+    if (c->sched_shards > 1) { /* kvf-sched's index is sharded: events go by shard */
+        argv[n++] = "--event-shards";
+        argv[n++] = L->shards_arg;
+    }
     return start_one(c, q, argv, n, env, py_engine(c) ? PY_READY_MS : READY_MS);
 }
 

@@ -12,6 +12,7 @@
 #include "router.h"
 
 #include "http.h"
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 
 #include <jansson.h>
@@ -32,7 +33,7 @@ typedef struct sent_prefix {
     size_t n, cap;
 } sent_prefix;
 
-#define MAX_SCHEDS 4
+#define MAX_SCHEDS 16
 
 struct kvfe_router {
     /* kvf-sched's replicas: placements go to the one that answered last; one that gives no
@@ -40,6 +41,11 @@ struct kvfe_router {
     char sched[MAX_SCHEDS][160];
     int n_sched;
     atomic_int cur;
+    /* A sharded index (kvf-sched --shard K/N): each replica's shard (-1: not known, it did not
+     * answer at open), the number of shards (1: not sharded) and the engines' block size, with
+     * which a prompt's first block, and so its shard, is hashed. */
+    int shard_of[MAX_SCHEDS];
+    uint32_t shards, block_tokens;
     kvfe_router_engine *eng;
     atomic_int *outstanding; /* calls in flight per engine, indexed as eng */
     size_t n_eng;
@@ -125,6 +131,9 @@ static int list_engines(kvfe_router *r, char *err, size_t errlen)
     }
     for (size_t i = 0; i < n; i++) {
         json_t *v = json_array_get(arr, i);
+        json_int_t bt = json_integer_value(json_object_get(v, "block_tokens"));
+        if (!r->block_tokens && bt > 0 && bt <= 65536)
+            r->block_tokens = (uint32_t)bt;
         copy_str(r->eng[i].id, sizeof r->eng[i].id, v, "id");
         copy_str(r->eng[i].role, sizeof r->eng[i].role, v, "role");
         copy_str(r->eng[i].endpoint, sizeof r->eng[i].endpoint, v, "endpoint");
@@ -134,6 +143,30 @@ static int list_engines(kvfe_router *r, char *err, size_t errlen)
 out_decref:
     json_decref(o);
     return rc;
+}
+
+/* Each replica's shard, from its GET /v1/index/stats ("shard", "shards"); r->shards the largest
+ * count heard (1 where every replica holds the whole index). */
+static void learn_shards(kvfe_router *r)
+{
+    r->shards = 1;
+    for (int i = 0; i < r->n_sched; i++) {
+        char url[256], err[256];
+        long st = 0;
+        json_t *o = NULL;
+        r->shard_of[i] = -1;
+        snprintf(url, sizeof url, "http://%s/v1/index/stats", r->sched[i]);
+        if (kvf__http_call("GET", url, NULL, QUICK_TIMEOUT_MS, &st, &o, err, sizeof err) == 0 &&
+            st == 200) {
+            json_int_t k = json_integer_value(json_object_get(o, "shard"));
+            json_int_t n = json_integer_value(json_object_get(o, "shards"));
+            if (n >= 1 && n <= KVF_EVENTS_MAX_SHARDS && k >= 0 && k < n) {
+                r->shard_of[i] = (int)k;
+                r->shards = (uint32_t)n > r->shards ? (uint32_t)n : r->shards;
+            }
+        }
+        json_decref(o);
+    }
 }
 
 int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t errlen)
@@ -162,6 +195,7 @@ int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t err
         kvfe_router_close(&r);
         return rc;
     }
+    learn_shards(r);
     *out = r;
     return 0;
 }
@@ -460,8 +494,22 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
     json_t *pl = NULL;
     double t0 = now_s();
     int rc = KVF_ECONNREFUSED, first = atomic_load(&r->cur);
-    for (int t = 0; t < r->n_sched; t++) {
-        int at = (first + t) % r->n_sched;
+    /* Sharded: the replicas of the shard that holds the prompt's prefix are asked first (only
+     * they know where it is cached); the others place it without that, where none answers. */
+    int order[MAX_SCHEDS], n_order = 0, shard = -1;
+    if (r->shards > 1 && r->block_tokens && q->n >= r->block_tokens) {
+        uint64_t h;
+        kvf_events_hash_blocks(q->tokens, 1, r->block_tokens, 0, &h);
+        shard = (int)kvf_events_shard_of(h, r->shards);
+    }
+    for (int pass = 0; pass < 2; pass++)
+        for (int t = 0; t < r->n_sched; t++) {
+            int at = (first + t) % r->n_sched;
+            if ((shard < 0 || r->shard_of[at] == shard) == (pass == 0))
+                order[n_order++] = at;
+        }
+    for (int t = 0; t < n_order; t++) {
+        int at = order[t];
         rc = post(r->sched[at], "/v1/place", body, &st, &pl, q->err, sizeof q->err);
         if (rc == KVF_ENOMEM)
             break;

@@ -258,6 +258,7 @@ typedef struct serve_opts {
     const char *prefetch_memory; /* --prefetch-memory SIZE */
     const char *log_format;      /* --log-format text|json */
     const char *etcd, *cluster;  /* --etcd, --cluster: registered in etcd (docs/membership.md) */
+    long event_shards;           /* --event-shards N: kvf-sched's index is split N ways */
     long etcd_ttl;
 } serve_opts;
 
@@ -303,6 +304,10 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                  "secure --events with CURVE under this credential (docs/security.md)", NULL),
         KVF__OPT("events-tenants", KVF__ARG_STR, &o->events_tenants, "FILE",
                  "the keys that may subscribe to --events", NULL),
+        KVF__OPT("event-shards", KVF__ARG_LONG, &o->event_shards, "N",
+                 "publish each sequence's events under its shard's topic, for kvf-sched replicas "
+                 "run with --shard K/N (docs/scale.md); 1: not sharded",
+                 "1", .lo = 1, .hi = KVF_EVENTS_MAX_SHARDS),
         KVF__OPT("model", KVF__ARG_CHOICE, &o->model, "PRESET", "the reference model", "ref-tiny",
                  .choices = models),
         KVF__OPT("max-tokens", KVF__ARG_STR, &o->max_tokens, "N",
@@ -491,7 +496,8 @@ static int open_events(srv *S, const serve_opts *o)
     kvf_events_opts eo = {.listen = o->events,
                           .credential = o->events_credential,
                           .tenants = o->events_tenants,
-                          .replay = replay};
+                          .replay = replay,
+                          .shards = (uint32_t)o->event_shards};
     if (kvf_events_open(&S->pub, &eo, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: --events %s: %s\n", o->events, err);
         return 1;

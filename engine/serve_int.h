@@ -21,8 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define KVFE_MAX_SCHEDS   4 /* given with --sched */
-#define KVFE_MAX_REPLICAS 8 /* with those learnt from etcd */
+#define KVFE_MAX_SCHEDS   16 /* given with --sched (replicas of every shard) */
+#define KVFE_MAX_REPLICAS 32 /* with those learnt from etcd */
 
 typedef struct srv {
     kvfe_model m;

@@ -32,13 +32,16 @@ class Events(_Handle):
     """A KV events publisher bound on `listen` ("host:port"; port 0: a free one). With
     `credential` and `tenants` it is secured by CURVE (docs/security.md, "KV events"). With
     `replay` ("host:port") it keeps the last `replay_batches` batches and answers replay
-    requests for them there (a subscriber that joined late or saw a gap)."""
+    requests for them there (a subscriber that joined late or saw a gap). With `shards` N > 1
+    each sequence's events go under its shard's topic, for kvf-sched replicas run with
+    --shard K/N (docs/scale.md)."""
 
     _kind, _free_fn = "events publisher", "kvf_events_close"
 
     def __init__(self, listen: str, credential: Optional[str] = None,
                  tenants: Optional[str] = None, tenant_credential: Optional[str] = None,
-                 replay: Optional[str] = None, replay_batches: int = 0) -> None:
+                 replay: Optional[str] = None, replay_batches: int = 0,
+                 shards: int = 1) -> None:
         self._h = None
         o = _lib.EventsOpts()
         o.listen = listen.encode()
@@ -47,6 +50,7 @@ class Events(_Handle):
         o.tenant_credential = tenant_credential.encode() if tenant_credential else None
         o.replay = replay.encode() if replay else None
         o.replay_batches = replay_batches
+        o.shards = shards
         h = ctypes.c_void_p()
         err = ctypes.create_string_buffer(400)
         check(_lib.lib().kvf_events_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),

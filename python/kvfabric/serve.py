@@ -599,6 +599,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--events", help="HOST:PORT to publish KV events on (port 0: any)")
     p.add_argument("--events-credential", help="the events' CURVE credential (with tenants)")
     p.add_argument("--events-tenants", help="who may subscribe to the events")
+    p.add_argument("--event-shards", type=int, default=1,
+                   help="publish each sequence's events under its shard's topic, for kvf-sched "
+                        "replicas run with --shard K/N (docs/scale.md)")
     p.add_argument("--tokens", help="bearer token file: every POST must carry one")
     p.add_argument("--insecure", action="store_true",
                    help="allow --listen/--events on an address that is not loopback")
@@ -724,7 +727,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.events:  # with a replay socket beside it, as kvf-engine
         eh, _ = _split(a.events, "--events")
         ev = Events(a.events, a.events_credential, a.events_tenants,
-                    replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0")
+                    replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0", shards=a.event_shards)
     try:
         engine = Engine(model, layout, factory, connector=cn, events=ev,
                         max_tokens=a.max_tokens, graphs=a.cuda_graphs)
