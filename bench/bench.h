@@ -11,10 +11,11 @@ int bench_connector_main(int argc, char **argv);
  * "pages" or "store". */
 int bench_connector_cuda(int rounds, int json, const char *store_bin, const char *only);
 int bench_sched_main(int argc, char **argv);
-/* kvf-bench sched --ingest (sched_ingest.c): results into res. 0, or -1 after saying why. */
+/* kvf-bench sched --ingest (sched_ingest.c): results into res; with shards > 1 also the index
+ * split that many ways, a thread per shard. 0, or -1 after saying why. */
 #include <jansson.h>
 #include <stdint.h>
-int bench_sched_ingest(json_t *res, int quick);
+int bench_sched_ingest(json_t *res, int quick, int shards);
 /* A scheduler (kvf_cost, an index sized for 2M blocks) with n instances "inst-0".. that prefill
  * and decode, each of block_tokens and capacity_blocks: the benchmarks' index under test. NULL
  * out of memory. */

@@ -138,7 +138,7 @@ out_free:
 
 typedef struct opts {
     const char *trace, *cost_file, *policies, *queues, *rates;
-    int instances, json, find_rate, decision_latency, ingest, quick;
+    int instances, json, find_rate, decision_latency, ingest, quick, shards;
     double time_scale, slo;
     long max_requests, device_blocks, store_blocks, windows;
 } opts;
@@ -190,13 +190,17 @@ static int parse(int argc, char **argv, opts *o)
                  "instead: place()'s latency on a loaded index (real)", NULL),
         KVF__OPT("ingest", KVF__ARG_FLAG, &o->ingest, NULL,
                  "instead: the rate of event ingest into the index (real)", NULL),
+        KVF__OPT("shards", KVF__ARG_INT, &o->shards, "N",
+                 "with --ingest: also the index split N ways by prefix, a thread per shard, "
+                 "against one shard in the same run (real)",
+                 "0: not measured", .lo = 0, .hi = 64),
         KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL,
                  "shorter --decision-latency and --ingest runs (CI)", NULL),
         KVF__OPT("json", KVF__ARG_FLAG, &o->json, NULL, "one JSON object on stdout", NULL),
     };
     int rc = bench_args("sched",
                         "--trace FILE [OPTIONS] | --decision-latency [--quick] | --ingest "
-                        "[--quick]",
+                        "[--shards N] [--quick]",
                         "Trace replay through the scheduler's policies on simulated engines "
                         "(simulated); place() latency and event ingest (real). "
                         "docs/benchmarks.md.",
@@ -690,7 +694,7 @@ int bench_sched_main(int argc, char **argv)
     int rc = 2;
     json_t *res = bench_result_new("sched");
     if (o.ingest) {
-        rc = bench_sched_ingest(res, o.quick) ? 1 : 0;
+        rc = bench_sched_ingest(res, o.quick, o.shards) ? 1 : 0;
         bench_emit(res, o.json);
         goto out_decref_res;
     }

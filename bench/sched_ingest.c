@@ -15,6 +15,7 @@
 #include "bench.h"
 #include "bench_util.h"
 
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 #include "ingest.h"
 #include "kvevents.h"
@@ -28,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define IG_INSTANCES 256
 #define IG_BT        16
@@ -256,7 +258,133 @@ static void time_spins(uint64_t iters, int calls, double *lat)
     }
 }
 
-int bench_sched_ingest(json_t *res, int quick)
+/* One shard's ingest thread: its own index and decoder, the batches of the sequences whose first
+ * block is in its shard (those a replica subscribed to its shard's topic receives), in order. */
+typedef struct shard_job {
+    const batch *b;
+    const size_t *mine; /* indices into b */
+    size_t n;
+    pthread_barrier_t *go;
+    double secs;           /* from the barrier to its last batch applied; -1 on an error */
+    uint64_t blocks, held; /* blocks ingested, and those its index holds at the end */
+} shard_job;
+
+static void *shard_main(void *arg)
+{
+    shard_job *j = arg;
+    kvf_sched *s = bench_sched_uniform(IG_INSTANCES, IG_BT, 1u << 20);
+    kvf__kve_decoder *d = NULL;
+    int ok = s && kvf__kve_decoder_new(&d) == 0;
+    kvf_ingest_stats st = {0};
+    pthread_barrier_wait(j->go);
+    double t0 = bench_now();
+    for (size_t k = 0; ok && k < j->n; k++) {
+        const batch *x = &j->b[j->mine[k]];
+        ok = ingest_one(s, d, NULL, x->inst, x->stored, x->stored_len, &st) == 0;
+    }
+    j->secs = ok ? bench_now() - t0 : -1;
+    j->blocks = st.stored;
+    kvf_index_stats ix = {0};
+    if (s)
+        kvf_sched_index_stats(s, &ix);
+    j->held = ix.blocks;
+    kvf__kve_decoder_free(&d);
+    kvf_sched_destroy(&s);
+    return NULL;
+}
+
+/* The batches ingested by `shards` threads, each shard's index its own (the events of an engine
+ * publishing with kvf_events_opts.shards, each shard a kvf-sched replica): the aggregate rate is
+ * every block over the slowest shard's time. Returns it, or -1; *max_over_mean the largest shard's
+ * blocks over the mean, *held the blocks the largest shard's index holds. */
+static double ingest_sharded(const batch *b, int shards, double *max_over_mean, uint64_t *held)
+{
+    size_t *idx = malloc(IG_BATCHES * sizeof *idx), at = 0;
+    shard_job *jobs = calloc((size_t)shards, sizeof *jobs);
+    pthread_t *th = calloc((size_t)shards, sizeof *th);
+    double rate = -1;
+    if (!idx || !jobs || !th)
+        goto out;
+    for (int k = 0; k < shards; k++) {
+        jobs[k].mine = idx + at;
+        for (size_t x = 0; x < IG_BATCHES; x++) {
+            /* the shard of the instance's one sequence: that of its first block */
+            uint64_t root = ((uint64_t)(b[x].inst + 1) << 32) | 1u;
+            if ((int)kvf_events_shard_of(root, (uint32_t)shards) == k)
+                idx[at++] = x;
+        }
+        jobs[k].n = (size_t)(idx + at - jobs[k].mine);
+    }
+    pthread_barrier_t go;
+    pthread_barrier_init(&go, NULL, (unsigned)shards);
+    int started = 0;
+    for (int k = 0; k < shards; k++) {
+        jobs[k].b = b;
+        jobs[k].go = &go;
+        if (pthread_create(&th[k], NULL, shard_main, &jobs[k]) != 0)
+            break;
+        started++;
+    }
+    if (started < shards) { /* the barrier would never open: nothing measured */
+        fprintf(stderr, "kvf-bench sched --ingest: cannot start %d threads\n", shards);
+        exit(1);
+    }
+    double slowest = 0;
+    uint64_t blocks = 0, most = 0;
+    int ok = 1;
+    for (int k = 0; k < shards; k++) {
+        pthread_join(th[k], NULL);
+        ok = ok && jobs[k].secs > 0;
+        slowest = jobs[k].secs > slowest ? jobs[k].secs : slowest;
+        blocks += jobs[k].blocks;
+        most = jobs[k].blocks > most ? jobs[k].blocks : most;
+        *held = jobs[k].held > *held ? jobs[k].held : *held;
+    }
+    pthread_barrier_destroy(&go);
+    *max_over_mean = blocks ? (double)most * shards / (double)blocks : 0;
+    rate = ok && slowest > 0 ? (double)blocks / slowest : -1;
+out:
+    free(idx), free(jobs), free(th);
+    return rate;
+}
+
+/* --shards: the index split `shards` ways against one shard, the same batches, round by round
+ * in the same run. */
+static int sharded_figures(json_t *res, const batch *b, int shards)
+{
+    const int rounds = 3;
+    double one[3], many[3], balance = 0;
+    uint64_t held1 = 0, heldn = 0;
+    for (int r = 0; r < rounds; r++) {
+        double bal;
+        one[r] = ingest_sharded(b, 1, &bal, &held1);
+        many[r] = ingest_sharded(b, shards, &balance, &heldn);
+        if (one[r] <= 0 || many[r] <= 0) {
+            fprintf(stderr, "kvf-bench sched --ingest: the sharded index refused a batch\n");
+            return -1;
+        }
+    }
+    bench_spread s1 = bench_json_rounds(res, "sharded_one_events_per_s", one, (size_t)rounds);
+    bench_spread sn = bench_json_rounds(res, "sharded_events_per_s", many, (size_t)rounds);
+    double ratio[3];
+    for (int r = 0; r < rounds; r++)
+        ratio[r] = many[r] / one[r];
+    bench_spread sr = bench_json_rounds(res, "sharded_vs_one", ratio, (size_t)rounds);
+    json_object_set_new(res, "shards", json_integer(shards));
+    json_object_set_new(res, "shard_blocks_max_over_mean", json_real(balance));
+    json_object_set_new(res, "shard_index_blocks_max", json_integer((json_int_t)heldn));
+    json_object_set_new(res, "unsharded_index_blocks", json_integer((json_int_t)held1));
+    json_object_set_new(res, "sharded_label", json_string("real"));
+    printf("  the index split %d ways by prefix, a thread per shard (each a kvf-sched replica's "
+           "work): %.2f M events/s in all (rounds %.2f-%.2f), one shard %.2f M events/s in the "
+           "same rounds: %.2fx (rounds %.2f-%.2f); the largest shard takes %.2fx the mean and "
+           "indexes %" PRIu64 " of the %" PRIu64 " blocks; this machine has %ld cores\n",
+           shards, sn.median / 1e6, sn.p10 / 1e6, sn.p90 / 1e6, s1.median / 1e6, sr.median, sr.p10,
+           sr.p90, balance, heldn, held1, sysconf(_SC_NPROCESSORS_ONLN));
+    return 0;
+}
+
+int bench_sched_ingest(json_t *res, int quick, int shards)
 {
     const int rounds = 3, calls = quick ? 2000 : 10000;
     batch *b = encode_all();
@@ -347,7 +475,7 @@ int bench_sched_ingest(json_t *res, int quick)
     json_object_set_new(res, "place_p50_us_under_ingest", json_real(busy50));
     json_object_set_new(res, "place_p99_us_under_ingest", json_real(busy99));
     json_object_set_new(res, "ingest_events_per_s_during_place", json_real(c.rate));
-    rc = 0;
+    rc = shards > 1 ? sharded_figures(res, b, shards) : 0;
 out:
     kvf_sched_destroy(&s);
     kvf__kve_decoder_free(&d);
