@@ -8,6 +8,7 @@
 #include "kvf/error.h"
 
 #include "auth.h"
+#include "bytes.h"
 #include "errf.h"
 #include "kvevents.h"
 #include "pubsub.h"
@@ -43,26 +44,16 @@ struct kvf_events {
     roots rt;
 };
 
-static uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
-    return x;
-}
-
 uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards)
 {
-    return shards < 2 ? 0 : (uint32_t)(mix64(first_block_hash) % shards);
+    return shards < 2 ? 0 : (uint32_t)(kvf__fmix64(first_block_hash) % shards);
 }
 
 static int roots_find(const roots *r, uint64_t h, size_t *at)
 {
     if (!r->cap)
         return 0;
-    size_t i = (size_t)mix64(h) & (r->cap - 1);
+    size_t i = (size_t)kvf__fmix64(h) & (r->cap - 1);
     while (r->used[i]) {
         if (r->key[i] == h) {
             *at = i;
@@ -123,7 +114,7 @@ static int roots_take(roots *r, uint64_t h, uint32_t *shard)
     r->n--;
     size_t m = r->cap - 1;
     for (size_t j = (i + 1) & m; r->used[j]; j = (j + 1) & m) {
-        size_t home = (size_t)mix64(r->key[j]) & m;
+        size_t home = (size_t)kvf__fmix64(r->key[j]) & m;
         /* j's entry may move back to i unless its home lies cyclically in (i, j] */
         int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
         if (!stays) {
@@ -254,6 +245,23 @@ int kvf_events_hash_blocks(const uint32_t *tokens, size_t n_blocks, uint32_t blo
     return 0;
 }
 
+/* One batch's payload: BlockRemoved of removed[0..n_removed) (if any), then BlockStored of
+ * stored[0..n_stored) (if any), into *data and *len (valid until kvf__kve_enc_free(e)). 0 or the
+ * error; *e to be freed either way. */
+static int encode(kvf__kve_enc **e, const uint64_t *removed, size_t n_removed,
+                  const uint64_t *stored, size_t n_stored, int has_parent, uint64_t parent,
+                  const uint32_t *tokens, uint32_t block_tokens, const char *medium,
+                  const void **data, size_t *len)
+{
+    int rc = kvf__kve_enc_begin(e, (n_removed > 0) + (n_stored > 0));
+    if (!rc && n_removed)
+        kvf__kve_enc_block_removed(*e, removed, n_removed, medium);
+    if (!rc && n_stored)
+        kvf__kve_enc_block_stored(*e, stored, n_stored, has_parent, parent, tokens, block_tokens,
+                                  medium);
+    return rc ? rc : kvf__kve_enc_end(*e, data, len);
+}
+
 /* One batch of a sharded publisher: removed[0..n_removed) and, where n_stored, the stored
  * blocks, under shard k's topic and next number. ev->mu held. */
 static int send_shard(kvf_events *ev, uint32_t k, const uint64_t *removed, size_t n_removed,
@@ -263,14 +271,8 @@ static int send_shard(kvf_events *ev, uint32_t k, const uint64_t *removed, size_
     kvf__kve_enc *e = NULL;
     const void *data;
     size_t len;
-    int rc = kvf__kve_enc_begin(&e, (n_removed > 0) + (n_stored > 0));
-    if (!rc && n_removed)
-        kvf__kve_enc_block_removed(e, removed, n_removed, medium);
-    if (!rc && n_stored)
-        kvf__kve_enc_block_stored(e, stored, n_stored, has_parent, parent, tokens, block_tokens,
-                                  medium);
-    if (!rc)
-        rc = kvf__kve_enc_end(e, &data, &len);
+    int rc = encode(&e, removed, n_removed, stored, n_stored, has_parent, parent, tokens,
+                    block_tokens, medium, &data, &len);
     ++ev->seq;
     ++ev->shard_seq[k]; /* a batch that could not be encoded leaves a gap the subscriber sees */
     if (!rc)
@@ -350,14 +352,8 @@ int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed
     kvf__kve_enc *e = NULL;
     const void *data;
     size_t len;
-    int rc = kvf__kve_enc_begin(&e, (n_removed > 0) + (n_stored > 0));
-    if (!rc && n_removed)
-        kvf__kve_enc_block_removed(e, removed, n_removed, medium);
-    if (!rc && n_stored)
-        kvf__kve_enc_block_stored(e, stored, n_stored, has_parent, parent, tokens, block_tokens,
-                                  medium);
-    if (!rc)
-        rc = kvf__kve_enc_end(e, &data, &len);
+    int rc = encode(&e, removed, n_removed, stored, n_stored, has_parent, parent, tokens,
+                    block_tokens, medium, &data, &len);
     pthread_mutex_lock(&ev->mu);
     ++ev->seq; /* a batch that could not be encoded leaves a gap the subscriber sees */
     if (!rc)
