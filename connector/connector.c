@@ -314,8 +314,10 @@ static int open_client(kvf_connector *cn, const kvf_connector_opts *o, char *err
     size_t n_fetched = 0;
     const char *const *nodes = o->nodes;
     size_t n = o->n_nodes;
-    if (o->n_nodes == 0 && o->sched) {
-        rc = kvf__nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err, errlen);
+    if (o->n_nodes == 0 && (o->sched || o->etcd)) {
+        rc = o->etcd ? kvf__stores_etcd_open(cn, o, &fetched, &n_fetched, err, errlen)
+                     : kvf__nodes_from_sched(o->sched, &fetched, &n_fetched, cn->deadline_ms, err,
+                                             errlen);
         if (rc)
             return rc;
         nodes = (const char *const *)fetched;
@@ -393,7 +395,7 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     cn->deadline_ms = o->deadline_ms > 0 ? o->deadline_ms : 5000;
     cn->conns_per_node = o->conns_per_node;
     cn->refresh_ms = o->stores_refresh_ms == 0 ? 2000 : o->stores_refresh_ms;
-    if ((o->n_nodes == 0 && o->sched && !(cn->sched = strdup(o->sched))) ||
+    if ((o->n_nodes == 0 && o->sched && !o->etcd && !(cn->sched = strdup(o->sched))) ||
         (o->credential && !(cn->credential = strdup(o->credential)))) {
         free(cn->sched);
         free(cn);

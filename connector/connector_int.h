@@ -96,7 +96,15 @@ struct kvf_connector {
     const char *transport_req;
     int conns_per_node, refresh_ms;
     pthread_t st_th;
-    pthread_cond_t st_cv; /* under mu: stop, or a retired client's last hold dropped */
+    pthread_cond_t st_cv; /* under mu: stop, a retired client's last hold dropped, or etcd told
+                             of a store */
+    /* With the nodes from etcd (kvf_connector_opts.etcd): the watch of the stores' prefix and,
+     * under mu, the stores it told of, by node number (ascending), and whether that changed since
+     * the refresher last looked. */
+    struct kvf__watcher *st_watch;
+    struct kvf__estore *estores;
+    size_t n_estores;
+    int estores_changed;
     int st_started, st_stop, st_cv_ready;
     int st_closed;      /* under mu: the clients were closed (connector close) */
     uint64_t obj_bytes; /* raw object size of a chunk */
@@ -283,8 +291,14 @@ kvf__clref *kvf__clref_hold(kvf_connector *cn);
 void kvf__clref_drop(kvf_connector *cn, kvf__clref *r);
 void kvf__clref_drop_locked(kvf_connector *cn, kvf__clref *r);
 void kvf__nodes_free(char **nodes, size_t n);
-/* Starts the refresher where the nodes come from the scheduler. 0 or KVF_ENOMEM. */
+/* Starts the refresher where the nodes come from the scheduler or etcd. 0 or KVF_ENOMEM. */
 int kvf__stores_start(kvf_connector *cn, char *err, size_t errlen);
+/* Starts the watch of the stores registered in etcd (o->etcd, o->cluster) and waits for its first
+ * listing (the connector's deadline at most): their addresses into *nodes and *n, in node order.
+ * cn->mu must be initialized. 0, or KVF_ECONNREFUSED (etcd did not answer, or lists no store),
+ * KVF_EINVAL, KVF_ENOMEM with one line in err. */
+int kvf__stores_etcd_open(kvf_connector *cn, const kvf_connector_opts *o, char ***nodes, size_t *n,
+                          char *err, size_t errlen);
 /* Stops the refresher; no transfer starts on a client after. */
 void kvf__stores_stop(kvf_connector *cn);
 /* kvf__stores_stop, then closes every client (transfers in flight on them fail), once the

@@ -2,11 +2,12 @@
  * The connector's storage clients (connector_int.h, docs/connector.md "Stores that join and
  * leave"): the one every new transfer, prefetch and lookup runs on, held by each of them until it
  * ends; and, where the nodes come from kvf-sched, a thread that asks kvf-sched for them again every
- * stores_refresh_ms. When the set of live stores changed (one joined, or one left: its lease in
- * etcd lapsed and kvf-sched dropped it), the thread opens a client on the new set, makes it the
- * current one, and closes the old one once the last transfer that holds it has been freed. So a
- * store that joins a running cluster takes its share of the keys (rendezvous hashing moves only
- * the keys it now ranks first), and a transfer never sees its client change under it.
+ * stores_refresh_ms (or, where they come from etcd, looks again whenever the watch of the stores'
+ * registrations tells of a change). When the set of live stores changed (one joined, or one left:
+ * its lease in etcd lapsed and kvf-sched dropped it), the thread opens a client on the new set,
+ * makes it the current one, and closes the old one once the last transfer that holds it has been
+ * freed. So a store that joins a running cluster takes its share of the keys (rendezvous hashing
+ * moves only the keys it now ranks first), and a transfer never sees its client change under it.
  */
 #include "kvf/connector.h"
 
@@ -14,6 +15,7 @@
 
 #include "clock.h"
 #include "connector_int.h"
+#include "member.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -107,8 +109,117 @@ static void reap_locked(kvf_connector *cn)
     }
 }
 
-/* Asks kvf-sched for the stores; where the set changed, opens a client on it and makes it the
- * current one. Called and returns with cn->mu held. */
+/* ------------------------------------------------------------------------------------------ */
+/* The stores registered in etcd */
+
+/* A store etcd told of: its node number (the key's last part) and data address. */
+struct kvf__estore {
+    long node;
+    char addr[160];
+};
+
+/* The watch's report of /kvfabric/CLUSTER/stores/NODE: its record ({"addr": ..., ...}) put, or
+ * the key gone (the store stopped, or its lease lapsed). The watcher's thread. */
+static void on_etcd_store(void *ud, int put, const char *key, const char *value)
+{
+    kvf_connector *cn = ud;
+    long node = kvf__member_key_number(key, 1L << 20);
+    if (node < 0)
+        return; /* not a store's key */
+    char addr[160] = "";
+    if (put)
+        kvf__member_record_addr(value, addr, sizeof addr);
+    pthread_mutex_lock(&cn->mu);
+    size_t at = 0;
+    while (at < cn->n_estores && cn->estores[at].node < node)
+        at++;
+    int have = at < cn->n_estores && cn->estores[at].node == node;
+    if (addr[0] && have) {
+        snprintf(cn->estores[at].addr, sizeof cn->estores[at].addr, "%s", addr);
+    } else if (addr[0] && cn->n_estores < KVF_CLIENT_MAX_NODES) {
+        memmove(cn->estores + at + 1, cn->estores + at, (cn->n_estores - at) * sizeof *cn->estores);
+        cn->estores[at].node = node;
+        snprintf(cn->estores[at].addr, sizeof cn->estores[at].addr, "%s", addr);
+        cn->n_estores++;
+    } else if (!addr[0] && have) { /* gone, or a record without an address: not usable */
+        memmove(cn->estores + at, cn->estores + at + 1,
+                (cn->n_estores - at - 1) * sizeof *cn->estores);
+        cn->n_estores--;
+    }
+    cn->estores_changed = 1;
+    if (cn->st_cv_ready)
+        pthread_cond_broadcast(&cn->st_cv);
+    pthread_mutex_unlock(&cn->mu);
+}
+
+/* The stores etcd told of, in node order, into *nodes and *n. Takes cn->mu. 0, or
+ * KVF_ECONNREFUSED (none) or KVF_ENOMEM with the reason in err. */
+static int nodes_from_etcd(kvf_connector *cn, char ***nodes, size_t *n, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&cn->mu);
+    cn->estores_changed = 0;
+    size_t k = cn->n_estores;
+    char **out = k ? calloc(k, sizeof *out) : NULL;
+    int rc = !k ? KVF_ECONNREFUSED : !out ? KVF_ENOMEM : 0;
+    for (size_t i = 0; !rc && i < k; i++)
+        if (!(out[i] = strdup(cn->estores[i].addr)))
+            rc = KVF_ENOMEM;
+    pthread_mutex_unlock(&cn->mu);
+    if (rc) {
+        kvf__nodes_free(out, k);
+        snprintf(err, errlen, "connector: %s",
+                 rc == KVF_ENOMEM ? "out of memory" : "no store is registered in etcd");
+        return rc;
+    }
+    *nodes = out;
+    *n = k;
+    return 0;
+}
+
+int kvf__stores_etcd_open(kvf_connector *cn, const kvf_connector_opts *o, char ***nodes, size_t *n,
+                          char *err, size_t errlen)
+{
+    const char *cluster = o->cluster ? o->cluster : "default";
+    size_t cl = strlen(cluster);
+    if (cl == 0 || cl > 64 ||
+        strspn(cluster, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                        "0123456789._-") != cl) {
+        snprintf(err, errlen, "connector: cluster \"%.80s\": 1 to 64 of A-Z a-z 0-9 . _ -",
+                 cluster);
+        return KVF_EINVAL;
+    }
+    if (!(cn->estores = calloc(KVF_CLIENT_MAX_NODES, sizeof *cn->estores))) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    char prefix[128];
+    snprintf(prefix, sizeof prefix, "/kvfabric/%s/stores/", cluster);
+    int rc =
+        kvf__watcher_start(&cn->st_watch, o->etcd, prefix, on_etcd_store, cn, NULL, err, errlen);
+    if (rc)
+        return rc;
+    /* the first listing, within the connector's deadline */
+    uint64_t until = kvf__now_ns() + (uint64_t)cn->deadline_ms * 1000000u;
+    while (!kvf__watcher_synced(cn->st_watch) && kvf__now_ns() < until) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+    }
+    if (!kvf__watcher_synced(cn->st_watch)) {
+        snprintf(err, errlen, "connector: etcd at %.200s did not answer within %d ms", o->etcd,
+                 cn->deadline_ms);
+        return KVF_ECONNREFUSED;
+    }
+    rc = nodes_from_etcd(cn, nodes, n, err, errlen);
+    if (rc == KVF_ECONNREFUSED)
+        snprintf(err, errlen, "connector: no store is registered in etcd under %s", prefix);
+    return rc;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The refresher */
+
+/* Asks kvf-sched (or the table etcd keeps up to date) for the stores; where the set changed,
+ * opens a client on it and makes it the current one. Called and returns with cn->mu held. */
 static void refresh_locked(kvf_connector *cn)
 {
     pthread_mutex_unlock(&cn->mu);
@@ -117,8 +228,9 @@ static void refresh_locked(kvf_connector *cn)
     kvf__clref *cur = kvf__clref_hold(cn), *fresh = NULL;
     /* a short answer time: the connector's close waits for this call */
     int t_ms = cn->deadline_ms < 1000 ? cn->deadline_ms : 1000;
-    int rc =
-        cur ? kvf__nodes_from_sched(cn->sched, &nodes, &n, t_ms, err, sizeof err) : KVF_ECLOSED;
+    int rc = !cur           ? KVF_ECLOSED
+             : cn->st_watch ? nodes_from_etcd(cn, &nodes, &n, err, sizeof err)
+                            : kvf__nodes_from_sched(cn->sched, &nodes, &n, t_ms, err, sizeof err);
     if (rc == 0 && !same_set(cur, nodes, n)) {
         kvf_client *cl = NULL;
         rc = kvf__client_open_on(cn, (const char *const *)nodes, n, &cl, err, sizeof err);
@@ -162,7 +274,7 @@ static void *refresher(void *arg)
     while (!cn->st_stop) {
         reap_locked(cn);
         uint64_t now = kvf__now_ns();
-        if (now >= next) {
+        if (now >= next || cn->estores_changed) {
             refresh_locked(cn);
             next = kvf__now_ns() + (uint64_t)cn->refresh_ms * 1000000ull;
             continue;
@@ -181,8 +293,10 @@ static void *refresher(void *arg)
 int kvf__stores_start(kvf_connector *cn, char *err, size_t errlen)
 {
     pthread_cond_init(&cn->st_cv, NULL);
+    pthread_mutex_lock(&cn->mu); /* etcd's watch, already running, signals it once ready */
     cn->st_cv_ready = 1;
-    if (!cn->sched || cn->refresh_ms <= 0)
+    pthread_mutex_unlock(&cn->mu);
+    if ((!cn->sched && !cn->st_watch) || cn->refresh_ms <= 0)
         return 0;
     int e = pthread_create(&cn->st_th, NULL, refresher, cn);
     if (e) {
@@ -204,6 +318,7 @@ void kvf__stores_stop(kvf_connector *cn)
     if (cn->st_started)
         pthread_join(cn->st_th, NULL);
     cn->st_started = 0;
+    kvf__watcher_stop(&cn->st_watch); /* its reports take mu: not held here */
 }
 
 void kvf__stores_close(kvf_connector *cn)
@@ -233,6 +348,8 @@ void kvf__stores_free(kvf_connector *cn)
             kvf__nodes_free(r->nodes, r->n_nodes);
             free(r);
         }
+    kvf__watcher_stop(&cn->st_watch);
+    free(cn->estores);
     if (cn->st_cv_ready)
         pthread_cond_destroy(&cn->st_cv);
     free(cn->sched);

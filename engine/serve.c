@@ -443,12 +443,12 @@ static int configure(srv *S, const serve_opts *o)
     return PROCEED;
 }
 
-/* Opens the connector (to the stores given, or to the ones kvf-sched lists; none without either)
- * and the engine over it. Returns 0 or the exit status. */
+/* Opens the connector (to the stores given, or to the ones registered in etcd, or to the ones
+ * kvf-sched lists; none without any) and the engine over it. Returns 0 or the exit status. */
 static int open_engine(srv *S, const serve_opts *o)
 {
     char err[512];
-    if (o->store || S->sched[0]) {
+    if (o->store || S->sched[0] || o->etcd) {
         char *dup = o->store ? strdup(o->store) : NULL, *nodes[64];
         size_t n_nodes = 0;
         for (char *sv = NULL, *t = dup ? strtok_r(dup, ",", &sv) : NULL; t && n_nodes < 64;
@@ -457,10 +457,15 @@ static int open_engine(srv *S, const serve_opts *o)
         kvf_connector_opts co = {.nodes = (const char *const *)nodes,
                                  .n_nodes = n_nodes,
                                  .sched = S->sched[0] ? S->sched : NULL,
+                                 .etcd = o->store ? NULL : o->etcd,
+                                 .cluster = o->cluster,
                                  .layout = S->m.layout};
         int rc = kvf_connector_open(&S->cn, &co, err, sizeof err);
         free(dup);
-        if (rc) {
+        if (rc && co.etcd && !co.sched && rc == KVF_ECONNREFUSED) {
+            /* an engine of an etcd cluster that has no store yet serves on, recomputing */
+            kvf_warn(&S->lg, "%s: serving without stores", err);
+        } else if (rc) {
             fprintf(stderr, "kvf-engine: %s\n", err);
             return 1;
         }

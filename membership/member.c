@@ -7,6 +7,7 @@
 #include "etcd.h"
 
 #include <inttypes.h>
+#include <jansson.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -425,4 +426,15 @@ long kvf__member_key_number(const char *key, long max)
     char *end = NULL;
     long n = slash && slash[1] >= '0' && slash[1] <= '9' ? strtol(slash + 1, &end, 10) : -1;
     return n >= 0 && n < max && end && !*end ? n : -1;
+}
+
+int kvf__member_record_addr(const char *value, char *addr, size_t len)
+{
+    addr[0] = 0;
+    json_t *o = value ? json_loads(value, 0, NULL) : NULL;
+    const char *a = json_string_value(json_object_get(o, "addr"));
+    if (a && strlen(a) < len)
+        snprintf(addr, len, "%s", a);
+    json_decref(o);
+    return addr[0] != 0;
 }

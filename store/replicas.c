@@ -46,12 +46,7 @@ static void on_store(void *ud, int put, const char *key, const char *value)
         return;
     char addr[KVF_REP_ADDR] = "";
     if (put) {
-        json_t *o = json_loads(value, 0, NULL);
-        const char *a = json_string_value(json_object_get(o, "addr"));
-        if (a && strlen(a) < sizeof addr)
-            snprintf(addr, sizeof addr, "%s", a);
-        json_decref(o);
-        if (!addr[0]) {
+        if (!kvf__member_record_addr(value, addr, sizeof addr)) {
             kvf_warn(r->log, "etcd: %s: a store record without an address; not a peer", key);
             return;
         }

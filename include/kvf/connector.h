@@ -86,12 +86,18 @@ typedef struct kvf_connector_opts {
                                * on, one that left (its lease in etcd lapsed) is dropped, and
                                * transfers in flight finish on the nodes they started on. 0:
                                * every 2000 ms; < 0: never (the nodes of open, for good) */
+    const char *etcd;         /* input: with n_nodes 0, etcd's members ("http://HOST:PORT,..."):
+                               * the storage nodes are the ones registered under
+                               * /kvfabric/CLUSTER/stores/ (docs/membership.md), followed by a
+                               * watch of their own: a store whose lease lapses is dropped, one
+                               * that registers is used, each as etcd tells it (sched unused) */
+    const char *cluster;      /* input: the cluster's name in etcd (NULL: "default") */
 } kvf_connector_opts;
 
-/* Opens a connector, with the storage nodes given or, failing those, the ones the scheduler lists.
- * err gets one line on failure. Caller owns the result; free with kvf_connector_close(). Returns
- * 0, KVF_EINVAL (bad layout or options), KVF_ECONNREFUSED (the scheduler did not answer or lists
- * no node), KVF_ENOMEM. */
+/* Opens a connector, with the storage nodes given or, failing those, the ones registered in etcd
+ * or the ones the scheduler lists. err gets one line on failure. Caller owns the result; free with
+ * kvf_connector_close(). Returns 0, KVF_EINVAL (bad layout or options), KVF_ECONNREFUSED (the
+ * scheduler or etcd did not answer, or lists no node), KVF_ENOMEM. */
 KVF_API int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *opts, char *err,
                                size_t errlen);
 /* Fails every transfer in flight (KVF_ECANCELED), waits for the workers and clears *cn. Transfers

@@ -57,6 +57,9 @@ void kvf__member_stop(kvf__member **m);
 /* The number that ends a watched key (/kvfabric/CLUSTER/stores/NODE): 0..max-1, or -1 where the
  * key does not end in one. */
 long kvf__member_key_number(const char *key, long max);
+/* A registration record's "addr" (a store's data address) into addr (len bytes): 1, or 0 (addr
+ * "") where the record is not JSON, has none or one too long. */
+int kvf__member_record_addr(const char *value, char *addr, size_t len);
 
 /* What a watcher tells: key joined or changed (put 1, with its value) or left (put 0). Called on
  * the watcher's thread, in the order etcd made the changes. */

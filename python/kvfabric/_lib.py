@@ -78,6 +78,8 @@ class ConnectorOpts(ctypes.Structure):
         ("caps", c_void_p),
         ("trust_local_store", c_int),
         ("stores_refresh_ms", c_int),
+        ("etcd", c_char_p),
+        ("cluster", c_char_p),
     ]
 
 

@@ -211,7 +211,9 @@ class Connector(_Handle):
     """A connector to kvfabric's storage nodes (`nodes`, "host:port" each) or to the ones
     kvf-sched lists (`sched`, "host:port"). With `sched`, the list is asked for again every
     `stores_refresh_ms` (0: 2000; negative: never): a store that joins is used from then on, one
-    that left is dropped, and transfers in flight finish where they started.
+    that left is dropped, and transfers in flight finish where they started. With `etcd`
+    ("http://host:port,...") the stores are the ones registered in etcd under
+    /kvfabric/`cluster`/stores/, followed by a watch: each change is used as etcd tells it.
 
     >>> cn = Connector(layout, nodes=["127.0.0.1:7400"])
     >>> cn.register(pages_from_tensors(layout, kv_caches))
@@ -228,7 +230,8 @@ class Connector(_Handle):
                  sched: Optional[str] = None, salt: Union[str, bytes, None] = None,
                  credential: Optional[str] = None, workers: int = 0, deadline_ms: int = 0,
                  conns_per_node: int = 0, staging_bytes: int = 0,
-                 trust_local_store: bool = False, stores_refresh_ms: int = 0) -> None:
+                 trust_local_store: bool = False, stores_refresh_ms: int = 0,
+                 etcd: Optional[str] = None, cluster: Optional[str] = None) -> None:
         self.layout = layout
         self._h = None
         self._held: Tuple[Any, ...] = ()
@@ -247,6 +250,8 @@ class Connector(_Handle):
         o.conns_per_node = conns_per_node
         o.trust_local_store = 1 if trust_local_store else 0
         o.stores_refresh_ms = stores_refresh_ms
+        o.etcd = etcd.encode() if etcd else None
+        o.cluster = cluster.encode() if cluster else None
         h = ctypes.c_void_p()
         err = ctypes.create_string_buffer(400)
         check(_lib.lib().kvf_connector_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),

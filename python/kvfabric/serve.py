@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import models
 from .connector import Connector
 from .engine import Engine, TurnQueue, outcome_json
+from .errors import KvfError
 from .etcd import EtcdError, EtcdMember
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Registry
@@ -720,9 +721,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("kvfabric.serve: --id is required to serve")
     cn = None
     stores = [s for s in a.store.split(",") if s]
-    if stores or a.sched:
-        cn = Connector(layout, nodes=stores or None, sched=a.sched or None,
-                       workers=a.connector_workers, trust_local_store=a.trust_local_store)
+    if stores or a.sched or a.etcd:
+        # the stores given, else those registered in etcd (followed by a watch), else kvf-sched's
+        try:
+            cn = Connector(layout, nodes=stores or None, sched=a.sched or None,
+                           etcd=None if stores else (a.etcd or None), cluster=a.cluster,
+                           workers=a.connector_workers, trust_local_store=a.trust_local_store)
+        except KvfError as e:
+            if stores or a.sched or e.name != "KVF_ECONNREFUSED":
+                raise
+            _log("warn", f"{e}: serving without stores")  # an etcd cluster with no store yet
     ev = None
     if a.events:  # with a replay socket beside it, as kvf-engine
         eh, _ = _split(a.events, "--events")

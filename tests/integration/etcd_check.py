@@ -13,7 +13,9 @@
 - a second store that asks for a node number a live one holds is refused, naming the holder;
 - an engine registered in etcd alone (no --sched) is learnt by both replicas, and removed by both
   within the TTL + 1 s of its kill -9;
-- a running engine whose connector took its stores from kvf-sched uses a store that joins later.
+- a running engine whose connector took its stores from kvf-sched uses a store that joins later;
+- an engine in etcd alone: its connector follows the stores' registrations with a watch of its
+  own: a killed store is dropped within the TTL, one that registers is used at once.
 
 usage: etcd_check.py   (environment: KVF_STORE_BIN; kvf-sched is taken from its folder; etcd from
                         $PATH: exit 77, skipped, where it is not installed)
@@ -322,20 +324,61 @@ def main():
         procs.append(e1)
         check(e1.addr is not None, "kvf-engine --sched did not start: %r" % e1.err)
 
-        def engine_stores():
+        def connector_stores(e):
             try:
-                return get_json("http://%s/v1/health" % e1.addr)["connector"]["stores"]
+                return get_json("http://%s/v1/health" % e.addr)["connector"]["stores"]
             except Exception:
                 return None
-        check(engine_stores() == 1, "the engine's connector uses %r stores, not 1"
-              % engine_stores())
-        s3 = store(etcd, 3)
-        procs.append(s3)
+
+        def store_joins(e, name, node, want, within, how):
+            """Starts store `node` and waits for engine e's connector to use `want` stores."""
+            s = store(etcd, node)
+            procs.append(s)
+            t0 = time.time()
+            check(wait_for(lambda: connector_stores(e) == want, within),
+                  "%s never used the store that joined: %r" % (name, connector_stores(e)))
+            print("etcd_check: %s used a store that joined %.2f s after it started (%s)"
+                  % (name, time.time() - t0, how), flush=True)
+            return s
+
+        check(connector_stores(e1) == 1, "the engine's connector uses %r stores, not 1"
+              % connector_stores(e1))
+        s3 = store_joins(e1, "an engine given kvf-sched", 3, 2, 8,
+                         "the connector asks kvf-sched every 2 s")
+
+        # an engine in etcd alone: its connector follows the stores' registrations itself (a
+        # watch, no kvf-sched between): it uses both, drops one killed within the TTL, and takes
+        # one that joins as soon as etcd tells it
+        e2 = engine(etcd, "e2")
+        procs.append(e2)
+        check(e2.addr is not None, "kvf-engine --etcd did not start: %r" % e2.err)
+
+        def e2_stores():
+            return connector_stores(e2)
+        check(e2_stores() == 2, "the engine's connector found %r stores in etcd, not 2"
+              % e2_stores())
         t0 = time.time()
-        check(wait_for(lambda: engine_stores() == 2, 8),
-              "the engine never used the store that joined: %r" % engine_stores())
-        print("etcd_check: a running engine used a store that joined %.2f s after it started "
-              "(the connector asks kvf-sched every 2 s)" % (time.time() - t0), flush=True)
+        s3.kill()
+        check(wait_for(lambda: e2_stores() == 1, TTL + SLACK + 2),
+              "the connector kept a killed store: %r" % e2_stores())
+        dropped = time.time() - t0
+        print("etcd_check: the connector watching etcd dropped a killed store %.2f s after its "
+              "death (TTL %d s)" % (dropped, TTL), flush=True)
+        check(dropped <= TTL + SLACK, "the connector dropped a killed store after %.2f s" % dropped)
+        store_joins(e2, "an engine given etcd", 4, 2, 5, "the connector watches etcd")
+        body = json.dumps({"tokens": list(range(1, 200)), "max_tokens": 2}).encode()
+        outs = []
+        for _ in range(2):  # the second finds the first's chunks in the stores
+            req = urllib.request.Request("http://%s/v1/generate" % e2.addr, data=body,
+                                         method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    outs.append(json.loads(resp.read()))
+            except Exception as ex:  # noqa: BLE001 - a failure is a check, not a crash
+                check(False, "generate on e2: %s" % ex)
+        check(len(outs) == 2 and outs[0].get("tokens") == outs[1].get("tokens"),
+              "e2's two answers differ: %r" % outs)
     finally:
         for p in procs:
             p.stop()
