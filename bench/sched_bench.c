@@ -321,6 +321,11 @@ static void print_header(const grid *g, int w)
            "device cache %u blocks, store %u blocks, queue window %u\n",
            rp->n, sched_replay_rps(rp), rp->ninst, rp->slo, rp->dev_blocks, rp->store_blocks,
            rp->cost.klpm_k);
+    printf("  the least share of the instances' time any placement needs (every block computed "
+           "once, loads free):");
+    for (int r = 0; r < g->nr; r++)
+        printf(" %.2f at %.3gx", sched_replay_work_floor(rp, g->rates[r]), g->rates[r]);
+    printf("; near 1, requests queue whatever the placement\n");
     printf("  %-15s %-5s %5s %7s %8s %8s %8s %7s %7s %7s %7s %6s %11s\n", "policy", "queue", "rate",
            "req/s", "ttft p50", "p90", "p99", "in SLO", "done/s", "dev hit", "store", "reject",
            "/bound p50 p90");
@@ -336,7 +341,8 @@ static void print_result(const sched_result *r)
            r->vs_bound_p90);
 }
 
-static json_t *result_json(const sched_result *r, int window, int windows)
+/* r as JSON; work_floor: sched_replay_work_floor() at r's rate. */
+static json_t *result_json(const sched_result *r, double work_floor, int window, int windows)
 {
     json_t *o = json_pack("{s:s,s:s,s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:f,s:I,s:I}", "policy",
                           kvf_policy_name(r->policy), "queue", kvf_queue_name(r->queue), "label",
@@ -350,6 +356,7 @@ static json_t *result_json(const sched_result *r, int window, int windows)
                           r->bound_p90, "ttft_p99_s", r->bound_p99, "ttft_p50_ratio",
                           r->vs_bound_p50, "ttft_p90_ratio", r->vs_bound_p90, "ttft_p99_ratio",
                           r->vs_bound_p99, "label", "simulated");
+    json_object_set_new(b, "work_floor", json_real(work_floor));
     json_object_set_new(o, "lower_bound", b);
     if (windows > 1)
         json_object_set_new(o, "window", json_integer(window));
@@ -370,7 +377,9 @@ static int run_grid(grid *g, json_t *arr)
                                       g->rates[r], c) != 0)
                         return -1;
                     print_result(c);
-                    json_array_append_new(arr, result_json(c, w, g->nw));
+                    json_array_append_new(
+                        arr,
+                        result_json(c, sched_replay_work_floor(&g->rp[w], g->rates[r]), w, g->nw));
                 }
     }
     return 0;

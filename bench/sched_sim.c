@@ -275,6 +275,36 @@ double sched_replay_rps(const sched_replay *rp)
     return rp->n > 1 && hi > lo ? (double)rp->n / (hi - lo) : 0;
 }
 
+static double prefill_time(const kvf_sched_cost *c, double n, double cached);
+
+double sched_replay_work_floor(const sched_replay *rp, double scale)
+{
+    size_t ids = 0;
+    for (size_t i = 0; i < rp->n; i++)
+        ids += rp->r[i].n_ids;
+    lru seen;
+    memset(&seen, 0, sizeof seen);
+    if (ids >= UINT32_MAX || lru_init(&seen, (uint32_t)ids + 1) != 0) {
+        lru_free(&seen);
+        return -1;
+    }
+    /* in arrival order (the trace's); the prefix of blocks some earlier request computed */
+    double work = 0;
+    for (size_t i = 0; i < rp->n; i++) {
+        const sched_req *q = &rp->r[i];
+        size_t b = 0;
+        while (b < q->n_ids && (b + 1) * BLOCK <= q->in_len && lru_find(&seen, q->ids[b]) >= 0)
+            b++;
+        double cached = (double)(b * BLOCK < q->in_len ? b * BLOCK : q->in_len - 1);
+        work += prefill_time(&rp->cost, q->in_len, cached);
+        for (size_t k = 0; k < q->n_ids; k++)
+            lru_touch(&seen, q->ids[k]);
+    }
+    lru_free(&seen);
+    double rps = sched_replay_rps(rp), span = rps > 0 ? (double)rp->n / rps / scale : 0;
+    return span > 0 && rp->ninst > 0 ? work / ((double)rp->ninst * span) : 0;
+}
+
 /* The store's chunk key of a trace block: what a prompt's place() request names (tokens_of). */
 static kvf_key chunk_key(uint64_t id)
 {

@@ -67,6 +67,13 @@ void sched_replays_free(sched_replay *rps, sched_req *reqs, size_t n_reqs);
 /* The trace's own arrival rate: requests per second of the replay's span. */
 double sched_replay_rps(const sched_replay *rp);
 
+/* The least share of the instances' time any placement needs at `scale` times the trace's rate:
+ * every prompt's prefill with every block computed earlier by any request taken as cached (every
+ * block computed once in the whole cluster, every load free), over the instances' time in the
+ * span of arrivals. Near or above 1, requests must queue whatever the placement: the lower bound
+ * (an idle instance for every request) cannot be approached. -1 out of memory. */
+double sched_replay_work_floor(const sched_replay *rp, double scale);
+
 /* Replays rp under placement policy pol, every instance serving its waiting queue by discipline
  * q (window rp->cost.klpm_k), with arrivals scale times faster than the trace's, into out.
  * Returns 0, or -1 (out untouched) where the scheduler or the cluster cannot be made. */
