@@ -719,7 +719,8 @@ int bench_store_main(int argc, char **argv)
     int rc = 0;
     char why[160] = "";
     if (!strcmp(o.tier, "disk")) {
-        rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.json, res);
+        rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.store_threads, o.json,
+                              res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
         json_object_set_new(res, "transport", json_string("rdma"));

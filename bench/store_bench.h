@@ -68,8 +68,8 @@ double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
  * loopback, per round, into res; printed. Returns the exit status (1: keys failed). */
 /* store_tier.c: kvf-bench store --tier disk: the disk tier through kvf-store against fio, with
  * the disk file in dir. 0, or -1 (said). */
-int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int json,
-                     json_t *res);
+int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
+                     int json, json_t *res);
 int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, json_t *res);
 int bench_store_auth(int streams, int threads, const char *memory, const char *bin, int quick,
                      json_t *res);
