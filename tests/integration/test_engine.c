@@ -617,6 +617,28 @@ static void test_engine_prefetch_with_deadline(void **state)
     daemon_stop(&d);
 }
 
+/* Host KV planes of `n_pages` pages for every layer of L, registered with cn (what an engine's
+ * registration does, without an engine). Returns the memory, freed by the caller. */
+static void *register_planes(kvf_connector *cn, const kvf_layout *L, uint32_t n_pages)
+{
+    size_t page = (size_t)(kvf_layout_bytes_per_token_layer(L) / 2) * L->page_tokens;
+    uint8_t *mem = calloc((size_t)L->layers * 2 * n_pages, page);
+    kvf_kv_layer *reg = calloc(L->layers, sizeof *reg);
+    assert_non_null(mem);
+    assert_non_null(reg);
+    for (uint32_t l = 0; l < L->layers; l++)
+        reg[l] = (kvf_kv_layer){.k_base = mem + (size_t)(2 * l) * n_pages * page,
+                                .v_base = mem + (size_t)(2 * l + 1) * n_pages * page,
+                                .page_stride = page,
+                                .num_pages = n_pages,
+                                .kind = KVF_MEM_HOST};
+    char err[256];
+    if (kvf_connector_register(cn, reg, L->layers, err, sizeof err) != 0)
+        fail_msg("register: %s", err);
+    free(reg);
+    return mem;
+}
+
 /* The connector closed under loads in flight (in place over shared memory, and over TCP), the
  * engine waiting on and freeing them only after: each ends loaded (its segments checked) or
  * failed, and none reads a view or a client after its close (ASan); loads in place already queued
@@ -642,7 +664,7 @@ static void close_under_loads(const char *extra)
     size_t loaded = 0, failed = 0;
     for (int round = 0; round < 8; round++) {
         cn = connector(d.addr, 5000);
-        e = engine(cn, 0);
+        void *planes = register_planes(cn, &m.layout, (uint32_t)np);
         /* Two loads into pages of their own: chunks 0-7, and 8-14. */
         kvf_xfer *x[2] = {NULL};
         assert_int_equal(kvf_connector_load(cn, t, 512, pg, 512 / m.layout.page_tokens, &x[0]), 0);
@@ -658,7 +680,7 @@ static void close_under_loads(const char *extra)
                 failed++;
             kvf_xfer_free(&x[i]);
         }
-        kvfe_close(&e);
+        free(planes);
     }
     print_message("closed under loads (%s): %zu loaded, %zu failed\n", extra ? "tcp" : "shm",
                   loaded, failed);
@@ -666,7 +688,7 @@ static void close_under_loads(const char *extra)
     if (!extra)
         assert_int_equal(loaded, 16);
     cn = connector(d.addr, 5000);
-    e = engine(cn, 0);
+    void *planes = register_planes(cn, &m.layout, (uint32_t)np);
     kvf_xfer *x = NULL;
     assert_int_equal(kvf_connector_save(cn, t, 960, 0, pg, np, &x), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
@@ -675,7 +697,7 @@ static void close_under_loads(const char *extra)
         assert_int_equal(kvf_xfer_layer_done(x, l), KVF_ECLOSED);
     assert_int_not_equal(kvf_xfer_wait(x), 0);
     kvf_xfer_free(&x);
-    kvfe_close(&e);
+    free(planes);
     daemon_stop(&d);
 }
 
