@@ -408,6 +408,7 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     cn->trust_local = o->trust_local_store != 0;
     pthread_mutex_init(&cn->mu, NULL);
     pthread_mutex_init(&cn->cu_mu, NULL);
+    pthread_rwlock_init(&cn->lease_rw, NULL);
     pthread_cond_init(&cn->cv, NULL);
     rc = open_client(cn, o, err, errlen);
     if (rc)
@@ -427,6 +428,7 @@ out_free:
     kvf__stores_free(cn);
     pthread_mutex_destroy(&cn->mu);
     pthread_mutex_destroy(&cn->cu_mu);
+    pthread_rwlock_destroy(&cn->lease_rw);
     pthread_cond_destroy(&cn->cv);
     free(cn);
     return rc;
@@ -440,6 +442,7 @@ void kvf__connector_free(kvf_connector *cn)
     kvf__pagemap_free(&cn->pm);
     pthread_mutex_destroy(&cn->mu);
     pthread_mutex_destroy(&cn->cu_mu);
+    pthread_rwlock_destroy(&cn->lease_rw);
     pthread_cond_destroy(&cn->cv);
     free(cn);
 }

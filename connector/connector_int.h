@@ -138,6 +138,9 @@ struct kvf_connector {
     pthread_mutex_t cu_mu;
     kvf__cuview views[KVF__CU_VIEWS];
     int n_views;
+    /* Held shared by a transfer releasing its lease, exclusive by close while it closes the
+     * clients: a lease's release never runs into its client's close (taken alone). */
+    pthread_rwlock_t lease_rw;
     /* The streams of CUDA pages' copies, one for loads and one for saves, on the registered
      * device (made by registration; every worker's copiers share them: concurrent streams of
      * host-to-device copies measured slower than one, docs/cuda.md). */
@@ -231,6 +234,9 @@ struct kvf_prefetch {
      * dropped frees the prefetch (on the storage client's thread, when a group is the last). */
     int refs;
 };
+
+/* A load's chunk c failed at layer: it is not loaded (workers.c). */
+void kvf__chunk_failed(kvf_xfer *x, size_t c, uint32_t layer);
 
 /* A load's hold on a prefetch's memory (kvf_connector_load_prefetched), dropped by xfer_destroy. */
 void kvf__prefetch_hold(kvf_prefetch *p);

@@ -70,6 +70,8 @@ static int roots_reserve(roots *r, size_t more)
 {
     if ((r->n + more) * 2 <= r->cap)
         return 0;
+    if (more > ((size_t)1 << 40) || r->n > ((size_t)1 << 40))
+        return KVF_ENOMEM; /* no engine holds this many blocks: a size that would overflow */
     size_t cap = r->cap ? r->cap : 1024;
     while ((r->n + more) * 2 > cap)
         cap *= 2;

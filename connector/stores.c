@@ -331,10 +331,14 @@ void kvf__stores_close(kvf_connector *cn)
     pthread_mutex_lock(&cn->mu);
     kvf__clref *cur = cn->cur, *retired = cn->retired;
     pthread_mutex_unlock(&cn->mu);
+    /* exclusive of any transfer releasing its lease (xfer_destroy): a release runs before the
+     * close or after it, when the lease is cut loose from its client */
+    pthread_rwlock_wrlock(&cn->lease_rw);
     if (cur)
         kvf_client_close(&cur->cl);
     for (kvf__clref *r = retired; r; r = r->next)
         kvf_client_close(&r->cl);
+    pthread_rwlock_unlock(&cn->lease_rw);
 }
 
 void kvf__stores_free(kvf_connector *cn)

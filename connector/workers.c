@@ -232,7 +232,7 @@ int kvf__pool_enqueue_locked(kvf_connector *cn, kvf_xfer *x, uint32_t layer)
 
 /* A load's chunk c failed at layer: it is not loaded (the transfer's outcome is decided from the
  * layers verified and these marks, once its tasks end). */
-static void chunk_failed(kvf_xfer *x, size_t c, uint32_t layer)
+void kvf__chunk_failed(kvf_xfer *x, size_t c, uint32_t layer)
 {
     unsigned v = atomic_load(&x->bad[c]);
     while ((v == 0 || v > layer + 1) && !atomic_compare_exchange_weak(&x->bad[c], &v, layer + 1)) {
@@ -274,7 +274,7 @@ static const uint8_t *segment_of(kvf_connector *cn, kvf_xfer *x, size_t c, uint3
     if (rc || info.layers != cn->l.layers || info.layout_fp != cn->ks.layout_fp ||
         info.tokens != cn->l.chunk_tokens || info.header_len + info.stored_bytes > limit ||
         (x->lease && !kvf_key_eq(&info.key, &x->keys[c]))) {
-        chunk_failed(x, c, layer);
+        kvf__chunk_failed(x, c, layer);
         return NULL;
     }
     uint64_t off = info.header_len;
@@ -282,14 +282,14 @@ static const uint8_t *segment_of(kvf_connector *cn, kvf_xfer *x, size_t c, uint3
         off += kvf_obj_seg_at(&info, k).stored_len;
     kvf_obj_seg sg = kvf_obj_seg_at(&info, layer);
     if (sg.raw_len != cn->pm.seg_bytes || off + sg.stored_len > limit) {
-        chunk_failed(x, c, layer);
+        kvf__chunk_failed(x, c, layer);
         return NULL;
     }
     const uint8_t *seg = obj + off;
     if (sg.stored_len != sg.raw_len) {
         /* Compressed: decode (verifying both checksums) before touching engine pages. */
         if (kvf_obj_decode_seg(info.codec, &sg, seg, scratch, scratch2) != 0) {
-            chunk_failed(x, c, layer);
+            kvf__chunk_failed(x, c, layer);
             return NULL;
         }
         seg = scratch;
@@ -305,7 +305,7 @@ static const uint8_t *segment_of(kvf_connector *cn, kvf_xfer *x, size_t c, uint3
          * scatter, says it did not change since. */
         atomic_fetch_add(&cn->in_place_hashed, sg.stored_len);
         if (kvf__xxh3(seg, sg.stored_len) != sg.stored_xxh) {
-            chunk_failed(x, c, layer);
+            kvf__chunk_failed(x, c, layer);
             return NULL;
         }
     }
@@ -334,7 +334,7 @@ static int do_scatter(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_t fro
             /* The lease may have ended while the bytes were read: they may be another object's.
              * The engine recomputes what this layer would have given. */
             failed++;
-            chunk_failed(x, c, layer);
+            kvf__chunk_failed(x, c, layer);
             continue;
         }
     }
@@ -470,7 +470,7 @@ static int do_scatter_cuda(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_
         free(segs);
         free(want);
         for (size_t c = from; c < to; c++)
-            chunk_failed(x, c, layer);
+            kvf__chunk_failed(x, c, layer);
         return (int)n;
     }
     int failed = 0;
@@ -534,7 +534,7 @@ static int do_scatter_cuda(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_
         if (seg && kvf__xxh3(seg, pm->seg_bytes) != want[c - from]) {
             failed++;
             queued[c - from] = 0;
-            chunk_failed(x, c, layer);
+            kvf__chunk_failed(x, c, layer);
         }
     }
     if (!rc)
@@ -547,7 +547,7 @@ static int do_scatter_cuda(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_
         for (size_t c = from; c < to; c++) {
             if (queued[c - from]) {
                 failed++;
-                chunk_failed(x, c, layer);
+                kvf__chunk_failed(x, c, layer);
             }
         }
         if (rc)
@@ -559,7 +559,7 @@ static int do_scatter_cuda(kvf_connector *cn, kvf_xfer *x, uint32_t layer, size_
             if (!queued[c - from] && atomic_load(&x->bad[c]) == 0 &&
                 atomic_load(&x->verified[c]) > layer) {
                 failed++;
-                chunk_failed(x, c, layer);
+                kvf__chunk_failed(x, c, layer);
             }
         }
     }
@@ -692,7 +692,7 @@ static void *worker_main(void *arg)
             failed = (int)(t->to - t->from);
             task_failed(cn, x, t->layer, KVF_EIO, why);
             for (size_t c = t->from; !x->is_save && c < t->to; c++)
-                chunk_failed(x, c, t->layer);
+                kvf__chunk_failed(x, c, t->layer);
         } else if (!skip) {
             if (x->is_save && save_stage(cn, x) != 0)
                 failed = (int)(t->to - t->from);

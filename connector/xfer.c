@@ -166,8 +166,10 @@ static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
     int rc = kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
     if (rc) {
-        /* No memory for the layer's work, or the connector closed: the layer fails, the engine
-         * recomputes. */
+        /* No memory for the layer's work, or the connector closed: the layer fails, and no chunk
+         * counts as loaded from it on (its pages were never written), the engine recomputes. */
+        for (size_t c = 0; c < x->n_chunks; c++)
+            kvf__chunk_failed(x, c, layer);
         pthread_mutex_lock(&x->mu);
         x->layer_state[layer] = rc;
         pthread_cond_broadcast(&x->cv);
@@ -242,8 +244,13 @@ static void on_save_done(kvf_op *op, int status, void *ud)
 static void xfer_destroy(kvf_xfer *x)
 {
     kvf_connector *cn = x->cn;
+    uint32_t layers = cn->l.layers;
     kvf_op_free(&x->op);
-    kvf_lease_release(&x->lease); /* every task that read through it has ended */
+    if (x->lease) { /* every task that read through it has ended; never during the clients' close */
+        pthread_rwlock_rdlock(&cn->lease_rw);
+        kvf_lease_release(&x->lease);
+        pthread_rwlock_unlock(&cn->lease_rw);
+    }
     free(x->srcs);
     pthread_mutex_lock(&cn->mu);
     kvf__stage_release_locked(cn, x, x->n_chunks * cn->obj_bytes);
@@ -252,7 +259,7 @@ static void xfer_destroy(kvf_xfer *x)
     pthread_mutex_unlock(&cn->mu);
     if (x->pf) /* every task that read its memory has ended */
         kvf__prefetch_drop(x->pf);
-    if (last)
+    if (last) /* nothing of cn is read below */
         kvf__connector_free(cn);
     free(x->keys);
     free(x->page_ids);
@@ -265,7 +272,7 @@ static void xfer_destroy(kvf_xfer *x)
     free(x->seg_xxh);
     if (x->cu_ev) {
         const kvf__cu *cu = kvf__cuda(NULL, 0);
-        for (uint32_t l = 0; cu && l < cn->l.layers; l++)
+        for (uint32_t l = 0; cu && l < layers; l++)
             if (x->cu_ev[l])
                 cu->EventDestroy(x->cu_ev[l]);
         free(x->cu_ev);
@@ -386,6 +393,14 @@ static int queue_every_layer(kvf_connector *cn, kvf_xfer *x)
         rc = kvf__pool_enqueue_locked(cn, x, l);
     pthread_mutex_unlock(&cn->mu);
     if (rc) {
+        /* the first layer not queued: no chunk is loaded from it on */
+        uint32_t first = 0;
+        pthread_mutex_lock(&x->mu);
+        while (first < L && x->layer_tasks[first])
+            first++;
+        pthread_mutex_unlock(&x->mu);
+        for (size_t c = 0; first < L && c < x->n_chunks; c++)
+            kvf__chunk_failed(x, c, first);
         pthread_mutex_lock(&x->mu);
         for (uint32_t l = 0; l < L; l++)
             if (x->layer_state[l] == LS_PENDING && x->layer_tasks[l] == 0)

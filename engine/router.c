@@ -44,8 +44,12 @@ struct kvfe_router {
     /* A sharded index (kvf-sched --shard K/N): each replica's shard (-1: not known, it did not
      * answer at open), the number of shards (1: not sharded) and the engines' block size, with
      * which a prompt's first block, and so its shard, is hashed. */
-    int shard_of[MAX_SCHEDS];
-    uint32_t shards, block_tokens;
+    atomic_int shard_of[MAX_SCHEDS];
+    atomic_uint shards;
+    uint32_t block_tokens;
+    /* when the shards were last asked for (now_s()), asked again every RELEARN_S while a replica's
+     * is not known (it did not answer) */
+    _Atomic double learnt_at;
     kvfe_router_engine *eng;
     atomic_int *outstanding; /* calls in flight per engine, indexed as eng */
     size_t n_eng;
@@ -145,28 +149,49 @@ out_decref:
     return rc;
 }
 
-/* Each replica's shard, from its GET /v1/index/stats ("shard", "shards"); r->shards the largest
- * count heard (1 where every replica holds the whole index). */
-static void learn_shards(kvfe_router *r)
+/* A replica whose shard is not known is asked again at most this often, from a placement, with
+ * a short answer time: a placement that asks waits that much at most. */
+#define RELEARN_S          30.0
+#define RELEARN_TIMEOUT_MS 300
+
+/* Each replica's shard not known yet, from its GET /v1/index/stats ("shard", "shards");
+ * r->shards the largest count heard (1 where every replica holds the whole index). Called at
+ * open, and again from placements while a replica's shard is not known. */
+static void learn_shards(kvfe_router *r, int timeout_ms)
 {
-    r->shards = 1;
+    atomic_store(&r->learnt_at, now_s());
     for (int i = 0; i < r->n_sched; i++) {
+        if (atomic_load(&r->shard_of[i]) >= 0)
+            continue;
         char url[256], err[256];
         long st = 0;
         json_t *o = NULL;
-        r->shard_of[i] = -1;
         snprintf(url, sizeof url, "http://%s/v1/index/stats", r->sched[i]);
-        if (kvf__http_call("GET", url, NULL, QUICK_TIMEOUT_MS, &st, &o, err, sizeof err) == 0 &&
+        if (kvf__http_call("GET", url, NULL, timeout_ms, &st, &o, err, sizeof err) == 0 &&
             st == 200) {
             json_int_t k = json_integer_value(json_object_get(o, "shard"));
             json_int_t n = json_integer_value(json_object_get(o, "shards"));
             if (n >= 1 && n <= KVF_EVENTS_MAX_SHARDS && k >= 0 && k < n) {
-                r->shard_of[i] = (int)k;
-                r->shards = (uint32_t)n > r->shards ? (uint32_t)n : r->shards;
+                unsigned was = atomic_load(&r->shards);
+                while ((unsigned)n > was &&
+                       !atomic_compare_exchange_weak(&r->shards, &was, (unsigned)n)) {
+                }
+                atomic_store(&r->shard_of[i], (int)k);
             }
         }
         json_decref(o);
     }
+}
+
+/* Whether a replica's shard is still not known and the last try is RELEARN_S old. */
+static int shards_to_learn(kvfe_router *r)
+{
+    if (now_s() - atomic_load(&r->learnt_at) < RELEARN_S)
+        return 0;
+    for (int i = 0; i < r->n_sched; i++)
+        if (atomic_load(&r->shard_of[i]) < 0)
+            return 1;
+    return 0;
 }
 
 int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t errlen)
@@ -195,7 +220,10 @@ int kvfe_router_open(kvfe_router **out, const char *sched, char *err, size_t err
         kvfe_router_close(&r);
         return rc;
     }
-    learn_shards(r);
+    atomic_init(&r->shards, 1);
+    for (int i = 0; i < MAX_SCHEDS; i++)
+        atomic_init(&r->shard_of[i], -1);
+    learn_shards(r, QUICK_TIMEOUT_MS);
     *out = r;
     return 0;
 }
@@ -497,15 +525,18 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
     /* Sharded: the replicas of the shard that holds the prompt's prefix are asked first (only
      * they know where it is cached); the others place it without that, where none answers. */
     int order[MAX_SCHEDS], n_order = 0, shard = -1;
-    if (r->shards > 1 && r->block_tokens && q->n >= r->block_tokens) {
+    if (shards_to_learn(r))
+        learn_shards(r, RELEARN_TIMEOUT_MS);
+    unsigned shards = atomic_load(&r->shards);
+    if (shards > 1 && r->block_tokens && q->n >= r->block_tokens) {
         uint64_t h;
         kvf_events_hash_blocks(q->tokens, 1, r->block_tokens, 0, &h);
-        shard = (int)kvf_events_shard_of(h, r->shards);
+        shard = (int)kvf_events_shard_of(h, shards);
     }
     for (int pass = 0; pass < 2; pass++)
         for (int t = 0; t < r->n_sched; t++) {
             int at = (first + t) % r->n_sched;
-            if ((shard < 0 || r->shard_of[at] == shard) == (pass == 0))
+            if ((shard < 0 || atomic_load(&r->shard_of[at]) == shard) == (pass == 0))
                 order[n_order++] = at;
         }
     for (int t = 0; t < n_order; t++) {

@@ -320,9 +320,10 @@ static int snap_emit(void *ectx, const char *topic, const void *payload, size_t 
 
 /* One replay request, [identity, "", first sequence (8 bytes)]: every batch kept from that
  * number on that the requester may see, [identity, "", sequence, payload], then the end
- * [identity, "", 0xff x 8, ""] (vLLM's protocol). A fourth frame names a topic: only its batches
- * are answered (a sharded publisher numbers each topic on its own). The ring is copied out under
- * rmu first. */
+ * [identity, "", 0xff x 8, ""] (vLLM's protocol). A fourth frame names a topic, as a subscription
+ * does (a prefix: "kv-events/s/K/" takes a secured publisher's "kv-events/s/K/t/TENANT/"): only
+ * its batches are answered (a sharded publisher numbers each shard on its own). The ring is
+ * copied out under rmu first. */
 static void replay_answer(kvf__zpub *p)
 {
     zmq_msg_t f[4];
@@ -367,7 +368,7 @@ static void replay_answer(kvf__zpub *p)
             kept *src = p->ring[(p->ring_head + i) % p->ring_cap];
             /* modulo 2^64, as subscribers compare: at or after from */
             if (src->seq - from >= ((uint64_t)1 << 63) ||
-                (want && (src->topic_len != want_len || memcmp(src->data, want, want_len))) ||
+                (want && (src->topic_len < want_len || memcmp(src->data, want, want_len))) ||
                 !may_see(p, u ? user : NULL, src->data, src->topic_len))
                 continue;
             atomic_fetch_add(&src->refs, 1);

@@ -602,6 +602,35 @@ static void test_connector_events_sharded(void **state)
         }
         kvf__zsubs_drop(zs, idx);
     }
+    /* A replay request names a prefix, as a subscription does: shard 1's topic without its
+     * slash ("kv-events/s/1", which a secured publisher's "kv-events/s/1/t/TENANT/" starts with
+     * the same way) answers shard 1's batches. */
+    {
+        char topic[64];
+        snprintf(topic, sizeof topic, "%s1", KVF_EVENTS_SHARD_TOPIC);
+        int idx;
+        assert_int_equal(kvf__zsubs_add_topic(zs, kvf_events_endpoint(ev),
+                                              kvf_events_replay_endpoint(ev), topic, &idx, err,
+                                              sizeof err),
+                         0);
+        int rc = KVF_EAGAIN;
+        for (int t = 0; t < 100 && rc == KVF_EAGAIN; t++) {
+            rc = kvf__zsubs_replay_ask(zs, idx, 1);
+            if (rc == KVF_EAGAIN)
+                usleep(10000);
+        }
+        assert_int_equal(rc, 0);
+        uint64_t got = 0;
+        for (;;) {
+            kvf__zmsg m;
+            assert_int_equal(kvf__zsubs_replay_recv(zs, idx, 2000, &m), 0);
+            if (m.len == 0)
+                break;
+            assert_int_equal(kvf__kve_seq_get(m.seq), ++got);
+        }
+        assert_int_equal(got, (uint64_t)(2 * per_shard[1] + (per_shard[1] > 0)));
+        kvf__zsubs_drop(zs, idx);
+    }
 
     /* Live: a subscription to shard 0's topic receives shard 0's batches and no other's. */
     int idx;

@@ -108,8 +108,8 @@ void kvf__zsubs_curve(kvf__zsubs *s, const uint8_t server_pk[32], const uint8_t 
 int kvf__zsubs_add(kvf__zsubs *s, const char *endpoint, const char *replay, int *idx, char *err,
                    size_t errlen);
 /* As kvf__zsubs_add, subscribed to the topics that start with `topic` only (NULL or "": all),
- * and its replay requests name that topic: the replay socket answers with its batches only,
- * numbered on their own (a sharded publisher's, KVF_EVENTS_SHARD_TOPIC). */
+ * and its replay requests name that prefix: the replay socket answers with the batches whose
+ * topic starts with it only (a sharded publisher's shard, KVF_EVENTS_SHARD_TOPIC). */
 int kvf__zsubs_add_topic(kvf__zsubs *s, const char *endpoint, const char *replay, const char *topic,
                          int *idx, char *err, size_t errlen);
 /* Closes publisher idx's sockets; its number may be given to a later kvf__zsubs_add(). A number
