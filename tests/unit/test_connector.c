@@ -501,6 +501,26 @@ static int on_shard_event(void *ud, const kvf_kve *ev, char *err, size_t errlen)
     return 0;
 }
 
+/* Subscribes zs to ev's batches under topic (a prefix) and asks ev's replay socket for them from
+ * number 1, once its DEALER connected. Returns the subscription's number. */
+static int replay_from_1(kvf__zsubs *zs, kvf_events *ev, const char *topic)
+{
+    char err[300];
+    int idx;
+    assert_int_equal(kvf__zsubs_add_topic(zs, kvf_events_endpoint(ev),
+                                          kvf_events_replay_endpoint(ev), topic, &idx, err,
+                                          sizeof err),
+                     0);
+    int rc = KVF_EAGAIN;
+    for (int t = 0; t < 100 && rc == KVF_EAGAIN; t++) { /* the DEALER connects */
+        rc = kvf__zsubs_replay_ask(zs, idx, 1);
+        if (rc == KVF_EAGAIN)
+            usleep(10000);
+    }
+    assert_int_equal(rc, 0);
+    return idx;
+}
+
 /* A sharded publisher (kvf_events_opts.shards): each sequence's batches, its continuations and
  * its removals go under its first block's shard's topic only, numbered 1, 2, ... per shard (asked
  * of the replay socket by topic); a removal call of blocks of several shards makes one batch in
@@ -553,18 +573,7 @@ static void test_connector_events_sharded(void **state)
     for (uint32_t k = 0; k < SHARDS; k++) {
         char topic[64];
         snprintf(topic, sizeof topic, "%s%u/", KVF_EVENTS_SHARD_TOPIC, k);
-        int idx;
-        assert_int_equal(kvf__zsubs_add_topic(zs, kvf_events_endpoint(ev),
-                                              kvf_events_replay_endpoint(ev), topic, &idx, err,
-                                              sizeof err),
-                         0);
-        int rc = KVF_EAGAIN;
-        for (int t = 0; t < 100 && rc == KVF_EAGAIN; t++) { /* the DEALER connects */
-            rc = kvf__zsubs_replay_ask(zs, idx, 1);
-            if (rc == KVF_EAGAIN)
-                usleep(10000);
-        }
-        assert_int_equal(rc, 0);
+        int idx = replay_from_1(zs, ev, topic);
         shard_seen sn = {0};
         uint64_t want = 1;
         for (;;) {
@@ -608,18 +617,7 @@ static void test_connector_events_sharded(void **state)
     {
         char topic[64];
         snprintf(topic, sizeof topic, "%s1", KVF_EVENTS_SHARD_TOPIC);
-        int idx;
-        assert_int_equal(kvf__zsubs_add_topic(zs, kvf_events_endpoint(ev),
-                                              kvf_events_replay_endpoint(ev), topic, &idx, err,
-                                              sizeof err),
-                         0);
-        int rc = KVF_EAGAIN;
-        for (int t = 0; t < 100 && rc == KVF_EAGAIN; t++) {
-            rc = kvf__zsubs_replay_ask(zs, idx, 1);
-            if (rc == KVF_EAGAIN)
-                usleep(10000);
-        }
-        assert_int_equal(rc, 0);
+        int idx = replay_from_1(zs, ev, topic);
         uint64_t got = 0;
         for (;;) {
             kvf__zmsg m;
