@@ -31,6 +31,7 @@
 
 #include "auth.h"
 #include "bytes.h"
+#include "kvevents.h"
 #include "pubsub.h"
 #include "tcp.h"
 #include "wire.h"
@@ -682,9 +683,10 @@ static uint16_t free_port(void)
 }
 
 /* A subscriber of endpoint (and of its replay socket, when not NULL) as who (NULL: without
- * CURVE), knowing the publisher's key; *idx gets its number. */
+ * CURVE), of the topics that start with topic (NULL: all), knowing the publisher's key; *idx
+ * gets its number. */
 static kvf__zsubs *subscriber_of(const char *endpoint, const char *replay, const char *who,
-                                 const uint8_t server[32], int *idx)
+                                 const uint8_t server[32], const char *topic, int *idx)
 {
     kvf__zsubs *zs = NULL;
     assert_int_equal(kvf__zsubs_open(&zs), 0);
@@ -698,14 +700,14 @@ static kvf__zsubs *subscriber_of(const char *endpoint, const char *replay, const
         kvf__zsubs_curve(zs, server, pk, sk);
     }
     char err[300];
-    assert_int_equal(kvf__zsubs_add(zs, endpoint, replay, idx, err, sizeof err), 0);
+    assert_int_equal(kvf__zsubs_add_topic(zs, endpoint, replay, topic, idx, err, sizeof err), 0);
     return zs;
 }
 
 static kvf__zsubs *subscriber(const char *endpoint, const char *who, const uint8_t server[32])
 {
     int idx;
-    return subscriber_of(endpoint, NULL, who, server, &idx);
+    return subscriber_of(endpoint, NULL, who, server, NULL, &idx);
 }
 
 /* KV events over CURVE: a subscriber proves a key of the tenants file; a tenant receives its own
@@ -769,12 +771,14 @@ static void test_auth_events_curve_per_tenant(void **state)
 }
 
 /* How many batches a replay from 1 gives `who` (NULL: without CURVE) from an engine's secured
- * events publisher, or -1 when its replay socket does not answer at all (the handshake refused). */
-static int replay_as(const kvf_events *ev, const char *who, const uint8_t server[32])
+ * events publisher, of the topics that start with topic (NULL: all), or -1 when its replay socket
+ * does not answer at all (the handshake refused). Their numbers must run 1, 2, ... */
+static int replay_as(const kvf_events *ev, const char *who, const uint8_t server[32],
+                     const char *topic)
 {
     int idx, n = -1;
-    kvf__zsubs *zs =
-        subscriber_of(kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev), who, server, &idx);
+    kvf__zsubs *zs = subscriber_of(kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev), who,
+                                   server, topic, &idx);
     int rc = KVF_EAGAIN;
     for (int t = 0; t < 50 && rc == KVF_EAGAIN; t++) {
         rc = kvf__zsubs_replay_ask(zs, idx, 1);
@@ -786,10 +790,29 @@ static int replay_as(const kvf_events *ev, const char *who, const uint8_t server
         n = n < 0 ? 0 : n;
         if (m.len == 0)
             break;
-        n++;
+        assert_int_equal(kvf__kve_seq_get(m.seq), (uint64_t)++n);
     }
     kvf__zsubs_close(&zs);
     return n;
+}
+
+/* alice's engine's secured events publisher, with a replay socket and `shards` (0: not
+ * sharded); the publisher's credential's path (the admin's, ops) into cred. */
+static kvf_events *alices_events(uint32_t shards, char *cred, size_t credlen)
+{
+    char tenants[320], mine[320], err[300];
+    snprintf(cred, credlen, "%s/ops.cred", dir);
+    snprintf(tenants, sizeof tenants, "%s/tenants", dir);
+    snprintf(mine, sizeof mine, "%s/alice.cred", dir);
+    kvf_events_opts o = {.listen = "127.0.0.1:0",
+                         .credential = cred,
+                         .tenants = tenants,
+                         .tenant_credential = mine,
+                         .replay = "127.0.0.1:0",
+                         .shards = shards};
+    kvf_events *ev = NULL;
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    return ev;
 }
 
 /* An engine's KV events over CURVE with a replay socket: the replay is secured as the stream is.
@@ -798,17 +821,8 @@ static int replay_as(const kvf_events *ev, const char *who, const uint8_t server
 static void test_auth_events_replay_per_tenant(void **state)
 {
     (void)state;
-    char cred[320], tenants[320], mine[320], err[300];
-    snprintf(cred, sizeof cred, "%s/ops.cred", dir);
-    snprintf(tenants, sizeof tenants, "%s/tenants", dir);
-    snprintf(mine, sizeof mine, "%s/alice.cred", dir);
-    kvf_events_opts o = {.listen = "127.0.0.1:0",
-                         .credential = cred,
-                         .tenants = tenants,
-                         .tenant_credential = mine,
-                         .replay = "127.0.0.1:0"};
-    kvf_events *ev = NULL;
-    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    char cred[320], err[300];
+    kvf_events *ev = alices_events(0, cred, sizeof cred);
     assert_string_equal(kvf_events_topic(ev), "kv-events/t/alice/");
     uint32_t toks[48];
     uint64_t h[3];
@@ -823,11 +837,45 @@ static void test_auth_events_replay_per_tenant(void **state)
     uint8_t server[32], sk[32];
     assert_int_equal(kvf__cred_load(cred, &ops, err, sizeof err), 0);
     assert_int_equal(kvf__auth_curve_pair(&ops, server, sk), 0);
-    assert_int_equal(replay_as(ev, "alice", server), 3);
-    assert_int_equal(replay_as(ev, "ops", server), 3);
-    assert_int_equal(replay_as(ev, "bob", server), 0);
-    assert_true(replay_as(ev, "stranger", server) < 0);
-    assert_true(replay_as(ev, NULL, NULL) < 0);
+    assert_int_equal(replay_as(ev, "alice", server, NULL), 3);
+    assert_int_equal(replay_as(ev, "ops", server, NULL), 3);
+    assert_int_equal(replay_as(ev, "bob", server, NULL), 0);
+    assert_true(replay_as(ev, "stranger", server, NULL) < 0);
+    assert_true(replay_as(ev, NULL, NULL, NULL) < 0);
+    memset(&ops, 0, sizeof ops);
+    kvf_events_close(&ev);
+}
+
+/* A secured and sharded publisher (kvf_events_opts.shards 2, alice's engine): an admin asking
+ * by its shard's topic prefix ("kv-events/s/K/", which the tenant's "t/alice/" follows) gets each
+ * shard's batches back, numbered from 1; the tenant herself gets none of the sharded batches (her
+ * subscription names her own topic), nor does another tenant. */
+static void test_auth_events_replay_sharded(void **state)
+{
+    (void)state;
+    char cred[320], err[300];
+    kvf_events *ev = alices_events(2, cred, sizeof cred);
+    int per[2] = {0, 0};
+    for (int j = 0; j < 8; j++) {
+        uint32_t toks[32];
+        uint64_t h[2];
+        for (int i = 0; i < 32; i++)
+            toks[i] = (uint32_t)(100 * j + i + 1);
+        assert_int_equal(kvf_events_hash_blocks(toks, 2, 16, 0, h), 0);
+        per[kvf_events_shard_of(h[0], 2)]++;
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h, 2, 0, 0, toks, 16, "GPU"), 0);
+    }
+    kvf_credential ops;
+    uint8_t server[32], sk[32];
+    assert_int_equal(kvf__cred_load(cred, &ops, err, sizeof err), 0);
+    assert_int_equal(kvf__auth_curve_pair(&ops, server, sk), 0);
+    for (int k = 0; k < 2; k++) {
+        char topic[64];
+        snprintf(topic, sizeof topic, "%s%d/", KVF_EVENTS_SHARD_TOPIC, k);
+        assert_int_equal(replay_as(ev, "ops", server, topic), per[k]);
+        assert_int_equal(replay_as(ev, "alice", server, topic), 0);
+    }
+    assert_int_equal(replay_as(ev, "bob", server, NULL), 0);
     memset(&ops, 0, sizeof ops);
     kvf_events_close(&ev);
 }
@@ -845,6 +893,7 @@ int main(void)
         cmocka_unit_test_teardown(test_auth_reload_revokes, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_events_curve_per_tenant, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_events_replay_per_tenant, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_events_replay_sharded, teardown_daemons),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     cleanup_tenants();
