@@ -9,7 +9,7 @@ from .connector import (CUDA, HOST, UNIFIED, Connector, KVPages, Prefetch, Trans
                         pages_from_tensors)
 from .cuda import cuda_probe
 from .errors import KvfError, Miss, error_name, error_text
-from .events import Events, hash_blocks
+from .events import Events, hash_blocks, shard_of
 from .feasibility import Caps, classify, optimality_gap
 from .layout import LATENT, SEPARATE, KeySpace, Layout
 
@@ -18,5 +18,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Connector", "Prefetch", "Transfer", "KVPages", "pages_from_tensors", "HOST", "UNIFIED", "CUDA",
     "Layout", "KeySpace", "SEPARATE", "LATENT", "KvfError", "Miss", "error_name", "error_text",
-    "cuda_probe", "Client", "Object", "Events", "hash_blocks", "Caps", "classify", "optimality_gap", "__version__",
+    "cuda_probe", "Client", "Object", "Events", "hash_blocks", "shard_of", "Caps", "classify",
+    "optimality_gap", "__version__",
 ]

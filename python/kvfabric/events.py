@@ -90,6 +90,13 @@ class Events(_Handle):
             medium.encode()), "events publish")
 
 
+def shard_of(first_block_hash: int, shards: int) -> int:
+    """The shard (0..shards-1) of the sequences whose first block hashes to first_block_hash:
+    where their events go with Events(shards=...), and which kvf-sched --shard K/N replica places
+    them (0 where shards < 2)."""
+    return int(_lib.lib().kvf_events_shard_of(first_block_hash, shards))
+
+
 class HeldBlocks:
     """What an engine's pages hold, as published: set() the tokens a sequence now holds and the
     blocks that changed are published (removed, then stored), as kvf-engine does."""

@@ -405,6 +405,27 @@ class TestKeysAndLayouts(unittest.TestCase):
         self.assertEqual(kvf.error_name(-7), "KVF_ECHECKSUM")
 
 
+class TestShardedEvents(unittest.TestCase):
+    def test_shards(self):
+        # the shard of a sequence: its first block's, spread over the shards, 0 unsharded
+        hs = [kvf.hash_blocks(list(range(100 * j, 100 * j + 16)), 16)[0] for j in range(400)]
+        self.assertEqual({kvf.shard_of(h, 1) for h in hs}, {0})
+        counts = [0] * 4
+        for h in hs:
+            counts[kvf.shard_of(h, 4)] += 1
+        self.assertTrue(all(c > 60 for c in counts), counts)
+        ev = kvf.Events("127.0.0.1:0", replay="127.0.0.1:0", shards=4)
+        self.addCleanup(ev.close)
+        toks = list(range(32))
+        h = kvf.hash_blocks(toks, 16)
+        ev.publish(stored=h, tokens=toks, block_tokens=16)
+        ev.publish(removed=h[1:])  # the same shard's: one more batch
+        self.assertEqual(ev.sequence, 2)
+        with self.assertRaises(kvf.KvfError) as e:
+            kvf.Events("127.0.0.1:0", shards=257)
+        self.assertIn("at most 256", str(e.exception))
+
+
 class TestModels(unittest.TestCase):
     def test_published_shapes(self):
         from kvfabric import models
