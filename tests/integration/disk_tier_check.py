@@ -341,6 +341,13 @@ def phase_events(tmp):
             late = Sched(s.addr, s.events, s.snapshot)
             try:
                 x = late.agree(c, "a late subscriber, by snapshot")
+                # a snapshot is counted at its end marker, which may come just after its last
+                # batch was applied (and the counts agreed): bounded, 5 s
+                for _ in range(50):
+                    if x is None or x["store_snapshots"] >= 1:
+                        break
+                    time.sleep(0.1)
+                    x = late.stats()
                 check(x is not None and x["store_snapshots"] >= 1,
                       "the late subscriber took no snapshot: %r" % x)
                 # and keeps agreeing as the store changes after it
