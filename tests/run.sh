@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 jobs=$(nproc 2>/dev/null || echo 2)
-fuzz_seconds=${KVF_FUZZ_SECONDS:-40}
+fuzz_seconds=${KVF_FUZZ_SECONDS:-30}
 
 step() { printf '\n==== %s\n' "$*"; }
 
