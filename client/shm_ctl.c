@@ -199,8 +199,7 @@ void kvf__shm_discover(kvf_client *c, char *why, size_t whylen)
 
 struct kvf_lease {
     kvf_client *c; /* NULL once the client closed: the lease is then only its memory */
-    struct kvf_lease *prev, *next; /* in the path's list of leases held (p->leases) */
-    int listed;
+    struct kvf_lease *prev, *next; /* in the path's list of leases held (p->leases) while c */
     size_t n;
     struct {
         size_t node;
@@ -297,6 +296,12 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
         return KVF_ENOMEM;
     }
     l->c = c;
+    pthread_mutex_lock(&p->lmu); /* listed from the start: kvf_lease_release() unlinks it */
+    l->next = p->leases;
+    if (p->leases)
+        p->leases->prev = l;
+    p->leases = l;
+    pthread_mutex_unlock(&p->lmu);
     uint64_t deadline_ns = kvf__now_ns() + (uint64_t)c->o.deadline_ms * 1000000u;
     int rc = 0;
     for (size_t node = 0; node < p->n && !rc; node++) {
@@ -323,13 +328,6 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
         kvf_lease_release(&l);
         return rc;
     }
-    pthread_mutex_lock(&p->lmu);
-    l->next = p->leases;
-    if (p->leases)
-        p->leases->prev = l;
-    p->leases = l;
-    l->listed = 1;
-    pthread_mutex_unlock(&p->lmu);
     *out = l;
     return 0;
 }
@@ -342,7 +340,6 @@ void kvf__shm_leases_orphan(struct kvf__shm_path *p)
         l->c = NULL; /* its views are unmapped with the path's; the node ends its lease with the
                         connection */
         l->prev = l->next = NULL;
-        l->listed = 0;
     }
     p->leases = NULL;
     pthread_mutex_unlock(&p->lmu);
@@ -368,15 +365,12 @@ void kvf_lease_release(kvf_lease **lp)
     struct kvf__shm_path *p = l->c ? l->c->shm : NULL;
     if (p) {
         pthread_mutex_lock(&p->lmu);
-        if (l->listed) {
-            if (l->prev)
-                l->prev->next = l->next;
-            else
-                p->leases = l->next;
-            if (l->next)
-                l->next->prev = l->prev;
-            l->listed = 0;
-        }
+        if (l->prev)
+            l->prev->next = l->next;
+        else
+            p->leases = l->next;
+        if (l->next)
+            l->next->prev = l->prev;
         pthread_mutex_unlock(&p->lmu);
     }
     for (size_t i = 0; p && i < l->n; i++) {
