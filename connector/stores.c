@@ -180,10 +180,7 @@ int kvf__stores_etcd_open(kvf_connector *cn, const kvf_connector_opts *o, char *
                           char *err, size_t errlen)
 {
     const char *cluster = o->cluster ? o->cluster : "default";
-    size_t cl = strlen(cluster);
-    if (cl == 0 || cl > 64 ||
-        strspn(cluster, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                        "0123456789._-") != cl) {
+    if (!kvf__member_cluster_valid(cluster)) {
         snprintf(err, errlen, "connector: cluster \"%.80s\": 1 to 64 of A-Z a-z 0-9 . _ -",
                  cluster);
         return KVF_EINVAL;

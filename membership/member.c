@@ -25,11 +25,16 @@ static void nap(atomic_int *stop, unsigned ms)
         usleep(50000);
 }
 
-int kvf__member_cluster_check(const char *prog, const char *name)
+int kvf__member_cluster_valid(const char *name)
 {
     size_t n = strlen(name);
-    if (n && n <= 64 &&
-        strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == n)
+    return n && n <= 64 &&
+           strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == n;
+}
+
+int kvf__member_cluster_check(const char *prog, const char *name)
+{
+    if (kvf__member_cluster_valid(name))
         return 0;
     fprintf(stderr, "%s: --cluster: 1 to 64 of [A-Za-z0-9._-], got \"%s\"\n", prog, name);
     return -1;

@@ -28,6 +28,8 @@
 /* Whether name may be a cluster's name in keys (/kvfabric/NAME/...): 1 to 64 of
  * [A-Za-z0-9._-]. 0, or -1 after saying why on stderr, prog first. */
 int kvf__member_cluster_check(const char *prog, const char *name);
+/* The same rule, said nowhere: 1 or 0. */
+int kvf__member_cluster_valid(const char *name);
 
 /* A registration: key = value under a lease of ttl_s seconds, renewed every third of it. */
 typedef struct kvf__member kvf__member;
