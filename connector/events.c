@@ -312,18 +312,14 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
         for (uint32_t k = S; k > 0; k--) /* back to the first of each shard */
             start[k] = start[k - 1];
         start[0] = 0;
-        uint32_t home = 0;
-        if (n_stored) {
-            uint32_t ps;
-            size_t at;
-            if (has_parent && roots_find(&ev->rt, parent, &at))
-                ps = ev->rt.shard[at];
-            else
-                ps = kvf_events_shard_of(has_parent ? parent : stored[0], S);
-            home = ps;
-            for (size_t i = 0; i < n_stored; i++)
-                roots_put(&ev->rt, stored[i], home);
-        }
+        uint32_t home = 0; /* the stored blocks' shard: their parent's, or their first's */
+        size_t at;
+        if (n_stored && has_parent && roots_find(&ev->rt, parent, &at))
+            home = ev->rt.shard[at];
+        else if (n_stored)
+            home = kvf_events_shard_of(has_parent ? parent : stored[0], S);
+        for (size_t i = 0; i < n_stored; i++)
+            roots_put(&ev->rt, stored[i], home);
         for (uint32_t k = 0; k < S; k++) {
             size_t nr = start[k + 1] - start[k];
             size_t ns = n_stored && k == home ? n_stored : 0;

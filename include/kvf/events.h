@@ -79,10 +79,10 @@ KVF_API uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards)
 /* Publishes one batch: BlockRemoved for removed[0..n_removed) (if any), then BlockStored for
  * stored[0..n_stored) (if any), whose tokens are n_stored * block_tokens ids and whose first
  * block follows the block hashed parent (has_parent 0: they start a sequence). medium: "GPU",
- * "CPU" (NULL: "GPU"). Every batch takes the next sequence number. 0, KVF_EINVAL, KVF_ENOMEM or
- * KVF_EIO. */
-/* Sharded (kvf_events_opts.shards), one batch per shard the blocks belong to: the removed blocks
- * of each shard, and the stored ones (all of one sequence) in theirs. */
+ * "CPU" (NULL: "GPU"). Every batch takes the next sequence number. Sharded
+ * (kvf_events_opts.shards): one batch per shard the blocks belong to, the removed blocks of each
+ * shard and the stored ones (all of one sequence) in theirs, each numbered in its shard. 0,
+ * KVF_EINVAL, KVF_ENOMEM or KVF_EIO. */
 KVF_API int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed,
                                const uint64_t *stored, size_t n_stored, int has_parent,
                                uint64_t parent, const uint32_t *tokens, uint32_t block_tokens,
