@@ -100,9 +100,10 @@ typedef struct kvf_connector_opts {
  * scheduler or etcd did not answer, or lists no node), KVF_ENOMEM. */
 KVF_API int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *opts, char *err,
                                size_t errlen);
-/* Fails every transfer in flight (KVF_ECANCELED), waits for the workers and clears *cn. Transfers
- * not yet freed may still be waited on and must still be freed with kvf_xfer_free(); the last one
- * freed releases the connector's memory. Accepts NULL. */
+/* Lets the workers finish the page work already queued, then fails every transfer still in flight
+ * (KVF_ECANCELED; a save's layer reported after the close: KVF_ECLOSED, the save failed) and
+ * clears *cn. Transfers not yet freed may still be waited on and must still be freed with
+ * kvf_xfer_free(); the last one freed releases the connector's memory. Accepts NULL. */
 KVF_API void kvf_connector_close(kvf_connector **cn);
 
 /* Records the connector's timing into the engine's metrics registry (kvf/metrics.h), as
