@@ -203,7 +203,6 @@ static int engine_argv(launch *L, char **argv, int max, char **rest, int n_rest)
     }
     for (int i = 0; i < n_rest && k < max - 1; i++)
         argv[k++] = rest[i];
-
     for (int i = 0; py_engine(L->c) && i < L->n_extra && k < max - 1; i++)
         argv[k++] = L->extra[i];
     /* the engines register in etcd too, where the cluster has one: every replica then learns

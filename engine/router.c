@@ -41,9 +41,9 @@ struct kvfe_router {
     char sched[MAX_SCHEDS][160];
     int n_sched;
     atomic_int cur;
-    /* A sharded index (kvf-sched --shard K/N): each replica's shard (-1: not known, it did not
-     * answer at open), the number of shards (1: not sharded) and the engines' block size, with
-     * which a prompt's first block, and so its shard, is hashed. */
+    /* A sharded index (kvf-sched --shard K/N): each replica's shard (-1: not known yet, it did
+     * not answer when asked), the number of shards (1: not sharded) and the engines' block size,
+     * with which a prompt's first block, and so its shard, is hashed. */
     atomic_int shard_of[MAX_SCHEDS];
     atomic_uint shards;
     uint32_t block_tokens;

@@ -462,7 +462,7 @@ static int open_engine(srv *S, const serve_opts *o)
                                  .layout = S->m.layout};
         int rc = kvf_connector_open(&S->cn, &co, err, sizeof err);
         free(dup);
-        if (rc && co.etcd && !co.sched && rc == KVF_ECONNREFUSED) {
+        if (rc == KVF_ECONNREFUSED && co.etcd && !co.sched) {
             /* an engine of an etcd cluster that has no store yet serves on, recomputing */
             kvf_warn(&S->lg, "%s: serving without stores", err);
         } else if (rc) {
