@@ -639,10 +639,26 @@ static void *register_planes(kvf_connector *cn, const kvf_layout *L, uint32_t n_
     return mem;
 }
 
+/* Whether pages [p0, p1) of every plane of a and b (register_planes' memory of n_pages pages)
+ * hold the same bytes. */
+static int same_pages(const uint8_t *a, const uint8_t *b, const kvf_layout *L, size_t n_pages,
+                      size_t p0, size_t p1)
+{
+    size_t page = (size_t)(kvf_layout_bytes_per_token_layer(L) / 2) * L->page_tokens;
+    for (size_t plane = 0; plane < 2 * (size_t)L->layers; plane++) {
+        size_t off = (plane * n_pages + p0) * page;
+        if (memcmp(a + off, b + off, (p1 - p0) * page) != 0)
+            return 0;
+    }
+    return 1;
+}
+
 /* The connector closed under loads in flight (in place over shared memory, and over TCP), the
- * engine waiting on and freeing them only after: each ends loaded (its segments checked) or
- * failed, and none reads a view or a client after its close (ASan); loads in place already queued
- * finish. And a save whose layers are reported across the close ends failed, not waited for. */
+ * engine waiting on and freeing them only after: each ends loaded or failed, the tokens it reports
+ * loaded are in the pages exactly as a load left alone writes them (none counted whose pages were
+ * not written), and none reads a view or a client after its close (ASan); loads in place already
+ * queued finish. And a save whose layers are reported across the close ends failed, not waited
+ * for. */
 static void close_under_loads(const char *extra)
 {
     daemon_t d;
@@ -661,10 +677,19 @@ static void close_under_loads(const char *extra)
     uint32_t pg[960];
     for (size_t i = 0; i < np; i++)
         pg[i] = (uint32_t)i;
-    size_t loaded = 0, failed = 0;
+    /* the reference: what a load of all 15 chunks, not closed under, leaves in the pages */
+    cn = connector(d.addr, 5000);
+    uint8_t *ref = register_planes(cn, &m.layout, (uint32_t)np);
+    kvf_xfer *rx = NULL;
+    assert_int_equal(kvf_connector_load(cn, t, 960, pg, np, &rx), 0);
+    assert_int_equal(kvf_xfer_wait(rx), 0);
+    assert_int_equal(kvf_xfer_loaded_tokens(rx), 960);
+    kvf_xfer_free(&rx);
+    kvf_connector_close(&cn);
+    size_t pt = m.layout.page_tokens, loaded = 0, failed = 0;
     for (int round = 0; round < 8; round++) {
         cn = connector(d.addr, 5000);
-        void *planes = register_planes(cn, &m.layout, (uint32_t)np);
+        uint8_t *planes = register_planes(cn, &m.layout, (uint32_t)np);
         /* Two loads into pages of their own: chunks 0-7, and 8-14. */
         kvf_xfer *x[2] = {NULL};
         assert_int_equal(kvf_connector_load(cn, t, 512, pg, 512 / m.layout.page_tokens, &x[0]), 0);
@@ -674,10 +699,13 @@ static void close_under_loads(const char *extra)
         kvf_connector_close(&cn);
         for (int i = 0; i < 2; i++) {
             int rc = kvf_xfer_wait(x[i]);
-            if (rc == 0 && kvf_xfer_loaded_tokens(x[i]) == (i ? 960u : 512u))
+            size_t from = i ? 512 : 0, got = kvf_xfer_loaded_tokens(x[i]);
+            if (rc == 0 && got == (i ? 960u : 512u))
                 loaded++;
             else
                 failed++;
+            if (got > from)
+                assert_true(same_pages(planes, ref, &m.layout, np, from / pt, got / pt));
             kvf_xfer_free(&x[i]);
         }
         free(planes);
@@ -698,6 +726,7 @@ static void close_under_loads(const char *extra)
     assert_int_not_equal(kvf_xfer_wait(x), 0);
     kvf_xfer_free(&x);
     free(planes);
+    free(ref);
     daemon_stop(&d);
 }
 
