@@ -827,15 +827,22 @@ static void test_daemon_bad_input_is_contained(void **state)
     daemon_stop(&d);
 }
 
+/* Two nodes, and a client of both (deadline_ms) that put keys 0..59 across them. */
+static kvf_client *two_nodes_with_keys(daemon_t d[2], int deadline_ms)
+{
+    daemon_start(&d[0], "32M", NULL);
+    daemon_start(&d[1], "32M", NULL);
+    kvf_client *c = client_open(d, 2, deadline_ms);
+    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    return c;
+}
+
 /* A node that stops answering costs its keys, bounded by the deadline; a dead node likewise. */
 static void test_daemon_deadline_and_dead_node(void **state)
 {
     (void)state;
     daemon_t d[2];
-    daemon_start(&d[0], "32M", NULL);
-    daemon_start(&d[1], "32M", NULL);
-    kvf_client *c = client_open(d, 2, 400);
-    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    kvf_client *c = two_nodes_with_keys(d, 400);
     kill(d[1].pid, SIGSTOP);
     int st[60];
     uint64_t t0 = kvf__now_ns();
@@ -866,10 +873,7 @@ static void test_daemon_rerouted_keys_never_fail(void **state)
 {
     (void)state;
     daemon_t d[2];
-    daemon_start(&d[0], "32M", NULL);
-    daemon_start(&d[1], "32M", NULL);
-    kvf_client *c = client_open(d, 2, 1000);
-    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    kvf_client *c = two_nodes_with_keys(d, 1000);
     daemon_kill(&d[1]);
     kvf_client_set_reroute(c, 1);
     int st[60];
@@ -900,10 +904,7 @@ static void test_daemon_hung_node_costs_one_deadline(void **state)
 {
     (void)state;
     daemon_t d[2];
-    daemon_start(&d[0], "32M", NULL);
-    daemon_start(&d[1], "32M", NULL);
-    kvf_client *c = client_open(d, 2, 1000);
-    assert_int_equal(put_range(c, 0, 60, SEG, 0, NULL), 60);
+    kvf_client *c = two_nodes_with_keys(d, 1000);
     size_t on_live = 0;
     for (uint64_t i = 0; i < 60; i++) {
         kvf_key k = key_of(i);

@@ -521,6 +521,24 @@ static int replay_from_1(kvf__zsubs *zs, kvf_events *ev, const char *topic)
     return idx;
 }
 
+/* Receives a replay's answers on subscription idx until its end: their numbers must run 1, 2,
+ * ...; each batch decoded into sn where given. Returns how many came. */
+static uint64_t replay_drain(kvf__zsubs *zs, int idx, shard_seen *sn)
+{
+    char err[300];
+    uint64_t got = 0;
+    for (;;) {
+        kvf__zmsg m;
+        assert_int_equal(kvf__zsubs_replay_recv(zs, idx, 2000, &m), 0);
+        if (m.len == 0)
+            return got;
+        assert_int_equal(kvf__kve_seq_get(m.seq), ++got); /* this shard's own numbers */
+        if (sn)
+            assert_int_equal(
+                kvf__kve_decode(m.payload, m.len, on_shard_event, sn, NULL, err, sizeof err), 0);
+    }
+}
+
 /* A sharded publisher (kvf_events_opts.shards): each sequence's batches, its continuations and
  * its removals go under its first block's shard's topic only, numbered 1, 2, ... per shard (asked
  * of the replay socket by topic); a removal call of blocks of several shards makes one batch in
@@ -575,18 +593,8 @@ static void test_connector_events_sharded(void **state)
         snprintf(topic, sizeof topic, "%s%u/", KVF_EVENTS_SHARD_TOPIC, k);
         int idx = replay_from_1(zs, ev, topic);
         shard_seen sn = {0};
-        uint64_t want = 1;
-        for (;;) {
-            kvf__zmsg m;
-            assert_int_equal(kvf__zsubs_replay_recv(zs, idx, 2000, &m), 0);
-            if (m.len == 0)
-                break;
-            assert_int_equal(kvf__kve_seq_get(m.seq), want); /* this shard's own numbers */
-            assert_int_equal(
-                kvf__kve_decode(m.payload, m.len, on_shard_event, &sn, NULL, err, sizeof err), 0);
-            want++;
-        }
-        assert_int_equal(want - 1, (uint64_t)(2 * per_shard[k] + (per_shard[k] > 0)));
+        assert_int_equal(replay_drain(zs, idx, &sn),
+                         (uint64_t)(2 * per_shard[k] + (per_shard[k] > 0)));
         assert_int_equal(sn.n_stored, (size_t)(3 * per_shard[k]));
         assert_int_equal(sn.n_removed, (size_t)per_shard[k]);
         for (size_t i = 0; i < sn.n_stored; i++) {
@@ -618,15 +626,8 @@ static void test_connector_events_sharded(void **state)
         char topic[64];
         snprintf(topic, sizeof topic, "%s1", KVF_EVENTS_SHARD_TOPIC);
         int idx = replay_from_1(zs, ev, topic);
-        uint64_t got = 0;
-        for (;;) {
-            kvf__zmsg m;
-            assert_int_equal(kvf__zsubs_replay_recv(zs, idx, 2000, &m), 0);
-            if (m.len == 0)
-                break;
-            assert_int_equal(kvf__kve_seq_get(m.seq), ++got);
-        }
-        assert_int_equal(got, (uint64_t)(2 * per_shard[1] + (per_shard[1] > 0)));
+        assert_int_equal(replay_drain(zs, idx, NULL),
+                         (uint64_t)(2 * per_shard[1] + (per_shard[1] > 0)));
         kvf__zsubs_drop(zs, idx);
     }
 
