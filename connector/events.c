@@ -23,13 +23,15 @@
 
 /* A sharded publisher's memory of which shard each block it stored belongs to (that of its
  * sequence's first block): open addressing on the block's hash, linear probing, deletion by
- * shifting back. */
+ * shifting back. A slot whose shard is NO_SHARD is empty (shards are fewer). */
 typedef struct roots {
     uint64_t *key;
     uint16_t *shard;
-    uint8_t *used;
     size_t cap, n; /* cap a power of two, or 0 */
 } roots;
+
+#define NO_SHARD UINT16_MAX
+_Static_assert(KVF_EVENTS_MAX_SHARDS < NO_SHARD, "a shard number is never NO_SHARD");
 
 struct kvf_events {
     pthread_mutex_t mu; /* one thread at a time on the socket, the sequences and the roots */
@@ -54,7 +56,7 @@ static int roots_find(const roots *r, uint64_t h, size_t *at)
     if (!r->cap)
         return 0;
     size_t i = (size_t)kvf__fmix64(h) & (r->cap - 1);
-    while (r->used[i]) {
+    while (r->shard[i] != NO_SHARD) {
         if (r->key[i] == h) {
             *at = i;
             return 1;
@@ -75,22 +77,21 @@ static int roots_reserve(roots *r, size_t more)
     size_t cap = r->cap ? r->cap : 1024;
     while ((r->n + more) * 2 > cap)
         cap *= 2;
-    roots g = {.key = malloc(cap * sizeof *g.key),
-               .shard = malloc(cap * sizeof *g.shard),
-               .used = calloc(cap, 1),
-               .cap = cap};
-    if (!g.key || !g.shard || !g.used) {
-        free(g.key), free(g.shard), free(g.used);
+    roots g = {
+        .key = malloc(cap * sizeof *g.key), .shard = malloc(cap * sizeof *g.shard), .cap = cap};
+    if (!g.key || !g.shard) {
+        free(g.key), free(g.shard);
         return KVF_ENOMEM;
     }
+    memset(g.shard, 0xff, cap * sizeof *g.shard); /* every slot NO_SHARD: empty */
     for (size_t i = 0; i < r->cap; i++) {
         size_t at;
-        if (r->used[i] && !roots_find(&g, r->key[i], &at)) {
-            g.used[at] = 1, g.key[at] = r->key[i], g.shard[at] = r->shard[i];
+        if (r->shard[i] != NO_SHARD && !roots_find(&g, r->key[i], &at)) {
+            g.key[at] = r->key[i], g.shard[at] = r->shard[i];
             g.n++;
         }
     }
-    free(r->key), free(r->shard), free(r->used);
+    free(r->key), free(r->shard);
     *r = g;
     return 0;
 }
@@ -100,7 +101,7 @@ static void roots_put(roots *r, uint64_t h, uint32_t shard)
 {
     size_t at;
     if (!roots_find(r, h, &at)) {
-        r->used[at] = 1, r->key[at] = h;
+        r->key[at] = h;
         r->n++;
     }
     r->shard[at] = (uint16_t)shard;
@@ -115,7 +116,7 @@ static int roots_take(roots *r, uint64_t h, uint32_t *shard)
     *shard = r->shard[i];
     r->n--;
     size_t m = r->cap - 1;
-    for (size_t j = (i + 1) & m; r->used[j]; j = (j + 1) & m) {
+    for (size_t j = (i + 1) & m; r->shard[j] != NO_SHARD; j = (j + 1) & m) {
         size_t home = (size_t)kvf__fmix64(r->key[j]) & m;
         /* j's entry may move back to i unless its home lies cyclically in (i, j] */
         int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
@@ -124,7 +125,7 @@ static int roots_take(roots *r, uint64_t h, uint32_t *shard)
             i = j;
         }
     }
-    r->used[i] = 0;
+    r->shard[i] = NO_SHARD;
     return 1;
 }
 
@@ -292,8 +293,8 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
     uint32_t S = ev->shards;
     uint64_t *by = n_removed ? malloc(n_removed * sizeof *by) : NULL;
     uint32_t *of = n_removed ? malloc(n_removed * sizeof *of) : NULL;
-    size_t *start = calloc((size_t)S + 1, sizeof *start);
-    int rc = (n_removed && (!by || !of)) || !start ? KVF_ENOMEM : 0;
+    size_t start[KVF_EVENTS_MAX_SHARDS + 1] = {0};
+    int rc = n_removed && (!by || !of) ? KVF_ENOMEM : 0;
     pthread_mutex_lock(&ev->mu);
     if (!rc)
         rc = roots_reserve(&ev->rt, n_stored);
@@ -331,7 +332,7 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
         }
     }
     pthread_mutex_unlock(&ev->mu);
-    free(by), free(of), free(start);
+    free(by), free(of);
     return rc;
 }
 
@@ -380,7 +381,7 @@ void kvf_events_close(kvf_events **p)
     kvf__tenants_close(&ev->tenants);
     free(ev->topics);
     free(ev->shard_seq);
-    free(ev->rt.key), free(ev->rt.shard), free(ev->rt.used);
+    free(ev->rt.key), free(ev->rt.shard);
     pthread_mutex_destroy(&ev->mu);
     free(ev);
     *p = NULL;

@@ -345,7 +345,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
                  sb->endpoint, m->frames);
         return -1;
     }
-    size_t stl = strlen(KVF_EVENTS_SHARD_TOPIC);
+    size_t stl = sizeof KVF_EVENTS_SHARD_TOPIC - 1;
     if (d->shards < 2 && m->topic && m->topic_len >= stl &&
         !memcmp(m->topic, KVF_EVENTS_SHARD_TOPIC, stl)) {
         /* Each shard's batches are numbered on their own: interleaved, they are no one stream. */
