@@ -86,17 +86,25 @@ int kvf__shm_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *prese
     struct kvf__shm_path *p = c->shm;
     if (!p || !p->ctl || n == 0 || n > KVF_WIRE_MAX_ITEMS)
         return 0;
-    /* Every key's node must be one on this host that is up, and its connection free. */
+    /* Every key's node must be one on this host that is up, and its connection free. Each key's
+     * node is chosen once: with rerouting it can change meanwhile (a node marked down or up),
+     * and a key looked up again by node could fall between two nodes. */
+    uint32_t *kn = malloc(n * sizeof *kn);
+    if (!kn)
+        return 0;
     size_t n_nodes = 0, nodes[8];
     for (size_t i = 0; i < n; i++) {
         size_t nd = kvf_client_node_of(c, &keys[i]);
+        kn[i] = (uint32_t)nd;
         size_t j = 0;
         while (j < n_nodes && nodes[j] != nd)
             j++;
         if (j < n_nodes)
             continue;
-        if (n_nodes == 8 || !p->nodes[nd].on || atomic_load(&c->nodes[nd].down_until))
+        if (n_nodes == 8 || !p->nodes[nd].on || atomic_load(&c->nodes[nd].down_until)) {
+            free(kn);
             return 0;
+        }
         nodes[n_nodes++] = nd;
     }
     size_t locked = 0;
@@ -113,10 +121,11 @@ int kvf__shm_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *prese
     for (size_t j = 0; mine && pos && j < n_nodes && !*rc; j++) {
         size_t m = 0;
         for (size_t i = 0; i < n; i++)
-            if (kvf_client_node_of(c, &keys[i]) == nodes[j])
+            if (kn[i] == nodes[j])
                 pos[m++] = (uint32_t)i;
         *rc = ctl_exists(p, nodes[j], keys, pos, m, present, deadline_ns);
     }
+    free(kn);
     free(pos);
     for (size_t j = 0; j < locked; j++)
         pthread_mutex_unlock(&p->ctl_mu[nodes[j]]);
@@ -286,13 +295,22 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
     struct kvf__shm_path *p = c->shm;
     if (!p || !p->ctl)
         return KVF_ENOTSUP;
-    for (size_t i = 0; i < n; i++)
-        if (!p->nodes[kvf_client_node_of(c, &keys[i])].has_view)
+    /* Each key's node, chosen once (as in kvf__shm_exists): every key is asked of exactly one
+     * node, so every status is set. */
+    uint32_t *kn = malloc(n * sizeof *kn);
+    if (!kn)
+        return KVF_ENOMEM;
+    for (size_t i = 0; i < n; i++) {
+        kn[i] = (uint32_t)kvf_client_node_of(c, &keys[i]);
+        if (!p->nodes[kn[i]].has_view) {
+            free(kn);
             return KVF_ENOTSUP;
+        }
+    }
     kvf_lease *l = calloc(1, sizeof *l);
     uint32_t *pos = malloc(n * sizeof *pos);
     if (!l || !pos) {
-        free(l), free(pos);
+        free(l), free(pos), free(kn);
         return KVF_ENOMEM;
     }
     l->c = c;
@@ -307,7 +325,7 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
     for (size_t node = 0; node < p->n && !rc; node++) {
         size_t m = 0;
         for (size_t i = 0; i < n; i++)
-            if (kvf_client_node_of(c, &keys[i]) == node)
+            if (kn[i] == node)
                 pos[m++] = (uint32_t)i;
         if (!m)
             continue;
@@ -324,6 +342,7 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
             kvf__node_mark_down(&c->nodes[node]);
     }
     free(pos);
+    free(kn);
     if (rc) {
         kvf_lease_release(&l);
         return rc;

@@ -79,6 +79,10 @@ struct sub {
     sub *next; /* the workers' queue */
     int tcp;
     kvf__part p; /* its keys; p.op: the TCP child */
+    /* a share's keys' nodes, chosen once at submission: with rerouting a key's node can change
+     * while the share runs (a node marked down or up meanwhile), and a key looked up again by
+     * node could fall between two nodes and never be asked */
+    uint32_t *node;
 };
 
 struct agg {

@@ -52,6 +52,7 @@ static void sub_free(sub *k)
     if (!k)
         return;
     kvf__part_free(&k->p);
+    free(k->node);
     free(k);
 }
 
@@ -133,7 +134,8 @@ static sub *sub_new(agg *a, size_t n, int tcp)
         return NULL;
     k->a = a;
     k->tcp = tcp;
-    if (kvf__part_alloc(&k->p, n, get) != 0) {
+    if (kvf__part_alloc(&k->p, n, get) != 0 ||
+        (!tcp && !(k->node = malloc((n ? n : 1) * sizeof *k->node)))) {
         sub_free(k);
         return NULL;
     }
@@ -210,12 +212,12 @@ static void enqueue(struct kvf__shm_path *p, worker *w, sub *k)
 /* ------------------------------------------------------------------------------------------ */
 /* The work of one share */
 
-/* The positions of k's keys on node, in *pos (n of them). */
-static size_t of_node(const kvf_client *c, const sub *k, size_t node, uint32_t *pos)
+/* The positions of k's keys on node, in *pos (n of them): by the nodes chosen at submission. */
+static size_t of_node(const sub *k, size_t node, uint32_t *pos)
 {
     size_t n = 0;
     for (size_t i = 0; i < k->p.b.n; i++)
-        if (kvf_client_node_of(c, &k->p.keys[i]) == node)
+        if (k->node[i] == node)
             pos[n++] = (uint32_t)i;
     return n;
 }
@@ -384,7 +386,7 @@ static void run_share(worker *w, sub *k)
         goto out;
     }
     for (size_t node = 0; node < p->n; node++) {
-        size_t m = of_node(c, k, node, pos);
+        size_t m = of_node(k, node, pos);
         if (!m)
             continue;
         int rc = kvf__shm_node_ready(w, node, deadline_ns);
@@ -481,12 +483,12 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* Whether key i of b goes over shared memory: its node serves it, and the object fits a staging
- * region where one is needed. */
-static int via_shm(const struct kvf__shm_path *p, const kvf_client *c, const kvf_batch *b, size_t i,
+/* Whether key i of b, on node, goes over shared memory: its node serves it, and the object fits a
+ * staging region where one is needed. */
+static int via_shm(const struct kvf__shm_path *p, const kvf_batch *b, size_t i, size_t node,
                    int get)
 {
-    const snode *sn = &p->nodes[kvf_client_node_of(c, &b->keys[i])];
+    const snode *sn = &p->nodes[node];
     if (!sn->on)
         return 0;
     if (get)
@@ -499,21 +501,30 @@ static int shm_submit(kvf_client *c, kvf_op *op)
     struct kvf__shm_path *p = c->shm;
     const kvf_batch *b = &op->b;
     int get = op->kind == KVF__OPK_GET;
+    /* Each key's node, chosen once: the count below and the shares after must agree, and a
+     * share runs its keys by the node they were given here (sub.node). */
+    uint32_t *nd = malloc((b->n ? b->n : 1) * sizeof *nd);
+    if (!nd)
+        return KVF_ENOMEM;
     size_t n_shm = 0;
     uint64_t bytes = 0;
     for (size_t i = 0; i < b->n; i++) {
-        if (via_shm(p, c, b, i, get)) {
+        nd[i] = (uint32_t)kvf_client_node_of(c, &b->keys[i]);
+        if (via_shm(p, b, i, nd[i], get)) {
             n_shm++;
             bytes += get ? b->caps[i] : b->lens[i];
         }
     }
     if (!n_shm) {
+        free(nd);
         op->transport = "tcp";
         return kvf__path_tcp.submit(c, op);
     }
     agg *a = calloc(1, sizeof *a);
-    if (!a)
+    if (!a) {
+        free(nd);
         return KVF_ENOMEM;
+    }
     a->parent = op;
     a->pb = b;
     a->p = p;
@@ -536,21 +547,24 @@ static int shm_submit(kvf_client *c, kvf_op *op)
             sub_free(a->subs[i]);
         free(a->subs);
         free(sh);
+        free(nd);
         pthread_mutex_destroy(&a->mu);
         free(a);
         return rc;
     }
     uint64_t acc = 0, s = 0;
     for (size_t i = 0; i < b->n; i++) {
-        if (!via_shm(p, c, b, i, get)) {
+        if (!via_shm(p, b, i, nd[i], get)) {
             kvf__part_add(&tcp->p, b, (uint32_t)i);
             continue;
         }
         while (s + 1 < shares && acc >= bytes * (s + 1) / shares && sh[s]->p.b.n)
             s++;
+        sh[s]->node[sh[s]->p.b.n] = nd[i];
         kvf__part_add(&sh[s]->p, b, (uint32_t)i);
         acc += get ? b->caps[i] : b->lens[i];
     }
+    free(nd);
     for (uint64_t x = 0; x < shares; x++)
         enqueue(p, &p->w[x], sh[x]);
     free(sh);
