@@ -114,6 +114,10 @@ static void sub_end(sub *k, int status)
     for (size_t i = 0; i < k->p.b.n; i++) {
         if (k->p.idx[i] == MOVED)
             continue;
+        /* A hit has bytes: a get's key left at 0 with none was never asked (a bug), and is
+         * never handed on as a hit. */
+        if (k->p.out_lens && k->p.st[i] == 0 && k->p.out_lens[i] == 0)
+            k->p.st[i] = KVF_EPROTO;
         a->pb->status[k->p.idx[i]] = k->p.st[i];
         if (a->pb->out_lens && k->p.out_lens)
             a->pb->out_lens[k->p.idx[i]] = k->p.out_lens[i];
