@@ -896,6 +896,74 @@ static void test_daemon_rerouted_keys_never_fail(void **state)
     daemon_stop(&d[0]);
 }
 
+typedef struct flap_args {
+    kvf_client *c;
+    atomic_int stop;
+    unsigned long flips;
+} flap_args;
+
+static void *flap_thread(void *arg)
+{
+    flap_args *f = arg;
+    while (!atomic_load(&f->stop)) {
+        kvf__node_mark_down(&f->c->nodes[1]);
+        usleep(50);
+        kvf__node_mark_up(&f->c->nodes[1]);
+        usleep(50);
+        f->flips++;
+    }
+    return NULL;
+}
+
+/* With rerouting, a key's node changes whenever a node is marked down or up, which other threads
+ * do at any moment (a timeout, a probe's answer). A get must ask each key of exactly one node,
+ * chosen once: it once looked keys up again node by node while a share ran, so a key whose node
+ * changed in between was asked of neither and came back as a hit (status 0) with no bytes. Here a
+ * thread flips node 1 down and up all the while; every hit must be the key's own object. */
+static void test_daemon_reroute_flapping_never_fakes_hits(void **state)
+{
+    (void)state;
+    daemon_t d[2];
+    kvf_client *c = two_nodes_with_keys(d, 2000);
+    kvf_client_set_reroute(c, 1);
+    flap_args f = {.c = c};
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, flap_thread, &f), 0);
+    int st[60];
+    size_t hits = 0, rounds = 0;
+    kvf_key keys[60];
+    for (int i = 0; i < 60; i++)
+        keys[i] = key_of((uint64_t)i);
+    size_t leased = 0;
+    for (uint64_t t_end = kvf__now_ns() + 1500000000ull; kvf__now_ns() < t_end; rounds++) {
+        hits += get_range(c, 0, 60, SEG, 0, 0, st); /* checks every hit byte for byte */
+        /* Leases likewise: every key gets a status, and every one held is the key's object. */
+        const void *objs[60];
+        uint64_t lens[60];
+        kvf_lease *l = NULL;
+        for (int i = 0; i < 60; i++)
+            st[i] = 12345;
+        if (kvf_client_lease(c, 60, keys, 1000, objs, lens, st, &l) == 0) {
+            for (int i = 0; i < 60; i++) {
+                assert_int_not_equal(st[i], 12345);
+                if (st[i] == 0) {
+                    check_obj((uint64_t)i, objs[i], lens[i], SEG, 0);
+                    leased++;
+                }
+            }
+            kvf_lease_release(&l);
+        }
+    }
+    atomic_store(&f.stop, 1);
+    pthread_join(th, NULL);
+    printf("flapping: %zu rounds, %lu flips, %zu hits, %zu leased\n", rounds, f.flips, hits,
+           leased);
+    assert_true(rounds > 0 && hits > 0 && leased > 0);
+    kvf_client_close(&c);
+    daemon_stop(&d[1]);
+    daemon_stop(&d[0]);
+}
+
 /* A node that hangs (SIGSTOP) costs the client one deadline, not one per request: the request
  * that timed out marks it down, the next ones fail at once (KVF_EHOSTUNREACH) while the other node
  * serves its keys, a probe with a short deadline runs in the background, and the node is used
@@ -1183,6 +1251,7 @@ int main(void)
         cmocka_unit_test_teardown(test_daemon_deadline_and_dead_node, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_hung_node_costs_one_deadline, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_rerouted_keys_never_fail, teardown_daemons),
+        cmocka_unit_test_teardown(test_daemon_reroute_flapping_never_fakes_hits, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_compress_and_placement, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_descriptor_limit, teardown_daemons),
         cmocka_unit_test_teardown(test_daemon_refuses_impossible_sizes, teardown_daemons),
