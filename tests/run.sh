@@ -10,7 +10,8 @@ root=$(pwd)
 jobs=$(nproc 2>/dev/null || echo 2)
 fuzz_seconds=${KVF_FUZZ_SECONDS:-30}
 
-step() { printf '\n==== %s\n' "$*"; }
+# Each step says how long the suite has run so far: CI allows 20 minutes on 2 cores.
+step() { printf '\n==== %s (%dm%02ds in)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 step "dependencies"
 cluster/deps.sh
