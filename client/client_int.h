@@ -53,6 +53,8 @@
 #define KVF_CLIENT_MAX_IO 8
 /* Connections to one node, at most (shared among the engines). */
 #define KVF_CLIENT_MAX_CONNS 16
+/* kvf-store --replicas takes 2..8 */
+#define KVF_CLIENT_MAX_HOLDERS 8
 /* A put's request payload when the node has not said its limit yet: a quarter of a store's
  * default --max-request. */
 #define KVF__REQ_BYTES_DEFAULT  (64ull << 20)
@@ -186,6 +188,10 @@ struct kvf__node {
     atomic_uint_fast64_t caps;
     atomic_uint rdma_port;
     atomic_uint_fast64_t max_request;
+    /* holders of each of its hot keys (HELLO; 0: it keeps no replicas): a key of this node that
+     * is hot is also on the next holders - 1 nodes of its rendezvous order (shm_path.c reads it
+     * from the nearest) */
+    atomic_uint holders;
     /* Health, shared by the engines (io.c): a request sent and not answered within its deadline
      * marks the node down until down_until (ns; 0: up), for a backoff that doubles while it stays
      * down; requests meanwhile fail at once (KVF_EHOSTUNREACH). Then one engine probes it with a
@@ -389,6 +395,7 @@ void kvf__shm_counters(kvf_client *c, kvf_client_counters *out);
 /* shm_sync.c: blocking exchanges on one socket, for the shared-memory path and the probes. */
 typedef struct kvf__hello {
     uint64_t caps, node_id;
+    uint32_t holders;
     int role;
     uint8_t nonce[KVF_AUTH_NONCE_LEN];
     char shm_name[128];

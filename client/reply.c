@@ -88,6 +88,9 @@ static int rd_hello(kvf__conn *cn)
     atomic_store(&cn->nd->caps, caps & ~KVF_CAP_AUTH);
     atomic_store(&cn->nd->rdma_port, kvf__get_u32(r->rtab + 40) & 0xffffu);
     atomic_store(&cn->nd->max_request, kvf__get_u64(r->rtab + 16));
+    atomic_store(&cn->nd->holders, kvf__get_u32(r->rtab + 44) <= KVF_CLIENT_MAX_HOLDERS
+                                       ? kvf__get_u32(r->rtab + 44)
+                                       : KVF_CLIENT_MAX_HOLDERS);
     kvf_client *cl = cn->io->cl;
     char name[128];
     uint8_t boot[16];

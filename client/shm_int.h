@@ -83,6 +83,9 @@ struct sub {
      * while the share runs (a node marked down or up meanwhile), and a key looked up again by
      * node could fall between two nodes and never be asked */
     uint32_t *node;
+    /* 1 where node[i] is a holder on this host nearer than the key's first node, which is not: a
+     * key it does not have (or cannot serve) is asked of the first node over TCP */
+    uint8_t *near;
 };
 
 struct agg {

@@ -31,6 +31,7 @@
 #include "errf.h"
 #include "hash.h"
 #include "objcopy.h"
+#include "rendezvous.h"
 #include "unixsock.h"
 #include "wire.h"
 
@@ -53,6 +54,7 @@ static void sub_free(sub *k)
         return;
     kvf__part_free(&k->p);
     free(k->node);
+    free(k->near);
     free(k);
 }
 
@@ -139,7 +141,8 @@ static sub *sub_new(agg *a, size_t n, int tcp)
     k->a = a;
     k->tcp = tcp;
     if (kvf__part_alloc(&k->p, n, get) != 0 ||
-        (!tcp && !(k->node = malloc((n ? n : 1) * sizeof *k->node)))) {
+        (!tcp && (!(k->node = malloc((n ? n : 1) * sizeof *k->node)) ||
+                  !(k->near = calloc(n ? n : 1, 1))))) {
         sub_free(k);
         return NULL;
     }
@@ -420,6 +423,26 @@ static void run_share(worker *w, sub *k)
             }
         }
     }
+    /* Keys asked of a nearer holder that it did not have (or could not serve) are asked of their
+     * first node, over TCP, as those whose socket is gone. */
+    uint64_t near = 0, near_missed = 0;
+    for (size_t i = 0; i < k->p.b.n; i++) {
+        if (!k->near[i] || k->p.idx[i] == MOVED)
+            continue;
+        near++;
+        int st = k->p.st[i];
+        if (st && st != KVF_E2BIG && st != KVF_ELAYOUT) {
+            k->p.st[i] = 0;
+            fb[n_fb++] = (uint32_t)i;
+            near_missed++;
+        }
+    }
+    if (near) {
+        pthread_mutex_lock(&p->cmu);
+        p->cnt.near_keys += near;
+        p->cnt.near_misses += near_missed;
+        pthread_mutex_unlock(&p->cmu);
+    }
     /* Keys that go over TCP get their sub before any layer is reported: it holds the op's layers
      * back until its own keys have them. */
     if (n_fb) {
@@ -500,6 +523,54 @@ static int via_shm(const struct kvf__shm_path *p, const kvf_batch *b, size_t i, 
     return b->lens[i] <= p->staging;
 }
 
+/* Key's node for a get: its first node (kvf_client_node_of), unless that one is not on this host
+ * and keeps replicas of its hot keys (HELLO's holders: K), and one of the key's first K live nodes
+ * in rendezvous order is on this host with its arena mapped: then that one, *near set. The store
+ * copies a hot entry to the nodes after it in the key's order (store/replicate.c), so a hot key is
+ * read from the holder on this host, over shared memory; a cold one costs a local miss first. */
+static size_t get_node(const struct kvf__shm_path *p, const kvf_client *c, const kvf_key *key,
+                       uint8_t *near)
+{
+    size_t first = kvf_client_node_of(c, key);
+    *near = 0;
+    if (p->nodes[first].on || c->n_nodes < 2)
+        return first;
+    unsigned k = atomic_load_explicit(&c->nodes[first].holders, memory_order_relaxed);
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        unsigned h = atomic_load_explicit(&c->nodes[i].holders, memory_order_relaxed);
+        if (p->nodes[i].has_view && h > k)
+            k = h; /* the first node's HELLO not heard yet: the cluster's K, as a local node says */
+    }
+    if (k < 2)
+        return first;
+    /* The first k live nodes, best first: selection of the next best below the last score. */
+    uint64_t last = UINT64_MAX;
+    size_t last_i = SIZE_MAX;
+    for (unsigned r = 0; r < k; r++) {
+        size_t best = SIZE_MAX;
+        uint64_t bs = 0;
+        for (size_t i = 0; i < c->n_nodes; i++) {
+            if (atomic_load_explicit(&c->nodes[i].down_until, memory_order_relaxed))
+                continue;
+            uint64_t s = kvf__rendezvous_score(key->lo, key->hi, c->nodes[i].seed);
+            /* below the last one taken (ties broken by index, as it was taken) */
+            if (s > last || (s == last && i <= last_i))
+                continue;
+            if (best == SIZE_MAX || s > bs)
+                bs = s, best = i;
+        }
+        if (best == SIZE_MAX)
+            break;
+        if (p->nodes[best].on && p->nodes[best].has_view) {
+            *near = best != first;
+            return best;
+        }
+        last = bs;
+        last_i = best;
+    }
+    return first;
+}
+
 static int shm_submit(kvf_client *c, kvf_op *op)
 {
     struct kvf__shm_path *p = c->shm;
@@ -508,25 +579,29 @@ static int shm_submit(kvf_client *c, kvf_op *op)
     /* Each key's node, chosen once: the count below and the shares after must agree, and a
      * share runs its keys by the node they were given here (sub.node). */
     uint32_t *nd = malloc((b->n ? b->n : 1) * sizeof *nd);
-    if (!nd)
+    uint8_t *nr = calloc(b->n ? b->n : 1, 1);
+    if (!nd || !nr) {
+        free(nd), free(nr);
         return KVF_ENOMEM;
+    }
     size_t n_shm = 0;
     uint64_t bytes = 0;
     for (size_t i = 0; i < b->n; i++) {
-        nd[i] = (uint32_t)kvf_client_node_of(c, &b->keys[i]);
+        nd[i] = (uint32_t)(get ? get_node(p, c, &b->keys[i], &nr[i])
+                               : kvf_client_node_of(c, &b->keys[i]));
         if (via_shm(p, b, i, nd[i], get)) {
             n_shm++;
             bytes += get ? b->caps[i] : b->lens[i];
         }
     }
     if (!n_shm) {
-        free(nd);
+        free(nd), free(nr);
         op->transport = "tcp";
         return kvf__path_tcp.submit(c, op);
     }
     agg *a = calloc(1, sizeof *a);
     if (!a) {
-        free(nd);
+        free(nd), free(nr);
         return KVF_ENOMEM;
     }
     a->parent = op;
@@ -551,7 +626,7 @@ static int shm_submit(kvf_client *c, kvf_op *op)
             sub_free(a->subs[i]);
         free(a->subs);
         free(sh);
-        free(nd);
+        free(nd), free(nr);
         pthread_mutex_destroy(&a->mu);
         free(a);
         return rc;
@@ -565,10 +640,11 @@ static int shm_submit(kvf_client *c, kvf_op *op)
         while (s + 1 < shares && acc >= bytes * (s + 1) / shares && sh[s]->p.b.n)
             s++;
         sh[s]->node[sh[s]->p.b.n] = nd[i];
+        sh[s]->near[sh[s]->p.b.n] = nr[i];
         kvf__part_add(&sh[s]->p, b, (uint32_t)i);
         acc += get ? b->caps[i] : b->lens[i];
     }
-    free(nd);
+    free(nd), free(nr);
     for (uint64_t x = 0; x < shares; x++)
         enqueue(p, &p->w[x], sh[x]);
     free(sh);
@@ -749,6 +825,8 @@ void kvf__shm_counters(kvf_client *c, kvf_client_counters *out)
     out->shm_bytes_received += p->cnt.shm_bytes_received;
     out->shm_lease_expired += p->cnt.shm_lease_expired;
     out->shm_fallback_keys += p->cnt.shm_fallback_keys;
+    out->near_keys += p->cnt.near_keys;
+    out->near_misses += p->cnt.near_misses;
     pthread_mutex_unlock(&p->cmu);
 }
 

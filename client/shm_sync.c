@@ -135,6 +135,7 @@ int kvf__sync_hello(int fd, const kvf_client *c, uint64_t *id, kvf__hello *out,
     }
     out->caps = kvf__get_u64(rep + 8);
     out->node_id = kvf__get_u64(rep + 32);
+    out->holders = kvf__get_u32(rep + 44);
     int have = kvf__hello_shm_parse(rep, rlen, out->caps, out->shm_name, sizeof out->shm_name,
                                     out->boot_id);
     if (!have)

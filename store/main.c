@@ -704,6 +704,7 @@ static int open_server(const store_cfg *cfg, kvf_cache *cache, kvf__tenants *ten
         .verify_puts = cfg->verify,
         .poller = cfg->poller,
         .node_id = (uint64_t)getpid(),
+        .holders = cfg->rep_hits > 0 ? (uint32_t)cfg->replicas : 0,
         .rdma = cfg->rdma,
         .copy_peers = cfg->peers,
         .n_copy_peers = cfg->n_peers,

@@ -29,6 +29,9 @@ typedef struct kvf_server_opts {
     int threads;          /* event-loop threads; 0: 1 */
     uint64_t max_request; /* largest PUT/COMMIT payload; 0: 256 MiB */
     uint32_t max_items;   /* most items per request; 0: KVF_WIRE_MAX_ITEMS */
+    uint32_t holders;     /* holders of each hot entry (--replicas with --replicate-hits), this
+                           * node included; 0: no replicas. HELLO says it, so that clients read
+                           * a hot entry from its nearest holder */
     int verify_puts;      /* verify object headers and checksums before committing */
     const char *poller;   /* poller back-end; NULL: the best available */
     uint64_t node_id;     /* reported by HELLO and STATS */

@@ -71,7 +71,7 @@ void kvf__req_hello(conn *c)
     kvf__put_u64(r + 24, st.memory);
     kvf__put_u64(r + 32, s->o.node_id);
     kvf__put_u32(r + 40, rdma ? kvf__rserve_port(s->rdma) : 0);
-    kvf__put_u32(r + 44, 0);
+    kvf__put_u32(r + 44, s->o.holders);
     kvf__reply_copy(c, 0, 0, 0, r, rlen);
 }
 

@@ -211,6 +211,9 @@ typedef struct kvf_client_counters {
     /* shared memory: the bytes of those above that it moved, keys whose lease ended during their
      * copy (misses), and keys that went over TCP because their node's socket was unreachable */
     uint64_t shm_bytes_sent, shm_bytes_received, shm_lease_expired, shm_fallback_keys;
+    /* hot keys read from a holder on this host rather than their first node, which is not (a
+     * replica: docs/store.md), and of those the ones it did not have, asked of the first node */
+    uint64_t near_keys, near_misses;
 } kvf_client_counters;
 KVF_API void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out);
 

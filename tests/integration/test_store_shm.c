@@ -823,6 +823,138 @@ static void test_shm_dead_client_frees_reservations(void **state)
     daemon_stop(&d);
 }
 
+static kvf_client *client_open_two(const daemon_t *a, const daemon_t *b, const char *transport)
+{
+    const char *nodes[2] = {a->addr, b->addr};
+    kvf_client_opts o = {
+        .nodes = nodes, .n_nodes = 2, .ns = NS, .deadline_ms = 5000, .transport = transport};
+    kvf_client *c = NULL;
+    char err[400];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    return c;
+}
+
+/* A hot key is read from its nearest holder. Node A serves shared memory; node B does not (a
+ * node of another host, as this client sees it) and copies the entries read twice to the next
+ * node of their key's order, A (--replicate-hits 2 --replicas 2, which B's HELLO says). Of B's
+ * keys, the hot ones then come from A over shared memory; the cold ones miss on A and are asked
+ * of B over TCP: every key is a hit with its own bytes, plain and streamed, and the counters say
+ * which went where. */
+static void test_shm_hot_keys_from_nearest_holder(void **state)
+{
+    (void)state;
+    daemon_t a, b;
+    daemon_start(&a, "64M", NULL);
+    char extra[200];
+    snprintf(extra, sizeof extra, "--shm off --replicate-hits 2 --replicas 2 --peer %s", a.addr);
+    daemon_start(&b, "64M", extra);
+    kvf_client *c = client_open_two(&a, &b, "auto");
+    kvf_client *tcp = client_open_two(&a, &b, "tcp");
+    char why[400];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "shm");
+    /* 36 keys whose first node is B: 12 made hot (read twice from B over TCP), 24 left cold (12
+     * for the one-key gets, 12 for the batches: a key read twice is hot, whoever reads it). */
+    enum { N = 24, HOT = 12, ALL = 36 };
+    uint64_t ids[ALL];
+    size_t n = 0;
+    for (uint64_t i = 1000; n < ALL && i < 100000; i++) {
+        kvf_key k = key_of(i);
+        if (kvf_client_node_of(c, &k) == 1)
+            ids[n++] = i;
+    }
+    assert_int_equal(n, ALL);
+    int st[ALL];
+    for (size_t i = 0; i < ALL; i++) {
+        put_keys(c, ids[i], 1, 3, SEG, st);
+        assert_int_equal(st[0], 0);
+    }
+    for (int round = 0; round < 2; round++)
+        for (size_t i = 0; i < HOT; i++)
+            assert_int_equal(get_keys(tcp, ids[i], 1, SEG, 0, st, NULL), 1);
+    /* A has the hot ones once B's replicator pushed them (5 s at most). */
+    const char *only_a[1] = {a.addr};
+    kvf_client_opts oa = {.nodes = only_a, .n_nodes = 1, .ns = NS, .transport = "tcp"};
+    kvf_client *ca = NULL;
+    assert_int_equal(kvf_client_open(&ca, &oa, why, sizeof why), 0);
+    kvf_key hot[HOT];
+    for (size_t i = 0; i < HOT; i++)
+        hot[i] = key_of(ids[i]);
+    uint8_t present[HOT];
+    size_t on_a = 0;
+    for (int t = 0; t < 100 && on_a < HOT; t++) {
+        usleep(50000);
+        assert_int_equal(kvf_client_exists(ca, HOT, hot, present, 2000), 0);
+        on_a = 0;
+        for (size_t i = 0; i < HOT; i++)
+            on_a += present[i];
+    }
+    assert_int_equal(on_a, HOT);
+    kvf_client_close(&ca);
+    for (int stream = 0; stream < 2; stream++) {
+        kvf_client_counters k0, k1;
+        kvf_client_counters_get(c, &k0);
+        size_t hits = 0;
+        for (size_t i = 0; i < N; i++) /* one key a get: each key's own path */
+            hits += get_keys(c, ids[i], 1, SEG, stream ? KVF_GET_STREAM : 0, st, NULL);
+        assert_int_equal(hits, N);
+        kvf_client_counters_get(c, &k1);
+        print_message("%s: %llu keys asked of the nearer holder, %llu missed there; %llu bytes "
+                      "over shared memory\n",
+                      stream ? "streamed" : "plain",
+                      (unsigned long long)(k1.near_keys - k0.near_keys),
+                      (unsigned long long)(k1.near_misses - k0.near_misses),
+                      (unsigned long long)(k1.shm_bytes_received - k0.shm_bytes_received));
+        assert_int_equal(k1.near_keys - k0.near_keys, N);
+        assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
+        assert_true(k1.shm_bytes_received - k0.shm_bytes_received >=
+                    HOT * (uint64_t)kvf_obj_raw_size(LAYERS, SEG) / 2);
+    }
+    /* The hot ones and 12 cold ones not read yet in one batch, mixed, plain and streamed: the
+     * same. */
+    uint64_t mix[N];
+    for (size_t i = 0; i < N; i++)
+        mix[i] = ids[i < HOT ? i : i + (ALL - N)];
+    for (int stream = 0; stream < 2; stream++) {
+        kvf_key keys[N];
+        void *bufs[N];
+        uint64_t caps[N], lens[N];
+        size_t cap = kvf_obj_raw_size(LAYERS, SEG);
+        for (size_t i = 0; i < N; i++) {
+            keys[i] = key_of(mix[i]);
+            bufs[i] = malloc(cap);
+            caps[i] = cap;
+        }
+        atomic_store(&layers_seen, 0);
+        kvf_batch bt = {.n = N,
+                        .keys = keys,
+                        .bufs = bufs,
+                        .caps = caps,
+                        .out_lens = lens,
+                        .status = st,
+                        .flags = stream ? KVF_GET_STREAM : 0,
+                        .layer_cb = stream ? on_layer : NULL};
+        kvf_client_counters k0, k1;
+        kvf_client_counters_get(c, &k0);
+        assert_int_equal(kvf_client_get(c, &bt), 0);
+        kvf_client_counters_get(c, &k1);
+        for (size_t i = 0; i < N; i++) {
+            uint8_t v;
+            assert_int_equal(st[i], 0);
+            assert_true(is_obj(bufs[i], lens[i], mix[i], SEG, &v) && v == 3);
+            free(bufs[i]);
+        }
+        if (stream)
+            assert_int_equal(atomic_load(&layers_seen), LAYERS);
+        assert_int_equal(k1.near_keys - k0.near_keys, N);
+        assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
+    }
+    kvf_client_close(&tcp);
+    kvf_client_close(&c);
+    daemon_stop(&b);
+    daemon_stop(&a);
+}
+
 int main(void)
 {
     harness_init();
@@ -837,6 +969,7 @@ int main(void)
         cmocka_unit_test_teardown(test_shm_malicious_client_cannot_write, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_forged_fds_and_unreleased_leases, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_dead_client_frees_reservations, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_hot_keys_from_nearest_holder, teardown_daemons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
