@@ -176,6 +176,9 @@ static void on_layer(kvf_op *op, uint32_t l, void *ud)
  * wrong byte fails the test). wrong (may be NULL) counts hits that were not exactly an object. */
 static size_t get_keys_counted(kvf_client *c, uint64_t from, size_t n, size_t seg, uint32_t flags,
                                int *st, const char **transport, atomic_ullong *wrong);
+/* As get_keys_counted, for the keys of ids (from + i where ids is NULL). */
+static size_t get_ids(kvf_client *c, const uint64_t *ids, uint64_t from, size_t n, size_t seg,
+                      uint32_t flags, int *st, const char **transport, atomic_ullong *wrong);
 
 static size_t get_keys(kvf_client *c, uint64_t from, size_t n, size_t seg, uint32_t flags, int *st,
                        const char **transport)
@@ -187,12 +190,18 @@ static size_t get_keys(kvf_client *c, uint64_t from, size_t n, size_t seg, uint3
 static size_t get_keys_counted(kvf_client *c, uint64_t from, size_t n, size_t seg, uint32_t flags,
                                int *st, const char **transport, atomic_ullong *wrong)
 {
+    return get_ids(c, NULL, from, n, seg, flags, st, transport, wrong);
+}
+
+static size_t get_ids(kvf_client *c, const uint64_t *ids, uint64_t from, size_t n, size_t seg,
+                      uint32_t flags, int *st, const char **transport, atomic_ullong *wrong)
+{
     kvf_key *keys = malloc(n * sizeof *keys);
     void **bufs = malloc(n * sizeof *bufs);
     uint64_t *caps = malloc(n * sizeof *caps), *lens = calloc(n, sizeof *lens);
     size_t cap = kvf_obj_raw_size(LAYERS, seg);
     for (size_t i = 0; i < n; i++) {
-        keys[i] = key_of(from + i);
+        keys[i] = key_of(ids ? ids[i] : from + i);
         bufs[i] = malloc(cap);
         caps[i] = cap;
     }
@@ -221,10 +230,11 @@ static size_t get_keys_counted(kvf_client *c, uint64_t from, size_t n, size_t se
     for (size_t i = 0; i < n; i++) {
         uint8_t v;
         if (st[i] == 0) {
-            if (!is_obj(bufs[i], lens[i], from + i, seg, &v)) {
+            uint64_t id = ids ? ids[i] : from + i;
+            if (!is_obj(bufs[i], lens[i], id, seg, &v)) {
                 if (!wrong)
                     fail_msg("key %llu: a hit whose bytes are not its object",
-                             (unsigned long long)(from + i));
+                             (unsigned long long)id);
                 atomic_fetch_add(wrong, 1);
             }
             hits++;
@@ -916,36 +926,11 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
     for (size_t i = 0; i < N; i++)
         mix[i] = ids[i < HOT ? i : i + (ALL - N)];
     for (int stream = 0; stream < 2; stream++) {
-        kvf_key keys[N];
-        void *bufs[N];
-        uint64_t caps[N], lens[N];
-        size_t cap = kvf_obj_raw_size(LAYERS, SEG);
-        for (size_t i = 0; i < N; i++) {
-            keys[i] = key_of(mix[i]);
-            bufs[i] = malloc(cap);
-            caps[i] = cap;
-        }
-        atomic_store(&layers_seen, 0);
-        kvf_batch bt = {.n = N,
-                        .keys = keys,
-                        .bufs = bufs,
-                        .caps = caps,
-                        .out_lens = lens,
-                        .status = st,
-                        .flags = stream ? KVF_GET_STREAM : 0,
-                        .layer_cb = stream ? on_layer : NULL};
         kvf_client_counters k0, k1;
         kvf_client_counters_get(c, &k0);
-        assert_int_equal(kvf_client_get(c, &bt), 0);
+        assert_int_equal(get_ids(c, mix, 0, N, SEG, stream ? KVF_GET_STREAM : 0, st, NULL, NULL),
+                         N);
         kvf_client_counters_get(c, &k1);
-        for (size_t i = 0; i < N; i++) {
-            uint8_t v;
-            assert_int_equal(st[i], 0);
-            assert_true(is_obj(bufs[i], lens[i], mix[i], SEG, &v) && v == 3);
-            free(bufs[i]);
-        }
-        if (stream)
-            assert_int_equal(atomic_load(&layers_seen), LAYERS);
         assert_int_equal(k1.near_keys - k0.near_keys, N);
         assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
     }
