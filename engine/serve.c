@@ -195,6 +195,9 @@ static json_t *registration(srv *S)
                   (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
     if (cjo)
         json_object_set_new(body, "capabilities", cjo);
+    /* the shards its events go out in, so that a kvf-sched replica split otherwise says so */
+    if (S->pub)
+        json_object_set_new(body, "event_shards", json_integer(S->event_shards));
     /* Its compute: this host's CPUs, which the engines started here share. */
     char compute[96];
     uint32_t slots = host_compute(compute, sizeof compute);
@@ -507,6 +510,7 @@ static int open_events(srv *S, const serve_opts *o)
         fprintf(stderr, "kvf-engine: --events %s: %s\n", o->events, err);
         return 1;
     }
+    S->event_shards = o->event_shards > 1 ? (uint32_t)o->event_shards : 1;
     return 0;
 }
 

@@ -76,7 +76,8 @@ typedef struct srv {
     int report_dirty;
     /* KV events (under the engine's turn: only the running request publishes) */
     kvf_events *pub;
-    uint64_t *held; /* engine block hashes of the blocks in the pages */
+    uint32_t event_shards; /* the shards pub publishes in (1: none) */
+    uint64_t *held;        /* engine block hashes of the blocks in the pages */
     size_t n_held;
     atomic_int stop;
 } srv;

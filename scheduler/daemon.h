@@ -55,6 +55,9 @@ typedef struct kvf__sched_reg {
     int pinned;       /* from the cluster file (--config): never expires */
     char replay[128]; /* the replay endpoint it registered with */
     char owner[64]; /* the token that registered it (--tokens); empty: none, or the cluster file */
+    /* the shards it publishes its events in, as its record says (0: it does not say); one that
+     * differs from this replica's is told once and counted: its events never reach this index */
+    uint32_t event_shards;
 } kvf__sched_reg;
 
 typedef struct kvf__sched_daemon {
@@ -125,9 +128,10 @@ int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d);
 void kvf__sched_events_round(kvf__sched_daemon *d);
 
 /* An instance's registration record (POST /v1/instances' body, or an engine's record in etcd)
- * into *in and its replay endpoint. 0, or -1 with the reason in err (http_api.c). */
+ * into *in, its replay endpoint and the shards its events are published in (*event_shards; 0:
+ * the record does not say). 0, or -1 with the reason in err (http_api.c). */
 int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
-                              char *err, size_t errlen);
+                              uint32_t *event_shards, char *err, size_t errlen);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Membership on etcd (members.c) */
@@ -157,8 +161,8 @@ void kvf__sched_etcd_stop(kvf__sched_daemon *d);
  * differs, with both values, in err); KVF_ENOSPC when the table is full; KVF_EINVAL for a record
  * the core refuses. */
 int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in,
-                               const char *replay, int pinned, int *idx, int *fresh, char *err,
-                               size_t errlen);
+                               const char *replay, uint32_t event_shards, int pinned, int *idx,
+                               int *fresh, char *err, size_t errlen);
 /* Notes that instance idx was heard from (a load report). */
 void kvf__sched_seen_locked(kvf__sched_daemon *d, int idx);
 /* Removes instance idx from the table, the index and the subscriptions. 0 or KVF_ENOENT. */

@@ -18,6 +18,7 @@
  */
 #include "daemon.h"
 
+#include "kvf/events.h"
 #include "kvf/kvf.h"
 
 #include "clock.h"
@@ -139,9 +140,13 @@ static int owner_ok_locked(const kvf__sched_daemon *d, int idx, const char *call
 }
 
 int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
-                              char *err, size_t errlen)
+                              uint32_t *event_shards, char *err, size_t errlen)
 {
     memset(in, 0, sizeof *in);
+    double es;
+    if (json_num(o, "event_shards", 0, KVF_EVENTS_MAX_SHARDS, 1, 0, &es, err, errlen))
+        return -1;
+    *event_shards = (uint32_t)es;
     char role[16] = "both";
     replay[0] = 0;
     if (kvf__sched_json_str(o, "replay", replay, rlen, 0, err, errlen) ||
@@ -188,7 +193,9 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
 {
     kvf_instance_info in;
     char err[256] = "", replay[128] = "";
-    if (kvf__sched_instance_parse(o, &in, replay, sizeof replay, err, sizeof err) != 0)
+    uint32_t event_shards;
+    if (kvf__sched_instance_parse(o, &in, replay, sizeof replay, &event_shards, err, sizeof err) !=
+        0)
         return send_error(d, c, 400, "%s", err);
     int idx = -1, fresh = 0, pinned = 0;
     char advice[128], owner[64] = "";
@@ -200,7 +207,8 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
         return send_error(d, c, 403, "instance \"%s\" was registered with token \"%s\", not \"%s\"",
                           in.id, owner, c->caller);
     }
-    int rc = kvf__sched_register_locked(d, &in, replay, 0, &idx, &fresh, err, sizeof err);
+    int rc =
+        kvf__sched_register_locked(d, &in, replay, event_shards, 0, &idx, &fresh, err, sizeof err);
     if (rc == 0 && fresh && c->caller)
         snprintf(d->reg[idx].owner, sizeof d->reg[idx].owner, "%s", c->caller);
     size_t registered = kvf_sched_instance_count(d->s);
@@ -257,14 +265,16 @@ static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
         if (!in || kvf_sched_instance_load_get(d->s, (int)i, &L) != 0)
             continue;
         /* with its last load report (zeros before one came) */
-        json_array_append_new(
-            arr, json_pack("{s:s,s:s,s:s,s:s,s:i,s:I,s:{s:f,s:f,s:i,s:I}}", "id", in->id, "role",
-                           role_name(in->role), "endpoint", in->endpoint, "events", in->events,
-                           "block_tokens", (int)in->block_tokens, "capacity_blocks",
-                           (json_int_t)in->capacity_blocks, "load", "queued_prefill_tokens",
-                           L.queued_prefill_tokens, "queued_prefill_s", L.queued_prefill_s,
-                           "active_decodes", (int)L.active_decodes, "used_blocks",
-                           (json_int_t)L.used_blocks));
+        json_t *rec = json_pack("{s:s,s:s,s:s,s:s,s:i,s:I,s:{s:f,s:f,s:i,s:I}}", "id", in->id,
+                                "role", role_name(in->role), "endpoint", in->endpoint, "events",
+                                in->events, "block_tokens", (int)in->block_tokens,
+                                "capacity_blocks", (json_int_t)in->capacity_blocks, "load",
+                                "queued_prefill_tokens", L.queued_prefill_tokens,
+                                "queued_prefill_s", L.queued_prefill_s, "active_decodes",
+                                (int)L.active_decodes, "used_blocks", (json_int_t)L.used_blocks);
+        if (d->reg[i].event_shards)
+            json_object_set_new(rec, "event_shards", json_integer(d->reg[i].event_shards));
+        json_array_append_new(arr, rec);
     }
     pthread_mutex_unlock(&d->mu);
     return send_json(c, 200, json_pack("{s:o}", "instances", arr));
@@ -559,6 +569,7 @@ typedef struct stats {
     uint64_t snapshots, snapshot_failures;
     uint64_t sharded_dropped;
     uint32_t shard, shards;
+    int shard_mismatch; /* instances whose records say other shards than this replica's */
     uint64_t store_joins, store_leaves, engine_joins, engine_leaves;
     int etcd, etcd_synced, stores_registered;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
@@ -598,6 +609,12 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->expired = d->expired;
     st->deleted = d->deleted;
     st->subs = kvf__sched_subscriptions_locked(d);
+    st->shard_mismatch = 0;
+    for (size_t i = 0; i < kvf_sched_instance_slots(d->s); i++) {
+        uint32_t es = d->reg[i].event_shards;
+        const kvf_instance_info *in = kvf_sched_instance_get(d->s, (int)i);
+        st->shard_mismatch += in && in->events[0] && es && es != st->shards;
+    }
     pthread_mutex_unlock(&d->mu);
     kvf__httpd_counts(d->httpd, &st->requests, &st->errors);
 }
@@ -632,6 +649,7 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "shard", json_integer(st->shard));
     json_object_set_new(o, "shards", json_integer(st->shards));
     json_object_set_new(o, "sharded_batches_dropped", json_integer(counter(st->sharded_dropped)));
+    json_object_set_new(o, "instances_shard_mismatch", json_integer(st->shard_mismatch));
     json_object_set_new(o, "store_snapshots", json_integer(counter(st->snapshots)));
     if (st->etcd)
         json_object_set_new(

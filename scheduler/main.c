@@ -263,7 +263,7 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
         }
         char why[256] = "";
         int idx, fresh;
-        if (kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, why, sizeof why) != 0) {
+        if (kvf__sched_register_locked(d, &in, replay, 0, 1, &idx, &fresh, why, sizeof why) != 0) {
             snprintf(err, errlen, "%s: invalid%s%s", where, why[0] ? ": " : "", why);
             rc = -1;
             break;

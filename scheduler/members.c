@@ -115,11 +115,13 @@ static void on_engine(void *ud, int put, const char *key, const char *value)
     const char *id = strrchr(key, '/');
     id = id ? id + 1 : key;
     char err[256] = "", replay[128] = "";
+    uint32_t event_shards = 0;
     kvf_instance_info in;
     if (put) {
         json_t *o = json_loads(value, 0, NULL);
-        int bad = !json_is_object(o) ||
-                  kvf__sched_instance_parse(o, &in, replay, sizeof replay, err, sizeof err) != 0;
+        int bad =
+            !json_is_object(o) || kvf__sched_instance_parse(o, &in, replay, sizeof replay,
+                                                            &event_shards, err, sizeof err) != 0;
         json_decref(o);
         if (!bad && strcmp(in.id, id) != 0)
             bad = 1, snprintf(err, sizeof err, "its record names \"%s\"", in.id);
@@ -131,10 +133,12 @@ static void on_engine(void *ud, int put, const char *key, const char *value)
     pthread_mutex_lock(&d->mu);
     int idx = kvf_sched_instance_find(d->s, id), rc = 0, fresh = 0, had = idx >= 0;
     if (put) {
-        rc = kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, err, sizeof err);
+        rc = kvf__sched_register_locked(d, &in, replay, event_shards, 1, &idx, &fresh, err,
+                                        sizeof err);
         if (rc == KVF_EEXIST && had) { /* another record under its id: the engine restarted */
             kvf__sched_remove_locked(d, idx);
-            rc = kvf__sched_register_locked(d, &in, replay, 1, &idx, &fresh, err, sizeof err);
+            rc = kvf__sched_register_locked(d, &in, replay, event_shards, 1, &idx, &fresh, err,
+                                            sizeof err);
         }
         if (rc == 0) {
             d->reg[idx].pinned = 1;

@@ -52,8 +52,8 @@ static const char *first_difference(const kvf_instance_info *a, const char *ra,
 }
 
 int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in,
-                               const char *replay, int pinned, int *idx, int *fresh, char *err,
-                               size_t errlen)
+                               const char *replay, uint32_t event_shards, int pinned, int *idx,
+                               int *fresh, char *err, size_t errlen)
 {
     *fresh = 0;
     int i = kvf_sched_instance_find(d->s, in->id);
@@ -72,8 +72,18 @@ int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in
     int rc = kvf_sched_instance_add(d->s, in, &i);
     if (rc)
         return rc;
-    d->reg[i] = (kvf__sched_reg){.seen_ns = kvf__now_ns(), .pinned = pinned};
+    d->reg[i] =
+        (kvf__sched_reg){.seen_ns = kvf__now_ns(), .pinned = pinned, .event_shards = event_shards};
     snprintf(d->reg[i].replay, sizeof d->reg[i].replay, "%s", replay);
+    uint32_t mine = d->shards > 1 ? d->shards : 1;
+    if (event_shards && in->events[0] && event_shards != mine)
+        kvf_warn(&d->lg,
+                 "instance %s publishes its events in %u shard%s and this replica %s: none of "
+                 "its blocks reach this index; give the engines --event-shards %u, or run the "
+                 "replicas with --shard K/%u",
+                 in->id, event_shards, event_shards == 1 ? "" : "s",
+                 mine == 1 ? "holds the whole index" : "holds one shard of a split index", mine,
+                 event_shards);
     kvf_event_source src = {.instance = i, .store = -1};
     kvf__sched_subscribe_locked(d, &src, in->events, replay);
     *idx = i;

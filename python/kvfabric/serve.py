@@ -281,6 +281,9 @@ class Server:
                 "block_tokens": self.layout.page_tokens,
                 "capacity_blocks": self.a.max_tokens // self.layout.page_tokens,
                 "capabilities": self.capabilities()}
+        if self.events:
+            # the shards its events go out in: a kvf-sched replica split otherwise says so
+            body["event_shards"] = max(1, self.a.event_shards or 1)
         body.update(self.compute())
         return body
 

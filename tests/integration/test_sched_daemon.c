@@ -573,10 +573,31 @@ static void test_sched_daemon_sharded_index(void **state)
         assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
     char body[512];
     snprintf(body, sizeof body,
-             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}",
+             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\","
+             "\"event_shards\":2}",
              kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev));
     for (int r = 0; r < 3; r++)
         assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+    /* The record says its shards: a replica split otherwise (the whole-index one here) counts
+     * it as mismatched and says so; the sharded ones do not. A second engine that publishes
+     * unsharded is mismatched on the sharded replicas. Shards outside 0..256 are refused. */
+    assert_int_equal(stat_of(&d[0], "instances_shard_mismatch"), 0);
+    assert_int_equal(stat_of(&d[1], "instances_shard_mismatch"), 0);
+    assert_int_equal(stat_of(&d[2], "instances_shard_mismatch"), 1);
+    assert_int_equal(http(&d[0], "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"event_shards\":2"));
+    assert_int_equal(http(&d[0], "POST", "/v1/instances",
+                          "{\"id\":\"flat\",\"events\":\"127.0.0.1:1\",\"event_shards\":1}", out,
+                          sizeof out),
+                     201);
+    assert_int_equal(stat_of(&d[0], "instances_shard_mismatch"), 1);
+    assert_int_equal(http(&d[0], "DELETE", "/v1/instances/flat", NULL, out, sizeof out), 200);
+    assert_int_equal(stat_of(&d[0], "instances_shard_mismatch"), 0);
+    assert_int_equal(http(&d[0], "POST", "/v1/instances",
+                          "{\"id\":\"bad\",\"events\":\"127.0.0.1:1\",\"event_shards\":300}", out,
+                          sizeof out),
+                     400);
+    assert_non_null(strstr(out, "event_shards"));
     /* the rest, published until both replicas hold every sequence of their shard (bounded) */
     int done = 0;
     for (int t = 0; t < 150 && !done; t++) {
