@@ -130,11 +130,12 @@ int bench_disk_main(int argc, char **argv)
     json_object_set_new(res, "what",
                         json_string("the disk tier's engine alone, not through "
                                     "kvf-store; fio with the same block size, "
-                                    "io_uring, O_DIRECT, queue depth 1"));
+                                    "io_uring, O_DIRECT, queue depth 1; raw_*: the same job "
+                                    "by kvf-bench itself (io_uring from one aligned buffer)"));
     json_object_set_new(res, "total_bytes", json_integer((json_int_t)o.total));
     int have_fio = bench_fio_present();
     if (!have_fio)
-        json_object_set_new(res, "fio", json_string("not installed: no ratios"));
+        json_object_set_new(res, "fio", json_string("not installed: ratios to raw_* only"));
     static const struct {
         uint64_t len;
         const char *name;
@@ -142,6 +143,7 @@ int bench_disk_main(int argc, char **argv)
     int rc = 0;
     for (size_t s = 0; s < 2 && !rc; s++) {
         double put[MAX_ROUNDS], get[MAX_ROUNDS], fw[MAX_ROUNDS], fr[MAX_ROUNDS];
+        double rw[MAX_ROUNDS], rr[MAX_ROUNDS];
         for (int r = 0; r < o.rounds && !rc; r++) {
             if (engine_round(&o, shapes[s].len, &put[r], &get[r]) != 0) {
                 rc = 1;
@@ -149,10 +151,12 @@ int bench_disk_main(int argc, char **argv)
             }
             fw[r] = have_fio ? bench_fio_rate(o.dir, "write", shapes[s].len, o.total) : -1;
             fr[r] = have_fio ? bench_fio_rate(o.dir, "read", shapes[s].len, o.total) : -1;
+            rw[r] = bench_uring_rate(o.dir, "write", shapes[s].len, o.total);
+            rr[r] = bench_uring_rate(o.dir, "read", shapes[s].len, o.total);
             bench_progress("disk",
                            "%s round %d: engine put %.2f get %.2f GB/s; fio write %.2f "
-                           "read %.2f GB/s",
-                           shapes[s].name, r + 1, put[r], get[r], fw[r], fr[r]);
+                           "read %.2f GB/s; raw write %.2f read %.2f GB/s",
+                           shapes[s].name, r + 1, put[r], get[r], fw[r], fr[r], rw[r], rr[r]);
         }
         if (rc)
             break;
@@ -161,6 +165,22 @@ int bench_disk_main(int argc, char **argv)
         bench_spread ep = bench_json_rounds(res, k, put, (size_t)o.rounds);
         snprintf(k, sizeof k, "engine_get_gbps_%s", shapes[s].name);
         bench_spread eg = bench_json_rounds(res, k, get, (size_t)o.rounds);
+        if (rw[0] > 0 && rr[0] > 0) {
+            double xp[MAX_ROUNDS], xg[MAX_ROUNDS];
+            for (int r = 0; r < o.rounds; r++)
+                xp[r] = put[r] / rw[r], xg[r] = get[r] / rr[r];
+            snprintf(k, sizeof k, "raw_write_gbps_%s", shapes[s].name);
+            bench_json_rounds(res, k, rw, (size_t)o.rounds);
+            snprintf(k, sizeof k, "raw_read_gbps_%s", shapes[s].name);
+            bench_json_rounds(res, k, rr, (size_t)o.rounds);
+            snprintf(k, sizeof k, "engine_put_vs_raw_%s", shapes[s].name);
+            bench_spread xpr = bench_json_rounds(res, k, xp, (size_t)o.rounds);
+            snprintf(k, sizeof k, "engine_get_vs_raw_%s", shapes[s].name);
+            bench_spread xgr = bench_json_rounds(res, k, xg, (size_t)o.rounds);
+            if (!o.json)
+                printf("%s objects: engine put %.2fx raw io_uring's write, get %.2fx its read\n",
+                       shapes[s].name, xpr.median, xgr.median);
+        }
         if (have_fio && fw[0] > 0 && fr[0] > 0) {
             snprintf(k, sizeof k, "fio_write_gbps_%s", shapes[s].name);
             bench_spread w = bench_json_rounds(res, k, fw, (size_t)o.rounds);

@@ -202,6 +202,13 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     double write_gbps = wsecs > 0 ? (double)demoted / wsecs / 1e9 : -1;
     double fio_w = have_fio ? bench_fio_rate(dir, "write", sh->payload, total / 2) : -1;
     double fio_r = have_fio ? bench_fio_rate(dir, "read", sh->payload, total / 2) : -1;
+#if KVF_HAVE_URING
+    /* the same job by kvf-bench itself: the ceiling on hosts without fio, and beside fio's */
+    double raw_w = bench_uring_rate(dir, "write", sh->payload, total / 2);
+    double raw_r = bench_uring_rate(dir, "read", sh->payload, total / 2);
+#else
+    double raw_w = -1, raw_r = -1;
+#endif
 
     /* GETs from disk: the oldest rounds, each once */
     double gets[TIER_ROUNDS];
@@ -281,16 +288,26 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         bench_json_real(res, KEY("demote_stream_vs_fio_%s"), demote_gbps / fio_w);
         bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_r);
     }
+    if (raw_w > 0 && raw_r > 0) {
+        bench_json_real(res, KEY("raw_write_gbps_%s"), raw_w);
+        bench_json_real(res, KEY("raw_read_gbps_%s"), raw_r);
+        bench_json_real(res, KEY("disk_put_vs_raw_%s"), write_gbps / raw_w);
+        bench_json_real(res, KEY("disk_get_vs_raw_%s"), g.median / raw_r);
+    }
 #undef KEY
     FILE *out = json ? stderr : stdout; /* with --json, stdout is the JSON alone */
     fprintf(out, "%s objects: demotion writes %.2f GB/s", sh->name, write_gbps);
     if (fio_w > 0)
         fprintf(out, " (%.2fx fio's write %.2f)", write_gbps / fio_w, fio_w);
+    if (raw_w > 0)
+        fprintf(out, " (%.2fx raw io_uring's %.2f)", write_gbps / raw_w, raw_w);
     fprintf(out, " (%.2f GB/s of the put stream, %" PRId64 " evictions not demoted: queue full)",
             demote_gbps, dropped);
     fprintf(out, ", GET from disk %.2f GB/s", g.median);
     if (fio_r > 0)
         fprintf(out, " (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);
+    if (raw_r > 0)
+        fprintf(out, " (%.2fx raw io_uring's %.2f)", g.median / raw_r, raw_r);
     fprintf(out,
             "\n  DRAM GET %.2f GB/s alone, %.2f GB/s while %.2f GB/s are promoted (%.2fx); warm "
             "restart %.2f s (%" PRId64 " objects), %d wrong, %" PRId64 " verification failures\n",
@@ -327,9 +344,11 @@ int bench_store_tier(const char *dir, int quick, const char *memory, const char 
     json_object_set_new(res, "what",
                         json_string("kvf-store with --disk on a file in dir, over TCP on "
                                     "loopback; fio with the object's block size, io_uring, "
-                                    "O_DIRECT, queue depth 1, in the same run"));
+                                    "O_DIRECT, queue depth 1, in the same run, and the same "
+                                    "job by kvf-bench itself (raw_*: io_uring from one "
+                                    "aligned buffer)"));
     if (!have_fio)
-        json_object_set_new(res, "fio", json_string("not installed: no ratios"));
+        json_object_set_new(res, "fio", json_string("not installed: ratios to raw_* only"));
     for (int s = 0; s < 2; s++)
         if (tier_shape(&shapes[s], dir, arena, bin, quick, threads, res, have_fio, json) != 0)
             return -1;
