@@ -458,6 +458,43 @@ static void get_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
     memcpy(g->out + (a - HDR_LEN), p + (a - from), b - a);
 }
 
+struct rslot *kvf__dk_slot_take(kvf__disk *d, uint64_t size)
+{
+    unsigned first = __atomic_fetch_add(&d->rnext, 1, __ATOMIC_RELAXED);
+    struct rslot *sl = NULL;
+    for (unsigned k = 0; k < RSLOTS && !sl; k++)
+        if (pthread_mutex_trylock(&d->rs[(first + k) % RSLOTS].mu) == 0)
+            sl = &d->rs[(first + k) % RSLOTS];
+    if (!sl) {
+        sl = &d->rs[first % RSLOTS];
+        pthread_mutex_lock(&sl->mu);
+    }
+    if (size > sl->cap) {
+        uint8_t *nb = kvf__dk_aligned(size);
+        if (!nb) {
+            pthread_mutex_unlock(&sl->mu);
+            return NULL;
+        }
+        free(sl->buf);
+        sl->buf = nb;
+        sl->cap = size;
+    }
+    return sl;
+}
+
+void kvf__dk_read_failed(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t seq)
+{
+    /* written torn, or its extent reused since: a miss, and gone (if it still is this one) */
+    ent *now = kvf__dk_find(d, ns, key->lo, key->hi);
+    if (now && now->seq == seq) {
+        __atomic_fetch_add(&d->st.verify_failures, 1, __ATOMIC_RELAXED);
+        if (d->on_drop)
+            d->on_drop(d->drop_ud, ns, key);
+        kvf__dk_erase(d, now);
+    }
+    d->st.misses++;
+}
+
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
                   uint64_t *len)
 {
@@ -485,26 +522,10 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
      * longer checks. A free slot is taken where there is one, else the next in turn is waited for.
      */
     int rc = 0, r = 0, ok = 0;
-    unsigned first = __atomic_fetch_add(&d->rnext, 1, __ATOMIC_RELAXED);
-    struct rslot *sl = NULL;
-    for (unsigned k = 0; k < RSLOTS && !sl; k++)
-        if (pthread_mutex_trylock(&d->rs[(first + k) % RSLOTS].mu) == 0)
-            sl = &d->rs[(first + k) % RSLOTS];
-    if (!sl) {
-        sl = &d->rs[first % RSLOTS];
-        pthread_mutex_lock(&sl->mu);
-    }
     uint64_t size = kvf__dk_align_up(HDR_LEN + elen);
-    if (size > sl->cap) {
-        uint8_t *nb = kvf__dk_aligned(size);
-        if (!nb) {
-            pthread_mutex_unlock(&sl->mu);
-            return KVF_ENOMEM;
-        }
-        free(sl->buf);
-        sl->buf = nb;
-        sl->cap = size;
-    }
+    struct rslot *sl = kvf__dk_slot_take(d, size);
+    if (!sl)
+        return KVF_ENOMEM;
     /* the data's checksum and its copy out, piece by piece as the pieces land */
     struct get_ctx g = {.xs = sl->xs, .out = buf, .len = elen};
     XXH3_64bits_reset(g.xs);
@@ -516,19 +537,12 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     pthread_mutex_unlock(&sl->mu);
 
     pthread_mutex_lock(&d->mu);
+    d->st.get_reads++;
     if (r) {
         kvf__dk_go_down(d, -r);
         rc = KVF_EIO;
     } else if (!ok) {
-        /* written torn, or its extent reused since: a miss, and gone (if it still is this one) */
-        ent *now = kvf__dk_find(d, ns, key->lo, key->hi);
-        if (now && now->seq == seq) {
-            __atomic_fetch_add(&d->st.verify_failures, 1, __ATOMIC_RELAXED);
-            if (d->on_drop)
-                d->on_drop(d->drop_ud, ns, key);
-            kvf__dk_erase(d, now);
-        }
-        d->st.misses++;
+        kvf__dk_read_failed(d, ns, key, seq);
         rc = KVF_ENOENT;
     } else {
         d->st.get_bytes += elen;

@@ -45,6 +45,7 @@ typedef struct kvf__disk_stats {
     uint64_t bytes, extents, extent_bytes; /* the tier's size */
     uint64_t entries, entry_bytes;         /* objects indexed, their data bytes */
     uint64_t puts, put_bytes, gets, get_bytes, misses, removed, cleared;
+    uint64_t get_reads;       /* reads issued for gets: a run of neighbours read at once is one */
     uint64_t verify_failures; /* objects dropped on read: a checksum or header that did not check */
     uint64_t extents_reused, dropped_by_reuse;
     uint64_t rebuilt_entries; /* indexed at open */
@@ -80,6 +81,12 @@ int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *
  * much); KVF_EIO (the tier is down, or goes down). */
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
                   uint64_t *len);
+/* Reads n objects of ns at once, keys[i] into bufs[i] (caps[i] bytes): st[i] as kvf__disk_get
+ * returns, with lens[i]. Objects that lie side by side in the log (a batch demoted together) are
+ * read in one I/O of up to 4 MiB; large ones one by one, in pieces. Returns 0, or KVF_ENOMEM
+ * (nothing read). */
+int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys, void *const *bufs,
+                       const uint64_t *caps, uint64_t *lens, int *st);
 /* Waits for the I/O in progress (the engine's mutex): not for an event loop. */
 void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
 /* The objects indexed, their bytes, and the objects dropped on read for not checking. Never

@@ -126,6 +126,12 @@ int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_
 
 /* disk_index.c: (ns, key) -> the newest object record */
 ent *kvf__dk_find(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi);
+/* A read slot, locked, whose buffer holds size bytes at least; NULL when it cannot grow (no
+ * memory). A free one where there is one, else the next in turn, waited for. */
+struct rslot *kvf__dk_slot_take(kvf__disk *d, uint64_t size);
+/* A record read back that did not check (written torn, or its extent reused since): a miss, and
+ * gone from the index if it still is that one (seq). Called with mu. */
+void kvf__dk_read_failed(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t seq);
 void kvf__dk_erase(kvf__disk *d, ent *e);
 int kvf__dk_grow(kvf__disk *d);
 /* Indexes an object record (a later sequence replaces an earlier). 0 or -1 (no memory). */

@@ -76,6 +76,15 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     return KVF_EIO;
 }
 
+int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys, void *const *bufs,
+                       const uint64_t *caps, uint64_t *lens, int *st)
+{
+    (void)d, (void)ns, (void)keys, (void)bufs, (void)caps;
+    for (size_t i = 0; i < n; i++)
+        st[i] = KVF_EIO, lens[i] = 0;
+    return 0;
+}
+
 void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st)
 {
     (void)d;

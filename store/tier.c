@@ -254,58 +254,86 @@ static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
         v->t->o.on_change(v->t->o.on_change_ctx, 0, 1, key, 0);
 }
 
-/* Reads key i of r from v into a DRAM entry reserved for it, committed and marked on disk, and
- * holds a reference on it for r's caller. */
-static void promote_one(device *v, kvf__tier_req *r, uint32_t i)
+/* Reads the keys idx[0..n) of r from v, each into a DRAM entry reserved for it, committed and
+ * marked on disk, and holds a reference on each for r's caller. The reads go to the engine at once
+ * (kvf__disk_get_many): objects a batch demoted together are read back in one I/O. */
+static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint32_t n)
 {
     kvf__tier *t = v->t;
     kvf_cache *c = t->o.cache;
-    const kvf_key *key = &r->keys[i];
-    uint64_t len = 0;
-    if (!kvf__disk_contains(v->d, r->ns, key, &len)) {
-        r->st[i] = KVF_ENOENT;
-        return;
+    uint32_t *at = malloc((n ? n : 1) * sizeof *at), *eid = malloc((n ? n : 1) * sizeof *eid);
+    kvf_key *keys = malloc((n ? n : 1) * sizeof *keys);
+    void **dst = malloc((n ? n : 1) * sizeof *dst);
+    uint64_t *cap = malloc((n ? n : 1) * sizeof *cap), *got = malloc((n ? n : 1) * sizeof *got);
+    int *st = malloc((n ? n : 1) * sizeof *st);
+    if (!at || !eid || !keys || !dst || !cap || !got || !st) {
+        for (uint32_t k = 0; k < n; k++)
+            r->st[idx[k]] = KVF_ENOMEM;
+        goto out;
     }
-    uint32_t eid;
-    uint8_t *dst;
-    kvf__cache_lock(c);
-    int rc = kvf__cache_reserve_locked(c, r->ns, key, len, TIER_OWNER, r->tenant,
-                                       KVF_CACHE_VIA_WIRE, 1, &eid, &dst);
-    kvf__cache_unlock(c);
-    if (rc) {
-        r->st[i] = rc;
-        return;
+    /* an entry reserved for each key the device holds */
+    uint32_t m = 0;
+    for (uint32_t k = 0; k < n && !atomic_load(&t->stop); k++) {
+        uint32_t i = idx[k];
+        uint64_t len = 0;
+        if (!kvf__disk_contains(v->d, r->ns, &r->keys[i], &len)) {
+            r->st[i] = KVF_ENOENT;
+            continue;
+        }
+        uint8_t *p;
+        kvf__cache_lock(c);
+        int rc = kvf__cache_reserve_locked(c, r->ns, &r->keys[i], len, TIER_OWNER, r->tenant,
+                                           KVF_CACHE_VIA_WIRE, 1, &eid[m], &p);
+        kvf__cache_unlock(c);
+        if (rc) {
+            r->st[i] = rc;
+            continue;
+        }
+        at[m] = i, keys[m] = r->keys[i], dst[m] = p, cap[m] = len;
+        m++;
     }
-    uint64_t got = 0, t0 = kvf__now_ns();
-    rc = kvf__disk_get(v->d, r->ns, key, dst, len, &got);
+    uint64_t t0 = kvf__now_ns();
+    int rc = m ? kvf__disk_get_many(v->d, r->ns, m, keys, dst, cap, got, st) : 0;
     double secs = (double)(kvf__now_ns() - t0) / 1e9;
-    kvf__cache_lock(c);
-    if (rc == 0 && got == len && kvf__cache_commit_locked(c, eid, TIER_OWNER) == 0) {
-        kvf__cache_mark_on_disk_locked(c, eid);
-        kvf__cache_hold_locked(c, eid);
-        r->eids[i] = eid;
-        r->st[i] = 0;
-        if (r->keep) /* cold (read back fewer times than promote_reads): served, then let go */
-            r->keep[i] = t->o.promote_reads <= 1 ||
-                         kvf__disk_note_read(v->d, r->ns, key) >= t->o.promote_reads;
-    } else {
-        kvf__cache_abort_locked(c, eid, TIER_OWNER);
-        r->st[i] = rc == 0 || rc == KVF_EOVERFLOW ? KVF_ENOENT : rc;
+    uint64_t promoted = 0, bytes = 0, misses = 0, failed = 0, not_kept = 0;
+    for (uint32_t k = 0; k < m; k++) {
+        uint32_t i = at[k];
+        int s = rc ? rc : st[k];
+        kvf__cache_lock(c);
+        if (s == 0 && got[k] == cap[k] && kvf__cache_commit_locked(c, eid[k], TIER_OWNER) == 0) {
+            kvf__cache_mark_on_disk_locked(c, eid[k]);
+            kvf__cache_hold_locked(c, eid[k]);
+            r->eids[i] = eid[k];
+            r->st[i] = 0;
+            if (r->keep) /* cold (read back fewer times than promote_reads): served, let go */
+                r->keep[i] = t->o.promote_reads <= 1 ||
+                             kvf__disk_note_read(v->d, r->ns, &r->keys[i]) >= t->o.promote_reads;
+        } else {
+            kvf__cache_abort_locked(c, eid[k], TIER_OWNER);
+            r->st[i] = s == 0 || s == KVF_EOVERFLOW ? KVF_ENOENT : s;
+        }
+        kvf__cache_unlock(c);
+        if (r->st[i] == 0) {
+            promoted++;
+            bytes += cap[k];
+            not_kept += r->keep && !r->keep[i];
+        } else if (r->st[i] == KVF_ENOENT) {
+            misses++;
+        } else {
+            failed++;
+        }
     }
-    kvf__cache_unlock(c);
     pthread_mutex_lock(&t->mu);
     t->st.read_seconds += secs;
-    if (r->st[i] == 0) {
-        t->st.promoted++;
-        t->st.promoted_bytes += len;
-        t->st.served_not_kept += r->keep && !r->keep[i];
-        __atomic_fetch_add(&r->bytes, len, __ATOMIC_RELAXED);
-    } else if (r->st[i] == KVF_ENOENT) {
-        t->st.promote_misses++;
-    } else {
-        t->st.promote_failed++;
-    }
+    t->st.promoted += promoted;
+    t->st.promoted_bytes += bytes;
+    t->st.served_not_kept += not_kept;
+    t->st.promote_misses += misses;
+    t->st.promote_failed += failed;
     pthread_mutex_unlock(&t->mu);
+    __atomic_fetch_add(&r->bytes, bytes, __ATOMIC_RELAXED);
+out:
+    free(at), free(eid), free(keys), free(dst), free(cap), free(got), free(st);
 }
 
 static void run_request(device *v, work *w)
@@ -313,9 +341,7 @@ static void run_request(device *v, work *w)
     kvf__tier *t = v->t;
     kvf__tier_req *r = w->req;
     if (r->kind == KVF_TIER_PROMOTE) {
-        for (uint32_t k = 0; k < w->nidx; k++)
-            if (!atomic_load(&t->stop))
-                promote_one(v, r, w->idx[k]);
+        promote_many(v, r, w->idx, w->nidx);
         return;
     }
     /* removals and clears follow the demotions queued before them: those are written (and told)
