@@ -502,7 +502,9 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
     for (uint32_t i = 0; i < r->n; i++)
         count[dev_of(t, &r->keys[i])]++;
     /* a device's share: one work (removals, clears: its writer's), or for promotions up to READERS
-     * works of its keys dealt round, one per reader */
+     * works of its keys in consecutive runs, one per reader: a batch's keys come in the order they
+     * were demoted, so each reader's run of them lies side by side in the log and is read at once
+     * (kvf__disk_get_many); dealt round, no reader would have two neighbours */
     work *ws[MAXW] = {0};
     int devs[MAXW], first[KVF_TIER_MAX_DEVICES], parts[KVF_TIER_MAX_DEVICES] = {0};
     int nw = 0;
@@ -534,7 +536,7 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
         int d = dev_of(t, &r->keys[i]);
         if (!parts[d])
             continue;
-        work *w = ws[first[d] + (int)(dealt[d]++ % (uint32_t)parts[d])];
+        work *w = ws[first[d] + (int)((uint64_t)dealt[d]++ * (uint64_t)parts[d] / count[d])];
         w->idx[w->nidx++] = i;
     }
     r->cleared = 0;
