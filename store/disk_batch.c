@@ -114,9 +114,11 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             uint64_t got = 0;
             int rc = kvf__disk_get(d, ns, &keys[w[j].i], bufs[w[j].i], caps[w[j].i], &got);
             st[w[j].i] = rc;
-            /* kvf__disk_get counted this get again */
+            lens[w[j].i] = got; /* as it is now: the index is asked again */
+            /* kvf__disk_get counted this get again (all but when the tier was down) */
             pthread_mutex_lock(&d->mu);
-            d->st.gets--;
+            if (rc != KVF_EIO && d->st.gets)
+                d->st.gets--;
             pthread_mutex_unlock(&d->mu);
             j++;
             continue;

@@ -254,6 +254,10 @@ static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
         v->t->o.on_change(v->t->o.on_change_ctx, 0, 1, key, 0);
 }
 
+static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_t *at,
+                          const uint32_t *eid, const kvf_key *keys, void **dst, const uint64_t *cap,
+                          uint64_t *got, int *st);
+
 /* Reads the keys idx[0..n) of r from v, each into a DRAM entry reserved for it, committed and
  * marked on disk, and holds a reference on each for r's caller. The reads go to the engine at once
  * (kvf__disk_get_many): objects a batch demoted together are read back in one I/O. */
@@ -271,27 +275,49 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
             r->st[idx[k]] = KVF_ENOMEM;
         goto out;
     }
-    /* an entry reserved for each key the device holds */
-    uint32_t m = 0;
-    for (uint32_t k = 0; k < n && !atomic_load(&t->stop); k++) {
-        uint32_t i = idx[k];
-        uint64_t len = 0;
-        if (!kvf__disk_contains(v->d, r->ns, &r->keys[i], &len)) {
-            r->st[i] = KVF_ENOENT;
-            continue;
+    /* Rounds: an entry reserved for each key the device holds, until a reservation is refused
+     * for want of room or of the tenant's reservations (quota_reservations) while some are held;
+     * those are read and committed, which frees their reservations, and the next round goes on
+     * from the refused key. A refusal with none held is that key's answer. */
+    for (uint32_t k = 0; k < n && !atomic_load(&t->stop);) {
+        uint32_t m = 0;
+        while (k < n && !atomic_load(&t->stop)) {
+            uint32_t i = idx[k];
+            uint64_t len = 0;
+            if (!kvf__disk_contains(v->d, r->ns, &r->keys[i], &len)) {
+                r->st[i] = KVF_ENOENT;
+                k++;
+                continue;
+            }
+            uint8_t *p;
+            kvf__cache_lock(c);
+            int rc = kvf__cache_reserve_locked(c, r->ns, &r->keys[i], len, TIER_OWNER, r->tenant,
+                                               KVF_CACHE_VIA_WIRE, 1, &eid[m], &p);
+            kvf__cache_unlock(c);
+            if (rc && m && (rc == KVF_EQUOTA || rc == KVF_ENOSPC))
+                break; /* asked again once these are committed */
+            k++;
+            if (rc) {
+                r->st[i] = rc;
+                continue;
+            }
+            at[m] = i, keys[m] = r->keys[i], dst[m] = p, cap[m] = len;
+            m++;
         }
-        uint8_t *p;
-        kvf__cache_lock(c);
-        int rc = kvf__cache_reserve_locked(c, r->ns, &r->keys[i], len, TIER_OWNER, r->tenant,
-                                           KVF_CACHE_VIA_WIRE, 1, &eid[m], &p);
-        kvf__cache_unlock(c);
-        if (rc) {
-            r->st[i] = rc;
-            continue;
-        }
-        at[m] = i, keys[m] = r->keys[i], dst[m] = p, cap[m] = len;
-        m++;
+        promote_round(v, r, m, at, eid, keys, dst, cap, got, st);
     }
+out:
+    free(at), free(eid), free(keys), free(dst), free(cap), free(got), free(st);
+}
+
+/* Reads the m keys reserved (at[k]: their index in r, eid[k] their entry, dst[k] its bytes,
+ * cap[k] the object's length) and commits each that checked, or aborts its entry. */
+static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_t *at,
+                          const uint32_t *eid, const kvf_key *keys, void **dst, const uint64_t *cap,
+                          uint64_t *got, int *st)
+{
+    kvf__tier *t = v->t;
+    kvf_cache *c = t->o.cache;
     uint64_t t0 = kvf__now_ns();
     int rc = m ? kvf__disk_get_many(v->d, r->ns, m, keys, dst, cap, got, st) : 0;
     double secs = (double)(kvf__now_ns() - t0) / 1e9;
@@ -332,8 +358,6 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
     t->st.promote_failed += failed;
     pthread_mutex_unlock(&t->mu);
     __atomic_fetch_add(&r->bytes, bytes, __ATOMIC_RELAXED);
-out:
-    free(at), free(eid), free(keys), free(dst), free(cap), free(got), free(st);
 }
 
 static void run_request(device *v, work *w)
