@@ -192,6 +192,7 @@ struct kvf__node {
      * is hot is also on the next holders - 1 nodes of its rendezvous order (shm_path.c reads it
      * from the nearest) */
     atomic_uint holders;
+    atomic_int hello_seen; /* a HELLO of it was read: holders is its word, 0 included */
     /* Health, shared by the engines (io.c): a request sent and not answered within its deadline
      * marks the node down until down_until (ns; 0: up), for a backoff that doubles while it stays
      * down; requests meanwhile fail at once (KVF_EHOSTUNREACH). Then one engine probes it with a

@@ -91,6 +91,7 @@ static int rd_hello(kvf__conn *cn)
     atomic_store(&cn->nd->holders, kvf__get_u32(r->rtab + 44) <= KVF_CLIENT_MAX_HOLDERS
                                        ? kvf__get_u32(r->rtab + 44)
                                        : KVF_CLIENT_MAX_HOLDERS);
+    atomic_store(&cn->nd->hello_seen, 1);
     kvf_client *cl = cn->io->cl;
     char name[128];
     uint8_t boot[16];

@@ -369,6 +369,28 @@ static void put_node(worker *w, sub *k, size_t node, const uint32_t *pos, size_t
     free(r[0].req), free(r[1].req);
 }
 
+/* Hands k's keys at fb (n of them) to a new TCP sub; counted keys are counted as fallbacks (the
+ * node's socket unreachable). */
+static void to_tcp(kvf_client *c, sub *k, const uint32_t *fb, size_t n, size_t counted)
+{
+    if (!n)
+        return;
+    sub *t = sub_new(k->a, n, 1);
+    if (!t) {
+        for (size_t i = 0; i < n; i++)
+            k->p.st[fb[i]] = KVF_ENOMEM;
+        return;
+    }
+    /* The keys are the TCP sub's now: this share reports nothing for them. */
+    for (size_t i = 0; i < n; i++) {
+        kvf__part_add(&t->p, k->a->pb, k->p.idx[fb[i]]);
+        k->p.idx[fb[i]] = MOVED;
+    }
+    if (counted)
+        kvf__shm_count(k->a->p, 0, 0, 0, 0, 0, 0, counted);
+    sub_submit_tcp(c, t);
+}
+
 /* Runs share k on worker w: node by node; keys whose node's socket cannot be reached are sent
  * over TCP as a new sub. */
 static void run_share(worker *w, sub *k)
@@ -444,26 +466,29 @@ static void run_share(worker *w, sub *k)
         pthread_mutex_unlock(&p->cmu);
     }
     /* Keys that go over TCP get their sub before any layer is reported: it holds the op's layers
-     * back until its own keys have them. */
-    if (n_fb) {
-        /* The node's socket is gone (a restarted store listens under a new name until the
-         * engines' next HELLO says so): these keys go over TCP. */
-        sub *t = sub_new(k->a, n_fb, 1);
-        if (t) {
-            /* The keys are the TCP sub's now: this share reports nothing for them. */
-            for (size_t i = 0; i < n_fb; i++) {
-                kvf__part_add(&t->p, k->a->pb, k->p.idx[fb[i]]);
-                k->p.idx[fb[i]] = MOVED;
-            }
-            kvf__shm_count(p, 0, 0, 0, 0, 0, 0, n_fb);
-            sub_submit_tcp(c, t);
-        } else {
-            for (size_t i = 0; i < n_fb; i++)
-                k->p.st[fb[i]] = KVF_ENOMEM;
-        }
-    }
+     * back until its own keys have them. The node's socket is gone (a restarted store listens
+     * under a new name until the engines' next HELLO says so), or a nearer holder lacked them. */
+    to_tcp(c, k, fb, n_fb, n_fb - near_missed);
     if (get && nl)
         bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed);
+    if (get && !stream && near && nl) {
+        /* a nearer holder's hit whose lease ended during its copy, or that did not check: asked
+         * of the first node too (a plain get reports no layers, so a sub may still join) */
+        size_t n2 = 0;
+        for (size_t i = 0; i < k->p.b.n; i++) {
+            int st = k->p.st[i];
+            if (k->near[i] && k->p.idx[i] != MOVED && st && st != KVF_E2BIG && st != KVF_ELAYOUT) {
+                k->p.st[i] = 0;
+                fb[n2++] = (uint32_t)i;
+            }
+        }
+        if (n2) {
+            pthread_mutex_lock(&p->cmu);
+            p->cnt.near_misses += n2;
+            pthread_mutex_unlock(&p->cmu);
+        }
+        to_tcp(c, k, fb, n2, 0);
+    }
     for (size_t g = 0; g < nl; g++)
         kvf__shm_release(w, &ls[g], deadline_ns);
     kvf__shm_count(p, 0, bytes, 0, failed, expired, 0, 0);
@@ -536,7 +561,8 @@ static size_t get_node(const struct kvf__shm_path *p, const kvf_client *c, const
     if (p->nodes[first].on || c->n_nodes < 2)
         return first;
     unsigned k = atomic_load_explicit(&c->nodes[first].holders, memory_order_relaxed);
-    for (size_t i = 0; i < c->n_nodes; i++) {
+    int heard = atomic_load_explicit(&c->nodes[first].hello_seen, memory_order_relaxed);
+    for (size_t i = 0; !heard && i < c->n_nodes; i++) {
         unsigned h = atomic_load_explicit(&c->nodes[i].holders, memory_order_relaxed);
         if (p->nodes[i].has_view && h > k)
             k = h; /* the first node's HELLO not heard yet: the cluster's K, as a local node says */
