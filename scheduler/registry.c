@@ -51,6 +51,20 @@ static const char *first_difference(const kvf_instance_info *a, const char *ra,
     return NULL;
 }
 
+/* Says so where in publishes its events in other shards than this replica holds. */
+static void shard_check(kvf__sched_daemon *d, const kvf_instance_info *in, uint32_t event_shards)
+{
+    uint32_t mine = d->shards > 1 ? d->shards : 1;
+    if (event_shards && in->events[0] && event_shards != mine)
+        kvf_warn(&d->lg,
+                 "instance %s publishes its events in %u shard%s and this replica %s: none of "
+                 "its blocks reach this index; give the engines --event-shards %u, or run the "
+                 "replicas with --shard K/%u",
+                 in->id, event_shards, event_shards == 1 ? "" : "s",
+                 mine == 1 ? "holds the whole index" : "holds one shard of a split index", mine,
+                 event_shards);
+}
+
 int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in,
                                const char *replay, uint32_t event_shards, int pinned, int *idx,
                                int *fresh, char *err, size_t errlen)
@@ -66,6 +80,10 @@ int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in
             return KVF_EEXIST;
         }
         d->reg[i].seen_ns = kvf__now_ns();
+        if (event_shards && event_shards != d->reg[i].event_shards) {
+            d->reg[i].event_shards = event_shards; /* restarted with other --event-shards */
+            shard_check(d, in, event_shards);
+        }
         *idx = i;
         return 0;
     }
@@ -75,15 +93,7 @@ int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in
     d->reg[i] =
         (kvf__sched_reg){.seen_ns = kvf__now_ns(), .pinned = pinned, .event_shards = event_shards};
     snprintf(d->reg[i].replay, sizeof d->reg[i].replay, "%s", replay);
-    uint32_t mine = d->shards > 1 ? d->shards : 1;
-    if (event_shards && in->events[0] && event_shards != mine)
-        kvf_warn(&d->lg,
-                 "instance %s publishes its events in %u shard%s and this replica %s: none of "
-                 "its blocks reach this index; give the engines --event-shards %u, or run the "
-                 "replicas with --shard K/%u",
-                 in->id, event_shards, event_shards == 1 ? "" : "s",
-                 mine == 1 ? "holds the whole index" : "holds one shard of a split index", mine,
-                 event_shards);
+    shard_check(d, in, event_shards);
     kvf_event_source src = {.instance = i, .store = -1};
     kvf__sched_subscribe_locked(d, &src, in->events, replay);
     *idx = i;
