@@ -165,7 +165,12 @@ int bench_disk_main(int argc, char **argv)
         bench_spread ep = bench_json_rounds(res, k, put, (size_t)o.rounds);
         snprintf(k, sizeof k, "engine_get_gbps_%s", shapes[s].name);
         bench_spread eg = bench_json_rounds(res, k, get, (size_t)o.rounds);
-        if (rw[0] > 0 && rr[0] > 0) {
+        int raw_ok = 1, fio_ok = have_fio;
+        for (int r = 0; r < o.rounds; r++) {
+            raw_ok = raw_ok && rw[r] > 0 && rr[r] > 0;
+            fio_ok = fio_ok && fw[r] > 0 && fr[r] > 0;
+        }
+        if (raw_ok) {
             double xp[MAX_ROUNDS], xg[MAX_ROUNDS];
             for (int r = 0; r < o.rounds; r++)
                 xp[r] = put[r] / rw[r], xg[r] = get[r] / rr[r];
@@ -181,7 +186,7 @@ int bench_disk_main(int argc, char **argv)
                 printf("%s objects: engine put %.2fx raw io_uring's write, get %.2fx its read\n",
                        shapes[s].name, xpr.median, xgr.median);
         }
-        if (have_fio && fw[0] > 0 && fr[0] > 0) {
+        if (fio_ok) {
             snprintf(k, sizeof k, "fio_write_gbps_%s", shapes[s].name);
             bench_spread w = bench_json_rounds(res, k, fw, (size_t)o.rounds);
             snprintf(k, sizeof k, "fio_read_gbps_%s", shapes[s].name);

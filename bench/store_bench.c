@@ -56,6 +56,7 @@ typedef struct opts {
     const char *rdma_host; /* --transport rdma: the RDMA interface's address */
     const char *plot;
     const char *tier, *disk_dir; /* --tier disk: the disk tier instead (store_tier.c) */
+    int near;                    /* --near: reads from the nearest holder (store_near.c) */
 } opts;
 
 #define ROUNDS_MAX 11
@@ -96,6 +97,10 @@ static int parse(int argc, char **argv, opts *o)
     static const char *const tiers[] = {"dram", "disk", NULL};
     const kvf__arg args[] = {
         KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL, "5 rounds instead of 11 (CI)", NULL),
+        KVF__OPT("near", KVF__ARG_FLAG, &o->near, NULL,
+                 "hot keys read from the holder on this host (a replica) against their first "
+                 "node over TCP (docs/store.md)",
+                 NULL),
         KVF__OPT("lookup-only", KVF__ARG_FLAG, &o->lookup_only, NULL,
                  "only the lookup latency, no rounds of rates", NULL),
         KVF__OPT("auth", KVF__ARG_FLAG, &o->auth, NULL,
@@ -718,7 +723,10 @@ int bench_store_main(int argc, char **argv)
     json_object_set_new(res, "quick", json_boolean(o.quick));
     int rc = 0;
     char why[160] = "";
-    if (!strcmp(o.tier, "disk")) {
+    if (o.near) {
+        rc = bench_store_near(o.quick, o.store_threads, o.memory, o.store_bin, o.json, res);
+        bench_emit(res, o.json);
+    } else if (!strcmp(o.tier, "disk")) {
         rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.store_threads, o.json,
                               res);
         bench_emit(res, o.json);
@@ -734,7 +742,7 @@ int bench_store_main(int argc, char **argv)
         rc = tcp_bench(&o, res);
     } else if (!strcmp(o.transport, "shm")) {
         json_object_set_new(res, "transport", json_string("shm"));
-        rc = bench_store_shm(o.quick, o.store_threads, o.memory, o.store_bin, res);
+        rc = bench_store_shm(o.quick, o.store_threads, o.memory, o.store_bin, o.json, res);
         bench_emit(res, o.json);
     } else {
         /* RDMA needs a device on this host and a build with the RDMA headers: why says which is

@@ -70,7 +70,12 @@ double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
  * the disk file in dir. 0, or -1 (said). */
 int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
                      int json, json_t *res);
-int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, json_t *res);
+int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, int json,
+                    json_t *res);
+/* kvf-bench store --near (store_near.c): hot keys from the holder on this host against their
+ * first node over TCP. 0, or 1 (said). */
+int bench_store_near(int quick, int store_threads, const char *memory, const char *bin, int json,
+                     json_t *res);
 int bench_store_auth(int streams, int threads, const char *memory, const char *bin, int quick,
                      json_t *res);
 

@@ -75,7 +75,8 @@ static int lookup_lat(kvf_client *cl, const char *name, int iters, double *p50, 
     return n ? 0 : -1;
 }
 
-int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, json_t *res)
+int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, int json,
+                    json_t *res)
 {
     json_object_set_new(res, "label", json_string("real"));
     json_object_set_new(res, "cores", json_integer(kvf__cores()));
@@ -180,24 +181,27 @@ int bench_store_shm(int quick, int store_threads, const char *memory, const char
     json_object_set_new(res, "shm_lookup_raw_p99_us", json_real(rp99));
     json_object_set_new(res, "shm_lease_expired", json_integer((json_int_t)k.shm_lease_expired));
     json_object_set_new(res, "errors", json_integer(errors));
-    printf("kvf-bench store --transport shm (%d cores, %d rounds, medians [p10..p90]):\n",
-           kvf__cores(), rounds);
-    printf("  path: %s\n", why);
-    printf("  GET 256 x 64 KiB into scattered pages: %.2f GB/s; memcpy %.2f; TCP %.2f\n",
-           s[0].median, s[6].median, s[4].median);
-    printf("  GET 4 x 16 MiB: %.2f GB/s; memcpy %.2f; TCP %.2f\n", s[1].median, s[7].median,
-           s[5].median);
-    printf("  PUT 256 x 64 KiB: %.2f GB/s; 4 x 16 MiB: %.2f GB/s\n", s[2].median, s[3].median);
-    printf("  shm_get_vs_memcpy %.2f [%.2f..%.2f] (target >= 0.7), 16 MiB %.2f\n", g.median, g.p10,
-           g.p90, g16.median);
-    printf("  shm_get_vs_tcp %.2f [%.2f..%.2f] (target >= 3), 16 MiB %.2f\n", t.median, t.p10,
-           t.p90, t16.median);
-    printf("  shm_put_vs_memcpy %.2f [%.2f..%.2f] (target >= 0.6), 16 MiB %.2f\n", p.median, p.p10,
-           p.p90, p16.median);
-    printf("  lookup of 128 keys over the socket: p50 %.1f us, p99 %.1f us (target <= 50)%s; "
-           "a raw socket, no library: p50 %.1f us, p99 %.1f us\n",
-           p50, p99, lrc ? " (failed)" : "", rp50, rp99);
-    printf("  keys failed: %d; leases that ended mid-copy: %llu\n", errors,
-           (unsigned long long)k.shm_lease_expired);
+    FILE *out = json ? stderr : stdout; /* with --json, stdout is the JSON alone */
+    fprintf(out, "kvf-bench store --transport shm (%d cores, %d rounds, medians [p10..p90]):\n",
+            kvf__cores(), rounds);
+    fprintf(out, "  path: %s\n", why);
+    fprintf(out, "  GET 256 x 64 KiB into scattered pages: %.2f GB/s; memcpy %.2f; TCP %.2f\n",
+            s[0].median, s[6].median, s[4].median);
+    fprintf(out, "  GET 4 x 16 MiB: %.2f GB/s; memcpy %.2f; TCP %.2f\n", s[1].median, s[7].median,
+            s[5].median);
+    fprintf(out, "  PUT 256 x 64 KiB: %.2f GB/s; 4 x 16 MiB: %.2f GB/s\n", s[2].median,
+            s[3].median);
+    fprintf(out, "  shm_get_vs_memcpy %.2f [%.2f..%.2f] (target >= 0.7), 16 MiB %.2f\n", g.median,
+            g.p10, g.p90, g16.median);
+    fprintf(out, "  shm_get_vs_tcp %.2f [%.2f..%.2f] (target >= 3), 16 MiB %.2f\n", t.median, t.p10,
+            t.p90, t16.median);
+    fprintf(out, "  shm_put_vs_memcpy %.2f [%.2f..%.2f] (target >= 0.6), 16 MiB %.2f\n", p.median,
+            p.p10, p.p90, p16.median);
+    fprintf(out,
+            "  lookup of 128 keys over the socket: p50 %.1f us, p99 %.1f us (target <= 50)%s; "
+            "a raw socket, no library: p50 %.1f us, p99 %.1f us\n",
+            p50, p99, lrc ? " (failed)" : "", rp50, rp99);
+    fprintf(out, "  keys failed: %d; leases that ended mid-copy: %llu\n", errors,
+            (unsigned long long)k.shm_lease_expired);
     return errors || lrc ? 1 : 0;
 }

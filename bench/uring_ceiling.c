@@ -68,6 +68,8 @@ double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t t
     struct io_uring ring;
     double gbps = -1;
     if (posix_memalign(&buf, 4096, bs) != 0) {
+        fprintf(stderr, "kvf-bench: raw io_uring: no memory for a %llu-byte buffer\n",
+                (unsigned long long)bs);
         close(fd);
         return -1;
     }
@@ -77,7 +79,10 @@ double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t t
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         memcpy((char *)buf + i, &x, 8);
     }
-    if (io_uring_queue_init(4, &ring, 0) == 0) {
+    int qe = io_uring_queue_init(4, &ring, 0);
+    if (qe < 0)
+        fprintf(stderr, "kvf-bench: raw io_uring: %s\n", strerror(-qe));
+    if (qe == 0) {
         double t0 = now_s();
         uint64_t i = 0;
         while (i < n && one(&ring, fd, wr, buf, bs, i * bs) == 0)
