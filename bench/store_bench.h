@@ -34,6 +34,9 @@ int wl_init(workload *w, size_t n, uint64_t payload);
 /* Renames the objects for round `round` (fresh keys for PUTs). */
 void wl_rekey(workload *w, uint64_t round);
 void wl_free(workload *w);
+/* GETs w's keys as they are into its buffers (statuses in w->st, lengths in w->out_lens):
+ * kvf_client_get's result. */
+int wl_get(kvf_client *c, workload *w);
 
 /* GB/s of batched kvfabric GETs (verified) or PUTs (fresh keys every call) over secs; *errors gets
  * the keys that failed. */

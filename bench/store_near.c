@@ -29,13 +29,7 @@ static double get_rate(kvf_client *c, workload *w, double secs, int *errors)
     double t0 = bench_now(), end = t0 + secs;
     int iters = 0;
     while (bench_now() < end || iters == 0) {
-        kvf_batch b = {.n = w->n,
-                       .keys = w->keys,
-                       .bufs = (void *const *)w->bufs,
-                       .caps = w->caps,
-                       .out_lens = w->out_lens,
-                       .status = w->st};
-        int rc = kvf_client_get(c, &b);
+        int rc = wl_get(c, w);
         for (size_t i = 0; i < w->n; i++) {
             if (rc || w->st[i])
                 (*errors)++;

@@ -90,13 +90,7 @@ static int put_round(kvf_client *c, workload *w, uint64_t r)
 static int get_round(kvf_client *c, workload *w, uint64_t r, uint64_t *hit, int *wrong)
 {
     wl_rekey(w, r);
-    kvf_batch b = {.n = w->n,
-                   .keys = w->keys,
-                   .bufs = (void *const *)w->bufs,
-                   .caps = w->caps,
-                   .out_lens = w->out_lens,
-                   .status = w->st};
-    int rc = kvf_client_get(c, &b);
+    int rc = wl_get(c, w);
     *hit = 0;
     for (size_t i = 0; !rc && i < w->n; i++) {
         if (w->st[i] == 0) {

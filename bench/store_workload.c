@@ -109,6 +109,17 @@ void wl_free(workload *w)
     memset(w, 0, sizeof *w);
 }
 
+int wl_get(kvf_client *c, workload *w)
+{
+    kvf_batch b = {.n = w->n,
+                   .keys = w->keys,
+                   .bufs = (void *const *)w->bufs,
+                   .caps = w->caps,
+                   .out_lens = w->out_lens,
+                   .status = w->st};
+    return kvf_client_get(c, &b);
+}
+
 /* The objects a GET reads are stored first, outside the timed part. */
 static void store_for_get(kvf_client *c, workload *w)
 {
