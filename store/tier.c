@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define QUEUE_BYTES_DEFAULT  (256ull << 20)
 #define MAX_REQUESTS_DEFAULT 256
@@ -254,6 +255,9 @@ static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
         v->t->o.on_change(v->t->o.on_change_ctx, 0, 1, key, 0);
 }
 
+/* How long (ms) a promotion waits for a reservation that others hold before it gives up a key. */
+#define RESERVE_WAIT_MS 200
+
 static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_t *at,
                           const uint32_t *eid, const kvf_key *keys, void **dst, const uint64_t *cap,
                           uint64_t *got, int *st);
@@ -279,6 +283,7 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
      * for want of room or of the tenant's reservations (quota_reservations) while some are held;
      * those are read and committed, which frees their reservations, and the next round goes on
      * from the refused key. A refusal with none held is that key's answer. */
+    unsigned waited = 0;
     for (uint32_t k = 0; k < n && !atomic_load(&t->stop);) {
         uint32_t m = 0;
         while (k < n && !atomic_load(&t->stop)) {
@@ -294,8 +299,18 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
             int rc = kvf__cache_reserve_locked(c, r->ns, &r->keys[i], len, TIER_OWNER, r->tenant,
                                                KVF_CACHE_VIA_WIRE, 1, &eid[m], &p);
             kvf__cache_unlock(c);
-            if (rc && m && (rc == KVF_EQUOTA || rc == KVF_ENOSPC))
-                break; /* asked again once these are committed */
+            if (rc == KVF_EQUOTA || rc == KVF_ENOSPC) {
+                if (m)
+                    break; /* asked again once these are committed */
+                if (waited < RESERVE_WAIT_MS) {
+                    /* the room or the tenant's reservations are held by others (the device's
+                     * other readers, her PUTs) for the length of a copy: wait for them, bounded */
+                    usleep(1000);
+                    waited++;
+                    continue;
+                }
+            }
+            waited = 0;
             k++;
             if (rc) {
                 r->st[i] = rc;

@@ -614,6 +614,73 @@ static void test_auth_quotas_bound_each_tenant(void **state)
     daemon_stop(&d);
 }
 
+/* A tenant's promotions from the disk tier keep within her reservations: carol may hold 2 at once,
+ * and a GET of 64 objects that only the disk holds must bring every one back (a promotion that
+ * reserved its whole batch first got KVF_EQUOTA for all but 2 of them). */
+static void test_auth_disk_promotions_keep_the_reservation_quota(void **state)
+{
+    (void)state;
+    daemon_t d;
+    char extra[700];
+    snprintf(extra, sizeof extra, "--auth %s/tenants --disk %s/disk.dat:96M", dir, dir);
+    daemon_start(&d, "8M", extra);
+    kvf_client *carol = client_over(&d, "carol", "auto");
+    int st[64];
+    enum { N = 1200 }; /* about 20 MB of objects through an 8 MiB arena */
+    for (uint64_t i = 0; i < N; i += 2) { /* two at a time: her reservations */
+        put_range(carol, 5000 + i, 2, 0xc5, st);
+        assert_true(st[0] == 0 && st[1] == 0);
+    }
+    /* the oldest, evicted and demoted: wait (bounded) for 64 that only the disk holds */
+    kvf_key keys[64];
+    size_t n = 0;
+    for (int t = 0; t < 100 && n < 64; t++) {
+        usleep(50000);
+        n = 0;
+        for (uint64_t i = 0; i < N && n < 64; i += 64) {
+            kvf_key k[64];
+            uint8_t present[64], on_disk[64];
+            for (int j = 0; j < 64; j++)
+                k[j] = key_of(5000 + i + (uint64_t)j);
+            assert_int_equal(kvf_client_exists_tiers(carol, 64, k, present, on_disk, 2000), 0);
+            for (int j = 0; j < 64 && n < 64; j++)
+                if (present[j] && on_disk[j])
+                    keys[n++] = k[j];
+        }
+    }
+    if (n < 64) {
+        char *json = NULL;
+        kvf_client_stats(carol, 0, &json, 2000);
+        print_message("stats: %s\n", json ? json : "-");
+        free(json);
+    }
+    assert_int_equal(n, 64);
+    void *bufs[64];
+    uint64_t caps[64], lens[64];
+    for (int i = 0; i < 64; i++) {
+        caps[i] = kvf_obj_raw_size(LAYERS, SEG);
+        bufs[i] = malloc(caps[i]);
+    }
+    kvf_batch b = {
+        .n = 64, .keys = keys, .bufs = bufs, .caps = caps, .out_lens = lens, .status = st};
+    assert_int_equal(kvf_client_get(carol, &b), 0);
+    int hits = 0;
+    for (int i = 0; i < 64; i++) {
+        kvf_obj_info info;
+        if (st[i] == 0) {
+            assert_int_equal(kvf_obj_verify(bufs[i], lens[i], &info), 0);
+            assert_true(kvf_key_eq(&info.key, &keys[i]));
+            hits++;
+        } else {
+            print_message("key %d: %s\n", i, kvf_strerror(st[i]));
+        }
+        free(bufs[i]);
+    }
+    assert_int_equal(hits, 64);
+    kvf_client_close(&carol);
+    daemon_stop(&d);
+}
+
 /* Rotation and revocation: SIGHUP reads the tenants file again; a removed key authenticates no
  * new connection, the connections it opened are closed, and the tenants that stay are served as
  * before. */
@@ -890,6 +957,8 @@ int main(void)
         cmocka_unit_test_teardown(test_auth_protocol_rules, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_admin_role, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_quotas_bound_each_tenant, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_disk_promotions_keep_the_reservation_quota,
+                                  teardown_daemons),
         cmocka_unit_test_teardown(test_auth_reload_revokes, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_events_curve_per_tenant, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_events_replay_per_tenant, teardown_daemons),
