@@ -626,7 +626,7 @@ static void test_auth_disk_promotions_keep_the_reservation_quota(void **state)
     daemon_start(&d, "8M", extra);
     kvf_client *carol = client_over(&d, "carol", "auto");
     int st[64];
-    enum { N = 1200 }; /* about 20 MB of objects through an 8 MiB arena */
+    enum { N = 1200 };                    /* about 20 MB of objects through an 8 MiB arena */
     for (uint64_t i = 0; i < N; i += 2) { /* two at a time: her reservations */
         put_range(carol, 5000 + i, 2, 0xc5, st);
         assert_true(st[0] == 0 && st[1] == 0);
