@@ -41,6 +41,8 @@ int wl_get(kvf_client *c, workload *w);
 /* GB/s of batched kvfabric GETs (verified) or PUTs (fresh keys every call) over secs; *errors gets
  * the keys that failed. */
 double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors);
+/* As kvf_rate, on w's keys as they are: a GET stores nothing first (the keys are there). */
+double wl_rate(kvf_client *c, workload *w, int put, double secs, int *errors);
 
 /* Lookup-prefix latency of 128 stored keys from `clients` concurrent clients for secs, while
  * another client GETs 4 x 16 MiB batches without a pause from the store at 127.0.0.1:port. Each

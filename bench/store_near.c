@@ -21,26 +21,6 @@
 
 #define MAX_ROUNDS 11
 
-/* GB/s of GETs of w's keys (fixed) through c for secs; *errors counts keys that missed. */
-static double get_rate(kvf_client *c, workload *w, double secs, int *errors)
-{
-    uint64_t bytes = 0;
-    *errors = 0;
-    double t0 = bench_now(), end = t0 + secs;
-    int iters = 0;
-    while (bench_now() < end || iters == 0) {
-        int rc = wl_get(c, w);
-        for (size_t i = 0; i < w->n; i++) {
-            if (rc || w->st[i])
-                (*errors)++;
-            else
-                bytes += w->out_lens[i];
-        }
-        iters++;
-    }
-    return (double)bytes / (bench_now() - t0) / 1e9;
-}
-
 /* Gives w's objects keys whose first node in c is node, stores them through c, reads them twice
  * (hot), and waits (20 s at most) until holder has every one. 0, or -1 (said). */
 static int make_hot(kvf_client *c, kvf_client *holder, workload *w, size_t node, uint64_t salt)
@@ -61,7 +41,7 @@ static int make_hot(kvf_client *c, kvf_client *holder, workload *w, size_t node,
         return -1;
     int e;
     for (int r = 0; r < 2; r++)
-        get_rate(c, w, 0, &e);
+        wl_rate(c, w, 0, 0, &e);
     uint8_t *present = malloc(w->n);
     size_t have = 0;
     for (int t = 0; present && t < 200 && have < w->n; t++) {
@@ -135,10 +115,10 @@ int bench_store_near(int quick, int store_threads, const char *memory, const cha
     kvf_client_counters_get(near, &k0);
     for (int r = 0; r < rounds; r++) {
         int e;
-        v[0][r] = get_rate(near, &small, secs, &e), errors += e;
-        v[1][r] = get_rate(near, &large, secs, &e), errors += e;
-        v[2][r] = get_rate(tcp, &small, secs, &e), errors += e;
-        v[3][r] = get_rate(tcp, &large, secs, &e), errors += e;
+        v[0][r] = wl_rate(near, &small, 0, secs, &e), errors += e;
+        v[1][r] = wl_rate(near, &large, 0, secs, &e), errors += e;
+        v[2][r] = wl_rate(tcp, &small, 0, secs, &e), errors += e;
+        v[3][r] = wl_rate(tcp, &large, 0, secs, &e), errors += e;
         r64[r] = v[0][r] / v[2][r];
         r16[r] = v[1][r] / v[3][r];
         bench_progress("store",

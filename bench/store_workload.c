@@ -134,26 +134,30 @@ static void store_for_get(kvf_client *c, workload *w)
 
 double kvf_rate(kvf_client *c, workload *w, int put, double secs, int *errors)
 {
+    if (!put)
+        store_for_get(c, w);
+    return wl_rate(c, w, put, secs, errors);
+}
+
+double wl_rate(kvf_client *c, workload *w, int put, double secs, int *errors)
+{
     static _Atomic uint64_t round = 1000; /* PUT keys are fresh across calls too */
     uint64_t bytes = 0;
     *errors = 0;
-    if (!put)
-        store_for_get(c, w);
     double t0 = bench_now(), end = t0 + secs;
     int iters = 0;
     while (bench_now() < end || iters == 0) {
-        kvf_batch b = {.n = w->n, .keys = w->keys, .status = w->st};
         int rc;
         if (put) {
             wl_rekey(w, atomic_fetch_add(&round, 1));
-            b.objs = (const void *const *)w->objs;
-            b.lens = w->lens;
+            kvf_batch b = {.n = w->n,
+                           .keys = w->keys,
+                           .objs = (const void *const *)w->objs,
+                           .lens = w->lens,
+                           .status = w->st};
             rc = kvf_client_put(c, &b);
         } else {
-            b.bufs = (void *const *)w->bufs;
-            b.caps = w->caps;
-            b.out_lens = w->out_lens;
-            rc = kvf_client_get(c, &b);
+            rc = wl_get(c, w);
         }
         for (size_t i = 0; i < w->n; i++) {
             if (rc || w->st[i])
