@@ -90,8 +90,11 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             st[i] = KVF_EIO;
             continue;
         }
-        d->st.gets++;
         ent *e = kvf__dk_find(d, ns, keys[i].lo, keys[i].hi);
+        uint64_t size = e ? kvf__dk_align_up(HDR_LEN + e->len) : 0;
+        /* counted here, but a large object to read: kvf__disk_get counts that one */
+        if (!e || e->len > caps[i] || size <= SPAN_MAX / 2)
+            d->st.gets++;
         if (!e) {
             d->st.misses++;
             st[i] = KVF_ENOENT;
@@ -100,11 +103,8 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
         lens[i] = e->len;
         st[i] = e->len > caps[i] ? KVF_EOVERFLOW : KVF_EIO; /* EIO until read */
         if (e->len <= caps[i])
-            w[m++] = (want){.off = e->off,
-                            .size = kvf__dk_align_up(HDR_LEN + e->len),
-                            .len = e->len,
-                            .seq = e->seq,
-                            .i = (uint32_t)i};
+            w[m++] =
+                (want){.off = e->off, .size = size, .len = e->len, .seq = e->seq, .i = (uint32_t)i};
     }
     pthread_mutex_unlock(&d->mu);
     qsort(w, m, sizeof *w, by_off);
@@ -115,11 +115,6 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             int rc = kvf__disk_get(d, ns, &keys[w[j].i], bufs[w[j].i], caps[w[j].i], &got);
             st[w[j].i] = rc;
             lens[w[j].i] = got; /* as it is now: the index is asked again */
-            /* kvf__disk_get counted this get again (all but when the tier was down) */
-            pthread_mutex_lock(&d->mu);
-            if (rc != KVF_EIO && d->st.gets)
-                d->st.gets--;
-            pthread_mutex_unlock(&d->mu);
             j++;
             continue;
         }
