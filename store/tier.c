@@ -255,7 +255,8 @@ static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
         v->t->o.on_change(v->t->o.on_change_ctx, 0, 1, key, 0);
 }
 
-/* How long (ms) a promotion waits for a reservation that others hold before it gives up a key. */
+/* How long (ms) in all a promotion's work waits for reservations that others hold; past that, a
+ * key refused is given up at once. */
 #define RESERVE_WAIT_MS 200
 
 static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_t *at,
@@ -304,13 +305,13 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
                     break; /* asked again once these are committed */
                 if (waited < RESERVE_WAIT_MS) {
                     /* the room or the tenant's reservations are held by others (the device's
-                     * other readers, her PUTs) for the length of a copy: wait for them, bounded */
+                     * other readers, her PUTs) for the length of a copy: wait for them, for
+                     * RESERVE_WAIT_MS in all over the work (then every refusal is final) */
                     usleep(1000);
                     waited++;
                     continue;
                 }
             }
-            waited = 0;
             k++;
             if (rc) {
                 r->st[i] = rc;
