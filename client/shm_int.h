@@ -84,7 +84,8 @@ struct sub {
      * node could fall between two nodes and never be asked */
     uint32_t *node;
     /* 1 where node[i] is a holder on this host nearer than the key's first node, which is not: a
-     * key it does not have (or cannot serve) is asked of the first node over TCP */
+     * key it does not have (or cannot serve) is asked of the first node over TCP (in node's
+     * block, after it) */
     uint8_t *near;
 };
 

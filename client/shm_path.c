@@ -53,8 +53,7 @@ static void sub_free(sub *k)
     if (!k)
         return;
     kvf__part_free(&k->p);
-    free(k->node);
-    free(k->near);
+    free(k->node); /* and near, in the same block */
     free(k);
 }
 
@@ -141,11 +140,12 @@ static sub *sub_new(agg *a, size_t n, int tcp)
     k->a = a;
     k->tcp = tcp;
     if (kvf__part_alloc(&k->p, n, get) != 0 ||
-        (!tcp && (!(k->node = malloc((n ? n : 1) * sizeof *k->node)) ||
-                  !(k->near = calloc(n ? n : 1, 1))))) {
+        (!tcp && !(k->node = malloc((n ? n : 1) * (sizeof *k->node + 1))))) {
         sub_free(k);
         return NULL;
     }
+    if (!tcp)
+        k->near = (uint8_t *)(k->node + (n ? n : 1));
     pthread_mutex_lock(&a->mu);
     if (a->n == a->cap) {
         int cap = a->cap ? a->cap * 2 : 8;
@@ -604,15 +604,15 @@ static int shm_submit(kvf_client *c, kvf_op *op)
     int get = op->kind == KVF__OPK_GET;
     /* Each key's node, chosen once: the count below and the shares after must agree, and a
      * share runs its keys by the node they were given here (sub.node). */
-    uint32_t *nd = malloc((b->n ? b->n : 1) * sizeof *nd);
-    uint8_t *nr = calloc(b->n ? b->n : 1, 1);
-    if (!nd || !nr) {
-        free(nd), free(nr);
+    size_t nn = b->n ? b->n : 1;
+    uint32_t *nd = malloc(nn * (sizeof *nd + 1)); /* and, after them, each key's near flag */
+    if (!nd)
         return KVF_ENOMEM;
-    }
+    uint8_t *nr = (uint8_t *)(nd + nn);
     size_t n_shm = 0;
     uint64_t bytes = 0;
     for (size_t i = 0; i < b->n; i++) {
+        nr[i] = 0;
         nd[i] = (uint32_t)(get ? get_node(p, c, &b->keys[i], &nr[i])
                                : kvf_client_node_of(c, &b->keys[i]));
         if (via_shm(p, b, i, nd[i], get)) {
@@ -621,13 +621,13 @@ static int shm_submit(kvf_client *c, kvf_op *op)
         }
     }
     if (!n_shm) {
-        free(nd), free(nr);
+        free(nd);
         op->transport = "tcp";
         return kvf__path_tcp.submit(c, op);
     }
     agg *a = calloc(1, sizeof *a);
     if (!a) {
-        free(nd), free(nr);
+        free(nd);
         return KVF_ENOMEM;
     }
     a->parent = op;
@@ -652,7 +652,7 @@ static int shm_submit(kvf_client *c, kvf_op *op)
             sub_free(a->subs[i]);
         free(a->subs);
         free(sh);
-        free(nd), free(nr);
+        free(nd);
         pthread_mutex_destroy(&a->mu);
         free(a);
         return rc;
@@ -670,7 +670,7 @@ static int shm_submit(kvf_client *c, kvf_op *op)
         kvf__part_add(&sh[s]->p, b, (uint32_t)i);
         acc += get ? b->caps[i] : b->lens[i];
     }
-    free(nd), free(nr);
+    free(nd);
     for (uint64_t x = 0; x < shares; x++)
         enqueue(p, &p->w[x], sh[x]);
     free(sh);
