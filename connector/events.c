@@ -44,6 +44,7 @@ struct kvf_events {
     char (*topics)[192];
     uint64_t *shard_seq;
     roots rt;
+    uint64_t unknown_parents; /* continuations whose parent this sharded publisher never stored */
 };
 
 uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards)
@@ -313,12 +314,20 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
         for (uint32_t k = S; k > 0; k--) /* back to the first of each shard */
             start[k] = start[k - 1];
         start[0] = 0;
-        uint32_t home = 0; /* the stored blocks' shard: their parent's, or their first's */
+        /* The stored blocks' shard: their parent's; for a sequence's first block, that of its
+         * hash in kvfabric's chain (kvf_events_hash_blocks), which is what routers hash a
+         * prompt with, whatever hash the engine publishes (a relay's vLLM engine has its own). */
+        uint32_t home = 0;
         size_t at;
-        if (n_stored && has_parent && roots_find(&ev->rt, parent, &at))
+        if (n_stored && has_parent && roots_find(&ev->rt, parent, &at)) {
             home = ev->rt.shard[at];
-        else if (n_stored)
-            home = kvf_events_shard_of(has_parent ? parent : stored[0], S);
+        } else if (n_stored && has_parent) {
+            ev->unknown_parents++;
+            home = kvf_events_shard_of(parent, S);
+        } else if (n_stored) {
+            uint64_t first = XXH3_64bits_withSeed(tokens, (size_t)block_tokens * sizeof *tokens, 0);
+            home = kvf_events_shard_of(first, S);
+        }
         for (size_t i = 0; i < n_stored; i++)
             roots_put(&ev->rt, stored[i], home);
         for (uint32_t k = 0; k < S; k++) {
@@ -360,6 +369,48 @@ int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed
     pthread_mutex_unlock(&ev->mu);
     kvf__kve_enc_free(&e);
     return rc;
+}
+
+int kvf_events_clear(kvf_events *ev)
+{
+    if (!ev)
+        return KVF_EINVAL;
+    kvf__kve_enc *e = NULL;
+    const void *data;
+    size_t len;
+    int rc = kvf__kve_enc_begin(&e, 1);
+    if (!rc) {
+        kvf__kve_enc_all_cleared(e);
+        rc = kvf__kve_enc_end(e, &data, &len);
+    }
+    pthread_mutex_lock(&ev->mu);
+    if (ev->shards > 1) {
+        for (uint32_t k = 0; k < ev->shards; k++) {
+            ++ev->seq;
+            ++ev->shard_seq[k]; /* as send_shard: a batch not sent leaves a gap that is seen */
+            int r = rc ? rc : kvf__zpub_send(ev->pub, ev->topics[k], ev->shard_seq[k], data, len);
+            rc = rc ? rc : r;
+        }
+        free(ev->rt.key), free(ev->rt.shard);
+        ev->rt = (roots){0};
+    } else {
+        ++ev->seq;
+        if (!rc)
+            rc = kvf__zpub_send(ev->pub, ev->topic, ev->seq, data, len);
+    }
+    pthread_mutex_unlock(&ev->mu);
+    kvf__kve_enc_free(&e);
+    return rc;
+}
+
+uint64_t kvf_events_unknown_parents(const kvf_events *ev)
+{
+    if (!ev)
+        return 0;
+    pthread_mutex_lock((pthread_mutex_t *)&ev->mu);
+    uint64_t n = ev->unknown_parents;
+    pthread_mutex_unlock((pthread_mutex_t *)&ev->mu);
+    return n;
 }
 
 uint64_t kvf_events_sequence(const kvf_events *ev)

@@ -636,6 +636,13 @@ void kvf__kve_enc_block_removed(kvf__kve_enc *e, const uint64_t *hashes, size_t 
     e->written++;
 }
 
+void kvf__kve_enc_all_cleared(kvf__kve_enc *e)
+{
+    check(e, msgpack_pack_array(&e->pk, 1));
+    pack_str(e, "AllBlocksCleared");
+    e->written++;
+}
+
 void kvf__kve_enc_chunks(kvf__kve_enc *e, int admitted, uint64_t node, const kvf_key *keys,
                          size_t n_keys, int disk)
 {

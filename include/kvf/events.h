@@ -45,7 +45,9 @@ typedef struct kvf_events_opts {
      * sequences in it, KVF_EVENTS_SHARD_TOPIC "K/" (then the tenant's "t/TENANT/" where
      * secured), numbered on its own from 1: a replica of shard K subscribes to that topic only
      * and never receives, decodes or replays the other shards' batches. The shard of a block is
-     * that of the first block of its sequence (kvf_events_shard_of); the publisher remembers it
+     * that of the first block of its sequence (kvf_events_shard_of of that block's hash in
+     * kvfabric's chain, kvf_events_hash_blocks, whatever hash the engine publishes); the
+     * publisher remembers it
      * for every block stored until the block is removed. Sharded batches go to admin subscribers
      * only (a tenant's subscription names its own topic). */
     uint32_t shards;
@@ -87,6 +89,13 @@ KVF_API int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n
                                const uint64_t *stored, size_t n_stored, int has_parent,
                                uint64_t parent, const uint32_t *tokens, uint32_t block_tokens,
                                const char *medium);
+/* Publishes AllBlocksCleared: the engine holds no block any more (a reset, or, from a relay,
+ * events lost upstream). Sharded, one batch in every shard, and the blocks' shards are forgotten.
+ * 0, KVF_EINVAL, KVF_ENOMEM or KVF_EIO. */
+KVF_API int kvf_events_clear(kvf_events *ev);
+/* Continuations a sharded publisher was given whose parent it never stored (or had forgotten):
+ * they went where the parent's own hash says, where a replica counts them as unknown. */
+KVF_API uint64_t kvf_events_unknown_parents(const kvf_events *ev);
 /* Batches published so far (the last sequence number; sharded, the batches of every shard). */
 KVF_API uint64_t kvf_events_sequence(const kvf_events *ev);
 

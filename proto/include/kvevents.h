@@ -124,6 +124,8 @@ void kvf__kve_enc_block_stored(kvf__kve_enc *e, const uint64_t *hashes, size_t n
 /* ["BlockRemoved", hashes, medium] */
 void kvf__kve_enc_block_removed(kvf__kve_enc *e, const uint64_t *hashes, size_t n_hashes,
                                 const char *medium);
+/* ["AllBlocksCleared"]: the engine's cache was emptied */
+void kvf__kve_enc_all_cleared(kvf__kve_enc *e);
 /* ["ChunksAdmitted" or "ChunksEvicted", node, keys as 16-byte binaries, medium]: medium "DRAM"
  * (disk 0: the node's arena) or "DISK" (its disk tier) */
 void kvf__kve_enc_chunks(kvf__kve_enc *e, int admitted, uint64_t node, const kvf_key *keys,

@@ -76,6 +76,15 @@ class Events(_Handle):
         """Batches published so far."""
         return int(_lib.lib().kvf_events_sequence(self._handle()))
 
+    @property
+    def unknown_parents(self) -> int:
+        """Continuations a sharded publisher was given whose parent it never stored."""
+        return int(_lib.lib().kvf_events_unknown_parents(self._handle()))
+
+    def clear(self) -> None:
+        """Publishes AllBlocksCleared (in every shard when sharded): the engine holds nothing."""
+        check(_lib.lib().kvf_events_clear(self._handle()), "events clear")
+
     def publish(self, removed: Sequence[int] = (), stored: Sequence[int] = (),
                 parent: Optional[int] = None, tokens: Sequence[int] = (), block_tokens: int = 16,
                 medium: str = "GPU") -> None:

@@ -538,6 +538,31 @@ static int holds_sequence(const daemon_t *d, int j)
     return strstr(out, "\"tokens\":64") ? 1 : -1;
 }
 
+/* Publishes sequences 2..n-1 (each 4 blocks of 16 tokens: hashes at h + j * hstride, tokens at
+ * tok + j * tstride) until replicas d[0] and d[1] hold every block of their shard (bounded), then
+ * checks that each replica's lookup finds exactly the sequences of its shard (the first two
+ * published before anyone subscribed). */
+static void publish_until_sharded(kvf_events *ev, const daemon_t d[2], int n, const uint64_t *h,
+                                  size_t hstride, const uint32_t *tok, size_t tstride,
+                                  const int *shard)
+{
+    int per[2] = {0, 0}, done = 0;
+    for (int j = 0; j < n; j++)
+        per[shard[j]]++;
+    for (int t = 0; t < 150 && !done; t++) {
+        for (int j = 2; j < n; j++)
+            assert_int_equal(kvf_events_publish(ev, NULL, 0, h + (size_t)j * hstride, 4, 0, 0,
+                                                tok + (size_t)j * tstride, 16, "GPU"),
+                             0);
+        usleep(20000);
+        done = stat_of(&d[0], "blocks") == 4 * per[0] && stat_of(&d[1], "blocks") == 4 * per[1];
+    }
+    for (int j = 0; j < n; j++) {
+        assert_int_equal(holds_sequence(&d[shard[j]], j), 1);
+        assert_int_equal(holds_sequence(&d[1 - shard[j]], j), 0);
+    }
+}
+
 /* A sharded index: an engine publishes with kvf_events_opts.shards 2, and two kvf-sched replicas
  * hold shard 0/2 and 1/2. Each indexes exactly the sequences whose first block is in its shard
  * (the ones published before it subscribed too, asked of the replay socket by topic), and their
@@ -599,17 +624,7 @@ static void test_sched_daemon_sharded_index(void **state)
                      400);
     assert_non_null(strstr(out, "event_shards"));
     /* the rest, published until both replicas hold every sequence of their shard (bounded) */
-    int done = 0;
-    for (int t = 0; t < 150 && !done; t++) {
-        for (int j = 2; j < SEQS; j++)
-            assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
-        usleep(20000);
-        done = stat_of(&d[0], "blocks") == 4 * per[0] && stat_of(&d[1], "blocks") == 4 * per[1];
-    }
-    for (int j = 0; j < SEQS; j++) {
-        assert_int_equal(holds_sequence(&d[shard[j]], j), 1);
-        assert_int_equal(holds_sequence(&d[1 - shard[j]], j), 0);
-    }
+    publish_until_sharded(ev, d, SEQS, h[0], 4, tok[0], 64, shard);
     assert_true(stat_of(&d[0], "late_joins") + stat_of(&d[1], "late_joins") >= 1);
     assert_int_equal(stat_of(&d[0], "unknown_parents"), 0);
     /* the whole-index replica applies none of it, and counts what it dropped */
@@ -634,6 +649,223 @@ static void test_sched_daemon_sharded_index(void **state)
     kvf_events_close(&ev);
     for (int r = 0; r < 3; r++)
         daemon_stop(&d[r]);
+}
+
+/* A relay's counter from GET /v1/relay, or -1. */
+static long relay_stat(const daemon_t *relay, const char *key)
+{
+    char body[4096], want[64];
+    assert_int_equal(http(relay, "GET", "/v1/relay", NULL, body, sizeof body), 200);
+    snprintf(want, sizeof want, "\"%s\":", key);
+    const char *p = strstr(body, want);
+    return p ? strtol(p + strlen(want), NULL, 10) : -1;
+}
+
+/* A relay's endpoint ("events" or "replay") from GET /v1/relay, into out. */
+static void relay_endpoint(const daemon_t *relay, const char *key, char *out, size_t n)
+{
+    char body[4096], want[64];
+    assert_int_equal(http(relay, "GET", "/v1/relay", NULL, body, sizeof body), 200);
+    snprintf(want, sizeof want, "\"%s\":\"", key);
+    const char *p = strstr(body, want);
+    assert_non_null(p);
+    p += strlen(want);
+    size_t k = strcspn(p, "\"");
+    assert_true(k > 0 && k < n);
+    snprintf(out, n, "%.*s", (int)k, p);
+}
+
+static void relay_start(daemon_t *relay, const kvf_events *engine, const char *shards)
+{
+    char *argv[] = {(char *)KVF_RELAY_BIN,
+                    (char *)"--from",
+                    (char *)kvf_events_endpoint(engine),
+                    (char *)"--from-replay",
+                    (char *)kvf_events_replay_endpoint(engine),
+                    (char *)"--shards",
+                    (char *)shards,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--log-level",
+                    (char *)"error",
+                    NULL};
+    proc_start(relay, argv);
+}
+
+/* An engine that publishes one stream (vLLM's way: one topic, its own block hashes, not
+ * kvfabric's chain) behind kvf-relay, with kvf-sched replicas --shard 0/2 and 1/2 registered
+ * under the relay's endpoints. Each replica indexes exactly the sequences whose first block's
+ * kvfabric hash is in its shard (those the engine published before the relay started too, which
+ * the relay asks of the engine's replay socket), a continuation lands in its sequence's shard,
+ * removals reach the right replica, and the engine's AllBlocksCleared empties both. */
+static void test_sched_daemon_relay_shards_a_vllm_stream(void **state)
+{
+    (void)state;
+    enum { SEQS = 12 };
+    daemon_t d[2], relay;
+    sched_start(&d[0], "--shard", "0/2");
+    sched_start(&d[1], "--shard", "1/2");
+    char err[256], out[4096], ep[160], rep[160], body[640];
+    kvf_events *ev = NULL; /* the engine: one stream, with a replay socket */
+    kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0"};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    uint32_t tok[SEQS][80];
+    uint64_t h[SEQS][5], mine[SEQS][5];
+    int shard[SEQS], per[2] = {0, 0};
+    for (int j = 0; j < SEQS; j++) {
+        for (int i = 0; i < 80; i++)
+            tok[j][i] = (uint32_t)(1000 * (j + 1) + i);
+        assert_int_equal(kvf_events_hash_blocks(tok[j], 5, 16, 0, mine[j]), 0);
+        for (int b = 0; b < 5; b++) /* the engine's own hashes: unrelated to kvfabric's */
+            h[j][b] = (0x9e3779b97f4a7c15ull * (uint64_t)(5 * j + b + 1)) ^ 0xabcdefull;
+        shard[j] = (int)kvf_events_shard_of(mine[j][0], 2);
+        per[shard[j]]++;
+    }
+    assert_true(per[0] > 0 && per[1] > 0);
+    for (int j = 0; j < 2; j++) /* before the relay: it asks for them (a late join) */
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
+    relay_start(&relay, ev, "2");
+    assert_int_equal(http(&relay, "GET", "/healthz", NULL, out, sizeof out), 200);
+    assert_int_equal(http(&relay, "POST", "/v1/relay", "{}", out, sizeof out), 405);
+    assert_int_equal(relay_stat(&relay, "shards"), 2);
+    relay_endpoint(&relay, "events", ep, sizeof ep);
+    relay_endpoint(&relay, "replay", rep, sizeof rep);
+    snprintf(body, sizeof body,
+             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\","
+             "\"event_shards\":2}",
+             ep, rep);
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+    publish_until_sharded(ev, d, SEQS, h[0], 5, tok[0], 80, shard);
+    assert_true(relay_stat(&relay, "late_joins") >= 1);
+    assert_true(relay_stat(&relay, "replayed") >= 2);
+    assert_int_equal(relay_stat(&relay, "malformed"), 0);
+    /* a continuation of sequence 0 (its fifth block, the engine's parent hash) joins it */
+    assert_int_equal(
+        kvf_events_publish(ev, NULL, 0, &h[0][4], 1, 1, h[0][3], tok[0] + 64, 16, "GPU"), 0);
+    for (int t = 0; t < 100 && stat_of(&d[shard[0]], "blocks") != 4 * per[shard[0]] + 1; t++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d[shard[0]], "blocks"), 4 * per[shard[0]] + 1);
+    assert_int_equal(stat_of(&d[1 - shard[0]], "blocks"), 4 * per[1 - shard[0]]);
+    assert_int_equal(relay_stat(&relay, "unknown_parents"), 0);
+    /* removals in one batch go to each block's replica */
+    uint64_t last[SEQS];
+    for (int j = 0; j < SEQS; j++)
+        last[j] = h[j][3 + (j == 0)];
+    assert_int_equal(kvf_events_publish(ev, last, SEQS, NULL, 0, 0, 0, NULL, 16, NULL), 0);
+    for (int t = 0; t < 100 && (stat_of(&d[0], "blocks") != 3 * per[0] + (shard[0] == 0) ||
+                                stat_of(&d[1], "blocks") != 3 * per[1] + (shard[0] == 1));
+         t++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d[0], "blocks"), 3 * per[0] + (shard[0] == 0));
+    assert_int_equal(stat_of(&d[1], "blocks"), 3 * per[1] + (shard[0] == 1));
+    assert_int_equal(stat_of(&d[0], "unknown_removals") + stat_of(&d[1], "unknown_removals"), 0);
+    /* the engine's AllBlocksCleared reaches every shard */
+    assert_int_equal(kvf_events_clear(ev), 0);
+    for (int t = 0; t < 100 && (stat_of(&d[0], "blocks") || stat_of(&d[1], "blocks")); t++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d[0], "blocks"), 0);
+    assert_int_equal(stat_of(&d[1], "blocks"), 0);
+    assert_true(relay_stat(&relay, "cleared") >= 1);
+    daemon_stop(&relay);
+    kvf_events_close(&ev);
+    for (int r = 0; r < 2; r++)
+        daemon_stop(&d[r]);
+}
+
+/* Batches the engine's replay window no longer holds are lost for good: the relay publishes
+ * AllBlocksCleared in every shard before relaying what the window still has, so no replica keeps
+ * what it cannot know is still true, and the sequences the window and the live stream bring are
+ * indexed. A relay given bad options exits 2 saying why. */
+static void test_sched_daemon_relay_clears_what_was_lost(void **state)
+{
+    (void)state;
+    enum { SEQS = 8 };
+    daemon_t d[2], relay;
+    sched_start(&d[0], "--shard", "0/2");
+    sched_start(&d[1], "--shard", "1/2");
+    char err[256], out[4096], ep[160], rep[160], body[640];
+    kvf_events *ev = NULL;
+    kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0", .replay_batches = 2};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    uint32_t tok[SEQS][64];
+    uint64_t h[SEQS][4], mine[SEQS][4];
+    int shard[SEQS];
+    for (int j = 0; j < SEQS; j++) {
+        for (int i = 0; i < 64; i++)
+            tok[j][i] = (uint32_t)(1000 * (j + 1) + i);
+        assert_int_equal(kvf_events_hash_blocks(tok[j], 4, 16, 0, mine[j]), 0);
+        shard[j] = (int)kvf_events_shard_of(mine[j][0], 2);
+        for (int b = 0; b < 4; b++)
+            h[j][b] = 7777u * (uint64_t)(4 * j + b + 1);
+    }
+    for (int j = 0; j < 6; j++) /* the window keeps the last two of these six */
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
+    relay_start(&relay, ev, "2");
+    relay_endpoint(&relay, "events", ep, sizeof ep);
+    relay_endpoint(&relay, "replay", rep, sizeof rep);
+    snprintf(body, sizeof body,
+             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\","
+             "\"event_shards\":2}",
+             ep, rep);
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+    /* The first live batch the relay sees (7, or a later one if it joined later still) makes
+     * it ask for those before it, of which the window keeps only the one just before: the rest
+     * are lost, the replicas told to forget the engine, and the window's batch and the live
+     * stream indexed again. */
+    for (int t = 0;
+         t < 150 && (relay_stat(&relay, "lost") < 1 || stat_of(&d[shard[6]], "blocks") < 4 ||
+                     holds_sequence(&d[shard[6]], 6) != 1);
+         t++) {
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[6], 4, 0, 0, tok[6], 16, "GPU"), 0);
+        usleep(20000);
+    }
+    assert_int_equal(relay_stat(&relay, "lost"), 1);
+    assert_true(relay_stat(&relay, "cleared") >= 1);
+    assert_int_equal(relay_stat(&relay, "late_joins"), 1);
+    assert_int_equal(relay_stat(&relay, "replayed"), 1); /* the window's one before */
+    for (int j = 0; j < 5; j++) /* lost for good: nothing of them indexed */
+        assert_int_equal(holds_sequence(&d[shard[j]], j), 0);
+    assert_true(holds_sequence(&d[shard[5]], 5) >= 0); /* the window's, if it was batch 6 */
+    assert_int_equal(holds_sequence(&d[shard[6]], 6), 1);
+    /* Mid-stream: the relay stopped while the engine floods past every queue, so ZeroMQ drops
+     * batches; on waking, the gap cannot be filled from a window of two, and sequence 6, which
+     * the replicas held, is forgotten until stored again. */
+    assert_int_equal(kill(relay.pid, SIGSTOP), 0);
+    for (int k = 0; k < 20000; k++)
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[5], 4, 0, 0, tok[5], 16, "GPU"), 0);
+    assert_int_equal(kill(relay.pid, SIGCONT), 0);
+    for (int t = 0;
+         t < 250 && (relay_stat(&relay, "lost") < 2 || holds_sequence(&d[shard[7]], 7) != 1 ||
+                     holds_sequence(&d[shard[6]], 6) != 0);
+         t++) {
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[7], 4, 0, 0, tok[7], 16, "GPU"), 0);
+        usleep(20000);
+    }
+    assert_true(relay_stat(&relay, "gaps") >= 1);
+    assert_true(relay_stat(&relay, "lost") >= 2);
+    assert_int_equal(holds_sequence(&d[shard[6]], 6), 0);
+    assert_int_equal(holds_sequence(&d[shard[7]], 7), 1);
+    daemon_stop(&relay);
+    kvf_events_close(&ev);
+    for (int r = 0; r < 2; r++)
+        daemon_stop(&d[r]);
+    /* bad options: a usage error, said */
+    char *bad[][8] = {
+        {(char *)KVF_RELAY_BIN, (char *)"--shards", (char *)"2", NULL},
+        {(char *)KVF_RELAY_BIN, (char *)"--from", (char *)"tcp://127.0.0.1:1", (char *)"--shards",
+         (char *)"1", NULL},
+        {(char *)KVF_RELAY_BIN, (char *)"--from", (char *)"127.0.0.1:1", (char *)"--shards",
+         (char *)"2", NULL},
+        {(char *)KVF_RELAY_BIN, (char *)"--from", (char *)"tcp://127.0.0.1:1", (char *)"--shards",
+         (char *)"2", (char *)"--events", (char *)"0.0.0.0:0", NULL},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char text[2048];
+        assert_int_equal(harness_run(bad[i], text, sizeof text), 2);
+        assert_true(strlen(text) > 0);
+    }
 }
 
 /* The read-only lookup names who holds a prefix and changes no load; /healthz answers at once,
@@ -1280,6 +1512,8 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_late_join_and_resync, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sharded_index, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),

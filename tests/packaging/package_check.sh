@@ -39,13 +39,13 @@ echo "$syms" | grep -v '@@KVF_0$' | grep -q . && fail "unversioned or internal s
 echo "$syms" | grep -q '^kvf__' && fail "internal kvf__ symbols exported"
 
 # tools: the daemons and kvf in bin/, the mlx-lm probe (a script for another host) under share/
-for b in kvf kvf-store kvf-sched kvf-engine kvf-bench; do
+for b in kvf kvf-store kvf-sched kvf-engine kvf-relay kvf-bench; do
     [ -x "$P/bin/$b" ] || fail "bin/$b not installed"
 done
 [ -e "$P/bin/kvf-mlx-probe" ] && fail "the mlx-lm probe is a script for another host, not a command of this one"
 [ -f "$P/share/kvfabric/mlx_probe.py" ] || fail "share/kvfabric/mlx_probe.py not installed"
 [ -f "$P/share/doc/kvfabric/LICENSE" ] || fail "LICENSE not installed"
-for u in kvf-store@.service kvf-sched.service kvf-engine@.service; do
+for u in kvf-store@.service kvf-sched.service kvf-engine@.service kvf-relay@.service; do
     [ -f "$P/lib/systemd/system/$u" ] || fail "lib/systemd/system/$u not installed"
 done
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The systemd units verify: each template instantiated (kvf-store@test, kvf-engine@test) with
-# this build's binaries, checked by systemd-analyze verify, which must say nothing (a warning,
-# an unknown key or a command that is not there fails the test).
+# The systemd units verify: each template instantiated (kvf-store@test, kvf-engine@test,
+# kvf-relay@test) with this build's binaries, checked by systemd-analyze verify, which must say
+# nothing (a warning, an unknown key or a command that is not there fails the test).
 #
 #   units_check.sh SOURCE_DIR BIN_DIR
 # Exit 77 (skipped) where systemd-analyze is not installed.
@@ -16,7 +16,7 @@ for f in "$SRC"/cluster/systemd/*.service.in; do
     sed "s|@KVF_UNIT_BINDIR@|$BIN|" "$f" > "$tmp/${b/@./@test.}"
 done
 n=$(ls "$tmp"/*.service | wc -l)
-[ "$n" -eq 3 ] || { echo "units_check: FAIL: $n units, expected 3"; exit 1; }
+[ "$n" -eq 4 ] || { echo "units_check: FAIL: $n units, expected 4"; exit 1; }
 grep -q "^Type=notify" "$tmp"/kvf-store@test.service || { echo "units_check: FAIL: Type=notify"; exit 1; }
 out=$(systemd-analyze verify --man=no "$tmp"/*.service 2>&1) && rc=0 || rc=$?
 if [ "$rc" -ne 0 ] || [ -n "$out" ]; then

@@ -421,6 +421,10 @@ class TestShardedEvents(unittest.TestCase):
         ev.publish(stored=h, tokens=toks, block_tokens=16)
         ev.publish(removed=h[1:])  # the same shard's: one more batch
         self.assertEqual(ev.sequence, 2)
+        ev.publish(stored=[77], parent=12345, tokens=list(range(16)), block_tokens=16)
+        self.assertEqual(ev.unknown_parents, 1)  # a parent it never stored
+        ev.clear()  # AllBlocksCleared in each of the 4 shards
+        self.assertEqual(ev.sequence, 7)
         with self.assertRaises(kvf.KvfError) as e:
             kvf.Events("127.0.0.1:0", shards=257)
         self.assertIn("at most 256", str(e.exception))

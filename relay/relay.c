@@ -1,0 +1,330 @@
+/*
+ * kvf-relay's loop (relay.h): the engine's batches checked against its numbering (a late join,
+ * a gap and a restart handled as kvf-sched handles them, through the engine's replay socket),
+ * decoded, and each event published again by the relay's sharded publisher, which puts it under
+ * the topic of its sequence's shard and numbers each shard on its own. Batches the replay socket
+ * cannot give back are lost for good: what the engine holds may then differ from what was said,
+ * so the relay publishes AllBlocksCleared in every shard and the replicas learn the engine again
+ * from what follows (kvf-sched's full resync); so does a restart of the engine's numbering.
+ */
+#include "relay.h"
+
+#include "kvf/error.h"
+
+#include "clock.h"
+#include "ingest.h"
+#include "kvevents.h"
+#include "pubsub.h"
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* As kvf-sched's events thread (scheduler/subscriber.c): a replay ends after REPLAY_SILENCE_MS
+ * without an answer or REPLAY_DEADLINE_MS in all; a replay socket that did not answer is left
+ * alone from REPLAY_BACKOFF_MIN_MS, doubling up to REPLAY_BACKOFF_MAX_MS. */
+#define REPLAY_SILENCE_MS     200
+#define REPLAY_DEADLINE_MS    2000
+#define REPLAY_BACKOFF_MIN_MS 2000
+#define REPLAY_BACKOFF_MAX_MS 60000
+#define HALF                  ((uint64_t)1 << 63)
+
+struct kvf__relay {
+    kvf_log *lg;
+    kvf__zsubs *zs;
+    int idx, has_replay;
+    kvf__kve_decoder *dec;
+    kvf_events *out;
+    char from[160];
+    kvf_seq_tracker seq;
+    uint64_t replay_down_until_ns;
+    unsigned backoff_ms;
+    int warned_sharded;
+    pthread_mutex_t mu; /* st, read by the HTTP threads */
+    kvf__relay_stats st;
+};
+
+static void count(kvf__relay *r, uint64_t *field, uint64_t n)
+{
+    pthread_mutex_lock(&r->mu);
+    *field = *field > UINT64_MAX - n ? UINT64_MAX : *field + n;
+    pthread_mutex_unlock(&r->mu);
+}
+
+/* Publishes one decoded event again. 0, or KVF_EPROTO for an event that does not add up. */
+static int relay_event(kvf__relay *r, const kvf_kve *ev)
+{
+    const char *medium = ev->host_tier ? "CPU" : "GPU";
+    int rc;
+    switch (ev->type) {
+    case KVF_KVE_BLOCK_STORED:
+        /* the publisher reads n_hashes * block_size ids: the event must hold exactly that many */
+        if (!ev->block_size || !ev->n_hashes || ev->n_hashes > SIZE_MAX / ev->block_size ||
+            ev->n_tokens != ev->n_hashes * ev->block_size)
+            return KVF_EPROTO;
+        rc = kvf_events_publish(r->out, NULL, 0, ev->hashes, ev->n_hashes, ev->has_parent,
+                                ev->parent, ev->tokens, ev->block_size, medium);
+        if (!rc)
+            count(r, &r->st.stored, ev->n_hashes);
+        break;
+    case KVF_KVE_BLOCK_REMOVED:
+        rc = kvf_events_publish(r->out, ev->hashes, ev->n_hashes, NULL, 0, 0, 0, NULL, 0, medium);
+        if (!rc)
+            count(r, &r->st.removed, ev->n_hashes);
+        break;
+    case KVF_KVE_ALL_CLEARED:
+        rc = kvf_events_clear(r->out);
+        if (!rc)
+            count(r, &r->st.cleared, 1);
+        break;
+    default:
+        count(r, &r->st.skipped, 1);
+        return 0;
+    }
+    if (rc) {
+        count(r, &r->st.publish_errors, 1);
+        kvf_warn(r->lg, "publishing an event of %s again: %s", r->from, kvf_strerror(rc));
+    }
+    return 0;
+}
+
+/* Decodes one of the engine's batches and publishes its events again. */
+static void relay_batch(kvf__relay *r, const void *payload, size_t len)
+{
+    char err[256] = "";
+    const kvf_kve *ev = NULL;
+    size_t n = 0;
+    uint64_t malformed = 0;
+    count(r, &r->st.batches, 1);
+    if (kvf__kve_decode_batch(r->dec, payload, len, &ev, &n, &malformed, err, sizeof err) != 0) {
+        count(r, &r->st.malformed, 1);
+        kvf_warn(r->lg, "events from %s: %s", r->from, err[0] ? err : "not a batch");
+        return;
+    }
+    for (size_t i = 0; i < n; i++)
+        if (relay_event(r, &ev[i]) == KVF_EPROTO) {
+            malformed++;
+            snprintf(err, sizeof err, "BlockStored: its token ids are not its blocks' ids");
+        }
+    if (malformed) {
+        count(r, &r->st.malformed, malformed);
+        kvf_warn(r->lg, "events from %s: %" PRIu64 " malformed event(s) skipped: %s", r->from,
+                 malformed, err);
+    }
+}
+
+/* What the engine said is no longer what it holds (batches lost, or it restarted): every
+ * replica drops the engine's blocks and learns them again from what follows. */
+static void clear_all(kvf__relay *r, const char *why)
+{
+    int rc = kvf_events_clear(r->out);
+    count(r, rc ? &r->st.publish_errors : &r->st.cleared, 1);
+    kvf_warn(r->lg, "events from %s: %s; AllBlocksCleared published in every shard%s%s", r->from,
+             why, rc ? ": " : "", rc ? kvf_strerror(rc) : "");
+}
+
+/* Asks the engine's replay socket for batches from..upto-1 and relays them in order (vLLM's
+ * replay protocol, as kvf-sched asks it: the request is the first number wanted; the answers
+ * are (sequence, payload); an empty payload ends them). Bounded by answers, silence and a
+ * deadline; a socket that never answered is put in back-off. */
+static void replay(kvf__relay *r, uint64_t from, uint64_t upto, const atomic_int *stop)
+{
+    uint64_t want = upto - from, next = 0, got = 0;
+    int lost = 0, answered = 0;
+    kvf__zmsg m;
+    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
+        ; /* answers to a request given up on before */
+    int rc = kvf__zsubs_replay_ask(r->zs, r->idx, from);
+    uint64_t deadline = kvf__now_ns() + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
+    for (uint64_t guard = 0;
+         rc == 0 && guard < want + 16 && !atomic_load(stop) && kvf__now_ns() < deadline; guard++) {
+        if ((rc = kvf__zsubs_replay_recv(r->zs, r->idx, REPLAY_SILENCE_MS, &m)) != 0)
+            break;
+        answered = 1;
+        if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
+            break; /* the end */
+        uint64_t off = kvf__kve_seq_get(m.seq) - from;
+        if (off >= HALF)
+            continue; /* before the first one asked for */
+        /* a late join may start at 1, the first number of publishers that count from 1 */
+        if (!lost && off > next && !(from == 0 && next == 0 && off == 1)) {
+            clear_all(r, off >= want ? "batches were lost (the replay window starts after them)"
+                                     : "batches were lost (the replay window skips them)");
+            count(r, &r->st.lost, 1);
+            lost = 1;
+        }
+        if (off < want) {
+            relay_batch(r, m.payload, m.len);
+            got++;
+            next = off + 1;
+        }
+        if (off + 1 >= want)
+            break;
+    }
+    count(r, &r->st.replayed, got);
+    if (answered) {
+        if (!lost && next < want && !(from == 0 && want == 1)) {
+            clear_all(r, "batches were lost (the replay ended before them)");
+            count(r, &r->st.lost, 1);
+        }
+        r->backoff_ms = 0;
+        kvf_info(r->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " batch(es)", r->from,
+                 got, want);
+        return;
+    }
+    r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
+    if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
+        r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
+    r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
+    count(r, &r->st.replay_timeouts, 1);
+    kvf_warn(r->lg, "events from %s: the replay socket %s; not asked again for %u ms", r->from,
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), r->backoff_ms);
+}
+
+/* One live batch: its number checked (what came before it asked for where it is missing), then
+ * relayed. */
+static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
+{
+    if (m->frames < 2 || m->seq_len != 8) {
+        count(r, &r->st.malformed, 1);
+        return;
+    }
+    size_t stl = sizeof KVF_EVENTS_SHARD_TOPIC - 1;
+    if (m->topic && m->topic_len >= stl && !memcmp(m->topic, KVF_EVENTS_SHARD_TOPIC, stl)) {
+        /* already sharded (a kvfabric engine run with --event-shards): each shard numbered on its
+         * own, so no one stream; such an engine needs no relay */
+        count(r, &r->st.sharded_upstream, 1);
+        if (!r->warned_sharded)
+            kvf_warn(r->lg,
+                     "events from %s are sharded already: dropped; point the replicas at "
+                     "the engine itself",
+                     r->from);
+        r->warned_sharded = 1;
+        return;
+    }
+    uint64_t last = r->seq.last, missed = r->seq.missed, from = 0;
+    int first = !r->seq.seen;
+    int v = kvf_seq_check(&r->seq, m->seq, &from);
+    uint64_t now = kvf__now_ns();
+    int can_ask = r->has_replay && now >= r->replay_down_until_ns;
+    pthread_mutex_lock(&r->mu);
+    r->st.last_seq = r->seq.last;
+    pthread_mutex_unlock(&r->mu);
+    if (first && r->seq.last >= 2 && can_ask) {
+        /* a late join: the engine published before the relay subscribed */
+        count(r, &r->st.late_joins, 1);
+        kvf_info(r->lg,
+                 "events from %s: the first batch seen is %" PRIu64
+                 "; asking the replay socket for those before it",
+                 r->from, r->seq.last);
+        replay(r, 0, r->seq.last, stop);
+    } else if (v == KVF_SEQ_RESTART) {
+        count(r, &r->st.restarts, 1);
+        /* backwards: the engine started again, with nothing cached; far ahead: numbering lost */
+        int again = r->seq.last - last >= HALF;
+        clear_all(r, again ? "the engine's numbering started again"
+                           : "the engine's numbering jumped far ahead");
+        if (again && r->seq.last >= 2 && can_ask)
+            replay(r, 0, r->seq.last, stop); /* what it published since it started again */
+    } else if (v == KVF_SEQ_GAP) {
+        count(r, &r->st.gaps, 1);
+        count(r, &r->st.missed, r->seq.missed - missed);
+        if (can_ask) {
+            kvf_warn(r->lg,
+                     "events from %s: batches %" PRIu64 "..%" PRIu64
+                     " missed; asking the replay socket",
+                     r->from, from, r->seq.last - 1);
+            replay(r, from, r->seq.last, stop);
+        } else {
+            /* as kvf-sched does without a replay socket: what was said stays (a block missed is
+             * learnt when stored again), rather than every block of the engine dropped */
+            kvf_warn(r->lg, "events from %s: batches %" PRIu64 "..%" PRIu64 " missed; %s", r->from,
+                     from, r->seq.last - 1,
+                     r->has_replay ? "the replay socket is in back-off after a timeout, not asked"
+                                   : "no replay socket: the replicas may miss blocks until they "
+                                     "are stored again");
+        }
+    }
+    relay_batch(r, m->payload, m->len);
+}
+
+int kvf__relay_open(kvf__relay **out, const kvf__relay_opts *o, kvf_log *lg, char *err,
+                    size_t errlen)
+{
+    kvf__relay *r = calloc(1, sizeof *r);
+    *out = r;
+    if (!r) {
+        snprintf(err, errlen, "out of memory");
+        return KVF_ENOMEM;
+    }
+    pthread_mutex_init(&r->mu, NULL);
+    r->lg = lg;
+    r->idx = -1;
+    snprintf(r->from, sizeof r->from, "%s", o->from);
+    int rc = kvf_events_open(&r->out, &o->out, err, errlen);
+    if (!rc && (kvf__zsubs_open(&r->zs) != 0 || kvf__kve_decoder_new(&r->dec) != 0)) {
+        snprintf(err, errlen, "out of memory");
+        rc = KVF_ENOMEM;
+    }
+    if (!rc) {
+        err[0] = '\0';
+        rc = kvf__zsubs_add(r->zs, o->from, o->from_replay, &r->idx, err, errlen);
+        if (!rc && err[0])
+            kvf_warn(lg, "%s", err); /* the replay socket is left out */
+        r->has_replay = !rc && kvf__zsubs_has_replay(r->zs, r->idx);
+    }
+    return rc;
+}
+
+void kvf__relay_round(kvf__relay *r, const atomic_int *stop)
+{
+    uint8_t ready[KVF_ZSUBS_MAX];
+    if (kvf__zsubs_poll(r->zs, 100, ready) <= 0 || !ready[r->idx])
+        return;
+    kvf__zmsg m;
+    /* a bounded burst, so that a stop is seen soon under any rate */
+    for (int i = 0; i < 1024 && !atomic_load(stop) && kvf__zsubs_recv(r->zs, r->idx, &m) == 0; i++)
+        on_batch(r, &m, stop);
+}
+
+void kvf__relay_stats_get(kvf__relay *r, kvf__relay_stats *st)
+{
+    pthread_mutex_lock(&r->mu);
+    *st = r->st;
+    pthread_mutex_unlock(&r->mu);
+}
+
+uint64_t kvf__relay_published(kvf__relay *r)
+{
+    return kvf_events_sequence(r->out);
+}
+
+uint64_t kvf__relay_unknown_parents(kvf__relay *r)
+{
+    return kvf_events_unknown_parents(r->out);
+}
+
+const char *kvf__relay_endpoint(const kvf__relay *r)
+{
+    return kvf_events_endpoint(r->out);
+}
+
+const char *kvf__relay_replay_endpoint(const kvf__relay *r)
+{
+    return kvf_events_replay_endpoint(r->out);
+}
+
+void kvf__relay_close(kvf__relay **p)
+{
+    kvf__relay *r = p ? *p : NULL;
+    if (!r)
+        return;
+    kvf__zsubs_close(&r->zs);
+    kvf__kve_decoder_free(&r->dec);
+    kvf_events_close(&r->out);
+    pthread_mutex_destroy(&r->mu);
+    free(r);
+    *p = NULL;
+}
