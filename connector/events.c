@@ -23,10 +23,12 @@
 
 /* A sharded publisher's memory of which shard each block it stored belongs to (that of its
  * sequence's first block): open addressing on the block's hash, linear probing, deletion by
- * shifting back. A slot whose shard is NO_SHARD is empty (shards are fewer). */
+ * shifting back. A slot whose shard is NO_SHARD is empty (shards are fewer). A block stored
+ * twice before it is removed (a copy on the GPU and one in host memory, or two requests that
+ * computed it at once) is counted: it is forgotten at its last removal, not its first. */
 typedef struct roots {
     uint64_t *key;
-    uint16_t *shard;
+    uint16_t *shard, *refs;
     size_t cap, n; /* cap a power of two, or 0 */
 } roots;
 
@@ -50,6 +52,12 @@ struct kvf_events {
 uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards)
 {
     return shards < 2 ? 0 : (uint32_t)(kvf__fmix64(first_block_hash) % shards);
+}
+
+static void roots_free(roots *r)
+{
+    free(r->key), free(r->shard), free(r->refs);
+    *r = (roots){0};
 }
 
 static int roots_find(const roots *r, uint64_t h, size_t *at)
@@ -78,43 +86,56 @@ static int roots_reserve(roots *r, size_t more)
     size_t cap = r->cap ? r->cap : 1024;
     while ((r->n + more) * 2 > cap)
         cap *= 2;
-    roots g = {
-        .key = malloc(cap * sizeof *g.key), .shard = malloc(cap * sizeof *g.shard), .cap = cap};
-    if (!g.key || !g.shard) {
-        free(g.key), free(g.shard);
+    roots g = {.key = malloc(cap * sizeof *g.key),
+               .shard = malloc(cap * sizeof *g.shard),
+               .refs = malloc(cap * sizeof *g.refs),
+               .cap = cap};
+    if (!g.key || !g.shard || !g.refs) {
+        free(g.key), free(g.shard), free(g.refs);
         return KVF_ENOMEM;
     }
     memset(g.shard, 0xff, cap * sizeof *g.shard); /* every slot NO_SHARD: empty */
     for (size_t i = 0; i < r->cap; i++) {
         size_t at;
         if (r->shard[i] != NO_SHARD && !roots_find(&g, r->key[i], &at)) {
-            g.key[at] = r->key[i], g.shard[at] = r->shard[i];
+            g.key[at] = r->key[i], g.shard[at] = r->shard[i], g.refs[at] = r->refs[i];
             g.n++;
         }
     }
-    free(r->key), free(r->shard);
+    roots_free(r);
     *r = g;
     return 0;
 }
 
-/* Sets h's shard (room reserved before). */
+/* Sets h's shard (room reserved before), or counts one more store of it where it is known (its
+ * shard stays: the same block is in the same sequence). */
 static void roots_put(roots *r, uint64_t h, uint32_t shard)
 {
     size_t at;
-    if (!roots_find(r, h, &at)) {
-        r->key[at] = h;
-        r->n++;
+    if (roots_find(r, h, &at)) {
+        r->refs[at] += r->refs[at] < UINT16_MAX; /* saturated: never forgotten, never wrong */
+        return;
     }
+    r->key[at] = h;
+    r->n++;
     r->shard[at] = (uint16_t)shard;
+    r->refs[at] = 1;
 }
 
-/* h's shard, forgotten (a removed block), into *shard: 1, or 0 when h is not known. */
+/* h's shard (a removed block) into *shard, forgotten at the removal of its last store: 1, or 0
+ * when h is not known. */
 static int roots_take(roots *r, uint64_t h, uint32_t *shard)
 {
     size_t i;
     if (!roots_find(r, h, &i))
         return 0;
     *shard = r->shard[i];
+    if (r->refs[i] > 1 && r->refs[i] < UINT16_MAX) {
+        r->refs[i]--;
+        return 1;
+    }
+    if (r->refs[i] == UINT16_MAX)
+        return 1;
     r->n--;
     size_t m = r->cap - 1;
     for (size_t j = (i + 1) & m; r->shard[j] != NO_SHARD; j = (j + 1) & m) {
@@ -122,7 +143,7 @@ static int roots_take(roots *r, uint64_t h, uint32_t *shard)
         /* j's entry may move back to i unless its home lies cyclically in (i, j] */
         int stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
         if (!stays) {
-            r->key[i] = r->key[j], r->shard[i] = r->shard[j];
+            r->key[i] = r->key[j], r->shard[i] = r->shard[j], r->refs[i] = r->refs[j];
             i = j;
         }
     }
@@ -371,7 +392,7 @@ int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed
     return rc;
 }
 
-int kvf_events_clear(kvf_events *ev)
+int kvf_events_clear(kvf_events *ev, int forget)
 {
     if (!ev)
         return KVF_EINVAL;
@@ -391,8 +412,8 @@ int kvf_events_clear(kvf_events *ev)
             int r = rc ? rc : kvf__zpub_send(ev->pub, ev->topics[k], ev->shard_seq[k], data, len);
             rc = rc ? rc : r;
         }
-        free(ev->rt.key), free(ev->rt.shard);
-        ev->rt = (roots){0};
+        if (forget)
+            roots_free(&ev->rt);
     } else {
         ++ev->seq;
         if (!rc)
@@ -432,7 +453,7 @@ void kvf_events_close(kvf_events **p)
     kvf__tenants_close(&ev->tenants);
     free(ev->topics);
     free(ev->shard_seq);
-    free(ev->rt.key), free(ev->rt.shard);
+    roots_free(&ev->rt);
     pthread_mutex_destroy(&ev->mu);
     free(ev);
     *p = NULL;

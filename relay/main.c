@@ -133,8 +133,10 @@ static unsigned route(void *ctx, const char *method, const char *url, json_t *bo
         json_pack("{s:s,s:s,s:s,s:s,s:I}", "from", d->cl.from, "from_replay",
                   d->cl.from_replay ? d->cl.from_replay : "", "events", kvf__relay_endpoint(d->r),
                   "replay", kvf__relay_replay_endpoint(d->r), "shards", (json_int_t)d->cl.shards);
-    for (size_t i = 0; o && i < n; i++)
-        json_object_set_new(o, f[i].name, json_integer((json_int_t)f[i].v));
+    for (size_t i = 0; o && i < n; i++) /* past 2^63 (a sequence number may be): a real */
+        json_object_set_new(o, f[i].name,
+                            f[i].v <= (uint64_t)INT64_MAX ? json_integer((json_int_t)f[i].v)
+                                                          : json_real((double)f[i].v));
     out->json = o;
     return o ? 200 : 500;
 }

@@ -75,7 +75,7 @@ static int relay_event(kvf__relay *r, const kvf_kve *ev)
             count(r, &r->st.removed, ev->n_hashes);
         break;
     case KVF_KVE_ALL_CLEARED:
-        rc = kvf_events_clear(r->out);
+        rc = kvf_events_clear(r->out, 1);
         if (!rc)
             count(r, &r->st.cleared, 1);
         break;
@@ -115,11 +115,13 @@ static void relay_batch(kvf__relay *r, const void *payload, size_t len)
     }
 }
 
-/* What the engine said is no longer what it holds (batches lost, or it restarted): every
- * replica drops the engine's blocks and learns them again from what follows. */
-static void clear_all(kvf__relay *r, const char *why)
+/* What the replicas learnt of the engine may no longer be what it holds (batches lost, or it
+ * restarted): every replica drops the engine's blocks and learns them again from what follows.
+ * forget: the engine holds nothing any more (it restarted); else it still holds blocks that it
+ * will not announce again, whose continuations must still go to their sequences' shards. */
+static void clear_all(kvf__relay *r, int forget, const char *why)
 {
-    int rc = kvf_events_clear(r->out);
+    int rc = kvf_events_clear(r->out, forget);
     count(r, rc ? &r->st.publish_errors : &r->st.cleared, 1);
     kvf_warn(r->lg, "events from %s: %s; AllBlocksCleared published in every shard%s%s", r->from,
              why, rc ? ": " : "", rc ? kvf_strerror(rc) : "");
@@ -132,7 +134,8 @@ static void clear_all(kvf__relay *r, const char *why)
 static void replay(kvf__relay *r, uint64_t from, uint64_t upto, const atomic_int *stop)
 {
     uint64_t want = upto - from, next = 0, got = 0;
-    int lost = 0, answered = 0;
+    uint64_t cleared_at = UINT64_MAX; /* where the last clear was: once per hole */
+    int answered = 0;
     kvf__zmsg m;
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
         ; /* answers to a request given up on before */
@@ -149,11 +152,13 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, const atomic_int
         if (off >= HALF)
             continue; /* before the first one asked for */
         /* a late join may start at 1, the first number of publishers that count from 1 */
-        if (!lost && off > next && !(from == 0 && next == 0 && off == 1)) {
-            clear_all(r, off >= want ? "batches were lost (the replay window starts after them)"
-                                     : "batches were lost (the replay window skips them)");
+        if (off > next && !(from == 0 && next == 0 && off == 1)) {
+            /* each hole: what was relayed since an earlier one may be stale again */
+            clear_all(r, 0,
+                      off >= want ? "batches were lost (the replay window starts after them)"
+                                  : "batches were lost (the replay window skips them)");
             count(r, &r->st.lost, 1);
-            lost = 1;
+            cleared_at = next;
         }
         if (off < want) {
             relay_batch(r, m.payload, m.len);
@@ -164,9 +169,11 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, const atomic_int
             break;
     }
     count(r, &r->st.replayed, got);
+    if (atomic_load(stop))
+        return; /* cut short by a stop: nothing is known lost, nothing cleared */
     if (answered) {
-        if (!lost && next < want && !(from == 0 && want == 1)) {
-            clear_all(r, "batches were lost (the replay ended before them)");
+        if (next < want && next != cleared_at && !(from == 0 && want == 1)) {
+            clear_all(r, 0, "batches were lost (the replay ended before them)");
             count(r, &r->st.lost, 1);
         }
         r->backoff_ms = 0;
@@ -224,8 +231,10 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
         count(r, &r->st.restarts, 1);
         /* backwards: the engine started again, with nothing cached; far ahead: numbering lost */
         int again = r->seq.last - last >= HALF;
-        clear_all(r, again ? "the engine's numbering started again"
-                           : "the engine's numbering jumped far ahead");
+        clear_all(r, again,
+                  again ? "the engine's numbering started again"
+                        : "the engine's numbering jumped "
+                          "far ahead");
         if (again && r->seq.last >= 2 && can_ask)
             replay(r, 0, r->seq.last, stop); /* what it published since it started again */
     } else if (v == KVF_SEQ_GAP) {
@@ -275,6 +284,13 @@ int kvf__relay_open(kvf__relay **out, const kvf__relay_opts *o, kvf_log *lg, cha
             kvf_warn(lg, "%s", err); /* the replay socket is left out */
         r->has_replay = !rc && kvf__zsubs_has_replay(r->zs, r->idx);
     }
+    /* The relay's stream starts clean: a replica that followed an earlier relay of this engine
+     * (this one restarted) drops what it learnt there; what the engine holds is relayed anew
+     * (the late join). The replicas see the new numbering and ask for it from its start. */
+    if (!rc && (rc = kvf_events_clear(r->out, 1)) != 0)
+        snprintf(err, errlen, "publishing the first AllBlocksCleared: %s", kvf_strerror(rc));
+    else if (!rc)
+        r->st.cleared++;
     return rc;
 }
 

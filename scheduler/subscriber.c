@@ -130,8 +130,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
     uint64_t want = upto - from, got = 0;
     /* The next offset expected: a late join (from 0) may start at 1, the first number of
      * publishers that count from 1. An answer past it means a hole. */
-    uint64_t next = 0;
-    int resynced = 0;
+    uint64_t next = 0, cleared_at = UINT64_MAX; /* where the last resync was: once per hole */
     kvf__zmsg m;
     /* Answers to an earlier request that came after it was given up on would end this one. */
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
@@ -149,11 +148,12 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
         uint64_t off = kvf__kve_seq_get(m.seq) - from;
         if (off >= ((uint64_t)1 << 63))
             continue; /* before the first one asked for */
-        if (!resynced && off > next && !(from == 0 && next == 0 && off == 1)) {
+        if (off > next && !(from == 0 && next == 0 && off == 1)) {
+            /* each hole: what was applied since an earlier one may be stale again */
             resync(d, sb, from + next,
                    off >= want ? "the replay window starts after them"
                                : "the replay window skips them");
-            resynced = 1;
+            cleared_at = next;
         }
         if (off < want) {
             char err[256] = "";
@@ -181,7 +181,8 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
             break; /* reached the batch in hand, or past it */
     }
     if (answered) {
-        if (!resynced && next < want && !(from == 0 && want == 1))
+        if (next < want && next != cleared_at && !(from == 0 && want == 1) &&
+            !atomic_load(&d->stop))
             resync(d, sb, from + next, "the replay ended before them");
         sb->replay_backoff_ms = 0;
         kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
@@ -404,11 +405,29 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     }
     if (v == KVF_SEQ_RESTART) {
         d->seq_restarts = add_sat(d->seq_restarts, 1);
+        /* Backwards: the publisher started again (an engine restarted, with nothing cached; a
+         * relay restarted). What the index holds of it is from before: dropped, and what the new
+         * stream published before this batch asked of the replay socket, as at a late join. A
+         * jump far ahead is only counted. */
+        int again = sb->seq.last - last >= ((uint64_t)1 << 63) && sb->src.instance >= 0;
+        int replay = again && sb->seq.last >= 2 && kvf__zsubs_has_replay(d->zs, i) &&
+                     kvf__now_ns() >= sb->replay_down_until_ns;
+        if (again) {
+            kvf_sched_all_cleared(d->s, sb->src.instance);
+            d->resyncs = add_sat(d->resyncs, 1);
+        }
         kvf_warn(&d->lg,
                  "events from %s: sequence number %" PRIu64 " after %" PRIu64
-                 ", taken for a restarted publisher; nothing asked for",
-                 sb->endpoint, sb->seq.last, last);
-        return 0;
+                 ", taken for a %s publisher%s",
+                 sb->endpoint, sb->seq.last, last, again ? "restarted" : "renumbered",
+                 !again   ? "; nothing asked for"
+                 : replay ? "; its blocks dropped, the batches before this one asked for"
+                          : "; its blocks dropped");
+        if (!replay)
+            return 0;
+        *from = 0;
+        *upto = sb->seq.last;
+        return 1;
     }
     if (v != KVF_SEQ_GAP)
         return 0;

@@ -403,6 +403,12 @@ static void *replay_main(void *arg)
     return NULL;
 }
 
+/* The largest message a subscriber takes (a batch: the decoder refuses larger ones), and the
+ * largest a replay socket takes (a request: a sequence number and a topic). A peer that sends
+ * more is disconnected by ZeroMQ before the message is held whole. */
+#define SUB_MAX_MSG    ((int64_t)256 << 20)
+#define REPLAY_MAX_MSG ((int64_t)4096)
+
 /* Binds the ROUTER that answers replay requests (from the ring, or with snapshots) and starts its
  * thread. hwm: the messages it may queue for a peer; mandatory: a send beyond that waits (at most
  * a few seconds) instead of dropping. */
@@ -417,8 +423,10 @@ static int router_start(kvf__zpub *p, const char *host, uint16_t port, int hwm, 
         snprintf(err, errlen, "events: cannot make the replay socket");
         return KVF_ENOMEM;
     }
+    int64_t most = REPLAY_MAX_MSG;
     rc = zmq_setsockopt(p->router, ZMQ_LINGER, &zero, sizeof zero) ||
-         zmq_setsockopt(p->router, ZMQ_SNDHWM, &hwm, sizeof hwm);
+         zmq_setsockopt(p->router, ZMQ_SNDHWM, &hwm, sizeof hwm) ||
+         zmq_setsockopt(p->router, ZMQ_MAXMSGSIZE, &most, sizeof most);
     if (!rc && mandatory)
         rc = zmq_setsockopt(p->router, ZMQ_ROUTER_MANDATORY, &one, sizeof one) ||
              zmq_setsockopt(p->router, ZMQ_SNDTIMEO, &wait_ms, sizeof wait_ms);
@@ -573,7 +581,9 @@ static void *socket_to(const kvf__zsubs *s, int type, const char *endpoint, cons
     if (!sk)
         return NULL;
     int zero = 0;
+    int64_t most = SUB_MAX_MSG;
     zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(sk, ZMQ_MAXMSGSIZE, &most, sizeof most);
     if (s->curve && (zmq_setsockopt(sk, ZMQ_CURVE_SERVERKEY, s->server_pk, 32) != 0 ||
                      zmq_setsockopt(sk, ZMQ_CURVE_PUBLICKEY, s->pk, 32) != 0 ||
                      zmq_setsockopt(sk, ZMQ_CURVE_SECRETKEY, s->sk, 32) != 0)) {

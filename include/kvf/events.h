@@ -89,10 +89,13 @@ KVF_API int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n
                                const uint64_t *stored, size_t n_stored, int has_parent,
                                uint64_t parent, const uint32_t *tokens, uint32_t block_tokens,
                                const char *medium);
-/* Publishes AllBlocksCleared: the engine holds no block any more (a reset, or, from a relay,
- * events lost upstream). Sharded, one batch in every shard, and the blocks' shards are forgotten.
- * 0, KVF_EINVAL, KVF_ENOMEM or KVF_EIO. */
-KVF_API int kvf_events_clear(kvf_events *ev);
+/* Publishes AllBlocksCleared: subscribers drop every block of this engine. forget 1: the engine
+ * holds no block any more (a reset, a restart); a sharded publisher then forgets its blocks'
+ * shards too. forget 0: events were lost on the way (a relay's upstream gap) and the subscribers
+ * learn the engine again from what follows, while the engine still holds blocks: their shards are
+ * kept, so that continuations of them still go where their sequences are. Sharded, one batch in
+ * every shard. 0, KVF_EINVAL, KVF_ENOMEM or KVF_EIO. */
+KVF_API int kvf_events_clear(kvf_events *ev, int forget);
 /* Continuations a sharded publisher was given whose parent it never stored (or had forgotten):
  * they went where the parent's own hash says, where a replica counts them as unknown. */
 KVF_API uint64_t kvf_events_unknown_parents(const kvf_events *ev);

@@ -289,7 +289,7 @@ _SIGNATURES = {
     "kvf_events_publish": (c_int, [c_void_p, _P(c_uint64), c_size_t, _P(c_uint64), c_size_t,
                                    c_int, c_uint64, _P(c_uint32), c_uint32, c_char_p]),
     "kvf_events_sequence": (c_uint64, [c_void_p]),
-    "kvf_events_clear": (c_int, [c_void_p]),
+    "kvf_events_clear": (c_int, [c_void_p, c_int]),
     "kvf_events_unknown_parents": (c_uint64, [c_void_p]),
     "kvf_events_shard_of": (c_uint32, [c_uint64, c_uint32]),
     "kvf_events_close": (None, [_P(c_void_p)]),

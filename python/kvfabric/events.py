@@ -81,9 +81,11 @@ class Events(_Handle):
         """Continuations a sharded publisher was given whose parent it never stored."""
         return int(_lib.lib().kvf_events_unknown_parents(self._handle()))
 
-    def clear(self) -> None:
-        """Publishes AllBlocksCleared (in every shard when sharded): the engine holds nothing."""
-        check(_lib.lib().kvf_events_clear(self._handle()), "events clear")
+    def clear(self, forget: bool = True) -> None:
+        """Publishes AllBlocksCleared (in every shard when sharded): subscribers drop this
+        engine's blocks. forget: the engine holds nothing any more (its blocks' shards are
+        forgotten too); False: events were lost on the way and the engine still holds blocks."""
+        check(_lib.lib().kvf_events_clear(self._handle(), 1 if forget else 0), "events clear")
 
     def publish(self, removed: Sequence[int] = (), stored: Sequence[int] = (),
                 parent: Optional[int] = None, tokens: Sequence[int] = (), block_tokens: int = 16,

@@ -651,6 +651,65 @@ static void test_sched_daemon_sharded_index(void **state)
         daemon_stop(&d[r]);
 }
 
+/* A publisher that starts again on the same endpoints (an engine restarted, with nothing cached;
+ * a relay restarted) numbers its batches from 1 again. kvf-sched drops what it held of the engine
+ * and asks the new stream's replay socket for what it published before the first batch seen, so
+ * the index holds exactly what the new stream says: none of the old sequences, all of the new. */
+static void test_sched_daemon_restarted_publisher_is_learnt_again(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    char err[256], out[4096], body[640], ep[128], rep[128];
+    kvf_events *ev = NULL;
+    kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0"};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    snprintf(ep, sizeof ep, "%s", kvf_events_endpoint(ev) + 6); /* HOST:PORT after tcp:// */
+    snprintf(rep, sizeof rep, "%s", kvf_events_replay_endpoint(ev) + 6);
+    snprintf(body, sizeof body,
+             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}",
+             kvf_events_endpoint(ev), kvf_events_replay_endpoint(ev));
+    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    enum { SEQS = 6 };
+    uint32_t tok[SEQS][64];
+    uint64_t h[SEQS][4];
+    for (int j = 0; j < SEQS; j++) {
+        for (int i = 0; i < 64; i++)
+            tok[j][i] = (uint32_t)(1000 * (j + 1) + i);
+        assert_int_equal(kvf_events_hash_blocks(tok[j], 4, 16, 0, h[j]), 0);
+    }
+    /* the first life: sequences 0..2, published until indexed */
+    for (int t = 0; t < 150 && stat_of(&d, "blocks") < 12; t++) {
+        for (int j = 0; j < 3; j++)
+            assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d, "blocks"), 12);
+    long restarts = stat_of(&d, "sequence_restarts");
+    kvf_events_close(&ev);
+    /* the second life, on the same endpoints: sequences 3 and 4 before kvf-sched reconnects
+     * (its batches 1 and 2), then 5 until seen */
+    kvf_events_opts o2 = {.listen = ep, .replay = rep};
+    int rc = -1;
+    for (int t = 0; t < 100 && rc != 0; t++) /* the ports come free once the sockets are gone */
+        if ((rc = kvf_events_open(&ev, &o2, err, sizeof err)) != 0)
+            usleep(20000);
+    assert_int_equal(rc, 0);
+    for (int j = 3; j < 5; j++)
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
+    for (int t = 0; t < 150 && (stat_of(&d, "sequence_restarts") == restarts ||
+                                holds_sequence(&d, 3) != 1 || holds_sequence(&d, 5) != 1);
+         t++) {
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[5], 4, 0, 0, tok[5], 16, "GPU"), 0);
+        usleep(20000);
+    }
+    assert_true(stat_of(&d, "sequence_restarts") > restarts);
+    for (int j = 0; j < SEQS; j++)
+        assert_int_equal(holds_sequence(&d, j), j >= 3);
+    kvf_events_close(&ev);
+    daemon_stop(&d);
+}
+
 /* A relay's counter from GET /v1/relay, or -1. */
 static long relay_stat(const daemon_t *relay, const char *key)
 {
@@ -761,7 +820,7 @@ static void test_sched_daemon_relay_shards_a_vllm_stream(void **state)
     assert_int_equal(stat_of(&d[1], "blocks"), 3 * per[1] + (shard[0] == 1));
     assert_int_equal(stat_of(&d[0], "unknown_removals") + stat_of(&d[1], "unknown_removals"), 0);
     /* the engine's AllBlocksCleared reaches every shard */
-    assert_int_equal(kvf_events_clear(ev), 0);
+    assert_int_equal(kvf_events_clear(ev, 1), 0);
     for (int t = 0; t < 100 && (stat_of(&d[0], "blocks") || stat_of(&d[1], "blocks")); t++)
         usleep(20000);
     assert_int_equal(stat_of(&d[0], "blocks"), 0);
@@ -1512,6 +1571,8 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_hung_replay, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_late_join_and_resync, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sharded_index, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_restarted_publisher_is_learnt_again,
+                                  teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),

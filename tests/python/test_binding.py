@@ -423,8 +423,23 @@ class TestShardedEvents(unittest.TestCase):
         self.assertEqual(ev.sequence, 2)
         ev.publish(stored=[77], parent=12345, tokens=list(range(16)), block_tokens=16)
         self.assertEqual(ev.unknown_parents, 1)  # a parent it never stored
-        ev.clear()  # AllBlocksCleared in each of the 4 shards
-        self.assertEqual(ev.sequence, 7)
+        # a block stored twice (its GPU copy and its host copy) is remembered until its last
+        # removal: a continuation after the first removal still finds its sequence's shard
+        ev.publish(stored=h[:1], tokens=toks[:16], block_tokens=16, medium="CPU")
+        ev.publish(removed=h[:1])
+        ev.publish(stored=[88], parent=h[0], tokens=list(range(16)), block_tokens=16)
+        self.assertEqual(ev.unknown_parents, 1)
+        ev.publish(removed=h[:1])
+        ev.publish(stored=[99], parent=h[0], tokens=list(range(16)), block_tokens=16)
+        self.assertEqual(ev.unknown_parents, 2)  # gone with its last copy
+        seq = ev.sequence
+        ev.clear(forget=False)  # AllBlocksCleared in each of the 4 shards, shards kept
+        self.assertEqual(ev.sequence, seq + 4)
+        ev.publish(stored=[111], parent=88, tokens=list(range(16)), block_tokens=16)
+        self.assertEqual(ev.unknown_parents, 2)
+        ev.clear()  # and forgotten
+        ev.publish(stored=[112], parent=88, tokens=list(range(16)), block_tokens=16)
+        self.assertEqual(ev.unknown_parents, 3)
         with self.assertRaises(kvf.KvfError) as e:
             kvf.Events("127.0.0.1:0", shards=257)
         self.assertIn("at most 256", str(e.exception))
