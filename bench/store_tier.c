@@ -207,6 +207,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     /* GETs from disk: the oldest rounds, each once */
     double gets[TIER_ROUNDS];
     int ng = 0, wrong = 0;
+    double reads0 = disk_stat(c, "promote_reads"), promoted0 = disk_stat(c, "promoted");
     for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
         uint64_t hit = 0;
         double g0 = bench_now();
@@ -214,6 +215,9 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
             continue; /* a batch the tier did not keep (dropped when its queue was full) */
         gets[ng++] = (double)hit / (bench_now() - g0) / 1e9;
     }
+    /* objects a disk read brought back: neighbours in the log read at once (1: one read each) */
+    double reads = disk_stat(c, "promote_reads") - reads0;
+    double per_read = reads > 0 ? (disk_stat(c, "promoted") - promoted0) / reads : -1;
 
     /* DRAM GETs alone, then under disk reads and writes */
     uint64_t hot = rounds; /* the last round put: in DRAM */
@@ -260,6 +264,8 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     char k[96];
 #define KEY(fmt) (snprintf(k, sizeof k, fmt, sh->name), k)
     bench_json_real(res, KEY("demote_gbps_%s"), demote_gbps);
+    if (per_read > 0)
+        bench_json_real(res, KEY("disk_get_objects_per_read_%s"), per_read);
     bench_json_real(res, KEY("demote_write_gbps_%s"), write_gbps);
     json_object_set_new(res, KEY("demoted_bytes_%s"), json_integer(demoted));
     json_object_set_new(res, KEY("demote_dropped_full_%s"), json_integer(dropped));

@@ -386,6 +386,11 @@ void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t 
     *verify_failures = __atomic_load_n(&d->st.verify_failures, __ATOMIC_RELAXED);
 }
 
+uint64_t kvf__disk_get_reads(kvf__disk *d)
+{
+    return __atomic_load_n(&d->st.get_reads, __ATOMIC_RELAXED);
+}
+
 void kvf__disk_each(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud)
 {
     pthread_mutex_lock(&d->imu);
@@ -437,6 +442,16 @@ int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *
         *len = e->len;
     pthread_mutex_unlock(&d->imu);
     return e != NULL;
+}
+
+uint64_t kvf__disk_offset(kvf__disk *d, uint64_t ns, const kvf_key *key)
+{
+    pthread_mutex_lock(&d->imu);
+    ent *e = __atomic_load_n(&d->st.down, __ATOMIC_RELAXED) ? NULL
+                                                            : kvf__dk_find(d, ns, key->lo, key->hi);
+    uint64_t off = e ? e->off : UINT64_MAX;
+    pthread_mutex_unlock(&d->imu);
+    return off;
 }
 
 /* A get's work on each piece of its record: the data's part hashed and copied to the caller. */
@@ -537,7 +552,7 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     pthread_mutex_unlock(&sl->mu);
 
     pthread_mutex_lock(&d->mu);
-    d->st.get_reads++;
+    __atomic_fetch_add(&d->st.get_reads, 1, __ATOMIC_RELAXED); /* read by STATS without mu */
     if (r) {
         kvf__dk_go_down(d, -r);
         rc = KVF_EIO;

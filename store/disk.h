@@ -76,6 +76,9 @@ int64_t kvf__disk_clear(kvf__disk *d, uint64_t ns);
 /* Whether (ns, key) is indexed; its length in *len. Never waits behind I/O (an event loop may
  * call it). */
 int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *len);
+/* Where (ns, key)'s record starts in the log (its byte offset), or UINT64_MAX where it is not
+ * indexed: reads of many keys are dealt in log order. Never waits behind I/O. */
+uint64_t kvf__disk_offset(kvf__disk *d, uint64_t ns, const kvf_key *key);
 /* Reads (ns, key) into buf (cap bytes) and checks it: 0 with *len; KVF_ENOENT (not here, or it
  * did not check: then it is dropped and counted); KVF_EOVERFLOW (cap too small: *len says how
  * much); KVF_EIO (the tier is down, or goes down). */
@@ -92,6 +95,8 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
 /* The objects indexed, their bytes, and the objects dropped on read for not checking. Never
  * waits on I/O. */
 void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures);
+/* Reads issued for gets so far (kvf__disk_stats' get_reads), without waiting on anything. */
+uint64_t kvf__disk_get_reads(kvf__disk *d);
 /* Counts a read of (ns, key) back from disk; returns how many there were since open (saturating
  * at 255), 0 if it is not indexed. Never waits on I/O. */
 unsigned kvf__disk_note_read(kvf__disk *d, uint64_t ns, const kvf_key *key);

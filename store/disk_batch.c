@@ -1,8 +1,10 @@
 /*
  * Gets of many objects at once (disk.h, kvf__disk_get_many): the objects a batch demoted
- * together lie side by side in the log (one buffered write gathered them), so they are read back
- * in one I/O of the run's span instead of one I/O each: the same queue depth, larger reads, as
- * the log's writes gather small objects. Every record is checked as kvf__disk_get checks one.
+ * together lie side by side in the log (one buffered write gathered them), or near each other
+ * (interleaved with another request's), so they are read back in one I/O of the run's span
+ * instead of one I/O each: the same queue depth, larger reads, as the log's writes gather small
+ * objects. Every record is checked as kvf__disk_get checks one; what lies between them is not
+ * looked at.
  */
 #include "disk_int.h"
 
@@ -13,6 +15,11 @@
 
 /* A run's span at most: a batch of 64 KiB objects is read in 4 MiB I/Os. */
 #define SPAN_MAX (4ull << 20)
+/* The most a run reads past between two of its records (records of others: a batch's keys that
+ * came to the store in several requests, each its own promotion, were demoted interleaved), so
+ * long as half the run's span at least is wanted: one larger read in place of many small ones,
+ * at most twice the bytes. */
+#define GAP_MAX (256ull << 10)
 
 typedef struct want {
     uint64_t off, size, len, seq;
@@ -30,7 +37,8 @@ static void nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
     (void)ud, (void)p, (void)from, (void)n;
 }
 
-/* Reads the run w[0..m) (adjacent records, span bytes from w[0].off) and checks each record. */
+/* Reads the run w[0..m) (records in log order, span bytes from w[0].off) and checks each
+ * record. */
 static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_t span,
                      const kvf_key *keys, void *const *bufs, int *st)
 {
@@ -58,7 +66,7 @@ static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_
     }
     pthread_mutex_unlock(&sl->mu);
     pthread_mutex_lock(&d->mu);
-    d->st.get_reads++;
+    __atomic_fetch_add(&d->st.get_reads, 1, __ATOMIC_RELAXED); /* read by STATS without mu */
     if (r) {
         kvf__dk_go_down(d, -r);
         for (size_t k = 0; k < m; k++)
@@ -118,12 +126,18 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             j++;
             continue;
         }
-        /* the records that follow each other in the log, up to SPAN_MAX */
+        /* the records that follow each other in the log, with gaps of at most GAP_MAX and at
+         * least half the span wanted, up to SPAN_MAX */
         size_t k = j + 1;
-        uint64_t span = w[j].size;
-        while (k < m && w[k].off == w[k - 1].off + w[k - 1].size && w[k].size <= SPAN_MAX / 2 &&
-               span + w[k].size <= SPAN_MAX)
-            span += w[k++].size;
+        uint64_t span = w[j].size, wanted = w[j].size;
+        while (k < m && w[k].size <= SPAN_MAX / 2) {
+            uint64_t end = w[k - 1].off + w[k - 1].size, to = w[k].off + w[k].size - w[j].off;
+            if (w[k].off < end || w[k].off - end > GAP_MAX || to > SPAN_MAX ||
+                2 * (wanted + w[k].size) < to)
+                break;
+            span = to;
+            wanted += w[k++].size;
+        }
         read_run(d, ns, w + j, k - j, span, keys, bufs, st);
         j = k;
     }

@@ -57,6 +57,12 @@ void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t 
     *entries = *bytes = *verify_failures = 0;
 }
 
+uint64_t kvf__disk_get_reads(kvf__disk *d)
+{
+    (void)d;
+    return 0;
+}
+
 int kvf__disk_down(kvf__disk *d)
 {
     (void)d;
@@ -67,6 +73,12 @@ int kvf__disk_contains(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t *
 {
     (void)d, (void)ns, (void)key, (void)len;
     return 0;
+}
+
+uint64_t kvf__disk_offset(kvf__disk *d, uint64_t ns, const kvf_key *key)
+{
+    (void)d, (void)ns, (void)key;
+    return UINT64_MAX;
 }
 
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,

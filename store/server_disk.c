@@ -319,6 +319,7 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("promoted_bytes", ts.promoted_bytes);
     DSET("promote_misses", ts.promote_misses);
     DSET("promote_failed", ts.promote_failed);
+    DSET("promote_reads", ts.promote_reads);
     DSET("served_not_kept", ts.served_not_kept);
     DSET("removed", ts.removed);
     DSET("cleared", ts.cleared);
@@ -384,6 +385,9 @@ void kvf__sdisk_metrics(kvf_server *s, kvf__metrics *m)
         {"disk_promote_misses_total",
          "Promotions that found nothing (gone meanwhile, or failed verification).", 1,
          (double)ts.promote_misses},
+        {"disk_promote_reads_total",
+         "Reads issued for promotions (neighbours in the log read at once count once).", 1,
+         (double)ts.promote_reads},
         {"disk_verify_failures_total", "Objects on disk whose checksums did not check (dropped).",
          1, (double)ts.verify_failures},
         {"disk_dropped_total",

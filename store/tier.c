@@ -535,6 +535,43 @@ static void *reader_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* The interface */
 
+/* A key of a promotion and where its record lies: its device, then its offset in that log. */
+typedef struct keyspot {
+    uint64_t dev, off;
+    uint32_t i;
+} keyspot;
+
+static int by_spot(const void *a, const void *b)
+{
+    const keyspot *x = a, *y = b;
+    if (x->dev != y->dev)
+        return x->dev < y->dev ? -1 : 1;
+    if (x->off != y->off)
+        return x->off < y->off ? -1 : 1;
+    return x->i < y->i ? -1 : x->i > y->i;
+}
+
+/* r's keys in the order their records lie on disk (device by device, offset by offset; keys not
+ * indexed last): dealt in consecutive runs of this order, each reader's keys lie side by side
+ * in the log even when the demotions that wrote them interleaved the request's keys (a store of
+ * several event loops evicts a batch's keys in the order its loops inserted them), so
+ * kvf__disk_get_many reads each run in one I/O. NULL when out of memory: the request's order. */
+static keyspot *log_order(kvf__tier *t, const kvf__tier_req *r, const int *parts)
+{
+    keyspot *o = malloc((size_t)r->n * sizeof *o);
+    if (!o)
+        return NULL;
+    for (uint32_t i = 0; i < r->n; i++) {
+        int d = dev_of(t, &r->keys[i]);
+        o[i] =
+            (keyspot){.dev = (uint64_t)d,
+                      .off = parts[d] > 1 ? kvf__disk_offset(t->dev[d].d, r->ns, &r->keys[i]) : 0,
+                      .i = i};
+    }
+    qsort(o, r->n, sizeof *o, by_spot);
+    return o;
+}
+
 int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
 {
     enum { MAXW = KVF_TIER_MAX_DEVICES * READERS };
@@ -542,8 +579,8 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
     for (uint32_t i = 0; i < r->n; i++)
         count[dev_of(t, &r->keys[i])]++;
     /* a device's share: one work (removals, clears: its writer's), or for promotions up to READERS
-     * works of its keys in consecutive runs, one per reader: a batch's keys come in the order they
-     * were demoted, so each reader's run of them lies side by side in the log and is read at once
+     * works of its keys in consecutive runs of their order in the log (log_order), one per
+     * reader: each reader's run of them lies side by side in the log and is read at once
      * (kvf__disk_get_many); dealt round, no reader would have two neighbours */
     work *ws[MAXW] = {0};
     int devs[MAXW], first[KVF_TIER_MAX_DEVICES], parts[KVF_TIER_MAX_DEVICES] = {0};
@@ -572,13 +609,16 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
     if (nw == 0)
         return KVF_EIO;
     uint32_t dealt[KVF_TIER_MAX_DEVICES] = {0};
-    for (uint32_t i = 0; i < r->n; i++) {
+    keyspot *ord = r->kind == KVF_TIER_PROMOTE && r->n > 1 ? log_order(t, r, parts) : NULL;
+    for (uint32_t j = 0; j < r->n; j++) {
+        uint32_t i = ord ? ord[j].i : j;
         int d = dev_of(t, &r->keys[i]);
         if (!parts[d])
             continue;
         work *w = ws[first[d] + (int)((uint64_t)dealt[d]++ * (uint64_t)parts[d] / count[d])];
         w->idx[w->nidx++] = i;
     }
+    free(ord);
     r->cleared = 0;
     r->t0_ns = kvf__now_ns();
     atomic_store(&r->remaining, nw);
@@ -662,6 +702,7 @@ void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st)
         st->entries += e;
         st->entry_bytes += b;
         st->verify_failures += v;
+        st->promote_reads += kvf__disk_get_reads(t->dev[i].d);
     }
 }
 
