@@ -550,11 +550,13 @@ static int via_shm(const struct kvf__shm_path *p, const kvf_batch *b, size_t i, 
 
 /* Key's node for a get: its first node (kvf_client_node_of), unless that one is not on this host
  * and keeps replicas of its hot keys (HELLO's holders: K), and one of the key's first K live nodes
- * in rendezvous order is on this host with its arena mapped: then that one, *near set. The store
- * copies a hot entry to the nodes after it in the key's order (store/replicate.c), so a hot key is
- * read from the holder on this host, over shared memory; a cold one costs a local miss first. */
+ * in rendezvous order is on this host and can serve it over shared memory (its arena mapped, or,
+ * for a tenant's staged get, the object fits the staging: staged): then that one, *near set. The
+ * store copies a hot entry to the nodes after it in the key's order (store/replicate.c), so a hot
+ * key is read from the holder on this host, over shared memory; a cold one costs a local miss
+ * first. */
 static size_t get_node(const struct kvf__shm_path *p, const kvf_client *c, const kvf_key *key,
-                       uint8_t *near)
+                       int staged, uint8_t *near)
 {
     size_t first = kvf_client_node_of(c, key);
     *near = 0;
@@ -587,7 +589,7 @@ static size_t get_node(const struct kvf__shm_path *p, const kvf_client *c, const
         }
         if (best == SIZE_MAX)
             break;
-        if (p->nodes[best].on && p->nodes[best].has_view) {
+        if (p->nodes[best].on && (p->nodes[best].has_view || staged)) {
             *near = best != first;
             return best;
         }
@@ -613,7 +615,7 @@ static int shm_submit(kvf_client *c, kvf_op *op)
     uint64_t bytes = 0;
     for (size_t i = 0; i < b->n; i++) {
         nr[i] = 0;
-        nd[i] = (uint32_t)(get ? get_node(p, c, &b->keys[i], &nr[i])
+        nd[i] = (uint32_t)(get ? get_node(p, c, &b->keys[i], b->caps[i] <= p->staging, &nr[i])
                                : kvf_client_node_of(c, &b->keys[i]));
         if (via_shm(p, b, i, nd[i], get)) {
             n_shm++;

@@ -3,6 +3,8 @@
 #include "proc.h"
 #include "tcp.h"
 
+#include "kvf/client.h"
+
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -399,4 +401,50 @@ int harness_raw_reply(int fd, kvf_wire_hdr *h, void *payload, size_t cap, size_t
     if (got)
         *got = n;
     return h->status;
+}
+
+kvf_client *harness_client_two(const daemon_t *a, const daemon_t *b, uint64_t ns,
+                               const char *credential, const char *transport)
+{
+    const char *nodes[2] = {a->addr, b->addr};
+    kvf_client_opts o = {.nodes = nodes,
+                         .n_nodes = 2,
+                         .ns = ns,
+                         .deadline_ms = 5000,
+                         .credential = credential,
+                         .transport = transport};
+    kvf_client *c = NULL;
+    char err[400];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    return c;
+}
+
+size_t harness_wait_present(const daemon_t *d, uint64_t ns, const char *credential,
+                            const kvf_key *keys, size_t n, int timeout_ms)
+{
+    const char *nodes[1] = {d->addr};
+    kvf_client_opts o = {.nodes = nodes,
+                         .n_nodes = 1,
+                         .ns = ns,
+                         .deadline_ms = 5000,
+                         .credential = credential,
+                         .transport = "tcp"};
+    kvf_client *c = NULL;
+    char err[400];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    uint8_t *present = calloc(n ? n : 1, 1);
+    assert_non_null(present);
+    size_t there = 0;
+    for (int waited = 0; there < n && waited <= timeout_ms; waited += 50) {
+        usleep(50000);
+        assert_int_equal(kvf_client_exists(c, n, keys, present, 2000), 0);
+        there = 0;
+        for (size_t i = 0; i < n; i++)
+            there += present[i];
+    }
+    free(present);
+    kvf_client_close(&c);
+    return there;
 }

@@ -24,6 +24,16 @@ void harness_init(void);
 /* Starts kvf-store with --memory memory and extra flags; fails the test if it is not ready in
  * 10 s. */
 void daemon_start(daemon_t *d, const char *memory, const char *extra);
+/* A client of nodes a and b, in that order, in namespace ns, with credential (NULL: none) over
+ * transport (NULL: the default); fails the test when it cannot open. */
+struct kvf_client;
+struct kvf_client *harness_client_two(const daemon_t *a, const daemon_t *b, uint64_t ns,
+                                      const char *credential, const char *transport);
+/* Waits up to timeout_ms for keys[0..n) to be on d (asked of d alone over TCP, in namespace ns
+ * with credential); returns how many are. */
+struct kvf_key;
+size_t harness_wait_present(const daemon_t *d, uint64_t ns, const char *credential,
+                            const struct kvf_key *keys, size_t n, int timeout_ms);
 /* As daemon_start, with the daemon's descriptor limit (RLIMIT_NOFILE) lowered to nofile and its
  * standard error written to the file stderr_path. */
 void daemon_start_limited(daemon_t *d, const char *memory, const char *extra, int nofile,

@@ -681,6 +681,85 @@ static void test_auth_disk_promotions_keep_the_reservation_quota(void **state)
     daemon_stop(&d);
 }
 
+/* A client of nodes a and b (in that order) as who, over transport. */
+static kvf_client *client_two(const daemon_t *a, const daemon_t *b, const char *who,
+                              const char *transport)
+{
+    char cred[320];
+    snprintf(cred, sizeof cred, "%s/%s.cred", dir, who);
+    return harness_client_two(a, b, NS, cred, transport);
+}
+
+/* A tenant's gets are staged (his client is never handed the arena) and still come from the
+ * holder on his host: node B (as a store of another host: no shared memory) copies what is read
+ * twice to node A (this host's). Of 24 keys of bob's whose first node is B, the 12 hot ones are
+ * read from A over shared memory, the 12 cold ones miss there and come from B over TCP, every
+ * object his byte for byte. */
+static void test_auth_tenant_reads_hot_keys_from_the_nearest_holder(void **state)
+{
+    (void)state;
+    daemon_t a, b;
+    start_auth_store(&a, "64M");
+    char extra[700];
+    snprintf(extra, sizeof extra,
+             "--auth %s/tenants --shm off --replicate-hits 2 --replicas 2 --peer %s "
+             "--copy-credential %s/ops.cred",
+             dir, a.addr, dir);
+    daemon_start(&b, "64M", extra);
+    kvf_client *c = client_two(&a, &b, "bob", "auto");
+    kvf_client *tcp = client_two(&a, &b, "bob", "tcp");
+    char why[400];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "shm");
+    enum { N = 24, HOT = 12 };
+    uint64_t ids[N];
+    size_t n = 0;
+    for (uint64_t i = 7000; n < N && i < 100000; i++) {
+        kvf_key k = key_of(i);
+        if (kvf_client_node_of(c, &k) == 1)
+            ids[n++] = i;
+    }
+    assert_int_equal(n, N);
+    int st[N];
+    uint8_t tags[N];
+    for (size_t i = 0; i < N; i++) {
+        put_range(c, ids[i], 1, 0xb1, st);
+        assert_int_equal(st[0], 0);
+    }
+    for (int round = 0; round < 2; round++)
+        for (size_t i = 0; i < HOT; i++) {
+            get_range(tcp, ids[i], 1, st, tags);
+            assert_int_equal(st[0], 0);
+        }
+    /* A has the hot ones once B's replicator pushed them (5 s at most) */
+    kvf_key hot[HOT];
+    for (size_t i = 0; i < HOT; i++)
+        hot[i] = key_of(ids[i]);
+    char cred[320];
+    snprintf(cred, sizeof cred, "%s/bob.cred", dir);
+    assert_int_equal(harness_wait_present(&a, NS, cred, hot, HOT, 5000), HOT);
+    kvf_client_counters k0, k1;
+    kvf_client_counters_get(c, &k0);
+    for (size_t i = 0; i < N; i++) { /* one key a get */
+        get_range(c, ids[i], 1, st, tags);
+        assert_int_equal(st[0], 0);
+        assert_int_equal(tags[0], 0xb1);
+    }
+    kvf_client_counters_get(c, &k1);
+    print_message("%llu keys asked of the nearer holder, %llu missed there; %llu bytes over "
+                  "shared memory\n",
+                  (unsigned long long)(k1.near_keys - k0.near_keys),
+                  (unsigned long long)(k1.near_misses - k0.near_misses),
+                  (unsigned long long)(k1.shm_bytes_received - k0.shm_bytes_received));
+    assert_int_equal(k1.near_keys - k0.near_keys, N);
+    assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
+    assert_true(k1.shm_bytes_received - k0.shm_bytes_received >=
+                HOT * (uint64_t)kvf_obj_raw_size(LAYERS, SEG) / 2);
+    kvf_client_close(&tcp);
+    kvf_client_close(&c);
+    daemon_stop(&b);
+    daemon_stop(&a);
+}
+
 /* Rotation and revocation: SIGHUP reads the tenants file again; a removed key authenticates no
  * new connection, the connections it opened are closed, and the tenants that stay are served as
  * before. */
@@ -957,6 +1036,8 @@ int main(void)
         cmocka_unit_test_teardown(test_auth_protocol_rules, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_admin_role, teardown_daemons),
         cmocka_unit_test_teardown(test_auth_quotas_bound_each_tenant, teardown_daemons),
+        cmocka_unit_test_teardown(test_auth_tenant_reads_hot_keys_from_the_nearest_holder,
+                                  teardown_daemons),
         cmocka_unit_test_teardown(test_auth_disk_promotions_keep_the_reservation_quota,
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_auth_reload_revokes, teardown_daemons),

@@ -835,14 +835,7 @@ static void test_shm_dead_client_frees_reservations(void **state)
 
 static kvf_client *client_open_two(const daemon_t *a, const daemon_t *b, const char *transport)
 {
-    const char *nodes[2] = {a->addr, b->addr};
-    kvf_client_opts o = {
-        .nodes = nodes, .n_nodes = 2, .ns = NS, .deadline_ms = 5000, .transport = transport};
-    kvf_client *c = NULL;
-    char err[400];
-    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
-        fail_msg("client open: %s", err);
-    return c;
+    return harness_client_two(a, b, NS, NULL, transport);
 }
 
 /* A hot key is read from its nearest holder. Node A serves shared memory; node B does not (a
@@ -883,24 +876,10 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
         for (size_t i = 0; i < HOT; i++)
             assert_int_equal(get_keys(tcp, ids[i], 1, SEG, 0, st, NULL), 1);
     /* A has the hot ones once B's replicator pushed them (5 s at most). */
-    const char *only_a[1] = {a.addr};
-    kvf_client_opts oa = {.nodes = only_a, .n_nodes = 1, .ns = NS, .transport = "tcp"};
-    kvf_client *ca = NULL;
-    assert_int_equal(kvf_client_open(&ca, &oa, why, sizeof why), 0);
     kvf_key hot[HOT];
     for (size_t i = 0; i < HOT; i++)
         hot[i] = key_of(ids[i]);
-    uint8_t present[HOT];
-    size_t on_a = 0;
-    for (int t = 0; t < 100 && on_a < HOT; t++) {
-        usleep(50000);
-        assert_int_equal(kvf_client_exists(ca, HOT, hot, present, 2000), 0);
-        on_a = 0;
-        for (size_t i = 0; i < HOT; i++)
-            on_a += present[i];
-    }
-    assert_int_equal(on_a, HOT);
-    kvf_client_close(&ca);
+    assert_int_equal(harness_wait_present(&a, NS, NULL, hot, HOT, 5000), HOT);
     for (int stream = 0; stream < 2; stream++) {
         kvf_client_counters k0, k1;
         kvf_client_counters_get(c, &k0);
