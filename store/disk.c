@@ -388,7 +388,7 @@ void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t 
 
 uint64_t kvf__disk_get_reads(kvf__disk *d)
 {
-    return __atomic_load_n(&d->st.get_reads, __ATOMIC_RELAXED);
+    return __atomic_load_n(&d->r_reads, __ATOMIC_RELAXED);
 }
 
 void kvf__disk_each(kvf__disk *d, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud)
@@ -507,27 +507,25 @@ void kvf__dk_read_failed(kvf__disk *d, uint64_t ns, const kvf_key *key, uint64_t
             d->on_drop(d->drop_ud, ns, key);
         kvf__dk_erase(d, now);
     }
-    d->st.misses++;
+    __atomic_fetch_add(&d->r_misses, 1, __ATOMIC_RELAXED);
 }
 
 int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint64_t cap,
                   uint64_t *len)
 {
-    /* what the index says, under mu */
-    pthread_mutex_lock(&d->mu);
-    ent *e = d->st.down ? NULL : kvf__dk_find(d, ns, key->lo, key->hi);
-    if (d->st.down) {
-        pthread_mutex_unlock(&d->mu);
+    /* what the index says, under imu: never behind a write's I/O */
+    pthread_mutex_lock(&d->imu);
+    int down = __atomic_load_n(&d->st.down, __ATOMIC_RELAXED) != 0;
+    ent *e = down ? NULL : kvf__dk_find(d, ns, key->lo, key->hi);
+    uint64_t off = e ? e->off : 0, elen = e ? e->len : 0, seq = e ? e->seq : 0;
+    pthread_mutex_unlock(&d->imu);
+    if (down)
         return KVF_EIO;
-    }
-    d->st.gets++;
+    __atomic_fetch_add(&d->r_gets, 1, __ATOMIC_RELAXED);
     if (!e) {
-        d->st.misses++;
-        pthread_mutex_unlock(&d->mu);
+        __atomic_fetch_add(&d->r_misses, 1, __ATOMIC_RELAXED);
         return KVF_ENOENT;
     }
-    uint64_t off = e->off, elen = e->len, seq = e->seq;
-    pthread_mutex_unlock(&d->mu);
     *len = elen;
     if (elen > cap)
         return KVF_EOVERFLOW;
@@ -551,16 +549,18 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
          XXH3_64bits_digest(g.xs) == h.data_xxh;
     pthread_mutex_unlock(&sl->mu);
 
+    __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);
+    if (ok) {
+        __atomic_fetch_add(&d->r_bytes, elen, __ATOMIC_RELAXED);
+        return 0;
+    }
     pthread_mutex_lock(&d->mu);
-    __atomic_fetch_add(&d->st.get_reads, 1, __ATOMIC_RELAXED); /* read by STATS without mu */
     if (r) {
         kvf__dk_go_down(d, -r);
         rc = KVF_EIO;
-    } else if (!ok) {
+    } else {
         kvf__dk_read_failed(d, ns, key, seq);
         rc = KVF_ENOENT;
-    } else {
-        d->st.get_bytes += elen;
     }
     pthread_mutex_unlock(&d->mu);
     return rc;
@@ -570,6 +570,10 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st)
 {
     pthread_mutex_lock(&d->mu);
     *st = d->st;
+    st->gets = __atomic_load_n(&d->r_gets, __ATOMIC_RELAXED);
+    st->misses = __atomic_load_n(&d->r_misses, __ATOMIC_RELAXED);
+    st->get_bytes = __atomic_load_n(&d->r_bytes, __ATOMIC_RELAXED);
+    st->get_reads = __atomic_load_n(&d->r_reads, __ATOMIC_RELAXED);
     st->bytes = d->size;
     st->extents = d->n_ext;
     st->extent_bytes = d->ext_bytes;

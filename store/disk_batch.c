@@ -65,8 +65,14 @@ static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_
         }
     }
     pthread_mutex_unlock(&sl->mu);
+    __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&d->r_bytes, bytes, __ATOMIC_RELAXED);
+    size_t bad = 0;
+    for (size_t k = 0; k < m; k++)
+        bad += r || !ok[k];
+    if (!bad)
+        return; /* every record checked: no lock taken, none waited for */
     pthread_mutex_lock(&d->mu);
-    __atomic_fetch_add(&d->st.get_reads, 1, __ATOMIC_RELAXED); /* read by STATS without mu */
     if (r) {
         kvf__dk_go_down(d, -r);
         for (size_t k = 0; k < m; k++)
@@ -77,7 +83,6 @@ static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_
                 kvf__dk_read_failed(d, ns, &keys[w[k].i], w[k].seq);
                 st[w[k].i] = KVF_ENOENT;
             }
-        d->st.get_bytes += bytes;
     }
     pthread_mutex_unlock(&d->mu);
 }
@@ -89,9 +94,9 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
     if (!w)
         return KVF_ENOMEM;
     size_t m = 0;
-    /* what the index says, under mu */
-    pthread_mutex_lock(&d->mu);
-    int down = d->st.down;
+    /* what the index says, under imu: never behind a write's I/O */
+    pthread_mutex_lock(&d->imu);
+    int down = __atomic_load_n(&d->st.down, __ATOMIC_RELAXED) != 0;
     for (size_t i = 0; i < n; i++) {
         lens[i] = 0;
         if (down) {
@@ -102,9 +107,9 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
         uint64_t size = e ? kvf__dk_align_up(HDR_LEN + e->len) : 0;
         /* counted here, but a large object to read: kvf__disk_get counts that one */
         if (!e || e->len > caps[i] || size <= SPAN_MAX / 2)
-            d->st.gets++;
+            __atomic_fetch_add(&d->r_gets, 1, __ATOMIC_RELAXED);
         if (!e) {
-            d->st.misses++;
+            __atomic_fetch_add(&d->r_misses, 1, __ATOMIC_RELAXED);
             st[i] = KVF_ENOENT;
             continue;
         }
@@ -114,7 +119,7 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             w[m++] =
                 (want){.off = e->off, .size = size, .len = e->len, .seq = e->seq, .i = (uint32_t)i};
     }
-    pthread_mutex_unlock(&d->mu);
+    pthread_mutex_unlock(&d->imu);
     qsort(w, m, sizeof *w, by_off);
     for (size_t j = 0; j < m;) {
         if (w[j].size > SPAN_MAX / 2) {

@@ -3,11 +3,12 @@
  * engine's state, and what its files share. disk_io.c: reads and writes through io_uring;
  * disk_index.c: the in-memory index; disk_log.c: records and the log they are appended to;
  * disk.c: open (format, rebuild), close and the operations. Everything here is called with the
- * engine's mutex held, but a get's read, done under one of RSLOTS read slots alone so that it
- * never waits behind a write and several gets read at once (what each read is checked against the
- * index again under mu). The index's changes also take
- * imu, a second mutex held only for them, so that kvf__disk_contains (imu alone) never waits behind
- * I/O done under mu.
+ * engine's mutex held (mu, which the writes hold through their I/O), but the gets: a get asks the
+ * index under imu (a second mutex, held only for the index's changes, which take mu too, and for
+ * lookups), reads under one of RSLOTS read slots alone, and checks what it read against the
+ * record's header (sequence, key, length, checksum), so that it never waits behind a write and
+ * several gets read at once; only a read that failed or did not check takes mu (to take the
+ * device down or drop the record, if the index still names that one).
  */
 #ifndef KVF_STORE_DISK_INT_H
 #define KVF_STORE_DISK_INT_H
@@ -85,6 +86,9 @@ struct kvf__disk {
     } * pend;
     size_t npend, cpend;
     kvf__disk_stats st;
+    /* the gets' counters (kvf__disk_stats' gets, misses, get_bytes, get_reads), kept apart and
+     * only touched atomically: a get that hits takes neither mu nor imu to count */
+    uint64_t r_gets, r_misses, r_bytes, r_reads;
     /* kvf__disk_set_drop_hook (NULL while the index is rebuilt at open) */
     void (*on_drop)(void *ud, uint64_t ns, const kvf_key *key);
     void *drop_ud;
