@@ -381,8 +381,8 @@ void bench_auth_remove(const char *dir, const char *const *names, size_t n)
     rmdir(dir);
 }
 
-/* fio writing (rw "write") or reading ("read") a file of total bytes in dir with block size bs,
- * io_uring, O_DIRECT, queue depth 1 (bench_util.h). */
+/* fio writing (rw "write") or reading ("read", "randread") a file of total bytes in dir with
+ * block size bs, io_uring, O_DIRECT, queue depth 1 (bench_util.h). */
 double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total)
 {
     char cmd[8192], file[4200];
@@ -416,7 +416,8 @@ double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t tot
         json_error_t je;
         json_t *j = json_loads(out, 0, &je);
         json_t *job = json_array_get(json_object_get(j, "jobs"), 0);
-        json_t *bw = json_object_get(json_object_get(job, rw), "bw_bytes");
+        json_t *bw = json_object_get(json_object_get(job, strcmp(rw, "write") ? "read" : "write"),
+                                     "bw_bytes");
         if (json_is_number(bw))
             gbps = json_number_value(bw) / 1e9;
         json_decref(j);

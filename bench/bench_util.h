@@ -71,16 +71,18 @@ typedef struct bench_bars {
  * stderr). */
 int bench_plot_bars(const char *png, const bench_bars *b);
 
-/* fio writing (rw "write") or reading ("read") a file of total bytes in dir with block size bs,
- * io_uring, O_DIRECT, queue depth 1: the disk benchmarks' peer. GB/s, or -1 when fio is missing
- * or fails. A read follows a write of the same file, which it then removes. */
+/* fio writing (rw "write") or reading ("read": in order; "randread": every block once, in a
+ * random order) a file of total bytes in dir with block size bs, io_uring, O_DIRECT, queue depth
+ * 1: the disk benchmarks' peer. GB/s, or -1 when fio is missing or fails. A read follows a write
+ * of the same file; "read" then removes it (so a "randread" comes before the "read"). */
 double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total);
 /* Whether fio runs here. */
 int bench_fio_present(void);
 /* The same job as bench_fio_rate (a file of total bytes in dir, block size bs, O_DIRECT, one
- * request in flight) through io_uring from one aligned buffer, by kvf-bench itself: the ceiling
- * where fio is missing, and beside it where not. GB/s, or -1 (said on stderr). A read follows a
- * write of the same file, which it then removes. Built with liburing only (KVF_HAVE_URING). */
+ * request in flight; "write", "read" or "randread") through io_uring from one aligned buffer, by
+ * kvf-bench itself: the ceiling where fio is missing, and beside it where not. GB/s, or -1 (said
+ * on stderr). A read follows a write of the same file; "read" then removes it. Built with
+ * liburing only (KVF_HAVE_URING). */
 double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total);
 
 /* A result object opening with "bench": bench, as every subcommand's does. Caller owns the

@@ -194,30 +194,46 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     /* the tier's writers' own rate: the demoted bytes over their time in the engine's writes */
     double wsecs = disk_stat(c, "write_seconds");
     double write_gbps = wsecs > 0 ? (double)demoted / wsecs / 1e9 : -1;
+    /* the reads in order (the issue's ceiling) and in a random order: a GET's objects lie where
+     * their demotions put them, among other requests' and other rounds', so its reads are
+     * scattered over the log, and a device's random reads may be slower than its sequential ones */
     double fio_w = have_fio ? bench_fio_rate(dir, "write", sh->payload, total / 2) : -1;
+    double fio_rr = have_fio ? bench_fio_rate(dir, "randread", sh->payload, total / 2) : -1;
     double fio_r = have_fio ? bench_fio_rate(dir, "read", sh->payload, total / 2) : -1;
 #if KVF_HAVE_URING
-    /* the same job by kvf-bench itself: the ceiling on hosts without fio, and beside fio's */
+    /* the same jobs by kvf-bench itself: the ceiling on hosts without fio, and beside fio's */
     double raw_w = bench_uring_rate(dir, "write", sh->payload, total / 2);
+    double raw_rr = bench_uring_rate(dir, "randread", sh->payload, total / 2);
     double raw_r = bench_uring_rate(dir, "read", sh->payload, total / 2);
 #else
-    double raw_w = -1, raw_r = -1;
+    double raw_w = -1, raw_r = -1, raw_rr = -1;
 #endif
 
     /* GETs from disk: the oldest rounds, each once */
     double gets[TIER_ROUNDS];
     int ng = 0, wrong = 0;
     double reads0 = disk_stat(c, "promote_reads"), promoted0 = disk_stat(c, "promoted");
+    double rsec0 = disk_stat(c, "read_seconds"), psec0 = disk_stat(c, "promote_seconds");
+    double gwall = 0;
     for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
         uint64_t hit = 0;
         double g0 = bench_now();
         if (get_round(c, &w, r, &hit, &wrong) != 0 || hit < per_round / 2)
             continue; /* a batch the tier did not keep (dropped when its queue was full) */
         gets[ng++] = (double)hit / (bench_now() - g0) / 1e9;
+        gwall += bench_now() - g0;
     }
     /* objects a disk read brought back: neighbours in the log read at once (1: one read each) */
     double reads = disk_stat(c, "promote_reads") - reads0;
     double per_read = reads > 0 ? (disk_stat(c, "promoted") - promoted0) / reads : -1;
+    /* where a GET from disk's time goes: the readers' time in the device's reads (slot waits and
+     * checks included) per read, how many readers were reading on average, and how many
+     * promotions (a request's share of a batch) were under way on average */
+    double rsec = disk_stat(c, "read_seconds") - rsec0,
+           psec = disk_stat(c, "promote_seconds") - psec0;
+    double us_per_read = reads > 0 ? rsec / reads * 1e6 : -1;
+    double readers_busy = gwall > 0 ? rsec / gwall : -1,
+           promotions_busy = gwall > 0 ? psec / gwall : -1;
 
     /* DRAM GETs alone, then under disk reads and writes */
     uint64_t hot = rounds; /* the last round put: in DRAM */
@@ -264,8 +280,12 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     char k[96];
 #define KEY(fmt) (snprintf(k, sizeof k, fmt, sh->name), k)
     bench_json_real(res, KEY("demote_gbps_%s"), demote_gbps);
-    if (per_read > 0)
+    if (per_read > 0) {
         bench_json_real(res, KEY("disk_get_objects_per_read_%s"), per_read);
+        bench_json_real(res, KEY("disk_get_read_us_%s"), us_per_read);
+        bench_json_real(res, KEY("disk_get_readers_busy_%s"), readers_busy);
+        bench_json_real(res, KEY("disk_get_promotions_busy_%s"), promotions_busy);
+    }
     bench_json_real(res, KEY("demote_write_gbps_%s"), write_gbps);
     json_object_set_new(res, KEY("demoted_bytes_%s"), json_integer(demoted));
     json_object_set_new(res, KEY("demote_dropped_full_%s"), json_integer(dropped));
@@ -288,6 +308,14 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         bench_json_real(res, KEY("demote_stream_vs_fio_%s"), demote_gbps / fio_w);
         bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_r);
     }
+    if (fio_rr > 0) {
+        bench_json_real(res, KEY("fio_randread_gbps_%s"), fio_rr);
+        bench_json_real(res, KEY("disk_get_vs_fio_randread_%s"), g.median / fio_rr);
+    }
+    if (raw_rr > 0) {
+        bench_json_real(res, KEY("raw_randread_gbps_%s"), raw_rr);
+        bench_json_real(res, KEY("disk_get_vs_raw_randread_%s"), g.median / raw_rr);
+    }
     if (raw_w > 0 && raw_r > 0) {
         bench_json_real(res, KEY("raw_write_gbps_%s"), raw_w);
         bench_json_real(res, KEY("raw_read_gbps_%s"), raw_r);
@@ -308,6 +336,8 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         fprintf(out, " (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);
     if (raw_r > 0)
         fprintf(out, " (%.2fx raw io_uring's %.2f)", g.median / raw_r, raw_r);
+    if (raw_rr > 0)
+        fprintf(out, " (%.2fx its random reads' %.2f)", g.median / raw_rr, raw_rr);
     fprintf(out,
             "\n  DRAM GET %.2f GB/s alone, %.2f GB/s while %.2f GB/s are promoted (%.2fx); warm "
             "restart %.2f s (%" PRId64 " objects), %d wrong, %" PRId64 " verification failures\n",

@@ -23,6 +23,15 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+static uint64_t gcd(uint64_t a, uint64_t b)
+{
+    while (b) {
+        uint64_t t = a % b;
+        a = b, b = t;
+    }
+    return a;
+}
+
 /* One request of len bytes at off, waited for. 0, or -1 (said). */
 static int one(struct io_uring *ring, int fd, int wr, void *buf, uint64_t len, uint64_t off)
 {
@@ -82,10 +91,15 @@ double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t t
     int qe = io_uring_queue_init(4, &ring, 0);
     if (qe < 0)
         fprintf(stderr, "kvf-bench: raw io_uring: %s\n", strerror(-qe));
+    /* randread: block i at (i * step) mod n, step coprime to n: every block once, scattered */
+    uint64_t step = 1;
+    if (!strcmp(rw, "randread"))
+        for (step = (n * 61803) / 100000 | 1; step > 1 && gcd(step, n) != 1; step++)
+            ;
     if (qe == 0) {
         double t0 = now_s();
         uint64_t i = 0;
-        while (i < n && one(&ring, fd, wr, buf, bs, i * bs) == 0)
+        while (i < n && one(&ring, fd, wr, buf, bs, (i * step) % n * bs) == 0)
             i++;
         double t = now_s() - t0;
         if (i == n && t > 0)
@@ -94,7 +108,7 @@ double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t t
     }
     free(buf);
     close(fd);
-    if (!wr)
+    if (!strcmp(rw, "read"))
         unlink(file);
     return gbps;
 }
