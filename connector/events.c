@@ -342,6 +342,10 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
         size_t at;
         if (n_stored && has_parent && roots_find(&ev->rt, parent, &at)) {
             home = ev->rt.shard[at];
+        } else if (n_stored && roots_find(&ev->rt, stored[0], &at)) {
+            /* stored again (another copy) after its parent was forgotten: where it is known to
+             * be, so that its removals, which go there, find it */
+            home = ev->rt.shard[at];
         } else if (n_stored && has_parent) {
             ev->unknown_parents++;
             home = kvf_events_shard_of(parent, S);

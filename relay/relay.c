@@ -131,10 +131,11 @@ static void clear_all(kvf__relay *r, int forget, const char *why)
  * replay protocol, as kvf-sched asks it: the request is the first number wanted; the answers
  * are (sequence, payload); an empty payload ends them). Bounded by answers, silence and a
  * deadline; a socket that never answered is put in back-off. */
-static void replay(kvf__relay *r, uint64_t from, uint64_t upto, const atomic_int *stop)
+static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, const atomic_int *stop)
 {
     uint64_t want = upto - from, next = 0, got = 0;
-    uint64_t cleared_at = UINT64_MAX; /* where the last clear was: once per hole */
+    /* where the last clear was: once per hole (cleared: the caller has just cleared, at 0) */
+    uint64_t cleared_at = cleared ? 0 : UINT64_MAX;
     int answered = 0;
     kvf__zmsg m;
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
@@ -226,7 +227,7 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                  "events from %s: the first batch seen is %" PRIu64
                  "; asking the replay socket for those before it",
                  r->from, r->seq.last);
-        replay(r, 0, r->seq.last, stop);
+        replay(r, 0, r->seq.last, 0, stop);
     } else if (v == KVF_SEQ_RESTART) {
         count(r, &r->st.restarts, 1);
         /* backwards: the engine started again, with nothing cached; far ahead: numbering lost */
@@ -236,7 +237,7 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                         : "the engine's numbering jumped "
                           "far ahead");
         if (again && r->seq.last >= 2 && can_ask)
-            replay(r, 0, r->seq.last, stop); /* what it published since it started again */
+            replay(r, 0, r->seq.last, 1, stop); /* what it published since it started again */
     } else if (v == KVF_SEQ_GAP) {
         count(r, &r->st.gaps, 1);
         count(r, &r->st.missed, r->seq.missed - missed);
@@ -245,7 +246,7 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                      "events from %s: batches %" PRIu64 "..%" PRIu64
                      " missed; asking the replay socket",
                      r->from, from, r->seq.last - 1);
-            replay(r, from, r->seq.last, stop);
+            replay(r, from, r->seq.last, 0, stop);
         } else {
             /* as kvf-sched does without a replay socket: what was said stays (a block missed is
              * learnt when stored again), rather than every block of the engine dropped */

@@ -124,13 +124,14 @@ static void resync(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t first_lost
  *
  * Called on the events thread WITHOUT d->mu: it waits on the network, and the HTTP thread must
  * not wait behind it. It takes the lock only to apply each replayed batch and to count. */
-static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto)
+static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, int cleared)
 {
     kvf__sched_sub *sb = &d->subs[i];
     uint64_t want = upto - from, got = 0;
     /* The next offset expected: a late join (from 0) may start at 1, the first number of
      * publishers that count from 1. An answer past it means a hole. */
-    uint64_t next = 0, cleared_at = UINT64_MAX; /* where the last resync was: once per hole */
+    /* where the last resync was: once per hole (cleared: the caller has just cleared, at 0) */
+    uint64_t next = 0, cleared_at = cleared ? 0 : UINT64_MAX;
     kvf__zmsg m;
     /* Answers to an earlier request that came after it was given up on would end this one. */
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
@@ -333,7 +334,8 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
 /* Checks the sequence number of one batch from publisher i ([topic,] sequence (8 bytes
  * big-endian), payload) and counts what it reveals. Returns -1 for a malformed batch (counted,
  * to be dropped), 1 when the batch revealed a gap that the replay socket should be asked for
- * (*from and *upto: the missing numbers, upto excluded), else 0. Called with d->mu held. */
+ * (*from and *upto: the missing numbers, upto excluded), 2 the same after the publisher's
+ * blocks were dropped (it restarted), else 0. Called with d->mu held. */
 static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, uint64_t *from,
                               uint64_t *upto)
 {
@@ -427,7 +429,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
             return 0;
         *from = 0;
         *upto = sb->seq.last;
-        return 1;
+        return 2; /* cleared already */
     }
     if (v != KVF_SEQ_GAP)
         return 0;
@@ -484,7 +486,7 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
     if (ask && d->subs[i].snapshots)
         snapshot(d, i);
     else if (ask)
-        replay(d, i, from, upto);
+        replay(d, i, from, upto, ask == 2);
     char err[256] = "";
     const kvf_kve *ev = NULL;
     size_t n = 0;

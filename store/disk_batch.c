@@ -38,17 +38,24 @@ static void nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
 }
 
 /* Reads the run w[0..m) (records in log order, span bytes from w[0].off) and checks each
- * record. */
-static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_t span,
-                     const kvf_key *keys, void *const *bufs, int *st)
+ * record. 0, or 1 when the read of a run of several records failed: then nothing is concluded
+ * (the error may lie in bytes between them, which no one asked for) and the caller reads them
+ * one by one. */
+static int read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_t span,
+                    const kvf_key *keys, void *const *bufs, int *st)
 {
     struct rslot *sl = kvf__dk_slot_take(d, span);
     if (!sl) {
         for (size_t k = 0; k < m; k++)
             st[w[k].i] = KVF_ENOMEM;
-        return;
+        return 0;
     }
     int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, span, w[0].off, nothing, NULL);
+    if (r && m > 1) {
+        pthread_mutex_unlock(&sl->mu);
+        __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
     uint8_t ok[SPAN_MAX / BLK];
     uint64_t bytes = 0;
     for (size_t k = 0; k < m && !r; k++) {
@@ -71,7 +78,7 @@ static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_
     for (size_t k = 0; k < m; k++)
         bad += r || !ok[k];
     if (!bad)
-        return; /* every record checked: no lock taken, none waited for */
+        return 0; /* every record checked: no lock taken, none waited for */
     pthread_mutex_lock(&d->mu);
     if (r) {
         kvf__dk_go_down(d, -r);
@@ -85,6 +92,7 @@ static void read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_
             }
     }
     pthread_mutex_unlock(&d->mu);
+    return 0;
 }
 
 int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys, void *const *bufs,
@@ -143,7 +151,14 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             span = to;
             wanted += w[k++].size;
         }
-        read_run(d, ns, w + j, k - j, span, keys, bufs, st);
+        if (read_run(d, ns, w + j, k - j, span, keys, bufs, st)) {
+            /* one by one: a record that reads takes nothing down with it (counted once) */
+            __atomic_fetch_sub(&d->r_gets, (uint64_t)(k - j), __ATOMIC_RELAXED);
+            for (size_t x = j; x < k; x++) {
+                uint64_t got = 0;
+                st[w[x].i] = kvf__disk_get(d, ns, &keys[w[x].i], bufs[w[x].i], w[x].len, &got);
+            }
+        }
         j = k;
     }
     free(w);

@@ -440,6 +440,14 @@ class TestShardedEvents(unittest.TestCase):
         ev.clear()  # and forgotten
         ev.publish(stored=[112], parent=88, tokens=list(range(16)), block_tokens=16)
         self.assertEqual(ev.unknown_parents, 3)
+        # a block stored again (its host copy) after its parent was removed goes where the block
+        # is known to be, not where the forgotten parent's hash says: its removals go there too
+        a, b = kvf.hash_blocks(list(range(500, 532)), 16)
+        ev.publish(stored=[a, b], tokens=list(range(500, 532)), block_tokens=16)
+        ev.publish(removed=[a])
+        ev.publish(stored=[b], parent=a, tokens=list(range(516, 532)), block_tokens=16,
+                   medium="CPU")
+        self.assertEqual(ev.unknown_parents, 3)
         with self.assertRaises(kvf.KvfError) as e:
             kvf.Events("127.0.0.1:0", shards=257)
         self.assertIn("at most 256", str(e.exception))
