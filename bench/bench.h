@@ -16,6 +16,8 @@ int bench_sched_main(int argc, char **argv);
 #include <jansson.h>
 #include <stdint.h>
 int bench_sched_ingest(json_t *res, int quick, int shards);
+/* kvf-bench sched --relay (sched_relay.c): kvf-relay's rate against decoding alone. */
+int bench_sched_relay(json_t *res, int quick, int shards);
 /* A scheduler (kvf_cost, an index sized for 2M blocks) with n instances "inst-0".. that prefill
  * and decode, each of block_tokens and capacity_blocks: the benchmarks' index under test. NULL
  * out of memory. */

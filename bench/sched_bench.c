@@ -138,7 +138,7 @@ out_free:
 
 typedef struct opts {
     const char *trace, *cost_file, *policies, *queues, *rates;
-    int instances, json, find_rate, decision_latency, ingest, quick, shards;
+    int instances, json, find_rate, decision_latency, ingest, relay, quick, shards;
     double time_scale, slo;
     long max_requests, device_blocks, store_blocks, windows;
 } opts;
@@ -190,9 +190,13 @@ static int parse(int argc, char **argv, opts *o)
                  "instead: place()'s latency on a loaded index (real)", NULL),
         KVF__OPT("ingest", KVF__ARG_FLAG, &o->ingest, NULL,
                  "instead: the rate of event ingest into the index (real)", NULL),
+        KVF__OPT("relay", KVF__ARG_FLAG, &o->relay, NULL,
+                 "instead: kvf-relay's rate, relaying an engine's stream by shard, against "
+                 "decoding it alone (real)",
+                 NULL),
         KVF__OPT("shards", KVF__ARG_INT, &o->shards, "N",
                  "with --ingest: also the index split N ways by prefix, a thread per shard, "
-                 "against one shard in the same run (real)",
+                 "against one shard in the same run; with --relay: the relay's shards (4) (real)",
                  "0: not measured", .lo = 0, .hi = 64),
         KVF__OPT("quick", KVF__ARG_FLAG, &o->quick, NULL,
                  "shorter --decision-latency and --ingest runs (CI)", NULL),
@@ -200,7 +204,7 @@ static int parse(int argc, char **argv, opts *o)
     };
     int rc = bench_args("sched",
                         "--trace FILE [OPTIONS] | --decision-latency [--quick] | --ingest "
-                        "[--shards N] [--quick]",
+                        "[--shards N] [--quick] | --relay [--shards N] [--quick]",
                         "Trace replay through the scheduler's policies on simulated engines "
                         "(simulated); place() latency and event ingest (real). "
                         "docs/benchmarks.md.",
@@ -704,6 +708,11 @@ int bench_sched_main(int argc, char **argv)
     json_t *res = bench_result_new("sched");
     if (o.ingest) {
         rc = bench_sched_ingest(res, o.quick, o.shards) ? 1 : 0;
+        bench_emit(res, o.json);
+        goto out_decref_res;
+    }
+    if (o.relay) {
+        rc = bench_sched_relay(res, o.quick, o.shards) ? 1 : 0;
         bench_emit(res, o.json);
         goto out_decref_res;
     }
