@@ -133,9 +133,9 @@ static void clear_all(kvf__relay *r, int forget, const char *why)
  * deadline; a socket that never answered is put in back-off. */
 static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, const atomic_int *stop)
 {
-    uint64_t want = upto - from, next = 0, got = 0;
-    /* where the last clear was: once per hole (cleared: the caller has just cleared, at 0) */
-    uint64_t cleared_at = cleared ? 0 : UINT64_MAX;
+    uint64_t want = upto - from, got = 0, lost = 0;
+    kvf_replay_walk walk;
+    kvf_replay_walk_init(&walk, from, upto, cleared);
     int answered = 0;
     kvf__zmsg m;
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
@@ -149,31 +149,26 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
         answered = 1;
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
             break; /* the end */
-        uint64_t off = kvf__kve_seq_get(m.seq) - from;
-        if (off >= HALF)
-            continue; /* before the first one asked for */
-        /* a late join may start at 1, the first number of publishers that count from 1 */
-        if (off > next && !(from == 0 && next == 0 && off == 1)) {
-            /* each hole: what was relayed since an earlier one may be stale again */
+        unsigned step = kvf_replay_walk_step(&walk, kvf__kve_seq_get(m.seq), &lost);
+        if (step & KVF_REPLAY_HOLE) {
             clear_all(r, 0,
-                      off >= want ? "batches were lost (the replay window starts after them)"
-                                  : "batches were lost (the replay window skips them)");
+                      step & KVF_REPLAY_PAST
+                          ? "batches were lost (the replay window starts after them)"
+                          : "batches were lost (the replay window skips them)");
             count(r, &r->st.lost, 1);
-            cleared_at = next;
         }
-        if (off < want) {
+        if (step & KVF_REPLAY_APPLY) {
             relay_batch(r, m.payload, m.len);
             got++;
-            next = off + 1;
         }
-        if (off + 1 >= want)
+        if (step & KVF_REPLAY_DONE)
             break;
     }
     count(r, &r->st.replayed, got);
     if (atomic_load(stop))
         return; /* cut short by a stop: nothing is known lost, nothing cleared */
     if (answered) {
-        if (next < want && next != cleared_at && !(from == 0 && want == 1)) {
+        if (kvf_replay_walk_short(&walk, &lost)) {
             clear_all(r, 0, "batches were lost (the replay ended before them)");
             count(r, &r->st.lost, 1);
         }

@@ -180,6 +180,42 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
     return a > UINT64_MAX - b ? UINT64_MAX : a + b;
 }
 
+void kvf_replay_walk_init(kvf_replay_walk *w, uint64_t from, uint64_t upto, int cleared)
+{
+    *w = (kvf_replay_walk){
+        .from = from, .want = upto - from, .cleared_at = cleared ? 0 : UINT64_MAX};
+}
+
+unsigned kvf_replay_walk_step(kvf_replay_walk *w, uint64_t seq, uint64_t *lost_from)
+{
+    const uint64_t half = (uint64_t)1 << 63;
+    uint64_t off = seq - w->from; /* modulo 2^64, as kvf_seq_check compares */
+    if (off >= half)
+        return 0; /* before the first one asked for */
+    unsigned r = 0;
+    if (off > w->next && !(w->from == 0 && w->next == 0 && off == 1) && w->cleared_at != w->next) {
+        /* each hole: what was applied since an earlier one may be stale again */
+        *lost_from = w->from + w->next;
+        w->cleared_at = w->next;
+        r |= KVF_REPLAY_HOLE | (off >= w->want ? KVF_REPLAY_PAST : 0);
+    }
+    if (off < w->want) {
+        r |= KVF_REPLAY_APPLY;
+        w->next = off + 1;
+    }
+    if (off + 1 >= w->want)
+        r |= KVF_REPLAY_DONE;
+    return r;
+}
+
+int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from)
+{
+    if (w->next >= w->want || w->next == w->cleared_at || (w->from == 0 && w->want == 1))
+        return 0;
+    *lost_from = w->from + w->next;
+    return 1;
+}
+
 int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from)
 {
     uint64_t seq = kvf__kve_seq_get(seq8);

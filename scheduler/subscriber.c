@@ -127,11 +127,9 @@ static void resync(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t first_lost
 static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, int cleared)
 {
     kvf__sched_sub *sb = &d->subs[i];
-    uint64_t want = upto - from, got = 0;
-    /* The next offset expected: a late join (from 0) may start at 1, the first number of
-     * publishers that count from 1. An answer past it means a hole. */
-    /* where the last resync was: once per hole (cleared: the caller has just cleared, at 0) */
-    uint64_t next = 0, cleared_at = cleared ? 0 : UINT64_MAX;
+    uint64_t want = upto - from, got = 0, lost = 0;
+    kvf_replay_walk walk;
+    kvf_replay_walk_init(&walk, from, upto, cleared);
     kvf__zmsg m;
     /* Answers to an earlier request that came after it was given up on would end this one. */
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
@@ -146,17 +144,12 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
         answered = 1;
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
             break;
-        uint64_t off = kvf__kve_seq_get(m.seq) - from;
-        if (off >= ((uint64_t)1 << 63))
-            continue; /* before the first one asked for */
-        if (off > next && !(from == 0 && next == 0 && off == 1)) {
-            /* each hole: what was applied since an earlier one may be stale again */
-            resync(d, sb, from + next,
-                   off >= want ? "the replay window starts after them"
-                               : "the replay window skips them");
-            cleared_at = next;
-        }
-        if (off < want) {
+        unsigned step = kvf_replay_walk_step(&walk, kvf__kve_seq_get(m.seq), &lost);
+        if (step & KVF_REPLAY_HOLE)
+            resync(d, sb, lost,
+                   step & KVF_REPLAY_PAST ? "the replay window starts after them"
+                                          : "the replay window skips them");
+        if (step & KVF_REPLAY_APPLY) {
             char err[256] = "";
             const kvf_kve *ev = NULL;
             size_t n = 0;
@@ -176,15 +169,13 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
             if (dead)
                 return;
             got++;
-            next = off + 1;
         }
-        if (off + 1 >= want && off < ((uint64_t)1 << 63))
+        if (step & KVF_REPLAY_DONE)
             break; /* reached the batch in hand, or past it */
     }
     if (answered) {
-        if (next < want && next != cleared_at && !(from == 0 && want == 1) &&
-            !atomic_load(&d->stop))
-            resync(d, sb, from + next, "the replay ended before them");
+        if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
+            resync(d, sb, lost, "the replay ended before them");
         sb->replay_backoff_ms = 0;
         kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
                  sb->endpoint, got, want);

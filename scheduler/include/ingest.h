@@ -83,4 +83,28 @@ typedef enum kvf_seq_verdict {
  * skipped number (a gap to recover through the replay socket). */
 int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from);
 
+/* A replay of the batches from..upto-1 walked answer by answer, as kvf-sched and kvf-relay walk
+ * one: which answers to apply, where batches were lost (each hole said once), and when it is
+ * done. A late join (from 0) may start at 1, the first number of publishers that count from 1. */
+typedef struct kvf_replay_walk {
+    uint64_t from, want, next; /* next: the offset from `from` expected next */
+    uint64_t cleared_at;       /* the offset of the last loss said, or UINT64_MAX */
+} kvf_replay_walk;
+
+/* cleared: the caller has just dropped what it held (a restart), so a loss at the start is not
+ * said again. */
+void kvf_replay_walk_init(kvf_replay_walk *w, uint64_t from, uint64_t upto, int cleared);
+
+#define KVF_REPLAY_APPLY 1u /* the answer is one asked for: apply it */
+#define KVF_REPLAY_HOLE  2u /* batches before it were lost, from *lost_from on */
+#define KVF_REPLAY_PAST  4u /* (with HOLE) the window starts after the batches asked for */
+#define KVF_REPLAY_DONE  8u /* the walk has reached the batch in hand, or past it */
+
+/* The answer numbered seq. Returns the KVF_REPLAY_* bits that hold (0: before the first one
+ * asked for). */
+unsigned kvf_replay_walk_step(kvf_replay_walk *w, uint64_t seq, uint64_t *lost_from);
+/* After the answers: 1 with *lost_from when the replay ended before the batches asked for and
+ * that loss was not said already. */
+int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from);
+
 #endif

@@ -760,6 +760,22 @@ static void relay_start(daemon_t *relay, const kvf_events *engine, const char *s
     proc_start(relay, argv);
 }
 
+/* Starts kvf-relay (2 shards) in front of engine and registers the engine as "sh" with replicas
+ * d[0] and d[1] under the relay's endpoints. */
+static void relay_in_front(daemon_t *relay, const kvf_events *engine, const daemon_t d[2])
+{
+    char ep[160], rep[160], body[640], out[1024];
+    relay_start(relay, engine, "2");
+    relay_endpoint(relay, "events", ep, sizeof ep);
+    relay_endpoint(relay, "replay", rep, sizeof rep);
+    snprintf(body, sizeof body,
+             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\","
+             "\"event_shards\":2}",
+             ep, rep);
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+}
+
 /* An engine that publishes one stream (vLLM's way: one topic, its own block hashes, not
  * kvfabric's chain) behind kvf-relay, with kvf-sched replicas --shard 0/2 and 1/2 registered
  * under the relay's endpoints. Each replica indexes exactly the sequences whose first block's
@@ -773,7 +789,7 @@ static void test_sched_daemon_relay_shards_a_vllm_stream(void **state)
     daemon_t d[2], relay;
     sched_start(&d[0], "--shard", "0/2");
     sched_start(&d[1], "--shard", "1/2");
-    char err[256], out[4096], ep[160], rep[160], body[640];
+    char err[256], out[4096];
     kvf_events *ev = NULL; /* the engine: one stream, with a replay socket */
     kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0"};
     assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
@@ -792,18 +808,10 @@ static void test_sched_daemon_relay_shards_a_vllm_stream(void **state)
     assert_true(per[0] > 0 && per[1] > 0);
     for (int j = 0; j < 2; j++) /* before the relay: it asks for them (a late join) */
         assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
-    relay_start(&relay, ev, "2");
+    relay_in_front(&relay, ev, d);
     assert_int_equal(http(&relay, "GET", "/healthz", NULL, out, sizeof out), 200);
     assert_int_equal(http(&relay, "POST", "/v1/relay", "{}", out, sizeof out), 405);
     assert_int_equal(relay_stat(&relay, "shards"), 2);
-    relay_endpoint(&relay, "events", ep, sizeof ep);
-    relay_endpoint(&relay, "replay", rep, sizeof rep);
-    snprintf(body, sizeof body,
-             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\","
-             "\"event_shards\":2}",
-             ep, rep);
-    for (int r = 0; r < 2; r++)
-        assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
     publish_until_sharded(ev, d, SEQS, h[0], 5, tok[0], 80, shard);
     assert_true(relay_stat(&relay, "late_joins") >= 1);
     assert_true(relay_stat(&relay, "replayed") >= 2);
@@ -852,7 +860,7 @@ static void test_sched_daemon_relay_clears_what_was_lost(void **state)
     daemon_t d[2], relay;
     sched_start(&d[0], "--shard", "0/2");
     sched_start(&d[1], "--shard", "1/2");
-    char err[256], out[4096], ep[160], rep[160], body[640];
+    char err[256];
     kvf_events *ev = NULL;
     kvf_events_opts o = {.listen = "127.0.0.1:0", .replay = "127.0.0.1:0", .replay_batches = 2};
     assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
@@ -869,15 +877,7 @@ static void test_sched_daemon_relay_clears_what_was_lost(void **state)
     }
     for (int j = 0; j < 6; j++) /* the window keeps the last two of these six */
         assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
-    relay_start(&relay, ev, "2");
-    relay_endpoint(&relay, "events", ep, sizeof ep);
-    relay_endpoint(&relay, "replay", rep, sizeof rep);
-    snprintf(body, sizeof body,
-             "{\"id\":\"sh\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\","
-             "\"event_shards\":2}",
-             ep, rep);
-    for (int r = 0; r < 2; r++)
-        assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+    relay_in_front(&relay, ev, d);
     /* The first live batch the relay sees (7, or a later one if it joined later still) makes
      * it ask for those before it, of which the window keeps only the one just before: the rest
      * are lost, the replicas told to forget the engine, and the window's batch and the live

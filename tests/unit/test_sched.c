@@ -336,6 +336,47 @@ static void test_sched_events_both_encodings(void **state)
     kvf_sched_destroy(&s);
 }
 
+/* A replay walked answer by answer (kvf_replay_walk, kvf-sched's and kvf-relay's): answers
+ * before the first asked for skipped, a late join that starts at 1 no loss, each hole said once
+ * with where it starts, a window that starts after what was asked said as such, an end short of
+ * it said unless said already, and no loss said at 0 right after the caller cleared. */
+static void test_sched_replay_walk(void **state)
+{
+    (void)state;
+    kvf_replay_walk w;
+    uint64_t lost = 0;
+    /* a late join up to batch 5 (asked from 0): answers 1..4, then the batch in hand */
+    kvf_replay_walk_init(&w, 0, 5, 0);
+    for (uint64_t s = 1; s <= 4; s++)
+        assert_int_equal(kvf_replay_walk_step(&w, s, &lost),
+                         KVF_REPLAY_APPLY | (s == 4 ? KVF_REPLAY_DONE : 0));
+    assert_int_equal(kvf_replay_walk_short(&w, &lost), 0);
+    /* a gap 10..19 asked: 9 (before it) skipped, 10, a hole at 11..12, 13, then the window ends */
+    kvf_replay_walk_init(&w, 10, 20, 0);
+    assert_int_equal(kvf_replay_walk_step(&w, 9, &lost), 0);
+    assert_int_equal(kvf_replay_walk_step(&w, 10, &lost), KVF_REPLAY_APPLY);
+    assert_int_equal(kvf_replay_walk_step(&w, 13, &lost), KVF_REPLAY_HOLE | KVF_REPLAY_APPLY);
+    assert_int_equal(lost, 11);
+    assert_int_equal(kvf_replay_walk_short(&w, &lost), 1);
+    assert_int_equal(lost, 14);
+    /* a window that starts after the batches asked for: one loss, not a second at the end */
+    kvf_replay_walk_init(&w, 10, 20, 0);
+    assert_int_equal(kvf_replay_walk_step(&w, 20, &lost),
+                     KVF_REPLAY_HOLE | KVF_REPLAY_PAST | KVF_REPLAY_DONE);
+    assert_int_equal(lost, 10);
+    assert_int_equal(kvf_replay_walk_short(&w, &lost), 0);
+    /* just cleared (a restart): a window starting late says nothing more */
+    kvf_replay_walk_init(&w, 0, 8, 1);
+    assert_int_equal(kvf_replay_walk_step(&w, 6, &lost), KVF_REPLAY_APPLY);
+    assert_int_equal(kvf_replay_walk_step(&w, 7, &lost), KVF_REPLAY_APPLY | KVF_REPLAY_DONE);
+    /* numbers that wrap past 2^64 compare as the tracker compares them */
+    kvf_replay_walk_init(&w, UINT64_MAX - 1, 2, 0);
+    assert_int_equal(kvf_replay_walk_step(&w, UINT64_MAX - 1, &lost), KVF_REPLAY_APPLY);
+    assert_int_equal(kvf_replay_walk_step(&w, 1, &lost),
+                     KVF_REPLAY_HOLE | KVF_REPLAY_APPLY | KVF_REPLAY_DONE);
+    assert_int_equal(lost, UINT64_MAX);
+}
+
 static void test_sched_sequence_gaps(void **state)
 {
     (void)state;
@@ -976,6 +1017,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_index_grows),
         cmocka_unit_test(test_sched_events_both_encodings),
         cmocka_unit_test(test_sched_apply_in_slices),
+        cmocka_unit_test(test_sched_replay_walk),
         cmocka_unit_test(test_sched_sequence_gaps),
         cmocka_unit_test(test_sched_sequence_extremes),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
