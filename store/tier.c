@@ -24,7 +24,17 @@ enum { W_DEMOTE = 100, W_COPY = 101 };
  * engine reads this many objects at once (its read slots). */
 #define READERS 4
 
-/* One unit of a device worker's work: a demotion, or a request's share on this device. */
+/* A key of a request on a device, and where its record lay when the request came (its offset in
+ * the device's log; UINT64_MAX: not indexed), by which a device's queued promotions are dealt. */
+typedef struct item {
+    kvf__tier_req *req;
+    uint64_t off;
+    uint32_t i; /* the key's index in req */
+} item;
+
+/* One unit of a device worker's work: a demotion, a removal's or a clear's share on this device
+ * (req), or keys of promotions to read (items: of one namespace, of one request or of several
+ * merged while they waited, in log order). */
 typedef struct work {
     struct work *next;
     int kind;
@@ -35,10 +45,10 @@ typedef struct work {
     kvf_key key;
     const uint8_t *data;
     uint64_t len;
-    /* a request: the indices of its keys on this device */
+    /* a request's share: REMOVE and CLEAR's req; the keys (every kind but CLEAR) */
     kvf__tier_req *req;
     uint32_t nidx;
-    uint32_t idx[];
+    item it[];
 } work;
 
 typedef struct wqueue {
@@ -212,10 +222,11 @@ static int on_hot(void *ctx, uint32_t eid, uint64_t ns, const kvf_key *key, cons
 /* ------------------------------------------------------------------------------------------ */
 /* Requests */
 
-/* A device's share of r is done; the last share calls done(). */
-static void req_share_done(kvf__tier *t, kvf__tier_req *r)
+/* n of r's units are done (a promotion's keys, a removal's or a clear's shares: r->remaining);
+ * the last calls done(). */
+static void req_done_n(kvf__tier *t, kvf__tier_req *r, int n)
 {
-    if (atomic_fetch_sub(&r->remaining, 1) != 1)
+    if (atomic_fetch_sub(&r->remaining, n) != n)
         return;
     pthread_mutex_lock(&t->mu);
     if (r->kind == KVF_TIER_PROMOTE) {
@@ -229,6 +240,23 @@ static void req_share_done(kvf__tier *t, kvf__tier_req *r)
     if (--t->requests == 0)
         pthread_cond_broadcast(&t->idle);
     pthread_mutex_unlock(&t->mu);
+}
+
+/* A work is done: its request's share (REMOVE, CLEAR), or each of its keys (promotions: the
+ * requests' in turn, a run of one request's told at once). */
+static void work_done(kvf__tier *t, work *w)
+{
+    if (w->kind != KVF_TIER_PROMOTE) {
+        req_done_n(t, w->req, 1);
+        return;
+    }
+    for (uint32_t k = 0; k < w->nidx;) {
+        uint32_t e = k + 1;
+        while (e < w->nidx && w->it[e].req == w->it[k].req)
+            e++;
+        req_done_n(t, w->it[k].req, (int)(e - k));
+        k = e;
+    }
 }
 
 /* Tells the demotions written since the last time (the buffer was just written out) that are
@@ -259,25 +287,27 @@ static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
  * key refused is given up at once. */
 #define RESERVE_WAIT_MS 200
 
-static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_t *at,
-                          const uint32_t *eid, const kvf_key *keys, void **dst, const uint64_t *cap,
-                          uint64_t *got, int *st);
+static void promote_round(device *v, uint32_t m, const item *const *at, const uint32_t *eid,
+                          const kvf_key *keys, void **dst, const uint64_t *cap, uint64_t *got,
+                          int *st);
 
-/* Reads the keys idx[0..n) of r from v, each into a DRAM entry reserved for it, committed and
- * marked on disk, and holds a reference on each for r's caller. The reads go to the engine at once
- * (kvf__disk_get_many): objects a batch demoted together are read back in one I/O. */
-static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint32_t n)
+/* Reads the keys it[0..n) (of one namespace: one request's, or several's merged while they
+ * waited), each into a DRAM entry reserved for it (charged to its request's tenant), committed
+ * and marked on disk, and holds a reference on each for its request's caller. The reads go to
+ * the engine at once (kvf__disk_get_many): objects demoted together are read back in one I/O. */
+static void promote_many(device *v, const item *it, uint32_t n)
 {
     kvf__tier *t = v->t;
     kvf_cache *c = t->o.cache;
-    uint32_t *at = malloc((n ? n : 1) * sizeof *at), *eid = malloc((n ? n : 1) * sizeof *eid);
+    const item **at = malloc((n ? n : 1) * sizeof *at);
+    uint32_t *eid = malloc((n ? n : 1) * sizeof *eid);
     kvf_key *keys = malloc((n ? n : 1) * sizeof *keys);
     void **dst = malloc((n ? n : 1) * sizeof *dst);
     uint64_t *cap = malloc((n ? n : 1) * sizeof *cap), *got = malloc((n ? n : 1) * sizeof *got);
     int *st = malloc((n ? n : 1) * sizeof *st);
     if (!at || !eid || !keys || !dst || !cap || !got || !st) {
         for (uint32_t k = 0; k < n; k++)
-            r->st[idx[k]] = KVF_ENOMEM;
+            it[k].req->st[it[k].i] = KVF_ENOMEM;
         goto out;
     }
     /* Rounds: an entry reserved for each key the device holds, until a reservation is refused
@@ -288,7 +318,8 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
     for (uint32_t k = 0; k < n && !atomic_load(&t->stop);) {
         uint32_t m = 0;
         while (k < n && !atomic_load(&t->stop)) {
-            uint32_t i = idx[k];
+            kvf__tier_req *r = it[k].req;
+            uint32_t i = it[k].i;
             uint64_t len = 0;
             if (!kvf__disk_contains(v->d, r->ns, &r->keys[i], &len)) {
                 r->st[i] = KVF_ENOENT;
@@ -317,29 +348,30 @@ static void promote_many(device *v, kvf__tier_req *r, const uint32_t *idx, uint3
                 r->st[i] = rc;
                 continue;
             }
-            at[m] = i, keys[m] = r->keys[i], dst[m] = p, cap[m] = len;
+            at[m] = &it[k - 1], keys[m] = r->keys[i], dst[m] = p, cap[m] = len;
             m++;
         }
-        promote_round(v, r, m, at, eid, keys, dst, cap, got, st);
+        promote_round(v, m, at, eid, keys, dst, cap, got, st);
     }
 out:
     free(at), free(eid), free(keys), free(dst), free(cap), free(got), free(st);
 }
 
-/* Reads the m keys reserved (at[k]: their index in r, eid[k] their entry, dst[k] its bytes,
- * cap[k] the object's length) and commits each that checked, or aborts its entry. */
-static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_t *at,
-                          const uint32_t *eid, const kvf_key *keys, void **dst, const uint64_t *cap,
-                          uint64_t *got, int *st)
+/* Reads the m keys reserved (at[k]: the key, eid[k] its entry, dst[k] its bytes, cap[k] the
+ * object's length) and commits each that checked, or aborts its entry. */
+static void promote_round(device *v, uint32_t m, const item *const *at, const uint32_t *eid,
+                          const kvf_key *keys, void **dst, const uint64_t *cap, uint64_t *got,
+                          int *st)
 {
     kvf__tier *t = v->t;
     kvf_cache *c = t->o.cache;
     uint64_t t0 = kvf__now_ns();
-    int rc = m ? kvf__disk_get_many(v->d, r->ns, m, keys, dst, cap, got, st) : 0;
+    int rc = m ? kvf__disk_get_many(v->d, at[0]->req->ns, m, keys, dst, cap, got, st) : 0;
     double secs = (double)(kvf__now_ns() - t0) / 1e9;
     uint64_t promoted = 0, bytes = 0, misses = 0, failed = 0, not_kept = 0;
     for (uint32_t k = 0; k < m; k++) {
-        uint32_t i = at[k];
+        kvf__tier_req *r = at[k]->req;
+        uint32_t i = at[k]->i;
         int s = rc ? rc : st[k];
         kvf__cache_lock(c);
         if (s == 0 && got[k] == cap[k] && kvf__cache_commit_locked(c, eid[k], TIER_OWNER) == 0) {
@@ -359,6 +391,7 @@ static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_
             promoted++;
             bytes += cap[k];
             not_kept += r->keep && !r->keep[i];
+            __atomic_fetch_add(&r->bytes, cap[k], __ATOMIC_RELAXED);
         } else if (r->st[i] == KVF_ENOENT) {
             misses++;
         } else {
@@ -373,24 +406,23 @@ static void promote_round(device *v, kvf__tier_req *r, uint32_t m, const uint32_
     t->st.promote_misses += misses;
     t->st.promote_failed += failed;
     pthread_mutex_unlock(&t->mu);
-    __atomic_fetch_add(&r->bytes, bytes, __ATOMIC_RELAXED);
 }
 
 static void run_request(device *v, work *w)
 {
     kvf__tier *t = v->t;
-    kvf__tier_req *r = w->req;
-    if (r->kind == KVF_TIER_PROMOTE) {
-        promote_many(v, r, w->idx, w->nidx);
+    if (w->kind == KVF_TIER_PROMOTE) {
+        promote_many(v, w->it, w->nidx);
         return;
     }
+    kvf__tier_req *r = w->req;
     /* removals and clears follow the demotions queued before them: those are written (and told)
      * first */
     kvf__disk_flush(v->d);
     tell_demoted(v);
     if (r->kind == KVF_TIER_REMOVE) {
         for (uint32_t k = 0; k < w->nidx; k++) {
-            uint32_t i = w->idx[k];
+            uint32_t i = w->it[k].i;
             if (kvf__disk_remove(v->d, r->ns, &r->keys[i]) == 0) {
                 r->st[i] = 0;
                 if (t->o.on_change)
@@ -500,7 +532,7 @@ static void *writer_main(void *arg)
             }
         } else {
             run_request(v, w);
-            req_share_done(t, w->req);
+            work_done(t, w);
         }
         free(w);
         pthread_mutex_lock(&t->mu);
@@ -524,7 +556,7 @@ static void *reader_main(void *arg)
         }
         pthread_mutex_unlock(&t->mu);
         run_request(v, w); /* once stopping, promotes nothing: its keys stay misses */
-        req_share_done(t, w->req);
+        work_done(t, w);
         free(w);
         pthread_mutex_lock(&t->mu);
     }
@@ -535,112 +567,180 @@ static void *reader_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* The interface */
 
-/* A key of a promotion and where its record lies: its device, then its offset in that log. */
-typedef struct keyspot {
-    uint64_t dev, off;
-    uint32_t i;
-} keyspot;
-
-static int by_spot(const void *a, const void *b)
+/* Items in the order their records lie in the log (keys not indexed last; equals by request and
+ * index, so that a request's keys keep their order among them). */
+static int by_off(const void *a, const void *b)
 {
-    const keyspot *x = a, *y = b;
-    if (x->dev != y->dev)
-        return x->dev < y->dev ? -1 : 1;
+    const item *x = a, *y = b;
     if (x->off != y->off)
         return x->off < y->off ? -1 : 1;
+    if (x->req != y->req)
+        return (uintptr_t)x->req < (uintptr_t)y->req ? -1 : 1;
     return x->i < y->i ? -1 : x->i > y->i;
 }
 
-/* r's keys in the order their records lie on disk (device by device, offset by offset; keys not
- * indexed last): dealt in consecutive runs of this order, each reader's keys lie side by side
- * in the log even when the demotions that wrote them interleaved the request's keys (a store of
- * several event loops evicts a batch's keys in the order its loops inserted them), so
- * kvf__disk_get_many reads each run in one I/O. NULL when out of memory: the request's order. */
-static keyspot *log_order(kvf__tier *t, const kvf__tier_req *r, const int *parts)
+/* The most keys a device's waiting promotions are merged into (merge_waiting): past that, a new
+ * request's keys queue on their own, so that a long queue is never sorted again at each request. */
+#define MERGE_KEYS 4096
+
+/* Deals the n items its (in log order) into np works of consecutive runs of them, ws[0..np), of
+ * kind for req. 0, or KVF_ENOMEM (none made). */
+static int deal(const item *its, uint32_t n, int np, int kind, kvf__tier_req *req, work **ws)
 {
-    keyspot *o = malloc((size_t)r->n * sizeof *o);
-    if (!o)
-        return NULL;
-    for (uint32_t i = 0; i < r->n; i++) {
-        int d = dev_of(t, &r->keys[i]);
-        o[i] =
-            (keyspot){.dev = (uint64_t)d,
-                      .off = parts[d] > 1 ? kvf__disk_offset(t->dev[d].d, r->ns, &r->keys[i]) : 0,
-                      .i = i};
+    for (int k = 0; k < np; k++) {
+        uint32_t lo = (uint32_t)((uint64_t)n * (uint64_t)k / (uint64_t)np);
+        uint32_t hi = (uint32_t)((uint64_t)n * (uint64_t)(k + 1) / (uint64_t)np);
+        ws[k] = calloc(1, sizeof(work) + (size_t)(hi - lo) * sizeof(item));
+        if (!ws[k]) {
+            while (k-- > 0)
+                free(ws[k]);
+            return KVF_ENOMEM;
+        }
+        ws[k]->kind = kind;
+        ws[k]->req = req;
+        ws[k]->nidx = hi - lo;
+        if (hi > lo)
+            memcpy(ws[k]->it, its + lo, (size_t)(hi - lo) * sizeof(item));
     }
-    qsort(o, r->n, sizeof *o, by_spot);
-    return o;
+    return 0;
+}
+
+/* Under t->mu: the promotions of namespace ns waiting in v's readers' queue and the n new keys its
+ * (in log order), dealt together in log order into up to READERS works at the queue's end. Keys of
+ * requests that came together (a client's batch, striped over connections and so over the event
+ * loops) lie interleaved in the log when they were demoted together; dealt apart, each reader's
+ * keys would be one record in several and read one I/O each, and merged, runs of them are read at
+ * once (kvf__disk_get_many). Counts (r->remaining) are the keys', so they do not change. 1 if
+ * merged; 0 if nothing of ns waits, or past MERGE_KEYS, or out of memory: the caller queues its
+ * own works. */
+static int merge_waiting(device *v, uint64_t ns, const item *its, uint32_t n)
+{
+    uint32_t total = n;
+    int waiting = 0;
+    for (work *w = v->rq.head; w; w = w->next)
+        if (w->nidx && w->it[0].req->ns == ns) {
+            total += w->nidx;
+            waiting++;
+        }
+    if (!waiting || total > MERGE_KEYS)
+        return 0;
+    item *all = malloc((size_t)total * sizeof *all);
+    if (!all)
+        return 0;
+    memcpy(all, its, (size_t)n * sizeof *all);
+    uint32_t m = n;
+    for (work *w = v->rq.head; w; w = w->next)
+        if (w->nidx && w->it[0].req->ns == ns) {
+            memcpy(all + m, w->it, (size_t)w->nidx * sizeof *all);
+            m += w->nidx;
+        }
+    qsort(all, total, sizeof *all, by_off);
+    work *ws[READERS];
+    int np = total < READERS ? (int)total : READERS;
+    int rc = deal(all, total, np, KVF_TIER_PROMOTE, NULL, ws);
+    free(all);
+    if (rc)
+        return 0;
+    wqueue rest = {0};
+    for (work *w = q_pop(&v->rq); w; w = q_pop(&v->rq)) {
+        if (w->nidx && w->it[0].req->ns == ns)
+            free(w); /* its keys are in ws */
+        else
+            q_push(&rest, w);
+    }
+    v->rq = rest;
+    for (int k = 0; k < np; k++)
+        q_push(&v->rq, ws[k]);
+    return 1;
 }
 
 int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
 {
     enum { MAXW = KVF_TIER_MAX_DEVICES * READERS };
-    uint32_t count[KVF_TIER_MAX_DEVICES] = {0};
+    int promote = r->kind == KVF_TIER_PROMOTE;
+    uint32_t count[KVF_TIER_MAX_DEVICES] = {0}, first[KVF_TIER_MAX_DEVICES + 1] = {0};
     for (uint32_t i = 0; i < r->n; i++)
         count[dev_of(t, &r->keys[i])]++;
+    for (int d = 0; d < t->n; d++)
+        first[d + 1] = first[d] + count[d];
+    /* the keys device by device; a promotion's in the order their records lie in its log: each
+     * reader's run of them lies side by side there even when the demotions that wrote them
+     * interleaved the request's keys (a store of several event loops evicts a batch's keys in the
+     * order its loops inserted them), and is read at once (kvf__disk_get_many) */
+    item *its = NULL;
+    if (r->kind != KVF_TIER_CLEAR && r->n) {
+        its = malloc((size_t)r->n * sizeof *its);
+        if (!its)
+            return KVF_ENOMEM;
+        uint32_t at[KVF_TIER_MAX_DEVICES];
+        memcpy(at, first, sizeof at);
+        for (uint32_t i = 0; i < r->n; i++) {
+            int d = dev_of(t, &r->keys[i]);
+            its[at[d]++] =
+                (item){.req = r,
+                       .off = promote ? kvf__disk_offset(t->dev[d].d, r->ns, &r->keys[i]) : 0,
+                       .i = i};
+        }
+        for (int d = 0; promote && d < t->n; d++)
+            qsort(its + first[d], count[d], sizeof *its, by_off);
+    }
     /* a device's share: one work (removals, clears: its writer's), or for promotions up to READERS
-     * works of its keys in consecutive runs of their order in the log (log_order), one per
-     * reader: each reader's run of them lies side by side in the log and is read at once
-     * (kvf__disk_get_many); dealt round, no reader would have two neighbours */
+     * works of its keys in consecutive runs of their order in the log, one per reader (dealt
+     * round, no reader would have two neighbours). r->remaining counts a promotion's keys (a
+     * work may carry several requests' keys: merge_waiting), other requests' works. */
     work *ws[MAXW] = {0};
-    int devs[MAXW], first[KVF_TIER_MAX_DEVICES], parts[KVF_TIER_MAX_DEVICES] = {0};
-    int nw = 0;
+    int devs[MAXW];
+    int nw = 0, units = 0;
     for (int d = 0; d < t->n; d++) {
-        first[d] = nw;
         if ((r->kind != KVF_TIER_CLEAR && !count[d]) || dev_down(&t->dev[d]))
             continue;
-        int np = r->kind == KVF_TIER_PROMOTE && count[d] > 1
-                     ? (int)(count[d] < READERS ? count[d] : READERS)
-                     : 1;
-        for (int k = 0; k < np; k++) {
-            uint32_t cap = (count[d] + (uint32_t)np - 1) / (uint32_t)np;
-            ws[nw] = calloc(1, sizeof(work) + (size_t)cap * sizeof(uint32_t));
-            if (!ws[nw]) {
-                for (int j = 0; j < nw; j++)
-                    free(ws[j]);
-                return KVF_ENOMEM;
-            }
-            ws[nw]->kind = r->kind;
-            ws[nw]->req = r;
-            devs[nw++] = d;
+        int np = promote && count[d] > 1 ? (int)(count[d] < READERS ? count[d] : READERS) : 1;
+        if (deal(its ? its + first[d] : NULL, count[d], np, r->kind, r, ws + nw) != 0) {
+            for (int j = 0; j < nw; j++)
+                free(ws[j]);
+            free(its);
+            return KVF_ENOMEM;
         }
-        parts[d] = np;
+        for (int k = 0; k < np; k++)
+            devs[nw++] = d;
+        units += promote ? (int)count[d] : np;
     }
-    if (nw == 0)
+    if (nw == 0) {
+        free(its);
         return KVF_EIO;
-    uint32_t dealt[KVF_TIER_MAX_DEVICES] = {0};
-    keyspot *ord = r->kind == KVF_TIER_PROMOTE && r->n > 1 ? log_order(t, r, parts) : NULL;
-    for (uint32_t j = 0; j < r->n; j++) {
-        uint32_t i = ord ? ord[j].i : j;
-        int d = dev_of(t, &r->keys[i]);
-        if (!parts[d])
-            continue;
-        work *w = ws[first[d] + (int)((uint64_t)dealt[d]++ * (uint64_t)parts[d] / count[d])];
-        w->idx[w->nidx++] = i;
     }
-    free(ord);
     r->cleared = 0;
     r->t0_ns = kvf__now_ns();
-    atomic_store(&r->remaining, nw);
+    atomic_store(&r->remaining, units);
     pthread_mutex_lock(&t->mu);
     if (atomic_load(&t->stop) || t->refuse || t->requests >= t->o.max_requests) {
         pthread_mutex_unlock(&t->mu);
         for (int k = 0; k < nw; k++)
             free(ws[k]);
+        free(its);
         return KVF_EBUSY;
     }
     t->requests++;
-    for (int k = 0; k < nw; k++) {
-        device *v = &t->dev[devs[k]];
-        if (r->kind == KVF_TIER_PROMOTE) {
-            q_push(&v->rq, ws[k]);
-            pthread_cond_signal(&v->rcv);
+    for (int k = 0; k < nw;) {
+        int d = devs[k], e = k;
+        while (e < nw && devs[e] == d)
+            e++;
+        device *v = &t->dev[d];
+        if (promote && merge_waiting(v, r->ns, its + first[d], count[d])) {
+            for (int j = k; j < e; j++) { /* merged: their keys are in the merged works */
+                free(ws[j]);
+                ws[j] = NULL;
+            }
+            pthread_cond_broadcast(&v->rcv);
         } else {
-            q_push(&v->wq, ws[k]);
-            pthread_cond_signal(&v->wcv);
+            for (int j = k; j < e; j++)
+                q_push(promote ? &v->rq : &v->wq, ws[j]);
+            pthread_cond_broadcast(promote ? &v->rcv : &v->wcv);
         }
+        k = e;
     }
     pthread_mutex_unlock(&t->mu);
+    free(its);
     return 0;
 }
 

@@ -9,13 +9,16 @@
  */
 #define _GNU_SOURCE
 #include "disk.h"
+#include "tier.h"
 
 #include "kvf/error.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <setjmp.h>
+#include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -597,6 +600,171 @@ static void test_bad_places_are_refused(void **state)
     assert_null(d);
 }
 
+/* The tier's readers held at their reads' start while the gate is shut (a fault hook that fails
+ * nothing). */
+static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
+static int g_gate_shut, g_gate_held;
+
+static int gate(void *ud, int dev, int is_write, uint64_t off, uint64_t len)
+{
+    (void)ud, (void)dev, (void)off, (void)len;
+    if (is_write)
+        return 0;
+    pthread_mutex_lock(&g_gate_mu);
+    g_gate_held++;
+    pthread_cond_broadcast(&g_gate_cv);
+    while (g_gate_shut)
+        pthread_cond_wait(&g_gate_cv, &g_gate_mu);
+    g_gate_held--;
+    pthread_mutex_unlock(&g_gate_mu);
+    return 0;
+}
+
+static atomic_int g_done;
+
+static void req_done(kvf__tier_req *r)
+{
+    (void)r;
+    atomic_fetch_add(&g_done, 1);
+}
+
+/* Waits (at most 10 s) until cond() holds under the gate's lock. */
+static int gate_wait(int (*cond)(void))
+{
+    for (int i = 0; i < 1000; i++) {
+        pthread_mutex_lock(&g_gate_mu);
+        int ok = cond();
+        pthread_mutex_unlock(&g_gate_mu);
+        if (ok)
+            return 1;
+        usleep(10000);
+    }
+    return 0;
+}
+
+static int four_held(void)
+{
+    return g_gate_held == 4;
+}
+
+/* Promotions that wait together are read together (store/tier.c, merge_waiting): a client's batch
+ * striped over four event loops came as four requests whose keys were demoted interleaved (every
+ * fourth record one request's). While the device's four readers are busy (held at a read), the
+ * four requests queue, and one in another namespace; then the readers are let go. Dealt apart,
+ * each reader's keys would be one record in four, one read each (64 reads); merged, the 64 lie
+ * side by side and take four reads, one per reader. Every object comes back exact, each request
+ * is answered once, and the other namespace's keys are misses. */
+static void test_waiting_promotions_are_read_together(void **state)
+{
+    (void)state;
+    enum { Q = 4, PER = 16, PLUG = 100 };
+    const uint64_t len = 8192 - 64;
+    uint8_t *b = malloc(len), *want = malloc(len);
+    kvf__disk *d = open_disk(64 * MiB, 4 * MiB);
+    for (uint64_t j = 0; j < PER; j++)
+        for (uint64_t q = 0; q < Q; q++) { /* object q * PER + j: request q's j-th */
+            fill(q * PER + j, b, len);
+            kvf_key k = key_of(q * PER + j);
+            assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+        }
+    for (uint64_t i = PLUG; i < PLUG + 4; i++) {
+        fill(i, b, len);
+        kvf_key k = key_of(i);
+        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+    }
+    kvf__disk_close(&d);
+
+    kvf_cache *c = NULL;
+    char err[300] = "";
+    kvf_cache_opts co = {.memory = 64 * MiB, .reserve_ms = 1000};
+    assert_int_equal(kvf__cache_open(&c, &co, err, sizeof err), 0);
+    kvf__tier_opts to = {.n = 1, .cache = c, .extent_bytes = 4 * MiB, .fault = gate};
+    to.paths[0] = g_path;
+    to.sizes[0] = 64 * MiB;
+    kvf__tier *t = NULL;
+    if (kvf__tier_open(&t, &to, err, sizeof err) != 0)
+        fail_msg("tier: %s", err);
+
+    /* the four readers held by a request of four keys, one each */
+    kvf_key pk[4], keys[Q + 1][PER];
+    int32_t pst[4], st[Q + 1][PER];
+    uint32_t peid[4], eids[Q + 1][PER];
+    for (int i = 0; i < 4; i++)
+        pk[i] = key_of(PLUG + (uint64_t)i), pst[i] = KVF_ENOENT;
+    kvf__tier_req plug = {.kind = KVF_TIER_PROMOTE,
+                          .ns = 1,
+                          .n = 4,
+                          .keys = pk,
+                          .st = pst,
+                          .eids = peid,
+                          .done = req_done};
+    atomic_store(&g_done, 0);
+    pthread_mutex_lock(&g_gate_mu);
+    g_gate_shut = 1;
+    pthread_mutex_unlock(&g_gate_mu);
+    assert_int_equal(kvf__tier_submit(t, &plug), 0);
+    assert_true(gate_wait(four_held));
+
+    kvf__tier_req rq[Q + 1];
+    for (int q = 0; q <= Q; q++) {
+        for (int j = 0; j < PER; j++) {
+            keys[q][j] = key_of((uint64_t)(q < Q ? q : 0) * PER + (uint64_t)j);
+            st[q][j] = KVF_ENOENT;
+        }
+        rq[q] = (kvf__tier_req){.kind = KVF_TIER_PROMOTE,
+                                .ns = q < Q ? 1 : 2, /* the last: another namespace */
+                                .n = PER,
+                                .keys = keys[q],
+                                .st = st[q],
+                                .eids = eids[q],
+                                .done = req_done};
+        assert_int_equal(kvf__tier_submit(t, &rq[q]), 0);
+    }
+    pthread_mutex_lock(&g_gate_mu);
+    g_gate_shut = 0;
+    pthread_cond_broadcast(&g_gate_cv);
+    pthread_mutex_unlock(&g_gate_mu);
+    for (int i = 0; i < 1000 && atomic_load(&g_done) < Q + 2; i++)
+        usleep(10000);
+    assert_int_equal(atomic_load(&g_done), Q + 2);
+
+    kvf__tier_stats ts;
+    kvf__tier_stats_get(t, &ts);
+    assert_int_equal(ts.promoted, 4 + Q * PER);
+    /* the plug's four, then one per reader for the 64 */
+    assert_int_equal(ts.promote_reads, 4 + 4);
+    for (int q = 0; q <= Q; q++)
+        for (int j = 0; j < PER; j++) {
+            if (q == Q) {
+                assert_int_equal(st[q][j], KVF_ENOENT);
+                continue;
+            }
+            assert_int_equal(st[q][j], 0);
+            uint32_t e;
+            const uint8_t *p;
+            uint64_t got;
+            kvf__cache_lock(c);
+            assert_int_equal(kvf__cache_acquire_locked(c, 1, &keys[q][j], &e, &p, &got), 0);
+            fill((uint64_t)q * PER + (uint64_t)j, want, len);
+            assert_int_equal(got, len);
+            assert_memory_equal(p, want, len);
+            kvf__cache_release_locked(c, e);
+            kvf__cache_release_locked(c, eids[q][j]); /* the tier's reference, for its caller */
+            kvf__cache_unlock(c);
+        }
+    kvf__cache_lock(c);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(pst[i], 0);
+        kvf__cache_release_locked(c, peid[i]);
+    }
+    kvf__cache_unlock(c);
+    kvf__tier_close(&t);
+    kvf__cache_close(&c);
+    free(b);
+    free(want);
+}
+
 /* Whether this machine can run the tier here: io_uring allowed (a container's seccomp profile may
  * refuse it) and O_DIRECT taken by the file system of the working directory. NULL, or why not. */
 static const char *unavailable(void)
@@ -628,6 +796,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_killed_writers_leave_whole_objects, setup, teardown),
         cmocka_unit_test_setup_teardown(test_a_failing_device_takes_the_tier_down, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_places_are_refused, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_waiting_promotions_are_read_together, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
