@@ -56,6 +56,7 @@ typedef struct opts {
     const char *rdma_host; /* --transport rdma: the RDMA interface's address */
     const char *plot;
     const char *tier, *disk_dir; /* --tier disk: the disk tier instead (store_tier.c) */
+    int disk_gather;             /* --disk-gather-us (-1: the store's default) */
     int near;                    /* --near: reads from the nearest holder (store_near.c) */
 } opts;
 
@@ -91,7 +92,8 @@ static void row(const char *what, double gbps, double vs_ceiling, double vs_peer
 
 static int parse(int argc, char **argv, opts *o)
 {
-    *o = (opts){.memory = "1G", .transport = "tcp", .tier = "dram", .disk_dir = "."};
+    *o = (opts){
+        .memory = "1G", .transport = "tcp", .tier = "dram", .disk_dir = ".", .disk_gather = -1};
     /* threads and streams: auto, below */
     static const char *const transports[] = {"tcp", "shm", "rdma", NULL};
     static const char *const tiers[] = {"dram", "disk", NULL};
@@ -131,6 +133,9 @@ static int parse(int argc, char **argv, opts *o)
                  "with --tier disk, where the tier's file and fio's go (a file system that takes "
                  "O_DIRECT)",
                  "."),
+        KVF__OPT("disk-gather-us", KVF__ARG_INT, &o->disk_gather, "US",
+                 "with --tier disk, the store's --disk-gather-us", "the store's default", .lo = 0,
+                 .hi = 100000),
         KVF__OPT("rdma-host", KVF__ARG_STR, &o->rdma_host, "IP",
                  "with --transport rdma, the RDMA interface's address", NULL),
     };
@@ -727,8 +732,8 @@ int bench_store_main(int argc, char **argv)
         rc = bench_store_near(o.quick, o.store_threads, o.memory, o.store_bin, o.json, res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.tier, "disk")) {
-        rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.store_threads, o.json,
-                              res);
+        rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.store_threads,
+                              o.disk_gather, o.json, res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
         json_object_set_new(res, "transport", json_string("rdma"));

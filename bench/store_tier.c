@@ -162,14 +162,16 @@ static kvf_client *client_to(const bench_proc *p)
 
 /* One object size through a store of arena bytes on a disk file in dir. 0, or -1 (said). */
 static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const char *bin, int quick,
-                      int threads, json_t *res, int have_fio, int json)
+                      int threads, int gather_us, json_t *res, int have_fio, int json)
 {
-    char extra[4600], file[4200], mem[32];
+    char extra[4700], file[4200], mem[32], gather[48] = "";
     snprintf(file, sizeof file, "%s/kvf-bench-tier.%d.dat", dir, (int)getpid());
     snprintf(mem, sizeof mem, "%" PRIu64 "M", arena >> 20);
     uint64_t total = 8 * arena;
-    snprintf(extra, sizeof extra, "--no-prefault --shm off --threads %d --disk %s:%" PRIu64 "M",
-             threads, file, (total + total / 4 + (256u << 20)) >> 20);
+    if (gather_us >= 0)
+        snprintf(gather, sizeof gather, " --disk-gather-us %d", gather_us);
+    snprintf(extra, sizeof extra, "--no-prefault --shm off --threads %d --disk %s:%" PRIu64 "M%s",
+             threads, file, (total + total / 4 + (256u << 20)) >> 20, gather);
     workload w;
     if (wl_init(&w, sh->batch, sh->payload) != 0) {
         fprintf(stderr, "kvf-bench store: out of memory\n");
@@ -362,11 +364,13 @@ out:
 }
 
 int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
-                     int json, json_t *res)
+                     int gather_us, int json, json_t *res)
 {
     /* the store's loops: two at least, one for each client (the DRAM reader and the promoter) */
     threads = threads < 2 ? 2 : threads;
     json_object_set_new(res, "store_threads", json_integer(threads));
+    if (gather_us >= 0)
+        json_object_set_new(res, "disk_gather_us", json_integer(gather_us));
     uint64_t arena = 0;
     if (kvf__parse_size(memory, &arena) != 0 || arena < (64u << 20)) {
         fprintf(stderr, "kvf-bench store --tier disk: --memory of 64M at least\n");
@@ -386,7 +390,8 @@ int bench_store_tier(const char *dir, int quick, const char *memory, const char 
     if (!have_fio)
         json_object_set_new(res, "fio", json_string("not installed: ratios to raw_* only"));
     for (int s = 0; s < 2; s++)
-        if (tier_shape(&shapes[s], dir, arena, bin, quick, threads, res, have_fio, json) != 0)
+        if (tier_shape(&shapes[s], dir, arena, bin, quick, threads, gather_us, res, have_fio,
+                       json) != 0)
             return -1;
     return 0;
 }

@@ -100,6 +100,7 @@ typedef struct store_cfg {
     int n_disks;
     long disk_admit;
     long disk_promote; /* --disk-promote */
+    long disk_gather;  /* --disk-gather-us */
     long wt_hits;      /* --disk-write-through */
     long rep_hits;     /* --replicate-hits */
     long replicas;     /* --replicas */
@@ -375,6 +376,11 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "store started); before, it is served and let go, making no room in DRAM for a "
                  "one-off read (1: every read back stays)",
                  "2", .lo = 1, .hi = 255),
+        KVF__OPT("disk-gather-us", KVF__ARG_LONG, &cfg->disk_gather, "US",
+                 "a read from disk that finds the device idle waits this long for reads that "
+                 "arrive with it (a client's batch, split over its connections), so that objects "
+                 "side by side on disk are read together (0: never waits)",
+                 "0", .lo = 0, .hi = 100000),
         KVF__OPT("disk-admit", KVF__ARG_LONG, &cfg->disk_admit, "N",
                  "demote an evicted entry to disk only if it was read at least N times", "0",
                  .lo = 0, .hi = 255),
@@ -658,6 +664,7 @@ static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf_
         .admit_hits = (uint32_t)cfg->disk_admit,
         .write_through_hits = (uint32_t)cfg->wt_hits,
         .promote_reads = (uint32_t)cfg->disk_promote,
+        .gather_us = (uint32_t)cfg->disk_gather,
         .write_through_pinned = cfg->wt_pinned,
         .queue_bytes = cfg->disk_queue,
         .cache = cache,

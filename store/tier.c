@@ -47,6 +47,7 @@ typedef struct work {
     uint64_t len;
     /* a request's share: REMOVE and CLEAR's req; the keys (every kind but CLEAR) */
     kvf__tier_req *req;
+    uint64_t t_ns; /* promotions: when queued (merged: the earliest of those it holds) */
     uint32_t nidx;
     item it[];
 } work;
@@ -545,15 +546,24 @@ static void *reader_main(void *arg)
 {
     device *v = arg;
     kvf__tier *t = v->t;
+    uint64_t gather_ns = (uint64_t)t->o.gather_us * 1000u;
     pthread_mutex_lock(&t->mu);
     for (;;) {
-        work *w = q_pop(&v->rq);
+        work *w = v->rq.head;
         if (!w) {
             if (atomic_load(&t->stop))
                 break;
             pthread_cond_wait(&v->rcv, &t->mu);
             continue;
         }
+        uint64_t now = gather_ns ? kvf__now_ns() : 0;
+        if (gather_ns && !atomic_load(&t->stop) && now < w->t_ns + gather_ns) {
+            /* young: the requests that came with it are given until then to arrive and be
+             * merged with it (merge_waiting) */
+            kvf__cond_wait_ns(&v->rcv, &t->mu, w->t_ns + gather_ns - now);
+            continue;
+        }
+        q_pop(&v->rq);
         pthread_mutex_unlock(&t->mu);
         run_request(v, w); /* once stopping, promotes nothing: its keys stay misses */
         work_done(t, w);
@@ -641,6 +651,12 @@ static int merge_waiting(device *v, uint64_t ns, const item *its, uint32_t n)
     free(all);
     if (rc)
         return 0;
+    uint64_t t0 = kvf__now_ns();
+    for (work *w = v->rq.head; w; w = w->next)
+        if (w->nidx && w->it[0].req->ns == ns && w->t_ns < t0)
+            t0 = w->t_ns;
+    for (int k = 0; k < np; k++)
+        ws[k]->t_ns = t0;
     wqueue rest = {0};
     for (work *w = q_pop(&v->rq); w; w = q_pop(&v->rq)) {
         if (w->nidx && w->it[0].req->ns == ns)
@@ -711,6 +727,8 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
     }
     r->cleared = 0;
     r->t0_ns = kvf__now_ns();
+    for (int k = 0; k < nw; k++)
+        ws[k]->t_ns = r->t0_ns;
     atomic_store(&r->remaining, units);
     pthread_mutex_lock(&t->mu);
     if (atomic_load(&t->stop) || t->refuse || t->requests >= t->o.max_requests) {
