@@ -27,20 +27,15 @@ uint64_t kvf__clock_fake_now(void *ud)
     return *(const uint64_t *)ud;
 }
 
-void kvf__cond_wait_ns(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t ns)
+void kvf__cond_wait_ms(pthread_cond_t *cv, pthread_mutex_t *mu, int ms)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ts.tv_sec += (time_t)(ns / 1000000000ull);
-    ts.tv_nsec += (long)(ns % 1000000000ull);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
     if (ts.tv_nsec >= 1000000000L) {
         ts.tv_sec++;
         ts.tv_nsec -= 1000000000L;
     }
     pthread_cond_timedwait(cv, mu, &ts);
-}
-
-void kvf__cond_wait_ms(pthread_cond_t *cv, pthread_mutex_t *mu, int ms)
-{
-    kvf__cond_wait_ns(cv, mu, ms > 0 ? (uint64_t)ms * 1000000ull : 0);
 }

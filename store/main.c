@@ -377,9 +377,9 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "one-off read (1: every read back stays)",
                  "2", .lo = 1, .hi = 255),
         KVF__OPT("disk-gather-us", KVF__ARG_LONG, &cfg->disk_gather, "US",
-                 "a read from disk that finds the device idle waits this long for reads that "
-                 "arrive with it (a client's batch, split over its connections), so that objects "
-                 "side by side on disk are read together (0: never waits)",
+                 "a read from disk starts no sooner than this after it arrived, so that reads "
+                 "arriving with it (a client's batch, split over its connections) are merged with "
+                 "it and objects side by side on disk are read together (0: at once)",
                  "0", .lo = 0, .hi = 100000),
         KVF__OPT("disk-admit", KVF__ARG_LONG, &cfg->disk_admit, "N",
                  "demote an evicted entry to disk only if it was read at least N times", "0",

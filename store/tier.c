@@ -12,11 +12,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #define QUEUE_BYTES_DEFAULT  (256ull << 20)
 #define MAX_REQUESTS_DEFAULT 256
 #define TIER_OWNER           (UINT64_MAX - 7) /* the reservations promotions make */
+#define GATHER_US_MAX        100000           /* gather_us at most (a close waits for it) */
 
 enum { W_DEMOTE = 100, W_COPY = 101 };
 
@@ -560,7 +562,10 @@ static void *reader_main(void *arg)
         if (gather_ns && !atomic_load(&t->stop) && now < w->t_ns + gather_ns) {
             /* young: the requests that came with it are given until then to arrive and be
              * merged with it (merge_waiting) */
-            kvf__cond_wait_ns(&v->rcv, &t->mu, w->t_ns + gather_ns - now);
+            uint64_t due = w->t_ns + gather_ns;
+            struct timespec ts = {.tv_sec = (time_t)(due / 1000000000u),
+                                  .tv_nsec = (long)(due % 1000000000u)};
+            pthread_cond_timedwait(&v->rcv, &t->mu, &ts); /* rcv waits on the monotonic clock */
             continue;
         }
         q_pop(&v->rq);
@@ -615,58 +620,101 @@ static int deal(const item *its, uint32_t n, int np, int kind, kvf__tier_req *re
     return 0;
 }
 
-/* Under t->mu: the promotions of namespace ns waiting in v's readers' queue and the n new keys its
- * (in log order), dealt together in log order into up to READERS works at the queue's end. Keys of
- * requests that came together (a client's batch, striped over connections and so over the event
- * loops) lie interleaved in the log when they were demoted together; dealt apart, each reader's
- * keys would be one record in several and read one I/O each, and merged, runs of them are read at
- * once (kvf__disk_get_many). Counts (r->remaining) are the keys', so they do not change. 1 if
- * merged; 0 if nothing of ns waits, or past MERGE_KEYS, or out of memory: the caller queues its
- * own works. */
-static int merge_waiting(device *v, uint64_t ns, const item *its, uint32_t n)
+/* Whether a waiting work's keys may be read with r's: one namespace (the engine reads one at a
+ * time) and one tenant (a work's reservations wait for room as one, RESERVE_WAIT_MS in all: a
+ * tenant over her quota must not spend another's wait). */
+static int same_kind(const work *w, const kvf__tier_req *r)
+{
+    return w->nidx && w->it[0].req->ns == r->ns && w->it[0].req->tenant == r->tenant;
+}
+
+/* Merges the sorted runs of a[0..n) (run k from starts[k] to the next one's start, or n), two by
+ * two, into one in log order (tmp: room for n items). */
+static void merge_runs(item *a, item *tmp, uint32_t n, uint32_t *starts, int nr)
+{
+    while (nr > 1) {
+        int out = 0;
+        for (int k = 0; k < nr; k += 2) {
+            uint32_t lo = starts[k], mid = k + 1 < nr ? starts[k + 1] : n,
+                     hi = k + 2 < nr ? starts[k + 2] : n;
+            uint32_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                tmp[o++] = by_off(&a[j], &a[i]) < 0 ? a[j++] : a[i++];
+            while (i < mid)
+                tmp[o++] = a[i++];
+            while (j < hi)
+                tmp[o++] = a[j++];
+            starts[out++] = lo;
+        }
+        memcpy(a, tmp, (size_t)n * sizeof *a);
+        nr = out;
+    }
+}
+
+/* Under t->mu: the promotions like r's (same_kind) waiting in v's readers' queue and r's n keys its
+ * on v (in log order), dealt together in log order into up to READERS works, in the queue where
+ * the first of them waited. Keys of requests that came together (a client's batch, striped over
+ * connections and so over the event loops) lie interleaved in the log when they were demoted
+ * together; dealt apart, each reader's keys would be one record in several and read one I/O each,
+ * and merged, runs of them are read at once (kvf__disk_get_many). Counts (r->remaining) are the
+ * keys', so they do not change. Each work's keys are in log order already: they are merged as
+ * sorted runs, in time linear in the keys for each doubling of the works (this holds the tier's
+ * lock, which evictions wait for). 1 if merged; 0 if nothing like r waits, or past MERGE_KEYS, or
+ * out of memory: the caller queues its own works. */
+static int merge_waiting(device *v, const kvf__tier_req *r, const item *its, uint32_t n)
 {
     uint32_t total = n;
     int waiting = 0;
     for (work *w = v->rq.head; w; w = w->next)
-        if (w->nidx && w->it[0].req->ns == ns) {
+        if (same_kind(w, r)) {
             total += w->nidx;
             waiting++;
         }
     if (!waiting || total > MERGE_KEYS)
         return 0;
-    item *all = malloc((size_t)total * sizeof *all);
-    if (!all)
+    item *all = malloc((size_t)total * 2 * sizeof *all);
+    uint32_t *starts = malloc((size_t)(waiting + 1) * sizeof *starts);
+    if (!all || !starts) {
+        free(all), free(starts);
         return 0;
+    }
+    uint64_t t0 = kvf__now_ns();
     memcpy(all, its, (size_t)n * sizeof *all);
     uint32_t m = n;
+    int nr = 0;
+    starts[nr++] = 0;
     for (work *w = v->rq.head; w; w = w->next)
-        if (w->nidx && w->it[0].req->ns == ns) {
+        if (same_kind(w, r)) {
+            starts[nr++] = m;
             memcpy(all + m, w->it, (size_t)w->nidx * sizeof *all);
             m += w->nidx;
+            if (w->t_ns < t0)
+                t0 = w->t_ns;
         }
-    qsort(all, total, sizeof *all, by_off);
+    merge_runs(all, all + total, total, starts, nr);
+    free(starts);
     work *ws[READERS];
     int np = total < READERS ? (int)total : READERS;
     int rc = deal(all, total, np, KVF_TIER_PROMOTE, NULL, ws);
     free(all);
     if (rc)
         return 0;
-    uint64_t t0 = kvf__now_ns();
-    for (work *w = v->rq.head; w; w = w->next)
-        if (w->nidx && w->it[0].req->ns == ns && w->t_ns < t0)
-            t0 = w->t_ns;
-    for (int k = 0; k < np; k++)
-        ws[k]->t_ns = t0;
     wqueue rest = {0};
+    int placed = 0;
     for (work *w = q_pop(&v->rq); w; w = q_pop(&v->rq)) {
-        if (w->nidx && w->it[0].req->ns == ns)
-            free(w); /* its keys are in ws */
-        else
+        if (!same_kind(w, r)) {
             q_push(&rest, w);
+            continue;
+        }
+        if (!placed) /* where the first of them waited: none waits longer for it */
+            for (int k = 0; k < np; k++) {
+                ws[k]->t_ns = t0;
+                q_push(&rest, ws[k]);
+            }
+        placed = 1;
+        free(w); /* its keys are in ws */
     }
     v->rq = rest;
-    for (int k = 0; k < np; k++)
-        q_push(&v->rq, ws[k]);
     return 1;
 }
 
@@ -711,7 +759,7 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
         if ((r->kind != KVF_TIER_CLEAR && !count[d]) || dev_down(&t->dev[d]))
             continue;
         int np = promote && count[d] > 1 ? (int)(count[d] < READERS ? count[d] : READERS) : 1;
-        if (deal(its ? its + first[d] : NULL, count[d], np, r->kind, r, ws + nw) != 0) {
+        if (deal(its ? its + first[d] : NULL, its ? count[d] : 0, np, r->kind, r, ws + nw) != 0) {
             for (int j = 0; j < nw; j++)
                 free(ws[j]);
             free(its);
@@ -744,7 +792,7 @@ int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
         while (e < nw && devs[e] == d)
             e++;
         device *v = &t->dev[d];
-        if (promote && merge_waiting(v, r->ns, its + first[d], count[d])) {
+        if (promote && merge_waiting(v, r, its + first[d], count[d])) {
             for (int j = k; j < e; j++) { /* merged: their keys are in the merged works */
                 free(ws[j]);
                 ws[j] = NULL;
@@ -844,6 +892,8 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
         t->o.queue_bytes = arena / 4;
     if (!t->o.max_requests)
         t->o.max_requests = MAX_REQUESTS_DEFAULT;
+    if (t->o.gather_us > GATHER_US_MAX)
+        t->o.gather_us = GATHER_US_MAX;
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->idle, NULL);
     int rc = 0;
@@ -853,7 +903,11 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
         v->i = i;
         v->path = o->paths[i];
         pthread_cond_init(&v->wcv, NULL);
-        pthread_cond_init(&v->rcv, NULL);
+        pthread_condattr_t ca; /* the readers' gathering waits until a time of kvf__now_ns's */
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&v->rcv, &ca);
+        pthread_condattr_destroy(&ca);
         t->n = i + 1;
         /* extents of 64 MiB, smaller (to 1 MiB) on a small device: 16 of them at least, so that
          * the log's reuse of its oldest extent drops a sixteenth of what the tier holds */

@@ -50,9 +50,9 @@ typedef struct kvf__tier_opts {
     uint64_t queue_bytes;  /* arena bytes pending demotions may hold (0: 256 MiB; at most 1/4) */
     uint32_t queue_depth;  /* io_uring entries per device (0: 32) */
     uint32_t max_requests; /* requests (promotions, removals) waiting at once (0: 256) */
-    /* how long (us) a promotion that finds the device's readers idle waits, from its arrival, for
+    /* how long (us, at most 100 ms) after its arrival a promotion is read at the soonest, so that
      * others that come with it (a client's batch split over its connections reaches the loops as
-     * several requests at once) to be read with it in runs; 0: none */
+     * several requests at once) are merged with it and read with it in runs; 0: at once */
     uint32_t gather_us;
     uint64_t extent_bytes; /* 0: 64 MiB, halved (to 1 MiB) until 16 fit the device */
     kvf_cache *cache;

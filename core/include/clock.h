@@ -32,9 +32,7 @@ static inline uint64_t kvf__clock_now(const kvf_clock *c)
 /* A settable clock for tests: now_ns returns *(uint64_t *)ud. */
 uint64_t kvf__clock_fake_now(void *ud);
 
-/* Waits on cv (mu held) for at most ms milliseconds (ns nanoseconds) of the realtime clock
- * pthread uses. */
+/* Waits on cv (mu held) for at most ms milliseconds of the realtime clock pthread uses. */
 void kvf__cond_wait_ms(pthread_cond_t *cv, pthread_mutex_t *mu, int ms);
-void kvf__cond_wait_ns(pthread_cond_t *cv, pthread_mutex_t *mu, uint64_t ns);
 
 #endif

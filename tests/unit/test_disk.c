@@ -100,6 +100,17 @@ static void put_obj(kvf__disk *d, uint64_t i)
     free(b);
 }
 
+/* Puts objects from..from+n-1 of len bytes (their bytes from fill) under namespace ns; b: room for
+ * len. */
+static void put_objs(kvf__disk *d, uint64_t ns, uint64_t from, uint64_t n, uint64_t len, uint8_t *b)
+{
+    for (uint64_t i = from; i < from + n; i++) {
+        fill(i, b, len);
+        kvf_key k = key_of(i);
+        assert_int_equal(kvf__disk_put(d, ns, &k, b, len), 0);
+    }
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -315,16 +326,8 @@ static void test_get_many_reads_runs(void **state)
     const uint64_t len = 8192 - 64, size = 8192, big = 3 * MiB + 123;
     kvf__disk *d = open_disk(64 * MiB, 4 * MiB);
     uint8_t *b = malloc(big);
-    for (uint64_t i = 0; i < N; i++) {
-        fill(i, b, len);
-        kvf_key k = key_of(i);
-        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
-    }
-    for (uint64_t i = 1000; i < 1002; i++) {
-        fill(i, b, big);
-        kvf_key k = key_of(i);
-        assert_int_equal(kvf__disk_put(d, 1, &k, b, big), 0);
-    }
+    put_objs(d, 1, 0, N, len, b);
+    put_objs(d, 1, 1000, 2, big, b);
     kvf__disk_close(&d);
     flip(MiB + 4096 + 50 * size + 64 + 321); /* object 50's data */
     d = open_disk(64 * MiB, 4 * MiB);
@@ -605,20 +608,39 @@ static void test_bad_places_are_refused(void **state)
 static pthread_mutex_t g_gate_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_gate_cv = PTHREAD_COND_INITIALIZER;
 static int g_gate_shut, g_gate_held;
+/* The reads that came to the gate: their generation (g_gate_gen when they came; moving it on lets
+ * those held go while the gate stays shut to the next) and offsets. */
+static int g_gate_gen, g_arrived;
+static int g_arr_gen[256];
+static uint64_t g_arr_off[256];
 
 static int gate(void *ud, int dev, int is_write, uint64_t off, uint64_t len)
 {
-    (void)ud, (void)dev, (void)off, (void)len;
+    (void)ud, (void)dev, (void)len;
     if (is_write)
         return 0;
     pthread_mutex_lock(&g_gate_mu);
+    int gen = g_gate_gen;
+    if (g_arrived < 256)
+        g_arr_gen[g_arrived] = gen, g_arr_off[g_arrived++] = off;
     g_gate_held++;
     pthread_cond_broadcast(&g_gate_cv);
-    while (g_gate_shut)
+    while (g_gate_shut && gen == g_gate_gen)
         pthread_cond_wait(&g_gate_cv, &g_gate_mu);
     g_gate_held--;
     pthread_mutex_unlock(&g_gate_mu);
     return 0;
+}
+
+static void gate_set(int shut, int next_gen)
+{
+    pthread_mutex_lock(&g_gate_mu);
+    g_gate_shut = shut;
+    g_gate_gen += next_gen;
+    if (!shut)
+        g_arrived = 0;
+    pthread_cond_broadcast(&g_gate_cv);
+    pthread_mutex_unlock(&g_gate_mu);
 }
 
 static atomic_int g_done;
@@ -648,6 +670,15 @@ static int four_held(void)
     return g_gate_held == 4;
 }
 
+/* Four reads held that came in the gate's present generation. */
+static int four_held_now(void)
+{
+    int n = 0;
+    for (int i = 0; i < g_arrived; i++)
+        n += g_arr_gen[i] == g_gate_gen;
+    return n == 4 && g_gate_held == 4;
+}
+
 /* Promotions that wait together are read together (store/tier.c, merge_waiting): a client's batch
  * striped over four event loops came as four requests whose keys were demoted interleaved (every
  * fourth record one request's). Dealt apart, each reader's keys would be one record in four, one
@@ -669,11 +700,7 @@ static void promotions_together(uint32_t gather_us)
             kvf_key k = key_of(q * PER + j);
             assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
         }
-    for (uint64_t i = PLUG; i < PLUG + 4; i++) {
-        fill(i, b, len);
-        kvf_key k = key_of(i);
-        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
-    }
+    put_objs(d, 1, PLUG, 4, len, b);
     kvf__disk_close(&d);
 
     kvf_cache *c = NULL;
@@ -704,9 +731,7 @@ static void promotions_together(uint32_t gather_us)
                           .done = req_done};
     atomic_store(&g_done, 0);
     if (plugged) {
-        pthread_mutex_lock(&g_gate_mu);
-        g_gate_shut = 1;
-        pthread_mutex_unlock(&g_gate_mu);
+        gate_set(1, 0);
         assert_int_equal(kvf__tier_submit(t, &plug), 0);
         assert_true(gate_wait(four_held));
     }
@@ -728,10 +753,7 @@ static void promotions_together(uint32_t gather_us)
         if (!plugged)
             usleep(20000); /* idle readers would have taken it by then, but for the gathering */
     }
-    pthread_mutex_lock(&g_gate_mu);
-    g_gate_shut = 0;
-    pthread_cond_broadcast(&g_gate_cv);
-    pthread_mutex_unlock(&g_gate_mu);
+    gate_set(0, 0);
     for (int i = 0; i < 1000 && atomic_load(&g_done) < Q + 1 + plugged; i++)
         usleep(10000);
     assert_int_equal(atomic_load(&g_done), Q + 1 + plugged);
@@ -784,6 +806,88 @@ static void test_promotions_gather_those_that_come_with_them(void **state)
     promotions_together(300 * 1000); /* far longer than the 100 ms the submissions take */
 }
 
+/* Merged promotions keep the place of the first of them (store/tier.c, merge_waiting): with the
+ * device's four readers held, a request of namespace 1 (A1), then one of namespace 2 (B), then
+ * another of namespace 1 (A2) queue; A2 merges with A1, and the merged works stay ahead of B. Let
+ * go, the readers' next four reads are A's (A's records lie before B's in the log), then B's;
+ * before, the merged works went to the queue's end, behind B. */
+static void test_merged_promotions_keep_their_place(void **state)
+{
+    (void)state;
+    enum { PER = 16 };
+    const uint64_t len = 8192 - 64;
+    uint8_t *b = malloc(len);
+    kvf__disk *d = open_disk(64 * MiB, 4 * MiB);
+    /* A1's and A2's objects (0..31, namespace 1), B's (200.., namespace 2), the plug's (100..) */
+    put_objs(d, 1, 0, 2 * PER, len, b);
+    put_objs(d, 2, 200, PER, len, b);
+    put_objs(d, 1, 100, 4, len, b);
+    assert_int_equal(kvf__disk_flush(d), 0);
+    kvf_key kb = key_of(200);
+    uint64_t b_off = kvf__disk_offset(d, 2, &kb);
+    assert_true(b_off != UINT64_MAX);
+    kvf__disk_close(&d);
+
+    kvf_cache *c = NULL;
+    char err[300] = "";
+    kvf_cache_opts co = {.memory = 64 * MiB, .reserve_ms = 1000};
+    assert_int_equal(kvf__cache_open(&c, &co, err, sizeof err), 0);
+    kvf__tier_opts to = {.n = 1, .cache = c, .extent_bytes = 4 * MiB, .fault = gate};
+    to.paths[0] = g_path;
+    to.sizes[0] = 64 * MiB;
+    kvf__tier *t = NULL;
+    if (kvf__tier_open(&t, &to, err, sizeof err) != 0)
+        fail_msg("tier: %s", err);
+
+    enum { R = 4 }; /* the plug, A1, B, A2 */
+    static const uint64_t first[R] = {100, 0, 200, PER}, ns[R] = {1, 1, 2, 1};
+    static const uint32_t count[R] = {4, PER, PER, PER};
+    kvf_key keys[R][PER];
+    int32_t st[R][PER];
+    uint32_t eids[R][PER];
+    kvf__tier_req rq[R];
+    atomic_store(&g_done, 0);
+    gate_set(1, 0);
+    for (int q = 0; q < R; q++) {
+        for (uint32_t j = 0; j < count[q]; j++)
+            keys[q][j] = key_of(first[q] + j), st[q][j] = KVF_ENOENT;
+        rq[q] = (kvf__tier_req){.kind = KVF_TIER_PROMOTE,
+                                .ns = ns[q],
+                                .n = count[q],
+                                .keys = keys[q],
+                                .st = st[q],
+                                .eids = eids[q],
+                                .done = req_done};
+        assert_int_equal(kvf__tier_submit(t, &rq[q]), 0);
+        if (q == 0)
+            assert_true(gate_wait(four_held)); /* the plug's four reads hold the readers */
+    }
+    gate_set(1, 1); /* the plug's reads go; the next four are held */
+    assert_true(gate_wait(four_held_now));
+    uint64_t b_first = 0; /* the offset of a read of B's among the four, if any */
+    pthread_mutex_lock(&g_gate_mu);
+    for (int i = 0; i < g_arrived; i++)
+        if (g_arr_gen[i] == g_gate_gen && g_arr_off[i] >= b_off)
+            b_first = g_arr_off[i];
+    pthread_mutex_unlock(&g_gate_mu);
+    gate_set(0, 0); /* before any failure: no reader is left held */
+    if (b_first)
+        fail_msg("a read of B's (offset %llu) came before A's", (unsigned long long)b_first);
+    for (int i = 0; i < 1000 && atomic_load(&g_done) < R; i++)
+        usleep(10000);
+    assert_int_equal(atomic_load(&g_done), R);
+    kvf__cache_lock(c);
+    for (int q = 0; q < R; q++)
+        for (uint32_t j = 0; j < count[q]; j++) {
+            assert_int_equal(st[q][j], 0);
+            kvf__cache_release_locked(c, eids[q][j]);
+        }
+    kvf__cache_unlock(c);
+    kvf__tier_close(&t);
+    kvf__cache_close(&c);
+    free(b);
+}
+
 /* Whether this machine can run the tier here: io_uring allowed (a container's seccomp profile may
  * refuse it) and O_DIRECT taken by the file system of the working directory. NULL, or why not. */
 static const char *unavailable(void)
@@ -818,6 +922,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_waiting_promotions_are_read_together, setup, teardown),
         cmocka_unit_test_setup_teardown(test_promotions_gather_those_that_come_with_them, setup,
                                         teardown),
+        cmocka_unit_test_setup_teardown(test_merged_promotions_keep_their_place, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
