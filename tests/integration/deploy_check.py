@@ -43,6 +43,8 @@ def skip(why):
 def netns_up():
     if os.geteuid() != 0:
         skip("network namespaces need root")
+    if not shutil.which("ip"):
+        skip("no ip command (iproute2) on this host")
     a, b = HOSTS.values()
     if sh("ip", "netns", "add", a, check=False).returncode:
         skip("ip netns add failed")

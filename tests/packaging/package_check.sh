@@ -49,7 +49,9 @@ for u in kvf-store@.service kvf-sched.service kvf-engine@.service kvf-relay@.ser
     [ -f "$P/lib/systemd/system/$u" ] || fail "lib/systemd/system/$u not installed"
 done
 
-export PKG_CONFIG_PATH=$(dirname "$pc")
+# the installed kvf.pc first; the path given keeps finding its dependencies' (a host whose
+# libraries are unpacked outside the system's places names them there)
+export PKG_CONFIG_PATH=$(dirname "$pc")${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}
 cc=${CC:-cc}
 # pkg-config, shared
 $cc -std=c11 -Wall -Werror -o "$tmp/ext_pc" "$SRC/tests/packaging/external.c" \
