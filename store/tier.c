@@ -1,12 +1,13 @@
 /*
- * The storage node's disk tier (tier.h): devices, their workers, demotion and requests.
+ * The storage node's disk tier (tier.h, tier_int.h): its devices, their writer and reader
+ * threads, demotion, the requests' completion, open and close. Requests are made into work in
+ * tier_submit.c, and promotions read in tier_promote.c.
  */
-#include "tier.h"
+#include "tier_int.h"
 
 #include "kvf/error.h"
 
 #include "clock.h"
-#include "disk.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -17,116 +18,7 @@
 
 #define QUEUE_BYTES_DEFAULT  (256ull << 20)
 #define MAX_REQUESTS_DEFAULT 256
-#define TIER_OWNER           (UINT64_MAX - 7) /* the reservations promotions make */
-#define GATHER_US_MAX        100000           /* gather_us at most (a close waits for it) */
-
-enum { W_DEMOTE = 100, W_COPY = 101 };
-
-/* Reader threads per device, and the shares a promotion's keys on a device are split into: the
- * engine reads this many objects at once (its read slots). */
-#define READERS 4
-
-/* A key of a request on a device, and where its record lay when the request came (its offset in
- * the device's log; UINT64_MAX: not indexed), by which a device's queued promotions are dealt. */
-typedef struct item {
-    kvf__tier_req *req;
-    uint64_t off;
-    uint32_t i; /* the key's index in req */
-} item;
-
-/* One unit of a device worker's work: a demotion, a removal's or a clear's share on this device
- * (req), or keys of promotions to read (items: of one namespace, of one request or of several
- * merged while they waited, in log order). */
-typedef struct work {
-    struct work *next;
-    int kind;
-    /* W_DEMOTE: the evicted entry, its bytes held in the arena by a read reference; W_COPY: the
-     * same for a hot entry that stays in DRAM (write-through) */
-    uint32_t eid, tenant;
-    uint64_t ns;
-    kvf_key key;
-    const uint8_t *data;
-    uint64_t len;
-    /* a request's share: REMOVE and CLEAR's req; the keys (every kind but CLEAR) */
-    kvf__tier_req *req;
-    uint64_t t_ns; /* promotions: when queued (merged: the earliest of those it holds) */
-    uint32_t nidx;
-    item it[];
-} work;
-
-typedef struct wqueue {
-    work *head, *tail;
-} wqueue;
-
-/* A demoted object not yet told as on disk: told once its record is written (and still there). */
-typedef struct announce {
-    uint64_t ns;
-    kvf_key key;
-    uint32_t tenant;
-} announce;
-
-/* Demotions told at once, at most: beyond, the writer writes its buffer out and tells them. */
-#define ANNOUNCE_MAX 4096
-
-typedef struct device {
-    kvf__tier *t;
-    int i;
-    kvf__disk *d;
-    const char *path;
-    wqueue wq, rq; /* the writer's (demotions, removals, clears) and the reader's (promotions) */
-    pthread_cond_t wcv, rcv;
-    pthread_t wr, rd[READERS];
-    int wr_ok, rd_ok; /* rd_ok: readers started */
-    atomic_int down_logged;
-    announce *ann; /* the writer's own (ANNOUNCE_MAX) */
-    size_t n_ann;
-    uint64_t found_at_ns; /* nonzero: what the device held at open is yet to be told, then */
-} device;
-
-struct kvf__tier {
-    kvf__tier_opts o;
-    pthread_mutex_t mu;  /* the queues, pending_bytes, requests and the counters */
-    pthread_cond_t idle; /* requests fell to 0 */
-    atomic_int stop;     /* closing: workers end once their queues are empty */
-    int refuse;          /* quiesced: no request is taken */
-    device dev[KVF_TIER_MAX_DEVICES];
-    int n;
-    uint64_t pending_bytes;
-    uint32_t requests;
-    kvf__tier_stats st;      /* the tier's own counters; the devices' are summed in at stats_get */
-    uint64_t dropped;        /* on_drop's count (atomic: called under the devices' locks) */
-    uint64_t rate_acc_bytes; /* promoted bytes of completed requests (the rate's numerator) */
-    uint64_t rate_bytes;     /* kvf__tier_read_rate's last look */
-    double rate_seconds;
-};
-
-static void q_push(wqueue *q, work *w)
-{
-    w->next = NULL;
-    if (q->tail)
-        q->tail->next = w;
-    else
-        q->head = w;
-    q->tail = w;
-}
-
-static work *q_pop(wqueue *q)
-{
-    work *w = q->head;
-    if (w) {
-        q->head = w->next;
-        if (!q->head)
-            q->tail = NULL;
-    }
-    return w;
-}
-
-static int dev_of(const kvf__tier *t, const kvf_key *key)
-{
-    uint64_t h = key->lo ^ (key->hi * 0x9E3779B97F4A7C15ull);
-    h ^= h >> 31;
-    return (int)(h % (uint64_t)t->n);
-}
+#define GATHER_US_MAX        100000 /* gather_us at most (a close waits for it) */
 
 /* A test's fault hook (kvf__tier_opts.fault), told the device. */
 static int dev_fault(void *ud, int is_write, uint64_t off, uint64_t len)
@@ -136,7 +28,7 @@ static int dev_fault(void *ud, int is_write, uint64_t off, uint64_t len)
 }
 
 /* Whether v is down (never waits: event loops ask); the first to see it logs it. */
-static int dev_down(device *v)
+int kvf__tier_dev_down(device *v)
 {
     int down = kvf__disk_down(v->d);
     if (down && !atomic_exchange(&v->down_logged, 1))
@@ -155,10 +47,10 @@ static int queue_write(kvf__tier *t, int kind, uint32_t eid, uint64_t ns, const 
 {
     int taken = 0;
     pthread_mutex_lock(&t->mu);
-    device *v = &t->dev[dev_of(t, key)];
+    device *v = &t->dev[kvf__tier_dev_of(t, key)];
     uint64_t *full =
         kind == W_COPY ? &t->st.write_through_dropped_full : &t->st.demote_dropped_full;
-    if (atomic_load(&t->stop) || dev_down(v)) {
+    if (atomic_load(&t->stop) || kvf__tier_dev_down(v)) {
         /* closing, or the device is down: nothing more is queued */
     } else if (kind == W_DEMOTE && hits < t->o.admit_hits) {
         t->st.demote_skipped_cold++;
@@ -174,7 +66,7 @@ static int queue_write(kvf__tier *t, int kind, uint32_t eid, uint64_t ns, const 
                         .key = *key,
                         .data = data,
                         .len = len};
-            q_push(&v->wq, w);
+            kvf__tier_q_push(&v->wq, w);
             t->pending_bytes += len;
             pthread_cond_signal(&v->wcv);
             taken = 1;
@@ -198,7 +90,7 @@ static int disk_holds(void *ctx, uint64_t ns, const kvf_key *key)
 {
     kvf__tier *t = ctx;
     uint64_t len;
-    return kvf__disk_contains(t->dev[dev_of(t, key)].d, ns, key, &len);
+    return kvf__disk_contains(t->dev[kvf__tier_dev_of(t, key)].d, ns, key, &len);
 }
 
 /* An object found on a device at open: told as held on disk (nobody's: the disk keeps no tenant).
@@ -286,136 +178,11 @@ static void on_drop(void *ud, uint64_t ns, const kvf_key *key)
         v->t->o.on_change(v->t->o.on_change_ctx, 0, 1, key, 0);
 }
 
-/* How long (ms) in all a promotion's work waits for reservations that others hold; past that, a
- * key refused is given up at once. */
-#define RESERVE_WAIT_MS 200
-
-static void promote_round(device *v, uint32_t m, const item *const *at, const uint32_t *eid,
-                          const kvf_key *keys, void **dst, const uint64_t *cap, uint64_t *got,
-                          int *st);
-
-/* Reads the keys it[0..n) (of one namespace: one request's, or several's merged while they
- * waited), each into a DRAM entry reserved for it (charged to its request's tenant), committed
- * and marked on disk, and holds a reference on each for its request's caller. The reads go to
- * the engine at once (kvf__disk_get_many): objects demoted together are read back in one I/O. */
-static void promote_many(device *v, const item *it, uint32_t n)
-{
-    kvf__tier *t = v->t;
-    kvf_cache *c = t->o.cache;
-    const item **at = malloc((n ? n : 1) * sizeof *at);
-    uint32_t *eid = malloc((n ? n : 1) * sizeof *eid);
-    kvf_key *keys = malloc((n ? n : 1) * sizeof *keys);
-    void **dst = malloc((n ? n : 1) * sizeof *dst);
-    uint64_t *cap = malloc((n ? n : 1) * sizeof *cap), *got = malloc((n ? n : 1) * sizeof *got);
-    int *st = malloc((n ? n : 1) * sizeof *st);
-    if (!at || !eid || !keys || !dst || !cap || !got || !st) {
-        for (uint32_t k = 0; k < n; k++)
-            it[k].req->st[it[k].i] = KVF_ENOMEM;
-        goto out;
-    }
-    /* Rounds: an entry reserved for each key the device holds, until a reservation is refused
-     * for want of room or of the tenant's reservations (quota_reservations) while some are held;
-     * those are read and committed, which frees their reservations, and the next round goes on
-     * from the refused key. A refusal with none held is that key's answer. */
-    unsigned waited = 0;
-    for (uint32_t k = 0; k < n && !atomic_load(&t->stop);) {
-        uint32_t m = 0;
-        while (k < n && !atomic_load(&t->stop)) {
-            kvf__tier_req *r = it[k].req;
-            uint32_t i = it[k].i;
-            uint64_t len = 0;
-            if (!kvf__disk_contains(v->d, r->ns, &r->keys[i], &len)) {
-                r->st[i] = KVF_ENOENT;
-                k++;
-                continue;
-            }
-            uint8_t *p;
-            kvf__cache_lock(c);
-            int rc = kvf__cache_reserve_locked(c, r->ns, &r->keys[i], len, TIER_OWNER, r->tenant,
-                                               KVF_CACHE_VIA_WIRE, 1, &eid[m], &p);
-            kvf__cache_unlock(c);
-            if (rc == KVF_EQUOTA || rc == KVF_ENOSPC) {
-                if (m)
-                    break; /* asked again once these are committed */
-                if (waited < RESERVE_WAIT_MS) {
-                    /* the room or the tenant's reservations are held by others (the device's
-                     * other readers, her PUTs) for the length of a copy: wait for them, for
-                     * RESERVE_WAIT_MS in all over the work (then every refusal is final) */
-                    usleep(1000);
-                    waited++;
-                    continue;
-                }
-            }
-            k++;
-            if (rc) {
-                r->st[i] = rc;
-                continue;
-            }
-            at[m] = &it[k - 1], keys[m] = r->keys[i], dst[m] = p, cap[m] = len;
-            m++;
-        }
-        promote_round(v, m, at, eid, keys, dst, cap, got, st);
-    }
-out:
-    free(at), free(eid), free(keys), free(dst), free(cap), free(got), free(st);
-}
-
-/* Reads the m keys reserved (at[k]: the key, eid[k] its entry, dst[k] its bytes, cap[k] the
- * object's length) and commits each that checked, or aborts its entry. */
-static void promote_round(device *v, uint32_t m, const item *const *at, const uint32_t *eid,
-                          const kvf_key *keys, void **dst, const uint64_t *cap, uint64_t *got,
-                          int *st)
-{
-    kvf__tier *t = v->t;
-    kvf_cache *c = t->o.cache;
-    uint64_t t0 = kvf__now_ns();
-    int rc = m ? kvf__disk_get_many(v->d, at[0]->req->ns, m, keys, dst, cap, got, st) : 0;
-    double secs = (double)(kvf__now_ns() - t0) / 1e9;
-    uint64_t promoted = 0, bytes = 0, misses = 0, failed = 0, not_kept = 0;
-    for (uint32_t k = 0; k < m; k++) {
-        kvf__tier_req *r = at[k]->req;
-        uint32_t i = at[k]->i;
-        int s = rc ? rc : st[k];
-        kvf__cache_lock(c);
-        if (s == 0 && got[k] == cap[k] && kvf__cache_commit_locked(c, eid[k], TIER_OWNER) == 0) {
-            kvf__cache_mark_on_disk_locked(c, eid[k]);
-            kvf__cache_hold_locked(c, eid[k]);
-            r->eids[i] = eid[k];
-            r->st[i] = 0;
-            if (r->keep) /* cold (read back fewer times than promote_reads): served, let go */
-                r->keep[i] = t->o.promote_reads <= 1 ||
-                             kvf__disk_note_read(v->d, r->ns, &r->keys[i]) >= t->o.promote_reads;
-        } else {
-            kvf__cache_abort_locked(c, eid[k], TIER_OWNER);
-            r->st[i] = s == 0 || s == KVF_EOVERFLOW ? KVF_ENOENT : s;
-        }
-        kvf__cache_unlock(c);
-        if (r->st[i] == 0) {
-            promoted++;
-            bytes += cap[k];
-            not_kept += r->keep && !r->keep[i];
-            __atomic_fetch_add(&r->bytes, cap[k], __ATOMIC_RELAXED);
-        } else if (r->st[i] == KVF_ENOENT) {
-            misses++;
-        } else {
-            failed++;
-        }
-    }
-    pthread_mutex_lock(&t->mu);
-    t->st.read_seconds += secs;
-    t->st.promoted += promoted;
-    t->st.promoted_bytes += bytes;
-    t->st.served_not_kept += not_kept;
-    t->st.promote_misses += misses;
-    t->st.promote_failed += failed;
-    pthread_mutex_unlock(&t->mu);
-}
-
 static void run_request(device *v, work *w)
 {
     kvf__tier *t = v->t;
     if (w->kind == KVF_TIER_PROMOTE) {
-        promote_many(v, w->it, w->nidx);
+        kvf__tier_promote(v, w->it, w->nidx);
         return;
     }
     kvf__tier_req *r = w->req;
@@ -455,7 +222,7 @@ static void write_out(device *v, work *w)
 {
     kvf__tier *t = v->t;
     uint64_t t0 = kvf__now_ns();
-    int rc = dev_down(v) ? KVF_EIO : kvf__disk_put(v->d, w->ns, &w->key, w->data, w->len);
+    int rc = kvf__tier_dev_down(v) ? KVF_EIO : kvf__disk_put(v->d, w->ns, &w->key, w->data, w->len);
     double secs = (double)(kvf__now_ns() - t0) / 1e9;
     kvf__cache_lock(t->o.cache);
     if (w->kind == W_COPY) /* the entry, if still there, is on disk now */
@@ -480,7 +247,7 @@ static void write_out(device *v, work *w)
     }
     pthread_mutex_unlock(&t->mu);
     if (rc)
-        dev_down(v);
+        kvf__tier_dev_down(v);
 }
 
 /* Demotions, removals and clears, in order; the buffered writes are written whenever the queue
@@ -504,7 +271,7 @@ static void *writer_main(void *arg)
             pthread_mutex_lock(&t->mu);
             continue;
         }
-        work *w = q_pop(&v->wq);
+        work *w = kvf__tier_q_pop(&v->wq);
         if (!w) {
             if (dirty) {
                 pthread_mutex_unlock(&t->mu);
@@ -568,7 +335,7 @@ static void *reader_main(void *arg)
             pthread_cond_timedwait(&v->rcv, &t->mu, &ts); /* rcv waits on the monotonic clock */
             continue;
         }
-        q_pop(&v->rq);
+        kvf__tier_q_pop(&v->rq);
         pthread_mutex_unlock(&t->mu);
         run_request(v, w); /* once stopping, promotes nothing: its keys stay misses */
         work_done(t, w);
@@ -582,250 +349,22 @@ static void *reader_main(void *arg)
 /* ------------------------------------------------------------------------------------------ */
 /* The interface */
 
-/* Items in the order their records lie in the log (keys not indexed last; equals by request and
- * index, so that a request's keys keep their order among them). */
-static int by_off(const void *a, const void *b)
-{
-    const item *x = a, *y = b;
-    if (x->off != y->off)
-        return x->off < y->off ? -1 : 1;
-    if (x->req != y->req)
-        return (uintptr_t)x->req < (uintptr_t)y->req ? -1 : 1;
-    return x->i < y->i ? -1 : x->i > y->i;
-}
-
-/* The most keys a device's waiting promotions are merged into (merge_waiting): past that, a new
- * request's keys queue on their own, so that a long queue is never sorted again at each request. */
-#define MERGE_KEYS 4096
-
-/* Deals the n items its (in log order) into np works of consecutive runs of them, ws[0..np), of
- * kind for req. 0, or KVF_ENOMEM (none made). */
-static int deal(const item *its, uint32_t n, int np, int kind, kvf__tier_req *req, work **ws)
-{
-    for (int k = 0; k < np; k++) {
-        uint32_t lo = (uint32_t)((uint64_t)n * (uint64_t)k / (uint64_t)np);
-        uint32_t hi = (uint32_t)((uint64_t)n * (uint64_t)(k + 1) / (uint64_t)np);
-        ws[k] = calloc(1, sizeof(work) + (size_t)(hi - lo) * sizeof(item));
-        if (!ws[k]) {
-            while (k-- > 0)
-                free(ws[k]);
-            return KVF_ENOMEM;
-        }
-        ws[k]->kind = kind;
-        ws[k]->req = req;
-        ws[k]->nidx = hi - lo;
-        if (hi > lo)
-            memcpy(ws[k]->it, its + lo, (size_t)(hi - lo) * sizeof(item));
-    }
-    return 0;
-}
-
-/* Whether a waiting work's keys may be read with r's: one namespace (the engine reads one at a
- * time) and one tenant (a work's reservations wait for room as one, RESERVE_WAIT_MS in all: a
- * tenant over her quota must not spend another's wait). */
-static int same_kind(const work *w, const kvf__tier_req *r)
-{
-    return w->nidx && w->it[0].req->ns == r->ns && w->it[0].req->tenant == r->tenant;
-}
-
-/* Merges the sorted runs of a[0..n) (run k from starts[k] to the next one's start, or n), two by
- * two, into one in log order (tmp: room for n items). */
-static void merge_runs(item *a, item *tmp, uint32_t n, uint32_t *starts, int nr)
-{
-    while (nr > 1) {
-        int out = 0;
-        for (int k = 0; k < nr; k += 2) {
-            uint32_t lo = starts[k], mid = k + 1 < nr ? starts[k + 1] : n,
-                     hi = k + 2 < nr ? starts[k + 2] : n;
-            uint32_t i = lo, j = mid, o = lo;
-            while (i < mid && j < hi)
-                tmp[o++] = by_off(&a[j], &a[i]) < 0 ? a[j++] : a[i++];
-            while (i < mid)
-                tmp[o++] = a[i++];
-            while (j < hi)
-                tmp[o++] = a[j++];
-            starts[out++] = lo;
-        }
-        memcpy(a, tmp, (size_t)n * sizeof *a);
-        nr = out;
-    }
-}
-
-/* Under t->mu: the promotions like r's (same_kind) waiting in v's readers' queue and r's n keys its
- * on v (in log order), dealt together in log order into up to READERS works, in the queue where
- * the first of them waited. Keys of requests that came together (a client's batch, striped over
- * connections and so over the event loops) lie interleaved in the log when they were demoted
- * together; dealt apart, each reader's keys would be one record in several and read one I/O each,
- * and merged, runs of them are read at once (kvf__disk_get_many). Counts (r->remaining) are the
- * keys', so they do not change. Each work's keys are in log order already: they are merged as
- * sorted runs, in time linear in the keys for each doubling of the works (this holds the tier's
- * lock, which evictions wait for). 1 if merged; 0 if nothing like r waits, or past MERGE_KEYS, or
- * out of memory: the caller queues its own works. */
-static int merge_waiting(device *v, const kvf__tier_req *r, const item *its, uint32_t n)
-{
-    uint32_t total = n;
-    int waiting = 0;
-    for (work *w = v->rq.head; w; w = w->next)
-        if (same_kind(w, r)) {
-            total += w->nidx;
-            waiting++;
-        }
-    if (!waiting || total > MERGE_KEYS)
-        return 0;
-    item *all = malloc((size_t)total * 2 * sizeof *all);
-    uint32_t *starts = malloc((size_t)(waiting + 1) * sizeof *starts);
-    if (!all || !starts) {
-        free(all), free(starts);
-        return 0;
-    }
-    uint64_t t0 = kvf__now_ns();
-    memcpy(all, its, (size_t)n * sizeof *all);
-    uint32_t m = n;
-    int nr = 0;
-    starts[nr++] = 0;
-    for (work *w = v->rq.head; w; w = w->next)
-        if (same_kind(w, r)) {
-            starts[nr++] = m;
-            memcpy(all + m, w->it, (size_t)w->nidx * sizeof *all);
-            m += w->nidx;
-            if (w->t_ns < t0)
-                t0 = w->t_ns;
-        }
-    merge_runs(all, all + total, total, starts, nr);
-    free(starts);
-    work *ws[READERS];
-    int np = total < READERS ? (int)total : READERS;
-    int rc = deal(all, total, np, KVF_TIER_PROMOTE, NULL, ws);
-    free(all);
-    if (rc)
-        return 0;
-    wqueue rest = {0};
-    int placed = 0;
-    for (work *w = q_pop(&v->rq); w; w = q_pop(&v->rq)) {
-        if (!same_kind(w, r)) {
-            q_push(&rest, w);
-            continue;
-        }
-        if (!placed) /* where the first of them waited: none waits longer for it */
-            for (int k = 0; k < np; k++) {
-                ws[k]->t_ns = t0;
-                q_push(&rest, ws[k]);
-            }
-        placed = 1;
-        free(w); /* its keys are in ws */
-    }
-    v->rq = rest;
-    return 1;
-}
-
-int kvf__tier_submit(kvf__tier *t, kvf__tier_req *r)
-{
-    enum { MAXW = KVF_TIER_MAX_DEVICES * READERS };
-    int promote = r->kind == KVF_TIER_PROMOTE;
-    uint32_t count[KVF_TIER_MAX_DEVICES] = {0}, first[KVF_TIER_MAX_DEVICES + 1] = {0};
-    for (uint32_t i = 0; i < r->n; i++)
-        count[dev_of(t, &r->keys[i])]++;
-    for (int d = 0; d < t->n; d++)
-        first[d + 1] = first[d] + count[d];
-    /* the keys device by device; a promotion's in the order their records lie in its log: each
-     * reader's run of them lies side by side there even when the demotions that wrote them
-     * interleaved the request's keys (a store of several event loops evicts a batch's keys in the
-     * order its loops inserted them), and is read at once (kvf__disk_get_many) */
-    item *its = NULL;
-    if (r->kind != KVF_TIER_CLEAR && r->n) {
-        its = malloc((size_t)r->n * sizeof *its);
-        if (!its)
-            return KVF_ENOMEM;
-        uint32_t at[KVF_TIER_MAX_DEVICES];
-        memcpy(at, first, sizeof at);
-        for (uint32_t i = 0; i < r->n; i++) {
-            int d = dev_of(t, &r->keys[i]);
-            its[at[d]++] =
-                (item){.req = r,
-                       .off = promote ? kvf__disk_offset(t->dev[d].d, r->ns, &r->keys[i]) : 0,
-                       .i = i};
-        }
-        for (int d = 0; promote && d < t->n; d++)
-            qsort(its + first[d], count[d], sizeof *its, by_off);
-    }
-    /* a device's share: one work (removals, clears: its writer's), or for promotions up to READERS
-     * works of its keys in consecutive runs of their order in the log, one per reader (dealt
-     * round, no reader would have two neighbours). r->remaining counts a promotion's keys (a
-     * work may carry several requests' keys: merge_waiting), other requests' works. */
-    work *ws[MAXW] = {0};
-    int devs[MAXW];
-    int nw = 0, units = 0;
-    for (int d = 0; d < t->n; d++) {
-        if ((r->kind != KVF_TIER_CLEAR && !count[d]) || dev_down(&t->dev[d]))
-            continue;
-        int np = promote && count[d] > 1 ? (int)(count[d] < READERS ? count[d] : READERS) : 1;
-        if (deal(its ? its + first[d] : NULL, its ? count[d] : 0, np, r->kind, r, ws + nw) != 0) {
-            for (int j = 0; j < nw; j++)
-                free(ws[j]);
-            free(its);
-            return KVF_ENOMEM;
-        }
-        for (int k = 0; k < np; k++)
-            devs[nw++] = d;
-        units += promote ? (int)count[d] : np;
-    }
-    if (nw == 0) {
-        free(its);
-        return KVF_EIO;
-    }
-    r->cleared = 0;
-    r->t0_ns = kvf__now_ns();
-    for (int k = 0; k < nw; k++)
-        ws[k]->t_ns = r->t0_ns;
-    atomic_store(&r->remaining, units);
-    pthread_mutex_lock(&t->mu);
-    if (atomic_load(&t->stop) || t->refuse || t->requests >= t->o.max_requests) {
-        pthread_mutex_unlock(&t->mu);
-        for (int k = 0; k < nw; k++)
-            free(ws[k]);
-        free(its);
-        return KVF_EBUSY;
-    }
-    t->requests++;
-    for (int k = 0; k < nw;) {
-        int d = devs[k], e = k;
-        while (e < nw && devs[e] == d)
-            e++;
-        device *v = &t->dev[d];
-        if (promote && merge_waiting(v, r, its + first[d], count[d])) {
-            for (int j = k; j < e; j++) { /* merged: their keys are in the merged works */
-                free(ws[j]);
-                ws[j] = NULL;
-            }
-            pthread_cond_broadcast(&v->rcv);
-        } else {
-            for (int j = k; j < e; j++)
-                q_push(promote ? &v->rq : &v->wq, ws[j]);
-            pthread_cond_broadcast(promote ? &v->rcv : &v->wcv);
-        }
-        k = e;
-    }
-    pthread_mutex_unlock(&t->mu);
-    free(its);
-    return 0;
-}
-
 int kvf__tier_contains(kvf__tier *t, uint64_t ns, const kvf_key *key, uint64_t *len)
 {
-    return kvf__disk_contains(t->dev[dev_of(t, key)].d, ns, key, len);
+    return kvf__disk_contains(t->dev[kvf__tier_dev_of(t, key)].d, ns, key, len);
 }
 
 void kvf__tier_each(kvf__tier *t, void (*fn)(void *ud, uint64_t ns, const kvf_key *key), void *ud)
 {
     for (int i = 0; i < t->n; i++)
-        if (!dev_down(&t->dev[i]))
+        if (!kvf__tier_dev_down(&t->dev[i]))
             kvf__disk_each(t->dev[i].d, fn, ud);
 }
 
 int kvf__tier_up(kvf__tier *t)
 {
     for (int i = 0; i < t->n; i++)
-        if (!dev_down(&t->dev[i]))
+        if (!kvf__tier_dev_down(&t->dev[i]))
             return 1;
     return 0;
 }
