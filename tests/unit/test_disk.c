@@ -679,16 +679,17 @@ static int four_held_now(void)
     return n == 4 && g_gate_held == 4;
 }
 
-/* Promotions that wait together are read together (store/tier.c, merge_waiting): a client's batch
- * striped over four event loops came as four requests whose keys were demoted interleaved (every
- * fourth record one request's). Dealt apart, each reader's keys would be one record in four, one
- * read each (64 reads); merged, the 64 lie side by side and take four reads, one per reader.
+/* Promotions that wait together are read together (store/tier_submit.c, merge_waiting): a client's
+ * batch striped over four event loops came as four requests whose keys were demoted interleaved
+ * (every fourth record one request's). Dealt apart, each reader's keys would be one record in four,
+ * one read each (64 reads); merged, the 64 lie side by side and take four reads, one per reader.
  * gather_us 0: the device's four readers are held busy (at a read of a request of four keys)
  * while the four requests queue, and one in another namespace; then they are let go. gather_us
  * > 0: the readers are idle, and the first request waits that long for the others to come (the
  * store's --disk-gather-us). Either way every object comes back exact, each request is answered
- * once, and the other namespace's keys are misses. */
-static void promotions_together(uint32_t gather_us)
+ * once, and the other namespace's keys are misses. tenants: the four requests are four tenants',
+ * which are never merged (a work's reservations wait as one), so they take the 64 reads. */
+static void promotions_together(uint32_t gather_us, int tenants)
 {
     enum { Q = 4, PER = 16, PLUG = 100 };
     const uint64_t len = 8192 - 64;
@@ -744,6 +745,7 @@ static void promotions_together(uint32_t gather_us)
         }
         rq[q] = (kvf__tier_req){.kind = KVF_TIER_PROMOTE,
                                 .ns = q < Q ? 1 : 2, /* the last: another namespace */
+                                .tenant = tenants ? (uint32_t)q + 1 : 0,
                                 .n = PER,
                                 .keys = keys[q],
                                 .st = st[q],
@@ -761,8 +763,8 @@ static void promotions_together(uint32_t gather_us)
     kvf__tier_stats ts;
     kvf__tier_stats_get(t, &ts);
     assert_int_equal(ts.promoted, 4 * plugged + Q * PER);
-    /* the plug's four, then one per reader for the 64 */
-    assert_int_equal(ts.promote_reads, 4 * plugged + 4);
+    /* the plug's four, then one per reader for the 64 (one each where they are not merged) */
+    assert_int_equal(ts.promote_reads, 4 * plugged + (tenants ? Q * PER : 4));
     for (int q = 0; q <= Q; q++)
         for (int j = 0; j < PER; j++) {
             if (q == Q) {
@@ -797,17 +799,23 @@ static void promotions_together(uint32_t gather_us)
 static void test_waiting_promotions_are_read_together(void **state)
 {
     (void)state;
-    promotions_together(0);
+    promotions_together(0, 0);
+}
+
+static void test_promotions_of_other_tenants_are_not_merged(void **state)
+{
+    (void)state;
+    promotions_together(0, 1);
 }
 
 static void test_promotions_gather_those_that_come_with_them(void **state)
 {
     (void)state;
-    promotions_together(300 * 1000); /* far longer than the 100 ms the submissions take */
+    promotions_together(300 * 1000, 0); /* far longer than the 100 ms the submissions take */
 }
 
-/* Merged promotions keep the place of the first of them (store/tier.c, merge_waiting): with the
- * device's four readers held, a request of namespace 1 (A1), then one of namespace 2 (B), then
+/* Merged promotions keep the place of the first of them (store/tier_submit.c, merge_waiting): with
+ * the device's four readers held, a request of namespace 1 (A1), then one of namespace 2 (B), then
  * another of namespace 1 (A2) queue; A2 merges with A1, and the merged works stay ahead of B. Let
  * go, the readers' next four reads are A's (A's records lie before B's in the log), then B's;
  * before, the merged works went to the queue's end, behind B. */
@@ -921,6 +929,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_bad_places_are_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_waiting_promotions_are_read_together, setup, teardown),
         cmocka_unit_test_setup_teardown(test_promotions_gather_those_that_come_with_them, setup,
+                                        teardown),
+        cmocka_unit_test_setup_teardown(test_promotions_of_other_tenants_are_not_merged, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_merged_promotions_keep_their_place, setup, teardown),
     };
