@@ -204,12 +204,21 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
                 }
             }
             if (!lease_held(l)) {
+                /* a nearer holder's hits are asked again of their first node (the layers they
+                 * lack, once it has them); the first node's own are misses */
+                size_t *hs = malloc(l->n * sizeof *hs), nr = 0;
                 for (size_t h = 0; h < l->n; h++) {
-                    if (!k->p.st[l->pos[h]]) {
-                        k->p.st[l->pos[h]] = KVF_ENOENT;
-                        (*expired)++;
-                    }
+                    uint32_t x = l->pos[h];
+                    if (k->p.st[x])
+                        continue;
+                    (*expired)++;
+                    if (hs && k->near[x])
+                        hs[nr++] = h;
+                    else
+                        k->p.st[x] = KVF_ENOENT;
                 }
+                kvf__shm_retry_tail(k, l, hs, nr, layer);
+                free(hs);
             }
         }
         kvf__shm_sub_layers(k, layer + 1);

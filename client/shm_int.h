@@ -87,6 +87,14 @@ struct sub {
      * key it does not have (or cannot serve) is asked of the first node over TCP (in node's
      * block, after it) */
     uint8_t *near;
+    /* a TCP sub asking again, of their first node, keys of a streamed get whose nearer holder's
+     * lease ended mid-copy (kvf__shm_retry_tail): per key, the object read whole into a buffer of
+     * its own (got, the part's buffer), the engine's buffer and where the layers not delivered
+     * yet start in it */
+    struct sub_tail {
+        uint8_t *dst, *got;
+        uint64_t from;
+    } * tail;
 };
 
 struct agg {
@@ -187,6 +195,13 @@ int kvf__shm_node_ready(worker *w, size_t node, uint64_t deadline_ns);
 /* Sub k delivered `layers` layers of every key it still has a hit for; its keys' statuses go to
  * the parent first. */
 void kvf__shm_sub_layers(sub *k, uint32_t layers);
+/* Keys xs of share k (n of them, a streamed get's hits on a holder nearer than their first
+ * node) whose lease ended while layer `layer` was copied: asked again of their first node over TCP,
+ * whole, into buffers of their own; where that object is the one whose earlier layers were
+ * delivered (the same header, every segment's checksum in it), its layers from `layer` on are
+ * copied into the engine's buffer, else the key is a miss. The sub holds the op's later layers
+ * back until then. The keys leave k (k's status for them is set, and not reported). */
+void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, uint32_t layer);
 /* Fails the n keys at pos with rc, or (fb non-NULL) hands them to the TCP fallback list. */
 void kvf__shm_keys_fail(sub *k, const uint32_t *pos, size_t n, int rc, uint32_t *fb, size_t *n_fb);
 

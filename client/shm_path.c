@@ -53,6 +53,9 @@ static void sub_free(sub *k)
     if (!k)
         return;
     kvf__part_free(&k->p);
+    for (size_t i = 0; k->tail && i < k->p.b.n; i++)
+        free(k->tail[i].got);
+    free(k->tail);
     free(k->node); /* and near, in the same block */
     free(k);
 }
@@ -180,10 +183,40 @@ static void tcp_layer(kvf_op *op, uint32_t l, void *ud)
     kvf__shm_sub_layers(ud, l + 1);
 }
 
-/* Runs k's keys over TCP as a child op. */
+/* A retried key's object read whole (struct sub_tail): its layers not delivered yet go into the
+ * engine's buffer where it is the object whose earlier layers were; else the key is a miss. A
+ * retry that fails is a miss too, never the op's failure: the key was a hit of the nearer holder
+ * until its lease ended. */
+static void tail_done(kvf_op *op, int status, void *ud)
+{
+    (void)op;
+    sub *t = ud;
+    for (size_t i = 0; i < t->p.b.n; i++) {
+        struct sub_tail *x = &t->tail[i];
+        uint64_t len = t->p.out_lens[i];
+        kvf_obj_info in;
+        if (status || t->p.st[i] || kvf_obj_verify(x->got, len, &in) != 0 ||
+            !kvf_key_eq(&in.key, &t->p.keys[i]) || x->from < in.header_len || x->from > len ||
+            memcmp(x->got, x->dst, in.header_len) != 0) {
+            t->p.st[i] = KVF_ENOENT;
+            t->p.out_lens[i] = 0;
+            continue;
+        }
+        memcpy(x->dst + x->from, x->got + x->from, len - x->from);
+    }
+    sub_end(t, 0);
+}
+
+/* Runs k's keys over TCP as a child op: a share's keys (tcp_done: streamed as the parent is), or
+ * keys asked again whole (tail_done). */
 static void sub_submit_tcp(kvf_client *c, sub *k)
 {
-    kvf__part_batch(&k->p, k->a->pb, tcp_done, tcp_layer, k);
+    if (k->tail) {
+        kvf__part_batch(&k->p, k->a->pb, tail_done, NULL, k);
+        k->p.b.flags &= ~(uint32_t)KVF_GET_STREAM;
+    } else {
+        kvf__part_batch(&k->p, k->a->pb, tcp_done, tcp_layer, k);
+    }
     kvf_op *parent = k->a->parent;
     k->p.op = kvf__op_new(c, NULL, parent->kind, parent->opcode, &k->p.b);
     int rc = k->p.op ? 0 : KVF_ENOMEM;
@@ -389,6 +422,41 @@ static void to_tcp(kvf_client *c, sub *k, const uint32_t *fb, size_t n, size_t c
     if (counted)
         kvf__shm_count(k->a->p, 0, 0, 0, 0, 0, 0, counted);
     sub_submit_tcp(c, t);
+}
+
+void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, uint32_t layer)
+{
+    sub *t = n ? sub_new(k->a, n, 1) : NULL;
+    if (t && !(t->tail = calloc(n, sizeof *t->tail))) {
+        sub_end(t, 0); /* no keys yet: it only leaves */
+        t = NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        uint32_t x = l->pos[hs[i]];
+        uint8_t *got = t ? malloc(k->p.caps[x] ? k->p.caps[x] : 1) : NULL;
+        if (!got) {
+            k->p.st[x] = KVF_ENOENT;
+            continue;
+        }
+        size_t j = t->p.b.n;
+        kvf__part_add(&t->p, k->a->pb, k->p.idx[x]);
+        t->tail[j] = (struct sub_tail){.dst = k->p.bufs[x],
+                                       .got = got,
+                                       .from = l->segoff[hs[i]] -
+                                               kvf_obj_seg_at(&l->info[hs[i]], layer).stored_len};
+        t->p.bufs[j] = got;
+        k->p.idx[x] = MOVED;
+        k->p.st[x] = KVF_ENOENT; /* k copies nothing more of it (and reports nothing of it) */
+    }
+    if (!t)
+        return;
+    pthread_mutex_lock(&k->a->p->cmu);
+    k->a->p->cnt.near_misses += t->p.b.n;
+    pthread_mutex_unlock(&k->a->p->cmu);
+    if (!t->p.b.n)
+        sub_end(t, 0);
+    else
+        sub_submit_tcp(k->a->p->c, t);
 }
 
 /* Runs share k on worker w: node by node; keys whose node's socket cannot be reached are sent

@@ -838,6 +838,21 @@ static kvf_client *client_open_two(const daemon_t *a, const daemon_t *b, const c
     return harness_client_two(a, b, NS, NULL, transport);
 }
 
+/* As client_open_opts, of nodes a and b in that order. */
+static kvf_client *client_open_two_opts(const daemon_t *a, const daemon_t *b, kvf_client_opts o)
+{
+    const char *nodes[2] = {a->addr, b->addr};
+    o.nodes = nodes;
+    o.n_nodes = 2;
+    o.ns = NS;
+    o.deadline_ms = 5000;
+    kvf_client *c = NULL;
+    char err[400];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
+    return c;
+}
+
 /* A hot key is read from its nearest holder. Node A serves shared memory; node B does not (a
  * node of another host, as this client sees it) and copies the entries read twice to the next
  * node of their key's order, A (--replicate-hits 2 --replicas 2, which B's HELLO says). Of B's
@@ -912,6 +927,31 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
         kvf_client_counters_get(c, &k1);
         assert_int_equal(k1.near_keys - k0.near_keys, N);
         assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
+    }
+    /* Leases of the nearer holder that end before the copy is over (1 ms): every hot key is asked
+     * again of its first node and is a hit with its own bytes, plain and streamed, every layer
+     * reported once, in order. */
+    kvf_client_close(&c);
+    c = client_open_two_opts(&a, &b, (kvf_client_opts){.shm_lease_ms = 1});
+    /* B's HELLO (its K) is heard on the client's first request to it */
+    assert_int_equal(get_keys(c, ids[ALL - 1], 1, SEG, 0, st, NULL), 1);
+    for (int stream = 0; stream < 2; stream++) {
+        kvf_client_counters k0, k1;
+        kvf_client_counters_get(c, &k0);
+        assert_int_equal(get_ids(c, ids, 0, HOT, SEG, stream ? KVF_GET_STREAM : 0, st, NULL, NULL),
+                         HOT);
+        if (stream)
+            assert_int_equal(atomic_load(&layers_seen), LAYERS);
+        kvf_client_counters_get(c, &k1);
+        print_message("%s, 1 ms leases: %llu keys asked of the nearer holder, %llu asked again, "
+                      "%llu leases ended\n",
+                      stream ? "streamed" : "plain",
+                      (unsigned long long)(k1.near_keys - k0.near_keys),
+                      (unsigned long long)(k1.near_misses - k0.near_misses),
+                      (unsigned long long)(k1.shm_lease_expired - k0.shm_lease_expired));
+        assert_int_equal(k1.near_keys - k0.near_keys, HOT);
+        assert_int_equal(k1.near_misses - k0.near_misses, HOT);
+        assert_int_equal(k1.shm_lease_expired - k0.shm_lease_expired, HOT);
     }
     kvf_client_close(&tcp);
     kvf_client_close(&c);
