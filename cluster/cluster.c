@@ -121,12 +121,77 @@ static int check_cfg(cfg *c)
         return kvf__cluster_fail("%s: \"store_memory\" must be a size of 1M or more such as "
                                  "512M or 4G, not \"%s\"",
                                  cfg_where, c->store_memory);
-    if (c->stores + c->prefill + c->decode + 1 > 200)
+    if (c->stores + c->prefill + c->decode + c->n_ext + 1 > 200)
         return kvf__cluster_fail("%s: too many processes", cfg_where);
     if (!c->run_dir[0])
         snprintf(c->run_dir, sizeof c->run_dir, "build/cluster/%s", c->name);
     return 0;
 }
+/* An endpoint of an external engine's events: tcp://HOST:PORT. */
+static int tcp_endpoint(const char *s)
+{
+    const char *colon = strrchr(s, ':');
+    return !strncmp(s, "tcp://", 6) && strlen(s) > 6 && colon && colon > s + 6 && colon[1] >= '0' &&
+           colon[1] <= '9' && strspn(colon + 1, "0123456789") == strlen(colon + 1);
+}
+
+/* "external_engines": [{"id", "role", "endpoint", "events", "replay", "block_tokens"}, ...]. */
+static int load_external(json_t *a, cfg *c)
+{
+    static const char *const keys[] = {"id",     "role",         "endpoint", "events",
+                                       "replay", "block_tokens", NULL};
+    if (!a)
+        return 0;
+    if (!json_is_array(a) || json_array_size(a) > MAX_EXTERNAL)
+        return kvf__cluster_fail("%s: \"external_engines\" must be an array of at most %d engines",
+                                 cfg_where, MAX_EXTERNAL);
+    size_t i;
+    json_t *v;
+    json_array_foreach(a, i, v)
+    {
+        ext_engine *e = &c->ext[i];
+        char where[600], kerr[700];
+        snprintf(where, sizeof where, "%s: external_engines[%zu]", cfg_where, i);
+        if (!json_is_object(v))
+            return kvf__cluster_fail("%s: not an object", where);
+        if (kvf__json_keys_check(v, keys, where, kerr, sizeof kerr) != 0)
+            return kvf__cluster_fail("%s", kerr);
+        const char *saved = cfg_where;
+        cfg_where = where;
+        int rc = get_str(v, "id", "", e->id, sizeof e->id) ||
+                 get_str(v, "role", "both", e->role, sizeof e->role) ||
+                 get_str(v, "endpoint", "", e->endpoint, sizeof e->endpoint) ||
+                 get_str(v, "events", "", e->events, sizeof e->events) ||
+                 get_str(v, "replay", "", e->replay, sizeof e->replay) ||
+                 get_int(v, "block_tokens", 16, 1, 65536, &e->block_tokens);
+        cfg_where = saved;
+        if (rc)
+            return 1;
+        if (!e->id[0] || strspn(e->id, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                       "0123456789._-") != strlen(e->id))
+            return kvf__cluster_fail("%s: \"id\" must be 1..63 characters of A-Z, a-z, 0-9, ., _ "
+                                     "and -",
+                                     where);
+        for (size_t j = 0; j < i; j++)
+            if (!strcmp(c->ext[j].id, e->id))
+                return kvf__cluster_fail("%s: \"id\" \"%s\" is given twice", where, e->id);
+        if (strcmp(e->role, "prefill") && strcmp(e->role, "decode") && strcmp(e->role, "both"))
+            return kvf__cluster_fail("%s: \"role\" is prefill, decode or both, not \"%s\"", where,
+                                     e->role);
+        if (!tcp_endpoint(e->events))
+            return kvf__cluster_fail("%s: \"events\" is the engine's KV events publisher, "
+                                     "tcp://HOST:PORT (vLLM's kv_events_config endpoint), not "
+                                     "\"%s\"",
+                                     where, e->events);
+        if (e->replay[0] && !tcp_endpoint(e->replay))
+            return kvf__cluster_fail("%s: \"replay\" is the engine's replay socket, "
+                                     "tcp://HOST:PORT (vLLM's replay_endpoint), not \"%s\"",
+                                     where, e->replay);
+        c->n_ext = (int)i + 1;
+    }
+    return 0;
+}
+
 static int load_cfg(const char *path, cfg *c)
 {
     memset(c, 0, sizeof *c);
@@ -138,11 +203,30 @@ static int load_cfg(const char *path, cfg *c)
         return kvf__cluster_fail("%s:%d: %s", path, je.line, o ? "not a JSON object" : je.text);
     }
     int max_tokens = 16384, rc = 0;
-    static const char *const top_keys[] = {
-        "name",       "model",          "engine",   "engine_args",       "python", "store_memory",
-        "store_disk", "store_shm",      "policy",   "run_dir",           "stores", "prefill",
-        "decode",     "store_threads",  "netns",    "engine_max_tokens", "scheds", "etcd",
-        "etcd_ttl",   "replicate_hits", "replicas", "sched_shards",      NULL};
+    static const char *const top_keys[] = {"name",
+                                           "model",
+                                           "engine",
+                                           "engine_args",
+                                           "python",
+                                           "store_memory",
+                                           "store_disk",
+                                           "store_shm",
+                                           "policy",
+                                           "run_dir",
+                                           "stores",
+                                           "prefill",
+                                           "decode",
+                                           "store_threads",
+                                           "netns",
+                                           "engine_max_tokens",
+                                           "scheds",
+                                           "etcd",
+                                           "etcd_ttl",
+                                           "replicate_hits",
+                                           "replicas",
+                                           "sched_shards",
+                                           "external_engines",
+                                           NULL};
     static const char *const netns_keys[] = {"subnet", "rate", "delay_ms", NULL};
     char kerr[700], where[600];
     json_t *ns = json_object_get(o, "netns");
@@ -182,6 +266,10 @@ static int load_cfg(const char *path, cfg *c)
         get_int(o, "engine_max_tokens", 16384, 256, 1 << 20, &max_tokens) ||
         (ns && get_str(ns, "subnet", "10.77.0", c->subnet, sizeof c->subnet)) ||
         (ns && get_str(ns, "rate", "", c->rate, sizeof c->rate))) {
+        json_decref(o);
+        return 1;
+    }
+    if (load_external(json_object_get(o, "external_engines"), c) != 0) {
         json_decref(o);
         return 1;
     }
@@ -240,9 +328,10 @@ static void probe(const proc *q, char *out, size_t n, json_t **detail)
         }
         return;
     }
-    int etcd = !strcmp(q->kind, "etcd");
+    int etcd = !strcmp(q->kind, "etcd"), relay = !strcmp(q->kind, "relay");
     snprintf(url, sizeof url, "http://%s%s", q->addr,
              etcd                       ? "/health"
+             : relay                    ? "/v1/relay"
              : strcmp(q->kind, "sched") ? "/v1/health"
                                         : "/v1/index/stats");
     if (kvf__http_call("GET", url, NULL, 2000, &status, &r, err, sizeof err) != 0 ||
@@ -256,6 +345,14 @@ static void probe(const proc *q, char *out, size_t n, json_t **detail)
                  json_string_value(json_object_get(r, "health"))
                      ? json_string_value(json_object_get(r, "health"))
                      : "unknown");
+    else if (relay)
+        snprintf(out, n, "relaying %.160s: %lld batches in, %lld out, %lld lost",
+                 json_string_value(json_object_get(r, "from"))
+                     ? json_string_value(json_object_get(r, "from"))
+                     : "?",
+                 (long long)json_integer_value(json_object_get(r, "batches")),
+                 (long long)json_integer_value(json_object_get(r, "published")),
+                 (long long)json_integer_value(json_object_get(r, "lost")));
     else if (!strcmp(q->kind, "sched"))
         snprintf(out, n, "%lld instances, %lld blocks indexed, %lld event batches",
                  (long long)json_integer_value(json_object_get(r, "instances")),

@@ -12,6 +12,15 @@
 #define MAX_PROCS 64
 #define READY_MS  30000
 
+/* Engines the launcher does not start ("external_engines": vLLM's, which publish one stream of KV
+ * events in its format): a kvf-relay before each republishes its events to the kvf-sched replicas,
+ * secured and by shard, and the replicas route to it as they are told in a --config file. */
+#define MAX_EXTERNAL 8
+typedef struct ext_engine {
+    char id[64], role[16], endpoint[160], events[160], replay[160];
+    int block_tokens;
+} ext_engine;
+
 typedef struct cfg {
     char name[16], model[256], store_memory[32], store_disk[32], store_shm[16], policy[32],
         run_dir[512];
@@ -26,6 +35,8 @@ typedef struct cfg {
     int replicate_hits; /* the stores' --replicate-hits (0: off; needs etcd) */
     int replicas;       /* their --replicas: holders of each hot chunk (2..8, <= stores) */
     long max_tokens;
+    ext_engine ext[MAX_EXTERNAL];
+    int n_ext;
     /* --netns */
     char subnet[32], rate[32];
     double delay_ms;

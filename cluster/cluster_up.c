@@ -37,7 +37,8 @@ typedef struct launch {
     proc p[MAX_PROCS]; /* started, in order; undo stops them in reverse */
     int np;
     char shaping[256]; /* how the links are shaped (--netns), for the last line and state.json */
-    char store_bin[1024], sched_bin[1024], engine_bin[1024];
+    char store_bin[1024], sched_bin[1024], engine_bin[1024], relay_bin[1024];
+    char ext_config[700];    /* kvf-sched's --config naming the external engines (empty: none) */
     char stores[2048];       /* the stores' addresses, comma-separated */
     char store_events[2048]; /* their chunk-event endpoints, in the same order */
     char store_snaps[2048];  /* their snapshot endpoints, in the same order */
@@ -256,6 +257,7 @@ static int announce(launch *L)
     snprintf(L->store_bin, sizeof L->store_bin, "%s", kvf__proc_find_bin("kvf-store"));
     snprintf(L->sched_bin, sizeof L->sched_bin, "%s", kvf__proc_find_bin("kvf-sched"));
     snprintf(L->engine_bin, sizeof L->engine_bin, "%s", kvf__proc_find_bin("kvf-engine"));
+    snprintf(L->relay_bin, sizeof L->relay_bin, "%s", kvf__proc_find_bin("kvf-relay"));
     if (py_engine(c) && python_engine_env(L) != 0)
         return 1;
     snprintf(L->shards_arg, sizeof L->shards_arg, "%d", c->sched_shards);
@@ -470,6 +472,63 @@ static int make_token(launch *L)
     return 0;
 }
 
+/* External engine i's relay ("relay0", ...): it follows the engine's events (and replay socket)
+ * and publishes them again in the cluster's shards of kvf-sched's index (one shard: one stream),
+ * under the events key as the cluster's engines do, with a replay window of its own. Its record
+ * goes into o, under the relay's endpoints. */
+static int start_relay(launch *L, int i, json_t *o)
+{
+    const cfg *c = L->c;
+    const ext_engine *e = &c->ext[i];
+    char name[32], listen[64], events[64], ev[160], rep[160];
+    snprintf(name, sizeof name, "relay%d", i);
+    proc *q = add_proc(L, name, "relay", listen, events);
+    if (!q)
+        return 1;
+    char *args[24] = {L->relay_bin,   "--from",    (char *)e->events, "--shards", L->shards_arg,
+                      "--events",     events,      "--listen",        listen,     "--credential",
+                      L->events_cred, "--tenants", L->tenants};
+    int n = 13;
+    if (e->replay[0]) {
+        args[n++] = "--from-replay";
+        args[n++] = (char *)e->replay;
+    }
+    /* its topic: the cluster tenant's, as the engines' (KVF_CREDENTIAL) */
+    char *env[] = {L->cred_env, NULL};
+    if (start_one(c, q, args, n, env, READY_MS) != 0)
+        return 1;
+    if (kvf__proc_ready_field(q->ready, "events", ev, sizeof ev) != 0 ||
+        kvf__proc_ready_field(q->ready, "replay", rep, sizeof rep) != 0)
+        return kvf__cluster_fail("%s (%s): its ready line names no events or replay endpoint: "
+                                 "\"%s\"",
+                                 q->name, q->log, q->ready);
+    printf("  %-10s relays %s (%s) for %s\n", "", e->events, e->replay[0] ? e->replay : "no replay",
+           e->id);
+    json_t *r = json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:i}", "id", e->id, "role", e->role, "endpoint",
+                          e->endpoint, "events", ev, "replay", rep, "block_tokens", e->block_tokens,
+                          "event_shards", c->sched_shards);
+    if (!r || json_array_append_new(json_object_get(o, "instances"), r) != 0)
+        return kvf__cluster_fail("out of memory");
+    return 0;
+}
+
+/* "external_engines": their relays, and the file that tells kvf-sched's replicas of them. */
+static int start_relays(launch *L)
+{
+    const cfg *c = L->c;
+    if (!c->n_ext)
+        return 0;
+    json_t *o = json_pack("{s:[]}", "instances");
+    int rc = o ? 0 : kvf__cluster_fail("out of memory");
+    for (int i = 0; !rc && i < c->n_ext; i++)
+        rc = kvf__cluster_interrupted ? INTERRUPTED : start_relay(L, i, o);
+    snprintf(L->ext_config, sizeof L->ext_config, "%s/external.json", c->run_dir);
+    if (!rc && json_dump_file(o, L->ext_config, JSON_INDENT(2)) != 0)
+        rc = kvf__cluster_fail("cannot write %s: %s", L->ext_config, strerror(errno));
+    json_decref(o);
+    return rc;
+}
+
 /* kvf-sched process r ("scheds" replicas of each of "sched_shards" shards, shard by shard):
  * "sched", then "sched1", ... */
 static int start_replica(launch *L, int r, const char *chunk)
@@ -505,6 +564,10 @@ static int start_replica(launch *L, int r, const char *chunk)
     args[n++] = L->admin_cred;
     args[n++] = "--events-server-key";
     args[n++] = L->events_key;
+    if (L->ext_config[0]) { /* the external engines, reached through their relays */
+        args[n++] = "--config";
+        args[n++] = L->ext_config;
+    }
     if (c->sched_shards > 1) { /* its shard of the index: the engines publish by shard */
         snprintf(shard, sizeof shard, "%d/%d", r / c->scheds, c->sched_shards);
         args[n++] = "--shard";
@@ -611,8 +674,8 @@ static int record_state(launch *L)
 }
 
 static int (*const up_steps[])(launch *L) = {
-    begin_netns, announce,    start_etcd,    start_stores,
-    calibrate,   start_sched, start_engines, record_state,
+    begin_netns,  announce,    start_etcd,    start_stores, calibrate,
+    start_relays, start_sched, start_engines, record_state,
 };
 
 /* Stops what up started and removes what it made. Returns the exit status: INTERRUPTED after
@@ -633,6 +696,10 @@ int kvf__cluster_up(const cfg *c, int netns)
 {
     if (refuse_if_up(c) != 0)
         return 1;
+    if (netns && c->n_ext)
+        return kvf__cluster_fail("\"external_engines\" are reached from this host's network: "
+                                 "not with --netns, whose processes each have a network of "
+                                 "their own");
     if (mkdirs(c->run_dir) != 0)
         return kvf__cluster_fail("cannot create %s: %s", c->run_dir, strerror(errno));
     catch_interrupts();

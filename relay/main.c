@@ -150,8 +150,9 @@ static int parse_args(int argc, char **argv, relay_daemon *d)
         KVF__OPT("from-replay", KVF__ARG_STR, &cl->from_replay, "tcp://HOST:PORT",
                  "the engine's replay socket: what the relay missed is asked there", NULL),
         KVF__OPT("shards", KVF__ARG_LONG, &cl->shards, "N",
-                 "the shards of kvf-sched's index (its replicas' --shard K/N)", NULL, .lo = 2,
-                 .hi = KVF_EVENTS_MAX_SHARDS),
+                 "the shards of kvf-sched's index (its replicas' --shard K/N; 1: not sharded, "
+                 "the stream published again as it is, under --credential)",
+                 NULL, .lo = 1, .hi = KVF_EVENTS_MAX_SHARDS),
         KVF__OPT("events", KVF__ARG_STR, &cl->events, "HOST:PORT",
                  "where the relay publishes (port 0 picks)", "127.0.0.1:0"),
         KVF__OPT("replay", KVF__ARG_STR, &cl->replay, "HOST:PORT",

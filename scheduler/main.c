@@ -196,10 +196,10 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
 }
 
 /* Registers the instances of a cluster file ({"instances": [{"id", "role", "endpoint", "events",
- * "replay", "block_tokens"}, ...]}) and asks for their events. Unknown keys and roles are errors
- * (with the file and the instance named). They
- * never expire (the operator's, and engines such as vLLM report no load to kvf-sched). Called
- * before the events thread starts. Returns 0, or -1 with the reason in err. */
+ * "replay", "block_tokens", "event_shards"}, ...]}) and asks for their events. Unknown keys and
+ * roles are errors (with the file and the instance named). They never expire (the operator's, and
+ * engines such as vLLM report no load to kvf-sched). Called before the events thread starts.
+ * Returns 0, or -1 with the reason in err. */
 static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t errlen)
 {
     json_error_t je;
@@ -209,8 +209,8 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
         return -1;
     }
     static const char *const top_keys[] = {"instances", NULL};
-    static const char *const instance_keys[] = {"id",     "role",         "endpoint", "events",
-                                                "replay", "block_tokens", NULL};
+    static const char *const instance_keys[] = {"id",     "role",         "endpoint",     "events",
+                                                "replay", "block_tokens", "event_shards", NULL};
     json_t *ins = json_object_get(o, "instances");
     if (kvf__json_keys_check(o, top_keys, path, err, errlen) != 0) {
         json_decref(o);
@@ -261,9 +261,19 @@ static int load_config(kvf__sched_daemon *d, const char *path, char *err, size_t
             rc = -1;
             break;
         }
+        json_t *es = json_object_get(v, "event_shards"); /* 0: the record does not say */
+        if (es && (!json_is_integer(es) || json_integer_value(es) < 0 ||
+                   json_integer_value(es) > KVF_EVENTS_MAX_SHARDS)) {
+            snprintf(err, errlen, "%s: \"event_shards\" must be an integer in 0..%d", where,
+                     KVF_EVENTS_MAX_SHARDS);
+            rc = -1;
+            break;
+        }
+        uint32_t shards = es ? (uint32_t)json_integer_value(es) : 0;
         char why[256] = "";
         int idx, fresh;
-        if (kvf__sched_register_locked(d, &in, replay, 0, 1, &idx, &fresh, why, sizeof why) != 0) {
+        if (kvf__sched_register_locked(d, &in, replay, shards, 1, &idx, &fresh, why, sizeof why) !=
+            0) {
             snprintf(err, errlen, "%s: invalid%s%s", where, why[0] ? ": " : "", why);
             rc = -1;
             break;

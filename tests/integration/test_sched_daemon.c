@@ -923,7 +923,7 @@ static void test_sched_daemon_relay_clears_what_was_lost(void **state)
     char *bad[][8] = {
         {(char *)KVF_RELAY_BIN, (char *)"--shards", (char *)"2", NULL},
         {(char *)KVF_RELAY_BIN, (char *)"--from", (char *)"tcp://127.0.0.1:1", (char *)"--shards",
-         (char *)"1", NULL},
+         (char *)"0", NULL},
         {(char *)KVF_RELAY_BIN, (char *)"--from", (char *)"127.0.0.1:1", (char *)"--shards",
          (char *)"2", NULL},
         {(char *)KVF_RELAY_BIN, (char *)"--from", (char *)"tcp://127.0.0.1:1", (char *)"--shards",

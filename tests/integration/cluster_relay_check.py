@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Engines the launcher does not start, through `kvf cluster up`: a stand-in for a vLLM engine (one
+stream of KV events in vLLM's format, its own block hashes, a replay socket) named in the cluster
+file's "external_engines", with kvf-sched's index in two shards. The launcher starts a kvf-relay
+before it and tells both replicas of it; each replica then knows the engine holds exactly the
+sequences of its shard, those published before the cluster was up (the relay asks the engine's
+replay socket) and after. `kvf cluster status` shows the relay, `kvf cluster down` stops it, and
+bad entries are refused with the field named.
+
+usage: cluster_relay_check.py KVF   (PYTHONPATH and KVF_LIBRARY name the Python package and libkvf)
+"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import kvfabric as kvf
+
+
+def fail(msg):
+    print("cluster_relay_check: FAIL: " + msg)
+    sys.exit(1)
+
+
+def run(args, timeout, expect=0):
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if expect is not None and p.returncode != expect:
+        fail("%s: exit %d (wanted %d)\nstdout: %s\nstderr: %s"
+             % (" ".join(args), p.returncode, expect, p.stdout[-3000:], p.stderr[-3000:]))
+    return p
+
+
+def http(method, url, body=None, token=None):
+    data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = "Bearer " + token
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+SEQS, BLOCKS, BT = 12, 4, 16
+
+
+def tokens_of(j):
+    return [1000 * (j + 1) + i for i in range(BLOCKS * BT)]
+
+
+def publish(ev, j):
+    # the engine's own hashes, unrelated to kvfabric's chain (vLLM's are its own)
+    h = [0x9E3779B97F4A7C15 * (BLOCKS * j + b + 1) % (1 << 63) for b in range(BLOCKS)]
+    ev.publish(stored=h, tokens=tokens_of(j), block_tokens=BT)
+
+
+def check_up(kvf_bin, cfg, config, shards):
+    """Up with the external engine and kvf-sched's index in `shards` shards (one replica each): a
+    fresh engine stream, its first two sequences published before the cluster is up."""
+    ev = kvf.Events("127.0.0.1:0", replay="127.0.0.1:0")
+    cfg["external_engines"] = [dict(cfg["external_engines"][0], events=ev.endpoint,
+                                    replay=ev.replay_endpoint)]
+    shard = [kvf.shard_of(kvf.hash_blocks(tokens_of(j), BT)[0], shards) for j in range(SEQS)]
+    with open(config, "w") as f:
+        json.dump(cfg, f)
+    for j in range(2):  # before the cluster: the relay asks the engine's replay socket
+        publish(ev, j)
+    run([kvf_bin, "cluster", "up", "--config", config], 180)
+    pids = []
+    try:
+        with open(os.path.join(cfg["run_dir"], "state.json")) as f:
+            state = json.load(f)
+        pids = [pr["pid"] for pr in state["procs"]]
+        relays = [pr for pr in state["procs"] if pr["kind"] == "relay"]
+        scheds = [pr["addr"] for pr in state["procs"] if pr["kind"] == "sched"]
+        if len(relays) != 1 or len(scheds) != shards:
+            fail("expected one relay and %d kvf-sched replica(s): %r" % (shards, state["procs"]))
+        with open(os.path.join(cfg["run_dir"], "sched.tokens")) as f:
+            token = next(ln.split()[1] for ln in f if ln.strip() and ln[0] != "#")
+        for j in range(2, SEQS):
+            publish(ev, j)
+        # Each replica: the engine holds the sequences of its shard, and none of the others'.
+        # Replica r serves shard r (the launcher starts them shard by shard).
+        want = [[j for j in range(SEQS) if shard[j] == r] for r in range(shards)]
+        got = None
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            got = [[] for _ in range(shards)]
+            for r in range(shards):
+                for j in range(SEQS):
+                    st, rep = http("POST", "http://%s/v1/lookup" % scheds[r],
+                                   {"tokens": tokens_of(j), "output_tokens": 1}, token)
+                    if st != 200:
+                        fail("lookup: %d %r" % (st, rep))
+                    if any(i["id"] == "vllm0" and i["tokens"] == BLOCKS * BT
+                           for i in rep["instances"]):
+                        got[r].append(j)
+            if got == want:
+                break
+            time.sleep(0.2)
+        if got != want:
+            fail("sequences the replicas know the engine holds: %r, wanted %r" % (got, want))
+        st, ins = http("GET", "http://%s/v1/instances" % scheds[0], None, token)
+        if st != 200 or "vllm0" not in json.dumps(ins):
+            fail("the engine is not registered with the replica: %d %r" % (st, ins))
+        st, rl = http("GET", "http://%s/v1/relay" % relays[0]["addr"])
+        if st != 200 or rl["shards"] != shards or rl["late_joins"] < 1 or rl["replayed"] < 2 \
+                or rl["malformed"]:
+            fail("the relay's counters: %d %r" % (st, rl))
+        out = run([kvf_bin, "cluster", "status", "--config", config], 30).stdout
+        if "relay0" not in out or "relaying " + ev.endpoint not in out:
+            fail("kvf cluster status does not show the relay:\n" + out)
+    finally:
+        run([kvf_bin, "cluster", "down", "--config", config], 60)
+    deadline = time.time() + 10
+    while any(alive(x) for x in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    if any(alive(x) for x in pids):
+        fail("kvf cluster down left processes: %r" % [x for x in pids if alive(x)])
+    ev.close()
+
+
+def main():
+    kvf_bin = sys.argv[1]
+    ev = kvf.Events("127.0.0.1:0", replay="127.0.0.1:0")  # the engine: one stream
+    shard = [kvf.shard_of(kvf.hash_blocks(tokens_of(j), BT)[0], 2) for j in range(SEQS)]
+    if set(shard) != {0, 1}:
+        fail("the sequences do not fall in both shards: %r" % shard)
+    with tempfile.TemporaryDirectory(prefix="kvf-relay-check-") as d:
+        ext = {"id": "vllm0", "role": "both", "endpoint": "http://127.0.0.1:1",
+               "events": ev.endpoint, "replay": ev.replay_endpoint, "block_tokens": BT}
+        cfg = {"name": "relayck", "stores": 1, "store_memory": "64M", "prefill": 1, "decode": 1,
+               "sched_shards": 2, "run_dir": os.path.join(d, "run"), "external_engines": [ext]}
+        config = os.path.join(d, "cluster.json")
+
+        # Bad entries are refused with the field named, and start nothing.
+        for bad, want in (({"events": "127.0.0.1:5557"}, '"events" is the engine'),
+                          ({"replay": "tcp://h:port"}, '"replay" is the engine'),
+                          ({"role": "router"}, '"role" is prefill, decode or both'),
+                          ({"id": "a b"}, '"id" must be'),
+                          ({"evnets": "x"}, 'unknown key "evnets"')):
+            with open(config, "w") as f:
+                json.dump(dict(cfg, external_engines=[dict(ext, **bad)]), f)
+            p = run([kvf_bin, "cluster", "up", "--config", config], 30, expect=2)
+            if want not in p.stderr or "external_engines[0]" not in p.stderr:
+                fail("entry %r: expected %r, got %r" % (bad, want, p.stderr))
+        with open(config, "w") as f:
+            json.dump(dict(cfg, external_engines=[ext, ext]), f)
+        p = run([kvf_bin, "cluster", "up", "--config", config], 30, expect=2)
+        if "given twice" not in p.stderr:
+            fail("an id given twice: %r" % p.stderr)
+        with open(config, "w") as f:
+            json.dump(cfg, f)
+        p = run([kvf_bin, "cluster", "up", "--config", config, "--netns"], 30, expect=1)
+        if "not with --netns" not in p.stderr:
+            fail("external engines with --netns: %r" % p.stderr)
+
+        for shards in (2, 1):
+            check_up(kvf_bin, dict(cfg, sched_shards=shards), config, shards)
+    ev.close()
+    print("cluster_relay_check: OK: %d sequences of an external engine, with kvf-sched's index in "
+          "2 shards each known to the replica of its shard only, and in one, all known; 2 of them "
+          "published before the cluster was up" % SEQS)
+
+
+if __name__ == "__main__":
+    main()
