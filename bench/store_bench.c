@@ -57,6 +57,7 @@ typedef struct opts {
     const char *plot;
     const char *tier, *disk_dir; /* --tier disk: the disk tier instead (store_tier.c) */
     int disk_gather;             /* --disk-gather-us (-1: the store's default) */
+    int disk_nice;               /* --disk-nice */
     int near;                    /* --near: reads from the nearest holder (store_near.c) */
 } opts;
 
@@ -136,6 +137,8 @@ static int parse(int argc, char **argv, opts *o)
         KVF__OPT("disk-gather-us", KVF__ARG_INT, &o->disk_gather, "US",
                  "with --tier disk, the store's --disk-gather-us", "the store's default", .lo = 0,
                  .hi = 100000),
+        KVF__OPT("disk-nice", KVF__ARG_INT, &o->disk_nice, "N",
+                 "with --tier disk, the store's --disk-nice", "0", .lo = 0, .hi = 19),
         KVF__OPT("rdma-host", KVF__ARG_STR, &o->rdma_host, "IP",
                  "with --transport rdma, the RDMA interface's address", NULL),
     };
@@ -733,7 +736,7 @@ int bench_store_main(int argc, char **argv)
         bench_emit(res, o.json);
     } else if (!strcmp(o.tier, "disk")) {
         rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.store_threads,
-                              o.disk_gather, o.json, res);
+                              o.disk_gather, o.disk_nice, o.json, res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
         json_object_set_new(res, "transport", json_string("rdma"));

@@ -72,10 +72,10 @@ double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
 /* --transport shm: shared memory against a one-thread memcpy of the same bytes and against TCP
  * loopback, per round, into res; printed. Returns the exit status (1: keys failed). */
 /* store_tier.c: kvf-bench store --tier disk: the disk tier through kvf-store against fio, with
- * the disk file in dir (gather_us >= 0: the store's --disk-gather-us, else its default). 0, or
- * -1 (said). */
+ * the disk file in dir (gather_us >= 0: the store's --disk-gather-us, else its default; nice > 0:
+ * its --disk-nice). 0, or -1 (said). */
 int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
-                     int gather_us, int json, json_t *res);
+                     int gather_us, int nice, int json, json_t *res);
 int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, int json,
                     json_t *res);
 /* kvf-bench store --near (store_near.c): hot keys from the holder on this host against their

@@ -15,7 +15,10 @@
  *     batch rate (the GET's own time; every byte is compared after it) by fio's read;
  *   DRAM under disk I/O: GETs of a hot set in DRAM alone, then while another client reads old
  *     objects back from disk as fast as they come (promotions, whose room evicts and so demotes
- *     as much): dram_get_under_disk_io_vs_alone;
+ *     as much): dram_get_under_disk_io_vs_alone; then, the control, while that other client reads
+ *     DRAM at the rate it read the promotions (dram_get_under_dram_reader_vs_alone): the same
+ *     second reader without disk I/O; their ratio (dram_get_under_disk_io_vs_under_dram_reader)
+ *     is what the tier itself costs the DRAM path, apart from the second reader's bytes;
  *   warm restart: the store stopped and started again on its disk: the time to its ready line
  *     (warm_restart_s, the index rebuilt from the log), then every object it reports read back
  *     and compared byte for byte (wrong: 0 expected), with the store's own verification failures.
@@ -111,25 +114,46 @@ static int get_round(kvf_client *c, workload *w, uint64_t r, uint64_t *hit, int 
     return rc;
 }
 
-/* Background disk I/O for the DRAM-under-load figure. */
-typedef struct load_arg {
+/* A second client reading in the background, for the DRAM-under-load figures: promotions from
+ * disk (promoter), or, the control, DRAM at a given rate (paced_reader). */
+typedef struct bg_reader {
     kvf_client *c;
     workload w;
-    uint64_t r_lo, r_hi;
+    uint64_t r_lo, r_hi; /* promoter: the rounds it reads back */
+    uint64_t r;          /* paced_reader: the round it reads (in DRAM) ... */
+    double gbps;         /* ... at this rate */
     atomic_int stop;
     _Atomic uint64_t bytes;
-} load_arg;
+} bg_reader;
 
 /* Reads rounds r_lo..r_hi back, round after round, as fast as they come: 8x the arena, so nearly
  * every one is a promotion from disk, whose room in DRAM evicts (and demotes what is not on disk
  * yet). */
 static void *promoter(void *p)
 {
-    load_arg *a = p;
+    bg_reader *a = p;
     for (uint64_t r = a->r_lo; !atomic_load(&a->stop); r = r + 1 < a->r_hi ? r + 1 : a->r_lo) {
         uint64_t hit = 0;
         get_round(a->c, &a->w, r, &hit, NULL, NULL);
         atomic_fetch_add(&a->bytes, hit);
+    }
+    return NULL;
+}
+
+/* The control of the DRAM-under-disk-I/O figure: the second client reading DRAM (round r) at the
+ * rate the promotions were read (gbps), so that what the machine spends on a second reader's
+ * bytes (its socket, its copies) is the same without any disk I/O. */
+static void *paced_reader(void *p)
+{
+    bg_reader *a = p;
+    double t0 = bench_now();
+    while (!atomic_load(&a->stop)) {
+        uint64_t hit = 0;
+        get_round(a->c, &a->w, a->r, &hit, NULL, NULL);
+        uint64_t b = atomic_fetch_add(&a->bytes, hit) + hit;
+        double ahead = (double)b / (a->gbps * 1e9) - (bench_now() - t0);
+        if (ahead > 0)
+            usleep((useconds_t)(ahead < 0.5 ? ahead * 1e6 : 500000));
     }
     return NULL;
 }
@@ -160,16 +184,41 @@ static kvf_client *client_to(const bench_proc *p)
     return c;
 }
 
+/* GB/s of c's GETs of round hot (in DRAM) while a's client (open, or NULL: -1) reads in fn on a
+ * thread of its own; *during gets that client's GB/s over the same time. */
+static double dram_rate_beside(kvf_client *c, workload *w, uint64_t hot, double secs,
+                               const shape *sh, bg_reader *a, void *(*fn)(void *), double *during)
+{
+    double rate = -1;
+    *during = 0;
+    if (a->c && wl_init(&a->w, sh->batch, sh->payload) == 0) {
+        pthread_t t;
+        pthread_create(&t, NULL, fn, a);
+        usleep(200000);
+        uint64_t b0 = atomic_load(&a->bytes);
+        double u0 = bench_now();
+        rate = dram_rate(c, w, hot, secs);
+        *during = (double)(atomic_load(&a->bytes) - b0) / (bench_now() - u0) / 1e9;
+        atomic_store(&a->stop, 1);
+        pthread_join(t, NULL);
+        wl_free(&a->w);
+    }
+    kvf_client_close(&a->c);
+    return rate;
+}
+
 /* One object size through a store of arena bytes on a disk file in dir. 0, or -1 (said). */
 static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const char *bin, int quick,
-                      int threads, int gather_us, json_t *res, int have_fio, int json)
+                      int threads, int gather_us, int nice, json_t *res, int have_fio, int json)
 {
-    char extra[4700], file[4200], mem[32], gather[48] = "";
+    char extra[4700], file[4200], mem[32], gather[80] = "";
     snprintf(file, sizeof file, "%s/kvf-bench-tier.%d.dat", dir, (int)getpid());
     snprintf(mem, sizeof mem, "%" PRIu64 "M", arena >> 20);
     uint64_t total = 8 * arena;
     if (gather_us >= 0)
         snprintf(gather, sizeof gather, " --disk-gather-us %d", gather_us);
+    if (nice > 0)
+        snprintf(gather + strlen(gather), sizeof gather - strlen(gather), " --disk-nice %d", nice);
     snprintf(extra, sizeof extra, "--no-prefault --shm off --threads %d --disk %s:%" PRIu64 "M%s",
              threads, file, (total + total / 4 + (256u << 20)) >> 20, gather);
     workload w;
@@ -247,22 +296,15 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     uint64_t hot = rounds; /* the last round put: in DRAM */
     dram_rate(c, &w, hot, 0.3);
     double alone = dram_rate(c, &w, hot, quick ? 1.0 : 2.0);
-    load_arg la = {.r_lo = 1, .r_hi = rounds - 4};
+    bg_reader la = {.r_lo = 1, .r_hi = rounds - 4}, pa = {.r = hot};
     la.c = client_to(&p);
-    double under = -1, io_gbps = 0;
-    if (la.c && wl_init(&la.w, sh->batch, sh->payload) == 0) {
-        pthread_t t1;
-        pthread_create(&t1, NULL, promoter, &la);
-        usleep(200000);
-        uint64_t b0 = atomic_load(&la.bytes);
-        double u0 = bench_now();
-        under = dram_rate(c, &w, hot, quick ? 1.0 : 2.0);
-        io_gbps = (double)(atomic_load(&la.bytes) - b0) / (bench_now() - u0) / 1e9;
-        atomic_store(&la.stop, 1);
-        pthread_join(t1, NULL);
-        wl_free(&la.w);
-    }
-    kvf_client_close(&la.c);
+    double io_gbps, dram_during;
+    double under = dram_rate_beside(c, &w, hot, quick ? 1.0 : 2.0, sh, &la, promoter, &io_gbps);
+    /* the control: the same bytes read by a second client from DRAM, no disk I/O */
+    pa.gbps = io_gbps;
+    pa.c = io_gbps > 0 ? client_to(&p) : NULL;
+    double under_dram =
+        dram_rate_beside(c, &w, hot, quick ? 1.0 : 2.0, sh, &pa, paced_reader, &dram_during);
     settle(c);
     int64_t on_disk = (int64_t)disk_stat(c, "entries");
     kvf_client_close(&c);
@@ -303,6 +345,15 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     bench_json_real(res, KEY("dram_get_under_disk_io_gbps_%s"), under);
     bench_json_real(res, KEY("disk_io_during_gbps_%s"), io_gbps);
     bench_json_real(res, KEY("dram_get_under_disk_io_vs_alone_%s"), under > 0 ? under / alone : -1);
+    if (under_dram > 0) {
+        bench_json_real(res, KEY("dram_get_under_dram_reader_gbps_%s"), under_dram);
+        bench_json_real(res, KEY("dram_reader_during_gbps_%s"), dram_during);
+        bench_json_real(res, KEY("dram_get_under_dram_reader_vs_alone_%s"), under_dram / alone);
+        /* the disk tier's own cost: below 1 only by what its I/O takes beyond a second reader */
+        if (under > 0)
+            bench_json_real(res, KEY("dram_get_under_disk_io_vs_under_dram_reader_%s"),
+                            under / under_dram);
+    }
     bench_json_real(res, KEY("warm_restart_s_%s"), warm);
     json_object_set_new(res, KEY("disk_entries_%s"), json_integer(on_disk));
     json_object_set_new(res, KEY("rebuilt_entries_%s"), json_integer(rebuilt));
@@ -364,13 +415,14 @@ out:
 }
 
 int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
-                     int gather_us, int json, json_t *res)
+                     int gather_us, int nice, int json, json_t *res)
 {
     /* the store's loops: two at least, one for each client (the DRAM reader and the promoter) */
     threads = threads < 2 ? 2 : threads;
     json_object_set_new(res, "store_threads", json_integer(threads));
     if (gather_us >= 0)
         json_object_set_new(res, "disk_gather_us", json_integer(gather_us));
+    json_object_set_new(res, "disk_nice", json_integer(nice));
     uint64_t arena = 0;
     if (kvf__parse_size(memory, &arena) != 0 || arena < (64u << 20)) {
         fprintf(stderr, "kvf-bench store --tier disk: --memory of 64M at least\n");
@@ -390,7 +442,7 @@ int bench_store_tier(const char *dir, int quick, const char *memory, const char 
     if (!have_fio)
         json_object_set_new(res, "fio", json_string("not installed: ratios to raw_* only"));
     for (int s = 0; s < 2; s++)
-        if (tier_shape(&shapes[s], dir, arena, bin, quick, threads, gather_us, res, have_fio,
+        if (tier_shape(&shapes[s], dir, arena, bin, quick, threads, gather_us, nice, res, have_fio,
                        json) != 0)
             return -1;
     return 0;

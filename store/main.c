@@ -101,6 +101,7 @@ typedef struct store_cfg {
     long disk_admit;
     long disk_promote; /* --disk-promote */
     long disk_gather;  /* --disk-gather-us */
+    long disk_nice;    /* --disk-nice */
     long wt_hits;      /* --disk-write-through */
     long rep_hits;     /* --replicate-hits */
     long replicas;     /* --replicas */
@@ -381,6 +382,11 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "arriving with it (a client's batch, split over its connections) are merged with "
                  "it and objects side by side on disk are read together (0: at once)",
                  "0", .lo = 0, .hi = 100000),
+        KVF__OPT("disk-nice", KVF__ARG_LONG, &cfg->disk_nice, "N",
+                 "the niceness of the disk tier's threads: above 0, the event loops, which serve "
+                 "DRAM hits, win the CPU from the disk's copies and checksums where cores are few "
+                 "(the tier's own rates are then lower)",
+                 "0", .lo = 0, .hi = 19),
         KVF__OPT("disk-admit", KVF__ARG_LONG, &cfg->disk_admit, "N",
                  "demote an evicted entry to disk only if it was read at least N times", "0",
                  .lo = 0, .hi = 255),
@@ -665,6 +671,7 @@ static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf_
         .write_through_hits = (uint32_t)cfg->wt_hits,
         .promote_reads = (uint32_t)cfg->disk_promote,
         .gather_us = (uint32_t)cfg->disk_gather,
+        .nice = (int)cfg->disk_nice,
         .write_through_pinned = cfg->wt_pinned,
         .queue_bytes = cfg->disk_queue,
         .cache = cache,

@@ -10,6 +10,8 @@
 #include "clock.h"
 
 #include <pthread.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -250,6 +252,14 @@ static void write_out(device *v, work *w)
         kvf__tier_dev_down(v);
 }
 
+/* The calling thread's niceness (--disk-nice): on Linux a thread's own (its id's). Raising it
+ * needs no privilege; a failure leaves the thread as it was. */
+static void set_nice(const kvf__tier *t)
+{
+    if (t->o.nice > 0)
+        (void)setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), t->o.nice);
+}
+
 /* Demotions, removals and clears, in order; the buffered writes are written whenever the queue
  * runs dry (or ANNOUNCE_MAX demotions wait to be told), so that a demoted object is found on disk
  * soon after it left DRAM, and then told as on disk. At close, what is queued is still done. */
@@ -258,6 +268,7 @@ static void *writer_main(void *arg)
     device *v = arg;
     kvf__tier *t = v->t;
     int dirty = 0;
+    set_nice(t);
     pthread_mutex_lock(&t->mu);
     for (;;) {
         if (v->found_at_ns && kvf__now_ns() >= v->found_at_ns) {
@@ -316,6 +327,7 @@ static void *reader_main(void *arg)
     device *v = arg;
     kvf__tier *t = v->t;
     uint64_t gather_ns = (uint64_t)t->o.gather_us * 1000u;
+    set_nice(t);
     pthread_mutex_lock(&t->mu);
     for (;;) {
         work *w = v->rq.head;
@@ -433,6 +445,8 @@ int kvf__tier_open(kvf__tier **out, const kvf__tier_opts *o, char *err, size_t e
         t->o.max_requests = MAX_REQUESTS_DEFAULT;
     if (t->o.gather_us > GATHER_US_MAX)
         t->o.gather_us = GATHER_US_MAX;
+    if (t->o.nice < 0 || t->o.nice > 19)
+        t->o.nice = t->o.nice < 0 ? 0 : 19;
     pthread_mutex_init(&t->mu, NULL);
     pthread_cond_init(&t->idle, NULL);
     int rc = 0;

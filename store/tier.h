@@ -54,6 +54,10 @@ typedef struct kvf__tier_opts {
      * others that come with it (a client's batch split over its connections reaches the loops as
      * several requests at once) are merged with it and read with it in runs; 0: at once */
     uint32_t gather_us;
+    /* the niceness (0..19) of the tier's threads (readers, writer): above 0, the event loops,
+     * which serve DRAM hits, win the CPU from the disk's copies and checksums where cores are
+     * few, at the cost of the tier's own rates then */
+    int nice;
     uint64_t extent_bytes; /* 0: 64 MiB, halved (to 1 MiB) until 16 fit the device */
     kvf_cache *cache;
     const kvf_log *log;

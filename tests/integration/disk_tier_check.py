@@ -19,7 +19,8 @@ binding as the client:
 - several devices: keys spread over two; both fill, a restart serves both; one device failing
   ($KVF_DISK_FAULT=write:N@1) goes down alone while the other goes on demoting and serving;
 - promotion when hot (--disk-promote N, 2 by default): an object's first read back from disk is
-  served and let go (it stays on disk only); its second stays in DRAM; with 1 every read stays;
+  served and let go (it stays on disk only); its second stays in DRAM; with 1 every read stays
+  (and --disk-nice 7 puts the tier's threads, and only them, at niceness 7);
 - write-through (--disk-write-through pinned,hits:2): pinned and twice-read entries are copied to
   disk while they stay in DRAM, and after kill -9 the restarted store serves them, and only them.
 
@@ -441,12 +442,32 @@ def phase_devices(tmp):
     s.stop()
 
 
+def thread_niceness(pid):
+    """The niceness of each thread of pid (None without /proc)."""
+    try:
+        out = []
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/stat" % (pid, tid)) as f:
+                out.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+        return out
+    except OSError:
+        return None
+
+
 def phase_promote(tmp):
     for promote in (2, 1):
         disk = os.path.join(tmp, "promote%d.disk" % promote)
         ks = kvf.KeySpace(LAYOUT, salt="disk-promote")
         keys, objs = make(ks, 13, 256, 64 << 10)  # 2x the arena
-        s = Store(disk, extra=["--disk-promote", str(promote)])
+        # with promote 1, the tier's threads run at niceness 7 (--disk-nice): they and only
+        # they, and the data the same
+        nice = 7 if promote == 1 else 0
+        s = Store(disk, extra=["--disk-promote", str(promote), "--disk-nice", str(nice)])
+        niced = thread_niceness(s.p.pid)
+        if niced is not None:
+            check(niced.count(7) == (5 if nice else 0) and niced.count(0) >= 2,
+                  "--disk-nice %d: the threads' niceness %r (the tier's 4 readers and writer at "
+                  "it, the loops at 0)" % (nice, niced))
         with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
             for i in range(0, len(keys), 4):
                 check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "promote: put")
