@@ -301,6 +301,7 @@ void kvf__disk_close(kvf__disk **pd)
         pthread_mutex_lock(&d->mu);
         if (!d->st.down)
             kvf__dk_write_out(d);
+        kvf__dk_reap(d); /* also when down: no write may be in flight when the ring goes */
         pthread_mutex_unlock(&d->mu);
         io_uring_queue_exit(&d->ring);
     }
@@ -322,7 +323,7 @@ void kvf__disk_close(kvf__disk **pd)
     free(d->pend);
     if (d->xs)
         XXH3_freeState(d->xs);
-    for (int i = 0; i <= WSLOTS; i++)
+    for (int i = 0; i < LSLOTS; i++)
         free(d->piece[i]);
     free(d);
     *pd = NULL;
@@ -354,6 +355,7 @@ int kvf__disk_flush(kvf__disk *d)
 int kvf__disk_remove(kvf__disk *d, uint64_t ns, const kvf_key *key)
 {
     pthread_mutex_lock(&d->mu);
+    kvf__dk_reap(d); /* a put of it still in flight is indexed first */
     int rc = d->st.down ? KVF_EIO : kvf__dk_find(d, ns, key->lo, key->hi) ? 0 : KVF_ENOENT;
     if (!rc)
         rc = kvf__dk_append(d, REC_TOMB, ns, key, NULL, 0);

@@ -35,7 +35,10 @@
 #define SCAN_CHUNK (8u << 20) /* rebuild reads extents in pieces this large */
 #define MAX_OBJECT (1ull << 32)
 #define WSLOTS     4 /* a large record's pieces written at once (besides its first) */
-#define RSLOTS     4 /* gets that read at once */
+/* the large records' piece buffers: the next record's first pieces are made while the last
+ * pieces of the one before are still being written */
+#define LSLOTS (WSLOTS + 2)
+#define RSLOTS 4 /* gets that read at once */
 
 typedef struct ent {
     uint64_t ns, lo, hi; /* (ns, key); lo == hi == ns == 0 and !used: an empty slot */
@@ -78,9 +81,18 @@ struct kvf__disk {
         uint8_t *buf;
         uint64_t cap;
     } rs[RSLOTS];
-    unsigned rnext;             /* the slot the next get tries first (atomic) */
-    uint8_t *piece[WSLOTS + 1]; /* a large record's pieces in flight; [WSLOTS]: its first */
-    struct pend {               /* the index entries of the records in wbuf */
+    unsigned rnext; /* the slot the next get tries first (atomic) */
+    /* large records' pieces (append_large): the buffers, those free, which record each write in
+     * flight is of, and the records written and not yet indexed (two at most: the one being
+     * made and the one before, whose last pieces may still be in flight) */
+    uint8_t *piece[LSLOTS];
+    int pfree[LSLOTS], npfree, powner[LSLOTS];
+    unsigned pinflight;
+    struct lrec {
+        uint64_t ns, lo, hi, off, len, seq;
+        int left, err, used;
+    } lrec[2];
+    struct pend { /* the index entries of the records in wbuf */
         uint64_t ns, lo, hi, off, len, seq;
         int type;
     } * pend;
@@ -152,6 +164,10 @@ uint64_t kvf__dk_drop_where(kvf__disk *d, int all_ns, uint64_t ns, uint64_t ext,
 int kvf__dk_hdr_read(const uint8_t *h, rec *r);
 /* Writes the buffered records and indexes them. 0 or KVF_EIO (the tier goes down). */
 int kvf__dk_write_out(kvf__disk *d);
+/* Waits for every large record's write in flight and indexes each record whose writes all
+ * succeeded (none while the device is down); a failed one takes the device down. 0 or KVF_EIO.
+ * Called with mu, before anything else uses the ring. */
+int kvf__dk_reap(kvf__disk *d);
 /* Appends a record of type (REC_*) to the log. 0, KVF_EINVAL (too large), KVF_ENOMEM, KVF_EIO. */
 int kvf__dk_append(kvf__disk *d, int type, uint64_t ns, const kvf_key *k, const void *data,
                    uint64_t len);

@@ -20,6 +20,9 @@ void kvf__dk_go_down(kvf__disk *d, int e)
  * continued. Returns 0 or a negative errno. */
 int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off)
 {
+    /* the ring's completions are this request's alone: the large records' writes are done first */
+    if (d->pinflight && kvf__dk_reap(d) != 0)
+        return -EIO;
     if (d->o.fault) {
         int f = d->o.fault(d->o.fault_ud, is_write, off, len);
         if (f)

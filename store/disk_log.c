@@ -60,9 +60,15 @@ static int ext_header_write(kvf__disk *d, uint64_t e, uint64_t gen)
     return rc;
 }
 
-/* Writes the buffered records and indexes them. Called with mu. */
+/* Writes the buffered records and indexes them, after the large records in flight. Called with
+ * mu. */
 int kvf__dk_write_out(kvf__disk *d)
 {
+    if (kvf__dk_reap(d) != 0) {
+        d->npend = 0;
+        d->wlen = 0;
+        return KVF_EIO;
+    }
     if (!d->wlen)
         return 0;
     int rc = kvf__dk_io(d, 1, d->wbuf, d->wlen, kvf__dk_ext_off(d, d->cur) + d->wstart);
@@ -114,61 +120,150 @@ static int next_extent(kvf__disk *d)
     return 0;
 }
 
-/* Waits for one write of a large record; its slot goes back on the free list. Returns 0 or a
- * negative errno. */
-static int wait_piece(kvf__disk *d, int *free_slots, int *nfree, int *inflight)
+/* Large record r's writes are all done: indexed where they all succeeded and the device is up;
+ * a failed one takes the device down. 0 or KVF_EIO. */
+static int lrec_done(kvf__disk *d, struct lrec *r)
+{
+    r->used = 0;
+    if (r->err) {
+        kvf__dk_go_down(d, -r->err);
+        return KVF_EIO;
+    }
+    if (d->st.down)
+        return KVF_EIO;
+    if (kvf__dk_set(d, r->ns, r->lo, r->hi, r->off, r->len, r->seq) != 0) {
+        kvf__dk_go_down(d, ENOMEM);
+        return KVF_EIO;
+    }
+    return 0;
+}
+
+/* Waits for one write of a large record: its slot goes back on the free list, and its record is
+ * indexed when it was the record's last. 0 or KVF_EIO (the device is then down). */
+static int wait_piece(kvf__disk *d)
 {
     struct io_uring_cqe *cqe;
     int rc;
     do
         rc = io_uring_wait_cqe(&d->ring, &cqe);
     while (rc == -EINTR);
-    if (rc < 0)
-        return rc;
+    if (rc < 0) {
+        /* nothing more can be known of the writes in flight: none of their records is indexed */
+        kvf__dk_go_down(d, -rc);
+        d->pinflight = 0;
+        d->lrec[0].used = d->lrec[1].used = 0;
+        return KVF_EIO;
+    }
     uint64_t v = io_uring_cqe_get_data64(cqe);
     int res = cqe->res;
     io_uring_cqe_seen(&d->ring, cqe);
-    (*inflight)--;
-    if ((v >> 32) < WSLOTS)
-        free_slots[(*nfree)++] = (int)(v >> 32);
-    if (res < 0)
-        return res;
-    return (uint64_t)res == (v & 0xffffffffu) ? 0 : -ENOSPC;
+    d->pinflight--;
+    int slot = (int)(v >> 32);
+    if (slot < 0 || slot >= LSLOTS)
+        return 0;
+    d->pfree[d->npfree++] = slot;
+    struct lrec *r = &d->lrec[d->powner[slot]];
+    if (!r->err && (res < 0 || (uint64_t)res != (v & 0xffffffffu)))
+        r->err = res < 0 ? res : -ENOSPC;
+    return --r->left == 0 ? lrec_done(d, r) : 0;
+}
+
+int kvf__dk_reap(kvf__disk *d)
+{
+    int rc = 0;
+    while (d->pinflight) {
+        int w = wait_piece(d);
+        rc = rc ? rc : w;
+    }
+    /* nothing in flight: every buffer is free (those taken for a record that failed included) */
+    d->npfree = LSLOTS;
+    for (int i = 0; i < LSLOTS; i++)
+        d->pfree[i] = i;
+    for (int i = 0; i < 2; i++)
+        if (d->lrec[i].used) /* taken, never submitted whole: a failed append's */
+            d->lrec[i].used = 0;
+    return rc;
+}
+
+/* A free piece buffer, waiting for a write in flight to end where none is. -1 when the device
+ * went down meanwhile. */
+static int take_slot(kvf__disk *d)
+{
+    while (!d->npfree)
+        if (!d->pinflight || wait_piece(d) != 0)
+            return -1;
+    return d->pfree[--d->npfree];
+}
+
+/* Submits the write of piece buffer slot (kk bytes at off) for record r. 0 or a negative errno. */
+static int submit_piece(kvf__disk *d, int slot, uint64_t kk, uint64_t off, int r)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
+    if (!sqe)
+        return -EBUSY;
+    io_uring_prep_write(sqe, d->fd, d->piece[slot], (unsigned)kk, off);
+    io_uring_sqe_set_data64(sqe, (uint64_t)slot << 32 | kk);
+    d->powner[slot] = r;
+    d->lrec[r].left++;
+    d->pinflight++;
+    int s2 = io_uring_submit(&d->ring);
+    if (s2 < 1) { /* not in flight: no completion will come for it */
+        d->pinflight--;
+        d->lrec[r].left--;
+        d->pfree[d->npfree++] = slot;
+        return s2 < 0 ? s2 : -EBUSY;
+    }
+    return 0;
 }
 
 /* An object too large for the write buffer, written in pieces: each piece copied and hashed, and
  * written while the next is prepared; the first piece, which holds the header (it needs the
- * data's checksum), last. The record is indexed once every piece is written. Called with mu,
- * with the record fitting in the current extent. */
+ * data's checksum), last. The call returns once every piece is submitted (the object's bytes
+ * are all copied by then): the last ones are written while the next record's first pieces are
+ * made, and the record is indexed once every piece is written (kvf__dk_reap, or the wait for a
+ * buffer). Called with mu, with the record fitting in the current extent. */
 static int append_large(kvf__disk *d, uint64_t ns, const kvf_key *k, const uint8_t *data,
                         uint64_t len)
 {
-    int rc = kvf__dk_write_out(d);
+    int rc = d->wlen ? kvf__dk_write_out(d) : 0;
     if (rc)
         return rc;
-    for (int i = 0; i <= WSLOTS; i++)
+    for (int i = 0; i < LSLOTS; i++)
         if (!d->piece[i] && !(d->piece[i] = kvf__dk_aligned(PIECE)))
             return KVF_ENOMEM;
+    if (!d->pinflight && d->npfree != LSLOTS)
+        kvf__dk_reap(d); /* the free list made whole (first use) */
     uint64_t size = kvf__dk_align_up(HDR_LEN + len), base = kvf__dk_ext_off(d, d->cur) + d->wpos;
     uint64_t n = (size + PIECE - 1) / PIECE, seq = d->seq++;
     if (d->o.fault) {
         int f = d->o.fault(d->o.fault_ud, 1, base, size);
         if (f) {
             kvf__dk_go_down(d, f < 0 ? -f : EIO);
+            kvf__dk_reap(d);
             return KVF_EIO;
         }
     }
+    /* the record before may still be in flight: this one takes the other entry */
+    while (d->lrec[0].used && d->lrec[1].used) {
+        if (!d->pinflight) { /* cannot be: both would be in flight */
+            kvf__dk_reap(d);
+            break;
+        }
+        if (wait_piece(d) != 0)
+            goto fail;
+    }
+    int r = d->lrec[0].used ? 1 : 0;
+    d->lrec[r] = (struct lrec){
+        .ns = ns, .lo = k->lo, .hi = k->hi, .off = base, .len = len, .seq = seq, .used = 1};
     XXH3_64bits_reset(d->xs);
-    int free_slots[WSLOTS], nfree = WSLOTS, inflight = 0, err = 0;
-    for (int i = 0; i < WSLOTS; i++)
-        free_slots[i] = i;
+    int first = take_slot(d), err = 0;
+    if (first < 0)
+        goto fail;
     for (uint64_t i = 0; i < n && !err; i++) {
         uint64_t from = i * PIECE, kk = size - from < PIECE ? size - from : PIECE;
-        if (i && !nfree)
-            err = wait_piece(d, free_slots, &nfree, &inflight);
-        if (err)
-            break;
-        int slot = i ? free_slots[--nfree] : WSLOTS;
+        int slot = i ? take_slot(d) : first;
+        if (slot < 0)
+            goto fail;
         uint8_t *b = d->piece[slot];
         /* the record's bytes [from, from + kk): header (filled last), data, zeros */
         uint64_t a = from < HDR_LEN ? HDR_LEN : from, e = from + kk;
@@ -181,54 +276,25 @@ static int append_large(kvf__disk *d, uint64_t ns, const kvf_key *k, const uint8
         }
         if (de < e)
             memset(b + (de > from ? de - from : 0), 0, e - (de > from ? de : from));
-        if (!i)
-            continue; /* the first piece waits for the checksum */
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
-        if (!sqe) {
-            err = -EBUSY;
-            break;
-        }
-        io_uring_prep_write(sqe, d->fd, b, (unsigned)kk, base + from);
-        io_uring_sqe_set_data64(sqe, (uint64_t)slot << 32 | kk);
-        inflight++;
-        int s2 = io_uring_submit(&d->ring);
-        if (s2 < 0)
-            err = s2;
+        if (i) /* the first piece waits for the checksum */
+            err = submit_piece(d, slot, kk, base + from, r);
     }
     if (!err) {
-        uint8_t *b = d->piece[WSLOTS];
-        uint64_t kk = size < PIECE ? size : PIECE;
-        hdr_write(b, REC_OBJECT, seq, ns, k->lo, k->hi, len, XXH3_64bits_digest(d->xs));
-        struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
-        if (!sqe) {
-            err = -EBUSY;
-        } else {
-            io_uring_prep_write(sqe, d->fd, b, (unsigned)kk, base);
-            io_uring_sqe_set_data64(sqe, (uint64_t)WSLOTS << 32 | kk);
-            inflight++;
-            int s2 = io_uring_submit(&d->ring);
-            if (s2 < 0)
-                err = s2;
-        }
-    }
-    while (inflight) {
-        int w = wait_piece(d, free_slots, &nfree, &inflight);
-        if (w == -EBUSY || (w < 0 && !inflight && err))
-            break;
-        if (w && !err)
-            err = w;
+        hdr_write(d->piece[first], REC_OBJECT, seq, ns, k->lo, k->hi, len,
+                  XXH3_64bits_digest(d->xs));
+        err = submit_piece(d, first, size < PIECE ? size : PIECE, base, r);
     }
     if (err) {
         kvf__dk_go_down(d, -err);
-        return KVF_EIO;
-    }
-    if (kvf__dk_set(d, ns, k->lo, k->hi, base, len, seq) != 0) {
-        kvf__dk_go_down(d, ENOMEM);
-        return KVF_EIO;
+        goto fail;
     }
     d->wpos += size;
     d->wstart = d->wpos;
     return 0;
+fail:
+    /* the device is down: what is in flight ends, and nothing of it is indexed */
+    kvf__dk_reap(d);
+    return KVF_EIO;
 }
 
 /* Appends one record to the write buffer (writing it out first where it would not fit, and

@@ -405,8 +405,24 @@ static void test_large_objects_in_pieces(void **state)
         kvf_key k = key_of(100 + i);
         assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
     }
+    /* A put returns with its last pieces still being written (the next one's first are made
+     * meanwhile): a flush indexes what it wrote, and a removal finds a put still in flight. */
+    assert_int_equal(kvf__disk_flush(d), 0);
+    for (uint64_t i = 0; i < 3; i++) {
+        kvf_key k = key_of(100 + i);
+        uint64_t got = 0;
+        assert_int_equal(kvf__disk_contains(d, 1, &k, &got), 1);
+        assert_int_equal(got, len);
+    }
+    fill(200, b, len);
+    kvf_key gone = key_of(200);
+    assert_int_equal(kvf__disk_put(d, 1, &gone, b, len), 0);
+    assert_int_equal(kvf__disk_remove(d, 1, &gone), 0);
+    uint64_t got0 = 0;
+    assert_int_equal(kvf__disk_get(d, 1, &gone, b, len, &got0), KVF_ENOENT);
     kvf__disk_close(&d);
     d = open_disk(64 * MiB, 16 * MiB);
+    assert_int_equal(kvf__disk_get(d, 1, &gone, b, len, &got0), KVF_ENOENT); /* and after */
     for (uint64_t i = 0; i < 3; i++) {
         kvf_key k = key_of(100 + i);
         uint64_t got = 0;
