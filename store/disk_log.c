@@ -253,8 +253,16 @@ static int append_large(kvf__disk *d, uint64_t ns, const kvf_key *k, const uint8
             goto fail;
     }
     int r = d->lrec[0].used ? 1 : 0;
-    d->lrec[r] = (struct lrec){
-        .ns = ns, .lo = k->lo, .hi = k->hi, .off = base, .len = len, .seq = seq, .used = 1};
+    /* left: its writes in flight, and 1 while it is made, so that writes that end meanwhile
+     * never index it before its header is written */
+    d->lrec[r] = (struct lrec){.ns = ns,
+                               .lo = k->lo,
+                               .hi = k->hi,
+                               .off = base,
+                               .len = len,
+                               .seq = seq,
+                               .left = 1,
+                               .used = 1};
     XXH3_64bits_reset(d->xs);
     int first = take_slot(d), err = 0;
     if (first < 0)
@@ -290,7 +298,8 @@ static int append_large(kvf__disk *d, uint64_t ns, const kvf_key *k, const uint8
     }
     d->wpos += size;
     d->wstart = d->wpos;
-    return 0;
+    /* made: its writes, if all ended already, index it now */
+    return --d->lrec[r].left == 0 ? lrec_done(d, &d->lrec[r]) : 0;
 fail:
     /* the device is down: what is in flight ends, and nothing of it is indexed */
     kvf__dk_reap(d);
