@@ -451,6 +451,75 @@ static void test_large_objects_in_pieces(void **state)
     free(w);
 }
 
+/* The reader beside test_large_puts_are_indexed_only_when_written's writer: every key the index
+ * names, read at once and compared. */
+typedef struct large_reader {
+    kvf__disk *d;
+    uint64_t first, n, len;
+    atomic_int stop;
+    atomic_ulong reads, wrong;
+} large_reader;
+
+static void *read_large(void *arg)
+{
+    large_reader *a = arg;
+    uint8_t *b = malloc(a->len), *w = malloc(a->len);
+    while (b && w && !atomic_load(&a->stop)) {
+        for (uint64_t i = a->first; i < a->first + a->n; i++) {
+            kvf_key k = key_of(i);
+            uint64_t got = 0;
+            if (!kvf__disk_contains(a->d, 1, &k, &got))
+                continue;
+            int rc = kvf__disk_get(a->d, 1, &k, b, a->len, &got);
+            if (rc == KVF_ENOENT)
+                continue; /* its extent reused meanwhile */
+            fill(i, w, a->len);
+            if (rc || got != a->len || memcmp(b, w, a->len) != 0)
+                atomic_fetch_add(&a->wrong, 1);
+            atomic_fetch_add(&a->reads, 1);
+        }
+    }
+    free(b), free(w);
+    return NULL;
+}
+
+/* Large puts return before their last pieces are written: a reader that reads every key as soon
+ * as the index names it never finds one not yet whole (a wrong byte or a verification failure),
+ * while puts keep coming. */
+static void test_large_puts_are_indexed_only_when_written(void **state)
+{
+    (void)state;
+    const uint64_t len = 5 * MiB + 123;
+    kvf__disk *d = open_disk(256 * MiB, 32 * MiB);
+    large_reader a = {.d = d, .first = 300, .n = 40, .len = len};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, read_large, &a), 0);
+    uint8_t *b = malloc(len);
+    for (uint64_t i = a.first; i < a.first + a.n; i++) {
+        fill(i, b, len);
+        kvf_key k = key_of(i);
+        assert_int_equal(kvf__disk_put(d, 1, &k, b, len), 0);
+    }
+    assert_int_equal(kvf__disk_flush(d), 0);
+    atomic_store(&a.stop, 1);
+    pthread_join(t, NULL);
+    kvf__disk_stats st;
+    kvf__disk_stats_get(d, &st);
+    print_message("%lu reads beside the puts, %lu wrong, %llu verification failures\n",
+                  (unsigned long)atomic_load(&a.reads), (unsigned long)atomic_load(&a.wrong),
+                  (unsigned long long)st.verify_failures);
+    assert_int_equal(atomic_load(&a.wrong), 0);
+    assert_int_equal(st.verify_failures, 0);
+    /* the last ones, flushed: all there */
+    for (uint64_t i = a.first + a.n - 4; i < a.first + a.n; i++) {
+        kvf_key k = key_of(i);
+        uint64_t got = 0;
+        assert_int_equal(kvf__disk_contains(d, 1, &k, &got), 1);
+    }
+    kvf__disk_close(&d);
+    free(b);
+}
+
 /* The writer of the crash test: objects from first on, a flush every 4, each flushed number
  * written to fd (what was acknowledged), until killed. */
 static void crash_writer(uint64_t first, int fd)
@@ -940,6 +1009,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_flipped_bits_are_misses, setup, teardown),
         cmocka_unit_test_setup_teardown(test_get_many_reads_runs, setup, teardown),
         cmocka_unit_test_setup_teardown(test_large_objects_in_pieces, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_large_puts_are_indexed_only_when_written, setup,
+                                        teardown),
         cmocka_unit_test_setup_teardown(test_killed_writers_leave_whole_objects, setup, teardown),
         cmocka_unit_test_setup_teardown(test_a_failing_device_takes_the_tier_down, setup, teardown),
         cmocka_unit_test_setup_teardown(test_bad_places_are_refused, setup, teardown),
