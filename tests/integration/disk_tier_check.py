@@ -463,7 +463,13 @@ def phase_promote(tmp):
         # they, and the data the same
         nice = 7 if promote == 1 else 0
         s = Store(disk, extra=["--disk-promote", str(promote), "--disk-nice", str(nice)])
+        # each thread sets its own niceness as it starts: wait (5 s at most) for all five
         niced = thread_niceness(s.p.pid)
+        for _ in range(100):
+            if niced is None or niced.count(7) == (5 if nice else 0):
+                break
+            time.sleep(0.05)
+            niced = thread_niceness(s.p.pid)
         if niced is not None:
             check(niced.count(7) == (5 if nice else 0) and niced.count(0) >= 2,
                   "--disk-nice %d: the threads' niceness %r (the tier's 4 readers and writer at "
