@@ -10,10 +10,8 @@ import subprocess
 import sys
 import tempfile
 
-
-def fail(msg):
-    print("classify_check: FAIL: " + msg)
-    sys.exit(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_util import fail  # noqa: E402
 
 
 def kvf(args, expect=0):

@@ -18,55 +18,20 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from netns_util import netns_possible  # noqa: E402
+import check_util as cu  # noqa: E402
+from check_util import alive, fail, run  # noqa: E402
 
 SKIP = 77
-
-
-def fail(msg):
-    print("cluster_check: FAIL: " + msg)
-    sys.exit(1)
-
-
-def run(args, timeout, expect=0):
-    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    if expect is not None and p.returncode != expect:
-        fail("%s: exit %d (wanted %d)\nstdout: %s\nstderr: %s"
-             % (" ".join(args), p.returncode, expect, p.stdout[-3000:], p.stderr[-3000:]))
-    return p
 
 
 TOKEN = [None]  # the cluster's token, once it is up: engines and kvf-sched require it
 
 
 def http(method, url, body=None, auth=True):
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if auth and TOKEN[0]:
-        headers["Authorization"] = "Bearer " + TOKEN[0]
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().split()[2] != "Z"
-    except OSError:
-        return False
-
+    return cu.http(method, url, body, TOKEN[0] if auth else None)
 
 
 def main():

@@ -11,48 +11,14 @@ usage: cluster_relay_check.py KVF   (PYTHONPATH and KVF_LIBRARY name the Python 
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 
 import kvfabric as kvf
 
-
-def fail(msg):
-    print("cluster_relay_check: FAIL: " + msg)
-    sys.exit(1)
-
-
-def run(args, timeout, expect=0):
-    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
-    if expect is not None and p.returncode != expect:
-        fail("%s: exit %d (wanted %d)\nstdout: %s\nstderr: %s"
-             % (" ".join(args), p.returncode, expect, p.stdout[-3000:], p.stderr[-3000:]))
-    return p
-
-
-def http(method, url, body=None, token=None):
-    data = None if body is None else json.dumps(body).encode()
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = "Bearer " + token
-    req = urllib.request.Request(url, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_util import alive, fail, http, run  # noqa: E402
 
 
 SEQS, BLOCKS, BT = 12, 4, 16

@@ -12,12 +12,10 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_util import fail  # noqa: E402
+
 N, REPS = 100, 3
-
-
-def fail(msg):
-    print("e2e_verdict_check: FAIL: " + msg)
-    sys.exit(1)
 
 
 def base_ttft(i):

@@ -15,19 +15,15 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import check_util  # noqa: E402
+from check_util import fail  # noqa: E402
+
 PEERS = ("kvf-store", "vllm", "llama.cpp", "reference", "mlx-lm")
 
 
-def fail(msg):
-    print("mlx_probe_check: FAIL: " + msg)
-    sys.exit(1)
-
-
 def run(cmd, expect=0):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    if p.returncode != expect:
-        fail("%s: exit %d (wanted %d): %s" % (" ".join(cmd), p.returncode, expect, p.stderr))
-    return p
+    return check_util.run(cmd, 60, expect)
 
 
 def verdicts(kvf, local, remote):

@@ -12,13 +12,12 @@ the first soak's length in seconds: a ThreadSanitizer build on a loaded host wan
 ballast to grow.
 """
 import json
+import os
 import subprocess
 import sys
 
-
-def fail(msg):
-    print("soak_check: FAIL: " + msg)
-    sys.exit(1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_util import fail  # noqa: E402
 
 
 def main():
