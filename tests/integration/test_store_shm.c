@@ -859,6 +859,108 @@ static kvf_client *client_open_two_opts(const daemon_t *a, const daemon_t *b, kv
  * keys, the hot ones then come from A over shared memory; the cold ones miss on A and are asked
  * of B over TCP: every key is a hit with its own bytes, plain and streamed, and the counters say
  * which went where. */
+/* What c's counters moved by since k0 (printed under `what`): keys asked of a nearer holder, of
+ * them those missed there (asked again of their first node), shared-memory leases that ended
+ * before their copy was checked, and bytes received over shared memory. */
+static kvf_client_counters near_moved(kvf_client *c, const kvf_client_counters *k0,
+                                      const char *what)
+{
+    kvf_client_counters k1, d = {0};
+    kvf_client_counters_get(c, &k1);
+    d.near_keys = k1.near_keys - k0->near_keys;
+    d.near_misses = k1.near_misses - k0->near_misses;
+    d.shm_lease_expired = k1.shm_lease_expired - k0->shm_lease_expired;
+    d.shm_bytes_received = k1.shm_bytes_received - k0->shm_bytes_received;
+    print_message("%s: %llu keys asked of the nearer holder, %llu missed or asked again there, "
+                  "%llu leases ended, %llu bytes over shared memory\n",
+                  what, (unsigned long long)d.near_keys, (unsigned long long)d.near_misses,
+                  (unsigned long long)d.shm_lease_expired,
+                  (unsigned long long)d.shm_bytes_received);
+    return d;
+}
+
+/* A streamed get whose layer 0, once reported, is held by the engine past the lease's end: its
+ * callback sleeps, saves each hit's layer 0 and overwrites it in the engine's buffer. */
+struct late_layer {
+    void **bufs;
+    const uint64_t *caps;
+    const int *st;
+    size_t n;
+    unsigned sleep_ms;
+    uint8_t **saved;     /* each hit's layer 0 as delivered (NULL for a miss) */
+    uint64_t *off, *len; /* where layer 0 lies in the object */
+};
+
+enum { POISON = 0xEE };
+
+static void on_layer_late(kvf_op *op, uint32_t l, void *ud)
+{
+    on_layer(op, l, NULL);
+    struct late_layer *t = ud;
+    if (l != 0)
+        return;
+    usleep(t->sleep_ms * 1000u);
+    for (size_t i = 0; i < t->n; i++) {
+        kvf_obj_info in;
+        if (t->st[i] || kvf_obj_parse(t->bufs[i], t->caps[i], &in) != 0)
+            continue;
+        t->off[i] = in.header_len;
+        t->len[i] = kvf_obj_seg_at(&in, 0).stored_len;
+        t->saved[i] = malloc(t->len[i]);
+        memcpy(t->saved[i], (uint8_t *)t->bufs[i] + t->off[i], t->len[i]);
+        memset((uint8_t *)t->bufs[i] + t->off[i], POISON, t->len[i]);
+    }
+}
+
+/* Streamed get of ids[0..n) through on_layer_late: every key must be a hit whose layer 0 the get
+ * never wrote again after reporting it (still POISON), the rest byte-exact. */
+static void get_late_layer(kvf_client *c, const uint64_t *ids, size_t n, unsigned sleep_ms)
+{
+    kvf_key *keys = malloc(n * sizeof *keys);
+    void **bufs = malloc(n * sizeof *bufs);
+    uint64_t *caps = malloc(n * sizeof *caps), *lens = calloc(n, sizeof *lens);
+    int *st = malloc(n * sizeof *st);
+    struct late_layer t = {.bufs = bufs, .caps = caps, .st = st, .n = n, .sleep_ms = sleep_ms};
+    t.saved = calloc(n, sizeof *t.saved);
+    t.off = calloc(n, sizeof *t.off);
+    t.len = calloc(n, sizeof *t.len);
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = key_of(ids[i]);
+        caps[i] = kvf_obj_raw_size(LAYERS, SEG);
+        bufs[i] = malloc(caps[i]);
+    }
+    atomic_store(&layers_seen, 0);
+    kvf_batch b = {.n = n,
+                   .keys = keys,
+                   .bufs = bufs,
+                   .caps = caps,
+                   .out_lens = lens,
+                   .status = st,
+                   .flags = KVF_GET_STREAM,
+                   .layer_cb = on_layer_late,
+                   .ud = &t};
+    kvf_op *op;
+    assert_int_equal(kvf_client_get_async(c, &b, &op), 0);
+    assert_int_equal(kvf_op_wait(op), 0);
+    kvf_op_free(&op);
+    assert_int_equal(atomic_load(&layers_seen), LAYERS);
+    for (size_t i = 0; i < n; i++) {
+        assert_int_equal(st[i], 0);
+        assert_non_null(t.saved[i]);
+        uint8_t *l0 = (uint8_t *)bufs[i] + t.off[i], v;
+        for (uint64_t j = 0; j < t.len[i]; j++)
+            if (l0[j] != POISON)
+                fail_msg("key %llu: layer 0 written again after it was reported (byte %llu)",
+                         (unsigned long long)ids[i], (unsigned long long)j);
+        memcpy(l0, t.saved[i], t.len[i]);
+        if (!is_obj(bufs[i], lens[i], ids[i], SEG, &v))
+            fail_msg("key %llu: a hit whose bytes are not its object", (unsigned long long)ids[i]);
+        free(t.saved[i]), free(bufs[i]);
+    }
+    free(t.saved), free(t.off), free(t.len);
+    free(keys), free(bufs), free(caps), free(lens), free(st);
+}
+
 static void test_shm_hot_keys_from_nearest_holder(void **state)
 {
     (void)state;
@@ -896,23 +998,16 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
         hot[i] = key_of(ids[i]);
     assert_int_equal(harness_wait_present(&a, NS, NULL, hot, HOT, 5000), HOT);
     for (int stream = 0; stream < 2; stream++) {
-        kvf_client_counters k0, k1;
+        kvf_client_counters k0;
         kvf_client_counters_get(c, &k0);
         size_t hits = 0;
         for (size_t i = 0; i < N; i++) /* one key a get: each key's own path */
             hits += get_keys(c, ids[i], 1, SEG, stream ? KVF_GET_STREAM : 0, st, NULL);
         assert_int_equal(hits, N);
-        kvf_client_counters_get(c, &k1);
-        print_message("%s: %llu keys asked of the nearer holder, %llu missed there; %llu bytes "
-                      "over shared memory\n",
-                      stream ? "streamed" : "plain",
-                      (unsigned long long)(k1.near_keys - k0.near_keys),
-                      (unsigned long long)(k1.near_misses - k0.near_misses),
-                      (unsigned long long)(k1.shm_bytes_received - k0.shm_bytes_received));
-        assert_int_equal(k1.near_keys - k0.near_keys, N);
-        assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
-        assert_true(k1.shm_bytes_received - k0.shm_bytes_received >=
-                    HOT * (uint64_t)kvf_obj_raw_size(LAYERS, SEG) / 2);
+        kvf_client_counters d = near_moved(c, &k0, stream ? "streamed" : "plain");
+        assert_int_equal(d.near_keys, N);
+        assert_int_equal(d.near_misses, N - HOT);
+        assert_true(d.shm_bytes_received >= HOT * (uint64_t)kvf_obj_raw_size(LAYERS, SEG) / 2);
     }
     /* The hot ones and 12 cold ones not read yet in one batch, mixed, plain and streamed: the
      * same. */
@@ -920,13 +1015,30 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
     for (size_t i = 0; i < N; i++)
         mix[i] = ids[i < HOT ? i : i + (ALL - N)];
     for (int stream = 0; stream < 2; stream++) {
-        kvf_client_counters k0, k1;
+        kvf_client_counters k0;
         kvf_client_counters_get(c, &k0);
         assert_int_equal(get_ids(c, mix, 0, N, SEG, stream ? KVF_GET_STREAM : 0, st, NULL, NULL),
                          N);
-        kvf_client_counters_get(c, &k1);
-        assert_int_equal(k1.near_keys - k0.near_keys, N);
-        assert_int_equal(k1.near_misses - k0.near_misses, N - HOT);
+        kvf_client_counters d = near_moved(c, &k0, stream ? "streamed, mixed" : "plain, mixed");
+        assert_int_equal(d.near_keys, N);
+        assert_int_equal(d.near_misses, N - HOT);
+    }
+    /* A lease that ends between layers: 400 ms leases, and an engine that holds layer 0 for
+     * 600 ms once it is reported (and overwrites it). Layer 1's copy then finds the lease over:
+     * the hot keys are asked again of B, and only layers 1 and later are spliced in; layer 0,
+     * already the engine's, is never written again. */
+    kvf_client_close(&c);
+    c = client_open_two_opts(&a, &b, (kvf_client_opts){.shm_lease_ms = 400});
+    /* B's HELLO (its K) is heard on the client's first request to it */
+    assert_int_equal(get_keys(c, ids[ALL - 1], 1, SEG, 0, st, NULL), 1);
+    {
+        kvf_client_counters k0;
+        kvf_client_counters_get(c, &k0);
+        get_late_layer(c, ids, HOT, 600);
+        kvf_client_counters d = near_moved(c, &k0, "streamed, lease ended after layer 0");
+        assert_int_equal(d.near_keys, HOT);
+        assert_int_equal(d.near_misses, HOT);
+        assert_int_equal(d.shm_lease_expired, HOT);
     }
     /* Leases of the nearer holder that end before the copy is over (1 ms): every hot key is asked
      * again of its first node and is a hit with its own bytes, plain and streamed, every layer
@@ -936,22 +1048,17 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
     /* B's HELLO (its K) is heard on the client's first request to it */
     assert_int_equal(get_keys(c, ids[ALL - 1], 1, SEG, 0, st, NULL), 1);
     for (int stream = 0; stream < 2; stream++) {
-        kvf_client_counters k0, k1;
+        kvf_client_counters k0;
         kvf_client_counters_get(c, &k0);
         assert_int_equal(get_ids(c, ids, 0, HOT, SEG, stream ? KVF_GET_STREAM : 0, st, NULL, NULL),
                          HOT);
         if (stream)
             assert_int_equal(atomic_load(&layers_seen), LAYERS);
-        kvf_client_counters_get(c, &k1);
-        print_message("%s, 1 ms leases: %llu keys asked of the nearer holder, %llu asked again, "
-                      "%llu leases ended\n",
-                      stream ? "streamed" : "plain",
-                      (unsigned long long)(k1.near_keys - k0.near_keys),
-                      (unsigned long long)(k1.near_misses - k0.near_misses),
-                      (unsigned long long)(k1.shm_lease_expired - k0.shm_lease_expired));
-        assert_int_equal(k1.near_keys - k0.near_keys, HOT);
-        assert_int_equal(k1.near_misses - k0.near_misses, HOT);
-        assert_int_equal(k1.shm_lease_expired - k0.shm_lease_expired, HOT);
+        kvf_client_counters d =
+            near_moved(c, &k0, stream ? "streamed, 1 ms leases" : "plain, 1 ms leases");
+        assert_int_equal(d.near_keys, HOT);
+        assert_int_equal(d.near_misses, HOT);
+        assert_int_equal(d.shm_lease_expired, HOT);
     }
     /* With B gone, a key asked again finds nobody: a miss, never the op's failure, and never
      * bytes (get_ids fails the test on an op that fails and on a hit with other bytes). */
