@@ -193,8 +193,68 @@ static size_t get_keys_counted(kvf_client *c, uint64_t from, size_t n, size_t se
     return get_ids(c, NULL, from, n, seg, flags, st, transport, wrong);
 }
 
+/* A streamed get whose layer 0, once reported, the engine holds past the lease's end: its
+ * callback sleeps, saves each hit's layer 0 and overwrites it in the engine's buffer. */
+struct late_layer {
+    unsigned sleep_ms;
+    void **bufs;
+    const uint64_t *caps;
+    const int *st;
+    size_t n;
+    uint8_t **saved;     /* each hit's layer 0 as delivered (NULL for a miss) */
+    uint64_t *off, *len; /* where layer 0 lies in the object */
+};
+
+enum { POISON = 0xEE };
+
+static void on_layer_late(kvf_op *op, uint32_t l, void *ud)
+{
+    on_layer(op, l, NULL);
+    struct late_layer *t = ud;
+    if (l != 0)
+        return;
+    usleep(t->sleep_ms * 1000u);
+    for (size_t i = 0; i < t->n; i++) {
+        kvf_obj_info in;
+        if (t->st[i] || kvf_obj_parse(t->bufs[i], t->caps[i], &in) != 0)
+            continue;
+        t->off[i] = in.header_len;
+        t->len[i] = kvf_obj_seg_at(&in, 0).stored_len;
+        t->saved[i] = malloc(t->len[i]);
+        memcpy(t->saved[i], (uint8_t *)t->bufs[i] + t->off[i], t->len[i]);
+        memset((uint8_t *)t->bufs[i] + t->off[i], POISON, t->len[i]);
+    }
+}
+
+/* Layer 0 of hit i, as late's callback left it: it must still be POISON (the get never wrote it
+ * again once reported); it is then put back as it was delivered. */
+static void late_layer_check(struct late_layer *late, size_t i, uint8_t *buf, uint64_t id)
+{
+    if (!late->saved[i])
+        fail_msg("key %llu: a hit whose layer 0 was never reported", (unsigned long long)id);
+    uint8_t *l0 = buf + late->off[i];
+    for (uint64_t j = 0; j < late->len[i]; j++)
+        if (l0[j] != POISON)
+            fail_msg("key %llu: layer 0 written again after it was reported (byte %llu)",
+                     (unsigned long long)id, (unsigned long long)j);
+    memcpy(l0, late->saved[i], late->len[i]);
+}
+
+static size_t get_ids_late(kvf_client *c, const uint64_t *ids, uint64_t from, size_t n, size_t seg,
+                           uint32_t flags, int *st, const char **transport, atomic_ullong *wrong,
+                           struct late_layer *late);
+
 static size_t get_ids(kvf_client *c, const uint64_t *ids, uint64_t from, size_t n, size_t seg,
                       uint32_t flags, int *st, const char **transport, atomic_ullong *wrong)
+{
+    return get_ids_late(c, ids, from, n, seg, flags, st, transport, wrong, NULL);
+}
+
+/* As get_ids; with late (a streamed get), its layer 0 is held past the lease through
+ * on_layer_late, and each hit's layer 0 checked never written again. */
+static size_t get_ids_late(kvf_client *c, const uint64_t *ids, uint64_t from, size_t n, size_t seg,
+                           uint32_t flags, int *st, const char **transport, atomic_ullong *wrong,
+                           struct late_layer *late)
 {
     kvf_key *keys = malloc(n * sizeof *keys);
     void **bufs = malloc(n * sizeof *bufs);
@@ -216,6 +276,18 @@ static size_t get_ids(kvf_client *c, const uint64_t *ids, uint64_t from, size_t 
                    .layer_cb = (flags & KVF_GET_STREAM) ? on_layer : NULL};
     kvf_op *op;
     b.layer_cb = wrong ? NULL : b.layer_cb;
+    if (late) {
+        *late = (struct late_layer){.sleep_ms = late->sleep_ms,
+                                    .bufs = bufs,
+                                    .caps = caps,
+                                    .st = st,
+                                    .n = n,
+                                    .saved = calloc(n, sizeof *late->saved),
+                                    .off = calloc(n, sizeof *late->off),
+                                    .len = calloc(n, sizeof *late->len)};
+        b.layer_cb = on_layer_late;
+        b.ud = late;
+    }
     int rc = kvf_client_get_async(c, &b, &op);
     if (!rc)
         rc = kvf_op_wait(op);
@@ -231,6 +303,8 @@ static size_t get_ids(kvf_client *c, const uint64_t *ids, uint64_t from, size_t 
         uint8_t v;
         if (st[i] == 0) {
             uint64_t id = ids ? ids[i] : from + i;
+            if (late)
+                late_layer_check(late, i, bufs[i], id);
             if (!is_obj(bufs[i], lens[i], id, seg, &v)) {
                 if (!wrong)
                     fail_msg("key %llu: a hit whose bytes are not its object",
@@ -241,6 +315,10 @@ static size_t get_ids(kvf_client *c, const uint64_t *ids, uint64_t from, size_t 
         }
         free(bufs[i]);
     }
+    for (size_t i = 0; late && i < n; i++)
+        free(late->saved[i]);
+    if (late)
+        free(late->saved), free(late->off), free(late->len);
     free(keys), free(bufs), free(caps), free(lens);
     return hits;
 }
@@ -879,88 +957,6 @@ static kvf_client_counters near_moved(kvf_client *c, const kvf_client_counters *
     return d;
 }
 
-/* A streamed get whose layer 0, once reported, is held by the engine past the lease's end: its
- * callback sleeps, saves each hit's layer 0 and overwrites it in the engine's buffer. */
-struct late_layer {
-    void **bufs;
-    const uint64_t *caps;
-    const int *st;
-    size_t n;
-    unsigned sleep_ms;
-    uint8_t **saved;     /* each hit's layer 0 as delivered (NULL for a miss) */
-    uint64_t *off, *len; /* where layer 0 lies in the object */
-};
-
-enum { POISON = 0xEE };
-
-static void on_layer_late(kvf_op *op, uint32_t l, void *ud)
-{
-    on_layer(op, l, NULL);
-    struct late_layer *t = ud;
-    if (l != 0)
-        return;
-    usleep(t->sleep_ms * 1000u);
-    for (size_t i = 0; i < t->n; i++) {
-        kvf_obj_info in;
-        if (t->st[i] || kvf_obj_parse(t->bufs[i], t->caps[i], &in) != 0)
-            continue;
-        t->off[i] = in.header_len;
-        t->len[i] = kvf_obj_seg_at(&in, 0).stored_len;
-        t->saved[i] = malloc(t->len[i]);
-        memcpy(t->saved[i], (uint8_t *)t->bufs[i] + t->off[i], t->len[i]);
-        memset((uint8_t *)t->bufs[i] + t->off[i], POISON, t->len[i]);
-    }
-}
-
-/* Streamed get of ids[0..n) through on_layer_late: every key must be a hit whose layer 0 the get
- * never wrote again after reporting it (still POISON), the rest byte-exact. */
-static void get_late_layer(kvf_client *c, const uint64_t *ids, size_t n, unsigned sleep_ms)
-{
-    kvf_key *keys = malloc(n * sizeof *keys);
-    void **bufs = malloc(n * sizeof *bufs);
-    uint64_t *caps = malloc(n * sizeof *caps), *lens = calloc(n, sizeof *lens);
-    int *st = malloc(n * sizeof *st);
-    struct late_layer t = {.bufs = bufs, .caps = caps, .st = st, .n = n, .sleep_ms = sleep_ms};
-    t.saved = calloc(n, sizeof *t.saved);
-    t.off = calloc(n, sizeof *t.off);
-    t.len = calloc(n, sizeof *t.len);
-    for (size_t i = 0; i < n; i++) {
-        keys[i] = key_of(ids[i]);
-        caps[i] = kvf_obj_raw_size(LAYERS, SEG);
-        bufs[i] = malloc(caps[i]);
-    }
-    atomic_store(&layers_seen, 0);
-    kvf_batch b = {.n = n,
-                   .keys = keys,
-                   .bufs = bufs,
-                   .caps = caps,
-                   .out_lens = lens,
-                   .status = st,
-                   .flags = KVF_GET_STREAM,
-                   .layer_cb = on_layer_late,
-                   .ud = &t};
-    kvf_op *op;
-    assert_int_equal(kvf_client_get_async(c, &b, &op), 0);
-    assert_int_equal(kvf_op_wait(op), 0);
-    kvf_op_free(&op);
-    assert_int_equal(atomic_load(&layers_seen), LAYERS);
-    for (size_t i = 0; i < n; i++) {
-        assert_int_equal(st[i], 0);
-        assert_non_null(t.saved[i]);
-        uint8_t *l0 = (uint8_t *)bufs[i] + t.off[i], v;
-        for (uint64_t j = 0; j < t.len[i]; j++)
-            if (l0[j] != POISON)
-                fail_msg("key %llu: layer 0 written again after it was reported (byte %llu)",
-                         (unsigned long long)ids[i], (unsigned long long)j);
-        memcpy(l0, t.saved[i], t.len[i]);
-        if (!is_obj(bufs[i], lens[i], ids[i], SEG, &v))
-            fail_msg("key %llu: a hit whose bytes are not its object", (unsigned long long)ids[i]);
-        free(t.saved[i]), free(bufs[i]);
-    }
-    free(t.saved), free(t.off), free(t.len);
-    free(keys), free(bufs), free(caps), free(lens), free(st);
-}
-
 static void test_shm_hot_keys_from_nearest_holder(void **state)
 {
     (void)state;
@@ -1034,7 +1030,10 @@ static void test_shm_hot_keys_from_nearest_holder(void **state)
     {
         kvf_client_counters k0;
         kvf_client_counters_get(c, &k0);
-        get_late_layer(c, ids, HOT, 600);
+        struct late_layer late = {.sleep_ms = 600};
+        assert_int_equal(get_ids_late(c, ids, 0, HOT, SEG, KVF_GET_STREAM, st, NULL, NULL, &late),
+                         HOT);
+        assert_int_equal(atomic_load(&layers_seen), LAYERS);
         kvf_client_counters d = near_moved(c, &k0, "streamed, lease ended after layer 0");
         assert_int_equal(d.near_keys, HOT);
         assert_int_equal(d.near_misses, HOT);
