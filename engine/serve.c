@@ -3,7 +3,8 @@
  * publishing its KV events, and moving KV through the connector (docs/operations.md).
  *
  *   kvf-engine --serve --id ID --role prefill|decode|both [--listen HOST:PORT]
- *              [--advertise HOST:PORT] [--sched HOST:PORT[,...]] [--store HOST:PORT[,...]]
+ *              [--advertise HOST:PORT] [--zone ZONE] [--sched HOST:PORT[,...]]
+ *              [--store HOST:PORT[,...]]
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
  *              [--events-credential FILE --events-tenants FILE] [--tokens FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
@@ -195,6 +196,8 @@ static json_t *registration(srv *S)
                   (json_int_t)(S->max_tokens / S->m.layout.page_tokens));
     if (cjo)
         json_object_set_new(body, "capabilities", cjo);
+    if (S->zone[0])
+        json_object_set_new(body, "zone", json_string(S->zone));
     /* the shards its events go out in, so that a kvf-sched replica split otherwise says so */
     if (S->pub)
         json_object_set_new(body, "event_shards", json_integer(S->event_shards));
@@ -254,7 +257,7 @@ static int split_addr(const char *spec, char *host, size_t hl, uint16_t *port, c
 /* kvf-engine --serve's options as given; the strings are argv's. */
 typedef struct serve_opts {
     const char *model, *listen, *advertise, *store, *events, *id, *role, *sched, *seed, *max_tokens,
-        *level, *queue, *cost, *events_credential, *events_tenants, *tokens;
+        *level, *queue, *cost, *events_credential, *events_tenants, *tokens, *zone;
     int insecure;         /* --insecure: listen where clients are not loopback (docs/security.md) */
     int decide;           /* --decide: load or recompute per request from live rates */
     const char *prefetch; /* --prefetch on|off */
@@ -297,6 +300,10 @@ static int parse_args(int argc, char **argv, serve_opts *o)
         KVF__OPT("listen", KVF__ARG_STR, &o->listen, "HOST:PORT", "the HTTP API", "127.0.0.1:0"),
         KVF__OPT("advertise", KVF__ARG_STR, &o->advertise, "HOST:PORT",
                  "the address kvf-sched gives routers", "--listen"),
+        KVF__OPT("zone", KVF__ARG_STR, &o->zone, "ZONE",
+                 "this engine's zone (a rack, an availability zone), registered with kvf-sched: "
+                 "its loads are planned from a replica on its host, then in its zone",
+                 NULL),
         KVF__OPT("sched", KVF__ARG_STR, &o->sched, "HOST:PORT[,...]",
                  "register with kvf-sched and report load to it (several replicas: each)", NULL),
         KVF__OPT("store", KVF__ARG_STR, &o->store, "HOST:PORT[,...]",
@@ -391,6 +398,9 @@ static int configure(srv *S, const serve_opts *o)
     }
     snprintf(S->id, sizeof S->id, "%s", o->id);
     snprintf(S->role, sizeof S->role, "%s", o->role);
+    if (o->zone && kvf__member_zone_check("kvf-engine", "--zone", o->zone) != 0)
+        return 2;
+    snprintf(S->zone, sizeof S->zone, "%s", o->zone ? o->zone : "");
     snprintf(S->sched, sizeof S->sched, "%s", o->sched);
     for (const char *p = S->sched; *p;) {
         size_t k = strcspn(p, ",");

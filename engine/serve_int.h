@@ -30,6 +30,7 @@ typedef struct srv {
     kvf_connector *cn;
     kvf_log lg;
     char id[64], role[16], model[32], endpoint[160];
+    char zone[64]; /* --zone: registered, for the nearest replica of what it loads */
     /* kvf-sched's replicas: --sched A[,B...] (the first n_given), then, with --etcd, those
      * registered in the cluster (a watcher adds and removes them, under mu): load reported to
      * each, registered with each that does not know this engine */

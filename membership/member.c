@@ -32,6 +32,19 @@ int kvf__member_cluster_valid(const char *name)
            strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == n;
 }
 
+int kvf__member_zone_valid(const char *zone)
+{
+    return zone && zone[0] && strlen(zone) < 64 && kvf__member_cluster_valid(zone);
+}
+
+int kvf__member_zone_check(const char *prog, const char *opt, const char *zone)
+{
+    if (kvf__member_zone_valid(zone))
+        return 0;
+    fprintf(stderr, "%s: %s: a zone is 1 to 63 of [A-Za-z0-9._-], got \"%s\"\n", prog, opt, zone);
+    return -1;
+}
+
 int kvf__member_cluster_check(const char *prog, const char *name)
 {
     if (kvf__member_cluster_valid(name))

@@ -22,6 +22,7 @@
 #include "kvf/kvf.h"
 
 #include "clock.h"
+#include "member.h"
 
 #include <inttypes.h>
 #include <jansson.h>
@@ -154,7 +155,9 @@ int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, si
         kvf__sched_json_str(o, "role", role, sizeof role, 0, err, errlen) ||
         kvf__sched_json_str(o, "endpoint", in->endpoint, sizeof in->endpoint, 0, err, errlen) ||
         kvf__sched_json_str(o, "events", in->events, sizeof in->events, 0, err, errlen) ||
-        kvf__sched_json_str(o, "compute", in->compute, sizeof in->compute, 0, err, errlen))
+        kvf__sched_json_str(o, "compute", in->compute, sizeof in->compute, 0, err, errlen) ||
+        kvf__sched_json_str(o, "host", in->host, sizeof in->host, 0, err, errlen) ||
+        kvf__sched_json_str(o, "zone", in->zone, sizeof in->zone, 0, err, errlen))
         return -1;
     if (!strcmp(role, "prefill"))
         in->role = KVF_ROLE_PREFILL;
@@ -166,6 +169,8 @@ int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, si
         return snprintf(err, errlen, "\"role\" must be prefill, decode or both"), -1;
     if (!in->id[0])
         return snprintf(err, errlen, "\"id\" must not be empty"), -1;
+    if (in->zone[0] && !kvf__member_zone_valid(in->zone))
+        return snprintf(err, errlen, "\"zone\" must be 1 to 63 of [A-Za-z0-9._-]"), -1;
     double bt, cap, slots, uses;
     if (json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, errlen) ||
         json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, errlen) ||
@@ -274,6 +279,10 @@ static unsigned get_instances(kvf__sched_daemon *d, kvf__http_reply *c)
                                 (int)L.active_decodes, "used_blocks", (json_int_t)L.used_blocks);
         if (d->reg[i].event_shards)
             json_object_set_new(rec, "event_shards", json_integer(d->reg[i].event_shards));
+        if (in->host[0])
+            json_object_set_new(rec, "host", json_string(in->host));
+        if (in->zone[0])
+            json_object_set_new(rec, "zone", json_string(in->zone));
         json_array_append_new(arr, rec);
     }
     pthread_mutex_unlock(&d->mu);
@@ -423,6 +432,23 @@ static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errl
     return 0;
 }
 
+/* Where a planned load takes its chunks from: per run, the storage node (its number and data
+ * address), how near it is to the loading instance, its tier and the tokens. */
+static json_t *sources_json(const kvf_sched *s, const kvf_place_res *rs)
+{
+    json_t *a = json_array();
+    for (int i = 0; i < rs->n_sources; i++) {
+        const kvf_store_source *x = &rs->sources[i];
+        json_array_append_new(
+            a, json_pack("{s:i,s:s,s:s,s:s,s:I}", "node", x->node, "store",
+                         kvf_sched_store_addr(s, x->node), "near", kvf_near_name(x->near), "tier",
+                         x->disk_only ? "disk" : "dram", "tokens", (json_int_t)x->tokens));
+    }
+    if (rs->sources_truncated) /* more runs than a plan lists: the rest as the connector finds */
+        json_array_append_new(a, json_pack("{s:b}", "more", 1));
+    return a;
+}
+
 /* The reply to a placement: the instances by id and endpoint, the cached tokens per tier, the
  * expected TTFT and the plan. The TTFT figure is the cost model's estimate: labelled simulated;
  * the actions' labels say whether each can run here. Called with d->mu held. */
@@ -434,10 +460,12 @@ static json_t *plan_json_locked(const kvf_sched *s, const kvf_place_res *rs)
     for (int i = 0; i < rs->n_actions; i++) {
         const kvf_action *a = &rs->actions[i];
         const kvf_instance_info *ai = kvf_sched_instance_get(s, a->instance);
-        json_array_append_new(acts, json_pack("{s:s,s:s,s:I,s:f,s:s}", "action",
-                                              action_name(a->kind), "instance", ai ? ai->id : "",
-                                              "tokens", (json_int_t)a->tokens, "seconds",
-                                              a->seconds, "label", kvf_label_name(a->label)));
+        json_t *ao = json_pack("{s:s,s:s,s:I,s:f,s:s}", "action", action_name(a->kind), "instance",
+                               ai ? ai->id : "", "tokens", (json_int_t)a->tokens, "seconds",
+                               a->seconds, "label", kvf_label_name(a->label));
+        if (a->kind == KVF_ACT_LOAD_FROM_STORE && rs->n_sources)
+            json_object_set_new(ao, "sources", sources_json(s, rs));
+        json_array_append_new(acts, ao);
     }
     json_t *o = json_pack(
         "{s:s,s:s,s:s,s:s,s:{s:I,s:I},s:f,s:b,s:b,s:o,s:s}", "prefill", pi ? pi->id : "",

@@ -494,6 +494,18 @@ void kvf_sched_index_stats(const kvf_sched *s, kvf_index_stats *st)
 /* ------------------------------------------------------------------------------------------ */
 /* Lookups for matching */
 
+size_t kvf__sched_store_holders(kvf_sched *s, const kvf_key *key, uint32_t *out, size_t max)
+{
+    bent *e = bfind(s, kvf__sched_mix(key->lo ^ key->hi), 0);
+    size_t n = 0;
+    for (uint16_t i = 0; e && i < e->n && n < max; i++) {
+        uint32_t h = kvf__sched_bent_holders(e)[i];
+        if (h & KVF_SCHED_HOLDER_STORE)
+            out[n++] = h & ~KVF_SCHED_HOLDER_STORE;
+    }
+    return n;
+}
+
 unsigned kvf__sched_store_holds(kvf_sched *s, const kvf_key *key)
 {
     bent *e = bfind(s, kvf__sched_mix(key->lo ^ key->hi), 0);

@@ -77,7 +77,9 @@ int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx
 {
     if (!info->id[0] || strnlen(info->id, sizeof info->id) == sizeof info->id ||
         (info->role & KVF_ROLE_BOTH) == 0 || (info->role & ~KVF_ROLE_BOTH) ||
-        info->block_tokens == 0 || info->block_tokens > 65536)
+        info->block_tokens == 0 || info->block_tokens > 65536 ||
+        strnlen(info->host, sizeof info->host) == sizeof info->host ||
+        strnlen(info->zone, sizeof info->zone) == sizeof info->zone)
         return KVF_EINVAL;
     kvf_caps caps;
     if (info->capabilities[0]) {
@@ -99,6 +101,7 @@ int kvf_sched_instance_add(kvf_sched *s, const kvf_instance_info *info, int *idx
         s->n_live++;
     }
     s->inst[i].info = *info;
+    kvf__sched_inst_where(&s->inst[i]);
     s->inst[i].caps = caps;
     kvf_verdict v;
     kvf_classify(caps.layerwise_hooks ? KVF_ACTION_LAYERWISE_LOAD : KVF_ACTION_RETRIEVE, &caps,

@@ -2,7 +2,8 @@
  * kvf-sched: the cache-aware scheduler daemon (docs/scheduler.md).
  *
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
- *             [--stores HOST:PORT[,...]] [--store-events ENDPOINT[,...]]
+ *             [--stores HOST:PORT[,...]] [--store-zones ZONE[,...]]
+ *             [--store-events ENDPOINT[,...]]
  *             [--store-snapshots ENDPOINT[,...]] [--chunk-tokens N]
  *             [--instance-ttl SECONDS] [--log-level L]
  *
@@ -39,6 +40,7 @@
 typedef struct cmdline {
     long chunk_tokens; /* the stores' chunk size, for store matches */
     const char *listen, *policy, *cost, *config, *store_events, *store_snapshots, *tokens;
+    const char *store_zones; /* --store-zones: the --stores' zones, in the same order */
     const char *events_credential, *events_server_key; /* CURVE for every event subscription */
     int insecure; /* --insecure: listen where clients are not loopback (docs/security.md) */
     const char *etcd, *cluster, *advertise; /* membership on etcd (members.c) */
@@ -112,6 +114,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  NULL),
         KVF__OPT("stores", KVF__ARG_FN, d, "HOST:PORT[,...]",
                  "the storage nodes the connectors are told", NULL, .fn = parse_stores, .ud = d),
+        KVF__OPT("store-zones", KVF__ARG_STR, &cl->store_zones, "ZONE[,...]",
+                 "each --stores node's zone (a rack, an availability zone), in the same order: "
+                 "a load takes a chunk from a replica on the engine's host, then in its zone",
+                 NULL),
         KVF__OPT("store-events", KVF__ARG_STR, &cl->store_events, "EP[,...]",
                  "each store's --events address, in --node order", NULL),
         KVF__OPT("store-snapshots", KVF__ARG_STR, &cl->store_snapshots, "EP[,...]",
@@ -448,6 +454,41 @@ out:
     return rc;
 }
 
+/* Tells the index where each --stores node is (node i: the i-th address), with its zone from
+ * zones (--store-zones, the same count; NULL: none). 0, or the exit status 2 after saying why. */
+static int place_stores(kvf__sched_daemon *d, const char *zones)
+{
+    char addrs[sizeof d->stores], zs[4096] = "";
+    snprintf(addrs, sizeof addrs, "%s", d->stores);
+    if (zones && strlen(zones) >= sizeof zs) {
+        fprintf(stderr, "kvf-sched: --store-zones: list too long\n");
+        return 2;
+    }
+    snprintf(zs, sizeof zs, "%s", zones ? zones : "");
+    char *sa = NULL, *sz = NULL, *a = strtok_r(addrs, ",", &sa),
+         *z = zones ? strtok_r(zs, ",", &sz) : NULL;
+    int node = 0;
+    for (; a; a = strtok_r(NULL, ",", &sa), node++) {
+        if (zones && !z) {
+            fprintf(stderr, "kvf-sched: --store-zones names fewer zones than --stores nodes\n");
+            return 2;
+        }
+        if (z && kvf__member_zone_check("kvf-sched", "--store-zones", z) != 0)
+            return 2;
+        if (kvf_sched_store_where(d->s, node, a, z) != 0) {
+            fprintf(stderr, "kvf-sched: --stores: node %d (\"%s\") is out of range or too long\n",
+                    node, a);
+            return 2;
+        }
+        z = zones ? strtok_r(NULL, ",", &sz) : NULL;
+    }
+    if (z) {
+        fprintf(stderr, "kvf-sched: --store-zones names more zones than --stores nodes\n");
+        return 2;
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     static kvf__sched_daemon d;
@@ -500,6 +541,12 @@ int main(int argc, char **argv)
             return 2;
         }
     }
+    if (cl.store_zones && !d.stores[0]) {
+        fprintf(stderr, "kvf-sched: --store-zones needs --stores\n");
+        return 2;
+    }
+    if (d.stores[0] && (rc = place_stores(&d, cl.store_zones)) != 0)
+        return rc;
     if (cl.store_snapshots && !cl.store_events) {
         fprintf(stderr, "kvf-sched: --store-snapshots needs --store-events\n");
         return 2;

@@ -49,20 +49,23 @@ static void on_store(void *ud, int put, const char *key, const char *value)
                  KVF_SCHED_MAX_STORES - 1);
         return;
     }
-    char events[128] = "", snap[128] = "", addr[160] = "";
+    char events[128] = "", snap[128] = "", addr[160] = "", zone[64] = "";
     if (put) {
         json_t *o = json_loads(value, 0, NULL);
         const char *ev = json_string_value(json_object_get(o, "events"));
         const char *sn = json_string_value(json_object_get(o, "snapshot"));
         const char *ad = json_string_value(json_object_get(o, "addr"));
-        json_t *nv = json_object_get(o, "node");
+        json_t *nv = json_object_get(o, "node"), *zv = json_object_get(o, "zone");
+        const char *zn = json_string_value(zv);
         int ok = ev && sn && ad && json_is_integer(nv) && json_integer_value(nv) == node &&
                  strlen(ev) < sizeof events && strlen(sn) < sizeof snap &&
-                 strlen(ad) < sizeof addr && strlen(value) < sizeof d->store_rec[0];
+                 strlen(ad) < sizeof addr && strlen(value) < sizeof d->store_rec[0] &&
+                 (!zv || kvf__member_zone_valid(zn)); /* its zone: optional */
         if (ok) {
             snprintf(events, sizeof events, "%s", strcmp(ev, "-") ? ev : "");
             snprintf(snap, sizeof snap, "%s", strcmp(sn, "-") ? sn : "");
             snprintf(addr, sizeof addr, "%s", ad);
+            snprintf(zone, sizeof zone, "%s", zn ? zn : "");
         }
         json_decref(o);
         if (!ok) {
@@ -81,6 +84,7 @@ static void on_store(void *ud, int put, const char *key, const char *value)
         kvf__sched_unsubscribe_store_locked(d, (int)node);
         kvf_sched_store_cleared(d->s, (int)node);
     }
+    kvf_sched_store_where(d->s, (int)node, put ? addr : NULL, zone);
     if (put) {
         snprintf(rec, sizeof d->store_rec[0], "%s", value);
         kvf_event_source src = {.instance = -1, .store = (int)node};

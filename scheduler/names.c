@@ -66,3 +66,16 @@ const char *kvf_label_name(kvf_label l)
     }
     return "?";
 }
+
+const char *kvf_near_name(kvf_near n)
+{
+    switch (n) {
+    case KVF_NEAR_HOST:
+        return "host";
+    case KVF_NEAR_ZONE:
+        return "zone";
+    case KVF_NEAR_REMOTE:
+        return "remote";
+    }
+    return "?";
+}

@@ -299,6 +299,8 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         return 0;
     }
     note_sent(s, res, n);
+    if (!s->o.no_stores)
+        kvf__sched_sources(s, req, res);
     write_plan(s, req, n, e.cached, res);
     return 0;
 }

@@ -37,6 +37,8 @@ static const char *first_difference(const kvf_instance_info *a, const char *ra,
     DIFF_STR("events", a->events, b->events);
     DIFF_STR("replay", ra, rb);
     DIFF_STR("capabilities", a->capabilities, b->capabilities);
+    DIFF_STR("host", a->host, b->host);
+    DIFF_STR("zone", a->zone, b->zone);
 #undef DIFF_STR
     if (a->block_tokens != b->block_tokens) {
         snprintf(va, n, "%u", a->block_tokens);

@@ -40,6 +40,7 @@ typedef struct kvf__sched_inst {
     int can_load;  /* the classifier lets it load store-cached KV */
     kvf_instance_load load;
     uint64_t blocks; /* blocks it holds in the index */
+    char host[64];   /* info.host, or its endpoint's host (kvf_sched_host_of) */
 } kvf__sched_inst;
 
 struct kvf_sched {
@@ -64,6 +65,9 @@ struct kvf_sched {
     size_t srun;  /* the last match's run of chunks the stores hold */
     int sdisk_ok; /* sdisk holds that match's counts (0: it could not grow) */
     double disk_bps[KVF_SCHED_MAX_STORES]; /* kvf_sched_store_rates, per node (0: none yet) */
+    struct kvf__sched_where {
+        char addr[160], host[64], zone[64];
+    } where[KVF_SCHED_MAX_STORES]; /* kvf_sched_store_where, per node */
     double disk_rate; /* the mean of disk_bps over the nodes that have one (kept by store_rates) */
     int disk_rated;   /* how many nodes have one */
     uint32_t *depth;  /* per instance: its cached prefix, in its own blocks */
@@ -92,6 +96,11 @@ void kvf__sched_chain_hash(uint64_t parent, uint32_t bt, const uint32_t *tokens,
 #define KVF__STORE_DRAM 1u
 #define KVF__STORE_DISK 2u
 unsigned kvf__sched_store_holds(kvf_sched *s, const kvf_key *key);
+/* The storage nodes that hold the chunk, up to max of them: their holder words (the node in the
+ * low bits, its tiers KVF__STORE_* in bits 24..30) into out. Returns how many. */
+size_t kvf__sched_store_holders(kvf_sched *s, const kvf_key *key, uint32_t *out, size_t max);
+#define KVF__HOLDER_NODE(h)  ((int)((h)&0xffffffu))
+#define KVF__HOLDER_TIERS(h) (((h) >> 24) & 0x7fu)
 
 /* Whether slot idx holds a registered instance. */
 static inline int kvf__sched_live(const kvf_sched *s, int idx)
@@ -138,6 +147,15 @@ static inline uint32_t *kvf__sched_bent_holders(kvf__sched_bent *e)
 {
     return e->cap > KVF_SCHED_INLINE_HOLDERS ? e->u.heap : e->u.inl;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Where things are (where.c) */
+
+/* in->host from its record. */
+void kvf__sched_inst_where(kvf__sched_inst *in);
+/* res->sources: for the load of res->cached_store tokens after res->cached_device on
+ * res->prefill, the nearest node holding each chunk of req, in runs. */
+void kvf__sched_sources(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Matching (match.c) */

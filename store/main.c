@@ -85,6 +85,7 @@ typedef struct store_cfg {
     const char *metrics;         /* --metrics HOST:PORT: /metrics over HTTP */
     const char *events_snapshot; /* --events-snapshot HOST:PORT or off; NULL: --events's host */
     const char *etcd, *cluster, *advertise; /* membership (docs/membership.md) */
+    const char *zone;                       /* --zone: registered, for the nearest replica */
     long etcd_ttl;
     const char *shm;
     char shm_auto[64];
@@ -299,6 +300,10 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                  "the host others reach this node at: registered in etcd, and this node's name in "
                  "its keys' rendezvous order (--replicate-hits)",
                  "--listen's host"),
+        KVF__OPT("zone", KVF__ARG_STR, &cfg->zone, "ZONE",
+                 "this node's zone (a rack, an availability zone), registered with --etcd: "
+                 "kvf-sched plans a load from a replica on the engine's host, then in its zone",
+                 NULL),
         KVF__OPT("replicate-hits", KVF__ARG_LONG, &cfg->rep_hits, "N",
                  "copy an entry read N times to the nodes that come next in its key's rendezvous "
                  "order (the --peer nodes, and with --etcd the registered stores; clients that "
@@ -448,6 +453,8 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
             fprintf(stderr, "kvf-store: --events-snapshot needs --events\n");
         return 2;
     }
+    if (cfg->zone && kvf__member_zone_check("kvf-store", "--zone", cfg->zone) != 0)
+        return 2;
     if (cfg->etcd) {
         const char *h = cfg->advertise ? cfg->advertise : cfg->host;
         if (kvf__member_cluster_check("kvf-store", cfg->cluster) != 0)
@@ -459,6 +466,10 @@ static int parse_args(int argc, char **argv, store_cfg *cfg)
                     cfg->host);
             return 2;
         }
+    } else if (cfg->zone) {
+        fprintf(stderr, "kvf-store: --zone is what --etcd registers (without etcd, kvf-sched's "
+                        "--store-zones names the zones); it needs --etcd\n");
+        return 2;
     } else if (cfg->advertise && !cfg->rep_hits) {
         fprintf(stderr, "kvf-store: --advertise is what --etcd registers and what "
                         "--replicate-hits names this node by; it needs one of them\n");
@@ -867,6 +878,7 @@ int main(int argc, char **argv)
                               .rdma_port = kvf__server_rdma_port(srv, &(const char *){NULL}),
                               .events = ev_ep,
                               .snapshot = snap_ep,
+                              .zone = cfg.zone,
                               .log = &cfg.lg};
         if ((status = kvf__store_register(&reg, &member)))
             goto out_close_metrics;

@@ -33,6 +33,8 @@ int kvf__store_register(const kvf__store_reg *r, kvf__member **m)
     reachable(r->snapshot, r->advertise, snap, sizeof snap);
     json_t *o = json_pack("{s:i,s:s,s:s,s:s,s:i,s:i}", "node", r->node, "addr", addr, "events", ev,
                           "snapshot", snap, "rdma", (int)r->rdma_port, "pid", (int)getpid());
+    if (o && r->zone)
+        json_object_set_new(o, "zone", json_string(r->zone));
     char *value = o ? json_dumps(o, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
     json_decref(o);
     if (!value) {

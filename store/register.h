@@ -1,8 +1,9 @@
 /*
  * kvf-store's registration in etcd (docs/membership.md): the key
  * /kvfabric/CLUSTER/stores/NODE, held under a lease kept alive while the node serves, says where
- * to reach it: {"node", "addr", "events", "snapshot", "rdma", "pid"}. The node's number is
- * exclusive: a second store started with a number that a live one holds is refused.
+ * to reach it: {"node", "addr", "events", "snapshot", "rdma", "pid"}, and "zone" where it has one.
+ * The node's number is exclusive: a second store started with a number that a live one holds is
+ * refused.
  */
 #ifndef KVF_STORE_REGISTER_H
 #define KVF_STORE_REGISTER_H
@@ -19,6 +20,7 @@ typedef struct kvf__store_reg {
     int ttl_s, node;
     uint16_t port, rdma_port;
     const char *events, *snapshot; /* bound endpoints ("tcp://HOST:PORT"), or "-" */
+    const char *zone;              /* --zone, or NULL */
     const kvf_log *log;
 } kvf__store_reg;
 

@@ -30,6 +30,11 @@
 int kvf__member_cluster_check(const char *prog, const char *name);
 /* The same rule, said nowhere: 1 or 0. */
 int kvf__member_cluster_valid(const char *name);
+/* Whether zone is a zone's name (an operator's rack or availability zone: docs/scheduler.md, "The
+ * nearest replica"): 1 to 63 of [A-Za-z0-9._-]. */
+int kvf__member_zone_valid(const char *zone);
+/* As kvf__member_cluster_check, for option opt's zone: 0, or -1 after saying why on stderr. */
+int kvf__member_zone_check(const char *prog, const char *opt, const char *zone);
 
 /* A registration: key = value under a lease of ttl_s seconds, renewed every third of it. */
 typedef struct kvf__member kvf__member;

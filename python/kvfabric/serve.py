@@ -105,6 +105,13 @@ def read_tokens(path: str) -> Dict[str, str]:
     return out
 
 
+def _zone(text: str) -> str:
+    """--zone: 1 to 63 of [A-Za-z0-9._-] (kvf-sched's, kvf-store's and kvf-engine's rule)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", text):
+        raise argparse.ArgumentTypeError(f"a zone is 1 to 63 of [A-Za-z0-9._-], got {text!r}")
+    return text
+
+
 def _http(method: str, url: str, body: Optional[Dict[str, Any]], timeout: float = 2.0
           ) -> Tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
@@ -284,6 +291,8 @@ class Server:
         if self.events:
             # the shards its events go out in: a kvf-sched replica split otherwise says so
             body["event_shards"] = max(1, self.a.event_shards or 1)
+        if self.a.zone:
+            body["zone"] = self.a.zone
         body.update(self.compute())
         return body
 
@@ -589,6 +598,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=("prefill", "decode", "both"), default="both")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT of the HTTP API")
     p.add_argument("--advertise", help="HOST:PORT others reach the API at (default: --listen's)")
+    p.add_argument("--zone", type=_zone,
+                   help="this engine's zone (a rack, an availability zone), registered with "
+                        "kvf-sched: its loads are planned from a replica on its host, then in "
+                        "its zone")
     p.add_argument("--sched", default="",
                    help="kvf-sched's HOST:PORT (several replicas: comma-separated): register "
                         "with each and report load to each")

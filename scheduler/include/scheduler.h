@@ -182,6 +182,11 @@ typedef struct kvf_instance_info {
      * using `compute_uses` of them while it works. Empty: its own, shared with nobody. */
     char compute[96];
     uint32_t compute_slots, compute_uses;
+    /* Where it runs, for the nearest replica of what it loads (kvf_place_res.sources): its host
+     * ("": the endpoint's host) and zone (an operator's label: a rack, an availability zone; "":
+     * none). */
+    char host[64];
+    char zone[64];
 } kvf_instance_info;
 
 /* Registers or updates info->id; *idx (may be NULL) gets its slot. 0, KVF_EINVAL (a bad field
@@ -224,6 +229,16 @@ int kvf_sched_all_cleared(kvf_sched *s, int idx);
  * (0..KVF_SCHED_MAX_STORES-1). */
 int kvf_sched_store_chunks(kvf_sched *s, int node, const kvf_key *keys, size_t n, int admitted,
                            int disk);
+/* Where storage node `node` is: its data address (HOST:PORT, as the connectors reach it; its
+ * host is compared with the instances') and zone ("": none). NULL or "" addr forgets the node's
+ * place (it left). 0 or KVF_EINVAL (a node out of range, or a string too long). */
+int kvf_sched_store_where(kvf_sched *s, int node, const char *addr, const char *zone);
+/* Node's data address as kvf_sched_store_where() set it ("" where unknown). */
+const char *kvf_sched_store_addr(const kvf_sched *s, int node);
+/* The host part of an address or endpoint ("[SCHEME://]HOST[:PORT][/PATH]", HOST possibly an
+ * [IPv6] literal) into out; every loopback name (localhost, 127.x.y.z, ::1) as "127.0.0.1", so
+ * that processes on one machine are on one host whichever name they give. */
+void kvf_sched_host_of(const char *addr, char *out, size_t n);
 /* Whether any storage node exists now (kvf_sched_opts.no_stores, changed as nodes come and go
  * through etcd). */
 void kvf_sched_set_no_stores(kvf_sched *s, int no_stores);
@@ -269,6 +284,26 @@ typedef struct kvf_place_req {
     double slo_ttft_s;      /* 0: none */
 } kvf_place_req;
 
+/* How near a storage node is to the instance that loads from it: on its host (shared memory),
+ * in its zone, or elsewhere. */
+typedef enum kvf_near {
+    KVF_NEAR_HOST = 0,
+    KVF_NEAR_ZONE = 1,
+    KVF_NEAR_REMOTE = 2,
+} kvf_near;
+const char *kvf_near_name(kvf_near n);
+
+/* One run of a planned load's chunks that one storage node serves: the nearest live node holding
+ * each chunk (in DRAM before on disk only at the same nearness, then the lowest node). */
+typedef struct kvf_store_source {
+    int node;
+    kvf_near near;
+    int disk_only; /* the node holds every chunk of the run on its disk tier only */
+    size_t tokens;
+} kvf_store_source;
+
+#define KVF_PLAN_MAX_SOURCES 8
+
 typedef struct kvf_place_res {
     int prefill; /* instance index, or -1 when rejected */
     int decode;
@@ -284,6 +319,11 @@ typedef struct kvf_place_res {
     double load_deadline_s;
     kvf_action actions[4];
     int n_actions;
+    /* Where the load's cached_store tokens come from, in prompt order: n_sources runs (at most
+     * KVF_PLAN_MAX_SOURCES; sources_truncated: more runs than that, the rest not listed). */
+    kvf_store_source sources[KVF_PLAN_MAX_SOURCES];
+    int n_sources;
+    int sources_truncated;
 } kvf_place_res;
 
 /* Places a request. Returns 0 (res->rejected says whether it was refused), or KVF_ENOENT when no

@@ -15,10 +15,15 @@
   within the TTL + 1 s of its kill -9;
 - a running engine whose connector took its stores from kvf-sched uses a store that joins later;
 - an engine in etcd alone: its connector follows the stores' registrations with a watch of its
-  own: a killed store is dropped within the TTL, one that registers is used at once.
+  own: a killed store is dropped within the TTL, one that registers is used at once;
+- the nearest live replica: two stores in zones za and zb (kvf-store --zone) hold the same chunks
+  (a hot prefix's replicas); every replica plans the load of an instance in zone zb from the zb
+  node; after a kill -9 of that node and its lease's lapse, from the other one, and the prefix is
+  still planned as loaded. (With the Python binding: PYTHONPATH and KVF_LIBRARY.)
 
 usage: etcd_check.py   (environment: KVF_STORE_BIN; kvf-sched is taken from its folder; etcd from
-                        $PATH: exit 77, skipped, where it is not installed)
+                        $PATH: exit 77, skipped, where it is not installed; PYTHONPATH and
+                        KVF_LIBRARY for the nearest-replica phase)
 """
 
 import base64
@@ -31,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 STORE = os.environ["KVF_STORE_BIN"]
@@ -161,11 +167,11 @@ class Proc:
         return self.p.returncode
 
 
-def store(etcd, node):
+def store(etcd, node, zone=None):
     return Proc([STORE, "--listen", "127.0.0.1:0", "--memory", "32M", "--no-prefault", "--shm",
                  "off", "--threads", "1", "--events", "127.0.0.1:0", "--node", str(node), "--etcd",
                  etcd.endpoints, "--cluster", "check", "--etcd-ttl", str(TTL), "--log-level",
-                 "warn"], "kvf-store")
+                 "warn"] + (["--zone", zone] if zone else []), "kvf-store")
 
 
 def sched(etcd):
@@ -191,6 +197,84 @@ def stores_of(s):
         return sorted(get_json("http://%s/v1/stores" % s.addr)["stores"])
     except Exception:
         return None
+
+
+def post_json(url, body, timeout=5):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def phase_nearest(etcd, reps, others, procs):
+    """Two stores in zones za and zb hold the same four chunks; an instance on another host in
+    zone zb: its load is planned from the zb node by every replica, and once that node is killed
+    and its lease lapses, from the za node. `others`: the stores already registered."""
+    try:
+        import kvfabric as kvf
+    except Exception as ex:  # noqa: BLE001 - said, and the rest of the check goes on
+        print("etcd_check: the nearest-replica phase needs the Python binding: %s" % ex)
+        check(not os.environ.get("KVF_LIBRARY"), "the Python binding does not load: %s" % ex)
+        return
+    za, zb = store(etcd, 5, "za"), store(etcd, 6, "zb")
+    procs += [za, zb]
+    check(za.addr and zb.addr, "kvf-store --zone did not start: %r %r" % (za.err, zb.err))
+    bad = store(etcd, 7, "z b")
+    check(bad.addr is None and "a zone is" in bad.err, "a bad --zone was not refused: %r"
+          % bad.err)
+    every = sorted(others + [za.addr, zb.addr])
+    for r in reps:
+        check(wait_for(lambda: stores_of(r) == every, 5), "replica %s lists %r, not %r"
+              % (r.addr, stores_of(r), every))
+    layout = kvf.Layout.preset("ref-tiny")
+    ks = kvf.KeySpace(layout, salt="nearest")
+    keys = ks.keys(list(range(7000, 7000 + 4 * 64)))[:4]
+    objs = [kvf.Object.encode(k, layout, 64, [bytes([i]) * 256] * layout.layers)
+            for i, k in enumerate(keys)]
+    for s in (za, zb):
+        with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+            check(c.put(keys, objs) == ["KVF_OK"] * 4, "put on %s" % s.addr)
+    far = {"id": "far", "role": "both", "block_tokens": 16, "capacity_blocks": 1000,
+           "endpoint": "10.9.9.9:8000", "zone": "zb"}
+    body = {"tokens": list(range(1, 1025)), "chunk_keys": keys, "output_tokens": 1}
+    for r in reps:
+        st, _ = post_json("http://%s/v1/instances" % r.addr, far)
+        check(st in (200, 201), "registering an instance with a zone at %s: HTTP %d" % (r.addr, st))
+        check(wait_for(lambda: post_json("http://%s/v1/lookup" % r.addr, body)[1]
+                       .get("store_tokens") == 1024, 5),
+              "replica %s never learnt the four chunks" % r.addr)
+
+    def sources(r):
+        st, plan = post_json("http://%s/v1/place" % r.addr, body)
+        if st != 200:
+            return None
+        loads = [a for a in plan.get("actions", []) if a["action"] == "load_from_store"]
+        return loads[0].get("sources") if loads else []
+
+    for r in reps:
+        src = sources(r)
+        check(src == [{"node": 6, "store": zb.addr, "near": "zone", "tier": "dram",
+                       "tokens": 1024}],
+              "replica %s plans the load from %r, not the zb node" % (r.addr, src))
+    zb.kill()
+    t0 = time.time()
+    want = [{"node": 5, "store": za.addr, "near": "remote", "tier": "dram", "tokens": 1024}]
+    for r in reps:
+        check(wait_for(lambda: sources(r) == want, TTL + SLACK + 2),
+              "replica %s: after the zb node's death the load is planned from %r"
+              % (r.addr, sources(r)))
+    print("etcd_check: nearest replica: the zb node's load went to the za node %.2f s after the "
+          "zb node's death (TTL %d s)" % (time.time() - t0, TTL), flush=True)
+    za.stop()
+    for r in reps:
+        check(wait_for(lambda: stores_of(r) == sorted(others), 5),
+              "replica %s lists %r after the zone stores left" % (r.addr, stores_of(r)))
+        req = urllib.request.Request("http://%s/v1/instances/far" % r.addr, method="DELETE")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            check(resp.status == 200, "DELETE far at %s: HTTP %d" % (r.addr, resp.status))
 
 
 def main():
@@ -219,6 +303,8 @@ def main():
         check(etcd.keys("/kvfabric/check/scheds/") ==
               sorted("/kvfabric/check/scheds/" + r.addr for r in (a, b)),
               "the replicas' registrations: %r" % etcd.keys("/kvfabric/check/scheds/"))
+
+        phase_nearest(etcd, (a, b), [s0.addr, s1.addr], procs)
 
         # a second store asking for node 1, held by a live one: refused, naming the holder
         dup = store(etcd, 1)

@@ -1270,9 +1270,20 @@ static void test_sched_daemon_conflicts_and_delete(void **state)
                           sizeof out),
                      409);
     assert_non_null(strstr(out, "role"));
+    /* where it runs is part of the record too: another zone or host is another instance */
+    const char *where[][2] = {{"zone", "z9"}, {"host", "10.1.1.1"}};
+    for (int i = 0; i < 2; i++) {
+        snprintf(body, sizeof body,
+                 "{\"id\":\"eng\",\"role\":\"prefill\",\"endpoint\":\"127.0.0.1:9401\","
+                 "\"%s\":\"%s\"}",
+                 where[i][0], where[i][1]);
+        assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 409);
+        assert_non_null(strstr(out, where[i][0]));
+    }
     assert_int_equal(http(&d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
     assert_non_null(strstr(out, "127.0.0.1:9401"));
     assert_null(strstr(out, "6.6.6.6"));
+    assert_null(strstr(out, "z9"));
 
     assert_int_equal(http(&d, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 200);
     assert_int_equal(http(&d, "DELETE", "/v1/instances/eng", NULL, out, sizeof out), 404);
@@ -1328,6 +1339,8 @@ static void test_sched_daemon_engine_heartbeat(void **state)
                     (char *)"hb0",
                     (char *)"--listen",
                     (char *)"127.0.0.1:0",
+                    (char *)"--zone",
+                    (char *)"rack-7",
                     (char *)"--sched",
                     sched.addr,
                     (char *)"--store",
@@ -1336,7 +1349,10 @@ static void test_sched_daemon_engine_heartbeat(void **state)
                     (char *)"error",
                     NULL};
     proc_start(&eng, argv);
-    char out[1024];
+    static char out[1 << 16];
+    /* its zone (--zone) is in its registration */
+    assert_int_equal(http(&sched, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"zone\":\"rack-7\""));
     double start = now_ms();
     while (now_ms() - start < 9000) {
         assert_true(listed(&sched, "hb0"));

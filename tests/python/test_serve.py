@@ -98,7 +98,7 @@ class TestServe(unittest.TestCase):
                 [sys.executable, "-m", "kvfabric.serve", "--id", f"{role}0", "--role", role,
                  "--sched", cls.sched, "--events", "127.0.0.1:0", "--model", cls.cfg,
                  "--backend", "torch", "--device", "cpu", "--chunk-tokens", "64",
-                 "--max-tokens", "2048", "--seed", "7"],
+                 "--max-tokens", "2048", "--seed", "7", "--zone", f"zone-{role}"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             cls.engines[role] = (p, started(p, f"kvfabric.serve {role}", "kvf-engine ready"))
 
@@ -165,6 +165,10 @@ class TestServe(unittest.TestCase):
         st, pl = call(self.sched, "/v1/place", {"tokens": toks, "output_tokens": 4})
         self.assertEqual(st, 200, pl)
         self.assertGreater(pl["cached_tokens"]["device"] + pl["cached_tokens"]["store"], 0)
+        # the engines' zones (--zone) are in their registrations
+        st, ins = call(self.sched, "/v1/instances")
+        self.assertEqual({i["id"]: i.get("zone") for i in ins["instances"]},
+                         {"prefill0": "zone-prefill", "decode0": "zone-decode"})
         st, h = call(pre, "/v1/health")
         self.assertEqual(h["failures"], 0)
         self.assertEqual(h["decode_steps"], "eager steps: not a CUDA device")

@@ -816,6 +816,132 @@ static void test_sched_store_tiers(void **state)
     kvf_sched_destroy(&s);
 }
 
+/* The sources of a planned load: each chunk from the nearest node holding it (on the engine's
+ * host, then in its zone, then elsewhere; DRAM before disk only at the same nearness; then the
+ * lowest node), in runs; a node that left is never named. */
+static void test_sched_nearest_replica(void **state)
+{
+    (void)state;
+    char h[64];
+    const char *hosts[][2] = {{"http://LocalHost:80/x", "127.0.0.1"},
+                              {"[::1]:7000", "127.0.0.1"},
+                              {"127.3.4.5:9", "127.0.0.1"},
+                              {"[fe80::1]:7", "fe80::1"},
+                              {"fe80::2", "fe80::2"},
+                              {"10.0.0.1", "10.0.0.1"},
+                              {"tcp://H.example:5", "h.example"},
+                              {"", ""}};
+    for (size_t i = 0; i < sizeof hosts / sizeof hosts[0]; i++) {
+        kvf_sched_host_of(hosts[i][0], h, sizeof h);
+        assert_string_equal(h, hosts[i][1]);
+    }
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    kvf_instance_info in = both_instance("eng");
+    snprintf(in.endpoint, sizeof in.endpoint, "http://10.0.0.5:8000");
+    snprintf(in.zone, sizeof in.zone, "z1");
+    int c;
+    assert_int_equal(kvf_sched_instance_add(s, &in, &c), 0);
+    assert_int_equal(kvf_sched_store_where(s, 0, "10.0.0.9:7000", "z2"), 0);
+    assert_int_equal(kvf_sched_store_where(s, 1, "10.0.0.7:7000", "z1"), 0);
+    assert_int_equal(kvf_sched_store_where(s, 2, "10.0.0.5:7001", NULL), 0);
+    /* node 3: nowhere known */
+    assert_string_equal(kvf_sched_store_addr(s, 1), "10.0.0.7:7000");
+    assert_string_equal(kvf_sched_store_addr(s, 3), "");
+    assert_int_equal(kvf_sched_store_where(s, KVF_SCHED_MAX_STORES, "a:1", NULL), KVF_EINVAL);
+    char big[300];
+    memset(big, 'a', sizeof big - 1);
+    big[sizeof big - 1] = 0;
+    assert_int_equal(kvf_sched_store_where(s, 4, big, NULL), KVF_EINVAL);
+
+    static uint32_t t[2048];
+    seq(t, 2048, 11);
+    kvf_key keys[8];
+    for (int i = 0; i < 8; i++)
+        keys[i] = (kvf_key){.lo = (uint64_t)i + 900, .hi = 77};
+    /* node 0: all, chunk 5 on disk only; node 1: 0-3; node 2: 2-3 on disk only; node 3: 4-5 */
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys, 5, 1, 0), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 5, 1, 1, 1), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 0, keys + 6, 2, 1, 0), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 1, keys, 4, 1, 0), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 2, keys + 2, 2, 1, 1), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 3, keys + 4, 2, 1, 0), 0);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 2048, .chunk_keys = keys, .n_chunks = 8};
+    kvf_place_res rs;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_store, 2048);
+    const kvf_store_source want[] = {{1, KVF_NEAR_ZONE, 0, 512},
+                                     {2, KVF_NEAR_HOST, 1, 512},
+                                     {0, KVF_NEAR_REMOTE, 0, 256},
+                                     {3, KVF_NEAR_REMOTE, 0, 256},
+                                     {0, KVF_NEAR_REMOTE, 0, 512}};
+    assert_int_equal(rs.n_sources, 5);
+    assert_false(rs.sources_truncated);
+    for (int i = 0; i < 5; i++) {
+        assert_int_equal(rs.sources[i].node, want[i].node);
+        assert_int_equal(rs.sources[i].near, want[i].near);
+        assert_int_equal(rs.sources[i].disk_only, want[i].disk_only);
+        assert_int_equal(rs.sources[i].tokens, want[i].tokens);
+    }
+    assert_string_equal(kvf_near_name(KVF_NEAR_ZONE), "zone");
+    /* node 2 gone (its lease lapsed): chunks 0-3 from node 1, in one run */
+    assert_int_equal(kvf_sched_store_cleared(s, 2), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.n_sources, 4);
+    assert_int_equal(rs.sources[0].node, 1);
+    assert_int_equal(rs.sources[0].tokens, 1024);
+    /* node 1's place forgotten: every node is as far, so the lowest holding each chunk */
+    assert_int_equal(kvf_sched_store_where(s, 1, NULL, NULL), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.n_sources, 3);
+    assert_int_equal(rs.sources[0].node, 0);
+    assert_int_equal(rs.sources[0].tokens, 1280);
+    assert_int_equal(rs.sources[1].node, 3);
+    assert_int_equal(rs.sources[2].node, 0);
+    /* an instance whose record names its host: node 0's host is its own */
+    snprintf(in.host, sizeof in.host, "10.0.0.9");
+    assert_int_equal(kvf_sched_instance_add(s, &in, &c), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.n_sources, 1);
+    assert_int_equal(rs.sources[0].node, 0);
+    assert_int_equal(rs.sources[0].near, KVF_NEAR_HOST);
+    assert_int_equal(rs.sources[0].tokens, 2048);
+    /* a prefix the instance holds itself is not loaded: the sources start after it */
+    assert_int_equal(kvf_sched_store_cleared(s, 0), 0);
+    assert_int_equal(kvf_sched_store_chunks(s, 1, keys + 4, 4, 1, 0), 0);
+    uint64_t eh[32];
+    for (int i = 0; i < 32; i++)
+        eh[i] = 5000 + (uint64_t)i;
+    assert_int_equal(kvf_sched_block_stored(s, c, eh, 32, 0, 0, t, 512, 16, KVF_TIER_DEVICE), 0);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.cached_device, 512);
+    assert_int_equal(rs.cached_store, 1536);
+    assert_int_equal(rs.n_sources, 1);
+    assert_int_equal(rs.sources[0].node, 1);
+    assert_int_equal(rs.sources[0].tokens, 1536);
+    /* more runs than a plan lists: the first KVF_PLAN_MAX_SOURCES, and the rest said to be there */
+    static uint32_t t2[256 * 20];
+    seq(t2, 256 * 20, 40000);
+    kvf_key k2[20];
+    for (int i = 0; i < 20; i++) {
+        k2[i] = (kvf_key){.lo = (uint64_t)i + 7000, .hi = 78};
+        assert_int_equal(kvf_sched_store_chunks(s, 5 + i % 2, &k2[i], 1, 1, 0), 0);
+    }
+    kvf_place_req rq2 = {.tokens = t2, .n_tokens = 256 * 20, .chunk_keys = k2, .n_chunks = 20};
+    assert_int_equal(kvf_sched_place(s, &rq2, &rs), 0);
+    assert_int_equal(rs.n_sources, KVF_PLAN_MAX_SOURCES);
+    assert_true(rs.sources_truncated);
+    for (int i = 0; i < KVF_PLAN_MAX_SOURCES; i++)
+        assert_int_equal(rs.sources[i].node, 5 + i % 2);
+    /* without stores, no load and no source */
+    kvf_sched_set_no_stores(s, 1);
+    assert_int_equal(kvf_sched_place(s, &rq2, &rs), 0);
+    assert_int_equal(rs.n_sources, 0);
+    /* a host or zone that does not fit its field is refused */
+    memset(in.zone, 'z', sizeof in.zone);
+    assert_int_equal(kvf_sched_instance_add(s, &in, NULL), KVF_EINVAL);
+    kvf_sched_destroy(&s);
+}
+
 /* Plans carry the classifier's labels; an instance that cannot load from the store gets no
  * credit for what the store holds. */
 static void test_sched_plans_are_classified(void **state)
@@ -1024,6 +1150,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_conditional_disaggregation),
         cmocka_unit_test(test_sched_decode_overflow),
         cmocka_unit_test(test_sched_store_tiers),
+        cmocka_unit_test(test_sched_nearest_replica),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
