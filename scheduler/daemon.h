@@ -17,6 +17,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+#include "record.h"
 #include "scheduler.h"
 
 #include "http.h"
@@ -127,12 +128,6 @@ int kvf__sched_subscriptions_locked(const kvf__sched_daemon *d);
  * arrived (waiting 100 ms at most for one). */
 void kvf__sched_events_round(kvf__sched_daemon *d);
 
-/* An instance's registration record (POST /v1/instances' body, or an engine's record in etcd)
- * into *in, its replay endpoint and the shards its events are published in (*event_shards; 0:
- * the record does not say). 0, or -1 with the reason in err (http_api.c). */
-int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
-                              uint32_t *event_shards, char *err, size_t errlen);
-
 /* ------------------------------------------------------------------------------------------ */
 /* Membership on etcd (members.c) */
 
@@ -179,10 +174,5 @@ void *kvf__sched_events_main(void *arg);
 /* The HTTP server's handler (a kvf__http_handler): answers one request; cls is the daemon. */
 unsigned kvf__sched_http_route(void *cls, const char *method, const char *url, json_t *o,
                                kvf__http_reply *c);
-/* Copies the string member k of o into out (n bytes). A missing member is an error only when
- * required. Returns 0, or -1 with the reason in err (a member that is not a string shorter than
- * n). */
-int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
-                        size_t errlen);
 
 #endif

@@ -13,10 +13,11 @@
  *
  * Every route that reads or changes the scheduler holds the daemon's lock (daemon.h) while it
  * does; bad input gets a 4xx reply with {"error": "..."} and changes nothing. Every number a body
- * gives is range-checked (json_num): callers are not authenticated, and one instance reporting a
+ * gives is range-checked (record.c): callers are not authenticated, and one instance reporting a
  * negative or absurd load would win every placement.
  */
 #include "daemon.h"
+#include "record.h"
 
 #include "kvf/events.h"
 #include "kvf/kvf.h"
@@ -60,66 +61,6 @@ static const char *role_name(kvf_role r)
     return r == KVF_ROLE_PREFILL ? "prefill" : r == KVF_ROLE_DECODE ? "decode" : "both";
 }
 
-int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
-                        size_t errlen)
-{
-    json_t *v = json_object_get(o, k);
-    if (!v) {
-        if (required)
-            snprintf(err, errlen, "\"%s\" is required", k);
-        return required ? -1 : 0;
-    }
-    if (!json_is_string(v) || json_string_length(v) >= n) {
-        snprintf(err, errlen, "\"%s\" must be a string shorter than %zu bytes", k, n);
-        return -1;
-    }
-    snprintf(out, n, "%s", json_string_value(v));
-    return 0;
-}
-
-/* The ranges of the numbers the API accepts: wide enough for any engine, narrow enough that no
- * figure overflows the cost model or outweighs every other instance's by itself. */
-#define MAX_BLOCK_TOKENS    65536.0
-#define MAX_CAPACITY_BLOCKS 1099511627776.0 /* 2^40 */
-#define MAX_QUEUED_TOKENS   1e12
-#define MAX_QUEUED_SECONDS  1e7 /* a queue of 115 days: more is a broken reporter */
-#define MAX_ACTIVE_DECODES  1000000.0
-#define MAX_OUTPUT_TOKENS   1048576.0  /* 2^20 */
-#define MAX_SLO_TTFT_MS     86400000.0 /* a day */
-
-/* Reads the number member k of o into *out, or def when o has none. A present member must be a
- * JSON number from lo to hi (finite: jansson reads 1e400 as an error, but nothing else is
- * trusted), and with `whole` have no fraction (2 and 2.0 are taken alike). Integers are compared
- * as integers, so none wraps on its way to a double. Returns 0, or -1 with the reason in err:
- * the field, its range and what it was. */
-static int json_num(json_t *o, const char *k, double lo, double hi, int whole, double def,
-                    double *out, char *err, size_t errlen)
-{
-    json_t *v = json_object_get(o, k);
-    *out = def;
-    if (!v)
-        return 0;
-    int ok = 0;
-    double x = 0;
-    if (json_is_integer(v)) {
-        json_int_t i = json_integer_value(v);
-        ok = i >= (json_int_t)lo && i <= (json_int_t)hi;
-        x = (double)i;
-    } else if (json_is_real(v)) {
-        x = json_real_value(v);
-        ok = isfinite(x) && x >= lo && x <= hi && (!whole || x == floor(x));
-    }
-    if (ok) {
-        *out = x;
-        return 0;
-    }
-    char *got = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
-    snprintf(err, errlen, "\"%s\" must be a %s from %.15g to %.15g, got %.40s", k,
-             whole ? "whole number" : "finite number", lo, hi, got ? got : "?");
-    free(got);
-    return -1;
-}
-
 /* What to do about an id that is taken, for the 409 and 503 replies. */
 static const char *expiry_advice(const kvf__sched_daemon *d, char *buf, size_t n)
 {
@@ -138,60 +79,6 @@ static int owner_ok_locked(const kvf__sched_daemon *d, int idx, const char *call
 {
     const char *owner = d->reg[idx].owner;
     return !caller || !owner[0] || !strcmp(owner, caller);
-}
-
-int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
-                              uint32_t *event_shards, char *err, size_t errlen)
-{
-    memset(in, 0, sizeof *in);
-    double es;
-    if (json_num(o, "event_shards", 0, KVF_EVENTS_MAX_SHARDS, 1, 0, &es, err, errlen))
-        return -1;
-    *event_shards = (uint32_t)es;
-    char role[16] = "both";
-    replay[0] = 0;
-    if (kvf__sched_json_str(o, "replay", replay, rlen, 0, err, errlen) ||
-        kvf__sched_json_str(o, "id", in->id, sizeof in->id, 1, err, errlen) ||
-        kvf__sched_json_str(o, "role", role, sizeof role, 0, err, errlen) ||
-        kvf__sched_json_str(o, "endpoint", in->endpoint, sizeof in->endpoint, 0, err, errlen) ||
-        kvf__sched_json_str(o, "events", in->events, sizeof in->events, 0, err, errlen) ||
-        kvf__sched_json_str(o, "compute", in->compute, sizeof in->compute, 0, err, errlen) ||
-        kvf__sched_json_str(o, "host", in->host, sizeof in->host, 0, err, errlen) ||
-        kvf__sched_json_str(o, "zone", in->zone, sizeof in->zone, 0, err, errlen))
-        return -1;
-    if (!strcmp(role, "prefill"))
-        in->role = KVF_ROLE_PREFILL;
-    else if (!strcmp(role, "decode"))
-        in->role = KVF_ROLE_DECODE;
-    else if (!strcmp(role, "both"))
-        in->role = KVF_ROLE_BOTH;
-    else
-        return snprintf(err, errlen, "\"role\" must be prefill, decode or both"), -1;
-    if (!in->id[0])
-        return snprintf(err, errlen, "\"id\" must not be empty"), -1;
-    if (in->zone[0] && !kvf__member_zone_valid(in->zone))
-        return snprintf(err, errlen, "\"zone\" must be 1 to 63 of [A-Za-z0-9._-]"), -1;
-    double bt, cap, slots, uses;
-    if (json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, errlen) ||
-        json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err, errlen) ||
-        json_num(o, "compute_slots", 0, 1 << 20, 1, 0, &slots, err, errlen) ||
-        json_num(o, "compute_uses", 0, 1 << 20, 1, 1, &uses, err, errlen))
-        return -1;
-    in->compute_slots = (uint32_t)slots;
-    in->compute_uses = (uint32_t)uses;
-    in->block_tokens = (uint32_t)bt;
-    in->capacity_blocks = (uint64_t)cap;
-    json_t *caps = json_object_get(o, "capabilities");
-    if (caps) {
-        char *t = json_dumps(caps, JSON_COMPACT);
-        if (!t || strlen(t) >= sizeof in->capabilities) {
-            free(t);
-            return snprintf(err, errlen, "capabilities record too large"), -1;
-        }
-        snprintf(in->capabilities, sizeof in->capabilities, "%s", t);
-        free(t);
-    }
-    return 0;
 }
 
 static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
@@ -294,10 +181,13 @@ static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *
     kvf_instance_load L = {0};
     char err[256];
     double q, a, u, qs;
-    if (json_num(o, "queued_prefill_tokens", 0, MAX_QUEUED_TOKENS, 0, 0, &q, err, sizeof err) ||
-        json_num(o, "queued_prefill_s", 0, MAX_QUEUED_SECONDS, 0, 0, &qs, err, sizeof err) ||
-        json_num(o, "active_decodes", 0, MAX_ACTIVE_DECODES, 1, 0, &a, err, sizeof err) ||
-        json_num(o, "used_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &u, err, sizeof err))
+    if (kvf__sched_json_num(o, "queued_prefill_tokens", 0, MAX_QUEUED_TOKENS, 0, 0, &q, err,
+                            sizeof err) ||
+        kvf__sched_json_num(o, "queued_prefill_s", 0, MAX_QUEUED_SECONDS, 0, 0, &qs, err,
+                            sizeof err) ||
+        kvf__sched_json_num(o, "active_decodes", 0, MAX_ACTIVE_DECODES, 1, 0, &a, err,
+                            sizeof err) ||
+        kvf__sched_json_num(o, "used_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &u, err, sizeof err))
         return send_error(d, c, 400, "%s", err);
     L.queued_prefill_tokens = q;
     L.queued_prefill_s = qs;
@@ -420,8 +310,8 @@ static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errl
         }
     }
     double ot, slo;
-    if (json_num(o, "output_tokens", 0, MAX_OUTPUT_TOKENS, 1, 0, &ot, err, errlen) ||
-        json_num(o, "slo_ttft_ms", 0, MAX_SLO_TTFT_MS, 0, 0, &slo, err, errlen))
+    if (kvf__sched_json_num(o, "output_tokens", 0, MAX_OUTPUT_TOKENS, 1, 0, &ot, err, errlen) ||
+        kvf__sched_json_num(o, "slo_ttft_ms", 0, MAX_SLO_TTFT_MS, 0, 0, &slo, err, errlen))
         return 400;
     b->rq = (kvf_place_req){.tokens = b->tokens,
                             .n_tokens = n,

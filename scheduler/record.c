@@ -1,0 +1,121 @@
+/*
+ * Registration records and request bodies as kvf-sched reads them (record.h): strings and
+ * range-checked numbers out of JSON, and an engine instance's record whole. The daemon's HTTP API
+ * and its etcd watcher read records with it, and kvf-relay checks the record it registers for an
+ * engine with the same rules before etcd has it.
+ */
+#include "record.h"
+
+#include "kvf/events.h"
+
+#include "member.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int required, char *err,
+                        size_t errlen)
+{
+    json_t *v = json_object_get(o, k);
+    if (!v) {
+        if (required)
+            snprintf(err, errlen, "\"%s\" is required", k);
+        return required ? -1 : 0;
+    }
+    if (!json_is_string(v) || json_string_length(v) >= n) {
+        snprintf(err, errlen, "\"%s\" must be a string shorter than %zu bytes", k, n);
+        return -1;
+    }
+    snprintf(out, n, "%s", json_string_value(v));
+    return 0;
+}
+
+/* Reads the number member k of o into *out, or def when o has none. A present member must be a
+ * JSON number from lo to hi (finite: jansson reads 1e400 as an error, but nothing else is
+ * trusted), and with `whole` have no fraction (2 and 2.0 are taken alike). Integers are compared
+ * as integers, so none wraps on its way to a double. Returns 0, or -1 with the reason in err:
+ * the field, its range and what it was. */
+int kvf__sched_json_num(json_t *o, const char *k, double lo, double hi, int whole, double def,
+                        double *out, char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, k);
+    *out = def;
+    if (!v)
+        return 0;
+    int ok = 0;
+    double x = 0;
+    if (json_is_integer(v)) {
+        json_int_t i = json_integer_value(v);
+        ok = i >= (json_int_t)lo && i <= (json_int_t)hi;
+        x = (double)i;
+    } else if (json_is_real(v)) {
+        x = json_real_value(v);
+        ok = isfinite(x) && x >= lo && x <= hi && (!whole || x == floor(x));
+    }
+    if (ok) {
+        *out = x;
+        return 0;
+    }
+    char *got = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT);
+    snprintf(err, errlen, "\"%s\" must be a %s from %.15g to %.15g, got %.40s", k,
+             whole ? "whole number" : "finite number", lo, hi, got ? got : "?");
+    free(got);
+    return -1;
+}
+
+int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
+                              uint32_t *event_shards, char *err, size_t errlen)
+{
+    memset(in, 0, sizeof *in);
+    double es;
+    if (kvf__sched_json_num(o, "event_shards", 0, KVF_EVENTS_MAX_SHARDS, 1, 0, &es, err, errlen))
+        return -1;
+    *event_shards = (uint32_t)es;
+    char role[16] = "both";
+    replay[0] = 0;
+    if (kvf__sched_json_str(o, "replay", replay, rlen, 0, err, errlen) ||
+        kvf__sched_json_str(o, "id", in->id, sizeof in->id, 1, err, errlen) ||
+        kvf__sched_json_str(o, "role", role, sizeof role, 0, err, errlen) ||
+        kvf__sched_json_str(o, "endpoint", in->endpoint, sizeof in->endpoint, 0, err, errlen) ||
+        kvf__sched_json_str(o, "events", in->events, sizeof in->events, 0, err, errlen) ||
+        kvf__sched_json_str(o, "compute", in->compute, sizeof in->compute, 0, err, errlen) ||
+        kvf__sched_json_str(o, "host", in->host, sizeof in->host, 0, err, errlen) ||
+        kvf__sched_json_str(o, "zone", in->zone, sizeof in->zone, 0, err, errlen))
+        return -1;
+    if (!strcmp(role, "prefill"))
+        in->role = KVF_ROLE_PREFILL;
+    else if (!strcmp(role, "decode"))
+        in->role = KVF_ROLE_DECODE;
+    else if (!strcmp(role, "both"))
+        in->role = KVF_ROLE_BOTH;
+    else
+        return snprintf(err, errlen, "\"role\" must be prefill, decode or both"), -1;
+    if (!in->id[0])
+        return snprintf(err, errlen, "\"id\" must not be empty"), -1;
+    if (in->zone[0] && !kvf__member_zone_valid(in->zone))
+        return snprintf(err, errlen, "\"zone\" must be 1 to 63 of [A-Za-z0-9._-]"), -1;
+    double bt, cap, slots, uses;
+    if (kvf__sched_json_num(o, "block_tokens", 1, MAX_BLOCK_TOKENS, 1, 16, &bt, err, errlen) ||
+        kvf__sched_json_num(o, "capacity_blocks", 0, MAX_CAPACITY_BLOCKS, 1, 0, &cap, err,
+                            errlen) ||
+        kvf__sched_json_num(o, "compute_slots", 0, 1 << 20, 1, 0, &slots, err, errlen) ||
+        kvf__sched_json_num(o, "compute_uses", 0, 1 << 20, 1, 1, &uses, err, errlen))
+        return -1;
+    in->compute_slots = (uint32_t)slots;
+    in->compute_uses = (uint32_t)uses;
+    in->block_tokens = (uint32_t)bt;
+    in->capacity_blocks = (uint64_t)cap;
+    json_t *caps = json_object_get(o, "capabilities");
+    if (caps) {
+        char *t = json_dumps(caps, JSON_COMPACT);
+        if (!t || strlen(t) >= sizeof in->capabilities) {
+            free(t);
+            return snprintf(err, errlen, "capabilities record too large"), -1;
+        }
+        snprintf(in->capabilities, sizeof in->capabilities, "%s", t);
+        free(t);
+    }
+    return 0;
+}
