@@ -39,6 +39,7 @@ struct kvf__relay {
     kvf_events *out;
     char from[160];
     kvf_seq_tracker seq;
+    kvf_contact contact; /* the first contact with the engine's replay socket */
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
     int warned_sharded;
@@ -186,6 +187,55 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
              rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), r->backoff_ms);
 }
 
+static int contact_relay(void *ud, const kvf__zmsg *m)
+{
+    kvf__relay *r = ud;
+    relay_batch(r, m->payload, m->len);
+    count(r, &r->st.replayed, 1);
+    return 0;
+}
+
+/* First contact with the engine's replay socket, as soon as the relay subscribes (kvf-sched does
+ * the same, scheduler/contact.c): what the engine published before the relay existed is relayed
+ * at once, not when the engine next publishes (it may be idle). */
+static void first_contact(kvf__relay *r, const atomic_int *stop)
+{
+    long got = kvf_contact_run(&r->contact, r->zs, r->idx, &r->seq, contact_relay, r,
+                               REPLAY_SILENCE_MS, REPLAY_DEADLINE_MS, stop);
+    if (got == KVF_CONTACT_NOT_YET)
+        return;
+    if (got == KVF_CONTACT_NO_ANSWER) {
+        r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
+        if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
+            r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
+        r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
+        count(r, &r->st.replay_timeouts, 1);
+        kvf_warn(r->lg,
+                 "events from %s: the replay socket did not answer the first contact; asked "
+                 "again in %u ms",
+                 r->from, r->backoff_ms);
+        return;
+    }
+    r->backoff_ms = 0;
+    pthread_mutex_lock(&r->mu);
+    r->st.last_seq = r->seq.last;
+    pthread_mutex_unlock(&r->mu);
+    if (got > 0) {
+        count(r, &r->st.late_joins, 1);
+        kvf_info(r->lg,
+                 "events from %s: first contact: %ld batch(es) published before the relay, up "
+                 "to %" PRIu64 ", from the replay socket",
+                 r->from, got, r->seq.last);
+    }
+    if (r->contact.first_lost) {
+        count(r, &r->st.lost, 1);
+        kvf_warn(r->lg,
+                 "events from %s: the replay window starts at batch %" PRIu64
+                 ": the blocks stored by those before it stay unknown until stored again",
+                 r->from, r->contact.first_lost);
+    }
+}
+
 /* One live batch: its number checked (what came before it asked for where it is missing), then
  * relayed. */
 static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
@@ -207,6 +257,8 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
         r->warned_sharded = 1;
         return;
     }
+    if (kvf_contact_stale(&r->contact, kvf__kve_seq_get(m->seq), kvf__now_ns()))
+        return; /* relayed by the first contact already */
     uint64_t last = r->seq.last, missed = r->seq.missed, from = 0;
     int first = !r->seq.seen;
     int v = kvf_seq_check(&r->seq, m->seq, &from);
@@ -292,6 +344,9 @@ int kvf__relay_open(kvf__relay **out, const kvf__relay_opts *o, kvf_log *lg, cha
 
 void kvf__relay_round(kvf__relay *r, const atomic_int *stop)
 {
+    if (r->has_replay && !r->contact.done && !r->seq.seen &&
+        kvf__now_ns() >= r->replay_down_until_ns)
+        first_contact(r, stop);
     uint8_t ready[KVF_ZSUBS_MAX];
     if (kvf__zsubs_poll(r->zs, 100, ready) <= 0 || !ready[r->idx])
         return;

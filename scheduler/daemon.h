@@ -48,6 +48,9 @@ typedef struct kvf__sched_sub {
     int snapped;        /* a snapshot was applied since the subscription was made */
     int warned_sharded; /* an unsharded replica told that this engine's events are sharded */
     uint64_t snap_seq;  /* the last batch it reflects: the stream's next is snap_seq + 1 */
+    /* An engine with a replay socket: everything its window holds is asked for as soon as the
+     * subscription is made (the events thread's alone, as seq). */
+    kvf_contact contact;
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */

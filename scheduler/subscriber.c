@@ -115,6 +115,31 @@ static void resync(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t first_lost
                     : "; the store's chunks are learnt again as they are stored or evicted");
 }
 
+/* Applies one replayed batch m of publisher i, taking the lock for it (counted in
+ * batches_replayed). Returns -1 when its instance was removed while the lock was free (nothing
+ * applied), else 0. Called on the events thread without d->mu. */
+static int apply_replayed(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
+{
+    kvf__sched_sub *sb = &d->subs[i];
+    char err[256] = "";
+    const kvf_kve *ev = NULL;
+    size_t n = 0;
+    uint64_t malformed = 0;
+    int drc =
+        kvf__kve_decode_batch(d->dec, m->payload, m->len, &ev, &n, &malformed, err, sizeof err);
+    pthread_mutex_lock(&d->mu);
+    int dead = sb->dead;
+    if (!dead) {
+        if (drc == 0)
+            kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, sizeof err);
+        else
+            d->ingest.malformed++;
+        d->replayed++;
+    }
+    pthread_mutex_unlock(&d->mu);
+    return dead ? -1 : 0;
+}
+
 /* Asks a publisher's replay socket for the batches from `from` on and applies those before
  * `upto` (the batch that revealed the gap, applied by the caller afterwards). vLLM's replay
  * protocol: the request is the 8-byte big-endian first sequence number; each answer is
@@ -150,24 +175,8 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
                    step & KVF_REPLAY_PAST ? "the replay window starts after them"
                                           : "the replay window skips them");
         if (step & KVF_REPLAY_APPLY) {
-            char err[256] = "";
-            const kvf_kve *ev = NULL;
-            size_t n = 0;
-            uint64_t malformed = 0;
-            int drc = kvf__kve_decode_batch(d->dec, m.payload, m.len, &ev, &n, &malformed, err,
-                                            sizeof err);
-            pthread_mutex_lock(&d->mu);
-            int dead = sb->dead; /* its instance was removed while the lock was free */
-            if (!dead) {
-                if (drc == 0)
-                    kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, sizeof err);
-                else
-                    d->ingest.malformed++;
-                d->replayed++;
-            }
-            pthread_mutex_unlock(&d->mu);
-            if (dead)
-                return;
+            if (apply_replayed(d, i, &m) != 0)
+                return; /* its instance was removed while the lock was free */
             got++;
         }
         if (step & KVF_REPLAY_DONE)
@@ -280,6 +289,58 @@ static void snapshot(kvf__sched_daemon *d, int i)
              sb->replay_backoff_ms);
 }
 
+/* One batch of an engine's first contact, applied as replay() applies its answers. */
+typedef struct contact_ctx {
+    kvf__sched_daemon *d;
+    int i;
+} contact_ctx;
+
+static int contact_apply(void *ud, const kvf__zmsg *m)
+{
+    contact_ctx *x = ud;
+    return apply_replayed(x->d, x->i, m);
+}
+
+/* First contact with engine i's replay socket, made as soon as it is subscribed to: what the
+ * engine published before (kvf-sched restarted, or the engine registered after warming up, and
+ * is idle now) is applied at once, not at its next batch. Called on the events thread without
+ * d->mu, as replay(). */
+static void first_contact(kvf__sched_daemon *d, int i)
+{
+    kvf__sched_sub *sb = &d->subs[i];
+    contact_ctx x = {d, i};
+    long got = kvf_contact_run(&sb->contact, d->zs, i, &sb->seq, contact_apply, &x,
+                               REPLAY_SILENCE_MS, REPLAY_DEADLINE_MS, &d->stop);
+    if (got == KVF_CONTACT_NOT_YET)
+        return;
+    if (got == KVF_CONTACT_NO_ANSWER) {
+        back_off(sb);
+        pthread_mutex_lock(&d->mu);
+        d->replay_timeouts++;
+        pthread_mutex_unlock(&d->mu);
+        kvf_warn(&d->lg,
+                 "events from %s: the replay socket %s did not answer the first contact; "
+                 "asked again in %u ms",
+                 sb->endpoint, sb->replay_ep, sb->replay_backoff_ms);
+        return;
+    }
+    sb->replay_backoff_ms = 0;
+    if (got > 0) {
+        pthread_mutex_lock(&d->mu);
+        d->late_joins = add_sat(d->late_joins, 1);
+        pthread_mutex_unlock(&d->mu);
+        kvf_info(&d->lg,
+                 "events from %s: first contact: %ld batch(es) published before this "
+                 "subscription, up to %" PRIu64 ", from the replay socket",
+                 sb->endpoint, got, sb->seq.last);
+    }
+    if (sb->contact.first_lost)
+        kvf_warn(&d->lg,
+                 "events from %s: the replay window starts at batch %" PRIu64
+                 ": the blocks stored by those before it stay unknown until stored again",
+                 sb->endpoint, sb->contact.first_lost);
+}
+
 /* Closes the subscriptions that were ended, then makes those the HTTP thread asked for, in the
  * numbers freed first. Called with d->mu held. */
 static void subscribe_pending_locked(kvf__sched_daemon *d)
@@ -352,6 +413,8 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         sb->warned_sharded = 1;
         return -1;
     }
+    if (!sb->snapshots && kvf_contact_stale(&sb->contact, kvf__kve_seq_get(m->seq), kvf__now_ns()))
+        return -1; /* applied by the first contact already */
     uint64_t missed = sb->seq.missed, last = sb->seq.last;
     int first = !sb->seq.seen;
     int v = kvf_seq_check(&sb->seq, m->seq, from);
@@ -507,18 +570,27 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
     }
     /* Storage nodes not yet learnt whole (just subscribed, or a snapshot that failed): asked
      * now, so that an idle node's holdings are known without waiting for its next change. */
-    uint8_t learn[KVF_SCHED_MAX_SUBS] = {0};
+    /* Engines not yet contacted: their replay sockets asked for what they published before. */
+    uint8_t learn[KVF_SCHED_MAX_SUBS] = {0}, contact[KVF_SCHED_MAX_SUBS] = {0};
     uint64_t now = kvf__now_ns();
     pthread_mutex_lock(&d->mu);
     for (int i = 0; i < n; i++) {
         const kvf__sched_sub *sb = &d->subs[i];
-        learn[i] = sb->used && !sb->dead && sb->snapshots && !sb->snapped &&
-                   now >= sb->replay_down_until_ns;
+        int live = sb->used && !sb->dead && now >= sb->replay_down_until_ns;
+        learn[i] = live && sb->snapshots && !sb->snapped;
+        /* (not an engine whose record says its events are sharded, on a replica that holds the
+         * whole index: a replay answer carries no topic, and its live batches are dropped) */
+        contact[i] = live && !sb->snapshots && sb->src.instance >= 0 && !sb->contact.done &&
+                     !sb->seq.seen && kvf__zsubs_has_replay(d->zs, i) &&
+                     (d->shards > 1 || d->reg[sb->src.instance].event_shards <= 1);
     }
     pthread_mutex_unlock(&d->mu);
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         if (learn[i])
             snapshot(d, i);
+        else if (contact[i])
+            first_contact(d, i);
+    }
     if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
         return;
     for (int i = 0; i < n; i++) {

@@ -6,6 +6,7 @@
 #define KVF_SCHED_EVENTS_H
 
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "kvevents.h"
@@ -106,5 +107,37 @@ unsigned kvf_replay_walk_step(kvf_replay_walk *w, uint64_t seq, uint64_t *lost_f
 /* After the answers: 1 with *lost_from when the replay ended before the batches asked for and
  * that loss was not said already. */
 int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from);
+
+/* First contact with a publisher's replay socket (contact.c): asked for everything its window
+ * holds as soon as the subscription is made, before any live batch. */
+typedef struct kvf_contact {
+    int done; /* the replay socket answered the first contact */
+    int have; /* it gave batches, up to `upto`: live batches at or below it are stale */
+    uint64_t upto;
+    uint64_t skip_until_ns; /* ... until then */
+    /* the window's first batch when it is 2 or more: the batches before it were published and
+     * are gone from the window (what they stored stays unknown until stored again); else 0 */
+    uint64_t first_lost;
+} kvf_contact;
+
+struct kvf__zsubs;
+struct kvf__zmsg;
+/* Applies one replayed batch (m: its sequence and payload). 0, or -1 to end the contact (the
+ * publisher was removed meanwhile). */
+typedef int (*kvf_contact_apply_fn)(void *ud, const struct kvf__zmsg *m);
+
+#define KVF_CONTACT_NOT_YET   (-1) /* the replay socket has no peer yet: ask again soon */
+#define KVF_CONTACT_NO_ANSWER (-2) /* asked and not answered: back off */
+
+/* Asks replay socket idx of zs for every batch from 0 and applies the answers in order through
+ * apply (repeats and older ones skipped; t's last and seen follow them), until the end marker,
+ * silence_ms without an answer, deadline_ms in all, or *stop. Returns the batches applied (0: the
+ * publisher has published nothing the window holds), or KVF_CONTACT_NOT_YET or
+ * KVF_CONTACT_NO_ANSWER (c unchanged). */
+long kvf_contact_run(kvf_contact *c, struct kvf__zsubs *zs, int idx, kvf_seq_tracker *t,
+                     kvf_contact_apply_fn apply, void *ud, int silence_ms, int deadline_ms,
+                     const atomic_int *stop);
+/* Whether the live batch numbered seq was applied by the first contact already (skip it). */
+int kvf_contact_stale(kvf_contact *c, uint64_t seq, uint64_t now_ns);
 
 #endif

@@ -248,6 +248,11 @@ static void replay_recovers_gap(daemon_t *d, void *ctx)
     snprintf(body, sizeof body,
              "{\"id\":\"rep\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep2, rep);
     assert_int_equal(http(d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    /* its first contact: everything the window holds is asked for at once; nothing yet */
+    long first = -1;
+    for (int i = 0; i < 40 && first < 0; i++)
+        first = serve_batches(router, NULL, NULL, 0);
+    assert_int_equal(first, 0);
     msgpack_sbuffer a, b2, c3;
     msgpack_sbuffer_init(&a);
     msgpack_sbuffer_init(&b2);
@@ -469,8 +474,9 @@ static void sched_start(daemon_t *d, const char *opt1, const char *val1)
     proc_start(d, argv);
 }
 
-/* Late join: an engine that published batches 1..3 before kvf-sched knew it; the first batch
- * kvf-sched sees is 4, so it asks the replay socket from the start and indexes all four. Then a
+/* Late join: an engine that published batches 1..3 before kvf-sched knew it, and is idle: at its
+ * first contact kvf-sched asks the replay socket from the start and indexes all three, before any
+ * further batch; then batch 4 follows them. Then a
  * gap wider than the replay window (batches 5 and 6 lost, the window starting at 7): a full
  * resync drops what the index held of the engine, which the window and the live stream rebuild,
  * so nothing stale stays. */
@@ -493,17 +499,31 @@ static void test_sched_daemon_late_join_and_resync(void **state)
     snprintf(body, sizeof body,
              "{\"id\":\"late\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep, rep);
     assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    /* First contact: kvf-sched asks the replay socket from the start as soon as it subscribes.
+     * The engine publishes nothing more (it is idle), and its three batches are known all the
+     * same. */
     uint64_t seqs[3] = {1, 2, 3};
     long asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++)
+        asked = serve_batches(router, b, seqs, 3);
+    assert_int_equal(asked, 0);
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 24; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "blocks"), 24);
+    assert_int_equal(stat_of(&d, "late_joins"), 1);
+    assert_int_equal(stat_of(&d, "batches_replayed"), 3);
+    /* the live stream goes on from there: batch 3 again (queued while the replay ran) changes
+     * nothing, batch 4 follows without a gap */
+    publish(pub, 3, b[2].data, b[2].size);
     for (int i = 0; i < 100 && stat_of(&d, "blocks") < 32; i++) {
         publish(pub, 4, b[3].data, b[3].size);
-        long a = serve_batches(router, b, seqs, 3);
-        asked = a >= 0 ? a : asked;
+        usleep(20000);
     }
-    assert_int_equal(asked, 0);
     assert_int_equal(stat_of(&d, "blocks"), 32);
     assert_int_equal(stat_of(&d, "late_joins"), 1);
     assert_int_equal(stat_of(&d, "batches_replayed"), 3);
+    assert_int_equal(stat_of(&d, "sequence_gaps"), 0);
+    assert_int_equal(stat_of(&d, "resyncs"), 0);
 
     uint64_t seq7 = 7;
     publish(pub, 8, b[7].data, b[7].size); /* 5, 6 and 7 missed: 7 is in the window, not 5 */
@@ -878,25 +898,27 @@ static void test_sched_daemon_relay_clears_what_was_lost(void **state)
     for (int j = 0; j < 6; j++) /* the window keeps the last two of these six */
         assert_int_equal(kvf_events_publish(ev, NULL, 0, h[j], 4, 0, 0, tok[j], 16, "GPU"), 0);
     relay_in_front(&relay, ev, d);
-    /* The first live batch the relay sees (7, or a later one if it joined later still) makes
-     * it ask for those before it, of which the window keeps only the one just before: the rest
-     * are lost, the replicas told to forget the engine, and the window's batch and the live
-     * stream indexed again. */
+    /* At its first contact the relay asks the engine's replay socket for everything, before any
+     * live batch: the window keeps batches 5 and 6 only, so 1..4 are lost (said once), and 5 and
+     * 6 relayed; then the live stream (batch 7) follows them. */
     for (int t = 0;
-         t < 150 && (relay_stat(&relay, "lost") < 1 || stat_of(&d[shard[6]], "blocks") < 4 ||
-                     holds_sequence(&d[shard[6]], 6) != 1);
-         t++) {
-        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[6], 4, 0, 0, tok[6], 16, "GPU"), 0);
+         t < 150 && (relay_stat(&relay, "replayed") < 2 || holds_sequence(&d[shard[5]], 5) != 1);
+         t++)
         usleep(20000);
-    }
     assert_int_equal(relay_stat(&relay, "lost"), 1);
     assert_true(relay_stat(&relay, "cleared") >= 1);
     assert_int_equal(relay_stat(&relay, "late_joins"), 1);
-    assert_int_equal(relay_stat(&relay, "replayed"), 1); /* the window's one before */
-    for (int j = 0; j < 5; j++) /* lost for good: nothing of them indexed */
+    assert_int_equal(relay_stat(&relay, "replayed"), 2); /* the window's two */
+    for (int t = 0; t < 150 && holds_sequence(&d[shard[6]], 6) != 1; t++) {
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, h[6], 4, 0, 0, tok[6], 16, "GPU"), 0);
+        usleep(20000);
+    }
+    for (int j = 0; j < 4; j++) /* lost for good: nothing of them indexed */
         assert_int_equal(holds_sequence(&d[shard[j]], j), 0);
-    assert_true(holds_sequence(&d[shard[5]], 5) >= 0); /* the window's, if it was batch 6 */
+    assert_int_equal(holds_sequence(&d[shard[4]], 4), 1); /* the window's */
+    assert_int_equal(holds_sequence(&d[shard[5]], 5), 1);
     assert_int_equal(holds_sequence(&d[shard[6]], 6), 1);
+    assert_int_equal(relay_stat(&relay, "lost"), 1);
     /* Mid-stream: the relay stopped while the engine floods past every queue, so ZeroMQ drops
      * batches; on waking, the gap cannot be filled from a window of two, and sequence 6, which
      * the replicas held, is forgotten until stored again. */
