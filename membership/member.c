@@ -32,6 +32,17 @@ int kvf__member_cluster_valid(const char *name)
            strspn(name, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") == n;
 }
 
+void kvf__member_reachable(const char *ep, const char *host, char *out, size_t n)
+{
+    const char *port = strrchr(ep, ':');
+    if (!strncmp(ep, "tcp://", 6) && port &&
+        (!strncmp(ep + 6, "0.0.0.0:", 8) || !strncmp(ep + 6, "[::]:", 5) ||
+         !strncmp(ep + 6, "*:", 2)))
+        snprintf(out, n, "tcp://%s%s", host, port);
+    else
+        snprintf(out, n, "%s", ep);
+}
+
 int kvf__member_zone_valid(const char *zone)
 {
     return zone && zone[0] && strlen(zone) < 64 && kvf__member_cluster_valid(zone);

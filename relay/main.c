@@ -3,15 +3,18 @@
  * engines that publish one stream").
  *
  *   kvf-relay --from tcp://HOST:PORT [--from-replay tcp://HOST:PORT] --shards N
- *             [--events HOST:PORT] [--replay HOST:PORT] [--listen HOST:PORT] [OPTIONS]
+ *             [--events HOST:PORT] [--replay HOST:PORT] [--listen HOST:PORT]
+ *             [--etcd URL[,...] --register JSON [--cluster NAME] [--advertise HOST]] [OPTIONS]
  *
  * A vLLM engine publishes its KV events as one stream; kvf-sched replicas that hold one shard of
  * the index each (--shard K/N) take only their shard's topic. The relay, one beside each such
  * engine, follows the engine's stream (late join, gaps and restarts through its replay socket)
  * and publishes each event under its shard's topic, each shard numbered on its own, with a replay
- * socket of its own; the engine is registered with the replicas under the relay's endpoints. Its
- * HTTP API answers GET /healthz, GET /v1/relay (what it follows and its counters) and GET
- * /metrics.
+ * socket of its own; the engine is registered with the replicas under the relay's endpoints:
+ * by whoever starts the relay, or by the relay itself with --etcd (the engine's record, --register,
+ * under the relay's lease: every replica following the cluster learns the engine, and drops it
+ * when the relay dies, since its events then stop). Its HTTP API answers GET /healthz, GET
+ * /v1/relay (what it follows and its counters) and GET /metrics.
  */
 #include "relay.h"
 
@@ -21,7 +24,9 @@
 #include "args.h"
 #include "http.h"
 #include "log.h"
+#include "member.h"
 #include "metrics.h"
+#include "record.h"
 #include "notify.h"
 #include "tcp.h"
 
@@ -35,6 +40,8 @@
 typedef struct relay_cmd {
     const char *from, *from_replay, *events, *replay, *listen;
     const char *credential, *tenants;
+    const char *etcd, *cluster, *reg, *advertise; /* --etcd: the engine registered (--register) */
+    long etcd_ttl;
     long shards;
     uint64_t replay_batches;
     int insecure;
@@ -45,6 +52,8 @@ typedef struct relay_daemon {
     kvf__relay *r;
     kvf__metrics *metrics;
     relay_cmd cl;
+    kvf__member *member; /* with --etcd: the engine's registration */
+    char engine_id[64];
     atomic_int stop;
 } relay_daemon;
 
@@ -137,6 +146,11 @@ static unsigned route(void *ctx, const char *method, const char *url, json_t *bo
         json_object_set_new(o, f[i].name,
                             f[i].v <= (uint64_t)INT64_MAX ? json_integer((json_int_t)f[i].v)
                                                           : json_real((double)f[i].v));
+    if (o && d->member) /* the engine it registered in etcd, and whether its lease holds */
+        json_object_set_new(o, "etcd",
+                            json_pack("{s:s,s:b,s:I}", "engine", d->engine_id, "registered",
+                                      kvf__member_registered(d->member), "rejoins",
+                                      (json_int_t)kvf__member_rejoins(d->member)));
     out->json = o;
     return o ? 200 : 500;
 }
@@ -171,6 +185,19 @@ static int parse_args(int argc, char **argv, relay_daemon *d)
                  "the keys that may subscribe (with --credential)", NULL),
         KVF__OPT("insecure", KVF__ARG_FLAG, &cl->insecure, NULL,
                  "publish beyond loopback without --credential (docs/security.md)", NULL),
+        KVF__MEMBER_OPTS(&cl->etcd, &cl->cluster, &cl->etcd_ttl,
+                         "register the engine (--register) under the relay's lease, so that every "
+                         "kvf-sched replica following the cluster learns it, and drops it when the "
+                         "relay dies"),
+        KVF__OPT("register", KVF__ARG_STR, &cl->reg, "JSON",
+                 "with --etcd: the engine's registration record, as POST /v1/instances takes it "
+                 "(id, role, endpoint, block_tokens, capacity_blocks, zone...); the relay adds its "
+                 "own events and replay endpoints and its shards",
+                 NULL),
+        KVF__OPT("advertise", KVF__ARG_STR, &cl->advertise, "HOST",
+                 "with --etcd: the host the replicas reach --events and --replay at, where they "
+                 "listen on a wildcard address",
+                 "--events' host"),
         KVF__OPT("log-level", KVF__ARG_FN, &d->lg, "LEVEL", "debug, info, warn or error", "info",
                  .fn = kvf__args_log_level, .ud = &d->lg),
         KVF__OPT("log-format", KVF__ARG_FN, &d->lg, "FORMAT", "text, or json (one object a line)",
@@ -199,6 +226,17 @@ static int parse_args(int argc, char **argv, relay_daemon *d)
                         "tcp://HOST:PORT\n");
         return 2;
     }
+    if (!cl->etcd != !cl->reg) {
+        fprintf(stderr, "kvf-relay: --etcd and --register go together: the relay registers the "
+                        "engine's record in etcd\n");
+        return 2;
+    }
+    if (cl->advertise && !cl->etcd) {
+        fprintf(stderr, "kvf-relay: --advertise is what --etcd registers; it needs --etcd\n");
+        return 2;
+    }
+    if (cl->etcd && kvf__member_cluster_check("kvf-relay", cl->cluster) != 0)
+        return 2;
     if (!cl->credential != !cl->tenants) {
         fprintf(stderr, "kvf-relay: --credential and --tenants go together\n");
         return 2;
@@ -210,6 +248,70 @@ static int parse_args(int argc, char **argv, relay_daemon *d)
                                 cl->credential ? KVF_LISTEN_AUTHENTICATED : cl->insecure) != 0)
         return 2;
     return KVF__ARGS_GO_ON;
+}
+
+/* With --etcd: registers /kvfabric/CLUSTER/engines/ID = the engine's record (--register) with the
+ * relay's endpoints and shards, checked by kvf-sched's own rules first, under a lease (exclusive:
+ * waiting two TTLs for a previous holder's to lapse). 0, or the exit status after saying why. */
+static int register_engine(relay_daemon *d)
+{
+    relay_cmd *cl = &d->cl;
+    json_error_t je;
+    json_t *rec = json_loads(cl->reg, 0, &je);
+    if (!json_is_object(rec)) {
+        fprintf(stderr, "kvf-relay: --register: not a JSON object: %s\n",
+                rec ? "another JSON value" : je.text);
+        json_decref(rec);
+        return 2;
+    }
+    char host[256] = "", ev[300], rp[300] = "";
+    uint16_t port;
+    if (cl->advertise)
+        snprintf(host, sizeof host, "%s", cl->advertise);
+    else if (kvf__addr_parse(cl->events, host, sizeof host, &port) != 0)
+        host[0] = 0;
+    const char *rep = kvf__relay_replay_endpoint(d->r);
+    kvf__member_reachable(kvf__relay_endpoint(d->r), host, ev, sizeof ev);
+    if (rep[0])
+        kvf__member_reachable(rep, host, rp, sizeof rp);
+    if (strstr(ev, "tcp://0.0.0.0:") || strstr(ev, "tcp://[::]:") || strstr(ev, "tcp://*:")) {
+        fprintf(stderr, "kvf-relay: --etcd with --events on a wildcard address needs --advertise "
+                        "HOST: the address the replicas reach the relay at\n");
+        json_decref(rec);
+        return 2;
+    }
+    json_object_set_new(rec, "events", json_string(ev));
+    json_object_set_new(rec, "replay", json_string(rp));
+    json_object_set_new(rec, "event_shards", json_integer(cl->shards));
+    kvf_instance_info in;
+    char replay[128], err[600] = "";
+    uint32_t shards;
+    if (kvf__sched_instance_parse(rec, &in, replay, sizeof replay, &shards, err, sizeof err) != 0 ||
+        (strchr(in.id, '/') && snprintf(err, sizeof err, "\"id\" may not hold a '/'"))) {
+        fprintf(stderr, "kvf-relay: --register: %s\n", err);
+        json_decref(rec);
+        return 2;
+    }
+    char *value = json_dumps(rec, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(rec);
+    snprintf(d->engine_id, sizeof d->engine_id, "%s", in.id);
+    char key[256];
+    snprintf(key, sizeof key, "/kvfabric/%s/engines/%s", cl->cluster, in.id);
+    kvf__member_opts mo = {.endpoints = cl->etcd,
+                           .key = key,
+                           .value = value ? value : "{}",
+                           .ttl_s = (int)cl->etcd_ttl,
+                           .exclusive = 1,
+                           .wait_ms = 2 * (int)cl->etcd_ttl * 1000 + 1000,
+                           .log = &d->lg};
+    int rc = kvf__member_start(&d->member, &mo, err, sizeof err);
+    free(value);
+    if (rc) {
+        fprintf(stderr, "kvf-relay: --etcd: %s\n", err);
+        return 1;
+    }
+    kvf_info(&d->lg, "etcd: engine %s registered at %s (events %s)", in.id, key, ev);
+    return 0;
 }
 
 /* The relay's HTTP API is read-only (counters), so it may listen anywhere; serves it and relays
@@ -246,6 +348,7 @@ static int serve(relay_daemon *d)
         kvf__relay_round(d->r, &d->stop);
     kvf__notify_stopping();
     kvf_info(&d->lg, "stopping");
+    kvf__member_stop(&d->member); /* revoked: the replicas drop the engine at once */
     kvf__httpd_stop(&httpd);
     return 0;
 }
@@ -254,7 +357,11 @@ int main(int argc, char **argv)
 {
     static relay_daemon d;
     d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-relay"};
-    d.cl = (relay_cmd){.events = "127.0.0.1:0", .listen = "127.0.0.1:7600", .replay_batches = 4096};
+    d.cl = (relay_cmd){.events = "127.0.0.1:0",
+                       .listen = "127.0.0.1:7600",
+                       .replay_batches = 4096,
+                       .cluster = "default",
+                       .etcd_ttl = 5};
     int rc = parse_args(argc, argv, &d);
     if (rc != KVF__ARGS_GO_ON)
         return rc;
@@ -290,7 +397,13 @@ int main(int argc, char **argv)
         kvf__metrics_free(&d.metrics);
         return rc == KVF_EINVAL ? 2 : 1;
     }
+    if (d.cl.etcd && (rc = register_engine(&d)) != 0) {
+        kvf__relay_close(&d.r);
+        kvf__metrics_free(&d.metrics);
+        return rc;
+    }
     rc = serve(&d);
+    kvf__member_stop(&d.member);
     kvf__relay_close(&d.r);
     kvf__metrics_free(&d.metrics);
     if (!rc)

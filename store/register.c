@@ -9,19 +9,6 @@
 #include <string.h>
 #include <unistd.h>
 
-/* An endpoint "tcp://HOST:PORT" as others reach it: a wildcard host replaced by the advertised
- * one. "-" (none) stays. */
-static void reachable(const char *ep, const char *host, char *out, size_t n)
-{
-    const char *port = strrchr(ep, ':');
-    if (!strncmp(ep, "tcp://", 6) && port &&
-        (!strncmp(ep + 6, "0.0.0.0:", 8) || !strncmp(ep + 6, "[::]:", 5) ||
-         !strncmp(ep + 6, "*:", 2)))
-        snprintf(out, n, "tcp://%s%s", host, port);
-    else
-        snprintf(out, n, "%s", ep);
-}
-
 int kvf__store_register(const kvf__store_reg *r, kvf__member **m)
 {
     char key[512], addr[300], ev[300], snap[300], err[600] = "";
@@ -29,8 +16,8 @@ int kvf__store_register(const kvf__store_reg *r, kvf__member **m)
     int bracket = strchr(r->advertise, ':') != NULL; /* IPv6 */
     snprintf(addr, sizeof addr, "%s%s%s:%u", bracket ? "[" : "", r->advertise, bracket ? "]" : "",
              (unsigned)r->port);
-    reachable(r->events, r->advertise, ev, sizeof ev);
-    reachable(r->snapshot, r->advertise, snap, sizeof snap);
+    kvf__member_reachable(r->events, r->advertise, ev, sizeof ev);
+    kvf__member_reachable(r->snapshot, r->advertise, snap, sizeof snap);
     json_t *o = json_pack("{s:i,s:s,s:s,s:s,s:i,s:i}", "node", r->node, "addr", addr, "events", ev,
                           "snapshot", snap, "rdma", (int)r->rdma_port, "pid", (int)getpid());
     if (o && r->zone)

@@ -36,6 +36,10 @@ int kvf__member_zone_valid(const char *zone);
 /* As kvf__member_cluster_check, for option opt's zone: 0, or -1 after saying why on stderr. */
 int kvf__member_zone_check(const char *prog, const char *opt, const char *zone);
 
+/* A bound ZeroMQ endpoint "tcp://HOST:PORT" as others reach it: a wildcard host (0.0.0.0, [::],
+ * *) replaced by host, the one the process advertises; "-" (none), or any other, as it is. */
+void kvf__member_reachable(const char *ep, const char *host, char *out, size_t n);
+
 /* A registration: key = value under a lease of ttl_s seconds, renewed every third of it. */
 typedef struct kvf__member kvf__member;
 

@@ -19,7 +19,12 @@
 - the nearest live replica: two stores in zones za and zb (kvf-store --zone) hold the same chunks
   (a hot prefix's replicas); every replica plans the load of an instance in zone zb from the zb
   node; after a kill -9 of that node and its lease's lapse, from the other one, and the prefix is
-  still planned as loaded. (With the Python binding: PYTHONPATH and KVF_LIBRARY.)
+  still planned as loaded;
+- a relay registers the engine it follows (kvf-relay --etcd --register: a vLLM engine, which
+  cannot register itself): every replica learns the engine from etcd, with the relay's events,
+  and knows what it published before and after; kill -9 of the relay and the engine is dropped
+  within the TTL; a record kvf-sched would refuse is refused at the relay's start. (These two
+  with the Python binding: PYTHONPATH and KVF_LIBRARY.)
 
 usage: etcd_check.py   (environment: KVF_STORE_BIN; kvf-sched is taken from its folder; etcd from
                         $PATH: exit 77, skipped, where it is not installed; PYTHONPATH and
@@ -42,6 +47,7 @@ import urllib.request
 STORE = os.environ["KVF_STORE_BIN"]
 SCHED = os.path.join(os.path.dirname(STORE), "kvf-sched")
 ENGINE = os.path.join(os.path.dirname(STORE), "kvf-engine")
+RELAY = os.path.join(os.path.dirname(STORE), "kvf-relay")
 ETCD = shutil.which("etcd")
 TTL = 2
 # The time from a death to its removal is printed; the check allows this much beyond the TTL, so
@@ -277,6 +283,68 @@ def phase_nearest(etcd, reps, others, procs):
             check(resp.status == 200, "DELETE far at %s: HTTP %d" % (r.addr, resp.status))
 
 
+def phase_relay(etcd, reps, procs):
+    """A stand-in vLLM engine (one stream of KV events, its own block hashes, a replay socket) and a
+    kvf-relay registering it in etcd: every replica learns it and what it holds; the relay killed,
+    the engine is dropped within the TTL."""
+    try:
+        import kvfabric as kvf
+    except Exception as ex:  # noqa: BLE001 - said in phase_nearest already
+        check(not os.environ.get("KVF_LIBRARY"), "the Python binding does not load: %s" % ex)
+        return
+    bt, blocks = 16, 4
+
+    def toks(j):
+        return [5000 + 100 * j + i for i in range(bt * blocks)]
+
+    def publish(ev, j):  # the engine's own hashes, not kvfabric's chain
+        ev.publish(stored=[0x51ED270B * (blocks * j + b + 1) % (1 << 62) for b in range(blocks)],
+                   tokens=toks(j), block_tokens=bt)
+
+    ev = kvf.Events("127.0.0.1:0", replay="127.0.0.1:0")
+    try:
+        publish(ev, 0)  # before the relay: asked of the engine's replay socket
+        rec = {"id": "vllm-r", "role": "both", "endpoint": "http://127.0.0.1:1",
+               "block_tokens": bt}
+        base = [RELAY, "--from", ev.endpoint, "--from-replay", ev.replay_endpoint, "--shards", "1",
+                "--listen", "127.0.0.1:0", "--etcd", etcd.endpoints, "--cluster", "check",
+                "--etcd-ttl", str(TTL), "--log-level", "warn"]
+        bad = Proc(base + ["--register", json.dumps(dict(rec, role="router"))], "kvf-relay")
+        check(bad.addr is None and "role" in bad.err,
+              "a record kvf-sched would refuse was not refused: %r" % bad.err)
+        r = Proc(base + ["--register", json.dumps(rec)], "kvf-relay")
+        procs.append(r)
+        check(r.addr is not None, "kvf-relay --etcd did not start: %r" % r.err)
+        if r.addr is None:
+            return
+        publish(ev, 1)
+
+        def holds(s, j):
+            st, rep = post_json("http://%s/v1/lookup" % s.addr,
+                                {"tokens": toks(j), "output_tokens": 1})
+            return st == 200 and any(i["id"] == "vllm-r" and i["tokens"] == bt * blocks
+                                     for i in rep.get("instances", []))
+        for s in reps:
+            check(wait_for(lambda: "vllm-r" in (instances_of(s) or []), 5),
+                  "replica %s did not learn the relayed engine from etcd: %r"
+                  % (s.addr, instances_of(s)))
+            check(wait_for(lambda: holds(s, 0) and holds(s, 1), 10),
+                  "replica %s does not know what the relayed engine published: %r" %
+                  (s.addr, get_json("http://%s/v1/index/stats" % s.addr)))
+        st = get_json("http://%s/v1/relay" % r.addr)
+        check(st.get("etcd", {}).get("registered") is True, "the relay's etcd state: %r" % st)
+        t0 = time.time()
+        r.kill()
+        for s in reps:
+            check(wait_for(lambda: instances_of(s) is not None and
+                           "vllm-r" not in instances_of(s), TTL + SLACK + 2),
+                  "replica %s kept the engine of a killed relay: %r" % (s.addr, instances_of(s)))
+        print("etcd_check: the engine of a killed relay was dropped by both replicas %.2f s after "
+              "the relay's death (TTL %d s)" % (time.time() - t0, TTL), flush=True)
+    finally:
+        ev.close()
+
+
 def main():
     if not ETCD:
         print("etcd_check: skipped: etcd is not installed (apt-get install etcd-server)")
@@ -305,6 +373,7 @@ def main():
               "the replicas' registrations: %r" % etcd.keys("/kvfabric/check/scheds/"))
 
         phase_nearest(etcd, (a, b), [s0.addr, s1.addr], procs)
+        phase_relay(etcd, (a, b), procs)
 
         # a second store asking for node 1, held by a live one: refused, naming the holder
         dup = store(etcd, 1)
