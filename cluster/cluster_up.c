@@ -474,8 +474,10 @@ static int make_token(launch *L)
 
 /* External engine i's relay ("relay0", ...): it follows the engine's events (and replay socket)
  * and publishes them again in the cluster's shards of kvf-sched's index (one shard: one stream),
- * under the events key as the cluster's engines do, with a replay window of its own. Its record
- * goes into o, under the relay's endpoints. */
+ * under the events key as the cluster's engines do, with a replay window of its own. Its record,
+ * under the relay's endpoints, goes into o; where the cluster has etcd the relay registers it
+ * there itself, under its lease, and o gets nothing (the replicas learn it from etcd, and drop
+ * it when the relay dies). */
 static int start_relay(launch *L, int i, json_t *o)
 {
     const cfg *c = L->c;
@@ -485,7 +487,7 @@ static int start_relay(launch *L, int i, json_t *o)
     proc *q = add_proc(L, name, "relay", listen, events);
     if (!q)
         return 1;
-    char *args[24] = {L->relay_bin,   "--from",    (char *)e->events, "--shards", L->shards_arg,
+    char *args[32] = {L->relay_bin,   "--from",    (char *)e->events, "--shards", L->shards_arg,
                       "--events",     events,      "--listen",        listen,     "--credential",
                       L->events_cred, "--tenants", L->tenants};
     int n = 13;
@@ -493,17 +495,34 @@ static int start_relay(launch *L, int i, json_t *o)
         args[n++] = "--from-replay";
         args[n++] = (char *)e->replay;
     }
+    char *reg = NULL;
+    if (L->etcd[0]) {
+        json_t *r = json_pack("{s:s,s:s,s:s,s:i}", "id", e->id, "role", e->role, "endpoint",
+                              e->endpoint, "block_tokens", e->block_tokens);
+        reg = r ? json_dumps(r, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+        json_decref(r);
+        if (!reg)
+            return kvf__cluster_fail("out of memory");
+        char *x[] = {"--etcd",     L->etcd,     "--cluster",  (char *)c->name,
+                     "--etcd-ttl", L->etcd_ttl, "--register", reg};
+        memcpy(args + n, x, sizeof x);
+        n += (int)(sizeof x / sizeof x[0]);
+    }
     /* its topic: the cluster tenant's, as the engines' (KVF_CREDENTIAL) */
     char *env[] = {L->cred_env, NULL};
-    if (start_one(c, q, args, n, env, READY_MS) != 0)
+    int rc = start_one(c, q, args, n, env, READY_MS);
+    free(reg);
+    if (rc != 0)
         return 1;
     if (kvf__proc_ready_field(q->ready, "events", ev, sizeof ev) != 0 ||
         kvf__proc_ready_field(q->ready, "replay", rep, sizeof rep) != 0)
         return kvf__cluster_fail("%s (%s): its ready line names no events or replay endpoint: "
                                  "\"%s\"",
                                  q->name, q->log, q->ready);
-    printf("  %-10s relays %s (%s) for %s\n", "", e->events, e->replay[0] ? e->replay : "no replay",
-           e->id);
+    printf("  %-10s relays %s (%s) for %s%s\n", "", e->events,
+           e->replay[0] ? e->replay : "no replay", e->id, L->etcd[0] ? ", registered in etcd" : "");
+    if (L->etcd[0])
+        return 0;
     json_t *r = json_pack("{s:s,s:s,s:s,s:s,s:s,s:i,s:i}", "id", e->id, "role", e->role, "endpoint",
                           e->endpoint, "events", ev, "replay", rep, "block_tokens", e->block_tokens,
                           "event_shards", c->sched_shards);
@@ -522,6 +541,10 @@ static int start_relays(launch *L)
     int rc = o ? 0 : kvf__cluster_fail("out of memory");
     for (int i = 0; !rc && i < c->n_ext; i++)
         rc = kvf__cluster_interrupted ? INTERRUPTED : start_relay(L, i, o);
+    if (L->etcd[0]) { /* the relays registered the engines in etcd */
+        json_decref(o);
+        return rc;
+    }
     snprintf(L->ext_config, sizeof L->ext_config, "%s/external.json", c->run_dir);
     if (!rc && json_dump_file(o, L->ext_config, JSON_INDENT(2)) != 0)
         rc = kvf__cluster_fail("cannot write %s: %s", L->ext_config, strerror(errno));

@@ -5,12 +5,15 @@ file's "external_engines", with kvf-sched's index in two shards. The launcher st
 before it and tells both replicas of it; each replica then knows the engine holds exactly the
 sequences of its shard, those published before the cluster was up (the relay asks the engine's
 replay socket) and after. `kvf cluster status` shows the relay, `kvf cluster down` stops it, and
-bad entries are refused with the field named.
+bad entries are refused with the field named. With etcd installed, once more with a one-member
+etcd in the cluster file: the relay registers the engine in etcd itself (no external.json), and
+once the relay is killed the replicas drop the engine within its lease.
 
 usage: cluster_relay_check.py KVF   (PYTHONPATH and KVF_LIBRARY name the Python package and libkvf)
 """
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -36,7 +39,9 @@ def publish(ev, j):
 
 def check_up(kvf_bin, cfg, config, shards):
     """Up with the external engine and kvf-sched's index in `shards` shards (one replica each): a
-    fresh engine stream, its first two sequences published before the cluster is up."""
+    fresh engine stream, its first two sequences published before the cluster is up. With "etcd"
+    in cfg the relay registers the engine there (no external.json), and once the relay is killed
+    the replicas drop the engine within the lease."""
     ev = kvf.Events("127.0.0.1:0", replay="127.0.0.1:0")
     cfg["external_engines"] = [dict(cfg["external_engines"][0], events=ev.endpoint,
                                     replay=ev.replay_endpoint)]
@@ -45,6 +50,9 @@ def check_up(kvf_bin, cfg, config, shards):
         json.dump(cfg, f)
     for j in range(2):  # before the cluster: the relay asks the engine's replay socket
         publish(ev, j)
+    ext = os.path.join(cfg["run_dir"], "external.json")
+    if os.path.exists(ext):  # an earlier run's, in the same run directory
+        os.remove(ext)
     run([kvf_bin, "cluster", "up", "--config", config], 180)
     pids = []
     try:
@@ -90,6 +98,23 @@ def check_up(kvf_bin, cfg, config, shards):
         out = run([kvf_bin, "cluster", "status", "--config", config], 30).stdout
         if "relay0" not in out or "relaying " + ev.endpoint not in out:
             fail("kvf cluster status does not show the relay:\n" + out)
+        if cfg.get("etcd"):
+            if os.path.exists(ext):
+                fail("with etcd the engine is registered by its relay, not by external.json")
+            if rl.get("etcd", {}).get("registered") is not True:
+                fail("the relay did not register the engine in etcd: %r" % rl)
+            os.kill(relays[0]["pid"], 9)
+            t0 = time.time()
+            limit = cfg["etcd_ttl"] + 8
+            while time.time() - t0 < limit:
+                st, ins = http("GET", "http://%s/v1/instances" % scheds[0], None, token)
+                if st == 200 and "vllm0" not in json.dumps(ins):
+                    break
+                time.sleep(0.1)
+            else:
+                fail("the replica kept the engine %.0f s after its relay died" % limit)
+            print("cluster_relay_check: etcd: the engine left placement %.2f s after its relay's "
+                  "kill -9 (lease %d s)" % (time.time() - t0, cfg["etcd_ttl"]))
     finally:
         run([kvf_bin, "cluster", "down", "--config", config], 60)
     deadline = time.time() + 10
@@ -137,6 +162,11 @@ def main():
 
         for shards in (2, 1):
             check_up(kvf_bin, dict(cfg, sched_shards=shards), config, shards)
+        if shutil.which("etcd"):
+            check_up(kvf_bin, dict(cfg, sched_shards=2, etcd=1, etcd_ttl=2), config, 2)
+        else:
+            print("cluster_relay_check: etcd is not installed: the relay's etcd registration "
+                  "through the launcher is not checked here (test_etcd checks the relay's)")
     ev.close()
     print("cluster_relay_check: OK: %d sequences of an external engine, with kvf-sched's index in "
           "2 shards each known to the replica of its shard only, and in one, all known; 2 of them "
