@@ -354,8 +354,10 @@ static double prefill_time(const kvf_sched_cost *c, double n, double cached)
  * report, POST /v1/instances/ID/load): its queued prompt tokens (the waiting requests', plus the
  * running request's share still to do), its active decodes and its used blocks. The scheduler's
  * cost model turns the tokens into seconds itself. kvf_instance_load's cache-aware seconds are
- * left out: no engine reports them, and a replay that gave them to kvf_cost would judge a
- * scheduler that is not the one deployed. */
+ * left out, as an engine that reports tokens only (vLLM) gives them: kvf-engine reports them
+ * (queued_prefill_s), and with them reported as it does (each request priced on arrival, its
+ * decode counted from arrival) the replay's rows moved by a few hundredths (docs/scheduler.md,
+ * "The lower bound"). */
 static void report_load(sim *S, inst_state *I, double now)
 {
     double raw_left = 0;
