@@ -239,6 +239,7 @@ typedef struct kvf__part {
     uint64_t *lens;
     void **bufs; /* ... or a get's buffers, capacities and lengths received */
     uint64_t *caps, *out_lens;
+    uint32_t *nodes; /* a get's: each key's named node (kvf_batch.nodes), KVF_NODE_ANY where none */
     int *st;         /* each key's status */
     uint32_t layers; /* layers delivered */
     int done;
@@ -254,6 +255,9 @@ void kvf__part_add(kvf__part *p, const kvf_batch *pb, uint32_t i);
  * layer callback) and ud. */
 void kvf__part_batch(kvf__part *p, const kvf_batch *pb, kvf_op_cb cb, kvf_layer_cb layer_cb,
                      void *ud);
+/* The node to send key i of b to: the node b->nodes names for it, for a get (kind), where it is
+ * in range and not marked down, else kvf_client_node_of(). */
+size_t kvf__key_node(const kvf_client *c, const kvf_batch *b, int get, size_t i);
 /* Frees p's arrays (not its op). */
 void kvf__part_free(kvf__part *p);
 

@@ -301,7 +301,8 @@ int kvf__op_split(kvf__io *io, kvf_op *op)
     if (!node_of || !count || !bytes || !stripes)
         goto out_free;
     for (size_t i = 0; i < n; i++) {
-        node_of[i] = op->target >= 0 ? (size_t)op->target : kvf_client_node_of(c, &op->b.keys[i]);
+        node_of[i] = op->target >= 0 ? (size_t)op->target
+                                     : kvf__key_node(c, &op->b, op->kind == KVF__OPK_GET, i);
         count[node_of[i]]++;
         bytes[node_of[i]] += weight(op, i);
     }

@@ -19,12 +19,13 @@ int kvf__part_alloc(kvf__part *p, size_t n, int get)
         p->bufs = malloc(m * sizeof *p->bufs);
         p->caps = malloc(m * sizeof *p->caps);
         p->out_lens = calloc(m, sizeof *p->out_lens);
+        p->nodes = malloc(m * sizeof *p->nodes);
     } else {
         p->objs = malloc(m * sizeof *p->objs);
         p->lens = malloc(m * sizeof *p->lens);
     }
     int ok = p->idx && p->keys && p->st &&
-             (get ? p->bufs && p->caps && p->out_lens : p->objs && p->lens);
+             (get ? p->bufs && p->caps && p->out_lens && p->nodes : p->objs && p->lens);
     return ok ? 0 : KVF_ENOMEM;
 }
 
@@ -36,6 +37,7 @@ void kvf__part_add(kvf__part *p, const kvf_batch *pb, uint32_t i)
     if (p->bufs) {
         p->bufs[j] = pb->bufs[i];
         p->caps[j] = pb->caps[i];
+        p->nodes[j] = pb->nodes ? pb->nodes[i] : KVF_NODE_ANY;
     } else {
         p->objs[j] = pb->objs[i];
         p->lens[j] = pb->lens[i];
@@ -57,13 +59,15 @@ void kvf__part_batch(kvf__part *p, const kvf_batch *pb, kvf_op_cb cb, kvf_layer_
                        .deadline_ms = pb->deadline_ms,
                        .cb = cb,
                        .layer_cb = pb->layer_cb ? layer_cb : NULL,
-                       .ud = ud};
+                       .ud = ud,
+                       .nodes = p->nodes};
 }
 
 void kvf__part_free(kvf__part *p)
 {
     free(p->idx), free(p->keys), free(p->objs), free(p->lens), free(p->bufs), free(p->caps);
-    free(p->out_lens), free(p->st);
+    free(p->out_lens), free(p->nodes), free(p->st);
+    p->nodes = NULL;
     p->idx = NULL, p->keys = NULL, p->objs = NULL, p->lens = NULL, p->bufs = NULL;
     p->caps = NULL, p->out_lens = NULL, p->st = NULL;
 }

@@ -9,6 +9,8 @@
 #include "rendezvous.h"
 
 #include <stdint.h>
+#include <string.h>
+#include <strings.h>
 
 size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key)
 {
@@ -56,6 +58,40 @@ int kvf__client_rerouted(const kvf_client *c, const kvf_key *key)
             bs = s, home = i;
     }
     return kvf_client_node_of(c, key) != home;
+}
+
+size_t kvf__key_node(const kvf_client *c, const kvf_batch *b, int get, size_t i)
+{
+    if (get && b->nodes && b->nodes[i] < c->n_nodes &&
+        !atomic_load_explicit(&c->nodes[b->nodes[i]].down_until, memory_order_relaxed))
+        return b->nodes[i];
+    return kvf_client_node_of(c, &b->keys[i]);
+}
+
+/* Whether host names this host's loopback: one host, however spelt. */
+static int loopback(const char *h)
+{
+    return !strcasecmp(h, "localhost") || !strcmp(h, "::1") || !strncmp(h, "127.", 4) ||
+           !strcasecmp(h, "ip6-localhost");
+}
+
+int kvf_client_node_index(const kvf_client *c, const char *addr)
+{
+    if (!c || !addr)
+        return -1;
+    if (!strncmp(addr, "tcp://", 6))
+        addr += 6;
+    char host[256];
+    uint16_t port;
+    if (kvf__addr_parse(addr, host, sizeof host, &port) != 0)
+        return -1;
+    for (size_t i = 0; i < c->n_nodes; i++) {
+        const kvf__node *N = &c->nodes[i];
+        if (N->port == port &&
+            (!strcasecmp(N->host, host) || (loopback(N->host) && loopback(host))))
+            return (int)i;
+    }
+    return -1;
 }
 
 size_t kvf_client_node_count(const kvf_client *c)

@@ -366,8 +366,9 @@ static void release(struct kvf__rdma_path *r, size_t node, uint64_t lease)
     free(rep);
 }
 
-/* Splits a batch by node: shares[k] for each node with keys, in node order. */
-static gshare *split(struct kvf__rdma_path *r, const kvf_batch *b, size_t *n_shares)
+/* Splits a batch by node (a get's keys by kvf_batch.nodes where it names one): shares[k] for
+ * each node with keys, in node order. */
+static gshare *split(struct kvf__rdma_path *r, const kvf_batch *b, int get, size_t *n_shares)
 {
     gshare *g = calloc(r->n, sizeof *g);
     uint32_t *idx = malloc((b->n ? b->n : 1) * sizeof *idx);
@@ -377,7 +378,7 @@ static gshare *split(struct kvf__rdma_path *r, const kvf_batch *b, size_t *n_sha
         return NULL;
     }
     for (size_t i = 0; i < b->n; i++) {
-        node_of[i] = kvf_client_node_of(r->c, &b->keys[i]);
+        node_of[i] = kvf__key_node(r->c, b, get, i);
         g[node_of[i]].n++;
     }
     uint32_t at = 0;
@@ -494,7 +495,7 @@ static int run(struct kvf__rdma_path *r, kvf_op *op)
     const kvf_batch *b = &op->b;
     int get = op->kind == KVF__OPK_GET;
     size_t m;
-    gshare *g = split(r, b, &m);
+    gshare *g = split(r, b, get, &m);
     uint64_t *leases = g ? calloc(m ? m : 1, sizeof *leases) : NULL;
     if (!leases) {
         free_shares(g);

@@ -414,9 +414,13 @@ static void to_tcp(kvf_client *c, sub *k, const uint32_t *fb, size_t n, size_t c
             k->p.st[fb[i]] = KVF_ENOMEM;
         return;
     }
-    /* The keys are the TCP sub's now: this share reports nothing for them. */
+    /* The keys are the TCP sub's now: this share reports nothing for them. A key asked of a
+     * nearer holder goes to its own node now, whatever node the batch named. */
     for (size_t i = 0; i < n; i++) {
+        size_t j = t->p.b.n;
         kvf__part_add(&t->p, k->a->pb, k->p.idx[fb[i]]);
+        if (k->near[fb[i]] && t->p.nodes)
+            t->p.nodes[j] = KVF_NODE_ANY;
         k->p.idx[fb[i]] = MOVED;
     }
     if (counted)
@@ -440,6 +444,7 @@ void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, ui
         }
         size_t j = t->p.b.n;
         kvf__part_add(&t->p, k->a->pb, k->p.idx[x]);
+        t->p.nodes[j] = KVF_NODE_ANY; /* asked of its own node */
         t->tail[j] = (struct sub_tail){.dst = k->p.bufs[x],
                                        .got = got,
                                        .from = l->segoff[hs[i]] -
@@ -616,18 +621,27 @@ static int via_shm(const struct kvf__shm_path *p, const kvf_batch *b, size_t i, 
     return b->lens[i] <= p->staging;
 }
 
-/* Key's node for a get: its first node (kvf_client_node_of), unless that one is not on this host
+/* Key i_key's node for a get: the node b names for it (kvf_batch.nodes, where usable), else its
+ * first node (kvf_client_node_of), unless that one is not on this host
  * and keeps replicas of its hot keys (HELLO's holders: K), and one of the key's first K live nodes
  * in rendezvous order is on this host and can serve it over shared memory (its arena mapped, or,
  * for a tenant's staged get, the object fits the staging: staged): then that one, *near set. The
  * store copies a hot entry to the nodes after it in the key's order (store/replicate.c), so a hot
  * key is read from the holder on this host, over shared memory; a cold one costs a local miss
  * first. */
-static size_t get_node(const struct kvf__shm_path *p, const kvf_client *c, const kvf_key *key,
-                       int staged, uint8_t *near)
+static size_t get_node(const struct kvf__shm_path *p, const kvf_client *c, const kvf_batch *b,
+                       size_t i_key, int staged, uint8_t *near)
 {
+    const kvf_key *key = &b->keys[i_key];
     size_t first = kvf_client_node_of(c, key);
     *near = 0;
+    size_t named = kvf__key_node(c, b, 1, i_key);
+    if (named != first) {
+        /* The batch names it (a plan's nearest holder). Over shared memory, a miss there is
+         * asked of the key's own node as a nearer holder's is; over TCP it is the get's miss. */
+        *near = p->nodes[named].on && (p->nodes[named].has_view || staged);
+        return named;
+    }
     if (p->nodes[first].on || c->n_nodes < 2)
         return first;
     unsigned k = atomic_load_explicit(&c->nodes[first].holders, memory_order_relaxed);
@@ -683,7 +697,7 @@ static int shm_submit(kvf_client *c, kvf_op *op)
     uint64_t bytes = 0;
     for (size_t i = 0; i < b->n; i++) {
         nr[i] = 0;
-        nd[i] = (uint32_t)(get ? get_node(p, c, &b->keys[i], b->caps[i] <= p->staging, &nr[i])
+        nd[i] = (uint32_t)(get ? get_node(p, c, b, i, b->caps[i] <= p->staging, &nr[i])
                                : kvf_client_node_of(c, &b->keys[i]));
         if (via_shm(p, b, i, nd[i], get)) {
             n_shm++;

@@ -84,6 +84,10 @@ KVF_API void kvf_client_set_reroute(kvf_client *c, int on);
 /* The node index a key is placed on (with rerouting: now). */
 KVF_API size_t kvf_client_node_of(const kvf_client *c, const kvf_key *key);
 KVF_API size_t kvf_client_node_count(const kvf_client *c);
+/* The index of the node whose address is addr ("host:port", as the client was given it or as a
+ * store advertises it: "localhost" and "127.0.0.1" are the same host; a "tcp://" prefix is
+ * ignored), or -1 where the client has no such node. */
+KVF_API int kvf_client_node_index(const kvf_client *c, const char *addr);
 
 /* Completion callback: runs once on the client's I/O thread when every key of op has a status.
  * status is 0 when the operation ran (per-key results say what happened to each key), or the
@@ -111,7 +115,16 @@ typedef struct kvf_batch {
     kvf_op_cb cb;            /* input: completion callback, or NULL to use kvf_op_wait() */
     kvf_layer_cb layer_cb;   /* input: streamed get, per layer (may be NULL) */
     void *ud;                /* input: passed to the callbacks */
+    /* get input (may be NULL): per key, the node to ask (its index in the client's list,
+     * kvf_client_node_index()), as a plan names the nearest holder of a replicated chunk, or
+     * KVF_NODE_ANY for the key's own node (kvf_client_node_of). A named node that is out of
+     * range or marked down is passed over for the key's own. A key the named node lacks is a
+     * miss of this get: the caller asks again without a name (kvf_connector_prefetch_from does). */
+    const uint32_t *nodes;
 } kvf_batch;
+
+/* A key of kvf_batch.nodes asked of its own node. */
+#define KVF_NODE_ANY UINT32_MAX
 
 /* Puts objects. Per-key status: 0 stored, KVF_EEXIST already there (not sent again: the client
  * first admits the batch and sends only what the node reserved), KVF_ENOSPC node full of pinned

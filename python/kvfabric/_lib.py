@@ -88,7 +88,8 @@ STATS_FIELDS = [
     "chunks_saved", "chunks_missed", "chunks_existing", "gather_ns", "scatter_ns", "wait_ns",
     "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels", "prefetches",
     "prefetch_chunks", "prefetch_chunks_loaded", "in_place_hashed_bytes", "stores",
-    "store_clients_opened", "store_clients_closed", "store_refresh_failures",
+    "store_clients_opened", "store_clients_closed", "store_refresh_failures", "prefetch_named",
+    "prefetch_named_missed", "prefetch_sources_unknown",
 ]
 
 
@@ -96,6 +97,12 @@ class ConnectorStats(ctypes.Structure):
     """struct kvf_connector_stats."""
 
     _fields_ = [(name, c_uint64) for name in STATS_FIELDS]
+
+
+class Source(ctypes.Structure):
+    """struct kvf_source (kvf/connector.h): where a plan takes a run of chunks from."""
+
+    _fields_ = [("store", c_char_p), ("from_", c_size_t), ("tokens", c_size_t)]
 
 
 class CudaInfo(ctypes.Structure):
@@ -134,7 +141,7 @@ class Batch(ctypes.Structure):
         ("n", c_size_t), ("keys", c_void_p), ("objs", c_void_p), ("lens", c_void_p),
         ("bufs", c_void_p), ("caps", c_void_p), ("out_lens", c_void_p), ("status", c_void_p),
         ("flags", c_uint32), ("deadline_ms", c_int), ("cb", c_void_p), ("layer_cb", c_void_p),
-        ("ud", c_void_p),
+        ("ud", c_void_p), ("nodes", c_void_p),
     ]
 
 
@@ -250,6 +257,8 @@ _SIGNATURES = {
     "kvf_connector_save": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
                                    c_size_t, _P(c_void_p)]),
     "kvf_connector_prefetch": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_void_p)]),
+    "kvf_connector_prefetch_from": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(Source),
+                                            c_size_t, _P(c_void_p)]),
     "kvf_prefetch_tokens": (c_size_t, [c_void_p]),
     "kvf_prefetch_ready_tokens": (c_size_t, [c_void_p]),
     "kvf_prefetch_wait": (c_size_t, [c_void_p, c_uint64]),
