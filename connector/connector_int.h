@@ -226,6 +226,9 @@ struct kvf_prefetch {
     void **bufs;
     uint64_t *caps, *lens;
     int *status;
+    /* kvf_connector_prefetch_from: each chunk's named node (a plan's source) where it is not the
+     * chunk's own, else KVF_NODE_ANY; NULL where no source named one */
+    uint32_t *nodes;
     struct kvf__pgroup *groups;
     pthread_mutex_t mu;
     pthread_cond_t cv; /* a group arrived */

@@ -30,7 +30,28 @@ struct kvf__pgroup {
     kvf_prefetch *p;
     size_t first, n; /* chunks [first, first + n) */
     int done;
+    int retried; /* its chunks that their named node did not give were asked of their own */
 };
+
+/* A group's chunks asked again of their own node: their keys, buffers and results, and which
+ * chunk each is. */
+typedef struct retry {
+    struct kvf__pgroup *g;
+    size_t n;
+    size_t *chunk;
+    kvf_key *keys;
+    void **bufs;
+    uint64_t *caps, *lens;
+    int *status;
+} retry;
+
+static void retry_free(retry *r)
+{
+    if (!r)
+        return;
+    free(r->chunk), free(r->keys), free(r->bufs), free(r->caps), free(r->lens), free(r->status);
+    free(r);
+}
 
 /* Frees p's memory and p itself (whatever of them was allocated). */
 static void prefetch_release(kvf_prefetch *p)
@@ -41,6 +62,7 @@ static void prefetch_release(kvf_prefetch *p)
     free(p->caps);
     free(p->lens);
     free(p->status);
+    free(p->nodes);
     free(p->groups);
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv);
@@ -77,17 +99,93 @@ void kvf__prefetch_drop(kvf_prefetch *p)
         prefetch_destroy(p);
 }
 
-/* A group's GET completed (on the storage client's I/O thread): its chunks' statuses are final. */
+static void on_group_done(kvf_op *op, int status, void *ud);
+
+/* The retry of a group completed: its chunks' results join the group's, which is done. */
+static void on_retry_done(kvf_op *op, int status, void *ud)
+{
+    retry *r = ud;
+    kvf_prefetch *p = r->g->p;
+    for (size_t i = 0; i < r->n; i++) {
+        p->status[r->chunk[i]] = r->status[i];
+        p->lens[r->chunk[i]] = r->lens[i];
+    }
+    struct kvf__pgroup *g = r->g;
+    retry_free(r);
+    on_group_done(op, status, g);
+}
+
+/* The chunks of group g that the node named for them did not give, asked of their own node in a
+ * GET of their own (on_retry_done completes the group). Returns 1 when one was sent, 0 when
+ * there is nothing to ask (the group is done as it is). */
+static int retry_named(struct kvf__pgroup *g)
+{
+    kvf_prefetch *p = g->p;
+    g->retried = 1;
+    size_t m = 0;
+    for (size_t c = g->first; c < g->first + g->n; c++)
+        m += p->nodes[c] != KVF_NODE_ANY && p->status[c] != 0;
+    if (!m)
+        return 0;
+    pthread_mutex_lock(&p->cn->mu);
+    p->cn->st.prefetch_named_missed += m;
+    pthread_mutex_unlock(&p->cn->mu);
+    retry *r = calloc(1, sizeof *r);
+    if (r) {
+        r->g = g;
+        r->chunk = malloc(m * sizeof *r->chunk);
+        r->keys = malloc(m * sizeof *r->keys);
+        r->bufs = malloc(m * sizeof *r->bufs);
+        r->caps = malloc(m * sizeof *r->caps);
+        r->lens = calloc(m, sizeof *r->lens);
+        r->status = calloc(m, sizeof *r->status);
+    }
+    if (!r || !r->chunk || !r->keys || !r->bufs || !r->caps || !r->lens || !r->status) {
+        retry_free(r);
+        return 0; /* the named node's misses stand */
+    }
+    for (size_t c = g->first; c < g->first + g->n; c++) {
+        if (p->nodes[c] == KVF_NODE_ANY || p->status[c] == 0)
+            continue;
+        r->chunk[r->n] = c;
+        r->keys[r->n] = p->keys[c];
+        r->bufs[r->n] = p->bufs[c];
+        r->caps[r->n] = p->caps[c];
+        r->n++;
+    }
+    kvf_batch b = {
+        .n = r->n,
+        .keys = r->keys,
+        .bufs = r->bufs,
+        .caps = r->caps,
+        .out_lens = r->lens,
+        .status = r->status,
+        .deadline_ms = p->cn->deadline_ms,
+        .cb = on_retry_done,
+        .ud = r,
+    };
+    kvf_op *op;
+    if (kvf_client_get_async(p->cr ? p->cr->cl : NULL, &b, &op) != 0) {
+        retry_free(r);
+        return 0;
+    }
+    return 1;
+}
+
+/* A group's GET completed (on the storage client's I/O thread): its chunks' statuses are final,
+ * once those its named node did not give were asked of their own node. */
 static void on_group_done(kvf_op *op, int status, void *ud)
 {
     (void)status; /* per chunk in p->status */
     struct kvf__pgroup *g = ud;
     kvf_prefetch *p = g->p;
     kvf_connector *cn = p->cn;
+    kvf_op_free(&op); /* allowed inside its own callback */
+    if (p->nodes && !g->retried && retry_named(g))
+        return; /* on_retry_done comes back here */
     size_t ok = 0;
     for (size_t c = g->first; c < g->first + g->n; c++)
         ok += p->status[c] == 0;
-    kvf_op_free(&op); /* allowed inside its own callback */
     pthread_mutex_lock(&cn->mu);
     cn->st.prefetch_chunks += ok;
     pthread_mutex_unlock(&cn->mu);
@@ -134,12 +232,63 @@ static kvf_prefetch *prefetch_alloc(kvf_connector *cn, size_t n_chunks)
     return p;
 }
 
+/* Names, for each chunk of p that a run of src covers (by its first token), the run's node where
+ * it is not the chunk's own. */
+static int name_nodes(kvf_prefetch *p, const kvf_source *src, size_t n_src)
+{
+    kvf_connector *cn = p->cn;
+    kvf_client *cl = p->cr ? p->cr->cl : NULL;
+    if (!cl || !n_src)
+        return 0;
+    int *idx = malloc(n_src * sizeof *idx);
+    p->nodes = malloc(p->n_chunks * sizeof *p->nodes);
+    if (!idx || !p->nodes) {
+        free(idx);
+        return KVF_ENOMEM;
+    }
+    uint64_t unknown = 0, named = 0;
+    for (size_t r = 0; r < n_src; r++) {
+        idx[r] = src[r].store ? kvf_client_node_index(cl, src[r].store) : -1;
+        unknown += idx[r] < 0 && src[r].tokens;
+    }
+    size_t ct = cn->l.chunk_tokens;
+    for (size_t c = 0; c < p->n_chunks; c++) {
+        p->nodes[c] = KVF_NODE_ANY;
+        size_t t = c * ct;
+        for (size_t r = 0; r < n_src; r++) {
+            if (t < src[r].from || t - src[r].from >= src[r].tokens)
+                continue;
+            if (idx[r] >= 0 && (size_t)idx[r] != kvf_client_node_of(cl, &p->keys[c])) {
+                p->nodes[c] = (uint32_t)idx[r];
+                named++;
+            }
+            break;
+        }
+    }
+    free(idx);
+    if (!named) {
+        free(p->nodes);
+        p->nodes = NULL;
+    }
+    pthread_mutex_lock(&cn->mu);
+    cn->st.prefetch_named += named;
+    cn->st.prefetch_sources_unknown += unknown;
+    pthread_mutex_unlock(&cn->mu);
+    return 0;
+}
+
 int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n, kvf_prefetch **out)
+{
+    return kvf_connector_prefetch_from(cn, tokens, n, NULL, 0, out);
+}
+
+int kvf_connector_prefetch_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                const kvf_source *src, size_t n_src, kvf_prefetch **out)
 {
     if (!out)
         return KVF_EINVAL;
     *out = NULL;
-    if (!cn || !tokens || n == 0 || n % cn->l.chunk_tokens != 0)
+    if (!cn || !tokens || n == 0 || n % cn->l.chunk_tokens != 0 || (n_src && !src))
         return KVF_EINVAL;
     if (kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
         return KVF_EINFEASIBLE;
@@ -162,6 +311,10 @@ int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n, 
     }
     p->cr = kvf__clref_hold(cn); /* NULL once closed: every group then fails to start */
     kvf_keys_compute(&cn->ks, tokens, n, p->keys, nc, &nk, NULL);
+    if (name_nodes(p, src, n_src) != 0) {
+        kvf__prefetch_drop(p); /* the caller's hold, the only one: frees it */
+        return KVF_ENOMEM;
+    }
     for (size_t g = 0; g < p->n_groups; g++) {
         struct kvf__pgroup *gr = &p->groups[g];
         gr->p = p;
@@ -177,6 +330,7 @@ int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n, 
             .deadline_ms = cn->deadline_ms,
             .cb = on_group_done,
             .ud = gr,
+            .nodes = p->nodes ? p->nodes + gr->first : NULL,
         };
         kvf__prefetch_hold(p); /* the group's, dropped by its completion */
         kvf_op *op;

@@ -173,6 +173,21 @@ typedef struct kvf_prefetch kvf_prefetch;
  * record rules a load out). Caller owns *p: free with kvf_prefetch_free(). tokens are copied. */
 KVF_API int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                    kvf_prefetch **p);
+/* Where a plan takes a run of a prompt's chunks from (kvf-sched's `sources`, docs/scheduler.md,
+ * "The nearest replica"): the storage node's data address ("host:port") and the run's tokens
+ * [from, from + tokens) of the prompt. */
+typedef struct kvf_source {
+    const char *store;
+    size_t from, tokens;
+} kvf_source;
+/* As kvf_connector_prefetch, each chunk asked first of the node that the run holding its first
+ * token names (src: n_src runs; the first that holds it counts). A chunk that no run covers, or
+ * whose run names a node this connector does not use (counted in prefetch_sources_unknown), is
+ * asked of its own node; one that its named node lacks or cannot give is asked of its own node
+ * right after (prefetch_named_missed), in the same prefetch: a source is a hint, never a reason
+ * for a miss. KVF_EINVAL also for src NULL with n_src > 0. */
+KVF_API int kvf_connector_prefetch_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                        const kvf_source *src, size_t n_src, kvf_prefetch **p);
 /* The leading tokens whose chunks have all arrived, whole and verified, so far. Does not wait. */
 KVF_API size_t kvf_prefetch_ready_tokens(kvf_prefetch *p);
 /* Waits until every chunk has arrived (or failed) or until deadline_ns (CLOCK_MONOTONIC
@@ -256,6 +271,10 @@ typedef struct kvf_connector_stats {
      * opened on a changed set after the first, old ones closed once nothing held them, and
      * refreshes that failed (kvf_connector_error says why) */
     uint64_t stores, store_clients_opened, store_clients_closed, store_refresh_failures;
+    /* kvf_connector_prefetch_from: chunks asked of a node a plan named (not their own), those of
+     * them it did not give (asked of their own node next), and runs naming a node the connector
+     * does not use */
+    uint64_t prefetch_named, prefetch_named_missed, prefetch_sources_unknown;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 
