@@ -329,10 +329,11 @@ static json_t *sources_json(const kvf_sched *s, const kvf_place_res *rs)
     json_t *a = json_array();
     for (int i = 0; i < rs->n_sources; i++) {
         const kvf_store_source *x = &rs->sources[i];
-        json_array_append_new(
-            a, json_pack("{s:i,s:s,s:s,s:s,s:I}", "node", x->node, "store",
-                         kvf_sched_store_addr(s, x->node), "near", kvf_near_name(x->near), "tier",
-                         x->disk_only ? "disk" : "dram", "tokens", (json_int_t)x->tokens));
+        json_array_append_new(a, json_pack("{s:i,s:s,s:s,s:s,s:I,s:I}", "node", x->node, "store",
+                                           kvf_sched_store_addr(s, x->node), "near",
+                                           kvf_near_name(x->near), "tier",
+                                           x->disk_only ? "disk" : "dram", "from",
+                                           (json_int_t)x->from, "tokens", (json_int_t)x->tokens));
     }
     if (rs->sources_truncated) /* more runs than a plan lists: the rest as the connector finds */
         json_array_append_new(a, json_pack("{s:b}", "more", 1));

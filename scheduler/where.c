@@ -128,8 +128,11 @@ void kvf__sched_sources(kvf_sched *s, const kvf_place_req *req, kvf_place_res *r
             last->tokens += hi - lo;
             last->disk_only = last->disk_only && best_disk;
         } else if (res->n_sources < KVF_PLAN_MAX_SOURCES) {
-            res->sources[res->n_sources++] = (kvf_store_source){
-                .node = best, .near = best_near, .disk_only = best_disk, .tokens = hi - lo};
+            res->sources[res->n_sources++] = (kvf_store_source){.node = best,
+                                                                .near = best_near,
+                                                                .disk_only = best_disk,
+                                                                .from = lo,
+                                                                .tokens = hi - lo};
         } else {
             res->sources_truncated = 1;
             break;

@@ -299,6 +299,7 @@ typedef struct kvf_store_source {
     int node;
     kvf_near near;
     int disk_only; /* the node holds every chunk of the run on its disk tier only */
+    size_t from;   /* the run's first token in the prompt */
     size_t tokens;
 } kvf_store_source;
 

@@ -869,17 +869,18 @@ static void test_sched_nearest_replica(void **state)
     kvf_place_res rs;
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
     assert_int_equal(rs.cached_store, 2048);
-    const kvf_store_source want[] = {{1, KVF_NEAR_ZONE, 0, 512},
-                                     {2, KVF_NEAR_HOST, 1, 512},
-                                     {0, KVF_NEAR_REMOTE, 0, 256},
-                                     {3, KVF_NEAR_REMOTE, 0, 256},
-                                     {0, KVF_NEAR_REMOTE, 0, 512}};
+    const kvf_store_source want[] = {{1, KVF_NEAR_ZONE, 0, 0, 512},
+                                     {2, KVF_NEAR_HOST, 1, 512, 512},
+                                     {0, KVF_NEAR_REMOTE, 0, 1024, 256},
+                                     {3, KVF_NEAR_REMOTE, 0, 1280, 256},
+                                     {0, KVF_NEAR_REMOTE, 0, 1536, 512}};
     assert_int_equal(rs.n_sources, 5);
     assert_false(rs.sources_truncated);
     for (int i = 0; i < 5; i++) {
         assert_int_equal(rs.sources[i].node, want[i].node);
         assert_int_equal(rs.sources[i].near, want[i].near);
         assert_int_equal(rs.sources[i].disk_only, want[i].disk_only);
+        assert_int_equal(rs.sources[i].from, want[i].from);
         assert_int_equal(rs.sources[i].tokens, want[i].tokens);
     }
     assert_string_equal(kvf_near_name(KVF_NEAR_ZONE), "zone");
