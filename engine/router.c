@@ -470,22 +470,40 @@ static json_t *reuse_json(kvfe_reuse reuse)
                                       : json_boolean(reuse == KVFE_REUSE_ALL);
 }
 
-/* Adds the plan's load deadline, if any, to the body of q's prefill or generate. Returns body. */
-static json_t *with_deadline(json_t *body, const kvfe_route *q)
+/* Adds the plan's load deadline and sources (where its load takes each run of chunks from; NULL:
+ * none), if any, to the body of q's prefill or generate. Returns body. */
+static json_t *with_plan(json_t *body, const kvfe_route *q, json_t *sources)
 {
     if (body && q->load_deadline_ms > 0)
         json_object_set_new(body, "load_deadline_ms", json_real(q->load_deadline_ms));
+    if (body && json_array_size(sources))
+        json_object_set(body, "sources", sources);
     return body;
+}
+
+/* The sources of a plan's load_from_store action (a new reference), or NULL. */
+static json_t *plan_sources(json_t *pl)
+{
+    size_t i;
+    json_t *a;
+    json_array_foreach(json_object_get(pl, "actions"), i, a)
+    {
+        const char *k = json_string_value(json_object_get(a, "action"));
+        json_t *src = json_object_get(a, "sources");
+        if (k && !strcmp(k, "load_from_store") && json_is_array(src))
+            return json_incref(src);
+    }
+    return NULL;
 }
 
 /* Sends q whole to e (/v1/generate) and takes the reply, which brings the first token with the
  * others. */
 static int generate_on(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse reuse, json_t *toks,
-                       kvfe_route *q)
+                       json_t *sources, kvfe_route *q)
 {
     json_t *body = json_pack("{s:O,s:i,s:o}", "tokens", toks, "max_tokens", (int)q->max_tokens,
                              "reuse", reuse_json(reuse));
-    with_deadline(body, q);
+    with_plan(body, q, sources);
     json_t *rep = NULL;
     int rc = call_engine(r, e, "/v1/generate", body, &rep, q);
     if (rc)
@@ -502,10 +520,12 @@ static int generate_on(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse r
 /* ------------------------------------------------------------------------------------------ */
 /* Serving */
 
-/* Asks kvf-sched where to run q. Returns 0 with *pe and *de set, or a KVF_E* code. */
+/* Asks kvf-sched where to run q. Returns 0 with *pe and *de set, and *sources (the plan's load
+ * sources, a reference of the caller's, or NULL), or a KVF_E* code. */
 static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_engine **pe,
-                 const kvfe_router_engine **de)
+                 const kvfe_router_engine **de, json_t **sources)
 {
+    *sources = NULL;
     json_t *keys = json_array();
     for (size_t k = 0; k < q->n_keys; k++) {
         char hex[33];
@@ -572,10 +592,13 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
     }
     q->colocated = json_is_true(json_object_get(pl, "colocated"));
     q->load_deadline_ms = num(pl, "load_deadline_ms");
+    *sources = plan_sources(pl);
     if (!*pe || !*de) {
         snprintf(q->err, sizeof q->err,
                  "kvf-sched placed the request on an engine the router does not know");
         rc = KVF_ENOENT;
+        json_decref(*sources);
+        *sources = NULL;
     }
 out_decref:
     json_decref(pl);
@@ -585,11 +608,12 @@ out_decref:
 /* Prefills on pe, then hands the request over to de: the decode engine is told the first token
  * and how many tokens the prefill saves, and waits for them in the stores. */
 static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
-                               const kvfe_router_engine *de, json_t *toks, kvfe_route *q)
+                               const kvfe_router_engine *de, json_t *toks, json_t *sources,
+                               kvfe_route *q)
 {
     json_t *rep = NULL;
-    int rc = call_engine(r, pe, "/v1/prefill", with_deadline(json_pack("{s:O}", "tokens", toks), q),
-                         &rep, q);
+    int rc = call_engine(r, pe, "/v1/prefill",
+                         with_plan(json_pack("{s:O}", "tokens", toks), q, sources), &rep, q);
     if (rc)
         return rc;
     q->first_token_at = now_s();
@@ -617,14 +641,16 @@ int kvfe_router_serve(kvfe_router *r, kvfe_route *q)
     clear_outputs(q);
     json_t *toks = tokens_json(q->tokens, q->n);
     const kvfe_router_engine *pe, *de;
-    int rc = place(r, toks, q, &pe, &de);
+    json_t *sources = NULL;
+    int rc = place(r, toks, q, &pe, &de, &sources);
     if (rc)
         goto out_decref;
     if (q->colocated)
-        rc = generate_on(r, de, KVFE_REUSE_ALL, toks, q);
+        rc = generate_on(r, de, KVFE_REUSE_ALL, toks, sources, q);
     else
-        rc = prefill_then_decode(r, pe, de, toks, q);
+        rc = prefill_then_decode(r, pe, de, toks, sources, q);
 out_decref:
+    json_decref(sources);
     json_decref(toks);
     return rc;
 }
@@ -634,7 +660,8 @@ int kvfe_router_generate(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse
 {
     clear_outputs(q);
     json_t *toks = tokens_json(q->tokens, q->n);
-    int rc = generate_on(r, e ? e : kvfe_router_pick(r, q, KVFE_PICK_LEAST_LOADED), reuse, toks, q);
+    int rc = generate_on(r, e ? e : kvfe_router_pick(r, q, KVFE_PICK_LEAST_LOADED), reuse, toks,
+                         NULL, q);
     json_decref(toks);
     return rc;
 }

@@ -54,8 +54,10 @@ typedef struct job {
     reuse_mode reuse;
     double load_deadline_ms; /* the plan's (0: none): the prefetch is used as far as it arrived
                               * this long after the request did */
-    kvf_prefetch *pf;        /* the cached prefix, fetched while the job waits (NULL: none) */
-    uint64_t pf_bytes;       /* what it holds, counted in srv.prefetch_held */
+    kvf_source *src;         /* the plan's sources (stores point into the request's body) */
+    size_t n_src;
+    kvf_prefetch *pf;  /* the cached prefix, fetched while the job waits (NULL: none) */
+    uint64_t pf_bytes; /* what it holds, counted in srv.prefetch_held */
     uint64_t deadline_ns;
 } job;
 
@@ -66,6 +68,74 @@ static int parse_reuse(json_t *ru, reuse_mode *out)
     if (json_is_string(ru) && !strcmp(json_string_value(ru), "engine"))
         *out = REUSE_ENGINE;
     return !ru || json_is_boolean(ru) || *out == REUSE_ENGINE ? 0 : -1;
+}
+
+/* The most runs a request's "sources" may list (kvf-sched's plans list up to 8). */
+#define MAX_SOURCES 64
+
+/* The "sources" field (kvf-sched's plan: where each run of the prompt's cached chunks is taken
+ * from): absent, or an array of up to MAX_SOURCES objects with "store" ("host:port"), "from" and
+ * "tokens" (token counts; other fields are ignored), or {"more": true} (runs the plan does not
+ * list). Returns 0, or 400 with *reply set. The stores point into o. */
+static unsigned parse_sources(json_t *o, job *j, kvf__http_reply *reply)
+{
+    json_t *a = json_object_get(o, "sources");
+    if (!a || json_is_null(a))
+        return 0;
+    if (!json_is_array(a) || json_array_size(a) > MAX_SOURCES) {
+        reply->json =
+            kvf__http_error("\"sources\" must be an array of at most %d runs", MAX_SOURCES);
+        return 400;
+    }
+    j->src = calloc(json_array_size(a) + 1, sizeof *j->src);
+    if (!j->src) {
+        reply->json = kvf__http_error("out of memory");
+        return 500;
+    }
+    size_t i;
+    json_t *v;
+    json_array_foreach(a, i, v)
+    {
+        if (json_is_object(v) && json_is_true(json_object_get(v, "more")) &&
+            !json_object_get(v, "store"))
+            continue;
+        json_t *st = json_object_get(v, "store"), *fr = json_object_get(v, "from"),
+               *tk = json_object_get(v, "tokens");
+        const char *sv = json_string_value(st);
+        if (!json_is_object(v) || !sv || strlen(sv) > 255 || !json_is_integer(fr) ||
+            !json_is_integer(tk) || json_integer_value(fr) < 0 || json_integer_value(tk) < 0 ||
+            json_integer_value(fr) > UINT32_MAX || json_integer_value(tk) > UINT32_MAX) {
+            reply->json = kvf__http_error("sources[%zu] must be {\"store\": \"host:port\", "
+                                          "\"from\": tokens, \"tokens\": tokens} with token "
+                                          "counts 0..4294967295, or {\"more\": true}",
+                                          i);
+            return 400;
+        }
+        if (!sv[0])
+            continue; /* a node whose address the plan did not know */
+        j->src[j->n_src++] = (kvf_source){.store = sv,
+                                          .from = (size_t)json_integer_value(fr),
+                                          .tokens = (size_t)json_integer_value(tk)};
+    }
+    return 0;
+}
+
+/* The tokens [0, end) that j's sources cover without a hole (0 where none starts at 0): what the
+ * plan says the stores hold of the prompt, whoever holds it. */
+static size_t sources_cover(const job *j)
+{
+    size_t end = 0;
+    for (size_t pass = 0; pass < j->n_src; pass++) {
+        int moved = 0;
+        for (size_t r = 0; r < j->n_src; r++)
+            if (j->src[r].from <= end && j->src[r].from + j->src[r].tokens > end) {
+                end = j->src[r].from + j->src[r].tokens;
+                moved = 1;
+            }
+        if (!moved)
+            break;
+    }
+    return end < j->n ? end : j->n;
 }
 
 /* Reads the body into a job. Returns 0 or an HTTP status with *reply set. */
@@ -104,10 +174,13 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
                                       j->n, j->max_tokens, S->max_tokens);
         return 413;
     }
+    unsigned sst = parse_sources(o, j, reply);
+    if (sst)
+        return sst;
     j->tokens = malloc(j->n * sizeof *j->tokens);
     if (!j->tokens) {
         reply->json = kvf__http_error("out of memory");
-        return 500;
+        return 500; /* handle_job frees j->src */
     }
     for (size_t i = 0; i < j->n; i++) {
         json_t *v = json_array_get(t, i);
@@ -333,7 +406,7 @@ static void start_prefetch(srv *S, job *j, size_t cached, double t_arrived)
     pthread_mutex_unlock(&S->mu);
     if (!room)
         return;
-    if (kvf_connector_prefetch(S->cn, j->tokens, want, &j->pf) != 0) {
+    if (kvf_connector_prefetch_from(S->cn, j->tokens, want, j->src, j->n_src, &j->pf) != 0) {
         pthread_mutex_lock(&S->mu);
         S->prefetch_held -= bytes;
         pthread_mutex_unlock(&S->mu);
@@ -372,6 +445,12 @@ static void metrics_collect(void *ud, kvf__metrics *m)
          (double)cs.chunks_missed},
         {"prefetches_total", "Prefixes fetched for requests while they waited.", 1,
          (double)cs.prefetches},
+        {"prefetch_named_chunks_total",
+         "Prefetched chunks asked of the node the plan named (not their own).", 1,
+         (double)cs.prefetch_named},
+        {"prefetch_named_missed_total",
+         "Of them, chunks the named node did not give (asked of their own node next).", 1,
+         (double)cs.prefetch_named_missed},
     };
     pthread_mutex_unlock(&S->mu);
     kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
@@ -427,8 +506,10 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
 {
     job j = {.kind = kind};
     unsigned st = parse_job(S, o, &j, reply);
-    if (st)
+    if (st) {
+        free(j.src);
         return st;
+    }
     int is_prefill = !strcmp(kind, "prefill"), is_decode = !strcmp(kind, "decode");
     /* The job's work for the queue's order: the prefill of what no cache holds (a decode brings
      * its prefix by handoff; others ask the stores, or with the engine's cache only, look at the
@@ -443,8 +524,13 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         kvf_connector_lookup(S->cn, j.tokens, j.n, &cached);
     else if (!is_decode && j.reuse == REUSE_ENGINE && S->qcost.klpm_k > 1)
         cached = held_prefix(S, j.tokens, j.n);
-    if (prefetch)
-        start_prefetch(S, &j, cached, t_arrived);
+    if (prefetch) {
+        /* The plan's sources may name holders of chunks that the chunks' own nodes, which the
+         * lookup asked, no longer have (a replica keeps a hot chunk that its home evicted): the
+         * prefetch asks for those too, and uses what arrives. */
+        size_t planned = sources_cover(&j);
+        start_prefetch(S, &j, planned > cached ? planned : cached, t_arrived);
+    }
     cached = cached < j.n ? cached : j.n;
     const kvf_sched_cost *qc = &S->qcost;
     double un = (double)(j.n - cached), nn = (double)j.n, cc = (double)cached;
@@ -502,6 +588,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
         pthread_mutex_unlock(&S->mu);
     }
     free(j.tokens);
+    free(j.src);
     reply->json = out;
     return ok ? 200 : 500;
 }
@@ -540,6 +627,11 @@ unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_
         json_t *c = json_object_get(reply->json, "connector");
         json_object_set_new(c, "prefetches", json_integer((json_int_t)cs.prefetches));
         json_object_set_new(c, "prefetch_chunks", json_integer((json_int_t)cs.prefetch_chunks));
+        json_object_set_new(c, "prefetch_named", json_integer((json_int_t)cs.prefetch_named));
+        json_object_set_new(c, "prefetch_named_missed",
+                            json_integer((json_int_t)cs.prefetch_named_missed));
+        json_object_set_new(c, "prefetch_sources_unknown",
+                            json_integer((json_int_t)cs.prefetch_sources_unknown));
         json_object_set_new(c, "prefetch_chunks_loaded",
                             json_integer((json_int_t)cs.prefetch_chunks_loaded));
         /* the stores in use, and how often the set changed (kvf-sched's list, asked again) */

@@ -293,15 +293,26 @@ class Connector(_Handle):
                                                  p, len(page_ids), ctypes.byref(x)), "load")
         return Transfer(self, x, False, len(tokens))
 
-    def prefetch(self, tokens: Sequence[int]) -> "Prefetch":
+    def prefetch(self, tokens: Sequence[int],
+                 sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> "Prefetch":
         """Starts fetching the chunks of tokens (a multiple of chunk_tokens) into memory of the
         prefetch's own, for a request that waits for its turn; at its turn,
         Prefetch.wait(deadline) then load_prefetched() (docs/connector.md, "Prefetch with
-        deadlines")."""
+        deadlines"). sources: a plan's runs as (store "host:port", from token, tokens): each
+        chunk is asked first of the store its run names, then of its own node where that one
+        lacks it (kvf_connector_prefetch_from)."""
         t = _lib.u32_array(tokens)
         h = ctypes.c_void_p()
-        check(_lib.lib().kvf_connector_prefetch(self._handle(), t, len(tokens), ctypes.byref(h)),
-              "prefetch")
+        if sources:
+            arr = (_lib.Source * len(sources))()
+            for i, (store, start, n) in enumerate(sources):
+                arr[i] = _lib.Source(store.encode(), int(start), int(n))
+            rc = _lib.lib().kvf_connector_prefetch_from(self._handle(), t, len(tokens), arr,
+                                                        len(sources), ctypes.byref(h))
+        else:
+            rc = _lib.lib().kvf_connector_prefetch(self._handle(), t, len(tokens),
+                                                   ctypes.byref(h))
+        check(rc, "prefetch")
         return Prefetch(self, h)
 
     def load_prefetched(self, pf: "Prefetch", tokens: Sequence[int],

@@ -39,6 +39,20 @@ def handoff_tokens(tokens: Sequence[int], chunk_tokens: int) -> List[int]:
     return list(tokens) + [PAD_TOKEN] * (-len(tokens) % chunk_tokens)
 
 
+def _cover(sources: Optional[Sequence[Tuple[str, int, int]]]) -> int:
+    """The tokens [0, end) a plan's sources (store, from, tokens) cover without a hole: what
+    the plan says the stores hold of the prompt, whoever holds it (0 where none starts at 0)."""
+    end = 0
+    for _ in range(len(sources or ())):
+        moved = False
+        for _, start, n in sources:
+            if start <= end < start + n:
+                end, moved = start + n, True
+        if not moved:
+            break
+    return end
+
+
 class _Abort(Exception):
     """A layer of the load did not arrive in the middle of the forward pass."""
 
@@ -338,18 +352,20 @@ class Engine:
         out = self.model(input_ids=t, past_key_values=cache, use_cache=True, **self._last_only)
         return int(out.logits[0, -1].argmax())
 
-    def prefetch(self, tokens: Sequence[int]) -> Optional[Prefetch]:
+    def prefetch(self, tokens: Sequence[int],
+                 sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> Optional[Prefetch]:
         """For a request that will wait for this engine: starts fetching the stores' prefix of
         tokens (all but the chunk of the last token, which is computed anyway) into memory of
-        its own, for run(prefetch=...). None when nothing is cached or the stores do not
-        answer: the request then loads at its turn."""
+        its own, for run(prefetch=...), each run of chunks from the store the plan's sources
+        name (Connector.prefetch). None when nothing is cached or the stores do not answer: the
+        request then loads at its turn."""
         C = self.layout.chunk_tokens
         limit = (len(tokens) - 1) // C * C
         if self.cn is None or limit == 0:
             return None
         try:
-            cached = min(self.lookup(list(tokens[:limit])), limit)
-            return self.cn.prefetch(list(tokens[:cached])) if cached else None
+            cached = min(max(self.lookup(list(tokens[:limit])), _cover(sources)), limit)
+            return self.cn.prefetch(list(tokens[:cached]), sources) if cached else None
         except KvfError:
             return None
 

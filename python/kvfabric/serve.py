@@ -112,6 +112,34 @@ def _zone(text: str) -> str:
     return text
 
 
+MAX_SOURCES = 64
+
+
+def parse_sources(a: Any) -> Tuple[List[Tuple[str, int, int]], Optional[str]]:
+    """A request's "sources" (kvf-sched's plan: where each run of the prompt's cached chunks is
+    taken from), as kvf-engine reads them: absent, or up to MAX_SOURCES runs {"store",
+    "from", "tokens"} (other fields ignored) or {"more": true}. Returns the runs (those naming
+    a store) and None, or [] and the error."""
+    if a is None:
+        return [], None
+    if not isinstance(a, list) or len(a) > MAX_SOURCES:
+        return [], f'"sources" must be an array of at most {MAX_SOURCES} runs'
+    out = []
+    for i, v in enumerate(a):
+        if isinstance(v, dict) and v.get("more") is True and "store" not in v:
+            continue
+        ok = isinstance(v, dict) and isinstance(v.get("store"), str) and \
+            len(v["store"]) <= 255 and all(
+                isinstance(v.get(k), int) and not isinstance(v.get(k), bool) and
+                0 <= v[k] <= 0xFFFFFFFF for k in ("from", "tokens"))
+        if not ok:
+            return [], (f'sources[{i}] must be {{"store": "host:port", "from": tokens, '
+                        '"tokens": tokens}} with token counts 0..4294967295, or {"more": true}')
+        if v["store"]:
+            out.append((v["store"], v["from"], v["tokens"]))
+    return out, None
+
+
 def _http(method: str, url: str, body: Optional[Dict[str, Any]], timeout: float = 2.0
           ) -> Tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
@@ -370,7 +398,8 @@ class Server:
                     "connector": {k: st.get(k, 0) for k in
                                   ("load_bytes", "save_bytes", "chunks_loaded", "chunks_saved",
                                    "chunks_missed", "chunks_existing", "prefetches",
-                                   "prefetch_chunks", "prefetch_chunks_loaded")},
+                                   "prefetch_chunks", "prefetch_chunks_loaded", "prefetch_named",
+                                   "prefetch_named_missed", "prefetch_sources_unknown")},
                     "running": self.turns.busy(),
                     "cache_layer": self.engine.cn is not None}
 
@@ -424,6 +453,9 @@ class Server:
                                not 0 <= dl <= 3.6e6):
             return 400, {"error": "load_deadline_ms must be a number of milliseconds "
                                   "0..3600000"}
+        sources, err = parse_sources(body.get("sources"))
+        if err:
+            return 400, {"error": err}
         arrived = time.monotonic()
         handoff_s = 0.0
         expect = ints["expect_cached"] or 0
@@ -455,7 +487,7 @@ class Server:
         # uses what arrived by the plan's deadline (kvf-engine's --prefetch; docs/connector.md).
         pf, pf_bytes = None, 0
         if kind != "decode" and reuse == "all" and self.a.prefetch == "on" and t.busy():
-            pf = self.engine.prefetch(toks)
+            pf = self.engine.prefetch(toks, sources)
             if pf is not None:  # the waiting requests' prefetches share --prefetch-memory
                 pf_bytes = pf.tokens * self.layout.bytes_per_token
                 with self.mu:

@@ -4,7 +4,9 @@ that finds the engine busy fetches its cached prefix while it waits and loads it
 (the reply's "prefetch": what arrived by the plan's deadline), giving the tokens a full recompute
 gives; with a deadline already past at its turn, what had arrived is loaded and the rest
 computed, tokens still identical; an idle engine and --prefetch off load at the request's turn
-instead; a bad load_deadline_ms is refused with 400.
+instead; a bad load_deadline_ms is refused with 400. The plan's sources: an engine on two stores
+whose prompt's chunks are on the first only fetches them all from it when the plan names it; a
+source naming an unknown store is passed over; bad sources are refused with 400.
 
 usage: prefetch_check.py KVF_STORE KVF_ENGINE
 """
@@ -166,6 +168,46 @@ def main():
         if st != 200 or "prefetch" in rep or rep["tokens"] != ref["tokens"] or \
                 rep["loaded_tokens"] != 960:
             fail("--prefetch-memory 1K: %r" % rep)
+        # The plan's sources. Bad ones: refused, naming the field.
+        for bad in ("here", [{"store": 7, "from": 0, "tokens": 960}],
+                    [{"store": store, "from": -1, "tokens": 960}],
+                    [{"store": store, "from": 0}], [{"more": True}] * 65):
+            st, rep = post(eng, "/v1/prefill", {"tokens": prompt, "sources": bad})
+            if st != 400 or "sources" not in rep.get("error", ""):
+                fail("sources %r: %d %r" % (str(bad)[:60], st, rep))
+        # An engine on two stores, the prompt's chunks on the first only (the warm-up's): its own
+        # lookup finds the chunks whose node is the first, up to the first whose node is the
+        # second; the plan names the first for all 960 tokens, and the prefetch takes them all
+        # from it (those whose node is the second asked of the first), tokens identical.
+        _, store2 = spawn([store_bin, "--listen", "127.0.0.1:0", "--memory", "64M",
+                           "--log-level", "warn"])
+        _, eng2 = spawn([engine_bin, "--serve", "--id", "e5", "--role", "both", "--store",
+                         store + "," + store2, "--listen", "127.0.0.1:0", "--max-tokens",
+                         "16384", "--log-level", "warn"])
+        src = [{"node": 0, "store": store, "near": "host", "tier": "dram", "from": 0,
+                "tokens": 960}, {"more": True}]
+        st, rep = busy_then(eng2, {"tokens": longp, "max_tokens": 1, "reuse": False},
+                            {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 60000,
+                             "sources": src})
+        pf = rep.get("prefetch")
+        with urllib.request.urlopen("http://%s/v1/health" % eng2, timeout=10) as r:
+            c = json.loads(r.read())["connector"]
+        if st != 200 or not pf or pf["ready_tokens"] != 960 or rep["loaded_tokens"] != 960 or \
+                rep["tokens"] != ref["tokens"]:
+            fail("prefetch from the plan's sources: %d %r %r" % (st, rep, c))
+        # 15 chunks over two nodes: some have the second as their own (2^-15 odds of none)
+        if not 1 <= c["prefetch_named"] < 15 or c["prefetch_named_missed"] != 0:
+            fail("named chunks: %r" % c)
+        named = c["prefetch_named"]
+        # A source naming a store the engine does not use: passed over, counted.
+        st, rep = busy_then(eng2, {"tokens": longp, "max_tokens": 1, "reuse": False},
+                            {"tokens": prompt, "max_tokens": 4, "load_deadline_ms": 60000,
+                             "sources": [{"store": "127.0.0.1:1", "from": 0, "tokens": 960}]})
+        with urllib.request.urlopen("http://%s/v1/health" % eng2, timeout=10) as r:
+            c = json.loads(r.read())["connector"]
+        if st != 200 or rep["tokens"] != ref["tokens"] or c["prefetch_sources_unknown"] != 1 or \
+                c["prefetch_named"] != named:
+            fail("unknown source: %d %r %r" % (st, rep, c))
         bad = subprocess.run([engine_bin, "--serve", "--id", "e4", "--store", store,
                               "--prefetch-memory", "lots"], capture_output=True, text=True,
                              timeout=60)
@@ -173,7 +215,8 @@ def main():
             fail("--prefetch-memory lots: exit %d, %r" % (bad.returncode, bad.stderr))
         print("prefetch_check: ok (prefetched 960 tokens while waiting, tokens identical; past "
               "deadline handled; idle, --prefetch off and beyond --prefetch-memory load at "
-              "their turn)")
+              "their turn; the plan's sources followed: %d chunks asked of the named store, "
+              "all 960 tokens loaded; bad sources refused)" % named)
     finally:
         for p in PROCS:
             p.terminate()

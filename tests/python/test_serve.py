@@ -222,8 +222,12 @@ class TestServe(unittest.TestCase):
             if call(pre, "/v1/health")[1]["active_decodes"] >= 1:
                 break
             time.sleep(0.005)
+        # the plan's sources naming this engine's store (its own node for every chunk: nothing
+        # named) and one it does not use (passed over, counted)
+        src = [{"store": self.store.addr, "from": 0, "tokens": 320},
+               {"store": "127.0.0.1:1", "from": 0, "tokens": 64}, {"more": True}]
         st, g = call(pre, "/v1/generate", {"tokens": toks, "max_tokens": 4,
-                                           "load_deadline_ms": 60000})
+                                           "load_deadline_ms": 60000, "sources": src})
         th.join(120)
         self.assertEqual(done["r"][0], 200, done["r"])
         self.assertEqual(st, 200, g)
@@ -235,6 +239,13 @@ class TestServe(unittest.TestCase):
         self.assertEqual(g["tokens"], self.reference(toks, 4))
         st, h = call(pre, "/v1/health")
         self.assertGreaterEqual(h["connector"]["prefetches"], 1)
+        self.assertEqual(h["connector"]["prefetch_named"], 0, h)
+        self.assertEqual(h["connector"]["prefetch_sources_unknown"], 1, h)
+        for bad in ("here", [{"store": 7, "from": 0, "tokens": 1}],
+                    [{"store": "a:1", "from": True, "tokens": 1}], [{"more": True}] * 65):
+            st, r = call(pre, "/v1/generate", {"tokens": toks, "sources": bad})
+            self.assertEqual(st, 400, (bad, r))
+            self.assertIn("sources", r["error"])
 
     def test_bad_requests_are_refused(self):
         pre = self.engines["prefill"][1]
