@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* ------------------------------------------------------------------------------------------ */
 /* Gets and puts */
@@ -26,14 +27,22 @@ static int submit_kind(kvf_client *c, const kvf_batch *b, kvf_op **out, int kind
     int rc = c ? kvf__op_validate(b, kind) : KVF_EINVAL;
     if (rc)
         return rc;
+    atomic_fetch_add(&c->submitting, 1);
+    if (atomic_load(&c->closing)) {
+        atomic_fetch_sub(&c->submitting, 1);
+        return KVF_ECLOSED;
+    }
     kvf_op *op = kvf__op_new(c, NULL, kind, opcode, b);
-    if (!op)
+    if (!op) {
+        atomic_fetch_sub(&c->submitting, 1);
         return KVF_ENOMEM;
+    }
     /* *out is set before the op can complete: a completion callback may run, and its owner free
      * the memory *out lives in, before submit returns. */
     *out = op;
     op->transport = c->path->name;
     rc = c->path->submit(c, op);
+    atomic_fetch_sub(&c->submitting, 1);
     if (rc) {
         *out = NULL;
         kvf__op_destroy(op);
@@ -282,6 +291,11 @@ void kvf_client_close(kvf_client **cp)
     if (!cp || !*cp)
         return;
     kvf_client *c = *cp;
+    /* No get or put reaches a data path from now on (a completion callback's included), and none
+     * under way is left in one: their ops are queued where the closes below cancel them. */
+    atomic_store(&c->closing, 1);
+    for (int i = 0; i < 100000 && atomic_load(&c->submitting); i++)
+        nanosleep(&(struct timespec){0, 100000}, NULL);
     /* The data path first: the RDMA path's requests still need the engines. */
     c->path->close(c);
     for (int i = c->n_io - 1; i >= 0; i--)

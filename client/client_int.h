@@ -290,6 +290,10 @@ struct kvf_client {
     int shm_engines;
     pthread_mutex_t shm_mu;
     char transport_why[400];
+    /* Close: set first, then close waits until no submission is under way (submitting 0): a get
+     * or put asked after, a completion callback's among them, fails with KVF_ECLOSED instead of
+     * reaching a data path or an engine being closed. */
+    atomic_int closing, submitting;
 };
 
 /* ------------------------------------------------------------------------------------------ */

@@ -229,6 +229,8 @@ struct kvf_prefetch {
     /* kvf_connector_prefetch_from: each chunk's named node (a plan's source) where it is not the
      * chunk's own, else KVF_NODE_ANY; NULL where no source named one */
     uint32_t *nodes;
+    uint64_t
+        t0_ns; /* when it started (CLOCK_MONOTONIC): a retry gets what is left of the deadline */
     struct kvf__pgroup *groups;
     pthread_mutex_t mu;
     pthread_cond_t cv; /* a group arrived */

@@ -118,18 +118,40 @@ static void on_retry_done(kvf_op *op, int status, void *ud)
 /* The chunks of group g that the node named for them did not give, asked of their own node in a
  * GET of their own (on_retry_done completes the group). Returns 1 when one was sent, 0 when
  * there is nothing to ask (the group is done as it is). */
+/* Whether a chunk that its named node did not give with status st may come from its own: a
+ * miss, or that node failing (down, refusing, silent, sending bytes that did not check). Not a
+ * cancellation or a close (the connector is going), nor what any node would answer the same (the
+ * buffer too small, another layout). */
+static int worth_asking_again(int st)
+{
+    return st == KVF_ENOENT || st == KVF_EHOSTUNREACH || st == KVF_ECONNREFUSED ||
+           st == KVF_ETIMEDOUT || st == KVF_ECHECKSUM || st == KVF_EPROTO || st == KVF_EIO;
+}
+
 static int retry_named(struct kvf__pgroup *g)
 {
     kvf_prefetch *p = g->p;
+    kvf_connector *cn = p->cn;
     g->retried = 1;
     size_t m = 0;
     for (size_t c = g->first; c < g->first + g->n; c++)
         m += p->nodes[c] != KVF_NODE_ANY && p->status[c] != 0;
     if (!m)
         return 0;
-    pthread_mutex_lock(&p->cn->mu);
-    p->cn->st.prefetch_named_missed += m;
-    pthread_mutex_unlock(&p->cn->mu);
+    pthread_mutex_lock(&cn->mu);
+    cn->st.prefetch_named_missed += m;
+    int going = cn->closing || cn->closed || cn->st_closed;
+    pthread_mutex_unlock(&cn->mu);
+    /* The retry gets what is left of the prefetch's deadline, not one of its own: a caller that
+     * waits for the prefetch waits the transfers' deadline at most. */
+    uint64_t spent_ms = (kvf__now_ns() - p->t0_ns) / 1000000u;
+    if (going || spent_ms + 1 >= (uint64_t)cn->deadline_ms)
+        return 0;
+    m = 0;
+    for (size_t c = g->first; c < g->first + g->n; c++)
+        m += p->nodes[c] != KVF_NODE_ANY && p->status[c] != 0 && worth_asking_again(p->status[c]);
+    if (!m)
+        return 0;
     retry *r = calloc(1, sizeof *r);
     if (r) {
         r->g = g;
@@ -145,7 +167,7 @@ static int retry_named(struct kvf__pgroup *g)
         return 0; /* the named node's misses stand */
     }
     for (size_t c = g->first; c < g->first + g->n; c++) {
-        if (p->nodes[c] == KVF_NODE_ANY || p->status[c] == 0)
+        if (p->nodes[c] == KVF_NODE_ANY || p->status[c] == 0 || !worth_asking_again(p->status[c]))
             continue;
         r->chunk[r->n] = c;
         r->keys[r->n] = p->keys[c];
@@ -160,7 +182,7 @@ static int retry_named(struct kvf__pgroup *g)
         .caps = r->caps,
         .out_lens = r->lens,
         .status = r->status,
-        .deadline_ms = p->cn->deadline_ms,
+        .deadline_ms = (int)((uint64_t)cn->deadline_ms - spent_ms),
         .cb = on_retry_done,
         .ud = r,
     };
@@ -310,6 +332,7 @@ int kvf_connector_prefetch_from(kvf_connector *cn, const uint32_t *tokens, size_
         return KVF_ENOMEM;
     }
     p->cr = kvf__clref_hold(cn); /* NULL once closed: every group then fails to start */
+    p->t0_ns = kvf__now_ns();
     kvf_keys_compute(&cn->ks, tokens, n, p->keys, nc, &nk, NULL);
     if (name_nodes(p, src, n_src) != 0) {
         kvf__prefetch_drop(p); /* the caller's hold, the only one: frees it */

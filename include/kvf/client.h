@@ -70,7 +70,8 @@ typedef struct kvf_client_opts {
 KVF_API int kvf_client_open(kvf_client **out, const kvf_client_opts *opts, char *err,
                             size_t errlen);
 /* Fails every operation still in flight with KVF_ECANCELED (running their callbacks), stops the
- * I/O thread and frees the client. Accepts NULL and clears *c. */
+ * I/O thread and frees the client. A get or put asked once the close has begun (by one of those
+ * callbacks, say) fails with KVF_ECLOSED. Accepts NULL and clears *c. */
 KVF_API void kvf_client_close(kvf_client **c);
 
 /* Rerouting (off at open): while a node is marked down (a request it did not answer in time, a

@@ -9,7 +9,9 @@
  * - chunks stored on node b only: without sources those whose own node is a are misses; with
  *   sources naming b every chunk arrives, from b, and none is asked again;
  * - a source naming a node the connector does not use is counted and passed over; bad arguments
- *   are refused.
+ *   are refused;
+ * - the connector closed while a prefetch waits on a named node that does not answer: no crash,
+ *   nothing asked of a client being closed.
  */
 #include <inttypes.h>
 #include <setjmp.h>
@@ -22,7 +24,9 @@
 #include <time.h>
 
 #include <cmocka.h>
+#include <signal.h>
 
+#include "kvf/client.h"
 #include "kvf/connector.h"
 #include "kvf/error.h"
 
@@ -73,6 +77,23 @@ static void pages_free(pages *p)
     for (int i = 0; i < LAYERS; i++)
         for (int k = 0; k < 2; k++)
             free(p->src[i][k]), free(p->dst[i][k]);
+}
+
+/* The test's KV layout: 4 layers, 2 KV heads of 32 f32, pages of 16 tokens, chunks of 32. */
+static void layout_init(kvf_layout *l)
+{
+    *l = (kvf_layout){0};
+    snprintf(l->model_id, sizeof l->model_id, "plan-sources");
+    l->layers = LAYERS;
+    l->kv_heads = 2;
+    l->head_dim = 32;
+    l->dtype = KVF_DTYPE_F32;
+    l->kind = KVF_KV_SEPARATE;
+    l->page_tokens = PT;
+    l->chunk_tokens = CT;
+    l->tp_size = 1;
+    char err[400];
+    assert_int_equal(kvf_layout_validate(l, err, sizeof err), 0);
 }
 
 static kvf_connector *open_on(const char *const *nodes, size_t n, const kvf_layout *l,
@@ -138,18 +159,8 @@ static void run_case(const char *extra, int over_shm)
     daemon_t a, b;
     daemon_start(&a, "64M", extra);
     daemon_start(&b, "64M", extra);
-    kvf_layout l = {0};
-    snprintf(l.model_id, sizeof l.model_id, "plan-sources");
-    l.layers = LAYERS;
-    l.kv_heads = 2;
-    l.head_dim = 32;
-    l.dtype = KVF_DTYPE_F32;
-    l.kind = KVF_KV_SEPARATE;
-    l.page_tokens = PT;
-    l.chunk_tokens = CT;
-    l.tp_size = 1;
-    char err[400];
-    assert_int_equal(kvf_layout_validate(&l, err, sizeof err), 0);
+    kvf_layout l;
+    layout_init(&l);
     pages p;
     pages_init(&p, &l);
     const char *ab[2] = {a.addr, b.addr}, *bo[1] = {b.addr};
@@ -165,6 +176,7 @@ static void run_case(const char *extra, int over_shm)
     save(cn, t1, ids); /* each chunk on its own node */
     save(cb, t2, ids); /* every chunk on b only */
     /* from now on cn loads into the destination pages (no transfer is in flight) */
+    char err[400];
     assert_int_equal(kvf_connector_register(cn, p.rd, LAYERS, err, sizeof err), 0);
 
     kvf_connector_stats s0, s1;
@@ -229,6 +241,89 @@ static void run_case(const char *extra, int over_shm)
     daemon_stop(&b);
 }
 
+/* The connector closed while a prefetch waits on a named node that does not answer (stopped):
+ * the close cancels the groups, and nothing is asked again of a client being closed; the prefetch
+ * then ends with what it had (nothing from b) and is freed after the connector. */
+static void run_close(const char *extra_a, const char *extra_b)
+{
+    daemon_t a, b;
+    daemon_start(&a, "64M", extra_a);
+    daemon_start(&b, "64M", extra_b);
+    kvf_layout l;
+    layout_init(&l);
+    pages p;
+    pages_init(&p, &l);
+    const char *ab[2] = {a.addr, b.addr};
+    kvf_connector *cn = open_on(ab, 2, &l, &p);
+    uint32_t t[N], ids[NP];
+    for (size_t i = 0; i < N; i++)
+        t[i] = (uint32_t)(5000 + i);
+    for (size_t i = 0; i < NP; i++)
+        ids[i] = (uint32_t)((i * 5 + 1) % PAGES);
+    save(cn, t, ids);
+    assert_int_equal(kill(b.pid, SIGSTOP), 0);
+    kvf_source all_b = {.store = b.addr, .from = 0, .tokens = N};
+    kvf_prefetch *pf = NULL;
+    assert_int_equal(kvf_connector_prefetch_from(cn, t, N, &all_b, 1, &pf), 0);
+    nanosleep(&(struct timespec){0, 200 * 1000000L}, NULL);
+    kvf_connector_close(&cn);
+    size_t ready = kvf_prefetch_wait(pf, 0);
+    assert_true(ready < N); /* the chunks named b never came */
+    kvf_prefetch_free(&pf);
+    assert_int_equal(kill(b.pid, SIGCONT), 0);
+    pages_free(&p);
+    daemon_stop(&a);
+    daemon_stop(&b);
+}
+
+static void test_close_under_named_prefetch_tcp(void **state)
+{
+    (void)state;
+    run_close("--threads 1 --shm off", "--threads 1 --shm off");
+}
+
+static void test_close_under_named_prefetch_shm(void **state)
+{
+    (void)state;
+    run_close("--threads 1", "--threads 1 --shm off");
+}
+
+/* A node is found by its address however the loopback host is spelt; another loopback address,
+ * another port or no address at all is no node. */
+static void test_node_index(void **state)
+{
+    (void)state;
+    daemon_t a, b;
+    daemon_start(&a, "16M", "--threads 1 --shm off");
+    daemon_start(&b, "16M", "--threads 1 --shm off");
+    char na[64], nb[64], q[80];
+    snprintf(na, sizeof na, "localhost:%u", a.port);
+    snprintf(nb, sizeof nb, "127.0.0.1:%u", b.port);
+    const char *nodes[2] = {na, nb};
+    kvf_client_opts o = {.nodes = nodes, .n_nodes = 2, .ns = 7};
+    kvf_client *c;
+    char err[300];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client: %s", err);
+    snprintf(q, sizeof q, "127.0.0.1:%u", a.port);
+    assert_int_equal(kvf_client_node_index(c, q), 0);
+    snprintf(q, sizeof q, "tcp://[::1]:%u", a.port);
+    assert_int_equal(kvf_client_node_index(c, q), 0);
+    snprintf(q, sizeof q, "LOCALHOST:%u", b.port);
+    assert_int_equal(kvf_client_node_index(c, q), 1);
+    snprintf(q, sizeof q, "127.0.0.2:%u", b.port);
+    assert_int_equal(kvf_client_node_index(c, q), -1);
+    snprintf(q, sizeof q, "127.0.0.1:%u", (unsigned)(b.port ^ 1));
+    if ((uint16_t)(b.port ^ 1) != a.port)
+        assert_int_equal(kvf_client_node_index(c, q), -1);
+    assert_int_equal(kvf_client_node_index(c, "no port"), -1);
+    assert_int_equal(kvf_client_node_index(c, NULL), -1);
+    assert_int_equal(kvf_client_node_index(NULL, q), -1);
+    kvf_client_close(&c);
+    daemon_stop(&a);
+    daemon_stop(&b);
+}
+
 static void test_sources_tcp(void **state)
 {
     (void)state;
@@ -245,8 +340,11 @@ int main(void)
 {
     harness_init();
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test_teardown(test_node_index, teardown_daemons),
         cmocka_unit_test_teardown(test_sources_tcp, teardown_daemons),
         cmocka_unit_test_teardown(test_sources_shm, teardown_daemons),
+        cmocka_unit_test_teardown(test_close_under_named_prefetch_tcp, teardown_daemons),
+        cmocka_unit_test_teardown(test_close_under_named_prefetch_shm, teardown_daemons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
