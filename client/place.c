@@ -68,10 +68,12 @@ size_t kvf__key_node(const kvf_client *c, const kvf_batch *b, int get, size_t i)
     return kvf_client_node_of(c, &b->keys[i]);
 }
 
-/* Whether host names this host's loopback: one host, however spelt. */
+/* Whether host is a name of this host's usual loopback address, however spelt ("localhost",
+ * 127.0.0.1, ::1). Other 127.x.y.z addresses are addresses of their own: two nodes may listen on
+ * the same port of 127.0.0.1 and 127.0.0.2. */
 static int loopback(const char *h)
 {
-    return !strcasecmp(h, "localhost") || !strcmp(h, "::1") || !strncmp(h, "127.", 4) ||
+    return !strcasecmp(h, "localhost") || !strcmp(h, "127.0.0.1") || !strcmp(h, "::1") ||
            !strcasecmp(h, "ip6-localhost");
 }
 
