@@ -13,9 +13,11 @@
 #include "kvevents.h"
 #include "pubsub.h"
 
-/* Live batches numbered at or below the replay's last are skipped for this long after it: a
- * stale batch comes right after the replay or never; a publisher that restarts meanwhile is
- * found by its first batch after the window (a number that went backwards). */
+/* Live batches numbered at or below the replay's last are skipped for this long from the first
+ * live batch read after the replay (not from the replay's end: a round of first contacts with
+ * many publishers may take longer than this before the live streams are read again): a stale
+ * batch comes among the first ones read or never; a publisher that restarts meanwhile is found
+ * by its first batch after the window (a number that went backwards). */
 #define CONTACT_SKIP_MS 2000
 
 #define HALF ((uint64_t)1 << 63)
@@ -62,7 +64,7 @@ long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t
     if (applied) {
         c->have = 1;
         c->upto = t->last;
-        c->skip_until_ns = kvf__now_ns() + (uint64_t)CONTACT_SKIP_MS * 1000000u;
+        c->skip_until_ns = 0; /* the window starts at the first live batch read */
     }
     return applied;
 }
@@ -71,6 +73,8 @@ int kvf_contact_stale(kvf_contact *c, uint64_t seq, uint64_t now_ns)
 {
     if (!c->have)
         return 0;
+    if (!c->skip_until_ns)
+        c->skip_until_ns = now_ns + (uint64_t)CONTACT_SKIP_MS * 1000000u;
     if (now_ns >= c->skip_until_ns || seq - c->upto - 1 < HALF) {
         c->have = 0; /* past the window, or the stream has gone beyond the replay */
         return 0;

@@ -114,7 +114,7 @@ typedef struct kvf_contact {
     int done; /* the replay socket answered the first contact */
     int have; /* it gave batches, up to `upto`: live batches at or below it are stale */
     uint64_t upto;
-    uint64_t skip_until_ns; /* ... until then */
+    uint64_t skip_until_ns; /* ... until then (0: the window starts at the next live batch) */
     /* the window's first batch when it is 2 or more: the batches before it were published and
      * are gone from the window (what they stored stays unknown until stored again); else 0 */
     uint64_t first_lost;

@@ -1135,6 +1135,30 @@ static void test_sched_cost_file(void **state)
     assert_int_equal(kvf_policy_parse("random", &pol), KVF_EINVAL);
 }
 
+/* First contact's window of stale live batches starts at the first live batch read after the
+ * replay, however long after the replay that is; a batch past the replay's last, or any after
+ * the window, ends it. */
+static void test_contact_stale_window(void **state)
+{
+    (void)state;
+    const uint64_t s = 1000000000ull;
+    kvf_contact c = {.done = 1, .have = 1, .upto = 10, .skip_until_ns = 0};
+    /* read 30 s after the replay: still the first live batches, a duplicate is skipped */
+    assert_int_equal(kvf_contact_stale(&c, 7, 100 * s), 1);
+    assert_int_equal(kvf_contact_stale(&c, 10, 101 * s), 1);
+    /* the window (2 s from the first batch read) has passed: a low number is new (a restart) */
+    assert_int_equal(kvf_contact_stale(&c, 3, 102 * s + 1), 0);
+    assert_int_equal(c.have, 0);
+    assert_int_equal(kvf_contact_stale(&c, 4, 102 * s + 2), 0);
+    /* a batch beyond the replay ends the window at once */
+    c = (kvf_contact){.done = 1, .have = 1, .upto = 10};
+    assert_int_equal(kvf_contact_stale(&c, 11, 5 * s), 0);
+    assert_int_equal(kvf_contact_stale(&c, 9, 5 * s + 1), 0);
+    /* nothing replayed: nothing stale */
+    c = (kvf_contact){.done = 1};
+    assert_int_equal(kvf_contact_stale(&c, 0, s), 0);
+}
+
 int main(int argc, char **argv)
 {
     vectors_path = argc > 1 ? argv[1] : NULL;
@@ -1152,6 +1176,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_decode_overflow),
         cmocka_unit_test(test_sched_store_tiers),
         cmocka_unit_test(test_sched_nearest_replica),
+        cmocka_unit_test(test_contact_stale_window),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
