@@ -37,10 +37,13 @@ void kvf__member_reachable(const char *ep, const char *host, char *out, size_t n
     const char *port = strrchr(ep, ':');
     if (!strncmp(ep, "tcp://", 6) && port &&
         (!strncmp(ep + 6, "0.0.0.0:", 8) || !strncmp(ep + 6, "[::]:", 5) ||
-         !strncmp(ep + 6, "*:", 2)))
-        snprintf(out, n, "tcp://%s%s", host, port);
-    else
+         !strncmp(ep + 6, ":::", 3) || !strncmp(ep + 6, "*:", 2))) {
+        /* an IPv6 literal is bracketed in an endpoint */
+        int v6 = strchr(host, ':') && host[0] != '[';
+        snprintf(out, n, "tcp://%s%s%s%s", v6 ? "[" : "", host, v6 ? "]" : "", port);
+    } else {
         snprintf(out, n, "%s", ep);
+    }
 }
 
 int kvf__member_zone_valid(const char *zone)

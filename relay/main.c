@@ -348,8 +348,8 @@ static int serve(relay_daemon *d)
         kvf__relay_round(d->r, &d->stop);
     kvf__notify_stopping();
     kvf_info(&d->lg, "stopping");
+    kvf__httpd_stop(&httpd);      /* first: its handler reads d->member */
     kvf__member_stop(&d->member); /* revoked: the replicas drop the engine at once */
-    kvf__httpd_stop(&httpd);
     return 0;
 }
 

@@ -20,6 +20,7 @@
 #include "clock.h"
 #include "jsonkeys.h"
 #include "log.h"
+#include "member.h"
 #include "metrics.h"
 #include "units.h"
 
@@ -825,10 +826,29 @@ static void test_core_metrics_threads(void **state)
     kvf__metrics_free(&m);
 }
 
+/* An endpoint bound to every address, made one that others can reach at the advertised host;
+ * an IPv6 host bracketed. */
+static void test_member_reachable_endpoints(void **state)
+{
+    (void)state;
+    char out[128];
+    kvf__member_reachable("tcp://0.0.0.0:5557", "10.0.0.2", out, sizeof out);
+    assert_string_equal(out, "tcp://10.0.0.2:5557");
+    kvf__member_reachable("tcp://*:5557", "node7", out, sizeof out);
+    assert_string_equal(out, "tcp://node7:5557");
+    kvf__member_reachable("tcp://[::]:5557", "fd00::2", out, sizeof out);
+    assert_string_equal(out, "tcp://[fd00::2]:5557");
+    kvf__member_reachable("tcp://:::5557", "[fd00::3]", out, sizeof out);
+    assert_string_equal(out, "tcp://[fd00::3]:5557");
+    kvf__member_reachable("tcp://10.0.0.9:5557", "10.0.0.2", out, sizeof out);
+    assert_string_equal(out, "tcp://10.0.0.9:5557");
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_core_error_names_and_messages),
+        cmocka_unit_test(test_member_reachable_endpoints),
         cmocka_unit_test(test_core_error_codes_are_distinct),
         cmocka_unit_test(test_core_error_from_errno),
         cmocka_unit_test(test_core_layout_validation_failures),
