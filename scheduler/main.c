@@ -113,7 +113,9 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "{\"instances\": [...]}",
                  NULL),
         KVF__OPT("stores", KVF__ARG_FN, d, "HOST:PORT[,...]",
-                 "the storage nodes the connectors are told", NULL, .fn = parse_stores, .ud = d),
+                 "the storage nodes the connectors are told, in --node order (the i-th is node "
+                 "i: a plan names a load's source by it)",
+                 NULL, .fn = parse_stores, .ud = d),
         KVF__OPT("store-zones", KVF__ARG_STR, &cl->store_zones, "ZONE[,...]",
                  "each --stores node's zone (a rack, an availability zone), in the same order: "
                  "a load takes a chunk from a replica on the engine's host, then in its zone",

@@ -364,7 +364,7 @@ class Engine:
         if self.cn is None or limit == 0:
             return None
         try:
-            cached = min(max(self.lookup(list(tokens[:limit])), _cover(sources)), limit)
+            cached = min(max(self.lookup(list(tokens[:limit])), _cover(sources) // C * C), limit)
             return self.cn.prefetch(list(tokens[:cached]), sources) if cached else None
         except KvfError:
             return None
