@@ -59,6 +59,8 @@ typedef struct opts {
     int disk_gather;             /* --disk-gather-us (-1: the store's default) */
     int disk_nice;               /* --disk-nice */
     int near;                    /* --near: reads from the nearest holder (store_near.c) */
+    int sources;                 /* --sources: prefetches that follow a plan (store_sources.c) */
+    double link_gbps;            /* --link-gbps: with --sources, the link to the other zone */
 } opts;
 
 #define ROUNDS_MAX 11
@@ -93,8 +95,12 @@ static void row(const char *what, double gbps, double vs_ceiling, double vs_peer
 
 static int parse(int argc, char **argv, opts *o)
 {
-    *o = (opts){
-        .memory = "1G", .transport = "tcp", .tier = "dram", .disk_dir = ".", .disk_gather = -1};
+    *o = (opts){.memory = "1G",
+                .transport = "tcp",
+                .tier = "dram",
+                .disk_dir = ".",
+                .disk_gather = -1,
+                .link_gbps = 10};
     /* threads and streams: auto, below */
     static const char *const transports[] = {"tcp", "shm", "rdma", NULL};
     static const char *const tiers[] = {"dram", "disk", NULL};
@@ -104,6 +110,14 @@ static int parse(int argc, char **argv, opts *o)
                  "hot keys read from the holder on this host (a replica) against their first "
                  "node over TCP (docs/store.md)",
                  NULL),
+        KVF__OPT("sources", KVF__ARG_FLAG, &o->sources, NULL,
+                 "prefetches that follow a plan's sources (a replica in the engine's zone) "
+                 "against prefetches from each chunk's own node behind a slower link "
+                 "(--link-gbps), and a stale plan's cost (docs/scheduler.md)",
+                 NULL),
+        KVF__OPT("link-gbps", KVF__ARG_REAL, &o->link_gbps, "GBPS",
+                 "with --sources, the rate of the link to the other zone's store, Gb/s", "10",
+                 .lo = 0.1, .hi = 1000),
         KVF__OPT("lookup-only", KVF__ARG_FLAG, &o->lookup_only, NULL,
                  "only the lookup latency, no rounds of rates", NULL),
         KVF__OPT("auth", KVF__ARG_FLAG, &o->auth, NULL,
@@ -731,7 +745,10 @@ int bench_store_main(int argc, char **argv)
     json_object_set_new(res, "quick", json_boolean(o.quick));
     int rc = 0;
     char why[160] = "";
-    if (o.near) {
+    if (o.sources) {
+        rc = bench_store_sources(o.quick, o.store_threads, o.link_gbps, o.store_bin, o.json, res);
+        bench_emit(res, o.json);
+    } else if (o.near) {
         rc = bench_store_near(o.quick, o.store_threads, o.memory, o.store_bin, o.json, res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.tier, "disk")) {

@@ -78,6 +78,10 @@ int bench_store_tier(const char *dir, int quick, const char *memory, const char 
                      int gather_us, int nice, int json, json_t *res);
 int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, int json,
                     json_t *res);
+/* --sources (store_sources.c): prefetches that follow a plan's sources against prefetches from
+ * each chunk's own node, the other zone's store behind a link of link_gbps. The exit status. */
+int bench_store_sources(int quick, int store_threads, double link_gbps, const char *bin, int json,
+                        json_t *res);
 /* kvf-bench store --near (store_near.c): hot keys from the holder on this host against their
  * first node over TCP. 0, or 1 (said). */
 int bench_store_near(int quick, int store_threads, const char *memory, const char *bin, int json,

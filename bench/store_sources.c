@@ -1,0 +1,235 @@
+/*
+ * kvf-bench store --sources (store_bench.h): prefetches that follow a plan's sources against
+ * prefetches from each chunk's own node, in the same rounds (docs/scheduler.md, "The nearest
+ * replica"). Two stores speak TCP only, as stores of other hosts would: A, reached through a link
+ * of --link-gbps shared by its connections (bench/ratelink.c: a store in another zone), and B,
+ * reached directly over loopback (a store in the engine's zone). The prompts' chunks are saved to
+ * their own nodes (about half to A) and every one also to B (a replica, as a hot prefix has).
+ * Each round prefetches every prompt three ways, through one connector on both stores:
+ *
+ * - own: kvf_connector_prefetch, each chunk from its own node (half over the slow link): the
+ *   peer, what a connector without the plan does;
+ * - named: kvf_connector_prefetch_from with the plan's sources naming B for every chunk;
+ * - stale: a second set of prompts saved to their own nodes only, the sources still naming B:
+ *   each chunk whose own node is A misses on B and is asked of A after (the cost of a plan whose
+ *   source has lost the chunk), against the same prompts fetched as own.
+ *
+ * Every prefetch must bring every chunk (a miss is an error). Ratios: own / named (the gain of
+ * the zone-local replica at this link's rate) and stale / own (a stale plan's cost). Real on this
+ * host; the link is a rate limit on loopback, not a network between zones.
+ */
+#include "store_bench.h"
+
+#include "bench_util.h"
+#include "ratelink.h"
+
+#include "cpus.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_ROUNDS 11
+#define PROMPTS    4
+#define TOKENS     2048 /* a prompt's tokens: 8 chunks of 256 */
+
+static void layout_of(kvf_layout *l)
+{
+    *l = (kvf_layout){0};
+    snprintf(l->model_id, sizeof l->model_id, "bench-sources");
+    l->layers = 8;
+    l->kv_heads = 8;
+    l->head_dim = 128;
+    l->dtype = KVF_DTYPE_F16;
+    l->kind = KVF_KV_SEPARATE;
+    l->page_tokens = 16;
+    l->chunk_tokens = 256;
+    l->tp_size = 1;
+}
+
+typedef struct pages {
+    uint8_t *mem[8][2];
+    kvf_kv_layer lay[8];
+} pages;
+
+static int pages_init(pages *p, const kvf_layout *l, size_t n_pages)
+{
+    size_t page = (size_t)l->page_tokens * l->kv_heads * l->head_dim * 2;
+    for (uint32_t i = 0; i < l->layers; i++) {
+        for (int k = 0; k < 2; k++) {
+            p->mem[i][k] = malloc(n_pages * page);
+            if (!p->mem[i][k])
+                return -1;
+            for (size_t b = 0; b < n_pages * page; b++)
+                p->mem[i][k][b] = (uint8_t)(b * 131 + i * 7 + (size_t)k);
+        }
+        p->lay[i] = (kvf_kv_layer){p->mem[i][0], p->mem[i][1], page, n_pages, KVF_MEM_HOST};
+    }
+    return 0;
+}
+
+static void pages_free(pages *p, const kvf_layout *l)
+{
+    for (uint32_t i = 0; i < l->layers; i++)
+        free(p->mem[i][0]), free(p->mem[i][1]);
+}
+
+static kvf_connector *open_on(const char *const *nodes, size_t n, const kvf_layout *l, pages *p)
+{
+    kvf_connector_opts o = {.nodes = nodes,
+                            .n_nodes = n,
+                            .layout = *l,
+                            .deadline_ms = 30000,
+                            .stores_refresh_ms = -1,
+                            .salt = "bench-sources"};
+    kvf_connector *cn = NULL;
+    char err[400];
+    if (kvf_connector_open(&cn, &o, err, sizeof err) != 0 ||
+        kvf_connector_register(cn, p->lay, l->layers, err, sizeof err) != 0) {
+        fprintf(stderr, "kvf-bench store --sources: connector: %s\n", err);
+        kvf_connector_close(&cn);
+        return NULL;
+    }
+    return cn;
+}
+
+static int save(kvf_connector *cn, const uint32_t *t, const uint32_t *ids, const kvf_layout *l)
+{
+    kvf_xfer *x;
+    if (kvf_connector_save(cn, t, TOKENS, 0, ids, TOKENS / l->page_tokens, &x) != 0)
+        return -1;
+    for (uint32_t i = 0; i < l->layers; i++)
+        kvf_xfer_layer_done(x, i);
+    int rc = kvf_xfer_wait(x);
+    kvf_xfer_free(&x);
+    return rc;
+}
+
+/* Seconds to prefetch every prompt of set (one after the other), with sources naming src_store
+ * for all of it (NULL: none); *short_ counts prefetches that did not bring every chunk. */
+static double fetch_all(kvf_connector *cn, uint32_t (*set)[TOKENS], const char *src_store,
+                        int *short_)
+{
+    double t0 = bench_now();
+    for (int i = 0; i < PROMPTS; i++) {
+        kvf_source s = {.store = src_store, .from = 0, .tokens = TOKENS};
+        kvf_prefetch *pf = NULL;
+        int rc = src_store ? kvf_connector_prefetch_from(cn, set[i], TOKENS, &s, 1, &pf)
+                           : kvf_connector_prefetch(cn, set[i], TOKENS, &pf);
+        if (rc != 0 || kvf_prefetch_wait(pf, 0) != TOKENS)
+            (*short_)++;
+        kvf_prefetch_free(&pf);
+    }
+    return bench_now() - t0;
+}
+
+int bench_store_sources(int quick, int store_threads, double link_gbps, const char *bin, int json,
+                        json_t *res)
+{
+    json_object_set_new(res, "label", json_string("real"));
+    json_object_set_new(res, "cores", json_integer(kvf__cores()));
+    json_object_set_new(res, "link_gbps", json_real(link_gbps));
+    json_object_set_new(res, "what",
+                        json_string("prefetches of 4 prompts of 2048 tokens (64 MiB each), each "
+                                    "chunk from its own node (half of them behind a link of "
+                                    "link_gbps: another zone) against the plan's sources naming "
+                                    "a replica reached directly (the engine's zone), and a stale "
+                                    "plan naming the replica for chunks it does not hold"));
+    kvf_layout l;
+    layout_of(&l);
+    pages p = {0};
+    bench_proc a = {0}, b = {0};
+    bench_link *link = NULL;
+    kvf_connector *cn = NULL, *cb = NULL;
+    int rc = 1;
+    char extra[160], addr_link[64], addr_b[64];
+    snprintf(extra, sizeof extra, "--threads %d --rdma off --shm off", store_threads);
+    if (pages_init(&p, &l, TOKENS / l.page_tokens) != 0) {
+        fprintf(stderr, "kvf-bench store --sources: out of memory\n");
+        goto out;
+    }
+    if (bench_start_store(&a, bin, "1G", extra) != 0 ||
+        bench_start_store(&b, bin, "1G", extra) != 0)
+        goto out;
+    if (bench_link_start(&link, a.port) != 0)
+        goto out;
+    bench_link_set_rate(link, link_gbps * 1e9 / 8);
+    snprintf(addr_link, sizeof addr_link, "127.0.0.1:%u", bench_link_port(link));
+    snprintf(addr_b, sizeof addr_b, "127.0.0.1:%u", b.port);
+    const char *both[2] = {addr_link, addr_b}, *only_b[1] = {addr_b};
+    if (!(cn = open_on(both, 2, &l, &p)) || !(cb = open_on(only_b, 1, &l, &p)))
+        goto out;
+    static uint32_t hot[PROMPTS][TOKENS], cold[PROMPTS][TOKENS];
+    uint32_t ids[TOKENS / 16];
+    for (size_t i = 0; i < TOKENS / 16; i++)
+        ids[i] = (uint32_t)i;
+    bench_progress("store", "sources: saving 2 x %d prompts of %d tokens (%.0f MiB each)", PROMPTS,
+                   TOKENS, (double)TOKENS * kvf_layout_bytes_per_token(&l) / (1 << 20));
+    bench_link_set_rate(link, 0); /* the saves at loopback speed */
+    for (int i = 0; i < PROMPTS; i++) {
+        for (int t = 0; t < TOKENS; t++) {
+            hot[i][t] = (uint32_t)(i * 100000 + t);
+            cold[i][t] = (uint32_t)(7000000 + i * 100000 + t);
+        }
+        if (save(cn, hot[i], ids, &l) != 0 || save(cb, hot[i], ids, &l) != 0 ||
+            save(cn, cold[i], ids, &l) != 0) {
+            fprintf(stderr, "kvf-bench store --sources: a save failed\n");
+            goto out;
+        }
+    }
+    bench_link_set_rate(link, link_gbps * 1e9 / 8);
+    int rounds = quick ? 5 : MAX_ROUNDS, short_ = 0;
+    double own[MAX_ROUNDS], named[MAX_ROUNDS], stale[MAX_ROUNDS], own2[MAX_ROUNDS];
+    double gain[MAX_ROUNDS], cost[MAX_ROUNDS];
+    kvf_connector_stats s0, s1;
+    kvf_connector_stats_get(cn, &s0);
+    for (int r = 0; r < rounds; r++) {
+        own[r] = fetch_all(cn, hot, NULL, &short_);
+        named[r] = fetch_all(cn, hot, addr_b, &short_);
+        stale[r] = fetch_all(cn, cold, addr_b, &short_);
+        own2[r] = fetch_all(cn, cold, NULL, &short_);
+        gain[r] = own[r] / named[r];
+        cost[r] = stale[r] / own2[r];
+        bench_progress("store",
+                       "sources round %d/%d: own nodes %.1f ms, named replica %.1f ms (%.2fx); "
+                       "stale plan %.1f ms against %.1f ms (%.2fx)",
+                       r + 1, rounds, own[r] * 1e3, named[r] * 1e3, gain[r], stale[r] * 1e3,
+                       own2[r] * 1e3, cost[r]);
+    }
+    kvf_connector_stats_get(cn, &s1);
+    bench_spread so = bench_json_rounds(res, "own_nodes_s", own, (size_t)rounds);
+    bench_spread sn = bench_json_rounds(res, "named_replica_s", named, (size_t)rounds);
+    bench_spread ss = bench_json_rounds(res, "stale_plan_s", stale, (size_t)rounds);
+    bench_json_rounds(res, "stale_own_nodes_s", own2, (size_t)rounds);
+    bench_spread g = bench_json_rounds(res, "own_vs_named", gain, (size_t)rounds);
+    bench_spread c = bench_json_rounds(res, "stale_vs_own", cost, (size_t)rounds);
+    uint64_t nm = s1.prefetch_named - s0.prefetch_named,
+             ms = s1.prefetch_named_missed - s0.prefetch_named_missed;
+    json_object_set_new(res, "chunks_named", json_integer((json_int_t)nm));
+    json_object_set_new(res, "chunks_named_missed", json_integer((json_int_t)ms));
+    json_object_set_new(res, "short_prefetches", json_integer(short_));
+    FILE *o = json ? stderr : stdout; /* with --json, stdout is the JSON alone */
+    fprintf(o,
+            "kvf-bench store --sources (%d cores, %d rounds, a link of %.1f Gb/s to A, "
+            "medians [p10..p90]):\n",
+            kvf__cores(), rounds, link_gbps);
+    fprintf(o,
+            "  4 prompts of 64 MiB, each chunk from its own node: %.1f ms; from the plan's "
+            "replica: %.1f ms: %.2fx [%.2f..%.2f]\n",
+            so.median * 1e3, sn.median * 1e3, g.median, g.p10, g.p90);
+    fprintf(o,
+            "  a stale plan (the replica lacks the chunks whose own node is A): %.1f ms, "
+            "%.2fx the own nodes' [%.2f..%.2f]\n",
+            ss.median * 1e3, c.median, c.p10, c.p90);
+    fprintf(o, "  chunks named %llu, not given by the named node %llu; prefetches short %d\n",
+            (unsigned long long)nm, (unsigned long long)ms, short_);
+    rc = short_ ? 1 : 0;
+out:
+    kvf_connector_close(&cn);
+    kvf_connector_close(&cb);
+    bench_link_stop(&link);
+    bench_stop(&b);
+    bench_stop(&a);
+    pages_free(&p, &l);
+    return rc;
+}
