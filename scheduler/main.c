@@ -91,6 +91,27 @@ static int parse_stores(void *ud, const char *v, char *err, size_t errlen)
         snprintf(err, errlen, "list too long");
         return -1;
     }
+    /* every entry a HOST:PORT: an empty one (",,") would shift the node numbers after it */
+    int i = 0;
+    for (const char *p = v;; i++) {
+        size_t len = strcspn(p, ",");
+        char one[300], host[256];
+        uint16_t port;
+        if (len == 0 || len >= sizeof one) {
+            snprintf(err, errlen, "entry %d is %s (a comma-separated list of HOST:PORT)", i,
+                     len ? "too long" : "empty");
+            return -1;
+        }
+        memcpy(one, p, len);
+        one[len] = 0;
+        if (kvf__addr_parse(one, host, sizeof host, &port) != 0 || port == 0) {
+            snprintf(err, errlen, "entry %d (\"%s\") is not HOST:PORT", i, one);
+            return -1;
+        }
+        if (!p[len])
+            break;
+        p += len + 1;
+    }
     snprintf(d->stores, sizeof d->stores, "%s", v);
     return 0;
 }
