@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define TOKEN_MIN  32
@@ -269,6 +270,25 @@ static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
     *con_cls = NULL;
 }
 
+/* Connections an HTTP server takes at once: what the process's descriptor limit leaves, less
+ * room for its other sockets and files, 16,384 at most. The soft limit is raised to the hard one
+ * first (never lowered): a daemon's default of 1,024 would cap it there. */
+static unsigned connection_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return 900;
+    if (rl.rlim_cur < rl.rlim_max) {
+        struct rlimit up = {.rlim_cur = rl.rlim_max < 65536 ? rl.rlim_max : 65536,
+                            .rlim_max = rl.rlim_max};
+        if (up.rlim_cur > rl.rlim_cur && setrlimit(RLIMIT_NOFILE, &up) == 0)
+            rl.rlim_cur = up.rlim_cur;
+    }
+    if (rl.rlim_cur == RLIM_INFINITY || rl.rlim_cur > 16384 + 256)
+        return 16384;
+    return rl.rlim_cur > 512 ? (unsigned)(rl.rlim_cur - 256) : (unsigned)(rl.rlim_cur / 2);
+}
+
 int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int threads,
                      size_t max_body, kvf__http_handler h, void *ctx, uint16_t *bound, char *err,
                      size_t errlen)
@@ -289,15 +309,18 @@ int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thre
         free(d);
         return rc;
     }
-    unsigned flags = threads == KVF_HTTPD_PER_CONNECTION
-                         ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD
-                         : MHD_USE_INTERNAL_POLLING_THREAD;
+    /* epoll or poll, never select(): select() stops at descriptor 1,024, and a client holding a
+     * thousand idle connections would shut every other client out (the load reports, the
+     * placements) until its connections time out */
+    unsigned flags = (threads == KVF_HTTPD_PER_CONNECTION
+                          ? MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD
+                          : MHD_USE_INTERNAL_POLLING_THREAD) |
+                     MHD_USE_AUTO;
     unsigned pool = threads >= 2 ? (unsigned)threads : 0;
-    if (pool)
-        flags |= MHD_USE_AUTO; /* epoll where there is one */
     d->mhd = MHD_start_daemon(
         flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET, lfd,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
+        MHD_OPTION_CONNECTION_LIMIT, connection_limit(),
         pool ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, pool, MHD_OPTION_END);
     if (!d->mhd) {
         close(lfd);

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 BIN = sys.argv[1]
 VERSION = re.compile(r"\(kvfabric\) \d+\.\d+\.\d+")
@@ -242,6 +243,45 @@ with tempfile.TemporaryDirectory() as d:
         p = run(args)
         check(p.returncode == 5, "%s against a dead store: rc %d (want 5): %r"
               % (" ".join(cmd), p.returncode, p.stderr[-200:]))
+
+# A client holding a thousand idle, half-sent connections shuts nobody else out of kvf-sched's
+# HTTP API (select() would have stopped at descriptor 1,024), where this process may open that many.
+try:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400 and hard >= 1400:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))
+    can_open = resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1400
+except (ImportError, ValueError, OSError):
+    can_open = False
+if can_open:
+    sched = subprocess.Popen([os.path.join(BIN, "kvf-sched"), "--listen", "127.0.0.1:0",
+                              "--log-level", "warn"], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    held = []
+    try:
+        line = sched.stdout.readline()
+        host, port = line.split("listen=")[1].split()[0].rsplit(":", 1)
+        for _ in range(1100):
+            c = socket.create_connection((host, int(port)), timeout=5)
+            c.send(b"GET /v1/heal")
+            held.append(c)
+        t0 = time.time()
+        ok = False
+        try:
+            with urllib.request.urlopen("http://%s:%s/healthz" % (host, port), timeout=10) as r:
+                ok = r.status == 200
+        except OSError as e:
+            ok = False
+            check(False, "kvf-sched with 1,100 idle connections open: /healthz failed: %s" % e)
+        check(ok, "kvf-sched with 1,100 idle connections open: /healthz not answered")
+        print("cli_check: /healthz answered in %.3f s with 1,100 idle connections open"
+              % (time.time() - t0))
+    finally:
+        for c in held:
+            c.close()
+        sched.terminate()
+        sched.wait(timeout=10)
 
 if failures:
     for f in failures:
