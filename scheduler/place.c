@@ -64,8 +64,16 @@ static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, k
                         s->disk_rated ? s->disk_rate : s->o.cost.disk_load_bytes_per_s, e);
 }
 
-/* The prefill instance the policy chooses among those with the prefill role, and its estimate in
- * *best_est; -1 when there is none. */
+/* Whether instance in can ever hold `tokens` tokens of KV: its whole memory, as its record gives
+ * it (capacity_blocks; 0: not said, taken as enough). */
+static int can_hold(const kvf__sched_inst *in, double tokens)
+{
+    return !in->info.capacity_blocks ||
+           (double)in->info.capacity_blocks * in->info.block_tokens >= tokens;
+}
+
+/* The prefill instance the policy chooses among those with the prefill role that can hold the
+ * prompt, and its estimate in *best_est; -1 when there is none. */
 static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, double n,
                           size_t store_tokens, kvf__sched_est *best_est)
 {
@@ -76,7 +84,8 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
     int best = -1;
     double best_score = INFINITY;
     for (size_t i = 0; i < s->n_inst; i++) {
-        if (!s->inst[i].live || !(s->inst[i].info.role & KVF_ROLE_PREFILL))
+        if (!s->inst[i].live || !(s->inst[i].info.role & KVF_ROLE_PREFILL) ||
+            !can_hold(&s->inst[i], n))
             continue;
         cand.in = &s->inst[i];
         estimate(s, (int)i, n, store_tokens, &cand.est);
@@ -91,12 +100,14 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
     return best;
 }
 
-/* The decode instance, among those with the decode role: first one whose free KV memory holds the
- * request's `need` tokens (prompt and output), and among those the most free tokens less 1,000
- * per active decode. An instance other than the prefill instance decodes only if the KV can be
- * handed to it. -1 when none can. */
-static int choose_decode(const kvf_sched *s, int prefill, double need)
+/* The decode instance, among those with the decode role whose whole KV memory can hold the
+ * request's `need` tokens (prompt and output): first one whose free KV memory holds them, and
+ * among those the most free tokens less 1,000 per active decode. An instance other than the
+ * prefill instance decodes only if the KV can be handed to it. -1 when none can; *too_small set
+ * when a decode instance was passed over for its memory. */
+static int choose_decode(const kvf_sched *s, int prefill, double need, int *too_small)
 {
+    *too_small = 0;
     /* Without stores there is no handoff: the prefill instance decodes when it can. */
     if (s->o.no_stores && (s->inst[prefill].info.role & KVF_ROLE_DECODE))
         return prefill;
@@ -106,6 +117,10 @@ static int choose_decode(const kvf_sched *s, int prefill, double need)
         const kvf__sched_inst *in = &s->inst[i];
         if (!in->live || !(in->info.role & KVF_ROLE_DECODE))
             continue;
+        if (!can_hold(in, need)) {
+            *too_small = 1;
+            continue;
+        }
         double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
                              in->info.block_tokens;
         double sc = (free_tokens >= need ? 0 : 1e12) - free_tokens + in->load.active_decodes * 1e3;
@@ -290,7 +305,10 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
         return KVF_ENOENT;
     if (policy->placed)
         policy->placed(s);
-    int decode = choose_decode(s, prefill, n + req->output_tokens);
+    int too_small;
+    int decode = choose_decode(s, prefill, n + req->output_tokens, &too_small);
+    if (decode < 0 && (too_small || !can_hold(&s->inst[prefill], n + req->output_tokens)))
+        return KVF_ENOENT; /* no instance that decodes can hold the prompt and its output */
     prefill = colocate_on_decode(s, prefill, decode, n, store_tokens, &e);
     set_estimates(s, n, prefill, decode >= 0 ? decode : prefill, &e, res);
     if (req->slo_ttft_s > 0 && c->reject_factor > 0 &&

@@ -1135,6 +1135,34 @@ static void test_sched_cost_file(void **state)
     assert_int_equal(kvf_policy_parse("random", &pol), KVF_EINVAL);
 }
 
+/* A prompt that no instance's whole KV memory can hold is refused (no instance can serve it),
+ * not placed on the one with the most free memory; an instance whose record does not say its
+ * memory is taken as able to. */
+static void test_sched_prompt_beyond_every_instance(void **state)
+{
+    (void)state;
+    kvf_sched *s = new_sched(KVF_POLICY_KVF_COST);
+    int a = add(s, "a", KVF_ROLE_BOTH, 16, 64);   /* 1,024 tokens */
+    (void)add(s, "p", KVF_ROLE_PREFILL, 16, 256); /* 4,096 tokens, prefill only */
+    static uint32_t t[5000];
+    seq(t, 5000, 1);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 2000, .output_tokens = 4};
+    kvf_place_res rs;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), KVF_ENOENT); /* p prefills, nobody decodes */
+    rq.n_tokens = 5000;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), KVF_ENOENT);
+    rq.n_tokens = 1000, rq.output_tokens = 100; /* 1,100 > 1,024 on a */
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), KVF_ENOENT);
+    rq.output_tokens = 16;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, a);
+    int u = add(s, "u", KVF_ROLE_BOTH, 16, 0); /* memory not said */
+    rq.n_tokens = 5000;
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, u);
+    kvf_sched_destroy(&s);
+}
+
 /* First contact's window of stale live batches starts at the first live batch read after the
  * replay, however long after the replay that is; a batch past the replay's last, or any after
  * the window, ends it. */
@@ -1177,6 +1205,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_store_tiers),
         cmocka_unit_test(test_sched_nearest_replica),
         cmocka_unit_test(test_contact_stale_window),
+        cmocka_unit_test(test_sched_prompt_beyond_every_instance),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
