@@ -1142,6 +1142,11 @@ static void test_sched_daemon_numbers_are_range_checked(void **state)
         {"{\"id\":\"r\",\"block_tokens\":16.5}", "block_tokens"},
         {"{\"id\":\"r\",\"block_tokens\":4294967312}", "block_tokens"}, /* 2^32 + 16 */
         {"{\"id\":\"\"}", "id"},
+        {"{\"id\":\"a/b\"}", "id"}, /* DELETE /v1/instances/a/b could not name it */
+        {"{\"id\":\"r s\"}", "id"},
+        {"{\"id\":\"r\",\"endpoint\":\"nothostport\"}", "endpoint"},
+        {"{\"id\":\"r\",\"events\":\"ipc:///tmp/x\"}", "events"},
+        {"{\"id\":\"r\",\"replay\":\"inproc://x\"}", "replay"},
     };
     for (size_t i = 0; i < sizeof regs / sizeof regs[0]; i++) {
         print_message("registration %s\n", regs[i].body);
