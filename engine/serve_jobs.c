@@ -64,6 +64,8 @@ typedef struct job {
 /* The "reuse" field: absent or true, false, or "engine". Returns 0, or -1 for any other value. */
 static int parse_reuse(json_t *ru, reuse_mode *out)
 {
+    if (json_is_null(ru))
+        ru = NULL; /* null: as if absent */
     *out = !ru || json_is_true(ru) ? REUSE_ALL : REUSE_NONE;
     if (json_is_string(ru) && !strcmp(json_string_value(ru), "engine"))
         *out = REUSE_ENGINE;
@@ -184,6 +186,8 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
     }
     for (size_t i = 0; i < j->n; i++) {
         json_t *v = json_array_get(t, i);
+        /* Any 32-bit id: the reference engine folds ids into its vocabulary (trace replays and
+         * synthetic prompts carry ids from models with larger ones). */
         if (!json_is_integer(v) || json_integer_value(v) < 0 ||
             json_integer_value(v) > UINT32_MAX) {
             free(j->tokens);

@@ -430,8 +430,8 @@ class Server:
             ints[k] = v
         if ints["first_token"] is not None and not 0 <= ints["first_token"] < self.vocab:
             return 400, {"error": f"first_token must be a token id below {self.vocab}"}
-        ru = body.get("reuse", True)
-        if ru is True:
+        ru = body.get("reuse")
+        if ru is None or ru is True:  # absent or null: reuse everything
             reuse = "all"
         elif ru is False:
             reuse = "none"

@@ -126,6 +126,14 @@ def main():
             time.sleep(0.05)
         else:
             fail("the warm-up's save did not complete: %r" % c)
+        for bad in ([1, -1], [1, 4294967296], [1, 2.5]):
+            st, rep = post(eng, "/v1/prefill", {"tokens": bad})
+            if st != 400 or "token id" not in rep.get("error", ""):
+                fail("tokens %r: %d %r" % (bad, st, rep))
+        st, rep = post(eng, "/v1/generate", {"tokens": prompt[:40], "reuse": None,
+                                            "max_tokens": 2})
+        if st != 200:
+            fail("reuse null (as absent): %d %r" % (st, rep))
         # Bad deadlines: refused.
         for bad in (-1, "soon", 1e9):
             st, rep = post(eng, "/v1/prefill", {"tokens": prompt, "load_deadline_ms": bad})
