@@ -218,10 +218,12 @@ class TestServe(unittest.TestCase):
                                                    "reuse": False})
         th = threading.Thread(target=long_one)
         th.start()
-        for _ in range(400):
+        for _ in range(2000):  # 10 s at most: a loaded machine may start it late
             if call(pre, "/v1/health")[1]["active_decodes"] >= 1:
                 break
             time.sleep(0.005)
+        else:
+            self.fail("the long request never held the engine")
         # the plan's sources naming this engine's store (its own node for every chunk: nothing
         # named) and one it does not use (passed over, counted)
         src = [{"store": self.store.addr, "from": 0, "tokens": 320},
