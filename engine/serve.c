@@ -396,6 +396,11 @@ static int configure(srv *S, const serve_opts *o)
                 o->level);
         return 2;
     }
+    if (!o->id || !kvf__member_zone_valid(o->id)) { /* kvf-sched's rule for an instance id */
+        fprintf(stderr, "kvf-engine: --id: 1 to 63 of [A-Za-z0-9._-], got \"%s\"\n",
+                o->id ? o->id : "");
+        return 2;
+    }
     snprintf(S->id, sizeof S->id, "%s", o->id);
     snprintf(S->role, sizeof S->role, "%s", o->role);
     if (o->zone && kvf__member_zone_check("kvf-engine", "--zone", o->zone) != 0)

@@ -767,6 +767,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if not a.id:
         raise SystemExit("kvfabric.serve: --id is required to serve")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,63}", a.id):  # kvf-sched's rule for an instance id
+        raise SystemExit(f"kvfabric.serve: --id: 1 to 63 of [A-Za-z0-9._-], got {a.id!r}")
     cn = None
     stores = [s for s in a.store.split(",") if s]
     if stores or a.sched or a.etcd:
