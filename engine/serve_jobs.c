@@ -226,11 +226,18 @@ static double await_handoff(srv *S, const job *j, size_t *cached)
 
 /* Decodes greedily after first until toks holds max_tokens tokens, appending each step's time to
  * itl; a step that fails ends the sequence there. Returns the decode time. */
-static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *toks, json_t *itl)
+/* Decodes up to max_tokens - 1 tokens after first into toks and itl; stops early, *gone set,
+ * when the request's client has gone away (nobody would read them). */
+static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *toks, json_t *itl,
+                          const kvf__http_reply *client, int *gone)
 {
     double decode_s = 0;
     uint32_t last = first;
     for (uint32_t g = 1; g < max_tokens; g++) {
+        if (kvf__http_client_gone(client)) {
+            *gone = 1;
+            break;
+        }
         kvfe_result d;
         if (kvfe_decode(S->e, last, &d) != 0)
             break;
@@ -242,8 +249,15 @@ static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *t
     return decode_s;
 }
 
-static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
+static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
+                       const kvf__http_reply *client)
 {
+    if (kvf__http_client_gone(client)) { /* it left while the job waited: nothing to run */
+        pthread_mutex_lock(&S->mu);
+        S->abandoned++;
+        pthread_mutex_unlock(&S->mu);
+        return kvf__http_error("the client went away before the request's turn");
+    }
     kvf_connector_stats st0, st1;
     if (S->cn)
         kvf_connector_stats_get(S->cn, &st0);
@@ -265,7 +279,19 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s)
     uint32_t last = is_decode && j->has_first ? j->first_token : r.next_token;
     json_t *toks = json_array(), *itl = json_array();
     json_array_append_new(toks, json_integer(last));
-    double decode_s = is_prefill ? 0 : decode_rest(S, last, j->max_tokens, toks, itl);
+    int gone = 0;
+    double decode_s =
+        is_prefill ? 0 : decode_rest(S, last, j->max_tokens, toks, itl, client, &gone);
+    if (gone) {
+        size_t made = json_array_size(toks);
+        json_decref(toks);
+        json_decref(itl);
+        pthread_mutex_lock(&S->mu);
+        S->abandoned++;
+        pthread_mutex_unlock(&S->mu);
+        return kvf__http_error("the client went away: stopped after %zu of %u tokens", made,
+                               j->max_tokens);
+    }
     if (S->cn)
         kvf_connector_stats_get(S->cn, &st1);
     uint32_t C = S->m.layout.chunk_tokens;
@@ -449,6 +475,9 @@ static void metrics_collect(void *ud, kvf__metrics *m)
          (double)cs.chunks_missed},
         {"prefetches_total", "Prefixes fetched for requests while they waited.", 1,
          (double)cs.prefetches},
+        {"requests_abandoned_total",
+         "Requests whose client went away before their answer: not run, or decoding stopped.", 1,
+         (double)S->abandoned},
         {"prefetch_named_chunks_total",
          "Prefetched chunks asked of the node the plan named (not their own).", 1,
          (double)cs.prefetch_named},
@@ -563,7 +592,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
     json_t *out = turn ? kvf__http_error("engine %s", turn == KVF_ENOMEM ? "out of memory for its "
                                                                            "queue"
                                                                          : "stopping")
-                       : run_job(S, &j, t_start - t_queued, handoff_s);
+                       : run_job(S, &j, t_start - t_queued, handoff_s, reply);
     int ok = json_object_get(out, "error") == NULL;
     metrics_note(S, kind, ok, out, handoff_s);
     pthread_mutex_lock(&S->mu);
@@ -628,6 +657,7 @@ unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_
             "chunks_missed", (json_int_t)cs.chunks_missed, "chunks_existing",
             (json_int_t)cs.chunks_existing, "cache_layer", S->cn != NULL);
         json_object_set_new(reply->json, "running", json_boolean(S->running != 0));
+        json_object_set_new(reply->json, "abandoned", json_integer((json_int_t)S->abandoned));
         json_t *c = json_object_get(reply->json, "connector");
         json_object_set_new(c, "prefetches", json_integer((json_int_t)cs.prefetches));
         json_object_set_new(c, "prefetch_chunks", json_integer((json_int_t)cs.prefetch_chunks));

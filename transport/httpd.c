@@ -8,6 +8,8 @@
 #include "tcp.h"
 
 #include <ctype.h>
+#include <errno.h>
+#include <poll.h>
 #include <microhttpd.h>
 #include <sodium.h>
 #include <stdatomic.h>
@@ -15,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #define TOKEN_MIN  32
@@ -238,7 +241,11 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     } else if (strcmp(method, "GET") != 0 && strcmp(method, "DELETE") != 0) {
         return send_error(d, c, 405, kvf__http_error("%s %s: not served", method, url));
     }
-    kvf__http_reply out = {0};
+    kvf__http_reply out = {.client_fd = -1};
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (ci)
+        out.client_fd = ci->connect_fd;
     const kvf__http_tokens *tokens = atomic_load(&d->tokens);
     if (tokens && strcmp(method, "GET") != 0) {
         out.caller = token_caller(
@@ -254,6 +261,22 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     unsigned status = d->h(d->ctx, method, url, in, &out);
     json_decref(in);
     return send_reply(d, c, status, &out);
+}
+
+int kvf__http_client_gone(const kvf__http_reply *r)
+{
+    if (!r || r->client_fd < 0)
+        return 0;
+    struct pollfd p = {.fd = r->client_fd, .events = POLLIN};
+    if (poll(&p, 1, 0) != 1)
+        return 0; /* nothing to read: still there */
+    if (p.revents & (POLLHUP | POLLERR | POLLNVAL))
+        return 1;
+    /* readable: the end of its stream (its side closed) or the next request (kept alive), told
+     * apart by a peek that takes nothing */
+    char c;
+    ssize_t n = recv(r->client_fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,

@@ -12,6 +12,7 @@ usage: prefetch_check.py KVF_STORE KVF_ENGINE
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,27 @@ def main():
                                             "max_tokens": 2})
         if st != 200:
             fail("reuse null (as absent): %d %r" % (st, rep))
+        # A client that goes away mid-generation: the engine stops decoding for it (counted as
+        # abandoned) instead of generating thousands of tokens nobody reads.
+        body = json.dumps({"tokens": prompt[:40], "max_tokens": 16000, "reuse": False}).encode()
+        host, port = eng.rsplit(":", 1)
+        sk = socket.create_connection((host, int(port)), timeout=10)
+        sk.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(1000):
+            with urllib.request.urlopen("http://%s/v1/health" % eng, timeout=10) as r:
+                if json.loads(r.read()).get("running"):
+                    break
+            time.sleep(0.01)
+        sk.close()
+        for _ in range(600):  # 60 s at most (a sanitizer build decodes slowly)
+            with urllib.request.urlopen("http://%s/v1/health" % eng, timeout=10) as r:
+                h = json.loads(r.read())
+            if h.get("abandoned", 0) >= 1 and not h.get("running"):
+                break
+            time.sleep(0.1)
+        else:
+            fail("the abandoned generation was not stopped: %r" % h)
         # Bad deadlines: refused.
         for bad in (-1, "soon", 1e9):
             st, rep = post(eng, "/v1/prefill", {"tokens": prompt, "load_deadline_ms": bad})

@@ -36,7 +36,14 @@ typedef struct kvf__http_reply {
     /* Input, set by the server before the handler runs: the name of the token that authenticated
      * a request that is not a GET, or NULL where the server requires none (kvf__httpd_tokens). */
     const char *caller;
+    /* Input: the client's socket (-1: unknown), for kvf__http_client_gone(); never read it. */
+    int client_fd;
 } kvf__http_reply;
+
+/* Whether the client of the request r answers has closed its side or the connection is broken
+ * (its socket polled without waiting, nothing read): a handler that runs long (a generation)
+ * checks it now and then and stops work nobody waits for. 0 where unknown. */
+int kvf__http_client_gone(const kvf__http_reply *r);
 
 /* A handler answers one request: body is the parsed JSON object of a POST (NULL for a GET or a
  * DELETE, whose body is not read). It fills *out and returns the HTTP status. */
