@@ -100,6 +100,7 @@ void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out)
         out->requests += one.requests;
         out->failed_keys += one.failed_keys;
         out->reconnects += one.reconnects;
+        out->named_reasked += one.named_reasked;
     }
     kvf__shm_counters(c, out);
 }

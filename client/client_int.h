@@ -132,6 +132,7 @@ struct kvf__req {
     uint32_t item;  /* GET: current item */
     uint32_t layer; /* stream: frames seen after the first */
     uint32_t layers_delivered;
+    uint8_t *moved;     /* stream: items asked again of their own node (kvf__req_reask_named) */
     uint64_t *segoff;   /* stream: running offset in each item's buffer */
     kvf_obj_info *info; /* stream: parsed headers */
     kvf_obj_info cur;   /* plain GET: the current item's header */
@@ -323,6 +324,12 @@ void kvf__req_free(kvf__req *r);
 void kvf__req_finish(kvf__req *r);
 /* Fails every item of r that has no final status yet, then finishes it. */
 void kvf__req_fail(kvf__req *r, int status);
+/* io.c: the keys of streamed GET r that the node named for them (kvf_batch.nodes) did not give
+ * (a miss, or the node failing) asked again of their own node, in requests of r's op, while no
+ * layer of the op has been reported: r, unfinished with no layer delivered, holds the op's layer
+ * front at 0 until the new requests are in it. Their items in r are marked moved; r reports
+ * nothing more of them. Nothing where r is no such get, or its op is past its deadline. */
+void kvf__req_reask_named(kvf__req *r);
 /* The layer frontier of a streamed get: reports the layers every unfinished request delivered. */
 void kvf__op_stream_progress(kvf_op *op);
 /* Signals the ops that completed on this iteration of the engine's thread. */

@@ -120,6 +120,93 @@ static void cn_submit(kvf__io *io, kvf__req *r)
         cn_reset(io, cn, KVF_ECONNRESET);
 }
 
+/* Whether a streamed get's key that the node named for it did not give, with status st, is
+ * asked again of its own node: a miss, or that node failing (down, refusing, reset, silent,
+ * sending what did not check). Not a cancellation or a close, nor what any node would answer the
+ * same (the buffer too small, another layout, no memory). */
+static int worth_reasking(int st)
+{
+    return st == KVF_ENOENT || st == KVF_EHOSTUNREACH || st == KVF_ECONNREFUSED ||
+           st == KVF_ECONNRESET || st == KVF_ETIMEDOUT || st == KVF_ECHECKSUM || st == KVF_EPROTO ||
+           st == KVF_EIO;
+}
+
+void kvf__req_reask_named(kvf__req *r)
+{
+    kvf_op *op = r->op;
+    kvf__io *io = op->io;
+    kvf_client *c = io ? io->cl : NULL;
+    if (!c || op->kind != KVF__OPK_GET || !(op->b.flags & KVF_GET_STREAM) || !op->b.nodes ||
+        r->finished || r->layers_delivered != 0 || op->layers_fired != 0 || op->completing ||
+        kvf__now_ns() >= op->deadline_ns)
+        return;
+    size_t from = (size_t)(r->cn->nd - c->nodes);
+    /* Each item's own node (SIZE_MAX: stays), decided once: rerouting may change it meanwhile. */
+    size_t *own = malloc((r->n ? r->n : 1) * sizeof *own);
+    uint32_t count[KVF_CLIENT_MAX_NODES] = {0};
+    size_t m = 0, groups = 0;
+    if (!own)
+        return; /* the keys keep what the named node answered */
+    for (uint32_t i = 0; i < r->n; i++) {
+        uint32_t k = r->idx[i];
+        own[i] = SIZE_MAX;
+        if ((r->moved && r->moved[i]) || op->b.nodes[k] == KVF_NODE_ANY ||
+            !worth_reasking(op->b.status[k]))
+            continue;
+        size_t nd = kvf_client_node_of(c, &op->b.keys[k]);
+        if (nd == from || nd >= c->n_nodes)
+            continue;
+        own[i] = nd;
+        groups += count[nd]++ == 0;
+        m++;
+    }
+    kvf__req **grown = m && (r->moved || (r->moved = calloc(r->n, 1)))
+                           ? realloc(op->reqs, ((size_t)op->n_reqs + groups) * sizeof *grown)
+                           : NULL;
+    if (!grown) {
+        free(own);
+        return;
+    }
+    op->reqs = grown;
+    /* First every new request built and counted in the op, then each sent: a send that fails at
+     * once (and what it sets off) finds the op whole. */
+    int first = op->n_reqs;
+    uint64_t reasked = 0;
+    for (size_t nd = 0; nd < c->n_nodes; nd++) {
+        if (!count[nd])
+            continue;
+        unsigned at = (unsigned)atomic_fetch_add(&io->rr[nd], 1);
+        kvf__req *q = kvf__req_new(op, &io->cn[nd * (size_t)io->conns + at % (unsigned)io->conns],
+                                   op->opcode, count[nd]);
+        for (uint32_t i = 0; q && i < r->n; i++)
+            if (own[i] == nd)
+                q->idx[q->n++] = r->idx[i];
+        if (!q || kvf__req_build(c, q) != 0) {
+            kvf__req_free(q); /* those keys keep what the named node answered */
+            continue;
+        }
+        for (uint32_t i = 0; i < r->n; i++) {
+            if (own[i] != nd)
+                continue;
+            r->moved[i] = 1;
+            op->b.status[r->idx[i]] = 0; /* pending again */
+        }
+        op->reqs[op->n_reqs++] = q;
+        op->pending++;
+        reasked += q->n;
+    }
+    free(own);
+    int last = op->n_reqs;
+    if (last > first) {
+        kvf__io_count(io, (uint64_t)(last - first), 0, 0, 0, 0);
+        pthread_mutex_lock(&io->cmu);
+        io->counters.named_reasked += reasked;
+        pthread_mutex_unlock(&io->cmu);
+    }
+    for (int i = first; i < last; i++)
+        cn_submit(io, op->reqs[i]);
+}
+
 static void hello_done(kvf_op *op, int status, void *ud)
 {
     /* A probe that failed in any way (reset, refused mid-way, a bad answer) ends the probe: the

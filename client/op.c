@@ -36,6 +36,7 @@ void kvf__req_free(kvf__req *r)
     free(r->rtab);
     free(r->segoff);
     free(r->info);
+    free(r->moved);
     free(r);
 }
 
@@ -187,6 +188,8 @@ void kvf__req_fail(kvf__req *r, int status)
     /* A plain GET's items before the current one are complete and verified: they stand. */
     uint32_t from = (op->kind == KVF__OPK_GET && !(op->b.flags & KVF_GET_STREAM)) ? r->item : 0;
     for (uint32_t i = from; i < r->n; i++) {
+        if (r->moved && r->moved[i])
+            continue; /* another request of the op answers for it */
         int *st = &op->b.status[r->idx[i]];
         if (op->kind == KVF__OPK_CTRL || *st == 0 || *st == 1) {
             *st = status;
@@ -196,6 +199,9 @@ void kvf__req_fail(kvf__req *r, int status)
     if (op->kind == KVF__OPK_CTRL && op->b.n == 0 && op->result == 0)
         op->result = status;
     kvf__io_count(op->io, 0, 0, 0, failed, 0);
+    /* A streamed get's keys that a named node failed before any layer came: their own node. */
+    if (!r->finished)
+        kvf__req_reask_named(r);
     kvf__req_finish(r);
 }
 

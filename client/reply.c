@@ -410,10 +410,13 @@ static int rd_stream_next_hdr(kvf__conn *cn)
         }
         return 0;
     }
-    /* All headers in. A reply without MORE had no hits. */
+    /* All headers in. Keys that the node named for them lacks go to their own node now, before
+     * any layer of the op is reported: this request holds the op's front at 0 until then. */
     kvf__cn_unflight(cn, r);
     if (!(cn->h.flags & KVF_WF_MORE)) {
+        /* A reply without MORE had no hits. */
         kvf__rd_next_frame(cn);
+        kvf__req_reask_named(r);
         r->layers_delivered = UINT32_MAX;
         kvf__req_finish(r);
         return 0;
@@ -424,6 +427,7 @@ static int rd_stream_next_hdr(kvf__conn *cn)
     if (!cn->fl_tail)
         cn->fl_tail = r;
     kvf__rd_next_frame(cn);
+    kvf__req_reask_named(r);
     return 0;
 }
 
@@ -499,7 +503,7 @@ static int rd_layer_next(kvf__conn *cn)
     if (last) {
         for (uint32_t i = 0; i < r->n; i++) {
             uint32_t k = r->idx[i];
-            if (op->b.status[k] == 0 && op->b.out_lens)
+            if (op->b.status[k] == 0 && op->b.out_lens && !(r->moved && r->moved[i]))
                 op->b.out_lens[k] = r->segoff[i];
         }
         if (r->layer != op->layers)

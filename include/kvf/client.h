@@ -120,7 +120,10 @@ typedef struct kvf_batch {
      * kvf_client_node_index()), as a plan names the nearest holder of a replicated chunk, or
      * KVF_NODE_ANY for the key's own node (kvf_client_node_of). A named node that is out of
      * range or marked down is passed over for the key's own. A key the named node lacks is a
-     * miss of this get: the caller asks again without a name (kvf_connector_prefetch_from does). */
+     * miss of a plain get: the caller asks again without a name (kvf_connector_prefetch_from
+     * does). A streamed get asks its own node itself, in the same get, before it reports any
+     * layer (a miss, or the named node failing before its first layer: counters' named_reasked),
+     * over TCP and shared memory; over RDMA it is the get's miss. */
     const uint32_t *nodes;
 } kvf_batch;
 
@@ -228,6 +231,9 @@ typedef struct kvf_client_counters {
     /* hot keys read from a holder on this host rather than their first node, which is not (a
      * replica: docs/store.md), and of those the ones it did not have, asked of the first node */
     uint64_t near_keys, near_misses;
+    /* keys of streamed gets over TCP that the node kvf_batch.nodes named did not give (a miss,
+     * or the node failing before any layer came), asked again of their own node in the same get */
+    uint64_t named_reasked;
 } kvf_client_counters;
 KVF_API void kvf_client_counters_get(kvf_client *c, kvf_client_counters *out);
 
