@@ -216,6 +216,7 @@ void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out)
         kvf_client_counters_get(r->cl, &k);
         out->shm_bytes = k.shm_bytes_sent + k.shm_bytes_received;
         out->net_bytes = k.bytes_sent + k.bytes_received - out->shm_bytes;
+        out->load_named_reasked = k.named_reasked; /* only loads stream (prefetches do not) */
         out->stores = kvf_client_node_count(r->cl);
     }
     kvf__clref_drop(cn, r);

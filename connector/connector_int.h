@@ -161,6 +161,7 @@ struct kvf_xfer {
     size_t n_chunks;    /* chunks moved */
     size_t first_chunk; /* save: index of the first saved chunk among the sequence's chunks */
     kvf_key *keys;
+    uint32_t *nodes;    /* load: per moved chunk, the node a plan names for it, or NULL */
     uint32_t *page_ids; /* pages of the moved chunks only */
     uint8_t *stage;     /* a save's is set by its first gather task (stage_state) */
     int region;         /* index of the staging region held, -1 for a private buffer, or
@@ -325,5 +326,14 @@ int kvf__nodes_from_sched(const char *list, char ***nodes, size_t *n, int timeou
                           size_t errlen);
 int kvf__client_open_on(kvf_connector *cn, const char *const *nodes, size_t n, kvf_client **out,
                         char *err, size_t errlen);
+
+/* prefetch.c: for each of n chunks (keys; chunk c starts at token (first_chunk + c) *
+ * chunk_tokens), the node of cl that the run of src covering its first token names, where that is
+ * not the chunk's own node, else KVF_NODE_ANY: *nodes (malloc'd), NULL when no chunk is named.
+ * *named counts the chunks named, *unknown the runs naming a node cl does not use. 0 or
+ * KVF_ENOMEM. */
+int kvf__plan_nodes(const kvf_connector *cn, kvf_client *cl, const kvf_key *keys, size_t n,
+                    size_t first_chunk, const kvf_source *src, size_t n_src, uint32_t **nodes,
+                    uint64_t *named, uint64_t *unknown);
 
 #endif

@@ -254,44 +254,57 @@ static kvf_prefetch *prefetch_alloc(kvf_connector *cn, size_t n_chunks)
     return p;
 }
 
-/* Names, for each chunk of p that a run of src covers (by its first token), the run's node where
- * it is not the chunk's own. */
-static int name_nodes(kvf_prefetch *p, const kvf_source *src, size_t n_src)
+int kvf__plan_nodes(const kvf_connector *cn, kvf_client *cl, const kvf_key *keys, size_t n,
+                    size_t first_chunk, const kvf_source *src, size_t n_src, uint32_t **nodes,
+                    uint64_t *named, uint64_t *unknown)
 {
-    kvf_connector *cn = p->cn;
-    kvf_client *cl = p->cr ? p->cr->cl : NULL;
-    if (!cl || !n_src)
+    *nodes = NULL;
+    *named = *unknown = 0;
+    if (!cl || !n_src || !n)
         return 0;
     int *idx = malloc(n_src * sizeof *idx);
-    p->nodes = malloc(p->n_chunks * sizeof *p->nodes);
-    if (!idx || !p->nodes) {
+    uint32_t *nd = malloc(n * sizeof *nd);
+    if (!idx || !nd) {
         free(idx);
+        free(nd);
         return KVF_ENOMEM;
     }
-    uint64_t unknown = 0, named = 0;
     for (size_t r = 0; r < n_src; r++) {
         idx[r] = src[r].store ? kvf_client_node_index(cl, src[r].store) : -1;
-        unknown += idx[r] < 0 && src[r].tokens;
+        *unknown += idx[r] < 0 && src[r].tokens;
     }
     size_t ct = cn->l.chunk_tokens;
-    for (size_t c = 0; c < p->n_chunks; c++) {
-        p->nodes[c] = KVF_NODE_ANY;
-        size_t t = c * ct;
+    for (size_t c = 0; c < n; c++) {
+        nd[c] = KVF_NODE_ANY;
+        size_t t = (first_chunk + c) * ct;
         for (size_t r = 0; r < n_src; r++) {
             if (t < src[r].from || t - src[r].from >= src[r].tokens)
                 continue;
-            if (idx[r] >= 0 && (size_t)idx[r] != kvf_client_node_of(cl, &p->keys[c])) {
-                p->nodes[c] = (uint32_t)idx[r];
-                named++;
+            if (idx[r] >= 0 && (size_t)idx[r] != kvf_client_node_of(cl, &keys[c])) {
+                nd[c] = (uint32_t)idx[r];
+                (*named)++;
             }
             break;
         }
     }
     free(idx);
-    if (!named) {
-        free(p->nodes);
-        p->nodes = NULL;
-    }
+    if (*named)
+        *nodes = nd;
+    else
+        free(nd);
+    return 0;
+}
+
+/* Names, for each chunk of p that a run of src covers (by its first token), the run's node where
+ * it is not the chunk's own. */
+static int name_nodes(kvf_prefetch *p, const kvf_source *src, size_t n_src)
+{
+    kvf_connector *cn = p->cn;
+    uint64_t named, unknown;
+    int rc = kvf__plan_nodes(cn, p->cr ? p->cr->cl : NULL, p->keys, p->n_chunks, 0, src, n_src,
+                             &p->nodes, &named, &unknown);
+    if (rc)
+        return rc;
     pthread_mutex_lock(&cn->mu);
     cn->st.prefetch_named += named;
     cn->st.prefetch_sources_unknown += unknown;

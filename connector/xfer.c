@@ -262,6 +262,7 @@ static void xfer_destroy(kvf_xfer *x)
     if (last) /* nothing of cn is read below */
         kvf__connector_free(cn);
     free(x->keys);
+    free(x->nodes);
     free(x->page_ids);
     free(x->bufs);
     free(x->caps);
@@ -459,13 +460,16 @@ int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t n,
     return kvf_connector_load_from(cn, tokens, n, 0, page_ids, n_pages, out);
 }
 
-int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
-                            const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
+static int load_start(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
+                      const kvf_source *src, size_t n_src, const uint32_t *page_ids, size_t n_pages,
+                      kvf_xfer **out)
 {
     kvf_xfer *x;
     if (!out)
         return KVF_EINVAL;
     *out = NULL;
+    if (n_src && !src)
+        return KVF_EINVAL;
     if (cn && kvf__connector_gate(cn, KVF_ACTION_LAYERWISE_LOAD) != 0)
         return KVF_EINFEASIBLE;
     int rc = xfer_new(cn, tokens, n, first_chunk, page_ids, n_pages, 0, &x);
@@ -486,6 +490,15 @@ int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
         *out = x;
         return 0;
     }
+    /* Not all on this host: each chunk is asked of the node its plan names, where one does. The
+     * client asks its own node for one that the named node does not give, before any layer is
+     * reported (kvf_batch.nodes): a source is a hint, never a reason for a miss. */
+    uint64_t named = 0, unknown = 0;
+    if (n_src && kvf__plan_nodes(cn, x->cr ? x->cr->cl : NULL, x->keys, x->n_chunks, x->first_chunk,
+                                 src, n_src, &x->nodes, &named, &unknown) != 0) {
+        xfer_destroy(x);
+        return KVF_ENOMEM;
+    }
     kvf_batch b = {
         .n = x->n_chunks,
         .keys = x->keys,
@@ -498,9 +511,12 @@ int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
         .cb = on_load_done,
         .layer_cb = on_load_layer,
         .ud = x,
+        .nodes = x->nodes,
     };
     pthread_mutex_lock(&cn->mu);
     cn->st.batches++;
+    cn->st.load_named += named;
+    cn->st.load_sources_unknown += unknown;
     pthread_mutex_unlock(&cn->mu);
     rc = kvf_client_get_async(x->cr ? x->cr->cl : NULL, &b, &x->op);
     if (rc) {
@@ -509,6 +525,19 @@ int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
     }
     *out = x;
     return 0;
+}
+
+int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t first_chunk,
+                            const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
+{
+    return load_start(cn, tokens, n, first_chunk, NULL, 0, page_ids, n_pages, out);
+}
+
+int kvf_connector_load_planned(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                               size_t first_chunk, const kvf_source *src, size_t n_src,
+                               const uint32_t *page_ids, size_t n_pages, kvf_xfer **out)
+{
+    return load_start(cn, tokens, n, first_chunk, src, n_src, page_ids, n_pages, out);
 }
 
 int kvf_connector_load_prefetched(kvf_connector *cn, kvf_prefetch *p, const uint32_t *tokens,

@@ -153,6 +153,24 @@ KVF_API int kvf_connector_load(kvf_connector *cn, const uint32_t *tokens, size_t
 KVF_API int kvf_connector_load_from(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                     size_t first_chunk, const uint32_t *page_ids, size_t n_pages,
                                     kvf_xfer **x);
+/* Where a plan takes a run of a prompt's chunks from (kvf-sched's `sources`, docs/scheduler.md,
+ * "The nearest replica"): the storage node's data address ("host:port") and the run's tokens
+ * [from, from + tokens) of the prompt. */
+typedef struct kvf_source {
+    const char *store;
+    size_t from, tokens;
+} kvf_source;
+/* As kvf_connector_load_from, each chunk asked first of the node that the run of src holding its
+ * first token names (n_src runs; the first that holds it counts; load_named), unless every node
+ * is on this host (the load then reads their arenas in place, the nearest copy already). A chunk
+ * that no run covers, or whose run names a node this connector does not use
+ * (load_sources_unknown), is asked of its own node; one that its named node lacks, or that the
+ * named node fails before its first layer came, is asked of its own node in the same get before
+ * any layer is reported (load_named_reasked): the layers wait for it, and a source is never the
+ * reason for a miss. KVF_EINVAL also for src NULL with n_src > 0. */
+KVF_API int kvf_connector_load_planned(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                       size_t first_chunk, const kvf_source *src, size_t n_src,
+                                       const uint32_t *page_ids, size_t n_pages, kvf_xfer **x);
 /* Starts saving the KV of chunks first_chunk.. of tokens[0..n) (n a multiple of chunk_tokens, the
  * chunks before first_chunk being already cached) from the engine's pages, layer by layer as the
  * engine reports them done. page_ids covers all of tokens[0..n). Same errors as load. */
@@ -173,13 +191,6 @@ typedef struct kvf_prefetch kvf_prefetch;
  * record rules a load out). Caller owns *p: free with kvf_prefetch_free(). tokens are copied. */
 KVF_API int kvf_connector_prefetch(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                    kvf_prefetch **p);
-/* Where a plan takes a run of a prompt's chunks from (kvf-sched's `sources`, docs/scheduler.md,
- * "The nearest replica"): the storage node's data address ("host:port") and the run's tokens
- * [from, from + tokens) of the prompt. */
-typedef struct kvf_source {
-    const char *store;
-    size_t from, tokens;
-} kvf_source;
 /* As kvf_connector_prefetch, each chunk asked first of the node that the run holding its first
  * token names (src: n_src runs; the first that holds it counts). A chunk that no run covers, or
  * whose run names a node this connector does not use (counted in prefetch_sources_unknown), is
@@ -275,6 +286,10 @@ typedef struct kvf_connector_stats {
      * them it did not give (asked of their own node next), and runs naming a node the connector
      * does not use */
     uint64_t prefetch_named, prefetch_named_missed, prefetch_sources_unknown;
+    /* kvf_connector_load_planned: chunks asked of a node a plan named (not their own), those of
+     * them that node did not give (asked of their own node in the same get: the storage client's
+     * count, named_reasked), and runs naming a node the connector does not use */
+    uint64_t load_named, load_named_reasked, load_sources_unknown;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 

@@ -89,7 +89,8 @@ STATS_FIELDS = [
     "shm_bytes", "net_bytes", "cuda_bytes", "cuda_copy_calls", "cuda_kernels", "prefetches",
     "prefetch_chunks", "prefetch_chunks_loaded", "in_place_hashed_bytes", "stores",
     "store_clients_opened", "store_clients_closed", "store_refresh_failures", "prefetch_named",
-    "prefetch_named_missed", "prefetch_sources_unknown",
+    "prefetch_named_missed", "prefetch_sources_unknown", "load_named", "load_named_reasked",
+    "load_sources_unknown",
 ]
 
 
@@ -254,6 +255,9 @@ _SIGNATURES = {
                                    _P(c_void_p)]),
     "kvf_connector_load_from": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
                                         c_size_t, _P(c_void_p)]),
+    "kvf_connector_load_planned": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t,
+                                           _P(Source), c_size_t, _P(c_uint32), c_size_t,
+                                           _P(c_void_p)]),
     "kvf_connector_save": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),
                                    c_size_t, _P(c_void_p)]),
     "kvf_connector_prefetch": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_void_p)]),

@@ -207,6 +207,14 @@ class Transfer(_Handle):
         self._held = None
 
 
+def _sources(sources: Sequence[Tuple[str, int, int]]) -> Any:
+    """A plan's runs, (store "host:port", from token, tokens), as struct kvf_source[]."""
+    arr = (_lib.Source * len(sources))()
+    for i, (store, start, n) in enumerate(sources):
+        arr[i] = _lib.Source(store.encode(), int(start), int(n))
+    return arr
+
+
 class Connector(_Handle):
     """A connector to kvfabric's storage nodes (`nodes`, "host:port" each) or to the ones
     kvf-sched lists (`sched`, "host:port"). With `sched`, the list is asked for again every
@@ -282,15 +290,26 @@ class Connector(_Handle):
               "lookup")
         return out.value
 
-    def load(self, tokens: Sequence[int], page_ids: Sequence[int], first_chunk: int = 0) -> Transfer:
+    def load(self, tokens: Sequence[int], page_ids: Sequence[int], first_chunk: int = 0,
+             sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> Transfer:
         """Starts loading the KV of tokens (a multiple of chunk_tokens) into the pages page_ids
         (one per page_tokens tokens, covering all of tokens). With first_chunk, the chunks before
         it are already in the engine's pages (a prefix it shares itself) and are not moved;
-        loaded_tokens still counts from the start."""
+        loaded_tokens still counts from the start. sources: a plan's runs as (store "host:port",
+        from token, tokens): each chunk is asked first of the store its run names, and of its
+        own node in the same load where that one lacks it (kvf_connector_load_planned)."""
         t, p = _lib.u32_array(tokens), _lib.u32_array(page_ids)
         x = ctypes.c_void_p()
-        check(_lib.lib().kvf_connector_load_from(self._handle(), t, len(tokens), int(first_chunk),
-                                                 p, len(page_ids), ctypes.byref(x)), "load")
+        if sources:
+            arr = _sources(sources)
+            rc = _lib.lib().kvf_connector_load_planned(self._handle(), t, len(tokens),
+                                                       int(first_chunk), arr, len(sources), p,
+                                                       len(page_ids), ctypes.byref(x))
+        else:
+            rc = _lib.lib().kvf_connector_load_from(self._handle(), t, len(tokens),
+                                                    int(first_chunk), p, len(page_ids),
+                                                    ctypes.byref(x))
+        check(rc, "load")
         return Transfer(self, x, False, len(tokens))
 
     def prefetch(self, tokens: Sequence[int],
@@ -304,9 +323,7 @@ class Connector(_Handle):
         t = _lib.u32_array(tokens)
         h = ctypes.c_void_p()
         if sources:
-            arr = (_lib.Source * len(sources))()
-            for i, (store, start, n) in enumerate(sources):
-                arr[i] = _lib.Source(store.encode(), int(start), int(n))
+            arr = _sources(sources)
             rc = _lib.lib().kvf_connector_prefetch_from(self._handle(), t, len(tokens), arr,
                                                         len(sources), ctypes.byref(h))
         else:

@@ -11,7 +11,11 @@
  * - a source naming a node the connector does not use is counted and passed over; bad arguments
  *   are refused;
  * - the connector closed while a prefetch waits on a named node that does not answer: no crash,
- *   nothing asked of a client being closed.
+ *   nothing asked of a client being closed;
+ * - layerwise loads with the same sources (kvf_connector_load_planned): over TCP each chunk
+ *   from its named node, those it lacks from their own node in the same get, bytes as saved;
+ *   chunks on b only load whole with b named and fail without; runs matched by the chunks'
+ *   tokens in the whole prompt from a first chunk on.
  */
 #include <inttypes.h>
 #include <setjmp.h>
@@ -154,6 +158,88 @@ static size_t fetch(kvf_connector *cn, pages *p, const uint32_t *t, const uint32
     return ready;
 }
 
+/* Loads t layer by layer with sources src (n_src; 0: kvf_connector_load_from) from chunk
+ * first_chunk into the destination pages (registered); returns the tokens loaded (0 when the load
+ * failed) after comparing every loaded page with the saved one. */
+static size_t load(kvf_connector *cn, pages *p, const uint32_t *t, const uint32_t *ids,
+                   size_t first_chunk, const kvf_source *src, size_t n_src)
+{
+    for (int i = 0; i < LAYERS; i++)
+        for (int k = 0; k < 2; k++)
+            memset(p->dst[i][k], 0, PAGES * p->page);
+    kvf_xfer *x;
+    int rc = n_src ? kvf_connector_load_planned(cn, t, N, first_chunk, src, n_src, ids, NP, &x)
+                   : kvf_connector_load_from(cn, t, N, first_chunk, ids, NP, &x);
+    assert_int_equal(rc, 0);
+    size_t got = kvf_xfer_wait(x) == 0 ? kvf_xfer_loaded_tokens(x) : 0;
+    kvf_xfer_free(&x);
+    for (size_t pg = first_chunk * CT / PT; pg < got / PT; pg++)
+        for (int i = 0; i < LAYERS; i++)
+            for (int k = 0; k < 2; k++)
+                assert_memory_equal(p->dst[i][k] + ids[pg] * p->page,
+                                    p->src[i][k] + ids[pg] * p->page, p->page);
+    return got;
+}
+
+/* Layerwise loads that take the plan's sources (kvf_connector_load_planned), on the connector of
+ * run_case: t1 each chunk on its own node, t2 every chunk on b only. Over TCP the chunks a plan
+ * names go to the named node, and those it lacks to their own node in the same get; over shared
+ * memory the load reads the arenas of this host in place (sources are not needed there). */
+static void run_loads(kvf_connector *cn, pages *p, const daemon_t *a, const daemon_t *b,
+                      const uint32_t *t1, const uint32_t *t2, const uint32_t *ids, int over_shm)
+{
+    const char *how = over_shm ? "shm" : "tcp";
+    kvf_connector_stats s0, s1;
+    kvf_source all_b = {.store = b->addr, .from = 0, .tokens = N};
+    /* 1. t1 with b named for every chunk: those whose own node is a are asked of a after b's
+     * miss, in the same get. */
+    kvf_connector_stats_get(cn, &s0);
+    assert_int_equal(load(cn, p, t1, ids, 0, &all_b, 1), N);
+    kvf_connector_stats_get(cn, &s1);
+    uint64_t named = s1.load_named - s0.load_named;
+    uint64_t reasked = s1.load_named_reasked - s0.load_named_reasked;
+    printf("%s: load of t1, all named b: %" PRIu64 " of %d chunks named, %" PRIu64
+           " asked again of their own node\n",
+           how, named, CHUNKS, reasked);
+    if (over_shm) {
+        assert_int_equal(named, 0); /* read in place from the arenas of this host */
+    } else {
+        assert_true(named >= 1 && named < CHUNKS);
+        assert_int_equal(reasked, named);
+    }
+    /* 2. t2 is on b only: loaded from the chunks' own nodes it fails (a chunk of a is missing in
+     * every layer) ... */
+    assert_int_equal(load(cn, p, t2, ids, 0, NULL, 0), 0);
+    if (over_shm) {
+        /* ... and over shared memory the sources do not change that: nothing to test further */
+        assert_int_equal(load(cn, p, t1, ids, 0, NULL, 0), N);
+        return;
+    }
+    /* ... with b named it loads whole, from b, nothing asked again. */
+    kvf_connector_stats_get(cn, &s0);
+    assert_int_equal(load(cn, p, t2, ids, 0, &all_b, 1), N);
+    kvf_connector_stats_get(cn, &s1);
+    assert_true(s1.load_named - s0.load_named >= 1);
+    assert_int_equal(s1.load_named_reasked, s0.load_named_reasked);
+    /* 3. From chunk 4 on, b named for tokens from chunk 4: the runs are matched by the chunks'
+     * tokens in the whole prompt. */
+    kvf_source tail_b = {.store = b->addr, .from = 4 * CT, .tokens = N - 4 * CT};
+    assert_int_equal(load(cn, p, t2, ids, 4, &tail_b, 1), N);
+    /* 4. Runs: a node the connector does not use is counted and passed over; a first half named
+     * a, the rest b (t1: every chunk found, named where the run is not its own node). */
+    kvf_source mix[3] = {{.store = "127.0.0.1:1", .from = 0, .tokens = 64},
+                         {.store = a->addr, .from = 0, .tokens = N / 2},
+                         {.store = b->addr, .from = N / 2, .tokens = 10 * N}};
+    kvf_connector_stats_get(cn, &s0);
+    assert_int_equal(load(cn, p, t1, ids, 0, mix, 3), N);
+    kvf_connector_stats_get(cn, &s1);
+    assert_int_equal(s1.load_sources_unknown - s0.load_sources_unknown, 1);
+    /* 5. Bad arguments. */
+    kvf_xfer *x = NULL;
+    assert_int_equal(kvf_connector_load_planned(cn, t1, N, 0, NULL, 1, ids, NP, &x), KVF_EINVAL);
+    assert_null(x);
+}
+
 static void run_case(const char *extra, int over_shm)
 {
     daemon_t a, b;
@@ -233,6 +319,8 @@ static void run_case(const char *extra, int over_shm)
     assert_int_equal(fetch(cn, &p, t1, ids, &nul, 1, 0), N);
     kvf_connector_stats_get(cn, &s1);
     assert_int_equal(s1.prefetch_named, s0.prefetch_named);
+
+    run_loads(cn, &p, &a, &b, t1, t2, ids, over_shm);
 
     kvf_connector_close(&cn);
     kvf_connector_close(&cb);

@@ -531,6 +531,40 @@ class TestConnector(unittest.TestCase):
                 for a, b in zip(src_ids, dst_ids):
                     self.assertEqual(src.page(layer, plane, a), dst.page(layer, plane, b))
 
+    def test_load_takes_the_plans_sources(self):
+        """Connector.load(sources=...): over TCP each chunk asked first of the store the plan
+        names; those it lacks (here, all whose own node is the other store) come from their own
+        node in the same load, every page as saved (kvf_connector_load_planned)."""
+        l = self.layout
+        a, b = Store(extra=("--shm", "off")), Store(extra=("--shm", "off"))
+        try:
+            src, dst = HostKV(l, 64, seed=21), HostKV(l, 64, seed=22)
+            t = tokens(8 * l.chunk_tokens, 23)
+            ids = list(range(len(t) // l.page_tokens))
+            with kvf.Connector(l, nodes=[a.addr, b.addr], deadline_ms=5000,
+                               salt="py-planned") as cn:
+                cn.register(src.pages)
+                with cn.save(t, ids) as sv:
+                    for layer in range(l.layers):
+                        sv.layer_done(layer)
+                    sv.wait()
+                cn.register(dst.pages)
+                with cn.load(t, ids, sources=[(b.addr, 0, len(t))]) as ld:
+                    ld.wait()
+                    self.assertEqual(ld.loaded_tokens, len(t))
+                st = cn.stats()
+                self.assertEqual(cn.transport()[0], "tcp")
+                # 8 chunks over two nodes: some have a as their own (2^-8 odds of none)
+                self.assertTrue(1 <= st["load_named"] < 8, st)
+                self.assertEqual(st["load_named_reasked"], st["load_named"], st)
+            for layer in range(l.layers):
+                for plane in range(2):
+                    for i in ids:
+                        self.assertEqual(src.page(layer, plane, i), dst.page(layer, plane, i))
+        finally:
+            a.stop()
+            b.stop()
+
     def test_per_layer_timing_into_a_registry(self):
         """The connector's per-layer histograms (docs/operations.md, Metrics): one observation
         a layer for a save and a load, one a transfer; not while a transfer is in flight."""
