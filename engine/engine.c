@@ -491,7 +491,7 @@ static size_t from_prefetch(kvfe_engine *e, kvf_connector *cn, kvf_prefetch *pf,
 }
 
 static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetch *pf,
-                   uint64_t deadline_ns, kvfe_result *r)
+                   uint64_t deadline_ns, const kvf_source *src, size_t n_src, kvfe_result *r)
 {
     memset(r, 0, sizeof *r);
     if (n == 0 || n >= e->o.max_tokens)
@@ -524,8 +524,8 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
             now_cached = now_cached < max_hit ? now_cached / C * C : max_hit;
             r->cached_tokens = now_cached > r->cached_tokens ? now_cached : r->cached_tokens;
             if (now_cached > base &&
-                kvf_connector_load_from(cn, tokens, now_cached, base / C, e->page_of,
-                                        now_cached / P, &more) == 0) {
+                kvf_connector_load_planned(cn, tokens, now_cached, base / C, src, n_src, e->page_of,
+                                           now_cached / P, &more) == 0) {
                 if (!hit && dev)
                     r->device_tokens = dev; /* the pages' part stays, the rest is loaded */
                 hit = now_cached;
@@ -541,7 +541,8 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
         }
         if (hit <= dev) /* the pages already hold at least as much */
             hit = 0;
-        else if (kvf_connector_load(cn, tokens, hit, e->page_of, hit / P, &load) != 0)
+        else if (kvf_connector_load_planned(cn, tokens, hit, 0, src, n_src, e->page_of, hit / P,
+                                            &load) != 0)
             hit = 0;
     }
     if (!hit && dev) {
@@ -583,13 +584,24 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
 
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r)
 {
-    return prefill(e, tokens, n, NULL, 0, r);
+    return prefill(e, tokens, n, NULL, 0, NULL, 0, r);
+}
+
+int kvfe_prefill_planned(kvfe_engine *e, const uint32_t *tokens, size_t n, const kvf_source *src,
+                         size_t n_src, kvfe_result *r)
+{
+    if (n_src && !src)
+        return KVF_EINVAL;
+    return prefill(e, tokens, n, NULL, 0, src, n_src, r);
 }
 
 int kvfe_prefill_prefetched(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetch *pf,
-                            uint64_t deadline_ns, kvfe_result *r)
+                            uint64_t deadline_ns, const kvf_source *src, size_t n_src,
+                            kvfe_result *r)
 {
-    return prefill(e, tokens, n, pf, deadline_ns, r);
+    if (n_src && !src)
+        return KVF_EINVAL;
+    return prefill(e, tokens, n, pf, deadline_ns, src, n_src, r);
 }
 
 int kvfe_gemm_threads(void)

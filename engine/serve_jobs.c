@@ -267,9 +267,12 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
     int saving = stores && !is_decode;
     kvfe_set_tiers(S->e, j->reuse != REUSE_NONE, stores, saving);
     kvfe_result r;
-    int rc = j->pf && stores
-                 ? kvfe_prefill_prefetched(S->e, j->tokens, j->n, j->pf, j->deadline_ns, &r)
-                 : kvfe_prefill(S->e, j->tokens, j->n, &r);
+    /* The plan's sources: where each run of the prompt's cached chunks is nearest */
+    const kvf_source *src = stores ? j->src : NULL;
+    size_t n_src = stores ? j->n_src : 0;
+    int rc = j->pf && stores ? kvfe_prefill_prefetched(S->e, j->tokens, j->n, j->pf, j->deadline_ns,
+                                                       src, n_src, &r)
+                             : kvfe_prefill_planned(S->e, j->tokens, j->n, src, n_src, &r);
     if (rc)
         return kvf__http_error("prefill: %s", kvf_strerror(rc));
     publish_blocks(S, j->tokens, j->n);
@@ -312,6 +315,13 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
                             json_integer((json_int_t)(st1.shm_bytes - st0.shm_bytes)));
         json_object_set_new(out, "net_bytes",
                             json_integer((json_int_t)(st1.net_bytes - st0.net_bytes)));
+        /* chunks its layerwise load asked of the node the plan named, and of those the ones
+         * that node did not give (asked of their own node in the same load) */
+        json_object_set_new(out, "load_named",
+                            json_integer((json_int_t)(st1.load_named - st0.load_named)));
+        json_object_set_new(
+            out, "load_named_reasked",
+            json_integer((json_int_t)(st1.load_named_reasked - st0.load_named_reasked)));
     }
     if (r.choice != KVFE_NO_DECISION) { /* --decide: the choice, its inputs and its outcome */
         static const char *const names[] = {"none", "load", "partial", "recompute"};
@@ -484,6 +494,12 @@ static void metrics_collect(void *ud, kvf__metrics *m)
         {"prefetch_named_missed_total",
          "Of them, chunks the named node did not give (asked of their own node next).", 1,
          (double)cs.prefetch_named_missed},
+        {"load_named_chunks_total",
+         "Chunks of layerwise loads asked of the node the plan named (not their own).", 1,
+         (double)cs.load_named},
+        {"load_named_reasked_total",
+         "Of them, chunks the named node did not give (asked of their own node in the same load).",
+         1, (double)cs.load_named_reasked},
     };
     pthread_mutex_unlock(&S->mu);
     kvf__metrics_set_all(m, f, sizeof f / sizeof f[0]);
@@ -666,6 +682,11 @@ unsigned kvfe__srv_request(void *ctx, const char *method, const char *url, json_
                             json_integer((json_int_t)cs.prefetch_named_missed));
         json_object_set_new(c, "prefetch_sources_unknown",
                             json_integer((json_int_t)cs.prefetch_sources_unknown));
+        json_object_set_new(c, "load_named", json_integer((json_int_t)cs.load_named));
+        json_object_set_new(c, "load_named_reasked",
+                            json_integer((json_int_t)cs.load_named_reasked));
+        json_object_set_new(c, "load_sources_unknown",
+                            json_integer((json_int_t)cs.load_sources_unknown));
         json_object_set_new(c, "prefetch_chunks_loaded",
                             json_integer((json_int_t)cs.prefetch_chunks_loaded));
         /* the stores in use, and how often the set changed (kvf-sched's list, asked again) */

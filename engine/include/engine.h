@@ -113,13 +113,23 @@ void kvfe_close(kvfe_engine **e);
  * waited for: the next prefill waits only until it has read its pages (kvf_xfer_wait_pages)
  * before writing any, and kvfe_flush() waits for it to be stored. */
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
+/* kvfe_prefill, its load taking each run of chunks from the storage node a plan names (src: n_src
+ * runs, kvf-sched's `sources`; kvf_connector_load_planned): a chunk the named node lacks comes
+ * from its own node in the same load. The prefix loaded is what the chunks' own nodes hold (the
+ * lookup's), as without sources: a chunk that no node gives would make every layer of the load
+ * unusable. KVF_EINVAL for src NULL with n_src > 0. */
+int kvfe_prefill_planned(kvfe_engine *e, const uint32_t *tokens, size_t n, const kvf_source *src,
+                         size_t n_src, kvfe_result *r);
 /* kvfe_prefill, with the cached prefix prefetched while the request waited (pf: a
  * kvf_connector_prefetch() of a prefix of tokens through this engine's connector): waits for pf
  * until deadline_ns (CLOCK_MONOTONIC ns; 0: until it completes, within the connector's transfer
  * deadline), loads the leading chunks that arrived from pf's memory and computes the rest. No
- * lookup and no load-or-recompute decision (what arrived costs a copy). pf stays the caller's. */
+ * lookup and no load-or-recompute decision (what arrived costs a copy). What the stores hold by
+ * then beyond the prefetch is loaded as kvfe_prefill_planned loads (src, n_src: may be NULL, 0).
+ * pf stays the caller's. */
 int kvfe_prefill_prefetched(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetch *pf,
-                            uint64_t deadline_ns, kvfe_result *r);
+                            uint64_t deadline_ns, const kvf_source *src, size_t n_src,
+                            kvfe_result *r);
 /* From the next prefill on: reuse the previous sequence's KV still in the pages (device, with
  * keep_prefix), look up and load through the connector (load), save new chunks (save). All on at
  * open; load and save need a connector. */

@@ -382,13 +382,16 @@ class Engine:
 
     def _prefill(self, tokens: List[int], reuse: str, o: Outcome,
                  handed: Optional[int] = None, pf: Optional[Prefetch] = None,
-                 deadline: Optional[float] = None, step: bool = False) -> Any:
+                 deadline: Optional[float] = None, step: bool = False,
+                 sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> Any:
         """Fills a cache with the prompt's KV (reused, loaded, computed): returns it, how many
         leading tokens the stores hold, and the token after the first where this ran the first
         decoding step (else None); the first token goes into o.tokens. handed: a decode's first
         token, chosen by its prefill: where the prefill handed the whole prompt's KV over
         (handoff_tokens), it is all loaded and nothing is computed here; with step, the first
-        decoding step then runs layer by layer as the load arrives."""
+        decoding step then runs layer by layer as the load arrives. sources: the plan's runs
+        (store, from, tokens) that the prompt's loads take their chunks from (not a handoff's,
+        whose chunks are other keys)."""
         L, C = self.layout, self.layout.chunk_tokens
         n = len(tokens)
         limit = (n - 1) // C * C  # the last token is computed: its logits are the answer
@@ -422,7 +425,8 @@ class Engine:
             try:
                 pages = list(range(cached // L.page_tokens))
                 load = (self.cn.load_prefetched(pf, seq[:cached], pages) if use_pf else
-                        self.cn.load(seq[:cached], pages, first_chunk=d // C))
+                        self.cn.load(seq[:cached], pages, first_chunk=d // C,
+                                     sources=sources if handed is None else None))
             except KvfError as e:
                 o.load_error = e.name
                 o.notes.append(f"load: {e}")
@@ -436,7 +440,7 @@ class Engine:
                 now = min(self.lookup(tokens[:limit]), limit) // C * C
                 if now > cached:
                     more = self.cn.load(seq[:now], list(range(now // L.page_tokens)),
-                                        first_chunk=cached // C)
+                                        first_chunk=cached // C, sources=sources)
                     load, cached, upto = _Both(load, more), now, now
             except KvfError as e:
                 o.notes.append(f"beyond the prefetch: {e}")
@@ -571,10 +575,12 @@ class Engine:
 
     def run(self, kind: str, tokens: Sequence[int], max_tokens: int = 1, reuse: str = "all",
             first_token: Optional[int] = None, prefetch: Optional[Prefetch] = None,
-            deadline: Optional[float] = None) -> Outcome:
+            deadline: Optional[float] = None,
+            sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> Outcome:
         """Runs one request (see the module's docstring). Not thread-safe: one at a time.
         prefetch: its prefix fetched while it waited (Engine.prefetch), used as far as it arrived
-        by deadline (time.monotonic() seconds); stays the caller's."""
+        by deadline (time.monotonic() seconds); stays the caller's. sources: the plan's runs
+        (store "host:port", from token, tokens) its loads take their chunks from first."""
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("tokens must not be empty")
@@ -593,7 +599,7 @@ class Engine:
             try:
                 cache, known, following = self._prefill(
                     tokens, reuse if stores or reuse != "all" else "engine", o, handed, prefetch,
-                    deadline, step=kind == "decode" and max_tokens > 1)
+                    deadline, step=kind == "decode" and max_tokens > 1, sources=sources)
             except BaseException:
                 # The cache may be cropped or half-filled: nothing of it is reused or saved.
                 self.last_tokens, self.last_cache = [], None

@@ -399,7 +399,8 @@ class Server:
                                   ("load_bytes", "save_bytes", "chunks_loaded", "chunks_saved",
                                    "chunks_missed", "chunks_existing", "prefetches",
                                    "prefetch_chunks", "prefetch_chunks_loaded", "prefetch_named",
-                                   "prefetch_named_missed", "prefetch_sources_unknown")},
+                                   "prefetch_named_missed", "prefetch_sources_unknown",
+                                   "load_named", "load_named_reasked", "load_sources_unknown")},
                     "running": self.turns.busy(),
                     "cache_layer": self.engine.cn is not None}
 
@@ -505,7 +506,7 @@ class Server:
                 self.dirty.set()
                 try:
                     o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"],
-                                        prefetch=pf, deadline=deadline)
+                                        prefetch=pf, deadline=deadline, sources=sources)
                     status, out = 200, outcome_json(o)
                 except Exception as e:  # noqa: BLE001 - the server answers and goes on
                     status, out, o = 500, {"error": f"{kind}: {type(e).__name__}: {e}"}, None
@@ -539,7 +540,8 @@ class Server:
         if st0 is not None:
             # what the engine's storage client moved meanwhile (others' requests count too)
             st1 = cn.stats()
-            out.update({k: st1[k] - st0[k] for k in ("load_bytes", "shm_bytes", "net_bytes")})
+            out.update({k: st1[k] - st0[k] for k in ("load_bytes", "shm_bytes", "net_bytes",
+                                                      "load_named", "load_named_reasked")})
         if cn is not None and reuse == "all":
             tr, why = cn.transport()
             out.update({"transport": tr, "transport_reason": why})

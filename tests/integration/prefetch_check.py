@@ -6,7 +6,9 @@ gives; with a deadline already past at its turn, what had arrived is loaded and 
 computed, tokens still identical; an idle engine and --prefetch off load at the request's turn
 instead; a bad load_deadline_ms is refused with 400. The plan's sources: an engine on two stores
 whose prompt's chunks are on the first only fetches them all from it when the plan names it; a
-source naming an unknown store is passed over; bad sources are refused with 400.
+source naming an unknown store is passed over; an idle engine's layerwise load over TCP takes
+the chunks from the store the plan names, and those it lacks from their own store in the same
+load; bad sources are refused with 400.
 
 usage: prefetch_check.py KVF_STORE KVF_ENGINE
 """
@@ -238,6 +240,77 @@ def main():
         if st != 200 or rep["tokens"] != ref["tokens"] or c["prefetch_sources_unknown"] != 1 or \
                 c["prefetch_named"] != named:
             fail("unknown source: %d %r %r" % (st, rep, c))
+        # An idle engine's layerwise load follows the plan too. Two stores that serve TCP only
+        # (a remote store's way); the prompt's chunks on their own nodes (e6's warm-up) and all
+        # of them on the second as well (e7, an engine on it alone). The plan names the second
+        # for all 960 tokens: e6 takes every chunk from it, none asked again; then, with the
+        # second's copies evicted, those whose own node is the first are asked of it in the same
+        # load. Tokens identical every time.
+        _, s3 = spawn([store_bin, "--listen", "127.0.0.1:0", "--memory", "64M", "--shm", "off",
+                       "--log-level", "warn"])
+        _, s4 = spawn([store_bin, "--listen", "127.0.0.1:0", "--memory", "64M", "--shm", "off",
+                       "--log-level", "warn"])
+        _, eng6 = spawn([engine_bin, "--serve", "--id", "e6", "--role", "both", "--store",
+                         s3 + "," + s4, "--listen", "127.0.0.1:0", "--max-tokens", "16384",
+                         "--log-level", "warn"])
+        _, eng7 = spawn([engine_bin, "--serve", "--id", "e7", "--role", "both", "--store", s4,
+                         "--listen", "127.0.0.1:0", "--max-tokens", "16384", "--log-level",
+                         "warn"])
+
+        def saved(addr):
+            with urllib.request.urlopen("http://%s/v1/health" % addr, timeout=10) as r:
+                c = json.loads(r.read())["connector"]
+            return c["chunks_saved"] + c["chunks_existing"]
+
+        for e in (eng6, eng7):
+            st, rep = post(e, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
+            if st != 200:
+                fail("warm-up of %s" % e)
+            # what it found stored (the other's chunks on its nodes) is not saved again
+            for _ in range(1200):
+                if saved(e) >= 15 - rep["loaded_tokens"] // 64:
+                    break
+                time.sleep(0.05)
+            else:
+                fail("the warm-up's save on %s did not complete" % e)
+        plan = [{"store": s4, "from": 0, "tokens": 960}]
+
+        def idle_planned():
+            """The prompt on e6 at rest, its pages holding another prompt: loaded at its turn."""
+            st, _ = post(eng6, "/v1/generate", {"tokens": other, "max_tokens": 1,
+                                                "reuse": False})
+            if st != 200:
+                fail("another prompt on e6")
+            return post(eng6, "/v1/generate", {"tokens": prompt, "max_tokens": 4,
+                                               "sources": plan})
+
+        st, rep = idle_planned()
+        if st != 200 or "prefetch" in rep or rep["tokens"] != ref["tokens"] or \
+                rep["loaded_tokens"] != 960 or not 1 <= rep.get("load_named", 0) < 15 or \
+                rep["load_named_reasked"] != 0:
+            fail("idle load from the plan's store: %d %r" % (st, rep))
+        idle_named = rep["load_named"]
+        # The second store emptied, then e6's chunks saved again (those whose own node is the
+        # second: the pages still hold the prompt, whose save starts at chunk 0).
+        kvf_bin = os.path.join(os.path.dirname(engine_bin), "kvf")
+        ev = subprocess.run([kvf_bin, "clear", "--node", s4], capture_output=True, text=True,
+                            timeout=60)
+        if ev.returncode != 0:
+            fail("kvf clear: %d %r" % (ev.returncode, ev.stderr))
+        before = saved(eng6)
+        st, rep = post(eng6, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
+        if st != 200:
+            fail("e6's save again: %d %r" % (st, rep))
+        for _ in range(1200):
+            if saved(eng6) >= before + 15:
+                break
+            time.sleep(0.05)
+        else:
+            fail("e6's second save did not complete")
+        st, rep = idle_planned()
+        if st != 200 or rep["tokens"] != ref["tokens"] or rep["loaded_tokens"] != 960 or \
+                rep["load_named"] != idle_named or rep["load_named_reasked"] != idle_named:
+            fail("idle load, the plan's store emptied: %d %r" % (st, rep))
         bad = subprocess.run([engine_bin, "--serve", "--id", "e4", "--store", store,
                               "--prefetch-memory", "lots"], capture_output=True, text=True,
                              timeout=60)
@@ -246,7 +319,9 @@ def main():
         print("prefetch_check: ok (prefetched 960 tokens while waiting, tokens identical; past "
               "deadline handled; idle, --prefetch off and beyond --prefetch-memory load at "
               "their turn; the plan's sources followed: %d chunks asked of the named store, "
-              "all 960 tokens loaded; bad sources refused)" % named)
+              "all 960 tokens loaded; an idle engine's load took %d chunks from the named "
+              "store, and with that store emptied the same load asked their own store for "
+              "them; bad sources refused)" % (named, idle_named))
     finally:
         for p in PROCS:
             p.terminate()

@@ -538,7 +538,7 @@ static void test_engine_prefetch_with_deadline(void **state)
     assert_int_equal(kvf_connector_prefetch(cn, t, 960, &pf), 0);
     assert_int_equal(kvf_prefetch_tokens(pf), 960);
     kvfe_result r;
-    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, 0, &r), 0);
+    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, 0, NULL, 0, &r), 0);
     assert_int_equal(r.prefetch_tokens, 960);
     assert_int_equal(r.prefetch_ready_tokens, 960);
     assert_false(r.prefetch_deadline_missed);
@@ -573,7 +573,7 @@ static void test_engine_prefetch_with_deadline(void **state)
     assert_int_equal(kvf_connector_prefetch(cn, t, 320, &pf), 0);
     assert_int_equal(kvf_prefetch_wait(pf, 0), 320);
     run_prompt(w, t, 1000, &warm);
-    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, 0, &r), 0);
+    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, 0, NULL, 0, &r), 0);
     assert_int_equal(r.prefetch_ready_tokens, 320);
     assert_int_equal(r.loaded_tokens, 960);
     assert_int_equal(r.load_error, 0);
@@ -595,7 +595,7 @@ static void test_engine_prefetch_with_deadline(void **state)
     kvfe_set_tiers(e, 0, 1, 0);
     assert_int_equal(kvf_connector_prefetch(cn, t, 960, &pf), 0);
     uint64_t deadline = (uint64_t)((now_s() + 1.0) * 1e9);
-    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, deadline, &r), 0);
+    assert_int_equal(kvfe_prefill_prefetched(e, t, 1000, pf, deadline, NULL, 0, &r), 0);
     print_message("prefetch: %zu of 960 tokens by the deadline, waited %.3f s\n",
                   r.prefetch_ready_tokens, r.prefetch_wait_seconds);
     assert_true(r.prefetch_deadline_missed);

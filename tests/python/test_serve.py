@@ -248,6 +248,17 @@ class TestServe(unittest.TestCase):
             st, r = call(pre, "/v1/generate", {"tokens": toks, "sources": bad})
             self.assertEqual(st, 400, (bad, r))
             self.assertIn("sources", r["error"])
+        # At rest, its pages holding another prompt: the layerwise load takes the same sources
+        # (Connector.load(sources=...)); tokens as computed whole.
+        st, r = call(pre, "/v1/generate", {"tokens": prompt(200, 14), "max_tokens": 1,
+                                           "reuse": False})
+        self.assertEqual(st, 200, r)
+        st, g = call(pre, "/v1/generate", {"tokens": toks, "max_tokens": 4, "sources": src})
+        self.assertEqual(st, 200, g)
+        self.assertNotIn("prefetch", g, g)
+        self.assertEqual((g["loaded_tokens"], g["load_named"], g["load_named_reasked"]),
+                         (320, 0, 0), g)
+        self.assertEqual(g["tokens"], self.reference(toks, 4))
 
     def test_bad_requests_are_refused(self):
         pre = self.engines["prefill"][1]
