@@ -14,9 +14,13 @@
  *   each chunk whose own node is A misses on B and is asked of A after (the cost of a plan whose
  *   source has lost the chunk), against the same prompts fetched as own.
  *
- * Every prefetch must bring every chunk (a miss is an error). Ratios: own / named (the gain of
- * the zone-local replica at this link's rate) and stale / own (a stale plan's cost). Real on this
- * host; the link is a rate limit on loopback, not a network between zones.
+ * The same three ways for layerwise loads into the engine's pages, what an engine that finds
+ * itself free does (one streamed GET: kvf_connector_load against kvf_connector_load_planned, a
+ * stale plan's chunks asked of their own node in the same GET).
+ *
+ * Every prefetch and load must bring every chunk (a miss is an error). Ratios: own / named (the
+ * gain of the zone-local replica at this link's rate) and stale / own (a stale plan's cost). Real
+ * on this host; the link is a rate limit on loopback, not a network between zones.
  */
 #include "store_bench.h"
 
@@ -123,6 +127,25 @@ static double fetch_all(kvf_connector *cn, uint32_t (*set)[TOKENS], const char *
     return bench_now() - t0;
 }
 
+/* Seconds to load every prompt of set layer by layer into the pages (one after the other), with
+ * sources naming src_store for all of it (NULL: none); *short_ counts loads that did not bring
+ * every chunk. */
+static double load_all(kvf_connector *cn, uint32_t (*set)[TOKENS], const char *src_store,
+                       const uint32_t *ids, size_t n_ids, int *short_)
+{
+    double t0 = bench_now();
+    for (int i = 0; i < PROMPTS; i++) {
+        kvf_source s = {.store = src_store, .from = 0, .tokens = TOKENS};
+        kvf_xfer *x = NULL;
+        int rc = kvf_connector_load_planned(cn, set[i], TOKENS, 0, &s, src_store ? 1 : 0, ids,
+                                            n_ids, &x);
+        if (rc != 0 || kvf_xfer_wait(x) != 0 || kvf_xfer_loaded_tokens(x) != TOKENS)
+            (*short_)++;
+        kvf_xfer_free(&x);
+    }
+    return bench_now() - t0;
+}
+
 int bench_store_sources(int quick, int store_threads, double link_gbps, const char *bin, int json,
                         json_t *res)
 {
@@ -130,11 +153,12 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
     json_object_set_new(res, "cores", json_integer(kvf__cores()));
     json_object_set_new(res, "link_gbps", json_real(link_gbps));
     json_object_set_new(res, "what",
-                        json_string("prefetches of 4 prompts of 2048 tokens (64 MiB each), each "
-                                    "chunk from its own node (half of them behind a link of "
-                                    "link_gbps: another zone) against the plan's sources naming "
-                                    "a replica reached directly (the engine's zone), and a stale "
-                                    "plan naming the replica for chunks it does not hold"));
+                        json_string("prefetches and layerwise loads of 4 prompts of 2048 tokens "
+                                    "(64 MiB each), each chunk from its own node (half of them "
+                                    "behind a link of link_gbps: another zone) against the "
+                                    "plan's sources naming a replica reached directly (the "
+                                    "engine's zone), and a stale plan naming the replica for "
+                                    "chunks it does not hold"));
     kvf_layout l;
     layout_of(&l);
     pages p = {0};
@@ -181,6 +205,10 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
     int rounds = quick ? 5 : MAX_ROUNDS, short_ = 0;
     double own[MAX_ROUNDS], named[MAX_ROUNDS], stale[MAX_ROUNDS], own2[MAX_ROUNDS];
     double gain[MAX_ROUNDS], cost[MAX_ROUNDS];
+    double l_own[MAX_ROUNDS], l_named[MAX_ROUNDS], l_stale[MAX_ROUNDS], l_own2[MAX_ROUNDS];
+    double l_gain[MAX_ROUNDS], l_cost[MAX_ROUNDS];
+    int l_short = 0;
+    size_t n_ids = TOKENS / l.page_tokens;
     kvf_connector_stats s0, s1;
     kvf_connector_stats_get(cn, &s0);
     for (int r = 0; r < rounds; r++) {
@@ -190,11 +218,19 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
         own2[r] = fetch_all(cn, cold, NULL, &short_);
         gain[r] = own[r] / named[r];
         cost[r] = stale[r] / own2[r];
+        l_own[r] = load_all(cn, hot, NULL, ids, n_ids, &l_short);
+        l_named[r] = load_all(cn, hot, addr_b, ids, n_ids, &l_short);
+        l_stale[r] = load_all(cn, cold, addr_b, ids, n_ids, &l_short);
+        l_own2[r] = load_all(cn, cold, NULL, ids, n_ids, &l_short);
+        l_gain[r] = l_own[r] / l_named[r];
+        l_cost[r] = l_stale[r] / l_own2[r];
         bench_progress("store",
-                       "sources round %d/%d: own nodes %.1f ms, named replica %.1f ms (%.2fx); "
-                       "stale plan %.1f ms against %.1f ms (%.2fx)",
+                       "sources round %d/%d: prefetch: own nodes %.1f ms, named replica %.1f ms "
+                       "(%.2fx); stale plan %.1f ms against %.1f ms (%.2fx); layerwise load: "
+                       "%.1f ms, %.1f ms (%.2fx); stale %.1f ms against %.1f ms (%.2fx)",
                        r + 1, rounds, own[r] * 1e3, named[r] * 1e3, gain[r], stale[r] * 1e3,
-                       own2[r] * 1e3, cost[r]);
+                       own2[r] * 1e3, cost[r], l_own[r] * 1e3, l_named[r] * 1e3, l_gain[r],
+                       l_stale[r] * 1e3, l_own2[r] * 1e3, l_cost[r]);
     }
     kvf_connector_stats_get(cn, &s1);
     bench_spread so = bench_json_rounds(res, "own_nodes_s", own, (size_t)rounds);
@@ -208,6 +244,17 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
     json_object_set_new(res, "chunks_named", json_integer((json_int_t)nm));
     json_object_set_new(res, "chunks_named_missed", json_integer((json_int_t)ms));
     json_object_set_new(res, "short_prefetches", json_integer(short_));
+    bench_spread lo = bench_json_rounds(res, "load_own_nodes_s", l_own, (size_t)rounds);
+    bench_spread ln = bench_json_rounds(res, "load_named_replica_s", l_named, (size_t)rounds);
+    bench_spread ls = bench_json_rounds(res, "load_stale_plan_s", l_stale, (size_t)rounds);
+    bench_json_rounds(res, "load_stale_own_nodes_s", l_own2, (size_t)rounds);
+    bench_spread lg = bench_json_rounds(res, "load_own_vs_named", l_gain, (size_t)rounds);
+    bench_spread lc = bench_json_rounds(res, "load_stale_vs_own", l_cost, (size_t)rounds);
+    uint64_t lnm = s1.load_named - s0.load_named,
+             lra = s1.load_named_reasked - s0.load_named_reasked;
+    json_object_set_new(res, "load_chunks_named", json_integer((json_int_t)lnm));
+    json_object_set_new(res, "load_chunks_reasked", json_integer((json_int_t)lra));
+    json_object_set_new(res, "short_loads", json_integer(l_short));
     FILE *o = json ? stderr : stdout; /* with --json, stdout is the JSON alone */
     fprintf(o,
             "kvf-bench store --sources (%d cores, %d rounds, a link of %.1f Gb/s to A, "
@@ -223,7 +270,16 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
             ss.median * 1e3, c.median, c.p10, c.p90);
     fprintf(o, "  chunks named %llu, not given by the named node %llu; prefetches short %d\n",
             (unsigned long long)nm, (unsigned long long)ms, short_);
-    rc = short_ ? 1 : 0;
+    fprintf(o,
+            "  layerwise loads (an idle engine's): own nodes %.1f ms; from the plan's replica "
+            "%.1f ms: %.2fx [%.2f..%.2f]\n",
+            lo.median * 1e3, ln.median * 1e3, lg.median, lg.p10, lg.p90);
+    fprintf(o,
+            "  a stale plan, asked again in the same load: %.1f ms, %.2fx the own nodes' "
+            "[%.2f..%.2f]; chunks named %llu, asked again %llu; loads short %d\n",
+            ls.median * 1e3, lc.median, lc.p10, lc.p90, (unsigned long long)lnm,
+            (unsigned long long)lra, l_short);
+    rc = short_ || l_short ? 1 : 0;
 out:
     kvf_connector_close(&cn);
     kvf_connector_close(&cb);
