@@ -43,6 +43,10 @@
 /* Staging regions kept for reuse: a load, a save and the previous request's save still being
  * stored (workers.c). */
 #define KVF__STAGE_SLOTS 3
+/* Prefetch memory kept for the next prefetch once its own is done (workers.c): at most this many
+ * mappings, of at most KVF__PF_KEEP_BYTES together. */
+#define KVF__PF_KEEP       4
+#define KVF__PF_KEEP_BYTES ((size_t)1 << 30)
 
 /* kvf_xfer.region of a load from a prefetch's memory: not the connector's to release. */
 #define KVF__STAGE_BORROWED (-2)
@@ -131,6 +135,7 @@ struct kvf_connector {
     int inflight; /* transfers not yet freed */
     int closed;   /* close has run; the last transfer freed releases the connector */
     kvf__region regions[KVF__STAGE_SLOTS]; /* staging (workers.c) */
+    kvf__region pf_kept[KVF__PF_KEEP];     /* prefetch memory kept for reuse (workers.c) */
     kvf_connector_stats st;
     char last_err[240]; /* the last failure of a page task (kvf_connector_error) */
     /* CUDA registrations: arena views registered for in-place loads (workers.c), under cu_mu
@@ -270,11 +275,15 @@ void kvf__stage_init(kvf_connector *cn, size_t bytes);
 int kvf__stage_acquire(kvf_connector *cn, kvf_xfer *x, size_t n);
 /* Gives back x's staging buffer of n bytes (none held: nothing). Called with cn->mu held. */
 void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n);
-/* A private staging mapping of n bytes (page-locked where allowed, registered with CUDA when the
- * pages are CUDA memory: *cu_reg), for a prefetch; NULL when out of memory. Free with
- * kvf__stage_unmap_private(). */
-uint8_t *kvf__stage_map_private(kvf_connector *cn, size_t n, int *cu_reg);
-void kvf__stage_unmap_private(uint8_t *mem, size_t n, int cu_reg);
+/* Memory of at least n bytes for a prefetch (page-locked where allowed, registered with CUDA
+ * when the pages are CUDA memory: *cu_reg), *cap its size: one that an earlier prefetch gave
+ * back where one is large enough (the smallest such), else a new mapping; NULL when out of
+ * memory. Give it back with kvf__stage_put_private(), the connector still open or closing (not
+ * yet freed). */
+uint8_t *kvf__stage_get_private(kvf_connector *cn, size_t n, size_t *cap, int *cu_reg);
+/* Keeps mem (cap bytes) for the next prefetch where there is room (KVF__PF_KEEP,
+ * KVF__PF_KEEP_BYTES), else unmaps it; NULL: nothing. */
+void kvf__stage_put_private(kvf_connector *cn, uint8_t *mem, size_t cap, int cu_reg);
 /* Unmaps every region; no transfer may hold one. */
 void kvf__stage_fini(kvf_connector *cn);
 

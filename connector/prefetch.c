@@ -56,7 +56,7 @@ static void retry_free(retry *r)
 /* Frees p's memory and p itself (whatever of them was allocated). */
 static void prefetch_release(kvf_prefetch *p)
 {
-    kvf__stage_unmap_private(p->mem, p->mem_len, p->cu_reg);
+    kvf__stage_put_private(p->cn, p->mem, p->mem_len, p->cu_reg);
     free(p->keys);
     free(p->bufs);
     free(p->caps);
@@ -239,8 +239,7 @@ static kvf_prefetch *prefetch_alloc(kvf_connector *cn, size_t n_chunks)
     p->status = calloc(n_chunks, sizeof *p->status);
     p->groups = calloc(p->n_groups, sizeof *p->groups);
     if (n_chunks <= SIZE_MAX / cn->obj_bytes) {
-        p->mem_len = n_chunks * cn->obj_bytes;
-        p->mem = kvf__stage_map_private(cn, p->mem_len, &p->cu_reg);
+        p->mem = kvf__stage_get_private(cn, n_chunks * cn->obj_bytes, &p->mem_len, &p->cu_reg);
     }
     if (!p->keys || !p->bufs || !p->caps || !p->lens || !p->status || !p->groups || !p->mem) {
         prefetch_release(p);

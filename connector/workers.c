@@ -149,17 +149,56 @@ int kvf__stage_acquire(kvf_connector *cn, kvf_xfer *x, size_t n)
     return 0;
 }
 
-uint8_t *kvf__stage_map_private(kvf_connector *cn, size_t n, int *cu_reg)
+/* Prefetch memory is kept for the next prefetch rather than unmapped: mapping, locking and
+ * faulting in a prefix's worth of memory (64 MiB: tens of milliseconds) cost more than fetching
+ * it from a store on the same host, once per prefetch. */
+uint8_t *kvf__stage_get_private(kvf_connector *cn, size_t n, size_t *cap, int *cu_reg)
 {
-    uint8_t *p = map_pinned(n ? n : 1);
-    *cu_reg = p ? cu_register(cn, p, n ? n : 1) : 0;
+    n = n ? n : 1;
+    pthread_mutex_lock(&cn->mu);
+    kvf__region *fit = NULL;
+    for (int i = 0; i < KVF__PF_KEEP; i++) {
+        kvf__region *r = &cn->pf_kept[i];
+        if (r->mem && r->cap >= n && (!fit || r->cap < fit->cap))
+            fit = r;
+    }
+    if (fit) {
+        uint8_t *p = fit->mem;
+        *cap = fit->cap;
+        *cu_reg = fit->cu_reg;
+        *fit = (kvf__region){0};
+        cn->st.prefetch_memory_reused++;
+        pthread_mutex_unlock(&cn->mu);
+        if (!*cu_reg) /* the pages are CUDA memory now, say: registered as a new one would be */
+            *cu_reg = cu_register(cn, p, *cap);
+        return p;
+    }
+    pthread_mutex_unlock(&cn->mu);
+    uint8_t *p = map_pinned(n);
+    *cap = p ? n : 0;
+    *cu_reg = p ? cu_register(cn, p, n) : 0;
     return p;
 }
 
-void kvf__stage_unmap_private(uint8_t *mem, size_t n, int cu_reg)
+void kvf__stage_put_private(kvf_connector *cn, uint8_t *mem, size_t cap, int cu_reg)
 {
+    if (!mem)
+        return;
+    pthread_mutex_lock(&cn->mu);
+    size_t kept = 0;
+    kvf__region *slot = NULL;
+    for (int i = 0; i < KVF__PF_KEEP; i++) {
+        kept += cn->pf_kept[i].cap;
+        if (!cn->pf_kept[i].mem && !slot)
+            slot = &cn->pf_kept[i];
+    }
+    if (slot && kept + cap <= KVF__PF_KEEP_BYTES && !cn->closed) {
+        *slot = (kvf__region){.mem = mem, .cap = cap, .cu_reg = cu_reg};
+        mem = NULL;
+    }
+    pthread_mutex_unlock(&cn->mu);
     if (mem)
-        stage_unmap(mem, n ? n : 1, cu_reg);
+        stage_unmap(mem, cap, cu_reg);
 }
 
 void kvf__stage_release_locked(kvf_connector *cn, kvf_xfer *x, size_t n)
@@ -180,6 +219,9 @@ void kvf__stage_fini(kvf_connector *cn)
     for (int i = 0; i < KVF__STAGE_SLOTS; i++)
         if (cn->regions[i].mem)
             stage_unmap(cn->regions[i].mem, cn->regions[i].cap, cn->regions[i].cu_reg);
+    for (int i = 0; i < KVF__PF_KEEP; i++)
+        if (cn->pf_kept[i].mem)
+            stage_unmap(cn->pf_kept[i].mem, cn->pf_kept[i].cap, cn->pf_kept[i].cu_reg);
 }
 
 /* ------------------------------------------------------------------------------------------ */

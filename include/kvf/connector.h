@@ -290,6 +290,8 @@ typedef struct kvf_connector_stats {
      * them that node did not give (asked of their own node in the same get: the storage client's
      * count, named_reasked), and runs naming a node the connector does not use */
     uint64_t load_named, load_named_reasked, load_sources_unknown;
+    /* prefetches whose memory was one an earlier prefetch gave back (not mapped anew) */
+    uint64_t prefetch_memory_reused;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 
