@@ -69,6 +69,7 @@ int kvf_sched_cost_load(const char *path, kvf_sched_cost *c, char *err, size_t e
         {"reject_factor", offsetof(kvf_sched_cost, reject_factor)},
         {"load_deadline_base_s", offsetof(kvf_sched_cost, load_deadline_base_s)},
         {"load_deadline_s_per_ktok", offsetof(kvf_sched_cost, load_deadline_s_per_ktok)},
+        {"remote_load_bytes_per_s", offsetof(kvf_sched_cost, remote_load_bytes_per_s)},
     };
     const char *k;
     json_t *v;
@@ -130,14 +131,23 @@ double kvf__sched_handoff_s(const kvf_sched_cost *c, double tokens)
 }
 
 void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
-                         double device, double store, double disk, double disk_bps,
+                         double device, double store, double disk, double disk_bps, double remote,
                          kvf__sched_est *e)
 {
     e->device = device;
     e->cached = device > store ? device : store;
     double loaded = device >= e->cached ? 0 : e->cached - device;
     e->disk = disk < loaded ? disk : loaded;
+    /* remote tokens among those not on a disk tier only (which are priced at the disk's rate) */
+    e->remote = remote < loaded - e->disk ? remote : loaded - e->disk;
+    if (e->remote < 0)
+        e->remote = 0;
     double rate = disk_bps > 0 && disk_bps < c->load_bytes_per_s ? disk_bps : c->load_bytes_per_s;
-    e->load_s = kvf__sched_load_s(c, loaded - e->disk) + e->disk * c->kv_bytes_per_token / rate;
+    double rrate =
+        c->remote_load_bytes_per_s > 0 && c->remote_load_bytes_per_s < c->load_bytes_per_s
+            ? c->remote_load_bytes_per_s
+            : c->load_bytes_per_s;
+    e->load_s = kvf__sched_load_s(c, loaded - e->disk - e->remote) +
+                e->disk * c->kv_bytes_per_token / rate + e->remote * c->kv_bytes_per_token / rrate;
     e->ttft_s = kvf__sched_queue_s(c, load) + e->load_s + kvf__sched_prefill_s(c, n, e->cached);
 }

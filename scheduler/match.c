@@ -32,6 +32,13 @@ void kvf__sched_walk_close(kvf_sched *s)
     free(s->sdisk);
     s->sdisk = NULL;
     s->sdcap = 0;
+    free(s->shold);
+    free(s->shold_n);
+    free(s->srem);
+    s->shold = NULL;
+    s->shold_n = NULL;
+    s->srem = NULL;
+    s->shcap = 0;
     free(s->depth);
     free(s->alive);
     free(s->alive2);

@@ -14,6 +14,8 @@
 #include "kvf/feasibility.h"
 
 #include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* The plan's labels share the classifier's numbering. */
@@ -51,6 +53,88 @@ static double disk_tokens(const kvf_sched *s, double device, size_t store_tokens
     return (double)(s->sdisk[s->srun] - s->sdisk[k0]) * (double)ct;
 }
 
+/* Whether a node of zone z holds chunk k of the stored run (near_prepare's holders). */
+static int held_in_zone(const kvf_sched *s, size_t k, const char *z)
+{
+    for (uint8_t j = 0; j < s->shold_n[k]; j++)
+        if (!strcmp(s->where[s->shold[k * KVF__NEAR_HOLDERS + j]].zone, z))
+            return 1;
+    return 0;
+}
+
+/* Zone-priced loads (cost.remote_load_bytes_per_s): once a place(), the holders of each chunk of
+ * the stored run, and for each zone of the live instances that may load (up to
+ * KVF__NEAR_ZONES) how many of the run's first k chunks no node of that zone holds. Nothing when
+ * no remote rate is set, so that placement costs what it did. */
+static void near_prepare(kvf_sched *s, const kvf_place_req *req)
+{
+    s->rnear_ok = 0;
+    s->n_rzone = 0;
+    size_t run = s->srun;
+    if (!(s->o.cost.remote_load_bytes_per_s > 0) || !run || !req->chunk_keys)
+        return;
+    if (run > s->shcap) {
+        uint16_t *h = realloc(s->shold, run * KVF__NEAR_HOLDERS * sizeof *h);
+        if (h)
+            s->shold = h;
+        uint8_t *hn = h ? realloc(s->shold_n, run) : NULL;
+        if (hn)
+            s->shold_n = hn;
+        uint32_t *r = hn ? realloc(s->srem, KVF__NEAR_ZONES * (run + 1) * sizeof *r) : NULL;
+        if (!r)
+            return; /* priced at load_bytes_per_s, as without zones */
+        s->srem = r;
+        s->shcap = run;
+    }
+    uint32_t h[64];
+    for (size_t k = 0; k < run; k++) {
+        size_t nh = kvf__sched_store_holders(s, &req->chunk_keys[k], h, 64);
+        uint8_t m = 0;
+        for (size_t j = 0; j < nh && m < KVF__NEAR_HOLDERS; j++)
+            if (KVF__HOLDER_NODE(h[j]) < KVF_SCHED_MAX_STORES)
+                s->shold[k * KVF__NEAR_HOLDERS + m++] = (uint16_t)KVF__HOLDER_NODE(h[j]);
+        s->shold_n[k] = m;
+    }
+    s->rnear_ok = 1;
+    for (size_t i = 0; i < s->n_inst && s->n_rzone < KVF__NEAR_ZONES; i++) {
+        const char *z = s->inst[i].info.zone;
+        if (!s->inst[i].live || !s->inst[i].can_load || !z[0])
+            continue;
+        int seen = 0;
+        for (int j = 0; j < s->n_rzone && !seen; j++)
+            seen = !strcmp(s->rzone[j], z);
+        if (seen)
+            continue;
+        int zi = s->n_rzone++;
+        snprintf(s->rzone[zi], sizeof s->rzone[zi], "%s", z);
+        uint32_t *cum = s->srem + (size_t)zi * (run + 1);
+        cum[0] = 0;
+        for (size_t k = 0; k < run; k++)
+            cum[k + 1] = cum[k] + !held_in_zone(s, k, z);
+    }
+}
+
+/* Of the stored run's chunks from the one holding token `device` on, how many no node of zone z
+ * holds: 0 for an instance without a zone (not priced), or when near_prepare had nothing. */
+static size_t remote_chunks(const kvf_sched *s, const char *z, double device)
+{
+    size_t ct = s->o.store_chunk_tokens;
+    if (!s->rnear_ok || !z[0] || !ct)
+        return 0;
+    size_t k0 = (size_t)device / ct;
+    if (k0 >= s->srun)
+        return 0;
+    for (int j = 0; j < s->n_rzone; j++)
+        if (!strcmp(s->rzone[j], z)) {
+            const uint32_t *cum = s->srem + (size_t)j * (s->srun + 1);
+            return cum[s->srun] - cum[k0];
+        }
+    size_t rem = 0; /* a zone past the ones counted ahead: counted here */
+    for (size_t k = k0; k < s->srun; k++)
+        rem += !held_in_zone(s, k, z);
+    return rem;
+}
+
 /* What instance i would find and cost prefilling the n-token prompt, after the match (s->depth)
  * and with store_tokens loadable from the stores. */
 static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, kvf__sched_est *e)
@@ -59,9 +143,12 @@ static void estimate(const kvf_sched *s, int i, double n, size_t store_tokens, k
     /* Store-cached tokens count only where the classifier lets the instance load them. */
     double device = (double)s->depth[i] * in->info.block_tokens;
     double store = in->can_load ? (double)store_tokens : 0;
+    double remote =
+        store ? (double)remote_chunks(s, in->info.zone, device) * (double)s->o.store_chunk_tokens
+              : 0;
     kvf__sched_estimate(&s->o.cost, &in->load, n, device, store,
                         store ? disk_tokens(s, device, store_tokens) : 0,
-                        s->disk_rated ? s->disk_rate : s->o.cost.disk_load_bytes_per_s, e);
+                        s->disk_rated ? s->disk_rate : s->o.cost.disk_load_bytes_per_s, remote, e);
 }
 
 /* Whether instance in can ever hold `tokens` tokens of KV: its whole memory, as its record gives
@@ -299,6 +386,10 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     double n = (double)req->n_tokens;
     kvf__sched_match_sizes(s, req->tokens, req->n_tokens);
     size_t store_tokens = s->o.no_stores ? 0 : store_prefix(s, req);
+    if (store_tokens)
+        near_prepare(s, req);
+    else
+        s->rnear_ok = 0;
     kvf__sched_est e = {0};
     int prefill = choose_prefill(s, policy, n, store_tokens, &e);
     if (prefill < 0)

@@ -43,6 +43,11 @@ typedef struct kvf__sched_inst {
     char host[64];   /* info.host, or its endpoint's host (kvf_sched_host_of) */
 } kvf__sched_inst;
 
+/* Zone-priced loads (place.c): the zones whose counts a place() keeps, and the holders of a chunk
+ * it looks at. */
+#define KVF__NEAR_ZONES   8
+#define KVF__NEAR_HOLDERS 8
+
 struct kvf_sched {
     kvf_sched_opts o;
     /* The index (index.c): the block table maps a block hash to its holders, the engine-hash map
@@ -64,6 +69,16 @@ struct kvf_sched {
     size_t sdcap;
     size_t srun;  /* the last match's run of chunks the stores hold */
     int sdisk_ok; /* sdisk holds that match's counts (0: it could not grow) */
+    /* Zone-priced loads (place.c, cost.remote_load_bytes_per_s): the run's holders (up to
+     * KVF__NEAR_HOLDERS a chunk, shold_n of each) and, for up to KVF__NEAR_ZONES zones of the
+     * instances, how many of the first k chunks no node of that zone holds (srem[z][k]). */
+    uint16_t *shold;
+    uint8_t *shold_n;
+    uint32_t *srem;
+    size_t shcap;
+    char rzone[KVF__NEAR_ZONES][64];
+    int n_rzone;
+    int rnear_ok;                          /* shold holds the last match's holders */
     double disk_bps[KVF_SCHED_MAX_STORES]; /* kvf_sched_store_rates, per node (0: none yet) */
     struct kvf__sched_where {
         char addr[160], host[64], zone[64];
@@ -198,14 +213,16 @@ typedef struct kvf__sched_est {
     double load_s; /* loading the stores' part beyond its own */
     double ttft_s; /* queue wait + load + prefill of the rest */
     double disk;   /* of the tokens loaded, those in chunks only a disk tier holds */
+    double remote; /* of the others, those in chunks no node of the instance's zone holds */
 } kvf__sched_est;
 
 /* What prefilling an n-token prompt would find and cost on an instance with this load that holds
  * `device` of its tokens in its own memory and may load `store` from the stores (0 where it may
  * not load), `disk` of the tokens beyond `device` from chunks that only a disk tier holds, at
- * disk_bps (0: cost.disk_load_bytes_per_s). */
+ * disk_bps (0: cost.disk_load_bytes_per_s), and `remote` of them from chunks held only outside
+ * its zone, at cost.remote_load_bytes_per_s. */
 void kvf__sched_estimate(const kvf_sched_cost *c, const kvf_instance_load *load, double n,
-                         double device, double store, double disk, double disk_bps,
+                         double device, double store, double disk, double disk_bps, double remote,
                          kvf__sched_est *e);
 
 /* ------------------------------------------------------------------------------------------ */

@@ -84,6 +84,11 @@ typedef struct kvf_sched_cost {
     uint32_t decode_overflow; /* 1 (default): a decode instance also prefills a long suffix when
                                * the prefill instances' queues cost more than the whole prefill
                                * there; 0: long suffixes go to prefill instances only */
+    double remote_load_bytes_per_s; /* store in another zone -> engine (0, the default: as
+                                     * load_bytes_per_s). Priced for instances with a zone: a
+                                     * chunk counts as remote when no node holding it is in the
+                                     * instance's zone (docs/scheduler.md, "The nearest
+                                     * replica") */
 } kvf_sched_cost;
 
 void kvf_sched_cost_defaults(kvf_sched_cost *c);

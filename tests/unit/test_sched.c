@@ -705,13 +705,14 @@ static void test_sched_decode_overflow(void **state)
     int fd = mkstemp(path);
     assert_true(fd >= 0);
     const char *j = "{\"decode_overflow\": 0, \"load_deadline_base_s\": 0.05, "
-                    "\"load_deadline_s_per_ktok\": 0.01}";
+                    "\"load_deadline_s_per_ktok\": 0.01, \"remote_load_bytes_per_s\": 1.25e9}";
     assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
     close(fd);
     char err[256];
     assert_int_equal(kvf_sched_cost_load(path, &c, err, sizeof err), 0);
     assert_int_equal(c.decode_overflow, 0);
     assert_true(c.load_deadline_base_s == 0.05 && c.load_deadline_s_per_ktok == 0.01);
+    assert_true(c.remote_load_bytes_per_s == 1.25e9);
     fd = open(path, O_WRONLY | O_TRUNC);
     j = "{\"decode_overflow\": 2}";
     assert_int_equal(write(fd, j, strlen(j)), (ssize_t)strlen(j));
@@ -819,6 +820,86 @@ static void test_sched_store_tiers(void **state)
 /* The sources of a planned load: each chunk from the nearest node holding it (on the engine's
  * host, then in its zone, then elsewhere; DRAM before disk only at the same nearness; then the
  * lowest node), in runs; a node that left is never named. */
+/* Zone-priced loads (cost.remote_load_bytes_per_s): an instance whose zone holds none of the
+ * prefix pays the remote rate for it, so kvf_cost weighs a queue in the prefix's zone against a
+ * transfer from another; without the rate, or for an instance without a zone, every load is
+ * priced at load_bytes_per_s, as before. */
+static void test_sched_zone_priced_loads(void **state)
+{
+    (void)state;
+    for (int priced = 0; priced < 2; priced++) {
+        kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST};
+        kvf_sched_cost_defaults(&o.cost);
+        if (priced)
+            o.cost.remote_load_bytes_per_s = o.cost.load_bytes_per_s / 10;
+        kvf_sched *s;
+        assert_int_equal(kvf_sched_new(&s, &o), 0);
+        kvf_instance_info a = both_instance("in-za"), b = both_instance("in-zb");
+        snprintf(a.endpoint, sizeof a.endpoint, "http://10.0.1.5:8000");
+        snprintf(a.zone, sizeof a.zone, "za");
+        snprintf(b.endpoint, sizeof b.endpoint, "http://10.0.2.5:8000");
+        snprintf(b.zone, sizeof b.zone, "zb");
+        int ia, ib;
+        assert_int_equal(kvf_sched_instance_add(s, &a, &ia), 0);
+        assert_int_equal(kvf_sched_instance_add(s, &b, &ib), 0);
+        assert_int_equal(kvf_sched_store_where(s, 0, "10.0.1.9:7000", "za"), 0);
+        assert_int_equal(kvf_sched_store_where(s, 1, "10.0.2.9:7000", "zb"), 0);
+        static uint32_t t[4096];
+        seq(t, 4096, 21);
+        kvf_key keys[16];
+        for (int i = 0; i < 16; i++)
+            keys[i] = (kvf_key){.lo = (uint64_t)i + 3100, .hi = 91};
+        /* the prefix's 16 chunks (4,096 tokens) on node 0 only, in zone za */
+        assert_int_equal(kvf_sched_store_chunks(s, 0, keys, 16, 1, 0), 0);
+        /* za's instance has a queue worth more than loading the prefix at load_bytes_per_s and
+         * less than loading it at the remote rate */
+        double local_s = 4096 * o.cost.kv_bytes_per_token / o.cost.load_bytes_per_s;
+        kvf_instance_load q = {.queued_prefill_tokens =
+                                   3.0 * local_s * o.cost.prefill_tokens_per_s};
+        kvf_instance_load idle = {0};
+        kvf_place_req rq = {.tokens = t, .n_tokens = 4096, .chunk_keys = keys, .n_chunks = 16};
+        kvf_place_res rs;
+        kvf_sched_instance_load(s, ia, &q);
+        kvf_sched_instance_load(s, ib, &idle);
+        assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+        assert_int_equal(rs.cached_store, 4096);
+        printf("remote rate %s: placed on %s, load %.1f ms\n", priced ? "set" : "unset",
+               rs.prefill == ia ? "za" : "zb", rs.load_s * 1e3);
+        if (!priced) {
+            assert_int_equal(rs.prefill, ib); /* the shorter queue: every load costs the same */
+        } else {
+            assert_int_equal(rs.prefill, ia); /* the prefix's zone: its queue beats the link */
+            assert_true(fabs(rs.load_s - local_s) < 1e-9);
+            /* za much busier: zb after all, its load priced at the remote rate (and the plan's
+             * deadline with it) */
+            q.queued_prefill_tokens *= 100;
+            kvf_sched_instance_load(s, ia, &q);
+            kvf_sched_instance_load(s, ib, &idle);
+            assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+            assert_int_equal(rs.prefill, ib);
+            assert_true(fabs(rs.load_s - 10 * local_s) < 1e-9);
+            assert_true(rs.load_deadline_s >= 2 * rs.load_s);
+            /* a replica of the first half in zb: only the second half is remote for zb */
+            assert_int_equal(kvf_sched_store_chunks(s, 1, keys, 8, 1, 0), 0);
+            kvf_sched_instance_load(s, ib, &idle);
+            assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+            assert_int_equal(rs.prefill, ib);
+            assert_true(fabs(rs.load_s - 5.5 * local_s) < 1e-9);
+            /* an instance without a zone: not priced */
+            kvf_instance_info c = both_instance("in-nozone");
+            snprintf(c.endpoint, sizeof c.endpoint, "http://10.0.3.5:8000");
+            int ic;
+            assert_int_equal(kvf_sched_instance_add(s, &c, &ic), 0);
+            kvf_sched_instance_load(s, ib, &q);
+            kvf_sched_instance_load(s, ic, &idle);
+            assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+            assert_int_equal(rs.prefill, ic);
+            assert_true(fabs(rs.load_s - local_s) < 1e-9);
+        }
+        kvf_sched_destroy(&s);
+    }
+}
+
 static void test_sched_nearest_replica(void **state)
 {
     (void)state;
@@ -1204,6 +1285,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_decode_overflow),
         cmocka_unit_test(test_sched_store_tiers),
         cmocka_unit_test(test_sched_nearest_replica),
+        cmocka_unit_test(test_sched_zone_priced_loads),
         cmocka_unit_test(test_contact_stale_window),
         cmocka_unit_test(test_sched_prompt_beyond_every_instance),
         cmocka_unit_test(test_sched_plans_are_classified),
