@@ -328,8 +328,11 @@ void kvf__req_fail(kvf__req *r, int status);
  * (a miss, or the node failing) asked again of their own node, in requests of r's op, while no
  * layer of the op has been reported: r, unfinished with no layer delivered, holds the op's layer
  * front at 0 until the new requests are in it. Their items in r are marked moved; r reports
- * nothing more of them. Nothing where r is no such get, or its op is past its deadline. */
-void kvf__req_reask_named(kvf__req *r);
+ * nothing more of them. why: the status r fails with (0: r's reply said which keys it lacks); a
+ * cancellation or close asks nothing. Nothing either where r is no such get, the engine is
+ * stopping, or its op has less than KVF__REASK_MIN_NS left. */
+#define KVF__REASK_MIN_NS 20000000ull
+void kvf__req_reask_named(kvf__req *r, int why);
 /* The layer frontier of a streamed get: reports the layers every unfinished request delivered. */
 void kvf__op_stream_progress(kvf_op *op);
 /* Signals the ops that completed on this iteration of the engine's thread. */

@@ -131,15 +131,23 @@ static int worth_reasking(int st)
            st == KVF_EIO;
 }
 
-void kvf__req_reask_named(kvf__req *r)
+void kvf__req_reask_named(kvf__req *r, int why)
 {
     kvf_op *op = r->op;
     kvf__io *io = op->io;
     kvf_client *c = io ? io->cl : NULL;
-    if (!c || op->kind != KVF__OPK_GET || !(op->b.flags & KVF_GET_STREAM) || !op->b.nodes ||
-        r->finished || r->layers_delivered != 0 || op->layers_fired != 0 || op->completing ||
-        kvf__now_ns() >= op->deadline_ns)
+    /* Not when the get has too little time left: a request sent to the key's own node at its
+     * deadline's edge would time out there, and a timeout marks a node down. */
+    if (!c || (why && !worth_reasking(why)) || op->kind != KVF__OPK_GET ||
+        !(op->b.flags & KVF_GET_STREAM) || !op->b.nodes || r->finished ||
+        r->layers_delivered != 0 || op->layers_fired != 0 || op->completing ||
+        kvf__now_ns() + KVF__REASK_MIN_NS >= op->deadline_ns)
         return;
+    pthread_mutex_lock(&io->mu);
+    int stopping = io->stop;
+    pthread_mutex_unlock(&io->mu);
+    if (stopping)
+        return; /* the client is closing: what is not answered fails */
     size_t from = (size_t)(r->cn->nd - c->nodes);
     /* Each item's own node (SIZE_MAX: stays), decided once: rerouting may change it meanwhile. */
     size_t *own = malloc((r->n ? r->n : 1) * sizeof *own);

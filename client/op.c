@@ -191,17 +191,17 @@ void kvf__req_fail(kvf__req *r, int status)
         if (r->moved && r->moved[i])
             continue; /* another request of the op answers for it */
         int *st = &op->b.status[r->idx[i]];
-        if (op->kind == KVF__OPK_CTRL || *st == 0 || *st == 1) {
+        if (op->kind == KVF__OPK_CTRL || *st == 0 || *st == 1)
             *st = status;
-            failed++;
-        }
     }
     if (op->kind == KVF__OPK_CTRL && op->b.n == 0 && op->result == 0)
         op->result = status;
-    kvf__io_count(op->io, 0, 0, 0, failed, 0);
     /* A streamed get's keys that a named node failed before any layer came: their own node. */
     if (!r->finished)
-        kvf__req_reask_named(r);
+        kvf__req_reask_named(r, status);
+    for (uint32_t i = from; i < r->n; i++)
+        failed += !(r->moved && r->moved[i]) && op->b.status[r->idx[i]] == status;
+    kvf__io_count(op->io, 0, 0, 0, failed, 0);
     kvf__req_finish(r);
 }
 

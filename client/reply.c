@@ -416,7 +416,7 @@ static int rd_stream_next_hdr(kvf__conn *cn)
     if (!(cn->h.flags & KVF_WF_MORE)) {
         /* A reply without MORE had no hits. */
         kvf__rd_next_frame(cn);
-        kvf__req_reask_named(r);
+        kvf__req_reask_named(r, 0);
         r->layers_delivered = UINT32_MAX;
         kvf__req_finish(r);
         return 0;
@@ -427,7 +427,7 @@ static int rd_stream_next_hdr(kvf__conn *cn)
     if (!cn->fl_tail)
         cn->fl_tail = r;
     kvf__rd_next_frame(cn);
-    kvf__req_reask_named(r);
+    kvf__req_reask_named(r, 0);
     return 0;
 }
 
