@@ -53,13 +53,17 @@ static double disk_tokens(const kvf_sched *s, double device, size_t store_tokens
     return (double)(s->sdisk[s->srun] - s->sdisk[k0]) * (double)ct;
 }
 
-/* Whether a node of zone z holds chunk k of the stored run (near_prepare's holders). */
-static int held_in_zone(const kvf_sched *s, size_t k, const char *z)
+/* Whether chunk k of the stored run loads from another zone for an instance of zone z: no node
+ * of z holds it (near_prepare's holders), and a DRAM copy does somewhere (a chunk only a disk
+ * tier holds is priced at the disk's rate, disk_tokens). */
+static int remote_for(const kvf_sched *s, size_t k, const char *z)
 {
+    if (s->sdisk_ok && s->sdisk[k + 1] != s->sdisk[k])
+        return 0;
     for (uint8_t j = 0; j < s->shold_n[k]; j++)
         if (!strcmp(s->where[s->shold[k * KVF__NEAR_HOLDERS + j]].zone, z))
-            return 1;
-    return 0;
+            return 0;
+    return 1;
 }
 
 /* Zone-priced loads (cost.remote_load_bytes_per_s): once a place(), the holders of each chunk of
@@ -110,7 +114,7 @@ static void near_prepare(kvf_sched *s, const kvf_place_req *req)
         uint32_t *cum = s->srem + (size_t)zi * (run + 1);
         cum[0] = 0;
         for (size_t k = 0; k < run; k++)
-            cum[k + 1] = cum[k] + !held_in_zone(s, k, z);
+            cum[k + 1] = cum[k] + (uint32_t)remote_for(s, k, z);
     }
 }
 
@@ -131,7 +135,7 @@ static size_t remote_chunks(const kvf_sched *s, const char *z, double device)
         }
     size_t rem = 0; /* a zone past the ones counted ahead: counted here */
     for (size_t k = k0; k < s->srun; k++)
-        rem += !held_in_zone(s, k, z);
+        rem += (size_t)remote_for(s, k, z);
     return rem;
 }
 

@@ -895,6 +895,24 @@ static void test_sched_zone_priced_loads(void **state)
             assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
             assert_int_equal(rs.prefill, ic);
             assert_true(fabs(rs.load_s - local_s) < 1e-9);
+            /* chunks only a disk tier holds load at the disk's rate, never also as remote: a
+             * prompt whose first half is in za's DRAM and second half on zb's disk only */
+            kvf_key k2[16];
+            for (int i = 0; i < 16; i++)
+                k2[i] = (kvf_key){.lo = (uint64_t)i + 5100, .hi = 92};
+            assert_int_equal(kvf_sched_store_chunks(s, 0, k2, 8, 1, 0), 0);
+            assert_int_equal(kvf_sched_store_chunks(s, 1, k2 + 8, 8, 1, 1), 0);
+            static uint32_t t2[4096];
+            seq(t2, 4096, 22);
+            kvf_place_req rq2 = {.tokens = t2, .n_tokens = 4096, .chunk_keys = k2, .n_chunks = 16};
+            kvf_sched_instance_load(s, ia, &idle);
+            kvf_sched_instance_load(s, ib, &q);
+            kvf_sched_instance_load(s, ic, &q);
+            assert_int_equal(kvf_sched_place(s, &rq2, &rs), 0);
+            assert_int_equal(rs.prefill, ia);
+            double want =
+                local_s / 2 + 2048 * o.cost.kv_bytes_per_token / o.cost.disk_load_bytes_per_s;
+            assert_true(fabs(rs.load_s - want) < 1e-9);
         }
         kvf_sched_destroy(&s);
     }
