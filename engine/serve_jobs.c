@@ -226,6 +226,15 @@ static double await_handoff(srv *S, const job *j, size_t *cached)
 
 /* Decodes greedily after first until toks holds max_tokens tokens, appending each step's time to
  * itl; a step that fails ends the sequence there. Returns the decode time. */
+
+/* What the engine's storage client counted since `before`: its counters start at 0 in a client
+ * opened on a changed set of stores (kvf-sched's list), so a count that went back is the new
+ * client's. */
+static json_int_t client_since(uint64_t now, uint64_t before)
+{
+    return (json_int_t)(now >= before ? now - before : now);
+}
+
 /* Decodes up to max_tokens - 1 tokens after first into toks and itl; stops early, *gone set,
  * when the request's client has gone away (nobody would read them). */
 static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *toks, json_t *itl,
@@ -312,16 +321,16 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
         /* what the engine's storage client moved meanwhile, by way: other requests running at
          * the same time count too, so sums over a run are what they mean */
         json_object_set_new(out, "shm_bytes",
-                            json_integer((json_int_t)(st1.shm_bytes - st0.shm_bytes)));
+                            json_integer(client_since(st1.shm_bytes, st0.shm_bytes)));
         json_object_set_new(out, "net_bytes",
-                            json_integer((json_int_t)(st1.net_bytes - st0.net_bytes)));
+                            json_integer(client_since(st1.net_bytes, st0.net_bytes)));
         /* chunks its layerwise load asked of the node the plan named, and of those the ones
          * that node did not give (asked of their own node in the same load) */
         json_object_set_new(out, "load_named",
                             json_integer((json_int_t)(st1.load_named - st0.load_named)));
         json_object_set_new(
             out, "load_named_reasked",
-            json_integer((json_int_t)(st1.load_named_reasked - st0.load_named_reasked)));
+            json_integer(client_since(st1.load_named_reasked, st0.load_named_reasked)));
     }
     if (r.choice != KVFE_NO_DECISION) { /* --decide: the choice, its inputs and its outcome */
         static const char *const names[] = {"none", "load", "partial", "recompute"};

@@ -540,8 +540,11 @@ class Server:
         if st0 is not None:
             # what the engine's storage client moved meanwhile (others' requests count too)
             st1 = cn.stats()
-            out.update({k: st1[k] - st0[k] for k in ("load_bytes", "shm_bytes", "net_bytes",
-                                                      "load_named", "load_named_reasked")})
+            # shm, net and reasked are the storage client's counts: one opened on a changed set of
+            # stores starts at 0, so a delta that went back is what the new one counted
+            out.update({k: st1[k] - st0[k] if st1[k] >= st0[k] else st1[k]
+                        for k in ("load_bytes", "shm_bytes", "net_bytes", "load_named",
+                                  "load_named_reasked")})
         if cn is not None and reuse == "all":
             tr, why = cn.transport()
             out.update({"transport": tr, "transport_reason": why})
