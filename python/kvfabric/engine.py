@@ -187,6 +187,7 @@ class Outcome:
     tail_saved: bool = False  # a prefill saved its last partial chunk too, padded, for the decode
     decision: Dict[str, Any] = field(default_factory=dict)  # load or recompute, and why
     prefetch: Dict[str, Any] = field(default_factory=dict)  # fetched while it waited: how much
+    abandoned: bool = False  # its decode stopped early: nobody waited for it any more
 
 
 class Rates:
@@ -576,11 +577,14 @@ class Engine:
     def run(self, kind: str, tokens: Sequence[int], max_tokens: int = 1, reuse: str = "all",
             first_token: Optional[int] = None, prefetch: Optional[Prefetch] = None,
             deadline: Optional[float] = None,
-            sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> Outcome:
+            sources: Optional[Sequence[Tuple[str, int, int]]] = None,
+            gone: Optional[Callable[[], bool]] = None) -> Outcome:
         """Runs one request (see the module's docstring). Not thread-safe: one at a time.
         prefetch: its prefix fetched while it waited (Engine.prefetch), used as far as it arrived
         by deadline (time.monotonic() seconds); stays the caller's. sources: the plan's runs
-        (store "host:port", from token, tokens) its loads take their chunks from first."""
+        (store "host:port", from token, tokens) its loads take their chunks from first. gone:
+        asked before each decoding step; true stops the decode there (o.abandoned): nobody waits
+        for the rest."""
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("tokens must not be empty")
@@ -625,6 +629,9 @@ class Engine:
                     o.tokens.append(following)
                     last = following
                 for _ in range(max_tokens - len(o.tokens)):
+                    if gone is not None and gone():
+                        o.abandoned = True
+                        break
                     t = time.perf_counter()
                     last = self._step(last, cache)
                     o.tokens.append(last)

@@ -172,7 +172,7 @@ class Server:
         self.backend = backend
         self.turns = TurnQueue()
         self.mu = threading.Lock()
-        self.requests = self.failures = self.mismatches = 0
+        self.requests = self.failures = self.mismatches = self.abandoned = 0
         self.busy_s = 0.0
         self.endpoint = ""
         self.stop = threading.Event()
@@ -224,6 +224,8 @@ class Server:
                     ("held_blocks", "KV blocks in the engine's pages (published as KV events).",
                      len(self.engine.held.hashes))]
             counts = [("busy_seconds_total", "Time the engine ran requests.", self.busy_s),
+                      ("requests_abandoned_total", "Requests whose client went away before "
+                       "their answer: not run, or decoding stopped.", self.abandoned),
                       ("first_token_mismatches_total",
                        "Decodes whose first token differed from the prefill's.", self.mismatches)]
         for name, help_, v in vals:
@@ -401,10 +403,11 @@ class Server:
                                    "prefetch_chunks", "prefetch_chunks_loaded", "prefetch_named",
                                    "prefetch_named_missed", "prefetch_sources_unknown",
                                    "load_named", "load_named_reasked", "load_sources_unknown")},
-                    "running": self.turns.busy(),
+                    "running": self.turns.busy(), "abandoned": self.abandoned,
                     "cache_layer": self.engine.cn is not None}
 
-    def job(self, kind: str, body: Any) -> Tuple[int, Dict[str, Any]]:
+    def job(self, kind: str, body: Any,
+            gone: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
         """Runs one request; any failure is an answer (400, 413, 500, 503), never an escape."""
         if self.closing.is_set():
             return 503, {"error": "the engine is stopping"}
@@ -505,9 +508,18 @@ class Server:
                     t.running_work_s, t.running_since = work_s, time.monotonic()
                 self.dirty.set()
                 try:
-                    o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"],
-                                        prefetch=pf, deadline=deadline, sources=sources)
-                    status, out = 200, outcome_json(o)
+                    if gone is not None and gone():  # it left while it waited: nothing to run
+                        status, o = 499, None
+                        out = {"error": "the client went away before the request's turn"}
+                    else:
+                        o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"],
+                                            prefetch=pf, deadline=deadline, sources=sources,
+                                            gone=gone)
+                        status, out = 200, outcome_json(o)
+                        if o.abandoned:
+                            status = 499
+                            out = {"error": f"the client went away: stopped after "
+                                            f"{len(o.tokens)} of {max_tokens} tokens"}
                 except Exception as e:  # noqa: BLE001 - the server answers and goes on
                     status, out, o = 500, {"error": f"{kind}: {type(e).__name__}: {e}"}, None
                 finally:
@@ -528,7 +540,8 @@ class Server:
             self.dirty.set()
         with self.mu:
             self.requests += 1
-            self.failures += status != 200
+            self.failures += status not in (200, 499)
+            self.abandoned += status == 499
             self.busy_s += busy
             if o is not None and o.first_token_mismatch:
                 self.mismatches += 1
@@ -552,6 +565,17 @@ class Server:
             _log("error", f"the decode's first token differs from the prefill's "
                           f"{ints['first_token']}")
         return 200, out
+
+
+def _client_gone(sock: socket.socket) -> bool:
+    """Whether the client closed its connection (a peek: nothing is read). Bytes waiting (a
+    pipelined request) mean it is still there."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 def _handler(S: Server):
@@ -616,7 +640,10 @@ def _handler(S: Server):
                 self._send(404, {"error": f"POST {self.path}: not served (prefill, decode, "
                                           "generate)"})
                 return
-            status, out = S.job(self.path[4:], body)
+            status, out = S.job(self.path[4:], body, gone=lambda: _client_gone(self.connection))
+            if status == 499:  # nobody to answer
+                self.close_connection = True
+                return
             self._send(status, out)
 
     return H

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -275,6 +276,34 @@ class TestServe(unittest.TestCase):
         self.assertEqual(st, 400)
         st, r = call(pre, "/v1/nothing", {"tokens": [1]})
         self.assertEqual(st, 404)
+        st, r = call(pre, "/v1/prefill", {"tokens": prompt(70, 3)})
+        self.assertEqual(st, 200, r)  # still serving
+
+    def test_a_client_that_leaves_stops_its_decode(self):
+        """A generation whose client closed its connection stops decoding at the next token
+        (abandoned in /v1/health, requests_abandoned_total), as kvf-engine's does."""
+        pre = self.engines["prefill"][1]
+        before = call(pre, "/v1/health")[1]["abandoned"]
+        body = json.dumps({"tokens": prompt(40, 21), "max_tokens": 1900,
+                           "reuse": False}).encode()
+        host, port = pre.rsplit(":", 1)
+        sk = socket.create_connection((host, int(port)), timeout=10)
+        sk.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                   b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        for _ in range(1000):  # 10 s at most
+            if call(pre, "/v1/health")[1]["running"]:
+                break
+            time.sleep(0.01)
+        sk.close()
+        for _ in range(600):  # 60 s at most
+            h = call(pre, "/v1/health")[1]
+            if h["abandoned"] > before and not h["running"]:
+                break
+            time.sleep(0.1)
+        else:
+            self.fail(f"the abandoned generation was not stopped: {h}")
+        self.assertIn("kvf_engine_requests_abandoned_total", urllib.request.urlopen(
+            f"http://{pre}/metrics", timeout=10).read().decode())
         st, r = call(pre, "/v1/prefill", {"tokens": prompt(70, 3)})
         self.assertEqual(st, 200, r)  # still serving
 
