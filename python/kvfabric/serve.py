@@ -24,6 +24,7 @@ import ipaddress
 import json
 import os
 import re
+import select
 import signal
 import socket
 import sys
@@ -408,15 +409,18 @@ class Server:
 
     def job(self, kind: str, body: Any,
             gone: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
-        """Runs one request; any failure is an answer (400, 413, 500, 503), never an escape."""
+        """Runs one request; any failure is an answer (400, 413, 500, 503), never an escape.
+        gone: whether its client went away (asked at its turn and before each decoding step);
+        then it is not run, or stops, and the answer (499) is for nobody."""
         if self.closing.is_set():
             return 503, {"error": "the engine is stopping"}
         try:
-            return self._job(kind, body)
+            return self._job(kind, body, gone)
         except Exception as e:  # noqa: BLE001 - the server answers and goes on
             return 500, {"error": f"{kind}: {type(e).__name__}: {e}"}
 
-    def _job(self, kind: str, body: Any) -> Tuple[int, Dict[str, Any]]:
+    def _job(self, kind: str, body: Any,
+             gone: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
         if not isinstance(body, dict):
             return 400, {"error": "the body must be a JSON object"}
         toks = body.get("tokens")
@@ -571,8 +575,12 @@ def _client_gone(sock: socket.socket) -> bool:
     """Whether the client closed its connection (a peek: nothing is read). Bytes waiting (a
     pipelined request) mean it is still there."""
     try:
+        # The handler's socket has a timeout, under which recv waits for data first: it is
+        # asked only once poll says there is something (bytes, the end, or an error) to read.
+        if not select.select([sock], [], [], 0)[0]:
+            return False
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
+    except (BlockingIOError, InterruptedError, TimeoutError, ValueError):
         return False
     except OSError:
         return True
