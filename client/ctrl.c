@@ -55,8 +55,11 @@ static int ctrl(kvf_client *c, uint32_t opcode, int target, size_t n, const kvf_
     return rc;
 }
 
-int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
-                      int deadline_ms)
+/* EXISTS of keys[0..n) asked of target (-1: each key's node), present[] cleared first; a key
+ * whose node did not answer is not present. Over shared memory where every key's node serves
+ * it (shm: each key's own node). */
+static int exists_at(kvf_client *c, int target, int shm, size_t n, const kvf_key *keys,
+                     uint8_t *present, int deadline_ms)
 {
     if (!present && n)
         return KVF_EINVAL;
@@ -66,18 +69,32 @@ int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *pre
     if (n)
         memset(present, 0, n);
     int rc;
-    if (c && kvf__shm_exists(c, n, keys, present, deadline_ms, &rc)) {
+    if (shm && c && kvf__shm_exists(c, n, keys, present, deadline_ms, &rc)) {
         free(st);
         return rc;
     }
     ctrl_args a = {.present = present};
-    rc = ctrl(c, KVF_OP_EXISTS, -1, n, keys, st, deadline_ms, &a);
+    rc = ctrl(c, KVF_OP_EXISTS, target, n, keys, st, deadline_ms, &a);
     /* An unreachable node's keys are not present. */
     for (size_t i = 0; i < n; i++)
         if (st[i] != 0)
             present[i] = 0;
     free(st);
     return rc;
+}
+
+int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,
+                      int deadline_ms)
+{
+    return exists_at(c, -1, 1, n, keys, present, deadline_ms);
+}
+
+int kvf_client_exists_on(kvf_client *c, size_t node, size_t n, const kvf_key *keys,
+                         uint8_t *present, int deadline_ms)
+{
+    if (!c || node >= c->n_nodes)
+        return KVF_EINVAL;
+    return exists_at(c, (int)node, 0, n, keys, present, deadline_ms);
 }
 
 int kvf_client_exists_tiers(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,

@@ -93,6 +93,56 @@ int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size_t n, si
     return kvf_connector_lookup_why(cn, tokens, n, cached, &why);
 }
 
+int kvf_connector_lookup_planned(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                 const kvf_source *src, size_t n_src, size_t *cached)
+{
+    if (!cn || !cached || (n && !tokens) || (n_src && !src))
+        return KVF_EINVAL;
+    if (!n_src)
+        return kvf_connector_lookup(cn, tokens, n, cached);
+    *cached = 0;
+    if (kvf__connector_gate(cn, KVF_ACTION_LOOKUP) != 0)
+        return KVF_EINFEASIBLE;
+    size_t nc = n / cn->l.chunk_tokens;
+    if (nc == 0)
+        return 0;
+    kvf_key *keys = malloc(nc * sizeof *keys), *sub = malloc(nc * sizeof *sub);
+    uint8_t *own = malloc(nc), *got = malloc(nc);
+    size_t *at = malloc(nc * sizeof *at);
+    uint32_t *nodes = NULL;
+    kvf__clref *r = kvf__clref_hold(cn);
+    kvf_client *cl = r ? r->cl : NULL;
+    int rc = keys && sub && own && got && at ? 0 : KVF_ENOMEM;
+    size_t nk = 0;
+    if (!rc) {
+        kvf_keys_compute(&cn->ks, tokens, n, keys, nc, &nk, NULL);
+        rc = kvf_client_exists(cl, nk, keys, own, cn->deadline_ms);
+    }
+    uint64_t named = 0, unknown = 0;
+    if (!rc)
+        rc = kvf__plan_nodes(cn, cl, keys, nk, 0, src, n_src, &nodes, &named, &unknown);
+    /* Each named node asked once, for the chunks it is named for that their own node lacks. */
+    for (size_t node = 0; !rc && nodes && node < kvf_client_node_count(cl); node++) {
+        size_t m = 0;
+        for (size_t k = 0; k < nk; k++)
+            if (nodes[k] == node && !own[k]) {
+                at[m] = k;
+                sub[m++] = keys[k];
+            }
+        if (!m || kvf_client_exists_on(cl, node, m, sub, got, cn->deadline_ms) != 0)
+            continue; /* not asked, or not answering: those chunks count as missing */
+        for (size_t i = 0; i < m; i++)
+            own[at[i]] |= got[i];
+    }
+    size_t hits = 0;
+    while (!rc && hits < nk && own[hits])
+        hits++;
+    kvf__clref_drop(cn, r);
+    free(nodes), free(keys), free(sub), free(own), free(got), free(at);
+    *cached = hits * cn->l.chunk_tokens;
+    return rc;
+}
+
 int kvf_connector_lookup_why(kvf_connector *cn, const uint32_t *tokens, size_t n, size_t *cached,
                              int *why)
 {

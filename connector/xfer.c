@@ -426,6 +426,19 @@ static int load_direct(kvf_connector *cn, kvf_xfer *x)
     uint32_t lease_ms = (uint32_t)cn->deadline_ms + 1000u;
     int rc = kvf_client_lease(x->cr ? x->cr->cl : NULL, x->n_chunks, x->keys, lease_ms, x->srcs,
                               x->lens, x->status, &x->lease);
+    int lacking = 0;
+    for (size_t c = 0; !rc && x->nodes && c < x->n_chunks; c++)
+        lacking |= x->status[c] != 0;
+    if (lacking) {
+        /* A plan names other holders, and a chunk's own node lacks it: the client's get asks
+         * the named node (and the own one again) instead. Nothing was read yet. */
+        pthread_rwlock_rdlock(&cn->lease_rw);
+        kvf_lease_release(&x->lease);
+        pthread_rwlock_unlock(&cn->lease_rw);
+        for (size_t c = 0; c < x->n_chunks; c++)
+            x->status[c] = 0, x->lens[c] = 0;
+        rc = KVF_ENOTSUP;
+    }
     if (rc) {
         free(x->srcs);
         x->srcs = NULL;
@@ -486,18 +499,20 @@ static int load_start(kvf_connector *cn, const uint32_t *tokens, size_t n, size_
         *out = x;
         return 0;
     }
-    if (load_direct(cn, x) == 0) {
-        *out = x;
-        return 0;
-    }
-    /* Not all on this host: each chunk is asked of the node its plan names, where one does. The
-     * client asks its own node for one that the named node does not give, before any layer is
-     * reported (kvf_batch.nodes): a source is a hint, never a reason for a miss. */
+    /* Each chunk is asked of the node its plan names, where one does; the client asks its own
+     * node for one that the named node does not give, before any layer is reported
+     * (kvf_batch.nodes): a source is a hint, never a reason for a miss. Where every node is on
+     * this host the load reads their arenas in place, unless a chunk's own node lacks it (then
+     * the get asks the named one). */
     uint64_t named = 0, unknown = 0;
     if (n_src && kvf__plan_nodes(cn, x->cr ? x->cr->cl : NULL, x->keys, x->n_chunks, x->first_chunk,
                                  src, n_src, &x->nodes, &named, &unknown) != 0) {
         xfer_destroy(x);
         return KVF_ENOMEM;
+    }
+    if (load_direct(cn, x) == 0) {
+        *out = x;
+        return 0;
     }
     kvf_batch b = {
         .n = x->n_chunks,

@@ -532,7 +532,8 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
             }
         }
     } else {
-        if (cn && kvf_connector_lookup(cn, tokens, n, &r->cached_tokens) == 0)
+        /* With a plan, what its named holders have counts too: the load asks them first. */
+        if (cn && kvf_connector_lookup_planned(cn, tokens, n, src, n_src, &r->cached_tokens) == 0)
             hit = r->cached_tokens < max_hit ? r->cached_tokens : max_hit;
         if (e->o.decide && hit > dev) { /* load or recompute, from what was measured */
             size_t p = kvfe_decide(&e->rates, kvf_layout_bytes_per_token(L), C, dev, hit, n, 0,

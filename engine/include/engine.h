@@ -115,9 +115,8 @@ void kvfe_close(kvfe_engine **e);
 int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *r);
 /* kvfe_prefill, its load taking each run of chunks from the storage node a plan names (src: n_src
  * runs, kvf-sched's `sources`; kvf_connector_load_planned): a chunk the named node lacks comes
- * from its own node in the same load. The prefix loaded is what the chunks' own nodes hold (the
- * lookup's), as without sources: a chunk that no node gives would make every layer of the load
- * unusable. KVF_EINVAL for src NULL with n_src > 0. */
+ * from its own node in the same load. The prefix loaded is what the chunks' own nodes or their
+ * named nodes hold (kvf_connector_lookup_planned). KVF_EINVAL for src NULL with n_src > 0. */
 int kvfe_prefill_planned(kvfe_engine *e, const uint32_t *tokens, size_t n, const kvf_source *src,
                          size_t n_src, kvfe_result *r);
 /* kvfe_prefill, with the cached prefix prefetched while the request waited (pf: a

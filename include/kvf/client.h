@@ -153,6 +153,11 @@ KVF_API int kvf_op_free(kvf_op **op);
 KVF_API int kvf_client_put(kvf_client *c, const kvf_batch *b);
 KVF_API int kvf_client_get(kvf_client *c, const kvf_batch *b);
 
+/* Which of n keys node (its index, kvf_client_node_index) holds, wherever their own node is: one
+ * round trip (a plan's named holder, say). present[i] gets 1 or 0 (0 also when the node is
+ * unreachable). KVF_EINVAL for a node out of range. */
+KVF_API int kvf_client_exists_on(kvf_client *c, size_t node, size_t n, const kvf_key *keys,
+                                 uint8_t *present, int deadline_ms);
 /* Which of n keys exist, one round trip per node. present[i] gets 1 or 0 (0 also when the node is
  * unreachable). */
 KVF_API int kvf_client_exists(kvf_client *c, size_t n, const kvf_key *keys, uint8_t *present,

@@ -137,6 +137,14 @@ KVF_API int kvf_connector_lookup(kvf_connector *cn, const uint32_t *tokens, size
  * else the status of the node that could not answer for the next chunk. */
 KVF_API int kvf_connector_lookup_why(kvf_connector *cn, const uint32_t *tokens, size_t n,
                                      size_t *cached, int *why);
+struct kvf_source;
+/* As kvf_connector_lookup, a chunk counting as cached where its own node holds it or the node a
+ * plan's run names for it does (src: n_src runs, as for kvf_connector_load_planned): what a
+ * planned load can bring. One round trip per node the chunks live on, and one per named node
+ * asked (only for chunks their own node lacks). KVF_EINVAL also for src NULL with n_src > 0. */
+KVF_API int kvf_connector_lookup_planned(kvf_connector *cn, const uint32_t *tokens, size_t n,
+                                         const struct kvf_source *src, size_t n_src,
+                                         size_t *cached);
 
 /* Starts loading the KV of tokens[0..n) into the engine's pages. n must be a multiple of
  * chunk_tokens; page_ids lists the engine page of every page_tokens tokens (n / page_tokens

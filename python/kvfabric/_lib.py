@@ -251,6 +251,8 @@ _SIGNATURES = {
     "kvf_connector_close": (None, [_P(c_void_p)]),
     "kvf_connector_register": (c_int, [c_void_p, _P(KVLayer), c_uint32, c_char_p, c_size_t]),
     "kvf_connector_lookup": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_size_t)]),
+    "kvf_connector_lookup_planned": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(Source),
+                                             c_size_t, _P(c_size_t)]),
     "kvf_connector_load": (c_int, [c_void_p, _P(c_uint32), c_size_t, _P(c_uint32), c_size_t,
                                    _P(c_void_p)]),
     "kvf_connector_load_from": (c_int, [c_void_p, _P(c_uint32), c_size_t, c_size_t, _P(c_uint32),

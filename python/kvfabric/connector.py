@@ -282,12 +282,21 @@ class Connector(_Handle):
               "register", err.value.decode())
         self._held = tuple(p.owner for p in layers)
 
-    def lookup(self, tokens: Sequence[int]) -> int:
-        """The leading tokens that are cached, a multiple of chunk_tokens."""
+    def lookup(self, tokens: Sequence[int],
+               sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> int:
+        """The leading tokens that are cached, a multiple of chunk_tokens. sources: a plan's
+        runs (store, from, tokens): a chunk the store its run names holds counts too
+        (kvf_connector_lookup_planned), as a load with those sources can bring it."""
         arr = _lib.u32_array(tokens)
         out = ctypes.c_size_t()
-        check(_lib.lib().kvf_connector_lookup(self._handle(), arr, len(tokens), ctypes.byref(out)),
-              "lookup")
+        if sources:
+            rc = _lib.lib().kvf_connector_lookup_planned(self._handle(), arr, len(tokens),
+                                                         _sources(sources), len(sources),
+                                                         ctypes.byref(out))
+        else:
+            rc = _lib.lib().kvf_connector_lookup(self._handle(), arr, len(tokens),
+                                                 ctypes.byref(out))
+        check(rc, "lookup")
         return out.value
 
     def load(self, tokens: Sequence[int], page_ids: Sequence[int], first_chunk: int = 0,

@@ -312,9 +312,11 @@ class Engine:
             self.new_cache()
 
     # ---------------------------------------------------------------------------------------
-    def lookup(self, tokens: Sequence[int]) -> int:
-        """The leading tokens of `tokens` the stores hold (0 without a connector)."""
-        return self.cn.lookup(tokens) if self.cn is not None else 0
+    def lookup(self, tokens: Sequence[int],
+               sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> int:
+        """The leading tokens of `tokens` the stores hold (0 without a connector); with a
+        plan's sources, those its named stores hold count too."""
+        return self.cn.lookup(tokens, sources) if self.cn is not None else 0
 
     def _device_prefix(self, tokens: List[int], limit: int) -> int:
         n = 0
@@ -406,7 +408,8 @@ class Engine:
             cached = self._from_prefetch(pf, deadline, limit, o)
         elif reuse == "all" and (limit or handed is not None) and self.cn is not None:
             try:  # the stores unreachable: a miss, and the prompt is computed
-                cached = self.lookup(seq if handed is not None else tokens[:limit])
+                cached = (self.lookup(seq) if handed is not None else
+                          self.lookup(tokens[:limit], sources))
             except KvfError as e:
                 o.load_error = e.name
                 o.notes.append(f"lookup: {e}")

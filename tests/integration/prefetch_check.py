@@ -311,6 +311,28 @@ def main():
         if st != 200 or rep["tokens"] != ref["tokens"] or rep["loaded_tokens"] != 960 or \
                 rep["load_named"] != idle_named or rep["load_named_reasked"] != idle_named:
             fail("idle load, the plan's store emptied: %d %r" % (st, rep))
+        # The other way round: every chunk on the second again (e7's save starts at chunk 0: its
+        # pages hold the prompt), the first emptied. Its own stores lack the chunks whose own
+        # node is the first; the plan's store has them: the lookup counts them (named) and the
+        # load takes them from it, nothing asked again.
+        before = saved(eng7)
+        st, rep = post(eng7, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
+        if st != 200:
+            fail("e7's save again: %d %r" % (st, rep))
+        for _ in range(1200):
+            if saved(eng7) >= before + 15:
+                break
+            time.sleep(0.05)
+        else:
+            fail("e7's second save did not complete")
+        ev = subprocess.run([kvf_bin, "clear", "--node", s3], capture_output=True, text=True,
+                            timeout=60)
+        if ev.returncode != 0:
+            fail("kvf clear: %d %r" % (ev.returncode, ev.stderr))
+        st, rep = idle_planned()
+        if st != 200 or rep["tokens"] != ref["tokens"] or rep["loaded_tokens"] != 960 or \
+                rep["load_named"] != idle_named or rep["load_named_reasked"] != 0:
+            fail("idle load, the chunks' own store emptied: %d %r" % (st, rep))
         bad = subprocess.run([engine_bin, "--serve", "--id", "e4", "--store", store,
                               "--prefetch-memory", "lots"], capture_output=True, text=True,
                              timeout=60)
@@ -320,8 +342,9 @@ def main():
               "deadline handled; idle, --prefetch off and beyond --prefetch-memory load at "
               "their turn; the plan's sources followed: %d chunks asked of the named store, "
               "all 960 tokens loaded; an idle engine's load took %d chunks from the named "
-              "store, and with that store emptied the same load asked their own store for "
-              "them; bad sources refused)" % (named, idle_named))
+              "store, with that store emptied the same load asked their own store for them, "
+              "and with their own store emptied it found and loaded them from the named one; "
+              "bad sources refused)" % (named, idle_named))
     finally:
         for p in PROCS:
             p.terminate()

@@ -207,20 +207,32 @@ static void run_loads(kvf_connector *cn, pages *p, const daemon_t *a, const daem
         assert_true(named >= 1 && named < CHUNKS);
         assert_int_equal(reasked, named);
     }
-    /* 2. t2 is on b only: loaded from the chunks' own nodes it fails (a chunk of a is missing in
-     * every layer) ... */
+    /* 2. t2 is on b only: its own nodes' lookup ends at the first chunk of a, and a load from
+     * the chunks' own nodes fails (a chunk of a is missing in every layer) ... */
+    size_t own = 0, planned = 0;
+    assert_int_equal(kvf_connector_lookup(cn, t2, N, &own), 0);
+    assert_true(own < N);
     assert_int_equal(load(cn, p, t2, ids, 0, NULL, 0), 0);
-    if (over_shm) {
-        /* ... and over shared memory the sources do not change that: nothing to test further */
-        assert_int_equal(load(cn, p, t1, ids, 0, NULL, 0), N);
-        return;
-    }
-    /* ... with b named it loads whole, from b, nothing asked again. */
+    /* ... with b named, the planned lookup finds it all and the load brings it whole, from b
+     * (over shared memory too: the chunks' own arenas lack some, so the get asks b), nothing
+     * asked again. */
+    assert_int_equal(kvf_connector_lookup_planned(cn, t2, N, &all_b, 1, &planned), 0);
+    assert_int_equal(planned, N);
     kvf_connector_stats_get(cn, &s0);
     assert_int_equal(load(cn, p, t2, ids, 0, &all_b, 1), N);
     kvf_connector_stats_get(cn, &s1);
+    printf("%s: t2 (on b only): own nodes' lookup %zu tokens, planned %zu, loaded %d (%" PRIu64
+           " chunks named)\n",
+           how, own, planned, N, s1.load_named - s0.load_named);
     assert_true(s1.load_named - s0.load_named >= 1);
     assert_int_equal(s1.load_named_reasked, s0.load_named_reasked);
+    /* a plan naming a node that lacks what the own nodes lack finds no more than they do */
+    kvf_source all_a = {.store = a->addr, .from = 0, .tokens = N};
+    assert_int_equal(kvf_connector_lookup_planned(cn, t2, N, &all_a, 1, &planned), 0);
+    assert_int_equal(planned, own);
+    assert_int_equal(kvf_connector_lookup_planned(cn, t2, N, NULL, 1, &planned), KVF_EINVAL);
+    if (over_shm)
+        return;
     /* 3. From chunk 4 on, b named for tokens from chunk 4: the runs are matched by the chunks'
      * tokens in the whole prompt. */
     kvf_source tail_b = {.store = b->addr, .from = 4 * CT, .tokens = N - 4 * CT};

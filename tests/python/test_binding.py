@@ -549,6 +549,7 @@ class TestConnector(unittest.TestCase):
                         sv.layer_done(layer)
                     sv.wait()
                 cn.register(dst.pages)
+                self.assertEqual(cn.lookup(t, sources=[(b.addr, 0, len(t))]), len(t))
                 with cn.load(t, ids, sources=[(b.addr, 0, len(t))]) as ld:
                     ld.wait()
                     self.assertEqual(ld.loaded_tokens, len(t))
