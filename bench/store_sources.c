@@ -109,41 +109,71 @@ static int save(kvf_connector *cn, const uint32_t *t, const uint32_t *ids, const
     return rc;
 }
 
-/* Seconds to prefetch every prompt of set (one after the other), with sources naming src_store
- * for all of it (NULL: none); *short_ counts prefetches that did not bring every chunk. */
-static double fetch_all(kvf_connector *cn, uint32_t (*set)[TOKENS], const char *src_store,
-                        int *short_)
-{
-    double t0 = bench_now();
-    for (int i = 0; i < PROMPTS; i++) {
-        kvf_source s = {.store = src_store, .from = 0, .tokens = TOKENS};
-        kvf_prefetch *pf = NULL;
-        int rc = src_store ? kvf_connector_prefetch_from(cn, set[i], TOKENS, &s, 1, &pf)
-                           : kvf_connector_prefetch(cn, set[i], TOKENS, &pf);
-        if (rc != 0 || kvf_prefetch_wait(pf, 0) != TOKENS)
-            (*short_)++;
-        kvf_prefetch_free(&pf);
-    }
-    return bench_now() - t0;
-}
-
-/* Seconds to load every prompt of set layer by layer into the pages (one after the other), with
- * sources naming src_store for all of it (NULL: none); *short_ counts loads that did not bring
- * every chunk. */
-static double load_all(kvf_connector *cn, uint32_t (*set)[TOKENS], const char *src_store,
+/* Seconds to take every prompt of set (one after the other), with sources naming src_store for
+ * all of it (NULL: none): prefetched into the prefetch's memory, or (load) loaded layer by layer
+ * into the pages ids; *short_ counts those that did not bring every chunk. */
+static double take_all(kvf_connector *cn, int load, uint32_t (*set)[TOKENS], const char *src_store,
                        const uint32_t *ids, size_t n_ids, int *short_)
 {
     double t0 = bench_now();
     for (int i = 0; i < PROMPTS; i++) {
         kvf_source s = {.store = src_store, .from = 0, .tokens = TOKENS};
-        kvf_xfer *x = NULL;
-        int rc = kvf_connector_load_planned(cn, set[i], TOKENS, 0, &s, src_store ? 1 : 0, ids,
-                                            n_ids, &x);
-        if (rc != 0 || kvf_xfer_wait(x) != 0 || kvf_xfer_loaded_tokens(x) != TOKENS)
-            (*short_)++;
-        kvf_xfer_free(&x);
+        size_t n_src = src_store ? 1 : 0, got = 0;
+        if (load) {
+            kvf_xfer *x = NULL;
+            if (kvf_connector_load_planned(cn, set[i], TOKENS, 0, &s, n_src, ids, n_ids, &x) == 0 &&
+                kvf_xfer_wait(x) == 0)
+                got = kvf_xfer_loaded_tokens(x);
+            kvf_xfer_free(&x);
+        } else {
+            kvf_prefetch *pf = NULL;
+            if (kvf_connector_prefetch_from(cn, set[i], TOKENS, &s, n_src, &pf) == 0)
+                got = kvf_prefetch_wait(pf, 0);
+            kvf_prefetch_free(&pf);
+        }
+        *short_ += got != TOKENS;
     }
     return bench_now() - t0;
+}
+
+/* One way of taking the prompts (prefetches or layerwise loads), its rounds and its figures:
+ * JSON keys start with key ("" or "load_"). */
+typedef struct way {
+    const char *key;
+    int load, short_;
+    double own[MAX_ROUNDS], named[MAX_ROUNDS], stale[MAX_ROUNDS], own2[MAX_ROUNDS];
+    double gain[MAX_ROUNDS], cost[MAX_ROUNDS];
+    bench_spread so, sn, ss, g, c;
+} way;
+
+/* Round r of way w: each chunk from its own node, from the replica B (named), a stale plan (the
+ * cold prompts, B named) and the same cold prompts from their own nodes. */
+static void way_round(way *w, int r, kvf_connector *cn, uint32_t (*hot)[TOKENS],
+                      uint32_t (*cold)[TOKENS], const char *addr_b, const uint32_t *ids,
+                      size_t n_ids)
+{
+    w->own[r] = take_all(cn, w->load, hot, NULL, ids, n_ids, &w->short_);
+    w->named[r] = take_all(cn, w->load, hot, addr_b, ids, n_ids, &w->short_);
+    w->stale[r] = take_all(cn, w->load, cold, addr_b, ids, n_ids, &w->short_);
+    w->own2[r] = take_all(cn, w->load, cold, NULL, ids, n_ids, &w->short_);
+    w->gain[r] = w->own[r] / w->named[r];
+    w->cost[r] = w->stale[r] / w->own2[r];
+}
+
+static void way_json(way *w, json_t *res, int rounds)
+{
+    char k[64];
+#define ROUNDS(name, v) \
+    (snprintf(k, sizeof k, "%s" name, w->key), bench_json_rounds(res, k, v, (size_t)rounds))
+    w->so = ROUNDS("own_nodes_s", w->own);
+    w->sn = ROUNDS("named_replica_s", w->named);
+    w->ss = ROUNDS("stale_plan_s", w->stale);
+    ROUNDS("stale_own_nodes_s", w->own2);
+    w->g = ROUNDS("own_vs_named", w->gain);
+    w->c = ROUNDS("stale_vs_own", w->cost);
+#undef ROUNDS
+    snprintf(k, sizeof k, "short_%s", w->load ? "loads" : "prefetches");
+    json_object_set_new(res, k, json_integer(w->short_));
 }
 
 int bench_store_sources(int quick, int store_threads, double link_gbps, const char *bin, int json,
@@ -202,59 +232,36 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
         }
     }
     bench_link_set_rate(link, link_gbps * 1e9 / 8);
-    int rounds = quick ? 5 : MAX_ROUNDS, short_ = 0;
-    double own[MAX_ROUNDS], named[MAX_ROUNDS], stale[MAX_ROUNDS], own2[MAX_ROUNDS];
-    double gain[MAX_ROUNDS], cost[MAX_ROUNDS];
-    double l_own[MAX_ROUNDS], l_named[MAX_ROUNDS], l_stale[MAX_ROUNDS], l_own2[MAX_ROUNDS];
-    double l_gain[MAX_ROUNDS], l_cost[MAX_ROUNDS];
-    int l_short = 0;
+    int rounds = quick ? 5 : MAX_ROUNDS;
+    static way pre, lay; /* large: off the stack */
+    pre = (way){.key = ""};
+    lay = (way){.key = "load_", .load = 1};
     size_t n_ids = TOKENS / l.page_tokens;
     kvf_connector_stats s0, s1;
     kvf_connector_stats_get(cn, &s0);
     for (int r = 0; r < rounds; r++) {
-        own[r] = fetch_all(cn, hot, NULL, &short_);
-        named[r] = fetch_all(cn, hot, addr_b, &short_);
-        stale[r] = fetch_all(cn, cold, addr_b, &short_);
-        own2[r] = fetch_all(cn, cold, NULL, &short_);
-        gain[r] = own[r] / named[r];
-        cost[r] = stale[r] / own2[r];
-        l_own[r] = load_all(cn, hot, NULL, ids, n_ids, &l_short);
-        l_named[r] = load_all(cn, hot, addr_b, ids, n_ids, &l_short);
-        l_stale[r] = load_all(cn, cold, addr_b, ids, n_ids, &l_short);
-        l_own2[r] = load_all(cn, cold, NULL, ids, n_ids, &l_short);
-        l_gain[r] = l_own[r] / l_named[r];
-        l_cost[r] = l_stale[r] / l_own2[r];
+        way_round(&pre, r, cn, hot, cold, addr_b, ids, n_ids);
+        way_round(&lay, r, cn, hot, cold, addr_b, ids, n_ids);
         bench_progress("store",
                        "sources round %d/%d: prefetch: own nodes %.1f ms, named replica %.1f ms "
                        "(%.2fx); stale plan %.1f ms against %.1f ms (%.2fx); layerwise load: "
                        "%.1f ms, %.1f ms (%.2fx); stale %.1f ms against %.1f ms (%.2fx)",
-                       r + 1, rounds, own[r] * 1e3, named[r] * 1e3, gain[r], stale[r] * 1e3,
-                       own2[r] * 1e3, cost[r], l_own[r] * 1e3, l_named[r] * 1e3, l_gain[r],
-                       l_stale[r] * 1e3, l_own2[r] * 1e3, l_cost[r]);
+                       r + 1, rounds, pre.own[r] * 1e3, pre.named[r] * 1e3, pre.gain[r],
+                       pre.stale[r] * 1e3, pre.own2[r] * 1e3, pre.cost[r], lay.own[r] * 1e3,
+                       lay.named[r] * 1e3, lay.gain[r], lay.stale[r] * 1e3, lay.own2[r] * 1e3,
+                       lay.cost[r]);
     }
     kvf_connector_stats_get(cn, &s1);
-    bench_spread so = bench_json_rounds(res, "own_nodes_s", own, (size_t)rounds);
-    bench_spread sn = bench_json_rounds(res, "named_replica_s", named, (size_t)rounds);
-    bench_spread ss = bench_json_rounds(res, "stale_plan_s", stale, (size_t)rounds);
-    bench_json_rounds(res, "stale_own_nodes_s", own2, (size_t)rounds);
-    bench_spread g = bench_json_rounds(res, "own_vs_named", gain, (size_t)rounds);
-    bench_spread c = bench_json_rounds(res, "stale_vs_own", cost, (size_t)rounds);
+    way_json(&pre, res, rounds);
+    way_json(&lay, res, rounds);
     uint64_t nm = s1.prefetch_named - s0.prefetch_named,
              ms = s1.prefetch_named_missed - s0.prefetch_named_missed;
-    json_object_set_new(res, "chunks_named", json_integer((json_int_t)nm));
-    json_object_set_new(res, "chunks_named_missed", json_integer((json_int_t)ms));
-    json_object_set_new(res, "short_prefetches", json_integer(short_));
-    bench_spread lo = bench_json_rounds(res, "load_own_nodes_s", l_own, (size_t)rounds);
-    bench_spread ln = bench_json_rounds(res, "load_named_replica_s", l_named, (size_t)rounds);
-    bench_spread ls = bench_json_rounds(res, "load_stale_plan_s", l_stale, (size_t)rounds);
-    bench_json_rounds(res, "load_stale_own_nodes_s", l_own2, (size_t)rounds);
-    bench_spread lg = bench_json_rounds(res, "load_own_vs_named", l_gain, (size_t)rounds);
-    bench_spread lc = bench_json_rounds(res, "load_stale_vs_own", l_cost, (size_t)rounds);
     uint64_t lnm = s1.load_named - s0.load_named,
              lra = s1.load_named_reasked - s0.load_named_reasked;
+    json_object_set_new(res, "chunks_named", json_integer((json_int_t)nm));
+    json_object_set_new(res, "chunks_named_missed", json_integer((json_int_t)ms));
     json_object_set_new(res, "load_chunks_named", json_integer((json_int_t)lnm));
     json_object_set_new(res, "load_chunks_reasked", json_integer((json_int_t)lra));
-    json_object_set_new(res, "short_loads", json_integer(l_short));
     FILE *o = json ? stderr : stdout; /* with --json, stdout is the JSON alone */
     fprintf(o,
             "kvf-bench store --sources (%d cores, %d rounds, a link of %.1f Gb/s to A, "
@@ -263,23 +270,23 @@ int bench_store_sources(int quick, int store_threads, double link_gbps, const ch
     fprintf(o,
             "  4 prompts of 64 MiB, each chunk from its own node: %.1f ms; from the plan's "
             "replica: %.1f ms: %.2fx [%.2f..%.2f]\n",
-            so.median * 1e3, sn.median * 1e3, g.median, g.p10, g.p90);
+            pre.so.median * 1e3, pre.sn.median * 1e3, pre.g.median, pre.g.p10, pre.g.p90);
     fprintf(o,
             "  a stale plan (the replica lacks the chunks whose own node is A): %.1f ms, "
             "%.2fx the own nodes' [%.2f..%.2f]\n",
-            ss.median * 1e3, c.median, c.p10, c.p90);
+            pre.ss.median * 1e3, pre.c.median, pre.c.p10, pre.c.p90);
     fprintf(o, "  chunks named %llu, not given by the named node %llu; prefetches short %d\n",
-            (unsigned long long)nm, (unsigned long long)ms, short_);
+            (unsigned long long)nm, (unsigned long long)ms, pre.short_);
     fprintf(o,
             "  layerwise loads (an idle engine's): own nodes %.1f ms; from the plan's replica "
             "%.1f ms: %.2fx [%.2f..%.2f]\n",
-            lo.median * 1e3, ln.median * 1e3, lg.median, lg.p10, lg.p90);
+            lay.so.median * 1e3, lay.sn.median * 1e3, lay.g.median, lay.g.p10, lay.g.p90);
     fprintf(o,
             "  a stale plan, asked again in the same load: %.1f ms, %.2fx the own nodes' "
             "[%.2f..%.2f]; chunks named %llu, asked again %llu; loads short %d\n",
-            ls.median * 1e3, lc.median, lc.p10, lc.p90, (unsigned long long)lnm,
-            (unsigned long long)lra, l_short);
-    rc = short_ || l_short ? 1 : 0;
+            lay.ss.median * 1e3, lay.c.median, lay.c.p10, lay.c.p90, (unsigned long long)lnm,
+            (unsigned long long)lra, lay.short_);
+    rc = pre.short_ || lay.short_ ? 1 : 0;
 out:
     kvf_connector_close(&cn);
     kvf_connector_close(&cb);
