@@ -120,17 +120,6 @@ static void cn_submit(kvf__io *io, kvf__req *r)
         cn_reset(io, cn, KVF_ECONNRESET);
 }
 
-/* Whether a streamed get's key that the node named for it did not give, with status st, is
- * asked again of its own node: a miss, or that node failing (down, refusing, reset, silent,
- * sending what did not check). Not a cancellation or a close, nor what any node would answer the
- * same (the buffer too small, another layout, no memory). */
-static int worth_reasking(int st)
-{
-    return st == KVF_ENOENT || st == KVF_EHOSTUNREACH || st == KVF_ECONNREFUSED ||
-           st == KVF_ECONNRESET || st == KVF_ETIMEDOUT || st == KVF_ECHECKSUM || st == KVF_EPROTO ||
-           st == KVF_EIO;
-}
-
 void kvf__req_reask_named(kvf__req *r, int why)
 {
     kvf_op *op = r->op;
@@ -138,7 +127,7 @@ void kvf__req_reask_named(kvf__req *r, int why)
     kvf_client *c = io ? io->cl : NULL;
     /* Not when the get has too little time left: a request sent to the key's own node at its
      * deadline's edge would time out there, and a timeout marks a node down. */
-    if (!c || (why && !worth_reasking(why)) || op->kind != KVF__OPK_GET ||
+    if (!c || (why && !kvf_err_ask_elsewhere(why)) || op->kind != KVF__OPK_GET ||
         !(op->b.flags & KVF_GET_STREAM) || !op->b.nodes || r->finished ||
         r->layers_delivered != 0 || op->layers_fired != 0 || op->completing ||
         kvf__now_ns() + KVF__REASK_MIN_NS >= op->deadline_ns)
@@ -159,7 +148,7 @@ void kvf__req_reask_named(kvf__req *r, int why)
         uint32_t k = r->idx[i];
         own[i] = SIZE_MAX;
         if ((r->moved && r->moved[i]) || op->b.nodes[k] == KVF_NODE_ANY ||
-            !worth_reasking(op->b.status[k]))
+            !kvf_err_ask_elsewhere(op->b.status[k]))
             continue;
         size_t nd = kvf_client_node_of(c, &op->b.keys[k]);
         if (nd == from || nd >= c->n_nodes)

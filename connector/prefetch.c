@@ -118,16 +118,6 @@ static void on_retry_done(kvf_op *op, int status, void *ud)
 /* The chunks of group g that the node named for them did not give, asked of their own node in a
  * GET of their own (on_retry_done completes the group). Returns 1 when one was sent, 0 when
  * there is nothing to ask (the group is done as it is). */
-/* Whether a chunk that its named node did not give with status st may come from its own: a
- * miss, or that node failing (down, refusing, silent, sending bytes that did not check). Not a
- * cancellation or a close (the connector is going), nor what any node would answer the same (the
- * buffer too small, another layout). */
-static int worth_asking_again(int st)
-{
-    return st == KVF_ENOENT || st == KVF_EHOSTUNREACH || st == KVF_ECONNREFUSED ||
-           st == KVF_ETIMEDOUT || st == KVF_ECHECKSUM || st == KVF_EPROTO || st == KVF_EIO;
-}
-
 static int retry_named(struct kvf__pgroup *g)
 {
     kvf_prefetch *p = g->p;
@@ -149,7 +139,8 @@ static int retry_named(struct kvf__pgroup *g)
         return 0;
     m = 0;
     for (size_t c = g->first; c < g->first + g->n; c++)
-        m += p->nodes[c] != KVF_NODE_ANY && p->status[c] != 0 && worth_asking_again(p->status[c]);
+        m +=
+            p->nodes[c] != KVF_NODE_ANY && p->status[c] != 0 && kvf_err_ask_elsewhere(p->status[c]);
     if (!m)
         return 0;
     retry *r = calloc(1, sizeof *r);
@@ -167,7 +158,8 @@ static int retry_named(struct kvf__pgroup *g)
         return 0; /* the named node's misses stand */
     }
     for (size_t c = g->first; c < g->first + g->n; c++) {
-        if (p->nodes[c] == KVF_NODE_ANY || p->status[c] == 0 || !worth_asking_again(p->status[c]))
+        if (p->nodes[c] == KVF_NODE_ANY || p->status[c] == 0 ||
+            !kvf_err_ask_elsewhere(p->status[c]))
             continue;
         r->chunk[r->n] = c;
         r->keys[r->n] = p->keys[c];

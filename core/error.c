@@ -40,6 +40,13 @@ const char *kvf_err_name(int err)
     }
 }
 
+int kvf_err_ask_elsewhere(int err)
+{
+    return err == KVF_ENOENT || err == KVF_EHOSTUNREACH || err == KVF_ECONNREFUSED ||
+           err == KVF_ECONNRESET || err == KVF_ETIMEDOUT || err == KVF_ECHECKSUM ||
+           err == KVF_EPROTO || err == KVF_EIO;
+}
+
 int kvf_err_is_known(int err)
 {
     switch (err) {

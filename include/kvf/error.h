@@ -75,6 +75,12 @@ KVF_API int kvf_err_from_errno(int errnum);
 /* Whether err is one of the codes above (or 0). Used to validate statuses read from the wire. */
 KVF_API int kvf_err_is_known(int err);
 
+/* Whether err, one storage node's answer for one key of a get, is that node's alone, so that
+ * another node holding the key may give it: a miss, or that node failing (down, refusing, reset,
+ * silent, sending bytes that did not check). Not a cancellation or a close, nor what any node
+ * would answer the same (a buffer too small, another layout, no memory). */
+KVF_API int kvf_err_ask_elsewhere(int err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -48,6 +48,15 @@ static void test_core_error_names_and_messages(void **state)
     assert_string_equal(kvf_strerror(-12345), "unknown error code");
     assert_false(kvf_err_is_known(-12345));
     assert_false(kvf_err_is_known(5));
+    /* one node's answer another may not give, and answers any node would give alike */
+    static const int elsewhere[] = {KVF_ENOENT,     KVF_EHOSTUNREACH, KVF_ECONNREFUSED,
+                                    KVF_ECONNRESET, KVF_ETIMEDOUT,    KVF_ECHECKSUM,
+                                    KVF_EPROTO,     KVF_EIO};
+    for (size_t i = 0; i < sizeof elsewhere / sizeof elsewhere[0]; i++)
+        assert_true(kvf_err_ask_elsewhere(elsewhere[i]));
+    static const int alike[] = {0, KVF_ECANCELED, KVF_ECLOSED, KVF_E2BIG, KVF_ELAYOUT, KVF_ENOMEM};
+    for (size_t i = 0; i < sizeof alike / sizeof alike[0]; i++)
+        assert_false(kvf_err_ask_elsewhere(alike[i]));
 }
 
 static void test_core_error_codes_are_distinct(void **state)
