@@ -494,7 +494,7 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
                    uint64_t deadline_ns, const kvf_source *src, size_t n_src, kvfe_result *r)
 {
     memset(r, 0, sizeof *r);
-    if (n == 0 || n >= e->o.max_tokens)
+    if (n == 0 || n >= e->o.max_tokens || (n_src && !src))
         return KVF_EINVAL;
     double t0 = now_s();
     settle_saves(e);
@@ -591,8 +591,6 @@ int kvfe_prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvfe_result *
 int kvfe_prefill_planned(kvfe_engine *e, const uint32_t *tokens, size_t n, const kvf_source *src,
                          size_t n_src, kvfe_result *r)
 {
-    if (n_src && !src)
-        return KVF_EINVAL;
     return prefill(e, tokens, n, NULL, 0, src, n_src, r);
 }
 
@@ -600,8 +598,6 @@ int kvfe_prefill_prefetched(kvfe_engine *e, const uint32_t *tokens, size_t n, kv
                             uint64_t deadline_ns, const kvf_source *src, size_t n_src,
                             kvfe_result *r)
 {
-    if (n_src && !src)
-        return KVF_EINVAL;
     return prefill(e, tokens, n, pf, deadline_ns, src, n_src, r);
 }
 

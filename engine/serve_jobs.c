@@ -224,9 +224,6 @@ static double await_handoff(srv *S, const job *j, size_t *cached)
     return kvfe__srv_now() - t0;
 }
 
-/* Decodes greedily after first until toks holds max_tokens tokens, appending each step's time to
- * itl; a step that fails ends the sequence there. Returns the decode time. */
-
 /* What the engine's storage client counted since `before`: its counters start at 0 in a client
  * opened on a changed set of stores (kvf-sched's list), so a count that went back is the new
  * client's. */
@@ -235,8 +232,9 @@ static json_int_t client_since(uint64_t now, uint64_t before)
     return (json_int_t)(now >= before ? now - before : now);
 }
 
-/* Decodes up to max_tokens - 1 tokens after first into toks and itl; stops early, *gone set,
- * when the request's client has gone away (nobody would read them). */
+/* Decodes greedily after first until toks holds max_tokens tokens, appending each step's time to
+ * itl; a step that fails ends the sequence there, and so does the request's client going away
+ * (*gone set: nobody would read them). Returns the decode time. */
 static double decode_rest(srv *S, uint32_t first, uint32_t max_tokens, json_t *toks, json_t *itl,
                           const kvf__http_reply *client, int *gone)
 {

@@ -66,6 +66,16 @@ int kvf__sched_json_num(json_t *o, const char *k, double lo, double hi, int whol
     return -1;
 }
 
+/* Whether s is HOST:PORT with a port, after an optional scheme prefix. */
+static int host_port(const char *s, const char *scheme)
+{
+    size_t sl = strlen(scheme);
+    char h[256];
+    uint16_t port;
+    return kvf__addr_parse(strncmp(s, scheme, sl) ? s : s + sl, h, sizeof h, &port) == 0 &&
+           port != 0;
+}
+
 int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
                               uint32_t *event_shards, char *err, size_t errlen)
 {
@@ -95,26 +105,14 @@ int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, si
         return snprintf(err, errlen, "\"role\" must be prefill, decode or both"), -1;
     if (!kvf__member_zone_valid(in->id)) /* a path segment of DELETE /v1/instances/ID */
         return snprintf(err, errlen, "\"id\" must be 1 to 63 of [A-Za-z0-9._-]"), -1;
-    if (in->endpoint[0]) {
-        const char *ep = strncmp(in->endpoint, "http://", 7) ? in->endpoint : in->endpoint + 7;
-        char h[256];
-        uint16_t port;
-        if (kvf__addr_parse(ep, h, sizeof h, &port) != 0 || port == 0)
-            return snprintf(err, errlen, "\"endpoint\" must be HOST:PORT"), -1;
-    }
-    const char *zeps[2] = {in->events, replay};
-    for (int k = 0; k < 2; k++) {
-        if (!zeps[k][0])
-            continue;
-        /* ZeroMQ TCP only (tcp://HOST:PORT, or HOST:PORT): kvf-sched connects to what a record
-         * names, and a record may come from any client */
-        const char *ep = strncmp(zeps[k], "tcp://", 6) ? zeps[k] : zeps[k] + 6;
-        char h[256];
-        uint16_t port;
-        if (kvf__addr_parse(ep, h, sizeof h, &port) != 0 || port == 0)
-            return snprintf(err, errlen, "\"%s\" must be tcp://HOST:PORT", k ? "replay" : "events"),
-                   -1;
-    }
+    if (in->endpoint[0] && !host_port(in->endpoint, "http://"))
+        return snprintf(err, errlen, "\"endpoint\" must be HOST:PORT"), -1;
+    /* ZeroMQ TCP only (tcp://HOST:PORT, or HOST:PORT): kvf-sched connects to what a record
+     * names, and a record may come from any client */
+    if (in->events[0] && !host_port(in->events, "tcp://"))
+        return snprintf(err, errlen, "\"events\" must be tcp://HOST:PORT"), -1;
+    if (replay[0] && !host_port(replay, "tcp://"))
+        return snprintf(err, errlen, "\"replay\" must be tcp://HOST:PORT"), -1;
     if (in->zone[0] && !kvf__member_zone_valid(in->zone))
         return snprintf(err, errlen, "\"zone\" must be 1 to 63 of [A-Za-z0-9._-]"), -1;
     double bt, cap, slots, uses;
