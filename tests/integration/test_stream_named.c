@@ -249,6 +249,20 @@ static void test_stream_named(void **state)
            KEYS, own_b, KEYS);
     assert_int_equal(found, own_b);
 
+    /* b alone asked whether it holds them (kvf_client_exists_on): all of them, wherever their
+     * own node is; a node out of range is refused */
+    kvf_key kb[KEYS];
+    uint8_t present[KEYS];
+    for (size_t i = 0; i < KEYS; i++)
+        kb[i] = key_at(ids_b[i]);
+    assert_int_equal(kvf_client_exists_on(c, 1, KEYS, kb, present, 2000), 0);
+    for (size_t i = 0; i < KEYS; i++)
+        assert_int_equal(present[i], 1);
+    assert_int_equal(kvf_client_exists_on(c, 0, KEYS, kb, present, 2000), 0);
+    for (size_t i = 0; i < KEYS; i++)
+        assert_int_equal(present[i], 0);
+    assert_int_equal(kvf_client_exists_on(c, 3, KEYS, kb, present, 2000), KVF_EINVAL);
+
     /* 3. Held nowhere: misses, after their own node was asked too. */
     r0 = reasked(c);
     assert_int_equal(get_keys(c, ids_none, KEYS, to_b, 1, st, &w), 0);
