@@ -166,7 +166,7 @@ static int parse(int argc, char **argv, opts *o)
                  "dynamo_cost, kvf_cost",
                  "all five"),
         KVF__OPT("queue", KVF__ARG_STR, &o->queues, "Q[,Q...]",
-                 "the engines' queue orders to compare: fifo, work, sjf, lpm", "all four"),
+                 "the engines' queue orders to compare: fifo, work, sjf, lpm, hrrn", "all five"),
         KVF__OPT("rates", KVF__ARG_STR, &o->rates, "X[,X...]",
                  "arrival rates, as multiples of the trace's own", "0.5,1,2,4"),
         KVF__OPT("time-scale", KVF__ARG_REAL, &o->time_scale, "X",

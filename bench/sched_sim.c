@@ -64,7 +64,7 @@ typedef struct inst_state {
 /* The queue discipline's view of an instance's oldest waiting requests (q_pick's scratch). */
 typedef struct pick_scratch {
     size_t *tokens, *cached;
-    double *work;
+    double *work, *waited;
     size_t cap;
 } pick_scratch;
 
@@ -82,6 +82,7 @@ typedef struct sim {
     kvf_key *keys;
     size_t keycap;
     double slo;
+    double scale; /* arrivals this many times faster than the trace's */
     pick_scratch pk;
 } sim;
 
@@ -429,15 +430,19 @@ static int scratch_reserve(pick_scratch *p, size_t n)
     double *w = realloc(p->work, n * sizeof *w);
     if (w)
         p->work = w;
-    if (!t || !c || !w)
+    double *a = realloc(p->waited, n * sizeof *a);
+    if (a)
+        p->waited = a;
+    if (!t || !c || !w || !a)
         return -1;
     p->cap = n;
     return 0;
 }
 
-/* The waiting request I runs next, taken off its queue, by the simulation's queue discipline over
- * the oldest klpm_k; -1 when none waits. Out of memory for the discipline's view, the oldest. */
-static int q_pick(sim *S, inst_state *I)
+/* The waiting request I runs next at now, taken off its queue, by the simulation's queue
+ * discipline over the oldest klpm_k; -1 when none waits. Out of memory for the discipline's view,
+ * the oldest. */
+static int q_pick(sim *S, inst_state *I, double now)
 {
     size_t waiting = I->qt - I->qh;
     if (!waiting)
@@ -449,6 +454,7 @@ static int q_pick(sim *S, inst_state *I)
         for (size_t j = 0; j < v.n; j++) {
             const sched_req *q = &S->r[I->queue[I->qh + j]];
             S->pk.tokens[j] = q->in_len;
+            S->pk.waited[j] = now - q->arrival / S->scale;
             if (reads & (KVF_QUEUE_READS_CACHED | KVF_QUEUE_READS_WORK)) {
                 S->pk.cached[j] = cached_tokens(S, I, q, NULL);
                 S->pk.work[j] = prefill_time(&S->cost, q->in_len, (double)S->pk.cached[j]);
@@ -457,6 +463,7 @@ static int q_pick(sim *S, inst_state *I)
         v.tokens = S->pk.tokens;
         v.cached = S->pk.cached;
         v.work_s = S->pk.work;
+        v.waited_s = S->pk.waited;
     } else {
         v.n = 1;
     }
@@ -469,7 +476,7 @@ static int q_pick(sim *S, inst_state *I)
 
 static void start_next(sim *S, inst_state *I, double now)
 {
-    int r = q_pick(S, I);
+    int r = q_pick(S, I, now);
     if (r < 0) {
         I->running = -1;
         return;
@@ -576,6 +583,7 @@ static void sim_close(sim *S)
     free(S->pk.tokens);
     free(S->pk.cached);
     free(S->pk.work);
+    free(S->pk.waited);
     lru_free(&S->store);
     free(S->tok);
     free(S->keys);
@@ -750,6 +758,7 @@ int sched_sim_run(sched_replay *rp, kvf_policy pol, kvf_queue q, double scale, s
     sim S;
     if (sim_open(&S, rp, pol, q) != 0)
         return -1;
+    S.scale = scale;
     sched_result r = {
         .policy = pol, .queue = q, .scale = scale, .offered_rps = sched_replay_rps(rp) * scale};
     int rc = simulate(&S, scale) == 0 && collect(&S, &r) == 0 ? 0 : -1;

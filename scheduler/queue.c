@@ -37,11 +37,24 @@ static double key_longest_prefix(const kvf_queue_view *v, size_t j)
     return -(double)v->cached[j];
 }
 
+/* The response ratio (waited + work) / work, negated: the highest runs first. Among requests
+ * that have waited as long, the least work wins (work's order); a request's ratio grows by one for
+ * each of its own work's length that it waits, so a long prompt overtaken by shorter ones rises
+ * until it runs. Work below a millisecond counts as a millisecond: a request with nothing left to
+ * compute (its whole prefix cached) wins once it has waited a few, without a division by zero. */
+static double key_hrrn(const kvf_queue_view *v, size_t j)
+{
+    double w = v->work_s[j] > 1e-3 ? v->work_s[j] : 1e-3;
+    double waited = v->waited_s[j] > 0 ? v->waited_s[j] : 0;
+    return -(waited + w) / w;
+}
+
 static const queue_ops disciplines[KVF_QUEUE_COUNT_] = {
     [KVF_QUEUE_FIFO] = {.reads = 0, .key = NULL},
     [KVF_QUEUE_WORK] = {.reads = KVF_QUEUE_READS_WORK, .key = key_work},
     [KVF_QUEUE_SJF] = {.reads = KVF_QUEUE_READS_TOKENS, .key = key_tokens},
     [KVF_QUEUE_LPM] = {.reads = KVF_QUEUE_READS_CACHED, .key = key_longest_prefix},
+    [KVF_QUEUE_HRRN] = {.reads = KVF_QUEUE_READS_WORK | KVF_QUEUE_READS_WAITED, .key = key_hrrn},
 };
 
 unsigned kvf_queue_reads(kvf_queue q)

@@ -103,12 +103,17 @@ void kvf_sched_cost_defaults(kvf_sched_cost *c);
  *   fifo  arrival order
  *   work  the least uncached prefill work, in the cost model's seconds (cache-aware shortest job)
  *   sjf   the fewest prompt tokens, cached or not (shortest job first, blind to the cache)
- *   lpm   the longest cached prefix (k-LPM, after SGLang's longest-prefix-match order) */
+ *   lpm   the longest cached prefix (k-LPM, after SGLang's longest-prefix-match order)
+ *   hrrn  the highest response ratio, (waited + work) / work: work's order among requests that
+ *         came together, but a request's priority grows with its wait in units of its own work,
+ *         so a long prompt is not overtaken without end by the slightly shorter ones that come
+ *         after it (highest response ratio next, Brinch Hansen 1971) */
 #define KVF_QUEUE_MAP(XX) \
     XX(FIFO, "fifo")      \
     XX(WORK, "work")      \
     XX(SJF, "sjf")        \
-    XX(LPM, "lpm")
+    XX(LPM, "lpm")        \
+    XX(HRRN, "hrrn")
 
 typedef enum kvf_queue {
 #define KVF_QUEUE_ENUM_(e, name) KVF_QUEUE_##e,
@@ -125,6 +130,7 @@ int kvf_queue_parse(const char *name, kvf_queue *out);
 #define KVF_QUEUE_READS_TOKENS 1u /* kvf_queue_view.tokens */
 #define KVF_QUEUE_READS_CACHED 2u /* kvf_queue_view.cached */
 #define KVF_QUEUE_READS_WORK   4u /* kvf_queue_view.work_s */
+#define KVF_QUEUE_READS_WAITED 8u /* kvf_queue_view.waited_s */
 
 /* The KVF_QUEUE_READS_* flags of discipline q (0 for fifo, and for a number outside kvf_queue). */
 unsigned kvf_queue_reads(kvf_queue q);
@@ -134,9 +140,10 @@ unsigned kvf_queue_reads(kvf_queue q);
  * call. */
 typedef struct kvf_queue_view {
     size_t n;
-    const size_t *tokens; /* prompt tokens */
-    const size_t *cached; /* cached prompt tokens (device or store, whichever is longer) */
-    const double *work_s; /* prefill work left after the cached prefix, in seconds */
+    const size_t *tokens;   /* prompt tokens */
+    const size_t *cached;   /* cached prompt tokens (device or store, whichever is longer) */
+    const double *work_s;   /* prefill work left after the cached prefix, in seconds */
+    const double *waited_s; /* seconds each has waited so far */
 } kvf_queue_view;
 
 /* Which waiting request of v runs next under discipline q with window k; pick counts the

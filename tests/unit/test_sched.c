@@ -1149,7 +1149,12 @@ static void test_sched_queue_disciplines(void **state)
     const size_t tokens[] = {9000, 100, 8000, 7000, 1};
     const size_t cached[] = {0, 0, 7000, 7950, 9000};
     const double work[] = {0.9, 0.01, 0.005, 0.02, 0.0};
-    kvf_queue_view all = {.n = 5, .tokens = tokens, .cached = cached, .work_s = work};
+    /* Response ratios (waited + work) / work: 2, 3, 1, 3.5 and (0.01 + 0.001) / 0.001 = 11 (work
+     * under a millisecond counts as one): the highest of the four is 3's, and the fifth's beyond.
+     */
+    const double waited[] = {0.9, 0.02, 0.0, 0.05, 0.01};
+    kvf_queue_view all = {
+        .n = 5, .tokens = tokens, .cached = cached, .work_s = work, .waited_s = waited};
     const struct {
         kvf_queue q;
         unsigned reads;
@@ -1159,6 +1164,7 @@ static void test_sched_queue_disciplines(void **state)
         {KVF_QUEUE_WORK, KVF_QUEUE_READS_WORK, 2},
         {KVF_QUEUE_SJF, KVF_QUEUE_READS_TOKENS, 1},
         {KVF_QUEUE_LPM, KVF_QUEUE_READS_CACHED, 3},
+        {KVF_QUEUE_HRRN, KVF_QUEUE_READS_WORK | KVF_QUEUE_READS_WAITED, 3},
     };
     assert_int_equal(sizeof want / sizeof want[0], KVF_QUEUE_COUNT_);
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
@@ -1168,7 +1174,8 @@ static void test_sched_queue_disciplines(void **state)
         kvf_queue_view only = {.n = 5,
                                .tokens = r & KVF_QUEUE_READS_TOKENS ? tokens : NULL,
                                .cached = r & KVF_QUEUE_READS_CACHED ? cached : NULL,
-                               .work_s = r & KVF_QUEUE_READS_WORK ? work : NULL};
+                               .work_s = r & KVF_QUEUE_READS_WORK ? work : NULL,
+                               .waited_s = r & KVF_QUEUE_READS_WAITED ? waited : NULL};
         assert_int_equal(kvf_sched_queue_pick_by(q, 4, &only, 0), want[i].pick);
         assert_int_equal(kvf_sched_queue_pick_by(q, 4, &all, 0), want[i].pick);
         /* Every k-th pick the oldest; a window under 2 is arrival order. */
@@ -1204,6 +1211,43 @@ static void test_sched_queue_disciplines(void **state)
     c.klpm_k = 4;
     c.queue_by_work = 1;
     assert_int_equal(kvf_sched_queue_pick(&c, cached, work, 5, 0), 2);
+}
+
+/* hrrn: work's order among requests that have waited as long; a long request that has waited
+ * long enough for its ratio to pass a fresh short one's runs first; so a long prompt behind a
+ * stream of slightly shorter ones runs after a bounded wait, where work starves it until the k-th
+ * pick. */
+static void test_sched_queue_hrrn(void **state)
+{
+    (void)state;
+    const double work[] = {4.0, 1.0, 2.0};
+    const double same[] = {0.5, 0.5, 0.5};
+    kvf_queue_view v = {.n = 3, .work_s = work, .waited_s = same};
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_HRRN, 128, &v, 0), 1);
+    const double long_wait[] = {3.0, 0.0, 0.0}; /* 1.75 against 1 and 1 */
+    v.waited_s = long_wait;
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_HRRN, 128, &v, 0), 0);
+    const double short_waited[] = {3.0, 1.0, 0.0}; /* 1.75 against 2 */
+    v.waited_s = short_waited;
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_HRRN, 128, &v, 0), 1);
+    /* A 1 s request that waited through a running 0.9 s one, against the next 0.9 s one that
+     * just came, at each pick: work passes it over every time (20 picks here, up to the window's
+     * k-th); hrrn runs it at the first. */
+    for (int q = 0; q < 2; q++) {
+        kvf_queue disc = q ? KVF_QUEUE_HRRN : KVF_QUEUE_WORK;
+        int ran_at = -1;
+        for (int pick = 0; pick < 20 && ran_at < 0; pick++) {
+            const double w2[] = {1.0, 0.9};
+            const double a2[] = {0.9 * (pick + 1), 0.0};
+            kvf_queue_view s2 = {.n = 2, .work_s = w2, .waited_s = a2};
+            if (kvf_sched_queue_pick_by(disc, 128, &s2, (uint64_t)pick) == 0)
+                ran_at = pick;
+        }
+        if (disc == KVF_QUEUE_WORK)
+            assert_int_equal(ran_at, -1);
+        else
+            assert_int_equal(ran_at, 0);
+    }
 }
 
 static void test_sched_cost_file(void **state)
@@ -1310,6 +1354,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_cost_file),
         cmocka_unit_test(test_sched_queue_pick),
         cmocka_unit_test(test_sched_queue_disciplines),
+        cmocka_unit_test(test_sched_queue_hrrn),
     };
     return cmocka_run_group_tests_name("sched", tests, NULL, NULL);
 }
