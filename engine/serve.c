@@ -280,12 +280,12 @@ static int parse_args(int argc, char **argv, serve_opts *o)
                       .seed = "1",
                       .max_tokens = "16384",
                       .level = "info",
-                      .queue = "work",
+                      .queue = "hrrn",
                       .prefetch = "on",
                       .prefetch_memory = "1G"};
     static const char *const roles[] = {"prefill", "decode", "both", NULL};
     static const char *const models[] = {"ref-tiny", "ref-100m", NULL};
-    static const char *const queues[] = {"work", "fifo", NULL};
+    static const char *const queues[] = {"work", "hrrn", "fifo", NULL};
     static const char *const onoff[] = {"on", "off", NULL};
     static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
     static const char *const formats[] = {"text", "json", NULL};
@@ -323,8 +323,9 @@ static int parse_args(int argc, char **argv, serve_opts *o)
         KVF__OPT("max-tokens", KVF__ARG_STR, &o->max_tokens, "N",
                  "KV capacity in tokens, 256..1048576", "16384"),
         KVF__OPT("queue", KVF__ARG_CHOICE, &o->queue, "ORDER",
-                 "the queue's order: work, least remaining work first; fifo, arrival", "work",
-                 .choices = queues),
+                 "the queue's order: work, least remaining work first; hrrn, highest response "
+                 "ratio (work's order, aged by each request's wait); fifo, arrival",
+                 "work", .choices = queues),
         KVF__OPT("cost", KVF__ARG_STR, &o->cost, "FILE",
                  "the calibration the queue's estimates use (kvf-engine --calibrate)", NULL),
         KVF__OPT("decide", KVF__ARG_FLAG, &o->decide, NULL,
@@ -375,8 +376,13 @@ static int configure_queue(srv *S, const char *queue, const char *cost)
     }
     if (!strcmp(queue, "fifo")) {
         S->qcost.klpm_k = 0;
-    } else if (strcmp(queue, "work") != 0) {
-        fprintf(stderr, "kvf-engine: --queue must be work or fifo\n");
+        S->queue = KVF_QUEUE_FIFO;
+    } else if (!strcmp(queue, "hrrn")) {
+        S->queue = S->qcost.klpm_k < 2 ? KVF_QUEUE_FIFO : KVF_QUEUE_HRRN;
+    } else if (!strcmp(queue, "work")) {
+        S->queue = kvf_sched_cost_queue(&S->qcost); /* the cost file may name lpm or fifo */
+    } else {
+        fprintf(stderr, "kvf-engine: --queue must be work, hrrn or fifo\n");
         return 2;
     }
     return PROCEED;
@@ -743,7 +749,7 @@ out_close_events:
     kvf_connector_close(&S.cn);
     kvf_metrics_free(&S.metrics_pub);
     free(S.held);
-    free(S.wait), free(S.pick_cached), free(S.pick_work);
+    free(S.wait), free(S.pick_cached), free(S.pick_work), free(S.pick_waited);
     kvf__metrics_free(&S.metrics);
     if (!rc)
         kvf_info(&S.lg, "stopped after %llu requests", (unsigned long long)S.requests);

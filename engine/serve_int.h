@@ -40,19 +40,22 @@ typedef struct srv {
     char host[128]; /* --listen's */
     uint16_t port;
     uint32_t max_tokens;
-    /* The waiting queue: the engine runs one job at a time, chosen by kvf_sched_queue_pick (the
-     * least remaining work among the oldest klpm_k, every klpm_k-th pick the oldest) or in
-     * arrival order (--queue fifo). Oldest first. */
+    /* The waiting queue: the engine runs one job at a time, chosen by the discipline `queue`
+     * (kvf_sched_queue_pick_by over the oldest klpm_k, every klpm_k-th pick the oldest: --queue
+     * work, the least remaining work; hrrn, the highest response ratio; fifo, arrival order).
+     * Oldest first. */
     pthread_mutex_t mu;
     pthread_cond_t cv;
     struct waiter {
         uint64_t id;
         size_t cached;
         double work_s;
+        double since; /* when it began to wait (kvfe__srv_now) */
     } * wait;
     size_t n_wait, cap_wait;
-    size_t *pick_cached; /* kvf_sched_queue_pick's arguments, cap_wait long */
-    double *pick_work;
+    size_t *pick_cached; /* the discipline's view (kvf_queue_view), cap_wait long */
+    double *pick_work, *pick_waited;
+    kvf_queue queue;
     uint64_t next_id, running; /* the job holding the engine (0: none) */
     uint64_t picks;
     kvf_sched_cost qcost;

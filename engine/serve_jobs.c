@@ -393,11 +393,17 @@ static void dispatch_locked(srv *S)
 {
     if (S->running || S->n_wait == 0)
         return;
+    double now = kvfe__srv_now();
     for (size_t i = 0; i < S->n_wait; i++) {
         S->pick_cached[i] = S->wait[i].cached;
         S->pick_work[i] = S->wait[i].work_s;
+        S->pick_waited[i] = now - S->wait[i].since;
     }
-    size_t i = kvf_sched_queue_pick(&S->qcost, S->pick_cached, S->pick_work, S->n_wait, S->picks++);
+    kvf_queue_view v = {.n = S->n_wait,
+                        .cached = S->pick_cached,
+                        .work_s = S->pick_work,
+                        .waited_s = S->pick_waited};
+    size_t i = kvf_sched_queue_pick_by(S->queue, S->qcost.klpm_k, &v, S->picks++);
     S->running = S->wait[i].id;
     memmove(&S->wait[i], &S->wait[i + 1], (S->n_wait - i - 1) * sizeof *S->wait);
     S->n_wait--;
@@ -413,17 +419,19 @@ static int wait_turn(srv *S, size_t cached, double work_s)
         struct waiter *w = realloc(S->wait, cap * sizeof *w);
         size_t *pc = realloc(S->pick_cached, cap * sizeof *pc);
         double *pw = realloc(S->pick_work, cap * sizeof *pw);
+        double *pa = realloc(S->pick_waited, cap * sizeof *pa);
         S->wait = w ? w : S->wait;
         S->pick_cached = pc ? pc : S->pick_cached;
         S->pick_work = pw ? pw : S->pick_work;
-        if (!w || !pc || !pw) {
+        S->pick_waited = pa ? pa : S->pick_waited;
+        if (!w || !pc || !pw || !pa) {
             pthread_mutex_unlock(&S->mu);
             return KVF_ENOMEM;
         }
         S->cap_wait = cap;
     }
     uint64_t id = ++S->next_id;
-    S->wait[S->n_wait++] = (struct waiter){id, cached, work_s};
+    S->wait[S->n_wait++] = (struct waiter){id, cached, work_s, kvfe__srv_now()};
     dispatch_locked(S);
     while (S->running != id && !atomic_load(&S->stop))
         pthread_cond_wait(&S->cv, &S->mu);
