@@ -273,7 +273,7 @@ static double compute_slowdown(const kvf_sched *s, int i)
 }
 
 static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, double n,
-                              size_t store_tokens, kvf__sched_est *e)
+                              size_t store_tokens, double slo_s, kvf__sched_est *e)
 {
     if (decode < 0 || decode == prefill)
         return prefill;
@@ -285,8 +285,14 @@ static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, doubl
     /* On shared compute the long prefill runs slower there, and so do its neighbours: priced by
      * the slowdown, it must still save more than it lasts. */
     double f = compute_slowdown(s, decode);
-    int overflow = s->o.cost.decode_overflow && !(s->inst[decode].info.role & KVF_ROLE_PREFILL) &&
-                   work > 0 && saved - (f - 1.0) * work >= f * work;
+    int decode_only =
+        s->o.cost.decode_overflow && !(s->inst[decode].info.role & KVF_ROLE_PREFILL) && work > 0;
+    int overflow = decode_only && saved - (f - 1.0) * work >= f * work;
+    /* SLO rescue: a request that would miss its TTFT objective through the prefill tier and meets
+     * it on the decode instance, its prefill there priced at the slowdown. */
+    double there = d.ttft_s + (f - 1.0) * work;
+    overflow |= decode_only && slo_s > 0 &&
+                e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n) > slo_s && there <= slo_s;
     if (short_suffix || overflow) {
         *e = d;
         return decode;
@@ -404,7 +410,7 @@ int kvf_sched_place(kvf_sched *s, const kvf_place_req *req, kvf_place_res *res)
     int decode = choose_decode(s, prefill, n + req->output_tokens, &too_small);
     if (decode < 0 && (too_small || !can_hold(&s->inst[prefill], n + req->output_tokens)))
         return KVF_ENOENT; /* no instance that decodes can hold the prompt and its output */
-    prefill = colocate_on_decode(s, prefill, decode, n, store_tokens, &e);
+    prefill = colocate_on_decode(s, prefill, decode, n, store_tokens, req->slo_ttft_s, &e);
     set_estimates(s, n, prefill, decode >= 0 ? decode : prefill, &e, res);
     if (req->slo_ttft_s > 0 && c->reject_factor > 0 &&
         e.ttft_s > req->slo_ttft_s * c->reject_factor) {

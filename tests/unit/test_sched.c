@@ -694,6 +694,25 @@ static void test_sched_decode_overflow(void **state)
             assert_int_equal(kvf_sched_place(bs, &lr, &lres), 0);
             assert_int_equal(lres.decode, ix[2]);
             assert_int_equal(lres.prefill, cores == 2 && !deep_s ? ix[0] : ix[2]);
+            if (cores != 2 || deep_s)
+                continue;
+            /* The SLO rescue: through the prefill tier this prompt's TTFT is about 2.4 s (1.5 s
+             * queued, 0.88 s of prefill, the handoff); on the decode engine, priced at the
+             * slowdown, 1.32 s. An objective of 2 s that the one misses and the other meets
+             * sends it to the decode engine; one of 1 s that both miss, or of 3 s that both
+             * meet, leaves it with the prefill tier. */
+            const double slo[] = {2.0, 1.0, 3.0};
+            for (int k = 0; k < 3; k++) {
+                kvf_sched_instance_load(bs, ix[0], &deep2);
+                kvf_sched_instance_load(bs, ix[1], &deep2);
+                kvf_sched_instance_load(bs, ix[2], &none);
+                lr.slo_ttft_s = slo[k];
+                assert_int_equal(kvf_sched_place(bs, &lr, &lres), 0);
+                assert_int_equal(lres.decode, ix[2]);
+                assert_int_equal(lres.prefill, k == 0 ? ix[2] : ix[0]);
+                if (k == 0)
+                    assert_true(lres.expected_ttft_s < 2.0);
+            }
         }
         kvf_sched_destroy(&bs);
     }
