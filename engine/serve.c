@@ -8,7 +8,7 @@
  *              [--events HOST:PORT] [--model M] [--seed S] [--max-tokens N] [--log-level L]
  *              [--events-credential FILE --events-tenants FILE] [--tokens FILE]
  *              [--insecure: allow --listen/--events on an address that is not loopback]
- *              [--queue work|fifo] [--cost FILE] [--decide: load or recompute per request]
+ *              [--queue hrrn|work|fifo] [--cost FILE] [--decide: load or recompute per request]
  *              [--prefetch on|off: fetch a waiting request's cached prefix while it waits]
  *              [--prefetch-memory SIZE: what the waiting requests' prefetches may hold (1G)]
  *
@@ -32,8 +32,9 @@
  *   GET /v1/health                                 id, role, queue and connector figures
  *
  * One sequence runs at a time (the reference engine has one); waiting requests are taken by
- * kvf-sched's queue rule (kvf_sched_queue_pick: the least uncached work among the oldest, every
- * k-th pick the oldest; --queue fifo keeps arrival order), and the queue is reported to kvf-sched
+ * kvf-sched's queue rules (kvf_sched_queue_pick_by over the oldest 128, every 128th pick the
+ * oldest: hrrn by default, the highest response ratio (waited + work) / work; --queue work the
+ * least uncached work; --queue fifo arrival order), and the queue is reported to kvf-sched
  * as the engine's load. The KV of the last sequence stays in
  * the engine's pages: a prompt that starts with it keeps those chunks (device tier), and the
  * events say so: BlockStored for a new sequence's blocks, BlockRemoved for the blocks it replaced,
@@ -325,7 +326,7 @@ static int parse_args(int argc, char **argv, serve_opts *o)
         KVF__OPT("queue", KVF__ARG_CHOICE, &o->queue, "ORDER",
                  "the queue's order: work, least remaining work first; hrrn, highest response "
                  "ratio (work's order, aged by each request's wait); fifo, arrival",
-                 "work", .choices = queues),
+                 "hrrn", .choices = queues),
         KVF__OPT("cost", KVF__ARG_STR, &o->cost, "FILE",
                  "the calibration the queue's estimates use (kvf-engine --calibrate)", NULL),
         KVF__OPT("decide", KVF__ARG_FLAG, &o->decide, NULL,

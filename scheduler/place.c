@@ -291,10 +291,13 @@ static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, doubl
     /* SLO rescue: a request that would miss its TTFT objective through the prefill tier and meets
      * it on the decode instance, its prefill there priced at the slowdown. */
     double there = d.ttft_s + (f - 1.0) * work;
-    overflow |= decode_only && slo_s > 0 &&
-                e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n) > slo_s && there <= slo_s;
-    if (short_suffix || overflow) {
+    int rescue = decode_only && slo_s > 0 &&
+                 e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n) > slo_s && there <= slo_s;
+    if (short_suffix || overflow || rescue) {
         *e = d;
+        /* a long prefill there runs at the slowdown (f is 1 on compute of its own) */
+        if (overflow || rescue)
+            e->ttft_s = there;
         return decode;
     }
     return prefill;

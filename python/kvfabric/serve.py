@@ -724,7 +724,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
                    help="what the waiting requests' prefetches may hold (1G)")
     p.add_argument("--queue", choices=("fifo",), default="fifo",
-                   help="request order: arrival (kvf-engine's work order is not implemented here)")
+                   help="request order: arrival (kvf-engine's hrrn and work orders are not "
+                   "implemented here)")
     p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: FIFO queue)")
     p.add_argument("--log-level", choices=("debug", "info", "warn", "error"), default="info")
     return p

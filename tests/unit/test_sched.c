@@ -710,8 +710,9 @@ static void test_sched_decode_overflow(void **state)
                 assert_int_equal(kvf_sched_place(bs, &lr, &lres), 0);
                 assert_int_equal(lres.decode, ix[2]);
                 assert_int_equal(lres.prefill, k == 0 ? ix[2] : ix[0]);
+                /* rescued, its estimate is the decode engine's, at the slowdown: 0.88 x 1.5 */
                 if (k == 0)
-                    assert_true(lres.expected_ttft_s < 2.0);
+                    assert_true(lres.expected_ttft_s > 1.2 && lres.expected_ttft_s < 1.45);
             }
         }
         kvf_sched_destroy(&bs);
@@ -1249,15 +1250,25 @@ static void test_sched_queue_hrrn(void **state)
     const double short_waited[] = {3.0, 1.0, 0.0}; /* 1.75 against 2 */
     v.waited_s = short_waited;
     assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_HRRN, 128, &v, 0), 1);
-    /* A 1 s request that waited through a running 0.9 s one, against the next 0.9 s one that
-     * just came, at each pick: work passes it over every time (20 picks here, up to the window's
-     * k-th); hrrn runs it at the first. */
+    /* Nothing left to compute (work 0) counts as a millisecond: its ratio is finite and a 2 s
+     * request that waited 0.5 s (1.25) runs before a zero-work one that has not waited (1). */
+    const double zw[] = {0.0, 2.0}, za[] = {0.0, 0.5};
+    kvf_queue_view z = {.n = 2, .work_s = zw, .waited_s = za};
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_HRRN, 128, &z, 0), 1);
+    /* A wait below zero counts as none: ratios 1 and 1, the oldest. */
+    const double nw[] = {1.0, 2.0}, na[] = {-5.0, 0.0};
+    kvf_queue_view neg = {.n = 2, .work_s = nw, .waited_s = na};
+    assert_int_equal(kvf_sched_queue_pick_by(KVF_QUEUE_HRRN, 128, &neg, 0), 0);
+    /* A 1 s request that came when a 0.9 s one started, against the next 0.9 s one, which came
+     * 0.05 s before each pick: work passes it over every time (20 picks here, up to the window's
+     * k-th); under hrrn its ratio grows with each pick it waits (1, then 1.9, against 1.06), and
+     * it runs at the second. */
     for (int q = 0; q < 2; q++) {
         kvf_queue disc = q ? KVF_QUEUE_HRRN : KVF_QUEUE_WORK;
         int ran_at = -1;
         for (int pick = 0; pick < 20 && ran_at < 0; pick++) {
             const double w2[] = {1.0, 0.9};
-            const double a2[] = {0.9 * (pick + 1), 0.0};
+            const double a2[] = {0.9 * pick, 0.05};
             kvf_queue_view s2 = {.n = 2, .work_s = w2, .waited_s = a2};
             if (kvf_sched_queue_pick_by(disc, 128, &s2, (uint64_t)pick) == 0)
                 ran_at = pick;
@@ -1265,7 +1276,7 @@ static void test_sched_queue_hrrn(void **state)
         if (disc == KVF_QUEUE_WORK)
             assert_int_equal(ran_at, -1);
         else
-            assert_int_equal(ran_at, 0);
+            assert_int_equal(ran_at, 1);
     }
 }
 
