@@ -172,15 +172,48 @@ void kvf__arena_destroy(kvf_arena **a)
     *a = NULL;
 }
 
+/* For a large allocation (KVF_ARENA_PAGE_MIN): a free block that holds need bytes starting at a
+ * page boundary of the region, removed from its list and cut so that it starts there (the part
+ * before it a free block of its own); NIL where none is free. */
+static uint64_t take_aligned(kvf_arena *a, uint64_t need)
+{
+    const uint64_t P = KVF_ARENA_PAGE, MIN = HDR + KVF_ARENA_ALIGN; /* the smallest block */
+    /* room for the data at the next page boundary, and for the part before it to be a block */
+    uint64_t o = find_suitable(a, round_up_class(need + P + MIN));
+    if (o == NIL)
+        return NIL;
+    list_remove(a, o);
+    blk *b = B(a, o);
+    uint64_t have = bsize(b);
+    uint64_t u = (o + HDR + P - 1) / P * P; /* the usable memory's offset */
+    if (u - HDR > o && u - HDR - o < MIN)
+        u += P;
+    uint64_t lead = u - HDR - o;
+    if (!lead)
+        return o;
+    /* [o, o + lead) stays free (its previous block is in use: free blocks are always merged) */
+    uint64_t no = o + lead;
+    blk *nb = B(a, no);
+    nb->prev_phys = o;
+    nb->size_flags = (have - lead) | F_PREV_FREE;
+    B(a, o + have)->prev_phys = no;
+    b->size_flags = lead | F_FREE | (b->size_flags & F_PREV_FREE);
+    list_insert(a, o);
+    return no;
+}
+
 int kvf__arena_alloc(kvf_arena *a, uint64_t n, uint64_t *off)
 {
     if (n == 0 || n > a->size)
         return KVF_ENOSPC;
     uint64_t need = (n + HDR + KVF_ARENA_ALIGN - 1) & ~(uint64_t)(KVF_ARENA_ALIGN - 1);
-    uint64_t o = find_suitable(a, round_up_class(need));
-    if (o == NIL)
-        return KVF_ENOSPC;
-    list_remove(a, o);
+    uint64_t o = n >= KVF_ARENA_PAGE_MIN ? take_aligned(a, need) : NIL;
+    if (o == NIL) {
+        o = find_suitable(a, round_up_class(need));
+        if (o == NIL)
+            return KVF_ENOSPC;
+        list_remove(a, o);
+    }
     blk *b = B(a, o);
     uint64_t have = bsize(b);
     uint64_t nxt = o + have;

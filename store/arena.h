@@ -12,6 +12,12 @@
 
 /* Allocations are aligned to, and sized in multiples of, this many bytes. */
 #define KVF_ARENA_ALIGN 64u
+/* Allocations of at least KVF_ARENA_PAGE_MIN bytes start on a KVF_ARENA_PAGE boundary of the
+ * region (where the region's base is one, so is their address): the disk tier writes and reads
+ * such objects straight between the device and the arena (O_DIRECT wants page-aligned memory),
+ * with no bounce copy. Where no aligned block is free, they are placed as any other. */
+#define KVF_ARENA_PAGE     4096u
+#define KVF_ARENA_PAGE_MIN (1u << 20)
 
 typedef struct kvf_arena kvf_arena;
 

@@ -93,6 +93,77 @@ static void test_store_arena_alloc_free_coalesce(void **state)
     free(mem);
 }
 
+/* Allocations of 1 MiB and more start on a page boundary (the disk tier moves them straight
+ * between the device and the arena), small ones still fill the pieces cut off before them, and
+ * every invariant holds through random allocations and frees; everything merges back. */
+static void test_store_arena_large_are_page_aligned(void **state)
+{
+    (void)state;
+    size_t size = 64u << 20;
+    uint8_t *mem = aligned_alloc(4096, size);
+    kvf_arena *a;
+    assert_int_equal(kvf__arena_new(&a, mem, size), 0);
+    kvf_arena_stats st;
+    kvf__arena_stats_get(a, &st);
+    uint64_t initial_free = st.free;
+    enum { N = 400 };
+    static uint64_t offs[N], lens[N];
+    int live = 0, aligned = 0, unaligned = 0;
+    for (int round = 0; round < 6000; round++) {
+        if (live < N && (xorshift() % 3 != 0 || live == 0)) {
+            uint64_t n = xorshift() % 2 ? KVF_ARENA_PAGE_MIN + xorshift() % (3u << 20)
+                                        : 1 + xorshift() % 8000;
+            uint64_t off;
+            if (kvf__arena_alloc(a, n, &off) != 0)
+                continue;
+            assert_int_equal(off % KVF_ARENA_ALIGN, 0);
+            if (n >= KVF_ARENA_PAGE_MIN)
+                off % KVF_ARENA_PAGE == 0 ? aligned++ : unaligned++;
+            memset(mem + off, (int)(live & 0xff), n);
+            offs[live] = off;
+            lens[live++] = n;
+        } else {
+            int k = (int)(xorshift() % (uint64_t)live);
+            assert_int_equal(mem[offs[k]], mem[offs[k] + lens[k] - 1]);
+            kvf__arena_free(a, offs[k]);
+            offs[k] = offs[live - 1];
+            lens[k] = lens[live - 1];
+            live--;
+            if (k < live)
+                memset(mem + offs[k], (int)(k & 0xff), lens[k]);
+        }
+        if (round % 500 == 0)
+            assert_int_equal(kvf__arena_check(a), 0);
+    }
+    /* Aligned wherever an aligned block was free; placed anyhow only when the arena was too
+     * full for that (a few in a run that keeps it full). */
+    assert_true(aligned > 200);
+    assert_true(unaligned * 10 < aligned);
+    while (live > 0)
+        kvf__arena_free(a, offs[--live]);
+    assert_int_equal(kvf__arena_check(a), 0);
+    kvf__arena_stats_get(a, &st);
+    assert_int_equal(st.free, initial_free);
+    assert_int_equal(st.free_blocks, 1);
+    /* On an empty arena a large one is always aligned, and a small one after it fills the piece
+     * cut off before the next large one's page. */
+    uint64_t o1, o2, o3;
+    assert_int_equal(kvf__arena_alloc(a, 100, &o1), 0);
+    assert_int_equal(kvf__arena_alloc(a, KVF_ARENA_PAGE_MIN, &o2), 0);
+    assert_int_equal(o2 % KVF_ARENA_PAGE, 0);
+    assert_int_equal(kvf__arena_alloc(a, 100, &o3), 0);
+    assert_true(o3 < o2);
+    assert_int_equal(kvf__arena_check(a), 0);
+    kvf__arena_free(a, o2);
+    kvf__arena_free(a, o1);
+    kvf__arena_free(a, o3);
+    assert_int_equal(kvf__arena_check(a), 0);
+    kvf__arena_stats_get(a, &st);
+    assert_int_equal(st.free_blocks, 1);
+    kvf__arena_destroy(&a);
+    free(mem);
+}
+
 static void test_store_arena_exhaustion(void **state)
 {
     (void)state;
@@ -815,6 +886,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_store_arena_alloc_free_coalesce),
         cmocka_unit_test(test_store_arena_exhaustion),
+        cmocka_unit_test(test_store_arena_large_are_page_aligned),
         cmocka_unit_test(test_store_cache_states_and_references),
         cmocka_unit_test(test_store_cache_eviction_lru),
         cmocka_unit_test(test_store_cache_eviction_s3fifo),
