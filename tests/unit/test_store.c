@@ -37,88 +37,30 @@ static uint64_t xorshift(void)
     return rng;
 }
 
-static void test_store_arena_alloc_free_coalesce(void **state)
+/* Random allocations (sizes from size_of) and frees on arena a over mem: each block is filled
+ * and its fill checked when it is freed (no neighbour overwrote it), the invariants every 500
+ * rounds; then everything is freed and must merge back into the one block it started as. Counts
+ * the allocations of KVF_ARENA_PAGE_MIN or more that started on a page boundary and those that
+ * did not. */
+static void churn(kvf_arena *a, uint8_t *mem, size_t size, int rounds, uint64_t (*size_of)(void),
+                  int *aligned, int *unaligned)
 {
-    (void)state;
-    size_t size = 8u << 20;
-    void *mem = aligned_alloc(64, size);
-    kvf_arena *a;
-    assert_int_equal(kvf__arena_new(&a, mem, size), 0);
     kvf_arena_stats st;
     kvf__arena_stats_get(a, &st);
     uint64_t initial_free = st.free;
     assert_int_equal(st.free_blocks, 1);
-    /* Random sizes, random frees: invariants hold throughout and everything coalesces back. */
     enum { N = 2000 };
-    static uint64_t offs[N];
-    static uint64_t lens[N];
-    int live = 0;
-    for (int round = 0; round < 20000; round++) {
-        if (live < N && (xorshift() % 3 != 0 || live == 0)) {
-            uint64_t n = 1 + xorshift() % (xorshift() % 4 == 0 ? 200000 : 4000);
-            uint64_t off;
-            if (kvf__arena_alloc(a, n, &off) == 0) {
-                assert_int_equal(off % KVF_ARENA_ALIGN, 0);
-                assert_true(off + n <= size);
-                memset((uint8_t *)mem + off, (int)(live & 0xff), n);
-                offs[live] = off;
-                lens[live] = n;
-                live++;
-            }
-        } else {
-            int k = (int)(xorshift() % (uint64_t)live);
-            /* The block still holds what was written: no neighbour overwrote it. */
-            uint8_t *p = (uint8_t *)mem + offs[k];
-            assert_int_equal(p[0], p[lens[k] - 1]);
-            kvf__arena_free(a, offs[k]);
-            offs[k] = offs[live - 1];
-            lens[k] = lens[live - 1];
-            live--;
-            /* Rewrite the moved block's fill byte so the check above stays meaningful. */
-            if (k < live)
-                memset((uint8_t *)mem + offs[k], (int)(k & 0xff), lens[k]);
-        }
-        if (round % 1000 == 0)
-            assert_int_equal(kvf__arena_check(a), 0);
-    }
-    while (live > 0)
-        kvf__arena_free(a, offs[--live]);
-    assert_int_equal(kvf__arena_check(a), 0);
-    kvf__arena_stats_get(a, &st);
-    assert_int_equal(st.free, initial_free);
-    assert_int_equal(st.free_blocks, 1);
-    assert_int_equal(st.allocs, 0);
-    kvf__arena_destroy(&a);
-    assert_null(a);
-    free(mem);
-}
-
-/* Allocations of 1 MiB and more start on a page boundary (the disk tier moves them straight
- * between the device and the arena), small ones still fill the pieces cut off before them, and
- * every invariant holds through random allocations and frees; everything merges back. */
-static void test_store_arena_large_are_page_aligned(void **state)
-{
-    (void)state;
-    size_t size = 64u << 20;
-    uint8_t *mem = aligned_alloc(4096, size);
-    kvf_arena *a;
-    assert_int_equal(kvf__arena_new(&a, mem, size), 0);
-    kvf_arena_stats st;
-    kvf__arena_stats_get(a, &st);
-    uint64_t initial_free = st.free;
-    enum { N = 400 };
     static uint64_t offs[N], lens[N];
-    int live = 0, aligned = 0, unaligned = 0;
-    for (int round = 0; round < 6000; round++) {
+    int live = 0;
+    for (int round = 0; round < rounds; round++) {
         if (live < N && (xorshift() % 3 != 0 || live == 0)) {
-            uint64_t n = xorshift() % 2 ? KVF_ARENA_PAGE_MIN + xorshift() % (3u << 20)
-                                        : 1 + xorshift() % 8000;
-            uint64_t off;
+            uint64_t n = size_of(), off;
             if (kvf__arena_alloc(a, n, &off) != 0)
                 continue;
             assert_int_equal(off % KVF_ARENA_ALIGN, 0);
+            assert_true(off + n <= size);
             if (n >= KVF_ARENA_PAGE_MIN)
-                off % KVF_ARENA_PAGE == 0 ? aligned++ : unaligned++;
+                off % KVF_ARENA_PAGE == 0 ? (*aligned)++ : (*unaligned)++;
             memset(mem + off, (int)(live & 0xff), n);
             offs[live] = off;
             lens[live++] = n;
@@ -129,24 +71,69 @@ static void test_store_arena_large_are_page_aligned(void **state)
             offs[k] = offs[live - 1];
             lens[k] = lens[live - 1];
             live--;
+            /* the moved block's fill byte rewritten, so that the check above stays meaningful */
             if (k < live)
                 memset(mem + offs[k], (int)(k & 0xff), lens[k]);
         }
         if (round % 500 == 0)
             assert_int_equal(kvf__arena_check(a), 0);
     }
-    /* Aligned wherever an aligned block was free; placed anyhow only when the arena was too
-     * full for that (a few in a run that keeps it full). */
-    assert_true(aligned > 200);
-    assert_true(unaligned * 10 < aligned);
     while (live > 0)
         kvf__arena_free(a, offs[--live]);
     assert_int_equal(kvf__arena_check(a), 0);
     kvf__arena_stats_get(a, &st);
     assert_int_equal(st.free, initial_free);
     assert_int_equal(st.free_blocks, 1);
+    assert_int_equal(st.allocs, 0);
+}
+
+static uint64_t small_sizes(void)
+{
+    return 1 + xorshift() % (xorshift() % 4 == 0 ? 200000 : 4000);
+}
+
+static uint64_t mixed_sizes(void)
+{
+    return xorshift() % 2 ? KVF_ARENA_PAGE_MIN + xorshift() % (3u << 20) : 1 + xorshift() % 8000;
+}
+
+/* An arena over size bytes at an alignment of align, churned (above) with sizes from size_of. */
+static kvf_arena *churned(size_t size, size_t align, int rounds, uint64_t (*size_of)(void),
+                          uint8_t **mem, int *aligned, int *unaligned)
+{
+    *mem = aligned_alloc(align, size);
+    kvf_arena *a;
+    assert_int_equal(kvf__arena_new(&a, *mem, size), 0);
+    *aligned = *unaligned = 0;
+    churn(a, *mem, size, rounds, size_of, aligned, unaligned);
+    return a;
+}
+
+static void test_store_arena_alloc_free_coalesce(void **state)
+{
+    (void)state;
+    uint8_t *mem;
+    int aligned, unaligned;
+    kvf_arena *a = churned(8u << 20, 64, 20000, small_sizes, &mem, &aligned, &unaligned);
+    kvf__arena_destroy(&a);
+    assert_null(a);
+    free(mem);
+}
+
+/* Allocations of 1 MiB and more start on a page boundary (the disk tier moves them straight
+ * between the device and the arena) wherever an aligned block is free, small ones fill the pieces
+ * cut off before them, and every invariant holds through random allocations and frees. */
+static void test_store_arena_large_are_page_aligned(void **state)
+{
+    (void)state;
+    uint8_t *mem;
+    int aligned, unaligned;
+    kvf_arena *a = churned(64u << 20, 4096, 6000, mixed_sizes, &mem, &aligned, &unaligned);
+    /* placed anyhow only when the arena was too full for an aligned block (it is kept full) */
+    assert_true(aligned > 200);
+    assert_true(unaligned * 10 < aligned);
     /* On an empty arena a large one is always aligned, and a small one after it fills the piece
-     * cut off before the next large one's page. */
+     * cut off before its page. */
     uint64_t o1, o2, o3;
     assert_int_equal(kvf__arena_alloc(a, 100, &o1), 0);
     assert_int_equal(kvf__arena_alloc(a, KVF_ARENA_PAGE_MIN, &o2), 0);
@@ -158,6 +145,7 @@ static void test_store_arena_large_are_page_aligned(void **state)
     kvf__arena_free(a, o1);
     kvf__arena_free(a, o3);
     assert_int_equal(kvf__arena_check(a), 0);
+    kvf_arena_stats st;
     kvf__arena_stats_get(a, &st);
     assert_int_equal(st.free_blocks, 1);
     kvf__arena_destroy(&a);
