@@ -247,6 +247,8 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     double t_demote = bench_now() - t0;
     int64_t demoted = (int64_t)disk_stat(c, "demoted_bytes");
     int64_t dropped = (int64_t)disk_stat(c, "demote_dropped_full");
+    /* large objects written straight from the arena (page-aligned), no copy */
+    int64_t direct = (int64_t)disk_stat(c, "written_direct");
     double demote_gbps = (double)demoted / t_demote / 1e9;
     /* the tier's writers' own rate: the demoted bytes over their time in the engine's writes */
     double wsecs = disk_stat(c, "write_seconds");
@@ -339,6 +341,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     bench_json_real(res, KEY("demote_write_gbps_%s"), write_gbps);
     json_object_set_new(res, KEY("demoted_bytes_%s"), json_integer(demoted));
     json_object_set_new(res, KEY("demote_dropped_full_%s"), json_integer(dropped));
+    json_object_set_new(res, KEY("demoted_direct_%s"), json_integer(direct));
     json_object_set_new(res, KEY("put_failures_%s"), json_integer(put_bad));
     bench_spread g = bench_json_rounds(res, KEY("disk_get_gbps_%s"), gets, (size_t)ng);
     bench_json_real(res, KEY("dram_get_alone_gbps_%s"), alone);
@@ -388,8 +391,10 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         fprintf(out, " (%.2fx fio's write %.2f)", write_gbps / fio_w, fio_w);
     if (raw_w > 0)
         fprintf(out, " (%.2fx raw io_uring's %.2f)", write_gbps / raw_w, raw_w);
-    fprintf(out, " (%.2f GB/s of the put stream, %" PRId64 " evictions not demoted: queue full)",
-            demote_gbps, dropped);
+    fprintf(out,
+            " (%.2f GB/s of the put stream, %" PRId64 " evictions not demoted: queue full; %" PRId64
+            " written straight from the arena)",
+            demote_gbps, dropped, direct);
     fprintf(out, ", GET from disk %.2f GB/s", g.median);
     if (fio_r > 0)
         fprintf(out, " (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);

@@ -115,12 +115,12 @@ static int scan_extent(kvf__disk *d, uint64_t e, uint64_t gen, uint8_t *buf, uin
         rec r;
         if (!kvf__dk_hdr_read(buf + (pos - have_from), &r) || r.seq <= last || r.seq < gen)
             break; /* the end of this extent's life: a torn header, or an earlier life's */
-        uint64_t size = kvf__dk_align_up(HDR_LEN + r.len);
+        uint64_t size = kvf__dk_align_up(r.doff + r.len);
         if (pos + size > d->ext_bytes)
             break;
         last = r.seq;
         if (r.type == REC_OBJECT) {
-            if (kvf__dk_set(d, r.ns, r.lo, r.hi, base + pos, r.len, r.seq) != 0)
+            if (kvf__dk_set(d, r.ns, r.lo, r.hi, base + pos, r.len, r.seq, r.doff == BLK) != 0)
                 return -ENOMEM;
         } else if (r.type == REC_TOMB) {
             kvf__dk_drop_key(d, r.ns, r.lo, r.hi, r.seq);
@@ -460,19 +460,19 @@ uint64_t kvf__disk_offset(kvf__disk *d, uint64_t ns, const kvf_key *key)
 struct get_ctx {
     XXH3_state_t *xs;
     uint8_t *out;
-    uint64_t len;
+    uint64_t len, doff; /* the data's bytes, and where they begin in the record */
 };
 
 static void get_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
 {
     struct get_ctx *g = ud;
-    uint64_t a = from < HDR_LEN ? HDR_LEN : from, b = from + n;
-    if (b > HDR_LEN + g->len)
-        b = HDR_LEN + g->len; /* the padding after the data */
+    uint64_t a = from < g->doff ? g->doff : from, b = from + n;
+    if (b > g->doff + g->len)
+        b = g->doff + g->len; /* the padding after the data */
     if (a >= b)
         return;
     XXH3_64bits_update(g->xs, p + (a - from), b - a);
-    memcpy(g->out + (a - HDR_LEN), p + (a - from), b - a);
+    memcpy(g->out + (a - g->doff), p + (a - from), b - a);
 }
 
 struct rslot *kvf__dk_slot_take(kvf__disk *d, uint64_t size)
@@ -520,6 +520,7 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     int down = __atomic_load_n(&d->st.down, __ATOMIC_RELAXED) != 0;
     ent *e = down ? NULL : kvf__dk_find(d, ns, key->lo, key->hi);
     uint64_t off = e ? e->off : 0, elen = e ? e->len : 0, seq = e ? e->seq : 0;
+    int paged = e ? e->paged : 0;
     pthread_mutex_unlock(&d->imu);
     if (down)
         return KVF_EIO;
@@ -537,17 +538,17 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
      * longer checks. A free slot is taken where there is one, else the next in turn is waited for.
      */
     int rc = 0, r = 0, ok = 0;
-    uint64_t size = kvf__dk_align_up(HDR_LEN + elen);
+    uint64_t size = kvf__dk_rec_size(paged, elen);
     struct rslot *sl = kvf__dk_slot_take(d, size);
     if (!sl)
         return KVF_ENOMEM;
     /* the data's checksum and its copy out, piece by piece as the pieces land */
-    struct get_ctx g = {.xs = sl->xs, .out = buf, .len = elen};
+    struct get_ctx g = {.xs = sl->xs, .out = buf, .len = elen, .doff = paged ? BLK : HDR_LEN};
     XXH3_64bits_reset(g.xs);
     r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, size, off, get_piece, &g);
     rec h;
     ok = !r && kvf__dk_hdr_read(sl->buf, &h) && h.type == REC_OBJECT && h.seq == seq &&
-         h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == elen &&
+         h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == elen && h.doff == g.doff &&
          XXH3_64bits_digest(g.xs) == h.data_xxh;
     pthread_mutex_unlock(&sl->mu);
 
@@ -566,6 +567,11 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
     }
     pthread_mutex_unlock(&d->mu);
     return rc;
+}
+
+uint64_t kvf__disk_direct_puts(kvf__disk *d)
+{
+    return __atomic_load_n(&d->st.direct_puts, __ATOMIC_RELAXED);
 }
 
 void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st)

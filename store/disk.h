@@ -48,6 +48,7 @@ typedef struct kvf__disk_stats {
     uint64_t get_reads;       /* reads issued for gets: a run of neighbours read at once is one */
     uint64_t verify_failures; /* objects dropped on read: a checksum or header that did not check */
     uint64_t extents_reused, dropped_by_reuse;
+    uint64_t direct_puts;     /* large objects written straight from page-aligned memory, no copy */
     uint64_t rebuilt_entries; /* indexed at open */
     double rebuild_seconds;
     int down; /* 0, or the errno that took the tier down (every call then fails) */
@@ -95,6 +96,9 @@ void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st);
 /* The objects indexed, their bytes, and the objects dropped on read for not checking. Never
  * waits on I/O. */
 void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t *verify_failures);
+/* Large objects written straight from their page-aligned memory so far (kvf__disk_stats'
+ * direct_puts), without waiting on anything. */
+uint64_t kvf__disk_direct_puts(kvf__disk *d);
 /* Reads issued for gets so far (kvf__disk_stats' get_reads), without waiting on anything. */
 uint64_t kvf__disk_get_reads(kvf__disk *d);
 /* Counts a read of (ns, key) back from disk; returns how many there were since open (saturating

@@ -64,7 +64,7 @@ static int read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_t
         rec h;
         ok[k] = kvf__dk_hdr_read(p, &h) && h.type == REC_OBJECT && h.seq == w[k].seq &&
                 h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == w[k].len &&
-                XXH3_64bits(p + HDR_LEN, w[k].len) == h.data_xxh;
+                h.doff == HDR_LEN && XXH3_64bits(p + HDR_LEN, w[k].len) == h.data_xxh;
         if (ok[k]) {
             memcpy(bufs[w[k].i], p + HDR_LEN, w[k].len);
             st[w[k].i] = 0;
@@ -112,7 +112,7 @@ int kvf__disk_get_many(kvf__disk *d, uint64_t ns, size_t n, const kvf_key *keys,
             continue;
         }
         ent *e = kvf__dk_find(d, ns, keys[i].lo, keys[i].hi);
-        uint64_t size = e ? kvf__dk_align_up(HDR_LEN + e->len) : 0;
+        uint64_t size = e ? kvf__dk_rec_size(e->paged, e->len) : 0;
         /* counted here, but a large object to read: kvf__disk_get counts that one */
         if (!e || e->len > caps[i] || size <= SPAN_MAX / 2)
             __atomic_fetch_add(&d->r_gets, 1, __ATOMIC_RELAXED);

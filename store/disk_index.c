@@ -70,7 +70,7 @@ int kvf__dk_grow(kvf__disk *d)
 
 /* Indexes an object record (a later sequence replaces an earlier). */
 int kvf__dk_set(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t off, uint64_t len,
-                uint64_t seq)
+                uint64_t seq, int paged)
 {
     pthread_mutex_lock(&d->imu);
     if ((d->count + 1) * 10 >= d->cap * 7 && kvf__dk_grow(d) != 0) {
@@ -98,7 +98,8 @@ int kvf__dk_set(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t of
                .len = len,
                .seq = seq,
                .ext = (uint32_t)((off - DATA_OFF) / d->ext_bytes),
-               .used = 1};
+               .used = 1,
+               .paged = (uint8_t)(paged != 0)};
     d->data_bytes += len;
     pthread_mutex_unlock(&d->imu);
     return 0;

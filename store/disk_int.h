@@ -31,6 +31,12 @@
 #define REC_TOMB   2
 #define REC_CLEAR  3
 #define VERSION    1
+/* A record header's version says where its data begins: 1, right after the 64-byte header (the
+ * records the write buffer gathers, and large ones copied in pieces); 2, at the record's second
+ * 4 KiB block (large objects written straight from page-aligned memory, with no copy:
+ * append_direct) */
+#define REC_PACKED 1
+#define REC_PAGED  2
 #define WBUF_MIN   (4u << 20) /* the write buffer: records are written in runs this large */
 #define SCAN_CHUNK (8u << 20) /* rebuild reads extents in pieces this large */
 #define MAX_OBJECT (1ull << 32)
@@ -48,6 +54,7 @@ typedef struct ent {
     uint32_t ext;
     uint8_t used;
     uint8_t reads; /* times read back since open (saturating): kvf__disk_note_read */
+    uint8_t paged; /* its data at the record's second block (REC_PAGED) */
 } ent;
 
 struct kvf__disk {
@@ -90,7 +97,7 @@ struct kvf__disk {
     unsigned pinflight;
     struct lrec {
         uint64_t ns, lo, hi, off, len, seq;
-        int left, err, used;
+        int left, err, used, paged;
     } lrec[2];
     struct pend { /* the index entries of the records in wbuf */
         uint64_t ns, lo, hi, off, len, seq;
@@ -112,6 +119,7 @@ struct kvf__disk {
 typedef struct rec {
     int type;
     uint64_t seq, ns, lo, hi, len, data_xxh;
+    uint64_t doff; /* where its data begins in the record: HDR_LEN, or BLK (REC_PAGED) */
 } rec;
 
 static inline void *kvf__dk_aligned(uint64_t len)
@@ -123,6 +131,12 @@ static inline void *kvf__dk_aligned(uint64_t len)
 static inline uint64_t kvf__dk_align_up(uint64_t v)
 {
     return (v + BLK - 1) / BLK * BLK;
+}
+
+/* The bytes a record of len data bytes takes on disk, its data at HDR_LEN or (paged) at BLK. */
+static inline uint64_t kvf__dk_rec_size(int paged, uint64_t len)
+{
+    return kvf__dk_align_up((paged ? BLK : HDR_LEN) + len);
 }
 
 static inline uint64_t kvf__dk_ext_off(const kvf__disk *d, uint64_t e)
@@ -152,7 +166,7 @@ void kvf__dk_erase(kvf__disk *d, ent *e);
 int kvf__dk_grow(kvf__disk *d);
 /* Indexes an object record (a later sequence replaces an earlier). 0 or -1 (no memory). */
 int kvf__dk_set(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t off, uint64_t len,
-                uint64_t seq);
+                uint64_t seq, int paged);
 /* Removes (ns, key) if its record is older than seq. */
 void kvf__dk_drop_key(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi, uint64_t seq);
 /* Removes the entries of ns (or any, all_ns) in extent ext (UINT64_MAX: any) older than below;
