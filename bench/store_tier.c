@@ -284,6 +284,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     }
     /* objects a disk read brought back: neighbours in the log read at once (1: one read each) */
     double reads = disk_stat(c, "promote_reads") - reads0;
+    int64_t read_direct = (int64_t)disk_stat(c, "read_direct"); /* into DRAM entries, no copy */
     double per_read = reads > 0 ? (disk_stat(c, "promoted") - promoted0) / reads : -1;
     /* where a GET from disk's time goes: the readers' time in the device's reads (slot waits and
      * checks included) per read, how many readers were reading on average, and how many
@@ -342,6 +343,7 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     json_object_set_new(res, KEY("demoted_bytes_%s"), json_integer(demoted));
     json_object_set_new(res, KEY("demote_dropped_full_%s"), json_integer(dropped));
     json_object_set_new(res, KEY("demoted_direct_%s"), json_integer(direct));
+    json_object_set_new(res, KEY("promoted_direct_%s"), json_integer(read_direct));
     json_object_set_new(res, KEY("put_failures_%s"), json_integer(put_bad));
     bench_spread g = bench_json_rounds(res, KEY("disk_get_gbps_%s"), gets, (size_t)ng);
     bench_json_real(res, KEY("dram_get_alone_gbps_%s"), alone);

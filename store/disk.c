@@ -475,6 +475,35 @@ static void get_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
     memcpy(g->out + (a - g->doff), p + (a - from), b - a);
 }
 
+static void hash_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
+{
+    (void)from;
+    XXH3_64bits_update(ud, p, n);
+}
+
+/* A paged record (REC_PAGED) read into page-aligned memory out with no copy: its header block and
+ * its last partial data block (if any) into the slot's buffer, its whole data blocks straight into
+ * out, hashed as they land; the tail copied. 0 or a negative errno; *xxh the data's checksum. */
+static int read_paged(kvf__disk *d, struct rslot *sl, uint64_t off, uint8_t *out, uint64_t len,
+                      uint64_t *xxh)
+{
+    uint64_t body = len / BLK * BLK;
+    XXH3_64bits_reset(sl->xs);
+    int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, BLK, off, kvf__dk_nothing, NULL);
+    if (!r && body)
+        r = kvf__dk_io_pieces(d, &sl->ring, out, body, off + BLK, hash_piece, sl->xs);
+    if (!r && len > body) {
+        r = kvf__dk_io_pieces(d, &sl->ring, sl->buf + BLK, BLK, off + BLK + body, kvf__dk_nothing,
+                              NULL);
+        if (!r) {
+            memcpy(out + body, sl->buf + BLK, len - body);
+            XXH3_64bits_update(sl->xs, out + body, len - body);
+        }
+    }
+    *xxh = XXH3_64bits_digest(sl->xs);
+    return r;
+}
+
 struct rslot *kvf__dk_slot_take(kvf__disk *d, uint64_t size)
 {
     unsigned first = __atomic_fetch_add(&d->rnext, 1, __ATOMIC_RELAXED);
@@ -538,18 +567,27 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
      * longer checks. A free slot is taken where there is one, else the next in turn is waited for.
      */
     int rc = 0, r = 0, ok = 0;
-    uint64_t size = kvf__dk_rec_size(paged, elen);
+    /* a paged record into page-aligned memory (a DRAM entry of the arena's) is read straight
+     * into it; else the record through the slot's buffer, its data copied out */
+    int direct = paged && ((uintptr_t)buf % BLK) == 0;
+    uint64_t size = direct ? 2 * BLK : kvf__dk_rec_size(paged, elen), xxh = 0;
     struct rslot *sl = kvf__dk_slot_take(d, size);
     if (!sl)
         return KVF_ENOMEM;
-    /* the data's checksum and its copy out, piece by piece as the pieces land */
     struct get_ctx g = {.xs = sl->xs, .out = buf, .len = elen, .doff = paged ? BLK : HDR_LEN};
-    XXH3_64bits_reset(g.xs);
-    r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, size, off, get_piece, &g);
+    if (direct) {
+        r = read_paged(d, sl, off, buf, elen, &xxh);
+        __atomic_fetch_add(&d->st.direct_gets, 1, __ATOMIC_RELAXED);
+    } else {
+        /* the data's checksum and its copy out, piece by piece as the pieces land */
+        XXH3_64bits_reset(g.xs);
+        r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, size, off, get_piece, &g);
+        xxh = XXH3_64bits_digest(g.xs);
+    }
     rec h;
     ok = !r && kvf__dk_hdr_read(sl->buf, &h) && h.type == REC_OBJECT && h.seq == seq &&
          h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == elen && h.doff == g.doff &&
-         XXH3_64bits_digest(g.xs) == h.data_xxh;
+         xxh == h.data_xxh;
     pthread_mutex_unlock(&sl->mu);
 
     __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);
@@ -572,6 +610,11 @@ int kvf__disk_get(kvf__disk *d, uint64_t ns, const kvf_key *key, void *buf, uint
 uint64_t kvf__disk_direct_puts(kvf__disk *d)
 {
     return __atomic_load_n(&d->st.direct_puts, __ATOMIC_RELAXED);
+}
+
+uint64_t kvf__disk_direct_gets(kvf__disk *d)
+{
+    return __atomic_load_n(&d->st.direct_gets, __ATOMIC_RELAXED);
 }
 
 void kvf__disk_stats_get(kvf__disk *d, kvf__disk_stats *st)

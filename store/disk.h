@@ -49,6 +49,7 @@ typedef struct kvf__disk_stats {
     uint64_t verify_failures; /* objects dropped on read: a checksum or header that did not check */
     uint64_t extents_reused, dropped_by_reuse;
     uint64_t direct_puts;     /* large objects written straight from page-aligned memory, no copy */
+    uint64_t direct_gets;     /* and read straight into page-aligned memory */
     uint64_t rebuilt_entries; /* indexed at open */
     double rebuild_seconds;
     int down; /* 0, or the errno that took the tier down (every call then fails) */
@@ -99,6 +100,8 @@ void kvf__disk_usage(kvf__disk *d, uint64_t *entries, uint64_t *bytes, uint64_t 
 /* Large objects written straight from their page-aligned memory so far (kvf__disk_stats'
  * direct_puts), without waiting on anything. */
 uint64_t kvf__disk_direct_puts(kvf__disk *d);
+/* Gets read straight into page-aligned memory so far (direct_gets), without waiting. */
+uint64_t kvf__disk_direct_gets(kvf__disk *d);
 /* Reads issued for gets so far (kvf__disk_stats' get_reads), without waiting on anything. */
 uint64_t kvf__disk_get_reads(kvf__disk *d);
 /* Counts a read of (ns, key) back from disk; returns how many there were since open (saturating

@@ -32,11 +32,6 @@ static int by_off(const void *a, const void *b)
     return x->off < y->off ? -1 : x->off > y->off;
 }
 
-static void nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
-{
-    (void)ud, (void)p, (void)from, (void)n;
-}
-
 /* Reads the run w[0..m) (records in log order, span bytes from w[0].off) and checks each
  * record. 0, or 1 when the read of a run of several records failed: then nothing is concluded
  * (the error may lie in bytes between them, which no one asked for) and the caller reads them
@@ -50,7 +45,7 @@ static int read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_t
             st[w[k].i] = KVF_ENOMEM;
         return 0;
     }
-    int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, span, w[0].off, nothing, NULL);
+    int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, span, w[0].off, kvf__dk_nothing, NULL);
     if (r && m > 1) {
         pthread_mutex_unlock(&sl->mu);
         __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);

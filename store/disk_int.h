@@ -149,6 +149,8 @@ static inline uint64_t kvf__dk_ext_off(const kvf__disk *d, uint64_t e)
 void kvf__dk_go_down(kvf__disk *d, int e);
 /* One read or write of len bytes at off, waited for; 0 or a negative errno. */
 int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off);
+/* An each() for kvf__dk_io_pieces that does nothing with the pieces. */
+void kvf__dk_nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n);
 /* A read through ring in pieces, each handed to each() in order as it and those before it land. */
 int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
                       void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n),

@@ -58,6 +58,11 @@ int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off
     return 0;
 }
 
+void kvf__dk_nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
+{
+    (void)ud, (void)p, (void)from, (void)n;
+}
+
 /* Reads len bytes at off into buf in pieces of PIECE, as many in flight as the ring holds, and
  * hands each piece to each() in order as soon as it and those before it have landed: the
  * caller's work on a piece (a checksum, a copy) overlaps the reads of the next ones. Returns 0

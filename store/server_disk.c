@@ -321,6 +321,7 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     DSET("promote_failed", ts.promote_failed);
     DSET("promote_reads", ts.promote_reads);
     DSET("written_direct", ts.written_direct);
+    DSET("read_direct", ts.read_direct);
     DSET("served_not_kept", ts.served_not_kept);
     DSET("removed", ts.removed);
     DSET("cleared", ts.cleared);

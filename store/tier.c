@@ -426,6 +426,7 @@ void kvf__tier_stats_get(kvf__tier *t, kvf__tier_stats *st)
         st->verify_failures += v;
         st->promote_reads += kvf__disk_get_reads(t->dev[i].d);
         st->written_direct += kvf__disk_direct_puts(t->dev[i].d);
+        st->read_direct += kvf__disk_direct_gets(t->dev[i].d);
     }
 }
 

@@ -134,6 +134,7 @@ typedef struct kvf__tier_stats {
     uint64_t promoted, promoted_bytes, promote_misses, promote_failed;
     uint64_t promote_reads;  /* the devices' reads for them: neighbours read at once are one */
     uint64_t written_direct; /* large objects written straight from the arena, with no copy */
+    uint64_t read_direct;    /* and read straight into it */
     uint64_t
         served_not_kept; /* promotions served, then let go (not yet read promote_reads times) */
     uint64_t removed, cleared, verify_failures, rebuilt_entries;

@@ -560,7 +560,7 @@ def phase_large(tmp, rounds=3):
     ks = kvf.KeySpace(LAYOUT, salt="disk-large")
     rnd = random.Random(11)
     put_keys, put_objs = [], []
-    direct = on_disk = 0
+    direct = on_disk = read_direct = 0
     for r in range(rounds):
         if time.time() > T_END:
             break
@@ -595,11 +595,13 @@ def phase_large(tmp, rounds=3):
                 check(n == on_disk and n >= 8,
                       "large: %d objects reported after a restart, %d were on disk" % (n, on_disk))
             d = c.stats()["disk"]
+            read_direct += d.get("read_direct", 0)
             check(d["devices_down"] == 0 and d["verify_failures"] == 0,
                   "large round %d: devices down %d, verification failures %d"
                   % (r, d["devices_down"], d["verify_failures"]))
         s.stop()
     check(direct > 0, "large: no object was written straight from the arena (written_direct 0)")
+    check(read_direct > 0, "large: no object was read straight into the arena (read_direct 0)")
 
 
 def main():

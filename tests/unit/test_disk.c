@@ -522,6 +522,7 @@ static void test_large_objects_from_aligned_memory(void **state)
     }
     kvf__disk_stats_get(d, &st);
     assert_int_equal(st.verify_failures, 2);
+    assert_int_equal(st.direct_gets, 3); /* into b, page-aligned: straight, no copy */
     kvf__disk_close(&d);
     free(b);
     free(w);
