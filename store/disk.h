@@ -7,9 +7,10 @@
  * On disk (every multi-byte field little-endian; the layout byte by byte is in docs/store.md):
  * a 4 KiB superblock at offset 0; extents of extent_bytes from offset 1 MiB, each beginning with
  * a 4 KiB extent header (its generation: the sequence number it was opened at) followed by
- * records, each a 64-byte header and its data, padded to 4 KiB. A record is an object, a
- * tombstone (its key removed) or a namespace cleared. Headers carry their own checksum and the
- * data's (XXH3-64): a record whose header does not check ends its extent's scan at open; an
+ * records, each a 64-byte header and its data (after the header, or for a large object written
+ * from page-aligned memory from the record's second 4 KiB block), padded to 4 KiB. A record is an
+ * object, a tombstone (its key removed) or a namespace cleared. Headers carry their own checksum
+ * and the data's (XXH3-64): a record whose header does not check ends its extent's scan at open; an
  * object whose data does not check when read is a miss, dropped. Extents are reused in the order
  * they were written (the tier is a FIFO cache), so a tombstone never outlives the objects it
  * removes, and records of an extent's previous life (sequence below its generation) are never
@@ -63,7 +64,8 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
 /* Writes what is buffered and closes. Accepts NULL. */
 void kvf__disk_close(kvf__disk **d);
 
-/* Appends the object (ns, key) of len bytes (data is copied). It is found by get and lookup once
+/* Appends the object (ns, key) of len bytes (data is copied; a large one in page-aligned memory is
+ * written straight from it, before the call returns). It is found by get and lookup once
  * written: at the next flush, or when the write buffer fills. Returns 0, KVF_EINVAL (too large
  * for an extent), KVF_EIO (the tier is down, or goes down: a write failed). */
 int kvf__disk_put(kvf__disk *d, uint64_t ns, const kvf_key *key, const void *data, uint64_t len);
