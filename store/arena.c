@@ -178,8 +178,15 @@ void kvf__arena_destroy(kvf_arena **a)
 static uint64_t take_aligned(kvf_arena *a, uint64_t need)
 {
     const uint64_t P = KVF_ARENA_PAGE, MIN = HDR + KVF_ARENA_ALIGN; /* the smallest block */
-    /* room for the data at the next page boundary, and for the part before it to be a block */
-    uint64_t o = find_suitable(a, round_up_class(need + P + MIN));
+    /* a block that fits as it is and already starts there (a large block freed: the arena's
+     * large blocks are recycled so, object after object of one size), else one with room for the
+     * data at the next page boundary and for the part before it to be a block */
+    uint64_t o = find_suitable(a, round_up_class(need));
+    if (o != NIL && (o + HDR) % P == 0) {
+        list_remove(a, o);
+        return o;
+    }
+    o = find_suitable(a, round_up_class(need + P + MIN));
     if (o == NIL)
         return NIL;
     list_remove(a, o);
