@@ -289,9 +289,13 @@ static int colocate_on_decode(const kvf_sched *s, int prefill, int decode, doubl
         s->o.cost.decode_overflow && !(s->inst[decode].info.role & KVF_ROLE_PREFILL) && work > 0;
     int overflow = decode_only && saved - (f - 1.0) * work >= f * work;
     /* SLO rescue: a request that would miss its TTFT objective through the prefill tier and meets
-     * it on the decode instance, its prefill there priced at the slowdown. */
+     * it on the decode instance, its prefill there priced at the slowdown, when that instance has
+     * no prefill work queued (its spare time only: the short requests it prefills do not wait
+     * behind the rescued one's queue). */
     double there = d.ttft_s + (f - 1.0) * work;
-    int rescue = decode_only && slo_s > 0 &&
+    const kvf_instance_load *dl = &s->inst[decode].load;
+    int rescue = decode_only && slo_s > 0 && dl->queued_prefill_s <= 0 &&
+                 dl->queued_prefill_tokens <= 0 &&
                  e->ttft_s + kvf__sched_handoff_s(&s->o.cost, n) > slo_s && there <= slo_s;
     if (short_suffix || overflow || rescue) {
         *e = d;

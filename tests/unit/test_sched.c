@@ -697,7 +697,7 @@ static void test_sched_decode_overflow(void **state)
             if (cores != 2 || deep_s)
                 continue;
             /* The SLO rescue: through the prefill tier this prompt's TTFT is about 2.4 s (1.5 s
-             * queued, 0.88 s of prefill, the handoff); on the decode engine, priced at the
+             * queued, 0.88 s of prefill, the handoff); on the idle decode engine, priced at the
              * slowdown, 1.32 s. An objective of 2 s that the one misses and the other meets
              * sends it to the decode engine; one of 1 s that both miss, or of 3 s that both
              * meet, leaves it with the prefill tier. */
@@ -714,6 +714,15 @@ static void test_sched_decode_overflow(void **state)
                 if (k == 0)
                     assert_true(lres.expected_ttft_s > 1.2 && lres.expected_ttft_s < 1.45);
             }
+            /* Only onto spare time: a decode engine with prefill work of its own queued (0.2 s,
+             * so that it would still meet the objective) is not given the rescue. */
+            kvf_instance_load some = {.queued_prefill_tokens = 512, .queued_prefill_s = 0.2};
+            kvf_sched_instance_load(bs, ix[0], &deep2);
+            kvf_sched_instance_load(bs, ix[1], &deep2);
+            kvf_sched_instance_load(bs, ix[2], &some);
+            lr.slo_ttft_s = 2.0;
+            assert_int_equal(kvf_sched_place(bs, &lr, &lres), 0);
+            assert_int_equal(lres.prefill, ix[0]);
         }
         kvf_sched_destroy(&bs);
     }
