@@ -82,7 +82,6 @@ typedef struct sim {
     kvf_key *keys;
     size_t keycap;
     double slo;
-    double scale; /* arrivals this many times faster than the trace's */
     pick_scratch pk;
 } sim;
 
@@ -454,7 +453,7 @@ static int q_pick(sim *S, inst_state *I, double now)
         for (size_t j = 0; j < v.n; j++) {
             const sched_req *q = &S->r[I->queue[I->qh + j]];
             S->pk.tokens[j] = q->in_len;
-            S->pk.waited[j] = now - q->arrival / S->scale;
+            S->pk.waited[j] = now - q->arr_s;
             if (reads & (KVF_QUEUE_READS_CACHED | KVF_QUEUE_READS_WORK)) {
                 S->pk.cached[j] = cached_tokens(S, I, q, NULL);
                 S->pk.work[j] = prefill_time(&S->cost, q->in_len, (double)S->pk.cached[j]);
@@ -758,7 +757,6 @@ int sched_sim_run(sched_replay *rp, kvf_policy pol, kvf_queue q, double scale, s
     sim S;
     if (sim_open(&S, rp, pol, q) != 0)
         return -1;
-    S.scale = scale;
     sched_result r = {
         .policy = pol, .queue = q, .scale = scale, .offered_rps = sched_replay_rps(rp) * scale};
     int rc = simulate(&S, scale) == 0 && collect(&S, &r) == 0 ? 0 : -1;
