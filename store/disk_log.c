@@ -203,25 +203,34 @@ static int take_slot(kvf__disk *d)
     return d->pfree[--d->npfree];
 }
 
-/* Submits the write of piece buffer slot (kk bytes at off) for record r. 0 or a negative errno. */
-static int submit_piece(kvf__disk *d, int slot, uint64_t kk, uint64_t off, int r)
+/* Submits a write of kk bytes at off for record r: from piece buffer slot (0..LSLOTS-1), or with
+ * slot -1 straight from the caller's memory p (append_direct; its completion is tagged
+ * LSLOTS + r, which wait_piece tells apart). 0 or a negative errno. */
+static int submit_write(kvf__disk *d, int slot, const uint8_t *p, uint64_t kk, uint64_t off, int r)
 {
     struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
     if (!sqe)
         return -EBUSY;
-    io_uring_prep_write(sqe, d->fd, d->piece[slot], (unsigned)kk, off);
-    io_uring_sqe_set_data64(sqe, (uint64_t)slot << 32 | kk);
-    d->powner[slot] = r;
+    io_uring_prep_write(sqe, d->fd, slot < 0 ? p : d->piece[slot], (unsigned)kk, off);
+    io_uring_sqe_set_data64(sqe, (uint64_t)(slot < 0 ? LSLOTS + r : slot) << 32 | kk);
+    if (slot >= 0)
+        d->powner[slot] = r;
     d->lrec[r].left++;
     d->pinflight++;
     int s2 = io_uring_submit(&d->ring);
     if (s2 < 1) { /* not in flight: no completion will come for it */
         d->pinflight--;
         d->lrec[r].left--;
-        d->pfree[d->npfree++] = slot;
+        if (slot >= 0)
+            d->pfree[d->npfree++] = slot;
         return s2 < 0 ? s2 : -EBUSY;
     }
     return 0;
+}
+
+static int submit_piece(kvf__disk *d, int slot, uint64_t kk, uint64_t off, int r)
+{
+    return submit_write(d, slot, NULL, kk, off, r);
 }
 
 /* Takes a large record's entry (the one before may still be in flight: this one takes the
@@ -348,26 +357,6 @@ fail:
     return large_end(d, r, size, -EIO); /* the device is down already */
 }
 
-/* Submits a write of kk bytes at off straight from the caller's memory p, for record r. 0 or a
- * negative errno. */
-static int submit_direct(kvf__disk *d, const uint8_t *p, uint64_t kk, uint64_t off, int r)
-{
-    struct io_uring_sqe *sqe = io_uring_get_sqe(&d->ring);
-    if (!sqe)
-        return -EBUSY;
-    io_uring_prep_write(sqe, d->fd, p, (unsigned)kk, off);
-    io_uring_sqe_set_data64(sqe, (uint64_t)(LSLOTS + r) << 32 | kk);
-    d->lrec[r].left++;
-    d->pinflight++;
-    int s2 = io_uring_submit(&d->ring);
-    if (s2 < 1) {
-        d->pinflight--;
-        d->lrec[r].left--;
-        return s2 < 0 ? s2 : -EBUSY;
-    }
-    return 0;
-}
-
 /* A large object in page-aligned memory (the arena's large blocks), written with no copy: its
  * record has the header alone in its first 4 KiB block and the data from the second on
  * (REC_PAGED), so that the data's whole blocks are written straight from the caller's memory, in
@@ -390,7 +379,7 @@ static int append_direct(kvf__disk *d, uint64_t ns, const kvf_key *k, const uint
         while (d->pinflight >= WSLOTS)
             if (wait_piece(d) != 0)
                 goto fail;
-        err = submit_direct(d, data + from, kk, base + BLK + from, r);
+        err = submit_write(d, -1, data + from, kk, base + BLK + from, r);
         if (!err)
             XXH3_64bits_update(d->xs, data + from, kk);
     }
