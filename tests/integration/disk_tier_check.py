@@ -198,6 +198,14 @@ def start_writer(s, ks, keys, objs, step, pause, deadline_ms):
     return w, stop
 
 
+def kill_while_writing(s, w, stop, rnd, lo, hi, join_s):
+    """SIGKILL to store s at a random moment lo..hi s into writer w's writing, then w stopped."""
+    time.sleep(rnd.uniform(lo, hi))
+    s.kill()
+    stop.set()
+    w.join(timeout=join_s)
+
+
 def phase_crash(tmp, rounds=6):
     disk = os.path.join(tmp, "crash.disk")
     ks = kvf.KeySpace(LAYOUT, salt="disk-crash")
@@ -210,11 +218,7 @@ def phase_crash(tmp, rounds=6):
         # a small arena: demotion starts within the first megabytes, long before the kill
         s = Store(disk, memory="4M", disk_size="256M")
         keys, objs = make(ks, 100 + r, 120, rnd.choice([16 << 10, 64 << 10]))
-        w, stop = start_writer(s, ks, keys, objs, 4, 0, 2000)
-        time.sleep(rnd.uniform(0.2, 1.2))
-        s.kill()
-        stop.set()
-        w.join(timeout=30)
+        kill_while_writing(s, *start_writer(s, ks, keys, objs, 4, 0, 2000), rnd, 0.2, 1.2, 30)
         put_keys += keys
         put_objs += objs
         s = Store(disk, memory="4M", disk_size="256M")
@@ -575,14 +579,11 @@ def phase_large(tmp, rounds=3):
             w.join(timeout=120)  # the first round whole: then a restart, not a kill
             with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
                 d = settle(c, "large")
-                direct = d.get("written_direct", 0)
+                direct = d["written_direct"]
                 on_disk = d["entries"]  # what a restart keeps (DRAM's do not outlive it)
             s.stop()
         else:
-            time.sleep(rnd.uniform(0.3, 1.5))
-            s.kill()
-            stop.set()
-            w.join(timeout=60)
+            kill_while_writing(s, w, stop, rnd, 0.3, 1.5, 60)
         put_keys += keys
         put_objs += objs
         s = Store(disk, memory="48M", disk_size="512M")
@@ -595,7 +596,7 @@ def phase_large(tmp, rounds=3):
                 check(n == on_disk and n >= 8,
                       "large: %d objects reported after a restart, %d were on disk" % (n, on_disk))
             d = c.stats()["disk"]
-            read_direct += d.get("read_direct", 0)
+            read_direct += d["read_direct"]
             check(d["devices_down"] == 0 and d["verify_failures"] == 0,
                   "large round %d: devices down %d, verification failures %d"
                   % (r, d["devices_down"], d["verify_failures"]))
