@@ -293,20 +293,27 @@ def main():
         # The second store emptied, then e6's chunks saved again (those whose own node is the
         # second: the pages still hold the prompt, whose save starts at chunk 0).
         kvf_bin = os.path.join(os.path.dirname(engine_bin), "kvf")
-        ev = subprocess.run([kvf_bin, "clear", "--node", s4], capture_output=True, text=True,
-                            timeout=60)
-        if ev.returncode != 0:
-            fail("kvf clear: %d %r" % (ev.returncode, ev.stderr))
-        before = saved(eng6)
-        st, rep = post(eng6, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
-        if st != 200:
-            fail("e6's save again: %d %r" % (st, rep))
-        for _ in range(1200):
-            if saved(eng6) >= before + 15:
-                break
-            time.sleep(0.05)
-        else:
-            fail("e6's second save did not complete")
+
+        def clear_node(node):
+            ev = subprocess.run([kvf_bin, "clear", "--node", node], capture_output=True,
+                                text=True, timeout=60)
+            if ev.returncode != 0:
+                fail("kvf clear: %d %r" % (ev.returncode, ev.stderr))
+
+        def save_again(eng, name):
+            """The prompt generated on eng again, and its 15 chunks' save waited for (bounded)."""
+            before = saved(eng)
+            st, rep = post(eng, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
+            if st != 200:
+                fail("%s's save again: %d %r" % (name, st, rep))
+            for _ in range(1200):
+                if saved(eng) >= before + 15:
+                    return
+                time.sleep(0.05)
+            fail("%s's second save did not complete" % name)
+
+        clear_node(s4)
+        save_again(eng6, "e6")
         st, rep = idle_planned()
         if st != 200 or rep["tokens"] != ref["tokens"] or rep["loaded_tokens"] != 960 or \
                 rep["load_named"] != idle_named or rep["load_named_reasked"] != idle_named:
@@ -315,20 +322,8 @@ def main():
         # pages hold the prompt), the first emptied. Its own stores lack the chunks whose own
         # node is the first; the plan's store has them: the lookup counts them (named) and the
         # load takes them from it, nothing asked again.
-        before = saved(eng7)
-        st, rep = post(eng7, "/v1/generate", {"tokens": prompt, "max_tokens": 1})
-        if st != 200:
-            fail("e7's save again: %d %r" % (st, rep))
-        for _ in range(1200):
-            if saved(eng7) >= before + 15:
-                break
-            time.sleep(0.05)
-        else:
-            fail("e7's second save did not complete")
-        ev = subprocess.run([kvf_bin, "clear", "--node", s3], capture_output=True, text=True,
-                            timeout=60)
-        if ev.returncode != 0:
-            fail("kvf clear: %d %r" % (ev.returncode, ev.stderr))
+        save_again(eng7, "e7")
+        clear_node(s3)
         st, rep = idle_planned()
         if st != 200 or rep["tokens"] != ref["tokens"] or rep["loaded_tokens"] != 960 or \
                 rep["load_named"] != idle_named or rep["load_named_reasked"] != 0:
