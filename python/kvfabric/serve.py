@@ -12,7 +12,8 @@ Requests (POST, JSON; token ids as arrays of integers), answered as kvf-engine a
     /v1/generate  {tokens, max_tokens, reuse}
     GET /v1/health
     GET /metrics (Prometheus text: kvf-engine's series, docs/operations.md "Metrics")
-Requests are served one at a time in arrival order (kvf-engine orders its queue by remaining work).
+Requests are served one at a time, the waiting ones in kvf-engine's order (--queue: hrrn by
+default, the highest response ratio (waited + predicted work) / predicted work first).
 Weights are random unless --checkpoint names a safetensors checkpoint.
 """
 
@@ -37,7 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import models
 from .connector import Connector
-from .engine import Engine, TurnQueue, outcome_json
+from .engine import QUEUE_DISCIPLINES, Engine, TurnQueue, outcome_json
 from .errors import KvfError
 from .etcd import EtcdError, EtcdMember
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -171,7 +172,7 @@ class Server:
                  events: Optional[Events], backend: str) -> None:
         self.a, self.engine, self.layout, self.events = a, engine, layout, events
         self.backend = backend
-        self.turns = TurnQueue()
+        self.turns = TurnQueue(a.queue)
         self.mu = threading.Lock()
         self.requests = self.failures = self.mismatches = self.abandoned = 0
         self.busy_s = 0.0
@@ -187,6 +188,26 @@ class Server:
         self.member: Optional[EtcdMember] = None  # with --etcd: this engine's registration
         self.learnt: List[str] = []  # the replicas registered in etcd (learn_replicas)
         self.learnt_at = 0.0
+
+    def order_work(self, kind: str, toks: List[int], max_tokens: int, reuse: str, expect: int,
+                   sources: Any) -> float:
+        """A request's predicted seconds for the queue's order, as kvf-engine predicts them: the
+        prefill of what no cache holds (a decode's prefix comes by handoff; others ask the
+        stores, or with the engine's cache only, look at its pages), then the tokens it
+        generates; from this engine's measured rates (0 before it measured any: arrival order)."""
+        e, n = self.engine, len(toks)
+        cached = expect if kind == "decode" else 0
+        if kind != "decode" and reuse != "none":
+            cached = e._device_prefix(toks, n)
+            if reuse == "all" and e.cn is not None:
+                try:
+                    cached = max(cached, e.lookup(toks, sources))
+                except KvfError:  # the stores unreachable: the order is an estimate anyway
+                    pass
+        work = e.rates.compute_s(min(cached, n), n) or 0.0
+        if kind != "prefill" and e.rates.s_per_step is not None:
+            work += max_tokens * e.rates.s_per_step
+        return work
 
     # -- /metrics ---------------------------------------------------------------------------
     def note_metrics(self, kind: str, status: int, o: Any, queue_s: float,
@@ -481,6 +502,8 @@ class Server:
         work_s = 0.0
         if kind != "decode":
             work_s = self.engine.rates.compute_s(0, len(toks)) or 0.0
+        order_s = self.order_work(kind, toks, max_tokens, reuse, expect, sources) \
+            if t.discipline != "fifo" and t.busy() else 0.0
         with self.mu:
             if kind != "decode":
                 t.queued_prefill_tokens += len(toks)
@@ -506,7 +529,7 @@ class Server:
                         self.prefetch_held += pf_bytes
         deadline = arrived + dl / 1e3 if pf is not None and dl else None
         try:
-            with t:
+            with t.turn(order_s):
                 start = time.perf_counter()
                 with self.mu:
                     t.running_work_s, t.running_since = work_s, time.monotonic()
@@ -723,10 +746,12 @@ def parser() -> argparse.ArgumentParser:
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
                    help="what the waiting requests' prefetches may hold (1G)")
-    p.add_argument("--queue", choices=("fifo",), default="fifo",
-                   help="request order: arrival (kvf-engine's hrrn and work orders are not "
-                   "implemented here)")
-    p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: FIFO queue)")
+    p.add_argument("--queue", choices=QUEUE_DISCIPLINES, default="hrrn",
+                   help="the order waiting requests run in, as kvf-engine's: hrrn (the highest "
+                   "(waited + work) / work first), work (the least predicted work first) or "
+                   "fifo (arrival); work is predicted from this engine's own measurements")
+    p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: the "
+                   "queue's work is predicted from this engine's measured rates)")
     p.add_argument("--log-level", choices=("debug", "info", "warn", "error"), default="info")
     return p
 

@@ -799,5 +799,66 @@ class TestQueuedSeconds(unittest.TestCase):
         self.assertEqual(t.queued_seconds(101.0), 0.0)  # never negative
 
 
+class TestTurnOrder(unittest.TestCase):
+    """The Python engine's queue takes waiting requests in kvf-engine's order (--queue)."""
+
+    def test_pick_turn_keys(self):
+        from kvfabric.engine import pick_turn
+
+        work, waited = [1.0, 0.1, 0.5], [1.0, 1.0, 1.0]
+        self.assertEqual(pick_turn("fifo", work, waited, 0), 0)
+        self.assertEqual(pick_turn("work", work, waited, 0), 1)
+        self.assertEqual(pick_turn("hrrn", work, waited, 0), 1)  # equal waits: work's order
+        # ageing: the long one waited 10 s (ratio 11), the short one 0.5 s (ratio 6)
+        self.assertEqual(pick_turn("hrrn", work[:2], [10.0, 0.5], 0), 0)
+        self.assertEqual(pick_turn("work", work[:2], [10.0, 0.5], 0), 1)
+        # nothing left to compute counts as a millisecond: no division by zero, and it wins
+        # once it has waited as long as the others
+        self.assertEqual(pick_turn("hrrn", [0.2, 0.0], [0.1, 0.1], 0), 1)
+        self.assertEqual(pick_turn("hrrn", [0.2, 0.0], [5.0, -1.0], 0), 0)  # waits clamp at 0
+        # every window-th pick is the oldest; only the oldest `window` are looked at
+        self.assertEqual(pick_turn("work", work, waited, 3, window=4), 0)
+        self.assertEqual(pick_turn("work", work, waited, 4, window=4), 1)
+        self.assertEqual(pick_turn("work", [1.0, 0.5, 0.1], waited, 0, window=2), 1)
+        self.assertEqual(pick_turn("hrrn", [], [], 0), 0)
+
+    def _order(self, discipline: str, works) -> list:
+        from kvfabric.engine import TurnQueue
+
+        now = [0.0]
+        q = TurnQueue(discipline, clock=lambda: now[0])
+        got, threads = [], []
+        q.acquire()  # the engine busy: everyone below waits
+
+        def one(i: int, w: float) -> None:
+            with q.turn(w):
+                got.append(i)
+
+        for i, w in enumerate(works):
+            th = threading.Thread(target=one, args=(i, w), daemon=True)
+            th.start()
+            threads.append(th)
+            deadline = time.monotonic() + 5
+            while q.waiting < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            self.assertEqual(q.waiting, i + 1)
+        self.assertTrue(q.busy())
+        now[0] = 1.0  # everyone has waited a second
+        q.release()
+        for th in threads:
+            th.join(5)
+            self.assertFalse(th.is_alive())
+        self.assertFalse(q.busy())
+        return got
+
+    def test_queue_orders_by_discipline(self):
+        works = [1.0, 0.1, 0.5]
+        self.assertEqual(self._order("fifo", works), [0, 1, 2])
+        self.assertEqual(self._order("work", works), [1, 2, 0])
+        self.assertEqual(self._order("hrrn", works), [1, 2, 0])
+        with self.assertRaises(ValueError):
+            self._order("lifo", works)
+
+
 if __name__ == "__main__":
     unittest.main()
