@@ -475,30 +475,38 @@ static void get_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
     memcpy(g->out + (a - g->doff), p + (a - from), b - a);
 }
 
-static void hash_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
+/* A paged read's work on each piece: the whole data blocks hashed as they land (they lie from
+ * BLK to BLK + body in the order the pieces come: the header block first, the tail block last). */
+struct paged_ctx {
+    XXH3_state_t *xs;
+    uint64_t body;
+};
+
+static void paged_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
 {
-    (void)from;
-    XXH3_64bits_update(ud, p, n);
+    struct paged_ctx *g = ud;
+    uint64_t a = from < BLK ? BLK : from, b = from + n < BLK + g->body ? from + n : BLK + g->body;
+    if (a < b)
+        XXH3_64bits_update(g->xs, p + (a - from), b - a);
 }
 
 /* A paged record (REC_PAGED) read into page-aligned memory out with no copy: its header block and
  * its last partial data block (if any) into the slot's buffer, its whole data blocks straight into
- * out, hashed as they land; the tail copied. 0 or a negative errno; *xxh the data's checksum. */
+ * out, all three reads sent together, the data blocks hashed as they land; the tail copied.
+ * 0 or a negative errno; *xxh the data's checksum. */
 static int read_paged(kvf__disk *d, struct rslot *sl, uint64_t off, uint8_t *out, uint64_t len,
                       uint64_t *xxh)
 {
     uint64_t body = len / BLK * BLK;
+    kvf__dk_seg segs[3] = {{.buf = sl->buf, .len = BLK, .off = off},
+                           {.buf = out, .len = body, .off = off + BLK},
+                           {.buf = sl->buf + BLK, .len = BLK, .off = off + BLK + body}};
+    struct paged_ctx g = {.xs = sl->xs, .body = body};
     XXH3_64bits_reset(sl->xs);
-    int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, BLK, off, kvf__dk_nothing, NULL);
-    if (!r && body)
-        r = kvf__dk_io_pieces(d, &sl->ring, out, body, off + BLK, hash_piece, sl->xs);
+    int r = kvf__dk_io_segs(d, &sl->ring, segs, len > body ? 3 : 2, paged_piece, &g);
     if (!r && len > body) {
-        r = kvf__dk_io_pieces(d, &sl->ring, sl->buf + BLK, BLK, off + BLK + body, kvf__dk_nothing,
-                              NULL);
-        if (!r) {
-            memcpy(out + body, sl->buf + BLK, len - body);
-            XXH3_64bits_update(sl->xs, out + body, len - body);
-        }
+        memcpy(out + body, sl->buf + BLK, len - body);
+        XXH3_64bits_update(sl->xs, out + body, len - body);
     }
     *xxh = XXH3_64bits_digest(sl->xs);
     return r;

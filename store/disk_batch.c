@@ -32,6 +32,43 @@ static int by_off(const void *a, const void *b)
     return x->off < y->off ? -1 : x->off > y->off;
 }
 
+/* A run's records checked, and copied out, as the pieces that hold them land: those of the
+ * first pieces while the last ones are read. */
+struct run_ctx {
+    const uint8_t *base; /* the run's first byte in the slot's buffer */
+    uint64_t ns;
+    const want *w;
+    size_t m, k; /* the records, and the next to check */
+    const kvf_key *keys;
+    void *const *bufs;
+    int *st;
+    uint8_t *ok;
+    uint64_t bytes;
+};
+
+static void run_piece(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
+{
+    (void)p; /* one segment: the pieces lie in order from base */
+    struct run_ctx *c = ud;
+    for (; c->k < c->m; c->k++) {
+        const want *x = &c->w[c->k];
+        uint64_t at = x->off - c->w[0].off;
+        if (at + HDR_LEN + x->len > from + n)
+            return; /* not all landed yet */
+        const uint8_t *r = c->base + at;
+        const kvf_key *key = &c->keys[x->i];
+        rec h;
+        c->ok[c->k] = kvf__dk_hdr_read(r, &h) && h.type == REC_OBJECT && h.seq == x->seq &&
+                      h.ns == c->ns && h.lo == key->lo && h.hi == key->hi && h.len == x->len &&
+                      h.doff == HDR_LEN && XXH3_64bits(r + HDR_LEN, x->len) == h.data_xxh;
+        if (c->ok[c->k]) {
+            memcpy(c->bufs[x->i], r + HDR_LEN, x->len);
+            c->st[x->i] = 0;
+            c->bytes += x->len;
+        }
+    }
+}
+
 /* Reads the run w[0..m) (records in log order, span bytes from w[0].off) and checks each
  * record. 0, or 1 when the read of a run of several records failed: then nothing is concluded
  * (the error may lie in bytes between them, which no one asked for) and the caller reads them
@@ -45,27 +82,17 @@ static int read_run(kvf__disk *d, uint64_t ns, const want *w, size_t m, uint64_t
             st[w[k].i] = KVF_ENOMEM;
         return 0;
     }
-    int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, span, w[0].off, kvf__dk_nothing, NULL);
+    uint8_t ok[SPAN_MAX / BLK];
+    memset(ok, 0, m);
+    struct run_ctx c = {
+        .base = sl->buf, .ns = ns, .w = w, .m = m, .keys = keys, .bufs = bufs, .st = st, .ok = ok};
+    int r = kvf__dk_io_pieces(d, &sl->ring, sl->buf, span, w[0].off, run_piece, &c);
     if (r && m > 1) {
         pthread_mutex_unlock(&sl->mu);
         __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);
         return 1;
     }
-    uint8_t ok[SPAN_MAX / BLK];
-    uint64_t bytes = 0;
-    for (size_t k = 0; k < m && !r; k++) {
-        const uint8_t *p = sl->buf + (w[k].off - w[0].off);
-        const kvf_key *key = &keys[w[k].i];
-        rec h;
-        ok[k] = kvf__dk_hdr_read(p, &h) && h.type == REC_OBJECT && h.seq == w[k].seq &&
-                h.ns == ns && h.lo == key->lo && h.hi == key->hi && h.len == w[k].len &&
-                h.doff == HDR_LEN && XXH3_64bits(p + HDR_LEN, w[k].len) == h.data_xxh;
-        if (ok[k]) {
-            memcpy(bufs[w[k].i], p + HDR_LEN, w[k].len);
-            st[w[k].i] = 0;
-            bytes += w[k].len;
-        }
-    }
+    uint64_t bytes = r ? 0 : c.bytes;
     pthread_mutex_unlock(&sl->mu);
     __atomic_fetch_add(&d->r_reads, 1, __ATOMIC_RELAXED);
     __atomic_fetch_add(&d->r_bytes, bytes, __ATOMIC_RELAXED);

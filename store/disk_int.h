@@ -155,6 +155,15 @@ void kvf__dk_nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n);
 int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
                       void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n),
                       void *ud);
+/* A read of len bytes at off into buf: one of the segments of kvf__dk_io_segs. */
+typedef struct kvf__dk_seg {
+    uint8_t *buf;
+    uint64_t len, off;
+} kvf__dk_seg;
+/* kvf__dk_io_pieces over several segments read together, each() seeing them one after the
+ * other (from counts through them all). */
+int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs, size_t nsegs,
+                    void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud);
 
 /* disk_index.c: (ns, key) -> the newest object record */
 ent *kvf__dk_find(kvf__disk *d, uint64_t ns, uint64_t lo, uint64_t hi);

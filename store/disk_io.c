@@ -63,19 +63,38 @@ void kvf__dk_nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
     (void)ud, (void)p, (void)from, (void)n;
 }
 
-/* Reads len bytes at off into buf in pieces of PIECE, as many in flight as the ring holds, and
- * hands each piece to each() in order as soon as it and those before it have landed: the
- * caller's work on a piece (a checksum, a copy) overlaps the reads of the next ones. Returns 0
- * or a negative errno. */
-int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
-                      void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud)
+/* Where piece i of the segments lies: its segment and its offset there. */
+static void piece_at(const kvf__dk_seg *segs, size_t nsegs, uint64_t i, size_t *seg, uint64_t *at)
 {
-    if (d->o.fault) {
-        int f = d->o.fault(d->o.fault_ud, 0, off, len);
-        if (f)
-            return f < 0 ? f : -EIO;
+    size_t s = 0;
+    for (; s + 1 < nsegs; s++) {
+        uint64_t k = (segs[s].len + PIECE - 1) / PIECE;
+        if (i < k)
+            break;
+        i -= k;
     }
-    uint64_t n = (len + PIECE - 1) / PIECE, next_sub = 0, next_done = 0, inflight = 0;
+    *seg = s;
+    *at = i * PIECE;
+}
+
+/* Reads the segments (each len bytes at off into buf) in pieces of PIECE, as many in flight as
+ * the ring holds, and hands each piece to each() in order as soon as it and those before it have
+ * landed, its place `from` counted through the segments one after the other: the caller's work on
+ * a piece (a checksum, a copy) overlaps the reads of the next ones, and the segments' reads go
+ * out together. Returns 0 or a negative errno. */
+int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs, size_t nsegs,
+                    void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud)
+{
+    uint64_t n = 0;
+    for (size_t s = 0; s < nsegs; s++) {
+        if (d->o.fault) {
+            int f = d->o.fault(d->o.fault_ud, 0, segs[s].off, segs[s].len);
+            if (f)
+                return f < 0 ? f : -EIO;
+        }
+        n += (segs[s].len + PIECE - 1) / PIECE;
+    }
+    uint64_t next_sub = 0, next_done = 0, inflight = 0, done_from = 0;
     uint8_t landed[512];
     if (n > sizeof landed)
         return -E2BIG;
@@ -86,8 +105,11 @@ int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_
             struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
             if (!sqe)
                 break;
-            uint64_t from = next_sub * PIECE, k = len - from < PIECE ? len - from : PIECE;
-            io_uring_prep_read(sqe, d->fd, buf + from, (unsigned)k, off + from);
+            size_t s;
+            uint64_t at;
+            piece_at(segs, nsegs, next_sub, &s, &at);
+            uint64_t k = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
+            io_uring_prep_read(sqe, d->fd, segs[s].buf + at, (unsigned)k, segs[s].off + at);
             io_uring_sqe_set_data64(sqe, next_sub);
             next_sub++;
             inflight++;
@@ -104,22 +126,36 @@ int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_
         if (rc < 0)
             return rc; /* the ring itself failed: nothing more can be trusted */
         uint64_t i = io_uring_cqe_get_data64(cqe);
-        uint64_t want = len - i * PIECE < PIECE ? len - i * PIECE : PIECE;
+        size_t s = 0;
+        uint64_t at = 0, want = 0;
+        if (i < n) {
+            piece_at(segs, nsegs, i, &s, &at);
+            want = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
+        }
         if (cqe->res < 0)
             err = err ? err : cqe->res;
-        else if ((uint64_t)cqe->res != want)
+        else if (i >= n || (uint64_t)cqe->res != want)
             err = err ? err : -EIO; /* short: past the end */
         io_uring_cqe_seen(ring, cqe);
         inflight--;
         if (i < n)
             landed[i] = 1;
         while (!err && next_done < n && landed[next_done]) {
-            uint64_t from = next_done * PIECE, k = len - from < PIECE ? len - from : PIECE;
-            each(ud, buf + from, from, k);
+            piece_at(segs, nsegs, next_done, &s, &at);
+            uint64_t k = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
+            each(ud, segs[s].buf + at, done_from, k);
+            done_from += k;
             next_done++;
         }
         if (err && !inflight)
             break;
     }
     return err;
+}
+
+int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
+                      void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n), void *ud)
+{
+    kvf__dk_seg seg = {.buf = buf, .len = len, .off = off};
+    return kvf__dk_io_segs(d, ring, &seg, 1, each, ud);
 }
