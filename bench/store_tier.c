@@ -273,7 +273,10 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     int ng = 0, wrong = 0;
     double reads0 = disk_stat(c, "promote_reads"), promoted0 = disk_stat(c, "promoted");
     double rsec0 = disk_stat(c, "read_seconds"), psec0 = disk_stat(c, "promote_seconds");
-    double gwall = 0;
+    /* the promotions' room evicts, and so demotes, as much as they bring back: the GETs' reads
+     * share the device with those writes (the ceilings above are reads alone) */
+    double dem0 = disk_stat(c, "demoted_bytes");
+    double gwall = 0, got_bytes = 0;
     for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
         uint64_t hit = 0;
         double secs = 0;
@@ -281,7 +284,9 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
             continue; /* a batch the tier did not keep (dropped when its queue was full) */
         gets[ng++] = (double)hit / secs / 1e9;
         gwall += secs;
+        got_bytes += (double)hit;
     }
+    double written_during = disk_stat(c, "demoted_bytes") - dem0;
     /* objects a disk read brought back: neighbours in the log read at once (1: one read each) */
     double reads = disk_stat(c, "promote_reads") - reads0;
     int64_t read_direct = (int64_t)disk_stat(c, "read_direct"); /* into DRAM entries, no copy */
@@ -339,6 +344,9 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
         bench_json_real(res, KEY("disk_get_readers_busy_%s"), readers_busy);
         bench_json_real(res, KEY("disk_get_promotions_busy_%s"), promotions_busy);
     }
+    /* bytes demoted while the GETs from disk ran, per byte they read back */
+    if (got_bytes > 0)
+        bench_json_real(res, KEY("disk_get_demoted_per_byte_read_%s"), written_during / got_bytes);
     bench_json_real(res, KEY("demote_write_gbps_%s"), write_gbps);
     json_object_set_new(res, KEY("demoted_bytes_%s"), json_integer(demoted));
     json_object_set_new(res, KEY("demote_dropped_full_%s"), json_integer(dropped));
