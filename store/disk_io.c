@@ -9,6 +9,10 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
+
+/* The tag of the no-ops that stand in for reads prepared and never submitted (kvf__dk_io_segs). */
+#define STRAY UINT64_MAX
 
 void kvf__dk_go_down(kvf__disk *d, int e)
 {
@@ -87,7 +91,7 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
 {
     uint64_t n = 0;
     for (size_t s = 0; s < nsegs; s++) {
-        if (d->o.fault) {
+        if (segs[s].len && d->o.fault) {
             int f = d->o.fault(d->o.fault_ud, 0, segs[s].off, segs[s].len);
             if (f)
                 return f < 0 ? f : -EIO;
@@ -95,13 +99,17 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
         n += (segs[s].len + PIECE - 1) / PIECE;
     }
     uint64_t next_sub = 0, next_done = 0, inflight = 0, done_from = 0;
-    uint8_t landed[512];
-    if (n > sizeof landed)
-        return -E2BIG;
-    memset(landed, 0, (size_t)n);
+    /* which of the pieces submitted and not yet handed on have landed: a window of them, piece
+     * i at i % WINDOW, no piece submitted WINDOW or more past the next one to hand on */
+    enum { WINDOW = 512 };
+    uint8_t landed[WINDOW];
+    memset(landed, 0, sizeof landed);
+    struct io_uring_sqe *unsub[WINDOW]; /* prepared, not yet taken by the kernel */
+    unsigned n_unsub = 0, retries = 0;
     int err = 0;
     while (next_done < n) {
-        while (!err && next_sub < n && inflight < d->qd) {
+        while (!err && next_sub < n && inflight + n_unsub < d->qd &&
+               next_sub - next_done < WINDOW) {
             struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
             if (!sqe)
                 break;
@@ -111,20 +119,45 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
             uint64_t k = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
             io_uring_prep_read(sqe, d->fd, segs[s].buf + at, (unsigned)k, segs[s].off + at);
             io_uring_sqe_set_data64(sqe, next_sub);
+            unsub[n_unsub++] = sqe;
             next_sub++;
-            inflight++;
         }
-        int rc = io_uring_submit(ring);
-        if (rc < 0)
-            err = err ? err : rc;
+        if (n_unsub) {
+            int rc = io_uring_submit(ring);
+            if (rc > 0) {
+                /* the kernel takes them in order */
+                memmove(unsub, unsub + rc, (n_unsub - (unsigned)rc) * sizeof *unsub);
+                n_unsub -= (unsigned)rc;
+                inflight += (uint64_t)rc;
+            } else if ((rc == -EINTR || rc == -EAGAIN || rc == -EBUSY) && retries++ < 1000) {
+                if (!inflight)
+                    usleep(100); /* nothing to reap meanwhile: a moment, then again */
+                if (!inflight)
+                    continue;
+            } else if (rc <= 0) {
+                /* never to be read: what was prepared becomes no-ops that nobody waits for (a
+                 * later submission on this ring takes them; their completions are skipped) */
+                for (unsigned k = 0; k < n_unsub; k++) {
+                    io_uring_prep_nop(unsub[k]);
+                    io_uring_sqe_set_data64(unsub[k], STRAY);
+                }
+                n_unsub = 0;
+                err = err ? err : rc < 0 ? rc : -EIO;
+            }
+        }
         if (!inflight)
             break;
         struct io_uring_cqe *cqe;
+        int rc;
         do
             rc = io_uring_wait_cqe(ring, &cqe);
         while (rc == -EINTR);
         if (rc < 0)
             return rc; /* the ring itself failed: nothing more can be trusted */
+        if (io_uring_cqe_get_data64(cqe) == STRAY) {
+            io_uring_cqe_seen(ring, cqe); /* an earlier call's no-op */
+            continue;
+        }
         uint64_t i = io_uring_cqe_get_data64(cqe);
         size_t s = 0;
         uint64_t at = 0, want = 0;
@@ -139,8 +172,9 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
         io_uring_cqe_seen(ring, cqe);
         inflight--;
         if (i < n)
-            landed[i] = 1;
-        while (!err && next_done < n && landed[next_done]) {
+            landed[i % WINDOW] = 1;
+        while (!err && next_done < n && landed[next_done % WINDOW]) {
+            landed[next_done % WINDOW] = 0;
             piece_at(segs, nsegs, next_done, &s, &at);
             uint64_t k = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
             each(ud, segs[s].buf + at, done_from, k);
