@@ -273,19 +273,22 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     int ng = 0, wrong = 0;
     double reads0 = disk_stat(c, "promote_reads"), promoted0 = disk_stat(c, "promoted");
     double rsec0 = disk_stat(c, "read_seconds"), psec0 = disk_stat(c, "promote_seconds");
-    /* the promotions' room evicts, and so demotes, as much as they bring back: the GETs' reads
-     * share the device with those writes (the ceilings above are reads alone) */
+    /* the promotions' room evicts, and what it evicts is written unless the disk holds it
+     * already: the bytes demoted meanwhile say whether the GETs' reads shared the device with
+     * writes (the ceilings above are reads alone) */
     double dem0 = disk_stat(c, "demoted_bytes");
     double gwall = 0, got_bytes = 0;
     for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
         uint64_t hit = 0;
         double secs = 0;
-        if (get_round(c, &w, r, &hit, &wrong, &secs) != 0 || hit < per_round / 2 || secs <= 0)
+        int bad = get_round(c, &w, r, &hit, &wrong, &secs) != 0;
+        got_bytes += (double)hit; /* every round's promotions may evict */
+        if (bad || hit < per_round / 2 || secs <= 0)
             continue; /* a batch the tier did not keep (dropped when its queue was full) */
         gets[ng++] = (double)hit / secs / 1e9;
         gwall += secs;
-        got_bytes += (double)hit;
     }
+    settle(c); /* the demotions the last evictions queued, written */
     double written_during = disk_stat(c, "demoted_bytes") - dem0;
     /* objects a disk read brought back: neighbours in the log read at once (1: one read each) */
     double reads = disk_stat(c, "promote_reads") - reads0;

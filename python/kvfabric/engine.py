@@ -688,6 +688,8 @@ def pick_turn(discipline: str, work_s: Sequence[float], waited_s: Sequence[float
     oldest whatever its key. hrrn's key is the response ratio (waited + work) / work, highest
     first, work floored at a millisecond; work's is the predicted work, least first; fifo takes
     the oldest."""
+    if discipline not in QUEUE_DISCIPLINES:
+        raise ValueError(f"queue discipline must be one of {', '.join(QUEUE_DISCIPLINES)}")
     n = len(work_s)
     if discipline == "fifo" or n < 2 or window < 2 or picks % window == window - 1:
         return 0

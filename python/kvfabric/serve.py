@@ -204,6 +204,9 @@ class Server:
                     cached = max(cached, e.lookup(toks, sources))
                 except KvfError:  # the stores unreachable: the order is an estimate anyway
                     pass
+            # the last chunk is computed whatever is cached (kvf-engine's held_prefix)
+            C = self.layout.chunk_tokens
+            cached = min(cached, (n - 1) // C * C) if n else 0
         work = e.rates.compute_s(min(cached, n), n) or 0.0
         if kind != "prefill" and e.rates.s_per_step is not None:
             work += max_tokens * e.rates.s_per_step
@@ -502,8 +505,10 @@ class Server:
         work_s = 0.0
         if kind != "decode":
             work_s = self.engine.rates.compute_s(0, len(toks)) or 0.0
+        # every request's, as kvf-engine's: one that finds the engine free may still wait (another
+        # took it first), and a 0 would put it ahead of everyone
         order_s = self.order_work(kind, toks, max_tokens, reuse, expect, sources) \
-            if t.discipline != "fifo" and t.busy() else 0.0
+            if t.discipline != "fifo" else 0.0
         with self.mu:
             if kind != "decode":
                 t.queued_prefill_tokens += len(toks)

@@ -821,6 +821,8 @@ class TestTurnOrder(unittest.TestCase):
         self.assertEqual(pick_turn("work", work, waited, 4, window=4), 1)
         self.assertEqual(pick_turn("work", [1.0, 0.5, 0.1], waited, 0, window=2), 1)
         self.assertEqual(pick_turn("hrrn", [], [], 0), 0)
+        with self.assertRaises(ValueError):
+            pick_turn("sjf", work, waited, 0)  # kvf-engine's engines take hrrn, work or fifo
 
     def _order(self, discipline: str, works) -> list:
         from kvfabric.engine import TurnQueue
