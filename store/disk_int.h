@@ -155,6 +155,14 @@ void kvf__dk_nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n);
 int kvf__dk_io_pieces(kvf__disk *d, struct io_uring *ring, uint8_t *buf, uint64_t len, uint64_t off,
                       void (*each)(void *ud, const uint8_t *p, uint64_t from, uint64_t n),
                       void *ud);
+/* A request prepared on a ring and refused by the kernel becomes a no-op tagged KVF__DK_STRAY:
+ * the next submission on the ring takes it (it stays in the ring's queue), harmlessly, and
+ * kvf__dk_wait skips its completion. */
+#define KVF__DK_STRAY UINT64_MAX
+void kvf__dk_unsubmit(struct io_uring_sqe *sqe);
+/* The ring's next completion that is not a stray no-op's (EINTR waited through); 0 or a
+ * negative errno. */
+int kvf__dk_wait(struct io_uring *ring, struct io_uring_cqe **cqe);
 /* A read of len bytes at off into buf: one of the segments of kvf__dk_io_segs. */
 typedef struct kvf__dk_seg {
     uint8_t *buf;

@@ -11,8 +11,39 @@
 #include <string.h>
 #include <unistd.h>
 
-/* The tag of the no-ops that stand in for reads prepared and never submitted (kvf__dk_io_segs). */
-#define STRAY UINT64_MAX
+#define STRAY KVF__DK_STRAY
+
+void kvf__dk_unsubmit(struct io_uring_sqe *sqe)
+{
+    io_uring_prep_nop(sqe);
+    io_uring_sqe_set_data64(sqe, STRAY);
+}
+
+int kvf__dk_wait(struct io_uring *ring, struct io_uring_cqe **cqe)
+{
+    for (;;) {
+        int rc = io_uring_wait_cqe(ring, cqe);
+        if (rc == -EINTR)
+            continue;
+        if (rc < 0 || io_uring_cqe_get_data64(*cqe) != STRAY)
+            return rc;
+        io_uring_cqe_seen(ring, *cqe); /* an earlier call's no-op */
+    }
+}
+
+/* io_uring_submit, again a while on a transient refusal (nothing of this caller's in flight to
+ * wait for meanwhile); the count submitted or a negative errno. */
+static int submit_retrying(struct io_uring *ring)
+{
+    int rc = 0;
+    for (int k = 0; k < 1000; k++) {
+        rc = io_uring_submit(ring);
+        if (rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+            return rc;
+        usleep(100);
+    }
+    return rc;
+}
 
 void kvf__dk_go_down(kvf__disk *d, int e)
 {
@@ -42,13 +73,13 @@ int kvf__dk_io(kvf__disk *d, int is_write, void *buf, uint64_t len, uint64_t off
             io_uring_prep_write(sqe, d->fd, (uint8_t *)buf + done, n, off + done);
         else
             io_uring_prep_read(sqe, d->fd, (uint8_t *)buf + done, n, off + done);
-        int rc = io_uring_submit(&d->ring);
-        if (rc < 0)
-            return rc;
+        int rc = submit_retrying(&d->ring);
+        if (rc < 1) {
+            kvf__dk_unsubmit(sqe); /* never to be done: a later submission skips it */
+            return rc < 0 ? rc : -EIO;
+        }
         struct io_uring_cqe *cqe;
-        do
-            rc = io_uring_wait_cqe(&d->ring, &cqe);
-        while (rc == -EINTR);
+        rc = kvf__dk_wait(&d->ring, &cqe);
         if (rc < 0)
             return rc;
         int res = cqe->res;
@@ -137,10 +168,8 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
             } else if (rc <= 0) {
                 /* never to be read: what was prepared becomes no-ops that nobody waits for (a
                  * later submission on this ring takes them; their completions are skipped) */
-                for (unsigned k = 0; k < n_unsub; k++) {
-                    io_uring_prep_nop(unsub[k]);
-                    io_uring_sqe_set_data64(unsub[k], STRAY);
-                }
+                for (unsigned k = 0; k < n_unsub; k++)
+                    kvf__dk_unsubmit(unsub[k]);
                 n_unsub = 0;
                 err = err ? err : rc < 0 ? rc : -EIO;
             }
@@ -148,16 +177,9 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
         if (!inflight)
             break;
         struct io_uring_cqe *cqe;
-        int rc;
-        do
-            rc = io_uring_wait_cqe(ring, &cqe);
-        while (rc == -EINTR);
+        int rc = kvf__dk_wait(ring, &cqe);
         if (rc < 0)
             return rc; /* the ring itself failed: nothing more can be trusted */
-        if (io_uring_cqe_get_data64(cqe) == STRAY) {
-            io_uring_cqe_seen(ring, cqe); /* an earlier call's no-op */
-            continue;
-        }
         uint64_t i = io_uring_cqe_get_data64(cqe);
         size_t s = 0;
         uint64_t at = 0, want = 0;

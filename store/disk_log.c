@@ -146,10 +146,7 @@ static int lrec_done(kvf__disk *d, struct lrec *r)
 static int wait_piece(kvf__disk *d)
 {
     struct io_uring_cqe *cqe;
-    int rc;
-    do
-        rc = io_uring_wait_cqe(&d->ring, &cqe);
-    while (rc == -EINTR);
+    int rc = kvf__dk_wait(&d->ring, &cqe);
     if (rc < 0) {
         /* nothing more can be known of the writes in flight: none of their records is indexed */
         kvf__dk_go_down(d, -rc);
@@ -218,7 +215,8 @@ static int submit_write(kvf__disk *d, int slot, const uint8_t *p, uint64_t kk, u
     d->lrec[r].left++;
     d->pinflight++;
     int s2 = io_uring_submit(&d->ring);
-    if (s2 < 1) { /* not in flight: no completion will come for it */
+    if (s2 < 1) { /* not in flight: no completion will come for it, and the write never done */
+        kvf__dk_unsubmit(sqe);
         d->pinflight--;
         d->lrec[r].left--;
         if (slot >= 0)

@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE
 #include "disk.h"
+#include "disk_int.h"
 #include "tier.h"
 
 #include "kvf/error.h"
@@ -750,6 +751,37 @@ static void test_a_failing_device_takes_the_tier_down(void **state)
     kvf__disk_close(&d);
 }
 
+/* A request the kernel refused stays in the ring's queue, and the next submission would take it:
+ * kvf__dk_unsubmit makes it a no-op whose completion kvf__dk_wait skips. A read of /dev/zero
+ * into a marked buffer, prepared and unsubmitted, then a no-op of this caller's: the wait gives
+ * the caller's, and the buffer is untouched. */
+static void test_unsubmitted_requests_are_never_done(void **state)
+{
+    (void)state;
+    struct io_uring ring;
+    assert_int_equal(io_uring_queue_init(8, &ring, 0), 0);
+    int fd = open("/dev/zero", O_RDONLY);
+    assert_true(fd >= 0);
+    uint8_t buf[4096];
+    memset(buf, 0xAA, sizeof buf);
+    struct io_uring_sqe *stale = io_uring_get_sqe(&ring);
+    io_uring_prep_read(stale, fd, buf, sizeof buf, 0);
+    io_uring_sqe_set_data64(stale, 1);
+    kvf__dk_unsubmit(stale);
+    struct io_uring_sqe *mine = io_uring_get_sqe(&ring);
+    io_uring_prep_nop(mine);
+    io_uring_sqe_set_data64(mine, 7);
+    assert_int_equal(io_uring_submit(&ring), 2);
+    struct io_uring_cqe *cqe;
+    assert_int_equal(kvf__dk_wait(&ring, &cqe), 0);
+    assert_int_equal(io_uring_cqe_get_data64(cqe), 7);
+    io_uring_cqe_seen(&ring, cqe);
+    for (size_t i = 0; i < sizeof buf; i++)
+        assert_int_equal(buf[i], 0xAA);
+    close(fd);
+    io_uring_queue_exit(&ring);
+}
+
 static void test_bad_places_are_refused(void **state)
 {
     (void)state;
@@ -1099,6 +1131,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_the_log_reuses_its_oldest_extent, setup, teardown),
         cmocka_unit_test_setup_teardown(test_flipped_bits_are_misses, setup, teardown),
         cmocka_unit_test_setup_teardown(test_get_many_reads_runs, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_unsubmitted_requests_are_never_done, setup, teardown),
         cmocka_unit_test_setup_teardown(test_large_objects_in_pieces, setup, teardown),
         cmocka_unit_test_setup_teardown(test_large_objects_from_aligned_memory, setup, teardown),
         cmocka_unit_test_setup_teardown(test_large_puts_are_indexed_only_when_written, setup,
