@@ -64,6 +64,16 @@ typedef struct kvf__sched_reg {
     uint32_t event_shards;
 } kvf__sched_reg;
 
+/* A placement sent and not yet seen in its engine's load report (sent.c). */
+typedef struct kvf__sched_sent {
+    uint64_t ticket;
+    uint64_t at_ns;         /* when it was placed (CLOCK_MONOTONIC) */
+    int slot;               /* the prefill instance; -1: answered (the entry waits to be dropped) */
+    double tokens, seconds; /* the work place() added to that instance's load */
+} kvf__sched_sent;
+
+#define KVF__SCHED_SENT_MAX 4096
+
 typedef struct kvf__sched_daemon {
     kvf_sched *s;
     pthread_mutex_t mu;
@@ -94,6 +104,15 @@ typedef struct kvf__sched_daemon {
     uint64_t expired, deleted;
     /* The HTTP thread's (http_api.c). */
     uint64_t placements, rejections;
+    /* Placements not yet in their engines' load reports, oldest first (sent.c): a ring of
+     * sent_n entries from sent_head, each kept at most sent_window_ns (--placement-ack-s). */
+    kvf__sched_sent sent[KVF__SCHED_SENT_MAX];
+    size_t sent_head, sent_n;
+    uint64_t next_ticket, sent_window_ns;
+    uint64_t sent_acked;          /* placements a load report listed */
+    uint64_t sent_readded;        /* times a placement's work was added to a report's figures */
+    uint64_t sent_reports_behind; /* load reports taken before a request placed there arrived */
+    uint64_t sent_expired;        /* placements never listed within the window */
     kvf__httpd *httpd;
     /* /metrics (core/metrics.h): the counters above mirrored at each scrape, and histograms
      * observed where they happen. */
@@ -108,6 +127,21 @@ typedef struct kvf__sched_daemon {
     uint64_t store_joins, store_leaves, engine_joins, engine_leaves;
     atomic_int stop;
 } kvf__sched_daemon;
+
+/* ------------------------------------------------------------------------------------------ */
+/* Placements sent, not yet seen in a load report (sent.c) */
+
+/* Seeds the tickets (random, below 2^53) and empties the ring. */
+void kvf__sched_sent_init(kvf__sched_daemon *d);
+/* A placement on instance slot `slot` that added tokens and seconds to its load: its ticket. */
+uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds);
+/* A load report L of instance slot `slot` listing the tickets acks[0..n_acks) (has_acks: the
+ * report has the list, maybe empty): the placements it lists are answered; the work of the others
+ * still within the window is added to L. Without the list, every placement there is answered. */
+void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
+                                  size_t n_acks, int has_acks, kvf_instance_load *L);
+/* Instance slot `slot` was removed: its placements are forgotten. */
+void kvf__sched_sent_forget_locked(kvf__sched_daemon *d, int slot);
 
 /* Makes d->metrics, the registry /metrics exposes (http_api.c). Returns 0 or -1. */
 int kvf__sched_metrics_open(kvf__sched_daemon *d);

@@ -193,10 +193,27 @@ static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *
     L.queued_prefill_s = qs;
     L.active_decodes = (uint32_t)a;
     L.used_blocks = (uint64_t)u;
+    /* the tickets of the placed requests the engine took in lately (sent.c) */
+    uint64_t acks[MAX_LOAD_TICKETS];
+    size_t n_acks = 0;
+    json_t *tk = json_object_get(o, "tickets");
+    if (tk && (!json_is_array(tk) || json_array_size(tk) > MAX_LOAD_TICKETS))
+        return send_error(d, c, 400, "\"tickets\" must be an array of at most %d placement tickets",
+                          MAX_LOAD_TICKETS);
+    for (size_t i = 0; tk && i < json_array_size(tk); i++) {
+        json_t *v = json_array_get(tk, i);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > MAX_TICKET)
+            return send_error(d, c, 400,
+                              "\"tickets\"[%zu]: a placement's ticket is an integer "
+                              "0..2^53",
+                              i);
+        acks[n_acks++] = (uint64_t)json_integer_value(v);
+    }
     pthread_mutex_lock(&d->mu);
     int idx = kvf_sched_instance_find(d->s, id);
     int allowed = idx < 0 || owner_ok_locked(d, idx, c->caller);
     if (idx >= 0 && allowed) {
+        kvf__sched_sent_apply_locked(d, idx, acks, n_acks, tk != NULL, &L);
         kvf_sched_instance_load(d->s, idx, &L);
         kvf__sched_seen_locked(d, idx);
     }
@@ -457,6 +474,10 @@ static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
     d->rejections += rc == 0 && rs.rejected;
     if (!rc)
         out = plan_json_locked(d->s, &rs);
+    if (!rc && !rs.rejected) /* what place() added to the prefill instance's load, kept (sent.c) */
+        json_object_set_new(out, "ticket",
+                            json_integer((json_int_t)kvf__sched_sent_note_locked(
+                                d, rs.prefill, (double)b.rq.n_tokens, rs.load_s + rs.prefill_s)));
     pthread_mutex_unlock(&d->mu);
     free(b.tokens);
     free(b.keys);
@@ -492,6 +513,8 @@ typedef struct stats {
     uint64_t store_joins, store_leaves, engine_joins, engine_leaves;
     int etcd, etcd_synced, stores_registered;
     uint64_t requests, errors; /* HTTP requests served, and those answered with an error */
+    uint64_t sent_acked, sent_readded, sent_reports_behind, sent_expired; /* sent.c */
+    size_t sent_pending;
     size_t instances;
     int subs;
 } stats;
@@ -524,6 +547,13 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
         st->stores_registered += d->store_rec[i][0] != 0;
     st->placements = d->placements;
     st->rejections = d->rejections;
+    st->sent_acked = d->sent_acked;
+    st->sent_readded = d->sent_readded;
+    st->sent_reports_behind = d->sent_reports_behind;
+    st->sent_expired = d->sent_expired;
+    st->sent_pending = 0;
+    for (size_t i = 0; i < d->sent_n; i++)
+        st->sent_pending += d->sent[(d->sent_head + i) % KVF__SCHED_SENT_MAX].slot >= 0;
     st->instances = kvf_sched_instance_count(d->s);
     st->expired = d->expired;
     st->deleted = d->deleted;
@@ -580,6 +610,11 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "store_snapshot_failures", json_integer(counter(st->snapshot_failures)));
     json_object_set_new(o, "placements", json_integer(counter(st->placements)));
     json_object_set_new(o, "rejections", json_integer(counter(st->rejections)));
+    json_object_set_new(
+        o, "placement_tickets",
+        json_pack("{s:I,s:I,s:I,s:I,s:I}", "pending", (json_int_t)st->sent_pending, "acked",
+                  counter(st->sent_acked), "readded", counter(st->sent_readded), "reports_behind",
+                  counter(st->sent_reports_behind), "expired", counter(st->sent_expired)));
     return o;
 }
 
@@ -643,6 +678,15 @@ static void metrics_collect(void *ud, kvf__metrics *m)
         {"placements_total", "Placement decisions (POST /v1/place).", 1, (double)st.placements},
         {"rejections_total", "Requests rejected early (their SLO could not be met).", 1,
          (double)st.rejections},
+        {"placements_pending", "Placements whose engines have not yet listed their tickets.", 0,
+         (double)st.sent_pending},
+        {"placements_acked_total", "Placements an engine's load report listed as taken in.", 1,
+         (double)st.sent_acked},
+        {"load_reports_behind_total",
+         "Load reports taken before a request placed there arrived: its work was added back.", 1,
+         (double)st.sent_reports_behind},
+        {"placements_unacked_total", "Placements no load report listed within --placement-ack-s.",
+         1, (double)st.sent_expired},
         {"http_requests_total", "HTTP requests served.", 1, (double)st.requests},
         {"http_errors_total", "HTTP requests answered with an error.", 1, (double)st.errors},
     };

@@ -5,7 +5,7 @@
  *             [--stores HOST:PORT[,...]] [--store-zones ZONE[,...]]
  *             [--store-events ENDPOINT[,...]]
  *             [--store-snapshots ENDPOINT[,...]] [--chunk-tokens N]
- *             [--instance-ttl SECONDS] [--log-level L]
+ *             [--instance-ttl SECONDS] [--placement-ack-s SECONDS] [--log-level L]
  *
  * Startup: the command line, the cost model's calibration file, the cluster file's instances and
  * the stores' event publishers; then the HTTP server (http_api.c) and the events thread
@@ -35,6 +35,10 @@
 #define MAX_BODY      (16u << 20) /* the largest request body the HTTP server accepts */
 #define DEFAULT_TTL_S 30.0        /* --instance-ttl: 6 of the reference engine's heartbeats */
 #define MAX_TTL_S     86400.0
+/* --placement-ack-s: how long a placement's work is kept beside its engine's load reports until
+ * one lists its ticket (sent.c); engines list what they took in for ACK_KEEP_S (5 s) */
+#define DEFAULT_ACK_S 1.0
+#define MAX_ACK_S     5.0
 
 /* The command line's settings that are not the daemon's state. */
 typedef struct cmdline {
@@ -57,16 +61,28 @@ static void on_signal(int sig)
         atomic_store(&g_daemon->stop, 1);
 }
 
-static int parse_ttl(void *ud, const char *v, char *err, size_t errlen)
+/* Seconds from 0 (meaning zero_is) to max into *ud as nanoseconds. */
+static int parse_ns(uint64_t *ud, const char *v, double max, const char *zero_is, char *err,
+                    size_t errlen)
 {
     char *end;
-    double ttl = strtod(v, &end);
-    if (end == v || *end || !(ttl >= 0 && ttl <= MAX_TTL_S)) {
-        snprintf(err, errlen, "%s: seconds from 0 (never) to %.0f", v, MAX_TTL_S);
+    double s = strtod(v, &end);
+    if (end == v || *end || !(s >= 0 && s <= max)) {
+        snprintf(err, errlen, "%s: seconds from 0 (%s) to %.0f", v, zero_is, max);
         return -1;
     }
-    *(uint64_t *)ud = (uint64_t)llround(ttl * 1e9);
+    *ud = (uint64_t)llround(s * 1e9);
     return 0;
+}
+
+static int parse_ttl(void *ud, const char *v, char *err, size_t errlen)
+{
+    return parse_ns(ud, v, MAX_TTL_S, "never", err, errlen);
+}
+
+static int parse_ack_window(void *ud, const char *v, char *err, size_t errlen)
+{
+    return parse_ns(ud, v, MAX_ACK_S, "no placement kept", err, errlen);
 }
 
 /* --shard K/N: 0 <= K < N <= KVF_EVENTS_MAX_SHARDS. */
@@ -157,6 +173,11 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
         KVF__OPT("instance-ttl", KVF__ARG_FN, &d->ttl_ns, "SECONDS",
                  "forget an engine silent this long; 0 never", "30", .fn = parse_ttl,
                  .ud = &d->ttl_ns),
+        KVF__OPT("placement-ack-s", KVF__ARG_FN, &d->sent_window_ns, "SECONDS",
+                 "until an engine's load report lists a placed request's ticket (it took the "
+                 "request in), add the request's work to the engine's reported load, for at most "
+                 "this long; 0: every report replaces the load",
+                 "1", .fn = parse_ack_window, .ud = &d->sent_window_ns),
         KVF__OPT("tokens", KVF__ARG_STR, &cl->tokens, "FILE",
                  "\"NAME TOKEN\" lines: every request but GETs needs \"Authorization: Bearer "
                  "TOKEN\"",
@@ -517,6 +538,7 @@ int main(int argc, char **argv)
     static kvf__sched_daemon d;
     d.lg = (kvf_log){.level = KVF_LOG_INFO, .name = "kvf-sched"};
     d.ttl_ns = (uint64_t)(DEFAULT_TTL_S * 1e9);
+    d.sent_window_ns = (uint64_t)(DEFAULT_ACK_S * 1e9);
     cmdline cl = {.chunk_tokens = 256,
                   .listen = "127.0.0.1:7500",
                   .policy = "kvf_cost",
@@ -538,6 +560,7 @@ int main(int argc, char **argv)
         return 1;
     }
     pthread_mutex_init(&d.mu, NULL);
+    kvf__sched_sent_init(&d);
     if (kvf__sched_metrics_open(&d) != 0) {
         fprintf(stderr, "kvf-sched: out of memory\n");
         return 1;

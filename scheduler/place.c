@@ -330,7 +330,8 @@ static void set_estimates(const kvf_sched *s, double n, int prefill, int decode,
 
 /* Until the engines report again, counts what was just sent to them, so that a burst of requests
  * spreads instead of piling onto the instance that looked idlest. The next load report replaces
- * these figures with the engine's own. */
+ * these figures with the engine's own (kvf-sched adds back those of the placements the report
+ * was taken before: scheduler/sent.c). */
 static void note_sent(kvf_sched *s, const kvf_place_res *res, double n)
 {
     kvf__sched_inst *p = &s->inst[res->prefill];

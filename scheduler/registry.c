@@ -114,6 +114,7 @@ int kvf__sched_remove_locked(kvf__sched_daemon *d, int idx)
     if (rc)
         return rc;
     kvf__sched_unsubscribe_locked(d, idx);
+    kvf__sched_sent_forget_locked(d, idx);
     memset(&d->reg[idx], 0, sizeof d->reg[idx]);
     return 0;
 }

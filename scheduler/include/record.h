@@ -19,8 +19,10 @@
 #define MAX_QUEUED_TOKENS   1e12
 #define MAX_QUEUED_SECONDS  1e7 /* a queue of 115 days: more is a broken reporter */
 #define MAX_ACTIVE_DECODES  1000000.0
-#define MAX_OUTPUT_TOKENS   1048576.0  /* 2^20 */
-#define MAX_SLO_TTFT_MS     86400000.0 /* a day */
+#define MAX_OUTPUT_TOKENS   1048576.0             /* 2^20 */
+#define MAX_SLO_TTFT_MS     86400000.0            /* a day */
+#define MAX_LOAD_TICKETS    1024                  /* placements a load report lists as taken in */
+#define MAX_TICKET          ((json_int_t)1 << 53) /* exact in every JSON reader */
 
 /* Copies the string member k of o into out (n bytes). A missing member is an error only when
  * required. Returns 0, or -1 with the reason in err (a member that is not a string shorter than

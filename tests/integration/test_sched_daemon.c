@@ -1048,8 +1048,22 @@ static int listed(const daemon_t *d, const char *id)
     return strstr(out, want) != NULL;
 }
 
-/* The instance a 32-token request is sent to for prefill, in *who. */
-static void placed_on(const daemon_t *d, char *who, size_t n)
+/* The queued prefill tokens GET /v1/instances gives instance id. */
+static double queued_of(const daemon_t *d, const char *id)
+{
+    static char out[1 << 16];
+    char want[96];
+    assert_int_equal(http(d, "GET", "/v1/instances", NULL, out, sizeof out), 200);
+    snprintf(want, sizeof want, "\"id\":\"%s\"", id);
+    const char *p = strstr(out, want);
+    assert_non_null(p);
+    p = strstr(p, "\"queued_prefill_tokens\":");
+    assert_non_null(p);
+    return strtod(p + strlen("\"queued_prefill_tokens\":"), NULL);
+}
+
+/* Places a 32-token request: its ticket (and its prefill instance in who). */
+static uint64_t placed_ticket(const daemon_t *d, char *who, size_t n)
 {
     char out[8192];
     assert_int_equal(http(d, "POST", "/v1/place",
@@ -1057,7 +1071,8 @@ static void placed_on(const daemon_t *d, char *who, size_t n)
                           "23,24,25,26,27,28,29,30,31,32],\"output_tokens\":8}",
                           out, sizeof out),
                      200);
-    const char *p = strstr(out, "\"prefill\":\"");
+    const char *t = strstr(out, "\"ticket\":"), *p = strstr(out, "\"prefill\":\"");
+    assert_non_null(t);
     assert_non_null(p);
     p += strlen("\"prefill\":\"");
     size_t k = 0;
@@ -1066,6 +1081,91 @@ static void placed_on(const daemon_t *d, char *who, size_t n)
         k++;
     }
     who[k] = '\0';
+    uint64_t ticket = strtoull(t + strlen("\"ticket\":"), NULL, 10);
+    assert_true(ticket > 0 && ticket <= (1ull << 53));
+    return ticket;
+}
+
+static void report_load(const daemon_t *d, const char *id, double queued, const char *tickets)
+{
+    char path[128], body[512], out[1024];
+    snprintf(path, sizeof path, "/v1/instances/%s/load", id);
+    snprintf(body, sizeof body, "{\"queued_prefill_tokens\":%g,\"active_decodes\":0%s%s}", queued,
+             tickets ? ",\"tickets\":" : "", tickets ? tickets : "");
+    assert_int_equal(http(d, "POST", path, body, out, sizeof out), 200);
+}
+
+/* The instance a 32-token request is sent to for prefill, in *who. */
+static void placed_on(const daemon_t *d, char *who, size_t n)
+{
+    placed_ticket(d, who, n);
+}
+
+/* A load report taken before a placed request reached its engine does not erase the request's
+ * work: kvf-sched adds it back until a report lists the placement's ticket (the engine took the
+ * request in), for at most --placement-ack-s. So the next request of a burst goes to the other,
+ * idle instance, as it does when no report came between the two. A report without "tickets"
+ * replaces the load (engines that do not know tickets); bad ticket lists are refused. */
+static void test_sched_daemon_placement_tickets(void **state)
+{
+    (void)state;
+    daemon_t d;
+    char out[4096], who[64], other[64];
+    sched_start(&d, "--placement-ack-s", "0.4");
+    for (int i = 0; i < 2; i++) {
+        char body[256];
+        snprintf(body, sizeof body,
+                 "{\"id\":\"p%d\",\"role\":\"both\",\"block_tokens\":16,"
+                 "\"capacity_blocks\":1000,\"endpoint\":\"127.0.0.1:%d\"}",
+                 i, 9100 + i);
+        assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    }
+    uint64_t t1 = placed_ticket(&d, who, sizeof who);
+    assert_int_equal((long)queued_of(&d, who), 32);
+    /* the engine reports before the request arrived: its work stays */
+    report_load(&d, who, 0, "[]");
+    assert_int_equal((long)queued_of(&d, who), 32);
+    assert_int_equal(stat_of(&d, "reports_behind"), 1);
+    assert_int_equal(stat_of(&d, "pending"), 1);
+    uint64_t t2 = placed_ticket(&d, other, sizeof other);
+    assert_string_not_equal(who, other); /* the burst spreads */
+    assert_true(t2 != t1);
+    /* the engine took the request in: its own figure, counted once */
+    char acks[64];
+    snprintf(acks, sizeof acks, "[7,%" PRIu64 "]", t1);
+    report_load(&d, who, 32, acks);
+    assert_int_equal((long)queued_of(&d, who), 32);
+    assert_int_equal(stat_of(&d, "acked"), 1);
+    report_load(&d, who, 0, acks); /* done: nothing added back */
+    assert_int_equal((long)queued_of(&d, who), 0);
+    /* a report without tickets replaces the load (other's placement is answered) */
+    report_load(&d, other, 0, NULL);
+    assert_int_equal((long)queued_of(&d, other), 0);
+    assert_int_equal(stat_of(&d, "pending"), 0);
+    /* a placement no report lists is kept for the window only */
+    placed_ticket(&d, who, sizeof who);
+    report_load(&d, who, 0, "[]");
+    assert_int_equal((long)queued_of(&d, who), 32);
+    usleep(500 * 1000);
+    report_load(&d, who, 0, "[]");
+    assert_int_equal((long)queued_of(&d, who), 0);
+    assert_int_equal(stat_of(&d, "expired"), 1);
+    /* bad lists: refused with the reason, the load unchanged */
+    const char *bad[] = {"\"x\"", "[-1]", "[1.5]", "[\"1\"]", "[9007199254740993]", "{}"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char body[256];
+        snprintf(body, sizeof body, "{\"queued_prefill_tokens\":5,\"tickets\":%s}", bad[i]);
+        assert_int_equal(http(&d, "POST", "/v1/instances/p0/load", body, out, sizeof out), 400);
+        assert_non_null(strstr(out, "ticket"));
+    }
+    static char big[16384];
+    char *p = big + sprintf(big, "{\"queued_prefill_tokens\":5,\"tickets\":[");
+    for (int i = 0; i < 1025; i++)
+        p += sprintf(p, "%s%d", i ? "," : "", i + 1);
+    sprintf(p, "]}");
+    assert_int_equal(http(&d, "POST", "/v1/instances/p0/load", big, out, sizeof out), 400);
+    assert_int_equal((long)queued_of(&d, "p0"), 0);
+    daemon_stop(&d);
 }
 
 /* Load reports, registrations and placement requests with numbers out of range (negative, huge,
@@ -1631,6 +1731,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_placement_tickets, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_instances_expire, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_conflicts_and_delete, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_engine_heartbeat, teardown_daemons),

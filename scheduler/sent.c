@@ -1,0 +1,101 @@
+/*
+ * Placements sent and not yet seen in their engine's load report (daemon.h).
+ *
+ * A placement adds its request's work to the chosen instance's load at once (place.c), so that a
+ * burst spreads. The engine's next load report replaces that load with the engine's own figures,
+ * and a report can be taken before the request reaches the engine: the client is still sending
+ * it, or the engine is still reading it. Without this file the request's work then vanished from
+ * kvf-sched's view until the engine's following report, and the next requests of the burst piled
+ * onto the same instance. So each placement gets a ticket; the router passes it on to the engine
+ * with the request, and the engine's load reports list the tickets of the requests it took in
+ * recently ("tickets"). A report's figures are taken with the work of every placement of that
+ * instance that the report does not list added back, for at most --placement-ack-s after the
+ * placement (a client that never sent it, or that does not pass tickets on). A report without
+ * "tickets" (an engine that does not know them) replaces the load as before.
+ */
+#include "daemon.h"
+
+#include "clock.h"
+
+#include <sodium.h>
+#include <string.h>
+
+void kvf__sched_sent_init(kvf__sched_daemon *d)
+{
+    uint64_t seed = kvf__now_ns();
+    if (sodium_init() >= 0)
+        randombytes_buf(&seed, sizeof seed);
+    /* 53 bits at most, so that every JSON reader keeps a ticket exact; room for 2^40 placements
+     * above a random start, so that two replicas' tickets do not meet */
+    d->next_ticket = ((seed & ((1ull << 12) - 1)) << 40) + 1;
+    d->sent_head = d->sent_n = 0;
+}
+
+static kvf__sched_sent *at(kvf__sched_daemon *d, size_t i)
+{
+    return &d->sent[(d->sent_head + i) % KVF__SCHED_SENT_MAX];
+}
+
+/* Drops the oldest entries that are answered (slot -1) or older than the window. */
+static void prune(kvf__sched_daemon *d, uint64_t now)
+{
+    while (d->sent_n) {
+        kvf__sched_sent *e = at(d, 0);
+        if (e->slot >= 0 && now - e->at_ns < d->sent_window_ns)
+            break;
+        d->sent_expired += e->slot >= 0;
+        d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
+        d->sent_n--;
+    }
+}
+
+uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds)
+{
+    uint64_t ticket = d->next_ticket++;
+    if (!d->sent_window_ns)
+        return ticket; /* not kept: every report replaces the load */
+    uint64_t now = kvf__now_ns();
+    prune(d, now);
+    if (d->sent_n == KVF__SCHED_SENT_MAX) { /* full: the oldest goes, unanswered */
+        d->sent_expired++;
+        d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
+        d->sent_n--;
+    }
+    *at(d, d->sent_n++) = (kvf__sched_sent){
+        .ticket = ticket, .at_ns = now, .slot = slot, .tokens = tokens, .seconds = seconds};
+    return ticket;
+}
+
+void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
+                                  size_t n_acks, int has_acks, kvf_instance_load *L)
+{
+    prune(d, kvf__now_ns());
+    int added = 0;
+    for (size_t i = 0; i < d->sent_n; i++) {
+        kvf__sched_sent *e = at(d, i);
+        if (e->slot != slot)
+            continue;
+        int acked = 0;
+        for (size_t k = 0; k < n_acks && !acked; k++)
+            acked = acks[k] == e->ticket;
+        if (acked || !has_acks) { /* in the engine's figures, or the engine does not say */
+            d->sent_acked += acked;
+            e->slot = -1;
+            continue;
+        }
+        L->queued_prefill_tokens += e->tokens;
+        L->queued_prefill_s += e->seconds;
+        d->sent_readded++;
+        added = 1;
+    }
+    d->sent_reports_behind += added;
+    prune(d, kvf__now_ns());
+}
+
+void kvf__sched_sent_forget_locked(kvf__sched_daemon *d, int slot)
+{
+    for (size_t i = 0; i < d->sent_n; i++)
+        if (at(d, i)->slot == slot)
+            at(d, i)->slot = -1;
+    prune(d, kvf__now_ns());
+}
