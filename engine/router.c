@@ -470,12 +470,14 @@ static json_t *reuse_json(kvfe_reuse reuse)
                                       : json_boolean(reuse == KVFE_REUSE_ALL);
 }
 
-/* Adds the plan's load deadline and sources (where its load takes each run of chunks from; NULL:
- * none), if any, to the body of q's prefill or generate. Returns body. */
+/* Adds the plan's load deadline, sources (where its load takes each run of chunks from; NULL:
+ * none) and ticket, if any, to the body of q's prefill or generate. Returns body. */
 static json_t *with_plan(json_t *body, const kvfe_route *q, json_t *sources)
 {
     if (body && q->load_deadline_ms > 0)
         json_object_set_new(body, "load_deadline_ms", json_real(q->load_deadline_ms));
+    if (body && q->ticket)
+        json_object_set_new(body, "ticket", json_integer((json_int_t)q->ticket));
     if (body && json_array_size(sources))
         json_object_set(body, "sources", sources);
     return body;
@@ -592,6 +594,11 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
     }
     q->colocated = json_is_true(json_object_get(pl, "colocated"));
     q->load_deadline_ms = num(pl, "load_deadline_ms");
+    json_t *tk = json_object_get(pl, "ticket");
+    q->ticket = json_is_integer(tk) && json_integer_value(tk) > 0 &&
+                        json_integer_value(tk) <= ((json_int_t)1 << 53)
+                    ? (uint64_t)json_integer_value(tk)
+                    : 0;
     *sources = plan_sources(pl);
     if (!*pe || !*de) {
         snprintf(q->err, sizeof q->err,

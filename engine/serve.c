@@ -26,6 +26,9 @@
  * the default); at its turn the engine uses what arrived within load_deadline_ms of the request's
  * arrival (waiting for it until then) and computes the rest; the reply's "prefetch" says how much.
  * A request that finds the engine free loads layer by layer during its prefill instead.
+ * ticket (prefill and generate, optional: kvf-sched's plan gives it): listed in the engine's load
+ * reports for a few seconds from the moment the request counts in its queue, so that kvf-sched
+ * adds a placed request's work to the reported load only until the engine counts it itself.
  * reuse (prefill and generate): true (the default) reuses the engine's pages and the stores and
  * saves to the stores; "engine" reuses the engine's own pages only (an engine with its prefix
  * cache on, without kvfabric: no store is asked, loaded from or saved to); false reuses nothing.
@@ -116,6 +119,17 @@ static void *reporter_main(void *arg)
             json_pack("{s:f,s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
                       "queued_prefill_s", queued_s, "active_decodes", (int)S->active_decodes,
                       "used_blocks", (json_int_t)(S->n_held));
+        /* the placed requests these figures count (scheduler/sent.c), the last few seconds' */
+        json_t *tickets = json_array();
+        double now = kvfe__srv_now();
+        while (S->n_acks && now - S->acks[S->ack_head].at > KVFE_ACK_KEEP_S) {
+            S->ack_head = (S->ack_head + 1) % KVFE_ACKS;
+            S->n_acks--;
+        }
+        for (size_t i = 0; i < S->n_acks; i++)
+            json_array_append_new(
+                tickets, json_integer((json_int_t)S->acks[(S->ack_head + i) % KVFE_ACKS].ticket));
+        json_object_set_new(body, "tickets", tickets);
         int n = S->n_scheds; /* the watcher may change the list: a copy of it now */
         memcpy(list, S->scheds, (size_t)n * sizeof list[0]);
         pthread_mutex_unlock(&S->mu);

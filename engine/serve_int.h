@@ -24,6 +24,9 @@
 #define KVFE_MAX_SCHEDS   16 /* given with --sched (replicas of every shard) */
 #define KVFE_MAX_REPLICAS 32 /* with those learnt from etcd */
 
+#define KVFE_ACKS       256
+#define KVFE_ACK_KEEP_S 5.0
+
 typedef struct srv {
     kvfe_model m;
     kvfe_engine *e;
@@ -79,6 +82,14 @@ typedef struct srv {
     /* load reports to kvf-sched, sent by their own thread */
     pthread_cond_t report_cv;
     int report_dirty;
+    /* The tickets of kvf-sched's placements this engine took in (its plan's "ticket"), newest
+     * last, at most KVFE_ACKS: each report lists those of the last KVFE_ACK_KEEP_S, so that
+     * kvf-sched knows which placed requests its figures already count (scheduler/sent.c). */
+    struct kvfe_ack {
+        uint64_t ticket;
+        double at; /* when it was counted in the queue (kvfe__srv_now) */
+    } acks[KVFE_ACKS];
+    size_t ack_head, n_acks;
     /* KV events (under the engine's turn: only the running request publishes) */
     kvf_events *pub;
     uint32_t event_shards; /* the shards pub publishes in (1: none) */

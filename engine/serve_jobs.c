@@ -59,6 +59,7 @@ typedef struct job {
     kvf_prefetch *pf;  /* the cached prefix, fetched while the job waits (NULL: none) */
     uint64_t pf_bytes; /* what it holds, counted in srv.prefetch_held */
     uint64_t deadline_ns;
+    uint64_t ticket; /* the placement's (kvf-sched's plan), 0: none */
 } job;
 
 /* The "reuse" field: absent or true, false, or "engine". Returns 0, or -1 for any other value. */
@@ -151,7 +152,13 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
     j->n = json_array_size(t);
     json_t *mt = json_object_get(o, "max_tokens"), *ft = json_object_get(o, "first_token"),
            *ec = json_object_get(o, "expect_cached"), *ru = json_object_get(o, "reuse"),
-           *dl = json_object_get(o, "load_deadline_ms");
+           *dl = json_object_get(o, "load_deadline_ms"), *tk = json_object_get(o, "ticket");
+    if (tk && (!json_is_integer(tk) || json_integer_value(tk) < 0 ||
+               json_integer_value(tk) > ((json_int_t)1 << 53))) {
+        reply->json = kvf__http_error("ticket (kvf-sched's plan) is an integer 0..2^53");
+        return 400;
+    }
+    j->ticket = tk ? (uint64_t)json_integer_value(tk) : 0;
     if ((mt && !json_is_integer(mt)) || (ft && !json_is_integer(ft)) ||
         (ec && !json_is_integer(ec)) || parse_reuse(ru, &j->reuse) != 0 ||
         (dl &&
@@ -602,6 +609,14 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
                   qc->prefill_attn_s_per_tok2 * (nn * nn - cc * cc) / 2.0 +
                   (is_prefill ? 0 : (double)j.max_tokens * qc->tpot_base_s);
     pthread_mutex_lock(&S->mu);
+    if (j.ticket && !is_decode) { /* counted from now on: the next report says so */
+        if (S->n_acks == KVFE_ACKS) {
+            S->ack_head = (S->ack_head + 1) % KVFE_ACKS;
+            S->n_acks--;
+        }
+        S->acks[(S->ack_head + S->n_acks++) % KVFE_ACKS] =
+            (struct kvfe_ack){.ticket = j.ticket, .at = kvfe__srv_now()};
+    }
     if (!is_decode)
         S->queued_prefill_tokens += (double)j.n;
     if (!is_prefill)

@@ -201,6 +201,11 @@ def main():
             if got != 200 or ix["subscriptions"] != 3 or ix["chunks"] <= 0 or \
                     ix["blocks_stored"] <= 0 or ix["malformed"] or ix["sequence_gaps"]:
                 fail("kvf-sched's event ingestion: %d %r" % (got, ix))
+            # The engines' load reports listed the tickets of the requests kvf-sched placed on
+            # them (the router passed each plan's ticket on), so its load figures count each once.
+            tk = ix.get("placement_tickets", {})
+            if tk.get("acked", 0) <= 0:
+                fail("no engine listed a placement's ticket in its load reports: %r" % tk)
             # and learnt the store whole at first contact, over CURVE as an admin (its snapshot)
             if ix.get("store_snapshots", 0) < 1 or ix.get("store_snapshot_failures", 1) != 0:
                 fail("kvf-sched took no snapshot of the store: %r" % ix)
