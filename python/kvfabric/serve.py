@@ -14,12 +14,15 @@ Requests (POST, JSON; token ids as arrays of integers), answered as kvf-engine a
     GET /metrics (Prometheus text: kvf-engine's series, docs/operations.md "Metrics")
 Requests are served one at a time, the waiting ones in kvf-engine's order (--queue: hrrn by
 default, the highest response ratio (waited + predicted work) / predicted work first).
+A prefill or generate may carry kvf-sched's plan's "ticket": the load reports list it for a few
+seconds once the request counts in the queue (kvf-sched then stops adding its work itself).
 Weights are random unless --checkpoint names a safetensors checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import hmac
 import ipaddress
 import json
@@ -50,6 +53,11 @@ from .layout import Layout
 
 MAX_BODY = 64 << 20
 REPORT_EVERY_S = 5.0
+# The tickets of kvf-sched's placements listed in the load reports (as kvf-engine's): those
+# counted in the queue within the last ACK_KEEP_S, the newest ACKS of them.
+ACKS = 256
+ACK_KEEP_S = 5.0
+MAX_TICKET = 1 << 53
 
 
 def _log(level: str, msg: str) -> None:
@@ -176,6 +184,7 @@ class Server:
         self.mu = threading.Lock()
         self.requests = self.failures = self.mismatches = self.abandoned = 0
         self.busy_s = 0.0
+        self.acks: "collections.deque[Tuple[int, float]]" = collections.deque(maxlen=ACKS)
         self.endpoint = ""
         self.stop = threading.Event()
         self.dirty = threading.Event()
@@ -388,9 +397,14 @@ class Server:
             t = self.turns
             with self.mu:
                 queued_s = t.queued_seconds()
-            body = {"queued_prefill_tokens": float(t.queued_prefill_tokens),
-                    "queued_prefill_s": queued_s, "active_decodes": t.active_decodes,
-                    "used_blocks": len(self.engine.held.hashes)}
+                now = time.monotonic()
+                while self.acks and now - self.acks[0][1] > ACK_KEEP_S:
+                    self.acks.popleft()
+                # the placed requests these figures count (kvf-sched adds the others' work)
+                tickets = [tk for tk, _ in self.acks]
+                body = {"queued_prefill_tokens": float(t.queued_prefill_tokens),
+                        "queued_prefill_s": queued_s, "active_decodes": t.active_decodes,
+                        "used_blocks": len(self.engine.held.hashes), "tickets": tickets}
             for sched in self.scheds():
                 url = f"http://{sched}/v1/instances/{self.a.id}/load"
                 try:
@@ -488,6 +502,10 @@ class Server:
         sources, err = parse_sources(body.get("sources"))
         if err:
             return 400, {"error": err}
+        ticket = body.get("ticket")
+        if ticket is not None and (isinstance(ticket, bool) or not isinstance(ticket, int) or
+                                   not 0 <= ticket <= MAX_TICKET):
+            return 400, {"error": "ticket (kvf-sched's plan) is an integer 0..2^53"}
         arrived = time.monotonic()
         handoff_s = 0.0
         expect = ints["expect_cached"] or 0
@@ -513,6 +531,8 @@ class Server:
             if kind != "decode":
                 t.queued_prefill_tokens += len(toks)
                 t.queued_work_s += work_s
+                if ticket:  # counted from now on: the next load report says so
+                    self.acks.append((ticket, time.monotonic()))
             if kind != "prefill":
                 t.active_decodes += 1
         self.dirty.set()

@@ -166,6 +166,24 @@ class TestServe(unittest.TestCase):
         st, pl = call(self.sched, "/v1/place", {"tokens": toks, "output_tokens": 4})
         self.assertEqual(st, 200, pl)
         self.assertGreater(pl["cached_tokens"]["device"] + pl["cached_tokens"]["store"], 0)
+        # the plan's ticket, passed on to the engine it names: that engine's load reports list
+        # it, and kvf-sched counts the request's work once
+        eng = self.engines[pl["prefill"][:-1]][1]
+        st, _ = call(eng, "/v1/generate" if pl["colocated"] else "/v1/prefill",
+                     {"tokens": toks, "ticket": pl["ticket"]})
+        self.assertEqual(st, 200)
+        acked = 0
+        for _ in range(100):
+            st, s = call(self.sched, "/v1/index/stats")
+            acked = s["placement_tickets"]["acked"]
+            if acked:
+                break
+            time.sleep(0.05)
+        self.assertEqual(acked, 1)
+        for bad in (-1, 1.5, "7", True, 1 << 54):
+            st, e = call(pre, "/v1/prefill", {"tokens": toks, "ticket": bad})
+            self.assertEqual(st, 400, e)
+            self.assertIn("ticket", e["error"])
         # the engines' zones (--zone) are in their registrations
         st, ins = call(self.sched, "/v1/instances")
         self.assertEqual({i["id"]: i.get("zone") for i in ins["instances"]},
