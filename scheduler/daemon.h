@@ -136,10 +136,11 @@ void kvf__sched_sent_init(kvf__sched_daemon *d);
 /* A placement on instance slot `slot` that added tokens and seconds to its load: its ticket. */
 uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds);
 /* A load report L of instance slot `slot` listing the tickets acks[0..n_acks) (has_acks: the
- * report has the list, maybe empty): the placements it lists are answered; the work of the others
- * still within the window is added to L. Without the list, every placement there is answered. */
-void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
-                                  size_t n_acks, int has_acks, kvf_instance_load *L);
+ * report has the list, maybe empty; sorted in place): the placements it lists are answered; the
+ * work of the others still within the window is added to L. Without the list, every placement
+ * there is answered. */
+void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, uint64_t *acks, size_t n_acks,
+                                  int has_acks, kvf_instance_load *L);
 /* Instance slot `slot` was removed: its placements are forgotten. */
 void kvf__sched_sent_forget_locked(kvf__sched_daemon *d, int slot);
 

@@ -18,6 +18,7 @@
 #include "clock.h"
 
 #include <sodium.h>
+#include <stdlib.h>
 #include <string.h>
 
 void kvf__sched_sent_init(kvf__sched_daemon *d)
@@ -25,9 +26,11 @@ void kvf__sched_sent_init(kvf__sched_daemon *d)
     uint64_t seed = kvf__now_ns();
     if (sodium_init() >= 0)
         randombytes_buf(&seed, sizeof seed);
-    /* 53 bits at most, so that every JSON reader keeps a ticket exact; room for 2^40 placements
-     * above a random start, so that two replicas' tickets do not meet */
-    d->next_ticket = ((seed & ((1ull << 12) - 1)) << 40) + 1;
+    /* 53 bits at most, so that every JSON reader keeps a ticket exact; a random start below
+     * 2^52 (room for 2^52 placements above it), so that two replicas' tickets, which an engine
+     * lists to both, hardly ever meet (and where they did, a placement would only be taken as
+     * counted early: the figures before tickets) */
+    d->next_ticket = (seed & ((1ull << 52) - 1)) + 1;
     d->sent_head = d->sent_n = 0;
 }
 
@@ -66,18 +69,24 @@ uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double toke
     return ticket;
 }
 
-void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
-                                  size_t n_acks, int has_acks, kvf_instance_load *L)
+static int by_ticket(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, uint64_t *acks, size_t n_acks,
+                                  int has_acks, kvf_instance_load *L)
 {
     prune(d, kvf__now_ns());
+    /* sorted, so that a report's list costs log(n) per placement kept, whatever its length */
+    qsort(acks, n_acks, sizeof *acks, by_ticket);
     int added = 0;
     for (size_t i = 0; i < d->sent_n; i++) {
         kvf__sched_sent *e = at(d, i);
         if (e->slot != slot)
             continue;
-        int acked = 0;
-        for (size_t k = 0; k < n_acks && !acked; k++)
-            acked = acks[k] == e->ticket;
+        int acked = n_acks && bsearch(&e->ticket, acks, n_acks, sizeof *acks, by_ticket);
         if (acked || !has_acks) { /* in the engine's figures, or the engine does not say */
             d->sent_acked += acked;
             e->slot = -1;
