@@ -98,8 +98,10 @@ void kvf__dk_nothing(void *ud, const uint8_t *p, uint64_t from, uint64_t n)
     (void)ud, (void)p, (void)from, (void)n;
 }
 
-/* Where piece i of the segments lies: its segment and its offset there. */
-static void piece_at(const kvf__dk_seg *segs, size_t nsegs, uint64_t i, size_t *seg, uint64_t *at)
+/* Where piece i of the segments lies: its segment and its offset there. Returns its length (the
+ * segment's last piece may be short). */
+static uint64_t piece_at(const kvf__dk_seg *segs, size_t nsegs, uint64_t i, size_t *seg,
+                         uint64_t *at)
 {
     size_t s = 0;
     for (; s + 1 < nsegs; s++) {
@@ -110,6 +112,7 @@ static void piece_at(const kvf__dk_seg *segs, size_t nsegs, uint64_t i, size_t *
     }
     *seg = s;
     *at = i * PIECE;
+    return segs[s].len - *at < PIECE ? segs[s].len - *at : PIECE;
 }
 
 /* Reads the segments (each len bytes at off into buf) in pieces of PIECE, as many in flight as
@@ -146,8 +149,7 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
                 break;
             size_t s;
             uint64_t at;
-            piece_at(segs, nsegs, next_sub, &s, &at);
-            uint64_t k = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
+            uint64_t k = piece_at(segs, nsegs, next_sub, &s, &at);
             io_uring_prep_read(sqe, d->fd, segs[s].buf + at, (unsigned)k, segs[s].off + at);
             io_uring_sqe_set_data64(sqe, next_sub);
             unsub[n_unsub++] = sqe;
@@ -161,10 +163,10 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
                 n_unsub -= (unsigned)rc;
                 inflight += (uint64_t)rc;
             } else if ((rc == -EINTR || rc == -EAGAIN || rc == -EBUSY) && retries++ < 1000) {
-                if (!inflight)
-                    usleep(100); /* nothing to reap meanwhile: a moment, then again */
-                if (!inflight)
+                if (!inflight) { /* nothing to reap meanwhile: a moment, then again */
+                    usleep(100);
                     continue;
+                }
             } else if (rc <= 0) {
                 /* never to be read: what was prepared becomes no-ops that nobody waits for (a
                  * later submission on this ring takes them; their completions are skipped) */
@@ -183,10 +185,8 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
         uint64_t i = io_uring_cqe_get_data64(cqe);
         size_t s = 0;
         uint64_t at = 0, want = 0;
-        if (i < n) {
-            piece_at(segs, nsegs, i, &s, &at);
-            want = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
-        }
+        if (i < n)
+            want = piece_at(segs, nsegs, i, &s, &at);
         if (cqe->res < 0)
             err = err ? err : cqe->res;
         else if (i >= n || (uint64_t)cqe->res != want)
@@ -197,8 +197,7 @@ int kvf__dk_io_segs(kvf__disk *d, struct io_uring *ring, const kvf__dk_seg *segs
             landed[i % WINDOW] = 1;
         while (!err && next_done < n && landed[next_done % WINDOW]) {
             landed[next_done % WINDOW] = 0;
-            piece_at(segs, nsegs, next_done, &s, &at);
-            uint64_t k = segs[s].len - at < PIECE ? segs[s].len - at : PIECE;
+            uint64_t k = piece_at(segs, nsegs, next_done, &s, &at);
             each(ud, segs[s].buf + at, done_from, k);
             done_from += k;
             next_done++;
