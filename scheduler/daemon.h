@@ -70,6 +70,7 @@ typedef struct kvf__sched_sent {
     uint64_t at_ns;         /* when it was placed (CLOCK_MONOTONIC) */
     int slot;               /* the prefill instance; -1: answered (the entry waits to be dropped) */
     double tokens, seconds; /* the work place() added to that instance's load */
+    uint32_t decodes;       /* and the decode it added there (1: colocated) */
 } kvf__sched_sent;
 
 #define KVF__SCHED_SENT_MAX 4096
@@ -133,14 +134,20 @@ typedef struct kvf__sched_daemon {
 
 /* Seeds the tickets (random, below 2^53) and empties the ring. */
 void kvf__sched_sent_init(kvf__sched_daemon *d);
-/* A placement on instance slot `slot` that added tokens and seconds to its load: its ticket. */
-uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds);
-/* A load report L of instance slot `slot` listing the tickets acks[0..n_acks) (has_acks: the
- * report has the list, maybe empty; sorted in place): the placements it lists are answered; the
- * work of the others still within the window is added to L. Without the list, every placement
- * there is answered. */
-void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, uint64_t *acks, size_t n_acks,
-                                  int has_acks, kvf_instance_load *L);
+/* A placement on instance slot `slot` that added tokens and seconds (and decodes decodes) to its
+ * load: its ticket. */
+uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds,
+                                     uint32_t decodes);
+/* Sorts a report's tickets, as kvf__sched_sent_apply_locked() wants them (without the lock). */
+void kvf__sched_sent_sort(uint64_t *acks, size_t n_acks);
+/* A load report L of instance slot `slot` listing the tickets acks[0..n_acks) (sorted; has_acks:
+ * the report has the list, maybe empty): the placements it lists are answered; the work of the
+ * others still within the window is added to L. Without the list, every placement there is
+ * answered. */
+void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
+                                  size_t n_acks, int has_acks, kvf_instance_load *L);
+/* The placements kept and not answered, those past the window dropped first. */
+size_t kvf__sched_sent_pending_locked(kvf__sched_daemon *d);
 /* Instance slot `slot` was removed: its placements are forgotten. */
 void kvf__sched_sent_forget_locked(kvf__sched_daemon *d, int slot);
 

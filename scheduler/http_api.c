@@ -209,6 +209,7 @@ static unsigned post_load(kvf__sched_daemon *d, kvf__http_reply *c, const char *
                               i);
         acks[n_acks++] = (uint64_t)json_integer_value(v);
     }
+    kvf__sched_sent_sort(acks, n_acks);
     pthread_mutex_lock(&d->mu);
     int idx = kvf_sched_instance_find(d->s, id);
     int allowed = idx < 0 || owner_ok_locked(d, idx, c->caller);
@@ -477,7 +478,8 @@ static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
     if (!rc && !rs.rejected) /* what place() added to the prefill instance's load, kept (sent.c) */
         json_object_set_new(out, "ticket",
                             json_integer((json_int_t)kvf__sched_sent_note_locked(
-                                d, rs.prefill, (double)b.rq.n_tokens, rs.load_s + rs.prefill_s)));
+                                d, rs.prefill, (double)b.rq.n_tokens, rs.load_s + rs.prefill_s,
+                                rs.decode == rs.prefill)));
     pthread_mutex_unlock(&d->mu);
     free(b.tokens);
     free(b.keys);
@@ -547,13 +549,11 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
         st->stores_registered += d->store_rec[i][0] != 0;
     st->placements = d->placements;
     st->rejections = d->rejections;
+    st->sent_pending = kvf__sched_sent_pending_locked(d); /* first: it drops the expired */
     st->sent_acked = d->sent_acked;
     st->sent_readded = d->sent_readded;
     st->sent_reports_behind = d->sent_reports_behind;
     st->sent_expired = d->sent_expired;
-    st->sent_pending = 0;
-    for (size_t i = 0; i < d->sent_n; i++)
-        st->sent_pending += d->sent[(d->sent_head + i) % KVF__SCHED_SENT_MAX].slot >= 0;
     st->instances = kvf_sched_instance_count(d->s);
     st->expired = d->expired;
     st->deleted = d->deleted;

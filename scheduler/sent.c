@@ -9,9 +9,11 @@
  * onto the same instance. So each placement gets a ticket; the router passes it on to the engine
  * with the request, and the engine's load reports list the tickets of the requests it took in
  * recently ("tickets"). A report's figures are taken with the work of every placement of that
- * instance that the report does not list added back, for at most --placement-ack-s after the
- * placement (a client that never sent it, or that does not pass tickets on). A report without
- * "tickets" (an engine that does not know them) replaces the load as before.
+ * instance that the report does not list added back (its prompt's tokens and seconds, and its
+ * decode where it decodes there too), as long as the report comes within --placement-ack-s of
+ * the placement (a client that never sent it is forgotten then). A report without "tickets"
+ * replaces the load as before: engines that do not know tickets, and engines that have not yet
+ * been given one (their clients do not pass tickets on).
  */
 #include "daemon.h"
 
@@ -52,7 +54,8 @@ static void prune(kvf__sched_daemon *d, uint64_t now)
     }
 }
 
-uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds)
+uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds,
+                                     uint32_t decodes)
 {
     uint64_t ticket = d->next_ticket++;
     if (!d->sent_window_ns)
@@ -64,8 +67,12 @@ uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double toke
         d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
         d->sent_n--;
     }
-    *at(d, d->sent_n++) = (kvf__sched_sent){
-        .ticket = ticket, .at_ns = now, .slot = slot, .tokens = tokens, .seconds = seconds};
+    *at(d, d->sent_n++) = (kvf__sched_sent){.ticket = ticket,
+                                            .at_ns = now,
+                                            .slot = slot,
+                                            .tokens = tokens,
+                                            .seconds = seconds,
+                                            .decodes = decodes};
     return ticket;
 }
 
@@ -75,12 +82,16 @@ static int by_ticket(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, uint64_t *acks, size_t n_acks,
-                                  int has_acks, kvf_instance_load *L)
+/* sorted, so that a report's list costs log(n) per placement kept, whatever its length */
+void kvf__sched_sent_sort(uint64_t *acks, size_t n_acks)
+{
+    qsort(acks, n_acks, sizeof *acks, by_ticket);
+}
+
+void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
+                                  size_t n_acks, int has_acks, kvf_instance_load *L)
 {
     prune(d, kvf__now_ns());
-    /* sorted, so that a report's list costs log(n) per placement kept, whatever its length */
-    qsort(acks, n_acks, sizeof *acks, by_ticket);
     int added = 0;
     for (size_t i = 0; i < d->sent_n; i++) {
         kvf__sched_sent *e = at(d, i);
@@ -94,11 +105,21 @@ void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, uint64_t *acks
         }
         L->queued_prefill_tokens += e->tokens;
         L->queued_prefill_s += e->seconds;
+        L->active_decodes += e->decodes;
         d->sent_readded++;
         added = 1;
     }
     d->sent_reports_behind += added;
     prune(d, kvf__now_ns());
+}
+
+size_t kvf__sched_sent_pending_locked(kvf__sched_daemon *d)
+{
+    prune(d, kvf__now_ns());
+    size_t n = 0;
+    for (size_t i = 0; i < d->sent_n; i++)
+        n += at(d, i)->slot >= 0;
+    return n;
 }
 
 void kvf__sched_sent_forget_locked(kvf__sched_daemon *d, int slot)

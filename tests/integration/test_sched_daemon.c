@@ -1048,8 +1048,8 @@ static int listed(const daemon_t *d, const char *id)
     return strstr(out, want) != NULL;
 }
 
-/* The queued prefill tokens GET /v1/instances gives instance id. */
-static double queued_of(const daemon_t *d, const char *id)
+/* The load figure `key` that GET /v1/instances gives instance id. */
+static double load_of(const daemon_t *d, const char *id, const char *key)
 {
     static char out[1 << 16];
     char want[96];
@@ -1057,10 +1057,18 @@ static double queued_of(const daemon_t *d, const char *id)
     snprintf(want, sizeof want, "\"id\":\"%s\"", id);
     const char *p = strstr(out, want);
     assert_non_null(p);
-    p = strstr(p, "\"queued_prefill_tokens\":");
+    snprintf(want, sizeof want, "\"%s\":", key);
+    p = strstr(p, want);
     assert_non_null(p);
-    return strtod(p + strlen("\"queued_prefill_tokens\":"), NULL);
+    return strtod(p + strlen(want), NULL);
 }
+
+static double queued_of(const daemon_t *d, const char *id)
+{
+    return load_of(d, id, "queued_prefill_tokens");
+}
+
+static char placed_decode[64]; /* the decode instance of placed_ticket()'s last placement */
 
 /* Places a 32-token request: its ticket (and its prefill instance in who). */
 static uint64_t placed_ticket(const daemon_t *d, char *who, size_t n)
@@ -1081,6 +1089,12 @@ static uint64_t placed_ticket(const daemon_t *d, char *who, size_t n)
         k++;
     }
     who[k] = '\0';
+    const char *q = strstr(out, "\"decode\":\"");
+    assert_non_null(q);
+    q += strlen("\"decode\":\"");
+    for (k = 0; q[k] && q[k] != '"' && k + 1 < sizeof placed_decode; k++)
+        placed_decode[k] = q[k];
+    placed_decode[k] = '\0';
     uint64_t ticket = strtoull(t + strlen("\"ticket\":"), NULL, 10);
     assert_true(ticket > 0 && ticket <= (1ull << 53));
     return ticket;
@@ -1111,7 +1125,7 @@ static void test_sched_daemon_placement_tickets(void **state)
     (void)state;
     daemon_t d;
     char out[4096], who[64], other[64];
-    sched_start(&d, "--placement-ack-s", "0.4");
+    sched_start(&d, "--placement-ack-s", "1");
     for (int i = 0; i < 2; i++) {
         char body[256];
         snprintf(body, sizeof body,
@@ -1122,9 +1136,11 @@ static void test_sched_daemon_placement_tickets(void **state)
     }
     uint64_t t1 = placed_ticket(&d, who, sizeof who);
     assert_int_equal((long)queued_of(&d, who), 32);
-    /* the engine reports before the request arrived: its work stays */
+    /* the engine reports before the request arrived: its work stays (its decode too, where it
+     * decodes there) */
     report_load(&d, who, 0, "[]");
     assert_int_equal((long)queued_of(&d, who), 32);
+    assert_int_equal((long)load_of(&d, who, "active_decodes"), !strcmp(placed_decode, who));
     assert_int_equal(stat_of(&d, "reports_behind"), 1);
     assert_int_equal(stat_of(&d, "pending"), 1);
     uint64_t t2 = placed_ticket(&d, other, sizeof other);
@@ -1146,10 +1162,24 @@ static void test_sched_daemon_placement_tickets(void **state)
     placed_ticket(&d, who, sizeof who);
     report_load(&d, who, 0, "[]");
     assert_int_equal((long)queued_of(&d, who), 32);
-    usleep(500 * 1000);
+    usleep(1100 * 1000);
     report_load(&d, who, 0, "[]");
     assert_int_equal((long)queued_of(&d, who), 0);
     assert_int_equal(stat_of(&d, "expired"), 1);
+    /* an instance removed: its placements go with it (a new one in its slot starts clean) */
+    placed_ticket(&d, who, sizeof who);
+    assert_int_equal(stat_of(&d, "pending"), 1);
+    char path[96], reg[256];
+    snprintf(path, sizeof path, "/v1/instances/%s", who);
+    assert_int_equal(http(&d, "DELETE", path, NULL, out, sizeof out), 200);
+    assert_int_equal(stat_of(&d, "pending"), 0);
+    snprintf(reg, sizeof reg,
+             "{\"id\":\"%s\",\"role\":\"both\",\"block_tokens\":16,\"capacity_blocks\":1000,"
+             "\"endpoint\":\"127.0.0.1:9300\"}",
+             who);
+    assert_int_equal(http(&d, "POST", "/v1/instances", reg, out, sizeof out), 201);
+    report_load(&d, who, 0, "[]");
+    assert_int_equal((long)queued_of(&d, who), 0);
     /* bad lists: refused with the reason, the load unchanged */
     const char *bad[] = {"\"x\"", "[-1]", "[1.5]", "[\"1\"]", "[9007199254740993]", "{}"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
