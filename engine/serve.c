@@ -119,17 +119,19 @@ static void *reporter_main(void *arg)
             json_pack("{s:f,s:f,s:i,s:I}", "queued_prefill_tokens", S->queued_prefill_tokens,
                       "queued_prefill_s", queued_s, "active_decodes", (int)S->active_decodes,
                       "used_blocks", (json_int_t)(S->n_held));
-        /* the placed requests these figures count (scheduler/sent.c), the last few seconds' */
-        json_t *tickets = json_array();
+        /* the placed requests these figures count (scheduler/sent.c), the last few seconds';
+         * none before the first ticket came (kvf-sched then takes the figures whole) */
         double now = kvfe__srv_now();
         while (S->n_acks && now - S->acks[S->ack_head].at > KVFE_ACK_KEEP_S) {
             S->ack_head = (S->ack_head + 1) % KVFE_ACKS;
             S->n_acks--;
         }
-        for (size_t i = 0; i < S->n_acks; i++)
+        json_t *tickets = S->ticketed ? json_array() : NULL;
+        for (size_t i = 0; tickets && i < S->n_acks; i++)
             json_array_append_new(
                 tickets, json_integer((json_int_t)S->acks[(S->ack_head + i) % KVFE_ACKS].ticket));
-        json_object_set_new(body, "tickets", tickets);
+        if (tickets)
+            json_object_set_new(body, "tickets", tickets);
         int n = S->n_scheds; /* the watcher may change the list: a copy of it now */
         memcpy(list, S->scheds, (size_t)n * sizeof list[0]);
         pthread_mutex_unlock(&S->mu);

@@ -24,7 +24,7 @@
 #define KVFE_MAX_SCHEDS   16 /* given with --sched (replicas of every shard) */
 #define KVFE_MAX_REPLICAS 32 /* with those learnt from etcd */
 
-#define KVFE_ACKS       256
+#define KVFE_ACKS       1024 /* kvf-sched reads up to 1024 */
 #define KVFE_ACK_KEEP_S 5.0
 
 typedef struct srv {
@@ -90,6 +90,9 @@ typedef struct srv {
         double at; /* when it was counted in the queue (kvfe__srv_now) */
     } acks[KVFE_ACKS];
     size_t ack_head, n_acks;
+    int ticketed; /* a request came with a ticket: the reports list them from then on (before,
+                   * none: kvf-sched then takes each report's figures whole, as its clients pass
+                   * no tickets on) */
     /* KV events (under the engine's turn: only the running request publishes) */
     kvf_events *pub;
     uint32_t event_shards; /* the shards pub publishes in (1: none) */

@@ -610,6 +610,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
                   (is_prefill ? 0 : (double)j.max_tokens * qc->tpot_base_s);
     pthread_mutex_lock(&S->mu);
     if (j.ticket && !is_decode) { /* counted from now on: the next report says so */
+        S->ticketed = 1;
         if (S->n_acks == KVFE_ACKS) {
             S->ack_head = (S->ack_head + 1) % KVFE_ACKS;
             S->n_acks--;

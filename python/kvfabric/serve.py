@@ -55,7 +55,7 @@ MAX_BODY = 64 << 20
 REPORT_EVERY_S = 5.0
 # The tickets of kvf-sched's placements listed in the load reports (as kvf-engine's): those
 # counted in the queue within the last ACK_KEEP_S, the newest ACKS of them.
-ACKS = 256
+ACKS = 1024
 ACK_KEEP_S = 5.0
 MAX_TICKET = 1 << 53
 
@@ -185,6 +185,8 @@ class Server:
         self.requests = self.failures = self.mismatches = self.abandoned = 0
         self.busy_s = 0.0
         self.acks: "collections.deque[Tuple[int, float]]" = collections.deque(maxlen=ACKS)
+        self.ticketed = False  # listed from the first ticket on (before, kvf-sched takes the
+        # reports' figures whole: this engine's clients pass no tickets on)
         self.endpoint = ""
         self.stop = threading.Event()
         self.dirty = threading.Event()
@@ -401,10 +403,11 @@ class Server:
                 while self.acks and now - self.acks[0][1] > ACK_KEEP_S:
                     self.acks.popleft()
                 # the placed requests these figures count (kvf-sched adds the others' work)
-                tickets = [tk for tk, _ in self.acks]
                 body = {"queued_prefill_tokens": float(t.queued_prefill_tokens),
                         "queued_prefill_s": queued_s, "active_decodes": t.active_decodes,
-                        "used_blocks": len(self.engine.held.hashes), "tickets": tickets}
+                        "used_blocks": len(self.engine.held.hashes)}
+                if self.ticketed:
+                    body["tickets"] = [tk for tk, _ in self.acks]
             for sched in self.scheds():
                 url = f"http://{sched}/v1/instances/{self.a.id}/load"
                 try:
@@ -532,6 +535,7 @@ class Server:
                 t.queued_prefill_tokens += len(toks)
                 t.queued_work_s += work_s
                 if ticket:  # counted from now on: the next load report says so
+                    self.ticketed = True
                     self.acks.append((ticket, time.monotonic()))
             if kind != "prefill":
                 t.active_decodes += 1

@@ -90,7 +90,8 @@ class TestServe(unittest.TestCase):
         cls.store = Store(memory="64M")
         cls.sched_p = subprocess.Popen(
             [SCHED_BIN, "--listen", "127.0.0.1:0", "--policy", "kvf_cost", "--stores",
-             cls.store.addr, "--chunk-tokens", "64", "--log-level", "warn"],
+             cls.store.addr, "--chunk-tokens", "64", "--log-level", "warn",
+             "--placement-ack-s", "5"],  # a slow CPU host's report still finds its ticket
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         cls.sched = started(cls.sched_p, "kvf-sched", "kvf-sched ready")
         cls.engines = {}
