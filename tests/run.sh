@@ -50,15 +50,29 @@ step "ThreadSanitizer tests"
   TSAN_OPTIONS="halt_on_error=1 suppressions=$root/tests/tsan.supp" ctest --output-on-failure -j "$jobs")
 
 if [ -d tests/fuzz ] && ls tests/fuzz/*.c >/dev/null 2>&1 && command -v clang >/dev/null; then
-  step "fuzzing (${fuzz_seconds}s per target)"
+  step "fuzzing (${fuzz_seconds}s per target, the targets side by side)"
   cmake --preset fuzz -DKVF_WERROR=ON >/dev/null
   cmake --build build/fuzz -j "$jobs" --target fuzz_targets
+  fuzzing=()
   for t in build/fuzz/tests/fuzz_*; do
     [ -f "$t" ] && [ -x "$t" ] || continue
     corpus="build/fuzz/corpus/$(basename "$t")"
     mkdir -p "$corpus"
-    "$t" -max_total_time="$fuzz_seconds" "$corpus" "$root/tests/fuzz/seeds/$(basename "$t")" 2>&1 | tail -2
+    "$t" -max_total_time="$fuzz_seconds" "$corpus" "$root/tests/fuzz/seeds/$(basename "$t")" \
+      > "$corpus.log" 2>&1 &
+    fuzzing+=("$!:$t")
   done
+  found=0
+  for f in "${fuzzing[@]}"; do
+    if wait "${f%%:*}"; then
+      echo "${f#*:}: $(tail -1 "build/fuzz/corpus/$(basename "${f#*:}").log")"
+    else
+      found=1
+      echo "${f#*:} failed:"
+      tail -40 "build/fuzz/corpus/$(basename "${f#*:}").log"
+    fi
+  done
+  [ "$found" = 0 ]
 fi
 
 step "all suites passed"
