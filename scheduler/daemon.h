@@ -67,7 +67,7 @@ typedef struct kvf__sched_reg {
 /* A placement sent and not yet seen in its engine's load report (sent.c). */
 typedef struct kvf__sched_sent {
     uint64_t ticket;
-    uint64_t at_ns;         /* when it was placed (CLOCK_MONOTONIC) */
+    uint64_t until_ns;      /* kept until then (CLOCK_MONOTONIC), unless listed before */
     int slot;               /* the prefill instance; -1: answered (the entry waits to be dropped) */
     double tokens, seconds; /* the work place() added to that instance's load */
     uint32_t decodes;       /* and the decode it added there (1: colocated) */
@@ -135,9 +135,10 @@ typedef struct kvf__sched_daemon {
 /* Seeds the tickets (random, below 2^53) and empties the ring. */
 void kvf__sched_sent_init(kvf__sched_daemon *d);
 /* A placement on instance slot `slot` that added tokens and seconds (and decodes decodes) to its
- * load: its ticket. */
-uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds,
-                                     uint32_t decodes);
+ * load, kept for the window plus later_s (the time until the request is expected there): its
+ * ticket, `ticket` where not 0 (the decode half of a placement noted already), else a new one. */
+uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, uint64_t ticket, int slot, double tokens,
+                                     double seconds, uint32_t decodes, double later_s);
 /* Sorts a report's tickets, as kvf__sched_sent_apply_locked() wants them (without the lock). */
 void kvf__sched_sent_sort(uint64_t *acks, size_t n_acks);
 /* A load report L of instance slot `slot` listing the tickets acks[0..n_acks) (sorted; has_acks:

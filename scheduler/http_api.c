@@ -475,11 +475,14 @@ static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
     d->rejections += rc == 0 && rs.rejected;
     if (!rc)
         out = plan_json_locked(d->s, &rs);
-    if (!rc && !rs.rejected) /* what place() added to the prefill instance's load, kept (sent.c) */
-        json_object_set_new(out, "ticket",
-                            json_integer((json_int_t)kvf__sched_sent_note_locked(
-                                d, rs.prefill, (double)b.rq.n_tokens, rs.load_s + rs.prefill_s,
-                                rs.decode == rs.prefill)));
+    if (!rc && !rs.rejected) { /* what place() added to the instances' loads, kept (sent.c) */
+        uint64_t t =
+            kvf__sched_sent_note_locked(d, 0, rs.prefill, (double)b.rq.n_tokens,
+                                        rs.load_s + rs.prefill_s, rs.decode == rs.prefill, 0);
+        if (rs.decode >= 0 && rs.decode != rs.prefill) /* its decode, after the prefill */
+            kvf__sched_sent_note_locked(d, t, rs.decode, 0, 0, 1, 2 * rs.expected_ttft_s);
+        json_object_set_new(out, "ticket", json_integer((json_int_t)t));
+    }
     pthread_mutex_unlock(&d->mu);
     free(b.tokens);
     free(b.keys);

@@ -11,9 +11,11 @@
  * recently ("tickets"). A report's figures are taken with the work of every placement of that
  * instance that the report does not list added back (its prompt's tokens and seconds, and its
  * decode where it decodes there too), as long as the report comes within --placement-ack-s of
- * the placement (a client that never sent it is forgotten then). A report without "tickets"
- * replaces the load as before: engines that do not know tickets, and engines that have not yet
- * been given one (their clients do not pass tickets on).
+ * the placement (a client that never sent it is forgotten then). A decode placed on another
+ * engine (disaggregated) is kept there under the same ticket, which the router passes on with
+ * the decode request, from the placement to twice the prefill's expected TTFT plus the window. A
+ * report without "tickets" replaces the load as before: engines that do not know tickets, and
+ * engines that have not yet been given one (their clients do not pass tickets on).
  */
 #include "daemon.h"
 
@@ -22,6 +24,10 @@
 #include <sodium.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* A decode placed on another engine than the prefill arrives there after the prefill: it is kept
+ * for the window plus twice the prefill's expected TTFT, at most this much more. */
+#define MAX_LATER_S 60.0
 
 void kvf__sched_sent_init(kvf__sched_daemon *d)
 {
@@ -41,12 +47,13 @@ static kvf__sched_sent *at(kvf__sched_daemon *d, size_t i)
     return &d->sent[(d->sent_head + i) % KVF__SCHED_SENT_MAX];
 }
 
-/* Drops the oldest entries that are answered (slot -1) or older than the window. */
+/* Drops the oldest entries that are answered (slot -1) or past their time. (An entry behind one
+ * still kept may be past its time too: kvf__sched_sent_apply_locked() skips it.) */
 static void prune(kvf__sched_daemon *d, uint64_t now)
 {
     while (d->sent_n) {
         kvf__sched_sent *e = at(d, 0);
-        if (e->slot >= 0 && now - e->at_ns < d->sent_window_ns)
+        if (e->slot >= 0 && now < e->until_ns)
             break;
         d->sent_expired += e->slot >= 0;
         d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
@@ -54,10 +61,11 @@ static void prune(kvf__sched_daemon *d, uint64_t now)
     }
 }
 
-uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double tokens, double seconds,
-                                     uint32_t decodes)
+uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, uint64_t ticket, int slot, double tokens,
+                                     double seconds, uint32_t decodes, double later_s)
 {
-    uint64_t ticket = d->next_ticket++;
+    if (!ticket)
+        ticket = d->next_ticket++;
     if (!d->sent_window_ns)
         return ticket; /* not kept: every report replaces the load */
     uint64_t now = kvf__now_ns();
@@ -67,12 +75,14 @@ uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, int slot, double toke
         d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
         d->sent_n--;
     }
-    *at(d, d->sent_n++) = (kvf__sched_sent){.ticket = ticket,
-                                            .at_ns = now,
-                                            .slot = slot,
-                                            .tokens = tokens,
-                                            .seconds = seconds,
-                                            .decodes = decodes};
+    later_s = later_s > 0 && later_s < MAX_LATER_S ? later_s : later_s > 0 ? MAX_LATER_S : 0;
+    *at(d, d->sent_n++) =
+        (kvf__sched_sent){.ticket = ticket,
+                          .until_ns = now + d->sent_window_ns + (uint64_t)(later_s * 1e9),
+                          .slot = slot,
+                          .tokens = tokens,
+                          .seconds = seconds,
+                          .decodes = decodes};
     return ticket;
 }
 
@@ -91,12 +101,18 @@ void kvf__sched_sent_sort(uint64_t *acks, size_t n_acks)
 void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t *acks,
                                   size_t n_acks, int has_acks, kvf_instance_load *L)
 {
-    prune(d, kvf__now_ns());
+    uint64_t now = kvf__now_ns();
+    prune(d, now);
     int added = 0;
     for (size_t i = 0; i < d->sent_n; i++) {
         kvf__sched_sent *e = at(d, i);
         if (e->slot != slot)
             continue;
+        if (now >= e->until_ns) { /* never listed in time */
+            d->sent_expired++;
+            e->slot = -1;
+            continue;
+        }
         int acked = n_acks && bsearch(&e->ticket, acks, n_acks, sizeof *acks, by_ticket);
         if (acked || !has_acks) { /* in the engine's figures, or the engine does not say */
             d->sent_acked += acked;
@@ -115,10 +131,11 @@ void kvf__sched_sent_apply_locked(kvf__sched_daemon *d, int slot, const uint64_t
 
 size_t kvf__sched_sent_pending_locked(kvf__sched_daemon *d)
 {
-    prune(d, kvf__now_ns());
+    uint64_t now = kvf__now_ns();
+    prune(d, now);
     size_t n = 0;
     for (size_t i = 0; i < d->sent_n; i++)
-        n += at(d, i)->slot >= 0;
+        n += at(d, i)->slot >= 0 && now < at(d, i)->until_ns;
     return n;
 }
 

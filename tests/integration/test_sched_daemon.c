@@ -1180,12 +1180,53 @@ static void test_sched_daemon_placement_tickets(void **state)
     assert_int_equal(http(&d, "POST", "/v1/instances", reg, out, sizeof out), 201);
     report_load(&d, who, 0, "[]");
     assert_int_equal((long)queued_of(&d, who), 0);
+    daemon_stop(&d);
+
+    /* Disaggregated: the decode engine's reports keep the decode placed there until its decode
+     * request comes with the ticket, after the prefill. */
+    sched_start(&d, "--stores", "127.0.0.1:9");
+    const char *roles[2][2] = {{"pf", "prefill"}, {"dc", "decode"}};
+    for (int i = 0; i < 2; i++) {
+        snprintf(reg, sizeof reg,
+                 "{\"id\":\"%s\",\"role\":\"%s\",\"block_tokens\":16,"
+                 "\"capacity_blocks\":1000,\"endpoint\":\"127.0.0.1:%d\"}",
+                 roles[i][0], roles[i][1], 9400 + i);
+        assert_int_equal(http(&d, "POST", "/v1/instances", reg, out, sizeof out), 201);
+    }
+    static char longp[8192];
+    char *b = longp + sprintf(longp, "{\"output_tokens\":8,\"tokens\":[");
+    for (int i = 0; i < 1024; i++) /* long and uncached: prefilled on pf, handed to dc */
+        b += sprintf(b, "%s%d", i ? "," : "", 5000 + i);
+    sprintf(b, "]}");
+    assert_int_equal(http(&d, "POST", "/v1/place", longp, out, sizeof out), 200);
+    assert_non_null(strstr(out, "\"prefill\":\"pf\""));
+    assert_non_null(strstr(out, "\"decode\":\"dc\""));
+    const char *tk = strstr(out, "\"ticket\":");
+    assert_non_null(tk);
+    snprintf(acks, sizeof acks, "[%" PRIu64 "]",
+             (uint64_t)strtoull(tk + strlen("\"ticket\":"), NULL, 10));
+    report_load(&d, "pf", 0, "[]"); /* both engines report before the request reached them */
+    report_load(&d, "dc", 0, "[]");
+    assert_int_equal((long)queued_of(&d, "pf"), 1024);
+    assert_int_equal((long)load_of(&d, "dc", "active_decodes"), 1);
+    assert_int_equal((long)queued_of(&d, "dc"), 0);
+    report_load(&d, "pf", 1024, acks); /* the prefill arrived: pf's figures count it */
+    assert_int_equal((long)queued_of(&d, "pf"), 1024);
+    report_load(&d, "dc", 0, "[]"); /* the decode is still to come */
+    assert_int_equal((long)load_of(&d, "dc", "active_decodes"), 1);
+    snprintf(path, sizeof path, "/v1/instances/dc/load");
+    char load[160];
+    snprintf(load, sizeof load, "{\"queued_prefill_tokens\":0,\"active_decodes\":1,\"tickets\":%s}",
+             acks);
+    assert_int_equal(http(&d, "POST", path, load, out, sizeof out), 200);
+    assert_int_equal((long)load_of(&d, "dc", "active_decodes"), 1); /* counted once */
+    assert_int_equal(stat_of(&d, "pending"), 0);
     /* bad lists: refused with the reason, the load unchanged */
     const char *bad[] = {"\"x\"", "[-1]", "[1.5]", "[\"1\"]", "[9007199254740993]", "{}"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         char body[256];
         snprintf(body, sizeof body, "{\"queued_prefill_tokens\":5,\"tickets\":%s}", bad[i]);
-        assert_int_equal(http(&d, "POST", "/v1/instances/p0/load", body, out, sizeof out), 400);
+        assert_int_equal(http(&d, "POST", "/v1/instances/pf/load", body, out, sizeof out), 400);
         assert_non_null(strstr(out, "ticket"));
     }
     static char big[16384];
@@ -1193,8 +1234,8 @@ static void test_sched_daemon_placement_tickets(void **state)
     for (int i = 0; i < 1025; i++)
         p += sprintf(p, "%s%d", i ? "," : "", i + 1);
     sprintf(p, "]}");
-    assert_int_equal(http(&d, "POST", "/v1/instances/p0/load", big, out, sizeof out), 400);
-    assert_int_equal((long)queued_of(&d, "p0"), 0);
+    assert_int_equal(http(&d, "POST", "/v1/instances/pf/load", big, out, sizeof out), 400);
+    assert_int_equal((long)queued_of(&d, "pf"), 1024);
     daemon_stop(&d);
 }
 
