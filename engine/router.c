@@ -631,6 +631,8 @@ static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
     json_t *body =
         json_pack("{s:O,s:I,s:i,s:I}", "tokens", toks, "first_token", first_token, "max_tokens",
                   (int)q->max_tokens, "expect_cached", (json_int_t)q->saved_tokens);
+    if (body && q->ticket) /* kvf-sched keeps the decode it placed here until this is listed */
+        json_object_set_new(body, "ticket", json_integer((json_int_t)q->ticket));
     rep = NULL;
     rc = call_engine(r, de, "/v1/decode", body, &rep, q);
     if (rc)

@@ -26,9 +26,9 @@
  * the default); at its turn the engine uses what arrived within load_deadline_ms of the request's
  * arrival (waiting for it until then) and computes the rest; the reply's "prefetch" says how much.
  * A request that finds the engine free loads layer by layer during its prefill instead.
- * ticket (prefill and generate, optional: kvf-sched's plan gives it): listed in the engine's load
- * reports for a few seconds from the moment the request counts in its queue, so that kvf-sched
- * adds a placed request's work to the reported load only until the engine counts it itself.
+ * ticket (optional, kvf-sched's plan gives it): listed in the engine's load reports for a few
+ * seconds from the moment the request counts in its queue or its decodes, so that kvf-sched adds
+ * a placed request's work to the reported load only until the engine counts it itself.
  * reuse (prefill and generate): true (the default) reuses the engine's pages and the stores and
  * saves to the stores; "engine" reuses the engine's own pages only (an engine with its prefix
  * cache on, without kvfabric: no store is asked, loaded from or saved to); false reuses nothing.

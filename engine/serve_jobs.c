@@ -609,7 +609,7 @@ static unsigned handle_job(srv *S, const char *kind, json_t *o, kvf__http_reply 
                   qc->prefill_attn_s_per_tok2 * (nn * nn - cc * cc) / 2.0 +
                   (is_prefill ? 0 : (double)j.max_tokens * qc->tpot_base_s);
     pthread_mutex_lock(&S->mu);
-    if (j.ticket && !is_decode) { /* counted from now on: the next report says so */
+    if (j.ticket) { /* counted from now on (its prefill or its decode): the next report says so */
         S->ticketed = 1;
         if (S->n_acks == KVFE_ACKS) {
             S->ack_head = (S->ack_head + 1) % KVFE_ACKS;

@@ -91,8 +91,9 @@ struct kvfe_route {
     double place_s;          /* kvf-sched's answer, as the router waited for it */
     double load_deadline_ms; /* the plan's deadline for loading the stores' prefix (0: none),
                               * passed to the prefill engine */
-    uint64_t ticket;         /* the plan's ticket (0: none), passed to the prefill engine, whose
-                              * load reports then tell kvf-sched that they count the request */
+    uint64_t ticket;         /* the plan's ticket (0: none), passed to the prefill and decode
+                              * engines, whose load reports then tell kvf-sched that they count
+                              * the request */
 
     /* output of the prefill (for a colocated request, of the generate) */
     const kvfe_router_engine *prefill; /* borrowed; valid until kvfe_router_close() */

@@ -14,8 +14,8 @@ Requests (POST, JSON; token ids as arrays of integers), answered as kvf-engine a
     GET /metrics (Prometheus text: kvf-engine's series, docs/operations.md "Metrics")
 Requests are served one at a time, the waiting ones in kvf-engine's order (--queue: hrrn by
 default, the highest response ratio (waited + predicted work) / predicted work first).
-A prefill or generate may carry kvf-sched's plan's "ticket": the load reports list it for a few
-seconds once the request counts in the queue (kvf-sched then stops adding its work itself).
+A request may carry kvf-sched's plan's "ticket": the load reports list it for a few seconds once
+the request counts in the queue or the decodes (kvf-sched then stops adding its work itself).
 Weights are random unless --checkpoint names a safetensors checkpoint.
 """
 
@@ -534,11 +534,11 @@ class Server:
             if kind != "decode":
                 t.queued_prefill_tokens += len(toks)
                 t.queued_work_s += work_s
-                if ticket:  # counted from now on: the next load report says so
-                    self.ticketed = True
-                    self.acks.append((ticket, time.monotonic()))
             if kind != "prefill":
                 t.active_decodes += 1
+            if ticket:  # counted from now on (prefill or decode): the next load report says so
+                self.ticketed = True
+                self.acks.append((ticket, time.monotonic()))
         self.dirty.set()
         tq = time.perf_counter()
         cn = self.engine.cn
