@@ -21,6 +21,7 @@
 
 #include "clock.h"
 
+#include <math.h>
 #include <sodium.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,18 +48,20 @@ static kvf__sched_sent *at(kvf__sched_daemon *d, size_t i)
     return &d->sent[(d->sent_head + i) % KVF__SCHED_SENT_MAX];
 }
 
+/* Drops the oldest entry, counted as expired unless it was answered. */
+static void drop_oldest(kvf__sched_daemon *d)
+{
+    d->sent_expired += at(d, 0)->slot >= 0;
+    d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
+    d->sent_n--;
+}
+
 /* Drops the oldest entries that are answered (slot -1) or past their time. (An entry behind one
  * still kept may be past its time too: kvf__sched_sent_apply_locked() skips it.) */
 static void prune(kvf__sched_daemon *d, uint64_t now)
 {
-    while (d->sent_n) {
-        kvf__sched_sent *e = at(d, 0);
-        if (e->slot >= 0 && now < e->until_ns)
-            break;
-        d->sent_expired += e->slot >= 0;
-        d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
-        d->sent_n--;
-    }
+    while (d->sent_n && (at(d, 0)->slot < 0 || now >= at(d, 0)->until_ns))
+        drop_oldest(d);
 }
 
 uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, uint64_t ticket, int slot, double tokens,
@@ -70,12 +73,9 @@ uint64_t kvf__sched_sent_note_locked(kvf__sched_daemon *d, uint64_t ticket, int 
         return ticket; /* not kept: every report replaces the load */
     uint64_t now = kvf__now_ns();
     prune(d, now);
-    if (d->sent_n == KVF__SCHED_SENT_MAX) { /* full: the oldest goes, unanswered */
-        d->sent_expired++;
-        d->sent_head = (d->sent_head + 1) % KVF__SCHED_SENT_MAX;
-        d->sent_n--;
-    }
-    later_s = later_s > 0 && later_s < MAX_LATER_S ? later_s : later_s > 0 ? MAX_LATER_S : 0;
+    if (d->sent_n == KVF__SCHED_SENT_MAX) /* full: the oldest goes, unanswered */
+        drop_oldest(d);
+    later_s = later_s > 0 ? fmin(later_s, MAX_LATER_S) : 0; /* NaN too: 0 */
     *at(d, d->sent_n++) =
         (kvf__sched_sent){.ticket = ticket,
                           .until_ns = now + d->sent_window_ns + (uint64_t)(later_s * 1e9),
