@@ -193,9 +193,15 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
 
 /* The decode instance, among those with the decode role whose whole KV memory can hold the
  * request's `need` tokens (prompt and output): first one whose free KV memory holds them, and
- * among those the most free tokens less 1,000 per active decode. An instance other than the
- * prefill instance decodes only if the KV can be handed to it. -1 when none can; *too_small set
- * when a decode instance was passed over for its memory. */
+ * among those the one decoding fewest sequences, each instance's share of its KV memory in use
+ * once the request is there added (a full instance weighs as one more decode). Decoding
+ * sequences set a decode step's time (and an engine that decodes one sequence at a time queues
+ * them), where memory matters only as it runs short: weighed first, memory sent a burst's decodes
+ * to the one instance whose cache held less, a difference larger than any burst (the README
+ * demo: 5-8 of a burst's 6-9 decodes on one of two decode engines). An instance that does not
+ * report its capacity is weighed by its decodes. An instance other than the prefill instance
+ * decodes only if the KV can be handed to it. -1 when none can; *too_small set when a decode
+ * instance was passed over for its memory. */
 static int choose_decode(const kvf_sched *s, int prefill, double need, int *too_small)
 {
     *too_small = 0;
@@ -212,9 +218,12 @@ static int choose_decode(const kvf_sched *s, int prefill, double need, int *too_
             *too_small = 1;
             continue;
         }
-        double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
-                             in->info.block_tokens;
-        double sc = (free_tokens >= need ? 0 : 1e12) - free_tokens + in->load.active_decodes * 1e3;
+        double sc = in->load.active_decodes;
+        if (in->info.capacity_blocks) {
+            double cap = (double)in->info.capacity_blocks * in->info.block_tokens;
+            double used = (double)in->load.used_blocks * in->info.block_tokens;
+            sc += (cap - used >= need ? 0 : 1e12) + (used + need) / cap;
+        }
         if (sc >= dscore)
             continue;
         /* Asked only of a candidate that would win: the classifier writes a sentence per call,

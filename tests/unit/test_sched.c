@@ -1345,6 +1345,61 @@ static void test_sched_prompt_beyond_every_instance(void **state)
     kvf_sched_destroy(&s);
 }
 
+/* The decode instance is the one decoding fewest sequences, its memory in use a tie-breaker that
+ * weighs at most one decode; one whose free memory cannot hold the request comes last. (Memory
+ * weighed first sent every decode of a burst to the instance whose cache held less.) */
+static void test_sched_decode_choice(void **state)
+{
+    (void)state;
+    kvf_sched_opts o = {.policy = KVF_POLICY_KVF_COST};
+    kvf_sched_cost_defaults(&o.cost);
+    o.cost.disagg_threshold_tokens = 0; /* the prefill instance prefills: the decode choice alone */
+    o.cost.decode_overflow = 0;
+    kvf_sched *s;
+    assert_int_equal(kvf_sched_new(&s, &o), 0);
+    int p = add(s, "p", KVF_ROLE_PREFILL, 16, 100000);
+    int d1 = add(s, "d1", KVF_ROLE_DECODE, 16, 10000); /* 160,000 tokens */
+    int d2 = add(s, "d2", KVF_ROLE_DECODE, 16, 10000);
+    static uint32_t t[2048];
+    seq(t, 2048, 901);
+    kvf_place_req rq = {.tokens = t, .n_tokens = 2048, .output_tokens = 32};
+    kvf_place_res rs;
+    kvf_instance_load idle = {0};
+    /* d1's cache holds 60% of its memory, d2's 5%: a burst of decodes alternates between them
+     * (place() counts each decode it sends) instead of all going to d2. */
+    kvf_instance_load l1 = {.used_blocks = 6000}, l2 = {.used_blocks = 500};
+    kvf_sched_instance_load(s, p, &idle);
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &l2);
+    int on[2] = {0, 0};
+    for (int i = 0; i < 8; i++) {
+        assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+        assert_int_equal(rs.prefill, p);
+        assert_true(rs.decode == d1 || rs.decode == d2);
+        on[rs.decode == d2]++;
+    }
+    assert_true(on[0] >= 3 && on[1] >= 3);
+    /* Equal decodes: the emptier one. */
+    l1.active_decodes = l2.active_decodes = 2;
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &l2);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, d2);
+    /* One decode fewer outweighs any share of memory in use... */
+    l1.active_decodes = 1, l1.used_blocks = 9000;
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &l2);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, d1);
+    /* ...but not memory too short for the request beside what the instance holds. */
+    l1.used_blocks = 9990; /* 160 tokens free */
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &l2);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, d2);
+    kvf_sched_destroy(&s);
+}
+
 /* First contact's window of stale live batches starts at the first live batch read after the
  * replay, however long after the replay that is; a batch past the replay's last, or any after
  * the window, ends it. */
@@ -1391,6 +1446,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_prompt_beyond_every_instance),
         cmocka_unit_test(test_sched_plans_are_classified),
         cmocka_unit_test(test_sched_cost_file),
+        cmocka_unit_test(test_sched_decode_choice),
         cmocka_unit_test(test_sched_queue_pick),
         cmocka_unit_test(test_sched_queue_disciplines),
         cmocka_unit_test(test_sched_queue_hrrn),
