@@ -235,11 +235,18 @@ class Engine:
 
     def __init__(self, model: Any, layout: Layout, cache_factory: Callable[[], Any],
                  connector: Optional[Connector] = None, events: Optional[Events] = None,
-                 max_tokens: int = 16384, graphs: str = "off") -> None:
+                 max_tokens: int = 16384, graphs: str = "off", save_beside: bool = True,
+                 save_beside_tokens: int = 1024) -> None:
         import torch
 
         self.model, self.layout, self.new_cache = model, layout, cache_factory
         self.cn, self.max_tokens = connector, max_tokens
+        # A prefill's save beside its forward pass (_save_beside), for a pass of at least
+        # save_beside_tokens new tokens: on an H200 (bench/hf_save.py, docs/python.md) it took
+        # 3-6% off prefills of 1,024 to 8,192 tokens of an 8B model with the serving attention;
+        # shorter ones were not measured, and under torch's default attention a 2,048-token one
+        # was 10% slower (a pass that its launches bound, the save's CUDA calls beside it).
+        self.save_beside, self.save_beside_tokens = save_beside, save_beside_tokens
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.layers = decoder_layers(model)
@@ -392,7 +399,8 @@ class Engine:
     def _prefill(self, tokens: List[int], reuse: str, o: Outcome,
                  handed: Optional[int] = None, pf: Optional[Prefetch] = None,
                  deadline: Optional[float] = None, step: bool = False,
-                 sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> Any:
+                 sources: Optional[Sequence[Tuple[str, int, int]]] = None,
+                 save: Optional[bool] = None) -> Any:
         """Fills a cache with the prompt's KV (reused, loaded, computed): returns it, how many
         leading tokens the stores hold, and the token after the first where this ran the first
         decoding step (else None); the first token goes into o.tokens. handed: a decode's first
@@ -400,7 +408,10 @@ class Engine:
         (handoff_tokens), it is all loaded and nothing is computed here; with step, the first
         decoding step then runs layer by layer as the load arrives. sources: the plan's runs
         (store, from, tokens) that the prompt's loads take their chunks from (not a handoff's,
-        whose chunks are other keys)."""
+        whose chunks are other keys). save: the prompt's chunks are to be saved (True: its last
+        partial chunk too, padded: _save); where the prompt is computed into the staging pages
+        with nothing to load, the save runs beside the forward pass, layer by layer, and the
+        fourth value returned is it (_LayerSave), else None and the caller saves after."""
         L, C = self.layout, self.layout.chunk_tokens
         n = len(tokens)
         limit = (n - 1) // C * C  # the last token is computed: its logits are the answer
@@ -456,6 +467,7 @@ class Engine:
                 o.notes.append(f"beyond the prefetch: {e}")
         hooks, waited, load_done, arrived = [], [0.0], [0.0], [0.0]
         following = None  # the token after the first, where the first decoding step ran here
+        beside = None  # the save that runs beside the forward pass
         t0 = time.perf_counter()
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
         try:
@@ -516,7 +528,17 @@ class Engine:
                     first = self._forward(tokens[cached:], cache)
                 o.loaded_tokens, o.device_tokens = upto - d, d
             else:
-                first = self._forward(tokens[d:], cache)
+                if save is not None and self.save_beside and n - d >= self.save_beside_tokens:
+                    beside = self._save_beside(tokens, cache, min(cached, n // C * C), save)
+                try:
+                    first = self._forward(tokens[d:], cache)
+                except BaseException:
+                    if beside is not None:  # nothing of it is kept: cancelled, freed
+                        beside.abandon()
+                    raise
+                finally:
+                    if beside is not None:
+                        beside.remove_hooks()
                 o.device_tokens = d
         except _Abort as e:  # recompute what did not arrive, after the engine's own prefix
             whole, following = False, None
@@ -557,7 +579,44 @@ class Engine:
         o.handed_over = whole
         # what the stores hold of the prompt: the lookup's prefix, unless its load failed
         known = 0 if load is not None and not o.loaded_tokens else min(cached, n // C * C)
-        return cache, known, following
+        return cache, known, following, beside
+
+    def _save_span(self, tokens: List[int], known: int, tail: bool) -> Tuple[List[int], int, int]:
+        """What a save of the prompt writes: the tokens its chunks are keyed by (with tail, the
+        padded form: handoff_tokens), the positions saved to (whole chunks) and the first chunk
+        (the stores hold the `known` tokens before it)."""
+        C = self.layout.chunk_tokens
+        seq = handoff_tokens(tokens, C) if tail else tokens
+        if len(seq) > self.staging.tokens:
+            seq = tokens
+        return seq, len(seq) // C * C, known // C
+
+    def _save_beside(self, tokens: List[int], cache: Any, known: int,
+                     tail: bool) -> Optional["_LayerSave"]:
+        """Starts the save of the prompt's chunks beyond `known` before its forward pass, each
+        layer reported as the model finishes it, so that its copies and sends overlap the
+        layers after it (after the pass, only the last layers' remain): where the cache is in
+        the staging pages and the prompt fits there (the model writes its KV where the save
+        reads it). None where it cannot (the caller saves after the pass: _save), or where the
+        save cannot start (its error noted; the caller's save reports it again)."""
+        L, C = self.layout, self.layout.chunk_tokens
+        if self.cn is None or not getattr(cache, "staged", False) or \
+                len(tokens) > self.staging.tokens:
+            return None
+        seq, full, first = self._save_span(tokens, known, tail)
+        if full <= first * C:
+            return None
+        n = len(tokens)
+        if full > n:  # the padding of the last partial chunk: zeros, as from_cache writes them
+            for t in self.staging.pages.tensors:
+                for plane in (0, 1):
+                    t[plane].view(-1, *t.shape[3:])[n:full].zero_()
+        try:
+            sv = self.cn.save(seq[:full], list(range(full // L.page_tokens)), first_chunk=first)
+        except KvfError:
+            return None
+        stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
+        return _LayerSave(sv, self.layers, stream, n // C * C - first * C, full > n)
 
     def _save(self, tokens: List[int], cache: Any, known: int, tail: bool = False) -> Tuple[int, bool]:
         """Saves the prompt's full chunks beyond the first `known` tokens (which the stores hold
@@ -565,12 +624,10 @@ class Engine:
         of a disaggregated request). Returns the tokens of the whole chunks saved, and whether the
         padded last chunk was saved too."""
         L, C = self.layout, self.layout.chunk_tokens
-        seq = handoff_tokens(tokens, C) if tail else tokens
-        if len(seq) > self.staging.tokens:
-            seq = tokens
-        full = len(seq) // C * C
-        first = known // C
-        if self.cn is None or full <= first * C:
+        if self.cn is None:
+            return 0, False
+        seq, full, first = self._save_span(tokens, known, tail)
+        if full <= first * C:
             return 0, False
         self.staging.from_cache(cache, first * C, full)
         stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
@@ -610,9 +667,10 @@ class Engine:
         with self._torch.no_grad():
             handed = int(first_token) if kind == "decode" and first_token is not None else None
             try:
-                cache, known, following = self._prefill(
+                cache, known, following, beside = self._prefill(
                     tokens, reuse if stores or reuse != "all" else "engine", o, handed, prefetch,
-                    deadline, step=kind == "decode" and max_tokens > 1, sources=sources)
+                    deadline, step=kind == "decode" and max_tokens > 1, sources=sources,
+                    save=kind == "prefill" if stores and kind != "decode" else None)
             except BaseException:
                 # The cache may be cropped or half-filled: nothing of it is reused or saved.
                 self.last_tokens, self.last_cache = [], None
@@ -621,8 +679,12 @@ class Engine:
             if stores and kind != "decode":
                 t_save = time.perf_counter()
                 try:  # a save that fails loses the cache entry, not the request
-                    o.saved_tokens, o.tail_saved = self._save(tokens, cache, known,
-                                                              tail=kind == "prefill")
+                    if beside is not None and beside.finish():  # what the pass left to send
+                        o.saved_tokens, o.tail_saved = beside.tokens, beside.tail
+                        o.notes.append("saved beside the forward pass, layer by layer")
+                    else:  # not started, or failed: the whole save, after the pass
+                        o.saved_tokens, o.tail_saved = self._save(tokens, cache, known,
+                                                                  tail=kind == "prefill")
                 except KvfError as e:
                     o.save_error = e.name
                     o.notes.append(f"save: {e}")
@@ -649,6 +711,59 @@ class Engine:
                 self.rates.note_decode(len(o.itl_s), sum(o.itl_s))
             self.last_tokens = tokens + o.tokens[:-1] if kind != "prefill" else tokens
         return o
+
+
+class _LayerSave:
+    """A save beside a forward pass (Engine._save_beside): a hook on each decoder layer reports
+    the layer done as the model finishes it (for CUDA pages: queued on the pass's stream, so the
+    copy waits for the layer's kernels, not the host). A layer the save refuses stops the
+    reporting: the save is cancelled and the caller saves the whole prompt after the pass."""
+
+    def __init__(self, sv: Any, layers: Sequence[Any], stream: Any, tokens: int,
+                 tail: bool) -> None:
+        self.sv, self.stream, self.tokens, self.tail = sv, stream, tokens, tail
+        self.reported, self.failed = 0, False
+        self.layers = len(layers)
+        self.hooks = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, i: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, out: Any) -> None:
+            if self.failed or i != self.reported:  # in order, each once
+                self.failed = True
+                return
+            try:
+                self.sv.layer_done(i, self.stream)
+                self.reported += 1
+            except KvfError:
+                self.failed = True
+        return hook
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+    def abandon(self) -> None:
+        """The pass failed: the save is cancelled and freed."""
+        self.remove_hooks()
+        self.sv.cancel()
+        self.sv.close()
+
+    def finish(self) -> bool:
+        """After the pass: waits for what is left of the save; False (the save cancelled and
+        freed) where a layer was not reported or the save failed."""
+        self.remove_hooks()
+        try:
+            if self.failed or self.reported != self.layers:
+                self.sv.cancel()
+                return False
+            try:
+                self.sv.wait()
+            except KvfError:
+                return False
+            return True
+        finally:
+            self.sv.close()
 
 
 class _Both:

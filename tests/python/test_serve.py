@@ -704,6 +704,106 @@ class TestGraphSteps(unittest.TestCase):
             Engine(model, layout, factory, connector=None, graphs="on")
 
 
+class _SaveSpy:
+    """A save whose layer reports, cancel and close are logged (and one report made to fail)."""
+
+    def __init__(self, sv, log, fail_at=None):
+        self.sv, self.log, self.fail_at = sv, log, fail_at
+
+    def layer_done(self, layer, stream=None):
+        self.log.append(("done", layer))
+        if layer == self.fail_at:
+            from kvfabric.errors import KvfError
+            raise KvfError(-5, f"save: layer {layer}", "refused by the test")
+        self.sv.layer_done(layer, stream)
+
+    def cancel(self):
+        self.log.append(("cancel",))
+        self.sv.cancel()
+
+    def close(self):
+        self.log.append(("close",))
+        self.sv.close()
+
+    def __getattr__(self, name):
+        return getattr(self.sv, name)
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestSaveBeside(unittest.TestCase):
+    """A prefill's save runs beside its forward pass: each layer is reported to the save as the
+    model finishes it, before the next layer runs; the chunks stored are those a save after the
+    pass stores (a decode engine loads the whole prompt and gives the model's tokens). A layer
+    the save refuses sends the whole save after the pass; a pass that fails cancels and frees
+    its save, and the engine serves the next request. A pass shorter than save_beside_tokens
+    saves after it."""
+
+    def test_save_overlaps_the_pass(self):
+        from kvfabric.engine import Engine
+        with fast_and_slow(TINY, "tiny-sb", 10 ** 9, 30000) as (model, factory, layout, cn, _):
+            pre = Engine(model, layout, factory, connector=cn, max_tokens=512,
+                         save_beside_tokens=0)  # beside for every prompt here
+            dec = Engine(model, layout, factory, connector=cn, max_tokens=512)
+            log = []
+            real_save, fail = cn.save, [None]
+
+            def spy(*a, **k):  # the failure asked for, in the next save only
+                f, fail[0] = fail[0], None
+                return _SaveSpy(real_save(*a, **k), log, f)
+            cn.save = spy
+            for i, layer in enumerate(pre.layers):
+                layer.register_forward_pre_hook(lambda m, a, i=i: log.append(("run", i)))
+            # 1. beside the pass, in order
+            toks = prompt(150, 81)
+            want = TestLoadOrRecompute.reference(model, factory, toks, 4)
+            log.clear()  # (the reference ran the layers too)
+            p = pre.run("prefill", toks)
+            self.assertIn("saved beside the forward pass, layer by layer", p.notes)
+            self.assertEqual((p.saved_tokens, p.tail_saved), (128, True))
+            L = layout.layers
+            for i in range(L - 1):
+                self.assertLess(log.index(("done", i)), log.index(("run", i + 1)), log)
+            self.assertEqual([e for e in log if e[0] == "done"], [("done", i) for i in range(L)])
+            o = dec.run("decode", toks, max_tokens=4, first_token=p.tokens[0])
+            self.assertTrue(o.handed_over)
+            self.assertEqual(o.tokens, want)
+            # 2. a layer refused: the save is cancelled, the whole prompt saved after the pass
+            toks2 = prompt(200, 82)
+            want2 = TestLoadOrRecompute.reference(model, factory, toks2, 4)
+            log.clear()
+            fail[0] = 1
+            p2 = pre.run("prefill", toks2)
+            self.assertNotIn("saved beside the forward pass, layer by layer", p2.notes)
+            self.assertEqual((p2.saved_tokens, p2.tail_saved, p2.save_error), (192, True, "KVF_OK"))
+            self.assertIn(("cancel",), log)
+            o2 = dec.run("decode", toks2, max_tokens=4, first_token=p2.tokens[0])
+            self.assertTrue(o2.handed_over)
+            self.assertEqual(o2.tokens, want2)
+            # 3. the pass fails at its third layer: its save cancelled and freed, nothing kept
+            log.clear()
+
+            def boom(m, a):
+                raise RuntimeError("the test's failing layer")
+            h = pre.layers[2].register_forward_pre_hook(boom)
+            toks3 = prompt(180, 83)
+            with self.assertRaises(RuntimeError):
+                pre.run("prefill", toks3)
+            h.remove()
+            self.assertEqual(log[-2:], [("cancel",), ("close",)], log)
+            self.assertEqual(dec.lookup(toks3), 0)  # no chunk of it stored
+            p3 = pre.run("prefill", toks3)
+            self.assertIn("saved beside the forward pass, layer by layer", p3.notes)
+            o3 = dec.run("decode", toks3, max_tokens=3, first_token=p3.tokens[0])
+            self.assertEqual(o3.tokens, TestLoadOrRecompute.reference(model, factory, toks3, 3))
+            # 4. a pass shorter than save_beside_tokens (1,024 by default): saved after it
+            short = Engine(model, layout, factory, connector=cn, max_tokens=512)
+            log.clear()
+            p4 = short.run("prefill", prompt(120, 84))
+            self.assertNotIn("saved beside the forward pass, layer by layer", p4.notes)
+            self.assertEqual((p4.saved_tokens, p4.tail_saved), (64, True))
+            self.assertNotIn(("cancel",), log)
+
+
 @unittest.skipIf(torch is None or not os.environ.get("KVF_CLI_BIN"), "torch or kvf not here")
 class TestClusterWithPythonEngines(unittest.TestCase):
     """kvf cluster up with engine "transformers" (here the plain-torch backend on CPU) starts,
