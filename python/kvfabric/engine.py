@@ -539,6 +539,9 @@ class Engine:
                 finally:
                     if beside is not None:
                         beside.remove_hooks()
+                if beside is not None and not getattr(cache, "staged", False):
+                    beside.abandon()  # the pass left the pages: what it reported is not there
+                    beside = None
                 o.device_tokens = d
         except _Abort as e:  # recompute what did not arrive, after the engine's own prefix
             whole, following = False, None
@@ -679,10 +682,14 @@ class Engine:
             if stores and kind != "decode":
                 t_save = time.perf_counter()
                 try:  # a save that fails loses the cache entry, not the request
-                    if beside is not None and beside.finish():  # what the pass left to send
+                    done = beside is not None and beside.finish()  # what the pass left to send
+                    if done:
                         o.saved_tokens, o.tail_saved = beside.tokens, beside.tail
                         o.notes.append("saved beside the forward pass, layer by layer")
                     else:  # not started, or failed: the whole save, after the pass
+                        if beside is not None:
+                            o.notes.append("the save beside the forward pass did not complete: "
+                                           "saved after it")
                         o.saved_tokens, o.tail_saved = self._save(tokens, cache, known,
                                                                   tail=kind == "prefill")
                 except KvfError as e:
