@@ -192,16 +192,58 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
 }
 
 /* The decode instance, among those with the decode role whose whole KV memory can hold the
- * request's `need` tokens (prompt and output): first one whose free KV memory holds them, and
- * among those the one decoding fewest sequences, each instance's share of its KV memory in use
- * once the request is there added (a full instance weighs as one more decode). Decoding
- * sequences set a decode step's time (and an engine that decodes one sequence at a time queues
- * them), where memory matters only as it runs short: weighed first, memory sent a burst's decodes
- * to the one instance whose cache held less, a difference larger than any burst (the README
- * demo: 5-8 of a burst's 6-9 decodes on one of two decode engines). An instance that does not
- * report its capacity is weighed by its decodes. An instance other than the prefill instance
- * decodes only if the KV can be handed to it. -1 when none can; *too_small set when a decode
- * instance was passed over for its memory. */
+ * request's `need` tokens (prompt and output), best first by:
+ * 1. its free KV memory holds them;
+ * 2. it only decodes (an instance that only decodes is there to decode);
+ * 3. for an instance that only decodes, the fewest sequences decoding, its share of KV memory in
+ *    use with the request added breaking ties (it weighs less than one decode): its decodes set
+ *    a decoding step's time (an engine that decodes one sequence at a time queues them), while
+ *    its memory matters only as it runs short. Weighed first, memory sent a burst's decodes to
+ *    the decode engine whose cache held less, a difference larger than any burst (the README
+ *    demo: 5-8 of a burst's 6-9 decodes on one of two decode engines). One that does not report
+ *    its capacity is weighed by its decodes;
+ * 4. for an instance that also prefills, the most free tokens less 1,000 per active decode:
+ *    there the choice places a short prefill (conditional disaggregation, below), and the
+ *    emptiest cache evicts the least (decodes first there made longest_prefix's replay 2.5x
+ *    slower at p50 on 16 instances at 4x: docs/scheduler.md).
+ * An instance other than the prefill instance decodes only if the KV can be handed to it. -1
+ * when none can; *too_small set when a decode instance was passed over for its memory. */
+typedef struct decode_rank {
+    int short_mem; /* its free memory does not hold the request */
+    int prefills;  /* it also prefills */
+    double value;  /* within the two above, lower is better */
+} decode_rank;
+
+static decode_rank rank_decode(const kvf__sched_inst *in, double need)
+{
+    decode_rank r = {.prefills = (in->info.role & KVF_ROLE_PREFILL) != 0};
+    double decodes = in->load.active_decodes;
+    if (r.prefills) {
+        double free_tokens = ((double)in->info.capacity_blocks - (double)in->load.used_blocks) *
+                             in->info.block_tokens;
+        r.short_mem = !(free_tokens >= need);
+        r.value = -free_tokens / 1e3 + decodes;
+        return r;
+    }
+    r.value = decodes;
+    if (in->info.capacity_blocks) {
+        double cap = (double)in->info.capacity_blocks * in->info.block_tokens;
+        double used = (double)in->load.used_blocks * in->info.block_tokens;
+        r.short_mem = !(cap - used >= need);
+        r.value += (used + need) / cap;
+    }
+    return r;
+}
+
+static int rank_better(const decode_rank *a, const decode_rank *b)
+{
+    if (a->short_mem != b->short_mem)
+        return a->short_mem < b->short_mem;
+    if (a->prefills != b->prefills)
+        return a->prefills < b->prefills;
+    return a->value < b->value;
+}
+
 static int choose_decode(const kvf_sched *s, int prefill, double need, int *too_small)
 {
     *too_small = 0;
@@ -209,7 +251,7 @@ static int choose_decode(const kvf_sched *s, int prefill, double need, int *too_
     if (s->o.no_stores && (s->inst[prefill].info.role & KVF_ROLE_DECODE))
         return prefill;
     int dec = -1;
-    double dscore = INFINITY;
+    decode_rank best = {0};
     for (size_t i = 0; i < s->n_inst; i++) {
         const kvf__sched_inst *in = &s->inst[i];
         if (!in->live || !(in->info.role & KVF_ROLE_DECODE))
@@ -218,20 +260,15 @@ static int choose_decode(const kvf_sched *s, int prefill, double need, int *too_
             *too_small = 1;
             continue;
         }
-        double sc = in->load.active_decodes;
-        if (in->info.capacity_blocks) {
-            double cap = (double)in->info.capacity_blocks * in->info.block_tokens;
-            double used = (double)in->load.used_blocks * in->info.block_tokens;
-            sc += (cap - used >= need ? 0 : 1e12) + (used + need) / cap;
-        }
-        if (sc >= dscore)
+        decode_rank r = rank_decode(in, need);
+        if (dec >= 0 && !rank_better(&r, &best))
             continue;
         /* Asked only of a candidate that would win: the classifier writes a sentence per call,
          * and a place() over hundreds of instances must not pay for hundreds of them. */
         if ((int)i != prefill && label_of(KVF_ACTION_PD_HANDOFF_STORE, &s->inst[prefill].caps,
                                           &in->caps) != KVF_LABEL_REAL)
             continue;
-        dscore = sc;
+        best = r;
         dec = (int)i;
     }
     return dec;

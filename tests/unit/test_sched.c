@@ -1345,9 +1345,10 @@ static void test_sched_prompt_beyond_every_instance(void **state)
     kvf_sched_destroy(&s);
 }
 
-/* The decode instance is the one decoding fewest sequences, its memory in use a tie-breaker that
- * weighs at most one decode; one whose free memory cannot hold the request comes last. (Memory
- * weighed first sent every decode of a burst to the instance whose cache held less.) */
+/* Among instances that only decode, the decode instance is the one decoding fewest sequences,
+ * its memory in use a tie-breaker that weighs at most one decode; one whose free memory cannot
+ * hold the request comes last. (Memory weighed first sent every decode of a burst to the instance
+ * whose cache held less.) Instances that also prefill come after those, by free memory. */
 static void test_sched_decode_choice(void **state)
 {
     (void)state;
@@ -1397,6 +1398,24 @@ static void test_sched_decode_choice(void **state)
     kvf_sched_instance_load(s, d2, &l2);
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
     assert_int_equal(rs.decode, d2);
+    /* An instance that only decodes before one that also prefills, whatever their memory; among
+     * those that also prefill, the most free memory first (its cache evicts the least). */
+    int b1 = add(s, "b1", KVF_ROLE_BOTH, 16, 1000000);
+    int b2 = add(s, "b2", KVF_ROLE_BOTH, 16, 1000000);
+    kvf_instance_load lb1 = {.used_blocks = 900000},
+                      lb2 = {.used_blocks = 1000, .active_decodes = 3};
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &l2);
+    kvf_sched_instance_load(s, b1, &lb1);
+    kvf_sched_instance_load(s, b2, &lb2);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, d2);
+    assert_int_equal(kvf_sched_instance_remove(s, d1), 0);
+    assert_int_equal(kvf_sched_instance_remove(s, d2), 0);
+    kvf_sched_instance_load(s, b1, &lb1);
+    kvf_sched_instance_load(s, b2, &lb2);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, b2);
     kvf_sched_destroy(&s);
 }
 
