@@ -214,6 +214,7 @@ struct kvf_xfer {
     int done;          /* transfer_done and no task pending */
     int result;
     int cancelled;
+    int submitting; /* a save's batch between the decision to put it and its op set (x->op) */
     size_t loaded_tokens;
 };
 

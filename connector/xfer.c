@@ -90,14 +90,20 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
     pthread_mutex_lock(&cn->mu);
     cn->st.batches++;
     pthread_mutex_unlock(&cn->mu);
-    int rc = kvf_client_put_async(x->cr ? x->cr->cl : NULL, &b, &x->op);
+    kvf_op *op = NULL;
+    int rc = kvf_client_put_async(x->cr ? x->cr->cl : NULL, &b, &op);
+    pthread_mutex_lock(&x->mu);
+    x->op = op;
     if (rc) {
-        pthread_mutex_lock(&x->mu);
         x->result = rc;
         x->transfer_done = 1;
         maybe_done_locked(x);
-        pthread_mutex_unlock(&x->mu);
     }
+    /* A cancel or a free waiting for the decision to be carried out goes on now: the put is in
+     * flight (x->op, which a cancel no longer withdraws) or failed. */
+    x->submitting = 0;
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
 }
 
 /* The pool's report that one of x's tasks ended (x->task_end). When the last task of a layer ends,
@@ -125,6 +131,7 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
                 /* A layer that could not be gathered fails the save: nothing is put. */
                 submit = !x->result;
                 x->transfer_done = x->result != 0;
+                x->submitting = submit; /* until submit_save() has set x->op */
             }
         } else {
             /* A chunk that did not arrive makes the layer unusable as a whole. */
@@ -795,8 +802,10 @@ void kvf_xfer_cancel(kvf_xfer *x)
         return;
     pthread_mutex_lock(&x->mu);
     x->cancelled = 1;
-    /* Queued tasks are skipped; wait for any in progress, so no page is written after this. */
-    while (x->pending_tasks)
+    /* Queued tasks are skipped; wait for any in progress, so no page is written after this, and
+     * for a put being started (its op set), which is then in flight: a save whose every layer was
+     * gathered is not withdrawn, it completes (or fails) as it would have. */
+    while (x->pending_tasks || x->submitting)
         pthread_cond_wait(&x->cv, &x->mu);
     if (x->is_save && !x->op && !x->transfer_done) {
         x->result = KVF_ECANCELED;
@@ -813,12 +822,13 @@ void kvf_xfer_free(kvf_xfer **xp)
         return;
     kvf_xfer *x = *xp;
     pthread_mutex_lock(&x->mu);
-    while (!x->done)
+    while (!x->done || x->submitting)
         pthread_cond_wait(&x->cv, &x->mu);
+    kvf_op *op = x->op;
     pthread_mutex_unlock(&x->mu);
     /* The client op may still be signalling its own completion: wait for that too. */
-    if (x->op)
-        kvf_op_wait(x->op);
+    if (op)
+        kvf_op_wait(op);
     xfer_destroy(x);
     *xp = NULL;
 }
