@@ -145,20 +145,11 @@ static uint64_t rnd(void)
     return rng;
 }
 
-static void test_stores_change_under_transfers(void **state)
+/* The tests' layout: LAYERS layers of 2 heads of 32 f32, pages of 16 tokens, chunks of 32. */
+static kvf_layout test_layout(const char *model_id)
 {
-    (void)state;
-    daemon_t a, b;
-    daemon_start(&a, "64M", "--threads 1");
-    daemon_start(&b, "64M", "--threads 1");
-    fake_sched fs;
-    sched_start(&fs);
-    sched_set(&fs, a.addr, NULL);
-    char sched_addr[64];
-    snprintf(sched_addr, sizeof sched_addr, "127.0.0.1:%u", fs.port);
-
     kvf_layout l = {0};
-    snprintf(l.model_id, sizeof l.model_id, "stores-churn");
+    snprintf(l.model_id, sizeof l.model_id, "%s", model_id);
     l.layers = LAYERS;
     l.kv_heads = 2;
     l.head_dim = 32;
@@ -169,18 +160,16 @@ static void test_stores_change_under_transfers(void **state)
     l.tp_size = 1;
     char err[400];
     assert_int_equal(kvf_layout_validate(&l, err, sizeof err), 0);
-    kvf_connector_opts o = {.sched = sched_addr,
-                            .layout = l,
-                            .deadline_ms = 3000,
-                            .stores_refresh_ms = 10,
-                            .salt = "stores-churn"};
-    kvf_connector *cn;
-    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    return l;
+}
 
-    /* one page of one plane: its tokens' heads */
-    size_t page = (size_t)l.page_tokens * l.kv_heads * l.head_dim * kvf_layout_dtype_size(l.dtype);
-    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
-    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+/* PAGES pages per plane of every layer: src random, dst for loads; returns one page's bytes (one
+ * plane: its tokens' heads). */
+static size_t pages_make(const kvf_layout *l, uint8_t *src[LAYERS][2], uint8_t *dst[LAYERS][2],
+                         kvf_kv_layer rs[LAYERS], kvf_kv_layer rd[LAYERS])
+{
+    size_t page =
+        (size_t)l->page_tokens * l->kv_heads * l->head_dim * kvf_layout_dtype_size(l->dtype);
     for (int i = 0; i < LAYERS; i++) {
         for (int p = 0; p < 2; p++) {
             src[i][p] = malloc(PAGES * page);
@@ -193,6 +182,41 @@ static void test_stores_change_under_transfers(void **state)
         rs[i] = (kvf_kv_layer){src[i][0], src[i][1], page, PAGES, KVF_MEM_HOST};
         rd[i] = (kvf_kv_layer){dst[i][0], dst[i][1], page, PAGES, KVF_MEM_HOST};
     }
+    return page;
+}
+
+static void pages_free(uint8_t *src[LAYERS][2], uint8_t *dst[LAYERS][2])
+{
+    for (int i = 0; i < LAYERS; i++)
+        for (int p = 0; p < 2; p++)
+            free(src[i][p]), free(dst[i][p]);
+}
+
+static void test_stores_change_under_transfers(void **state)
+{
+    (void)state;
+    daemon_t a, b;
+    daemon_start(&a, "64M", "--threads 1");
+    daemon_start(&b, "64M", "--threads 1");
+    fake_sched fs;
+    sched_start(&fs);
+    sched_set(&fs, a.addr, NULL);
+    char sched_addr[64];
+    snprintf(sched_addr, sizeof sched_addr, "127.0.0.1:%u", fs.port);
+
+    kvf_layout l = test_layout("stores-churn");
+    char err[400];
+    kvf_connector_opts o = {.sched = sched_addr,
+                            .layout = l,
+                            .deadline_ms = 3000,
+                            .stores_refresh_ms = 10,
+                            .salt = "stores-churn"};
+    kvf_connector *cn;
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+
+    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
+    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+    size_t page = pages_make(&l, src, dst, rs, rd);
     flipper fl = {.f = &fs, .a = a.addr, .b = b.addr};
     pthread_t fth;
     assert_int_equal(pthread_create(&fth, NULL, flip_main, &fl), 0);
@@ -267,9 +291,7 @@ static void test_stores_change_under_transfers(void **state)
     assert_int_equal(st.store_clients_closed, st.store_clients_opened);
     kvf_connector_close(&cn);
     sched_stop(&fs);
-    for (int i = 0; i < LAYERS; i++)
-        for (int p = 0; p < 2; p++)
-            free(src[i][p]), free(dst[i][p]);
+    pages_free(src, dst);
     daemon_stop(&a);
     daemon_stop(&b);
 }
@@ -285,38 +307,16 @@ static void test_cancel_after_the_last_layer(void **state)
     (void)state;
     daemon_t a;
     daemon_start(&a, "64M", "--threads 1");
-    kvf_layout l = {0};
-    snprintf(l.model_id, sizeof l.model_id, "cancel-late");
-    l.layers = LAYERS;
-    l.kv_heads = 2;
-    l.head_dim = 32;
-    l.dtype = KVF_DTYPE_F32;
-    l.kind = KVF_KV_SEPARATE;
-    l.page_tokens = 16;
-    l.chunk_tokens = 32;
-    l.tp_size = 1;
+    kvf_layout l = test_layout("cancel-late");
     char err[400];
-    assert_int_equal(kvf_layout_validate(&l, err, sizeof err), 0);
     const char *nodes[] = {a.addr};
     kvf_connector_opts o = {
         .nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 3000, .salt = "cancel-late"};
     kvf_connector *cn;
     assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
-    size_t page = (size_t)l.page_tokens * l.kv_heads * l.head_dim * kvf_layout_dtype_size(l.dtype);
     uint8_t *src[LAYERS][2], *dst[LAYERS][2];
     kvf_kv_layer rs[LAYERS], rd[LAYERS];
-    for (int i = 0; i < LAYERS; i++) {
-        for (int p = 0; p < 2; p++) {
-            src[i][p] = malloc(PAGES * page);
-            dst[i][p] = malloc(PAGES * page);
-            assert_non_null(src[i][p]);
-            assert_non_null(dst[i][p]);
-            for (size_t k = 0; k < PAGES * page; k++)
-                src[i][p][k] = (uint8_t)rnd();
-        }
-        rs[i] = (kvf_kv_layer){src[i][0], src[i][1], page, PAGES, KVF_MEM_HOST};
-        rd[i] = (kvf_kv_layer){dst[i][0], dst[i][1], page, PAGES, KVF_MEM_HOST};
-    }
+    size_t page = pages_make(&l, src, dst, rs, rd);
     const size_t n = 4 * 32, np = n / 16; /* 4 chunks, 8 pages */
     uint32_t ids[8];
     for (size_t i = 0; i < np; i++)
@@ -362,9 +362,7 @@ static void test_cancel_after_the_last_layer(void **state)
     printf("cancel after the last layer: %d rounds, %d whole, %d absent\n", rounds, whole, absent);
     assert_true(rounds >= 20);
     kvf_connector_close(&cn);
-    for (int i = 0; i < LAYERS; i++)
-        for (int p = 0; p < 2; p++)
-            free(src[i][p]), free(dst[i][p]);
+    pages_free(src, dst);
     daemon_stop(&a);
 }
 
