@@ -201,7 +201,7 @@ static int choose_prefill(const kvf_sched *s, const kvf__sched_policy *policy, d
  *    its memory matters only as it runs short. Weighed first, memory sent a burst's decodes to
  *    the decode engine whose cache held less, a difference larger than any burst (the README
  *    demo: 5-8 of a burst's 6-9 decodes on one of two decode engines). One that does not report
- *    its capacity is weighed by its decodes;
+ *    its capacity is taken as half full (neither first nor last at equal decodes);
  * 4. for an instance that also prefills, the most free tokens less 1,000 per active decode:
  *    there the choice places a short prefill (conditional disaggregation, below), and the
  *    emptiest cache evicts the least (decodes first there made longest_prefix's replay 2.5x
@@ -225,12 +225,12 @@ static decode_rank rank_decode(const kvf__sched_inst *in, double need)
         r.value = -free_tokens / 1e3 + decodes;
         return r;
     }
-    r.value = decodes;
+    r.value = decodes + 0.5; /* memory not reported: taken as half in use */
     if (in->info.capacity_blocks) {
         double cap = (double)in->info.capacity_blocks * in->info.block_tokens;
         double used = (double)in->load.used_blocks * in->info.block_tokens;
         r.short_mem = !(cap - used >= need);
-        r.value += (used + need) / cap;
+        r.value = decodes + (used + need) / cap;
     }
     return r;
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -247,6 +248,7 @@ class Engine:
         # shorter ones were not measured, and under torch's default attention a 2,048-token one
         # was 10% slower (a pass that its launches bound, the save's CUDA calls beside it).
         self.save_beside, self.save_beside_tokens = save_beside, save_beside_tokens
+        self._beside: Optional["_LayerSave"] = None  # made by _prefill, until run() takes it
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.layers = decoder_layers(model)
@@ -467,7 +469,11 @@ class Engine:
                 o.notes.append(f"beyond the prefetch: {e}")
         hooks, waited, load_done, arrived = [], [0.0], [0.0], [0.0]
         following = None  # the token after the first, where the first decoding step ran here
-        beside = None  # the save that runs beside the forward pass
+        beside = None  # the save that runs beside the forward pass (before t0: not the pass's)
+        if load is None and save is not None and self.save_beside and \
+                n - d >= self.save_beside_tokens:
+            beside = self._beside = self._save_beside(tokens, cache, min(cached, n // C * C),
+                                                      save)
         t0 = time.perf_counter()
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
         try:
@@ -528,20 +534,11 @@ class Engine:
                     first = self._forward(tokens[cached:], cache)
                 o.loaded_tokens, o.device_tokens = upto - d, d
             else:
-                if save is not None and self.save_beside and n - d >= self.save_beside_tokens:
-                    beside = self._save_beside(tokens, cache, min(cached, n // C * C), save)
                 try:
                     first = self._forward(tokens[d:], cache)
-                except BaseException:
-                    if beside is not None:  # nothing of it is kept: cancelled, freed
-                        beside.abandon()
-                    raise
                 finally:
                     if beside is not None:
                         beside.remove_hooks()
-                if beside is not None and not getattr(cache, "staged", False):
-                    beside.abandon()  # the pass left the pages: what it reported is not there
-                    beside = None
                 o.device_tokens = d
         except _Abort as e:  # recompute what did not arrive, after the engine's own prefix
             whole, following = False, None
@@ -601,7 +598,8 @@ class Engine:
         layers after it (after the pass, only the last layers' remain): where the cache is in
         the staging pages and the prompt fits there (the model writes its KV where the save
         reads it). None where it cannot (the caller saves after the pass: _save), or where the
-        save cannot start (its error noted; the caller's save reports it again)."""
+        save cannot start (the caller's save after the pass meets the error again and reports
+        it)."""
         L, C = self.layout, self.layout.chunk_tokens
         if self.cn is None or not getattr(cache, "staged", False) or \
                 len(tokens) > self.staging.tokens:
@@ -619,7 +617,7 @@ class Engine:
         except KvfError:
             return None
         stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
-        return _LayerSave(sv, self.layers, stream, n // C * C - first * C, full > n)
+        return _LayerSave(sv, self.layers, stream, cache, n, n // C * C - first * C, full > n)
 
     def _save(self, tokens: List[int], cache: Any, known: int, tail: bool = False) -> Tuple[int, bool]:
         """Saves the prompt's full chunks beyond the first `known` tokens (which the stores hold
@@ -677,19 +675,24 @@ class Engine:
             except BaseException:
                 # The cache may be cropped or half-filled: nothing of it is reused or saved.
                 self.last_tokens, self.last_cache = [], None
+                if self._beside is not None:  # cancelled, freed (what it put, if it did, stays)
+                    self._beside.abandon()
                 raise
+            finally:
+                self._beside = None
             self.last_tokens, self.last_cache = tokens, cache
             if stores and kind != "decode":
                 t_save = time.perf_counter()
                 try:  # a save that fails loses the cache entry, not the request
-                    done = beside is not None and beside.finish()  # what the pass left to send
-                    if done:
+                    # what the pass left to send; a put that failed raises (below), a layer not
+                    # reported leaves it unsent: the whole save then, after the pass
+                    if beside is not None and beside.finish():
                         o.saved_tokens, o.tail_saved = beside.tokens, beside.tail
                         o.notes.append("saved beside the forward pass, layer by layer")
-                    else:  # not started, or failed: the whole save, after the pass
+                    else:
                         if beside is not None:
-                            o.notes.append("the save beside the forward pass did not complete: "
-                                           "saved after it")
+                            o.notes.append(f"the save beside the forward pass stopped "
+                                           f"({beside.why}): saved after it")
                         o.saved_tokens, o.tail_saved = self._save(tokens, cache, known,
                                                                   tail=kind == "prefill")
                 except KvfError as e:
@@ -723,26 +726,58 @@ class Engine:
 class _LayerSave:
     """A save beside a forward pass (Engine._save_beside): a hook on each decoder layer reports
     the layer done as the model finishes it (for CUDA pages: queued on the pass's stream, so the
-    copy waits for the layer's kernels, not the host). A layer the save refuses stops the
-    reporting: the save is cancelled and the caller saves the whole prompt after the pass."""
+    copy waits for the layer's kernels, not the host). A layer is reported only if its positions
+    are all in the staging pages (the cache layer holds the prompt's n positions there, and has
+    not left the pages); the first that is not, or that the save refuses, stops the reporting:
+    the save is then cancelled (nothing of it is put: a batch is put once every layer was
+    gathered) and the caller saves the whole prompt after the pass. Calls from another thread
+    (another engine's pass over a shared model) are not this pass's and are ignored. If it is
+    dropped unfinished, the save is cancelled before its handle is freed."""
 
-    def __init__(self, sv: Any, layers: Sequence[Any], stream: Any, tokens: int,
-                 tail: bool) -> None:
-        self.sv, self.stream, self.tokens, self.tail = sv, stream, tokens, tail
-        self.reported, self.failed = 0, False
+    def __init__(self, sv: Any, layers: Sequence[Any], stream: Any, cache: Any, n: int,
+                 tokens: int, tail: bool) -> None:
+        self.sv, self.stream, self.cache, self.n = sv, stream, cache, n
+        self.tokens, self.tail = tokens, tail
+        self.reported, self.failed, self.why = 0, False, ""
         self.layers = len(layers)
-        self.hooks = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+        self.thread = threading.get_ident()
+        self._fin = weakref.finalize(self, _LayerSave._cancel, sv)
+        self.hooks: List[Any] = []
+        try:
+            for i, layer in enumerate(layers):
+                self.hooks.append(layer.register_forward_hook(self._hook(i)))
+        except BaseException:
+            self.abandon()
+            raise
+
+    @staticmethod
+    def _cancel(sv: Any) -> None:
+        try:
+            sv.cancel()
+        except KvfError:  # closed already
+            pass
+
+    def _stop(self, why: str) -> None:
+        if not self.failed:
+            self.failed, self.why = True, why
 
     def _hook(self, i: int) -> Callable[..., None]:
         def hook(module: Any, args: Any, out: Any) -> None:
-            if self.failed or i != self.reported:  # in order, each once
-                self.failed = True
+            if threading.get_ident() != self.thread or self.failed:
+                return
+            if i != self.reported:  # in order, each once
+                self._stop(f"layer {i} ran out of order")
+                return
+            layers = getattr(self.cache, "layers", None)
+            s = layers[i] if layers is not None and i < len(layers) else None
+            if s is None or getattr(s, "detached", True) or getattr(s, "length", -1) != self.n:
+                self._stop(f"layer {i} is not in the staging pages")
                 return
             try:
                 self.sv.layer_done(i, self.stream)
                 self.reported += 1
-            except KvfError:
-                self.failed = True
+            except KvfError as e:
+                self._stop(f"layer {i}: {e}")
         return hook
 
     def remove_hooks(self) -> None:
@@ -751,23 +786,26 @@ class _LayerSave:
         self.hooks = []
 
     def abandon(self) -> None:
-        """The pass failed: the save is cancelled and freed."""
+        """The pass failed: the save is cancelled and freed. (If every layer was reported, its
+        batch may be on its way already: a cancel does not withdraw it, and it is what the pass
+        computed.)"""
         self.remove_hooks()
-        self.sv.cancel()
+        self._fin.detach()
+        self._cancel(self.sv)
         self.sv.close()
 
     def finish(self) -> bool:
-        """After the pass: waits for what is left of the save; False (the save cancelled and
-        freed) where a layer was not reported or the save failed."""
+        """After the pass: waits for what is left of the save and returns True; False (the save
+        cancelled and freed, nothing of it put) where a layer was not reported; raises KvfError
+        (the save freed) where its put failed."""
         self.remove_hooks()
+        self._fin.detach()
         try:
             if self.failed or self.reported != self.layers:
-                self.sv.cancel()
+                self._stop(f"{self.reported} of {self.layers} layers reported")
+                self._cancel(self.sv)
                 return False
-            try:
-                self.sv.wait()
-            except KvfError:
-                return False
+            self.sv.wait()
             return True
         finally:
             self.sv.close()

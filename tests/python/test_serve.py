@@ -704,6 +704,13 @@ class TestGraphSteps(unittest.TestCase):
             Engine(model, layout, factory, connector=None, graphs="on")
 
 
+def same_kv(a, b, n):
+    """The first n positions of every layer's K and V in two engines' staging pages are equal, bit
+    for bit (a's computed, b's loaded from what a saved)."""
+    for (ka, va), (kb, vb) in zip(a.staging.planes(), b.staging.planes()):
+        assert torch.equal(ka[:n], kb[:n]) and torch.equal(va[:n], vb[:n])
+
+
 class _SaveSpy:
     """A save whose layer reports, cancel and close are logged (and one report made to fail)."""
 
@@ -733,9 +740,10 @@ class _SaveSpy:
 class TestSaveBeside(unittest.TestCase):
     """A prefill's save runs beside its forward pass: each layer is reported to the save as the
     model finishes it, before the next layer runs; the chunks stored are those a save after the
-    pass stores (a decode engine loads the whole prompt and gives the model's tokens). A layer
-    the save refuses sends the whole save after the pass; a pass that fails cancels and frees
-    its save, and the engine serves the next request. A pass shorter than save_beside_tokens
+    pass stores (a decode engine loads the whole prompt, gives the model's tokens, and its pages
+    hold the prefill's KV bit for bit). A layer the save refuses sends the whole save after the
+    pass; a pass that fails cancels and frees its save (after its last decoder layer, the batch
+    may be put: it is what the layers computed), and the engine serves the next request. A pass shorter than save_beside_tokens
     saves after it."""
 
     def test_save_overlaps_the_pass(self):
@@ -767,6 +775,7 @@ class TestSaveBeside(unittest.TestCase):
             o = dec.run("decode", toks, max_tokens=4, first_token=p.tokens[0])
             self.assertTrue(o.handed_over)
             self.assertEqual(o.tokens, want)
+            same_kv(pre, dec, 150)
             # 2. a layer refused: the save is cancelled, the whole prompt saved after the pass
             toks2 = prompt(200, 82)
             want2 = TestLoadOrRecompute.reference(model, factory, toks2, 4)
@@ -776,9 +785,12 @@ class TestSaveBeside(unittest.TestCase):
             self.assertNotIn("saved beside the forward pass, layer by layer", p2.notes)
             self.assertEqual((p2.saved_tokens, p2.tail_saved, p2.save_error), (192, True, "KVF_OK"))
             self.assertIn(("cancel",), log)
+            self.assertTrue(any("save beside the forward pass stopped (layer 1:" in x
+                                for x in p2.notes), p2.notes)
             o2 = dec.run("decode", toks2, max_tokens=4, first_token=p2.tokens[0])
             self.assertTrue(o2.handed_over)
             self.assertEqual(o2.tokens, want2)
+            same_kv(pre, dec, 200)
             # 3. the pass fails at its third layer: its save cancelled and freed, nothing kept
             log.clear()
 
@@ -795,6 +807,18 @@ class TestSaveBeside(unittest.TestCase):
             self.assertIn("saved beside the forward pass, layer by layer", p3.notes)
             o3 = dec.run("decode", toks3, max_tokens=3, first_token=p3.tokens[0])
             self.assertEqual(o3.tokens, TestLoadOrRecompute.reference(model, factory, toks3, 3))
+            # 3b. the pass fails after its last decoder layer (in the final norm): every layer
+            # was reported, so its batch may be put (it is what the layers computed) or not;
+            # nothing hangs, and the engine serves the next request
+            h = model.model.norm.register_forward_pre_hook(boom)
+            toks3b = prompt(170, 85)
+            with self.assertRaises(RuntimeError):
+                pre.run("prefill", toks3b)
+            h.remove()
+            self.assertIn(dec.lookup(toks3b), (0, 128))
+            p3b = pre.run("prefill", toks3b)
+            o3b = dec.run("decode", toks3b, max_tokens=3, first_token=p3b.tokens[0])
+            self.assertEqual(o3b.tokens, TestLoadOrRecompute.reference(model, factory, toks3b, 3))
             # 4. a pass shorter than save_beside_tokens (1,024 by default): saved after it
             short = Engine(model, layout, factory, connector=cn, max_tokens=512)
             log.clear()

@@ -1398,6 +1398,22 @@ static void test_sched_decode_choice(void **state)
     kvf_sched_instance_load(s, d2, &l2);
     assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
     assert_int_equal(rs.decode, d2);
+    /* One whose capacity is not reported is taken as half full: after d2 (5% in use) at equal
+     * decodes, before d1 at 90% (l1.used_blocks 9000 with one decode fewer than d1 had). */
+    int u = add(s, "u", KVF_ROLE_DECODE, 16, 0);
+    kvf_instance_load lu = {.active_decodes = 2};
+    l1.used_blocks = 9000, l1.active_decodes = 2;
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &l2);
+    kvf_sched_instance_load(s, u, &lu);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, d2);
+    kvf_sched_instance_load(s, d1, &l1);
+    kvf_sched_instance_load(s, d2, &(kvf_instance_load){.used_blocks = 500, .active_decodes = 3});
+    kvf_sched_instance_load(s, u, &lu);
+    assert_int_equal(kvf_sched_place(s, &rq, &rs), 0);
+    assert_int_equal(rs.decode, u);
+    assert_int_equal(kvf_sched_instance_remove(s, u), 0);
     /* An instance that only decodes before one that also prefills, whatever their memory; among
      * those that also prefill, the most free memory first (its cache evicts the least). */
     int b1 = add(s, "b1", KVF_ROLE_BOTH, 16, 1000000);
