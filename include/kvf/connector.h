@@ -259,7 +259,9 @@ KVF_API int kvf_xfer_wait(kvf_xfer *x);
  * an engine that saw a failure may keep these and recompute the rest. */
 KVF_API size_t kvf_xfer_loaded_tokens(const kvf_xfer *x);
 /* Stops a transfer: pending work is dropped, and once this returns no worker writes into the
- * engine's pages for it. Waits return KVF_ECANCELED afterwards. */
+ * engine's pages for it. Waits return KVF_ECANCELED afterwards, except for a save whose every
+ * layer was gathered before the cancel: its batch was put (or is being put) and is not withdrawn;
+ * its wait returns the put's outcome. */
 KVF_API void kvf_xfer_cancel(kvf_xfer *x);
 /* Frees a transfer, waiting for it to finish first (cancel it to make that quick). Accepts NULL
  * and clears *x. */
