@@ -96,7 +96,18 @@ class Staging:
         P = layout.page_tokens
         self.layout, self.cn = layout, connector
         self.pages = PagedKVCache(layout, (tokens + P - 1) // P, device=device, dtype=dtype)
-        connector.register(pages_from_tensors(layout, self.pages.tensors))
+        self._regs = pages_from_tensors(layout, self.pages.tensors)
+        connector.register(self._regs)
+
+    def own(self) -> None:
+        """Makes these pages the connector's before a transfer: a connector moves one engine's
+        registered memory, and two engines sharing one (tests, benchmarks) would otherwise load
+        into, and save from, the pages of the one registered last. Raises KvfError (KVF_EBUSY)
+        while the other engine's transfers are in flight."""
+        held = getattr(self.cn, "_held", None)
+        if held is None or len(held) != len(self._regs) or \
+                any(h is not r.owner for h, r in zip(held, self._regs)):
+            self.cn.register(self._regs)
 
     @property
     def tokens(self) -> int:
@@ -447,6 +458,7 @@ class Engine:
         if cached > d:
             try:
                 pages = list(range(cached // L.page_tokens))
+                self.staging.own()
                 load = (self.cn.load_prefetched(pf, seq[:cached], pages) if use_pf else
                         self.cn.load(seq[:cached], pages, first_chunk=d // C,
                                      sources=sources if handed is None else None))
@@ -462,6 +474,7 @@ class Engine:
             try:
                 now = min(self.lookup(tokens[:limit]), limit) // C * C
                 if now > cached:
+                    self.staging.own()
                     more = self.cn.load(seq[:now], list(range(now // L.page_tokens)),
                                         first_chunk=cached // C, sources=sources)
                     load, cached, upto = _Both(load, more), now, now
@@ -613,6 +626,7 @@ class Engine:
                 for plane in (0, 1):
                     t[plane].view(-1, *t.shape[3:])[n:full].zero_()
         try:
+            self.staging.own()
             sv = self.cn.save(seq[:full], list(range(full // L.page_tokens)), first_chunk=first)
         except KvfError:
             return None
@@ -632,6 +646,7 @@ class Engine:
             return 0, False
         self.staging.from_cache(cache, first * C, full)
         stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
+        self.staging.own()
         sv = self.cn.save(seq[:full], list(range(full // L.page_tokens)), first_chunk=first)
         try:
             for layer in range(L.layers):

@@ -561,10 +561,12 @@ class SlowProxy:
 
 
 @contextlib.contextmanager
-def fast_and_slow(cfg, name, rate, deadline_ms):
+def fast_and_slow(cfg, name, rate, deadline_ms, another=False):
     """A tiny model built from cfg, a kvf-store, and two connectors to it in one namespace: one
     direct, one through a SlowProxy of `rate` bytes per second. Yields (model, factory, layout,
-    fast_cn, slow_cn); stops everything after."""
+    fast_cn, slow_cn), and with `another` a second direct connector after them (an engine of
+    its own: a connector moves one engine's pages, and another engine's prefetch in flight keeps
+    it from taking them); stops everything after."""
     import kvfabric as kvf
     from kvfabric import models
     layout = models.layout_for(cfg, name, page_tokens=16, chunk_tokens=64, dtype="f32")
@@ -574,8 +576,8 @@ def fast_and_slow(cfg, name, rate, deadline_ms):
     try:
         with kvf.Connector(layout, nodes=[store.addr], salt=name) as fast_cn, \
                 kvf.Connector(layout, nodes=[proxy.addr], salt=name, deadline_ms=deadline_ms) \
-                as slow_cn:
-            yield model, factory, layout, fast_cn, slow_cn
+                as slow_cn, kvf.Connector(layout, nodes=[store.addr], salt=name) as other_cn:
+            yield (model, factory, layout, fast_cn, slow_cn) + ((other_cn,) if another else ())
     finally:
         proxy.close()
         store.stop()
@@ -592,10 +594,10 @@ class TestPrefetch(unittest.TestCase):
         from kvfabric.engine import Engine
         toks = prompt(200, 61)
         # 20 KB/s through the slow connector: a chunk of this model's KV takes 2 s.
-        with fast_and_slow(TINY, "tiny-pf", 20000, 30000) as (model, factory, layout, fast_cn,
-                                                               slow_cn):
+        with fast_and_slow(TINY, "tiny-pf", 20000, 30000, another=True) as (
+                model, factory, layout, fast_cn, slow_cn, saver_cn):
             want = TestLoadOrRecompute.reference(model, factory, toks, 3)
-            saver = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
+            saver = Engine(model, layout, factory, connector=saver_cn, max_tokens=1024)
             user = Engine(model, layout, factory, connector=fast_cn, max_tokens=1024)
             saver.run("prefill", toks[:70])  # one chunk in the stores
             pf = user.prefetch(toks)
