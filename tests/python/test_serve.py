@@ -778,6 +778,19 @@ class TestSaveBeside(unittest.TestCase):
             self.assertTrue(o.handed_over)
             self.assertEqual(o.tokens, want)
             same_kv(pre, dec, 150)
+            # 1b. a longer prompt over the engine's own prefix (its device cache holds the
+            # first 128 positions, the stores the first two chunks): only the pass's new
+            # positions are computed, the save beside it starts at the third chunk
+            longer = toks + prompt(90, 86)
+            log.clear()
+            pl = pre.run("prefill", longer)
+            self.assertEqual(pl.device_tokens, 128)
+            self.assertIn("saved beside the forward pass, layer by layer", pl.notes)
+            self.assertEqual((pl.saved_tokens, pl.tail_saved), (64, True))  # 192 of 240 whole
+            ol = dec.run("decode", longer, max_tokens=3, first_token=pl.tokens[0])
+            self.assertTrue(ol.handed_over)
+            self.assertEqual(ol.tokens, TestLoadOrRecompute.reference(model, factory, longer, 3))
+            same_kv(pre, dec, 240)
             # 2. a layer refused: the save is cancelled, the whole prompt saved after the pass
             toks2 = prompt(200, 82)
             want2 = TestLoadOrRecompute.reference(model, factory, toks2, 4)
