@@ -282,6 +282,15 @@ class Connector(_Handle):
               "register", err.value.decode())
         self._held = tuple(p.owner for p in layers)
 
+    def take(self, layers: Sequence[KVPages]) -> None:
+        """Registers `layers` unless they are what is registered (the same tensors): for each of
+        several users of one connector (engines, caches) before its transfers, since a connector
+        moves the memory registered last. Raises KvfError (KVF_EBUSY) while another user's
+        transfers or prefetches are in flight."""
+        held = self._held
+        if len(held) != len(layers) or any(h is not p.owner for h, p in zip(held, layers)):
+            self.register(layers)
+
     def lookup(self, tokens: Sequence[int],
                sources: Optional[Sequence[Tuple[str, int, int]]] = None) -> int:
         """The leading tokens that are cached, a multiple of chunk_tokens. sources: a plan's

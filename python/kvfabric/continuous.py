@@ -159,7 +159,8 @@ class ContinuousKV:
         for layer in range(L.layers):
             _, j = cache.layer_index_to_group_indices[layer]
             by_layer.append((cache.key_cache[j].view(shape), cache.value_cache[j].view(shape)))
-        self.cn.register(pages_from_tensors(L, by_layer))
+        self._regs = pages_from_tensors(L, by_layer)
+        self.cn.register(self._regs)
         self._cache, self._proc = cache, bp
         self._wrap(bp)
 
@@ -340,6 +341,7 @@ class ContinuousKV:
             self._fence.synchronize()
             self._fence = None
         try:
+            self.cn.take(self._regs)  # another user of the connector may have registered since
             x = self.cn.load(tokens[:cached], table[: cached // P], first_chunk=first)
         except KvfError as e:
             self._unload(rid, keep)
@@ -557,6 +559,7 @@ class ContinuousKV:
             return
         pages = table[: full // P]
         try:
+            self.cn.take(self._regs)
             sv = self.cn.save(tokens[:full], pages, first_chunk=first)
             stream = self._compute_stream()
             for layer in range(self.layout.layers):

@@ -104,10 +104,7 @@ class Staging:
         registered memory, and two engines sharing one (tests, benchmarks) would otherwise load
         into, and save from, the pages of the one registered last. Raises KvfError (KVF_EBUSY)
         while the other engine's transfers are in flight."""
-        held = getattr(self.cn, "_held", None)
-        if held is None or len(held) != len(self._regs) or \
-                any(h is not r.owner for h, r in zip(held, self._regs)):
-            self.cn.register(self._regs)
+        self.cn.take(self._regs)
 
     @property
     def tokens(self) -> int:

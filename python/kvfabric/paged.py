@@ -113,7 +113,8 @@ class KVReuse:
         self.cache = cache
         self.layout = cache.layout
         self.pool = pool or BlockPool(cache.num_pages)
-        connector.register(pages_from_tensors(self.layout, cache.tensors))
+        self._regs = pages_from_tensors(self.layout, cache.tensors)
+        connector.register(self._regs)
 
     def begin(self, tokens: Sequence[int], shared: int = 0, shared_pages: Sequence[int] = ()) -> Plan:
         """Plans a request: its pages (the shared prefix's pages, then new ones for the rest),
@@ -131,6 +132,7 @@ class KVReuse:
         plan = Plan(tokens, page_ids, shared, cached)
         first = shared // L.chunk_tokens  # chunks wholly shared are not moved
         if cached > first * L.chunk_tokens and cached > shared:
+            self.cn.take(self._regs)  # another user of the connector may have registered since
             plan.load = self.cn.load(tokens[:cached], page_ids[: cached // L.page_tokens],
                                      first_chunk=first)
         return plan
@@ -167,6 +169,7 @@ class KVReuse:
         first = plan.cached // L.chunk_tokens if plan.first_bad_layer is None else 0
         if full == 0 or first * L.chunk_tokens >= full:
             return None
+        self.cn.take(self._regs)
         sv = self.cn.save(plan.tokens[:full], plan.page_ids[: full // L.page_tokens],
                           first_chunk=first)
         for layer in range(L.layers):

@@ -144,6 +144,7 @@ class KVFabricGenerate:
     def _save(self, cache: Any, tokens: List[int], first_chunk: int, full: int, stream: Any) -> int:
         C, P = self.layout.chunk_tokens, self.layout.page_tokens
         self.stage.from_cache(cache, first_chunk * C, full)
+        self.stage.own()
         sv = self.cn.save(tokens[:full], list(range(full // P)), first_chunk=first_chunk)
         try:
             for layer in range(self.layout.layers):
@@ -171,6 +172,7 @@ class KVFabricGenerate:
         out = None
         if cached:
             cache = self.new_cache()
+            self.stage.own()
             load = self.cn.load(tokens[:cached], list(range(cached // L.page_tokens)))
             hooks = []
             try:

@@ -87,6 +87,24 @@ class TestPaged(unittest.TestCase):
             self.assertEqual(st["chunks_loaded"], 2)
             self.assertEqual(st["chunks_saved"], 3 + 1)  # a's three, then b's third
 
+    def test_two_caches_on_one_connector(self):
+        """Two users of one connector (a connector moves the memory registered last): each takes
+        its pages back before its transfers, so what one saves from its pages is what the other
+        loads into its own, bit for bit."""
+        cn, cache_a, kv_a = self.engine("paged-two")
+        with cn:
+            cache_b = PagedKVCache(self.layout, 64)
+            kv_b = KVReuse(cn, cache_b)  # registered last
+            a = prompt(2 * 64 + 5, 7)
+            plan_a, out_a, ids_a, _ = self.run_request(kv_a, a, 4)  # saves from cache_a's pages
+            plan_b, out_b, ids_b, _ = self.run_request(kv_b, a, 4)
+            self.assertEqual(plan_b.cached, 128)
+            self.assertEqual(out_b, self.reference(a, 4)[0])
+            for layer in range(self.layout.layers):
+                for j in range(128 // 16):
+                    self.assertTrue(torch.equal(cache_b.tensors[layer][:, ids_b[j]],
+                                                cache_a.tensors[layer][:, ids_a[j]]))
+
     def test_a_prefix_shared_by_the_engine_is_not_moved(self):
         cn, cache, kv = self.engine("paged-2")
         with cn:
