@@ -69,7 +69,7 @@ def main():
             eng.run("prefill", [rng.randrange(vocab) for _ in range(a.prompt)])  # warm-up
             for r in range(2 * a.rounds):
                 mode = ("beside", "after")[(r + r // 2) % 2]  # ABBA: neither always first
-                eng.save_beside = mode == "beside"
+                eng.save_beside_tokens = 0 if mode == "beside" else None
                 toks = [rng.randrange(vocab) for _ in range(a.prompt)]
                 if a.device == "cuda":
                     torch.cuda.synchronize()

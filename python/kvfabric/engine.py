@@ -244,8 +244,8 @@ class Engine:
 
     def __init__(self, model: Any, layout: Layout, cache_factory: Callable[[], Any],
                  connector: Optional[Connector] = None, events: Optional[Events] = None,
-                 max_tokens: int = 16384, graphs: str = "off", save_beside: bool = True,
-                 save_beside_tokens: int = 1024) -> None:
+                 max_tokens: int = 16384, graphs: str = "off",
+                 save_beside_tokens: Optional[int] = 1024) -> None:
         import torch
 
         self.model, self.layout, self.new_cache = model, layout, cache_factory
@@ -254,8 +254,9 @@ class Engine:
         # save_beside_tokens new tokens: on an H200 (bench/hf_save.py, docs/python.md) it took
         # 3-6% off prefills of 1,024 to 8,192 tokens of an 8B model with the serving attention;
         # shorter ones were not measured, and under torch's default attention a 2,048-token one
-        # was 10% slower (a pass that its launches bound, the save's CUDA calls beside it).
-        self.save_beside, self.save_beside_tokens = save_beside, save_beside_tokens
+        # was 10% slower (a pass that its launches bound, the save's CUDA calls beside it). None:
+        # every save after the pass.
+        self.save_beside_tokens = save_beside_tokens
         self._beside: Optional["_LayerSave"] = None  # made by _prefill, until run() takes it
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -480,7 +481,7 @@ class Engine:
         hooks, waited, load_done, arrived = [], [0.0], [0.0], [0.0]
         following = None  # the token after the first, where the first decoding step ran here
         beside = None  # the save that runs beside the forward pass (before t0: not the pass's)
-        if load is None and save is not None and self.save_beside and \
+        if load is None and save is not None and self.save_beside_tokens is not None and \
                 n - d >= self.save_beside_tokens:
             beside = self._beside = self._save_beside(tokens, cache, min(cached, n // C * C),
                                                       save)
@@ -618,10 +619,7 @@ class Engine:
         if full <= first * C:
             return None
         n = len(tokens)
-        if full > n:  # the padding of the last partial chunk: zeros, as from_cache writes them
-            for t in self.staging.pages.tensors:
-                for plane in (0, 1):
-                    t[plane].view(-1, *t.shape[3:])[n:full].zero_()
+        self.staging.from_cache(cache, n, full)  # the padding of the last partial chunk: zeros
         try:
             self.staging.own()
             sv = self.cn.save(seq[:full], list(range(full // L.page_tokens)), first_chunk=first)
