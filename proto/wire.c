@@ -38,12 +38,6 @@ void kvf__wire_hdr_encode(uint8_t out[KVF_WIRE_HEADER_LEN], const kvf_wire_hdr *
     kvf__put_u64(out + 32, h->payload_len);
 }
 
-/* Whether an opcode's request carries object data (its payload is not read whole). */
-static int is_data_op(uint32_t op)
-{
-    return op == KVF_OP_PUT || op == KVF_OP_COMMIT;
-}
-
 /* Ops whose requests carry no items. */
 static int is_itemless_op(uint32_t op)
 {
@@ -123,13 +117,15 @@ int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_l
     if (!is_itemless_op(h->opcode) && h->item_count == 0)
         return kvf__errf(msg, msglen, KVF_EPROTO, "%s with no items",
                          kvf__wire_opcode_name(h->opcode));
-    if (is_data_op(h->opcode)) {
-        uint64_t table = kvf__wire_put_table_len(h->item_count);
+    if (kvf__wire_is_data_op(h->opcode)) {
+        uint64_t table = kvf__wire_data_table_len(h->opcode, h->item_count);
+        /* every item carries a byte at least, but a SEAL's (which may drop its reservation) */
+        uint64_t least = table + (h->opcode == KVF_OP_SEAL ? 0 : h->item_count);
         if (h->payload_len > lim->max_request)
             return kvf__errf(msg, msglen, KVF_E2BIG,
                              "request of %" PRIu64 " bytes exceeds the node's limit of %" PRIu64,
                              h->payload_len, lim->max_request);
-        if (h->payload_len < table + h->item_count)
+        if (h->payload_len < least)
             return kvf__errf(msg, msglen, KVF_EPROTO,
                              "payload of %" PRIu64 " bytes is shorter than its table of %" PRIu32
                              " items",
@@ -214,10 +210,11 @@ int kvf__wire_control_len(const kvf_wire_hdr *h, const uint8_t *payload, uint64_
 int kvf__wire_put_table_check(const kvf_wire_hdr *h, const uint8_t *table, char *msg, size_t msglen)
 {
     uint64_t sum = 0;
-    uint64_t rest = h->payload_len - kvf__wire_put_table_len(h->item_count);
+    uint64_t rest = h->payload_len - kvf__wire_data_table_len(h->opcode, h->item_count);
+    size_t row = kvf__wire_data_row(h->opcode);
     for (uint32_t i = 0; i < h->item_count; i++) {
-        uint64_t len = kvf__get_u64(table + 8 + 24 * (size_t)i + 16);
-        if (len == 0)
+        uint64_t len = kvf__get_u64(table + 8 + row * i + row - 8);
+        if (len == 0 && h->opcode != KVF_OP_SEAL)
             return kvf__errf(msg, msglen, KVF_EPROTO, "item %" PRIu32 " has length 0", i);
         if (len > rest - sum)
             return kvf__errf(msg, msglen, KVF_EPROTO,

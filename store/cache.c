@@ -292,6 +292,77 @@ int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint6
     return 0;
 }
 
+/* Owner's un-held reservation of (ns, key) made through the wire, or NONE. */
+static uint32_t wire_reservation(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner)
+{
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE)
+        return NONE;
+    entry *x = &c->e[i];
+    if (x->state != ST_RESERVED || x->owner != owner || x->refs || x->via != KVF_CACHE_VIA_WIRE)
+        return NONE;
+    return i;
+}
+
+static void abort_entry(kvf_cache *c, uint32_t i);
+
+int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
+                                 uint64_t offset, uint64_t len, uint32_t *eid, uint8_t **dst)
+{
+    assert_locked(c);
+    uint32_t i = wire_reservation(c, ns, key, owner);
+    if (i == NONE)
+        return KVF_ENOENT;
+    entry *x = &c->e[i];
+    int in_order = x->wstart ? offset == x->wpos : offset > 0 && offset < UINT32_MAX;
+    if (!in_order || len == 0 || offset >= x->len || len > x->len - offset) {
+        abort_entry(c, i);
+        return KVF_EINVAL;
+    }
+    if (!x->wstart)
+        x->wstart = (uint32_t)offset;
+    x->refs = 1;
+    *eid = i;
+    *dst = c->mem + x->off + offset;
+    x->wpos = offset + len; /* counted once the bytes are in: nothing reads it while held */
+    return 0;
+}
+
+void kvf__cache_part_end_locked(kvf_cache *c, uint32_t i, uint64_t owner)
+{
+    assert_locked(c);
+    entry *x = &c->e[i];
+    if (i >= c->n_entries || x->state != ST_RESERVED || x->owner != owner)
+        return;
+    x->refs = 0;
+    x->deadline_ns = now(c) + c->reserve_ns;
+}
+
+int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
+                                 uint64_t head_len, uint32_t *eid, uint8_t **dst, uint64_t *obj_len)
+{
+    assert_locked(c);
+    uint32_t i = wire_reservation(c, ns, key, owner);
+    if (i == NONE)
+        return KVF_ENOENT;
+    entry *x = &c->e[i];
+    if (head_len == 0) {
+        abort_entry(c, i);
+        *eid = UINT32_MAX;
+        *dst = NULL;
+        return 0;
+    }
+    if (!x->wstart || head_len != x->wstart || x->wpos != x->len) {
+        abort_entry(c, i);
+        return KVF_EINVAL;
+    }
+    x->refs = 1;
+    *eid = i;
+    *dst = c->mem + x->off;
+    *obj_len = x->len;
+    return 0;
+}
+
 int kvf__cache_commit_locked(kvf_cache *c, uint32_t i, uint64_t owner)
 {
     assert_locked(c);

@@ -25,7 +25,12 @@ typedef struct entry {
     uint64_t len;
     uint64_t owner;       /* reservations: the connection that made it */
     uint64_t deadline_ns; /* reserved: expiry; ready: end of the pin lease */
-    uint32_t refs;        /* readers (ready) or the writer's hold (reserved) */
+    /* reserved through the wire and written in parts (WRITE, then SEAL): where the parts began
+     * (0: none written) and where the next must begin; every byte of [wstart, len) was written
+     * once, in order, when wpos == len */
+    uint64_t wpos;
+    uint32_t wstart;
+    uint32_t refs; /* readers (ready) or the writer's hold (reserved) */
     uint32_t pins;
     uint32_t prev, next; /* policy queue links; next also links the free list */
     uint8_t state;

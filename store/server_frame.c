@@ -2,11 +2,12 @@
  * The storage node server's frame reader (docs/protocol.md). A connection reads frames with a
  * small state machine:
  *   HDR   40 header bytes, validated before anything else is read;
- *   BODY  a control payload, or the item table of a PUT/COMMIT, into the connection's buffer;
- *   DATA  PUT/COMMIT object bytes, straight into each item's reserved arena block (or discarded
- *         when the item was refused), verified and committed one by one (server_put.c).
- * A complete body goes to its opcode's handler. A bad frame gets a fatal error reply: the
- * connection is read no further and closes once the reply is written.
+ *   BODY  a control payload, or the item table of a PUT/COMMIT/WRITE/SEAL, into the connection's
+ *         buffer;
+ *   DATA  PUT/COMMIT/WRITE/SEAL object bytes, straight into each item's reserved arena block (or
+ * discarded when the item was refused), verified and committed one by one (server_put.c). A
+ * complete body goes to its opcode's handler. A bad frame gets a fatal error reply: the connection
+ * is read no further and closes once the reply is written.
  */
 #include "server_int.h"
 
@@ -59,8 +60,8 @@ static void on_header(conn *c)
         c->t_hdr = kvf__now_ns();
     if (!kvf__auth_gate(c, c->h.opcode))
         return;
-    if (c->h.opcode == KVF_OP_PUT || c->h.opcode == KVF_OP_COMMIT)
-        c->rneed = kvf__wire_put_table_len(c->h.item_count);
+    if (kvf__wire_is_data_op(c->h.opcode))
+        c->rneed = kvf__wire_data_table_len(c->h.opcode, c->h.item_count);
     else
         c->rneed = c->h.payload_len;
     if (ensure_rbuf(c, c->rneed ? c->rneed : 1) != 0) {
@@ -107,6 +108,8 @@ static const op_row ops[] = {
     {.opcode = KVF_OP_SHM_MAP, .handler = kvf__req_shm_map, .needs_ns = 0},
     {.opcode = KVF_OP_SHM_PUT, .handler = kvf__req_shm_put, .needs_ns = 1},
     {.opcode = KVF_OP_SHM_GET, .handler = kvf__req_shm_get, .needs_ns = 1},
+    {.opcode = KVF_OP_WRITE, .handler = kvf__req_put_begin, .needs_ns = 0},
+    {.opcode = KVF_OP_SEAL, .handler = kvf__req_put_begin, .needs_ns = 0},
 };
 
 /* The row of opcode, or NULL. Rows are few (one per opcode) and looked up once per request, so a
@@ -201,7 +204,7 @@ static void on_eof(conn *c)
         got = KVF_WIRE_HEADER_LEN + c->rgot;
         want = KVF_WIRE_HEADER_LEN + c->h.payload_len;
     } else {
-        uint64_t sent = kvf__wire_put_table_len(c->h.item_count) + c->cur_got;
+        uint64_t sent = kvf__wire_data_table_len(c->h.opcode, c->h.item_count) + c->cur_got;
         for (uint32_t i = 0; i < c->cur; i++)
             sent += c->items[i].len;
         got = KVF_WIRE_HEADER_LEN + sent;
@@ -228,6 +231,9 @@ static int next_target(conn *c, void **dst, size_t *want)
         *dst = c->rbuf + c->rgot;
         *want = c->rneed - c->rgot;
     } else {
+        /* items of no bytes (a SEAL's that drops its reservation) are done as they come */
+        while (c->cur < c->n_items && c->items[c->cur].len == 0)
+            kvf__req_put_item_done(c, &c->items[c->cur++]);
         if (c->cur == c->n_items) {
             kvf__req_put_finish(c);
             return 1;

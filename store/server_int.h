@@ -48,6 +48,7 @@ typedef struct out_msg {
 typedef struct put_item {
     uint8_t *dst; /* NULL: discard this item's bytes */
     uint64_t len;
+    uint64_t obj_len; /* the whole object's (a SEAL writes its head only) */
     uint32_t eid;
     int32_t status;
     uint8_t held;

@@ -4,6 +4,11 @@
  * reserved (COMMIT), the reader receives each item's bytes straight into its block (or discards
  * them where the item was refused), kvf__req_put_item_done() verifies and commits each item as its
  * last byte lands, and kvf__req_put_finish() answers one status per item.
+ *
+ * WRITE and SEAL (docs/protocol.md, "Objects written in parts") are read the same way: a WRITE's
+ * item is a part of an ADMIT reservation, received where it goes in the block and committed by
+ * nothing; a SEAL's is the object's head, after which the whole object is verified and committed
+ * as a COMMIT's would be (a SEAL of length 0 drops the reservation instead).
  */
 #include "server_int.h"
 
@@ -46,16 +51,30 @@ void kvf__req_put_begin(conn *c)
     uint64_t ns = kvf__get_u64(c->rbuf);
     c->req_err = kvf__conn_ns_ok(c, ns) ? 0 : KVF_ENAMESPACE;
     ns = kvf__conn_ns_scope(c, ns);
+    size_t row_len = kvf__wire_data_row(c->h.opcode);
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *row = c->rbuf + 8 + 24 * (size_t)i;
+        const uint8_t *row = c->rbuf + 8 + row_len * i;
         kvf_key key = kvf__wire_key_get(row);
         put_item *it = &c->items[i];
-        it->len = kvf__get_u64(row + 16);
+        it->len = kvf__get_u64(row + row_len - 8);
+        it->obj_len = it->len;
         it->dst = NULL;
         it->held = 0;
+        uint64_t offset = row_len == 32 ? kvf__get_u64(row + 16) : 0;
         if (c->req_err) {
             it->status = c->req_err;
+        } else if (c->h.opcode == KVF_OP_WRITE) {
+            it->status = kvf__cache_part_begin_locked(s->o.cache, ns, &key, c->id, offset, it->len,
+                                                      &it->eid, &it->dst);
+        } else if (c->h.opcode == KVF_OP_SEAL) {
+            it->status = offset ? KVF_EINVAL
+                                : kvf__cache_seal_begin_locked(s->o.cache, ns, &key, c->id, it->len,
+                                                               &it->eid, &it->dst, &it->obj_len);
+            if (it->status == 0 && it->eid == UINT32_MAX) {
+                it->dst = NULL; /* dropped, as asked: nothing to write */
+                continue;
+            }
         } else if (c->h.opcode == KVF_OP_PUT) {
             it->status =
                 kvf__cache_reserve_locked(s->o.cache, ns, &key, it->len, c->id, kvf__conn_tenant(c),
@@ -81,12 +100,21 @@ void kvf__req_put_item_done(conn *c, put_item *it)
     kvf_server *s = c->lp->srv;
     if (!it->held)
         return;
+    if (c->h.opcode == KVF_OP_WRITE) {
+        kvf__cache_lock(s->o.cache);
+        kvf__cache_part_end_locked(s->o.cache, it->eid, c->id);
+        kvf__cache_unlock(s->o.cache);
+        it->held = 0;
+        it->status = 0;
+        return;
+    }
     int rc = 0;
     if (s->o.verify_puts) {
         kvf_obj_info info;
-        rc = kvf_obj_verify(it->dst, it->len, &info);
+        rc = kvf_obj_verify(it->dst, it->obj_len, &info);
         if (!rc) {
-            kvf_key key = kvf__wire_key_get(c->rbuf + 8 + 24 * (size_t)(it - c->items));
+            size_t row_len = kvf__wire_data_row(c->h.opcode);
+            kvf_key key = kvf__wire_key_get(c->rbuf + 8 + row_len * (size_t)(it - c->items));
             if (!kvf_key_eq(&key, &info.key))
                 rc = KVF_EPROTO;
         }

@@ -23,7 +23,8 @@
 #define KVF_WIRE_KEY_LEN    16u
 /* Most items one request may carry. */
 #define KVF_WIRE_MAX_ITEMS 65536u
-/* Largest payload of a request that carries no object data (everything but PUT and COMMIT). */
+/* Largest payload of a request that carries no object data (everything but PUT, COMMIT, WRITE and
+ * SEAL). */
 #define KVF_WIRE_MAX_CONTROL (KVF_WIRE_MAX_ITEMS * 32u + 4096u)
 /* Longest "host:port" in a COPY request. */
 #define KVF_WIRE_MAX_ADDR 255u
@@ -52,7 +53,9 @@
     XX(AUTH, 20, "auth")                 \
     XX(SHM_MAP, 21, "shm_map")           \
     XX(SHM_PUT, 22, "shm_put")           \
-    XX(SHM_GET, 23, "shm_get")
+    XX(SHM_GET, 23, "shm_get")           \
+    XX(WRITE, 24, "write")               \
+    XX(SEAL, 25, "seal")
 
 typedef enum kvf_opcode {
 #define KVF_OP_ENUM_(name, num, text) KVF_OP_##name = num,
@@ -127,8 +130,30 @@ static inline uint64_t kvf__wire_put_table_len(uint32_t count)
     return 8u + (uint64_t)count * 24u;
 }
 
-/* Checks a PUT/COMMIT table: every length nonzero and the lengths summing exactly to the rest of
- * the payload. Returns 0, or KVF_EPROTO with msg. */
+/* Whether an opcode's request carries object data after an item table (its payload is not read
+ * whole): PUT, COMMIT, WRITE and SEAL. */
+static inline int kvf__wire_is_data_op(uint32_t opcode)
+{
+    return opcode == KVF_OP_PUT || opcode == KVF_OP_COMMIT || opcode == KVF_OP_WRITE ||
+           opcode == KVF_OP_SEAL;
+}
+
+/* Bytes per row of a data request's item table: (key, u64 length) for PUT and COMMIT, (key, u64
+ * offset, u64 length) for WRITE and SEAL. */
+static inline uint32_t kvf__wire_data_row(uint32_t opcode)
+{
+    return opcode == KVF_OP_WRITE || opcode == KVF_OP_SEAL ? 32u : 24u;
+}
+
+/* Size of the item table at the front of a data request's payload: 8 (namespace) + rows. */
+static inline uint64_t kvf__wire_data_table_len(uint32_t opcode, uint32_t count)
+{
+    return 8u + (uint64_t)count * kvf__wire_data_row(opcode);
+}
+
+/* Checks a data request's table (h->opcode says its rows): the lengths summing exactly to the rest
+ * of the payload, every one nonzero but a SEAL's (0 there drops the reservation). Returns 0, or
+ * KVF_EPROTO with msg. */
 int kvf__wire_put_table_check(const kvf_wire_hdr *h, const uint8_t *table, char *msg,
                               size_t msglen);
 

@@ -215,13 +215,13 @@ static void drain(int fd, int ms)
 static void framed(script *s, int fd, uint8_t *body)
 {
     kvf_wire_hdr h = {.version = KVF_WIRE_VERSION,
-                      .opcode = (uint16_t)(1 + take8(s) % 23),
+                      .opcode = (uint16_t)(1 + take8(s) % KVF_OP_SEAL),
                       .flags = take8(s) & (KVF_WF_KNOWN & ~KVF_WF_REPLY),
                       .request_id = take16(s),
                       .item_count = take16(s) % 300};
     uint32_t len = take16(s) % MAX_BODY;
     take(s, body, len);
-    switch (take8(s) % 4) { /* shapes the node's checks expect, more often than chance */
+    switch (take8(s) % 5) { /* shapes the node's checks expect, more often than chance */
     case 0:
         if (h.opcode == KVF_OP_COPY && len >= 16) { /* to the peer, or a near miss of it */
             size_t alen = strlen(g_b.addr) - (take8(s) % 2);
@@ -254,6 +254,21 @@ static void framed(script *s, int fd, uint8_t *body)
                 kvf__put_u64(body + 8 + 32 * i + 16, (uint64_t)take16(s) << 4);
                 kvf__put_u64(body + 8 + 32 * i + 24, (uint64_t)take16(s) << 2);
             }
+        }
+        break;
+    case 3: /* WRITE's and SEAL's 32-byte rows: small offsets and lengths that sum to the data */
+        if ((h.opcode == KVF_OP_WRITE || h.opcode == KVF_OP_SEAL) &&
+            8 + 32 * (uint32_t)h.item_count <= MAX_BODY) {
+            uint32_t at = 8 + 32 * (uint32_t)h.item_count, data = 0;
+            for (uint32_t i = 0; i < h.item_count; i++) {
+                uint32_t part = (take8(s) % 64u) + (h.opcode == KVF_OP_WRITE);
+                if (at + data + part > MAX_BODY)
+                    part = 0;
+                kvf__put_u64(body + 8 + 32 * i + 16, (uint64_t)take16(s) % 4096u);
+                kvf__put_u64(body + 8 + 32 * i + 24, part);
+                data += part;
+            }
+            len = at + data;
         }
         break;
     default:

@@ -30,14 +30,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             uint64_t avail = size - KVF_WIRE_HEADER_LEN;
             if (h.payload_len != avail)
                 continue;
-            if (h.opcode == KVF_OP_PUT || h.opcode == KVF_OP_COMMIT) {
-                uint64_t tl = kvf__wire_put_table_len(h.item_count);
+            if (kvf__wire_is_data_op(h.opcode)) {
+                uint64_t tl = kvf__wire_data_table_len(h.opcode, h.item_count);
+                size_t row = kvf__wire_data_row(h.opcode);
                 if (avail >= tl && kvf__wire_put_table_check(&h, payload, msg, sizeof msg) == 0) {
                     /* The table was accepted: its lengths must sum to the data that follows. */
                     uint64_t sum = 0;
                     for (uint32_t i = 0; i < h.item_count; i++) {
                         uint64_t len = 0;
-                        memcpy(&len, payload + 8 + 24 * (size_t)i + 16, 8);
+                        memcpy(&len, payload + 8 + row * i + row - 8, 8);
                         sum += len;
                     }
                     if (sum != avail - tl)
