@@ -61,6 +61,81 @@ int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
     return submit_kind(c, b, op, KVF__OPK_GET, KVF_OP_GET);
 }
 
+int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf_op **out)
+{
+    if (!out)
+        return KVF_EINVAL;
+    *out = NULL;
+    int rc = c ? kvf__op_validate(b, KVF__OPK_PUT) : KVF_EINVAL;
+    if (rc)
+        return rc;
+    uint64_t len = b->n ? b->lens[0] : 0;
+    for (size_t i = 1; i < b->n; i++)
+        if (b->lens[i] != len)
+            return KVF_EINVAL;
+    if (b->n == 0 || head_len == 0 || head_len >= len || head_len >= UINT32_MAX)
+        return KVF_EINVAL;
+    /* The parts are requests of the engines' connections: not where the gets and puts take
+     * shared memory or RDMA (nor any node's limit on a request: a part is never larger than the
+     * put's own requests). */
+    if (c->path != &kvf__path_tcp)
+        return KVF_ENOTSUP;
+    atomic_fetch_add(&c->submitting, 1);
+    if (atomic_load(&c->closing)) {
+        atomic_fetch_sub(&c->submitting, 1);
+        return KVF_ECLOSED;
+    }
+    kvf__io *io = c->io[atomic_fetch_add(&c->parts_rr, 1) % (unsigned)c->n_io];
+    kvf_op *op = kvf__op_new(c, io, KVF__OPK_PUT, KVF_OP_ADMIT, b);
+    if (!op) {
+        atomic_fetch_sub(&c->submitting, 1);
+        return KVF_ENOMEM;
+    }
+    op->parts = 1;
+    op->head_len = head_len;
+    op->obj_len = len;
+    op->transport = "tcp";
+    *out = op; /* before it can complete, as kvf_client_put_async */
+    rc = kvf__io_submit(io, op);
+    atomic_fetch_sub(&c->submitting, 1);
+    if (rc) {
+        *out = NULL;
+        kvf__op_destroy(op);
+    }
+    return rc;
+}
+
+/* Says more of a put in parts: state 0 (bytes up to upto final), 1 (sealed) or 2 (aborted). */
+static int parts_say(kvf_op *op, uint64_t upto, int state)
+{
+    if (!op || !op->parts)
+        return KVF_EINVAL;
+    if (atomic_load(&op->parts_state))
+        return state == 2 ? 0 : KVF_EINVAL; /* sealed or aborted already: an abort is harmless */
+    uint64_t cur = atomic_load(&op->ready);
+    while (upto > cur && !atomic_compare_exchange_weak(&op->ready, &cur, upto)) {
+    }
+    if (state)
+        atomic_store(&op->parts_state, state);
+    kvf__io_kick_parts(op->io);
+    return 0;
+}
+
+int kvf_op_put_ready(kvf_op *op, uint64_t upto)
+{
+    return parts_say(op, upto, 0);
+}
+
+int kvf_op_put_seal(kvf_op *op)
+{
+    return parts_say(op, op ? op->obj_len : 0, 1);
+}
+
+int kvf_op_put_abort(kvf_op *op)
+{
+    return parts_say(op, 0, 2);
+}
+
 static int run_sync(kvf_client *c, const kvf_batch *b, int kind, uint32_t opcode)
 {
     kvf_batch bb = *b;

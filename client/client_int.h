@@ -106,6 +106,13 @@ struct kvf_op {
     uint32_t layers_fired;
     kvf__req **reqs; /* every request of the op, for the layer frontier */
     int n_reqs;
+    /* a put written in parts (kvf_client_put_parts): every object obj_len bytes, its first
+     * head_len written last; bytes [head_len, ready) of each are final; parts_state says whether
+     * the caller sealed (1) or aborted (2) it */
+    int parts;
+    uint64_t head_len, obj_len;
+    atomic_uint_fast64_t ready;
+    atomic_int parts_state;
 };
 
 /* One request: the keys of one op that one connection carries, and its reply's reading state. */
@@ -123,9 +130,13 @@ struct kvf__req {
     int iovcnt, first;
     int sending; /* some bytes written */
     int finished;
-    int phase;            /* put: 0 admit, 1 commit */
-    uint32_t *commit_map; /* commit: request item -> index into idx */
+    int phase;            /* put: 0 admit, 1 commit, 2 written in parts (WRITE, then SEAL) */
+    uint32_t *commit_map; /* commit, write, seal: request item -> index into idx */
     uint32_t n_commit;
+    /* written in parts: bytes [head_len, wpos) of its objects are at the node, its WRITE in
+     * flight carries [wpos, wnext); parked: nothing to send until the caller says more */
+    uint64_t wpos, wnext;
+    int parked;
     /* reply state */
     uint8_t *rtab;
     uint64_t rtab_len;
@@ -223,9 +234,10 @@ struct kvf__io {
     pthread_mutex_t mu; /* guards the submission queue and stop */
     kvf__req *subq_head, *subq_tail;
     kvf_op *active;
-    kvf_op *completed;   /* completed on this iteration: signalled at its end */
-    uint8_t *scratch;    /* where discarded reply bytes go */
-    pthread_mutex_t cmu; /* counters */
+    kvf_op *completed;     /* completed on this iteration: signalled at its end */
+    atomic_int parts_kick; /* a put in parts of this engine has more to send (io.c) */
+    uint8_t *scratch;      /* where discarded reply bytes go */
+    pthread_mutex_t cmu;   /* counters */
     kvf_client_counters counters;
 };
 
@@ -295,6 +307,7 @@ struct kvf_client {
      * or put asked after, a completion callback's among them, fails with KVF_ECLOSED instead of
      * reaching a data path or an engine being closed. */
     atomic_int closing, submitting;
+    atomic_uint parts_rr; /* the engine the next put in parts runs on */
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -333,6 +346,10 @@ void kvf__req_fail(kvf__req *r, int status);
  * stopping, or its op has less than KVF__REASK_MIN_NS left. */
 #define KVF__REASK_MIN_NS 20000000ull
 void kvf__req_reask_named(kvf__req *r, int why);
+/* A request of a put in parts whose last reply is in (ADMIT's or a WRITE's), or that was parked:
+ * sends what its op's caller made final since (a WRITE), or its SEAL (heads, or the drop of its
+ * reservations after an abort), or parks it until the caller says more. On the engine's thread. */
+void kvf__req_parts_next(kvf__req *r);
 /* The layer frontier of a streamed get: reports the layers every unfinished request delivered. */
 void kvf__op_stream_progress(kvf_op *op);
 /* Signals the ops that completed on this iteration of the engine's thread. */
@@ -381,6 +398,8 @@ void kvf__io_close(kvf__io **io);
 /* Splits op into requests and hands them to the engine's thread. An empty op completes at once
  * on the caller's thread. Returns 0 or an error with op untouched. */
 int kvf__io_submit(kvf__io *io, kvf_op *op);
+/* The caller of a put in parts on io said more: its parked requests go on (kvf__req_parts_next). */
+void kvf__io_kick_parts(kvf__io *io);
 /* Sends one control request with the given payload to node `node` over TCP, on its connection
  * `conn` (-1: the next in turn; requests about a reservation must use the connection that made
  * it), and waits for its reply. Returns 0 with the reply payload (caller frees *reply), or the

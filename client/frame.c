@@ -65,6 +65,9 @@ static size_t payload_len(const kvf__req *r)
     switch (r->opcode) {
     case KVF_OP_COMMIT:
         return kvf__wire_put_table_len(r->n_commit);
+    case KVF_OP_WRITE:
+    case KVF_OP_SEAL:
+        return kvf__wire_data_table_len(r->opcode, r->n_commit);
     case KVF_OP_ADMIT:
         return 8 + 24 * n;
     case KVF_OP_PIN:
@@ -101,6 +104,28 @@ static uint64_t fill_commit(kvf__req *r, uint8_t *p, uint64_t ns)
         data += b->lens[k];
     }
     return data;
+}
+
+/* WRITE: bytes [wpos, wnext) of each object still reserved; SEAL: their heads, or nothing (the
+ * reservations dropped) after the caller aborted. Returns the bytes that follow the table. */
+static uint64_t fill_parts(kvf__req *r, uint8_t *p, uint64_t ns)
+{
+    const kvf_op *op = r->op;
+    const kvf_batch *b = &op->b;
+    int drop = r->opcode == KVF_OP_SEAL && atomic_load(&op->parts_state) == 2;
+    uint64_t off = r->opcode == KVF_OP_WRITE ? r->wpos : 0;
+    uint64_t len = r->opcode == KVF_OP_WRITE ? r->wnext - r->wpos : drop ? 0 : op->head_len;
+    kvf__put_u64(p, ns);
+    for (uint32_t i = 0; i < r->n_commit; i++) {
+        uint32_t k = r->idx[r->commit_map[i]];
+        uint8_t *row = p + 8 + 32 * (size_t)i;
+        kvf__wire_key_put(row, &b->keys[k]);
+        kvf__put_u64(row + 16, off);
+        kvf__put_u64(row + 24, len);
+        r->iov[1 + i].iov_base = (uint8_t *)b->objs[k] + off;
+        r->iov[1 + i].iov_len = len;
+    }
+    return len * r->n_commit;
 }
 
 /* Requests that carry a namespace and keys (with a lease, codec or address before them, or each
@@ -148,7 +173,9 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
         return build_raw(r);
     size_t plen = payload_len(r);
     r->buf = calloc(1, KVF_WIRE_HEADER_LEN + plen);
-    int niov = 1 + (r->opcode == KVF_OP_COMMIT ? (int)r->n_commit : 0);
+    int data_op =
+        r->opcode == KVF_OP_COMMIT || r->opcode == KVF_OP_WRITE || r->opcode == KVF_OP_SEAL;
+    int niov = 1 + (data_op ? (int)r->n_commit : 0);
     r->iov = calloc((size_t)niov, sizeof *r->iov);
     if (!r->buf || !r->iov)
         return KVF_ENOMEM;
@@ -184,6 +211,11 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
         data = fill_commit(r, p, ns);
         count = r->n_commit;
         break;
+    case KVF_OP_WRITE:
+    case KVF_OP_SEAL:
+        data = fill_parts(r, p, ns);
+        count = r->n_commit;
+        break;
     default:
         fill_keys(r, p, ns);
         if (r->opcode == KVF_OP_GET && (op->b.flags & KVF_GET_STREAM))
@@ -195,7 +227,7 @@ int kvf__req_build(kvf_client *c, kvf__req *r)
     r->flags = flags;
     r->iov[0].iov_base = r->buf;
     r->iov[0].iov_len = KVF_WIRE_HEADER_LEN + plen;
-    r->iovcnt = niov;
+    r->iovcnt = data ? niov : 1; /* a SEAL that drops carries no bytes */
     return 0;
 }
 

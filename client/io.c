@@ -204,6 +204,56 @@ void kvf__req_reask_named(kvf__req *r, int why)
         cn_submit(io, op->reqs[i]);
 }
 
+void kvf__req_parts_next(kvf__req *r)
+{
+    kvf_op *op = r->op;
+    kvf__conn *cn = r->cn;
+    r->parked = 0;
+    if (r->n_commit == 0) {
+        kvf__req_finish(r); /* nothing of it is reserved any more */
+        return;
+    }
+    if (cn->state != KVF__CS_UP) {
+        kvf__req_fail(r, KVF_ECONNRESET); /* its reservations went with the connection */
+        return;
+    }
+    int state = atomic_load(&op->parts_state);
+    uint64_t ready = atomic_load(&op->ready);
+    if (ready > op->obj_len)
+        ready = op->obj_len;
+    if (state != 2 && ready > r->wpos) {
+        r->opcode = KVF_OP_WRITE;
+        r->wnext = ready;
+    } else if (state == 2 || (state == 1 && r->wpos == op->obj_len)) {
+        r->opcode = KVF_OP_SEAL;
+    } else {
+        r->parked = 1; /* until the caller says more (drain_submissions) or the deadline */
+        return;
+    }
+    int rc = kvf__req_build(op->cl, r);
+    if (rc) {
+        kvf__req_fail(r, rc);
+        return;
+    }
+    kvf__req_push(&cn->sq_head, &cn->sq_tail, r);
+    kvf__cn_set_events(cn);
+}
+
+/* The caller of a put in parts of this engine said more (kvf_op_put_ready, _seal, _abort): its
+ * parked requests go on. */
+static void parts_resume(kvf__io *io)
+{
+    if (!atomic_exchange(&io->parts_kick, 0))
+        return;
+    kvf_op *next;
+    for (kvf_op *op = io->active; op; op = next) {
+        next = op->next_active; /* op leaves the list where this completes it */
+        for (int i = 0; op->parts && i < op->n_reqs && !op->completing; i++)
+            if (op->reqs[i] && op->reqs[i]->parked && !op->reqs[i]->finished)
+                kvf__req_parts_next(op->reqs[i]);
+    }
+}
+
 static void hello_done(kvf_op *op, int status, void *ud)
 {
     /* A probe that failed in any way (reset, refused mid-way, a bad answer) ends the probe: the
@@ -350,6 +400,12 @@ static void check_deadlines(kvf__io *io)
             if (!r || r->finished)
                 continue;
             kvf__conn *cn = r->cn;
+            if (r->parked) {
+                /* a put in parts whose caller did not finish it in time: not the node's fault */
+                r->parked = 0;
+                kvf__req_fail(r, KVF_ETIMEDOUT);
+                continue;
+            }
             if (!r->sending && kvf__cn_unqueue(cn, r)) {
                 kvf__req_fail(r, KVF_ETIMEDOUT);
                 continue;
@@ -392,6 +448,7 @@ static void drain_submissions(kvf__io *io)
         cn_submit(io, r);
         r = next;
     }
+    parts_resume(io);
 }
 
 /* With rerouting, a node marked down gets no requests (place.c sends its keys to the next node)
@@ -459,6 +516,19 @@ static void *io_main(void *arg)
     drain_submissions(io);
     for (size_t i = 0; i < io->cl->n_nodes * (size_t)io->conns; i++)
         cn_reset(io, &io->cn[i], KVF_ECANCELED);
+    /* and the puts in parts that wait on their callers */
+    kvf_op *op = io->active;
+    while (op) {
+        kvf_op *next = op->next_active; /* a failure may complete op: it leaves the list */
+        for (int i = 0; op->parts && i < op->n_reqs && !op->completing; i++) {
+            kvf__req *r = op->reqs[i];
+            if (r && r->parked && !r->finished) {
+                r->parked = 0;
+                kvf__req_fail(r, KVF_ECANCELED);
+            }
+        }
+        op = next;
+    }
     kvf__io_flush_completed(io);
     return NULL;
 }
@@ -498,6 +568,13 @@ int kvf__io_submit(kvf__io *io, kvf_op *op)
     ssize_t w = write(io->wake[1], &wake_byte, 1);
     (void)w;
     return 0;
+}
+
+void kvf__io_kick_parts(kvf__io *io)
+{
+    atomic_store(&io->parts_kick, 1);
+    ssize_t w = write(io->wake[1], &wake_byte, 1);
+    (void)w;
 }
 
 int kvf__io_raw(kvf__io *io, size_t node_idx, int conn, uint32_t opcode, uint32_t count,

@@ -8,7 +8,8 @@
  *
  * A put is two-phase: ADMIT asks the node to reserve room for each key and says which keys it
  * already has; COMMIT then sends only the reserved objects, on the same connection (reservations
- * belong to the connection).
+ * belong to the connection). A put in parts sends WRITEs of what its caller made final and then a
+ * SEAL instead of the COMMIT (io.c, kvf__req_parts_next).
  */
 #include "client_int.h"
 
@@ -148,13 +149,32 @@ static int rd_statuses(kvf__conn *cn)
     kvf__req *r = cn->rreq;
     kvf_op *op = r->op;
     kvf_client *c = op->cl;
-    uint32_t n = r->opcode == KVF_OP_COMMIT ? r->n_commit : r->n;
+    int mapped = r->phase > 0;
+    uint32_t n = mapped ? r->n_commit : r->n;
+    int dropped = r->opcode == KVF_OP_SEAL && atomic_load(&op->parts_state) == 2;
     for (uint32_t i = 0; i < n; i++) {
         int st = (int)(int32_t)kvf__get_u32(r->rtab + 4 * (size_t)i);
         if (!kvf_err_is_known(st))
             return KVF_EPROTO;
-        uint32_t k = r->opcode == KVF_OP_COMMIT ? r->idx[r->commit_map[i]] : r->idx[i];
+        uint32_t k = mapped ? r->idx[r->commit_map[i]] : r->idx[i];
+        if (r->opcode == KVF_OP_WRITE && st == 0)
+            st = 1; /* written so far, still reserved */
+        else if (dropped && st == 0)
+            st = KVF_ECANCELED; /* the reservation given back, as the caller asked */
         op->b.status[k] = st;
+    }
+    if (r->opcode == KVF_OP_WRITE) {
+        /* the objects the node refused a part of are done with that error */
+        uint32_t m = 0;
+        for (uint32_t i = 0; i < r->n_commit; i++)
+            if (op->b.status[r->idx[r->commit_map[i]]] == 1)
+                r->commit_map[m++] = r->commit_map[i];
+        r->n_commit = m;
+        r->wpos = r->wnext;
+        kvf__cn_unflight(cn, r);
+        kvf__rd_next_frame(cn);
+        kvf__req_parts_next(r);
+        return 0;
     }
     if (r->opcode != KVF_OP_ADMIT) {
         reply_done(cn, r);
@@ -179,6 +199,13 @@ static int rd_statuses(kvf__conn *cn)
         return 0;
     }
     r->n_commit = m;
+    if (op->parts) {
+        /* written in parts: what the caller made final goes now, the rest as it comes */
+        r->phase = 2;
+        r->wpos = r->wnext = op->head_len;
+        kvf__req_parts_next(r);
+        return 0;
+    }
     r->opcode = KVF_OP_COMMIT;
     r->phase = 1;
     int rc = kvf__req_build(c, r);
@@ -588,7 +615,7 @@ static int rd_header(kvf__conn *cn)
         return len == 0 ? rd_errtext(cn) : 0;
     }
     uint64_t plen = cn->h.payload_len;
-    uint32_t n = r->opcode == KVF_OP_COMMIT ? r->n_commit : r->n;
+    uint32_t n = r->phase > 0 ? r->n_commit : r->n;
     /* A raw request (kvf__io_raw) gets its reply's payload whole, whatever its opcode. */
     if (r->op->raw)
         return plen > KVF_CLIENT_RAW_MAX ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_raw);
@@ -601,6 +628,8 @@ static int rd_header(kvf__conn *cn)
         return plen != KVF_AUTH_REPLY_LEN ? KVF_EPROTO : rd_payload_into_rtab(cn, r, plen, rd_auth);
     case KVF_OP_ADMIT:
     case KVF_OP_COMMIT:
+    case KVF_OP_WRITE:
+    case KVF_OP_SEAL:
     case KVF_OP_EVICT:
     case KVF_OP_PIN:
     case KVF_OP_UNPIN:

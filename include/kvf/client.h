@@ -142,6 +142,29 @@ KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
  * submission fails, when *op is reset to NULL): the completion callback may run, and free the
  * memory that *op lives in, before the call returns. */
 
+/* A put whose objects are still being written while it runs (docs/protocol.md, "Objects written
+ * in parts"): a save that overlaps the work producing its bytes (the connector's, layer by layer,
+ * beside the forward pass). Every object of b has the same length, and its first head_len bytes
+ * (its header, with the checksums of what follows) are final last. The keys are admitted at once
+ * (KVF_EEXIST for those the node has); bytes [head_len, upto) of every object go to the nodes as
+ * kvf_op_put_ready() says they are final, in order, and with kvf_op_put_seal() the rest and the
+ * heads, after which each node verifies and commits each object as a put's COMMIT would:
+ * nothing is visible before. kvf_op_put_abort() gives the reservations back instead (per-key
+ * KVF_ECANCELED). Until the op completes, the objects' bytes already said final must not change.
+ * Per-key statuses as kvf_client_put_async's; an op neither sealed nor aborted by its deadline
+ * fails with KVF_ETIMEDOUT, without counting against its nodes' health. Returns KVF_EINVAL for
+ * objects of differing lengths or a head not shorter than them, and KVF_ENOTSUP where the
+ * client's gets and puts do not run on its own connections (shared memory, RDMA): the caller
+ * then puts the objects whole. The op runs on one of the client's I/O threads (in turn). */
+KVF_API int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf_op **op);
+/* Bytes [head_len, upto) of every object of a put in parts are final (calls with less than before
+ * change nothing). 0, or KVF_EINVAL for an op that is no put in parts or was sealed or aborted. */
+KVF_API int kvf_op_put_ready(kvf_op *op, uint64_t upto);
+/* Every byte of every object, heads included, is final: the rest is sent and the objects sealed. */
+KVF_API int kvf_op_put_seal(kvf_op *op);
+/* Nothing more is sent; the nodes drop the reservations. Harmless after a seal or abort. */
+KVF_API int kvf_op_put_abort(kvf_op *op);
+
 /* Waits for op to complete and returns its status. */
 KVF_API int kvf_op_wait(kvf_op *op);
 /* Frees a completed op. Accepts NULL and clears *op. Freeing an op still in flight is an error
