@@ -120,6 +120,7 @@ struct kvf_connector {
     int deadline_ms;
     int workers_given; /* kvf_connector_opts.workers */
     int trust_local;   /* kvf_connector_opts.trust_local_store */
+    int save_whole;    /* kvf_connector_opts.save_whole */
     /* segment bytes of in-place loads hashed by the workers (kvf_connector_stats) */
     atomic_uint_fast64_t in_place_hashed;
     /* Set by registration, under mu and with no transfer in flight (connector.c). */
@@ -215,6 +216,10 @@ struct kvf_xfer {
     int result;
     int cancelled;
     int submitting; /* a save's batch between the decision to put it and its op set (x->op) */
+    /* save: its put in parts (kvf_client_put_parts), started by its first gathered layer: 0 not
+     * yet, 1 being started (submitting too), 2 running (x->op), -1 none (the batch is put whole
+     * once every layer is gathered) */
+    int parts;
     size_t loaded_tokens;
 };
 

@@ -66,18 +66,23 @@ static void maybe_done_locked(kvf_xfer *x)
 
 static void on_save_done(kvf_op *op, int status, void *ud);
 
-/* All layers gathered: seal every chunk's header and put the batch. */
-static void submit_save(kvf_connector *cn, kvf_xfer *x)
+/* Every layer gathered: writes every chunk's header (the checksums of its segments). */
+static void seal_headers(kvf_connector *cn, kvf_xfer *x)
 {
     uint32_t L = cn->l.layers;
+    for (size_t c = 0; c < x->n_chunks; c++)
+        kvf_obj_seal_raw(x->stage + c * cn->obj_bytes, &x->keys[c], cn->ks.layout_fp,
+                         cn->l.chunk_tokens, L, cn->pm.seg_bytes, x->seg_xxh + c * L);
+}
+
+/* The save's batch: every chunk's object in the staging, whole. */
+static kvf_batch save_batch(kvf_connector *cn, kvf_xfer *x)
+{
     for (size_t c = 0; c < x->n_chunks; c++) {
-        uint8_t *obj = x->stage + c * cn->obj_bytes;
-        kvf_obj_seal_raw(obj, &x->keys[c], cn->ks.layout_fp, cn->l.chunk_tokens, L,
-                         cn->pm.seg_bytes, x->seg_xxh + c * L);
-        x->bufs[c] = obj;
+        x->bufs[c] = x->stage + c * cn->obj_bytes;
         x->lens[c] = cn->obj_bytes;
     }
-    kvf_batch b = {
+    return (kvf_batch){
         .n = x->n_chunks,
         .keys = x->keys,
         .objs = (const void *const *)x->bufs,
@@ -87,6 +92,13 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
         .cb = on_save_done,
         .ud = x,
     };
+}
+
+/* All layers gathered: seal every chunk's header and put the batch. */
+static void submit_save(kvf_connector *cn, kvf_xfer *x)
+{
+    seal_headers(cn, x);
+    kvf_batch b = save_batch(cn, x);
     pthread_mutex_lock(&cn->mu);
     cn->st.batches++;
     pthread_mutex_unlock(&cn->mu);
@@ -106,13 +118,86 @@ static void submit_save(kvf_connector *cn, kvf_xfer *x)
     pthread_mutex_unlock(&x->mu);
 }
 
+/* What a save in parts has to say to its op after x changed (x->mu held): the bytes of every
+ * object that are final now (the layers gathered from the first on, in order), or that it is to
+ * be sealed (every layer gathered) or aborted (a layer failed, or the save was cancelled). */
+enum { PARTS_NONE, PARTS_READY, PARTS_SEAL, PARTS_ABORT };
+static int parts_due_locked(kvf_xfer *x, uint64_t *upto)
+{
+    kvf_connector *cn = x->cn;
+    if (x->parts != 2)
+        return PARTS_NONE;
+    if (x->cancelled || x->result)
+        return PARTS_ABORT;
+    if (x->layers_done == cn->l.layers)
+        return PARTS_SEAL;
+    uint32_t front = 0;
+    while (front < cn->l.layers && x->layer_state[front] == 0)
+        front++;
+    *upto = cn->hdr_len + (uint64_t)front * cn->pm.seg_bytes;
+    return PARTS_READY;
+}
+
+/* Says it to op, with no lock held. */
+static void parts_say(kvf_xfer *x, kvf_op *op, int due, uint64_t upto)
+{
+    if (due == PARTS_READY)
+        kvf_op_put_ready(op, upto);
+    else if (due == PARTS_SEAL) {
+        seal_headers(x->cn, x);
+        kvf_op_put_seal(op);
+    } else if (due == PARTS_ABORT)
+        kvf_op_put_abort(op);
+}
+
+/* Starts x's put in parts (x->parts 1, x->submitting set by the caller), with no lock held: its
+ * keys are admitted now and its layers follow as they are gathered. Where the storage client
+ * cannot (KVF_ENOTSUP: shared memory, RDMA) or fails to, the batch is put whole once every layer
+ * is gathered, here if they already are. */
+static void start_parts(kvf_connector *cn, kvf_xfer *x)
+{
+    kvf_batch b = save_batch(cn, x);
+    b.deadline_ms = 4 * cn->deadline_ms; /* it runs beside the engine's pass, not after it */
+    kvf_op *op = NULL;
+    int rc = kvf_client_put_parts(x->cr ? x->cr->cl : NULL, &b, cn->hdr_len, &op);
+    if (rc == 0) {
+        pthread_mutex_lock(&cn->mu);
+        cn->st.batches++;
+        cn->st.saves_in_parts++;
+        pthread_mutex_unlock(&cn->mu);
+    }
+    pthread_mutex_lock(&x->mu);
+    x->parts = rc ? -1 : 2;
+    x->op = op;
+    uint64_t upto = 0;
+    int due = parts_due_locked(x, &upto);
+    /* Put whole instead: every layer is in already and nothing failed (the decision task_end
+     * left to this start). */
+    int whole = rc && x->layers_done == cn->l.layers && !x->result && !x->cancelled;
+    if (rc && !whole && x->layers_done == cn->l.layers) {
+        x->transfer_done = 1; /* failed or cancelled, and no op to wait for */
+        if (!x->result)
+            x->result = x->cancelled ? KVF_ECANCELED : rc;
+        maybe_done_locked(x);
+    }
+    x->submitting = whole;
+    pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
+    if (whole)
+        submit_save(cn, x);
+    else if (op)
+        parts_say(x, op, due, upto);
+}
+
 /* The pool's report that one of x's tasks ended (x->task_end). When the last task of a layer ends,
- * the layer's state is decided and its waiters woken; when a save's last layer is gathered, the
- * batch is put. */
+ * the layer's state is decided and its waiters woken; when a save's first layer is gathered, its
+ * put in parts starts, and as its layers are gathered they are said final to it; when its last
+ * one is, the batch is sealed (or put whole). */
 static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
 {
     kvf_connector *cn = x->cn;
-    int submit = 0;
+    int submit = 0, start = 0, due = PARTS_NONE;
+    uint64_t upto = 0;
     pthread_mutex_lock(&x->mu);
     if (failed && !x->layer_failed[layer])
         x->layer_failed[layer] = x->is_save ? x->stage_state : KVF_ECHECKSUM;
@@ -127,12 +212,18 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
             x->layer_state[layer] = x->layer_failed[layer];
             if (x->layer_failed[layer] && !x->result)
                 x->result = x->layer_failed[layer];
-            if (++x->layers_done == cn->l.layers && !x->cancelled) {
+            if (++x->layers_done == cn->l.layers && !x->cancelled && x->parts <= 0) {
                 /* A layer that could not be gathered fails the save: nothing is put. */
                 submit = !x->result;
                 x->transfer_done = x->result != 0;
                 x->submitting = submit; /* until submit_save() has set x->op */
+            } else if (x->parts == 0 && !x->cancelled && !x->result && x->stage &&
+                       !cn->save_whole) {
+                start = 1; /* the first layer gathered: the put in parts begins */
+                x->parts = 1;
+                x->submitting = 1; /* until start_parts() has set x->op */
             }
+            due = parts_due_locked(x, &upto);
         } else {
             /* A chunk that did not arrive makes the layer unusable as a whole. */
             int bad = x->layer_failed[layer];
@@ -146,14 +237,20 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
     /* kvf_xfer_cancel() waits for the last task to end, skipped ones too. */
     if (--x->pending_tasks == 0)
         pthread_cond_broadcast(&x->cv);
-    if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks) {
+    if (x->is_save && x->cancelled && !x->op && !x->transfer_done && !x->pending_tasks &&
+        x->parts != 1) {
         x->result = KVF_ECANCELED;
         x->transfer_done = 1;
     }
     maybe_done_locked(x);
+    kvf_op *op = x->op;
     pthread_mutex_unlock(&x->mu);
     if (submit)
         submit_save(cn, x);
+    else if (start)
+        start_parts(cn, x);
+    else if (due != PARTS_NONE)
+        parts_say(x, op, due, upto);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -189,7 +286,8 @@ static void on_load_layer(kvf_op *op, uint32_t layer, void *ud)
 static void transfer_finished(kvf_xfer *x, int result, size_t loaded_tokens)
 {
     pthread_mutex_lock(&x->mu);
-    x->result = result;
+    if (!x->is_save || !x->result) /* a save in parts keeps the layer failure that aborted it */
+        x->result = result;
     x->loaded_tokens = loaded_tokens;
     x->transfer_done = 1;
     maybe_done_locked(x);
@@ -728,6 +826,8 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
             x->layers_done++;
             if (!x->op && !x->transfer_done)
                 x->transfer_done = 1;
+            else if (x->op && x->parts == 2)
+                kvf_op_put_abort(x->op); /* its op completes at once, the save failed */
             maybe_done_locked(x);
             pthread_cond_broadcast(&x->cv);
         }
@@ -807,6 +907,8 @@ void kvf_xfer_cancel(kvf_xfer *x)
      * gathered is not withdrawn, it completes (or fails) as it would have. */
     while (x->pending_tasks || x->submitting)
         pthread_cond_wait(&x->cv, &x->mu);
+    if (x->is_save && x->op && x->parts == 2 && x->layers_done < x->cn->l.layers)
+        kvf_op_put_abort(x->op); /* nothing once sealed: a sealed put completes as it would */
     if (x->is_save && !x->op && !x->transfer_done) {
         x->result = KVF_ECANCELED;
         x->transfer_done = 1;

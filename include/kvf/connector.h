@@ -92,6 +92,12 @@ typedef struct kvf_connector_opts {
                                * watch of their own: a store whose lease lapses is dropped, one
                                * that registers is used, each as etcd tells it (sched unused) */
     const char *cluster;      /* input: the cluster's name in etcd (NULL: "default") */
+    int save_whole;           /* input: 1: a save's chunks are put once every layer is gathered;
+                               * 0 (the default): where the storage client runs over its own
+                               * connections (TCP), a save is put in parts from its first
+                               * gathered layer on (kvf_client_put_parts), each layer sent as
+                               * the layers before it are in, and only the last layers and the
+                               * headers are left once the pass ends (docs/connector.md) */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones registered in etcd
@@ -302,6 +308,8 @@ typedef struct kvf_connector_stats {
     uint64_t load_named, load_named_reasked, load_sources_unknown;
     /* prefetches whose memory was one an earlier prefetch gave back (not mapped anew) */
     uint64_t prefetch_memory_reused;
+    /* saves put in parts as their layers were gathered (the rest were put whole) */
+    uint64_t saves_in_parts;
 } kvf_connector_stats;
 KVF_API void kvf_connector_stats_get(kvf_connector *cn, kvf_connector_stats *out);
 

@@ -80,6 +80,7 @@ class ConnectorOpts(ctypes.Structure):
         ("stores_refresh_ms", c_int),
         ("etcd", c_char_p),
         ("cluster", c_char_p),
+        ("save_whole", c_int),
     ]
 
 
@@ -90,7 +91,7 @@ STATS_FIELDS = [
     "prefetch_chunks", "prefetch_chunks_loaded", "in_place_hashed_bytes", "stores",
     "store_clients_opened", "store_clients_closed", "store_refresh_failures", "prefetch_named",
     "prefetch_named_missed", "prefetch_sources_unknown", "load_named", "load_named_reasked",
-    "load_sources_unknown", "prefetch_memory_reused",
+    "load_sources_unknown", "prefetch_memory_reused", "saves_in_parts",
 ]
 
 

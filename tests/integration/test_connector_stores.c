@@ -302,11 +302,10 @@ static void test_stores_change_under_transfers(void **state)
  * waits for that. Before the put's start was waited for, a cancel in that gap completed the
  * transfer and its free released the batch's memory under the put (the sanitizer builds' find).
  * Every save is whole or absent: a load gives all of its bytes or a miss. */
-static void test_cancel_after_the_last_layer(void **state)
+static void cancel_rounds(const char *store_flags, int in_parts)
 {
-    (void)state;
     daemon_t a;
-    daemon_start(&a, "64M", "--threads 1");
+    daemon_start(&a, "64M", store_flags);
     kvf_layout l = test_layout("cancel-late");
     char err[400];
     const char *nodes[] = {a.addr};
@@ -359,9 +358,120 @@ static void test_cancel_after_the_last_layer(void **state)
                     assert_memory_equal(dst[i][p] + ids[pg] * page, src[i][p] + ids[pg] * page,
                                         page);
     }
-    printf("cancel after the last layer: %d rounds, %d whole, %d absent\n", rounds, whole, absent);
+    printf("cancel after the last layer (%s): %d rounds, %d whole, %d absent\n", store_flags,
+           rounds, whole, absent);
     assert_true(rounds >= 20);
+    kvf_connector_stats st;
+    kvf_connector_stats_get(cn, &st);
+    if (in_parts) /* the put of each began with its first layer gathered */
+        assert_true(st.saves_in_parts > 0);
+    else
+        assert_int_equal(st.saves_in_parts, 0);
     kvf_connector_close(&cn);
+    pages_free(src, dst);
+    daemon_stop(&a);
+}
+
+static void test_cancel_after_the_last_layer(void **state)
+{
+    (void)state;
+    cancel_rounds("--threads 1", 0); /* shared memory: put whole */
+    cancel_rounds("--threads 1 --shm off", 1);
+}
+
+/* Loads tokens t into the dst pages and returns the tokens loaded, every page of them compared
+ * with src byte for byte. */
+static size_t load_and_check(kvf_connector *cn, const uint32_t *t, size_t n, const uint32_t *ids,
+                             size_t np, uint8_t *src[LAYERS][2], uint8_t *dst[LAYERS][2],
+                             kvf_kv_layer rd[LAYERS], size_t page)
+{
+    char err[400];
+    assert_int_equal(kvf_connector_register(cn, rd, LAYERS, err, sizeof err), 0);
+    for (int i = 0; i < LAYERS; i++)
+        for (int p = 0; p < 2; p++)
+            memset(dst[i][p], 0, PAGES * page);
+    kvf_xfer *x;
+    assert_int_equal(kvf_connector_load(cn, t, n, ids, np, &x), 0);
+    (void)kvf_xfer_wait(x);
+    size_t got = kvf_xfer_loaded_tokens(x);
+    kvf_xfer_free(&x);
+    for (size_t pg = 0; pg < got / 16; pg++)
+        for (int i = 0; i < LAYERS; i++)
+            for (int p = 0; p < 2; p++)
+                assert_memory_equal(dst[i][p] + ids[pg] * page, src[i][p] + ids[pg] * page, page);
+    return got;
+}
+
+/* A save beside a pass over TCP: its layers reported one by one, a few milliseconds apart, and
+ * put in parts as they are gathered; loaded back whole, byte for byte. One cancelled after two
+ * layers is absent and gives its reservations back (the same save again is whole). With
+ * save_whole the same bytes are put whole. */
+static void test_save_in_parts_beside_a_pass(void **state)
+{
+    (void)state;
+    daemon_t a;
+    daemon_start(&a, "64M", "--shm off");
+    kvf_layout l = test_layout("in-parts");
+    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
+    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+    size_t page = pages_make(&l, src, dst, rs, rd);
+    const size_t n = PAGES * 16, np = PAGES; /* 32 chunks */
+    uint32_t ids[PAGES], t[PAGES * 16];
+    for (size_t i = 0; i < np; i++)
+        ids[i] = (uint32_t)(np - 1 - i); /* pages out of order */
+    for (int whole = 0; whole < 2; whole++) {
+        char err[400];
+        const char *nodes[] = {a.addr};
+        kvf_connector_opts o = {.nodes = nodes,
+                                .n_nodes = 1,
+                                .layout = l,
+                                .deadline_ms = 3000,
+                                .salt = whole ? "in-parts-whole" : "in-parts",
+                                .save_whole = whole};
+        kvf_connector *cn;
+        assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+        for (int round = 0; round < 3; round++) {
+            for (size_t i = 0; i < n; i++)
+                t[i] = (uint32_t)(round * 100000 + i + 3);
+            assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+            kvf_xfer *x;
+            assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+            int cancel = round == 1;
+            for (uint32_t i = 0; i < LAYERS; i++) {
+                if (cancel && i == 2) {
+                    kvf_xfer_cancel(x);
+                    break;
+                }
+                assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+                usleep(5000);
+            }
+            int rc = kvf_xfer_wait(x);
+            kvf_xfer_free(&x);
+            assert_int_equal(rc, cancel ? KVF_ECANCELED : 0);
+            size_t got = load_and_check(cn, t, n, ids, np, src, dst, rd, page);
+            assert_int_equal(got, cancel ? 0 : n);
+            if (cancel) { /* the same save again: its keys were given back */
+                assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+                assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+                for (uint32_t i = 0; i < LAYERS; i++)
+                    assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+                assert_int_equal(kvf_xfer_wait(x), 0);
+                kvf_xfer_free(&x);
+                assert_int_equal(load_and_check(cn, t, n, ids, np, src, dst, rd, page), n);
+            }
+        }
+        kvf_connector_stats st;
+        kvf_connector_stats_get(cn, &st);
+        printf("saves %" PRIu64 ", in parts %" PRIu64 ", chunks saved %" PRIu64 "\n", st.saves,
+               st.saves_in_parts, st.chunks_saved);
+        /* every save but perhaps the cancelled one (cancelled before its first layer was in) */
+        if (whole)
+            assert_int_equal(st.saves_in_parts, 0);
+        else
+            assert_true(st.saves_in_parts == 3 || st.saves_in_parts == 4);
+        assert_int_equal(st.chunks_saved, 3 * (n / 32));
+        kvf_connector_close(&cn);
+    }
     pages_free(src, dst);
     daemon_stop(&a);
 }
@@ -372,6 +482,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_teardown(test_stores_change_under_transfers, teardown_daemons),
         cmocka_unit_test_teardown(test_cancel_after_the_last_layer, teardown_daemons),
+        cmocka_unit_test_teardown(test_save_in_parts_beside_a_pass, teardown_daemons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
