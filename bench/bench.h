@@ -25,6 +25,7 @@ struct kvf_sched *bench_sched_uniform(int n, uint32_t block_tokens, uint64_t cap
 int bench_soak_main(int argc, char **argv);
 int bench_e2e_main(int argc, char **argv);
 int bench_disk_main(int argc, char **argv);
+int bench_save_main(int argc, char **argv);
 /* kvf-bench replicas: placement throughput of N kvf-sched replicas vs one (sched_replicas.c). */
 int bench_replicas_main(int argc, char **argv);
 

@@ -23,6 +23,8 @@ static const struct {
     {"e2e", bench_e2e_main,
      "trace replay on a running cluster with and without kvfabric (real end to end)"},
     {"disk", bench_disk_main, "the disk tier's engine alone vs fio on the same file system"},
+    {"save", bench_save_main,
+     "a prefill's save beside its pass over TCP: put in parts vs put whole after it"},
     {"replicas", bench_replicas_main,
      "placement throughput of N kvf-sched replicas vs one, over HTTP (real)"},
 };
