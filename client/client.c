@@ -80,6 +80,12 @@ int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, k
      * put's own requests). */
     if (c->path != &kvf__path_tcp)
         return KVF_ENOTSUP;
+    /* and only on nodes that said they take parts (an older node, or one not heard from yet:
+     * the caller puts whole) */
+    for (size_t i = 0; i < c->n_nodes; i++)
+        if (!atomic_load(&c->nodes[i].hello_seen) ||
+            !(atomic_load(&c->nodes[i].caps) & KVF_CAP_PARTS))
+            return KVF_ENOTSUP;
     atomic_fetch_add(&c->submitting, 1);
     if (atomic_load(&c->closing)) {
         atomic_fetch_sub(&c->submitting, 1);

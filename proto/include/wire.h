@@ -78,7 +78,8 @@ typedef enum kvf_opcode {
 #define KVF_CAP_LZ4      0x4ull  /* codecs lz4 and shuffled lz4 */
 #define KVF_CAP_COPY     0x8ull  /* COPY to another node */
 #define KVF_CAP_RDMA     0x10ull /* RDMA descriptors (RDMA_GET ... RDMA_COMMIT) over rdma_cm */
-#define KVF_CAP_ALL      0x1full
+#define KVF_CAP_PARTS    0x80ull /* objects written in parts (WRITE, SEAL) */
+#define KVF_CAP_ALL      0x9full
 /* HELLO reply only: the node requires AUTH before any other request; the challenge follows. */
 #define KVF_CAP_AUTH 0x20ull
 /* Shared memory on the node's Unix socket (SHM_MAP, SHM_PUT, SHM_GET; docs/shm.md). A client asks

@@ -464,11 +464,12 @@ static void test_save_in_parts_beside_a_pass(void **state)
         kvf_connector_stats_get(cn, &st);
         printf("saves %" PRIu64 ", in parts %" PRIu64 ", chunks saved %" PRIu64 "\n", st.saves,
                st.saves_in_parts, st.chunks_saved);
-        /* every save but perhaps the cancelled one (cancelled before its first layer was in) */
+        /* every save but perhaps the cancelled one (cancelled before its first layer was in) and
+         * the first (where the node's HELLO was not in yet when its first layer was: put whole) */
         if (whole)
             assert_int_equal(st.saves_in_parts, 0);
         else
-            assert_true(st.saves_in_parts == 3 || st.saves_in_parts == 4);
+            assert_true(st.saves_in_parts >= 2 && st.saves_in_parts <= 4);
         assert_int_equal(st.chunks_saved, 3 * (n / 32));
         kvf_connector_close(&cn);
     }
