@@ -118,6 +118,25 @@ static int parts_say(kvf_op *op, uint64_t upto, int state)
         return KVF_EINVAL;
     if (atomic_load(&op->parts_state))
         return state == 2 ? 0 : KVF_EINVAL; /* sealed or aborted already: an abort is harmless */
+    if (upto > op->obj_len)
+        upto = op->obj_len;
+    pthread_mutex_lock(&op->mu);
+    uint64_t last = op->n_bounds ? op->bounds[op->n_bounds - 1] : op->head_len;
+    if (upto > last) {
+        if (op->n_bounds == op->cap_bounds && op->cap_bounds < 4096) {
+            uint32_t cap = op->cap_bounds ? 2 * op->cap_bounds : 64;
+            uint64_t *p = realloc(op->bounds, cap * sizeof *p);
+            if (p) {
+                op->bounds = p;
+                op->cap_bounds = cap;
+            }
+        }
+        if (op->n_bounds < op->cap_bounds)
+            op->bounds[op->n_bounds++] = upto;
+        else if (op->n_bounds)
+            op->bounds[op->n_bounds - 1] = upto; /* no room: the last part grows */
+    }
+    pthread_mutex_unlock(&op->mu);
     uint64_t cur = atomic_load(&op->ready);
     while (upto > cur && !atomic_compare_exchange_weak(&op->ready, &cur, upto)) {
     }

@@ -113,6 +113,10 @@ struct kvf_op {
     uint64_t head_len, obj_len;
     atomic_uint_fast64_t ready;
     atomic_int parts_state;
+    /* the points the caller said final, in order (under mu): a WRITE ends at the first one past
+     * where it begins, so that the node can check a segment against the part that carried it */
+    uint64_t *bounds;
+    uint32_t n_bounds, cap_bounds;
 };
 
 /* One request: the keys of one op that one connection carries, and its reply's reading state. */

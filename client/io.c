@@ -224,6 +224,15 @@ void kvf__req_parts_next(kvf__req *r)
     if (state != 2 && ready > r->wpos) {
         r->opcode = KVF_OP_WRITE;
         r->wnext = ready;
+        /* up to the first point the caller said final past wpos (few: a scan serves) */
+        pthread_mutex_lock(&op->mu);
+        for (uint32_t i = 0; i < op->n_bounds; i++)
+            if (op->bounds[i] > r->wpos) {
+                if (op->bounds[i] < r->wnext)
+                    r->wnext = op->bounds[i];
+                break;
+            }
+        pthread_mutex_unlock(&op->mu);
     } else if (state == 2 || (state == 1 && r->wpos == op->obj_len)) {
         r->opcode = KVF_OP_SEAL;
     } else {

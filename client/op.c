@@ -66,6 +66,7 @@ void kvf__op_destroy(kvf_op *op)
     free(op->reqs);
     free(op->json);
     free(op->raw_rep);
+    free(op->bounds);
     pthread_mutex_destroy(&op->mu);
     pthread_cond_destroy(&op->cv);
     free(op);

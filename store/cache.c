@@ -307,7 +307,8 @@ static uint32_t wire_reservation(kvf_cache *c, uint64_t ns, const kvf_key *key, 
 static void abort_entry(kvf_cache *c, uint32_t i);
 
 int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
-                                 uint64_t offset, uint64_t len, uint32_t *eid, uint8_t **dst)
+                                 uint64_t offset, uint64_t len, uint32_t *eid, uint8_t **dst,
+                                 uint32_t *wseq)
 {
     assert_locked(c);
     uint32_t i = wire_reservation(c, ns, key, owner);
@@ -319,11 +320,14 @@ int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
         abort_entry(c, i);
         return KVF_EINVAL;
     }
-    if (!x->wstart)
+    if (!x->wstart) {
         x->wstart = (uint32_t)offset;
+        x->wseq = ++c->wseq;
+    }
     x->refs = 1;
     *eid = i;
     *dst = c->mem + x->off + offset;
+    *wseq = x->wseq;
     x->wpos = offset + len; /* counted once the bytes are in: nothing reads it while held */
     return 0;
 }
@@ -339,7 +343,8 @@ void kvf__cache_part_end_locked(kvf_cache *c, uint32_t i, uint64_t owner)
 }
 
 int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
-                                 uint64_t head_len, uint32_t *eid, uint8_t **dst, uint64_t *obj_len)
+                                 uint64_t head_len, uint32_t *eid, uint8_t **dst, uint64_t *obj_len,
+                                 uint32_t *wseq)
 {
     assert_locked(c);
     uint32_t i = wire_reservation(c, ns, key, owner);
@@ -360,6 +365,7 @@ int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
     *eid = i;
     *dst = c->mem + x->off;
     *obj_len = x->len;
+    *wseq = x->wseq;
     return 0;
 }
 

@@ -101,10 +101,12 @@ int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint6
  * (ns, key) to write len bytes at offset (*dst is where they go): the first part sets where the
  * parts begin (offset > 0, below 4 GiB: the object's head is left to the seal) and each next one
  * must begin where the last ended, all within the reservation. Then kvf__cache_part_end_locked.
- * Returns 0, KVF_ENOENT (no such reservation), or KVF_EINVAL for a part out of order or out of
- * bounds, which drops the reservation. */
+ * *wseq says which reservation the parts belong to (a slot's reservations differ in it), for the
+ * caller's records of them. Returns 0, KVF_ENOENT (no such reservation), or KVF_EINVAL for a part
+ * out of order or out of bounds, which drops the reservation. */
 int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
-                                 uint64_t offset, uint64_t len, uint32_t *eid, uint8_t **dst);
+                                 uint64_t offset, uint64_t len, uint32_t *eid, uint8_t **dst,
+                                 uint32_t *wseq);
 /* The part held by kvf__cache_part_begin_locked is in: the next begins after it; the hold is
  * dropped and the reservation's expiry starts again. */
 void kvf__cache_part_end_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
@@ -115,8 +117,8 @@ void kvf__cache_part_end_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
  * UINT32_MAX). Returns 0, KVF_ENOENT, or KVF_EINVAL (dropped) when the parts do not cover the rest.
  */
 int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
-                                 uint64_t head_len, uint32_t *eid, uint8_t **dst,
-                                 uint64_t *obj_len);
+                                 uint64_t head_len, uint32_t *eid, uint8_t **dst, uint64_t *obj_len,
+                                 uint32_t *wseq);
 /* Makes a held reservation visible. Returns 0, or KVF_ENOENT when it is no longer owner's. */
 int kvf__cache_commit_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
 /* Drops a reservation (held or not) of owner's and frees its block. */

@@ -30,6 +30,7 @@ typedef struct entry {
      * once, in order, when wpos == len */
     uint64_t wpos;
     uint32_t wstart;
+    uint32_t wseq; /* which reservation of this entry's slot the parts belong to */
     uint32_t refs; /* readers (ready) or the writer's hold (reserved) */
     uint32_t pins;
     uint32_t prev, next; /* policy queue links; next also links the free list */
@@ -64,6 +65,7 @@ struct kvf_cache {
     kvf_cache_evict_hook on_hot; /* kvf__cache_set_write_through_hook */
     void *on_hot_ctx;
     uint32_t hot_hits;           /* reads that make an entry hot (0: none) */
+    uint32_t wseq;               /* the last reservation written in parts (entry.wseq) */
     kvf_cache_evict_hook on_rep; /* kvf__cache_set_replicate_hook */
     void *on_rep_ctx;
     uint32_t rep_hits; /* reads after which an entry is replicated (0: never) */

@@ -5,6 +5,8 @@
  */
 #include "server_int.h"
 
+#include "hash.h"
+
 #include "cache.h"
 #include "clock.h"
 #include "poller.h"
@@ -88,6 +90,8 @@ void kvf__conn_destroy(conn *c)
     kvf__shm_conn_free(c);
     free(c->rbuf);
     free(c->items);
+    free(c->prec);
+    XXH3_freeState(c->pxs);
     c->rbuf = NULL;
     c->items = NULL;
     c->dead = 1;

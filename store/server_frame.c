@@ -263,8 +263,10 @@ static void took(conn *c, size_t got)
         if (c->rgot == c->rneed)
             on_body(c);
     } else {
-        c->cur_got += got;
         put_item *it = &c->items[c->cur];
+        if (c->h.opcode == KVF_OP_WRITE && it->dst)
+            kvf__req_part_bytes(c, it, it->dst + c->cur_got, got, c->cur_got == 0);
+        c->cur_got += got;
         if (c->cur_got == it->len) {
             kvf__req_put_item_done(c, it);
             c->cur++;

@@ -48,6 +48,9 @@ typedef struct out_msg {
 typedef struct put_item {
     uint8_t *dst; /* NULL: discard this item's bytes */
     uint64_t len;
+    uint64_t offset;  /* a WRITE's: where in its object the part goes */
+    uint32_t wseq;    /* a WRITE's or SEAL's: its reservation's (kvf__cache_part_begin_locked) */
+    uint8_t hashed;   /* a WRITE's bytes were hashed as they landed (pxs) */
     uint64_t obj_len; /* the whole object's (a SEAL writes its head only) */
     uint32_t eid;
     int32_t status;
@@ -87,6 +90,12 @@ typedef struct conn {
     put_item *items;
     uint32_t icap, n_items, cur;
     uint64_t cur_got;
+    /* Parts this connection wrote (WRITE), each hashed as it landed: a SEAL checks a segment
+     * that one part covers exactly against the part's checksum instead of reading it again
+     * (server_put.c). At most KVF__PART_RECS; past that, segments are hashed at the SEAL. */
+    struct part_rec *prec;
+    uint32_t n_prec, cap_prec;
+    struct XXH3_state_s *pxs; /* the part being received */
     int req_err;
     out_msg *oh, *ot;
     uint64_t out_bytes;
@@ -362,6 +371,9 @@ void kvf__req_put_item_done(conn *c, put_item *it);
 /* Every item's bytes arrived: answers one status per item (or, for a request of another
  * namespace than the one bound, one error) and sets the reader to the next header. */
 void kvf__req_put_finish(conn *c);
+/* n bytes of WRITE item it just landed at p (first: its first ones): hashed while in cache. */
+void kvf__req_part_bytes(conn *c, put_item *it, const uint8_t *p, size_t n, int first);
+#define KVF__PART_RECS 65536u
 
 /* server_frame.c: the frame reader. */
 /* Reads and handles c's frames until its socket is drained, a budget of bytes is spent or its

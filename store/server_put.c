@@ -17,9 +17,108 @@
 
 #include "bytes.h"
 #include "cache.h"
+#include "hash.h"
 
 #include <inttypes.h>
 #include <stdlib.h>
+
+/* A part of an object this connection wrote, and its checksum (conn.prec). */
+typedef struct part_rec {
+    uint32_t eid, wseq;
+    uint64_t off, len, xxh;
+    int used; /* by a SEAL: dropped at its finish */
+} part_rec;
+
+void kvf__req_part_bytes(conn *c, put_item *it, const uint8_t *p, size_t n, int first)
+{
+    if (first) {
+        if (!c->pxs)
+            c->pxs = XXH3_createState();
+        it->hashed = c->pxs && XXH3_64bits_reset(c->pxs) == XXH_OK;
+    }
+    if (it->hashed)
+        kvf__xxh3_update(c->pxs, p, n);
+}
+
+/* A WRITE's part is in: its checksum is kept for the SEAL, while there is room. */
+static void record_part(conn *c, const put_item *it)
+{
+    if (!it->hashed || c->n_prec >= KVF__PART_RECS)
+        return;
+    if (c->n_prec == c->cap_prec) {
+        uint32_t cap = c->cap_prec ? 2 * c->cap_prec : 64;
+        part_rec *p = realloc(c->prec, (size_t)cap * sizeof *p);
+        if (!p)
+            return; /* hashed again at the SEAL */
+        c->prec = p;
+        c->cap_prec = cap;
+    }
+    c->prec[c->n_prec++] = (part_rec){.eid = it->eid,
+                                      .wseq = it->wseq,
+                                      .off = it->offset,
+                                      .len = it->len,
+                                      .xxh = XXH3_64bits_digest(c->pxs),
+                                      .used = 0};
+}
+
+static int rec_cmp(const void *a, const void *b)
+{
+    const part_rec *x = a, *y = b;
+    if (x->eid != y->eid)
+        return x->eid < y->eid ? -1 : 1;
+    if (x->wseq != y->wseq)
+        return x->wseq < y->wseq ? -1 : 1;
+    return x->off < y->off ? -1 : x->off > y->off;
+}
+
+/* Verifies a sealed object at it->dst: its header, its key's place, and each segment's checksum,
+ * taken from the part that covered exactly that segment where one did (hashed as it landed),
+ * else computed now. c->prec is sorted (the SEAL's begin). The parts' records are marked used
+ * (the SEAL's finish drops them). */
+static int verify_sealed(conn *c, put_item *it, kvf_obj_info *info)
+{
+    int rc = kvf_obj_parse(it->dst, it->obj_len, info);
+    if (!rc && it->obj_len != info->header_len + info->stored_bytes)
+        rc = KVF_EPROTO;
+    /* the first record of this reservation's parts */
+    part_rec want = {.eid = it->eid, .wseq = it->wseq, .off = 0};
+    size_t lo = 0, hi = c->n_prec;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        if (rec_cmp(&c->prec[mid], &want) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    size_t r = lo;
+    uint64_t at = rc ? 0 : info->header_len;
+    for (uint32_t l = 0; !rc && l < info->layers; l++) {
+        kvf_obj_seg sg = kvf_obj_seg_at(info, l);
+        while (r < c->n_prec && c->prec[r].eid == it->eid && c->prec[r].wseq == it->wseq &&
+               c->prec[r].off < at)
+            r++;
+        int have = r < c->n_prec && c->prec[r].eid == it->eid && c->prec[r].wseq == it->wseq &&
+                   c->prec[r].off == at && c->prec[r].len == sg.stored_len;
+        uint64_t x = have ? c->prec[r].xxh : kvf__xxh3(it->dst + at, sg.stored_len);
+        if (x != sg.stored_xxh)
+            rc = KVF_ECHECKSUM;
+        at += sg.stored_len;
+    }
+    for (size_t k = lo; k < c->n_prec && c->prec[k].eid == it->eid && c->prec[k].wseq == it->wseq;
+         k++)
+        c->prec[k].used = 1;
+    return rc;
+}
+
+/* Drops the records a SEAL used. */
+static void compact_parts(conn *c)
+{
+    uint32_t m = 0;
+    for (uint32_t i = 0; i < c->n_prec; i++)
+        if (!c->prec[i].used)
+            c->prec[m++] = c->prec[i];
+    c->n_prec = m;
+}
 
 /* Grows c's item array to n items, keeping it across requests. */
 static int ensure_items(conn *c, uint32_t n)
@@ -65,12 +164,15 @@ void kvf__req_put_begin(conn *c)
         if (c->req_err) {
             it->status = c->req_err;
         } else if (c->h.opcode == KVF_OP_WRITE) {
+            it->offset = offset;
+            it->hashed = 0;
             it->status = kvf__cache_part_begin_locked(s->o.cache, ns, &key, c->id, offset, it->len,
-                                                      &it->eid, &it->dst);
+                                                      &it->eid, &it->dst, &it->wseq);
         } else if (c->h.opcode == KVF_OP_SEAL) {
-            it->status = offset ? KVF_EINVAL
-                                : kvf__cache_seal_begin_locked(s->o.cache, ns, &key, c->id, it->len,
-                                                               &it->eid, &it->dst, &it->obj_len);
+            it->status =
+                offset ? KVF_EINVAL
+                       : kvf__cache_seal_begin_locked(s->o.cache, ns, &key, c->id, it->len,
+                                                      &it->eid, &it->dst, &it->obj_len, &it->wseq);
             if (it->status == 0 && it->eid == UINT32_MAX) {
                 it->dst = NULL; /* dropped, as asked: nothing to write */
                 continue;
@@ -89,6 +191,8 @@ void kvf__req_put_begin(conn *c)
             it->dst = NULL;
     }
     kvf__cache_unlock(s->o.cache);
+    if (c->h.opcode == KVF_OP_SEAL && c->n_prec) /* for verify_sealed()'s lookups */
+        qsort(c->prec, c->n_prec, sizeof *c->prec, rec_cmp);
     c->n_items = n;
     c->cur = 0;
     c->cur_got = 0;
@@ -101,6 +205,7 @@ void kvf__req_put_item_done(conn *c, put_item *it)
     if (!it->held)
         return;
     if (c->h.opcode == KVF_OP_WRITE) {
+        record_part(c, it);
         kvf__cache_lock(s->o.cache);
         kvf__cache_part_end_locked(s->o.cache, it->eid, c->id);
         kvf__cache_unlock(s->o.cache);
@@ -111,7 +216,8 @@ void kvf__req_put_item_done(conn *c, put_item *it)
     int rc = 0;
     if (s->o.verify_puts) {
         kvf_obj_info info;
-        rc = kvf_obj_verify(it->dst, it->obj_len, &info);
+        rc = c->h.opcode == KVF_OP_SEAL ? verify_sealed(c, it, &info)
+                                        : kvf_obj_verify(it->dst, it->obj_len, &info);
         if (!rc) {
             size_t row_len = kvf__wire_data_row(c->h.opcode);
             kvf_key key = kvf__wire_key_get(c->rbuf + 8 + row_len * (size_t)(it - c->items));
@@ -132,6 +238,8 @@ void kvf__req_put_item_done(conn *c, put_item *it)
 void kvf__req_put_finish(conn *c)
 {
     uint32_t n = c->n_items;
+    if (c->h.opcode == KVF_OP_SEAL)
+        compact_parts(c);
     c->rstate = R_HDR;
     c->hdr_got = 0;
     c->n_items = 0;

@@ -327,6 +327,8 @@ static void test_parts_abort_and_deadline(void **state)
 
 /* A head whose checksums do not match what was sent (a byte changed after it was said final):
  * that object is refused at the seal (KVF_ECHECKSUM) and never visible; the others are whole.
+ * Each layer is said final on its own, so the node checks each segment against the checksum of
+ * the part that carried it (hashed as it landed), the mismatch among them.
  * Bad arguments are refused before anything is sent. */
 static void test_parts_bad_head_and_arguments(void **state)
 {
@@ -338,9 +340,10 @@ static void test_parts_bad_head_and_arguments(void **state)
     kvf_batch bt = objs_batch(&o, 10000);
     kvf_op *op = NULL;
     assert_int_equal(parts_begin(c, &bt, o.hdr, &op), 0);
-    for (uint32_t l = 0; l < LAYERS; l++)
+    for (uint32_t l = 0; l < LAYERS; l++) { /* a part per segment: checked as it landed */
         objs_layer(&o, l);
-    assert_int_equal(kvf_op_put_ready(op, o.len), 0);
+        assert_int_equal(kvf_op_put_ready(op, o.hdr + (uint64_t)(l + 1) * SEG), 0);
+    }
     usleep(50000);
     o.xxh[5 * LAYERS + 3] ^= 1; /* object 5's head will not match its layer 3 */
     objs_seal(&o);
