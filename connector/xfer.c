@@ -807,6 +807,8 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
         rc = KVF_ECLOSED; /* below */
     else if (x->cancelled)
         rc = KVF_ECANCELED;
+    else if (x->transfer_done && x->result)
+        rc = x->result; /* its put in parts failed already (a node down, say) */
     else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
         rc = KVF_EINVAL; /* reported twice */
     else

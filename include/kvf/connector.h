@@ -242,8 +242,9 @@ KVF_API void kvf_prefetch_free(kvf_prefetch **p);
 KVF_API int kvf_xfer_wait_layer(kvf_xfer *x, uint32_t layer);
 /* Save: the engine finished writing layer l of the pages being saved; the connector may gather it
  * now. Layers may be reported in any order, each once. Returns 0, KVF_EINVAL (a load, a layer out
- * of range or reported twice), KVF_ECANCELED, or KVF_ENOMEM (the layer was not taken: the save
- * cannot complete; cancel it). */
+ * of range or reported twice), KVF_ECANCELED, KVF_ENOMEM (the layer was not taken: the save
+ * cannot complete; cancel it), or the error that ended the save already (its put in parts
+ * failed before the last layer: the save is done, kvf_xfer_wait returns the same). */
 KVF_API int kvf_xfer_layer_done(kvf_xfer *x, uint32_t layer);
 /* Save of CUDA pages: as kvf_xfer_layer_done, and the connector's copies of the layer wait for
  * the work queued on `stream` (a cudaStream_t; NULL: the legacy default stream) so far: the

@@ -477,6 +477,56 @@ static void test_save_in_parts_beside_a_pass(void **state)
     daemon_stop(&a);
 }
 
+/* The node dies while a save is put in parts beside a pass: the layers reported after are taken or
+ * refused with the save's error, the save fails (no hang: well within its deadline), and freeing
+ * it is safe. */
+static void test_save_in_parts_node_dies(void **state)
+{
+    (void)state;
+    daemon_t a;
+    daemon_start(&a, "64M", "--shm off");
+    kvf_layout l = test_layout("in-parts-dies");
+    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
+    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+    pages_make(&l, src, dst, rs, rd);
+    const size_t n = PAGES * 16, np = PAGES;
+    uint32_t ids[PAGES], t[PAGES * 16];
+    for (size_t i = 0; i < np; i++)
+        ids[i] = (uint32_t)i;
+    for (size_t i = 0; i < n; i++)
+        t[i] = (uint32_t)(i * 3 + 1);
+    char err[400];
+    const char *nodes[] = {a.addr};
+    kvf_connector_opts o = {
+        .nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 3000, .salt = "in-parts-dies"};
+    kvf_connector *cn;
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    usleep(100000); /* the node's HELLO is in: the save goes in parts */
+    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+    kvf_xfer *x;
+    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
+    usleep(50000);
+    daemon_kill(&a);
+    usleep(50000);
+    for (uint32_t i = 1; i < LAYERS; i++) {
+        int rc = kvf_xfer_layer_done(x, i);
+        assert_true(rc == 0 || rc < 0);
+        usleep(5000);
+    }
+    double t0 = (double)time(NULL);
+    int rc = kvf_xfer_wait(x);
+    assert_true(rc != 0);
+    assert_true((double)time(NULL) - t0 < 10);
+    kvf_xfer_free(&x);
+    kvf_connector_stats st;
+    kvf_connector_stats_get(cn, &st);
+    assert_int_equal(st.saves_in_parts, 1);
+    assert_int_equal(st.chunks_saved, 0);
+    kvf_connector_close(&cn);
+    pages_free(src, dst);
+}
+
 int main(void)
 {
     harness_init();
@@ -484,6 +534,7 @@ int main(void)
         cmocka_unit_test_teardown(test_stores_change_under_transfers, teardown_daemons),
         cmocka_unit_test_teardown(test_cancel_after_the_last_layer, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_beside_a_pass, teardown_daemons),
+        cmocka_unit_test_teardown(test_save_in_parts_node_dies, teardown_daemons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
