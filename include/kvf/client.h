@@ -155,7 +155,8 @@ KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
  * fails with KVF_ETIMEDOUT, without counting against its nodes' health. Returns KVF_EINVAL for
  * objects of differing lengths or a head not shorter than them, and KVF_ENOTSUP where the
  * client's gets and puts do not run on its own connections (shared memory, RDMA) or a node has
- * not said (in its HELLO) that it takes parts: the caller then puts the objects whole. The op runs on one of the client's I/O threads (in turn). */
+ * not said (in its HELLO) that it takes parts: the caller then puts the objects whole. The op runs
+ * on one of the client's I/O threads (in turn). */
 KVF_API int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf_op **op);
 /* Bytes [head_len, upto) of every object of a put in parts are final (calls with less than before
  * change nothing). 0, or KVF_EINVAL for an op that is no put in parts or was sealed or aborted. */
