@@ -43,6 +43,9 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--store-bin", default=os.path.join(HERE, "..", "build", "bin", "kvf-store"))
     ap.add_argument("--store-memory", default="32G")
+    ap.add_argument("--save-whole", action="store_true",
+                    help="the connector puts a save once its last layer is gathered, not in parts "
+                    "(over TCP): the A/B of docs/connector.md's saves in parts")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.prompt < 1 or a.rounds < 1:
@@ -62,7 +65,8 @@ def main():
     times = {"beside": [], "after": []}
     after_pass = {"beside": [], "after": []}
     try:
-        with kvf.Connector(layout, nodes=[addr], salt=f"hf-save-{os.getpid()}") as cn:
+        with kvf.Connector(layout, nodes=[addr], salt=f"hf-save-{os.getpid()}",
+                           save_whole=a.save_whole) as cn:
             eng = Engine(model, layout, factory, connector=cn, save_beside_tokens=0,
                          max_tokens=a.prompt + 2 * layout.chunk_tokens)
             transport = cn.transport()[0]
@@ -82,12 +86,14 @@ def main():
                         o.saved_tokens != a.prompt // layout.chunk_tokens * layout.chunk_tokens:
                     raise SystemExit(f"hf_save: round {r} ({mode}): beside={beside}, save "
                                      f"{o.save_error}, {o.saved_tokens} tokens; {o.notes}")
+            cn_parts = cn.stats()["saves_in_parts"]
     finally:
         store.terminate()
         store.wait(10)
     med = {m: statistics.median(v) for m, v in times.items()}
     out = {"bench": "hf_save", "label": "real", "model": a.model, "prompt_tokens": a.prompt,
-           "transport": transport, "rounds": a.rounds,
+           "transport": transport, "rounds": a.rounds, "save_whole": a.save_whole,
+           "saves_in_parts": cn_parts,
            "kv_bytes": a.prompt * layout.bytes_per_token,
            "request_s_beside": round(med["beside"], 4), "request_s_after": round(med["after"], 4),
            "save_after_pass_s_beside": round(statistics.median(after_pass["beside"]), 4),

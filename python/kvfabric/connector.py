@@ -222,6 +222,8 @@ class Connector(_Handle):
     that left is dropped, and transfers in flight finish where they started. With `etcd`
     ("http://host:port,...") the stores are the ones registered in etcd under
     /kvfabric/`cluster`/stores/, followed by a watch: each change is used as etcd tells it.
+    A save over TCP is put in parts as its layers are gathered (docs/connector.md); with
+    `save_whole` it is put once its last layer is (stats()["saves_in_parts"] counts the former).
 
     >>> cn = Connector(layout, nodes=["127.0.0.1:7400"])
     >>> cn.register(pages_from_tensors(layout, kv_caches))
@@ -239,7 +241,8 @@ class Connector(_Handle):
                  credential: Optional[str] = None, workers: int = 0, deadline_ms: int = 0,
                  conns_per_node: int = 0, staging_bytes: int = 0,
                  trust_local_store: bool = False, stores_refresh_ms: int = 0,
-                 etcd: Optional[str] = None, cluster: Optional[str] = None) -> None:
+                 etcd: Optional[str] = None, cluster: Optional[str] = None,
+                 save_whole: bool = False) -> None:
         self.layout = layout
         self._h = None
         self._held: Tuple[Any, ...] = ()
@@ -260,6 +263,7 @@ class Connector(_Handle):
         o.stores_refresh_ms = stores_refresh_ms
         o.etcd = etcd.encode() if etcd else None
         o.cluster = cluster.encode() if cluster else None
+        o.save_whole = 1 if save_whole else 0
         h = ctypes.c_void_p()
         err = ctypes.create_string_buffer(400)
         check(_lib.lib().kvf_connector_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),

@@ -764,6 +764,9 @@ def parser() -> argparse.ArgumentParser:
                    help="KV read in place from a kvf-store on this host is not hashed again (the "
                    "store verified it when stored and no client can write its arena): less CPU "
                    "per load; default off (every segment hashed)")
+    p.add_argument("--save-whole", action="store_true",
+                   help="a prefill's save is put once its last layer is gathered, not in parts "
+                   "as its layers are (over TCP; the default puts in parts: docs/connector.md)")
     p.add_argument("--connector-workers", type=int, default=0,
                    help="the connector's worker threads (0: its default)")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
@@ -871,7 +874,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             cn = Connector(layout, nodes=stores or None, sched=a.sched or None,
                            etcd=None if stores else (a.etcd or None), cluster=a.cluster,
-                           workers=a.connector_workers, trust_local_store=a.trust_local_store)
+                           workers=a.connector_workers, trust_local_store=a.trust_local_store,
+                           save_whole=a.save_whole)
         except KvfError as e:
             if stores or a.sched or e.name != "KVF_ECONNREFUSED":
                 raise

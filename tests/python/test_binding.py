@@ -531,6 +531,39 @@ class TestConnector(unittest.TestCase):
                 for a, b in zip(src_ids, dst_ids):
                     self.assertEqual(src.page(layer, plane, a), dst.page(layer, plane, b))
 
+    def test_save_in_parts_over_tcp(self):
+        """Over TCP a save is put in parts as its layers are reported (stats' saves_in_parts);
+        with save_whole it is put once they all are; either way every page comes back as saved."""
+        l = self.layout
+        a = Store(extra=("--shm", "off"))
+        try:
+            for whole in (False, True):
+                src, dst = HostKV(l, 64, seed=31), HostKV(l, 64, seed=32)
+                t = tokens(4 * l.chunk_tokens, 33 + whole)
+                ids = list(range(len(t) // l.page_tokens))
+                with kvf.Connector(l, nodes=[a.addr], deadline_ms=5000, salt=f"py-parts-{whole}",
+                                   save_whole=whole) as cn:
+                    time.sleep(0.1)  # the node's HELLO in: a client puts in parts once it is
+                    cn.register(src.pages)
+                    with cn.save(t, ids) as sv:
+                        for layer in range(l.layers):
+                            sv.layer_done(layer)
+                            time.sleep(0.002)
+                        sv.wait()
+                    cn.register(dst.pages)
+                    with cn.load(t, ids) as ld:
+                        ld.wait()
+                        self.assertEqual(ld.loaded_tokens, len(t))
+                    st = cn.stats()
+                    self.assertEqual(st["saves_in_parts"], 0 if whole else 1, st)
+                    self.assertEqual(st["chunks_saved"], 4, st)
+                for layer in range(l.layers):
+                    for plane in range(2):
+                        for i in ids:
+                            self.assertEqual(src.page(layer, plane, i), dst.page(layer, plane, i))
+        finally:
+            a.stop()
+
     def test_load_takes_the_plans_sources(self):
         """Connector.load(sources=...): over TCP each chunk asked first of the store the plan
         names; those it lacks (here, all whose own node is the other store) come from their own
