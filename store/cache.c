@@ -323,6 +323,7 @@ int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
     if (!x->wstart) {
         x->wstart = (uint32_t)offset;
         x->wseq = ++c->wseq;
+        x->wfirst_s = (uint32_t)(now(c) / 1000000000u);
     }
     x->refs = 1;
     *eid = i;
@@ -339,7 +340,11 @@ void kvf__cache_part_end_locked(kvf_cache *c, uint32_t i, uint64_t owner)
     if (i >= c->n_entries || x->state != ST_RESERVED || x->owner != owner)
         return;
     x->refs = 0;
-    x->deadline_ns = now(c) + c->reserve_ns;
+    /* each part gives it another expiry, up to 8 of them after its first part: a writer that
+     * keeps a reservation alive with a byte now and then does not keep it for good */
+    uint64_t until = now(c) + c->reserve_ns,
+             cap = (uint64_t)x->wfirst_s * 1000000000u + 8 * c->reserve_ns;
+    x->deadline_ns = until < cap ? until : cap;
 }
 
 int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,

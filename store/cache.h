@@ -108,7 +108,7 @@ int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
                                  uint64_t offset, uint64_t len, uint32_t *eid, uint8_t **dst,
                                  uint32_t *wseq);
 /* The part held by kvf__cache_part_begin_locked is in: the next begins after it; the hold is
- * dropped and the reservation's expiry starts again. */
+ * dropped and the reservation's expiry starts again, up to 8 expiries after its first part. */
 void kvf__cache_part_end_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
 /* SEAL: holds owner's un-held wire reservation of (ns, key) to write its head, head_len bytes
  * at offset 0 (*dst; the whole object is *obj_len bytes), once its parts covered the rest: head_len

@@ -30,8 +30,9 @@ typedef struct entry {
      * once, in order, when wpos == len */
     uint64_t wpos;
     uint32_t wstart;
-    uint32_t wseq; /* which reservation of this entry's slot the parts belong to */
-    uint32_t refs; /* readers (ready) or the writer's hold (reserved) */
+    uint32_t wseq;     /* which reservation of this entry's slot the parts belong to */
+    uint32_t wfirst_s; /* when its first part came (the cache's clock, in seconds) */
+    uint32_t refs;     /* readers (ready) or the writer's hold (reserved) */
     uint32_t pins;
     uint32_t prev, next; /* policy queue links; next also links the free list */
     uint8_t state;

@@ -375,6 +375,79 @@ static void test_store_cache_full_of_pinned_is_enospc(void **state)
     fx_close(f);
 }
 
+/* A reservation written in parts (WRITE, SEAL): parts in order from past the head, the seal only
+ * once they reach the end and only with the head they left; a part out of order drops it; each
+ * part gives it another expiry, up to eight after its first. */
+static void test_store_cache_parts(void **state)
+{
+    (void)state;
+    fixture *f = fx_open(4u << 20, "lru", 0);
+    kvf__cache_lock(f->c);
+    kvf_key k = K(7);
+    uint32_t eid, wseq, wseq2;
+    uint8_t *dst, *base;
+    uint64_t olen;
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
+    /* another owner's, the head first, nothing written: refused */
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 43, 100, 10, &eid, &dst, &wseq),
+                     KVF_ENOENT);
+    assert_int_equal(kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 100, &eid, &dst, &olen, &wseq),
+                     KVF_EINVAL); /* nothing written: dropped */
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 100, 10, &eid, &dst, &wseq),
+                     KVF_ENOENT);
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 100, 400, &eid, &dst, &wseq), 0);
+    assert_ptr_equal(dst, base + 100);
+    /* held while its bytes come: no second part meanwhile */
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 500, 10, &eid, &dst, &wseq2),
+                     KVF_ENOENT);
+    kvf__cache_part_end_locked(f->c, eid, 42);
+    assert_int_equal(kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 100, &eid, &dst, &olen, &wseq2),
+                     KVF_EINVAL); /* the parts stop at 500 of 1000: dropped */
+    /* again, kept alive by parts for a while, then no longer */
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
+    uint64_t at = 100;
+    int parts = 0;
+    for (; at < 1000 && parts < 20; parts++) {
+        assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, at, 10, &eid, &dst, &wseq2),
+                         0);
+        kvf__cache_part_end_locked(f->c, eid, 42);
+        at += 10;
+        f->now += 900000000ull; /* 0.9 of the 1 s expiry between parts */
+        kvf__cache_tick_locked(f->c, 1000);
+        if (f->now - 1000000000ull > 8000000000ull)
+            break;
+    }
+    /* 8 s after the first part (at 1.0 s) the reservation is gone though a part came 0.9 s ago,
+     * within the 1 s expiry it would otherwise have had */
+    assert_true(f->now > 9000000000ull && f->now < 9500000000ull);
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, at, 10, &eid, &dst, &wseq2),
+                     KVF_ENOENT);
+    /* kept: in order to the end, sealed with its head, committed, visible */
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 64, 936, &eid, &dst, &wseq), 0);
+    kvf__cache_part_end_locked(f->c, eid, 42);
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 1000, 1, &eid, &dst, &wseq2),
+                     KVF_EINVAL); /* past the end: dropped */
+    assert_int_equal(
+        kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
+    assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 64, 936, &eid, &dst, &wseq), 0);
+    kvf__cache_part_end_locked(f->c, eid, 42);
+    assert_int_equal(kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 64, &eid, &dst, &olen, &wseq2),
+                     0);
+    assert_int_equal(olen, 1000);
+    assert_int_equal(wseq2, wseq);
+    assert_ptr_equal(dst, base);
+    assert_int_equal(kvf__cache_commit_locked(f->c, eid, 42), 0);
+    assert_true(kvf__cache_contains_locked(f->c, 1, &k));
+    kvf__cache_unlock(f->c);
+    fx_close(f);
+}
+
 static void test_store_cache_leases_expire(void **state)
 {
     (void)state;
@@ -879,6 +952,7 @@ int main(void)
         cmocka_unit_test(test_store_cache_eviction_lru),
         cmocka_unit_test(test_store_cache_eviction_s3fifo),
         cmocka_unit_test(test_store_cache_full_of_pinned_is_enospc),
+        cmocka_unit_test(test_store_cache_parts),
         cmocka_unit_test(test_store_cache_leases_expire),
         cmocka_unit_test(test_store_cache_clear_and_entry_limit),
         cmocka_unit_test(test_store_cache_s3fifo_resists_scans),
