@@ -92,7 +92,7 @@ typedef struct conn {
     uint64_t cur_got;
     /* Parts this connection wrote (WRITE), each hashed as it landed: a SEAL checks a segment
      * that one part covers exactly against the part's checksum instead of reading it again
-     * (server_put.c). At most KVF__PART_RECS; past that, segments are hashed at the SEAL. */
+     * (server_put.c). At most KVF__PART_RECS, then all forgotten (hashed at the SEAL). */
     struct part_rec *prec;
     uint32_t n_prec, cap_prec;
     struct XXH3_state_s *pxs; /* the part being received */

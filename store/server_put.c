@@ -40,11 +40,15 @@ void kvf__req_part_bytes(conn *c, put_item *it, const uint8_t *p, size_t n, int 
         kvf__xxh3_update(c->pxs, p, n);
 }
 
-/* A WRITE's part is in: its checksum is kept for the SEAL, while there is room. */
+/* A WRITE's part is in: its checksum is kept for the SEAL. The records of reservations that end
+ * in no SEAL (dropped, expired) are never used: once KVF__PART_RECS are kept, all are forgotten
+ * (segments whose record is gone are hashed at their SEAL). */
 static void record_part(conn *c, const put_item *it)
 {
-    if (!it->hashed || c->n_prec >= KVF__PART_RECS)
+    if (!it->hashed)
         return;
+    if (c->n_prec >= KVF__PART_RECS)
+        c->n_prec = 0;
     if (c->n_prec == c->cap_prec) {
         uint32_t cap = c->cap_prec ? 2 * c->cap_prec : 64;
         part_rec *p = realloc(c->prec, (size_t)cap * sizeof *p);
