@@ -50,6 +50,11 @@ static void maybe_done_locked(kvf_xfer *x)
 {
     if (x->done || !x->transfer_done || x->pending_tasks)
         return;
+    /* A save ends once every layer was reported (gathered, or refused after a failure), or when
+     * it is cancelled: its put in parts may be over before (every chunk stored already, or
+     * failed), and the engine's later reports must still find it. */
+    if (x->is_save && x->n_chunks && x->layers_done < x->cn->l.layers && !x->cancelled)
+        return;
     if (!x->is_save)
         finish_load_locked(x);
     /* Layers that never arrived fail with the transfer's error. */
@@ -802,13 +807,13 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
     }
     pthread_mutex_lock(&cn->mu);
     pthread_mutex_lock(&x->mu);
-    int rc = 0;
+    int rc = 0, failed_before = 0;
     if (cn->closing)
         rc = KVF_ECLOSED; /* below */
     else if (x->cancelled)
         rc = KVF_ECANCELED;
     else if (x->transfer_done && x->result)
-        rc = x->result; /* its put in parts failed already (a node down, say) */
+        rc = x->result, failed_before = 1; /* its put in parts failed (a node down, say) */
     else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
         rc = KVF_EINVAL; /* reported twice */
     else
@@ -817,9 +822,10 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
     if (!rc)
         rc = kvf__pool_enqueue_locked(cn, x, layer);
     pthread_mutex_unlock(&cn->mu);
-    if (rc == KVF_ECLOSED) {
+    if (rc == KVF_ECLOSED || failed_before) {
         /* The connector closed: the layer is never gathered, so nothing is put; the save ends
-         * failed at once (layers gathered before are let go with it). */
+         * failed once its layers are reported (layers gathered before are let go with it). Or
+         * its put in parts failed already: the layer is counted and refused with that error. */
         pthread_mutex_lock(&x->mu);
         if (x->layer_state[layer] == LS_PENDING && !x->layer_tasks[layer]) {
             x->layer_state[layer] = rc;
@@ -914,8 +920,8 @@ void kvf_xfer_cancel(kvf_xfer *x)
     if (x->is_save && !x->op && !x->transfer_done) {
         x->result = KVF_ECANCELED;
         x->transfer_done = 1;
-        maybe_done_locked(x);
     }
+    maybe_done_locked(x); /* a save whose put ended before its last layer ends now */
     pthread_cond_broadcast(&x->cv);
     pthread_mutex_unlock(&x->mu);
 }
