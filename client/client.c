@@ -116,34 +116,39 @@ static int parts_say(kvf_op *op, uint64_t upto, int state)
 {
     if (!op || !op->parts)
         return KVF_EINVAL;
-    if (atomic_load(&op->parts_state))
-        return state == 2 ? 0 : KVF_EINVAL; /* sealed or aborted already: an abort is harmless */
     if (upto > op->obj_len)
         upto = op->obj_len;
+    /* Under the op's lock to the end: once it completed, its engine may be gone with its client
+     * (nothing of it is touched then), and the engine marks an op done under this lock and is
+     * freed only after, so the kick below never reaches a freed engine. */
     pthread_mutex_lock(&op->mu);
-    uint64_t last = op->n_bounds ? op->bounds[op->n_bounds - 1] : op->head_len;
-    if (upto > last) {
-        if (op->n_bounds == op->cap_bounds && op->cap_bounds < 4096) {
-            uint32_t cap = op->cap_bounds ? 2 * op->cap_bounds : 64;
-            uint64_t *p = realloc(op->bounds, cap * sizeof *p);
-            if (p) {
-                op->bounds = p;
-                op->cap_bounds = cap;
+    int rc = 0;
+    if (op->done || atomic_load(&op->parts_state)) {
+        rc = state == 2 ? 0 : KVF_EINVAL; /* over, sealed or aborted: an abort is harmless */
+    } else {
+        uint64_t last = op->n_bounds ? op->bounds[op->n_bounds - 1] : op->head_len;
+        if (upto > last) {
+            if (op->n_bounds == op->cap_bounds && op->cap_bounds < 4096) {
+                uint32_t cap = op->cap_bounds ? 2 * op->cap_bounds : 64;
+                uint64_t *p = realloc(op->bounds, cap * sizeof *p);
+                if (p) {
+                    op->bounds = p;
+                    op->cap_bounds = cap;
+                }
             }
+            if (op->n_bounds < op->cap_bounds)
+                op->bounds[op->n_bounds++] = upto;
+            else if (op->n_bounds)
+                op->bounds[op->n_bounds - 1] = upto; /* no room: the last part grows */
         }
-        if (op->n_bounds < op->cap_bounds)
-            op->bounds[op->n_bounds++] = upto;
-        else if (op->n_bounds)
-            op->bounds[op->n_bounds - 1] = upto; /* no room: the last part grows */
+        if (upto > atomic_load(&op->ready))
+            atomic_store(&op->ready, upto);
+        if (state)
+            atomic_store(&op->parts_state, state);
+        kvf__io_kick_parts(op->io);
     }
     pthread_mutex_unlock(&op->mu);
-    uint64_t cur = atomic_load(&op->ready);
-    while (upto > cur && !atomic_compare_exchange_weak(&op->ready, &cur, upto)) {
-    }
-    if (state)
-        atomic_store(&op->parts_state, state);
-    kvf__io_kick_parts(op->io);
-    return 0;
+    return rc;
 }
 
 int kvf_op_put_ready(kvf_op *op, uint64_t upto)
