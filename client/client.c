@@ -123,8 +123,10 @@ static int parts_say(kvf_op *op, uint64_t upto, int state)
      * freed only after, so the kick below never reaches a freed engine. */
     pthread_mutex_lock(&op->mu);
     int rc = 0;
-    if (op->done || atomic_load(&op->parts_state)) {
-        rc = state == 2 ? 0 : KVF_EINVAL; /* over, sealed or aborted: an abort is harmless */
+    if (atomic_load(&op->parts_state)) {
+        rc = state == 2 ? 0 : KVF_EINVAL; /* sealed or aborted: an abort is harmless */
+    } else if (op->done) {
+        rc = 0; /* over (every key there or refused, or failed): its statuses say so */
     } else {
         uint64_t last = op->n_bounds ? op->bounds[op->n_bounds - 1] : op->head_len;
         if (upto > last) {

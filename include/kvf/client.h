@@ -159,8 +159,9 @@ KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
  * on one of the client's I/O threads (in turn). */
 KVF_API int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf_op **op);
 /* Bytes [head_len, upto) of every object of a put in parts are final (calls with less than before
- * change nothing). 0, or KVF_EINVAL for an op that is no put in parts, was sealed or aborted, or
- * has completed (its nodes refused or failed every key, or its client closed). */
+ * change nothing). 0 (also, doing nothing, once the op has completed: its nodes had or refused
+ * every key, or failed, or its client closed), or KVF_EINVAL for an op that is no put in parts or
+ * was sealed or aborted. */
 KVF_API int kvf_op_put_ready(kvf_op *op, uint64_t upto);
 /* Every byte of every object, heads included, is final: the rest is sent and the objects sealed. */
 KVF_API int kvf_op_put_seal(kvf_op *op);
