@@ -675,6 +675,8 @@ class Engine:
             raise ValueError("reuse must be all, engine or none")
         o = Outcome([], [], len(tokens), 0, 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0, "KVF_OK", False, [])
         stores = reuse == "all" and self.cn is not None
+        # the connector's count of saves put in parts, to say whether this one was (its records)
+        parts0 = self.cn.stats()["saves_in_parts"] if stores and kind != "decode" else 0
         with self._torch.no_grad():
             handed = int(first_token) if kind == "decode" and first_token is not None else None
             try:
@@ -709,6 +711,8 @@ class Engine:
                     o.save_error = e.name
                     o.notes.append(f"save: {e}")
                 o.save_s = time.perf_counter() - t_save
+                if self.cn.stats()["saves_in_parts"] > parts0:
+                    o.notes.append("the save was put in parts as its layers were gathered")
             self.held.set(tokens)
             if kind == "decode" and first_token is not None:
                 o.first_token_mismatch = o.tokens[0] != int(first_token)

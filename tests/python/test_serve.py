@@ -780,6 +780,7 @@ class TestSaveBeside(unittest.TestCase):
             same_kv(pre, dec, 150)
             # over TCP the save went in parts as its layers were reported (docs/connector.md)
             self.assertGreaterEqual(cn.stats()["saves_in_parts"], 1)
+            self.assertIn("the save was put in parts as its layers were gathered", p.notes)
             # 1b. a longer prompt over the engine's own prefix (its device cache holds the
             # first 128 positions, the stores the first two chunks): only the pass's new
             # positions are computed, the save beside it starts at the third chunk
