@@ -303,6 +303,8 @@ int bench_save_main(int argc, char **argv)
         bench_json_real(res, "request_parts_vs_whole",
                         (o.pass_ms + a.median) / (o.pass_ms + b.median));
         bench_json_real(res, "pages_wrong", (double)wrong);
+        bench_json_real(res, "saves_in_parts", (double)cs[0].saves_in_parts);
+        bench_json_real(res, "saves_whole", (double)cs[1].saves);
         if (!o.json)
             printf("save beside a %d ms pass, %d tokens x %d layers (%.0f MiB), TCP, %d rounds:\n"
                    "  tail after the last layer: in parts %.1f ms, whole %.1f ms; ratio %.2f "
