@@ -274,34 +274,33 @@ int kvf__cache_reserve_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uin
     return 0;
 }
 
+/* Owner's un-held reservation of (ns, key), made to be written `via`, or NONE. */
+static uint32_t unheld_reservation(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
+                                   int via)
+{
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE)
+        return NONE;
+    const entry *x = &c->e[i];
+    if (x->state != ST_RESERVED || x->owner != owner || x->refs || x->via != via)
+        return NONE;
+    return i;
+}
+
 int kvf__cache_claim_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t len,
                             uint64_t owner, int via, uint32_t *eid, uint8_t **dst)
 {
     assert_locked(c);
-    uint32_t i = lookup(c, ns, key);
+    uint32_t i = unheld_reservation(c, ns, key, owner, via);
     if (i == NONE)
         return KVF_ENOENT;
     entry *x = &c->e[i];
-    if (x->state != ST_RESERVED || x->owner != owner || x->refs || x->via != via)
-        return KVF_ENOENT;
     if (x->len != len)
         return KVF_EINVAL;
     x->refs = 1;
     *eid = i;
     *dst = c->mem + x->off;
     return 0;
-}
-
-/* Owner's un-held reservation of (ns, key) made through the wire, or NONE. */
-static uint32_t wire_reservation(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner)
-{
-    uint32_t i = lookup(c, ns, key);
-    if (i == NONE)
-        return NONE;
-    entry *x = &c->e[i];
-    if (x->state != ST_RESERVED || x->owner != owner || x->refs || x->via != KVF_CACHE_VIA_WIRE)
-        return NONE;
-    return i;
 }
 
 static void abort_entry(kvf_cache *c, uint32_t i);
@@ -311,7 +310,7 @@ int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
                                  uint32_t *wseq)
 {
     assert_locked(c);
-    uint32_t i = wire_reservation(c, ns, key, owner);
+    uint32_t i = unheld_reservation(c, ns, key, owner, KVF_CACHE_VIA_WIRE);
     if (i == NONE)
         return KVF_ENOENT;
     entry *x = &c->e[i];
@@ -336,8 +335,10 @@ int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
 void kvf__cache_part_end_locked(kvf_cache *c, uint32_t i, uint64_t owner)
 {
     assert_locked(c);
+    if (i >= c->n_entries)
+        return;
     entry *x = &c->e[i];
-    if (i >= c->n_entries || x->state != ST_RESERVED || x->owner != owner)
+    if (x->state != ST_RESERVED || x->owner != owner)
         return;
     x->refs = 0;
     /* each part gives it another expiry, up to 8 of them after its first part: a writer that
@@ -348,21 +349,21 @@ void kvf__cache_part_end_locked(kvf_cache *c, uint32_t i, uint64_t owner)
 }
 
 int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
-                                 uint64_t head_len, uint32_t *eid, uint8_t **dst, uint64_t *obj_len,
-                                 uint32_t *wseq)
+                                 uint64_t offset, uint64_t head_len, uint32_t *eid, uint8_t **dst,
+                                 uint64_t *obj_len, uint32_t *wseq)
 {
     assert_locked(c);
-    uint32_t i = wire_reservation(c, ns, key, owner);
+    uint32_t i = unheld_reservation(c, ns, key, owner, KVF_CACHE_VIA_WIRE);
     if (i == NONE)
         return KVF_ENOENT;
     entry *x = &c->e[i];
-    if (head_len == 0) {
+    if (head_len == 0 && offset == 0) {
         abort_entry(c, i);
         *eid = UINT32_MAX;
         *dst = NULL;
         return 0;
     }
-    if (!x->wstart || head_len != x->wstart || x->wpos != x->len) {
+    if (offset || !x->wstart || head_len != x->wstart || x->wpos != x->len) {
         abort_entry(c, i);
         return KVF_EINVAL;
     }

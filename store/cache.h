@@ -111,14 +111,14 @@ int kvf__cache_part_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, 
  * dropped and the reservation's expiry starts again, up to 8 expiries after its first part. */
 void kvf__cache_part_end_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
 /* SEAL: holds owner's un-held wire reservation of (ns, key) to write its head, head_len bytes
- * at offset 0 (*dst; the whole object is *obj_len bytes), once its parts covered the rest: head_len
- * must be where they began and they must reach the end. Then kvf__cache_commit_locked or
- * kvf__cache_abort_locked. head_len 0 drops the reservation instead (returns 0 with *eid
- * UINT32_MAX). Returns 0, KVF_ENOENT, or KVF_EINVAL (dropped) when the parts do not cover the rest.
- */
+ * at offset 0 (*dst; the whole object is *obj_len bytes), once its parts covered the rest: the
+ * offset must be 0, head_len where they began, and they must reach the end. Then
+ * kvf__cache_commit_locked or kvf__cache_abort_locked. head_len 0 at offset 0 drops the
+ * reservation instead (returns 0 with *eid UINT32_MAX). Returns 0, KVF_ENOENT, or KVF_EINVAL
+ * (dropped) for a seal that breaks those rules. */
 int kvf__cache_seal_begin_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint64_t owner,
-                                 uint64_t head_len, uint32_t *eid, uint8_t **dst, uint64_t *obj_len,
-                                 uint32_t *wseq);
+                                 uint64_t offset, uint64_t head_len, uint32_t *eid, uint8_t **dst,
+                                 uint64_t *obj_len, uint32_t *wseq);
 /* Makes a held reservation visible. Returns 0, or KVF_ENOENT when it is no longer owner's. */
 int kvf__cache_commit_locked(kvf_cache *c, uint32_t eid, uint64_t owner);
 /* Drops a reservation (held or not) of owner's and frees its block. */

@@ -18,6 +18,7 @@
 #include "bytes.h"
 #include "cache.h"
 #include "hash.h"
+#include "objcopy.h"
 
 #include <inttypes.h>
 #include <stdlib.h>
@@ -75,18 +76,38 @@ static int rec_cmp(const void *a, const void *b)
     return x->off < y->off ? -1 : x->off > y->off;
 }
 
-/* Verifies a sealed object at it->dst: its header, its key's place, and each segment's checksum,
- * taken from the part that covered exactly that segment where one did (hashed as it landed),
- * else computed now. c->prec is sorted (the SEAL's begin). The parts' records are marked used
- * (the SEAL's finish drops them). */
+/* This reservation's records, in offset order (c->prec sorted at the SEAL's begin): the one a
+ * segment asks for is at or past the cursor, as segments come in order. */
+typedef struct rec_walk {
+    const conn *c;
+    uint32_t eid, wseq;
+    size_t r;
+} rec_walk;
+
+static int rec_of(const rec_walk *w, size_t r)
+{
+    return r < w->c->n_prec && w->c->prec[r].eid == w->eid && w->c->prec[r].wseq == w->wseq;
+}
+
+/* kvf__obj_verify_known's known(): the checksum of the part that covered exactly [off, off+len). */
+static int rec_known(void *ud, uint64_t off, uint64_t len, uint64_t *xxh)
+{
+    rec_walk *w = ud;
+    while (rec_of(w, w->r) && w->c->prec[w->r].off < off)
+        w->r++;
+    if (!rec_of(w, w->r) || w->c->prec[w->r].off != off || w->c->prec[w->r].len != len)
+        return 0;
+    *xxh = w->c->prec[w->r].xxh;
+    return 1;
+}
+
+/* Verifies a sealed object at it->dst as kvf_obj_verify() does, each segment's checksum taken
+ * from the part that covered exactly that segment where one did (hashed as it landed). The
+ * parts' records are marked used (the SEAL's finish drops them). */
 static int verify_sealed(conn *c, put_item *it, kvf_obj_info *info)
 {
-    int rc = kvf_obj_parse(it->dst, it->obj_len, info);
-    if (!rc && it->obj_len != info->header_len + info->stored_bytes)
-        rc = KVF_EPROTO;
-    /* the first record of this reservation's parts */
     part_rec want = {.eid = it->eid, .wseq = it->wseq, .off = 0};
-    size_t lo = 0, hi = c->n_prec;
+    size_t lo = 0, hi = c->n_prec; /* the first record of this reservation's */
     while (lo < hi) {
         size_t mid = (lo + hi) / 2;
         if (rec_cmp(&c->prec[mid], &want) < 0)
@@ -94,22 +115,9 @@ static int verify_sealed(conn *c, put_item *it, kvf_obj_info *info)
         else
             hi = mid;
     }
-    size_t r = lo;
-    uint64_t at = rc ? 0 : info->header_len;
-    for (uint32_t l = 0; !rc && l < info->layers; l++) {
-        kvf_obj_seg sg = kvf_obj_seg_at(info, l);
-        while (r < c->n_prec && c->prec[r].eid == it->eid && c->prec[r].wseq == it->wseq &&
-               c->prec[r].off < at)
-            r++;
-        int have = r < c->n_prec && c->prec[r].eid == it->eid && c->prec[r].wseq == it->wseq &&
-                   c->prec[r].off == at && c->prec[r].len == sg.stored_len;
-        uint64_t x = have ? c->prec[r].xxh : kvf__xxh3(it->dst + at, sg.stored_len);
-        if (x != sg.stored_xxh)
-            rc = KVF_ECHECKSUM;
-        at += sg.stored_len;
-    }
-    for (size_t k = lo; k < c->n_prec && c->prec[k].eid == it->eid && c->prec[k].wseq == it->wseq;
-         k++)
+    rec_walk w = {.c = c, .eid = it->eid, .wseq = it->wseq, .r = lo};
+    int rc = kvf__obj_verify_known(it->dst, it->obj_len, info, rec_known, &w);
+    for (size_t k = lo; rec_of(&w, k); k++)
         c->prec[k].used = 1;
     return rc;
 }
@@ -173,9 +181,7 @@ void kvf__req_put_begin(conn *c)
             it->status = kvf__cache_part_begin_locked(s->o.cache, ns, &key, c->id, offset, it->len,
                                                       &it->eid, &it->dst, &it->wseq);
         } else if (c->h.opcode == KVF_OP_SEAL) {
-            it->status =
-                offset ? KVF_EINVAL
-                       : kvf__cache_seal_begin_locked(s->o.cache, ns, &key, c->id, it->len,
+            it->status = kvf__cache_seal_begin_locked(s->o.cache, ns, &key, c->id, offset, it->len,
                                                       &it->eid, &it->dst, &it->obj_len, &it->wseq);
             if (it->status == 0 && it->eid == UINT32_MAX) {
                 it->dst = NULL; /* dropped, as asked: nothing to write */

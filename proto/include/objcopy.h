@@ -23,4 +23,12 @@ int kvf__obj_copy_header(void *dst, const void *src, size_t len, kvf_obj_info *i
 int kvf__obj_copy_segs(void *dst, const void *src, const kvf_obj_info *info, uint32_t from,
                        uint32_t to, uint64_t off);
 
+/* kvf_obj_verify(), with some segments' checksums known already: for each segment (its offset in
+ * the object and stored length), known() may give the checksum of exactly those bytes, taken as
+ * they landed (it returns 1 with *xxh), and the segment is not read again; the others are hashed.
+ * known NULL: kvf_obj_verify() itself. Returns as kvf_obj_verify(). */
+int kvf__obj_verify_known(const void *buf, size_t len, kvf_obj_info *info,
+                          int (*known)(void *ud, uint64_t off, uint64_t len, uint64_t *xxh),
+                          void *ud);
+
 #endif

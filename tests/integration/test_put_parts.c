@@ -482,6 +482,7 @@ static void test_parts_rules_on_the_wire(void **state)
     assert_int_equal(raw_admit(fd, &o.keys[6], len), 0);
     assert_int_equal(raw_part(fd, KVF_OP_WRITE, &o.keys[6], o.obj[6], hdr, len - hdr), 0);
     assert_int_equal(raw_part(fd, KVF_OP_SEAL, &o.keys[6], o.obj[6], 8, hdr - 8), KVF_EINVAL);
+    assert_int_equal(raw_part(fd, KVF_OP_SEAL, &o.keys[6], o.obj[6], 0, hdr), KVF_ENOENT);
     /* a seal of no bytes drops the reservation: the key can be admitted again */
     assert_int_equal(raw_admit(fd, &o.keys[7], len), 0);
     assert_int_equal(raw_part(fd, KVF_OP_WRITE, &o.keys[7], o.obj[7], hdr, SEG), 0);

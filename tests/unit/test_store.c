@@ -392,8 +392,9 @@ static void test_store_cache_parts(void **state)
     /* another owner's, the head first, nothing written: refused */
     assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 43, 100, 10, &eid, &dst, &wseq),
                      KVF_ENOENT);
-    assert_int_equal(kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 100, &eid, &dst, &olen, &wseq),
-                     KVF_EINVAL); /* nothing written: dropped */
+    assert_int_equal(
+        kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 0, 100, &eid, &dst, &olen, &wseq),
+        KVF_EINVAL); /* nothing written: dropped */
     assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 100, 10, &eid, &dst, &wseq),
                      KVF_ENOENT);
     assert_int_equal(
@@ -404,8 +405,9 @@ static void test_store_cache_parts(void **state)
     assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 500, 10, &eid, &dst, &wseq2),
                      KVF_ENOENT);
     kvf__cache_part_end_locked(f->c, eid, 42);
-    assert_int_equal(kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 100, &eid, &dst, &olen, &wseq2),
-                     KVF_EINVAL); /* the parts stop at 500 of 1000: dropped */
+    assert_int_equal(
+        kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 0, 100, &eid, &dst, &olen, &wseq2),
+        KVF_EINVAL); /* the parts stop at 500 of 1000: dropped */
     /* again, kept alive by parts for a while, then no longer */
     assert_int_equal(
         kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
@@ -437,8 +439,8 @@ static void test_store_cache_parts(void **state)
         kvf__cache_reserve_locked(f->c, 1, &k, 1000, 42, 0, KVF_CACHE_VIA_WIRE, 0, &eid, &base), 0);
     assert_int_equal(kvf__cache_part_begin_locked(f->c, 1, &k, 42, 64, 936, &eid, &dst, &wseq), 0);
     kvf__cache_part_end_locked(f->c, eid, 42);
-    assert_int_equal(kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 64, &eid, &dst, &olen, &wseq2),
-                     0);
+    assert_int_equal(
+        kvf__cache_seal_begin_locked(f->c, 1, &k, 42, 0, 64, &eid, &dst, &olen, &wseq2), 0);
     assert_int_equal(olen, 1000);
     assert_int_equal(wseq2, wseq);
     assert_ptr_equal(dst, base);
