@@ -100,6 +100,12 @@ int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, k
     op->parts = 1;
     op->head_len = head_len;
     op->obj_len = len;
+    op->cap_bounds = 64; /* grown as needed: never none, so that what is said final is kept */
+    if (!(op->bounds = malloc(op->cap_bounds * sizeof *op->bounds))) {
+        kvf__op_destroy(op);
+        atomic_fetch_sub(&c->submitting, 1);
+        return KVF_ENOMEM;
+    }
     op->transport = "tcp";
     *out = op; /* before it can complete, as kvf_client_put_async */
     rc = kvf__io_submit(io, op);
@@ -131,7 +137,7 @@ static int parts_say(kvf_op *op, uint64_t upto, int state)
         uint64_t last = op->n_bounds ? op->bounds[op->n_bounds - 1] : op->head_len;
         if (upto > last) {
             if (op->n_bounds == op->cap_bounds && op->cap_bounds < 4096) {
-                uint32_t cap = op->cap_bounds ? 2 * op->cap_bounds : 64;
+                uint32_t cap = 2 * op->cap_bounds;
                 uint64_t *p = realloc(op->bounds, cap * sizeof *p);
                 if (p) {
                     op->bounds = p;
@@ -140,11 +146,9 @@ static int parts_say(kvf_op *op, uint64_t upto, int state)
             }
             if (op->n_bounds < op->cap_bounds)
                 op->bounds[op->n_bounds++] = upto;
-            else if (op->n_bounds)
+            else
                 op->bounds[op->n_bounds - 1] = upto; /* no room: the last part grows */
         }
-        if (upto > atomic_load(&op->ready))
-            atomic_store(&op->ready, upto);
         if (state)
             atomic_store(&op->parts_state, state);
         kvf__io_kick_parts(op->io);

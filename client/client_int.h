@@ -107,14 +107,13 @@ struct kvf_op {
     kvf__req **reqs; /* every request of the op, for the layer frontier */
     int n_reqs;
     /* a put written in parts (kvf_client_put_parts): every object obj_len bytes, its first
-     * head_len written last; bytes [head_len, ready) of each are final; parts_state says whether
-     * the caller sealed (1) or aborted (2) it */
+     * head_len written last; the points the caller said final, in order (under mu), the last
+     * the end of what may be sent (bytes [head_len, bounds[n_bounds - 1]) of each; a WRITE ends
+     * at the first point past where it begins, so that the node can check a segment against the
+     * part that carried it); parts_state says whether the caller sealed (1) or aborted (2) it */
     int parts;
     uint64_t head_len, obj_len;
-    atomic_uint_fast64_t ready;
     atomic_int parts_state;
-    /* the points the caller said final, in order (under mu): a WRITE ends at the first one past
-     * where it begins, so that the node can check a segment against the part that carried it */
     uint64_t *bounds;
     uint32_t n_bounds, cap_bounds;
 };

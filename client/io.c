@@ -218,21 +218,16 @@ void kvf__req_parts_next(kvf__req *r)
         return;
     }
     int state = atomic_load(&op->parts_state);
-    uint64_t ready = atomic_load(&op->ready);
-    if (ready > op->obj_len)
-        ready = op->obj_len;
-    if (state != 2 && ready > r->wpos) {
+    /* the first point the caller said final past wpos (few: a scan serves), 0 where none */
+    uint64_t next = 0;
+    pthread_mutex_lock(&op->mu);
+    for (uint32_t i = 0; i < op->n_bounds && !next; i++)
+        if (op->bounds[i] > r->wpos)
+            next = op->bounds[i];
+    pthread_mutex_unlock(&op->mu);
+    if (state != 2 && next) {
         r->opcode = KVF_OP_WRITE;
-        r->wnext = ready;
-        /* up to the first point the caller said final past wpos (few: a scan serves) */
-        pthread_mutex_lock(&op->mu);
-        for (uint32_t i = 0; i < op->n_bounds; i++)
-            if (op->bounds[i] > r->wpos) {
-                if (op->bounds[i] < r->wnext)
-                    r->wnext = op->bounds[i];
-                break;
-            }
-        pthread_mutex_unlock(&op->mu);
+        r->wnext = next;
     } else if (state == 2 || (state == 1 && r->wpos == op->obj_len)) {
         r->opcode = KVF_OP_SEAL;
     } else {
