@@ -95,6 +95,15 @@ static void objs_seal(objs *o)
         kvf_obj_seal_raw(o->obj[i], &o->keys[i], 7, 64, LAYERS, SEG, o->xxh + i * LAYERS);
 }
 
+/* Objects whose every layer and head are written already. */
+static void objs_whole(objs *o, size_t n, uint64_t salt)
+{
+    objs_make(o, n, salt);
+    for (uint32_t l = 0; l < LAYERS; l++)
+        objs_layer(o, l);
+    objs_seal(o);
+}
+
 static void objs_free(objs *o)
 {
     for (size_t i = 0; i < o->n; i++)
@@ -252,10 +261,7 @@ static void test_parts_jumps_and_seal_alone(void **state)
     objs_free(&o);
 
     /* sealed with no ready call at all */
-    objs_make(&o, N_OBJ, 3);
-    for (uint32_t l = 0; l < LAYERS; l++)
-        objs_layer(&o, l);
-    objs_seal(&o);
+    objs_whole(&o, N_OBJ, 3);
     bt = objs_batch(&o, 10000);
     assert_int_equal(parts_begin(c, &bt, o.hdr, &op), 0);
     assert_int_equal(kvf_op_put_seal(op), 0);
@@ -313,10 +319,7 @@ static void test_parts_abort_and_deadline(void **state)
     assert_int_equal(objs_present(c, &o), 0);
     /* the nodes were not marked down: a put right after goes through */
     objs_free(&o);
-    objs_make(&o, N_OBJ, 6);
-    for (uint32_t l = 0; l < LAYERS; l++)
-        objs_layer(&o, l);
-    objs_seal(&o);
+    objs_whole(&o, N_OBJ, 6);
     bt = objs_batch(&o, 5000);
     assert_int_equal(kvf_client_put(c, &bt), 0);
     for (size_t i = 0; i < o.n; i++)
@@ -443,10 +446,7 @@ static void test_parts_rules_on_the_wire(void **state)
     daemon_t a;
     daemon_start(&a, "64M", "");
     objs o;
-    objs_make(&o, 12, 8);
-    for (uint32_t l = 0; l < LAYERS; l++)
-        objs_layer(&o, l);
-    objs_seal(&o);
+    objs_whole(&o, 12, 8);
     uint64_t hdr = o.hdr, len = o.len;
     int fd = harness_raw_connect(a.port);
     assert_int_equal(raw_hello(fd), 0);
