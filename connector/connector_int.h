@@ -207,6 +207,8 @@ struct kvf_xfer {
     int *layer_failed;     /* load: a chunk of this layer failed in its scatter; save: the
                             * failure that kept its gather from running */
     uint32_t layers_done;  /* save: layers gathered */
+    int paced;             /* save: a layer was reported after one was gathered (the engine
+                            * produces them over time: a put in parts overlaps it) */
     uint64_t t_start;      /* when the transfer was made (kvf__now_ns) */
     uint64_t *layer_t;     /* save: when each layer was reported done */
     int pending_tasks;

@@ -223,8 +223,14 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
                 x->transfer_done = x->result != 0;
                 x->submitting = submit; /* until submit_save() has set x->op */
             } else if (x->parts == 0 && !x->cancelled && !x->result && x->stage &&
-                       !cn->save_whole) {
-                start = 1; /* the first layer gathered: the put in parts begins */
+                       !cn->save_whole && x->paced) {
+                /* A layer gathered, and the engine reported another after the first was
+                 * gathered: it computes them over time, and the put in parts begins. A save
+                 * whose layers were all reported before one was gathered (after the pass, at
+                 * once) is put whole: nothing is left to overlap, and over shared memory a
+                 * whole put (the staging regions, the client's workers side by side) is
+                 * faster than parts on one socket. */
+                start = 1;
                 x->parts = 1;
                 x->submitting = 1; /* until start_parts() has set x->op */
             }
@@ -816,11 +822,14 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
         rc = x->result, failed_before = 1; /* its put in parts failed (a node down, say) */
     else if (x->layer_state[layer] != LS_PENDING || x->layer_tasks[layer])
         rc = KVF_EINVAL; /* reported twice */
-    else
+    else {
         x->layer_t[layer] = kvf__now_ns();
+        x->paced |= x->layers_done > 0;
+    }
     pthread_mutex_unlock(&x->mu);
     if (!rc)
         rc = kvf__pool_enqueue_locked(cn, x, layer);
+
     pthread_mutex_unlock(&cn->mu);
     if (rc == KVF_ECLOSED || failed_before) {
         /* The connector closed: the layer is never gathered, so nothing is put; the save ends
@@ -931,6 +940,17 @@ void kvf_xfer_free(kvf_xfer **xp)
     if (!xp || !*xp)
         return;
     kvf_xfer *x = *xp;
+    /* A save with a layer its engine never reported is given up: nothing can report it once the
+     * save is freed, and a save ends only once every layer was reported or it is cancelled (an
+     * engine that stopped at a layer refused with the save's error, say, and frees it). A save
+     * whose every layer was reported is waited for: its batch is being put. */
+    pthread_mutex_lock(&x->mu);
+    int unreported = 0;
+    for (uint32_t l = 0; x->is_save && !x->done && !x->cancelled && l < x->cn->l.layers; l++)
+        unreported |= x->layer_state[l] == LS_PENDING && !x->layer_tasks[l];
+    pthread_mutex_unlock(&x->mu);
+    if (unreported)
+        kvf_xfer_cancel(x);
     pthread_mutex_lock(&x->mu);
     while (!x->done || x->submitting)
         pthread_cond_wait(&x->cv, &x->mu);

@@ -94,7 +94,8 @@ typedef struct kvf_connector_opts {
     const char *cluster;      /* input: the cluster's name in etcd (NULL: "default") */
     int save_whole;           /* input: 1: a save's chunks are put once every layer is gathered;
                                * 0 (the default): where the storage client runs over its own
-                               * connections (TCP), a save is put in parts from its first
+                               * connections (TCP, or shared memory with a node on this host:
+                               * the node's Unix socket), a save is put in parts from its first
                                * gathered layer on (kvf_client_put_parts), each layer sent as
                                * the layers before it are in, and only the last layers and the
                                * headers are left once the pass ends (docs/connector.md) */
@@ -270,8 +271,9 @@ KVF_API size_t kvf_xfer_loaded_tokens(const kvf_xfer *x);
  * layer was gathered before the cancel: its batch was put (or is being put) and is not withdrawn;
  * its wait returns the put's outcome. */
 KVF_API void kvf_xfer_cancel(kvf_xfer *x);
-/* Frees a transfer, waiting for it to finish first (cancel it to make that quick). Accepts NULL
- * and clears *x. */
+/* Frees a transfer, waiting for it to finish first (cancel it to make that quick). A save with a
+ * layer not reported yet is cancelled first (nothing could report it after the free). Accepts
+ * NULL and clears *x. */
 KVF_API void kvf_xfer_free(kvf_xfer **x);
 
 typedef struct kvf_connector_stats {

@@ -302,15 +302,19 @@ static void test_stores_change_under_transfers(void **state)
  * waits for that. Before the put's start was waited for, a cancel in that gap completed the
  * transfer and its free released the batch's memory under the put (the sanitizer builds' find).
  * Every save is whole or absent: a load gives all of its bytes or a miss. */
-static void cancel_rounds(const char *store_flags, int in_parts)
+static void cancel_rounds(const char *store_flags, int save_whole)
 {
     daemon_t a;
     daemon_start(&a, "64M", store_flags);
     kvf_layout l = test_layout("cancel-late");
     char err[400];
     const char *nodes[] = {a.addr};
-    kvf_connector_opts o = {
-        .nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 3000, .salt = "cancel-late"};
+    kvf_connector_opts o = {.nodes = nodes,
+                            .n_nodes = 1,
+                            .layout = l,
+                            .deadline_ms = 3000,
+                            .salt = "cancel-late",
+                            .save_whole = save_whole};
     kvf_connector *cn;
     assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
     uint8_t *src[LAYERS][2], *dst[LAYERS][2];
@@ -329,8 +333,11 @@ static void cancel_rounds(const char *store_flags, int in_parts)
         assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
         kvf_xfer *x;
         assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
-        for (uint32_t i = 0; i < LAYERS; i++)
+        for (uint32_t i = 0; i < LAYERS; i++) {
             assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+            if (i == 0 && !save_whole)
+                usleep(1000); /* the first layer gathered before the rest are reported: parts */
+        }
         if (r % 3) { /* now, or after the workers had a moment */
             if (r % 3 == 2)
                 sched_yield();
@@ -358,12 +365,12 @@ static void cancel_rounds(const char *store_flags, int in_parts)
                     assert_memory_equal(dst[i][p] + ids[pg] * page, src[i][p] + ids[pg] * page,
                                         page);
     }
-    printf("cancel after the last layer (%s): %d rounds, %d whole, %d absent\n", store_flags,
-           rounds, whole, absent);
+    printf("cancel after the last layer (%s, put %s): %d rounds, %d whole, %d absent\n",
+           store_flags, save_whole ? "whole" : "in parts", rounds, whole, absent);
     assert_true(rounds >= 20);
     kvf_connector_stats st;
     kvf_connector_stats_get(cn, &st);
-    if (in_parts) /* the put of each began with its first layer gathered */
+    if (!save_whole) /* the put of each began with its first layer gathered */
         assert_true(st.saves_in_parts > 0);
     else
         assert_int_equal(st.saves_in_parts, 0);
@@ -375,8 +382,9 @@ static void cancel_rounds(const char *store_flags, int in_parts)
 static void test_cancel_after_the_last_layer(void **state)
 {
     (void)state;
-    cancel_rounds("--threads 1", 0); /* shared memory: put whole */
-    cancel_rounds("--threads 1 --shm off", 1);
+    cancel_rounds("--threads 1", 1);           /* shared memory: through staging, whole */
+    cancel_rounds("--threads 1", 0);           /* in parts over the node's Unix socket */
+    cancel_rounds("--threads 1 --shm off", 0); /* in parts over TCP */
 }
 
 /* Loads tokens t into the dst pages and returns the tokens loaded, every page of them compared
@@ -402,15 +410,15 @@ static size_t load_and_check(kvf_connector *cn, const uint32_t *t, size_t n, con
     return got;
 }
 
-/* A save beside a pass over TCP: its layers reported one by one, a few milliseconds apart, and
- * put in parts as they are gathered; loaded back whole, byte for byte. One cancelled after two
- * layers is absent and gives its reservations back (the same save again is whole). With
- * save_whole the same bytes are put whole. */
-static void test_save_in_parts_beside_a_pass(void **state)
+/* A save beside a pass: its layers reported one by one, a few milliseconds apart, and put in
+ * parts as they are gathered; loaded back whole, byte for byte. One cancelled after two layers is
+ * absent and gives its reservations back (the same save again is whole). With save_whole the same
+ * bytes are put whole. Over TCP (store_flags "--shm off") and to a node reached over shared
+ * memory (""), whose parts go over its Unix socket. */
+static void in_parts_beside_a_pass(const char *store_flags)
 {
-    (void)state;
     daemon_t a;
-    daemon_start(&a, "64M", "--shm off");
+    daemon_start(&a, "64M", store_flags);
     kvf_layout l = test_layout("in-parts");
     uint8_t *src[LAYERS][2], *dst[LAYERS][2];
     kvf_kv_layer rs[LAYERS], rd[LAYERS];
@@ -430,6 +438,7 @@ static void test_save_in_parts_beside_a_pass(void **state)
                                 .save_whole = whole};
         kvf_connector *cn;
         assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+        assert_string_equal(kvf_connector_transport(cn, NULL, 0), *store_flags ? "tcp" : "shm");
         for (int round = 0; round < 3; round++) {
             for (size_t i = 0; i < n; i++)
                 t[i] = (uint32_t)(round * 100000 + i + 3);
@@ -462,8 +471,8 @@ static void test_save_in_parts_beside_a_pass(void **state)
         }
         kvf_connector_stats st;
         kvf_connector_stats_get(cn, &st);
-        printf("saves %" PRIu64 ", in parts %" PRIu64 ", chunks saved %" PRIu64 "\n", st.saves,
-               st.saves_in_parts, st.chunks_saved);
+        printf("%s: saves %" PRIu64 ", in parts %" PRIu64 ", chunks saved %" PRIu64 "\n",
+               *store_flags ? "tcp" : "shm", st.saves, st.saves_in_parts, st.chunks_saved);
         /* every save but perhaps the cancelled one (cancelled before its first layer was in) and
          * the first (where the node's HELLO was not in yet when its first layer was: put whole) */
         if (whole)
@@ -475,6 +484,13 @@ static void test_save_in_parts_beside_a_pass(void **state)
     }
     pages_free(src, dst);
     daemon_stop(&a);
+}
+
+static void test_save_in_parts_beside_a_pass(void **state)
+{
+    (void)state;
+    in_parts_beside_a_pass("--shm off");
+    in_parts_beside_a_pass("");
 }
 
 /* The node dies while a save is put in parts beside a pass: the layers reported after are taken or
@@ -527,6 +543,70 @@ static void test_save_in_parts_node_dies(void **state)
     pages_free(src, dst);
 }
 
+/* An engine that stops reporting a save's layers (at a layer refused with the save's error, its
+ * node gone; or for a reason of its own) and frees it without a cancel: the free gives the save
+ * up and returns (it used to wait for layers nothing could report any more). */
+static void test_free_an_unfinished_save(void **state)
+{
+    (void)state;
+    daemon_t a;
+    daemon_start(&a, "64M", "--shm off");
+    kvf_layout l = test_layout("free-unfinished");
+    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
+    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+    size_t page = pages_make(&l, src, dst, rs, rd);
+    const size_t n = PAGES * 16, np = PAGES;
+    uint32_t ids[PAGES], t[PAGES * 16];
+    for (size_t i = 0; i < np; i++)
+        ids[i] = (uint32_t)i;
+    char err[400];
+    const char *nodes[] = {a.addr};
+    kvf_connector_opts o = {
+        .nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 3000, .salt = "free-unfinished"};
+    kvf_connector *cn;
+    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
+    usleep(100000); /* the node's HELLO is in: the saves go in parts */
+    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+    /* two layers reported, then freed: nothing of it is stored, its keys are given back */
+    for (size_t i = 0; i < n; i++)
+        t[i] = (uint32_t)(i * 5 + 2);
+    kvf_xfer *x;
+    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 1), 0);
+    time_t t0 = time(NULL);
+    kvf_xfer_free(&x);
+    assert_true(time(NULL) - t0 < 3);
+    assert_int_equal(load_and_check(cn, t, n, ids, np, src, dst, rd, page), 0);
+    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0); /* the same, whole now */
+    for (uint32_t i = 0; i < LAYERS; i++)
+        assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+    assert_int_equal(kvf_xfer_wait(x), 0);
+    kvf_xfer_free(&x);
+    assert_int_equal(load_and_check(cn, t, n, ids, np, src, dst, rd, page), n);
+    /* the node dies mid-save; the engine stops at the first layer refused and frees the save */
+    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+    for (size_t i = 0; i < n; i++)
+        t[i] = (uint32_t)(i * 7 + 1);
+    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
+    usleep(50000);
+    daemon_kill(&a);
+    int refused = 0;
+    for (uint32_t i = 1; i < LAYERS && !refused; i++) {
+        refused = kvf_xfer_layer_done(x, i) != 0;
+        usleep(20000);
+    }
+    t0 = time(NULL);
+    kvf_xfer_free(&x);
+    assert_true(time(NULL) - t0 < 5);
+    printf("free of an unfinished save: the node's death refused a layer: %s\n",
+           refused ? "yes" : "no (every layer taken)");
+    kvf_connector_close(&cn);
+    pages_free(src, dst);
+}
+
 int main(void)
 {
     harness_init();
@@ -535,6 +615,7 @@ int main(void)
         cmocka_unit_test_teardown(test_cancel_after_the_last_layer, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_beside_a_pass, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_node_dies, teardown_daemons),
+        cmocka_unit_test_teardown(test_free_an_unfinished_save, teardown_daemons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -551,7 +551,9 @@ class TestConnector(unittest.TestCase):
                     with cn.save(t, ids) as sv:
                         for layer in range(l.layers):
                             sv.layer_done(layer)
-                            time.sleep(0.002)
+                            # a pass: the next layers come after the first is gathered (a save
+                            # whose layers all come before that is put whole)
+                            time.sleep(0.1 if layer == 0 else 0.002)
                         sv.wait()
                     cn.register(dst.pages)
                     with cn.load(t, ids) as ld:
