@@ -75,10 +75,11 @@ int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, k
             return KVF_EINVAL;
     if (b->n == 0 || head_len == 0 || head_len >= len || head_len >= UINT32_MAX)
         return KVF_EINVAL;
-    /* The parts are requests of the engines' connections: not where the gets and puts take
-     * shared memory or RDMA (nor any node's limit on a request: a part is never larger than the
-     * put's own requests). */
-    if (c->path != &kvf__path_tcp)
+    /* The parts are requests of the engines' connections (nor any node's limit on a request: a
+     * part is never larger than the put's own requests): TCP, or the node's Unix socket where the
+     * client reaches it over shared memory (the engines' connections go there), whose WRITEs carry
+     * the bytes inline instead of through a staging region. Not beside RDMA. */
+    if (c->path != &kvf__path_tcp && c->path != &kvf__path_shm)
         return KVF_ENOTSUP;
     /* and only on nodes that said they take parts (an older node, or one not heard from yet:
      * the caller puts whole) */

@@ -154,9 +154,11 @@ KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
  * Per-key statuses as kvf_client_put_async's; an op neither sealed nor aborted by its deadline
  * fails with KVF_ETIMEDOUT, without counting against its nodes' health. Returns KVF_EINVAL for
  * objects of differing lengths or a head not shorter than them, and KVF_ENOTSUP where the
- * client's gets and puts do not run on its own connections (shared memory, RDMA) or a node has
- * not said (in its HELLO) that it takes parts: the caller then puts the objects whole. The op runs
- * on one of the client's I/O threads (in turn). */
+ * client's puts go over RDMA or a node has not said (in its HELLO) that it takes parts: the
+ * caller then puts the objects whole. The op runs on one of the client's I/O threads (in turn),
+ * over its connections: TCP, or a node's Unix socket where the client reaches that node over
+ * shared memory (the parts' bytes then travel inline on the socket, not through a staging
+ * region; kvf_op_transport says "tcp" for both). */
 KVF_API int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf_op **op);
 /* Bytes [head_len, upto) of every object of a put in parts are final (calls with less than before
  * change nothing). 0 (also, doing nothing, once the op has completed: its nodes had or refused
@@ -249,7 +251,9 @@ KVF_API int kvf_lease_valid(const kvf_lease *l);
  * lease may be released after its client closed (it then frees only itself), but not while
  * kvf_client_close() runs on another thread. */
 KVF_API void kvf_lease_release(kvf_lease **l);
-/* How an operation's bytes moved: "shm", "rdma", "tcp", or "shm+tcp" (some keys each way). */
+/* How an operation's bytes moved: "shm", "rdma", "tcp", or "shm+tcp" (some keys each way).
+ * "tcp" is the protocol's requests on a stream socket: TCP, or the Unix socket of a node on this
+ * host (a put in parts, and keys a shared-memory client sends its engines' way). */
 KVF_API const char *kvf_op_transport(const kvf_op *op);
 
 /* Transfer counters of the client since it opened. */

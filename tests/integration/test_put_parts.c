@@ -186,23 +186,31 @@ static int parts_begin(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf
     return rc;
 }
 
-/* Two daemons and a TCP client of both. */
-static kvf_client *two_nodes(daemon_t *a, daemon_t *b)
+/* Two daemons and a client of both, over transport ("tcp", or "shm": the daemons are on this
+ * host, and a put in parts goes over their Unix sockets). */
+static kvf_client *two_nodes_over(daemon_t *a, daemon_t *b, const char *transport)
 {
     daemon_start(a, "64M", "");
     daemon_start(b, "64M", "");
-    return harness_client_two(a, b, NS, NULL, "tcp");
+    kvf_client *c = harness_client_two(a, b, NS, NULL, transport);
+    assert_string_equal(kvf_client_transport(c, NULL, 0), transport);
+    return c;
+}
+
+static kvf_client *two_nodes(daemon_t *a, daemon_t *b)
+{
+    return two_nodes_over(a, b, "tcp");
 }
 
 /* ------------------------------------------------------------------------------------------ */
 
 /* Layers produced one by one, each said final as it is: nothing is visible before the seal, and
- * every object is whole after it; the same keys again are KVF_EEXIST. */
-static void test_parts_round_trip(void **state)
+ * every object is whole after it; the same keys again are KVF_EEXIST. Over TCP and over the
+ * nodes' Unix sockets (a client that reaches them over shared memory). */
+static void round_trip(const char *transport)
 {
-    (void)state;
     daemon_t a, b;
-    kvf_client *c = two_nodes(&a, &b);
+    kvf_client *c = two_nodes_over(&a, &b, transport);
     objs o;
     objs_make(&o, N_OBJ, 1);
     kvf_batch bt = objs_batch(&o, 10000);
@@ -232,6 +240,15 @@ static void test_parts_round_trip(void **state)
     kvf_op_free(&op);
     objs_free(&o);
     kvf_client_close(&c);
+    daemon_stop(&a);
+    daemon_stop(&b);
+}
+
+static void test_parts_round_trip(void **state)
+{
+    (void)state;
+    round_trip("tcp");
+    round_trip("shm");
 }
 
 /* Said final out of order, in jumps and all at once (a save after the pass); sealed without any
