@@ -46,6 +46,9 @@ def main():
     ap.add_argument("--save-whole", action="store_true",
                     help="the connector puts a save once its last layer is gathered, not in parts "
                     "(over TCP): the A/B of docs/connector.md's saves in parts")
+    ap.add_argument("--save-parts-shm", action="store_true",
+                    help="over shared memory, the save in parts too (over the store's Unix "
+                    "socket), where the connector's default puts it whole")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.prompt < 1 or a.rounds < 1:
@@ -66,7 +69,7 @@ def main():
     after_pass = {"beside": [], "after": []}
     try:
         with kvf.Connector(layout, nodes=[addr], salt=f"hf-save-{os.getpid()}",
-                           save_whole=a.save_whole) as cn:
+                           save_whole=a.save_whole, save_parts_shm=a.save_parts_shm) as cn:
             eng = Engine(model, layout, factory, connector=cn, save_beside_tokens=0,
                          max_tokens=a.prompt + 2 * layout.chunk_tokens)
             transport = cn.transport()[0]
@@ -92,7 +95,7 @@ def main():
         store.wait(10)
     med = {m: statistics.median(v) for m, v in times.items()}
     out = {"bench": "hf_save", "label": "real", "model": a.model, "prompt_tokens": a.prompt,
-           "transport": transport, "rounds": a.rounds, "save_whole": a.save_whole,
+           "transport": transport, "rounds": a.rounds, "save_whole": a.save_whole, "save_parts_shm": a.save_parts_shm,
            "saves_in_parts": cn_parts,
            "kv_bytes": a.prompt * layout.bytes_per_token,
            "request_s_beside": round(med["beside"], 4), "request_s_after": round(med["after"], 4),

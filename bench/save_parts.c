@@ -242,7 +242,8 @@ int bench_save_main(int argc, char **argv)
                                  .layout = l,
                                  .deadline_ms = 20000,
                                  .salt = w ? "bench-save-whole" : "bench-save-parts",
-                                 .save_whole = w};
+                                 .save_whole = w,
+                                 .save_parts_shm = 1};
         if (kvf_connector_open(&cn[w], &co, err, sizeof err) != 0) {
             fprintf(stderr, "kvf-bench save: connector: %s\n", err);
             rc = 1;

@@ -118,9 +118,10 @@ struct kvf_connector {
     char transport_why[240]; /* why the transfers use TCP (kvf_connector_transport) */
     uint32_t hdr_len;
     int deadline_ms;
-    int workers_given; /* kvf_connector_opts.workers */
-    int trust_local;   /* kvf_connector_opts.trust_local_store */
-    int save_whole;    /* kvf_connector_opts.save_whole */
+    int workers_given;  /* kvf_connector_opts.workers */
+    int trust_local;    /* kvf_connector_opts.trust_local_store */
+    int save_whole;     /* kvf_connector_opts.save_whole */
+    int save_parts_shm; /* kvf_connector_opts.save_parts_shm */
     /* segment bytes of in-place loads hashed by the workers (kvf_connector_stats) */
     atomic_uint_fast64_t in_place_hashed;
     /* Set by registration, under mu and with no transfer in flight (connector.c). */

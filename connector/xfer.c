@@ -157,14 +157,18 @@ static void parts_say(kvf_xfer *x, kvf_op *op, int due, uint64_t upto)
 
 /* Starts x's put in parts (x->parts 1, x->submitting set by the caller), with no lock held: its
  * keys are admitted now and its layers follow as they are gathered. Where the storage client
- * cannot (KVF_ENOTSUP: shared memory, RDMA) or fails to, the batch is put whole once every layer
- * is gathered, here if they already are. */
+ * cannot (KVF_ENOTSUP: RDMA, a node that takes no parts), fails to, or runs over shared memory
+ * without save_parts_shm, the batch is put whole once every layer is gathered, here if they
+ * already are. */
 static void start_parts(kvf_connector *cn, kvf_xfer *x)
 {
     kvf_batch b = save_batch(cn, x);
     b.deadline_ms = 4 * cn->deadline_ms; /* it runs beside the engine's pass, not after it */
     kvf_op *op = NULL;
-    int rc = kvf_client_put_parts(x->cr ? x->cr->cl : NULL, &b, cn->hdr_len, &op);
+    kvf_client *cl = x->cr ? x->cr->cl : NULL;
+    int rc = KVF_ENOTSUP;
+    if (cl && (cn->save_parts_shm || strcmp(kvf_client_transport(cl, NULL, 0), "shm") != 0))
+        rc = kvf_client_put_parts(cl, &b, cn->hdr_len, &op);
     if (rc == 0) {
         pthread_mutex_lock(&cn->mu);
         cn->st.batches++;

@@ -93,12 +93,17 @@ typedef struct kvf_connector_opts {
                                * that registers is used, each as etcd tells it (sched unused) */
     const char *cluster;      /* input: the cluster's name in etcd (NULL: "default") */
     int save_whole;           /* input: 1: a save's chunks are put once every layer is gathered;
-                               * 0 (the default): where the storage client runs over its own
-                               * connections (TCP, or shared memory with a node on this host:
-                               * the node's Unix socket), a save is put in parts from its first
-                               * gathered layer on (kvf_client_put_parts), each layer sent as
-                               * the layers before it are in, and only the last layers and the
-                               * headers are left once the pass ends (docs/connector.md) */
+                               * 0 (the default): where the storage client runs over TCP, a
+                               * save whose layers come over time (a layer reported after one
+                               * was gathered) is put in parts (kvf_client_put_parts), each
+                               * layer sent as the layers before it are in, and only the last
+                               * layers and the headers are left once the pass ends
+                               * (docs/connector.md) */
+    int save_parts_shm;       /* input: 1: over shared memory too (the parts then go over the
+                               * node's Unix socket); 0 (the default): over shared memory a save
+                               * is put whole through the staging regions (on a 2-core machine
+                               * parts were faster at the median there but had tails of 0.2-1.4 s
+                               * where whole had none: docs/connector.md) */
 } kvf_connector_opts;
 
 /* Opens a connector, with the storage nodes given or, failing those, the ones registered in etcd

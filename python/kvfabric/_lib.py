@@ -81,6 +81,7 @@ class ConnectorOpts(ctypes.Structure):
         ("etcd", c_char_p),
         ("cluster", c_char_p),
         ("save_whole", c_int),
+        ("save_parts_shm", c_int),
     ]
 
 

@@ -314,7 +314,8 @@ static void cancel_rounds(const char *store_flags, int save_whole)
                             .layout = l,
                             .deadline_ms = 3000,
                             .salt = "cancel-late",
-                            .save_whole = save_whole};
+                            .save_whole = save_whole,
+                            .save_parts_shm = 1};
     kvf_connector *cn;
     assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
     uint8_t *src[LAYERS][2], *dst[LAYERS][2];
@@ -435,7 +436,8 @@ static void in_parts_beside_a_pass(const char *store_flags)
                                 .layout = l,
                                 .deadline_ms = 3000,
                                 .salt = whole ? "in-parts-whole" : "in-parts",
-                                .save_whole = whole};
+                                .save_whole = whole,
+                                .save_parts_shm = 1};
         kvf_connector *cn;
         assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
         assert_string_equal(kvf_connector_transport(cn, NULL, 0), *store_flags ? "tcp" : "shm");
@@ -493,37 +495,94 @@ static void test_save_in_parts_beside_a_pass(void **state)
     in_parts_beside_a_pass("");
 }
 
+/* One node and a connector of it, with an engine's pages and a save's tokens (t[i] = i * mul +
+ * add) over pages 0..PAGES-1, for the tests below. */
+typedef struct one_node {
+    daemon_t a;
+    kvf_layout l;
+    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
+    kvf_kv_layer rs[LAYERS], rd[LAYERS];
+    size_t page, n, np;
+    uint32_t ids[PAGES], t[PAGES * 16];
+    kvf_connector *cn;
+} one_node;
+
+static void one_node_open(one_node *f, const char *store_flags, const char *name, uint32_t mul,
+                          uint32_t add)
+{
+    daemon_start(&f->a, "64M", store_flags);
+    f->l = test_layout(name);
+    f->page = pages_make(&f->l, f->src, f->dst, f->rs, f->rd);
+    f->n = PAGES * 16, f->np = PAGES;
+    for (size_t i = 0; i < f->np; i++)
+        f->ids[i] = (uint32_t)i;
+    for (size_t i = 0; i < f->n; i++)
+        f->t[i] = (uint32_t)(i * mul + add);
+    char err[400];
+    const char *nodes[] = {f->a.addr};
+    kvf_connector_opts o = {
+        .nodes = nodes, .n_nodes = 1, .layout = f->l, .deadline_ms = 3000, .salt = name};
+    assert_int_equal(kvf_connector_open(&f->cn, &o, err, sizeof err), 0);
+    usleep(100000); /* the node's HELLO is in: a save may go in parts */
+    assert_int_equal(kvf_connector_register(f->cn, f->rs, LAYERS, err, sizeof err), 0);
+}
+
+static void one_node_close(one_node *f)
+{
+    kvf_connector_close(&f->cn);
+    pages_free(f->src, f->dst);
+}
+
+static size_t one_node_load(one_node *f)
+{
+    return load_and_check(f->cn, f->t, f->n, f->ids, f->np, f->src, f->dst, f->rd, f->page);
+}
+
+static void one_node_register_src(one_node *f)
+{
+    char err[400];
+    assert_int_equal(kvf_connector_register(f->cn, f->rs, LAYERS, err, sizeof err), 0);
+}
+
+/* Over shared memory a save is put whole through the staging regions unless save_parts_shm asks
+ * for parts, its layers coming over time as they may. */
+static void test_save_over_shm_whole_by_default(void **state)
+{
+    (void)state;
+    static one_node f;
+    one_node_open(&f, "", "shm-whole", 11, 5);
+    assert_string_equal(kvf_connector_transport(f.cn, NULL, 0), "shm");
+    kvf_xfer *x;
+    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
+    for (uint32_t i = 0; i < LAYERS; i++) {
+        assert_int_equal(kvf_xfer_layer_done(x, i), 0);
+        usleep(5000);
+    }
+    assert_int_equal(kvf_xfer_wait(x), 0);
+    kvf_xfer_free(&x);
+    assert_int_equal(one_node_load(&f), f.n);
+    kvf_connector_stats st;
+    kvf_connector_stats_get(f.cn, &st);
+    assert_int_equal(st.saves, 1);
+    assert_int_equal(st.saves_in_parts, 0);
+    assert_true(st.shm_bytes > 0);
+    one_node_close(&f);
+    daemon_stop(&f.a);
+}
+
 /* The node dies while a save is put in parts beside a pass: the layers reported after are taken or
  * refused with the save's error, the save fails (no hang: well within its deadline), and freeing
  * it is safe. */
 static void test_save_in_parts_node_dies(void **state)
 {
     (void)state;
-    daemon_t a;
-    daemon_start(&a, "64M", "--shm off");
-    kvf_layout l = test_layout("in-parts-dies");
-    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
-    kvf_kv_layer rs[LAYERS], rd[LAYERS];
-    pages_make(&l, src, dst, rs, rd);
-    const size_t n = PAGES * 16, np = PAGES;
-    uint32_t ids[PAGES], t[PAGES * 16];
-    for (size_t i = 0; i < np; i++)
-        ids[i] = (uint32_t)i;
-    for (size_t i = 0; i < n; i++)
-        t[i] = (uint32_t)(i * 3 + 1);
-    char err[400];
-    const char *nodes[] = {a.addr};
-    kvf_connector_opts o = {
-        .nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 3000, .salt = "in-parts-dies"};
-    kvf_connector *cn;
-    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
-    usleep(100000); /* the node's HELLO is in: the save goes in parts */
-    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+    static one_node f;
+    one_node_open(&f, "--shm off", "in-parts-dies", 3, 1);
     kvf_xfer *x;
-    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
     usleep(50000);
-    daemon_kill(&a);
+    daemon_kill(&f.a);
     usleep(50000);
     for (uint32_t i = 1; i < LAYERS; i++) {
         int rc = kvf_xfer_layer_done(x, i);
@@ -536,11 +595,10 @@ static void test_save_in_parts_node_dies(void **state)
     assert_true((double)time(NULL) - t0 < 10);
     kvf_xfer_free(&x);
     kvf_connector_stats st;
-    kvf_connector_stats_get(cn, &st);
+    kvf_connector_stats_get(f.cn, &st);
     assert_int_equal(st.saves_in_parts, 1);
     assert_int_equal(st.chunks_saved, 0);
-    kvf_connector_close(&cn);
-    pages_free(src, dst);
+    one_node_close(&f);
 }
 
 /* An engine that stops reporting a save's layers (at a layer refused with the save's error, its
@@ -549,50 +607,32 @@ static void test_save_in_parts_node_dies(void **state)
 static void test_free_an_unfinished_save(void **state)
 {
     (void)state;
-    daemon_t a;
-    daemon_start(&a, "64M", "--shm off");
-    kvf_layout l = test_layout("free-unfinished");
-    uint8_t *src[LAYERS][2], *dst[LAYERS][2];
-    kvf_kv_layer rs[LAYERS], rd[LAYERS];
-    size_t page = pages_make(&l, src, dst, rs, rd);
-    const size_t n = PAGES * 16, np = PAGES;
-    uint32_t ids[PAGES], t[PAGES * 16];
-    for (size_t i = 0; i < np; i++)
-        ids[i] = (uint32_t)i;
-    char err[400];
-    const char *nodes[] = {a.addr};
-    kvf_connector_opts o = {
-        .nodes = nodes, .n_nodes = 1, .layout = l, .deadline_ms = 3000, .salt = "free-unfinished"};
-    kvf_connector *cn;
-    assert_int_equal(kvf_connector_open(&cn, &o, err, sizeof err), 0);
-    usleep(100000); /* the node's HELLO is in: the saves go in parts */
-    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
+    static one_node f;
+    one_node_open(&f, "--shm off", "free-unfinished", 5, 2);
     /* two layers reported, then freed: nothing of it is stored, its keys are given back */
-    for (size_t i = 0; i < n; i++)
-        t[i] = (uint32_t)(i * 5 + 2);
     kvf_xfer *x;
-    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 1), 0);
     time_t t0 = time(NULL);
     kvf_xfer_free(&x);
     assert_true(time(NULL) - t0 < 3);
-    assert_int_equal(load_and_check(cn, t, n, ids, np, src, dst, rd, page), 0);
-    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
-    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0); /* the same, whole now */
+    assert_int_equal(one_node_load(&f), 0);
+    one_node_register_src(&f);
+    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0); /* whole now */
     for (uint32_t i = 0; i < LAYERS; i++)
         assert_int_equal(kvf_xfer_layer_done(x, i), 0);
     assert_int_equal(kvf_xfer_wait(x), 0);
     kvf_xfer_free(&x);
-    assert_int_equal(load_and_check(cn, t, n, ids, np, src, dst, rd, page), n);
+    assert_int_equal(one_node_load(&f), f.n);
     /* the node dies mid-save; the engine stops at the first layer refused and frees the save */
-    assert_int_equal(kvf_connector_register(cn, rs, LAYERS, err, sizeof err), 0);
-    for (size_t i = 0; i < n; i++)
-        t[i] = (uint32_t)(i * 7 + 1);
-    assert_int_equal(kvf_connector_save(cn, t, n, 0, ids, np, &x), 0);
+    one_node_register_src(&f);
+    for (size_t i = 0; i < f.n; i++)
+        f.t[i] = (uint32_t)(i * 7 + 1);
+    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
     assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
     usleep(50000);
-    daemon_kill(&a);
+    daemon_kill(&f.a);
     int refused = 0;
     for (uint32_t i = 1; i < LAYERS && !refused; i++) {
         refused = kvf_xfer_layer_done(x, i) != 0;
@@ -603,8 +643,7 @@ static void test_free_an_unfinished_save(void **state)
     assert_true(time(NULL) - t0 < 5);
     printf("free of an unfinished save: the node's death refused a layer: %s\n",
            refused ? "yes" : "no (every layer taken)");
-    kvf_connector_close(&cn);
-    pages_free(src, dst);
+    one_node_close(&f);
 }
 
 int main(void)
@@ -614,6 +653,7 @@ int main(void)
         cmocka_unit_test_teardown(test_stores_change_under_transfers, teardown_daemons),
         cmocka_unit_test_teardown(test_cancel_after_the_last_layer, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_beside_a_pass, teardown_daemons),
+        cmocka_unit_test_teardown(test_save_over_shm_whole_by_default, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_node_dies, teardown_daemons),
         cmocka_unit_test_teardown(test_free_an_unfinished_save, teardown_daemons),
     };

@@ -536,16 +536,20 @@ class TestConnector(unittest.TestCase):
 
     def test_save_in_parts_over_tcp(self):
         """Over TCP a save is put in parts as its layers are reported (stats' saves_in_parts);
-        with save_whole it is put once they all are; either way every page comes back as saved."""
+        with save_whole it is put once they all are; over shared memory it is put whole unless
+        save_parts_shm (parts over the store's Unix socket); every page comes back as saved."""
         l = self.layout
-        a = Store(extra=("--shm", "off"))
+        a, b = Store(extra=("--shm", "off")), Store()
         try:
-            for whole in (False, True):
+            cases = [(a, False, False, 1), (a, True, False, 0), (b, False, False, 0),
+                     (b, False, True, 1)]
+            for k, (st_, whole, parts_shm, in_parts) in enumerate(cases):
                 src, dst = HostKV(l, 64, seed=31), HostKV(l, 64, seed=32)
-                t = tokens(4 * l.chunk_tokens, 33 + whole)
+                t = tokens(4 * l.chunk_tokens, 33 + k)
                 ids = list(range(len(t) // l.page_tokens))
-                with kvf.Connector(l, nodes=[a.addr], deadline_ms=5000, salt=f"py-parts-{whole}",
-                                   save_whole=whole) as cn:
+                with kvf.Connector(l, nodes=[st_.addr], deadline_ms=5000, salt=f"py-parts-{k}",
+                                   save_whole=whole, save_parts_shm=parts_shm) as cn:
+                    self.assertEqual(cn.transport()[0], "tcp" if st_ is a else "shm")
                     time.sleep(0.1)  # the node's HELLO in: a client puts in parts once it is
                     cn.register(src.pages)
                     with cn.save(t, ids) as sv:
@@ -560,11 +564,12 @@ class TestConnector(unittest.TestCase):
                         ld.wait()
                         self.assertEqual(ld.loaded_tokens, len(t))
                     st = cn.stats()
-                    self.assertEqual(st["saves_in_parts"], 0 if whole else 1, st)
+                    self.assertEqual(st["saves_in_parts"], in_parts, (k, st))
                     self.assertEqual(st["chunks_saved"], 4, st)
                 self.assertEqual(src.differing(dst, zip(ids, ids)), [])
         finally:
             a.stop()
+            b.stop()
 
     def test_load_takes_the_plans_sources(self):
         """Connector.load(sources=...): over TCP each chunk asked first of the store the plan
