@@ -219,6 +219,8 @@ struct kvf_xfer {
     int result;
     int cancelled;
     int submitting; /* a save's batch between the decision to put it and its op set (x->op) */
+    int saying;     /* workers telling a put in parts more (parts_say), outside x->mu: the op
+                     * and x must outlive them (kvf_xfer_free waits) */
     /* save: its put in parts (kvf_client_put_parts), started by its first gathered layer: 0 not
      * yet, 1 being started (submitting too), 2 running (x->op), -1 none (the batch is put whole
      * once every layer is gathered) */

@@ -143,7 +143,8 @@ static int parts_due_locked(kvf_xfer *x, uint64_t *upto)
     return PARTS_READY;
 }
 
-/* Says it to op, with no lock held. */
+/* Says it to op, with no lock held (x->saying counted by the caller under x->mu, so that neither
+ * x nor op is freed meanwhile: a cancel and a free may come as soon as the lock is let go). */
 static void parts_say(kvf_xfer *x, kvf_op *op, int due, uint64_t upto)
 {
     if (due == PARTS_READY)
@@ -153,6 +154,10 @@ static void parts_say(kvf_xfer *x, kvf_op *op, int due, uint64_t upto)
         kvf_op_put_seal(op);
     } else if (due == PARTS_ABORT)
         kvf_op_put_abort(op);
+    pthread_mutex_lock(&x->mu);
+    if (--x->saying == 0)
+        pthread_cond_broadcast(&x->cv);
+    pthread_mutex_unlock(&x->mu);
 }
 
 /* Starts x's put in parts (x->parts 1, x->submitting set by the caller), with no lock held: its
@@ -190,11 +195,13 @@ static void start_parts(kvf_connector *cn, kvf_xfer *x)
         maybe_done_locked(x);
     }
     x->submitting = whole;
+    int say = !whole && op;
+    x->saying += say;
     pthread_cond_broadcast(&x->cv);
     pthread_mutex_unlock(&x->mu);
     if (whole)
         submit_save(cn, x);
-    else if (op)
+    else if (say)
         parts_say(x, op, due, upto);
 }
 
@@ -259,12 +266,14 @@ static void task_end(kvf_xfer *x, uint32_t layer, int failed, int skipped)
     }
     maybe_done_locked(x);
     kvf_op *op = x->op;
+    int say = !submit && !start && due != PARTS_NONE;
+    x->saying += say;
     pthread_mutex_unlock(&x->mu);
     if (submit)
         submit_save(cn, x);
     else if (start)
         start_parts(cn, x);
-    else if (due != PARTS_NONE)
+    else if (say)
         parts_say(x, op, due, upto);
 }
 
@@ -956,7 +965,7 @@ void kvf_xfer_free(kvf_xfer **xp)
     if (unreported)
         kvf_xfer_cancel(x);
     pthread_mutex_lock(&x->mu);
-    while (!x->done || x->submitting)
+    while (!x->done || x->submitting || x->saying)
         pthread_cond_wait(&x->cv, &x->mu);
     kvf_op *op = x->op;
     pthread_mutex_unlock(&x->mu);
