@@ -842,7 +842,6 @@ int kvf_xfer_layer_done_stream(kvf_xfer *x, uint32_t layer, void *stream)
     pthread_mutex_unlock(&x->mu);
     if (!rc)
         rc = kvf__pool_enqueue_locked(cn, x, layer);
-
     pthread_mutex_unlock(&cn->mu);
     if (rc == KVF_ECLOSED || failed_before) {
         /* The connector closed: the layer is never gathered, so nothing is put; the save ends

@@ -3,6 +3,7 @@
  */
 #define _GNU_SOURCE
 #include "unixsock.h"
+#include "tcp.h"
 
 #include "kvf/error.h"
 
@@ -131,7 +132,7 @@ static int connect_with(const char *name, int flags, int *fd, char *err, size_t 
     /* As a TCP connection's: a request of tens of MiB (a put's objects, a put in parts' WRITE)
      * would otherwise cross in the default ~200 KiB, the reader woken for each. A request the
      * kernel may clamp (net.core.wmem_max): not an error. */
-    int buf = (int)KVF_UNIX_SOCKBUF;
+    int buf = (int)KVF_TCP_SOCKBUF;
     setsockopt(s, SOL_SOCKET, SO_SNDBUF, &buf, sizeof buf);
     *fd = s;
     return 0;

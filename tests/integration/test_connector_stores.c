@@ -570,6 +570,18 @@ static void test_save_over_shm_whole_by_default(void **state)
     daemon_stop(&f.a);
 }
 
+/* A save of f's tokens, its first layer reported (gathered and sent in parts meanwhile), and then
+ * its node killed. */
+static kvf_xfer *save_then_kill(one_node *f)
+{
+    kvf_xfer *x;
+    assert_int_equal(kvf_connector_save(f->cn, f->t, f->n, 0, f->ids, f->np, &x), 0);
+    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
+    usleep(50000);
+    daemon_kill(&f->a);
+    return x;
+}
+
 /* The node dies while a save is put in parts beside a pass: the layers reported after are taken or
  * refused with the save's error, the save fails (no hang: well within its deadline), and freeing
  * it is safe. */
@@ -578,11 +590,7 @@ static void test_save_in_parts_node_dies(void **state)
     (void)state;
     static one_node f;
     one_node_open(&f, "--shm off", "in-parts-dies", 3, 1);
-    kvf_xfer *x;
-    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
-    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
-    usleep(50000);
-    daemon_kill(&f.a);
+    kvf_xfer *x = save_then_kill(&f);
     usleep(50000);
     for (uint32_t i = 1; i < LAYERS; i++) {
         int rc = kvf_xfer_layer_done(x, i);
@@ -629,10 +637,7 @@ static void test_free_an_unfinished_save(void **state)
     one_node_register_src(&f);
     for (size_t i = 0; i < f.n; i++)
         f.t[i] = (uint32_t)(i * 7 + 1);
-    assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
-    assert_int_equal(kvf_xfer_layer_done(x, 0), 0);
-    usleep(50000);
-    daemon_kill(&f.a);
+    x = save_then_kill(&f);
     int refused = 0;
     for (uint32_t i = 1; i < LAYERS && !refused; i++) {
         refused = kvf_xfer_layer_done(x, i) != 0;

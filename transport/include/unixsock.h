@@ -15,8 +15,6 @@
 #define KVF_UNIX_PATH_MAX 107u
 /* Most descriptors one message carries. */
 #define KVF_UNIX_MAX_FDS 4
-/* Send buffer asked for a connected Unix socket (the TCP connections' size, KVF_TCP_SOCKBUF) */
-#define KVF_UNIX_SOCKBUF (8u << 20)
 
 /* Listens on name, nonblocking and close-on-exec: a path (a stale socket file left by a process
  * that died is replaced; any other file there is an error), or "@name" for Linux's abstract
