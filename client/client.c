@@ -92,24 +92,22 @@ int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, k
         atomic_fetch_sub(&c->submitting, 1);
         return KVF_ECLOSED;
     }
-    kvf__io *io = c->io[atomic_fetch_add(&c->parts_rr, 1) % (unsigned)c->n_io];
+    /* One child put in parts per engine where the batch keeps more than one busy (as a whole
+     * put is split, tcp_path.c): one engine's connection to a node carries about what one
+     * loopback stream does, which a pass on a many-core host outruns. Else the engines in turn. */
+    int split = kvf__split_worth(c, b, KVF__OPK_PUT);
+    kvf__io *io = split ? NULL : c->io[atomic_fetch_add(&c->parts_rr, 1) % (unsigned)c->n_io];
     kvf_op *op = kvf__op_new(c, io, KVF__OPK_PUT, KVF_OP_ADMIT, b);
-    if (!op) {
+    if (!op || kvf__op_parts_init(op, head_len, len)) {
+        if (op)
+            kvf__op_destroy(op);
         atomic_fetch_sub(&c->submitting, 1);
         return KVF_ENOMEM;
     }
-    op->parts = 1;
-    op->head_len = head_len;
-    op->obj_len = len;
-    op->cap_bounds = 64; /* grown as needed: never none, so that what is said final is kept */
-    if (!(op->bounds = malloc(op->cap_bounds * sizeof *op->bounds))) {
-        kvf__op_destroy(op);
-        atomic_fetch_sub(&c->submitting, 1);
-        return KVF_ENOMEM;
-    }
+    op->parts_split = split;
     op->transport = "tcp";
     *out = op; /* before it can complete, as kvf_client_put_async */
-    rc = kvf__io_submit(io, op);
+    rc = split ? kvf__split_submit(c, op) : kvf__io_submit(io, op);
     atomic_fetch_sub(&c->submitting, 1);
     if (rc) {
         *out = NULL;
@@ -134,6 +132,12 @@ static int parts_say(kvf_op *op, uint64_t upto, int state)
         rc = state == 2 ? 0 : KVF_EINVAL; /* sealed or aborted: an abort is harmless */
     } else if (op->done) {
         rc = 0; /* over (every key there or refused, or failed): its statuses say so */
+    } else if (op->parts_split) {
+        /* its children hold the parts; none left running: it is about to complete */
+        if (state)
+            atomic_store(&op->parts_state, state);
+        if (op->split)
+            kvf__split_say(op->split, upto, state);
     } else {
         uint64_t last = op->n_bounds ? op->bounds[op->n_bounds - 1] : op->head_len;
         if (upto > last) {

@@ -116,6 +116,11 @@ struct kvf_op {
     atomic_int parts_state;
     uint64_t *bounds;
     uint32_t n_bounds, cap_bounds;
+    /* a put in parts split across the engines (kvf__split_submit): what the caller says of it
+     * goes to every child (kvf__split_say); split is the children's aggregate while any child
+     * runs, NULL once the last ended (both under mu) */
+    int parts_split;
+    void *split;
 };
 
 /* One request: the keys of one op that one connection carries, and its reply's reading state. */
@@ -318,6 +323,9 @@ struct kvf_client {
 
 kvf_op *kvf__op_new(kvf_client *c, kvf__io *io, int kind, uint32_t opcode, const kvf_batch *b);
 void kvf__op_destroy(kvf_op *op);
+/* Makes op a put in parts of objects obj_len bytes each, the first head_len of each written
+ * last (kvf_client_put_parts). 0 or KVF_ENOMEM. */
+int kvf__op_parts_init(kvf_op *op, uint64_t head_len, uint64_t obj_len);
 /* Marks op done with result and runs its callback or wakes its waiter. The callback may free op:
  * nothing of it is used after. */
 void kvf__op_finish(kvf_op *op, int result);
@@ -414,6 +422,14 @@ int kvf__io_raw(kvf__io *io, size_t node, int conn, uint32_t opcode, uint32_t co
 /* The data paths */
 
 extern const kvf__path_ops kvf__path_tcp;
+/* tcp_path.c, for puts in parts on any path whose engines carry them: whether a batch (of a get
+ * or put: kind) keeps more than one engine busy, and op's split into one child per engine (op
+ * completes when the last child does; 0, or KVF_ENOMEM with nothing submitted). kvf__split_say
+ * tells every running child of a split put in parts what the caller said of it (kvf_op_put_ready,
+ * _seal, _abort: state 0, 1, 2); called with the parent's mu held and its split set. */
+int kvf__split_worth(const kvf_client *c, const kvf_batch *b, int kind);
+int kvf__split_submit(kvf_client *c, kvf_op *op);
+void kvf__split_say(void *split, uint64_t upto, int state);
 extern const kvf__path_ops kvf__path_rdma;
 extern const kvf__path_ops kvf__path_shm;
 /* Opens the shared-memory path (shm_path.c) for the nodes on this host that serve it (found by

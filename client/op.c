@@ -59,6 +59,16 @@ kvf_op *kvf__op_new(kvf_client *c, kvf__io *io, int kind, uint32_t opcode, const
     return op;
 }
 
+int kvf__op_parts_init(kvf_op *op, uint64_t head_len, uint64_t obj_len)
+{
+    op->parts = 1;
+    op->head_len = head_len;
+    op->obj_len = obj_len;
+    op->cap_bounds = 64; /* grown as needed: never none, so that what is said final is kept */
+    op->bounds = malloc(op->cap_bounds * sizeof *op->bounds);
+    return op->bounds ? 0 : KVF_ENOMEM;
+}
+
 void kvf__op_destroy(kvf_op *op)
 {
     for (int i = 0; i < op->n_reqs; i++)

@@ -4,6 +4,9 @@
  * that receiving (and verifying) runs on as many cores as there are engines; the caller's op
  * completes when the last child does. Layer callbacks of a streamed get fire for layer l once
  * every child has delivered it, in order, one at a time. Other ops run whole on the first engine.
+ * A put in parts (kvf_client_put_parts, on this path or the shared-memory one, whose engines
+ * carry its bytes) is split the same way: each child a put in parts of its keys, told what the
+ * caller says of the parent (kvf__split_say).
  */
 #include "client_int.h"
 
@@ -75,6 +78,12 @@ static void child_end(child *k, int status)
     if (!last)
         return;
     kvf_op *parent = a->parent;
+    if (parent->parts_split) {
+        /* what the caller says from now on reaches no child (they are freed below) */
+        pthread_mutex_lock(&parent->mu);
+        parent->split = NULL;
+        pthread_mutex_unlock(&parent->mu);
+    }
     int result = a->result;
     for (int i = 0; i < a->n; i++) {
         kvf_op_free(&a->ch[i].p.op);
@@ -147,6 +156,12 @@ static int split_submit(kvf_client *c, kvf_op *parent)
         child *k = &a->ch[i];
         k->p.op = kvf__op_new(c, c->io[i], parent->kind, parent->opcode, &k->p.b);
         int src = k->p.op ? 0 : KVF_ENOMEM;
+        if (k->p.op && parent->parts &&
+            kvf__op_parts_init(k->p.op, parent->head_len, parent->obj_len)) {
+            kvf__op_destroy(k->p.op);
+            k->p.op = NULL;
+            src = KVF_ENOMEM;
+        }
         if (k->p.op) {
             k->p.op->transport = "tcp";
             if ((src = kvf__io_submit(c->io[i], k->p.op)) != 0)
@@ -157,6 +172,12 @@ static int split_submit(kvf_client *c, kvf_op *parent)
             child_end(k, src); /* its keys fail with the error; the parent still completes */
         }
     }
+    if (parent->parts_split) {
+        /* from now on what the caller says of the parent reaches the children */
+        pthread_mutex_lock(&parent->mu);
+        parent->split = a;
+        pthread_mutex_unlock(&parent->mu);
+    }
     /* The guard: a child of one key per engine is done at once in the worst case. */
     child guard = {.a = a};
     child_end(&guard, 0);
@@ -165,20 +186,40 @@ static int split_submit(kvf_client *c, kvf_op *parent)
 
 /* A batch is split across the engines when it is large enough to keep more than one busy: at
  * least two stripes' worth of bytes, and two keys. */
-static int worth_splitting(const kvf_client *c, const kvf_op *op)
+int kvf__split_worth(const kvf_client *c, const kvf_batch *b, int kind)
 {
-    const kvf_batch *b = &op->b;
     if (c->n_io < 2 || b->n < 2)
         return 0;
     uint64_t bytes = 0;
     for (size_t i = 0; i < b->n; i++)
-        bytes += op->kind == KVF__OPK_PUT ? b->lens[i] : b->caps[i];
+        bytes += kind == KVF__OPK_PUT ? b->lens[i] : b->caps[i];
     return bytes >= 2 * c->o.stripe_bytes;
+}
+
+int kvf__split_submit(kvf_client *c, kvf_op *op)
+{
+    return split_submit(c, op);
+}
+
+void kvf__split_say(void *split, uint64_t upto, int state)
+{
+    agg *a = split;
+    for (int i = 0; i < a->n; i++) {
+        kvf_op *k = a->ch[i].p.op;
+        if (!k)
+            continue; /* never submitted: its keys failed already */
+        if (state == 2)
+            kvf_op_put_abort(k);
+        else if (state == 1)
+            kvf_op_put_seal(k);
+        else
+            kvf_op_put_ready(k, upto);
+    }
 }
 
 static int tcp_submit(kvf_client *c, kvf_op *op)
 {
-    if (worth_splitting(c, op))
+    if (kvf__split_worth(c, &op->b, op->kind))
         return split_submit(c, op);
     op->io = c->io[0];
     return kvf__io_submit(op->io, op);
