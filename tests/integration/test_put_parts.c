@@ -187,19 +187,37 @@ static int parts_begin(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf
 }
 
 /* Two daemons and a client of both, over transport ("tcp", or "shm": the daemons are on this
- * host, and a put in parts goes over their Unix sockets). */
-static kvf_client *two_nodes_over(daemon_t *a, daemon_t *b, const char *transport)
+ * host, and a put in parts goes over their Unix sockets), with io I/O engines (0: the default).
+ * With more than one, a put in parts of enough bytes is split across them, as a whole put is. */
+static kvf_client *two_nodes_over(daemon_t *a, daemon_t *b, const char *transport, int io)
 {
     daemon_start(a, "64M", "");
     daemon_start(b, "64M", "");
-    kvf_client *c = harness_client_two(a, b, NS, NULL, transport);
+    const char *nodes[2] = {a->addr, b->addr};
+    kvf_client_opts o = {.nodes = nodes,
+                         .n_nodes = 2,
+                         .ns = NS,
+                         .deadline_ms = 5000,
+                         .transport = transport,
+                         .io_threads = io};
+    kvf_client *c = NULL;
+    char err[400];
+    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
+        fail_msg("client open: %s", err);
     assert_string_equal(kvf_client_transport(c, NULL, 0), transport);
     return c;
 }
 
 static kvf_client *two_nodes(daemon_t *a, daemon_t *b)
 {
-    return two_nodes_over(a, b, "tcp");
+    return two_nodes_over(a, b, "tcp", 1);
+}
+
+static uint64_t requests_of(kvf_client *c)
+{
+    kvf_client_counters k;
+    kvf_client_counters_get(c, &k);
+    return k.requests;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -207,14 +225,15 @@ static kvf_client *two_nodes(daemon_t *a, daemon_t *b)
 /* Layers produced one by one, each said final as it is: nothing is visible before the seal, and
  * every object is whole after it; the same keys again are KVF_EEXIST. Over TCP and over the
  * nodes' Unix sockets (a client that reaches them over shared memory). */
-static void round_trip(const char *transport)
+static void round_trip(const char *transport, int io)
 {
     daemon_t a, b;
-    kvf_client *c = two_nodes_over(&a, &b, transport);
+    kvf_client *c = two_nodes_over(&a, &b, transport, io);
     objs o;
     objs_make(&o, N_OBJ, 1);
     kvf_batch bt = objs_batch(&o, 10000);
     kvf_op *op = NULL;
+    uint64_t req0 = requests_of(c);
     assert_int_equal(parts_begin(c, &bt, o.hdr, &op), 0);
     for (uint32_t l = 0; l < LAYERS; l++) {
         objs_layer(&o, l);
@@ -229,6 +248,14 @@ static void round_trip(const char *transport)
     for (size_t i = 0; i < o.n; i++)
         assert_int_equal(o.st[i], 0);
     kvf_op_free(&op);
+    /* One engine: one request per node (the objects' stripes share one connection a node).
+     * Several: each engine's child its own requests to each node. The EXISTS above counts too. */
+    uint64_t reqs = requests_of(c) - req0;
+    print_message("%s io %d: %llu requests\n", transport, io, (unsigned long long)reqs);
+    if (io == 1)
+        assert_true(reqs <= 2 + 2);
+    else
+        assert_true(reqs >= 2 * 2 + 1);
     assert_int_equal(objs_read_back(c, &o), o.n);
 
     /* Again: every key is there already. */
@@ -247,8 +274,10 @@ static void round_trip(const char *transport)
 static void test_parts_round_trip(void **state)
 {
     (void)state;
-    round_trip("tcp");
-    round_trip("shm");
+    round_trip("tcp", 1);
+    round_trip("shm", 1);
+    round_trip("tcp", 3); /* split across three engines */
+    round_trip("shm", 3);
 }
 
 /* Said final out of order, in jumps and all at once (a save after the pass); sealed without any
@@ -292,11 +321,10 @@ static void test_parts_jumps_and_seal_alone(void **state)
 /* Aborted mid-way: KVF_ECANCELED per key, nothing visible, and the reservations are given back
  * at once (a whole put of the same keys then succeeds). Left unsealed: KVF_ETIMEDOUT at the
  * deadline, and the nodes stay healthy for the next put. */
-static void test_parts_abort_and_deadline(void **state)
+static void abort_and_deadline(int io)
 {
-    (void)state;
     daemon_t a, b;
-    kvf_client *c = two_nodes(&a, &b);
+    kvf_client *c = two_nodes_over(&a, &b, "tcp", io);
     objs o;
     objs_make(&o, N_OBJ, 4);
     kvf_batch bt = objs_batch(&o, 10000);
@@ -343,6 +371,15 @@ static void test_parts_abort_and_deadline(void **state)
         assert_int_equal(o.st[i], 0);
     objs_free(&o);
     kvf_client_close(&c);
+    daemon_stop(&a);
+    daemon_stop(&b);
+}
+
+static void test_parts_abort_and_deadline(void **state)
+{
+    (void)state;
+    abort_and_deadline(1);
+    abort_and_deadline(3); /* split across three engines: each child aborted, or timed out */
 }
 
 /* A head whose checksums do not match what was sent (a byte changed after it was said final):
