@@ -157,9 +157,9 @@ KVF_API int kvf_client_get_async(kvf_client *c, const kvf_batch *b, kvf_op **op)
  * client's puts go over RDMA or a node has not said (in its HELLO) that it takes parts: the
  * caller then puts the objects whole. A batch of at least two keys and two stripe_bytes runs on
  * every I/O thread of the client (split by bytes as a whole put is, what the caller says reaching
- * every share), a smaller one on one of them (in turn), over their connections: TCP, or a node's Unix socket where the client reaches that node over
- * shared memory (the parts' bytes then travel inline on the socket, not through a staging
- * region; kvf_op_transport says "tcp" for both). */
+ * every share), a smaller one on one of them (in turn), over their connections: TCP, or a node's
+ * Unix socket where the client reaches that node over shared memory (the parts' bytes then travel
+ * inline on the socket, not through a staging region; kvf_op_transport says "tcp" for both). */
 KVF_API int kvf_client_put_parts(kvf_client *c, const kvf_batch *b, uint64_t head_len, kvf_op **op);
 /* Bytes [head_len, upto) of every object of a put in parts are final (calls with less than before
  * change nothing). 0 (also, doing nothing, once the op has completed: its nodes had or refused
