@@ -382,6 +382,44 @@ static void test_parts_abort_and_deadline(void **state)
     abort_and_deadline(3); /* split across three engines: each child aborted, or timed out */
 }
 
+/* The client closed while a put in parts waits on its caller: every key KVF_ECANCELED, the op
+ * complete (what the caller says of it after changes nothing), nothing visible to a new client.
+ * With one engine and split across three. */
+static void closed_mid_way(int io)
+{
+    daemon_t a, b;
+    kvf_client *c = two_nodes_over(&a, &b, "tcp", io);
+    objs o;
+    objs_make(&o, N_OBJ, 40 + (uint64_t)io);
+    kvf_batch bt = objs_batch(&o, 10000);
+    kvf_op *op = NULL;
+    assert_int_equal(parts_begin(c, &bt, o.hdr, &op), 0);
+    for (uint32_t l = 0; l < 3; l++) {
+        objs_layer(&o, l);
+        assert_int_equal(kvf_op_put_ready(op, o.hdr + (uint64_t)(l + 1) * SEG), 0);
+    }
+    kvf_client_close(&c);
+    assert_int_equal(kvf_op_wait(op), 0);
+    for (size_t i = 0; i < o.n; i++)
+        assert_int_equal(o.st[i], KVF_ECANCELED);
+    assert_int_equal(kvf_op_put_ready(op, o.len), 0); /* over: nothing to do */
+    assert_int_equal(kvf_op_put_seal(op), 0);
+    assert_int_equal(kvf_op_free(&op), 0);
+    c = harness_client_two(&a, &b, NS, NULL, "tcp");
+    assert_int_equal(objs_present(c, &o), 0);
+    objs_free(&o);
+    kvf_client_close(&c);
+    daemon_stop(&a);
+    daemon_stop(&b);
+}
+
+static void test_parts_client_closed_mid_way(void **state)
+{
+    (void)state;
+    closed_mid_way(1);
+    closed_mid_way(3);
+}
+
 /* A head whose checksums do not match what was sent (a byte changed after it was said final):
  * that object is refused at the seal (KVF_ECHECKSUM) and never visible; the others are whole.
  * Each layer is said final on its own, so the node checks each segment against the checksum of
@@ -602,6 +640,7 @@ int main(void)
         cmocka_unit_test_teardown(test_parts_round_trip, teardown_daemons),
         cmocka_unit_test_teardown(test_parts_jumps_and_seal_alone, teardown_daemons),
         cmocka_unit_test_teardown(test_parts_abort_and_deadline, teardown_daemons),
+        cmocka_unit_test_teardown(test_parts_client_closed_mid_way, teardown_daemons),
         cmocka_unit_test_teardown(test_parts_bad_head_and_arguments, teardown_daemons),
         cmocka_unit_test_teardown(test_parts_rules_on_the_wire, teardown_daemons),
     };
