@@ -232,6 +232,11 @@ int kvf__client_io_counters(kvf_client *c, int i, kvf_client_counters *out)
     return 0;
 }
 
+int kvf_client_io_threads(const kvf_client *c)
+{
+    return c ? c->n_io : 0;
+}
+
 const char *kvf_client_transport(const kvf_client *c, char *why, size_t len)
 {
     if (why)

@@ -225,6 +225,9 @@ KVF_API int kvf_client_stats(kvf_client *c, size_t node_idx, char **json, int de
 /* The client's data path, "shm", "rdma" or "tcp"; why (may be NULL) gets the reason it was
  * chosen (for shm, which nodes use it and why the others do not). */
 KVF_API const char *kvf_client_transport(const kvf_client *c, char *why, size_t len);
+/* The I/O threads (engines) the client runs its connections on: io_threads as opened, bounded by
+ * conns_per_node. A get, put or put in parts large enough is split across them. */
+KVF_API int kvf_client_io_threads(const kvf_client *c);
 /* The read-only view of node node_idx's arena that the shared-memory path mapped: *base and *len,
  * for engines that copy or DMA from it themselves (register it with a GPU driver, say). Borrowed;
  * valid (mapped) until kvf_client_close(). Bytes in it are an object's only while a lease holds
