@@ -458,7 +458,7 @@ int kvf_connector_open(kvf_connector **out, const kvf_connector_opts *o, char *e
     cn->workers_given = o->workers;
     cn->trust_local = o->trust_local_store != 0;
     cn->save_whole = o->save_whole != 0;
-    cn->save_parts_shm = o->save_parts_shm != 0;
+    cn->save_parts_shm = o->save_parts_shm;
     pthread_mutex_init(&cn->mu, NULL);
     pthread_mutex_init(&cn->cu_mu, NULL);
     pthread_rwlock_init(&cn->lease_rw, NULL);

@@ -121,7 +121,7 @@ struct kvf_connector {
     int workers_given;  /* kvf_connector_opts.workers */
     int trust_local;    /* kvf_connector_opts.trust_local_store */
     int save_whole;     /* kvf_connector_opts.save_whole */
-    int save_parts_shm; /* kvf_connector_opts.save_parts_shm */
+    int save_parts_shm; /* kvf_connector_opts.save_parts_shm: 1, -1, or 0 (by I/O threads) */
     /* segment bytes of in-place loads hashed by the workers (kvf_connector_stats) */
     atomic_uint_fast64_t in_place_hashed;
     /* Set by registration, under mu and with no transfer in flight (connector.c). */

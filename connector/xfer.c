@@ -160,11 +160,20 @@ static void parts_say(kvf_xfer *x, kvf_op *op, int due, uint64_t upto)
     pthread_mutex_unlock(&x->mu);
 }
 
+/* Whether a save through cl goes in parts: over TCP yes; over shared memory as save_parts_shm
+ * says (0: where cl's parts spread over two I/O threads or more). */
+static int parts_here(const kvf_connector *cn, kvf_client *cl)
+{
+    if (strcmp(kvf_client_transport(cl, NULL, 0), "shm") != 0)
+        return 1;
+    return cn->save_parts_shm > 0 || (cn->save_parts_shm == 0 && kvf_client_io_threads(cl) >= 2);
+}
+
 /* Starts x's put in parts (x->parts 1, x->submitting set by the caller), with no lock held: its
  * keys are admitted now and its layers follow as they are gathered. Where the storage client
  * cannot (KVF_ENOTSUP: RDMA, a node that takes no parts), fails to, or runs over shared memory
- * without save_parts_shm, the batch is put whole once every layer is gathered, here if they
- * already are. */
+ * where save_parts_shm says whole (kvf_connector_opts), the batch is put whole once every layer
+ * is gathered, here if they already are. */
 static void start_parts(kvf_connector *cn, kvf_xfer *x)
 {
     kvf_batch b = save_batch(cn, x);
@@ -172,7 +181,7 @@ static void start_parts(kvf_connector *cn, kvf_xfer *x)
     kvf_op *op = NULL;
     kvf_client *cl = x->cr ? x->cr->cl : NULL;
     int rc = KVF_ENOTSUP;
-    if (cl && (cn->save_parts_shm || strcmp(kvf_client_transport(cl, NULL, 0), "shm") != 0))
+    if (cl && parts_here(cn, cl))
         rc = kvf_client_put_parts(cl, &b, cn->hdr_len, &op);
     if (rc == 0) {
         pthread_mutex_lock(&cn->mu);
