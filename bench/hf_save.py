@@ -33,6 +33,9 @@ from kvfabric.engine import Engine  # noqa: E402
 from hf_ttft import start_store  # noqa: E402
 
 
+SHM_PARTS = {"auto": None, "on": True, "off": False}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b", help="a name of kvfabric.models.CONFIGS "
@@ -46,9 +49,11 @@ def main():
     ap.add_argument("--save-whole", action="store_true",
                     help="the connector puts a save once its last layer is gathered, not in parts "
                     "(over TCP): the A/B of docs/connector.md's saves in parts")
-    ap.add_argument("--save-parts-shm", action="store_true",
-                    help="over shared memory, the save in parts too (over the store's Unix "
-                    "socket), where the connector's default puts it whole")
+    ap.add_argument("--save-parts-shm", nargs="?", const="on", default="auto",
+                    choices=["auto", "on", "off"],
+                    help="over shared memory, the save in parts (on, over the store's Unix "
+                    "socket) or whole (off, through the staging regions); auto: the "
+                    "connector's default (parts where its client runs two I/O threads or more)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     if a.prompt < 1 or a.rounds < 1:
@@ -69,7 +74,8 @@ def main():
     after_pass = {"beside": [], "after": []}
     try:
         with kvf.Connector(layout, nodes=[addr], salt=f"hf-save-{os.getpid()}",
-                           save_whole=a.save_whole, save_parts_shm=a.save_parts_shm) as cn:
+                           save_whole=a.save_whole,
+                           save_parts_shm=SHM_PARTS[a.save_parts_shm]) as cn:
             eng = Engine(model, layout, factory, connector=cn, save_beside_tokens=0,
                          max_tokens=a.prompt + 2 * layout.chunk_tokens)
             transport = cn.transport()[0]

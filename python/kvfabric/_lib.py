@@ -249,6 +249,7 @@ _SIGNATURES = {
     "kvf_client_clear": (c_int, [c_void_p, _P(c_uint64), c_int]),
     "kvf_client_stats": (c_int, [c_void_p, c_size_t, _P(c_void_p), c_int]),
     "kvf_client_transport": (c_char_p, [c_void_p, c_char_p, c_size_t]),
+    "kvf_client_io_threads": (c_int, [c_void_p]),
     "kvf_connector_open": (c_int, [_P(c_void_p), _P(ConnectorOpts), c_char_p, c_size_t]),
     "kvf_connector_close": (None, [_P(c_void_p)]),
     "kvf_connector_register": (c_int, [c_void_p, _P(KVLayer), c_uint32, c_char_p, c_size_t]),

@@ -181,6 +181,11 @@ class Client(_Handle):
                                            self.deadline_ms), "exists")
         return [bool(present[i]) for i in range(len(keys))]
 
+    def io_threads(self) -> int:
+        """The I/O threads the client runs its connections on (a large enough get, put or save
+        in parts is split across them)."""
+        return int(_lib.lib().kvf_client_io_threads(self._handle()))
+
     def node_of(self, key: KeyLike) -> int:
         """The index (in `nodes`) of the node `key` is placed on now (rendezvous hashing; with
         rerouting on, a node marked down passes its keys to the next)."""

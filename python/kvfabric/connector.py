@@ -224,8 +224,9 @@ class Connector(_Handle):
     /kvfabric/`cluster`/stores/, followed by a watch: each change is used as etcd tells it.
     A save over TCP is put in parts as its layers are gathered (docs/connector.md); with
     `save_whole` it is put once its last layer is (stats()["saves_in_parts"] counts the former).
-    Over shared memory a save is put whole unless `save_parts_shm` (parts over the store's Unix
-    socket).
+    Over shared memory `save_parts_shm` decides: True puts in parts (over the store's Unix
+    socket), False whole (through the staging regions), None (the default) in parts where the
+    storage client runs two I/O threads or more (hosts of 8 cores or more), else whole.
 
     >>> cn = Connector(layout, nodes=["127.0.0.1:7400"])
     >>> cn.register(pages_from_tensors(layout, kv_caches))
@@ -244,7 +245,7 @@ class Connector(_Handle):
                  conns_per_node: int = 0, staging_bytes: int = 0,
                  trust_local_store: bool = False, stores_refresh_ms: int = 0,
                  etcd: Optional[str] = None, cluster: Optional[str] = None,
-                 save_whole: bool = False, save_parts_shm: bool = False) -> None:
+                 save_whole: bool = False, save_parts_shm: Optional[bool] = None) -> None:
         self.layout = layout
         self._h = None
         self._held: Tuple[Any, ...] = ()
@@ -266,7 +267,7 @@ class Connector(_Handle):
         o.etcd = etcd.encode() if etcd else None
         o.cluster = cluster.encode() if cluster else None
         o.save_whole = 1 if save_whole else 0
-        o.save_parts_shm = 1 if save_parts_shm else 0
+        o.save_parts_shm = 0 if save_parts_shm is None else 1 if save_parts_shm else -1
         h = ctypes.c_void_p()
         err = ctypes.create_string_buffer(400)
         check(_lib.lib().kvf_connector_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),

@@ -58,6 +58,8 @@ REPORT_EVERY_S = 5.0
 ACKS = 1024
 ACK_KEEP_S = 5.0
 MAX_TICKET = 1 << 53
+# --save-parts-shm to the connector's save_parts_shm
+SHM_PARTS = {"auto": None, "on": True, "off": False}
 
 
 def _log(level: str, msg: str) -> None:
@@ -767,10 +769,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-whole", action="store_true",
                    help="a prefill's save is put once its last layer is gathered, not in parts "
                    "as its layers are (over TCP; the default puts in parts: docs/connector.md)")
-    p.add_argument("--save-parts-shm", action="store_true",
-                   help="to a store on this host reached over shared memory, a prefill's save is "
-                   "put in parts too, over the store's Unix socket (the default there: whole, "
-                   "through the staging regions; docs/connector.md)")
+    p.add_argument("--save-parts-shm", nargs="?", const="on", default="auto",
+                   choices=["auto", "on", "off"],
+                   help="to a store on this host reached over shared memory, a prefill's save in "
+                   "parts too, over the store's Unix socket (on), or whole through the staging "
+                   "regions (off); auto (the default): in parts where the storage client runs "
+                   "two I/O threads or more (8 cores or more; docs/connector.md)")
     p.add_argument("--connector-workers", type=int, default=0,
                    help="the connector's worker threads (0: its default)")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
@@ -879,7 +883,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             cn = Connector(layout, nodes=stores or None, sched=a.sched or None,
                            etcd=None if stores else (a.etcd or None), cluster=a.cluster,
                            workers=a.connector_workers, trust_local_store=a.trust_local_store,
-                           save_whole=a.save_whole, save_parts_shm=a.save_parts_shm)
+                           save_whole=a.save_whole,
+                           save_parts_shm=SHM_PARTS[a.save_parts_shm])
         except KvfError as e:
             if stores or a.sched or e.name != "KVF_ECONNREFUSED":
                 raise
