@@ -8,6 +8,7 @@
  * must all be closed by the end. Also run under ASan and TSan (tests/run.sh): the holds that keep
  * a client open for its transfers are what this exercises.
  */
+#define _GNU_SOURCE /* sched_getaffinity, as core/cpus.c counts the cores */
 #include <inttypes.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -507,8 +508,9 @@ typedef struct one_node {
     kvf_connector *cn;
 } one_node;
 
-static void one_node_open(one_node *f, const char *store_flags, const char *name, uint32_t mul,
-                          uint32_t add)
+/* f's connector asks save_parts_shm (kvf_connector_opts) */
+static void one_node_open_parts(one_node *f, const char *store_flags, const char *name,
+                                uint32_t mul, uint32_t add, int parts_shm)
 {
     daemon_start(&f->a, "64M", store_flags);
     f->l = test_layout(name);
@@ -520,11 +522,21 @@ static void one_node_open(one_node *f, const char *store_flags, const char *name
         f->t[i] = (uint32_t)(i * mul + add);
     char err[400];
     const char *nodes[] = {f->a.addr};
-    kvf_connector_opts o = {
-        .nodes = nodes, .n_nodes = 1, .layout = f->l, .deadline_ms = 3000, .salt = name};
+    kvf_connector_opts o = {.nodes = nodes,
+                            .n_nodes = 1,
+                            .layout = f->l,
+                            .deadline_ms = 3000,
+                            .salt = name,
+                            .save_parts_shm = parts_shm};
     assert_int_equal(kvf_connector_open(&f->cn, &o, err, sizeof err), 0);
     usleep(100000); /* the node's HELLO is in: a save may go in parts */
     assert_int_equal(kvf_connector_register(f->cn, f->rs, LAYERS, err, sizeof err), 0);
+}
+
+static void one_node_open(one_node *f, const char *store_flags, const char *name, uint32_t mul,
+                          uint32_t add)
+{
+    one_node_open_parts(f, store_flags, name, mul, add, 0);
 }
 
 static void one_node_close(one_node *f)
@@ -544,13 +556,24 @@ static void one_node_register_src(one_node *f)
     assert_int_equal(kvf_connector_register(f->cn, f->rs, LAYERS, err, sizeof err), 0);
 }
 
-/* Over shared memory a save is put whole through the staging regions unless save_parts_shm asks
- * for parts, its layers coming over time as they may. */
-static void test_save_over_shm_whole_by_default(void **state)
+/* Whether this process has the cores for a storage client of two I/O threads or more (a
+ * quarter of the cores each, the client's default): 8 or more. */
+static int many_cores(void)
 {
-    (void)state;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0)
+        return CPU_COUNT(&set) >= 8;
+    return sysconf(_SC_NPROCESSORS_ONLN) >= 8;
+}
+
+/* Over shared memory a save is put in parts (over the node's Unix socket) or whole (through the
+ * staging regions) as save_parts_shm says: -1 whole, 1 parts, 0 (the default) parts where the
+ * storage client runs two I/O threads or more (kvf_client_io_threads), its layers coming over
+ * time as they may. */
+static void save_over_shm(int parts_shm, int in_parts)
+{
     static one_node f;
-    one_node_open(&f, "", "shm-whole", 11, 5);
+    one_node_open_parts(&f, "", "shm-whole", 11, 5 + (uint32_t)(parts_shm + 1), parts_shm);
     assert_string_equal(kvf_connector_transport(f.cn, NULL, 0), "shm");
     kvf_xfer *x;
     assert_int_equal(kvf_connector_save(f.cn, f.t, f.n, 0, f.ids, f.np, &x), 0);
@@ -564,10 +587,19 @@ static void test_save_over_shm_whole_by_default(void **state)
     kvf_connector_stats st;
     kvf_connector_stats_get(f.cn, &st);
     assert_int_equal(st.saves, 1);
-    assert_int_equal(st.saves_in_parts, 0);
-    assert_true(st.shm_bytes > 0);
+    assert_int_equal(st.saves_in_parts, in_parts);
+    if (!in_parts)
+        assert_true(st.shm_bytes > 0); /* the staging regions carried it */
     one_node_close(&f);
     daemon_stop(&f.a);
+}
+
+static void test_save_over_shm_whole_or_parts(void **state)
+{
+    (void)state;
+    save_over_shm(-1, 0);
+    save_over_shm(1, 1);
+    save_over_shm(0, many_cores());
 }
 
 /* A save of f's tokens, its first layer reported (gathered and sent in parts meanwhile), and then
@@ -658,7 +690,7 @@ int main(void)
         cmocka_unit_test_teardown(test_stores_change_under_transfers, teardown_daemons),
         cmocka_unit_test_teardown(test_cancel_after_the_last_layer, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_beside_a_pass, teardown_daemons),
-        cmocka_unit_test_teardown(test_save_over_shm_whole_by_default, teardown_daemons),
+        cmocka_unit_test_teardown(test_save_over_shm_whole_or_parts, teardown_daemons),
         cmocka_unit_test_teardown(test_save_in_parts_node_dies, teardown_daemons),
         cmocka_unit_test_teardown(test_free_an_unfinished_save, teardown_daemons),
     };

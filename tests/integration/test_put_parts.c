@@ -205,6 +205,8 @@ static kvf_client *two_nodes_over(daemon_t *a, daemon_t *b, const char *transpor
     if (kvf_client_open(&c, &o, err, sizeof err) != 0)
         fail_msg("client open: %s", err);
     assert_string_equal(kvf_client_transport(c, NULL, 0), transport);
+    if (io > 0)
+        assert_int_equal(kvf_client_io_threads(c), io); /* 4 connections a node: room for 3 */
     return c;
 }
 

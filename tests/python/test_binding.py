@@ -121,6 +121,8 @@ class TestClient(unittest.TestCase):
         with kvf.Client([self.store.addr], ks.seed) as c:
             self.assertEqual(c.nodes, 1)
             self.assertIn(c.transport()[0], ("shm", "tcp"))
+            # a quarter of the cores, one at least (and at most 8), by default
+            self.assertEqual(c.io_threads(), min(8, max(1, len(os.sched_getaffinity(0)) // 4)))
             self.assertEqual(c.put(keys, objs), ["KVF_OK"] * 3)
             self.assertEqual(c.put(keys[:1], objs[:1]), ["KVF_EEXIST"])
             self.assertEqual(c.exists(keys), [True, True, True])
@@ -536,13 +538,16 @@ class TestConnector(unittest.TestCase):
 
     def test_save_in_parts_over_tcp(self):
         """Over TCP a save is put in parts as its layers are reported (stats' saves_in_parts);
-        with save_whole it is put once they all are; over shared memory it is put whole unless
-        save_parts_shm (parts over the store's Unix socket); every page comes back as saved."""
+        with save_whole it is put once they all are; over shared memory it is put whole or in parts
+        (over the store's Unix socket) as save_parts_shm says, by default in parts where the
+        storage client runs two I/O threads or more (8 cores or more); every page comes back as
+        saved."""
         l = self.layout
         a, b = Store(extra=("--shm", "off")), Store()
         try:
-            cases = [(a, False, False, 1), (a, True, False, 0), (b, False, False, 0),
-                     (b, False, True, 1)]
+            many = len(os.sched_getaffinity(0)) >= 8
+            cases = [(a, False, None, 1), (a, True, None, 0), (b, False, False, 0),
+                     (b, False, True, 1), (b, False, None, int(many))]
             for k, (st_, whole, parts_shm, in_parts) in enumerate(cases):
                 src, dst = HostKV(l, 64, seed=31), HostKV(l, 64, seed=32)
                 t = tokens(4 * l.chunk_tokens, 33 + k)
