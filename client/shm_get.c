@@ -157,10 +157,12 @@ static int lease_held(const leased *l)
 }
 
 /* Copies and verifies the leased hits: whole objects, or layer by layer (reporting each layer of
- * the share once every hit has it). A hit whose lease ended before its copy was checked is a
- * miss. Returns the bytes delivered. */
+ * the share once every hit has it). A hit whose lease ended before its copy was checked is asked
+ * again over TCP: a whole object's key goes to again (its first node's; a nearer holder's key is
+ * the caller's to ask again, by its status), a stream's to kvf__shm_retry_tail. Returns the bytes
+ * delivered. */
 uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_t L,
-                              uint64_t *expired, uint64_t *failed)
+                              uint64_t *expired, uint64_t *failed, uint32_t *again, size_t *n_again)
 {
     uint64_t bytes = 0;
     if (!stream) {
@@ -174,6 +176,8 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
                 if (!lease_held(l)) {
                     k->p.st[x] = KVF_ENOENT;
                     (*expired)++;
+                    if (!k->near[x])
+                        again[(*n_again)++] = x;
                 } else if (rc || !kvf_key_eq(&in.key, &k->p.keys[x])) {
                     k->p.st[x] = rc ? rc : KVF_EPROTO;
                     (*failed)++;
@@ -204,15 +208,15 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
                 }
             }
             if (!lease_held(l)) {
-                /* a nearer holder's hits are asked again of their first node (the layers they
-                 * lack, once it has them); the first node's own are misses */
+                /* the hits are asked again over TCP, a nearer holder's of their first node (the
+                 * layers they lack, once it has them) */
                 size_t *hs = malloc(l->n * sizeof *hs), nr = 0;
                 for (size_t h = 0; h < l->n; h++) {
                     uint32_t x = l->pos[h];
                     if (k->p.st[x])
                         continue;
                     (*expired)++;
-                    if (hs && k->near[x])
+                    if (hs)
                         hs[nr++] = h;
                     else
                         k->p.st[x] = KVF_ENOENT;

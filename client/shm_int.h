@@ -87,8 +87,8 @@ struct sub {
      * key it does not have (or cannot serve) is asked of the first node over TCP (in node's
      * block, after it) */
     uint8_t *near;
-    /* a TCP sub asking again, of their first node, keys of a streamed get whose nearer holder's
-     * lease ended mid-copy (kvf__shm_retry_tail): per key, the object read whole into a buffer of
+    /* a TCP sub asking again keys of a streamed get whose lease ended mid-copy
+     * (kvf__shm_retry_tail): per key, the object read whole into a buffer of
      * its own (got, the part's buffer), the engine's buffer and where the layers not delivered
      * yet start in it */
     struct sub_tail {
@@ -195,8 +195,8 @@ int kvf__shm_node_ready(worker *w, size_t node, uint64_t deadline_ns);
 /* Sub k delivered `layers` layers of every key it still has a hit for; its keys' statuses go to
  * the parent first. */
 void kvf__shm_sub_layers(sub *k, uint32_t layers);
-/* Keys xs of share k (n of them, a streamed get's hits on a holder nearer than their first
- * node) whose lease ended while layer `layer` was copied: asked again of their first node over TCP,
+/* Keys xs of share k (n of them, a streamed get's hits) whose lease ended while layer `layer` was
+ * copied: asked again over TCP (a nearer holder's keys of their first node),
  * whole, into buffers of their own; where that object is the one whose earlier layers were
  * delivered (the same header, every segment's checksum in it), its layers from `layer` on are
  * copied into the engine's buffer, else the key is a miss. The sub holds the op's later layers
@@ -214,9 +214,12 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
                         uint64_t deadline_ns, int stream, uint32_t *layers, leased *l);
 /* Releases l without waiting for the answer. */
 void kvf__shm_release(worker *w, leased *l, uint64_t deadline_ns);
-/* Copies and verifies the nl leases' hits (layer by layer for a stream); returns the bytes. */
+/* Copies and verifies the nl leases' hits (layer by layer for a stream); returns the bytes. A
+ * plain get's hits on their first node whose lease ended mid-copy are misses listed in again (room
+ * for the share's keys) for the caller to ask over TCP. */
 uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_t L,
-                              uint64_t *expired, uint64_t *failed);
+                              uint64_t *expired, uint64_t *failed, uint32_t *again,
+                              size_t *n_again);
 /* Staged get of the n keys at pos (on node) through w's staging region. */
 void kvf__shm_get_staged(worker *w, sub *k, size_t node, const uint32_t *pos, size_t n,
                          uint64_t deadline_ns, int stream, uint32_t *layers, uint32_t *fb,

@@ -430,6 +430,7 @@ static void to_tcp(kvf_client *c, sub *k, const uint32_t *fb, size_t n, size_t c
 
 void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, uint32_t layer)
 {
+    uint64_t near = 0;
     sub *t = n ? sub_new(k->a, n, 1) : NULL;
     if (t && !(t->tail = calloc(n, sizeof *t->tail))) {
         sub_end(t, 0); /* no keys yet: it only leaves */
@@ -444,7 +445,8 @@ void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, ui
         }
         size_t j = t->p.b.n;
         kvf__part_add(&t->p, k->a->pb, k->p.idx[x]);
-        t->p.nodes[j] = KVF_NODE_ANY; /* asked of its own node */
+        if (k->near[x] && t->p.nodes)
+            t->p.nodes[j] = KVF_NODE_ANY; /* asked of its own node */
         t->tail[j] = (struct sub_tail){.dst = k->p.bufs[x],
                                        .got = got,
                                        .from = l->segoff[hs[i]] -
@@ -452,11 +454,12 @@ void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, ui
         t->p.bufs[j] = got;
         k->p.idx[x] = MOVED;
         k->p.st[x] = KVF_ENOENT; /* k copies nothing more of it (and reports nothing of it) */
+        near += k->near[x];
     }
     if (!t)
         return;
     pthread_mutex_lock(&k->a->p->cmu);
-    k->a->p->cnt.near_misses += t->p.b.n;
+    k->a->p->cnt.near_misses += near;
     pthread_mutex_unlock(&k->a->p->cmu);
     if (!t->p.b.n)
         sub_end(t, 0);
@@ -476,13 +479,14 @@ static void run_share(worker *w, sub *k)
     int stream = get && (k->a->pb->flags & KVF_GET_STREAM);
     size_t n = k->p.b.n ? k->p.b.n : 1;
     uint32_t *pos = malloc(n * sizeof *pos), *fb = malloc(n * sizeof *fb);
+    uint32_t *again = malloc(n * sizeof *again);
     /* A node's keys are leased MAX_KEYS at a time: one entry per request. */
     size_t cap_ls = p->n + k->p.b.n / MAX_KEYS + 1;
     leased *ls = calloc(cap_ls, sizeof *ls);
-    size_t n_fb = 0, nl = 0;
+    size_t n_fb = 0, nl = 0, n_again = 0;
     uint32_t layers = 0;
     uint64_t expired = 0, failed = 0, bytes = 0;
-    if (!pos || !fb || !ls) {
+    if (!pos || !fb || !again || !ls) {
         for (size_t i = 0; i < k->p.b.n; i++)
             k->p.st[i] = KVF_ENOMEM;
         goto out;
@@ -543,12 +547,13 @@ static void run_share(worker *w, sub *k)
      * under a new name until the engines' next HELLO says so), or a nearer holder lacked them. */
     to_tcp(c, k, fb, n_fb, n_fb - near_missed);
     if (get && nl)
-        bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed);
-    if (get && !stream && near && nl) {
+        bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed, again, &n_again);
+    if (get && !stream && nl) {
         /* a nearer holder's hit whose lease ended during its copy, or that did not check: asked
-         * of the first node too (a plain get reports no layers, so a sub may still join) */
+         * of the first node too; a first node's hit whose lease ended, asked of it again, over
+         * TCP (a plain get reports no layers, so a sub may still join) */
         size_t n2 = 0;
-        for (size_t i = 0; i < k->p.b.n; i++) {
+        for (size_t i = 0; near && i < k->p.b.n; i++) {
             int st = k->p.st[i];
             if (k->near[i] && k->p.idx[i] != MOVED && st && st != KVF_E2BIG && st != KVF_ELAYOUT) {
                 k->p.st[i] = 0;
@@ -560,6 +565,10 @@ static void run_share(worker *w, sub *k)
             p->cnt.near_misses += n2;
             pthread_mutex_unlock(&p->cmu);
         }
+        for (size_t i = 0; i < n_again; i++) {
+            k->p.st[again[i]] = 0;
+            fb[n2++] = again[i];
+        }
         to_tcp(c, k, fb, n2, 0);
     }
     for (size_t g = 0; g < nl; g++)
@@ -570,7 +579,7 @@ static void run_share(worker *w, sub *k)
 out:
     for (size_t g = 0; g < cap_ls && ls; g++)
         free(ls[g].pos), free(ls[g].info), free(ls[g].src), free(ls[g].segoff);
-    free(ls), free(pos), free(fb);
+    free(ls), free(pos), free(fb), free(again);
     sub_end(k, 0);
 }
 

@@ -57,9 +57,9 @@ typedef struct kvf_client_opts {
     /* input: path of a credential file (`kvf auth new`) to authenticate with, on nodes that
      * require it; NULL: $KVF_CREDENTIAL where set, else none; "": none. Read at open, not kept. */
     const char *credential;
-    /* input: shared memory: the lease asked for each get's objects (0: 2000 ms; a copy that
-     * outlasts it is a miss), and each worker's staging region per node (0: 64 MiB; objects
-     * larger go over TCP where a staging region is needed). */
+    /* input: shared memory: the lease asked for each get's objects (0: 2000 ms; a key whose copy
+     * outlasts it is asked again over TCP, once), and each worker's staging region per node (0: 64
+     * MiB; objects larger go over TCP where a staging region is needed). */
     uint32_t shm_lease_ms;
     uint64_t shm_staging_bytes;
 } kvf_client_opts;
@@ -265,7 +265,8 @@ typedef struct kvf_client_counters {
     uint64_t bytes_sent, bytes_received;
     uint64_t requests, failed_keys, reconnects;
     /* shared memory: the bytes of those above that it moved, keys whose lease ended during their
-     * copy (misses), and keys that went over TCP because their node's socket was unreachable */
+     * copy (asked again over TCP), and keys that went over TCP because their node's socket was
+     * unreachable */
     uint64_t shm_bytes_sent, shm_bytes_received, shm_lease_expired, shm_fallback_keys;
     /* hot keys read from a holder on this host rather than their first node, which is not (a
      * replica: docs/store.md), and of those the ones it did not have, asked of the first node */
