@@ -140,7 +140,13 @@ def phase_fill(tmp):
         for i in range(0, len(keys), 4):
             st = c.put(keys[i:i + 4], objs[i:i + 4])
             check(st == ["KVF_OK"] * 4, "put %d: %r" % (i, st))
-            time.sleep(0.002)  # a paced writer: the demotion queue keeps up
+            # a paced writer, so that the demotion queue (8 MiB) keeps up: it waits (bounded)
+            # while half the queue is pending (a slow disk or a sanitizer build writes slower
+            # than this loop puts, and a full queue drops what eviction would demote, by design)
+            for _ in range(100):
+                if c.stats()["disk"]["pending_bytes"] <= 4 << 20:
+                    break
+                time.sleep(0.01)
         d = settle(c, "fill")
         check(d["demoted"] > 250, "fill: only %d entries demoted" % d["demoted"])
         n = read_back(c, keys, objs, "fill")
