@@ -338,8 +338,8 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
             continue;
         }
         pthread_mutex_lock(&p->ctl_mu[node]);
-        rc = lease_on(p, node, keys, pos, m, lease_ms ? lease_ms : p->lease_ms, objs, lens, status,
-                      l, deadline_ns);
+        rc = lease_on(p, node, keys, pos, m, lease_ms ? lease_ms : atomic_load(&p->lease_ms), objs,
+                      lens, status, l, deadline_ns);
         pthread_mutex_unlock(&p->ctl_mu[node]);
         if (rc == KVF_ETIMEDOUT)
             kvf__node_mark_down(&c->nodes[node]);

@@ -51,7 +51,7 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
         return KVF_ENOMEM;
     }
     kvf__put_u64(req, p->c->o.ns);
-    kvf__put_u32(req + 8, p->lease_ms);
+    kvf__put_u32(req + 8, atomic_load(&p->lease_ms));
     kvf__put_u32(req + 12, 0);
     for (size_t i = 0; i < n; i++)
         kvf__wire_key_put(req + 16 + 16 * i, &k->p.keys[pos[i]]);

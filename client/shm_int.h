@@ -16,18 +16,19 @@
 
 #include <sys/types.h>
 
-#define STAGING_BYTES   (64ull << 20)
-#define LEASE_MS        2000u
-#define LEASE_MARGIN_NS 2000000ull
-#define MAX_KEYS        4096u
-#define RETRY_NS        (200ull * 1000000u)
-#define PROBE_NS        (200ull * 1000000u) /* a node on this host answers HELLO in well under 1 ms */
-#define SPLIT_MIN_BYTES (1ull << 20)
-#define PUT_ROUND       (4ull << 20)
-#define RELEASES_MAX    16
-#define SHM_MAX_WORKERS 16 /* copying is memory-bound well before this many */
-#define ALIGN           64u
-#define MOVED           UINT32_MAX /* a sub's key handed to another sub */
+#define STAGING_BYTES      (64ull << 20)
+#define LEASE_MS           2000u
+#define LEASE_MARGIN_NS    2000000ull
+#define LEASE_GROWN_MAX_MS 16000u
+#define MAX_KEYS           4096u
+#define RETRY_NS           (200ull * 1000000u)
+#define PROBE_NS           (200ull * 1000000u) /* a node on this host answers HELLO in well under 1 ms */
+#define SPLIT_MIN_BYTES    (1ull << 20)
+#define PUT_ROUND          (4ull << 20)
+#define RELEASES_MAX       16
+#define SHM_MAX_WORKERS    16 /* copying is memory-bound well before this many */
+#define ALIGN              64u
+#define MOVED              UINT32_MAX /* a sub's key handed to another sub */
 
 /* A read-only view of one store process's arena, and the store's address of its base. A node
  * restarted is another arena (another memfd): each connection uses the view of the store it is
@@ -145,7 +146,10 @@ struct kvf__shm_path {
     pthread_mutex_t *ctl_mu;
     int W;
     worker *w;
-    uint32_t lease_ms;
+    /* the lease asked for gets: shm_lease_ms where the caller set it, else the default, doubled
+     * (up to LEASE_GROWN_MAX_MS) after each get of which a lease ran out mid-copy */
+    _Atomic uint32_t lease_ms;
+    int lease_set;
     uint64_t staging;
     pthread_mutex_t mu; /* guards the workers' queues and stop */
     int stop;

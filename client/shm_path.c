@@ -548,6 +548,14 @@ static void run_share(worker *w, sub *k)
     to_tcp(c, k, fb, n_fb, n_fb - near_missed);
     if (get && nl)
         bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed, again, &n_again);
+    if (expired && !p->lease_set) {
+        /* this host copies slower than the lease allows (a loaded machine, a sanitizer build):
+         * the next gets ask twice as long, up to LEASE_GROWN_MAX_MS */
+        uint32_t was = atomic_load(&p->lease_ms);
+        uint32_t grown = was * 2 < LEASE_GROWN_MAX_MS ? was * 2 : LEASE_GROWN_MAX_MS;
+        while (was < grown && !atomic_compare_exchange_weak(&p->lease_ms, &was, grown))
+            grown = was * 2 < LEASE_GROWN_MAX_MS ? was * 2 : LEASE_GROWN_MAX_MS;
+    }
     if (get && !stream && nl) {
         /* a nearer holder's hit whose lease ended during its copy, or that did not check: asked
          * of the first node too; a first node's hit whose lease ended, asked of it again, over
@@ -841,7 +849,8 @@ int kvf__path_shm_open(kvf_client *c, char *why, size_t whylen)
     pthread_mutex_init(&p->lmu, NULL);
     p->c = c;
     p->n = c->n_nodes;
-    p->lease_ms = c->o.shm_lease_ms ? c->o.shm_lease_ms : LEASE_MS;
+    p->lease_set = c->o.shm_lease_ms != 0;
+    atomic_init(&p->lease_ms, p->lease_set ? c->o.shm_lease_ms : LEASE_MS);
     p->staging = c->o.shm_staging_bytes ? c->o.shm_staging_bytes : STAGING_BYTES;
     /* Copying is the whole of the work: as many workers as cores, within bounds. */
     int cores = kvf__cores();

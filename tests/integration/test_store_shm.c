@@ -585,6 +585,44 @@ static void test_shm_lease_end_asks_again_over_tcp(void **state)
     daemon_stop(&d);
 }
 
+/* The default lease grows where this host copies slower than it allows: a streamed get whose
+ * engine holds layer 0 for 2.5 s outlasts the 2 s default (its later layers come over TCP); the
+ * next get asks 4 s, and the same hold outlasts nothing. A lease the caller set stays as set. */
+static void test_shm_default_lease_grows(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "64M", "--threads 1");
+    int st[16];
+    kvf_client_counters k0, k;
+    for (int set = 0; set < 2; set++) {
+        kvf_client *c = client_open_opts(&d, (kvf_client_opts){.shm_lease_ms = set ? 2000 : 0});
+        if (!set) {
+            put_keys(c, 0, 16, 3, 256 * 1024, st);
+            for (int i = 0; i < 16; i++)
+                assert_int_equal(st[i], 0);
+        }
+        for (int round = 0; round < 2; round++) {
+            kvf_client_counters_get(c, &k0);
+            struct late_layer late = {.sleep_ms = 2500};
+            assert_int_equal(
+                get_ids_late(c, NULL, 0, 16, 256 * 1024, KVF_GET_STREAM, st, NULL, NULL, &late),
+                16);
+            assert_int_equal(atomic_load(&layers_seen), LAYERS);
+            kvf_client_counters_get(c, &k);
+            uint64_t expired = k.shm_lease_expired - k0.shm_lease_expired;
+            print_message("%s lease, get %d: %llu lease(s) ended mid-copy\n",
+                          set ? "a set" : "the default", round, (unsigned long long)expired);
+            if (round == 0 || set)
+                assert_int_equal(expired, 16);
+            else
+                assert_int_equal(expired, 0);
+        }
+        kvf_client_close(&c);
+    }
+    daemon_stop(&d);
+}
+
 /* Leases for engines that read the view themselves: the objects are where the lease says, intact,
  * while it holds; a lease too short to cover a read says so; a client without a view is told to
  * use get; releasing lets the node free the blocks. */
@@ -1105,6 +1143,7 @@ int main(void)
         cmocka_unit_test_teardown(test_shm_stream_reports_misses_first, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_churn_never_wrong, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_lease_end_asks_again_over_tcp, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_default_lease_grows, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_leases_in_place, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_store_restart_reconnects, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_malicious_client_cannot_write, teardown_daemons),
