@@ -51,7 +51,8 @@ int kvf__shm_lease_node(worker *w, sub *k, size_t node, const uint32_t *pos, siz
         return KVF_ENOMEM;
     }
     kvf__put_u64(req, p->c->o.ns);
-    kvf__put_u32(req + 8, atomic_load(&p->lease_ms));
+    l->asked_ms = atomic_load(&p->lease_ms);
+    kvf__put_u32(req + 8, l->asked_ms);
     kvf__put_u32(req + 12, 0);
     for (size_t i = 0; i < n; i++)
         kvf__wire_key_put(req + 16 + 16 * i, &k->p.keys[pos[i]]);
@@ -201,6 +202,8 @@ uint64_t kvf__shm_copy_leased(sub *k, leased *ls, size_t nl, int stream, uint32_
                 uint8_t *d = (uint8_t *)k->p.bufs[x] + o;
                 memcpy(d, l->src[h] + o, sg.stored_len);
                 if (kvf__xxh3(d, sg.stored_len) != sg.stored_xxh) {
+                    if (!lease_held(l))
+                        continue; /* overwritten once the lease ended: asked again below */
                     k->p.st[x] = KVF_ECHECKSUM;
                     (*failed)++;
                 } else {

@@ -114,6 +114,7 @@ struct agg {
 typedef struct leased {
     size_t node;
     uint64_t id, until_ns, epoch; /* epoch: of the connection it was taken on */
+    uint32_t asked_ms;            /* the lease asked for */
     size_t n;
     uint32_t *pos;
     kvf_obj_info *info;

@@ -185,8 +185,8 @@ static void tcp_layer(kvf_op *op, uint32_t l, void *ud)
 
 /* A retried key's object read whole (struct sub_tail): its layers not delivered yet go into the
  * engine's buffer where it is the object whose earlier layers were; else the key is a miss. A
- * retry that fails is a miss too, never the op's failure: the key was a hit of the nearer holder
- * until its lease ended. */
+ * retry that fails is a miss too, never the op's failure: the key was a hit until its lease ended
+ * (or, of a nearer holder, a hit there). */
 static void tail_done(kvf_op *op, int status, void *ud)
 {
     (void)op;
@@ -550,11 +550,12 @@ static void run_share(worker *w, sub *k)
         bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed, again, &n_again);
     if (expired && !p->lease_set) {
         /* this host copies slower than the lease allows (a loaded machine, a sanitizer build):
-         * the next gets ask twice as long, up to LEASE_GROWN_MAX_MS */
-        uint32_t was = atomic_load(&p->lease_ms);
+         * the next gets ask twice as long, up to LEASE_GROWN_MAX_MS; once for all the shares
+         * (and gets) that asked the same lease */
+        uint32_t was = ls[0].asked_ms;
         uint32_t grown = was * 2 < LEASE_GROWN_MAX_MS ? was * 2 : LEASE_GROWN_MAX_MS;
-        while (was < grown && !atomic_compare_exchange_weak(&p->lease_ms, &was, grown))
-            grown = was * 2 < LEASE_GROWN_MAX_MS ? was * 2 : LEASE_GROWN_MAX_MS;
+        if (was < grown)
+            atomic_compare_exchange_strong(&p->lease_ms, &was, grown);
     }
     if (get && !stream && nl) {
         /* a nearer holder's hit whose lease ended during its copy, or that did not check: asked

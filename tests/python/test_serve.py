@@ -763,11 +763,18 @@ class TestSaveBeside(unittest.TestCase):
             cn.save = spy
             for i, layer in enumerate(pre.layers):
                 layer.register_forward_pre_hook(lambda m, a, i=i: log.append(("run", i)))
+            # the first pass pauses before its second layer, as a real model's layer takes
+            # time: the save's first layer is gathered while the pass runs, so the save is
+            # paced and goes in parts (a loaded machine gathered a tiny model's first layer
+            # only after every layer was reported, and put the save whole, rightly)
+            pause = [0.3]
+            pre.layers[1].register_forward_pre_hook(lambda m, a: time.sleep(pause[0]))
             # 1. beside the pass, in order
             toks = prompt(150, 81)
             want = TestLoadOrRecompute.reference(model, factory, toks, 4)
             log.clear()  # (the reference ran the layers too)
             p = pre.run("prefill", toks)
+            pause[0] = 0
             self.assertIn("saved beside the forward pass, layer by layer", p.notes)
             self.assertEqual((p.saved_tokens, p.tail_saved), (128, True))
             L = layout.layers
