@@ -613,8 +613,10 @@ static void test_shm_default_lease_grows(void **state)
             uint64_t expired = k.shm_lease_expired - k0.shm_lease_expired;
             print_message("%s lease, get %d: %llu lease(s) ended mid-copy\n",
                           set ? "a set" : "the default", round, (unsigned long long)expired);
+            /* the hold stalls the worker that reports layer 0: its share's keys outlast the
+             * lease (another worker's share may be copied whole meanwhile) */
             if (round == 0 || set)
-                assert_int_equal(expired, 16);
+                assert_true(expired > 0 && expired <= 16);
             else
                 assert_int_equal(expired, 0);
         }
