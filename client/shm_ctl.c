@@ -218,7 +218,8 @@ struct kvf_lease {
         uint64_t id, epoch;
         const sview *view; /* held: the objects stay mapped until the release */
     } held[KVF_CLIENT_MAX_NODES];
-    uint64_t until_ns; /* the earliest of the nodes' leases' ends, less a margin */
+    uint64_t until_ns;  /* the earliest of the nodes' leases' ends, less a margin */
+    uint32_t grow_from; /* the client's default lease, which it asked (0: the caller's own) */
 };
 
 /* RDMA_GET of the keys at pos (all on node) over its control connection (lock held): each hit's
@@ -317,6 +318,8 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
         return KVF_ENOMEM;
     }
     l->c = c;
+    uint32_t asked = lease_ms ? lease_ms : atomic_load(&p->lease_ms);
+    l->grow_from = lease_ms || p->lease_set ? 0 : asked;
     pthread_mutex_lock(&p->lmu); /* listed from the start: kvf_lease_release() unlinks it */
     l->next = p->leases;
     if (p->leases)
@@ -338,8 +341,7 @@ int kvf_client_lease(kvf_client *c, size_t n, const kvf_key *keys, uint32_t leas
             continue;
         }
         pthread_mutex_lock(&p->ctl_mu[node]);
-        rc = lease_on(p, node, keys, pos, m, lease_ms ? lease_ms : atomic_load(&p->lease_ms), objs,
-                      lens, status, l, deadline_ns);
+        rc = lease_on(p, node, keys, pos, m, asked, objs, lens, status, l, deadline_ns);
         pthread_mutex_unlock(&p->ctl_mu[node]);
         if (rc == KVF_ETIMEDOUT)
             kvf__node_mark_down(&c->nodes[node]);
@@ -369,8 +371,13 @@ void kvf__shm_leases_orphan(struct kvf__shm_path *p)
 
 int kvf_lease_valid(const kvf_lease *l)
 {
-    if (!l || !l->c || kvf__now_ns() >= l->until_ns)
+    if (!l || !l->c)
         return 0;
+    if (kvf__now_ns() >= l->until_ns) {
+        if (l->grow_from) /* the caller reads slower than the default lease allows */
+            kvf__shm_lease_grow(l->c->shm, l->grow_from);
+        return 0;
+    }
     /* A connection closed since (and its leases with it, on the node) ends the lease too. */
     for (size_t i = 0; i < l->n; i++)
         if (atomic_load(&l->c->shm->ctl[l->held[i].node].epoch) != l->held[i].epoch)

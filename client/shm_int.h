@@ -207,6 +207,10 @@ void kvf__shm_sub_layers(sub *k, uint32_t layers);
  * copied into the engine's buffer, else the key is a miss. The sub holds the op's later layers
  * back until then. The keys leave k (k's status for them is set, and not reported). */
 void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, uint32_t layer);
+/* A lease of was ms (the default) ran out before a copy ended: this host copies slower than it
+ * allows (a loaded machine, a sanitizer build); the client's later gets and leases ask twice as
+ * long, up to LEASE_GROWN_MAX_MS. */
+void kvf__shm_lease_grow(struct kvf__shm_path *p, uint32_t was);
 /* Fails the n keys at pos with rc, or (fb non-NULL) hands them to the TCP fallback list. */
 void kvf__shm_keys_fail(sub *k, const uint32_t *pos, size_t n, int rc, uint32_t *fb, size_t *n_fb);
 

@@ -428,6 +428,14 @@ static void to_tcp(kvf_client *c, sub *k, const uint32_t *fb, size_t n, size_t c
     sub_submit_tcp(c, t);
 }
 
+void kvf__shm_lease_grow(struct kvf__shm_path *p, uint32_t was)
+{
+    /* once for all the shares, gets and leases that asked the same lease */
+    uint32_t grown = was * 2 < LEASE_GROWN_MAX_MS ? was * 2 : LEASE_GROWN_MAX_MS;
+    if (was < grown)
+        atomic_compare_exchange_strong(&p->lease_ms, &was, grown);
+}
+
 void kvf__shm_retry_tail(sub *k, const leased *l, const size_t *hs, size_t n, uint32_t layer)
 {
     uint64_t near = 0;
@@ -548,15 +556,8 @@ static void run_share(worker *w, sub *k)
     to_tcp(c, k, fb, n_fb, n_fb - near_missed);
     if (get && nl)
         bytes = kvf__shm_copy_leased(k, ls, nl, stream, layers, &expired, &failed, again, &n_again);
-    if (expired && !p->lease_set) {
-        /* this host copies slower than the lease allows (a loaded machine, a sanitizer build):
-         * the next gets ask twice as long, up to LEASE_GROWN_MAX_MS; once for all the shares
-         * (and gets) that asked the same lease */
-        uint32_t was = ls[0].asked_ms;
-        uint32_t grown = was * 2 < LEASE_GROWN_MAX_MS ? was * 2 : LEASE_GROWN_MAX_MS;
-        if (was < grown)
-            atomic_compare_exchange_strong(&p->lease_ms, &was, grown);
-    }
+    if (expired && !p->lease_set)
+        kvf__shm_lease_grow(p, ls[0].asked_ms);
     if (get && !stream && nl) {
         /* a nearer holder's hit whose lease ended during its copy, or that did not check: asked
          * of the first node too; a first node's hit whose lease ended, asked of it again, over

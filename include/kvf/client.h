@@ -58,8 +58,8 @@ typedef struct kvf_client_opts {
      * require it; NULL: $KVF_CREDENTIAL where set, else none; "": none. Read at open, not kept. */
     const char *credential;
     /* input: shared memory: the lease asked for each get's objects (0: 2000 ms, doubled up to
-     * 16 s after each get whose copy outlasted it; a key whose copy outlasts it is asked again
-     * over TCP, once), and each worker's staging region per node (0: 64
+     * 16 s after each get or kvf_client_lease whose reader outlasted it; a key whose copy outlasts
+     * it is asked again over TCP, once), and each worker's staging region per node (0: 64
      * MiB; objects larger go over TCP where a staging region is needed). */
     uint32_t shm_lease_ms;
     uint64_t shm_staging_bytes;

@@ -676,6 +676,16 @@ static void test_shm_leases_in_place(void **state)
     assert_int_equal(kvf_client_lease(t, 4, keys, 0, objs, lens, st, &l), KVF_ENOTSUP);
     assert_null(l);
     kvf_client_close(&t);
+    /* The default lease (2 s), outlasted by its reader, grows: the client's next lease holds
+     * twice as long. */
+    kvf_client *g = client_open_opts(&d, (kvf_client_opts){0});
+    for (int round = 0; round < 2; round++) {
+        assert_int_equal(kvf_client_lease(g, 4, keys + 1, 0, objs, lens, st, &l), 0);
+        usleep(2100 * 1000);
+        assert_int_equal(kvf_lease_valid(l), round);
+        kvf_lease_release(&l);
+    }
+    kvf_client_close(&g);
     free(copy);
     kvf_client_close(&c);
     daemon_stop(&d);
