@@ -67,8 +67,10 @@ static bent *bfind(kvf_sched *s, uint64_t h, int create)
 
 static void bdelete(kvf_sched *s, bent *e)
 {
-    if (e->cap > KVF_SCHED_INLINE_HOLDERS)
+    if (e->cap > KVF_SCHED_INLINE_HOLDERS) {
         free(e->u.heap);
+        s->bheap--;
+    }
     uint64_t i = (uint64_t)(e - s->bt);
     uint64_t j = i;
     for (;;) {
@@ -88,26 +90,57 @@ static void bdelete(kvf_sched *s, bent *e)
     s->st.blocks--;
 }
 
-/* The index's hash tables: 2 MiB-aligned and, where the kernel offers transparent huge pages
- * on request (madvise mode), backed by them, so that a prefix walk's random accesses into a
- * table of hundreds of MiB miss the cache but not also the TLB. Zeroed; free with free(). */
+/* The index's hash tables, zeroed. Small ones come from the heap. Large ones are mapped,
+ * 2 MiB-aligned and, where the kernel offers transparent huge pages on request (madvise mode),
+ * backed by them, so that a prefix walk's random accesses into a large table miss the cache but
+ * not also the TLB; then populated at once (MADV_POPULATE_WRITE: the kernel zeroes the pages, huge
+ * ones where it can), so that ingest never stops on a first touch. A kernel without it (before
+ * 5.14) zeroes each page at its first touch instead. The kernel's zeroing replaces a memset of
+ * the whole table: the same work natively, and much less under a sanitizer, whose memset also
+ * writes its shadow of every byte. Free with table_free(), given the same n and size. */
+#define TABLE_HUGE ((size_t)2 << 20)
+
+static int table_mapped(size_t bytes)
+{
+    return bytes >= 2 * TABLE_HUGE;
+}
+
 static void *table_alloc(size_t n, size_t size)
 {
-    const size_t huge = 2u << 20;
-    if (n > SIZE_MAX / size)
+    if (n > (SIZE_MAX - 2 * TABLE_HUGE) / size)
         return NULL;
     size_t bytes = n * size;
-    if (bytes < 2 * huge)
+    if (!table_mapped(bytes))
         return calloc(n, size);
-    bytes = (bytes + huge - 1) & ~(huge - 1);
-    void *p = aligned_alloc(huge, bytes);
-    if (!p)
+    bytes = (bytes + TABLE_HUGE - 1) & ~(TABLE_HUGE - 1);
+    size_t span = bytes + TABLE_HUGE;
+    uint8_t *m = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
         return NULL;
+    uintptr_t a = ((uintptr_t)m + TABLE_HUGE - 1) & ~(uintptr_t)(TABLE_HUGE - 1);
+    size_t head = (size_t)(a - (uintptr_t)m), tail = span - head - bytes;
+    if (head)
+        munmap(m, head);
+    if (tail)
+        munmap((uint8_t *)a + bytes, tail);
 #ifdef MADV_HUGEPAGE
-    madvise(p, bytes, MADV_HUGEPAGE); /* advice: without it the table works the same */
+    madvise((void *)a, bytes, MADV_HUGEPAGE); /* advice: without it the table works the same */
 #endif
-    memset(p, 0, bytes);
-    return p;
+#ifdef MADV_POPULATE_WRITE
+    madvise((void *)a, bytes, MADV_POPULATE_WRITE); /* likewise */
+#endif
+    return (void *)a;
+}
+
+static void table_free(void *p, size_t n, size_t size)
+{
+    if (!p)
+        return;
+    size_t bytes = n * size;
+    if (!table_mapped(bytes))
+        free(p);
+    else
+        munmap(p, (bytes + TABLE_HUGE - 1) & ~(TABLE_HUGE - 1));
 }
 
 static int grow_blocks(kvf_sched *s)
@@ -128,7 +161,7 @@ static int grow_blocks(kvf_sched *s)
             j = (j + 1) & s->bmask;
         nt[j] = old[i];
     }
-    free(old);
+    table_free(old, oldn, sizeof *old);
     return 0;
 }
 
@@ -150,6 +183,8 @@ static int holder_add(kvf_sched *s, bent *e, uint32_t who, uint32_t tier)
         memcpy(nh, h, e->n * sizeof *nh);
         if (e->cap > KVF_SCHED_INLINE_HOLDERS)
             free(e->u.heap);
+        else
+            s->bheap++;
         e->u.heap = nh;
         e->cap = ncap;
         h = nh;
@@ -239,7 +274,7 @@ static int grow_emap(kvf_sched *s)
             j = (j + 1) & s->emask;
         nt[j] = old[i];
     }
-    free(old);
+    table_free(old, oldn, sizeof *old);
     return 0;
 }
 
@@ -290,12 +325,15 @@ int kvf__sched_index_open(kvf_sched *s, size_t expected_blocks)
 
 void kvf__sched_index_close(kvf_sched *s)
 {
-    if (s->bt)
-        for (uint64_t i = 0; i <= s->bmask; i++)
-            if (s->bt[i].h && s->bt[i].cap > KVF_SCHED_INLINE_HOLDERS)
-                free(s->bt[i].u.heap);
-    free(s->bt);
-    free(s->et);
+    /* (a pass over the whole table only where some entry's holders are on the heap: a large
+     * table's pages untouched so far stay so) */
+    for (uint64_t i = 0; s->bt && s->bheap && i <= s->bmask; i++)
+        if (s->bt[i].h && s->bt[i].cap > KVF_SCHED_INLINE_HOLDERS) {
+            free(s->bt[i].u.heap);
+            s->bheap--;
+        }
+    table_free(s->bt, s->bmask + 1, sizeof *s->bt);
+    table_free(s->et, s->emask + 1, sizeof *s->et);
     s->bt = NULL;
     s->et = NULL;
 }
@@ -372,7 +410,8 @@ int kvf_sched_block_removed(kvf_sched *s, int idx, const uint64_t *engine_hashes
  * before moving on. */
 static void holdings_drop(kvf_sched *s, int idx)
 {
-    for (uint64_t i = 0; i <= s->bmask;) {
+    /* (until the instance's last block: its count is exact) */
+    for (uint64_t i = 0; s->inst[idx].blocks && i <= s->bmask;) {
         bent *e = &s->bt[i];
         if (e->h && holder_del(s, e, (uint32_t)idx)) {
             s->inst[idx].blocks--;

@@ -54,6 +54,7 @@ struct kvf_sched {
      * (instance, engine block hash) to the block hash (its entries are defined there). */
     kvf__sched_bent *bt;
     uint64_t bmask, bcount;
+    uint64_t bheap; /* block entries whose holders are on the heap (more than the inline room) */
     struct kvf__sched_ement *et;
     uint64_t emask, ecount;
     kvf__sched_inst *inst; /* by slot, KVF_SCHED_MAX_INSTANCES of room */
