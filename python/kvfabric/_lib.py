@@ -137,6 +137,15 @@ class ClientOpts(ctypes.Structure):
     ]
 
 
+class ClientCounters(ctypes.Structure):
+    """kvf_client_counters (kvf/client.h), field for field."""
+
+    _fields_ = [(name, c_uint64) for name in (
+        "bytes_sent", "bytes_received", "requests", "failed_keys", "reconnects",
+        "shm_bytes_sent", "shm_bytes_received", "shm_lease_expired", "shm_fallback_keys",
+        "near_keys", "near_misses", "named_reasked")]
+
+
 class Batch(ctypes.Structure):
     """kvf_batch (kvf/client.h), field for field (no callbacks: the synchronous calls)."""
 
@@ -250,6 +259,7 @@ _SIGNATURES = {
     "kvf_client_stats": (c_int, [c_void_p, c_size_t, _P(c_void_p), c_int]),
     "kvf_client_transport": (c_char_p, [c_void_p, c_char_p, c_size_t]),
     "kvf_client_io_threads": (c_int, [c_void_p]),
+    "kvf_client_counters_get": (None, [c_void_p, _P(ClientCounters)]),
     "kvf_connector_open": (c_int, [_P(c_void_p), _P(ConnectorOpts), c_char_p, c_size_t]),
     "kvf_connector_close": (None, [_P(c_void_p)]),
     "kvf_connector_register": (c_int, [c_void_p, _P(KVLayer), c_uint32, c_char_p, c_size_t]),

@@ -233,6 +233,16 @@ class Client(_Handle):
                                           self.deadline_ms), "clear")
         return removed.value
 
+    def counters(self) -> Dict[str, int]:
+        """This client's own counters (kvf_client_counters, kvf/client.h), as a dict: bytes sent
+        and received, requests, failed keys, reconnects; of the bytes, those moved over shared
+        memory, keys whose shared-memory lease ended mid-copy (asked again over TCP) and keys
+        sent over TCP because a node's socket was gone; hot keys read from a nearer holder and
+        its misses; streamed keys asked again of their own node."""
+        c = _lib.ClientCounters()
+        _lib.lib().kvf_client_counters_get(self._handle(), ctypes.byref(c))
+        return {name: int(getattr(c, name)) for name, _ in c._fields_}
+
     def stats(self, node: int = 0) -> Dict[str, Any]:
         """Node `node`'s counters (STATS), as a dict."""
         p = ctypes.c_void_p()

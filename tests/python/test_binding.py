@@ -131,6 +131,17 @@ class TestClient(unittest.TestCase):
             for (st, obj), s in zip(got, segs):
                 self.assertEqual(st, "KVF_OK")
                 self.assertEqual(kvf.Object.decode(obj)[1], s)
+            # the client's own counters: the objects' bytes went out and came back, by the
+            # transport it says
+            k = c.counters()
+            self.assertEqual(len(k), 12)
+            self.assertGreater(k["requests"], 0)
+            self.assertGreaterEqual(k["bytes_sent"], sum(len(o) for o in objs))
+            self.assertGreaterEqual(k["bytes_received"], sum(len(o) for o in objs))
+            if c.transport()[0] == "shm":
+                self.assertGreaterEqual(k["shm_bytes_received"], sum(len(o) for o in objs))
+            else:
+                self.assertEqual(k["shm_bytes_received"], 0)
             self.assertEqual(c.get(keys[:1], 100)[0], ("KVF_E2BIG", None))
             other = ks.keys(tokens(64, 77))
             self.assertEqual(c.get(other, 1 << 20), [("KVF_ENOENT", None)])
