@@ -4,7 +4,7 @@
  *   kvf-sched [--listen HOST:PORT] [--policy P] [--cost FILE] [--config FILE]
  *             [--stores HOST:PORT[,...]] [--store-zones ZONE[,...]]
  *             [--store-events ENDPOINT[,...]]
- *             [--store-snapshots ENDPOINT[,...]] [--chunk-tokens N]
+ *             [--store-snapshots ENDPOINT[,...]] [--chunk-tokens N] [--index-blocks N]
  *             [--instance-ttl SECONDS] [--placement-ack-s SECONDS] [--log-level L]
  *
  * Startup: the command line, the cost model's calibration file, the cluster file's instances and
@@ -43,6 +43,7 @@
 /* The command line's settings that are not the daemon's state. */
 typedef struct cmdline {
     long chunk_tokens; /* the stores' chunk size, for store matches */
+    long index_blocks; /* the blocks the index's tables are sized for at start */
     const char *listen, *policy, *cost, *config, *store_events, *store_snapshots, *tokens;
     const char *store_zones; /* --store-zones: the --stores' zones, in the same order */
     const char *events_credential, *events_server_key; /* CURVE for every event subscription */
@@ -170,6 +171,10 @@ static int parse_args(int argc, char **argv, cmdline *cl, kvf__sched_daemon *d)
                  "0/1", .fn = parse_shard, .ud = d),
         KVF__OPT("chunk-tokens", KVF__ARG_LONG, &cl->chunk_tokens, "N", "tokens per stored chunk",
                  "256", .lo = 1, .hi = 65536),
+        KVF__OPT("index-blocks", KVF__ARG_LONG, &cl->index_blocks, "N",
+                 "KV blocks the prefix index is sized for at start (its tables, 192 bytes a block "
+                 "at 1M, are zeroed then; it grows past N as needed)",
+                 "1048576", .lo = 1024, .hi = 1L << 30),
         KVF__OPT("instance-ttl", KVF__ARG_FN, &d->ttl_ns, "SECONDS",
                  "forget an engine silent this long; 0 never", "30", .fn = parse_ttl,
                  .ud = &d->ttl_ns),
@@ -225,7 +230,8 @@ static int scheduler_opts(const cmdline *cl, kvf_sched_opts *so, char *host, siz
         fprintf(stderr, "kvf-sched: --chunk-tokens must be 1..65536\n");
         return 2;
     }
-    *so = (kvf_sched_opts){.store_chunk_tokens = (uint32_t)cl->chunk_tokens};
+    *so = (kvf_sched_opts){.store_chunk_tokens = (uint32_t)cl->chunk_tokens,
+                           .expected_blocks = (size_t)cl->index_blocks};
     if (kvf_policy_parse(cl->policy, &so->policy) != 0) {
         fprintf(stderr, "kvf-sched: unknown policy \"%s\"\n", cl->policy);
         return 2;
@@ -540,6 +546,7 @@ int main(int argc, char **argv)
     d.ttl_ns = (uint64_t)(DEFAULT_TTL_S * 1e9);
     d.sent_window_ns = (uint64_t)(DEFAULT_ACK_S * 1e9);
     cmdline cl = {.chunk_tokens = 256,
+                  .index_blocks = 1L << 20,
                   .listen = "127.0.0.1:7500",
                   .policy = "kvf_cost",
                   .cluster = "default",

@@ -31,6 +31,10 @@
 #include "http.h"
 #include "tcp.h"
 
+/* kvf-sched's index sized for what these tests publish (it grows past it): the default's 192
+ * MiB of tables, zeroed at every start, cost seconds a start under ThreadSanitizer. */
+#define SMALL_INDEX (char *)"--index-blocks", (char *)"4096"
+
 #ifndef KVF_SCHED_BIN
 #error "KVF_SCHED_BIN must name the kvf-sched binary"
 #endif
@@ -294,8 +298,13 @@ static void publish_seen(daemon_t *d, void *pub, uint64_t seq, const msgpack_sbu
 static void test_sched_daemon_sequence_extremes(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
-                    (char *)"--log-level", (char *)"error",    NULL};
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    SMALL_INDEX,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--log-level",
+                    (char *)"error",
+                    NULL};
     daemon_t d;
     proc_start(&d, argv);
     void *ctx = zmq_ctx_new();
@@ -368,8 +377,13 @@ static int swallow_requests(void *router, int timeout_ms)
 static void test_sched_daemon_hung_replay(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
-                    (char *)"--log-level", (char *)"error",    NULL};
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    SMALL_INDEX,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--log-level",
+                    (char *)"error",
+                    NULL};
     daemon_t d;
     proc_start(&d, argv);
     void *ctx = zmq_ctx_new();
@@ -424,8 +438,13 @@ static void test_sched_daemon_hung_replay(void **state)
 static void test_sched_daemon_events_and_placement(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
-                    (char *)"--log-level", (char *)"error",    NULL};
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    SMALL_INDEX,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--log-level",
+                    (char *)"error",
+                    NULL};
     daemon_t d;
     proc_start(&d, argv);
     void *ctx = zmq_ctx_new();
@@ -468,9 +487,9 @@ static void test_sched_daemon_events_and_placement(void **state)
 /* Starts kvf-sched on a free port, with one more option and its value when opt1 is not NULL. */
 static void sched_start(daemon_t *d, const char *opt1, const char *val1)
 {
-    char *argv[] = {
-        (char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0", (char *)"--log-level",
-        (char *)"error",       (char *)opt1,       (char *)val1,          NULL};
+    char *argv[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX,           (char *)"--listen",
+                    (char *)"127.0.0.1:0", (char *)"--log-level", (char *)"error",
+                    (char *)opt1,          (char *)val1,          NULL};
     proc_start(d, argv);
 }
 
@@ -1576,17 +1595,17 @@ static void test_sched_daemon_connector_finds_stores(void **state)
     (void)state;
     daemon_t store, sched, bare;
     daemon_start(&store, "64M", NULL);
-    char *argv[] = {(char *)KVF_SCHED_BIN,
-                    (char *)"--listen",
-                    (char *)"127.0.0.1:0",
-                    (char *)"--stores",
-                    store.addr,
-                    (char *)"--log-level",
-                    (char *)"error",
-                    NULL};
+    char *argv[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX,        (char *)"--listen",
+                    (char *)"127.0.0.1:0", (char *)"--stores", store.addr,
+                    (char *)"--log-level", (char *)"error",    NULL};
     proc_start(&sched, argv);
-    char *argv2[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"127.0.0.1:0",
-                     (char *)"--log-level", (char *)"error",    NULL};
+    char *argv2[] = {(char *)KVF_SCHED_BIN,
+                     SMALL_INDEX,
+                     (char *)"--listen",
+                     (char *)"127.0.0.1:0",
+                     (char *)"--log-level",
+                     (char *)"error",
+                     NULL};
     proc_start(&bare, argv2);
     char out[1024];
     assert_int_equal(http(&sched, "GET", "/v1/stores", NULL, out, sizeof out), 200);
@@ -1709,6 +1728,7 @@ static void test_sched_daemon_bearer_tokens(void **state)
     assert_int_equal(write(fd, file, (size_t)n), n);
     close(fd);
     char *argv[] = {(char *)KVF_SCHED_BIN,
+                    SMALL_INDEX,
                     (char *)"--listen",
                     (char *)"127.0.0.1:0",
                     (char *)"--tokens",
@@ -1751,6 +1771,7 @@ static void test_sched_daemon_strict_config(void **state)
         fclose(f);
         char out[2048];
         char *argv[] = {(char *)KVF_SCHED_BIN,
+                        SMALL_INDEX,
                         (char *)"--listen",
                         (char *)"127.0.0.1:0",
                         (char *)"--config",
@@ -1768,7 +1789,8 @@ static void test_sched_daemon_refuses_open_listen(void **state)
 {
     (void)state;
     char out[2048];
-    char *sched[] = {(char *)KVF_SCHED_BIN, (char *)"--listen", (char *)"0.0.0.0:0", NULL};
+    char *sched[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX, (char *)"--listen", (char *)"0.0.0.0:0",
+                     NULL};
     assert_int_equal(harness_run(sched, out, sizeof out), 2);
     assert_non_null(strstr(out, "refusing --listen on 0.0.0.0"));
     char *engine[] = {(char *)KVF_ENGINE_BIN, (char *)"--serve",   (char *)"--id",
