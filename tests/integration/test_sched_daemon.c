@@ -292,21 +292,23 @@ static void publish_seen(daemon_t *d, void *pub, uint64_t seq, const msgpack_sbu
     assert_true(stat_of(d, "batches") > batches);
 }
 
+/* Starts kvf-sched on a free port, with one more option and its value when opt1 is not NULL. */
+static void sched_start(daemon_t *d, const char *opt1, const char *val1)
+{
+    char *argv[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX,           (char *)"--listen",
+                    (char *)"127.0.0.1:0", (char *)"--log-level", (char *)"error",
+                    (char *)opt1,          (char *)val1,          NULL};
+    proc_start(d, argv);
+}
+
 /* Sequence numbers near 2^63, wrapping past 2^64 and going backwards (a publisher that restarts)
  * are counted as what they are: batches_missed adds only the plausible gaps, in unsigned
  * arithmetic, and never turns huge or negative. */
 static void test_sched_daemon_sequence_extremes(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)KVF_SCHED_BIN,
-                    SMALL_INDEX,
-                    (char *)"--listen",
-                    (char *)"127.0.0.1:0",
-                    (char *)"--log-level",
-                    (char *)"error",
-                    NULL};
     daemon_t d;
-    proc_start(&d, argv);
+    sched_start(&d, NULL, NULL);
     void *ctx = zmq_ctx_new();
     char ep[128], body[512], out[8192];
     void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
@@ -377,15 +379,8 @@ static int swallow_requests(void *router, int timeout_ms)
 static void test_sched_daemon_hung_replay(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)KVF_SCHED_BIN,
-                    SMALL_INDEX,
-                    (char *)"--listen",
-                    (char *)"127.0.0.1:0",
-                    (char *)"--log-level",
-                    (char *)"error",
-                    NULL};
     daemon_t d;
-    proc_start(&d, argv);
+    sched_start(&d, NULL, NULL);
     void *ctx = zmq_ctx_new();
     char ep[128], rep[128], body[8192], out[8192];
     void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
@@ -438,15 +433,8 @@ static void test_sched_daemon_hung_replay(void **state)
 static void test_sched_daemon_events_and_placement(void **state)
 {
     (void)state;
-    char *argv[] = {(char *)KVF_SCHED_BIN,
-                    SMALL_INDEX,
-                    (char *)"--listen",
-                    (char *)"127.0.0.1:0",
-                    (char *)"--log-level",
-                    (char *)"error",
-                    NULL};
     daemon_t d;
-    proc_start(&d, argv);
+    sched_start(&d, NULL, NULL);
     void *ctx = zmq_ctx_new();
     char ep[128];
     void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
@@ -482,15 +470,6 @@ static void test_sched_daemon_events_and_placement(void **state)
     zmq_close(pub);
     zmq_ctx_term(ctx);
     daemon_stop(&d);
-}
-
-/* Starts kvf-sched on a free port, with one more option and its value when opt1 is not NULL. */
-static void sched_start(daemon_t *d, const char *opt1, const char *val1)
-{
-    char *argv[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX,           (char *)"--listen",
-                    (char *)"127.0.0.1:0", (char *)"--log-level", (char *)"error",
-                    (char *)opt1,          (char *)val1,          NULL};
-    proc_start(d, argv);
 }
 
 /* Late join: an engine that published batches 1..3 before kvf-sched knew it, and is idle: at its
