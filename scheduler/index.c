@@ -96,7 +96,7 @@ static void bdelete(kvf_sched *s, bent *e)
  * creation, rather than page by page at first touch: ingest then never stops on a fault, and under
  * ThreadSanitizer a full pass (an instance's removal, a store's clear) does not first fault in
  * the sanitizer's shadow of the whole table (on two cores that made an expiry 2 s late). Free with
- * table_free(), given the same n and size. */
+ * free(). */
 #define TABLE_HUGE ((size_t)2 << 20)
 
 static void *table_alloc(size_t n, size_t size)
@@ -117,12 +117,6 @@ static void *table_alloc(size_t n, size_t size)
     return p;
 }
 
-static void table_free(void *p, size_t n, size_t size)
-{
-    (void)n, (void)size; /* (both kinds come back to free()) */
-    free(p);
-}
-
 static int grow_blocks(kvf_sched *s)
 {
     uint64_t ncap = (s->bmask + 1) * 2;
@@ -141,7 +135,7 @@ static int grow_blocks(kvf_sched *s)
             j = (j + 1) & s->bmask;
         nt[j] = old[i];
     }
-    table_free(old, oldn, sizeof *old);
+    free(old);
     return 0;
 }
 
@@ -254,7 +248,7 @@ static int grow_emap(kvf_sched *s)
             j = (j + 1) & s->emask;
         nt[j] = old[i];
     }
-    table_free(old, oldn, sizeof *old);
+    free(old);
     return 0;
 }
 
@@ -312,8 +306,8 @@ void kvf__sched_index_close(kvf_sched *s)
             free(s->bt[i].u.heap);
             s->bheap--;
         }
-    table_free(s->bt, s->bmask + 1, sizeof *s->bt);
-    table_free(s->et, s->emask + 1, sizeof *s->et);
+    free(s->bt);
+    free(s->et);
     s->bt = NULL;
     s->et = NULL;
 }
