@@ -586,8 +586,12 @@ static void test_shm_lease_end_asks_again_over_tcp(void **state)
 }
 
 /* The default lease grows where this host copies slower than it allows: a streamed get whose
- * engine holds layer 0 for 2.5 s outlasts the 2 s default (its later layers come over TCP); the
- * next get asks 4 s, and the same hold outlasts nothing. A lease the caller set stays as set. */
+ * engine holds layer 0 for 2.5 s outlasts the 2 s default (its later layers come over TCP); each
+ * later get asks twice the lease, up to 16 s, so within three more gets (4, 8, 16 s) the same hold
+ * outlasts nothing and leases stop ending. How many gets that takes is the host's speed (a slow
+ * host under a sanitizer may still outlast 4 s: hold plus copy), so the test bounds it and checks
+ * that once none end, none end again. A lease the caller set stays as set: every get outlasts it.
+ */
 static void test_shm_default_lease_grows(void **state)
 {
     (void)state;
@@ -602,7 +606,8 @@ static void test_shm_default_lease_grows(void **state)
             for (int i = 0; i < 16; i++)
                 assert_int_equal(st[i], 0);
         }
-        for (int round = 0; round < 2; round++) {
+        int rounds = set ? 2 : 5, quiet = 0;
+        for (int round = 0; round < rounds; round++) {
             kvf_client_counters_get(c, &k0);
             struct late_layer late = {.sleep_ms = 2500};
             assert_int_equal(
@@ -615,11 +620,18 @@ static void test_shm_default_lease_grows(void **state)
                           set ? "a set" : "the default", round, (unsigned long long)expired);
             /* the hold stalls the worker that reports layer 0: its share's keys outlast the
              * lease (another worker's share may be copied whole meanwhile) */
+            assert_true(expired <= 16);
             if (round == 0 || set)
-                assert_true(expired > 0 && expired <= 16);
-            else
-                assert_int_equal(expired, 0);
+                assert_true(expired > 0);
+            else if (quiet)
+                assert_int_equal(expired, 0); /* a lease that held keeps holding */
+            if (!set && round > 0 && !expired)
+                quiet++;
+            if (!set && quiet == 2)
+                break;
         }
+        if (!set)
+            assert_int_equal(quiet, 2); /* 16 s outlasts a 2.5 s hold on any host */
         kvf_client_close(&c);
     }
     daemon_stop(&d);
