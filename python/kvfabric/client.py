@@ -17,6 +17,8 @@ from .layout import Layout
 _libc = ctypes.CDLL(None)
 _libc.free.argtypes = [ctypes.c_void_p]
 _libc.free.restype = None
+_libc.calloc.argtypes = [ctypes.c_size_t, ctypes.c_size_t]
+_libc.calloc.restype = ctypes.c_void_p
 
 KeyLike = Union[str, "_lib.Key"]
 
@@ -162,17 +164,28 @@ class Client(_Handle):
             raise ValueError("max_bytes must be positive")
         n = len(keys)
         k = _keys(keys)
-        bufs = [ctypes.create_string_buffer(max_bytes) for _ in range(n)]
-        bp = (ctypes.c_void_p * max(n, 1))(*[ctypes.addressof(x) for x in bufs])
-        caps = (ctypes.c_uint64 * max(n, 1))(*([max_bytes] * n))
-        lens = (ctypes.c_uint64 * max(n, 1))()
-        st = (ctypes.c_int * max(n, 1))()
-        b = _lib.Batch(n=n, keys=ctypes.addressof(k), bufs=ctypes.addressof(bp),
-                       caps=ctypes.addressof(caps), out_lens=ctypes.addressof(lens),
-                       status=ctypes.addressof(st), deadline_ms=self.deadline_ms)
-        check(_lib.lib().kvf_client_get(self._handle(), ctypes.byref(b)), "get")
-        return [(error_name(st[i]), bufs[i].raw[: lens[i]] if st[i] == 0 else None)
-                for i in range(n)]
+        # calloc: a large max_bytes is address space until the reply lands (its pages come
+        # zeroed on first touch), and only the bytes received are copied out. A buffer made and
+        # returned whole in Python (create_string_buffer, .raw) zeroed and copied all of it: a
+        # 4 KiB object asked with a 4 MiB cap took 23 ms where its get took 0.07 ms.
+        bufs = [_libc.calloc(1, max_bytes) for _ in range(n)]
+        try:
+            if not all(bufs):
+                raise MemoryError(f"get: {n} buffer(s) of {max_bytes} bytes")
+            bp = (ctypes.c_void_p * max(n, 1))(*bufs)
+            caps = (ctypes.c_uint64 * max(n, 1))(*([max_bytes] * n))
+            lens = (ctypes.c_uint64 * max(n, 1))()
+            st = (ctypes.c_int * max(n, 1))()
+            b = _lib.Batch(n=n, keys=ctypes.addressof(k), bufs=ctypes.addressof(bp),
+                           caps=ctypes.addressof(caps), out_lens=ctypes.addressof(lens),
+                           status=ctypes.addressof(st), deadline_ms=self.deadline_ms)
+            check(_lib.lib().kvf_client_get(self._handle(), ctypes.byref(b)), "get")
+            return [(error_name(st[i]),
+                     ctypes.string_at(bufs[i], min(lens[i], max_bytes)) if st[i] == 0 else None)
+                    for i in range(n)]
+        finally:
+            for p in bufs:
+                _libc.free(p)
 
     def exists(self, keys: Sequence[KeyLike]) -> List[bool]:
         k = _keys(keys)

@@ -622,7 +622,10 @@ def main():
                   ("devices", phase_devices), ("full", phase_full), ("large", phase_large)]
         for name, run in phases:
             if only in ("", name):
+                t0 = time.time()
                 run(tmp)
+                print("disk_tier_check: phase %s took %.1f s" % (name, time.time() - t0),
+                      flush=True)
     if failures:
         print("disk_tier_check: %d failure(s)" % len(failures))
         sys.exit(1)
