@@ -13,6 +13,13 @@ fuzz_seconds=${KVF_FUZZ_SECONDS:-30}
 # Each step says how long the suite has run so far: CI allows 20 minutes on 2 cores.
 step() { printf '\n==== %s (%dm%02ds in)\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
+# The reference engine's GEMMs (OpenBLAS) run on one thread in every build, as kvf cluster runs
+# its engines: OpenBLAS's own workers wait for work by spinning on sched_yield, and with ctest
+# running two tests at once on two cores each test's workers took the cores its daemons and I/O
+# threads needed (test_engine under ASan: 70 s with them, 19 s without). The engine's results
+# do not depend on the thread count; its tests check results, not GEMM speed.
+export OPENBLAS_NUM_THREADS=1
+
 step "dependencies"
 cluster/deps.sh
 
@@ -42,12 +49,11 @@ cmake --preset tsan -DKVF_WERROR=ON -DKVF_RDMA=OFF -DKVF_PLAIN_LIBKVF="$root/bui
 cmake --build build/tsan -j "$jobs"
 step "ThreadSanitizer tests"
 # OpenBLAS (Debian's, not built with TSan) synchronises its own GEMM worker threads by spinning
-# on shared flags that TSan cannot see; with one OpenBLAS thread it starts none, and every thread
-# of ours (client I/O, connector workers, store loops) stays fully checked.
+# on shared flags that TSan cannot see; with one OpenBLAS thread (exported above) it starts none,
+# and every thread of ours (client I/O, connector workers, store loops) stays fully checked.
 # libzmq's hand-over of sockets to its I/O thread is likewise invisible to TSan: tests/tsan.supp
 # suppresses reports inside libzmq only.
-(cd build/tsan && OPENBLAS_NUM_THREADS=1 \
-  TSAN_OPTIONS="halt_on_error=1 suppressions=$root/tests/tsan.supp" ctest --output-on-failure -j "$jobs")
+(cd build/tsan && TSAN_OPTIONS="halt_on_error=1 suppressions=$root/tests/tsan.supp" ctest --output-on-failure -j "$jobs")
 
 if [ -d tests/fuzz ] && ls tests/fuzz/*.c >/dev/null 2>&1 && command -v clang >/dev/null; then
   step "fuzzing (${fuzz_seconds}s per target, the targets side by side)"
