@@ -1212,7 +1212,17 @@ static void descriptor_limit(const char *extra)
         usleep(100000);
     if (!c2)
         fail_msg("no new client after the other connections closed: %s", err);
-    assert_int_equal(get_range(c2, 0, 10, SEG, 0, 0, NULL), 10);
+    /* The node learns of the closes as its loops get to them: until then an accept may still
+     * find it at the limit and shed a connection of the new client (its shared memory's, or its
+     * second TCP one) that its open did not need. Served within the same bound. */
+    int hits = 0, tries = 0;
+    while ((hits = get_range(c2, 0, 10, SEG, 0, 0, NULL)) != 10 && mono_s() - t1 < 10) {
+        tries++;
+        usleep(100000);
+    }
+    print_message("a new client served %d of 10 after %d failed get(s), %.2f s after the closes\n",
+                  hits, tries, mono_s() - t1);
+    assert_int_equal(hits, 10);
     char *json;
     assert_int_equal(kvf_client_stats(c2, 0, &json, 5000), 0);
     const char *shed = strstr(json, "\"connections_shed\":");
