@@ -180,6 +180,9 @@ static int discover_one(kvf_client *c, size_t i, char *why, size_t whylen)
 #undef WHY
     atomic_store(&N->holders,
                  h.holders <= KVF_CLIENT_MAX_HOLDERS ? h.holders : KVF_CLIENT_MAX_HOLDERS);
+    /* what the node takes, with hello_seen: a save in parts asks both (kvf_client_put_parts),
+     * and the engines' own HELLOs may not be answered yet */
+    atomic_store(&N->caps, h.caps & ~KVF_CAP_AUTH);
     atomic_store(&N->hello_seen, 1);
     pthread_mutex_lock(&c->shm_mu);
     snprintf(N->shm_name, sizeof N->shm_name, "%s", h.shm_name);
