@@ -623,11 +623,9 @@ static void test_shm_default_lease_grows(void **state)
             assert_true(expired <= 16);
             if (round == 0 || set)
                 assert_true(expired > 0);
-            else if (quiet)
-                assert_int_equal(expired, 0); /* a lease that held keeps holding */
-            if (!set && round > 0 && !expired)
-                quiet++;
-            if (!set && quiet == 2)
+            else if (expired)
+                assert_int_equal(quiet, 0); /* a lease that held keeps holding */
+            else if (++quiet == 2)
                 break;
         }
         if (!set)
