@@ -1574,18 +1574,8 @@ static void test_sched_daemon_connector_finds_stores(void **state)
     (void)state;
     daemon_t store, sched, bare;
     daemon_start(&store, "64M", NULL);
-    char *argv[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX,        (char *)"--listen",
-                    (char *)"127.0.0.1:0", (char *)"--stores", store.addr,
-                    (char *)"--log-level", (char *)"error",    NULL};
-    proc_start(&sched, argv);
-    char *argv2[] = {(char *)KVF_SCHED_BIN,
-                     SMALL_INDEX,
-                     (char *)"--listen",
-                     (char *)"127.0.0.1:0",
-                     (char *)"--log-level",
-                     (char *)"error",
-                     NULL};
-    proc_start(&bare, argv2);
+    sched_start(&sched, "--stores", store.addr);
+    sched_start(&bare, NULL, NULL);
     char out[1024];
     assert_int_equal(http(&sched, "GET", "/v1/stores", NULL, out, sizeof out), 200);
     assert_non_null(strstr(out, store.addr));
