@@ -1040,6 +1040,51 @@ static kvf_client_counters near_moved(kvf_client *c, const kvf_client_counters *
     return d;
 }
 
+/* The probe at open (kvf__shm_discover) records what the node takes, as the engines' HELLO replies
+ * do: a save in parts asks both (kvf_client_put_parts), and over shared memory the engines' own
+ * replies may still be unread when the connector first saves. The node's word is wiped here, as
+ * before any reply is read; the probe alone must restore it. */
+static void test_shm_probe_says_what_the_node_takes(void **state)
+{
+    (void)state;
+    daemon_t d;
+    daemon_start(&d, "16M", "--threads 1");
+    kvf_client *c = client_open_opts(&d, (kvf_client_opts){0});
+    char why[400];
+    assert_string_equal(kvf_client_transport(c, why, sizeof why), "shm");
+    kvf__node *N = &c->nodes[0];
+    uint64_t heard = atomic_load(&N->caps);
+    assert_true(heard & KVF_CAP_PARTS);
+    assert_true(heard & KVF_CAP_SHM);
+
+    enum { LEN = 8192, HEAD = 256 };
+    static uint8_t obj[LEN];
+    kvf_key k = {.hi = 0x5eed, .lo = 77};
+    const void *objs[1] = {obj};
+    uint64_t lens[1] = {LEN};
+    int st[1] = {-1};
+    kvf_batch b = {.n = 1, .keys = &k, .objs = objs, .lens = lens, .status = st};
+    kvf_op *op = NULL;
+    atomic_store(&N->hello_seen, 0);
+    atomic_store(&N->caps, 0);
+    assert_int_equal(kvf_client_put_parts(c, &b, HEAD, &op), KVF_ENOTSUP); /* not heard yet */
+    assert_null(op);
+
+    why[0] = 0;
+    kvf__shm_discover(c, why, sizeof why);
+    print_message("probe again: %s\n", why[0] ? why : "(the node is on this host)");
+    assert_int_equal(atomic_load(&N->hello_seen), 1);
+    assert_int_equal(atomic_load(&N->caps), heard);
+    assert_int_equal(kvf_client_put_parts(c, &b, HEAD, &op), 0);
+    assert_non_null(op);
+    assert_int_equal(kvf_op_put_abort(op), 0);
+    kvf_op_wait(op);
+    assert_int_equal(st[0], KVF_ECANCELED);
+    assert_int_equal(kvf_op_free(&op), 0);
+    kvf_client_close(&c);
+    daemon_stop(&d);
+}
+
 static void test_shm_hot_keys_from_nearest_holder(void **state)
 {
     (void)state;
@@ -1172,6 +1217,7 @@ int main(void)
         cmocka_unit_test_teardown(test_shm_forged_fds_and_unreleased_leases, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_dead_client_frees_reservations, teardown_daemons),
         cmocka_unit_test_teardown(test_shm_hot_keys_from_nearest_holder, teardown_daemons),
+        cmocka_unit_test_teardown(test_shm_probe_says_what_the_node_takes, teardown_daemons),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
