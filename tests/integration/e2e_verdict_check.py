@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Checks the e2e verdict on records made for it (`kvf-bench e2e --report DIR`): records where
 kvfabric wins at every percentile pass; records whose tails regress (p99 alone, then p90 and p99)
-fail with exit status 3 under --require-targets and name the target missed; records with a failed
+fail with exit status 3 under --require-targets and name the target missed; records slower only at
+the lowest percentiles pass, the line percentile by percentile naming where; records with a failed
 request or differing tokens exit 1; malformed records are refused with a message naming the record.
 
 usage: e2e_verdict_check.py KVF_BENCH
@@ -78,6 +79,8 @@ def main():
         fail("good records: %r" % res)
     if "all targets met: yes" not in p.stdout:
         fail("good records: no verdict line: %s" % p.stdout[-1500:])
+    if res["ttft_by_percentile"]["slower_at"] or "not slower at any" not in p.stdout:
+        fail("good records: slower somewhere? %r" % res["ttft_by_percentile"])
 
     # 2. The median wins, the two slowest requests (2% > the 1% p99 quantile) regress 3x: p50
     #    and p90 met, p99 not; exit 3 only under --require-targets.
@@ -95,6 +98,8 @@ def main():
         fail("p99 regressed: exit %d, met %r\n%s" % (p.returncode, m, p.stdout[-1500:]))
     if "TTFT p99" not in p.stdout or "NOT met" not in p.stdout:
         fail("p99 regressed: the verdict does not say so: %s" % p.stdout[-1500:])
+    if res["ttft_by_percentile"]["slower_at"] != [99] or "slower at p99 (1 of 99" not in p.stdout:
+        fail("p99 regressed: percentile by percentile %r" % res["ttft_by_percentile"])
 
     # 3. The slowest 15% regress 1.5x: p90 and p99 missed, p50 met.
     slow15 = set(sorted(range(N), key=base_ttft)[-15:])
@@ -111,7 +116,27 @@ def main():
     if p.returncode != 0 or res["targets"]["ttft_p99_ratio"]["met_in_repetitions"] != 2:
         fail("one repetition regressed: exit %d, %r" % (p.returncode, res and res["targets"]))
 
-    # 5. A failed request, or tokens that differ between runs: exit 1 whatever the verdict.
+    # 5. The fastest requests slower (kvfabric never under 0.8 s), the rest 0.4x: every target
+    #    the verdict judges is met, and the line percentile by percentile names where the curves
+    #    cross, as the report's own quantile finds it on the pooled repetitions.
+    def floor(i, rep):
+        return max(0.8, 0.4 * base_ttft(i))
+    p, res = judge(bench, records(floor), "--require-targets")
+    pooled = {m: sorted(f(i, rep) for rep in range(1, REPS + 1) for i in range(N))
+              for m, f in (("kvf", floor), ("baseline", lambda i, rep: base_ttft(i)))}
+
+    def q(v, x):
+        return v[min(len(v) - 1, int(x * (len(v) - 1) + 0.5))]
+    ratios = [q(pooled["kvf"], pc / 100) / q(pooled["baseline"], pc / 100) for pc in range(1, 100)]
+    want = [pc for pc in range(1, 100) if ratios[pc - 1] > 1]
+    got = res and res["ttft_by_percentile"]
+    if p.returncode != 0 or not want or got["slower_at"] != want or \
+            abs(got["worst_ratio"] - max(ratios)) > 1e-4 or \
+            "slower at p%d-p%d" % (want[0], want[-1]) not in p.stdout:
+        fail("low percentiles slower: exit %d, want %r, got %r\n%s" % (p.returncode, want, got,
+                                                                       p.stdout[-800:]))
+
+    # 6. A failed request, or tokens that differ between runs: exit 1 whatever the verdict.
     def failed(r):
         if r["mode"] == "kvf" and r["repetition"] == 1 and r["request"] == 7:
             r["error"] = "engine 127.0.0.1:1: connection refused"
@@ -126,7 +151,7 @@ def main():
     if res["tokens_differ"] != 1:
         fail("differing tokens: %r" % res)
 
-    # 6. Malformed records: exit 1, the record and the key named; nothing crashes.
+    # 7. Malformed records: exit 1, the record and the key named; nothing crashes.
     good_text = json.dumps(good)
     bad = [
         ("not json", "{\"mode\": ", "records.json"),
@@ -150,7 +175,7 @@ def main():
     if p.returncode != 2:
         fail("--report without a folder: exit %d" % p.returncode)
     print("e2e_verdict_check: ok (targets met; p99 regressed -> exit 3; p90 and p99 regressed; "
-          "one repetition regressed; failures and differing tokens -> exit 1; %d malformed "
+          "one repetition regressed; low percentiles slower, named; failures and differing tokens -> exit 1; %d malformed "
           "records refused)" % len(bad))
 
 
