@@ -194,10 +194,16 @@ static int discover_one(kvf_client *c, size_t i, char *why, size_t whylen)
 void kvf__shm_discover(kvf_client *c, char *why, size_t whylen)
 {
     why[0] = 0;
-    if (kvf__boot_id(c->boot_id) != 0) {
+    uint8_t boot[16];
+    if (kvf__boot_id(boot) != 0) {
         snprintf(why, whylen, "; this system does not say its boot id");
         return;
     }
+    /* under shm_mu, as the engines' HELLO replies read it (reply.c): at open no engine runs yet,
+     * but a probe made again (test_store_shm) runs beside them */
+    pthread_mutex_lock(&c->shm_mu);
+    memcpy(c->boot_id, boot, sizeof boot);
+    pthread_mutex_unlock(&c->shm_mu);
     for (size_t i = 0; i < c->n_nodes; i++) {
         if (!kvf__host_is_local(c->nodes[i].host)) {
             size_t used = strlen(why);
