@@ -78,6 +78,19 @@ for key, name in (("ttft_p50_ratio", "TTFT p50"), ("ttft_p90_ratio", "TTFT p90")
           % (name, t["median"], t["p10"], t["p90"], t["target"],
              "met" if t["met"] else "NOT met", t["met_in_repetitions"], t["repetitions"]))
 print("  all targets met: %s" % ("yes" if res["targets_met"] else "NO"))
+# Not judged: the percentiles the verdict does not look at (p1 to p99, repetitions pooled).
+by = res.get("ttft_by_percentile")
+if by:
+    slower, ranges = by["slower_at"], []
+    for p in slower:
+        if ranges and ranges[-1][1] == p - 1:
+            ranges[-1][1] = p
+        else:
+            ranges.append([p, p])
+    where = ", ".join("p%d" % a if a == b else "p%d-p%d" % (a, b) for a, b in ranges)
+    print("  TTFT p1 to p99, not judged: %s" % (
+        "kvfabric slower at %s (worst %.2fx at p%d)" % (where, by["worst_ratio"], by["worst_at"])
+        if slower else "kvfabric slower at none"))
 EOF
 echo "==== stopping the cluster"
 case $status in
