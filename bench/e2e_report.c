@@ -292,8 +292,8 @@ static json_t *judge(const struct target *t, const double *v, size_t n, int *met
                      "repetitions", (json_int_t)n);
 }
 
-/* The completed requests' TTFTs of every run of mode, repetitions pooled, sorted, into a new
- * array (*n long; NULL when none or out of memory). */
+/* The completed requests' TTFTs of every run of mode, repetitions pooled, into a new array (*n
+ * long; NULL when none or out of memory). */
 static double *mode_ttfts(const e2e_report *rp, const char *mode, size_t *n)
 {
     size_t cap = 0;
@@ -307,8 +307,6 @@ static double *mode_ttfts(const e2e_report *rp, const char *mode, size_t *n)
             if (!R->r[i].failed && !R->r[i].rt.rejected)
                 v[(*n)++] = R->r[i].ttft;
     }
-    if (v && *n)
-        bench_quantile(v, *n, 0.5); /* sorts */
     if (v && !*n)
         free(v), v = NULL;
     return v;
@@ -365,9 +363,9 @@ static void percentile_line(const e2e_report *rp, json_t *res)
         printf("TTFT percentile by percentile (p1 to p99, repetitions pooled): kvfabric not "
                "slower at any\n");
     json_object_set_new(res, "ttft_by_percentile",
-                        json_pack("{s:o,s:o,s:f,s:i,s:s}", "ratios", ratios, "slower_at", slower,
-                                  "worst_ratio", n_slower ? worst : 0.0, "worst_at", worst_p,
-                                  "label", "real"));
+                        json_pack("{s:o,s:o,s:s,s:f,s:i,s:s}", "ratios", ratios, "slower_at",
+                                  slower, "slower_ranges", ranges, "worst_ratio",
+                                  n_slower ? worst : 0.0, "worst_at", worst_p, "label", "real"));
     free(k);
     free(b);
 }

@@ -81,16 +81,10 @@ print("  all targets met: %s" % ("yes" if res["targets_met"] else "NO"))
 # Not judged: the percentiles the verdict does not look at (p1 to p99, repetitions pooled).
 by = res.get("ttft_by_percentile")
 if by:
-    slower, ranges = by["slower_at"], []
-    for p in slower:
-        if ranges and ranges[-1][1] == p - 1:
-            ranges[-1][1] = p
-        else:
-            ranges.append([p, p])
-    where = ", ".join("p%d" % a if a == b else "p%d-p%d" % (a, b) for a, b in ranges)
     print("  TTFT p1 to p99, not judged: %s" % (
-        "kvfabric slower at %s (worst %.2fx at p%d)" % (where, by["worst_ratio"], by["worst_at"])
-        if slower else "kvfabric slower at none"))
+        "kvfabric slower at %s (worst %.2fx at p%d)"
+        % (by["slower_ranges"], by["worst_ratio"], by["worst_at"])
+        if by["slower_at"] else "kvfabric slower at none"))
 EOF
 echo "==== stopping the cluster"
 case $status in

@@ -98,7 +98,9 @@ def main():
         fail("p99 regressed: exit %d, met %r\n%s" % (p.returncode, m, p.stdout[-1500:]))
     if "TTFT p99" not in p.stdout or "NOT met" not in p.stdout:
         fail("p99 regressed: the verdict does not say so: %s" % p.stdout[-1500:])
-    if res["ttft_by_percentile"]["slower_at"] != [99] or "slower at p99 (1 of 99" not in p.stdout:
+    if res["ttft_by_percentile"]["slower_at"] != [99] or \
+            res["ttft_by_percentile"]["slower_ranges"] != "p99" or \
+            "slower at p99 (1 of 99" not in p.stdout:
         fail("p99 regressed: percentile by percentile %r" % res["ttft_by_percentile"])
 
     # 3. The slowest 15% regress 1.5x: p90 and p99 missed, p50 met.
@@ -132,6 +134,7 @@ def main():
     got = res and res["ttft_by_percentile"]
     if p.returncode != 0 or not want or got["slower_at"] != want or \
             abs(got["worst_ratio"] - max(ratios)) > 1e-4 or \
+            got["slower_ranges"] != "p%d-p%d" % (want[0], want[-1]) or \
             "slower at p%d-p%d" % (want[0], want[-1]) not in p.stdout:
         fail("low percentiles slower: exit %d, want %r, got %r\n%s" % (p.returncode, want, got,
                                                                        p.stdout[-800:]))
