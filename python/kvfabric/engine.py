@@ -26,6 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from .connector import Connector, Prefetch, pages_from_tensors
 from .errors import KvfError, Miss
 from .events import Events, HeldBlocks
+from .gputurn import GpuTurn
 from .layout import Layout
 from .paged import PagedKVCache
 
@@ -198,6 +199,7 @@ class Outcome:
     decision: Dict[str, Any] = field(default_factory=dict)  # load or recompute, and why
     prefetch: Dict[str, Any] = field(default_factory=dict)  # fetched while it waited: how much
     abandoned: bool = False  # its decode stopped early: nobody waited for it any more
+    gpu_turn: Dict[str, Any] = field(default_factory=dict)  # its wait for the GPU's turn
 
 
 class Rates:
@@ -245,7 +247,8 @@ class Engine:
     def __init__(self, model: Any, layout: Layout, cache_factory: Callable[[], Any],
                  connector: Optional[Connector] = None, events: Optional[Events] = None,
                  max_tokens: int = 16384, graphs: str = "off",
-                 save_beside_tokens: Optional[int] = 1024) -> None:
+                 save_beside_tokens: Optional[int] = 1024,
+                 gpu_turn: Optional[GpuTurn] = None) -> None:
         import torch
 
         self.model, self.layout, self.new_cache = model, layout, cache_factory
@@ -258,6 +261,10 @@ class Engine:
         # every save after the pass.
         self.save_beside_tokens = save_beside_tokens
         self._beside: Optional["_LayerSave"] = None  # made by _prefill, until run() takes it
+        # The turns of the engine processes sharing this GPU (kvfabric.gputurn): a pass that
+        # computes prompt positions waits for its turn; None: passes run whenever they come.
+        self.gpu_turn = gpu_turn
+        self._turn: Optional[int] = None  # the ticket of the turn held by the pass under way
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.layers = decoder_layers(model)
@@ -481,6 +488,13 @@ class Engine:
         hooks, waited, load_done, arrived = [], [0.0], [0.0], [0.0]
         following = None  # the token after the first, where the first decoding step ran here
         beside = None  # the save that runs beside the forward pass (before t0: not the pass's)
+        if self.gpu_turn is not None and not whole:
+            # after the load started (it goes on while this waits), before the pass's first
+            # kernel; the key's predicted time is what the pass computes
+            ahead = self.rates.compute_s(cached if load is not None else d, n)
+            self._turn, waited_turn = self.gpu_turn.acquire(ahead or 0.0)
+            o.gpu_turn = {"wait_s": waited_turn, "held": self._turn is not None,
+                          "label": "real"}
         if load is None and save is not None and self.save_beside_tokens is not None and \
                 n - d >= self.save_beside_tokens:
             beside = self._beside = self._save_beside(tokens, cache, min(cached, n // C * C),
@@ -575,6 +589,7 @@ class Engine:
                 load.close()
         self._sync()
         o.prefill_s = time.perf_counter() - t0
+        self._release_turn()
         o.wait_s = waited[0]
         o.compute_s = max(0.0, o.prefill_s - o.wait_s)
         if o.loaded_tokens and load_done[0] and not use_pf:  # a prefetch's copy is no link's
@@ -591,6 +606,11 @@ class Engine:
         # what the stores hold of the prompt: the lookup's prefix, unless its load failed
         known = 0 if load is not None and not o.loaded_tokens else min(cached, n // C * C)
         return cache, known, following, beside
+
+    def _release_turn(self) -> None:
+        if self._turn is not None:
+            self.gpu_turn.release(self._turn)
+            self._turn = None
 
     def _save_span(self, tokens: List[int], known: int, tail: bool) -> Tuple[List[int], int, int]:
         """What a save of the prompt writes: the tokens its chunks are keyed by (with tail, the
@@ -692,6 +712,7 @@ class Engine:
                 raise
             finally:
                 self._beside = None
+                self._release_turn()  # where the pass raised before giving it back
             self.last_tokens, self.last_cache = tokens, cache
             if stores and kind != "decode":
                 t_save = time.perf_counter()
@@ -974,4 +995,5 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
             "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
             "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
             "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes,
-            **({"prefetch": o.prefetch} if o.prefetch else {})}
+            **({"prefetch": o.prefetch} if o.prefetch else {}),
+            **({"gpu_turn": o.gpu_turn} if o.gpu_turn else {})}

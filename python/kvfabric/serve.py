@@ -39,7 +39,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import models
+from . import gputurn, models
 from .connector import Connector
 from .engine import QUEUE_DISCIPLINES, Engine, TurnQueue, outcome_json
 from .errors import KvfError
@@ -278,6 +278,18 @@ class Server:
                  "prefetches")]
         for name, help_, v in counts + [(n, h, st.get(k, 0)) for n, h, k in conn]:
             self.metrics.counter_set(name, help_, float(v))
+        gt = self.engine.gpu_turn
+        if gt is not None:  # the GPU's turns (--gpu-turn): this engine's side of them
+            for name, help_, v in (
+                    ("gpu_turn_passes_total", "Passes run in their turn on the shared GPU.",
+                     gt.passes),
+                    ("gpu_turn_waited_passes_total", "Of which waited for another engine's pass.",
+                     gt.waited_passes),
+                    ("gpu_turn_wait_seconds_total", "Time passes waited for their turn.",
+                     gt.wait_s),
+                    ("gpu_turn_timeouts_total", "Passes that ran without their turn: the wait "
+                     "reached --gpu-turn-max-wait, or no waiter's slot was free.", gt.timeouts)):
+                self.metrics.counter_set(name, help_, float(v))
         return self.metrics.expose()
 
     # -- kvf-sched ------------------------------------------------------------------------
@@ -782,6 +794,11 @@ def parser() -> argparse.ArgumentParser:
                    "staging pages (kvfabric.graphstep): auto where the device, dtype, model and "
                    "torch allow (CUDA, bf16 or f16, a Llama-family model, FlashAttention with "
                    "seqused_k); on: or refuse to start; off: eager steps")
+    p.add_argument("--gpu-turn", default="auto", metavar="auto|off|FILE",
+                   help="engines on one GPU take turns for their passes, shortest predicted "
+                        "first (kvfabric.gputurn; auto: the GPU's file in /dev/shm, off on a CPU)")
+    p.add_argument("--gpu-turn-max-wait", type=float, default=10.0, metavar="S",
+                   help="the longest a pass waits for its turn before running anyway")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
@@ -894,12 +911,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         eh, _ = _split(a.events, "--events")
         ev = Events(a.events, a.events_credential, a.events_tenants,
                     replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0", shards=a.event_shards)
+    if not 0 < a.gpu_turn_max_wait <= 3600:
+        raise SystemExit("kvfabric.serve: --gpu-turn-max-wait: more than 0, at most 3600 s")
+    p0 = next(model.parameters())
+    turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log)
     try:
         engine = Engine(model, layout, factory, connector=cn, events=ev,
-                        max_tokens=a.max_tokens, graphs=a.cuda_graphs)
+                        max_tokens=a.max_tokens, graphs=a.cuda_graphs, gpu_turn=turn)
     except ValueError as e:
         raise SystemExit(f"kvfabric.serve: --cuda-graphs: {e}")
     _log("info", f"decoding steps: {engine.graph_note}")
+    _log("info", f"passes on the GPU: {'turns in ' + turn.path if turn else 'no turns'}")
     engine.vocab = int(cfg["vocab_size"])
     S = Server(a, engine, layout, ev, backend)
     if cn is not None:  # the connector's per-layer timing on /metrics, as kvf-engine's

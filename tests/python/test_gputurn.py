@@ -1,0 +1,163 @@
+"""kvfabric.gputurn: the turns of engine processes sharing one GPU, between real processes
+(no GPU needed: a "pass" here is a sleep). One pass at a time; the earliest key (arrival plus
+predicted time) goes next; a holder that dies frees the turn; a hung one is waited for at most
+max_wait_s; a page that is not a turn page is started afresh."""
+
+import multiprocessing as mp
+import os
+import tempfile
+import time
+import unittest
+
+from kvfabric.gputurn import GpuTurn
+
+CTX = mp.get_context("fork")
+
+
+def _passes(path, n, hold_s, out):
+    t = GpuTurn(path, max_wait_s=20)
+    for _ in range(n):
+        ticket, _ = t.acquire(hold_s)
+        a = time.monotonic()
+        time.sleep(hold_s)
+        b = time.monotonic()
+        t.release(ticket)
+        out.put((os.getpid(), a, b, ticket is not None))
+    t.close()
+
+
+def _one(path, name, predicted_s, out):
+    t = GpuTurn(path, max_wait_s=20)
+    ticket, waited = t.acquire(predicted_s)
+    out.put((name, ticket is not None, waited))
+    time.sleep(0.05)
+    t.release(ticket)
+    t.close()
+
+
+def _hold(path, seconds, ready, release):
+    t = GpuTurn(path, max_wait_s=20)
+    ticket, _ = t.acquire(0)
+    ready.set()
+    time.sleep(seconds)
+    if release:
+        t.release(ticket)
+    os._exit(0)  # without closing: as a process killed holding it
+
+
+class GpuTurnTest(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = os.path.join(self.dir.name, "turn")
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def _until(self, cond, limit=10.0):
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if cond():
+                return True
+            time.sleep(0.01)
+        return False
+
+    def test_uncontended_turn_does_not_wait(self):
+        with GpuTurn(self.path) as t:
+            for _ in range(3):
+                ticket, waited = t.acquire(0.01)
+                self.assertIsNotNone(ticket)
+                self.assertEqual(waited, 0.0)
+                self.assertEqual(t.holder(), os.getpid())
+                t.release(ticket)
+                self.assertEqual(t.holder(), 0)
+            self.assertEqual(t.stats()["passes"], 3)
+            self.assertEqual(t.stats()["waited_passes"], 0)
+
+    def test_one_pass_at_a_time_across_processes(self):
+        out = CTX.Queue()
+        procs = [CTX.Process(target=_passes, args=(self.path, 6, 0.02, out)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        rows = [out.get(timeout=30) for _ in range(18)]
+        for p in procs:
+            p.join(10)
+            self.assertEqual(p.exitcode, 0)
+        self.assertTrue(all(r[3] for r in rows), "every pass held the turn")
+        rows.sort(key=lambda r: r[1])
+        for prev, cur in zip(rows, rows[1:]):
+            self.assertLessEqual(prev[2], cur[1] + 1e-4,
+                                 f"passes of {prev[0]} and {cur[0]} overlapped")
+        self.assertGreater(len({r[0] for r in rows}), 1)
+
+    def test_earliest_key_goes_first(self):
+        out = CTX.Queue()
+        with GpuTurn(self.path) as t:
+            ticket, _ = t.acquire(0)
+            long_ = CTX.Process(target=_one, args=(self.path, "long", 5.0, out))
+            long_.start()
+            self.assertTrue(self._until(lambda: t.waiting() == 1))
+            short = CTX.Process(target=_one, args=(self.path, "short", 0.01, out))
+            short.start()
+            self.assertTrue(self._until(lambda: t.waiting() == 2))
+            time.sleep(0.3)  # later than the long pass's arrival, earlier than its key
+            late = CTX.Process(target=_one, args=(self.path, "late", 6.0, out))
+            late.start()
+            self.assertTrue(self._until(lambda: t.waiting() == 3))
+            t.release(ticket)
+            order = [out.get(timeout=30) for _ in range(3)]
+            for p in (long_, short, late):
+                p.join(10)
+                self.assertEqual(p.exitcode, 0)
+        self.assertEqual([o[0] for o in order], ["short", "long", "late"])
+        self.assertTrue(all(o[1] for o in order))
+
+    def test_a_dead_holder_frees_the_turn(self):
+        ready = CTX.Event()
+        p = CTX.Process(target=_hold, args=(self.path, 0.2, ready, False))
+        p.start()
+        self.assertTrue(ready.wait(10))
+        with GpuTurn(self.path, max_wait_s=20) as t:
+            ticket, waited = t.acquire(0)
+            p.join(10)
+            self.assertIsNotNone(ticket)
+            self.assertLess(waited, 5.0)
+            self.assertEqual(t.stats()["timeouts"], 0)
+            t.release(ticket)
+
+    def test_a_hung_holder_is_waited_for_at_most_max_wait(self):
+        ready = CTX.Event()
+        p = CTX.Process(target=_hold, args=(self.path, 3.0, ready, True))
+        p.start()
+        try:
+            self.assertTrue(ready.wait(10))
+            with GpuTurn(self.path, max_wait_s=0.3) as t:
+                t0 = time.monotonic()
+                ticket, waited = t.acquire(0)
+                took = time.monotonic() - t0
+                self.assertIsNone(ticket)
+                self.assertGreaterEqual(waited, 0.3)
+                self.assertLess(took, 2.5)
+                self.assertEqual(t.stats()["timeouts"], 1)
+                self.assertEqual(t.waiting(), 0, "the waiter's slot is given back")
+        finally:
+            p.join(10)
+
+    def test_a_foreign_page_is_started_afresh(self):
+        with open(self.path, "wb") as f:
+            f.write(os.urandom(4096))
+        with GpuTurn(self.path) as t:
+            self.assertEqual(t.waiting(), 0)
+            ticket, waited = t.acquire(0)
+            self.assertIsNotNone(ticket)
+            self.assertEqual(waited, 0.0)
+            t.release(ticket)
+
+    def test_bad_settings_are_refused(self):
+        with self.assertRaises(ValueError):
+            GpuTurn(self.path, max_wait_s=0)
+        with self.assertRaises(OSError):
+            GpuTurn(os.path.join(self.dir.name, "no", "such", "dir"))
+
+
+if __name__ == "__main__":
+    unittest.main()
