@@ -248,7 +248,7 @@ class Engine:
                  connector: Optional[Connector] = None, events: Optional[Events] = None,
                  max_tokens: int = 16384, graphs: str = "off",
                  save_beside_tokens: Optional[int] = 1024,
-                 gpu_turn: Optional[GpuTurn] = None) -> None:
+                 gpu_turn: Optional[GpuTurn] = None, decode_yield_s: float = 0.05) -> None:
         import torch
 
         self.model, self.layout, self.new_cache = model, layout, cache_factory
@@ -264,6 +264,7 @@ class Engine:
         # The turns of the engine processes sharing this GPU (kvfabric.gputurn): a pass that
         # computes prompt positions waits for its turn; None: passes run whenever they come.
         self.gpu_turn = gpu_turn
+        self.decode_yield_s = decode_yield_s  # a decoding step's longest wait for the passes
         self._turn: Optional[int] = None  # the ticket of the turn held by the pass under way
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -749,6 +750,11 @@ class Engine:
                         o.abandoned = True
                         break
                     t = time.perf_counter()
+                    if self.gpu_turn is not None:  # inside the step's inter-token latency
+                        y = self.gpu_turn.yield_to_passes(self.decode_yield_s)
+                        if y:
+                            o.gpu_turn["decode_yield_s"] = o.gpu_turn.get("decode_yield_s",
+                                                                          0.0) + y
                     last = self._step(last, cache)
                     o.tokens.append(last)
                     o.itl_s.append(time.perf_counter() - t)

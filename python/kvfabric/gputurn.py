@@ -9,9 +9,11 @@ prompts' passes overlapped two or three other engines' passes). A GpuTurn makes 
 turns: one pass at a time on the GPU, the others wait for it, and the next to go is the one with
 the earliest key, its arrival plus its predicted pass time (earliest deadline first: a short
 pass goes before a long one that came a little earlier, and none waits for ever, since a pass
-that comes later than another's key cannot go before it). Decoding steps do not take turns
-(a step is a few milliseconds; making it wait for a pass would lengthen inter-token latency by
-the whole pass).
+that comes later than another's key cannot go before it). Decoding steps do not take turns:
+before each step a decoding engine yields to the passes (waits while one holds or waits for the
+turn), at most a bound per step (--gpu-turn-decode-wait, 50 ms by default), so that a pass runs
+nearly alone (a decode step in each bound's time beside it) and no inter-token gap grows by more
+than the bound: time to first token first, inter-token latency bounded.
 
 The turn is a page of shared memory (a file, normally in /dev/shm, mode 0600: only this user's
 processes share it) holding the holder and up to SLOTS waiters, changed under an flock. A holder
@@ -93,8 +95,8 @@ class GpuTurn:
             os.close(fd)
             raise
         self._fd, self._mm = fd, mm
-        self.passes = self.waited_passes = self.timeouts = 0
-        self.wait_s = 0.0
+        self.passes = self.waited_passes = self.timeouts = self.decode_yields = 0
+        self.wait_s = self.decode_yield_s = 0.0
 
     def close(self) -> None:
         if self._mm is not None:
@@ -217,6 +219,34 @@ class GpuTurn:
         finally:
             self._unlock()
 
+    def passes_pending(self) -> bool:
+        """Whether a pass holds the turn or waits for it now (another process's, or this one's)."""
+        self._lock()
+        try:
+            hpid = _HDR.unpack_from(self._mm, 0)[1]
+            if hpid and _alive(hpid):
+                return True
+            return any(_alive(self._slot(i)[0]) for i in range(SLOTS) if self._slot(i)[0])
+        finally:
+            self._unlock()
+
+    def yield_to_passes(self, max_s: float) -> float:
+        """A decoding step's courtesy: waits while a pass holds or waits for the turn, at most
+        max_s; returns the seconds waited (counted in decode_yields and decode_yield_s)."""
+        if max_s <= 0 or not self.passes_pending():
+            return 0.0
+        t0 = time.monotonic()
+        pause = 0.0002
+        while time.monotonic() - t0 < max_s:
+            time.sleep(min(pause, max(0.0, max_s - (time.monotonic() - t0))))
+            pause = min(pause * 1.5, 0.001)
+            if not self.passes_pending():
+                break
+        waited = time.monotonic() - t0
+        self.decode_yields += 1
+        self.decode_yield_s += waited
+        return waited
+
     def waiting(self) -> int:
         """How many live passes wait for the turn now."""
         self._lock()
@@ -228,6 +258,8 @@ class GpuTurn:
     def stats(self) -> dict:
         return {"path": self.path, "passes": self.passes, "waited_passes": self.waited_passes,
                 "wait_s": round(self.wait_s, 6), "timeouts": self.timeouts,
+                "decode_yields": self.decode_yields,
+                "decode_yield_s": round(self.decode_yield_s, 6),
                 "max_wait_s": self.max_wait_s, "label": "real"}
 
 

@@ -288,7 +288,9 @@ class Server:
                     ("gpu_turn_wait_seconds_total", "Time passes waited for their turn.",
                      gt.wait_s),
                     ("gpu_turn_timeouts_total", "Passes that ran without their turn: the wait "
-                     "reached --gpu-turn-max-wait, or no waiter's slot was free.", gt.timeouts)):
+                     "reached --gpu-turn-max-wait, or no waiter's slot was free.", gt.timeouts),
+                    ("gpu_turn_decode_yield_seconds_total", "Time decoding steps waited for the "
+                     "passes (at most --gpu-turn-decode-wait a step).", gt.decode_yield_s)):
                 self.metrics.counter_set(name, help_, float(v))
         return self.metrics.expose()
 
@@ -799,6 +801,8 @@ def parser() -> argparse.ArgumentParser:
                         "first (kvfabric.gputurn; auto: the GPU's file in /dev/shm, off on a CPU)")
     p.add_argument("--gpu-turn-max-wait", type=float, default=10.0, metavar="S",
                    help="the longest a pass waits for its turn before running anyway")
+    p.add_argument("--gpu-turn-decode-wait", type=float, default=0.05, metavar="S",
+                   help="the longest a decoding step waits for the passes on the GPU (0: none)")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
@@ -913,11 +917,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                     replay=f"[{eh}]:0" if ":" in eh else f"{eh}:0", shards=a.event_shards)
     if not 0 < a.gpu_turn_max_wait <= 3600:
         raise SystemExit("kvfabric.serve: --gpu-turn-max-wait: more than 0, at most 3600 s")
+    if not 0 <= a.gpu_turn_decode_wait <= 10:
+        raise SystemExit("kvfabric.serve: --gpu-turn-decode-wait: 0 to 10 s")
     p0 = next(model.parameters())
     turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log)
     try:
         engine = Engine(model, layout, factory, connector=cn, events=ev,
-                        max_tokens=a.max_tokens, graphs=a.cuda_graphs, gpu_turn=turn)
+                        max_tokens=a.max_tokens, graphs=a.cuda_graphs, gpu_turn=turn,
+                        decode_yield_s=a.gpu_turn_decode_wait)
     except ValueError as e:
         raise SystemExit(f"kvfabric.serve: --cuda-graphs: {e}")
     _log("info", f"decoding steps: {engine.graph_note}")

@@ -1,7 +1,8 @@
 """kvfabric.gputurn: the turns of engine processes sharing one GPU, between real processes
 (no GPU needed: a "pass" here is a sleep). One pass at a time; the earliest key (arrival plus
 predicted time) goes next; a holder that dies frees the turn; a hung one is waited for at most
-max_wait_s; a page that is not a turn page is started afresh."""
+max_wait_s; a decoding step yields to a pass for at most its bound; a page that is not a turn
+page is started afresh."""
 
 import multiprocessing as mp
 import os
@@ -141,6 +142,31 @@ class GpuTurnTest(unittest.TestCase):
                 self.assertEqual(t.waiting(), 0, "the waiter's slot is given back")
         finally:
             p.join(10)
+
+    def test_a_decoding_step_yields_to_a_pass_for_at_most_its_bound(self):
+        with GpuTurn(self.path) as t:
+            self.assertEqual(t.yield_to_passes(1.0), 0.0, "nothing to yield to")
+            ready = CTX.Event()
+            p = CTX.Process(target=_hold, args=(self.path, 0.4, ready, True))
+            p.start()
+            self.assertTrue(ready.wait(10))
+            waited = t.yield_to_passes(5.0)  # until the pass gives the turn back
+            p.join(10)
+            self.assertGreater(waited, 0.1)
+            self.assertLess(waited, 4.0)
+            self.assertFalse(t.passes_pending())
+            ready = CTX.Event()
+            p = CTX.Process(target=_hold, args=(self.path, 3.0, ready, True))
+            p.start()
+            try:
+                self.assertTrue(ready.wait(10))
+                waited = t.yield_to_passes(0.2)  # a long pass: the bound
+                self.assertGreaterEqual(waited, 0.2)
+                self.assertLess(waited, 1.5)
+                self.assertTrue(t.passes_pending())
+            finally:
+                p.join(10)
+            self.assertEqual(t.stats()["decode_yields"], 2)
 
     def test_a_foreign_page_is_started_afresh(self):
         with open(self.path, "wb") as f:

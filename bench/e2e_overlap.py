@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Where an e2e run's passes ran beside each other: for every prefill pass of a `kvf-bench e2e`
+run (records.json), the other passes and decodes under way during it, and its compute time
+against the same request's pass in the baseline's run of the same repetition.
+
+Engines that share one GPU (the GPU e2e's four engines on one card) slow each other's passes
+down when they run at once; this says how often that happened and what it cost, by prompt length:
+
+    bench/e2e_overlap.py RUN/records.json [--max-new 1024] [--json]
+
+A pass is [arrival + place_s + engine_queue_s + engine_gpu_turn_s, + engine_prefill_s]; a decode
+is [arrival + ttft_s + decode_queue_s, arrival + e2e_s] (a colocated one's decode follows its
+pass on the same engine). "Beside" counts the passes and decodes of other
+requests that overlapped it (as a fraction of the pass: 2.0 = two others all the time). Derived
+from the records, which are real; nothing is measured here.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+
+
+def intervals(records, mode, rep):
+    out = []
+    for r in records:
+        if r["mode"] != mode or r["repetition"] != rep or r.get("rejected") or r.get("error"):
+            continue
+        ps = r["arrival_s"] + r["place_s"] + r["engine_queue_s"] + r.get("engine_gpu_turn_s", 0)
+        pe = ps + r["engine_prefill_s"]
+        ds = r["arrival_s"] + r["ttft_s"] + r.get("decode_queue_s", 0.0)  # its turn came
+        out.append((r, ps, pe, ds, r["arrival_s"] + r["e2e_s"]))
+    return out
+
+
+def overlap(a0, a1, b0, b1):
+    return max(0.0, min(a1, b1) - max(a0, b0))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("records")
+    ap.add_argument("--bins", default="1024,4096", help="prompt-length bin edges (new tokens)")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    try:
+        with open(a.records) as f:
+            records = json.load(f)
+        edges = sorted(int(x) for x in a.bins.split(",") if x)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"e2e_overlap: {e}")
+    if not isinstance(records, list) or not records:
+        raise SystemExit("e2e_overlap: records.json holds no records")
+    reps = sorted({r["repetition"] for r in records if r.get("mode") == "kvf"})
+    rows = []
+    for rep in reps:
+        kv = intervals(records, "kvf", rep)
+        base = {r["request"]: r for r, *_ in intervals(records, "baseline", rep)}
+        for x, ps, pe, _, _ in kv:
+            span = pe - ps
+            if span <= 0:
+                continue
+            bp = sum(overlap(ps, pe, qs, qe) for y, qs, qe, _, _ in kv if y is not x) / span
+            bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
+            b = base.get(x["request"])
+            new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
+            rows.append({"repetition": rep, "request": x["request"], "new_tokens": new,
+                         "kvf_compute_s": x["engine_compute_s"],
+                         "baseline_compute_s": b["engine_compute_s"] if b else None,
+                         "gpu_turn_s": x.get("engine_gpu_turn_s", 0.0),
+                         "passes_beside": round(bp, 3), "decodes_beside": round(bd, 3)})
+    bins = []
+    lo = 0
+    for hi in edges + [None]:
+        sel = [r for r in rows if r["new_tokens"] >= lo and (hi is None or r["new_tokens"] < hi)]
+        pair = [r for r in sel if r["baseline_compute_s"]]
+        if sel:
+            bins.append({
+                "new_tokens": f"{lo}-{hi - 1}" if hi else f"{lo}+", "passes": len(sel),
+                "passes_beside_mean": round(statistics.mean(r["passes_beside"] for r in sel), 3),
+                "alone_share": round(sum(r["passes_beside"] < 0.05 for r in sel) / len(sel), 3),
+                "decodes_beside_mean": round(statistics.mean(r["decodes_beside"] for r in sel),
+                                             3),
+                "gpu_turn_s_median": round(statistics.median(r["gpu_turn_s"] for r in sel), 4),
+                "compute_vs_baseline_median": round(statistics.median(
+                    r["kvf_compute_s"] / r["baseline_compute_s"] for r in pair), 3)
+                if pair else None})
+        lo = hi or lo
+    out = {"bench": "e2e_overlap", "records": a.records, "repetitions": reps, "bins": bins,
+           "label": "real (derived from the run's records)"}
+    if a.json:
+        out["passes"] = rows
+        print(json.dumps(out))
+        return 0
+    print(f"{a.records}: kvfabric's prefill passes beside other requests' passes and decodes "
+          f"(repetitions {reps}; from the records, real)")
+    print(f"{'new tokens':>12} {'passes':>6} {'others beside':>13} {'alone':>6} "
+          f"{'decodes beside':>14} {'turn wait p50':>13} {'compute / baseline p50':>22}")
+    for b in bins:
+        cvb = "-" if b["compute_vs_baseline_median"] is None else \
+            f"{b['compute_vs_baseline_median']:.2f}x"
+        print(f"{b['new_tokens']:>12} {b['passes']:>6} {b['passes_beside_mean']:>13.2f} "
+              f"{b['alone_share']:>6.0%} {b['decodes_beside_mean']:>14.2f} "
+              f"{b['gpu_turn_s_median']:>12.4f}s {cvb:>22}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
