@@ -17,8 +17,9 @@ than the bound: time to first token first, inter-token latency bounded.
 
 The turn is a page of shared memory (a file, normally in /dev/shm, mode 0600: only this user's
 processes share it) holding the holder and up to SLOTS waiters, changed under an flock. A holder
-that dies frees its turn (its pid is gone); a holder that hangs is waited for at most max_wait_s,
-after which the waiter runs its pass anyway (and says so). Without the file (another user's, a
+that dies frees its turn (its pid is gone); one that has held it longer than max_wait_s loses it;
+a waiter that has not looked for STALE_S (a stopped process) is passed over; a pass that has
+waited max_wait_s runs without the turn (and says so). Without the file (another user's, a
 read-only /dev/shm) the passes run without turns, as before; nothing fails because of it.
 """
 
@@ -32,11 +33,14 @@ import struct
 import time
 from typing import Optional, Tuple
 
-MAGIC = 0x314E5255544656  # "VFTURN1" little-endian, in the page's first 8 bytes
+MAGIC = 0x324E5255544656  # "VFTURN2" little-endian, in the page's first 8 bytes
 SLOTS = 64
-_HDR = struct.Struct("<QQQQ")  # magic, holder pid, holder ticket, next ticket
-_SLOT = struct.Struct("<QQd")  # pid (0: free), ticket, key (CLOCK_MONOTONIC seconds)
+# magic, holder pid (0: free), holder ticket, next ticket, since when the holder holds it
+_HDR = struct.Struct("<QQQQd")
+# pid (0: free), ticket, key, last seen (CLOCK_MONOTONIC seconds: one clock for the host)
+_SLOT = struct.Struct("<QQdd")
 SIZE = 4096
+STALE_S = 0.25  # a waiter that has not looked for this long is passed over (stopped, stuck)
 
 
 def _alive(pid: int) -> bool:
@@ -67,9 +71,8 @@ def default_path(device_uuid: str) -> str:
 
 
 class GpuTurn:
-    """One GPU's turns (see the module's docstring). acquire() before a pass, release() after;
-    or `with turn.hold(predicted_s) as waited:`. Thread-safe in the sense that each acquire is
-    its own ticket; an Engine runs one pass at a time anyway."""
+    """One GPU's turns (see the module's docstring): acquire() before a pass, release() after.
+    Each acquire is a ticket of its own; an Engine runs one pass at a time."""
 
     def __init__(self, path: str, max_wait_s: float = 10.0) -> None:
         if not max_wait_s > 0:
@@ -85,10 +88,9 @@ class GpuTurn:
                 if st.st_size < SIZE:
                     os.ftruncate(fd, SIZE)
                 mm = mmap.mmap(fd, SIZE)
-                magic = _HDR.unpack_from(mm, 0)[0]
-                if magic != MAGIC:  # new (zeros), or not ours: a fresh page
+                if _HDR.unpack_from(mm, 0)[0] != MAGIC:  # new (zeros), or not ours: afresh
                     mm[:SIZE] = bytes(SIZE)
-                    _HDR.pack_into(mm, 0, MAGIC, 0, 0, 1)
+                    _HDR.pack_into(mm, 0, MAGIC, 0, 0, 1, 0.0)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
@@ -117,46 +119,69 @@ class GpuTurn:
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _slot(self, i: int) -> Tuple[int, int, float]:
+    def _slot(self, i: int) -> Tuple[int, int, float, float]:
         return _SLOT.unpack_from(self._mm, _HDR.size + i * _SLOT.size)
 
-    def _set_slot(self, i: int, pid: int, ticket: int, key: float) -> None:
-        _SLOT.pack_into(self._mm, _HDR.size + i * _SLOT.size, pid, ticket, key)
+    def _set_slot(self, i: int, pid: int = 0, ticket: int = 0, key: float = 0.0,
+                  seen: float = 0.0) -> None:
+        _SLOT.pack_into(self._mm, _HDR.size + i * _SLOT.size, pid, ticket, key, seen)
 
-    def _enqueue(self, key: float) -> Tuple[int, int]:
+    def _hdr(self) -> Tuple[int, int, int, int, float]:
+        return _HDR.unpack_from(self._mm, 0)
+
+    def _set_hdr(self, hpid: int, hticket: int, nxt: int, since: float) -> None:
+        _HDR.pack_into(self._mm, 0, MAGIC, hpid, hticket, nxt, since)
+
+    def _holder_now(self, now: float) -> int:
+        """The holder's pid, the turn freed first where its holder died or held it longer than
+        max_wait_s (a pass that never gave it back: the others are not held up twice)."""
+        _, hpid, hticket, nxt, since = self._hdr()
+        if hpid and (not _alive(hpid) or now - since > self.max_wait_s):
+            self._set_hdr(0, 0, nxt, 0.0)
+            return 0
+        return hpid
+
+    def _enqueue(self, key: float, now: float) -> Tuple[int, int]:
         """Adds a waiter: its slot and ticket (slot -1: every slot taken by live waiters)."""
-        magic, hpid, hticket, nxt = _HDR.unpack_from(self._mm, 0)
+        _, hpid, hticket, nxt, since = self._hdr()
         for i in range(SLOTS):
-            pid, _, _ = self._slot(i)
+            pid = self._slot(i)[0]
             if pid == 0 or not _alive(pid):
-                self._set_slot(i, os.getpid(), nxt, key)
-                _HDR.pack_into(self._mm, 0, magic, hpid, hticket, nxt + 1)
+                self._set_slot(i, os.getpid(), nxt, key, now)
+                self._set_hdr(hpid, hticket, nxt + 1, since)
                 return i, nxt
         return -1, 0
 
-    def _try_take(self, slot: int, ticket: int) -> bool:
-        magic, hpid, hticket, nxt = _HDR.unpack_from(self._mm, 0)
-        if hpid and not _alive(hpid):  # its holder died holding it
-            hpid = hticket = 0
-        if hpid:
+    def _try_take(self, slot: int, ticket: int, now: float) -> bool:
+        """Takes the turn where it is free and this waiter's key is the earliest of the waiters
+        that live and looked within STALE_S; else notes that this waiter looked."""
+        pid, t, mykey, _ = self._slot(slot)
+        self._set_slot(slot, pid, t, mykey, now)
+        if self._holder_now(now):
             return False
-        me = self._slot(slot)
         best = None
         for i in range(SLOTS):
-            pid, t, key = self._slot(i)
+            pid, t, key, seen = self._slot(i)
             if pid == 0:
                 continue
             if not _alive(pid):
-                self._set_slot(i, 0, 0, 0.0)
+                self._set_slot(i)
+                continue
+            if now - seen > STALE_S:
                 continue
             if best is None or (key, t) < best:
                 best = (key, t)
-        if best != (me[2], me[1]):
-            _HDR.pack_into(self._mm, 0, magic, hpid, hticket, nxt)
+        if best != (mykey, ticket):
             return False
-        self._set_slot(slot, 0, 0, 0.0)
-        _HDR.pack_into(self._mm, 0, magic, os.getpid(), ticket, nxt)
+        self._set_slot(slot)
+        nxt = self._hdr()[3]
+        self._set_hdr(os.getpid(), ticket, nxt, now)
         return True
+
+    def _leave(self, slot: int, ticket: int) -> None:
+        pid, t, _, _ = self._slot(slot)
+        if pid == os.getpid() and t == ticket:
+            self._set_slot(slot)
 
     # -- the API --------------------------------------------------------------------------------
     def acquire(self, predicted_s: float = 0.0) -> Tuple[Optional[int], float]:
@@ -167,8 +192,8 @@ class GpuTurn:
         key = t0 + max(0.0, float(predicted_s))
         self._lock()
         try:
-            slot, ticket = self._enqueue(key)
-            if slot >= 0 and self._try_take(slot, ticket):
+            slot, ticket = self._enqueue(key, t0)
+            if slot >= 0 and self._try_take(slot, ticket, t0):
                 self.passes += 1
                 return ticket, 0.0
         finally:
@@ -177,36 +202,42 @@ class GpuTurn:
             self.timeouts += 1
             return None, 0.0
         pause = 0.0001
-        while True:
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.001)
+        try:
+            while True:
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.001)
+                self._lock()
+                try:
+                    now = time.monotonic()
+                    if self._try_take(slot, ticket, now):
+                        waited = now - t0
+                        self.passes += 1
+                        self.waited_passes += 1
+                        self.wait_s += waited
+                        return ticket, waited
+                    if now - t0 > self.max_wait_s:
+                        self._leave(slot, ticket)
+                        self.timeouts += 1
+                        self.wait_s += now - t0
+                        return None, now - t0
+                finally:
+                    self._unlock()
+        except BaseException:  # interrupted while waiting: the slot is not left behind
             self._lock()
             try:
-                if self._try_take(slot, ticket):
-                    waited = time.monotonic() - t0
-                    self.passes += 1
-                    self.waited_passes += 1
-                    self.wait_s += waited
-                    return ticket, waited
-                if time.monotonic() - t0 > self.max_wait_s:
-                    pid, t, _ = self._slot(slot)
-                    if pid == os.getpid() and t == ticket:
-                        self._set_slot(slot, 0, 0, 0.0)
-                    self.timeouts += 1
-                    waited = time.monotonic() - t0
-                    self.wait_s += waited
-                    return None, waited
+                self._leave(slot, ticket)
             finally:
                 self._unlock()
+            raise
 
     def release(self, ticket: Optional[int]) -> None:
         if ticket is None or self._mm is None:
             return
         self._lock()
         try:
-            magic, hpid, hticket, nxt = _HDR.unpack_from(self._mm, 0)
+            _, hpid, hticket, nxt, _ = self._hdr()
             if hpid == os.getpid() and hticket == ticket:
-                _HDR.pack_into(self._mm, 0, magic, 0, 0, nxt)
+                self._set_hdr(0, 0, nxt, 0.0)
         finally:
             self._unlock()
 
@@ -214,8 +245,7 @@ class GpuTurn:
         """The pid holding the turn now (0: nobody)."""
         self._lock()
         try:
-            hpid = _HDR.unpack_from(self._mm, 0)[1]
-            return hpid if hpid and _alive(hpid) else 0
+            return self._holder_now(time.monotonic())
         finally:
             self._unlock()
 
@@ -223,10 +253,14 @@ class GpuTurn:
         """Whether a pass holds the turn or waits for it now (another process's, or this one's)."""
         self._lock()
         try:
-            hpid = _HDR.unpack_from(self._mm, 0)[1]
-            if hpid and _alive(hpid):
+            now = time.monotonic()
+            if self._holder_now(now):
                 return True
-            return any(_alive(self._slot(i)[0]) for i in range(SLOTS) if self._slot(i)[0])
+            for i in range(SLOTS):
+                pid, _, _, seen = self._slot(i)
+                if pid and now - seen <= STALE_S and _alive(pid):
+                    return True
+            return False
         finally:
             self._unlock()
 

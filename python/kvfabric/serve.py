@@ -800,7 +800,8 @@ def parser() -> argparse.ArgumentParser:
                    help="engines on one GPU take turns for their passes, shortest predicted "
                         "first (kvfabric.gputurn; auto: the GPU's file in /dev/shm, off on a CPU)")
     p.add_argument("--gpu-turn-max-wait", type=float, default=10.0, metavar="S",
-                   help="the longest a pass waits for its turn before running anyway")
+                   help="the longest a pass holds its turn (after it, the turn is taken from it) "
+                        "or waits for it (after it, the pass runs anyway)")
     p.add_argument("--gpu-turn-decode-wait", type=float, default=0.05, metavar="S",
                    help="the longest a decoding step waits for the passes on the GPU (0: none)")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
