@@ -11,7 +11,9 @@ down when they run at once; this says how often that happened and what it cost, 
 A pass is [arrival + place_s + engine_queue_s + engine_gpu_turn_s, + engine_prefill_s]; a decode
 is [arrival + ttft_s + decode_queue_s, arrival + e2e_s] (a colocated one's decode follows its
 pass on the same engine). "Beside" counts the passes and decodes of other
-requests that overlapped it (as a fraction of the pass: 2.0 = two others all the time). Derived
+requests that overlapped it (as a fraction of the pass: 2.0 = two others all the time); "after
+pass" is the time from its end to the first token in the driver's hands (the save's part after
+the pass, the reply, the router; the baseline saves nothing). Derived
 from the records, which are real; nothing is measured here.
 """
 
@@ -55,7 +57,9 @@ def main():
     rows = []
     for rep in reps:
         kv = intervals(records, "kvf", rep)
-        base = {r["request"]: r for r, *_ in intervals(records, "baseline", rep)}
+        bases = {r["request"]: (r, ps, pe) for r, ps, pe, _, _ in intervals(records, "baseline",
+                                                                          rep)}
+        base = {k: v[0] for k, v in bases.items()}
         for x, ps, pe, _, _ in kv:
             span = pe - ps
             if span <= 0:
@@ -63,11 +67,18 @@ def main():
             bp = sum(overlap(ps, pe, qs, qe) for y, qs, qe, _, _ in kv if y is not x) / span
             bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
             b = base.get(x["request"])
+            bq = bases.get(x["request"])
             new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
             rows.append({"repetition": rep, "request": x["request"], "new_tokens": new,
                          "kvf_compute_s": x["engine_compute_s"],
                          "baseline_compute_s": b["engine_compute_s"] if b else None,
                          "gpu_turn_s": x.get("engine_gpu_turn_s", 0.0),
+                         # from the pass's end to the first token in the driver's hands: the
+                         # save's part after the pass (engine_save_s, where the engine says), the
+                         # reply, the router
+                         "after_pass_s": x["ttft_s"] - (pe - x["arrival_s"]),
+                         "baseline_after_pass_s": bq[0]["ttft_s"] - (bq[2] - bq[0]["arrival_s"])
+                         if bq else None,
                          "passes_beside": round(bp, 3), "decodes_beside": round(bd, 3)})
     bins = []
     lo = 0
@@ -82,6 +93,10 @@ def main():
                 "decodes_beside_mean": round(statistics.mean(r["decodes_beside"] for r in sel),
                                              3),
                 "gpu_turn_s_median": round(statistics.median(r["gpu_turn_s"] for r in sel), 4),
+                "after_pass_s_median": round(statistics.median(r["after_pass_s"] for r in sel),
+                                             4),
+                "baseline_after_pass_s_median": round(statistics.median(
+                    r["baseline_after_pass_s"] for r in pair), 4) if pair else None,
                 "compute_vs_baseline_median": round(statistics.median(
                     r["kvf_compute_s"] / r["baseline_compute_s"] for r in pair), 3)
                 if pair else None})
@@ -95,13 +110,17 @@ def main():
     print(f"{a.records}: kvfabric's prefill passes beside other requests' passes and decodes "
           f"(repetitions {reps}; from the records, real)")
     print(f"{'new tokens':>12} {'passes':>6} {'others beside':>13} {'alone':>6} "
-          f"{'decodes beside':>14} {'turn wait p50':>13} {'compute / baseline p50':>22}")
+          f"{'decodes beside':>14} {'turn wait p50':>13} {'after pass p50 (baseline)':>25} "
+          f"{'compute / baseline p50':>22}")
     for b in bins:
         cvb = "-" if b["compute_vs_baseline_median"] is None else \
             f"{b['compute_vs_baseline_median']:.2f}x"
+        bap = "-" if b["baseline_after_pass_s_median"] is None else \
+            f"{b['baseline_after_pass_s_median']:.4f}"
+        ap = f"{b['after_pass_s_median']:.4f} s ({bap})"
         print(f"{b['new_tokens']:>12} {b['passes']:>6} {b['passes_beside_mean']:>13.2f} "
               f"{b['alone_share']:>6.0%} {b['decodes_beside_mean']:>14.2f} "
-              f"{b['gpu_turn_s_median']:>12.4f}s {cvb:>22}")
+              f"{b['gpu_turn_s_median']:>12.4f}s {ap:>25} {cvb:>22}")
     return 0
 
 
