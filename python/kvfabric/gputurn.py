@@ -41,6 +41,16 @@ _HDR = struct.Struct("<QQQQd")
 _SLOT = struct.Struct("<QQdd")
 SIZE = 4096
 STALE_S = 0.25  # a waiter that has not looked for this long is passed over (stopped, stuck)
+REUSE_S = 60.0  # ... and its slot given to another waiter after this long
+# The page's lock is held for microseconds; one not had within LOCK_S is held by a process that
+# stopped inside (SIGSTOP, a frozen cgroup): the turns are then off for OFF_S, passes running
+# without them, rather than every pass waiting.
+LOCK_S = 0.5
+OFF_S = 30.0
+
+
+class TurnPageBusy(OSError):
+    """The turn page's lock could not be had within LOCK_S."""
 
 
 def _alive(pid: int) -> bool:
@@ -98,7 +108,9 @@ class GpuTurn:
             raise
         self._fd, self._mm = fd, mm
         self.passes = self.waited_passes = self.timeouts = self.decode_yields = 0
+        self.lock_timeouts = 0
         self.wait_s = self.decode_yield_s = 0.0
+        self._off_until = 0.0
 
     def close(self) -> None:
         if self._mm is not None:
@@ -113,8 +125,30 @@ class GpuTurn:
         self.close()
 
     # -- the page, under the flock ------------------------------------------------------------
-    def _lock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+    def _lock(self, bound_s: float = LOCK_S, trip: bool = True) -> bool:
+        """Takes the page's lock within bound_s; False where it could not (with trip, and the
+        whole LOCK_S waited: the turns are off for OFF_S)."""
+        now = time.monotonic()
+        if now < self._off_until:
+            return False
+        end, pause = now + bound_s, 0.00005
+        while True:
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                now = time.monotonic()
+                if now >= end:
+                    if trip:
+                        self._off_until = now + OFF_S
+                        self.lock_timeouts += 1
+                    return False
+                time.sleep(min(pause, end - now))
+                pause = min(pause * 2, 0.002)
+
+    def _must_lock(self) -> None:
+        if not self._lock():
+            raise TurnPageBusy(f"{self.path}: its lock was not had within {LOCK_S} s")
 
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -145,17 +179,20 @@ class GpuTurn:
         """Adds a waiter: its slot and ticket (slot -1: every slot taken by live waiters)."""
         _, hpid, hticket, nxt, since = self._hdr()
         for i in range(SLOTS):
-            pid = self._slot(i)[0]
-            if pid == 0 or not _alive(pid):
+            pid, _, _, seen = self._slot(i)
+            if pid == 0 or now - seen > REUSE_S or not _alive(pid):
                 self._set_slot(i, os.getpid(), nxt, key, now)
                 self._set_hdr(hpid, hticket, nxt + 1, since)
                 return i, nxt
         return -1, 0
 
-    def _try_take(self, slot: int, ticket: int, now: float) -> bool:
+    def _try_take(self, slot: int, ticket: int, now: float) -> Optional[bool]:
         """Takes the turn where it is free and this waiter's key is the earliest of the waiters
-        that live and looked within STALE_S; else notes that this waiter looked."""
+        that live and looked within STALE_S; else notes that this waiter looked. None: the slot
+        is no longer this waiter's (it was stopped longer than REUSE_S)."""
         pid, t, mykey, _ = self._slot(slot)
+        if pid != os.getpid() or t != ticket:
+            return None
         self._set_slot(slot, pid, t, mykey, now)
         if self._holder_now(now):
             return False
@@ -186,11 +223,13 @@ class GpuTurn:
     # -- the API --------------------------------------------------------------------------------
     def acquire(self, predicted_s: float = 0.0) -> Tuple[Optional[int], float]:
         """Waits for the turn (at most max_wait_s): returns (a ticket to release with, or None
-        where the wait ran out or no slot was free: the pass runs without the turn; seconds
-        waited)."""
+        where the pass runs without the turn: the wait ran out, no slot was free, or the page's
+        lock was not had (lock_timeouts); seconds waited)."""
         t0 = time.monotonic()
         key = t0 + max(0.0, float(predicted_s))
-        self._lock()
+        if not self._lock():
+            self.timeouts += 1
+            return None, time.monotonic() - t0
         try:
             slot, ticket = self._enqueue(key, t0)
             if slot >= 0 and self._try_take(slot, ticket, t0):
@@ -206,16 +245,18 @@ class GpuTurn:
             while True:
                 time.sleep(pause)
                 pause = min(pause * 1.5, 0.001)
-                self._lock()
+                if not self._lock():
+                    self.timeouts += 1  # its slot goes stale, then free, by itself
+                    return None, time.monotonic() - t0
                 try:
                     now = time.monotonic()
-                    if self._try_take(slot, ticket, now):
-                        waited = now - t0
+                    took = self._try_take(slot, ticket, now)
+                    if took:
                         self.passes += 1
                         self.waited_passes += 1
-                        self.wait_s += waited
-                        return ticket, waited
-                    if now - t0 > self.max_wait_s:
+                        self.wait_s += now - t0
+                        return ticket, now - t0
+                    if took is None or now - t0 > self.max_wait_s:
                         self._leave(slot, ticket)
                         self.timeouts += 1
                         self.wait_s += now - t0
@@ -223,17 +264,18 @@ class GpuTurn:
                 finally:
                     self._unlock()
         except BaseException:  # interrupted while waiting: the slot is not left behind
-            self._lock()
-            try:
-                self._leave(slot, ticket)
-            finally:
-                self._unlock()
+            if self._lock():
+                try:
+                    self._leave(slot, ticket)
+                finally:
+                    self._unlock()
             raise
 
     def release(self, ticket: Optional[int]) -> None:
-        if ticket is None or self._mm is None:
+        """Gives the turn back (where the lock cannot be had, the others take it from this
+        holder after max_wait_s)."""
+        if ticket is None or self._mm is None or not self._lock():
             return
-        self._lock()
         try:
             _, hpid, hticket, nxt, _ = self._hdr()
             if hpid == os.getpid() and hticket == ticket:
@@ -242,16 +284,18 @@ class GpuTurn:
             self._unlock()
 
     def holder(self) -> int:
-        """The pid holding the turn now (0: nobody)."""
-        self._lock()
+        """The pid holding the turn now (0: nobody). TurnPageBusy where the lock is not had."""
+        self._must_lock()
         try:
             return self._holder_now(time.monotonic())
         finally:
             self._unlock()
 
     def passes_pending(self) -> bool:
-        """Whether a pass holds the turn or waits for it now (another process's, or this one's)."""
-        self._lock()
+        """Whether a pass holds the turn or waits for it now (another process's, or this one's);
+        False where the page's lock is not had at once (a decoding step does not wait for it)."""
+        if not self._lock(0.005, trip=False):
+            return False
         try:
             now = time.monotonic()
             if self._holder_now(now):
@@ -282,8 +326,8 @@ class GpuTurn:
         return waited
 
     def waiting(self) -> int:
-        """How many live passes wait for the turn now."""
-        self._lock()
+        """How many live passes wait for the turn now. TurnPageBusy where the lock is not had."""
+        self._must_lock()
         try:
             return sum(1 for i in range(SLOTS) if _alive(self._slot(i)[0]))
         finally:
@@ -292,6 +336,7 @@ class GpuTurn:
     def stats(self) -> dict:
         return {"path": self.path, "passes": self.passes, "waited_passes": self.waited_passes,
                 "wait_s": round(self.wait_s, 6), "timeouts": self.timeouts,
+                "lock_timeouts": self.lock_timeouts,
                 "decode_yields": self.decode_yields,
                 "decode_yield_s": round(self.decode_yield_s, 6),
                 "max_wait_s": self.max_wait_s, "label": "real"}

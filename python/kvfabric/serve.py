@@ -290,7 +290,10 @@ class Server:
                     ("gpu_turn_timeouts_total", "Passes that ran without their turn: the wait "
                      "reached --gpu-turn-max-wait, or no waiter's slot was free.", gt.timeouts),
                     ("gpu_turn_decode_yield_seconds_total", "Time decoding steps waited for the "
-                     "passes (at most --gpu-turn-decode-wait a step).", gt.decode_yield_s)):
+                     "passes (at most --gpu-turn-decode-wait a step).", gt.decode_yield_s),
+                    ("gpu_turn_lock_timeouts_total", "Times the turn page's lock was not had "
+                     "within 0.5 s (a process stopped inside it): turns off for 30 s.",
+                     gt.lock_timeouts)):
                 self.metrics.counter_set(name, help_, float(v))
         return self.metrics.expose()
 

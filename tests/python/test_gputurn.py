@@ -1,9 +1,12 @@
 """kvfabric.gputurn: the turns of engine processes sharing one GPU, between real processes
 (no GPU needed: a "pass" here is a sleep). One pass at a time; the earliest key (arrival plus
 predicted time) goes next; a holder that dies frees the turn, a hung one loses it after
-max_wait_s; a stopped waiter is passed over; a decoding step yields to a pass for at most its bound; a page that is not a turn
+max_wait_s; a stopped waiter is passed over; one stopped inside the page's lock holds the others
+up once; a decoding step yields to a pass for at most its bound; a page that is not a turn
 page is started afresh."""
 
+import contextlib
+import fcntl
 import multiprocessing as mp
 import os
 import signal
@@ -54,6 +57,15 @@ class GpuTurnTest(unittest.TestCase):
 
     def tearDown(self):
         self.dir.cleanup()
+
+    @contextlib.contextmanager
+    def _page_locked(self):
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _until(self, cond, limit=10.0):
         end = time.monotonic() + limit
@@ -151,7 +163,8 @@ class GpuTurnTest(unittest.TestCase):
             first = CTX.Process(target=_one, args=(self.path, "stopped", 0.0, out))
             first.start()
             self.assertTrue(self._until(lambda: t.waiting() == 1))
-            os.kill(first.pid, signal.SIGSTOP)
+            with self._page_locked():  # not stopped inside the page's lock (the next test)
+                os.kill(first.pid, signal.SIGSTOP)
             try:
                 later = CTX.Process(target=_one, args=(self.path, "later", 5.0, out))
                 later.start()
@@ -167,6 +180,25 @@ class GpuTurnTest(unittest.TestCase):
             for p in (first, later):
                 p.join(10)
                 self.assertEqual(p.exitcode, 0)
+
+    def test_a_process_stopped_inside_the_lock_holds_the_others_up_once(self):
+        with GpuTurn(self.path) as t:
+            with self._page_locked():  # as a process stopped inside the page's lock
+                t0 = time.monotonic()
+                ticket, waited = t.acquire(0)
+                self.assertIsNone(ticket)
+                self.assertLess(time.monotonic() - t0, 3.0)
+                self.assertEqual(t.stats()["lock_timeouts"], 1)
+                t0 = time.monotonic()
+                ticket, _ = t.acquire(0)  # the turns are off for a while: at once
+                self.assertIsNone(ticket)
+                self.assertLess(time.monotonic() - t0, 0.1)
+                self.assertFalse(t.passes_pending())
+                self.assertEqual(t.stats()["lock_timeouts"], 1)
+            t._off_until = 0.0  # the off period over
+            ticket, waited = t.acquire(0)
+            self.assertIsNotNone(ticket)
+            t.release(ticket)
 
     def test_a_decoding_step_yields_to_a_pass_for_at_most_its_bound(self):
         with GpuTurn(self.path) as t:
