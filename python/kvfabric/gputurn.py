@@ -39,6 +39,7 @@ SLOTS = 64
 _HDR = struct.Struct("<QQQQd")
 # pid (0: free), ticket, key, last seen (CLOCK_MONOTONIC seconds: one clock for the host)
 _SLOT = struct.Struct("<QQdd")
+_ALL = struct.Struct("<" + "QQdd" * 64)  # every slot at once (one call, not 64)
 SIZE = 4096
 STALE_S = 0.25  # a waiter that has not looked for this long is passed over (stopped, stuck)
 REUSE_S = 60.0  # ... and its slot given to another waiter after this long
@@ -153,6 +154,12 @@ class GpuTurn:
     def _unlock(self) -> None:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _slots(self):
+        """The taken slots as (index, pid, ticket, key, seen), read at once."""
+        v = _ALL.unpack_from(self._mm, _HDR.size)
+        return [(i, pid, v[4 * i + 1], v[4 * i + 2], v[4 * i + 3])
+                for i, pid in enumerate(v[0::4]) if pid]
+
     def _slot(self, i: int) -> Tuple[int, int, float, float]:
         return _SLOT.unpack_from(self._mm, _HDR.size + i * _SLOT.size)
 
@@ -178,9 +185,9 @@ class GpuTurn:
     def _enqueue(self, key: float, now: float) -> Tuple[int, int]:
         """Adds a waiter: its slot and ticket (slot -1: every slot taken by live waiters)."""
         _, hpid, hticket, nxt, since = self._hdr()
-        for i in range(SLOTS):
-            pid, _, _, seen = self._slot(i)
-            if pid == 0 or now - seen > REUSE_S or not _alive(pid):
+        v = _ALL.unpack_from(self._mm, _HDR.size)
+        for i, pid in enumerate(v[0::4]):
+            if pid == 0 or now - v[4 * i + 3] > REUSE_S or not _alive(pid):
                 self._set_slot(i, os.getpid(), nxt, key, now)
                 self._set_hdr(hpid, hticket, nxt + 1, since)
                 return i, nxt
@@ -196,12 +203,9 @@ class GpuTurn:
         self._set_slot(slot, pid, t, mykey, now)
         if self._holder_now(now):
             return False
-        best = None
-        for i in range(SLOTS):
-            pid, t, key, seen = self._slot(i)
-            if pid == 0:
-                continue
-            if not _alive(pid):
+        best, me = None, os.getpid()
+        for i, pid, t, key, seen in self._slots():
+            if pid != me and not _alive(pid):
                 self._set_slot(i)
                 continue
             if now - seen > STALE_S:
@@ -300,8 +304,7 @@ class GpuTurn:
             now = time.monotonic()
             if self._holder_now(now):
                 return True
-            for i in range(SLOTS):
-                pid, _, _, seen = self._slot(i)
+            for _, pid, _, _, seen in self._slots():
                 if pid and now - seen <= STALE_S and _alive(pid):
                     return True
             return False
@@ -329,7 +332,7 @@ class GpuTurn:
         """How many live passes wait for the turn now. TurnPageBusy where the lock is not had."""
         self._must_lock()
         try:
-            return sum(1 for i in range(SLOTS) if _alive(self._slot(i)[0]))
+            return sum(1 for _, pid, _, _, _ in self._slots() if pid and _alive(pid))
         finally:
             self._unlock()
 
