@@ -41,11 +41,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import gputurn, models
 from .connector import Connector
-from .engine import QUEUE_DISCIPLINES, Engine, TurnQueue, outcome_json
+from .engine import Engine, outcome_json
 from .errors import KvfError
 from .etcd import EtcdError, EtcdMember
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Registry
+from .turnqueue import QUEUE_DISCIPLINES, TurnQueue
 from .cuda import cuda_probe
 from .events import Events
 from .feasibility import Caps

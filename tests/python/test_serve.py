@@ -952,7 +952,7 @@ class TestQueuedSeconds(unittest.TestCase):
     """The load a Python engine reports: its queue in predicted seconds, as kvf-engine's."""
 
     def test_waiting_and_running_work(self):
-        from kvfabric.engine import TurnQueue
+        from kvfabric.turnqueue import TurnQueue
 
         t = TurnQueue()
         self.assertEqual(t.queued_seconds(100.0), 0.0)
@@ -971,7 +971,7 @@ class TestTurnOrder(unittest.TestCase):
     """The Python engine's queue takes waiting requests in kvf-engine's order (--queue)."""
 
     def test_pick_turn_keys(self):
-        from kvfabric.engine import pick_turn
+        from kvfabric.turnqueue import pick_turn
 
         work, waited = [1.0, 0.1, 0.5], [1.0, 1.0, 1.0]
         self.assertEqual(pick_turn("fifo", work, waited, 0), 0)
@@ -993,7 +993,7 @@ class TestTurnOrder(unittest.TestCase):
             pick_turn("sjf", work, waited, 0)  # kvf-engine's engines take hrrn, work or fifo
 
     def _order(self, discipline: str, works) -> list:
-        from kvfabric.engine import TurnQueue
+        from kvfabric.turnqueue import TurnQueue
 
         now = [0.0]
         q = TurnQueue(discipline, clock=lambda: now[0])
