@@ -57,17 +57,14 @@ def main():
     rows = []
     for rep in reps:
         kv = intervals(records, "kvf", rep)
-        bases = {r["request"]: (r, ps, pe) for r, ps, pe, _, _ in intervals(records, "baseline",
-                                                                          rep)}
-        base = {k: v[0] for k, v in bases.items()}
+        base = {r["request"]: (r, pe) for r, _, pe, _, _ in intervals(records, "baseline", rep)}
         for x, ps, pe, _, _ in kv:
             span = pe - ps
             if span <= 0:
                 continue
             bp = sum(overlap(ps, pe, qs, qe) for y, qs, qe, _, _ in kv if y is not x) / span
             bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
-            b = base.get(x["request"])
-            bq = bases.get(x["request"])
+            b, bpe = base.get(x["request"], (None, 0.0))
             new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
             rows.append({"repetition": rep, "request": x["request"], "new_tokens": new,
                          "kvf_compute_s": x["engine_compute_s"],
@@ -77,8 +74,8 @@ def main():
                          # save's part after the pass (engine_save_s, where the engine says), the
                          # reply, the router
                          "after_pass_s": x["ttft_s"] - (pe - x["arrival_s"]),
-                         "baseline_after_pass_s": bq[0]["ttft_s"] - (bq[2] - bq[0]["arrival_s"])
-                         if bq else None,
+                         "baseline_after_pass_s": b["ttft_s"] - (bpe - b["arrival_s"])
+                         if b else None,
                          "passes_beside": round(bp, 3), "decodes_beside": round(bd, 3)})
     bins = []
     lo = 0

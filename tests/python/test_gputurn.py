@@ -67,6 +67,13 @@ class GpuTurnTest(unittest.TestCase):
         finally:
             os.close(fd)
 
+    def _waiter(self, t, name, predicted_s, out, waiting):
+        """Starts a process that waits for the turn (_one), and waits until `waiting` do."""
+        p = CTX.Process(target=_one, args=(self.path, name, predicted_s, out))
+        p.start()
+        self.assertTrue(self._until(lambda: t.waiting() == waiting))
+        return p
+
     def _until(self, cond, limit=10.0):
         end = time.monotonic() + limit
         while time.monotonic() < end:
@@ -107,16 +114,10 @@ class GpuTurnTest(unittest.TestCase):
         out = CTX.Queue()
         with GpuTurn(self.path) as t:
             ticket, _ = t.acquire(0)
-            long_ = CTX.Process(target=_one, args=(self.path, "long", 5.0, out))
-            long_.start()
-            self.assertTrue(self._until(lambda: t.waiting() == 1))
-            short = CTX.Process(target=_one, args=(self.path, "short", 0.01, out))
-            short.start()
-            self.assertTrue(self._until(lambda: t.waiting() == 2))
+            long_ = self._waiter(t, "long", 5.0, out, 1)
+            short = self._waiter(t, "short", 0.01, out, 2)
             time.sleep(0.3)  # later than the long pass's arrival, earlier than its key
-            late = CTX.Process(target=_one, args=(self.path, "late", 6.0, out))
-            late.start()
-            self.assertTrue(self._until(lambda: t.waiting() == 3))
+            late = self._waiter(t, "late", 6.0, out, 3)
             t.release(ticket)
             order = [out.get(timeout=30) for _ in range(3)]
             for p in (long_, short, late):
@@ -160,15 +161,11 @@ class GpuTurnTest(unittest.TestCase):
         out = CTX.Queue()
         with GpuTurn(self.path) as t:
             ticket, _ = t.acquire(0)
-            first = CTX.Process(target=_one, args=(self.path, "stopped", 0.0, out))
-            first.start()
-            self.assertTrue(self._until(lambda: t.waiting() == 1))
+            first = self._waiter(t, "stopped", 0.0, out, 1)
             with self._page_locked():  # not stopped inside the page's lock (the next test)
                 os.kill(first.pid, signal.SIGSTOP)
             try:
-                later = CTX.Process(target=_one, args=(self.path, "later", 5.0, out))
-                later.start()
-                self.assertTrue(self._until(lambda: t.waiting() == 2))
+                later = self._waiter(t, "later", 5.0, out, 2)
                 t.release(ticket)
                 name, held, waited = out.get(timeout=5)  # not behind the stopped one's key
                 self.assertEqual(name, "later")
