@@ -72,7 +72,7 @@ static void take_prefill(const kvfe_route *rt, void *arg)
     routed *s = arg;
     e2e_run *R = s->R;
     e2e_rec *q = s->q;
-    if (!s->baseline && !rt->colocated)
+    if (rt->first_token_streamed || (!s->baseline && !rt->colocated))
         q->ttft = rt->first_token_at - R->t0 - q->arrival;
     q->cross_tokens = e2e_owners_note(R->own, q, rt->prefill, rt->loaded_tokens, rt->saved_tokens);
     pthread_mutex_lock(&R->mu);
@@ -83,9 +83,11 @@ static void take_prefill(const kvfe_route *rt, void *arg)
     pthread_mutex_unlock(&R->mu);
 }
 
-/* Takes the generated tokens and the decode's figures of a request served. A request sent whole
- * has its first token only with the reply: TTFT is the reply's time less the decode time the
- * engine reports. */
+/* Takes the generated tokens and the decode's figures of a request served. TTFT is when the
+ * first token arrived: streamed by the engine the moment its pass gave it (both modes, where the
+ * engine streams), or with the prefill's reply. A request sent whole to an engine that does not
+ * stream has its first token only with the reply: TTFT is then the reply's time less the decode
+ * time the engine reports. */
 static void take_reply(const routed *s)
 {
     e2e_rec *q = s->q;
@@ -105,7 +107,7 @@ static void take_reply(const routed *s)
     double t = rt->done_at - s->R->t0;
     q->e2e = t - q->arrival;
     q->finish = t;
-    if (s->baseline || rt->colocated)
+    if ((s->baseline || rt->colocated) && !rt->first_token_streamed)
         q->ttft = q->e2e - rt->decode_s;
 }
 

@@ -373,14 +373,32 @@ const kvfe_router_engine *kvfe_router_pick(kvfe_router *r, const kvfe_route *q, 
 /* Sends body (taken: it is released here) to engine e, counting the call as outstanding there
  * while it runs. Returns 0 with *rep set (caller owns it), or a KVF_E* code with q->err set and
  * *rep NULL. */
+/* A streamed reply's first token came: its time is the request's first token's. */
+static void first_token_came(void *arg, json_t *line)
+{
+    (void)line;
+    kvfe_route *q = arg;
+    q->first_token_at = now_s();
+    q->first_token_streamed = 1;
+}
+
+/* Sends body (consumed) to e's path and takes its reply. stream: the body asks the engine to
+ * send the first token the moment its pass gives it (a streamed reply), which sets
+ * q->first_token_at; an engine that does not stream answers whole. */
 static int call_engine(kvfe_router *r, const kvfe_router_engine *e, const char *path, json_t *body,
-                       json_t **rep, kvfe_route *q)
+                       json_t **rep, kvfe_route *q, int stream)
 {
     long st;
     atomic_int *out = outstanding_of(r, e);
     note_sent(r, (size_t)(e - r->eng), q);
     atomic_fetch_add(out, 1);
-    int rc = post(e->endpoint, path, body, &st, rep, q->err, sizeof q->err);
+    char url[256];
+    snprintf(url, sizeof url, "http://%s%s", e->endpoint, path);
+    if (stream && body)
+        json_object_set_new(body, "stream", json_true());
+    int rc =
+        kvf__http_call_stream("POST", url, body, kvf__sched_token(), KVFE_ROUTER_TIMEOUT_MS,
+                              stream ? first_token_came : NULL, q, &st, rep, q->err, sizeof q->err);
     atomic_fetch_sub(out, 1);
     json_decref(body);
     if (!rc && st != 200) {
@@ -509,10 +527,12 @@ static int generate_on(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse r
                              "reuse", reuse_json(reuse));
     with_plan(body, q, sources);
     json_t *rep = NULL;
-    int rc = call_engine(r, e, "/v1/generate", body, &rep, q);
+    int rc = call_engine(r, e, "/v1/generate", body, &rep, q, 1);
     if (rc)
         return rc;
-    q->first_token_at = q->done_at = now_s();
+    q->done_at = now_s();
+    if (!q->first_token_streamed)
+        q->first_token_at = q->done_at;
     take_prefill(q, e, e, rep);
     rc = take_decode(q, rep);
     json_decref(rep);
@@ -622,10 +642,11 @@ static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
 {
     json_t *rep = NULL;
     int rc = call_engine(r, pe, "/v1/prefill",
-                         with_plan(json_pack("{s:O}", "tokens", toks), q, sources), &rep, q);
+                         with_plan(json_pack("{s:O}", "tokens", toks), q, sources), &rep, q, 1);
     if (rc)
         return rc;
-    q->first_token_at = now_s();
+    if (!q->first_token_streamed)
+        q->first_token_at = now_s();
     take_prefill(q, pe, de, rep);
     json_int_t first_token = json_integer_value(json_array_get(json_object_get(rep, "tokens"), 0));
     json_decref(rep);
@@ -636,7 +657,7 @@ static int prefill_then_decode(kvfe_router *r, const kvfe_router_engine *pe,
     if (body && q->ticket) /* kvf-sched keeps the decode it placed here until this is listed */
         json_object_set_new(body, "ticket", json_integer((json_int_t)q->ticket));
     rep = NULL;
-    rc = call_engine(r, de, "/v1/decode", body, &rep, q);
+    rc = call_engine(r, de, "/v1/decode", body, &rep, q, 0);
     if (rc)
         return rc;
     q->done_at = now_s();
@@ -685,10 +706,11 @@ int kvfe_router_prefill(kvfe_router *r, const kvfe_router_engine *e, kvfe_reuse 
     int rc = call_engine(
         r, e, "/v1/prefill",
         json_pack("{s:o,s:o}", "tokens", tokens_json(q->tokens, q->n), "reuse", reuse_json(reuse)),
-        &rep, q);
+        &rep, q, 1);
     if (rc)
         return rc;
-    q->first_token_at = now_s();
+    if (!q->first_token_streamed)
+        q->first_token_at = now_s();
     take_prefill(q, e, e, rep);
     json_decref(rep);
     prefilled(q);

@@ -24,7 +24,30 @@
 typedef struct rbuf {
     char *p;
     size_t n;
+    kvf__http_first_fn on_first; /* NULL: the reply is one JSON document */
+    void *arg;
+    size_t scanned; /* bytes looked through for the first line's end */
+    int first;      /* the first line was a {"first_token": ...} line, given to on_first */
+    int first_seen; /* the first line's end was found (whatever it held) */
 } rbuf;
+
+/* A streamed reply's first line, once it is whole: given to on_first where it is a JSON object
+ * with "first_token" (a reply that does not stream is one document: no such line). */
+static void first_line(rbuf *b)
+{
+    char *nl = memchr(b->p + b->scanned, '\n', b->n - b->scanned);
+    if (!nl) {
+        b->scanned = b->n;
+        return;
+    }
+    b->first_seen = 1;
+    json_t *o = json_loadb(b->p, (size_t)(nl - b->p), 0, NULL);
+    if (json_is_object(o) && json_object_get(o, "first_token")) {
+        b->first = 1;
+        b->on_first(b->arg, o);
+    }
+    json_decref(o);
+}
 
 static size_t on_data(char *data, size_t size, size_t nmemb, void *ud)
 {
@@ -39,7 +62,26 @@ static size_t on_data(char *data, size_t size, size_t nmemb, void *ud)
     b->p = np;
     b->n += add;
     b->p[b->n] = '\0';
+    if (b->on_first && !b->first_seen)
+        first_line(b);
     return add;
+}
+
+/* The reply of a streamed call whose first line was a first token's: its last line, where an
+ * error after the first line says its status ("status"). NULL where it does not parse. */
+static json_t *last_line(const rbuf *b, long *status)
+{
+    size_t end = b->n;
+    while (end > 0 && (b->p[end - 1] == '\n' || b->p[end - 1] == '\r'))
+        end--;
+    size_t from = end;
+    while (from > 0 && b->p[from - 1] != '\n')
+        from--;
+    json_t *o = json_loadb(b->p + from, end - from, 0, NULL);
+    json_t *st = json_object_get(o, "status");
+    if (json_is_integer(st) && json_integer_value(st) >= 100 && json_integer_value(st) <= 599)
+        *status = (long)json_integer_value(st);
+    return o;
 }
 
 static pthread_key_t handle_key;
@@ -106,6 +148,14 @@ int kvf__http_call(const char *method, const char *url, json_t *body, int timeou
 int kvf__http_call_bearer(const char *method, const char *url, json_t *body, const char *bearer,
                           int timeout_ms, long *status, json_t **reply, char *err, size_t errlen)
 {
+    return kvf__http_call_stream(method, url, body, bearer, timeout_ms, NULL, NULL, status, reply,
+                                 err, errlen);
+}
+
+int kvf__http_call_stream(const char *method, const char *url, json_t *body, const char *bearer,
+                          int timeout_ms, kvf__http_first_fn on_first, void *arg, long *status,
+                          json_t **reply, char *err, size_t errlen)
+{
     if (reply)
         *reply = NULL;
     *status = 0;
@@ -116,7 +166,7 @@ int kvf__http_call_bearer(const char *method, const char *url, json_t *body, con
         snprintf(err, errlen, "%s %s: out of memory", method, url);
         return KVF_ENOMEM;
     }
-    rbuf b = {0};
+    rbuf b = {.on_first = on_first, .arg = arg};
     struct curl_slist *hdr = NULL;
     curl_easy_setopt(cu, CURLOPT_URL, url);
     curl_easy_setopt(cu, CURLOPT_WRITEFUNCTION, on_data);
@@ -149,7 +199,7 @@ int kvf__http_call_bearer(const char *method, const char *url, json_t *body, con
         snprintf(err, errlen, "%s %s: %s", method, url, curl_easy_strerror(cc));
         rc = cc == CURLE_OPERATION_TIMEDOUT ? KVF_ETIMEDOUT : KVF_ECONNREFUSED;
     } else if (reply && b.n) {
-        *reply = json_loadb(b.p, b.n, 0, NULL);
+        *reply = b.first ? last_line(&b, status) : json_loadb(b.p, b.n, 0, NULL);
     }
     free(b.p);
     return rc;

@@ -98,7 +98,9 @@ struct kvfe_route {
     /* output of the prefill (for a colocated request, of the generate) */
     const kvfe_router_engine *prefill; /* borrowed; valid until kvfe_router_close() */
     const kvfe_router_engine *decode;  /* borrowed; valid until kvfe_router_close() */
-    double first_token_at;             /* CLOCK_MONOTONIC seconds when its reply arrived */
+    double first_token_at;             /* CLOCK_MONOTONIC seconds when its first token arrived: the
+                                        * streamed reply's first line, else the reply */
+    int first_token_streamed;          /* the engine sent the first token ahead of its reply */
     size_t device_tokens;              /* prompt tokens whose KV was still in the engine's pages */
     size_t loaded_tokens;              /* prompt tokens whose KV came from the stores */
     size_t saved_tokens;               /* prompt tokens the engine saves to the stores */

@@ -675,13 +675,16 @@ class Engine:
             first_token: Optional[int] = None, prefetch: Optional[Prefetch] = None,
             deadline: Optional[float] = None,
             sources: Optional[Sequence[Tuple[str, int, int]]] = None,
-            gone: Optional[Callable[[], bool]] = None) -> Outcome:
+            gone: Optional[Callable[[], bool]] = None,
+            on_first: Optional[Callable[[int], None]] = None) -> Outcome:
         """Runs one request (see the module's docstring). Not thread-safe: one at a time.
         prefetch: its prefix fetched while it waited (Engine.prefetch), used as far as it arrived
         by deadline (time.monotonic() seconds); stays the caller's. sources: the plan's runs
         (store "host:port", from token, tokens) its loads take their chunks from first. gone:
         asked before each decoding step; true stops the decode there (o.abandoned): nobody waits
-        for the rest."""
+        for the rest. on_first: called with the first token the moment the pass gives it (a
+        prefill or generate, before the prompt's save and the decode: a server streams it), on
+        this thread; what it raises is the caller's (it should not raise)."""
         tokens = [int(t) for t in tokens]
         if not tokens:
             raise ValueError("tokens must not be empty")
@@ -714,6 +717,8 @@ class Engine:
                 self._beside = None
                 self._release_turn()  # where the pass raised before giving it back
             self.last_tokens, self.last_cache = tokens, cache
+            if on_first is not None and kind != "decode":
+                on_first(o.tokens[0])
             if stores and kind != "decode":
                 t_save = time.perf_counter()
                 try:  # a save that fails loses the cache entry, not the request

@@ -468,22 +468,29 @@ class Server:
                     "running": self.turns.busy(), "abandoned": self.abandoned,
                     "cache_layer": self.engine.cn is not None}
 
-    def job(self, kind: str, body: Any,
-            gone: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
+    def job(self, kind: str, body: Any, gone: Optional[Any] = None,
+            first: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
         """Runs one request; any failure is an answer (400, 413, 500, 503), never an escape.
         gone: whether its client went away (asked at its turn and before each decoding step);
-        then it is not run, or stops, and the answer (499) is for nobody."""
+        then it is not run, or stops, and the answer (499) is for nobody. first: where the body
+        asks for a stream ("stream": true) of a prefill or generate, called with the first token
+        the moment the forward pass gives it (before the save and the decode); it must not
+        raise."""
         if self.closing.is_set():
             return 503, {"error": "the engine is stopping"}
         try:
-            return self._job(kind, body, gone)
+            return self._job(kind, body, gone, first)
         except Exception as e:  # noqa: BLE001 - the server answers and goes on
             return 500, {"error": f"{kind}: {type(e).__name__}: {e}"}
 
-    def _job(self, kind: str, body: Any,
-             gone: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
+    def _job(self, kind: str, body: Any, gone: Optional[Any] = None,
+             first: Optional[Any] = None) -> Tuple[int, Dict[str, Any]]:
         if not isinstance(body, dict):
             return 400, {"error": "the body must be a JSON object"}
+        stream = body.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            return 400, {"error": "stream must be true or false"}
+        on_first = first if stream and kind != "decode" else None
         toks = body.get("tokens")
         if not isinstance(toks, list) or not toks or not all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab
@@ -590,7 +597,7 @@ class Server:
                     else:
                         o = self.engine.run(kind, toks, max_tokens, reuse, ints["first_token"],
                                             prefetch=pf, deadline=deadline, sources=sources,
-                                            gone=gone)
+                                            gone=gone, on_first=on_first)
                         status, out = 200, outcome_json(o)
                         if o.abandoned:
                             status = 499
@@ -667,6 +674,59 @@ def _handler(S: Server):
             if S.a.log_level == "debug":
                 _log("debug", fmt % args)
 
+        def setup(self) -> None:
+            super().setup()
+            # A reply is written in parts (its headers, then its body; a stream's lines): each
+            # part goes out at once, not after the client's delayed acknowledgement of the last.
+            try:
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+        def _chunk(self, data: bytes, last: bool = False) -> None:
+            """One chunk of a chunked reply (with last, the chunk that ends it too)."""
+            out = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
+            self.wfile.write(out + (b"0\r\n\r\n" if last else b""))
+
+        def _post_job(self, kind: str, body: Any) -> None:
+            """Runs the request; where it streams, its first token is sent the moment its pass
+            gives it ({"first_token": T} on a line of its own), and its answer follows as the
+            last line (an error there has "status"): application/x-ndjson, chunked."""
+            streamed = []  # True once the first line went out; False where the client left
+
+            def first(tok: int) -> None:
+                if streamed:
+                    return
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-ndjson")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    self._chunk(json.dumps({"first_token": int(tok), "label": "real"}).encode() +
+                                b"\n")
+                    streamed.append(True)
+                except OSError:  # the client left: the request goes on, its answer unsent
+                    self.close_connection = True
+                    streamed.append(False)
+
+            status, out = S.job(kind, body, gone=lambda: _client_gone(self.connection),
+                                first=first)
+            if not streamed:
+                if status == 499:  # nobody to answer
+                    self.close_connection = True
+                    return
+                self._send(status, out)
+                return
+            if not streamed[0] or status == 499:
+                self.close_connection = True
+                return
+            if status != 200:
+                out = dict(out, status=status)
+            try:
+                self._chunk(json.dumps(out).encode() + b"\n", last=True)
+            except OSError:
+                self.close_connection = True
+
         def _send(self, status: int, obj: Any) -> None:
             data = json.dumps(obj).encode()
             self.send_response(status)
@@ -720,11 +780,7 @@ def _handler(S: Server):
                 self._send(404, {"error": f"POST {self.path}: not served (prefill, decode, "
                                           "generate)"})
                 return
-            status, out = S.job(self.path[4:], body, gone=lambda: _client_gone(self.connection))
-            if status == 499:  # nobody to answer
-                self.close_connection = True
-                return
-            self._send(status, out)
+            self._post_job(self.path[4:], body)
 
     return H
 

@@ -4,8 +4,13 @@
  * record what the router sends. A plan that loads from the stores gives the prefill engine
  * (/v1/prefill, or /v1/generate where kvf-sched colocates) its load deadline and its sources as
  * the plan lists them; the decode engine gets neither; a plan that loads nothing sends no
- * sources.
+ * sources; prefills and generates ask for a stream.
+ *
+ * A streamed reply (kvf__http_call_stream) against a raw loopback socket that sends its first
+ * line, waits, then its last: the first token is given when it arrives, not with the reply; the
+ * last line is the reply; an error after the first line gives its status.
  */
+#define _GNU_SOURCE /* strcasestr */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -16,7 +21,13 @@
 
 #include <cmocka.h>
 #include <jansson.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "http.h"
 #include "kvf/kvf.h"
@@ -117,9 +128,11 @@ static void test_router_carries_the_plan(void **state)
     pthread_mutex_lock(&f.mu);
     assert_non_null(f.prefill);
     assert_true(json_equal(json_object_get(f.prefill, "sources"), f.sources));
+    assert_true(json_is_true(json_object_get(f.prefill, "stream")));
     assert_true(json_number_value(json_object_get(f.prefill, "load_deadline_ms")) == 250);
     assert_non_null(f.decode);
     assert_null(json_object_get(f.decode, "sources"));
+    assert_null(json_object_get(f.decode, "stream"));
     pthread_mutex_unlock(&f.mu);
 
     /* colocated: the generate gets them */
@@ -128,6 +141,7 @@ static void test_router_carries_the_plan(void **state)
     pthread_mutex_lock(&f.mu);
     assert_non_null(f.gen);
     assert_true(json_equal(json_object_get(f.gen, "sources"), f.sources));
+    assert_true(json_is_true(json_object_get(f.gen, "stream")));
     pthread_mutex_unlock(&f.mu);
 
     /* a plan that loads nothing: no sources, no deadline */
@@ -146,10 +160,167 @@ static void test_router_carries_the_plan(void **state)
     pthread_mutex_destroy(&f.mu);
 }
 
+/* A one-connection HTTP server on a raw loopback socket: reads the request's headers and body,
+ * sends a chunked reply's first line, waits pause_ms, then the last line and the end. */
+typedef struct streamer {
+    int lfd;
+    uint16_t port;
+    const char *first, *last; /* the two lines, newline included */
+    int pause_ms;
+} streamer;
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void send_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
+        if (w <= 0)
+            return;
+        p += w;
+        n -= (size_t)w;
+    }
+}
+
+static void send_chunk(int fd, const char *line)
+{
+    char buf[512];
+    int n = snprintf(buf, sizeof buf, "%zx\r\n%s\r\n", strlen(line), line);
+    send_all(fd, buf, (size_t)n);
+}
+
+static void *streamer_main(void *arg)
+{
+    streamer *s = arg;
+    struct pollfd p = {.fd = s->lfd, .events = POLLIN};
+    if (poll(&p, 1, 5000) != 1)
+        return NULL;
+    int fd = accept(s->lfd, NULL, NULL);
+    if (fd < 0)
+        return NULL;
+    char req[8192];
+    size_t got = 0;
+    double until = mono_s() + 5;
+    /* the headers, then the body of Content-Length bytes (a small JSON object) */
+    while (got < sizeof req - 1 && mono_s() < until) {
+        struct pollfd q = {.fd = fd, .events = POLLIN};
+        if (poll(&q, 1, 100) != 1)
+            continue;
+        ssize_t r = recv(fd, req + got, sizeof req - 1 - got, 0);
+        if (r <= 0)
+            break;
+        got += (size_t)r;
+        req[got] = '\0';
+        char *end = strstr(req, "\r\n\r\n");
+        char *cl = strcasestr(req, "Content-Length:");
+        if (end && cl && got >= (size_t)(end + 4 - req) + (size_t)atoi(cl + 15))
+            break;
+    }
+    const char *hdr = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n";
+    send_all(fd, hdr, strlen(hdr));
+    send_chunk(fd, s->first);
+    usleep((useconds_t)s->pause_ms * 1000);
+    send_chunk(fd, s->last);
+    send_all(fd, "0\r\n\r\n", 5);
+    close(fd);
+    return NULL;
+}
+
+static void streamer_start(streamer *s, pthread_t *th)
+{
+    s->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    assert_true(s->lfd >= 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    assert_int_equal(bind(s->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(s->lfd, 1), 0);
+    assert_int_equal(getsockname(s->lfd, (struct sockaddr *)&a, &al), 0);
+    s->port = ntohs(a.sin_port);
+    assert_int_equal(pthread_create(th, NULL, streamer_main, s), 0);
+}
+
+typedef struct first_seen {
+    double at;
+    json_int_t token;
+    int calls;
+} first_seen;
+
+static void on_first(void *arg, json_t *line)
+{
+    first_seen *f = arg;
+    f->at = mono_s();
+    f->token = json_integer_value(json_object_get(line, "first_token"));
+    f->calls++;
+}
+
+/* Streams first and last through a server that waits pause_ms between them; returns the call's
+ * code with its status, reply and what on_first saw. */
+static int stream_once(const char *first, const char *last, int pause_ms, long *st, json_t **reply,
+                       first_seen *fs, double *done_at)
+{
+    streamer s = {.first = first, .last = last, .pause_ms = pause_ms};
+    pthread_t th;
+    streamer_start(&s, &th);
+    char url[64], err[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u/v1/prefill", s.port);
+    json_t *body = json_pack("{s:[i],s:b}", "tokens", 1, "stream", 1);
+    int rc = kvf__http_call_stream("POST", url, body, NULL, 5000, on_first, fs, st, reply, err,
+                                   sizeof err);
+    *done_at = mono_s();
+    json_decref(body);
+    pthread_join(th, NULL);
+    close(s.lfd);
+    return rc;
+}
+
+static void test_a_streamed_first_token_comes_before_the_reply(void **state)
+{
+    (void)state;
+    long st;
+    json_t *rep = NULL;
+    first_seen fs = {0};
+    double done;
+    int rc = stream_once("{\"first_token\": 42, \"label\": \"real\"}\n",
+                         "{\"tokens\": [42], \"saved_tokens\": 256}\n", 300, &st, &rep, &fs, &done);
+    assert_int_equal(rc, 0);
+    assert_int_equal(st, 200);
+    assert_int_equal(fs.calls, 1);
+    assert_int_equal(fs.token, 42);
+    assert_true(done - fs.at >= 0.25); /* given when it came, not with the reply */
+    assert_int_equal(json_integer_value(json_object_get(rep, "saved_tokens")), 256);
+    json_decref(rep);
+
+    /* an error after the first line: its status is the call's */
+    memset(&fs, 0, sizeof fs);
+    rep = NULL;
+    rc = stream_once("{\"first_token\": 7}\n", "{\"error\": \"prefill: boom\", \"status\": 500}\n",
+                     0, &st, &rep, &fs, &done);
+    assert_int_equal(rc, 0);
+    assert_int_equal(fs.calls, 1);
+    assert_int_equal(st, 500);
+    assert_string_equal(json_string_value(json_object_get(rep, "error")), "prefill: boom");
+    json_decref(rep);
+
+    /* a first line that is not a first token's: no call, and the body is not one document */
+    memset(&fs, 0, sizeof fs);
+    rep = NULL;
+    rc = stream_once("{\"tokens\": [1]}\n", "{\"tokens\": [2]}\n", 0, &st, &rep, &fs, &done);
+    assert_int_equal(rc, 0);
+    assert_int_equal(fs.calls, 0);
+    assert_null(rep);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_router_carries_the_plan),
+        cmocka_unit_test(test_a_streamed_first_token_comes_before_the_reply),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

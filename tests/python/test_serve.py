@@ -220,6 +220,38 @@ class TestServe(unittest.TestCase):
         self.assertEqual(outs[1][1], 192)  # the engine's own KV of the previous sequence
         self.assertEqual(outs[2][0], self.reference(base + [1], 4))
 
+    def test_streamed_first_token(self):
+        """"stream": true: the first token on a line of its own as the pass gives it, then the
+        answer as the last line of a chunked application/x-ndjson reply; the connection serves
+        the next request; a stream that is not a boolean is refused."""
+        import http.client
+        dec = self.engines["decode"][1]
+        host, port = dec.rsplit(":", 1)
+        toks = prompt(200, 5)
+        c = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            for path in ("/v1/generate", "/v1/prefill"):
+                c.request("POST", path, json.dumps({"tokens": toks, "max_tokens": 4,
+                                                    "reuse": False, "stream": True}),
+                          {"Content-Type": "application/json"})
+                r = c.getresponse()
+                self.assertEqual(r.status, 200)
+                self.assertEqual(r.getheader("Content-Type"), "application/x-ndjson")
+                first = json.loads(r.readline())
+                rest = [ln for ln in r.read().split(b"\n") if ln.strip()]
+                self.assertEqual(len(rest), 1, rest)
+                last = json.loads(rest[0])
+                self.assertEqual(first["first_token"], last["tokens"][0], path)
+                want = self.reference(toks, 4 if path == "/v1/generate" else 1)
+                self.assertEqual(last["tokens"], want, path)
+            c.request("POST", "/v1/generate", json.dumps({"tokens": toks, "stream": "yes"}),
+                      {"Content-Type": "application/json"})
+            r = c.getresponse()
+            self.assertEqual(r.status, 400)
+            self.assertIn("stream", json.loads(r.read())["error"])
+        finally:
+            c.close()
+
     def test_prefetch_while_waiting(self):
         """A request that finds the engine busy fetches its prefix while it waits and loads it at
         its turn from memory: tokens as computed whole; a bad load_deadline_ms is refused."""

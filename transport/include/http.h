@@ -20,6 +20,16 @@ int kvf__http_call(const char *method, const char *url, json_t *body, int timeou
 /* The same with "Authorization: Bearer bearer" when bearer is not NULL or empty. */
 int kvf__http_call_bearer(const char *method, const char *url, json_t *body, const char *bearer,
                           int timeout_ms, long *status, json_t **reply, char *err, size_t errlen);
+/* Called once, on the calling thread, with a streamed reply's first line (borrowed): a JSON object
+ * with "first_token", sent by an engine the moment its forward pass gives the first token. */
+typedef void (*kvf__http_first_fn)(void *arg, json_t *line);
+/* The same, for a reply that may stream (an engine's /v1/prefill or /v1/generate with "stream":
+ * true; docs/python.md): lines of JSON, the first {"first_token": ...} given to on_first as soon
+ * as it arrives, the last the reply (*reply), whose "status", where it has one, is the call's (an
+ * error after the first line). A reply of one document is taken whole, as kvf__http_call's. */
+int kvf__http_call_stream(const char *method, const char *url, json_t *body, const char *bearer,
+                          int timeout_ms, kvf__http_first_fn on_first, void *arg, long *status,
+                          json_t **reply, char *err, size_t errlen);
 /* The token this process presents to kvf-sched's mutating endpoints: $KVF_SCHED_TOKEN, or NULL. */
 const char *kvf__sched_token(void);
 /* Sets $KVF_SCHED_TOKEN from the first "NAME TOKEN" line of a kvf-sched token file (a cluster's,
