@@ -494,7 +494,7 @@ class Engine:
             ahead = self.rates.compute_s(cached if load is not None else d, n)
             self._turn, waited_turn = self.gpu_turn.acquire(ahead or 0.0)
             o.gpu_turn = {"wait_s": waited_turn, "held": self._turn is not None,
-                          "label": "real"}
+                          "beside": self.gpu_turn.last_beside, "label": "real"}
         if load is None and save is not None and self.save_beside_tokens is not None and \
                 n - d >= self.save_beside_tokens:
             beside = self._beside = self._save_beside(tokens, cache, min(cached, n // C * C),

@@ -9,14 +9,19 @@ prompts' passes overlapped two or three other engines' passes). A GpuTurn makes 
 turns: one pass at a time on the GPU, the others wait for it, and the next to go is the one with
 the earliest key, its arrival plus its predicted pass time (earliest deadline first: a short
 pass goes before a long one that came a little earlier, and none waits for ever, since a pass
-that comes later than another's key cannot go before it). Decoding steps do not take turns:
+that comes later than another's key cannot go before it). One exception: a pass predicted to
+take at most 1/share of what the holder's pass has left (share = 2 by default) runs beside it,
+one such pass at a time: sharing the GPU, the short pass takes about twice its time instead of
+waiting for the long one, and the long one loses about the short one's time (a net gain where
+the holder has more than twice the short pass's time left). Decoding steps do not take turns:
 before each step a decoding engine yields to the passes (waits while one holds or waits for the
 turn), at most a bound per step (--gpu-turn-decode-wait, 50 ms by default), so that a pass runs
 nearly alone (a decode step in each bound's time beside it) and no inter-token gap grows by more
 than the bound: time to first token first, inter-token latency bounded.
 
 The turn is a page of shared memory (a file, normally in /dev/shm, mode 0600: only this user's
-processes share it) holding the holder and up to SLOTS waiters, changed under an flock. A holder
+processes share it) holding the holder (and the pass beside it) and up to SLOTS waiters, changed
+under an flock. A holder
 that dies frees its turn (its pid is gone); one that has held it longer than max_wait_s loses it;
 a waiter that has not looked for STALE_S (a stopped process) is passed over; a pass that has
 waited max_wait_s runs without the turn (and says so). Without the file (another user's, a
@@ -33,10 +38,14 @@ import struct
 import time
 from typing import Optional, Tuple
 
-MAGIC = 0x324E5255544656  # "VFTURN2" little-endian, in the page's first 8 bytes
+MAGIC = 0x334E5255544656  # "VFTURN3" little-endian, in the page's first 8 bytes
 SLOTS = 64
-# magic, holder pid (0: free), holder ticket, next ticket, since when the holder holds it
-_HDR = struct.Struct("<QQQQd")
+_TOP = struct.Struct("<QQ")  # magic, next ticket
+# the holder (MAIN) and the short pass beside it (BESIDE): pid (0: none), ticket, since when,
+# predicted end (CLOCK_MONOTONIC seconds)
+_HOLD = struct.Struct("<QQdd")
+MAIN, BESIDE = 0, 1
+_HDR_SIZE = _TOP.size + 2 * _HOLD.size
 # pid (0: free), ticket, key, last seen (CLOCK_MONOTONIC seconds: one clock for the host)
 _SLOT = struct.Struct("<QQdd")
 _ALL = struct.Struct("<" + "QQdd" * 64)  # every slot at once (one call, not 64)
@@ -85,10 +94,12 @@ class GpuTurn:
     """One GPU's turns (see the module's docstring): acquire() before a pass, release() after.
     Each acquire is a ticket of its own; an Engine runs one pass at a time."""
 
-    def __init__(self, path: str, max_wait_s: float = 10.0) -> None:
+    def __init__(self, path: str, max_wait_s: float = 10.0, share: float = 2.0) -> None:
         if not max_wait_s > 0:
             raise ValueError("max_wait_s must be positive")
-        self.path, self.max_wait_s = path, max_wait_s
+        if not share >= 0:
+            raise ValueError("share must be 0 (no pass beside the holder's) or more")
+        self.path, self.max_wait_s, self.share = path, max_wait_s, share
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             st = os.fstat(fd)
@@ -99,9 +110,9 @@ class GpuTurn:
                 if st.st_size < SIZE:
                     os.ftruncate(fd, SIZE)
                 mm = mmap.mmap(fd, SIZE)
-                if _HDR.unpack_from(mm, 0)[0] != MAGIC:  # new (zeros), or not ours: afresh
+                if _TOP.unpack_from(mm, 0)[0] != MAGIC:  # new (zeros), or not ours: afresh
                     mm[:SIZE] = bytes(SIZE)
-                    _HDR.pack_into(mm, 0, MAGIC, 0, 0, 1, 0.0)
+                    _TOP.pack_into(mm, 0, MAGIC, 1)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
@@ -109,6 +120,8 @@ class GpuTurn:
             raise
         self._fd, self._mm = fd, mm
         self.passes = self.waited_passes = self.timeouts = self.decode_yields = 0
+        self.beside_passes = 0
+        self.last_beside = False  # the last acquire's pass runs beside the holder's
         self.lock_timeouts = 0
         self.wait_s = self.decode_yield_s = 0.0
         self._off_until = 0.0
@@ -156,53 +169,77 @@ class GpuTurn:
 
     def _slots(self):
         """The taken slots as (index, pid, ticket, key, seen), read at once."""
-        v = _ALL.unpack_from(self._mm, _HDR.size)
+        v = _ALL.unpack_from(self._mm, _HDR_SIZE)
         return [(i, pid, v[4 * i + 1], v[4 * i + 2], v[4 * i + 3])
                 for i, pid in enumerate(v[0::4]) if pid]
 
     def _slot(self, i: int) -> Tuple[int, int, float, float]:
-        return _SLOT.unpack_from(self._mm, _HDR.size + i * _SLOT.size)
+        return _SLOT.unpack_from(self._mm, _HDR_SIZE + i * _SLOT.size)
 
     def _set_slot(self, i: int, pid: int = 0, ticket: int = 0, key: float = 0.0,
                   seen: float = 0.0) -> None:
-        _SLOT.pack_into(self._mm, _HDR.size + i * _SLOT.size, pid, ticket, key, seen)
+        _SLOT.pack_into(self._mm, _HDR_SIZE + i * _SLOT.size, pid, ticket, key, seen)
 
-    def _hdr(self) -> Tuple[int, int, int, int, float]:
-        return _HDR.unpack_from(self._mm, 0)
+    def _next(self) -> int:
+        return _TOP.unpack_from(self._mm, 0)[1]
 
-    def _set_hdr(self, hpid: int, hticket: int, nxt: int, since: float) -> None:
-        _HDR.pack_into(self._mm, 0, MAGIC, hpid, hticket, nxt, since)
+    def _set_next(self, nxt: int) -> None:
+        _TOP.pack_into(self._mm, 0, MAGIC, nxt)
+
+    def _held(self, which: int) -> Tuple[int, int, float, float]:
+        """MAIN's or BESIDE's (pid, ticket, since, predicted end)."""
+        return _HOLD.unpack_from(self._mm, _TOP.size + which * _HOLD.size)
+
+    def _set_held(self, which: int, pid: int = 0, ticket: int = 0, since: float = 0.0,
+                  until: float = 0.0) -> None:
+        _HOLD.pack_into(self._mm, _TOP.size + which * _HOLD.size, pid, ticket, since, until)
+
+    def _holders_now(self, now: float) -> Tuple[int, int]:
+        """The pids holding MAIN and BESIDE (0: none), each freed first where its holder died or
+        held it longer than max_wait_s (a pass that never gave it back: the others are not held
+        up twice)."""
+        out = []
+        for which in (MAIN, BESIDE):
+            hpid, _, since, _ = self._held(which)
+            if hpid and (not _alive(hpid) or now - since > self.max_wait_s):
+                self._set_held(which)
+                hpid = 0
+            out.append(hpid)
+        return out[0], out[1]
 
     def _holder_now(self, now: float) -> int:
-        """The holder's pid, the turn freed first where its holder died or held it longer than
-        max_wait_s (a pass that never gave it back: the others are not held up twice)."""
-        _, hpid, hticket, nxt, since = self._hdr()
-        if hpid and (not _alive(hpid) or now - since > self.max_wait_s):
-            self._set_hdr(0, 0, nxt, 0.0)
-            return 0
-        return hpid
+        """The holder's pid (the pass beside's where the holder's is free; 0: nobody)."""
+        m, b = self._holders_now(now)
+        return m or b
 
     def _enqueue(self, key: float, now: float) -> Tuple[int, int]:
         """Adds a waiter: its slot and ticket (slot -1: every slot taken by live waiters)."""
-        _, hpid, hticket, nxt, since = self._hdr()
-        v = _ALL.unpack_from(self._mm, _HDR.size)
+        nxt = self._next()
+        v = _ALL.unpack_from(self._mm, _HDR_SIZE)
         for i, pid in enumerate(v[0::4]):
             if pid == 0 or now - v[4 * i + 3] > REUSE_S or not _alive(pid):
                 self._set_slot(i, os.getpid(), nxt, key, now)
-                self._set_hdr(hpid, hticket, nxt + 1, since)
+                self._set_next(nxt + 1)
                 return i, nxt
         return -1, 0
 
-    def _try_take(self, slot: int, ticket: int, now: float) -> Optional[bool]:
+    def _try_take(self, slot: int, ticket: int, now: float,
+                  predicted_s: float = 0.0) -> Optional[bool]:
         """Takes the turn where it is free and this waiter's key is the earliest of the waiters
-        that live and looked within STALE_S; else notes that this waiter looked. None: the slot
-        is no longer this waiter's (it was stopped longer than REUSE_S)."""
+        that live and looked within STALE_S, or, for such a waiter, the place beside the
+        holder's pass where that is free and the holder's pass has at least share times
+        predicted_s left (predicted); else notes that this waiter looked. None: the slot is no
+        longer this waiter's (it was stopped longer than REUSE_S)."""
         pid, t, mykey, _ = self._slot(slot)
         if pid != os.getpid() or t != ticket:
             return None
         self._set_slot(slot, pid, t, mykey, now)
-        if self._holder_now(now):
-            return False
+        main, beside = self._holders_now(now)
+        if main:
+            left = self._held(MAIN)[3] - now
+            if beside or not (self.share > 0 and 0 < predicted_s and
+                              self.share * predicted_s <= left):
+                return False
         best, me = None, os.getpid()
         for i, pid, t, key, seen in self._slots():
             if pid != me and not _alive(pid):
@@ -215,8 +252,11 @@ class GpuTurn:
         if best != (mykey, ticket):
             return False
         self._set_slot(slot)
-        nxt = self._hdr()[3]
-        self._set_hdr(os.getpid(), ticket, nxt, now)
+        self.last_beside = bool(main)
+        if main:
+            self.beside_passes += 1
+        self._set_held(BESIDE if main else MAIN, os.getpid(), ticket, now,
+                       now + max(0.0, predicted_s))
         return True
 
     def _leave(self, slot: int, ticket: int) -> None:
@@ -230,13 +270,15 @@ class GpuTurn:
         where the pass runs without the turn: the wait ran out, no slot was free, or the page's
         lock was not had (lock_timeouts); seconds waited)."""
         t0 = time.monotonic()
-        key = t0 + max(0.0, float(predicted_s))
+        self.last_beside = False
+        predicted_s = max(0.0, float(predicted_s))
+        key = t0 + predicted_s
         if not self._lock():
             self.timeouts += 1
             return None, time.monotonic() - t0
         try:
             slot, ticket = self._enqueue(key, t0)
-            if slot >= 0 and self._try_take(slot, ticket, t0):
+            if slot >= 0 and self._try_take(slot, ticket, t0, predicted_s):
                 self.passes += 1
                 return ticket, 0.0
         finally:
@@ -254,7 +296,7 @@ class GpuTurn:
                     return None, time.monotonic() - t0
                 try:
                     now = time.monotonic()
-                    took = self._try_take(slot, ticket, now)
+                    took = self._try_take(slot, ticket, now, predicted_s)
                     if took:
                         self.passes += 1
                         self.waited_passes += 1
@@ -281,9 +323,10 @@ class GpuTurn:
         if ticket is None or self._mm is None or not self._lock():
             return
         try:
-            _, hpid, hticket, nxt, _ = self._hdr()
-            if hpid == os.getpid() and hticket == ticket:
-                self._set_hdr(0, 0, nxt, 0.0)
+            for which in (MAIN, BESIDE):
+                hpid, hticket, _, _ = self._held(which)
+                if hpid == os.getpid() and hticket == ticket:
+                    self._set_held(which)
         finally:
             self._unlock()
 
@@ -338,6 +381,7 @@ class GpuTurn:
 
     def stats(self) -> dict:
         return {"path": self.path, "passes": self.passes, "waited_passes": self.waited_passes,
+                "beside_passes": self.beside_passes, "share": self.share,
                 "wait_s": round(self.wait_s, 6), "timeouts": self.timeouts,
                 "lock_timeouts": self.lock_timeouts,
                 "decode_yields": self.decode_yields,
@@ -345,7 +389,8 @@ class GpuTurn:
                 "max_wait_s": self.max_wait_s, "label": "real"}
 
 
-def open_for(device, setting: str, max_wait_s: float = 10.0, log=None) -> Optional[GpuTurn]:
+def open_for(device, setting: str, max_wait_s: float = 10.0, log=None,
+             share: float = 2.0) -> Optional[GpuTurn]:
     """The turn of the engine's device for --gpu-turn's setting: "off" -> None; "auto" -> the
     GPU's file in /dev/shm (None on a CPU device); a path -> that file. A file that cannot be
     opened or is another user's: None, said through log (passes then run without turns)."""
@@ -362,7 +407,7 @@ def open_for(device, setting: str, max_wait_s: float = 10.0, log=None) -> Option
     else:
         path = setting
     try:
-        return GpuTurn(path, max_wait_s)
+        return GpuTurn(path, max_wait_s, share)
     except OSError as e:
         if log is not None:
             log("warn", f"--gpu-turn {path}: {e}: passes run without turns")

@@ -1,7 +1,7 @@
 """kvfabric.gputurn: the turns of engine processes sharing one GPU, between real processes
 (no GPU needed: a "pass" here is a sleep). One pass at a time; the earliest key (arrival plus
 predicted time) goes next; a holder that dies frees the turn, a hung one loses it after
-max_wait_s; a stopped waiter is passed over; one stopped inside the page's lock holds the others
+max_wait_s; a stopped waiter is passed over; a short pass runs beside a long one, one at a time; one stopped inside the page's lock holds the others
 up once; a decoding step yields to a pass for at most its bound; a page that is not a turn
 page is started afresh."""
 
@@ -40,9 +40,9 @@ def _one(path, name, predicted_s, out):
     t.close()
 
 
-def _hold(path, seconds, ready, release):
+def _hold(path, seconds, ready, release, predicted_s=0.0):
     t = GpuTurn(path, max_wait_s=20)
-    ticket, _ = t.acquire(0)
+    ticket, _ = t.acquire(predicted_s)
     ready.set()
     time.sleep(seconds)
     if release:
@@ -125,6 +125,52 @@ class GpuTurnTest(unittest.TestCase):
                 self.assertEqual(p.exitcode, 0)
         self.assertEqual([o[0] for o in order], ["short", "long", "late"])
         self.assertTrue(all(o[1] for o in order))
+
+    def test_a_short_pass_runs_beside_a_long_one(self):
+        """Beside a holder predicted to take 2 s: a pass predicted 0.05 s goes at once (share 2:
+        the holder has more than 0.1 s left), a second short one waits for that place, one
+        predicted 1.5 s waits for the holder; with share 0 none goes beside."""
+        ready, out = CTX.Event(), CTX.Queue()
+        holder = CTX.Process(target=_hold, args=(self.path, 2.0, ready, True, 2.0))
+        holder.start()
+        try:
+            self.assertTrue(ready.wait(10))
+            with GpuTurn(self.path, share=0) as never:
+                ticket, waited = never.acquire(0.05)  # waits for the holder: none beside
+                self.assertGreater(waited, 1.0)
+                self.assertFalse(never.last_beside)
+                never.release(ticket)
+        finally:
+            holder.join(10)
+        self.assertEqual(holder.exitcode, 0)
+        ready = CTX.Event()
+        holder = CTX.Process(target=_hold, args=(self.path, 2.0, ready, True, 2.0))
+        holder.start()
+        try:
+            self.assertTrue(ready.wait(10))
+            with GpuTurn(self.path) as t:
+                ticket, waited = t.acquire(0.05)
+                self.assertIsNotNone(ticket)
+                self.assertLess(waited, 0.2)
+                self.assertTrue(t.last_beside)
+                self.assertEqual(t.stats()["beside_passes"], 1)
+                second = self._waiter(t, "second", 0.05, out, 1)
+                long_ = self._waiter(t, "long", 1.5, out, 2)
+                time.sleep(0.3)
+                t.release(ticket)  # the place beside is free: the short one, not the long one
+                got = out.get(timeout=10)
+                self.assertEqual(got[0], "second")
+                self.assertGreater(got[2], 0.25)
+                self.assertLess(got[2], 1.2)  # before the holder gave the turn back
+                got = out.get(timeout=10)
+                self.assertEqual(got[0], "long")
+                self.assertGreater(got[2], 1.2)  # after it
+                for p in (second, long_):
+                    p.join(10)
+                    self.assertEqual(p.exitcode, 0)
+        finally:
+            holder.join(10)
+        self.assertEqual(holder.exitcode, 0)
 
     def test_a_dead_holder_frees_the_turn(self):
         ready = CTX.Event()
@@ -235,6 +281,8 @@ class GpuTurnTest(unittest.TestCase):
     def test_bad_settings_are_refused(self):
         with self.assertRaises(ValueError):
             GpuTurn(self.path, max_wait_s=0)
+        with self.assertRaises(ValueError):
+            GpuTurn(self.path, share=-1)
         with self.assertRaises(OSError):
             GpuTurn(os.path.join(self.dir.name, "no", "such", "dir"))
 
