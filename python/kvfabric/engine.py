@@ -35,6 +35,14 @@ from .paged import PagedKVCache
 PAD_TOKEN = 0xFFFFFFFF
 
 
+# A pass predicted to take this long or more yields its turn on a shared GPU at its layer
+# boundaries to a later pass of an earlier key (a short one; kvfabric.gputurn), at most
+# MAX_YIELDS times, the host running at most RUN_AHEAD layers ahead of the GPU meanwhile.
+YIELD_MIN_S = 0.03
+MAX_YIELDS = 8
+RUN_AHEAD = 2
+
+
 def handoff_tokens(tokens: Sequence[int], chunk_tokens: int) -> List[int]:
     """The tokens whose chunks carry a prompt's whole KV from a prefill to a decode: the prompt,
     its last partial chunk padded with PAD_TOKEN."""
@@ -488,11 +496,13 @@ class Engine:
         hooks, waited, load_done, arrived = [], [0.0], [0.0], [0.0]
         following = None  # the token after the first, where the first decoding step ran here
         beside = None  # the save that runs beside the forward pass (before t0: not the pass's)
+        yields = False  # the pass yields its turn at layer boundaries (_yield_hooks)
         if self.gpu_turn is not None and not whole:
             # after the load started (it goes on while this waits), before the pass's first
             # kernel; the key's predicted time is what the pass computes
             ahead = self.rates.compute_s(cached if load is not None else d, n)
-            self._turn, waited_turn = self.gpu_turn.acquire(ahead or 0.0)
+            yields = ahead is not None and ahead >= YIELD_MIN_S
+            self._turn, waited_turn = self.gpu_turn.acquire(ahead or 0.0, yields=yields)
             o.gpu_turn = {"wait_s": waited_turn, "held": self._turn is not None,
                           "beside": self.gpu_turn.last_beside, "label": "real"}
         if load is None and save is not None and self.save_beside_tokens is not None and \
@@ -501,6 +511,9 @@ class Engine:
                                                       save)
         t0 = time.perf_counter()
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
+        yielded = [0, 0.0]  # the pass's yields of its turn, and their seconds
+        if yields and self._turn is not None:  # removed with the load's (finally, below)
+            hooks.extend(self._yield_hooks(yielded))
         try:
             if load is not None:
                 def fill(layer: int) -> None:
@@ -592,10 +605,12 @@ class Engine:
         self._release_turn()
         o.wait_s = waited[0]
         o.compute_s = max(0.0, o.prefill_s - o.wait_s)
+        if yielded[0]:  # inside prefill_s and compute_s (the pass's time); not its rate
+            o.gpu_turn.update(yields=yielded[0], yielded_s=yielded[1])
         if o.loaded_tokens and load_done[0] and not use_pf:  # a prefetch's copy is no link's
             self.rates.note_load(o.loaded_tokens * L.bytes_per_token, load_done[0] - t0)
         if not o.loaded_tokens and not whole and o.device_tokens < n:
-            self.rates.note_prefill(n - o.device_tokens, o.compute_s)
+            self.rates.note_prefill(n - o.device_tokens, max(1e-6, o.compute_s - yielded[1]))
         if o.decision:
             o.decision["label"] = "real"
             o.decision["outcome"] = ("loaded" if o.loaded_tokens else
@@ -606,6 +621,33 @@ class Engine:
         # what the stores hold of the prompt: the lookup's prefix, unless its load failed
         known = 0 if load is not None and not o.loaded_tokens else min(cached, n // C * C)
         return cache, known, following, beside
+
+    def _yield_hooks(self, yielded: List[Any]) -> List[Any]:
+        """Hooks before each decoder layer but the first, by which the pass under way yields
+        its turn on the GPU to a later pass of an earlier key (kvfabric.gputurn: preempted,
+        yield_turn): at most MAX_YIELDS times, once its GPU work so far is done. On CUDA the
+        host runs at most RUN_AHEAD layers ahead of the GPU (an event per layer), so that a
+        boundary is asked about when the GPU reaches it, not all at once as the host queues the
+        whole pass. yielded: [yields, seconds], added to."""
+        torch, cuda = self._torch, self.device.type == "cuda"
+        marks: List[Any] = []
+
+        def hook(module: Any, args: Any) -> None:
+            if cuda:
+                ev = torch.cuda.Event()
+                ev.record()
+                marks.append(ev)
+                if len(marks) > RUN_AHEAD:
+                    marks.pop(0).synchronize()
+            if self._turn is None or yielded[0] >= MAX_YIELDS or \
+                    not self.gpu_turn.preempted(self._turn):
+                return
+            self._sync()  # what it queued runs before the other's pass, not beside it
+            self._turn, s = self.gpu_turn.yield_turn(self._turn)
+            yielded[0] += 1
+            yielded[1] += s
+
+        return [layer.register_forward_pre_hook(hook) for layer in self.layers[1:]]
 
     def _release_turn(self) -> None:
         if self._turn is not None:

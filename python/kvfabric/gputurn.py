@@ -13,7 +13,12 @@ that comes later than another's key cannot go before it). One exception: a pass 
 take at most 1/share of what the holder's pass has left (share = 2 by default) runs beside it,
 one such pass at a time: sharing the GPU, the short pass takes about twice its time instead of
 waiting for the long one, and the long one loses about the short one's time (a net gain where
-the holder has more than twice the short pass's time left). Decoding steps do not take turns:
+the holder has more than twice the short pass's time left). Better still, a pass that yields
+(an Engine's pass predicted to take YIELD_MIN_S or more) asks at each layer boundary whether a
+waiter has an earlier key (preempted) and, where one has, finishes its queued GPU work, gives the
+turn to it and waits for it again under its own key (yield_turn): the short pass then runs alone,
+after at most a layer or two of the long one; no pass goes beside a pass that yields. Decoding
+steps do not take turns:
 before each step a decoding engine yields to the passes (waits while one holds or waits for the
 turn), at most a bound per step (--gpu-turn-decode-wait, 50 ms by default), so that a pass runs
 nearly alone (a decode step in each bound's time beside it) and no inter-token gap grows by more
@@ -38,12 +43,13 @@ import struct
 import time
 from typing import Optional, Tuple
 
-MAGIC = 0x334E5255544656  # "VFTURN3" little-endian, in the page's first 8 bytes
+MAGIC = 0x344E5255544656  # "VFTURN4" little-endian, in the page's first 8 bytes
 SLOTS = 64
 _TOP = struct.Struct("<QQ")  # magic, next ticket
 # the holder (MAIN) and the short pass beside it (BESIDE): pid (0: none), ticket, since when,
-# predicted end (CLOCK_MONOTONIC seconds)
-_HOLD = struct.Struct("<QQdd")
+# predicted end (CLOCK_MONOTONIC seconds), key, flags (YIELDS)
+_HOLD = struct.Struct("<QQdddQ")
+YIELDS = 1  # the holder's pass yields the turn at its layer boundaries (yield_turn)
 MAIN, BESIDE = 0, 1
 _HDR_SIZE = _TOP.size + 2 * _HOLD.size
 # pid (0: free), ticket, key, last seen (CLOCK_MONOTONIC seconds: one clock for the host)
@@ -120,7 +126,8 @@ class GpuTurn:
             raise
         self._fd, self._mm = fd, mm
         self.passes = self.waited_passes = self.timeouts = self.decode_yields = 0
-        self.beside_passes = 0
+        self.beside_passes = self.yields = 0
+        self.yield_s = 0.0
         self.last_beside = False  # the last acquire's pass runs beside the holder's
         self.lock_timeouts = 0
         self.wait_s = self.decode_yield_s = 0.0
@@ -186,13 +193,14 @@ class GpuTurn:
     def _set_next(self, nxt: int) -> None:
         _TOP.pack_into(self._mm, 0, MAGIC, nxt)
 
-    def _held(self, which: int) -> Tuple[int, int, float, float]:
-        """MAIN's or BESIDE's (pid, ticket, since, predicted end)."""
+    def _held(self, which: int) -> Tuple[int, int, float, float, float, int]:
+        """MAIN's or BESIDE's (pid, ticket, since, predicted end, key, flags)."""
         return _HOLD.unpack_from(self._mm, _TOP.size + which * _HOLD.size)
 
     def _set_held(self, which: int, pid: int = 0, ticket: int = 0, since: float = 0.0,
-                  until: float = 0.0) -> None:
-        _HOLD.pack_into(self._mm, _TOP.size + which * _HOLD.size, pid, ticket, since, until)
+                  until: float = 0.0, key: float = 0.0, flags: int = 0) -> None:
+        _HOLD.pack_into(self._mm, _TOP.size + which * _HOLD.size, pid, ticket, since, until,
+                        key, flags)
 
     def _holders_now(self, now: float) -> Tuple[int, int]:
         """The pids holding MAIN and BESIDE (0: none), each freed first where its holder died or
@@ -200,7 +208,7 @@ class GpuTurn:
         up twice)."""
         out = []
         for which in (MAIN, BESIDE):
-            hpid, _, since, _ = self._held(which)
+            hpid, _, since, _, _, _ = self._held(which)
             if hpid and (not _alive(hpid) or now - since > self.max_wait_s):
                 self._set_held(which)
                 hpid = 0
@@ -223,22 +231,23 @@ class GpuTurn:
                 return i, nxt
         return -1, 0
 
-    def _try_take(self, slot: int, ticket: int, now: float,
-                  predicted_s: float = 0.0) -> Optional[bool]:
+    def _try_take(self, slot: int, ticket: int, now: float, predicted_s: float = 0.0,
+                  flags: int = 0) -> Optional[bool]:
         """Takes the turn where it is free and this waiter's key is the earliest of the waiters
         that live and looked within STALE_S, or, for such a waiter, the place beside the
-        holder's pass where that is free and the holder's pass has at least share times
-        predicted_s left (predicted); else notes that this waiter looked. None: the slot is no
-        longer this waiter's (it was stopped longer than REUSE_S)."""
+        holder's pass where that is free, the holder's pass does not yield (it would yield to
+        this waiter at its next layer instead) and has at least share times predicted_s left
+        (predicted); else notes that this waiter looked. None: the slot is no longer this
+        waiter's (it was stopped longer than REUSE_S)."""
         pid, t, mykey, _ = self._slot(slot)
         if pid != os.getpid() or t != ticket:
             return None
         self._set_slot(slot, pid, t, mykey, now)
         main, beside = self._holders_now(now)
         if main:
-            left = self._held(MAIN)[3] - now
-            if beside or not (self.share > 0 and 0 < predicted_s and
-                              self.share * predicted_s <= left):
+            _, _, _, until, _, hflags = self._held(MAIN)
+            if beside or hflags & YIELDS or not (self.share > 0 and 0 < predicted_s and
+                                                 self.share * predicted_s <= until - now):
                 return False
         best, me = None, os.getpid()
         for i, pid, t, key, seen in self._slots():
@@ -256,7 +265,7 @@ class GpuTurn:
         if main:
             self.beside_passes += 1
         self._set_held(BESIDE if main else MAIN, os.getpid(), ticket, now,
-                       now + max(0.0, predicted_s))
+                       now + max(0.0, predicted_s), mykey, flags)
         return True
 
     def _leave(self, slot: int, ticket: int) -> None:
@@ -265,21 +274,32 @@ class GpuTurn:
             self._set_slot(slot)
 
     # -- the API --------------------------------------------------------------------------------
-    def acquire(self, predicted_s: float = 0.0) -> Tuple[Optional[int], float]:
+    def acquire(self, predicted_s: float = 0.0,
+                yields: bool = False) -> Tuple[Optional[int], float]:
         """Waits for the turn (at most max_wait_s): returns (a ticket to release with, or None
         where the pass runs without the turn: the wait ran out, no slot was free, or the page's
-        lock was not had (lock_timeouts); seconds waited)."""
+        lock was not had (lock_timeouts); seconds waited). yields: the pass will call
+        preempted() at its layer boundaries and yield_turn() where it says so (no pass then goes
+        beside it)."""
         t0 = time.monotonic()
         self.last_beside = False
         predicted_s = max(0.0, float(predicted_s))
-        key = t0 + predicted_s
+        ticket, waited = self._take(t0 + predicted_s, t0, predicted_s, YIELDS if yields else 0)
+        self.wait_s += waited
+        if ticket is not None:
+            self.passes += 1
+            self.waited_passes += waited > 0
+        return ticket, waited
+
+    def _take(self, key: float, t0: float, predicted_s: float,
+              flags: int) -> Tuple[Optional[int], float]:
+        """Waits, as a waiter of that key, for the turn (acquire, yield_turn)."""
         if not self._lock():
             self.timeouts += 1
             return None, time.monotonic() - t0
         try:
             slot, ticket = self._enqueue(key, t0)
-            if slot >= 0 and self._try_take(slot, ticket, t0, predicted_s):
-                self.passes += 1
+            if slot >= 0 and self._try_take(slot, ticket, t0, predicted_s, flags):
                 return ticket, 0.0
         finally:
             self._unlock()
@@ -296,16 +316,12 @@ class GpuTurn:
                     return None, time.monotonic() - t0
                 try:
                     now = time.monotonic()
-                    took = self._try_take(slot, ticket, now, predicted_s)
+                    took = self._try_take(slot, ticket, now, predicted_s, flags)
                     if took:
-                        self.passes += 1
-                        self.waited_passes += 1
-                        self.wait_s += now - t0
                         return ticket, now - t0
                     if took is None or now - t0 > self.max_wait_s:
                         self._leave(slot, ticket)
                         self.timeouts += 1
-                        self.wait_s += now - t0
                         return None, now - t0
                 finally:
                     self._unlock()
@@ -317,6 +333,48 @@ class GpuTurn:
                     self._unlock()
             raise
 
+    def preempted(self, ticket: Optional[int]) -> bool:
+        """Whether the holder's pass of this ticket should yield the turn: a live waiter that
+        looked within STALE_S has an earlier key (it came later, but its pass is predicted to
+        end before this one's). False where the page's lock is not had at once."""
+        if ticket is None or not self._lock(0.002, trip=False):
+            return False
+        try:
+            me = os.getpid()
+            hpid, hticket, _, _, key, _ = self._held(MAIN)
+            if hpid != me or hticket != ticket:
+                return False
+            now = time.monotonic()
+            for _, pid, t, k, seen in self._slots():
+                if pid != me and now - seen <= STALE_S and (k, t) < (key, ticket) and \
+                        _alive(pid):
+                    return True
+            return False
+        finally:
+            self._unlock()
+
+    def yield_turn(self, ticket: Optional[int]) -> Tuple[Optional[int], float]:
+        """Between two layers of the holder's pass (its GPU work so far finished): gives the
+        turn to the waiters of earlier keys and waits for it again under the pass's own key
+        (which the later comers' keys do not beat). Returns (the ticket to go on with, None
+        where the pass goes on without the turn; seconds yielded)."""
+        if ticket is None:
+            return None, 0.0
+        t0 = time.monotonic()
+        if not self._lock():
+            return ticket, 0.0  # the page is held up: go on holding (deposed after max_wait_s)
+        try:
+            hpid, hticket, _, until, key, flags = self._held(MAIN)
+            if hpid != os.getpid() or hticket != ticket:
+                return None, 0.0  # deposed meanwhile
+            self._set_held(MAIN)
+        finally:
+            self._unlock()
+        new, waited = self._take(key, t0, max(0.0, until - t0), flags)
+        self.yields += 1
+        self.yield_s += time.monotonic() - t0
+        return new, waited
+
     def release(self, ticket: Optional[int]) -> None:
         """Gives the turn back (where the lock cannot be had, the others take it from this
         holder after max_wait_s)."""
@@ -324,7 +382,7 @@ class GpuTurn:
             return
         try:
             for which in (MAIN, BESIDE):
-                hpid, hticket, _, _ = self._held(which)
+                hpid, hticket, _, _, _, _ = self._held(which)
                 if hpid == os.getpid() and hticket == ticket:
                     self._set_held(which)
         finally:
@@ -382,6 +440,7 @@ class GpuTurn:
     def stats(self) -> dict:
         return {"path": self.path, "passes": self.passes, "waited_passes": self.waited_passes,
                 "beside_passes": self.beside_passes, "share": self.share,
+                "yields": self.yields, "yield_s": round(self.yield_s, 6),
                 "wait_s": round(self.wait_s, 6), "timeouts": self.timeouts,
                 "lock_timeouts": self.lock_timeouts,
                 "decode_yields": self.decode_yields,

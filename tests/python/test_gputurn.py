@@ -1,7 +1,8 @@
 """kvfabric.gputurn: the turns of engine processes sharing one GPU, between real processes
 (no GPU needed: a "pass" here is a sleep). One pass at a time; the earliest key (arrival plus
 predicted time) goes next; a holder that dies frees the turn, a hung one loses it after
-max_wait_s; a stopped waiter is passed over; a short pass runs beside a long one, one at a time; one stopped inside the page's lock holds the others
+max_wait_s; a stopped waiter is passed over; a short pass runs beside a long one, one at a time,
+or the long one yields to it at a layer boundary; one stopped inside the page's lock holds the others
 up once; a decoding step yields to a pass for at most its bound; a page that is not a turn
 page is started afresh."""
 
@@ -171,6 +172,37 @@ class GpuTurnTest(unittest.TestCase):
         finally:
             holder.join(10)
         self.assertEqual(holder.exitcode, 0)
+
+    def test_a_long_pass_yields_to_an_earlier_key(self):
+        """A holder whose pass yields (predicted 2 s): a later waiter of an earlier key (0.05 s)
+        preempts it, gets the turn once the holder yields (not beside it), and the holder has
+        it back under its own key after, before a waiter of a later key (5 s); that one never
+        preempts it."""
+        out = CTX.Queue()
+        with GpuTurn(self.path) as t:
+            ticket, _ = t.acquire(2.0, yields=True)
+            self.assertFalse(t.preempted(ticket))
+            late = self._waiter(t, "late", 5.0, out, 1)
+            time.sleep(0.1)
+            self.assertFalse(t.preempted(ticket), "a later key does not preempt")
+            short = self._waiter(t, "short", 0.05, out, 2)
+            self.assertTrue(self._until(lambda: t.preempted(ticket), 5))
+            time.sleep(0.1)
+            self.assertTrue(out.empty(), "the short pass waits for the yield, not beside")
+            ticket, waited = t.yield_turn(ticket)
+            self.assertIsNotNone(ticket)
+            self.assertGreaterEqual(waited, 0.04)  # the short pass held it 0.05 s
+            self.assertEqual(out.get(timeout=10)[0], "short")
+            self.assertEqual(t.holder(), os.getpid())
+            self.assertTrue(out.empty(), "the later key waits for the holder")
+            self.assertFalse(t.preempted(ticket))
+            t.release(ticket)
+            self.assertEqual(out.get(timeout=10)[0], "late")
+            for p in (late, short):
+                p.join(10)
+                self.assertEqual(p.exitcode, 0)
+            st = t.stats()
+            self.assertEqual((st["yields"], st["passes"], st["beside_passes"]), (1, 1, 0))
 
     def test_a_dead_holder_frees_the_turn(self):
         ready = CTX.Event()

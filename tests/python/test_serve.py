@@ -1062,5 +1062,74 @@ class TestTurnOrder(unittest.TestCase):
             self._order("lifo", works)
 
 
+# A model big enough that a 3,000-token pass takes a good part of a second on a CPU.
+TURN_MODEL = dict(TINY, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4)
+
+
+def _turn_engine(cfg_path, turn_path, n, delay_s, ready, go, out):
+    """A process with an Engine on the CPU taking turns through turn_path: one warm pass of n
+    tokens (its rate learned, its first token noted), then, delay_s after go, the measured one."""
+    import torch as t
+    from kvfabric import models
+    from kvfabric.engine import Engine
+    from kvfabric.gputurn import GpuTurn
+    t.set_num_threads(2)
+    cfg = models.config(cfg_path)
+    layout = models.layout_for(cfg, "turns", page_tokens=16, chunk_tokens=64, dtype="f32")
+    model, factory, _ = models.build(cfg, "torch", "cpu", "f32", 7)
+    with GpuTurn(turn_path) as turn:
+        e = Engine(model, layout, factory, connector=None, max_tokens=4096, gpu_turn=turn)
+        toks = prompt(n, n)
+        warm = e.run("prefill", toks, reuse="none")
+        ready.set()
+        go.wait(60)
+        time.sleep(delay_s)
+        a = time.monotonic()
+        o = e.run("prefill", toks, reuse="none")
+        out.put((n, a, time.monotonic(), o.gpu_turn, o.prefill_s, warm.prefill_s,
+                 o.tokens[0] == warm.tokens[0]))
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
+class TestTurnsYield(unittest.TestCase):
+    """Two engine processes taking turns (a turn file; CPU): a short pass that comes while a
+    long one runs does not wait for it: the long pass yields at a layer boundary, the short one
+    runs and ends first, the long one goes on with the same first token."""
+
+    def test_a_long_pass_yields_to_a_short_one(self):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        with tempfile.TemporaryDirectory() as d:
+            cfg = os.path.join(d, "model.json")
+            with open(cfg, "w") as f:
+                json.dump(TURN_MODEL, f)
+            turn, out, go = os.path.join(d, "turn"), ctx.Queue(), ctx.Event()
+            procs, readies = [], []
+            for n, delay in ((3000, 0.0), (48, 0.15)):
+                r = ctx.Event()
+                p = ctx.Process(target=_turn_engine, args=(cfg, turn, n, delay, r, go, out))
+                p.start()
+                procs.append(p)
+                readies.append(r)
+            try:
+                self.assertTrue(all(r.wait(120) for r in readies))
+                go.set()
+                got = {x[0]: x for x in (out.get(timeout=120) for _ in procs)}
+            finally:
+                for p in procs:
+                    p.join(30)
+                    if p.is_alive():
+                        p.kill()
+            long_, short = got[3000], got[48]
+            if long_[5] < 0.4:
+                self.skipTest(f"the long pass took {long_[5]:.2f} s here: too short to yield")
+            self.assertGreaterEqual(long_[3].get("yields", 0), 1, long_[3])
+            self.assertLess(short[2], long_[2], "the short pass ended first")
+            self.assertLess(short[3]["wait_s"], 0.5 * long_[5], short[3])
+            self.assertTrue(long_[6] and short[6], "same first tokens as without the yield")
+            self.assertGreater(long_[3]["yielded_s"], 0)
+
+
 if __name__ == "__main__":
     unittest.main()
