@@ -667,6 +667,16 @@ def _client_gone(sock: socket.socket) -> bool:
         return True
 
 
+class HttpServer(ThreadingHTTPServer):
+    """The engine's HTTP server: the standard library's, listening with a backlog of 1,024 (the
+    kernel's somaxconn caps it) where the library's is 5. Past its backlog a new connection's SYN
+    is dropped and its client sends it again a second later: a burst of requests from clients
+    that open new connections (the e2e's replay sends bursts of 9-11 at one instant, and its
+    baseline routed most of a burst to one engine) waited a second more for some of them."""
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def _handler(S: Server):
     class H(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -1001,8 +1011,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     S = Server(a, engine, layout, ev, backend)
     if cn is not None:  # the connector's per-layer timing on /metrics, as kvf-engine's
         cn.set_metrics(S.metrics)
-    httpd = ThreadingHTTPServer((host, port), _handler(S))
-    httpd.daemon_threads = True
+    httpd = HttpServer((host, port), _handler(S))
     bound = httpd.server_address[1]
     S.endpoint = a.advertise or f"{host}:{bound}"
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

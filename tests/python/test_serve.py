@@ -1062,6 +1062,68 @@ class TestTurnOrder(unittest.TestCase):
             self._order("lifo", works)
 
 
+class TestHttpWithoutModel(unittest.TestCase):
+    """The engine's HTTP server and handler without a model (a stand-in for the engine's
+    requests): a burst of new connections is taken at once; a stream's first line goes out
+    before the request ends, its answer after, an error after the first line in its last."""
+
+    class Stub:
+        tokens = None
+
+        class a:
+            log_level = "warn"
+
+        def job(self, kind, body, gone=None, first=None):
+            if body.get("stream"):
+                first(5)
+                time.sleep(0.3)
+            if body.get("fail"):
+                return 500, {"error": "boom"}
+            return 200, {"tokens": [5, 6]}
+
+    def test_a_burst_of_connections_is_not_dropped(self):
+        from kvfabric import serve
+        httpd = serve.HttpServer(("127.0.0.1", 0), serve._handler(self.Stub()))
+        socks = []
+        try:  # nothing accepts yet: the kernel completes the handshakes into the backlog
+            for _ in range(64):
+                socks.append(socket.create_connection(httpd.server_address, timeout=0.5))
+        finally:
+            for c in socks:
+                c.close()
+            httpd.server_close()
+        self.assertEqual(len(socks), 64)
+
+    def test_stream(self):
+        import http.client
+        from kvfabric import serve
+        httpd = serve.HttpServer(("127.0.0.1", 0), serve._handler(self.Stub()))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        c = http.client.HTTPConnection(*httpd.server_address, timeout=10)
+        try:
+            for body, last in (({"tokens": [1], "stream": True}, {"tokens": [5, 6]}),
+                               ({"tokens": [1], "stream": True, "fail": 1},
+                                {"error": "boom", "status": 500})):
+                t0 = time.monotonic()
+                c.request("POST", "/v1/generate", json.dumps(body),
+                          {"Content-Type": "application/json"})
+                r = c.getresponse()
+                self.assertEqual(r.status, 200)
+                self.assertEqual(json.loads(r.readline()), {"first_token": 5, "label": "real"})
+                self.assertLess(time.monotonic() - t0, 0.25, "the first line before the end")
+                self.assertEqual(json.loads(r.read()), last)
+                self.assertGreaterEqual(time.monotonic() - t0, 0.3)
+            c.request("POST", "/v1/generate", json.dumps({"tokens": [1]}),
+                      {"Content-Type": "application/json"})
+            r = c.getresponse()
+            self.assertEqual((r.status, r.getheader("Content-Type")), (200, "application/json"))
+            self.assertEqual(json.loads(r.read()), {"tokens": [5, 6]})
+        finally:
+            c.close()
+            httpd.shutdown()
+            httpd.server_close()
+
+
 # A model big enough that a 3,000-token pass takes a good part of a second on a CPU.
 TURN_MODEL = dict(TINY, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                   num_attention_heads=8, num_key_value_heads=4)
