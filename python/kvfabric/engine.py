@@ -528,7 +528,8 @@ class Engine:
                     # Behind its prediction: where the rest of the load, at the pace so far,
                     # would take longer than computing the prompt after the engine's own
                     # prefix, the load is cut at this layer boundary and the prompt computed.
-                    spent = time.perf_counter() - t0
+                    # (not the time the pass yielded its turn: the pass, not the load, waited)
+                    spent = time.perf_counter() - t0 - yielded[1]
                     rest = spent * (L.layers - layer - 1) / (layer + 1)
                     if (not whole and recompute_s is not None and layer + 1 < L.layers and
                             rest > recompute_s * 1.2 + 0.002):
@@ -584,7 +585,9 @@ class Engine:
             o.notes.append(note)
             for h in hooks:
                 h.remove()
-            hooks = []
+            hooks = []  # the recompute yields as the pass would have
+            if yields and self._turn is not None:
+                hooks = self._yield_hooks(yielded)
             _crop(cache, d)
             if d == 0:
                 cache = self._new_cache()
@@ -608,7 +611,8 @@ class Engine:
         if yielded[0]:  # inside prefill_s and compute_s (the pass's time); not its rate
             o.gpu_turn.update(yields=yielded[0], yielded_s=yielded[1])
         if o.loaded_tokens and load_done[0] and not use_pf:  # a prefetch's copy is no link's
-            self.rates.note_load(o.loaded_tokens * L.bytes_per_token, load_done[0] - t0)
+            self.rates.note_load(o.loaded_tokens * L.bytes_per_token,
+                                 max(1e-6, load_done[0] - t0 - yielded[1]))
         if not o.loaded_tokens and not whole and o.device_tokens < n:
             self.rates.note_prefill(n - o.device_tokens, max(1e-6, o.compute_s - yielded[1]))
         if o.decision:
@@ -642,10 +646,12 @@ class Engine:
             if self._turn is None or yielded[0] >= MAX_YIELDS or \
                     not self.gpu_turn.preempted(self._turn):
                 return
-            self._sync()  # what it queued runs before the other's pass, not beside it
+            if cuda:  # what it queued runs before the other's pass, not beside it
+                torch.cuda.current_stream().synchronize()
             self._turn, s = self.gpu_turn.yield_turn(self._turn)
-            yielded[0] += 1
-            yielded[1] += s
+            if self.gpu_turn.last_yielded:
+                yielded[0] += 1
+                yielded[1] += s
 
         return [layer.register_forward_pre_hook(hook) for layer in self.layers[1:]]
 

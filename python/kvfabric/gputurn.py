@@ -129,6 +129,7 @@ class GpuTurn:
         self.beside_passes = self.yields = 0
         self.yield_s = 0.0
         self.last_beside = False  # the last acquire's pass runs beside the holder's
+        self.last_yielded = False  # the last yield_turn gave the turn up
         self.lock_timeouts = 0
         self.wait_s = self.decode_yield_s = 0.0
         self._off_until = 0.0
@@ -291,21 +292,38 @@ class GpuTurn:
             self.waited_passes += waited > 0
         return ticket, waited
 
-    def _take(self, key: float, t0: float, predicted_s: float,
-              flags: int) -> Tuple[Optional[int], float]:
-        """Waits, as a waiter of that key, for the turn (acquire, yield_turn)."""
+    def _take(self, key: float, t0: float, predicted_s: float, flags: int,
+              held: Optional[int] = None) -> Tuple[Optional[int], float]:
+        """Waits, as a waiter of that key, for the turn (acquire). held (yield_turn): the ticket
+        of the turn this process holds, given up under the same lock as it is queued for again,
+        under its key, flags and what it has left of its predicted time (so that no waiter of a
+        later key takes it in between); where it no longer holds it, (None, 0); where it cannot
+        be queued (the lock not had, no waiter's place), it goes on holding: (held, 0).
+        last_yielded says whether it gave the turn up."""
         if not self._lock():
+            if held is not None:
+                return held, 0.0
             self.timeouts += 1
             return None, time.monotonic() - t0
         try:
+            if held is not None:
+                hpid, hticket, _, until, key, flags = self._held(MAIN)
+                if hpid != os.getpid() or hticket != held:
+                    return None, 0.0  # deposed meanwhile
+                predicted_s = max(0.0, until - t0)
             slot, ticket = self._enqueue(key, t0)
-            if slot >= 0 and self._try_take(slot, ticket, t0, predicted_s, flags):
+            if slot < 0:
+                if held is not None:
+                    return held, 0.0
+                self.timeouts += 1
+                return None, 0.0
+            if held is not None:
+                self._set_held(MAIN)
+                self.last_yielded = True
+            if self._try_take(slot, ticket, t0, predicted_s, flags):
                 return ticket, 0.0
         finally:
             self._unlock()
-        if slot < 0:
-            self.timeouts += 1
-            return None, 0.0
         pause = 0.0001
         try:
             while True:
@@ -357,22 +375,17 @@ class GpuTurn:
         """Between two layers of the holder's pass (its GPU work so far finished): gives the
         turn to the waiters of earlier keys and waits for it again under the pass's own key
         (which the later comers' keys do not beat). Returns (the ticket to go on with, None
-        where the pass goes on without the turn; seconds yielded)."""
+        where the pass goes on without the turn; seconds yielded); last_yielded says whether it
+        gave the turn up (not where the page's lock was not had, no waiter's place was free,
+        or it had been deposed)."""
+        self.last_yielded = False
         if ticket is None:
             return None, 0.0
         t0 = time.monotonic()
-        if not self._lock():
-            return ticket, 0.0  # the page is held up: go on holding (deposed after max_wait_s)
-        try:
-            hpid, hticket, _, until, key, flags = self._held(MAIN)
-            if hpid != os.getpid() or hticket != ticket:
-                return None, 0.0  # deposed meanwhile
-            self._set_held(MAIN)
-        finally:
-            self._unlock()
-        new, waited = self._take(key, t0, max(0.0, until - t0), flags)
-        self.yields += 1
-        self.yield_s += time.monotonic() - t0
+        new, waited = self._take(0.0, t0, 0.0, 0, held=ticket)
+        if self.last_yielded:
+            self.yields += 1
+            self.yield_s += time.monotonic() - t0
         return new, waited
 
     def release(self, ticket: Optional[int]) -> None:

@@ -1076,7 +1076,7 @@ class TestHttpWithoutModel(unittest.TestCase):
         def job(self, kind, body, gone=None, first=None):
             if body.get("stream"):
                 first(5)
-                time.sleep(0.3)
+                time.sleep(1.0)
             if body.get("fail"):
                 return 500, {"error": "boom"}
             return 200, {"tokens": [5, 6]}
@@ -1110,9 +1110,9 @@ class TestHttpWithoutModel(unittest.TestCase):
                 r = c.getresponse()
                 self.assertEqual(r.status, 200)
                 self.assertEqual(json.loads(r.readline()), {"first_token": 5, "label": "real"})
-                self.assertLess(time.monotonic() - t0, 0.25, "the first line before the end")
+                self.assertLess(time.monotonic() - t0, 0.5, "the first line before the end")
                 self.assertEqual(json.loads(r.read()), last)
-                self.assertGreaterEqual(time.monotonic() - t0, 0.3)
+                self.assertGreaterEqual(time.monotonic() - t0, 1.0)
             c.request("POST", "/v1/generate", json.dumps({"tokens": [1]}),
                       {"Content-Type": "application/json"})
             r = c.getresponse()
