@@ -632,9 +632,11 @@ class Engine:
         yield_turn): at most MAX_YIELDS times, once its GPU work so far is done. On CUDA the
         host runs at most RUN_AHEAD layers ahead of the GPU (an event per layer), so that a
         boundary is asked about when the GPU reaches it, not all at once as the host queues the
-        whole pass. yielded: [yields, seconds], added to."""
+        whole pass. yielded: [yields, seconds], added to (shared by the hooks of a pass and of
+        its recompute after a cut load)."""
         torch, cuda = self._torch, self.device.type == "cuda"
         marks: List[Any] = []
+        tries = [0]  # yields tried (one that could not give the turn up counts too)
 
         def hook(module: Any, args: Any) -> None:
             if cuda:
@@ -643,9 +645,10 @@ class Engine:
                 marks.append(ev)
                 if len(marks) > RUN_AHEAD:
                     marks.pop(0).synchronize()
-            if self._turn is None or yielded[0] >= MAX_YIELDS or \
+            if self._turn is None or tries[0] >= MAX_YIELDS or \
                     not self.gpu_turn.preempted(self._turn):
                 return
+            tries[0] += 1
             if cuda:  # what it queued runs before the other's pass, not beside it
                 torch.cuda.current_stream().synchronize()
             self._turn, s = self.gpu_turn.yield_turn(self._turn)

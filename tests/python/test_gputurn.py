@@ -329,5 +329,78 @@ class GpuTurnTest(unittest.TestCase):
             GpuTurn(os.path.join(self.dir.name, "no", "such", "dir"))
 
 
+class EngineYieldHooksTest(unittest.TestCase):
+    """kvfabric.engine's yield hooks without torch (a CPU device, layers that keep their hooks, a
+    turn that says when it is preempted): a boundary asked about yields while preempted, counts
+    only the yields that gave the turn up, tries at most MAX_YIELDS times a pass, and a pass
+    whose turn was lost stops asking."""
+
+    class Layer:
+        def __init__(self):
+            self.hooks = []
+
+        def register_forward_pre_hook(self, fn):
+            layer = self
+
+            class Handle:
+                def remove(self):
+                    layer.hooks.remove(fn)
+            self.hooks.append(fn)
+            return Handle()
+
+    class Turn:
+        def __init__(self, answers):
+            self.answers = list(answers)  # per yield_turn: (ticket, seconds, gave it up)
+            self.asked = self.yields = 0
+            self.last_yielded = False
+
+        def preempted(self, ticket):
+            self.asked += 1
+            return bool(self.answers)
+
+        def yield_turn(self, ticket):
+            self.yields += 1
+            t, sec, gave = self.answers.pop(0)
+            self.last_yielded = gave
+            return t, sec
+
+    def engine(self, answers, layers=12):
+        import types
+        from kvfabric.engine import Engine
+        e = Engine.__new__(Engine)  # the hooks' attributes only: no model here
+        e._torch, e.device = None, types.SimpleNamespace(type="cpu")
+        e.layers = [self.Layer() for _ in range(layers)]
+        e.gpu_turn, e._turn = self.Turn(answers), 7
+        return e
+
+    def run_pass(self, e, yielded):
+        hs = e._yield_hooks(yielded)
+        self.assertEqual(len(hs), len(e.layers) - 1)  # not before the first layer
+        for layer in e.layers:
+            for fn in list(layer.hooks):
+                fn(layer, ())
+        for h in hs:
+            h.remove()
+        self.assertTrue(all(not layer.hooks for layer in e.layers))
+
+    def test_yields_while_preempted_and_counts_the_real_ones(self):
+        from kvfabric.engine import MAX_YIELDS
+        e = self.engine([(8, 0.02, True), (8, 0.0, False), (9, 0.03, True)])
+        yielded = [0, 0.0]
+        self.run_pass(e, yielded)
+        self.assertEqual(e.gpu_turn.yields, 3)
+        self.assertEqual(yielded[0], 2)
+        self.assertAlmostEqual(yielded[1], 0.05)
+        self.assertEqual(e._turn, 9)
+        # preempted at every boundary, the turn never given up: at most MAX_YIELDS tries
+        e = self.engine([(7, 0.0, False)] * 40, layers=32)
+        self.run_pass(e, [0, 0.0])
+        self.assertEqual(e.gpu_turn.yields, MAX_YIELDS)
+        # the turn lost in a yield (None): no more asking
+        e = self.engine([(None, 0.0, False), (7, 0.0, True)])
+        self.run_pass(e, [0, 0.0])
+        self.assertEqual((e.gpu_turn.yields, e.gpu_turn.asked, e._turn), (1, 1, None))
+
+
 if __name__ == "__main__":
     unittest.main()
