@@ -11,7 +11,11 @@ down when they run at once; this says how often that happened and what it cost, 
 A pass is [arrival + place_s + engine_queue_s + engine_gpu_turn_s, + engine_prefill_s]; a decode
 is [arrival + ttft_s + decode_queue_s, arrival + e2e_s] (a colocated one's decode follows its
 pass on the same engine). "Beside" counts the passes and decodes of other
-requests that overlapped it (as a fraction of the pass: 2.0 = two others all the time); "after
+requests that overlapped it (as a fraction of the pass: 2.0 = two others all the time; a pass that yielded its turn to a
+shorter one, engine_gpu_yielded_s, has that time taken off its span, its overlap with the other
+passes and its compute, and off each other pass's overlap with it: the pass that ran in it did
+not run beside it; an approximation, since the records do not say when in the pass it yielded);
+"after
 pass" is the time from its end to the first token in the driver's hands (the save's part after
 the pass, the reply, the router; the baseline saves nothing). Derived
 from the records, which are real; nothing is measured here.
@@ -59,15 +63,20 @@ def main():
         kv = intervals(records, "kvf", rep)
         base = {r["request"]: (r, pe) for r, _, pe, _, _ in intervals(records, "baseline", rep)}
         for x, ps, pe, _, _ in kv:
-            span = pe - ps
+            yl = x.get("engine_gpu_yielded_s", 0.0)
+            span = pe - ps - yl
             if span <= 0:
                 continue
-            bp = sum(overlap(ps, pe, qs, qe) for y, qs, qe, _, _ in kv if y is not x) / span
+            bp = max(0.0, sum(max(0.0, overlap(ps, pe, qs, qe) -
+                                  y.get("engine_gpu_yielded_s", 0.0))
+                              for y, qs, qe, _, _ in kv if y is not x) - yl) / span
             bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
             b, bpe = base.get(x["request"], (None, 0.0))
             new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
             rows.append({"repetition": rep, "request": x["request"], "new_tokens": new,
-                         "kvf_compute_s": x["engine_compute_s"],
+                         "kvf_compute_s": x["engine_compute_s"] - yl,
+                         # None: records from before engine_gpu_yielded_s (not known)
+                         "yielded_s": x.get("engine_gpu_yielded_s"),
                          "baseline_compute_s": b["engine_compute_s"] if b else None,
                          "gpu_turn_s": x.get("engine_gpu_turn_s", 0.0),
                          # from the pass's end to the first token in the driver's hands: the
@@ -90,6 +99,8 @@ def main():
                 "decodes_beside_mean": round(statistics.mean(r["decodes_beside"] for r in sel),
                                              3),
                 "gpu_turn_s_median": round(statistics.median(r["gpu_turn_s"] for r in sel), 4),
+                "yielded_share": round(sum(r["yielded_s"] > 0 for r in sel) / len(sel), 3)
+                if all(r["yielded_s"] is not None for r in sel) else None,
                 "after_pass_s_median": round(statistics.median(r["after_pass_s"] for r in sel),
                                              4),
                 "baseline_after_pass_s_median": round(statistics.median(
@@ -106,7 +117,7 @@ def main():
         return 0
     print(f"{a.records}: kvfabric's prefill passes beside other requests' passes and decodes "
           f"(repetitions {reps}; from the records, real)")
-    print(f"{'new tokens':>12} {'passes':>6} {'others beside':>13} {'alone':>6} "
+    print(f"{'new tokens':>12} {'passes':>6} {'others beside':>13} {'alone':>6} {'yielded':>7} "
           f"{'decodes beside':>14} {'turn wait p50':>13} {'after pass p50 (baseline)':>25} "
           f"{'compute / baseline p50':>22}")
     for b in bins:
@@ -116,7 +127,9 @@ def main():
             f"{b['baseline_after_pass_s_median']:.4f}"
         ap = f"{b['after_pass_s_median']:.4f} s ({bap})"
         print(f"{b['new_tokens']:>12} {b['passes']:>6} {b['passes_beside_mean']:>13.2f} "
-              f"{b['alone_share']:>6.0%} {b['decodes_beside_mean']:>14.2f} "
+              f"{b['alone_share']:>6.0%} "
+              f"{'-' if b['yielded_share'] is None else format(b['yielded_share'], '.0%'):>7} "
+              f"{b['decodes_beside_mean']:>14.2f} "
               f"{b['gpu_turn_s_median']:>12.4f}s {ap:>25} {cvb:>22}")
     return 0
 
