@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hmac
 import ipaddress
 import json
 import os
 import re
-import select
 import signal
 import socket
 import sys
@@ -36,7 +34,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import gputurn, models
@@ -44,7 +41,7 @@ from .connector import Connector
 from .engine import Engine, outcome_json
 from .errors import KvfError
 from .etcd import EtcdError, EtcdMember
-from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .httpapi import HttpServer, handler
 from .metrics import Registry
 from .turnqueue import QUEUE_DISCIPLINES, TurnQueue
 from .cuda import cuda_probe
@@ -52,7 +49,6 @@ from .events import Events
 from .feasibility import Caps
 from .layout import Layout
 
-MAX_BODY = 64 << 20
 REPORT_EVERY_S = 5.0
 # The tickets of kvf-sched's placements listed in the load reports (as kvf-engine's): those
 # counted in the queue within the last ACK_KEEP_S, the newest ACKS of them.
@@ -652,151 +648,6 @@ class Server:
         return 200, out
 
 
-def _client_gone(sock: socket.socket) -> bool:
-    """Whether the client closed its connection (a peek: nothing is read). Bytes waiting (a
-    pipelined request) mean it is still there."""
-    try:
-        # The handler's socket has a timeout, under which recv waits for data first: it is
-        # asked only once poll says there is something (bytes, the end, or an error) to read.
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError, TimeoutError, ValueError):
-        return False
-    except OSError:
-        return True
-
-
-class HttpServer(ThreadingHTTPServer):
-    """The engine's HTTP server: the standard library's, listening with a backlog of 1,024 (the
-    kernel's somaxconn caps it) where the library's is 5. Past its backlog a new connection's SYN
-    is dropped and its client sends it again a second later: a burst of requests from clients
-    that open new connections (the e2e's replay sends bursts of 9-11 at one instant, and its
-    baseline routed most of a burst to one engine) waited a second more for some of them."""
-    request_queue_size = 1024
-    daemon_threads = True
-
-
-def _handler(S: Server):
-    class H(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 30  # a client that stops sending loses its connection, not a thread forever
-
-        def log_message(self, fmt: str, *args: Any) -> None:
-            if S.a.log_level == "debug":
-                _log("debug", fmt % args)
-
-        def setup(self) -> None:
-            super().setup()
-            # A reply is written in parts (its headers, then its body; a stream's lines): each
-            # part goes out at once, not after the client's delayed acknowledgement of the last.
-            try:
-                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
-
-        def _chunk(self, data: bytes, last: bool = False) -> None:
-            """One chunk of a chunked reply (with last, the chunk that ends it too)."""
-            out = b"%x\r\n%s\r\n" % (len(data), data) if data else b""
-            self.wfile.write(out + (b"0\r\n\r\n" if last else b""))
-
-        def _post_job(self, kind: str, body: Any) -> None:
-            """Runs the request; where it streams, its first token is sent the moment its pass
-            gives it ({"first_token": T} on a line of its own), and its answer follows as the
-            last line (an error there has "status"): application/x-ndjson, chunked."""
-            streamed = []  # True once the first line went out; False where the client left
-
-            def first(tok: int) -> None:
-                if streamed:
-                    return
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/x-ndjson")
-                    self.send_header("Transfer-Encoding", "chunked")
-                    self.end_headers()
-                    self._chunk(json.dumps({"first_token": int(tok), "label": "real"}).encode() +
-                                b"\n")
-                    streamed.append(True)
-                except OSError:  # the client left: the request goes on, its answer unsent
-                    self.close_connection = True
-                    streamed.append(False)
-
-            status, out = S.job(kind, body, gone=lambda: _client_gone(self.connection),
-                                first=first)
-            if not streamed:
-                if status == 499:  # nobody to answer
-                    self.close_connection = True
-                    return
-                self._send(status, out)
-                return
-            if not streamed[0] or status == 499:
-                self.close_connection = True
-                return
-            if status != 200:
-                out = dict(out, status=status)
-            try:
-                self._chunk(json.dumps(out).encode() + b"\n", last=True)
-            except OSError:
-                self.close_connection = True
-
-        def _send(self, status: int, obj: Any) -> None:
-            data = json.dumps(obj).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            if self.path == "/metrics":
-                data = S.metrics_text().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", METRICS_CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
-            if self.path != "/v1/health":
-                self._send(404, {"error": f"GET {self.path}: not served"})
-                return
-            self._send(200, S.health())
-
-        def do_POST(self) -> None:
-            try:
-                n = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                n = -1
-            if S.tokens is not None:  # before the body is read: strangers send nothing big
-                got = self.headers.get("Authorization", "")
-                if not got.startswith("Bearer ") or not any(
-                        hmac.compare_digest(got[7:].encode(), t.encode())
-                        for t in S.tokens.values()):
-                    self.close_connection = True
-                    self._send(401, {"error": "a valid bearer token is required"})
-                    return
-            if n <= 0 or n > MAX_BODY:
-                self.close_connection = True
-                self._send(413 if n > MAX_BODY else 400,
-                           {"error": f"a JSON body of 1 to {MAX_BODY} bytes is required"})
-                return
-            raw = self.rfile.read(n)
-            if len(raw) != n:
-                self.close_connection = True
-                return
-            try:
-                body = json.loads(raw)
-            except ValueError as e:
-                self._send(400, {"error": f"the body is not JSON: {e}"})
-                return
-            if self.path not in ("/v1/prefill", "/v1/decode", "/v1/generate"):
-                self._send(404, {"error": f"POST {self.path}: not served (prefill, decode, "
-                                          "generate)"})
-                return
-            self._post_job(self.path[4:], body)
-
-    return H
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m kvfabric.serve",
@@ -1011,7 +862,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     S = Server(a, engine, layout, ev, backend)
     if cn is not None:  # the connector's per-layer timing on /metrics, as kvf-engine's
         cn.set_metrics(S.metrics)
-    httpd = HttpServer((host, port), _handler(S))
+    httpd = HttpServer((host, port), handler(S, _log))
     bound = httpd.server_address[1]
     S.endpoint = a.advertise or f"{host}:{bound}"
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -1082,8 +1082,8 @@ class TestHttpWithoutModel(unittest.TestCase):
             return 200, {"tokens": [5, 6]}
 
     def test_a_burst_of_connections_is_not_dropped(self):
-        from kvfabric import serve
-        httpd = serve.HttpServer(("127.0.0.1", 0), serve._handler(self.Stub()))
+        from kvfabric import httpapi
+        httpd = httpapi.HttpServer(("127.0.0.1", 0), httpapi.handler(self.Stub(), print))
         socks = []
         try:  # nothing accepts yet: the kernel completes the handshakes into the backlog
             for _ in range(64):
@@ -1096,8 +1096,8 @@ class TestHttpWithoutModel(unittest.TestCase):
 
     def test_stream(self):
         import http.client
-        from kvfabric import serve
-        httpd = serve.HttpServer(("127.0.0.1", 0), serve._handler(self.Stub()))
+        from kvfabric import httpapi
+        httpd = httpapi.HttpServer(("127.0.0.1", 0), httpapi.handler(self.Stub(), print))
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
         c = http.client.HTTPConnection(*httpd.server_address, timeout=10)
         try:
