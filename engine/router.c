@@ -79,14 +79,16 @@ static int status_code(long status)
     return status >= 400 && status < 500 ? KVF_EINVAL : KVF_EIO;
 }
 
-static int post(const char *addr, const char *path, json_t *body, long *status, json_t **reply,
-                char *err, size_t errlen)
+/* POSTs body to addr's path. on_first (NULL: none): a streamed reply's first line, as it comes
+ * (kvf__http_call_stream). */
+static int post(const char *addr, const char *path, json_t *body, kvf__http_first_fn on_first,
+                void *arg, long *status, json_t **reply, char *err, size_t errlen)
 {
     char url[256];
     snprintf(url, sizeof url, "http://%s%s", addr, path);
     /* kvf-sched's token where this process has one ($KVF_SCHED_TOKEN): the engines ignore it. */
-    return kvf__http_call_bearer("POST", url, body, kvf__sched_token(), KVFE_ROUTER_TIMEOUT_MS,
-                                 status, reply, err, errlen);
+    return kvf__http_call_stream("POST", url, body, kvf__sched_token(), KVFE_ROUTER_TIMEOUT_MS,
+                                 on_first, arg, status, reply, err, errlen);
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -392,13 +394,10 @@ static int call_engine(kvfe_router *r, const kvfe_router_engine *e, const char *
     atomic_int *out = outstanding_of(r, e);
     note_sent(r, (size_t)(e - r->eng), q);
     atomic_fetch_add(out, 1);
-    char url[256];
-    snprintf(url, sizeof url, "http://%s%s", e->endpoint, path);
     if (stream && body)
         json_object_set_new(body, "stream", json_true());
-    int rc =
-        kvf__http_call_stream("POST", url, body, kvf__sched_token(), KVFE_ROUTER_TIMEOUT_MS,
-                              stream ? first_token_came : NULL, q, &st, rep, q->err, sizeof q->err);
+    int rc = post(e->endpoint, path, body, stream ? first_token_came : NULL, q, &st, rep, q->err,
+                  sizeof q->err);
     atomic_fetch_sub(out, 1);
     json_decref(body);
     if (!rc && st != 200) {
@@ -586,7 +585,7 @@ static int place(kvfe_router *r, json_t *toks, kvfe_route *q, const kvfe_router_
         }
     for (int t = 0; t < n_order; t++) {
         int at = order[t];
-        rc = post(r->sched[at], "/v1/place", body, &st, &pl, q->err, sizeof q->err);
+        rc = post(r->sched[at], "/v1/place", body, NULL, NULL, &st, &pl, q->err, sizeof q->err);
         if (rc == KVF_ENOMEM)
             break;
         if (rc == 0) { /* an answer: this replica is asked first from now on */
