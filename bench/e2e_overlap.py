@@ -6,18 +6,18 @@ against the same request's pass in the baseline's run of the same repetition.
 Engines that share one GPU (the GPU e2e's four engines on one card) slow each other's passes
 down when they run at once; this says how often that happened and what it cost, by prompt length:
 
-    bench/e2e_overlap.py RUN/records.json [--max-new 1024] [--json]
+    bench/e2e_overlap.py RUN/records.json [--bins 1024,4096] [--json]
 
 A pass is [arrival + place_s + engine_queue_s + engine_gpu_turn_s, + engine_prefill_s]; a decode
 is [arrival + ttft_s + decode_queue_s, arrival + e2e_s] (a colocated one's decode follows its
-pass on the same engine). "Beside" counts the passes and decodes of other
-requests that overlapped it (as a fraction of the pass: 2.0 = two others all the time; a pass that yielded its turn to a
-shorter one, engine_gpu_yielded_s, has that time taken off its span, its overlap with the other
-passes and its compute, and off each other pass's overlap with it: the pass that ran in it did
-not run beside it; an approximation, since the records do not say when in the pass it yielded);
-"after
-pass" is the time from its end to the first token in the driver's hands (the save's part after
-the pass, the reply, the router; the baseline saves nothing). Derived
+pass on the same engine). "Beside" counts the passes and decodes of other requests that
+overlapped it (as a fraction of the pass: 2.0 = two others all the time; a pass that yielded its
+turn to a shorter one, engine_gpu_yielded_s, has that time taken off its span, its overlap with
+the other passes and its compute, and off each other pass's overlap with it: the pass that ran
+in it did not run beside it; an approximation, since the records do not say when in the pass it
+yielded); "after pass" is the time from its end to the first token in the driver's hands (the
+streamed first line, or where the engine does not stream, as before 2026-12-06, the save's part
+after the pass and the reply; then the router). Derived
 from the records, which are real; nothing is measured here.
 """
 
@@ -79,9 +79,8 @@ def main():
                          "yielded_s": x.get("engine_gpu_yielded_s"),
                          "baseline_compute_s": b["engine_compute_s"] if b else None,
                          "gpu_turn_s": x.get("engine_gpu_turn_s", 0.0),
-                         # from the pass's end to the first token in the driver's hands: the
-                         # save's part after the pass (engine_save_s, where the engine says), the
-                         # reply, the router
+                         # from the pass's end to the first token in the driver's hands (see
+                         # the module's docstring)
                          "after_pass_s": x["ttft_s"] - (pe - x["arrival_s"]),
                          "baseline_after_pass_s": b["ttft_s"] - (bpe - b["arrival_s"])
                          if b else None,
