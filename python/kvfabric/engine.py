@@ -28,6 +28,7 @@ from .events import Events, HeldBlocks
 from .gputurn import GpuTurn
 from .layout import Layout
 from .paged import PagedKVCache
+from .rates import Rates
 
 
 # The token that pads a prompt's last partial chunk when a prefill hands its whole KV over to a
@@ -209,43 +210,6 @@ class Outcome:
     gpu_turn: Dict[str, Any] = field(default_factory=dict)  # its wait for the GPU's turn
 
 
-class Rates:
-    """What this engine measured, decayed (an exponentially weighted mean, newest weighted
-    `alpha`): the load bandwidth from the stores, and the prefill's compute time per new token,
-    from every load and every prefill computed without one. Linear in the tokens computed: the
-    attention's growth with context is not modelled (kvf-engine's kvfe_decide does the same)."""
-
-    def __init__(self, alpha: float = 0.3) -> None:
-        self.alpha = alpha
-        self.load_bps: Optional[float] = None
-        self.s_per_token: Optional[float] = None  # per new token
-        self.s_per_step: Optional[float] = None  # per decoding step
-
-    def _mix(self, old: Optional[float], new: float) -> float:
-        return new if old is None else (1 - self.alpha) * old + self.alpha * new
-
-    def note_load(self, nbytes: float, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
-            self.load_bps = self._mix(self.load_bps, nbytes / seconds)
-
-    def note_prefill(self, new: int, seconds: float) -> None:
-        if new > 0 and seconds > 0:
-            self.s_per_token = self._mix(self.s_per_token, seconds / new)
-
-    def note_decode(self, steps: int, seconds: float) -> None:
-        if steps > 0 and seconds > 0:
-            self.s_per_step = self._mix(self.s_per_step, seconds / steps)
-
-    def compute_s(self, begin: int, end: int) -> Optional[float]:
-        """Predicted seconds to prefill positions begin..end over a cache of begin."""
-        if self.s_per_token is None:
-            return None
-        return (end - begin) * self.s_per_token
-
-    def load_s(self, nbytes: float) -> Optional[float]:
-        return None if self.load_bps is None else nbytes / self.load_bps
-
-
 class Engine:
     """One model on one device with kvfabric (connector may be None: no stores) and KV events
     (events may be None). cache_factory makes an empty cache of the model's kind (transformers'
@@ -385,7 +349,8 @@ class Engine:
         o.decision.update({
             "choice": "recompute" if best == d else "load" if best == cached else "partial",
             "cached_tokens": cached, "load_tokens": best - d, "load_bps": r.load_bps,
-            "prefill_s_per_token": r.s_per_token, "predicted_s": best_s,
+            "prefill_s_per_token": r.s_per_token, "prefill_model": r.model(),
+            "predicted_s": best_s,
             "predicted_recompute_s": whole_s})
         return best
 
@@ -614,7 +579,8 @@ class Engine:
             self.rates.note_load(o.loaded_tokens * L.bytes_per_token,
                                  max(1e-6, load_done[0] - t0 - yielded[1]))
         if not o.loaded_tokens and not whole and o.device_tokens < n:
-            self.rates.note_prefill(n - o.device_tokens, max(1e-6, o.compute_s - yielded[1]))
+            self.rates.note_prefill(n - o.device_tokens, max(1e-6, o.compute_s - yielded[1]),
+                                    begin=o.device_tokens)
         if o.decision:
             o.decision["label"] = "real"
             o.decision["outcome"] = ("loaded" if o.loaded_tokens else

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import gputurn, models
 from .connector import Connector
 from .engine import Engine, outcome_json
+from .calibration import calibrate, seed_rates, warm_up
 from .errors import KvfError
 from .etcd import EtcdError, EtcdMember
 from .httpapi import HttpServer, handler
@@ -738,44 +739,15 @@ def parser() -> argparse.ArgumentParser:
                    help="the order waiting requests run in, as kvf-engine's: hrrn (the highest "
                    "(waited + work) / work first), work (the least predicted work first) or "
                    "fifo (arrival); work is predicted from this engine's own measurements")
-    p.add_argument("--cost", help="kvf-engine's calibration file (accepted, not used: the "
-                   "queue's work is predicted from this engine's measured rates)")
+    p.add_argument("--cost", help="kvf-engine's calibration file (kvf-sched's cost model): its "
+                   "prefill model is the prior of this engine's measured rates, each length "
+                   "class replaced by the engine's own first pass of it")
+    p.add_argument("--warmup", choices=("auto", "on", "off"), default="auto",
+                   help="before serving, one short generate (not measured: CUDA's lazy set-up) "
+                   "and two prefills of 256 and 1,024 tokens (measured) with no store and no "
+                   "events; auto: on a GPU")
     p.add_argument("--log-level", choices=("debug", "info", "warn", "error"), default="info")
     return p
-
-
-def calibrate(engine: Engine, layout: Layout, vocab: int, path: str) -> Dict[str, float]:
-    """kvf-engine --calibrate for this model on this device: prefills from scratch of 256 to 4096
-    tokens (up to half the engine's capacity; the best of two each) and 32 decode steps, the scheduler's cost model (t = n / rate
-    + attn * n^2 / 2) fitted by least squares, written as a kvf-sched calibration file."""
-    lens = [n for n in (256, 512, 1024, 2048, 4096) if n <= max(engine.max_tokens // 2, 1024)]
-    toks = [(i * 2654435761 + 11) % vocab for i in range(4096 + 64)]
-    secs = []
-    for n in lens:
-        secs.append(min(engine.run("prefill", toks[:n], reuse="none").prefill_s
-                        for _ in range(2)))
-    o = engine.run("generate", toks[:1024], max_tokens=33, reuse="none")
-    tpot = sum(o.itl_s) / len(o.itl_s)
-    s11 = sum(n ** 2 for n in lens)
-    s12 = sum(n ** 3 for n in lens)
-    s22 = sum(n ** 4 for n in lens)
-    y1 = sum(n * t for n, t in zip(lens, secs))
-    y2 = sum(n * n * t for n, t in zip(lens, secs))
-    det = s11 * s22 - s12 * s12
-    a = (y1 * s22 - y2 * s12) / det
-    b = (s11 * y2 - s12 * y1) / det
-    if a <= 0:  # all quadratic: the linear fit through the shortest
-        a, b = secs[0] / lens[0], max(b, 0.0)
-    cost = {"prefill_tokens_per_s": 1.0 / a, "prefill_attn_s_per_tok2": max(2.0 * b, 0.0),
-            "kv_bytes_per_token": layout.bytes_per_token, "tpot_base_s": tpot}
-    with open(path, "w") as f:
-        json.dump(cost, f)
-        f.write("\n")
-    print(f"kvfabric.serve: calibrated {layout.model_id} on {engine.device} (real): prefill of "
-          f"{lens[0]}..{lens[-1]} tokens took {' '.join(f'{t:.4f}' for t in secs)} s: "
-          f"{1.0 / a:.0f} tokens/s + {2.0 * b:.3g} s/token^2 attention; {tpot * 1e3:.2f} ms per "
-          f"decode step; written to {path}", flush=True)
-    return cost
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -859,6 +831,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     _log("info", f"decoding steps: {engine.graph_note}")
     _log("info", f"passes on the GPU: {'turns in ' + turn.path if turn else 'no turns'}")
     engine.vocab = int(cfg["vocab_size"])
+    if a.cost:
+        seed_rates(engine, a.cost, _log)
+    if a.warmup == "on" or (a.warmup == "auto" and engine.device.type == "cuda"):
+        try:
+            warm_up(engine, engine.vocab, _log)
+        except Exception as e:  # noqa: BLE001 - said as what it is, before serving anything
+            raise SystemExit(f"kvfabric.serve: the warm-up failed: {type(e).__name__}: {e} "
+                             "(--warmup off to serve without it)") from None
     S = Server(a, engine, layout, ev, backend)
     if cn is not None:  # the connector's per-layer timing on /metrics, as kvf-engine's
         cn.set_metrics(S.metrics)
