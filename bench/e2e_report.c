@@ -465,6 +465,7 @@ static json_t *record_json(const e2e_run *R, size_t i)
     json_object_set_new(more, "prefetch_tokens", json_integer((json_int_t)rt->prefetch_tokens));
     json_object_set_new(more, "engine_gpu_turn_s", json_real(rt->gpu_turn_s));
     json_object_set_new(more, "engine_gpu_yielded_s", json_real(rt->gpu_yielded_s));
+    json_object_set_new(more, "engine_gpu_beside", json_boolean(rt->gpu_beside));
     json_object_set_new(more, "engine_save_s", json_real(rt->save_s));
     json_object_set_new(more, "ttft_streamed", json_boolean(rt->first_token_streamed));
     json_object_set_new(more, "prefetch_ready_tokens",

@@ -430,6 +430,7 @@ static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe
     q->load_wait_s = num(rep, "wait_s");
     q->gpu_turn_s = num(json_object_get(rep, "gpu_turn"), "wait_s");
     q->gpu_yielded_s = num(json_object_get(rep, "gpu_turn"), "yielded_s");
+    q->gpu_beside = json_is_true(json_object_get(json_object_get(rep, "gpu_turn"), "beside"));
     q->save_s = num(rep, "save_s");
     q->shm_bytes = num(rep, "shm_bytes");
     q->net_bytes = num(rep, "net_bytes");

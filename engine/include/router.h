@@ -110,6 +110,7 @@ struct kvfe_route {
     double load_wait_s;                /* of which waiting for loaded layers to arrive */
     double gpu_turn_s;                 /* before it, waiting for the shared GPU's turn (0: none) */
     double gpu_yielded_s;              /* in it, the turn given to shorter passes (0: none) */
+    int gpu_beside;                    /* it ran beside the pass holding the turn */
     double save_s;                     /* after the pass, the save's part before the reply (0:
                                         * none, or an engine that does not say) */
     size_t prefetch_tokens;            /* fetched while it waited for the engine (0: none) */

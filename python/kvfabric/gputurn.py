@@ -17,8 +17,13 @@ the holder has more than twice the short pass's time left). Better still, a pass
 (an Engine's pass predicted to take YIELD_MIN_S or more) asks at each layer boundary whether a
 waiter has an earlier key (preempted) and, where one has, finishes its queued GPU work, gives the
 turn to it and waits for it again under its own key (yield_turn): the short pass then runs alone,
-after at most a layer or two of the long one; no pass goes beside a pass that yields. Decoding
-steps do not take turns:
+after at most a layer or two of the long one; no pass goes beside a pass that yields. And two
+light passes (LIGHT: predicted to take mostly their fixed cost, the host launching kernels while
+the GPU waits for them, as a few hundred tokens of an 8B model do) run beside each other: each
+fills the other's gaps, and both end about when either alone would (measured in the 2026-12-06
+e2e records: two 250-token prompts that came together took 25-35 ms each beside each other in
+the baseline's run, and 30 + 60 ms one after the other with turns). Decoding steps do not take
+turns:
 before each step a decoding engine yields to the passes (waits while one holds or waits for the
 turn), at most a bound per step (--gpu-turn-decode-wait, 50 ms by default), so that a pass runs
 nearly alone (a decode step in each bound's time beside it) and no inter-token gap grows by more
@@ -50,6 +55,9 @@ _TOP = struct.Struct("<QQ")  # magic, next ticket
 # predicted end (CLOCK_MONOTONIC seconds), key, flags (YIELDS)
 _HOLD = struct.Struct("<QQdddQ")
 YIELDS = 1  # the holder's pass yields the turn at its layer boundaries (yield_turn)
+# the pass is light: its predicted time mostly its fixed cost (the host launching kernels, the GPU
+# mostly idle), so that another light pass beside it costs it little (Engine: Rates.light)
+LIGHT = 2
 MAIN, BESIDE = 0, 1
 _HDR_SIZE = _TOP.size + 2 * _HOLD.size
 # pid (0: free), ticket, key, last seen (CLOCK_MONOTONIC seconds: one clock for the host)
@@ -100,12 +108,14 @@ class GpuTurn:
     """One GPU's turns (see the module's docstring): acquire() before a pass, release() after.
     Each acquire is a ticket of its own; an Engine runs one pass at a time."""
 
-    def __init__(self, path: str, max_wait_s: float = 10.0, share: float = 2.0) -> None:
+    def __init__(self, path: str, max_wait_s: float = 10.0, share: float = 2.0,
+                 light: bool = True) -> None:
         if not max_wait_s > 0:
             raise ValueError("max_wait_s must be positive")
         if not share >= 0:
             raise ValueError("share must be 0 (no pass beside the holder's) or more")
         self.path, self.max_wait_s, self.share = path, max_wait_s, share
+        self.light = light  # a light pass goes beside a light holder's (LIGHT)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
             st = os.fstat(fd)
@@ -236,9 +246,10 @@ class GpuTurn:
                   flags: int = 0) -> Optional[bool]:
         """Takes the turn where it is free and this waiter's key is the earliest of the waiters
         that live and looked within STALE_S, or, for such a waiter, the place beside the
-        holder's pass where that is free, the holder's pass does not yield (it would yield to
-        this waiter at its next layer instead) and has at least share times predicted_s left
-        (predicted); else notes that this waiter looked. None: the slot is no longer this
+        holder's pass where that is free, and either both passes are light (LIGHT in flags and
+        the holder's), or the holder's pass does not yield (it would yield to this waiter at its
+        next layer instead) and has at least share times predicted_s left (predicted); else notes
+        that this waiter looked. None: the slot is no longer this
         waiter's (it was stopped longer than REUSE_S)."""
         pid, t, mykey, _ = self._slot(slot)
         if pid != os.getpid() or t != ticket:
@@ -247,8 +258,10 @@ class GpuTurn:
         main, beside = self._holders_now(now)
         if main:
             _, _, _, until, _, hflags = self._held(MAIN)
-            if beside or hflags & YIELDS or not (self.share > 0 and 0 < predicted_s and
-                                                 self.share * predicted_s <= until - now):
+            light = self.light and flags & LIGHT and hflags & LIGHT
+            if beside or (hflags & YIELDS and not light) or not (
+                    light or (self.share > 0 and 0 < predicted_s and
+                              self.share * predicted_s <= until - now)):
                 return False
         best, me = None, os.getpid()
         for i, pid, t, key, seen in self._slots():
@@ -275,17 +288,18 @@ class GpuTurn:
             self._set_slot(slot)
 
     # -- the API --------------------------------------------------------------------------------
-    def acquire(self, predicted_s: float = 0.0,
-                yields: bool = False) -> Tuple[Optional[int], float]:
+    def acquire(self, predicted_s: float = 0.0, yields: bool = False,
+                light: bool = False) -> Tuple[Optional[int], float]:
         """Waits for the turn (at most max_wait_s): returns (a ticket to release with, or None
         where the pass runs without the turn: the wait ran out, no slot was free, or the page's
         lock was not had (lock_timeouts); seconds waited). yields: the pass will call
         preempted() at its layer boundaries and yield_turn() where it says so (no pass then goes
-        beside it)."""
+        beside it). light: the pass is light (LIGHT): beside a light holder's, it does not wait."""
         t0 = time.monotonic()
         self.last_beside = False
         predicted_s = max(0.0, float(predicted_s))
-        ticket, waited = self._take(t0 + predicted_s, t0, predicted_s, YIELDS if yields else 0)
+        ticket, waited = self._take(t0 + predicted_s, t0, predicted_s,
+                                    (YIELDS if yields else 0) | (LIGHT if light else 0))
         self.wait_s += waited
         if ticket is not None:
             self.passes += 1
@@ -452,7 +466,7 @@ class GpuTurn:
 
     def stats(self) -> dict:
         return {"path": self.path, "passes": self.passes, "waited_passes": self.waited_passes,
-                "beside_passes": self.beside_passes, "share": self.share,
+                "beside_passes": self.beside_passes, "share": self.share, "light": self.light,
                 "yields": self.yields, "yield_s": round(self.yield_s, 6),
                 "wait_s": round(self.wait_s, 6), "timeouts": self.timeouts,
                 "lock_timeouts": self.lock_timeouts,
@@ -462,7 +476,7 @@ class GpuTurn:
 
 
 def open_for(device, setting: str, max_wait_s: float = 10.0, log=None,
-             share: float = 2.0) -> Optional[GpuTurn]:
+             share: float = 2.0, light: bool = True) -> Optional[GpuTurn]:
     """The turn of the engine's device for --gpu-turn's setting: "off" -> None; "auto" -> the
     GPU's file in /dev/shm (None on a CPU device); a path -> that file. A file that cannot be
     opened or is another user's: None, said through log (passes then run without turns)."""
@@ -479,7 +493,7 @@ def open_for(device, setting: str, max_wait_s: float = 10.0, log=None,
     else:
         path = setting
     try:
-        return GpuTurn(path, max_wait_s, share)
+        return GpuTurn(path, max_wait_s, share, light)
     except OSError as e:
         if log is not None:
             log("warn", f"--gpu-turn {path}: {e}: passes run without turns")

@@ -155,6 +155,20 @@ class Rates:
         a, b, c = self._fit
         return a + b * x + c * z
 
+    def light(self, begin: int, end: int) -> bool:
+        """Whether the pass's predicted time is mostly the fixed cost: its per-token and
+        attention terms together at most the base (the GPU then idles more than it computes;
+        kvfabric.gputurn lets two such passes run beside each other). False without a base."""
+        if self._fit is None or self._fit[0] <= 0:
+            return False
+        x, z = self._terms(begin, end)
+        a, b, c = self._fit
+        return b * x + c * z <= a
+
+    def load_s(self, nbytes: float) -> Optional[float]:
+        """Predicted seconds to load nbytes from the stores (None before any load)."""
+        return None if self.load_bps is None else nbytes / self.load_bps
+
     @property
     def s_per_token(self) -> Optional[float]:
         """The per-token term (seconds per new token, the attention's aside)."""

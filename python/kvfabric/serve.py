@@ -285,8 +285,8 @@ class Server:
                      gt.waited_passes),
                     ("gpu_turn_wait_seconds_total", "Time passes waited for their turn.",
                      gt.wait_s),
-                    ("gpu_turn_beside_passes_total", "Of which ran beside a longer pass that "
-                     "held the turn (--gpu-turn-share).", gt.beside_passes),
+                    ("gpu_turn_beside_passes_total", "Of which ran beside the pass that held the "
+                     "turn (--gpu-turn-share, --gpu-turn-light).", gt.beside_passes),
                     ("gpu_turn_timeouts_total", "Passes that ran without their turn: the wait "
                      "reached --gpu-turn-max-wait, or no waiter's slot was free.", gt.timeouts),
                     ("gpu_turn_decode_yield_seconds_total", "Time decoding steps waited for the "
@@ -729,6 +729,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-turn-share", type=float, default=2.0, metavar="X",
                    help="a pass predicted to take at most 1/X of what the pass holding the turn "
                         "has left runs beside it, one at a time (0: never)")
+    p.add_argument("--gpu-turn-light", choices=("on", "off"), default="on",
+                   help="two light passes (predicted to take mostly their fixed cost: the host "
+                        "launching kernels) run beside each other (on)")
     p.add_argument("--gpu-turn-decode-wait", type=float, default=0.05, metavar="S",
                    help="the longest a decoding step waits for the passes on the GPU (0: none)")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
@@ -821,7 +824,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0 <= a.gpu_turn_share <= 1000:
         raise SystemExit("kvfabric.serve: --gpu-turn-share: 0 (never beside) to 1000")
     p0 = next(model.parameters())
-    turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log, a.gpu_turn_share)
+    turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log, a.gpu_turn_share,
+                            a.gpu_turn_light == "on")
     try:
         engine = Engine(model, layout, factory, connector=cn, events=ev,
                         max_tokens=a.max_tokens, graphs=a.cuda_graphs, gpu_turn=turn,

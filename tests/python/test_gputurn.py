@@ -41,9 +41,9 @@ def _one(path, name, predicted_s, out):
     t.close()
 
 
-def _hold(path, seconds, ready, release, predicted_s=0.0):
+def _hold(path, seconds, ready, release, predicted_s=0.0, light=False):
     t = GpuTurn(path, max_wait_s=20)
-    ticket, _ = t.acquire(predicted_s)
+    ticket, _ = t.acquire(predicted_s, light=light)
     ready.set()
     time.sleep(seconds)
     if release:
@@ -172,6 +172,39 @@ class GpuTurnTest(unittest.TestCase):
         finally:
             holder.join(10)
         self.assertEqual(holder.exitcode, 0)
+
+    def test_two_light_passes_run_beside_each_other(self):
+        """Beside a light holder with 0.6 s to go: a light pass predicted 0.5 s goes at once
+        (the share rule alone would not let it: 2 x 0.5 s > 0.6 s); a pass of the same
+        prediction that is not light waits, as does a light one where the holder is not light
+        or the turn's light rule is off."""
+        def held(light):
+            ready = CTX.Event()
+            h = CTX.Process(target=_hold, args=(self.path, 0.6, ready, True, 0.6, light))
+            h.start()
+            self.assertTrue(ready.wait(10))
+            return h
+
+        for holder_light, mine_light, rule, beside in ((True, True, True, True),
+                                                       (True, False, True, False),
+                                                       (False, True, True, False),
+                                                       (True, True, False, False)):
+            h = held(holder_light)
+            try:
+                with GpuTurn(self.path, light=rule) as t:
+                    ticket, waited = t.acquire(0.5, light=mine_light)
+                    self.assertIsNotNone(ticket)
+                    case = (holder_light, mine_light, rule)
+                    self.assertEqual(t.last_beside, beside, case)
+                    if beside:
+                        self.assertLess(waited, 0.2, case)
+                        self.assertEqual(t.stats()["beside_passes"], 1)
+                    else:
+                        self.assertGreater(waited, 0.3, case)
+                    t.release(ticket)
+            finally:
+                h.join(10)
+            self.assertEqual(h.exitcode, 0)
 
     def test_a_long_pass_yields_to_an_earlier_key(self):
         """A holder whose pass yields (predicted 2 s): a later waiter of an earlier key (0.05 s)

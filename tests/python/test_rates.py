@@ -88,6 +88,34 @@ class TestModel(unittest.TestCase):
         r.note_prefill(2000, 0.040, now=6000.0)
         self.assertLess(abs(r.compute_s(0, 1000) / 0.020 - 1), 0.1, r.model())
 
+    def test_light_passes(self):
+        r = Rates()
+        self.assertFalse(r.light(0, 10))  # no model
+        r.note_prefill(100, 0.05)
+        self.assertFalse(r.light(0, 10))  # no fixed cost in a per-token rate
+        r = Rates()
+        for n in (16, 100, 1000, 4000):
+            r.note_prefill(n, truth(0, n))
+        # 12 ms of fixed cost against 30 us a token (and the attention's): light to ~400 tokens
+        self.assertTrue(r.light(0, 250))
+        self.assertTrue(r.light(0, 380))
+        self.assertFalse(r.light(0, 420))
+        self.assertTrue(r.light(0, 350))
+        self.assertFalse(r.light(6000, 6350))  # the same tokens after a long context
+
+    def test_load_and_decode_rates(self):
+        # what Engine._decide and the queue's order ask (every attribute of the old Rates)
+        r = Rates()
+        self.assertIsNone(r.load_s(1e9))
+        r.note_load(2e9, 1.0)
+        r.note_load(0, 1.0)  # nothing moved: not a measurement
+        self.assertAlmostEqual(r.load_s(1e9), 0.5)
+        r.note_load(1e9, 1.0)
+        self.assertAlmostEqual(r.load_bps, 0.7 * 2e9 + 0.3 * 1e9)
+        self.assertIsNone(r.s_per_step)
+        r.note_decode(10, 0.1)
+        self.assertAlmostEqual(r.s_per_step, 0.01)
+
     def test_setting_a_rate_replaces_the_model(self):
         r = Rates()
         r.note_prefill(100, 0.5)
