@@ -28,6 +28,7 @@ measurement of its class.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -76,11 +77,11 @@ class Rates:
         return new if old is None else (1 - self.alpha) * old + self.alpha * new
 
     def note_load(self, nbytes: float, seconds: float) -> None:
-        if nbytes > 0 and seconds > 0:
+        if nbytes > 0 and seconds > 0 and math.isfinite(seconds) and math.isfinite(nbytes):
             self.load_bps = self._mix(self.load_bps, nbytes / seconds)
 
     def note_decode(self, steps: int, seconds: float) -> None:
-        if steps > 0 and seconds > 0:
+        if steps > 0 and seconds > 0 and math.isfinite(seconds):
             self.s_per_step = self._mix(self.s_per_step, seconds / steps)
 
     @staticmethod
@@ -91,7 +92,7 @@ class Rates:
     def note_prefill(self, new: int, seconds: float, begin: int = 0, now: Optional[float] = None,
                      prior: bool = False) -> None:
         """A pass that computed `new` positions after `begin` cached ones in `seconds`."""
-        if new <= 0 or not seconds > 0:
+        if new <= 0 or begin < 0 or not (seconds > 0 and math.isfinite(seconds)):
             return
         now = time.monotonic() if now is None else now
         x, z = self._terms(begin, begin + new)
@@ -117,7 +118,8 @@ class Rates:
     def seed(self, tokens_per_s: float, attn_s_per_tok2: float = 0.0) -> None:
         """The calibration's model (kvf-sched's cost file) as a prior: t = n / tokens_per_s +
         attn_s_per_tok2 * n^2 / 2 at 256 to 4,096 tokens from scratch."""
-        if not tokens_per_s > 0 or attn_s_per_tok2 < 0:
+        if not (tokens_per_s > 0 and math.isfinite(tokens_per_s) and attn_s_per_tok2 >= 0 and
+                math.isfinite(attn_s_per_tok2)):
             raise ValueError("the calibration's prefill_tokens_per_s must be positive and its "
                              "prefill_attn_s_per_tok2 non-negative")
         now = time.monotonic()

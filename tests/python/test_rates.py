@@ -24,8 +24,14 @@ class TestModel(unittest.TestCase):
         self.assertIsNone(r.s_per_token)
         self.assertIsNone(r.model())
         r.note_prefill(0, 1.0)  # nothing computed: not a measurement
-        r.note_prefill(10, 0.0)
+        for bad in (0.0, -1.0, float("nan"), float("inf")):
+            r.note_prefill(10, bad)
+            r.note_load(1e6, bad)
+            r.note_decode(3, bad)
+        r.note_prefill(10, 0.01, begin=-5)
         self.assertIsNone(r.compute_s(0, 100))
+        self.assertIsNone(r.load_bps)
+        self.assertIsNone(r.s_per_step)
 
     def test_one_length_class_is_a_per_token_rate(self):
         r = Rates()
@@ -137,8 +143,10 @@ class TestPrior(unittest.TestCase):
             r.note_prefill(n, 3 * truth(0, n))
         self.assertEqual(r.outliers, 0)
         self.assertAlmostEqual(r.compute_s(0, 1024), 3 * truth(0, 1024), places=5)
-        with self.assertRaises(ValueError):
-            r.seed(0.0)
+        for bad in ((0.0, 0.0), (float("nan"), 0.0), (float("inf"), 0.0), (1e4, float("nan")),
+                    (1e4, -1e-9)):
+            with self.assertRaises(ValueError):
+                r.seed(*bad)
 
     def test_cost_file(self):
         with tempfile.TemporaryDirectory() as d:
