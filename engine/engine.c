@@ -52,6 +52,7 @@ struct kvfe_engine {
     int device_off, reuse_off, save_off; /* per request (kvfe_set_tiers) */
     size_t device_max; /* most tokens reused from the pages (kvfe_set_device_reuse) */
     kvfe_rates rates;  /* opts.decide's measurements */
+    kvfe_fit fit;      /* the passes its prefill terms are fitted to */
 };
 
 #define RATE_ALPHA 0.3
@@ -69,15 +70,15 @@ size_t kvfe_decide(const kvfe_rates *r, uint64_t bytes_per_token, uint32_t chunk
     *choice = KVFE_NO_DECISION;
     if (cached <= dev || chunk_tokens == 0)
         return dev;
-    if (r->load_bps <= 0 || r->s_per_token <= 0) {
+    if (r->load_bps <= 0 || (r->s_per_token <= 0 && r->base_s <= 0)) {
         *choice = KVFE_LOAD; /* nothing measured yet: load, and measure */
         return cached;
     }
-    double all = (double)(n - dev) * r->s_per_token, best_s = all;
+    double all = kvfe_rates_compute_s(r, dev, n), best_s = all;
     size_t best = dev;
     for (size_t p = (dev / chunk_tokens + 1) * chunk_tokens; p <= cached; p += chunk_tokens) {
         double load = (double)(p - load_from) * (double)bytes_per_token / r->load_bps;
-        double rest = (double)(n - p) * r->s_per_token, t = load > rest ? load : rest;
+        double rest = kvfe_rates_compute_s(r, p, n), t = load > rest ? load : rest;
         if (t < best_s * 0.95 && t < all * 0.95)
             best = p, best_s = t;
     }
@@ -95,6 +96,7 @@ void kvfe_rates_get(const kvfe_engine *e, kvfe_rates *r)
 void kvfe_rates_set(kvfe_engine *e, const kvfe_rates *r)
 {
     e->rates = *r;
+    kvfe_fit_clear(&e->fit); /* the model set is the model: what was measured is forgotten */
 }
 
 static double now_s(void)
@@ -568,8 +570,7 @@ static int prefill(kvfe_engine *e, const uint32_t *tokens, size_t n, kvf_prefetc
             ewma(e->rates.load_bps,
                  (double)hit * (double)kvf_layout_bytes_per_token(L) / (load_done - t0));
     else if (e->o.decide && !load && n > hit && r->compute_seconds > c_before)
-        e->rates.s_per_token =
-            ewma(e->rates.s_per_token, (r->compute_seconds - c_before) / (double)(n - hit));
+        kvfe_fit_note(&e->fit, &e->rates, n - hit, hit, r->compute_seconds - c_before, now_s());
     kvf_xfer_free(&load);
     kvf_xfer_free(&more);
     finish(e, n - 1 - hit, r);

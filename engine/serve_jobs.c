@@ -342,10 +342,11 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
         kvfe_rates rt;
         kvfe_rates_get(S->e, &rt);
         json_object_set_new(out, "decision",
-                            json_pack("{s:s,s:f,s:f,s:f,s:f,s:i,s:s,s:s}", "choice",
+                            json_pack("{s:s,s:f,s:f,s:f,s:f,s:f,s:f,s:i,s:s,s:s}", "choice",
                                       names[r.choice], "predicted_s", r.predicted_s,
                                       "predicted_recompute_s", r.predicted_recompute_s, "load_bps",
                                       rt.load_bps, "prefill_s_per_token", rt.s_per_token,
+                                      "prefill_base_s", rt.base_s, "prefill_attn_s", rt.attn_s,
                                       "cut_at_layer", r.cut_at_layer, "outcome",
                                       r.loaded_tokens       ? "loaded"
                                       : r.cut_at_layer >= 0 ? "cut, recomputed"

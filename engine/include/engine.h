@@ -53,10 +53,36 @@ typedef struct kvfe_opts {
 } kvfe_opts;
 
 /* What the engine measured, decayed (the newest weighted 0.3): the load bandwidth from the
- * stores (bytes/s) and the prefill's seconds per token. 0: not measured yet. */
+ * stores (bytes/s) and the prefill's time, t = base_s + s_per_token * n + attn_s * n * (begin +
+ * end) / 2 for the n = end - begin positions after begin cached ones (a fixed cost, a per-token
+ * and an attention term: kvfe_fit). 0: not measured yet. */
 typedef struct kvfe_rates {
     double load_bps, s_per_token;
+    double base_s, attn_s;
 } kvfe_rates;
+
+/* The prefill's predicted seconds for positions begin..end (kvfe_rates' model). */
+double kvfe_rates_compute_s(const kvfe_rates *r, size_t begin, size_t end);
+
+/* The passes the prefill model is fitted to: one decayed mean per prompt-length class (new
+ * tokens in [2^(c-1), 2^c)), so that many short passes do not push the long ones' measurements
+ * out (docs/python.md, "Measured rates": the same model as kvfabric.rates). */
+#define KVFE_FIT_CLASSES 40
+typedef struct kvfe_fit {
+    struct kvfe_fit_class {
+        double x, z, y, when; /* thousands of new tokens, millions of token-positions, seconds */
+        uint32_t count;       /* passes, up to 8 (0: none) */
+    } c[KVFE_FIT_CLASSES];
+    uint64_t outliers; /* passes taken at 3x the prediction (more than that above it) */
+} kvfe_fit;
+
+/* A pass of new_tokens positions after begin cached ones that took seconds, at time now (any
+ * monotonic clock, in seconds): noted in its class and r's prefill terms fitted again (weighted
+ * least squares, non-negative terms, relative error; one class: the per-token rate alone). A
+ * pass more than 3x the prediction of a model of two or more classes is taken at 3x. */
+void kvfe_fit_note(kvfe_fit *f, kvfe_rates *r, size_t new_tokens, size_t begin, double seconds,
+                   double now);
+void kvfe_fit_clear(kvfe_fit *f);
 
 /* A prefill's choice between loading the stores' prefix and computing it. */
 typedef enum kvfe_choice {

@@ -737,6 +737,60 @@ static void test_engine_close_under_loads(void **state)
     close_under_loads("--shm off");
 }
 
+/* A pass's seconds on a made-up machine: 12 ms fixed, 30 us a token, 2 ns a token per position
+ * of context. */
+static double truth(size_t b, size_t e)
+{
+    double n = (double)(e - b);
+    return 0.012 + 30e-6 * n + 2e-9 * n * ((double)b + (double)e) / 2;
+}
+
+/* The prefill model (kvfe_fit, the same as kvfabric.rates): a short pass's fixed cost does not
+ * become a per-token cost for a long one once two length classes are measured; the three terms
+ * come back from passes of six lengths; an outlier is taken at 3x, a slower machine followed;
+ * kvfe_decide prices the computed part with the model; measurements that are not are ignored. */
+static void test_engine_prefill_model(void **state)
+{
+    (void)state;
+    kvfe_fit f;
+    kvfe_fit_clear(&f);
+    kvfe_rates r = {0};
+    kvfe_fit_note(&f, &r, 10, 0, NAN, 1.0);
+    kvfe_fit_note(&f, &r, 10, 0, 0.0, 1.0);
+    kvfe_fit_note(&f, &r, 0, 0, 1.0, 1.0);
+    assert_true(r.s_per_token == 0 && r.base_s == 0);
+    kvfe_fit_note(&f, &r, 20, 2000, truth(2000, 2020), 1.0);
+    assert_true(kvfe_rates_compute_s(&r, 0, 250) > 5 * truth(0, 250)); /* one class: per token */
+    kvfe_fit_note(&f, &r, 300, 0, truth(0, 300), 2.0);
+    assert_true(fabs(kvfe_rates_compute_s(&r, 0, 250) / truth(0, 250) - 1) < 0.15);
+    static const size_t len[] = {16, 100, 700, 1500, 3000, 6000},
+                        ctx[] = {3000, 0, 500, 0, 0, 2000};
+    kvfe_fit_clear(&f);
+    memset(&r, 0, sizeof r);
+    for (int i = 0; i < 6; i++)
+        kvfe_fit_note(&f, &r, len[i], ctx[i], truth(ctx[i], ctx[i] + len[i]), 3.0);
+    assert_true(fabs(r.base_s - 0.012) < 1e-6);
+    assert_true(fabs(r.s_per_token - 30e-6) < 1e-9);
+    assert_true(fabs(r.attn_s - 2e-9) < 1e-13);
+    assert_true(fabs(kvfe_rates_compute_s(&r, 4000, 4100) - truth(4000, 4100)) < 1e-7);
+    double before = kvfe_rates_compute_s(&r, 0, 250);
+    kvfe_fit_note(&f, &r, 250, 0, 50 * truth(0, 250), 4.0);
+    assert_int_equal(f.outliers, 1);
+    assert_true(kvfe_rates_compute_s(&r, 0, 250) < 2 * before);
+    for (int k = 0; k < 12; k++)
+        for (int i = 0; i < 6; i++)
+            kvfe_fit_note(&f, &r, len[i], 0, 4 * truth(0, len[i]), 5.0);
+    assert_true(fabs(kvfe_rates_compute_s(&r, 0, 2000) / (4 * truth(0, 2000)) - 1) < 0.1);
+    /* kvfe_decide with a fixed cost: the recompute's prediction carries it (0.5 s + 600 x 10 us),
+     * and so does the rest computed after a load: loading 512 tokens (0.51 s) does not win */
+    kvfe_rates m = {.load_bps = 1e6, .s_per_token = 1e-5, .base_s = 0.5};
+    kvfe_choice ch;
+    double pr, rc;
+    assert_int_equal(kvfe_decide(&m, 1000, 64, 0, 512, 600, 0, &ch, &pr, &rc), 0);
+    assert_int_equal(ch, KVFE_RECOMPUTE);
+    assert_true(fabs(rc - (0.5 + 600 * 1e-5)) < 1e-12);
+}
+
 /* kvfe_decide's arithmetic, and an engine deciding (opts.decide): a store it measured as slow is
  * not loaded from (the prompt is computed, bitwise the same logits and tokens), a fast one is;
  * before anything is measured it loads. */
@@ -810,6 +864,7 @@ int main(void)
         cmocka_unit_test_teardown(test_engine_overlap_layer0_before_last, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_save_wait_pages_then_overwrite, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_back_to_back_saves_are_exact, teardown_daemons),
+        cmocka_unit_test(test_engine_prefill_model),
         cmocka_unit_test_teardown(test_engine_decide_load_or_recompute, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_prefetch_with_deadline, teardown_daemons),
         cmocka_unit_test_teardown(test_engine_close_under_loads, teardown_daemons),
