@@ -616,6 +616,32 @@ def fast_and_slow(cfg, name, rate, deadline_ms, another=False):
 
 
 @unittest.skipIf(torch is None, "torch is not installed")
+class TestWarmUp(unittest.TestCase):
+    """kvfabric.calibration.warm_up on a real engine with a store: its passes measured (two
+    length classes, the cold one not), nothing saved to the store nor left in the engine's
+    cache, and the next request's tokens the model's own."""
+
+    def test_warm_up_a_real_engine(self):
+        from kvfabric.calibration import warm_up
+        from kvfabric.engine import Engine
+        cfg = dict(TINY, num_hidden_layers=4)
+        with fast_and_slow(cfg, "tiny-warm", 10 ** 9, 20000) as (model, factory, layout, cn, _):
+            e = Engine(model, layout, factory, connector=cn, max_tokens=2048)
+            said = []
+            warm_up(e, TINY["vocab_size"], lambda lvl, msg: said.append(msg))
+            self.assertIn("warmed up", said[0])
+            m = e.rates.model()
+            self.assertIsNotNone(m)
+            self.assertEqual(m["classes"], 2, m)  # 256 and 1,024 tokens; not the cold 64
+            self.assertEqual((e.last_tokens, e.last_cache), ([], None))
+            toks = [(i * 2654435761 + 7) % TINY["vocab_size"] for i in range(1024)]
+            self.assertEqual(cn.lookup(toks), 0, "the warm-up saved nothing")
+            p = prompt(300, 5)
+            got = e.run("generate", p, max_tokens=4)
+            self.assertEqual(got.tokens, TestLoadOrRecompute.reference(model, factory, p, 4))
+
+
+@unittest.skipIf(torch is None, "torch is not installed")
 class TestPrefetch(unittest.TestCase):
     """The engine's prefetch in-process: the stores held one chunk when the request arrived and
     three at its turn: the prefetch's chunk and the stores' other two are loaded side by side;
