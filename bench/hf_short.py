@@ -37,6 +37,7 @@ def profile(engine, lengths, rnd, vocab, quiet):
     """One plain pass of each length under torch.profiler: the host's time (every op's own CPU
     time) and the GPU's (every kernel's), in ms; a pass whose host time is above its GPU time is
     bound by the launches, not by the GPU."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     out = []
@@ -47,8 +48,10 @@ def profile(engine, lengths, rnd, vocab, quiet):
             o = engine.run("prefill", toks, reuse="none")
         ev = prof.key_averages()
         cpu = sum(e.self_cpu_time_total for e in ev) / 1e3
+        # the kernels' own time: an operator's row carries its kernels' time too, so only the
+        # rows of device events count (summing every row counts each kernel twice)
         gpu = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-                  for e in ev) / 1e3
+                  for e in ev if getattr(e, "device_type", None) == DeviceType.CUDA) / 1e3
         out.append({"tokens": n, "pass_ms_profiled": round(o.prefill_s * 1e3, 2),
                     "host_ms": round(cpu, 2), "gpu_ms": round(gpu, 2)})
         if not quiet:
