@@ -117,8 +117,8 @@ static void refit(const kvfe_fit *f, kvfe_rates *r, double now)
 void kvfe_fit_note(kvfe_fit *f, kvfe_rates *r, size_t new_tokens, size_t begin, double seconds,
                    double now)
 {
-    if (new_tokens == 0 || !(seconds > 0) || !isfinite(seconds))
-        return;
+    if (new_tokens == 0 || !(seconds >= 1e-9) || !isfinite(seconds))
+        return; /* shorter is no measurement: the fit weighs by 1 / t^2 */
     int own = 0;
     for (int c = 0; c < KVFE_FIT_CLASSES; c++)
         own += f->c[c].count > 0;

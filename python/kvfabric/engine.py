@@ -581,7 +581,9 @@ class Engine:
         if o.loaded_tokens and load_done[0] and not use_pf:  # a prefetch's copy is no link's
             self.rates.note_load(o.loaded_tokens * L.bytes_per_token,
                                  max(1e-6, load_done[0] - t0 - yielded[1]))
-        if not o.loaded_tokens and not whole and o.device_tokens < n:
+        # not a pass that shared the GPU with the holder's (beside it): its time is not its own
+        if not o.loaded_tokens and not whole and o.device_tokens < n and \
+                not o.gpu_turn.get("beside"):
             self.rates.note_prefill(n - o.device_tokens, max(1e-6, o.compute_s - yielded[1]),
                                     begin=o.device_tokens)
         if o.decision:

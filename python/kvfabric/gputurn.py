@@ -294,12 +294,15 @@ class GpuTurn:
         where the pass runs without the turn: the wait ran out, no slot was free, or the page's
         lock was not had (lock_timeouts); seconds waited). yields: the pass will call
         preempted() at its layer boundaries and yield_turn() where it says so (no pass then goes
-        beside it). light: the pass is light (LIGHT): beside a light holder's, it does not wait."""
+        beside it). light: the pass is light (LIGHT): beside a light holder's, it does not wait
+        (with this turn's light rule on; off, its passes are never marked light, so that no other
+        process's light pass goes beside them either)."""
         t0 = time.monotonic()
         self.last_beside = False
         predicted_s = max(0.0, float(predicted_s))
         ticket, waited = self._take(t0 + predicted_s, t0, predicted_s,
-                                    (YIELDS if yields else 0) | (LIGHT if light else 0))
+                                    (YIELDS if yields else 0) | (LIGHT if light and self.light
+                                                                 else 0))
         self.wait_s += waited
         if ticket is not None:
             self.passes += 1

@@ -17,9 +17,10 @@ pass of 15 ms (its fixed cost) put a 250-token pass at 190 ms, which then yielde
 every other pass of a burst (measured: 0.3-1.5 s for 250-token passes that take 25-45 ms).
 
 A measurement far above the prediction of a model fitted to two or more classes of the engine's
-own (more than OUTLIER times: a first pass paying CUDA's lazy initialisation, a pass the GPU
-shared with another process's) is taken at OUTLIER times the prediction: a real change of speed moves the model within a few passes, and one
-slow pass does not throw it out. Until two length classes are measured, the model is the
+own (more than OUTLIER times, in a class the prior does not hold: a first pass paying CUDA's lazy
+initialisation, a pass the GPU shared with another process's) is taken at OUTLIER times the
+prediction: a real change of speed moves the model within a few passes, and one slow pass does
+not throw it out. Until two length classes are measured, the model is the
 per-token rate through the origin of what was measured. seed() puts the calibration's model
 (kvf-sched's cost file: prefill_tokens_per_s and prefill_attn_s_per_tok2) in as a prior, one
 measurement per class of 256 to 4,096 tokens, each replaced by the engine's first own
@@ -35,6 +36,7 @@ from typing import Dict, List, Optional, Tuple
 HALF_LIFE_S = 600.0  # a length class not measured for this long counts half
 MAX_COUNT = 8  # a class's weight grows with its passes up to this many
 OUTLIER = 3.0
+MIN_S = 1e-9  # a pass measured shorter than this is no measurement (the fit weighs by 1 / t^2)
 _X, _Z = 1e-3, 1e-6  # the fit's units: thousands of tokens, millions of token-positions
 # the models tried in this order (the terms they keep: base, per token, attention); the first
 # whose coefficients are all non-negative is used
@@ -92,18 +94,19 @@ class Rates:
     def note_prefill(self, new: int, seconds: float, begin: int = 0, now: Optional[float] = None,
                      prior: bool = False) -> None:
         """A pass that computed `new` positions after `begin` cached ones in `seconds`."""
-        if new <= 0 or begin < 0 or not (seconds > 0 and math.isfinite(seconds)):
+        if new <= 0 or begin < 0 or not (seconds >= MIN_S and math.isfinite(seconds)):
             return
         now = time.monotonic() if now is None else now
         x, z = self._terms(begin, begin + new)
+        c = new.bit_length()
+        old = self._classes.get(c)
         own = sum(1 for k in self._classes.values() if not k[5])
-        if not prior and own >= 2 and self._fit is not None:
+        # not against a class the prior holds: the engine's own pass replaces it as it is
+        if not prior and own >= 2 and self._fit is not None and not (old and old[5]):
             want = self.compute_s(begin, begin + new)
             if want and seconds > OUTLIER * want:
                 seconds = OUTLIER * want
                 self.outliers += 1
-        c = new.bit_length()
-        old = self._classes.get(c)
         if old is None or (old[5] and not prior):
             self._classes[c] = [x, z, seconds, 1, now, prior]
         else:
@@ -139,7 +142,8 @@ class Rates:
             m = [[sum(w * f[i] * f[j] for f, _, w in rows) for j in terms] for i in terms]
             v = [sum(w * f[i] * y for f, y, w in rows) for i in terms]
             sol = _solve(m, v)
-            if sol is None or any(s < 0 for s in sol) or not any(s > 0 for s in sol):
+            if sol is None or any(s < 0 or not math.isfinite(s) for s in sol) or \
+                    not any(s > 0 for s in sol):
                 continue
             full = [0.0, 0.0, 0.0]
             for i, s in zip(terms, sol):
@@ -151,20 +155,22 @@ class Rates:
     def compute_s(self, begin: int, end: int) -> Optional[float]:
         """Predicted seconds to prefill positions begin..end over a cache of begin (None before
         any measurement)."""
-        if self._fit is None:
+        fit = self._fit  # once: the engine's thread may replace it meanwhile
+        if fit is None:
             return None
         x, z = self._terms(begin, end)
-        a, b, c = self._fit
+        a, b, c = fit
         return a + b * x + c * z
 
     def light(self, begin: int, end: int) -> bool:
         """Whether the pass's predicted time is mostly the fixed cost: its per-token and
         attention terms together at most the base (the GPU then idles more than it computes;
         kvfabric.gputurn lets two such passes run beside each other). False without a base."""
-        if self._fit is None or self._fit[0] <= 0:
+        fit = self._fit
+        if fit is None or fit[0] <= 0:
             return False
         x, z = self._terms(begin, end)
-        a, b, c = self._fit
+        a, b, c = fit
         return b * x + c * z <= a
 
     def load_s(self, nbytes: float) -> Optional[float]:
@@ -174,7 +180,8 @@ class Rates:
     @property
     def s_per_token(self) -> Optional[float]:
         """The per-token term (seconds per new token, the attention's aside)."""
-        return None if self._fit is None else self._fit[1] * _X
+        fit = self._fit
+        return None if fit is None else fit[1] * _X
 
     @s_per_token.setter
     def s_per_token(self, v: Optional[float]) -> None:
@@ -184,8 +191,9 @@ class Rates:
 
     def model(self) -> Optional[Dict[str, float]]:
         """The fitted model, for records and answers."""
-        if self._fit is None:
+        fit = self._fit
+        if fit is None:
             return None
-        a, b, c = self._fit
+        a, b, c = fit
         return {"base_s": a, "s_per_token": b * _X, "attn_s_per_token2": c * _Z,
                 "classes": len(self._classes), "label": "real"}

@@ -218,7 +218,8 @@ class Server:
             # the last chunk is computed whatever is cached (kvf-engine's held_prefix)
             C = self.layout.chunk_tokens
             cached = min(cached, (n - 1) // C * C) if n else 0
-        work = e.rates.compute_s(min(cached, n), n) or 0.0
+        # nothing to compute (a decode handed its whole prefix): no pass, no fixed cost
+        work = (e.rates.compute_s(cached, n) or 0.0) if cached < n else 0.0
         if kind != "prefill" and e.rates.s_per_step is not None:
             work += max_tokens * e.rates.s_per_step
         return work
@@ -728,7 +729,8 @@ def parser() -> argparse.ArgumentParser:
                         "or waits for it (after it, the pass runs anyway)")
     p.add_argument("--gpu-turn-share", type=float, default=2.0, metavar="X",
                    help="a pass predicted to take at most 1/X of what the pass holding the turn "
-                        "has left runs beside it, one at a time (0: never)")
+                        "has left runs beside it, one at a time (0: never by this rule; two "
+                        "light passes: --gpu-turn-light)")
     p.add_argument("--gpu-turn-light", choices=("on", "off"), default="on",
                    help="two light passes (predicted to take mostly their fixed cost: the host "
                         "launching kernels) run beside each other (on)")
@@ -822,7 +824,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not 0 <= a.gpu_turn_decode_wait <= 10:
         raise SystemExit("kvfabric.serve: --gpu-turn-decode-wait: 0 to 10 s")
     if not 0 <= a.gpu_turn_share <= 1000:
-        raise SystemExit("kvfabric.serve: --gpu-turn-share: 0 (never beside) to 1000")
+        raise SystemExit("kvfabric.serve: --gpu-turn-share: 0 (never beside by this rule) to 1000")
     p0 = next(model.parameters())
     turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log, a.gpu_turn_share,
                             a.gpu_turn_light == "on")

@@ -758,6 +758,7 @@ static void test_engine_prefill_model(void **state)
     kvfe_fit_note(&f, &r, 10, 0, NAN, 1.0);
     kvfe_fit_note(&f, &r, 10, 0, 0.0, 1.0);
     kvfe_fit_note(&f, &r, 0, 0, 1.0, 1.0);
+    kvfe_fit_note(&f, &r, 100, 0, 1e-200, 1.0);
     assert_true(r.s_per_token == 0 && r.base_s == 0);
     kvfe_fit_note(&f, &r, 20, 2000, truth(2000, 2020), 1.0);
     assert_true(kvfe_rates_compute_s(&r, 0, 250) > 5 * truth(0, 250)); /* one class: per token */

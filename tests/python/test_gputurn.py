@@ -206,6 +206,35 @@ class GpuTurnTest(unittest.TestCase):
                 h.join(10)
             self.assertEqual(h.exitcode, 0)
 
+    def test_light_rule_off_marks_no_pass_light(self):
+        """An engine with the light rule off marks its passes as not light: another process's
+        light pass does not go beside them; and a light pass does not take a place beside that
+        another pass already has."""
+        with GpuTurn(self.path, light=False) as off:
+            ticket, _ = off.acquire(0.6, light=True)  # held, but not as light
+            with GpuTurn(self.path, max_wait_s=0.5) as on:
+                got, waited = on.acquire(0.5, light=True)
+                self.assertFalse(on.last_beside)  # waited, then deposed the holder (0.5 s)
+                self.assertGreater(waited, 0.3)
+                on.release(got)
+            off.release(ticket)
+        ready = CTX.Event()
+        h = CTX.Process(target=_hold, args=(self.path, 0.8, ready, True, 0.8, True))
+        h.start()
+        try:
+            self.assertTrue(ready.wait(10))
+            with GpuTurn(self.path) as a, GpuTurn(self.path) as b:
+                t1, w1 = a.acquire(0.5, light=True)
+                self.assertTrue(a.last_beside)  # the place beside: taken
+                t2, w2 = b.acquire(0.5, light=True)
+                self.assertFalse(b.last_beside)
+                self.assertGreater(w2, 0.3)  # waited for a place
+                a.release(t1)
+                b.release(t2)
+        finally:
+            h.join(10)
+        self.assertEqual(h.exitcode, 0)
+
     def test_a_long_pass_yields_to_an_earlier_key(self):
         """A holder whose pass yields (predicted 2 s): a later waiter of an earlier key (0.05 s)
         preempts it, gets the turn once the holder yields (not beside it), and the holder has

@@ -29,6 +29,7 @@ class TestModel(unittest.TestCase):
             r.note_load(1e6, bad)
             r.note_decode(3, bad)
         r.note_prefill(10, 0.01, begin=-5)
+        r.note_prefill(100, 1e-200)  # below MIN_S: 1 / t^2 would overflow the fit's weights
         self.assertIsNone(r.compute_s(0, 100))
         self.assertIsNone(r.load_bps)
         self.assertIsNone(r.s_per_step)
@@ -143,6 +144,15 @@ class TestPrior(unittest.TestCase):
             r.note_prefill(n, 3 * truth(0, n))
         self.assertEqual(r.outliers, 0)
         self.assertAlmostEqual(r.compute_s(0, 1024), 3 * truth(0, 1024), places=5)
+        # a calibration far faster than this engine (another GPU's): the engine's own passes
+        # replace the prior's classes as they are, not clamped at 3x the prior's prediction
+        f = Rates()
+        f.seed(400000.0)
+        f.note_prefill(256, 3 * truth(0, 256))
+        f.note_prefill(1024, 3 * truth(0, 1024))
+        f.note_prefill(2048, truth(0, 2048) * 3)
+        self.assertEqual(f.outliers, 0)
+        self.assertAlmostEqual(f._classes[12][2], 3 * truth(0, 2048))
         for bad in ((0.0, 0.0), (float("nan"), 0.0), (float("inf"), 0.0), (1e4, float("nan")),
                     (1e4, -1e-9)):
             with self.assertRaises(ValueError):
@@ -217,7 +227,7 @@ class TestWarmUp(unittest.TestCase):
         warm_up(e, 500, lambda lvl, msg: None)
         self.assertEqual([c[1] for c in e.calls], [64, 256])
 
-    def test_a_failing_pass_leaves_the_engine_as_it_was(self):
+    def test_a_failing_pass_leaves_events_and_rates_and_empties_the_cache(self):
         e = _FakeEngine()
         held, rates = e.held, e.rates
 
