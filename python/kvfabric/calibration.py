@@ -16,13 +16,24 @@ from .rates import Rates
 
 
 def seed_rates(engine: Engine, path: str, log: Callable[[str, str], None]) -> None:
-    """The calibration file's prefill model as the prior of the engine's rates (Rates.seed)."""
+    """The calibration file's prefill model as the prior of the engine's rates (Rates.seed). A
+    file that is not a JSON object, or whose prefill figures are not numbers Rates.seed takes,
+    is an error; one without prefill_tokens_per_s (kvf-sched's own settings only) seeds
+    nothing, and says so."""
     try:
         with open(path) as f:
             cost = json.load(f)
-        engine.rates.seed(float(cost["prefill_tokens_per_s"]),
-                          float(cost.get("prefill_attn_s_per_tok2", 0.0)))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(cost, dict):
+            raise ValueError("not a JSON object")
+        if "prefill_tokens_per_s" not in cost:
+            log("info", f"--cost {path}: no prefill_tokens_per_s: no prior for the prefill "
+                        "model (it is measured from the first passes)")
+            return
+        rate, attn = cost["prefill_tokens_per_s"], cost.get("prefill_attn_s_per_tok2", 0.0)
+        if isinstance(rate, bool) or isinstance(attn, bool):
+            raise ValueError("the prefill figures must be numbers")
+        engine.rates.seed(float(rate), float(attn))
+    except (OSError, ValueError, TypeError) as e:
         raise SystemExit(f"kvfabric.serve: --cost {path}: {type(e).__name__}: {e}") from None
     m = engine.rates.model()
     log("info", f"prefill model from {path} (the calibration's, a prior): "

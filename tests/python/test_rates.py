@@ -171,7 +171,24 @@ class TestPrior(unittest.TestCase):
             seed_rates(e, good, lambda lvl, msg: said.append(msg))
             self.assertAlmostEqual(e.rates.compute_s(0, 2000), 0.1)
             self.assertIn("0.0500 ms per token", said[0])
-            for path, why in ((bad, "positive"), (os.path.join(d, "none.json"), "No such file")):
+            sched_only = os.path.join(d, "sched.json")
+            with open(sched_only, "w") as f:
+                json.dump({"load_bytes_per_s": 1e10}, f)
+            said = []
+            e = _FakeEngine()
+            seed_rates(e, sched_only, lambda lvl, msg: said.append(msg))  # nothing to seed
+            self.assertIsNone(e.rates.model())
+            self.assertIn("no prior", said[0])
+            cases = [(bad, "positive"), (os.path.join(d, "none.json"), "No such file")]
+            for name, body, why in (("list", "[1, 2]", "not a JSON object"),
+                                    ("text", "{", "JSONDecodeError"),
+                                    ("str", '{"prefill_tokens_per_s": "fast"}', "ValueError"),
+                                    ("bool", '{"prefill_tokens_per_s": true}', "numbers")):
+                path = os.path.join(d, name + ".json")
+                with open(path, "w") as f:
+                    f.write(body)
+                cases.append((path, why))
+            for path, why in cases:
                 with self.assertRaises(SystemExit) as cm:
                     seed_rates(_FakeEngine(), path, lambda lvl, msg: None)
                 self.assertIn(why, str(cm.exception))
