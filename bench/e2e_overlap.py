@@ -15,9 +15,11 @@ overlapped it (as a fraction of the pass: 2.0 = two others all the time; a pass 
 turn to a shorter one, engine_gpu_yielded_s, has that time taken off its span, its overlap with
 the other passes and its compute, and off each other pass's overlap with it: the pass that ran
 in it did not run beside it; an approximation, since the records do not say when in the pass it
-yielded); "after pass" is the time from its end to the first token in the driver's hands (the
-streamed first line, or where the engine does not stream, as before 2026-12-06, the save's part
-after the pass and the reply; then the router). Derived
+yielded); "beside" is the share of passes that took the place beside the turn's holder (a short
+pass beside a long one, or two light passes: kvfabric.gputurn); "after pass" is the time from
+its end to the first token in the driver's hands (the streamed first line, or where the engine
+does not stream, as before 2026-12-06, the save's part after the pass and the reply; then the
+router). Derived
 from the records, which are real; nothing is measured here.
 """
 
@@ -77,6 +79,9 @@ def main():
                          "kvf_compute_s": x["engine_compute_s"] - yl,
                          # None: records from before engine_gpu_yielded_s (not known)
                          "yielded_s": x.get("engine_gpu_yielded_s"),
+                         # it took the place beside the turn's holder (None: records from
+                         # before engine_gpu_beside)
+                         "took_beside": x.get("engine_gpu_beside"),
                          "baseline_compute_s": b["engine_compute_s"] if b else None,
                          "gpu_turn_s": x.get("engine_gpu_turn_s", 0.0),
                          # from the pass's end to the first token in the driver's hands (see
@@ -100,6 +105,8 @@ def main():
                 "gpu_turn_s_median": round(statistics.median(r["gpu_turn_s"] for r in sel), 4),
                 "yielded_share": round(sum(r["yielded_s"] > 0 for r in sel) / len(sel), 3)
                 if all(r["yielded_s"] is not None for r in sel) else None,
+                "took_beside_share": round(sum(bool(r["took_beside"]) for r in sel) / len(sel), 3)
+                if all(r["took_beside"] is not None for r in sel) else None,
                 "after_pass_s_median": round(statistics.median(r["after_pass_s"] for r in sel),
                                              4),
                 "baseline_after_pass_s_median": round(statistics.median(
@@ -117,6 +124,7 @@ def main():
     print(f"{a.records}: kvfabric's prefill passes beside other requests' passes and decodes "
           f"(repetitions {reps}; from the records, real)")
     print(f"{'new tokens':>12} {'passes':>6} {'others beside':>13} {'alone':>6} {'yielded':>7} "
+          f"{'beside':>6} "
           f"{'decodes beside':>14} {'turn wait p50':>13} {'after pass p50 (baseline)':>25} "
           f"{'compute / baseline p50':>22}")
     for b in bins:
@@ -125,9 +133,11 @@ def main():
         bap = "-" if b["baseline_after_pass_s_median"] is None else \
             f"{b['baseline_after_pass_s_median']:.4f}"
         ap = f"{b['after_pass_s_median']:.4f} s ({bap})"
+        tb = "-" if b["took_beside_share"] is None else f"{b['took_beside_share']:.0%}"
         print(f"{b['new_tokens']:>12} {b['passes']:>6} {b['passes_beside_mean']:>13.2f} "
               f"{b['alone_share']:>6.0%} "
               f"{'-' if b['yielded_share'] is None else format(b['yielded_share'], '.0%'):>7} "
+              f"{tb:>6} "
               f"{b['decodes_beside_mean']:>14.2f} "
               f"{b['gpu_turn_s_median']:>12.4f}s {ap:>25} {cvb:>22}")
     return 0
