@@ -468,11 +468,12 @@ class Engine:
             begin = cached if load is not None else d
             ahead = self.rates.compute_s(begin, n)
             yields = ahead is not None and ahead >= YIELD_MIN_S
-            self._turn, waited_turn = self.gpu_turn.acquire(
-                ahead or 0.0, yields=yields, light=self.rates.light(begin, n))
+            light = self.rates.light(begin, n)
+            self._turn, waited_turn = self.gpu_turn.acquire(ahead or 0.0, yields=yields,
+                                                            light=light)
             o.gpu_turn = {"wait_s": waited_turn, "held": self._turn is not None,
                           "beside": self.gpu_turn.last_beside, "predicted_s": ahead,
-                          "light": self.rates.light(begin, n), "label": "real"}
+                          "light": light, "label": "real"}
         if load is None and save is not None and self.save_beside_tokens is not None and \
                 n - d >= self.save_beside_tokens:
             beside = self._beside = self._save_beside(tokens, cache, min(cached, n // C * C),

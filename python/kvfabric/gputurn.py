@@ -20,10 +20,9 @@ turn to it and waits for it again under its own key (yield_turn): the short pass
 after at most a layer or two of the long one; no pass goes beside a pass that yields. And two
 light passes (LIGHT: predicted to take mostly their fixed cost, the host launching kernels while
 the GPU waits for them, as a few hundred tokens of an 8B model do) run beside each other: each
-fills the other's gaps, and both end about when either alone would (measured in the 2026-12-06
-e2e records: two 250-token prompts that came together took 25-35 ms each beside each other in
-the baseline's run, and 30 + 60 ms one after the other with turns). Decoding steps do not take
-turns:
+fills the other's gaps (measured in the 2026-12-06 e2e records: two 250-token prompts that came
+together took 30 + 60 ms one after the other in turns, 35-42 ms each beside each other; about
+25 ms alone). Decoding steps do not take turns:
 before each step a decoding engine yields to the passes (waits while one holds or waits for the
 turn), at most a bound per step (--gpu-turn-decode-wait, 50 ms by default), so that a pass runs
 nearly alone (a decode step in each bound's time beside it) and no inter-token gap grows by more
@@ -256,13 +255,8 @@ class GpuTurn:
             return None
         self._set_slot(slot, pid, t, mykey, now)
         main, beside = self._holders_now(now)
-        if main:
-            _, _, _, until, _, hflags = self._held(MAIN)
-            light = self.light and flags & LIGHT and hflags & LIGHT
-            if beside or (hflags & YIELDS and not light) or not (
-                    light or (self.share > 0 and 0 < predicted_s and
-                              self.share * predicted_s <= until - now)):
-                return False
+        if main and (beside or not self._beside_holder(now, predicted_s, flags)):
+            return False
         best, me = None, os.getpid()
         for i, pid, t, key, seen in self._slots():
             if pid != me and not _alive(pid):
@@ -281,6 +275,16 @@ class GpuTurn:
         self._set_held(BESIDE if main else MAIN, os.getpid(), ticket, now,
                        now + max(0.0, predicted_s), mykey, flags)
         return True
+
+    def _beside_holder(self, now: float, predicted_s: float, flags: int) -> bool:
+        """Whether a pass of these flags and prediction may run beside the holder's: both light,
+        or by the share rule where the holder does not yield (it would yield to this one at its
+        next layer instead)."""
+        _, _, _, until, _, hflags = self._held(MAIN)
+        if self.light and flags & LIGHT and hflags & LIGHT:
+            return True
+        return not hflags & YIELDS and self.share > 0 and 0 < predicted_s and \
+            self.share * predicted_s <= until - now
 
     def _leave(self, slot: int, ticket: int) -> None:
         pid, t, _, _ = self._slot(slot)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 HALF_LIFE_S = 600.0  # a length class not measured for this long counts half
@@ -63,6 +64,17 @@ def _solve(m: List[List[float]], v: List[float]) -> Optional[List[float]]:
     return out
 
 
+@dataclass
+class _Class:
+    """One prompt-length class: decayed means of its passes' terms and seconds."""
+    x: float  # new tokens, in thousands
+    z: float  # new tokens x their mean context, in millions
+    y: float  # seconds
+    count: int  # passes, up to MAX_COUNT
+    when: float  # last noted (time.monotonic())
+    prior: bool  # the calibration's, not yet replaced by a pass of the engine's own
+
+
 class Rates:
     """The engine's measured rates (see the module's docstring)."""
 
@@ -70,8 +82,7 @@ class Rates:
         self.alpha = alpha
         self.load_bps: Optional[float] = None
         self.s_per_step: Optional[float] = None  # per decoding step
-        # length class -> [x (new tokens), z (new x mean context), seconds, passes, when, prior]
-        self._classes: Dict[int, list] = {}
+        self._classes: Dict[int, _Class] = {}  # by the bit length of the new tokens
         self._fit: Optional[Tuple[float, float, float]] = None  # base, per token, attention
         self.outliers = 0  # measurements taken at OUTLIER times the prediction
 
@@ -100,22 +111,20 @@ class Rates:
         x, z = self._terms(begin, begin + new)
         c = new.bit_length()
         old = self._classes.get(c)
-        own = sum(1 for k in self._classes.values() if not k[5])
+        own = sum(1 for k in self._classes.values() if not k.prior)
         # not against a class the prior holds: the engine's own pass replaces it as it is
-        if not prior and own >= 2 and self._fit is not None and not (old and old[5]):
+        if not prior and own >= 2 and self._fit is not None and not (old and old.prior):
             want = self.compute_s(begin, begin + new)
             if want and seconds > OUTLIER * want:
                 seconds = OUTLIER * want
                 self.outliers += 1
-        if old is None or (old[5] and not prior):
-            self._classes[c] = [x, z, seconds, 1, now, prior]
+        if old is None or (old.prior and not prior):
+            self._classes[c] = _Class(x, z, seconds, 1, now, prior)
         else:
-            a = self.alpha
-            old[0] = (1 - a) * old[0] + a * x
-            old[1] = (1 - a) * old[1] + a * z
-            old[2] = (1 - a) * old[2] + a * seconds
-            old[3] = min(old[3] + 1, MAX_COUNT)
-            old[4] = now
+            old.x, old.z = self._mix(old.x, x), self._mix(old.z, z)
+            old.y = self._mix(old.y, seconds)
+            old.count = min(old.count + 1, MAX_COUNT)
+            old.when = now
         self._refit(now)
 
     def seed(self, tokens_per_s: float, attn_s_per_tok2: float = 0.0) -> None:
@@ -132,9 +141,9 @@ class Rates:
 
     def _refit(self, now: float) -> None:
         rows = []
-        for x, z, y, count, when, prior in self._classes.values():
-            w = count * 0.5 ** (max(0.0, now - when) / HALF_LIFE_S) / (y * y)  # relative error
-            rows.append(((1.0, x, z), y, w))
+        for k in self._classes.values():  # weighed by relative error, and by age
+            w = k.count * 0.5 ** (max(0.0, now - k.when) / HALF_LIFE_S) / (k.y * k.y)
+            rows.append(((1.0, k.x, k.z), k.y, w))
         fit = None
         for terms in _MODELS:
             if len(rows) < len(terms):

@@ -152,7 +152,7 @@ class TestPrior(unittest.TestCase):
         f.note_prefill(1024, 3 * truth(0, 1024))
         f.note_prefill(2048, truth(0, 2048) * 3)
         self.assertEqual(f.outliers, 0)
-        self.assertAlmostEqual(f._classes[12][2], 3 * truth(0, 2048))
+        self.assertAlmostEqual(f._classes[12].y, 3 * truth(0, 2048))
         for bad in ((0.0, 0.0), (float("nan"), 0.0), (float("inf"), 0.0), (1e4, float("nan")),
                     (1e4, -1e-9)):
             with self.assertRaises(ValueError):
