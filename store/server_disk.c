@@ -4,10 +4,11 @@
  * connection's id, and its reply comes back through the loop's inbox (server_inbox.c), as COPY's
  * does; replies are matched to requests by their ids (docs/protocol.md).
  *
- * - GET, SHM_GET, RDMA_GET and PIN: keys that miss DRAM but lie on disk are promoted first (read
- *   into fresh DRAM entries, held by a reference), then the request is run again on its loop as
- *   it came, and finds them in DRAM. A tier too busy to take the request (or down) leaves it to
- *   DRAM alone: misses, never a wait.
+ * - GET, SHM_GET, RDMA_GET, PIN and COPY: keys that miss DRAM but lie on disk are promoted
+ *   first (read into fresh DRAM entries, held by a reference), then the request is run again on
+ *   its loop as it came, and finds them in DRAM (a COPY's worker holds its own references until
+ *   the target answered). A tier too busy to take the request (or down) leaves it to DRAM alone:
+ *   misses, never a wait.
  * - EXISTS and LOOKUP: a key on disk is stored (the disk's index is in memory).
  * - EVICT and CLEAR: DRAM at once, then the disk through its writer (after the demotions queued
  *   before); the reply counts both.
@@ -128,6 +129,10 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
     case KVF_OP_RDMA_GET:
     case KVF_OP_PIN:
         off = 16, stride = 16;
+        break;
+    case KVF_OP_COPY: /* ns, addr_len, deadline, the address padded to 8 bytes, the keys (its
+                       * length was checked against them before this) */
+        off = 16 + (((size_t)kvf__get_u32(c->rbuf + 8) + 7) & ~(size_t)7), stride = 16;
         break;
     default:
         return 0;

@@ -253,6 +253,8 @@ _SIGNATURES = {
                                         _P(ctypes.c_uint8), c_int]),
     "kvf_client_lookup_prefix": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_size_t), c_int]),
     "kvf_client_evict": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_int), c_int]),
+    "kvf_client_copy": (c_int, [c_void_p, c_size_t, c_char_p, c_size_t, _P(Key), _P(c_int),
+                                c_int]),
     "kvf_client_pin": (c_int, [c_void_p, c_size_t, _P(Key), c_uint32, _P(c_int), c_int]),
     "kvf_client_unpin": (c_int, [c_void_p, c_size_t, _P(Key), _P(c_int), c_int]),
     "kvf_client_clear": (c_int, [c_void_p, _P(c_uint64), c_int]),

@@ -232,6 +232,15 @@ class Client(_Handle):
     def evict(self, keys: Sequence[KeyLike]) -> List[str]:
         return self._per_key("kvf_client_evict", keys)
 
+    def copy(self, keys: Sequence[KeyLike], to: str, node: int = 0) -> List[str]:
+        """Has node `node` push keys to the node at `to` ("host:port", one of its --peer nodes;
+        the admin's): per key, once the target answered. Keys held on the node's disk tier only
+        are read back first."""
+        st = (ctypes.c_int * max(len(keys), 1))()
+        check(_lib.lib().kvf_client_copy(self._handle(), node, to.encode(), len(keys),
+                                         _keys(keys), st, self.deadline_ms), "copy")
+        return [error_name(st[i]) for i in range(len(keys))]
+
     def pin(self, keys: Sequence[KeyLike], lease_ms: int) -> List[str]:
         """Pins keys (not evicted) for lease_ms: a pin whose lease ran out counts no more."""
         return self._per_key("kvf_client_pin", keys, ctypes.c_uint32(lease_ms))

@@ -21,6 +21,8 @@ binding as the client:
 - promotion when hot (--disk-promote N, 2 by default): an object's first read back from disk is
   served and let go (it stays on disk only); its second stays in DRAM; with 1 every read stays
   (and --disk-nice 7 puts the tier's threads, and only them, at niceness 7);
+- COPY (a move's push to a --peer node) of keys only the disk holds: read back first, the peer
+  gets them byte-exact;
 - write-through (--disk-write-through pinned,hits:2): pinned and twice-read entries are copied to
   disk while they stay in DRAM, and after kill -9 the restarted store serves them, and only them;
 - large objects (5 MiB): demoted straight from the arena's page-aligned blocks (STATS
@@ -129,6 +131,24 @@ def read_back(c, keys, objs, what, cap=4 << 20):
         # a miss here is allowed only for a key the tier dropped meanwhile; counted below
     check(wrong == 0, "%s: %d object(s) read back wrong" % (what, wrong))
     return sum(present)
+
+
+def fill_past_arena(c, keys, objs, want_on_disk, what, pause=0.0):
+    """Puts keys 4 at a time (2x the arena: eviction demotes the oldest), waits for the
+    demotions, then (bounded) until want_on_disk keys are on disk only. Returns each key's
+    tier."""
+    for i in range(0, len(keys), 4):
+        check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "%s: put" % what)
+        if pause:
+            time.sleep(pause)
+    settle(c, what)
+    tiers = []
+    for _ in range(100):  # the last demotions' records written out
+        tiers = c.tiers(keys)
+        if tiers.count("disk") >= want_on_disk:
+            break
+        time.sleep(0.05)
+    return tiers
 
 
 def phase_fill(tmp):
@@ -504,15 +524,7 @@ def phase_promote(tmp):
                   "--disk-nice %d: the threads' niceness %r (the tier's 4 readers and writer at "
                   "it, the loops at 0)" % (nice, niced))
         with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
-            for i in range(0, len(keys), 4):
-                check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "promote: put")
-                time.sleep(0.002)
-            settle(c, "promote")
-            for _ in range(100):  # the last demotions' records written out
-                tiers = c.tiers(keys)
-                if tiers.count("disk") >= 8:
-                    break
-                time.sleep(0.05)
+            tiers = fill_past_arena(c, keys, objs, 8, "promote", pause=0.002)
             cold = [k for k, t in zip(keys, tiers) if t == "disk"][:8]
             want = [objs[keys.index(k)] for k in cold]
             check(len(cold) == 8, "promote: 8 keys on disk only: %r" % tiers.count("disk"))
@@ -530,6 +542,30 @@ def phase_promote(tmp):
                   "promote %d: read %d time(s), the objects stay in DRAM: %r"
                   % (promote, promote, after))
         s.stop()
+
+
+def phase_copy(tmp):
+    """COPY (the admin's push to a --peer node, the first half of a move) of keys that only the
+    disk holds: read back from disk first, and the peer gets them byte-exact."""
+    peer = Store([], memory="64M")
+    disk = os.path.join(tmp, "copy.disk")
+    s = Store(disk, extra=["--peer", peer.addr])
+    ks = kvf.KeySpace(LAYOUT, salt="disk-copy")
+    keys, objs = make(ks, 17, 256, 64 << 10)  # 2x the arena
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        tiers = fill_past_arena(c, keys, objs, 16, "copy")
+        cold = [k for k, t in zip(keys, tiers) if t == "disk"][:16]
+        check(len(cold) == 16, "copy: 16 keys on disk only: %r" % tiers.count("disk"))
+        hot = [k for k, t in zip(keys, tiers) if t == "dram"][:4]
+        st = c.copy(cold + hot, peer.addr)
+        check(st == ["KVF_OK"] * len(cold + hot), "copy: disk-only and DRAM keys pushed: %r" % st)
+        check(c.stats()["disk"]["promoted"] >= len(cold), "copy: the disk's keys read back")
+    with kvf.Client([peer.addr], ks.seed, transport="tcp") as p:
+        got = p.get(cold + hot, 1 << 20)
+        want = [objs[keys.index(k)] for k in cold + hot]
+        check([g[1] for g in got] == want, "copy: the peer holds them byte-exact")
+    s.stop()
+    peer.stop()
 
 
 def phase_write_through(tmp):
@@ -619,6 +655,7 @@ def main():
                   ("crash", lambda t: phase_flip(*phase_crash(t))),
                   ("fault", phase_fault), ("events", phase_events),
                   ("write_through", phase_write_through), ("promote", phase_promote),
+                  ("copy", phase_copy),
                   ("devices", phase_devices), ("full", phase_full), ("large", phase_large)]
         for name, run in phases:
             if only in ("", name):
