@@ -15,6 +15,7 @@ kvfabric) or "none". Greedy decoding.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import threading
 import time
@@ -208,6 +209,7 @@ class Outcome:
     prefetch: Dict[str, Any] = field(default_factory=dict)  # fetched while it waited: how much
     abandoned: bool = False  # its decode stopped early: nobody waited for it any more
     gpu_turn: Dict[str, Any] = field(default_factory=dict)  # its wait for the GPU's turn
+    oom_retried: bool = False  # ran out of device memory once and was run again (Engine.run)
 
 
 class Engine:
@@ -249,6 +251,7 @@ class Engine:
         self.vocab: Optional[int] = None  # token ids at or above it are refused (where set)
         self.last_tokens: List[int] = []  # the sequence whose KV the cache holds
         self.last_cache: Any = None
+        self.oom_retries = 0  # requests run again after running out of device memory
         self._torch = torch
         # logits of the last position only: all 8K positions' logits of a 128K vocabulary would
         # be 2 GiB written for one token read
@@ -700,6 +703,61 @@ class Engine:
             sources: Optional[Sequence[Tuple[str, int, int]]] = None,
             gone: Optional[Callable[[], bool]] = None,
             on_first: Optional[Callable[[int], None]] = None) -> Outcome:
+        """Runs one request (see _run). A request that runs out of device memory (engines that
+        share a GPU: another process's allocator holds what this one needs) is run once more
+        from the start, after the engine let go of what it holds between requests (the last
+        sequence's cache, published as no longer held) and its allocator's free blocks went
+        back to the device; without its prefetch, and with its first token told once (it is
+        the same token: greedy decoding of the same prompt). A second failure raises."""
+        told = [False]
+
+        def first(t: int) -> None:
+            if not told[0]:
+                told[0] = True
+                on_first(t)
+
+        hook = first if on_first is not None else None
+        try:
+            return self._run(kind, tokens, max_tokens, reuse, first_token, prefetch, deadline,
+                             sources, gone, hook)
+        except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+            if not self._out_of_memory(e):
+                raise
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        freed = self.free_memory()
+        o = self._run(kind, tokens, max_tokens, reuse, first_token, None, None, sources, gone,
+                      hook)
+        self.oom_retries += 1
+        o.oom_retried = True
+        o.notes.append(f"out of device memory ({why}); run again after freeing {freed}")
+        return o
+
+    def _out_of_memory(self, e: BaseException) -> bool:
+        oom = getattr(self._torch.cuda, "OutOfMemoryError", None)
+        return (oom is not None and isinstance(e, oom)) or (
+            isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+    def free_memory(self) -> str:
+        """Lets go of what the engine holds between requests: the last sequence's cache (its
+        blocks published as removed) and the allocator's free blocks (back to the device, for
+        the other processes on it). Returns what was freed, in words."""
+        held = len(self.last_tokens)
+        self.last_tokens, self.last_cache = [], None
+        self.held.set([])
+        gc.collect()
+        before = after = 0
+        if self.device.type == "cuda":
+            before = self._torch.cuda.memory_reserved(self.device)
+            self._torch.cuda.empty_cache()
+            after = self._torch.cuda.memory_reserved(self.device)
+        return (f"the cache of the last sequence ({held} tokens) and "
+                f"{(before - after) / 2**20:.0f} MiB of the allocator's free blocks")
+
+    def _run(self, kind: str, tokens: Sequence[int], max_tokens: int, reuse: str,
+             first_token: Optional[int], prefetch: Optional[Prefetch],
+             deadline: Optional[float], sources: Optional[Sequence[Tuple[str, int, int]]],
+             gone: Optional[Callable[[], bool]],
+             on_first: Optional[Callable[[int], None]]) -> Outcome:
         """Runs one request (see the module's docstring). Not thread-safe: one at a time.
         prefetch: its prefix fetched while it waited (Engine.prefetch), used as far as it arrived
         by deadline (time.monotonic() seconds); stays the caller's. sources: the plan's runs
@@ -912,4 +970,5 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
             "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
             "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes,
             **({"prefetch": o.prefetch} if o.prefetch else {}),
-            **({"gpu_turn": o.gpu_turn} if o.gpu_turn else {})}
+            **({"gpu_turn": o.gpu_turn} if o.gpu_turn else {}),
+            **({"oom_retried": True} if o.oom_retried else {})}

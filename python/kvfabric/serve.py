@@ -264,7 +264,10 @@ class Server:
                       ("requests_abandoned_total", "Requests whose client went away before "
                        "their answer: not run, or decoding stopped.", self.abandoned),
                       ("first_token_mismatches_total",
-                       "Decodes whose first token differed from the prefill's.", self.mismatches)]
+                       "Decodes whose first token differed from the prefill's.", self.mismatches),
+                      ("oom_retries_total", "Requests run again after running out of device "
+                       "memory (the engine's held prefix and free blocks let go first).",
+                       self.engine.oom_retries)]
         for name, help_, v in vals:
             self.metrics.gauge_set(name, help_, float(v))
         conn = [("load_bytes_total", "KV bytes loaded from the stores.", "load_bytes"),
