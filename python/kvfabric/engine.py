@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from . import devmem
 from .connector import Connector, Prefetch, pages_from_tensors
 from .errors import KvfError, Miss
 from .events import Events, HeldBlocks
@@ -221,7 +222,8 @@ class Engine:
                  connector: Optional[Connector] = None, events: Optional[Events] = None,
                  max_tokens: int = 16384, graphs: str = "off",
                  save_beside_tokens: Optional[int] = 1024,
-                 gpu_turn: Optional[GpuTurn] = None, decode_yield_s: float = 0.05) -> None:
+                 gpu_turn: Optional[GpuTurn] = None, decode_yield_s: float = 0.05,
+                 release_below: Optional[int] = 2 << 30) -> None:
         import torch
 
         self.model, self.layout, self.new_cache = model, layout, cache_factory
@@ -252,6 +254,10 @@ class Engine:
         self.last_tokens: List[int] = []  # the sequence whose KV the cache holds
         self.last_cache: Any = None
         self.oom_retries = 0  # requests run again after running out of device memory
+        # After each request, where the device has less than this free (bytes; None: never),
+        # the allocator's free blocks go back to it, for the other engines on the GPU.
+        self.release_below = release_below
+        self.memory_releases = 0
         self._torch = torch
         # logits of the last position only: all 8K positions' logits of a 128K vocabulary would
         # be 2 GiB written for one token read
@@ -708,7 +714,8 @@ class Engine:
         from the start, after the engine let go of what it holds between requests (the last
         sequence's cache, published as no longer held) and its allocator's free blocks went
         back to the device; without its prefetch, and with its first token told once (it is
-        the same token: greedy decoding of the same prompt). A second failure raises."""
+        the same token: greedy decoding of the same prompt). A second failure raises. After
+        every request, failed or not: release_if_low()."""
         told = [False]
 
         def first(t: int) -> None:
@@ -718,24 +725,22 @@ class Engine:
 
         hook = first if on_first is not None else None
         try:
-            return self._run(kind, tokens, max_tokens, reuse, first_token, prefetch, deadline,
-                             sources, gone, hook)
-        except Exception as e:  # noqa: BLE001 - only running out of memory is retried
-            if not self._out_of_memory(e):
-                raise
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        freed = self.free_memory()
-        o = self._run(kind, tokens, max_tokens, reuse, first_token, None, None, sources, gone,
-                      hook)
-        self.oom_retries += 1
-        o.oom_retried = True
-        o.notes.append(f"out of device memory ({why}); run again after freeing {freed}")
-        return o
-
-    def _out_of_memory(self, e: BaseException) -> bool:
-        oom = getattr(self._torch.cuda, "OutOfMemoryError", None)
-        return (oom is not None and isinstance(e, oom)) or (
-            isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+            try:
+                return self._run(kind, tokens, max_tokens, reuse, first_token, prefetch,
+                                 deadline, sources, gone, hook)
+            except Exception as e:  # noqa: BLE001 - only running out of memory is retried
+                if not devmem.is_out_of_memory(self._torch, e):
+                    raise
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            freed = self.free_memory()
+            o = self._run(kind, tokens, max_tokens, reuse, first_token, None, None, sources,
+                          gone, hook)
+            self.oom_retries += 1
+            o.oom_retried = True
+            o.notes.append(f"out of device memory ({why}); run again after freeing {freed}")
+            return o
+        finally:
+            self.release_if_low()
 
     def free_memory(self) -> str:
         """Lets go of what the engine holds between requests: the last sequence's cache (its
@@ -745,13 +750,29 @@ class Engine:
         self.last_tokens, self.last_cache = [], None
         self.held.set([])
         gc.collect()
-        before = after = 0
-        if self.device.type == "cuda":
-            before = self._torch.cuda.memory_reserved(self.device)
-            self._torch.cuda.empty_cache()
-            after = self._torch.cuda.memory_reserved(self.device)
-        return (f"the cache of the last sequence ({held} tokens) and "
-                f"{(before - after) / 2**20:.0f} MiB of the allocator's free blocks")
+        gave = devmem.give_back(self._torch, self.device)
+        return (f"the cache of the last sequence ({held} tokens) and {gave / 2**20:.0f} MiB of "
+                f"the allocator's free blocks")
+
+    def release_if_low(self) -> bool:
+        """Gives the allocator's free blocks back to the device where it has less than
+        release_below free (kvfabric.devmem: engines sharing a GPU each keep the blocks of
+        their largest pass). A check costs one cudaMemGetInfo; a release, only when the device
+        is that full, the next pass's allocations. True where it released."""
+        if self.release_below is None:
+            return False
+        free = self._device_free()
+        if free is None or free >= self.release_below:
+            return False
+        self._give_back()
+        self.memory_releases += 1
+        return True
+
+    def _device_free(self) -> Optional[int]:
+        return devmem.device_free(self._torch, self.device)
+
+    def _give_back(self) -> int:
+        return devmem.give_back(self._torch, self.device)
 
     def _run(self, kind: str, tokens: Sequence[int], max_tokens: int, reuse: str,
              first_token: Optional[int], prefetch: Optional[Prefetch],

@@ -267,7 +267,10 @@ class Server:
                        "Decodes whose first token differed from the prefill's.", self.mismatches),
                       ("oom_retries_total", "Requests run again after running out of device "
                        "memory (the engine's held prefix and free blocks let go first).",
-                       self.engine.oom_retries)]
+                       self.engine.oom_retries),
+                      ("memory_releases_total", "Times the engine gave its allocator's free "
+                       "blocks back to a nearly full GPU after a request (--release-below).",
+                       self.engine.memory_releases)]
         for name, help_, v in vals:
             self.metrics.gauge_set(name, help_, float(v))
         conn = [("load_bytes_total", "KV bytes loaded from the stores.", "load_bytes"),
@@ -467,7 +470,8 @@ class Server:
                                    "chunks_missed", "chunks_existing", "prefetches",
                                    "prefetch_chunks", "prefetch_chunks_loaded", "prefetch_named",
                                    "prefetch_named_missed", "prefetch_sources_unknown",
-                                   "load_named", "load_named_reasked", "load_sources_unknown")},
+                                   "load_named", "load_named_reasked", "load_sources_unknown",
+                                   "cuda_bytes", "cuda_copy_calls", "cuda_kernels")},
                     "running": self.turns.busy(), "abandoned": self.abandoned,
                     "cache_layer": self.engine.cn is not None}
 
@@ -739,6 +743,14 @@ def parser() -> argparse.ArgumentParser:
                         "launching kernels) run beside each other (on)")
     p.add_argument("--gpu-turn-decode-wait", type=float, default=0.05, metavar="S",
                    help="the longest a decoding step waits for the passes on the GPU (0: none)")
+    p.add_argument("--save-beside", default="1024", metavar="N|off",
+                   help="a prefill's save runs beside its forward pass, layer by layer, where "
+                   "the pass computes at least N new tokens (1024); off: every save after the "
+                   "pass (the first token is streamed before it either way)")
+    p.add_argument("--release-below", default="2G", metavar="SIZE|off",
+                   help="after a request, where the GPU has less than SIZE free, this engine's "
+                   "allocator gives its free blocks back to it, for the other engines on the "
+                   "GPU (2G; off: never)")
     p.add_argument("--prefetch", choices=("on", "off"), default="on",
                    help="fetch a waiting request's cached prefix while it waits (kvf-engine's)")
     p.add_argument("--prefetch-memory", default="1G", type=_size_arg,
@@ -828,13 +840,26 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("kvfabric.serve: --gpu-turn-decode-wait: 0 to 10 s")
     if not 0 <= a.gpu_turn_share <= 1000:
         raise SystemExit("kvfabric.serve: --gpu-turn-share: 0 (never beside by this rule) to 1000")
+    try:
+        beside = None if a.save_beside == "off" else int(a.save_beside)
+        if beside is not None and beside < 1:
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"kvfabric.serve: --save-beside: a number of tokens (1 or more) or "
+                         f"off, not {a.save_beside!r}")
+    try:
+        release = None if a.release_below == "off" else parse_size(a.release_below)
+    except ValueError:
+        raise SystemExit(f"kvfabric.serve: --release-below: a size (2G, 512M) or off, not "
+                         f"{a.release_below!r}")
     p0 = next(model.parameters())
     turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log, a.gpu_turn_share,
                             a.gpu_turn_light == "on")
     try:
         engine = Engine(model, layout, factory, connector=cn, events=ev,
                         max_tokens=a.max_tokens, graphs=a.cuda_graphs, gpu_turn=turn,
-                        decode_yield_s=a.gpu_turn_decode_wait)
+                        decode_yield_s=a.gpu_turn_decode_wait, save_beside_tokens=beside,
+                        release_below=release)
     except ValueError as e:
         raise SystemExit(f"kvfabric.serve: --cuda-graphs: {e}")
     _log("info", f"decoding steps: {engine.graph_note}")

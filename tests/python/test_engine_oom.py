@@ -2,10 +2,12 @@
 allocator's free blocks, so one of them can fail to allocate what the others hold. The request is
 run once more after the engine let go of its held prefix and its free blocks; its tokens are the
 model's own, its first token told once, and a second failure, or any other error, is the
-caller's. The failure is injected at a decoder layer (a CPU model cannot run out of GPU memory)
-as torch raises it.
+caller's. After each request an engine gives its free blocks back where the device is nearly
+full (its figures faked here: the CPU has none). The failure is injected at a decoder layer (a
+CPU model cannot run out of GPU memory) as torch raises it.
 """
 
+import contextlib
 import unittest
 
 try:
@@ -34,6 +36,16 @@ class FailAt:
         self.h.remove()
 
 
+@contextlib.contextmanager
+def failing(layer, at, error):
+    """FailAt for the block's time."""
+    f = FailAt(layer, at, error)
+    try:
+        yield f
+    finally:
+        f.remove()
+
+
 def oom():
     return torch.cuda.OutOfMemoryError(
         "CUDA out of memory. Tried to allocate 64.00 MiB. GPU 0 has a total capacity of "
@@ -57,11 +69,8 @@ class TestOutOfMemory(unittest.TestCase):
             p = ts.prompt(200, 91)
             want = ts.TestLoadOrRecompute.reference(model, factory, p, 5)
             told = []
-            f = FailAt(e.layers[1], [1], oom())
-            try:
+            with failing(e.layers[1], [1], oom()):
                 o = e.run("generate", p, max_tokens=5, on_first=told.append)
-            finally:
-                f.remove()
             self.assertEqual(o.tokens, want)
             self.assertTrue(o.oom_retried)
             self.assertEqual(outcome_json(o)["oom_retried"], True)
@@ -75,11 +84,9 @@ class TestOutOfMemory(unittest.TestCase):
             q = ts.prompt(180, 92)
             want = ts.TestLoadOrRecompute.reference(model, factory, q, 6)
             told = []
-            f = FailAt(e.layers[0], [3], oom())  # the prefill, a decoding step, then this one
-            try:
+            # the prefill, a decoding step, then this one
+            with failing(e.layers[0], [3], oom()) as f:
                 o = e.run("generate", q, max_tokens=6, on_first=told.append)
-            finally:
-                f.remove()
             self.assertTrue(o.oom_retried)
             self.assertGreater(f.calls, 3)  # it failed in a decoding step, then ran again
             # the sequence it held then (the prompt, prefilled) was let go before the second run
@@ -90,26 +97,47 @@ class TestOutOfMemory(unittest.TestCase):
             self.assertEqual(e.oom_retries, 2)
 
             # Twice in a row: the second is the caller's, and the engine serves on.
-            f = FailAt(e.layers[1], [1, 2], oom())
-            try:
+            with failing(e.layers[1], [1, 2], oom()):
                 with self.assertRaises(torch.cuda.OutOfMemoryError):
                     e.run("generate", q, max_tokens=2)
-            finally:
-                f.remove()
             self.assertEqual(e.oom_retries, 2)
 
             # Any other error is not run again.
-            f = FailAt(e.layers[1], [1], ValueError("not memory"))
-            try:
+            with failing(e.layers[1], [1], ValueError("not memory")) as f:
                 with self.assertRaises(ValueError):
                     e.run("generate", p, max_tokens=2)
-            finally:
-                f.remove()
             self.assertEqual(f.calls, 1)
             self.assertEqual(e.oom_retries, 2)
             o = e.run("generate", p, max_tokens=5)
             self.assertFalse(o.oom_retried)
             self.assertEqual(o.tokens, ts.TestLoadOrRecompute.reference(model, factory, p, 5))
+
+    def test_release_when_the_device_is_nearly_full(self):
+        from kvfabric.engine import Engine
+        with ts.fast_and_slow(ts.TINY, "tiny-rel", 10 ** 9, 20000) as (
+                model, factory, layout, cn, _):
+            e = Engine(model, layout, factory, connector=cn, max_tokens=1024,
+                       release_below=2 << 30)
+            free, gave = [8 << 30], []
+            e._device_free = lambda: free[0]  # a CUDA device's figures, on the CPU
+            e._give_back = lambda: gave.append(1) or 0
+            p = ts.prompt(150, 93)
+            e.run("generate", p, max_tokens=2)
+            self.assertEqual((gave, e.memory_releases), ([], 0))  # room enough: kept
+            free[0] = 1 << 30
+            e.run("generate", p, max_tokens=2)
+            self.assertEqual((len(gave), e.memory_releases), (1, 1))
+            # after a failure too
+            with failing(e.layers[1], [1], ValueError("not memory")):
+                with self.assertRaises(ValueError):
+                    e.run("generate", p, max_tokens=2)
+            self.assertEqual(e.memory_releases, 2)
+            e.release_below = None  # off
+            e.run("generate", p, max_tokens=2)
+            self.assertEqual(e.memory_releases, 2)
+            # on the CPU itself there is nothing to ask or give back
+            c = Engine(model, layout, factory, connector=cn, max_tokens=1024)
+            self.assertFalse(c.release_if_low())
 
 
 if __name__ == "__main__":

@@ -528,6 +528,10 @@ class TestServe(unittest.TestCase):
                           (["--max-tokens", "10"], "max-tokens"),
                           (["--prefetch-memory", "lots"], "prefetch-memory"),
                           (["--model", self.cfg, "--backend", "torch", "--device", "cpu",
+                            "--save-beside", "0"], "--save-beside: a number of tokens"),
+                          (["--model", self.cfg, "--backend", "torch", "--device", "cpu",
+                            "--release-below", "lots"], "--release-below: a size"),
+                          (["--model", self.cfg, "--backend", "torch", "--device", "cpu",
                             "--cuda-graphs", "on"], "--cuda-graphs: CUDA graphs")):
             p = subprocess.run([sys.executable, "-m", "kvfabric.serve", "--id", "x", *args],
                                capture_output=True, text=True, timeout=60)
