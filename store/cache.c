@@ -909,6 +909,16 @@ int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid)
     return 0;
 }
 
+int kvf__cache_hold_key_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t *eid)
+{
+    assert_locked(c);
+    uint32_t i = lookup(c, ns, key);
+    if (i == NONE || c->e[i].state != ST_READY)
+        return KVF_ENOENT;
+    *eid = i;
+    return kvf__cache_hold_locked(c, i);
+}
+
 void kvf__cache_mark_on_disk_locked(kvf_cache *c, uint32_t eid)
 {
     assert_locked(c);

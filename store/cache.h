@@ -212,6 +212,9 @@ void kvf__cache_set_replicate_hook(kvf_cache *c, kvf_cache_evict_hook fn, void *
 void kvf__cache_replicate_done_locked(kvf_cache *c, uint32_t eid, int made);
 /* Takes one more read reference on ready entry eid, counting no hit. 0 or KVF_ENOENT. */
 int kvf__cache_hold_locked(kvf_cache *c, uint32_t eid);
+/* Takes a read reference on (ns, key)'s ready entry, counting no hit: 0 with its eid (to release
+ * with kvf__cache_release_locked), or KVF_ENOENT. */
+int kvf__cache_hold_key_locked(kvf_cache *c, uint64_t ns, const kvf_key *key, uint32_t *eid);
 /* Marks ready entry eid as held by the disk tier too (promoted from it, or written to it), so
  * that its eviction demotes nothing. */
 void kvf__cache_mark_on_disk_locked(kvf_cache *c, uint32_t eid);

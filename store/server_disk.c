@@ -39,17 +39,32 @@ struct kvf__sdisk_job {
     kvf_key *keys;
     int32_t *st;
     uint32_t *eids;
-    uint8_t *keep;         /* PROMOTE: which entries stay in DRAM after the request */
+    uint8_t *keep;  /* PROMOTE: which entries stay in DRAM after the request */
+    uint32_t *held; /* PROMOTE: the request's DRAM hits, held until it ran again */
+    uint32_t n_held;
     uint32_t *idx;         /* EVICT: the request's index of each key asked of the disk */
     int32_t *all_st;       /* EVICT: every key's status (DRAM's, then the disk's merged in) */
     uint64_t dram_cleared; /* CLEAR: DRAM's count */
     deferred *done;
 };
 
+/* Drops the references the gate took on a request's DRAM hits. */
+static void release_held(kvf_server *s, uint32_t *held, uint32_t n)
+{
+    if (!n)
+        return;
+    kvf__cache_lock(s->o.cache);
+    for (uint32_t i = 0; i < n; i++)
+        kvf__cache_release_locked(s->o.cache, held[i]);
+    kvf__cache_unlock(s->o.cache);
+}
+
 static void job_free(kvf__sdisk_job *j)
 {
     if (!j)
         return;
+    release_held(j->srv, j->held, j->n_held);
+    free(j->held);
     free(j->payload);
     free(j->keys);
     free(j->st);
@@ -142,13 +157,21 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
     uint32_t n = c->h.item_count;
     uint64_t ns = kvf__get_u64(c->rbuf);
     uint8_t *miss = calloc(n ? n : 1, 1);
-    if (!miss)
+    uint32_t *held = malloc((n ? n : 1) * sizeof *held);
+    if (!miss || !held) {
+        free(miss);
+        free(held);
         return 0;
-    uint32_t misses = 0;
+    }
+    /* The DRAM hits are held while the misses are promoted: the promotions' room must not be
+     * made by evicting the request's own hits, which the rerun (it asks no disk) would miss. */
+    uint32_t misses = 0, n_held = 0;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         kvf_key key = kvf__wire_key_get(c->rbuf + off + stride * i);
-        if (!kvf__cache_contains_locked(s->o.cache, ns, &key)) {
+        if (kvf__cache_hold_key_locked(s->o.cache, ns, &key, &held[n_held]) == 0) {
+            n_held++;
+        } else {
             miss[i] = 1;
             misses++;
         }
@@ -161,6 +184,10 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
             if (miss[i] && kvf__tier_contains(t, ns, &key, NULL))
                 j->keys[j->r.n++] = key;
         }
+        j->held = held, j->n_held = n_held; /* dropped with j */
+    } else {
+        release_held(s, held, n_held);
+        free(held);
     }
     free(miss);
     if (!j)
@@ -239,6 +266,9 @@ static void finish_promote(conn *c, kvf__sdisk_job *j)
         c->rbuf = rb0;
         c->rcap = rcap0;
     }
+    /* the request's DRAM hits: its rerun took references of its own */
+    release_held(s, j->held, j->n_held);
+    j->n_held = 0;
     /* a cold object was served from disk through a DRAM entry that now leaves (the rerun's read
      * was its one hit; its reply's own references keep the bytes until sent) */
     kvf__cache_lock(s->o.cache);

@@ -22,7 +22,7 @@ binding as the client:
   served and let go (it stays on disk only); its second stays in DRAM; with 1 every read stays
   (and --disk-nice 7 puts the tier's threads, and only them, at niceness 7);
 - COPY (a move's push to a --peer node) of keys only the disk holds: read back first, the peer
-  gets them byte-exact;
+  gets them byte-exact, and the request's DRAM hits are not evicted for their room;
 - write-through (--disk-write-through pinned,hits:2): pinned and twice-read entries are copied to
   disk while they stay in DRAM, and after kill -9 the restarted store serves them, and only them;
 - large objects (5 MiB): demoted straight from the arena's page-aligned blocks (STATS
@@ -546,16 +546,17 @@ def phase_promote(tmp):
 
 def phase_copy(tmp):
     """COPY (the admin's push to a --peer node, the first half of a move) of keys that only the
-    disk holds: read back from disk first, and the peer gets them byte-exact."""
+    disk holds: read back from disk first, and the peer gets them byte-exact; with them the
+    4 oldest keys in DRAM, which the promotions' room would evict first were they not held."""
     peer = Store([], memory="64M")
     disk = os.path.join(tmp, "copy.disk")
     s = Store(disk, extra=["--peer", peer.addr])
     ks = kvf.KeySpace(LAYOUT, salt="disk-copy")
     keys, objs = make(ks, 17, 256, 64 << 10)  # 2x the arena
     with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
-        tiers = fill_past_arena(c, keys, objs, 16, "copy")
-        cold = [k for k, t in zip(keys, tiers) if t == "disk"][:16]
-        check(len(cold) == 16, "copy: 16 keys on disk only: %r" % tiers.count("disk"))
+        tiers = fill_past_arena(c, keys, objs, 64, "copy")
+        cold = [k for k, t in zip(keys, tiers) if t == "disk"][:64]
+        check(len(cold) == 64, "copy: 64 keys on disk only: %r" % tiers.count("disk"))
         hot = [k for k, t in zip(keys, tiers) if t == "dram"][:4]
         st = c.copy(cold + hot, peer.addr)
         check(st == ["KVF_OK"] * len(cold + hot), "copy: disk-only and DRAM keys pushed: %r" % st)
