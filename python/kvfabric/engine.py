@@ -258,6 +258,7 @@ class Engine:
         # the allocator's free blocks go back to it, for the other engines on the GPU.
         self.release_below = release_below
         self.memory_releases = 0
+        self.release_error = ""  # the last check or release that failed, if one did
         self._torch = torch
         # logits of the last position only: all 8K positions' logits of a 128K vocabulary would
         # be 2 GiB written for one token read
@@ -714,13 +715,14 @@ class Engine:
         from the start, after the engine let go of what it holds between requests (the last
         sequence's cache, published as no longer held) and its allocator's free blocks went
         back to the device; without its prefetch, and with its first token told once (it is
-        the same token: greedy decoding of the same prompt). A second failure raises. After
+        the same token but where the second run loaded what the first computed and saved, and
+        the two differ: then first_token_mismatch and a note). A second failure raises. After
         every request, failed or not: release_if_low()."""
-        told = [False]
+        told: List[int] = []
 
         def first(t: int) -> None:
-            if not told[0]:
-                told[0] = True
+            if not told:
+                told.append(t)
                 on_first(t)
 
         hook = first if on_first is not None else None
@@ -733,14 +735,21 @@ class Engine:
                     raise
                 why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             freed = self.free_memory()
+            self.oom_retries += 1
             o = self._run(kind, tokens, max_tokens, reuse, first_token, None, None, sources,
                           gone, hook)
-            self.oom_retries += 1
             o.oom_retried = True
             o.notes.append(f"out of device memory ({why}); run again after freeing {freed}")
+            if told and o.tokens and o.tokens[0] != told[0]:
+                o.first_token_mismatch = True
+                o.notes.append(f"the first token streamed before the failure ({told[0]}) "
+                               f"differs from the second run's ({o.tokens[0]})")
             return o
         finally:
-            self.release_if_low()
+            try:
+                self.release_if_low()
+            except Exception as e:  # noqa: BLE001 - never the request's answer or its error
+                self.release_error = f"{type(e).__name__}: {e}"
 
     def free_memory(self) -> str:
         """Lets go of what the engine holds between requests: the last sequence's cache (its

@@ -98,6 +98,25 @@ def _size_arg(text: str) -> str:
     return text
 
 
+def _beside_arg(text: str) -> Optional[int]:
+    try:
+        n = None if text == "off" else int(text)
+    except ValueError:
+        n = 0
+    if n is not None and n < 1:
+        raise argparse.ArgumentTypeError(f"a number of tokens (1 or more) or off, not {text!r}")
+    return n
+
+
+def _release_arg(text: str) -> Optional[int]:
+    if text == "off":
+        return None
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size (2G, 512M) or off, not {text!r}") from None
+
+
 def read_tokens(path: str) -> Dict[str, str]:
     """A token file (NAME TOKEN per line, # comments), as kvf-sched and kvf-engine read it."""
     out: Dict[str, str] = {}
@@ -743,11 +762,11 @@ def parser() -> argparse.ArgumentParser:
                         "launching kernels) run beside each other (on)")
     p.add_argument("--gpu-turn-decode-wait", type=float, default=0.05, metavar="S",
                    help="the longest a decoding step waits for the passes on the GPU (0: none)")
-    p.add_argument("--save-beside", default="1024", metavar="N|off",
+    p.add_argument("--save-beside", default=1024, type=_beside_arg, metavar="N|off",
                    help="a prefill's save runs beside its forward pass, layer by layer, where "
                    "the pass computes at least N new tokens (1024); off: every save after the "
                    "pass (the first token is streamed before it either way)")
-    p.add_argument("--release-below", default="2G", metavar="SIZE|off",
+    p.add_argument("--release-below", default=2 << 30, type=_release_arg, metavar="SIZE|off",
                    help="after a request, where the GPU has less than SIZE free, this engine's "
                    "allocator gives its free blocks back to it, for the other engines on the "
                    "GPU (2G; off: never)")
@@ -808,7 +827,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             f.write("\n")
     model, factory, backend = models.build(cfg, a.backend, device, dtype, a.seed, a.checkpoint)
     if a.calibrate:
-        calibrate(Engine(model, layout, factory, max_tokens=a.max_tokens),
+        calibrate(Engine(model, layout, factory, max_tokens=a.max_tokens,
+                         release_below=a.release_below),
                   layout, int(cfg["vocab_size"]), a.calibrate)
         return 0
     if not a.id:
@@ -840,26 +860,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("kvfabric.serve: --gpu-turn-decode-wait: 0 to 10 s")
     if not 0 <= a.gpu_turn_share <= 1000:
         raise SystemExit("kvfabric.serve: --gpu-turn-share: 0 (never beside by this rule) to 1000")
-    try:
-        beside = None if a.save_beside == "off" else int(a.save_beside)
-        if beside is not None and beside < 1:
-            raise ValueError
-    except ValueError:
-        raise SystemExit(f"kvfabric.serve: --save-beside: a number of tokens (1 or more) or "
-                         f"off, not {a.save_beside!r}")
-    try:
-        release = None if a.release_below == "off" else parse_size(a.release_below)
-    except ValueError:
-        raise SystemExit(f"kvfabric.serve: --release-below: a size (2G, 512M) or off, not "
-                         f"{a.release_below!r}")
     p0 = next(model.parameters())
     turn = gputurn.open_for(p0.device, a.gpu_turn, a.gpu_turn_max_wait, _log, a.gpu_turn_share,
                             a.gpu_turn_light == "on")
     try:
         engine = Engine(model, layout, factory, connector=cn, events=ev,
                         max_tokens=a.max_tokens, graphs=a.cuda_graphs, gpu_turn=turn,
-                        decode_yield_s=a.gpu_turn_decode_wait, save_beside_tokens=beside,
-                        release_below=release)
+                        decode_yield_s=a.gpu_turn_decode_wait, save_beside_tokens=a.save_beside,
+                        release_below=a.release_below)
     except ValueError as e:
         raise SystemExit(f"kvfabric.serve: --cuda-graphs: {e}")
     _log("info", f"decoding steps: {engine.graph_note}")

@@ -96,18 +96,19 @@ class TestOutOfMemory(unittest.TestCase):
             self.assertEqual(told, [want[0]])
             self.assertEqual(e.oom_retries, 2)
 
-            # Twice in a row: the second is the caller's, and the engine serves on.
+            # Twice in a row: the second is the caller's (the retry counted), and the engine
+            # serves on.
             with failing(e.layers[1], [1, 2], oom()):
                 with self.assertRaises(torch.cuda.OutOfMemoryError):
                     e.run("generate", q, max_tokens=2)
-            self.assertEqual(e.oom_retries, 2)
+            self.assertEqual(e.oom_retries, 3)
 
             # Any other error is not run again.
             with failing(e.layers[1], [1], ValueError("not memory")) as f:
                 with self.assertRaises(ValueError):
                     e.run("generate", p, max_tokens=2)
             self.assertEqual(f.calls, 1)
-            self.assertEqual(e.oom_retries, 2)
+            self.assertEqual(e.oom_retries, 3)
             o = e.run("generate", p, max_tokens=5)
             self.assertFalse(o.oom_retried)
             self.assertEqual(o.tokens, ts.TestLoadOrRecompute.reference(model, factory, p, 5))
@@ -135,6 +136,17 @@ class TestOutOfMemory(unittest.TestCase):
             e.release_below = None  # off
             e.run("generate", p, max_tokens=2)
             self.assertEqual(e.memory_releases, 2)
+            # a check that fails is neither the request's answer nor its error
+            def broken():
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            e.release_below = 2 << 30
+            e._device_free = broken
+            o = e.run("generate", p, max_tokens=2)
+            self.assertEqual(len(o.tokens), 2)
+            self.assertIn("illegal memory access", e.release_error)
+            with failing(e.layers[1], [1], ValueError("not memory")):
+                with self.assertRaises(ValueError):  # the request's own error, not the check's
+                    e.run("generate", p, max_tokens=2)
             # on the CPU itself there is nothing to ask or give back
             c = Engine(model, layout, factory, connector=cn, max_tokens=1024)
             self.assertFalse(c.release_if_low())
