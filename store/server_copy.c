@@ -303,6 +303,19 @@ static int copy_peer_known(const kvf__copy_pool *p, const char *host, uint16_t p
     return 0;
 }
 
+int kvf__copy_target_ok(const kvf_server *s, const uint8_t *payload)
+{
+    uint32_t alen = kvf__get_u32(payload + 8);
+    char addr[KVF_WIRE_MAX_ADDR + 1], host[256];
+    uint16_t port;
+    if (!s->copy || alen > KVF_WIRE_MAX_ADDR)
+        return 0;
+    memcpy(addr, payload + 16, alen);
+    addr[alen] = '\0';
+    return kvf__addr_parse(addr, host, sizeof host, &port) == 0 &&
+           copy_peer_known(s->copy, host, port);
+}
+
 int kvf__copy_pool_open(kvf_server *s, char *err, size_t errlen)
 {
     kvf__copy_pool *p = calloc(1, sizeof *p);

@@ -147,6 +147,8 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
         break;
     case KVF_OP_COPY: /* ns, addr_len, deadline, the address padded to 8 bytes, the keys (its
                        * length was checked against them before this) */
+        if (!kvf__copy_target_ok(s, c->rbuf))
+            return 0; /* refused by its handler: nothing to read back for it */
         off = 16 + (((size_t)kvf__get_u32(c->rbuf + 8) + 7) & ~(size_t)7), stride = 16;
         break;
     default:

@@ -305,6 +305,10 @@ void kvf__req_stats(conn *c);
 
 /* server_copy.c: COPY, run by a worker thread that posts its reply to the loop's inbox. */
 void kvf__req_copy(conn *c);
+/* Whether a COPY's payload (its length checked) names a target this node may push to: an
+ * address that parses and is one of its --peer nodes. The disk tier's gate reads nothing back
+ * for a COPY that is refused anyway. */
+int kvf__copy_target_ok(const kvf_server *s, const uint8_t *payload);
 /* COPY's worker pool, made with the server (its threads start with the first COPY): 0, or
  * KVF_EINVAL (a peer that is not HOST:PORT, said in err) or KVF_ENOMEM. */
 int kvf__copy_pool_open(kvf_server *s, char *err, size_t errlen);

@@ -558,6 +558,12 @@ def phase_copy(tmp):
         cold = [k for k, t in zip(keys, tiers) if t == "disk"][:64]
         check(len(cold) == 64, "copy: 64 keys on disk only: %r" % tiers.count("disk"))
         hot = [k for k, t in zip(keys, tiers) if t == "dram"][:4]
+        # to a node that is not a peer: refused, and nothing read back from disk for it
+        promoted = c.stats()["disk"]["promoted"]
+        st = c.copy(cold[:8], "127.0.0.1:1")
+        check(st == ["KVF_EACCES"] * 8, "copy: to a node not a peer: %r" % st)
+        check(c.stats()["disk"]["promoted"] == promoted,
+              "copy: nothing read back from disk for a copy refused")
         st = c.copy(cold + hot, peer.addr)
         check(st == ["KVF_OK"] * len(cold + hot), "copy: disk-only and DRAM keys pushed: %r" % st)
         check(c.stats()["disk"]["promoted"] >= len(cold), "copy: the disk's keys read back")
