@@ -555,8 +555,10 @@ def phase_copy(tmp):
     keys, objs = make(ks, 17, 256, 64 << 10)  # 2x the arena
     with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
         tiers = fill_past_arena(c, keys, objs, 64, "copy")
+        # up to 64 (a demotion the full queue turned down is not on disk: 61 in a run under
+        # ThreadSanitizer); 32 promotions' room already evicts far more than the 4 oldest
         cold = [k for k, t in zip(keys, tiers) if t == "disk"][:64]
-        check(len(cold) == 64, "copy: 64 keys on disk only: %r" % tiers.count("disk"))
+        check(len(cold) >= 32, "copy: 32 keys or more on disk only: %r" % tiers.count("disk"))
         hot = [k for k, t in zip(keys, tiers) if t == "dram"][:4]
         # to a node that is not a peer: refused, and nothing read back from disk for it
         promoted = c.stats()["disk"]["promoted"]
