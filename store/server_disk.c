@@ -159,21 +159,13 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
     uint32_t n = c->h.item_count;
     uint64_t ns = kvf__get_u64(c->rbuf);
     uint8_t *miss = calloc(n ? n : 1, 1);
-    uint32_t *held = malloc((n ? n : 1) * sizeof *held);
-    if (!miss || !held) {
-        free(miss);
-        free(held);
+    if (!miss)
         return 0;
-    }
-    /* The DRAM hits are held while the misses are promoted: the promotions' room must not be
-     * made by evicting the request's own hits, which the rerun (it asks no disk) would miss. */
-    uint32_t misses = 0, n_held = 0;
+    uint32_t misses = 0;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < n; i++) {
         kvf_key key = kvf__wire_key_get(c->rbuf + off + stride * i);
-        if (kvf__cache_hold_key_locked(s->o.cache, ns, &key, &held[n_held]) == 0) {
-            n_held++;
-        } else {
+        if (!kvf__cache_contains_locked(s->o.cache, ns, &key)) {
             miss[i] = 1;
             misses++;
         }
@@ -186,10 +178,19 @@ int kvf__sdisk_gate(conn *c, void (*handler)(conn *c))
             if (miss[i] && kvf__tier_contains(t, ns, &key, NULL))
                 j->keys[j->r.n++] = key;
         }
-        j->held = held, j->n_held = n_held; /* dropped with j */
-    } else {
-        release_held(s, held, n_held);
-        free(held);
+    }
+    /* The DRAM hits are held while the misses are promoted: the promotions' room must not be
+     * made by evicting the request's own hits, which the rerun (it asks no disk) would miss. (A
+     * request served from DRAM alone, the common case, takes no reference here.) */
+    if (j && j->r.n && (j->held = malloc((n ? n : 1) * sizeof *j->held)) != NULL) {
+        kvf__cache_lock(s->o.cache);
+        for (uint32_t i = 0; i < n; i++) {
+            kvf_key key = kvf__wire_key_get(c->rbuf + off + stride * i);
+            if (!miss[i] &&
+                kvf__cache_hold_key_locked(s->o.cache, ns, &key, &j->held[j->n_held]) == 0)
+                j->n_held++;
+        }
+        kvf__cache_unlock(s->o.cache);
     }
     free(miss);
     if (!j)
