@@ -45,6 +45,40 @@ def overlap(a0, a1, b0, b1):
     return max(0.0, min(a1, b1) - max(a0, b0))
 
 
+def clock(r):
+    """A record's pass clock (kvfabric.passclock) with its wall time, or None."""
+    c = r.get("engine_pass_clock")
+    if not c or not r.get("engine_prefill_s"):
+        return None
+    return dict(c, wall_s=r["engine_prefill_s"])
+
+
+def clock_bin(sel):
+    """Medians of the passes' clocks, each mode's, and of kvfabric's over the baseline's for the
+    same request: thread CPU, process CPU and GPU span, and the wall time the thread spent off
+    the CPU. None where the records have no clocks."""
+    def med(vals):
+        vals = [v for v in vals if v is not None]
+        return round(statistics.median(vals), 4) if vals else None
+
+    def each(key):
+        out = {}
+        for f in ("thread_cpu_s", "process_cpu_s", "gpu_s", "wall_s"):
+            out[f] = med(r[key][f] for r in sel if r[key])
+        out["off_cpu_s"] = med(r[key]["wall_s"] - r[key]["thread_cpu_s"] for r in sel if r[key])
+        return out
+
+    if not any(r["kvf_clock"] for r in sel):
+        return None
+    pair = [r for r in sel if r["kvf_clock"] and r["baseline_clock"]]
+    ratio = {}
+    for f in ("thread_cpu_s", "gpu_s", "wall_s"):
+        ratio[f] = med(r["kvf_clock"][f] / r["baseline_clock"][f] for r in pair
+                       if r["kvf_clock"][f] and r["baseline_clock"][f])
+    return {"kvf": each("kvf_clock"), "baseline": each("baseline_clock") if pair else None,
+            "kvf_vs_baseline": ratio}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("records")
@@ -89,7 +123,9 @@ def main():
                          "after_pass_s": x["ttft_s"] - (pe - x["arrival_s"]),
                          "baseline_after_pass_s": b["ttft_s"] - (bpe - b["arrival_s"])
                          if b else None,
-                         "passes_beside": round(bp, 3), "decodes_beside": round(bd, 3)})
+                         "passes_beside": round(bp, 3), "decodes_beside": round(bd, 3),
+                         # where the pass's time went (engines with kvfabric.passclock)
+                         "kvf_clock": clock(x), "baseline_clock": clock(b) if b else None})
     bins = []
     lo = 0
     for hi in edges + [None]:
@@ -113,7 +149,8 @@ def main():
                     r["baseline_after_pass_s"] for r in pair), 4) if pair else None,
                 "compute_vs_baseline_median": round(statistics.median(
                     r["kvf_compute_s"] / r["baseline_compute_s"] for r in pair), 3)
-                if pair else None})
+                if pair else None,
+                "clock": clock_bin(sel)})
         lo = hi or lo
     out = {"bench": "e2e_overlap", "records": a.records, "repetitions": reps, "bins": bins,
            "label": "real (derived from the run's records)"}
@@ -140,6 +177,26 @@ def main():
               f"{tb:>6} "
               f"{b['decodes_beside_mean']:>14.2f} "
               f"{b['gpu_turn_s_median']:>12.4f}s {ap:>25} {cvb:>22}")
+    clocks = [b for b in bins if b["clock"]]
+    if clocks:
+        print("where the passes' time went (kvfabric.passclock; medians, s; ratio: kvfabric / "
+              "baseline, same request)")
+        print(f"{'new tokens':>12} {'mode':>9} {'wall':>8} {'thread CPU':>10} {'process CPU':>11} "
+              f"{'off CPU':>8} {'GPU span':>8}")
+
+        def f(v, w=8):
+            return f"{'-':>{w}}" if v is None else f"{v:>{w}.4f}"
+        for b in clocks:
+            c = b["clock"]
+            for m in ("kvf", "baseline"):
+                if c[m]:
+                    x = c[m]
+                    print(f"{b['new_tokens']:>12} {m:>9} {f(x['wall_s'])} "
+                          f"{f(x['thread_cpu_s'], 10)} {f(x['process_cpu_s'], 11)} "
+                          f"{f(x['off_cpu_s'])} {f(x['gpu_s'])}")
+            r = c["kvf_vs_baseline"]
+            print(f"{b['new_tokens']:>12} {'ratio':>9} {f(r['wall_s'])} {f(r['thread_cpu_s'], 10)} "
+                  f"{'':>11} {'':>8} {f(r['gpu_s'])}")
     return 0
 
 

@@ -467,6 +467,12 @@ static json_t *record_json(const e2e_run *R, size_t i)
     json_object_set_new(more, "engine_gpu_yielded_s", json_real(rt->gpu_yielded_s));
     json_object_set_new(more, "engine_gpu_beside", json_boolean(rt->gpu_beside));
     json_object_set_new(more, "engine_save_s", json_real(rt->save_s));
+    if (rt->pass_thread_cpu_s >= 0) /* engines that say where their pass's time went */
+        json_object_set_new(
+            more, "engine_pass_clock",
+            json_pack("{s:f,s:f,s:o}", "thread_cpu_s", rt->pass_thread_cpu_s, "process_cpu_s",
+                      rt->pass_process_cpu_s, "gpu_s",
+                      rt->pass_gpu_s >= 0 ? json_real(rt->pass_gpu_s) : json_null()));
     json_object_set_new(more, "ttft_streamed", json_boolean(rt->first_token_streamed));
     json_object_set_new(more, "prefetch_ready_tokens",
                         json_integer((json_int_t)rt->prefetch_ready_tokens));

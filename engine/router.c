@@ -70,6 +70,13 @@ static double num(json_t *o, const char *k)
     return json_is_number(v) ? json_number_value(v) : 0;
 }
 
+/* o's number k, or dflt where o has none (absent, null or not a number). */
+static double numor(json_t *o, const char *k, double dflt)
+{
+    json_t *v = json_object_get(o, k);
+    return json_is_number(v) ? json_number_value(v) : dflt;
+}
+
 /* The code for an HTTP error status of kvf-sched or an engine: the request was refused as bad
  * (4xx), too large (413), or failed there (anything else). */
 static int status_code(long status)
@@ -431,6 +438,10 @@ static void take_prefill(kvfe_route *q, const kvfe_router_engine *pe, const kvfe
     q->gpu_turn_s = num(json_object_get(rep, "gpu_turn"), "wait_s");
     q->gpu_yielded_s = num(json_object_get(rep, "gpu_turn"), "yielded_s");
     q->gpu_beside = json_is_true(json_object_get(json_object_get(rep, "gpu_turn"), "beside"));
+    json_t *pc = json_object_get(rep, "pass_clock");
+    q->pass_thread_cpu_s = numor(pc, "thread_cpu_s", -1);
+    q->pass_process_cpu_s = numor(pc, "process_cpu_s", -1);
+    q->pass_gpu_s = numor(pc, "gpu_s", -1);
     q->save_s = num(rep, "save_s");
     q->shm_bytes = num(rep, "shm_bytes");
     q->net_bytes = num(rep, "net_bytes");
@@ -475,6 +486,7 @@ static void clear_outputs(kvfe_route *q)
 {
     size_t from = offsetof(kvfe_route, rejected);
     memset((char *)q + from, 0, sizeof *q - from);
+    q->pass_thread_cpu_s = q->pass_process_cpu_s = q->pass_gpu_s = -1; /* not given */
 }
 
 /* Tells the caller that the prefill's outputs are in. */

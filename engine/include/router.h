@@ -111,6 +111,10 @@ struct kvfe_route {
     double gpu_turn_s;                 /* before it, waiting for the shared GPU's turn (0: none) */
     double gpu_yielded_s;              /* in it, the turn given to shorter passes (0: none) */
     int gpu_beside;                    /* it ran beside the pass holding the turn */
+    double pass_thread_cpu_s;          /* the pass's CPU time on the engine's thread (-1: not
+                                        * given; kvfabric.passclock) */
+    double pass_process_cpu_s;         /* on all the engine process's threads (-1: not given) */
+    double pass_gpu_s;                 /* the span of its GPU work (-1: not given) */
     double save_s;                     /* after the pass, the save's part before the reply (0:
                                         * none, or an engine that does not say) */
     size_t prefetch_tokens;            /* fetched while it waited for the engine (0: none) */

@@ -30,6 +30,7 @@ from .events import Events, HeldBlocks
 from .gputurn import GpuTurn
 from .layout import Layout
 from .paged import PagedKVCache
+from .passclock import PassClock
 from .rates import Rates
 
 
@@ -211,6 +212,7 @@ class Outcome:
     abandoned: bool = False  # its decode stopped early: nobody waited for it any more
     gpu_turn: Dict[str, Any] = field(default_factory=dict)  # its wait for the GPU's turn
     oom_retried: bool = False  # ran out of device memory once and was run again (Engine.run)
+    pass_clock: Dict[str, Any] = field(default_factory=dict)  # where the pass's time went
 
 
 class Engine:
@@ -489,9 +491,11 @@ class Engine:
             beside = self._beside = self._save_beside(tokens, cache, min(cached, n // C * C),
                                                       save)
         t0 = time.perf_counter()
+        clock = PassClock(self._torch, self.device.type == "cuda")
         recompute_s = self.rates.compute_s(d, n) if load is not None else None
         yielded = [0, 0.0]  # the pass's yields of its turn, and their seconds
-        if yields and self._turn is not None:  # removed with the load's (finally, below)
+        hooked = yields and self._turn is not None
+        if hooked:  # removed with the load's (finally, below)
             hooks.extend(self._yield_hooks(yielded))
         try:
             if load is not None:
@@ -582,8 +586,11 @@ class Engine:
                 except KvfError:
                     pass
                 load.close()
+        clock.stop()
         self._sync()
         o.prefill_s = time.perf_counter() - t0
+        o.pass_clock = clock.read()
+        o.pass_clock["yield_hooks"] = hooked
         self._release_turn()
         o.wait_s = waited[0]
         o.compute_s = max(0.0, o.prefill_s - o.wait_s)
@@ -1001,4 +1008,5 @@ def outcome_json(o: Outcome) -> Dict[str, Any]:
             "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes,
             **({"prefetch": o.prefetch} if o.prefetch else {}),
             **({"gpu_turn": o.gpu_turn} if o.gpu_turn else {}),
-            **({"oom_retried": True} if o.oom_retried else {})}
+            **({"oom_retried": True} if o.oom_retried else {}),
+            **({"pass_clock": o.pass_clock} if o.pass_clock else {})}
