@@ -951,6 +951,15 @@ class TestClusterWithPythonEngines(unittest.TestCase):
             out = e2e.stdout + e2e.stderr
             self.assertIn("12 done, 0 failed", out)
             self.assertIn("generated tokens identical in every run in 12 of 12", out)
+            # every pass says where its time went (kvfabric.passclock), through the router
+            with open(os.path.join(d, "e2e", "records.json")) as f:
+                recs = json.load(f)
+            self.assertEqual(len(recs), 24)
+            for r in recs:
+                pc = r["engine_pass_clock"]
+                self.assertGreater(pc["thread_cpu_s"], 0, r)
+                self.assertGreaterEqual(pc["process_cpu_s"], pc["thread_cpu_s"] * 0.9, r)
+                self.assertIsNone(pc["gpu_s"])  # the CPU: no span
         finally:
             down = subprocess.run([cli, "cluster", "down", "--config", conf], cwd=root,
                                   capture_output=True, text=True, timeout=120)
