@@ -792,7 +792,7 @@ static int record_engine_event(kvf_xfer *x, uint32_t layer, void *stream)
     char why[200];
     int e = cu->SetDevice(cn->pm.dev);
     if (!e)
-        e = cu->EventCreateWithFlags(&x->cu_ev[layer], KVF__CU_EVENT_DISABLE_TIMING);
+        e = cu->EventCreateWithFlags(&x->cu_ev[layer], KVF__CU_EVENT_FLAGS);
     if (!e)
         e = cu->EventRecord(x->cu_ev[layer], stream);
     if (!e)

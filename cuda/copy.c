@@ -72,9 +72,9 @@ int kvf__cucopy_init(kvf__cucopy *cc, const kvf__cu *cu, int dev, kvf__custream 
     if (!e && !shared)
         e = cu->StreamCreateWithFlags(&cc->stream, KVF__CU_STREAM_NON_BLOCKING);
     for (unsigned i = 0; !e && i < KVF__CUCOPY_MARKS; i++)
-        e = cu->EventCreateWithFlags(&cc->marks[i], KVF__CU_EVENT_DISABLE_TIMING);
+        e = cu->EventCreateWithFlags(&cc->marks[i], KVF__CU_EVENT_FLAGS);
     for (int i = 0; !e && i < 2; i++)
-        e = cu->EventCreateWithFlags(&cc->slot[i].ev, KVF__CU_EVENT_DISABLE_TIMING);
+        e = cu->EventCreateWithFlags(&cc->slot[i].ev, KVF__CU_EVENT_FLAGS);
     /* Whether registered host memory is at the same address for the device (the direct kernel
      * reads and writes it there). */
     int same = 0;
@@ -91,21 +91,18 @@ int kvf__cucopy_init(kvf__cucopy *cc, const kvf__cu *cu, int dev, kvf__custream 
     return 0;
 }
 
-/* Waits for everything this copier queued: on a stream of its own, the stream; on a shared one,
- * its own marks and slots (the other copiers' work is theirs to wait for). */
+/* Waits for everything this copier queued: a mark after everything submitted so far on its
+ * stream, then a wait for it (on a stream of its own, all of the stream's work; on a shared one,
+ * its own marks and slots and what others queued before them). A mark, not a stream
+ * synchronization, so that the wait sleeps (KVF__CU_EVENT_FLAGS) where the context would spin. */
 static void quiesce(kvf__cucopy *cc)
 {
     const kvf__cu *cu = cc->cu;
     if (!cc->stream)
         return;
-    if (!cc->shared) {
-        (void)cu->StreamSynchronize(cc->stream);
-    } else {
-        /* A mark after everything submitted so far, then wait for it. */
-        kvf__cuevent ev = cc->marks[cc->n_marks % KVF__CUCOPY_MARKS];
-        if (cu->EventRecord(ev, cc->stream) == 0)
-            (void)cu->EventSynchronize(ev);
-    }
+    kvf__cuevent ev = cc->marks[cc->n_marks % KVF__CUCOPY_MARKS];
+    if (cu->EventRecord(ev, cc->stream) == 0)
+        (void)cu->EventSynchronize(ev);
     for (int i = 0; i < 2; i++)
         cc->slot[i].pending = 0;
     (void)cu->GetLastError();

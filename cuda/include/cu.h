@@ -56,7 +56,13 @@ enum {
 /* cudaMemcpyDefault: the direction inferred from the pointers (unified addressing) */
 #define KVF__CU_MEMCPY_DEFAULT 4
 
+/* The connector's events: no timing, and a host thread that waits for one sleeps until the
+ * device signals it (cudaEventBlockingSync) instead of spinning on a core for the whole wait (the
+ * default: a save beside a forward pass kept one core per worker busy for the whole pass). */
+#define KVF__CU_EVENT_FLAGS (KVF__CU_EVENT_DISABLE_TIMING | KVF__CU_EVENT_BLOCKING_SYNC)
+
 #define KVF__CU_STREAM_NON_BLOCKING          0x01u
+#define KVF__CU_EVENT_BLOCKING_SYNC          0x01u
 #define KVF__CU_EVENT_DISABLE_TIMING         0x02u
 #define KVF__CU_HOST_ALLOC_PORTABLE          0x01u
 #define KVF__CU_HOST_ALLOC_MAPPED            0x02u

@@ -9,6 +9,8 @@
  * optionally, FAKE_OMIT_WAIT_EVENT (no cudaStreamWaitEvent, a missing symbol). Every symbol is
  * exported under the version node of its soname (libcudart.so.13 or .so.12), as the real ones.
  * FAKE_CUDART_FAIL_COPY=N makes the Nth copy call fail with cudaErrorLaunchFailure (719).
+ * FAKE_CUDART_BLOCKING_SYNC=1 refuses events created without cudaEventBlockingSync
+ * (cudaErrorInvalidValue).
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -258,6 +260,11 @@ int cudaStreamWaitEvent(void *s, void *e, unsigned flags)
 
 int cudaEventCreateWithFlags(void **e, unsigned flags)
 {
+    /* FAKE_CUDART_BLOCKING_SYNC=1: an event a host thread could spin on (no
+     * cudaEventBlockingSync, 0x01) is refused, so that a test sees every one of them. */
+    const char *strict = getenv("FAKE_CUDART_BLOCKING_SYNC");
+    if (strict && *strict == '1' && !(flags & 0x01u))
+        return err(1);
     *e = token_new(EVENT_MAGIC);
     return *e ? 0 : err(2);
 }
