@@ -7,6 +7,12 @@ Engines that share one GPU (the GPU e2e's four engines on one card) slow each ot
 down when they run at once; this says how often that happened and what it cost, by prompt length:
 
     bench/e2e_overlap.py RUN/records.json [--bins 1024,4096] [--json]
+    bench/e2e_overlap.py --by-decodes 1.5 RUN1/records.json [RUN2/records.json ...]
+
+Where the records carry the engines' pass clocks (kvfabric.passclock), a second table gives the
+passes' wall time, thread and process CPU and GPU span in both modes. --by-decodes pools runs and
+compares kvfabric's passes with the baseline's that ran alone, split by how many decoding steps
+ran beside kvfabric's (engines sharing a GPU time-slice it).
 
 A pass is [arrival + place_s + engine_queue_s + engine_gpu_turn_s, + engine_prefill_s]; a decode
 is [arrival + ttft_s + decode_queue_s, arrival + e2e_s] (a colocated one's decode follows its
@@ -79,12 +85,78 @@ def clock_bin(sel):
             "kvf_vs_baseline": ratio}
 
 
+def beside_each(records, mode, rep):
+    """{request: (new tokens, compute_s, decodes beside, passes beside)} of one mode's passes (the
+    same measure as main's, without the yield correction: records before it have none)."""
+    kv = intervals(records, mode, rep)
+    out = {}
+    for x, ps, pe, _, _ in kv:
+        span = pe - ps
+        if span <= 0:
+            continue
+        bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
+        bp = sum(overlap(ps, pe, qs, qe) for y, qs, qe, _, _ in kv if y is not x) / span
+        new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
+        out[x["request"]] = (new, x["engine_compute_s"], bd, bp)
+    return out
+
+
+def by_decodes(paths, min_new, split):
+    """Over one or more runs: kvfabric's passes of at least min_new new tokens, with no other pass
+    beside them, whose baseline pass of the same request ran alone (no pass, under 0.5 of a
+    decode beside it), split by the decodes beside kvfabric's pass (under `split`, and from it):
+    how many, and their compute against the baseline's (median, min, max)."""
+    groups = {"under": [], "from": []}
+    for path in paths:
+        with open(path) as f:
+            records = json.load(f)
+        for rep in sorted({r["repetition"] for r in records if r.get("mode") == "kvf"}):
+            kv, base = beside_each(records, "kvf", rep), beside_each(records, "baseline", rep)
+            for q, (new, c, bd, bp) in kv.items():
+                b = base.get(q)
+                if not b or b[0] != new or new < min_new or bp >= 0.05 or b[3] >= 0.05 or \
+                        b[2] >= 0.5 or b[1] <= 0:
+                    continue
+                groups["under" if bd < split else "from"].append(c / b[1])
+    return {k: {"passes": len(v), "compute_vs_baseline_median":
+                round(statistics.median(v), 3) if v else None,
+                "min": round(min(v), 3) if v else None, "max": round(max(v), 3) if v else None}
+            for k, v in groups.items()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("records")
+    ap.add_argument("records", nargs="+", help="records.json of a run (with --by-decodes, "
+                    "one or more)")
     ap.add_argument("--bins", default="1024,4096", help="prompt-length bin edges (new tokens)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--by-decodes", type=float, metavar="SPLIT", default=None,
+                    help="pooled over the runs given: kvfabric's passes of at least the first "
+                    "bin edge's new tokens against the baseline's run alone, split by the "
+                    "decodes beside them (under SPLIT, and from it; 1.5: both decoding engines "
+                    "through most of the pass)")
     a = ap.parse_args()
+    if a.by_decodes is not None:
+        try:
+            edges = sorted(int(x) for x in a.bins.split(",") if x)
+            out = by_decodes(a.records, edges[0] if edges else 0, a.by_decodes)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"e2e_overlap: {e}")
+        out = {"bench": "e2e_overlap", "by_decodes": a.by_decodes, "records": a.records,
+               "min_new_tokens": edges[0] if edges else 0, **out,
+               "label": "real (derived from the runs' records)"}
+        if a.json:
+            print(json.dumps(out))
+        else:
+            for k in ("under", "from"):
+                g = out[k]
+                print(f"decodes beside {k} {a.by_decodes}: {g['passes']} passes, compute / "
+                      f"baseline's alone median {g['compute_vs_baseline_median']} "
+                      f"[{g['min']}, {g['max']}]")
+        return 0
+    if len(a.records) != 1:
+        raise SystemExit("e2e_overlap: one records.json (several only with --by-decodes)")
+    a.records = a.records[0]
     try:
         with open(a.records) as f:
             records = json.load(f)

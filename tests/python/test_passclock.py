@@ -136,6 +136,39 @@ class TestOverlapReadsTheClocks(unittest.TestCase):
         self.assertAlmostEqual(long_["clock"]["kvf_vs_baseline"]["gpu_s"], 1.5)
         self.assertIn("where the passes' time went", text)
 
+    def test_split_by_decodes_beside(self):
+        # kvfabric: request 0's pass (5,000 tokens, 0.4 s) runs while requests 1 and 2 decode
+        # through all of it; request 3's pass (2,000 tokens) runs alone. The baseline's passes
+        # all run alone (its decodes come long after).
+        recs = []
+        k0 = record("kvf", 0, 0.4, 0.4, 0.4, tokens=5000)
+        k0["arrival_s"] = 0.0
+        recs.append(k0)
+        for q in (1, 2):
+            k = record("kvf", q, 0.05, 0.05, 0.05, tokens=300)
+            k.update(arrival_s=-1.0, ttft_s=1.0, e2e_s=2.0)  # decodes over [0, 1]
+            recs.append(k)
+        recs.append(record("kvf", 3, 0.2, 0.2, 0.2, tokens=2000))
+        for q, c, n in ((0, 0.3, 5000), (1, 0.05, 300), (2, 0.05, 300), (3, 0.16, 2000)):
+            recs.append(record("baseline", q, c, c, c, tokens=n))
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(recs, f)
+        try:
+            out = json.loads(subprocess.run(
+                [sys.executable, OVERLAP, "--by-decodes", "1.5", "--json", f.name, f.name],
+                check=True, capture_output=True, text=True, timeout=60).stdout)
+            one = subprocess.run([sys.executable, OVERLAP, f.name, f.name],
+                                 capture_output=True, text=True, timeout=60)
+        finally:
+            os.unlink(f.name)
+        # the file twice: each pass counted twice (pooled over runs)
+        self.assertEqual(out["from"]["passes"], 2)
+        self.assertAlmostEqual(out["from"]["compute_vs_baseline_median"], 0.4 / 0.3, places=3)
+        self.assertEqual(out["under"]["passes"], 2)
+        self.assertAlmostEqual(out["under"]["compute_vs_baseline_median"], 1.25, places=3)
+        self.assertNotEqual(one.returncode, 0)  # two runs only with --by-decodes
+        self.assertIn("one records.json", one.stderr)
+
     def test_records_without_clocks(self):
         recs = []
         for i in range(2):
