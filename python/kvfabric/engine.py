@@ -20,8 +20,7 @@ import inspect
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from . import devmem
 from .connector import Connector, Prefetch, pages_from_tensors
@@ -29,6 +28,7 @@ from .errors import KvfError, Miss
 from .events import Events, HeldBlocks
 from .gputurn import GpuTurn
 from .layout import Layout
+from .outcome import Outcome, outcome_json  # noqa: F401 - outcome_json re-exported
 from .paged import PagedKVCache
 from .passclock import PassClock
 from .rates import Rates
@@ -184,35 +184,6 @@ class Staging:
                 flat[begin:have].copy_(src[0, :, begin:have].transpose(0, 1))
                 if have < end:
                     flat[have:end].zero_()
-
-
-@dataclass
-class Outcome:
-    """What one request did (the fields of kvf-engine's answers)."""
-
-    tokens: List[int]
-    itl_s: List[float]
-    prompt_tokens: int
-    device_tokens: int
-    loaded_tokens: int
-    saved_tokens: int
-    prefill_s: float
-    compute_s: float
-    wait_s: float
-    decode_s: float
-    save_s: float
-    load_error: str
-    first_token_mismatch: bool
-    notes: List[str]
-    save_error: str = "KVF_OK"
-    handed_over: bool = False  # a decode that loaded the whole prompt's KV and computed nothing
-    tail_saved: bool = False  # a prefill saved its last partial chunk too, padded, for the decode
-    decision: Dict[str, Any] = field(default_factory=dict)  # load or recompute, and why
-    prefetch: Dict[str, Any] = field(default_factory=dict)  # fetched while it waited: how much
-    abandoned: bool = False  # its decode stopped early: nobody waited for it any more
-    gpu_turn: Dict[str, Any] = field(default_factory=dict)  # its wait for the GPU's turn
-    oom_retried: bool = False  # ran out of device memory once and was run again (Engine.run)
-    pass_clock: Dict[str, Any] = field(default_factory=dict)  # where the pass's time went
 
 
 class Engine:
@@ -688,7 +659,8 @@ class Engine:
         stream = self._torch.cuda.current_stream() if self.device.type == "cuda" else None
         return _LayerSave(sv, self.layers, stream, cache, n, n // C * C - first * C, full > n)
 
-    def _save(self, tokens: List[int], cache: Any, known: int, tail: bool = False) -> Tuple[int, bool]:
+    def _save(self, tokens: List[int], cache: Any, known: int,
+              tail: bool = False) -> Tuple[int, bool]:
         """Saves the prompt's full chunks beyond the first `known` tokens (which the stores hold
         already), and with tail its last partial chunk, padded (handoff_tokens: for the decode
         of a disaggregated request). Returns the tokens of the whole chunks saved, and whether the
@@ -998,15 +970,3 @@ class _Both:
     def close(self) -> None:
         self.a.close()
         self.b.close()
-
-
-def outcome_json(o: Outcome) -> Dict[str, Any]:
-    return {"tokens": o.tokens, "itl_s": o.itl_s, "prompt_tokens": o.prompt_tokens,
-            "device_tokens": o.device_tokens, "loaded_tokens": o.loaded_tokens,
-            "saved_tokens": o.saved_tokens, "prefill_s": o.prefill_s, "compute_s": o.compute_s,
-            "wait_s": o.wait_s, "decode_s": o.decode_s, "save_s": o.save_s, "load_error": o.load_error, "save_error": o.save_error,
-            "first_token_mismatch": o.first_token_mismatch, "handed_over": o.handed_over, "tail_saved": o.tail_saved, "decision": o.decision, "notes": o.notes,
-            **({"prefetch": o.prefetch} if o.prefetch else {}),
-            **({"gpu_turn": o.gpu_turn} if o.gpu_turn else {}),
-            **({"oom_retried": True} if o.oom_retried else {}),
-            **({"pass_clock": o.pass_clock} if o.pass_clock else {})}
