@@ -85,20 +85,28 @@ def clock_bin(sel):
             "kvf_vs_baseline": ratio}
 
 
-def beside_each(records, mode, rep):
-    """{request: (new tokens, compute_s, decodes beside, passes beside)} of one mode's passes (the
-    same measure as main's, without the yield correction: records before it have none)."""
-    kv = intervals(records, mode, rep)
-    out = {}
+def beside(kv):
+    """For each pass of one mode's intervals kv: (record, start, end, its span less the time it
+    yielded, the other passes beside it, the decodes beside it), as fractions of that span (see
+    the module's docstring); passes of no span are left out."""
     for x, ps, pe, _, _ in kv:
-        span = pe - ps
+        yl = x.get("engine_gpu_yielded_s", 0.0)
+        span = pe - ps - yl
         if span <= 0:
             continue
+        bp = max(0.0, sum(max(0.0, overlap(ps, pe, qs, qe) - y.get("engine_gpu_yielded_s", 0.0))
+                          for y, qs, qe, _, _ in kv if y is not x) - yl) / span
         bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
-        bp = sum(overlap(ps, pe, qs, qe) for y, qs, qe, _, _ in kv if y is not x) / span
-        new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
-        out[x["request"]] = (new, x["engine_compute_s"], bd, bp)
-    return out
+        yield x, ps, pe, span, bp, bd
+
+
+def new_tokens(r):
+    return r["prompt_tokens"] - r["store_tokens"] - r["device_tokens"]
+
+
+def compute_s(r):
+    """A pass's compute, less the time it yielded its turn."""
+    return r["engine_compute_s"] - r.get("engine_gpu_yielded_s", 0.0)
 
 
 def by_decodes(paths, min_new, split):
@@ -111,13 +119,14 @@ def by_decodes(paths, min_new, split):
         with open(path) as f:
             records = json.load(f)
         for rep in sorted({r["repetition"] for r in records if r.get("mode") == "kvf"}):
-            kv, base = beside_each(records, "kvf", rep), beside_each(records, "baseline", rep)
-            for q, (new, c, bd, bp) in kv.items():
-                b = base.get(q)
-                if not b or b[0] != new or new < min_new or bp >= 0.05 or b[3] >= 0.05 or \
-                        b[2] >= 0.5 or b[1] <= 0:
+            base = {y["request"]: (y, bp, bd)
+                    for y, _, _, _, bp, bd in beside(intervals(records, "baseline", rep))}
+            for x, _, _, _, bp, bd in beside(intervals(records, "kvf", rep)):
+                y, ybp, ybd = base.get(x["request"], (None, 0.0, 0.0))
+                if y is None or new_tokens(y) != new_tokens(x) or new_tokens(x) < min_new or \
+                        bp >= 0.05 or ybp >= 0.05 or ybd >= 0.5 or compute_s(y) <= 0:
                     continue
-                groups["under" if bd < split else "from"].append(c / b[1])
+                groups["under" if bd < split else "from"].append(compute_s(x) / compute_s(y))
     return {k: {"passes": len(v), "compute_vs_baseline_median":
                 round(statistics.median(v), 3) if v else None,
                 "min": round(min(v), 3) if v else None, "max": round(max(v), 3) if v else None}
@@ -170,19 +179,10 @@ def main():
     for rep in reps:
         kv = intervals(records, "kvf", rep)
         base = {r["request"]: (r, pe) for r, _, pe, _, _ in intervals(records, "baseline", rep)}
-        for x, ps, pe, _, _ in kv:
-            yl = x.get("engine_gpu_yielded_s", 0.0)
-            span = pe - ps - yl
-            if span <= 0:
-                continue
-            bp = max(0.0, sum(max(0.0, overlap(ps, pe, qs, qe) -
-                                  y.get("engine_gpu_yielded_s", 0.0))
-                              for y, qs, qe, _, _ in kv if y is not x) - yl) / span
-            bd = sum(overlap(ps, pe, ds, de) for y, _, _, ds, de in kv if y is not x) / span
+        for x, ps, pe, _, bp, bd in beside(kv):
             b, bpe = base.get(x["request"], (None, 0.0))
-            new = x["prompt_tokens"] - x["store_tokens"] - x["device_tokens"]
-            rows.append({"repetition": rep, "request": x["request"], "new_tokens": new,
-                         "kvf_compute_s": x["engine_compute_s"] - yl,
+            rows.append({"repetition": rep, "request": x["request"], "new_tokens": new_tokens(x),
+                         "kvf_compute_s": compute_s(x),
                          # None: records from before engine_gpu_yielded_s (not known)
                          "yielded_s": x.get("engine_gpu_yielded_s"),
                          # it took the place beside the turn's holder (None: records from
