@@ -10,7 +10,7 @@ off the CPU: another thread holding the interpreter, a synchronization, the host
 The GPU span includes the time the GPU gave other processes' contexts (engines sharing it
 time-slice) and the gaps where it waited for the host to queue more.
 
-Costs two event records and three clock reads a pass. Real measurements; nothing is modelled."""
+Costs two CUDA events and six clock reads a pass. Real measurements; nothing is modelled."""
 
 from __future__ import annotations
 
