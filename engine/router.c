@@ -64,17 +64,16 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static double num(json_t *o, const char *k)
-{
-    json_t *v = json_object_get(o, k);
-    return json_is_number(v) ? json_number_value(v) : 0;
-}
-
 /* o's number k, or dflt where o has none (absent, null or not a number). */
 static double numor(json_t *o, const char *k, double dflt)
 {
     json_t *v = json_object_get(o, k);
     return json_is_number(v) ? json_number_value(v) : dflt;
+}
+
+static double num(json_t *o, const char *k)
+{
+    return numor(o, k, 0);
 }
 
 /* The code for an HTTP error status of kvf-sched or an engine: the request was refused as bad
