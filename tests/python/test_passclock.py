@@ -22,10 +22,11 @@ OVERLAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
                        "e2e_overlap.py")
 
 
-def spin(seconds):
-    """Burns this thread's CPU for about `seconds` of wall time."""
-    end, x = time.perf_counter() + seconds, 0
-    while time.perf_counter() < end:
+def spin(cpu_s):
+    """Burns `cpu_s` of this thread's CPU time (at most 10 s of wall time: a machine that busy
+    fails the test's figures, not its bound)."""
+    c0, end, x = time.thread_time(), time.perf_counter() + 10, 0
+    while time.thread_time() - c0 < cpu_s and time.perf_counter() < end:
         x += 1
     return x
 
@@ -38,8 +39,8 @@ class TestPassClock(unittest.TestCase):
         r = c.read()
         self.assertIsNone(r["gpu_s"])  # no CUDA here: no span, never a made-up one
         self.assertEqual(r["label"], "real")
-        self.assertGreaterEqual(r["wall_s"], 0.05)
-        self.assertGreater(r["thread_cpu_s"], 0.02)  # a shared machine may take some of it
+        self.assertGreaterEqual(r["thread_cpu_s"], 0.05)
+        self.assertLess(r["thread_cpu_s"], 0.5)
         self.assertLessEqual(r["thread_cpu_s"], r["wall_s"] + 0.005)
 
         c = PassClock()
