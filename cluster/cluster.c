@@ -113,6 +113,11 @@ static int check_cfg(cfg *c)
                                  "\"8G\" (each store's disk tier, a file in the run directory), "
                                  "not \"%s\"",
                                  cfg_where, c->store_disk);
+    if (strcmp(c->gpu_share, "timeslice") && strcmp(c->gpu_share, "mps"))
+        return kvf__cluster_fail("%s: \"gpu_share\" is \"timeslice\" (the engines' processes "
+                                 "take turns on a GPU they share) or \"mps\" (through an MPS "
+                                 "control daemon, their kernels at once), not \"%s\"",
+                                 cfg_where, c->gpu_share);
     if (strcmp(c->store_shm, "auto") && strcmp(c->store_shm, "off"))
         return kvf__cluster_fail("%s: \"store_shm\" is \"auto\" (same-host engines map the "
                                  "store's arena) or \"off\" (every engine over TCP), not \"%s\"",
@@ -208,6 +213,7 @@ static int load_cfg(const char *path, cfg *c)
                                            "engine",
                                            "engine_args",
                                            "python",
+                                           "gpu_share",
                                            "store_memory",
                                            "store_disk",
                                            "store_shm",
@@ -249,6 +255,7 @@ static int load_cfg(const char *path, cfg *c)
         get_str(o, "engine", "kvf-engine", c->engine, sizeof c->engine) ||
         get_str(o, "engine_args", "", c->engine_args, sizeof c->engine_args) ||
         get_str(o, "python", "python3", c->python, sizeof c->python) ||
+        get_str(o, "gpu_share", "timeslice", c->gpu_share, sizeof c->gpu_share) ||
         get_str(o, "store_memory", "256M", c->store_memory, sizeof c->store_memory) ||
         get_str(o, "store_disk", "", c->store_disk, sizeof c->store_disk) ||
         get_str(o, "store_shm", "auto", c->store_shm, sizeof c->store_shm) ||
@@ -296,15 +303,19 @@ static int cmd_down(const cfg *c)
     int alive = 0;
     for (int i = 0; i < np; i++)
         alive += kvf__cluster_ours_alive(p[i].pid);
+    kvf__cluster_mps mps;
+    kvf__cluster_state_mps(c, &mps);
     kvf__cluster_stop_procs(p, np, 0);
     if (netns)
         kvf__cluster_netns_down(c, p, np);
+    kvf__cluster_mps_stop(&mps); /* after its clients, the engines */
     char path[600];
     kvf__cluster_state_path(c, path, sizeof path);
     unlink(path);
     printf("kvf cluster down \"%s\": stopped %d of %d processes (the others had already "
-           "exited)%s; logs stay in %s\n",
-           c->name, alive, np, netns ? ", removed the network namespaces" : "", c->run_dir);
+           "exited)%s%s; logs stay in %s\n",
+           c->name, alive, np, netns ? ", removed the network namespaces" : "",
+           mps.started ? ", asked the MPS control daemon to quit" : "", c->run_dir);
     return 0;
 }
 

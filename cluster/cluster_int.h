@@ -27,6 +27,9 @@ typedef struct cfg {
     /* the engines: "kvf-engine" (the reference engine) or "transformers" (python3 -m
      * kvfabric.serve, with engine_args appended, run by the interpreter python) */
     char engine[16], engine_args[512], python[256];
+    /* how the engines share a GPU: "timeslice" (the driver's default: the processes' contexts
+     * take turns) or "mps" (an MPS control daemon: their kernels run at once; cluster_mps.c) */
+    char gpu_share[16];
     int stores, prefill, decode, store_threads;
     int scheds;         /* kvf-sched replicas of each shard (1 to 4) */
     int sched_shards;   /* shards of kvf-sched's index (1 to 8; "sched_shards") */
@@ -47,6 +50,22 @@ typedef struct proc {
     char ready[512]; /* its ready line: listen=, events=, ... */
     pid_t pid;
 } proc;
+
+/* The MPS control daemon of a cluster whose "gpu_share" is "mps" (cluster_mps.c). */
+typedef struct kvf__cluster_mps {
+    char pipe[256];    /* CUDA_MPS_PIPE_DIRECTORY, empty without MPS */
+    char log_dir[560]; /* CUDA_MPS_LOG_DIRECTORY (RUN_DIR/mps) */
+    char log[600];     /* the control program's own output (RUN_DIR/mps.log) */
+    int started;       /* this launcher started it (and down stops it) */
+} kvf__cluster_mps;
+
+/* cluster_mps.c: with "gpu_share": "mps", starts a control daemon (or takes the operator's, from
+ * CUDA_MPS_PIPE_DIRECTORY) and waits for its pipes; m->pipe stays empty otherwise. Returns 0, or
+ * 1 after printing why (nothing left running). */
+int kvf__cluster_mps_start(const cfg *c, kvf__cluster_mps *m);
+/* Asks a daemon that up started to quit and removes its pipes' directory. 0, or -1 after printing
+ * how to stop it by hand. */
+int kvf__cluster_mps_stop(const kvf__cluster_mps *m);
 
 /* Set by SIGINT/SIGTERM while up runs (kvf__cluster_on_interrupt), so that it can undo. */
 extern volatile int kvf__cluster_interrupted;
@@ -78,9 +97,12 @@ int kvf__cluster_free_port(void);
 
 /* cluster_run.c: the state file (RUN_DIR/state.json) and the processes it names. */
 void kvf__cluster_state_path(const cfg *c, char *out, size_t n);
-int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, const char *shaping);
+int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, const char *shaping,
+                             const kvf__cluster_mps *mps);
 /* Returns 0 with what the state file names (at most MAX_PROCS), or -1 where there is none. */
 int kvf__cluster_state_read(const cfg *c, proc *p, int *np, int *netns);
+/* The MPS daemon the state file names (m->started 0 where it names none that up started). */
+void kvf__cluster_state_mps(const cfg *c, kvf__cluster_mps *m);
 /* A pid from the state file is ours only while its command line is one of our programs. */
 int kvf__cluster_ours_alive(pid_t pid);
 /* Stops p[0..np): SIGTERM in reverse order, SIGKILL to what is left after 5 s. children: they

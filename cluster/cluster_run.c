@@ -138,7 +138,8 @@ void kvf__cluster_state_path(const cfg *c, char *out, size_t n)
     snprintf(out, n, "%s/state.json", c->run_dir);
 }
 
-int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, const char *shaping)
+int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, const char *shaping,
+                             const kvf__cluster_mps *mps)
 {
     json_t *arr = json_array(), *stores = json_array(), *engines = json_array();
     json_t *scheds = json_array(), *etcd = json_array();
@@ -164,6 +165,11 @@ int kvf__cluster_state_write(const cfg *c, const proc *p, int np, int netns, con
     json_object_set_new(o, "engine", json_string(c->engine));
     json_object_set_new(o, "scheds", scheds); /* every replica, the first being "sched" */
     json_object_set_new(o, "etcd", etcd);
+    json_object_set_new(o, "gpu_share", json_string(c->gpu_share));
+    if (mps && mps->pipe[0]) /* down stops the daemon only where up started it */
+        json_object_set_new(o, "mps",
+                            json_pack("{s:s,s:s,s:s,s:b}", "pipe", mps->pipe, "log_dir",
+                                      mps->log_dir, "log", mps->log, "started", mps->started));
     if (!strcmp(c->engine, "transformers")) { /* the model's layout, for kvf-bench e2e */
         char lf[600];
         snprintf(lf, sizeof lf, "%s/layout.json", c->run_dir);
@@ -202,6 +208,25 @@ int kvf__cluster_state_read(const cfg *c, proc *p, int *np, int *netns)
     }
     json_decref(o);
     return 0;
+}
+
+void kvf__cluster_state_mps(const cfg *c, kvf__cluster_mps *m)
+{
+    memset(m, 0, sizeof *m);
+    char path[600];
+    kvf__cluster_state_path(c, path, sizeof path);
+    json_t *o = json_load_file(path, 0, NULL);
+    json_t *v = json_object_get(o, "mps");
+    const char *pipe = json_string_value(json_object_get(v, "pipe"));
+    const char *dir = json_string_value(json_object_get(v, "log_dir"));
+    const char *log = json_string_value(json_object_get(v, "log"));
+    if (pipe && dir && log) {
+        snprintf(m->pipe, sizeof m->pipe, "%s", pipe);
+        snprintf(m->log_dir, sizeof m->log_dir, "%s", dir);
+        snprintf(m->log, sizeof m->log, "%s", log);
+        m->started = json_is_true(json_object_get(v, "started"));
+    }
+    json_decref(o);
 }
 
 /* A pid from the state file is ours only while its command line is one of our programs. */

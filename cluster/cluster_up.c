@@ -59,6 +59,9 @@ typedef struct launch {
     char py_path_env[1100], py_lib_env[1100], layout_file[700], args_buf[512];
     char *extra[32];
     int n_extra;
+    kvf__cluster_mps mps; /* "gpu_share": "mps" */
+    char mps_env[300];    /* CUDA_MPS_PIPE_DIRECTORY=..., for the engines (empty: none) */
+    char mps_log_env[600];
 } launch;
 
 /* Engines run by the Python package load a model first (transformers' import alone takes
@@ -430,7 +433,8 @@ static int wait_calibration(pid_t pid, int *status)
 static int calibrate(launch *L)
 {
     char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env,  L->cred_env,
-                   L->py_path_env,           L->py_lib_env, NULL};
+                   L->py_path_env,           L->py_lib_env, L->mps_env,
+                   L->mps_log_env,           NULL};
     const cfg *c = L->c;
     if (kvf__cluster_interrupted)
         return INTERRUPTED;
@@ -636,7 +640,8 @@ static int start_sched(launch *L)
 static int start_engine(launch *L, int i)
 {
     char *env[] = {"OPENBLAS_NUM_THREADS=1", L->token_env,  L->cred_env,
-                   L->py_path_env,           L->py_lib_env, NULL};
+                   L->py_path_env,           L->py_lib_env, L->mps_env,
+                   L->mps_log_env,           NULL};
     const cfg *c = L->c;
     int pre = i < c->prefill;
     char name[32], listen[64], events[64], maxt[24];
@@ -689,16 +694,31 @@ static int start_engines(launch *L)
     return 0;
 }
 
+/* "gpu_share": "mps": the daemon the engines reach the GPU through (cluster_mps.c). */
+static int start_gpu_share(launch *L)
+{
+    if (kvf__cluster_interrupted)
+        return INTERRUPTED;
+    if (kvf__cluster_mps_start(L->c, &L->mps) != 0)
+        return 1;
+    if (L->mps.pipe[0])
+        snprintf(L->mps_env, sizeof L->mps_env, "CUDA_MPS_PIPE_DIRECTORY=%s", L->mps.pipe);
+    if (L->mps.log_dir[0])
+        snprintf(L->mps_log_env, sizeof L->mps_log_env, "CUDA_MPS_LOG_DIRECTORY=%s",
+                 L->mps.log_dir);
+    return 0;
+}
+
 static int record_state(launch *L)
 {
     if (kvf__cluster_interrupted)
         return INTERRUPTED;
-    return kvf__cluster_state_write(L->c, L->p, L->np, L->netns, L->shaping);
+    return kvf__cluster_state_write(L->c, L->p, L->np, L->netns, L->shaping, &L->mps);
 }
 
 static int (*const up_steps[])(launch *L) = {
-    begin_netns,  announce,    start_etcd,    start_stores, calibrate,
-    start_relays, start_sched, start_engines, record_state,
+    begin_netns, announce,     start_gpu_share, start_etcd,    start_stores,
+    calibrate,   start_relays, start_sched,     start_engines, record_state,
 };
 
 /* Stops what up started and removes what it made. Returns the exit status: INTERRUPTED after
@@ -712,6 +732,7 @@ static int undo(launch *L, int rc)
     kvf__cluster_stop_procs(L->p, L->np, 1);
     if (L->netns)
         kvf__cluster_netns_down(L->c, L->p, L->np);
+    kvf__cluster_mps_stop(&L->mps);
     return rc;
 }
 
