@@ -1,6 +1,7 @@
 /* kvf-bench e2e's reports (e2e.h). */
 #include "e2e.h"
 #include "bench_util.h"
+#include "bytes.h"
 
 #include <inttypes.h>
 #include <stddef.h>
@@ -312,60 +313,141 @@ static double *mode_ttfts(const e2e_report *rp, const char *mode, size_t *n)
     return v;
 }
 
+/* Appends the percentiles listed (ascending) to out as ranges: "p1-p12, p14". */
+static void ranges_of(const int *ps, int n, char *out, size_t len)
+{
+    size_t used = 0;
+    out[0] = '\0';
+    for (int i = 0; i < n && used < len; i++) {
+        int j = i;
+        while (j + 1 < n && ps[j + 1] == ps[j] + 1)
+            j++;
+        int w = j == i
+                    ? snprintf(out + used, len - used, "%sp%d", used ? ", " : "", ps[i])
+                    : snprintf(out + used, len - used, "%sp%d-p%d", used ? ", " : "", ps[i], ps[j]);
+        used += w > 0 ? (size_t)w : 0;
+        i = j;
+    }
+}
+
+/* Resamples of the requests, for the noise of each percentile's ratio. */
+#define RESAMPLES 1000
+
+static int cmp_dbl(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* bench_quantile's value of sorted values (without sorting them again). */
+static double sorted_quantile(const double *v, size_t n, double q)
+{
+    size_t i = (size_t)(q * (double)(n - 1) + 0.5);
+    return v[i < n ? i : n - 1];
+}
+
+/* v's values drawn n times with replacement into out, sorted. */
+static void resample(const double *v, size_t n, double *out, uint64_t *seed)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = v[kvf__splitmix64(seed) % n];
+    qsort(out, n, sizeof *out, cmp_dbl);
+}
+
+/* For each percentile of ps (kvfabric slower there), whether that holds beyond the requests'
+ * sampling noise: in at least 95% of RESAMPLES resamples of both modes' requests (a bootstrap,
+ * seeded: every report of the same records says the same) kvfabric's TTFT at that percentile is
+ * still above the baseline's. beyond[i] 1 where it holds; -1 where memory ran out. */
+static int beyond_noise(const double *k, size_t nk, const double *b, size_t nb, const int *ps,
+                        int n, int *beyond)
+{
+    double *rk = malloc(nk * sizeof *rk), *rb = malloc(nb * sizeof *rb);
+    int *above = calloc((size_t)(n ? n : 1), sizeof *above);
+    if (!rk || !rb || !above) {
+        free(rk), free(rb), free(above);
+        return -1;
+    }
+    uint64_t seed = 0x6b76662d65326521ull;
+    for (int r = 0; r < RESAMPLES && n; r++) {
+        resample(k, nk, rk, &seed);
+        resample(b, nb, rb, &seed);
+        for (int i = 0; i < n; i++) {
+            double q = ps[i] / 100.0;
+            above[i] += sorted_quantile(rk, nk, q) > sorted_quantile(rb, nb, q);
+        }
+    }
+    for (int i = 0; i < n; i++)
+        beyond[i] = above[i] * 100 >= 95 * RESAMPLES;
+    free(rk), free(rb), free(above);
+    return 0;
+}
+
 /* Beyond the three percentiles the verdict judges: kvfabric's TTFT over the baseline's at every
  * percentile from 1 to 99 (repetitions pooled, as the CDF plot draws them), printed as the
- * ranges where kvfabric is slower, with the worst; in res as ttft_by_percentile. Not judged: it
- * says where the curves cross (short prompts time-sharing a GPU with other engines,
- * docs/python.md), which p50, p90 and p99 alone do not. */
+ * ranges where kvfabric is slower, with the worst, and of those the ones beyond the requests'
+ * sampling noise (beyond_noise: a bootstrap of the requests; the runs' own variation, larger on
+ * a shared GPU, is not in it); in res as ttft_by_percentile. Not judged: it says where the
+ * curves cross (short prompts time-sharing a GPU with other engines, docs/python.md), which p50,
+ * p90 and p99 alone do not. */
 static void percentile_line(const e2e_report *rp, json_t *res)
 {
     size_t nk, nb;
     double *k = mode_ttfts(rp, "kvf", &nk), *b = mode_ttfts(rp, "baseline", &nb);
-    json_t *ratios = json_array(), *slower = json_array();
-    if (!k || !b || !ratios || !slower) {
-        free(k), free(b), json_decref(ratios), json_decref(slower);
+    json_t *ratios = json_array(), *slower = json_array(), *beyond_j = json_array();
+    if (!k || !b || !ratios || !slower || !beyond_j) {
+        free(k), free(b), json_decref(ratios), json_decref(slower), json_decref(beyond_j);
         return;
     }
-    char ranges[400] = "";
-    size_t used = 0;
-    int from = 0, worst_p = 0, n_slower = 0;
+    int ps[99] = {0}, beyond[99] = {0}, bps[99] = {0}, n_slower = 0, n_beyond = 0, worst_p = 0;
     double worst = 0;
-    for (int p = 1; p <= 100; p++) {
-        double r = 0;
-        if (p < 100) {
-            double q = p / 100.0;
-            double kv = bench_quantile(k, nk, q), bv = bench_quantile(b, nb, q);
-            r = bv > 0 ? kv / bv : 0;
-            json_array_append_new(ratios, json_real(r));
-        }
-        if (p < 100 && r > 1.0) {
+    for (int p = 1; p < 100; p++) {
+        double q = p / 100.0;
+        double kv = bench_quantile(k, nk, q), bv = bench_quantile(b, nb, q);
+        double r = bv > 0 ? kv / bv : 0;
+        json_array_append_new(ratios, json_real(r));
+        if (r > 1.0) {
             json_array_append_new(slower, json_integer(p));
-            n_slower++;
-            from = from ? from : p;
+            ps[n_slower++] = p;
             if (r > worst)
                 worst = r, worst_p = p;
-            continue;
         }
-        if (from && used < sizeof ranges) {
-            int w = from == p - 1 ? snprintf(ranges + used, sizeof ranges - used, "%sp%d",
-                                             used ? ", " : "", from)
-                                  : snprintf(ranges + used, sizeof ranges - used, "%sp%d-p%d",
-                                             used ? ", " : "", from, p - 1);
-            used += w > 0 ? (size_t)w : 0;
-        }
-        from = 0;
     }
-    if (n_slower)
+    int noise_ok = beyond_noise(k, nk, b, nb, ps, n_slower, beyond) == 0;
+    for (int i = 0; noise_ok && i < n_slower; i++)
+        if (beyond[i]) {
+            bps[n_beyond++] = ps[i];
+            json_array_append_new(beyond_j, json_integer(ps[i]));
+        }
+    char ranges[400], branges[400];
+    ranges_of(ps, n_slower, ranges, sizeof ranges);
+    ranges_of(bps, n_beyond, branges, sizeof branges);
+    if (n_slower) {
         printf("TTFT percentile by percentile (p1 to p99, repetitions pooled): kvfabric slower at "
-               "%s (%d of 99; worst %.2fx at p%d), not slower at the others\n",
+               "%s (%d of 99; worst %.2fx at p%d), not slower at the others",
                ranges, n_slower, worst, worst_p);
-    else
+        if (!noise_ok)
+            printf("\n");
+        else if (n_beyond)
+            printf("; beyond the requests' sampling noise (slower in 95%% or more of %d "
+                   "resamples of them) at %s\n",
+                   RESAMPLES, branges);
+        else
+            printf("; within the requests' sampling noise at all of them (slower in under 95%% "
+                   "of %d resamples of them)\n",
+                   RESAMPLES);
+    } else
         printf("TTFT percentile by percentile (p1 to p99, repetitions pooled): kvfabric not "
                "slower at any\n");
-    json_object_set_new(res, "ttft_by_percentile",
-                        json_pack("{s:o,s:o,s:s,s:f,s:i,s:s}", "ratios", ratios, "slower_at",
-                                  slower, "slower_ranges", ranges, "worst_ratio",
-                                  n_slower ? worst : 0.0, "worst_at", worst_p, "label", "real"));
+    json_t *o = json_pack("{s:o,s:o,s:s,s:f,s:i,s:s}", "ratios", ratios, "slower_at", slower,
+                          "slower_ranges", ranges, "worst_ratio", n_slower ? worst : 0.0,
+                          "worst_at", worst_p, "label", "real");
+    if (noise_ok) {
+        json_object_set_new(o, "beyond_noise_at", beyond_j);
+        json_object_set_new(o, "beyond_noise_ranges", json_string(branges));
+        json_object_set_new(o, "resamples", json_integer(RESAMPLES));
+    } else
+        json_decref(beyond_j);
+    json_object_set_new(res, "ttft_by_percentile", o);
     free(k);
     free(b);
 }
