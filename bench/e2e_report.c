@@ -385,8 +385,9 @@ static int beyond_noise(const double *k, size_t nk, const double *b, size_t nb, 
 /* Beyond the three percentiles the verdict judges: kvfabric's TTFT over the baseline's at every
  * percentile from 1 to 99 (repetitions pooled, as the CDF plot draws them), printed as the
  * ranges where kvfabric is slower, with the worst, and of those the ones beyond the requests'
- * sampling noise (beyond_noise: a bootstrap of the requests; the runs' own variation, larger on
- * a shared GPU, is not in it); in res as ttft_by_percentile. Not judged: it says where the
+ * sampling noise (beyond_noise: a bootstrap of the requests, each percentile tested on its own, so
+ * that among many a few can pass by chance; the runs' own variation, larger on a shared GPU, is
+ * not in it); in res as ttft_by_percentile. Not judged: it says where the
  * curves cross (short prompts time-sharing a GPU with other engines, docs/python.md), which p50,
  * p90 and p99 alone do not. */
 static void percentile_line(const e2e_report *rp, json_t *res)
@@ -428,12 +429,12 @@ static void percentile_line(const e2e_report *rp, json_t *res)
         if (!noise_ok)
             printf("\n");
         else if (n_beyond)
-            printf("; beyond the requests' sampling noise (slower in 95%% or more of %d "
-                   "resamples of them) at %s\n",
+            printf("; beyond the requests' sampling noise (each percentile on its own: slower in "
+                   "95%% or more of %d resamples of them) at %s\n",
                    RESAMPLES, branges);
         else
-            printf("; within the requests' sampling noise at all of them (slower in under 95%% "
-                   "of %d resamples of them)\n",
+            printf("; within the requests' sampling noise at all of them (each on its own: slower "
+                   "in under 95%% of %d resamples of them)\n",
                    RESAMPLES);
     } else
         printf("TTFT percentile by percentile (p1 to p99, repetitions pooled): kvfabric not "

@@ -32,11 +32,12 @@ def quantile(values, q):
 
 
 def itl_mean_ms(recs):
-    """The mean inter-token gap over every step of the run (a request's mean weighted by its
-    steps where the records say them), in ms; None without decoding steps."""
+    """The mean inter-token gap over every step of the run, as kvf-bench's summary: a request's
+    mean weighted by its steps (itl_steps, or generated - 1 in records that predate it), in ms;
+    None without decoding steps."""
     num = den = 0.0
     for r in recs:
-        steps = r.get("itl_steps", 1)
+        steps = r.get("itl_steps", max(r.get("generated", 1) - 1, 0))
         if r.get("itl_mean_s") is not None and steps > 0:
             num += r["itl_mean_s"] * steps
             den += steps

@@ -305,6 +305,7 @@ static int cmd_down(const cfg *c)
         alive += kvf__cluster_ours_alive(p[i].pid);
     kvf__cluster_mps mps;
     kvf__cluster_state_mps(c, &mps);
+    int had_mps = mps.started;
     kvf__cluster_stop_procs(p, np, 0);
     if (netns)
         kvf__cluster_netns_down(c, p, np);
@@ -315,7 +316,7 @@ static int cmd_down(const cfg *c)
     printf("kvf cluster down \"%s\": stopped %d of %d processes (the others had already "
            "exited)%s%s; logs stay in %s\n",
            c->name, alive, np, netns ? ", removed the network namespaces" : "",
-           mps.started ? ", asked the MPS control daemon to quit" : "", c->run_dir);
+           had_mps ? ", asked the MPS control daemon to quit" : "", c->run_dir);
     return 0;
 }
 

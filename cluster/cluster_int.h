@@ -61,11 +61,12 @@ typedef struct kvf__cluster_mps {
 
 /* cluster_mps.c: with "gpu_share": "mps", starts a control daemon (or takes the operator's, from
  * CUDA_MPS_PIPE_DIRECTORY) and waits for its pipes; m->pipe stays empty otherwise. Returns 0, or
- * 1 after printing why (nothing left running). */
+ * 1 after printing why; where m->started is set then, the caller stops it (kvf__cluster_mps_stop).
+ */
 int kvf__cluster_mps_start(const cfg *c, kvf__cluster_mps *m);
-/* Asks a daemon that up started to quit and removes its pipes' directory. 0, or -1 after printing
- * how to stop it by hand. */
-int kvf__cluster_mps_stop(const kvf__cluster_mps *m);
+/* Asks a daemon that up started to quit (once: m->started is cleared) and removes its pipes'
+ * directory. 0, or -1 after printing how to stop it by hand. */
+int kvf__cluster_mps_stop(kvf__cluster_mps *m);
 
 /* Set by SIGINT/SIGTERM while up runs (kvf__cluster_on_interrupt), so that it can undo. */
 extern volatile int kvf__cluster_interrupted;

@@ -13,6 +13,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,7 +36,8 @@ static const char *control_program(void)
 
 /* Runs the control program with arg (NULL: none) in the daemon's environment, writing input (NULL:
  * none) to its stdin, its output appended to log. Returns its exit status (127: it could not be
- * run), -1 where it could not be started or did not end within MPS_CMD_MS (then killed). */
+ * run), -1 where it could not be started or did not end within MPS_CMD_MS (then killed), -2 where
+ * a signal ended it. */
 static int run_control(const kvf__cluster_mps *m, const char *arg, const char *input)
 {
     int in[2];
@@ -48,13 +50,18 @@ static int run_control(const kvf__cluster_mps *m, const char *arg, const char *i
         return -1;
     }
     if (pid == 0) {
+        setpgid(0, 0); /* a terminal's Ctrl-C is the launcher's to handle, not the daemon's */
         dup2(in[0], 0);
         close(in[0]);
         close(in[1]);
-        FILE *f = fopen(m->log, "a");
-        if (f) {
-            dup2(fileno(f), 1);
-            dup2(fileno(f), 2);
+        /* never the launcher's own output: the daemon would hold a caller's pipe open */
+        int fd = open(m->log, O_WRONLY | O_CREAT | O_APPEND, 0644);
+        fd = fd >= 0 ? fd : open("/dev/null", O_WRONLY);
+        if (fd >= 0) {
+            dup2(fd, 1);
+            dup2(fd, 2);
+            if (fd > 2)
+                close(fd);
         }
         setenv("CUDA_MPS_PIPE_DIRECTORY", m->pipe, 1);
         setenv("CUDA_MPS_LOG_DIRECTORY", m->log_dir, 1);
@@ -65,16 +72,19 @@ static int run_control(const kvf__cluster_mps *m, const char *arg, const char *i
         _exit(127);
     }
     close(in[0]);
-    if (input) {
-        signal(SIGPIPE, SIG_IGN); /* a program that exits without reading is no crash here */
-        ssize_t w = write(in[1], input, strlen(input));
+    if (input) { /* a program that exits without reading is no SIGPIPE here */
+        struct sigaction ign = {.sa_handler = SIG_IGN}, was;
+        sigemptyset(&ign.sa_mask);
+        sigaction(SIGPIPE, &ign, &was);
+        ssize_t w = write(in[1], input, strlen(input)); /* a few bytes: within PIPE_BUF */
         (void)w;
+        sigaction(SIGPIPE, &was, NULL);
     }
     close(in[1]);
     for (int waited = 0; waited < MPS_CMD_MS; waited += 20) {
         int status;
         if (waitpid(pid, &status, WNOHANG) == pid)
-            return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+            return WIFEXITED(status) ? WEXITSTATUS(status) : -2;
         usleep(20000);
     }
     kill(pid, SIGKILL);
@@ -134,6 +144,10 @@ int kvf__cluster_mps_start(const cfg *c, kvf__cluster_mps *m)
         return 0;
     const char *have = getenv("CUDA_MPS_PIPE_DIRECTORY");
     if (have && have[0]) { /* the operator's daemon */
+        if (strlen(have) >= sizeof m->pipe)
+            return kvf__cluster_fail("\"gpu_share\": \"mps\": CUDA_MPS_PIPE_DIRECTORY is longer "
+                                     "than %zu characters",
+                                     sizeof m->pipe - 1);
         snprintf(m->pipe, sizeof m->pipe, "%s", have);
         if (!has_entries(m->pipe))
             return kvf__cluster_fail("\"gpu_share\": \"mps\": CUDA_MPS_PIPE_DIRECTORY=%s holds no "
@@ -164,24 +178,28 @@ int kvf__cluster_mps_start(const cfg *c, kvf__cluster_mps *m)
     char why[400];
     if (rc != 0) {
         last_line(m->log, why, sizeof why);
-        remove_dir(m->pipe);
+        if (rc < 0 && run_control(m, NULL, "quit\n") != 0 && has_entries(m->pipe))
+            m->started = 1; /* a daemon it may have left: its pipes stay, undo asks it again */
+        else
+            remove_dir(m->pipe);
         return kvf__cluster_fail("\"gpu_share\": \"mps\": %s -d %s%s%s (it comes with the NVIDIA "
                                  "driver; \"gpu_share\": \"timeslice\" runs the engines without "
                                  "it)",
                                  control_program(),
                                  rc == 127  ? "could not be run"
                                  : rc == -1 ? "did not start its daemon within 10 s"
+                                 : rc == -2 ? "was ended by a signal"
                                             : "failed",
                                  why[0] ? ": " : "", why);
     }
     m->started = 1;
-    for (int waited = 0; !has_entries(m->pipe); waited += 20) {
-        if (waited >= MPS_READY_MS || kvf__cluster_interrupted) {
-            kvf__cluster_mps_stop(m);
+    for (int waited = 0; !has_entries(m->pipe); waited += 20) { /* undo stops it */
+        if (kvf__cluster_interrupted)
+            return 1;
+        if (waited >= MPS_READY_MS)
             return kvf__cluster_fail("\"gpu_share\": \"mps\": the MPS control daemon made no pipes "
                                      "in %s within %d ms (its logs: %s)",
                                      m->pipe, MPS_READY_MS, m->log_dir);
-        }
         usleep(20000);
     }
     printf("  gpu share: MPS, a control daemon of this user's (pipes %s, logs %s)\n", m->pipe,
@@ -190,15 +208,19 @@ int kvf__cluster_mps_start(const cfg *c, kvf__cluster_mps *m)
     return 0;
 }
 
-int kvf__cluster_mps_stop(const kvf__cluster_mps *m)
+int kvf__cluster_mps_stop(kvf__cluster_mps *m)
 {
     if (!m->started)
         return 0;
+    m->started = 0; /* asked once */
     int rc = run_control(m, NULL, "quit\n");
     if (rc == 0) { /* it ends its server and its pipes; what it leaves goes with the directory */
         for (int waited = 0; has_entries(m->pipe) && waited < 1000; waited += 20)
             usleep(20000);
         remove_dir(m->pipe);
+    } else if (!has_entries(m->pipe)) {
+        rmdir(m->pipe); /* no daemon made pipes there: nothing to stop */
+        return 0;
     } else
         fprintf(stderr,
                 "kvf cluster: the MPS control daemon (pipes %s) did not answer \"quit\" "

@@ -699,6 +699,20 @@ static int start_gpu_share(launch *L)
 {
     if (kvf__cluster_interrupted)
         return INTERRUPTED;
+    /* A daemon an earlier up of this cluster started and no down stopped (its processes died:
+     * refuse_if_up let this up go on) is stopped first, or nothing would reach it again. */
+    kvf__cluster_mps old;
+    kvf__cluster_state_mps(L->c, &old);
+    if (old.started) {
+        printf("  stopping the MPS control daemon an earlier up left (pipes %s)\n", old.pipe);
+        kvf__cluster_mps_stop(&old);
+    }
+    if (strcmp(L->c->gpu_share, "mps") && getenv("CUDA_MPS_PIPE_DIRECTORY")) {
+        /* "timeslice" means what it says, whatever daemon this shell names */
+        printf("  gpu share: time slices (CUDA_MPS_PIPE_DIRECTORY, set here, not given to the "
+               "engines: \"gpu_share\": \"mps\" uses it)\n");
+        unsetenv("CUDA_MPS_PIPE_DIRECTORY");
+    }
     if (kvf__cluster_mps_start(L->c, &L->mps) != 0)
         return 1;
     if (L->mps.pipe[0])

@@ -5,7 +5,8 @@ up starts the daemon before the engines and gives every engine its pipe director
 to quit after the engines and removes its pipes; an up that fails later undoes it too; a control
 program that cannot be run or fails stops up with its reason and nothing left behind; an
 operator's daemon (CUDA_MPS_PIPE_DIRECTORY already set) is used, never started or stopped; a bad
-"gpu_share" is refused.
+"gpu_share" is refused; a daemon that makes no pipes fails up and is asked to quit once; a daemon
+an earlier up left (its cluster's processes killed) is stopped by the next up.
 
 usage: cluster_mps_check.py KVF
 """
@@ -30,6 +31,15 @@ def write(path, obj):
         json.dump(obj, f)
 
 
+def down_quietly(kvf, config):
+    run([kvf, "cluster", "down", "--config", config], 60, expect=None)
+
+
+def calls_of(path):
+    with open(path) as f:
+        return [c for c in f.read().split("\n") if c]
+
+
 def main():
     kvf = sys.argv[1]
     os.environ.pop("CUDA_MPS_PIPE_DIRECTORY", None)
@@ -51,6 +61,21 @@ def main():
         if p.returncode == 0 or "gpu_share" not in p.stderr or os.path.exists(state):
             fail("a bad gpu_share: exit %d, %r" % (p.returncode, p.stderr))
 
+        try:
+            checks(kvf, d, name, cfg, config, state, fake_log)
+        finally:  # whatever failed, nothing of the test's is left running
+            down_quietly(kvf, config)
+            for e in os.listdir("/tmp"):
+                if e.startswith("kvf-mps-%s-" % name):
+                    p = os.path.join("/tmp", e)
+                    os.system("echo quit | CUDA_MPS_PIPE_DIRECTORY=%s %s >/dev/null 2>&1"
+                              % (p, FAKE))
+                    os.system("rm -rf %s" % p)
+    print("cluster_mps_check: ok")
+
+
+def checks(kvf, d, name, cfg, config, state, fake_log):
+    if True:
         # Up: the daemon first, every engine given its pipes.
         p = run([kvf, "cluster", "up", "--config", config], 180)
         if "gpu share: MPS" not in p.stdout:
@@ -76,9 +101,8 @@ def main():
         p = run([kvf, "cluster", "down", "--config", config], 60)
         if "MPS control daemon" not in p.stdout:
             fail("down did not say it stopped the daemon: %r" % p.stdout)
-        with open(fake_log) as f:
-            calls = f.read().split("\n")
-        if calls[:2] != ["start pipe=" + pipe, "cmd quit"]:
+        calls = calls_of(fake_log)
+        if calls != ["start pipe=" + pipe, "cmd quit clients=0"]:  # quit after the engines
             fail("the control program's calls: %r" % calls)
         if os.path.exists(pipe) or any(alive(q["pid"]) for q in engines):
             fail("down left the pipes or an engine behind")
@@ -98,9 +122,8 @@ def main():
         if p.returncode == 0:
             run([kvf, "cluster", "down", "--config", os.path.join(d, "late.json")], 60)
             fail("up with an unknown model succeeded")
-        with open(fake_log) as f:
-            calls = f.read().split("\n")
-        if len(calls) < 2 or calls[1] != "cmd quit" or os.path.exists(state):
+        calls = calls_of(fake_log)
+        if len(calls) != 2 or calls[1] != "cmd quit clients=0" or os.path.exists(state):
             fail("a failed up left the daemon: %r; %r" % (calls, p.stderr[-2000:]))
         started = calls[0].split("=", 1)[1]
         if os.path.exists(started):
@@ -116,9 +139,41 @@ def main():
             os.environ.pop("FAKE_MPS_FAIL", None)
             if want not in p.stderr or "timeslice" not in p.stderr or os.path.exists(state):
                 fail("up with a control program that %s: %r" % (want, p.stderr))
+        if os.path.exists(fake_log):  # the failing one's call
+            os.unlink(fake_log)
+        # A daemon that makes no pipes: up fails, the daemon asked to quit once, nothing left.
+        os.environ["FAKE_MPS_NOPIPE"] = "1"
+        p = run([kvf, "cluster", "up", "--config", config], 60, expect=1)
+        os.environ.pop("FAKE_MPS_NOPIPE")
+        calls = calls_of(fake_log)
+        if "made no pipes" not in p.stderr or len(calls) != 2 or \
+                not calls[1].startswith("cmd quit: no daemon") or os.path.exists(state):
+            fail("a daemon without pipes: %r, %r" % (calls, p.stderr))
+        os.unlink(fake_log)
         left = [e for e in os.listdir("/tmp") if e.startswith("kvf-mps-%s-" % name)]
         if left:
             fail("pipe directories left in /tmp: %r" % left)
+
+        # A cluster whose processes died without a down: the next up stops the daemon the
+        # earlier one started before it starts its own.
+        run([kvf, "cluster", "up", "--config", config], 180)
+        with open(state) as f:
+            st = json.load(f)
+        first = st["mps"]["pipe"]
+        for q in st["procs"]:
+            os.kill(q["pid"], 9)
+        for q in st["procs"]:
+            for _ in range(100):
+                if not alive(q["pid"]):
+                    break
+                os.system("sleep 0.05")
+        p = run([kvf, "cluster", "up", "--config", config], 180)
+        run([kvf, "cluster", "down", "--config", config], 60)
+        calls = calls_of(fake_log)
+        if "an earlier up left" not in p.stdout or os.path.exists(first) or \
+                calls[:2] != ["start pipe=" + first, "cmd quit clients=0"] or len(calls) != 4:
+            fail("a daemon left by a dead cluster: %r\n%s" % (calls, p.stdout))
+        os.unlink(fake_log)
 
         # The operator's daemon: used as it is; an empty directory is refused.
         theirs = os.path.join(d, "theirs")
@@ -140,9 +195,26 @@ def main():
                     fail("%s was not given the operator's daemon" % q["name"])
         finally:
             run([kvf, "cluster", "down", "--config", config], 60)
-        if os.path.exists(fake_log) or not os.path.exists(os.path.join(theirs, "control")):
+        # "timeslice" with a daemon named in the shell: the engines are not given it.
+        ts = os.path.join(d, "ts.json")
+        write(ts, dict(cfg, gpu_share="timeslice"))
+        p = run([kvf, "cluster", "up", "--config", ts], 180)
+        try:
+            with open(state) as f:
+                st = json.load(f)
+            if "not given to the engines" not in p.stdout or "mps" in st or \
+                    st["gpu_share"] != "timeslice":
+                fail("timeslice with CUDA_MPS_PIPE_DIRECTORY set: %r\n%s" % (st, p.stdout))
+            for q in st["procs"]:
+                if q["kind"] in ("prefill", "decode") and \
+                        b"CUDA_MPS_PIPE_DIRECTORY" in environ_of(q["pid"]):
+                    fail("%s runs under MPS with \"gpu_share\": \"timeslice\"" % q["name"])
+        finally:
+            run([kvf, "cluster", "down", "--config", ts], 60)
+            os.environ.pop("CUDA_MPS_PIPE_DIRECTORY")
+        if os.path.exists(fake_log) or os.path.exists(os.path.join(theirs, "fake.log")) or \
+                not os.path.exists(os.path.join(theirs, "control")):
             fail("the launcher started or stopped the operator's daemon")
-    print("cluster_mps_check: ok")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,17 @@ class E2eRunsTest(unittest.TestCase):
         self.assertIsNone(out["groups"]["a"]["baseline"]["p50"])
         self.assertEqual(out["vs_first"]["b"]["baseline"], {})
 
+    def test_itl_weights_as_kvf_bench(self):
+        # records without itl_steps weigh each request by generated - 1, as kvf-bench's
+        # summary; a request of one token has no step and no weight
+        recs = records("kvf", [0.1, 0.2, 0.3])
+        for r, itl, gen in zip(recs, (0.010, 0.040, 0.5), (11, 31, 1)):
+            del r["itl_steps"]
+            r["itl_mean_s"], r["generated"] = itl, gen
+        out = json.loads(self.tool("--group", "a", self.write(recs), "--json").stdout)
+        self.assertAlmostEqual(out["groups"]["a"]["kvf"]["itl_mean_ms"]["median"],
+                               (0.010 * 10 + 0.040 * 30) / 40 * 1e3)
+
     def test_bad_input(self):
         bad = os.path.join(self.dir.name, "bad.json")
         with open(bad, "w") as f:
