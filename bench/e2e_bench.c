@@ -588,6 +588,14 @@ static void check_runs(const e2e *E, size_t *compared, size_t *differ)
  * e2e_report_ratios() prints with the table). */
 static json_t *result_json(const e2e *E, size_t compared, size_t differ)
 {
+    /* the cluster's engines reach a shared GPU through MPS (kvf cluster's "gpu_share"): said in
+     * the table's first line and the summary, so that a run's results say how it ran */
+    const char *gpu_share = json_string_value(json_object_get(E->st, "gpu_share"));
+    int mps = gpu_share && !strcmp(gpu_share, "mps");
+    char where[96];
+    snprintf(where, sizeof where, "%s%s",
+             json_is_true(json_object_get(E->st, "netns")) ? "network namespaces" : "loopback",
+             mps ? ", the engines' GPU shared through MPS" : "");
     e2e_report rp = {.runs = E->runs,
                      .sm = E->sm,
                      .n_runs = E->n_runs,
@@ -595,8 +603,7 @@ static json_t *result_json(const e2e *E, size_t compared, size_t differ)
                      .n_requests = E->n,
                      .n_engines = kvfe_router_engine_count(E->rt),
                      .model = E->model,
-                     .where = json_is_true(json_object_get(E->st, "netns")) ? "network namespaces"
-                                                                            : "loopback",
+                     .where = where,
                      .baseline_routing = E->o.route};
     json_t *summaries = e2e_summaries_json(&rp);
     json_t *res = json_pack(
@@ -610,6 +617,8 @@ static json_t *result_json(const e2e *E, size_t compared, size_t differ)
         json_object_set_new(res, "slo_ttft_ms", json_real(E->o.slo_ms));
     if (E->model)
         json_object_set_new(res, "model", json_string(E->model));
+    if (gpu_share) /* "timeslice" or "mps"; absent in states of launchers before it */
+        json_object_set_new(res, "gpu_share", json_string(gpu_share));
     e2e_report_ratios(&rp, res);
     printf("generated tokens identical in every run in %zu of %zu requests compared\n",
            compared - differ, compared);

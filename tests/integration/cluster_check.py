@@ -145,6 +145,9 @@ def main():
                                                        p.stderr[-3000:]))
             res = json.loads(p.stdout.strip().splitlines()[-1])
             kv, bl = res["summary"]["kvf"], res["summary"]["baseline"]
+            if res.get("gpu_share") != "timeslice" or "through MPS" in p.stdout:
+                fail("the run does not say its engines share no GPU through MPS: %r"
+                     % res.get("gpu_share"))
             if res["tokens_compared"] != 12 or res["tokens_differ"] != 0:
                 fail("generated tokens: %d compared, %d differ" % (res["tokens_compared"],
                                                                    res["tokens_differ"]))

@@ -8,7 +8,7 @@ operator's daemon (CUDA_MPS_PIPE_DIRECTORY already set) is used, never started o
 "gpu_share" is refused; a daemon that makes no pipes fails up and is asked to quit once; a daemon
 an earlier up left (its cluster's processes killed) is stopped by the next up.
 
-usage: cluster_mps_check.py KVF
+usage: cluster_mps_check.py KVF KVF_BENCH TRACE
 """
 import json
 import os
@@ -41,7 +41,7 @@ def calls_of(path):
 
 
 def main():
-    kvf = sys.argv[1]
+    kvf, bench, trace = sys.argv[1], sys.argv[2], sys.argv[3]
     os.environ.pop("CUDA_MPS_PIPE_DIRECTORY", None)
     os.environ.pop("CUDA_MPS_LOG_DIRECTORY", None)
     os.environ["KVF_MPS_CONTROL"] = FAKE
@@ -62,7 +62,7 @@ def main():
             fail("a bad gpu_share: exit %d, %r" % (p.returncode, p.stderr))
 
         try:
-            checks(kvf, d, name, cfg, config, state, fake_log)
+            checks(kvf, bench, trace, d, name, cfg, config, state, fake_log)
         finally:  # whatever failed, nothing of the test's is left running
             down_quietly(kvf, config)
             for e in os.listdir("/tmp"):
@@ -74,7 +74,7 @@ def main():
     print("cluster_mps_check: ok")
 
 
-def checks(kvf, d, name, cfg, config, state, fake_log):
+def checks(kvf, bench, trace, d, name, cfg, config, state, fake_log):
     if True:
         # Up: the daemon first, every engine given its pipes.
         p = run([kvf, "cluster", "up", "--config", config], 180)
@@ -97,6 +97,13 @@ def checks(kvf, d, name, cfg, config, state, fake_log):
             if env.get(b"CUDA_MPS_PIPE_DIRECTORY", b"").decode() != pipe or \
                     env.get(b"CUDA_MPS_LOG_DIRECTORY", b"").decode() != mps["log_dir"]:
                 fail("%s runs without the daemon's pipes: %r" % (q["name"], env))
+        # A run on it says how its engines shared the GPU, in its table and its summary.
+        p = run([bench, "e2e", "--config", config, "--trace", trace, "--max-requests", "4",
+                 "--time-scale", "4", "--max-input", "512", "--max-output", "8",
+                 "--repetitions", "1", "--out", os.path.join(d, "e2e"), "--json"], 300)
+        res = json.loads(p.stdout.strip().splitlines()[-1])
+        if res.get("gpu_share") != "mps" or "the engines' GPU shared through MPS" not in p.stdout:
+            fail("the e2e run does not say it ran under MPS: %r" % res.get("gpu_share"))
         # Down: the engines stopped, then the daemon asked to quit and its pipes removed.
         p = run([kvf, "cluster", "down", "--config", config], 60)
         if "MPS control daemon" not in p.stdout:
