@@ -4,14 +4,12 @@
  * namespace of its own (--netns: port 7400 for clients, 7401 for its peers), healthy before the
  * stores and kvf-sched that register in it start.
  */
-#define _XOPEN_SOURCE 700 /* nftw */
 #include "cluster_int.h"
 
 #include "http.h"
 #include "proc.h"
 
 #include <arpa/inet.h>
-#include <ftw.h>
 #include <jansson.h>
 #include <netinet/in.h>
 #include <signal.h>
@@ -34,12 +32,6 @@ int kvf__cluster_free_port(void)
     if (fd >= 0)
         close(fd);
     return port;
-}
-
-static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-    (void)st, (void)flag, (void)ftw;
-    return remove(path);
 }
 
 /* Whether the member at addr answers GET /health with {"health": "true"}. */
@@ -74,7 +66,7 @@ int kvf__cluster_etcd_start(const cfg *c, proc *p, int n, char client[][64], cha
         snprintf(curl, sizeof curl, "http://%s", client[i]);
         snprintf(purl, sizeof purl, "http://%s", peer[i]);
         snprintf(token, sizeof token, "kvf-%s", c->name);
-        nftw(data, rm_one, 16, FTW_DEPTH | FTW_PHYS); /* a fresh cluster: no earlier state */
+        kvf__cluster_rm_tree(data); /* a fresh cluster: no earlier state */
         char *argv[40];
         int k = 0;
         if (p[i].ns[0]) {

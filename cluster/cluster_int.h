@@ -74,6 +74,10 @@ void kvf__cluster_on_interrupt(int sig);
 /* Prints "kvf cluster: " and the message on stderr; returns 1. */
 int kvf__cluster_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* cluster_run.c: removes path and everything under it (links not followed); what is not there
+ * is no error. */
+void kvf__cluster_rm_tree(const char *path);
+
 /* cluster_run.c: network namespaces (--netns). The commands run go to the file
  * kvf__cluster_cmdlog (NULL: nowhere). */
 extern FILE *kvf__cluster_cmdlog;

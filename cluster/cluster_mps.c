@@ -105,23 +105,6 @@ static int has_entries(const char *dir)
     return any;
 }
 
-/* Removes dir and what is directly in it (the daemon's pipes and sockets). */
-static void remove_dir(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d) {
-        char path[600];
-        for (struct dirent *e; (e = readdir(d));) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-                continue;
-            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-            unlink(path);
-        }
-        closedir(d);
-    }
-    rmdir(dir);
-}
-
 /* The last line of the control program's log, for an error message. */
 static void last_line(const char *log, char *out, size_t n)
 {
@@ -181,7 +164,7 @@ int kvf__cluster_mps_start(const cfg *c, kvf__cluster_mps *m)
         if (rc < 0 && run_control(m, NULL, "quit\n") != 0 && has_entries(m->pipe))
             m->started = 1; /* a daemon it may have left: its pipes stay, undo asks it again */
         else
-            remove_dir(m->pipe);
+            kvf__cluster_rm_tree(m->pipe);
         return kvf__cluster_fail("\"gpu_share\": \"mps\": %s -d %s%s%s (it comes with the NVIDIA "
                                  "driver; \"gpu_share\": \"timeslice\" runs the engines without "
                                  "it)",
@@ -217,7 +200,7 @@ int kvf__cluster_mps_stop(kvf__cluster_mps *m)
     if (rc == 0) { /* it ends its server and its pipes; what it leaves goes with the directory */
         for (int waited = 0; has_entries(m->pipe) && waited < 1000; waited += 20)
             usleep(20000);
-        remove_dir(m->pipe);
+        kvf__cluster_rm_tree(m->pipe);
     } else if (!has_entries(m->pipe)) {
         rmdir(m->pipe); /* no daemon made pipes there: nothing to stop */
         return 0;

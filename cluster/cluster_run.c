@@ -3,9 +3,11 @@
  * namespaces and the hub joining them (--netns), the state file, and stopping the processes it
  * names.
  */
+#define _XOPEN_SOURCE 700 /* nftw */
 #include "cluster_int.h"
 
 #include <errno.h>
+#include <ftw.h>
 #include <jansson.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -16,6 +18,17 @@
 #include <unistd.h>
 
 volatile int kvf__cluster_interrupted;
+
+static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+    (void)st, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+void kvf__cluster_rm_tree(const char *path)
+{
+    nftw(path, rm_one, 16, FTW_DEPTH | FTW_PHYS);
+}
 
 void kvf__cluster_on_interrupt(int sig)
 {
