@@ -61,13 +61,23 @@ static int cmp_double(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-double bench_quantile(double *v, size_t n, double q)
+void bench_sort(double *v, size_t n)
+{
+    qsort(v, n, sizeof *v, cmp_double);
+}
+
+double bench_quantile_sorted(const double *v, size_t n, double q)
 {
     if (n == 0)
         return 0;
-    qsort(v, n, sizeof *v, cmp_double);
     size_t i = (size_t)(q * (double)(n - 1) + 0.5);
     return v[i < n ? i : n - 1];
+}
+
+double bench_quantile(double *v, size_t n, double q)
+{
+    bench_sort(v, n);
+    return bench_quantile_sorted(v, n, q);
 }
 
 double bench_rss_mib(pid_t pid)

@@ -49,6 +49,10 @@ void bench_stop(bench_proc *p);
 double bench_now(void); /* seconds, monotonic */
 /* The q-quantile (0..1) of n samples; sorts them. */
 double bench_quantile(double *v, size_t n, double q);
+/* Sorts v ascending (what bench_quantile does first). */
+void bench_sort(double *v, size_t n);
+/* bench_quantile's value of values already sorted (bench_sort): for many quantiles of one set. */
+double bench_quantile_sorted(const double *v, size_t n, double q);
 /* Resident set size of pid in MiB, or -1. */
 double bench_rss_mib(pid_t pid);
 

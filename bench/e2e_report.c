@@ -333,25 +333,12 @@ static void ranges_of(const int *ps, int n, char *out, size_t len)
 /* Resamples of the requests, for the noise of each percentile's ratio. */
 #define RESAMPLES 1000
 
-static int cmp_dbl(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-/* bench_quantile's value of sorted values (without sorting them again). */
-static double sorted_quantile(const double *v, size_t n, double q)
-{
-    size_t i = (size_t)(q * (double)(n - 1) + 0.5);
-    return v[i < n ? i : n - 1];
-}
-
 /* v's values drawn n times with replacement into out, sorted. */
 static void resample(const double *v, size_t n, double *out, uint64_t *seed)
 {
     for (size_t i = 0; i < n; i++)
         out[i] = v[kvf__splitmix64(seed) % n];
-    qsort(out, n, sizeof *out, cmp_dbl);
+    bench_sort(out, n);
 }
 
 /* For each percentile of ps (kvfabric slower there), whether that holds beyond the requests'
@@ -373,7 +360,7 @@ static int beyond_noise(const double *k, size_t nk, const double *b, size_t nb, 
         resample(b, nb, rb, &seed);
         for (int i = 0; i < n; i++) {
             double q = ps[i] / 100.0;
-            above[i] += sorted_quantile(rk, nk, q) > sorted_quantile(rb, nb, q);
+            above[i] += bench_quantile_sorted(rk, nk, q) > bench_quantile_sorted(rb, nb, q);
         }
     }
     for (int i = 0; i < n; i++)
@@ -401,9 +388,11 @@ static void percentile_line(const e2e_report *rp, json_t *res)
     }
     int ps[99] = {0}, beyond[99] = {0}, bps[99] = {0}, n_slower = 0, n_beyond = 0, worst_p = 0;
     double worst = 0;
+    bench_sort(k, nk);
+    bench_sort(b, nb);
     for (int p = 1; p < 100; p++) {
         double q = p / 100.0;
-        double kv = bench_quantile(k, nk, q), bv = bench_quantile(b, nb, q);
+        double kv = bench_quantile_sorted(k, nk, q), bv = bench_quantile_sorted(b, nb, q);
         double r = bv > 0 ? kv / bv : 0;
         json_array_append_new(ratios, json_real(r));
         if (r > 1.0) {
