@@ -128,7 +128,7 @@ def main():
         print()
         return
     print("TTFT (s), ITL mean (ms) and end-to-end p50 (s): the median of each group's runs "
-          "[lowest, highest run]")
+          "[lowest, highest run]; derived from the records, real")
     print("%-12s %-8s %4s " % ("group", "mode", "runs") + " ".join("%-21s" % k for k in KEYS))
     for name, _ in groups:
         for m in MODES:

@@ -76,6 +76,7 @@ class E2eRunsTest(unittest.TestCase):
         self.assertEqual(vs["kvf"]["itl_mean_ms"]["where"], "overlap")
         text = self.tool("--group", "before", a1, a2, "--group", "after", b1, b2).stdout
         self.assertIn("after against before, kvf: p1", text)
+        self.assertIn("derived from the records, real", text)
         self.assertIn("p50 1.35x (higher in every run)", text)
 
     def test_lower_in_every_run_and_missing_mode(self):
