@@ -395,12 +395,23 @@ void bench_auth_remove(const char *dir, const char *const *names, size_t n)
  * block size bs, io_uring, O_DIRECT, queue depth 1 (bench_util.h). */
 double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total)
 {
-    char cmd[8192], file[4200];
+    char file[4200];
     snprintf(file, sizeof file, "%s/kvf-bench-fio.%d.dat", dir, (int)getpid());
+    double gbps = bench_fio_rate_file(file, rw, bs, total, 0);
+    if (!strcmp(rw, "read"))
+        unlink(file);
+    return gbps;
+}
+
+double bench_fio_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total,
+                           int readonly)
+{
+    char cmd[8192];
     snprintf(cmd, sizeof cmd,
              "fio --name=kvf --filename=%s --rw=%s --bs=%llu --size=%llu --ioengine=io_uring "
-             "--iodepth=1 --direct=1 --numjobs=1 --output-format=json 2>/dev/null",
-             file, rw, (unsigned long long)bs, (unsigned long long)total);
+             "--iodepth=1 --direct=1 --numjobs=1%s --output-format=json 2>/dev/null",
+             file, rw, (unsigned long long)bs, (unsigned long long)total,
+             readonly ? " --readonly" : "");
     FILE *p = popen(cmd, "r");
     if (!p)
         return -1;
@@ -433,8 +444,6 @@ double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t tot
         json_decref(j);
     }
     free(out);
-    if (!strcmp(rw, "read"))
-        unlink(file);
     return gbps;
 }
 

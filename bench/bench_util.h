@@ -80,6 +80,11 @@ int bench_plot_bars(const char *png, const bench_bars *b);
  * 1: the disk benchmarks' peer. GB/s, or -1 when fio is missing or fails. A read follows a write
  * of the same file; "read" then removes it (so a "randread" comes before the "read"). */
 double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total);
+/* The same fio job on a given file (its first total bytes), kept after. With readonly, fio is
+ * told so (--readonly: it refuses to write), for reading a file another program owns, such as
+ * the disk tier's own. */
+double bench_fio_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total,
+                           int readonly);
 /* Whether fio runs here. */
 int bench_fio_present(void);
 /* The same job as bench_fio_rate (a file of total bytes in dir, block size bs, O_DIRECT, one
@@ -88,6 +93,9 @@ int bench_fio_present(void);
  * on stderr). A read follows a write of the same file; "read" then removes it. Built with
  * liburing only (KVF_HAVE_URING). */
 double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total);
+/* The same job on a given file (its first total bytes), kept after; a read opens it read-only
+ * and never writes it (the disk tier's own file, say). */
+double bench_uring_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total);
 
 /* A result object opening with "bench": bench, as every subcommand's does. Caller owns the
  * result; free with json_decref(). */

@@ -58,6 +58,7 @@ typedef struct opts {
     const char *tier, *disk_dir; /* --tier disk: the disk tier instead (store_tier.c) */
     int disk_gather;             /* --disk-gather-us (-1: the store's default) */
     int disk_nice;               /* --disk-nice */
+    int dram_hot_mib;            /* --dram-hot-mib (0: the default) */
     int near;                    /* --near: reads from the nearest holder (store_near.c) */
     int sources;                 /* --sources: prefetches that follow a plan (store_sources.c) */
     double link_gbps;            /* --link-gbps: with --sources, the link to the other zone */
@@ -153,6 +154,10 @@ static int parse(int argc, char **argv, opts *o)
                  .hi = 100000),
         KVF__OPT("disk-nice", KVF__ARG_INT, &o->disk_nice, "N",
                  "with --tier disk, the store's --disk-nice", "0", .lo = 0, .hi = 19),
+        KVF__OPT("dram-hot-mib", KVF__ARG_INT, &o->dram_hot_mib, "MIB",
+                 "with --tier disk, the DRAM readers' set of objects (whole batches of the last "
+                 "ones put; one batch at least)",
+                 "256, at most a quarter of the arena", .lo = 0, .hi = 1 << 20),
         KVF__OPT("rdma-host", KVF__ARG_STR, &o->rdma_host, "IP",
                  "with --transport rdma, the RDMA interface's address", NULL),
     };
@@ -753,7 +758,7 @@ int bench_store_main(int argc, char **argv)
         bench_emit(res, o.json);
     } else if (!strcmp(o.tier, "disk")) {
         rc = bench_store_tier(o.disk_dir, o.quick, o.memory, o.store_bin, o.store_threads,
-                              o.disk_gather, o.disk_nice, o.json, res);
+                              o.disk_gather, o.disk_nice, o.dram_hot_mib, o.json, res);
         bench_emit(res, o.json);
     } else if (!strcmp(o.transport, "rdma") && kvf__rdma_available(why, sizeof why)) {
         json_object_set_new(res, "transport", json_string("rdma"));

@@ -73,9 +73,10 @@ double tcp_ceiling(int streams, size_t write_bytes, int polled, double secs);
  * loopback, per round, into res; printed. Returns the exit status (1: keys failed). */
 /* store_tier.c: kvf-bench store --tier disk: the disk tier through kvf-store against fio, with
  * the disk file in dir (gather_us >= 0: the store's --disk-gather-us, else its default; nice > 0:
- * its --disk-nice). 0, or -1 (said). */
+ * its --disk-nice; hot_mib > 0: the DRAM readers' set, else 256 MiB, at most a quarter of the
+ * arena). 0, or -1 (said). */
 int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
-                     int gather_us, int nice, int json, json_t *res);
+                     int gather_us, int nice, int hot_mib, int json, json_t *res);
 int bench_store_shm(int quick, int store_threads, const char *memory, const char *bin, int json,
                     json_t *res);
 /* --sources (store_sources.c): prefetches that follow a plan's sources against prefetches from

@@ -12,7 +12,10 @@
  *     the evictions not demoted because the queue was full;
  *   GET from disk: batches of the oldest objects (long out of DRAM) are read back, each a
  *     promotion (the disk read, then the reply from DRAM); disk_get_vs_fio divides the median
- *     batch rate (the GET's own time; every byte is compared after it) by fio's read;
+ *     batch rate (the GET's own time; every byte is compared after it) by fio reading the tier's
+ *     own file (read-only, the same block size, one read in flight; after the GETs), as the
+ *     issue asks; disk_get_vs_fio_own_file by fio reading a file it had just written (this
+ *     figure's definition before 2026-12-06), and the raw io_uring job on both;
  *   DRAM under disk I/O: GETs of a hot set in DRAM alone, then while another client reads old
  *     objects back from disk as fast as they come (promotions, whose room evicts and so demotes
  *     as much): dram_get_under_disk_io_vs_alone; then, the control, while that other client reads
@@ -120,7 +123,7 @@ typedef struct bg_reader {
     kvf_client *c;
     workload w;
     uint64_t r_lo, r_hi; /* promoter: the rounds it reads back */
-    uint64_t r;          /* paced_reader: the round it reads (in DRAM) ... */
+    uint64_t h_lo, h_hi; /* paced_reader: the rounds it reads (in DRAM) ... */
     double gbps;         /* ... at this rate */
     atomic_int stop;
     _Atomic uint64_t bytes;
@@ -147,9 +150,9 @@ static void *paced_reader(void *p)
 {
     bg_reader *a = p;
     double t0 = bench_now();
-    while (!atomic_load(&a->stop)) {
+    for (uint64_t r = a->h_lo; !atomic_load(&a->stop); r = r < a->h_hi ? r + 1 : a->h_lo) {
         uint64_t hit = 0;
-        get_round(a->c, &a->w, a->r, &hit, NULL, NULL);
+        get_round(a->c, &a->w, r, &hit, NULL, NULL);
         uint64_t b = atomic_fetch_add(&a->bytes, hit) + hit;
         double ahead = (double)b / (a->gbps * 1e9) - (bench_now() - t0);
         if (ahead > 0)
@@ -158,17 +161,45 @@ static void *paced_reader(void *p)
     return NULL;
 }
 
-/* GB/s of GETs of round r (in DRAM) over secs. */
-static double dram_rate(kvf_client *c, workload *w, uint64_t r, double secs)
+/* Each GET's time of a DRAM-rate measurement (bounded: the first LAT_MAX), for its quantiles: a
+ * batch is as slow as its slowest part, so a second client's load on one of the store's loops
+ * shows in the upper quantiles before the median. */
+#define LAT_MAX 8192
+typedef struct batch_times {
+    double s[LAT_MAX];
+    size_t n;
+} batch_times;
+
+/* GB/s of GETs of rounds r_lo..r_hi (in DRAM), one after another, over secs; each GET's time
+ * into *lat where given. */
+static double dram_rate(kvf_client *c, workload *w, uint64_t r_lo, uint64_t r_hi, double secs,
+                        batch_times *lat)
 {
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, r = r_lo;
     double t0 = bench_now();
     do {
         uint64_t hit = 0;
-        get_round(c, w, r, &hit, NULL, NULL);
+        double one = 0;
+        get_round(c, w, r, &hit, NULL, &one);
+        r = r < r_hi ? r + 1 : r_lo;
         bytes += hit;
+        if (lat && lat->n < LAT_MAX)
+            lat->s[lat->n++] = one;
     } while (bench_now() - t0 < secs);
     return (double)bytes / (bench_now() - t0) / 1e9;
+}
+
+/* The GETs' p50 and p90 in ms as key_p50 / key_p90 (none where no GET was timed). */
+static void json_batch_times(json_t *res, const char *key, batch_times *lat)
+{
+    if (!lat->n)
+        return;
+    char k[128];
+    bench_sort(lat->s, lat->n);
+    snprintf(k, sizeof k, "%s_p50", key);
+    bench_json_real(res, k, bench_quantile_sorted(lat->s, lat->n, 0.5) * 1e3);
+    snprintf(k, sizeof k, "%s_p90", key);
+    bench_json_real(res, k, bench_quantile_sorted(lat->s, lat->n, 0.9) * 1e3);
 }
 
 static kvf_client *client_to(const bench_proc *p)
@@ -184,10 +215,11 @@ static kvf_client *client_to(const bench_proc *p)
     return c;
 }
 
-/* GB/s of c's GETs of round hot (in DRAM) while a's client (open, or NULL: -1) reads in fn on a
- * thread of its own; *during gets that client's GB/s over the same time. */
-static double dram_rate_beside(kvf_client *c, workload *w, uint64_t hot, double secs,
-                               const shape *sh, bg_reader *a, void *(*fn)(void *), double *during)
+/* GB/s of c's GETs of rounds hot_lo..hot_hi (in DRAM) while a's client (open, or NULL: -1)
+ * reads in fn on a thread of its own; *during gets that client's GB/s over the same time. */
+static double dram_rate_beside(kvf_client *c, workload *w, uint64_t hot_lo, uint64_t hot_hi,
+                               double secs, const shape *sh, bg_reader *a, void *(*fn)(void *),
+                               double *during, batch_times *lat)
 {
     double rate = -1;
     *during = 0;
@@ -197,7 +229,7 @@ static double dram_rate_beside(kvf_client *c, workload *w, uint64_t hot, double 
         usleep(200000);
         uint64_t b0 = atomic_load(&a->bytes);
         double u0 = bench_now();
-        rate = dram_rate(c, w, hot, secs);
+        rate = dram_rate(c, w, hot_lo, hot_hi, secs, lat);
         *during = (double)(atomic_load(&a->bytes) - b0) / (bench_now() - u0) / 1e9;
         atomic_store(&a->stop, 1);
         pthread_join(t, NULL);
@@ -207,26 +239,49 @@ static double dram_rate_beside(kvf_client *c, workload *w, uint64_t hot, double 
     return rate;
 }
 
-/* One object size through a store of arena bytes on a disk file in dir. 0, or -1 (said). */
-static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const char *bin, int quick,
-                      int threads, int gather_us, int nice, json_t *res, int have_fio, int json)
+/* What bench_store_tier was asked (store_bench.h), for each object size. */
+typedef struct tier_opts {
+    const char *dir, *bin;
+    uint64_t arena;
+    int quick, threads, gather_us, nice, hot_mib, have_fio, json;
+} tier_opts;
+
+/* One object size through a store of o->arena bytes on a disk file in o->dir. 0, or -1 (said). */
+static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
 {
+    const char *dir = o->dir, *bin = o->bin;
+    uint64_t arena = o->arena;
+    int quick = o->quick, have_fio = o->have_fio, json = o->json;
     char extra[4700], file[4200], mem[32], gather[80] = "";
     snprintf(file, sizeof file, "%s/kvf-bench-tier.%d.dat", dir, (int)getpid());
     snprintf(mem, sizeof mem, "%" PRIu64 "M", arena >> 20);
     uint64_t total = 8 * arena;
-    if (gather_us >= 0)
-        snprintf(gather, sizeof gather, " --disk-gather-us %d", gather_us);
-    if (nice > 0)
-        snprintf(gather + strlen(gather), sizeof gather - strlen(gather), " --disk-nice %d", nice);
+    if (o->gather_us >= 0)
+        snprintf(gather, sizeof gather, " --disk-gather-us %d", o->gather_us);
+    if (o->nice > 0)
+        snprintf(gather + strlen(gather), sizeof gather - strlen(gather), " --disk-nice %d",
+                 o->nice);
     snprintf(extra, sizeof extra, "--no-prefault --shm off --threads %d --disk %s:%" PRIu64 "M%s",
-             threads, file, (total + total / 4 + (256u << 20)) >> 20, gather);
+             o->threads, file, (total + total / 4 + (256u << 20)) >> 20, gather);
     workload w;
     if (wl_init(&w, sh->batch, sh->payload) != 0) {
         fprintf(stderr, "kvf-bench store: out of memory\n");
         return -1;
     }
     uint64_t per_round = w.n * w.obj_bytes, rounds = total / per_round;
+    /* The DRAM readers' set: the last rounds put, hot_mib of them (256 MiB by default, at most a
+     * quarter of the arena; one round at least). Before 2026-12-06 (seventh session) it was one
+     * round (64 MiB of 16 MiB objects, 16 MiB of 64 KiB ones), which a server's last-level cache
+     * may hold: "alone" then read the CPU's cache, and anything beside it that evicted the set
+     * cost more than its own bytes. */
+    uint64_t hot_bytes = o->hot_mib > 0             ? (uint64_t)o->hot_mib << 20
+                         : arena / 4 < (256u << 20) ? arena / 4
+                                                    : (256u << 20);
+    uint64_t n_hot = hot_bytes / per_round;
+    n_hot = n_hot < 1 ? 1 : n_hot > rounds / 4 ? rounds / 4 : n_hot;
+    /* the promoter's rounds: those put before the arena's worth of the last ones (on disk) */
+    uint64_t in_dram = arena / per_round + 1;
+    uint64_t r_cold = rounds > in_dram + 1 ? rounds - in_dram : 2;
     bench_proc p;
     int rc = -1;
     kvf_client *c = NULL;
@@ -303,19 +358,32 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     double readers_busy = gwall > 0 ? rsec / gwall : -1,
            promotions_busy = gwall > 0 ? psec / gwall : -1;
 
+    /* The issue's ceiling for those GETs: fio reading the tier's own file (the region the
+     * oldest rounds were demoted to first) with the object's size as block size, one read in
+     * flight, after the GETs (so that whatever they left in a cache helps fio, not the tier);
+     * and the raw job on it too. fio's own fresh file (fio_r above) is kept beside it. */
+    double fio_tf = have_fio ? bench_fio_rate_file(file, "read", sh->payload, total / 2, 1) : -1;
+#if KVF_HAVE_URING
+    double raw_tf = bench_uring_rate_file(file, "read", sh->payload, total / 2);
+#else
+    double raw_tf = -1;
+#endif
+
     /* DRAM GETs alone, then under disk reads and writes */
-    uint64_t hot = rounds; /* the last round put: in DRAM */
-    dram_rate(c, &w, hot, 0.3);
-    double alone = dram_rate(c, &w, hot, quick ? 1.0 : 2.0);
-    bg_reader la = {.r_lo = 1, .r_hi = rounds - 4}, pa = {.r = hot};
+    uint64_t hot = rounds - n_hot + 1;         /* the last rounds put: in DRAM */
+    batch_times *lat = calloc(3, sizeof *lat); /* alone, under disk I/O, under a DRAM reader */
+    dram_rate(c, &w, hot, rounds, 0.3, NULL);
+    double alone = dram_rate(c, &w, hot, rounds, quick ? 1.0 : 2.0, lat ? &lat[0] : NULL);
+    bg_reader la = {.r_lo = 1, .r_hi = r_cold}, pa = {.h_lo = hot, .h_hi = rounds};
     la.c = client_to(&p);
     double io_gbps, dram_during;
-    double under = dram_rate_beside(c, &w, hot, quick ? 1.0 : 2.0, sh, &la, promoter, &io_gbps);
+    double under = dram_rate_beside(c, &w, hot, rounds, quick ? 1.0 : 2.0, sh, &la, promoter,
+                                    &io_gbps, lat ? &lat[1] : NULL);
     /* the control: the same bytes read by a second client from DRAM, no disk I/O */
     pa.gbps = io_gbps;
     pa.c = io_gbps > 0 ? client_to(&p) : NULL;
-    double under_dram =
-        dram_rate_beside(c, &w, hot, quick ? 1.0 : 2.0, sh, &pa, paced_reader, &dram_during);
+    double under_dram = dram_rate_beside(c, &w, hot, rounds, quick ? 1.0 : 2.0, sh, &pa,
+                                         paced_reader, &dram_during, lat ? &lat[2] : NULL);
     settle(c);
     int64_t on_disk = (int64_t)disk_stat(c, "entries");
     kvf_client_close(&c);
@@ -341,6 +409,8 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     char k[96];
 #define KEY(fmt) (snprintf(k, sizeof k, fmt, sh->name), k)
     bench_json_real(res, KEY("demote_gbps_%s"), demote_gbps);
+    json_object_set_new(res, KEY("dram_hot_bytes_%s"),
+                        json_integer((json_int_t)(n_hot * per_round)));
     if (per_read > 0) {
         bench_json_real(res, KEY("disk_get_objects_per_read_%s"), per_read);
         bench_json_real(res, KEY("disk_get_read_us_%s"), us_per_read);
@@ -376,12 +446,27 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
     json_object_set_new(res, KEY("read_back_bytes_after_restart_%s"), json_integer((int64_t)back));
     json_object_set_new(res, KEY("wrong_%s"), json_integer(wrong + wrong_after));
     json_object_set_new(res, KEY("verify_failures_%s"), json_integer(vfail));
+    if (lat) {
+        json_batch_times(res, KEY("dram_get_ms_alone_%s"), &lat[0]);
+        json_batch_times(res, KEY("dram_get_ms_under_disk_io_%s"), &lat[1]);
+        json_batch_times(res, KEY("dram_get_ms_under_dram_reader_%s"), &lat[2]);
+        free(lat);
+    }
     if (fio_w > 0 && fio_r > 0) {
         bench_json_real(res, KEY("fio_write_gbps_%s"), fio_w);
         bench_json_real(res, KEY("fio_read_gbps_%s"), fio_r);
         bench_json_real(res, KEY("disk_put_vs_fio_%s"), write_gbps / fio_w);
         bench_json_real(res, KEY("demote_stream_vs_fio_%s"), demote_gbps / fio_w);
-        bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_r);
+        /* against fio reading a file it had just written: not the issue's ceiling (below) */
+        bench_json_real(res, KEY("disk_get_vs_fio_own_file_%s"), g.median / fio_r);
+    }
+    if (fio_tf > 0) { /* the issue's figure: fio reading the tier's own file */
+        bench_json_real(res, KEY("fio_read_tier_file_gbps_%s"), fio_tf);
+        bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_tf);
+    }
+    if (raw_tf > 0) {
+        bench_json_real(res, KEY("raw_read_tier_file_gbps_%s"), raw_tf);
+        bench_json_real(res, KEY("disk_get_vs_raw_tier_file_%s"), g.median / raw_tf);
     }
     if (fio_rr > 0) {
         bench_json_real(res, KEY("fio_randread_gbps_%s"), fio_rr);
@@ -409,8 +494,12 @@ static int tier_shape(const shape *sh, const char *dir, uint64_t arena, const ch
             " written straight from the arena)",
             demote_gbps, dropped, direct);
     fprintf(out, ", GET from disk %.2f GB/s", g.median);
+    if (fio_tf > 0)
+        fprintf(out, " (%.2fx fio's read of the tier's file %.2f)", g.median / fio_tf, fio_tf);
     if (fio_r > 0)
-        fprintf(out, " (%.2fx fio's read %.2f)", g.median / fio_r, fio_r);
+        fprintf(out, " (%.2fx fio's read of its own file %.2f)", g.median / fio_r, fio_r);
+    if (raw_tf > 0)
+        fprintf(out, " (%.2fx raw io_uring's of the tier's file %.2f)", g.median / raw_tf, raw_tf);
     if (raw_r > 0)
         fprintf(out, " (%.2fx raw io_uring's %.2f)", g.median / raw_r, raw_r);
     if (raw_rr > 0)
@@ -433,7 +522,7 @@ out:
 }
 
 int bench_store_tier(const char *dir, int quick, const char *memory, const char *bin, int threads,
-                     int gather_us, int nice, int json, json_t *res)
+                     int gather_us, int nice, int hot_mib, int json, json_t *res)
 {
     /* the store's loops: two at least, one for each client (the DRAM reader and the promoter) */
     threads = threads < 2 ? 2 : threads;
@@ -459,9 +548,18 @@ int bench_store_tier(const char *dir, int quick, const char *memory, const char 
                                     "aligned buffer)"));
     if (!have_fio)
         json_object_set_new(res, "fio", json_string("not installed: ratios to raw_* only"));
+    tier_opts o = {.dir = dir,
+                   .bin = bin,
+                   .arena = arena,
+                   .quick = quick,
+                   .threads = threads,
+                   .gather_us = gather_us,
+                   .nice = nice,
+                   .hot_mib = hot_mib,
+                   .have_fio = have_fio,
+                   .json = json};
     for (int s = 0; s < 2; s++)
-        if (tier_shape(&shapes[s], dir, arena, bin, quick, threads, gather_us, nice, res, have_fio,
-                       json) != 0)
+        if (tier_shape(&shapes[s], &o, res) != 0)
             return -1;
     return 0;
 }

@@ -64,11 +64,19 @@ double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t t
 {
     char file[4200];
     snprintf(file, sizeof file, "%s/kvf-bench-raw.%d.dat", dir, (int)getpid());
+    double gbps = bench_uring_rate_file(file, rw, bs, total);
+    if (!strcmp(rw, "read"))
+        unlink(file);
+    return gbps;
+}
+
+double bench_uring_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total)
+{
     int wr = !strcmp(rw, "write");
     uint64_t n = bs ? total / bs : 0;
     if (!n || bs > (1u << 30))
         return -1;
-    int fd = open(file, (wr ? O_CREAT | O_TRUNC : 0) | O_RDWR | O_DIRECT, 0600);
+    int fd = open(file, (wr ? O_CREAT | O_TRUNC | O_RDWR : O_RDONLY) | O_DIRECT, 0600);
     if (fd < 0) {
         fprintf(stderr, "kvf-bench: raw io_uring: %s: %s\n", file, strerror(errno));
         return -1;
@@ -108,7 +116,5 @@ double bench_uring_rate(const char *dir, const char *rw, uint64_t bs, uint64_t t
     }
     free(buf);
     close(fd);
-    if (!strcmp(rw, "read"))
-        unlink(file);
     return gbps;
 }
