@@ -168,6 +168,7 @@ static void *paced_reader(void *p)
 typedef struct batch_times {
     double s[LAT_MAX];
     size_t n;
+    uint64_t short_gets; /* GETs that brought back less than a whole batch (a key not in DRAM) */
 } batch_times;
 
 /* GB/s of GETs of rounds r_lo..r_hi (in DRAM), one after another, over secs; each GET's time
@@ -185,6 +186,8 @@ static double dram_rate(kvf_client *c, workload *w, uint64_t r_lo, uint64_t r_hi
         bytes += hit;
         if (lat && lat->n < LAT_MAX)
             lat->s[lat->n++] = one;
+        if (lat && hit < w->n * w->obj_bytes)
+            lat->short_gets++;
     } while (bench_now() - t0 < secs);
     return (double)bytes / (bench_now() - t0) / 1e9;
 }
@@ -447,6 +450,10 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     json_object_set_new(res, KEY("wrong_%s"), json_integer(wrong + wrong_after));
     json_object_set_new(res, KEY("verify_failures_%s"), json_integer(vfail));
     if (lat) {
+        /* 0 expected: the DRAM readers' set stayed in DRAM throughout */
+        json_object_set_new(
+            res, KEY("dram_get_short_%s"),
+            json_integer((json_int_t)(lat[0].short_gets + lat[1].short_gets + lat[2].short_gets)));
         json_batch_times(res, KEY("dram_get_ms_alone_%s"), &lat[0]);
         json_batch_times(res, KEY("dram_get_ms_under_disk_io_%s"), &lat[1]);
         json_batch_times(res, KEY("dram_get_ms_under_dram_reader_%s"), &lat[2]);
