@@ -406,12 +406,25 @@ double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t tot
 double bench_fio_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total,
                            int readonly)
 {
+    return bench_fio_rate_jobs(file, rw, bs, total, 1, 1, readonly);
+}
+
+double bench_fio_rate_jobs(const char *file, const char *rw, uint64_t bs, uint64_t total, int depth,
+                           int jobs, int readonly)
+{
     char cmd[8192];
+    jobs = jobs < 1 ? 1 : jobs;
+    /* jobs > 1: each its own 1/jobs of the total, one after another in the file, reported as one */
+    uint64_t each = total / (uint64_t)jobs / bs * bs;
+    char split[160] = "";
+    if (jobs > 1)
+        snprintf(split, sizeof split, " --offset_increment=%llu --group_reporting",
+                 (unsigned long long)each);
     snprintf(cmd, sizeof cmd,
              "fio --name=kvf --filename=%s --rw=%s --bs=%llu --size=%llu --ioengine=io_uring "
-             "--iodepth=1 --direct=1 --numjobs=1%s --output-format=json 2>/dev/null",
-             file, rw, (unsigned long long)bs, (unsigned long long)total,
-             readonly ? " --readonly" : "");
+             "--iodepth=%d --direct=1 --numjobs=%d%s%s --output-format=json 2>/dev/null",
+             file, rw, (unsigned long long)bs, (unsigned long long)(jobs > 1 ? each : total),
+             depth < 1 ? 1 : depth, jobs, split, readonly ? " --readonly" : "");
     FILE *p = popen(cmd, "r");
     if (!p)
         return -1;

@@ -85,6 +85,10 @@ double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t tot
  * the disk tier's own. */
 double bench_fio_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total,
                            int readonly);
+/* The same on a given file with depth requests in flight per job and jobs jobs, each its own
+ * consecutive 1/jobs of the total (one job: bench_fio_rate_file), their bytes summed. */
+double bench_fio_rate_jobs(const char *file, const char *rw, uint64_t bs, uint64_t total, int depth,
+                           int jobs, int readonly);
 /* Whether fio runs here. */
 int bench_fio_present(void);
 /* The same job as bench_fio_rate (a file of total bytes in dir, block size bs, O_DIRECT, one
