@@ -288,6 +288,7 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     bench_proc p;
     int rc = -1;
     kvf_client *c = NULL;
+    batch_times *lat = NULL; /* the DRAM GETs' times (below) */
     unlink(file);
     if (bench_start_store(&p, bin, mem, extra) != 0)
         goto out;
@@ -367,8 +368,9 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
      * and the raw job on it too. fio's own fresh file (fio_r above) is kept beside it. */
     double fio_tf = have_fio ? bench_fio_rate_file(file, "read", sh->payload, total / 2, 1) : -1;
     /* and in the tier's own shape (store/disk_int.h, store/tier_int.h): 2 MiB pieces, up to 8 of a
-     * large object in flight, four readers; a 64 KiB object is one read, one per reader. What the
-     * device gives that much parallelism: a ceiling above the issue's */
+     * large object in flight, four readers; 64 KiB objects one to a read, four readers (the tier
+     * also reads neighbours in the log together, up to 4 MiB an I/O: not modelled here). What
+     * the device gives that much parallelism: a ceiling above the issue's */
     int big = sh->payload > (2u << 20);
     double fio_ts = have_fio ? bench_fio_rate_jobs(file, "read", big ? 2u << 20 : sh->payload,
                                                    total / 2, big ? 8 : 1, 4, 1)
@@ -380,8 +382,8 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
 #endif
 
     /* DRAM GETs alone, then under disk reads and writes */
-    uint64_t hot = rounds - n_hot + 1;         /* the last rounds put: in DRAM */
-    batch_times *lat = calloc(3, sizeof *lat); /* alone, under disk I/O, under a DRAM reader */
+    uint64_t hot = rounds - n_hot + 1; /* the last rounds put: in DRAM */
+    lat = calloc(3, sizeof *lat);      /* alone, under disk I/O, under a DRAM reader */
     dram_rate(c, &w, hot, rounds, 0.3, NULL);
     double alone = dram_rate(c, &w, hot, rounds, quick ? 1.0 : 2.0, lat ? &lat[0] : NULL);
     bg_reader la = {.r_lo = 1, .r_hi = r_cold}, pa = {.h_lo = hot, .h_hi = rounds};
@@ -464,7 +466,6 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
         json_batch_times(res, KEY("dram_get_ms_alone_%s"), &lat[0]);
         json_batch_times(res, KEY("dram_get_ms_under_disk_io_%s"), &lat[1]);
         json_batch_times(res, KEY("dram_get_ms_under_dram_reader_%s"), &lat[2]);
-        free(lat);
     }
     if (fio_w > 0 && fio_r > 0) {
         bench_json_real(res, KEY("fio_write_gbps_%s"), fio_w);
@@ -539,6 +540,7 @@ out_stop:
 out:
     unlink(file);
     wl_free(&w);
+    free(lat);
     return rc;
 }
 
