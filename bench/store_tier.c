@@ -122,7 +122,7 @@ static int get_round(kvf_client *c, workload *w, uint64_t r, uint64_t *hit, int 
 typedef struct bg_reader {
     kvf_client *c;
     workload w;
-    uint64_t r_lo, r_hi; /* promoter: the rounds it reads back */
+    uint64_t r_lo, r_hi; /* promoter: the rounds it reads back, r_hi exclusive */
     uint64_t h_lo, h_hi; /* paced_reader: the rounds it reads (in DRAM) ... */
     double gbps;         /* ... at this rate */
     atomic_int stop;
@@ -168,7 +168,7 @@ static void *paced_reader(void *p)
 typedef struct batch_times {
     double s[LAT_MAX];
     size_t n;
-    uint64_t short_gets; /* GETs that brought back less than a whole batch (a key not in DRAM) */
+    uint64_t short_gets; /* GETs that brought back less than a whole batch (a key missing) */
 } batch_times;
 
 /* GB/s of GETs of rounds r_lo..r_hi (in DRAM), one after another, over secs; each GET's time
@@ -280,9 +280,13 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     uint64_t hot_bytes = o->hot_mib > 0             ? (uint64_t)o->hot_mib << 20
                          : arena / 4 < (256u << 20) ? arena / 4
                                                     : (256u << 20);
-    uint64_t n_hot = hot_bytes / per_round;
-    n_hot = n_hot < 1 ? 1 : n_hot > rounds / 4 ? rounds / 4 : n_hot;
-    /* the promoter's rounds: those put before the arena's worth of the last ones (on disk) */
+    /* whatever was asked, at most a quarter of the rounds the arena holds (the rest is room for
+     * the promotions and the demotion queue), and so never one the promoter reads */
+    uint64_t n_hot = hot_bytes / per_round, hot_max = arena / per_round / 4;
+    n_hot = n_hot > hot_max ? hot_max : n_hot;
+    n_hot = n_hot < 1 ? 1 : n_hot;
+    /* the promoter's rounds, up to r_cold (exclusive): those put before the arena's worth of the
+     * last ones (on disk) */
     uint64_t in_dram = arena / per_round + 1;
     uint64_t r_cold = rounds > in_dram + 1 ? rounds - in_dram : 2;
     bench_proc p;
@@ -337,7 +341,9 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
      * writes (the ceilings above are reads alone) */
     double dem0 = disk_stat(c, "demoted_bytes");
     double gwall = 0, got_bytes = 0;
+    uint64_t r_got = 0; /* the last round the GETs from disk read (in DRAM for a while after) */
     for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
+        r_got = r;
         uint64_t hit = 0;
         double secs = 0;
         int bad = get_round(c, &w, r, &hit, &wrong, &secs) != 0;
@@ -366,17 +372,21 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
      * oldest rounds were demoted to first) with the object's size as block size, one read in
      * flight, after the GETs (so that whatever they left in a cache helps fio, not the tier);
      * and the raw job on it too. fio's own fresh file (fio_r above) is kept beside it. */
-    double fio_tf = have_fio ? bench_fio_rate_file(file, "read", sh->payload, total / 2, 1) : -1;
+    /* the region: half the bytes put, or those demoted where fewer (the file is allocated whole,
+     * and a region never written would read as zeros without the device) */
+    uint64_t region = demoted > 0 && (uint64_t)demoted < total / 2 ? (uint64_t)demoted : total / 2;
+    region = region / sh->payload * sh->payload;
+    double fio_tf = have_fio ? bench_fio_rate_file(file, "read", sh->payload, region, 1) : -1;
     /* and in the tier's own shape (store/disk_int.h, store/tier_int.h): 2 MiB pieces, up to 8 of a
      * large object in flight, four readers; 64 KiB objects one to a read, four readers (the tier
      * also reads neighbours in the log together, up to 4 MiB an I/O: not modelled here). What
      * the device gives that much parallelism: a ceiling above the issue's */
     int big = sh->payload > (2u << 20);
     double fio_ts = have_fio ? bench_fio_rate_jobs(file, "read", big ? 2u << 20 : sh->payload,
-                                                   total / 2, big ? 8 : 1, 4, 1)
+                                                   region, big ? 8 : 1, 4, 1)
                              : -1;
 #if KVF_HAVE_URING
-    double raw_tf = bench_uring_rate_file(file, "read", sh->payload, total / 2);
+    double raw_tf = bench_uring_rate_file(file, "read", sh->payload, region);
 #else
     double raw_tf = -1;
 #endif
@@ -385,8 +395,14 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     uint64_t hot = rounds - n_hot + 1; /* the last rounds put: in DRAM */
     lat = calloc(3, sizeof *lat);      /* alone, under disk I/O, under a DRAM reader */
     dram_rate(c, &w, hot, rounds, 0.3, NULL);
+    /* a key of the set that had left DRAM would be promoted and answered whole: the tier's reads
+     * while the set is read alone say whether it stayed (0 expected) */
+    double alone_reads0 = disk_stat(c, "promote_reads");
     double alone = dram_rate(c, &w, hot, rounds, quick ? 1.0 : 2.0, lat ? &lat[0] : NULL);
-    bg_reader la = {.r_lo = 1, .r_hi = r_cold}, pa = {.h_lo = hot, .h_hi = rounds};
+    double alone_reads = disk_stat(c, "promote_reads") - alone_reads0;
+    /* the promoter starts after the rounds the GETs from disk just read */
+    bg_reader la = {.r_lo = r_got + 1 < r_cold ? r_got + 1 : 1, .r_hi = r_cold},
+              pa = {.h_lo = hot, .h_hi = rounds};
     la.c = client_to(&p);
     double io_gbps, dram_during;
     double under = dram_rate_beside(c, &w, hot, rounds, quick ? 1.0 : 2.0, sh, &la, promoter,
@@ -458,8 +474,10 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     json_object_set_new(res, KEY("read_back_bytes_after_restart_%s"), json_integer((int64_t)back));
     json_object_set_new(res, KEY("wrong_%s"), json_integer(wrong + wrong_after));
     json_object_set_new(res, KEY("verify_failures_%s"), json_integer(vfail));
+    json_object_set_new(res, KEY("dram_alone_disk_reads_%s"),
+                        json_integer((json_int_t)alone_reads));
     if (lat) {
-        /* 0 expected: the DRAM readers' set stayed in DRAM throughout */
+        /* GETs not answered whole (a key the tier could not serve, or gone): 0 expected */
         json_object_set_new(
             res, KEY("dram_get_short_%s"),
             json_integer((json_int_t)(lat[0].short_gets + lat[1].short_gets + lat[2].short_gets)));
