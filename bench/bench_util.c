@@ -397,16 +397,10 @@ double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t tot
 {
     char file[4200];
     snprintf(file, sizeof file, "%s/kvf-bench-fio.%d.dat", dir, (int)getpid());
-    double gbps = bench_fio_rate_file(file, rw, bs, total, 0);
+    double gbps = bench_fio_rate_jobs(file, rw, bs, total, 1, 1, 0);
     if (!strcmp(rw, "read"))
         unlink(file);
     return gbps;
-}
-
-double bench_fio_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total,
-                           int readonly)
-{
-    return bench_fio_rate_jobs(file, rw, bs, total, 1, 1, readonly);
 }
 
 double bench_fio_rate_jobs(const char *file, const char *rw, uint64_t bs, uint64_t total, int depth,

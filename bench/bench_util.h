@@ -80,13 +80,10 @@ int bench_plot_bars(const char *png, const bench_bars *b);
  * 1: the disk benchmarks' peer. GB/s, or -1 when fio is missing or fails. A read follows a write
  * of the same file; "read" then removes it (so a "randread" comes before the "read"). */
 double bench_fio_rate(const char *dir, const char *rw, uint64_t bs, uint64_t total);
-/* The same fio job on a given file (its first total bytes), kept after. With readonly, fio is
- * told so (--readonly: it refuses to write), for reading a file another program owns, such as
- * the disk tier's own. */
-double bench_fio_rate_file(const char *file, const char *rw, uint64_t bs, uint64_t total,
-                           int readonly);
-/* The same on a given file with depth requests in flight per job and jobs jobs, each its own
- * consecutive 1/jobs of the total (one job: bench_fio_rate_file), their bytes summed. */
+/* The same fio job on a given file (its first total bytes, kept after) with depth requests in
+ * flight per job and jobs jobs, each its own consecutive 1/jobs of the total, their bytes summed.
+ * With readonly, fio is told so (--readonly: it refuses to write), for reading a file another
+ * program owns, such as the disk tier's own. */
 double bench_fio_rate_jobs(const char *file, const char *rw, uint64_t bs, uint64_t total, int depth,
                            int jobs, int readonly);
 /* Whether fio runs here. */

@@ -242,6 +242,21 @@ static double dram_rate_beside(kvf_client *c, workload *w, uint64_t hot_lo, uint
     return rate;
 }
 
+/* A read ceiling measured for the GETs from disk of objects named obj (-1: not measured, nothing
+ * set): its rate as <name>_gbps_<obj>, and the GETs' rate got against it as
+ * disk_get_vs_<vs>_<obj>. */
+static void json_get_ceiling(json_t *res, const char *obj, const char *name, const char *vs,
+                             double ceiling, double got)
+{
+    if (ceiling <= 0)
+        return;
+    char k[128];
+    snprintf(k, sizeof k, "%s_gbps_%s", name, obj);
+    bench_json_real(res, k, ceiling);
+    snprintf(k, sizeof k, "disk_get_vs_%s_%s", vs, obj);
+    bench_json_real(res, k, got / ceiling);
+}
+
 /* What bench_store_tier was asked (store_bench.h), for each object size. */
 typedef struct tier_opts {
     const char *dir, *bin;
@@ -277,9 +292,7 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
      * round (64 MiB of 16 MiB objects, 16 MiB of 64 KiB ones), which a server's last-level cache
      * may hold: "alone" then read the CPU's cache, and anything beside it that evicted the set
      * cost more than its own bytes. */
-    uint64_t hot_bytes = o->hot_mib > 0             ? (uint64_t)o->hot_mib << 20
-                         : arena / 4 < (256u << 20) ? arena / 4
-                                                    : (256u << 20);
+    uint64_t hot_bytes = o->hot_mib > 0 ? (uint64_t)o->hot_mib << 20 : 256u << 20;
     /* whatever was asked, at most a quarter of the rounds the arena holds (the rest is room for
      * the promotions and the demotion queue), and so never one the promoter reads */
     uint64_t n_hot = hot_bytes / per_round, hot_max = arena / per_round / 4;
@@ -376,7 +389,7 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
      * and a region never written would read as zeros without the device) */
     uint64_t region = demoted > 0 && (uint64_t)demoted < total / 2 ? (uint64_t)demoted : total / 2;
     region = region / sh->payload * sh->payload;
-    double fio_tf = have_fio ? bench_fio_rate_file(file, "read", sh->payload, region, 1) : -1;
+    double fio_tf = have_fio ? bench_fio_rate_jobs(file, "read", sh->payload, region, 1, 1, 1) : -1;
     /* and in the tier's own shape (store/disk_int.h, store/tier_int.h): 2 MiB pieces, up to 8 of a
      * large object in flight, four readers; 64 KiB objects one to a read, four readers (the tier
      * also reads neighbours in the log together, up to 4 MiB an I/O: not modelled here). What
@@ -493,26 +506,12 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
         /* against fio reading a file it had just written: not the ceiling (below) */
         bench_json_real(res, KEY("disk_get_vs_fio_own_file_%s"), g.median / fio_r);
     }
-    if (fio_tf > 0) { /* the figure: fio reading the tier's own file */
-        bench_json_real(res, KEY("fio_read_tier_file_gbps_%s"), fio_tf);
-        bench_json_real(res, KEY("disk_get_vs_fio_%s"), g.median / fio_tf);
-    }
-    if (fio_ts > 0) {
-        bench_json_real(res, KEY("fio_read_tier_shape_gbps_%s"), fio_ts);
-        bench_json_real(res, KEY("disk_get_vs_fio_tier_shape_%s"), g.median / fio_ts);
-    }
-    if (raw_tf > 0) {
-        bench_json_real(res, KEY("raw_read_tier_file_gbps_%s"), raw_tf);
-        bench_json_real(res, KEY("disk_get_vs_raw_tier_file_%s"), g.median / raw_tf);
-    }
-    if (fio_rr > 0) {
-        bench_json_real(res, KEY("fio_randread_gbps_%s"), fio_rr);
-        bench_json_real(res, KEY("disk_get_vs_fio_randread_%s"), g.median / fio_rr);
-    }
-    if (raw_rr > 0) {
-        bench_json_real(res, KEY("raw_randread_gbps_%s"), raw_rr);
-        bench_json_real(res, KEY("disk_get_vs_raw_randread_%s"), g.median / raw_rr);
-    }
+    /* the figure: fio reading the tier's own file */
+    json_get_ceiling(res, sh->name, "fio_read_tier_file", "fio", fio_tf, g.median);
+    json_get_ceiling(res, sh->name, "fio_read_tier_shape", "fio_tier_shape", fio_ts, g.median);
+    json_get_ceiling(res, sh->name, "raw_read_tier_file", "raw_tier_file", raw_tf, g.median);
+    json_get_ceiling(res, sh->name, "fio_randread", "fio_randread", fio_rr, g.median);
+    json_get_ceiling(res, sh->name, "raw_randread", "raw_randread", raw_rr, g.median);
     if (raw_w > 0 && raw_r > 0) {
         bench_json_real(res, KEY("raw_write_gbps_%s"), raw_w);
         bench_json_real(res, KEY("raw_read_gbps_%s"), raw_r);

@@ -90,9 +90,9 @@ double bench_uring_rate_file(const char *file, const char *rw, uint64_t bs, uint
         close(fd);
         return -1;
     }
-    /* bytes that do not compress, as the objects' do not */
+    /* a write's bytes that do not compress, as the objects' do not (a read overwrites them) */
     uint64_t x = 0x9E3779B97F4A7C15ull;
-    for (uint64_t i = 0; i + 8 <= bs; i += 8) {
+    for (uint64_t i = 0; wr && i + 8 <= bs; i += 8) {
         x ^= x << 13, x ^= x >> 7, x ^= x << 17;
         memcpy((char *)buf + i, &x, 8);
     }
