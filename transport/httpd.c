@@ -4,18 +4,22 @@
  */
 #include "http.h"
 
+#include "clock.h"
 #include "kvf/error.h"
 #include "tcp.h"
 
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <microhttpd.h>
 #include <sodium.h>
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -24,6 +28,14 @@
 #define TOKEN_MAX  255
 #define NAME_MAX_  63
 #define TOKENS_MAX 1024
+/* A request's body must arrive within this long of its headers: a client that sends a byte now
+ * and then (never idle long enough for the idle timeout) is cut off then. */
+#define BODY_DEADLINE_NS (60ull * 1000000000ull)
+/* Request bodies buffered at once, all connections together: this many times the largest body
+ * one may have, at least BODIES_MIN. Beyond it a request is refused with 503 (its length known
+ * from Content-Length) or its connection closed (a chunked body that grows past it). */
+#define BODIES_FACTOR 4
+#define BODIES_MIN    (64u << 20)
 
 struct kvf__http_tokens {
     size_t n;
@@ -39,6 +51,8 @@ struct kvf__httpd {
     kvf__http_handler h;
     void *ctx;
     size_t max_body;
+    size_t bodies_max;    /* the budget of every connection's body together */
+    atomic_size_t bodies; /* bytes of it reserved now */
     const kvf__http_tokens *_Atomic tokens;
     atomic_uint_fast64_t requests, errors;
 };
@@ -46,6 +60,8 @@ struct kvf__httpd {
 typedef struct body {
     char *buf;
     size_t len;
+    size_t reserved; /* of d->bodies, given back when the request ends */
+    uint64_t t0;     /* when its headers were read */
     int too_big;
 } body;
 
@@ -197,6 +213,78 @@ static const char *token_caller(const kvf__http_tokens *t, const char *hdr)
     return who;
 }
 
+/* Takes n bytes of the bodies' budget: 1, or 0 where it would go over. */
+static int reserve(kvf__httpd *d, size_t n)
+{
+    size_t was = atomic_fetch_add(&d->bodies, n);
+    if (was + n <= d->bodies_max && was + n >= was)
+        return 1;
+    atomic_fetch_sub(&d->bodies, n);
+    return 0;
+}
+
+static enum MHD_Result count_length(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    const char *value)
+{
+    (void)kind;
+    (void)value;
+    *(int *)cls += key && !strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH);
+    return MHD_YES;
+}
+
+/* Whether a request is refused on its headers alone, before its body is read: a method not
+ * served (405), two Content-Length headers (400: which one frames the body is ambiguous), a body
+ * said to be too large (413), no valid token where one is needed (401), or no room left in the
+ * bodies' budget (503). Returns the error body with *status, or NULL; reserves the body's
+ * declared length otherwise. */
+static json_t *early_refusal(kvf__httpd *d, struct MHD_Connection *c, const char *method,
+                             const char *url, body *b, unsigned *status)
+{
+    int post = !strcmp(method, "POST");
+    if (!post && strcmp(method, "GET") != 0 && strcmp(method, "DELETE") != 0) {
+        *status = 405;
+        return kvf__http_error("%s %s: not served", method, url);
+    }
+    int lengths = 0;
+    MHD_get_connection_values(c, MHD_HEADER_KIND, count_length, &lengths);
+    if (lengths > 1) {
+        *status = 400;
+        return kvf__http_error("%d Content-Length headers: one at most", lengths);
+    }
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    unsigned long long declared = 0;
+    if (cl) {
+        char *end;
+        errno = 0;
+        declared = strtoull(cl, &end, 10);
+        if (errno || end == cl || *end || !isdigit((unsigned char)cl[0]))
+            declared = ULLONG_MAX;
+    }
+    if (post && declared > d->max_body) {
+        *status = 413;
+        return kvf__http_error("body larger than %zu bytes", d->max_body);
+    }
+    const kvf__http_tokens *tokens = atomic_load(&d->tokens);
+    if (tokens && strcmp(method, "GET") != 0 &&
+        !token_caller(tokens, MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                          MHD_HTTP_HEADER_AUTHORIZATION))) {
+        *status = 401;
+        return kvf__http_error("%s %s needs \"Authorization: Bearer TOKEN\" with a token of "
+                               "this server's token file",
+                               method, url);
+    }
+    if (post && declared) {
+        if (!reserve(d, (size_t)declared + 1)) {
+            *status = 503;
+            return kvf__http_error("busy: %zu bytes of request bodies are being received, the "
+                                   "most this server holds; retry later",
+                                   d->bodies_max);
+        }
+        b->reserved = (size_t)declared + 1;
+    }
+    return NULL;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload,
                                   size_t *upload_size, void **con_cls)
@@ -207,14 +295,32 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
     if (!b) {
         if (!(b = calloc(1, sizeof *b)))
             return MHD_NO;
+        b->t0 = kvf__now_ns();
         *con_cls = b;
-        return MHD_YES;
+        /* refused before its body is read (MHD then closes the connection): a client that may
+         * not, or asks too much, costs no memory */
+        unsigned status = 0;
+        json_t *e = early_refusal(d, c, method, url, b, &status);
+        return e ? send_error(d, c, status, e) : MHD_YES;
     }
     if (*upload_size) {
+        if (kvf__now_ns() - b->t0 > BODY_DEADLINE_NS) {
+            atomic_fetch_add(&d->errors, 1);
+            return MHD_NO; /* closes the connection */
+        }
         if (b->too_big || b->len + *upload_size > d->max_body) {
             b->too_big = 1;
         } else {
-            char *nb = realloc(b->buf, b->len + *upload_size + 1);
+            size_t need = b->len + *upload_size + 1;
+            if (need > b->reserved) { /* a chunked body, its length not told */
+                size_t more = need - b->reserved;
+                if (!reserve(d, more)) {
+                    atomic_fetch_add(&d->errors, 1);
+                    return MHD_NO;
+                }
+                b->reserved += more;
+            }
+            char *nb = realloc(b->buf, b->reserved);
             if (!nb)
                 return MHD_NO;
             b->buf = nb;
@@ -233,13 +339,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         json_error_t je;
         in = b->len ? json_loadb(b->buf, b->len, JSON_REJECT_DUPLICATES, &je) : NULL;
         if (!in || !json_is_object(in)) {
+            const char *why = !b->len             ? " (no body)"
+                              : !in               ? ": "
+                              : json_is_array(in) ? " (an array)"
+                                                  : " (a JSON scalar)";
             json_decref(in);
             return send_error(d, c, 400,
-                              kvf__http_error("body is not a JSON object%s%s", b->len ? ": " : "",
-                                              b->len ? je.text : ""));
+                              kvf__http_error("body is not a JSON object%s%s", why,
+                                              b->len && !in ? je.text : ""));
         }
-    } else if (strcmp(method, "GET") != 0 && strcmp(method, "DELETE") != 0) {
-        return send_error(d, c, 405, kvf__http_error("%s %s: not served", method, url));
     }
     kvf__http_reply out = {.client_fd = -1};
     const union MHD_ConnectionInfo *ci =
@@ -282,15 +390,45 @@ int kvf__http_client_gone(const kvf__http_reply *r)
 static void on_completed(void *cls, struct MHD_Connection *c, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
-    (void)cls;
     (void)c;
     (void)toe;
+    kvf__httpd *d = cls;
     body *b = *con_cls;
     if (b) {
+        atomic_fetch_sub(&d->bodies, b->reserved);
         free(b->buf);
         free(b);
     }
     *con_cls = NULL;
+}
+
+/* Decodes %HH in a request's path and arguments, as libmicrohttpd would, but leaves %00 and %2F
+ * (any case) as they are: a NUL would cut the path short where the handler reads it
+ * ("/v1/instances/a%00/b" served as ".../a") and a '/' would make two segments of one. An id that
+ * holds them is then taken as written, and is no id the server knows. */
+static size_t unescape(void *cls, struct MHD_Connection *c, char *s)
+{
+    (void)cls;
+    (void)c;
+    char *w = s;
+    for (const char *r = s; *r; r++) {
+        int hi, lo;
+        if (r[0] == '%' && isxdigit((unsigned char)r[1]) && isxdigit((unsigned char)r[2])) {
+            hi = isdigit((unsigned char)r[1]) ? r[1] - '0'
+                                              : (tolower((unsigned char)r[1]) - 'a' + 10);
+            lo = isdigit((unsigned char)r[2]) ? r[2] - '0'
+                                              : (tolower((unsigned char)r[2]) - 'a' + 10);
+            int v = hi * 16 + lo;
+            if (v != 0 && v != '/') {
+                *w++ = (char)v;
+                r += 2;
+                continue;
+            }
+        }
+        *w++ = *r;
+    }
+    *w = '\0';
+    return (size_t)(w - s);
 }
 
 /* Connections an HTTP server takes at once: what the process's descriptor limit leaves, less
@@ -325,6 +463,9 @@ int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thre
     d->h = h;
     d->ctx = ctx;
     d->max_body = max_body;
+    d->bodies_max = max_body <= SIZE_MAX / BODIES_FACTOR ? max_body * BODIES_FACTOR : SIZE_MAX;
+    if (d->bodies_max < BODIES_MIN)
+        d->bodies_max = BODIES_MIN;
     /* The socket is ours (port 0 resolves to a free one), handed to libmicrohttpd. */
     int lfd;
     int rc = kvf__tcp_listen(host, port, 128, &lfd, bound, err, errlen);
@@ -340,10 +481,15 @@ int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thre
                           : MHD_USE_INTERNAL_POLLING_THREAD) |
                      MHD_USE_AUTO;
     unsigned pool = threads >= 2 ? (unsigned)threads : 0;
+    /* one address may hold half the connections: a host that opens them all (half-sent requests
+     * kept open) leaves the others room (loopback clients share one address) */
+    unsigned limit = connection_limit();
+    unsigned per_ip = limit / 2 > 64 ? limit / 2 : limit;
     d->mhd = MHD_start_daemon(
         flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET, lfd,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,
-        MHD_OPTION_CONNECTION_LIMIT, connection_limit(),
+        MHD_OPTION_CONNECTION_LIMIT, limit, MHD_OPTION_PER_IP_CONNECTION_LIMIT, per_ip,
+        MHD_OPTION_UNESCAPE_CALLBACK, unescape, NULL,
         pool ? MHD_OPTION_THREAD_POOL_SIZE : MHD_OPTION_END, pool, MHD_OPTION_END);
     if (!d->mhd) {
         close(lfd);

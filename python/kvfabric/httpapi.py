@@ -10,12 +10,16 @@ import hmac
 import json
 import select
 import socket
+import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 MAX_BODY = 64 << 20
+BODIES_MAX = 4 * MAX_BODY  # every connection's body being read, together (as transport/httpd.c)
+BODY_DEADLINE_S = 60.0  # a body must arrive within this long of its headers
 
 
 def _client_gone(sock: socket.socket) -> bool:
@@ -41,6 +45,20 @@ class HttpServer(ThreadingHTTPServer):
     baseline routed most of a burst to one engine) waited a second more for some of them."""
     request_queue_size = 1024
     daemon_threads = True
+    bodies = 0  # bytes of BODIES_MAX reserved by the bodies being read now
+    bodies_lock = threading.Lock()
+
+    def reserve(self, n: int) -> bool:
+        """Takes n bytes of the bodies' budget: False where they would not fit."""
+        with self.bodies_lock:
+            if self.bodies + n > BODIES_MAX:
+                return False
+            self.bodies += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.bodies_lock:
+            self.bodies -= n
 
 
 def handler(S: Any, log: Callable[[str, str], None]) -> type:
@@ -129,6 +147,20 @@ def handler(S: Any, log: Callable[[str, str], None]) -> type:
                 return
             self._send(200, S.health())
 
+        def _read_body(self, n: int) -> Optional[bytes]:
+            """The body's n bytes, or None where the client stopped or took longer than
+            BODY_DEADLINE_S (a byte now and then would keep the socket's timeout from firing)."""
+            parts, got, t0 = [], 0, time.monotonic()
+            while got < n:
+                if time.monotonic() - t0 > BODY_DEADLINE_S:
+                    return None
+                b = self.rfile.read1(min(n - got, 1 << 20))
+                if not b:
+                    return None
+                parts.append(b)
+                got += len(b)
+            return b"".join(parts)
+
         def do_POST(self) -> None:
             try:
                 n = int(self.headers.get("Content-Length") or 0)
@@ -147,8 +179,16 @@ def handler(S: Any, log: Callable[[str, str], None]) -> type:
                 self._send(413 if n > MAX_BODY else 400,
                            {"error": f"a JSON body of 1 to {MAX_BODY} bytes is required"})
                 return
-            raw = self.rfile.read(n)
-            if len(raw) != n:
+            if not self.server.reserve(n):  # many half-sent bodies must not take the memory
+                self.close_connection = True
+                self._send(503, {"error": f"busy: {BODIES_MAX} bytes of request bodies are being "
+                                          "received, the most this engine holds; retry later"})
+                return
+            try:
+                raw = self._read_body(n)
+            finally:
+                self.server.release(n)
+            if raw is None:
                 self.close_connection = True
                 return
             try:

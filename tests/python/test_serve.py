@@ -1133,6 +1133,50 @@ class TestHttpWithoutModel(unittest.TestCase):
             httpd.server_close()
         self.assertEqual(len(socks), 64)
 
+    def test_bodies_budget(self):
+        """Half-sent bodies are bounded all together: with four of the largest held open, the
+        fifth is refused with 503 on its headers, and the room comes back as they close."""
+        from kvfabric import httpapi
+        httpd = httpapi.HttpServer(("127.0.0.1", 0), httpapi.handler(self.Stub(), print))
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        head = ("POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                % httpapi.MAX_BODY).encode()
+        held = []
+        try:
+            for _ in range(4):
+                c = socket.create_connection(httpd.server_address, timeout=10)
+                c.sendall(head + b"{" + b" " * (1 << 16))
+                held.append(c)
+            for _ in range(100):  # their headers read by the server's threads (bounded)
+                if httpd.bodies == 4 * httpapi.MAX_BODY:
+                    break
+                time.sleep(0.05)
+            self.assertEqual(httpd.bodies, 4 * httpapi.MAX_BODY)
+            c = socket.create_connection(httpd.server_address, timeout=10)
+            c.sendall(head)
+            reply = b""
+            while True:  # the server closes after its answer (the body was not read)
+                b = c.recv(4096)
+                if not b:
+                    break
+                reply += b
+            c.close()
+            self.assertIn(b" 503 ", reply.split(b"\r\n")[0])
+            self.assertIn(b"busy", reply)
+            for c in held:
+                c.close()
+            held = []
+            for _ in range(100):
+                if httpd.bodies == 0:
+                    break
+                time.sleep(0.05)
+            self.assertEqual(httpd.bodies, 0)
+        finally:
+            for c in held:
+                c.close()
+            httpd.shutdown()
+            httpd.server_close()
+
     def test_stream(self):
         import http.client
         from kvfabric import httpapi
