@@ -51,6 +51,10 @@ typedef struct kvf__sched_sub {
     /* An engine with a replay socket: everything its window holds is asked for as soon as the
      * subscription is made (the events thread's alone, as seq). */
     kvf_contact contact;
+    /* Warnings about its batches, at most one a second (subscriber.c, warn_batch): a publisher
+     * of garbage must not fill the log. warn_quiet: those left out since the last. */
+    uint64_t warn_ns;
+    uint64_t warn_quiet;
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */

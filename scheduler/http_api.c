@@ -120,6 +120,11 @@ static unsigned post_instance(kvf__sched_daemon *d, kvf__http_reply *c, json_t *
                           "DELETE /v1/instances/ID removes one",
                           in.id, registered, KVF_SCHED_MAX_INSTANCES,
                           expiry_advice(d, advice, sizeof advice));
+    if (rc == KVF_E2BIG)
+        return send_error(d, c, 503,
+                          "cannot register \"%s\": %s; DELETE /v1/instances/ID "
+                          "removes one",
+                          in.id, err);
     if (rc)
         return send_error(d, c, 400, "cannot register \"%s\": invalid capability record", in.id);
     if (fresh)
@@ -303,6 +308,10 @@ static unsigned place_body_read(json_t *o, place_body *b, char *err, size_t errl
         n = json_array_size(toks);
     }
     json_t *ks = json_object_get(o, "chunk_keys");
+    if (ks && !json_is_array(ks) && !json_is_null(ks)) {
+        snprintf(err, errlen, "\"chunk_keys\" must be an array of chunk keys (32 hex digits each)");
+        return 400;
+    }
     size_t nk = json_is_array(ks) ? json_array_size(ks) : 0;
     if (!b->tokens)
         b->tokens = malloc(n * sizeof *b->tokens);
@@ -486,6 +495,11 @@ static unsigned post_place(kvf__sched_daemon *d, kvf__http_reply *c, json_t *o)
     pthread_mutex_unlock(&d->mu);
     free(b.tokens);
     free(b.keys);
+    if (rc == KVF_ENOENT)
+        return send_error(d, c, 503,
+                          "no instance can serve this request: none live with the prefill role "
+                          "holds %zu tokens, or none that decodes holds them and the output",
+                          b.rq.n_tokens);
     if (rc)
         return send_error(d, c, 503, "no instance can serve this request: %s", kvf_strerror(rc));
     return send_json(c, rs.rejected ? 429 : 200, out);

@@ -11,6 +11,7 @@
 #include "member.h"
 #include "tcp.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,14 @@ int kvf__sched_json_str(json_t *o, const char *k, char *out, size_t n, int requi
         snprintf(err, errlen, "\"%s\" must be a string shorter than %zu bytes", k, n);
         return -1;
     }
+    /* printable: every such field is a name or an address that logs and replies repeat, and
+     * a NUL inside would cut it short where C reads it */
+    const unsigned char *t = (const unsigned char *)json_string_value(v);
+    for (size_t i = 0; i < json_string_length(v); i++)
+        if (t[i] < 0x20 || t[i] == 0x7f) {
+            snprintf(err, errlen, "\"%s\" holds a control character (byte %zu)", k, i);
+            return -1;
+        }
     snprintf(out, n, "%s", json_string_value(v));
     return 0;
 }
@@ -66,14 +75,22 @@ int kvf__sched_json_num(json_t *o, const char *k, double lo, double hi, int whol
     return -1;
 }
 
-/* Whether s is HOST:PORT with a port, after an optional scheme prefix. */
+/* Whether s is HOST:PORT with a port, after an optional scheme prefix, HOST a name or an address
+ * kvf-sched can connect to: letters, digits, '.', '-', '_', ':' (IPv6) and '%' (an IPv6 zone);
+ * not ZeroMQ's wildcard "*", nor its "interface;host" form (which would bind a source interface),
+ * nor spaces. */
 static int host_port(const char *s, const char *scheme)
 {
     size_t sl = strlen(scheme);
     char h[256];
     uint16_t port;
-    return kvf__addr_parse(strncmp(s, scheme, sl) ? s : s + sl, h, sizeof h, &port) == 0 &&
-           port != 0;
+    if (kvf__addr_parse(strncmp(s, scheme, sl) ? s : s + sl, h, sizeof h, &port) != 0 || !port ||
+        !h[0])
+        return 0;
+    for (const char *c = h; *c; c++)
+        if (!isalnum((unsigned char)*c) && !strchr(".-_:%", *c))
+            return 0;
+    return 1;
 }
 
 int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, size_t rlen,
@@ -127,6 +144,8 @@ int kvf__sched_instance_parse(json_t *o, kvf_instance_info *in, char *replay, si
     in->block_tokens = (uint32_t)bt;
     in->capacity_blocks = (uint64_t)cap;
     json_t *caps = json_object_get(o, "capabilities");
+    if (caps && !json_is_object(caps))
+        return snprintf(err, errlen, "\"capabilities\" must be a JSON object"), -1;
     if (caps) {
         char *t = json_dumps(caps, JSON_COMPACT);
         if (!t || strlen(t) >= sizeof in->capabilities) {

@@ -89,6 +89,14 @@ int kvf__sched_register_locked(kvf__sched_daemon *d, const kvf_instance_info *in
         *idx = i;
         return 0;
     }
+    /* an instance whose events could not be read would be placed on as if it held nothing */
+    if (in->events[0] && kvf__sched_subscriptions_locked(d) + d->n_pending >= KVF_SCHED_MAX_SUBS) {
+        snprintf(err, errlen,
+                 "kvf-sched reads the events of %d publishers (instances and storage nodes) at "
+                 "most, and has that many",
+                 KVF_SCHED_MAX_SUBS);
+        return KVF_E2BIG;
+    }
     int rc = kvf_sched_instance_add(d->s, in, &i);
     if (rc)
         return rc;

@@ -87,6 +87,23 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
 #define REPLAY_BACKOFF_MIN_MS 2000
 #define REPLAY_BACKOFF_MAX_MS 60000
 
+/* A replay or first contact that took longer than REPLAY_HOLD_MIN_MS holds the source's next
+ * ones off for REPLAY_HOLD_FACTOR times as long: the events thread waits on one replay socket at
+ * a time, so a publisher that answers slowly (or opens a gap every moment) takes at most about a
+ * tenth of it, and the other publishers' batches are not held up behind it for long. */
+#define REPLAY_HOLD_MIN_MS 50
+#define REPLAY_HOLD_FACTOR 9
+
+static void hold_after(kvf__sched_sub *sb, uint64_t t0)
+{
+    uint64_t now = kvf__now_ns(), took = now - t0;
+    if (took < (uint64_t)REPLAY_HOLD_MIN_MS * 1000000u)
+        return;
+    uint64_t until = now + REPLAY_HOLD_FACTOR * took;
+    if (until > sb->replay_down_until_ns)
+        sb->replay_down_until_ns = until;
+}
+
 /* Puts a source's replay socket in back-off after a request that was not answered whole. */
 static void back_off(kvf__sched_sub *sb)
 {
@@ -159,8 +176,9 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
     /* Answers to an earlier request that came after it was given up on would end this one. */
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
         ;
+    uint64_t t0 = kvf__now_ns();
     int rc = kvf__zsubs_replay_ask(d->zs, i, from), answered = 0;
-    uint64_t deadline = kvf__now_ns() + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
+    uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
     for (uint64_t guard = 0;
          rc == 0 && guard < want + 16 && !atomic_load(&d->stop) && kvf__now_ns() < deadline;
          guard++) {
@@ -186,6 +204,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
         if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
             resync(d, sb, lost, "the replay ended before them");
         sb->replay_backoff_ms = 0;
+        hold_after(sb, t0);
         kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
                  sb->endpoint, got, want);
         return;
@@ -309,6 +328,7 @@ static void first_contact(kvf__sched_daemon *d, int i)
 {
     kvf__sched_sub *sb = &d->subs[i];
     contact_ctx x = {d, i};
+    uint64_t t0 = kvf__now_ns();
     long got = kvf_contact_run(&sb->contact, d->zs, i, &sb->seq, contact_apply, &x,
                                REPLAY_SILENCE_MS, REPLAY_DEADLINE_MS, &d->stop);
     if (got == KVF_CONTACT_NOT_YET)
@@ -325,6 +345,7 @@ static void first_contact(kvf__sched_daemon *d, int i)
         return;
     }
     sb->replay_backoff_ms = 0;
+    hold_after(sb, t0);
     if (got > 0) {
         pthread_mutex_lock(&d->mu);
         d->late_joins = add_sat(d->late_joins, 1);
@@ -383,6 +404,24 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
     d->n_pending = 0;
 }
 
+/* Logs a warning about a batch of sb's, unless one was logged less than a second ago (then
+ * counted, and said with the next). */
+static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *what)
+{
+    uint64_t now = kvf__now_ns();
+    if (sb->warn_ns && now - sb->warn_ns < 1000000000u) {
+        sb->warn_quiet++;
+        return;
+    }
+    if (sb->warn_quiet)
+        kvf_warn(&d->lg, "events from %s: %s (and %" PRIu64 " more warnings in the last %.1f s)",
+                 sb->endpoint, what, sb->warn_quiet, (double)(now - sb->warn_ns) / 1e9);
+    else
+        kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, what);
+    sb->warn_ns = now;
+    sb->warn_quiet = 0;
+}
+
 /* Checks the sequence number of one batch from publisher i ([topic,] sequence (8 bytes
  * big-endian), payload) and counts what it reveals. Returns -1 for a malformed batch (counted,
  * to be dropped), 1 when the batch revealed a gap that the replay socket should be asked for
@@ -396,8 +435,9 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         return -1; /* its instance was removed: nothing of it is applied */
     if (m->frames < 2 || m->seq_len != 8) {
         d->ingest.malformed++;
-        kvf_warn(&d->lg, "events from %s: %d frames, expected topic, sequence, payload",
-                 sb->endpoint, m->frames);
+        char what[96];
+        snprintf(what, sizeof what, "%d frames, expected topic, sequence, payload", m->frames);
+        warn_batch(d, sb, what);
         return -1;
     }
     size_t stl = sizeof KVF_EVENTS_SHARD_TOPIC - 1;
@@ -492,11 +532,13 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     d->seq_missed = add_sat(d->seq_missed, sb->seq.missed - missed);
     int replay = kvf__zsubs_has_replay(d->zs, i);
     int down = replay && kvf__now_ns() < sb->replay_down_until_ns;
-    kvf_warn(&d->lg, "events from %s: sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s",
-             sb->endpoint, *from, *upto - 1,
+    char what[200];
+    snprintf(what, sizeof what, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from,
+             *upto - 1,
              !replay ? "; no replay socket, the index may miss blocks until they are stored again"
-             : down  ? "; the replay socket is in back-off after a timeout, not asked"
+             : down  ? "; the replay socket is held off (a timeout, or a slow replay), not asked"
                      : "; asking the replay socket");
+    warn_batch(d, sb, what);
     return replay && !down;
 }
 
@@ -522,7 +564,7 @@ static void apply_slice_locked(kvf__sched_daemon *d, int i, int drc, const kvf_k
         cur->event = n;
     }
     if (rc || d->ingest.malformed != before)
-        kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(rc));
+        warn_batch(d, sb, err[0] ? err : kvf_strerror(rc));
 }
 
 /* One batch from publisher i: a gap in its sequence is filled from the replay socket first, with

@@ -555,6 +555,9 @@ int kvf__zsubs_open(kvf__zsubs **out)
         free(s);
         return KVF_ENOMEM;
     }
+    /* a SUB and a replay DEALER per publisher: ZeroMQ's default of 1,023 sockets would stop new
+     * subscriptions at about 511 publishers */
+    zmq_ctx_set(s->ctx, ZMQ_MAX_SOCKETS, 2 * KVF_ZSUBS_MAX + 64);
     *out = s;
     return 0;
 }
