@@ -128,8 +128,9 @@ int kvf__wire_hdr_decode(const uint8_t in[KVF_WIRE_HEADER_LEN], const kvf_wire_l
         if (h->payload_len < least)
             return kvf__errf(msg, msglen, KVF_EPROTO,
                              "payload of %" PRIu64 " bytes is shorter than its table of %" PRIu32
-                             " items",
-                             h->payload_len, h->item_count);
+                             " items (%" PRIu64 " bytes) and a byte of data for each%s",
+                             h->payload_len, h->item_count, table,
+                             h->payload_len >= table ? " (an item of no bytes is not stored)" : "");
         return 0;
     }
     if (h->payload_len > KVF_WIRE_MAX_CONTROL)

@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -53,12 +54,30 @@ static int sb_read(kvf__disk *d)
         return -ENOMEM;
     int rc = kvf__dk_io(d, 0, b, BLK, 0);
     if (!rc) {
-        rc = !memcmp(b, SB_MAGIC, 8) && kvf__get_u64(b + 56) == XXH3_64bits(b, 56) &&
-             kvf__get_u32(b + 8) == VERSION && kvf__get_u32(b + 12) == BLK &&
+        int ours = !memcmp(b, SB_MAGIC, 8), sound = kvf__get_u64(b + 56) == XXH3_64bits(b, 56);
+        rc = ours && sound && kvf__get_u32(b + 8) == VERSION && kvf__get_u32(b + 12) == BLK &&
              kvf__get_u64(b + 16) == d->ext_bytes && kvf__get_u64(b + 24) == d->n_ext &&
              kvf__get_u64(b + 32) == DATA_OFF;
         if (rc)
             memcpy(d->uuid, b + 40, 16);
+        /* what is about to be formatted over, said (the caller warns): a size given other than
+         * before, or a damaged first block, must not drop a tier's worth without a word */
+        else if (ours && sound)
+            snprintf(d->note, sizeof d->note,
+                     "it held a tier of another layout (version %u, %llu extents of %llu bytes; "
+                     "now %llu of %llu: another --disk SIZE?)",
+                     kvf__get_u32(b + 8), (unsigned long long)kvf__get_u64(b + 24),
+                     (unsigned long long)kvf__get_u64(b + 16), (unsigned long long)d->n_ext,
+                     (unsigned long long)d->ext_bytes);
+        else if (ours)
+            snprintf(d->note, sizeof d->note, "its superblock does not verify (damaged)");
+        else
+            for (size_t i = 0; i < BLK; i++)
+                if (b[i]) {
+                    snprintf(d->note, sizeof d->note,
+                             "its first block is no disk tier's superblock (another file?)");
+                    break;
+                }
     }
     free(b);
     return rc;
@@ -169,6 +188,8 @@ static int rebuild(kvf__disk *d)
     return rc;
 }
 
+#define LOCK_WAIT_MS 5000
+
 int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t errlen)
 {
     *out = NULL;
@@ -196,11 +217,37 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     int rc = 0;
     struct stat sb;
     if (d->fd < 0 || fstat(d->fd, &sb) != 0) {
-        snprintf(err, errlen, "disk tier %s: %s%s", o->path, strerror(errno),
-                 errno == EINVAL ? " (O_DIRECT: the file system does not take it; tmpfs does "
-                                   "not)"
-                                 : "");
-        rc = KVF_EIO;
+        int e = errno;
+        struct stat ps;
+        int other = stat(o->path, &ps) == 0 && !S_ISREG(ps.st_mode) && !S_ISBLK(ps.st_mode);
+        snprintf(err, errlen, "disk tier %s: %s%s", o->path,
+                 other ? "not a regular file or a block device" : strerror(e),
+                 !other && e == EINVAL ? " (O_DIRECT: the file system does not take it)" : "");
+        rc = other ? KVF_EINVAL : KVF_EIO;
+        goto fail;
+    }
+    if (!S_ISREG(sb.st_mode) && !S_ISBLK(sb.st_mode)) {
+        snprintf(err, errlen, "disk tier %s: not a regular file or a block device", o->path);
+        rc = KVF_EINVAL;
+        goto fail;
+    }
+    /* one writer per file: another kvf-store on it, or this one's --disk naming it twice under
+     * two spellings (a link, "./"), would interleave two logs that each read as valid */
+    /* A store killed a moment ago may still hold it: its io_uring instances are torn down by
+     * the kernel after the process is gone, and the file (and its lock) goes with the last of
+     * their references. So a lock that is held is asked again for LOCK_WAIT_MS. */
+    int locked = flock(d->fd, LOCK_EX | LOCK_NB) == 0;
+    for (int t = 0; !locked && errno == EWOULDBLOCK && t < LOCK_WAIT_MS / 50; t++) {
+        usleep(50000);
+        locked = flock(d->fd, LOCK_EX | LOCK_NB) == 0;
+    }
+    if (!locked) {
+        int e = errno;
+        snprintf(err, errlen, "disk tier %s: %s", o->path,
+                 e == EWOULDBLOCK ? "in use by another disk tier (another kvf-store, or "
+                                    "another --disk of this one naming the same file)"
+                                  : strerror(e));
+        rc = e == EWOULDBLOCK ? KVF_EBUSY : KVF_EIO;
         goto fail;
     }
     uint64_t size = o->size;
@@ -273,6 +320,8 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     }
     uint64_t t0 = kvf__now_ns();
     int s = sb_read(d);
+    if (s != 0)
+        d->note[0] = '\0';
     int ir = s < 0 ? s : s == 0 ? format(d) : 0;
     if (!ir)
         ir = rebuild(d);
@@ -290,6 +339,11 @@ fail:
     if (created)
         unlink(o->path);
     return rc;
+}
+
+const char *kvf__disk_note(const kvf__disk *d)
+{
+    return d->note;
 }
 
 void kvf__disk_close(kvf__disk **pd)

@@ -63,6 +63,10 @@ typedef struct kvf__disk_stats {
 int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t errlen);
 /* Writes what is buffered and closes. Accepts NULL. */
 void kvf__disk_close(kvf__disk **d);
+/* Why the open formatted an existing file anew, dropping what it held ("" where it did not, or
+ * the file held nothing): another layout (a --disk SIZE other than before), a damaged superblock,
+ * or a file that was never a disk tier's. */
+const char *kvf__disk_note(const kvf__disk *d);
 
 /* Appends the object (ns, key) of len bytes (data is copied; a large one in page-aligned memory is
  * written straight from it, before the call returns). It is found by get and lookup once

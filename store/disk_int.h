@@ -68,6 +68,8 @@ struct kvf__disk {
     pthread_mutex_t imu; /* the index's changes (under mu too) and kvf__disk_contains */
     uint64_t size, n_ext, ext_bytes;
     uint8_t uuid[16];
+    /* why an existing file was formatted anew at open ("": it was not, or it held nothing) */
+    char note[200];
     /* the index: open addressing, linear probing, tombstone-free (deletion by backward shift) */
     ent *tab;
     uint64_t cap, count, data_bytes;

@@ -21,6 +21,12 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
     return KVF_EINFEASIBLE;
 }
 
+const char *kvf__disk_note(const kvf__disk *d)
+{
+    (void)d;
+    return "";
+}
+
 void kvf__disk_close(kvf__disk **d)
 {
     if (d)

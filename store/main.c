@@ -707,6 +707,12 @@ static int open_tier(const store_cfg *cfg, kvf_cache *cache, kvf__pub *pub, kvf_
         atomic_store(&fault->armed, 1);
     if (pub) /* its reads' measured rate to kvf-sched's cost model (StoreRates events) */
         kvf__pub_set_rates(pub, tier_rate, *tier);
+    for (int i = 0; i < cfg->n_disks; i++) {
+        const char *why = kvf__tier_device_note(*tier, i);
+        if (why[0])
+            kvf_warn(&cfg->lg, "disk tier %s: formatted anew, what it held is dropped: %s",
+                     cfg->disk_paths[i], why);
+    }
     kvf__tier_stats ts;
     kvf__tier_stats_get(*tier, &ts);
     char b[32];

@@ -398,6 +398,11 @@ int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down, uint64_t
     return 0;
 }
 
+const char *kvf__tier_device_note(kvf__tier *t, int i)
+{
+    return i >= 0 && i < t->n && t->dev[i].d ? kvf__disk_note(t->dev[i].d) : "";
+}
+
 uint64_t kvf__tier_read_rate(kvf__tier *t)
 {
     pthread_mutex_lock(&t->mu);

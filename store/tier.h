@@ -156,5 +156,7 @@ uint64_t kvf__tier_read_rate(kvf__tier *t);
  * bytes; -1 past the last. */
 int kvf__tier_device(kvf__tier *t, int i, const char **path, int *down, uint64_t *entries,
                      uint64_t *bytes);
+/* Why device i's file was formatted anew when the tier opened ("": it was not; kvf__disk_note). */
+const char *kvf__tier_device_note(kvf__tier *t, int i);
 
 #endif

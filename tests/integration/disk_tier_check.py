@@ -491,6 +491,55 @@ def phase_devices(tmp):
     s.stop()
 
 
+def refused(args, what, says):
+    """kvf-store with args must exit non-zero at start, its message holding says."""
+    try:
+        p = subprocess.run([STORE, "--listen", "127.0.0.1:0", "--memory", "8M", "--no-prefault",
+                            "--shm", "off"] + args, capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:  # it started and served (run() killed it)
+        check(False, "%s: it started" % what)
+        return
+    check(p.returncode != 0 and says in p.stderr,
+          "%s: rc %s, %r" % (what, p.returncode, p.stderr.strip()[-300:]))
+
+
+def phase_exclusive(tmp):
+    """One writer per file: a second store on a file in use, or one store naming it twice under
+    two spellings (a link, "./"), is refused, and the first store's objects stay exact. An
+    existing file opened with another size is formatted anew with a warning, not silently."""
+    disk = os.path.join(tmp, "excl.disk")
+    ks = kvf.KeySpace(LAYOUT, salt="disk-exclusive")
+    keys, objs = make(ks, 13, 96, 64 << 10)
+    s = Store(disk, memory="8M", disk_size="128M")
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        for i in range(0, len(keys), 4):  # 3x the arena: the oldest go to disk
+            check(c.put(keys[i:i + 4], objs[i:i + 4]) == ["KVF_OK"] * 4, "exclusive: put %d" % i)
+        settle(c, "exclusive")
+        refused(["--disk", disk + ":128M"], "exclusive: a second store on a file in use",
+                "in use")
+        link = os.path.join(tmp, "excl.link")
+        os.symlink(disk, link)
+        refused(["--disk", link + ":128M"], "exclusive: a second store through a link", "in use")
+        before = read_back(c, keys, objs, "exclusive, after the refusals")
+        check(before > 0, "exclusive: the first store's objects are served")
+    s.stop()
+    other = os.path.join(tmp, "twice.disk")
+    rel = os.path.relpath(other)
+    refused(["--disk", other + ":64M", "--disk", "./" + rel + ":64M"],
+            "exclusive: one store naming a file twice under two spellings", "in use")
+    # another size: formatted anew, said with a warning
+    s = Store(disk, memory="8M", disk_size="160M")
+    with kvf.Client([s.addr], ks.seed, transport="tcp") as c:
+        check(c.stats()["disk"]["entries"] == 0, "exclusive: another layout is read as empty")
+    s.stop()
+    log = "".join(s.log)
+    check("formatted anew" in log and "another --disk SIZE" in log,
+          "exclusive: no warning when another size formats the file: %r" % log[-400:])
+    s = Store(disk, memory="8M", disk_size="160M")
+    s.stop()
+    check("formatted anew" not in "".join(s.log), "exclusive: a warning on a plain restart")
+
+
 def thread_niceness(pid):
     """The niceness of each thread of pid (None without /proc)."""
     try:
@@ -665,7 +714,8 @@ def main():
                   ("fault", phase_fault), ("events", phase_events),
                   ("write_through", phase_write_through), ("promote", phase_promote),
                   ("copy", phase_copy),
-                  ("devices", phase_devices), ("full", phase_full), ("large", phase_large)]
+                  ("devices", phase_devices), ("full", phase_full), ("large", phase_large),
+                  ("exclusive", phase_exclusive)]
         for name, run in phases:
             if only in ("", name):
                 t0 = time.time()
