@@ -55,6 +55,10 @@ typedef struct kvf__sched_sub {
      * of garbage must not fill the log. warn_quiet: those left out since the last. */
     uint64_t warn_ns;
     uint64_t warn_quiet;
+    /* The events thread's time its replays may still take (subscriber.c, charge_replay), and
+     * when that was last counted (0: never, the whole budget). The events thread's alone. */
+    int64_t replay_credit_ns;
+    uint64_t credit_at_ns;
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */

@@ -87,21 +87,32 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
 #define REPLAY_BACKOFF_MIN_MS 2000
 #define REPLAY_BACKOFF_MAX_MS 60000
 
-/* A replay or first contact that took longer than REPLAY_HOLD_MIN_MS holds the source's next
- * ones off for REPLAY_HOLD_FACTOR times as long: the events thread waits on one replay socket at
- * a time, so a publisher that answers slowly (or opens a gap every moment) takes at most about a
- * tenth of it, and the other publishers' batches are not held up behind it for long. */
-#define REPLAY_HOLD_MIN_MS 50
-#define REPLAY_HOLD_FACTOR 9
+/* The events thread waits on one replay socket at a time, so each publisher's replays (and first
+ * contact) draw on a budget of the thread's time: REPLAY_CREDIT_MS at most, refilled at
+ * REPLAY_SHARE of the time that passes. A publisher whose replays have spent it (one that answers
+ * slowly, or opens a gap every moment) is not asked again until the budget is back above zero:
+ * it takes about a tenth of the thread over time, and the others' batches are not held up behind
+ * it for long. An engine's replays of a few milliseconds never come near it. */
+#define REPLAY_CREDIT_MS 1000
+#define REPLAY_SHARE     10 /* a tenth */
 
-static void hold_after(kvf__sched_sub *sb, uint64_t t0)
+static void charge_replay(kvf__sched_sub *sb, uint64_t t0)
 {
-    uint64_t now = kvf__now_ns(), took = now - t0;
-    if (took < (uint64_t)REPLAY_HOLD_MIN_MS * 1000000u)
-        return;
-    uint64_t until = now + REPLAY_HOLD_FACTOR * took;
-    if (until > sb->replay_down_until_ns)
-        sb->replay_down_until_ns = until;
+    const int64_t cap = (int64_t)REPLAY_CREDIT_MS * 1000000;
+    uint64_t now = kvf__now_ns();
+    if (!sb->credit_at_ns) /* a new subscription: the whole budget */
+        sb->replay_credit_ns = cap;
+    else
+        sb->replay_credit_ns += (int64_t)((now - sb->credit_at_ns) / REPLAY_SHARE);
+    if (sb->replay_credit_ns > cap)
+        sb->replay_credit_ns = cap;
+    sb->replay_credit_ns -= (int64_t)(now - t0);
+    sb->credit_at_ns = now;
+    if (sb->replay_credit_ns < 0) {
+        uint64_t until = now + (uint64_t)(-sb->replay_credit_ns) * REPLAY_SHARE;
+        if (until > sb->replay_down_until_ns)
+            sb->replay_down_until_ns = until;
+    }
 }
 
 /* Puts a source's replay socket in back-off after a request that was not answered whole. */
@@ -204,7 +215,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
         if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
             resync(d, sb, lost, "the replay ended before them");
         sb->replay_backoff_ms = 0;
-        hold_after(sb, t0);
+        charge_replay(sb, t0);
         kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
                  sb->endpoint, got, want);
         return;
@@ -345,7 +356,7 @@ static void first_contact(kvf__sched_daemon *d, int i)
         return;
     }
     sb->replay_backoff_ms = 0;
-    hold_after(sb, t0);
+    charge_replay(sb, t0);
     if (got > 0) {
         pthread_mutex_lock(&d->mu);
         d->late_joins = add_sat(d->late_joins, 1);
@@ -533,11 +544,13 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     int replay = kvf__zsubs_has_replay(d->zs, i);
     int down = replay && kvf__now_ns() < sb->replay_down_until_ns;
     char what[200];
-    snprintf(what, sizeof what, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from,
-             *upto - 1,
-             !replay ? "; no replay socket, the index may miss blocks until they are stored again"
-             : down  ? "; the replay socket is held off (a timeout, or a slow replay), not asked"
-                     : "; asking the replay socket");
+    snprintf(
+        what, sizeof what, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from,
+        *upto - 1,
+        !replay ? "; no replay socket, the index may miss blocks until they are stored again"
+        : down
+            ? "; the replay socket is held off (a timeout, or its replays' time spent), not asked"
+            : "; asking the replay socket");
     warn_batch(d, sb, what);
     return replay && !down;
 }

@@ -2,8 +2,9 @@
  * A real kvf-sched on loopback against clients that try to exhaust or confuse it: requests
  * refused on their headers before any of their body is read (no token, a body said to be too
  * large, two Content-Length headers), a budget for the bodies of all connections together that
- * half-sent uploads cannot exceed, paths with an escaped NUL or '/', and record fields that
- * ZeroMQ or a log would take for something else. The daemon keeps serving after each.
+ * half-sent uploads cannot exceed, paths with an escaped NUL or '/', record fields that ZeroMQ or
+ * a log would take for something else, and a publisher whose replay socket answers as slowly as
+ * it may while opening gap after gap. The daemon keeps serving after each.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -12,12 +13,16 @@
 #include <cmocka.h>
 
 #include <fcntl.h>
+#include <msgpack.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
+#include <zmq.h>
 
 #include "harness.h"
 #include "tcp.h"
@@ -265,6 +270,174 @@ static void test_record_fields(void **state)
     daemon_stop(&d);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* A replay socket that drips */
+
+/* A vLLM-format batch of one BlockStored block (hash h, 16 tokens from t0). */
+static void pack_block(msgpack_sbuffer *sb, uint64_t h, uint32_t t0)
+{
+    msgpack_packer pk;
+    msgpack_sbuffer_init(sb);
+    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, 3);
+    msgpack_pack_double(&pk, 1.0);
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_array(&pk, 7);
+    msgpack_pack_str(&pk, 11);
+    msgpack_pack_str_body(&pk, "BlockStored", 11);
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_uint64(&pk, h);
+    msgpack_pack_nil(&pk);
+    msgpack_pack_array(&pk, 16);
+    for (uint32_t i = 0; i < 16; i++)
+        msgpack_pack_uint32(&pk, t0 + i);
+    msgpack_pack_uint32(&pk, 16);
+    msgpack_pack_nil(&pk);
+    msgpack_pack_str(&pk, 3);
+    msgpack_pack_str_body(&pk, "GPU", 3);
+    msgpack_pack_int(&pk, 0); /* the data-parallel rank */
+}
+
+static void seq8(uint8_t s[8], uint64_t seq)
+{
+    for (int i = 0; i < 8; i++)
+        s[i] = (uint8_t)(seq >> (56 - 8 * i));
+}
+
+static void publish(void *pub, uint64_t seq, const msgpack_sbuffer *b)
+{
+    uint8_t s[8];
+    seq8(s, seq);
+    zmq_send(pub, "kv-events", 9, ZMQ_SNDMORE);
+    zmq_send(pub, s, 8, ZMQ_SNDMORE);
+    zmq_send(pub, b->data, b->size, 0);
+}
+
+static void *bound(void *ctx, int type, char *ep, size_t n)
+{
+    void *sk = zmq_socket(ctx, type);
+    int zero = 0;
+    zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
+    assert_int_equal(zmq_bind(sk, "tcp://127.0.0.1:*"), 0);
+    zmq_getsockopt(sk, ZMQ_LAST_ENDPOINT, ep, &n);
+    return sk;
+}
+
+typedef struct dripper {
+    void *router;
+    atomic_int stop;
+    atomic_int requests; /* replay requests it got */
+} dripper;
+
+/* Answers every replay request with the first batch asked for, again and again, every 150 ms
+ * (under kvf-sched's 200 ms of silence), never the end: each replay lasts to its deadline. */
+static void *drip(void *p)
+{
+    dripper *x = p;
+    msgpack_sbuffer b;
+    pack_block(&b, 7777, 1);
+    while (!atomic_load(&x->stop)) {
+        zmq_pollitem_t it = {.socket = x->router, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 50) <= 0)
+            continue;
+        zmq_msg_t id, delim, sq;
+        zmq_msg_init(&id), zmq_msg_init(&delim), zmq_msg_init(&sq);
+        zmq_msg_recv(&id, x->router, 0);
+        zmq_msg_recv(&delim, x->router, 0);
+        zmq_msg_recv(&sq, x->router, 0);
+        atomic_fetch_add(&x->requests, 1);
+        uint8_t from[8];
+        memcpy(from, zmq_msg_data(&sq), zmq_msg_size(&sq) == 8 ? 8 : 0);
+        for (int k = 0; k < 40 && !atomic_load(&x->stop); k++) {
+            usleep(150000);
+            zmq_send(x->router, zmq_msg_data(&id), zmq_msg_size(&id), ZMQ_SNDMORE);
+            zmq_send(x->router, "", 0, ZMQ_SNDMORE);
+            zmq_send(x->router, from, 8, ZMQ_SNDMORE);
+            zmq_send(x->router, b.data, b.size, 0);
+            zmq_pollitem_t more = {.socket = x->router, .events = ZMQ_POLLIN};
+            if (zmq_poll(&more, 1, 0) > 0)
+                break; /* a new request: this replay was given up on */
+        }
+        zmq_msg_close(&id), zmq_msg_close(&delim), zmq_msg_close(&sq);
+    }
+    msgpack_sbuffer_destroy(&b);
+    return NULL;
+}
+
+static long index_blocks(const daemon_t *d)
+{
+    char out[8192];
+    assert_int_equal(call(d, 0, "GET", "/v1/index/stats", NULL, out, sizeof out), 200);
+    const char *p = strstr(out, "\"blocks\":");
+    return p ? strtol(p + 9, NULL, 10) : -1;
+}
+
+/* A publisher that opens a gap every 200 ms and whose replay socket drips answers (each replay
+ * then takes kvf-sched's events thread to its 2 s deadline) is asked only as its budget allows
+ * (1 s, refilled at a tenth of the time): over 8 s, a few requests, not one per gap; and a
+ * normal engine's batches meanwhile are in the index within a second, past the first replays. */
+static void test_slow_replay_socket_is_budgeted(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, 0);
+    void *ctx = zmq_ctx_new();
+    char ep1[128], rep1[128], ep2[128], out[4096], body[512];
+    void *pub1 = bound(ctx, ZMQ_PUB, ep1, sizeof ep1), *pub2 = bound(ctx, ZMQ_PUB, ep2, sizeof ep2);
+    dripper x = {.router = bound(ctx, ZMQ_ROUTER, rep1, sizeof rep1)};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, drip, &x), 0);
+    snprintf(body, sizeof body,
+             "{\"id\":\"slow\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep1,
+             rep1);
+    assert_int_equal(call(&d, 0, "POST", "/v1/instances", body, out, sizeof out), 201);
+    snprintf(body, sizeof body, "{\"id\":\"good\",\"block_tokens\":16,\"events\":\"%s\"}", ep2);
+    assert_int_equal(call(&d, 0, "POST", "/v1/instances", body, out, sizeof out), 201);
+    msgpack_sbuffer gap;
+    pack_block(&gap, 7777, 1);
+    uint64_t seq1 = 1, seq2 = 1;
+    double t0 = now_s(), worst_late = 0;
+    long want = -1;
+    int late_batches = 0;
+    while (now_s() - t0 < 8.0) {
+        seq1 += 2; /* one missed each time */
+        publish(pub1, seq1, &gap);
+        msgpack_sbuffer g;
+        pack_block(&g, 100000 + seq2, (uint32_t)(1000 + 16 * seq2));
+        long before = index_blocks(&d);
+        double p0 = now_s();
+        publish(pub2, seq2++, &g);
+        msgpack_sbuffer_destroy(&g);
+        /* the batch in the index (bounded: 4 s); ZeroMQ may drop the very first ones */
+        while (now_s() - p0 < 4.0 && index_blocks(&d) <= before)
+            usleep(20000);
+        double took = now_s() - p0;
+        if (now_s() - t0 > 4.0) { /* past the first contact's and the first replays' time */
+            late_batches++;
+            if (took > worst_late)
+                worst_late = took;
+        }
+        want = before;
+        usleep(200000);
+    }
+    (void)want;
+    atomic_store(&x.stop, 1);
+    pthread_join(t, NULL);
+    int asked = atomic_load(&x.requests);
+    print_message("replay requests %d over 8 s of gaps every ~0.2 s; the normal engine's batches "
+                  "after 4 s took %.2f s at most (%d of them)\n",
+                  asked, worst_late, late_batches);
+    /* without the budget: one request per replay, back to back (2 s each): 4 or more */
+    assert_true(asked >= 1 && asked <= 3);
+    assert_true(late_batches > 0);
+    assert_true(worst_late < 1.0);
+    assert_int_equal(call(&d, 0, "GET", "/healthz", NULL, out, sizeof out), 200);
+    msgpack_sbuffer_destroy(&gap);
+    zmq_close(pub1), zmq_close(pub2), zmq_close(x.router);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
 int main(void)
 {
     harness_init();
@@ -281,6 +454,7 @@ int main(void)
         cmocka_unit_test_teardown(test_bodies_budget, teardown_daemons),
         cmocka_unit_test_teardown(test_escaped_nul_and_slash, teardown_daemons),
         cmocka_unit_test_teardown(test_record_fields, teardown_daemons),
+        cmocka_unit_test_teardown(test_slow_replay_socket_is_budgeted, teardown_daemons),
     };
     int rc = cmocka_run_group_tests(tests, NULL, NULL);
     unlink(token_file);
