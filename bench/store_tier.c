@@ -178,6 +178,16 @@ typedef struct batch_times {
     uint64_t short_gets; /* GETs that brought back less than a whole batch (a key missing) */
 } batch_times;
 
+/* Moves the values above 0 of v[0..n) to its front, in order; returns how many there are. */
+static size_t positive(double *v, size_t n)
+{
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (v[i] > 0)
+            v[k++] = v[i];
+    return k;
+}
+
 /* GB/s of GETs of rounds r_lo..r_hi (in DRAM), one after another, over secs; each GET's time
  * into *lat where given. */
 static double dram_rate(kvf_client *c, workload *w, uint64_t r_lo, uint64_t r_hi, double secs,
@@ -457,11 +467,15 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
         if (ud[k] > 0 && un[k] > 0)
             r_ud[n_ud++] = un[k] / ud[k];
     }
-    double alone = bench_spread_of(al, (size_t)nt).median,
-           under = bench_spread_of(un, (size_t)nt).median,
-           io_gbps = bench_spread_of(io, (size_t)nt).median,
-           under_dram = n_da ? bench_spread_of(ud, (size_t)nt).median : -1,
-           dram_during = bench_spread_of(du, (size_t)nt).median;
+    /* the rates of the phases that ran (a failed one's -1 is left out) */
+    size_t n_al = positive(al, (size_t)nt), n_un = positive(un, (size_t)nt),
+           n_io = positive(io, (size_t)nt), n_ud2 = positive(ud, (size_t)nt),
+           n_du = positive(du, (size_t)nt);
+    double alone = n_al ? bench_spread_of(al, n_al).median : -1,
+           under = n_un ? bench_spread_of(un, n_un).median : -1,
+           io_gbps = n_io ? bench_spread_of(io, n_io).median : 0,
+           under_dram = n_ud2 ? bench_spread_of(ud, n_ud2).median : -1,
+           dram_during = n_du ? bench_spread_of(du, n_du).median : 0;
     settle(c);
     int64_t on_disk = (int64_t)disk_stat(c, "entries");
     kvf_client_close(&c);
@@ -507,8 +521,8 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     bench_spread g = bench_json_rounds(res, KEY("disk_get_gbps_%s"), gets, (size_t)ng);
     /* rates: the median phase of each kind; ratios: the median of the triplets' own, with the
      * triplets' values (_rounds) and spread */
-    bench_json_rounds(res, KEY("dram_get_alone_gbps_%s"), al, (size_t)nt);
-    bench_json_rounds(res, KEY("dram_get_under_disk_io_gbps_%s"), un, (size_t)nt);
+    bench_json_rounds(res, KEY("dram_get_alone_gbps_%s"), al, n_al);
+    bench_json_rounds(res, KEY("dram_get_under_disk_io_gbps_%s"), un, n_un);
     bench_json_real(res, KEY("disk_io_during_gbps_%s"), io_gbps);
     double ua =
         n_ua ? bench_json_rounds(res, KEY("dram_get_under_disk_io_vs_alone_%s"), r_ua, n_ua).median

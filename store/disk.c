@@ -62,13 +62,21 @@ static int sb_read(kvf__disk *d)
             memcpy(d->uuid, b + 40, 16);
         /* what is about to be formatted over, said (the caller warns): a size given other than
          * before, or a damaged first block, must not drop a tier's worth without a word */
-        else if (ours && sound)
+        else if (ours && sound &&
+                 (kvf__get_u64(b + 24) != d->n_ext || kvf__get_u64(b + 16) != d->ext_bytes))
             snprintf(d->note, sizeof d->note,
-                     "it held a tier of another layout (version %u, %llu extents of %llu bytes; "
+                     "it held a tier of another size (version %u, %llu extents of %llu bytes; "
                      "now %llu of %llu: another --disk SIZE?)",
                      kvf__get_u32(b + 8), (unsigned long long)kvf__get_u64(b + 24),
                      (unsigned long long)kvf__get_u64(b + 16), (unsigned long long)d->n_ext,
                      (unsigned long long)d->ext_bytes);
+        else if (ours && sound)
+            snprintf(d->note, sizeof d->note,
+                     "it held a tier of another layout (version %u, blocks of %u, extents of "
+                     "%llu bytes from %llu)",
+                     kvf__get_u32(b + 8), kvf__get_u32(b + 12),
+                     (unsigned long long)kvf__get_u64(b + 16),
+                     (unsigned long long)kvf__get_u64(b + 32));
         else if (ours)
             snprintf(d->note, sizeof d->note, "its superblock does not verify (damaged)");
         else
@@ -188,7 +196,7 @@ static int rebuild(kvf__disk *d)
     return rc;
 }
 
-#define LOCK_WAIT_MS 5000
+#define LOCK_WAIT_MS 2000
 
 int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t errlen)
 {
@@ -241,8 +249,13 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
         usleep(50000);
         locked = flock(d->fd, LOCK_EX | LOCK_NB) == 0;
     }
+    /* a file system that takes no locks (NFS without its lock daemon, some FUSE ones): served
+     * unlocked, as before the lock existed */
+    if (!locked && (errno == ENOLCK || errno == EOPNOTSUPP || errno == ENOTSUP))
+        locked = 1;
     if (!locked) {
         int e = errno;
+        created = 0; /* another store's file: never removed by this failure */
         snprintf(err, errlen, "disk tier %s: %s", o->path,
                  e == EWOULDBLOCK ? "in use by another disk tier (another kvf-store, or "
                                     "another --disk of this one naming the same file)"

@@ -232,6 +232,14 @@ static enum MHD_Result count_length(void *cls, enum MHD_ValueKind kind, const ch
     return MHD_YES;
 }
 
+/* Whether a request says it has a body (a length above 0, or a transfer encoding). */
+static int has_body(struct MHD_Connection *c)
+{
+    const char *cl = MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Content-Length");
+    return (cl && strspn(cl, "0") != strlen(cl)) ||
+           MHD_lookup_connection_value(c, MHD_HEADER_KIND, "Transfer-Encoding") != NULL;
+}
+
 /* Whether a request is refused on its headers alone, before its body is read: a method not
  * served (405), two Content-Length headers (400: which one frames the body is ambiguous), a body
  * said to be too large (413), no valid token where one is needed (401), or no room left in the
@@ -301,6 +309,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
          * not, or asks too much, costs no memory */
         unsigned status = 0;
         json_t *e = early_refusal(d, c, method, url, b, &status);
+        if (e && strcmp(method, "POST") != 0 && strcmp(method, "PUT") != 0 && has_body(c)) {
+            /* libmicrohttpd stops reading a refused body only for POST and PUT; for another
+             * method it would read (and drop) all of it before answering, at the client's pace:
+             * the connection is closed instead */
+            json_decref(e);
+            atomic_fetch_add(&d->errors, 1);
+            return MHD_NO;
+        }
         return e ? send_error(d, c, status, e) : MHD_YES;
     }
     if (*upload_size) {
@@ -481,10 +497,12 @@ int kvf__httpd_start(kvf__httpd **out, const char *host, uint16_t port, int thre
                           : MHD_USE_INTERNAL_POLLING_THREAD) |
                      MHD_USE_AUTO;
     unsigned pool = threads >= 2 ? (unsigned)threads : 0;
-    /* one address may hold half the connections: a host that opens them all (half-sent requests
-     * kept open) leaves the others room (loopback clients share one address) */
+    /* one address may hold half the connections where there are many (a host that opens them
+     * all, half-sent requests kept open, leaves the others room; loopback clients share one
+     * address); with a low descriptor limit, none: half would be too few for one host's clients
+     * (0: no per-address limit) */
     unsigned limit = connection_limit();
-    unsigned per_ip = limit / 2 > 64 ? limit / 2 : limit;
+    unsigned per_ip = limit >= 4096 ? limit / 2 : 0;
     d->mhd = MHD_start_daemon(
         flags, 0, NULL, NULL, on_request, d, MHD_OPTION_LISTEN_SOCKET, lfd,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, d, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)120,

@@ -82,11 +82,13 @@ class Store:
         self.snapshot = line.split("snapshot=")[1].split()[0] if "snapshot=" in line else None
         # the log is read on its own thread, so a full pipe never stops the store
         self.log = []
-        threading.Thread(target=lambda: self.log.extend(self.p.stderr), daemon=True).start()
+        self.reader = threading.Thread(target=lambda: self.log.extend(self.p.stderr), daemon=True)
+        self.reader.start()
 
     def stop(self):
         self.p.terminate()
         rc = self.p.wait(timeout=60)
+        self.reader.join(timeout=10)  # the log whole, to its last line
         check(rc == 0, "kvf-store exited %s on SIGTERM" % rc)
         if rc != 0:
             time.sleep(0.2)
