@@ -17,6 +17,7 @@
 #include "kvevents.h"
 
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -415,15 +416,22 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
     d->n_pending = 0;
 }
 
-/* Logs a warning about a batch of sb's, unless one was logged less than a second ago (then
- * counted, and said with the next). */
-static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *what)
+/* Logs a warning about a batch of sb's (printf-style), unless one was logged less than a second
+ * ago: then it is only counted (nothing formatted), and the count said with the next. */
+static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
 {
     uint64_t now = kvf__now_ns();
     if (sb->warn_ns && now - sb->warn_ns < 1000000000u) {
         sb->warn_quiet++;
         return;
     }
+    char what[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
     if (sb->warn_quiet)
         kvf_warn(&d->lg, "events from %s: %s (and %" PRIu64 " more warnings in the last %.1f s)",
                  sb->endpoint, what, sb->warn_quiet, (double)(now - sb->warn_ns) / 1e9);
@@ -446,9 +454,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         return -1; /* its instance was removed: nothing of it is applied */
     if (m->frames < 2 || m->seq_len != 8) {
         d->ingest.malformed++;
-        char what[96];
-        snprintf(what, sizeof what, "%d frames, expected topic, sequence, payload", m->frames);
-        warn_batch(d, sb, what);
+        warn_batch(d, sb, "%d frames, expected topic, sequence, payload", m->frames);
         return -1;
     }
     size_t stl = sizeof KVF_EVENTS_SHARD_TOPIC - 1;
@@ -543,15 +549,12 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     d->seq_missed = add_sat(d->seq_missed, sb->seq.missed - missed);
     int replay = kvf__zsubs_has_replay(d->zs, i);
     int down = replay && kvf__now_ns() < sb->replay_down_until_ns;
-    char what[200];
-    snprintf(
-        what, sizeof what, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from,
-        *upto - 1,
+    warn_batch(
+        d, sb, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from, *upto - 1,
         !replay ? "; no replay socket, the index may miss blocks until they are stored again"
         : down
             ? "; the replay socket is held off (a timeout, or its replays' time spent), not asked"
             : "; asking the replay socket");
-    warn_batch(d, sb, what);
     return replay && !down;
 }
 
@@ -577,7 +580,7 @@ static void apply_slice_locked(kvf__sched_daemon *d, int i, int drc, const kvf_k
         cur->event = n;
     }
     if (rc || d->ingest.malformed != before)
-        warn_batch(d, sb, err[0] ? err : kvf_strerror(rc));
+        warn_batch(d, sb, "%s", err[0] ? err : kvf_strerror(rc));
 }
 
 /* One batch from publisher i: a gap in its sequence is filled from the replay socket first, with

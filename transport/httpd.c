@@ -60,8 +60,9 @@ struct kvf__httpd {
 typedef struct body {
     char *buf;
     size_t len;
-    size_t reserved; /* of d->bodies, given back when the request ends */
-    uint64_t t0;     /* when its headers were read */
+    size_t reserved;    /* of d->bodies, given back when the request ends */
+    const char *caller; /* the token's name that authenticated it (early_refusal), or NULL */
+    uint64_t t0;        /* when its headers were read */
     int too_big;
 } body;
 
@@ -274,8 +275,9 @@ static json_t *early_refusal(kvf__httpd *d, struct MHD_Connection *c, const char
     }
     const kvf__http_tokens *tokens = atomic_load(&d->tokens);
     if (tokens && strcmp(method, "GET") != 0 &&
-        !token_caller(tokens, MHD_lookup_connection_value(c, MHD_HEADER_KIND,
-                                                          MHD_HTTP_HEADER_AUTHORIZATION))) {
+        !(b->caller =
+              token_caller(tokens, MHD_lookup_connection_value(c, MHD_HEADER_KIND,
+                                                               MHD_HTTP_HEADER_AUTHORIZATION)))) {
         *status = 401;
         return kvf__http_error("%s %s needs \"Authorization: Bearer TOKEN\" with a token of "
                                "this server's token file",
@@ -370,18 +372,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         MHD_get_connection_info(c, MHD_CONNECTION_INFO_CONNECTION_FD);
     if (ci)
         out.client_fd = ci->connect_fd;
-    const kvf__http_tokens *tokens = atomic_load(&d->tokens);
-    if (tokens && strcmp(method, "GET") != 0) {
-        out.caller = token_caller(
-            tokens, MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION));
-        if (!out.caller) {
-            json_decref(in);
-            return send_error(d, c, 401,
-                              kvf__http_error("%s %s needs \"Authorization: Bearer TOKEN\" with a "
-                                              "token of this server's token file",
-                                              method, url));
-        }
-    }
+    out.caller = b->caller; /* checked on the headers (early_refusal) */
     unsigned status = d->h(d->ctx, method, url, in, &out);
     json_decref(in);
     return send_reply(d, c, status, &out);
