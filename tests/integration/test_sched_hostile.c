@@ -25,6 +25,7 @@
 #include <zmq.h>
 
 #include "harness.h"
+#include "kvevents_util.h"
 #include "tcp.h"
 
 #ifndef KVF_SCHED_BIN
@@ -296,56 +297,6 @@ static void pack_empty(msgpack_sbuffer *sb)
     msgpack_pack_int(&pk, 0);
 }
 
-/* A vLLM-format batch of one BlockStored block (hash h, 16 tokens from t0). */
-static void pack_block(msgpack_sbuffer *sb, uint64_t h, uint32_t t0)
-{
-    msgpack_packer pk;
-    msgpack_sbuffer_init(sb);
-    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    msgpack_pack_array(&pk, 3);
-    msgpack_pack_double(&pk, 1.0);
-    msgpack_pack_array(&pk, 1);
-    msgpack_pack_array(&pk, 7);
-    msgpack_pack_str(&pk, 11);
-    msgpack_pack_str_body(&pk, "BlockStored", 11);
-    msgpack_pack_array(&pk, 1);
-    msgpack_pack_uint64(&pk, h);
-    msgpack_pack_nil(&pk);
-    msgpack_pack_array(&pk, 16);
-    for (uint32_t i = 0; i < 16; i++)
-        msgpack_pack_uint32(&pk, t0 + i);
-    msgpack_pack_uint32(&pk, 16);
-    msgpack_pack_nil(&pk);
-    msgpack_pack_str(&pk, 3);
-    msgpack_pack_str_body(&pk, "GPU", 3);
-    msgpack_pack_int(&pk, 0); /* the data-parallel rank */
-}
-
-static void seq8(uint8_t s[8], uint64_t seq)
-{
-    for (int i = 0; i < 8; i++)
-        s[i] = (uint8_t)(seq >> (56 - 8 * i));
-}
-
-static void publish(void *pub, uint64_t seq, const msgpack_sbuffer *b)
-{
-    uint8_t s[8];
-    seq8(s, seq);
-    zmq_send(pub, "kv-events", 9, ZMQ_SNDMORE);
-    zmq_send(pub, s, 8, ZMQ_SNDMORE);
-    zmq_send(pub, b->data, b->size, 0);
-}
-
-static void *bound(void *ctx, int type, char *ep, size_t n)
-{
-    void *sk = zmq_socket(ctx, type);
-    int zero = 0;
-    zmq_setsockopt(sk, ZMQ_LINGER, &zero, sizeof zero);
-    assert_int_equal(zmq_bind(sk, "tcp://127.0.0.1:*"), 0);
-    zmq_getsockopt(sk, ZMQ_LAST_ENDPOINT, ep, &n);
-    return sk;
-}
-
 typedef struct dripper {
     void *router;
     atomic_int stop;
@@ -407,8 +358,9 @@ static void test_slow_replay_socket_is_budgeted(void **state)
     sched_start(&d, 0);
     void *ctx = zmq_ctx_new();
     char ep1[128], rep1[128], ep2[128], out[4096], body[512];
-    void *pub1 = bound(ctx, ZMQ_PUB, ep1, sizeof ep1), *pub2 = bound(ctx, ZMQ_PUB, ep2, sizeof ep2);
-    dripper x = {.router = bound(ctx, ZMQ_ROUTER, rep1, sizeof rep1)};
+    void *pub1 = pub_open(ctx, ZMQ_PUB, ep1, sizeof ep1),
+         *pub2 = pub_open(ctx, ZMQ_PUB, ep2, sizeof ep2);
+    dripper x = {.router = pub_open(ctx, ZMQ_ROUTER, rep1, sizeof rep1)};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, drip, &x), 0);
     /* the good engine first, its first block in the index before anything is timed */
@@ -417,8 +369,9 @@ static void test_slow_replay_socket_is_budgeted(void **state)
     uint64_t seq1 = 1, seq2 = 1;
     for (int i = 0; i < 100 && index_blocks(&d) < 1; i++) { /* ZeroMQ drops the first ones */
         msgpack_sbuffer g;
-        pack_block(&g, 99999, 1);
-        publish(pub2, seq2++, &g);
+        msgpack_sbuffer_init(&g);
+        pack_stored(&g, 99999, 1, 16, 1);
+        publish(pub2, seq2++, g.data, g.size);
         msgpack_sbuffer_destroy(&g);
         usleep(50000);
     }
@@ -433,12 +386,13 @@ static void test_slow_replay_socket_is_budgeted(void **state)
     int late_batches = 0;
     while (now_s() - t0 < 8.0) {
         seq1 += 2; /* one missed each time */
-        publish(pub1, seq1, &gap);
+        publish(pub1, seq1, gap.data, gap.size);
         msgpack_sbuffer g;
-        pack_block(&g, 100000 + seq2, (uint32_t)(1000 + 16 * seq2));
+        msgpack_sbuffer_init(&g);
+        pack_stored(&g, 100000 + seq2, 1, 16, (uint32_t)(1000 + 16 * seq2));
         long before = index_blocks(&d);
         double p0 = now_s();
-        publish(pub2, seq2++, &g);
+        publish(pub2, seq2++, g.data, g.size);
         msgpack_sbuffer_destroy(&g);
         /* the batch in the index (bounded: 4 s); ZeroMQ may drop the very first ones */
         while (now_s() - p0 < 4.0 && index_blocks(&d) <= before)
