@@ -435,7 +435,7 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     uint64_t hot = rounds - n_hot + 1; /* the last rounds put: in DRAM */
     lat = calloc(3, sizeof *lat);      /* alone, under disk I/O, under a DRAM reader */
     dram_rate(c, &w, hot, rounds, 0.3, NULL);
-    int nt = DRAM_TRIPLETS;          /* three, so that the median is one of them */
+    const int nt = DRAM_TRIPLETS;    /* three, so that the median is one of them */
     double secs = quick ? 0.4 : 1.0; /* a phase */
     double al[DRAM_TRIPLETS], un[DRAM_TRIPLETS], ud[DRAM_TRIPLETS], io[DRAM_TRIPLETS],
         du[DRAM_TRIPLETS], r_ua[DRAM_TRIPLETS], r_da[DRAM_TRIPLETS], r_ud[DRAM_TRIPLETS];
@@ -443,14 +443,14 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     double alone_reads = 0;
     /* the promoter starts after the rounds the GETs from disk just read, and each of its phases
      * reads on where the last stopped */
-    uint64_t next = r_got + 1 < r_cold ? r_got + 1 : 1;
+    uint64_t r_lo = r_got + 1 < r_cold ? r_got + 1 : 1, next = r_lo;
     for (int k = 0; k < nt; k++) {
         /* a key of the set that had left DRAM would be promoted and answered whole: the tier's
          * reads while the set is read alone say whether it stayed (0 expected) */
         double before = disk_stat(c, "promote_reads");
         al[k] = dram_rate(c, &w, hot, rounds, secs, lat ? &lat[0] : NULL);
         alone_reads += disk_stat(c, "promote_reads") - before;
-        bg_reader la = {.r_lo = r_got + 1 < r_cold ? r_got + 1 : 1, .r_hi = r_cold, .next = next};
+        bg_reader la = {.r_lo = r_lo, .r_hi = r_cold, .next = next};
         la.c = client_to(&p);
         un[k] = dram_rate_beside(c, &w, hot, rounds, secs, sh, &la, promoter, &io[k],
                                  lat ? &lat[1] : NULL);

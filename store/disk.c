@@ -239,11 +239,11 @@ int kvf__disk_open(kvf__disk **out, const kvf__disk_opts *o, char *err, size_t e
         rc = KVF_EINVAL;
         goto fail;
     }
-    /* one writer per file: another kvf-store on it, or this one's --disk naming it twice under
-     * two spellings (a link, "./"), would interleave two logs that each read as valid */
-    /* A store killed a moment ago may still hold it: its io_uring instances are torn down by
-     * the kernel after the process is gone, and the file (and its lock) goes with the last of
-     * their references. So a lock that is held is asked again for LOCK_WAIT_MS. */
+    /* One writer per file: another kvf-store on it, or this one's --disk naming it twice under
+     * two spellings (a link, "./"), would interleave two logs that each read as valid. A store
+     * killed a moment ago may still hold it (the kernel tears its io_uring instances down after
+     * the process is gone, and the file and its lock go with their last reference), so a lock
+     * that is held is asked again for LOCK_WAIT_MS. */
     int locked = flock(d->fd, LOCK_EX | LOCK_NB) == 0;
     for (int t = 0; !locked && errno == EWOULDBLOCK && t < LOCK_WAIT_MS / 50; t++) {
         usleep(50000);

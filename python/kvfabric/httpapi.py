@@ -45,8 +45,11 @@ class HttpServer(ThreadingHTTPServer):
     baseline routed most of a burst to one engine) waited a second more for some of them."""
     request_queue_size = 1024
     daemon_threads = True
-    bodies = 0  # bytes of BODIES_MAX reserved by the bodies being read now
-    bodies_lock = threading.Lock()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bodies = 0  # bytes of BODIES_MAX reserved by the bodies being read now
+        self.bodies_lock = threading.Lock()
 
     def reserve(self, n: int) -> bool:
         """Takes n bytes of the bodies' budget: False where they would not fit."""
