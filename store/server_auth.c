@@ -122,6 +122,12 @@ void kvf__auth_sweep(loop *lp, uint64_t now_ns)
         } else if (reloaded && !kvf__tenants_has_key(s->o.tenants, &c->who)) {
             kvf_info(s->o.log, "connection %" PRIu64 " of tenant %s closed: its key was revoked",
                      c->id, c->who.name);
+            if (c->shm_arena) /* a mapping handed out cannot be taken back */
+                kvf_warn(s->o.log,
+                         "connection %" PRIu64 " (%s) had mapped the arena read-only: its "
+                         "process keeps that view of every tenant's objects until it exits; "
+                         "restart the node to end it (docs/security.md)",
+                         c->id, c->who.name);
             kvf__conn_destroy(c);
         }
     }

@@ -73,11 +73,14 @@ void kvf__conn_destroy(conn *c)
         for (uint32_t i = 0; i < l->n; i++)
             kvf__cache_release_locked(s->o.cache, l->eids[i]);
         free(l);
+        atomic_fetch_sub(&s->rdma_leases_open, 1);
     }
+    c->n_leases = 0;
     kvf__cache_unlock(s->o.cache);
     while (c->oh) {
         out_msg *m = c->oh;
         c->oh = m->next;
+        kvf__msg_unqueued(c, m);
         kvf__msg_release_refs(s, m);
         free(m);
     }
@@ -122,6 +125,8 @@ void kvf__conn_leases_expire_locked(conn *c, uint64_t t)
         for (uint32_t i = 0; i < l->n; i++)
             kvf__cache_release_locked(s->o.cache, l->eids[i]);
         atomic_fetch_add(&s->rdma_expired, 1);
+        atomic_fetch_sub(&s->rdma_leases_open, 1);
+        c->n_leases--;
         *pp = l->next;
         free(l);
     }

@@ -281,7 +281,7 @@ int kvf__frame_on_readable(conn *c)
 {
     kvf_server *s = c->lp->srv;
     uint64_t budget = READ_BUDGET;
-    while (budget > 0 && !c->closing && c->out_bytes < OUT_HIGH_WATER) {
+    while (budget > 0 && kvf__conn_may_read(c)) {
         void *dst;
         size_t want;
         if (next_target(c, &dst, &want))

@@ -29,7 +29,14 @@
 #include <sys/uio.h>
 
 #define OUT_HIGH_WATER (512ull << 20) /* stop reading a connection whose replies pile up */
-#define SCRATCH_BYTES  (1u << 20)     /* a loop's sink for the bytes of refused PUT items */
+/* Replies copied to the heap (statuses, descriptors, headers; not the arena's bytes that GET
+ * replies point into): a connection is not read while its own queued copies pass
+ * OUT_HEAP_HIGH_WATER, nor while it has replies queued and the node's pass OUT_HEAP_BUDGET. A
+ * client that does not read its replies so holds little of the node's memory, and one whose queue
+ * is empty is always read. */
+#define OUT_HEAP_HIGH_WATER (64ull << 20)
+#define OUT_HEAP_BUDGET     (1ull << 30)
+#define SCRATCH_BYTES       (1u << 20) /* a loop's sink for the bytes of refused PUT items */
 
 /* Where a connection's next bytes go (server_frame.c). */
 enum { R_HDR, R_BODY, R_DATA };
@@ -43,6 +50,7 @@ typedef struct out_msg {
     uint32_t *refs;
     uint32_t nrefs;
     uint8_t *buf;
+    size_t heap; /* buf's length: counted in the node's out_heap while queued */
 } out_msg;
 
 typedef struct put_item {
@@ -99,12 +107,14 @@ typedef struct conn {
     int req_err;
     out_msg *oh, *ot;
     uint64_t out_bytes;
+    uint64_t out_heap; /* of out_bytes, those copied to the heap (out_msg.heap) */
     int closing;
     uint32_t events;
-    int pending_jobs; /* COPY jobs and disk tier requests not yet answered */
-    int disk_rerun;   /* the request is being run again after its disk tier promotions */
-    rlease *leases;   /* RDMA_GET descriptors still leased */
-    int dead;         /* destroyed: freed at the end of its loop's iteration (kvf__loop_reap) */
+    int pending_jobs;  /* COPY jobs and disk tier requests not yet answered */
+    int disk_rerun;    /* the request is being run again after its disk tier promotions */
+    rlease *leases;    /* RDMA_GET descriptors still leased ... */
+    uint32_t n_leases; /* ... so many (RDMA_LEASES_PER_CONN at most) */
+    int dead;          /* destroyed: freed at the end of its loop's iteration (kvf__loop_reap) */
     struct conn *next_dead;
     /* Authentication (server_auth.c): the role decides what the connection may do; a tenant's
      * namespaces are scoped by who.scope. Where the node authenticates nobody, every connection
@@ -200,6 +210,8 @@ struct kvf_server {
     char rdma_why[200];
     atomic_uint_fast64_t next_lease, rdma_leased, rdma_released, rdma_expired, rdma_reserved,
         rdma_committed;
+    atomic_uint_fast64_t rdma_leases_open; /* leases held now, on every connection */
+    atomic_uint_fast64_t out_heap;         /* bytes of queued replies copied to the heap */
 };
 
 /* server_conn.c: a connection's life on its loop. */
@@ -236,6 +248,10 @@ void kvf__reply_hdr(uint8_t *out, const kvf_wire_hdr *req, int status, uint32_t 
                     uint32_t count, uint64_t payload_len);
 /* Appends m to c's output queue. Takes ownership of m. */
 void kvf__conn_queue(conn *c, out_msg *m);
+/* m, queued on c, leaves its queue (written, or c closing): its heap bytes are no longer c's. */
+void kvf__msg_unqueued(conn *c, const out_msg *m);
+/* Whether c's requests are read now (OUT_HIGH_WATER, OUT_HEAP_HIGH_WATER, OUT_HEAP_BUDGET). */
+int kvf__conn_may_read(const conn *c);
 /* Writes what the socket takes, then closes c if it is closing and has nothing left to send or
  * wait for. Returns -1 when the connection was destroyed, else 0. */
 int kvf__conn_flush(conn *c);

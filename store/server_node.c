@@ -183,6 +183,7 @@ static json_t *stats_rdma(kvf_server *s)
     RSET("leases", atomic_load(&s->rdma_leased));
     RSET("released", atomic_load(&s->rdma_released));
     RSET("expired", atomic_load(&s->rdma_expired));
+    RSET("leases_open", atomic_load(&s->rdma_leases_open));
     RSET("reserved", atomic_load(&s->rdma_reserved));
     RSET("committed", atomic_load(&s->rdma_committed));
 #undef RSET

@@ -23,7 +23,15 @@
 
 #define RDMA_LEASE_DEFAULT_MS 10000u
 #define RDMA_LEASE_MAX_MS     60000u
-#define RDMA_GET_MAX_REPLY    (256ull << 20)
+/* One reply's bytes at most (descriptors and headers: a few KiB per key for models' objects); a
+ * key past it is KVF_E2BIG. The reply is a copy on the heap, made of a request a few thousand
+ * times smaller than itself where objects have many layers: kept small. */
+#define RDMA_GET_MAX_REPLY (16ull << 20)
+/* Leases held at once by one connection and by the node: each a list entry walked by the loops'
+ * ticks (expiry) and by RDMA_RELEASE, and references that keep objects in the arena. A request
+ * past either limit is refused (KVF_EBUSY) until leases are released or end. */
+#define RDMA_LEASES_PER_CONN 4096u
+#define RDMA_LEASES_MAX      65536u
 
 /* Whether this node serves RDMA (or, for RDMA_GET, c mapped the arena over shared memory: the
  * descriptors then point into its read-only view); if not, c gets the reason as an error reply. */
@@ -108,6 +116,14 @@ void kvf__req_rdma_get(conn *c)
         return;
     uint32_t n = c->h.item_count;
     uint32_t lease_ms = kvf__get_u32(c->rbuf + 8);
+    if (c->n_leases >= RDMA_LEASES_PER_CONN ||
+        atomic_load(&s->rdma_leases_open) >= RDMA_LEASES_MAX) {
+        kvf__reply_error(c, KVF_EBUSY, 0,
+                         "too many RDMA leases held (%" PRIu32 " on this connection, at most %u; "
+                         "%u on the node): release some (RDMA_RELEASE) or wait for them to end",
+                         c->n_leases, RDMA_LEASES_PER_CONN, RDMA_LEASES_MAX);
+        return;
+    }
     lease_ms = lease_ms ? lease_ms : RDMA_LEASE_DEFAULT_MS;
     lease_ms = lease_ms < RDMA_LEASE_MAX_MS ? lease_ms : RDMA_LEASE_MAX_MS;
     rget g = {
@@ -118,15 +134,15 @@ void kvf__req_rdma_get(conn *c)
         .st = malloc((size_t)(n ? n : 1) * sizeof *g.st),
         .hlen = malloc((size_t)(n ? n : 1) * sizeof *g.hlen),
     };
-    uint8_t *r = NULL;
+    out_msg *m = NULL;
     if (!g.l || !g.ptr || !g.len || !g.st || !g.hlen) {
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory for %" PRIu32 " descriptors", n);
         goto out_free;
     }
     g.l->n = 0;
     uint64_t total = rget_acquire(c, &g);
-    r = malloc(total);
-    if (!r) {
+    m = kvf__msg_new(1, 0, KVF_WIRE_HEADER_LEN + total); /* the reply, encoded in place */
+    if (!m) {
         kvf__cache_lock(s->o.cache);
         for (uint32_t i = 0; i < g.l->n; i++)
             kvf__cache_release_locked(s->o.cache, g.l->eids[i]);
@@ -136,16 +152,22 @@ void kvf__req_rdma_get(conn *c)
     }
     g.l->id = atomic_fetch_add(&s->next_lease, 1) + 1;
     g.l->expires_ns = kvf__now_ns() + (uint64_t)lease_ms * 1000000u;
-    rget_encode(s, &g, lease_ms, r);
+    kvf__reply_hdr(m->buf, &c->h, 0, 0, n, total);
+    rget_encode(s, &g, lease_ms, m->buf + KVF_WIRE_HEADER_LEN);
     if (g.l->n) {
         g.l->next = c->leases;
         c->leases = g.l;
         g.l = NULL;
+        c->n_leases++;
         atomic_fetch_add(&s->rdma_leased, 1);
+        atomic_fetch_add(&s->rdma_leases_open, 1);
     }
-    kvf__reply_copy(c, 0, 0, n, r, total);
+    m->iov[0].iov_base = m->buf;
+    m->iov[0].iov_len = KVF_WIRE_HEADER_LEN + total;
+    m->iovcnt = 1;
+    kvf__conn_queue(c, m);
 out_free:
-    free(g.l), free(g.ptr), free(g.len), free(g.st), free(g.hlen), free(r);
+    free(g.l), free(g.ptr), free(g.len), free(g.st), free(g.hlen);
 }
 
 /* RDMA_RELEASE: the client read what it wanted; the references go. */
@@ -163,7 +185,9 @@ void kvf__req_rdma_release(conn *c)
         released = l->n;
         *pp = l->next;
         free(l);
+        c->n_leases--;
         atomic_fetch_add(&s->rdma_released, 1);
+        atomic_fetch_sub(&s->rdma_leases_open, 1);
         break;
     }
     kvf__cache_unlock(s->o.cache);

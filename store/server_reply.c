@@ -32,6 +32,7 @@ out_msg *kvf__msg_new(int niov, uint32_t nrefs, size_t buflen)
     m->iov = (struct iovec *)(m + 1);
     m->refs = (uint32_t *)(m->iov + niov);
     m->buf = (uint8_t *)m + sz;
+    m->heap = buflen;
     return m;
 }
 
@@ -50,12 +51,24 @@ void kvf__reply_hdr(uint8_t *out, const kvf_wire_hdr *req, int status, uint32_t 
     kvf__wire_hdr_encode(out, &h);
 }
 
-/* A connection is read while it is open and its queued replies stay under the high-water mark,
- * and written while replies are queued. */
+int kvf__conn_may_read(const conn *c)
+{
+    return !c->closing && c->out_bytes < OUT_HIGH_WATER && c->out_heap < OUT_HEAP_HIGH_WATER &&
+           (!c->oh ||
+            atomic_load_explicit(&c->lp->srv->out_heap, memory_order_relaxed) < OUT_HEAP_BUDGET);
+}
+
+void kvf__msg_unqueued(conn *c, const out_msg *m)
+{
+    c->out_heap -= m->heap;
+    atomic_fetch_sub_explicit(&c->lp->srv->out_heap, m->heap, memory_order_relaxed);
+}
+
+/* A connection is read while kvf__conn_may_read, and written while replies are queued. */
 static void conn_set_events(conn *c)
 {
     uint32_t ev = 0;
-    if (!c->closing && c->out_bytes < OUT_HIGH_WATER)
+    if (kvf__conn_may_read(c))
         ev |= KVF_POLL_IN;
     if (c->oh)
         ev |= KVF_POLL_OUT;
@@ -71,6 +84,8 @@ void kvf__conn_queue(conn *c, out_msg *m)
     for (int i = 0; i < m->iovcnt; i++)
         total += m->iov[i].iov_len;
     c->out_bytes += total;
+    c->out_heap += m->heap;
+    atomic_fetch_add_explicit(&c->lp->srv->out_heap, m->heap, memory_order_relaxed);
     m->next = NULL;
     if (c->ot)
         c->ot->next = m;
@@ -105,6 +120,7 @@ int kvf__conn_flush(conn *c)
         c->oh = m->next;
         if (!c->oh)
             c->ot = NULL;
+        kvf__msg_unqueued(c, m);
         kvf__msg_release_refs(s, m);
         free(m);
     }

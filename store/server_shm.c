@@ -57,6 +57,10 @@ void kvf__shm_conn_free(conn *c)
 {
     if (!c->stg_map)
         return;
+    /* The pages go with the connection: a client that keeps its descriptor after the connection
+     * closed would otherwise keep them in memory (the node's, which wrote them) beyond
+     * --shm-staging-total. It then reads zeros there. */
+    (void)madvise(c->stg_map, c->stg_len, MADV_REMOVE);
     munmap(c->stg_map, c->stg_len);
     atomic_fetch_sub(&c->lp->srv->shm_staging_bytes, c->stg_len);
     c->stg_map = NULL;
@@ -492,6 +496,9 @@ void kvf__req_shm_get(conn *c)
         kvf__reply_error(c, KVF_ENOMEM, 0, "out of memory");
         return;
     }
+    /* A request moves at most its staging region's worth, as SHM_PUT's: items naming one large
+     * object many times over (overlapping regions) would hold the loop for one copy each. Past
+     * that, E2BIG for the items left (a client's distinct regions never get there). */
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *it = c->rbuf + 8 + SHM_ITEM_LEN * (size_t)i;
@@ -508,7 +515,7 @@ void kvf__req_shm_get(conn *c)
             kvf__cache_unlock(s->o.cache);
             if (!rc) {
                 /* Under the reference the block stays as it is, evicted or not. */
-                if (len <= cap)
+                if (len <= cap && len <= c->stg_len - bytes)
                     memcpy(dst, p, len);
                 else
                     rc = KVF_E2BIG;

@@ -29,58 +29,13 @@
 #include "kvf/object.h"
 
 #include "harness.h"
+#include "shm_util.h"
 
 #include "bytes.h"
 #include "client_int.h"
 #include "clock.h"
 #include "unixsock.h"
 #include "wire.h"
-
-#define LAYERS 4
-#define SEG    16384
-
-static const uint64_t NS = 0x5a3e5a3e5a3e5a3eull;
-
-/* One request and its reply on a raw connection, within 5 s. */
-static int kvf__sync_call_test(int fd, uint64_t id, uint32_t opcode, uint32_t count,
-                               const void *payload, size_t plen, uint8_t **reply, size_t *rlen,
-                               int *fds, int *n_fds)
-{
-    char err[300];
-    int rc = kvf__sync_call(fd, id, opcode, count, payload, plen, reply, rlen, fds, n_fds,
-                            kvf__now_ns() + 5000000000ull, err, sizeof err);
-    if (rc)
-        print_message("%s -> %s\n", kvf__wire_opcode_name(opcode), err);
-    return rc;
-}
-
-static kvf_key key_of(uint64_t i)
-{
-    return (kvf_key){.lo = i * 0x9E3779B97F4A7C15ull + 99, .hi = i ^ 0x3c3c};
-}
-
-/* The object of key i, version v, with segments of seg bytes: every byte says (i, v). */
-static uint8_t *make_obj(uint64_t i, uint8_t v, size_t seg, uint64_t *len)
-{
-    uint8_t *s = malloc(seg * LAYERS);
-    const void *segs[LAYERS];
-    for (int l = 0; l < LAYERS; l++) {
-        uint8_t *p = s + (size_t)l * seg;
-        for (size_t b = 0; b < seg; b++)
-            p[b] = (uint8_t)(i * 31 + (uint64_t)l * 7 + b + v);
-        kvf__put_u64(p, i);
-        p[8] = v;
-        segs[l] = p;
-    }
-    size_t cap = kvf_obj_raw_size(LAYERS, seg), out;
-    uint8_t *obj = malloc(cap);
-    kvf_key k = key_of(i);
-    assert_int_equal(
-        kvf_obj_encode(&k, 9, 16, LAYERS, segs, seg, KVF_CODEC_NONE, obj, cap, &out, NULL), 0);
-    free(s);
-    *len = out;
-    return obj;
-}
 
 /* Whether buf (len bytes) is key i's object of some version (stored raw or recompressed), its
  * version in *v: every segment decodes to exactly what that version's writer wrote. */
@@ -92,58 +47,26 @@ static int is_obj(const uint8_t *buf, uint64_t len, uint64_t i, size_t seg, uint
     kvf_key k = key_of(i);
     if (!kvf_key_eq(&in.key, &k))
         return 0;
-    uint8_t *raw = malloc(seg * LAYERS), *scratch = malloc(seg * 2 + 64);
+    uint8_t *plain = malloc(seg * LAYERS), *scratch = malloc(seg * 2 + 64);
     uint64_t off = in.header_len;
     int ok = 1;
     for (uint32_t l = 0; l < LAYERS && ok; l++) {
         kvf_obj_seg sg = kvf_obj_seg_at(&in, l);
         ok = sg.raw_len == seg &&
-             kvf_obj_decode_seg(in.codec, &sg, buf + off, raw + (size_t)l * seg, scratch) == 0;
+             kvf_obj_decode_seg(in.codec, &sg, buf + off, plain + (size_t)l * seg, scratch) == 0;
         off += sg.stored_len;
     }
     if (ok) {
-        *v = raw[8];
+        *v = plain[8];
         for (uint32_t l = 0; l < LAYERS && ok; l++) {
-            const uint8_t *p = raw + (size_t)l * seg;
+            const uint8_t *p = plain + (size_t)l * seg;
             ok = kvf__get_u64(p) == i && p[8] == *v;
             for (size_t b = 9; b < seg && ok; b++)
                 ok = p[b] == (uint8_t)(i * 31 + (uint64_t)l * 7 + b + *v);
         }
     }
-    free(raw), free(scratch);
+    free(plain), free(scratch);
     return ok;
-}
-
-/* The node's STATS figure `name` once it reads `want`, or its last value after 2 s. */
-static long long stat_settles(kvf_client *c, const char *name, long long want)
-{
-    char key[64];
-    snprintf(key, sizeof key, "\"%s\":", name);
-    long long v = -1;
-    for (int i = 0; i < 40 && v != want; i++) {
-        char *json = NULL;
-        usleep(50000);
-        assert_int_equal(kvf_client_stats(c, 0, &json, 2000), 0);
-        const char *p = strstr(json, key);
-        v = p ? atoll(p + strlen(key)) : -1;
-        free(json);
-    }
-    return v;
-}
-
-static kvf_client *client_open_opts(const daemon_t *d, kvf_client_opts o)
-{
-    const char *nodes[1] = {d->addr};
-    o.nodes = nodes;
-    o.n_nodes = 1;
-    o.ns = NS;
-    if (!o.deadline_ms)
-        o.deadline_ms = 5000;
-    kvf_client *c = NULL;
-    char err[400];
-    if (kvf_client_open(&c, &o, err, sizeof err) != 0)
-        fail_msg("client open: %s", err);
-    return c;
 }
 
 static void put_keys(kvf_client *c, uint64_t from, size_t n, uint8_t v, size_t seg, int *st)
@@ -750,34 +673,7 @@ static void test_shm_store_restart_reconnects(void **state)
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* A raw local client */
-
-typedef struct raw {
-    int fd;
-    uint64_t id;
-} raw;
-
-static raw raw_open(const daemon_t *d)
-{
-    char name[64];
-    snprintf(name, sizeof name, "@kvf-store-%d", (int)d->pid);
-    raw r = {.fd = -1};
-    char err[200];
-    assert_int_equal(kvf__unix_connect(name, &r.fd, err, sizeof err), 0);
-    uint8_t h[24];
-    kvf__put_u32(h, KVF_WIRE_VERSION);
-    kvf__put_u32(h + 4, KVF_WIRE_VERSION);
-    kvf__put_u64(h + 8, NS);
-    kvf__put_u64(h + 16, KVF_CAP_ALL | KVF_CAP_SHM);
-    uint8_t *rep;
-    size_t rlen;
-    assert_int_equal(
-        kvf__sync_call_test(r.fd, ++r.id, KVF_OP_HELLO, 0, h, sizeof h, &rep, &rlen, NULL, NULL),
-        0);
-    assert_true(kvf__get_u64(rep + 8) & KVF_CAP_SHM);
-    free(rep);
-    return r;
-}
+/* Raw local clients (shm_util.h) */
 
 /* A local client handed the arena cannot write it: not through the view, not by making it
  * writable, not by mapping the descriptor again writable, not by reopening it writable through
