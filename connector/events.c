@@ -47,7 +47,16 @@ struct kvf_events {
     uint64_t *shard_seq;
     roots rt;
     uint64_t unknown_parents; /* continuations whose parent this sharded publisher never stored */
+    size_t roots_max;         /* opts.shard_roots_max, or ROOTS_MAX */
+    uint64_t roots_resets;    /* times the roots passed roots_max: every shard told to clear */
 };
+
+/* The blocks a sharded publisher remembers at most (about 12 bytes each at the table's load of a
+ * half: 400 MB). An engine holds far fewer; the table grows past them only where removals were
+ * missed (a relay whose upstream dropped them) or by a publisher that never removes: then every
+ * shard is told AllBlocksCleared and the table starts again, so that subscribers drop what they
+ * can no longer be told the end of (the engine's blocks are indexed again as they are stored). */
+#define ROOTS_MAX ((size_t)16 << 20) /* kvf_events_opts.shard_roots_max's default */
 
 uint32_t kvf_events_shard_of(uint64_t first_block_hash, uint32_t shards)
 {
@@ -225,6 +234,7 @@ int kvf_events_open(kvf_events **out, const kvf_events_opts *o, char *err, size_
                        KVF_EVENTS_MAX_SHARDS);
     if (!rc && o->shards > 1) {
         ev->shards = o->shards;
+        ev->roots_max = o->shard_roots_max ? o->shard_roots_max : ROOTS_MAX;
         ev->topics = calloc(o->shards, sizeof *ev->topics);
         ev->shard_seq = calloc(o->shards, sizeof *ev->shard_seq);
         if (!ev->topics || !ev->shard_seq)
@@ -306,6 +316,8 @@ static int send_shard(kvf_events *ev, uint32_t k, const uint64_t *removed, size_
     return rc;
 }
 
+static int clear_locked(kvf_events *ev, int forget);
+
 /* kvf_events_publish of a sharded publisher: the removed blocks grouped by their shard (each
  * forgotten), the stored ones in the shard of their sequence (each remembered). */
 static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_removed,
@@ -318,6 +330,10 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
     size_t start[KVF_EVENTS_MAX_SHARDS + 1] = {0};
     int rc = n_removed && (!by || !of) ? KVF_ENOMEM : 0;
     pthread_mutex_lock(&ev->mu);
+    if (!rc && ev->rt.n + n_stored > ev->roots_max) {
+        ev->roots_resets++;
+        rc = clear_locked(ev, 1);
+    }
     if (!rc)
         rc = roots_reserve(&ev->rt, n_stored);
     if (!rc) {
@@ -396,10 +412,9 @@ int kvf_events_publish(kvf_events *ev, const uint64_t *removed, size_t n_removed
     return rc;
 }
 
-int kvf_events_clear(kvf_events *ev, int forget)
+/* kvf_events_clear, ev->mu held. */
+static int clear_locked(kvf_events *ev, int forget)
 {
-    if (!ev)
-        return KVF_EINVAL;
     kvf__kve_enc *e = NULL;
     const void *data;
     size_t len;
@@ -408,7 +423,6 @@ int kvf_events_clear(kvf_events *ev, int forget)
         kvf__kve_enc_all_cleared(e);
         rc = kvf__kve_enc_end(e, &data, &len);
     }
-    pthread_mutex_lock(&ev->mu);
     if (ev->shards > 1) {
         for (uint32_t k = 0; k < ev->shards; k++) {
             ++ev->seq;
@@ -423,8 +437,17 @@ int kvf_events_clear(kvf_events *ev, int forget)
         if (!rc)
             rc = kvf__zpub_send(ev->pub, ev->topic, ev->seq, data, len);
     }
-    pthread_mutex_unlock(&ev->mu);
     kvf__kve_enc_free(&e);
+    return rc;
+}
+
+int kvf_events_clear(kvf_events *ev, int forget)
+{
+    if (!ev)
+        return KVF_EINVAL;
+    pthread_mutex_lock(&ev->mu);
+    int rc = clear_locked(ev, forget);
+    pthread_mutex_unlock(&ev->mu);
     return rc;
 }
 

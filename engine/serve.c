@@ -72,6 +72,12 @@
 #include <time.h>
 #include <unistd.h>
 
+/* A request's body at most: its tokens (the engine's capacity, --max-tokens) written however a
+ * client writes JSON (an id of ten digits on a line of its own, indented: 24 bytes), and 1 MiB for
+ * the rest; 64 MiB at most. Parsed, a body takes about 20 times its size: a limit far past what
+ * the capacity admits let a client make the engine parse gigabytes to refuse them. */
+#define BODY_PER_TOKEN 24u
+#define BODY_BASE      (1u << 20)
 #define MAX_BODY       (64u << 20)
 #define REPORT_EVERY_S 5.0 /* the longest time between two load reports (heartbeats) */
 
@@ -558,8 +564,9 @@ static int start_http(srv *S, const char *advertise, const kvf__http_tokens *tok
                       kvf__httpd **httpd, uint16_t *bound)
 {
     char err[512];
-    if (kvf__httpd_start(httpd, S->host, S->port, 1, MAX_BODY, kvfe__srv_request, S, bound, err,
-                         sizeof err) != 0) {
+    uint64_t body = BODY_BASE + (uint64_t)BODY_PER_TOKEN * S->max_tokens;
+    if (kvf__httpd_start(httpd, S->host, S->port, 1, body < MAX_BODY ? (size_t)body : MAX_BODY,
+                         kvfe__srv_request, S, bound, err, sizeof err) != 0) {
         fprintf(stderr, "kvf-engine: %s\n", err);
         return 1;
     }

@@ -8,6 +8,7 @@
 #include "errf.h"
 #include "kvf/kvf.h"
 
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -175,6 +176,16 @@ static unsigned parse_job(srv *S, json_t *o, job *j, kvf__http_reply *reply)
     j->expect_cached = ec ? (uint32_t)json_integer_value(ec) : 0;
     if (mt && (json_integer_value(mt) < 1 || json_integer_value(mt) > 1 << 20)) {
         reply->json = kvf__http_error("max_tokens must be 1..1048576");
+        return 400;
+    }
+    /* the prefill's first token, handed to the decode half: a 32-bit id, as the prompt's */
+    if (ft && (json_integer_value(ft) < 0 || json_integer_value(ft) > UINT32_MAX)) {
+        reply->json = kvf__http_error("first_token is not a 32-bit token id");
+        return 400;
+    }
+    /* tokens the prefill saved: at most the prompt */
+    if (ec && (json_integer_value(ec) < 0 || (uint64_t)json_integer_value(ec) > j->n)) {
+        reply->json = kvf__http_error("expect_cached must be 0..%zu (the prompt's tokens)", j->n);
         return 400;
     }
     if (j->n + j->max_tokens + 1 > S->max_tokens) {
@@ -367,11 +378,17 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
         json_object_set_new(out, "transport_reason", json_string(why));
     }
     if (mismatch) {
-        kvf_error(&S->lg, "request: the decode's first token %u differs from the prefill's %u",
-                  r.next_token, j->first_token);
+        /* told once a second at most (a client's first_token is its own to send), counted all */
         pthread_mutex_lock(&S->mu);
-        S->first_token_mismatches++;
+        uint64_t n = ++S->first_token_mismatches, t = kvf__now_ns();
+        int say = !S->mismatch_said_ns || t - S->mismatch_said_ns >= 1000000000ull;
+        S->mismatch_said_ns = say ? t : S->mismatch_said_ns;
         pthread_mutex_unlock(&S->mu);
+        if (say)
+            kvf_error(&S->lg,
+                      "request: the decode's first token %u differs from the prefill's %u (%" PRIu64
+                      " such decodes in all)",
+                      r.next_token, j->first_token, n);
     }
     return out;
 }

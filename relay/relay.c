@@ -43,7 +43,9 @@ struct kvf__relay {
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
     int warned_sharded;
-    pthread_mutex_t mu; /* st, read by the HTTP threads */
+    uint64_t bad_warned_ns; /* the last warning of a malformed batch ... */
+    uint64_t bad_unsaid;    /* ... and the malformed batches not told since */
+    pthread_mutex_t mu;     /* st, read by the HTTP threads */
     kvf__relay_stats st;
 };
 
@@ -91,9 +93,25 @@ static int relay_event(kvf__relay *r, const kvf_kve *ev)
     return 0;
 }
 
+/* A malformed batch is told at most once a second (an engine that sends nothing else would
+ * fill the log), with the count of those not told since; every one is counted in the stats. */
+static int bad_warn_due(kvf__relay *r, uint64_t *unsaid)
+{
+    uint64_t t = kvf__now_ns();
+    if (r->bad_warned_ns && t - r->bad_warned_ns < 1000000000ull) {
+        r->bad_unsaid++;
+        return 0;
+    }
+    r->bad_warned_ns = t;
+    *unsaid = r->bad_unsaid;
+    r->bad_unsaid = 0;
+    return 1;
+}
+
 /* Decodes one of the engine's batches and publishes its events again. */
 static void relay_batch(kvf__relay *r, const void *payload, size_t len)
 {
+    uint64_t unsaid = 0;
     char err[256] = "";
     const kvf_kve *ev = NULL;
     size_t n = 0;
@@ -101,7 +119,11 @@ static void relay_batch(kvf__relay *r, const void *payload, size_t len)
     count(r, &r->st.batches, 1);
     if (kvf__kve_decode_batch(r->dec, payload, len, &ev, &n, &malformed, err, sizeof err) != 0) {
         count(r, &r->st.malformed, 1);
-        kvf_warn(r->lg, "events from %s: %s", r->from, err[0] ? err : "not a batch");
+        if (bad_warn_due(r, &unsaid))
+            kvf_warn(r->lg,
+                     "events from %s: %s (%" PRIu64 " malformed batch(es) not told since "
+                     "the last warning)",
+                     r->from, err[0] ? err : "not a batch", unsaid);
         return;
     }
     for (size_t i = 0; i < n; i++)
@@ -111,8 +133,11 @@ static void relay_batch(kvf__relay *r, const void *payload, size_t len)
         }
     if (malformed) {
         count(r, &r->st.malformed, malformed);
-        kvf_warn(r->lg, "events from %s: %" PRIu64 " malformed event(s) skipped: %s", r->from,
-                 malformed, err);
+        if (bad_warn_due(r, &unsaid))
+            kvf_warn(r->lg,
+                     "events from %s: %" PRIu64 " malformed event(s) skipped: %s (%" PRIu64
+                     " malformed batch(es) not told since the last warning)",
+                     r->from, malformed, err, unsaid);
     }
 }
 

@@ -51,6 +51,9 @@ typedef struct kvf_events_opts {
      * for every block stored until the block is removed. Sharded batches go to admin subscribers
      * only (a tenant's subscription names its own topic). */
     uint32_t shards;
+    /* Sharded: the blocks remembered at most (0: 16M). A publisher past it (removals missed
+     * upstream, or blocks never removed) tells every shard AllBlocksCleared and starts again. */
+    size_t shard_roots_max;
 } kvf_events_opts;
 
 #define KVF_EVENTS_SHARD_TOPIC "kv-events/s/"

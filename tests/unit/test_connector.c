@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include <zmq.h>
 
 #include "kvf/events.h"
 #include "kvf/kvf.h"
@@ -480,13 +481,14 @@ static void test_connector_events_publish(void **state)
 typedef struct shard_seen {
     uint64_t stored[64], removed[64], parent[64];
     int has_parent[64];
-    size_t n_stored, n_removed;
+    size_t n_stored, n_removed, n_cleared;
 } shard_seen;
 
 static int on_shard_event(void *ud, const kvf_kve *ev, char *err, size_t errlen)
 {
     (void)err, (void)errlen;
     shard_seen *s = ud;
+    s->n_cleared += ev->type == KVF_KVE_ALL_CLEARED;
     for (size_t i = 0; i < ev->n_hashes; i++) {
         if (ev->type == KVF_KVE_BLOCK_REMOVED) {
             assert_true(s->n_removed < 64);
@@ -663,6 +665,104 @@ static void test_connector_events_sharded(void **state)
     kvf_events_close(&ev);
 }
 
+/* A sharded publisher remembers its blocks' shards up to shard_roots_max: one that stores past it
+ * (removals missed upstream, or never sent) tells every shard AllBlocksCleared once and starts
+ * again, instead of growing without bound. */
+static void test_connector_events_sharded_roots_bounded(void **state)
+{
+    (void)state;
+    enum { SHARDS = 4, MAXR = 40, SEQS = 60 };
+    char err[300] = "";
+    kvf_events *ev = NULL;
+    kvf_events_opts o = {.listen = "127.0.0.1:0",
+                         .replay = "127.0.0.1:0",
+                         .shards = SHARDS,
+                         .shard_roots_max = MAXR};
+    assert_int_equal(kvf_events_open(&ev, &o, err, sizeof err), 0);
+    for (uint32_t j = 0; j < SEQS; j++) {
+        uint32_t tok[4] = {900u + j, 1, 2, 3};
+        uint64_t h;
+        assert_int_equal(kvf_events_hash_blocks(tok, 1, 4, 0, &h), 0);
+        assert_int_equal(kvf_events_publish(ev, NULL, 0, &h, 1, 0, 0, tok, 4, "GPU"), 0);
+    }
+    kvf__zsubs *zs = NULL;
+    assert_int_equal(kvf__zsubs_open(&zs), 0);
+    size_t stored = 0;
+    for (uint32_t k = 0; k < SHARDS; k++) {
+        char topic[64];
+        snprintf(topic, sizeof topic, "%s%u/", KVF_EVENTS_SHARD_TOPIC, k);
+        int idx = replay_from_1(zs, ev, topic);
+        shard_seen sn = {0};
+        (void)replay_drain(zs, idx, &sn);
+        assert_int_equal(sn.n_cleared, 1); /* once, at the 41st block */
+        stored += sn.n_stored;
+        kvf__zsubs_drop(zs, idx);
+    }
+    assert_int_equal(stored, SEQS);
+    kvf__zsubs_close(&zs);
+    kvf_events_close(&ev);
+}
+
+static long self_rss_kib(void)
+{
+    char line[256];
+    FILE *f = fopen("/proc/self/status", "r");
+    long v = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (strncmp(line, "VmRSS:", 6) == 0)
+            v = atol(line + 6);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* A replay socket answers each request with its whole window: 20 requests of a 64 MiB window
+ * from a requester that reads none of the answers queue the ring's batches by reference, not 20
+ * copies of them (1.3 GB before). */
+static void test_connector_replays_share_the_window(void **state)
+{
+    (void)state;
+    enum { BATCHES = 64, REQUESTS = 20 };
+    const size_t len = 1u << 20;
+    char err[300], ep[160], rep_ep[160];
+    kvf__zpub *p = NULL;
+    assert_int_equal(kvf__zpub_open(&p, "127.0.0.1", 0, 0, ep, sizeof ep, err, sizeof err), 0);
+    /* room for 4,096 batches (a peer's queue holds as many messages), 64 of 1 MiB kept */
+    assert_int_equal(kvf__zpub_replay(p, "127.0.0.1", 0, 4096, (size_t)BATCHES * len, rep_ep,
+                                      sizeof rep_ep, err, sizeof err),
+                     0);
+    uint8_t *payload = malloc(len);
+    for (uint64_t s = 1; s <= BATCHES; s++) {
+        memset(payload, (int)s, len);
+        assert_int_equal(kvf__zpub_send(p, "kv-events", s, payload, len), 0);
+    }
+    free(payload);
+    long before = self_rss_kib();
+    void *ctx = zmq_ctx_new(), *d = zmq_socket(ctx, ZMQ_DEALER);
+    int one = 1, zero = 0, small = 4096;
+    zmq_setsockopt(d, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(d, ZMQ_RCVHWM, &one, sizeof one); /* this side keeps next to nothing */
+    zmq_setsockopt(d, ZMQ_RCVBUF, &small, sizeof small);
+    assert_int_equal(zmq_connect(d, rep_ep), 0);
+    uint8_t from[8] = {0, 0, 0, 0, 0, 0, 0, 1};
+    for (int i = 0; i < REQUESTS; i++) {
+        assert_int_equal(zmq_send(d, "", 0, ZMQ_SNDMORE), 0);
+        assert_int_equal(zmq_send(d, from, 8, 0), 8);
+    }
+    long after = before;
+    for (int t = 0; t < 20; t++) { /* 2 s: the answers are queued by then */
+        usleep(100000);
+        long now = self_rss_kib();
+        after = now > after ? now : after;
+    }
+    print_message("RSS %ld -> %ld KiB with %d unread answers of a %d MiB window\n", before, after,
+                  REQUESTS, BATCHES);
+    assert_true(after - before < 300 * 1024);
+    zmq_close(d);
+    zmq_ctx_term(ctx);
+    kvf__zpub_close(&p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -672,6 +772,8 @@ int main(void)
         cmocka_unit_test(test_connector_transport_says_why),
         cmocka_unit_test(test_connector_events_publish),
         cmocka_unit_test(test_connector_events_sharded),
+        cmocka_unit_test(test_connector_events_sharded_roots_bounded),
+        cmocka_unit_test(test_connector_replays_share_the_window),
     };
     return cmocka_run_group_tests_name("connector", tests, NULL, NULL);
 }
