@@ -366,11 +366,16 @@ static void release(struct kvf__rdma_path *r, size_t node, uint64_t lease)
     free(rep);
 }
 
-/* Splits a batch by node (a get's keys by kvf_batch.nodes where it names one): shares[k] for
- * each node with keys, in node order. */
+/* The keys of one share at most: an RDMA_GET's reply (descriptors and object headers) stops at
+ * 16 MiB on the node, which 1,024 objects of up to 680 layers fit (docs/protocol.md). */
+#define SHARE_KEYS_MAX 1024u
+
+/* Splits a batch by node (a get's keys by kvf_batch.nodes where it names one): shares for each
+ * node with keys, in node order, SHARE_KEYS_MAX keys at most each. */
 static gshare *split(struct kvf__rdma_path *r, const kvf_batch *b, int get, size_t *n_shares)
 {
-    gshare *g = calloc(r->n, sizeof *g);
+    /* at most one share per node, and one more per SHARE_KEYS_MAX keys */
+    gshare *g = calloc(r->n + b->n / SHARE_KEYS_MAX + 1, sizeof *g);
     uint32_t *idx = malloc((b->n ? b->n : 1) * sizeof *idx);
     size_t *node_of = malloc((b->n ? b->n : 1) * sizeof *node_of);
     if (!g || !idx || !node_of) {
@@ -397,6 +402,23 @@ static gshare *split(struct kvf__rdma_path *r, const kvf_batch *b, int get, size
     for (size_t k = 0; k < r->n; k++)
         if (g[k].n)
             g[m++] = g[k];
+    /* each node's keys in runs of SHARE_KEYS_MAX, from the last share back (in place) */
+    size_t total = 0;
+    for (size_t k = 0; k < m; k++)
+        total += (g[k].n + SHARE_KEYS_MAX - 1) / SHARE_KEYS_MAX;
+    for (size_t k = m, at_end = total; k-- > 0;) {
+        gshare whole = g[k];
+        size_t runs = (whole.n + SHARE_KEYS_MAX - 1) / SHARE_KEYS_MAX;
+        at_end -= runs;
+        for (size_t j = 0; j < runs; j++) {
+            uint32_t from = (uint32_t)j * SHARE_KEYS_MAX;
+            g[at_end + j] =
+                (gshare){.node = whole.node,
+                         .idx = whole.idx + from,
+                         .n = whole.n - from < SHARE_KEYS_MAX ? whole.n - from : SHARE_KEYS_MAX};
+        }
+    }
+    m = total;
     *n_shares = m;
     if (m == 0)
         g[0].idx = idx; /* kept for freeing */

@@ -63,13 +63,20 @@ typedef struct stream_hits {
     int32_t *st;
 } stream_hits;
 
+/* The frames' scatter lists of one streamed GET at most (an entry per hit and layer): a request of
+ * a few KiB naming an object of 4,096 layers many times over would have the loop build gigabytes
+ * of them. Hits past it are KVF_E2BIG (126-layer objects: 16,000 hits fit). */
+#define STREAM_IOV_MAX_BYTES (32ull << 20)
+
 /* Takes a read reference on each key's object. A miss keeps its status; an object whose header
- * does not parse, or whose layer count differs from the first hit's, is let go with KVF_ELAYOUT.
+ * does not parse, or whose layer count differs from the first hit's, is let go with KVF_ELAYOUT;
+ * one past STREAM_IOV_MAX_BYTES with KVF_E2BIG.
  */
 static void stream_acquire(conn *c, stream_hits *g)
 {
     kvf_server *s = c->lp->srv;
     const uint8_t *keys = c->rbuf + 8;
+    uint64_t iov_bytes = 0;
     kvf__cache_lock(s->o.cache);
     for (uint32_t i = 0; i < g->n; i++) {
         kvf_key key = kvf__wire_key_get(keys + 16 * (size_t)i);
@@ -85,6 +92,13 @@ static void stream_acquire(conn *c, stream_hits *g)
             g->st[i] = KVF_ELAYOUT;
             continue;
         }
+        uint64_t cost = ((uint64_t)g->infos[i].layers + 1) * sizeof(struct iovec);
+        if (iov_bytes + cost > STREAM_IOV_MAX_BYTES) {
+            kvf__cache_release_locked(s->o.cache, g->eids[i]);
+            g->st[i] = KVF_E2BIG;
+            continue;
+        }
+        iov_bytes += cost;
         g->layers = g->infos[i].layers;
         g->hits++;
     }

@@ -50,7 +50,7 @@ typedef struct out_msg {
     uint32_t *refs;
     uint32_t nrefs;
     uint8_t *buf;
-    size_t heap; /* buf's length: counted in the node's out_heap while queued */
+    size_t heap; /* the message's allocation: counted in the node's out_heap while queued */
 } out_msg;
 
 typedef struct put_item {

@@ -137,6 +137,7 @@ static void stats_figures(json_t *o, kvf_server *s, const kvf_cache_stats *st)
     SET("connections_shed", atomic_load(&s->n_shed));
     SET("bytes_in", atomic_load(&s->bytes_in));
     SET("bytes_out", atomic_load(&s->bytes_out));
+    SET("reply_heap_bytes", atomic_load(&s->out_heap)); /* queued replies' copies (OUT_HEAP_*) */
     SET("protocol_errors", atomic_load(&s->proto_errors));
     SET("threads", s->nloops);
     SET("max_request", s->o.max_request);

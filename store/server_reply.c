@@ -32,7 +32,7 @@ out_msg *kvf__msg_new(int niov, uint32_t nrefs, size_t buflen)
     m->iov = (struct iovec *)(m + 1);
     m->refs = (uint32_t *)(m->iov + niov);
     m->buf = (uint8_t *)m + sz;
-    m->heap = buflen;
+    m->heap = sz + buflen; /* the iovecs and references too: a streamed GET's are most of it */
     return m;
 }
 

@@ -497,8 +497,8 @@ void kvf__req_shm_get(conn *c)
         return;
     }
     /* A request moves at most its staging region's worth, as SHM_PUT's: items naming one large
-     * object many times over (overlapping regions) would hold the loop for one copy each. Past
-     * that, E2BIG for the items left (a client's distinct regions never get there). */
+     * object many times over (overlapping regions) would hold the loop for one copy each. An item
+     * that would pass it is E2BIG (a client's distinct regions never get there). */
     uint64_t bytes = 0;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *it = c->rbuf + 8 + SHM_ITEM_LEN * (size_t)i;

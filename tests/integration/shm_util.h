@@ -30,7 +30,7 @@ int kvf__sync_call_test(int fd, uint64_t id, uint32_t opcode, uint32_t count, co
 kvf_key key_of(uint64_t i);
 /* The object of key i, version v, with LAYERS segments of seg bytes: every byte says (i, v). */
 uint8_t *make_obj(uint64_t i, uint8_t v, size_t seg, uint64_t *len);
-/* The node's STATS figure `name` once it reads `want`, or its last value after 2 s. */
+/* The node's STATS figure `name` once it reads `want`, or its last value after 10 s. */
 long long stat_settles(kvf_client *c, const char *name, long long want);
 /* A client of d alone, in namespace NS, with o's other options. */
 kvf_client *client_open_opts(const daemon_t *d, kvf_client_opts o);

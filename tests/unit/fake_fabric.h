@@ -13,7 +13,7 @@
 #include <rdma/rdma_cma.h>
 #include <stdint.h>
 
-#define MAX_MRS 256
+#define MAX_MRS 16384 /* a batch of more than 1,024 objects registers each */
 #define MAX_EVS 64
 #define MAX_WC  8192
 
