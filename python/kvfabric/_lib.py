@@ -211,6 +211,7 @@ class EventsOpts(ctypes.Structure):
         ("replay_batches", c_size_t),
         ("replay_bytes", c_size_t),
         ("shards", c_uint32),
+        ("shard_roots_max", c_size_t),
     ]
 
 

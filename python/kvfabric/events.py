@@ -34,14 +34,15 @@ class Events(_Handle):
     `replay` ("host:port") it keeps the last `replay_batches` batches and answers replay
     requests for them there (a subscriber that joined late or saw a gap). With `shards` N > 1
     each sequence's events go under its shard's topic, for kvf-sched replicas run with
-    --shard K/N (docs/scale.md)."""
+    --shard K/N (docs/scale.md), and the publisher remembers at most `shard_roots_max` blocks
+    (0: 16M; past it every shard is told AllBlocksCleared, docs/security.md)."""
 
     _kind, _free_fn = "events publisher", "kvf_events_close"
 
     def __init__(self, listen: str, credential: Optional[str] = None,
                  tenants: Optional[str] = None, tenant_credential: Optional[str] = None,
                  replay: Optional[str] = None, replay_batches: int = 0,
-                 shards: int = 1) -> None:
+                 shards: int = 1, shard_roots_max: int = 0) -> None:
         self._h = None
         o = _lib.EventsOpts()
         o.listen = listen.encode()
@@ -51,6 +52,7 @@ class Events(_Handle):
         o.replay = replay.encode() if replay else None
         o.replay_batches = replay_batches
         o.shards = shards
+        o.shard_roots_max = shard_roots_max
         h = ctypes.c_void_p()
         err = ctypes.create_string_buffer(400)
         check(_lib.lib().kvf_events_open(ctypes.byref(h), ctypes.byref(o), err, len(err)),
