@@ -702,7 +702,6 @@ static void test_connector_events_sharded_roots_bounded(void **state)
     kvf_events_close(&ev);
 }
 
-
 int main(void)
 {
     const struct CMUnitTest tests[] = {
