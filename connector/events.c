@@ -48,7 +48,6 @@ struct kvf_events {
     roots rt;
     uint64_t unknown_parents; /* continuations whose parent this sharded publisher never stored */
     size_t roots_max;         /* opts.shard_roots_max, or ROOTS_MAX */
-    uint64_t roots_resets;    /* times the roots passed roots_max: every shard told to clear */
 };
 
 /* The blocks a sharded publisher remembers at most (about 12 bytes each at the table's load of a
@@ -330,10 +329,8 @@ static int publish_sharded(kvf_events *ev, const uint64_t *removed, size_t n_rem
     size_t start[KVF_EVENTS_MAX_SHARDS + 1] = {0};
     int rc = n_removed && (!by || !of) ? KVF_ENOMEM : 0;
     pthread_mutex_lock(&ev->mu);
-    if (!rc && ev->rt.n + n_stored > ev->roots_max) {
-        ev->roots_resets++;
-        rc = clear_locked(ev, 1);
-    }
+    if (!rc && ev->rt.n + n_stored > ev->roots_max)
+        rc = clear_locked(ev, 1); /* past the bound: every shard clears, the table starts again */
     if (!rc)
         rc = roots_reserve(&ev->rt, n_stored);
     if (!rc) {

@@ -72,8 +72,8 @@ typedef struct srv {
     double queued_work_s, running_work_s, running_since;
     uint32_t active_decodes;
     uint64_t requests, failures, first_token_mismatches;
-    uint64_t mismatch_said_ns; /* the last mismatch logged (at most one a second) */
-    uint64_t abandoned;        /* requests whose client went away before their answer: cut short */
+    kvf__log_quiet mismatch_log; /* first-token mismatches: logged at most once a second */
+    uint64_t abandoned; /* requests whose client went away before their answer: cut short */
     double busy_s;
     /* GET /metrics (core/metrics.h): requests by kind and result, prompt tokens by where they
      * came from, the phases' latencies; the queue and the connector mirrored at each scrape. */

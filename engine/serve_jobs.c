@@ -380,15 +380,14 @@ static json_t *run_job(srv *S, const job *j, double queue_s, double handoff_s,
     if (mismatch) {
         /* told once a second at most (a client's first_token is its own to send), counted all */
         pthread_mutex_lock(&S->mu);
-        uint64_t n = ++S->first_token_mismatches, t = kvf__now_ns();
-        int say = !S->mismatch_said_ns || t - S->mismatch_said_ns >= 1000000000ull;
-        S->mismatch_said_ns = say ? t : S->mismatch_said_ns;
+        uint64_t n = ++S->first_token_mismatches, quiet;
+        int say = kvf__log_due(&S->mismatch_log, kvf__now_ns(), &quiet);
         pthread_mutex_unlock(&S->mu);
         if (say)
             kvf_error(&S->lg,
                       "request: the decode's first token %u differs from the prefill's %u (%" PRIu64
-                      " such decodes in all)",
-                      r.next_token, j->first_token, n);
+                      " such decodes in all, %" PRIu64 " not logged since the last)",
+                      r.next_token, j->first_token, n, quiet);
     }
     return out;
 }

@@ -43,9 +43,8 @@ struct kvf__relay {
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
     int warned_sharded;
-    uint64_t bad_warned_ns; /* the last warning of a malformed batch ... */
-    uint64_t bad_unsaid;    /* ... and the malformed batches not told since */
-    pthread_mutex_t mu;     /* st, read by the HTTP threads */
+    kvf__log_quiet bad; /* warnings of malformed batches: at most one a second */
+    pthread_mutex_t mu; /* st, read by the HTTP threads */
     kvf__relay_stats st;
 };
 
@@ -93,22 +92,9 @@ static int relay_event(kvf__relay *r, const kvf_kve *ev)
     return 0;
 }
 
-/* A malformed batch is told at most once a second (an engine that sends nothing else would
- * fill the log), with the count of those not told since; every one is counted in the stats. */
-static int bad_warn_due(kvf__relay *r, uint64_t *unsaid)
-{
-    uint64_t t = kvf__now_ns();
-    if (r->bad_warned_ns && t - r->bad_warned_ns < 1000000000ull) {
-        r->bad_unsaid++;
-        return 0;
-    }
-    r->bad_warned_ns = t;
-    *unsaid = r->bad_unsaid;
-    r->bad_unsaid = 0;
-    return 1;
-}
-
-/* Decodes one of the engine's batches and publishes its events again. */
+/* Decodes one of the engine's batches and publishes its events again. A malformed batch is
+ * warned of at most once a second (an engine that sends nothing else would fill the log); every
+ * one is counted in the stats. */
 static void relay_batch(kvf__relay *r, const void *payload, size_t len)
 {
     uint64_t unsaid = 0;
@@ -119,7 +105,7 @@ static void relay_batch(kvf__relay *r, const void *payload, size_t len)
     count(r, &r->st.batches, 1);
     if (kvf__kve_decode_batch(r->dec, payload, len, &ev, &n, &malformed, err, sizeof err) != 0) {
         count(r, &r->st.malformed, 1);
-        if (bad_warn_due(r, &unsaid))
+        if (kvf__log_due(&r->bad, kvf__now_ns(), &unsaid))
             kvf_warn(r->lg,
                      "events from %s: %s (%" PRIu64 " malformed batch(es) not told since "
                      "the last warning)",
@@ -133,7 +119,7 @@ static void relay_batch(kvf__relay *r, const void *payload, size_t len)
         }
     if (malformed) {
         count(r, &r->st.malformed, malformed);
-        if (bad_warn_due(r, &unsaid))
+        if (kvf__log_due(&r->bad, kvf__now_ns(), &unsaid))
             kvf_warn(r->lg,
                      "events from %s: %" PRIu64 " malformed event(s) skipped: %s (%" PRIu64
                      " malformed batch(es) not told since the last warning)",

@@ -52,9 +52,8 @@ typedef struct kvf__sched_sub {
      * subscription is made (the events thread's alone, as seq). */
     kvf_contact contact;
     /* Warnings about its batches, at most one a second (subscriber.c, warn_batch): a publisher
-     * of garbage must not fill the log. warn_quiet: those left out since the last. */
-    uint64_t warn_ns;
-    uint64_t warn_quiet;
+     * of garbage must not fill the log. */
+    kvf__log_quiet warned;
     /* The events thread's time its replays may still take (subscriber.c, charge_replay), and
      * when that was last counted (0: never, the whole budget). The events thread's alone. */
     int64_t replay_credit_ns;

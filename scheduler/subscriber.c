@@ -422,23 +422,19 @@ static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt
     __attribute__((format(printf, 3, 4)));
 static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
 {
-    uint64_t now = kvf__now_ns();
-    if (sb->warn_ns && now - sb->warn_ns < 1000000000u) {
-        sb->warn_quiet++;
+    uint64_t quiet;
+    if (!kvf__log_due(&sb->warned, kvf__now_ns(), &quiet))
         return;
-    }
     char what[256];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(what, sizeof what, fmt, ap);
     va_end(ap);
-    if (sb->warn_quiet)
-        kvf_warn(&d->lg, "events from %s: %s (and %" PRIu64 " more warnings in the last %.1f s)",
-                 sb->endpoint, what, sb->warn_quiet, (double)(now - sb->warn_ns) / 1e9);
+    if (quiet)
+        kvf_warn(&d->lg, "events from %s: %s (and %" PRIu64 " more warnings since the last)",
+                 sb->endpoint, what, quiet);
     else
         kvf_warn(&d->lg, "events from %s: %s", sb->endpoint, what);
-    sb->warn_ns = now;
-    sb->warn_quiet = 0;
 }
 
 /* Checks the sequence number of one batch from publisher i ([topic,] sequence (8 bytes

@@ -8,6 +8,7 @@
 #define KVF_CORE_LOG_H
 
 #include <stdarg.h>
+#include <stdint.h>
 
 typedef enum kvf_log_level {
     KVF_LOG_DEBUG = 0,
@@ -58,6 +59,27 @@ static inline int kvf__log_enabled(const kvf_log *lg, kvf_log_level level)
 #define kvf_info(lg, ...)  kvf__log_write(lg, KVF_LOG_INFO, __VA_ARGS__)
 #define kvf_warn(lg, ...)  kvf__log_write(lg, KVF_LOG_WARN, __VA_ARGS__)
 #define kvf_error(lg, ...) kvf__log_write(lg, KVF_LOG_ERROR, __VA_ARGS__)
+
+/* A line that a peer can make happen at will (a malformed batch, a client's odd field) is logged
+ * at most once a second: kvf__log_due(&q, now_ns, &quiet) says 1 when it is due (then *quiet gets
+ * how many were left out since the last), else counts it and says 0, so that nothing is formatted
+ * for a line left out. Under the caller's lock or on one thread. */
+typedef struct kvf__log_quiet {
+    uint64_t said_ns; /* the last one logged (0: none yet) */
+    uint64_t quiet;   /* left out since */
+} kvf__log_quiet;
+
+static inline int kvf__log_due(kvf__log_quiet *q, uint64_t now_ns, uint64_t *quiet)
+{
+    if (q->said_ns && now_ns - q->said_ns < 1000000000ull) {
+        q->quiet++;
+        return 0;
+    }
+    *quiet = q->quiet;
+    q->said_ns = now_ns;
+    q->quiet = 0;
+    return 1;
+}
 
 /* A daemon's signals. kvf__daemon_block_signals(), first in main (before any thread starts),
  * blocks SIGTERM, SIGINT and SIGHUP in every thread, so that none of them is interrupted (a handler
