@@ -42,6 +42,11 @@ struct kvf__relay {
     kvf_contact contact; /* the first contact with the engine's replay socket */
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
+    /* Batches a replay still owes (a gap, restart or late join whose replay got no answer, or
+     * came while the socket was held off): asked again, owed_from up to the last batch relayed,
+     * once the back-off ends (as kvf-sched does, scheduler/subscriber.c owe()). */
+    int owed, owed_cleared;
+    uint64_t owed_from;
     int warned_sharded;
     kvf__log_quiet bad; /* warnings of malformed batches: at most one a second */
     pthread_mutex_t mu; /* st, read by the HTTP threads */
@@ -139,6 +144,19 @@ static void clear_all(kvf__relay *r, int forget, const char *why)
              why, rc ? ": " : "", rc ? kvf_strerror(rc) : "");
 }
 
+/* Records that a replay owes the batches from `from` on; a restart (cleared) replaces what the
+ * engine's earlier life owed, else the earlier start is kept. */
+static void owe(kvf__relay *r, uint64_t from, int cleared)
+{
+    if (cleared || !r->owed) {
+        r->owed_from = from;
+        r->owed_cleared = cleared;
+    } else if (from - r->owed_from >= HALF) {
+        r->owed_from = from;
+    }
+    r->owed = 1;
+}
+
 /* Asks the engine's replay socket for batches from..upto-1 and relays them in order (vLLM's
  * replay protocol, as kvf-sched asks it: the request is the first number wanted; the answers
  * are (sequence, payload); an empty payload ends them). Bounded by answers, silence and a
@@ -180,6 +198,7 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
     if (atomic_load(stop))
         return; /* cut short by a stop: nothing is known lost, nothing cleared */
     if (answered) {
+        r->owed = 0;
         if (kvf_replay_walk_short(&walk, &lost)) {
             clear_all(r, 0, "batches were lost (the replay ended before them)");
             count(r, &r->st.lost, 1);
@@ -189,13 +208,16 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
                  got, want);
         return;
     }
+    owe(r, from, cleared);
     r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
     if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
         r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
     r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
     count(r, &r->st.replay_timeouts, 1);
-    kvf_warn(r->lg, "events from %s: the replay socket %s; not asked again for %u ms", r->from,
-             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), r->backoff_ms);
+    kvf_warn(r->lg,
+             "events from %s: the replay socket %s; batches from %" PRIu64 " asked again in %u ms",
+             r->from, rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
+             r->owed_from, r->backoff_ms);
 }
 
 static int contact_relay(void *ud, const kvf__zmsg *m)
@@ -278,14 +300,17 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
     pthread_mutex_lock(&r->mu);
     r->st.last_seq = r->seq.last;
     pthread_mutex_unlock(&r->mu);
-    if (first && r->seq.last >= 2 && can_ask) {
+    if (first && r->seq.last >= 2 && r->has_replay) {
         /* a late join: the engine published before the relay subscribed */
         count(r, &r->st.late_joins, 1);
         kvf_info(r->lg,
                  "events from %s: the first batch seen is %" PRIu64
-                 "; asking the replay socket for those before it",
-                 r->from, r->seq.last);
-        replay(r, 0, r->seq.last, 0, stop);
+                 "; asking the replay socket for those before it%s",
+                 r->from, r->seq.last, can_ask ? "" : " when its back-off ends");
+        if (can_ask)
+            replay(r, 0, r->seq.last, 0, stop);
+        else
+            owe(r, 0, 0);
     } else if (v == KVF_SEQ_RESTART) {
         count(r, &r->st.restarts, 1);
         /* backwards: the engine started again, with nothing cached; far ahead: numbering lost */
@@ -294,8 +319,11 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                   again ? "the engine's numbering started again"
                         : "the engine's numbering jumped "
                           "far ahead");
+        /* what it published since it started again: asked now, or owed until the back-off ends */
         if (again && r->seq.last >= 2 && can_ask)
-            replay(r, 0, r->seq.last, 1, stop); /* what it published since it started again */
+            replay(r, 0, r->seq.last, 1, stop); /* (what was owed before went with it) */
+        else if (again && r->seq.last >= 2 && r->has_replay)
+            owe(r, 0, 1);
     } else if (v == KVF_SEQ_GAP) {
         count(r, &r->st.gaps, 1);
         count(r, &r->st.missed, r->seq.missed - missed);
@@ -304,15 +332,26 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                      "events from %s: batches %" PRIu64 "..%" PRIu64
                      " missed; asking the replay socket",
                      r->from, from, r->seq.last - 1);
-            replay(r, from, r->seq.last, 0, stop);
+            int cleared = 0;
+            if (r->owed) { /* one replay for what was owed too, from the earlier start */
+                owe(r, from, 0);
+                from = r->owed_from;
+                cleared = r->owed_cleared;
+            }
+            replay(r, from, r->seq.last, cleared, stop);
+        } else if (r->has_replay) {
+            kvf_warn(r->lg,
+                     "events from %s: batches %" PRIu64 "..%" PRIu64
+                     " missed; the replay socket is in back-off after a timeout: asked when it "
+                     "ends",
+                     r->from, from, r->seq.last - 1);
+            owe(r, from, 0);
         } else {
             /* as kvf-sched does without a replay socket: what was said stays (a block missed is
              * learnt when stored again), rather than every block of the engine dropped */
             kvf_warn(r->lg, "events from %s: batches %" PRIu64 "..%" PRIu64 " missed; %s", r->from,
                      from, r->seq.last - 1,
-                     r->has_replay ? "the replay socket is in back-off after a timeout, not asked"
-                                   : "no replay socket: the replicas may miss blocks until they "
-                                     "are stored again");
+                     "no replay socket: the replicas may miss blocks until they are stored again");
         }
     }
     relay_batch(r, m->payload, m->len);
@@ -358,6 +397,10 @@ void kvf__relay_round(kvf__relay *r, const atomic_int *stop)
     if (r->has_replay && !r->contact.done && !r->seq.seen &&
         kvf__now_ns() >= r->replay_down_until_ns)
         first_contact(r, stop);
+    else if (r->has_replay && r->owed && r->seq.seen && kvf__now_ns() >= r->replay_down_until_ns) {
+        count(r, &r->st.replay_retries, 1);
+        replay(r, r->owed_from, r->seq.last + 1, r->owed_cleared, stop);
+    }
     uint8_t ready[KVF_ZSUBS_MAX];
     if (kvf__zsubs_poll(r->zs, 100, ready) <= 0 || !ready[r->idx])
         return;

@@ -58,6 +58,13 @@ typedef struct kvf__sched_sub {
      * when that was last counted (0: never, the whole budget). The events thread's alone. */
     int64_t replay_credit_ns;
     uint64_t credit_at_ns;
+    /* Batches a replay still owes (the events thread's alone): a gap, restart or late join whose
+     * replay got no answer, or was not asked while the socket was held off. Asked again, from
+     * owed_from to the last batch applied, once the back-off ends (owed_cleared: the blocks were
+     * dropped at a restart, as replay()'s `cleared`). Without it those batches were lost for
+     * good: an engine's prefixes left invisible, or a removal among them left stale. */
+    int owed, owed_cleared;
+    uint64_t owed_from;
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */
@@ -98,7 +105,7 @@ typedef struct kvf__sched_daemon {
     int n_pending;
     kvf_ingest_stats ingest;
     uint64_t seq_gaps, seq_missed, seq_restarts; /* saturating */
-    uint64_t replayed, replay_timeouts;
+    uint64_t replayed, replay_timeouts, replays_owed_retried;
     uint64_t late_joins; /* first contacts that asked the replay socket for what came before */
     uint64_t resyncs;    /* replays whose window did not reach back: the source's blocks dropped */
     uint64_t snapshots, snapshot_failures; /* storage nodes' snapshots applied, and not had */

@@ -126,6 +126,20 @@ static void back_off(kvf__sched_sub *sb)
     sb->replay_down_until_ns = kvf__now_ns() + (uint64_t)sb->replay_backoff_ms * 1000000u;
 }
 
+/* Records that a replay owes sb the batches from `from` on (kvf__sched_sub.owed). A restart
+ * (cleared: its blocks were dropped) replaces what the publisher's earlier life owed; otherwise
+ * the earlier start of the two is kept, so one replay covers both. */
+static void owe(kvf__sched_sub *sb, uint64_t from, int cleared)
+{
+    if (cleared || !sb->owed) {
+        sb->owed_from = from;
+        sb->owed_cleared = cleared;
+    } else if (from - sb->owed_from >= ((uint64_t)1 << 63)) { /* earlier, modulo 2^64 */
+        sb->owed_from = from;
+    }
+    sb->owed = 1;
+}
+
 /* Batches of a gap are lost for good (the replay window does not reach back to them, the replay
  * skipped some or ended early): what the index holds of this source may be stale (a removal
  * among the lost). A full resync: the engine's blocks are dropped, and what the replay still
@@ -213,6 +227,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
             break; /* reached the batch in hand, or past it */
     }
     if (answered) {
+        sb->owed = 0; /* a window that no longer reaches back is a resync, not a debt */
         if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
             resync(d, sb, lost, "the replay ended before them");
         sb->replay_backoff_ms = 0;
@@ -221,13 +236,18 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
                  sb->endpoint, got, want);
         return;
     }
+    if (atomic_load(&d->stop))
+        return;
+    owe(sb, from, cleared);
     back_off(sb);
     pthread_mutex_lock(&d->mu);
     d->replay_timeouts++;
     pthread_mutex_unlock(&d->mu);
-    kvf_warn(&d->lg, "events from %s: the replay socket %s %s; not asked again for %u ms",
+    kvf_warn(&d->lg,
+             "events from %s: the replay socket %s %s; batches from %" PRIu64
+             " asked again in %u ms",
              sb->endpoint, sb->replay_ep,
-             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), sb->owed_from,
              sb->replay_backoff_ms);
 }
 
@@ -501,11 +521,15 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
          * restarted, the engine registered after warming up). What came before is asked for
          * from the start, where there is a replay socket; its window decides how much. */
         int replay = kvf__zsubs_has_replay(d->zs, i);
-        if (sb->seq.last < 2 || !replay || kvf__now_ns() < sb->replay_down_until_ns)
+        if (sb->seq.last < 2 || !replay)
             return 0; /* 1 is the first batch of publishers that count from 1 (kvfabric's) */
+        d->late_joins = add_sat(d->late_joins, 1);
+        if (kvf__now_ns() < sb->replay_down_until_ns) {
+            owe(sb, 0, 0); /* asked when the back-off ends */
+            return 0;
+        }
         *from = 0;
         *upto = sb->seq.last;
-        d->late_joins = add_sat(d->late_joins, 1);
         kvf_info(&d->lg,
                  "events from %s: the first batch seen is %" PRIu64
                  "; asking the replay socket for those before it",
@@ -519,8 +543,11 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
          * stream published before this batch asked of the replay socket, as at a late join. A
          * jump far ahead is only counted. */
         int again = sb->seq.last - last >= ((uint64_t)1 << 63) && sb->src.instance >= 0;
-        int replay = again && sb->seq.last >= 2 && kvf__zsubs_has_replay(d->zs, i) &&
-                     kvf__now_ns() >= sb->replay_down_until_ns;
+        int replay = again && sb->seq.last >= 2 && kvf__zsubs_has_replay(d->zs, i);
+        if (replay && kvf__now_ns() < sb->replay_down_until_ns) {
+            owe(sb, 0, 1); /* asked when the back-off ends */
+            replay = 0;
+        }
         if (again) {
             kvf_sched_all_cleared(d->s, sb->src.instance);
             d->resyncs = add_sat(d->resyncs, 1);
@@ -529,9 +556,10 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
                  "events from %s: sequence number %" PRIu64 " after %" PRIu64
                  ", taken for a %s publisher%s",
                  sb->endpoint, sb->seq.last, last, again ? "restarted" : "renumbered",
-                 !again   ? "; nothing asked for"
-                 : replay ? "; its blocks dropped, the batches before this one asked for"
-                          : "; its blocks dropped");
+                 !again     ? "; nothing asked for"
+                 : replay   ? "; its blocks dropped, the batches before this one asked for"
+                 : sb->owed ? "; its blocks dropped, the batches before this one owed"
+                            : "; its blocks dropped");
         if (!replay)
             return 0;
         *from = 0;
@@ -545,12 +573,13 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
     d->seq_missed = add_sat(d->seq_missed, sb->seq.missed - missed);
     int replay = kvf__zsubs_has_replay(d->zs, i);
     int down = replay && kvf__now_ns() < sb->replay_down_until_ns;
-    warn_batch(
-        d, sb, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from, *upto - 1,
-        !replay ? "; no replay socket, the index may miss blocks until they are stored again"
-        : down
-            ? "; the replay socket is held off (a timeout, or its replays' time spent), not asked"
-            : "; asking the replay socket");
+    warn_batch(d, sb, "sequence gap, batches %" PRIu64 "..%" PRIu64 " missed%s", *from, *upto - 1,
+               !replay ? "; no replay socket, the index may miss blocks until they are stored again"
+               : down  ? "; the replay socket is held off (a timeout, or its replays' time spent): "
+                         "asked when that ends"
+                       : "; asking the replay socket");
+    if (down)
+        owe(sb, *from, 0);
     return replay && !down;
 }
 
@@ -591,10 +620,17 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
     pthread_mutex_unlock(&d->mu);
     if (ask < 0)
         return;
-    if (ask && d->subs[i].snapshots)
+    if (ask && d->subs[i].snapshots) {
         snapshot(d, i);
-    else if (ask)
+    } else if (ask) {
+        kvf__sched_sub *sb = &d->subs[i];
+        if (sb->owed) { /* one replay for what was owed too, from the earlier start */
+            owe(sb, from, ask == 2);
+            from = sb->owed_from;
+            ask = sb->owed_cleared ? 2 : 1;
+        }
         replay(d, i, from, upto, ask == 2);
+    }
     char err[256] = "";
     const kvf_kve *ev = NULL;
     size_t n = 0;
@@ -625,7 +661,8 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
     /* Storage nodes not yet learnt whole (just subscribed, or a snapshot that failed): asked
      * now, so that an idle node's holdings are known without waiting for its next change. */
     /* Engines not yet contacted: their replay sockets asked for what they published before. */
-    uint8_t learn[KVF_SCHED_MAX_SUBS] = {0}, contact[KVF_SCHED_MAX_SUBS] = {0};
+    uint8_t learn[KVF_SCHED_MAX_SUBS] = {0}, contact[KVF_SCHED_MAX_SUBS] = {0},
+            owed[KVF_SCHED_MAX_SUBS] = {0};
     uint64_t now = kvf__now_ns();
     pthread_mutex_lock(&d->mu);
     for (int i = 0; i < n; i++) {
@@ -637,13 +674,20 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         contact[i] = live && !sb->snapshots && sb->src.instance >= 0 && !sb->contact.done &&
                      !sb->seq.seen && kvf__zsubs_has_replay(d->zs, i) &&
                      (d->shards > 1 || d->reg[sb->src.instance].event_shards <= 1);
+        /* what a replay owes, asked again up to the last batch applied (see owe()) */
+        owed[i] =
+            live && !sb->snapshots && sb->owed && sb->seq.seen && kvf__zsubs_has_replay(d->zs, i);
+        d->replays_owed_retried += owed[i];
     }
     pthread_mutex_unlock(&d->mu);
     for (int i = 0; i < n; i++) {
+        kvf__sched_sub *sb = &d->subs[i];
         if (learn[i])
             snapshot(d, i);
         else if (contact[i])
             first_contact(d, i);
+        else if (owed[i])
+            replay(d, i, sb->owed_from, sb->seq.last + 1, sb->owed_cleared);
     }
     if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
         return;

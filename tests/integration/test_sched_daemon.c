@@ -196,15 +196,25 @@ static long serve_batches(void *router, const msgpack_sbuffer *bufs, const uint6
     return (long)from;
 }
 
+/* Registers instance id (16-token blocks, more fields in extra: "" or ",\"key\":..."), an engine
+ * whose events the test publishes on *pub and whose replay requests it answers on *router. */
+static void engine_with_replay(daemon_t *d, void *ctx, const char *id, const char *extra,
+                               void **pub, void **router)
+{
+    char ep[128], rep[128], body[1024], out[8192];
+    *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    snprintf(body, sizeof body,
+             "{\"id\":\"%s\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"%s}", id, ep,
+             rep, extra);
+    assert_int_equal(http(d, "POST", "/v1/instances", body, out, sizeof out), 201);
+}
+
 /* A publisher with a replay socket: a skipped batch is asked for and recovered. */
 static void replay_recovers_gap(daemon_t *d, void *ctx)
 {
-    char ep2[128], rep[128], body[512], out[8192];
-    void *pub2 = pub_open(ctx, ZMQ_PUB, ep2, sizeof ep2);
-    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
-    snprintf(body, sizeof body,
-             "{\"id\":\"rep\",\"block_tokens\":16,\"events\":\"%s\",\"replay\":\"%s\"}", ep2, rep);
-    assert_int_equal(http(d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    void *pub2, *router;
+    engine_with_replay(d, ctx, "rep", "", &pub2, &router);
     /* its first contact: everything the window holds is asked for at once; nothing yet */
     long first = -1;
     for (int i = 0; i < 40 && first < 0; i++)
@@ -334,15 +344,10 @@ static void test_sched_daemon_hung_replay(void **state)
     (void)state;
     daemon_t d;
     sched_start(&d, NULL, NULL);
-    void *ctx = zmq_ctx_new();
-    char ep[128], rep[128], body[8192], out[8192];
-    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
-    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
-    snprintf(body, sizeof body,
-             "{\"id\":\"hung\",\"block_tokens\":16,\"capacity_blocks\":10000,\"events\":\"%s\","
-             "\"replay\":\"%s\",\"endpoint\":\"127.0.0.1:9003\"}",
-             ep, rep);
-    assert_int_equal(http(&d, "POST", "/v1/instances", body, out, sizeof out), 201);
+    void *ctx = zmq_ctx_new(), *pub, *router;
+    char body[8192], out[8192];
+    engine_with_replay(&d, ctx, "hung",
+                       ",\"capacity_blocks\":10000,\"endpoint\":\"127.0.0.1:9003\"", &pub, &router);
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
     pack_stored(&sb, 9000, 8, 16, 700);
@@ -488,6 +493,90 @@ static void test_sched_daemon_late_join_and_resync(void **state)
     assert_int_equal(stat_of(&d, "blocks"), 16); /* batches 7 and 8; 1..4 dropped */
     assert_int_equal(stat_of(&d, "resyncs"), 1);
     for (int k = 0; k < 8; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    zmq_close(pub);
+    zmq_close(router);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
+}
+
+/* Receives one replay request waiting on router (50 ms at most) and answers nothing: a replay
+ * socket that lost it. Returns the number asked for, or -1 when no request came. */
+static long ignore_request(void *router)
+{
+    zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
+    if (zmq_poll(&it, 1, 50) <= 0)
+        return -1;
+    uint8_t part[64];
+    long from = -1;
+    int more = 1;
+    for (int k = 0; k < 8 && more; k++) {
+        int n = zmq_recv(router, part, sizeof part, 0);
+        if (k == 2 && n == 8) {
+            from = 0;
+            for (int i = 0; i < 8; i++)
+                from = from << 8 | part[i];
+        }
+        size_t ml = sizeof more;
+        zmq_getsockopt(router, ZMQ_RCVMORE, &more, &ml);
+    }
+    return from;
+}
+
+/* A replay that got no answer is not forgotten: the batches of the gap are asked for again
+ * when the back-off ends, together with those applied live since (in order again, so a block
+ * removed in the gap and stored after it, or the other way round, ends as the engine has it),
+ * and the engine's blocks of the gap become known. */
+static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
+{
+    (void)state;
+    daemon_t d;
+    sched_start(&d, NULL, NULL);
+    void *ctx = zmq_ctx_new(), *pub, *router;
+    engine_with_replay(&d, ctx, "owed", "", &pub, &router);
+    long asked = -1;
+    for (int i = 0; i < 40 && asked < 0; i++)
+        asked = serve_batches(router, NULL, NULL, 0); /* the first contact: nothing yet */
+    assert_int_equal(asked, 0);
+    msgpack_sbuffer b[4];
+    for (int k = 0; k < 4; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+    }
+    publish_until(&d, pub, 1, &b[0], 8);
+    publish(pub, 3, b[2].data, b[2].size); /* batch 2 lost on the way */
+    asked = -1;
+    for (int i = 0; i < 40 && asked < 0; i++)
+        asked = ignore_request(router); /* ... and its replay too */
+    assert_int_equal(asked, 2);
+    for (int i = 0; i < 100 && stat_of(&d, "replay_timeouts") < 1; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "replay_timeouts"), 1);
+    /* the stream goes on meanwhile, without a gap */
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 24; i++) {
+        publish(pub, 4, b[3].data, b[3].size);
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d, "blocks"), 24);
+    assert_int_equal(stat_of(&d, "replay_retries"), 0);
+    /* once the back-off (2 s) ends, batches 2 to 4 are asked for again */
+    uint64_t seqs[3] = {2, 3, 4};
+    asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++)
+        asked = serve_batches(router, &b[1], seqs, 3);
+    assert_int_equal(asked, 2);
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 32; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "blocks"), 32);
+    assert_int_equal(stat_of(&d, "replay_retries"), 1);
+    assert_int_equal(stat_of(&d, "batches_replayed"), 3);
+    assert_int_equal(stat_of(&d, "resyncs"), 0);
+    /* and not again: nothing is owed any more */
+    assert_int_equal(ignore_request(router), -1);
+    usleep(300000);
+    assert_int_equal(ignore_request(router), -1);
+    assert_int_equal(stat_of(&d, "replay_retries"), 1);
+    for (int k = 0; k < 4; k++)
         msgpack_sbuffer_destroy(&b[k]);
     zmq_close(pub);
     zmq_close(router);
@@ -1741,6 +1830,8 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_late_join_and_resync, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_sharded_index, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_restarted_publisher_is_learnt_again,
+                                  teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_unanswered_replay_is_asked_again,
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include <zmq.h>
 
 #include "kvf/events.h"
 #include "kvf/kvf.h"
@@ -702,6 +703,65 @@ static void test_connector_events_sharded_roots_bounded(void **state)
     kvf_events_close(&ev);
 }
 
+/* This process's resident memory in KiB (the second field of /proc/self/statm, in pages). */
+static long self_rss_kib(void)
+{
+    long pages = -1;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f && fscanf(f, "%*d %ld", &pages) != 1)
+        pages = -1;
+    if (f)
+        fclose(f);
+    return pages < 0 ? -1 : pages * (sysconf(_SC_PAGESIZE) / 1024);
+}
+
+/* A replay socket answers each request with its whole window: 20 requests of a 64 MiB window
+ * from a requester that reads none of the answers queue the ring's batches by reference, not 20
+ * copies of them (1.3 GB before). */
+static void test_connector_replays_share_the_window(void **state)
+{
+    (void)state;
+    enum { BATCHES = 64, REQUESTS = 20 };
+    const size_t len = 1u << 20;
+    char err[300], ep[160], rep_ep[160];
+    kvf__zpub *p = NULL;
+    assert_int_equal(kvf__zpub_open(&p, "127.0.0.1", 0, 0, ep, sizeof ep, err, sizeof err), 0);
+    /* room for 4,096 batches (a peer's queue holds as many messages), 64 of 1 MiB kept */
+    assert_int_equal(kvf__zpub_replay(p, "127.0.0.1", 0, 4096, (size_t)BATCHES * len, rep_ep,
+                                      sizeof rep_ep, err, sizeof err),
+                     0);
+    uint8_t *payload = malloc(len);
+    for (uint64_t s = 1; s <= BATCHES; s++) {
+        memset(payload, (int)s, len);
+        assert_int_equal(kvf__zpub_send(p, "kv-events", s, payload, len), 0);
+    }
+    free(payload);
+    long before = self_rss_kib();
+    void *ctx = zmq_ctx_new(), *d = zmq_socket(ctx, ZMQ_DEALER);
+    int one = 1, zero = 0, small = 4096;
+    zmq_setsockopt(d, ZMQ_LINGER, &zero, sizeof zero);
+    zmq_setsockopt(d, ZMQ_RCVHWM, &one, sizeof one); /* this side keeps next to nothing */
+    zmq_setsockopt(d, ZMQ_RCVBUF, &small, sizeof small);
+    assert_int_equal(zmq_connect(d, rep_ep), 0);
+    uint8_t from[8] = {0, 0, 0, 0, 0, 0, 0, 1};
+    for (int i = 0; i < REQUESTS; i++) {
+        assert_int_equal(zmq_send(d, "", 0, ZMQ_SNDMORE), 0);
+        assert_int_equal(zmq_send(d, from, 8, 0), 8);
+    }
+    long after = before;
+    for (int t = 0; t < 20; t++) { /* 2 s: the answers are queued by then */
+        usleep(100000);
+        long now = self_rss_kib();
+        after = now > after ? now : after;
+    }
+    print_message("RSS %ld -> %ld KiB with %d unread answers of a %d MiB window\n", before, after,
+                  REQUESTS, BATCHES);
+    assert_true(after - before < 300 * 1024);
+    zmq_close(d);
+    zmq_ctx_term(ctx);
+    kvf__zpub_close(&p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -712,6 +772,7 @@ int main(void)
         cmocka_unit_test(test_connector_events_publish),
         cmocka_unit_test(test_connector_events_sharded),
         cmocka_unit_test(test_connector_events_sharded_roots_bounded),
+        cmocka_unit_test(test_connector_replays_share_the_window),
     };
     return cmocka_run_group_tests_name("connector", tests, NULL, NULL);
 }
