@@ -804,20 +804,13 @@ static void relay_endpoint(const daemon_t *relay, const char *key, char *out, si
     snprintf(out, n, "%.*s", (int)k, p);
 }
 
-static void relay_start(daemon_t *relay, const kvf_events *engine, const char *shards)
+static void relay_start(daemon_t *relay, const char *from, const char *from_replay,
+                        const char *shards)
 {
-    char *argv[] = {(char *)KVF_RELAY_BIN,
-                    (char *)"--from",
-                    (char *)kvf_events_endpoint(engine),
-                    (char *)"--from-replay",
-                    (char *)kvf_events_replay_endpoint(engine),
-                    (char *)"--shards",
-                    (char *)shards,
-                    (char *)"--listen",
-                    (char *)"127.0.0.1:0",
-                    (char *)"--log-level",
-                    (char *)"error",
-                    NULL};
+    char *argv[] = {(char *)KVF_RELAY_BIN,   (char *)"--from",    (char *)from,
+                    (char *)"--from-replay", (char *)from_replay, (char *)"--shards",
+                    (char *)shards,          (char *)"--listen",  (char *)"127.0.0.1:0",
+                    (char *)"--log-level",   (char *)"error",     NULL};
     proc_start(relay, argv);
 }
 
@@ -826,7 +819,7 @@ static void relay_start(daemon_t *relay, const kvf_events *engine, const char *s
 static void relay_in_front(daemon_t *relay, const kvf_events *engine, const daemon_t d[2])
 {
     char ep[160], rep[160], body[640], out[1024];
-    relay_start(relay, engine, "2");
+    relay_start(relay, kvf_events_endpoint(engine), kvf_events_replay_endpoint(engine), "2");
     relay_endpoint(relay, "events", ep, sizeof ep);
     relay_endpoint(relay, "replay", rep, sizeof rep);
     snprintf(body, sizeof body,
@@ -835,6 +828,65 @@ static void relay_in_front(daemon_t *relay, const kvf_events *engine, const daem
              ep, rep);
     for (int r = 0; r < 2; r++)
         assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+}
+
+/* kvf-relay, as kvf-sched: a replay that got no answer is asked again when its back-off ends,
+ * for the batches of the gap and those relayed since, in order. */
+static void test_sched_daemon_relay_asks_again(void **state)
+{
+    (void)state;
+    daemon_t relay;
+    void *ctx = zmq_ctx_new();
+    char ep[128], rep[128];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    relay_start(&relay, ep, rep, "2");
+    long asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++)
+        asked = serve_batches(router, NULL, NULL, 0); /* the first contact: nothing yet */
+    assert_int_equal(asked, 0);
+    msgpack_sbuffer b[4];
+    for (int k = 0; k < 4; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+    }
+    for (int i = 0; i < 100 && relay_stat(&relay, "batches") < 1; i++) {
+        publish(pub, 1, b[0].data, b[0].size);
+        usleep(50000);
+    }
+    assert_true(relay_stat(&relay, "batches") >= 1);
+    publish(pub, 3, b[2].data, b[2].size); /* batch 2 lost on the way */
+    asked = -1;
+    for (int i = 0; i < 40 && asked < 0; i++)
+        asked = ignore_request(router); /* ... and its replay too */
+    assert_int_equal(asked, 2);
+    for (int i = 0; i < 100 && relay_stat(&relay, "replay_timeouts") < 1; i++)
+        usleep(20000);
+    assert_int_equal(relay_stat(&relay, "replay_timeouts"), 1);
+    long seen = relay_stat(&relay, "batches");
+    for (int i = 0; i < 100 && relay_stat(&relay, "batches") == seen; i++) {
+        publish(pub, 4, b[3].data, b[3].size); /* the stream goes on, without a gap */
+        usleep(20000);
+    }
+    assert_int_equal(relay_stat(&relay, "replay_retries"), 0);
+    uint64_t seqs[3] = {2, 3, 4};
+    asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++) /* the back-off: 2 s */
+        asked = serve_batches(router, &b[1], seqs, 3);
+    assert_int_equal(asked, 2);
+    for (int i = 0; i < 100 && relay_stat(&relay, "replayed") < 3; i++)
+        usleep(20000);
+    assert_int_equal(relay_stat(&relay, "replayed"), 3);
+    assert_int_equal(relay_stat(&relay, "replay_retries"), 1);
+    assert_int_equal(relay_stat(&relay, "lost"), 0);
+    usleep(300000);
+    assert_int_equal(ignore_request(router), -1); /* nothing owed any more */
+    for (int k = 0; k < 4; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    daemon_stop(&relay);
+    zmq_close(pub);
+    zmq_close(router);
+    zmq_ctx_term(ctx);
 }
 
 /* An engine that publishes one stream (vLLM's way: one topic, its own block hashes, not
@@ -1835,6 +1887,7 @@ int main(void)
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_relay_asks_again, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),
