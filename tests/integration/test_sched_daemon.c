@@ -523,6 +523,21 @@ static long ignore_request(void *router)
     return from;
 }
 
+/* Answers the first contact on router with nothing (5 s at most) and packs four batches of 8
+ * blocks into b (to be destroyed by the caller). Returns -1. */
+static long empty_contact_and_batches(void *router, msgpack_sbuffer b[4])
+{
+    long asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++)
+        asked = serve_batches(router, NULL, NULL, 0); /* the first contact: nothing yet */
+    assert_int_equal(asked, 0);
+    for (int k = 0; k < 4; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+    }
+    return -1;
+}
+
 /* A replay that got no answer is not forgotten: the batches of the gap are asked for again
  * when the back-off ends, together with those applied live since (in order again, so a block
  * removed in the gap and stored after it, or the other way round, ends as the engine has it),
@@ -534,18 +549,10 @@ static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
     sched_start(&d, NULL, NULL);
     void *ctx = zmq_ctx_new(), *pub, *router;
     engine_with_replay(&d, ctx, "owed", "", &pub, &router);
-    long asked = -1;
-    for (int i = 0; i < 40 && asked < 0; i++)
-        asked = serve_batches(router, NULL, NULL, 0); /* the first contact: nothing yet */
-    assert_int_equal(asked, 0);
     msgpack_sbuffer b[4];
-    for (int k = 0; k < 4; k++) {
-        msgpack_sbuffer_init(&b[k]);
-        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
-    }
+    long asked = empty_contact_and_batches(router, b);
     publish_until(&d, pub, 1, &b[0], 8);
     publish(pub, 3, b[2].data, b[2].size); /* batch 2 lost on the way */
-    asked = -1;
     for (int i = 0; i < 40 && asked < 0; i++)
         asked = ignore_request(router); /* ... and its replay too */
     assert_int_equal(asked, 2);
@@ -841,22 +848,14 @@ static void test_sched_daemon_relay_asks_again(void **state)
     void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
     void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
     relay_start(&relay, ep, rep, "2");
-    long asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = serve_batches(router, NULL, NULL, 0); /* the first contact: nothing yet */
-    assert_int_equal(asked, 0);
     msgpack_sbuffer b[4];
-    for (int k = 0; k < 4; k++) {
-        msgpack_sbuffer_init(&b[k]);
-        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
-    }
+    long asked = empty_contact_and_batches(router, b);
     for (int i = 0; i < 100 && relay_stat(&relay, "batches") < 1; i++) {
         publish(pub, 1, b[0].data, b[0].size);
         usleep(50000);
     }
     assert_true(relay_stat(&relay, "batches") >= 1);
     publish(pub, 3, b[2].data, b[2].size); /* batch 2 lost on the way */
-    asked = -1;
     for (int i = 0; i < 40 && asked < 0; i++)
         asked = ignore_request(router); /* ... and its replay too */
     assert_int_equal(asked, 2);
