@@ -42,11 +42,6 @@ struct kvf__relay {
     kvf_contact contact; /* the first contact with the engine's replay socket */
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
-    /* Batches a replay still owes (a gap, restart or late join whose replay got no answer, or
-     * came while the socket was held off): asked again, owed_from up to the last batch relayed,
-     * once the back-off ends (as kvf-sched does, scheduler/subscriber.c owe()). */
-    int owed, owed_cleared;
-    uint64_t owed_from;
     int warned_sharded;
     kvf__log_quiet bad; /* warnings of malformed batches: at most one a second */
     pthread_mutex_t mu; /* st, read by the HTTP threads */
@@ -144,19 +139,6 @@ static void clear_all(kvf__relay *r, int forget, const char *why)
              why, rc ? ": " : "", rc ? kvf_strerror(rc) : "");
 }
 
-/* Records that a replay owes the batches from `from` on; a restart (cleared) replaces what the
- * engine's earlier life owed, else the earlier start is kept. */
-static void owe(kvf__relay *r, uint64_t from, int cleared)
-{
-    if (cleared || !r->owed) {
-        r->owed_from = from;
-        r->owed_cleared = cleared;
-    } else if (from - r->owed_from >= HALF) {
-        r->owed_from = from;
-    }
-    r->owed = 1;
-}
-
 /* Asks the engine's replay socket for batches from..upto-1 and relays them in order (vLLM's
  * replay protocol, as kvf-sched asks it: the request is the first number wanted; the answers
  * are (sequence, payload); an empty payload ends them). Bounded by answers, silence and a
@@ -166,7 +148,7 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
     uint64_t want = upto - from, got = 0, lost = 0;
     kvf_replay_walk walk;
     kvf_replay_walk_init(&walk, from, upto, cleared);
-    int answered = 0;
+    int answered = 0, ended = 0;
     kvf__zmsg m;
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
         ; /* answers to a request given up on before */
@@ -177,8 +159,10 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
         if ((rc = kvf__zsubs_replay_recv(r->zs, r->idx, REPLAY_SILENCE_MS, &m)) != 0)
             break;
         answered = 1;
-        if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
+        if (m.frames < 3 || m.len == 0 || m.seq_len != 8) {
+            ended = kvf_replay_is_end(&m);
             break; /* the end */
+        }
         unsigned step = kvf_replay_walk_step(&walk, kvf__kve_seq_get(m.seq), &lost);
         if (step & KVF_REPLAY_HOLE) {
             clear_all(r, 0,
@@ -197,8 +181,12 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
     count(r, &r->st.replayed, got);
     if (atomic_load(stop))
         return; /* cut short by a stop: nothing is known lost, nothing cleared */
+    /* a replay that did not come to its end: its late answers are not the next request's */
+    if (answered)
+        kvf_replay_settle(r->zs, r->idx, ended, REPLAY_SILENCE_MS, deadline);
+    else
+        kvf__zsubs_replay_reset(r->zs, r->idx);
     if (answered) {
-        r->owed = 0;
         if (kvf_replay_walk_short(&walk, &lost)) {
             clear_all(r, 0, "batches were lost (the replay ended before them)");
             count(r, &r->st.lost, 1);
@@ -208,16 +196,13 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
                  got, want);
         return;
     }
-    owe(r, from, cleared);
     r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
     if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
         r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
     r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
     count(r, &r->st.replay_timeouts, 1);
-    kvf_warn(r->lg,
-             "events from %s: the replay socket %s; batches from %" PRIu64 " asked again in %u ms",
-             r->from, rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
-             r->owed_from, r->backoff_ms);
+    kvf_warn(r->lg, "events from %s: the replay socket %s; not asked again for %u ms", r->from,
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), r->backoff_ms);
 }
 
 static int contact_relay(void *ud, const kvf__zmsg *m)
@@ -228,12 +213,21 @@ static int contact_relay(void *ud, const kvf__zmsg *m)
     return 0;
 }
 
+/* A hole in the first contact's answers: what was relayed before it may be stale. */
+static void contact_hole(void *ud, uint64_t lost)
+{
+    kvf__relay *r = ud;
+    (void)lost;
+    clear_all(r, 0, "batches were lost (the first contact's answers skip them)");
+    count(r, &r->st.lost, 1);
+}
+
 /* First contact with the engine's replay socket, as soon as the relay subscribes (kvf-sched does
  * the same, scheduler/contact.c): what the engine published before the relay existed is relayed
  * at once, not when the engine next publishes (it may be idle). */
 static void first_contact(kvf__relay *r, const atomic_int *stop)
 {
-    long got = kvf_contact_run(&r->contact, r->zs, r->idx, &r->seq, contact_relay, r,
+    long got = kvf_contact_run(&r->contact, r->zs, r->idx, &r->seq, contact_relay, contact_hole, r,
                                REPLAY_SILENCE_MS, REPLAY_DEADLINE_MS, stop);
     if (got == KVF_CONTACT_NOT_YET)
         return;
@@ -300,17 +294,14 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
     pthread_mutex_lock(&r->mu);
     r->st.last_seq = r->seq.last;
     pthread_mutex_unlock(&r->mu);
-    if (first && r->seq.last >= 2 && r->has_replay) {
+    if (first && r->seq.last >= 2 && can_ask) {
         /* a late join: the engine published before the relay subscribed */
         count(r, &r->st.late_joins, 1);
         kvf_info(r->lg,
                  "events from %s: the first batch seen is %" PRIu64
-                 "; asking the replay socket for those before it%s",
-                 r->from, r->seq.last, can_ask ? "" : " when its back-off ends");
-        if (can_ask)
-            replay(r, 0, r->seq.last, 0, stop);
-        else
-            owe(r, 0, 0);
+                 "; asking the replay socket for those before it",
+                 r->from, r->seq.last);
+        replay(r, 0, r->seq.last, 0, stop);
     } else if (v == KVF_SEQ_RESTART) {
         count(r, &r->st.restarts, 1);
         /* backwards: the engine started again, with nothing cached; far ahead: numbering lost */
@@ -319,11 +310,8 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                   again ? "the engine's numbering started again"
                         : "the engine's numbering jumped "
                           "far ahead");
-        /* what it published since it started again: asked now, or owed until the back-off ends */
         if (again && r->seq.last >= 2 && can_ask)
-            replay(r, 0, r->seq.last, 1, stop); /* (what was owed before went with it) */
-        else if (again && r->seq.last >= 2 && r->has_replay)
-            owe(r, 0, 1);
+            replay(r, 0, r->seq.last, 1, stop); /* what it published since it started again */
     } else if (v == KVF_SEQ_GAP) {
         count(r, &r->st.gaps, 1);
         count(r, &r->st.missed, r->seq.missed - missed);
@@ -332,26 +320,15 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                      "events from %s: batches %" PRIu64 "..%" PRIu64
                      " missed; asking the replay socket",
                      r->from, from, r->seq.last - 1);
-            int cleared = 0;
-            if (r->owed) { /* one replay for what was owed too, from the earlier start */
-                owe(r, from, 0);
-                from = r->owed_from;
-                cleared = r->owed_cleared;
-            }
-            replay(r, from, r->seq.last, cleared, stop);
-        } else if (r->has_replay) {
-            kvf_warn(r->lg,
-                     "events from %s: batches %" PRIu64 "..%" PRIu64
-                     " missed; the replay socket is in back-off after a timeout: asked when it "
-                     "ends",
-                     r->from, from, r->seq.last - 1);
-            owe(r, from, 0);
+            replay(r, from, r->seq.last, 0, stop);
         } else {
             /* as kvf-sched does without a replay socket: what was said stays (a block missed is
              * learnt when stored again), rather than every block of the engine dropped */
             kvf_warn(r->lg, "events from %s: batches %" PRIu64 "..%" PRIu64 " missed; %s", r->from,
                      from, r->seq.last - 1,
-                     "no replay socket: the replicas may miss blocks until they are stored again");
+                     r->has_replay ? "the replay socket is in back-off after a timeout, not asked"
+                                   : "no replay socket: the replicas may miss blocks until they "
+                                     "are stored again");
         }
     }
     relay_batch(r, m->payload, m->len);
@@ -397,10 +374,6 @@ void kvf__relay_round(kvf__relay *r, const atomic_int *stop)
     if (r->has_replay && !r->contact.done && !r->seq.seen &&
         kvf__now_ns() >= r->replay_down_until_ns)
         first_contact(r, stop);
-    else if (r->has_replay && r->owed && r->seq.seen && kvf__now_ns() >= r->replay_down_until_ns) {
-        count(r, &r->st.replay_retries, 1);
-        replay(r, r->owed_from, r->seq.last + 1, r->owed_cleared, stop);
-    }
     uint8_t ready[KVF_ZSUBS_MAX];
     if (kvf__zsubs_poll(r->zs, 100, ready) <= 0 || !ready[r->idx])
         return;

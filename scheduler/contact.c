@@ -22,9 +22,29 @@
 
 #define HALF ((uint64_t)1 << 63)
 
+int kvf_replay_is_end(const kvf__zmsg *m)
+{
+    return m->frames >= 3 && m->seq_len == 8 && m->len == 0;
+}
+
+void kvf_replay_settle(kvf__zsubs *zs, int idx, int ended, int silence_ms, uint64_t deadline_ns)
+{
+    kvf__zmsg m;
+    for (uint32_t guard = 0; !ended && guard < (1u << 16) && kvf__now_ns() < deadline_ns; guard++) {
+        if (kvf__zsubs_replay_recv(zs, idx, silence_ms, &m) != 0)
+            break;
+        if (kvf_replay_is_end(&m))
+            ended = 1;
+        else if (m.frames < 3 || m.seq_len != 8)
+            break; /* not an answer: what follows is not known either */
+    }
+    if (!ended)
+        kvf__zsubs_replay_reset(zs, idx);
+}
+
 long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t,
-                     kvf_contact_apply_fn apply, void *ud, int silence_ms, int deadline_ms,
-                     const atomic_int *stop)
+                     kvf_contact_apply_fn apply, kvf_contact_hole_fn hole, void *ud, int silence_ms,
+                     int deadline_ms, const atomic_int *stop)
 {
     kvf__zmsg m;
     /* answers to an earlier request that was given up on would be taken for this one's */
@@ -36,7 +56,7 @@ long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t
     if (rc)
         return KVF_CONTACT_NO_ANSWER;
     long applied = 0;
-    int answered = 0;
+    int answered = 0, ended = 0;
     uint64_t deadline = kvf__now_ns() + (uint64_t)deadline_ms * 1000000u;
     for (uint64_t guard = 0;
          guard < ((uint64_t)1 << 24) && !(stop && atomic_load(stop)) && kvf__now_ns() < deadline;
@@ -44,12 +64,18 @@ long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t
         if (kvf__zsubs_replay_recv(zs, idx, silence_ms, &m) != 0)
             break;
         answered = 1;
-        if (m.frames < 3 || m.seq_len != 8 || m.len == 0)
+        if (m.frames < 3 || m.seq_len != 8 || m.len == 0) {
+            ended = kvf_replay_is_end(&m);
             break; /* the end marker (an empty payload), or not an answer */
+        }
         uint64_t seq = kvf__kve_seq_get(m.seq);
         /* in order only: a repeat or an older answer changes nothing already applied */
         if (t->seen && (seq == t->last || seq - t->last >= HALF))
             continue;
+        /* a hole (answers dropped on the way: a ROUTER's queue was full): what was applied before
+         * it may be stale */
+        if (t->seen && seq != t->last + 1 && hole)
+            hole(ud, t->last + 1);
         if (!t->seen && seq >= 2) /* publishers count from 0 or 1: those before are gone */
             c->first_lost = seq;
         t->seen = 1;
@@ -58,8 +84,12 @@ long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t
             break; /* the publisher was removed meanwhile */
         applied++;
     }
-    if (!answered)
+    if (!answered) {
+        kvf__zsubs_replay_reset(zs, idx); /* the request may still be answered: not to this */
         return KVF_CONTACT_NO_ANSWER;
+    }
+    if (!(stop && atomic_load(stop)))
+        kvf_replay_settle(zs, idx, ended, silence_ms, deadline);
     c->done = 1;
     if (applied) {
         c->have = 1;

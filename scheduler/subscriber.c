@@ -134,11 +134,18 @@ static void owe(kvf__sched_sub *sb, uint64_t from, int cleared)
     if (cleared || !sb->owed) {
         sb->owed_from = from;
         sb->owed_cleared = cleared;
-    } else if (from - sb->owed_from >= ((uint64_t)1 << 63)) { /* earlier, modulo 2^64 */
-        sb->owed_from = from;
+    } else {
+        if (from - sb->owed_from >= ((uint64_t)1 << 63)) /* earlier, modulo 2^64 */
+            sb->owed_from = from;
+        /* a gap since the restart: a window that no longer reaches it is a resync again */
+        sb->owed_cleared = 0;
     }
     sb->owed = 1;
 }
+
+/* Logs a warning about a batch of sb's (below). */
+static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 
 /* Batches of a gap are lost for good (the replay window does not reach back to them, the replay
  * skipped some or ended early): what the index holds of this source may be stale (a removal
@@ -152,10 +159,9 @@ static void resync(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t first_lost
         kvf_sched_all_cleared(d->s, sb->src.instance);
     d->resyncs = add_sat(d->resyncs, 1);
     pthread_mutex_unlock(&d->mu);
-    kvf_warn(&d->lg, "events from %s: batches from %" PRIu64 " are lost (%s)%s", sb->endpoint,
-             first_lost, why,
-             engine ? "; the engine's blocks are dropped from the index and learnt again"
-                    : "; the store's chunks are learnt again as they are stored or evicted");
+    warn_batch(d, sb, "batches from %" PRIu64 " are lost (%s)%s", first_lost, why,
+               engine ? "; the engine's blocks are dropped from the index and learnt again"
+                      : "; the store's chunks are learnt again as they are stored or evicted");
 }
 
 /* Applies one replayed batch m of publisher i, taking the lock for it (counted in
@@ -203,7 +209,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
         ;
     uint64_t t0 = kvf__now_ns();
-    int rc = kvf__zsubs_replay_ask(d->zs, i, from), answered = 0;
+    int rc = kvf__zsubs_replay_ask(d->zs, i, from), answered = 0, ended = 0;
     uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
     for (uint64_t guard = 0;
          rc == 0 && guard < want + 16 && !atomic_load(&d->stop) && kvf__now_ns() < deadline;
@@ -211,21 +217,29 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
         if ((rc = kvf__zsubs_replay_recv(d->zs, i, REPLAY_SILENCE_MS, &m)) != 0)
             break;
         answered = 1;
-        if (m.frames < 3 || m.len == 0 || m.seq_len != 8)
+        if (m.frames < 3 || m.len == 0 || m.seq_len != 8) {
+            ended = kvf_replay_is_end(&m);
             break;
+        }
         unsigned step = kvf_replay_walk_step(&walk, kvf__kve_seq_get(m.seq), &lost);
         if (step & KVF_REPLAY_HOLE)
             resync(d, sb, lost,
                    step & KVF_REPLAY_PAST ? "the replay window starts after them"
                                           : "the replay window skips them");
         if (step & KVF_REPLAY_APPLY) {
-            if (apply_replayed(d, i, &m) != 0)
+            if (apply_replayed(d, i, &m) != 0) {
+                kvf__zsubs_replay_reset(d->zs, i);
                 return; /* its instance was removed while the lock was free */
+            }
             got++;
         }
         if (step & KVF_REPLAY_DONE)
             break; /* reached the batch in hand, or past it */
     }
+    if (answered && !atomic_load(&d->stop))
+        kvf_replay_settle(d->zs, i, ended, REPLAY_SILENCE_MS, deadline);
+    else if (!answered)
+        kvf__zsubs_replay_reset(d->zs, i); /* the request may still be answered: not to this */
     if (answered) {
         sb->owed = 0; /* a window that no longer reaches back is a resync, not a debt */
         if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
@@ -331,6 +345,7 @@ static void snapshot(kvf__sched_daemon *d, int i)
                  sb->endpoint, chunks, batches, sb->replay_ep);
         return;
     }
+    kvf__zsubs_replay_reset(d->zs, i); /* its late answers are not the next snapshot's */
     back_off(sb);
     kvf_warn(&d->lg,
              "events from %s: the snapshot socket %s %s after %" PRIu64
@@ -352,6 +367,12 @@ static int contact_apply(void *ud, const kvf__zmsg *m)
     return apply_replayed(x->d, x->i, m);
 }
 
+static void contact_hole(void *ud, uint64_t lost)
+{
+    contact_ctx *x = ud;
+    resync(x->d, &x->d->subs[x->i], lost, "the first contact's answers skip them");
+}
+
 /* First contact with engine i's replay socket, made as soon as it is subscribed to: what the
  * engine published before (kvf-sched restarted, or the engine registered after warming up, and
  * is idle now) is applied at once, not at its next batch. Called on the events thread without
@@ -361,7 +382,7 @@ static void first_contact(kvf__sched_daemon *d, int i)
     kvf__sched_sub *sb = &d->subs[i];
     contact_ctx x = {d, i};
     uint64_t t0 = kvf__now_ns();
-    long got = kvf_contact_run(&sb->contact, d->zs, i, &sb->seq, contact_apply, &x,
+    long got = kvf_contact_run(&sb->contact, d->zs, i, &sb->seq, contact_apply, contact_hole, &x,
                                REPLAY_SILENCE_MS, REPLAY_DEADLINE_MS, &d->stop);
     if (got == KVF_CONTACT_NOT_YET)
         return;
@@ -438,8 +459,6 @@ static void subscribe_pending_locked(kvf__sched_daemon *d)
 
 /* Logs a warning about a batch of sb's (printf-style), unless one was logged less than a second
  * ago: then it is only counted (nothing formatted), and the count said with the next. */
-static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
 static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
 {
     uint64_t quiet;
@@ -523,11 +542,11 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         int replay = kvf__zsubs_has_replay(d->zs, i);
         if (sb->seq.last < 2 || !replay)
             return 0; /* 1 is the first batch of publishers that count from 1 (kvfabric's) */
-        d->late_joins = add_sat(d->late_joins, 1);
         if (kvf__now_ns() < sb->replay_down_until_ns) {
             owe(sb, 0, 0); /* asked when the back-off ends */
             return 0;
         }
+        d->late_joins = add_sat(d->late_joins, 1);
         *from = 0;
         *upto = sb->seq.last;
         kvf_info(&d->lg,
@@ -551,6 +570,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         if (again) {
             kvf_sched_all_cleared(d->s, sb->src.instance);
             d->resyncs = add_sat(d->resyncs, 1);
+            sb->owed = 0; /* what the earlier life owed is gone with its blocks */
         }
         kvf_warn(&d->lg,
                  "events from %s: sequence number %" PRIu64 " after %" PRIu64
@@ -677,7 +697,7 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         /* what a replay owes, asked again up to the last batch applied (see owe()) */
         owed[i] =
             live && !sb->snapshots && sb->owed && sb->seq.seen && kvf__zsubs_has_replay(d->zs, i);
-        d->replays_owed_retried += owed[i];
+        d->replays_owed_retried = add_sat(d->replays_owed_retried, owed[i]);
     }
     pthread_mutex_unlock(&d->mu);
     for (int i = 0; i < n; i++) {

@@ -399,8 +399,8 @@ static void replay_answer(kvf__zpub *p)
             zmq_msg_t m;
             if (zmq_msg_init_data(&m, copy[i]->data + copy[i]->topic_len, copy[i]->len,
                                   kept_msg_free, copy[i]) != 0) {
-                kept_unref(copy[i]);
-                zmq_send(p->router, "", 0, 0); /* the frame ends, empty: a batch skipped */
+                kept_unref(copy[i]); /* the message's: sent by copy instead */
+                zmq_send(p->router, copy[i]->data + copy[i]->topic_len, copy[i]->len, 0);
             } else if (zmq_msg_send(&m, p->router, 0) < 0) {
                 zmq_msg_close(&m); /* its reference goes with it */
             }
@@ -551,8 +551,9 @@ void kvf__zpub_close(kvf__zpub **pp)
 
 typedef struct zsub {
     void *sock;
-    void *replay;   /* DEALER to the publisher's replay socket, or NULL */
-    char topic[96]; /* what it subscribed to ("": everything), named in its replay requests */
+    void *replay;        /* DEALER to the publisher's replay socket, or NULL */
+    char topic[96];      /* what it subscribed to ("": everything), named in its replay requests */
+    char replay_ep[256]; /* where the DEALER connects (kvf__zsubs_replay_reset) */
 } zsub;
 
 struct kvf__zsubs {
@@ -653,6 +654,7 @@ int kvf__zsubs_add_topic(kvf__zsubs *s, const char *endpoint, const char *replay
         return KVF_ECONNREFUSED;
     }
     z->replay = NULL;
+    snprintf(z->replay_ep, sizeof z->replay_ep, "%s", replay ? replay : "");
     if (replay && replay[0] && !(z->replay = socket_to(s, ZMQ_DEALER, replay, "")))
         snprintf(err, errlen, "events: cannot connect to the replay socket %s: %s", replay,
                  zmq_strerror(zmq_errno()));
@@ -776,6 +778,17 @@ int kvf__zsubs_replay_recv(kvf__zsubs *s, int idx, int timeout_ms, kvf__zmsg *m)
     if (n == 0)
         return KVF_ETIMEDOUT;
     return recv_msg(s, 1, r, 0, m);
+}
+
+int kvf__zsubs_replay_reset(kvf__zsubs *s, int idx)
+{
+    zsub *z = &s->subs[idx];
+    if (!z->replay)
+        return KVF_ENOTCONN;
+    release_msg(s, 1); /* a held answer is the old socket's */
+    zmq_close(z->replay);
+    z->replay = socket_to(s, ZMQ_DEALER, z->replay_ep, "");
+    return z->replay ? 0 : KVF_EIO;
 }
 
 void kvf__zsubs_close(kvf__zsubs **sp)

@@ -125,18 +125,30 @@ struct kvf__zmsg;
 /* Applies one replayed batch (m: its sequence and payload). 0, or -1 to end the contact (the
  * publisher was removed meanwhile). */
 typedef int (*kvf_contact_apply_fn)(void *ud, const struct kvf__zmsg *m);
+/* Told that the answers skipped batches from `lost` on (a hole, after some were applied): what
+ * was applied before it may be stale (a removal among the lost), to be dropped and learnt again. */
+typedef void (*kvf_contact_hole_fn)(void *ud, uint64_t lost);
 
 #define KVF_CONTACT_NOT_YET   (-1) /* the replay socket has no peer yet: ask again soon */
 #define KVF_CONTACT_NO_ANSWER (-2) /* asked and not answered: back off */
 
 /* Asks replay socket idx of zs for every batch from 0 and applies the answers in order through
- * apply (repeats and older ones skipped; t's last and seen follow them), until the end marker,
- * silence_ms without an answer, deadline_ms in all, or *stop. Returns the batches applied (0: the
- * publisher has published nothing the window holds), or KVF_CONTACT_NOT_YET or
- * KVF_CONTACT_NO_ANSWER (c unchanged). */
+ * apply (repeats and older ones skipped; t's last and seen follow them; a hole told to hole
+ * first), until the end marker, silence_ms without an answer, deadline_ms in all, or *stop.
+ * Returns the batches applied (0: the publisher has published nothing the window holds), or
+ * KVF_CONTACT_NOT_YET or KVF_CONTACT_NO_ANSWER (c unchanged). A contact that did not end with the
+ * end marker leaves the replay socket replaced (kvf_replay_settle). */
 long kvf_contact_run(kvf_contact *c, struct kvf__zsubs *zs, int idx, kvf_seq_tracker *t,
-                     kvf_contact_apply_fn apply, void *ud, int silence_ms, int deadline_ms,
-                     const atomic_int *stop);
+                     kvf_contact_apply_fn apply, kvf_contact_hole_fn hole, void *ud, int silence_ms,
+                     int deadline_ms, const atomic_int *stop);
+/* After a replay request: ended says its end marker was read. If not, the answers still coming
+ * are read and dropped up to the end marker (silence_ms between them, until deadline_ns); a
+ * replay socket that did not come to its end is replaced (kvf__zsubs_replay_reset), so that its
+ * late answers are never taken for the next request's. */
+void kvf_replay_settle(struct kvf__zsubs *zs, int idx, int ended, int silence_ms,
+                       uint64_t deadline_ns);
+/* Whether m is a replay's end marker (an empty payload after an 8-byte sequence). */
+int kvf_replay_is_end(const struct kvf__zmsg *m);
 /* Whether the live batch numbered seq was applied by the first contact already (skip it). */
 int kvf_contact_stale(kvf_contact *c, uint64_t seq, uint64_t now_ns);
 

@@ -131,6 +131,12 @@ int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from);
 /* Receives one answer of the replay socket, waiting up to timeout_ms: 0 with *m (an answer is
  * [sequence, payload]; an empty payload ends the replay), KVF_ETIMEDOUT, or KVF_EIO. */
 int kvf__zsubs_replay_recv(kvf__zsubs *s, int idx, int timeout_ms, kvf__zmsg *m);
+/* Replaces publisher idx's replay socket by a new one to the same endpoint: the answers still
+ * coming to a request given up on (a timeout, a replay cut short) go to the old one and are lost
+ * with it, never taken for a later request's (an answer names no request). Also drops requests
+ * still queued for a peer that never came. 0, KVF_ENOTCONN (none) or KVF_EIO (none any more:
+ * kvf__zsubs_has_replay() then says 0). */
+int kvf__zsubs_replay_reset(kvf__zsubs *s, int idx);
 /* Closes every socket and the context. Accepts NULL; clears *s. */
 void kvf__zsubs_close(kvf__zsubs **s);
 
