@@ -53,7 +53,7 @@ typedef struct kvf__sched_sub {
     kvf_contact contact;
     /* Warnings about its batches, at most one a second (subscriber.c, warn_batch): a publisher
      * of garbage must not fill the log. */
-    kvf__log_quiet warned;
+    kvf__log_quiet warned, warned_resync;
     /* The events thread's time its replays may still take (subscriber.c, charge_replay), and
      * when that was last counted (0: never, the whole budget). The events thread's alone. */
     int64_t replay_credit_ns;

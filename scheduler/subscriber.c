@@ -159,9 +159,19 @@ static void resync(kvf__sched_daemon *d, kvf__sched_sub *sb, uint64_t first_lost
         kvf_sched_all_cleared(d->s, sb->src.instance);
     d->resyncs = add_sat(d->resyncs, 1);
     pthread_mutex_unlock(&d->mu);
-    warn_batch(d, sb, "batches from %" PRIu64 " are lost (%s)%s", first_lost, why,
-               engine ? "; the engine's blocks are dropped from the index and learnt again"
-                      : "; the store's chunks are learnt again as they are stored or evicted");
+    /* once a second at most, on a limiter of its own (a gap's warning just before must not hide
+     * it), with the count of those not told */
+    uint64_t quiet;
+    if (!kvf__log_due(&sb->warned_resync, kvf__now_ns(), &quiet))
+        return;
+    char more[64] = "";
+    if (quiet)
+        snprintf(more, sizeof more, " (and %" PRIu64 " more resyncs since the last)", quiet);
+    kvf_warn(&d->lg, "events from %s: batches from %" PRIu64 " are lost (%s)%s%s", sb->endpoint,
+             first_lost, why,
+             engine ? "; the engine's blocks are dropped from the index and learnt again"
+                    : "; the store's chunks are learnt again as they are stored or evicted",
+             more);
 }
 
 /* Applies one replayed batch m of publisher i, taking the lock for it (counted in
