@@ -573,14 +573,14 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
          * jump far ahead is only counted. */
         int again = sb->seq.last - last >= ((uint64_t)1 << 63) && sb->src.instance >= 0;
         int replay = again && sb->seq.last >= 2 && kvf__zsubs_has_replay(d->zs, i);
-        if (replay && kvf__now_ns() < sb->replay_down_until_ns) {
-            owe(sb, 0, 1); /* asked when the back-off ends */
-            replay = 0;
-        }
         if (again) {
             kvf_sched_all_cleared(d->s, sb->src.instance);
             d->resyncs = add_sat(d->resyncs, 1);
             sb->owed = 0; /* what the earlier life owed is gone with its blocks */
+        }
+        if (replay && kvf__now_ns() < sb->replay_down_until_ns) {
+            owe(sb, 0, 1); /* the new life's: asked when the back-off ends */
+            replay = 0;
         }
         kvf_warn(&d->lg,
                  "events from %s: sequence number %" PRIu64 " after %" PRIu64

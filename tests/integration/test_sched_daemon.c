@@ -696,6 +696,35 @@ static void test_sched_daemon_replay_socket_misbehaves(void **state)
     zmq_close(pub);
     zmq_close(router);
     daemon_stop(&d);
+    /* (4) the first contact unanswered, then batch 5 seen while the socket is held off (owed),
+     * then the engine restarts and its batch 2 is the first seen of its new life: its batch 1 is
+     * owed now, and asked for when the back-off ends */
+    sched_start(&d, NULL, NULL);
+    engine_with_replay(&d, ctx, "reborn2", "", &pub, &router);
+    asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++)
+        asked = ignore_request(router);
+    assert_int_equal(asked, 0);
+    for (int i = 0; i < 50 && stat_of(&d, "blocks") < 8; i++) {
+        publish(pub, 5, b[0].data, b[0].size);
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d, "blocks"), 8);
+    for (int i = 0; i < 50 && stat_of(&d, "sequence_restarts") < 1; i++) {
+        publish(pub, 2, b[2].data, b[2].size);
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d, "sequence_restarts"), 1);
+    asked = -1;
+    for (int i = 0; i < 100 && asked < 0; i++)
+        asked = serve_batches(router, &b[1], seqs, 2); /* batches 1 and 2 of the new life */
+    assert_int_equal(asked, 0);
+    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 16; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "blocks"), 16);
+    zmq_close(pub);
+    zmq_close(router);
+    daemon_stop(&d);
     for (int k = 0; k < 4; k++)
         msgpack_sbuffer_destroy(&b[k]);
     zmq_ctx_term(ctx);
