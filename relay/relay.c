@@ -182,10 +182,7 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
     if (atomic_load(stop))
         return; /* cut short by a stop: nothing is known lost, nothing cleared */
     /* a replay that did not come to its end: its late answers are not the next request's */
-    if (answered)
-        kvf_replay_settle(r->zs, r->idx, ended, REPLAY_SILENCE_MS, deadline);
-    else
-        kvf__zsubs_replay_reset(r->zs, r->idx);
+    kvf_replay_settle(r->zs, r->idx, answered, ended, REPLAY_SILENCE_MS, deadline);
     if (answered) {
         if (kvf_replay_walk_short(&walk, &lost)) {
             clear_all(r, 0, "batches were lost (the replay ended before them)");

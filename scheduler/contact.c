@@ -27,10 +27,12 @@ int kvf_replay_is_end(const kvf__zmsg *m)
     return m->frames >= 3 && m->seq_len == 8 && m->len == 0;
 }
 
-void kvf_replay_settle(kvf__zsubs *zs, int idx, int ended, int silence_ms, uint64_t deadline_ns)
+void kvf_replay_settle(kvf__zsubs *zs, int idx, int answered, int ended, int silence_ms,
+                       uint64_t deadline_ns)
 {
     kvf__zmsg m;
-    for (uint32_t guard = 0; !ended && guard < (1u << 16) && kvf__now_ns() < deadline_ns; guard++) {
+    for (uint32_t guard = 0;
+         answered && !ended && guard < (1u << 16) && kvf__now_ns() < deadline_ns; guard++) {
         if (kvf__zsubs_replay_recv(zs, idx, silence_ms, &m) != 0)
             break;
         if (kvf_replay_is_end(&m))
@@ -84,12 +86,10 @@ long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t
             break; /* the publisher was removed meanwhile */
         applied++;
     }
-    if (!answered) {
-        kvf__zsubs_replay_reset(zs, idx); /* the request may still be answered: not to this */
-        return KVF_CONTACT_NO_ANSWER;
-    }
     if (!(stop && atomic_load(stop)))
-        kvf_replay_settle(zs, idx, ended, silence_ms, deadline);
+        kvf_replay_settle(zs, idx, answered, ended, silence_ms, deadline);
+    if (!answered)
+        return KVF_CONTACT_NO_ANSWER;
     c->done = 1;
     if (applied) {
         c->have = 1;

@@ -246,10 +246,8 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
         if (step & KVF_REPLAY_DONE)
             break; /* reached the batch in hand, or past it */
     }
-    if (answered && !atomic_load(&d->stop))
-        kvf_replay_settle(d->zs, i, ended, REPLAY_SILENCE_MS, deadline);
-    else if (!answered)
-        kvf__zsubs_replay_reset(d->zs, i); /* the request may still be answered: not to this */
+    if (!atomic_load(&d->stop))
+        kvf_replay_settle(d->zs, i, answered, ended, REPLAY_SILENCE_MS, deadline);
     if (answered) {
         sb->owed = 0; /* a window that no longer reaches back is a resync, not a debt */
         if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))

@@ -635,6 +635,10 @@ int kvf__zsubs_add_topic(kvf__zsubs *s, const char *endpoint, const char *replay
                          int *idx, char *err, size_t errlen)
 {
     topic = topic ? topic : "";
+    if (replay && strlen(replay) >= sizeof s->subs[0].replay_ep) {
+        snprintf(err, errlen, "events: replay endpoint \"%.40s...\" is too long", replay);
+        return KVF_EINVAL;
+    }
     if (strlen(topic) >= sizeof s->subs[0].topic) {
         snprintf(err, errlen, "events: topic \"%.40s...\" is too long", topic);
         return KVF_EINVAL;

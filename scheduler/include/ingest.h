@@ -141,11 +141,12 @@ typedef void (*kvf_contact_hole_fn)(void *ud, uint64_t lost);
 long kvf_contact_run(kvf_contact *c, struct kvf__zsubs *zs, int idx, kvf_seq_tracker *t,
                      kvf_contact_apply_fn apply, kvf_contact_hole_fn hole, void *ud, int silence_ms,
                      int deadline_ms, const atomic_int *stop);
-/* After a replay request: ended says its end marker was read. If not, the answers still coming
- * are read and dropped up to the end marker (silence_ms between them, until deadline_ns); a
- * replay socket that did not come to its end is replaced (kvf__zsubs_replay_reset), so that its
- * late answers are never taken for the next request's. */
-void kvf_replay_settle(struct kvf__zsubs *zs, int idx, int ended, int silence_ms,
+/* After a replay request: answered says an answer came, ended that its end marker was read. If
+ * answered and not ended, the answers still coming are read and dropped up to the end marker
+ * (silence_ms between them, until deadline_ns). A replay socket that did not come to its end
+ * (unanswered included) is replaced (kvf__zsubs_replay_reset), so that its late answers are never
+ * taken for the next request's. */
+void kvf_replay_settle(struct kvf__zsubs *zs, int idx, int answered, int ended, int silence_ms,
                        uint64_t deadline_ns);
 /* Whether m is a replay's end marker (an empty payload after an 8-byte sequence). */
 int kvf_replay_is_end(const struct kvf__zmsg *m);

@@ -518,42 +518,42 @@ static void test_sched_daemon_late_join_and_resync(void **state)
     daemon_stop(&d);
 }
 
-/* Receives one replay request waiting on router (50 ms at most) and answers nothing: a replay
- * socket that lost it. Returns the number asked for, or -1 when no request came. */
-static long ignore_request(void *router)
+/* Receives the next replay request on router (5 s at most) and answers it with the batches of
+ * bufs (seqs: their numbers; n 0: none), or with nothing at all where ignore is set (a replay
+ * socket that lost it). Returns the number asked for, or -1 when no request came. */
+static long next_request(void *router, const msgpack_sbuffer *bufs, const uint64_t *seqs, int n,
+                         int ignore)
 {
-    zmq_pollitem_t it = {.socket = router, .events = ZMQ_POLLIN};
-    if (zmq_poll(&it, 1, 50) <= 0)
-        return -1;
-    uint8_t part[64];
     long from = -1;
-    int more = 1;
-    for (int k = 0; k < 8 && more; k++) {
-        int n = zmq_recv(router, part, sizeof part, 0);
-        if (k == 2 && n == 8) {
-            from = 0;
-            for (int i = 0; i < 8; i++)
-                from = from << 8 | part[i];
-        }
-        size_t ml = sizeof more;
-        zmq_getsockopt(router, ZMQ_RCVMORE, &more, &ml);
+    for (int i = 0; i < 100 && from < 0; i++) {
+        zmq_msg_t id;
+        zmq_msg_init(&id);
+        if ((from = recv_request(router, &id)) >= 0 && !ignore)
+            answer_batches(router, &id, (uint64_t)from, bufs, seqs, n);
+        zmq_msg_close(&id);
     }
     return from;
 }
 
-/* Answers the first contact on router with nothing (5 s at most) and packs four batches of 8
- * blocks into b (to be destroyed by the caller). Returns -1. */
-static long empty_contact_and_batches(void *router, msgpack_sbuffer b[4])
+/* 1 when no replay request waits on router (50 ms), else 0 (the request taken). */
+static int no_request(void *router)
 {
-    long asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = serve_batches(router, NULL, NULL, 0); /* the first contact: nothing yet */
-    assert_int_equal(asked, 0);
+    zmq_msg_t id;
+    zmq_msg_init(&id);
+    long from = recv_request(router, &id);
+    zmq_msg_close(&id);
+    return from < 0;
+}
+
+/* Answers the first contact on router with nothing (5 s at most) and packs four batches of 8
+ * blocks into b (to be destroyed by the caller). */
+static void empty_contact_and_batches(void *router, msgpack_sbuffer b[4])
+{
+    assert_int_equal(next_request(router, NULL, NULL, 0, 0), 0); /* the first contact: nothing */
     for (int k = 0; k < 4; k++) {
         msgpack_sbuffer_init(&b[k]);
         pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
     }
-    return -1;
 }
 
 /* A replay that got no answer is not forgotten: the batches of the gap are asked for again
@@ -568,12 +568,10 @@ static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
     void *ctx = zmq_ctx_new(), *pub, *router;
     engine_with_replay(&d, ctx, "owed", "", &pub, &router);
     msgpack_sbuffer b[4];
-    long asked = empty_contact_and_batches(router, b);
+    empty_contact_and_batches(router, b);
     publish_until(&d, pub, 1, &b[0], 8);
-    publish(pub, 3, b[2].data, b[2].size); /* batch 2 lost on the way */
-    for (int i = 0; i < 40 && asked < 0; i++)
-        asked = ignore_request(router); /* ... and its replay too */
-    assert_int_equal(asked, 2);
+    publish(pub, 3, b[2].data, b[2].size);                       /* batch 2 lost on the way */
+    assert_int_equal(next_request(router, NULL, NULL, 0, 1), 2); /* ... and its replay too */
     for (int i = 0; i < 100 && stat_of(&d, "replay_timeouts") < 1; i++)
         usleep(20000);
     assert_int_equal(stat_of(&d, "replay_timeouts"), 1);
@@ -586,10 +584,7 @@ static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
     assert_int_equal(stat_of(&d, "replay_retries"), 0);
     /* once the back-off (2 s) ends, batches 2 to 4 are asked for again */
     uint64_t seqs[3] = {2, 3, 4};
-    asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = serve_batches(router, &b[1], seqs, 3);
-    assert_int_equal(asked, 2);
+    assert_int_equal(next_request(router, &b[1], seqs, 3, 0), 2);
     for (int i = 0; i < 100 && stat_of(&d, "blocks") < 32; i++)
         usleep(20000);
     assert_int_equal(stat_of(&d, "blocks"), 32);
@@ -597,9 +592,8 @@ static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
     assert_int_equal(stat_of(&d, "batches_replayed"), 3);
     assert_int_equal(stat_of(&d, "resyncs"), 0);
     /* and not again: nothing is owed any more */
-    assert_int_equal(ignore_request(router), -1);
     usleep(300000);
-    assert_int_equal(ignore_request(router), -1);
+    assert_int_equal(no_request(router), 1);
     assert_int_equal(stat_of(&d, "replay_retries"), 1);
     for (int k = 0; k < 4; k++)
         msgpack_sbuffer_destroy(&b[k]);
@@ -609,26 +603,41 @@ static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
     daemon_stop(&d);
 }
 
+/* kvf-sched and engine id, whose events the test publishes on *pub and whose replay requests it
+ * answers on *router; then_stop() ends them. */
+static void sched_and_engine(daemon_t *d, void *ctx, const char *id, void **pub, void **router)
+{
+    sched_start(d, NULL, NULL);
+    engine_with_replay(d, ctx, id, "", pub, router);
+}
+
+static void then_stop(daemon_t *d, void *pub, void *router)
+{
+    zmq_close(pub);
+    zmq_close(router);
+    daemon_stop(d);
+}
+
 /* Replay sockets that misbehave as real ones can leave the index neither wrong nor stuck:
  * (1) answers to a request that was given up on come to the old socket, not taken for the next
  * request's (a late answer of a different window); (2) a first contact whose answers skip a
  * batch drops what came before the hole; (3) a replay owed by an engine's earlier life is not
- * asked of its new one (whose window does not reach that far: it would wipe the new blocks). */
+ * asked of its new one (whose window does not reach that far: it would wipe the new blocks);
+ * (4) a restart seen while the socket is held off owes the new life's first batches. */
 static void test_sched_daemon_replay_socket_misbehaves(void **state)
 {
     (void)state;
     msgpack_sbuffer b[4];
-    for (int k = 0; k < 4; k++) {
-        msgpack_sbuffer_init(&b[k]);
-        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
-    }
     uint64_t seqs[4] = {1, 2, 3, 4};
     daemon_t d;
     void *ctx = zmq_ctx_new(), *pub, *router;
     /* (1) the first contact's request unanswered; when the second comes, the first is answered
      * (batch 3 alone, as a window that moved on would) and then the second (batches 1 and 2) */
-    sched_start(&d, NULL, NULL);
-    engine_with_replay(&d, ctx, "late", "", &pub, &router);
+    sched_and_engine(&d, ctx, "late", &pub, &router);
+    for (int k = 0; k < 4; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+    }
     zmq_msg_t id1, id2;
     zmq_msg_init(&id1);
     zmq_msg_init(&id2);
@@ -650,40 +659,25 @@ static void test_sched_daemon_replay_socket_misbehaves(void **state)
     assert_int_equal(stat_of(&d, "resyncs"), 0);
     zmq_msg_close(&id1);
     zmq_msg_close(&id2);
-    zmq_close(pub);
-    zmq_close(router);
-    daemon_stop(&d);
+    then_stop(&d, pub, router);
     /* (2) the first contact answers 1 and 3: 2 is lost, so 1's blocks are dropped */
-    sched_start(&d, NULL, NULL);
-    engine_with_replay(&d, ctx, "holey", "", &pub, &router);
+    sched_and_engine(&d, ctx, "holey", &pub, &router);
     uint64_t skip[2] = {1, 3};
     msgpack_sbuffer sk[2] = {b[0], b[2]};
-    asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = serve_batches(router, sk, skip, 2);
-    assert_int_equal(asked, 0);
+    assert_int_equal(next_request(router, sk, skip, 2, 0), 0);
     for (int i = 0; i < 100 && stat_of(&d, "resyncs") < 1; i++)
         usleep(20000);
     assert_int_equal(stat_of(&d, "resyncs"), 1);
     assert_int_equal(stat_of(&d, "blocks"), 8); /* batch 3's */
-    zmq_close(pub);
-    zmq_close(router);
-    daemon_stop(&d);
+    then_stop(&d, pub, router);
     /* (3) batch 3 follows 1 and its replay goes unanswered (owed from 2); the engine restarts
      * and publishes its new batch 1; after the back-off nothing is asked of the new life, and
      * its blocks stay */
-    sched_start(&d, NULL, NULL);
-    engine_with_replay(&d, ctx, "reborn", "", &pub, &router);
-    asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = serve_batches(router, NULL, NULL, 0);
-    assert_int_equal(asked, 0);
+    sched_and_engine(&d, ctx, "reborn", &pub, &router);
+    assert_int_equal(next_request(router, NULL, NULL, 0, 0), 0);
     publish_until(&d, pub, 1, &b[0], 8);
     publish(pub, 3, b[2].data, b[2].size);
-    asked = -1;
-    for (int i = 0; i < 40 && asked < 0; i++)
-        asked = ignore_request(router);
-    assert_int_equal(asked, 2);
+    assert_int_equal(next_request(router, NULL, NULL, 0, 1), 2);
     for (int i = 0; i < 100 && stat_of(&d, "sequence_restarts") < 1; i++) {
         publish(pub, 1, b[3].data, b[3].size); /* the new life's first batch */
         usleep(20000);
@@ -693,18 +687,12 @@ static void test_sched_daemon_replay_socket_misbehaves(void **state)
         serve_batches(router, &b[3], seqs, 1);
     assert_int_equal(stat_of(&d, "blocks"), 8); /* the new life's batch 1 */
     assert_int_equal(stat_of(&d, "replay_retries"), 0);
-    zmq_close(pub);
-    zmq_close(router);
-    daemon_stop(&d);
+    then_stop(&d, pub, router);
     /* (4) the first contact unanswered, then batch 5 seen while the socket is held off (owed),
      * then the engine restarts and its batch 2 is the first seen of its new life: its batch 1 is
      * owed now, and asked for when the back-off ends */
-    sched_start(&d, NULL, NULL);
-    engine_with_replay(&d, ctx, "reborn2", "", &pub, &router);
-    asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = ignore_request(router);
-    assert_int_equal(asked, 0);
+    sched_and_engine(&d, ctx, "reborn2", &pub, &router);
+    assert_int_equal(next_request(router, NULL, NULL, 0, 1), 0);
     for (int i = 0; i < 50 && stat_of(&d, "blocks") < 8; i++) {
         publish(pub, 5, b[0].data, b[0].size);
         usleep(20000);
@@ -715,16 +703,12 @@ static void test_sched_daemon_replay_socket_misbehaves(void **state)
         usleep(20000);
     }
     assert_int_equal(stat_of(&d, "sequence_restarts"), 1);
-    asked = -1;
-    for (int i = 0; i < 100 && asked < 0; i++)
-        asked = serve_batches(router, &b[1], seqs, 2); /* batches 1 and 2 of the new life */
-    assert_int_equal(asked, 0);
+    /* batches 1 and 2 of the new life */
+    assert_int_equal(next_request(router, &b[1], seqs, 2, 0), 0);
     for (int i = 0; i < 100 && stat_of(&d, "blocks") < 16; i++)
         usleep(20000);
     assert_int_equal(stat_of(&d, "blocks"), 16);
-    zmq_close(pub);
-    zmq_close(router);
-    daemon_stop(&d);
+    then_stop(&d, pub, router);
     for (int k = 0; k < 4; k++)
         msgpack_sbuffer_destroy(&b[k]);
     zmq_ctx_term(ctx);
@@ -974,6 +958,37 @@ static void relay_in_front(daemon_t *relay, const kvf_events *engine, const daem
              ep, rep);
     for (int r = 0; r < 2; r++)
         assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
+}
+
+/* kvf-relay's first contact whose answers skip a batch (1, then 3): what it relayed before the
+ * hole may be stale, so every shard is told to clear (counted as lost). */
+static void test_sched_daemon_relay_contact_hole(void **state)
+{
+    (void)state;
+    daemon_t relay;
+    void *ctx = zmq_ctx_new();
+    char ep[128], rep[128];
+    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    relay_start(&relay, ep, rep, "2");
+    msgpack_sbuffer b[2];
+    uint64_t seqs[2] = {1, 3};
+    for (int k = 0; k < 2; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+    }
+    assert_int_equal(next_request(router, b, seqs, 2, 0), 0);
+    for (int i = 0; i < 100 && relay_stat(&relay, "replayed") < 2; i++)
+        usleep(20000);
+    assert_int_equal(relay_stat(&relay, "replayed"), 2);
+    assert_int_equal(relay_stat(&relay, "lost"), 1);
+    assert_int_equal(relay_stat(&relay, "cleared"), 2); /* its start's, and the hole's */
+    for (int k = 0; k < 2; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    daemon_stop(&relay);
+    zmq_close(pub);
+    zmq_close(router);
+    zmq_ctx_term(ctx);
 }
 
 /* An engine that publishes one stream (vLLM's way: one topic, its own block hashes, not
@@ -1975,6 +1990,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_replay_socket_misbehaves, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_relay_contact_hole, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),
