@@ -89,6 +89,8 @@ static size_t counters(relay_daemon *d, named *out)
         {"late_joins", "first contacts that asked the replay socket from the start", st.late_joins},
         {"lost", "gaps the replay socket could not fill (the index cleared)", st.lost},
         {"replay_timeouts", "replay requests not answered", st.replay_timeouts},
+        {"replay_retries", "replays asked again for what an unanswered one still owed",
+         st.replay_retries},
         {"restarts", "the engine's numbering started again", st.restarts},
         {"sharded_upstream", "batches that came sharded already, dropped", st.sharded_upstream},
         {"publish_errors", "events that could not be published", st.publish_errors},

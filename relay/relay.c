@@ -42,6 +42,7 @@ struct kvf__relay {
     kvf_contact contact; /* the first contact with the engine's replay socket */
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
+    kvf_replay_debt debt; /* what a replay still owes: asked again when the back-off ends */
     int warned_sharded;
     kvf__log_quiet bad; /* warnings of malformed batches: at most one a second */
     pthread_mutex_t mu; /* st, read by the HTTP threads */
@@ -139,6 +140,16 @@ static void clear_all(kvf__relay *r, int forget, const char *why)
              why, rc ? ": " : "", rc ? kvf_strerror(rc) : "");
 }
 
+/* The replay socket gave no answer: left alone for a while, longer each time in a row. */
+static void back_off(kvf__relay *r)
+{
+    r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
+    if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
+        r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
+    r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
+    count(r, &r->st.replay_timeouts, 1);
+}
+
 /* Asks the engine's replay socket for batches from..upto-1 and relays them in order (vLLM's
  * replay protocol, as kvf-sched asks it: the request is the first number wanted; the answers
  * are (sequence, payload); an empty payload ends them). Bounded by answers, silence and a
@@ -173,33 +184,56 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
         }
         if (step & KVF_REPLAY_APPLY) {
             relay_batch(r, m.payload, m.len);
+            count(r, &r->st.replayed, 1); /* as relayed: a replica may see it before the end */
             got++;
         }
         if (step & KVF_REPLAY_DONE)
             break;
     }
-    count(r, &r->st.replayed, got);
     if (atomic_load(stop))
         return; /* cut short by a stop: nothing is known lost, nothing cleared */
     /* a replay that did not come to its end: its late answers are not the next request's */
     kvf_replay_settle(r->zs, r->idx, answered, ended, REPLAY_SILENCE_MS, deadline);
     if (answered) {
-        if (kvf_replay_walk_short(&walk, &lost)) {
+        /* answers that stopped without the end marker: the rest is owed (as kvf-sched's
+         * replay()); a window that ended before them is a loss, not a debt */
+        uint64_t rest = 0;
+        int rest_cleared = 0, cut = !ended && kvf_replay_walk_cut(&walk, &rest, &rest_cleared);
+        r->debt.owed = 0;
+        if (cut) {
+            kvf_replay_owe(&r->debt, rest, rest_cleared);
+        } else if (kvf_replay_walk_short(&walk, &lost)) {
             clear_all(r, 0, "batches were lost (the replay ended before them)");
             count(r, &r->st.lost, 1);
         }
-        r->backoff_ms = 0;
-        kvf_info(r->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " batch(es)", r->from,
-                 got, want);
+        if (cut && !got)
+            back_off(r); /* no progress: not asked again at once */
+        else
+            r->backoff_ms = 0;
+        kvf_info(r->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " batch(es)%s", r->from,
+                 got, want, cut ? "; the answers stopped before the rest, asked for next" : "");
         return;
     }
-    r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
-    if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
-        r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
-    r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
-    count(r, &r->st.replay_timeouts, 1);
-    kvf_warn(r->lg, "events from %s: the replay socket %s; not asked again for %u ms", r->from,
-             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), r->backoff_ms);
+    kvf_replay_owe(&r->debt, from, cleared);
+    back_off(r);
+    kvf_warn(r->lg,
+             "events from %s: the replay socket %s; batches from %" PRIu64 " asked again in %u ms",
+             r->from, rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
+             r->debt.from, r->backoff_ms);
+}
+
+/* Asks for the batches from..upto-1, and for what an earlier replay still owes with them (one
+ * replay from the earlier start: the batches relayed live since are relayed again after the
+ * owed ones, in the engine's order). cleared: as replay()'s. */
+static void replay_owed_too(kvf__relay *r, uint64_t from, uint64_t upto, int cleared,
+                            const atomic_int *stop)
+{
+    if (r->debt.owed) {
+        kvf_replay_owe(&r->debt, from, cleared);
+        from = r->debt.from;
+        cleared = r->debt.cleared;
+    }
+    replay(r, from, upto, cleared, stop);
 }
 
 static int contact_relay(void *ud, const kvf__zmsg *m)
@@ -229,11 +263,7 @@ static void first_contact(kvf__relay *r, const atomic_int *stop)
     if (got == KVF_CONTACT_NOT_YET)
         return;
     if (got == KVF_CONTACT_NO_ANSWER) {
-        r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
-        if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
-            r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
-        r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
-        count(r, &r->st.replay_timeouts, 1);
+        back_off(r);
         kvf_warn(r->lg,
                  "events from %s: the replay socket did not answer the first contact; asked "
                  "again in %u ms",
@@ -291,14 +321,19 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
     pthread_mutex_lock(&r->mu);
     r->st.last_seq = r->seq.last;
     pthread_mutex_unlock(&r->mu);
-    if (first && r->seq.last >= 2 && can_ask) {
-        /* a late join: the engine published before the relay subscribed */
+    if (first && r->seq.last >= 2 && r->has_replay) {
+        /* a late join: the engine published before the relay subscribed (the first contact
+         * was not answered, or came after this batch was queued) */
         count(r, &r->st.late_joins, 1);
         kvf_info(r->lg,
                  "events from %s: the first batch seen is %" PRIu64
-                 "; asking the replay socket for those before it",
-                 r->from, r->seq.last);
-        replay(r, 0, r->seq.last, 0, stop);
+                 "; the replay socket %s for those before it",
+                 r->from, r->seq.last,
+                 can_ask ? "asked" : "is held off after a timeout: asked when that ends");
+        if (can_ask)
+            replay(r, 0, r->seq.last, 0, stop);
+        else
+            kvf_replay_owe(&r->debt, 0, 0);
     } else if (v == KVF_SEQ_RESTART) {
         count(r, &r->st.restarts, 1);
         /* backwards: the engine started again, with nothing cached; far ahead: numbering lost */
@@ -307,26 +342,29 @@ static void on_batch(kvf__relay *r, const kvf__zmsg *m, const atomic_int *stop)
                   again ? "the engine's numbering started again"
                         : "the engine's numbering jumped "
                           "far ahead");
+        if (again)
+            r->debt.owed = 0; /* what the earlier life owed is gone with its blocks */
+        /* what it published since it started again: asked now, or when the back-off ends */
         if (again && r->seq.last >= 2 && can_ask)
-            replay(r, 0, r->seq.last, 1, stop); /* what it published since it started again */
+            replay(r, 0, r->seq.last, 1, stop);
+        else if (again && r->seq.last >= 2 && r->has_replay)
+            kvf_replay_owe(&r->debt, 0, 1);
     } else if (v == KVF_SEQ_GAP) {
         count(r, &r->st.gaps, 1);
         count(r, &r->st.missed, r->seq.missed - missed);
-        if (can_ask) {
-            kvf_warn(r->lg,
-                     "events from %s: batches %" PRIu64 "..%" PRIu64
-                     " missed; asking the replay socket",
-                     r->from, from, r->seq.last - 1);
-            replay(r, from, r->seq.last, 0, stop);
-        } else {
-            /* as kvf-sched does without a replay socket: what was said stays (a block missed is
-             * learnt when stored again), rather than every block of the engine dropped */
-            kvf_warn(r->lg, "events from %s: batches %" PRIu64 "..%" PRIu64 " missed; %s", r->from,
-                     from, r->seq.last - 1,
-                     r->has_replay ? "the replay socket is in back-off after a timeout, not asked"
-                                   : "no replay socket: the replicas may miss blocks until they "
-                                     "are stored again");
-        }
+        kvf_warn(r->lg, "events from %s: batches %" PRIu64 "..%" PRIu64 " missed; %s", r->from,
+                 from, r->seq.last - 1,
+                 can_ask         ? "asking the replay socket"
+                 : r->has_replay ? "the replay socket is held off after a timeout: asked when "
+                                   "that ends"
+                                 : "no replay socket: the replicas may miss blocks until they are "
+                                   "stored again");
+        /* without a replay socket, as kvf-sched does: what was said stays (a block missed is
+         * learnt when stored again), rather than every block of the engine dropped */
+        if (can_ask)
+            replay_owed_too(r, from, r->seq.last, 0, stop);
+        else if (r->has_replay)
+            kvf_replay_owe(&r->debt, from, 0);
     }
     relay_batch(r, m->payload, m->len);
 }
@@ -371,6 +409,11 @@ void kvf__relay_round(kvf__relay *r, const atomic_int *stop)
     if (r->has_replay && !r->contact.done && !r->seq.seen &&
         kvf__now_ns() >= r->replay_down_until_ns)
         first_contact(r, stop);
+    /* what a replay owes, asked again through the last batch relayed (kvf_replay_debt) */
+    if (r->debt.owed && r->seq.seen && kvf__now_ns() >= r->replay_down_until_ns) {
+        count(r, &r->st.replay_retries, 1);
+        replay(r, r->debt.from, r->seq.last + 1, r->debt.cleared, stop);
+    }
     uint8_t ready[KVF_ZSUBS_MAX];
     if (kvf__zsubs_poll(r->zs, 100, ready) <= 0 || !ready[r->idx])
         return;

@@ -58,13 +58,7 @@ typedef struct kvf__sched_sub {
      * when that was last counted (0: never, the whole budget). The events thread's alone. */
     int64_t replay_credit_ns;
     uint64_t credit_at_ns;
-    /* Batches a replay still owes (the events thread's alone): a gap, restart or late join whose
-     * replay got no answer, or was not asked while the socket was held off. Asked again, from
-     * owed_from to the last batch applied, once the back-off ends (owed_cleared: the blocks were
-     * dropped at a restart, as replay()'s `cleared`). Without it those batches were lost for
-     * good: an engine's prefixes left invisible, or a removal among them left stale. */
-    int owed, owed_cleared;
-    uint64_t owed_from;
+    kvf_replay_debt debt; /* what a replay still owes (ingest.h); the events thread's alone */
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */

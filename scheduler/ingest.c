@@ -216,6 +216,29 @@ int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from)
     return 1;
 }
 
+int kvf_replay_walk_cut(const kvf_replay_walk *w, uint64_t *rest, int *cleared)
+{
+    if (w->next >= w->want)
+        return 0;
+    *rest = w->from + w->next;
+    *cleared = w->cleared_at == w->next;
+    return 1;
+}
+
+void kvf_replay_owe(kvf_replay_debt *d, uint64_t from, int cleared)
+{
+    if (cleared || !d->owed) {
+        d->from = from;
+        d->cleared = cleared;
+    } else {
+        if (from - d->from >= ((uint64_t)1 << 63)) /* earlier, modulo 2^64 */
+            d->from = from;
+        /* a gap since the restart: a window that no longer reaches it is a loss again */
+        d->cleared = 0;
+    }
+    d->owed = 1;
+}
+
 int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from)
 {
     uint64_t seq = kvf__kve_seq_get(seq8);

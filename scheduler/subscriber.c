@@ -126,23 +126,6 @@ static void back_off(kvf__sched_sub *sb)
     sb->replay_down_until_ns = kvf__now_ns() + (uint64_t)sb->replay_backoff_ms * 1000000u;
 }
 
-/* Records that a replay owes sb the batches from `from` on (kvf__sched_sub.owed). A restart
- * (cleared: its blocks were dropped) replaces what the publisher's earlier life owed; otherwise
- * the earlier start of the two is kept, so one replay covers both. */
-static void owe(kvf__sched_sub *sb, uint64_t from, int cleared)
-{
-    if (cleared || !sb->owed) {
-        sb->owed_from = from;
-        sb->owed_cleared = cleared;
-    } else {
-        if (from - sb->owed_from >= ((uint64_t)1 << 63)) /* earlier, modulo 2^64 */
-            sb->owed_from = from;
-        /* a gap since the restart: a window that no longer reaches it is a resync again */
-        sb->owed_cleared = 0;
-    }
-    sb->owed = 1;
-}
-
 /* Logs a warning about a batch of sb's (below). */
 static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -249,18 +232,32 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
     if (!atomic_load(&d->stop))
         kvf_replay_settle(d->zs, i, answered, ended, REPLAY_SILENCE_MS, deadline);
     if (answered) {
-        sb->owed = 0; /* a window that no longer reaches back is a resync, not a debt */
-        if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
+        /* Answers that stopped without the end marker (silence, the deadline) came from a slow
+         * publisher, not from a window without the rest: the rest is owed (asked at the next
+         * round, taken in order after what was applied), not a resync, which would drop blocks
+         * that are still true. A window that ended before them is a resync, not a debt. */
+        uint64_t rest = 0;
+        int rest_cleared = 0;
+        int cut =
+            !ended && !atomic_load(&d->stop) && kvf_replay_walk_cut(&walk, &rest, &rest_cleared);
+        sb->debt.owed = 0;
+        if (cut)
+            kvf_replay_owe(&sb->debt, rest, rest_cleared);
+        else if (!atomic_load(&d->stop) && kvf_replay_walk_short(&walk, &lost))
             resync(d, sb, lost, "the replay ended before them");
-        sb->replay_backoff_ms = 0;
+        if (cut && !got)
+            back_off(sb); /* no progress: not asked again at once */
+        else
+            sb->replay_backoff_ms = 0;
         charge_replay(sb, t0);
-        kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches",
-                 sb->endpoint, got, want);
+        kvf_info(&d->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " missed batches%s",
+                 sb->endpoint, got, want,
+                 cut ? "; the answers stopped before the rest, asked for next" : "");
         return;
     }
     if (atomic_load(&d->stop))
         return;
-    owe(sb, from, cleared);
+    kvf_replay_owe(&sb->debt, from, cleared);
     back_off(sb);
     pthread_mutex_lock(&d->mu);
     d->replay_timeouts++;
@@ -269,7 +266,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
              "events from %s: the replay socket %s %s; batches from %" PRIu64
              " asked again in %u ms",
              sb->endpoint, sb->replay_ep,
-             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), sb->owed_from,
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc), sb->debt.from,
              sb->replay_backoff_ms);
 }
 
@@ -551,7 +548,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         if (sb->seq.last < 2 || !replay)
             return 0; /* 1 is the first batch of publishers that count from 1 (kvfabric's) */
         if (kvf__now_ns() < sb->replay_down_until_ns) {
-            owe(sb, 0, 0); /* asked when the back-off ends */
+            kvf_replay_owe(&sb->debt, 0, 0); /* asked when the back-off ends */
             return 0;
         }
         d->late_joins = add_sat(d->late_joins, 1);
@@ -574,20 +571,20 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         if (again) {
             kvf_sched_all_cleared(d->s, sb->src.instance);
             d->resyncs = add_sat(d->resyncs, 1);
-            sb->owed = 0; /* what the earlier life owed is gone with its blocks */
+            sb->debt.owed = 0; /* what the earlier life owed is gone with its blocks */
         }
         if (replay && kvf__now_ns() < sb->replay_down_until_ns) {
-            owe(sb, 0, 1); /* the new life's: asked when the back-off ends */
+            kvf_replay_owe(&sb->debt, 0, 1); /* the new life's: asked when the back-off ends */
             replay = 0;
         }
         kvf_warn(&d->lg,
                  "events from %s: sequence number %" PRIu64 " after %" PRIu64
                  ", taken for a %s publisher%s",
                  sb->endpoint, sb->seq.last, last, again ? "restarted" : "renumbered",
-                 !again     ? "; nothing asked for"
-                 : replay   ? "; its blocks dropped, the batches before this one asked for"
-                 : sb->owed ? "; its blocks dropped, the batches before this one owed"
-                            : "; its blocks dropped");
+                 !again          ? "; nothing asked for"
+                 : replay        ? "; its blocks dropped, the batches before this one asked for"
+                 : sb->debt.owed ? "; its blocks dropped, the batches before this one owed"
+                                 : "; its blocks dropped");
         if (!replay)
             return 0;
         *from = 0;
@@ -607,7 +604,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
                          "asked when that ends"
                        : "; asking the replay socket");
     if (down)
-        owe(sb, *from, 0);
+        kvf_replay_owe(&sb->debt, *from, 0);
     return replay && !down;
 }
 
@@ -652,10 +649,10 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
         snapshot(d, i);
     } else if (ask) {
         kvf__sched_sub *sb = &d->subs[i];
-        if (sb->owed) { /* one replay for what was owed too, from the earlier start */
-            owe(sb, from, ask == 2);
-            from = sb->owed_from;
-            ask = sb->owed_cleared ? 2 : 1;
+        if (sb->debt.owed) { /* one replay for what was owed too, from the earlier start */
+            kvf_replay_owe(&sb->debt, from, ask == 2);
+            from = sb->debt.from;
+            ask = sb->debt.cleared ? 2 : 1;
         }
         replay(d, i, from, upto, ask == 2);
     }
@@ -703,8 +700,8 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
                      !sb->seq.seen && kvf__zsubs_has_replay(d->zs, i) &&
                      (d->shards > 1 || d->reg[sb->src.instance].event_shards <= 1);
         /* what a replay owes, asked again up to the last batch applied (see owe()) */
-        owed[i] =
-            live && !sb->snapshots && sb->owed && sb->seq.seen && kvf__zsubs_has_replay(d->zs, i);
+        owed[i] = live && !sb->snapshots && sb->debt.owed && sb->seq.seen &&
+                  kvf__zsubs_has_replay(d->zs, i);
         d->replays_owed_retried = add_sat(d->replays_owed_retried, owed[i]);
     }
     pthread_mutex_unlock(&d->mu);
@@ -715,7 +712,7 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         else if (contact[i])
             first_contact(d, i);
         else if (owed[i])
-            replay(d, i, sb->owed_from, sb->seq.last + 1, sb->owed_cleared);
+            replay(d, i, sb->debt.from, sb->seq.last + 1, sb->debt.cleared);
     }
     if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
         return;

@@ -107,6 +107,29 @@ unsigned kvf_replay_walk_step(kvf_replay_walk *w, uint64_t seq, uint64_t *lost_f
 /* After the answers: 1 with *lost_from when the replay ended before the batches asked for and
  * that loss was not said already. */
 int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from);
+/* After answers that stopped without the end marker (silence, the deadline: a slow publisher, not
+ * a window that lacks them): 1 when the batches asked for were not all reached, with the first
+ * one not reached in *rest and in *cleared whether a loss was said just before it (the walk to
+ * continue from there is kvf_replay_walk_init(rest, upto, cleared)). */
+int kvf_replay_walk_cut(const kvf_replay_walk *w, uint64_t *rest, int *cleared);
+
+/* Batches a replay still owes a subscriber (kvf-sched's and kvf-relay's): a gap, restart or late
+ * join whose replay got no answer, or was not asked while the replay socket was held off. Asked
+ * again, from `from` through the last batch taken live, once the back-off ends; the batches
+ * taken live since are taken again after the owed ones, so that everything ends in the
+ * publisher's order (a block stored in the gap and removed after it ends removed). cleared: the
+ * subscriber dropped what it held at a restart, as kvf_replay_walk_init's. Without it those
+ * batches were lost for good: an engine's prefixes left invisible, or a removal among them
+ * stale. */
+typedef struct kvf_replay_debt {
+    int owed, cleared;
+    uint64_t from;
+} kvf_replay_debt;
+
+/* Records that the batches from `from` on are owed. A restart (cleared) replaces what the
+ * publisher's earlier life owed; otherwise the earlier start of the two is kept (modulo 2^64),
+ * so one replay covers both. */
+void kvf_replay_owe(kvf_replay_debt *d, uint64_t from, int cleared);
 
 /* First contact with a publisher's replay socket (contact.c): asked for everything its window
  * holds as soon as the subscription is made, before any live batch. */

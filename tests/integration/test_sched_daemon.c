@@ -177,9 +177,10 @@ static long recv_request(void *router, zmq_msg_t *id)
     return (long)from;
 }
 
-/* Answers requester id with the batches of bufs numbered from on, then the end of the replay. */
-static void answer_batches(void *router, zmq_msg_t *id, uint64_t from, const msgpack_sbuffer *bufs,
-                           const uint64_t *seqs, int n)
+/* Answers requester id with the batches of bufs numbered from on, then the end of the replay
+ * where `end` is set (else the answers just stop: a publisher too slow for the replay's time). */
+static void answer_some(void *router, zmq_msg_t *id, uint64_t from, const msgpack_sbuffer *bufs,
+                        const uint64_t *seqs, int n, int end)
 {
     for (int k = 0; k < n; k++) {
         if (seqs[k] < from)
@@ -192,12 +193,41 @@ static void answer_batches(void *router, zmq_msg_t *id, uint64_t from, const msg
         zmq_send(router, s8, 8, ZMQ_SNDMORE);
         zmq_send(router, bufs[k].data, bufs[k].size, 0);
     }
-    uint8_t end[8];
-    memset(end, 0xff, sizeof end);
+    if (!end)
+        return;
+    uint8_t e8[8];
+    memset(e8, 0xff, sizeof e8);
     zmq_send(router, zmq_msg_data(id), zmq_msg_size(id), ZMQ_SNDMORE);
     zmq_send(router, "", 0, ZMQ_SNDMORE);
-    zmq_send(router, end, 8, ZMQ_SNDMORE);
+    zmq_send(router, e8, 8, ZMQ_SNDMORE);
     zmq_send(router, "", 0, 0);
+}
+
+static void answer_batches(void *router, zmq_msg_t *id, uint64_t from, const msgpack_sbuffer *bufs,
+                           const uint64_t *seqs, int n)
+{
+    answer_some(router, id, from, bufs, seqs, n, 1);
+}
+
+/* Receives the next replay request on router (5 s at most) and answers it with the first batch
+ * of bufs it asks for and nothing more, not even the end (a slow publisher). Returns the number
+ * asked for, or -1. */
+static long answer_one_and_stop(void *router, const msgpack_sbuffer *bufs, const uint64_t *seqs,
+                                int n)
+{
+    long from = -1;
+    for (int i = 0; i < 100 && from < 0; i++) {
+        zmq_msg_t id;
+        zmq_msg_init(&id);
+        if ((from = recv_request(router, &id)) >= 0)
+            for (int k = 0; k < n; k++)
+                if (seqs[k] >= (uint64_t)from) {
+                    answer_some(router, &id, (uint64_t)from, &bufs[k], &seqs[k], 1, 0);
+                    break;
+                }
+        zmq_msg_close(&id);
+    }
+    return from;
 }
 
 /* Answers one replay request waiting on router (50 ms at most) with the batches of bufs whose
@@ -277,7 +307,7 @@ static void publish_seen(daemon_t *d, void *pub, uint64_t seq, const msgpack_sbu
 static void sched_start(daemon_t *d, const char *opt1, const char *val1)
 {
     char *argv[] = {(char *)KVF_SCHED_BIN, SMALL_INDEX,           (char *)"--listen",
-                    (char *)"127.0.0.1:0", (char *)"--log-level", (char *)"error",
+                    (char *)"127.0.0.1:0", (char *)"--log-level", (char *)"warn",
                     (char *)opt1,          (char *)val1,          NULL};
     proc_start(d, argv);
 }
@@ -545,15 +575,34 @@ static int no_request(void *router)
     return from < 0;
 }
 
+/* Packs n batches of 8 blocks into b (each its own tokens; destroyed by the caller). */
+static void pack_batches(msgpack_sbuffer *b, int n)
+{
+    for (int k = 0; k < n; k++) {
+        msgpack_sbuffer_init(&b[k]);
+        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
+    }
+}
+
 /* Answers the first contact on router with nothing (5 s at most) and packs four batches of 8
  * blocks into b (to be destroyed by the caller). */
 static void empty_contact_and_batches(void *router, msgpack_sbuffer b[4])
 {
     assert_int_equal(next_request(router, NULL, NULL, 0, 0), 0); /* the first contact: nothing */
-    for (int k = 0; k < 4; k++) {
-        msgpack_sbuffer_init(&b[k]);
-        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
-    }
+    pack_batches(b, 4);
+}
+
+/* Waits (2 s at most) for the four batches of empty_contact_and_batches() to be indexed, two of
+ * them (and the live one after them) through replays, one of which was asked again, and no
+ * resync. */
+static void gap_learnt_by_one_retry(const daemon_t *d)
+{
+    for (int i = 0; i < 100 && stat_of(d, "blocks") < 32; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(d, "blocks"), 32);
+    assert_int_equal(stat_of(d, "replay_retries"), 1);
+    assert_int_equal(stat_of(d, "batches_replayed"), 3);
+    assert_int_equal(stat_of(d, "resyncs"), 0);
 }
 
 /* A replay that got no answer is not forgotten: the batches of the gap are asked for again
@@ -585,12 +634,7 @@ static void test_sched_daemon_unanswered_replay_is_asked_again(void **state)
     /* once the back-off (2 s) ends, batches 2 to 4 are asked for again */
     uint64_t seqs[3] = {2, 3, 4};
     assert_int_equal(next_request(router, &b[1], seqs, 3, 0), 2);
-    for (int i = 0; i < 100 && stat_of(&d, "blocks") < 32; i++)
-        usleep(20000);
-    assert_int_equal(stat_of(&d, "blocks"), 32);
-    assert_int_equal(stat_of(&d, "replay_retries"), 1);
-    assert_int_equal(stat_of(&d, "batches_replayed"), 3);
-    assert_int_equal(stat_of(&d, "resyncs"), 0);
+    gap_learnt_by_one_retry(&d);
     /* and not again: nothing is owed any more */
     usleep(300000);
     assert_int_equal(no_request(router), 1);
@@ -618,6 +662,30 @@ static void then_stop(daemon_t *d, void *pub, void *router)
     daemon_stop(d);
 }
 
+/* A replay whose answers stop without the end marker (a publisher too slow for the replay's
+ * time, as a large window under load) is continued from the first batch not applied at the next
+ * round, not taken for lost batches: no resync (which would drop blocks that are still true),
+ * and the blocks of the gap and after it known. */
+static void test_sched_daemon_slow_replay_is_continued(void **state)
+{
+    (void)state;
+    daemon_t d;
+    void *ctx = zmq_ctx_new(), *pub, *router;
+    sched_and_engine(&d, ctx, "slow", &pub, &router);
+    msgpack_sbuffer b[4];
+    empty_contact_and_batches(router, b);
+    publish_until(&d, pub, 1, &b[0], 8);
+    publish(pub, 4, b[3].data, b[3].size); /* batches 2 and 3 lost on the way */
+    uint64_t seqs[3] = {2, 3, 4};
+    assert_int_equal(answer_one_and_stop(router, &b[1], seqs, 3), 2);
+    assert_int_equal(next_request(router, &b[2], &seqs[1], 2, 0), 3); /* the rest, at once */
+    gap_learnt_by_one_retry(&d);
+    for (int k = 0; k < 4; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    then_stop(&d, pub, router);
+    zmq_ctx_term(ctx);
+}
+
 /* Replay sockets that misbehave as real ones can leave the index neither wrong nor stuck:
  * (1) answers to a request that was given up on come to the old socket, not taken for the next
  * request's (a late answer of a different window); (2) a first contact whose answers skip a
@@ -634,10 +702,7 @@ static void test_sched_daemon_replay_socket_misbehaves(void **state)
     /* (1) the first contact's request unanswered; when the second comes, the first is answered
      * (batch 3 alone, as a window that moved on would) and then the second (batches 1 and 2) */
     sched_and_engine(&d, ctx, "late", &pub, &router);
-    for (int k = 0; k < 4; k++) {
-        msgpack_sbuffer_init(&b[k]);
-        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
-    }
+    pack_batches(b, 4);
     zmq_msg_t id1, id2;
     zmq_msg_init(&id1);
     zmq_msg_init(&id2);
@@ -730,7 +795,7 @@ static int holds_sequence(const daemon_t *d, int j)
 }
 
 /* Publishes sequences 2..n-1 (each 4 blocks of 16 tokens: hashes at h + j * hstride, tokens at
- * tok + j * tstride) until replicas d[0] and d[1] hold every block of their shard (bounded), then
+ * tok + j * tstride) until replicas d[0] and d[1] hold every block of their shard, then
  * checks that each replica's lookup finds exactly the sequences of its shard (the first two
  * published before anyone subscribed). */
 static void publish_until_sharded(kvf_events *ev, const daemon_t d[2], int n, const uint64_t *h,
@@ -740,7 +805,9 @@ static void publish_until_sharded(kvf_events *ev, const daemon_t d[2], int n, co
     int per[2] = {0, 0}, done = 0;
     for (int j = 0; j < n; j++)
         per[shard[j]]++;
-    for (int t = 0; t < 150 && !done; t++) {
+    /* 10 s at most: time for a relay whose first contact went unanswered to ask again (2 s) */
+    double t0 = now_ms();
+    for (int t = 0; t < 1000 && !done && now_ms() - t0 < 10000; t++) {
         for (int j = 2; j < n; j++)
             assert_int_equal(kvf_events_publish(ev, NULL, 0, h + (size_t)j * hstride, 4, 0, 0,
                                                 tok + (size_t)j * tstride, 16, "GPU"),
@@ -940,7 +1007,7 @@ static void relay_start(daemon_t *relay, const char *from, const char *from_repl
     char *argv[] = {(char *)KVF_RELAY_BIN,   (char *)"--from",    (char *)from,
                     (char *)"--from-replay", (char *)from_replay, (char *)"--shards",
                     (char *)shards,          (char *)"--listen",  (char *)"127.0.0.1:0",
-                    (char *)"--log-level",   (char *)"error",     NULL};
+                    (char *)"--log-level",   (char *)"warn",      NULL};
     proc_start(relay, argv);
 }
 
@@ -960,23 +1027,35 @@ static void relay_in_front(daemon_t *relay, const kvf_events *engine, const daem
         assert_int_equal(http(&d[r], "POST", "/v1/instances", body, out, sizeof out), 201);
 }
 
+/* kvf-relay (2 shards) in front of an engine whose events the test publishes on *pub and whose
+ * replay requests it answers on *router; relay_and_engine_stop() ends them and ctx. */
+static void relay_and_engine(daemon_t *relay, void *ctx, void **pub, void **router)
+{
+    char ep[128], rep[128];
+    *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
+    *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
+    relay_start(relay, ep, rep, "2");
+}
+
+static void relay_and_engine_stop(daemon_t *relay, void *ctx, void *pub, void *router)
+{
+    daemon_stop(relay);
+    zmq_close(pub);
+    zmq_close(router);
+    zmq_ctx_term(ctx);
+}
+
 /* kvf-relay's first contact whose answers skip a batch (1, then 3): what it relayed before the
  * hole may be stale, so every shard is told to clear (counted as lost). */
 static void test_sched_daemon_relay_contact_hole(void **state)
 {
     (void)state;
     daemon_t relay;
-    void *ctx = zmq_ctx_new();
-    char ep[128], rep[128];
-    void *pub = pub_open(ctx, ZMQ_PUB, ep, sizeof ep);
-    void *router = pub_open(ctx, ZMQ_ROUTER, rep, sizeof rep);
-    relay_start(&relay, ep, rep, "2");
+    void *ctx = zmq_ctx_new(), *pub, *router;
+    relay_and_engine(&relay, ctx, &pub, &router);
     msgpack_sbuffer b[2];
     uint64_t seqs[2] = {1, 3};
-    for (int k = 0; k < 2; k++) {
-        msgpack_sbuffer_init(&b[k]);
-        pack_stored(&b[k], 100000u * (uint64_t)(k + 1), 8, 16, 10000u * (uint32_t)(k + 1));
-    }
+    pack_batches(b, 2);
     assert_int_equal(next_request(router, b, seqs, 2, 0), 0);
     for (int i = 0; i < 100 && relay_stat(&relay, "replayed") < 2; i++)
         usleep(20000);
@@ -985,10 +1064,52 @@ static void test_sched_daemon_relay_contact_hole(void **state)
     assert_int_equal(relay_stat(&relay, "cleared"), 2); /* its start's, and the hole's */
     for (int k = 0; k < 2; k++)
         msgpack_sbuffer_destroy(&b[k]);
-    daemon_stop(&relay);
-    zmq_close(pub);
-    zmq_close(router);
-    zmq_ctx_term(ctx);
+    relay_and_engine_stop(&relay, ctx, pub, router);
+}
+
+/* kvf-relay owes what it could not ask for: (1) a late join seen while the engine's replay socket
+ * is held off (its first contact went unanswered) is asked for from the start when the back-off
+ * ends, and what was relayed live since is relayed again after it, in order; (2) a replay whose
+ * answers stop without the end marker (a slow engine) is continued from the first batch not
+ * relayed, not taken for a loss (which would clear every shard). */
+static void test_sched_daemon_relay_owes_what_it_could_not_ask(void **state)
+{
+    (void)state;
+    enum { N = 6 };
+    daemon_t relay;
+    void *ctx = zmq_ctx_new(), *pub, *router;
+    relay_and_engine(&relay, ctx, &pub, &router);
+    msgpack_sbuffer b[N];
+    uint64_t seqs[N];
+    pack_batches(b, N);
+    for (int k = 0; k < N; k++)
+        seqs[k] = (uint64_t)k + 1;
+    assert_int_equal(next_request(router, NULL, NULL, 0, 1), 0); /* the first contact, lost */
+    for (int i = 0; i < 100 && relay_stat(&relay, "batches") < 1; i++) {
+        publish(pub, 3, b[2].data, b[2].size); /* live, while the socket is held off (2 s) */
+        usleep(20000);
+    }
+    assert_true(relay_stat(&relay, "batches") >= 1);
+    assert_int_equal(relay_stat(&relay, "replayed"), 0);
+    assert_int_equal(relay_stat(&relay, "replay_retries"), 0);
+    assert_int_equal(next_request(router, b, seqs, 3, 0), 0); /* the back-off over: 1 to 3 */
+    for (int i = 0; i < 100 && relay_stat(&relay, "replayed") < 3; i++)
+        usleep(20000);
+    assert_int_equal(relay_stat(&relay, "replayed"), 3);
+    assert_int_equal(relay_stat(&relay, "replay_retries"), 1);
+    /* batches 4 and 5 missed; the answers stop after 4, and 5 on are asked for next */
+    publish(pub, 6, b[5].data, b[5].size);
+    assert_int_equal(answer_one_and_stop(router, &b[3], &seqs[3], 3), 4);
+    assert_int_equal(next_request(router, &b[4], &seqs[4], 2, 0), 5);
+    for (int i = 0; i < 100 && relay_stat(&relay, "replayed") < 6; i++)
+        usleep(20000);
+    assert_int_equal(relay_stat(&relay, "replayed"), 6);
+    assert_int_equal(relay_stat(&relay, "replay_retries"), 2);
+    assert_int_equal(relay_stat(&relay, "lost"), 0);
+    assert_int_equal(relay_stat(&relay, "cleared"), 1); /* its start's only */
+    for (int k = 0; k < N; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    relay_and_engine_stop(&relay, ctx, pub, router);
 }
 
 /* An engine that publishes one stream (vLLM's way: one topic, its own block hashes, not
@@ -1988,9 +2109,12 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_unanswered_replay_is_asked_again,
                                   teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_replay_socket_misbehaves, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_slow_replay_is_continued, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_contact_hole, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_relay_owes_what_it_could_not_ask,
+                                  teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_lookup_health_and_no_store, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_numbers_are_range_checked, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_table_full, teardown_daemons),

@@ -386,6 +386,45 @@ static void test_sched_replay_walk(void **state)
     assert_int_equal(kvf_replay_walk_step(&w, 1, &lost),
                      KVF_REPLAY_HOLE | KVF_REPLAY_APPLY | KVF_REPLAY_DONE);
     assert_int_equal(lost, UINT64_MAX);
+    /* answers that stopped (no end marker): where to go on from, and whether a loss was said
+     * just before it; none once the batch in hand was reached */
+    int cleared = -1;
+    uint64_t rest = 0;
+    kvf_replay_walk_init(&w, 10, 20, 0);
+    assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 1);
+    assert_true(rest == 10 && cleared == 0);
+    assert_int_equal(kvf_replay_walk_step(&w, 10, &lost), KVF_REPLAY_APPLY);
+    assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 1);
+    assert_true(rest == 11 && cleared == 0);
+    assert_int_equal(kvf_replay_walk_step(&w, 13, &lost), KVF_REPLAY_HOLE | KVF_REPLAY_APPLY);
+    assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 1);
+    assert_true(rest == 14 && cleared == 0);
+    kvf_replay_walk_init(&w, 0, 8, 1); /* just cleared, nothing yet */
+    assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 1);
+    assert_true(rest == 0 && cleared == 1);
+    assert_int_equal(kvf_replay_walk_step(&w, 7, &lost), KVF_REPLAY_APPLY | KVF_REPLAY_DONE);
+    assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 0);
+}
+
+/* What a replay owes (kvf_replay_debt): the earlier start of two debts kept, modulo 2^64; a
+ * restart's debt replaces the earlier life's; a gap after a restart's debt is no longer
+ * "cleared". */
+static void test_sched_replay_debt(void **state)
+{
+    (void)state;
+    kvf_replay_debt d = {0};
+    kvf_replay_owe(&d, 50, 0);
+    assert_true(d.owed && d.from == 50 && !d.cleared);
+    kvf_replay_owe(&d, 70, 0);
+    assert_int_equal(d.from, 50);
+    kvf_replay_owe(&d, 30, 0);
+    assert_int_equal(d.from, 30);
+    kvf_replay_owe(&d, UINT64_MAX - 3, 0); /* before 30, modulo 2^64 */
+    assert_int_equal(d.from, UINT64_MAX - 3);
+    kvf_replay_owe(&d, 0, 1); /* a restart: the earlier life's debt goes */
+    assert_true(d.owed && d.from == 0 && d.cleared);
+    kvf_replay_owe(&d, 9, 0);
+    assert_true(d.from == 0 && !d.cleared);
 }
 
 static void test_sched_sequence_gaps(void **state)
@@ -1480,6 +1519,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_events_both_encodings),
         cmocka_unit_test(test_sched_apply_in_slices),
         cmocka_unit_test(test_sched_replay_walk),
+        cmocka_unit_test(test_sched_replay_debt),
         cmocka_unit_test(test_sched_sequence_gaps),
         cmocka_unit_test(test_sched_sequence_extremes),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
