@@ -42,7 +42,8 @@ struct kvf__relay {
     kvf_contact contact; /* the first contact with the engine's replay socket */
     uint64_t replay_down_until_ns;
     unsigned backoff_ms;
-    kvf_replay_debt debt; /* what a replay still owes: asked again when the back-off ends */
+    kvf_replay_debt debt;     /* what a replay still owes: asked again when the back-off ends */
+    kvf_replay_credit credit; /* the replays' share of the relay's thread (ingest.h) */
     int warned_sharded;
     kvf__log_quiet bad; /* warnings of malformed batches: at most one a second */
     pthread_mutex_t mu; /* st, read by the HTTP threads */
@@ -147,7 +148,15 @@ static void back_off(kvf__relay *r)
     if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
         r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
     r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
-    count(r, &r->st.replay_timeouts, 1);
+}
+
+/* Charges a replay that started at t0 to the engine's budget (kvf_replay_charge): one that
+ * answers slowly, or opens a gap every moment, does not take the thread from the live stream. */
+static void charge(kvf__relay *r, uint64_t t0)
+{
+    uint64_t until = kvf_replay_charge(&r->credit, t0, kvf__now_ns());
+    if (until > r->replay_down_until_ns)
+        r->replay_down_until_ns = until;
 }
 
 /* Asks the engine's replay socket for batches from..upto-1 and relays them in order (vLLM's
@@ -163,8 +172,9 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
     kvf__zmsg m;
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
         ; /* answers to a request given up on before */
+    uint64_t t0 = kvf__now_ns();
     int rc = kvf__zsubs_replay_ask(r->zs, r->idx, from);
-    uint64_t deadline = kvf__now_ns() + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
+    uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
     for (uint64_t guard = 0;
          rc == 0 && guard < want + 16 && !atomic_load(stop) && kvf__now_ns() < deadline; guard++) {
         if ((rc = kvf__zsubs_replay_recv(r->zs, r->idx, REPLAY_SILENCE_MS, &m)) != 0)
@@ -210,12 +220,14 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
             back_off(r); /* no progress: not asked again at once */
         else
             r->backoff_ms = 0;
+        charge(r, t0);
         kvf_info(r->lg, "events from %s: replayed %" PRIu64 " of %" PRIu64 " batch(es)%s", r->from,
                  got, want, cut ? "; the answers stopped before the rest, asked for next" : "");
         return;
     }
     kvf_replay_owe(&r->debt, from, cleared);
     back_off(r);
+    count(r, &r->st.replay_timeouts, 1);
     kvf_warn(r->lg,
              "events from %s: the replay socket %s; batches from %" PRIu64 " asked again in %u ms",
              r->from, rc == 0 || rc == KVF_ETIMEDOUT ? "did not answer" : kvf_strerror(rc),
@@ -258,12 +270,14 @@ static void contact_hole(void *ud, uint64_t lost)
  * at once, not when the engine next publishes (it may be idle). */
 static void first_contact(kvf__relay *r, const atomic_int *stop)
 {
+    uint64_t t0 = kvf__now_ns();
     long got = kvf_contact_run(&r->contact, r->zs, r->idx, &r->seq, contact_relay, contact_hole, r,
                                REPLAY_SILENCE_MS, REPLAY_DEADLINE_MS, stop);
     if (got == KVF_CONTACT_NOT_YET)
         return;
     if (got == KVF_CONTACT_NO_ANSWER) {
         back_off(r);
+        count(r, &r->st.replay_timeouts, 1);
         kvf_warn(r->lg,
                  "events from %s: the replay socket did not answer the first contact; asked "
                  "again in %u ms",
@@ -271,6 +285,7 @@ static void first_contact(kvf__relay *r, const atomic_int *stop)
         return;
     }
     r->backoff_ms = 0;
+    charge(r, t0);
     pthread_mutex_lock(&r->mu);
     r->st.last_seq = r->seq.last;
     pthread_mutex_unlock(&r->mu);

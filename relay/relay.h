@@ -35,7 +35,7 @@ typedef struct kvf__relay_stats {
     uint64_t late_joins;       /* first contacts that asked the replay socket from the start */
     uint64_t lost;             /* gaps the replay socket could not fill: the index cleared */
     uint64_t replay_timeouts;  /* replay requests not answered */
-    uint64_t replay_retries;   /* replays asked again for what an unanswered one still owed */
+    uint64_t replay_retries;   /* replays asked again for what one not answered (to its end) owed */
     uint64_t restarts;         /* the engine's numbering started again */
     uint64_t sharded_upstream; /* batches already sharded (a kvfabric engine's): dropped */
     uint64_t publish_errors;   /* events that could not be published */

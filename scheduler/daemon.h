@@ -54,11 +54,8 @@ typedef struct kvf__sched_sub {
     /* Warnings about its batches, at most one a second (subscriber.c, warn_batch): a publisher
      * of garbage must not fill the log. */
     kvf__log_quiet warned, warned_resync;
-    /* The events thread's time its replays may still take (subscriber.c, charge_replay), and
-     * when that was last counted (0: never, the whole budget). The events thread's alone. */
-    int64_t replay_credit_ns;
-    uint64_t credit_at_ns;
-    kvf_replay_debt debt; /* what a replay still owes (ingest.h); the events thread's alone */
+    kvf_replay_credit credit; /* its replays' share of the events thread (ingest.h) */
+    kvf_replay_debt debt;     /* what a replay still owes (ingest.h); the events thread's alone */
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */
@@ -100,8 +97,12 @@ typedef struct kvf__sched_daemon {
     kvf_ingest_stats ingest;
     uint64_t seq_gaps, seq_missed, seq_restarts; /* saturating */
     uint64_t replayed, replay_timeouts, replays_owed_retried;
-    uint64_t late_joins; /* first contacts that asked the replay socket for what came before */
-    uint64_t resyncs;    /* replays whose window did not reach back: the source's blocks dropped */
+    /* The events thread's: the subscription whose snapshot, first contact or owed replay is
+     * asked first in the next round (subscriber.c, a round's asking time is bounded). */
+    int asks_from;
+    uint64_t asks_deferred; /* asks left to a later round for the time the round had spent */
+    uint64_t late_joins;    /* first contacts that asked the replay socket for what came before */
+    uint64_t resyncs; /* replays whose window did not reach back: the source's blocks dropped */
     uint64_t snapshots, snapshot_failures; /* storage nodes' snapshots applied, and not had */
     /* The index's shard this replica holds (--shard K/N; shards 1: the whole index): it subscribes
      * to the engines' topic of shard K only (kvf_events_opts.shards). */

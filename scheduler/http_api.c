@@ -522,8 +522,8 @@ static unsigned get_stores(kvf__sched_daemon *d, kvf__http_reply *c)
 typedef struct stats {
     kvf_index_stats index;
     kvf_ingest_stats ingest;
-    uint64_t gaps, missed, restarts, replayed, replay_timeouts, replay_retries, late_joins, resyncs,
-        placements, rejections;
+    uint64_t gaps, missed, restarts, replayed, replay_timeouts, replay_retries, asks_deferred,
+        late_joins, resyncs, placements, rejections;
     uint64_t expired, deleted; /* instances */
     uint64_t snapshots, snapshot_failures;
     uint64_t sharded_dropped;
@@ -549,6 +549,7 @@ static void stats_take(kvf__sched_daemon *d, stats *st)
     st->replayed = d->replayed;
     st->replay_timeouts = d->replay_timeouts;
     st->replay_retries = d->replays_owed_retried;
+    st->asks_deferred = d->asks_deferred;
     st->late_joins = d->late_joins;
     st->resyncs = d->resyncs;
     st->sharded_dropped = d->sharded_dropped;
@@ -613,6 +614,7 @@ static json_t *stats_json(const stats *st)
     json_object_set_new(o, "store_disk_chunks", json_integer(counter(x->store_disk_chunks)));
     json_object_set_new(o, "late_joins", json_integer(counter(st->late_joins)));
     json_object_set_new(o, "replay_retries", json_integer(counter(st->replay_retries)));
+    json_object_set_new(o, "replay_asks_deferred", json_integer(counter(st->asks_deferred)));
     json_object_set_new(o, "resyncs", json_integer(counter(st->resyncs)));
     json_object_set_new(o, "shard", json_integer(st->shard));
     json_object_set_new(o, "shards", json_integer(st->shards));
@@ -677,8 +679,13 @@ static void metrics_collect(void *ud, kvf__metrics *m)
         {"batches_replayed_total", "Batches recovered from publishers' replay sockets.", 1,
          (double)st.replayed},
         {"replay_timeouts_total", "Replay requests that timed out.", 1, (double)st.replay_timeouts},
-        {"replay_retries_total", "Replays asked again for batches an unanswered one still owed.", 1,
+        {"replay_retries_total",
+         "Replays asked again for batches one not answered (to its end) still owed.", 1,
          (double)st.replay_retries},
+        {"replay_asks_deferred_total",
+         "Snapshots, first contacts and owed replays left to a later round of the events thread "
+         "for the time its round had spent asking.",
+         1, (double)st.asks_deferred},
         {"late_joins_total", "First contacts that replayed a publisher from its start.", 1,
          (double)st.late_joins},
         {"resyncs_total", "Full resyncs after a gap beyond the replay window.", 1,

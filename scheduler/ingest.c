@@ -203,8 +203,10 @@ unsigned kvf_replay_walk_step(kvf_replay_walk *w, uint64_t seq, uint64_t *lost_f
         r |= KVF_REPLAY_APPLY;
         w->next = off + 1;
     }
-    if (off + 1 >= w->want)
+    if (off + 1 >= w->want) {
         r |= KVF_REPLAY_DONE;
+        w->done = 1;
+    }
     return r;
 }
 
@@ -218,11 +220,25 @@ int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from)
 
 int kvf_replay_walk_cut(const kvf_replay_walk *w, uint64_t *rest, int *cleared)
 {
-    if (w->next >= w->want)
+    if (w->next >= w->want || w->done)
         return 0;
     *rest = w->from + w->next;
     *cleared = w->cleared_at == w->next;
     return 1;
+}
+
+uint64_t kvf_replay_charge(kvf_replay_credit *c, uint64_t t0, uint64_t now)
+{
+    const int64_t cap = (int64_t)KVF_REPLAY_CREDIT_MS * 1000000;
+    if (!c->at_ns) /* a new subscription: the whole budget */
+        c->left_ns = cap;
+    else if (now > c->at_ns)
+        c->left_ns += (int64_t)((now - c->at_ns) / KVF_REPLAY_SHARE);
+    if (c->left_ns > cap)
+        c->left_ns = cap;
+    c->left_ns -= now > t0 ? (int64_t)(now - t0) : 0;
+    c->at_ns = now;
+    return c->left_ns < 0 ? now + (uint64_t)(-c->left_ns) * KVF_REPLAY_SHARE : 0;
 }
 
 void kvf_replay_owe(kvf_replay_debt *d, uint64_t from, int cleared)

@@ -88,32 +88,16 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
 #define REPLAY_BACKOFF_MIN_MS 2000
 #define REPLAY_BACKOFF_MAX_MS 60000
 
-/* The events thread waits on one replay socket at a time, so each publisher's replays (and first
- * contact) draw on a budget of the thread's time: REPLAY_CREDIT_MS at most, refilled at
- * REPLAY_SHARE of the time that passes. A publisher whose replays have spent it (one that answers
- * slowly, or opens a gap every moment) is not asked again until the budget is back above zero:
- * it takes about a tenth of the thread over time, and the others' batches are not held up behind
- * it for long. An engine's replays of a few milliseconds never come near it. */
-#define REPLAY_CREDIT_MS 1000
-#define REPLAY_SHARE     10 /* a tenth */
+/* The time a round of the events thread spends asking snapshots, first contacts and owed replays
+ * before it reads the live streams again (it may run over by the one asked last). */
+#define ROUND_ASKS_MS 100
 
+/* Charges a replay of sb's that started at t0 to its budget (kvf_replay_charge). */
 static void charge_replay(kvf__sched_sub *sb, uint64_t t0)
 {
-    const int64_t cap = (int64_t)REPLAY_CREDIT_MS * 1000000;
-    uint64_t now = kvf__now_ns();
-    if (!sb->credit_at_ns) /* a new subscription: the whole budget */
-        sb->replay_credit_ns = cap;
-    else
-        sb->replay_credit_ns += (int64_t)((now - sb->credit_at_ns) / REPLAY_SHARE);
-    if (sb->replay_credit_ns > cap)
-        sb->replay_credit_ns = cap;
-    sb->replay_credit_ns -= (int64_t)(now - t0);
-    sb->credit_at_ns = now;
-    if (sb->replay_credit_ns < 0) {
-        uint64_t until = now + (uint64_t)(-sb->replay_credit_ns) * REPLAY_SHARE;
-        if (until > sb->replay_down_until_ns)
-            sb->replay_down_until_ns = until;
-    }
+    uint64_t until = kvf_replay_charge(&sb->credit, t0, kvf__now_ns());
+    if (until > sb->replay_down_until_ns)
+        sb->replay_down_until_ns = until;
 }
 
 /* Puts a source's replay socket in back-off after a request that was not answered whole. */
@@ -547,11 +531,11 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         int replay = kvf__zsubs_has_replay(d->zs, i);
         if (sb->seq.last < 2 || !replay)
             return 0; /* 1 is the first batch of publishers that count from 1 (kvfabric's) */
+        d->late_joins = add_sat(d->late_joins, 1);
         if (kvf__now_ns() < sb->replay_down_until_ns) {
             kvf_replay_owe(&sb->debt, 0, 0); /* asked when the back-off ends */
             return 0;
         }
-        d->late_joins = add_sat(d->late_joins, 1);
         *from = 0;
         *upto = sb->seq.last;
         kvf_info(&d->lg,
@@ -702,17 +686,38 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         /* what a replay owes, asked again up to the last batch applied (see owe()) */
         owed[i] = live && !sb->snapshots && sb->debt.owed && sb->seq.seen &&
                   kvf__zsubs_has_replay(d->zs, i);
-        d->replays_owed_retried = add_sat(d->replays_owed_retried, owed[i]);
     }
     pthread_mutex_unlock(&d->mu);
-    for (int i = 0; i < n; i++) {
+    /* Asked one at a time, each waiting on its socket, so a round asks for ROUND_ASKS_MS at
+     * most before the live streams are read again (a socket that never answers costs its 200 ms
+     * of silence; forty of them at once held every engine's batches back 8 s), from where the
+     * last round stopped, so that every socket has its turn. */
+    uint64_t until = now + (uint64_t)ROUND_ASKS_MS * 1000000u;
+    int from = d->asks_from < n ? d->asks_from : 0, asked = 0;
+    d->asks_from = 0;
+    for (int k = 0; k < n; k++) {
+        int i = (from + k) % n;
         kvf__sched_sub *sb = &d->subs[i];
+        if (!learn[i] && !contact[i] && !owed[i])
+            continue;
+        if (asked && kvf__now_ns() >= until) {
+            d->asks_from = i; /* this one and those after it: next round */
+            pthread_mutex_lock(&d->mu);
+            d->asks_deferred = add_sat(d->asks_deferred, 1);
+            pthread_mutex_unlock(&d->mu);
+            break;
+        }
+        asked = 1;
         if (learn[i])
             snapshot(d, i);
         else if (contact[i])
             first_contact(d, i);
-        else if (owed[i])
+        else {
+            pthread_mutex_lock(&d->mu);
+            d->replays_owed_retried = add_sat(d->replays_owed_retried, 1);
+            pthread_mutex_unlock(&d->mu);
             replay(d, i, sb->debt.from, sb->seq.last + 1, sb->debt.cleared);
+        }
     }
     if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
         return;

@@ -90,6 +90,7 @@ int kvf_seq_check(kvf_seq_tracker *t, const void *seq8, uint64_t *missing_from);
 typedef struct kvf_replay_walk {
     uint64_t from, want, next; /* next: the offset from `from` expected next */
     uint64_t cleared_at;       /* the offset of the last loss said, or UINT64_MAX */
+    int done;                  /* KVF_REPLAY_DONE was returned */
 } kvf_replay_walk;
 
 /* cleared: the caller has just dropped what it held (a restart), so a loss at the start is not
@@ -110,8 +111,27 @@ int kvf_replay_walk_short(const kvf_replay_walk *w, uint64_t *lost_from);
 /* After answers that stopped without the end marker (silence, the deadline: a slow publisher, not
  * a window that lacks them): 1 when the batches asked for were not all reached, with the first
  * one not reached in *rest and in *cleared whether a loss was said just before it (the walk to
- * continue from there is kvf_replay_walk_init(rest, upto, cleared)). */
+ * continue from there is kvf_replay_walk_init(rest, upto, cleared)). 0 once the walk is done,
+ * a window that starts past the batches asked for included (a loss said, nothing to go on
+ * with). */
 int kvf_replay_walk_cut(const kvf_replay_walk *w, uint64_t *rest, int *cleared);
+
+/* A subscriber's thread waits on one replay socket at a time, so each publisher's replays (and
+ * first contact) draw on a budget of the thread's time: KVF_REPLAY_CREDIT_MS at most, refilled
+ * at 1 / KVF_REPLAY_SHARE of the time that passes. A publisher whose replays have spent it (one
+ * that answers slowly, or opens a gap every moment) is not asked again until the budget is back
+ * above zero: it takes about a tenth of the thread over time, and the others' batches are not
+ * held up behind it for long. An engine's replays of a few milliseconds never come near it. */
+#define KVF_REPLAY_CREDIT_MS 1000
+#define KVF_REPLAY_SHARE     10
+typedef struct kvf_replay_credit {
+    int64_t left_ns; /* may go below zero */
+    uint64_t at_ns;  /* when it was last counted (0: never, the whole budget) */
+} kvf_replay_credit;
+
+/* Charges a replay that started at t0 and ended at now. Returns the time before which the
+ * publisher is not asked again (0 when its budget is left). */
+uint64_t kvf_replay_charge(kvf_replay_credit *c, uint64_t t0, uint64_t now);
 
 /* Batches a replay still owes a subscriber (kvf-sched's and kvf-relay's): a gap, restart or late
  * join whose replay got no answer, or was not asked while the replay socket was held off. Asked

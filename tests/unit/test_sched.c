@@ -404,6 +404,31 @@ static void test_sched_replay_walk(void **state)
     assert_true(rest == 0 && cleared == 1);
     assert_int_equal(kvf_replay_walk_step(&w, 7, &lost), KVF_REPLAY_APPLY | KVF_REPLAY_DONE);
     assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 0);
+    /* a window that starts past the batches asked for: a loss, nothing to go on with */
+    kvf_replay_walk_init(&w, 10, 20, 0);
+    assert_int_equal(kvf_replay_walk_step(&w, 25, &lost),
+                     KVF_REPLAY_HOLE | KVF_REPLAY_PAST | KVF_REPLAY_DONE);
+    assert_int_equal(kvf_replay_walk_cut(&w, &rest, &cleared), 0);
+}
+
+/* A publisher's replay budget (kvf_replay_charge): the whole of it at first, spent by the time
+ * replays take, refilled at a tenth of the time that passes, held off for ten times an
+ * overdraft, never above the cap. */
+static void test_sched_replay_credit(void **state)
+{
+    (void)state;
+    const uint64_t ms = 1000000;
+    kvf_replay_credit c = {0};
+    uint64_t t = 1000 * ms;
+    assert_int_equal(kvf_replay_charge(&c, t, t + 600 * ms), 0); /* 400 ms left */
+    t += 600 * ms;
+    /* 500 ms more, 50 ms refilled meanwhile: 50 ms short, held off ten times that */
+    uint64_t until = kvf_replay_charge(&c, t, t + 500 * ms);
+    t += 500 * ms;
+    assert_true(until == t + 500 * ms);
+    t += 10000 * ms; /* 1 s refilled: the cap */
+    assert_int_equal(kvf_replay_charge(&c, t, t + 900 * ms), 0);
+    assert_true(c.left_ns == (int64_t)(100 * ms));
 }
 
 /* What a replay owes (kvf_replay_debt): the earlier start of two debts kept, modulo 2^64; a
@@ -1520,6 +1545,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(test_sched_apply_in_slices),
         cmocka_unit_test(test_sched_replay_walk),
         cmocka_unit_test(test_sched_replay_debt),
+        cmocka_unit_test(test_sched_replay_credit),
         cmocka_unit_test(test_sched_sequence_gaps),
         cmocka_unit_test(test_sched_sequence_extremes),
         cmocka_unit_test(test_sched_policies_on_a_hand_built_state),
