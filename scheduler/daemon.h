@@ -48,6 +48,10 @@ typedef struct kvf__sched_sub {
     int snapped;        /* a snapshot was applied since the subscription was made */
     int warned_sharded; /* an unsharded replica told that this engine's events are sharded */
     uint64_t snap_seq;  /* the last batch it reflects: the stream's next is snap_seq + 1 */
+    /* A snapshot under way (subscriber.c), read a slice a round; the node's stream is left
+     * queued meanwhile and applied over it after. The events thread's alone. */
+    int snap_active, snap_cleared;
+    uint64_t snap_deadline_ns, snap_heard_ns, snap_batches, snap_chunks0;
     /* An engine with a replay socket: everything its window holds is asked for as soon as the
      * subscription is made (the events thread's alone, as seq). */
     kvf_contact contact;

@@ -260,32 +260,102 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
 #define SNAPSHOT_DEADLINE_MS 60000
 #define SNAPSHOT_MAX_BATCHES (1u << 20)
 
-/* Asks storage node i's snapshot socket for everything it holds now and makes the index say
- * exactly that: the node's holdings are dropped at the first answer, then each batch (its
- * ChunksAdmitted, by tier) applied. The batches of the stream that follow are applied over it
- * (they set a chunk's state, so one the snapshot already reflects changes nothing). A snapshot
- * that ends without its end marker (silence, the deadline, the node gone) leaves what arrived,
- * puts the socket in back-off and is asked again; placements meanwhile see part of the node.
- * Called on the events thread without d->mu, as replay(). */
-static void snapshot(kvf__sched_daemon *d, int i)
+/* A storage node's snapshot: its snapshot socket asked for everything the node holds now, and
+ * the index made to say exactly that: the node's holdings are dropped at the first answer, then
+ * each batch (its ChunksAdmitted, by tier) applied. It is read a slice a round (snapshot_step(),
+ * within the round's asking time), so a node that answers slowly holds no other publisher's
+ * batches back; the node's own stream is left queued meanwhile (the poll leaves it out) and
+ * applied over the snapshot after it (its events set a chunk's state, in order: the state they
+ * end in is the node's). A snapshot that ends without its end marker (SNAPSHOT_SILENCE_MS of
+ * silence, the deadline, the node gone) leaves what arrived, puts the socket in back-off and is
+ * asked again; placements meanwhile see part of the node. Called on the events thread without
+ * d->mu, as replay(). */
+
+/* Ends storage node i's snapshot: ended (its end marker came), or not (rc: why). */
+static void snapshot_end(kvf__sched_daemon *d, int i, int ended, int rc)
+{
+    kvf__sched_sub *sb = &d->subs[i];
+    sb->snap_active = 0;
+    pthread_mutex_lock(&d->mu);
+    int dead = sb->dead;
+    if (ended && !dead) {
+        if (!sb->snap_cleared) /* the node holds nothing */
+            kvf_sched_store_cleared(d->s, sb->src.store);
+        d->snapshots = add_sat(d->snapshots, 1);
+    } else if (!dead) {
+        d->snapshot_failures = add_sat(d->snapshot_failures, 1);
+    }
+    uint64_t chunks = sb->snap_cleared ? d->ingest.chunks - sb->snap_chunks0 : 0;
+    pthread_mutex_unlock(&d->mu);
+    if (dead)
+        return;
+    if (ended) {
+        sb->snapped = 1;
+        sb->replay_backoff_ms = 0;
+        kvf_info(&d->lg,
+                 "events from %s: a snapshot of %" PRIu64 " chunk(s) in %" PRIu64
+                 " batch(es) from %s",
+                 sb->endpoint, chunks, sb->snap_batches, sb->replay_ep);
+        return;
+    }
+    kvf__zsubs_replay_reset(d->zs, i); /* its late answers are not the next snapshot's */
+    back_off(sb);
+    kvf_warn(&d->lg,
+             "events from %s: the snapshot socket %s %s after %" PRIu64
+             " batch(es); asked again in %u ms",
+             sb->endpoint, sb->replay_ep,
+             rc == 0 || rc == KVF_ETIMEDOUT ? "did not finish" : kvf_strerror(rc), sb->snap_batches,
+             sb->replay_backoff_ms);
+}
+
+/* Asks storage node i's snapshot socket for a snapshot (read by snapshot_step()). */
+static void snapshot_start(kvf__sched_daemon *d, int i)
 {
     kvf__sched_sub *sb = &d->subs[i];
     kvf__zmsg m;
     for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
         ; /* answers to an earlier request that was given up on */
-    int rc = kvf__zsubs_replay_ask(d->zs, i, 0), cleared = 0, ended = 0;
-    uint64_t deadline = kvf__now_ns() + (uint64_t)SNAPSHOT_DEADLINE_MS * 1000000u, batches = 0;
-    uint64_t chunks0 = 0;
-    while (rc == 0 && batches < SNAPSHOT_MAX_BATCHES && !atomic_load(&d->stop) &&
-           kvf__now_ns() < deadline) {
-        if ((rc = kvf__zsubs_replay_recv(d->zs, i, SNAPSHOT_SILENCE_MS, &m)) != 0)
-            break;
-        if (m.frames < 3 || m.seq_len != 8)
-            break;
+    uint64_t now = kvf__now_ns();
+    sb->snapped = 0; /* until this one ends: one that fails is asked again after the back-off */
+    sb->snap_active = 1;
+    sb->snap_cleared = 0;
+    sb->snap_batches = sb->snap_chunks0 = 0;
+    sb->snap_heard_ns = now;
+    sb->snap_deadline_ns = now + (uint64_t)SNAPSHOT_DEADLINE_MS * 1000000u;
+    int rc = kvf__zsubs_replay_ask(d->zs, i, 0);
+    if (rc)
+        snapshot_end(d, i, 0, rc);
+}
+
+/* Reads what storage node i's snapshot socket has sent, until `until` (once at least), and ends
+ * the snapshot at its end marker, its silence or its deadline. */
+static void snapshot_step(kvf__sched_daemon *d, int i, uint64_t until)
+{
+    kvf__sched_sub *sb = &d->subs[i];
+    for (uint64_t guard = 0; sb->snap_active && guard < SNAPSHOT_MAX_BATCHES; guard++) {
+        uint64_t now = kvf__now_ns();
+        if (atomic_load(&d->stop) || (guard && now >= until))
+            return;
+        if (sb->snap_batches >= SNAPSHOT_MAX_BATCHES || now >= sb->snap_deadline_ns) {
+            snapshot_end(d, i, 0, KVF_ETIMEDOUT);
+            return;
+        }
+        kvf__zmsg m;
+        int rc = kvf__zsubs_replay_recv(d->zs, i, 0, &m);
+        if (rc == KVF_ETIMEDOUT) {
+            if (now - sb->snap_heard_ns >= (uint64_t)SNAPSHOT_SILENCE_MS * 1000000u)
+                snapshot_end(d, i, 0, rc);
+            return; /* the next round's */
+        }
+        if (rc != 0 || m.frames < 3 || m.seq_len != 8) {
+            snapshot_end(d, i, 0, rc);
+            return;
+        }
+        sb->snap_heard_ns = now;
         if (m.len == 0) {
-            ended = 1;
             sb->snap_seq = kvf__kve_seq_get(m.seq);
-            break;
+            snapshot_end(d, i, 1, 0);
+            return;
         }
         char err[256] = "";
         const kvf_kve *ev = NULL;
@@ -296,12 +366,13 @@ static void snapshot(kvf__sched_daemon *d, int i)
         pthread_mutex_lock(&d->mu);
         if (sb->dead) {
             pthread_mutex_unlock(&d->mu);
+            sb->snap_active = 0;
             return;
         }
-        if (!cleared) {
+        if (!sb->snap_cleared) {
             kvf_sched_store_cleared(d->s, sb->src.store);
-            chunks0 = d->ingest.chunks;
-            cleared = 1;
+            sb->snap_chunks0 = d->ingest.chunks;
+            sb->snap_cleared = 1;
         }
         if (drc == 0)
             drc = kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, sizeof err);
@@ -310,38 +381,8 @@ static void snapshot(kvf__sched_daemon *d, int i)
         pthread_mutex_unlock(&d->mu);
         if (drc)
             kvf_warn(&d->lg, "snapshot of %s: %s", sb->endpoint, err[0] ? err : kvf_strerror(drc));
-        batches++;
+        sb->snap_batches++;
     }
-    pthread_mutex_lock(&d->mu);
-    int dead = sb->dead;
-    if (ended && !dead) {
-        if (!cleared) /* the node holds nothing */
-            kvf_sched_store_cleared(d->s, sb->src.store);
-        d->snapshots = add_sat(d->snapshots, 1);
-    } else if (!dead) {
-        d->snapshot_failures = add_sat(d->snapshot_failures, 1);
-    }
-    uint64_t chunks = cleared ? d->ingest.chunks - chunks0 : 0;
-    pthread_mutex_unlock(&d->mu);
-    if (dead)
-        return;
-    if (ended) {
-        sb->snapped = 1;
-        sb->replay_backoff_ms = 0;
-        kvf_info(&d->lg,
-                 "events from %s: a snapshot of %" PRIu64 " chunk(s) in %" PRIu64
-                 " batch(es) from %s",
-                 sb->endpoint, chunks, batches, sb->replay_ep);
-        return;
-    }
-    kvf__zsubs_replay_reset(d->zs, i); /* its late answers are not the next snapshot's */
-    back_off(sb);
-    kvf_warn(&d->lg,
-             "events from %s: the snapshot socket %s %s after %" PRIu64
-             " batch(es); asked again in %u ms",
-             sb->endpoint, sb->replay_ep,
-             rc == 0 || rc == KVF_ETIMEDOUT ? "did not finish" : kvf_strerror(rc), batches,
-             sb->replay_backoff_ms);
 }
 
 /* One batch of an engine's first contact, applied as replay() applies its answers. */
@@ -630,7 +671,7 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
     if (ask < 0)
         return;
     if (ask && d->subs[i].snapshots) {
-        snapshot(d, i);
+        snapshot_start(d, i); /* read from the next round on; this batch applied now, under it */
     } else if (ask) {
         kvf__sched_sub *sb = &d->subs[i];
         if (sb->debt.owed) { /* one replay for what was owed too, from the earlier start */
@@ -671,13 +712,14 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
      * now, so that an idle node's holdings are known without waiting for its next change. */
     /* Engines not yet contacted: their replay sockets asked for what they published before. */
     uint8_t learn[KVF_SCHED_MAX_SUBS] = {0}, contact[KVF_SCHED_MAX_SUBS] = {0},
-            owed[KVF_SCHED_MAX_SUBS] = {0};
+            owed[KVF_SCHED_MAX_SUBS] = {0}, snapping[KVF_SCHED_MAX_SUBS] = {0};
     uint64_t now = kvf__now_ns();
     pthread_mutex_lock(&d->mu);
     for (int i = 0; i < n; i++) {
         const kvf__sched_sub *sb = &d->subs[i];
         int live = sb->used && !sb->dead && now >= sb->replay_down_until_ns;
-        learn[i] = live && sb->snapshots && !sb->snapped;
+        learn[i] = live && sb->snapshots && !sb->snapped && !sb->snap_active;
+        snapping[i] = sb->used && !sb->dead && sb->snap_active;
         /* (not an engine whose record says its events are sharded, on a replica that holds the
          * whole index: a replay answer carries no topic, and its live batches are dropped) */
         contact[i] = live && !sb->snapshots && sb->src.instance >= 0 && !sb->contact.done &&
@@ -698,7 +740,7 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
     for (int k = 0; k < n; k++) {
         int i = (from + k) % n;
         kvf__sched_sub *sb = &d->subs[i];
-        if (!learn[i] && !contact[i] && !owed[i])
+        if (!learn[i] && !contact[i] && !owed[i] && !snapping[i])
             continue;
         if (asked && kvf__now_ns() >= until) {
             d->asks_from = i; /* this one and those after it: next round */
@@ -709,7 +751,9 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         }
         asked = 1;
         if (learn[i])
-            snapshot(d, i);
+            snapshot_start(d, i);
+        if (learn[i] || snapping[i])
+            snapshot_step(d, i, until);
         else if (contact[i])
             first_contact(d, i);
         else {
@@ -719,7 +763,10 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
             replay(d, i, sb->debt.from, sb->seq.last + 1, sb->debt.cleared);
         }
     }
-    if (kvf__zsubs_poll(d->zs, 100, ready) <= 0)
+    /* a storage node's stream waits while its snapshot is read; its answers wake the poll */
+    for (int i = 0; i < n; i++)
+        snapping[i] = d->subs[i].used && !d->subs[i].dead && d->subs[i].snap_active;
+    if (kvf__zsubs_poll_held(d->zs, 100, snapping, ready) <= 0)
         return;
     for (int i = 0; i < n; i++) {
         kvf__zmsg m;

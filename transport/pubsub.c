@@ -685,23 +685,30 @@ int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx)
     return s->subs[idx].replay != NULL;
 }
 
-int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready)
+int kvf__zsubs_poll_held(kvf__zsubs *s, int timeout_ms, const uint8_t *held, uint8_t *ready)
 {
     zmq_pollitem_t items[KVF_ZSUBS_MAX];
     int of[KVF_ZSUBS_MAX], k = 0; /* items[j] is publisher of[j]'s: dropped slots are left out */
     for (int i = 0; i < s->n; i++) {
         ready[i] = 0;
-        if (s->subs[i].sock) {
-            of[k] = i;
-            items[k++] = (zmq_pollitem_t){.socket = s->subs[i].sock, .events = ZMQ_POLLIN};
+        void *sock = held && held[i] ? s->subs[i].replay : s->subs[i].sock;
+        if (s->subs[i].sock && sock) {
+            of[k] = held && held[i] ? -1 : i;
+            items[k++] = (zmq_pollitem_t){.socket = sock, .events = ZMQ_POLLIN};
         }
     }
     int n = zmq_poll(items, k, timeout_ms);
     if (n < 0)
         return zmq_errno() == EINTR ? 0 : KVF_EIO;
     for (int j = 0; j < k; j++)
-        ready[of[j]] = (items[j].revents & ZMQ_POLLIN) != 0;
+        if (of[j] >= 0)
+            ready[of[j]] = (items[j].revents & ZMQ_POLLIN) != 0;
     return n;
+}
+
+int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready)
+{
+    return kvf__zsubs_poll_held(s, timeout_ms, NULL, ready);
 }
 
 /* Receives one multipart message into slot, keeping its first KEEP_FRAMES frames and dropping

@@ -11,15 +11,21 @@
 
 #include "kvevents_util.h"
 
+/* Starts a batch [ts, [n events ...] on sb with *pk (its rank is the caller's to pack last). */
+static void begin_batch(msgpack_packer *pk, msgpack_sbuffer *sb, size_t n)
+{
+    msgpack_packer_init(pk, sb, msgpack_sbuffer_write);
+    msgpack_pack_array(pk, 3);
+    msgpack_pack_double(pk, 1.5);
+    msgpack_pack_array(pk, n);
+}
+
 /* A vLLM-format batch: [ts, [["BlockStored", hashes, parent, tokens, block_size, lora, medium]]].
  */
 void pack_stored(msgpack_sbuffer *sb, uint64_t first_hash, int blocks, uint32_t bt, uint32_t token0)
 {
     msgpack_packer pk;
-    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    msgpack_pack_array(&pk, 3);
-    msgpack_pack_double(&pk, 1.5);
-    msgpack_pack_array(&pk, 1);
+    begin_batch(&pk, sb, 1);
     msgpack_pack_array(&pk, 7);
     msgpack_pack_str(&pk, 11);
     msgpack_pack_str_body(&pk, "BlockStored", 11);
@@ -34,6 +40,14 @@ void pack_stored(msgpack_sbuffer *sb, uint64_t first_hash, int blocks, uint32_t 
     msgpack_pack_nil(&pk);
     msgpack_pack_str(&pk, 3);
     msgpack_pack_str_body(&pk, "GPU", 3);
+    msgpack_pack_int(&pk, 0);
+}
+
+void pack_empty(msgpack_sbuffer *sb)
+{
+    msgpack_packer pk;
+    msgpack_sbuffer_init(sb);
+    begin_batch(&pk, sb, 0);
     msgpack_pack_int(&pk, 0);
 }
 

@@ -20,5 +20,7 @@ void publish(void *pub, uint64_t seq, const void *payload, size_t len);
  * counting up from token0. */
 void pack_stored(msgpack_sbuffer *sb, uint64_t first_hash, int blocks, uint32_t bt,
                  uint32_t token0);
+/* Initializes sb (destroyed by the caller) with a batch of no events: [ts, [], rank 0]. */
+void pack_empty(msgpack_sbuffer *sb);
 
 #endif

@@ -748,6 +748,101 @@ static void test_sched_daemon_silent_replay_sockets(void **state)
     zmq_ctx_term(ctx);
 }
 
+/* Sends requester id of router one more answer of a snapshot that never ends: an empty batch. */
+static void snapshot_drip(void *router, zmq_msg_t *id)
+{
+    msgpack_sbuffer e;
+    pack_empty(&e);
+    uint64_t seq = 1;
+    answer_some(router, id, 0, &e, &seq, 1, 0);
+    msgpack_sbuffer_destroy(&e);
+}
+
+/* A storage node's snapshot socket that answers a batch a second and never ends (a slow or
+ * hostile node) is read a slice a round: an engine registered meanwhile is subscribed, contacted
+ * and its batches indexed at once (read whole, the snapshot held the events thread up to its
+ * 60 s deadline); the snapshot ends as failed 3 s after the node falls silent, and is asked
+ * again after the back-off. */
+static void test_sched_daemon_slow_snapshot(void **state)
+{
+    (void)state;
+    daemon_t d;
+    void *ctx = zmq_ctx_new();
+    char sev[128], ssnap[128];
+    void *spub = pub_open(ctx, ZMQ_PUB, sev, sizeof sev);
+    void *snap = pub_open(ctx, ZMQ_ROUTER, ssnap, sizeof ssnap);
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    SMALL_INDEX,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--log-level",
+                    (char *)"warn",
+                    (char *)"--stores",
+                    (char *)"127.0.0.1:9",
+                    (char *)"--store-events",
+                    sev,
+                    (char *)"--store-snapshots",
+                    ssnap,
+                    NULL};
+    proc_start(&d, argv);
+    zmq_msg_t id;
+    zmq_msg_init(&id);
+    long from = -1;
+    for (int i = 0; i < 100 && from < 0; i++)
+        from = recv_request(snap, &id);
+    assert_int_equal(from, 0);
+    snapshot_drip(snap, &id);
+    double drip = now_ms(), t0 = drip;
+    void *pub, *router;
+    engine_with_replay(&d, ctx, "beside", "", &pub, &router);
+    /* its first contact comes while the snapshot goes on (a batch a second) */
+    long contact = -1;
+    for (int i = 0; i < 80 && contact < 0; i++) {
+        zmq_msg_t cid;
+        zmq_msg_init(&cid);
+        if ((contact = recv_request(router, &cid)) >= 0)
+            answer_batches(router, &cid, 0, NULL, NULL, 0);
+        zmq_msg_close(&cid);
+        if (now_ms() - drip >= 1000) {
+            snapshot_drip(snap, &id);
+            drip = now_ms();
+        }
+    }
+    assert_int_equal(contact, 0);
+    msgpack_sbuffer b;
+    msgpack_sbuffer_init(&b);
+    pack_stored(&b, 100000, 8, 16, 10000);
+    /* its batches indexed, and the snapshot kept going (a batch a second) for 4 s in all */
+    while (now_ms() - t0 < 4000 || stat_of(&d, "blocks") < 8) {
+        if (now_ms() - t0 > 10000)
+            break;
+        if (stat_of(&d, "blocks") < 8)
+            publish(pub, 1, b.data, b.size);
+        if (now_ms() - drip >= 1000) {
+            snapshot_drip(snap, &id);
+            drip = now_ms();
+        }
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d, "blocks"), 8);
+    assert_int_equal(stat_of(&d, "store_snapshots"), 0);
+    assert_int_equal(stat_of(&d, "store_snapshot_failures"), 0);
+    /* silent from now: failed after 3 s, asked again after the back-off (2 s), and that one ends */
+    for (int i = 0; i < 300 && stat_of(&d, "store_snapshot_failures") < 1; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "store_snapshot_failures"), 1);
+    assert_int_equal(next_request(snap, NULL, NULL, 0, 0), 0);
+    for (int i = 0; i < 100 && stat_of(&d, "store_snapshots") < 1; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "store_snapshots"), 1);
+    zmq_msg_close(&id);
+    msgpack_sbuffer_destroy(&b);
+    zmq_close(spub);
+    zmq_close(snap);
+    then_stop(&d, pub, router);
+    zmq_ctx_term(ctx);
+}
+
 /* Replay sockets that misbehave as real ones can leave the index neither wrong nor stuck:
  * (1) answers to a request that was given up on come to the old socket, not taken for the next
  * request's (a late answer of a different window); (2) a first contact whose answers skip a
@@ -2171,6 +2266,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_replay_socket_misbehaves, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_slow_replay_is_continued, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_silent_replay_sockets, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_slow_snapshot, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_contact_hole, teardown_daemons),

@@ -286,19 +286,6 @@ static void test_record_fields(void **state)
 /* ------------------------------------------------------------------------------------------ */
 /* A replay socket that drips */
 
-/* A vLLM-format batch of no events: what the slow publisher sends, so that the index's blocks
- * are the good one's alone. */
-static void pack_empty(msgpack_sbuffer *sb)
-{
-    msgpack_packer pk;
-    msgpack_sbuffer_init(sb);
-    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    msgpack_pack_array(&pk, 3);
-    msgpack_pack_double(&pk, 1.0);
-    msgpack_pack_array(&pk, 0);
-    msgpack_pack_int(&pk, 0);
-}
-
 typedef struct dripper {
     void *router;
     atomic_int stop;

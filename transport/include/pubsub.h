@@ -120,6 +120,10 @@ int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx);
 /* Waits up to timeout_ms for messages; ready[i] (KVF_ZSUBS_MAX entries) gets 1 for each
  * publisher that has one. Returns how many are ready (0 on a timeout), or KVF_EIO. */
 int kvf__zsubs_poll(kvf__zsubs *s, int timeout_ms, uint8_t *ready);
+/* As kvf__zsubs_poll, but for each publisher i with held[i] set its stream is left out (its
+ * batches stay queued) and its replay socket waited on instead: ready[i] is then 0, and the
+ * call returns when an answer came there. */
+int kvf__zsubs_poll_held(kvf__zsubs *s, int timeout_ms, const uint8_t *held, uint8_t *ready);
 /* Receives one message of publisher idx without waiting: 0 with *m, KVF_EAGAIN when none is
  * there, or KVF_EIO. */
 int kvf__zsubs_recv(kvf__zsubs *s, int idx, kvf__zmsg *m);
