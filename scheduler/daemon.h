@@ -51,7 +51,7 @@ typedef struct kvf__sched_sub {
     /* A snapshot under way (subscriber.c), read a slice a round; the node's stream is left
      * queued meanwhile and applied over it after. The events thread's alone. */
     int snap_active, snap_cleared;
-    uint64_t snap_deadline_ns, snap_heard_ns, snap_batches, snap_chunks0;
+    uint64_t snap_deadline_ns, snap_heard_ns, snap_batches, snap_chunks;
     /* An engine with a replay socket: everything its window holds is asked for as soon as the
      * subscription is made (the events thread's alone, as seq). */
     kvf_contact contact;
@@ -104,7 +104,7 @@ typedef struct kvf__sched_daemon {
     /* The events thread's: the subscription whose snapshot, first contact or owed replay is
      * asked first in the next round (subscriber.c, a round's asking time is bounded). */
     int asks_from;
-    uint64_t asks_deferred; /* asks left to a later round for the time the round had spent */
+    uint64_t asks_deferred; /* asks a round left to the next for the time it had spent */
     uint64_t late_joins;    /* first contacts that asked the replay socket for what came before */
     uint64_t resyncs; /* replays whose window did not reach back: the source's blocks dropped */
     uint64_t snapshots, snapshot_failures; /* storage nodes' snapshots applied, and not had */

@@ -683,8 +683,8 @@ static void metrics_collect(void *ud, kvf__metrics *m)
          "Replays asked again for batches one not answered (to its end) still owed.", 1,
          (double)st.replay_retries},
         {"replay_asks_deferred_total",
-         "Snapshots, first contacts and owed replays left to a later round of the events thread "
-         "for the time its round had spent asking.",
+         "Asks (snapshots to start or under way, first contacts, owed replays) a round of the "
+         "events thread left to the next for the time it had spent asking.",
          1, (double)st.asks_deferred},
         {"late_joins_total", "First contacts that replayed a publisher from its start.", 1,
          (double)st.late_joins},

@@ -259,6 +259,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
 #define SNAPSHOT_SILENCE_MS  3000
 #define SNAPSHOT_DEADLINE_MS 60000
 #define SNAPSHOT_MAX_BATCHES (1u << 20)
+#define SNAPSHOT_SLICE_MS    10 /* read a round at most */
 
 /* A storage node's snapshot: its snapshot socket asked for everything the node holds now, and
  * the index made to say exactly that: the node's holdings are dropped at the first answer, then
@@ -285,7 +286,7 @@ static void snapshot_end(kvf__sched_daemon *d, int i, int ended, int rc)
     } else if (!dead) {
         d->snapshot_failures = add_sat(d->snapshot_failures, 1);
     }
-    uint64_t chunks = sb->snap_cleared ? d->ingest.chunks - sb->snap_chunks0 : 0;
+    uint64_t chunks = sb->snap_chunks;
     pthread_mutex_unlock(&d->mu);
     if (dead)
         return;
@@ -319,7 +320,7 @@ static void snapshot_start(kvf__sched_daemon *d, int i)
     sb->snapped = 0; /* until this one ends: one that fails is asked again after the back-off */
     sb->snap_active = 1;
     sb->snap_cleared = 0;
-    sb->snap_batches = sb->snap_chunks0 = 0;
+    sb->snap_batches = sb->snap_chunks = 0;
     sb->snap_heard_ns = now;
     sb->snap_deadline_ns = now + (uint64_t)SNAPSHOT_DEADLINE_MS * 1000000u;
     int rc = kvf__zsubs_replay_ask(d->zs, i, 0);
@@ -371,11 +372,12 @@ static void snapshot_step(kvf__sched_daemon *d, int i, uint64_t until)
         }
         if (!sb->snap_cleared) {
             kvf_sched_store_cleared(d->s, sb->src.store);
-            sb->snap_chunks0 = d->ingest.chunks;
             sb->snap_cleared = 1;
         }
+        uint64_t chunks0 = d->ingest.chunks;
         if (drc == 0)
             drc = kvf_sched_apply(d->s, &sb->src, ev, n, malformed, &d->ingest, err, sizeof err);
+        sb->snap_chunks += d->ingest.chunks - chunks0;
         if (drc)
             d->ingest.malformed++;
         pthread_mutex_unlock(&d->mu);
@@ -735,7 +737,7 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
      * of silence; forty of them at once held every engine's batches back 8 s), from where the
      * last round stopped, so that every socket has its turn. */
     uint64_t until = now + (uint64_t)ROUND_ASKS_MS * 1000000u;
-    int from = d->asks_from < n ? d->asks_from : 0, asked = 0;
+    int from = d->asks_from < n ? d->asks_from : 0, asked = 0, deferred = 0;
     d->asks_from = 0;
     for (int k = 0; k < n; k++) {
         int i = (from + k) % n;
@@ -744,16 +746,23 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
             continue;
         if (asked && kvf__now_ns() >= until) {
             d->asks_from = i; /* this one and those after it: next round */
+            deferred = 1;
+            uint64_t left = 0;
+            for (int j = k; j < n; j++) {
+                int q = (from + j) % n;
+                left += learn[q] || contact[q] || owed[q] || snapping[q];
+            }
             pthread_mutex_lock(&d->mu);
-            d->asks_deferred = add_sat(d->asks_deferred, 1);
+            d->asks_deferred = add_sat(d->asks_deferred, left);
             pthread_mutex_unlock(&d->mu);
             break;
         }
         asked = 1;
         if (learn[i])
             snapshot_start(d, i);
-        if (learn[i] || snapping[i])
-            snapshot_step(d, i, until);
+        if (learn[i] || snapping[i]) /* a short slice: the live streams are read a batch each
+                                      * a round meanwhile */
+            snapshot_step(d, i, kvf__now_ns() + (uint64_t)SNAPSHOT_SLICE_MS * 1000000u);
         else if (contact[i])
             first_contact(d, i);
         else {
@@ -764,9 +773,9 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         }
     }
     /* a storage node's stream waits while its snapshot is read; its answers wake the poll */
-    for (int i = 0; i < n; i++)
-        snapping[i] = d->subs[i].used && !d->subs[i].dead && d->subs[i].snap_active;
-    if (kvf__zsubs_poll_held(d->zs, 100, snapping, ready) <= 0)
+    for (int i = 0; i < n; i++) /* (dead is the HTTP thread's to write: not read here) */
+        snapping[i] = d->subs[i].used && d->subs[i].snap_active;
+    if (kvf__zsubs_poll_held(d->zs, deferred ? 0 : 100, snapping, ready) <= 0)
         return;
     for (int i = 0; i < n; i++) {
         kvf__zmsg m;

@@ -659,9 +659,11 @@ int kvf__zsubs_add_topic(kvf__zsubs *s, const char *endpoint, const char *replay
     }
     z->replay = NULL;
     snprintf(z->replay_ep, sizeof z->replay_ep, "%s", replay ? replay : "");
-    if (replay && replay[0] && !(z->replay = socket_to(s, ZMQ_DEALER, replay, "")))
+    if (replay && replay[0] && !(z->replay = socket_to(s, ZMQ_DEALER, replay, ""))) {
         snprintf(err, errlen, "events: cannot connect to the replay socket %s: %s", replay,
                  zmq_strerror(zmq_errno()));
+        z->replay_ep[0] = '\0'; /* left out */
+    }
     *idx = i;
     if (i == s->n)
         s->n++;
@@ -682,7 +684,9 @@ void kvf__zsubs_drop(kvf__zsubs *s, int idx)
 
 int kvf__zsubs_has_replay(const kvf__zsubs *s, int idx)
 {
-    return s->subs[idx].replay != NULL;
+    /* a socket whose replacement could not be made (kvf__zsubs_replay_reset) is made again at
+     * the next request */
+    return s->subs[idx].replay != NULL || s->subs[idx].replay_ep[0];
 }
 
 int kvf__zsubs_poll_held(kvf__zsubs *s, int timeout_ms, const uint8_t *held, uint8_t *ready)
@@ -760,7 +764,10 @@ int kvf__zsubs_recv(kvf__zsubs *s, int idx, kvf__zmsg *m)
 
 int kvf__zsubs_replay_ask(kvf__zsubs *s, int idx, uint64_t from)
 {
-    void *r = s->subs[idx].replay;
+    zsub *z = &s->subs[idx];
+    if (!z->replay && z->replay_ep[0])
+        z->replay = socket_to(s, ZMQ_DEALER, z->replay_ep, "");
+    void *r = z->replay;
     if (!r)
         return KVF_ENOTCONN;
     uint8_t req[8];
@@ -794,10 +801,13 @@ int kvf__zsubs_replay_recv(kvf__zsubs *s, int idx, int timeout_ms, kvf__zmsg *m)
 int kvf__zsubs_replay_reset(kvf__zsubs *s, int idx)
 {
     zsub *z = &s->subs[idx];
-    if (!z->replay)
+    if (!z->replay_ep[0])
         return KVF_ENOTCONN;
-    release_msg(s, 1); /* a held answer is the old socket's */
-    zmq_close(z->replay);
+    if (z->replay) {
+        release_msg(s, 1); /* a held answer is the old socket's */
+        zmq_close(z->replay);
+    }
+    /* when this fails, the next request makes it (kvf__zsubs_replay_ask) */
     z->replay = socket_to(s, ZMQ_DEALER, z->replay_ep, "");
     return z->replay ? 0 : KVF_EIO;
 }

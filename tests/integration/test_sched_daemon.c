@@ -177,6 +177,19 @@ static long recv_request(void *router, zmq_msg_t *id)
     return (long)from;
 }
 
+/* Sends requester id the end of a replay or snapshot: numbered seq, with an empty payload (a
+ * snapshot's says the last batch of the stream it reflects). */
+static void send_end(void *router, zmq_msg_t *id, uint64_t seq)
+{
+    uint8_t s8[8];
+    for (int i = 0; i < 8; i++)
+        s8[i] = (uint8_t)(seq >> (56 - 8 * i));
+    zmq_send(router, zmq_msg_data(id), zmq_msg_size(id), ZMQ_SNDMORE);
+    zmq_send(router, "", 0, ZMQ_SNDMORE);
+    zmq_send(router, s8, 8, ZMQ_SNDMORE);
+    zmq_send(router, "", 0, 0);
+}
+
 /* Answers requester id with the batches of bufs numbered from on, then the end of the replay
  * where `end` is set (else the answers just stop: a publisher too slow for the replay's time). */
 static void answer_some(void *router, zmq_msg_t *id, uint64_t from, const msgpack_sbuffer *bufs,
@@ -193,14 +206,8 @@ static void answer_some(void *router, zmq_msg_t *id, uint64_t from, const msgpac
         zmq_send(router, s8, 8, ZMQ_SNDMORE);
         zmq_send(router, bufs[k].data, bufs[k].size, 0);
     }
-    if (!end)
-        return;
-    uint8_t e8[8];
-    memset(e8, 0xff, sizeof e8);
-    zmq_send(router, zmq_msg_data(id), zmq_msg_size(id), ZMQ_SNDMORE);
-    zmq_send(router, "", 0, ZMQ_SNDMORE);
-    zmq_send(router, e8, 8, ZMQ_SNDMORE);
-    zmq_send(router, "", 0, 0);
+    if (end)
+        send_end(router, id, UINT64_MAX);
 }
 
 static void answer_batches(void *router, zmq_msg_t *id, uint64_t from, const msgpack_sbuffer *bufs,
@@ -748,6 +755,40 @@ static void test_sched_daemon_silent_replay_sockets(void **state)
     zmq_ctx_term(ctx);
 }
 
+/* kvf-sched with one storage node (node 0), whose events the test publishes on *spub and whose
+ * snapshot requests it answers on *snap. */
+static void sched_with_store(daemon_t *d, void *ctx, void **spub, void **snap)
+{
+    char sev[128], ssnap[128];
+    *spub = pub_open(ctx, ZMQ_PUB, sev, sizeof sev);
+    *snap = pub_open(ctx, ZMQ_ROUTER, ssnap, sizeof ssnap);
+    char *argv[] = {(char *)KVF_SCHED_BIN,
+                    SMALL_INDEX,
+                    (char *)"--listen",
+                    (char *)"127.0.0.1:0",
+                    (char *)"--log-level",
+                    (char *)"warn",
+                    (char *)"--stores",
+                    (char *)"127.0.0.1:9",
+                    (char *)"--store-events",
+                    sev,
+                    (char *)"--store-snapshots",
+                    ssnap,
+                    NULL};
+    proc_start(d, argv);
+}
+
+/* Receives the next snapshot request on router (5 s at most): its requester into *id
+ * (initialized here, closed by the caller). */
+static void snapshot_request(void *router, zmq_msg_t *id)
+{
+    zmq_msg_init(id);
+    long from = -1;
+    for (int i = 0; i < 100 && from < 0; i++)
+        from = recv_request(router, id);
+    assert_int_equal(from, 0);
+}
+
 /* Sends requester id of router one more answer of a snapshot that never ends: an empty batch. */
 static void snapshot_drip(void *router, zmq_msg_t *id)
 {
@@ -767,30 +808,10 @@ static void test_sched_daemon_slow_snapshot(void **state)
 {
     (void)state;
     daemon_t d;
-    void *ctx = zmq_ctx_new();
-    char sev[128], ssnap[128];
-    void *spub = pub_open(ctx, ZMQ_PUB, sev, sizeof sev);
-    void *snap = pub_open(ctx, ZMQ_ROUTER, ssnap, sizeof ssnap);
-    char *argv[] = {(char *)KVF_SCHED_BIN,
-                    SMALL_INDEX,
-                    (char *)"--listen",
-                    (char *)"127.0.0.1:0",
-                    (char *)"--log-level",
-                    (char *)"warn",
-                    (char *)"--stores",
-                    (char *)"127.0.0.1:9",
-                    (char *)"--store-events",
-                    sev,
-                    (char *)"--store-snapshots",
-                    ssnap,
-                    NULL};
-    proc_start(&d, argv);
+    void *ctx = zmq_ctx_new(), *spub, *snap;
+    sched_with_store(&d, ctx, &spub, &snap);
     zmq_msg_t id;
-    zmq_msg_init(&id);
-    long from = -1;
-    for (int i = 0; i < 100 && from < 0; i++)
-        from = recv_request(snap, &id);
-    assert_int_equal(from, 0);
+    snapshot_request(snap, &id);
     snapshot_drip(snap, &id);
     double drip = now_ms(), t0 = drip;
     void *pub, *router;
@@ -841,6 +862,94 @@ static void test_sched_daemon_slow_snapshot(void **state)
     zmq_close(snap);
     then_stop(&d, pub, router);
     zmq_ctx_term(ctx);
+}
+
+/* Initializes sb with a storage node's batch: ChunksAdmitted (or ChunksEvicted) by node 0 of the
+ * keys whose first bytes are lo[0..n-1], in DRAM. */
+static void pack_chunks(msgpack_sbuffer *sb, int admitted, const uint8_t *lo, int n)
+{
+    msgpack_sbuffer_init(sb);
+    msgpack_packer pk;
+    msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+    msgpack_pack_array(&pk, 3);
+    msgpack_pack_double(&pk, 1.5);
+    msgpack_pack_array(&pk, 1);
+    msgpack_pack_array(&pk, 4);
+    const char *type = admitted ? "ChunksAdmitted" : "ChunksEvicted";
+    msgpack_pack_str(&pk, strlen(type));
+    msgpack_pack_str_body(&pk, type, strlen(type));
+    msgpack_pack_uint64(&pk, 0);
+    msgpack_pack_array(&pk, (size_t)n);
+    for (int k = 0; k < n; k++) {
+        uint8_t key[16] = {lo[k], 7};
+        msgpack_pack_bin(&pk, 16);
+        msgpack_pack_bin_body(&pk, key, 16);
+    }
+    msgpack_pack_str(&pk, 4);
+    msgpack_pack_str_body(&pk, "DRAM", 4);
+    msgpack_pack_int(&pk, 0);
+}
+
+/* Receives the next snapshot request on router (5 s at most), answers it with the batch in b and
+ * the end, numbered seq (the last batch of the stream the snapshot reflects). */
+static void serve_snapshot(void *router, const msgpack_sbuffer *b, uint64_t seq)
+{
+    zmq_msg_t id;
+    snapshot_request(router, &id);
+    uint64_t one = 1;
+    answer_some(router, &id, 0, b, &one, 1, 0);
+    send_end(router, &id, seq);
+    zmq_msg_close(&id);
+}
+
+/* A storage node's stream waits while its snapshot is read, and is applied over it after, in
+ * order: a gap (batch 2 lost) asks for a snapshot; the node evicts chunk A (batch 4) before it
+ * answers, and its snapshot (taken at batch 3) still holds A; applied after the snapshot, the
+ * eviction leaves B, C and D, as the node holds them (applied before it, A would stay). */
+static void test_sched_daemon_snapshot_holds_the_stream(void **state)
+{
+    (void)state;
+    daemon_t d;
+    void *ctx = zmq_ctx_new(), *spub, *snap;
+    sched_with_store(&d, ctx, &spub, &snap);
+    static const uint8_t ab[] = {'A', 'B'}, c[] = {'C'}, dd[] = {'D'},
+                         abcd[] = {'A', 'B', 'C', 'D'};
+    msgpack_sbuffer s_ab, s_c, s_d, s_a, s_abcd;
+    pack_chunks(&s_ab, 1, ab, 2);
+    pack_chunks(&s_c, 1, c, 1);
+    pack_chunks(&s_d, 1, dd, 1);
+    pack_chunks(&s_a, 0, ab, 1);
+    pack_chunks(&s_abcd, 1, abcd, 4);
+    serve_snapshot(snap, &s_ab, 0); /* at first contact: A and B, before any batch */
+    for (int i = 0; i < 100 && stat_of(&d, "store_dram_chunks") < 3; i++) {
+        publish(spub, 1, s_c.data, s_c.size); /* C */
+        usleep(20000);
+    }
+    assert_int_equal(stat_of(&d, "store_dram_chunks"), 3);
+    assert_int_equal(stat_of(&d, "store_snapshots"), 1);
+    publish(spub, 3, s_d.data, s_d.size); /* D, after a gap: a snapshot is asked */
+    zmq_msg_t id;
+    snapshot_request(snap, &id);
+    publish(spub, 4, s_a.data, s_a.size); /* A evicted while the snapshot is under way */
+    usleep(200000);
+    uint64_t one = 1;
+    answer_some(snap, &id, 0, &s_abcd, &one, 1, 0);
+    send_end(snap, &id, 3);
+    zmq_msg_close(&id);
+    for (int i = 0; i < 100 && stat_of(&d, "store_snapshots") < 2; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "store_snapshots"), 2);
+    for (int i = 0; i < 25 && stat_of(&d, "store_dram_chunks") != 3; i++)
+        usleep(20000);
+    assert_int_equal(stat_of(&d, "store_dram_chunks"), 3);
+    assert_int_equal(stat_of(&d, "sequence_gaps"), 1);
+    msgpack_sbuffer *all[] = {&s_ab, &s_c, &s_d, &s_a, &s_abcd};
+    for (size_t k = 0; k < sizeof all / sizeof all[0]; k++)
+        msgpack_sbuffer_destroy(all[k]);
+    zmq_close(spub);
+    zmq_close(snap);
+    zmq_ctx_term(ctx);
+    daemon_stop(&d);
 }
 
 /* Replay sockets that misbehave as real ones can leave the index neither wrong nor stuck:
@@ -2267,6 +2376,7 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_slow_replay_is_continued, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_silent_replay_sockets, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_slow_snapshot, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_snapshot_holds_the_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_clears_what_was_lost, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_contact_hole, teardown_daemons),
