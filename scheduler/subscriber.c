@@ -264,13 +264,12 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
 /* A storage node's snapshot: its snapshot socket asked for everything the node holds now, and
  * the index made to say exactly that: the node's holdings are dropped at the first answer, then
  * each batch (its ChunksAdmitted, by tier) applied. It is read a slice a round (snapshot_step(),
- * within the round's asking time), so a node that answers slowly holds no other publisher's
- * batches back; the node's own stream is left queued meanwhile (the poll leaves it out) and
- * applied over the snapshot after it (its events set a chunk's state, in order: the state they
- * end in is the node's). A snapshot that ends without its end marker (SNAPSHOT_SILENCE_MS of
- * silence, the deadline, the node gone) leaves what arrived, puts the socket in back-off and is
- * asked again; placements meanwhile see part of the node. Called on the events thread without
- * d->mu, as replay(). */
+ * SNAPSHOT_SLICE_MS), so a node that answers slowly holds no other publisher's batches back; the
+ * node's own stream is left queued meanwhile (the poll leaves it out) and applied over the snapshot
+ * after it (its events set a chunk's state, in order: the state they end in is the node's). A
+ * snapshot that ends without its end marker (SNAPSHOT_SILENCE_MS of silence, the deadline, the node
+ * gone) leaves what arrived, puts the socket in back-off and is asked again; placements meanwhile
+ * see part of the node. Called on the events thread without d->mu, as replay(). */
 
 /* Ends storage node i's snapshot: ended (its end marker came), or not (rc: why). */
 static void snapshot_end(kvf__sched_daemon *d, int i, int ended, int rc)
