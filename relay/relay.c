@@ -23,13 +23,11 @@
 #include <string.h>
 
 /* As kvf-sched's events thread (scheduler/subscriber.c): a replay ends after REPLAY_SILENCE_MS
- * without an answer or REPLAY_DEADLINE_MS in all; a replay socket that did not answer is left
- * alone from REPLAY_BACKOFF_MIN_MS, doubling up to REPLAY_BACKOFF_MAX_MS. */
-#define REPLAY_SILENCE_MS     200
-#define REPLAY_DEADLINE_MS    2000
-#define REPLAY_BACKOFF_MIN_MS 2000
-#define REPLAY_BACKOFF_MAX_MS 60000
-#define HALF                  ((uint64_t)1 << 63)
+ * without an answer or REPLAY_DEADLINE_MS in all; a replay socket that did not answer is put in
+ * back-off (kvf_replay_back_off). */
+#define REPLAY_SILENCE_MS  200
+#define REPLAY_DEADLINE_MS 2000
+#define HALF               ((uint64_t)1 << 63)
 
 struct kvf__relay {
     kvf_log *lg;
@@ -144,10 +142,7 @@ static void clear_all(kvf__relay *r, int forget, const char *why)
 /* The replay socket gave no answer: left alone for a while, longer each time in a row. */
 static void back_off(kvf__relay *r)
 {
-    r->backoff_ms = r->backoff_ms ? 2 * r->backoff_ms : REPLAY_BACKOFF_MIN_MS;
-    if (r->backoff_ms > REPLAY_BACKOFF_MAX_MS)
-        r->backoff_ms = REPLAY_BACKOFF_MAX_MS;
-    r->replay_down_until_ns = kvf__now_ns() + (uint64_t)r->backoff_ms * 1000000u;
+    r->replay_down_until_ns = kvf_replay_back_off(&r->backoff_ms, kvf__now_ns());
 }
 
 /* Charges a replay that started at t0 to the engine's budget (kvf_replay_charge): one that
@@ -170,8 +165,7 @@ static void replay(kvf__relay *r, uint64_t from, uint64_t upto, int cleared, con
     kvf_replay_walk_init(&walk, from, upto, cleared);
     int answered = 0, ended = 0;
     kvf__zmsg m;
-    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(r->zs, r->idx, 0, &m) == 0; guard++)
-        ; /* answers to a request given up on before */
+    kvf_replay_drain(r->zs, r->idx);
     uint64_t t0 = kvf__now_ns();
     int rc = kvf__zsubs_replay_ask(r->zs, r->idx, from);
     uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;

@@ -27,6 +27,21 @@ int kvf_replay_is_end(const kvf__zmsg *m)
     return m->frames >= 3 && m->seq_len == 8 && m->len == 0;
 }
 
+void kvf_replay_drain(kvf__zsubs *zs, int idx)
+{
+    kvf__zmsg m;
+    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(zs, idx, 0, &m) == 0; guard++)
+        ;
+}
+
+uint64_t kvf_replay_back_off(unsigned *ms, uint64_t now_ns)
+{
+    *ms = *ms ? 2 * *ms : KVF_REPLAY_BACKOFF_MIN_MS;
+    if (*ms > KVF_REPLAY_BACKOFF_MAX_MS)
+        *ms = KVF_REPLAY_BACKOFF_MAX_MS;
+    return now_ns + (uint64_t)*ms * 1000000u;
+}
+
 void kvf_replay_settle(kvf__zsubs *zs, int idx, int answered, int ended, int silence_ms,
                        uint64_t deadline_ns)
 {
@@ -49,9 +64,7 @@ long kvf_contact_run(kvf_contact *c, kvf__zsubs *zs, int idx, kvf_seq_tracker *t
                      int deadline_ms, const atomic_int *stop)
 {
     kvf__zmsg m;
-    /* answers to an earlier request that was given up on would be taken for this one's */
-    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(zs, idx, 0, &m) == 0; guard++)
-        ;
+    kvf_replay_drain(zs, idx);
     int rc = kvf__zsubs_replay_ask(zs, idx, 0);
     if (rc == KVF_EAGAIN)
         return KVF_CONTACT_NOT_YET; /* the socket has no peer yet: asked again next round */

@@ -80,13 +80,10 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
     return a > UINT64_MAX - b ? UINT64_MAX : a + b;
 }
 
-/* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all. A replay
- * socket that does not answer is left alone for REPLAY_BACKOFF_MIN_MS, twice as long after each
- * further timeout, up to REPLAY_BACKOFF_MAX_MS; an answer ends the back-off. */
-#define REPLAY_SILENCE_MS     200
-#define REPLAY_DEADLINE_MS    2000
-#define REPLAY_BACKOFF_MIN_MS 2000
-#define REPLAY_BACKOFF_MAX_MS 60000
+/* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all; a replay
+ * socket that does not answer is put in back-off (kvf_replay_back_off). */
+#define REPLAY_SILENCE_MS  200
+#define REPLAY_DEADLINE_MS 2000
 
 /* The time a round of the events thread spends asking snapshots, first contacts and owed replays
  * before it reads the live streams again (it may run over by the one asked last). */
@@ -103,11 +100,7 @@ static void charge_replay(kvf__sched_sub *sb, uint64_t t0)
 /* Puts a source's replay socket in back-off after a request that was not answered whole. */
 static void back_off(kvf__sched_sub *sb)
 {
-    sb->replay_backoff_ms =
-        sb->replay_backoff_ms == 0 ? REPLAY_BACKOFF_MIN_MS : 2 * sb->replay_backoff_ms;
-    if (sb->replay_backoff_ms > REPLAY_BACKOFF_MAX_MS)
-        sb->replay_backoff_ms = REPLAY_BACKOFF_MAX_MS;
-    sb->replay_down_until_ns = kvf__now_ns() + (uint64_t)sb->replay_backoff_ms * 1000000u;
+    sb->replay_down_until_ns = kvf_replay_back_off(&sb->replay_backoff_ms, kvf__now_ns());
 }
 
 /* Logs a warning about a batch of sb's (below). */
@@ -182,9 +175,7 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
     kvf_replay_walk walk;
     kvf_replay_walk_init(&walk, from, upto, cleared);
     kvf__zmsg m;
-    /* Answers to an earlier request that came after it was given up on would end this one. */
-    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
-        ;
+    kvf_replay_drain(d->zs, i);
     uint64_t t0 = kvf__now_ns();
     int rc = kvf__zsubs_replay_ask(d->zs, i, from), answered = 0, ended = 0;
     uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
@@ -312,9 +303,7 @@ static void snapshot_end(kvf__sched_daemon *d, int i, int ended, int rc)
 static void snapshot_start(kvf__sched_daemon *d, int i)
 {
     kvf__sched_sub *sb = &d->subs[i];
-    kvf__zmsg m;
-    for (int guard = 0; guard < 4096 && kvf__zsubs_replay_recv(d->zs, i, 0, &m) == 0; guard++)
-        ; /* answers to an earlier request that was given up on */
+    kvf_replay_drain(d->zs, i);
     uint64_t now = kvf__now_ns();
     sb->snapped = 0; /* until this one ends: one that fails is asked again after the back-off */
     sb->snap_active = 1;

@@ -184,6 +184,17 @@ typedef void (*kvf_contact_hole_fn)(void *ud, uint64_t lost);
 long kvf_contact_run(kvf_contact *c, struct kvf__zsubs *zs, int idx, kvf_seq_tracker *t,
                      kvf_contact_apply_fn apply, kvf_contact_hole_fn hole, void *ud, int silence_ms,
                      int deadline_ms, const atomic_int *stop);
+/* Takes and drops the answers waiting on publisher idx's replay socket (4,096 at most): sent to a
+ * request that was given up on, or unasked, they would be taken for the next request's. */
+void kvf_replay_drain(struct kvf__zsubs *zs, int idx);
+
+/* A replay socket that gave no answer is left alone from KVF_REPLAY_BACKOFF_MIN_MS, twice as long
+ * after each further timeout, up to KVF_REPLAY_BACKOFF_MAX_MS; an answer ends the back-off (the
+ * caller sets *ms to 0). Doubles *ms and returns when the back-off ends. */
+#define KVF_REPLAY_BACKOFF_MIN_MS 2000
+#define KVF_REPLAY_BACKOFF_MAX_MS 60000
+uint64_t kvf_replay_back_off(unsigned *ms, uint64_t now_ns);
+
 /* After a replay request: answered says an answer came, ended that its end marker was read. If
  * answered and not ended, the answers still coming are read and dropped up to the end marker
  * (silence_ms between them, until deadline_ns). A replay socket that did not come to its end

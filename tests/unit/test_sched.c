@@ -413,7 +413,7 @@ static void test_sched_replay_walk(void **state)
 
 /* A publisher's replay budget (kvf_replay_charge): the whole of it at first, spent by the time
  * replays take, refilled at a tenth of the time that passes, held off for ten times an
- * overdraft, never above the cap. */
+ * overdraft, never above the cap; and the back-off of a socket that did not answer. */
 static void test_sched_replay_credit(void **state)
 {
     (void)state;
@@ -429,6 +429,13 @@ static void test_sched_replay_credit(void **state)
     t += 10000 * ms; /* 1 s refilled: the cap */
     assert_int_equal(kvf_replay_charge(&c, t, t + 900 * ms), 0);
     assert_true(c.left_ns == (int64_t)(100 * ms));
+    /* a socket that did not answer: 2 s, doubling each time in a row, 60 s at most */
+    unsigned b = 0;
+    assert_true(kvf_replay_back_off(&b, t) == t + 2000 * ms && b == 2000);
+    assert_true(kvf_replay_back_off(&b, t) == t + 4000 * ms);
+    for (int k = 0; k < 10; k++)
+        kvf_replay_back_off(&b, t);
+    assert_int_equal(b, 60000);
 }
 
 /* What a replay owes (kvf_replay_debt): the earlier start of two debts kept, modulo 2^64; a
