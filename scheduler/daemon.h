@@ -60,6 +60,7 @@ typedef struct kvf__sched_sub {
     kvf__log_quiet warned, warned_resync;
     kvf_replay_credit credit; /* its replays' share of the events thread (ingest.h) */
     kvf_replay_debt debt;     /* what a replay still owes (ingest.h); the events thread's alone */
+    int debt_unasked;         /* the debt is a gap owed for the round's time, not after an ask */
 } kvf__sched_sub;
 
 /* What the daemon keeps of an instance beside the core's record, by slot (registry.c). */
@@ -104,8 +105,9 @@ typedef struct kvf__sched_daemon {
     /* The events thread's: the subscription whose snapshot, first contact or owed replay is
      * asked first in the next round (subscriber.c, a round's asking time is bounded). */
     int asks_from;
-    uint64_t asks_deferred; /* asks a round left to the next for the time it had spent */
-    uint64_t late_joins;    /* first contacts that asked the replay socket for what came before */
+    uint64_t round_until_ns; /* the end of this round's asking time (events thread) */
+    uint64_t asks_deferred;  /* asks a round left to the next for the time it had spent */
+    uint64_t late_joins;     /* first contacts that asked the replay socket for what came before */
     uint64_t resyncs; /* replays whose window did not reach back: the source's blocks dropped */
     uint64_t snapshots, snapshot_failures; /* storage nodes' snapshots applied, and not had */
     /* The index's shard this replica holds (--shard K/N; shards 1: the whole index): it subscribes

@@ -80,8 +80,10 @@ static uint64_t add_sat(uint64_t a, uint64_t b)
     return a > UINT64_MAX - b ? UINT64_MAX : a + b;
 }
 
-/* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all; a replay
- * socket that does not answer is put in back-off (kvf_replay_back_off). */
+/* A replay ends after REPLAY_SILENCE_MS without an answer or REPLAY_DEADLINE_MS in all, and at the
+ * end of its round's asking time (ROUND_ASKS_MS, but never before REPLAY_SILENCE_MS: a socket's
+ * silence is what puts it in back-off, kvf_replay_back_off); answers cut short there are asked
+ * for again from the first batch not applied, next round. */
 #define REPLAY_SILENCE_MS  200
 #define REPLAY_DEADLINE_MS 2000
 
@@ -176,9 +178,14 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
     kvf_replay_walk_init(&walk, from, upto, cleared);
     kvf__zmsg m;
     kvf_replay_drain(d->zs, i);
+    sb->debt_unasked = 0;
     uint64_t t0 = kvf__now_ns();
     int rc = kvf__zsubs_replay_ask(d->zs, i, from), answered = 0, ended = 0;
-    uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u;
+    uint64_t deadline = t0 + (uint64_t)REPLAY_DEADLINE_MS * 1000000u,
+             floor = t0 + (uint64_t)REPLAY_SILENCE_MS * 1000000u,
+             round = d->round_until_ns > floor ? d->round_until_ns : floor;
+    if (round < deadline)
+        deadline = round;
     for (uint64_t guard = 0;
          rc == 0 && guard < want + 16 && !atomic_load(&d->stop) && kvf__now_ns() < deadline;
          guard++) {
@@ -587,6 +594,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
             kvf_sched_all_cleared(d->s, sb->src.instance);
             d->resyncs = add_sat(d->resyncs, 1);
             sb->debt.owed = 0; /* what the earlier life owed is gone with its blocks */
+            sb->debt_unasked = 0;
         }
         if (replay && kvf__now_ns() < sb->replay_down_until_ns) {
             kvf_replay_owe(&sb->debt, 0, 1); /* the new life's: asked when the back-off ends */
@@ -662,6 +670,16 @@ static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
         return;
     if (ask && d->subs[i].snapshots) {
         snapshot_start(d, i); /* read from the next round on; this batch applied now, under it */
+    } else if (ask && kvf__now_ns() >= d->round_until_ns) {
+        /* The round's asking time is spent (other sockets' snapshots, contacts or replays, this
+         * round's gaps before this one): the gap is owed, asked in a later round's turn, and
+         * this batch applied now; the replay then applies it again after the gap, in order. */
+        kvf__sched_sub *sb = &d->subs[i];
+        sb->debt_unasked = !sb->debt.owed || sb->debt_unasked;
+        kvf_replay_owe(&sb->debt, from, ask == 2);
+        pthread_mutex_lock(&d->mu);
+        d->asks_deferred = add_sat(d->asks_deferred, 1);
+        pthread_mutex_unlock(&d->mu);
     } else if (ask) {
         kvf__sched_sub *sb = &d->subs[i];
         if (sb->debt.owed) { /* one replay for what was owed too, from the earlier start */
@@ -725,6 +743,7 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
      * of silence; forty of them at once held every engine's batches back 8 s), from where the
      * last round stopped, so that every socket has its turn. */
     uint64_t until = now + (uint64_t)ROUND_ASKS_MS * 1000000u;
+    d->round_until_ns = until; /* the gaps of the batches read below share it (on_batch) */
     int from = d->asks_from < n ? d->asks_from : 0, asked = 0, deferred = 0;
     d->asks_from = 0;
     for (int k = 0; k < n; k++) {
@@ -754,8 +773,9 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
         else if (contact[i])
             first_contact(d, i);
         else {
+            /* (a gap owed for a round's time was never asked: its first ask is no retry) */
             pthread_mutex_lock(&d->mu);
-            d->replays_owed_retried = add_sat(d->replays_owed_retried, 1);
+            d->replays_owed_retried = add_sat(d->replays_owed_retried, !sb->debt_unasked);
             pthread_mutex_unlock(&d->mu);
             replay(d, i, sb->debt.from, sb->seq.last + 1, sb->debt.cleared);
         }

@@ -693,6 +693,25 @@ static void test_sched_daemon_slow_replay_is_continued(void **state)
     zmq_ctx_term(ctx);
 }
 
+/* Waits (10 s at most each) for a request on each of the n routers, taking it unanswered, and
+ * closes them and their publishers: the number of routers that were asked. */
+static int each_asked_then_close(void **pubs, void **routers, int n)
+{
+    int asked = 0;
+    for (int k = 0; k < n; k++) {
+        double s0 = now_ms();
+        int got = 0;
+        while (!got && now_ms() - s0 < 10000)
+            got = swallow_requests(routers[k], 100);
+        asked += got > 0;
+    }
+    for (int k = 0; k < n; k++) {
+        zmq_close(pubs[k]);
+        zmq_close(routers[k]);
+    }
+    return asked;
+}
+
 /* Engines whose replay sockets take requests and never answer, registered together, cost the
  * events thread 200 ms each at their first contact; a round asks for 100 ms at most before it
  * reads the live streams again, so a healthy engine's batches are indexed while those contacts
@@ -735,22 +754,144 @@ static void test_sched_daemon_silent_replay_sockets(void **state)
                   worst, SILENT);
     assert_true(worst < 1500);
     /* each silent socket is asked in its turn (30 x 200 ms of silence, over many rounds) */
-    int asked = 0;
-    for (int k = 0; k < SILENT; k++) {
-        double s0 = now_ms();
-        int n = 0;
-        while (!n && now_ms() - s0 < 10000)
-            n = swallow_requests(srouter[k], 100);
-        asked += n > 0;
-    }
-    assert_int_equal(asked, SILENT);
     assert_true(stat_of(&d, "replay_asks_deferred") >= 1);
-    for (int k = 0; k < SILENT; k++) {
-        zmq_close(spub[k]);
-        zmq_close(srouter[k]);
-    }
+    assert_int_equal(each_asked_then_close(spub, srouter, SILENT), SILENT);
     for (int k = 0; k < 4; k++)
         msgpack_sbuffer_destroy(&b[k]);
+    then_stop(&d, pub, router);
+    zmq_ctx_term(ctx);
+}
+
+/* Gaps in many engines' streams at once, behind replay sockets that take requests and never
+ * answer: a gap's replay shares its round's asking time (100 ms, never less than a socket's 200 ms
+ * of silence), so the gaps past it are owed to later rounds, each asked in its turn, and a healthy
+ * engine's batches are indexed meanwhile. (Asked as their batches were read, ten such gaps held
+ * the healthy engine's next batch back 1.7 s.) */
+static void test_sched_daemon_gaps_share_the_round(void **state)
+{
+    (void)state;
+    enum { GAPPY = 10 };
+    daemon_t d;
+    void *ctx = zmq_ctx_new(), *pub, *router, *gpub[GAPPY], *grouter[GAPPY];
+    sched_and_engine(&d, ctx, "healthy", &pub, &router);
+    msgpack_sbuffer b[4], x[GAPPY];
+    empty_contact_and_batches(router, b);
+    publish_until(&d, pub, 1, &b[0], 8);
+    long blocks = 8;
+    for (int k = 0; k < GAPPY; k++) {
+        char id[32];
+        snprintf(id, sizeof id, "gappy%d", k);
+        engine_with_replay(&d, ctx, id, "", &gpub[k], &grouter[k]);
+        assert_int_equal(next_request(grouter[k], NULL, NULL, 0, 0), 0); /* contact: nothing */
+        msgpack_sbuffer_init(&x[k]);
+        pack_stored(&x[k], 700000u + 1000u * (uint64_t)k, 4, 16, 300000u + 1000u * (uint32_t)k);
+        blocks += 4;
+        publish_until(&d, gpub[k], 1, &x[k], blocks);
+    }
+    /* every gappy engine's batch 2 is lost on the way; their batches 3 come together */
+    long gaps = stat_of(&d, "batches_missed");
+    for (int k = 0; k < GAPPY; k++)
+        publish(gpub[k], 3, x[k].data, x[k].size);
+    for (int i = 0; i < 250 && stat_of(&d, "batches_missed") == gaps; i++)
+        usleep(2000);
+    assert_true(stat_of(&d, "batches_missed") > gaps);
+    double worst = 0;
+    for (uint64_t seq = 2; seq <= 4; seq++) {
+        double t0 = now_ms();
+        publish(pub, seq, b[seq - 1].data, b[seq - 1].size);
+        blocks += 8;
+        while (stat_of(&d, "blocks") < blocks && now_ms() - t0 < 10000)
+            usleep(5000);
+        assert_int_equal(stat_of(&d, "blocks"), blocks);
+        worst = now_ms() - t0 > worst ? now_ms() - t0 : worst;
+        usleep(100000);
+    }
+    print_message("a healthy engine's batches indexed within %.0f ms beside %d gaps asked of "
+                  "silent replay sockets\n",
+                  worst, GAPPY);
+    assert_true(worst < 1000);
+    assert_true(stat_of(&d, "replay_asks_deferred") >= 1);
+    /* each gap is asked for in its turn (10 x 200 ms of silence, over many rounds) */
+    assert_int_equal(each_asked_then_close(gpub, grouter, GAPPY), GAPPY);
+    for (int k = 0; k < GAPPY; k++)
+        msgpack_sbuffer_destroy(&x[k]);
+    for (int k = 0; k < 4; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    then_stop(&d, pub, router);
+    zmq_ctx_term(ctx);
+}
+
+/* A replay socket that dribbles (a batch every 120 ms, never the 200 ms of silence that ends a
+ * replay) is cut at the end of its round's asking time, the rest asked for next round from the
+ * first batch not applied: a healthy engine's batch is indexed meanwhile (the replay's own 2 s
+ * deadline held it back that long), and the dribbled gap is still learnt whole. */
+static void test_sched_daemon_dribbling_replay_is_cut(void **state)
+{
+    (void)state;
+    enum { GAP = 24 };
+    daemon_t d;
+    void *ctx = zmq_ctx_new(), *pub, *router, *dpub, *drouter;
+    sched_and_engine(&d, ctx, "healthy", &pub, &router);
+    msgpack_sbuffer b[4], g[GAP + 2];
+    uint64_t seqs[GAP + 2];
+    empty_contact_and_batches(router, b);
+    publish_until(&d, pub, 1, &b[0], 8);
+    engine_with_replay(&d, ctx, "drip", "", &dpub, &drouter);
+    assert_int_equal(next_request(drouter, NULL, NULL, 0, 0), 0); /* contact: nothing */
+    for (int k = 0; k < GAP + 2; k++) {
+        msgpack_sbuffer_init(&g[k]);
+        pack_stored(&g[k], 900000u + 1000u * (uint64_t)k, 2, 16, 500000u + 1000u * (uint32_t)k);
+        seqs[k] = (uint64_t)k + 1;
+    }
+    publish_until(&d, dpub, 1, &g[0], 10);
+    publish(dpub, GAP + 2, g[GAP + 1].data, g[GAP + 1].size); /* batches 2..GAP+1 lost */
+    zmq_msg_t id;
+    zmq_msg_init(&id);
+    long at = -1; /* the next batch the drip sends (the last request's start, then on) */
+    for (int i = 0; i < 100 && at < 0; i++)
+        at = recv_request(drouter, &id);
+    assert_int_equal(at, 2);
+    double t0 = now_ms(), next = t0, done_at = 0;
+    publish(pub, 2, b[1].data, b[1].size);
+    long want = 10 + 8 + 2 * (GAP + 1); /* every block, once the gap is learnt whole */
+    while (now_ms() - t0 < 15000 && stat_of(&d, "blocks") < want) {
+        /* the healthy batch's 8 blocks are in: more than the drip's (2 a batch replayed, and
+         * its live batch) can make (blocks read before the count of replays) */
+        long held = stat_of(&d, "blocks");
+        if (!done_at && held - 10 - 2 * stat_of(&d, "batches_replayed") >= 8)
+            done_at = now_ms();
+        zmq_msg_t nid;
+        zmq_msg_init(&nid);
+        long again = -1;
+        zmq_pollitem_t it = {.socket = drouter, .events = ZMQ_POLLIN};
+        if (zmq_poll(&it, 1, 0) > 0 && (again = recv_request(drouter, &nid)) >= 0) {
+            zmq_msg_close(&id);
+            zmq_msg_init(&id);
+            zmq_msg_copy(&id, &nid);
+            at = again; /* asked again from the first batch not applied */
+        }
+        zmq_msg_close(&nid);
+        if (now_ms() >= next && at >= 2 && at <= GAP + 2) {
+            answer_some(drouter, &id, (uint64_t)at, &g[at - 1], &seqs[at - 1], 1,
+                        at == GAP + 2); /* the batch in hand, then the end */
+            at++;
+            next += 120;
+        }
+        usleep(5000);
+    }
+    zmq_msg_close(&id);
+    print_message("a healthy engine's batch indexed %.0f ms after it was published, beside a "
+                  "replay that dribbles\n",
+                  done_at - t0);
+    assert_true(done_at > 0 && done_at - t0 < 1500);
+    assert_int_equal(stat_of(&d, "blocks"), want);
+    assert_int_equal(stat_of(&d, "resyncs"), 0);
+    for (int k = 0; k < GAP + 2; k++)
+        msgpack_sbuffer_destroy(&g[k]);
+    for (int k = 0; k < 4; k++)
+        msgpack_sbuffer_destroy(&b[k]);
+    zmq_close(dpub);
+    zmq_close(drouter);
     then_stop(&d, pub, router);
     zmq_ctx_term(ctx);
 }
@@ -2375,6 +2516,8 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_replay_socket_misbehaves, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_slow_replay_is_continued, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_silent_replay_sockets, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_gaps_share_the_round, teardown_daemons),
+        cmocka_unit_test_teardown(test_sched_daemon_dribbling_replay_is_cut, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_slow_snapshot, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_snapshot_holds_the_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
