@@ -15,7 +15,9 @@
  *     batch rate (the GET's own time; every byte is compared after it) by fio reading the tier's
  *     own file (read-only, the same block size, one read in flight; after the GETs), as the
  *     issue asks; disk_get_vs_fio_own_file by fio reading a file it had just written (this
- *     figure's definition before 2026-12-06), and the raw io_uring job on both;
+ *     figure's definition before 2026-12-06), and the raw io_uring job on both; each GET's split
+ *     (its objects' mean read, the readers' concurrency, the time outside the read, the loop's
+ *     wait and run again) from the store's STATS before and after it;
  *   DRAM under disk I/O: GETs of a hot set in DRAM alone, then while another client reads old
  *     objects back from disk as fast as they come (promotions, whose room evicts and so demotes
  *     as much): dram_get_under_disk_io_vs_alone; then, the control, while that other client reads
@@ -45,7 +47,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#define TIER_ROUNDS 5
+#define TIER_ROUNDS 9
 /* The DRAM figures' triplets (alone, under disk I/O, under a DRAM reader). */
 #define DRAM_TRIPLETS 3
 
@@ -370,39 +372,60 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
     /* GETs from disk: the oldest rounds, each once */
     double gets[TIER_ROUNDS];
     int ng = 0, wrong = 0;
-    double reads0 = disk_stat(c, "promote_reads"), promoted0 = disk_stat(c, "promoted");
-    double rsec0 = disk_stat(c, "read_seconds"), psec0 = disk_stat(c, "promote_seconds");
     /* the promotions' room evicts, and what it evicts is written unless the disk holds it
      * already: the bytes demoted meanwhile say whether the GETs' reads shared the device with
      * writes (the ceilings above are reads alone) */
     double dem0 = disk_stat(c, "demoted_bytes");
     double gwall = 0, got_bytes = 0;
+    /* Each counted GET's own split (the STATS asked between GETs, outside their time): its
+     * objects' mean read (the reader's time in the device's reads, per object read back), the
+     * readers' mean concurrency over the GET, and the GET's time outside that mean read (what a
+     * GET adds to its reads: the dispatch to the readers, the reply, the client's checks) */
+    double g_read_ms[TIER_ROUNDS], g_conc[TIER_ROUNDS], g_outside_ms[TIER_ROUNDS];
+    double g_prom_ms[TIER_ROUNDS], g_lag_ms[TIER_ROUNDS], g_rerun_ms[TIER_ROUNDS];
+    double c_rsec = 0, c_reads = 0, c_promoted = 0, c_psec = 0; /* the counted GETs' */
     uint64_t r_got = 0; /* the last round the GETs from disk read (in DRAM for a while after) */
     for (uint64_t r = 1; r <= rounds / 2 && ng < (quick ? 3 : TIER_ROUNDS); r++) {
         r_got = r;
         uint64_t hit = 0;
         double secs = 0;
+        double rs_a = disk_stat(c, "read_seconds"), pr_a = disk_stat(c, "promoted"),
+               rd_a = disk_stat(c, "promote_reads"), ps_a = disk_stat(c, "promote_seconds"),
+               fl_a = disk_stat(c, "finish_lag_seconds"), rr_a = disk_stat(c, "rerun_seconds"),
+               pf_a = disk_stat(c, "promotions_finished");
         int bad = get_round(c, &w, r, &hit, &wrong, &secs) != 0;
+        double d_rs = disk_stat(c, "read_seconds") - rs_a, d_pr = disk_stat(c, "promoted") - pr_a,
+               d_rd = disk_stat(c, "promote_reads") - rd_a,
+               d_ps = disk_stat(c, "promote_seconds") - ps_a,
+               d_fl = disk_stat(c, "finish_lag_seconds") - fl_a,
+               d_rr = disk_stat(c, "rerun_seconds") - rr_a,
+               d_pf = disk_stat(c, "promotions_finished") - pf_a;
         got_bytes += (double)hit; /* every round's promotions may evict */
         if (bad || hit < per_round / 2 || secs <= 0)
             continue; /* a batch the tier did not keep (dropped when its queue was full) */
+        g_read_ms[ng] = d_rd > 0 ? d_rs / d_rd * 1e3 : -1;
+        g_conc[ng] = d_rs / secs;
+        g_outside_ms[ng] = d_rd > 0 ? secs * 1e3 - d_rs / d_rd * 1e3 : -1;
+        /* per promotion (a request's share of the GET: the tier's time from its submission to
+         * its last key, then the loop's wait and its run again) */
+        g_prom_ms[ng] = d_pf > 0 ? d_ps / d_pf * 1e3 : -1;
+        g_lag_ms[ng] = d_pf > 0 ? d_fl / d_pf * 1e3 : -1;
+        g_rerun_ms[ng] = d_pf > 0 ? d_rr / d_pf * 1e3 : -1;
+        c_rsec += d_rs, c_reads += d_rd, c_promoted += d_pr, c_psec += d_ps;
         gets[ng++] = (double)hit / secs / 1e9;
         gwall += secs;
     }
     settle(c); /* the demotions the last evictions queued, written */
     double written_during = disk_stat(c, "demoted_bytes") - dem0;
     /* objects a disk read brought back: neighbours in the log read at once (1: one read each) */
-    double reads = disk_stat(c, "promote_reads") - reads0;
     int64_t read_direct = (int64_t)disk_stat(c, "read_direct"); /* into DRAM entries, no copy */
-    double per_read = reads > 0 ? (disk_stat(c, "promoted") - promoted0) / reads : -1;
+    double per_read = c_reads > 0 ? c_promoted / c_reads : -1;
     /* where a GET from disk's time goes: the readers' time in the device's reads (slot waits and
      * checks included) per read, how many readers were reading on average, and how many
      * promotions (a request's share of a batch) were under way on average */
-    double rsec = disk_stat(c, "read_seconds") - rsec0,
-           psec = disk_stat(c, "promote_seconds") - psec0;
-    double us_per_read = reads > 0 ? rsec / reads * 1e6 : -1;
-    double readers_busy = gwall > 0 ? rsec / gwall : -1,
-           promotions_busy = gwall > 0 ? psec / gwall : -1;
+    double us_per_read = c_reads > 0 ? c_rsec / c_reads * 1e6 : -1;
+    double readers_busy = gwall > 0 ? c_rsec / gwall : -1,
+           promotions_busy = gwall > 0 ? c_psec / gwall : -1;
 
     /* The issue's ceiling for those GETs: fio reading the tier's own file (the region the
      * oldest rounds were demoted to first) with the object's size as block size, one read in
@@ -508,6 +531,12 @@ static int tier_shape(const shape *sh, const tier_opts *o, json_t *res)
         bench_json_real(res, KEY("disk_get_read_us_%s"), us_per_read);
         bench_json_real(res, KEY("disk_get_readers_busy_%s"), readers_busy);
         bench_json_real(res, KEY("disk_get_promotions_busy_%s"), promotions_busy);
+        bench_json_rounds(res, KEY("disk_get_obj_read_ms_%s"), g_read_ms, (size_t)ng);
+        bench_json_rounds(res, KEY("disk_get_read_concurrency_%s"), g_conc, (size_t)ng);
+        bench_json_rounds(res, KEY("disk_get_outside_read_ms_%s"), g_outside_ms, (size_t)ng);
+        bench_json_rounds(res, KEY("disk_get_promotion_ms_%s"), g_prom_ms, (size_t)ng);
+        bench_json_rounds(res, KEY("disk_get_finish_lag_ms_%s"), g_lag_ms, (size_t)ng);
+        bench_json_rounds(res, KEY("disk_get_rerun_ms_%s"), g_rerun_ms, (size_t)ng);
     }
     /* bytes demoted while the GETs from disk ran, per byte they read back */
     if (got_bytes > 0)

@@ -19,6 +19,7 @@
 
 #include "bytes.h"
 #include "cache.h"
+#include "clock.h"
 #include "metrics.h"
 #include "tier.h"
 
@@ -45,6 +46,7 @@ struct kvf__sdisk_job {
     uint32_t *idx;         /* EVICT: the request's index of each key asked of the disk */
     int32_t *all_st;       /* EVICT: every key's status (DRAM's, then the disk's merged in) */
     uint64_t dram_cleared; /* CLEAR: DRAM's count */
+    uint64_t done_ns;      /* when the tier was done with it */
     deferred *done;
 };
 
@@ -112,6 +114,7 @@ static kvf__sdisk_job *job_new(conn *c, int kind, uint32_t n)
 static void job_done(kvf__tier_req *r)
 {
     kvf__sdisk_job *j = r->ud;
+    j->done_ns = kvf__now_ns();
     kvf__inbox_post(j->lp, j->conn_id, NULL, j->done);
 }
 
@@ -291,9 +294,15 @@ void kvf__sdisk_finish(conn *c, kvf__sdisk_job *j)
     if (c)
         h0 = c->h;
     switch (j->r.kind) {
-    case KVF_TIER_PROMOTE:
+    case KVF_TIER_PROMOTE: {
+        uint64_t t0 = kvf__now_ns();
         finish_promote(c, j);
+        kvf_server *s = j->srv;
+        atomic_fetch_add(&s->disk_finished, 1);
+        atomic_fetch_add(&s->disk_finish_lag_ns, t0 > j->done_ns ? t0 - j->done_ns : 0);
+        atomic_fetch_add(&s->disk_rerun_ns, kvf__now_ns() - t0);
         break;
+    }
     case KVF_TIER_REMOVE:
         if (c) {
             for (uint32_t k = 0; k < j->r.n; k++)
@@ -372,6 +381,13 @@ json_t *kvf__sdisk_stats_json(kvf_server *s)
     json_object_set_new(o, "promote_seconds", json_real(ts.promote_seconds));
     json_object_set_new(o, "read_seconds", json_real(ts.read_seconds));
     json_object_set_new(o, "write_seconds", json_real(ts.write_seconds));
+    /* the promotions' time on the loops: waiting for the loop after the tier, then run again */
+    json_object_set_new(o, "promotions_finished",
+                        json_integer((json_int_t)atomic_load(&s->disk_finished)));
+    json_object_set_new(o, "finish_lag_seconds",
+                        json_real((double)atomic_load(&s->disk_finish_lag_ns) / 1e9));
+    json_object_set_new(o, "rerun_seconds",
+                        json_real((double)atomic_load(&s->disk_rerun_ns) / 1e9));
     const char *path;
     int down;
     uint64_t de, db;
@@ -442,6 +458,16 @@ void kvf__sdisk_metrics(kvf_server *s, kvf__metrics *m)
          ts.read_seconds},
         {"disk_write_seconds_total", "Time the disk tier's workers spent writing.", 1,
          ts.write_seconds},
+        {"disk_promote_seconds_total",
+         "Promotions' time in the tier, from a request's submission to its last key read.", 1,
+         ts.promote_seconds},
+        {"disk_promotions_finished_total", "Promoted requests run again on their loops.", 1,
+         (double)atomic_load(&s->disk_finished)},
+        {"disk_finish_lag_seconds_total",
+         "Promoted requests' wait for their loop after the tier was done with them.", 1,
+         (double)atomic_load(&s->disk_finish_lag_ns) / 1e9},
+        {"disk_rerun_seconds_total", "Promoted requests' runs again on their loops.", 1,
+         (double)atomic_load(&s->disk_rerun_ns) / 1e9},
         {"disk_rebuilt_entries", "Objects found on the disk tier at start.", 0,
          (double)ts.rebuilt_entries},
         {"disk_rebuild_seconds", "Time to rebuild the disk tier's index at start.", 0,

@@ -198,6 +198,9 @@ struct kvf_server {
     /* counters */
     atomic_uint_fast64_t n_conns, n_accepted, n_closed, n_shed, bytes_in, bytes_out, proto_errors;
     atomic_uint_fast64_t auth_ok, auth_failed, auth_refused; /* refused: a request before AUTH */
+    /* promotions' time on the loops (server_disk.c): from the tier's done to the loop taking the
+     * request up again, and the request's run again (its reply queued), over `disk_finished` */
+    atomic_uint_fast64_t disk_finished, disk_finish_lag_ns, disk_rerun_ns;
     atomic_uint_fast64_t auth_timeouts; /* closed for not authenticating in time */
     atomic_int reload_tenants;          /* asked by kvf__server_reload_tenants, done by loop 0 */
     atomic_uint_fast64_t reqs[32];
