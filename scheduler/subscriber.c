@@ -189,7 +189,13 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
     for (uint64_t guard = 0;
          rc == 0 && guard < want + 16 && !atomic_load(&d->stop) && kvf__now_ns() < deadline;
          guard++) {
-        if ((rc = kvf__zsubs_replay_recv(d->zs, i, REPLAY_SILENCE_MS, &m)) != 0)
+        /* once answered, silence waits only up to the deadline (a socket that dribbles is cut
+         * there); before, the whole of it, which is what puts a silent socket in back-off */
+        int wait = REPLAY_SILENCE_MS;
+        uint64_t left_ms = (deadline - kvf__now_ns()) / 1000000u;
+        if (answered && left_ms < (uint64_t)wait)
+            wait = left_ms ? (int)left_ms : 1;
+        if ((rc = kvf__zsubs_replay_recv(d->zs, i, wait, &m)) != 0)
             break;
         answered = 1;
         if (m.frames < 3 || m.len == 0 || m.seq_len != 8) {
@@ -508,8 +514,8 @@ static void warn_batch(kvf__sched_daemon *d, kvf__sched_sub *sb, const char *fmt
  * to be dropped), 1 when the batch revealed a gap that the replay socket should be asked for
  * (*from and *upto: the missing numbers, upto excluded), 2 the same after the publisher's
  * blocks were dropped (it restarted), else 0. Called with d->mu held. */
-static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, uint64_t *from,
-                              uint64_t *upto)
+static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, int spent,
+                              uint64_t *from, uint64_t *upto)
 {
     kvf__sched_sub *sb = &d->subs[i];
     if (sb->dead)
@@ -578,8 +584,10 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
         *upto = sb->seq.last;
         kvf_info(&d->lg,
                  "events from %s: the first batch seen is %" PRIu64
-                 "; asking the replay socket for those before it",
-                 sb->endpoint, sb->seq.last);
+                 "; %s the replay socket for those before it",
+                 sb->endpoint, sb->seq.last,
+                 spent ? "owed to a later round (this one's asking time is spent), asking"
+                       : "asking");
         return 1;
     }
     if (v == KVF_SEQ_RESTART) {
@@ -604,10 +612,11 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
                  "events from %s: sequence number %" PRIu64 " after %" PRIu64
                  ", taken for a %s publisher%s",
                  sb->endpoint, sb->seq.last, last, again ? "restarted" : "renumbered",
-                 !again          ? "; nothing asked for"
-                 : replay        ? "; its blocks dropped, the batches before this one asked for"
-                 : sb->debt.owed ? "; its blocks dropped, the batches before this one owed"
-                                 : "; its blocks dropped");
+                 !again             ? "; nothing asked for"
+                 : replay && !spent ? "; its blocks dropped, the batches before this one asked for"
+                 : replay || sb->debt.owed
+                     ? "; its blocks dropped, the batches before this one owed"
+                     : "; its blocks dropped");
         if (!replay)
             return 0;
         *from = 0;
@@ -625,6 +634,7 @@ static int check_batch_locked(kvf__sched_daemon *d, int i, const kvf__zmsg *m, u
                !replay ? "; no replay socket, the index may miss blocks until they are stored again"
                : down  ? "; the replay socket is held off (a timeout, or its replays' time spent): "
                          "asked when that ends"
+               : spent ? "; owed to a later round (this round's asking time is spent)"
                        : "; asking the replay socket");
     if (down)
         kvf_replay_owe(&sb->debt, *from, 0);
@@ -663,14 +673,15 @@ static void apply_slice_locked(kvf__sched_daemon *d, int i, int drc, const kvf_k
 static void on_batch(kvf__sched_daemon *d, int i, const kvf__zmsg *m)
 {
     uint64_t from = 0, upto = 0;
+    int spent = kvf__now_ns() >= d->round_until_ns; /* this round's asking time */
     pthread_mutex_lock(&d->mu);
-    int ask = check_batch_locked(d, i, m, &from, &upto);
+    int ask = check_batch_locked(d, i, m, spent, &from, &upto);
     pthread_mutex_unlock(&d->mu);
     if (ask < 0)
         return;
     if (ask && d->subs[i].snapshots) {
         snapshot_start(d, i); /* read from the next round on; this batch applied now, under it */
-    } else if (ask && kvf__now_ns() >= d->round_until_ns) {
+    } else if (ask && spent) {
         /* The round's asking time is spent (other sockets' snapshots, contacts or replays, this
          * round's gaps before this one): the gap is owed, asked in a later round's turn, and
          * this batch applied now; the replay then applies it again after the gap, in order. */
@@ -783,8 +794,13 @@ void kvf__sched_events_round(kvf__sched_daemon *d)
     /* a storage node's stream waits while its snapshot is read; its answers wake the poll */
     for (int i = 0; i < n; i++) /* (dead is the HTTP thread's to write: not read here) */
         snapping[i] = d->subs[i].used && d->subs[i].snap_active;
+    /* what the asks left of the round's asking time goes to the gaps of the batches read now
+     * (the poll's own wait is not asking time) */
+    uint64_t asked_ns = kvf__now_ns() - now;
     if (kvf__zsubs_poll_held(d->zs, deferred ? 0 : 100, snapping, ready) <= 0)
         return;
+    uint64_t round_ns = (uint64_t)ROUND_ASKS_MS * 1000000u;
+    d->round_until_ns = kvf__now_ns() + (asked_ns < round_ns ? round_ns - asked_ns : 0);
     for (int i = 0; i < n; i++) {
         kvf__zmsg m;
         if (!ready[i] || kvf__zsubs_recv(d->zs, i, &m) != 0)

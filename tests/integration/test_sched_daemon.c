@@ -854,7 +854,7 @@ static void test_sched_daemon_dribbling_replay_is_cut(void **state)
     double t0 = now_ms(), next = t0, done_at = 0;
     publish(pub, 2, b[1].data, b[1].size);
     long want = 10 + 8 + 2 * (GAP + 1); /* every block, once the gap is learnt whole */
-    while (now_ms() - t0 < 15000 && stat_of(&d, "blocks") < want) {
+    while (now_ms() - t0 < 30000 && stat_of(&d, "blocks") < want) {
         /* the healthy batch's 8 blocks are in: more than the drip's (2 a batch replayed, and
          * its live batch) can make (blocks read before the count of replays) */
         long held = stat_of(&d, "blocks");
