@@ -224,9 +224,14 @@ static void replay(kvf__sched_daemon *d, int i, uint64_t from, uint64_t upto, in
         if (step & KVF_REPLAY_DONE)
             break; /* reached the batch in hand, or past it */
     }
+    /* the answers left of a replay stopped at the batch in hand are read to their end while the
+     * round lasts; one that fell silent, or past the round, has its socket replaced at once (a
+     * wait for answers it might still send would hold the thread another 200 ms) */
     if (!atomic_load(&d->stop))
         kvf_replay_settle(d->zs, i, answered, ended, REPLAY_SILENCE_MS,
-                          round < deadline ? round : deadline); /* past the round: replaced */
+                          rc != 0            ? 0
+                          : round < deadline ? round
+                                             : deadline);
     if (answered) {
         /* Answers that stopped without the end marker (silence, the deadline) came from a slow
          * publisher, not from a window without the rest: the rest is owed (asked at the next

@@ -822,9 +822,11 @@ static void test_sched_daemon_gaps_share_the_round(void **state)
 }
 
 /* A replay socket that dribbles (a batch every 120 ms, never the 200 ms of silence that ends a
- * replay) is cut at the end of its round's asking time, the rest asked for next round from the
- * first batch not applied: a healthy engine's batch is indexed meanwhile (the replay's own 2 s
- * deadline held it back that long), and the dribbled gap is still learnt whole. */
+ * replay) is cut past its round's asking time (an answer 20 ms late there), the rest asked for
+ * next round from the first batch not applied (the replays' budget of the thread's time holds it
+ * off a while after the first second, hence the test's 30 s): a healthy engine's batch is indexed
+ * meanwhile (the replay's own 2 s deadline held it back that long), and the dribbled gap is still
+ * learnt whole. */
 static void test_sched_daemon_dribbling_replay_is_cut(void **state)
 {
     (void)state;
