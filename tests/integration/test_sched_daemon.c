@@ -821,83 +821,6 @@ static void test_sched_daemon_gaps_share_the_round(void **state)
     zmq_ctx_term(ctx);
 }
 
-/* A replay socket that dribbles (a batch every 120 ms, never the 200 ms of silence that ends a
- * replay) is cut past its round's asking time (an answer 20 ms late there), the rest asked for
- * next round from the first batch not applied (the replays' budget of the thread's time holds it
- * off a while after the first second, hence the test's 30 s): a healthy engine's batch is indexed
- * meanwhile (the replay's own 2 s deadline held it back that long), and the dribbled gap is still
- * learnt whole. */
-static void test_sched_daemon_dribbling_replay_is_cut(void **state)
-{
-    (void)state;
-    enum { GAP = 24 };
-    daemon_t d;
-    void *ctx = zmq_ctx_new(), *pub, *router, *dpub, *drouter;
-    sched_and_engine(&d, ctx, "healthy", &pub, &router);
-    msgpack_sbuffer b[4], g[GAP + 2];
-    uint64_t seqs[GAP + 2];
-    empty_contact_and_batches(router, b);
-    publish_until(&d, pub, 1, &b[0], 8);
-    engine_with_replay(&d, ctx, "drip", "", &dpub, &drouter);
-    assert_int_equal(next_request(drouter, NULL, NULL, 0, 0), 0); /* contact: nothing */
-    for (int k = 0; k < GAP + 2; k++) {
-        msgpack_sbuffer_init(&g[k]);
-        pack_stored(&g[k], 900000u + 1000u * (uint64_t)k, 2, 16, 500000u + 1000u * (uint32_t)k);
-        seqs[k] = (uint64_t)k + 1;
-    }
-    publish_until(&d, dpub, 1, &g[0], 10);
-    publish(dpub, GAP + 2, g[GAP + 1].data, g[GAP + 1].size); /* batches 2..GAP+1 lost */
-    zmq_msg_t id;
-    zmq_msg_init(&id);
-    long at = -1; /* the next batch the drip sends (the last request's start, then on) */
-    for (int i = 0; i < 100 && at < 0; i++)
-        at = recv_request(drouter, &id);
-    assert_int_equal(at, 2);
-    double t0 = now_ms(), next = t0, done_at = 0;
-    publish(pub, 2, b[1].data, b[1].size);
-    long want = 10 + 8 + 2 * (GAP + 1); /* every block, once the gap is learnt whole */
-    while (now_ms() - t0 < 30000 && stat_of(&d, "blocks") < want) {
-        /* the healthy batch's 8 blocks are in: more than the drip's (2 a batch replayed, and
-         * its live batch) can make (blocks read before the count of replays) */
-        long held = stat_of(&d, "blocks");
-        if (!done_at && held - 10 - 2 * stat_of(&d, "batches_replayed") >= 8)
-            done_at = now_ms();
-        zmq_msg_t nid;
-        zmq_msg_init(&nid);
-        long again = -1;
-        zmq_pollitem_t it = {.socket = drouter, .events = ZMQ_POLLIN};
-        if (zmq_poll(&it, 1, 0) > 0 && (again = recv_request(drouter, &nid)) >= 0) {
-            zmq_msg_close(&id);
-            zmq_msg_init(&id);
-            zmq_msg_copy(&id, &nid);
-            at = again; /* asked again from the first batch not applied */
-        }
-        zmq_msg_close(&nid);
-        if (now_ms() >= next && at >= 2 && at <= GAP + 2) {
-            answer_some(drouter, &id, (uint64_t)at, &g[at - 1], &seqs[at - 1], 1,
-                        at == GAP + 2); /* the batch in hand, then the end */
-            at++;
-            next += 120;
-        }
-        usleep(5000);
-    }
-    zmq_msg_close(&id);
-    print_message("a healthy engine's batch indexed %.0f ms after it was published, beside a "
-                  "replay that dribbles\n",
-                  done_at - t0);
-    assert_true(done_at > 0 && done_at - t0 < 1500);
-    assert_int_equal(stat_of(&d, "blocks"), want);
-    assert_int_equal(stat_of(&d, "resyncs"), 0);
-    for (int k = 0; k < GAP + 2; k++)
-        msgpack_sbuffer_destroy(&g[k]);
-    for (int k = 0; k < 4; k++)
-        msgpack_sbuffer_destroy(&b[k]);
-    zmq_close(dpub);
-    zmq_close(drouter);
-    then_stop(&d, pub, router);
-    zmq_ctx_term(ctx);
-}
-
 /* kvf-sched with one storage node (node 0), whose events the test publishes on *spub and whose
  * snapshot requests it answers on *snap. */
 static void sched_with_store(daemon_t *d, void *ctx, void **spub, void **snap)
@@ -2520,7 +2443,6 @@ int main(void)
         cmocka_unit_test_teardown(test_sched_daemon_slow_replay_is_continued, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_silent_replay_sockets, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_gaps_share_the_round, teardown_daemons),
-        cmocka_unit_test_teardown(test_sched_daemon_dribbling_replay_is_cut, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_slow_snapshot, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_snapshot_holds_the_stream, teardown_daemons),
         cmocka_unit_test_teardown(test_sched_daemon_relay_shards_a_vllm_stream, teardown_daemons),
