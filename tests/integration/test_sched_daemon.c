@@ -765,8 +765,8 @@ static void test_sched_daemon_silent_replay_sockets(void **state)
 /* Gaps in many engines' streams at once, behind replay sockets that take requests and never
  * answer: a gap's replay shares its round's asking time (what the round's asks left of 100 ms; a
  * silent socket's replay takes its 200 ms), so the gaps past it are owed to later rounds, each
- * asked in its turn, and a healthy engine's batches are indexed meanwhile. (Asked as their batches were read, ten such gaps held
- * the healthy engine's next batch back 1.7 s.) */
+ * asked in its turn, and a healthy engine's batches are indexed meanwhile. (Asked as their batches
+ * were read, ten such gaps held the healthy engine's next batch back 1.7 s.) */
 static void test_sched_daemon_gaps_share_the_round(void **state)
 {
     (void)state;
